@@ -1,0 +1,551 @@
+"""Softmax attention on the fastest kernel the device has, with its fp32 reference.
+
+`attention(q, k, v, ...)` takes q [B, Tq, Hq, D] and k, v [B, Tk, Hkv, D] (the layout a projection gives,
+no transposes needed) and runs one of these backends:
+
+| name | kernel | causal, window, GQA | packed (seq_idx) / padding |
+| --- | --- | --- | --- |
+| flash_attn_cute | FA4 (`flash_attn.cute`), Hopper/Blackwell | native | varlen (cu_seqlens) |
+| flash_attn | FA2 (`flash_attn`) | native | varlen (cu_seqlens) |
+| sdpa_cudnn | torch SDPA, cuDNN kernel | is_causal; window/padding via a mask | dense mask |
+| sdpa_flash | torch's built-in FA2 (`aten._flash_attention_forward`) | native | varlen (cu_seqlens) |
+| sdpa_efficient | torch SDPA, memory-efficient kernel (fp32 too) | mask | dense mask |
+| flex | `flex_attention` with a block mask (blocks with no visible key are skipped) | mask_mod | mask_mod |
+| math | torch SDPA math (CPU: torch picks its CPU kernel) | mask | dense mask |
+
+`backend="auto"` takes the fastest available one (`select_backend`, decided once per device and shape class
+and cached), falls back with one warning per (backend, reason), and routes features a kernel lacks to one
+that has them; an explicitly named backend that cannot run raises `BackendUnavailable` with the install line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from zoo_kernels.attention.ref import _check_shapes, attention_ref, document_ids, visible_mask
+
+BACKENDS = ("flash_attn_cute", "flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "math")
+INSTALL = {
+    "flash_attn": "pip install flash-attn --no-build-isolation",
+    "flash_attn_cute": "pip install flash-attn-4",
+}
+# backends built on FlashAttention's interface: native causal (bottom-right aligned), window and GQA, varlen
+_FLASH_FAMILY = ("flash_attn_cute", "flash_attn", "sdpa_flash")
+_SDPA_FAMILY = ("sdpa_cudnn", "sdpa_efficient", "math")
+_HALF = (torch.float16, torch.bfloat16)
+# packed sequences without flash-attn: order measured in benchmarks/NOTES_attention.md
+PACKED_ORDER = ("sdpa_flash", "flex", "sdpa_efficient")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested attention backend cannot run here; `install` is the line that fixes it."""
+
+    def __init__(self, backend: str, reason: str, install: str | None = None):
+        self.backend, self.reason, self.install = backend, reason, install
+        hint = f"; install it with `{install}`" if install else ""
+        super().__init__(f"attention backend {backend!r} is unavailable: {reason}{hint}")
+
+
+_WARNED: set[tuple[str, str]] = set()
+
+
+def warn_once(backend: str, reason: str, fallback: str = "") -> None:
+    """Warn once per (backend, reason) that auto selection skipped `backend`."""
+    if (backend, reason) in _WARNED:
+        return
+    _WARNED.add((backend, reason))
+    install = f" (install: `{INSTALL[backend]}`)" if backend in INSTALL else ""
+    instead = f"; using {fallback!r} instead" if fallback else ""
+    warnings.warn(f"attention backend {backend!r} skipped: {reason}{install}{instead}", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# availability (optional imports happen here, once)
+
+_IMPORTS: dict[str, Any] = {}
+
+
+def _import(backend: str) -> Any:
+    """The flash-attn module of `backend`, or None when it does not import (missing or broken build)."""
+    if backend not in _IMPORTS:
+        name = "flash_attn.cute" if backend == "flash_attn_cute" else "flash_attn"
+        try:
+            mod = importlib.import_module(name)
+            _IMPORTS[backend] = mod if hasattr(mod, "flash_attn_varlen_func") else None
+        except Exception:  # a wheel built for another torch fails with OSError/RuntimeError, not ImportError
+            _IMPORTS[backend] = None
+    return _IMPORTS[backend]
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why `backend` cannot run on `device` at all, or None when it can (shape limits are checked later)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose 'auto' or one of {BACKENDS}")
+    if backend == "math":
+        return None
+    if device.type != "cuda":
+        return f"needs a CUDA device, got {device.type}"
+    major = _capability(device)[0]
+    if backend in ("flash_attn", "flash_attn_cute") and _import(backend) is None:
+        return f"{'flash_attn.cute' if backend == 'flash_attn_cute' else 'flash_attn'} is not importable"
+    if backend == "flash_attn_cute" and major not in (9, 10):
+        return f"FA4 needs Hopper or Blackwell (sm90/sm100), got sm{major}x"
+    if backend in ("flash_attn", "sdpa_flash", "sdpa_cudnn") and major < 8:
+        return f"needs sm80 or newer, got sm{major}x"
+    if backend == "sdpa_cudnn" and not torch.backends.cudnn.is_available():
+        return "cuDNN is not available in this torch build"
+    if backend == "flex" and importlib.util.find_spec("triton") is None:
+        return "flex_attention needs triton"
+    return None
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends that can run on `device`, fastest first (shape limits aside)."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if _unavailable_reason(b, device) is None]
+
+
+def _shape_reason(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                  gqa: bool) -> str | None:
+    """Why `backend` cannot take this dtype/head_dim on `device`, or None."""
+    if backend in _FLASH_FAMILY or backend == "sdpa_cudnn":
+        if dtype not in _HALF:
+            return f"needs fp16/bf16, got {dtype}"
+        if head_dim > 256 or head_dim % 8:
+            return f"needs head_dim <= 256 and a multiple of 8, got {head_dim}"
+    if backend == "sdpa_cudnn" and not _sdpa_probe("sdpa_cudnn", device, dtype, head_dim, gqa=False):
+        return f"cuDNN SDPA does not run fwd+bwd correctly for {dtype}, head_dim {head_dim} here"
+    if backend == "flex" and head_dim < 16:
+        return f"needs head_dim >= 16, got {head_dim}"
+    return None
+
+
+_PROBES: dict[tuple, bool] = {}
+
+
+def _sdpa_kind(backend: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH, "sdpa_flash": SDPBackend.FLASH_ATTENTION}[backend]
+
+
+def _sdpa_probe(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, gqa: bool) -> bool:
+    """Whether SDPA `backend` runs causal fwd+bwd (with enable_gqa if `gqa`) and matches the reference."""
+    key = (backend, str(device), dtype, head_dim, gqa)
+    if key not in _PROBES:
+        _PROBES[key] = _run_probe(backend, device, dtype, head_dim, gqa)
+    return _PROBES[key]
+
+
+@torch.compiler.disable
+def _run_probe(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, gqa: bool) -> bool:
+    # the first attention call may come under no_grad or inference_mode: the probe needs autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        return _probe_fwd_bwd(backend, device, dtype, head_dim, gqa)
+
+
+def _probe_fwd_bwd(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int, gqa: bool) -> bool:
+    from torch.nn.attention import sdpa_kernel
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, 4, 160, head_dim, device=device, dtype=dtype, generator=gen).requires_grad_()
+    kv = [torch.randn(1, 2 if gqa else 4, 160, head_dim, device=device, dtype=dtype, generator=gen)
+          .requires_grad_() for _ in range(2)]
+    try:
+        with warnings.catch_warnings(), sdpa_kernel(_sdpa_kind(backend)):
+            warnings.simplefilter("ignore")
+            out = F.scaled_dot_product_attention(q, *kv, is_causal=True, enable_gqa=gqa)
+            out.float().square().sum().backward()
+    except RuntimeError:
+        return False
+    ref = attention_ref(*(t.transpose(1, 2) for t in (q, *kv))).transpose(1, 2)
+    err = (out.float() - ref.float()).norm() / ref.float().norm()
+    return bool(err < 2e-2) and all(bool(t.grad.isfinite().all()) for t in (q, *kv))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# selection
+
+_SELECTED: dict[tuple, str] = {}
+
+
+def _candidates(device: torch.device, dtype: torch.dtype, packed: bool) -> list[str]:
+    """Backends to try for `device`, fastest first (measured on H100: benchmarks/NOTES_attention.md)."""
+    if device.type != "cuda":
+        return ["math"]
+    if dtype not in _HALF:
+        return ["sdpa_efficient", "math"]
+    major = _capability(device)[0]
+    fa4 = ["flash_attn_cute"] if major in (9, 10) else []
+    if packed:
+        return [*fa4, "flash_attn", *PACKED_ORDER, "math"]
+    if major == 9:
+        # on H100 cuDNN's kernel (483 TFLOP/s causal fwd+bwd) beats FA2 (~285): flash_attn goes after it
+        return [*fa4, "sdpa_cudnn", "flash_attn", "sdpa_flash", "sdpa_efficient", "math"]
+    return [*fa4, "flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math"]
+
+
+def select_backend(device: torch.device | str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128, *,
+                   packed: bool = False) -> str:
+    """The fastest backend available for (device, dtype, head_dim, packed or not); decided once and cached.
+
+    Skipped faster backends are reported with `warn_once`.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype, head_dim, packed)
+    if key not in _SELECTED:
+        skipped = []
+        for name in _candidates(device, dtype, packed):
+            reason = _unavailable_reason(name, device) or _shape_reason(name, device, dtype, head_dim, False)
+            if reason is None:
+                for skipped_name, skipped_reason in skipped:
+                    warn_once(skipped_name, skipped_reason, fallback=name)
+                _SELECTED[key] = name
+                break
+            skipped.append((name, reason))
+    return _SELECTED[key]
+
+
+_RESOLVED: dict[tuple, str] = {}
+
+
+def resolve_backend(requested: str, device: torch.device | str, *, dtype: torch.dtype = torch.bfloat16,
+                    head_dim: int = 128, gqa: bool = False, packed: bool = False, padded: bool = False,
+                    window: bool = False, tq: int | None = None, tk: int | None = None) -> str:
+    """The backend one call runs on.
+
+    An explicit `requested` name is checked (BackendUnavailable with the install line if it cannot run);
+    "auto" takes `select_backend` and moves calls that the chosen kernel would serve badly (cuDNN with a
+    sliding window, padding or Tq != Tk) to a kernel that has the feature natively. Answers are cached, so
+    a call under torch.compile costs one dict lookup.
+    """
+    shape = "decode" if tq == 1 else "square" if tq == tk else "rect"
+    key = (requested, str(device), dtype, head_dim, gqa, packed, padded, window, shape)
+    if key not in _RESOLVED:
+        _RESOLVED[key] = _resolve(requested, torch.device(device), dtype, head_dim, gqa, packed, padded,
+                                  window, tq, tk)
+    return _RESOLVED[key]
+
+
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, gqa: bool, packed: bool,
+             padded: bool, window: bool, tq: int | None, tk: int | None) -> str:
+    if requested != "auto":
+        reason = (_unavailable_reason(requested, device)
+                  or _shape_reason(requested, device, dtype, head_dim, gqa))
+        if reason is not None:
+            raise BackendUnavailable(requested, reason, INSTALL.get(requested))
+        return requested
+    name = select_backend(device, dtype, head_dim, packed=packed)
+    decode = tq == 1
+    if name in _FLASH_FAMILY and padded and not packed and decode:
+        # one query per row: a dense mask costs nothing, the varlen path would sync on every step
+        return "sdpa_efficient"
+    if name == "sdpa_cudnn" and (window or padded or (tq is not None and tk is not None and 1 < tq != tk)):
+        if _shape_reason("sdpa_flash", device, dtype, head_dim, gqa) is None and not (padded and decode):
+            return "sdpa_flash"
+        return "sdpa_efficient"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the op
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    seq_idx: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Softmax attention; same contract as `attention_ref`, on the backend `backend` resolves to.
+
+    q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D], Tk >= Tq, Hq % Hkv == 0 (query head h reads kv head
+    h // (Hq // Hkv)); the queries are the last Tq positions of the keys (training Tq == Tk, prefill after a
+    cache, decoding Tq == 1). causal: key j visible to the query at position p iff j <= p; window: also
+    p - j < window. seq_idx [B, Tk] int: documents are runs of equal values, attention stays inside one.
+    key_padding_mask [B, Tk] bool, True = real token: padded keys are never visible and padded queries
+    return zeros. A query with no visible key returns zeros. scale defaults to D**-0.5.
+    Returns o [B, Tq, Hq, D] in q's dtype.
+    """
+    _check_shapes(q, k, v)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of keys or None, got {window}")
+    batch, tq, hq, dim = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    scale = dim**-0.5 if scale is None else float(scale)
+    name = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=dim, gqa=hq != hkv,
+                           packed=seq_idx is not None, padded=key_padding_mask is not None,
+                           window=window is not None, tq=tq, tk=tk)
+    if name in _FLASH_FAMILY:
+        return _run_flash_family(name, q, k, v, causal, window, seq_idx, key_padding_mask, scale)
+    if name == "flex":
+        return _run_flex(q, k, v, causal, window, seq_idx, key_padding_mask, scale)
+    return _run_sdpa(name, q, k, v, causal, window, seq_idx, key_padding_mask, scale)
+
+
+def _run_sdpa(name: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None,
+              seq_idx: Tensor | None, key_padding_mask: Tensor | None, scale: float) -> Tensor:
+    """torch SDPA on one kernel: is_causal where it suffices, else an explicit boolean mask."""
+    tq, hq, tk, hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D) views, no copies
+    mask, empty = None, None
+    plain = window is None and seq_idx is None and key_padding_mask is None
+    if plain and (not causal or tq == tk or tq == 1):
+        is_causal = causal and tq > 1  # a single last query sees every key
+    else:
+        is_causal = False
+        mask = visible_mask(tq, tk, causal=causal, window=window, seq_idx=seq_idx,
+                            key_padding_mask=key_padding_mask, device=q.device)
+        if key_padding_mask is not None:
+            # rows with no visible key attend everywhere (no NaN in any kernel) and are zeroed after
+            empty = ~mask.any(dim=-1, keepdim=True)  # (B, Tq, 1)
+            mask = mask | empty
+        mask = mask[:, None]  # (B|1, 1, Tq, Tk)
+    gqa = hq != hkv
+    if gqa and not (name == "math" or _sdpa_probe(name, q.device, q.dtype, q.shape[-1], gqa=True)):
+        # this kernel rejects enable_gqa: give it one kv head per query head
+        kt = kt.repeat_interleave(hq // hkv, dim=1)
+        vt = vt.repeat_interleave(hq // hkv, dim=1)
+        gqa = False
+    args = dict(attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    if name == "math" and q.device.type != "cuda":
+        out = F.scaled_dot_product_attention(qt, kt, vt, **args)  # torch's CPU kernels are exact in fp32
+    else:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(_sdpa_kind(name)):
+            out = F.scaled_dot_product_attention(qt, kt, vt, **args)
+    out = out.transpose(1, 2)  # (B, Tq, Hq, D)
+    if empty is not None:
+        out = torch.where(empty[..., None], out.new_zeros(()), out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FlashAttention family: dense [B, T, H, D] or varlen [total, H, D] with cu_seqlens
+
+
+@dataclass
+class VarlenMeta:
+    """Packed layout of one call: cu_seqlens per document, and the kept rows when tokens are dropped."""
+
+    cu_q: Tensor  # (docs + 1,) int32
+    cu_k: Tensor  # (docs + 1,) int32
+    max_q: int
+    max_k: int
+    q_rows: Tensor | None  # (total_q,) rows of q.reshape(B * Tq, ...) kept, None = all
+    k_rows: Tensor | None  # (total_k,) rows of k.reshape(B * Tk, ...) kept, None = all
+
+
+_META_CACHE: dict[str, Any] = {}
+
+
+def varlen_meta(seq_idx: Tensor | None, key_padding_mask: Tensor | None, tq: int, tk: int) -> VarlenMeta:
+    """cu_seqlens for FlashAttention's varlen kernels: one segment per (row, document), pads dropped.
+
+    Documents are runs of equal seq_idx. Padded tokens are removed, so a sliding window counts real tokens
+    (exact for left or right padding). The last call's result is reused while the same tensors come back
+    unchanged (every attention layer of a forward pass packs the same way); this syncs with the device.
+    """
+    ref = seq_idx if seq_idx is not None else key_padding_mask
+    key = (id(seq_idx), id(key_padding_mask), getattr(seq_idx, "_version", 0),
+           getattr(key_padding_mask, "_version", 0), tq, tk)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and _META_CACHE.get("key") == key and _META_CACHE["refs"][0] is seq_idx \
+            and _META_CACHE["refs"][1] is key_padding_mask:
+        return _META_CACHE["meta"]
+    batch, device = ref.shape[0], ref.device
+    start = torch.zeros(batch, tk, dtype=torch.bool, device=device)
+    start[:, 0] = True
+    if seq_idx is not None:
+        start[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    start = start.flatten()
+    if key_padding_mask is None and tq == tk:
+        starts = start.nonzero().squeeze(1)
+        cu = F.pad(starts, (0, 1), value=batch * tk).to(torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        meta = VarlenMeta(cu, cu, max_len, max_len, None, None)
+    else:
+        doc = start.long().cumsum(0) - 1  # (B * Tk,) document of each token
+        n_docs = int(doc[-1]) + 1
+        keep_k = torch.ones_like(start) if key_padding_mask is None else key_padding_mask.bool().flatten()
+        is_q = torch.zeros(batch, tk, dtype=torch.bool, device=device)
+        is_q[:, tk - tq:] = True
+        keep_q = keep_k & is_q.flatten()
+        k_pos = keep_k.nonzero().squeeze(1)
+        q_pos = keep_q.nonzero().squeeze(1)
+        count_k = torch.bincount(doc[k_pos], minlength=n_docs)
+        count_q = torch.bincount(doc[q_pos], minlength=n_docs)
+        max_q, max_k = torch.stack([count_q.max(), count_k.max()]).tolist()
+        q_rows = q_pos - (q_pos // tk + 1) * (tk - tq)  # position in q.reshape(B * Tq, ...)
+        meta = VarlenMeta(F.pad(count_q.cumsum(0), (1, 0)).to(torch.int32),
+                          F.pad(count_k.cumsum(0), (1, 0)).to(torch.int32), int(max_q), int(max_k),
+                          q_rows, None if key_padding_mask is None else k_pos)
+    if not compiling:
+        _META_CACHE.update(key=key, refs=(seq_idx, key_padding_mask), meta=meta)
+    return meta
+
+
+def _window_sizes(causal: bool, window: int | None) -> tuple[int, int]:
+    """FlashAttention's (left, right) window, -1 = unbounded: key j visible iff p - left <= j <= p + right."""
+    return (-1 if window is None else window - 1), (0 if causal else -1)
+
+
+def _run_flash_family(name: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None,
+                      seq_idx: Tensor | None, key_padding_mask: Tensor | None, scale: float) -> Tensor:
+    batch, tq, hq, dim = q.shape
+    tk = k.shape[1]
+    left, right = _window_sizes(causal, window)
+    if seq_idx is None and key_padding_mask is None:
+        return _flash_dense(name, q, k, v, causal, left, right, scale)
+    meta = varlen_meta(seq_idx, key_padding_mask, tq, tk)
+    qf = q.reshape(batch * tq, hq, dim)
+    kf, vf = k.reshape(batch * tk, *k.shape[2:]), v.reshape(batch * tk, *v.shape[2:])
+    if meta.q_rows is not None:
+        qf = qf.index_select(0, meta.q_rows)
+    if meta.k_rows is not None:
+        kf, vf = kf.index_select(0, meta.k_rows), vf.index_select(0, meta.k_rows)
+    out = _flash_varlen(name, qf, kf, vf, meta, causal, left, right, scale)
+    if meta.q_rows is None:
+        return out.view(batch, tq, hq, v.shape[-1])
+    # padded queries get zeros
+    full = out.new_zeros(batch * tq, hq, v.shape[-1]).index_copy(0, meta.q_rows, out)
+    return full.view(batch, tq, hq, v.shape[-1])
+
+
+def _flash_dense(name: str, q: Tensor, k: Tensor, v: Tensor, causal: bool, left: int, right: int,
+                 scale: float) -> Tensor:
+    if name == "sdpa_flash":
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, None, None, q.shape[1], k.shape[1], 0.0, causal, False, scale=scale,
+            window_size_left=None if left < 0 else left, window_size_right=None if right < 0 else right)[0]
+    elif name == "flash_attn":
+        out = _import(name).flash_attn_func(q, k, v, softmax_scale=scale, causal=causal,
+                                            window_size=(left, right))
+    else:
+        out = _import(name).flash_attn_func(q, k, v, softmax_scale=scale, causal=causal,
+                                            window_size=_cute_window(left, right))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _flash_varlen(name: str, q: Tensor, k: Tensor, v: Tensor, meta: VarlenMeta, causal: bool, left: int,
+                  right: int, scale: float) -> Tensor:
+    if name == "sdpa_flash":
+        out = torch.ops.aten._flash_attention_forward(
+            q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, 0.0, causal, False, scale=scale,
+            window_size_left=None if left < 0 else left, window_size_right=None if right < 0 else right)[0]
+    elif name == "flash_attn":
+        out = _import(name).flash_attn_varlen_func(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k,
+                                                   softmax_scale=scale, causal=causal,
+                                                   window_size=(left, right))
+    else:
+        out = _import(name).flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=meta.cu_q, cu_seqlens_k=meta.cu_k, max_seqlen_q=meta.max_q,
+            max_seqlen_k=meta.max_k, softmax_scale=scale, causal=causal,
+            window_size=_cute_window(left, right))
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _cute_window(left: int, right: int) -> tuple[int | None, int | None]:
+    """FA4 spells an unbounded side None rather than -1."""
+    return (None if left < 0 else left), (None if right < 0 else right)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flex_attention: any mask, blocks without a visible key skipped
+
+_FLEX: dict[str, Any] = {}
+
+
+def _compiled_flex():
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        # compiled once; a new shape recompiles (then dynamic), the eager fallback materializes scores
+        _FLEX["fn"] = torch.compile(flex_attention)
+    return _FLEX["fn"]
+
+
+def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int | None, seq_idx: Tensor | None,
+                    key_padding_mask: Tensor | None, device: torch.device):
+    """The BlockMask of `visible_mask` (data-free masks are cached by shape)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    data_free = seq_idx is None and key_padding_mask is None
+    key = ("bm", batch if not data_free else None, tq, tk, causal, window, str(device))
+    if data_free and key in _FLEX:
+        return _FLEX[key]
+    # 0-dim tensors, not Python ints: a new decode offset or window must not recompile the kernel
+    offset = torch.tensor(tk - tq, device=device)
+    window_t = torch.tensor(window if window is not None else tk, device=device)
+    doc = document_ids(seq_idx) if seq_idx is not None else None
+    keep = key_padding_mask.bool() if key_padding_mask is not None else None
+
+    def mask_mod(b, h, qi, kj):
+        pos = qi + offset
+        visible = kj <= pos if causal else kj >= 0
+        if window is not None:
+            visible = visible & (pos - kj < window_t)
+        if doc is not None:
+            visible = visible & (doc[b, pos] == doc[b, kj])
+        if keep is not None:
+            visible = visible & keep[b, kj] & keep[b, pos]
+        return visible
+
+    # compiled creation never materializes the (B, Tq, Tk) mask (1G entries at L = 32K)
+    block_mask = create_block_mask(mask_mod, None if data_free else batch, None, tq, tk, device=device,
+                                   _compile=True)
+    if data_free:
+        _FLEX[key] = block_mask
+    return block_mask
+
+
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, seq_idx: Tensor | None,
+              key_padding_mask: Tensor | None, scale: float) -> Tensor:
+    batch, tq, hq, _ = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    block_mask = None
+    if causal or window is not None or seq_idx is not None or key_padding_mask is not None:
+        block_mask = flex_block_mask(batch, tq, tk, causal=causal, window=window, seq_idx=seq_idx,
+                                     key_padding_mask=key_padding_mask, device=q.device)
+    out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                           scale=scale, enable_gqa=hq != hkv)
+    return out.transpose(1, 2)  # (B, Tq, Hq, D); flex's fully masked rows are already zero
+
+
+__all__ = [
+    "BACKENDS",
+    "INSTALL",
+    "BackendUnavailable",
+    "VarlenMeta",
+    "attention",
+    "attention_ref",
+    "available_backends",
+    "document_ids",
+    "flex_block_mask",
+    "resolve_backend",
+    "select_backend",
+    "varlen_meta",
+    "visible_mask",
+    "warn_once",
+]

@@ -1,0 +1,54 @@
+"""Gated linear attention, chunk form: fla-core's chunk_gla where it is sound, ours otherwise."""
+
+from __future__ import annotations
+
+import torch
+
+from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref
+
+
+def fast_backend(device: torch.device) -> str | None:
+    """Name of the fastest sound GLA kernel on `device` ("fla" or "triton"), or None."""
+    if device.type != "cuda":
+        return None
+    try:
+        from zoo_kernels.gla import fast
+    except ImportError:
+        return None
+    return fast.best_backend(device)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return fast_backend(device) or "ref"
+    if backend not in ("ref", "fla", "triton"):
+        raise ValueError(f"chunk_gla backend must be 'auto', 'fla', 'triton' or 'ref', got {backend!r}")
+    return backend
+
+
+def chunk_gla(q, k, v, g, scale=None, initial_state=None, seq_idx=None, return_final_state=False,
+              chunk_size=64, backend: str = "auto"):
+    """Gated linear attention S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t.
+
+    Shapes: q, k, g [batch, T, H, K] (g: log decay, ≤ 0); v [batch, T, H, V]; scale default K**-0.5;
+    initial_state [batch, H, K, V]; seq_idx [batch, T] int. Returns o [batch, T, H, V] in q's dtype,
+    and with return_final_state also the final state [batch, H, K, V] in fp32.
+    """
+    backend = resolve_backend(backend, q.device)
+    args = (q, k, v, g, scale, initial_state, seq_idx, return_final_state, chunk_size)
+    if backend != "ref":
+        from zoo_kernels.gla import fast
+
+        return fast.chunk_gla_fast(*args, backend=backend)
+    return chunk_gla_ref(*args)
+
+
+def gla_state_update(state, q, k, v, g, scale=None):
+    """One decoding step; updates `state` [batch, H, K, V] (fp32) in place, returns o [batch, H, V].
+
+    q, k, g [batch, H, K]; v [batch, H, V].
+    """
+    return gla_state_update_ref(state, q, k, v, g, scale)
+
+
+__all__ = ["chunk_gla", "chunk_gla_ref", "gla_state_update", "fast_backend"]

@@ -1,0 +1,91 @@
+"""ZooConfig: parsing, YAML, and validation that names the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from zoo import ZooConfig, list_mixers
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def test_registry_lists_builtin_mixers():
+    assert {"mamba", "mamba2", "attention", "gla"} <= set(list_mixers())
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_config_validates(path):
+    cfg = ZooConfig.from_yaml(path)
+    assert cfg.num_hidden_layers == len(cfg.layer_specs()) > 0
+
+
+def test_pattern_and_list_forms_agree():
+    a = ZooConfig(d_model=64, layers="MA M", mixers={"M": {"type": "mamba"}, "A": {"type": "attention",
+                                                                                     "n_heads": 4}})
+    b = ZooConfig(d_model=64, layers=[{"type": "mamba"}, {"type": "attention", "n_heads": 4}, {"type": "mamba"}],
+                  mixers={})
+    assert [s["type"] for s in a.layer_specs()] == [s["type"] for s in b.layer_specs()]
+
+
+def test_moe_every_second_layer():
+    cfg = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
+    assert [s["ffn"] for s in cfg.layer_specs()] == ["swiglu", "moe"] * 4
+
+
+def test_roundtrip_dict():
+    cfg = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
+    again = ZooConfig.from_dict(cfg.to_dict())
+    assert again.layer_specs() == cfg.layer_specs()
+
+
+BAD = [
+    ("unknown-mixer", dict(layers="X", mixers={"X": {"type": "lstm"}}), "lstm"),
+    ("letter-without-spec", dict(layers="MZ", mixers={"M": {"type": "mamba"}}), "'Z'"),
+    ("heads-not-dividing", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "n_heads": 5}}),
+     "n_heads"),
+    ("kv-heads-not-dividing", dict(d_model=64, layers="A",
+                                   mixers={"A": {"type": "attention", "n_heads": 4, "n_kv_heads": 3}}), "n_kv_heads"),
+    ("negative-d-model", dict(d_model=-8), "d_model"),
+    ("zero-vocab", dict(vocab_size=0), "vocab_size"),
+    ("negative-d-state", dict(layers="M", mixers={"M": {"type": "mamba", "d_state": -1}}), "d_state"),
+    ("top-k-over-experts", dict(layers="MM", mixers={"M": {"type": "mamba"}},
+                                moe={"n_experts": 2, "top_k": 3}), "top_k"),
+    ("bad-ffn-type", dict(ffn={"type": "gelu-mlp"}), "ffn.type"),
+    ("negative-ffn-hidden", dict(ffn={"type": "swiglu", "hidden": -3}), "ffn.hidden"),
+    ("empty-pattern", dict(layers="  ", mixers={"M": {"type": "mamba"}}), "layers"),
+    ("spec-without-type", dict(layers="M", mixers={"M": {"d_state": 4}}), "mixers.M"),
+    ("head-dim-not-dividing", dict(d_model=64, layers="M", mixers={"M": {"type": "mamba2", "head_dim": 48}}),
+     "head_dim"),
+    ("groups-not-dividing", dict(d_model=64, layers="M",
+                                 mixers={"M": {"type": "mamba2", "head_dim": 16, "n_groups": 3}}), "n_groups"),
+    ("gla-heads", dict(d_model=64, layers="G", mixers={"G": {"type": "gla", "n_heads": 3}}), "n_heads"),
+    ("window-zero", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "n_heads": 4, "window": 0}}),
+     "window"),
+    ("moe-layer-without-moe", dict(layers=[{"type": "mamba", "ffn": "moe"}], mixers={}), "moe"),
+    ("unknown-ffn-per-layer", dict(layers=[{"type": "mamba", "ffn": "relu"}], mixers={}), "ffn"),
+    ("layers-wrong-type", dict(layers=42), "layers"),
+    ("norm-eps", dict(norm_eps=0.0), "norm_eps"),
+    ("unknown-mixer-option", dict(layers="M", mixers={"M": {"type": "mamba", "d_sate": 16}}), "d_sate"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", [(k, f) for _, k, f in BAD], ids=[n for n, _, _ in BAD])
+def test_bad_config_raises_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError) as info:
+        ZooConfig(**kwargs)
+    assert field in str(info.value), str(info.value)
+
+
+def test_dotted_mixer_from_disk_needs_trust(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = ZooConfig(d_model=32, vocab_size=64, layers="X", ffn="none",
+                    mixers={"X": {"type": "zoo.mixers.mamba.Mamba", "d_state": 4}})
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded.model.layers[0].mixer).__name__ == "Mamba"

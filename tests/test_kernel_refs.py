@@ -1,0 +1,576 @@
+"""The pure-PyTorch references of zoo_kernels against plain per-token loops, and against themselves.
+
+Each reference (called through its dispatcher with backend="ref", which also pins the positional argument
+order) is compared with a sequential fp64 loop written here: outputs, final states and the gradients of
+every input under random upstream gradients on both. Then, per op: packing documents with seq_idx equals
+running them separately, a sequence run in pieces with the state carried equals one run (gradients
+included), and stepping the *_state_update function through a sequence equals the scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close
+from zoo_kernels import (
+    causal_conv1d,
+    causal_conv1d_update,
+    chunk_gla,
+    gla_state_update,
+    selective_scan,
+    selective_state_update,
+    ssd_chunk_scan,
+    ssd_state_update,
+)
+from zoo_kernels.selective_scan import ref as selective_scan_ref_module
+from zoo_kernels.selective_scan.ref import linear_scan
+
+TOL = 1e-4  # fp32 reference vs fp64 loop; a wrong formula gives errors of order 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sequential oracles (one token at a time, fp64)
+
+
+def document_ids(seq_idx: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """0 for the first document of each row, +1 at every change of seq_idx."""
+    if seq_idx is None:
+        return torch.zeros(batch, length, dtype=torch.long)
+    changes = torch.zeros(batch, length, dtype=torch.long)
+    changes[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long()
+    return changes.cumsum(1)
+
+
+def reset_mask(seq_idx: torch.Tensor | None, t: int, batch: int) -> torch.Tensor:
+    """[batch] 1.0 where the state carries into position t, 0.0 where a new document starts at t."""
+    if seq_idx is None or t == 0:
+        return torch.ones(batch, dtype=torch.float64)
+    return (seq_idx[:, t] == seq_idx[:, t - 1]).double()
+
+
+def selective_scan_loop(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        initial_state=None, seq_idx=None):
+    batch, dim, length = u.shape
+    dt = delta if delta_bias is None else delta + delta_bias[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    B = B[:, None] if B.dim() == 3 else B.repeat_interleave(dim // B.shape[1], dim=1)  # (b, D or 1, N, L)
+    C = C[:, None] if C.dim() == 3 else C.repeat_interleave(dim // C.shape[1], dim=1)
+    h = u.new_zeros(batch, dim, A.shape[1]) if initial_state is None else initial_state
+    ys = []
+    for t in range(length):
+        h = h * reset_mask(seq_idx, t, batch)[:, None, None]
+        h = torch.exp(dt[:, :, t, None] * A) * h + (dt[:, :, t] * u[:, :, t])[:, :, None] * B[..., t]
+        ys.append((h * C[..., t]).sum(-1))
+    y = torch.stack(ys, dim=-1)
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h
+
+
+def ssd_loop(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_state=None,
+             seq_idx=None):
+    batch, length, n_heads, head_dim = x.shape
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = F.softplus(dt)
+    B = B.repeat_interleave(n_heads // B.shape[2], dim=2)  # (b, L, H, N)
+    C = C.repeat_interleave(n_heads // C.shape[2], dim=2)
+    h = x.new_zeros(batch, n_heads, head_dim, B.shape[-1]) if initial_state is None else initial_state
+    ys = []
+    for t in range(length):
+        h = h * reset_mask(seq_idx, t, batch)[:, None, None, None]
+        h = torch.exp(dt[:, t] * A)[:, :, None, None] * h
+        h = h + (x[:, t] * dt[:, t, :, None])[..., None] * B[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", h, C[:, t]))
+    y = torch.stack(ys, dim=1)
+    if D is not None:
+        y = y + x * (D[:, None] if D.dim() == 1 else D)
+    if z is not None:
+        y = y * F.silu(z)
+    return y, h
+
+
+def gla_loop(q, k, v, g, scale=None, initial_state=None, seq_idx=None):
+    batch, length, n_heads, key_dim = q.shape
+    scale = key_dim**-0.5 if scale is None else scale
+    S = q.new_zeros(batch, n_heads, key_dim, v.shape[-1]) if initial_state is None else initial_state
+    outs = []
+    for t in range(length):
+        S = S * reset_mask(seq_idx, t, batch)[:, None, None, None]
+        S = torch.exp(g[:, t])[..., None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, dim=1), S
+
+
+def conv1d_loop(x, weight, bias=None, seq_idx=None, initial_state=None, activation=None):
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    history = x.new_zeros(batch, dim, width - 1) if initial_state is None else initial_state
+    doc = document_ids(seq_idx, batch, length)
+
+    def tap(j: int, t: int) -> torch.Tensor:
+        """Input at time j as seen from position t (zero from another document)."""
+        value = x[:, :, j] if j >= 0 else history[:, :, width - 1 + j]
+        same = (doc[:, max(j, 0)] if j >= 0 else torch.zeros(batch, dtype=torch.long)) == doc[:, t]
+        return value * same[:, None].double()
+
+    ys = []
+    for t in range(length):
+        y = sum(weight[:, w] * tap(t - width + 1 + w, t) for w in range(width))
+        ys.append(y if bias is None else y + bias)
+    y = torch.stack(ys, dim=-1)
+    if activation is not None:
+        y = F.silu(y)
+    final = [tap(length - width + 1 + w, length - 1) for w in range(width - 1)]
+    final = torch.stack(final, dim=-1) if final else x.new_zeros(batch, dim, 0)
+    return y, final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ops under test, called through the dispatchers (keywords in, positional into the reference)
+
+
+def run_selective_scan(**kw):
+    return selective_scan(**kw, return_final_state=True, backend="ref")
+
+
+def run_ssd(**kw):
+    return ssd_chunk_scan(**kw, return_final_state=True, backend="ref")
+
+
+def run_gla(**kw):
+    return chunk_gla(**kw, return_final_state=True, backend="ref")
+
+
+def run_conv1d(**kw):
+    return causal_conv1d(**kw, return_final_state=True, backend="ref")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_seq_idx(batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """Random documents per row; the last row reuses ids (0, 1, 0, ...) since only changes matter."""
+    seq_idx = torch.zeros(batch, length, dtype=torch.int32)
+    for b in range(batch):
+        cuts = sorted(set(torch.randint(1, max(length, 2), (3,), generator=gen).tolist()))
+        for n, cut in enumerate(cuts):
+            seq_idx[b, cut:] = (n + 1) % 2 if b == batch - 1 else n + 1
+    return seq_idx
+
+
+def selective_scan_inputs(batch, dim, n_state, length, groups=0, *, D=False, z=False, bias=False,
+                          softplus=False, init=False, strong=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    bc_shape = (batch, groups, n_state, length) if groups else (batch, n_state, length)
+    inputs = {
+        "u": rnd(batch, dim, length),
+        # Raw Δ before softplus, or directly a positive Δ up to 1 (decays down to exp(-5) per step).
+        "delta": rnd(batch, dim, length) - 1 if softplus else torch.rand(batch, dim, length, generator=gen,
+                                                                         dtype=torch.float64),
+        # Down to -5 per unit Δ; `strong` makes it -250, far past fp32's exp range over a chunk.
+        "A": -torch.rand(dim, n_state, generator=gen, dtype=torch.float64) * (250 if strong else 5),
+        "B": rnd(*bc_shape),
+        "C": rnd(*bc_shape),
+        "D": rnd(dim) if D else None,
+        "z": rnd(batch, dim, length) if z else None,
+        "delta_bias": rnd(dim) * 0.5 if bias else None,
+        "initial_state": rnd(batch, dim, n_state) if init else None,
+    }
+    return {k: v for k, v in inputs.items() if v is not None}, {"delta_softplus": softplus}
+
+
+def ssd_inputs(batch, length, n_heads, head_dim, groups, n_state, *, chunk_size=64, D=None, z=False,
+               bias=False, softplus=False, init=False, strong=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    inputs = {
+        "x": rnd(batch, length, n_heads, head_dim),
+        "dt": rnd(batch, length, n_heads) - 1 if softplus else torch.rand(batch, length, n_heads,
+                                                                          generator=gen, dtype=torch.float64),
+        "A": -torch.rand(n_heads, generator=gen, dtype=torch.float64) * (250 if strong else 5),
+        "B": rnd(batch, length, groups, n_state),
+        "C": rnd(batch, length, groups, n_state),
+        "D": None if D is None else rnd(n_heads) if D == "h" else rnd(n_heads, head_dim),
+        "z": rnd(batch, length, n_heads, head_dim) if z else None,
+        "dt_bias": rnd(n_heads) * 0.5 if bias else None,
+        "initial_state": rnd(batch, n_heads, head_dim, n_state) if init else None,
+    }
+    options = {"dt_softplus": softplus, "chunk_size": chunk_size}
+    return {k: v for k, v in inputs.items() if v is not None}, options
+
+
+def gla_inputs(batch, length, n_heads, key_dim, value_dim, *, chunk_size=64, g_min=-1.0, init=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    inputs = {
+        "q": rnd(batch, length, n_heads, key_dim),
+        "k": rnd(batch, length, n_heads, key_dim),
+        "v": rnd(batch, length, n_heads, value_dim),
+        "g": torch.rand(batch, length, n_heads, key_dim, generator=gen, dtype=torch.float64) * g_min,
+        "initial_state": rnd(batch, n_heads, key_dim, value_dim) if init else None,
+    }
+    return {k: v for k, v in inputs.items() if v is not None}, {"chunk_size": chunk_size}
+
+
+def conv1d_inputs(batch, dim, length, width, *, bias=False, activation=None, init=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    inputs = {
+        "x": rnd(batch, dim, length),
+        "weight": rnd(dim, width),
+        "bias": rnd(dim) if bias else None,
+        "initial_state": rnd(batch, dim, width - 1) if init else None,
+    }
+    return {k: v for k, v in inputs.items() if v is not None}, {"activation": activation}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparison machinery
+
+
+def leaves(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(dtype).requires_grad_() for k, v in inputs.items()}
+
+
+def forward_backward(fn: Callable, inputs: dict[str, torch.Tensor], options: dict, cotangents=None,
+                     seed: int = 123):
+    """(out, final_state, {name: grad}, cotangents) for loss = Σ out·g_out + Σ final_state·g_state."""
+    out, final_state = fn(**inputs, **options)
+    if cotangents is None:
+        gen = torch.Generator().manual_seed(seed)
+        cotangents = (torch.randn(out.shape, generator=gen, dtype=torch.float64),
+                      torch.randn(final_state.shape, generator=gen, dtype=torch.float64))
+    loss = (out * cotangents[0].to(out.dtype)).sum()
+    loss = loss + (final_state * cotangents[1].to(final_state.dtype)).sum()
+    grads = torch.autograd.grad(loss, list(inputs.values()))
+    return out.detach(), final_state.detach(), dict(zip(inputs, grads)), cotangents
+
+
+def check_against_loop(op: Callable, loop: Callable, inputs: dict, options: dict, seq_idx=None, tol=TOL):
+    """Reference (fp32) vs sequential loop (fp64): output, final state and every input's gradient."""
+    loop_options = {k: v for k, v in options.items() if k != "chunk_size"}
+    out_ref, state_ref, grads_ref, cot = forward_backward(loop, leaves(inputs, torch.float64),
+                                                          {**loop_options, "seq_idx": seq_idx})
+    out, state, grads, _ = forward_backward(op, leaves(inputs, torch.float32),
+                                            {**options, "seq_idx": seq_idx}, cot)
+    assert out.dtype == torch.float32 and state.dtype == torch.float32
+    assert_close("out", out, out_ref, tol)
+    assert_close("final_state", state, state_ref, tol)
+    for name in inputs:
+        assert_close(f"grad {name}", grads[name], grads_ref[name], tol)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba-1 selective scan
+
+SELECTIVE_SCAN_CASES = [
+    pytest.param((1, 3, 1, 1), {}, id="L1-D3-N1"),
+    pytest.param((2, 5, 4, 7), {"D": True, "z": True}, id="L7-D5-N4-D-z"),
+    pytest.param((2, 6, 16, 33), {"groups": 3, "bias": True, "softplus": True, "init": True},
+                 id="L33-D6-N16-G3-bias-softplus-init"),
+    pytest.param((1, 5, 64, 130), {"D": True, "init": True}, id="L130-D5-N64-D-init"),
+    pytest.param((2, 7, 8, 130), {"D": True, "z": True, "bias": True, "softplus": True, "init": True},
+                 id="L130-D7-N8-all"),
+    pytest.param((2, 4, 3, 70), {"init": True, "strong": True}, id="L70-D4-N3-strong-decay"),
+]
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+@pytest.mark.parametrize(("shape", "flags"), SELECTIVE_SCAN_CASES)
+def test_selective_scan_matches_loop(shape, flags, seq):
+    batch, dim, n_state, length = shape
+    inputs, options = selective_scan_inputs(batch, dim, n_state, length, **flags)
+    seq_idx = make_seq_idx(batch, length, torch.Generator().manual_seed(1)) if seq else None
+    check_against_loop(run_selective_scan, selective_scan_loop, inputs, options, seq_idx)
+
+
+def test_selective_scan_channel_blocks(monkeypatch):
+    """Small chunks and channel blocks inside B/C groups (as used at large sizes) give the same result."""
+    monkeypatch.setattr(selective_scan_ref_module, "CHUNK_SIZE", 8)
+    monkeypatch.setattr(selective_scan_ref_module, "BLOCK_ELEMENTS", 2 * 8 * 4 * 2)  # 2 channels a block
+    inputs, options = selective_scan_inputs(2, 9, 4, 29, groups=3, D=True, init=True, softplus=True)
+    seq_idx = make_seq_idx(2, 29, torch.Generator().manual_seed(2))
+    check_against_loop(run_selective_scan, selective_scan_loop, inputs, options, seq_idx)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 8, 13, 64, 100])
+def test_linear_scan(length):
+    a = torch.rand(2, length, 3, dtype=torch.float64)
+    b = torch.randn(2, length, 3, dtype=torch.float64)
+    h, expected = torch.zeros(2, 3, dtype=torch.float64), []
+    for t in range(length):
+        h = a[:, t] * h + b[:, t]
+        expected.append(h)
+    assert_close("linear_scan", linear_scan(a, b), torch.stack(expected, dim=1), 1e-12)
+
+
+def test_linear_scan_gradients():
+    a = torch.rand(1, 7, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 7, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(linear_scan, (a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mamba-2 SSD
+
+SSD_CASES = [
+    pytest.param((1, 1, 2, 3, 1, 1), {}, id="L1-H2-P3-N1"),
+    pytest.param((2, 7, 3, 4, 1, 8), {"chunk_size": 4, "D": "h", "z": True}, id="L7-H3-P4-N8-chunk4-D-z"),
+    pytest.param((2, 33, 4, 5, 2, 16), {"chunk_size": 8, "D": "hp", "bias": True, "softplus": True,
+                                        "init": True}, id="L33-H4-P5-G2-N16-chunk8-Dhp-bias-softplus-init"),
+    pytest.param((1, 130, 2, 3, 1, 64), {"chunk_size": 32, "init": True}, id="L130-H2-P3-N64-chunk32-init"),
+    pytest.param((2, 130, 6, 3, 3, 5), {"D": "h", "z": True, "bias": True, "softplus": True, "init": True},
+                 id="L130-H6-P3-G3-N5-chunk64-all"),
+    pytest.param((2, 70, 3, 2, 1, 4), {"chunk_size": 16, "init": True, "strong": True},
+                 id="L70-H3-chunk16-strong-decay"),
+]
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+@pytest.mark.parametrize(("shape", "flags"), SSD_CASES)
+def test_ssd_matches_loop(shape, flags, seq):
+    batch, length = shape[:2]
+    inputs, options = ssd_inputs(*shape, **flags)
+    seq_idx = make_seq_idx(batch, length, torch.Generator().manual_seed(1)) if seq else None
+    check_against_loop(run_ssd, ssd_loop, inputs, options, seq_idx)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GLA
+
+GLA_CASES = [
+    pytest.param((1, 1, 1, 4, 3), {}, id="L1-H1-K4-V3"),
+    pytest.param((2, 7, 2, 5, 6), {"init": True}, id="L7-H2-K5-V6-init"),
+    pytest.param((2, 33, 2, 8, 4), {"chunk_size": 16, "init": True}, id="L33-K8-V4-chunk16-init"),
+    pytest.param((1, 130, 1, 16, 8), {"chunk_size": 64, "g_min": -5.0, "init": True},
+                 id="L130-K16-V8-chunk64-g5-init"),
+    pytest.param((2, 130, 2, 6, 5), {"chunk_size": 40, "g_min": -30.0}, id="L130-K6-V5-chunk40-g30"),
+    pytest.param((1, 45, 3, 4, 4), {"chunk_size": 20, "init": True}, id="L45-H3-chunk20-sub10-init"),
+    pytest.param((2, 33, 2, 4, 3), {"chunk_size": 16, "g_min": 0.0, "init": True}, id="L33-no-decay"),
+]
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+@pytest.mark.parametrize(("shape", "flags"), GLA_CASES)
+def test_gla_matches_loop(shape, flags, seq):
+    batch, length = shape[:2]
+    inputs, options = gla_inputs(*shape, **flags)
+    seq_idx = make_seq_idx(batch, length, torch.Generator().manual_seed(1)) if seq else None
+    check_against_loop(run_gla, gla_loop, inputs, options, seq_idx)
+
+
+def test_gla_scale():
+    inputs, options = gla_inputs(1, 20, 2, 4, 3, chunk_size=16, init=True)
+    check_against_loop(run_gla, gla_loop, inputs, {**options, "scale": 0.3})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Causal conv1d
+
+CONV1D_CASES = [
+    pytest.param((1, 3, 1, 4), {"init": True}, id="L1-D3-W4-init"),
+    pytest.param((2, 5, 2, 4), {"bias": True, "activation": "silu", "init": True},
+                 id="L2-D5-W4-bias-silu-init"),
+    pytest.param((2, 6, 7, 3), {"activation": "swish"}, id="L7-D6-W3-swish"),
+    pytest.param((2, 5, 33, 4), {"bias": True, "activation": "silu", "init": True}, id="L33-D5-W4-all"),
+    pytest.param((1, 7, 130, 2), {"bias": True, "init": True}, id="L130-D7-W2-bias-init"),
+    pytest.param((2, 3, 9, 1), {"bias": True}, id="L9-D3-W1"),
+]
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+@pytest.mark.parametrize(("shape", "flags"), CONV1D_CASES)
+def test_conv1d_matches_loop(shape, flags, seq):
+    batch, dim, length, width = shape
+    inputs, options = conv1d_inputs(batch, dim, length, width, **flags)
+    seq_idx = make_seq_idx(batch, length, torch.Generator().manual_seed(1)) if seq else None
+    check_against_loop(run_conv1d, conv1d_loop, inputs, options, seq_idx)
+
+
+def test_conv1d_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="activation"):
+        causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), activation="relu", backend="ref")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Consistency of every op with itself: packing, pieces, steps.
+# Per op: the runner, its inputs for a length, the time dimension of each input that runs along time
+# (the others are parameters, or initial_state), and the time dimension of the output.
+
+OPS = {
+    "selective_scan": (
+        run_selective_scan,
+        lambda length: selective_scan_inputs(2, 6, 4, length, groups=2, D=True, z=True, bias=True,
+                                             softplus=True, init=True),
+        {"u": 2, "delta": 2, "B": 3, "C": 3, "z": 2},
+        2,
+    ),
+    "ssd": (
+        run_ssd,
+        lambda length: ssd_inputs(2, length, 4, 3, 2, 5, chunk_size=8, D="h", z=True, bias=True,
+                                  softplus=True, init=True),
+        {"x": 1, "dt": 1, "B": 1, "C": 1, "z": 1},
+        1,
+    ),
+    "gla": (
+        run_gla,
+        lambda length: gla_inputs(2, length, 2, 5, 3, chunk_size=16, g_min=-2.0, init=True),
+        {"q": 1, "k": 1, "v": 1, "g": 1},
+        1,
+    ),
+    "conv1d": (
+        run_conv1d,
+        lambda length: conv1d_inputs(2, 5, length, 4, bias=True, activation="silu", init=True),
+        {"x": 2},
+        2,
+    ),
+}
+
+
+def time_slice(inputs: dict, time_dims: dict, rows: slice, span: slice, initial_state=None) -> dict:
+    """The inputs of rows `rows` and positions `span`, with `initial_state` (None: zero state)."""
+    out = {}
+    for name, value in inputs.items():
+        if name == "initial_state":
+            continue
+        if name in time_dims:
+            index = [rows] + [slice(None)] * (value.dim() - 1)
+            index[time_dims[name]] = span
+            value = value[tuple(index)]
+        out[name] = value
+    if initial_state is not None:
+        out["initial_state"] = initial_state
+    return out
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_packed_equals_separate(op):
+    """Documents packed in one row with seq_idx give the outputs, final state and gradients of
+    separate runs (the first document starts from initial_state, the others from zero)."""
+    runner, make_inputs, time_dims, out_time_dim = OPS[op]
+    length = 45
+    raw, options = make_inputs(length)
+    seq_idx = torch.zeros(2, length, dtype=torch.int64)
+    seq_idx[0, 10:], seq_idx[0, 11:], seq_idx[0, 30:] = 1, 2, 3  # includes a one-token document
+    seq_idx[1, 20:] = 7
+
+    packed = leaves(raw, torch.float32)
+    out, state, grads, cot = forward_backward(runner, packed, {**options, "seq_idx": seq_idx})
+
+    separate = leaves(raw, torch.float32)
+    loss, outs = 0.0, []
+    for row in range(2):
+        cuts = [0] + (torch.nonzero(seq_idx[row, 1:] != seq_idx[row, :-1]).flatten() + 1).tolist() + [length]
+        row_outs = []
+        for n, (start, end) in enumerate(zip(cuts[:-1], cuts[1:])):
+            init = separate["initial_state"][row : row + 1] if n == 0 else None
+            piece = time_slice(separate, time_dims, slice(row, row + 1), slice(start, end), init)
+            piece_out, piece_state = runner(**piece, **options)
+            row_outs.append(piece_out)
+        index = [slice(row, row + 1)] + [slice(None)] * (out.dim() - 1)
+        loss = loss + (torch.cat(row_outs, dim=out_time_dim) * cot[0][tuple(index)].float()).sum()
+        loss = loss + (piece_state * cot[1][row : row + 1].float()).sum()
+        outs.append((torch.cat(row_outs, dim=out_time_dim).detach(), piece_state.detach()))
+    separate_grads = dict(zip(separate, torch.autograd.grad(loss, list(separate.values()))))
+
+    assert_close("out", out, torch.cat([o for o, _ in outs]), 1e-5)
+    assert_close("final_state", state, torch.cat([s for _, s in outs]), 1e-5)
+    for name in raw:
+        assert_close(f"grad {name}", grads[name], separate_grads[name], 1e-5)
+
+
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_pieces_equal_one_run(op, seq):
+    """A sequence run in pieces (final state carried into the next call) equals one run, gradients
+    included; pieces of 1, 2 and 30 tokens cover the conv's short-input path and multi-chunk pieces."""
+    runner, make_inputs, time_dims, out_time_dim = OPS[op]
+    length = 70
+    raw, options = make_inputs(length)
+    seq_idx = None
+    if seq:  # boundaries inside pieces, not at their starts (a piece's initial state feeds its first token)
+        seq_idx = torch.zeros(2, length, dtype=torch.int64)
+        seq_idx[0, 12:], seq_idx[0, 50:], seq_idx[1, 36:] = 1, 2, 1
+
+    whole = leaves(raw, torch.float32)
+    out, state, grads, cot = forward_backward(runner, whole, {**options, "seq_idx": seq_idx})
+
+    split = leaves(raw, torch.float32)
+    cuts = [0, 1, 3, 33, 40, length]
+    carried, outs = split["initial_state"], []
+    for start, end in zip(cuts[:-1], cuts[1:]):
+        piece = time_slice(split, time_dims, slice(None), slice(start, end), carried)
+        piece_seq = None if seq_idx is None else seq_idx[:, start:end]
+        piece_out, carried = runner(**piece, **options, seq_idx=piece_seq)
+        outs.append(piece_out)
+    out_split = torch.cat(outs, dim=out_time_dim)
+    loss = (out_split * cot[0].float()).sum() + (carried * cot[1].float()).sum()
+    split_grads = dict(zip(split, torch.autograd.grad(loss, list(split.values()))))
+
+    assert_close("out", out_split.detach(), out, 1e-5)
+    assert_close("final_state", carried.detach(), state, 1e-5)
+    for name in raw:
+        assert_close(f"grad {name}", split_grads[name], grads[name], 1e-5)
+
+
+def step_through(op: str, inputs: dict, options: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the op's *_state_update token by token from initial_state; returns (outputs, final state)."""
+    channels_first = op in ("selective_scan", "conv1d")  # [batch, D, L] layouts
+    length = next(iter(inputs.values())).shape[2 if channels_first else 1]
+    state = inputs["initial_state"].clone()
+    outs = []
+    for t in range(length):
+        if op == "selective_scan":
+            outs.append(selective_state_update(state, inputs["u"][..., t], inputs["delta"][..., t],
+                                               inputs["A"], inputs["B"][..., t], inputs["C"][..., t],
+                                               inputs["D"], inputs["z"][..., t], inputs["delta_bias"],
+                                               options["delta_softplus"], backend="ref"))
+        elif op == "ssd":
+            outs.append(ssd_state_update(state, inputs["x"][:, t], inputs["dt"][:, t], inputs["A"],
+                                         inputs["B"][:, t], inputs["C"][:, t], inputs["D"], inputs["z"][:, t],
+                                         inputs["dt_bias"], options["dt_softplus"], backend="ref"))
+        elif op == "gla":
+            outs.append(gla_state_update(state, inputs["q"][:, t], inputs["k"][:, t], inputs["v"][:, t],
+                                         inputs["g"][:, t]))
+        else:
+            outs.append(causal_conv1d_update(state, inputs["x"][..., t], inputs["weight"], inputs["bias"],
+                                             options["activation"]))
+    return torch.stack(outs, dim=2 if channels_first else 1), state
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_state_update_steps_equal_scan(op):
+    """Stepping the decode function through a sequence gives the scan's outputs and final state."""
+    runner, make_inputs, _, _ = OPS[op]
+    raw, options = make_inputs(37)
+    inputs = {k: v.float() for k, v in raw.items()}
+    with torch.no_grad():
+        out, state = runner(**inputs, **options)
+        out_steps, state_steps = step_through(op, inputs, options)
+    assert state_steps.dtype == torch.float32
+    assert_close("out", out_steps, out, 1e-5)
+    assert_close("final_state", state_steps, state, 1e-5)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_low_precision_inputs(op):
+    """bf16 inputs: output in bf16, final state in fp32, both close to the fp32 run (math is fp32)."""
+    runner, make_inputs, _, _ = OPS[op]
+    raw, options = make_inputs(20)
+    low = {k: v.to(torch.bfloat16) for k, v in raw.items()}
+    with torch.no_grad():
+        out, state = runner(**low, **options)
+        out32, state32 = runner(**{k: v.float() for k, v in low.items()}, **options)
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert_close("out", out.float(), out32, 1e-2)
+    assert_close("final_state", state, state32, 1e-6)

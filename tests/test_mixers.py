@@ -1,0 +1,123 @@
+"""The mixer contract, run on every registered mixer (STYLE.md #3)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from zoo.registry import get_mixer, list_mixers
+
+D_MODEL = 32
+TOL = 1e-5  # references compute in fp32
+# One small spec per mixer (plus variants that exercise grouped B/C, GQA and sliding windows).
+SPECS = {
+    "mamba": {"d_state": 8, "d_conv": 4, "expand": 2},
+    "mamba2": {"d_state": 8, "d_conv": 4, "expand": 2, "head_dim": 16, "chunk_size": 8},
+    "mamba2-grouped": {"type": "mamba2", "d_state": 8, "expand": 2, "head_dim": 8, "n_groups": 2, "chunk_size": 8},
+    "attention": {"n_heads": 4, "n_kv_heads": 2},
+    "attention-window": {"type": "attention", "n_heads": 4, "n_kv_heads": 1, "window": 5},
+    "gla": {"n_heads": 2, "chunk_size": 8},
+}
+
+
+def build(name: str) -> torch.nn.Module:
+    spec = dict(SPECS[name])
+    mixer_type = spec.pop("type", name)
+    torch.manual_seed(0)
+    mixer = get_mixer(mixer_type)(D_MODEL, 0, **spec).double()
+    with torch.no_grad():  # move parameters off their init so every path is exercised
+        for p in mixer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return mixer.eval()
+
+
+def run(mixer, x, cache=None, **kw):
+    return mixer(x, cache=cache, **kw)
+
+
+def test_every_registered_mixer_has_a_spec():
+    assert set(list_mixers()) <= set(SPECS), "add the new mixer to SPECS so the contract runs on it"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_parallel_equals_steps(name):
+    mixer = build(name)
+    x = torch.randn(2, 13, D_MODEL, dtype=torch.float64)
+    full = run(mixer, x)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    steps = torch.cat([run(mixer, x[:, t:t + 1], cache) for t in range(x.shape[1])], dim=1)
+    assert_close("steps", steps, full, TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_chunked_prefill_equals_whole(name):
+    mixer = build(name)
+    x = torch.randn(2, 21, D_MODEL, dtype=torch.float64)
+    full = run(mixer, x)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    parts = [run(mixer, x[:, a:b], cache) for a, b in ((0, 9), (9, 10), (10, 21))]
+    assert_close("chunks", torch.cat(parts, 1), full, TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_packed_equals_separate(name):
+    mixer = build(name)
+    a = torch.randn(1, 7, D_MODEL, dtype=torch.float64)
+    b = torch.randn(1, 10, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 10], dtype=torch.int32)
+    packed = run(mixer, torch.cat([a, b], 1), seq_idx=seq_idx)
+    assert_close("doc a", packed[:, :7], run(mixer, a), TOL)
+    assert_close("doc b", packed[:, 7:], run(mixer, b), TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_left_padding_equals_alone(name):
+    mixer = build(name)
+    x = torch.randn(1, 9, D_MODEL, dtype=torch.float64)
+    pad = torch.randn(1, 4, D_MODEL, dtype=torch.float64)
+    mask = torch.tensor([[0] * 4 + [1] * 9])
+    position_ids = torch.arange(9)[None]
+    padded = run(mixer, torch.cat([pad, x], 1), attention_mask=mask,
+                 position_ids=torch.cat([torch.zeros(1, 4, dtype=torch.long), position_ids], 1))
+    assert_close("padded row", padded[:, 4:], run(mixer, x, position_ids=position_ids), TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_lora_targets_change_output(name):
+    mixer = build(name)
+    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+    base = run(mixer, x)
+    assert mixer.lora_targets, "a mixer must name the nn.Linear children LoRA may adapt"
+    for target in mixer.lora_targets:
+        module = mixer.get_submodule(target)
+        assert isinstance(module, torch.nn.Linear), f"{target} is not an nn.Linear"
+        with torch.no_grad():
+            module.weight.add_(0.1 * torch.randn_like(module.weight))
+        changed = run(mixer, x)
+        assert (changed - base).abs().max() > 1e-6, f"perturbing {target} left the output unchanged"
+        base = changed
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_gradients_flow_through_carried_state(name):
+    mixer = build(name)
+    x = torch.randn(1, 12, D_MODEL, dtype=torch.float64, requires_grad=True)
+    cache = mixer.init_state(1, x.dtype, x.device)
+    y1 = run(mixer, x[:, :6], cache)
+    y2 = run(mixer, x[:, 6:], cache)
+    (y2.sum()).backward()
+    assert x.grad[:, :6].abs().sum() > 0, "the second chunk's loss did not reach the first chunk's inputs"
+    whole = x.detach().clone().requires_grad_(True)
+    run(mixer, whole)[:, 6:].sum().backward()
+    assert_close("grad through state", x.grad, whole.grad, TOL)
+    assert y1.shape == (1, 6, D_MODEL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_state_size_positive_and_monotone(name):
+    mixer = build(name)
+    small, large = mixer.state_size(16), mixer.state_size(4096)
+    assert 0 < small <= large
+    if name.startswith(("mamba", "gla")):
+        assert small == large, "a recurrent state does not grow with the sequence"

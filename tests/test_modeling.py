@@ -1,0 +1,164 @@
+"""The Hugging Face model: Auto classes, save/load, loss, generate (greedy, sampling, beams), padding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_close
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import zoo
+from zoo import ZooCache, ZooConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+TINY = ["mamba", "mamba2", "transformerpp", "gla", "jamba"]
+
+
+def tiny(name: str) -> zoo.ZooForCausalLM:
+    torch.manual_seed(0)
+    cfg = ZooConfig.from_yaml(CONFIGS / f"{name}-tiny.yaml")
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_config_builds_small_model(name):
+    model = tiny(name)
+    assert isinstance(model, zoo.ZooForCausalLM)
+    n = sum(p.numel() for p in model.parameters())
+    assert n < 2_000_000, f"{name}-tiny has {n} parameters"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_save_and_load_identical_logits(name, tmp_path):
+    model = tiny(name)
+    ids = torch.randint(0, 512, (2, 17))
+    logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "zoo"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids).logits, logits)
+    assert getattr(loaded.model.layers[0].norm.weight, "_no_weight_decay", False)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_greedy_generate_equals_argmax_of_full_forwards(name):
+    model = tiny(name)
+    prompt = torch.randint(0, 512, (2, 6))
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(out, ids)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_left_padded_batch_generates_like_each_row(name):
+    model = tiny(name)
+    a, b = torch.randint(1, 512, (1, 7)), torch.randint(1, 512, (1, 4))
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 3, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :3] = 0
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    for row, alone in ((0, a), (1, b)):
+        single = model.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=5, do_sample=False,
+                                pad_token_id=0)
+        assert torch.equal(out[row, -5:], single[0, -5:]), f"row {row} differs from its generation alone"
+
+
+@pytest.mark.parametrize("name", ["jamba", "mamba2", "gla"])
+def test_beam_search_and_sampling_run(name):
+    model = tiny(name)
+    prompt = torch.randint(0, 512, (2, 5))
+    mask = torch.ones_like(prompt)
+    beams = model.generate(prompt, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False,
+                           pad_token_id=0)
+    assert beams.shape == (2, 11)
+    one_beam = model.generate(prompt, attention_mask=mask, max_new_tokens=6, num_beams=1, do_sample=False,
+                              pad_token_id=0)
+    greedy = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(one_beam, greedy)
+    sampled = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=True, top_k=20,
+                             pad_token_id=0)
+    assert sampled.shape == (2, 11)
+
+
+def test_beam_search_scores_match_full_forward():
+    """Beam reordering must keep each beam's cache: the returned sequence scores equal recomputed ones."""
+    model = tiny("jamba")
+    prompt = torch.randint(0, 512, (1, 5))
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=5, num_beams=4,
+                         do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
+                         length_penalty=0.0, num_return_sequences=4, early_stopping=True)
+    with torch.no_grad():
+        logp = model(out.sequences, use_cache=False).logits.log_softmax(-1)
+    gen = out.sequences[:, 5:]
+    recomputed = logp[:, 4:-1].gather(-1, gen[..., None]).squeeze(-1).sum(-1)
+    assert_close("beam scores", out.sequences_scores, recomputed, 1e-4)
+
+
+def test_get_seq_length_tracks_tokens():
+    model = tiny("mamba")
+    cache = ZooCache.for_model(model)
+    model(torch.randint(0, 512, (1, 7)), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 7
+    model(torch.randint(0, 512, (1, 1)), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 8
+
+
+def test_labels_give_loss_with_moe_aux():
+    model = tiny("jamba").train()
+    ids = torch.randint(0, 512, (2, 16))
+    out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+    assert torch.allclose(out.loss, ce + 1e-3 * out.aux_loss, atol=1e-5)
+    out.loss.backward()
+    assert model.model.layers[1].ffn.router.weight.grad is not None
+
+
+def test_output_hidden_states():
+    model = tiny("transformerpp")
+    out = model(torch.randint(0, 512, (1, 5)), output_hidden_states=True)
+    assert len(out.hidden_states) == len(model.model.layers) + 1
+
+
+@pytest.mark.parametrize("name", ["jamba", "mamba2"])
+def test_gradient_checkpointing_same_gradients(name):
+    model = tiny(name).train()
+    ids = torch.randint(0, 512, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        if n in ref:
+            assert_close(n, p.grad, ref[n], 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_packed_rows_equal_separate_documents(name):
+    model = tiny(name)
+    a, b = torch.randint(0, 512, (1, 6)), torch.randint(0, 512, (1, 9))
+    seq_idx = torch.tensor([[0] * 6 + [1] * 9])
+    position_ids = torch.cat([torch.arange(6), torch.arange(9)])[None]
+    packed = model(torch.cat([a, b], 1), seq_idx=seq_idx, position_ids=position_ids, use_cache=False).logits
+    assert_close("doc a", packed[:, :6], model(a, use_cache=False).logits, 1e-5)
+    assert_close("doc b", packed[:, 6:], model(b, use_cache=False).logits, 1e-5)
+
+
+@pytest.mark.parametrize("name,target,tol", [("mamba", 130e6, 0.03), ("transformerpp", 125e6, 0.03),
+                                             ("mamba", 370e6, 0.03), ("transformerpp", 350e6, 0.05)])
+def test_paper_sizes(name, target, tol):
+    size = "130m" if target < 200e6 else "370m"
+    cfg = ZooConfig.from_yaml(CONFIGS / f"{name}-{size}.yaml")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert abs(n - target) / target < tol, f"{name}-{size}: {n / 1e6:.1f}M parameters"

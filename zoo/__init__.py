@@ -1,0 +1,22 @@
+"""hybrid-zoo: a Hugging Face model zoo of interchangeable sequence mixers.
+
+`import zoo` registers ZooConfig ("zoo") with AutoConfig and the models with AutoModel and
+AutoModelForCausalLM, so `from_pretrained` needs no trust_remote_code.
+"""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from zoo.cache import ZooCache
+from zoo.config import ZooConfig
+from zoo.modeling import ZooForCausalLM, ZooModel
+from zoo.registry import get_mixer, list_mixers, register_mixer
+
+AutoConfig.register("zoo", ZooConfig, exist_ok=True)
+AutoModel.register(ZooConfig, ZooModel, exist_ok=True)
+AutoModelForCausalLM.register(ZooConfig, ZooForCausalLM, exist_ok=True)
+
+__version__ = "0.1.0"
+
+__all__ = ["ZooCache", "ZooConfig", "ZooForCausalLM", "ZooModel", "get_mixer", "list_mixers", "register_mixer"]

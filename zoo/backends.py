@@ -1,0 +1,102 @@
+"""Which implementation of each op runs: the one place where zoo chooses, warns and reports.
+
+Each op has a reference (plain PyTorch, CPU) next to its fast paths. `auto` takes the fastest path available
+on the device and falls back to the reference with one loud warning; an explicitly requested backend that is
+missing raises with the install line. Optional third-party kernels (flash-attn, fla) are probed inside
+zoo_kernels, which cannot import zoo.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+logger = logging.getLogger("zoo")
+
+_WARNED: set[tuple] = set()
+
+INSTALL = {
+    ("selective_scan", "cuda"): "a CUDA toolkit (nvcc) matching torch.version.cuda plus `pip install ninja`; "
+                                "the kernel is built at first use",
+    ("conv1d", "cuda"): "a CUDA toolkit (nvcc) matching torch.version.cuda plus `pip install ninja`",
+    ("ssd", "triton"): "`pip install triton` (ships with CUDA builds of torch)",
+    ("gla", "fla"): "`pip install 'hybrid-zoo[fla]'` (fla-core) on a Triton version fla supports",
+    ("gla", "triton"): "`pip install triton`",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend is not available here."""
+
+
+def warn_once(key: tuple, message: str) -> None:
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    logger.warning(message)
+
+
+def _fast_backend(op: str, device: torch.device) -> tuple[str | None, str]:
+    """(name of the fastest non-reference backend on device or None, reason when None)."""
+    if device.type != "cuda":
+        return None, "not a CUDA device"
+    if op == "selective_scan":
+        from zoo_kernels.selective_scan import cuda_available
+
+        if cuda_available():
+            return "cuda", ""
+        from zoo_kernels.selective_scan import cuda as cuda_mod
+
+        return None, cuda_mod.why_unavailable()
+    if op == "conv1d":
+        from zoo_kernels.conv1d import cuda_available
+
+        return ("cuda", "") if cuda_available() else (None, "conv1d CUDA path unavailable")
+    if op == "ssd":
+        from zoo_kernels.ssd import triton_available
+
+        return ("triton", "") if triton_available() else (None, "triton is not importable")
+    if op == "gla":
+        from zoo_kernels.gla import fast_backend
+
+        name = fast_backend(device)
+        return (name, "") if name else (None, "neither a sound fla-core nor our Triton GLA kernel is available")
+    raise ValueError(f"unknown op {op!r}")
+
+
+def resolve(op: str, requested: str, device: torch.device | str) -> str:
+    """The backend name to pass to zoo_kernels for `op` on `device` ('ref' for the reference)."""
+    device = torch.device(device)
+    if requested in ("ref", "reference"):
+        return "ref"
+    if requested == "auto":
+        name, why = _fast_backend(op, device)
+        if name is not None:
+            return name
+        if device.type == "cuda":
+            warn_once((op, "fallback", str(device)),
+                      f"hybrid-zoo: no fast {op} kernel on {device} ({why}); running the PyTorch reference, "
+                      f"which is much slower. Install {INSTALL.get((op, 'cuda')) or INSTALL.get((op, 'triton'))}.")
+        return "ref"
+    name, why = _fast_backend(op, device)
+    if device.type != "cuda" or name is None or (op == "gla" and requested != name and requested == "fla"):
+        raise BackendUnavailable(f"{op} backend {requested!r} is not available on {device} ({why or 'not sound'}); "
+                                 f"it needs {INSTALL.get((op, requested), 'a CUDA device')}")
+    return requested
+
+
+def report(model) -> dict[str, str]:
+    """Backend that each mixer layer will use on its current device, e.g. {'layers.0.mamba': 'cuda'}."""
+    base = getattr(model, "model", model)
+    out = {}
+    for i, block in enumerate(getattr(base, "layers", [])):
+        mixer = block.mixer
+        fn = getattr(mixer, "backend_name", None)
+        out[f"layers.{i}.{getattr(mixer, 'mixer_type', type(mixer).__name__)}"] = fn() if fn else "torch"
+    return out
+
+
+__all__ = ["BackendUnavailable", "resolve", "report", "warn_once"]

@@ -1,0 +1,92 @@
+"""`zoo` console script: train | finetune | eval | compare | bench | generate | info | demo."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, function, help); modules are imported only when their command runs
+COMMANDS = {
+    "demo": ("zoo.demo", "main", "train a tiny hybrid on MQAR on CPU (the README's first command)"),
+    "train": ("zoo.train", "main", "pretrain a model from a run config under accelerate"),
+    "info": ("zoo.cli", "info", "parameters, state size and layers of model configs"),
+    "generate": ("zoo.cli", "generate", "generate text from a saved model folder"),
+}
+EVAL_COMMANDS = {
+    "synthetic": "zoo.eval.synthetic",
+    "passkey": "zoo.eval.passkey",
+    "length": "zoo.eval.length",
+}
+
+
+def info(argv: list[str] | None = None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+
+    p = argparse.ArgumentParser(prog="zoo info", description="Parameter counts of model configs.")
+    p.add_argument("configs", nargs="+")
+    p.add_argument("--seq-len", type=int, default=2048, help="length at which to report the state size")
+    args = p.parse_args(argv)
+    print("| config | layers | d_model | parameters | without embeddings | state floats/seq @ L |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for path in args.configs:
+        cfg = ZooConfig.from_yaml(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        n = sum(p.numel() for p in model.parameters())
+        emb = model.model.embeddings.weight.numel()
+        state = sum(b.mixer.state_size(args.seq_len) for b in model.model.layers)
+        name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
+        print(f"| {name} | {cfg.num_hidden_layers} | {cfg.d_model} | {n / 1e6:.1f}M | {(n - emb) / 1e6:.1f}M "
+              f"| {state / 1e6:.2f}M |")
+
+
+def generate(argv: list[str] | None = None) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import zoo  # noqa: F401  (registers the Auto classes)
+
+    p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true")
+    p.add_argument("--num-beams", type=int, default=1)
+    args = p.parse_args(argv)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    ids = tok(args.prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id)
+    print(tok.decode(out[0], skip_special_tokens=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = "usage: zoo {" + ",".join([*COMMANDS, "eval"]) + "} ..."
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        for name, (_, _, text) in COMMANDS.items():
+            print(f"  {name:10s} {text}")
+        print(f"  {'eval':10s} {' | '.join(EVAL_COMMANDS)}: research evaluations")
+        return
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "eval":
+        if not rest or rest[0] not in EVAL_COMMANDS:
+            sys.exit(f"usage: zoo eval {{{','.join(EVAL_COMMANDS)}}} ...")
+        module = importlib.import_module(EVAL_COMMANDS[rest[0]])
+        module.main(rest[1:])
+        return
+    if cmd not in COMMANDS:
+        sys.exit(f"zoo: unknown command {cmd!r}\n{usage}")
+    module_name, fn, _ = COMMANDS[cmd]
+    getattr(importlib.import_module(module_name), fn)(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""ZooConfig: one Hugging Face config for every mixer mix (pattern string or per-layer list)."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+FFN_TYPES = ("swiglu", "none")
+
+
+def _parse_layers(layers: str | list, mixers: dict) -> list[dict]:
+    """Resolve `layers` into one spec dict per layer (each with 'type' and optional 'ffn')."""
+    if isinstance(layers, str):
+        letters = [c for c in layers if not c.isspace()]
+        if not letters:
+            raise ValueError("layers: the pattern string is empty; give one letter per layer, e.g. 'MMAM'")
+        specs = []
+        for i, letter in enumerate(letters):
+            if letter not in mixers:
+                known = ", ".join(sorted(mixers)) or "none"
+                raise ValueError(f"layers: letter {letter!r} (layer {i}) has no spec in `mixers` (defined: {known}); "
+                                 f"add mixers.{letter}: {{type: ...}}")
+            specs.append(copy.deepcopy(dict(mixers[letter])) | {"_letter": letter})
+        return specs
+    if isinstance(layers, (list, tuple)):
+        if not layers:
+            raise ValueError("layers: the list is empty; give one spec dict per layer")
+        specs = []
+        for i, spec in enumerate(layers):
+            if isinstance(spec, str) and spec in mixers:
+                spec = mixers[spec]
+            if not isinstance(spec, dict):
+                raise ValueError(f"layers[{i}]: expected a dict like {{type: mamba, ...}} or a letter of `mixers`, "
+                                 f"got {spec!r}")
+            specs.append(copy.deepcopy(dict(spec)))
+        return specs
+    raise ValueError(f"layers: expected a pattern string or a list of per-layer dicts, got {type(layers).__name__}")
+
+
+class ZooConfig(PreTrainedConfig):
+    r"""Config of a zoo model.
+
+    vocab_size: vocabulary size. d_model: residual width. layers: pattern string (one letter per layer, spaces
+    ignored) whose letters are keys of `mixers`, or a list of per-layer spec dicts. mixers: letter -> mixer spec
+    ({type: mamba|mamba2|attention|gla|dotted.Path, **kwargs}); a spec may carry `ffn: swiglu|moe|none` to
+    override the layer's feed-forward. ffn: {type: swiglu, hidden: int} or "none". moe: optional
+    {every, offset, n_experts, top_k, hidden, aux_loss_coef, normalize_topk}: layers with index % every == offset
+    use a MoE.
+    """
+
+    model_type = "zoo"
+    attribute_map = {"hidden_size": "d_model"}
+
+    vocab_size: int = 50304
+    d_model: int = 768
+    layers: Any = "MM"
+    mixers: Any = field(default_factory=lambda: {"M": {"type": "mamba"}})
+    ffn: Any = field(default_factory=lambda: {"type": "swiglu"})
+    moe: Any = None
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    residual_in_fp32: bool = True
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        kwargs.pop("tie_word_embeddings", None)
+        kwargs.pop("num_hidden_layers", None)
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = bool(self.tie_embeddings)
+        self.validate_zoo()
+        self.num_hidden_layers = len(self.layer_specs())
+
+    # ---- resolution -------------------------------------------------------------------------------------
+    def layer_specs(self) -> list[dict]:
+        """One dict per layer: {'type', mixer kwargs..., 'ffn': 'swiglu'|'moe'|'none'}."""
+        specs = _parse_layers(self.layers, self.mixers or {})
+        ffn_type = self.ffn_spec()["type"]
+        moe = self.moe_spec() if self.moe else None
+        for i, spec in enumerate(specs):
+            spec.pop("_letter", None)
+            spec.setdefault("ffn", "moe" if moe and i % moe["every"] == moe["offset"] else ffn_type)
+        return specs
+
+    def ffn_spec(self) -> dict:
+        ffn = self.ffn
+        if ffn is None or ffn == "none":
+            return {"type": "none"}
+        if isinstance(ffn, str):
+            ffn = {"type": ffn}
+        spec = dict(ffn)
+        spec.setdefault("type", "swiglu")
+        if spec["type"] == "swiglu" and spec.get("hidden") is None:
+            spec["hidden"] = 64 * math.ceil(8 * self.d_model / 3 / 64)  # Llama's 8/3·d rounded up to 64
+        return spec
+
+    def moe_spec(self) -> dict:
+        spec = {"every": 2, "n_experts": 16, "top_k": 2, "aux_loss_coef": 1e-3, "normalize_topk": True}
+        spec.update(self.moe or {})
+        if spec.get("hidden") is None:
+            spec["hidden"] = self.ffn_spec().get("hidden") or 64 * math.ceil(8 * self.d_model / 3 / 64)
+        spec.setdefault("offset", 1 if spec["every"] > 1 else 0)
+        return spec
+
+    # ---- validation -------------------------------------------------------------------------------------
+    def validate_zoo(self) -> None:
+        """Raise ValueError naming the field and the fix for every inconsistent setting."""
+        from zoo.registry import get_mixer, is_dotted_path
+
+        for name in ("vocab_size", "d_model"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps!r}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"initializer_range: must be > 0, got {self.initializer_range!r}")
+        if self.mixers is not None and not isinstance(self.mixers, dict):
+            raise ValueError(f"mixers: expected a mapping letter -> spec, got {type(self.mixers).__name__}")
+        for letter, spec in (self.mixers or {}).items():
+            if not isinstance(letter, str) or len(letter) != 1 or letter.isspace():
+                raise ValueError(f"mixers: keys must be single non-space letters, got {letter!r}")
+            if not isinstance(spec, dict) or "type" not in spec:
+                raise ValueError(f"mixers.{letter}: expected a dict with a 'type' (one of the registered mixers "
+                                 f"or a dotted import path), got {spec!r}")
+        ffn = self.ffn_spec()
+        if ffn["type"] not in FFN_TYPES:
+            raise ValueError(f"ffn.type: unknown {ffn['type']!r}; use one of {FFN_TYPES}")
+        if ffn["type"] == "swiglu" and not (isinstance(ffn["hidden"], int) and ffn["hidden"] > 0):
+            raise ValueError(f"ffn.hidden: must be a positive integer, got {ffn['hidden']!r}")
+        if self.moe is not None:
+            if not isinstance(self.moe, dict):
+                raise ValueError(f"moe: expected a dict {{every, n_experts, top_k}} or null, got {self.moe!r}")
+            moe = self.moe_spec()
+            for key in ("every", "n_experts", "top_k", "hidden"):
+                if not isinstance(moe[key], int) or moe[key] <= 0:
+                    raise ValueError(f"moe.{key}: must be a positive integer, got {moe[key]!r}")
+            if moe["top_k"] > moe["n_experts"]:
+                raise ValueError(f"moe.top_k: {moe['top_k']} is larger than moe.n_experts {moe['n_experts']}; "
+                                 f"choose top_k <= n_experts")
+            if not 0 <= moe["offset"] < moe["every"]:
+                raise ValueError(f"moe.offset: must be in [0, moe.every) = [0, {moe['every']}), got {moe['offset']}")
+            if moe["aux_loss_coef"] < 0:
+                raise ValueError(f"moe.aux_loss_coef: must be >= 0, got {moe['aux_loss_coef']}")
+        specs = self.layer_specs()
+        for i, spec in enumerate(specs):
+            where = f"layers[{i}]"
+            ffn_type = spec.get("ffn")
+            if ffn_type not in ("swiglu", "moe", "none"):
+                raise ValueError(f"{where}.ffn: unknown {ffn_type!r}; use swiglu, moe or none")
+            if ffn_type == "moe" and self.moe is None:
+                raise ValueError(f"{where}.ffn: 'moe' needs a top-level `moe:` section")
+            if ffn_type == "swiglu" and ffn["type"] == "none":
+                raise ValueError(f"{where}.ffn: 'swiglu' needs a top-level `ffn:` with a hidden size")
+            mixer_type = spec.get("type")
+            if not isinstance(mixer_type, str):
+                raise ValueError(f"{where}.type: missing mixer type; registered: mamba, mamba2, attention, gla")
+            if is_dotted_path(mixer_type):
+                continue  # resolved (and trusted or refused) when the model is built
+            cls = get_mixer(mixer_type)
+            kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
+            params = inspect.signature(cls.__init__).parameters
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+                for key in kwargs:
+                    if key not in params or key in ("self", "d_model", "layer_idx"):
+                        raise ValueError(f"{where}.{key}: unknown option for mixer {mixer_type!r}; "
+                                         f"valid options: {', '.join(allowed)}")
+            check = getattr(cls, "check_spec", None)
+            if check is not None:
+                try:
+                    check(self.d_model, **kwargs)
+                except ValueError as e:
+                    raise ValueError(f"{where} ({mixer_type}): {e}") from None
+
+    # ---- io ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> ZooConfig:
+        """Read a model config from YAML; keyword overrides replace top-level fields."""
+        import yaml
+
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a YAML mapping of config fields")
+        data.update(overrides)
+        return cls(**data)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        config = super().from_dict(config_dict, **kwargs)
+        result = config[0] if isinstance(config, tuple) else config
+        # A config read from disk or the hub must not import code by itself (see registry.get_mixer).
+        result._from_disk = True
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("_from_disk", None)
+        out.pop("tie_word_embeddings", None)
+        out.pop("num_hidden_layers", None)
+        return out
+
+
+__all__ = ["ZooConfig"]

@@ -1,0 +1,163 @@
+"""Shared layers: RMSNorm, gated RMSNorm, SwiGLU MLP, Jamba-style MoE, and the pre-norm residual Block."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def init_copy_(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy an init value into a parameter unless transformers already loaded it from a checkpoint."""
+    if getattr(param, "_is_hf_initialized", False):
+        return
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def mark_no_weight_decay(module: nn.Module, *names: str) -> None:
+    """Flag parameters that the optimizer builder must not decay (metadata lives on the parameter).
+
+    Modules list such names in `_no_weight_decay_params` too, so that the flags are set again on the new
+    Parameter objects that checkpoint loading creates (see ZooPreTrainedModel.mark_no_weight_decay).
+    """
+    for name in names:
+        try:
+            module.get_parameter(name)._no_weight_decay = True
+        except AttributeError:
+            pass  # an optional parameter (a bias that is off)
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32. x: [..., d]."""
+
+    _no_weight_decay_params = ("weight",)
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        mark_no_weight_decay(self, "weight")
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Mamba-2 / GLA output norm. norm_before_gate=False: rmsnorm(x * silu(z)); True: rmsnorm(x) * silu(z).
+
+    Normalizes over groups of `group_size` channels (Mamba-2 normalizes per B/C group). x, z: [..., d].
+    """
+
+    _no_weight_decay_params = ("weight",)
+
+    def __init__(self, d: int, eps: float = 1e-5, group_size: int | None = None, norm_before_gate: bool = False):
+        super().__init__()
+        self.eps, self.group_size, self.norm_before_gate = eps, group_size or d, norm_before_gate
+        self.weight = nn.Parameter(torch.ones(d))
+        mark_no_weight_decay(self, "weight")
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        if z is not None and not self.norm_before_gate:
+            xf = xf * F.silu(z.float())
+        groups = xf.unflatten(-1, (-1, self.group_size))  # (..., n_groups, group_size)
+        groups = groups * torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = groups.flatten(-2) * self.weight.float()
+        if z is not None and self.norm_before_gate:
+            y = y * F.silu(z.float())
+        return y.to(dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), no biases (Transformer++)."""
+
+    lora_targets = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoE(nn.Module):
+    """Jamba-style mixture of SwiGLU experts with a top-k softmax router and a load-balancing aux loss.
+
+    The aux loss (Switch Transformer) is n_experts · Σ_e f_e · p_e, with f_e the fraction of routed
+    token slots sent to expert e and p_e the mean router probability of e; it is 1 when balanced.
+    normalize_topk: rescale the k chosen probabilities to sum to 1 (False: use them as they are, as Jamba does).
+    """
+
+    lora_targets = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int, normalize_topk: bool = True):
+        super().__init__()
+        self.n_experts, self.top_k, self.normalize_topk = n_experts, top_k, normalize_topk
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(n_experts))
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (tokens, d)
+        probs = self.router(x).float().softmax(-1)  # (tokens, E)
+        weights, chosen = probs.topk(self.top_k, dim=-1)  # (tokens, k)
+        if self.normalize_topk:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        if token_mask is not None:  # padding does not count towards load balance
+            keep = token_mask.reshape(-1).to(probs.dtype)
+            denom = keep.sum().clamp(min=1)
+            counts = F.one_hot(chosen, self.n_experts).sum(1).to(probs.dtype)  # (tokens, E)
+            frac = (counts * keep[:, None]).sum(0) / (denom * self.top_k)
+            mean_prob = (probs * keep[:, None]).sum(0) / denom
+        else:
+            frac = F.one_hot(chosen, self.n_experts).sum(1).to(probs.dtype).mean(0) / self.top_k
+            mean_prob = probs.mean(0)
+        aux = self.n_experts * (frac * mean_prob).sum()
+        return out.reshape(shape), aux
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless the ffn is 'none'."""
+
+    def __init__(self, mixer: nn.Module, d_model: int, ffn: nn.Module | None, norm_eps: float):
+        super().__init__()
+        self.norm = RMSNorm(d_model, norm_eps)
+        self.mixer = mixer
+        self.ffn_norm = RMSNorm(d_model, norm_eps) if ffn is not None else None
+        self.ffn = ffn
+
+    def forward(self, x, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        x = x + self.mixer(self.norm(x), cache=cache, seq_idx=seq_idx, position_ids=position_ids,
+                           attention_mask=attention_mask)
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.ffn is not None:
+            h = self.ffn_norm(x)
+            if isinstance(self.ffn, MoE):
+                mask = attention_mask[:, -x.shape[1]:] if attention_mask is not None else None
+                h, aux = self.ffn(h, mask)
+            else:
+                h = self.ffn(h)
+            x = x + h
+        return x, aux
+
+
+__all__ = ["RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "mark_no_weight_decay"]

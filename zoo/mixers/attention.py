@@ -1,0 +1,124 @@
+"""Transformer++ attention mixer: RoPE, grouped-query heads, optional sliding window, no biases, KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from zoo_kernels.attention import attention
+
+from zoo.registry import register_mixer
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@register_mixer("attention")
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE (Su et al.) and GQA.
+
+    Args: d_model; n_heads (d_model // 64 if not given); n_kv_heads (n_heads); head_dim (d_model // n_heads);
+    rope_theta (10000); rope (True; False: no position encoding, as in Jamba's attention layers);
+    window (None: full causal; w: each token sees the last w positions);
+    attn_backend ("auto" | "flash_attn" | "flash_attn_cute" | "sdpa_cudnn" | "sdpa_flash" | "sdpa_efficient" |
+    "flex" | "math").
+    """
+
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    output_projections = ("o_proj",)
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, n_heads: int | None = None, n_kv_heads: int | None = None,
+                 head_dim: int | None = None, rope_theta: float = 10000.0, rope: bool = True,
+                 window: int | None = None, attn_backend: str = "auto"):
+        super().__init__()
+        n_heads = n_heads or max(1, d_model // 64)
+        self.check_spec(d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta,
+                        window=window)
+        self.d_model, self.layer_idx = d_model, layer_idx
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.window, self.attn_backend, self.rope_theta, self.use_rope = window, attn_backend, rope_theta, rope
+        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+
+    @staticmethod
+    def check_spec(d_model: int, *, n_heads: int | None = None, n_kv_heads: int | None = None,
+                   head_dim: int | None = None, rope_theta: float = 10000.0, window: int | None = None, **_) -> None:
+        n_heads = n_heads or max(1, d_model // 64)
+        if not (isinstance(n_heads, int) and n_heads >= 1):
+            raise ValueError(f"n_heads: must be a positive integer, got {n_heads!r}")
+        if head_dim is None and d_model % n_heads:
+            raise ValueError(f"n_heads: {n_heads} does not divide d_model = {d_model}; choose n_heads dividing "
+                             f"d_model or set head_dim")
+        if head_dim is not None and not (isinstance(head_dim, int) and head_dim >= 2 and head_dim % 2 == 0):
+            raise ValueError(f"head_dim: must be a positive even integer (RoPE rotates pairs), got {head_dim!r}")
+        if head_dim is None and (d_model // n_heads) % 2:
+            raise ValueError(f"n_heads: head_dim = d_model / n_heads = {d_model // n_heads} must be even for RoPE")
+        if n_kv_heads is not None:
+            if not (isinstance(n_kv_heads, int) and n_kv_heads >= 1):
+                raise ValueError(f"n_kv_heads: must be a positive integer, got {n_kv_heads!r}")
+            if n_heads % n_kv_heads:
+                raise ValueError(f"n_kv_heads: {n_kv_heads} does not divide n_heads = {n_heads}")
+        if not rope_theta > 0:
+            raise ValueError(f"rope_theta: must be > 0, got {rope_theta!r}")
+        if window is not None and not (isinstance(window, int) and window >= 1):
+            raise ValueError(f"window: must be a positive integer or null, got {window!r}")
+
+    # ---- contract -----------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, dtype: torch.dtype, device, max_len: int | None = None):
+        # The sliding layer keeps window - 1 past keys, so a query still sees `window` keys with itself.
+        return DynamicSlidingWindowLayer(sliding_window=self.window) if self.window else DynamicLayer()
+
+    def state_size(self, seq_len: int) -> int:
+        kept = min(seq_len, self.window) if self.window else seq_len
+        return 2 * self.n_kv_heads * self.head_dim * kept
+
+    def backend_name(self) -> str:
+        from zoo_kernels.attention import select_backend
+
+        device = self.q_proj.weight.device
+        if self.attn_backend != "auto":
+            return self.attn_backend
+        return select_backend(device, self.q_proj.weight.dtype, self.head_dim)
+
+    def rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, Dh]; position_ids: [B, T]. Identity when the mixer was built with rope=False."""
+        if not self.use_rope:
+            return x
+        # computed per call, not a buffer: a non-persistent buffer would be left uninitialized by meta-device loading
+        inv_freq = self.rope_theta ** -(torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32)
+                                        / self.head_dim)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
+        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, Dh)
+        xf = x.float()
+        return (xf * emb.cos() + rotate_half(xf) * emb.sin()).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, *, cache=None, seq_idx: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d_model] -> [B, T, d_model]. position_ids [B, T] (default: past length + arange)."""
+        Bsz, T, _ = x.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
+        q = self.rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), position_ids)  # (B, T, H, Dh)
+        k = self.rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), position_ids)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        if cache is not None:
+            # transformers' layers store [B, H, S, Dh]; the transposes are views
+            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2))
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, Dh)
+        S = k.shape[1]
+        key_mask = attention_mask[:, -S:].bool() if attention_mask is not None else None
+        if seq_idx is not None and seq_idx.shape[1] != S:
+            # past keys of a carried cache continue the first document of this chunk
+            seq_idx = torch.cat([seq_idx[:, :1].expand(Bsz, S - T), seq_idx], dim=1)
+        o = attention(q, k, v, causal=True, window=self.window, seq_idx=seq_idx, key_padding_mask=key_mask,
+                      backend=self.attn_backend)
+        return self.o_proj(o.flatten(-2))
+
+
+__all__ = ["Attention", "rotate_half"]

@@ -1,0 +1,101 @@
+"""Gated linear attention mixer (Yang et al. 2024): per-key data-dependent decay, output gate and norm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo_kernels import chunk_gla, gla_state_update
+
+from zoo import backends
+from zoo.cache import RecurrentLayer
+from zoo.layers import GatedRMSNorm
+from zoo.registry import register_mixer
+
+
+@register_mixer("gla")
+class GLA(nn.Module):
+    """S_t = diag(α_t) S_{t-1} + k_tᵀ v_t, o_t = q_t S_t / sqrt(d_k); α_t = exp(logsigmoid(gk(x_t)) / normalizer).
+
+    Args: d_model; n_heads (4); expand_k (0.5), expand_v (1): key/value widths relative to d_model;
+    gate_low_rank_dim (16); gate_logit_normalizer (16); chunk_size (64); norm_eps; scan_backend
+    ("auto" | "fla" | "triton" | "ref").
+    """
+
+    lora_targets = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj")
+    output_projections = ("o_proj",)
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, n_heads: int = 4, expand_k: float = 0.5,
+                 expand_v: float = 1.0, gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0,
+                 chunk_size: int = 64, norm_eps: float = 1e-5, scan_backend: str = "auto"):
+        super().__init__()
+        self.check_spec(d_model, n_heads=n_heads, expand_k=expand_k, expand_v=expand_v,
+                        gate_low_rank_dim=gate_low_rank_dim)
+        self.d_model, self.layer_idx, self.n_heads = d_model, layer_idx, n_heads
+        self.key_dim, self.value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        self.head_k, self.head_v = self.key_dim // n_heads, self.value_dim // n_heads
+        self.gate_logit_normalizer, self.chunk_size, self.scan_backend = gate_logit_normalizer, chunk_size, scan_backend
+
+        self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.key_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
+        self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank_dim, bias=False),
+                                     nn.Linear(gate_low_rank_dim, self.key_dim, bias=True))
+        self.g_norm = GatedRMSNorm(self.head_v, eps=norm_eps, norm_before_gate=True)
+        self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
+
+    @staticmethod
+    def check_spec(d_model: int, *, n_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
+                   gate_low_rank_dim: int = 16, **_) -> None:
+        if not (isinstance(n_heads, int) and n_heads >= 1):
+            raise ValueError(f"n_heads: must be a positive integer, got {n_heads!r}")
+        for name, e in (("expand_k", expand_k), ("expand_v", expand_v)):
+            width = d_model * e
+            if not (e > 0 and float(width).is_integer() and int(width) % n_heads == 0):
+                raise ValueError(f"{name}: d_model·{name} = {width} must be a positive integer divisible by "
+                                 f"n_heads = {n_heads}")
+        if not (isinstance(gate_low_rank_dim, int) and gate_low_rank_dim >= 1):
+            raise ValueError(f"gate_low_rank_dim: must be a positive integer, got {gate_low_rank_dim!r}")
+
+    # ---- contract -----------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, dtype: torch.dtype, device, max_len: int | None = None) -> RecurrentLayer:
+        return RecurrentLayer()
+
+    def state_size(self, seq_len: int) -> int:
+        return self.n_heads * self.head_k * self.head_v
+
+    def backend_name(self) -> str:
+        return backends.resolve("gla", self.scan_backend, self.o_proj.weight.device)
+
+    def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d_model] -> [B, T, d_model]."""
+        Bsz, T, _ = x.shape
+        H = self.n_heads
+        q = self.q_proj(x).unflatten(-1, (H, self.head_k))  # (B, T, H, K)
+        k = self.k_proj(x).unflatten(-1, (H, self.head_k))
+        v = self.v_proj(x).unflatten(-1, (H, self.head_v))  # (B, T, H, V)
+        gk = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).unflatten(-1, (H, self.head_k))
+        if attention_mask is not None:  # pads add nothing to the state (it starts from zero on the left)
+            k = k * attention_mask[:, -T:, None, None].to(k.dtype)
+        initial = cache.recurrent_state if cache is not None and cache.has_state else None
+        if cache is not None and initial is not None and T == 1 and seq_idx is None:
+            state = initial.clone()
+            o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5)[:, None]
+            cache.set(recurrent_state=state)
+        else:
+            backend = backends.resolve("gla", self.scan_backend, x.device)
+            out = chunk_gla(q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache is not None, self.chunk_size,
+                            backend=backend)
+            if cache is not None:
+                o, final = out
+                cache.set(recurrent_state=final)
+            else:
+                o = out
+        g = self.g_proj(x).unflatten(-1, (H, self.head_v))
+        o = self.g_norm(o.to(x.dtype), g)  # rmsnorm(o) * silu(g), per head
+        return self.o_proj(o.flatten(-2))
+
+
+__all__ = ["GLA"]

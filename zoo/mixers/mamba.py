@@ -1,0 +1,148 @@
+"""Mamba-1 mixer: in_proj -> causal conv -> SiLU -> selective scan (Δ, B, C from x_proj/dt_proj) -> gate -> out_proj."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+
+from zoo import backends
+from zoo.cache import RecurrentLayer
+from zoo.layers import RMSNorm, init_copy_, mark_no_weight_decay
+from zoo.registry import register_mixer
+
+
+@register_mixer("mamba")
+class Mamba(nn.Module):
+    """The Mamba-1 block (Gu & Dao), S4D-real A init and log-uniform dt init.
+
+    Args: d_model; d_state N (16); d_conv (4); expand (2): d_inner = expand·d_model; dt_rank ("auto" =
+    ceil(d_model/16)); dt_min/dt_max/dt_init_floor: dt init range; conv_bias (True); bias (False, linear
+    layers); inner_norms (False): Jamba's RMSNorms on dt (before dt_proj), B and C, with inner_norm_eps;
+    scan_backend ("auto" | "cuda" | "ref").
+    """
+
+    lora_targets = ("in_proj", "x_proj", "dt_proj", "out_proj")
+    output_projections = ("out_proj",)
+    _no_weight_decay_params = ("A_log", "D", "dt_proj.bias")
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, d_state: int = 16, d_conv: int = 4, expand: float = 2,
+                 dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
+                 dt_init_floor: float = 1e-4, dt_scale: float = 1.0, conv_bias: bool = True, bias: bool = False,
+                 inner_norms: bool = False, inner_norm_eps: float = 1e-6, scan_backend: str = "auto"):
+        super().__init__()
+        self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min,
+                        dt_max=dt_max)
+        self.d_model, self.layer_idx = d_model, layer_idx
+        self.d_state, self.d_conv = d_state, d_conv
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
+        self.scan_backend = scan_backend
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=conv_bias)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.inner_norms = inner_norms
+        if inner_norms:  # Jamba: the same names as transformers' JambaMambaMixer
+            self.dt_layernorm = RMSNorm(self.dt_rank, inner_norm_eps)
+            self.b_layernorm = RMSNorm(d_state, inner_norm_eps)
+            self.c_layernorm = RMSNorm(d_state, inner_norm_eps)
+        mark_no_weight_decay(self, *self._no_weight_decay_params)
+        self.reset_parameters()
+
+    @staticmethod
+    def check_spec(d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
+                   dt_min: float = 0.001, dt_max: float = 0.1, **_) -> None:
+        if not (isinstance(d_state, int) and d_state >= 1):
+            raise ValueError(f"d_state: must be a positive integer, got {d_state!r}")
+        if not (isinstance(d_conv, int) and d_conv >= 1):
+            raise ValueError(f"d_conv: must be a positive integer, got {d_conv!r}")
+        if not (expand > 0 and float(expand * d_model).is_integer()):
+            raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
+        if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank >= 1):
+            raise ValueError(f"dt_rank: must be 'auto' or a positive integer, got {dt_rank!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+
+    def reset_parameters(self) -> None:
+        # S4D-real: A[d, n] = -(n + 1), stored as log.
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)
+        init_copy_(self.A_log, torch.log(A))
+        nn.init.ones_(self.D)
+        dt_std = self.dt_rank ** -0.5 * self.dt_scale
+        nn.init.uniform_(self.dt_proj.weight, -dt_std, dt_std)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
+        init_copy_(self.dt_proj.bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv1d.bias is not None:
+            nn.init.zeros_(self.conv1d.bias)
+
+    # ---- contract -----------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, dtype: torch.dtype, device, max_len: int | None = None) -> RecurrentLayer:
+        return RecurrentLayer()
+
+    def state_size(self, seq_len: int) -> int:
+        return self.d_inner * self.d_state + self.d_inner * (self.d_conv - 1)
+
+    def backend_name(self) -> str:
+        return backends.resolve("selective_scan", self.scan_backend, self.A_log.device)
+
+    def _split_dbc(self, x_dbl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x_proj output [..., dt_rank + 2N] -> (dt [..., d_inner] with bias, B [..., N], C [..., N])."""
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if self.inner_norms:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
+        return self.dt_proj(dt), B, C
+
+    def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d_model] -> [B, T, d_model]. attention_mask [B, ≥T] (1 = token) zeroes pad inputs."""
+        T = x.shape[1]
+        mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
+        if mask is not None:
+            xs = xs * mask[..., None]
+        xs, z = xs.transpose(1, 2), z.transpose(1, 2)  # (B, d_inner, T)
+        w = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        backend = backends.resolve("selective_scan", self.scan_backend, x.device)
+
+        if cache is not None and cache.has_state and T == 1 and seq_idx is None:
+            conv_state = cache.conv_state.clone()
+            u = causal_conv1d_update(conv_state, xs[:, :, 0], w, self.conv1d.bias, "silu")  # (B, d_inner)
+            if mask is not None:
+                u = u * mask[:, 0, None]
+            delta, B, C = self._split_dbc(self.x_proj(u))  # delta (B, d_inner), bias included
+            state = cache.recurrent_state.clone()
+            y = selective_state_update(state, u, delta, A, B, C, self.D.float(), z[:, :, 0], None, True,
+                                       backend=backend)
+            cache.set(conv_state, state)
+            return self.out_proj(y[:, None, :].to(x.dtype))
+
+        conv_init = cache.conv_state if cache is not None and cache.has_state else None
+        ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
+        u, conv_final = causal_conv1d(xs, w, self.conv1d.bias, seq_idx, conv_init, "silu", True)
+        if mask is not None:
+            u = u * mask[:, None, :]
+        x_dbl = self.x_proj(u.transpose(1, 2))  # (B, T, dt_rank + 2N)
+        delta, B, C = self._split_dbc(x_dbl)
+        delta = delta.transpose(1, 2)  # (B, d_inner, T), bias included
+        out = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, None, True,
+                             ssm_init, seq_idx, cache is not None, backend=backend)
+        if cache is not None:
+            y, final = out
+            cache.set(conv_final, final)
+        else:
+            y = out
+        return self.out_proj(y.transpose(1, 2))
+
+
+__all__ = ["Mamba"]

@@ -1,0 +1,145 @@
+"""Mamba-2 mixer: in_proj -> (z, xBC, dt); causal conv on xBC -> SiLU -> SSD scan -> gated RMSNorm -> out_proj."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from zoo_kernels import causal_conv1d, causal_conv1d_update, ssd_chunk_scan, ssd_state_update
+
+from zoo import backends
+from zoo.cache import RecurrentLayer
+from zoo.layers import GatedRMSNorm, init_copy_, mark_no_weight_decay
+from zoo.registry import register_mixer
+
+
+@register_mixer("mamba2")
+class Mamba2(nn.Module):
+    """The Mamba-2 block (Dao & Gu): multi-head SSM with a scalar decay per head and grouped B/C.
+
+    Args: d_model; d_state N (128); d_conv (4); expand (2); head_dim P (64): n_heads = expand·d_model / P;
+    n_groups G of B/C (1); A_init_range ((1, 16)); dt_min/dt_max/dt_init_floor; chunk_size (256);
+    conv_bias (True); bias (False); norm_groups: groups of the gated RMSNorm (None: n_groups, as mamba_ssm;
+    1: one group over d_inner, as transformers' Mamba2); scan_backend ("auto" | "triton" | "ref").
+    """
+
+    lora_targets = ("in_proj", "out_proj")
+    output_projections = ("out_proj",)
+    _no_weight_decay_params = ("dt_bias", "A_log", "D")
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, d_state: int = 128, d_conv: int = 4, expand: float = 2,
+                 head_dim: int = 64, n_groups: int = 1, A_init_range: tuple[float, float] = (1.0, 16.0),
+                 dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, chunk_size: int = 256,
+                 conv_bias: bool = True, bias: bool = False, norm_eps: float = 1e-5, norm_groups: int | None = None,
+                 scan_backend: str = "auto"):
+        super().__init__()
+        self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, head_dim=head_dim,
+                        n_groups=n_groups, chunk_size=chunk_size, norm_groups=norm_groups)
+        self.d_model, self.layer_idx = d_model, layer_idx
+        self.d_state, self.d_conv, self.head_dim, self.n_groups = d_state, d_conv, head_dim, n_groups
+        self.d_inner = int(expand * d_model)
+        self.n_heads = self.d_inner // head_dim
+        self.chunk_size, self.scan_backend = chunk_size, scan_backend
+        self.A_init_range, self.dt_min, self.dt_max, self.dt_init_floor = A_init_range, dt_min, dt_max, dt_init_floor
+        self.conv_dim = self.d_inner + 2 * n_groups * d_state
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * n_groups * d_state + self.n_heads, bias=bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps, group_size=self.d_inner // (norm_groups or n_groups))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        mark_no_weight_decay(self, *self._no_weight_decay_params)
+        self.reset_parameters()
+
+    @staticmethod
+    def check_spec(d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: float = 2, head_dim: int = 64,
+                   n_groups: int = 1, chunk_size: int = 256, norm_groups: int | None = None, **_) -> None:
+        d_inner = expand * d_model
+        for name, value in (("d_state", d_state), ("d_conv", d_conv), ("head_dim", head_dim),
+                            ("n_groups", n_groups), ("chunk_size", chunk_size)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not (expand > 0 and float(d_inner).is_integer()):
+            raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
+        if int(d_inner) % head_dim:
+            raise ValueError(f"head_dim: {head_dim} does not divide expand·d_model = {int(d_inner)}; "
+                             f"choose a head_dim that divides it")
+        n_heads = int(d_inner) // head_dim
+        if n_heads % n_groups:
+            raise ValueError(f"n_groups: {n_groups} does not divide n_heads = {n_heads}")
+        if norm_groups is not None and not (isinstance(norm_groups, int) and norm_groups >= 1
+                                            and int(d_inner) % norm_groups == 0):
+            raise ValueError(f"norm_groups: must be a positive integer dividing expand·d_model = {int(d_inner)}, "
+                             f"got {norm_groups!r}")
+        if d_state > 256:
+            raise ValueError(f"d_state: at most 256 is supported, got {d_state}")
+
+    def reset_parameters(self) -> None:
+        dt = torch.exp(torch.rand(self.n_heads) * (math.log(self.dt_max) - math.log(self.dt_min))
+                       + math.log(self.dt_min)).clamp(min=self.dt_init_floor)
+        init_copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        lo, hi = self.A_init_range
+        init_copy_(self.A_log, torch.log(torch.empty(self.n_heads).uniform_(lo, hi)))
+        nn.init.ones_(self.D)
+        nn.init.kaiming_uniform_(self.conv1d.weight, a=math.sqrt(5))
+        if self.conv1d.bias is not None:
+            nn.init.zeros_(self.conv1d.bias)
+
+    # ---- contract -----------------------------------------------------------------------------------------
+    def init_state(self, batch_size: int, dtype: torch.dtype, device, max_len: int | None = None) -> RecurrentLayer:
+        return RecurrentLayer()
+
+    def state_size(self, seq_len: int) -> int:
+        return self.n_heads * self.head_dim * self.d_state + self.conv_dim * (self.d_conv - 1)
+
+    def backend_name(self) -> str:
+        return backends.resolve("ssd", self.scan_backend, self.A_log.device)
+
+    def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, T, d_model] -> [B, T, d_model]."""
+        Bsz, T, _ = x.shape
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
+        z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, H], dim=-1)
+        if mask is not None:
+            xBC = xBC * mask[..., None]
+        w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
+        A = -torch.exp(self.A_log.float())  # (H,)
+        backend = backends.resolve("ssd", self.scan_backend, x.device)
+
+        if cache is not None and cache.has_state and T == 1 and seq_idx is None:
+            conv_state = cache.conv_state.clone()
+            xBC = causal_conv1d_update(conv_state, xBC[:, 0], w, self.conv1d.bias, "silu")  # (B, conv_dim)
+            if mask is not None:
+                xBC = xBC * mask[:, 0, None]
+            xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
+            state = cache.recurrent_state.clone()
+            y = ssd_state_update(state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
+                                 self.D.float(), None, self.dt_bias.float(), True, backend=backend)
+            cache.set(conv_state, state)
+            y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
+        else:
+            conv_init = cache.conv_state if cache is not None and cache.has_state else None
+            ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
+            xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu", True)
+            xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
+            if mask is not None:
+                xBC = xBC * mask[..., None]
+            xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
+            out = ssd_chunk_scan(xs.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
+                                 self.chunk_size, self.D.float(), None, self.dt_bias.float(), True, ssm_init, seq_idx,
+                                 cache is not None, backend=backend)
+            if cache is not None:
+                y, final = out
+                cache.set(conv_final, final)
+            else:
+                y = out
+            y = y.flatten(-2)  # (B, T, d_inner)
+        return self.out_proj(self.norm(y, z))
+
+
+__all__ = ["Mamba2"]

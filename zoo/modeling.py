@@ -1,0 +1,223 @@
+"""ZooModel and ZooForCausalLM: a Hugging Face causal LM whose layers are interchangeable mixers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from zoo.cache import RecurrentLayer, ZooCache
+from zoo.config import ZooConfig
+from zoo.layers import Block, MoE, RMSNorm, SwiGLU, mark_no_weight_decay
+from zoo.registry import get_mixer
+
+
+@dataclass
+class ZooCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus the MoE load-balancing loss (already added to `loss`, scaled)."""
+
+    aux_loss: torch.FloatTensor | None = None
+
+
+class ZooPreTrainedModel(PreTrainedModel):
+    config_class = ZooConfig
+    config: ZooConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def mark_no_weight_decay(self) -> None:
+        """Set `_no_weight_decay` on every parameter a module lists in `_no_weight_decay_params`."""
+        for module in self.modules():
+            names = getattr(module, "_no_weight_decay_params", ())
+            if names:
+                mark_no_weight_decay(module, *names)
+
+    def post_init(self) -> None:
+        super().post_init()
+        self.mark_no_weight_decay()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None and not getattr(module.bias, "_no_weight_decay", False):
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif hasattr(module, "reset_parameters") and not isinstance(module, (nn.Linear, nn.Embedding)):
+            module.reset_parameters()  # mixers and norms know their own init (S4D-real A, dt, conv)
+        if isinstance(module, Block) and self.config.rescale_prenorm_residual:
+            # GPT-2 scheme: residual output projections scaled by 1/sqrt(2·n_layers)
+            scaled = std / math.sqrt(2 * self.config.num_hidden_layers)
+            names = getattr(module.mixer, "output_projections", ())
+            projections = [getattr(module.mixer, n) for n in names]
+            if isinstance(module.ffn, SwiGLU):
+                projections.append(module.ffn.down_proj)
+            elif isinstance(module.ffn, MoE):
+                projections.extend(e.down_proj for e in module.ffn.experts)
+            for proj in projections:
+                nn.init.normal_(proj.weight, mean=0.0, std=scaled)
+
+
+class ZooModel(ZooPreTrainedModel):
+    """Embedding -> Blocks (mixer + ffn) -> final RMSNorm."""
+
+    def __init__(self, config: ZooConfig):
+        super().__init__(config)
+        trust = not getattr(config, "_from_disk", False)
+        self.embeddings = nn.Embedding(config.vocab_size, config.d_model, padding_idx=None)
+        layers = []
+        for i, spec in enumerate(config.layer_specs()):
+            kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
+            mixer = get_mixer(spec["type"], trust_remote_code=trust)(config.d_model, i, **kwargs)
+            if spec["ffn"] == "swiglu":
+                ffn = SwiGLU(config.d_model, config.ffn_spec()["hidden"])
+            elif spec["ffn"] == "moe":
+                moe = config.moe_spec()
+                ffn = MoE(config.d_model, moe["hidden"], moe["n_experts"], moe["top_k"], moe["normalize_topk"])
+            else:
+                ffn = None
+            layers.append(Block(mixer, config.d_model, ffn, config.norm_eps))
+        self.layers = nn.ModuleList(layers)
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=True,
+                **kwargs) -> BaseModelOutputWithPast:
+        """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        Bsz, T = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = ZooCache.for_model(self)
+        if past_key_values is not None and not isinstance(past_key_values, ZooCache):
+            raise TypeError(f"past_key_values must be a ZooCache (got {type(past_key_values).__name__}); "
+                            f"build one with ZooCache.for_model(model)")
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # left padding: each row's positions start at its first real token
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
+        if seq_idx is not None:
+            seq_idx = seq_idx.to(torch.int32)
+        hidden_states = [x] if output_hidden_states else None
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.layers):
+            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+            if checkpointing and layer_cache is None:
+                x, aux = checkpoint(block, x, None, seq_idx, position_ids, attention_mask, use_reentrant=False)
+            else:
+                x, aux = block(x, layer_cache, seq_idx, position_ids, attention_mask)
+            aux_total = aux_total + aux
+            if output_hidden_states:
+                hidden_states.append(x)
+        x = self.norm_f(x)
+        if output_hidden_states:
+            hidden_states[-1] = x
+        if past_key_values is not None:
+            past_key_values.seen_tokens += T
+        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values,
+                                      hidden_states=tuple(hidden_states) if hidden_states else None)
+        out.aux_loss = aux_total
+        return out
+
+
+class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
+    """ZooModel with a language-modelling head (tied to the embedding when config.tie_embeddings)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embeddings.weight"}
+
+    def __init__(self, config: ZooConfig):
+        super().__init__(config)
+        self.model = ZooModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # recurrent states cannot be rolled back, so transformers must not use assisted decoding
+        self._is_stateful = any(isinstance(b.mixer.init_state(1, torch.float32, "cpu"), RecurrentLayer)
+                                for b in self.model.layers)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def backend_report(self) -> dict[str, str]:
+        """Which implementation each mixer runs on its device (logged by training and benchmarks)."""
+        from zoo.backends import report
+
+        return report(self)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
+                logits_to_keep: int = 0, return_dict=True, **kwargs) -> ZooCausalLMOutput:
+        """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states, seq_idx=seq_idx)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        aux = out.aux_loss
+        if labels is not None:
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
+            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            if self.config.moe:
+                loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
+        return ZooCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                 hidden_states=out.hidden_states, aux_loss=aux if self.config.moe else None)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        if model_kwargs.get("past_key_values") is not None:
+            model_kwargs["past_key_values"]._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["past_key_values"] = ZooCache.for_model(self)
+
+    @classmethod
+    def from_pretrained(cls, *args, trust_remote_code: bool = False, **kwargs):
+        # Dotted-path mixers in a config from disk import code: only with trust_remote_code (registry.get_mixer).
+        if trust_remote_code:
+            config = kwargs.get("config")
+            if config is None and args:
+                config = kwargs["config"] = ZooConfig.from_pretrained(args[0])
+            if isinstance(config, ZooConfig):
+                config._from_disk = False
+        model = super().from_pretrained(*args, **kwargs)
+        model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
+        return model
+
+
+__all__ = ["ZooModel", "ZooForCausalLM", "ZooPreTrainedModel", "ZooCausalLMOutput"]

@@ -1,0 +1,68 @@
+"""Mixer registry: short name -> mixer class; an unregistered name may be a dotted import path."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+_MIXERS: dict[str, type[nn.Module]] = {}
+# Dotted paths resolved by code the user ran (not by a config from disk), so loading them is trusted.
+_TRUSTED_PATHS: set[str] = set()
+
+
+def register_mixer(name: str):
+    """Class decorator: `@register_mixer("mamba")` makes the class available to configs as `type: mamba`."""
+
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in _MIXERS and _MIXERS[name] is not cls:
+            raise ValueError(f"mixer {name!r} is already registered as {_MIXERS[name].__qualname__}")
+        _MIXERS[name] = cls
+        cls.mixer_type = name
+        return cls
+
+    return wrap
+
+
+def list_mixers() -> list[str]:
+    """Names of the registered mixers."""
+    _load_builtin()
+    return sorted(_MIXERS)
+
+
+def is_dotted_path(name: str) -> bool:
+    return "." in name and name not in _MIXERS
+
+
+def trust_mixer_path(path: str) -> None:
+    """Allow a dotted-path mixer in configs loaded from disk (the code equivalent of trust_remote_code)."""
+    _TRUSTED_PATHS.add(path)
+
+
+def get_mixer(name: str, trust_remote_code: bool = True) -> type[nn.Module]:
+    """The mixer class for `name`: a registered short name, or `package.module.ClassName`.
+
+    A dotted path imports code, so it resolves only when trusted (see `trust_mixer_path`) or when
+    `trust_remote_code` is True.
+    """
+    _load_builtin()
+    if name in _MIXERS:
+        return _MIXERS[name]
+    if "." not in name:
+        raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(sorted(_MIXERS))} "
+                         f"(or give a dotted import path such as 'mypkg.mixers.MyMixer')")
+    if not (trust_remote_code or name in _TRUSTED_PATHS):
+        raise ValueError(f"mixer {name!r} is a dotted import path from a config that came from disk; loading it "
+                         f"runs code. Pass trust_remote_code=True or call zoo.registry.trust_mixer_path({name!r})")
+    module_name, _, cls_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"mixer {name!r} could not be imported: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"mixer {name!r} is not an nn.Module class")
+    return cls
+
+
+def _load_builtin() -> None:
+    import zoo.mixers  # noqa: F401  (registers the built-in mixers)
