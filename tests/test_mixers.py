@@ -121,3 +121,15 @@ def test_state_size_positive_and_monotone(name):
     assert 0 < small <= large
     if name.startswith(("mamba", "gla")):
         assert small == large, "a recurrent state does not grow with the sequence"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_packed_documents_across_carried_cache(name):
+    """A chunk boundary inside a packed row: the second chunk must not see the first chunk's other documents."""
+    mixer = build(name)
+    x = torch.randn(1, 16, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4], dtype=torch.int32)
+    whole = run(mixer, x, seq_idx=seq_idx)
+    cache = mixer.init_state(1, x.dtype, x.device)
+    parts = [run(mixer, x[:, a:b], cache, seq_idx=seq_idx[:, a:b]) for a, b in ((0, 8), (8, 16))]
+    assert_close("packed chunks", torch.cat(parts, 1), whole, TOL)

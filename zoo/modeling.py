@@ -105,8 +105,9 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         Bsz, T = x.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
+        if use_cache is None:  # the config default caches for inference only; training asks explicitly (TBPTT)
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and past_key_values is None:
             past_key_values = ZooCache.for_model(self)
         if past_key_values is not None and not isinstance(past_key_values, ZooCache):
             raise TypeError(f"past_key_values must be a ZooCache (got {type(past_key_values).__name__}); "
@@ -177,14 +178,16 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
-                logits_to_keep: int = 0, return_dict=True, **kwargs) -> ZooCausalLMOutput:
+                logits_to_keep: int | torch.Tensor = 0, return_dict=True, **kwargs) -> ZooCausalLMOutput:
         """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, seq_idx=seq_idx)
         h = out.last_hidden_state
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
+        if isinstance(logits_to_keep, int):
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
+        else:  # a tensor of positions, as transformers allows
+            h = h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = None
         aux = out.aux_loss

@@ -97,6 +97,17 @@ class Attention(nn.Module):
         xf = x.float()
         return (xf * emb.cos() + rotate_half(xf) * emb.sin()).to(x.dtype)
 
+    def _cached_seq_idx(self, cache, seq_idx: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """Document ids of all n_keys visible keys; the cache keeps those of its cached keys alongside them."""
+        past = getattr(cache, "kv_seq_idx", None)
+        if past is None:  # keys cached without ids continue this chunk's first document
+            past = seq_idx[:, :1].expand(seq_idx.shape[0], n_keys - seq_idx.shape[1])
+        full = torch.cat([past, seq_idx], dim=1)[:, -n_keys:]
+        cache.kv_seq_idx = full[:, -(self.window - 1):] if self.window and self.window > 1 else full
+        if self.window == 1:
+            cache.kv_seq_idx = full[:, :0]
+        return full
+
     def forward(self, x: torch.Tensor, *, cache=None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]. position_ids [B, T] (default: past length + arange)."""
@@ -113,9 +124,8 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, Dh)
         S = k.shape[1]
         key_mask = attention_mask[:, -S:].bool() if attention_mask is not None else None
-        if seq_idx is not None and seq_idx.shape[1] != S:
-            # past keys of a carried cache continue the first document of this chunk
-            seq_idx = torch.cat([seq_idx[:, :1].expand(Bsz, S - T), seq_idx], dim=1)
+        if seq_idx is not None and cache is not None:
+            seq_idx = self._cached_seq_idx(cache, seq_idx, S)
         o = attention(q, k, v, causal=True, window=self.window, seq_idx=seq_idx, key_padding_mask=key_mask,
                       backend=self.attn_backend)
         return self.o_proj(o.flatten(-2))

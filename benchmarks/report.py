@@ -1,0 +1,70 @@
+"""Render benchmarks/RESULTS.md's measured tables from benchmarks/results.jsonl (one JSON row per figure).
+
+Every row names its card, date and command and the baseline measured in the same run. Rows with the same name
+keep only the newest (the file is append-only); rows with a "note" show it, so a void figure says why.
+Usage: python benchmarks/report.py [--results benchmarks/results.jsonl] [--out benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def fmt(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render(rows: list[dict]) -> str:
+    latest: OrderedDict[str, dict] = OrderedDict()
+    for row in rows:
+        latest.pop(row["name"], None)
+        latest[row["name"]] = row
+    groups: OrderedDict[str, list[dict]] = OrderedDict()
+    for row in latest.values():
+        groups.setdefault(row["name"].split("/", 1)[0], []).append(row)
+    out = []
+    for group, items in groups.items():
+        out.append(f"### {group}\n")
+        runs = sorted({(r["card"], r["date"], r["command"]) for r in items})
+        for card, date, command in runs:
+            out.append(f"- {card}, {date}: `{command}`")
+        out.append("")
+        out.append("| name | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | note |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in items:
+            out.append(f"| {r['name']} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
+                       f"{fmt(r.get('baseline_ms'))} | {fmt(r.get('ratio'))} | {fmt(r.get('floor_ms'))} | "
+                       f"{r.get('note', '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", default=str(HERE / "results.jsonl"))
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"))
+    args = p.parse_args(argv)
+    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    table = render(rows)
+    path = Path(args.out)
+    text = path.read_text() if path.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    print(f"wrote {len(rows)} rows into {path}")
+
+
+if __name__ == "__main__":
+    main()

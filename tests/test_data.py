@@ -1,0 +1,172 @@
+"""Text data: byte tokenizer, built-in corpus, packing with document boundaries, resumable streams."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import string
+
+import numpy as np
+import pytest
+import torch
+
+from zoo.data.text import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    DataConfig,
+    StreamState,
+    TextStream,
+    encode_texts,
+    load_tokenizer,
+    open_documents,
+    stdlib_files,
+)
+
+
+@pytest.fixture(scope="module")
+def tok() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+@pytest.fixture
+def letter_docs(tmp_path):
+    """A local jsonl corpus whose document i is one letter repeated (lengths 1..90): a mixed segment shows."""
+    rng = np.random.default_rng(0)
+    docs = [string.ascii_letters[i % 52] * int(rng.integers(1, 90)) for i in range(120)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return str(path), docs
+
+
+def test_byte_tokenizer_ids_and_offline_reload(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    text = "héllo <eos> wörld 🙂\x00"
+    ids = encode_texts(tok, [text])[0]
+    assert ids.tolist() == list(text.encode("utf-8")), "ids must be the UTF-8 bytes (special spellings too)"
+    general = tok([text], add_special_tokens=False, split_special_tokens=True)["input_ids"][0]
+    assert general == ids.tolist(), "the numpy fast path must equal the tokenizer's own encoding"
+    assert (len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (259, 256, 257, 258)
+    assert tok.decode(ids.tolist()) == text
+    tok.save_pretrained(tmp_path)
+    for again in (AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(str(tmp_path))):
+        assert again(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == ids.tolist()
+        assert again.eos_token_id == 258 and again.pad_token_id == 256
+    assert isinstance(load_tokenizer(str(tmp_path)), ByteTokenizer)
+
+
+def test_stdlib_corpus_split_is_disjoint_sorted_and_stable():
+    train, held = stdlib_files("train", 0.05), stdlib_files("eval", 0.05)
+    assert len(train) > 500 and 0 < len(held) < len(train) / 5
+    assert not set(train) & set(held)
+    assert train == sorted(train, key=lambda p: p.as_posix()) and train == stdlib_files("train", 0.05)
+    assert all(p.suffix == ".py" and "site-packages" not in p.parts for p in train + held)
+
+
+def _segments(row: dict[str, np.ndarray]):
+    """(start, stop) of each seq_idx segment of a row, checking the segment bookkeeping on the way."""
+    seq_idx = row["seq_idx"]
+    assert seq_idx[0] == 0 and set(np.diff(seq_idx).tolist()) <= {0, 1}, "seq_idx counts documents from 0"
+    starts = [0] + (np.flatnonzero(np.diff(seq_idx)) + 1).tolist()
+    stops = starts[1:] + [len(seq_idx)]
+    for a, b in zip(starts, stops):
+        assert row["position_ids"][a:b].tolist() == list(range(b - a)), "positions restart at each document"
+        assert row["labels"][a] == IGNORE_INDEX, "a document's first token is never a target"
+    return list(zip(starts, stops))
+
+
+def test_packed_rows_never_mix_documents(tok, letter_docs):
+    source, docs = letter_docs
+    cfg = DataConfig(source=source, seq_len=64, holdout=0.0, shuffle=True, seed=3)
+    stream = TextStream(cfg, tok)
+    rows = [row for row, _ in itertools.islice(stream.rows(), 60)]
+    pieces = []
+    for row in rows:
+        assert "attention_mask" not in row, "packed rows are full"
+        for a, b in _segments(row):
+            body = [t for t in row["input_ids"][a:b].tolist() if t < 256]
+            assert len(set(body)) <= 1, f"segment [{a}, {b}) mixes documents: {bytes(body)!r}"
+            pieces.append(row["input_ids"][a:b])
+        inner = (row["labels"] != IGNORE_INDEX)
+        assert (row["labels"][inner] == row["input_ids"][inner]).all()
+    # every token of the epoch's documents, in order, exactly once: bos + text + eos per document
+    order = open_documents(cfg, "train")
+    expected = np.concatenate([np.concatenate([[257], encode_texts(tok, [d])[0], [258]])
+                               for d in order.iter_docs(0, 0)])
+    got = np.concatenate(pieces)
+    assert np.array_equal(got, expected[:len(got)])
+
+
+def test_chunk_boundaries_never_start_a_document(tok):
+    cfg = DataConfig(seq_len=256, holdout=0.01)
+    stream = TextStream(cfg, tok, chunk_len=32)
+    for row, _ in itertools.islice(stream.rows(), 40):
+        segments = _segments(row)
+        starts = {a for a, _ in segments}
+        assert not {k for k in range(32, 256, 32)} & starts
+        for a, _ in segments[1:]:  # the filler before a boundary-adjacent start is not a target
+            assert row["labels"][a] == IGNORE_INDEX
+
+
+def test_unpacked_rows_hold_one_padded_document(tok, letter_docs):
+    source, _ = letter_docs
+    stream = TextStream(DataConfig(source=source, seq_len=48, packing=False, holdout=0.0), tok)
+    batch, _ = next(stream.batches(16))
+    assert set(batch) == {"input_ids", "labels", "seq_idx", "position_ids", "attention_mask"}
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        assert (ids[n:] == tok.pad_token_id).all() and (labels[n:] == IGNORE_INDEX).all()
+        assert len({t for t in ids[:n].tolist() if t < 256}) <= 1
+    assert (batch["seq_idx"] == 0).all()
+
+
+def test_resumed_stream_continues_with_the_same_rows(tok):
+    cfg = DataConfig(seq_len=96, seed=7)
+    stream = TextStream(cfg, tok)
+    first = list(itertools.islice(stream.batches(3), 12))
+    state = first[5][1].as_dict()
+    resumed = TextStream(cfg, tok).batches(3, StreamState(**json.loads(json.dumps(state))))
+    for (expect, expect_state), (got, got_state) in zip(first[6:], resumed):
+        assert all(torch.equal(expect[k], got[k]) for k in expect)
+        assert got_state == expect_state
+
+
+def test_shuffle_depends_on_seed_and_epoch_only(tok):
+    def first(cfg, epoch=0, n=6, **kw):
+        return list(itertools.islice(open_documents(cfg, "train", **kw).iter_docs(epoch, 0), n))
+
+    cfg = DataConfig(seed=1)
+    a = first(cfg)
+    assert a == first(cfg)
+    assert a != first(cfg, epoch=1)
+    assert a != first(DataConfig(seed=2))
+    ranks = [first(cfg, n=3, rank=r, world_size=2) for r in (0, 1)]
+    assert ranks[0] == a[0::2] and ranks[1] == a[1::2], "ranks split one order, disjointly"
+
+
+@pytest.mark.parametrize("field,value", [("seq_len", 1), ("holdout", 1.0), ("shuffle_buffer", 0),
+                                         ("source", "")], ids=["seq_len", "holdout", "shuffle_buffer", "source"])
+def test_bad_data_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=rf"data\.{field}"):
+        DataConfig(**{field: value}).validate()
+
+
+def test_missing_text_column_names_the_field(tok, letter_docs):
+    source, _ = letter_docs
+    with pytest.raises(ValueError, match=r"data\.text_field.*'content'"):
+        TextStream(DataConfig(source=source, text_field="content"), tok)
+
+
+def test_streamed_documents_are_deterministic_and_resumable(letter_docs):
+    import datasets
+
+    from zoo.data.text import _StreamedDocs
+
+    source, docs = letter_docs
+    stream = datasets.load_dataset("json", data_files=source, split="train", streaming=True)
+    streamed = _StreamedDocs(stream, "text", seed=4, shuffle=True, buffer=16)
+    epoch0 = list(streamed.iter_docs(0, 0))
+    assert sorted(epoch0) == sorted(docs) and epoch0 != docs, "a shuffled pass over every document"
+    assert list(streamed.iter_docs(0, 0)) == epoch0 and list(streamed.iter_docs(1, 0)) != epoch0
+    assert list(streamed.iter_docs(0, 37)) == epoch0[37:], "resuming skips the consumed documents"

@@ -1,0 +1,382 @@
+"""Evaluation: synthetic accuracy, passkey prompts and checks, chunked per-position loss == full forward."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zoo.data.synthetic import make_batch
+from zoo.eval import (
+    build_passkey_prompt,
+    check_passkey,
+    evaluate_length,
+    evaluate_passkey,
+    evaluate_synthetic,
+    greedy_generate,
+    log_bins,
+    per_position_loss,
+    plot_length_curves,
+    plot_passkey_heatmap,
+    predict_answers,
+)
+from zoo.eval.passkey import FILLER, NEEDLE, PREFIX, SUFFIX, markdown_grid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_llama(vocab_size: int = 64, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return LlamaForCausalLM(config).eval()
+
+
+class InductionOracle(torch.nn.Module):
+    """Predicts the token that followed the previous occurrence of the current token.
+
+    That solves MQAR and induction heads exactly, so any accuracy below 1 is an alignment bug in the
+    evaluation. Its "cache" is the token history, so chunked evaluation is exercised too. ``shift`` makes
+    it answer a wrong token on purpose.
+    """
+
+    def __init__(self, vocab_size: int, shift: int = 0) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+        self.shift = shift
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a device
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **kwargs):
+        history = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], dim=1)
+        total, new = history.shape[1], input_ids.shape[1]
+        s = torch.arange(total)
+        t = torch.arange(total - new, total)
+        seen = (history[:, total - new :, None] == history[:, None, :]) & (s[None, :] < t[:, None])  # [B,c,T]
+        last = torch.where(seen, s, -1).max(dim=-1).values  # [B, c]
+        follower = history.gather(1, (last + 1).clamp(max=total - 1))
+        follower = (follower + self.shift) % self.config.vocab_size
+        logits = torch.zeros(*input_ids.shape, self.config.vocab_size)
+        logits.scatter_(2, follower[..., None], torch.where(last >= 0, 1.0, 0.0)[..., None])
+        return SimpleNamespace(logits=logits, past_key_values=history if use_cache else None)
+
+
+class SlicingOracle(InductionOracle):
+    """The oracle with Hugging Face's ``logits_to_keep`` (int k: logits of the last k positions only)."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, logits_to_keep=0):
+        out = super().forward(input_ids, past_key_values, use_cache)
+        self.kept = logits_to_keep
+        if logits_to_keep:
+            out.logits = out.logits[:, -logits_to_keep:]
+        return out
+
+
+# ---------------------------------------------------------------- synthetic accuracy
+
+
+@pytest.mark.parametrize("task", ["mqar", "induction_heads"])
+def test_predict_answers_paths_agree_and_oracle_is_perfect(task):
+    kwargs = {"n_kv": 8, "vocab_size": 512} if task == "mqar" else {}
+    batch = make_batch(task, 6, 96, torch.Generator().manual_seed(0), **kwargs)
+    vocab = 512 if task == "mqar" else 16
+    results = [predict_answers(model, batch["input_ids"], batch["labels"], chunk)
+               for model, chunk in [(InductionOracle(vocab), None), (SlicingOracle(vocab), None),
+                                    (InductionOracle(vocab), 7)]]
+    for predictions, targets, asked in results:
+        assert predictions.shape == targets.shape == asked.shape
+        assert torch.equal(predictions[asked], targets[asked])
+        assert torch.equal(predictions, results[0][0]) and torch.equal(asked, results[0][2])
+    shifted = InductionOracle(vocab, shift=1)
+    wrong, targets, asked = predict_answers(shifted, batch["input_ids"], batch["labels"])
+    assert not (wrong == targets)[asked].any()
+
+
+def test_evaluate_synthetic_mqar_grid():
+    with pytest.warns(UserWarning, match="skipping seq_len=64 n_kv=32"):
+        result = evaluate_synthetic(SlicingOracle(1024), "mqar", seq_lens=[64, 128], n_kv=[4, 8, 32],
+                                    n_samples=20, batch_size=8, vocab_size=1024)
+    cells = [(r["seq_len"], r["n_kv"]) for r in result["rows"]]
+    assert cells == [(64, 4), (64, 8), (128, 4), (128, 8), (128, 32)]
+    assert all(r["accuracy"] == 1.0 and r["seq_accuracy"] == 1.0 for r in result["rows"])
+    assert [r["n_answers"] for r in result["rows"]] == [80, 160, 80, 160, 640]
+    assert {r["seq_len"]: r["n_answers"] for r in result["by_seq_len"]} == {64: 240, 128: 880}
+    assert {r["n_kv"] for r in result["by_count"]} == {4, 8, 32}
+
+    slicer = SlicingOracle(16)
+    evaluate_synthetic(slicer, "induction_heads", seq_lens=[64], n_samples=2)
+    assert slicer.kept == 2  # only the last two positions' logits were computed
+    wrong = evaluate_synthetic(InductionOracle(1024, shift=1), "mqar", seq_lens=[64], n_kv=[4],
+                               n_samples=8, vocab_size=1024)
+    assert wrong["rows"][0]["accuracy"] == 0.0
+    with pytest.raises(ValueError, match="smaller than the task's vocab_size=8192"):
+        evaluate_synthetic(InductionOracle(64), "mqar", seq_lens=[64], n_samples=2)
+
+
+def test_evaluate_synthetic_induction_long_rows_in_chunks():
+    result = evaluate_synthetic(InductionOracle(16), "induction_heads", seq_lens=[64, 2048], n_samples=4,
+                                batch_size=2, chunk_size=256)
+    assert [r["accuracy"] for r in result["rows"]] == [1.0, 1.0]
+    # a random transformer: chunked (with its KV cache) and full evaluation make the same predictions
+    model = tiny_llama(vocab_size=16)
+    full = evaluate_synthetic(model, "induction_heads", seq_lens=[48], n_samples=16, batch_size=8)
+    chunked = evaluate_synthetic(model, "induction_heads", seq_lens=[48], n_samples=16, batch_size=8,
+                                 chunk_size=10)
+    assert full["rows"] == chunked["rows"]
+
+
+# ---------------------------------------------------------------- passkey
+
+
+class ByteTokenizer:
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """A small byte-level BPE tokenizer with a BOS post-processor, built in memory (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [PREFIX, SUFFIX, " ".join(FILLER)] + [NEEDLE.format(key=k) for k in range(10000, 100000, 997)]
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+FILLER_RE = re.compile("|".join(re.escape(s) for s in FILLER))
+
+
+@pytest.mark.parametrize("which", ["plain", "hf", "zoo-byte"])
+@pytest.mark.parametrize("length", [200, 1000, 3000])
+def test_passkey_prompt_length_and_depth(which, length, hf_tokenizer):
+    from zoo.data.text import ByteTokenizer as ZooByteTokenizer
+
+    tokenizer = {"plain": ByteTokenizer, "hf": lambda: hf_tokenizer, "zoo-byte": ZooByteTokenizer}[which]()
+    longest_sentence = max(len(tokenizer.encode(" " + s)) for s in FILLER)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for depth in (0.0, 0.1, 0.5, 0.9, 1.0):
+        prompt = build_passkey_prompt(tokenizer, length, depth, key=48213)
+        text = prompt.text
+        body = list(tokenizer.encode(text))
+        assert prompt.input_ids == (body if bos is None or body[0] == bos else [bos] + body)
+        assert length - longest_sentence - 2 <= len(prompt.input_ids) <= length
+        assert text.startswith(PREFIX) and text.endswith(SUFFIX)
+        needle = NEEDLE.format(key=48213)
+        assert text.count(needle) == 1 and text.count("48213") == 2
+        at = text.index(needle)
+        before = len(FILLER_RE.findall(text[len(PREFIX) : at]))
+        total = len(FILLER_RE.findall(text))
+        assert total == prompt.n_filler and before == prompt.needle_after
+        assert abs(before - depth * total) <= 1, (depth, before, total)
+        if bos is not None:
+            assert prompt.input_ids[0] == bos and tokenizer.decode(prompt.input_ids[1:]) == text
+    with pytest.raises(ValueError, match="shorter than the bare template"):
+        build_passkey_prompt(tokenizer, 10, 0.5, 12345)
+
+
+def test_check_passkey_is_exact():
+    assert check_passkey(" 48213. Remember", 48213)
+    assert check_passkey("48213", 48213)
+    for text in ["482130", " 4821", " 48214.", "", " the key", "4 8213"]:
+        assert not check_passkey(text, 48213), text
+
+
+class EchoModel:
+    """Stands in for a model: 'generates' the key it finds in the prompt, plus ``offset``."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, tokenizer, offset: int = 0) -> None:
+        self.tokenizer, self.offset = tokenizer, offset
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        key = int(re.search(r"The passkey is (\d{5})", self.tokenizer.decode(input_ids[0].tolist())).group(1))
+        new = self.tokenizer.encode(f" {key + self.offset}. Done")[:max_new_tokens]
+        return torch.cat([input_ids, torch.tensor([new])], dim=1)
+
+
+def test_evaluate_passkey_with_fake_models(tmp_path):
+    tokenizer = ByteTokenizer()
+    grid = {"lengths": [300, 600], "depths": [0.0, 0.5, 1.0], "n_samples": 3}
+    right = evaluate_passkey(EchoModel(tokenizer), tokenizer, **grid)
+    wrong = evaluate_passkey(EchoModel(tokenizer, offset=1), tokenizer, **grid)
+    assert len(right["rows"]) == 6 and all(r["accuracy"] == 1.0 for r in right["rows"])
+    assert all(r["accuracy"] == 0.0 for r in wrong["rows"])
+    assert len({s["key"] for s in right["samples"]}) > 1  # fresh keys per prompt
+    assert all(250 < r["tokens"] <= r["length"] for r in right["rows"])
+    table = markdown_grid(right["rows"])
+    assert "| depth | 300 | 600 |" in table and "| mean | 1.00 | 1.00 |" in table
+    png = plot_passkey_heatmap(right["rows"], tmp_path / "heat.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chunked_greedy_decoding_matches_generate():
+    model = tiny_llama()
+    input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
+    eos = model.generation_config.eos_token_id
+    reference = greedy_generate(model, input_ids, max_new_tokens=6, eos_token_id=eos)
+    chunked = greedy_generate(model, input_ids, max_new_tokens=6, prefill_chunk_size=16, eos_token_id=eos)
+    assert reference.shape[1] >= 1 and torch.equal(reference, chunked)
+
+
+# ---------------------------------------------------------------- per-position loss
+
+
+def full_forward_loss(model, input_ids):
+    logits = model(input_ids=input_ids).logits
+    targets = input_ids[:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 39, None], ids=str)
+def test_chunked_loss_equals_full_forward_llama(chunk_size):
+    model = tiny_llama()
+    input_ids = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = full_forward_loss(model, input_ids)
+        hf_loss = model(input_ids=input_ids, labels=input_ids).loss
+    losses = per_position_loss(model, input_ids, chunk_size)
+    assert losses.shape == (2, 39)
+    torch.testing.assert_close(losses, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses.mean(), hf_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_position_loss(model, input_ids[0], chunk_size), reference[0], rtol=1e-5,
+                               atol=1e-5)
+
+
+def tiny_zoo_model(name: str):
+    config_path = ROOT / "configs" / "models" / f"{name}-tiny.yaml"
+    if not config_path.exists():
+        pytest.skip(f"{config_path.name} is not written yet")
+    pytest.importorskip("zoo.modeling")
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo model type)
+    from zoo.config import ZooConfig
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(ZooConfig.from_yaml(str(config_path))).eval()
+
+
+def test_zoo_model_synthetic_and_generation_paths_agree():
+    model = tiny_zoo_model("mamba")
+    full = evaluate_synthetic(model, "induction_heads", seq_lens=[40], n_samples=8, batch_size=4)
+    chunked = evaluate_synthetic(model, "induction_heads", seq_lens=[40], n_samples=8, batch_size=4,
+                                 chunk_size=9)
+    assert full["rows"] == chunked["rows"]
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(5))
+    reference = greedy_generate(model, input_ids, max_new_tokens=5)
+    assert reference.shape == (1, 5)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=5, prefill_chunk_size=8), reference)
+
+
+@pytest.mark.parametrize("name,chunk_sizes", [("mamba", (1, 7)), ("mamba2", (1, 7)), ("gla", (1, 7)),
+                                               ("transformerpp", (7,)), ("jamba", (7,))])
+def test_chunked_loss_equals_full_forward_zoo_model(name, chunk_sizes):
+    model = tiny_zoo_model(name)
+    vocab = model.config.vocab_size
+    input_ids = torch.randint(0, vocab, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = full_forward_loss(model, input_ids)
+    for chunk_size in chunk_sizes:
+        torch.testing.assert_close(per_position_loss(model, input_ids, chunk_size), reference, rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_evaluate_length_averages_over_documents(tmp_path):
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(0, 64, (40,), generator=g), torch.randint(0, 64, (25,), generator=g),
+            torch.randint(0, 64, (40,), generator=g)]
+    result = evaluate_length(model, docs, chunk_size=8, batch_size=2, bins_per_octave=2)
+    with torch.no_grad():
+        per_doc = [full_forward_loss(model, d[None])[0].double() for d in docs]
+    expected = torch.full((40,), math.nan, dtype=torch.float64)
+    expected[1:25] = sum(p[:24] for p in per_doc) / 3
+    expected[25:40] = (per_doc[0][24:] + per_doc[2][24:]) / 2
+    torch.testing.assert_close(result["mean"], expected, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert result["count"][1:25].eq(3).all() and result["count"][25:].eq(2).all()
+    assert sum(b["n_tokens"] for b in result["bins"]) == 39 + 24 + 39
+    assert result["bins"][0]["start"] == 1 and result["bins"][-1]["end"] == 40
+    total = sum(b["mean_loss"] * b["n_tokens"] for b in result["bins"])
+    torch.testing.assert_close(total, sum(p.sum().item() for p in per_doc), rtol=1e-6, atol=1e-6)
+    png = plot_length_curves({"llama": result}, tmp_path / "curve.png", train_length=16)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_log_bins_cover_positions():
+    for max_position in (1, 2, 39, 1000, 2**20):
+        bins = log_bins(max_position, 4)
+        assert bins[0][0] == 1 and bins[-1][1] == max_position + 1
+        assert all(a[1] == b[0] for a, b in zip(bins, bins[1:]))
+        assert all(lo < hi for lo, hi in bins)
+    assert len(log_bins(2**20, 4)) <= 4 * 20 + 1
+
+
+# ---------------------------------------------------------------- command lines
+
+
+@pytest.fixture
+def checkpoint(tmp_path, hf_tokenizer):
+    model = tiny_llama(vocab_size=len(hf_tokenizer))
+    path = tmp_path / "llama"
+    model.save_pretrained(path)
+    hf_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_main_commands(checkpoint, tmp_path):
+    from zoo.eval import length, passkey, synthetic
+
+    out = tmp_path / "out"
+    result = synthetic.main(["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64",
+                             "--n-kv", "4", "--vocab-size", "256", "--n-samples", "8", "--batch-size", "4",
+                             "--device", "cpu", "--out", str(out / "syn")])
+    assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(32, 4), (64, 4)]
+    assert (out / "syn" / "mqar.csv").exists() and (out / "syn" / "mqar.json").exists()
+
+    passkey.main(["--model", str(checkpoint), "--lengths", "128,256", "--depths", "0,1", "--n-samples", "1",
+                  "--device", "cpu", "--out", str(out / "pk")])
+    for name in ("passkey.csv", "passkey.md", "passkey.json", "passkey.png"):
+        assert (out / "pk" / name).stat().st_size > 0
+
+    torch.save(torch.randint(0, 64, (2, 80)), tmp_path / "docs.pt")
+    docs = str(tmp_path / "docs.pt")
+    summary = length.main(["--model", str(checkpoint), "--label", "tiny", "--tokens", docs,
+                           "--n-docs", "2", "--max-len", "64", "--chunk-size", "16", "--train-length", "32",
+                           "--device", "cpu", "--out", str(out / "len")])
+    assert summary["tiny"]["max_len"] == 64 and summary["tiny"]["n_documents"] == 2
+    for name in ("tiny.csv", "tiny-per-position.pt", "length.json", "length.png"):
+        assert (out / "len" / name).stat().st_size > 0
+    # the built-in corpus (Python stdlib sources) through zoo's byte tokenizer
+    summary = length.main(["--model", str(checkpoint), "--tokenizer", "byte", "--n-docs", "2", "--max-len",
+                           "300", "--chunk-size", "128", "--device", "cpu", "--out", str(out / "corpus")])
+    assert summary[str(checkpoint)]["n_documents"] == 2 and summary[str(checkpoint)]["max_len"] == 300
+
+
+def test_corpus_documents_are_disjoint_and_start_with_bos():
+    from zoo.data.text import ByteTokenizer as ZooByteTokenizer
+    from zoo.eval.length import corpus_documents
+
+    tokenizer = ZooByteTokenizer()
+    docs = corpus_documents(tokenizer, 3, 5000, seed=0)
+    assert [d.shape[0] for d in docs] == [5000] * 3
+    assert all(int(d[0]) == tokenizer.bos_token_id for d in docs)
+    texts = [tokenizer.decode(d[1:].tolist()) for d in docs]
+    assert texts[0][:200] not in texts[1] and texts[1][:200] not in texts[2]
+    assert torch.equal(corpus_documents(tokenizer, 1, 500, seed=0)[0], docs[0][:500])

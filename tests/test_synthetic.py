@@ -1,0 +1,171 @@
+"""Synthetic task generators match their specs: layout, label masks, vocab halves, distances, gap law."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zoo.data.synthetic import (
+    IGNORE_INDEX,
+    SyntheticDataset,
+    induction_heads_batch,
+    make_batch,
+    mqar_batch,
+    mqar_gap_distribution,
+    selective_copying_batch,
+)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- MQAR
+
+
+@pytest.mark.parametrize("seq_len,n_kv", [(64, 4), (128, 8), (256, 16), (257, 64)], ids=lambda v: str(v))
+def test_mqar_layout(seq_len, n_kv):
+    vocab = 8192
+    batch = mqar_batch(32, seq_len, n_kv, vocab_size=vocab, generator=gen())
+    x, y = batch["input_ids"], batch["labels"]
+    assert x.shape == y.shape == (32, seq_len) and x.dtype == y.dtype == torch.long
+    context = 2 * n_kv
+    keys, values = x[:, 0:context:2], x[:, 1:context:2]
+    # keys and values from separate halves, distinct within a row
+    assert ((keys >= 1) & (keys < vocab // 2)).all()
+    assert ((values >= vocab // 2) & (values < vocab)).all()
+    for row in range(32):
+        assert keys[row].unique().numel() == n_kv and values[row].unique().numel() == n_kv
+    # exactly n_kv answers per row, all after the context, each one position after its query
+    asked = y != IGNORE_INDEX
+    assert (asked.sum(1) == n_kv).all()
+    assert not asked[:, : context + 1].any()
+    for row in range(32):
+        answer_pos = asked[row].nonzero().squeeze(1)
+        query_pos = answer_pos - 1
+        assert ((query_pos - context) % 2 == 0).all()  # queries sit on even offsets after the context
+        binding = dict(zip(keys[row].tolist(), values[row].tolist()))
+        key_pos = {k: 2 * j for j, k in enumerate(keys[row].tolist())}
+        queried = x[row, query_pos].tolist()
+        assert sorted(queried) == sorted(binding)  # every key queried exactly once
+        for q, k, v in zip(query_pos.tolist(), queried, y[row, answer_pos].tolist()):
+            assert binding[k] == v  # the label is the value bound to the queried key
+            assert q - key_pos[k] >= 2 and (q - context) // 2 < (seq_len - context) // 2  # after its pair
+        # filler is 0 everywhere else after the context (random_non_queries=False)
+        filler = torch.ones(seq_len, dtype=torch.bool)
+        filler[:context] = False
+        filler[query_pos] = False
+        assert (x[row, filler] == 0).all()
+
+
+def test_mqar_gaps_follow_power_law():
+    # one query per row: the query slot is an exact draw from the gap law
+    seq_len, space = 514, 256
+    batch = mqar_batch(20000, seq_len, 1, vocab_size=1024, generator=gen(1))
+    query_pos = (batch["labels"] != IGNORE_INDEX).nonzero()[:, 1] - 1
+    gaps = (query_pos - 2) // 2
+    p = mqar_gap_distribution(space, 0.01)
+    # power_a 0.01: p(g) ~ 1/(g+1), so the first 16 slots of 256 carry about half the mass
+    for cut in (1, 4, 16, 64):
+        expected = p[:cut].sum().item()
+        observed = (gaps < cut).float().mean().item()
+        assert abs(observed - expected) < 0.02, (cut, observed, expected)
+    assert p[:16].sum() > 0.45
+    counts = torch.bincount(gaps, minlength=space).float()
+    assert counts[:8].mean() > 4 * counts[128:].mean()  # decreasing, heavy head
+    # power_a 1 is uniform
+    uniform = mqar_batch(20000, seq_len, 1, vocab_size=1024, power_a=1.0, generator=gen(2))
+    gaps_u = ((uniform["labels"] != IGNORE_INDEX).nonzero()[:, 1] - 3) // 2
+    assert abs(gaps_u.float().mean().item() - (space - 1) / 2) < 3.0
+
+
+def test_mqar_random_non_queries_keeps_structure():
+    plain = mqar_batch(16, 128, 8, generator=gen(3))
+    noisy = mqar_batch(16, 128, 8, random_non_queries=True, generator=gen(3))
+    assert torch.equal(plain["labels"], noisy["labels"])
+    structural = plain["input_ids"] != 0
+    assert torch.equal(noisy["input_ids"][structural], plain["input_ids"][structural])
+    assert (noisy["input_ids"][~structural] != 0).float().mean() > 0.99
+
+
+def test_mqar_validation():
+    with pytest.raises(ValueError, match="4 \\* n_kv"):
+        mqar_batch(2, 64, 17)
+    with pytest.raises(ValueError, match="fewer than n_kv"):
+        mqar_batch(2, 256, 8, vocab_size=16)
+
+
+# ---------------------------------------------------------------- selective copying
+
+
+@pytest.mark.parametrize("seq_len,n_tokens,vocab", [(4096, 16, 16), (64, 8, 10), (17, 8, 3)], ids=str)
+def test_selective_copying_layout(seq_len, n_tokens, vocab):
+    batch = selective_copying_batch(16, seq_len, n_tokens, vocab, generator=gen(4))
+    x, y = batch["input_ids"], batch["labels"]
+    assert x.shape == y.shape == (16, seq_len)
+    context = seq_len - n_tokens - 1
+    marker = vocab - 1
+    assert (x[:, context:] == marker).all()
+    data = x[:, :context]
+    assert ((data == 0) | ((data >= 1) & (data < marker))).all()
+    assert ((data != 0).sum(1) == n_tokens).all()
+    # labels: the data tokens in order, answered at markers C .. C+n-1, nothing else supervised
+    assert (y[:, : context + 1] == IGNORE_INDEX).all()
+    for row in range(16):
+        assert y[row, context + 1 :].tolist() == data[row][data[row] != 0].tolist()
+
+
+def test_selective_copying_defaults_and_spread():
+    batch = selective_copying_batch(64, generator=gen(5))
+    assert batch["input_ids"].shape == (64, 4096) and batch["input_ids"].max() == 15
+    positions = (batch["input_ids"][:, :4079] != 0).nonzero()[:, 1].float()
+    assert positions.min() < 200 and positions.max() > 3800  # scattered over the whole context
+    with pytest.raises(ValueError, match="too short"):
+        selective_copying_batch(2, 32, 16)
+
+
+# ---------------------------------------------------------------- induction heads
+
+
+@pytest.mark.parametrize("seq_len", [4, 256, 4096], ids=str)
+def test_induction_heads_layout(seq_len):
+    batch = induction_heads_batch(64, seq_len, generator=gen(6))
+    x, y = batch["input_ids"], batch["labels"]
+    trigger = 15
+    assert x.shape == (64, seq_len) and int(x.max()) <= trigger
+    assert ((x == trigger).sum(1) == 2).all()
+    assert (x[:, -2] == trigger).all()
+    first = (x == trigger).int().argmax(1)
+    assert (first <= seq_len - 4).all()
+    answer = x.gather(1, (first + 1)[:, None]).squeeze(1)
+    assert (answer != trigger).all()
+    assert torch.equal(y[:, -1], answer) and torch.equal(x[:, -1], answer)
+    assert ((y != IGNORE_INDEX).sum(1) == 1).all()
+    if seq_len == 4096:  # the first trigger is spread over the row
+        assert first.min() < 400 and first.max() > 3600
+
+
+# ---------------------------------------------------------------- dataset / dispatch
+
+
+def test_make_batch_and_dataset_are_deterministic():
+    a = make_batch("mqar", 4, 64, gen(7), n_kv=4)
+    b = make_batch("mqar", 4, 64, gen(7), n_kv=4)
+    c = make_batch("mqar", 4, 64, gen(8), n_kv=4)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        make_batch("copying", 1)
+
+    ds = SyntheticDataset("induction_heads", n_samples=10, seq_len=32, seed=3)
+    again = SyntheticDataset("induction_heads", n_samples=10, seq_len=32, seed=3)
+    other = SyntheticDataset("induction_heads", n_samples=10, seq_len=32, seed=4)
+    assert len(ds) == 10
+    assert torch.equal(ds[5]["input_ids"], again[5]["input_ids"])
+    assert not torch.equal(ds[5]["input_ids"], ds[6]["input_ids"])
+    assert not torch.equal(ds[5]["input_ids"], other[5]["input_ids"])
+    with pytest.raises(IndexError):
+        ds[10]
+    loader = torch.utils.data.DataLoader(ds, batch_size=4)
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, 32)
+    assert torch.equal(batch["input_ids"][1], ds[1]["input_ids"])

@@ -1,0 +1,280 @@
+"""The pretraining loop: loss drops, bit-exact resume, atomic checkpoints, named config errors, exact TBPTT."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import assert_close
+
+from zoo.data.text import IGNORE_INDEX
+from zoo.train import (
+    ModelInputs,
+    OptimConfig,
+    config_from_dict,
+    count_targets,
+    forward_backward,
+    latest_checkpoint,
+    load_config,
+    lr_at,
+    main,
+    param_groups,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 260, "max_position_embeddings": 256}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: intra-op threads only add synchronization (seconds per step on a loaded 2-core machine)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def run_dict(tmp_path: Path, **sections) -> dict:
+    """A tiny Llama run on the built-in corpus (~0.1M parameters, 256 tokens per step)."""
+    base = {"model": LLAMA, "output_dir": str(tmp_path / "run"), "data": {"seq_len": 64},
+            "train": {"max_steps": 6, "micro_batch_size": 2, "grad_accum": 2},
+            "optim": {"lr": 3e-3}, "schedule": {"warmup_steps": 2},
+            "log": {"every": 2, "trackers": ["csv"], "progress_bar": False}}
+    return _merge(base, sections)
+
+
+def test_tiny_run_loss_drops_through_the_cli(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path)))
+    assert main([str(path), "--train.max_steps=30", "--log.every=5", "--log.trackers=[csv, tensorboard]",
+                 "--eval.every=30", "--eval.batches=2"]) == 0
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["loss"]]
+    first, last = float(rows[0]["loss"]), float(rows[-1]["loss"])
+    assert first > 5.0 and last < first - 1.0, f"loss {first:.3f} -> {last:.3f}"
+    assert float(rows[-1]["tokens"]) == 30 * 256 and float(rows[-1]["tokens_per_s"]) > 0
+    assert any((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None and ckpt.name == "step_00000030"
+    model = AutoModelForCausalLM.from_pretrained(ckpt / "model")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "model")
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 258
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    steps = 6
+    full: dict[int, float] = {}
+    train(config_from_dict(run_dict(tmp_path / "a")), on_step=lambda s, m: full.__setitem__(s, m["loss"]))
+
+    def interrupt(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
+
+    cfg = config_from_dict(run_dict(tmp_path / "b", checkpoint={"every": 2}))
+    first = train(cfg, on_step=interrupt)
+    assert first.stopped and first.step == 3 and latest_checkpoint(cfg.output_dir).name == "step_00000003"
+    resumed: dict[int, float] = {}
+    second = train(cfg, resume="auto", on_step=lambda s, m: resumed.__setitem__(s, m["loss"]))
+    assert second.step == steps and list(resumed) == [4, 5, 6]
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)], (resumed, full)
+    from safetensors.torch import load_file
+
+    a = load_file(latest_checkpoint(tmp_path / "a" / "run") / "model" / "model.safetensors")
+    b = load_file(second.checkpoint / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import zoo.train as zt
+
+    def die_mid_write(root):
+        if "step_00000004" in str(root):  # the second save: leave a half-written file, then die
+            weights = next(root.rglob("model.safetensors"))
+            weights.write_bytes(weights.read_bytes()[:100])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    zt._fsync_tree = die_mid_write
+    zt.main([sys.argv[1]])
+""")
+
+
+def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 4}, checkpoint={"every": 2})))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    assert latest_checkpoint(run).name == "step_00000002", "the half-written checkpoint must not be published"
+    assert (run / "checkpoints" / ".tmp-step_00000004").is_dir()
+    AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "step_00000002" / "model")  # intact
+    result = train(load_config(path), resume="auto")
+    assert result.step == 4 and latest_checkpoint(run).name == "step_00000004"
+    assert not list((run / "checkpoints").glob(".tmp-*")), "the stale temporary folder is cleaned up"
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"train": {"max_step": 5}}, r"train\.max_step: unknown field; did you mean train\.max_steps"),
+    ({"optim": {"lr": -1.0}}, r"optim\.lr"),
+    ({"optim": {"betas": [0.9]}}, r"optim\.betas"),
+    ({"train": {"tbptt_chunk": 30}}, r"train\.tbptt_chunk"),
+    ({"train": {"tbptt_mode": "full"}}, r"train\.tbptt_mode"),
+    ({"schedule": {"warmup_steps": 10}}, r"schedule\.warmup_steps"),
+    ({"schedule": {"kind": "linear"}}, r"schedule\.kind"),
+    ({"train": {"precision": "fp8"}}, r"train\.precision"),
+    ({"train": {"micro_batch_size": 0}}, r"train\.micro_batch_size"),
+    ({"train": {"batch_tokens": 512}}, r"train\.batch_tokens: set either"),
+    ({"data": {"seq_len": 1}}, r"data\.seq_len"),
+    ({"log": {"every": "often"}}, r"log\.every: expected an integer"),
+    ({"checkpoint": {"keep": 0}}, r"checkpoint\.keep"),
+], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_mode", "warmup", "kind", "precision", "micro_batch",
+        "batch_tokens", "seq_len", "type", "keep"])
+def test_bad_run_config_names_the_field(tmp_path, extra, field):
+    with pytest.raises(ValueError, match=field):
+        config_from_dict(run_dict(tmp_path, **extra))
+
+
+def test_bad_run_setups_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match=r"^model: required"):
+        config_from_dict({k: v for k, v in run_dict(tmp_path).items() if k != "model"})
+    small_vocab = run_dict(tmp_path, model={"vocab_size": 100})
+    with pytest.raises(ValueError, match=r"model\.vocab_size.*259"):
+        train(config_from_dict(small_vocab))
+    uneven = run_dict(tmp_path, train={"grad_accum": None, "batch_tokens": 200})
+    with pytest.raises(ValueError, match=r"train\.batch_tokens.*multiple"):
+        train(config_from_dict(uneven))
+    with pytest.raises(ValueError, match=r"config: no such file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"--resume: no checkpoint"):
+        train(config_from_dict(run_dict(tmp_path)), resume=str(tmp_path / "nowhere"))
+    cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0}))
+    train(cfg)
+    with pytest.raises(ValueError, match=r"output_dir: .* already holds checkpoints"):
+        train(cfg)
+
+
+def test_weight_decay_groups_read_the_parameter_flags():
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+
+    model = AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(ROOT / "configs/models/mamba-tiny.yaml"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = (g["params"] for g in param_groups(model, OptimConfig()))
+    flagged = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    assert {names[id(p)] for p in no_decay} == flagged
+    assert any(n.endswith("A_log") for n in flagged) and any(n.endswith(".D") for n in flagged)
+    groups = param_groups(model, OptimConfig(no_decay_1d=True, no_decay_embeddings=True))
+    assert all(p.ndim >= 2 for p in groups[0]["params"])
+    assert all(p is not model.get_input_embeddings().weight for p in groups[0]["params"])
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_schedules():
+    cfg = config_from_dict({"model": LLAMA, "train": {"max_steps": 100},
+                            "optim": {"lr": 1e-3}, "schedule": {"warmup_steps": 10, "min_lr": 1e-5}})
+    assert math.isclose(lr_at(0, cfg), 1e-4) and math.isclose(lr_at(9, cfg), 1e-3)
+    assert math.isclose(lr_at(99, cfg), 1e-5)
+    lrs = [lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs)), "cosine decays monotonically"
+    cfg.schedule.kind, cfg.schedule.decay_fraction = "wsd", 0.2
+    assert lr_at(79, cfg) == 1e-3 and lr_at(80, cfg) < 1e-3 and math.isclose(lr_at(99, cfg), 1e-5)
+
+
+def _tbptt_model(name: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import zoo
+
+    torch.manual_seed(0)
+    if name == "llama":
+        config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})
+    else:  # MoE routing stays, but the load-balancing loss is not a sum over tokens, so chunks change it
+        extra = {"moe": {"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 0.0}} \
+            if name == "jamba-tiny" else {}
+        config = zoo.ZooConfig.from_yaml(ROOT / f"configs/models/{name}.yaml", vocab_size=260, **extra)
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+def _grads(model, batch, chunk_len, mode):
+    model.zero_grad(set_to_none=True)
+    loss = forward_backward(model, batch, 1.0 / count_targets(batch["labels"]), ModelInputs.of(model),
+                            chunk_len=chunk_len, mode=mode)
+    return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _packed_batch(lengths: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Rows of random documents with the given lengths, laid out as TextStream packs them."""
+    rows = []
+    for row in lengths:
+        ids = torch.randint(0, 256, (sum(row),))
+        seq_idx = torch.repeat_interleave(torch.arange(len(row), dtype=torch.int32), torch.tensor(row))
+        position_ids = torch.cat([torch.arange(n) for n in row])
+        labels = torch.where(position_ids == 0, IGNORE_INDEX, ids)
+        rows.append({"input_ids": ids, "labels": labels, "seq_idx": seq_idx, "position_ids": position_ids})
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize("name,layout", [("llama", "one"), ("mamba-tiny", "one"), ("jamba-tiny", "one"),
+                                         ("mamba-tiny", "packed"), ("jamba-tiny", "packed")],
+                         ids=["llama", "mamba", "jamba", "mamba-packed", "jamba-packed"])
+def test_exact_tbptt_gradients_equal_whole_row_gradients(name, layout):
+    model, L, chunk = _tbptt_model(name), 48, 16
+    if layout == "one":  # one document per row
+        ids = torch.randint(0, 256, (2, L))
+        batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(L).repeat(2, 1),
+                 "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    else:  # packed rows: documents meet inside chunks (never at a chunk start, as TextStream ensures)
+        batch = _packed_batch([[10, 25, 13], [30, 18]])
+    loss, whole = _grads(model, batch, None, "exact")
+    chunk_loss, exact = _grads(model, batch, chunk, "exact")
+    assert_close("loss", chunk_loss, loss, 1e-6)
+    assert exact.keys() == whole.keys()
+    for n in whole:
+        assert_close(n, exact[n], whole[n], 2e-5)
+    detach_loss, detached = _grads(model, batch, chunk, "detach")
+    assert_close("loss (detach)", detach_loss, loss, 1e-6)
+    worst = max(((detached[n] - whole[n]).norm() / whole[n].norm()).item() for n in whole)
+    assert worst > 1e-3, "detached chunks must lose the gradient through the carried state"
+
+
+def test_chunked_run_matches_whole_row_run(tmp_path):
+    """The trainer's exact-TBPTT path (chunked training + chunked evaluation) follows whole-row training."""
+    runs = {}
+    for name, chunk in (("whole", None), ("chunked", 16)):
+        cfg = config_from_dict(run_dict(tmp_path / name, data={"packing": False},
+                                        train={"max_steps": 3, "tbptt_chunk": chunk},
+                                        eval={"every": 3, "batches": 1}))
+        losses: dict[int, float] = {}
+        result = train(cfg, on_step=lambda s, m, out=losses: out.__setitem__(s, m["loss"]))
+        runs[name] = ([losses[s] for s in (1, 2, 3)], result.evals[-1]["eval/loss"])
+    (whole, whole_eval), (chunked, chunked_eval) = runs["whole"], runs["chunked"]
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(whole, chunked)), (whole, chunked)
+    assert math.isclose(whole_eval, chunked_eval, rel_tol=1e-5)

@@ -1,0 +1,474 @@
+"""Text for pretraining: tokenizers, document sources, and packing into fixed-length rows.
+
+A run reads documents from one source: the built-in corpus (the running Python's own standard library
+``.py`` files, present on every machine, no download), a Hugging Face hub dataset (streamed), or local
+txt/jsonl/parquet files through `datasets`. Documents are tokenized (``<bos>`` + text + ``<eos>``) and
+packed into rows of ``seq_len`` tokens. Each row carries
+
+- ``input_ids`` [L] and ``labels`` [L] (Hugging Face convention: the model shifts; -100 is ignored),
+- ``seq_idx`` [L] int32: which document of the row each token belongs to, counted from 0,
+- ``position_ids`` [L]: restart at 0 at every document of the row,
+
+so no mixer, convolution or attention crosses a document boundary, and ``labels`` is -100 at the first
+token of every document after the first, the one target that would be predicted across a boundary.
+With ``packing: false`` a row holds one piece of one document, right-padded, with an ``attention_mask``.
+
+Everything is deterministic: a rank's document order is a function of (seed, epoch, rank, world size),
+and an iterator's position is a small dict (epoch, document, token offset) from which a resumed run
+continues with exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import itertools
+import json
+import os
+import sysconfig
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+IGNORE_INDEX = -100
+# documents tokenized per call: large enough for the Rust tokenizer's batch parallelism, small enough that
+# a resumed run re-reads little
+_TOKENIZE_GROUP = 32
+_LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+# ---- tokenizers --------------------------------------------------------------------------------------------
+
+class ByteTokenizer(PreTrainedTokenizerFast):
+    """UTF-8 bytes as tokens, needing no download: ids 0..255 are the bytes, 256 ``<pad>``, 257 ``<bos>``,
+    258 ``<eos>`` (``len(tokenizer) == 259``; a model needs ``vocab_size >= 259``).
+
+    A `tokenizers` byte-level BPE without merges, so it saves as ``tokenizer.json`` and
+    ``AutoTokenizer.from_pretrained(folder)`` loads it offline anywhere (as a generic fast tokenizer with
+    the same ids). Text that spells a special token (``"<eos>"``) encodes as its bytes in training data
+    (`encode_texts` splits special tokens).
+    """
+
+    pad_token_text, bos_token_text, eos_token_text = "<pad>", "<bos>", "<eos>"
+
+    def __init__(self, **kwargs: Any):
+        if kwargs.get("tokenizer_object") is None and kwargs.get("tokenizer_file") is None:
+            kwargs["tokenizer_object"] = self._build()
+        kwargs.setdefault("pad_token", self.pad_token_text)
+        kwargs.setdefault("bos_token", self.bos_token_text)
+        kwargs.setdefault("eos_token", self.eos_token_text)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def _build(cls):
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        byte_chars = bytes_to_unicode()  # byte -> printable unicode stand-in (GPT-2's table)
+        vocab = {byte_chars[b]: b for b in range(256)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+        # use_regex=False: no word splitting, every byte is one token
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t in (cls.pad_token_text, cls.bos_token_text, cls.eos_token_text)])
+        return tok
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """``"byte"`` -> `ByteTokenizer`; anything else -> ``AutoTokenizer.from_pretrained(name_or_path)``.
+
+    A tokenizer without a pad token gets its eos as pad (unpacked rows need one); one without an eos is
+    refused, since documents are separated by it.
+    """
+    if name_or_path == "byte":
+        return ByteTokenizer()
+    config_file = Path(name_or_path) / "tokenizer_config.json"
+    if config_file.is_file():
+        if json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
+            return ByteTokenizer.from_pretrained(name_or_path)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer: {name_or_path!r} has no eos token; documents are separated by it — "
+                         f"choose a tokenizer with one, or 'byte'")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text (no special tokens added; special-token spellings stay plain text).
+
+    Returns int64 arrays. `ByteTokenizer` takes a numpy path (UTF-8 bytes are the ids), 1000x faster than
+    the general one and equal to it (tested).
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return [np.frombuffer(t.encode("utf-8", "surrogatepass"), np.uint8).astype(np.int64) for t in texts]
+    ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [np.asarray(x, dtype=np.int64) for x in ids]
+
+
+# ---- the built-in corpus -----------------------------------------------------------------------------------
+
+def stdlib_root() -> Path:
+    """The running Python's standard library folder (the built-in corpus lives there)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _in_holdout(key: str, holdout: float) -> bool:
+    """Stable split by a CRC32 of a key (a path or an index): the same on every machine and run."""
+    return zlib.crc32(key.encode("utf-8")) % 1_000_000 < holdout * 1_000_000
+
+
+def stdlib_files(split: str = "train", holdout: float = 0.01) -> list[Path]:
+    """The standard library's ``.py`` files, sorted by relative path, without third-party site-packages.
+
+    ``split="eval"`` gives the holdout: files whose relative path hashes into the `holdout` fraction;
+    ``"train"`` the rest. About 1,800 files / 31 MB on CPython 3.11 (the corpus follows the Python
+    version, so runs compare only on the same one).
+    """
+    if split not in ("train", "eval"):
+        raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
+    root = stdlib_root()
+    return [root / rel for rel in _stdlib_relative_paths() if _in_holdout(rel, holdout) == (split == "eval")]
+
+
+@functools.cache
+def _stdlib_relative_paths() -> tuple[str, ...]:
+    root = stdlib_root()
+    out = []
+    for folder, dirs, files in os.walk(root):
+        if folder == str(root):
+            dirs[:] = [d for d in dirs if d not in ("site-packages", "dist-packages")]
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        rel = Path(folder).relative_to(root)
+        out.extend((rel / f).as_posix() for f in files if f.endswith(".py"))
+    return tuple(sorted(out))
+
+
+# ---- configuration -----------------------------------------------------------------------------------------
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how rows are made (the ``data:`` section of a run config).
+
+    source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), or local
+    file path(s)/glob(s) of one kind: ``.txt`` (one document per file), ``.jsonl``/``.json``, ``.parquet``.
+    config_name: the hub dataset's configuration. split / eval_split: dataset splits for training and
+    evaluation; without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
+    hash) is held out. text_field: the column holding the text. streaming: stream hub datasets (local files
+    are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
+    padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
+    streamed sources). add_bos / add_eos: wrap each document. seed: of the document order.
+    """
+
+    source: str | list[str] = "stdlib"
+    config_name: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    holdout: float = 0.01
+    text_field: str = "text"
+    streaming: bool = True
+    seq_len: int = 2048
+    packing: bool = True
+    shuffle: bool = True
+    shuffle_buffer: int = 10_000
+    add_bos: bool = True
+    add_eos: bool = True
+    seed: int = 0
+
+    def validate(self, prefix: str = "data") -> None:
+        """Raise ValueError naming the field for an impossible setting."""
+        if not self.source:
+            raise ValueError(f"{prefix}.source: empty; use 'stdlib', a hub dataset name or local file paths")
+        if not (isinstance(self.seq_len, int) and self.seq_len >= 2):
+            raise ValueError(f"{prefix}.seq_len: must be an integer >= 2, got {self.seq_len!r}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"{prefix}.holdout: must be in [0, 1), got {self.holdout!r}")
+        if not (isinstance(self.shuffle_buffer, int) and self.shuffle_buffer >= 1):
+            raise ValueError(f"{prefix}.shuffle_buffer: must be a positive integer, "
+                             f"got {self.shuffle_buffer!r}")
+        if not self.text_field:
+            raise ValueError(f"{prefix}.text_field: empty; name the dataset column that holds the text")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+# ---- document sources --------------------------------------------------------------------------------------
+
+class _IndexedDocs:
+    """Documents addressable by index (built-in corpus, local files, non-streamed datasets).
+
+    A rank's order in an epoch is ``permutation(seed, epoch)[rank::world_size]``, so resuming at
+    document d of epoch e is a slice.
+    """
+
+    def __init__(self, n: int, get_text: Callable[[int], str], seed: int, shuffle: bool, rank: int,
+                 world_size: int):
+        self.n, self.get_text, self.seed, self.shuffle = n, get_text, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+
+    def iter_docs(self, epoch: int, start: int) -> Iterator[str]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        else:
+            order = np.arange(self.n)
+        for i in order[self.rank::self.world_size][start:]:
+            yield self.get_text(int(i))
+
+
+class _StreamedDocs:
+    """Documents of a streamed (iterable) dataset; resuming at document d re-reads and skips d documents."""
+
+    def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int):
+        self.dataset, self.text_field = dataset, text_field
+        self.seed, self.shuffle, self.buffer = seed, shuffle, buffer
+
+    def iter_docs(self, epoch: int, start: int) -> Iterator[str]:
+        ds = self.dataset
+        if self.shuffle:
+            ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
+        ds.set_epoch(epoch)  # datasets reseeds the shuffle with seed + epoch
+        for example in itertools.islice(iter(ds), start, None):
+            yield example[self.text_field]
+
+
+def _local_files(source: str | list[str]) -> list[str] | None:
+    """The sorted local files named by `source` (paths or globs), or None if it names none (a hub name)."""
+    patterns = [source] if isinstance(source, str) else list(source)
+    files: list[str] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
+        files.extend(m for m in matches if os.path.isfile(m))
+    return sorted(set(files)) or None
+
+
+def _check_text_field(columns, cfg: DataConfig) -> None:
+    if columns is not None and cfg.text_field not in columns:
+        raise ValueError(f"data.text_field: the dataset has no column {cfg.text_field!r}; its columns are "
+                         f"{sorted(columns)}")
+
+
+def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
+                   ) -> _IndexedDocs | _StreamedDocs:
+    """This rank's share of the documents of `split` ('train' or 'eval'), in a deterministic order.
+
+    Evaluation documents are never shuffled. Raises ValueError naming the field when the source, split or
+    text field does not exist, or when there is no evaluation data (no eval_split and holdout 0).
+    """
+    shuffle = cfg.shuffle and split == "train"
+    if split == "eval" and cfg.eval_split is None and cfg.holdout == 0:
+        raise ValueError("data.holdout: is 0 and data.eval_split is unset, so there is no evaluation data; "
+                         "set one, or eval.every=0")
+    if cfg.source == "stdlib":
+        files = stdlib_files(split, cfg.holdout)
+        return _IndexedDocs(len(files), lambda i: files[i].read_bytes().decode("utf-8", "replace"), cfg.seed,
+                            shuffle, rank, world_size)
+
+    import datasets
+
+    local = _local_files(cfg.source)
+    if local is not None:
+        kinds = {_LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in local}
+        if None in kinds or len(kinds) != 1:
+            suffixes = sorted({Path(f).suffix for f in local})
+            raise ValueError(f"data.source: local files must all be one of .txt, .jsonl/.json or .parquet; "
+                             f"got suffixes {suffixes}")
+        builder = kinds.pop()
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files=local, split="train", **extra)
+        streamed = False
+    else:
+        which = cfg.split if (split == "train" or cfg.eval_split is None) else cfg.eval_split
+        try:
+            dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
+                             f"{which!r}): {e}") from e
+        streamed = cfg.streaming
+    _check_text_field(dataset.column_names, cfg)
+
+    use_holdout = local is not None or cfg.eval_split is None
+    if streamed:
+        if use_holdout and cfg.holdout > 0:
+            keep_eval = split == "eval"
+            dataset = dataset.filter(lambda _, i: _in_holdout(str(i), cfg.holdout) == keep_eval,
+                                     with_indices=True)
+        if world_size > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        return _StreamedDocs(dataset, cfg.text_field, cfg.seed, shuffle, cfg.shuffle_buffer)
+
+    indices = np.arange(len(dataset))
+    if use_holdout and cfg.holdout > 0:
+        held = np.array([_in_holdout(str(i), cfg.holdout) for i in indices], dtype=bool)
+        indices = indices[held] if split == "eval" else indices[~held]
+    column = dataset.select_columns([cfg.text_field])
+    return _IndexedDocs(len(indices), lambda i: column[int(indices[i])][cfg.text_field], cfg.seed, shuffle,
+                        rank, world_size)
+
+
+# ---- packing -----------------------------------------------------------------------------------------------
+
+@dataclass
+class StreamState:
+    """Where a stream stands: the next token is token `offset` of document `doc` (this rank's order) of
+    `epoch`. JSON-serializable through `as_dict`."""
+
+    epoch: int = 0
+    doc: int = 0
+    offset: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset}
+
+
+@dataclass
+class TextStream:
+    """Rows and batches of a text source for one rank, resumable from a `StreamState`.
+
+    Args:
+        cfg: the data config.
+        tokenizer: any tokenizer (`load_tokenizer`).
+        split: 'train' (shuffled per epoch, endless) or 'eval' (fixed order; `rows` stops after one pass).
+        rank, world_size: this process's share of the documents.
+        chunk_len: for truncated BPTT: never start a document exactly at a multiple of chunk_len inside a
+            row (one pad token is appended to the previous document instead), so a state carried into a
+            chunk always belongs to the document that chunk continues.
+    """
+
+    cfg: DataConfig
+    tokenizer: PreTrainedTokenizerBase
+    split: str = "train"
+    rank: int = 0
+    world_size: int = 1
+    chunk_len: int | None = None
+    _docs: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.cfg.validate()
+        self._docs = open_documents(self.cfg, self.split, self.rank, self.world_size)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
+            self.tokenizer.eos_token_id
+        bos = self.tokenizer.bos_token_id if self.cfg.add_bos else None
+        eos = self.tokenizer.eos_token_id if self.cfg.add_eos else None
+        self._prefix = np.array([bos] if bos is not None else [], dtype=np.int64)
+        self._suffix = np.array([eos] if eos is not None else [], dtype=np.int64)
+
+    def _documents(self, state: StreamState) -> Iterator[tuple[StreamState, np.ndarray]]:
+        """(state at the start of the document, its tokens) from `state` on, crossing epochs for training."""
+        epoch, doc = state.epoch, state.doc
+        while True:
+            first, produced = doc, False
+            texts = self._docs.iter_docs(epoch, doc)
+            while group := list(itertools.islice(texts, _TOKENIZE_GROUP)):
+                for ids in encode_texts(self.tokenizer, group):
+                    if len(ids):  # empty documents would only add bos/eos
+                        produced = True
+                        yield StreamState(epoch, doc, 0), np.concatenate([self._prefix, ids, self._suffix])
+                    doc += 1
+            if self.split != "train":
+                return
+            if not produced and first == 0:
+                raise ValueError(f"data.source: no documents for rank {self.rank} of {self.world_size} in "
+                                 f"{self.cfg.source!r} (split {self.split})")
+            epoch, doc = epoch + 1, 0
+
+    def rows(self, state: StreamState | dict | None = None
+             ) -> Iterator[tuple[dict[str, np.ndarray], StreamState]]:
+        """Rows of `seq_len` tokens and the stream state after each row (see the module docstring)."""
+        state = StreamState(**state) if isinstance(state, dict) else (state or StreamState())
+        L = self.cfg.seq_len
+        docs = self._documents(StreamState(state.epoch, state.doc, 0))
+        current: np.ndarray | None = None
+        where, offset = state, state.offset
+        while True:
+            pieces: list[np.ndarray] = []
+            ignore: list[int] = []  # pad tokens that keep document starts off chunk boundaries
+            filled = 0
+            while filled < L:
+                if current is None or offset >= len(current):
+                    nxt = next(docs, None)
+                    if nxt is None:
+                        break
+                    start, current = nxt
+                    if start.doc != where.doc or start.epoch != where.epoch:
+                        offset = 0
+                    where = start
+                if self.cfg.packing and pieces and self.chunk_len and filled % self.chunk_len == 0:
+                    pieces[-1] = np.append(pieces[-1], self.pad_id)
+                    ignore.append(filled)
+                    filled += 1
+                    if filled >= L:
+                        break
+                take = min(L - filled, len(current) - offset)
+                pieces.append(current[offset:offset + take])
+                offset += take
+                filled += take
+                if not self.cfg.packing:
+                    break
+            if not pieces or (self.cfg.packing and filled < L):
+                return  # the end of an evaluation pass: packed rows are always full
+            yield self._make_row(pieces, ignore), StreamState(where.epoch, where.doc, offset)
+
+    def _make_row(self, pieces: list[np.ndarray], ignore: list[int]) -> dict[str, np.ndarray]:
+        L = self.cfg.seq_len
+        lengths = np.array([len(p) for p in pieces])
+        n = int(lengths.sum())
+        input_ids = np.full(L, self.pad_id, dtype=np.int64)
+        input_ids[:n] = np.concatenate(pieces)
+        seq_idx = np.repeat(np.arange(len(pieces), dtype=np.int32), lengths)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        position_ids = np.arange(n, dtype=np.int64) - np.repeat(starts, lengths)
+        labels = input_ids.copy()
+        labels[starts] = IGNORE_INDEX  # a document's first token is never predicted from another one
+        labels[ignore] = IGNORE_INDEX
+        row = {"input_ids": input_ids, "labels": labels}
+        if n < L:  # only unpacked rows are padded
+            labels[n:] = IGNORE_INDEX
+            mask = np.zeros(L, dtype=np.int64)
+            mask[:n] = 1
+            row["attention_mask"] = mask
+            seq_idx = np.concatenate([seq_idx, np.full(L - n, seq_idx[-1], dtype=np.int32)])
+            position_ids = np.concatenate([position_ids, np.arange(position_ids[-1] + 1,
+                                                                   position_ids[-1] + 1 + L - n)])
+        row["seq_idx"] = seq_idx
+        row["position_ids"] = position_ids
+        return row
+
+    def batches(self, batch_size: int, state: StreamState | dict | None = None
+                ) -> Iterator[tuple[dict[str, torch.Tensor], StreamState]]:
+        """Batches of `batch_size` rows (tensors [B, L]) and the stream state after each batch.
+
+        ``attention_mask`` is present when some row of the batch is padded (all-ones rows elsewhere).
+        An evaluation stream ends with a last, smaller batch; a packed one drops its last, partial row.
+        """
+        rows = self.rows(state)
+        while True:
+            chunk = list(itertools.islice(rows, batch_size))
+            if not chunk:
+                return
+            yield collate([r for r, _ in chunk]), chunk[-1][1]
+
+
+def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack rows into [B, L] tensors; adds an all-ones attention_mask to unpadded rows if any row has one."""
+    if any("attention_mask" in r for r in rows):
+        for r in rows:
+            r.setdefault("attention_mask", np.ones_like(r["input_ids"]))
+    return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+__all__ = ["IGNORE_INDEX", "ByteTokenizer", "DataConfig", "StreamState", "TextStream", "collate",
+           "encode_texts", "load_tokenizer", "open_documents", "stdlib_files", "stdlib_root"]

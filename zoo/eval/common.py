@@ -1,0 +1,189 @@
+"""What every `zoo eval` command shares: loading a model, running it in chunks, writing result tables.
+
+Evaluation only uses the Hugging Face causal-LM interface (``model(input_ids=..., past_key_values=...,
+use_cache=...)``, ``.logits``, ``.past_key_values``, ``generate``), so it runs on zoo models and on any
+transformers model alike.
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def default_device() -> str:
+    """'cuda' when a GPU is visible, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's parameters (cpu for parameterless stand-ins)."""
+    device = getattr(model, "device", None)
+    if device is not None:
+        return torch.device(device)
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def load_model(path: str, device: str | None = None, dtype: str | None = None):
+    """A causal LM from a checkpoint directory or hub id, or a freshly initialised one from a zoo YAML.
+
+    Args:
+        path: ``save_pretrained`` directory or hub id, or a zoo YAML config (random weights: smoke runs).
+        device: where to put it; default cuda when available.
+        dtype: 'fp32', 'bf16' or 'fp16'; default: the checkpoint's.
+
+    Returns:
+        the model, in eval mode, on ``device``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo model type with the transformers Auto classes)
+
+    torch_dtype = DTYPES[dtype] if dtype else None
+    if str(path).endswith((".yaml", ".yml")):
+        from zoo.config import ZooConfig
+
+        model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+    else:
+        kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return model.to(device or default_device()).eval()
+
+
+def load_tokenizer(spec: str | None, model_path: str | None = None):
+    """A tokenizer: ``spec`` ('byte' for zoo's byte tokenizer, a path or hub id), else the model's own.
+
+    Goes through ``zoo.data.text.load_tokenizer``, so zoo checkpoints saved with the byte tokenizer load it.
+    """
+    from zoo.data.text import load_tokenizer as load
+
+    if spec is None and str(model_path).endswith((".yaml", ".yml")):
+        spec = "byte"  # a freshly initialised zoo model has no tokenizer of its own
+    name = spec or model_path
+    if name is None:
+        raise ValueError("load_tokenizer: give a tokenizer name/path or 'byte'")
+    try:
+        return load(name)
+    except (OSError, ValueError) as error:
+        if spec is None:
+            raise SystemExit(f"{model_path} has no tokenizer ({error}); pass --tokenizer PATH|byte") from None
+        raise
+
+
+def encode_with_bos(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text)`` as a list, with the BOS token in front when the tokenizer has one and did
+    not add it (zoo models train on ``<bos>`` + text)."""
+    ids = tokenizer.encode(text)
+    if hasattr(ids, "input_ids"):
+        ids = ids.input_ids
+    ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
+def accepts_argument(model, name: str) -> bool:
+    """Whether ``model.forward`` takes keyword ``name`` (e.g. ``logits_to_keep``)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def iter_chunk_logits(
+    model, input_ids: torch.Tensor, chunk_size: int | None = None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run ``input_ids`` through ``model`` in consecutive chunks, carrying the model's cache between them.
+
+    Uses the generic Hugging Face API: ``out = model(input_ids=chunk, past_key_values=cache,
+    use_cache=True)``; ``cache = out.past_key_values``. A recurrent model therefore needs constant memory
+    in the sequence length; an attention model keeps its KV cache. Call under ``torch.no_grad()``.
+
+    Args:
+        model: a causal LM.
+        input_ids: LongTensor [B, T] on the model's device.
+        chunk_size: tokens per forward; None or >= T runs one forward without a cache.
+
+    Yields:
+        ``(start, logits)`` with logits [B, c, V] for positions ``start .. start + c - 1``.
+    """
+    seq_len = input_ids.shape[1]
+    if chunk_size is None or chunk_size >= seq_len:
+        yield 0, model(input_ids=input_ids, use_cache=False).logits
+        return
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+    cache = None
+    for start in range(0, seq_len, chunk_size):
+        out = model(input_ids=input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        yield start, out.logits
+
+
+def write_rows(rows: Sequence[dict], path: str | Path) -> Path:
+    """Write ``rows`` (same keys) as CSV to ``path`` (suffix .csv); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_json(obj, path: str | Path) -> Path:
+    """Write ``obj`` as indented JSON to ``path``; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
+    """Rows of dicts as a markdown table; floats rounded to ``digits``."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0])
+
+    def cell(value) -> str:
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def parse_list(text: str, kind=int) -> list:
+    """'64,128,256' -> [64, 128, 256]; accepts 2^k and 1K/1M suffixes for integers."""
+    values = []
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        if kind is int:
+            values.append(parse_int(item))
+        else:
+            values.append(kind(item))
+    return values
+
+
+def parse_int(item: str) -> int:
+    """'4096', '2^12', '4K', '1M' -> int (K = 1024, M = 1024**2)."""
+    item = item.strip()
+    if "^" in item:
+        base, exponent = item.split("^")
+        return int(base) ** int(exponent)
+    scale = {"k": 1024, "m": 1024**2}.get(item[-1].lower())
+    return int(item[:-1]) * scale if scale else int(item)

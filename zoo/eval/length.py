@@ -1,0 +1,270 @@
+"""Per-position loss on long documents: the length-extrapolation curve.
+
+``per_position_loss`` runs a document through the model in chunks, carrying the model's cache (KV for
+attention, conv + SSM state for recurrent mixers) from chunk to chunk through the generic Hugging Face API,
+so a recurrent model reaches 1M tokens in constant memory; only one chunk's logits exist at a time.
+``evaluate_length`` averages the loss over documents at every position and in log-spaced bins;
+``plot_length_curves`` draws the curve (log x) with the training length marked; ``main(argv)`` is
+``zoo eval length``.
+
+Position convention: ``loss[t]`` (t >= 1) is ``-log p(x_t | x_0 .. x_{t-1})``, the loss on the token at
+position t with t tokens of context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoo.eval.common import (
+    iter_chunk_logits,
+    load_model,
+    load_tokenizer,
+    markdown_table,
+    model_device,
+    parse_int,
+    write_json,
+    write_rows,
+)
+
+
+@torch.no_grad()
+def per_position_loss(model, input_ids: torch.Tensor, chunk_size: int | None = 2048) -> torch.Tensor:
+    """Next-token loss at every position of ``input_ids``, computed chunk by chunk with the cache carried.
+
+    Args:
+        model: a causal LM (Hugging Face interface).
+        input_ids: LongTensor [B, T] or [T], on the model's device.
+        chunk_size: tokens per forward; None runs one forward over the whole document.
+
+    Returns:
+        float32 tensor [B, T - 1] (or [T - 1]) on the CPU: entry ``t - 1`` is the loss on token ``t``.
+    """
+    squeeze = input_ids.dim() == 1
+    if squeeze:
+        input_ids = input_ids[None]
+    batch_size, seq_len = input_ids.shape
+    losses = torch.empty(batch_size, max(seq_len - 1, 0), dtype=torch.float32)
+    for start, logits in iter_chunk_logits(model, input_ids, chunk_size):
+        # logit p predicts token p + 1, so a chunk's last logit scores the next chunk's first token
+        targets = input_ids[:, start + 1 : start + logits.shape[1] + 1]
+        n = targets.shape[1]
+        if n == 0:
+            continue
+        loss = F.cross_entropy(logits[:, :n].float().flatten(0, 1), targets.flatten(), reduction="none")
+        losses[:, start : start + n] = loss.view(batch_size, n).cpu()
+    return losses[0] if squeeze else losses
+
+
+def log_bins(max_position: int, bins_per_octave: int = 4) -> list[tuple[int, int]]:
+    """Half-open position bins ``[lo, hi)`` covering ``1 .. max_position``, log-spaced (distinct integers)."""
+    edges = sorted({round(2 ** (k / bins_per_octave))
+                    for k in range(int(math.log2(max(max_position, 1)) * bins_per_octave) + 2)})
+    edges = [e for e in edges if e <= max_position] + [max_position + 1]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+@torch.no_grad()
+def evaluate_length(
+    model,
+    documents: torch.Tensor | Sequence[torch.Tensor],
+    chunk_size: int | None = 2048,
+    batch_size: int = 1,
+    bins_per_octave: int = 4,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict:
+    """Per-position loss averaged over documents, and binned, for the length-extrapolation curve.
+
+    Args:
+        model: a causal LM.
+        documents: LongTensor [N, T], or a sequence of LongTensor [T_i] (documents of equal length are
+            batched together, ``batch_size`` at a time).
+        chunk_size: tokens per forward (the cache carries the rest); None: one forward per document.
+        batch_size: documents per forward.
+        bins_per_octave: resolution of the log-spaced bins.
+        device: where the tokens go; default the model's device.
+        progress: show a tqdm bar over documents.
+
+    Returns:
+        dict with ``mean`` (float64 [T_max] mean loss at position t, NaN at t = 0 or where no document
+        reaches), ``count`` (documents reaching each position), ``bins`` (rows: start, end, mean_loss,
+        n_tokens) and ``n_documents``, ``max_len``, ``chunk_size``.
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    docs = list(documents) if not isinstance(documents, torch.Tensor) else list(documents.unbind(0))
+    if not docs:
+        raise ValueError("evaluate_length needs at least one document")
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    top = max(int(d.max()) for d in docs)
+    if vocab_size is not None and top >= vocab_size:
+        raise ValueError(f"documents hold token id {top} but the model's vocab_size is {vocab_size}; "
+                         f"tokenize with the model's tokenizer")
+    max_len = max(int(d.shape[-1]) for d in docs)
+    sums = torch.zeros(max_len, dtype=torch.float64)
+    counts = torch.zeros(max_len, dtype=torch.float64)
+    by_length: dict[int, list[torch.Tensor]] = {}
+    for d in docs:
+        by_length.setdefault(int(d.shape[-1]), []).append(d.reshape(-1))
+    batches = [group[i : i + batch_size]
+               for group in by_length.values() for i in range(0, len(group), batch_size)]
+    iterator = batches
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(batches, desc="length eval", unit="batch")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    for group in iterator:
+        input_ids = torch.stack(group).to(device)
+        losses = per_position_loss(model, input_ids, chunk_size).double()  # [b, T-1]
+        length = losses.shape[1]
+        sums[1 : length + 1] += losses.sum(dim=0)
+        counts[1 : length + 1] += losses.shape[0]
+    if was_training:
+        model.train()
+    mean = sums / counts  # NaN where no document reaches (and at t = 0)
+    bins = []
+    for lo, hi in log_bins(max_len - 1, bins_per_octave):
+        n_tokens = counts[lo:hi].sum().item()
+        if n_tokens:
+            bins.append({"start": lo, "end": hi, "mean_loss": sums[lo:hi].sum().item() / n_tokens,
+                         "n_tokens": int(n_tokens)})
+    return {"mean": mean, "count": counts, "bins": bins, "n_documents": len(docs), "max_len": max_len,
+            "chunk_size": chunk_size}
+
+
+def plot_length_curves(
+    results: Mapping[str, dict], path: str | Path, train_length: int | None = None, title: str | None = None
+) -> Path:
+    """Loss against position (log x), one binned curve per result, with the training length marked.
+
+    Args:
+        results: label -> ``evaluate_length`` result.
+        path: PNG to write.
+        train_length: draws a dashed vertical line there.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, result in results.items():
+        centers = [math.sqrt(b["start"] * max(b["end"] - 1, b["start"])) for b in result["bins"]]
+        ax.plot(centers, [b["mean_loss"] for b in result["bins"]], marker="o", markersize=3, label=label)
+    if train_length:
+        ax.axvline(train_length, color="black", linestyle="--", linewidth=1,
+                   label=f"train length {train_length}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title or "per-position loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0) -> list[torch.Tensor]:
+    """Long documents from the built-in corpus (``zoo.data.text``: the Python standard library sources).
+
+    Files are taken in a seeded random order, the held-out (eval) files first and then the training
+    files, and concatenated with a blank line between them into ``n_documents`` disjoint documents of
+    ``max_len`` tokens, each starting with the tokenizer's BOS token (as zoo models are trained). Few
+    single files are long, so past a few thousand tokens a document is a run of source files, the way
+    long-context evaluations concatenate books.
+
+    Returns:
+        ``n_documents`` LongTensors [max_len] (fewer or shorter only if the corpus runs out).
+    """
+    import numpy as np
+
+    from zoo.data.text import encode_texts, stdlib_files
+
+    rng = np.random.default_rng(seed)
+    files = [f for split in ("eval", "train") for f in rng.permutation(np.array(stdlib_files(split), object))]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    documents, position = [], 0
+    for _ in range(n_documents):
+        pieces = [np.array([bos], dtype=np.int64)] if bos is not None else []
+        total = len(pieces)
+        while total < max_len and position < len(files):
+            text = files[position].read_bytes().decode("utf-8", "replace") + "\n\n"
+            position += 1
+            pieces.append(encode_texts(tokenizer, [text])[0])
+            total += len(pieces[-1])
+        if total < 2:
+            break
+        documents.append(torch.from_numpy(np.concatenate(pieces)[:max_len]).long())
+    return documents
+
+
+def load_documents(
+    source: str | None, n_documents: int, max_len: int, tokenizer=None, seed: int = 0
+) -> list[torch.Tensor]:
+    """Documents for ``zoo eval length``: a ``.pt`` file holding a LongTensor [N, T] or a list of
+    LongTensor [T_i] (each cut to ``max_len``), or, with ``source=None``, ``corpus_documents``."""
+    if source is not None:
+        loaded = torch.load(source, weights_only=True)
+        docs = list(loaded.unbind(0)) if isinstance(loaded, torch.Tensor) else list(loaded)
+        return [d.reshape(-1)[:max_len].long() for d in docs[:n_documents]]
+    if tokenizer is None:
+        raise ValueError("load_documents: the built-in corpus needs a tokenizer")
+    return corpus_documents(tokenizer, n_documents, max_len, seed)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``zoo eval length --model DIR [DIR ...] --max-len 1M --train-length 2048``."""
+    parser = argparse.ArgumentParser(prog="zoo eval length", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", required=True, help="checkpoint dirs, hub ids or zoo YAMLs")
+    parser.add_argument("--label", nargs="*", default=None, help="curve labels (default: model paths)")
+    parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus")
+    parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte' "
+                        "(default: the first model's)")
+    parser.add_argument("--n-docs", type=int, default=4)
+    parser.add_argument("--max-len", type=parse_int, default=16384, help="tokens per document (1M allowed)")
+    parser.add_argument("--chunk-size", type=parse_int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plot")
+    parser.add_argument("--bins-per-octave", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--out", default="results/length")
+    args = parser.parse_args(argv)
+    labels = args.label or args.model
+    if len(labels) != len(args.model):
+        parser.error(f"--label needs one label per --model ({len(args.model)})")
+
+    tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
+    documents = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed)
+    out = Path(args.out)
+    results, summary = {}, {}
+    for label, path in zip(labels, args.model):
+        model = load_model(path, args.device, args.dtype)
+        result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
+                                 progress=True)
+        del model
+        results[label] = result
+        stem = Path(label).name.removesuffix(".yaml").removesuffix(".yml") or "model"
+        print(f"## {label}: {result['n_documents']} documents of up to {result['max_len']} tokens\n")
+        print(markdown_table(result["bins"]))
+        print()
+        write_rows(result["bins"], out / f"{stem}.csv")
+        torch.save({"mean": result["mean"], "count": result["count"]}, out / f"{stem}-per-position.pt")
+        summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path}
+    write_json(summary, out / "length.json")
+    png = plot_length_curves(results, out / "length.png", args.train_length)
+    print(f"wrote {out}/*.csv, length.json and {png}")
+    return summary

@@ -1,0 +1,290 @@
+"""Passkey retrieval over a grid of context lengths x needle depths (Stuffed Mamba / InfiniteBench style).
+
+A prompt is ``PREFIX + filler ... NEEDLE ... filler + SUFFIX`` built to a target number of tokens with any
+tokenizer that has ``encode(text) -> ids`` and ``decode(ids) -> text``. The model decodes greedily a few
+tokens and is right only if the first number it writes is exactly the 5-digit key. ``main(argv)`` is
+``zoo eval passkey``: accuracy table (CSV, markdown, JSON) and a heatmap PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from zoo.eval.common import (
+    accepts_argument,
+    encode_with_bos,
+    load_model,
+    load_tokenizer,
+    markdown_table,
+    model_device,
+    parse_list,
+    write_json,
+    write_rows,
+)
+
+# template from REFERENCE.md (Stuffed Mamba, after InfiniteBench); the filler is the landmark-attention
+# "garbage" InfiniteBench repeats, cycled one sentence at a time so the needle can sit between any two
+PREFIX = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+NEEDLE = "The passkey is {key}. Remember it. {key} is the passkey.\n"
+SUFFIX = "\nWhat is the pass key? The passkey is"
+FILLER = (
+    "The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.",
+)
+
+
+@dataclass
+class PasskeyPrompt:
+    """One prompt: its text, token ids [T], the key, and where the needle went."""
+
+    text: str
+    input_ids: list[int]
+    key: int
+    depth: float
+    n_filler: int  # filler sentences in the prompt
+    needle_after: int  # filler sentences before the needle
+
+
+def passkey_text(key: int, n_filler: int, needle_after: int, filler: Sequence[str] = FILLER) -> str:
+    """The prompt text with ``n_filler`` filler sentences and the needle after the first ``needle_after``."""
+    sentences = [filler[i % len(filler)] for i in range(n_filler)]
+    before = "".join(s + " " for s in sentences[:needle_after])
+    after = " ".join(sentences[needle_after:])
+    return PREFIX + before + NEEDLE.format(key=key) + after + SUFFIX
+
+
+def build_passkey_prompt(
+    tokenizer, context_length: int, depth: float, key: int, filler: Sequence[str] = FILLER,
+    n_filler: int | None = None,
+) -> PasskeyPrompt:
+    """A prompt of at most ``context_length`` tokens (as close as whole filler sentences allow).
+
+    Args:
+        tokenizer: has ``encode(text)`` and ``decode(ids)``; the prompt starts with its BOS token when it
+            has one (``encode_with_bos``), and every token counts towards the length.
+        context_length: target prompt length in tokens.
+        depth: needle position as a fraction of the filler, 0 (start) .. 1 (end).
+        key: the 5-digit passkey.
+        filler: sentences cycled to fill the context.
+        n_filler: start the search here (the count found for another key at the same length).
+
+    Returns:
+        the prompt; ``len(input_ids) <= context_length``.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth={depth} must be in [0, 1]")
+
+    def length(n: int) -> int:
+        return len(encode_with_bos(tokenizer, passkey_text(key, n, round(depth * n), filler)))
+
+    base = length(0)
+    if base > context_length:
+        raise ValueError(f"context_length={context_length} is shorter than the bare template ({base} tokens)")
+    per_sentence = max((length(64) - base) / 64, 1.0)  # a filler sentence costs at least one token
+    n = max(n_filler if n_filler is not None else int((context_length - base) / per_sentence), 0)
+    # secant steps on the measured length, then walk to the largest count that fits
+    for _ in range(4):
+        current = length(n)
+        if n > 0:
+            per_sentence = max((current - base) / n, 1.0)
+        step = int((context_length - current) / per_sentence)
+        if step == 0:
+            break
+        n = max(n + step, 0)
+    while n > 0 and length(n) > context_length:
+        n -= 1
+    while length(n + 1) <= context_length:
+        n += 1
+    needle_after = round(depth * n)
+    text = passkey_text(key, n, needle_after, filler)
+    return PasskeyPrompt(text, encode_with_bos(tokenizer, text), key, depth, n, needle_after)
+
+
+def check_passkey(generated: str, key: int) -> bool:
+    """Exact check: the first number in ``generated`` must be the key, digit for digit."""
+    match = re.search(r"\d+", generated)
+    return match is not None and match.group() == str(key)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model, input_ids: torch.Tensor, max_new_tokens: int = 8, prefill_chunk_size: int | None = None,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
+    """Greedy continuation of ``input_ids`` [1, T]; returns the new tokens [1, <= max_new_tokens].
+
+    Without ``prefill_chunk_size`` this is ``model.generate(do_sample=False)``. With it, the prompt is
+    prefilled in chunks that carry the cache (constant memory for recurrent models at 1M tokens) and
+    decoding continues token by token from that cache.
+    """
+    if prefill_chunk_size is None:
+        kwargs = {"pad_token_id": eos_token_id, "eos_token_id": eos_token_id} if eos_token_id is not None else {}
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        return out[:, input_ids.shape[1] :]
+    cache, last = None, None
+    keep_last = accepts_argument(model, "logits_to_keep")  # prefill needs only the last position's logits
+    for start in range(0, input_ids.shape[1], prefill_chunk_size):
+        out = model(input_ids=input_ids[:, start : start + prefill_chunk_size], past_key_values=cache,
+                    use_cache=True, **({"logits_to_keep": 1} if keep_last else {}))
+        cache, last = out.past_key_values, out.logits[:, -1]
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        token = last.argmax(dim=-1, keepdim=True)  # [1, 1]
+        new_tokens.append(token)
+        if eos_token_id is not None and int(token) == eos_token_id:
+            break
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, last = out.past_key_values, out.logits[:, -1]
+    return torch.cat(new_tokens, dim=1)
+
+
+def evaluate_passkey(
+    model,
+    tokenizer,
+    lengths: Sequence[int] = (1024, 2048, 4096, 8192),
+    depths: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    n_samples: int = 5,
+    seed: int = 0,
+    max_new_tokens: int = 8,
+    prefill_chunk_size: int | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict:
+    """Passkey accuracy for every (context length, depth) cell.
+
+    Args:
+        model: a causal LM with ``generate`` (or any HF-interface model when ``prefill_chunk_size`` is set).
+        tokenizer: ``encode``/``decode`` (any transformers tokenizer, zoo's byte tokenizer included).
+        lengths: target prompt lengths in tokens.
+        depths: needle depths in [0, 1].
+        n_samples: prompts (distinct random keys) per cell.
+        seed: keys come from ``torch.Generator().manual_seed(seed)``.
+        max_new_tokens: greedy tokens to decode.
+        prefill_chunk_size: prefill in chunks carrying the cache instead of calling ``generate``.
+        device: where the prompt goes; default the model's device.
+        progress: show a tqdm bar.
+
+    Returns:
+        dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
+        ``samples`` (every prompt's key, generated text and verdict).
+    """
+    device = torch.device(device) if device is not None else model_device(model)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    generator = torch.Generator().manual_seed(seed)
+    cells = [(length, depth) for length in lengths for depth in depths]
+    iterator = cells
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(cells, desc="passkey", unit="cell")
+    if hasattr(model, "eval"):
+        model.eval()
+    rows, samples = [], []
+    n_filler: dict[int, int] = {}
+    for length, depth in iterator:
+        right, tokens = 0, 0
+        for _ in range(n_samples):
+            key = int(torch.randint(10000, 100000, (1,), generator=generator))
+            prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length))
+            n_filler[length] = prompt.n_filler
+            input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
+            new = greedy_generate(model, input_ids, max_new_tokens, prefill_chunk_size, eos)
+            text = tokenizer.decode(new[0].tolist())
+            correct = check_passkey(text, key)
+            right += correct
+            tokens += len(prompt.input_ids)
+            samples.append({"length": length, "depth": depth, "key": key, "generated": text,
+                            "correct": correct, "tokens": len(prompt.input_ids)})
+        rows.append({"length": length, "depth": depth, "accuracy": right / n_samples,
+                     "n_samples": n_samples, "tokens": tokens / n_samples})
+    return {"rows": rows, "samples": samples}
+
+
+def _short(n: int) -> str:
+    for unit, size in (("M", 1024**2), ("K", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def accuracy_grid(rows: Sequence[dict]) -> tuple[list[int], list[float], list[list[float]]]:
+    """(lengths, depths, accuracy[depth][length]) from ``evaluate_passkey`` rows."""
+    lengths = sorted({r["length"] for r in rows})
+    depths = sorted({r["depth"] for r in rows})
+    table = {(r["length"], r["depth"]): r["accuracy"] for r in rows}
+    return lengths, depths, [[table.get((n, d), float("nan")) for n in lengths] for d in depths]
+
+
+def markdown_grid(rows: Sequence[dict]) -> str:
+    """Depth x length accuracy table in markdown, plus the mean per length."""
+    lengths, depths, grid = accuracy_grid(rows)
+    table = [{"depth": f"{d:g}"} | {_short(n): grid[i][j] for j, n in enumerate(lengths)}
+             for i, d in enumerate(depths)]
+    means = {_short(n): sum(row[j] for row in grid) / len(depths) for j, n in enumerate(lengths)}
+    return markdown_table(table + [{"depth": "mean"} | means], digits=2)
+
+
+def plot_passkey_heatmap(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
+    """Heatmap PNG: needle depth (y) x context length (x), colour = accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, depths, grid = accuracy_grid(rows)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.8 * len(lengths)), max(3.0, 1.2 + 0.5 * len(depths))))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_title(title or "passkey retrieval")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``zoo eval passkey --model DIR --lengths 1K,2K,4K --depths 0,0.25,0.5,0.75,1``."""
+    parser = argparse.ArgumentParser(prog="zoo eval passkey", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
+    parser.add_argument("--tokenizer", default=None, help="path / hub id, or 'byte' (default: the model's)")
+    parser.add_argument("--lengths", default="1K,2K,4K,8K", help="comma list of prompt lengths (tokens)")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--n-samples", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--prefill-chunk-size", type=int, default=None, help="chunked prefill (long prompts)")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--out", default="results/passkey")
+    args = parser.parse_args(argv)
+
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    model = load_model(args.model, args.device, args.dtype)
+    result = evaluate_passkey(model, tokenizer, parse_list(args.lengths), parse_list(args.depths, float),
+                              args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
+                              progress=True)
+    result["model"] = args.model
+    out = Path(args.out)
+    print(f"## passkey: {args.model}\n")
+    print(markdown_grid(result["rows"]))
+    write_rows(result["rows"], out / "passkey.csv")
+    (out / "passkey.md").write_text(markdown_grid(result["rows"]) + "\n")
+    write_json(result, out / "passkey.json")
+    png = plot_passkey_heatmap(result["rows"], out / "passkey.png", title=f"passkey: {Path(args.model).name}")
+    print(f"\nwrote {out}/passkey.csv, passkey.md, passkey.json and {png}")
+    return result

@@ -1,0 +1,217 @@
+"""Accuracy on the synthetic recall tasks, per sequence length and per number of items to recall.
+
+``evaluate_synthetic(model, "mqar", seq_lens=[64, 128, 256], n_kv=[4, 8, 16])`` generates ``n_samples``
+fresh rows per (length, count) cell with ``zoo.data.synthetic`` and scores the argmax prediction at every
+answer position (labels != -100; the prediction for ``labels[:, t]`` is read at position ``t - 1``).
+``main(argv)`` is ``zoo eval synthetic``: it prints the tables and writes CSV and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, make_batch
+from zoo.eval.common import (
+    accepts_argument,
+    iter_chunk_logits,
+    load_model,
+    markdown_table,
+    model_device,
+    parse_list,
+    write_json,
+    write_rows,
+)
+
+
+@torch.no_grad()
+def predict_answers(
+    model, input_ids: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy predictions at the answer positions of a batch.
+
+    When the model takes ``logits_to_keep``, only the logits from the first answering position on are
+    computed, so a long row with its answers at the end does not materialise [B, T, V].
+
+    Args:
+        model: a causal LM.
+        input_ids: LongTensor [B, T] on the model's device.
+        labels: LongTensor [B, T] (Hugging Face alignment, -100 where nothing is asked).
+        chunk_size: run the rows in chunks of this many tokens, carrying the cache (long rows).
+
+    Returns:
+        ``(predictions, targets, asked)``, each [B, P] over the P positions where any row has an answer;
+        ``asked`` marks the entries that are real answers.
+    """
+    asked_all = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position p answers labels[:, p + 1]
+    positions = asked_all.any(dim=0).nonzero().squeeze(1)  # [P]
+    targets = labels[:, 1:][:, positions]
+    seq_len = input_ids.shape[1]
+    if chunk_size is None or chunk_size >= seq_len:
+        kwargs = {}
+        if accepts_argument(model, "logits_to_keep") and len(positions):
+            # an int (keep the last k positions) is what every implementation of logits_to_keep accepts
+            kwargs["logits_to_keep"] = seq_len - int(positions[0])
+        logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+        logits = logits[:, positions - (seq_len - logits.shape[1])]
+    else:
+        pieces = []
+        for start, chunk_logits in iter_chunk_logits(model, input_ids, chunk_size):
+            inside = (positions >= start) & (positions < start + chunk_logits.shape[1])
+            pieces.append(chunk_logits[:, positions[inside] - start])
+        logits = torch.cat(pieces, dim=1)
+    return logits.argmax(dim=-1), targets, targets != IGNORE_INDEX
+
+
+@torch.no_grad()
+def evaluate_synthetic(
+    model,
+    task: str = "mqar",
+    seq_lens: Sequence[int] = (64, 128, 256),
+    n_kv: Sequence[int] | None = None,
+    n_samples: int = 256,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    chunk_size: int | None = None,
+    **task_kwargs,
+) -> dict:
+    """Accuracy of ``model`` on ``task`` for every (sequence length, count) cell.
+
+    Args:
+        model: a causal LM whose vocabulary covers the task's.
+        task: 'mqar', 'selective_copying' or 'induction_heads'.
+        seq_lens: row lengths T to test.
+        n_kv: numbers of items to recall (MQAR key-value pairs, selective-copying tokens); None: the task
+            default. Cells the task cannot build (e.g. 4 * n_kv > T for MQAR) are skipped with a warning.
+        n_samples: rows per cell.
+        batch_size: rows per forward.
+        device: where the inputs go; default the model's device (the model is not moved).
+        seed: cell (T, n) uses ``torch.Generator().manual_seed(seed)``, so results are reproducible.
+        chunk_size: evaluate rows in chunks of this many tokens, carrying the cache (for 2^20-token rows).
+        task_kwargs: other task arguments (``vocab_size``, ``power_a``, ``random_non_queries``).
+
+    Returns:
+        dict with ``task``, ``count_name``, ``rows`` (one per cell: seq_len, count, accuracy = fraction of
+        answers right, seq_accuracy = fraction of rows with every answer right, n_answers, n_samples),
+        ``by_seq_len`` and ``by_count`` (answer-weighted marginals).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; choose one of {sorted(TASKS)}")
+    count_name = COUNT_ARGUMENT[task]
+    if n_kv is not None and count_name is None:
+        raise ValueError(f"task {task!r} has no count to vary; leave n_kv unset")
+    device = torch.device(device) if device is not None else model_device(model)
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    task_vocab = task_kwargs.get("vocab_size", task_default(task, "vocab_size"))
+    if vocab_size is not None and vocab_size < task_vocab:
+        raise ValueError(f"model vocab_size={vocab_size} is smaller than the task's vocab_size={task_vocab}")
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+
+    rows = []
+    for seq_len in seq_lens:
+        for count in n_kv if n_kv is not None else [None]:
+            kwargs = dict(task_kwargs)
+            if count is not None:
+                kwargs[count_name] = count
+            try:  # only the task's own validation may skip a cell, never an error of the model
+                make_batch(task, 1, seq_len, **kwargs)
+            except ValueError as error:
+                warnings.warn(f"skipping seq_len={seq_len} {count_name}={count}: {error}", stacklevel=2)
+                continue
+            generator = torch.Generator().manual_seed(seed)
+            correct = total = rows_right = 0
+            for start in range(0, n_samples, batch_size):
+                batch = make_batch(task, min(batch_size, n_samples - start), seq_len, generator, **kwargs)
+                input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                predictions, targets, asked = predict_answers(model, input_ids, labels, chunk_size)
+                right = (predictions == targets) & asked
+                correct += int(right.sum())
+                total += int(asked.sum())
+                rows_right += int((right == asked).all(dim=1).sum())
+            row = {"seq_len": seq_len}
+            if count_name is not None:
+                row[count_name] = count if count is not None else task_default(task, count_name)
+            row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
+                       n_correct=correct, n_answers=total, n_samples=n_samples)
+            rows.append(row)
+    if was_training:
+        model.train()
+
+    def marginal(key: str) -> list[dict]:
+        groups: dict[int, list[int]] = {}
+        for row in rows:
+            right_total = groups.setdefault(row[key], [0, 0])
+            right_total[0] += row["n_correct"]
+            right_total[1] += row["n_answers"]
+        return [{key: k, "accuracy": r / t, "n_answers": t} for k, (r, t) in groups.items()]
+
+    return {
+        "task": task,
+        "count_name": count_name,
+        "task_kwargs": task_kwargs,
+        "rows": rows,
+        "by_seq_len": marginal("seq_len"),
+        "by_count": marginal(count_name) if count_name is not None else [],
+    }
+
+
+def task_default(task: str, name: str):
+    """The default of argument ``name`` of ``task``'s generator (e.g. its vocab_size)."""
+    return inspect.signature(TASKS[task]).parameters[name].default
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``zoo eval synthetic --model DIR --task mqar --seq-lens 64,128,256 --n-kv 4,8,16``."""
+    parser = argparse.ArgumentParser(prog="zoo eval synthetic", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
+    parser.add_argument("--task", default="mqar", choices=sorted(TASKS))
+    parser.add_argument("--seq-lens", default=None, help="comma list; 2^k and 4K forms accepted")
+    parser.add_argument("--n-kv", default=None, help="comma list of key-value pairs (mqar) or tokens to copy")
+    parser.add_argument("--n-samples", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-size", type=int, default=None, help="task vocabulary (default: the paper's)")
+    parser.add_argument("--power-a", type=float, default=None, help="mqar: query-gap power law exponent")
+    parser.add_argument("--random-non-queries", action="store_true", help="mqar: random filler tokens")
+    parser.add_argument("--chunk-size", type=int, default=None, help="evaluate long rows in chunks")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--out", default=None, help="output directory (default results/synthetic-<task>)")
+    args = parser.parse_args(argv)
+
+    default_lens = {"mqar": "64,128,256", "selective_copying": "4096", "induction_heads": "2^6,2^8,2^10"}
+    seq_lens = parse_list(args.seq_lens or default_lens[args.task])
+    n_kv = parse_list(args.n_kv) if args.n_kv else None
+    task_kwargs = {}
+    if args.vocab_size is not None:
+        task_kwargs["vocab_size"] = args.vocab_size
+    if args.task == "mqar":
+        if args.power_a is not None:
+            task_kwargs["power_a"] = args.power_a
+        if args.random_non_queries:
+            task_kwargs["random_non_queries"] = True
+
+    model = load_model(args.model, args.device, args.dtype)
+    result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
+                                seed=args.seed, chunk_size=args.chunk_size, **task_kwargs)
+    result["model"] = args.model
+    out = Path(args.out or f"results/synthetic-{args.task}")
+    print(f"## {args.task}: {args.model}\n")
+    print(markdown_table(result["rows"]))
+    print()
+    print(markdown_table(result["by_seq_len"]))
+    if result["by_count"]:
+        print()
+        print(markdown_table(result["by_count"]))
+    csv_path = write_rows(result["rows"], out / f"{args.task}.csv")
+    json_path = write_json(result, out / f"{args.task}.json")
+    print(f"\nwrote {csv_path} and {json_path}")
+    return result

@@ -1,0 +1,1171 @@
+"""Pretraining under accelerate: one loop for any Hugging Face causal LM, zoo model or not.
+
+The loop knows nothing about architectures: it calls ``model(**batch).loss`` (passing ``seq_idx`` only to
+models whose forward takes it, else ``position_ids`` that restart at every packed document), reads
+``_no_weight_decay`` flags off parameters, and for truncated BPTT uses only the cache that
+``model(..., past_key_values=cache, use_cache=True)`` returns.
+
+    zoo train configs/train/demo.yaml --train.max_steps=100          # one process
+    accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
+
+Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged parameters, grad clip
+1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient accumulation, optional
+torch.compile and gradient checkpointing, fused AdamW on CUDA.
+
+Long rows (``train.tbptt_chunk``) are trained in chunks with each layer's state carried to the next chunk:
+``detach`` cuts the graph between chunks (classic truncated BPTT); ``exact`` runs the chunks forward without
+a graph keeping only the states at chunk boundaries, then recomputes them in reverse, each from a leaf copy
+of its initial state, back-propagating the state gradient received from the chunk after it: gradients equal
+to whole-row training in the memory of one chunk.
+
+A run directory holds ``train_config.yaml``, ``run_info.json``, ``metrics.csv``, ``tensorboard/`` and
+``checkpoints/step_XXXXXXXX/{model/, accelerate/, trainer_state.json}`` (model/ is a ``save_pretrained``
+folder with the tokenizer; accelerate/ the optimizer and RNG states), with ``checkpoints/latest`` naming the
+newest. Checkpoints are written to a temporary folder and renamed, so a kill mid-write leaves the previous
+one intact. ``--resume`` continues bit-exactly: same data order, same next losses (on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import difflib
+import inspect
+import itertools
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from zoo.data.text import IGNORE_INDEX, ByteTokenizer, DataConfig, StreamState, TextStream, load_tokenizer
+
+CHECKPOINT_PREFIX = "step_"
+
+# Dense bf16 tensor-core peaks (TFLOP/s, spec sheets) by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "GH200": 989.0,
+                    "B200": 2250.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0}
+
+
+# ---- run config --------------------------------------------------------------------------------------------
+
+@dataclass
+class OptimConfig:
+    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay`` (and, when
+    asked, all 1-D parameters / all embeddings). grad_clip 0 disables clipping. fused: 'auto' = on CUDA."""
+
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    no_decay_1d: bool = False
+    no_decay_embeddings: bool = False
+    fused: bool | str = "auto"
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warmup over warmup_steps, then 'cosine' to min_lr at the last step, 'wsd' (constant, then a
+    linear decay to min_lr over the last decay_fraction of the steps) or 'constant'."""
+
+    kind: str = "cosine"
+    warmup_steps: int = 100
+    min_lr: float = 1e-5
+    decay_fraction: float = 0.2
+
+
+@dataclass
+class LoopConfig:
+    """The ``train:`` section. Tokens per optimizer step = micro_batch_size · data.seq_len · grad_accum ·
+    processes; give batch_tokens instead of grad_accum to derive it. precision: auto (bf16 on a GPU that has
+    it, else fp32) | bf16 | fp16 | fp32. tbptt_chunk: train rows in chunks of this many tokens with the
+    state carried (tbptt_mode 'exact' or 'detach', see the module docstring)."""
+
+    seed: int = 0
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int | None = None
+    batch_tokens: int | None = None
+    precision: str = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    tbptt_chunk: int | None = None
+    tbptt_mode: str = "exact"
+    prefetch: int = 4
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate on held-out rows every `every` steps (0 = never) and at the end; `batches` batches of
+    micro_batch_size rows (default: train's), the same rows each time."""
+
+    every: int = 0
+    batches: int = 8
+    micro_batch_size: int | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    """Save every `every` steps (0 = never periodically), at the end (unless final is false) and on
+    interruption, keeping the newest `keep`."""
+
+    every: int = 0
+    keep: int = 2
+    final: bool = True
+
+
+@dataclass
+class LogConfig:
+    """Log every `every` steps to the progress bar and trackers ('csv' -> metrics.csv, 'tensorboard', or
+    any accelerate tracker name). peak_tflops: the per-GPU peak for MFU (default: the card's dense bf16)."""
+
+    every: int = 10
+    trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    peak_tflops: float | None = None
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A run. model: a zoo YAML (configs/models/*.yaml), a model folder or hub id (weights are loaded:
+    continued pretraining), or a mapping of config fields with a `model_type` ('zoo' by default, or any
+    transformers type such as 'llama'). model_overrides: fields replaced in the model config (vocab_size,
+    ...). tokenizer: 'byte' or any AutoTokenizer path. output_dir: the run directory."""
+
+    model: str | dict[str, Any]
+    output_dir: str = "runs/run"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str = "byte"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["optim"]["betas"] = list(self.optim.betas)
+        return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` checked against type hint `tp` (YAML scalars; '6e-4' read as a string becomes a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[-1] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"{where}: unsupported config type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix}: expected a mapping of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+            raise ValueError(f"{prefix + '.' if prefix else ''}{key}: unknown field{hint} "
+                             f"(fields: {', '.join(names)})")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for name in required:
+        if name not in data:
+            raise ValueError(f"{prefix + '.' if prefix else ''}{name}: required")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix + '.' if prefix else ''}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise ValueError naming the field (and the fix) for every impossible setting."""
+    o, s, t, e, c, lg = cfg.optim, cfg.schedule, cfg.train, cfg.eval, cfg.checkpoint, cfg.log
+    if isinstance(cfg.model, str) and not cfg.model:
+        raise ValueError("model: empty; give a zoo YAML, a model folder or a mapping of config fields")
+    if not cfg.output_dir:
+        raise ValueError("output_dir: empty; name the run directory")
+    cfg.data.validate("data")
+    checks = [
+        (o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
+        (all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}"),
+        (o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}"),
+        (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+        (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
+        (o.fused in (True, False, "auto"), "optim.fused", f"must be true, false or 'auto', got {o.fused!r}"),
+        (s.kind in ("cosine", "wsd", "constant"), "schedule.kind",
+         f"unknown {s.kind!r}; use cosine, wsd or constant"),
+        (0 <= s.warmup_steps < t.max_steps, "schedule.warmup_steps",
+         f"must be in [0, train.max_steps={t.max_steps}), got {s.warmup_steps}"),
+        (0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}], got {s.min_lr}"),
+        (0 < s.decay_fraction <= 1, "schedule.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}"),
+        (t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}"),
+        (t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}"),
+        (t.grad_accum is None or t.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {t.grad_accum}"),
+        (t.batch_tokens is None or t.batch_tokens >= 1, "train.batch_tokens",
+         f"must be >= 1, got {t.batch_tokens}"),
+        (t.precision in ("auto", "bf16", "fp16", "fp32", "no"), "train.precision",
+         f"unknown {t.precision!r}; use auto, bf16, fp16 or fp32"),
+        (t.tbptt_mode in ("exact", "detach"), "train.tbptt_mode",
+         f"unknown {t.tbptt_mode!r}; use exact or detach"),
+        (t.prefetch >= 1, "train.prefetch", f"must be >= 1, got {t.prefetch}"),
+        (e.every >= 0, "eval.every", f"must be >= 0 (0 = never), got {e.every}"),
+        (e.batches >= 1, "eval.batches", f"must be >= 1, got {e.batches}"),
+        (e.micro_batch_size is None or e.micro_batch_size >= 1, "eval.micro_batch_size",
+         f"must be >= 1, got {e.micro_batch_size}"),
+        (c.every >= 0, "checkpoint.every", f"must be >= 0 (0 = only at the end), got {c.every}"),
+        (c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}"),
+        (lg.every >= 1, "log.every", f"must be >= 1, got {lg.every}"),
+        (lg.peak_tflops is None or lg.peak_tflops > 0, "log.peak_tflops",
+         f"must be > 0, got {lg.peak_tflops}"),
+    ]
+    for ok, name, message in checks:
+        if not ok:
+            raise ValueError(f"{name}: {message}")
+    if t.grad_accum is not None and t.batch_tokens is not None:
+        raise ValueError("train.batch_tokens: set either train.batch_tokens or train.grad_accum, not both")
+    if t.tbptt_chunk is not None:
+        L = cfg.data.seq_len
+        if not (isinstance(t.tbptt_chunk, int) and 1 <= t.tbptt_chunk < L and L % t.tbptt_chunk == 0):
+            raise ValueError(f"train.tbptt_chunk: must divide data.seq_len={L} and be smaller, got "
+                             f"{t.tbptt_chunk}; or null to train whole rows")
+    for tracker in lg.trackers:
+        if tracker == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ValueError("log.trackers: 'tensorboard' needs `pip install tensorboard`; "
+                                 "or drop it") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A validated TrainConfig from a mapping (a parsed YAML run config)."""
+    cfg = _build(TrainConfig, data, "")
+    validate_config(cfg)
+    return cfg
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ValueError(f"{key}: {part!r} is not a section (it holds {child!r})")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a run config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: no such file {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {str(path)!r} must hold a YAML mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw) if raw else "")
+    return config_from_dict(data)
+
+
+# ---- model, optimizer, schedule ----------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
+    """The causal LM named by cfg.model (fresh weights from a config, or loaded weights from a folder)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers model_type 'zoo' with the Auto classes)
+
+    spec, overrides = cfg.model, dict(cfg.model_overrides)
+    # a fresh model takes the tokenizer's special ids unless its config names them
+    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")} \
+        if tokenizer is not None else {}
+    def check_vocab(n_embed: int | None) -> None:
+        if tokenizer is not None and n_embed is not None and n_embed < len(tokenizer):
+            raise ValueError(f"model.vocab_size: the model has {n_embed} embeddings but the tokenizer has "
+                             f"{len(tokenizer)} tokens; set model_overrides.vocab_size >= {len(tokenizer)}")
+
+    config = None
+    if isinstance(spec, dict):
+        fields_ = {**special, **spec, **overrides}
+        model_type = fields_.pop("model_type", "zoo")
+        try:
+            config = AutoConfig.for_model(model_type, **fields_)
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from e
+    elif spec.endswith((".yaml", ".yml")):
+        if not Path(spec).is_file():
+            raise ValueError(f"model: no such model config {spec!r}")
+        with open(spec) as f:
+            named = set(yaml.safe_load(f) or {})
+        extra = {k: v for k, v in special.items() if k not in named}
+        config = zoo.ZooConfig.from_yaml(spec, **{**extra, **overrides})
+    else:
+        folder = Path(spec)
+        if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
+            config = AutoConfig.from_pretrained(spec, **overrides)
+    if config is not None:
+        check_vocab(getattr(config, "vocab_size", None))
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, **overrides)
+        except OSError as e:
+            raise ValueError(f"model: {spec!r} is not a zoo YAML, a model folder or a hub id: {e}") from e
+    if tokenizer is not None:
+        check_vocab(model.get_input_embeddings().num_embeddings)
+        for name, value in special.items():  # a loaded model keeps its ids; fill in the missing ones
+            for holder in (model.config, getattr(model, "generation_config", None)):
+                if holder is not None and getattr(holder, name, None) is None:
+                    setattr(holder, name, value)
+    return model.float()
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Two AdamW groups: decayed, and not decayed (``param._no_weight_decay``, plus all 1-D parameters
+    with no_decay_1d and all embeddings with no_decay_embeddings). Shared (tied) parameters appear once."""
+    embeddings: set[int] = set()
+    if cfg.no_decay_embeddings:
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out is not None:
+            embeddings.add(id(out.weight))
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        skip = (getattr(p, "_no_weight_decay", False) or (cfg.no_decay_1d and p.ndim < 2)
+                or id(p) in embeddings)
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; fused when cfg.fused is true, or 'auto' and every parameter is on CUDA."""
+    groups = param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    fused = cfg.fused if isinstance(cfg.fused, bool) else bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / wsd / constant."""
+    s, lr, n = cfg.schedule, cfg.optim.lr, cfg.train.max_steps
+    if step < s.warmup_steps:
+        return lr * (step + 1) / s.warmup_steps
+    floor = s.min_lr / lr
+    if s.kind == "cosine":
+        progress = min(1.0, (step - s.warmup_steps) / max(1, n - 1 - s.warmup_steps))
+        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    if s.kind == "wsd":
+        decay_steps = max(1, math.ceil(s.decay_fraction * n))
+        start = n - decay_steps
+        if step < start:
+            return lr
+        progress = min(1.0, (step - start + 1) / decay_steps)
+        return lr * (1 - (1 - floor) * progress)
+    return lr
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of a CUDA device (PEAK_BF16_TFLOPS), None elsewhere or for unknown cards."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- forward and backward of one micro-batch ---------------------------------------------------------------
+
+@dataclass
+class ModelInputs:
+    """Which of the batch's fields a model's forward takes (read once from its signature)."""
+
+    seq_idx: bool
+    position_ids: bool
+    use_cache: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelInputs:
+        params = inspect.signature(model.forward).parameters
+        return cls(seq_idx="seq_idx" in params, position_ids="position_ids" in params,
+                   use_cache="use_cache" in params)
+
+    def kwargs(self, batch: dict[str, torch.Tensor], sl: slice | None = None, labels: bool = True
+               ) -> dict[str, Any]:
+        """Model keyword arguments for the tokens `sl` of the batch (attention_mask covers everything up to
+        the slice's end, as a cache-carrying forward expects)."""
+        sl = sl or slice(None)
+        out: dict[str, Any] = {"input_ids": batch["input_ids"][:, sl]}
+        if labels:
+            out["labels"] = batch["labels"][:, sl]
+        if self.seq_idx and "seq_idx" in batch:
+            out["seq_idx"] = batch["seq_idx"][:, sl]
+        if self.position_ids and "position_ids" in batch:
+            out["position_ids"] = batch["position_ids"][:, sl]
+        if "attention_mask" in batch:
+            out["attention_mask"] = batch["attention_mask"][:, :sl.stop]
+        return out
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Tokens predicted from labels [B, L] under the Hugging Face shift (labels[:, 1:] that are not -100)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _cache_states(cache) -> list[torch.Tensor]:
+    """The tensors a cache carries: `state_tensors()` (zoo), else the keys/values of a transformers cache."""
+    if hasattr(cache, "state_tensors"):
+        return list(cache.state_tensors())
+    layers = getattr(cache, "layers", None)
+    if layers is None or not all(hasattr(layer, "keys") for layer in layers):
+        raise ValueError(f"train.tbptt_chunk: the model's cache ({type(cache).__name__}) exposes neither "
+                         f"state_tensors() nor per-layer keys/values; train whole rows (tbptt_chunk: null)")
+    return [t for layer in layers for t in (layer.keys, layer.values)]
+
+
+def _load_cache_states(cache, tensors: list[torch.Tensor]) -> None:
+    if hasattr(cache, "load_state_tensors"):
+        cache.load_state_tensors(tensors)
+        return
+    for layer, i in zip(cache.layers, range(0, len(tensors), 2)):
+        layer.keys, layer.values = tensors[i], tensors[i + 1]
+
+
+def _detach_cache(cache) -> None:
+    if hasattr(cache, "detach_"):
+        cache.detach_()
+    else:
+        _load_cache_states(cache, [t.detach() for t in _cache_states(cache)])
+
+
+def _weighted_loss(out, n: int) -> torch.Tensor:
+    """out.loss (a mean over n targets) times n; with no target, a zero still connected to the graph (the
+    mean over zero targets is NaN, and so would be its gradient)."""
+    if n:
+        return out.loss * n
+    if out.logits is not None:
+        return out.logits.float().sum() * 0.0
+    return out.loss.nan_to_num() * 0.0
+
+
+def _chunk_loss(out, batch: dict[str, torch.Tensor], start: int, stop: int) -> tuple[torch.Tensor, int]:
+    """Summed loss of the targets of chunk [start, stop): the model's mean over the chunk's inner targets
+    times their count, plus the target just after the chunk predicted from its last position (so the
+    chunks' targets are exactly the whole row's)."""
+    labels = batch["labels"]
+    n = count_targets(labels[:, start:stop])
+    total = _weighted_loss(out, n)
+    if stop < labels.shape[1]:
+        nxt = labels[:, stop]
+        n_next = int((nxt != IGNORE_INDEX).sum())
+        if n_next:
+            if out.logits is None:
+                raise ValueError("train.tbptt_chunk: the model returned no logits; chunked training needs "
+                                 "them for the target that crosses each chunk boundary")
+            total = total + F.cross_entropy(out.logits[:, -1].float(), nxt.to(out.logits.device),
+                                            ignore_index=IGNORE_INDEX, reduction="sum")
+            n += n_next
+    return total, n
+
+
+def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float, inputs: ModelInputs, *,
+                     chunk_len: int | None = None, mode: str = "exact",
+                     backward: Callable[[list[torch.Tensor], list[torch.Tensor | None]], None] | None = None,
+                     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+                     sync_last: bool = True) -> torch.Tensor:
+    """Forward and backward of one micro-batch; gradients accumulate into the parameters' .grad.
+
+    Args:
+        model: the (possibly wrapped) causal LM, in train mode.
+        batch: tensors [B, L] on the model's device (input_ids, labels, seq_idx, position_ids, ...).
+        scale: weight of one target: the loss back-propagated is sum over targets of CE · scale (1 / targets
+            of the optimizer step gives the step's mean).
+        inputs: which batch fields the model takes.
+        chunk_len: None trains the whole rows; else chunks of chunk_len tokens with the state carried.
+        mode: 'exact' or 'detach' (module docstring).
+        backward: backward(tensors, grad_tensors) (default torch.autograd.backward; the trainer's applies
+            the fp16 grad scaler).
+        no_sync: a context in which gradients are not synchronized across processes (DDP/FSDP); every
+            backward but the last runs in it, and the last too unless sync_last.
+
+    Returns:
+        the detached weighted loss (sum of CE · scale), a 0-d tensor.
+    """
+    backward = backward or (lambda tensors, grads: torch.autograd.backward(tensors, grads))
+    no_sync = no_sync or contextlib.nullcontext
+
+    def ctx(last: bool):
+        return contextlib.nullcontext() if (last and sync_last) else no_sync()
+
+    if chunk_len is None:
+        with ctx(True):
+            out = model(**inputs.kwargs(batch), **({"use_cache": False} if inputs.use_cache else {}))
+            loss = _weighted_loss(out, count_targets(batch["labels"])) * scale
+            backward([loss], [None])
+        return loss.detach()
+
+    L = batch["input_ids"].shape[1]
+    bounds = [(s, min(s + chunk_len, L)) for s in range(0, L, chunk_len)]
+    total = torch.zeros((), device=batch["input_ids"].device)
+
+    def run(k: int, cache, labels: bool = True):
+        start, stop = bounds[k]
+        out = model(**inputs.kwargs(batch, slice(start, stop), labels), past_key_values=cache, use_cache=True)
+        if out.past_key_values is None and k < len(bounds) - 1:
+            raise ValueError("train.tbptt_chunk: the model returned no cache with use_cache=True in training "
+                             "mode; truncated BPTT needs model(..., use_cache=True).past_key_values")
+        return out
+
+    if mode == "detach":
+        cache = None
+        for k, (start, stop) in enumerate(bounds):
+            last = k == len(bounds) - 1
+            with ctx(last):
+                out = run(k, cache)
+                loss, _ = _chunk_loss(out, batch, start, stop)
+                loss = loss * scale
+                backward([loss], [None])
+            total = total + loss.detach()
+            if not last:
+                cache = out.past_key_values
+                _detach_cache(cache)
+        return total
+
+    # exact: boundary caches without a graph, then chunks in reverse from leaf copies of their initial states
+    entering: list[Any] = [None]
+    with torch.no_grad():
+        cache = None
+        for k in range(len(bounds) - 1):
+            cache = run(k, cache, labels=False).past_key_values
+            entering.append(copy.deepcopy(cache))
+    state_grads: list[torch.Tensor | None] | None = None
+    for k in reversed(range(len(bounds))):
+        cache, leaves = entering[k], []
+        if cache is not None:
+            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in _cache_states(cache)]
+            _load_cache_states(cache, leaves)
+        with ctx(k == 0):
+            out = run(k, cache)
+            loss, _ = _chunk_loss(out, batch, *bounds[k])
+            loss = loss * scale
+            tensors: list[torch.Tensor] = [loss]
+            grads: list[torch.Tensor | None] = [None]
+            if state_grads is not None:
+                for t, g in zip(_cache_states(out.past_key_values), state_grads):
+                    if g is not None and t.requires_grad:
+                        tensors.append(t)
+                        grads.append(g)
+            backward(tensors, grads)
+        total = total + loss.detach()
+        state_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
+        entering[k] = None  # free the boundary state as soon as it is used
+    return total
+
+
+# ---- logging -----------------------------------------------------------------------------------------------
+
+def _csv_tracker_class():
+    from accelerate.tracking import GeneralTracker, on_main_process
+
+    class CSVTracker(GeneralTracker):
+        """Metrics to one CSV file, a row per logged step; a new metric name rewrites the header."""
+
+        name = "csv"
+        requires_logging_directory = False
+
+        def __init__(self, path: str | Path):
+            super().__init__()
+            self.path = Path(path)
+            self.columns: list[str] = []
+            if self.path.is_file():  # a resumed run appends
+                with open(self.path) as f:
+                    header = f.readline().strip()
+                self.columns = header.split(",") if header else []
+
+        @property
+        def tracker(self):
+            return self.path
+
+        @on_main_process
+        def store_init_configuration(self, values: dict) -> None:
+            pass
+
+        @on_main_process
+        def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+            import csv
+
+            row = {"step": step, **{k: v for k, v in values.items() if isinstance(v, (int, float, str))}}
+            new = [k for k in row if k not in self.columns]
+            if new:
+                old_rows = []
+                if self.path.is_file() and self.columns:
+                    with open(self.path, newline="") as f:
+                        old_rows = list(csv.DictReader(f))
+                self.columns = self.columns + new
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, self.columns)
+                    writer.writeheader()
+                    writer.writerows(old_rows)
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.columns).writerow(row)
+
+    return CSVTracker
+
+
+def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"section.field": scalar} (lists and None as strings) for tracker hyperparameters."""
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under root to disk so the rename that publishes it cannot outrun the data."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """The checkpoint folder named by `path`: a checkpoint itself, a run directory or its checkpoints/
+    folder (-> the newest complete checkpoint), or None when there is none."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        pointer = root / "latest"
+        if pointer.is_file():
+            candidate = root / pointer.read_text().strip()
+            if (candidate / "trainer_state.json").is_file():
+                return candidate
+        done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / "trainer_state.json").is_file())
+        if done:
+            return done[-1]
+    return None
+
+
+def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
+                    data_state: StreamState) -> Path:
+    """Write checkpoints/step_<step>/ atomically: everything goes to a temporary folder that is renamed
+    into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go."""
+    from accelerate.utils import gather_object
+
+    root = Path(cfg.output_dir) / "checkpoints"
+    name = f"{CHECKPOINT_PREFIX}{step:08d}"
+    final, tmp = root / name, root / f".tmp-{name}"
+    data_states = gather_object([data_state.as_dict()])
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp / "accelerate"))
+    state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers its shards)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+        state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}  # torch.compile's wrapper
+        unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
+                 "data_states": data_states}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+        _fsync_tree(tmp)
+        if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / "latest", name)
+        done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p != final)
+        for old in done[:max(0, len(done) - (cfg.checkpoint.keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+class _StopRequest:
+    """SIGTERM or a first Ctrl-C asks the loop to save and stop after the current step; a second Ctrl-C
+    interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+class _Prefetch:
+    """Micro-batches made by a background thread (tokenization overlaps the GPU), in order."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterator, depth: int, pin: bool):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, args=(batches, pin), daemon=True)
+        self._thread.start()
+
+    def _fill(self, batches: Iterator, pin: bool) -> None:
+        try:
+            for batch, state in batches:
+                if pin:
+                    batch = {k: v.pin_memory() for k, v in batch.items()}
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put((batch, state), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._END)
+        except BaseException as e:  # re-raised in the training thread
+            self._queue.put(e)
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class TrainResult:
+    """What a run did: the last completed step, every step's loss (this invocation), evaluations, the
+    last checkpoint, whether it stopped early on a signal."""
+
+    step: int
+    losses: dict[int, float]
+    evals: list[dict[str, float]]
+    checkpoint: Path | None
+    stopped: bool
+    tokens: int
+
+
+def _mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if name == "fp32" else name
+
+
+def train(cfg: TrainConfig, resume: str | None = None,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Run (or resume) a training run.
+
+    Args:
+        cfg: the run config (`load_config`).
+        resume: None starts fresh (refused if the run directory has checkpoints); 'auto' continues from the
+            run's newest checkpoint if there is one; a path continues from that checkpoint or run directory.
+        on_step: called after every optimizer step with (step, {"loss", "lr", "grad_norm"}) (a device sync
+            per step; for tests and benchmarks).
+
+    Returns:
+        a TrainResult.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+
+    validate_config(cfg)
+    AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
+    out_dir = Path(cfg.output_dir)
+    ckpt_root = out_dir / "checkpoints"
+    trackers: list[Any] = [t for t in cfg.log.trackers if t != "csv"]
+    if "csv" in cfg.log.trackers:
+        trackers.append(_csv_tracker_class()(out_dir / "metrics.csv"))
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg.train.precision), log_with=trackers or None,
+        project_dir=str(out_dir),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.train.compile else None,
+        step_scheduler_with_optimizer=False)
+    world, device = accelerator.num_processes, accelerator.device
+
+    start_ckpt = None
+    if resume is not None:
+        start_ckpt = latest_checkpoint(out_dir if resume == "auto" else resume)
+        if start_ckpt is None and resume != "auto":
+            raise ValueError(f"--resume: no checkpoint in {resume!r}")
+    elif latest_checkpoint(out_dir) is not None:
+        raise ValueError(f"output_dir: {str(out_dir)!r} already holds checkpoints; pass --resume to continue "
+                         f"that run, or choose another output_dir")
+
+    L, B = cfg.data.seq_len, cfg.train.micro_batch_size
+    if cfg.train.batch_tokens is not None:
+        per_micro = B * L * world
+        if cfg.train.batch_tokens % per_micro:
+            raise ValueError(f"train.batch_tokens: {cfg.train.batch_tokens} is not a multiple of "
+                             f"micro_batch_size · seq_len · processes = {per_micro}")
+        accum = cfg.train.batch_tokens // per_micro
+    else:
+        accum = cfg.train.grad_accum or 1
+    tokens_per_step = B * L * accum * world
+
+    set_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    model = build_model(cfg, tokenizer)
+    inputs = ModelInputs.of(model)
+    chunk = cfg.train.tbptt_chunk
+    if cfg.data.packing and not (inputs.seq_idx or inputs.position_ids):
+        raise ValueError("data.packing: the model's forward takes neither seq_idx nor position_ids, so "
+                         "packed documents would see each other; set data.packing=false")
+    if chunk is not None and cfg.data.packing and not inputs.seq_idx:
+        raise ValueError("train.tbptt_chunk: with packed rows the model must take seq_idx (documents meet "
+                         "inside a chunk, where a carried cache cannot tell them apart); "
+                         "set data.packing=false")
+    if cfg.train.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_params, model_class = count_parameters(model), type(model).__name__
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        model = model.to(device)  # fused AdamW needs the parameters on the GPU when it is built
+    optimizer = build_optimizer(model, cfg.optim)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    # which kernels each mixer runs, resolved on the device the model now lives on
+    backend = unwrapped.backend_report() if hasattr(unwrapped, "backend_report") else {}
+
+    step, tokens, data_state = 0, 0, StreamState()
+    if start_ckpt is not None:
+        state = json.loads((start_ckpt / "trainer_state.json").read_text())
+        if state["world_size"] != world:
+            raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
+                             f"run has {world}; the data order is per process: resume with the same number")
+        accelerator.load_state(str(start_ckpt / "accelerate"))
+        step, tokens = state["step"], state["tokens"]
+        data_state = StreamState(**state["data_states"][accelerator.process_index])
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".tmp-*"):  # left by a run killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
+        (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        info = {"model_class": model_class, "params": n_params,
+                "backend": backend, "tokenizer": cfg.tokenizer, "vocab": len(tokenizer), "processes": world,
+                "device": str(device), "precision": accelerator.mixed_precision, "grad_accum": accum,
+                "tokens_per_step": tokens_per_step, "torch": torch.__version__}
+        (out_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+    accelerator.wait_for_everyone()
+    hparams = _flat(cfg.to_dict()) | {"params": n_params}
+    hparams |= {f"backend/{k}": str(v) for k, v in backend.items()}
+    accelerator.init_trackers("tensorboard", config=hparams)
+    accelerator.print(f"model {model_class}: {n_params / 1e6:.2f}M "
+                      f"parameters; backends {backend or 'n/a'}; {tokens_per_step} tokens/step "
+                      f"({world} x {B} x {L} x {accum}); precision {accelerator.mixed_precision}")
+
+    stream = TextStream(cfg.data, tokenizer, "train", accelerator.process_index, world,
+                        chunk_len=chunk if cfg.data.packing else None)
+    batches = _Prefetch(stream.batches(B, data_state), cfg.train.prefetch * accum, pin=device.type == "cuda")
+    eval_batches: list[dict[str, torch.Tensor]] | None = None
+
+    def evaluate() -> dict[str, float]:
+        nonlocal eval_batches
+        if eval_batches is None:
+            eval_stream = TextStream(cfg.data, tokenizer, "eval", accelerator.process_index, world,
+                                     chunk_len=chunk if cfg.data.packing else None)
+            it = eval_stream.batches(cfg.eval.micro_batch_size or B)
+            eval_batches = [b for b, _ in itertools.islice(it, cfg.eval.batches)]
+        model.eval()
+        sums = torch.zeros(2, device=device, dtype=torch.float64)
+        with torch.no_grad():
+            for batch in eval_batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                if chunk is None:
+                    n = count_targets(batch["labels"])
+                    out = model(**inputs.kwargs(batch), **({"use_cache": False} if inputs.use_cache else {}))
+                    sums += torch.stack([_weighted_loss(out, n).double(),
+                                         torch.tensor(float(n), device=device)])
+                    continue
+                cache = None
+                for start in range(0, L, chunk):
+                    out = model(**inputs.kwargs(batch, slice(start, start + chunk)), past_key_values=cache,
+                                use_cache=True)
+                    loss, n = _chunk_loss(out, batch, start, start + chunk)
+                    sums += torch.stack([loss.double(), torch.tensor(float(n), device=device)])
+                    cache = out.past_key_values
+        model.train()
+        sums = accelerator.reduce(sums, reduction="sum")
+        mean = (sums[0] / sums[1].clamp(min=1)).item()
+        metrics = {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
+        if isinstance(tokenizer, ByteTokenizer):
+            metrics["eval/bits_per_byte"] = mean / math.log(2)
+        return metrics
+
+    def backward(tensors, grads):
+        if accelerator.scaler is not None:
+            tensors = [accelerator.scaler.scale(tensors[0])] + list(tensors[1:])
+        torch.autograd.backward(tensors, grads)
+
+    peak = cfg.log.peak_tflops or peak_tflops(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = None
+    if cfg.log.progress_bar and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    losses: dict[int, float] = {}
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back from the device
+    evals: list[dict[str, float]] = []
+    last_ckpt: Path | None = start_ckpt
+    saved_step = step if start_ckpt is not None else -1
+    window_time, window_tokens, stopped, updating = 0.0, 0, False, False
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def save() -> None:
+        nonlocal last_ckpt, saved_step
+        if saved_step != step:
+            last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state)
+            saved_step = step
+
+    def flush() -> list[float]:
+        """Read the pending step losses back (averaged over processes) into `losses`."""
+        nonlocal pending
+        if not pending:
+            return []
+        values = accelerator.reduce(torch.stack([v for _, v in pending]), reduction="mean").tolist()
+        losses.update({s: v for (s, _), v in zip(pending, values)})
+        pending = []
+        return values
+
+    with _StopRequest() as stop:
+        try:
+            while step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, cfg)
+                micro = [next(batches) for _ in range(accum)]
+                n_total = sum(count_targets(b["labels"]) for b, _ in micro)
+                scale = 1.0 / max(1, n_total)
+                step_loss = torch.zeros((), device=device)
+                for i, (batch, _) in enumerate(micro):
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    step_loss += forward_backward(
+                        model, batch, scale, inputs, chunk_len=chunk, mode=cfg.train.tbptt_mode,
+                        backward=backward, no_sync=lambda: accelerator.no_sync(model),
+                        sync_last=i == accum - 1)
+                updating = True
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += tokens_per_step
+                data_state = micro[-1][1]
+                updating = False
+                pending.append((step, step_loss))
+                window_tokens += tokens_per_step
+                if on_step is not None:
+                    on_step(step, {"loss": float(step_loss), "lr": lr_at(step - 1, cfg),
+                                   "grad_norm": float(grad_norm)})
+                log_now = step % cfg.log.every == 0 or step == cfg.train.max_steps
+                if log_now:
+                    values = flush()  # the device sync that makes the window's time honest
+                    window_time += time.perf_counter() - t0
+                    tps = window_tokens / max(window_time, 1e-9)
+                    metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
+                               "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
+                    if peak is not None:
+                        metrics["mfu"] = 6 * n_params * tps / world / (peak * 1e12)
+                    if device.type == "cuda":
+                        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                    accelerator.log(metrics, step=step)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+                    window_time, window_tokens = 0.0, 0
+                else:
+                    window_time += time.perf_counter() - t0
+                if bar is not None:
+                    bar.update(1)
+                if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
+                    metrics = evaluate()
+                    evals.append({"step": step, **metrics})
+                    accelerator.log(metrics, step=step)
+                    accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}"
+                                                                   for k, v in metrics.items()))
+                if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                    save()
+                if world == 1:
+                    requested = stop.requested
+                elif log_now:  # processes agree to stop at the same step (a collective: not every step)
+                    flag = torch.tensor(float(stop.requested), device=device)
+                    requested = accelerator.reduce(flag, reduction="sum").item() > 0
+                else:
+                    requested = False
+                if requested:
+                    stopped = True
+                    accelerator.print(f"stop requested: saving step {step} and exiting")
+                    break
+            flush()
+            if stopped or cfg.checkpoint.final:
+                save()
+        except KeyboardInterrupt:
+            stopped = True
+            losses.update({s: float(v) for s, v in pending})
+            if updating:  # parameters may be half-updated: keep the previous checkpoint
+                accelerator.print(f"interrupted during the optimizer step: not saving; last checkpoint "
+                                  f"{last_ckpt}")
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                accelerator.print(f"interrupted: saving the last completed step {step}")
+                save()
+            raise
+        finally:
+            batches.close()
+            if bar is not None:
+                bar.close()
+            accelerator.end_training()
+    return TrainResult(step=step, losses=losses, evals=evals, checkpoint=last_ckpt, stopped=stopped,
+                       tokens=tokens)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``zoo train CONFIG [--section.field=value ...] [--resume [DIR]]`` (also scripts/train.py)."""
+    parser = argparse.ArgumentParser(
+        prog="zoo train", allow_abbrev=False,
+        description="Pretrain a causal LM under accelerate. Overrides: --section.field=value "
+                    "(e.g. --train.max_steps=100 --data.seq_len=512 --output_dir=runs/x).")
+    parser.add_argument("config", help="run config YAML (configs/train/*.yaml)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR",
+                        help="continue from DIR (a checkpoint or run directory), or from the run's newest "
+                             "checkpoint")
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
+    try:
+        cfg = load_config(args.config, [item[2:] for item in rest])
+    except ValueError as e:
+        parser.error(str(e))
+    result = train(cfg, resume=args.resume)
+    from accelerate import PartialState
+
+    if result.checkpoint is not None and PartialState().is_main_process:
+        print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "OptimConfig",
+           "ScheduleConfig", "TrainConfig", "TrainResult", "build_model", "build_optimizer",
+           "config_from_dict", "count_parameters", "count_targets", "forward_backward", "latest_checkpoint",
+           "load_config", "lr_at", "main", "param_groups", "peak_tflops", "save_checkpoint", "train",
+           "validate_config"]
