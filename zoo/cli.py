@@ -10,6 +10,8 @@ import sys
 COMMANDS = {
     "demo": ("zoo.demo", "main", "train a tiny hybrid on MQAR on CPU (the README's first command)"),
     "train": ("zoo.train", "main", "pretrain a model from a run config under accelerate"),
+    "convert": ("zoo.convert", "main", "convert checkpoints into/out of the zoo (transformers, mamba_ssm)"),
+    "graft": ("zoo.surgery", "main", "build a hybrid from a Transformer++ and a Mamba/Mamba-2 checkpoint"),
     "info": ("zoo.cli", "info", "parameters, state size and layers of model configs"),
     "generate": ("zoo.cli", "generate", "generate text from a saved model folder"),
 }

@@ -1,0 +1,119 @@
+"""Benchmark: our causal depthwise conv1d CUDA kernel vs cuDNN (F.conv1d, groups=D) vs the memory floor.
+
+Shapes of the Mamba-1 130M / 370M layers' conv (D = 1536 / 2048, W = 4, bias, SiLU, bf16 x) at B·L = 16K
+tokens, and L = 8192; our op gets fp32 weight and bias (the mixer's parameters), cuDNN bf16 ones.
+cuDNN is timed the two ways a torch user writes it (pad by W-1 then convolve, or convolve with
+padding=W-1 and drop the tail), each followed by SiLU; the faster one is the baseline. The floor is the
+bytes that must move (fwd: x in, y out; fwd+bwd adds x and dy in, dx out) over the measured
+device-to-device copy bandwidth; "of floor" = floor / time, the fraction of bandwidth reached.
+
+    python benchmarks/conv1d.py [--out benchmarks/results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [("130M", 8, 1536, 2048), ("370M", 8, 2048, 2048), ("130M L=8192", 2, 1536, 8192)]
+WIDTH = 4
+
+
+def bench(fn) -> float:
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 28, device="cuda").normal_()
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / (bench(lambda: y.copy_(x)) * 1e-3)
+
+
+def cudnn_pad(x, w, b):
+    return F.silu(F.conv1d(F.pad(x, (WIDTH - 1, 0)), w.unsqueeze(1), b, groups=x.shape[1]))
+
+
+def cudnn_slice(x, w, b):
+    return F.silu(F.conv1d(x, w.unsqueeze(1), b, padding=WIDTH - 1, groups=x.shape[1])[..., : x.shape[-1]])
+
+
+def timings(fn, x, w, b) -> tuple[float, float]:
+    with torch.no_grad():
+        fwd = bench(lambda: fn(x, w, b))
+    xs, ws, bs = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
+    dy = torch.randn_like(x)
+
+    def step():
+        torch.autograd.grad(fn(xs, ws, bs), (xs, ws, bs), dy)
+
+    return fwd, bench(step)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results.jsonl")
+    args = ap.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
+    from zoo_kernels.conv1d import cuda as conv_cuda
+
+    if not conv_cuda.available():
+        raise SystemExit(conv_cuda.why_unavailable())
+    card = torch.cuda.get_device_name(0)
+    date = datetime.date.today().isoformat()
+    command = "python " + " ".join(sys.argv)
+    bw = copy_bandwidth()
+
+    def ours(x, w, b):  # fp32 weight and bias, as the mixer's parameters are (cuDNN needs them in x's dtype)
+        return conv_cuda.causal_conv1d_cuda(x, w, b, None, None, "silu")
+
+    rows = []
+    lines = ["| shape | pass | ours ms | of floor | cuDNN ms (best) | of floor | speedup | floor ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, batch, dim, length in SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(batch, dim, length, device="cuda", generator=g).to(torch.bfloat16)
+        w = (torch.randn(dim, WIDTH, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+        b = torch.randn(dim, device="cuda", generator=g).to(torch.bfloat16)
+        with torch.no_grad():
+            y_ref = cudnn_pad(x, w, b).float()
+            err = (ours(x, w, b).float() - y_ref).norm() / y_ref.norm()
+        t_ours = timings(ours, x, w.float(), b.float())
+        t_pad = timings(cudnn_pad, x, w, b)
+        t_slice = timings(cudnn_slice, x, w, b)
+        elems = batch * dim * length
+        floor = (2 * 2 * elems / bw * 1e3, 2 * 5 * elems / bw * 1e3)
+        for i, what in enumerate(("fwd", "fwd+bwd")):
+            cudnn = min(t_pad[i], t_slice[i])
+            how = "pad+conv" if t_pad[i] <= t_slice[i] else "conv(padding)+slice"
+            name = f"causal_conv1d {what} {label} (B={batch}, D={dim}, L={length}, W={WIDTH}, silu, bf16)"
+            common = {"name": name, "card": card, "date": date, "command": command, "ours_ms": t_ours[i],
+                      "floor_ms": floor[i], "ours_of_floor": floor[i] / t_ours[i], "copy_TBps": bw / 1e12,
+                      "err_vs_cudnn": err.item()}
+            rows.append({**common, "baseline": f"cuDNN F.conv1d groups=D ({how}) + silu",
+                         "baseline_ms": cudnn, "ratio": cudnn / t_ours[i],
+                         "cudnn_of_floor": floor[i] / cudnn})
+            rows.append({**common, "baseline": "floor", "baseline_ms": floor[i],
+                         "ratio": floor[i] / t_ours[i]})
+            lines.append(f"| {label} | {what} | {t_ours[i]:.3f} | {floor[i] / t_ours[i]:.0%} | {cudnn:.3f} "
+                         f"({how}) | {floor[i] / cudnn:.0%} | {cudnn / t_ours[i]:.2f}x | {floor[i]:.3f} |")
+        del x, w, b
+        torch.cuda.empty_cache()
+    with open(args.out, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"\n{card}, {date}, `{command}`; floor from a measured copy at {bw / 1e12:.2f} TB/s\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+// Causal depthwise conv1d (W <= 4), forward and backward, with document resets (seq_idx) and a carried
+// history (initial_state). Memory-bound: each thread owns 16 bytes of outputs of one row and reads its
+// window (W-1 neighbours come from the L1 lines its neighbour thread loads), so DRAM sees x read once and
+// y written once; the backward reads x and dy once and writes dx once, and reduces dweight/dbias per
+// block before one atomic per (block, tap).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "causal_conv1d.h"
+
+namespace zoo_conv {
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
+constexpr int kThreads = 128;
+
+// Loads positions [t, t + N) of a row into f (zero outside [0, L)); 16 bytes at once when allowed.
+template <typename T>
+__device__ __forceinline__ void load_row(float* f, const T* row, int t, int L, bool vec) {
+  constexpr int N = Pack<T>::N;
+  if (vec && t >= 0 && t + N <= L) {
+    Pack<T> p;
+    *reinterpret_cast<uint4*>(&p) = *reinterpret_cast<const uint4*>(row + t);
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = to_f(p.v[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = (t + i >= 0 && t + i < L) ? to_f(row[t + i]) : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_row(T* row, const float* f, int t, int L, bool vec) {
+  constexpr int N = Pack<T>::N;
+  Pack<T> p;
+#pragma unroll
+  for (int i = 0; i < N; ++i) p.v[i] = from_f<T>(f[i]);
+  if (vec && t + N <= L) {
+    *reinterpret_cast<uint4*>(row + t) = *reinterpret_cast<const uint4*>(&p);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (t + i < L) row[t + i] = p.v[i];
+  }
+}
+
+// last[i] = the latest document start at or before position t_first + i (or a large negative number),
+// for the positions [t_first, t_first + kLen). A tap at position s is valid for output t iff last(t) <= s.
+template <int kLen>
+__device__ __forceinline__ void last_starts(int (&last)[kLen], const int* seq, int t_first, int L) {
+  int lr = -(1 << 30);
+  int prev = (t_first - 1 >= 0 && t_first - 1 < L) ? seq[t_first - 1] : 0;
+#pragma unroll
+  for (int i = 0; i < kLen; ++i) {
+    const int t = t_first + i;
+    const int cur = (t >= 0 && t < L) ? seq[t] : prev;
+    if (t > 0 && t < L && cur != prev) lr = t;
+    prev = cur;
+    last[i] = lr;
+  }
+}
+
+template <typename T, int kW>
+__global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const ConvParams p) {
+  constexpr int kVec = Pack<T>::N, kH = kW - 1;
+  const int row = blockIdx.x, L = p.len;
+  const int t0 = (blockIdx.y * kThreads + threadIdx.x) * kVec;
+  if (t0 >= L) return;
+  const int d = row % p.dim;
+  const T* xr = static_cast<const T*>(p.x) + size_t(row) * L;
+  float w[kW];
+#pragma unroll
+  for (int k = 0; k < kW; ++k) w[k] = p.weight[d * kW + k];
+  const float bias = p.bias ? p.bias[d] : 0.f;
+
+  float xw[kH + kVec];  // positions t0 - kH .. t0 + kVec - 1
+  load_row(xw + kH, xr, t0, L, p.vec_ok);
+#pragma unroll
+  for (int j = 0; j < kH; ++j) {
+    const int s = t0 - kH + j;
+    xw[j] = s >= 0 ? to_f(xr[s]) : (p.init ? p.init[size_t(row) * kH + kH + s] : 0.f);
+  }
+  int last[kH + kVec];  // from t0 - kH: a start just before t0 cuts the first outputs' early taps
+  if (p.seq_idx) last_starts<kH + kVec>(last, p.seq_idx + size_t(row / p.dim) * L, t0 - kH, L);
+  float y[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    float acc = bias;
+#pragma unroll
+    for (int k = 0; k < kW; ++k) {
+      const bool ok = !p.seq_idx || last[kH + i] <= t0 + i - kH + k;
+      acc = fmaf(w[k], ok ? xw[i + k] : 0.f, acc);
+    }
+    if (p.silu) acc = acc * __fdividef(1.f, 1.f + __expf(-acc));
+    y[i] = acc;
+  }
+  store_row(static_cast<T*>(p.y) + size_t(row) * L, y, t0, L, p.vec_ok);
+}
+
+template <typename T, int kW>
+__global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) {
+  constexpr int kVec = Pack<T>::N, kH = kW - 1;
+  constexpr int kPre = kVec + kH;  // outputs whose gradient reaches this thread's inputs: t0 .. t0+kVec+kH-1
+  const int row = blockIdx.x, L = p.len;
+  const int t0 = (blockIdx.y * kThreads + threadIdx.x) * kVec;
+  const bool active = t0 < L;
+  const int d = row % p.dim;
+  const T* xr = static_cast<const T*>(p.x) + size_t(row) * L;
+  const T* gr = static_cast<const T*>(p.dy) + size_t(row) * L;
+  float w[kW];
+#pragma unroll
+  for (int k = 0; k < kW; ++k) w[k] = p.weight[d * kW + k];
+  const float bias = p.bias ? p.bias[d] : 0.f;
+
+  float dw[kW + 1];  // dweight[0..kW-1], dbias
+#pragma unroll
+  for (int k = 0; k <= kW; ++k) dw[k] = 0.f;
+  if (active) {
+    float xw[kH + kVec + kVec];  // positions t0 - kH .. t0 + 2 kVec - 1
+    load_row(xw + kH, xr, t0, L, p.vec_ok);
+    load_row(xw + kH + kVec, xr, t0 + kVec, L, p.vec_ok);
+#pragma unroll
+    for (int j = 0; j < kH; ++j) {
+      const int s = t0 - kH + j;
+      xw[j] = s >= 0 ? to_f(xr[s]) : (p.init ? p.init[size_t(row) * kH + kH + s] : 0.f);
+    }
+    float g[2 * kVec];  // dy at t0 .. t0 + 2 kVec - 1
+    load_row(g, gr, t0, L, p.vec_ok);
+    load_row(g + kVec, gr, t0 + kVec, L, p.vec_ok);
+    int last[kH + kPre];  // latest document start at or before t0 - kH + i
+    if (p.seq_idx) last_starts<kH + kPre>(last, p.seq_idx + size_t(row / p.dim) * L, t0 - kH, L);
+    float dpre[kPre];  // dL/d(pre-activation) at t0 + i
+#pragma unroll
+    for (int i = 0; i < kPre; ++i) {
+      float gi = g[i];
+      if (p.silu) {
+        float acc = bias;
+#pragma unroll
+        for (int k = 0; k < kW; ++k) {
+          const bool ok = !p.seq_idx || last[kH + i] <= t0 + i - kH + k;
+          acc = fmaf(w[k], ok ? xw[i + k] : 0.f, acc);
+        }
+        const float sg = __fdividef(1.f, 1.f + __expf(-acc));
+        gi *= sg * fmaf(acc, 1.f - sg, 1.f);
+      }
+      dpre[i] = t0 + i < L ? gi : 0.f;
+    }
+    // dx[s] = sum_k w[k] dpre[s + kH - k] over outputs whose window holds s in the same document.
+    float dx[kVec];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      float acc = 0.f;
+#pragma unroll
+      for (int k = 0; k < kW; ++k) {
+        const int o = i + kH - k;  // output index (relative to t0) that reads input t0 + i through tap k
+        const bool ok = !p.seq_idx || last[kH + o] <= t0 + i;
+        acc = fmaf(w[k], ok ? dpre[o] : 0.f, acc);
+      }
+      dx[i] = acc;
+    }
+    store_row(static_cast<T*>(p.dx) + size_t(row) * L, dx, t0, L, p.vec_ok);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+#pragma unroll
+      for (int k = 0; k < kW; ++k) {
+        const bool ok = !p.seq_idx || last[kH + i] <= t0 + i - kH + k;
+        dw[k] = fmaf(dpre[i], ok ? xw[i + k] : 0.f, dw[k]);
+      }
+      dw[kW] += dpre[i];
+    }
+    if (t0 == 0 && p.dinit) {
+      // The history positions -kH .. -1 feed outputs 0 .. kH-1 of the first document only.
+#pragma unroll
+      for (int j = 0; j < kH; ++j) {
+        const int s = j - kH;
+        float acc = 0.f;
+#pragma unroll
+        for (int k = 0; k < kW; ++k) {
+          const int o = s + kH - k;
+          if (o >= 0) {
+            const bool ok = !p.seq_idx || last[kH + o] <= s;
+            acc = fmaf(w[k], ok ? dpre[o] : 0.f, acc);
+          }
+        }
+        p.dinit[size_t(row) * kH + j] = acc;
+      }
+    }
+  }
+  __shared__ float red[kThreads / 32][kW + 1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k <= kW; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dw[k] += __shfl_xor_sync(0xffffffffu, dw[k], off);
+    if (lane == 0) red[warp][k] = dw[k];
+  }
+  __syncthreads();
+  if (threadIdx.x <= kW) {
+    float s = 0.f;
+#pragma unroll
+    for (int wp = 0; wp < kThreads / 32; ++wp) s += red[wp][threadIdx.x];
+    if (threadIdx.x < kW)
+      atomicAdd(p.dweight + d * kW + threadIdx.x, s);
+    else if (p.dbias)
+      atomicAdd(p.dbias + d, s);
+  }
+}
+
+template <typename T, int kW>
+cudaError_t launch(const ConvParams& p, bool backward, cudaStream_t stream) {
+  constexpr int kVec = Pack<T>::N;
+  const int segs = (p.len + kThreads * kVec - 1) / (kThreads * kVec);
+  const dim3 grid(p.batch * p.dim, segs);
+  if (backward)
+    conv_bwd_kernel<T, kW><<<grid, kThreads, 0, stream>>>(p);
+  else
+    conv_fwd_kernel<T, kW><<<grid, kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_w(const ConvParams& p, bool backward, cudaStream_t stream) {
+  switch (p.width) {
+    case 2: return launch<T, 2>(p, backward, stream);
+    case 3: return launch<T, 3>(p, backward, stream);
+    case 4: return launch<T, 4>(p, backward, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t conv(const ConvParams& p, DType dtype, bool backward, cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat32: return launch_w<float>(p, backward, stream);
+    case kBFloat16: return launch_w<__nv_bfloat16>(p, backward, stream);
+    case kFloat16: return launch_w<__half>(p, backward, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace zoo_conv

@@ -1,0 +1,29 @@
+// Causal depthwise conv1d: parameters and launcher shared by the CUDA source and the torch binding.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace zoo_conv {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct ConvParams {
+  int batch, dim, len, width;  // width in 2..4
+  bool silu;
+  bool vec_ok;          // rows start 16-byte aligned and len is a multiple of 16 bytes
+  const void* x;        // [batch, dim, len]
+  const float* weight;  // [dim, width]
+  const float* bias;    // [dim] or null
+  const int* seq_idx;   // [batch, len] or null
+  const float* init;    // [batch, dim, width - 1] or null
+  void* y;
+  const void* dy;
+  void* dx;
+  float* dweight;       // [dim, width], accumulated
+  float* dbias;         // [dim] or null, accumulated
+  float* dinit;         // [batch, dim, width - 1] or null
+};
+
+cudaError_t conv(const ConvParams& p, DType dtype, bool backward, cudaStream_t stream);
+
+}  // namespace zoo_conv

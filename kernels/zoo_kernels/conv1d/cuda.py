@@ -1,0 +1,135 @@
+"""Causal depthwise conv1d on our CUDA kernel (widths 2..4), with document resets and a carried state.
+
+Why a kernel of our own: cuDNN's grouped conv1d needs the input padded by W-1 first (an extra read and
+write of x) and runs depthwise convolutions far from the memory bound; ours reads x once and writes y
+once (benchmarks/conv1d.py measures both against bytes / 3.0 TB/s). Built just in time like the
+selective scan (see zoo_kernels.selective_scan.cuda.build_extension); other widths and dtypes take the
+torch reference, which is exact but slower.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from zoo_kernels.conv1d.ref import causal_conv1d_ref
+from zoo_kernels.selective_scan.cuda import build_extension
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("causal_conv1d_api.cpp", "causal_conv1d.cu")
+_HEADERS = ("causal_conv1d.h",)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+WIDTHS = (2, 3, 4)
+
+_ext = None
+_why: str | None = None
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """True when the extension is built (building it on first call); never raises."""
+    global _ext, _why
+    if _ext is not None:
+        return True
+    if _why is not None:
+        return False
+    with _lock:
+        if _ext is None and _why is None:
+            try:
+                if not torch.cuda.is_available():
+                    raise RuntimeError("no CUDA device")
+                _ext = build_extension(_SOURCES, _HEADERS, _CSRC, "zoo_causal_conv1d")
+            except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
+                _why = f"causal-conv1d CUDA extension unavailable: {exc}"
+    return _ext is not None
+
+
+def why_unavailable() -> str | None:
+    """The reason `available()` returned False (None if it did not, or was not called yet)."""
+    return _why
+
+
+def _module():
+    if not available():
+        raise RuntimeError(_why)
+    return _ext
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+class _CausalConv1dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_idx, initial_state, silu):
+        x_ = x.contiguous()
+        w_, b_, h_ = _f32(weight), _f32(bias), _f32(initial_state)
+        seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+        y = _module().fwd(x_, w_, b_, seq, h_, silu)
+        ctx.save_for_backward(x_, w_, b_, seq, h_)
+        ctx.silu = silu
+        ctx.in_dtypes = (weight.dtype, None if bias is None else bias.dtype,
+                         None if initial_state is None else initial_state.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w, b, seq, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db, dh = _module().bwd(x, w, b, seq, h, dy.to(x.dtype).contiguous(), ctx.silu,
+                                       h is not None and need[4])
+        w_dt, b_dt, h_dt = ctx.in_dtypes
+        return (
+            dx if need[0] else None,
+            dw.to(w_dt) if need[1] else None,
+            db.to(b_dt) if need[2] and b is not None else None,
+            None,
+            dh.to(h_dt) if need[4] and h is not None else None,
+            None,
+        )
+
+
+def _final_state(x, initial_state, seq_idx, width):
+    """The last W-1 inputs [batch, D, W-1] fp32, zero before the last document (torch ops: autograd flows)."""
+    batch, dim, length = x.shape
+    hist = width - 1
+    if length >= hist:
+        tail = x[..., length - hist:].float()
+    else:
+        prev = (initial_state.float() if initial_state is not None
+                else x.new_zeros(batch, dim, hist, dtype=torch.float32))
+        tail = torch.cat([prev, x.float()], dim=2)[..., -hist:]
+    if seq_idx is None:
+        return tail
+    starts = torch.zeros_like(seq_idx, dtype=torch.int32)
+    starts[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).int()
+    count = starts.cumsum(dim=1)  # document starts at or before each position
+    pos = torch.arange(length - hist, length, device=x.device)
+    at_pos = torch.where(pos >= 0, count[:, pos.clamp(min=0)], torch.zeros_like(count[:, :1]))
+    same_doc = at_pos == count[:, -1:]  # no document starts after the position
+    return tail * same_doc[:, None, :]
+
+
+def causal_conv1d_cuda(x, weight, bias=None, seq_idx=None, initial_state=None, activation=None,
+                       return_final_state=False):
+    """Same arguments and results as `causal_conv1d_ref`: y [batch, D, L] (and the final state fp32).
+
+    x: [batch, D, L] fp32/bf16/fp16; weight: [D, W] with W in 2..4 on the kernel (else the reference);
+    bias: [D]; seq_idx: [batch, L] int; initial_state: [batch, D, W-1]; activation None, "silu", "swish".
+    """
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+    width = weight.shape[1]
+    if width not in WIDTHS or x.dtype not in _DTYPES:
+        return causal_conv1d_ref(x, weight, bias, seq_idx, initial_state, activation, return_final_state)
+    y = _CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_state, activation is not None)
+    if not return_final_state:
+        return y
+    return y, _final_state(x, initial_state, seq_idx, width)
+
+
+__all__ = ["available", "why_unavailable", "causal_conv1d_cuda", "WIDTHS"]

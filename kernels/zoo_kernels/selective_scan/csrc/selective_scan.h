@@ -1,0 +1,71 @@
+// Mamba-1 selective scan: parameters and launchers shared by the CUDA sources and the torch binding.
+// This header is torch-free so that the kernels compile with plain nvcc.
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace zoo_ss {
+
+// Element type of u, delta, z, B, C and the outputs (state and accumulation are always fp32).
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct ScanParams {
+  int batch, dim, len, nstate, ngroups, dim_per_group;
+  int nchunks;      // ceil(len / kChunk)
+  int len_pad;      // row length of the fp32 dB/dC accumulators (len rounded up to 4)
+  bool softplus;
+  bool vec_ok;      // rows of u/delta/z/B/C/outputs start 16-byte aligned (16-byte accesses allowed)
+  // inputs: u, delta, z, out, y_save, du, ddelta, dz, dout [batch, dim, len]; B, C [batch, G, N, len]
+  const void* u;
+  const void* delta;
+  const float* A;            // [dim, N]
+  const void* B;
+  const void* C;
+  const float* D;            // [dim] or null
+  const void* z;             // or null
+  const float* delta_bias;   // [dim] or null
+  const int* seq_idx;        // [batch, len] or null
+  const float* h0;           // [batch, dim, N] or null
+  // forward outputs
+  void* out;
+  void* y_save;              // y + D u before the gate, kept for dz (null: not kept)
+  float* ckpt;               // [batch, nchunks - 1, dim, N]: state after each chunk but the last (null: none)
+  float* final_state;        // [batch, dim, N] or null
+  // backward
+  const void* dout;
+  const float* dfinal;       // [batch, dim, N] or null
+  void* du;
+  void* ddelta;
+  void* dz;                  // or null
+  float* dA;                 // [dim, N], accumulated
+  float* dB;                 // [batch, G, N, len_pad], accumulated
+  float* dC;
+  float* dD;                 // [dim] or null, accumulated
+  float* ddelta_bias;        // [dim] or null, accumulated
+  float* dh0;                // [batch, dim, N] or null
+};
+
+struct UpdateParams {
+  int batch, dim, nstate, ngroups, dim_per_group;
+  bool softplus;
+  long x_stride, dt_stride, z_stride, bc_stride, out_stride;  // batch strides (channel stride is 1)
+  float* state;              // [batch, dim, N] fp32, updated in place
+  const void* x;
+  const void* dt;
+  const float* A;
+  const void* B;             // [batch, G, N]
+  const void* C;
+  const float* D;
+  const void* z;
+  const float* dt_bias;
+  void* out;                 // [batch, dim]
+};
+
+// Time steps per chunk: the forward keeps the state at every chunk end for the backward.
+constexpr int kChunk = 64;
+
+cudaError_t scan_fwd(const ScanParams& p, DType dtype, cudaStream_t stream);
+cudaError_t scan_bwd(const ScanParams& p, DType dtype, cudaStream_t stream);
+cudaError_t state_update(const UpdateParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace zoo_ss

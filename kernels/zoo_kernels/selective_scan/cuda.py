@@ -1,0 +1,210 @@
+"""Our Mamba-1 selective-scan CUDA kernels: JIT build, autograd Function, single-step decode update.
+
+The sources in csrc/ are compiled at first use with nvcc through `torch.utils.cpp_extension.load`
+(ninja), for the present GPU's architecture only, into ~/.cache/hybrid-zoo/selective_scan/<key>, the key
+hashing the sources with the torch and CUDA versions and the architecture (so a rebuild happens only when
+one of them changes). `available()` never raises: when there is no nvcc, no ninja or the build fails it
+returns False and `why_unavailable()` says why.
+
+Kernel design (csrc/selective_scan_kernels.cuh): every lane of a warp runs the recurrence of a channel's
+states (two per lane in the forward from N = 8, one in the backward below N = 64) sequentially over time
+in registers; chunks of 64 steps are staged in shared memory; the forward keeps the state after every
+chunk, the backward re-runs each chunk's forward from it and then the reverse (adjoint) recurrence, with
+dh_final injected at the end and dh0 returned at the start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = (
+    "selective_scan_api.cpp",
+    "selective_scan_fwd.cu",
+    "selective_scan_bwd_fp32.cu",
+    "selective_scan_bwd_bf16.cu",
+    "selective_scan_bwd_fp16.cu",
+    "selective_state_update.cu",
+)
+_HEADERS = ("selective_scan.h", "selective_scan_kernels.cuh")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_STATE = 64
+
+_ext = None
+_why: str | None = None
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Root of the JIT build cache (override with $ZOO_KERNELS_CACHE)."""
+    return Path(os.environ.get("ZOO_KERNELS_CACHE", Path.home() / ".cache" / "hybrid-zoo"))
+
+
+def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Path, prefix: str):
+    """JIT-builds csrc/sources for the current GPU's architecture; returns the loaded module.
+
+    Raises RuntimeError with the reason (no nvcc, no ninja, compiler error) when it cannot.
+    """
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
+        raise RuntimeError(
+            "nvcc not found: install the CUDA toolkit matching torch.version.cuda "
+            f"({torch.version.cuda}) or set CUDA_HOME"
+        )
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja not found: pip install ninja")
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    digest = hashlib.sha256()
+    for name in sources + headers:
+        digest.update(name.encode())
+        digest.update((csrc / name).read_bytes())
+    digest.update(f"{torch.__version__}|{torch.version.cuda}|sm_{arch}".encode())
+    name = f"{prefix}_{digest.hexdigest()[:16]}"
+    build_dir = cache_dir() / prefix / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(csrc / s) for s in sources],
+        build_directory=str(build_dir),
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=["-O3", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
+        verbose=os.environ.get("ZOO_KERNELS_VERBOSE", "") == "1",
+    )
+
+
+def available() -> bool:
+    """True when the extension is built (building it on first call); never raises."""
+    global _ext, _why
+    if _ext is not None:
+        return True
+    if _why is not None:
+        return False
+    with _lock:
+        if _ext is None and _why is None:
+            try:
+                if not torch.cuda.is_available():
+                    raise RuntimeError("no CUDA device")
+                if torch.cuda.get_device_capability() < (8, 0):
+                    raise RuntimeError("the selective-scan kernel needs compute capability 8.0 or newer")
+                _ext = build_extension(_SOURCES, _HEADERS, _CSRC, "zoo_selective_scan")
+            except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
+                _why = f"selective-scan CUDA extension unavailable: {exc}"
+    return _ext is not None
+
+
+def why_unavailable() -> str | None:
+    """The reason `available()` returned False (None if it did not, or was not called yet)."""
+    return _why
+
+
+def _module():
+    if not available():
+        raise RuntimeError(_why)
+    return _ext
+
+
+def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus,
+                return_final_state):
+        ext = _module()
+        dtype = u.dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"selective_scan_cuda: u must be fp32, bf16 or fp16, got {dtype}")
+        if A.shape[1] > MAX_STATE:
+            raise ValueError(f"selective_scan_cuda: N = {A.shape[1]} > {MAX_STATE}; use backend='ref'")
+        u_ = u.contiguous()
+        delta_ = delta.to(dtype).contiguous()
+        B_ = (B if B.dim() == 4 else B.unsqueeze(1)).to(dtype).contiguous()  # (batch, G, N, L)
+        C_ = (C if C.dim() == 4 else C.unsqueeze(1)).to(dtype).contiguous()
+        z_ = None if z is None else z.to(dtype).contiguous()
+        A_, D_, bias_, h0 = _f32(A), _f32(D), _f32(delta_bias), _f32(initial_state)
+        seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+        save = any(ctx.needs_input_grad)
+        out, final_state, ckpt, y_save = ext.fwd(u_, delta_, A_, B_, C_, D_, z_, bias_, bool(delta_softplus),
+                                                 h0, seq, save, bool(return_final_state))
+        if save:
+            ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, h0, seq, ckpt,
+                                  y_save if z is not None else None)
+            ctx.softplus = bool(delta_softplus)
+            ctx.in_dtypes = tuple(None if t is None else t.dtype
+                                  for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+            ctx.bc_dims = (B.dim(), C.dim())
+        ctx.set_materialize_grads(False)
+        return (out, final_state) if return_final_state else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        u, delta, A, B, C, D, z, bias, h0, seq, ckpt, y_save = ctx.saved_tensors
+        dout = grads[0]
+        dfinal = grads[1] if len(grads) > 1 else None
+        dout = torch.zeros_like(u) if dout is None else dout.to(u.dtype).contiguous()
+        dfinal = None if dfinal is None else dfinal.float().contiguous()
+        need = ctx.needs_input_grad
+        du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _module().bwd(
+            u, delta, A, B, C, D, z, bias, ctx.softplus, h0, seq, ckpt, y_save, dout, dfinal,
+            h0 is not None and need[8],
+        )
+        L = u.shape[-1]
+        dB, dC = dB[..., :L], dC[..., :L]
+        if ctx.bc_dims[0] == 3:
+            dB = dB.squeeze(1)
+        if ctx.bc_dims[1] == 3:
+            dC = dC.squeeze(1)
+        grads_in = (du, ddelta, dA, dB, dC, dD, dz, ddb, dh0)
+        out = []
+        for i, (g, dt) in enumerate(zip(grads_in, ctx.in_dtypes)):
+            out.append(g.to(dt) if need[i] and dt is not None else None)
+        return (*out, None, None, None)
+
+
+def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        initial_state=None, seq_idx=None, return_final_state=False):
+    """Selective scan on our CUDA kernel; same arguments, shapes and results as `selective_scan_ref`.
+
+    u, delta, z: [batch, D, L] (fp32, bf16 or fp16; delta and z are cast to u's dtype); A: [D, N] with
+    N <= 64; B, C: [batch, N, L] or [batch, G, N, L]; D, delta_bias: [D]; initial_state: [batch, D, N];
+    seq_idx: [batch, L] int. Returns out [batch, D, L] in u's dtype, and with return_final_state the
+    final state [batch, D, N] fp32. Differentiable in every tensor input, the final state included.
+    """
+    return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                                  delta_softplus, return_final_state)
+
+
+def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One decoding step in one kernel launch; updates `state` [batch, D, N] in place, returns y [batch, D].
+
+    x, dt, z: [batch, D]; B, C: [batch, N] or [batch, G, N]; A: [D, N]; D, dt_bias: [D].
+    """
+    ext = _module()
+    dtype = x.dtype if x.dtype in _DTYPES else torch.float32
+
+    def unit_stride(t):
+        t = t.to(dtype)
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    B3 = (B if B.dim() == 3 else B.unsqueeze(1)).to(dtype).contiguous()
+    C3 = (C if C.dim() == 3 else C.unsqueeze(1)).to(dtype).contiguous()
+    work = state if state.dtype == torch.float32 and state.is_contiguous() else state.float().contiguous()
+    y = ext.state_update(work, unit_stride(x), unit_stride(dt), _f32(A), B3, C3, _f32(D),
+                         None if z is None else unit_stride(z), _f32(dt_bias), bool(dt_softplus))
+    if work is not state:
+        state.copy_(work)
+    return y.to(x.dtype)
+
+
+__all__ = ["available", "why_unavailable", "selective_scan_cuda", "selective_state_update_cuda", "cache_dir"]

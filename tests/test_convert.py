@@ -1,0 +1,448 @@
+"""Checkpoint conversion: transformers Mamba / Mamba-2 / Llama / Jamba and mamba_ssm <-> zoo, both ways.
+
+Each source is a tiny random model made by its own library (for mamba_ssm, which does not install on CPU, a
+state dict with its key layout and its config dict), saved, converted, and compared: logits within 1e-5 in
+fp32, identical tensors after the round trip, the same greedy tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    JambaConfig,
+    JambaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+)
+from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
+
+import zoo  # noqa: F401  (registers the Auto classes)
+from zoo import ZooConfig, ZooForCausalLM
+from zoo.convert import (
+    UnmappableError,
+    convert,
+    detect_format,
+    from_hf_jamba,
+    from_hf_llama,
+    from_hf_mamba2,
+    from_mamba_ssm,
+    load_mamba_ssm,
+    main,
+    save_mamba_ssm,
+    to_hf_jamba,
+    to_hf_llama,
+    to_hf_mamba,
+    to_hf_mamba2,
+    to_mamba_ssm,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+VOCAB = 300
+ATOL = 1e-5
+
+
+def perturb(model: torch.nn.Module) -> torch.nn.Module:
+    """Move every parameter off its init (norms off 1, D off 1, ...) so that a misplaced tensor shows."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.02))
+    return model.eval()
+
+
+def assert_logits(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = (out - ref).abs().max().item()
+    assert err <= ATOL, f"{name}: max |logits - source logits| = {err:.3e} > {ATOL:.0e}"
+
+
+def assert_same_tensors(name: str, a: dict, b: dict) -> None:
+    assert set(a) == set(b), f"{name}: keys differ: {sorted(set(a) ^ set(b))[:6]}"
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), f"{name}: {key} differs"
+
+
+def greedy(model, ids: torch.Tensor, n: int = 5) -> torch.Tensor:
+    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+
+
+# ---- transformers sources ------------------------------------------------------------------------------------
+
+HF_SOURCES = {  # case -> (format, class, config)
+    "hf-mamba": ("hf-mamba", MambaForCausalLM, lambda: MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)),
+    "hf-mamba-bias-untied": ("hf-mamba", MambaForCausalLM, lambda: MambaConfig(
+        vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
+        time_step_rank=5, use_bias=True, use_conv_bias=False, layer_norm_epsilon=1e-6, tie_word_embeddings=False)),
+    "hf-mamba2": ("hf-mamba2", Mamba2ForCausalLM, lambda: Mamba2Config(
+        vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2, head_dim=16, num_heads=4,
+        n_groups=2, chunk_size=8)),
+    "hf-llama": ("hf-llama", LlamaForCausalLM, lambda: LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    "hf-llama-tied-headdim": ("hf-llama", LlamaForCausalLM, lambda: LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "hf-jamba": ("hf-jamba", JambaForCausalLM, lambda: JambaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1,
+        attn_layer_period=4, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=4, use_mamba_kernels=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(HF_SOURCES))
+def test_hf_source_converts_with_same_logits_generation_and_round_trip(case, tmp_path):
+    fmt, cls, make_config = HF_SOURCES[case]
+    torch.manual_seed(0)
+    source = perturb(cls(make_config()))
+    source.save_pretrained(tmp_path / "src")
+    assert detect_format(tmp_path / "src") == fmt
+
+    main([str(tmp_path / "src"), str(tmp_path / "zoo"), "--from", fmt])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo").eval()
+    assert isinstance(model, ZooForCausalLM)
+    assert (tmp_path / "zoo" / "generation_config.json").is_file()
+
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        assert_logits(case, model(ids).logits, source(ids, use_cache=False).logits)
+        prompt = ids[:1, :6]
+        assert torch.equal(greedy(model, prompt), greedy(source, prompt)), f"{case}: greedy tokens differ"
+
+    main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", fmt])
+    back = cls.from_pretrained(tmp_path / "back").eval()
+    assert_same_tensors(case, back.state_dict(), source.state_dict())
+
+
+def test_dtypes_survive_a_round_trip(tmp_path):
+    torch.manual_seed(0)
+    source = perturb(MambaForCausalLM(HF_SOURCES["hf-mamba"][2]())).to(torch.bfloat16)
+    source.save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo")])
+    main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", "hf-mamba"])
+    back = MambaForCausalLM.from_pretrained(tmp_path / "back", dtype="auto")
+    assert_same_tensors("bf16", back.state_dict(), source.state_dict())
+    # mamba_ssm keeps A_log and D in fp32 inside bf16 models; in memory every tensor keeps its dtype
+    config = MAMBA_SSM_CASES["mamba1-tied-padded"]
+    sd = {k: v if k.endswith(("A_log", ".D")) else v.bfloat16() for k, v in mamba_ssm_checkpoint(config).items()}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"]
+    assert_same_tensors("mixed", to_mamba_ssm(from_mamba_ssm(config, sd))[1], sd)
+
+
+def test_tokenizer_travels_with_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    HF_SOURCES["hf-llama"][1](HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo"), "--tokenizer", "byte"])
+    main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", "hf-llama"])
+    for folder in ("zoo", "back"):
+        tok = AutoTokenizer.from_pretrained(tmp_path / folder)
+        assert tok("héllo", add_special_tokens=False)["input_ids"] == list("héllo".encode())
+    assert AutoConfig.from_pretrained(tmp_path / "zoo").pad_token_id == tok.pad_token_id  # filled from the tokenizer
+
+
+def test_hf_mamba2_grouped_norm_is_what_transformers_computes():
+    # transformers' Mamba2 normalizes the gated RMSNorm over all of d_inner whatever n_groups is; the import
+    # must reproduce that (norm_groups=1), and the zoo's default per-group norm must differ from it.
+    torch.manual_seed(0)
+    source = perturb(Mamba2ForCausalLM(HF_SOURCES["hf-mamba2"][2]()))
+    model = from_hf_mamba2(source)
+    assert model.config.layer_specs()[0]["norm_groups"] == 1
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        ref = source(ids, use_cache=False).logits
+        assert_logits("norm_groups=1", model(ids).logits, ref)
+        grouped = copy.deepcopy(model.config)
+        del grouped.mixers["M"]["norm_groups"]
+        other = ZooForCausalLM(grouped).eval()
+        other.load_state_dict(model.state_dict())
+        assert (other(ids).logits - ref).abs().max() > 1e-3
+
+
+def test_jamba_router_weights_are_not_renormalized():
+    torch.manual_seed(0)
+    source = perturb(JambaForCausalLM(HF_SOURCES["hf-jamba"][2]()))
+    model = from_hf_jamba(source)
+    assert model.config.moe_spec()["normalize_topk"] is False
+    assert model.config.layer_specs()[2]["rope"] is False and model.config.layer_specs()[0]["inner_norms"]
+    ids = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        ref = source(ids, use_cache=False).logits
+        for block in model.model.layers:
+            if hasattr(block.ffn, "normalize_topk"):
+                block.ffn.normalize_topk = True
+        assert (model(ids).logits - ref).abs().max() > 1e-3, "renormalizing should change the logits"
+
+
+
+# ---- zoo models exported -------------------------------------------------------------------------------------
+
+JAMBA_STYLE = dict(vocab_size=VOCAB, d_model=32, layers="MMAM", ffn={"type": "swiglu", "hidden": 64},
+                   mixers={"M": {"type": "mamba", "d_state": 8, "inner_norms": True, "inner_norm_eps": 1e-6},
+                           "A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "rope": False}},
+                   moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "normalize_topk": False},
+                   norm_eps=1e-6)
+EXPORTS = {
+    "hf-mamba": (to_hf_mamba, lambda: ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")),
+    "hf-mamba2": (to_hf_mamba2, lambda: ZooConfig.from_yaml(CONFIGS / "mamba2-tiny.yaml")),
+    "hf-llama": (to_hf_llama, lambda: ZooConfig.from_yaml(CONFIGS / "transformerpp-tiny.yaml")),
+    "hf-jamba": (to_hf_jamba, lambda: ZooConfig(**JAMBA_STYLE)),
+}
+
+
+@pytest.mark.parametrize("fmt", list(EXPORTS))
+def test_zoo_model_exports_with_same_logits(fmt):
+    export, make_config = EXPORTS[fmt]
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(make_config()))
+    target = export(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    with torch.no_grad():
+        assert_logits(fmt, target(ids, use_cache=False).logits, model(ids).logits)
+
+
+UNMAPPABLE_EXPORTS = [
+    ("hf-jamba", to_hf_jamba, lambda: ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml"), "inner_norms"),
+    ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"],
+                                                                          "normalize_topk": True}}), "normalize_topk"),
+    ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "layers": "MAAM"}), "attn_layer_period"),
+    ("hf-mamba2", to_hf_mamba2, lambda: ZooConfig.from_yaml(
+        CONFIGS / "mamba2-tiny.yaml", mixers={"M": {"type": "mamba2", "d_state": 16, "head_dim": 16, "n_groups": 2}}),
+     "norm_groups"),
+    ("hf-llama", to_hf_llama, lambda: ZooConfig.from_yaml(
+        CONFIGS / "transformerpp-tiny.yaml", mixers={"A": {"type": "attention", "n_heads": 4, "window": 8}}), "window"),
+    ("hf-mamba", to_hf_mamba, lambda: ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml"), "moe"),
+    ("hf-mamba", to_hf_mamba, lambda: ZooConfig.from_yaml(CONFIGS / "mamba2-tiny.yaml"), "layers[0].type"),
+    ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", norm_eps=1e-6), "norm_eps"),
+    ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig.from_yaml(
+        CONFIGS / "mamba-tiny.yaml", ffn={"type": "swiglu", "hidden": 100}), "ffn.hidden"),
+]
+
+
+@pytest.mark.parametrize("fmt,export,make_config,option", UNMAPPABLE_EXPORTS,
+                         ids=[f"{c[0]}-{c[3]}" for c in UNMAPPABLE_EXPORTS])
+def test_unmappable_export_is_a_named_error(fmt, export, make_config, option):
+    with torch.device("meta"):
+        model = ZooForCausalLM(make_config())
+    with pytest.raises(UnmappableError, match=option.replace("[", r"\[").replace("]", r"\]")):
+        export(model)
+
+
+UNMAPPABLE_IMPORTS = [
+    (from_hf_mamba2, lambda: Mamba2ForCausalLM(Mamba2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, head_dim=16, num_heads=4, n_groups=1, state_size=8,
+        time_step_limit=(0.0, 10.0))), "time_step_limit"),
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})), "rope_type"),
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        attention_bias=True)), "attention_bias"),
+]
+
+
+@pytest.mark.parametrize("importer,make_source,option", UNMAPPABLE_IMPORTS, ids=[c[2] for c in UNMAPPABLE_IMPORTS])
+def test_unmappable_import_is_a_named_error(importer, make_source, option):
+    with pytest.raises(UnmappableError, match=option):
+        importer(make_source())
+
+
+# ---- mamba_ssm -----------------------------------------------------------------------------------------------
+# The layout below is read from mamba_ssm 2.3.2 (models/mixer_seq_simple.py, modules/block.py, modules/mlp.py,
+# modules/mamba_simple.py, modules/mamba2.py): MixerModel.embedding (note: singular), layers.{i}.norm / mixer /
+# norm2 / mlp.fc1 / mlp.fc2, norm_f; RMSNorm eps 1e-5; GatedMLP fc1 = [y, gate], hidden rounded up to 128.
+
+def mamba_ssm_checkpoint(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict with the keys and shapes MambaLMHeadModel(config) has."""
+    g = torch.Generator().manual_seed(seed)
+    d, ssm = config["d_model"], dict(config["ssm_cfg"])
+    vocab = -(-config["vocab_size"] // config["pad_vocab_size_multiple"]) * config["pad_vocab_size_multiple"]
+
+    def rnd(*shape, scale=0.1, shift=0.0):
+        return torch.randn(*shape, generator=g) * scale + shift
+
+    sd = {"backbone.embedding.weight": rnd(vocab, d, scale=0.5), "backbone.norm_f.weight": rnd(d, shift=1.0)}
+    for i in range(config["n_layer"]):
+        p = f"backbone.layers.{i}."
+        sd[p + "norm.weight"] = rnd(d, shift=1.0)
+        d_state, d_conv, expand = ssm.get("d_state"), ssm.get("d_conv", 4), ssm.get("expand", 2)
+        d_inner = expand * d
+        if ssm.get("layer", "Mamba1") == "Mamba1":  # mamba_simple.Mamba
+            dt_rank = -(-d // 16)
+            A = torch.arange(1, d_state + 1.0).repeat(d_inner, 1)
+            sd |= {p + "mixer.in_proj.weight": rnd(2 * d_inner, d), p + "mixer.conv1d.weight": rnd(d_inner, 1, d_conv),
+                   p + "mixer.conv1d.bias": rnd(d_inner),
+                   p + "mixer.x_proj.weight": rnd(dt_rank + 2 * d_state, d_inner),
+                   p + "mixer.dt_proj.weight": rnd(d_inner, dt_rank), p + "mixer.dt_proj.bias": rnd(d_inner, shift=-3),
+                   p + "mixer.A_log": torch.log(A) + rnd(d_inner, d_state), p + "mixer.D": rnd(d_inner, shift=1.0),
+                   p + "mixer.out_proj.weight": rnd(d, d_inner)}
+        else:  # mamba2.Mamba2: in_proj order [z, x, B, C, dt]
+            g_, heads = ssm.get("ngroups", 1), d_inner // ssm["headdim"]
+            conv_dim = d_inner + 2 * g_ * d_state
+            sd |= {p + "mixer.in_proj.weight": rnd(2 * d_inner + 2 * g_ * d_state + heads, d),
+                   p + "mixer.conv1d.weight": rnd(conv_dim, 1, d_conv), p + "mixer.conv1d.bias": rnd(conv_dim),
+                   p + "mixer.dt_bias": rnd(heads, shift=-3), p + "mixer.A_log": rnd(heads, shift=1.0),
+                   p + "mixer.D": rnd(heads, shift=1.0), p + "mixer.norm.weight": rnd(d_inner, shift=1.0),
+                   p + "mixer.out_proj.weight": rnd(d, d_inner)}
+        if config.get("d_intermediate", 0):
+            hidden = -(-config["d_intermediate"] // 128) * 128
+            sd |= {p + "norm2.weight": rnd(d, shift=1.0), p + "mlp.fc1.weight": rnd(2 * hidden, d),
+                   p + "mlp.fc2.weight": rnd(d, hidden)}
+    sd["lm_head.weight"] = sd["backbone.embedding.weight"] if config["tie_embeddings"] else rnd(vocab, d, scale=0.5)
+    return sd
+
+
+def hf_equivalent(config: dict):
+    """transformers' model for a mamba_ssm config, as its conversion scripts build it (padded vocabulary)."""
+    ssm = config["ssm_cfg"]
+    multiple = config["pad_vocab_size_multiple"]
+    vocab = -(-config["vocab_size"] // multiple) * multiple
+    if ssm.get("layer", "Mamba1") == "Mamba1":
+        return MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=config["d_model"], state_size=ssm["d_state"],
+                                             num_hidden_layers=config["n_layer"], expand=ssm.get("expand", 2),
+                                             conv_kernel=ssm.get("d_conv", 4),
+                                             tie_word_embeddings=config["tie_embeddings"])
+    d_inner = ssm.get("expand", 2) * config["d_model"]
+    return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"], state_size=ssm["d_state"],
+                                           num_hidden_layers=config["n_layer"], expand=ssm.get("expand", 2),
+                                           head_dim=ssm["headdim"], num_heads=d_inner // ssm["headdim"],
+                                           n_groups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
+                                           conv_kernel=ssm.get("d_conv", 4),
+                                           tie_word_embeddings=config["tie_embeddings"])
+
+
+def mamba_ssm_logits(config: dict, sd: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """MambaLMHeadModel.forward of mamba_ssm 2.3.2, transcribed (Block: Add -> RMSNorm -> mixer, GatedMLP,
+    rms_norm_ref), with transformers' MambaMixer / Mamba2Mixer for the mixers and mamba_ssm's grouped gated
+    RMSNorm (group_size = d_ssm // ngroups) in place of transformers' ungrouped one."""
+    cls, hf_config = hf_equivalent(config)
+    ssm = config["ssm_cfg"]
+
+    def rms(x, w, eps=1e-5):
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
+
+    h, residual = F.embedding(ids, sd["backbone.embedding.weight"]), None
+    for i in range(config["n_layer"]):
+        p = f"backbone.layers.{i}."
+        mixer = (MambaMixer if cls is MambaForCausalLM else Mamba2Mixer)(hf_config, layer_idx=i)
+        mixer.load_state_dict({k.removeprefix(p + "mixer."): v for k, v in sd.items() if k.startswith(p + "mixer.")})
+        if cls is Mamba2ForCausalLM:
+            weight, group = mixer.norm.weight, mixer.intermediate_size // ssm.get("ngroups", 1)
+
+            def grouped(x, z, weight=weight, group=group):
+                x = (x * F.silu(z)).unflatten(-1, (-1, group))
+                return rms(x, 1.0).flatten(-2) * weight
+
+            mixer.norm.forward = grouped
+        residual = h + residual if residual is not None else h
+        h = mixer(rms(residual, sd[p + "norm.weight"]))
+        if config.get("d_intermediate", 0):
+            residual = h + residual
+            y, gate = F.linear(rms(residual, sd[p + "norm2.weight"]), sd[p + "mlp.fc1.weight"]).chunk(2, dim=-1)
+            h = F.linear(y * F.silu(gate), sd[p + "mlp.fc2.weight"])
+    return F.linear(rms(h + residual, sd["backbone.norm_f.weight"]), sd["lm_head.weight"])
+
+
+MAMBA_SSM_CASES = {
+    "mamba1-tied-padded": {"d_model": 32, "n_layer": 2, "vocab_size": 250, "pad_vocab_size_multiple": 16,
+                           "tie_embeddings": True, "ssm_cfg": {"d_state": 8}},
+    "mamba2-untied": {"d_model": 32, "n_layer": 2, "vocab_size": 256, "pad_vocab_size_multiple": 8,
+                      "tie_embeddings": False,
+                      "ssm_cfg": {"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 8}},
+    "mamba2-groups-mlp": {"d_model": 32, "n_layer": 2, "vocab_size": 250, "pad_vocab_size_multiple": 8,
+                          "tie_embeddings": True, "d_intermediate": 100, "rms_norm": True, "residual_in_fp32": True,
+                          "fused_add_norm": True, "attn_layer_idx": [], "attn_cfg": {},
+                          "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 8,
+                                      "d_ssm": 64, "rmsnorm": True, "norm_before_gate": False}},
+    "mamba1-mlp": {"d_model": 32, "n_layer": 2, "vocab_size": 256, "pad_vocab_size_multiple": 8,
+                   "tie_embeddings": False, "d_intermediate": 128, "ssm_cfg": {"d_state": 4, "d_conv": 3}},
+}
+
+
+def test_mamba_ssm_transcription_matches_transformers_model():
+    # the hand transcription used as the oracle for MLP/group cases equals transformers' model where both apply
+    for case in ("mamba1-tied-padded", "mamba2-untied"):
+        config = MAMBA_SSM_CASES[case]
+        sd = mamba_ssm_checkpoint(config)
+        cls, hf_config = hf_equivalent(config)
+        hf = cls(hf_config).eval()
+        hf.load_state_dict(sd)  # transformers' load hook reads mamba_ssm's `embedding.` key
+        ids = torch.randint(0, config["vocab_size"], (2, 13))
+        with torch.no_grad():
+            assert_logits(case, mamba_ssm_logits(config, sd, ids), hf(ids, use_cache=False).logits)
+
+
+@pytest.mark.parametrize("case", list(MAMBA_SSM_CASES))
+def test_mamba_ssm_converts_with_same_logits_and_round_trip(case, tmp_path):
+    config = MAMBA_SSM_CASES[case]
+    sd = mamba_ssm_checkpoint(config)
+    save_mamba_ssm(config, sd, tmp_path / "src")
+    assert detect_format(tmp_path / "src") == "mamba_ssm"
+    convert(tmp_path / "src", tmp_path / "zoo")  # format detected from config.json
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo").eval()
+    multiple = config["pad_vocab_size_multiple"]
+    assert model.config.vocab_size == -(-config["vocab_size"] // multiple) * multiple
+    ids = torch.randint(0, config["vocab_size"], (2, 13))
+    with torch.no_grad():
+        assert_logits(case, model(ids).logits, mamba_ssm_logits(config, sd, ids))
+    if not config.get("d_intermediate") and config["ssm_cfg"].get("ngroups", 1) == 1:
+        cls, hf_config = hf_equivalent(config)
+        hf = cls(hf_config).eval()
+        hf.load_state_dict(sd)
+        with torch.no_grad():
+            assert torch.equal(greedy(model, ids[:1, :5]), greedy(hf, ids[:1, :5])), f"{case}: greedy tokens differ"
+
+    convert(tmp_path / "zoo", tmp_path / "back", to_format="mamba_ssm")
+    back_config, back_sd = load_mamba_ssm(tmp_path / "back")
+    assert_same_tensors(case, back_sd, sd)
+    again = from_mamba_ssm(back_config, back_sd)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_mamba_ssm_writes_what_mamba_ssm_reads(tmp_path):
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba2-tiny.yaml")))
+    config, sd = to_mamba_ssm(model)
+    save_mamba_ssm(config, sd, tmp_path)
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    assert set(on_disk) <= {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                            "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                            "tie_embeddings"}
+    assert on_disk["ssm_cfg"]["layer"] == "Mamba2" and on_disk["ssm_cfg"]["headdim"] == 16
+    assert "backbone.embedding.weight" in sd and "backbone.layers.3.mixer.dt_bias" in sd
+    ids = torch.randint(0, 512, (1, 11))
+    with torch.no_grad():
+        assert_logits("mamba2-tiny", mamba_ssm_logits(on_disk, sd, ids), model(ids).logits)
+
+
+MAMBA_SSM_UNMAPPABLE = [
+    ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "d_ssm": 32}}, "d_ssm"),
+    ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "dt_limit": [0.0, 0.5]}}, "dt_limit"),
+    ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "D_has_hdim": True}}, "D_has_hdim"),
+    ({"ssm_cfg": {"d_state": 8}, "rms_norm": False}, "rms_norm"),
+    ({"ssm_cfg": {"d_state": 8}, "attn_layer_idx": [1]}, "attn_layer_idx"),
+    ({"ssm_cfg": {"d_state": 8, "foo": 1}}, "ssm_cfg.foo"),
+]
+
+
+@pytest.mark.parametrize("override,option", MAMBA_SSM_UNMAPPABLE, ids=[c[1] for c in MAMBA_SSM_UNMAPPABLE])
+def test_mamba_ssm_unmappable_is_a_named_error(override, option):
+    config = {"d_model": 32, "n_layer": 2, "vocab_size": 64, "pad_vocab_size_multiple": 8, "tie_embeddings": True,
+              **override}
+    with pytest.raises(UnmappableError, match=option):
+        from_mamba_ssm(config, {})

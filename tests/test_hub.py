@@ -1,0 +1,84 @@
+"""Complete model folders: config, (sharded) safetensors, generation config and tokenizer, readable by
+clients that only know transformers (AutoModelForCausalLM, AutoTokenizer, pipeline) after `import zoo`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, pipeline
+
+import zoo  # noqa: F401  (registers the Auto classes)
+from zoo import ZooConfig, ZooForCausalLM
+from zoo.data.text import ByteTokenizer
+from zoo.hub import load_folder_tokenizer, load_model_folder, save_model_folder
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+TEXTS = ["plain ascii", "héllo wörld ✓ 🤖 漢字", "tabs\tnew\nlines\r\n  spaces ", "".join(map(chr, range(1, 256)))]
+
+
+def tiny(name: str = "jamba", vocab_size: int = 320) -> ZooForCausalLM:
+    torch.manual_seed(0)
+    return ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / f"{name}-tiny.yaml", vocab_size=vocab_size)).eval()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return save_model_folder(tiny(), tmp_path_factory.mktemp("zoo") / "model", ByteTokenizer())
+
+
+def test_folder_is_complete(folder):
+    for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (folder / name).is_file(), f"{name} missing"
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "zoo"
+    generation = GenerationConfig.from_pretrained(folder)
+    tok = ByteTokenizer()
+    assert (generation.pad_token_id, generation.bos_token_id, generation.eos_token_id) == \
+           (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+
+
+def test_auto_tokenizer_round_trips_bytes_exactly(folder):
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == len(ByteTokenizer())
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == list(text.encode("utf-8")), f"{text[:20]!r}: ids are not the UTF-8 bytes"
+        assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids(["<pad>", "<bos>", "<eos>"]) == [256, 257, 258]
+
+
+def test_pipeline_generates_from_folder(folder):
+    pipe = pipeline("text-generation", model=str(folder))
+    prompt = "def f(x):"
+    out = pipe(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_full_text=False)
+    model, tok = load_model_folder(folder)
+    ids = tok(prompt, return_tensors="pt")
+    expected = model.generate(**ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0, ids["input_ids"].shape[1]:]
+    assert len(expected) == 6
+    assert out[0]["generated_text"] == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_sharded_folder_loads_the_same_model(tmp_path):
+    model = tiny("mamba2")
+    save_model_folder(model, tmp_path, "byte", max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_tokenizer_must_fit_the_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        save_model_folder(tiny("mamba", vocab_size=200), tmp_path, ByteTokenizer())
+
+
+def test_folder_without_tokenizer(tmp_path):
+    save_model_folder(tiny("mamba"), tmp_path)
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "generation_config.json").is_file()
+    assert load_folder_tokenizer(tmp_path) is None

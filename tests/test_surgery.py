@@ -1,0 +1,134 @@
+"""Hybrid surgery: grafted layers compute what they computed in their source, and the hybrid trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MambaConfig, MambaForCausalLM
+
+import zoo  # noqa: F401  (registers the Auto classes)
+from zoo import ZooConfig, ZooForCausalLM
+from zoo.convert import from_hf_llama, from_hf_mamba
+from zoo.surgery import graft, main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+FRESH = {"N": {"type": "mamba2", "d_state": 16, "head_dim": 16, "chunk_size": 8}}
+
+
+def perturbed(config: ZooConfig, seed: int) -> ZooForCausalLM:
+    torch.manual_seed(seed)
+    model = ZooForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 0.02))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base() -> ZooForCausalLM:
+    return perturbed(ZooConfig.from_yaml(CONFIGS / "transformerpp-tiny.yaml", layers="AAAA"), 0)
+
+
+@pytest.fixture(scope="module")
+def donor() -> ZooForCausalLM:
+    return perturbed(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml"), 1)
+
+
+def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_grafted_layers_equal_their_sources(base, donor):
+    hybrid = graft(base, "AM AM", donor, donor_layers=[3, 0]).eval()
+    assert [s["type"] for s in hybrid.config.layer_specs()] == ["attention", "mamba", "attention", "mamba"]
+    x = torch.randn(2, 11, 64)
+    with torch.no_grad():
+        for i, source in ((0, base.model.layers[0].mixer), (1, donor.model.layers[3].mixer),
+                          (2, base.model.layers[2].mixer), (3, donor.model.layers[0].mixer)):
+            assert torch.equal(hybrid.model.layers[i].mixer(x), source(x)), f"layer {i} mixer differs"
+        for i in range(4):  # norms and MLPs are the base's everywhere
+            for part in ("norm", "ffn_norm", "ffn"):
+                assert same(getattr(hybrid.model.layers[i], part), getattr(base.model.layers[i], part)), (i, part)
+        for i in (0, 2):  # kept layers are the base's whole blocks
+            assert torch.equal(hybrid.model.layers[i](x)[0], base.model.layers[i](x)[0])
+    assert same(hybrid.model.embeddings, base.model.embeddings) and same(hybrid.model.norm_f, base.model.norm_f)
+    assert same(hybrid.lm_head, base.lm_head)
+
+
+def test_keep_all_is_the_base_and_sources_are_untouched(base, donor):
+    before = {k: v.clone() for k, v in donor.state_dict().items()}
+    ids = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(graft(base, "AAAA").eval()(ids).logits, base(ids).logits)
+    hybrid = graft(base, "MMMM", donor, mixer_norm="donor")
+    with torch.no_grad():
+        for p in hybrid.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(v, donor.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(graft(base, "MAAA", donor, mixer_norm="donor").model.layers[0].norm.weight,
+                       donor.model.layers[0].norm.weight)
+
+
+def test_fresh_mixers_replace_attention(base):
+    hybrid = graft(base, "ANAN", mixers=FRESH, seed=3).eval()
+    again = graft(base, "ANAN", mixers=FRESH, seed=3)
+    assert same(hybrid, again), "the seed must fix the fresh mixers"
+    assert [s["type"] for s in hybrid.config.layer_specs()] == ["attention", "mamba2", "attention", "mamba2"]
+    assert not same(hybrid, graft(base, "ANAN", mixers=FRESH, seed=4))
+    assert same(hybrid.model.layers[0], base.model.layers[0]) and same(hybrid.model.layers[1].ffn,
+                                                                       base.model.layers[1].ffn)
+
+
+def test_hybrid_trains(base, donor):
+    # a grafted Mamba and a fresh Mamba-1 (the chunked Mamba-2 reference is slow to differentiate on CPU)
+    hybrid = graft(base, "AMAN", donor, mixers={"N": {"type": "mamba", "d_state": 8}}).train()
+    opt = torch.optim.AdamW(hybrid.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 512, (2, 16))
+    losses = []
+    for _ in range(6):
+        loss = hybrid(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], f"loss did not drop: {losses}"
+
+
+@pytest.mark.parametrize("args,message", [
+    (("AMA",), "3 letters"),
+    (("AMAM",), "no donor"),
+    (("AXAM", "donor"), "'X'"),
+    (("AMAM", "donor", [0]), "donor_layers"),
+    (("AMAM", "narrow"), "d_model"),
+], ids=["length", "no-donor", "letter", "donor-layers", "width"])
+def test_bad_surgery_is_a_named_error(base, donor, args, message):
+    narrow = perturbed(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", d_model=32), 2)
+    pattern, *rest = args
+    kwargs = {}
+    if rest:
+        kwargs["donor"] = donor if rest[0] == "donor" else narrow
+    if len(rest) > 1:
+        kwargs["donor_layers"] = rest[1]
+    with pytest.raises(ValueError, match=message):
+        graft(base, pattern, **kwargs)
+
+
+def test_cli_grafts_transformers_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    mamba = MambaForCausalLM(MambaConfig(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=8)).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    mamba.save_pretrained(tmp_path / "mamba")
+    main([str(tmp_path / "hybrid"), "--base", str(tmp_path / "llama"), "--donor", str(tmp_path / "mamba"),
+          "--pattern", "AMAM", "--donor-layers", "2,6"])
+    hybrid = AutoModelForCausalLM.from_pretrained(tmp_path / "hybrid").eval()
+    zoo_llama, zoo_mamba = from_hf_llama(llama), from_hf_mamba(mamba)
+    assert same(hybrid.model.layers[1].mixer, zoo_mamba.model.layers[2].mixer)
+    assert same(hybrid.model.layers[3].mixer, zoo_mamba.model.layers[6].mixer)
+    assert same(hybrid.model.layers[2], zoo_llama.model.layers[2])
+    assert same(hybrid.model.embeddings, zoo_llama.model.embeddings)

@@ -1,0 +1,88 @@
+"""Complete Hugging Face model folders: what any client that only knows transformers needs to load a zoo model.
+
+A folder holds config.json, model.safetensors (sharded with model.safetensors.index.json when larger than
+`max_shard_size`), generation_config.json with the tokenizer's special ids, and the tokenizer files, so
+that after `import zoo`
+
+    AutoModelForCausalLM.from_pretrained(folder); AutoTokenizer.from_pretrained(folder)
+    pipeline("text-generation", model=folder)
+
+work offline. The built-in byte tokenizer is saved as tokenizer.json (a `tokenizers` byte-level model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase | None:
+    """'byte' -> the built-in byte tokenizer; a folder with tokenizer files -> its tokenizer; a folder without
+    any -> None; any other name -> `AutoTokenizer.from_pretrained(name)`."""
+    from transformers import AutoTokenizer
+
+    from zoo.data.text import ByteTokenizer
+
+    if str(name_or_path) == "byte":
+        return ByteTokenizer()
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return AutoTokenizer.from_pretrained(str(name_or_path))
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    config_file = path / "tokenizer_config.json"
+    if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
+        return ByteTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any = None, *,
+                      max_shard_size: int | str = "5GB") -> Path:
+    """Write `model` (and `tokenizer`: an object with `save_pretrained`, 'byte', or a folder) as a complete
+    model folder; returns the folder.
+
+    The tokenizer's pad/bos/eos ids fill the model config's and generation config's unset ones, so
+    `generate` and pipelines stop and pad as the tokenizer expects. Raises ValueError when the tokenizer has
+    more tokens than the model's vocabulary.
+    """
+    folder = Path(folder)
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_folder_tokenizer(tokenizer)
+    config, generation = model.config, model.generation_config
+    if tokenizer is not None:
+        if len(tokenizer) > config.vocab_size:
+            raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
+                             f"{config.vocab_size}; choose a tokenizer with at most that many tokens")
+        for name in _SPECIAL_IDS:
+            value = getattr(tokenizer, name, None)
+            if value is not None and getattr(config, name, None) is None:
+                setattr(config, name, value)
+    if generation is not None:
+        for name in _SPECIAL_IDS:
+            if getattr(generation, name, None) is None and getattr(config, name, None) is not None:
+                setattr(generation, name, getattr(config, name))
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    if generation is not None and not (folder / "generation_config.json").is_file():
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The model (`AutoModelForCausalLM.from_pretrained`, kwargs passed on) and tokenizer (None if the folder
+    has none) of a model folder."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo's Auto classes)
+
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
+
+
+__all__ = ["load_folder_tokenizer", "load_model_folder", "save_model_folder"]

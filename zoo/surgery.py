@@ -1,0 +1,175 @@
+"""Hybrid surgery: a hybrid from a Transformer++ and a Mamba / Mamba-2 model, or a Transformer++ whose attention
+layers are replaced by freshly initialised mixers at chosen positions — the usual start for distilling a
+Transformer into a hybrid.
+
+The base model (normally the Transformer++) gives the embeddings, every norm, every MLP / MoE, the head and
+the layers it keeps; a donor model of the same d_model gives the mixers of the grafted layers, unchanged, so a
+grafted layer's mixer computes exactly what it computed in the donor.
+
+    zoo graft DST --base llama_folder --donor mamba_folder --pattern "AMAM AMAM"
+    zoo graft DST --base llama_folder --pattern "AANA" --mixers "{N: {type: mamba2, head_dim: 32}}"
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zoo.config import ZooConfig
+from zoo.modeling import ZooForCausalLM
+
+KEEP, DONOR = "A", "M"  # pattern letters: keep the base layer's mixer / take the donor layer's mixer
+# config fields that describe the saved file, not the model
+_FILE_FIELDS = ("model_type", "transformers_version", "architectures", "dtype", "torch_dtype")
+
+
+def _parse_pattern(pattern: str, n_layers: int, fresh: dict[str, dict], has_donor: bool) -> list[str]:
+    letters = [c for c in pattern if not c.isspace()]
+    if len(letters) != n_layers:
+        raise ValueError(f"pattern: {len(letters)} letters for a base model of {n_layers} layers; give one letter "
+                         f"per layer")
+    for i, letter in enumerate(letters):
+        if letter in fresh:
+            if letter == DONOR and has_donor:
+                raise ValueError(f"pattern: {DONOR!r} means the donor's mixer; name fresh mixers with another letter")
+            continue
+        if letter == DONOR and not has_donor:
+            raise ValueError(f"pattern: letter {DONOR!r} (layer {i}) takes the donor's mixer, but no donor was given")
+        if letter not in (KEEP, DONOR):
+            raise ValueError(f"pattern: letter {letter!r} (layer {i}) is neither {KEEP!r} (keep the base mixer), "
+                             f"{DONOR!r} (the donor's) nor a key of `mixers` ({', '.join(sorted(fresh)) or 'none'})")
+    return letters
+
+
+def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = None, *,
+          mixers: dict[str, dict] | None = None, donor_layers: list[int] | None = None, mixer_norm: str = "base",
+          seed: int = 0) -> ZooForCausalLM:
+    """A new ZooForCausalLM with base's layout and weights, and other mixers at the positions `pattern` names.
+
+    Args:
+        base: the model whose embeddings, norms, feed-forwards, head and kept layers the hybrid has.
+        pattern: one letter per base layer (spaces ignored): 'A' keeps base's mixer, 'M' takes donor's mixer,
+            a key of `mixers` gets a freshly initialised mixer of that spec.
+        donor: a zoo model of the same d_model (e.g. a Mamba); its embeddings, head and feed-forwards are unused.
+        mixers: letter -> mixer spec ({type: mamba2, ...}) for fresh mixers.
+        donor_layers: the donor layer grafted at each 'M', in order (default: the same layer index).
+        mixer_norm: 'base' keeps base's pre-mixer RMSNorm at grafted layers; 'donor' takes the donor layer's
+            (the norm its mixer was trained behind; needs equal norm_eps).
+        seed: seeds the initialisation of fresh mixers.
+    The sources are not modified; the hybrid holds copies.
+    """
+    fresh = dict(mixers or {})
+    base_specs = base.config.layer_specs()
+    letters = _parse_pattern(pattern, len(base_specs), fresh, donor is not None)
+    grafted = [i for i, c in enumerate(letters) if c == DONOR and c not in fresh]
+    if mixer_norm not in ("base", "donor"):
+        raise ValueError(f"mixer_norm: use 'base' or 'donor', got {mixer_norm!r}")
+    sources: dict[int, int] = {}
+    if donor is not None:
+        if donor.config.d_model != base.config.d_model:
+            raise ValueError(f"donor: d_model {donor.config.d_model} differs from the base's {base.config.d_model}; "
+                             f"grafted mixers need the same width")
+        if mixer_norm == "donor" and donor.config.norm_eps != base.config.norm_eps:
+            raise ValueError(f"mixer_norm: 'donor' needs equal norm_eps (donor {donor.config.norm_eps}, base "
+                             f"{base.config.norm_eps}); use mixer_norm='base'")
+        chosen = list(donor_layers) if donor_layers is not None else grafted
+        if len(chosen) != len(grafted):
+            raise ValueError(f"donor_layers: {len(chosen)} indices for {len(grafted)} 'M' letters in the pattern")
+        n_donor = donor.config.num_hidden_layers
+        for i, j in zip(grafted, chosen):
+            if not 0 <= j < n_donor:
+                raise ValueError(f"donor_layers: index {j} (for layer {i}) is outside the donor's {n_donor} layers")
+            sources[i] = j
+    elif donor_layers:
+        raise ValueError("donor_layers: given without a donor")
+
+    donor_specs = donor.config.layer_specs() if donor is not None else []
+    specs = []
+    for i, letter in enumerate(letters):
+        if letter in fresh:
+            spec = copy.deepcopy(dict(fresh[letter]))
+        elif letter == DONOR:
+            spec = copy.deepcopy(donor_specs[sources[i]])
+        else:
+            spec = copy.deepcopy(base_specs[i])
+        spec["ffn"] = base_specs[i]["ffn"]
+        specs.append(spec)
+    fields = {k: v for k, v in base.config.to_dict().items() if k not in _FILE_FIELDS}
+    config = ZooConfig(**(fields | {"layers": specs, "mixers": {}}))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hybrid = ZooForCausalLM(config)
+    param = next(base.parameters())
+    hybrid.to(dtype=param.dtype, device=param.device)
+
+    state = hybrid.state_dict()
+    new_state = {}
+    base_state, donor_state = base.state_dict(), donor.state_dict() if donor is not None else {}
+    for key, value in state.items():
+        parts = key.split(".")
+        layer = int(parts[2]) if key.startswith("model.layers.") else None
+        if layer is None or letters[layer] == KEEP or parts[3] not in ("mixer", "norm"):
+            new_state[key] = base_state[key]  # embeddings, head, final norm, feed-forwards, kept layers
+        elif letters[layer] in fresh:
+            new_state[key] = base_state[key] if parts[3] == "norm" else value
+        elif parts[3] == "norm" and mixer_norm == "base":
+            new_state[key] = base_state[key]
+        else:
+            new_state[key] = donor_state[".".join([*parts[:2], str(sources[layer]), *parts[3:]])]
+    hybrid.load_state_dict(new_state, strict=True)
+    hybrid.mark_no_weight_decay()
+    return hybrid.train(base.training)
+
+
+def _read_mixers(text: str | None) -> dict[str, dict]:
+    """Fresh mixer specs from a YAML/JSON string or a YAML file: {letter: {type: ..., ...}}."""
+    import yaml
+
+    if not text:
+        return {}
+    path = Path(text)
+    data: Any = yaml.safe_load(path.read_text() if path.is_file() else text)
+    if isinstance(data, dict) and "mixers" in data and isinstance(data["mixers"], dict):
+        data = data["mixers"]
+    if not isinstance(data, dict) or not all(isinstance(v, dict) and "type" in v for v in data.values()):
+        raise ValueError(f"--mixers: expected {{letter: {{type: ..., ...}}}}, got {data!r}")
+    return data
+
+
+def main(argv: list[str] | None = None) -> None:
+    from zoo.convert import load_as_zoo
+    from zoo.hub import load_folder_tokenizer, save_model_folder
+
+    p = argparse.ArgumentParser(prog="zoo graft", description="Build a hybrid from a Transformer++ (base) and a "
+                                "Mamba/Mamba-2 (donor), or give a Transformer++ fresh mixers at chosen layers.")
+    p.add_argument("dst", help="folder for the hybrid (a complete model folder with the base's tokenizer)")
+    p.add_argument("--base", required=True, help="base model folder (zoo, hf-llama, ...: any format zoo convert reads)")
+    p.add_argument("--donor", help="donor model folder (same d_model)")
+    p.add_argument("--pattern", required=True, help="one letter per base layer: A keep, M donor, others --mixers")
+    p.add_argument("--donor-layers", help="comma-separated donor layer index for each M, in order (default: same)")
+    p.add_argument("--mixers", help="fresh mixer specs, YAML/JSON or a YAML file: '{N: {type: mamba2}}'")
+    p.add_argument("--mixer-norm", choices=("base", "donor"), default="base",
+                   help="pre-mixer RMSNorm of grafted layers (default: the base's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of fresh mixers")
+    p.add_argument("--max-shard-size", default="5GB")
+    args = p.parse_args(argv)
+    base = load_as_zoo(args.base)
+    donor = load_as_zoo(args.donor) if args.donor else None
+    donor_layers = [int(x) for x in args.donor_layers.split(",")] if args.donor_layers else None
+    hybrid = graft(base, args.pattern, donor, mixers=_read_mixers(args.mixers), donor_layers=donor_layers,
+                   mixer_norm=args.mixer_norm, seed=args.seed)
+    out = save_model_folder(hybrid, args.dst, load_folder_tokenizer(args.base), max_shard_size=args.max_shard_size)
+    kinds = " ".join(spec["type"] for spec in hybrid.config.layer_specs())
+    print(f"wrote {out}: {kinds}")
+
+
+__all__ = ["graft", "main"]
+
+
+if __name__ == "__main__":
+    main()
