@@ -27,10 +27,10 @@ def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="zoo demo", description=__doc__)
     p.add_argument("--config", default=str(CONFIGS / "jamba-tiny.yaml"))
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--n-kv", type=int, default=8)
+    p.add_argument("--n-kv", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
