@@ -574,3 +574,15 @@ def test_low_precision_inputs(op):
     assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
     assert_close("out", out.float(), out32, 1e-2)
     assert_close("final_state", state, state32, 1e-6)
+
+
+def test_references_ignore_autocast():
+    """The references are fp32 specifications: a bf16 autocast region around them changes nothing."""
+    from zoo_kernels.attention import attention_ref
+
+    q, k, v = (torch.randn(1, 6, 2, 8) for _ in range(3))
+    mask = torch.tensor([[False, True, True, True, True, True]])
+    plain = attention_ref(q, k, v, key_padding_mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = attention_ref(q, k, v, key_padding_mask=mask)
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from zoo_kernels._fp32 import no_autocast
+
 
 def visible_mask(
     tq: int,
@@ -49,6 +51,7 @@ def document_ids(seq_idx: Tensor) -> Tensor:
     return start.cumsum(dim=1)
 
 
+@no_autocast
 def attention_ref(
     q: Tensor,
     k: Tensor,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._fp32 import no_autocast
+
 
 def _document_ids(seq_idx: torch.Tensor) -> torch.Tensor:
     """[batch, L] -> [batch, L] long, 0 for the first document and +1 wherever seq_idx changes."""
@@ -26,6 +28,7 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
 
 
+@no_autocast
 def causal_conv1d_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -74,6 +77,7 @@ def causal_conv1d_ref(
     return out, final_state
 
 
+@no_autocast
 def causal_conv1d_update_ref(
     conv_state: torch.Tensor,
     x: torch.Tensor,

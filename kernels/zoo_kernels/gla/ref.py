@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._fp32 import no_autocast
+
 SUB_CHUNK = 16
 
 
@@ -49,6 +51,7 @@ def _chunk_attention(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int
     return A.view(b, h, T, T)
 
 
+@no_autocast
 def chunk_gla_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -113,6 +116,7 @@ def chunk_gla_ref(
     return (out, state) if return_final_state else out
 
 
+@no_autocast
 def gla_state_update_ref(
     state: torch.Tensor,
     q: torch.Tensor,

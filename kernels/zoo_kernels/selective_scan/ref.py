@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._fp32 import no_autocast
+
 # Tokens per chunk, and floats per [batch, chunk, channels, N] block on CPU (4 MiB: stays in cache).
 CHUNK_SIZE = 64
 BLOCK_ELEMENTS = 1 << 20
@@ -71,6 +73,7 @@ def _document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     return starts
 
 
+@no_autocast
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -155,6 +158,7 @@ def selective_scan_ref(
     return (out, h) if return_final_state else out
 
 
+@no_autocast
 def selective_state_update_ref(
     state: torch.Tensor,
     x: torch.Tensor,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._fp32 import no_autocast
+
 
 def document_ids(seq_idx: torch.Tensor) -> torch.Tensor:
     """[batch, L] int -> [batch, L] long: 0 for the first document of each row, +1 at every change.
@@ -40,6 +42,7 @@ def segment_sum(x: torch.Tensor, same_document: torch.Tensor | None = None) -> t
     return out.masked_fill(~valid, float("-inf"))
 
 
+@no_autocast
 def ssd_chunk_scan_ref(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -145,6 +148,7 @@ def ssd_chunk_scan_ref(
     return out
 
 
+@no_autocast
 def ssd_state_update_ref(
     state: torch.Tensor,
     x: torch.Tensor,
