@@ -1,0 +1,203 @@
+"""Fast GLA chunk kernels: fla-core's `chunk_gla` where it runs correctly, behind a self-check.
+
+fla's Triton kernels are sound on most GPU + Triton pairs but not all (on Hopper with Triton 3.6 its
+`chunk_simple_gla` backward refuses to run). Before fla is used on a device, `fla_verdict` runs one tiny
+forward + backward (dense and packed) against `chunk_gla_ref`, at the dtype and head sizes of the first
+call so that it shares fla's autotuning with that call; the verdict is cached per device, Triton and fla
+version, and a failing fla is reported once and never used again, so no caller crashes on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from zoo_kernels.gla.ref import chunk_gla_ref
+
+FLA_INSTALL = "pip install 'fla-core>=0.6' (the [fla] extra of hybrid-zoo)"
+
+_VERDICTS: dict[tuple, tuple[bool, str]] = {}
+
+
+def _fla_chunk_gla():
+    """fla's chunk_gla, or None where fla-core is not importable."""
+    try:
+        from fla.ops.gla import chunk_gla
+    except Exception:  # noqa: BLE001 - fla failing at import on this Triton counts as unavailable
+        return None
+    return chunk_gla
+
+
+def _versions() -> tuple[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    try:
+        import fla
+
+        fla_version = getattr(fla, "__version__", "?")
+    except ImportError:
+        fla_version = "none"
+    return triton_version, fla_version
+
+
+def _device_key(device: torch.device) -> tuple:
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return (
+            "cuda",
+            torch.cuda.get_device_name(index),
+            torch.cuda.get_device_capability(index),
+            *_versions(),
+        )
+    return (device.type, *_versions())
+
+
+def _probe(fn, device: torch.device, dtype: torch.dtype, key_dim: int, value_dim: int) -> str:
+    """Empty string when `fn` (fla's chunk_gla API) matches the reference on a tiny fwd+bwd, else why not."""
+    gen = torch.Generator().manual_seed(0)
+    batch, length, heads = 2, 83, 2
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    inputs = {
+        "q": rnd(batch, length, heads, key_dim).to(dtype),
+        "k": rnd(batch, length, heads, key_dim).to(dtype),
+        "v": rnd(batch, length, heads, value_dim).to(dtype),
+        "g": torch.nn.functional.logsigmoid(rnd(batch, length, heads, key_dim) + 3).to(dtype),
+        "h0": rnd(batch, heads, key_dim, value_dim),
+    }
+    seq_idx = torch.zeros(batch, length, dtype=torch.int32)
+    seq_idx[0, 30:] = 1
+    seq_idx[1, 70:] = 5
+    seq_idx = seq_idx.to(device)
+    # fla keeps bf16 intermediates and uses tf32 products; garbage or a wrong gate convention is far above
+    tol = 5e-2 if dtype in (torch.bfloat16, torch.float16) else 5e-3
+    for packed in (False, True):
+        results = []
+        for impl in ("fla", "ref"):
+            leaves = {k: t.detach().clone().requires_grad_(True) for k, t in inputs.items()}
+            args = (leaves["q"], leaves["k"], leaves["v"], leaves["g"], None, leaves["h0"],
+                    seq_idx if packed else None, True)
+            o, final = _run_fla(fn, *args) if impl == "fla" else chunk_gla_ref(*args)
+            gen_cot = torch.Generator().manual_seed(1)
+            loss = (o.float() * torch.randn(o.shape, generator=gen_cot).to(device)).sum() + final.float().sum()
+            results.append([o, final, *torch.autograd.grad(loss, list(leaves.values()))])
+        for name, got, ref in zip(["o", "final_state", "dq", "dk", "dv", "dg", "dh0"], *results):
+            if not torch.isfinite(got).all():
+                return f"{name} not finite (packed={packed})"
+            err = ((got.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+            if err > tol:
+                return f"{name} off by ‖Δ‖/‖ref‖ = {err:.2e} (packed={packed})"
+    return ""
+
+
+def fla_verdict(
+    device: torch.device, dtype: torch.dtype = torch.bfloat16, key_dim: int = 64, value_dim: int = 64
+) -> tuple[bool, str]:
+    """(usable, reason): is fla's chunk_gla importable and correct on `device`? Probed once per device.
+
+    The probe uses the dtype and head sizes given (chunk_gla_fast passes its first call's), so that
+    fla's autotuning for the probe is the autotuning the real call needs anyway.
+    """
+    device = torch.device(device)
+    key = _device_key(device)
+    if key not in _VERDICTS:
+        fn = _fla_chunk_gla()
+        if fn is None:
+            _VERDICTS[key] = (False, f"fla-core is not installed ({FLA_INSTALL})")
+            return _VERDICTS[key]
+        try:
+            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+                reason = _probe(fn, device, dtype, key_dim, value_dim)
+        except Exception as exc:  # noqa: BLE001 - any failure of fla means: do not use fla here
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _VERDICTS[key] = (not reason, reason)
+        if reason:
+            warnings.warn(
+                f"fla chunk_gla failed its self-check on {key[1:]} ({reason}); the torch reference runs instead",
+                stacklevel=2,
+            )
+    return _VERDICTS[key]
+
+
+def best_backend(device: torch.device) -> str | None:
+    """ "fla" where fla's chunk_gla is installed and not known to fail on `device`, else None.
+
+    The self-check runs on the first chunk_gla_fast call per device, before fla computes anything.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or _fla_chunk_gla() is None:
+        return None
+    verdict = _VERDICTS.get(_device_key(device))
+    return "fla" if verdict is None or verdict[0] else None
+
+
+def _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state):
+    """Our chunk_gla contract through fla's API; seq_idx becomes cu_seqlens over the flattened batch."""
+    batch, length, heads, _ = q.shape
+    init = initial_state.float() if initial_state is not None else None
+    if seq_idx is None:
+        o, final = fn(q, k, v, g, scale=scale, initial_state=init, output_final_state=return_final_state)
+        return o.to(q.dtype), (final.float() if return_final_state else None)
+    starts = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    begins = starts.flatten().nonzero().flatten()  # first token of each document in the flat sequence
+    cu_seqlens = torch.cat([begins, begins.new_tensor([batch * length])])
+    row_start = begins % length == 0
+    if init is not None:
+        # each row's initial state goes to its first document; later documents start from zero
+        init = init[begins // length] * row_start.to(init.dtype)[:, None, None, None]
+    flat = [t.reshape(1, batch * length, heads, t.shape[-1]) for t in (q, k, v, g)]
+    o, final = fn(
+        *flat,
+        scale=scale,
+        initial_state=init,
+        output_final_state=return_final_state,
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens.cpu(),
+    )
+    o = o.reshape(batch, length, heads, v.shape[-1]).to(q.dtype)
+    if not return_final_state:
+        return o, None
+    first_of_row = row_start.nonzero().flatten()  # document index of each row's first document
+    last_of_row = torch.cat([first_of_row[1:] - 1, first_of_row.new_tensor([begins.numel() - 1])])
+    return o, final[last_of_row].float()
+
+
+def chunk_gla_fast(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    return_final_state: bool = False,
+    chunk_size: int = 64,
+    backend: str = "fla",
+):
+    """chunk_gla on a fast backend; same contract as `chunk_gla_ref` (fla picks its own chunk size).
+
+    q, k, g: [batch, T, H, K]; v: [batch, T, H, V]; initial_state: [batch, H, K, V]; seq_idx: [batch, T].
+    Returns o [batch, T, H, V] in q's dtype and, with return_final_state, the final state in fp32.
+    """
+    if backend != "fla":
+        raise ValueError(f"chunk_gla_fast: unknown backend {backend!r}; this build has 'fla' only")
+    fn = _fla_chunk_gla()
+    if fn is None:
+        raise ImportError(f"chunk_gla backend 'fla' needs fla-core: {FLA_INSTALL}")
+    if not fla_verdict(q.device, q.dtype, q.shape[-1], v.shape[-1])[0]:
+        # never crash on an unsound fla: this call (and auto-dispatched later ones) take the reference
+        return chunk_gla_ref(q, k, v, g, scale, initial_state, seq_idx, return_final_state, chunk_size)
+    o, final = _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state)
+    return (o, final) if return_final_state else o
+
+
+__all__ = ["best_backend", "chunk_gla_fast", "fla_verdict"]
