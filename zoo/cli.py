@@ -9,6 +9,7 @@ import sys
 # subcommand -> (module, function, help); modules are imported only when their command runs
 COMMANDS = {
     "demo": ("zoo.demo", "main", "train a tiny hybrid on MQAR on CPU (the README's first command)"),
+    "compare": ("zoo.compare", "main", "fair comparison: budget-matched models, one recipe, a table and plots"),
     "train": ("zoo.train", "main", "pretrain a model from a run config under accelerate"),
     "convert": ("zoo.convert", "main", "convert checkpoints into/out of the zoo (transformers, mamba_ssm)"),
     "graft": ("zoo.surgery", "main", "build a hybrid from a Transformer++ and a Mamba/Mamba-2 checkpoint"),
@@ -82,12 +83,18 @@ def main(argv: list[str] | None = None) -> None:
         if not rest or rest[0] not in EVAL_COMMANDS:
             sys.exit(f"usage: zoo eval {{{','.join(EVAL_COMMANDS)}}} ...")
         module = importlib.import_module(EVAL_COMMANDS[rest[0]])
-        module.main(rest[1:])
+        _exit(module.main(rest[1:]))
         return
     if cmd not in COMMANDS:
         sys.exit(f"zoo: unknown command {cmd!r}\n{usage}")
     module_name, fn, _ = COMMANDS[cmd]
-    getattr(importlib.import_module(module_name), fn)(rest)
+    _exit(getattr(importlib.import_module(module_name), fn)(rest))
+
+
+def _exit(rc) -> None:
+    """Pass a command's integer return code (errors, 130 on interruption) on to the shell."""
+    if isinstance(rc, int) and not isinstance(rc, bool) and rc != 0:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

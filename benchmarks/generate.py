@@ -1,0 +1,225 @@
+"""Benchmark: greedy decode throughput and memory of the 130M models, batch 1..64 after a 2K-token prompt.
+
+Models (random weights, bf16, on one GPU): the zoo's configs/models/{mamba,mamba2,transformerpp,gla,jamba}-130m.yaml
+and, in the same run, transformers' MambaForCausalLM (24 x 768, d_state 16) and LlamaForCausalLM (12 x 768, 12
+heads, SwiGLU 2048, tied embeddings) of the same sizes (vocabulary 50280). For every batch size the prompt
+(random tokens, seeded) is prefilled in one forward keeping only the last logits, then --new-tokens tokens are
+decoded greedily by the same loop for every model (zoo.decode: the argmax token is fed back on the device, no
+host sync per step); the decode is timed with CUDA events after --warmup steps. Pure recurrent zoo models
+(mamba, mamba2, gla) are also decoded with the step captured in a CUDA graph (zoo.decode.GraphDecoder); both
+timings are recorded and `ours_ms` takes the faster (`mode` says which). Attention and hybrid models keep a
+growing KV cache, which a graph cannot replay, and decode eagerly.
+
+Rows (benchmarks/results.jsonl), one per (model, batch): ours_ms = ms per decode step of the whole batch,
+tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the decode,
+the weights included), cache_mib (bytes held by the cache after the decode), floor_ms = (weight bytes + cache
+bytes read, and written for recurrent states) / 3.0 TB/s. Baselines measured in the same run: zoo mamba ->
+transformers' Mamba, zoo transformerpp -> transformers' Llama, zoo mamba2 / gla / jamba -> zoo transformerpp
+(the 5x target at batch 64); ratio = baseline_ms / ours_ms (> 1: ours decodes faster). Every zoo row also has
+vs_transformerpp = transformerpp ms / ours ms at the same batch.
+
+    python benchmarks/generate.py                                  # everything (about 5 minutes on an H100)
+    python benchmarks/generate.py --models mamba hf-mamba --batches 1,64 --new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from zoo.decode import EagerDecoder, GraphDecoder, cache_nbytes, graphable, prefill  # noqa: E402
+
+VOCAB = 50280
+HBM_BYTES_PER_S = 3.0e12
+ZOO = ("mamba", "mamba2", "transformerpp", "gla", "jamba")
+HF = {
+    "hf-llama": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": VOCAB,
+                 "max_position_embeddings": 8192, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+                 "tie_word_embeddings": True},
+    "hf-mamba": {"model_type": "mamba", "hidden_size": 768, "num_hidden_layers": 24, "state_size": 16,
+                 "expand": 2, "conv_kernel": 4, "vocab_size": VOCAB, "tie_word_embeddings": True},
+}
+LABEL = {"mamba": "zoo mamba-130m", "mamba2": "zoo mamba2-130m", "transformerpp": "zoo transformerpp-130m",
+         "gla": "zoo gla-130m", "jamba": "zoo jamba-130m", "hf-llama": "transformers LlamaForCausalLM 125M",
+         "hf-mamba": "transformers MambaForCausalLM 130M"}
+BASELINE_OF = {"mamba": "hf-mamba", "transformerpp": "hf-llama", "mamba2": "transformerpp", "gla": "transformerpp",
+               "jamba": "transformerpp"}
+
+
+def build(name: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import zoo
+
+    torch.manual_seed(0)
+    if name in HF:
+        fields = dict(HF[name])
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        config = zoo.ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-130m.yaml")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval()
+
+
+def time_decode(decoder: EagerDecoder, n_tokens: int, warmup: int) -> float:
+    """Milliseconds per decode step (CUDA events around n_tokens steps, after warmup steps)."""
+    decoder.decode(warmup)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    decoder.decode(n_tokens)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / n_tokens
+
+
+def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup: int, graph: str) -> dict:
+    """Prefill + decode timings and memory of one model at one batch size."""
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(1234 + batch)
+    vocab = model.get_input_embeddings().num_embeddings
+    prompt = torch.randint(0, vocab, (batch, prompt_len), generator=generator).to(device)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    row: dict = {"batch": batch}
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        state = prefill(model, prompt)
+        end.record()
+        end.synchronize()
+        row["prefill_ms"] = start.elapsed_time(end)
+        row["graphable"] = graphable(state.cache)
+        torch.cuda.reset_peak_memory_stats()
+        row["eager_ms"] = time_decode(EagerDecoder(model, state), n_tokens, warmup)
+        row["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        cache_bytes = cache_nbytes(state.cache)
+        row["cache_mib"] = cache_bytes / 2**20
+        if graph != "off" and row["graphable"]:
+            try:
+                row["graph_ms"] = time_decode(GraphDecoder(model, prefill(model, prompt)), n_tokens, warmup)
+            except Exception as e:  # a kernel that cannot be captured: keep the eager figure, say why
+                row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+        del state
+        options = {"eager": row["eager_ms"], "graph": row.get("graph_ms")}
+        mode = min((k for k, v in options.items() if v is not None), key=lambda k: options[k])
+        row.update(mode=mode, ms=options[mode], tokens_per_s=batch / options[mode] * 1e3)
+        traffic = cache_bytes * (2 if row["graphable"] or name == "hf-mamba" else 1)  # states: read + write
+        row["floor_ms"] = (param_bytes + traffic) / HBM_BYTES_PER_S * 1e3
+    except torch.OutOfMemoryError:
+        row.update(ms=None, tokens_per_s=None, note="out of memory")
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, prompt_len: int, n_tokens: int
+              ) -> list[dict]:
+    date = datetime.date.today().isoformat()
+    rows = []
+    for (name, batch), r in results.items():
+        base_name = BASELINE_OF.get(name)
+        base = results.get((base_name, batch)) if base_name else None
+        tpp = results.get(("transformerpp", batch))
+        ok = r.get("ms") is not None
+        row = {"name": f"generate/{name}/B{batch}", "card": card, "date": date, "command": command,
+               "torch": torch.__version__, "model": LABEL[name], "batch": batch, "prompt_len": prompt_len,
+               "new_tokens": n_tokens, "dtype": "bf16",
+               "ours_ms": round(r["ms"], 3) if ok else None, "mode": r.get("mode"),
+               "eager_ms": round(r["eager_ms"], 3) if r.get("eager_ms") else None,
+               "graph_ms": round(r["graph_ms"], 3) if r.get("graph_ms") else None,
+               "tokens_per_s": round(r["tokens_per_s"], 1) if ok else None,
+               "prefill_ms": round(r["prefill_ms"], 2) if r.get("prefill_ms") else None,
+               "decode_peak_gib": round(r["decode_peak_gib"], 3) if r.get("decode_peak_gib") else None,
+               "cache_mib": round(r["cache_mib"], 2) if r.get("cache_mib") else None,
+               "floor_ms": round(r["floor_ms"], 4) if r.get("floor_ms") else None,
+               "baseline": LABEL[base_name] if base and base.get("ms") else None,
+               "baseline_ms": round(base["ms"], 3) if base and base.get("ms") else None,
+               "ratio": round(base["ms"] / r["ms"], 3) if ok and base and base.get("ms") else None,
+               "ratio_is": "baseline_ms / ours_ms at the same batch (> 1: ours decodes faster)"}
+        if name in ZOO and tpp and tpp.get("ms") and ok:
+            row["vs_transformerpp"] = round(tpp["ms"] / r["ms"], 3)
+        for key in ("graph_error", "note"):
+            if key in r:
+                row["note"] = r[key]
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | batch | mode | tokens/s | ms/step | eager ms | graph ms | floor ms | prefill ms | peak GiB | "
+             "cache MiB | baseline | ratio | vs Transformer++ |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def f(value, spec: str) -> str:
+        return "—" if value is None else format(value, spec)
+
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r.get('mode') or '—'} | {f(r['tokens_per_s'], ',.0f')} | "
+                     f"{f(r['ours_ms'], '.2f')} | {f(r['eager_ms'], '.2f')} | {f(r['graph_ms'], '.2f')} | "
+                     f"{f(r['floor_ms'], '.3f')} | {f(r['prefill_ms'], '.0f')} | {f(r['decode_peak_gib'], '.2f')} | "
+                     f"{f(r['cache_mib'], '.1f')} | {r['baseline'] or '—'} | {f(r['ratio'], '.2f')} | "
+                     f"{f(r.get('vs_transformerpp'), '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=[*ZOO, "hf-mamba", "hf-llama"], choices=[*ZOO, *HF])
+    p.add_argument("--batches", default="1,2,4,8,16,32,64")
+    p.add_argument("--prompt-len", type=int, default=2048)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--graph", choices=["auto", "off"], default="auto",
+                   help="auto: also time CUDA-graph decoding where the cache allows it")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.jsonl"))
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks/generate.py needs a CUDA GPU")
+    device = torch.device("cuda")
+    batches = [int(b) for b in args.batches.split(",")]
+    order = [m for m in args.models if m == "transformerpp"] + [m for m in args.models if m != "transformerpp"]
+    results: dict[tuple[str, int], dict] = {}
+    backends: dict[str, dict] = {}
+    for name in order:
+        model = build(name, torch.bfloat16, device)
+        if hasattr(model, "backend_report"):
+            backends[name] = model.backend_report()
+        for batch in batches:
+            r = measure(model, name, batch, args.prompt_len, args.new_tokens, args.warmup, args.graph)
+            results[(name, batch)] = r
+            print(f"{name} B={batch}: {r.get('tokens_per_s') or 0:,.0f} tok/s ({r.get('mode')}; eager "
+                  f"{r.get('eager_ms') or 0:.2f} ms, graph {r.get('graph_ms') or 0:.2f} ms) "
+                  f"{r.get('graph_error', '') or r.get('note', '')}", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    rows = make_rows({k: results[k] for k in sorted(results, key=lambda k: (args.models.index(k[0]), k[1]))},
+                     torch.cuda.get_device_name(), command.strip(), args.prompt_len, args.new_tokens)
+    for row in rows:
+        name = row["name"].split("/")[1]
+        if name in backends:
+            row["backend"] = backends[name]
+    with open(args.out, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(markdown_table(rows))
+    print(f"\n{len(rows)} rows appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The fair comparison: parameter/FLOP/memory accounting, budget matching, and the demo end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from zoo.compare import (
+    account,
+    causal_keys_mean,
+    load_compare_config,
+    main,
+    match_budget,
+    module_weights,
+    parameter_counts,
+    resolve_models,
+)
+from zoo.config import ZooConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
+FAMILIES = ("mamba", "mamba2", "transformerpp", "gla", "jamba")
+
+
+def fields_of(name: str, **overrides) -> dict:
+    data = yaml.safe_load((ROOT / "configs" / "models" / f"{name}.yaml").read_text())
+    data.update(overrides)
+    return data
+
+
+def instantiated_params(config: ZooConfig) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# variants that exercise every option the formulas read
+VARIANTS = {
+    "mamba-bias-norms": fields_of("mamba-tiny", mixers={"M": {"type": "mamba", "d_state": 8, "bias": True,
+                                                              "conv_bias": False, "inner_norms": True,
+                                                              "dt_rank": 7, "expand": 1.5}}),
+    "mamba2-groups-bias": fields_of("mamba2-tiny", mixers={"M": {"type": "mamba2", "d_state": 8, "head_dim": 8,
+                                                                 "n_groups": 2, "bias": True,
+                                                                 "conv_bias": False, "d_conv": 3}}),
+    "attention-window-headdim": fields_of("transformerpp-tiny", tie_embeddings=False,
+                                          mixers={"A": {"type": "attention", "n_heads": 4, "n_kv_heads": 1,
+                                                        "head_dim": 24, "window": 16}}),
+    "gla-widths": fields_of("gla-tiny", mixers={"G": {"type": "gla", "n_heads": 4, "expand_k": 1.0,
+                                                      "expand_v": 2.0, "gate_low_rank_dim": 8}}),
+    "jamba-moe-hidden": fields_of("jamba-tiny", moe={"every": 2, "n_experts": 3, "top_k": 1, "hidden": 40}),
+    "default-heads-ffn": {"vocab_size": 97, "d_model": 128, "layers": "AMA",
+                          "mixers": {"A": {"type": "attention"}, "M": {"type": "mamba"}}, "ffn": "swiglu"},
+}
+
+
+@pytest.mark.parametrize("fields", [yaml.safe_load(p.read_text()) for p in MODEL_CONFIGS] + list(VARIANTS.values()),
+                         ids=[p.stem for p in MODEL_CONFIGS] + list(VARIANTS))
+def test_parameter_formulas_match_instantiated_modules(fields):
+    config = ZooConfig(**copy.deepcopy(fields))
+    counts = parameter_counts(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    n = sum(p.numel() for p in model.parameters())
+    assert counts["total"] == n, f"formula {counts['total']} != instantiated {n}"
+    embedding = model.get_input_embeddings().weight.numel()
+    if not config.tie_embeddings:
+        embedding += model.get_output_embeddings().weight.numel()
+    assert counts["non_embedding"] == n - embedding
+    # active: every parameter but the experts a token does not reach (top_k of n_experts)
+    from zoo.layers import MoE
+
+    idle = sum(sum(p.numel() for p in m.experts.parameters()) * (m.n_experts - m.top_k) / m.n_experts
+               for m in model.modules() if isinstance(m, MoE))
+    assert counts["active"] == n - idle
+    acc = account(config, [64])
+    assert acc["params"] == n
+    # the matmul weights of the formulas equal those counted on the modules (nn.Linear / nn.Conv1d)
+    assert acc["matmul_weights"] == pytest.approx(module_weights(model), rel=0, abs=1e-6)
+
+
+def test_flops_hand_computed():
+    # Transformer++: V=100, d=32, 2 layers, 4 heads of 8 (2 KV heads), SwiGLU 64, tied head.
+    tf = ZooConfig(vocab_size=100, d_model=32, layers="AA", ffn={"type": "swiglu", "hidden": 64},
+                   mixers={"A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2}})
+    weights = 2 * (32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64) + 100 * 32  # q k v o ffn, head
+    row = account(tf, [16])["per_length"][0]
+    assert row["flops_per_token"] == 2 * weights + 2 * 4 * (17 / 2) * 4 * 8  # 2 layers of 2·2·L_avg·H·Dh
+    assert row["decode_flops_per_token"] == 2 * weights + 2 * 4 * 17 * 4 * 8
+    assert row["kv_floats"] == 2 * (2 * 2 * 8 * 16) and row["state_floats"] == 0
+    assert row["cache_mib"] == row["kv_floats"] * 2 / 2**20
+
+    assert causal_keys_mean(16, 4) == (10 + 12 * 4) / 16  # keys 1, 2, 3, 4, then 4 each
+    win = ZooConfig(vocab_size=100, d_model=32, layers="A", ffn="none",
+                    mixers={"A": {"type": "attention", "n_heads": 4, "window": 4}})
+    row = account(win, [16])["per_length"][0]
+    assert row["flops_per_token"] == 2 * (4 * 32 * 32 + 100 * 32) + 4 * (58 / 16) * 4 * 8
+    assert row["kv_floats"] == 2 * 4 * 8 * 4  # the window's keys only
+
+    # Mamba-1: d=16, d_inner 32, N=4, conv 4, dt_rank ceil(16/16)=1; V=50.
+    mb = ZooConfig(vocab_size=50, d_model=16, layers="M", ffn="none",
+                   mixers={"M": {"type": "mamba", "d_state": 4, "expand": 2}})
+    weights = 16 * 64 + 32 * 4 + 32 * (1 + 8) + 1 * 32 + 32 * 16 + 50 * 16
+    row = account(mb, [100])["per_length"][0]
+    assert row["flops_per_token"] == 2 * weights + 9 * 32 * 4
+    assert row["state_floats"] == 32 * 4 + 32 * 3 and row["kv_floats"] == 0
+
+    # Mamba-2: d=32, d_inner 64, head_dim 16 -> 4 heads, N=8, 1 group, conv 4, chunk 8; V=50.
+    m2 = ZooConfig(vocab_size=50, d_model=32, layers="M", ffn="none",
+                   mixers={"M": {"type": "mamba2", "d_state": 8, "head_dim": 16, "chunk_size": 8}})
+    weights = 32 * (128 + 16 + 4) + (64 + 16) * 4 + 64 * 32 + 50 * 32
+    rows = account(m2, [16, 4])["per_length"]
+    assert rows[0]["flops_per_token"] == 2 * weights + 2 * 8 * (8 + 64) + 4 * 4 * 16 * 8  # chunk 8
+    assert rows[1]["flops_per_token"] == 2 * weights + 2 * 4 * (8 + 64) + 4 * 4 * 16 * 8  # chunk = L = 4
+    assert rows[0]["decode_flops_per_token"] == 2 * weights + 4 * 4 * 16 * 8
+
+    # GLA: d=32, 2 heads, keys 16 (8 per head), values 32 (16 per head), gate rank 4, chunk 8; V=50.
+    gla = ZooConfig(vocab_size=50, d_model=32, layers="G", ffn="none",
+                    mixers={"G": {"type": "gla", "n_heads": 2, "gate_low_rank_dim": 4, "chunk_size": 8}})
+    weights = 2 * 32 * 16 + 2 * 32 * 32 + 32 * 4 + 4 * 16 + 32 * 32 + 50 * 32
+    row = account(gla, [16])["per_length"][0]
+    assert row["flops_per_token"] == 2 * weights + 2 * 8 * 2 * (8 + 16) + 4 * 2 * 8 * 16
+    assert row["state_floats"] == 2 * 8 * 16
+
+    # MoE: the router and top_k of n_experts experts per token.
+    moe = ZooConfig(vocab_size=50, d_model=16, layers="AA", ffn={"type": "swiglu", "hidden": 32},
+                    mixers={"A": {"type": "attention", "n_heads": 2}},
+                    moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2})
+    weights = 2 * 4 * 16 * 16 + 3 * 16 * 32 + (16 * 4 + 2 * 3 * 16 * 32) + 50 * 16
+    row = account(moe, [8])["per_length"][0]
+    assert row["flops_per_token"] == 2 * weights + 2 * 4 * 4.5 * 2 * 8
+
+
+def test_transformers_baselines_are_accounted():
+    llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": True}
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**llama)
+    row = account(config, [16])["per_length"][0]
+    weights = 2 * (32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64) + 100 * 32
+    assert row["flops_per_token"] == 2 * weights + 2 * 4 * 8.5 * 4 * 8
+    assert row["kv_floats"] == 2 * 2 * 2 * 8 * 16
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("budget", [150_000, 400_000])
+def test_match_budget_lands_within_two_percent(name, budget):
+    fields = fields_of(f"{name}-tiny", vocab_size=260)
+    matched, info = match_budget(fields, budget, tolerance=0.02)
+    n = instantiated_params(ZooConfig(**matched))
+    assert abs(n / budget - 1) <= 0.02, f"{name}: {n} parameters for a budget of {budget} ({info})"
+    assert info["params"] == n
+
+
+def test_match_budget_130m_and_other_knobs():
+    for name in FAMILIES:
+        matched, info = match_budget(fields_of(f"{name}-130m"), 130e6, multiple_of=64)
+        n = instantiated_params(ZooConfig(**matched))
+        assert abs(n / 130e6 - 1) <= 0.02, (name, n, info)
+        assert matched["d_model"] == 768  # the families already sit near 130M: only widths are tuned
+    # non-embedding count and the n_layers knob
+    matched, info = match_budget(fields_of("mamba-tiny", vocab_size=260), 300_000, count="non_embedding",
+                                 knob="n_layers")
+    config = ZooConfig(**matched)
+    assert abs(parameter_counts(config)["non_embedding"] / 300_000 - 1) <= 0.02
+    assert info["knob"] == "n_layers" and config.num_hidden_layers == info["n_layers"]
+    with pytest.raises(ValueError, match="budget.tolerance"):
+        match_budget(fields_of("transformerpp-tiny"), 150_000, adjust="none", tolerance=1e-4, multiple_of=64)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "budjet": {}}))
+    with pytest.raises(ValueError, match="budjet: unknown field; did you mean budget"):
+        load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "recipe": {"model": "x"}}))
+    with pytest.raises(ValueError, match="recipe.model"):
+        load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "throughput": {"batch_size": 2, "batch_tokens": 64}}))
+    with pytest.raises(ValueError, match="throughput: set exactly one"):
+        load_compare_config(bad)
+
+
+def test_base_and_swaps(tmp_path):
+    path = tmp_path / "swaps.yaml"
+    path.write_text(yaml.safe_dump({
+        "base": "configs/models/transformerpp-tiny.yaml", "model_overrides": {"vocab_size": 260},
+        "swaps": {"attn": {}, "gla": {"A": {"type": "gla", "n_heads": 2}},
+                  "mamba": {"A": {"type": "mamba"}, "ffn": "none", "layers": "AAAA"}},
+        "budget": {"params": 150_000}}))
+    cfg, folder = load_compare_config(path)
+    entries = {e.name: e for e in resolve_models(cfg, folder)}
+    assert entries["gla"].fields["mixers"]["A"]["type"] == "gla"
+    assert entries["mamba"].fields["ffn"] == "none"
+    for entry in entries.values():
+        assert abs(instantiated_params(entry.config()) / 150_000 - 1) <= 0.02
+
+
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}",
+            "--recipe.train.max_steps=3", "--recipe.schedule.warmup_steps=1", "--recipe.log.every=1",
+            "--recipe.log.progress_bar=false", "--eval.batches=1", "--eval.per_position.n_docs=1",
+            "--eval.per_position.max_len=96", "--eval.per_position.chunk_size=32", "--eval.mqar.steps=2",
+            "--eval.mqar.eval_samples=8", "--throughput.seq_lens=[32, 64]", "--throughput.steps=1",
+            "--throughput.warmup=0", "--throughput.batch_tokens=64",
+            "--eval.passkey={lengths: [256], depths: [0.5], n_samples: 1, max_new_tokens: 2}"]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    table = (out / "results.md").read_text()
+    assert table in printed.out
+    for name in FAMILIES:
+        assert f"| {name} |" in table
+        record = json.loads((out / name / "result.json").read_text())
+        assert record["done"] and set(record["phases"]) == {"train/L128", "eval/L128", "mqar", "throughput"}
+        train = record["phases"]["train/L128"]
+        assert train["steps"] == 3 and train["tokens"] == 3 * 4 * 128  # the same tokens for every model
+        assert math.isfinite(record["phases"]["eval/L128"]["eval_loss"])
+        assert 0 <= record["phases"]["mqar"]["accuracy"] <= 1
+        assert record["phases"]["eval/L128"]["passkey"]["rows"][0]["n_samples"] == 1
+        assert abs(record["accounting"]["params"] / 200_000 - 1) <= 0.02
+        assert record["phases"]["eval/L128"]["backend"]  # the backend each mixer ran
+    curves = [json.loads((out / n / "result.json").read_text())["phases"]["train/L128"]["curve"] for n in FAMILIES]
+    assert len({tuple(r["tokens"] for r in c) for c in curves}) == 1
+    for png in ("loss.png", "throughput.png", "memory.png", "recall.png", "length.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    # a rerun redoes nothing but the report; a changed throughput setting redoes only that phase
+    before = {n: (out / n / "result.json").stat().st_mtime_ns for n in FAMILIES}
+    assert main(argv + ["--only=mamba"]) == 0
+    err = capsys.readouterr().err
+    assert "training at" not in err and "throughput and memory" not in err
+    assert (out / "mamba" / "result.json").stat().st_mtime_ns != before["mamba"]  # rewritten, unchanged phases
+    assert all((out / n / "result.json").stat().st_mtime_ns == before[n] for n in FAMILIES if n != "mamba")
+    assert "| transformerpp |" in (out / "results.md").read_text()  # finished models stay in the report
+    argv[argv.index("--throughput.seq_lens=[32, 64]")] = "--throughput.seq_lens=[32]"
+    assert main(argv + ["--only=gla"]) == 0
+    err = capsys.readouterr().err
+    assert "gla: throughput and memory" in err and "training at" not in err and "MQAR" not in err
+
+
+def test_accounting_only_needs_no_training(tmp_path, capsys):
+    out = tmp_path / "acc"
+    assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0
+    table = capsys.readouterr().out
+    for name in FAMILIES:
+        assert f"| {name} | 8192 |" in table
+    assert not any(out.glob("*/train-*"))
+
+
+# ---- decoding loops (zoo.decode), used by benchmarks/generate.py ---------------------------------------------
+
+def _decode_models() -> dict:
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    models = {n: AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{n}-tiny.yaml"))
+              for n in FAMILIES}
+    models["hf-llama"] = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512))
+    models["hf-mamba"] = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "mamba", hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=512))
+    return {name: model.eval() for name, model in models.items()}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_eager_decoder_equals_generate():
+    from zoo.decode import EagerDecoder, graphable, prefill
+
+    for name, model in _decode_models().items():
+        prompt = torch.randint(0, 512, (3, 20))
+        ref = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
+                             do_sample=False, pad_token_id=0)[:, 20:]
+        state = prefill(model, prompt, chunk_size=7 if name in FAMILIES else None)
+        first = state.next_ids.clone()
+        got = torch.cat([first, EagerDecoder(model, state).decode(5)], dim=1)
+        assert torch.equal(got, ref), name
+        assert graphable(state.cache) == (name in ("mamba", "mamba2", "gla")), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "gla"])
+def test_graph_decoder_equals_eager(name):
+    from zoo.decode import EagerDecoder, GraphDecoder, prefill
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-tiny.yaml"))
+    model = model.cuda().eval()
+    prompt = torch.randint(0, 512, (4, 40), device="cuda")
+    eager = EagerDecoder(model, prefill(model, prompt)).decode(12)
+    graph = GraphDecoder(model, prefill(model, prompt)).decode(12)
+    assert torch.equal(graph, eager)

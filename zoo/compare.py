@@ -1,0 +1,1535 @@
+"""Fair comparison: models matched to one parameter budget, trained and evaluated under one recipe.
+
+``zoo compare CONFIG [--section.field=value ...] [--force] [--only NAME,...] [--accounting-only]``
+
+A comparison config (configs/compare/*.yaml) names the models and one recipe::
+
+    output_dir: runs/compare-demo
+    model_overrides: {vocab_size: 260}           # applied to every zoo model
+    budget: {params: 150000, count: total, knob: d_model, tolerance: 0.02}
+    models:                                      # name -> zoo YAML | {config: YAML or mapping, overrides: {}}
+      mamba: configs/models/mamba-tiny.yaml      #   | an inline mapping (model_type: llama for transformers)
+    base: configs/models/transformerpp-tiny.yaml # optional: a base config and mixer swaps, also models
+    swaps: {gla: {A: {type: gla, n_heads: 2}}}   #   (one-letter keys replace mixers, others are fields)
+    recipe: {...}                                # a `zoo train` run config without model / output_dir
+    train_lengths: [2048, 8192]                  # optional: train every model at each length
+    eval: {batches: 8, per_position: {...}, mqar: {...}, passkey: {...}}
+    throughput: {seq_lens: [512, 1024, 2048], batch_tokens: 8192, steps: 3}
+    accounting: {seq_lens: [2048, 8192]}
+
+For every model it (1) solves its size for the budget, (2) accounts parameters, FLOPs and cache memory,
+(3) trains it with ``zoo.train`` on the same rows in the same order (same seeds), (4) evaluates held-out
+loss, per-position loss on long documents and passkey retrieval, (5) trains a fresh copy on MQAR (the same
+batches for every model) and measures recall, (6) measures training throughput and peak memory over sequence
+lengths on the present device. Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
+finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
+from its last checkpoint); a rerun skips what is done unless ``--force``. The end of a run writes
+``results.md`` (printed), ``results.json`` and the plots ``loss.png`` (training loss against tokens),
+``throughput.png`` and ``memory.png`` (against sequence length), ``recall.png`` (MQAR accuracy against
+recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran.
+
+Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
+number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
+size scales with d_model); then one width is adjusted so the count lands within ``tolerance`` of the budget:
+the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of its Mamba / Mamba-2 mixers.
+Among the candidates inside the tolerance the one whose adjusted width departs least from the base
+proportions wins. ``count: total`` counts every parameter (tied embeddings once); ``non_embedding`` leaves
+out the token embedding (and an untied LM head).
+
+Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tokens cost B·L times this):
+
+- matmuls and convolutions: 2 per weight touched per token, the LM head included (tied or not; 2·V·d);
+  an MoE touches its router and top_k of its n_experts experts. Biases, norms, activations, softmax,
+  gating and the embedding lookup are left out (elementwise, a few % at these sizes).
+- attention: 2·2·L_avg·H·Dh per layer (QKᵀ and PV), L_avg = (1/L)·Σ_{t=1..L} min(t, window) the mean
+  number of keys a query sees: (L+1)/2 for full causal attention.
+- Mamba-1 selective scan: 9·d_inner·N per layer (REFERENCE.md: ~9·B·L·D·N).
+- Mamba-2 SSD, chunk Q = min(chunk_size, L), H heads of P channels, G groups of B/C of N states, counted as
+  the chunked kernels compute them (dense Q x Q blocks): 2·Q·G·N (C·Bᵀ in the chunk) + 2·Q·H·P (scores · x)
+  + 2·H·P·N (chunk states) + 2·H·P·N (inter-chunk output C·h) per token.
+- GLA chunk form, chunk C = min(chunk_size, L), H heads of key width K and value width V: 2·C·H·K (intra-chunk
+  scores) + 2·C·H·V (scores · v) + 2·H·K·V (q·S) + 2·H·K·V (state update kᵀv) per token.
+- decode (one token after L of context): matmuls as above; attention 4·min(L+1, window)·H·Dh; Mamba-1
+  9·d_inner·N; Mamba-2 4·H·P·N; GLA 4·H·K·V.
+
+Memory per sequence: each mixer's ``state_size(L)`` (floats): KV for attention (2·H_kv·Dh·min(L, window)),
+conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_bytes`` per KV float (bf16)
+and ``accounting.state_bytes`` per recurrent float (fp32, as the cache keeps it).
+
+Measured memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a training step (weights,
+gradients, activations, workspace); on CPU, which has no allocator statistics, weights + gradients + the
+tensors autograd saves for backward (counted once per storage): the part of a step's memory that grows
+with L.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import dataclasses
+import gc
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from zoo.config import ZooConfig
+from zoo.registry import get_mixer, is_dotted_path
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+RESULT_FILE = "result.json"
+
+
+# ---- accounting: parameters and FLOPs ------------------------------------------------------------------------
+
+@dataclass
+class LayerCost:
+    """One layer's cost. params: all of its parameters (mixer, ffn, norms). weights: weights of the
+    matmuls/convolutions one token touches (an MoE's router and top_k experts). seq_flops(L): per-token
+    sequence-mixing FLOPs in a forward over L tokens; decode_flops(L): those of one token after L of context."""
+
+    mixer: str
+    params: int
+    weights: float
+    seq_flops: Callable[[int], float]
+    decode_flops: Callable[[int], float]
+
+
+def mixer_kwargs(kind: str, spec: dict) -> dict[str, Any]:
+    """The mixer's keyword arguments: `spec` (without type/ffn) over the defaults of its constructor."""
+    cls = get_mixer(kind)
+    out = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+           if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+    out.update({k: v for k, v in spec.items() if k not in ("type", "ffn")})
+    return out
+
+
+def causal_keys_mean(seq_len: int, window: int | None = None) -> float:
+    """Mean number of keys a query sees in causal attention over seq_len tokens: (1/L)·Σ_t min(t, window)."""
+    L = seq_len
+    if window is None or window >= L:
+        return (L + 1) / 2
+    return (window * (window + 1) / 2 + (L - window) * window) / L
+
+
+def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[int], float], Callable[[int], float]]:
+    """(params, weights touched per token, seq_flops(L), decode_flops(L)) of one mixer (formulas: module doc)."""
+    kw = mixer_kwargs(kind, spec)
+    if kind == "mamba":
+        di, N, K = int(kw["expand"] * d), kw["d_state"], kw["d_conv"]
+        r = math.ceil(d / 16) if kw["dt_rank"] == "auto" else int(kw["dt_rank"])
+        weights = d * 2 * di + di * K + di * (r + 2 * N) + r * di + di * d  # in, conv, x, dt, out
+        params = weights + di + di * N + di  # dt_proj bias, A_log, D
+        params += (2 * di + d) if kw["bias"] else 0
+        params += di if kw["conv_bias"] else 0
+        params += (r + 2 * N) if kw["inner_norms"] else 0
+        return params, weights, lambda L: 9.0 * di * N, lambda L: 9.0 * di * N
+    if kind == "mamba2":
+        di, N, K, P, G = int(kw["expand"] * d), kw["d_state"], kw["d_conv"], kw["head_dim"], kw["n_groups"]
+        H = di // P
+        conv_dim = di + 2 * G * N
+        in_width = 2 * di + 2 * G * N + H
+        weights = d * in_width + conv_dim * K + di * d
+        params = weights + 3 * H + di  # dt_bias, A_log, D; gated norm
+        params += (in_width + d) if kw["bias"] else 0
+        params += conv_dim if kw["conv_bias"] else 0
+        Q = kw["chunk_size"]
+        return (params, weights, lambda L: 2.0 * min(Q, L) * (G * N + H * P) + 4.0 * H * P * N,
+                lambda L: 4.0 * H * P * N)
+    if kind == "attention":
+        H = kw["n_heads"] or max(1, d // 64)
+        Hkv = kw["n_kv_heads"] or H
+        Dh = kw["head_dim"] or d // H
+        window = kw["window"]
+        weights = d * H * Dh + 2 * d * Hkv * Dh + H * Dh * d
+        return (weights, weights, lambda L: 4.0 * causal_keys_mean(L, window) * H * Dh,
+                lambda L: 4.0 * min(L + 1, window or L + 1) * H * Dh)
+    if kind == "gla":
+        H = kw["n_heads"]
+        Kd, Vd, r = int(d * kw["expand_k"]), int(d * kw["expand_v"]), kw["gate_low_rank_dim"]
+        hk, hv = Kd // H, Vd // H
+        weights = 2 * d * Kd + 2 * d * Vd + d * r + r * Kd + Vd * d  # q, k, v, g, gk (low rank), o
+        params = weights + Kd + hv  # gk bias, output norm
+        C = kw["chunk_size"]
+        return (params, weights, lambda L: 2.0 * min(C, L) * H * (hk + hv) + 4.0 * H * hk * hv,
+                lambda L: 4.0 * H * hk * hv)
+    raise KeyError(kind)
+
+
+ANALYTIC_MIXERS = ("mamba", "mamba2", "attention", "gla")
+
+
+def layer_costs(config: ZooConfig) -> list[LayerCost] | None:
+    """Per-layer costs of a zoo config from the formulas above; None if a mixer is not one of ANALYTIC_MIXERS."""
+    d = config.d_model
+    specs = config.layer_specs()
+    if any(s["type"] not in ANALYTIC_MIXERS or is_dotted_path(s["type"]) for s in specs):
+        return None
+    out = []
+    for spec in specs:
+        params, weights, seq, dec = _mixer_cost(spec["type"], d, spec)
+        params += d  # pre-mixer norm
+        if spec["ffn"] == "swiglu":
+            h = config.ffn_spec()["hidden"]
+            params += d + 3 * d * h
+            weights += 3 * d * h
+        elif spec["ffn"] == "moe":
+            moe = config.moe_spec()
+            E, h, k = moe["n_experts"], moe["hidden"], moe["top_k"]
+            params += d + d * E + E * 3 * d * h
+            weights += d * E + k * 3 * d * h
+        out.append(LayerCost(spec["type"], params, weights, seq, dec))
+    return out
+
+
+def parameter_counts(config: ZooConfig) -> dict[str, int]:
+    """{total, embedding, non_embedding, active} parameters of a zoo config, from the formulas (no model is
+    built; a config with a mixer the formulas do not know is instantiated on the meta device instead).
+    active: what one token uses (an MoE's router and top_k experts only)."""
+    d, V = config.d_model, config.vocab_size
+    embedding = V * d * (1 if config.tie_embeddings else 2)
+    costs = layer_costs(config)
+    if costs is None:
+        model = _meta_model(config)
+        total = sum(p.numel() for p in model.parameters())
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active": total}
+    total = embedding + d + sum(c.params for c in costs)  # + final norm
+    inactive = 0
+    if config.moe:
+        moe = config.moe_spec()
+        n_moe = sum(1 for s in config.layer_specs() if s["ffn"] == "moe")
+        inactive = n_moe * (moe["n_experts"] - moe["top_k"]) * 3 * d * moe["hidden"]
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active": total - inactive}
+
+
+def _meta_model(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo model type)
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _hf_layer_costs(config) -> list[LayerCost]:
+    """Sequence-mixing costs of a transformers config: Llama-like attention or Mamba (weights filled later)."""
+    n = config.num_hidden_layers
+    if getattr(config, "model_type", "") == "mamba":
+        di, N = config.intermediate_size, config.state_size
+        return [LayerCost("mamba", 0, 0, lambda L: 9.0 * di * N, lambda L: 9.0 * di * N) for _ in range(n)]
+    H = getattr(config, "num_attention_heads", None)
+    if H is None:
+        raise ValueError(f"accounting: transformers model_type {config.model_type!r} is neither attention "
+                         f"(num_attention_heads) nor mamba; give it as a zoo config")
+    Dh = getattr(config, "head_dim", None) or config.hidden_size // H
+    window = getattr(config, "sliding_window", None)
+    return [LayerCost("attention", 0, 0, lambda L: 4.0 * causal_keys_mean(L, window) * H * Dh,
+                      lambda L: 4.0 * min(L + 1, window or L + 1) * H * Dh) for _ in range(n)]
+
+
+def module_weights(model: nn.Module) -> float:
+    """Weights of the matmuls and convolutions one token touches, counted on the modules: every nn.Linear
+    (the LM head included) and nn.Conv1d weight once, an MoE's experts scaled by top_k / n_experts."""
+    from zoo.layers import MoE
+
+    scale: dict[int, float] = {}
+    for module in model.modules():
+        if isinstance(module, MoE):
+            for expert_module in module.experts.modules():
+                scale[id(expert_module)] = module.top_k / module.n_experts
+    total = 0.0
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv1d)):
+            total += module.weight.numel() * scale.get(id(module), 1.0)
+    return total
+
+
+def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4) -> dict[str, Any]:
+    """Parameters, FLOPs per token and cache memory per sequence of a model config at each length.
+
+    Args:
+        config: a ZooConfig, or a transformers config (Llama-like attention or Mamba).
+        seq_lens: lengths L at which FLOPs and memory are given.
+        kv_bytes / state_bytes: bytes per KV float / per recurrent-state float.
+
+    Returns:
+        dict with params (instantiated on the meta device), embedding_params, non_embedding_params,
+        active_params, layers (mixer types), and per_length rows: seq_len, flops_per_token (forward),
+        decode_flops_per_token, kv_floats, state_floats, cache_mib (per sequence).
+    """
+    model = _meta_model(config)
+    params = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        embed += head.weight.numel()
+    if isinstance(config, ZooConfig):
+        counts = parameter_counts(config)
+        costs = layer_costs(config)
+        if costs is None:  # a custom mixer: weights from the modules, no sequence-mixing term
+            costs = [LayerCost(b.mixer.__class__.__name__, 0, 0, lambda L: 0.0, lambda L: 0.0)
+                     for b in model.model.layers]
+            weights = module_weights(model)
+        else:
+            weights = sum(c.weights for c in costs) + config.vocab_size * config.d_model
+        active = counts["active"]
+        mixers = list(model.model.layers)
+        states = [(b.mixer.state_size, _is_attention(b.mixer)) for b in mixers]
+    else:
+        costs = _hf_layer_costs(config)
+        weights = module_weights(model)
+        active = params
+        states = [(_hf_state_fn(config), getattr(config, "model_type", "") != "mamba")
+                  for _ in range(config.num_hidden_layers)]
+    rows = []
+    for L in seq_lens:
+        kv = sum(fn(L) for fn, is_kv in states if is_kv)
+        state = sum(fn(L) for fn, is_kv in states if not is_kv)
+        rows.append({
+            "seq_len": L,
+            "flops_per_token": 2.0 * weights + sum(c.seq_flops(L) for c in costs),
+            "decode_flops_per_token": 2.0 * weights + sum(c.decode_flops(L) for c in costs),
+            "kv_floats": int(kv), "state_floats": int(state),
+            "cache_mib": (kv * kv_bytes + state * state_bytes) / 2 ** 20,
+        })
+    return {"params": params, "embedding_params": embed, "non_embedding_params": params - embed,
+            "active_params": active, "matmul_weights": weights, "layers": [c.mixer for c in costs],
+            "per_length": rows}
+
+
+def _is_attention(mixer: nn.Module) -> bool:
+    """Whether the mixer's cache grows with the sequence (KV), judged by its state size at two lengths."""
+    return mixer.state_size(2) != mixer.state_size(1)
+
+
+def _hf_state_fn(config) -> Callable[[int], int]:
+    if getattr(config, "model_type", "") == "mamba":
+        di, N, K = config.intermediate_size, config.state_size, config.conv_kernel
+        return lambda L: di * N + di * (K - 1)
+    H = config.num_attention_heads
+    Hkv = getattr(config, "num_key_value_heads", None) or H
+    Dh = getattr(config, "head_dim", None) or config.hidden_size // H
+    window = getattr(config, "sliding_window", None)
+    return lambda L: 2 * Hkv * Dh * min(L, window or L)
+
+
+# ---- budget matching ---------------------------------------------------------------------------------------
+
+def _round_to(x: float, step: int) -> int:
+    return max(step, int(round(x / step)) * step)
+
+
+def _try_config(fields: dict) -> ZooConfig | None:
+    try:
+        return ZooConfig(**copy.deepcopy(fields))
+    except ValueError:
+        return None
+
+
+def _count(config: ZooConfig, count: str) -> int:
+    counts = parameter_counts(config)
+    return counts["total"] if count == "total" else counts["non_embedding"]
+
+
+def _pattern_unit(layers: Any) -> tuple[str, int]:
+    """(repeated unit, repeats) of a layer pattern string, for the n_layers knob."""
+    if not isinstance(layers, str):
+        raise ValueError("budget.knob: n_layers needs `layers` as a pattern string; use knob d_model")
+    groups = layers.split()
+    if len(groups) > 1:
+        if len(set(groups)) != 1:
+            raise ValueError(f"budget.knob: n_layers repeats the pattern's groups, but {layers!r} has different "
+                             f"groups; make them equal or use knob d_model")
+        return groups[0], len(groups)
+    letters = groups[0]
+    if len(set(letters)) == 1:
+        return letters[0], len(letters)
+    return letters, 1
+
+
+def _adjustable(config: ZooConfig, adjust: str) -> str | None:
+    """Which width `match_budget` adjusts: 'ffn', 'expand' or None."""
+    specs = config.layer_specs()
+    has_ffn = any(s["ffn"] in ("swiglu", "moe") for s in specs)
+    has_expand = any(s["type"] in ("mamba", "mamba2") for s in specs)
+    if adjust == "auto":
+        return "ffn" if has_ffn else ("expand" if has_expand else None)
+    if adjust == "none":
+        return None
+    if adjust == "ffn" and not has_ffn:
+        raise ValueError("budget.adjust: 'ffn' but the model has no ffn; use expand, auto or none")
+    if adjust == "expand" and not has_expand:
+        raise ValueError("budget.adjust: 'expand' but the model has no mamba/mamba2 mixer; use ffn, auto or none")
+    return adjust
+
+
+def _ffn_hidden(fields: dict, config: ZooConfig) -> int:
+    return int(config.ffn_spec().get("hidden") or config.moe_spec()["hidden"])
+
+
+def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int) -> dict:
+    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio)."""
+    out = copy.deepcopy(fields)
+    ffn = out.get("ffn")
+    if isinstance(ffn, dict) or ffn in (None, "swiglu"):
+        ffn = dict(ffn) if isinstance(ffn, dict) else {"type": "swiglu"}
+        ffn["hidden"] = hidden
+        out["ffn"] = ffn
+    if isinstance(out.get("moe"), dict) and out["moe"].get("hidden"):
+        out["moe"]["hidden"] = max(1, round(out["moe"]["hidden"] * hidden / base_hidden))
+    return out
+
+
+def _expand_letters(fields: dict) -> dict[str, float]:
+    mixers = fields.get("mixers") or {}
+    out = {}
+    for letter, spec in mixers.items():
+        if spec.get("type") in ("mamba", "mamba2"):
+            out[letter] = float(spec.get("expand", 2))
+    if not out:
+        raise ValueError("budget.adjust: expand needs mamba/mamba2 mixers in `mixers` (pattern configs)")
+    if len(set(out.values())) > 1:
+        raise ValueError(f"budget.adjust: expand is adjusted for all mamba mixers together, which needs one "
+                         f"expand, got {out}; set budget.adjust=none")
+    return out
+
+
+def _with_d_inner(fields: dict, d_inner: int) -> dict:
+    out = copy.deepcopy(fields)
+    d = out["d_model"]
+    for letter in _expand_letters(fields):
+        out["mixers"][letter]["expand"] = d_inner / d
+    return out
+
+
+def _scaled(fields: dict, d_model: int, d0: int) -> dict:
+    """fields at a new d_model with the base's proportions (explicit ffn / MoE hidden sizes scale with it)."""
+    out = copy.deepcopy(fields)
+    out["d_model"] = d_model
+    ffn = out.get("ffn")
+    if isinstance(ffn, dict) and ffn.get("hidden"):
+        out["ffn"] = dict(ffn, hidden=_round_to(ffn["hidden"] * d_model / d0, 8))
+    if isinstance(out.get("moe"), dict) and out["moe"].get("hidden"):
+        out["moe"]["hidden"] = _round_to(out["moe"]["hidden"] * d_model / d0, 8)
+    return out
+
+
+def _primary_candidates(fields: dict, knob: str, multiple_of: int) -> Iterator[tuple[int, dict]]:
+    """(knob value, fields) in increasing size, with the base's proportions."""
+    if knob == "d_model":
+        d0 = fields["d_model"]
+        for d in range(multiple_of, 64 * d0 + 1, multiple_of):
+            yield d, _scaled(fields, d, d0)
+    elif knob == "n_layers":
+        unit, n0 = _pattern_unit(fields["layers"])
+        for n in range(1, 16 * n0 + 1):
+            out = copy.deepcopy(fields)
+            out["layers"] = " ".join([unit] * n) if len(unit) > 1 else unit * n
+            yield n, out
+    else:
+        raise ValueError(f"budget.knob: unknown {knob!r}; use d_model or n_layers")
+
+
+def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str = "d_model",
+                 adjust: str = "auto", tolerance: float = 0.02, multiple_of: int = 8,
+                 adjust_multiple_of: int = 8) -> tuple[dict, dict[str, Any]]:
+    """Resize a zoo model config to `budget` parameters (algorithm in the module docstring).
+
+    Args:
+        fields: the zoo config fields (a parsed model YAML).
+        budget: target parameter count.
+        count: 'total' or 'non_embedding'.
+        knob: 'd_model' (steps of multiple_of) or 'n_layers' (repeats of the pattern).
+        adjust: 'auto' | 'ffn' | 'expand' | 'none': the width tuned to land within tolerance.
+        tolerance: allowed |params / budget - 1|.
+        multiple_of: d_model step; adjust_multiple_of: step of the ffn hidden size / Mamba d_inner.
+
+    Returns:
+        (the matched fields, info: params, error, knob value, adjusted width and its change from the base).
+
+    Raises:
+        ValueError naming budget.* when no candidate lands within the tolerance (with the closest one).
+    """
+    if count not in ("total", "non_embedding"):
+        raise ValueError(f"budget.count: unknown {count!r}; use total or non_embedding")
+    base = ZooConfig(**copy.deepcopy(fields))
+    what = _adjustable(base, adjust)
+    best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
+    for value, primary in _primary_candidates(fields, knob, multiple_of):
+        config = _try_config(primary)
+        if config is None:
+            continue
+        n_nominal = _count(config, count)
+        if n_nominal > 3 * budget:
+            break
+        if n_nominal < budget / 3:
+            continue
+        options: list[tuple[dict, float, int | None]] = [(primary, 0.0, None)]
+        if what == "ffn":
+            h0 = _ffn_hidden(primary, config)
+            step = adjust_multiple_of
+            probe = _try_config(_with_ffn_hidden(primary, h0 + 16 * step, h0))
+            slope = (_count(probe, count) - n_nominal) / (16 * step) if probe is not None else 0
+            if slope > 0:
+                target = h0 + (budget - n_nominal) / slope
+                for h in {_round_to(target, step) + k * step for k in (-1, 0, 1)}:
+                    if h0 / 2 <= h <= 2 * h0:
+                        options.append((_with_ffn_hidden(primary, h, h0), abs(math.log(h / h0)), h))
+        elif what == "expand":
+            letters = _expand_letters(primary)
+            d = primary["d_model"]
+            di0 = round(next(iter(letters.values())) * d)
+            step = adjust_multiple_of
+            for spec in (primary.get("mixers") or {}).values():
+                if spec.get("type") == "mamba2":
+                    step = math.lcm(step, int(spec.get("head_dim", 64)) * int(spec.get("n_groups", 1)))
+            probe = _try_config(_with_d_inner(primary, di0 + 4 * step))
+            slope = (_count(probe, count) - n_nominal) / (4 * step) if probe is not None else 0
+            if slope > 0:
+                target = di0 + (budget - n_nominal) / slope
+                for di in {_round_to(target, step) + k * step for k in (-1, 0, 1)}:
+                    if di0 / 2 <= di <= 2 * di0:
+                        options.append((_with_d_inner(primary, di), abs(math.log(di / di0)), di))
+        for candidate, deviation, adjusted in options:
+            config = _try_config(candidate)
+            if config is None:
+                continue
+            n = _count(config, count)
+            error = n / budget - 1
+            key = (abs(error) > tolerance, deviation if abs(error) <= tolerance else abs(error), abs(error))
+            if best is None or key < best[0]:
+                best = (key, value, candidate, n, adjusted, error)
+    if best is None:
+        raise ValueError(f"budget.params: no {knob} gives a valid model near {budget:,.0f} parameters")
+    key, value, matched, n, adjusted, error = best
+    info = {"budget": budget, "count": count, "params": n, "error": error, "knob": knob, knob: value}
+    if adjusted is not None:
+        info["adjusted"] = {"ffn_hidden" if what == "ffn" else "d_inner": adjusted}
+    if abs(error) > tolerance:
+        raise ValueError(f"budget.tolerance: the closest size has {n:,} parameters ({error:+.1%} from "
+                         f"{budget:,.0f}) with {knob}={value}; allow budget.adjust, change budget.multiple_of or "
+                         f"knob, or widen budget.tolerance")
+    return matched, info
+
+
+# ---- the comparison config -----------------------------------------------------------------------------------
+
+@dataclass
+class BudgetConfig:
+    """Parameter budget: see `match_budget`."""
+
+    params: float
+    count: str = "total"
+    knob: str = "d_model"
+    adjust: str = "auto"
+    tolerance: float = 0.02
+    multiple_of: int = 8
+    adjust_multiple_of: int = 8
+
+
+@dataclass
+class MQARConfig:
+    """A fresh copy of each model is trained for `steps` on MQAR batches (the same for every model: one
+    generator seeded with `seed`) at (seq_len, n_kv), then evaluated on eval_seq_lens x eval_n_kv (default:
+    the training cell) with eval_samples fresh rows. vocab_size must not exceed the models'. steps 0 evaluates
+    the text-trained model instead."""
+
+    steps: int = 200
+    batch_size: int = 32
+    seq_len: int = 64
+    n_kv: int = 4
+    vocab_size: int = 256
+    power_a: float = 0.01
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    eval_seq_lens: list[int] | None = None
+    eval_n_kv: list[int] | None = None
+    eval_samples: int = 256
+    seed: int = 0
+
+
+@dataclass
+class PerPositionConfig:
+    """Per-position loss on n_docs long documents of the built-in corpus (held-out files first), max_len
+    tokens each, run chunk_size tokens at a time with the cache carried."""
+
+    n_docs: int = 4
+    max_len: int = 4096
+    chunk_size: int | None = 1024
+    batch_size: int = 1
+
+
+@dataclass
+class PasskeyConfig:
+    """Passkey retrieval (zoo.eval.passkey) of the text-trained model."""
+
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    n_samples: int = 2
+    prefill_chunk_size: int | None = None
+    max_new_tokens: int = 8
+
+
+@dataclass
+class EvalSection:
+    """Held-out loss over `batches` batches of micro_batch_size rows (default: the recipe's) of the recipe's
+    eval split; the optional evaluations below."""
+
+    batches: int = 8
+    micro_batch_size: int | None = None
+    per_position: PerPositionConfig | None = None
+    mqar: MQARConfig | None = None
+    passkey: PasskeyConfig | None = None
+
+
+@dataclass
+class ThroughputConfig:
+    """Training-step (forward + backward) tokens/s and peak memory at each seq_len on random tokens, with
+    batch_size rows or batch_tokens // L rows (at least 1); the median of `steps` timed steps after `warmup`."""
+
+    seq_lens: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    batch_size: int | None = None
+    batch_tokens: int | None = 8192
+    warmup: int = 1
+    steps: int = 3
+
+
+@dataclass
+class AccountingConfig:
+    """Lengths at which FLOPs and cache memory are tabulated; bytes per KV / recurrent-state float."""
+
+    seq_lens: list[int] = field(default_factory=lambda: [2048, 8192])
+    kv_bytes: int = 2
+    state_bytes: int = 4
+
+
+@dataclass
+class CompareConfig:
+    """A comparison (module docstring). recipe: a `zoo train` run config without model and output_dir."""
+
+    models: dict[str, Any] = field(default_factory=dict)
+    base: Any = None
+    swaps: dict[str, Any] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    budget: BudgetConfig | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
+    train_lengths: list[int] | None = None
+    eval: EvalSection = field(default_factory=EvalSection)
+    throughput: ThroughputConfig | None = field(default_factory=ThroughputConfig)
+    accounting: AccountingConfig = field(default_factory=AccountingConfig)
+    output_dir: str = "runs/compare"
+    cpu_threads: int | None = None
+    title: str = "comparison"
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> tuple[CompareConfig, Path]:
+    """Read a comparison config and apply ``section.field=value`` overrides (values parsed as YAML).
+
+    Returns (the config, the folder relative paths in it are tried against after the working directory)."""
+    from zoo.train import _build, _set_dotted
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: no such file {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {str(path)!r} must hold a YAML mapping")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw) if raw else "")
+    cfg = _build(CompareConfig, data, "")
+    validate_compare_config(cfg)
+    return cfg, path.resolve().parent
+
+
+def validate_compare_config(cfg: CompareConfig) -> None:
+    """Raise ValueError naming the field for impossible settings."""
+    if not cfg.models and not cfg.swaps:
+        raise ValueError("models: empty; name at least one model (or a base and swaps)")
+    if cfg.swaps and cfg.base is None:
+        raise ValueError("swaps: need `base:` (the config the mixers are swapped in)")
+    clash = set(cfg.models) & set(cfg.swaps)
+    if clash:
+        raise ValueError(f"swaps: names {sorted(clash)} are also in models; rename one")
+    for key in ("model", "output_dir"):
+        if key in cfg.recipe:
+            raise ValueError(f"recipe.{key}: set per model by the comparison; remove it from the recipe")
+    if cfg.budget is not None:
+        b = cfg.budget
+        if not b.params > 0:
+            raise ValueError(f"budget.params: must be > 0, got {b.params}")
+        if b.count not in ("total", "non_embedding"):
+            raise ValueError(f"budget.count: unknown {b.count!r}; use total or non_embedding")
+        if b.knob not in ("d_model", "n_layers"):
+            raise ValueError(f"budget.knob: unknown {b.knob!r}; use d_model or n_layers")
+        if b.adjust not in ("auto", "ffn", "expand", "none"):
+            raise ValueError(f"budget.adjust: unknown {b.adjust!r}; use auto, ffn, expand or none")
+        if not 0 < b.tolerance < 1:
+            raise ValueError(f"budget.tolerance: must be in (0, 1), got {b.tolerance}")
+        if b.multiple_of < 1 or b.adjust_multiple_of < 1:
+            raise ValueError("budget.multiple_of / adjust_multiple_of: must be >= 1")
+    if cfg.train_lengths is not None and (not cfg.train_lengths or any(L < 2 for L in cfg.train_lengths)):
+        raise ValueError(f"train_lengths: a non-empty list of lengths >= 2, got {cfg.train_lengths}")
+    e = cfg.eval
+    if e.batches < 1:
+        raise ValueError(f"eval.batches: must be >= 1, got {e.batches}")
+    if e.mqar is not None:
+        m = e.mqar
+        if m.steps < 0 or m.batch_size < 1 or m.eval_samples < 1:
+            raise ValueError("eval.mqar: steps >= 0, batch_size >= 1 and eval_samples >= 1")
+        if 4 * m.n_kv > m.seq_len:
+            raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
+    if cfg.throughput is not None:
+        t = cfg.throughput
+        if not t.seq_lens or t.steps < 1 or t.warmup < 0:
+            raise ValueError("throughput: needs seq_lens, steps >= 1 and warmup >= 0")
+        if (t.batch_size is None) == (t.batch_tokens is None):
+            raise ValueError("throughput: set exactly one of batch_size and batch_tokens")
+    if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
+        raise ValueError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
+    from zoo.train import config_from_dict
+
+    config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+
+
+# ---- models of a comparison ------------------------------------------------------------------------------------
+
+@dataclass
+class ModelEntry:
+    """One model of the comparison: its name, its config fields (zoo, or with a transformers model_type),
+    and how it was matched to the budget."""
+
+    name: str
+    fields: dict[str, Any]
+    is_zoo: bool
+    match: dict[str, Any] | None = None
+
+    def config(self):
+        if self.is_zoo:
+            return ZooConfig(**copy.deepcopy(self.fields))
+        from transformers import AutoConfig
+
+        fields = dict(self.fields)
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def _find(path: str, folder: Path) -> Path:
+    for candidate in (Path(path), folder / path, PACKAGE_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ValueError(f"models: no such model config {path!r} (tried the working directory, {folder} and "
+                     f"{PACKAGE_ROOT})")
+
+
+def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
+    if isinstance(spec, str):
+        data = yaml.safe_load(_find(spec, folder).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: {spec!r} does not hold a mapping of config fields")
+        return data
+    if isinstance(spec, dict):
+        return copy.deepcopy(spec)
+    raise ValueError(f"{where}: expected a model YAML path or a mapping of config fields, got {spec!r}")
+
+
+def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
+    """The comparison's models with overrides applied and, for zoo models, matched to the budget."""
+    raw: list[tuple[str, dict, dict, bool]] = []  # name, fields, overrides, match
+    for name, spec in cfg.models.items():
+        where = f"models.{name}"
+        if isinstance(spec, dict) and "config" in spec:
+            unknown = set(spec) - {"config", "overrides", "match"}
+            if unknown:
+                raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use config, overrides, match")
+            raw.append((name, _read_fields(spec["config"], folder, where), dict(spec.get("overrides") or {}),
+                        bool(spec.get("match", True))))
+        else:
+            raw.append((name, _read_fields(spec, folder, where), {}, True))
+    if cfg.swaps:
+        base = _read_fields(cfg.base, folder, "base")
+        for name, swap in cfg.swaps.items():
+            fields = copy.deepcopy(base)
+            for key, value in (swap or {}).items():
+                if len(key) == 1:  # a pattern letter: replace that mixer
+                    fields.setdefault("mixers", {})[key] = value
+                else:
+                    fields[key] = value
+            raw.append((name, fields, {}, True))
+    entries = []
+    for name, fields, overrides, match in raw:
+        model_type = fields.get("model_type", "zoo")
+        is_zoo = model_type == "zoo"
+        if is_zoo:
+            fields.pop("model_type", None)
+            fields = {**fields, **cfg.model_overrides, **overrides}
+        else:
+            fields = {**fields, **overrides}
+        try:
+            entry = ModelEntry(name, fields, is_zoo)
+            entry.config()
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"models.{name}: {e}") from e
+        if is_zoo and cfg.budget is not None and match:
+            b = cfg.budget
+            try:
+                entry.fields, entry.match = match_budget(
+                    fields, b.params, count=b.count, knob=b.knob, adjust=b.adjust, tolerance=b.tolerance,
+                    multiple_of=b.multiple_of, adjust_multiple_of=b.adjust_multiple_of)
+            except ValueError as e:
+                raise ValueError(f"models.{name}: {e}") from e
+        entries.append(entry)
+    return entries
+
+
+# ---- results on disk -----------------------------------------------------------------------------------------
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ModelRecord:
+    """OUT/<model>/result.json: the model's phases, each saved as soon as it finishes with the fingerprint of
+    the settings it depends on (a phase whose settings changed is redone; a model whose config or recipe
+    changed is refused, since its training checkpoints belong to the old one)."""
+
+    def __init__(self, folder: Path, fingerprint: str, header: dict[str, Any]):
+        self.folder, self.path = folder, folder / RESULT_FILE
+        data = json.loads(self.path.read_text()) if self.path.is_file() else None
+        if data is not None and data.get("fingerprint") != fingerprint:
+            raise ValueError(f"{self.path} holds results of a different model config or recipe; pass --force to "
+                             f"redo this model, or choose another output_dir")
+        self.data = data or {"fingerprint": fingerprint, "phases": {}, "phase_keys": {}}
+        self.data.update(header)
+        self.save()
+
+    def needs(self, phase: str, key: str) -> bool:
+        return self.data["phase_keys"].get(phase) != key or phase not in self.data["phases"]
+
+    def get(self, phase: str) -> dict[str, Any] | None:
+        return self.data["phases"].get(phase)
+
+    def put(self, phase: str, result: dict[str, Any], key: str) -> None:
+        self.data["phases"][phase] = result
+        self.data["phase_keys"][phase] = key
+        self.save()
+
+    def save(self) -> None:
+        _write_json_atomic(self.path, self.data)
+
+
+# ---- phases ---------------------------------------------------------------------------------------------------
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _lengths(cfg: CompareConfig) -> list[int]:
+    from zoo.train import config_from_dict
+
+    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    return list(cfg.train_lengths or [recipe.data.seq_len])
+
+
+def train_config(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path):
+    """The `zoo train` config of one model at one training length: the recipe with the model, the run
+    directory, the length (micro-batch rows scaled so a micro-batch keeps its tokens: with train.batch_tokens
+    every length trains on the same tokens per step), CSV logging, a final checkpoint, and no periodic
+    evaluation (the comparison evaluates every model on the same rows itself)."""
+    from zoo.train import config_from_dict
+
+    recipe = copy.deepcopy(cfg.recipe)
+    base = config_from_dict({**copy.deepcopy(recipe), "model": "x", "output_dir": "x"})
+    data = dict(recipe.get("data") or {})
+    data["seq_len"] = seq_len
+    train = dict(recipe.get("train") or {})
+    if seq_len != base.data.seq_len:
+        train["micro_batch_size"] = max(1, base.train.micro_batch_size * base.data.seq_len // seq_len)
+    log = dict(recipe.get("log") or {})
+    log["trackers"] = ["csv"]
+    checkpoint = dict(recipe.get("checkpoint") or {}, final=True)  # evaluation loads the final weights
+    model = dict(entry.fields)
+    if entry.is_zoo:
+        model["model_type"] = "zoo"
+    return config_from_dict({**recipe, "model": model, "output_dir": str(run_dir), "data": data,
+                             "train": train, "eval": {"every": 0}, "log": log, "checkpoint": checkpoint})
+
+
+def read_curve(metrics_csv: Path) -> list[dict[str, float]]:
+    """(step, tokens, loss) rows of a run's metrics.csv, the last row of each step (a resumed run relogs)."""
+    if not metrics_csv.is_file():
+        return []
+    rows: dict[int, dict[str, float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("loss") and row.get("tokens"):
+                step = int(float(row["step"]))
+                rows[step] = {"step": step, "tokens": float(row["tokens"]), "loss": float(row["loss"])}
+                if row.get("peak_mem_gib"):
+                    rows[step]["peak_mem_gib"] = float(row["peak_mem_gib"])
+    return [rows[s] for s in sorted(rows)]
+
+
+def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path) -> dict[str, Any]:
+    """Train (or resume) one model at one length with zoo.train; raises KeyboardInterrupt if it was stopped."""
+    from zoo.train import train
+
+    tcfg = train_config(cfg, entry, seq_len, run_dir)
+    stamps: list[float] = []
+    start = time.perf_counter()
+    result = train(tcfg, resume="auto", on_step=lambda step, metrics: stamps.append(time.perf_counter()))
+    wall = time.perf_counter() - start
+    if result.stopped:
+        raise KeyboardInterrupt(f"training of {entry.name} stopped at step {result.step}")
+    info = json.loads((run_dir / "run_info.json").read_text())
+    curve = read_curve(run_dir / "metrics.csv")
+    peaks = [r["peak_mem_gib"] for r in curve if "peak_mem_gib" in r]
+    tail = [r["loss"] for r in curve[-3:]]
+    checkpoint = Path(result.checkpoint).relative_to(run_dir.parent)  # the model folder may move
+    # the first step pays one-time costs (kernel builds, allocator warm-up): time the steps after it
+    tps = info["tokens_per_step"] * (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    return {"seq_len": seq_len, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
+            "tokens_per_step": info["tokens_per_step"], "train_tokens_per_s": tps,
+            "peak_mem_gib": max(peaks) if peaks else None, "final_train_loss": sum(tail) / len(tail) if tail else None,
+            "curve": curve, "checkpoint": str(checkpoint), "backend": info.get("backend", {}),
+            "precision": info.get("precision"), "device": info.get("device")}
+
+
+def _load_trained(checkpoint: str | Path, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401
+
+    return AutoModelForCausalLM.from_pretrained(str(Path(checkpoint) / "model"), dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def heldout_loss(model, tcfg, tokenizer, batches: int, micro_batch_size: int | None, device: torch.device
+                 ) -> dict[str, float]:
+    """Mean next-token cross-entropy over the first `batches` batches of the recipe's eval split (the same
+    rows for every model); an MoE's auxiliary loss is not included."""
+    import itertools
+
+    from zoo.data.text import ByteTokenizer, TextStream
+    from zoo.train import ModelInputs
+
+    inputs = ModelInputs.of(model)
+    stream = TextStream(tcfg.data, tokenizer, "eval")
+    total, count = 0.0, 0
+    for batch, _ in itertools.islice(stream.batches(micro_batch_size or tcfg.train.micro_batch_size), batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        kwargs = inputs.kwargs(batch, labels=False)
+        if inputs.use_cache:
+            kwargs["use_cache"] = False
+        with _autocast(device):
+            logits = model(**kwargs).logits
+        labels = batch["labels"][:, 1:]
+        total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((labels != -100).sum())
+    mean = total / max(count, 1)
+    out = {"eval_loss": mean, "eval_tokens": count}
+    if isinstance(tokenizer, ByteTokenizer):
+        out["bits_per_byte"] = mean / math.log(2)
+    return out
+
+
+def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, checkpoint: Path,
+               device: torch.device) -> dict[str, Any]:
+    """Held-out loss, per-position loss and passkey of the trained model at one length."""
+    from zoo.data.text import load_tokenizer
+    from zoo.decode import cache_argument
+    from zoo.eval.length import corpus_documents, evaluate_length
+    from zoo.eval.passkey import evaluate_passkey
+
+    tcfg = train_config(cfg, entry, seq_len, run_dir)
+    tokenizer = load_tokenizer(tcfg.tokenizer)
+    model = _load_trained(checkpoint, device)
+    out: dict[str, Any] = heldout_loss(model, tcfg, tokenizer, cfg.eval.batches, cfg.eval.micro_batch_size, device)
+    out["backend"] = model.backend_report() if hasattr(model, "backend_report") else {}
+    # zoo.eval carries caches as past_key_values; a model that names it cache_params (transformers' Mamba)
+    # runs each document in one forward instead
+    carries = cache_argument(model) == "past_key_values"
+    pp = cfg.eval.per_position
+    if pp is not None:
+        docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed)
+        chunk = pp.chunk_size if carries else None
+        with _autocast(device):
+            res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True)
+        out["per_position"] = {"bins": res["bins"], "n_documents": res["n_documents"], "max_len": res["max_len"],
+                               "chunk_size": chunk}
+    pk = cfg.eval.passkey
+    if pk is not None:
+        with _autocast(device):
+            res = evaluate_passkey(model, tokenizer, pk.lengths, pk.depths, pk.n_samples, seed=tcfg.train.seed,
+                                   max_new_tokens=pk.max_new_tokens,
+                                   prefill_chunk_size=pk.prefill_chunk_size if carries else None, progress=True)
+        out["passkey"] = {"rows": res["rows"],
+                          "accuracy": sum(r["accuracy"] for r in res["rows"]) / len(res["rows"])}
+    del model
+    _free_memory()
+    return out
+
+
+def _fresh_model(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, device: torch.device):
+    """A freshly initialised model exactly as training builds it (same seed, same special token ids)."""
+    from accelerate.utils import set_seed
+
+    from zoo.data.text import load_tokenizer
+    from zoo.train import build_model
+
+    tcfg = train_config(cfg, entry, seq_len, run_dir)
+    set_seed(tcfg.train.seed)
+    return tcfg, build_model(tcfg, load_tokenizer(tcfg.tokenizer)).to(device)
+
+
+def phase_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, checkpoint: Path | None,
+               device: torch.device) -> dict[str, Any]:
+    """Train a fresh copy on MQAR (the same batches for every model), then measure recall accuracy."""
+    from tqdm.auto import tqdm
+
+    from zoo.data.synthetic import mqar_batch
+    from zoo.eval.synthetic import evaluate_synthetic
+    from zoo.train import ScheduleConfig, build_optimizer, lr_at
+
+    m = cfg.eval.mqar
+    if m.steps:
+        tcfg, model = _fresh_model(cfg, entry, seq_len, run_dir, device)
+        vocab = model.get_input_embeddings().num_embeddings
+        if m.vocab_size > vocab:
+            raise ValueError(f"eval.mqar.vocab_size: {m.vocab_size} exceeds {entry.name}'s vocabulary {vocab}")
+        opt_cfg = dataclasses.replace(tcfg.optim, lr=m.lr)
+        sched = dataclasses.replace(
+            tcfg, optim=opt_cfg, train=dataclasses.replace(tcfg.train, max_steps=m.steps),
+            schedule=ScheduleConfig(kind="cosine", warmup_steps=min(m.warmup_steps, m.steps - 1), min_lr=m.lr / 10))
+        optimizer = build_optimizer(model, opt_cfg)
+        generator = torch.Generator().manual_seed(m.seed)
+        model.train()
+        losses = []
+        bar = tqdm(range(m.steps), desc=f"{entry.name}: mqar", dynamic_ncols=True)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, sched)
+            batch = mqar_batch(m.batch_size, m.seq_len, m.n_kv, m.vocab_size, m.power_a, generator=generator)
+            with _autocast(device):
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            if tcfg.optim.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), tcfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+        bar.close()
+        model.eval()
+    else:
+        if checkpoint is None:
+            raise ValueError("eval.mqar.steps: 0 evaluates the text-trained model, which is missing")
+        model, losses = _load_trained(checkpoint, device), []
+    seq_lens = m.eval_seq_lens or [m.seq_len]
+    n_kv = m.eval_n_kv or [m.n_kv]
+    with _autocast(device):
+        res = evaluate_synthetic(model, "mqar", seq_lens, n_kv, m.eval_samples, min(m.eval_samples, 64),
+                                 seed=m.seed + 1_000_003, vocab_size=m.vocab_size, power_a=m.power_a)
+    state = {L: _state_floats(model, L) for L in seq_lens}
+    rows = [dict(r, state_floats=state[r["seq_len"]]) for r in res["rows"]]
+    correct = sum(r["n_correct"] for r in rows)
+    answers = sum(r["n_answers"] for r in rows)
+    del model
+    _free_memory()
+    return {"accuracy": correct / max(answers, 1), "rows": rows, "train_losses": losses[::max(1, len(losses) // 50)],
+            "final_train_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
+            "state_floats": state[seq_lens[0]], "seq_len": seq_lens[0]}
+
+
+def _state_floats(model, seq_len: int) -> int:
+    """Floats of cache per sequence after seq_len tokens (each mixer's state_size; KV for attention)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is not None and all(hasattr(b, "mixer") for b in layers):
+        return int(sum(b.mixer.state_size(seq_len) for b in layers))
+    config = model.config
+    return int(_hf_state_fn(config)(seq_len) * config.num_hidden_layers)
+
+
+def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes of weights + gradients + tensors saved for backward (once per storage) of one training step."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.data_ptr() != 0:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return 2 * weights + sum(saved.values())
+
+
+def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, device: torch.device
+                     ) -> dict[str, Any]:
+    """Training-step tokens/s and memory at each of throughput.seq_lens (module docstring: memory)."""
+    from tqdm.auto import tqdm
+
+    from zoo.train import ModelInputs
+
+    t = cfg.throughput
+    tcfg, model = _fresh_model(cfg, entry, seq_len, run_dir, device)
+    inputs = ModelInputs.of(model)
+    model.train()
+    vocab = model.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for L in tqdm(t.seq_lens, desc=f"{entry.name}: throughput", dynamic_ncols=True):
+        B = t.batch_size or max(1, t.batch_tokens // L)
+        ids = torch.randint(0, vocab, (B, L), generator=generator).to(device)
+        batch: dict[str, Any] = {"input_ids": ids, "labels": ids}
+        if inputs.use_cache:
+            batch["use_cache"] = False
+        row: dict[str, Any] = {"seq_len": L, "batch_size": B}
+        try:
+            times = []
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            for i in range(t.warmup + t.steps):
+                start = time.perf_counter()
+                with _autocast(device):
+                    loss = model(**batch).loss
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                if i >= t.warmup:
+                    times.append(time.perf_counter() - start)
+            step_s = sorted(times)[len(times) // 2]
+            row.update(step_ms=step_s * 1e3, tokens_per_s=B * L / step_s)
+            if device.type == "cuda":
+                row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
+                row["memory_method"] = "cuda max_memory_allocated"
+            else:
+                row["peak_mib"] = _step_memory_cpu(model, batch) / 2 ** 20
+                row["memory_method"] = "weights + grads + saved activations"
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            row.update(step_ms=None, tokens_per_s=None, peak_mib=None, note="out of memory")
+            _free_memory()
+        rows.append(row)
+    backend = model.backend_report() if hasattr(model, "backend_report") else {}
+    del model
+    _free_memory()
+    return {"rows": rows, "backend": backend, "device": str(device),
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+def _label(name: str, L: int, lengths: list[int]) -> str:
+    return name if len(lengths) == 1 else f"{name}@{L}"
+
+
+def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.device, position: str
+              ) -> dict[str, Any]:
+    """All phases of one model, skipping those recorded with the same settings; returns its record."""
+    lengths = _lengths(cfg)
+    folder = out / entry.name
+    config = entry.config()
+    acc = account(config, sorted(set(cfg.accounting.seq_lens) | set(lengths)), cfg.accounting.kv_bytes,
+                  cfg.accounting.state_bytes)
+    header = {"name": entry.name, "fields": entry.fields, "is_zoo": entry.is_zoo, "match": entry.match,
+              "accounting": acc}
+    record = ModelRecord(folder, _fingerprint({"fields": entry.fields, "recipe": cfg.recipe}), header)
+    (folder / "model_config.yaml").write_text(yaml.safe_dump(entry.fields, sort_keys=False))
+    eval_key = _fingerprint({k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "mqar"})
+    for L in lengths:
+        run_dir = folder / f"train-L{L}"
+        if record.needs(f"train/L{L}", "train"):
+            print(f"[{position}] {entry.name}: training at L={L}", file=sys.stderr)
+            record.put(f"train/L{L}", phase_train(cfg, entry, L, run_dir), "train")
+            _free_memory()
+        if record.needs(f"eval/L{L}", eval_key):
+            print(f"[{position}] {entry.name}: evaluating (L={L})", file=sys.stderr)
+            checkpoint = folder / record.get(f"train/L{L}")["checkpoint"]
+            record.put(f"eval/L{L}", phase_eval(cfg, entry, L, run_dir, checkpoint, device), eval_key)
+    first = lengths[0]
+    run_dir = folder / f"train-L{first}"
+    if cfg.eval.mqar is not None:
+        key = _fingerprint(dataclasses.asdict(cfg.eval.mqar))
+        if record.needs("mqar", key):
+            print(f"[{position}] {entry.name}: MQAR", file=sys.stderr)
+            checkpoint = folder / record.get(f"train/L{first}")["checkpoint"]
+            record.put("mqar", phase_mqar(cfg, entry, first, run_dir, checkpoint, device), key)
+    if cfg.throughput is not None:
+        key = _fingerprint({**dataclasses.asdict(cfg.throughput), "device": _device_name()})
+        if record.needs("throughput", key):
+            print(f"[{position}] {entry.name}: throughput and memory", file=sys.stderr)
+            record.put("throughput", phase_throughput(cfg, entry, first, run_dir, device), key)
+    record.data["done"] = True
+    record.save()
+    return record.data
+
+
+# ---- report: tables and plots ----------------------------------------------------------------------------------
+
+def _si(n: float | None, digits: int = 3) -> str:
+    if n is None:
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.{digits}g}{unit}"
+    return f"{n:.{digits}g}"
+
+
+def _fmt(value: Any, spec: str = ".4f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _backend_summary(report: dict[str, str]) -> str:
+    """{'layers.0.Mamba': 'cuda', ...} -> 'Mamba: cuda' (one entry per mixer class)."""
+    seen: dict[str, set[str]] = {}
+    for key, value in report.items():
+        kind = key.rsplit(".", 1)[-1]
+        seen.setdefault(kind, set()).add(str(value))
+    return ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in seen.items()) or "—"
+
+
+def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
+    """The comparison's markdown: the main table, accounting per length, throughput per length."""
+    lengths = _lengths(cfg)
+    lines = [f"# {cfg.title}", "",
+             f"Device: {device}. Recipe: the same rows in the same order for every model "
+             f"(seed {cfg.recipe.get('train', {}).get('seed', 0)})."]
+    if cfg.budget is not None:
+        lines.append(f"Budget: {cfg.budget.params:,.0f} {cfg.budget.count} parameters "
+                     f"(± {cfg.budget.tolerance:.0%}, knob {cfg.budget.knob}).")
+    lines += ["", "| model | params | non-emb | vs budget | FLOPs/tok @L | cache/seq @L | train L | tokens | "
+              "train tok/s | eval loss | bits/byte | MQAR acc | passkey | backends |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for rec in records:
+        acc = rec["accounting"]
+        matched = format(rec["match"]["error"], "+.1%") if rec.get("match") else ("unmatched" if cfg.budget else "—")
+        mqar = rec["phases"].get("mqar")
+        for L in lengths:
+            tr = rec["phases"].get(f"train/L{L}") or {}
+            ev = rec["phases"].get(f"eval/L{L}") or {}
+            per_L = next(r for r in acc["per_length"] if r["seq_len"] == L)
+            backend = _backend_summary(ev.get("backend") or tr.get("backend") or {}) if rec.get("is_zoo", True) \
+                else "transformers"
+            lines.append(
+                f"| {_label(rec['name'], L, lengths)} | {_si(acc['params'])} | {_si(acc['non_embedding_params'])} | "
+                f"{matched} | {_si(per_L['flops_per_token'])} | {per_L['cache_mib']:.3g} MiB | {L} | "
+                f"{_si(tr.get('tokens'))} | {_si(tr.get('train_tokens_per_s'))} | {_fmt(ev.get('eval_loss'))} | "
+                f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(mqar['accuracy'] if mqar else None, '.3f')} | "
+                f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
+                f"{backend} |")
+    lines += ["", "## Accounting per length (forward FLOPs per token; cache per sequence: KV bf16, states fp32)", "",
+              "| model | L | FLOPs/token | decode FLOPs/token | KV floats | state floats | cache MiB |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for rec in records:
+        for row in rec["accounting"]["per_length"]:
+            lines.append(f"| {rec['name']} | {row['seq_len']} | {_si(row['flops_per_token'])} | "
+                         f"{_si(row['decode_flops_per_token'])} | {_si(row['kv_floats'])} | "
+                         f"{_si(row['state_floats'])} | {row['cache_mib']:.3g} |")
+    if any(rec["phases"].get("throughput") for rec in records):
+        method = next((r["phases"]["throughput"]["rows"][0].get("memory_method") for r in records
+                       if r["phases"].get("throughput") and r["phases"]["throughput"]["rows"]), "")
+        lines += ["", f"## Training step (forward + backward) on {device}; memory: {method}", "",
+                  "| model | L | batch | tokens/s | ms/step | memory MiB |", "| --- | --- | --- | --- | --- | --- |"]
+        for rec in records:
+            for row in (rec["phases"].get("throughput") or {}).get("rows", []):
+                lines.append(f"| {rec['name']} | {row['seq_len']} | {row['batch_size']} | "
+                             f"{_si(row.get('tokens_per_s'))} | {_fmt(row.get('step_ms'), '.1f')} | "
+                             f"{_fmt(row.get('peak_mib'), '.1f')} {row.get('note', '')}|")
+    if any(rec["phases"].get("mqar") for rec in records):
+        lines += ["", "## MQAR recall", "", "| model | seq_len | n_kv | accuracy | state floats/seq |",
+                  "| --- | --- | --- | --- | --- |"]
+        for rec in records:
+            for row in (rec["phases"].get("mqar") or {}).get("rows", []):
+                lines.append(f"| {rec['name']} | {row['seq_len']} | {row['n_kv']} | {row['accuracy']:.3f} | "
+                             f"{_si(row['state_floats'])} |")
+    if records:
+        lines += ["", "## Sizes", "", "| model | d_model | layers | adjusted to the budget | params | active params |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for rec in records:
+            f = rec["fields"]
+            adj = ", ".join(f"{k}={v}" for k, v in ((rec.get("match") or {}).get("adjusted") or {}).items())
+            n_layers = len(rec["accounting"]["layers"])
+            lines.append(f"| {rec['name']} | {f.get('d_model', f.get('hidden_size', '—'))} | {n_layers} | "
+                         f"{adj or '—'} | {rec['accounting']['params']:,} | {rec['accounting']['active_params']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) -> list[Path]:
+    """loss.png, throughput.png, memory.png, recall.png and (with per-position results) length.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = _lengths(cfg)
+    written = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rec in records:
+        for L in lengths:
+            curve = (rec["phases"].get(f"train/L{L}") or {}).get("curve") or []
+            if curve:
+                ax.plot([r["tokens"] for r in curve], [r["loss"] for r in curve],
+                        label=_label(rec["name"], L, lengths))
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss (nats / token)")
+    ax.set_title("loss vs tokens (same rows, same order)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    save(fig, "loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for rec in records:
+        rows = [r for r in (rec["phases"].get("throughput") or {}).get("rows", []) if r.get("tokens_per_s")]
+        if rows:
+            ax.plot([r["seq_len"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=rec["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("training tokens / s (forward + backward)")
+    ax.set_title(f"throughput on {_device_name()}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    save(fig, "throughput.png")
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    method = ""
+    for rec in records:
+        rows = [r for r in (rec["phases"].get("throughput") or {}).get("rows", []) if r.get("peak_mib")]
+        if rows:
+            method = rows[0].get("memory_method", "")
+            ax1.plot([r["seq_len"] for r in rows], [r["peak_mib"] for r in rows], marker="o", label=rec["name"])
+        per_length = rec["accounting"]["per_length"]
+        ax2.plot([r["seq_len"] for r in per_length], [r["cache_mib"] for r in per_length], marker="o",
+                 label=rec["name"])
+    ax1.set_title(f"training step memory ({method})", fontsize=9)
+    ax1.set_ylabel("MiB")
+    ax2.set_title("inference cache per sequence (KV bf16, states fp32)", fontsize=9)
+    ax2.set_ylabel("MiB")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    save(fig, "memory.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    several = cfg.eval.mqar is not None and len(cfg.eval.mqar.eval_seq_lens or [0]) > 1
+    for rec in records:
+        mq = rec["phases"].get("mqar")
+        if mq:
+            rows = sorted(mq["rows"], key=lambda r: (r["n_kv"], r["state_floats"]))
+            ax.plot([r["state_floats"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=rec["name"])
+            points: dict[tuple, list[int]] = {}  # a recurrent state is the same at every length: one label
+            for r in rows if several else []:
+                points.setdefault((r["state_floats"], round(r["accuracy"], 3)), []).append(r["seq_len"])
+            for (x, y), lens in points.items():
+                ax.annotate("L=" + ",".join(map(str, lens)), (x, y), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    if cfg.eval.mqar is not None:  # values are drawn from half the task's vocabulary
+        ax.axhline(2 / cfg.eval.mqar.vocab_size, color="gray", linestyle=":", linewidth=1, label="chance")
+    ax.set_xscale("log")
+    ax.set_xlabel("cache floats per sequence at the MQAR length (recurrent state, or KV)")
+    ax.set_ylabel("MQAR accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("recall vs state size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    save(fig, "recall.png")
+
+    curves = {}
+    for rec in records:
+        for L in lengths:
+            pp = (rec["phases"].get(f"eval/L{L}") or {}).get("per_position")
+            if pp:
+                curves[_label(rec["name"], L, lengths)] = {"bins": pp["bins"]}
+    if curves:
+        from zoo.eval.length import plot_length_curves
+
+        written.append(plot_length_curves(curves, out / "length.png", train_length=lengths[0],
+                                          title="per-position loss on long held-out documents"))
+    return written
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
+    """Refuse before any training what the trainer would refuse for one model midway: packed rows for a
+    model whose forward takes neither seq_idx nor position_ids."""
+    from zoo.train import ModelInputs, config_from_dict
+
+    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    if not recipe.data.packing:
+        return
+    for entry in entries:
+        inputs = ModelInputs.of(_meta_model(entry.config()))
+        if not (inputs.seq_idx or inputs.position_ids):
+            raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
+                             f"so packed documents would see each other; set recipe.data.packing=false (for every "
+                             f"model: they train on the same rows)")
+
+
+def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: list[str] | None = None,
+                   accounting_only: bool = False) -> dict[str, Any]:
+    """Run the comparison's models (those in `only`, else all), skipping phases already done unless `force`,
+    then write the tables and plots over every model of the config that has finished results.
+
+    Returns {"records": [...], "markdown": str, "plots": [paths]}.
+    """
+    import shutil
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = resolve_models(cfg, folder)
+    names = [e.name for e in entries]
+    if only:
+        unknown = set(only) - set(names)
+        if unknown:
+            raise ValueError(f"--only: unknown models {sorted(unknown)}; the config has {names}")
+    if not accounting_only:
+        _check_inputs(cfg, entries)
+    device = _device()
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
+    (out / "compare_config.yaml").write_text(yaml.safe_dump(
+        {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
+    try:
+        if accounting_only:
+            lengths = sorted(set(cfg.accounting.seq_lens) | set(_lengths(cfg)))
+            records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
+                        "accounting": account(e.config(), lengths, cfg.accounting.kv_bytes,
+                                              cfg.accounting.state_bytes)} for e in entries]
+        else:
+            todo = [e for e in entries if not only or e.name in only]
+            by_name = {}
+            for i, entry in enumerate(todo):
+                if force and (out / entry.name).exists():
+                    shutil.rmtree(out / entry.name)
+                by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
+            for name in names:  # models finished by an earlier invocation (e.g. run with --only) join the report
+                path = out / name / RESULT_FILE
+                if name not in by_name and path.is_file():
+                    data = json.loads(path.read_text())
+                    if data.get("done"):
+                        by_name[name] = data
+            records = [by_name[name] for name in names if name in by_name]
+        markdown = markdown_report(records, cfg, _device_name())
+        (out / "results.md").write_text(markdown)
+        _write_json_atomic(out / "results.json", {"device": _device_name(), "records": records})
+        plots = [] if accounting_only else write_plots(records, cfg, out)
+    finally:
+        torch.set_num_threads(threads)
+    return {"records": records, "markdown": markdown, "plots": plots}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``zoo compare CONFIG [--section.field=value ...] [--force] [--only a,b] [--accounting-only]``."""
+    parser = argparse.ArgumentParser(
+        prog="zoo compare", allow_abbrev=False,
+        description="Compare models under one recipe and parameter budget: accounting, training, evaluation, "
+                    "throughput; a markdown table and plots in output_dir. Overrides: --section.field=value "
+                    "(e.g. --recipe.train.max_steps=10 --output_dir=runs/x).")
+    parser.add_argument("config", help="comparison config YAML (configs/compare/*.yaml)")
+    parser.add_argument("--force", action="store_true", help="redo models that already have results")
+    parser.add_argument("--only", default=None, help="comma-separated model names to run")
+    parser.add_argument("--accounting-only", action="store_true",
+                        help="print the parameter / FLOP / memory accounting without training")
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
+    try:
+        cfg, folder = load_compare_config(args.config, [item[2:] for item in rest])
+    except ValueError as e:
+        parser.error(str(e))
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    start = time.perf_counter()
+    try:
+        result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished phases are kept in {cfg.output_dir}; rerun the same command to continue",
+              file=sys.stderr)
+        return 130
+    except ValueError as e:
+        print(f"zoo compare: {e}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    for path in result["plots"]:
+        print(f"wrote {path}")
+    print(f"results in {cfg.output_dir} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+__all__ = ["AccountingConfig", "BudgetConfig", "CompareConfig", "EvalSection", "LayerCost", "MQARConfig",
+           "ModelEntry", "PasskeyConfig", "PerPositionConfig", "ThroughputConfig", "account", "causal_keys_mean",
+           "heldout_loss", "layer_costs", "load_compare_config", "main", "markdown_report", "match_budget",
+           "mixer_kwargs", "module_weights", "parameter_counts", "read_curve", "resolve_models", "run_comparison",
+           "train_config", "write_plots"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
