@@ -13,6 +13,7 @@ COMMANDS = {
     "train": ("zoo.train", "main", "pretrain a model from a run config under accelerate"),
     "convert": ("zoo.convert", "main", "convert checkpoints into/out of the zoo (transformers, mamba_ssm)"),
     "graft": ("zoo.surgery", "main", "build a hybrid from a Transformer++ and a Mamba/Mamba-2 checkpoint"),
+    "finetune": ("zoo.finetune", "main", "LoRA-finetune a checkpoint with PEFT; saves adapter and merged checkpoint"),
     "info": ("zoo.cli", "info", "parameters, state size and layers of model configs"),
     "generate": ("zoo.cli", "generate", "generate text from a saved model folder"),
 }

@@ -1,0 +1,310 @@
+"""LoRA finetuning: adapters reach every targeted projection of every mixer (CPU reference paths)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from helpers import assert_close
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import zoo  # noqa: F401  (registers the Auto classes)
+from zoo.cache import RecurrentLayer
+from zoo.config import ZooConfig
+from zoo.finetune import (
+    check_lora_reached,
+    default_lora_targets,
+    encode_rows,
+    load_finetune_config,
+    main,
+    pad_collate,
+    wrap_lora,
+)
+from zoo.layers import MoE, SwiGLU
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ["mamba", "mamba2", "transformerpp", "gla", "jamba"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Models this small run fastest on one thread (and several threads thrash on a busy CI machine)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def tiny(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-tiny.yaml"))
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+def randomize_lora_b(model: nn.Module, std: float = 0.2) -> None:
+    """PEFT initializes B to zero (the adapter starts as a no-op); give it values so it changes things."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, std)
+
+
+def wrapped(name: str, **kwargs) -> nn.Module:
+    model = wrap_lora(tiny(name), r=4, alpha=8, include_mlp=True, verbose=False, **kwargs)
+    randomize_lora_b(model)
+    return model.eval()
+
+
+def batch(vocab: int = 512, B: int = 2, T: int = 32) -> torch.Tensor:
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_default_targets_are_the_mixers_lora_targets(name):
+    model = tiny(name)
+    mixer_names, mlp_names = set(), set()
+    for i, block in enumerate(model.model.layers):
+        mixer_names |= {f"model.layers.{i}.mixer.{t}" for t in block.mixer.lora_targets}
+        if isinstance(block.ffn, SwiGLU):
+            mlp_names |= {f"model.layers.{i}.ffn.{t}" for t in SwiGLU.lora_targets}
+        elif isinstance(block.ffn, MoE):
+            mlp_names |= {f"model.layers.{i}.ffn.experts.{e}.{t}" for e in range(block.ffn.n_experts)
+                          for t in SwiGLU.lora_targets}
+    assert set(default_lora_targets(model)) == mixer_names
+    assert set(default_lora_targets(model, include_mlp=True)) == mixer_names | mlp_names
+    assert len(default_lora_targets(model, include_mlp=True)) == len(mixer_names | mlp_names)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_adapted_module_and_the_model_output_change(name):
+    model = wrapped(name)
+    modules = lora_modules(model)
+    assert set(modules) == set(default_lora_targets(model, include_mlp=True))
+    deltas: dict[str, float] = {}
+
+    def hook(module, args, out, name):
+        with torch.no_grad():  # this module's own LoRA contribution, on the input it actually got
+            deltas[name] = max(deltas.get(name, 0.0), (out - module.base_layer(args[0])).abs().max().item())
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in modules.items()]
+    ids = batch()
+    with torch.no_grad():
+        adapted = model(input_ids=ids, use_cache=False).logits
+        parallel = dict(deltas)
+        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        deltas.clear()
+        step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits  # the decode path
+        decode = dict(deltas)
+    for h in handles:
+        h.remove()
+    with torch.no_grad(), model.disable_adapter():
+        plain = model(input_ids=ids, use_cache=False).logits
+    assert not set(modules) - set(parallel), f"adapted modules that never ran: {sorted(set(modules) - set(parallel))}"
+    unchanged = [n for n, d in parallel.items() if d < 1e-6]
+    assert not unchanged, f"adapters that did not change their module's output: {unchanged}"
+    mixer_modules = {n for n in modules if ".mixer." in n}  # (a decode step reaches only the routed experts)
+    assert mixer_modules <= set(decode), f"never ran in a decode step: {sorted(mixer_modules - set(decode))}"
+    unchanged = [n for n, d in decode.items() if d < 1e-6]
+    assert not unchanged, f"adapters that did not change their module's output in a decode step: {unchanged}"
+    assert (adapted - plain).abs().max() > 1e-4, "the adapters left the model output unchanged"
+    assert_close("decode step vs parallel (adapted)", step[:, -1], adapted[:, -1], 1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gradients_reach_every_lora_parameter(name):
+    model = wrapped(name).train()
+    ids = batch()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    lora = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(lora) == 2 * len(lora_modules(model))
+    no_grad = [n for n, p in lora.items() if p.grad is None or p.grad.abs().max() == 0]
+    assert not no_grad, f"LoRA parameters without a gradient: {no_grad}"
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n), "base weights not frozen"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_merge_and_unload_equals_adapted(name):
+    model = wrapped(name)
+    ids = batch()
+    with torch.no_grad():
+        adapted = model(input_ids=ids, use_cache=False).logits
+        merged = model.merge_and_unload()
+        assert not lora_modules_in(merged)
+        assert_close("merged logits", merged(input_ids=ids, use_cache=False).logits, adapted, 1e-5)
+
+
+def lora_modules_in(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if "lora_" in n]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_adapter_save_reload_gives_identical_logits(name, tmp_path):
+    from peft import PeftModel
+
+    tiny(name).save_pretrained(tmp_path / "base")
+    model = wrap_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), r=4, include_mlp=True, verbose=False)
+    randomize_lora_b(model)
+    model.eval().save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                         tmp_path / "adapter").eval()
+    saved, loaded = dict(model.named_parameters()), dict(reloaded.named_parameters())
+    assert saved.keys() == loaded.keys()
+    changed = [n for n in saved if not torch.equal(saved[n], loaded[n])]
+    assert not changed, f"reloaded weights differ: {changed}"
+    ids = batch()
+    with torch.no_grad():
+        a = model(input_ids=ids, use_cache=False).logits
+        b = reloaded(input_ids=ids, use_cache=False).logits
+    # the same weights; CPU matmul kernels may still round differently with the tensors' memory alignment
+    assert_close("reloaded logits", b, a, 1e-6)
+
+
+def test_all_linear_adapts_every_mixer_projection():
+    model = wrap_lora(tiny("jamba"), target_modules="all-linear", verbose=False)
+    report = model.zoo_lora_report
+    for row in report["layers"]:
+        assert not row["not_adapted"], f"layer {row['layer']}: {row['not_adapted']} not adapted"
+        assert set(row["mixer_modules"]) >= set(model.get_base_model().model.layers[row["layer"]].mixer.lora_targets)
+    assert "lm_head" not in report["adapted"]  # PEFT leaves the (tied) output layer alone
+    assert report["probe"]["phases"] == ["train forward", "prefill", "decode step"]
+
+
+@pytest.mark.parametrize("targets, bad", [
+    (["nonexistent_proj"], ["nonexistent_proj"]),
+    (["in_proj", "q_prj"], ["q_prj"]),
+    (r".*\.mixer\.nothing", [r".*\.mixer\.nothing"]),
+], ids=["none", "one-of-two", "regex"])
+def test_targets_that_match_nothing_raise(targets, bad):
+    with pytest.raises(ValueError, match="match no module") as info:
+        wrap_lora(tiny("jamba"), target_modules=targets, verbose=False)
+    assert str(bad) in str(info.value)
+
+
+def test_include_mlp_with_explicit_targets_raises():
+    with pytest.raises(ValueError, match="include_mlp"):
+        wrap_lora(tiny("mamba"), target_modules=["in_proj"], include_mlp=True, verbose=False)
+
+
+class WeightReadingMixer(nn.Module):
+    """A mixer whose out_proj is applied by reading .weight, as a fused kernel would (on `fused_on` paths)."""
+
+    lora_targets = ("in_proj", "out_proj")
+
+    def __init__(self, d_model: int, fused_on: str):
+        super().__init__()
+        self.fused_on = fused_on
+        self.in_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return RecurrentLayer()
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        h = F.silu(self.in_proj(x))
+        stepping = cache is not None and x.shape[1] == 1
+        if self.fused_on == "all" or (self.fused_on == "decode" and stepping):
+            return F.linear(h, self.out_proj.weight)  # the adapter on out_proj is silently skipped
+        return self.out_proj(h)
+
+
+@pytest.mark.parametrize("fused_on, phase", [("all", "train forward"), ("decode", "decode step")],
+                         ids=["every-path", "decode-only"])
+def test_an_adapter_bypassed_by_a_weight_reading_kernel_raises(fused_on, phase):
+    model = tiny("transformerpp")
+    model.model.layers[1].mixer = WeightReadingMixer(model.config.d_model, fused_on)
+    with pytest.raises(ValueError, match="bypassed") as info:
+        wrap_lora(model, target_modules=["mixer.in_proj", "mixer.out_proj"], verbose=False)
+    message = str(info.value)
+    assert "model.layers.1.mixer.out_proj" in message and phase in message
+    assert "model.layers.1.mixer.in_proj" not in message and "layers.0" not in message
+
+
+def test_every_expert_is_reached_by_the_check():
+    model = wrap_lora(tiny("jamba"), include_mlp=True, check_forward=False, verbose=False)
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.top_k = 1  # with top-1 routing, a probe of two tokens reaches at most two of the four experts
+    probe = check_lora_reached(model, seq_len=2, batch_size=1)
+    assert probe["modules"] == len(lora_modules(model))
+    assert all(m.top_k == 1 for m in model.modules() if isinstance(m, MoE)), "routing not restored"
+
+
+def test_prompt_completion_loss_is_on_the_completion_only():
+    from zoo.data.text import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rows, dropped = encode_rows([{"prompt": "ab", "completion": "xyz"}, {"text": "hi"},
+                                 {"prompt": "long prompt", "completion": "c"}], tok, seq_len=8)
+    assert dropped == 1  # the last row's completion lies past seq_len
+    pc, text = rows
+    assert pc["input_ids"].tolist() == [tok.bos_token_id, *b"abxyz", tok.eos_token_id]
+    assert pc["labels"].tolist() == [-100, -100, -100, *b"xyz", tok.eos_token_id]
+    assert text["labels"].tolist() == [-100, *b"hi", tok.eos_token_id]
+    padded = pad_collate(rows, pad_id=tok.pad_token_id)
+    assert padded["attention_mask"].tolist() == [[1] * 7, [1] * 4 + [0] * 3]
+    assert padded["labels"][1, 4:].tolist() == [-100] * 3
+
+
+def test_finetune_command_on_prompt_completion_rows(tmp_path):
+    from zoo.data.text import ByteTokenizer
+
+    base = tmp_path / "base"
+    tiny("mamba").save_pretrained(base)
+    ByteTokenizer().save_pretrained(base)
+    rows = [{"prompt": f"{w} reversed:", "completion": f" {w[::-1]}"} for w in
+            ["abc", "hello", "zoo", "mamba", "lora", "state", "token", "merge", "adapter", "layer"]]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = {"model": str(base), "output_dir": str(tmp_path / "run"),
+              "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.2, "seq_len": 64},
+              "train": {"max_steps": 4, "micro_batch_size": 4, "progress_bar": False, "log_every": 2},
+              "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    result = main([str(tmp_path / "ft.yaml"), "--lora.r=4"])
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert result["after"]["n_targets"] == result["before"]["n_targets"] > 0
+    assert result["after"]["loss"] < result["before"]["loss"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+    assert not lora_modules_in(merged)
+    assert json.loads((tmp_path / "run" / "finetune_result.json").read_text())["merge_max_abs_diff"] < 1e-3
+
+
+def test_shipped_mqar_recipe_runs_shortened(tmp_path):
+    overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=3", "train.max_steps=3",
+                 "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=1", "data.n_eval=16",
+                 "pretrain.data.n_eval=16", "train.progress_bar=false", "pretrain.train.progress_bar=false",
+                 "pretrain.train.micro_batch_size=8", "train.micro_batch_size=8"]
+    cfg = load_finetune_config(ROOT / "configs" / "train" / "finetune-mqar.yaml", overrides)
+    assert cfg.pretrain is not None and cfg.data.task == "mqar"
+    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+    result = main(argv)
+    weights = tmp_path / "run" / "base" / "model.safetensors"
+    assert weights.is_file()
+    assert result["before"]["n_targets"] == 16 * cfg.data.task_kwargs["n_kv"]
+    assert 0.0 <= result["after"]["accuracy"] <= 1.0
+    written = weights.stat().st_mtime_ns
+    again = main([*argv, "--train.max_steps=2", "--lora.r=2"])  # same pretrain section: the base is reused
+    assert weights.stat().st_mtime_ns == written and again["pretrain"] == result["pretrain"]
+    assert again["before"] == result["before"]
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"model": "configs/models/mamba-tiny.yaml", "data": {"task": "mqar"}}))
+    with pytest.raises(ValueError, match="pretrain section"):
+        load_finetune_config(path)
+    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar", "source": "a.jsonl"}}))
+    with pytest.raises(ValueError, match="exactly one"):
+        load_finetune_config(path)
+    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
+    with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
+        load_finetune_config(path)

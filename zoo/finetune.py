@@ -1,0 +1,908 @@
+"""PEFT LoRA finetuning that provably adapts every targeted projection, on whichever backend runs.
+
+LoRA on Mamba projections is often silently lost in the field: a fused kernel reads ``in_proj.weight``
+instead of calling ``in_proj``, so the adapter trains while most of the model never changes (PEFT issues 2274,
+2556). Zoo mixers call every projection through its ``forward``, and `wrap_lora` checks it at wrap time: it
+hooks every adapted module, runs a tiny forward through the model on its own device (training forward,
+prefill and one cached decode step, every MoE expert routed), and raises naming each adapted module whose
+forward never ran.
+
+    from zoo.finetune import wrap_lora
+    model = wrap_lora(AutoModelForCausalLM.from_pretrained(path), r=8, alpha=16)  # mixers' lora_targets
+    model = wrap_lora(base, target_modules="all-linear")                           # every nn.Linear
+
+``zoo finetune CONFIG [--section.field=value ...]`` (also ``accelerate launch scripts/finetune.py CONFIG``)
+loads a checkpoint with ``AutoModelForCausalLM.from_pretrained``, wraps it, trains on a synthetic task
+(``zoo.data.synthetic``) or on jsonl rows ``{"text"}`` / ``{"prompt", "completion"}`` (loss on the completion
+only), saves the adapter, reloads it with ``PeftModel.from_pretrained``, merges it (``merge_and_unload``) and
+saves the merged checkpoint, reporting the task accuracy before and after. A run directory holds
+``adapter/``, ``merged/``, ``finetune_config.yaml`` and ``finetune_result.json`` (and ``base/`` when the
+config pretrains its own base model from a zoo YAML, see `PretrainSection`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset
+from zoo.layers import MoE, SwiGLU
+from zoo.train import (
+    ModelInputs,
+    OptimConfig,
+    ScheduleConfig,
+    _build,
+    _set_dotted,
+    build_optimizer,
+    count_targets,
+    forward_backward,
+    lr_at,
+)
+
+MLP_TYPES = (SwiGLU, MoE)
+
+
+# ---- targets -----------------------------------------------------------------------------------------------
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under a PeftModel (names relative to it are what PEFT matches targets against)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def default_lora_targets(model: nn.Module, include_mlp: bool = False) -> list[str]:
+    """Full module names (relative to `model`, as PEFT matches them) of every projection LoRA should adapt.
+
+    Each mixer names its adaptable ``nn.Linear`` children in ``lora_targets`` (attention q/k/v/o, Mamba
+    in/x/dt/out, Mamba-2 in/out, GLA q/k/v/g/o). With ``include_mlp`` the SwiGLU projections
+    (gate/up/down) of every MLP and of every MoE expert are added.
+
+    Args:
+        model: a zoo model (or any model whose sequence mixers declare ``lora_targets``).
+        include_mlp: also adapt the MLP and expert projections.
+
+    Returns:
+        module names in model order, e.g. ``["model.layers.0.mixer.in_proj", ...]``.
+
+    Raises:
+        ValueError: when no module of the model declares ``lora_targets`` (pass ``target_modules`` to
+            `wrap_lora`, e.g. ``"all-linear"``), or a declared target is not an ``nn.Linear`` child.
+    """
+    base = _unwrap(model)
+    targets: list[str] = []
+    declared = False
+    for name, module in base.named_modules():
+        names = getattr(module, "lora_targets", None)
+        if not names:
+            continue
+        declared = True
+        if isinstance(module, MoE):
+            continue  # its experts are SwiGLU modules, visited on their own
+        if isinstance(module, MLP_TYPES) and not include_mlp:
+            continue
+        for target in names:
+            try:
+                child = module.get_submodule(target)
+            except AttributeError:
+                raise ValueError(f"{type(module).__name__}.lora_targets names {target!r}, which is not a "
+                                 f"submodule of {name or 'the model'}") from None
+            if hasattr(child, "get_base_layer"):  # already wrapped by PEFT
+                child = child.get_base_layer()
+            if not isinstance(child, nn.Linear):
+                raise ValueError(f"{type(module).__name__}.lora_targets names {target!r}, a "
+                                 f"{type(child).__name__}; lora_targets must be nn.Linear children")
+            targets.append(f"{name}.{target}" if name else target)
+    if not declared:
+        raise ValueError(f"{type(base).__name__} declares no lora_targets on its modules; pass target_modules "
+                         f"explicitly, e.g. 'all-linear' or a list of module names")
+    return targets
+
+
+def unmatched_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Entries of `target_modules` that match no module of `model`, under PEFT's rules.
+
+    A string is a regular expression that must match a whole module name (``"all-linear"`` matches when the
+    model has an ``nn.Linear``); each entry of a list matches a module named exactly so, or whose name ends
+    with ``"." + entry``.
+    """
+    names = [name for name, _ in _unwrap(model).named_modules() if name]
+    if isinstance(target_modules, str):
+        if target_modules == "all-linear":
+            found = any(isinstance(m, nn.Linear) for m in _unwrap(model).modules())
+        else:
+            found = any(re.fullmatch(target_modules, name) for name in names)
+        return [] if found else [target_modules]
+    suffixes: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        suffixes.update(".".join(parts[i:]) for i in range(len(parts)))
+    return [t for t in target_modules if t not in suffixes]
+
+
+# ---- coverage ----------------------------------------------------------------------------------------------
+
+def _adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Adapter-wrapped modules (PEFT tuner layers) by name relative to the base model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m for name, m in _unwrap(model).named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def _block_rows(base: nn.Module, adapted: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per residual block (a module with a ``mixer``), or per numbered layer of another model."""
+    blocks = [(name, m) for name, m in base.named_modules() if isinstance(getattr(m, "mixer", None), nn.Module)]
+    rows, claimed = [], set()
+    if blocks:
+        for i, (prefix, block) in enumerate(blocks):
+            mine = [n[len(prefix) + 1:] for n in adapted if n.startswith(prefix + ".")]
+            claimed.update(f"{prefix}.{n}" for n in mine)
+            mixer = block.mixer
+            backend = mixer.backend_name() if hasattr(mixer, "backend_name") else "torch"
+            declared = [f"mixer.{t}" for t in getattr(mixer, "lora_targets", ())]
+            rows.append({"layer": i, "name": prefix, "mixer": getattr(mixer, "mixer_type", type(mixer).__name__),
+                         "backend": backend,
+                         "mixer_modules": [n.removeprefix("mixer.") for n in mine if n.startswith("mixer.")],
+                         "other_modules": [n for n in mine if not n.startswith("mixer.")],
+                         "not_adapted": [t.removeprefix("mixer.") for t in declared if t not in mine]})
+        return rows, [n for n in adapted if n not in claimed]
+    groups: dict[str, list[str]] = {}
+    for name in adapted:
+        match = re.match(r"^(.*?\.\d+)\.(.+)$", name)  # the first numbered segment is the layer (as PEFT reads it)
+        if match:
+            groups.setdefault(match.group(1), []).append(match.group(2))
+            claimed.add(name)
+    for i, (prefix, mine) in enumerate(groups.items()):
+        rows.append({"layer": i, "name": prefix, "mixer": "-", "backend": "-", "mixer_modules": [],
+                     "other_modules": mine, "not_adapted": []})
+    return rows, [n for n in adapted if n not in claimed]
+
+
+def lora_report(model: nn.Module) -> dict[str, Any]:
+    """Which layers and mixers of a PeftModel got adapters.
+
+    Returns:
+        dict with ``adapted`` (module names relative to the base model), ``n_adapted``, ``trainable_params``,
+        ``total_params``, ``layers`` (one row per block: layer, name, mixer, backend, mixer_modules,
+        other_modules (MLP / experts), not_adapted (mixer lora_targets left out)) and ``other`` (adapted
+        modules outside the blocks).
+    """
+    base = _unwrap(model)
+    adapted = list(_adapter_layers(model))
+    rows, other = _block_rows(base, adapted)
+    return {"adapted": adapted, "n_adapted": len(adapted),
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters()), "layers": rows, "other": other}
+
+
+def _compact(names: list[str]) -> str:
+    """'experts.0.up_proj experts.1.up_proj' -> 'experts.*.up_proj' (x2)."""
+    if not names:
+        return "-"
+    counts: dict[str, int] = {}
+    for n in names:
+        key = re.sub(r"\.\d+\.", ".*.", n)
+        counts[key] = counts.get(key, 0) + 1
+    return " ".join(k if "*" not in k else f"{k} (x{c})" for k, c in counts.items())
+
+
+def format_lora_report(report: dict[str, Any]) -> str:
+    """`lora_report` as a markdown table with a one-line summary."""
+    frac = report["trainable_params"] / max(1, report["total_params"])
+    lines = [f"LoRA: {report['n_adapted']} modules adapted, {report['trainable_params']:,} trainable parameters "
+             f"({frac:.2%} of {report['total_params']:,})"]
+    if "probe" in report:
+        probe = report["probe"]
+        lines[0] += f"; every adapted forward ran on {probe['device']} ({', '.join(probe['phases'])})"
+    lines += ["| layer | mixer | backend | adapted mixer projections | adapted MLP / other | not adapted |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for row in report["layers"]:
+        lines.append(f"| {row['layer']} | {row['mixer']} | {row['backend']} | {_compact(row['mixer_modules'])} "
+                     f"| {_compact(row['other_modules'])} | {_compact(row['not_adapted'])} |")
+    if report["other"]:
+        lines.append(f"| other | | | | {_compact(report['other'])} | |")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _route_every_expert(model: nn.Module) -> Iterator[None]:
+    """Zoo MoE layers send every token to every expert, so that each expert's adapter is reached."""
+    saved = [(m, m.top_k) for m in model.modules() if isinstance(m, MoE)]
+    try:
+        for m, _ in saved:
+            m.top_k = m.n_experts
+        yield
+    finally:
+        for m, k in saved:
+            m.top_k = k
+
+
+def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) -> dict[str, Any]:
+    """Run a tiny forward on the model's device and raise if any adapter-wrapped module was bypassed.
+
+    Every adapted module gets a forward hook; the model then runs three paths on random tokens: a training
+    forward (train mode, gradients enabled, no cache), a prefill with ``use_cache=True`` and one cached
+    decode step (skipped when the model returns no cache). A module whose forward did not run in some path
+    is bypassed there: a fused kernel read its ``.weight`` (the adapter is ignored), or it is not on that
+    path at all. Zoo MoE layers route every token to every expert during the check.
+
+    Args:
+        model: a PeftModel (or any model holding PEFT tuner layers).
+        seq_len, batch_size: the probe's input_ids [batch_size, seq_len].
+
+    Returns:
+        ``{"device", "phases": [names], "modules": n}``.
+
+    Raises:
+        ValueError: naming the bypassed modules and the path on which they were skipped.
+    """
+    layers = _adapter_layers(model)
+    if not layers:
+        raise ValueError("check_lora_reached: the model holds no adapter layers")
+    base = _unwrap(model)
+    param = next(model.parameters())
+    vocab = base.get_input_embeddings().num_embeddings
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(param.device)
+    ran: set[str] = set()
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: ran.add(name))
+               for name, m in layers.items()]
+    missed: dict[str, list[str]] = {}
+    phases: list[str] = []
+    was_training = model.training
+
+    def record(phase: str) -> None:
+        phases.append(phase)
+        skipped = [n for n in layers if n not in ran]
+        if skipped:
+            missed[phase] = skipped
+        ran.clear()
+
+    try:
+        with _route_every_expert(base):
+            model.train()
+            with torch.enable_grad():
+                model(input_ids=input_ids, use_cache=False)
+            record("train forward")
+            model.eval()
+            with torch.no_grad():
+                out = model(input_ids=input_ids, use_cache=True)
+                record("prefill")
+                cache = getattr(out, "past_key_values", None)
+                if cache is not None:
+                    model(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True)
+                    record("decode step")
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if missed:
+        details = "; ".join(f"{phase}: {', '.join(names)}" for phase, names in missed.items())
+        raise ValueError(f"LoRA would be bypassed on {param.device}: the forward of these adapted modules never "
+                         f"ran ({details}). A kernel that reads a projection's .weight ignores its adapter; call "
+                         f"the projection's forward instead, or leave the module out of target_modules")
+    return {"device": str(param.device), "phases": phases, "modules": len(layers)}
+
+
+def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+              target_modules: str | list[str] | None = None, include_mlp: bool = False, *,
+              check_forward: bool = True, verbose: bool = True, **lora_kwargs: Any):
+    """Wrap a causal LM with LoRA adapters (``peft.get_peft_model``) and check their coverage.
+
+    Args:
+        model: the causal LM (zoo or any Hugging Face model), on the device it will train on.
+        r, alpha, dropout: LoRA rank, scaling numerator (scale alpha / r) and dropout.
+        target_modules: None: `default_lora_targets` (the mixers' ``lora_targets``); ``"all-linear"``; a
+            regular expression over module names; or a list of module names / name suffixes.
+        include_mlp: with the default targets, also adapt MLP and MoE expert projections.
+        check_forward: run `check_lora_reached` (a tiny forward on the model's device).
+        verbose: print the coverage table.
+        lora_kwargs: other ``peft.LoraConfig`` fields (``use_rslora``, ``init_lora_weights``, ...).
+
+    Returns:
+        a ``PeftModelForCausalLM``; its coverage report (`lora_report`, plus ``probe``) is in
+        ``.zoo_lora_report``.
+
+    Raises:
+        ValueError: a target entry matches no module; an adapted module is bypassed on the active backend.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ValueError("wrap_lora: the model is already a PeftModel; pass its base model")
+    if target_modules is None:
+        target_modules = default_lora_targets(model, include_mlp)
+    elif include_mlp:
+        raise ValueError("include_mlp: only applies to the default targets; add the MLP projections "
+                         "(gate_proj, up_proj, down_proj) to target_modules instead")
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("target_modules: empty list; leave it None for the mixers' lora_targets")
+    missing = unmatched_targets(model, target_modules)
+    if missing:
+        raise ValueError(f"target_modules: {missing} match no module of {type(model).__name__}; module names "
+                         f"look like {[n for n, _ in model.named_modules() if n][:4]} (see "
+                         f"zoo.finetune.default_lora_targets)")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    peft_model = get_peft_model(model, config)
+    report = lora_report(peft_model)
+    if check_forward:
+        report["probe"] = check_lora_reached(peft_model)
+    peft_model.zoo_lora_report = report
+    if verbose:
+        print(format_lora_report(report))
+    return peft_model
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+@dataclass
+class DataSection:
+    """What to train and evaluate on: a synthetic ``task`` or jsonl ``source`` files (exactly one).
+
+    task: 'mqar' | 'selective_copying' | 'induction_heads' with ``task_kwargs`` (``n_kv``, ``vocab_size``, ...);
+    fresh rows every step, ``n_eval`` held-out rows (another seed). source / eval_source: jsonl path(s) or
+    glob(s) whose rows are ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "completion": ...}``
+    (loss on the completion and eos only); without eval_source a ``holdout`` fraction is held out.
+    seq_len: row length of a task (None: the task's default), or the truncation length of jsonl rows
+    (None: none). add_bos / add_eos: wrap jsonl rows (zoo models pretrain on ``<bos>`` text ``<eos>``).
+    """
+
+    task: str | None = None
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    source: str | list[str] | None = None
+    eval_source: str | list[str] | None = None
+    holdout: float = 0.1
+    seq_len: int | None = None
+    n_eval: int = 256
+    add_bos: bool = True
+    add_eos: bool = True
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        if (self.task is None) == (self.source is None):
+            raise ValueError(f"{prefix}.task / {prefix}.source: give exactly one (a synthetic task such as 'mqar', "
+                             f"or jsonl files)")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"{prefix}.task: unknown {self.task!r}; choose one of {sorted(TASKS)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise ValueError(f"{prefix}.seq_len: must be >= 2, got {self.seq_len}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"{prefix}.holdout: must be in [0, 1), got {self.holdout}")
+        if self.n_eval < 1:
+            raise ValueError(f"{prefix}.n_eval: must be >= 1, got {self.n_eval}")
+        if "seq_len" in self.task_kwargs:
+            raise ValueError(f"{prefix}.task_kwargs.seq_len: give the row length as {prefix}.seq_len")
+
+
+@dataclass
+class LoopSection:
+    """The training loop: max_steps optimizer steps of grad_accum micro-batches of micro_batch_size rows
+    per process. precision: auto (bf16 autocast on a GPU that has it, else fp32) | bf16 | fp16 | fp32; the
+    top-level section's applies to the pretrain phase too (one accelerator runs both)."""
+
+    seed: int = 0
+    max_steps: int = 300
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    precision: str = "auto"
+    eval_batch_size: int = 64
+    log_every: int = 50
+    progress_bar: bool = True
+
+    def validate(self, prefix: str) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"{prefix}.precision: unknown {self.precision!r}; use auto, bf16, fp16 or fp32")
+
+
+@dataclass
+class LoraSection:
+    """LoRA: rank r, alpha (scale alpha / r), dropout; target_modules None (the mixers' lora_targets, plus
+    MLP / expert projections with include_mlp), 'all-linear', a regex or a list; check_forward: the bypass
+    check of `wrap_lora`."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str | list[str] | None = None
+    include_mlp: bool = False
+    check_forward: bool = True
+
+
+@dataclass
+class PretrainSection:
+    """Train every parameter of a fresh model first (only when ``model`` is a zoo YAML): the result is saved
+    as ``output_dir/base`` and finetuned from there with ``from_pretrained``. A base saved by the same
+    pretrain section is reused."""
+
+    data: DataSection
+    train: LoopSection = field(default_factory=LoopSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10))
+
+
+@dataclass
+class FinetuneConfig:
+    """A LoRA finetuning run. model: a checkpoint folder or hub id (``from_pretrained``), or a zoo YAML
+    together with a ``pretrain`` section. tokenizer: for jsonl data (None: the checkpoint's, else 'byte')."""
+
+    model: str
+    data: DataSection
+    output_dir: str = "runs/finetune"
+    tokenizer: str | None = None
+    pretrain: PretrainSection | None = None
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: LoopSection = field(default_factory=LoopSection)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=10))
+
+    def to_dict(self) -> dict[str, Any]:
+        def plain(value):
+            if isinstance(value, tuple):
+                return list(value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return plain(dataclasses.asdict(self))
+
+
+def _validate_run(section: Any, prefix: str) -> None:
+    section.data.validate(f"{prefix}data")
+    section.train.validate(f"{prefix}train")
+    o, s, steps = section.optim, section.schedule, section.train.max_steps
+    checks = [(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
+              (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+              (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
+              (s.kind in ("cosine", "wsd", "constant"), "schedule.kind", f"unknown {s.kind!r}"),
+              (0 <= s.warmup_steps < steps, "schedule.warmup_steps",
+               f"must be in [0, train.max_steps={steps}), got {s.warmup_steps}"),
+              (0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}], got {s.min_lr}")]
+    for ok, name, message in checks:
+        if not ok:
+            raise ValueError(f"{prefix}{name}: {message}")
+
+
+def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Read a finetune config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config: no such file {str(path)!r}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {str(path)!r} must hold a YAML mapping of sections")
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw) if raw else "")
+    cfg = _build(FinetuneConfig, data, "")
+    _validate_run(cfg, "")
+    if cfg.lora.r < 1:
+        raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    is_yaml = cfg.model.endswith((".yaml", ".yml"))
+    if cfg.pretrain is not None:
+        if not is_yaml:
+            raise ValueError("pretrain: only applies when model is a zoo YAML (a fresh model to pretrain); "
+                             "drop it to finetune the checkpoint")
+        _validate_run(cfg.pretrain, "pretrain.")
+        if cfg.pretrain.data.task is None:
+            raise ValueError("pretrain.data.task: pretraining here is on a synthetic task; pretrain on text with "
+                             "`zoo train` and finetune its checkpoint")
+    elif is_yaml:
+        raise ValueError(f"model: {cfg.model!r} is a zoo YAML (random weights); give a checkpoint folder, or add "
+                         f"a pretrain section to train the base model first")
+    return cfg
+
+
+class ListDataset(Dataset):
+    """Rows ``{"input_ids": LongTensor [T], "labels": LongTensor [T]}`` held in memory."""
+
+    def __init__(self, rows: list[dict[str, torch.Tensor]]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rows[index]
+
+
+def read_jsonl(source: str | list[str]) -> list[dict[str, Any]]:
+    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``."""
+    import glob
+
+    patterns = [source] if isinstance(source, str) else list(source)
+    files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
+    if not files:
+        raise ValueError(f"data.source: no file matches {source!r}")
+    rows = []
+    for file in files:
+        for lineno, line in enumerate(Path(file).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
+                raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
+                                 f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"data.source: {files} hold no rows")
+    return rows
+
+
+def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = None, add_bos: bool = True,
+                add_eos: bool = True) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """Tokenize jsonl rows into training rows; labels are -100 on bos and on the prompt of prompt/completion
+    rows (the loss is on the completion and eos only). Rows are cut to seq_len tokens; a row left with no
+    target is dropped.
+
+    Returns:
+        (rows of ``input_ids`` and ``labels`` LongTensor [T_i], number of rows dropped).
+    """
+    from zoo.data.text import encode_texts
+
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    prompts = encode_texts(tokenizer, [r.get("prompt", "") if "text" not in r else "" for r in rows])
+    bodies = encode_texts(tokenizer, [r["text"] if "text" in r else r["completion"] for r in rows])
+    out, dropped = [], 0
+    for prompt, body in zip(prompts, bodies):
+        ids = bos + prompt.tolist() + body.tolist() + eos
+        labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + body.tolist() + eos
+        if seq_len is not None:
+            ids, labels = ids[:seq_len], labels[:seq_len]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            dropped += 1
+            continue
+        out.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+    return out, dropped
+
+
+def pad_collate(rows: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest: input_ids, labels (-100 on pads) and attention_mask [B, T]; rows of equal
+    length get no attention_mask."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    T = max(lengths)
+    if min(lengths) == T:
+        return {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "labels")}
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        input_ids[i, :n], labels[i, :n], mask[i, :n] = r["input_ids"], r["labels"], 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
+
+
+def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, eval) datasets of `data`; a synthetic task gets n_train fresh rows (one per row trained on)."""
+    if data.task is not None:
+        kwargs = dict(seq_len=data.seq_len, **data.task_kwargs)
+        train = SyntheticDataset(data.task, max(1, n_train), seed=data.seed, **kwargs)
+        evaluation = SyntheticDataset(data.task, data.n_eval, seed=data.seed + 1, **kwargs)
+        train[0]  # noqa: B018  (invalid task arguments raise here, naming the argument)
+        return train, evaluation
+    if tokenizer is None:
+        raise ValueError("data.source: jsonl data needs a tokenizer")
+    rows = read_jsonl(data.source)
+    if data.eval_source is not None:
+        eval_rows = read_jsonl(data.eval_source)
+    else:
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(data.seed)).tolist()
+        n_eval = max(1, round(data.holdout * len(rows))) if data.holdout > 0 and len(rows) > 1 else 0
+        eval_rows = [rows[i] for i in order[:n_eval]]
+        rows = [rows[i] for i in order[n_eval:]]
+    train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
+    evaluation, _ = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
+    if dropped:
+        print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}")
+    if not train:
+        raise ValueError("data.source: no training rows with a target left")
+    return ListDataset(train), ListDataset(evaluation)
+
+
+def task_vocab_size(data: DataSection) -> int | None:
+    """The vocabulary a synthetic task draws from (None for jsonl data)."""
+    if data.task is None:
+        return None
+    import inspect
+
+    return data.task_kwargs.get("vocab_size", inspect.signature(TASKS[data.task]).parameters["vocab_size"].default)
+
+
+# ---- training and evaluation -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device | str) -> dict[str, float]:
+    """Teacher-forced cross-entropy and accuracy over the supervised targets (labels != -100) of every batch:
+    for a synthetic task the recall accuracy, for prompt/completion rows the completion-token accuracy."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, total = 0.0, 0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch, use_cache=False).logits[:, :-1]
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if not keep.any():
+            continue
+        chosen = logits[keep].float()  # (targets, V)
+        correct += int((chosen.argmax(-1) == targets[keep]).sum())
+        total += int(keep.sum())
+        loss_sum += float(F.cross_entropy(chosen, targets[keep], reduction="sum"))
+    model.train(was_training)
+    return {"loss": loss_sum / max(1, total), "accuracy": correct / max(1, total), "n_targets": total}
+
+
+def _cycle(loader) -> Iterator[dict[str, torch.Tensor]]:
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, pad_id: int, desc: str
+                 ) -> tuple[nn.Module, list[dict[str, float]]]:
+    """Train the parameters of `model` that require grad: AdamW (`zoo.train.build_optimizer`), the warmup +
+    cosine/wsd schedule of `zoo.train.lr_at`, gradient clipping, gradient accumulation, a tqdm bar.
+
+    Returns:
+        (the unwrapped model, logged rows {"step", "loss", "lr"}).
+    """
+    t = section.train
+    inputs = ModelInputs.of(_unwrap(model))  # a PeftModel's forward hides which fields the model takes
+    optimizer = build_optimizer(model, section.optim)
+    generator = torch.Generator().manual_seed(section.data.seed)
+    loader = DataLoader(dataset, batch_size=t.micro_batch_size, shuffle=isinstance(dataset, ListDataset),
+                        generator=generator, collate_fn=lambda rows: pad_collate(rows, pad_id))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = _cycle(loader)
+    bar = None
+    if t.progress_bar and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.max_steps, desc=desc, dynamic_ncols=True)
+    log: list[dict[str, float]] = []
+    window: list[float] = []
+    model.train()
+    try:
+        for step in range(t.max_steps):
+            lr = lr_at(step, section)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro = [next(batches) for _ in range(t.grad_accum)]
+            scale = 1.0 / max(1, sum(count_targets(b["labels"]) for b in micro))
+            loss = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(micro):
+                loss += forward_backward(model, batch, scale, inputs,
+                                         backward=lambda tensors, grads: accelerator.backward(tensors[0]),
+                                         no_sync=lambda: accelerator.no_sync(model), sync_last=i == t.grad_accum - 1)
+            if section.optim.grad_clip:
+                accelerator.clip_grad_norm_(params, section.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window.append(float(loss))
+            if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
+                mean = accelerator.reduce(torch.tensor(sum(window) / len(window), device=accelerator.device),
+                                          reduction="mean").item()
+                log.append({"step": step + 1, "loss": mean, "lr": lr})
+                window = []
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.free_memory()  # drop the accelerator's references to this phase's model and optimizer
+    return unwrapped, log
+
+
+def _eval_loader(dataset: Dataset, batch_size: int, pad_id: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=lambda rows: pad_collate(rows, pad_id))
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    model.train(was_training)
+    return out
+
+
+def _mixed_precision(name: str) -> str:
+    if name == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if name == "fp32" else name
+
+
+def _check_vocab(model: nn.Module, data: DataSection, prefix: str) -> None:
+    need = task_vocab_size(data)
+    have = model.get_input_embeddings().num_embeddings
+    if need is not None and need > have:
+        raise ValueError(f"{prefix}data.task_kwargs.vocab_size: the task draws from {need} tokens but the model "
+                         f"has {have} embeddings; set vocab_size <= {have}")
+
+
+def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """Train a fresh model from the zoo YAML cfg.model on cfg.pretrain (every parameter) and save it to
+    out_dir/base, or reuse the base a previous run saved with the same pretrain section."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+
+    base_dir = out_dir / "base"
+    stamp = {"model": cfg.model, "model_yaml": Path(cfg.model).read_text(), "pretrain": cfg.to_dict()["pretrain"]}
+    stamp_file = base_dir / "pretrain_config.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        accelerator.print(f"pretrain: reusing {base_dir} (same model and pretrain section)")
+        return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
+    p = cfg.pretrain
+    set_seed(p.train.seed)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model)).float().to(accelerator.device)
+    _check_vocab(model, p.data, "pretrain.")
+    n_rows = p.train.max_steps * p.train.micro_batch_size * p.train.grad_accum * accelerator.num_processes
+    train_set, eval_set = build_datasets(p.data, n_train=n_rows)
+    eval_loader = _eval_loader(eval_set, p.train.eval_batch_size, 0)
+    t0 = time.perf_counter()
+    model, log = run_training(accelerator, model, train_set, p, 0, "pretrain")
+    result = {"seconds": time.perf_counter() - t0, "log": log,
+              "eval": evaluate(model, eval_loader, accelerator.device)}
+    accelerator.print(f"pretrain: {p.train.max_steps} steps in {result['seconds']:.0f}s, accuracy on its own task "
+                      f"{result['eval']['accuracy']:.1%}")
+    if accelerator.is_main_process:
+        model.save_pretrained(base_dir, safe_serialization=True)
+        (base_dir / "pretrain_result.json").write_text(json.dumps(result, indent=1))
+        stamp_file.write_text(json.dumps(stamp, indent=1))
+    accelerator.wait_for_everyone()
+    return base_dir, result
+
+
+def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Run a finetune config end to end (see the module docstring); returns what finetune_result.json holds."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import set_seed
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
+
+    AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
+    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.precision))
+    device = accelerator.device
+    out_dir = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "finetune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {"model": cfg.model}
+    if cfg.pretrain is not None:
+        base_path, result["pretrain"] = pretrain_base(cfg, accelerator, out_dir)
+    else:
+        base_path = Path(cfg.model) if Path(cfg.model).is_dir() else cfg.model
+
+    tokenizer = None
+    if cfg.data.source is not None or cfg.tokenizer is not None:
+        from zoo.data.text import load_tokenizer
+
+        has_own = Path(base_path).is_dir() and (Path(base_path) / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(cfg.tokenizer or (str(base_path) if has_own else "byte"))
+    pad_id = 0
+    if tokenizer is not None:
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    set_seed(cfg.train.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
+    _check_vocab(model, cfg.data, "")
+    if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ValueError(f"tokenizer: has {len(tokenizer)} tokens but the model only "
+                         f"{model.get_input_embeddings().num_embeddings} embeddings")
+    n_rows = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
+    train_set, eval_set = build_datasets(cfg.data, tokenizer, n_train=n_rows)
+    eval_loader = _eval_loader(eval_set, cfg.train.eval_batch_size, pad_id)
+    probe_batch = next(iter(_eval_loader(eval_set, min(8, len(eval_set)), pad_id)))
+    result["before"] = evaluate(model, eval_loader, device)
+    accelerator.print(f"before: accuracy {result['before']['accuracy']:.1%}, loss {result['before']['loss']:.4f} "
+                      f"({result['before']['n_targets']} targets)")
+
+    lora = cfg.lora
+    with accelerator.autocast():  # the bypass check runs the kernels training will run
+        model = wrap_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                          target_modules=lora.target_modules, include_mlp=lora.include_mlp,
+                          check_forward=lora.check_forward, verbose=accelerator.is_main_process)
+    result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
+    t0 = time.perf_counter()
+    model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune")
+    result["train_seconds"] = time.perf_counter() - t0
+    result["adapted"] = evaluate(model, eval_loader, device)
+    trained_logits = _logits(model, probe_batch, device)
+
+    adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
+    if accelerator.is_main_process:
+        model.save_pretrained(adapter_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(adapter_dir)
+    accelerator.wait_for_everyone()
+    # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
+    reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
+    reload_logits = _logits(reloaded, probe_batch, device)
+    merged = reloaded.merge_and_unload()
+    merged_logits = _logits(merged, probe_batch, device)
+    result["reload_max_abs_diff"] = (reload_logits - trained_logits).abs().max().item()
+    result["merge_max_abs_diff"] = (merged_logits - reload_logits).abs().max().item()
+    scale = trained_logits.abs().max().item()
+    if result["reload_max_abs_diff"] > 1e-4 * max(1.0, scale) or result["merge_max_abs_diff"] > 1e-3 * max(1.0, scale):
+        raise RuntimeError(f"adapter round trip changed the logits: reload {result['reload_max_abs_diff']:.3e}, "
+                           f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f})")
+    if accelerator.is_main_process:
+        merged.save_pretrained(merged_dir, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(merged_dir)
+    accelerator.wait_for_everyone()
+    result["after"] = evaluate(merged, eval_loader, device)
+    result["seconds"] = time.perf_counter() - t_start
+    result["adapter_dir"], result["merged_dir"] = str(adapter_dir), str(merged_dir)
+    if accelerator.is_main_process:
+        (out_dir / "finetune_result.json").write_text(json.dumps(result, indent=1))
+    b, a = result["before"], result["after"]
+    task = cfg.data.task or "completion tokens"
+    accelerator.print(f"\n| {task} accuracy | loss | targets |\n| --- | --- | --- |\n"
+                      f"| before: {b['accuracy']:.1%} | {b['loss']:.4f} | {b['n_targets']} |\n"
+                      f"| after (merged): {a['accuracy']:.1%} | {a['loss']:.4f} | {a['n_targets']} |\n\n"
+                      f"adapter {adapter_dir}, merged checkpoint {merged_dir}; reload max |Δlogit| "
+                      f"{result['reload_max_abs_diff']:.1e}, merge {result['merge_max_abs_diff']:.1e}; "
+                      f"{result['seconds']:.0f}s in all")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``zoo finetune CONFIG [--section.field=value ...]`` (also scripts/finetune.py under accelerate)."""
+    parser = argparse.ArgumentParser(
+        prog="zoo finetune", allow_abbrev=False,
+        description="LoRA-finetune a causal LM with PEFT, save the adapter and a merged checkpoint. Overrides: "
+                    "--section.field=value (e.g. --train.max_steps=50 --lora.r=16 --output_dir=runs/x).")
+    parser.add_argument("config", help="finetune config YAML (configs/train/finetune-*.yaml)")
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
+    try:
+        cfg = load_finetune_config(args.config, [item[2:] for item in rest])
+    except ValueError as e:
+        parser.error(str(e))
+    return finetune(cfg)
+
+
+__all__ = ["DataSection", "FinetuneConfig", "LoopSection", "LoraSection", "PretrainSection", "build_datasets",
+           "check_lora_reached", "default_lora_targets", "encode_rows", "evaluate", "finetune",
+           "format_lora_report", "load_finetune_config", "lora_report", "main", "pad_collate", "read_jsonl",
+           "run_training", "unmatched_targets", "wrap_lora"]
