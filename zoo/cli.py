@@ -21,6 +21,7 @@ EVAL_COMMANDS = {
     "synthetic": "zoo.eval.synthetic",
     "passkey": "zoo.eval.passkey",
     "length": "zoo.eval.length",
+    "state": "zoo.eval.state",
 }
 
 

@@ -24,6 +24,8 @@ class GLA(nn.Module):
 
     lora_targets = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj")
     output_projections = ("o_proj",)
+    mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
+    state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, n_heads: int = 4, expand_k: float = 0.5,
                  expand_v: float = 1.0, gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0,
@@ -82,12 +84,22 @@ class GLA(nn.Module):
         initial = cache.recurrent_state if cache is not None and cache.has_state else None
         if cache is not None and initial is not None and T == 1 and seq_idx is None:
             state = initial.clone()
-            o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5)[:, None]
+            if self.mitigation or self.state_probe is not None:
+                from zoo.state.mitigation import gla_step
+
+                o = gla_step(self, state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5, cache)[:, None]
+            else:
+                o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5)[:, None]
             cache.set(recurrent_state=state)
         else:
             backend = backends.resolve("gla", self.scan_backend, x.device)
-            out = chunk_gla(q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache is not None, self.chunk_size,
-                            backend=backend)
+            if self.mitigation or self.state_probe is not None:
+                from zoo.state.mitigation import gla_scan
+
+                out = gla_scan(self, q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache, backend)
+            else:
+                out = chunk_gla(q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache is not None,
+                                self.chunk_size, backend=backend)
             if cache is not None:
                 o, final = out
                 cache.set(recurrent_state=final)

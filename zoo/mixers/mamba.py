@@ -27,6 +27,8 @@ class Mamba(nn.Module):
     lora_targets = ("in_proj", "x_proj", "dt_proj", "out_proj")
     output_projections = ("out_proj",)
     _no_weight_decay_params = ("A_log", "D", "dt_proj.bias")
+    mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
+    state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
@@ -122,8 +124,13 @@ class Mamba(nn.Module):
                 u = u * mask[:, 0, None]
             delta, B, C = self._split_dbc(self.x_proj(u))  # delta (B, d_inner), bias included
             state = cache.recurrent_state.clone()
-            y = selective_state_update(state, u, delta, A, B, C, self.D.float(), z[:, :, 0], None, True,
-                                       backend=backend)
+            if self.mitigation or self.state_probe is not None:
+                from zoo.state.mitigation import mamba_step
+
+                y = mamba_step(self, state, u, delta, A, B, C, z[:, :, 0], cache, backend)
+            else:
+                y = selective_state_update(state, u, delta, A, B, C, self.D.float(), z[:, :, 0], None, True,
+                                           backend=backend)
             cache.set(conv_state, state)
             return self.out_proj(y[:, None, :].to(x.dtype))
 
@@ -135,8 +142,14 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(u.transpose(1, 2))  # (B, T, dt_rank + 2N)
         delta, B, C = self._split_dbc(x_dbl)
         delta = delta.transpose(1, 2)  # (B, d_inner, T), bias included
-        out = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, None, True,
-                             ssm_init, seq_idx, cache is not None, backend=backend)
+        if self.mitigation or self.state_probe is not None:
+            from zoo.state.mitigation import mamba_scan
+
+            out = mamba_scan(self, u, delta, A, B.transpose(1, 2), C.transpose(1, 2), z, ssm_init, seq_idx, cache,
+                             backend)
+        else:
+            out = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, None, True,
+                                 ssm_init, seq_idx, cache is not None, backend=backend)
         if cache is not None:
             y, final = out
             cache.set(conv_final, final)

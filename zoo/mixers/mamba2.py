@@ -27,6 +27,8 @@ class Mamba2(nn.Module):
     lora_targets = ("in_proj", "out_proj")
     output_projections = ("out_proj",)
     _no_weight_decay_params = ("dt_bias", "A_log", "D")
+    mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
+    state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, d_state: int = 128, d_conv: int = 4, expand: float = 2,
                  head_dim: int = 64, n_groups: int = 1, A_init_range: tuple[float, float] = (1.0, 16.0),
@@ -118,8 +120,14 @@ class Mamba2(nn.Module):
                 xBC = xBC * mask[:, 0, None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
             state = cache.recurrent_state.clone()
-            y = ssd_state_update(state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
-                                 self.D.float(), None, self.dt_bias.float(), True, backend=backend)
+            if self.mitigation or self.state_probe is not None:
+                from zoo.state.mitigation import mamba2_step
+
+                y = mamba2_step(self, state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
+                                cache, backend)
+            else:
+                y = ssd_state_update(state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
+                                     self.D.float(), None, self.dt_bias.float(), True, backend=backend)
             cache.set(conv_state, state)
             y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
         else:
@@ -130,9 +138,15 @@ class Mamba2(nn.Module):
             if mask is not None:
                 xBC = xBC * mask[..., None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
-            out = ssd_chunk_scan(xs.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
-                                 self.chunk_size, self.D.float(), None, self.dt_bias.float(), True, ssm_init, seq_idx,
-                                 cache is not None, backend=backend)
+            if self.mitigation or self.state_probe is not None:
+                from zoo.state.mitigation import mamba2_scan
+
+                out = mamba2_scan(self, xs.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)),
+                                  C.unflatten(-1, (G, N)), ssm_init, seq_idx, cache, backend)
+            else:
+                out = ssd_chunk_scan(xs.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
+                                     self.chunk_size, self.D.float(), None, self.dt_bias.float(), True, ssm_init,
+                                     seq_idx, cache is not None, backend=backend)
             if cache is not None:
                 y, final = out
                 cache.set(conv_final, final)

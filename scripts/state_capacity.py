@@ -1,0 +1,306 @@
+"""State-capacity sweep (Stuffed Mamba): train models of several state sizes at several lengths, find for each the
+shortest training length past which no state collapse appears, and fit a line of that length against state size.
+
+    python scripts/state_capacity.py configs/train/state-capacity.yaml
+    python scripts/state_capacity.py configs/train/state-capacity.yaml --dry-run        # list runs and sizes
+    python scripts/state_capacity.py configs/train/state-capacity.yaml --fit-only       # re-judge and re-fit
+    python scripts/state_capacity.py configs/train/state-capacity.yaml --only d_state16 --train_lengths=[128,1024]
+
+Every (model, training length L) is a ``zoo.train`` run on text (``run`` holds the run config; each length
+gets batch_tokens / L rows per step and tokens_per_run / batch_tokens steps, so every run sees the same
+tokens) in ``output_dir/<model>-L<L>/``. Each trained model is evaluated with ``zoo.eval.length`` (per-position
+loss on long documents, state carried chunk to chunk) without and with every ``eval.mitigations`` spec
+(``{L}`` in a spec is replaced by the training length, e.g. ``window:r={L}``; ``norm-calibrated:factor=F``
+caps each head's state norm at F times its largest norm over the documents' first L tokens).
+
+Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the bins
+in [L/2, L) by more than ``margin`` nats. The capacity length of a model is the shortest trained L such that
+neither L nor any longer trained length collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
+the recurrent state in millions of floats (SSM states only, no conv buffers: n_heads·head_dim·d_state per
+mamba2 layer, as the paper counts), compared with the paper's 5.172 · S − 4.469. Writes summary.md,
+summary.json, capacity.png (collapse map, fit and the paper's line) and one length-curve PNG per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+K = 1024  # tokens per "K" (the paper's 8K, 16K, 64K training lengths are powers of two)
+PAPER_LINE = (5.172, -4.469)  # Stuffed Mamba v1 Fig. 12: L* (K tokens) = 5.172 · S (M floats) − 4.469
+EVAL_DEFAULTS = {"max_len": 16384, "n_docs": 8, "chunk_size": 2048, "batch_size": 4, "bins_per_octave": 2,
+                 "factor": 8, "margin": 0.1, "mitigations": [], "seed": 0}
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The sweep YAML with ``key.sub=value`` overrides, its eval defaults filled in and every run config checked."""
+    from zoo.train import _set_dotted
+
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key.sub=value")
+        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw))
+    missing = [k for k in ("run", "models", "train_lengths", "tokens_per_run", "batch_tokens") if k not in data]
+    if missing:
+        raise ValueError(f"state-capacity sweep: missing {missing}")
+    unknown = set(data.get("eval", {})) - set(EVAL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"eval: unknown keys {sorted(unknown)}; known: {sorted(EVAL_DEFAULTS)}")
+    data["eval"] = {**EVAL_DEFAULTS, **data.get("eval", {})}
+    for name, spec in list(data["models"].items()):
+        if isinstance(spec, str):
+            data["models"][name] = yaml.safe_load(Path(spec).read_text())
+    data.setdefault("output_dir", "runs/state-capacity")
+    data["train_lengths"] = sorted(int(x) for x in data["train_lengths"])
+    for spec in data["eval"]["mitigations"]:
+        from zoo.state import parse_mitigation
+
+        if not spec.startswith("norm-calibrated"):
+            parse_mitigation(spec.replace("{L}", "1"))
+    expand_runs(data)  # every run config must validate
+    return data
+
+
+def expand_runs(sweep: dict) -> list[dict]:
+    """One run per (model, training length): {name, model, train_length, config (a zoo.train TrainConfig)}."""
+    from zoo.train import config_from_dict
+
+    runs = []
+    for model_name, model_config in sweep["models"].items():
+        for L in sweep["train_lengths"]:
+            if sweep["batch_tokens"] % L:
+                raise ValueError(f"batch_tokens: {sweep['batch_tokens']} is not a multiple of train length {L}")
+            run = copy.deepcopy(sweep["run"])
+            run["model"] = copy.deepcopy(model_config)
+            run["output_dir"] = str(Path(sweep["output_dir"]) / f"{model_name}-L{L}")
+            run.setdefault("data", {})["seq_len"] = L
+            train = run.setdefault("train", {})
+            train["micro_batch_size"] = sweep["batch_tokens"] // L
+            train["max_steps"] = max(1, sweep["tokens_per_run"] // sweep["batch_tokens"])
+            schedule = run.setdefault("schedule", {})
+            schedule["warmup_steps"] = min(schedule.get("warmup_steps", 100), train["max_steps"] // 10)
+            runs.append({"name": f"{model_name}-L{L}", "model": model_name, "train_length": L,
+                         "config": config_from_dict(run)})
+    return runs
+
+
+def ssm_state_floats(model_config: dict) -> int:
+    """Recurrent (SSM / GLA) state floats per sequence of a zoo model config, conv buffers excluded."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.mixers.gla import GLA
+    from zoo.mixers.mamba import Mamba
+    from zoo.mixers.mamba2 import Mamba2
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(ZooConfig(**model_config))
+    total = 0
+    for block in model.model.layers:
+        m = block.mixer
+        if isinstance(m, Mamba2):
+            total += m.n_heads * m.head_dim * m.d_state
+        elif isinstance(m, Mamba):
+            total += m.d_inner * m.d_state
+        elif isinstance(m, GLA):
+            total += m.n_heads * m.head_k * m.head_v
+    return total
+
+
+def judge_collapse(bins: list[dict], train_length: int, factor: float, margin: float) -> dict:
+    """Collapse when a bin in [L, factor·L) is worse than the mean of the bins in [L/2, L) by > margin nats."""
+    before = [b["mean_loss"] for b in bins if b["start"] >= train_length / 2 and b["end"] <= train_length
+              and math.isfinite(b["mean_loss"])]
+    after = [b for b in bins if b["start"] >= train_length and b["start"] < factor * train_length
+             and math.isfinite(b["mean_loss"])]
+    if not before or not after:
+        return {"collapsed": None, "reference": None, "worst": None, "worst_at": None}
+    reference = sum(before) / len(before)
+    worst = max(after, key=lambda b: b["mean_loss"])
+    return {"collapsed": worst["mean_loss"] > reference + margin, "reference": reference,
+            "worst": worst["mean_loss"], "worst_at": worst["start"]}
+
+
+def shortest_without_collapse(collapsed: dict[tuple[str, int], bool | None], sizes: dict[str, float],
+                              lengths: list[int]) -> dict[str, int | None]:
+    """Per model, the shortest trained length L such that every trained length >= L was judged free of collapse
+    (None: the longest collapses or was not judged)."""
+    out = {}
+    for model in sizes:
+        best = None
+        for L in sorted(lengths, reverse=True):
+            if collapsed.get((model, L)) is not False:  # collapsed, or not judged: nothing shorter counts
+                break
+            best = L
+        out[model] = best
+    return out
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
+    """Least-squares (slope, intercept) of ys against xs; None with fewer than two distinct xs."""
+    if len(set(xs)) < 2:
+        return None
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
+
+
+def train_run(run: dict) -> Path:
+    """Train one run (or reuse it when done.json records the same config); returns its model folder."""
+    from zoo.train import latest_checkpoint, train
+
+    cfg = run["config"]
+    out = Path(cfg.output_dir)
+    done = out / "done.json"
+    settings = json.loads(json.dumps(cfg.to_dict()))
+    if done.is_file() and json.loads(done.read_text())["config"] == settings:
+        return Path(json.loads(done.read_text())["model"])
+    start = time.perf_counter()
+    result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
+    model_dir = result.checkpoint / "model"
+    done.write_text(json.dumps({"config": settings, "model": str(model_dir), "seconds": time.perf_counter() - start,
+                                "tokens": result.tokens}, indent=1))
+    return model_dir
+
+
+def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: dict) -> dict:
+    """Length curves of the trained model without and with each mitigation, and their collapse verdicts."""
+    from zoo.eval.common import load_model
+    from zoo.eval.length import evaluate_length
+    from zoo.state import apply_mitigation, calibrate_norm_threshold
+
+    L = run["train_length"]
+    model = load_model(str(model_dir))
+    out = {}
+    for spec in ["none", *ev["mitigations"]]:
+        text = spec.replace("{L}", str(L))
+        if text.startswith("norm-calibrated"):  # state normalization with thresholds measured on the first L tokens
+            factor = float(text.partition("factor=")[2] or 1.0)
+            apply_mitigation(model, None)
+            prefix = torch.stack([d[:L] for d in documents]).to(next(model.parameters()).device)
+            calibrate_norm_threshold(model, prefix, factor, chunk=min(64, L))
+        else:
+            apply_mitigation(model, text)
+        res = evaluate_length(model, documents, ev["chunk_size"], ev["batch_size"], ev["bins_per_octave"])
+        out[text] = {"bins": res["bins"], **judge_collapse(res["bins"], L, ev["factor"], ev["margin"])}
+    return out
+
+
+def plot_capacity(sizes: dict[str, float], lengths: list[int], collapsed: dict, shortest: dict,
+                  fit: tuple[float, float] | None, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model, s in sizes.items():
+        for L in lengths:
+            verdict = collapsed.get((model, L))
+            if verdict is not None:  # runs not trained yet, or too short an evaluation to judge, stay blank
+                ax.scatter([s], [L / K], marker="x" if verdict else "o", color="tab:red" if verdict else "tab:green",
+                           s=30)
+        if shortest.get(model):
+            ax.scatter([s], [shortest[model] / K], facecolors="none", edgecolors="k", s=120)
+    xs = torch.linspace(0, max(sizes.values()) * 1.1, 50)
+    if fit is not None:
+        ax.plot(xs, fit[0] * xs + fit[1], color="k", label=f"fit: {fit[0]:.3f}·S {fit[1]:+.3f}")
+    ax.plot(xs, PAPER_LINE[0] * xs + PAPER_LINE[1], "k--", lw=1, label="paper: 5.172·S − 4.469")
+    ax.set_ylim(0, max(lengths) / K * 1.2)
+    ax.set_xlabel("recurrent state size S (M floats)")
+    ax.set_ylabel("training length (K tokens)")
+    ax.set_title("state collapse (x) / none (o); circled: shortest length without collapse", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("config", help="sweep YAML (configs/train/state-capacity.yaml)")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs, steps and state sizes")
+    parser.add_argument("--fit-only", action="store_true", help="re-judge and re-fit from saved evaluations")
+    parser.add_argument("--only", nargs="*", default=None, help="model names to run (the fit uses every saved one)")
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}; overrides look like --key.sub=value")
+    sweep = load_sweep(args.config, [item[2:] for item in rest])
+    runs = expand_runs(sweep)
+    sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
+    out = Path(sweep["output_dir"])
+    if args.dry_run:
+        for name, s in sizes.items():
+            print(f"{name}: S = {s:.4f}M floats; paper's capacity length {PAPER_LINE[0] * s + PAPER_LINE[1]:.2f}K")
+        for run in runs:
+            c = run["config"]
+            print(f"{run['name']}: {c.train.max_steps} steps of {c.train.micro_batch_size} x {c.data.seq_len} "
+                  f"tokens -> {c.output_dir}")
+        return 0
+    ev = sweep["eval"]
+    evaluations_file = out / "evaluations.json"
+    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
+    if not args.fit_only:
+        from zoo.data.text import load_tokenizer
+        from zoo.eval.length import load_documents, plot_length_curves
+
+        tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
+        documents = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"])
+        for run in runs:
+            if args.only and run["model"] not in args.only:
+                continue
+            model_dir = train_run(run)
+            evaluations[run["name"]] = evaluate_run(run, model_dir, documents, ev)
+            out.mkdir(parents=True, exist_ok=True)
+            evaluations_file.write_text(json.dumps(evaluations, indent=1))
+            curves = {spec: {"bins": e["bins"]} for spec, e in evaluations[run["name"]].items()}
+            plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
+    # re-judge from the saved curves (margin and factor may have been overridden)
+    table, collapsed = [], {}
+    for run in runs:
+        saved = evaluations.get(run["name"])
+        if saved is None:
+            continue
+        for spec, e in saved.items():
+            verdict = judge_collapse(e["bins"], run["train_length"], ev["factor"], ev["margin"])
+            table.append({"run": run["name"], "S (M floats)": round(sizes[run["model"]], 4),
+                          "L": run["train_length"], "mitigation": spec, **verdict})
+            if spec == "none":
+                collapsed[(run["model"], run["train_length"])] = verdict["collapsed"]
+    shortest = shortest_without_collapse(collapsed, sizes, sweep["train_lengths"])
+    points = [(sizes[m], L / K) for m, L in shortest.items() if L is not None]
+    fit = fit_line([p[0] for p in points], [p[1] for p in points])
+    from zoo.eval.common import markdown_table
+
+    text = f"# state capacity: {args.config}\n\n{markdown_table(table)}\n\n## shortest length without collapse\n\n"
+    text += markdown_table([{"model": m, "S (M floats)": round(sizes[m], 4), "L*": shortest[m],
+                             "paper L* (tokens)": round((PAPER_LINE[0] * sizes[m] + PAPER_LINE[1]) * K)}
+                            for m in sizes]) + "\n\n"
+    text += (f"fit: L* (K tokens) = {fit[0]:.3f} · S {fit[1]:+.3f}   (paper: 5.172 · S − 4.469)\n" if fit else
+             "fit: needs the capacity length of at least two state sizes\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"table": table, "sizes": sizes, "shortest": shortest,
+                                                  "fit": fit, "paper": PAPER_LINE}, indent=1))
+    plot_capacity(sizes, sweep["train_lengths"], collapsed, shortest, fit, out / "capacity.png")
+    print(text)
+    print(f"wrote {out / 'summary.md'}, summary.json, capacity.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,348 @@
+"""Train and evaluate models on a synthetic recall task: the small-scale reproductions of the Mamba and Zoology papers.
+
+    python scripts/train_synthetic.py configs/train/induction.yaml              # mamba vs attention, to 2^20
+    python scripts/train_synthetic.py configs/train/mqar-sweep.yaml --only mamba --dry-run
+    python scripts/train_synthetic.py configs/train/induction-cpu.yaml --train.max_steps=200
+
+zoo.train pretrains on text; this runs the same pieces on ``zoo.data.synthetic`` rows instead: the AdamW
+groups, warmup + cosine schedule and gradient clipping of ``zoo.train`` through ``zoo.finetune.run_training``
+(fresh rows every step, under accelerate), then ``zoo.eval.synthetic.evaluate_synthetic`` over a grid of
+lengths (long rows in chunks with the state carried). A recipe names several ``models`` (zoo config fields,
+or a zoo YAML) and optionally a ``sweep`` grid of dotted keys (``model.d_model``, ``optim.lr``, ...); every
+(model, grid point) is one run in ``output_dir/<run>/`` (``model/``, ``trained.json``, ``result.json``). A
+trained model is saved before its evaluation and reused when the model and training settings match; a
+result.json with the same settings throughout is reused as it is. The summary keeps, per model and grid
+point, the best run over ``select_over`` (the learning rate, as Zoology reports), and writes ``summary.md``,
+``summary.json``, ``accuracy_vs_length.png`` and ``accuracy_vs_state.png`` (accuracy against the recurrent
+state size, or the KV cache for attention, at the plotted sequence length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from zoo.eval.common import markdown_table, parse_int
+from zoo.finetune import DataSection, LoopSection, PretrainSection
+from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted
+
+
+@dataclass
+class EvalSection:
+    """After training: accuracy over seq_lens × n_kv (None: the task's own count), n_samples rows per cell in
+    batches of batch_size; rows longer than chunk_size run in chunks with the cache carried (constant memory
+    for recurrent models). max_len: per model name, the longest seq_len to test (attention's KV cache and cost
+    grow with the row). plot_seq_len / plot_count: the cell of the accuracy-vs-state plot (default: training)."""
+
+    seq_lens: list[int | str] = field(default_factory=list)
+    n_kv: list[int] | None = None
+    n_samples: int = 256
+    batch_size: int = 32
+    chunk_size: int | None = None
+    max_len: dict[str, int] = field(default_factory=dict)
+    plot_seq_len: int | None = None
+    plot_count: int | None = None
+
+
+@dataclass
+class Recipe:
+    """models: name -> zoo model config fields (a mapping) or a zoo YAML path. sweep: dotted key -> values
+    (``model.<field>`` sets a model config field, e.g. model.d_model or model.mixers.M.d_state; other keys set
+    run fields, e.g. optim.lr); select_over: sweep keys the summary maximises over."""
+
+    models: dict[str, Any]
+    data: DataSection
+    output_dir: str = "runs/synthetic"
+    sweep: dict[str, Any] = field(default_factory=dict)
+    select_over: list[str] = field(default_factory=lambda: ["optim.lr"])
+    train: LoopSection = field(default_factory=LoopSection)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.1))
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=100))
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+@dataclass
+class Run:
+    name: str
+    model_name: str
+    model_config: dict[str, Any]
+    section: PretrainSection
+    eval: EvalSection
+    point: dict[str, Any]
+    output_dir: Path
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """The recipe YAML as a dict with ``section.field=value`` overrides applied, validated by building it."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected section.field=value")
+        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw))
+    for name, spec in list(data.get("models", {}).items()):
+        if isinstance(spec, str):  # a zoo YAML: read it so that sweeps can change its fields
+            data["models"][name] = yaml.safe_load(Path(spec).read_text())
+    _build(Recipe, data, "")
+    return data
+
+
+def _section(data: dict) -> tuple[PretrainSection, EvalSection]:
+    recipe = _build(Recipe, data, "")
+    section = PretrainSection(data=recipe.data, train=recipe.train, optim=recipe.optim, schedule=recipe.schedule)
+    from zoo.finetune import _validate_run
+
+    _validate_run(section, "")
+    ev = recipe.eval
+    ev.seq_lens = [parse_int(str(s)) for s in ev.seq_lens] or [recipe.data.seq_len]
+    return section, ev
+
+
+def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
+    """One Run per (model, sweep grid point), in recipe order."""
+    keys = list(data.get("sweep", {}))
+    grid = [dict(zip(keys, values)) for values in itertools.product(*(data["sweep"][k] for k in keys))] or [{}]
+    runs = []
+    for model_name, model_config in data["models"].items():
+        if only and model_name not in only:
+            continue
+        for point in grid:
+            run_data = copy.deepcopy({k: v for k, v in data.items() if k not in ("models", "sweep")})
+            config = copy.deepcopy(model_config)
+            for key, value in point.items():
+                if key.startswith("model."):
+                    _set_dotted(config, key[len("model."):], value)
+                else:
+                    _set_dotted(run_data, key, value)
+            section, ev = _section({**run_data, "models": {model_name: config}})
+            suffix = "".join(f"-{k.split('.')[-1]}={v}" for k, v in point.items())
+            name = f"{model_name}{suffix}"
+            runs.append(Run(name, model_name, config, section, ev, point,
+                            Path(data.get("output_dir", "runs/synthetic")) / name))
+    return runs
+
+
+def build_model(run: Run):
+    """A fresh zoo causal LM of the run's model config (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+
+    return AutoModelForCausalLM.from_config(ZooConfig(**run.model_config)).float()
+
+
+def state_floats(model, seq_len: int) -> int:
+    """Floats of memory per sequence after seq_len tokens: recurrent states (and conv) or the KV cache."""
+    return sum(block.mixer.state_size(seq_len) for block in model.model.layers)
+
+
+def _plain(obj):
+    if dataclasses.is_dataclass(obj):
+        return _plain(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def train_and_evaluate(run: Run, accelerator) -> dict:
+    """Train the run's model on its task (or load it when trained.json records the same model and training
+    settings), save model/, then evaluate it on the length grid and write result.json (reused when the
+    evaluation settings match too)."""
+    from accelerate.utils import set_seed
+    from transformers import AutoModelForCausalLM
+
+    from zoo.eval.synthetic import evaluate_synthetic
+    from zoo.finetune import _eval_loader, build_datasets, evaluate, run_training
+
+    trained = {"model": run.model_config, "section": _plain(run.section)}
+    settings = {**trained, "eval": _plain(run.eval)}
+    result_file, stamp = run.output_dir / "result.json", run.output_dir / "trained.json"
+    if result_file.is_file() and json.loads(result_file.read_text()).get("settings") == settings:
+        accelerator.print(f"{run.name}: reusing {result_file}")
+        return json.loads(result_file.read_text())
+    t = run.section.train
+    n_rows = t.max_steps * t.micro_batch_size * t.grad_accum * accelerator.num_processes
+    train_set, eval_set = build_datasets(run.section.data, n_train=n_rows)
+    if stamp.is_file() and json.loads(stamp.read_text())["settings"] == trained:
+        accelerator.print(f"{run.name}: reusing the model trained in {run.output_dir / 'model'}")
+        model = AutoModelForCausalLM.from_pretrained(run.output_dir / "model").float().to(accelerator.device)
+        saved = json.loads(stamp.read_text())
+        log, train_seconds = saved["log"], saved["train_seconds"]
+    else:
+        set_seed(t.seed)
+        model = build_model(run).to(accelerator.device)
+        start = time.perf_counter()
+        model, log = run_training(accelerator, model, train_set, run.section, 0, run.name)
+        train_seconds = time.perf_counter() - start
+        if accelerator.is_main_process:  # saved before the (possibly long) evaluation
+            run.output_dir.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(run.output_dir / "model", safe_serialization=True)
+            stamp.write_text(json.dumps({"settings": trained, "log": log, "train_seconds": train_seconds}, indent=1))
+    model.eval()
+    held_out = evaluate(model, _eval_loader(eval_set, t.eval_batch_size, 0), accelerator.device)
+    accelerator.print(f"{run.name}: held-out accuracy at the training length {held_out['accuracy']:.1%} "
+                      f"(trained in {train_seconds:.0f}s)")
+    limit = run.eval.max_len.get(run.model_name)
+    seq_lens = [s for s in run.eval.seq_lens if limit is None or s <= limit]
+    data = run.section.data
+    start = time.perf_counter()
+    grid = evaluate_synthetic(model, data.task, seq_lens, run.eval.n_kv, run.eval.n_samples, run.eval.batch_size,
+                              seed=data.seed + 2, chunk_size=run.eval.chunk_size, **data.task_kwargs)
+    eval_seconds = time.perf_counter() - start
+    plot_len = run.eval.plot_seq_len or data.seq_len or seq_lens[-1]
+    result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,
+              "parameters": sum(p.numel() for p in model.parameters()),
+              "state_floats": state_floats(model, plot_len), "state_at": plot_len,
+              "train_seconds": train_seconds, "eval_seconds": eval_seconds, "log": log,
+              "held_out": held_out, "rows": grid["rows"], "backends": _backends(model)}
+    if accelerator.is_main_process:
+        result_file.write_text(json.dumps(result, indent=1))
+    accelerator.print(f"{run.name}: evaluated {len(seq_lens)} lengths in {eval_seconds:.0f}s")
+    return result
+
+
+def _backends(model) -> dict[str, str]:
+    try:
+        return model.backend_report()
+    except (AttributeError, ImportError):
+        return {}
+
+
+def cell_accuracy(result: dict, seq_len: int, count: int | None = None) -> float | None:
+    """Accuracy of the (seq_len, count) cell of a run (count None: the mean over the seq_len's cells)."""
+    rows = [r for r in result["rows"] if r["seq_len"] == seq_len]
+    if count is not None:
+        rows = [r for r in rows if count in (r.get("n_kv"), r.get("n_tokens"))]
+    if not rows:
+        return None
+    return sum(r["n_correct"] for r in rows) / sum(r["n_answers"] for r in rows)
+
+
+def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(all rows, best rows): one row per run with its accuracy per seq_len; best over select_over."""
+    select = set(data.get("select_over", ["optim.lr"]))
+    table = []
+    for run, res in zip(runs, results):
+        plot_len = run.eval.plot_seq_len or run.section.data.seq_len
+        count = run.eval.plot_count or run.section.data.task_kwargs.get("n_kv")
+        row = {"run": run.name, "model": run.model_name, **{k.split(".")[-1]: v for k, v in run.point.items()},
+               "params": res["parameters"], "state_floats": res["state_floats"],
+               "plot_accuracy": cell_accuracy(res, plot_len, count)}
+        for seq_len in run.eval.seq_lens:
+            acc = cell_accuracy(res, seq_len)
+            row[f"acc@{seq_len}"] = "-" if acc is None else acc
+        row["_group"] = (run.model_name, tuple((k, v) for k, v in run.point.items() if k not in select))
+        table.append(row)
+    best: dict[tuple, dict] = {}
+    for row in table:
+        kept = best.get(row["_group"])
+        if kept is None or (row["plot_accuracy"] or 0) > (kept["plot_accuracy"] or 0):
+            best[row["_group"]] = row
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "_group"} for r in rows]
+    return strip(table), strip(best.values())
+
+
+def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: int | None) -> list[Path]:
+    """accuracy_vs_length.png (one line per run kept) and accuracy_vs_state.png (one line per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    if len(seq_lens) > 1:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for row in best:
+            points = [(s, row[f"acc@{s}"]) for s in seq_lens if row[f"acc@{s}"] != "-"]
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=row["run"])
+        if train_len:
+            ax.axvline(train_len, color="k", ls="--", lw=1, label=f"train length {train_len}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "accuracy_vs_length.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    models = sorted({r["model"] for r in best})
+    if len(best) > len(models):  # several points per model: a state-size sweep
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for model in models:
+            rows = sorted((r for r in best if r["model"] == model), key=lambda r: r["state_floats"])
+            ax.plot([r["state_floats"] for r in rows], [r["plot_accuracy"] for r in rows], marker="o", label=model)
+        ax.set_xscale("log")
+        ax.set_xlabel("state size (floats per sequence; attention: KV cache at the plotted length)")
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "accuracy_vs_state.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("config", help="recipe YAML (configs/train/induction.yaml, mqar-sweep.yaml, ...)")
+    parser.add_argument("--only", nargs="*", default=None, help="model names to run")
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and build their models only")
+    args, rest = parser.parse_known_args(argv)
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
+    data = load_recipe(args.config, [item[2:] for item in rest])
+    runs = expand_runs(data, args.only)
+    if args.dry_run:
+        for run in runs:
+            with torch.device("meta"):
+                model = build_model(run)
+            print(f"{run.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
+                  f"{run.section.train.max_steps} steps -> {run.output_dir}")
+        return 0
+    from accelerate import Accelerator
+
+    from zoo.finetune import _mixed_precision
+
+    accelerator = Accelerator(mixed_precision=_mixed_precision(runs[0].section.train.precision))
+    results = [train_and_evaluate(run, accelerator) for run in runs]
+    if not accelerator.is_main_process:
+        return 0
+    table, best = summarize(data, runs, results)
+    out = Path(data.get("output_dir", "runs/synthetic"))
+    seq_lens = runs[0].eval.seq_lens
+    columns = ["run", "params", "state_floats", *[f"acc@{s}" for s in seq_lens]]
+    text = f"# {args.config}\n\n## best per model and grid point\n\n{markdown_table(best, columns)}\n"
+    if len(best) < len(table):
+        text += f"\n## every run\n\n{markdown_table(table, columns)}\n"
+    seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in results)
+    text += f"\n{len(results)} runs, {seconds / 60:.1f} min of training and evaluation (reused runs included)\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps({"runs": table, "best": best}, indent=1, default=str))
+    pngs = plot_summary(best, seq_lens, out, runs[0].section.data.seq_len)
+    print(text)
+    print(f"wrote {out / 'summary.md'}, summary.json" + "".join(f", {p.name}" for p in pngs))
+    return 0 if all(math.isfinite(r["held_out"]["loss"]) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

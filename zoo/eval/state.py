@@ -1,0 +1,130 @@
+"""``zoo eval state``: state statistics over position (state-collapse diagnosis), with or without a mitigation.
+
+    zoo eval state --model DIR --max-len 64K --chunk-size 2048 --train-length 2048
+    zoo eval state --model DIR --max-len 64K --train-length 2048 --mitigation forget:c_alpha=0.999,c_b=0.7
+    zoo eval state --model DIR --max-len 64K --train-length 2048 --norm-calibrate 2048 --norm-factor 1.0
+    zoo eval state --model DIR --task induction_heads --vocab-size 16 --max-len 2^16 --train-length 256
+
+Rows come from a ``.pt`` file (``--tokens``), the built-in corpus (default; ``zoo.eval.length``'s
+documents), or a synthetic task (``--task``). Writes ``state.json`` (every statistic), one PNG per
+statistic with the training length marked (see ``zoo.state.recorder``), and prints per layer the largest
+head RMS at log-spaced positions next to the loss. ``--compare`` also runs the unmitigated model and
+overlays both in the plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from zoo.eval.common import load_model, load_tokenizer, markdown_table, parse_int, write_json
+from zoo.state import (
+    add_mitigation_argument,
+    apply_mitigation,
+    calibrate_norm_threshold,
+    format_spec,
+    plot_state_statistics,
+    record_state_statistics,
+)
+
+
+def load_rows(args) -> torch.Tensor:
+    """LongTensor [n_docs, max_len]: from --tokens, a synthetic --task, or the built-in corpus."""
+    if args.task:
+        from zoo.data.synthetic import make_batch
+
+        kwargs = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        generator = torch.Generator().manual_seed(args.seed)
+        return make_batch(args.task, args.n_docs, args.max_len, generator, **kwargs)["input_ids"]
+    from zoo.eval.length import load_documents
+
+    tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
+    docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed)
+    length = min(len(d) for d in docs)
+    if length < args.max_len:
+        print(f"note: documents cut to the shortest, {length} tokens")
+    return torch.stack([d[:length] for d in docs])
+
+
+def summary_rows(result: dict, per_octave: int = 1) -> list[dict]:
+    """Per log-spaced sample: position, loss, and per layer the largest head state RMS (3 significant digits)."""
+    positions = result["positions"]
+    picked, next_power = [], 1
+    for i, p in enumerate(positions):
+        if p >= next_power or i == len(positions) - 1:
+            picked.append(i)
+            while next_power <= p:
+                next_power *= 2 ** (1 / per_octave)
+    rows = []
+    for i in picked:
+        row = {"position": positions[i], "loss": result["loss"][i]}
+        for layer, s in result["layers"].items():
+            row[f"L{layer} rms"] = f"{max(s['state_rms'][i]):.3g}"
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """``zoo eval state --model DIR [--mitigation SPEC] --max-len 64K --train-length 2048``."""
+    parser = argparse.ArgumentParser(prog="zoo eval state", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
+    parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus")
+    parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte'")
+    parser.add_argument("--task", default=None, help="synthetic rows instead: mqar | selective_copying | "
+                        "induction_heads")
+    parser.add_argument("--vocab-size", type=int, default=None, help="synthetic task vocabulary")
+    parser.add_argument("--n-docs", type=int, default=4, help="rows, run as one batch")
+    parser.add_argument("--max-len", type=parse_int, default=16384)
+    parser.add_argument("--chunk-size", type=parse_int, default=1024, help="tokens per forward above the "
+                        "log-spaced start; the state is sampled at every chunk end")
+    parser.add_argument("--points-per-octave", type=int, default=2, help="log-spaced samples below chunk-size")
+    parser.add_argument("--group-size", type=int, default=64, help="mamba: channels per head")
+    parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plots")
+    add_mitigation_argument(parser)
+    parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
+                        help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
+                             "tokens of the rows (state normalization calibrated on a reference prefix)")
+    parser.add_argument("--norm-factor", type=float, default=1.0)
+    parser.add_argument("--norm-chunk", type=int, default=64, help="tokens between caps in a prefill")
+    parser.add_argument("--compare", action="store_true", help="also run without the mitigation and overlay")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--out", default="results/state")
+    args = parser.parse_args(argv)
+
+    model = load_model(args.model, args.device, args.dtype)
+    rows = load_rows(args)
+    record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
+                  group_size=args.group_size, train_length=args.train_length, progress=True)
+    runs = []
+    if args.compare:
+        apply_mitigation(model, None)
+        runs.append(("none", record_state_statistics(model, rows, **record)))
+    apply_mitigation(model, args.mitigation)
+    if args.norm_calibrate:
+        calibrate_norm_threshold(model, rows[:, :args.norm_calibrate], args.norm_factor, args.norm_chunk,
+                                 args.chunk_size, args.group_size)
+    label = format_spec(next((m.mitigation for m in model.modules() if getattr(m, "mitigation", None)), None))
+    if args.norm_calibrate:
+        label = label.replace("per-head", f"{args.norm_factor:g}x prefix {args.norm_calibrate}")
+    result = record_state_statistics(model, rows, **record)
+    result["mitigation"] = label
+    runs.append((label, result))
+
+    out = Path(args.out)
+    for name, res in runs:
+        print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")
+        print(markdown_table(summary_rows(res)))
+        print()
+    write_json({"model": args.model, "runs": {name: res for name, res in runs}}, out / "state.json")
+    pngs = plot_state_statistics(runs if len(runs) > 1 else result, out, args.train_length)
+    print(f"wrote {out / 'state.json'} and {len(pngs)} PNGs in {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""State statistics over position: the Stuffed Mamba diagnosis of state collapse.
+
+``record_state_statistics(model, input_ids)`` runs a zoo model over long rows in chunks, carrying its cache
+(constant memory for recurrent models), and records per recurrent layer and head:
+
+- the state: mean, variance, RMS and Frobenius norm of each head's elements (mamba: groups of
+  ``group_size`` channels of the [d_inner, N] state; mamba2: heads of [H, P, N]; gla: heads of [H, K, V]),
+  read from the cache's ``RecurrentLayer`` after every chunk;
+- the decay: mean Δ (mamba, mamba2), mean log α and mean α = exp(ΔA) (gla: exp(g)) over the chunk's
+  tokens and the head's channels, and the cumulative log ∏α (the running sum of the mean log-decay)
+  at the chunk end; B statistics (mean and RMS per B group; gla: the keys per head) over the chunk;
+  all as the mixer actually used them (mitigations included), read through the mixers' ``state_probe``;
+- the mean next-token loss of the chunk's tokens.
+
+Resolution: the state is sampled at chunk ends only; Δ / α / B are exact means over each chunk. Chunk
+ends are log-spaced below ``chunk_size`` (``points_per_octave``) and every ``chunk_size`` tokens above,
+so a log-position plot has even detail. All statistics are averaged over the batch rows.
+``plot_state_statistics`` draws one PNG per statistic (a panel per layer, a line per head) with the
+training length marked.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoo.cache import RecurrentLayer
+from zoo.state.mitigation import format_spec, head_view, recurrent_mixers
+
+STATE_STATS = ("state_mean", "state_var", "state_rms", "state_norm")
+DECAY_STATS = ("delta_mean", "log_alpha_mean", "alpha_mean", "log_alpha_cumsum")
+B_STATS = ("B_mean", "B_rms")
+
+
+def mixer_kind(mixer) -> str:
+    """'mamba', 'mamba2' or 'gla' for a recurrent zoo mixer."""
+    from zoo.mixers.gla import GLA
+    from zoo.mixers.mamba import Mamba
+    from zoo.mixers.mamba2 import Mamba2
+
+    for cls, kind in ((Mamba2, "mamba2"), (Mamba, "mamba"), (GLA, "gla")):
+        if isinstance(mixer, cls):
+            return kind
+    raise TypeError(f"{type(mixer).__name__} is not a recurrent zoo mixer")
+
+
+def chunk_ends(length: int, chunk_size: int, points_per_octave: int = 2, min_chunk: int = 16) -> list[int]:
+    """Positions after which the state is sampled: log-spaced up to chunk_size, then every chunk_size."""
+    ends = set(range(chunk_size, length, chunk_size)) | {length}
+    if points_per_octave > 0:
+        k = math.ceil(math.log2(min_chunk) * points_per_octave)
+        while (end := round(2 ** (k / points_per_octave))) < min(chunk_size, length):
+            ends.add(end)
+            k += 1
+    return sorted(e for e in ends if 0 < e <= length)
+
+
+class StateRecorder:
+    """Installs a probe on every recurrent mixer of `model` (a context manager) and accumulates the Δ,
+    decay and B statistics of the tokens it sees until ``take`` returns and resets them."""
+
+    def __init__(self, model, group_size: int = 64):
+        self.model, self.group_size = model, group_size
+        self.mixers = recurrent_mixers(model)
+        self.kinds = {m.layer_idx: mixer_kind(m) for m in self.mixers}
+        self._sums: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __enter__(self) -> StateRecorder:
+        for mixer in self.mixers:
+            mixer.state_probe = self._probe
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for mixer in self.mixers:
+            mixer.state_probe = None
+
+    def _add(self, layer: int, name: str, value: torch.Tensor) -> None:
+        sums = self._sums.setdefault(layer, {})
+        value = value.detach().double().cpu()
+        sums[name] = sums[name] + value if name in sums else value
+
+    @torch.no_grad()
+    def _probe(self, mixer, delta=None, A=None, log_c: float = 0.0, B=None, log_decay=None) -> None:
+        """delta [b, T, D or H]; A [D, N] or [H]; B [b, T, G, N] (gla: keys [b, T, H, K]); log_decay [b, T, H, K]."""
+        layer, kind = mixer.layer_idx, self.kinds[mixer.layer_idx]
+        if kind == "mamba":
+            batch, length, dim = delta.shape
+            size = math.gcd(dim, self.group_size)
+            grouped = delta.float().view(batch, length, dim // size, size)  # (b, T, heads, channels)
+            A32 = A.float().view(dim // size, size, -1)  # (heads, channels, N)
+            la = torch.einsum("bthc,hc->bth", grouped, A32.mean(-1)) / size + log_c  # mean over channels and N
+            alpha = torch.zeros_like(la)
+            for s in range(0, length, 256):  # exp per (channel, n), a slice of tokens at a time
+                alpha[:, s:s + 256] = torch.exp(grouped[:, s:s + 256, :, :, None] * A32 + log_c).mean((-1, -2))
+            self._add(layer, "delta", grouped.mean(-1).sum((0, 1)))
+        elif kind == "mamba2":
+            batch, length = delta.shape[:2]
+            la = delta.float() * A.float() + log_c  # (b, T, H)
+            alpha = torch.exp(la)
+            self._add(layer, "delta", delta.float().sum((0, 1)))
+        else:
+            batch, length = log_decay.shape[:2]
+            la = log_decay.float().mean(-1)  # (b, T, H)
+            alpha = torch.exp(log_decay.float()).mean(-1)
+        self._add(layer, "log_alpha", la.sum((0, 1)))
+        self._add(layer, "alpha", alpha.sum((0, 1)))
+        self._add(layer, "tokens", torch.tensor(float(batch * length)))
+        self._add(layer, "rows", torch.tensor(float(batch)))
+        self._add(layer, "calls", torch.tensor(1.0))
+        B32 = B.float()
+        self._add(layer, "B", B32.mean(-1).sum((0, 1)))
+        self._add(layer, "B_sq", B32.pow(2).mean(-1).sum((0, 1)))
+
+    def take(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per layer: delta_mean, log_alpha_mean, alpha_mean [heads], log_alpha_sum [heads] (Σ over the tokens,
+        mean over rows), B_mean, B_rms [B groups], over the tokens since the last call; then resets."""
+        out = {}
+        for layer, s in self._sums.items():
+            tokens, batch = s["tokens"], s["rows"] / s["calls"]
+            stats = {"log_alpha_mean": s["log_alpha"] / tokens, "alpha_mean": s["alpha"] / tokens,
+                     "log_alpha_sum": s["log_alpha"] / batch,
+                     "B_mean": s["B"] / tokens, "B_rms": (s["B_sq"] / tokens).sqrt()}
+            if "delta" in s:
+                stats["delta_mean"] = s["delta"] / tokens
+            out[layer] = stats
+        self._sums = {}
+        return out
+
+
+def state_statistics(kind: str, state: torch.Tensor, group_size: int = 64) -> dict[str, torch.Tensor]:
+    """Per head (batch-averaged) mean, var, rms and Frobenius norm of a recurrent state (see ``head_view``)."""
+    heads = head_view(kind, state.detach().double(), group_size)  # (b, heads, elements)
+    return {"state_mean": heads.mean(-1).mean(0), "state_var": heads.var(-1, unbiased=False).mean(0),
+            "state_rms": heads.pow(2).mean(-1).sqrt().mean(0), "state_norm": heads.norm(dim=-1).mean(0)}
+
+
+@torch.no_grad()
+def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 1024, points_per_octave: int = 2,
+                            min_chunk: int = 16, group_size: int = 64, train_length: int | None = None,
+                            progress: bool = False) -> dict:
+    """State, decay and loss statistics of `model` over the positions of `input_ids` [B, T] (see module doc).
+
+    Returns a dict: positions (tokens seen at each sample), loss [n] (mean NLL of each chunk's tokens),
+    layers {layer: {kind, heads, <stat>: [n][heads or B groups]}} with the stats STATE_STATS + DECAY_STATS
+    + B_STATS (delta_mean absent for gla), plus chunk_size, train_length and the mitigation in effect.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    batch, length = input_ids.shape
+    ends = chunk_ends(length, chunk_size, points_per_octave, min_chunk)
+    recorder = StateRecorder(model, group_size)
+    was_training = model.training
+    model.eval()
+    series: dict[int, dict[str, list]] = {}
+    cumsum: dict[int, torch.Tensor] = {}
+    losses, cache, previous_logit, start = [], None, None, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=length, desc="state statistics", unit="tok", dynamic_ncols=True)
+    with recorder:
+        for end in ends:
+            chunk = input_ids[:, start:end]
+            out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits = out.logits.float()
+            pieces = [logits[:, :-1]] if previous_logit is None else [previous_logit, logits[:, :-1]]
+            targets = chunk[:, 1:] if previous_logit is None else chunk
+            scores = torch.cat(pieces, dim=1)
+            losses.append(F.cross_entropy(scores.flatten(0, 1), targets.flatten()).item() if targets.numel() else
+                          float("nan"))
+            previous_logit = logits[:, -1:]
+            decay = recorder.take()
+            for i, layer_cache in enumerate(cache.layers):
+                if not (isinstance(layer_cache, RecurrentLayer) and layer_cache.has_state):
+                    continue
+                kind = recorder.kinds[i]
+                row = state_statistics(kind, layer_cache.recurrent_state, group_size)
+                d = decay.get(i, {})
+                if d:
+                    cumsum[i] = cumsum.get(i, torch.zeros_like(d["log_alpha_sum"])) + d["log_alpha_sum"]
+                    row.update({k: v for k, v in d.items() if k != "log_alpha_sum"})
+                    row["log_alpha_cumsum"] = cumsum[i]
+                target = series.setdefault(i, {"kind": kind})
+                for name, value in row.items():
+                    target.setdefault(name, []).append(value.tolist())
+            if bar is not None:
+                bar.update(end - start)
+            start = end
+    if bar is not None:
+        bar.close()
+    model.train(was_training)
+    layers = {}
+    for i, s in series.items():
+        s["heads"] = len(s["state_rms"][0])
+        layers[i] = s
+    mitigations = {format_spec(m.mitigation) for m in recorder.mixers}
+    return {"positions": ends, "loss": losses, "layers": layers, "chunk_size": chunk_size, "batch": batch,
+            "train_length": train_length, "group_size": group_size,
+            "mitigation": mitigations.pop() if len(mitigations) == 1 else sorted(mitigations)}
+
+
+@torch.no_grad()
+def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0, chunk: int = 64,
+                             chunk_size: int = 1024, group_size: int = 64) -> dict[int, torch.Tensor]:
+    """Set a per-head state-norm cap on every recurrent mixer from a reference prefix (Stuffed Mamba's state
+    normalization): threshold = factor · the largest batch-mean head norm seen over `input_ids` [B, T]
+    by the unmitigated model. Forget / window settings already on a mixer are kept; returns the thresholds
+    per layer."""
+    mixers = recurrent_mixers(model)
+    saved = {id(m): m.mitigation for m in mixers}
+    for m in mixers:
+        m.mitigation = None
+    try:
+        stats = record_state_statistics(model, input_ids, chunk_size=chunk_size, points_per_octave=0,
+                                        group_size=group_size)
+    finally:
+        for m in mixers:
+            m.mitigation = saved[id(m)]
+    thresholds = {}
+    for m in mixers:
+        norms = torch.tensor(stats["layers"][m.layer_idx]["state_norm"])  # (positions, heads)
+        thresholds[m.layer_idx] = factor * norms.max(dim=0).values.float()
+        base = {k: v for k, v in (m.mitigation or {}).items() if k not in ("threshold", "chunk", "group_size")}
+        m.mitigation = {**base, "threshold": thresholds[m.layer_idx], "chunk": chunk, "group_size": group_size}
+    return thresholds
+
+
+# ---- plots -------------------------------------------------------------------------------------------------
+
+LABELS = {"state_mean": "state mean", "state_var": "state variance", "state_rms": "state RMS",
+          "state_norm": "state norm ‖h‖_F", "delta_mean": "mean Δ", "log_alpha_mean": "mean log α",
+          "alpha_mean": "mean α = exp(ΔA)", "log_alpha_cumsum": "log ∏α (cumulative)",
+          "B_mean": "B mean", "B_rms": "B RMS"}
+LOG_Y = {"state_var", "state_rms", "state_norm", "delta_mean", "B_rms"}
+
+
+def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: str | Path,
+                          train_length: int | None = None) -> list[Path]:
+    """One PNG per statistic under out_dir (state_rms.png, ...; loss.png): a panel per recurrent layer, a line
+    per head (B statistics: per B group), log-position x axis, the training length dashed. `result` may be a
+    list of (label, result) pairs to overlay runs (e.g. with and without a mitigation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [("", result)] if isinstance(result, dict) else list(result)
+    train_length = train_length or runs[0][1].get("train_length")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    layers = sorted(runs[0][1]["layers"], key=int)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    paths = []
+    for stat in (*STATE_STATS, *DECAY_STATS, *B_STATS):
+        present = [layer for layer in layers if stat in runs[0][1]["layers"][layer]]
+        if not present:
+            continue
+        cols = min(4, len(present))
+        rows = math.ceil(len(present) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharex=True)
+        for ax, layer in zip(axes.flat, present):
+            for r, (label, res) in enumerate(runs):
+                values = torch.tensor(res["layers"][layer][stat])  # (positions, heads)
+                for h in range(values.shape[1]):
+                    ax.plot(res["positions"], values[:, h], color=colors[r % len(colors)], alpha=0.6, lw=0.9,
+                            label=label if h == 0 and label else None)
+            ax.set_xscale("log")
+            if stat in LOG_Y:
+                ax.set_yscale("log")
+            if train_length:
+                ax.axvline(train_length, color="k", ls="--", lw=1)
+            ax.set_title(f"layer {layer} ({runs[0][1]['layers'][layer]['kind']})", fontsize=9)
+            ax.set_xlabel("position")
+        for ax in list(axes.flat)[len(present):]:
+            ax.set_visible(False)
+        if len(runs) > 1:
+            axes.flat[0].legend(fontsize=7)
+        fig.suptitle(LABELS[stat] + (f"  (training length {train_length}, dashed)" if train_length else ""))
+        fig.tight_layout()
+        path = out_dir / f"{stat}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for r, (label, res) in enumerate(runs):
+        ax.plot(res["positions"], res["loss"], color=colors[r % len(colors)], label=label or None)
+    ax.set_xscale("log")
+    if train_length:
+        ax.axvline(train_length, color="k", ls="--", lw=1)
+    ax.set_xlabel("position")
+    ax.set_ylabel("mean loss of the chunk (nats)")
+    if len(runs) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+__all__ = [
+    "StateRecorder",
+    "calibrate_norm_threshold",
+    "chunk_ends",
+    "mixer_kind",
+    "plot_state_statistics",
+    "record_state_statistics",
+    "state_statistics",
+]
