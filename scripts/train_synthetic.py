@@ -60,7 +60,10 @@ class EvalSection:
 class Recipe:
     """models: name -> zoo model config fields (a mapping) or a zoo YAML path. sweep: dotted key -> values
     (``model.<field>`` sets a model config field, e.g. model.d_model or model.mixers.M.d_state; other keys set
-    run fields, e.g. optim.lr); select_over: sweep keys the summary maximises over."""
+    run fields, e.g. optim.lr); select_over: sweep keys the summary maximises over. curriculum: phases
+    {seq_len, max_steps[, micro_batch_size][, lr]} trained in order before the main phase (data.seq_len,
+    train.max_steps), each with its own warmup and cosine decay; phases may not be longer than data.seq_len,
+    so the model never sees a row longer than the training length."""
 
     models: dict[str, Any]
     data: DataSection
@@ -71,6 +74,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.1))
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=100))
     eval: EvalSection = field(default_factory=EvalSection)
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Run:
     eval: EvalSection
     point: dict[str, Any]
     output_dir: Path
+    phases: list[PretrainSection] = field(default_factory=list)  # the curriculum, then section
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -99,15 +104,34 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     return data
 
 
-def _section(data: dict) -> tuple[PretrainSection, EvalSection]:
-    recipe = _build(Recipe, data, "")
-    section = PretrainSection(data=recipe.data, train=recipe.train, optim=recipe.optim, schedule=recipe.schedule)
+def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSection]]:
     from zoo.finetune import _validate_run
 
+    recipe = _build(Recipe, data, "")
+    section = PretrainSection(data=recipe.data, train=recipe.train, optim=recipe.optim, schedule=recipe.schedule)
     _validate_run(section, "")
+    phases = []
+    for i, phase in enumerate(recipe.curriculum):
+        unknown = set(phase) - {"seq_len", "max_steps", "micro_batch_size", "lr"}
+        if unknown or not {"seq_len", "max_steps"} <= set(phase):
+            raise ValueError(f"curriculum[{i}]: give seq_len and max_steps (optional micro_batch_size, lr), "
+                             f"got {sorted(phase)}")
+        if recipe.data.seq_len is not None and phase["seq_len"] > recipe.data.seq_len:
+            raise ValueError(f"curriculum[{i}].seq_len: {phase['seq_len']} exceeds data.seq_len "
+                             f"{recipe.data.seq_len}; a curriculum only trains shorter rows")
+        steps = int(phase["max_steps"])
+        train = dataclasses.replace(recipe.train, max_steps=steps,
+                                    micro_batch_size=int(phase.get("micro_batch_size", recipe.train.micro_batch_size)))
+        optim = dataclasses.replace(recipe.optim, lr=float(phase.get("lr", recipe.optim.lr)))
+        schedule = dataclasses.replace(recipe.schedule, warmup_steps=min(recipe.schedule.warmup_steps, steps // 10),
+                                       min_lr=min(recipe.schedule.min_lr, optim.lr))
+        data_ = dataclasses.replace(recipe.data, seq_len=int(phase["seq_len"]), seed=recipe.data.seed + 1000 * (i + 1))
+        phase_section = PretrainSection(data=data_, train=train, optim=optim, schedule=schedule)
+        _validate_run(phase_section, f"curriculum[{i}].")
+        phases.append(phase_section)
     ev = recipe.eval
     ev.seq_lens = [parse_int(str(s)) for s in ev.seq_lens] or [recipe.data.seq_len]
-    return section, ev
+    return section, ev, phases
 
 
 def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
@@ -126,11 +150,11 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
                     _set_dotted(config, key[len("model."):], value)
                 else:
                     _set_dotted(run_data, key, value)
-            section, ev = _section({**run_data, "models": {model_name: config}})
+            section, ev, phases = _section({**run_data, "models": {model_name: config}})
             suffix = "".join(f"-{k.split('.')[-1]}={v}" for k, v in point.items())
             name = f"{model_name}{suffix}"
             runs.append(Run(name, model_name, config, section, ev, point,
-                            Path(data.get("output_dir", "runs/synthetic")) / name))
+                            Path(data.get("output_dir", "runs/synthetic")) / name, phases))
     return runs
 
 
@@ -168,15 +192,20 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     from zoo.eval.synthetic import evaluate_synthetic
     from zoo.finetune import _eval_loader, build_datasets, evaluate, run_training
 
-    trained = {"model": run.model_config, "section": _plain(run.section)}
+    trained = {"model": run.model_config, "section": _plain(run.section),
+               "curriculum": [_plain(p) for p in run.phases]}
     settings = {**trained, "eval": _plain(run.eval)}
     result_file, stamp = run.output_dir / "result.json", run.output_dir / "trained.json"
     if result_file.is_file() and json.loads(result_file.read_text()).get("settings") == settings:
         accelerator.print(f"{run.name}: reusing {result_file}")
         return json.loads(result_file.read_text())
     t = run.section.train
-    n_rows = t.max_steps * t.micro_batch_size * t.grad_accum * accelerator.num_processes
-    train_set, eval_set = build_datasets(run.section.data, n_train=n_rows)
+
+    def rows(section: PretrainSection) -> int:
+        return section.train.max_steps * section.train.micro_batch_size * section.train.grad_accum * \
+            accelerator.num_processes
+
+    train_set, eval_set = build_datasets(run.section.data, n_train=rows(run.section))
     if stamp.is_file() and json.loads(stamp.read_text())["settings"] == trained:
         accelerator.print(f"{run.name}: reusing the model trained in {run.output_dir / 'model'}")
         model = AutoModelForCausalLM.from_pretrained(run.output_dir / "model").float().to(accelerator.device)
@@ -186,7 +215,14 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
         set_seed(t.seed)
         model = build_model(run).to(accelerator.device)
         start = time.perf_counter()
-        model, log = run_training(accelerator, model, train_set, run.section, 0, run.name)
+        log = []
+        for phase in run.phases:  # shorter rows first
+            phase_set, _ = build_datasets(phase.data, n_train=rows(phase))
+            model, phase_log = run_training(accelerator, model, phase_set, phase, 0,
+                                            f"{run.name} L={phase.data.seq_len}")
+            log += [{**row, "seq_len": phase.data.seq_len} for row in phase_log]
+        model, main_log = run_training(accelerator, model, train_set, run.section, 0, run.name)
+        log += [{**row, "seq_len": run.section.data.seq_len} for row in main_log]
         train_seconds = time.perf_counter() - start
         if accelerator.is_main_process:  # saved before the (possibly long) evaluation
             run.output_dir.mkdir(parents=True, exist_ok=True)

@@ -380,10 +380,19 @@ def test_synthetic_recipe_parses(name):
     recipe = script.load_recipe(ROOT / "configs/train" / name)
     runs = script.expand_runs(recipe)
     assert runs and len({r.name for r in runs}) == len(runs)
+    for run_ in runs:  # a curriculum never trains rows longer than the training length
+        assert all(phase.data.seq_len <= run_.section.data.seq_len for phase in run_.phases)
     distinct = {repr(r.model_config): r for r in runs}  # a learning-rate sweep shares its models
     for run_ in distinct.values():
         with torch.device("meta"):
             script.build_model(run_)
+
+
+def test_synthetic_recipe_rejects_a_longer_curriculum():
+    script = load_script("train_synthetic")
+    with pytest.raises(ValueError, match="exceeds data.seq_len"):
+        script.expand_runs(script.load_recipe(ROOT / "configs/train/induction-cpu.yaml",
+                                              ["curriculum=[{seq_len: 512, max_steps: 10}]"]))
 
 
 def test_state_capacity_recipe_parses():
