@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-only", action="store_true", help="run each kernel once (compile, autotune)"
     )
+    parser.add_argument("--cases", default="", help="run only cases whose tag contains this, e.g. L2048")
     args = parser.parse_args()
     fla_dir = os.path.join(args.baselines, "fla")
     if os.path.isdir(fla_dir):

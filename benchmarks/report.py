@@ -24,6 +24,16 @@ def fmt(value) -> str:
     return str(value)
 
 
+# per benchmark group, the row fields worth a column of their own (label, field)
+EXTRA = {
+    "train_throughput": [("tokens/s", "tokens_per_s"), ("MFU", "mfu"), ("peak GiB", "peak_mem_gib"),
+                         ("loss first", "loss_first"), ("loss last", "loss_last")],
+    "generate": [("mode", "mode"), ("tokens/s", "tokens_per_s"), ("prefill ms", "prefill_ms"),
+                 ("decode peak GiB", "decode_peak_gib"), ("cache MiB", "cache_mib"),
+                 ("vs transformerpp", "vs_transformerpp")],
+}
+
+
 def render(rows: list[dict]) -> str:
     latest: OrderedDict[str, dict] = OrderedDict()
     for row in rows:
@@ -39,12 +49,14 @@ def render(rows: list[dict]) -> str:
         for card, date, command in runs:
             out.append(f"- {card}, {date}: `{command}`")
         out.append("")
-        out.append("| name | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | note |")
-        out.append("| --- | --- | --- | --- | --- | --- | --- |")
+        extra = EXTRA.get(group, [])
+        out.append("| name | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | "
+                   + "".join(f"{label} | " for label, _ in extra) + "note |")
+        out.append("| --- " * (7 + len(extra)) + "|")
         for r in items:
             out.append(f"| {r['name']} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
                        f"{fmt(r.get('baseline_ms'))} | {fmt(r.get('ratio'))} | {fmt(r.get('floor_ms'))} | "
-                       f"{r.get('note', '')} |")
+                       + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{r.get('note', '')} |")
         out.append("")
     return "\n".join(out)
 

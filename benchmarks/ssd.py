@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-only", action="store_true", help="run each kernel once (compile, autotune)"
     )
+    parser.add_argument("--cases", default="", help="run only cases whose tag contains this, e.g. 130m/L2048")
     args = parser.parse_args()
     mamba, fla = load_baselines(args.baselines)
     from zoo_kernels.ssd.triton_ssd import ssd_chunk_scan_triton

@@ -91,6 +91,9 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
     info = json.loads((Path(cfg.output_dir) / "run_info.json").read_text())
     tokens_per_step = info["tokens_per_step"]
     timed = stamps[warmup - 1:] if warmup else [start] + stamps
+    if len(timed) < 2:  # the trainer stopped early (SIGTERM from a timeout, Ctrl-C): nothing to time
+        raise RuntimeError(f"{name} L={seq_len}: training stopped after {len(stamps)} of {warmup + steps} steps; "
+                           f"no timed steps")
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
     return {"params": info["params"], "backend": info["backend"], "tokens_per_step": tokens_per_step,
             "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_step / step_s, "packing": packing,

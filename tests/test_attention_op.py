@@ -326,7 +326,7 @@ def test_auto_routes_features_cudnn_lacks(fake_cuda):
     assert attn.resolve_backend("auto", fake_cuda, **common, tq=64, tk=64) == "sdpa_cudnn"
     assert attn.resolve_backend("auto", fake_cuda, **common, window=True, tq=64, tk=64) == "sdpa_flash"
     assert attn.resolve_backend("auto", fake_cuda, **common, tq=16, tk=64) == "sdpa_flash"
-    assert attn.resolve_backend("auto", fake_cuda, **common, tq=1, tk=64) == "sdpa_cudnn"
+    assert attn.resolve_backend("auto", fake_cuda, **common, tq=1, tk=64) == "sdpa_flash"  # cuDNN: a plan per Tk
     assert attn.resolve_backend("auto", fake_cuda, **common, padded=True, tq=1, tk=64) == "sdpa_efficient"
     assert attn.resolve_backend("auto", fake_cuda, dtype=torch.float32, head_dim=128) == "sdpa_efficient"
     assert attn.resolve_backend("auto", torch.device("cpu"), **common) == "math"

@@ -156,7 +156,8 @@ def test_merge_and_reload_on_gpu(name, tmp_path):
         adapted = model(input_ids=ids, use_cache=False).logits
         base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").cuda()
         reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
-        assert_close("reloaded adapter", reloaded(input_ids=ids, use_cache=False).logits, adapted, 1e-6)
+        # the same weights in fresh allocations: cuBLAS may pick other fp32 algorithms (jamba: 1.5e-6 on H100)
+        assert_close("reloaded adapter", reloaded(input_ids=ids, use_cache=False).logits, adapted, 1e-5)
         merged = reloaded.merge_and_unload()
         assert_close("merged", merged(input_ids=ids, use_cache=False).logits, adapted, 1e-4)
 

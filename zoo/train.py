@@ -942,8 +942,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
-    # which kernels each mixer runs, resolved on the device the model now lives on
-    backend = unwrapped.backend_report() if hasattr(unwrapped, "backend_report") else {}
+    # which kernels each mixer runs, resolved on the device the model now lives on, in the autocast dtype
+    with accelerator.autocast():
+        backend = unwrapped.backend_report() if hasattr(unwrapped, "backend_report") else {}
 
     step, tokens, data_state = 0, 0, StreamState()
     if start_ckpt is not None:

@@ -78,12 +78,24 @@ class Attention(nn.Module):
         return 2 * self.n_kv_heads * self.head_dim * kept
 
     def backend_name(self) -> str:
-        from zoo_kernels.attention import select_backend
+        """The kernel of a training-shaped call (Tq == Tk, no padding), in the dtype calls will run in (the
+        autocast dtype when autocast is on); where packed rows or decoding take another kernel, it follows in
+        brackets, e.g. "sdpa_cudnn (packed: sdpa_flash, decode: sdpa_flash)"."""
+        from zoo_kernels.attention import resolve_backend
 
         device = self.q_proj.weight.device
         if self.attn_backend != "auto":
             return self.attn_backend
-        return select_backend(device, self.q_proj.weight.dtype, self.head_dim)
+        dtype = self.q_proj.weight.dtype
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        gqa = self.n_heads != self.n_kv_heads
+        common = dict(dtype=dtype, head_dim=self.head_dim, gqa=gqa, window=self.window is not None)
+        main = resolve_backend("auto", device, **common, tq=2, tk=2)
+        others = {"packed": resolve_backend("auto", device, **common, packed=True, tq=2, tk=2),
+                  "decode": resolve_backend("auto", device, **common, tq=1, tk=2)}
+        differ = [f"{k}: {v}" for k, v in others.items() if v != main]
+        return f"{main} ({', '.join(differ)})" if differ else main
 
     def rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, Dh]; position_ids: [B, T]. Identity when the mixer was built with rope=False."""
