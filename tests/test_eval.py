@@ -259,6 +259,21 @@ def test_chunked_loss_equals_full_forward_llama(chunk_size):
                                atol=1e-5)
 
 
+def test_chunked_loss_refuses_transformers_mamba_but_full_forward_works():
+    """transformers' Mamba cannot continue a multi-token chunk from cache_params exactly: a clear error, not
+    silently wrong per-position losses; the one-forward path still works."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=64)).eval()
+    input_ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="chunk_size=None"):
+        per_position_loss(model, input_ids, 8)
+    with torch.no_grad():
+        reference = full_forward_loss(model, input_ids)
+    torch.testing.assert_close(per_position_loss(model, input_ids, None), reference, rtol=1e-5, atol=1e-5)
+
+
 def tiny_zoo_model(name: str):
     config_path = ROOT / "configs" / "models" / f"{name}-tiny.yaml"
     if not config_path.exists():

@@ -162,3 +162,22 @@ def test_paper_sizes(name, target, tol):
         model = AutoModelForCausalLM.from_config(cfg)
     n = sum(p.numel() for p in model.parameters())
     assert abs(n - target) / target < tol, f"{name}-{size}: {n / 1e6:.1f}M parameters"
+
+
+@pytest.mark.parametrize("keep_fp32", [True, False])
+def test_residual_in_fp32_keeps_the_stream_in_fp32_for_bf16_weights(keep_fp32):
+    config = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
+    config.residual_in_fp32 = keep_fp32
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        fp32 = model(input_ids=ids).logits
+        dtypes = []
+        hooks = [block.register_forward_hook(lambda m, i, o: dtypes.append(o[0].dtype)) for block in model.model.layers]
+        bf16 = model.to(torch.bfloat16)(input_ids=ids).logits
+        for h in hooks:
+            h.remove()
+    assert set(dtypes) == {torch.float32 if keep_fp32 else torch.bfloat16}
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    assert (bf16.float() - fp32).abs().max() < 0.1 * fp32.abs().max()  # the same model, in bf16

@@ -366,7 +366,7 @@ def from_hf_llama(model) -> ZooForCausalLM:
                        mixers={"A": mixer}, ffn={"type": "swiglu", "hidden": c.intermediate_size},
                        tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps,
                        initializer_range=c.initializer_range, max_position_embeddings=c.max_position_embeddings,
-                       **_token_ids(c))
+                       residual_in_fp32=False, **_token_ids(c))  # Llama adds its residual in the model's dtype
     return _build_zoo(config, _rename(_state(model), _LLAMA_KEYS, False, fmt))
 
 
@@ -461,6 +461,7 @@ def from_hf_jamba(model) -> ZooForCausalLM:
                        mixers={"M": mamba, "A": attention}, ffn={"type": "swiglu", "hidden": c.intermediate_size},
                        moe=moe, tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps,
                        initializer_range=c.initializer_range, rescale_prenorm_residual=False,
+                       residual_in_fp32=False,  # transformers' Jamba adds its residual in the model's dtype
                        max_position_embeddings=c.max_position_embeddings, **_token_ids(c))
     if [s["ffn"] == "moe" for s in config.layer_specs()] != [n > 1 for n in c.layers_num_experts]:
         raise _unmappable(fmt, "expert_layer_period/offset", (c.expert_layer_period, c.expert_layer_offset),

@@ -93,6 +93,11 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _graph_capturing(x: torch.Tensor) -> bool:
+    """Whether x's ops are being captured into a CUDA graph (where nonzero / host syncs are not allowed)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class MoE(nn.Module):
     """Jamba-style mixture of SwiGLU experts with a top-k softmax router and a load-balancing aux loss.
 
@@ -118,10 +123,15 @@ class MoE(nn.Module):
             weights = weights / weights.sum(-1, keepdim=True)
         weights = weights.to(x.dtype)
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        if _graph_capturing(x):  # CUDA-graph decoding: no data-dependent shapes, every expert sees every token
+            dense = torch.zeros_like(probs, dtype=x.dtype).scatter(-1, chosen, weights)  # (tokens, E)
+            for e, expert in enumerate(self.experts):
+                out = out + expert(x) * dense[:, e, None]
+        else:
+            for e, expert in enumerate(self.experts):
+                token, slot = (chosen == e).nonzero(as_tuple=True)
+                if token.numel():
+                    out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         if token_mask is not None:  # padding does not count towards load balance
             keep = token_mask.reshape(-1).to(probs.dtype)
             denom = keep.sum().clamp(min=1)
@@ -136,21 +146,29 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless the ffn is 'none'."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) unless the ffn is 'none'.
 
-    def __init__(self, mixer: nn.Module, d_model: int, ffn: nn.Module | None, norm_eps: float):
+    residual_in_fp32: the residual stream x is kept in fp32 whatever the weights' dtype (as mamba_ssm and
+    transformers' Mamba do); the norms hand the mixer and the ffn their input in the weights' dtype. With fp32
+    weights (training under autocast included) it changes nothing."""
+
+    def __init__(self, mixer: nn.Module, d_model: int, ffn: nn.Module | None, norm_eps: float,
+                 residual_in_fp32: bool = False):
         super().__init__()
         self.norm = RMSNorm(d_model, norm_eps)
         self.mixer = mixer
         self.ffn_norm = RMSNorm(d_model, norm_eps) if ffn is not None else None
         self.ffn = ffn
+        self.residual_in_fp32 = residual_in_fp32
 
     def forward(self, x, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
-        x = x + self.mixer(self.norm(x), cache=cache, seq_idx=seq_idx, position_ids=position_ids,
-                           attention_mask=attention_mask)
+        dtype = self.norm.weight.dtype
+        residual = x.float() if self.residual_in_fp32 else x
+        x = residual + self.mixer(self.norm(x.to(dtype)), cache=cache, seq_idx=seq_idx, position_ids=position_ids,
+                                  attention_mask=attention_mask)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.ffn is not None:
-            h = self.ffn_norm(x)
+            h = self.ffn_norm(x.to(dtype))
             if isinstance(self.ffn, MoE):
                 mask = attention_mask[:, -x.shape[1]:] if attention_mask is not None else None
                 h, aux = self.ffn(h, mask)

@@ -85,7 +85,7 @@ class ZooModel(ZooPreTrainedModel):
                 ffn = MoE(config.d_model, moe["hidden"], moe["n_experts"], moe["top_k"], moe["normalize_topk"])
             else:
                 ffn = None
-            layers.append(Block(mixer, config.d_model, ffn, config.norm_eps))
+            layers.append(Block(mixer, config.d_model, ffn, config.norm_eps, config.residual_in_fp32))
         self.layers = nn.ModuleList(layers)
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.gradient_checkpointing = False
@@ -133,7 +133,7 @@ class ZooModel(ZooPreTrainedModel):
             aux_total = aux_total + aux
             if output_hidden_states:
                 hidden_states.append(x)
-        x = self.norm_f(x)
+        x = self.norm_f(x.to(self.norm_f.weight.dtype))  # a residual kept in fp32 returns to the weights' dtype
         if output_hidden_states:
             hidden_states[-1] = x
         if past_key_values is not None:
