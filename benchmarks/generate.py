@@ -5,10 +5,10 @@ and, in the same run, transformers' MambaForCausalLM (24 x 768, d_state 16) and 
 heads, SwiGLU 2048, tied embeddings) of the same sizes (vocabulary 50280). For every batch size the prompt
 (random tokens, seeded) is prefilled in one forward keeping only the last logits, then --new-tokens tokens are
 decoded greedily by the same loop for every model (zoo.decode: the argmax token is fed back on the device, no
-host sync per step); the decode is timed with CUDA events after --warmup steps. Pure recurrent zoo models
-(mamba, mamba2, gla) are also decoded with the step captured in a CUDA graph (zoo.decode.GraphDecoder); both
-timings are recorded and `ours_ms` takes the faster (`mode` says which). Attention and hybrid models keep a
-growing KV cache, which a graph cannot replay, and decode eagerly.
+host sync per step); the decode is timed with CUDA events after --warmup steps. Every zoo model is also decoded
+with the step captured in a CUDA graph (zoo.decode.GraphDecoder): recurrent states in static buffers, attention
+layers (transformerpp, jamba) in static KV buffers with room for prompt + warmup + new tokens; both timings are
+recorded and `ours_ms` takes the faster (`mode` says which). transformers' baselines decode eagerly.
 
 Rows (benchmarks/results.jsonl), one per (model, batch): ours_ms = ms per decode step of the whole batch,
 tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the decode,
@@ -37,6 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from zoo.cache import RecurrentLayer, ZooCache  # noqa: E402
 from zoo.decode import EagerDecoder, GraphDecoder, cache_nbytes, graphable, prefill  # noqa: E402
 
 VOCAB = 50280
@@ -103,21 +104,25 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
         end.synchronize()
         row["prefill_ms"] = start.elapsed_time(end)
         row["graphable"] = graphable(state.cache)
+        recurrent = isinstance(state.cache, ZooCache) and all(isinstance(layer, RecurrentLayer)
+                                                             for layer in state.cache.layers)
         torch.cuda.reset_peak_memory_stats()
         row["eager_ms"] = time_decode(EagerDecoder(model, state), n_tokens, warmup)
         row["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         cache_bytes = cache_nbytes(state.cache)
         row["cache_mib"] = cache_bytes / 2**20
+        del state
         if graph != "off" and row["graphable"]:
-            try:
-                row["graph_ms"] = time_decode(GraphDecoder(model, prefill(model, prompt)), n_tokens, warmup)
+            try:  # KV layers made static with room for the timed steps (prompt + warmup + new tokens in all)
+                decoder = GraphDecoder(model, prefill(model, prompt), max_new_tokens=warmup + n_tokens)
+                row["graph_ms"] = time_decode(decoder, n_tokens, warmup)
+                del decoder
             except Exception as e:  # a kernel that cannot be captured: keep the eager figure, say why
                 row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
-        del state
         options = {"eager": row["eager_ms"], "graph": row.get("graph_ms")}
         mode = min((k for k, v in options.items() if v is not None), key=lambda k: options[k])
         row.update(mode=mode, ms=options[mode], tokens_per_s=batch / options[mode] * 1e3)
-        traffic = cache_bytes * (2 if row["graphable"] or name == "hf-mamba" else 1)  # states: read + write
+        traffic = cache_bytes * (2 if recurrent or name == "hf-mamba" else 1)  # states: read + write
         row["floor_ms"] = (param_bytes + traffic) / HBM_BYTES_PER_S * 1e3
     except torch.OutOfMemoryError:
         row.update(ms=None, tokens_per_s=None, note="out of memory")

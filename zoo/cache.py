@@ -4,12 +4,22 @@ Attention layers hold keys/values in a `DynamicLayer` (or `DynamicSlidingWindowL
 mamba / mamba2 / gla layers hold a conv state and a recurrent state in a `RecurrentLayer`, a
 `LinearAttentionLayer` whose states are *assigned* rather than copied in place, so that a cache carried
 between training chunks stays connected to the autograd graph (truncated BPTT).
+
+For CUDA-graph decoding (zoo.decode.GraphDecoder) a prefilled cache is made static with `ZooCache.to_static`:
+each attention layer becomes a `StaticKVLayer` (preallocated key/value buffers at fixed addresses and a
+device-side length that the decode step advances), recurrent layers stay as they are.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionLayer,
+)
 
 
 class RecurrentLayer(LinearAttentionLayer):
@@ -57,6 +67,123 @@ class RecurrentLayer(LinearAttentionLayer):
         self.load_tensors([t.detach() for t in self.tensors()])
 
 
+class KVCacheFull(RuntimeError):
+    """A static KV layer has no slot left for the next token (raised on the host, before any write)."""
+
+
+class StaticKVLayer(CacheLayerMixin):
+    """Keys and values of one attention layer in buffers that never move, for decoding in a CUDA graph.
+
+    keys, values: [B, slots, Hkv, D] (the layout of the attention op, no transposes); slot t < capacity holds
+    the token at position t, the last slot holds the token of the current step. The op puts the query at the
+    last key position and treats a query whose own slot is padding as padding (zero output), so the current
+    token's key/value goes to its slot `length` (for the later steps) and to the last slot, and the step
+    attends to slots `< length` plus the last one (`append`). slots is capacity + 1 rounded up to a multiple of
+    16 (the memory-efficient SDPA kernel's mask alignment); the extra slots are never visible.
+
+    length: int64 [1] on the device, the tokens stored; written only by device ops, so a captured step reads
+    the current value on every replay. seen: the same count on the host, for capacity checks outside a graph
+    (a graph replay does not run Python: the decoder advances it, as it does ZooCache.seen_tokens).
+    """
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, batch_size: int, capacity: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+                 device, window: int | None = None):
+        super().__init__()
+        if capacity < 1:
+            raise ValueError(f"StaticKVLayer: capacity must be >= 1 token, got {capacity}")
+        self.capacity, self.window = capacity, window
+        slots = -(-(capacity + 1) // 16) * 16
+        self.keys = torch.zeros(batch_size, slots, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.length = torch.zeros(1, dtype=torch.long, device=device)
+        self.seen = 0
+        self._slot = torch.arange(slots, device=device)
+        self._current = self._slot == slots - 1
+        self.dtype, self.device, self.is_initialized = dtype, self.keys.device, True
+
+    @classmethod
+    def from_dynamic(cls, layer: DynamicLayer, capacity: int, seen: int) -> StaticKVLayer:
+        """A static copy of a prefilled dynamic layer ([B, Hkv, S, D] keys of the last S of `seen` tokens)."""
+        if not layer.is_initialized or layer.keys is None:
+            raise ValueError("to_static: an attention layer holds no keys yet; prefill the prompt first")
+        if capacity < seen:
+            raise ValueError(f"to_static: capacity {capacity} is below the {seen} tokens the cache already holds")
+        window = getattr(layer, "sliding_window", None) if isinstance(layer, DynamicSlidingWindowLayer) else None
+        batch, heads, kept, dim = layer.keys.shape
+        if kept > seen or (window is None and kept != seen):
+            raise ValueError(f"to_static: the layer holds {kept} keys but the cache has seen {seen} tokens")
+        out = cls(batch, capacity, heads, dim, dtype=layer.keys.dtype, device=layer.keys.device, window=window)
+        if kept:
+            out.keys[:, seen - kept:seen].copy_(layer.keys.transpose(1, 2))
+            out.values[:, seen - kept:seen].copy_(layer.values.transpose(1, 2))
+        out.length.fill_(seen)
+        out.seen = seen
+        return out
+
+    def check_room(self, n_tokens: int = 1) -> None:
+        """Raise KVCacheFull unless n_tokens more tokens fit (host-side: reads `seen`, no device sync)."""
+        if self.seen + n_tokens > self.capacity:
+            raise KVCacheFull(f"static KV cache full: it holds {self.seen} of {self.capacity} tokens and cannot take "
+                              f"{n_tokens} more; make it static with a larger capacity (ZooCache.to_static(max_len), "
+                              f"GraphDecoder(..., max_new_tokens=...))")
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, window: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store one step's key/value [B, 1, Hkv, D] at slot `length` (and the last slot), advance `length`.
+
+        Returns the whole buffers [B, slots, Hkv, D] and the key padding mask [B, slots] (True = visible): the
+        stored tokens (with a window w only the last w - 1 of them) and the last slot, the current token. Only
+        device ops: no host read of `length`, so the same calls serve every replay of a captured step.
+        """
+        if key.shape[1] != 1:
+            raise ValueError(f"StaticKVLayer takes one token per step (decode), got {key.shape[1]}; prefill with "
+                             f"the default dynamic cache, then convert it (ZooCache.to_static)")
+        self.check_room(1)
+        index = self.length
+        for buf, new in ((self.keys, key), (self.values, value)):
+            new = new.to(buf.dtype)
+            buf.index_copy_(1, index, new)
+            buf[:, -1:].copy_(new)
+        visible = self._slot < index
+        if window is not None:
+            visible = visible & (self._slot > index - window)
+        visible = (visible | self._current).expand(key.shape[0], -1)
+        self.length.add_(1)
+        self.seen += 1
+        return self.keys, self.values, visible
+
+    # ---- transformers' layer interface --------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        raise NotImplementedError("StaticKVLayer is built from a prefilled layer (StaticKVLayer.from_dynamic)")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise NotImplementedError("StaticKVLayer is written by the attention mixer's decode step "
+                                  "(StaticKVLayer.append), not through Cache.update")
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[1], 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+        self.length.zero_()
+        self.seen = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        beam_idx = beam_idx.to(self.device)
+        self.keys.copy_(self.keys.index_select(0, beam_idx))  # in place: the addresses stay
+        self.values.copy_(self.values.index_select(0, beam_idx))
+
+
 class ZooCache(Cache):
     """Per-layer cache entries made by each mixer's `init_state`; counts the tokens it has seen."""
 
@@ -91,6 +218,30 @@ class ZooCache(Cache):
         super().reset()
         self.seen_tokens = 0
 
+    # ---- static decoding -----------------------------------------------------------------------------------
+    def to_static(self, max_len: int) -> ZooCache:
+        """Make every attention layer a StaticKVLayer with room for max_len tokens in all (those already seen
+        included), copying the cached keys/values in; recurrent layers are unchanged. In place; returns self.
+        Raises ValueError when max_len is below the tokens seen or an attention layer is still empty."""
+        if max_len < self.seen_tokens:
+            raise ValueError(f"to_static: max_len {max_len} is below the {self.seen_tokens} tokens the cache holds")
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, StaticKVLayer):
+                if layer.capacity < max_len:
+                    raise ValueError(f"to_static: layer {i} is already static with capacity {layer.capacity} "
+                                     f"< {max_len}")
+            elif isinstance(layer, DynamicLayer):
+                self.layers[i] = StaticKVLayer.from_dynamic(layer, max_len, self.seen_tokens)
+        return self
+
+    def static_layers(self) -> list[StaticKVLayer]:
+        return [layer for layer in self.layers if isinstance(layer, StaticKVLayer)]
+
+    def room(self) -> int | None:
+        """Tokens the static KV layers can still take (None: no static layer, no limit)."""
+        layers = self.static_layers()
+        return min(layer.capacity - layer.seen for layer in layers) if layers else None
+
     # ---- truncated BPTT ----------------------------------------------------------------------------------
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache carries, in a fixed order (conv, recurrent, keys, values per layer)."""
@@ -123,4 +274,4 @@ class ZooCache(Cache):
         return self
 
 
-__all__ = ["RecurrentLayer", "ZooCache"]
+__all__ = ["KVCacheFull", "RecurrentLayer", "StaticKVLayer", "ZooCache"]

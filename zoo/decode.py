@@ -2,15 +2,28 @@
 
 A decode step of a 130M model is a few hundred small kernel launches: at small batch the GPU waits on the
 CPU that launches them. Capturing the step in a CUDA graph replays all of them in one launch. That needs
-every tensor the step reads and writes at a fixed address, which a recurrent cache (constant-size conv and
-SSM / GLA states) allows and a growing KV cache does not, so `GraphDecoder` takes models whose layers all
-keep `RecurrentLayer` states (Mamba, Mamba-2, GLA stacks); attention and hybrid models decode eagerly.
+every tensor the step reads and writes at a fixed address and no host value that changes between steps:
+
+- recurrent layers (Mamba, Mamba-2, GLA) keep constant-size conv and SSM / GLA states, copied into static
+  buffers after every step;
+- attention layers keep a growing KV cache, so `GraphDecoder` first makes the prefilled cache static
+  (`ZooCache.to_static`, room for `max_new_tokens` more tokens): preallocated key/value buffers written in
+  place at a device-side length, read whole under a key padding mask built on the device;
+- positions come from a device tensor the step advances (position_ids), not from the cache's host counter;
+  host counters (seen tokens) are advanced outside the graph and only serve capacity checks, made before each
+  replay (`KVCacheFull` instead of a write out of bounds).
+
+So every zoo model, attention and hybrids included, decodes in a graph on CUDA:
 
     state = prefill(model, prompt)                      # cache + first greedy token, [B, 1]
-    decoder = GraphDecoder(model, state) if graphable(state.cache) else EagerDecoder(model, state)
+    if graphable(state.cache):
+        decoder = GraphDecoder(model, state, max_new_tokens=128)
+    else:
+        decoder = EagerDecoder(model, state)
     tokens = decoder.decode(128)                        # [B, 128] greedy tokens, one sync at the end
 
-Works on any Hugging Face causal LM (zoo models, transformers' Llama and Mamba): the cache travels through
+`StaticDecoder` runs the very step the graph captures, eagerly (any device: tests on CPU). `EagerDecoder`
+works on any Hugging Face causal LM (zoo models, transformers' Llama and Mamba): the cache travels through
 ``past_key_values`` or, for models whose forward names it so, ``cache_params``.
 """
 
@@ -22,8 +35,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
-from zoo.cache import RecurrentLayer, ZooCache
+from zoo.cache import KVCacheFull, RecurrentLayer, StaticKVLayer, ZooCache
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -63,9 +77,16 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = 
 
 
 def graphable(cache: Any) -> bool:
-    """Whether a cache has only constant-size recurrent layers (a CUDA graph can replay its steps)."""
-    return isinstance(cache, ZooCache) and bool(cache.layers) and all(
-        isinstance(layer, RecurrentLayer) and layer.has_state for layer in cache.layers)
+    """Whether a CUDA graph can replay decode steps of a cache: a prefilled zoo cache whose layers are recurrent
+    (constant-size states) or attention layers that are static or can be made so (`ZooCache.to_static`)."""
+    def ok(layer) -> bool:
+        if isinstance(layer, RecurrentLayer):
+            return layer.has_state
+        if isinstance(layer, StaticKVLayer):
+            return True
+        return isinstance(layer, DynamicLayer) and layer.is_initialized and layer.keys is not None
+
+    return isinstance(cache, ZooCache) and bool(cache.layers) and all(ok(layer) for layer in cache.layers)
 
 
 def cache_nbytes(cache: Any) -> int:
@@ -115,57 +136,141 @@ class EagerDecoder:
         return out
 
 
-class GraphDecoder(EagerDecoder):
-    """Greedy decoding with one step captured in a CUDA graph (recurrent zoo models on CUDA).
+class StaticDecoder(EagerDecoder):
+    """Greedy decoding through the step `GraphDecoder` captures, run eagerly (any device; tests, debugging).
 
-    The cache's state tensors are copied into static buffers; the captured step points the cache at them,
-    runs the forward (whose mixers write their new states into fresh tensors of the graph's pool) and copies
-    the new states and the argmax token back into the static buffers, so every replay continues from the last.
-    Raises ValueError when the cache is not `graphable` or the model is not on CUDA.
+    The cache is made static if it is not (`ZooCache.to_static` with room for max_new_tokens more tokens;
+    attention layers become `StaticKVLayer`s, in place). Every tensor the step reads or writes then has a fixed
+    address: the recurrent states are copied into static buffers (`states`), the fed tokens live in `ids` and
+    their positions in `pos` ([B, 1] on the device, advanced by the step itself and passed as position_ids, so
+    no position comes from a host counter), and the KV layers are written in place at their device-side length.
+    Host-side counters (ZooCache.seen_tokens, StaticKVLayer.seen) only serve capacity checks, made before a step.
+    Raises ValueError when the cache is not `graphable`, or has KV layers to convert and no max_new_tokens.
     """
 
-    def __init__(self, model: nn.Module, state: DecodeState, warmup: int = 2):
+    def __init__(self, model: nn.Module, state: DecodeState, max_new_tokens: int | None = None):
         super().__init__(model, state)
-        if not graphable(state.cache):
-            raise ValueError("GraphDecoder: the cache holds growing KV layers or is not a zoo cache; "
-                             "decode with EagerDecoder")
-        if state.next_ids.device.type != "cuda":
-            raise ValueError("GraphDecoder: CUDA graphs need the model on a CUDA device")
         cache = state.cache
-        self.states = [t.clone() for t in cache.state_tensors()]  # static: the graph reads and writes these
+        if not graphable(cache):
+            raise ValueError("the cache cannot be decoded with static buffers (not a prefilled zoo cache); "
+                             "decode with EagerDecoder")
+        if any(isinstance(layer, DynamicLayer) for layer in cache.layers):
+            if max_new_tokens is None:
+                raise ValueError("the cache holds growing KV layers: pass max_new_tokens (the tokens to decode) "
+                                 "so that they can be made static with that room")
+            cache.to_static(cache.seen_tokens + max_new_tokens)
+        elif max_new_tokens is not None and cache.static_layers():
+            cache.to_static(cache.seen_tokens + max_new_tokens)  # checks that the existing capacity suffices
+        self.recurrent = [layer for layer in cache.layers if isinstance(layer, RecurrentLayer)]
+        self.static = cache.static_layers()
+        self.states = [t.clone() for layer in self.recurrent for t in layer.tensors()]  # static buffers
+        self._load_states()
         self.ids = state.next_ids.clone()
-        saved = [t.clone() for t in self.states], self.ids.clone(), cache.seen_tokens
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits, Triton compiles, allocator)
-            for _ in range(warmup):
-                self._captured_step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._captured_step()
-        for dst, src in zip(self.states, saved[0]):  # undo the warm-up steps
-            dst.copy_(src)
-        self.ids.copy_(saved[1])
-        cache.seen_tokens = saved[2]
-        cache.load_state_tensors(self.states)
+        self.pos = torch.full_like(self.ids, cache.seen_tokens)  # position of the token in `ids`
+
+    def _load_states(self) -> None:
+        """Point the recurrent layers at the static state buffers (mixers assign new tensors every step)."""
+        i = 0
+        for layer in self.recurrent:
+            n = len(layer.tensors())
+            layer.load_tensors(self.states[i:i + n])
+            i += n
 
     @torch.no_grad()
-    def _captured_step(self) -> None:
-        cache = self.state.cache
-        cache.load_state_tensors(self.states)
-        out = self.model(input_ids=self.ids, past_key_values=cache, use_cache=True)
-        for dst, src in zip(self.states, cache.state_tensors()):
+    def _step_body(self) -> None:
+        """The step a graph captures: fixed-address inputs and outputs, no host read of device values."""
+        self._load_states()
+        out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.state.cache,
+                         use_cache=True)
+        for dst, src in zip(self.states, (t for layer in self.recurrent for t in layer.tensors())):
             dst.copy_(src)
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        self.pos.add_(1)
+
+    def room(self) -> int | None:
+        """Tokens the static KV layers can still take (None: no KV layer, no limit)."""
+        return self.state.cache.room()
+
+    def check_room(self, n_tokens: int = 1) -> None:
+        """Raise KVCacheFull (host-side, before any step) unless n_tokens more steps fit."""
+        for layer in self.static:
+            layer.check_room(n_tokens)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
+        self.check_room(1)
+        self._step_body()  # the forward advances seen_tokens and every StaticKVLayer.seen
+        self.state.next_ids = self.ids
+        return self.ids
+
+    @torch.no_grad()
+    def decode(self, n_tokens: int) -> torch.Tensor:
+        self.check_room(n_tokens)  # fail before the first step rather than midway
+        return super().decode(n_tokens)
+
+
+class GraphDecoder(StaticDecoder):
+    """Greedy decoding with one step captured in a CUDA graph (every zoo model on CUDA).
+
+    The step is `StaticDecoder`'s: the recurrent states are copied into static buffers, attention layers are
+    made static (`max_new_tokens` of room; required when the cache still has growing KV layers) and written in
+    place at their device-side length, positions come from a device tensor the step advances. The mixers write
+    new recurrent states into fresh tensors of the graph's pool, which the step copies back into the static
+    buffers, so every replay continues from the last. Host-side counters (ZooCache.seen_tokens,
+    StaticKVLayer.seen) are advanced by `step` after each replay, and the room left is checked before it:
+    a step past the capacity raises KVCacheFull instead of writing out of bounds.
+    Raises ValueError when the cache is not `graphable` or the model is not on CUDA.
+    """
+
+    def __init__(self, model: nn.Module, state: DecodeState, warmup: int = 2, max_new_tokens: int | None = None):
+        if not graphable(state.cache):
+            raise ValueError("GraphDecoder: the cache is not a prefilled zoo cache; decode with EagerDecoder")
+        if state.next_ids.device.type != "cuda":
+            raise ValueError("GraphDecoder: CUDA graphs need the model on a CUDA device")
+        super().__init__(model, state, max_new_tokens)
+        self.check_room(1)  # the warm-up and the capture write one slot (overwritten by the first real step)
+        saved = self._snapshot()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (lazy inits, Triton compiles, probes)
+            for _ in range(warmup):
+                self._step_body()
+                self._restore(saved)  # each warm-up step starts from the real state: it needs one slot only
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step_body()
+        self._restore(saved)  # the capture ran no kernel but advanced the host counters
+        self._load_states()
+
+    def _snapshot(self) -> tuple:
+        cache = self.state.cache
+        return ([t.clone() for t in self.states], self.ids.clone(), self.pos.clone(),
+                [layer.length.clone() for layer in self.static], cache.seen_tokens,
+                [layer.seen for layer in self.static])
+
+    def _restore(self, saved: tuple) -> None:
+        states, ids, pos, lengths, seen_tokens, seen = saved
+        for dst, src in zip(self.states, states):
+            dst.copy_(src)
+        self.ids.copy_(ids)
+        self.pos.copy_(pos)
+        for layer, length, n in zip(self.static, lengths, seen):
+            layer.length.copy_(length)
+            layer.seen = n
+        self.state.cache.seen_tokens = seen_tokens
+        self._load_states()
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        self.check_room(1)
         self.graph.replay()
         self.state.cache.seen_tokens += 1
+        for layer in self.static:
+            layer.seen += 1
         self.state.next_ids = self.ids
         return self.ids
 
 
-__all__ = ["DecodeState", "EagerDecoder", "GraphDecoder", "cache_argument", "cache_nbytes", "graphable",
-           "prefill"]
+__all__ = ["DecodeState", "EagerDecoder", "GraphDecoder", "KVCacheFull", "StaticDecoder", "cache_argument",
+           "cache_nbytes", "graphable", "prefill"]

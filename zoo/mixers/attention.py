@@ -7,7 +7,11 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from zoo_kernels.attention import attention
 
+from zoo.cache import StaticKVLayer
 from zoo.registry import register_mixer
+
+# backends whose padded path is a dense mask (no host sync, capturable in a CUDA graph)
+_DENSE_MASK_BACKENDS = ("sdpa_cudnn", "sdpa_efficient", "math")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +127,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, *, cache=None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]. position_ids [B, T] (default: past length + arange)."""
+        if isinstance(cache, StaticKVLayer):
+            return self._static_step(x, cache, seq_idx, position_ids, attention_mask)
         Bsz, T, _ = x.shape
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -140,6 +146,30 @@ class Attention(nn.Module):
             seq_idx = self._cached_seq_idx(cache, seq_idx, S)
         o = attention(q, k, v, causal=True, window=self.window, seq_idx=seq_idx, key_padding_mask=key_mask,
                       backend=self.attn_backend)
+        return self.o_proj(o.flatten(-2))
+
+    def _static_step(self, x: torch.Tensor, cache: StaticKVLayer, seq_idx: torch.Tensor | None,
+                     position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """One decode step on a StaticKVLayer (CUDA-graph decoding): RoPE at position_ids (a device tensor;
+        default the layer's device-side length), k/v written in place, attention over the whole buffer with
+        the layer's key padding mask. Nothing here reads a device value on the host."""
+        Bsz, T, _ = x.shape
+        if T != 1:
+            raise ValueError(f"a static KV cache decodes one token per step, got {T}; prefill with the default "
+                             f"dynamic cache and convert it (ZooCache.to_static)")
+        if seq_idx is not None or attention_mask is not None:
+            raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask or seq_idx")
+        cache.check_room(1)  # host-side, before any write
+        if position_ids is None:
+            position_ids = cache.length.expand(Bsz, 1)
+        q = self.rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), position_ids)  # (B, 1, H, Dh)
+        k = self.rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), position_ids)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        k, v, keep = cache.append(k, v, window=self.window)  # (B, slots, Hkv, Dh), (B, slots)
+        # the mask says which slots are visible (the window included); backends whose padded path syncs with
+        # the host (varlen flash, flex) are replaced by auto, which takes a dense-mask kernel for this call
+        backend = self.attn_backend if self.attn_backend in _DENSE_MASK_BACKENDS else "auto"
+        o = attention(q, k, v, causal=False, key_padding_mask=keep, backend=backend)
         return self.o_proj(o.flatten(-2))
 
 

@@ -1,0 +1,233 @@
+"""Static KV caches (zoo.cache.StaticKVLayer) and the decode step GraphDecoder captures, run eagerly on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM
+
+import zoo.layers
+from zoo import ZooCache, ZooConfig
+from zoo.cache import KVCacheFull, StaticKVLayer
+from zoo.decode import EagerDecoder, GraphDecoder, StaticDecoder, graphable, prefill
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+# transformerpp-tiny and jamba-tiny have GQA (4 query heads, 2 kv heads); "window" is transformerpp-tiny with a
+# 6-token sliding window, which the prompt outgrows
+CASES = ("transformerpp", "jamba", "window")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and a busy second core slows them down many times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(case: str, device: str = "cpu"):
+    torch.manual_seed(0)
+    if case == "window":
+        cfg = ZooConfig.from_yaml(CONFIGS / "transformerpp-tiny.yaml", mixers={
+            "A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "rope_theta": 10000, "window": 6}})
+    else:
+        cfg = ZooConfig.from_yaml(CONFIGS / f"{case}-tiny.yaml")
+    return AutoModelForCausalLM.from_config(cfg).to(device).eval()
+
+
+def record_logits(model) -> tuple[list[torch.Tensor], object]:
+    logits: list[torch.Tensor] = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: logits.append(out.detach().clone()))
+    return logits, handle
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_static_steps_equal_eager(case):
+    model = tiny(case)
+    prompt = torch.randint(0, 512, (3, 19))
+    n = 9
+    logits, handle = record_logits(model)
+    ref = EagerDecoder(model, prefill(model, prompt, chunk_size=8)).decode(n)
+    ref_logits = torch.cat(logits[-n:], dim=1)
+    logits.clear()
+
+    state = prefill(model, prompt, chunk_size=8)
+    assert graphable(state.cache)
+    decoder = StaticDecoder(model, state, max_new_tokens=n + 2)
+    cache = state.cache
+    static = cache.static_layers()
+    assert static and all(isinstance(layer, StaticKVLayer) for layer in static)
+    assert all(layer.capacity == 19 + n + 2 and layer.seen == 19 for layer in static)
+    ptrs = [(layer.keys.data_ptr(), layer.values.data_ptr(), layer.length.data_ptr()) for layer in static]
+    state_ptrs = [t.data_ptr() for t in decoder.states]
+    got = decoder.decode(n)
+    handle.remove()
+    got_logits = torch.cat(logits[-n:], dim=1)
+
+    assert torch.equal(got, ref), case
+    err = (got_logits - ref_logits).abs().max().item()
+    assert err <= 1e-5, f"{case}: max |logit difference| {err:.2e}"
+    # never reallocated: the graph would keep reading the addresses it was captured with
+    assert ptrs == [(layer.keys.data_ptr(), layer.values.data_ptr(), layer.length.data_ptr()) for layer in static]
+    assert state_ptrs == [t.data_ptr() for t in decoder.states]
+    assert cache.seen_tokens == 19 + n and all(layer.seen == 19 + n for layer in static)
+    assert all(int(layer.length) == 19 + n for layer in static)
+    assert torch.equal(decoder.pos, torch.full_like(decoder.pos, 19 + n))
+    assert cache.room() == 2
+
+
+def test_static_layer_keeps_prompt_keys():
+    model = tiny("window")
+    state = prefill(model, torch.randint(0, 512, (2, 10)))
+    dynamic = state.cache.layers[0]
+    keys = dynamic.keys.transpose(1, 2).clone()  # (B, 5 = window - 1, Hkv, D)
+    state.cache.to_static(16)
+    layer = state.cache.layers[0]
+    assert layer.window == 6 and layer.keys.shape[1] % 16 == 0 and layer.keys.shape[1] >= 17
+    assert torch.equal(layer.keys[:, 5:10], keys)
+    assert int(layer.length) == 10 and layer.seen == 10
+
+
+def test_to_static_below_length_raises():
+    model = tiny("transformerpp")
+    state = prefill(model, torch.randint(0, 512, (2, 12)))
+    with pytest.raises(ValueError, match="below the 12 tokens"):
+        state.cache.to_static(11)
+    state.cache.to_static(12)  # exactly full is allowed
+    assert state.cache.room() == 0
+    with pytest.raises(ValueError, match="already static"):
+        state.cache.to_static(20)
+
+
+def test_capacity_exceeded_raises():
+    model = tiny("jamba")
+    prompt = torch.randint(0, 512, (2, 12))
+    state = prefill(model, prompt)
+    decoder = StaticDecoder(model, state, max_new_tokens=3)
+    decoder.decode(3)
+    with pytest.raises(KVCacheFull, match="cannot take 1 more"):
+        decoder.step()
+    # the model's own forward checks too (on the host, before writing)
+    with pytest.raises(KVCacheFull):
+        model(input_ids=decoder.ids, past_key_values=state.cache, use_cache=True)
+    # decode(n) beyond the room fails before the first step
+    state = prefill(model, prompt)
+    decoder = StaticDecoder(model, state, max_new_tokens=3)
+    with pytest.raises(KVCacheFull):
+        decoder.decode(4)
+    assert state.cache.seen_tokens == 12 and all(int(layer.length) == 12 for layer in state.cache.static_layers())
+
+
+def test_static_cache_misuse_raises():
+    model = tiny("transformerpp")
+    state = prefill(model, torch.randint(0, 512, (2, 8)))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        StaticDecoder(model, state)  # growing KV layers and no room given
+    state.cache.to_static(20)
+    with pytest.raises(ValueError, match="one token per step"):
+        model(input_ids=torch.randint(0, 512, (2, 3)), past_key_values=state.cache, use_cache=True)
+    with pytest.raises(ValueError, match="prefill"):
+        ZooCache.for_model(model).to_static(8)  # nothing cached yet: shapes unknown
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphDecoder(model, prefill(model, torch.randint(0, 512, (2, 8))), max_new_tokens=4)
+
+
+def test_graphable():
+    for case in ("transformerpp", "jamba", "mamba"):
+        model = tiny(case) if case != "mamba" else AutoModelForCausalLM.from_config(
+            ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).eval()
+        state = prefill(model, torch.randint(0, 512, (1, 5)))
+        assert graphable(state.cache), case
+        assert not graphable(ZooCache.for_model(model)), case  # empty: nothing to make static
+    assert not graphable(None)
+
+
+def test_default_caches_stay_dynamic():
+    from transformers.cache_utils import DynamicLayer
+
+    model = tiny("jamba")
+    state = prefill(model, torch.randint(0, 512, (1, 5)))
+    EagerDecoder(model, state).decode(2)
+    assert not state.cache.static_layers()
+    assert any(isinstance(layer, DynamicLayer) for layer in state.cache.layers)
+
+
+def test_moe_dense_dispatch_equals_sparse(monkeypatch):
+    """Inside a CUDA-graph capture the MoE runs every expert densely (no nonzero): same output."""
+    model = tiny("jamba")
+    moe = next(b.ffn for b in model.model.layers if isinstance(b.ffn, zoo.layers.MoE))
+    x = torch.randn(5, 1, 64)
+    sparse, aux = moe(x)
+    monkeypatch.setattr(zoo.layers, "_graph_capturing", lambda t: True)
+    dense, aux_dense = moe(x)
+    assert (dense - sparse).abs().max().item() <= 1e-6
+    assert torch.equal(aux, aux_dense)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op of a region with its tensor shapes/dtypes and its non-tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+        self.syncs: list[str] = []
+        self.in_one_hot = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = pytree.tree_leaves((args, kwargs))
+        self.calls.append((str(func), tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else repr(a)
+                                            for a in leaves)))
+        name = str(func)
+        # one_hot reads min/max on the host on CPU only (on CUDA it relies on device asserts)
+        if any(k in name for k in ("_local_scalar_dense", "nonzero", "is_nonzero")) and not self.in_one_hot:
+            self.syncs.append(name)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_step_is_graph_safe(case, monkeypatch):
+    """Two consecutive steps run the same ops with the same shapes and the same non-tensor arguments (no host
+    value that changes between steps is baked into the step) and read nothing back on the host."""
+    monkeypatch.setattr(zoo.layers, "_graph_capturing", lambda t: True)  # the MoE path a capture takes
+    model = tiny(case)
+    decoder = StaticDecoder(model, prefill(model, torch.randint(0, 512, (2, 11))), max_new_tokens=4)
+    recorder = OpRecorder()
+    one_hot = torch.nn.functional.one_hot
+
+    def flagged_one_hot(*args, **kwargs):
+        recorder.in_one_hot = True
+        try:
+            return one_hot(*args, **kwargs)
+        finally:
+            recorder.in_one_hot = False
+
+    monkeypatch.setattr(torch.nn.functional, "one_hot", flagged_one_hot)
+    runs = []
+    for _ in range(2):
+        recorder.calls = []
+        with recorder:
+            decoder._step_body()
+        runs.append(recorder.calls)
+    assert runs[0] == runs[1], case
+    assert not recorder.syncs, f"{case}: host reads in the step: {sorted(set(recorder.syncs))}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES)
+def test_graph_decoder_equals_eager_attention(case):
+    model = tiny(case, "cuda")
+    prompt = torch.randint(0, 512, (4, 40), device="cuda")
+    eager = EagerDecoder(model, prefill(model, prompt)).decode(12)
+    state = prefill(model, prompt)
+    decoder = GraphDecoder(model, state, max_new_tokens=12)
+    graph = torch.cat([decoder.decode(5), decoder.decode(7)], dim=1)  # replays continue across calls
+    assert torch.equal(graph, eager), case
+    assert state.cache.seen_tokens == 52 and all(int(layer.length) == 52 for layer in state.cache.static_layers())
+    with pytest.raises(KVCacheFull):
+        decoder.step()
