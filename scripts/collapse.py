@@ -1,0 +1,142 @@
+"""State collapse and its training-free mitigations in one command (Stuffed Mamba; issue 8, second reproduction).
+
+    python scripts/collapse.py configs/train/collapse.yaml                      # train, evaluate, report
+    python scripts/collapse.py configs/train/collapse.yaml --only slow_decay    # one model of the recipe
+    python scripts/collapse.py configs/train/collapse.yaml --report-only        # re-read evaluations.json
+
+The recipe is a ``scripts/state_capacity.py`` sweep (same keys; usually one short training length): each
+model is trained at L tokens per row on the built-in corpus, then its per-position loss on long documents is
+measured without and with every ``eval.mitigations`` spec (``state_capacity.evaluate_run``). This script runs
+that sweep and writes ``collapse.md`` / ``collapse.json`` in its output_dir: per run and mitigation the mean
+loss in the position bins [1, L), [L, 2L), [2L, 4L), ... up to the evaluated length, and two verdicts with the
+recipe's ``eval.margin`` (nats) and ``eval.factor``:
+
+- rises: the unmitigated curve has a bin in [L, factor·L) whose mean loss is above the reference by more than
+  margin; the reference is the lower of the unmitigated mean losses on [L/2, L) and [L, 2L) (the loss still
+  falls with context past L, so [L/2, L) alone, as ``state_capacity.judge_collapse`` uses, hides a later rise);
+- flat: every bin of the mitigated curve in [L, factor·L) stays within margin of that *unmitigated* reference
+  (so a mitigation that is flat only because it is worse everywhere does not count).
+
+A run passes when it rises and at least one mitigation is flat; the exit code is 0 when some run passes.
+Octave bins are exact when L is a power of two and ``eval.bins_per_octave`` is a whole number (log bins have
+power-of-two edges); otherwise a log bin counts towards the octave its start lies in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+
+def _state_capacity():
+    """scripts/state_capacity.py as a module (scripts/ is not a package)."""
+    name = "state_capacity"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def octave_bins(bins: list[dict], train_length: int) -> list[dict]:
+    """Log bins (start, end, mean_loss, n_tokens) merged into [1, L), [L, 2L), [2L, 4L), ... (token-weighted)."""
+    out: dict[int, list[float]] = {}
+    for b in bins:
+        if not math.isfinite(b["mean_loss"]):
+            continue
+        k = -1 if b["start"] < train_length else int(math.floor(math.log2(b["start"] / train_length)))
+        acc = out.setdefault(k, [0.0, 0.0, b["start"], b["end"]])
+        n = b.get("n_tokens", b["end"] - b["start"])
+        acc[0] += b["mean_loss"] * n
+        acc[1] += n
+        acc[2], acc[3] = min(acc[2], b["start"]), max(acc[3], b["end"])
+    return [{"octave": "<L" if k < 0 else f"{2 ** k}L-{2 ** (k + 1)}L", "start": s, "end": e, "mean_loss": t / n}
+            for k, (t, n, s, e) in sorted(out.items()) if n]
+
+
+def verdicts(curves: dict[str, list[dict]], train_length: int, factor: float, margin: float) -> dict:
+    """rises (unmitigated collapse), flat mitigations (judged against the unmitigated reference), passed."""
+    def mean(bins, lo, hi):  # token-weighted mean loss of the bins starting in [lo, hi)
+        rows = [(b["mean_loss"], b.get("n_tokens", b["end"] - b["start"])) for b in bins
+                if lo <= b["start"] < hi and math.isfinite(b["mean_loss"])]
+        return sum(x * n for x, n in rows) / sum(n for _, n in rows) if rows else None
+
+    def after(bins):
+        return [b for b in bins if train_length <= b["start"] < factor * train_length and math.isfinite(b["mean_loss"])]
+
+    none = curves["none"]
+    refs = [r for r in (mean(none, train_length / 2, train_length), mean(none, train_length, 2 * train_length))
+            if r is not None]
+    if not refs or not after(none):
+        return {"rises": None, "reference": None, "worst": None, "worst_at": None, "flat": {}, "passed": False}
+    reference = min(refs)
+    worst = max(after(none), key=lambda b: b["mean_loss"])
+    flat = {spec: bool(after(bins)) and max(b["mean_loss"] for b in after(bins)) <= reference + margin
+            for spec, bins in curves.items() if spec != "none"}
+    rises = worst["mean_loss"] > reference + margin
+    return {"rises": rises, "reference": reference, "worst": worst["mean_loss"], "worst_at": worst["start"],
+            "flat": flat, "passed": rises and any(flat.values())}
+
+
+def report(sweep: dict) -> tuple[str, dict]:
+    """collapse.md text and its JSON from the sweep's saved evaluations."""
+    from zoo.eval.common import markdown_table
+
+    out = Path(sweep["output_dir"])
+    evaluations_file = out / "evaluations.json"
+    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
+    ev = sweep["eval"]
+    text = f"# state collapse and mitigations: {out}\n\n"
+    summary = {}
+    for run in _state_capacity().expand_runs(sweep):
+        saved = evaluations.get(run["name"])
+        if saved is None:
+            continue
+        L = run["train_length"]
+        curves = {spec: e["bins"] for spec, e in saved.items()}
+        rows = []
+        for spec, bins in curves.items():
+            row = {"mitigation": spec}
+            row.update({o["octave"]: round(o["mean_loss"], 4) for o in octave_bins(bins, L)})
+            rows.append(row)
+        v = verdicts(curves, L, ev["factor"], ev["margin"])
+        summary[run["name"]] = {"train_length": L, "octaves": {s: octave_bins(b, L) for s, b in curves.items()}, **v}
+        flat = [s for s, ok in v["flat"].items() if ok]
+        text += (f"## {run['name']} (L = {L}; mean loss, nats/token, by position)\n\n{markdown_table(rows)}\n\n"
+                 f"rises past L: {v['rises']} (reference min([L/2, L), [L, 2L)) {v['reference']:.4f}, worst bin in "
+                 f"[L, {ev['factor']:g}L) {v['worst']:.4f} at {v['worst_at']}; margin {ev['margin']})  \n"
+                 f"flat to {ev['factor']:g}L: {', '.join(flat) or 'none'}  \n"
+                 f"**{'PASS' if v['passed'] else 'FAIL'}**\n\n")
+    return text, summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("config", help="sweep YAML (configs/train/collapse.yaml)")
+    parser.add_argument("--report-only", action="store_true", help="only re-read evaluations.json and report")
+    args, rest = parser.parse_known_args(argv)
+    script = _state_capacity()
+    if "--dry-run" in rest:
+        return script.main([args.config, *rest])
+    if not args.report_only:
+        script.main([args.config, *rest])
+    overrides = [item[2:] for item in rest if item.startswith("--") and "=" in item]
+    sweep = script.load_sweep(args.config, overrides)
+    text, summary = report(sweep)
+    out = Path(sweep["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "collapse.md").write_text(text)
+    (out / "collapse.json").write_text(json.dumps(summary, indent=1))
+    print(text)
+    print(f"wrote {out / 'collapse.md'}, collapse.json")
+    return 0 if any(s["passed"] for s in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
