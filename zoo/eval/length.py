@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -242,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/length")
+    parser.add_argument("--mitigation", nargs="*", default=None, metavar="SPEC",
+                        help="evaluate each model once per training-free mitigation, curves on one plot: "
+                             "none | forget:c_alpha=0.999,c_b=0.7 | norm:threshold=10 | window:r=512 | a+b")
     args = parser.parse_args(argv)
     labels = args.label or args.model
     if len(labels) != len(args.model):
@@ -251,19 +255,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     documents = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed)
     out = Path(args.out)
     results, summary = {}, {}
-    for label, path in zip(labels, args.model):
+    from zoo.state.mitigation import apply_mitigation, parse_mitigation
+
+    specs = args.mitigation or [None]
+    for spec in specs:  # bad specs fail before any model is loaded
+        parse_mitigation(spec)
+    runs = [(label, path, spec) for label, path in zip(labels, args.model) for spec in specs]
+    for base, path, spec in runs:
+        label = f"{base} [{spec}]" if args.mitigation else base
         model = load_model(path, args.device, args.dtype)
+        if spec is not None:
+            apply_mitigation(model, spec)
         result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
                                  progress=True)
         del model
         results[label] = result
-        stem = Path(label).name.removesuffix(".yaml").removesuffix(".yml") or "model"
+        stem = Path(base).name.removesuffix(".yaml").removesuffix(".yml") or "model"
+        if args.mitigation:
+            stem = re.sub(r"[^0-9A-Za-z=._-]+", "_", f"{stem}-{spec}")
         print(f"## {label}: {result['n_documents']} documents of up to {result['max_len']} tokens\n")
         print(markdown_table(result["bins"]))
         print()
         write_rows(result["bins"], out / f"{stem}.csv")
         torch.save({"mean": result["mean"], "count": result["count"]}, out / f"{stem}-per-position.pt")
-        summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path}
+        summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path,
+                                                                                             "mitigation": spec}
     write_json(summary, out / "length.json")
     png = plot_length_curves(results, out / "length.png", args.train_length)
     print(f"wrote {out}/*.csv, length.json and {png}")

@@ -271,10 +271,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/passkey")
+    from zoo.state.mitigation import add_mitigation_argument, apply_mitigation
+
+    add_mitigation_argument(parser)
     args = parser.parse_args(argv)
 
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     model = load_model(args.model, args.device, args.dtype)
+    if args.mitigation is not None:
+        apply_mitigation(model, args.mitigation)
     result = evaluate_passkey(model, tokenizer, parse_list(args.lengths), parse_list(args.depths, float),
                               args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
                               progress=True)

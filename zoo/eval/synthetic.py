@@ -185,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default=None, help="output directory (default results/synthetic-<task>)")
+    from zoo.state.mitigation import add_mitigation_argument, apply_mitigation
+
+    add_mitigation_argument(parser)
     args = parser.parse_args(argv)
 
     default_lens = {"mqar": "64,128,256", "selective_copying": "4096", "induction_heads": "2^6,2^8,2^10"}
@@ -200,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             task_kwargs["random_non_queries"] = True
 
     model = load_model(args.model, args.device, args.dtype)
+    if args.mitigation is not None:
+        apply_mitigation(model, args.mitigation)
     result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
                                 seed=args.seed, chunk_size=args.chunk_size, **task_kwargs)
     result["model"] = args.model
