@@ -13,7 +13,7 @@ recipe's ``eval.margin`` (nats) and ``eval.factor``:
 
 - rises: the unmitigated curve has a bin in [L, factor·L) whose mean loss is above the reference by more than
   margin; the reference is the lower of the unmitigated mean losses on [L/2, L) and [L, 2L) (the loss still
-  falls with context past L, so [L/2, L) alone, as ``state_capacity.judge_collapse`` uses, hides a later rise);
+  falls with context past L, so [L/2, L) alone would hide a later rise; ``state_capacity.judge_collapse`` agrees);
 - flat: every bin of the mitigated curve in [L, factor·L) stays within margin of that *unmitigated* reference
   (so a mitigation that is flat only because it is worse everywhere does not count).
 

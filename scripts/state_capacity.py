@@ -118,14 +118,19 @@ def ssm_state_floats(model_config: dict) -> int:
 
 
 def judge_collapse(bins: list[dict], train_length: int, factor: float, margin: float) -> dict:
-    """Collapse when a bin in [L, factor·L) is worse than the mean of the bins in [L/2, L) by > margin nats."""
-    before = [b["mean_loss"] for b in bins if b["start"] >= train_length / 2 and b["end"] <= train_length
-              and math.isfinite(b["mean_loss"])]
+    """Collapse when a bin in [L, factor·L) is worse than the reference by > margin nats. The reference is the
+    lower of the mean losses over [L/2, L) and [L, 2L): loss keeps falling with context just past L, so
+    [L/2, L) alone would hide a rise that starts later (scripts/collapse.py judges the same way)."""
+    def mean(lo: float, hi: float) -> float | None:
+        rows = [b["mean_loss"] for b in bins if b["start"] >= lo and b["end"] <= hi and math.isfinite(b["mean_loss"])]
+        return sum(rows) / len(rows) if rows else None
+
+    refs = [r for r in (mean(train_length / 2, train_length), mean(train_length, 2 * train_length)) if r is not None]
     after = [b for b in bins if b["start"] >= train_length and b["start"] < factor * train_length
              and math.isfinite(b["mean_loss"])]
-    if not before or not after:
+    if not refs or not after:
         return {"collapsed": None, "reference": None, "worst": None, "worst_at": None}
-    reference = sum(before) / len(before)
+    reference = min(refs)
     worst = max(after, key=lambda b: b["mean_loss"])
     return {"collapsed": worst["mean_loss"] > reference + margin, "reference": reference,
             "worst": worst["mean_loss"], "worst_at": worst["start"]}

@@ -420,3 +420,7 @@ def test_state_capacity_fit_recovers_a_line():
     bins = [{"start": s, "end": 2 * s, "mean_loss": 1.0 if s < 256 else 1.5} for s in (64, 128, 256, 512)]
     assert script.judge_collapse(bins, 256, 8, 0.1)["collapsed"]
     assert not script.judge_collapse(bins, 256, 8, 0.6)["collapsed"]
+    # loss still falling just past L, rising later: [L, 2L) is the reference, the rise is seen
+    bins = [{"start": s, "end": 2 * s, "mean_loss": v} for s, v in ((128, 2.3), (256, 2.1), (512, 2.15), (1024, 2.25))]
+    verdict = script.judge_collapse(bins, 256, 8, 0.1)
+    assert verdict["reference"] == 2.1 and verdict["collapsed"] and verdict["worst_at"] == 1024
