@@ -237,7 +237,8 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     data = run.section.data
     start = time.perf_counter()
     grid = evaluate_synthetic(model, data.task, seq_lens, run.eval.n_kv, run.eval.n_samples, run.eval.batch_size,
-                              seed=data.seed + 2, chunk_size=run.eval.chunk_size, **data.task_kwargs)
+                              seed=data.seed + 2, chunk_size=run.eval.chunk_size, progress=accelerator.is_main_process,
+                              **data.task_kwargs)
     eval_seconds = time.perf_counter() - start
     plot_len = run.eval.plot_seq_len or data.seq_len or seq_lens[-1]
     result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,

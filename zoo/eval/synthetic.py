@@ -79,6 +79,7 @@ def evaluate_synthetic(
     device: str | torch.device | None = None,
     seed: int = 0,
     chunk_size: int | None = None,
+    progress: bool = False,
     **task_kwargs,
 ) -> dict:
     """Accuracy of ``model`` on ``task`` for every (sequence length, count) cell.
@@ -94,6 +95,7 @@ def evaluate_synthetic(
         device: where the inputs go; default the model's device (the model is not moved).
         seed: cell (T, n) uses ``torch.Generator().manual_seed(seed)``, so results are reproducible.
         chunk_size: evaluate rows in chunks of this many tokens, carrying the cache (for 2^20-token rows).
+        progress: show a tqdm bar over the evaluated tokens (long rows take minutes), with each cell's accuracy.
         task_kwargs: other task arguments (``vocab_size``, ``power_a``, ``random_non_queries``).
 
     Returns:
@@ -116,6 +118,12 @@ def evaluate_synthetic(
         model.eval()
 
     rows = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        cells = len(n_kv) if n_kv is not None else 1
+        bar = tqdm(total=sum(seq_lens) * n_samples * cells, desc=f"{task} eval", unit="tok", unit_scale=True)
     for seq_len in seq_lens:
         for count in n_kv if n_kv is not None else [None]:
             kwargs = dict(task_kwargs)
@@ -125,6 +133,8 @@ def evaluate_synthetic(
                 make_batch(task, 1, seq_len, **kwargs)
             except ValueError as error:
                 warnings.warn(f"skipping seq_len={seq_len} {count_name}={count}: {error}", stacklevel=2)
+                if bar is not None:
+                    bar.update(seq_len * n_samples)
                 continue
             generator = torch.Generator().manual_seed(seed)
             correct = total = rows_right = 0
@@ -136,12 +146,17 @@ def evaluate_synthetic(
                 correct += int(right.sum())
                 total += int(asked.sum())
                 rows_right += int((right == asked).all(dim=1).sum())
+                if bar is not None:
+                    bar.update(seq_len * input_ids.shape[0])
+                    bar.set_postfix(T=seq_len, acc=f"{correct / max(total, 1):.3f}", refresh=False)
             row = {"seq_len": seq_len}
             if count_name is not None:
                 row[count_name] = count if count is not None else task_default(task, count_name)
             row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
                        n_correct=correct, n_answers=total, n_samples=n_samples)
             rows.append(row)
+    if bar is not None:
+        bar.close()
     if was_training:
         model.train()
 
@@ -206,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.mitigation is not None:
         apply_mitigation(model, args.mitigation)
     result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
-                                seed=args.seed, chunk_size=args.chunk_size, **task_kwargs)
+                                seed=args.seed, chunk_size=args.chunk_size, progress=True, **task_kwargs)
     result["model"] = args.model
     out = Path(args.out or f"results/synthetic-{args.task}")
     print(f"## {args.task}: {args.model}\n")
