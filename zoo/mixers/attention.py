@@ -101,17 +101,36 @@ class Attention(nn.Module):
         differ = [f"{k}: {v}" for k, v in others.items() if v != main]
         return f"{main} ({', '.join(differ)})" if differ else main
 
-    def rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, Dh]; position_ids: [B, T]. Identity when the mixer was built with rope=False."""
+    def rope_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, sin) [B, T, 1, Dh] in fp32 for position_ids [B, T]; None when the mixer has no RoPE. Computed once
+        per forward and shared by q and k."""
         if not self.use_rope:
-            return x
-        # computed per call, not a buffer: a non-persistent buffer would be left uninitialized by meta-device loading
-        inv_freq = self.rope_theta ** -(torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32)
-                                        / self.head_dim)
+            return None
+        device = position_ids.device
+        # kept per device as a plain attribute, not a buffer: a non-persistent buffer would be left uninitialized
+        # by meta-device loading
+        cache = self.__dict__.setdefault("_inv_freq", {})
+        inv_freq = cache.get(device)
+        if inv_freq is None:
+            inv_freq = self.rope_theta ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
+                                            / self.head_dim)
+            cache[device] = inv_freq
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, Dh)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply_rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """x: [B, T, H, Dh] rotated by rope_tables' (cos, sin); identity for None."""
+        if tables is None:
+            return x
+        cos, sin = tables
         xf = x.float()
-        return (xf * emb.cos() + rotate_half(xf) * emb.sin()).to(x.dtype)
+        return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+    def rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, H, Dh]; position_ids: [B, T]. Identity when the mixer was built with rope=False."""
+        return self.apply_rope(x, self.rope_tables(position_ids))
 
     def _cached_seq_idx(self, cache, seq_idx: torch.Tensor, n_keys: int) -> torch.Tensor:
         """Document ids of all n_keys visible keys; the cache keeps those of its cached keys alongside them."""
@@ -133,8 +152,9 @@ class Attention(nn.Module):
         past = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
-        q = self.rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), position_ids)  # (B, T, H, Dh)
-        k = self.rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), position_ids)
+        tables = self.rope_tables(position_ids)
+        q = self.apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), tables)  # (B, T, H, Dh)
+        k = self.apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), tables)
         v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         if cache is not None:
             # transformers' layers store [B, H, S, Dh]; the transposes are views
@@ -162,8 +182,9 @@ class Attention(nn.Module):
         cache.check_room(1)  # host-side, before any write
         if position_ids is None:
             position_ids = cache.length.expand(Bsz, 1)
-        q = self.rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), position_ids)  # (B, 1, H, Dh)
-        k = self.rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), position_ids)
+        tables = self.rope_tables(position_ids)
+        q = self.apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), tables)  # (B, 1, H, Dh)
+        k = self.apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), tables)
         v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
         k, v, keep = cache.append(k, v, window=self.window)  # (B, slots, Hkv, Dh), (B, slots)
         # the mask says which slots are visible (the window included); backends whose padded path syncs with
