@@ -42,14 +42,9 @@ EVAL_DEFAULTS = {"max_len": 16384, "n_docs": 8, "chunk_size": 2048, "batch_size"
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
     """The sweep YAML with ``key.sub=value`` overrides, its eval defaults filled in and every run config checked."""
-    from zoo.train import _set_dotted
+    from zoo.train import read_yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected key.sub=value")
-        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw))
+    data = read_yaml(path, overrides)
     missing = [k for k in ("run", "models", "train_lengths", "tokens_per_run", "batch_tokens") if k not in data]
     if missing:
         raise ValueError(f"state-capacity sweep: missing {missing}")

@@ -36,7 +36,7 @@ import yaml
 
 from zoo.eval.common import markdown_table, parse_int
 from zoo.finetune import DataSection, LoopSection, PretrainSection
-from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted
+from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted, read_yaml
 
 
 @dataclass
@@ -91,12 +91,7 @@ class Run:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     """The recipe YAML as a dict with ``section.field=value`` overrides applied, validated by building it."""
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r}: expected section.field=value")
-        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw))
+    data = read_yaml(path, overrides)
     for name, spec in list(data.get("models", {}).items()):
         if isinstance(spec, str):  # a zoo YAML: read it so that sweeps can change its fields
             data["models"][name] = yaml.safe_load(Path(spec).read_text())

@@ -640,20 +640,10 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     """Read a comparison config and apply ``section.field=value`` overrides (values parsed as YAML).
 
     Returns (the config, the folder relative paths in it are tried against after the working directory)."""
-    from zoo.train import _build, _set_dotted
+    from zoo.train import _build, read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config: no such file {str(path)!r}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config: {str(path)!r} must hold a YAML mapping")
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected section.field=value")
-        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw) if raw else "")
-    cfg = _build(CompareConfig, data, "")
+    cfg = _build(CompareConfig, read_yaml(path, overrides), "")
     validate_compare_config(cfg)
     return cfg, path.resolve().parent
 

@@ -46,11 +46,11 @@ from zoo.train import (
     OptimConfig,
     ScheduleConfig,
     _build,
-    _set_dotted,
     build_optimizer,
     count_targets,
     forward_backward,
     lr_at,
+    read_yaml,
 )
 
 MLP_TYPES = (SwiGLU, MoE)
@@ -483,18 +483,7 @@ def _validate_run(section: Any, prefix: str) -> None:
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read a finetune config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config: no such file {str(path)!r}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"config: {str(path)!r} must hold a YAML mapping of sections")
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r}: expected section.field=value")
-        _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw) if raw else "")
-    cfg = _build(FinetuneConfig, data, "")
+    cfg = _build(FinetuneConfig, read_yaml(path, overrides), "")
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")

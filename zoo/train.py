@@ -321,8 +321,10 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a run config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
+def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML config file as a dict, with ``section.field=value`` overrides applied (values parsed as YAML; a
+    leading ``--`` is allowed). Every config reader of the zoo (train, finetune, compare, the research scripts)
+    goes through here."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config: no such file {str(path)!r}")
@@ -334,7 +336,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected section.field=value")
         _set_dotted(data, key.strip().lstrip("-"), yaml.safe_load(raw) if raw else "")
-    return config_from_dict(data)
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a run config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
+    return config_from_dict(read_yaml(path, overrides))
 
 
 # ---- model, optimizer, schedule ----------------------------------------------------------------------------
