@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--trace", default=None, help="write a Chrome trace (JSON) here")
     args = p.parse_args(argv)
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM
 
@@ -117,9 +118,10 @@ def main(argv: list[str] | None = None) -> None:
 
     on_device = device.type == "cuda"
     events = [e for e in prof.key_averages()]
-    if on_device:  # device kernels (no aten:: wrappers, which would count their kernels twice)
+    if on_device:  # the device's own events (kernels, copies) only: an op or autograd Function on the CPU side
+        # (aten::*, _SelectiveScanFn, ...) reports the time of the kernels it launched, which would count them twice
         rows = [(e.key, e.self_device_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
-                if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
+                if e.self_device_time_total > 0 and getattr(e, "device_type", None) != DeviceType.CPU]
     else:
         rows = [(e.key, e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps) for e in events
                 if e.key.startswith("aten::")]

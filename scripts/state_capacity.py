@@ -37,7 +37,7 @@ import yaml
 K = 1024  # tokens per "K" (the paper's 8K, 16K, 64K training lengths are powers of two)
 PAPER_LINE = (5.172, -4.469)  # Stuffed Mamba v1 Fig. 12: L* (K tokens) = 5.172 · S (M floats) − 4.469
 EVAL_DEFAULTS = {"max_len": 16384, "n_docs": 8, "chunk_size": 2048, "batch_size": 4, "bins_per_octave": 2,
-                 "factor": 8, "margin": 0.1, "mitigations": [], "seed": 0}
+                 "factor": 8, "margin": 0.1, "mitigations": [], "seed": 0, "start": "document"}
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
-        documents = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"])
+        documents = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"])
         for run in runs:
             if args.only and run["model"] not in args.only:
                 continue

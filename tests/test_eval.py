@@ -397,6 +397,24 @@ def test_corpus_documents_are_disjoint_and_start_with_bos():
     assert torch.equal(corpus_documents(tokenizer, 1, 500, seed=0)[0], docs[0][:500])
 
 
+def test_corpus_documents_with_random_starts_begin_inside_a_file():
+    from zoo.data.text import ByteTokenizer as ZooByteTokenizer
+    from zoo.eval.length import corpus_documents
+
+    tokenizer = ZooByteTokenizer()
+    docs = corpus_documents(tokenizer, 3, 400, seed=1, start="random")
+    assert [d.shape[0] for d in docs] == [400] * 3
+    assert all(int(d[0]) == tokenizer.bos_token_id for d in docs)
+    # the same file order: the first document is BOS + its first file from an offset > 0, then the next files
+    stream = bytes(corpus_documents(tokenizer, 1, 200_000, seed=1)[0][1:].tolist())
+    offset = stream.find(bytes(docs[0][1:].tolist()))
+    assert offset > 0, offset
+    assert not torch.equal(docs[0], corpus_documents(tokenizer, 1, 400, seed=1)[0])
+    assert torch.equal(corpus_documents(tokenizer, 3, 400, seed=1, start="random")[2], docs[2])  # seeded
+    with pytest.raises(ValueError, match="start must be"):
+        corpus_documents(tokenizer, 1, 100, start="middle")
+
+
 def test_eval_commands_take_mitigations(tmp_path, monkeypatch):
     """zoo eval length runs each model once per --mitigation (a neutral spec reproduces 'none', a window
     changes the curve past it); synthetic and passkey accept one; a bad spec fails before any evaluation."""

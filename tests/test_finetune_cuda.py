@@ -4,6 +4,7 @@ adapter exactly as the CPU references do. Run on a GPU machine: pytest tests/tes
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,38 @@ REFERENCE_BACKENDS = ("ref", "reference", "math")
 # fast kernel vs fp32 reference, end to end (the GLA and SSD Triton kernels' own tests allow 3e-2 and 2e-4 per op);
 # an adapter dropped on one path gives a relative error near 1 in the LoRA effect, far above any of these
 TOL = {"gla": 3e-2, "mamba2": 1e-2, "jamba": 1e-2, "mamba": 5e-3, "transformerpp": 5e-3}
+# a decode step (fp32 recurrent update) vs the parallel pass of the same adapted model: fla's chunk_gla runs its fp32
+# dots in TF32 on Hopper (Triton's default, 10-bit mantissa): 1.29e-3 measured on an H100 against the old 1e-3;
+# the other paths passed 1e-3
+DECODE_TOL = {"gla": 5e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fla_first_config():
+    """fla's Triton kernels autotune over many configs for every new shape: on a fresh machine the GLA tests
+    spent over 500 s there and timed out. Parity does not depend on the tile config, so in these tests every
+    fla autotuner keeps its first config (no benchmarking); fla's speed is benchmarks/gla.py's business."""
+    try:
+        import fla.ops.gla  # noqa: F401
+        from triton.runtime.autotuner import Autotuner
+    except Exception:  # noqa: BLE001 - no fla (or no triton): nothing to shorten
+        yield
+        return
+    saved = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("fla."):
+            continue
+        for obj in list(vars(module).values()):
+            for _ in range(4):  # heuristics / jit wrappers around the autotuner
+                if isinstance(obj, Autotuner) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
+            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                saved.append((obj, obj.configs))
+                obj.configs = obj.configs[:1]
+    yield
+    for obj, configs in saved:
+        obj.configs = configs
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +157,7 @@ def test_every_adapted_module_changes_on_gpu(name):
     mixer_modules = {n for n in modules if ".mixer." in n}  # (a decode step reaches only the routed experts)
     assert mixer_modules <= set(decode), f"never ran in a decode step: {sorted(mixer_modules - set(decode))}"
     assert all(d > 1e-6 for d in decode.values()), [n for n, d in decode.items() if d <= 1e-6]
-    assert_close("decode step vs parallel (adapted)", step[:, -1], adapted[:, -1], 1e-3)
+    assert_close("decode step vs parallel (adapted)", step[:, -1], adapted[:, -1], DECODE_TOL.get(name, 1e-3))
 
 
 @pytest.mark.parametrize("name", MODELS)

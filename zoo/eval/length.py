@@ -177,7 +177,8 @@ def plot_length_curves(
     return path
 
 
-def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0) -> list[torch.Tensor]:
+def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
+                     start: str = "document") -> list[torch.Tensor]:
     """Long documents from the built-in corpus (``zoo.data.text``: the Python standard library sources).
 
     Files are taken in a seeded random order, the held-out (eval) files first and then the training
@@ -186,6 +187,12 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0) -
     single files are long, so past a few thousand tokens a document is a run of source files, the way
     long-context evaluations concatenate books.
 
+    ``start="random"`` begins each document at a seeded random offset into its first file (BOS, then the
+    text from there), as packed training rows begin. Every file opens the same way (licence, docstring,
+    imports), so with ``start="document"`` the loss at position t is also the loss of "the t-th byte of a
+    file", and a per-position curve carries that shape (a byte model: higher loss at 64-128 in the
+    docstrings); random starts leave only the effect of the context length.
+
     Returns:
         ``n_documents`` LongTensors [max_len] (fewer or shorter only if the corpus runs out).
     """
@@ -193,6 +200,8 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0) -
 
     from zoo.data.text import encode_texts, stdlib_files
 
+    if start not in ("document", "random"):
+        raise ValueError(f"corpus_documents: start must be 'document' or 'random', got {start!r}")
     rng = np.random.default_rng(seed)
     files = [f for split in ("eval", "train") for f in rng.permutation(np.array(stdlib_files(split), object))]
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -200,10 +209,15 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0) -
     for _ in range(n_documents):
         pieces = [np.array([bos], dtype=np.int64)] if bos is not None else []
         total = len(pieces)
+        first = True
         while total < max_len and position < len(files):
             text = files[position].read_bytes().decode("utf-8", "replace") + "\n\n"
             position += 1
-            pieces.append(encode_texts(tokenizer, [text])[0])
+            ids = encode_texts(tokenizer, [text])[0]
+            if first and start == "random" and len(ids) > 1:
+                ids = ids[int(rng.integers(0, len(ids) - 1)):]
+            first = False
+            pieces.append(ids)
             total += len(pieces[-1])
         if total < 2:
             break
@@ -212,7 +226,7 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0) -
 
 
 def load_documents(
-    source: str | None, n_documents: int, max_len: int, tokenizer=None, seed: int = 0
+    source: str | None, n_documents: int, max_len: int, tokenizer=None, seed: int = 0, start: str = "document"
 ) -> list[torch.Tensor]:
     """Documents for ``zoo eval length``: a ``.pt`` file holding a LongTensor [N, T] or a list of
     LongTensor [T_i] (each cut to ``max_len``), or, with ``source=None``, ``corpus_documents``."""
@@ -222,7 +236,7 @@ def load_documents(
         return [d.reshape(-1)[:max_len].long() for d in docs[:n_documents]]
     if tokenizer is None:
         raise ValueError("load_documents: the built-in corpus needs a tokenizer")
-    return corpus_documents(tokenizer, n_documents, max_len, seed)
+    return corpus_documents(tokenizer, n_documents, max_len, seed, start)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -240,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plot")
     parser.add_argument("--bins-per-octave", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", choices=["document", "random"], default="document",
+                        help="built-in corpus: documents begin at a file's start, or at a random offset into it")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/length")
@@ -252,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--label needs one label per --model ({len(args.model)})")
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
-    documents = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed)
+    documents = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, args.start)
     out = Path(args.out)
     results, summary = {}, {}
     from zoo.state.mitigation import apply_mitigation, parse_mitigation
