@@ -5,7 +5,7 @@ AdamW, bf16 autocast, grad clip, fused AdamW) for --warmup + --steps optimizer s
 with the same tokens per step; tokens/s is measured over the steps after the warmup (a device sync per
 step). Models:
 
-- zoo: configs/models/{mamba,transformerpp,jamba}-130m.yaml (vocab 50280 kept: the byte tokenizer uses 259
+- zoo: configs/models/{mamba,mamba2,transformerpp,jamba,jamba2}-130m.yaml (vocab 50280 kept: the byte tokenizer uses 259
   of it, so the embedding and logits cost what they cost with the GPT-NeoX tokenizer);
 - baselines, the same sizes: transformers' LlamaForCausalLM (12 x 768, 12 heads, SwiGLU 2048, tied
   embeddings; packed rows through position_ids, which transformers turns into a document mask) and
@@ -50,6 +50,8 @@ MODELS = {
     "mamba": str(ROOT / "configs/models/mamba-130m.yaml"),
     "transformerpp": str(ROOT / "configs/models/transformerpp-130m.yaml"),
     "jamba": str(ROOT / "configs/models/jamba-130m.yaml"),
+    "mamba2": str(ROOT / "configs/models/mamba2-130m.yaml"),
+    "jamba2": str(ROOT / "configs/models/jamba2-130m.yaml"),
     "hf-llama": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
                  "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": VOCAB,
                  "max_position_embeddings": 8192, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
@@ -57,8 +59,9 @@ MODELS = {
     "hf-mamba": {"model_type": "mamba", "hidden_size": 768, "num_hidden_layers": 24, "state_size": 16,
                  "expand": 2, "conv_kernel": 4, "vocab_size": VOCAB, "tie_word_embeddings": True},
 }
-BASELINE_OF = {"mamba": "hf-mamba", "jamba": "hf-llama", "transformerpp": "hf-llama"}
+BASELINE_OF = {"mamba": "hf-mamba", "jamba": "hf-llama", "transformerpp": "hf-llama", "jamba2": "hf-llama"}
 LABEL = {"mamba": "zoo mamba-130m", "transformerpp": "zoo transformerpp-130m", "jamba": "zoo jamba-130m",
+         "mamba2": "zoo mamba2-130m", "jamba2": "zoo jamba2-130m (Mamba-2 + attention)",
          "hf-llama": "transformers LlamaForCausalLM 125M", "hf-mamba": "transformers MambaForCausalLM 130M"}
 
 

@@ -181,3 +181,28 @@ def test_residual_in_fp32_keeps_the_stream_in_fp32_for_bf16_weights(keep_fp32):
     assert set(dtypes) == {torch.float32 if keep_fp32 else torch.bfloat16}
     assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
     assert (bf16.float() - fp32).abs().max() < 0.1 * fp32.abs().max()  # the same model, in bf16
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_fused_on_cuda_equals_the_cpu_formula(dtype):
+    from zoo.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(768)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2)
+    x = (torch.randn(4, 300, 768) * 3).to(dtype)
+    gy = torch.randn(4, 300, 768).to(dtype)
+    outs = {}
+    for device in ("cpu", "cuda"):
+        n = norm.to(device).to(dtype)
+        xi = x.to(device).requires_grad_(True)
+        y = n(xi)
+        y.backward(gy.to(device))
+        outs[device] = (y.float().cpu(), xi.grad.float().cpu(), n.weight.grad.float().cpu())
+        n.weight.grad = None
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for what, a, b in zip(("y", "dx", "dweight"), outs["cuda"], outs["cpu"]):
+        assert_close(f"rmsnorm {what} {dtype}", a, b, tol)
