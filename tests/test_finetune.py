@@ -308,3 +308,52 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)
+
+
+# ---- state passing (train.state_passing) ---------------------------------------------------------------------
+
+def _tiny_recurrent(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    mixer = {"mamba": {"type": "mamba", "d_state": 8}, "mamba2": {"type": "mamba2", "d_state": 16, "head_dim": 16},
+             "gla": {"type": "gla", "n_heads": 2}, "attention": {"type": "attention", "n_heads": 2}}[kind]
+    return AutoModelForCausalLM.from_config(ZooConfig(vocab_size=16, d_model=32, layers="MM", mixers={"M": mixer},
+                                                      ffn="none"))
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2", "gla"])
+def test_state_passing_starts_each_batch_from_the_previous_final_states(kind):
+    from zoo.data.synthetic import induction_heads_batch
+    from zoo.finetune import _state_passing_step
+    from zoo.train import ModelInputs, count_targets
+
+    model = _tiny_recurrent(kind)
+    inputs = ModelInputs.of(model)
+    g = torch.Generator().manual_seed(1)
+    b1, b2 = induction_heads_batch(3, 24, 16, g), induction_heads_batch(3, 24, 16, g)
+    for b in (b1, b2):  # every position scored, so that the first ones of b2 show what b1 left behind
+        b["labels"] = b["input_ids"].clone()
+    loss1, carried = _state_passing_step(model, b1, 1.0, inputs, None)
+    assert_close("first batch from zero states", loss1, model(**b1).loss * count_targets(b1["labels"]), 1e-6)
+    assert all(not t.requires_grad for t in carried[0].state_tensors())
+    with torch.no_grad():  # the reference: the second rows continue the first ones (one long row each)
+        whole = model(input_ids=torch.cat([b1["input_ids"], b2["input_ids"]], 1)).logits[:, 24:]
+    ref = F.cross_entropy(whole[:, :-1].reshape(-1, 16), b2["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                          reduction="sum")
+    loss2, carried = _state_passing_step(model, b2, 1.0, inputs, carried)
+    assert_close("second batch continues the first", loss2, ref, 1e-4)
+    no_carry, _ = _state_passing_step(model, b2, 1.0, inputs, None)
+    assert (loss2 - no_carry).abs() > 1e-6  # the carried states changed the answer
+    b3 = induction_heads_batch(2, 24, 16, g)  # fewer rows: starts from zeros again
+    loss3, carried = _state_passing_step(model, b3, 1.0, inputs, carried)
+    assert_close("new row count restarts", loss3, model(**b3).loss * count_targets(b3["labels"]), 1e-6)
+    assert carried[1] == 2
+
+
+def test_state_passing_refuses_a_kv_cache():
+    from zoo.data.synthetic import induction_heads_batch
+    from zoo.finetune import _state_passing_step
+    from zoo.train import ModelInputs
+
+    model = _tiny_recurrent("attention")
+    with pytest.raises(ValueError, match="state_passing"):
+        _state_passing_step(model, induction_heads_batch(2, 16, 16), 1.0, ModelInputs.of(model), None)

@@ -242,7 +242,11 @@ class ZooCache(Cache):
         layers = self.static_layers()
         return min(layer.capacity - layer.seen for layer in layers) if layers else None
 
-    # ---- truncated BPTT ----------------------------------------------------------------------------------
+    # ---- truncated BPTT, state passing -------------------------------------------------------------------
+    def recurrent_only(self) -> bool:
+        """True when every layer is a recurrent one (a fixed-size state, no keys/values)."""
+        return bool(self.layers) and all(isinstance(layer, RecurrentLayer) for layer in self.layers)
+
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache carries, in a fixed order (conv, recurrent, keys, values per layer)."""
         out = []

@@ -46,6 +46,7 @@ from zoo.train import (
     OptimConfig,
     ScheduleConfig,
     _build,
+    _weighted_loss,
     build_optimizer,
     count_targets,
     forward_backward,
@@ -394,7 +395,11 @@ class DataSection:
 class LoopSection:
     """The training loop: max_steps optimizer steps of grad_accum micro-batches of micro_batch_size rows
     per process. precision: auto (bf16 autocast on a GPU that has it, else fp32) | bf16 | fp16 | fp32; the
-    top-level section's applies to the pretrain phase too (one accelerator runs both)."""
+    top-level section's applies to the pretrain phase too (one accelerator runs both).
+
+    state_passing: recurrent models only; each micro-batch starts from the (detached) final states of the one
+    before, row by row, instead of zeros, so that training visits the states that long inputs reach ("state
+    passing", Buitrago Ruiz & Gu 2025, a fix for length generalization). A model with a KV cache raises."""
 
     seed: int = 0
     max_steps: int = 300
@@ -404,6 +409,7 @@ class LoopSection:
     eval_batch_size: int = 64
     log_every: int = 50
     progress_bar: bool = True
+    state_passing: bool = False
 
     def validate(self, prefix: str) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "log_every"):
@@ -677,6 +683,7 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
         bar = tqdm(total=t.max_steps, desc=desc, dynamic_ncols=True)
     log: list[dict[str, float]] = []
     window: list[float] = []
+    carried = None  # state_passing: the cache of the previous micro-batch
     model.train()
     try:
         for step in range(t.max_steps):
@@ -687,6 +694,12 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
             scale = 1.0 / max(1, sum(count_targets(b["labels"]) for b in micro))
             loss = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(micro):
+                if t.state_passing:
+                    with contextlib.nullcontext() if i == t.grad_accum - 1 else accelerator.no_sync(model):
+                        step_loss, carried = _state_passing_step(model, batch, scale, inputs, carried)
+                        accelerator.backward(step_loss)
+                    loss += step_loss.detach()
+                    continue
                 loss += forward_backward(model, batch, scale, inputs,
                                          backward=lambda tensors, grads: accelerator.backward(tensors[0]),
                                          no_sync=lambda: accelerator.no_sync(model), sync_last=i == t.grad_accum - 1)
@@ -710,6 +723,24 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     unwrapped = accelerator.unwrap_model(model)
     accelerator.free_memory()  # drop the accelerator's references to this phase's model and optimizer
     return unwrapped, log
+
+
+def _state_passing_step(model: nn.Module, batch: dict[str, torch.Tensor], scale: float, inputs: ModelInputs,
+                        carried: Any) -> tuple[torch.Tensor, Any]:
+    """One micro-batch from the previous one's final states (zeros for the first, or when the row count
+    changes); returns (the weighted loss to back-propagate, the detached cache for the next)."""
+    from zoo.cache import ZooCache
+
+    rows = batch["input_ids"].shape[0]
+    if carried is not None and carried[1] != rows:
+        carried = None
+    out = model(**inputs.kwargs(batch), past_key_values=carried[0] if carried is not None else None, use_cache=True)
+    cache = out.past_key_values
+    if not isinstance(cache, ZooCache) or not cache.recurrent_only():
+        raise ValueError("train.state_passing: needs a model whose layers are all recurrent (mamba, mamba2, gla); "
+                         f"this one returned {type(cache).__name__} with attention (KV) layers or none")
+    cache.detach_()
+    return _weighted_loss(out, count_targets(batch["labels"])) * scale, (cache, rows)
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, pad_id: int) -> DataLoader:
