@@ -40,6 +40,7 @@ from zoo.convert import (
     from_hf_llama,
     from_hf_mamba2,
     from_mamba_ssm,
+    hf_mamba2_norm_groups,
     load_mamba_ssm,
     main,
     save_mamba_ssm,
@@ -156,19 +157,26 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
 
 
 def test_hf_mamba2_grouped_norm_is_what_transformers_computes():
-    # transformers' Mamba2 normalizes the gated RMSNorm over all of d_inner whatever n_groups is; the import
-    # must reproduce that (norm_groups=1), and the zoo's default per-group norm must differ from it.
+    # transformers' Mamba2 normalized the gated RMSNorm over all of d_inner whatever n_groups was, and per B/C
+    # group (as mamba_ssm) from 5.2x on; the import must reproduce the installed version, and the other
+    # grouping must differ from it.
     torch.manual_seed(0)
     source = perturb(Mamba2ForCausalLM(HF_SOURCES["hf-mamba2"][2]()))
+    n_groups = source.config.n_groups
+    assert n_groups > 1
     model = from_hf_mamba2(source)
-    assert model.config.layer_specs()[0]["norm_groups"] == 1
+    mixer = model.model.layers[0].mixer
+    assert mixer.d_inner // mixer.norm.group_size == hf_mamba2_norm_groups(n_groups)
     ids = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():
         ref = source(ids, use_cache=False).logits
-        assert_logits("norm_groups=1", model(ids).logits, ref)
-        grouped = copy.deepcopy(model.config)
-        del grouped.mixers["M"]["norm_groups"]
-        other = ZooForCausalLM(grouped).eval()
+        assert_logits("import", model(ids).logits, ref)
+        other_config = copy.deepcopy(model.config)
+        if "norm_groups" in other_config.mixers["M"]:
+            del other_config.mixers["M"]["norm_groups"]  # back to the zoo's per-group default
+        else:
+            other_config.mixers["M"]["norm_groups"] = 1
+        other = ZooForCausalLM(other_config).eval()
         other.load_state_dict(model.state_dict())
         assert (other(ids).logits - ref).abs().max() > 1e-3
 
@@ -220,8 +228,10 @@ UNMAPPABLE_EXPORTS = [
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"],
                                                                           "normalize_topk": True}}), "normalize_topk"),
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "layers": "MAAM"}), "attn_layer_period"),
+    # the gated norm's grouping transformers cannot express: per group before 5.2x, over all d_inner after
     ("hf-mamba2", to_hf_mamba2, lambda: ZooConfig.from_yaml(
-        CONFIGS / "mamba2-tiny.yaml", mixers={"M": {"type": "mamba2", "d_state": 16, "head_dim": 16, "n_groups": 2}}),
+        CONFIGS / "mamba2-tiny.yaml", mixers={"M": {"type": "mamba2", "d_state": 16, "head_dim": 16, "n_groups": 2,
+                                                   **({"norm_groups": 1} if hf_mamba2_norm_groups(2) == 2 else {})}}),
      "norm_groups"),
     ("hf-llama", to_hf_llama, lambda: ZooConfig.from_yaml(
         CONFIGS / "transformerpp-tiny.yaml", mixers={"A": {"type": "attention", "n_heads": 4, "window": 8}}), "window"),

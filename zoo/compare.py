@@ -970,7 +970,7 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
                device: torch.device) -> dict[str, Any]:
     """Held-out loss, per-position loss and passkey of the trained model at one length."""
     from zoo.data.text import load_tokenizer
-    from zoo.decode import cache_argument
+    from zoo.decode import continues_chunks_exactly
     from zoo.eval.length import corpus_documents, evaluate_length
     from zoo.eval.passkey import evaluate_passkey
 
@@ -979,9 +979,9 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     model = _load_trained(checkpoint, device)
     out: dict[str, Any] = heldout_loss(model, tcfg, tokenizer, cfg.eval.batches, cfg.eval.micro_batch_size, device)
     out["backend"] = model.backend_report() if hasattr(model, "backend_report") else {}
-    # zoo.eval carries caches as past_key_values; a model that names it cache_params (transformers' Mamba)
-    # runs each document in one forward instead
-    carries = cache_argument(model) == "past_key_values"
+    # zoo.eval carries caches chunk to chunk; transformers' Mamba cannot continue a chunk exactly and runs
+    # each document in one forward instead
+    carries = continues_chunks_exactly(model)
     pp = cfg.eval.per_position
     if pp is not None:
         docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed)

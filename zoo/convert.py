@@ -281,11 +281,23 @@ def to_hf_mamba(model: ZooForCausalLM):
 
 # ---- transformers Mamba-2 ------------------------------------------------------------------------------------
 
+def hf_mamba2_norm_groups(n_groups: int) -> int:
+    """Groups of the gated RMSNorm in the installed transformers' Mamba2: before 5.2x it normalized over all
+    d_inner channels whatever n_groups was (1); since then per B/C group, as mamba_ssm does (n_groups)."""
+    import inspect
+
+    from transformers.models.mamba2 import modeling_mamba2
+
+    grouped = "group_size" in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters
+    return n_groups if grouped else 1
+
+
 def from_hf_mamba2(model) -> ZooForCausalLM:
     """transformers' Mamba2ForCausalLM -> ZooForCausalLM (layers of the `mamba2` mixer, ffn none).
 
-    transformers normalizes the gated RMSNorm over all d_inner channels whatever n_groups is (mamba_ssm
-    normalizes per group), so the mixer gets norm_groups=1.
+    Older transformers normalize the gated RMSNorm over all d_inner channels whatever n_groups is (mamba_ssm
+    and transformers 5.2x normalize per group): the mixer gets the installed version's grouping
+    (`hf_mamba2_norm_groups`), norm_groups=1 where that differs from the zoo's per-group default.
     """
     c, fmt = model.config, "hf-mamba2"
     _check_act(fmt, c)
@@ -300,7 +312,7 @@ def from_hf_mamba2(model) -> ZooForCausalLM:
              "head_dim": c.head_dim, "n_groups": c.n_groups, "chunk_size": c.chunk_size,
              "dt_min": c.time_step_min, "dt_max": c.time_step_max, "dt_init_floor": c.time_step_floor,
              "conv_bias": c.use_conv_bias, "bias": c.use_bias, "norm_eps": c.layer_norm_epsilon}
-    if c.n_groups > 1:
+    if c.n_groups > 1 and hf_mamba2_norm_groups(c.n_groups) == 1:
         mixer["norm_groups"] = 1
     config = ZooConfig(vocab_size=c.vocab_size, d_model=c.hidden_size, layers="M" * c.num_hidden_layers,
                        mixers={"M": mixer}, ffn="none", tie_embeddings=c.tie_word_embeddings,
@@ -320,10 +332,12 @@ def to_hf_mamba2(model: ZooForCausalLM):
                        {"d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size", "dt_min", "dt_max",
                         "dt_init_floor", "conv_bias", "bias", "norm_eps", "norm_groups"}, init_only={"A_init_range"})
     m = model.model.layers[0].mixer
-    if m.norm.group_size != m.d_inner:
+    hf_groups = hf_mamba2_norm_groups(m.n_groups)
+    if m.norm.group_size != m.d_inner // hf_groups:
         raise _unmappable(fmt, "norm_groups", o["norm_groups"] or o["n_groups"],
-                          "transformers' Mamba2 normalizes the gated RMSNorm over all d_inner channels; "
-                          "set norm_groups: 1 (or n_groups: 1)")
+                          "this transformers' Mamba2 normalizes the gated RMSNorm over all d_inner channels; "
+                          "set norm_groups: 1 (or n_groups: 1)" if hf_groups == 1 else
+                          f"this transformers' Mamba2 normalizes the gated RMSNorm per B/C group ({hf_groups})")
     if o["norm_eps"] != zc.norm_eps:
         raise _unmappable(fmt, "norm_eps", o["norm_eps"], f"transformers' Mamba2 uses one layer_norm_epsilon for "
                                                           f"the block norms ({zc.norm_eps}) and the gated norm")

@@ -17,6 +17,21 @@ from zoo.config import ZooConfig
 from zoo.layers import Block, MoE, RMSNorm, SwiGLU, mark_no_weight_decay
 from zoo.registry import get_mixer
 
+try:  # the keyword generate() keeps the cache under: "cache" from transformers 5.2x on, "past_key_values" before
+    from transformers.generation.utils import ALL_CACHE_NAMES as _CACHE_NAMES
+
+    GENERATE_CACHE_KWARG = _CACHE_NAMES[0]
+except ImportError:  # pragma: no cover - older layouts
+    GENERATE_CACHE_KWARG = "past_key_values"
+
+
+def _the_cache(past_key_values, kwargs: dict):
+    """`cache=` (transformers' new name, what generate passes from 5.2x on) or `past_key_values=`."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
 
 @dataclass
 class ZooCausalLMOutput(CausalLMOutputWithPast):
@@ -100,7 +115,10 @@ class ZooModel(ZooPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=True,
                 **kwargs) -> BaseModelOutputWithPast:
-        """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents."""
+        """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents.
+
+        The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`."""
+        past_key_values = _the_cache(past_key_values, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -180,6 +198,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
                 logits_to_keep: int | torch.Tensor = 0, return_dict=True, **kwargs) -> ZooCausalLMOutput:
         """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added."""
+        past_key_values = _the_cache(past_key_values, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, seq_idx=seq_idx)
@@ -202,12 +221,13 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
-        if model_kwargs.get("past_key_values") is not None:
-            model_kwargs["past_key_values"]._is_user_defined = True
+        user_cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
+        if user_cache is not None:
+            user_cache._is_user_defined = True
             return
         if generation_config.use_cache is False:
             return
-        model_kwargs["past_key_values"] = ZooCache.for_model(self)
+        model_kwargs[GENERATE_CACHE_KWARG] = ZooCache.for_model(self)
 
     @classmethod
     def from_pretrained(cls, *args, trust_remote_code: bool = False, **kwargs):

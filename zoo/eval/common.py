@@ -126,17 +126,16 @@ def iter_chunk_logits(
         return
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    from zoo.decode import cache_argument
+    from zoo.decode import cache_argument, continues_chunks_exactly
 
-    if cache_argument(model) == "cache_params":
-        # transformers' Mamba: a chunk of several tokens after a cache ignores the carried SSM state on its
-        # PyTorch path (3.6e-3 logit error on a tiny model); only single-token steps continue exactly
-        raise ValueError(f"{type(model).__name__} cannot continue a multi-token chunk from its cache_params "
-                         f"exactly; evaluate it with chunk_size=None (one full forward per document)")
+    if not continues_chunks_exactly(model):
+        raise ValueError(f"{type(model).__name__} cannot continue a multi-token chunk from its cache exactly; "
+                         f"evaluate it with chunk_size=None (one full forward per document)")
+    arg = cache_argument(model)
     cache = None
     for start in range(0, seq_len, chunk_size):
-        out = model(input_ids=input_ids[:, start : start + chunk_size], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=input_ids[:, start : start + chunk_size], use_cache=True, **{arg: cache})
+        cache = getattr(out, arg)
         yield start, out.logits
 
 

@@ -127,20 +127,23 @@ def greedy_generate(
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
         return out[:, input_ids.shape[1] :]
+    from zoo.decode import cache_argument
+
+    arg = cache_argument(model)  # past_key_values, or cache (transformers 5.2x) / cache_params (its old Mamba)
     cache, last = None, None
     keep_last = accepts_argument(model, "logits_to_keep")  # prefill needs only the last position's logits
     for start in range(0, input_ids.shape[1], prefill_chunk_size):
-        out = model(input_ids=input_ids[:, start : start + prefill_chunk_size], past_key_values=cache,
-                    use_cache=True, **({"logits_to_keep": 1} if keep_last else {}))
-        cache, last = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=input_ids[:, start : start + prefill_chunk_size], use_cache=True, **{arg: cache},
+                    **({"logits_to_keep": 1} if keep_last else {}))
+        cache, last = getattr(out, arg), out.logits[:, -1]
     new_tokens = []
     for _ in range(max_new_tokens):
         token = last.argmax(dim=-1, keepdim=True)  # [1, 1]
         new_tokens.append(token)
         if eos_token_id is not None and int(token) == eos_token_id:
             break
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, last = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=token, use_cache=True, **{arg: cache})
+        cache, last = getattr(out, arg), out.logits[:, -1]
     return torch.cat(new_tokens, dim=1)
 
 
