@@ -13,7 +13,8 @@ recorded and `ours_ms` takes the faster (`mode` says which). transformers' basel
 Rows (benchmarks/results.jsonl), one per (model, batch): ours_ms = ms per decode step of the whole batch,
 tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the decode,
 the weights included), cache_mib (bytes held by the cache after the decode), floor_ms = (weight bytes + cache
-bytes read, and written for recurrent states) / 3.0 TB/s. Baselines measured in the same run: zoo mamba ->
+bytes read, and written for recurrent states) / the copy bandwidth measured at start-up
+(benchmarks/ceilings.py). Baselines measured in the same run: zoo mamba ->
 transformers' Mamba, zoo transformerpp -> transformers' Llama, zoo mamba2 / gla / jamba -> zoo transformerpp
 (the 5x target at batch 64); ratio = baseline_ms / ours_ms (> 1: ours decodes faster). Every zoo row also has
 vs_transformerpp = transformerpp ms / ours ms at the same batch.
@@ -33,6 +34,7 @@ import sys
 from pathlib import Path
 
 import torch
+from ceilings import floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,7 +43,6 @@ from zoo.cache import RecurrentLayer, ZooCache  # noqa: E402
 from zoo.decode import EagerDecoder, GraphDecoder, cache_nbytes, graphable, prefill  # noqa: E402
 
 VOCAB = 50280
-HBM_BYTES_PER_S = 3.0e12
 ZOO = ("mamba", "mamba2", "transformerpp", "gla", "jamba")
 HF = {
     "hf-llama": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
@@ -123,7 +124,7 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
         mode = min((k for k, v in options.items() if v is not None), key=lambda k: options[k])
         row.update(mode=mode, ms=options[mode], tokens_per_s=batch / options[mode] * 1e3)
         traffic = cache_bytes * (2 if recurrent or name == "hf-mamba" else 1)  # states: read + write
-        row["floor_ms"] = (param_bytes + traffic) / HBM_BYTES_PER_S * 1e3
+        row["floor_ms"] = floor_ms(param_bytes + traffic)
     except torch.OutOfMemoryError:
         row.update(ms=None, tokens_per_s=None, note="out of memory")
     gc.collect()

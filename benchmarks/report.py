@@ -27,7 +27,8 @@ def fmt(value) -> str:
 # per benchmark group, the row fields worth a column of their own (label, field)
 EXTRA = {
     "train_throughput": [("tokens/s", "tokens_per_s"), ("MFU", "mfu"), ("peak GiB", "peak_mem_gib"),
-                         ("loss first", "loss_first"), ("loss last", "loss_last")],
+                         ("loss first", "loss_first"), ("loss last", "loss_last"),
+                         ("vs transformerpp", "vs_transformerpp")],
     "generate": [("mode", "mode"), ("tokens/s", "tokens_per_s"), ("prefill ms", "prefill_ms"),
                  ("decode peak GiB", "decode_peak_gib"), ("cache MiB", "cache_mib"),
                  ("vs transformerpp", "vs_transformerpp")],

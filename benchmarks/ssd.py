@@ -12,7 +12,8 @@ Baselines come from /work/shared/baselines copied to .baselines/ (git-ignored):
     python benchmarks/ssd.py [--baselines .baselines] [--out benchmarks/results.jsonl]
 
 Each row: ours_ms, baseline_ms (mamba_ssm) and ratio = baseline_ms / ours_ms (> 1: ours is faster),
-the physical floor (max of bytes / 3.0 TB/s and FLOPs / 790 TFLOP/s), and fla's forward for reference.
+the physical floor (max of bytes / copy bandwidth and FLOPs / bf16 matmul rate, both measured at start-up:
+benchmarks/ceilings.py), and fla's forward for reference.
 """
 
 from __future__ import annotations
@@ -26,9 +27,7 @@ import types
 
 import torch
 import triton
-
-HBM_BYTES_PER_S = 3.0e12  # H100 device-to-device copy, measured on this workplace's machines
-BF16_FLOPS = 7.9e14  # 8192³ bf16 matmul through torch, measured likewise
+from ceilings import describe, floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
 
 
 def load_baselines(root: str):
@@ -65,8 +64,8 @@ def floors(batch, L, H, P, N, G, T):
     bwd_bytes = fwd_bytes + 2 * tok * (2 * H * P + 2 * G * N + H)  # + dout, dx, dB, dC, ddt
     # per token: C·Bᵀ (causal, per group), scores·x (causal), chunk state and state output (per head)
     fwd_flops = 2 * tok * (G * T * N / 2 + H * T * P / 2 + 2 * H * P * N)
-    f = max(fwd_bytes / HBM_BYTES_PER_S, fwd_flops / BF16_FLOPS) * 1e3
-    b = max(bwd_bytes / HBM_BYTES_PER_S, 3 * fwd_flops / BF16_FLOPS) * 1e3
+    f = floor_ms(fwd_bytes, fwd_flops)
+    b = floor_ms(bwd_bytes, 3 * fwd_flops)
     return f, b
 
 
@@ -169,7 +168,7 @@ def main() -> None:
             print(f"compiled {model} L={L} packed={packed}", flush=True)
             continue
         tag = f"{model}/L{L}xB{batch}" + ("/packed" if packed else "")
-        for (what, (ours_ms, base_ms, fla_ms)), floor_ms in zip(times.items(), floor):
+        for (what, (ours_ms, base_ms, fla_ms)), floor_val in zip(times.items(), floor):
             row = {
                 "name": f"ssd_{what}/{tag}",
                 "card": card,
@@ -179,7 +178,7 @@ def main() -> None:
                 "baseline": "mamba_ssm 2.3.2.post1 mamba_chunk_scan_combined",
                 "baseline_ms": None if base_ms is None else round(base_ms, 4),
                 "ratio": None if base_ms is None else round(base_ms / ours_ms, 3),
-                "floor_ms": round(floor_ms, 4),
+                "floor_ms": round(floor_val, 4),
                 "fla_chunk_simple_gla_fwd_ms": None if fla_ms is None else round(fla_ms, 4),
                 "rel_err_vs_baseline": err,
                 "shape": shape,
@@ -191,7 +190,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if not rows:
         return
-    print(f"\n{card}, {date}, `{command}`; ratio = mamba_ssm ms / ours ms (> 1: ours faster)\n")
+    print(f"\n{card}, {date}, `{command}`; ratio = mamba_ssm ms / ours ms (> 1: ours faster); {describe()}\n")
     print(
         "| case | ours ms | mamba_ssm ms | ratio | floor ms | fla simple_gla fwd ms | rel err vs mamba_ssm |"
     )

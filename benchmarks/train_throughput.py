@@ -33,6 +33,7 @@ import datetime
 import gc
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -111,6 +112,7 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
     """One results.jsonl row per measured (model, L), with its baseline of the same L."""
     date = datetime.date.today().isoformat()
     rows = []
+    split = os.environ.get("ZOO_SCAN_SEQ_SPLIT")  # the Mamba scan's sequence split, when forced
     for (name, L), r in results.items():
         base_name = BASELINE_OF.get(name)
         base = results.get((base_name, L)) if base_name else None
@@ -119,7 +121,8 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
         baseline_ms = tokens / base["tokens_per_s"] * 1e3 if base else None
         mfu = 6 * r["params"] * r["tokens_per_s"] / (peak * 1e12)
         row = {
-            "name": f"train_throughput/{name}/L{L}", "card": card, "date": date, "command": command,
+            "name": f"train_throughput/{name}/L{L}" + (f"/seq_split={split}" if split else ""), "card": card,
+            "date": date, "command": command,
             "torch": torch.__version__, "model": LABEL[name], "seq_len": L, "ours_ms": round(ours_ms, 2),
             "tokens_per_step": tokens, "tokens_per_s": round(r["tokens_per_s"], 1), "mfu": round(mfu, 4),
             "peak_tflops": peak, "floor_ms": round(6 * r["params"] * tokens / (peak * 1e12) * 1e3, 2),
@@ -136,6 +139,9 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
             "ratio": round(baseline_ms / ours_ms, 3) if base else None,
             "ratio_is": "baseline_ms / ours_ms for the same tokens (> 1: ours is faster)",
         }
+        tpp = results.get(("transformerpp", L))
+        if name not in ("transformerpp", "hf-llama", "hf-mamba") and tpp:  # issue 9: vs our Transformer++
+            row["vs_transformerpp"] = round(r["tokens_per_s"] / tpp["tokens_per_s"], 3)
         if base_name == "hf-mamba" and base is None:
             row["note"] = "transformers' Mamba not timed at this length (per-token scan loop; see --hf-mamba-seq-lens)"
         rows.append(row)

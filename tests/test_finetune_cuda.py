@@ -4,7 +4,6 @@ adapter exactly as the CPU references do. Run on a GPU machine: pytest tests/tes
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,34 +28,6 @@ TOL = {"gla": 3e-2, "mamba2": 1e-2, "jamba": 1e-2, "mamba": 5e-3, "transformerpp
 # dots in TF32 on Hopper (Triton's default, 10-bit mantissa): 1.29e-3 measured on an H100 against the old 1e-3;
 # the other paths passed 1e-3
 DECODE_TOL = {"gla": 5e-3}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fla_first_config():
-    """fla's Triton kernels autotune over many configs for every new shape: on a fresh machine the GLA tests
-    spent over 500 s there and timed out. Parity does not depend on the tile config, so in these tests every
-    fla autotuner keeps its first config (no benchmarking); fla's speed is benchmarks/gla.py's business."""
-    try:
-        import fla.ops.gla  # noqa: F401
-        from triton.runtime.autotuner import Autotuner
-    except Exception:  # noqa: BLE001 - no fla (or no triton): nothing to shorten
-        yield
-        return
-    saved = []
-    for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith("fla."):
-            continue
-        for obj in list(vars(module).values()):
-            for _ in range(4):  # heuristics / jit wrappers around the autotuner
-                if isinstance(obj, Autotuner) or not hasattr(obj, "fn"):
-                    break
-                obj = obj.fn
-            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
-                saved.append((obj, obj.configs))
-                obj.configs = obj.configs[:1]
-    yield
-    for obj, configs in saved:
-        obj.configs = configs
 
 
 @pytest.fixture(autouse=True)

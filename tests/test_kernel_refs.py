@@ -294,6 +294,50 @@ def test_selective_scan_matches_loop(shape, flags, seq):
     check_against_loop(run_selective_scan, selective_scan_loop, inputs, options, seq_idx)
 
 
+@pytest.mark.parametrize("n_seg", [2, 4, 8])
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+def test_selective_scan_seq_split_matches_loop(n_seg, seq):
+    """Rows cut into segments (two passes, states combined between them) give the unsplit results and
+    gradients, document boundaries inside a segment and on a segment's first position included."""
+    batch, dim, n_state, length = 2, 5, 8, 96
+    inputs, options = selective_scan_inputs(batch, dim, n_state, length, groups=1, D=True, z=True, bias=True,
+                                            softplus=True, init=True, seed=3)
+    seq_idx = None
+    if seq:
+        seq_idx = make_seq_idx(batch, length, torch.Generator().manual_seed(2))
+        seg_len = length // n_seg
+        seq_idx[0, seg_len:] += 5  # a document starts exactly where the second segment does
+    run = lambda **kw: selective_scan(**kw, return_final_state=True, backend="ref", seq_split=n_seg)
+    check_against_loop(run, selective_scan_loop, inputs, options, seq_idx)
+
+
+def test_selective_scan_seq_split_choice(monkeypatch):
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")  # the package: zoo_kernels.selective_scan is the op
+    x = torch.zeros(1, 4, 6)
+    with pytest.raises(ValueError, match="does not divide"):
+        ss.selective_scan(x, x, torch.zeros(4, 2), torch.zeros(1, 2, 6), torch.zeros(1, 2, 6), backend="ref",
+                          seq_split=4)
+    with pytest.raises(ValueError, match="seq_split"):
+        ss.selective_scan(x, x, torch.zeros(4, 2), torch.zeros(1, 2, 6), torch.zeros(1, 2, 6), backend="ref",
+                          seq_split=0)
+    assert ss.auto_seq_split(1, 1536, 16384, torch.device("cpu")) == 1
+    monkeypatch.setattr(ss, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert ss.auto_seq_split(8, 1536, 2048, cuda) == 1  # 768 blocks: full
+    assert ss.auto_seq_split(1, 1536, 16384, cuda) == 4  # 96 blocks -> 384 (<= 4 per SM), segments of 4096
+    assert ss.auto_seq_split(1, 1536, 4096, cuda) == 2  # segments of at least MIN_SEGMENT = 2048
+    assert ss.auto_seq_split(1, 1536, 2048, cuda) == 1
+    assert ss.auto_seq_split(2, 768, 8192, cuda) == 4  # 96 blocks
+    assert ss.auto_seq_split(1, 1536, 16384 + 64, cuda) == 1  # segments must be whole 64-step chunks
+    monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "1")
+    assert ss._resolve_seq_split("auto", "cuda", 1, 1536, 16384, cuda) == 1
+    monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "8")
+    assert ss._resolve_seq_split("auto", "ref", 1, 1536, 16384, cuda) == 8
+    assert ss._resolve_seq_split(2, "cuda", 1, 1536, 16384, cuda) == 2  # an explicit argument wins
+
+
 def test_selective_scan_channel_blocks(monkeypatch):
     """Small chunks and channel blocks inside B/C groups (as used at large sizes) give the same result."""
     monkeypatch.setattr(selective_scan_ref_module, "CHUNK_SIZE", 8)

@@ -127,6 +127,37 @@ def fla_verdict(
     return _VERDICTS[key]
 
 
+def cap_fla_autotuning(n_configs: int):
+    """Makes every autotuner of the imported fla modules try only its first `n_configs` configs.
+
+    fla's Triton kernels autotune over many configs for each new shape; on a fresh machine that took minutes
+    per shape (over 440 s for benchmarks/gla.py's shapes on an H100). Results do not depend on the config, so
+    tests keep one; a benchmark that caps says so in its rows. Returns a function that restores the configs.
+    """
+    import sys
+
+    from triton.runtime.autotuner import Autotuner
+
+    saved = []
+    for name, module in list(sys.modules.items()):
+        if module is None or not name.startswith("fla."):
+            continue
+        for obj in list(vars(module).values()):
+            for _ in range(4):  # heuristics / jit wrappers around the autotuner
+                if isinstance(obj, Autotuner) or not hasattr(obj, "fn"):
+                    break
+                obj = obj.fn
+            if isinstance(obj, Autotuner) and len(obj.configs) > n_configs and all(o is not obj for o, _ in saved):
+                saved.append((obj, obj.configs))
+                obj.configs = obj.configs[:n_configs]
+
+    def restore():
+        for obj, configs in saved:
+            obj.configs = configs
+
+    return restore
+
+
 def best_backend(device: torch.device) -> str | None:
     """ "fla" where fla's chunk_gla is installed and not known to fail on `device`, else None.
 

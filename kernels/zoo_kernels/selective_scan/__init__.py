@@ -1,8 +1,22 @@
-"""Mamba-1 selective scan: one entry point, the CUDA kernel on NVIDIA GPUs, the torch reference elsewhere."""
+"""Mamba-1 selective scan: one entry point, the CUDA kernel on NVIDIA GPUs, the torch reference elsewhere.
+
+Sequence split: the CUDA kernel runs one block per 16 channels and batch row, each over the whole sequence, so
+at batch 1 the 130M layer (1536 channels) fills 96 blocks: fewer than the H100's or H200's 132 multiprocessors,
+each walking 16K steps at L = 16K. `seq_split=S` cuts every row into S segments that run as S rows in parallel:
+pass 1 scans each segment from a zero state for its final state f_s; the state entering segment s is then
+h_s = P_{s-1} h_{s-1} + f_{s-1}, with P the segment's decay exp(A · ΣΔ) (the recurrence is linear), and pass 2
+scans each segment again from h_s for the outputs. Autograd runs the same two passes backwards, so the result
+and every gradient equal the unsplit scan's (tests/test_kernel_refs.py); the work doubles, the parallelism
+grows S-fold. "auto" splits only where the grid would leave the GPU mostly idle (`auto_seq_split`).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+import torch.nn.functional as F
 
 from zoo_kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
 
@@ -28,7 +42,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    initial_state=None, seq_idx=None, return_final_state=False, backend: str = "auto",
+    initial_state=None, seq_idx=None, return_final_state=False, backend: str = "auto", seq_split="auto",
 ):
     """Selective scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = C_t·h_t + D u_t, out = y * silu(z).
 
@@ -36,14 +50,109 @@ def selective_scan(
     (channel d reads group d // (D // G)); D, delta_bias [D]; initial_state [batch, D, N];
     seq_idx [batch, L] int (the state restarts from zero where it changes). Returns out [batch, D, L]
     in u's dtype, and with return_final_state also the final state [batch, D, N] in fp32.
+    seq_split: segments per row run in parallel (module docstring); "auto" (default; $ZOO_SCAN_SEQ_SPLIT
+    overrides it, e.g. 1 to turn it off) splits on CUDA only where the kernel's grid would underfill the GPU.
     """
     backend = resolve_backend(backend, u.device)
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, return_final_state)
     if backend == "cuda":
-        from zoo_kernels.selective_scan.cuda import selective_scan_cuda
+        from zoo_kernels.selective_scan.cuda import selective_scan_cuda as scan
+    else:
+        scan = selective_scan_ref
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, return_final_state)
+    n_seg = _resolve_seq_split(seq_split, backend, u.shape[0], u.shape[1], u.shape[2], u.device)
+    if n_seg > 1:
+        return _split_scan(scan, n_seg, *args)
+    return scan(*args)
 
-        return selective_scan_cuda(*args)
-    return selective_scan_ref(*args)
+
+SEQ_SPLIT_ENV = "ZOO_SCAN_SEQ_SPLIT"
+# auto: split only when batch x channel blocks fill fewer than this many blocks per multiprocessor, into
+# segments of at least MIN_SEGMENT steps (a multiple of the kernel's 64-step chunk)
+AUTO_BLOCKS_PER_SM = 1.0
+MIN_SEGMENT = 2048
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def auto_seq_split(batch: int, dim: int, length: int, device: torch.device) -> int:
+    """Segments per row for the CUDA kernel: 1 unless batch · ⌈dim/16⌉ blocks leave the GPU underfilled.
+
+    Then the largest power of two S with batch · ⌈dim/16⌉ · S ≤ 4 blocks per multiprocessor, segments of at
+    least MIN_SEGMENT steps and S dividing the length into whole 64-step chunks.
+    """
+    if device.type != "cuda":
+        return 1
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    blocks = batch * -(-dim // 16)
+    if blocks >= AUTO_BLOCKS_PER_SM * sms:
+        return 1
+    n_seg = 1
+    while (blocks * n_seg * 2 <= 4 * sms and length % (n_seg * 2 * 64) == 0
+           and length // (n_seg * 2) >= MIN_SEGMENT):
+        n_seg *= 2
+    return n_seg
+
+
+def _resolve_seq_split(seq_split, backend: str, batch: int, dim: int, length: int, device) -> int:
+    env = os.environ.get(SEQ_SPLIT_ENV)
+    if seq_split == "auto" and env:
+        seq_split = env if env == "auto" else int(env)
+    if seq_split == "auto":
+        return auto_seq_split(batch, dim, length, device) if backend == "cuda" else 1
+    if not isinstance(seq_split, int) or seq_split < 1:
+        raise ValueError(f"seq_split must be 'auto' or a positive int, got {seq_split!r}")
+    if length % seq_split:
+        raise ValueError(f"seq_split={seq_split} does not divide the sequence length {length}")
+    return seq_split
+
+
+def _split_scan(scan, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
+                return_final_state):
+    """The scan of rows cut into n_seg segments, two passes (module docstring); equal to the unsplit scan."""
+    batch, dim, length = u.shape
+    seg_len = length // n_seg
+
+    def cut(t):  # [batch, ..., L] -> [batch * n_seg, ..., L / n_seg]
+        return None if t is None else t.unflatten(-1, (n_seg, seg_len)).movedim(-2, 1).flatten(0, 1)
+
+    seq = cut(seq_idx)
+    u_s, delta_s, B_s, C_s = cut(u), cut(delta), cut(B), cut(C)
+    # pass 1: every segment from a zero state, for its final state (outputs unused: no D, no gate)
+    _, final_local = scan(u_s, delta_s, A, B_s, C_s, None, None, delta_bias, delta_softplus, None, seq, True)
+    final_local = final_local.unflatten(0, (batch, n_seg))  # [batch, S, dim, N]
+    # each segment's decay of the state it starts from: exp(A · ΣΔ), Δ as the kernel computes it
+    dt = delta.to(u.dtype).float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    if delta_softplus:
+        dt = F.softplus(dt)
+    dt_sum = dt.unflatten(-1, (n_seg, seg_len)).sum(-1).transpose(1, 2)  # [batch, S, dim]
+    decay = torch.exp(dt_sum[..., None] * A.float())  # [batch, S, dim, N]
+    link = None
+    if seq_idx is not None:  # a document boundary inside a segment or at its start cuts the carried state
+        parts = seq_idx.unflatten(-1, (n_seg, seg_len))
+        decay = decay * (parts[..., 1:] == parts[..., :-1]).all(-1)[..., None, None]
+        link = torch.ones(batch, n_seg, dtype=torch.bool, device=u.device)
+        link[:, 1:] = parts[:, 1:, 0] == parts[:, :-1, -1]
+    state = None if initial_state is None else initial_state.float()
+    starts = []
+    for k in range(n_seg):
+        if k:
+            prev = final_local[:, k - 1]
+            state = prev if state is None else torch.addcmul(prev, decay[:, k - 1], state)
+            if link is not None:
+                state = state * link[:, k, None, None]
+        starts.append(torch.zeros_like(final_local[:, 0]) if state is None else state)
+    h0 = torch.stack(starts, 1).flatten(0, 1)
+    # pass 2: every segment from the state that enters it
+    out = scan(u_s, delta_s, A, B_s, C_s, D, cut(z), delta_bias, delta_softplus, h0, seq, return_final_state)
+    y = (out[0] if return_final_state else out).unflatten(0, (batch, n_seg)).movedim(1, -2).flatten(-2)
+    if return_final_state:
+        return y, out[1].unflatten(0, (batch, n_seg))[:, -1]
+    return y
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

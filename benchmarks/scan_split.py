@@ -1,0 +1,108 @@
+"""Benchmark: the Mamba selective scan with its rows cut into S segments (zoo_kernels.selective_scan, seq_split).
+
+The CUDA kernel runs one block per 16 channels and row; at batch 1 a 130M layer fills 96 blocks, fewer than the
+card has multiprocessors, each walking the whole row. seq_split=S runs S segments per row in parallel (twice
+the scan work: module docstring of zoo_kernels.selective_scan). This times S = 1 (the unsplit kernel: the
+baseline, same run), 2, 4, 8, 16 and "auto" at the shapes of a training step, bf16 with D, z, Δ-bias and
+softplus, forward and forward+backward, and the floor (bytes of u, Δ, z, B, C read and y written, plus their
+gradients, over the copy bandwidth measured at start).
+
+    python benchmarks/scan_split.py [--out benchmarks/results.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+import torch
+import triton
+from ceilings import describe, floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
+
+SHAPES = [  # (label, batch, length, channels)
+    ("130M B=1 L=16384", 1, 16384, 1536),
+    ("370M B=1 L=16384", 1, 16384, 2048),
+    ("130M B=2 L=8192", 2, 8192, 1536),
+    ("130M B=8 L=2048", 8, 2048, 1536),
+]
+SPLITS = [1, 2, 4, 8, 16, "auto"]
+
+
+def bench(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results.jsonl")
+    args = ap.parse_args()
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")
+    card = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    command = "python " + " ".join(sys.argv)
+    print(f"{card}: {describe()}", flush=True)
+    rows = []
+    for label, batch, length, dim in SHAPES:
+        auto = ss.auto_seq_split(batch, dim, length, torch.device("cuda"))
+        times, floors = time_shape(ss, label, batch, length, dim)
+        for split, (t_f, t_fb) in times.items():
+            for what, ours, base, floor in (("fwd", t_f, times[1][0], floors[0]),
+                                            ("fwd+bwd", t_fb, times[1][1], floors[1])):
+                row = {
+                    "name": f"scan_split {what} {label}/S={split}", "card": card, "date": date, "command": command,
+                    "ours_ms": round(ours, 4), "baseline": "unsplit kernel (S=1), same run",
+                    "baseline_ms": round(base, 4), "ratio": round(base / ours, 3), "floor_ms": round(floor, 4),
+                    "seq_split": split if split != "auto" else f"auto={auto}",
+                    "shape": {"batch": batch, "L": length, "D": dim, "N": 16, "dtype": "bf16"},
+                }
+                rows.append(row)
+                with open(args.out, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+        print(" | ".join(f"S={k}: {v[0]:.3f}/{v[1]:.3f} ms" for k, v in times.items()) + f"  (auto={auto})",
+              flush=True)
+        torch.cuda.empty_cache()
+
+
+def time_shape(ss, label, batch, length, dim):
+    """{split: (fwd ms, fwd+bwd ms)} and the (fwd, fwd+bwd) floors of one shape."""
+    N, bf = 16, torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    u, z = rnd(batch, dim, length).to(bf), rnd(batch, dim, length).to(bf)
+    delta = (rnd(batch, dim, length) - 2).to(bf)
+    B, C = rnd(batch, N, length).to(bf), rnd(batch, N, length).to(bf)
+    A = -torch.exp(rnd(dim, N) * 0.5)
+    D, bias = rnd(dim), rnd(dim) * 0.1
+    leaves = [t.requires_grad_(True) for t in (u, delta, B, C, z)]
+    dy = rnd(batch, dim, length).to(bf)
+    elem = batch * length * (3 * dim + 2 * N) * 2
+    floors = (floor_ms(elem + batch * length * dim * 2), floor_ms(2 * (elem + batch * length * dim * 2) + elem))
+
+    def fwd(split):
+        return ss.selective_scan(u, delta, A, B, C, D, z, bias, True, backend="cuda", seq_split=split)
+
+    times = {}
+    for split in SPLITS:
+        if split != "auto" and (length % (split * 64) or (split > 1 and length // split < 256)):
+            continue
+        with torch.no_grad():
+            t_f = bench(lambda split=split: fwd(split))
+        times[split] = (t_f, bench(lambda split=split: torch.autograd.grad(fwd(split), leaves, dy)))
+        if split != 1:
+            with torch.no_grad():
+                err = (fwd(split).float() - fwd(1).float()).abs().max().item()
+            print(f"{label} S={split}: max |split - unsplit| = {err:.3g}", flush=True)
+    return times, floors
+
+
+if __name__ == "__main__":
+    main()
