@@ -12,8 +12,11 @@ loss in the position bins [1, L), [L, 2L), [2L, 4L), ... up to the evaluated len
 recipe's ``eval.margin`` (nats) and ``eval.factor``:
 
 - rises: the unmitigated curve has a bin in [L, factor·L) whose mean loss is above the reference by more than
-  margin; the reference is the lower of the unmitigated mean losses on [L/2, L) and [L, 2L) (the loss still
-  falls with context past L, so [L/2, L) alone would hide a later rise; ``state_capacity.judge_collapse`` agrees);
+  margin; the reference is the unmitigated mean loss on [L, 2L), the first positions past the training length
+  (``state_capacity.judge_collapse`` agrees). [L/2, L) is reported beside it but is not the reference: on the
+  H100 run of 2026-11-25 it sat 0.08-0.09 nats under [L, 2L) for every model, the non-collapsing default init
+  included, so it measures how much better a model is at in-distribution positions, not whether its loss rises
+  with position;
 - flat: every bin of the mitigated curve in [L, factor·L) stays within margin of that *unmitigated* reference
   (so a mitigation that is flat only because it is worse everywhere does not count).
 
@@ -71,17 +74,27 @@ def verdicts(curves: dict[str, list[dict]], train_length: int, factor: float, ma
         return [b for b in bins if train_length <= b["start"] < factor * train_length and math.isfinite(b["mean_loss"])]
 
     none = curves["none"]
-    refs = [r for r in (mean(none, train_length / 2, train_length), mean(none, train_length, 2 * train_length))
-            if r is not None]
-    if not refs or not after(none):
-        return {"rises": None, "reference": None, "worst": None, "worst_at": None, "flat": {}, "passed": False}
-    reference = min(refs)
+    reference = mean(none, train_length, 2 * train_length)
+    inside = mean(none, train_length / 2, train_length)
+    if reference is None or not after(none):
+        return {"rises": None, "reference": None, "inside": inside, "worst": None, "worst_at": None, "flat": {},
+                "passed": False}
     worst = max(after(none), key=lambda b: b["mean_loss"])
     flat = {spec: bool(after(bins)) and max(b["mean_loss"] for b in after(bins)) <= reference + margin
             for spec, bins in curves.items() if spec != "none"}
     rises = worst["mean_loss"] > reference + margin
-    return {"rises": rises, "reference": reference, "worst": worst["mean_loss"], "worst_at": worst["start"],
+    return {"rises": rises, "reference": reference, "inside": inside, "worst": worst["mean_loss"],
+            "worst_at": worst["start"],
             "flat": flat, "passed": rises and any(flat.values())}
+
+
+def verdict_word(v: dict) -> str:
+    """PASS (collapses, and some mitigation stays flat), FAIL (collapses, none does), or no collapse."""
+    if v["rises"] is None:
+        return "not judged (no bins past L)"
+    if not v["rises"]:
+        return "no collapse (nothing to mitigate)"
+    return "PASS" if v["passed"] else "FAIL"
 
 
 def report(sweep: dict) -> tuple[str, dict]:
@@ -109,10 +122,11 @@ def report(sweep: dict) -> tuple[str, dict]:
         summary[run["name"]] = {"train_length": L, "octaves": {s: octave_bins(b, L) for s, b in curves.items()}, **v}
         flat = [s for s, ok in v["flat"].items() if ok]
         text += (f"## {run['name']} (L = {L}; mean loss, nats/token, by position)\n\n{markdown_table(rows)}\n\n"
-                 f"rises past L: {v['rises']} (reference min([L/2, L), [L, 2L)) {v['reference']:.4f}, worst bin in "
+                 f"rises past L: {v['rises']} (reference [L, 2L) {v['reference']:.4f}; [L/2, L) "
+                 f"{v['inside'] if v['inside'] is None else round(v['inside'], 4)}; worst bin in "
                  f"[L, {ev['factor']:g}L) {v['worst']:.4f} at {v['worst_at']}; margin {ev['margin']})  \n"
                  f"flat to {ev['factor']:g}L: {', '.join(flat) or 'none'}  \n"
-                 f"**{'PASS' if v['passed'] else 'FAIL'}**\n\n")
+                 f"**{verdict_word(v)}**\n\n")
     return text, summary
 
 

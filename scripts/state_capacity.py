@@ -14,7 +14,7 @@ loss on long documents, state carried chunk to chunk) without and with every ``e
 caps each head's state norm at F times its largest norm over the documents' first L tokens).
 
 Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the bins
-in [L/2, L) by more than ``margin`` nats. The capacity length of a model is the shortest trained L such that
+in [L, 2L) (the first positions past the training length) by more than ``margin`` nats. The capacity length of a model is the shortest trained L such that
 neither L nor any longer trained length collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
 the recurrent state in millions of floats (SSM states only, no conv buffers: n_heads·head_dim·d_state per
 mamba2 layer, as the paper counts), compared with the paper's 5.172 · S − 4.469. Writes summary.md,
@@ -114,18 +114,18 @@ def ssm_state_floats(model_config: dict) -> int:
 
 def judge_collapse(bins: list[dict], train_length: int, factor: float, margin: float) -> dict:
     """Collapse when a bin in [L, factor·L) is worse than the reference by > margin nats. The reference is the
-    lower of the mean losses over [L/2, L) and [L, 2L): loss keeps falling with context just past L, so
-    [L/2, L) alone would hide a rise that starts later (scripts/collapse.py judges the same way)."""
+    mean loss over [L, 2L), the first positions past the training length: [L/2, L) is lower for every model,
+    collapsing or not (in-distribution positions), so it would call a model that stays flat past L collapsed
+    (scripts/collapse.py judges the same way)."""
     def mean(lo: float, hi: float) -> float | None:
         rows = [b["mean_loss"] for b in bins if b["start"] >= lo and b["end"] <= hi and math.isfinite(b["mean_loss"])]
         return sum(rows) / len(rows) if rows else None
 
-    refs = [r for r in (mean(train_length / 2, train_length), mean(train_length, 2 * train_length)) if r is not None]
+    reference = mean(train_length, 2 * train_length)
     after = [b for b in bins if b["start"] >= train_length and b["start"] < factor * train_length
              and math.isfinite(b["mean_loss"])]
-    if not refs or not after:
+    if reference is None or not after:
         return {"collapsed": None, "reference": None, "worst": None, "worst_at": None}
-    reference = min(refs)
     worst = max(after, key=lambda b: b["mean_loss"])
     return {"collapsed": worst["mean_loss"] > reference + margin, "reference": reference,
             "worst": worst["mean_loss"], "worst_at": worst["start"]}

@@ -55,12 +55,21 @@ def test_collapse_report_bins_and_verdicts():
     assert [o["mean_loss"] for o in octaves] == [2.0, 2.0, 2.0, 3.0, 3.0]
     v = collapse.verdicts({"none": rising, "window:r=64": flat, "forget:c_dt=0.5": worse}, L, 8, 0.1)
     assert v["rises"] and v["flat"] == {"window:r=64": True, "forget:c_dt=0.5": False} and v["passed"]
+    assert collapse.verdict_word(v) == "PASS"
     v = collapse.verdicts({"none": flat, "window:r=64": flat}, L, 8, 0.1)
     assert not v["rises"] and not v["passed"]
-    # the loss still falls with context past L: a later rise counts from the better of [L/2, L) and [L, 2L)
+    assert collapse.verdict_word(v) == "no collapse (nothing to mitigate)"
+    # the loss still falls with context past L: a later rise counts from [L, 2L)
     late = curve(lambda s: 2.4 if s < 64 else 2.1 if s < 128 else 2.25)
     v = collapse.verdicts({"none": late, "window:r=64": curve(lambda s: 2.4 if s < 64 else 2.1)}, L, 8, 0.1)
     assert v["rises"] and v["reference"] == 2.1 and v["flat"] == {"window:r=64": True}
+    # in-distribution positions [L/2, L) lower than everything past L is not collapse: the curve is flat past L
+    dip = curve(lambda s: 1.9 if 32 <= s < 64 else 2.05)
+    v = collapse.verdicts({"none": dip, "window:r=64": dip}, L, 16, 0.1)
+    assert not v["rises"] and v["reference"] == 2.05 and v["inside"] == 1.9
+    # and the mitigated curve is judged against [L, 2L) + margin: 2.2 at 8L-16L is not flat
+    v = collapse.verdicts({"none": rising, "window:r=64": curve(lambda s: 2.2 if s >= 512 else 2.0)}, L, 16, 0.1)
+    assert v["rises"] and v["flat"] == {"window:r=64": False} and not v["passed"]
 
 
 @pytest.mark.parametrize("bad", ["eval.mitigations=[forget:c_alpha=2]", "eval.nope=1"])

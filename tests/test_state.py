@@ -417,9 +417,12 @@ def test_state_capacity_fit_recovers_a_line():
     assert shortest == {"a": 4096, "b": 8192, "c": 16384}
     slope, intercept = script.fit_line([sizes[m] for m in shortest], [shortest[m] / script.K for m in shortest])
     assert abs(slope - 4) < 1e-9 and abs(intercept - 2) < 1e-9
-    bins = [{"start": s, "end": 2 * s, "mean_loss": 1.0 if s < 256 else 1.5} for s in (64, 128, 256, 512)]
+    bins = [{"start": s, "end": 2 * s, "mean_loss": {256: 1.2, 512: 1.5}.get(s, 1.0)} for s in (64, 128, 256, 512)]
     assert script.judge_collapse(bins, 256, 8, 0.1)["collapsed"]
     assert not script.judge_collapse(bins, 256, 8, 0.6)["collapsed"]
+    # lower loss inside the training length alone is not collapse: flat from L on
+    bins = [{"start": s, "end": 2 * s, "mean_loss": 1.0 if s < 256 else 1.3} for s in (64, 128, 256, 512, 1024)]
+    assert not script.judge_collapse(bins, 256, 8, 0.1)["collapsed"]
     # loss still falling just past L, rising later: [L, 2L) is the reference, the rise is seen
     bins = [{"start": s, "end": 2 * s, "mean_loss": v} for s, v in ((128, 2.3), (256, 2.1), (512, 2.15), (1024, 2.25))]
     verdict = script.judge_collapse(bins, 256, 8, 0.1)
