@@ -206,3 +206,16 @@ def test_fla_chunked_equals_whole():
     b = outputs_and_grads(fla, inputs, None)
     for name in a:
         assert rel_err(a[name], b[name]) < TOL, name
+
+
+def test_document_boundaries_are_converted_once_per_seq_idx():
+    """seq_idx -> cu_seqlens syncs with the device: kept for the same, unmodified tensor; redone otherwise."""
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, 3, 3]])
+    first = fast._documents(seq_idx)
+    assert first[1].tolist() == [0, 2, 5, 8, 10] and first[2].device.type == "cpu"
+    assert first[4].tolist() == [1, 3]  # the last document of each row
+    assert fast._documents(seq_idx) is first
+    seq_idx[0, 1] = 1  # in place: a new document boundary
+    again = fast._documents(seq_idx)
+    assert again is not first and again[1].tolist() == [0, 1, 5, 8, 10]
+    assert fast._documents(seq_idx.clone()) is not again

@@ -322,20 +322,10 @@ def test_selective_scan_seq_split_choice(monkeypatch):
     with pytest.raises(ValueError, match="seq_split"):
         ss.selective_scan(x, x, torch.zeros(4, 2), torch.zeros(1, 2, 6), torch.zeros(1, 2, 6), backend="ref",
                           seq_split=0)
-    assert ss.auto_seq_split(1, 1536, 16384, torch.device("cpu")) == 1
-    monkeypatch.setattr(ss, "_sm_count", lambda index: 132)
-    cuda = torch.device("cuda", 0)
-    assert ss.auto_seq_split(8, 1536, 2048, cuda) == 1  # 768 blocks: full
-    assert ss.auto_seq_split(1, 1536, 16384, cuda) == 4  # 96 blocks -> 384 (<= 4 per SM), segments of 4096
-    assert ss.auto_seq_split(1, 1536, 4096, cuda) == 2  # segments of at least MIN_SEGMENT = 2048
-    assert ss.auto_seq_split(1, 1536, 2048, cuda) == 1
-    assert ss.auto_seq_split(2, 768, 8192, cuda) == 4  # 96 blocks
-    assert ss.auto_seq_split(1, 1536, 16384 + 64, cuda) == 1  # segments must be whole 64-step chunks
-    monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "1")
-    assert ss._resolve_seq_split("auto", "cuda", 1, 1536, 16384, cuda) == 1
+    assert ss._resolve_seq_split(None, 16384) == 1  # off unless asked for
     monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "8")
-    assert ss._resolve_seq_split("auto", "ref", 1, 1536, 16384, cuda) == 8
-    assert ss._resolve_seq_split(2, "cuda", 1, 1536, 16384, cuda) == 2  # an explicit argument wins
+    assert ss._resolve_seq_split(None, 16384) == 8
+    assert ss._resolve_seq_split(2, 16384) == 2  # an explicit argument wins
 
 
 def test_selective_scan_channel_blocks(monkeypatch):

@@ -170,6 +170,35 @@ def best_backend(device: torch.device) -> str | None:
     return "fla" if verdict is None or verdict[0] else None
 
 
+_DOCUMENTS: list = []  # [(weakref to seq_idx, its _version, the result)]: the last conversion
+
+
+def _documents(seq_idx: torch.Tensor):
+    """(begins, cu_seqlens, cu_seqlens on the CPU, row_start, last_of_row) of a [batch, length] seq_idx.
+
+    The conversion syncs with the device (nonzero, the CPU copy fla wants) and every GLA layer of a forward
+    (and its backward) gets the same seq_idx tensor: the last result is kept while that tensor is alive and
+    unmodified, so a model pays the sync once per batch, not once per layer and pass.
+    """
+    import weakref
+
+    if _DOCUMENTS:
+        ref, version, cached = _DOCUMENTS[0]
+        if ref() is seq_idx and seq_idx._version == version:
+            return cached
+    batch, length = seq_idx.shape
+    starts = torch.ones(batch, length, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    begins = starts.flatten().nonzero().flatten()  # first token of each document in the flat sequence
+    cu_seqlens = torch.cat([begins, begins.new_tensor([batch * length])])
+    row_start = begins % length == 0
+    first_of_row = row_start.nonzero().flatten()  # document index of each row's first document
+    last_of_row = torch.cat([first_of_row[1:] - 1, first_of_row.new_tensor([begins.numel() - 1])])
+    result = (begins, cu_seqlens, cu_seqlens.cpu(), row_start, last_of_row)
+    _DOCUMENTS[:] = [(weakref.ref(seq_idx), seq_idx._version, result)]
+    return result
+
+
 def _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state):
     """Our chunk_gla contract through fla's API; seq_idx becomes cu_seqlens over the flattened batch."""
     batch, length, heads, _ = q.shape
@@ -177,11 +206,7 @@ def _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state):
     if seq_idx is None:
         o, final = fn(q, k, v, g, scale=scale, initial_state=init, output_final_state=return_final_state)
         return o.to(q.dtype), (final.float() if return_final_state else None)
-    starts = torch.ones(batch, length, dtype=torch.bool, device=q.device)
-    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
-    begins = starts.flatten().nonzero().flatten()  # first token of each document in the flat sequence
-    cu_seqlens = torch.cat([begins, begins.new_tensor([batch * length])])
-    row_start = begins % length == 0
+    begins, cu_seqlens, cu_seqlens_cpu, row_start, last_of_row = _documents(seq_idx)
     if init is not None:
         # each row's initial state goes to its first document; later documents start from zero
         init = init[begins // length] * row_start.to(init.dtype)[:, None, None, None]
@@ -192,13 +217,11 @@ def _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state):
         initial_state=init,
         output_final_state=return_final_state,
         cu_seqlens=cu_seqlens,
-        cu_seqlens_cpu=cu_seqlens.cpu(),
+        cu_seqlens_cpu=cu_seqlens_cpu,
     )
     o = o.reshape(batch, length, heads, v.shape[-1]).to(q.dtype)
     if not return_final_state:
         return o, None
-    first_of_row = row_start.nonzero().flatten()  # document index of each row's first document
-    last_of_row = torch.cat([first_of_row[1:] - 1, first_of_row.new_tensor([begins.numel() - 1])])
     return o, final[last_of_row].float()
 
 

@@ -1,18 +1,20 @@
 """Mamba-1 selective scan: one entry point, the CUDA kernel on NVIDIA GPUs, the torch reference elsewhere.
 
-Sequence split: the CUDA kernel runs one block per 16 channels and batch row, each over the whole sequence, so
-at batch 1 the 130M layer (1536 channels) fills 96 blocks: fewer than the H100's or H200's 132 multiprocessors,
-each walking 16K steps at L = 16K. `seq_split=S` cuts every row into S segments that run as S rows in parallel:
-pass 1 scans each segment from a zero state for its final state f_s; the state entering segment s is then
+Sequence split (`seq_split=S`, off by default): the CUDA kernel runs one block per 16 channels and batch row,
+each over the whole sequence, so at batch 1 a 130M layer (1536 channels) fills 96 blocks, fewer than an
+H100's or H200's 132 multiprocessors. seq_split=S cuts every row into S segments that run as S rows in
+parallel: pass 1 scans each segment from a zero state for its final state f_s; the state entering segment s is
 h_s = P_{s-1} h_{s-1} + f_{s-1}, with P the segment's decay exp(A · ΣΔ) (the recurrence is linear), and pass 2
 scans each segment again from h_s for the outputs. Autograd runs the same two passes backwards, so the result
-and every gradient equal the unsplit scan's (tests/test_kernel_refs.py); the work doubles, the parallelism
-grows S-fold. "auto" splits only where the grid would leave the GPU mostly idle (`auto_seq_split`).
+and every gradient equal the unsplit scan's (tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py).
+Measured on an H200 (benchmarks/scan_split.py, 2026-12-03) it is slower at every shape tried, B = 1 and
+L = 16K included (S = 4: 4.29 vs 2.87 ms fwd+bwd; a jamba-130m training step at 16K: 139K vs 158K tokens/s):
+the doubled work costs more than the extra parallelism returns. So it is never chosen automatically; a split
+inside the kernel (pass 1 computing only states) is what could pay, and is not built.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -42,7 +44,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    initial_state=None, seq_idx=None, return_final_state=False, backend: str = "auto", seq_split="auto",
+    initial_state=None, seq_idx=None, return_final_state=False, backend: str = "auto", seq_split=None,
 ):
     """Selective scan h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t, y_t = C_t·h_t + D u_t, out = y * silu(z).
 
@@ -50,8 +52,8 @@ def selective_scan(
     (channel d reads group d // (D // G)); D, delta_bias [D]; initial_state [batch, D, N];
     seq_idx [batch, L] int (the state restarts from zero where it changes). Returns out [batch, D, L]
     in u's dtype, and with return_final_state also the final state [batch, D, N] in fp32.
-    seq_split: segments per row run in parallel (module docstring); "auto" (default; $ZOO_SCAN_SEQ_SPLIT
-    overrides it, e.g. 1 to turn it off) splits on CUDA only where the kernel's grid would underfill the GPU.
+    seq_split: segments per row scanned in parallel (module docstring; exact, but measured slower); None reads
+    $ZOO_SCAN_SEQ_SPLIT, else 1 (no split).
     """
     backend = resolve_backend(backend, u.device)
     if backend == "cuda":
@@ -59,51 +61,20 @@ def selective_scan(
     else:
         scan = selective_scan_ref
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, return_final_state)
-    n_seg = _resolve_seq_split(seq_split, backend, u.shape[0], u.shape[1], u.shape[2], u.device)
+    n_seg = _resolve_seq_split(seq_split, u.shape[2])
     if n_seg > 1:
         return _split_scan(scan, n_seg, *args)
     return scan(*args)
 
 
 SEQ_SPLIT_ENV = "ZOO_SCAN_SEQ_SPLIT"
-# auto: split only when batch x channel blocks fill fewer than this many blocks per multiprocessor, into
-# segments of at least MIN_SEGMENT steps (a multiple of the kernel's 64-step chunk)
-AUTO_BLOCKS_PER_SM = 1.0
-MIN_SEGMENT = 2048
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def auto_seq_split(batch: int, dim: int, length: int, device: torch.device) -> int:
-    """Segments per row for the CUDA kernel: 1 unless batch · ⌈dim/16⌉ blocks leave the GPU underfilled.
-
-    Then the largest power of two S with batch · ⌈dim/16⌉ · S ≤ 4 blocks per multiprocessor, segments of at
-    least MIN_SEGMENT steps and S dividing the length into whole 64-step chunks.
-    """
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    blocks = batch * -(-dim // 16)
-    if blocks >= AUTO_BLOCKS_PER_SM * sms:
-        return 1
-    n_seg = 1
-    while (blocks * n_seg * 2 <= 4 * sms and length % (n_seg * 2 * 64) == 0
-           and length // (n_seg * 2) >= MIN_SEGMENT):
-        n_seg *= 2
-    return n_seg
-
-
-def _resolve_seq_split(seq_split, backend: str, batch: int, dim: int, length: int, device) -> int:
-    env = os.environ.get(SEQ_SPLIT_ENV)
-    if seq_split == "auto" and env:
-        seq_split = env if env == "auto" else int(env)
-    if seq_split == "auto":
-        return auto_seq_split(batch, dim, length, device) if backend == "cuda" else 1
+def _resolve_seq_split(seq_split, length: int) -> int:
+    if seq_split is None:
+        seq_split = int(os.environ.get(SEQ_SPLIT_ENV) or 1)
     if not isinstance(seq_split, int) or seq_split < 1:
-        raise ValueError(f"seq_split must be 'auto' or a positive int, got {seq_split!r}")
+        raise ValueError(f"seq_split must be a positive int, got {seq_split!r}")
     if length % seq_split:
         raise ValueError(f"seq_split={seq_split} does not divide the sequence length {length}")
     return seq_split
