@@ -63,7 +63,9 @@ class Recipe:
     run fields, e.g. optim.lr); select_over: sweep keys the summary maximises over. curriculum: phases
     {seq_len, max_steps[, micro_batch_size][, lr]} trained in order before the main phase (data.seq_len,
     train.max_steps), each with its own warmup and cosine decay; phases may not be longer than data.seq_len,
-    so the model never sees a row longer than the training length."""
+    so the model never sees a row longer than the training length. model_overrides: model name -> {dotted run
+    key: value}, applied to that model's runs after the sweep point (e.g. {mamba: {train.state_passing: true}}:
+    settings only one family can take, such as state passing, which attention refuses)."""
 
     models: dict[str, Any]
     data: DataSection
@@ -75,6 +77,7 @@ class Recipe:
     schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(warmup_steps=100))
     eval: EvalSection = field(default_factory=EvalSection)
     curriculum: list[dict[str, Any]] = field(default_factory=list)
+    model_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -134,13 +137,18 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
     keys = list(data.get("sweep", {}))
     grid = [dict(zip(keys, values)) for values in itertools.product(*(data["sweep"][k] for k in keys))] or [{}]
     runs = []
+    unknown = set(data.get("model_overrides") or {}) - set(data["models"])
+    if unknown:
+        raise ValueError(f"model_overrides: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
     for model_name, model_config in data["models"].items():
         if only and model_name not in only:
             continue
         for point in grid:
-            run_data = copy.deepcopy({k: v for k, v in data.items() if k not in ("models", "sweep")})
+            run_data = copy.deepcopy({k: v for k, v in data.items()
+                                      if k not in ("models", "sweep", "model_overrides")})
             config = copy.deepcopy(model_config)
-            for key, value in point.items():
+            own = (data.get("model_overrides") or {}).get(model_name) or {}
+            for key, value in [*point.items(), *own.items()]:
                 if key.startswith("model."):
                     _set_dotted(config, key[len("model."):], value)
                 else:

@@ -198,7 +198,7 @@ def test_rmsnorm_fused_on_cuda_equals_the_cpu_formula(dtype):
     outs = {}
     for device in ("cpu", "cuda"):
         n = norm.to(device).to(dtype)
-        xi = x.to(device).requires_grad_(True)
+        xi = x.detach().clone().to(device).requires_grad_(True)  # a leaf on each device (x.to("cpu") is x itself)
         y = n(xi)
         y.backward(gy.to(device))
         outs[device] = (y.float().cpu(), xi.grad.float().cpu(), n.weight.grad.float().cpu())

@@ -427,3 +427,15 @@ def test_state_capacity_fit_recovers_a_line():
     bins = [{"start": s, "end": 2 * s, "mean_loss": v} for s, v in ((128, 2.3), (256, 2.1), (512, 2.15), (1024, 2.25))]
     verdict = script.judge_collapse(bins, 256, 8, 0.1)
     assert verdict["reference"] == 2.1 and verdict["collapsed"] and verdict["worst_at"] == 1024
+
+
+def test_synthetic_recipe_model_overrides_apply_to_their_model_only():
+    script = load_script("train_synthetic")
+    recipe = script.load_recipe(ROOT / "configs/train/induction.yaml")
+    runs = {r.model_name: r for r in script.expand_runs(recipe)}
+    assert runs["mamba"].section.train.state_passing and runs["mamba"].section.train.max_steps == 20000
+    assert not runs["attention"].section.train.state_passing
+    assert runs["attention"].section.train.max_steps == recipe["train"]["max_steps"]
+    recipe["model_overrides"]["mamba2"] = {"train.max_steps": 5}
+    with pytest.raises(ValueError, match="model_overrides: no model named"):
+        script.expand_runs(recipe)
