@@ -28,6 +28,20 @@ def mark_no_weight_decay(module: nn.Module, *names: str) -> None:
             pass  # an optional parameter (a bias that is off)
 
 
+def decoded_constants(module: nn.Module, key: str, params: tuple, make):
+    """``make()`` (tensors derived from ``params``, e.g. fp32 copies), kept on ``module`` while none of the
+    parameters changes (same storage, same version) and autograd is off: a decode step then launches no kernel to
+    recompute them. With autograd on it is computed afresh (the result must stay in the graph)."""
+    if torch.is_grad_enabled():
+        return make()
+    stamp = tuple((p.data_ptr(), p._version, p.device) for p in params if p is not None)
+    cached = module.__dict__.get(key)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, make())
+        module.__dict__[key] = cached
+    return cached[1]
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32. x: [..., d]."""
 
@@ -45,6 +59,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         if x.is_cuda:  # one fused kernel each way (aten::_fused_rms_norm) instead of five pointwise/reduction ones
+            if x.dtype == self.weight.dtype:  # bf16/fp16 in: the kernel computes in fp32 and rounds once at the end
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
             return F.rms_norm(xf, (xf.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
@@ -180,4 +196,5 @@ class Block(nn.Module):
         return x, aux
 
 
-__all__ = ["RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "mark_no_weight_decay"]
+__all__ = ["decoded_constants", "RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_",
+           "mark_no_weight_decay"]

@@ -83,12 +83,13 @@ class GLA(nn.Module):
             k = k * attention_mask[:, -T:, None, None].to(k.dtype)
         initial = cache.recurrent_state if cache is not None and cache.has_state else None
         if cache is not None and initial is not None and T == 1 and seq_idx is None:
-            state = initial.clone()
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import gla_step
 
+                state = initial.clone()
                 o = gla_step(self, state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5, cache)[:, None]
-            else:
+            else:  # in place: a CUDA graph replaying the step finds the state at the same address
+                state = initial
                 o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5)[:, None]
             cache.set(recurrent_state=state)
         else:

@@ -10,7 +10,7 @@ from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, sel
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import RMSNorm, init_copy_, mark_no_weight_decay
+from zoo.layers import RMSNorm, decoded_constants, init_copy_, mark_no_weight_decay
 from zoo.registry import register_mixer
 
 
@@ -104,6 +104,42 @@ class Mamba(nn.Module):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return self.dt_proj(dt), B, C
 
+    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """A = -exp(A_log), D, the conv weight [d_inner, d_conv] and bias in fp32: kept across decode steps while
+        the parameters do not change (without autograd), so a step launches no kernel to recompute them."""
+        return decoded_constants(self, "_step_constants", (self.A_log, self.D, self.conv1d.weight, self.conv1d.bias),
+                                 lambda: (-torch.exp(self.A_log.float()), self.D.float(),
+                                          self.conv1d.weight[:, 0, :].float().contiguous(),
+                                          None if self.conv1d.bias is None else self.conv1d.bias.float()))
+
+    @torch.no_grad()
+    def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+        """One token [B, 1, d_model] from the cached conv and SSM states, which are updated in place (a CUDA
+        graph replaying the step finds them at the same address). On CUDA: in_proj, the conv kernel, x_proj,
+        dt_proj, the state-update kernel (B, C and z read in place from the projections) and out_proj."""
+        A, D, w, conv_bias = self._decode_constants()
+        xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
+        xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
+        if mask is not None:
+            xs = xs * mask[:, 0, None]
+        conv_state = cache.conv_state
+        if conv_state.dtype != torch.float32 or not conv_state.is_contiguous():
+            conv_state = conv_state.float().contiguous()  # once; later steps update it in place
+        u = causal_conv1d_update(conv_state, xs, w, conv_bias, "silu", backend=backend)  # (B, d_inner)
+        if mask is not None:
+            u = u * mask[:, 0, None]
+        delta, B, C = self._split_dbc(self.x_proj(u))  # delta (B, d_inner), bias included
+        state = cache.recurrent_state
+        if self.mitigation or self.state_probe is not None:
+            from zoo.state.mitigation import mamba_step
+
+            state = state.clone()
+            y = mamba_step(self, state, u, delta, A, B, C, z, cache, backend)
+        else:
+            y = selective_state_update(state, u, delta, A, B, C, D, z, None, True, backend=backend)
+        cache.set(conv_state, state)
+        return self.out_proj(y[:, None, :].to(x.dtype))
+
     def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]. attention_mask [B, ≥T] (1 = token) zeroes pad inputs."""
@@ -118,21 +154,7 @@ class Mamba(nn.Module):
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
 
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
-            conv_state = cache.conv_state.clone()
-            u = causal_conv1d_update(conv_state, xs[:, :, 0], w, self.conv1d.bias, "silu")  # (B, d_inner)
-            if mask is not None:
-                u = u * mask[:, 0, None]
-            delta, B, C = self._split_dbc(self.x_proj(u))  # delta (B, d_inner), bias included
-            state = cache.recurrent_state.clone()
-            if self.mitigation or self.state_probe is not None:
-                from zoo.state.mitigation import mamba_step
-
-                y = mamba_step(self, state, u, delta, A, B, C, z[:, :, 0], cache, backend)
-            else:
-                y = selective_state_update(state, u, delta, A, B, C, self.D.float(), z[:, :, 0], None, True,
-                                           backend=backend)
-            cache.set(conv_state, state)
-            return self.out_proj(y[:, None, :].to(x.dtype))
+            return self._step(x, cache, mask, backend)
 
         conv_init = cache.conv_state if cache is not None and cache.has_state else None
         ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None

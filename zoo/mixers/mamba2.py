@@ -10,7 +10,7 @@ from zoo_kernels import causal_conv1d, causal_conv1d_update, ssd_chunk_scan, ssd
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, init_copy_, mark_no_weight_decay
+from zoo.layers import GatedRMSNorm, decoded_constants, init_copy_, mark_no_weight_decay
 from zoo.registry import register_mixer
 
 
@@ -110,24 +110,31 @@ class Mamba2(nn.Module):
         if mask is not None:
             xBC = xBC * mask[..., None]
         w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
-        A = -torch.exp(self.A_log.float())  # (H,)
+        A = decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
         backend = backends.resolve("ssd", self.scan_backend, x.device)
 
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
-            conv_state = cache.conv_state.clone()
-            xBC = causal_conv1d_update(conv_state, xBC[:, 0], w, self.conv1d.bias, "silu")  # (B, conv_dim)
+            conv_state = cache.conv_state  # updated in place (a CUDA graph replaying the step finds it there)
+            if conv_state.dtype != torch.float32 or not conv_state.is_contiguous():
+                conv_state = conv_state.float().contiguous()  # once
+            w32, b32, D32, bias32 = decoded_constants(
+                self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
+                lambda: (w.float().contiguous(), None if self.conv1d.bias is None else self.conv1d.bias.float(),
+                         self.D.float(), self.dt_bias.float()))
+            xBC = causal_conv1d_update(conv_state, xBC[:, 0], w32, b32, "silu")  # (B, conv_dim)
             if mask is not None:
                 xBC = xBC * mask[:, 0, None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
-            state = cache.recurrent_state.clone()
+            state = cache.recurrent_state
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import mamba2_step
 
+                state = state.clone()
                 y = mamba2_step(self, state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
                                 cache, backend)
             else:
                 y = ssd_state_update(state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
-                                     self.D.float(), None, self.dt_bias.float(), True, backend=backend)
+                                     D32, None, bias32, True, backend=backend)
             cache.set(conv_state, state)
             y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
         else:

@@ -43,8 +43,17 @@ def causal_conv1d(x, weight, bias=None, seq_idx=None, initial_state=None, activa
     return causal_conv1d_ref(*args)
 
 
-def causal_conv1d_update(conv_state, x, weight, bias=None, activation=None):
-    """One decoding step; shifts x [batch, D] into conv_state [batch, D, W-1] in place, returns y [batch, D]."""
+def causal_conv1d_update(conv_state, x, weight, bias=None, activation=None, backend: str = "auto"):
+    """One decoding step; shifts x [batch, D] into conv_state [batch, D, W-1] in place, returns y [batch, D].
+
+    On CUDA one kernel when the state is a contiguous fp32 tensor and x has unit channel stride (x may be a
+    column slice of a wider projection); otherwise the torch reference."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "cuda":
+        from zoo_kernels.conv1d.cuda import causal_conv1d_update_cuda, update_supported
+
+        if update_supported(conv_state, x, weight):
+            return causal_conv1d_update_cuda(conv_state, x, weight, bias, activation)
     return causal_conv1d_update_ref(conv_state, x, weight, bias, activation)
 
 

@@ -132,4 +132,21 @@ def causal_conv1d_cuda(x, weight, bias=None, seq_idx=None, initial_state=None, a
     return y, _final_state(x, initial_state, seq_idx, width)
 
 
-__all__ = ["available", "why_unavailable", "causal_conv1d_cuda", "WIDTHS"]
+def update_supported(conv_state, x, weight) -> bool:
+    """Whether `causal_conv1d_update_cuda` takes these tensors: a contiguous fp32 state on CUDA, x [batch, D] with
+    unit channel stride in fp32/bf16/fp16, width 2..4."""
+    return (conv_state.is_cuda and conv_state.dtype == torch.float32 and conv_state.is_contiguous()
+            and x.dim() == 2 and x.stride(1) == 1 and x.dtype in _DTYPES and weight.shape[-1] in WIDTHS)
+
+
+def causal_conv1d_update_cuda(conv_state, x, weight, bias=None, activation=None):
+    """One decoding step in one kernel; shifts x [batch, D] into conv_state [batch, D, W-1] (fp32, contiguous)
+    in place and returns y [batch, D] in x's dtype. weight [D, W] and bias [D] are read as fp32 (pass fp32
+    tensors to avoid a conversion per call)."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"causal_conv1d_update: activation must be None or 'silu', got {activation!r}")
+    return _module().update(conv_state, x, _f32(weight), _f32(bias), activation == "silu")
+
+
+__all__ = ["available", "why_unavailable", "causal_conv1d_cuda", "causal_conv1d_update_cuda", "update_supported",
+           "WIDTHS"]

@@ -43,11 +43,24 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, seq_idx=None, return_f
     return chunk_gla_ref(*args)
 
 
-def gla_state_update(state, q, k, v, g, scale=None):
+def gla_state_update(state, q, k, v, g, scale=None, backend: str = "auto"):
     """One decoding step; updates `state` [batch, H, K, V] (fp32) in place, returns o [batch, H, V].
 
-    q, k, g [batch, H, K]; v [batch, H, V].
+    q, k, g [batch, H, K]; v [batch, H, V]. backend "auto": one Triton kernel on CUDA where Triton imports
+    (zoo_kernels.gla.step), the torch reference otherwise; "triton" forces the kernel (on CPU it needs
+    TRITON_INTERPRET=1), "ref" the reference.
     """
+    if backend not in ("auto", "triton", "ref"):
+        raise ValueError(f"gla_state_update backend must be 'auto', 'triton' or 'ref', got {backend!r}")
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+        try:
+            from zoo_kernels.gla import step
+        except ImportError:
+            if backend == "triton":
+                raise
+        else:
+            if step.supported(state, q, k, v, g):
+                return step.gla_state_update_triton(state, q, k, v, g, scale)
     return gla_state_update_ref(state, q, k, v, g, scale)
 
 

@@ -197,8 +197,11 @@ def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=N
         t = t.to(dtype)
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    B3 = (B if B.dim() == 3 else B.unsqueeze(1)).to(dtype).contiguous()
-    C3 = (C if C.dim() == 3 else C.unsqueeze(1)).to(dtype).contiguous()
+    def rows(t):  # [batch, G, N] with unit stride over N and groups N apart; a batch stride is taken as it is
+        t = (t if t.dim() == 3 else t.unsqueeze(1)).to(dtype)
+        return t if t.stride(2) == 1 and (t.shape[1] == 1 or t.stride(1) == t.shape[2]) else t.contiguous()
+
+    B3, C3 = rows(B), rows(C)
     work = state if state.dtype == torch.float32 and state.is_contiguous() else state.float().contiguous()
     y = ext.state_update(work, unit_stride(x), unit_stride(dt), _f32(A), B3, C3, _f32(D),
                          None if z is None else unit_stride(z), _f32(dt_bias), bool(dt_softplus))

@@ -256,4 +256,49 @@ cudaError_t conv(const ConvParams& p, DType dtype, bool backward, cudaStream_t s
   return cudaErrorInvalidValue;
 }
 
+// One thread per (batch row, channel): reads its width - 1 stored inputs and the new one, writes the output and
+// shifts the new input into the state. A decode step of a Mamba layer moves 16 bytes of state per channel.
+template <typename T>
+__global__ void conv_update_kernel(const UpdateParams p) {
+  const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+  if (d >= p.dim) return;
+  const int W = p.width;
+  float* st = p.state + (size_t(b) * p.dim + d) * (W - 1);
+  const float* w = p.weight + size_t(d) * W;
+  const float x = to_f(static_cast<const T*>(p.x)[b * p.x_stride + d]);
+  float s[3];
+  float acc = p.bias ? p.bias[d] : 0.f;
+#pragma unroll
+  for (int k = 0; k < 3; ++k) {
+    if (k < W - 1) {
+      s[k] = st[k];
+      acc = fmaf(w[k], s[k], acc);
+    }
+  }
+  acc = fmaf(w[W - 1], x, acc);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    if (k < W - 2) st[k] = s[k + 1];
+  }
+  st[W - 2] = x;
+  if (p.silu) acc = acc * __fdividef(1.f, 1.f + __expf(-acc));
+  static_cast<T*>(p.out)[b * p.out_stride + d] = from_f<T>(acc);
+}
+
+template <typename T>
+cudaError_t launch_conv_update(const UpdateParams& p, cudaStream_t stream) {
+  constexpr int kThreads = 128;
+  conv_update_kernel<T><<<dim3((p.dim + kThreads - 1) / kThreads, p.batch), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t conv_update(const UpdateParams& p, DType dtype, cudaStream_t stream) {
+  switch (dtype) {
+    case kFloat32: return launch_conv_update<float>(p, stream);
+    case kBFloat16: return launch_conv_update<__nv_bfloat16>(p, stream);
+    case kFloat16: return launch_conv_update<__half>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace zoo_conv

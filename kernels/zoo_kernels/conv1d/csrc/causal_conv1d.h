@@ -26,4 +26,18 @@ struct ConvParams {
 
 cudaError_t conv(const ConvParams& p, DType dtype, bool backward, cudaStream_t stream);
 
+// One decoding step: y = act(bias + sum_w weight[:, w] * [state, x][:, w]); x enters the state, in place.
+struct UpdateParams {
+  int batch, dim, width;  // width in 2..4
+  bool silu;
+  long x_stride, out_stride;  // batch strides (the channel stride is 1)
+  float* state;               // [batch, dim, width - 1] fp32, contiguous, updated in place
+  const void* x;              // [batch, dim]
+  const float* weight;        // [dim, width]
+  const float* bias;          // [dim] or null
+  void* out;                  // [batch, dim], x's dtype
+};
+
+cudaError_t conv_update(const UpdateParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace zoo_conv

@@ -92,9 +92,39 @@ std::vector<Tensor> conv_bwd(const Tensor& x, const Tensor& weight, const OptT& 
   return {dx, dweight, dbias, dinit};
 }
 
+// One decoding step; shifts x [batch, dim] (unit channel stride) into state [batch, dim, width - 1] (fp32,
+// contiguous) in place and returns y [batch, dim] in x's dtype.
+Tensor conv_update(Tensor& state, const Tensor& x, const Tensor& weight, const OptT& bias, bool silu) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "causal_conv1d_update: x must be [batch, dim], unit "
+              "channel stride, on CUDA");
+  const int64_t batch = x.size(0), dim = x.size(1), width = weight.size(1);
+  TORCH_CHECK(width >= 2 && width <= 4, "causal_conv1d_update: the CUDA kernel supports widths 2..4, got ", width);
+  check(weight, "weight", at::kFloat, {dim, width});
+  if (bias) check(*bias, "bias", at::kFloat, {dim});
+  check(state, "conv_state", at::kFloat, {batch, dim, width - 1});
+  Tensor out = at::empty({batch, dim}, x.options());
+  zoo_conv::UpdateParams p{};
+  p.batch = int(batch);
+  p.dim = int(dim);
+  p.width = int(width);
+  p.silu = silu;
+  p.x_stride = x.stride(0);
+  p.out_stride = dim;
+  p.state = state.data_ptr<float>();
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr<float>();
+  p.bias = bias ? bias->data_ptr<float>() : nullptr;
+  p.out = out.data_ptr();
+  const cudaError_t err = zoo_conv::conv_update(p, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "causal_conv1d_update kernel failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &conv_fwd, "causal depthwise conv1d forward");
   m.def("bwd", &conv_bwd, "causal depthwise conv1d backward");
+  m.def("update", &conv_update, "causal depthwise conv1d single-step update");
 }

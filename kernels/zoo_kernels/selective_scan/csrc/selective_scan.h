@@ -48,12 +48,12 @@ struct ScanParams {
 struct UpdateParams {
   int batch, dim, nstate, ngroups, dim_per_group;
   bool softplus;
-  long x_stride, dt_stride, z_stride, bc_stride, out_stride;  // batch strides (channel stride is 1)
+  long x_stride, dt_stride, z_stride, b_stride, c_stride, out_stride;  // batch strides (channel stride is 1)
   float* state;              // [batch, dim, N] fp32, updated in place
   const void* x;
   const void* dt;
   const float* A;
-  const void* B;             // [batch, G, N]
+  const void* B;             // [batch, G, N], unit stride over N, groups N apart
   const void* C;
   const float* D;
   const void* z;

@@ -160,8 +160,11 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "selective_state_update: x must be [batch, dim], unit stride");
   const int64_t batch = x.size(0), dim = x.size(1);
-  TORCH_CHECK(B.dim() == 3 && B.is_contiguous() && C.is_contiguous(), "selective_state_update: B, C [batch, G, N]");
+  TORCH_CHECK(B.dim() == 3 && C.dim() == 3 && B.sizes() == C.sizes(), "selective_state_update: B, C [batch, G, N]");
   const int64_t groups = B.size(1), nstate = B.size(2);
+  for (const Tensor* t : {&B, &C})
+    TORCH_CHECK(t->stride(2) == 1 && (groups == 1 || t->stride(1) == nstate),
+                "selective_state_update: B, C need unit stride over N and groups N apart (a batch stride is free)");
   TORCH_CHECK(dim % groups == 0, "selective_state_update: dim not divisible by G");
   check(state, "state", at::kFloat, {batch, dim, nstate});
   check(A, "A", at::kFloat, {dim, nstate});
@@ -184,7 +187,8 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   p.x_stride = x.stride(0);
   p.dt_stride = dt.stride(0);
   p.z_stride = z ? z->stride(0) : 0;
-  p.bc_stride = groups * nstate;
+  p.b_stride = B.stride(0);
+  p.c_stride = C.stride(0);
   p.out_stride = dim;
   p.state = state.data_ptr<float>();
   p.x = x.data_ptr();
