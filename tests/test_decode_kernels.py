@@ -126,6 +126,100 @@ def _interpreter_main() -> None:
         assert rel_err(o, o_ref) < 1e-5, (K, V, rel_err(o, o_ref))
         assert rel_err(state, ref_state) < 1e-6
     print("interpreter: GLA step matches the reference")
+    from zoo_kernels.gated_norm import gated_rms_norm
+
+    for before, group, z_on in ((False, 24, True), (True, 48, True), (False, 48, False)):
+        x, z, w = _norm_inputs("cpu", torch.float32, d=48)
+        y = gated_rms_norm(x, z if z_on else None, w, 1e-5, group, before)
+        y_ref = _norm_reference(x, z if z_on else None, w, group, before)
+        assert rel_err(y, y_ref) < 1e-5, (before, group, rel_err(y, y_ref))
+    print("interpreter: gated RMSNorm matches the formula")
+    from zoo_kernels.attention.decode import decode_attention, reference
+
+    for window, splits, length in ((None, 3, 150), (None, 1, 7), (37, 4, 200), (5, 2, 3)):
+        q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=4, Hkv=2, D=32, S=208)
+        o = decode_attention(q, keys, values, torch.tensor([length]), window, splits=splits)
+        assert rel_err(o, reference(q, keys, values, length, window)) < 1e-5, (window, splits, length)
+    print("interpreter: decode attention matches the reference")
+    _check_rope("cpu", torch.float32)
+    print("interpreter: one-token RoPE matches the mixer's tables")
+
+
+def _norm_inputs(device, dtype, rows=5, d=48, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(rows, 2 * d, generator=gen).to(device, dtype)
+    return wide[:, :d], torch.randn(rows, d, generator=gen).to(device, dtype), \
+        (torch.rand(d, generator=gen) + 0.5).to(device, dtype)
+
+
+def _norm_reference(x, z, w, group, before):
+    from zoo.layers import GatedRMSNorm
+
+    norm = GatedRMSNorm(x.shape[-1], eps=1e-5, group_size=group, norm_before_gate=before).to(x.device, w.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    with torch.enable_grad():  # the torch formula (the fused kernel serves only inference)
+        return norm(x, z).detach()
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,group,before,z_on", [(1536, 1536, False, True), (1536, 384, False, True),
+                                                 (192, 192, True, True), (192, 64, True, False)])
+def test_gated_norm_kernel_matches_the_formula(dtype, d, group, before, z_on):
+    from zoo.layers import GatedRMSNorm
+
+    x, z, w = _norm_inputs("cuda", dtype, d=d)
+    norm = GatedRMSNorm(d, eps=1e-5, group_size=group, norm_before_gate=before).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        y = norm(x, z if z_on else None)  # inference: the Triton kernel
+    y_ref = _norm_reference(x, z if z_on else None, w, group, before)
+    assert y.dtype == dtype and rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def _attn_inputs(device, dtype, B, H, Hkv, D, S, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, 1, H, D, generator=gen).to(device, dtype)
+    keys, values = (torch.randn(B, S, Hkv, D, generator=gen).to(device, dtype) for _ in range(2))
+    return q, keys, values
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,H,Hkv,D,S,length,window", [
+    (1, 12, 12, 64, 2192, 2100, None), (64, 12, 12, 64, 2192, 2049, None), (3, 12, 4, 128, 400, 1, None),
+    (2, 8, 2, 256, 1000, 999, None), (4, 4, 2, 64, 300, 290, 37), (2, 6, 6, 80, 130, 17, 64)])
+def test_decode_attention_kernel_matches_reference(dtype, B, H, Hkv, D, S, length, window):
+    from zoo_kernels.attention.decode import decode_attention, reference
+
+    q, keys, values = _attn_inputs("cuda", dtype, B, H, Hkv, D, S)
+    o = decode_attention(q, keys, values, torch.tensor([length], device="cuda"), window)
+    assert o.dtype == dtype and o.shape == q.shape
+    assert rel_err(o, reference(q, keys, values, length, window)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def _check_rope(device, dtype):
+    from zoo_kernels.attention.decode import rope_one_token
+
+    from zoo.mixers.attention import Attention
+
+    mixer = Attention(64, n_heads=4, rope_theta=10000.0).to(device)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 1, 4, 16, generator=gen).to(device, dtype)
+    pos = torch.tensor([[0], [17], [70000]]).to(device)
+    y = rope_one_token(x, pos, mixer.rope_inv_freq(x.device))
+    y_ref = mixer.apply_rope(x, mixer.rope_tables(pos))
+    assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2), rel_err(y, y_ref)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_one_token_matches_the_mixer(dtype):
+    _check_rope("cuda", dtype)
 
 
 # ---- the mixers' steps ------------------------------------------------------------------------------------------

@@ -155,6 +155,18 @@ class StaticKVLayer(CacheLayerMixin):
         self.seen += 1
         return self.keys, self.values, visible
 
+    def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store one step's key/value [B, 1, Hkv, D] at slot `length` and advance `length` (device ops only): the
+        decode-attention kernel (zoo_kernels.attention.decode) then reads slots [0, length) itself, so neither
+        the last-slot copy nor the mask of `append` is needed."""
+        if key.shape[1] != 1:
+            raise ValueError(f"StaticKVLayer takes one token per step (decode), got {key.shape[1]}")
+        self.check_room(1)
+        for buf, new in ((self.keys, key), (self.values, value)):
+            buf.index_copy_(1, self.length, new.to(buf.dtype))
+        self.length.add_(1)
+        self.seen += 1
+
     # ---- transformers' layer interface --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise NotImplementedError("StaticKVLayer is built from a prefilled layer (StaticKVLayer.from_dynamic)")

@@ -176,7 +176,10 @@ class StaticDecoder(EagerDecoder):
             cache.to_static(cache.seen_tokens + max_new_tokens)  # checks that the existing capacity suffices
         self.recurrent = [layer for layer in cache.layers if isinstance(layer, RecurrentLayer)]
         self.static = cache.static_layers()
-        self.states = [t.clone() for layer in self.recurrent for t in layer.tensors()]  # static buffers
+        # static buffers, contiguous: the decode kernels update contiguous states in place (a strided clone of a
+        # prefill view would be re-laid out, i.e. copied, on every step)
+        self.states = [t.clone(memory_format=torch.contiguous_format) for layer in self.recurrent
+                       for t in layer.tensors()]
         self._load_states()
         self.ids = state.next_ids.clone()
         self.pos = torch.full_like(self.ids, cache.seen_tokens)  # position of the token in `ids`

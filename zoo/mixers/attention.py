@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
@@ -12,6 +14,17 @@ from zoo.registry import register_mixer
 
 # backends whose padded path is a dense mask (no host sync, capturable in a CUDA graph)
 _DENSE_MASK_BACKENDS = ("sdpa_cudnn", "sdpa_efficient", "math")
+
+
+@functools.cache
+def _decode_kernel():
+    """zoo_kernels.attention.decode.decode_attention (split-key single-query attention over a static KV buffer)
+    where Triton imports, else None: the auto backend's decode step on CUDA."""
+    try:
+        from zoo_kernels.attention.decode import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -101,6 +114,17 @@ class Attention(nn.Module):
         differ = [f"{k}: {v}" for k, v in others.items() if v != main]
         return f"{main} ({', '.join(differ)})" if differ else main
 
+    def rope_inv_freq(self, device) -> torch.Tensor:
+        """RoPE's inverse frequencies [Dh/2] fp32, kept per device as a plain attribute, not a buffer: a
+        non-persistent buffer would be left uninitialized by meta-device loading."""
+        cache = self.__dict__.setdefault("_inv_freq", {})
+        inv_freq = cache.get(device)
+        if inv_freq is None:
+            inv_freq = self.rope_theta ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
+                                            / self.head_dim)
+            cache[device] = inv_freq
+        return inv_freq
+
     def rope_tables(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(cos, sin) [B, T, 1, Dh] in fp32 for position_ids [B, T]; None when the mixer has no RoPE. Computed once
         per forward and shared by q and k."""
@@ -109,12 +133,7 @@ class Attention(nn.Module):
         device = position_ids.device
         # kept per device as a plain attribute, not a buffer: a non-persistent buffer would be left uninitialized
         # by meta-device loading
-        cache = self.__dict__.setdefault("_inv_freq", {})
-        inv_freq = cache.get(device)
-        if inv_freq is None:
-            inv_freq = self.rope_theta ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
-                                            / self.head_dim)
-            cache[device] = inv_freq
+        inv_freq = self.rope_inv_freq(device)
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, Dh/2)
         emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B, T, 1, Dh)
         return emb.cos(), emb.sin()
@@ -182,6 +201,18 @@ class Attention(nn.Module):
         cache.check_room(1)  # host-side, before any write
         if position_ids is None:
             position_ids = cache.length.expand(Bsz, 1)
+        if self.attn_backend == "auto" and x.is_cuda and _decode_kernel() is not None:
+            from zoo_kernels.attention.decode import rope_one_token
+
+            q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))  # (B, 1, H, Dh)
+            k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+            if self.use_rope:  # one kernel each instead of the tables and the rotation (about 19 in all)
+                inv_freq = self.rope_inv_freq(x.device)
+                q, k = rope_one_token(q, position_ids, inv_freq), rope_one_token(k, position_ids, inv_freq)
+            v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+            cache.write(k, v)  # slot `length`, then length + 1: the kernel reads slots [length - window, length)
+            o = _decode_kernel()(q, cache.keys, cache.values, cache.length, self.window)
+            return self.o_proj(o.flatten(-2))
         tables = self.rope_tables(position_ids)
         q = self.apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), tables)  # (B, 1, H, Dh)
         k = self.apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), tables)

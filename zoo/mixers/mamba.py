@@ -130,6 +130,8 @@ class Mamba(nn.Module):
             u = u * mask[:, 0, None]
         delta, B, C = self._split_dbc(self.x_proj(u))  # delta (B, d_inner), bias included
         state = cache.recurrent_state
+        if state.dtype != torch.float32 or not state.is_contiguous():
+            state = state.float().contiguous()  # once; later steps update it in place
         if self.mitigation or self.state_probe is not None:
             from zoo.state.mitigation import mamba_step
 
@@ -145,16 +147,16 @@ class Mamba(nn.Module):
         """x: [B, T, d_model] -> [B, T, d_model]. attention_mask [B, ≥T] (1 = token) zeroes pad inputs."""
         T = x.shape[1]
         mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
+        backend = backends.resolve("selective_scan", self.scan_backend, x.device)
+        if cache is not None and cache.has_state and T == 1 and seq_idx is None:
+            return self._step(x, cache, mask, backend)
+
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
         if mask is not None:
             xs = xs * mask[..., None]
         xs, z = xs.transpose(1, 2), z.transpose(1, 2)  # (B, d_inner, T)
         w = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
-        backend = backends.resolve("selective_scan", self.scan_backend, x.device)
-
-        if cache is not None and cache.has_state and T == 1 and seq_idx is None:
-            return self._step(x, cache, mask, backend)
 
         conv_init = cache.conv_state if cache is not None and cache.has_state else None
         ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
