@@ -30,6 +30,7 @@ import datetime
 import gc
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -200,22 +201,36 @@ def main(argv: list[str] | None = None) -> None:
     order = [m for m in args.models if m == "transformerpp"] + [m for m in args.models if m != "transformerpp"]
     results: dict[tuple[str, int], dict] = {}
     backends: dict[str, dict] = {}
-    for name in order:
-        model = build(name, torch.bfloat16, device)
-        if hasattr(model, "backend_report"):
-            backends[name] = model.backend_report()
-        for batch in batches:
-            r = measure(model, name, batch, args.prompt_len, args.new_tokens, args.warmup, args.graph)
-            results[(name, batch)] = r
-            print(f"{name} B={batch}: {r.get('tokens_per_s') or 0:,.0f} tok/s ({r.get('mode')}; eager "
-                  f"{r.get('eager_ms') or 0:.2f} ms, graph {r.get('graph_ms') or 0:.2f} ms) "
-                  f"{r.get('graph_error', '') or r.get('note', '')}", flush=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
+    cut = None
+
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep the rows measured so far
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        for name in order:
+            model = build(name, torch.bfloat16, device)
+            if hasattr(model, "backend_report"):
+                backends[name] = model.backend_report()
+            for batch in batches:
+                r = measure(model, name, batch, args.prompt_len, args.new_tokens, args.warmup, args.graph)
+                results[(name, batch)] = r
+                print(f"{name} B={batch}: {r.get('tokens_per_s') or 0:,.0f} tok/s ({r.get('mode')}; eager "
+                      f"{r.get('eager_ms') or 0:.2f} ms, graph {r.get('graph_ms') or 0:.2f} ms) "
+                      f"{r.get('graph_error', '') or r.get('note', '')}", flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+    except KeyboardInterrupt as e:
+        done = sorted({k[0] for k in results})
+        cut = f"run interrupted ({e}) after {len(results)} of {len(order) * len(batches)} measurements"
+        print(f"\n{cut}; writing the rows of {done}", flush=True)
     command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = make_rows({k: results[k] for k in sorted(results, key=lambda k: (args.models.index(k[0]), k[1]))},
                      torch.cuda.get_device_name(), command.strip(), args.prompt_len, args.new_tokens)
+    if cut:
+        for row in rows:
+            row["note"] = "; ".join(x for x in (row.get("note"), cut) if x)
     for row in rows:
         name = row["name"].split("/")[1]
         if name in backends:
