@@ -8,7 +8,11 @@ every tensor the step reads and writes at a fixed address and no host value that
   buffers after every step;
 - attention layers keep a growing KV cache, so `GraphDecoder` first makes the prefilled cache static
   (`ZooCache.to_static`, room for `max_new_tokens` more tokens): preallocated key/value buffers written in
-  place at a device-side length, read whole under a key padding mask built on the device;
+  place at a device-side length. With the auto backend on CUDA the step attends with a split-key Triton kernel
+  that reads that length on the device (zoo_kernels.attention.decode); a forced SDPA backend reads the whole
+  buffer under a key padding mask built on the device;
+- recurrent mixers update their states in place with single-step kernels (conv update, selective-scan state
+  update, SSD step, GLA step), so a replay continues from the last one without copies;
 - positions come from a device tensor the step advances (position_ids), not from the cache's host counter;
   host counters (seen tokens) are advanced outside the graph and only serve capacity checks, made before each
   replay (`KVCacheFull` instead of a write out of bounds).
