@@ -22,20 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import build  # noqa: E402
+from generate import build, time_decode  # noqa: E402
 
 from zoo.decode import GraphDecoder, StaticDecoder, prefill  # noqa: E402
 
 
 def graph_ms(model, prompt, steps: int) -> float:
-    decoder = GraphDecoder(model, prefill(model, prompt), max_new_tokens=steps + 8)
-    decoder.decode(4)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    decoder.decode(steps)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / steps
+    """ms per step of the step replayed from a CUDA graph (generate.py's timing, after 4 warm-up steps)."""
+    return time_decode(GraphDecoder(model, prefill(model, prompt), max_new_tokens=steps + 8), steps, 4)
 
 
 def profile(model, prompt, steps: int, top: int) -> tuple[str, dict]:
