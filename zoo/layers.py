@@ -59,11 +59,11 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
         if x.is_cuda:  # one fused kernel each way (aten::_fused_rms_norm) instead of five pointwise/reduction ones
             if x.dtype == self.weight.dtype:  # bf16/fp16 in: the kernel computes in fp32 and rounds once at the end
                 return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-            return F.rms_norm(xf, (xf.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+            return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
@@ -199,7 +199,7 @@ class Block(nn.Module):
         residual = x.float() if self.residual_in_fp32 else x
         x = residual + self.mixer(self.norm(x.to(dtype)), cache=cache, seq_idx=seq_idx, position_ids=position_ids,
                                   attention_mask=attention_mask)
-        aux = x.new_zeros((), dtype=torch.float32)
+        aux = None  # the MoE's load-balancing loss; None without one (no zero tensor and add per block and step)
         if self.ffn is not None:
             h = self.ffn_norm(x.to(dtype))
             if isinstance(self.ffn, MoE):

@@ -148,7 +148,8 @@ class ZooModel(ZooPreTrainedModel):
                 x, aux = checkpoint(block, x, None, seq_idx, position_ids, attention_mask, use_reentrant=False)
             else:
                 x, aux = block(x, layer_cache, seq_idx, position_ids, attention_mask)
-            aux_total = aux_total + aux
+            if aux is not None:
+                aux_total = aux_total + aux
             if output_hidden_states:
                 hidden_states.append(x)
         x = self.norm_f(x.to(self.norm_f.weight.dtype))  # a residual kept in fp32 returns to the weights' dtype
