@@ -255,6 +255,16 @@ def test_decode_step_updates_states_in_place_and_equals_the_forward(kind):
     assert all(p == pointers[0] for p in pointers[1:])
 
 
+def test_decode_kernels_are_skipped_where_gradients_are_needed():
+    """The single-step kernels have no backward: a call that needs gradients takes the torch reference."""
+    from zoo_kernels._grad import needs_grad
+
+    w = torch.ones(2, requires_grad=True)
+    assert needs_grad(None, w) and not needs_grad(w.detach(), None)
+    with torch.no_grad():
+        assert not needs_grad(w)
+
+
 def test_decoded_constants_follow_parameter_changes():
     from zoo.layers import decoded_constants
 

@@ -54,6 +54,15 @@ class RecurrentLayer(LinearAttentionLayer):
             self.device = recurrent_state.device
         self.has_previous_state[0] = True
 
+    def step_states(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(conv_state, recurrent_state) for a one-token step that updates them in place and `set`s them back: the
+        layer's own tensors, made fp32 and contiguous once (a prefill may leave a strided view) and kept, so a CUDA
+        graph replaying the step finds them at the same address. A step is not differentiable through the states
+        it overwrites (decoding runs without autograd)."""
+        out = [t.float().contiguous() if t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
+               else t for t in (self.conv_states[0], self.recurrent_states[0])]
+        return out[0], out[1]
+
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.conv_states[0], self.recurrent_states[0]) if t is not None]
 
@@ -143,16 +152,13 @@ class StaticKVLayer(CacheLayerMixin):
                              f"the default dynamic cache, then convert it (ZooCache.to_static)")
         self.check_room(1)
         index = self.length
-        for buf, new in ((self.keys, key), (self.values, value)):
-            new = new.to(buf.dtype)
-            buf.index_copy_(1, index, new)
-            buf[:, -1:].copy_(new)
-        visible = self._slot < index
+        visible = self._slot < index  # computed before `write` advances the length (stream order)
         if window is not None:
             visible = visible & (self._slot > index - window)
         visible = (visible | self._current).expand(key.shape[0], -1)
-        self.length.add_(1)
-        self.seen += 1
+        for buf, new in ((self.keys, key), (self.values, value)):
+            buf[:, -1:].copy_(new.to(buf.dtype))
+        self.write(key, value)
         return self.keys, self.values, visible
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:

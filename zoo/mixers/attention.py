@@ -207,8 +207,8 @@ class Attention(nn.Module):
             q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))  # (B, 1, H, Dh)
             k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
             if self.use_rope:  # one kernel each instead of the tables and the rotation (about 19 in all)
-                inv_freq = self.rope_inv_freq(x.device)
-                q, k = rope_one_token(q, position_ids, inv_freq), rope_one_token(k, position_ids, inv_freq)
+                inv_freq, pos = self.rope_inv_freq(x.device), position_ids.expand(Bsz, 1)  # the kernel reads [B, 1]
+                q, k = rope_one_token(q, pos, inv_freq), rope_one_token(k, pos, inv_freq)
             v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
             cache.write(k, v)  # slot `length`, then length + 1: the kernel reads slots [length - window, length)
             o = _decode_kernel()(q, cache.keys, cache.values, cache.length, self.window)

@@ -88,8 +88,8 @@ class GLA(nn.Module):
 
                 state = initial.clone()
                 o = gla_step(self, state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5, cache)[:, None]
-            else:  # in place: a CUDA graph replaying the step finds the state at the same address
-                state = initial
+            else:  # in place (RecurrentLayer.step_states): a CUDA graph replay finds the state at the same address
+                state = cache.step_states()[1]
                 o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5)[:, None]
             cache.set(recurrent_state=state)
         else:

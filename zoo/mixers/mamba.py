@@ -112,7 +112,6 @@ class Mamba(nn.Module):
                                           self.conv1d.weight[:, 0, :].float().contiguous(),
                                           None if self.conv1d.bias is None else self.conv1d.bias.float()))
 
-    @torch.no_grad()
     def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
         """One token [B, 1, d_model] from the cached conv and SSM states, which are updated in place (a CUDA
         graph replaying the step finds them at the same address). On CUDA: in_proj, the conv kernel, x_proj,
@@ -122,16 +121,11 @@ class Mamba(nn.Module):
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
         if mask is not None:
             xs = xs * mask[:, 0, None]
-        conv_state = cache.conv_state
-        if conv_state.dtype != torch.float32 or not conv_state.is_contiguous():
-            conv_state = conv_state.float().contiguous()  # once; later steps update it in place
+        conv_state, state = cache.step_states()  # updated in place below, then set back
         u = causal_conv1d_update(conv_state, xs, w, conv_bias, "silu", backend=backend)  # (B, d_inner)
         if mask is not None:
             u = u * mask[:, 0, None]
         delta, B, C = self._split_dbc(self.x_proj(u))  # delta (B, d_inner), bias included
-        state = cache.recurrent_state
-        if state.dtype != torch.float32 or not state.is_contiguous():
-            state = state.float().contiguous()  # once; later steps update it in place
         if self.mitigation or self.state_probe is not None:
             from zoo.state.mitigation import mamba_step
 

@@ -114,9 +114,7 @@ class Mamba2(nn.Module):
         backend = backends.resolve("ssd", self.scan_backend, x.device)
 
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
-            conv_state = cache.conv_state  # updated in place (a CUDA graph replaying the step finds it there)
-            if conv_state.dtype != torch.float32 or not conv_state.is_contiguous():
-                conv_state = conv_state.float().contiguous()  # once
+            conv_state, state = cache.step_states()  # updated in place below, then set back
             w32, b32, D32, bias32 = decoded_constants(
                 self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
                 lambda: (w.float().contiguous(), None if self.conv1d.bias is None else self.conv1d.bias.float(),
@@ -125,7 +123,6 @@ class Mamba2(nn.Module):
             if mask is not None:
                 xBC = xBC * mask[:, 0, None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
-            state = cache.recurrent_state
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import mamba2_step
 

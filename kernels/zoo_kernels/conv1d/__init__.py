@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo_kernels._grad import needs_grad
 from zoo_kernels.conv1d.ref import causal_conv1d_ref, causal_conv1d_update_ref
 
 
@@ -49,7 +50,7 @@ def causal_conv1d_update(conv_state, x, weight, bias=None, activation=None, back
     On CUDA one kernel when the state is a contiguous fp32 tensor and x has unit channel stride (x may be a
     column slice of a wider projection); otherwise the torch reference."""
     backend = resolve_backend(backend, x.device)
-    if backend == "cuda":
+    if backend == "cuda" and not needs_grad(conv_state, x, weight, bias):  # the kernel has no backward
         from zoo_kernels.conv1d.cuda import causal_conv1d_update_cuda, update_supported
 
         if update_supported(conv_state, x, weight):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo_kernels._grad import needs_grad
 from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref
 
 
@@ -47,12 +48,14 @@ def gla_state_update(state, q, k, v, g, scale=None, backend: str = "auto"):
     """One decoding step; updates `state` [batch, H, K, V] (fp32) in place, returns o [batch, H, V].
 
     q, k, g [batch, H, K]; v [batch, H, V]. backend "auto": one Triton kernel on CUDA where Triton imports
-    (zoo_kernels.gla.step), the torch reference otherwise; "triton" forces the kernel (on CPU it needs
+    (zoo_kernels.gla.step) and no input needs a gradient (the kernel has no backward), the torch reference
+    otherwise; "triton" forces the kernel (on CPU it needs
     TRITON_INTERPRET=1), "ref" the reference.
     """
     if backend not in ("auto", "triton", "ref"):
         raise ValueError(f"gla_state_update backend must be 'auto', 'triton' or 'ref', got {backend!r}")
-    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"):
+    if backend == "triton" or (backend == "auto" and q.device.type == "cuda"
+                               and not needs_grad(state, q, k, v, g)):  # the kernel has no backward
         try:
             from zoo_kernels.gla import step
         except ImportError:

@@ -20,6 +20,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._grad import needs_grad
 from zoo_kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
 
 
@@ -130,10 +131,11 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                            backend: str = "auto"):
     """One decoding step; updates `state` [batch, D, N] (fp32) in place and returns y [batch, D].
 
-    x, dt, z [batch, D]; B, C [batch, N] or [batch, G, N]; A [D, N]; D, dt_bias [D].
+    x, dt, z [batch, D]; B, C [batch, N] or [batch, G, N]; A [D, N]; D, dt_bias [D]. The CUDA kernel has no
+    backward: where an input needs a gradient the torch reference runs.
     """
     backend = resolve_backend(backend, x.device)
-    if backend == "cuda":
+    if backend == "cuda" and not needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         from zoo_kernels.selective_scan.cuda import selective_state_update_cuda
 
         return selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from zoo_kernels._grad import needs_grad
 from zoo_kernels.ssd.ref import ssd_chunk_scan_ref, ssd_state_update_ref
 
 
@@ -49,10 +50,11 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
                      backend: str = "auto"):
     """One decoding step; updates `state` [batch, H, P, N] (fp32) in place and returns y [batch, H, P].
 
-    x, z [batch, H, P]; dt [batch, H]; B, C [batch, G, N]; A [H]; D [H] or [H, P]; dt_bias [H].
+    x, z [batch, H, P]; dt [batch, H]; B, C [batch, G, N]; A [H]; D [H] or [H, P]; dt_bias [H]. The Triton
+    kernel has no backward: where an input needs a gradient the torch reference runs.
     """
     backend = resolve_backend(backend, x.device)
-    if backend == "triton":
+    if backend == "triton" and not needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
         from zoo_kernels.ssd.triton_ssd import ssd_state_update_triton
 
         return ssd_state_update_triton(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
