@@ -2,7 +2,8 @@
 
 - conv1d update (CUDA): one thread per (row, channel), x read through its batch stride (a column slice of
   the in_proj output), the fp32 state shifted in place;
-- selective-scan state update (CUDA): lanes per channel, B/C/z read through their batch strides;
+- selective-scan state update (CUDA): 4 states per lane with 16-byte accesses, 4 batch rows per block from batch
+  8 on (a partial last group of rows), the scalar kernel for N % 4 != 0; B/C/z read through their batch strides;
 - GLA step (Triton): on CUDA, and on CPU through Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must
   be set before triton is imported);
 - the mixers' decode steps update the cached states in place (CUDA graphs replay them at fixed addresses) and
@@ -58,12 +59,20 @@ def test_conv_update_kernel_matches_reference(dtype, width, bias, act):
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,G", [(4, 1), (8, 1), (16, 1), (16, 2), (32, 1), (64, 4)])
-def test_state_update_kernel_matches_reference(dtype, N, G):
+@pytest.mark.parametrize("N,G,batch,rank", [
+    (4, 1, 3, 8), (8, 1, 3, 8), (16, 1, 3, 8), (16, 2, 3, 8), (32, 1, 3, 8), (64, 4, 3, 8),
+    # from batch 8 on a block takes 4 rows: 9 leaves a partial last row group, 64 none
+    (16, 2, 9, 8), (16, 1, 64, 8), (64, 4, 9, 8), (32, 2, 64, 8),
+    (12, 1, 3, 8), (12, 2, 9, 8),  # N a multiple of 4, not a power of two: an idle lane per channel
+    (256, 1, 9, 8),  # more 4-state groups than 32 lanes: each lane loops
+    (16, 1, 9, 5),  # B/C rows not 4-element aligned: scalar B/C loads
+    (6, 1, 3, 8), (6, 2, 9, 8),  # N % 4 != 0: the scalar kernel
+])
+def test_state_update_kernel_matches_reference(dtype, N, G, batch, rank):
     from zoo_kernels.selective_scan.cuda import selective_state_update_cuda
 
-    torch.manual_seed(N + G)
-    batch, dim, rank = 3, 136, 8
+    torch.manual_seed(N + G + batch)
+    dim = 136  # not a multiple of the channels per block
     A = -torch.rand(dim, N, device="cuda") * 3
     D = torch.randn(dim, device="cuda")
     xz = torch.randn(batch, 2 * dim, device="cuda").to(dtype)
@@ -143,6 +152,101 @@ def _interpreter_main() -> None:
     print("interpreter: decode attention matches the reference")
     _check_rope("cpu", torch.float32)
     print("interpreter: one-token RoPE matches the mixer's tables")
+    from zoo_kernels.add_norm import add_rms_norm
+
+    for res_dtype, with_delta, d in ((torch.float32, True, 48), (torch.float32, False, 20), (torch.bfloat16, True, 7)):
+        res, delta, w = _add_norm_inputs("cpu", res_dtype, torch.float32, d=d)
+        r, y = add_rms_norm(res, delta if with_delta else None, w, 1e-5, torch.float32)
+        r_ref, y_ref = add_norm_reference(res, delta if with_delta else None, w, 1e-5, torch.float32)
+        assert r.dtype == r_ref.dtype and torch.equal(r, r_ref), (res_dtype, with_delta, d)
+        assert rel_err(y, y_ref) < 1e-5, (res_dtype, with_delta, d, rel_err(y, y_ref))
+    print("interpreter: residual add + RMSNorm matches the block's formula")
+
+
+def _add_norm_inputs(device, res_dtype, dtype, rows=5, d=48, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    res = torch.randn(rows, 2, d, generator=gen).to(device, res_dtype)
+    delta = torch.randn(rows, 2, 2 * d, generator=gen).to(device, dtype)[..., d:]  # a strided view
+    return res, delta, (torch.rand(d, generator=gen) + 0.5).to(device, dtype)
+
+
+def add_norm_reference(residual, delta, weight, eps, out_dtype, residual_dtype=None):
+    """zoo.layers.Block's formula: r = residual + delta, then RMSNorm(r.to(weight dtype)) · weight."""
+    from zoo.layers import RMSNorm
+
+    r = residual if delta is None else residual + delta
+    if residual_dtype is not None:
+        r = r.to(residual_dtype)
+    norm = RMSNorm(weight.shape[0], eps).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        return r, norm(r.to(out_dtype))
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("res_dtype,dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("d,with_delta", [(768, True), (1000, True), (768, False), (4096, True)])
+def test_add_norm_kernel_matches_the_block(res_dtype, dtype, d, with_delta):
+    from zoo_kernels.add_norm import add_rms_norm
+
+    res, delta, w = _add_norm_inputs("cuda", res_dtype, dtype, rows=37, d=d)
+    delta = delta if with_delta else None
+    r, y = add_rms_norm(res, delta, w, 1e-5, dtype, res_dtype)
+    r_ref, y_ref = add_norm_reference(res, delta, w, 1e-5, dtype, res_dtype)
+    assert r.dtype == res_dtype and y.dtype == dtype
+    assert torch.equal(r, r_ref)
+    assert rel_err(y, y_ref) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+def test_blocks_with_pending_adds_equal_the_plain_blocks():
+    """Block.forward_pending (the adds carried into the next norm) chains to what Block.forward computes; on
+    CPU with the torch formula in the kernel's place (the kernel itself: the interpreter and cuda tests)."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+
+    for residual_in_fp32 in (True, False):
+        config = zoo.ZooConfig(vocab_size=64, d_model=32, layers="MAM", ffn={"type": "swiglu", "hidden": 64},
+                               mixers={"M": {"type": "mamba", "d_state": 8},
+                                       "A": {"type": "attention", "n_heads": 2}},
+                               residual_in_fp32=residual_in_fp32)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
+        x = model.model.embeddings(torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)))
+        with torch.no_grad():
+            plain, pending, fused = x, None, x
+            for block in model.model.layers:
+                plain = block(plain)[0]
+                fused, pending, _ = block.forward_pending(fused, pending, add_norm_reference)
+            norm_f = model.model.norm_f
+            want = norm_f(plain.to(norm_f.weight.dtype))
+            got = add_norm_reference(fused, pending, norm_f.weight, norm_f.eps, norm_f.weight.dtype)[1]
+        assert torch.equal(got, want), residual_in_fp32
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("name", ["mamba", "transformerpp", "jamba", "gla", "mamba2"])
+def test_fused_inference_forward_equals_the_training_forward(name):
+    """Under no_grad on CUDA the model runs its blocks with the fused add + norm; logits match the autograd
+    path's (which keeps the separate ops) in bf16."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401 - registers the model type
+
+    config = zoo.ZooConfig.from_yaml(Path(__file__).parents[1] / "configs" / "models" / f"{name}-tiny.yaml")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, config.vocab_size, (3, 40), device="cuda")
+    with torch.no_grad():
+        fused = model(ids).logits.float()
+    with torch.enable_grad():
+        plain = model(ids).logits.float()
+    assert rel_err(fused, plain) < 1e-2
 
 
 def _norm_inputs(device, dtype, rows=5, d=48, seed=0):

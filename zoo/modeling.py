@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from zoo.cache import RecurrentLayer, ZooCache
 from zoo.config import ZooConfig
-from zoo.layers import Block, MoE, RMSNorm, SwiGLU, mark_no_weight_decay
+from zoo.layers import Block, MoE, RMSNorm, SwiGLU, fused_add_norm, mark_no_weight_decay
 from zoo.registry import get_mixer
 
 try:  # the keyword generate() keeps the cache under: "cache" from transformers 5.2x on, "past_key_values" before
@@ -142,17 +142,29 @@ class ZooModel(ZooPreTrainedModel):
         hidden_states = [x] if output_hidden_states else None
         aux_total = x.new_zeros((), dtype=torch.float32)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for i, block in enumerate(self.layers):
-            layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-            if checkpointing and layer_cache is None:
-                x, aux = checkpoint(block, x, None, seq_idx, position_ids, attention_mask, use_reentrant=False)
-            else:
-                x, aux = block(x, layer_cache, seq_idx, position_ids, attention_mask)
-            if aux is not None:
-                aux_total = aux_total + aux
-            if output_hidden_states:
-                hidden_states.append(x)
-        x = self.norm_f(x.to(self.norm_f.weight.dtype))  # a residual kept in fp32 returns to the weights' dtype
+        fusable = x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # the kernel adds in fp32
+        add_norm = fused_add_norm() if fusable and not torch.is_grad_enabled() and not output_hidden_states else None
+        if add_norm is not None:  # inference on CUDA: each residual add runs inside the next norm's kernel
+            pending = None
+            for i, block in enumerate(self.layers):
+                layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+                x, pending, aux = block.forward_pending(x, pending, add_norm, layer_cache, seq_idx, position_ids,
+                                                        attention_mask)
+                if aux is not None:
+                    aux_total = aux_total + aux
+            x = add_norm(x, pending, self.norm_f.weight, self.norm_f.eps, self.norm_f.weight.dtype)[1]
+        else:
+            for i, block in enumerate(self.layers):
+                layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+                if checkpointing and layer_cache is None:
+                    x, aux = checkpoint(block, x, None, seq_idx, position_ids, attention_mask, use_reentrant=False)
+                else:
+                    x, aux = block(x, layer_cache, seq_idx, position_ids, attention_mask)
+                if aux is not None:
+                    aux_total = aux_total + aux
+                if output_hidden_states:
+                    hidden_states.append(x)
+            x = self.norm_f(x.to(self.norm_f.weight.dtype))  # a residual kept in fp32 returns to the weights' dtype
         if output_hidden_states:
             hidden_states[-1] = x
         if past_key_values is not None:

@@ -1,17 +1,38 @@
-// One decoding step of the selective scan: updates the N states of every (batch row, channel) in place.
-// A step moves batch * dim * N * 8 bytes of state in one launch instead of the ten small ones of the torch path.
-// (The first version ran one thread per channel looping over its N states, 64 bytes apart between neighbouring
-// threads: 21 us for the 12.6 MB of a 130M Mamba layer at batch 64 on the H200, 0.6 TB/s.)
+// One decoding step of the selective scan: updates the N fp32 states of every (batch row, channel) in place,
+//   dt += dt_bias (optional), dt = softplus(dt) (optional), h = h * exp(dt A) + dt x B, y = sum_n h C,
+//   y += D x (optional), y *= z sigmoid(z) (optional),
+// in one launch instead of the ten small ones of the torch path. The step moves batch * dim * N * 8 bytes of
+// state (read and written once) and little else, so it is bound by how many bytes are in flight to DRAM.
+//
+// History, H200 (4.8 TB/s), batch 64, dim 1536, N = 16 (12.6 MB of state read and written: the floor is ~2.6 us):
+// - one thread per channel looping over its N states, 64 bytes apart between neighbouring threads: 21 us;
+// - kLanes = N lanes per channel, one 4-byte state per lane (the scalar kernel below): 17.4 us, 0.7 TB/s
+//   (3.2 us at batch 1). By Little's law one 4-byte load in flight per thread is far too little; and its state
+//   loads wait for the round trip of dt (they sit in a loop after the softplus).
+// - this version (the vector kernel): a lane owns 4 consecutive states of a channel and moves them, and A,
+//   with 16-byte accesses (B, C: 16 or 8 bytes when aligned), and from batch 8 on a block takes kRows = 4
+//   batch rows of the same channels, issuing all the rows' loads (of the first 4-state group: before dt's
+//   arithmetic) ahead of any use: 4 x 16 bytes of state in flight per thread instead of 4 bytes, A read once
+//   for the 4 rows. Not yet timed on a GPU.
+// The scalar kernel stays for N % 4 != 0 and for state or A not 16-byte aligned.
+#include <cstdint>
+
 #include "selective_scan_kernels.cuh"
 
 namespace zoo_ss {
+
+constexpr int kUpdateThreads = 128;
+constexpr int kRowsMinBatch = 8;  // below this many rows one row per block (enough blocks at batch 1)
+
+// ---------------------------------------------------------------------------------------------------
+// Scalar kernel (any N; any alignment)
 
 // kLanes lanes per channel (a power of two <= 32; 128 / kLanes channels per block): lane l updates states
 // l, l + kLanes, ... so that a warp reads and writes whole contiguous rows of the state (N = 16: two channels
 // per warp, 128 bytes each), and the lanes of a channel sum their parts of y with shuffles.
 template <typename T, int kLanes>
-__global__ void state_update_kernel(const UpdateParams p) {
-  constexpr int kChannels = 128 / kLanes;
+__global__ void __launch_bounds__(kUpdateThreads) state_update_kernel(const UpdateParams p) {
+  constexpr int kChannels = kUpdateThreads / kLanes;
   const int lane = threadIdx.x % kLanes;
   const int d = blockIdx.x * kChannels + threadIdx.x / kLanes, b = blockIdx.y;
   const bool active = d < p.dim;  // no early return: every lane of the warp takes part in the shuffles
@@ -45,22 +66,185 @@ __global__ void state_update_kernel(const UpdateParams p) {
   static_cast<T*>(p.out)[b * p.out_stride + d] = from_f<T>(y);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Vector kernel (N % 4 == 0; state and A 16-byte aligned)
+
+// Four consecutive elements of B or C as fp32: one 16-byte (fp32) or 8-byte (bf16, fp16) load when kVec (the
+// pointer is then aligned to 4 elements), else four scalar ones. A template argument rather than a runtime
+// flag, so that a kernel holds one of the two load paths (with both, ptxas interleaved their predicated loads
+// with the arithmetic).
+template <bool kVec, typename T>
+__device__ __forceinline__ float4 load4(const T* ptr) {
+  return make_float4(to_f(ptr[0]), to_f(ptr[1]), to_f(ptr[2]), to_f(ptr[3]));
+}
+template <>
+__device__ __forceinline__ float4 load4<true, float>(const float* ptr) {
+  return __ldg(reinterpret_cast<const float4*>(ptr));
+}
+template <>
+__device__ __forceinline__ float4 load4<true, __nv_bfloat16>(const __nv_bfloat16* ptr) {
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(ptr));
+  const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.x));
+  const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+template <>
+__device__ __forceinline__ float4 load4<true, __half>(const __half* ptr) {
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(ptr));
+  const float2 lo = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+  const float2 hi = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+  return make_float4(lo.x, lo.y, hi.x, hi.y);
+}
+
+__device__ __forceinline__ float step(float h, float a, float dt, float dx, float b) {
+  return fmaf(h, expf(dt * a), dx * b);
+}
+
+// kLanes lanes per channel (the number of 4-state groups rounded up to a power of two, at most 32;
+// 128 / kLanes channels per block): lane l updates states 4l..4l+3, then 4(l + kLanes)..., so a warp reads and
+// writes whole contiguous rows of the state with 16-byte accesses (N = 16: 8 channels per warp, 512 bytes).
+// A block takes kRows consecutive batch rows of its channels; rows past the batch (in the last blocks) re-read
+// the last row, so no access is out of bounds, and write nothing. kVecBC: B, C rows allow 4-element loads.
+// 5 blocks per SM for kRows = 4: 96 registers and no spills (ptxas alone takes 128: 4 blocks; 6 blocks spill).
+template <typename T, int kLanes, int kRows, bool kVecBC>
+__global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : 5)
+    state_update_vec_kernel(const UpdateParams p) {
+  constexpr int kChannels = kUpdateThreads / kLanes;
+  const int lane = threadIdx.x % kLanes;
+  const int d = blockIdx.x * kChannels + threadIdx.x / kLanes, b0 = blockIdx.y * kRows;
+  const bool active = d < p.dim;  // no early return: every lane of the warp takes part in the shuffles
+  const int N = p.nstate;
+  float y[kRows], x[kRows], zv[kRows];
+  float Dd = 0.f;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) y[r] = x[r] = zv[r] = 0.f;
+  if (active) {
+    const int g = d / p.dim_per_group;
+    const T* xp = static_cast<const T*>(p.x);
+    const T* dtp = static_cast<const T*>(p.dt);
+    const T* zp = static_cast<const T*>(p.z);
+    const float bias = p.dt_bias ? p.dt_bias[d] : 0.f;
+    if (p.D) Dd = p.D[d];
+    // the per-row scalars first, then the state's loads, then the arithmetic on dt
+    int row[kRows];
+    float dt[kRows], dx[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      row[r] = min(b0 + r, p.batch - 1);
+      x[r] = to_f(xp[row[r] * p.x_stride + d]);
+      dt[r] = to_f(dtp[row[r] * p.dt_stride + d]);
+      if (p.z) zv[r] = to_f(zp[row[r] * p.z_stride + d]);  // z now: its load overlaps the state's
+    }
+    const float* Ad = p.A + size_t(d) * N;
+    const T* Bb = static_cast<const T*>(p.B) + size_t(g) * N;
+    const T* Cb = static_cast<const T*>(p.C) + size_t(g) * N;
+    float4 a, h[kRows], bv[kRows], cv[kRows];
+    // all loads of a group of 4 states of all rows, before any arithmetic on them
+    auto load_group = [&](int n) {
+      a = __ldg(reinterpret_cast<const float4*>(Ad + n));
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        h[r] = ld4(p.state + (size_t(row[r]) * p.dim + d) * N + n);
+        bv[r] = load4<kVecBC>(Bb + row[r] * p.b_stride + n);
+        cv[r] = load4<kVecBC>(Cb + row[r] * p.c_stride + n);
+      }
+    };
+    // the first group's loads go out before dt is needed (in the loop they would wait for dt's round trip)
+    int n = 4 * lane;
+    if (n < N) load_group(n);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      if (p.dt_bias) dt[r] += bias;
+      if (p.softplus) dt[r] = softplus_f(dt[r]);
+      dx[r] = dt[r] * x[r];
+    }
+    while (n < N) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        float4 hn;
+        hn.x = step(h[r].x, a.x, dt[r], dx[r], bv[r].x);
+        hn.y = step(h[r].y, a.y, dt[r], dx[r], bv[r].y);
+        hn.z = step(h[r].z, a.z, dt[r], dx[r], bv[r].z);
+        hn.w = step(h[r].w, a.w, dt[r], dx[r], bv[r].w);
+        if (kRows == 1 || b0 + r < p.batch) st4(p.state + (size_t(b0 + r) * p.dim + d) * N + n, hn);
+        y[r] = fmaf(hn.x, cv[r].x, y[r]);
+        y[r] = fmaf(hn.y, cv[r].y, y[r]);
+        y[r] = fmaf(hn.z, cv[r].z, y[r]);
+        y[r] = fmaf(hn.w, cv[r].w, y[r]);
+      }
+      n += 4 * kLanes;  // N > 4 * 32: the next groups of this lane
+      if (n < N) load_group(n);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset >>= 1)
+      y[r] += __shfl_xor_sync(0xffffffffu, y[r], offset, kLanes);
+  }
+  if (!active) return;
+  // every lane of a channel holds the sums: lane r % kLanes writes row r
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (lane != r % kLanes || b0 + r >= p.batch) continue;
+    float yr = y[r];
+    if (p.D) yr = fmaf(Dd, x[r], yr);
+    if (p.z) yr *= zv[r] * sigmoid_f(zv[r]);
+    static_cast<T*>(p.out)[(b0 + r) * p.out_stride + d] = from_f<T>(yr);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Launchers
+
 template <typename T, int kLanes>
 cudaError_t launch_lanes(const UpdateParams& p, cudaStream_t stream) {
-  constexpr int kThreads = 128, kChannels = kThreads / kLanes;
-  state_update_kernel<T, kLanes><<<dim3((p.dim + kChannels - 1) / kChannels, p.batch), kThreads, 0, stream>>>(p);
+  constexpr int kChannels = kUpdateThreads / kLanes;
+  state_update_kernel<T, kLanes>
+      <<<dim3((p.dim + kChannels - 1) / kChannels, p.batch), kUpdateThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
+template <typename T, int kLanes, int kRows, bool kVecBC>
+cudaError_t launch_vec_rows(const UpdateParams& p, cudaStream_t stream) {
+  constexpr int kChannels = kUpdateThreads / kLanes;
+  const dim3 grid((p.dim + kChannels - 1) / kChannels, (p.batch + kRows - 1) / kRows);
+  state_update_vec_kernel<T, kLanes, kRows, kVecBC><<<grid, kUpdateThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int kLanes>
+cudaError_t launch_vec(const UpdateParams& p, bool vec_bc, cudaStream_t stream) {
+  if (p.batch < kRowsMinBatch)
+    return vec_bc ? launch_vec_rows<T, kLanes, 1, true>(p, stream) : launch_vec_rows<T, kLanes, 1, false>(p, stream);
+  return vec_bc ? launch_vec_rows<T, kLanes, 4, true>(p, stream) : launch_vec_rows<T, kLanes, 4, false>(p, stream);
+}
+
+inline bool aligned_to(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
 template <typename T>
 cudaError_t launch_update(const UpdateParams& p, cudaStream_t stream) {
-  if (p.nstate <= 4) return launch_lanes<T, 4>(p, stream);
-  if (p.nstate <= 8) return launch_lanes<T, 8>(p, stream);
-  if (p.nstate <= 16) return launch_lanes<T, 16>(p, stream);
+  const int N = p.nstate;
+  if (N % 4 == 0 && aligned_to(p.state, 16) && aligned_to(p.A, 16)) {
+    // rows of B, C: g * N and n are multiples of 4, so 4-element loads need the bases and batch strides aligned
+    const bool vec_bc = aligned_to(p.B, 4 * sizeof(T)) && aligned_to(p.C, 4 * sizeof(T)) &&
+                        (p.batch == 1 || (p.b_stride % 4 == 0 && p.c_stride % 4 == 0));
+    const int groups = N / 4;
+    if (groups <= 1) return launch_vec<T, 1>(p, vec_bc, stream);
+    if (groups <= 2) return launch_vec<T, 2>(p, vec_bc, stream);
+    if (groups <= 4) return launch_vec<T, 4>(p, vec_bc, stream);
+    if (groups <= 8) return launch_vec<T, 8>(p, vec_bc, stream);
+    if (groups <= 16) return launch_vec<T, 16>(p, vec_bc, stream);
+    return launch_vec<T, 32>(p, vec_bc, stream);
+  }
+  if (N <= 4) return launch_lanes<T, 4>(p, stream);
+  if (N <= 8) return launch_lanes<T, 8>(p, stream);
+  if (N <= 16) return launch_lanes<T, 16>(p, stream);
   return launch_lanes<T, 32>(p, stream);
 }
 
 cudaError_t state_update(const UpdateParams& p, DType dtype, cudaStream_t stream) {
+  if (p.batch == 0 || p.dim == 0) return cudaSuccess;  // nothing to do (an empty grid is a launch error)
   switch (dtype) {
     case kFloat32: return launch_update<float>(p, stream);
     case kBFloat16: return launch_update<__nv_bfloat16>(p, stream);

@@ -1,0 +1,67 @@
+"""Residual add + RMSNorm in one Triton kernel (inference): the seam between two blocks of a decode step.
+
+`add_rms_norm(residual, delta, weight, eps, out_dtype)` returns (r, y) with
+    r = residual + delta                     stored in `residual`'s dtype (fp32 with residual_in_fp32)
+    y = rmsnorm(r as out_dtype) · weight     in out_dtype (the weights' dtype)
+which is what `zoo.layers.Block` computes with four kernels (the fp32 add, the cast of the residual, the norm, the
+cast back) on every block of every decode step: at one token per row those launches, not the bytes, are the cost.
+The norm reads r rounded to out_dtype first, as the block's `norm(x.to(dtype))` does, so the two paths agree to
+the last bit of the add. Forward only (no autograd): zoo.modeling uses it when autograd is off on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_norm_kernel(res_ptr, delta_ptr, w_ptr, r_ptr, y_ptr, s_res, s_delta, s_r, s_y, d, eps,
+                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    m = offs < d
+    r = tl.load(res_ptr + row * s_res + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        r = r + tl.load(delta_ptr + row * s_delta + offs, mask=m, other=0.0).to(tl.float32)
+    r = r.to(r_ptr.dtype.element_ty)
+    tl.store(r_ptr + row * s_r + offs, r, mask=m)
+    x = r.to(y_ptr.dtype.element_ty).to(tl.float32)  # the norm sees the residual in the weights' dtype
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / d + eps)
+    y = x * rstd * tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * s_y + offs, y.to(y_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out_dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None):
+    """(residual + delta, rmsnorm(residual + delta) · weight); delta None: the norm of `residual` alone.
+
+    residual, delta [..., d] with unit stride in the last dimension; weight [d]. The sum is kept in
+    `residual_dtype` (default: the promoted dtype of residual and delta), the normalized output in `out_dtype`
+    (default weight's dtype).
+    """
+    d = residual.shape[-1]
+    if weight.shape != (d,):
+        raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} does not match {d} channels")
+    if delta is not None and delta.shape != residual.shape:
+        raise ValueError(f"add_rms_norm: delta {tuple(delta.shape)} vs residual {tuple(residual.shape)}")
+    out_dtype = out_dtype or weight.dtype
+    if residual_dtype is None:
+        residual_dtype = residual.dtype if delta is None else torch.promote_types(residual.dtype, delta.dtype)
+    res2 = residual.reshape(-1, d)
+    delta2 = delta.reshape(-1, d) if delta is not None else res2
+    if res2.stride(-1) != 1 or delta2.stride(-1) != 1:
+        raise ValueError("add_rms_norm: residual and delta need unit stride in the last dimension")
+    r = torch.empty(res2.shape, device=residual.device, dtype=residual_dtype)
+    y = torch.empty(res2.shape, device=residual.device, dtype=out_dtype)
+    if res2.shape[0]:
+        block = triton.next_power_of_2(d)
+        _add_norm_kernel[(res2.shape[0],)](
+            res2, delta2, weight, r, y, res2.stride(0), delta2.stride(0), r.stride(0), y.stride(0), d, float(eps),
+            BLOCK=block, HAS_DELTA=delta is not None, num_warps=max(1, min(8, block // 256)),
+        )
+    return r.view(residual.shape), y.view(residual.shape)
+
+
+__all__ = ["add_rms_norm"]
