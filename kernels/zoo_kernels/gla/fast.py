@@ -9,6 +9,7 @@ version, and a failing fla is reported once and never used again, so no caller c
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -20,15 +21,21 @@ FLA_INSTALL = "pip install 'fla-core>=0.6' (the [fla] extra of hybrid-zoo)"
 _VERDICTS: dict[tuple, tuple[bool, str]] = {}
 
 
+_FLA: list = []  # fla's chunk_gla once imported (a failed import is retried: fla may join sys.path later)
+
+
 def _fla_chunk_gla():
     """fla's chunk_gla, or None where fla-core is not importable."""
-    try:
-        from fla.ops.gla import chunk_gla
-    except Exception:  # noqa: BLE001 - fla failing at import on this Triton counts as unavailable
-        return None
-    return chunk_gla
+    if not _FLA:
+        try:
+            from fla.ops.gla import chunk_gla
+        except Exception:  # noqa: BLE001 - fla failing at import on this Triton counts as unavailable
+            return None
+        _FLA.append(chunk_gla)
+    return _FLA[0]
 
 
+@functools.cache
 def _versions() -> tuple[str, str]:
     try:
         import triton
@@ -48,14 +55,15 @@ def _versions() -> tuple[str, str]:
 def _device_key(device: torch.device) -> tuple:
     device = torch.device(device)
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return (
-            "cuda",
-            torch.cuda.get_device_name(index),
-            torch.cuda.get_device_capability(index),
-            *_versions(),
-        )
+        return _cuda_key(device.index if device.index is not None else torch.cuda.current_device())
     return (device.type, *_versions())
+
+
+@functools.cache
+def _cuda_key(index: int) -> tuple:
+    """Kept per device index: every chunk_gla call asks (twice), and the device queries cost ~10 us of host
+    time each, which showed in fla's host-bound packed forward (0.91x fla's own call before this cache)."""
+    return ("cuda", torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), *_versions())
 
 
 def _probe(fn, device: torch.device, dtype: torch.dtype, key_dim: int, value_dim: int) -> str:
