@@ -198,12 +198,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--graph", choices=["auto", "off", "only"], default="auto",
                    help="auto: also time CUDA-graph decoding where the cache allows it; only: skip the eager timing "
                    "of models that decode in a graph (a third of the run's time)")
+    p.add_argument("--fla-autotune-configs", type=int, default=2,
+                   help="let each fla autotuner (GLA's prefill, where fla-core is importable) try only its first N "
+                   "configs (0: all). A full autotune on a fresh machine outlasted two device calls; the decode step "
+                   "does not use fla, only the prefill does")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.jsonl"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/generate.py needs a CUDA GPU")
     device = torch.device("cuda")
     batches = [int(b) for b in args.batches.split(",")]
+    fla_note = None
+    if "gla" in args.models and args.fla_autotune_configs > 0:
+        from zoo_kernels.gla import fast
+
+        if fast._fla_chunk_gla() is not None:  # imports fla's kernels, whose autotuners are then capped
+            fast.cap_fla_autotuning(args.fla_autotune_configs)
+            fla_note = f"fla autotuners capped at their first {args.fla_autotune_configs} configs (GLA prefill)"
     order = [m for m in args.models if m == "transformerpp"] + [m for m in args.models if m != "transformerpp"]
     results: dict[tuple[str, int], dict] = {}
     backends: dict[str, dict] = {}
@@ -234,9 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = make_rows({k: results[k] for k in sorted(results, key=lambda k: (args.models.index(k[0]), k[1]))},
                      torch.cuda.get_device_name(), command.strip(), args.prompt_len, args.new_tokens)
-    if cut:
-        for row in rows:
-            row["note"] = "; ".join(x for x in (row.get("note"), cut) if x)
+    for row in rows:
+        row["note"] = "; ".join(x for x in (row.get("note"), fla_note if "/gla/" in row["name"] else None, cut)
+                                if x) or None
     for row in rows:
         name = row["name"].split("/")[1]
         if name in backends:
