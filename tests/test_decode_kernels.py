@@ -160,6 +160,12 @@ def _interpreter_main() -> None:
         r_ref, y_ref = add_norm_reference(res, delta if with_delta else None, w, 1e-5, torch.float32)
         assert r.dtype == r_ref.dtype and torch.equal(r, r_ref), (res_dtype, with_delta, d)
         assert rel_err(y, y_ref) < 1e-5, (res_dtype, with_delta, d, rel_err(y, y_ref))
+    res = torch.randn(3, 16, 5).transpose(1, 2)  # a last dimension that is not unit-stride is copied, not refused
+    delta = torch.randn(16, 5, 3).permute(2, 1, 0)
+    weight = torch.rand(16) + 0.5
+    r, y = add_rms_norm(res, delta, weight, 1e-5, torch.float32)
+    r_ref, y_ref = add_norm_reference(res, delta, weight, 1e-5, torch.float32)
+    assert torch.equal(r, r_ref) and rel_err(y, y_ref) < 1e-5
     print("interpreter: residual add + RMSNorm matches the block's formula")
 
 

@@ -37,7 +37,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
                  out_dtype: torch.dtype | None = None, residual_dtype: torch.dtype | None = None):
     """(residual + delta, rmsnorm(residual + delta) · weight); delta None: the norm of `residual` alone.
 
-    residual, delta [..., d] with unit stride in the last dimension; weight [d]. The sum is kept in
+    residual, delta [..., d] (copied where the last dimension is not unit-stride); weight [d]. The sum is kept in
     `residual_dtype` (default: the promoted dtype of residual and delta), the normalized output in `out_dtype`
     (default weight's dtype).
     """
@@ -50,9 +50,9 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
     if residual_dtype is None:
         residual_dtype = residual.dtype if delta is None else torch.promote_types(residual.dtype, delta.dtype)
     res2 = residual.reshape(-1, d)
-    delta2 = delta.reshape(-1, d) if delta is not None else res2
-    if res2.stride(-1) != 1 or delta2.stride(-1) != 1:
-        raise ValueError("add_rms_norm: residual and delta need unit stride in the last dimension")
+    res2 = res2 if res2.stride(-1) == 1 else res2.contiguous()  # e.g. a registered mixer's transposed output
+    delta2 = res2 if delta is None else delta.reshape(-1, d)
+    delta2 = delta2 if delta2.stride(-1) == 1 else delta2.contiguous()
     r = torch.empty(res2.shape, device=residual.device, dtype=residual_dtype)
     y = torch.empty(res2.shape, device=residual.device, dtype=out_dtype)
     if res2.shape[0]:
