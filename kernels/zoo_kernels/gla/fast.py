@@ -35,7 +35,6 @@ def _fla_chunk_gla():
     return _FLA[0]
 
 
-@functools.cache
 def _versions() -> tuple[str, str]:
     try:
         import triton
@@ -55,15 +54,17 @@ def _versions() -> tuple[str, str]:
 def _device_key(device: torch.device) -> tuple:
     device = torch.device(device)
     if device.type == "cuda":
-        return _cuda_key(device.index if device.index is not None else torch.cuda.current_device())
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return ("cuda", *_cuda_identity(index), *_versions())
     return (device.type, *_versions())
 
 
 @functools.cache
-def _cuda_key(index: int) -> tuple:
-    """Kept per device index: every chunk_gla call asks (twice), and the device queries cost ~10 us of host
-    time each, which showed in fla's host-bound packed forward (0.91x fla's own call before this cache)."""
-    return ("cuda", torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index), *_versions())
+def _cuda_identity(index: int) -> tuple:
+    """(name, capability) of a CUDA device, kept per index: every chunk_gla call asks (twice), and the device
+    queries cost host time, which showed in fla's host-bound packed forward (0.91x fla's own call before this
+    cache). The versions are not kept: a key must change when fla becomes importable later in the process."""
+    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
 
 
 def _probe(fn, device: torch.device, dtype: torch.dtype, key_dim: int, value_dim: int) -> str:
