@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -69,13 +70,17 @@ class RMSNorm(nn.Module):
 
 
 @functools.cache
-def _fused_gated_norm():
-    """zoo_kernels.gated_norm.gated_rms_norm where Triton imports, else None."""
+def optional_kernel(module: str, name: str):
+    """``zoo_kernels.<module>.<name>``, an inference kernel written in Triton, or None where Triton does not import
+    (the callers then run their torch formula)."""
     try:
-        from zoo_kernels.gated_norm import gated_rms_norm
+        return getattr(importlib.import_module(f"zoo_kernels.{module}"), name)
     except ImportError:
         return None
-    return gated_rms_norm
+
+
+def _fused_gated_norm():
+    return optional_kernel("gated_norm", "gated_rms_norm")
 
 
 class GatedRMSNorm(nn.Module):
@@ -234,15 +239,10 @@ class Block(nn.Module):
         return x, out, aux
 
 
-@functools.cache
 def fused_add_norm():
     """zoo_kernels.add_norm.add_rms_norm where Triton imports, else None."""
-    try:
-        from zoo_kernels.add_norm import add_rms_norm
-    except ImportError:
-        return None
-    return add_rms_norm
+    return optional_kernel("add_norm", "add_rms_norm")
 
 
-__all__ = ["decoded_constants", "fused_add_norm", "RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_",
-           "mark_no_weight_decay"]
+__all__ = ["decoded_constants", "fused_add_norm", "optional_kernel", "RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE",
+           "Block", "init_copy_", "mark_no_weight_decay"]

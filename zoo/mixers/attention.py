@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from zoo_kernels.attention import attention
 
 from zoo.cache import StaticKVLayer
+from zoo.layers import optional_kernel
 from zoo.registry import register_mixer
 
 # backends whose padded path is a dense mask (no host sync, capturable in a CUDA graph)
 _DENSE_MASK_BACKENDS = ("sdpa_cudnn", "sdpa_efficient", "math")
 
 
-@functools.cache
 def _decode_kernel():
     """zoo_kernels.attention.decode.decode_attention (split-key single-query attention over a static KV buffer)
     where Triton imports, else None: the auto backend's decode step on CUDA."""
-    try:
-        from zoo_kernels.attention.decode import decode_attention
-    except ImportError:
-        return None
-    return decode_attention
+    return optional_kernel("attention.decode", "decode_attention")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
