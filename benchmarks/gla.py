@@ -1,11 +1,13 @@
 """Benchmark: zoo_kernels.chunk_gla (auto backend) vs fla's chunk_gla called directly, fwd and fwd+bwd.
 
-GLA at d_model 768 with 6 heads of K = V = 128, bf16, B·L = 16K tokens at L = 2048 (B=8) and L = 8192
-(B=2), dense and packed (seq_idx with 4 documents per row, which our wrapper turns into fla's cu_seqlens).
+Shapes of the GLA 130M layer (configs/models/gla-130m.yaml: d_model 768, 4 heads of K = 96, V = 192) and 370M
+layer (gla-370m.yaml: d_model 1024, 4 heads of K = 128, V = 256), bf16, B·L = 16K tokens at L = 2048 (B=8) and
+L = 8192 (B=2); plus the first cases, tagged without a model, at 6 heads of K = V = 128 (no zoo config has
+them), dense and packed (seq_idx with 4 documents per row, which our wrapper turns into fla's cu_seqlens).
 Where fla is sound our auto backend *is* fla, so the ratio measures the wrapper's overhead; the torch
 reference's time is given for scale. fla comes from .baselines/fla (see benchmarks/ssd.py).
 
-    python benchmarks/gla.py [--baselines .baselines] [--out benchmarks/results.jsonl]
+    python benchmarks/gla.py [--baselines .baselines] [--out benchmarks/results.jsonl] [--cases 370m] [--rounds 3]
 
 ratio = baseline_ms / ours_ms (> 1: ours faster); floor = max(bytes / copy bandwidth, FLOPs / bf16 matmul
 rate), both measured at start-up (benchmarks/ceilings.py).
@@ -42,9 +44,39 @@ def floors(batch, L, H, K, V, T=64):
     )
 
 
-def run_case(L, batch, packed, chunk_gla, chunk_gla_ref, fla, compile_only):
-    """Times one shape; returns {what: (ours_ms, fla_ms, ref_ms)}."""
-    H, K, V = 6, 128, 128
+# tag (results.jsonl rows are keyed by it: the first three keep theirs from before the model shapes), model,
+# heads, head sizes K and V, L, batch, packed
+CASES = [
+    ("L2048xB8", "d768-h6-k128", 6, 128, 128, 2048, 8, False),
+    ("L8192xB2", "d768-h6-k128", 6, 128, 128, 8192, 2, False),
+    ("L2048xB8/packed", "d768-h6-k128", 6, 128, 128, 2048, 8, True),
+    ("130m/L2048xB8", "gla-130m", 4, 96, 192, 2048, 8, False),
+    ("130m/L8192xB2", "gla-130m", 4, 96, 192, 8192, 2, False),
+    ("370m/L2048xB8", "gla-370m", 4, 128, 256, 2048, 8, False),
+    ("370m/L8192xB2", "gla-370m", 4, 128, 256, 8192, 2, False),
+]
+
+
+def side_by_side(a, b, rounds):
+    """(a ms, b ms, per-round b/a ratios): `rounds` rounds of a, b, b, a, each side its fastest of all.
+
+    Neither side is always timed first (on 2026-12-03 the packed forward read 0.70x with ours first and fla
+    second, 1.05x for fwd+bwd), and a host-bound call's own time moves between runs (fla's packed forward read
+    0.44 to 1.17 ms): the spread of the per-round ratios shows that noise next to the ratio.
+    """
+    if b is None:
+        return min(bench(a) for _ in range(rounds)), None, []
+    times_a, times_b, ratios = [], [], []
+    for _ in range(rounds):
+        t_a, t_b, t_b2, t_a2 = bench(a), bench(b), bench(b), bench(a)
+        times_a += [t_a, t_a2]
+        times_b += [t_b, t_b2]
+        ratios.append(min(t_b, t_b2) / min(t_a, t_a2))
+    return min(times_a), min(times_b), ratios
+
+
+def run_case(model, H, K, V, L, batch, packed, chunk_gla, chunk_gla_ref, fla, compile_only, rounds):
+    """Times one shape; returns {what: (ours_ms, fla_ms, per-round ratios, ref_ms)}, its shape and floors."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     bf = torch.bfloat16
     q, k = (torch.randn(batch, L, H, K, device="cuda", generator=gen).to(bf) for _ in range(2))
@@ -78,20 +110,18 @@ def run_case(L, batch, packed, chunk_gla, chunk_gla_ref, fla, compile_only):
     def theirs_bwd():
         return torch.autograd.grad(theirs(), leaves, do)
 
-    timer = (lambda fn: fn()) if compile_only else bench
-
-    def side_by_side(a, b):
-        """(a ms, b ms), each the faster of two timings taken a, b, b, a: neither side is always timed first
-        (on 2026-12-03 the packed forward read 0.70x with ours first and fla second, 1.05x for fwd+bwd)."""
-        if b is None:
-            return timer(a), None
-        t_a, t_b, t_b2, t_a2 = timer(a), timer(b), timer(b), timer(a)
-        return (min(t_a, t_a2), min(t_b, t_b2)) if not compile_only else (t_a, t_b)
-
-    with torch.no_grad():
-        times = {"fwd": [*side_by_side(ours, theirs if fla else None), None if packed else timer(ref)]}
-    times["fwd+bwd"] = [*side_by_side(ours_bwd, theirs_bwd if fla else None), None]
-    shape = dict(batch=batch, L=L, H=H, K=K, V=V, dtype="bf16", packed_docs_per_row=4 if packed else 0)
+    pairs = {"fwd": (ours, theirs if fla else None), "fwd+bwd": (ours_bwd, theirs_bwd if fla else None)}
+    times = {}
+    for what, (a, b) in pairs.items():
+        with torch.set_grad_enabled(what != "fwd"):
+            if compile_only:  # each kernel once: compile and autotune
+                a()
+                if b:
+                    b()
+                continue
+            ref_ms = bench(ref) if what == "fwd" and not packed else None
+            times[what] = (*side_by_side(a, b, rounds), ref_ms)
+    shape = dict(model=model, batch=batch, L=L, H=H, K=K, V=V, dtype="bf16", packed_docs_per_row=4 if packed else 0)
     return times, shape, floors(batch, L, H, K, V)
 
 
@@ -107,8 +137,14 @@ def main() -> None:
         help="let each fla autotuner try only its first N configs (0: all; a full autotune of these shapes took "
         "over 440 s on a fresh H100). Ours and fla share the tuned kernels, so the ratio stays like for like",
     )
-    parser.add_argument("--cases", default="", help="run only cases whose tag contains this, e.g. L2048")
+    parser.add_argument("--cases", default="", help="run only cases whose tag contains this, e.g. L2048 or 370m")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="rounds of ours, fla, fla, ours per case; each side keeps its fastest of 2·rounds timings",
+    )
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     fla_dir = os.path.join(args.baselines, "fla")
     if os.path.isdir(fla_dir):
         sys.path.insert(0, fla_dir)
@@ -131,15 +167,16 @@ def main() -> None:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     command = "python " + " ".join(sys.argv)
     rows = []
-    for L, batch, packed in ((2048, 8, False), (8192, 2, False), (2048, 8, True)):
-        if args.cases not in f"L{L}xB{batch}" + ("/packed" if packed else ""):
+    for tag, model, H, K, V, L, batch, packed in CASES:
+        if args.cases not in tag:
             continue
-        times, shape, floor_pair = run_case(L, batch, packed, chunk_gla, chunk_gla_ref, fla, args.compile_only)
+        times, shape, floor_pair = run_case(
+            model, H, K, V, L, batch, packed, chunk_gla, chunk_gla_ref, fla, args.compile_only, args.rounds
+        )
         if args.compile_only:
-            print(f"compiled L={L} packed={packed}", flush=True)
+            print(f"compiled {tag}", flush=True)
             continue
-        tag = f"L{L}xB{batch}" + ("/packed" if packed else "")
-        for (what, (ours_ms, base_ms, ref_ms)), floor_val in zip(times.items(), floor_pair):
+        for (what, (ours_ms, base_ms, ratios, ref_ms)), floor_val in zip(times.items(), floor_pair):
             row = {
                 "name": f"gla_{what}/{tag}",
                 "card": card,
@@ -153,9 +190,15 @@ def main() -> None:
                 "ratio": None if base_ms is None else round(base_ms / ours_ms, 3),
                 "floor_ms": round(floor_val, 4),
                 "ref_ms": None if ref_ms is None else round(ref_ms, 3),
+                "ratio_rounds": [round(r, 3) for r in ratios],
                 "shape": shape,
                 "versions": {"torch": torch.__version__, "triton": triton.__version__},
             }
+            if ratios:
+                row["note"] = (
+                    f"{args.rounds} rounds of ours, fla, fla, ours (fastest of {2 * args.rounds} each); "
+                    f"per-round ratio {min(ratios):.3f}-{max(ratios):.3f}"
+                )
             rows.append(row)
             with open(args.out, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -166,11 +209,13 @@ def main() -> None:
         f"\n{card}, {date}, `{command}`; ours = chunk_gla, auto backend ({backend}); "
         "ratio = fla ms / ours ms\n"
     )
-    print("| case | ours ms | fla chunk_gla ms | ratio | floor ms | torch ref ms |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| case | ours ms | fla chunk_gla ms | ratio | per-round ratios | floor ms | torch ref ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         cells = [r["ours_ms"], r["baseline_ms"], r["ratio"], r["floor_ms"], r["ref_ms"]]
-        print(f"| {r['name']} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in cells) + " |")
+        text = ["—" if v is None else f"{v:.3f}" for v in cells]
+        text.insert(3, ", ".join(f"{x:.3f}" for x in r["ratio_rounds"]) or "—")
+        print(f"| {r['name']} | " + " | ".join(text) + " |")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ reference, one document at a time); tests marked `cuda` run fla itself where it 
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,6 +150,29 @@ def test_missing_fla(fresh_verdicts, monkeypatch):
     with pytest.raises(ImportError, match="fla-core"):
         fast.chunk_gla_fast(*make_inputs(1, 8, 1, 16, 16, torch.float32, "cpu").values())
     assert fast.best_backend(torch.device("cpu")) is None
+
+
+def test_verdict_is_redone_when_fla_imports_later(fresh_verdicts, monkeypatch):
+    """A process that imports fla after its first call (e.g. once fla joins sys.path) gets fla judged, not the
+    'not installed' verdict kept; the new verdict is then kept like any other."""
+    monkeypatch.setattr(fast, "_FLA", [])
+    monkeypatch.setitem(sys.modules, "fla.ops.gla", None)  # the import fails
+    cpu, dims = torch.device("cpu"), (torch.float32, 16, 16)
+    ok, reason = fast.fla_verdict(cpu, *dims)
+    assert not ok and "not installed" in reason
+    probes = []
+
+    def counted(*args, **kwargs):
+        probes.append(1)
+        return fla_standin(*args, **kwargs)
+
+    monkeypatch.setitem(sys.modules, "fla.ops.gla", types.SimpleNamespace(chunk_gla=counted))
+    assert fast.fla_verdict(cpu, *dims) == (True, "")
+    n_probe = len(probes)
+    q, k, v, g, h0 = make_inputs(2, 40, 2, 16, 16, torch.float32, "cpu").values()
+    o = fast.chunk_gla_fast(q, k, v, g, None, h0)
+    assert len(probes) == n_probe + 1, "one call of fla itself, no second self-check"
+    assert rel_err(o, chunk_gla_ref(q, k, v, g, None, h0)) < 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -5,17 +5,12 @@ from __future__ import annotations
 import torch
 
 from zoo_kernels._grad import needs_grad
+from zoo_kernels.gla import fast
 from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref
 
 
 def fast_backend(device: torch.device) -> str | None:
     """Name of the fastest sound GLA kernel on `device` ("fla" or "triton"), or None."""
-    if device.type != "cuda":
-        return None
-    try:
-        from zoo_kernels.gla import fast
-    except ImportError:
-        return None
     return fast.best_backend(device)
 
 
@@ -38,8 +33,6 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, seq_idx=None, return_f
     backend = resolve_backend(backend, q.device)
     args = (q, k, v, g, scale, initial_state, seq_idx, return_final_state, chunk_size)
     if backend != "ref":
-        from zoo_kernels.gla import fast
-
         return fast.chunk_gla_fast(*args, backend=backend)
     return chunk_gla_ref(*args)
 

@@ -3,13 +3,13 @@
 fla's Triton kernels are sound on most GPU + Triton pairs but not all (on Hopper with Triton 3.6 its
 `chunk_simple_gla` backward refuses to run). Before fla is used on a device, `fla_verdict` runs one tiny
 forward + backward (dense and packed) against `chunk_gla_ref`, at the dtype and head sizes of the first
-call so that it shares fla's autotuning with that call; the verdict is cached per device, Triton and fla
-version, and a failing fla is reported once and never used again, so no caller crashes on it.
+call so that it shares fla's autotuning with that call; the verdict is cached per device and per fla function
+(one imported later in the process is judged anew), and a failing fla is reported once and never used again,
+so no caller crashes on it.
 """
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -18,7 +18,7 @@ from zoo_kernels.gla.ref import chunk_gla_ref
 
 FLA_INSTALL = "pip install 'fla-core>=0.6' (the [fla] extra of hybrid-zoo)"
 
-_VERDICTS: dict[tuple, tuple[bool, str]] = {}
+_VERDICTS: dict[torch.device, tuple] = {}  # device (with its index) -> (the fla chunk_gla judged, (usable, reason))
 
 
 _FLA: list = []  # fla's chunk_gla once imported (a failed import is retried: fla may join sys.path later)
@@ -51,20 +51,21 @@ def _versions() -> tuple[str, str]:
     return triton_version, fla_version
 
 
-def _device_key(device: torch.device) -> tuple:
-    device = torch.device(device)
+def _slot(device: torch.device) -> torch.device:
+    """`device` with its index, the verdict's key: cheap, as every chunk_gla call looks its verdict up."""
+    if device.index is None and device.type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _describe(device: torch.device) -> str:
+    """The device, Triton and fla behind a verdict, for its warning."""
+    name = str(device)
     if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return ("cuda", *_cuda_identity(index), *_versions())
-    return (device.type, *_versions())
-
-
-@functools.cache
-def _cuda_identity(index: int) -> tuple:
-    """(name, capability) of a CUDA device, kept per index: every chunk_gla call asks (twice), and the device
-    queries cost host time, which showed in fla's host-bound packed forward (0.91x fla's own call before this
-    cache). The versions are not kept: a key must change when fla becomes importable later in the process."""
-    return torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+        index = _slot(device).index
+        name = f"{torch.cuda.get_device_name(index)} (sm {torch.cuda.get_device_capability(index)})"
+    triton_version, fla_version = _versions()
+    return f"{name}, Triton {triton_version}, fla {fla_version}"
 
 
 def _probe(fn, device: torch.device, dtype: torch.dtype, key_dim: int, value_dim: int) -> str:
@@ -115,25 +116,31 @@ def fla_verdict(
     The probe uses the dtype and head sizes given (chunk_gla_fast passes its first call's), so that
     fla's autotuning for the probe is the autotuning the real call needs anyway.
     """
-    device = torch.device(device)
-    key = _device_key(device)
-    if key not in _VERDICTS:
-        fn = _fla_chunk_gla()
-        if fn is None:
-            _VERDICTS[key] = (False, f"fla-core is not installed ({FLA_INSTALL})")
-            return _VERDICTS[key]
+    return _verdict(_fla_chunk_gla(), torch.device(device), dtype, key_dim, value_dim)
+
+
+def _verdict(fn, device: torch.device, dtype: torch.dtype, key_dim: int, value_dim: int) -> tuple[bool, str]:
+    """fla_verdict for fla's function `fn` (None: not importable); a verdict taken for another `fn` is redone."""
+    slot = _slot(device)
+    cached = _VERDICTS.get(slot)
+    if cached is not None and cached[0] is fn:
+        return cached[1]
+    if fn is None:
+        reason = f"fla-core is not installed ({FLA_INSTALL})"
+    else:
         try:
             with torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 reason = _probe(fn, device, dtype, key_dim, value_dim)
         except Exception as exc:  # noqa: BLE001 - any failure of fla means: do not use fla here
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        _VERDICTS[key] = (not reason, reason)
         if reason:
             warnings.warn(
-                f"fla chunk_gla failed its self-check on {key[1:]} ({reason}); the torch reference runs instead",
-                stacklevel=2,
+                f"fla chunk_gla failed its self-check on {_describe(device)} ({reason}); the torch reference "
+                "runs instead",
+                stacklevel=3,
             )
-    return _VERDICTS[key]
+    _VERDICTS[slot] = (fn, (not reason, reason))
+    return _VERDICTS[slot][1]
 
 
 def cap_fla_autotuning(n_configs: int):
@@ -173,10 +180,11 @@ def best_backend(device: torch.device) -> str | None:
     The self-check runs on the first chunk_gla_fast call per device, before fla computes anything.
     """
     device = torch.device(device)
-    if device.type != "cuda" or _fla_chunk_gla() is None:
+    fn = _fla_chunk_gla()
+    if device.type != "cuda" or fn is None:
         return None
-    verdict = _VERDICTS.get(_device_key(device))
-    return "fla" if verdict is None or verdict[0] else None
+    cached = _VERDICTS.get(_slot(device))
+    return "fla" if cached is None or cached[0] is not fn or cached[1][0] else None
 
 
 _DOCUMENTS: list = []  # [(weakref to seq_idx, its _version, the result)]: the last conversion
@@ -208,13 +216,18 @@ def _documents(seq_idx: torch.Tensor):
     return result
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype`; the usual no-op conversion skips the dispatcher (~0.6 us of host time per call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state):
     """Our chunk_gla contract through fla's API; seq_idx becomes cu_seqlens over the flattened batch."""
     batch, length, heads, _ = q.shape
-    init = initial_state.float() if initial_state is not None else None
+    init = _cast(initial_state, torch.float32) if initial_state is not None else None
     if seq_idx is None:
         o, final = fn(q, k, v, g, scale=scale, initial_state=init, output_final_state=return_final_state)
-        return o.to(q.dtype), (final.float() if return_final_state else None)
+        return _cast(o, q.dtype), (_cast(final, torch.float32) if return_final_state else None)
     begins, cu_seqlens, cu_seqlens_cpu, row_start, last_of_row = _documents(seq_idx)
     if init is not None:
         # each row's initial state goes to its first document; later documents start from zero
@@ -228,10 +241,10 @@ def _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state):
         cu_seqlens=cu_seqlens,
         cu_seqlens_cpu=cu_seqlens_cpu,
     )
-    o = o.reshape(batch, length, heads, v.shape[-1]).to(q.dtype)
+    o = _cast(o.reshape(batch, length, heads, v.shape[-1]), q.dtype)
     if not return_final_state:
         return o, None
-    return o, final[last_of_row].float()
+    return o, _cast(final[last_of_row], torch.float32)
 
 
 def chunk_gla_fast(
@@ -256,7 +269,7 @@ def chunk_gla_fast(
     fn = _fla_chunk_gla()
     if fn is None:
         raise ImportError(f"chunk_gla backend 'fla' needs fla-core: {FLA_INSTALL}")
-    if not fla_verdict(q.device, q.dtype, q.shape[-1], v.shape[-1])[0]:
+    if not _verdict(fn, q.device, q.dtype, q.shape[-1], v.shape[-1])[0]:
         # never crash on an unsound fla: this call (and auto-dispatched later ones) take the reference
         return chunk_gla_ref(q, k, v, g, scale, initial_state, seq_idx, return_final_state, chunk_size)
     o, final = _run_fla(fn, q, k, v, g, scale, initial_state, seq_idx, return_final_state)
