@@ -4,10 +4,12 @@
   the in_proj output), the fp32 state shifted in place;
 - selective-scan state update (CUDA): 4 states per lane with 16-byte accesses, 4 batch rows per block from batch
   8 on (a partial last group of rows), the scalar kernel for N % 4 != 0; B/C/z read through their batch strides;
+  with dt_weight (Mamba's dt_proj folded in) dt is a low-rank strided slice and the kernel computes dt_low W^T;
 - GLA step (Triton): on CUDA, and on CPU through Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must
   be set before triton is imported);
 - the mixers' decode steps update the cached states in place (CUDA graphs replay them at fixed addresses) and
-  still equal the full forward; constants kept across steps follow parameter changes.
+  still equal the full forward; Mamba's step with dt_proj folded in decodes like the dt_proj matmul; constants
+  kept across steps follow parameter changes.
 """
 
 from __future__ import annotations
@@ -92,6 +94,59 @@ def test_state_update_kernel_matches_reference(dtype, N, G, batch, rank):
     assert rel_err(state, ref_state) < 1e-5
 
 
+def _low_rank_inputs(device, dtype, batch, dim, N, rank, shift=0, seed=0):
+    """The state update's inputs as the Mamba step passes them with dt_proj folded in: dt_low, B and C column
+    slices of one x_proj output (shift > 0 moves them off 4-element alignment), x and z slices of in_proj's."""
+    gen = torch.Generator().manual_seed(seed)
+    x_dbl = torch.randn(batch, shift + rank + 2 * N, generator=gen).to(device, dtype)
+    dt_low, Bs, Cs = x_dbl[:, shift:].split([rank, N, N], dim=1)
+    xz = torch.randn(batch, 2 * dim, generator=gen).to(device, dtype)
+    weight = (torch.randn(dim, rank, generator=gen) * rank ** -0.5).to(device, dtype)
+    A = (-torch.rand(dim, N, generator=gen) * 3).to(device)
+    D, bias = torch.randn(dim, generator=gen).to(device), (torch.randn(dim, generator=gen) * 0.1).to(device)
+    state = torch.randn(batch, dim, N, generator=gen).to(device)
+    return state, xz[:, :dim], dt_low, A, Bs, Cs, D, xz[:, dim:], bias, weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rank", [1, 5, 48, 64])
+@pytest.mark.parametrize("batch", [1, 3, 9])
+@pytest.mark.parametrize("with_bias,softplus", [(True, True), (False, True), (True, False), (False, False)])
+def test_low_rank_dt_reference_equals_the_precomputed_dt(dtype, rank, batch, with_bias, softplus):
+    """dt_weight: the step computes dt = dt_low @ W.T (fp32) itself, then bias and softplus, as if given that dt."""
+    from zoo_kernels.selective_scan import selective_state_update
+
+    state, x, dt_low, A, Bs, Cs, D, z, bias, weight = _low_rank_inputs("cpu", dtype, batch, 40, 8, rank)
+    bias = bias if with_bias else None
+    ref_state = state.clone()
+    y = selective_state_update(state, x, dt_low, A, Bs, Cs, D, z, bias, softplus, weight, backend="ref")
+    dt = dt_low.float() @ weight.float().T
+    y_ref = selective_state_update_ref(ref_state, x, dt, A, Bs, Cs, D, z, bias, softplus)
+    assert y.dtype == dtype and rel_err(y, y_ref) < 1e-6
+    assert rel_err(state, ref_state) < 1e-6
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 9, 64])
+@pytest.mark.parametrize("N,rank,shift", [
+    (16, 48, 0), (16, 5, 0), (16, 1, 0), (16, 256, 0),  # the vector kernel, 4 lanes per channel
+    (16, 48, 1),  # dt_low, B, C, off 4-element alignment: one term per load
+    (4, 48, 0), (12, 48, 0), (128, 64, 0),  # 1 lane (the whole dot product), 4 with one state-idle, 32
+    (6, 48, 0), (6, 5, 0),  # N % 4 != 0: the scalar kernel
+])
+def test_state_update_kernel_with_low_rank_dt_matches_reference(dtype, batch, N, rank, shift):
+    from zoo_kernels.selective_scan.cuda import selective_state_update_cuda
+
+    state, x, dt_low, A, Bs, Cs, D, z, bias, weight = _low_rank_inputs("cuda", dtype, batch, 136, N, rank, shift)
+    ref_state = state.clone()
+    y = selective_state_update_cuda(state, x, dt_low, A, Bs, Cs, D, z, bias, True, dt_weight=weight)
+    y_ref = selective_state_update_ref(ref_state, x, dt_low, A, Bs, Cs, D, z, bias, True, dt_weight=weight)
+    assert y.dtype == dtype and rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(state, ref_state) < 1e-5
+
+
 def _gla_inputs(device, dtype, batch=3, H=2, K=24, V=40, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(batch, H, K, generator=gen).to(device, dtype) for _ in range(2))
@@ -167,6 +222,19 @@ def _interpreter_main() -> None:
     r_ref, y_ref = add_norm_reference(res, delta, weight, 1e-5, torch.float32)
     assert torch.equal(r, r_ref) and rel_err(y, y_ref) < 1e-5
     print("interpreter: residual add + RMSNorm matches the block's formula")
+    from zoo_kernels.skinny_linear import skinny_linear
+
+    # fp32 and fp16 (the interpreter's bf16 products are wrong: Triton 3.9 gives garbage for tl.dot on bf16)
+    for rows, k, n, bias, dtype in ((1, 40, 70, False, torch.float32), (5, 100, 33, True, torch.float32),
+                                    (64, 48, 96, True, torch.float32), (17, 130, 20, True, torch.float16)):
+        gen = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, 2 * k, generator=gen)[:, :k].to(dtype)  # strided rows, as a column slice gives
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if bias else None
+        y = skinny_linear(x, w, b)
+        y_ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+        assert y.dtype == dtype and y.shape == (rows, n) and rel_err(y, y_ref) < 1e-3, (rows, k, n, rel_err(y, y_ref))
+    print("interpreter: skinny linear matches F.linear")
 
 
 def _add_norm_inputs(device, res_dtype, dtype, rows=5, d=48, seed=0):
@@ -365,6 +433,44 @@ def test_decode_step_updates_states_in_place_and_equals_the_forward(kind):
     assert all(p == pointers[0] for p in pointers[1:])
 
 
+class _WrappedLinear(torch.nn.Linear):
+    """Not a plain nn.Linear, as a PEFT adapter's wrapper is not: the Mamba step must call it."""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mamba_step_with_dt_proj_folded_in_decodes_like_the_matmul(dtype, monkeypatch):
+    """The Mamba step passes dt_proj's weight to the state update (on CPU the reference's dot product) instead of
+    calling dt_proj; greedy decoding gives the logits of the dt_proj matmul path, which a wrapped dt_proj takes.
+    The projections get nn.Linear's init: with the zoo's small one dt_low @ W.T is ~1e-3 next to the bias, and the
+    logits hardly depend on it. Sensitivity: W scaled by 1.001 moves the fp32 logits by 1.5e-6."""
+    import zoo.mixers.mamba as mamba_module
+
+    weights = []
+    update = mamba_module.selective_state_update
+    monkeypatch.setattr(mamba_module, "selective_state_update",
+                        lambda *args, **kw: weights.append(args[10] if len(args) > 10 else None) or update(*args, **kw))
+    prompt = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for folded in (True, False):
+        model = _tiny("mamba")
+        mixers = [layer.mixer for layer in model.model.layers]
+        for mixer in mixers:
+            for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+                getattr(mixer, name).reset_parameters()
+            if not folded:
+                mixer.dt_proj.__class__ = _WrappedLinear
+        model.to(dtype)
+        weights.clear()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        passed = [mixer.dt_proj.weight if folded else None for mixer in mixers] * 5  # the 5 steps after the prefill
+        assert len(weights) == len(passed) and all(w is want for w, want in zip(weights, passed))
+        runs[folded] = out.sequences, torch.stack(out.logits, 1).float()
+    assert torch.equal(runs[True][0], runs[False][0])
+    # bf16: the matmul rounds dt to bf16 (1.3e-3 here), the kernel keeps it in fp32
+    assert rel_err(runs[True][1], runs[False][1]) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 def test_decode_kernels_are_skipped_where_gradients_are_needed():
     """The single-step kernels have no backward: a call that needs gradients takes the torch reference."""
     from zoo_kernels._grad import needs_grad
@@ -387,6 +493,49 @@ def test_decoded_constants_follow_parameter_changes():
     assert torch.allclose(second, first + 2)
     fresh = decoded_constants(lin, "_c", (lin.weight,), lambda: lin.weight * 2)
     assert fresh.requires_grad  # with autograd on: computed afresh, in the graph
+
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 16, 64])
+@pytest.mark.parametrize("k,n,bias", [(768, 3072, False), (1536, 80, False), (48, 1536, True), (2048, 768, False),
+                                      (100, 50280, False), (33, 17, True)])
+def test_skinny_linear_matches_cublas(dtype, rows, k, n, bias):
+    from zoo_kernels.skinny_linear import skinny_linear
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 1, 2 * k, device="cuda", generator=gen).to(dtype)[..., k:]
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, device="cuda", generator=gen).to(dtype) if bias else None
+    y = skinny_linear(x, w, b)
+    y_ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.shape == (rows, 1, n) and y.dtype == dtype and rel_err(y, y_ref) < 1e-2
+
+
+@pytest.mark.cuda
+@cuda
+def test_zoo_linear_takes_the_kernel_only_for_one_row_and_k_at_least_n(monkeypatch):
+    """The rule benchmarks/decode_linear.py and generate.py measured: the kernel beats cuBLAS inside a graph only
+    at one row with K >= N (out_proj, o_proj, down_proj); everything else stays on cuBLAS."""
+    import zoo.layers as layers
+
+    calls = []
+    kernel = layers._skinny_linear()
+    monkeypatch.setattr(layers, "_skinny_linear", lambda: lambda *a: calls.append(1) or kernel(*a))
+    lin = layers.Linear(96, 64, bias=True).to("cuda", torch.bfloat16)
+    x = torch.randn(2, 1, 96, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert rel_err(lin(x[:1]), torch.nn.functional.linear(x[:1], lin.weight, lin.bias)) < 1e-2
+        assert len(calls) == 1
+        lin(x)  # 2 rows: cuBLAS
+        layers.Linear(96, 128).to("cuda", torch.bfloat16)(x[:1])  # K < N: cuBLAS
+        layers.Linear(96, 64).to("cuda")(x[:1].float())  # fp32: cuBLAS
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lin(x[:1])
+    lin(x[:1])  # autograd on: cuBLAS
+    assert len(calls) == 1
 
 
 if __name__ == "__main__":

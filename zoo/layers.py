@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,32 @@ def _fused_gated_norm():
     return optional_kernel("gated_norm", "gated_rms_norm")
 
 
+@functools.cache
+def _skinny_linear():
+    return optional_kernel("skinny_linear", "skinny_linear")
+
+
+# ZOO_DECODE_LINEAR=0 keeps cuBLAS for every projection (benchmarks compare the two)
+DECODE_LINEAR = os.environ.get("ZOO_DECODE_LINEAR", "1") != "0"
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose inference forward on CUDA sends one row (batch-1 decoding) through one Triton kernel
+    (zoo_kernels.skinny_linear) where K >= N: there, inside a CUDA graph on the H200, it beat cuBLAS (Mamba-130M's
+    out_proj 4.3 vs 5.7 us, a SwiGLU down_proj 5.1 vs 7.2 us) and a batch-1 decode step ran 3-5% faster
+    (benchmarks/RESULTS.md, seventh session). At more rows or K < N cuBLAS was as fast or faster, so it keeps them,
+    as it keeps training, prefill, CPU, fp32, autocast and torch.compile. PEFT wraps it as it wraps nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (DECODE_LINEAR and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == self.weight.dtype
+                and x.numel() == x.shape[-1] and x.shape[-1] >= self.weight.shape[0] and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cuda") and not torch.compiler.is_compiling()):
+            kernel = _skinny_linear()
+            if kernel is not None and self.weight.stride(-1) == 1:
+                return kernel(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class GatedRMSNorm(nn.Module):
     """Mamba-2 / GLA output norm. norm_before_gate=False: rmsnorm(x * silu(z)); True: rmsnorm(x) * silu(z).
 
@@ -123,9 +150,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int):
         super().__init__()
-        self.gate_proj = nn.Linear(d_model, hidden, bias=False)
-        self.up_proj = nn.Linear(d_model, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, d_model, bias=False)
+        self.gate_proj = Linear(d_model, hidden, bias=False)
+        self.up_proj = Linear(d_model, hidden, bias=False)
+        self.down_proj = Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -149,7 +176,7 @@ class MoE(nn.Module):
     def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int, normalize_topk: bool = True):
         super().__init__()
         self.n_experts, self.top_k, self.normalize_topk = n_experts, top_k, normalize_topk
-        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.router = Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(n_experts))
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

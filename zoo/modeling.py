@@ -14,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from zoo.cache import RecurrentLayer, ZooCache
 from zoo.config import ZooConfig
-from zoo.layers import Block, MoE, RMSNorm, SwiGLU, fused_add_norm, mark_no_weight_decay
+from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, mark_no_weight_decay
 from zoo.registry import get_mixer
 
 try:  # the keyword generate() keeps the cache under: "cache" from transformers 5.2x on, "past_key_values" before
@@ -183,7 +183,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def __init__(self, config: ZooConfig):
         super().__init__(config)
         self.model = ZooModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         # recurrent states cannot be rolled back, so transformers must not use assisted decoding
         self._is_stateful = any(isinstance(b.mixer.init_state(1, torch.float32, "cpu"), RecurrentLayer)
                                 for b in self.model.layers)

@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from zoo_kernels.attention import attention
 
 from zoo.cache import StaticKVLayer
-from zoo.layers import optional_kernel
+from zoo.layers import Linear, optional_kernel
 from zoo.registry import register_mixer
 
 # backends whose padded path is a dense mask (no host sync, capturable in a CUDA graph)
@@ -51,10 +51,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         self.head_dim = head_dim or d_model // n_heads
         self.window, self.attn_backend, self.rope_theta, self.use_rope = window, attn_backend, rope_theta, rope
-        self.q_proj = nn.Linear(d_model, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d_model, bias=False)
+        self.q_proj = Linear(d_model, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.n_heads * self.head_dim, d_model, bias=False)
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int | None = None, n_kv_heads: int | None = None,

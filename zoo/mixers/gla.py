@@ -9,7 +9,7 @@ from zoo_kernels import chunk_gla, gla_state_update
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm
+from zoo.layers import GatedRMSNorm, Linear
 from zoo.registry import register_mixer
 
 
@@ -38,14 +38,14 @@ class GLA(nn.Module):
         self.head_k, self.head_v = self.key_dim // n_heads, self.value_dim // n_heads
         self.gate_logit_normalizer, self.chunk_size, self.scan_backend = gate_logit_normalizer, chunk_size, scan_backend
 
-        self.q_proj = nn.Linear(d_model, self.key_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, self.key_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.g_proj = nn.Linear(d_model, self.value_dim, bias=False)
-        self.gk_proj = nn.Sequential(nn.Linear(d_model, gate_low_rank_dim, bias=False),
-                                     nn.Linear(gate_low_rank_dim, self.key_dim, bias=True))
+        self.q_proj = Linear(d_model, self.key_dim, bias=False)
+        self.k_proj = Linear(d_model, self.key_dim, bias=False)
+        self.v_proj = Linear(d_model, self.value_dim, bias=False)
+        self.g_proj = Linear(d_model, self.value_dim, bias=False)
+        self.gk_proj = nn.Sequential(Linear(d_model, gate_low_rank_dim, bias=False),
+                                     Linear(gate_low_rank_dim, self.key_dim, bias=True))
         self.g_norm = GatedRMSNorm(self.head_v, eps=norm_eps, norm_before_gate=True)
-        self.o_proj = nn.Linear(self.value_dim, d_model, bias=False)
+        self.o_proj = Linear(self.value_dim, d_model, bias=False)
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,

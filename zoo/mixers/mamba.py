@@ -10,7 +10,7 @@ from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, sel
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import RMSNorm, decoded_constants, init_copy_, mark_no_weight_decay
+from zoo.layers import Linear, RMSNorm, decoded_constants, init_copy_, mark_no_weight_decay
 from zoo.registry import register_mixer
 
 
@@ -44,13 +44,13 @@ class Mamba(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
         self.scan_backend = scan_backend
 
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        self.in_proj = Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=conv_bias)
-        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.x_proj = Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
         self.D = nn.Parameter(torch.empty(self.d_inner))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.out_proj = Linear(self.d_inner, d_model, bias=bias)
         self.inner_norms = inner_norms
         if inner_norms:  # Jamba: the same names as transformers' JambaMambaMixer
             self.dt_layernorm = RMSNorm(self.dt_rank, inner_norm_eps)
@@ -112,10 +112,26 @@ class Mamba(nn.Module):
                                           self.conv1d.weight[:, 0, :].float().contiguous(),
                                           None if self.conv1d.bias is None else self.conv1d.bias.float()))
 
+    def _folds_dt_proj(self) -> bool:
+        """Whether the step may hand dt_proj's weight to the state-update kernel instead of calling dt_proj: only
+        for plain projections, nn.Linear or zoo's Linear (a PEFT/LoRA wrapper's adapter lives in its forward, which
+        the kernel would bypass), and without Jamba's norm between x_proj and dt_proj."""
+        plain = (nn.Linear, Linear)
+        return not self.inner_norms and type(self.x_proj) in plain and type(self.dt_proj) in plain
+
+    def _dt_proj_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """dt_proj's weight in the activations' dtype (the parameter itself unless autocast changed it), which the
+        kernel reads like the matmul it replaces did, and its bias in fp32, kept across decode steps as in
+        _decode_constants."""
+        weight, bias = self.dt_proj.weight, self.dt_proj.bias
+        return decoded_constants(self, f"_dt_constants_{dtype}", (weight, bias),
+                                 lambda: (weight.to(dtype).contiguous(), bias.float()))
+
     def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
         """One token [B, 1, d_model] from the cached conv and SSM states, which are updated in place (a CUDA
-        graph replaying the step finds them at the same address). On CUDA: in_proj, the conv kernel, x_proj,
-        dt_proj, the state-update kernel (B, C and z read in place from the projections) and out_proj."""
+        graph replaying the step finds them at the same address). On CUDA: in_proj, the conv kernel, x_proj, the
+        state-update kernel (dt_proj folded in where _folds_dt_proj allows, else a dt_proj matmul before it; its
+        low-rank input, B, C and z read in place from the projections) and out_proj."""
         A, D, w, conv_bias = self._decode_constants()
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
@@ -125,13 +141,19 @@ class Mamba(nn.Module):
         u = causal_conv1d_update(conv_state, xs, w, conv_bias, "silu", backend=backend)  # (B, d_inner)
         if mask is not None:
             u = u * mask[:, 0, None]
-        delta, B, C = self._split_dbc(self.x_proj(u))  # delta (B, d_inner), bias included
+        x_dbl = self.x_proj(u)  # (B, dt_rank + 2N)
         if self.mitigation or self.state_probe is not None:
             from zoo.state.mitigation import mamba_step
 
+            delta, B, C = self._split_dbc(x_dbl)  # delta (B, d_inner), bias included
             state = state.clone()
             y = mamba_step(self, state, u, delta, A, B, C, z, cache, backend)
+        elif self._folds_dt_proj():
+            dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+            weight, dt_bias = self._dt_proj_constants(x_dbl.dtype)
+            y = selective_state_update(state, u, dt_low, A, B, C, D, z, dt_bias, True, weight, backend=backend)
         else:
+            delta, B, C = self._split_dbc(x_dbl)
             y = selective_state_update(state, u, delta, A, B, C, D, z, None, True, backend=backend)
         cache.set(conv_state, state)
         return self.out_proj(y[:, None, :].to(x.dtype))

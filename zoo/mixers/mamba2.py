@@ -10,7 +10,7 @@ from zoo_kernels import causal_conv1d, causal_conv1d_update, ssd_chunk_scan, ssd
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, decoded_constants, init_copy_, mark_no_weight_decay
+from zoo.layers import GatedRMSNorm, Linear, decoded_constants, init_copy_, mark_no_weight_decay
 from zoo.registry import register_mixer
 
 
@@ -46,13 +46,13 @@ class Mamba2(nn.Module):
         self.A_init_range, self.dt_min, self.dt_max, self.dt_init_floor = A_init_range, dt_min, dt_max, dt_init_floor
         self.conv_dim = self.d_inner + 2 * n_groups * d_state
 
-        self.in_proj = nn.Linear(d_model, 2 * self.d_inner + 2 * n_groups * d_state + self.n_heads, bias=bias)
+        self.in_proj = Linear(d_model, 2 * self.d_inner + 2 * n_groups * d_state + self.n_heads, bias=bias)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
         self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps, group_size=self.d_inner // (norm_groups or n_groups))
-        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        self.out_proj = Linear(self.d_inner, d_model, bias=bias)
         mark_no_weight_decay(self, *self._no_weight_decay_params)
         self.reset_parameters()
 

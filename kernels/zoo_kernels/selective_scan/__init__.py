@@ -128,18 +128,19 @@ def _split_scan(scan, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                           backend: str = "auto"):
+                           dt_weight=None, backend: str = "auto"):
     """One decoding step; updates `state` [batch, D, N] (fp32) in place and returns y [batch, D].
 
-    x, dt, z [batch, D]; B, C [batch, N] or [batch, G, N]; A [D, N]; D, dt_bias [D]. The CUDA kernel has no
-    backward: where an input needs a gradient the torch reference runs.
+    x, dt, z [batch, D]; B, C [batch, N] or [batch, G, N]; A [D, N]; D, dt_bias [D]. dt_weight [D, R] (Mamba's
+    dt_proj folded into the step): dt is then the low-rank [batch, R] and the step uses dt @ dt_weight.T, before
+    dt_bias and softplus. The CUDA kernel has no backward: where an input needs a gradient the torch reference runs.
     """
     backend = resolve_backend(backend, x.device)
-    if backend == "cuda" and not needs_grad(state, x, dt, A, B, C, D, z, dt_bias):
+    if backend == "cuda" and not needs_grad(state, x, dt, A, B, C, D, z, dt_bias, dt_weight):
         from zoo_kernels.selective_scan.cuda import selective_state_update_cuda
 
-        return selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
-    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight)
+    return selective_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_weight)
 
 
 __all__ = ["selective_scan", "selective_scan_ref", "selective_state_update", "cuda_available"]

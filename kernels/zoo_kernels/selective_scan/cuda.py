@@ -185,10 +185,13 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
                                   delta_softplus, return_final_state)
 
 
-def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+                                dt_weight=None):
     """One decoding step in one kernel launch; updates `state` [batch, D, N] in place, returns y [batch, D].
 
-    x, dt, z: [batch, D]; B, C: [batch, N] or [batch, G, N]; A: [D, N]; D, dt_bias: [D].
+    x, dt, z: [batch, D]; B, C: [batch, N] or [batch, G, N]; A: [D, N]; D, dt_bias: [D]. dt_weight [D, R]: dt is
+    then [batch, R] (a batch stride is taken as it is) and the kernel uses dt @ dt_weight.T (fp32 sums) before
+    dt_bias and softplus. The weight is read in x's dtype (cast here if it is not: keep it so across calls).
     """
     ext = _module()
     dtype = x.dtype if x.dtype in _DTYPES else torch.float32
@@ -203,8 +206,9 @@ def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=N
 
     B3, C3 = rows(B), rows(C)
     work = state if state.dtype == torch.float32 and state.is_contiguous() else state.float().contiguous()
+    weight = None if dt_weight is None else dt_weight.to(dtype).contiguous()
     y = ext.state_update(work, unit_stride(x), unit_stride(dt), _f32(A), B3, C3, _f32(D),
-                         None if z is None else unit_stride(z), _f32(dt_bias), bool(dt_softplus))
+                         None if z is None else unit_stride(z), _f32(dt_bias), bool(dt_softplus), weight)
     if work is not state:
         state.copy_(work)
     return y.to(x.dtype)

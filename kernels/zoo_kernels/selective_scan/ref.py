@@ -170,15 +170,19 @@ def selective_state_update_ref(
     z: torch.Tensor | None = None,
     dt_bias: torch.Tensor | None = None,
     dt_softplus: bool = False,
+    dt_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step of the selective scan; updates `state` in place and returns y [batch, D].
 
     state: [batch, D, N] (fp32); x, dt, z: [batch, D]; A: [D, N]; B, C: [batch, N] or [batch, G, N];
-    D, dt_bias: [D]. Stepping a sequence through this function equals selective_scan_ref on it.
+    D, dt_bias: [D]. dt_weight [D, R]: dt is then [batch, R] and the step uses dt @ dt_weight.T (in fp32), before
+    dt_bias and softplus. Stepping a sequence through this function equals selective_scan_ref on it.
     """
     batch, dim = x.shape
     x32 = x.float()
     dt32 = dt.float()
+    if dt_weight is not None:
+        dt32 = dt32 @ dt_weight.float().T
     if dt_bias is not None:
         dt32 = dt32 + dt_bias.float()
     if dt_softplus:

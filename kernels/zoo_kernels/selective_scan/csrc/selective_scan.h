@@ -47,11 +47,13 @@ struct ScanParams {
 
 struct UpdateParams {
   int batch, dim, nstate, ngroups, dim_per_group;
+  int dt_rank;               // R, with dt_weight
   bool softplus;
   long x_stride, dt_stride, z_stride, b_stride, c_stride, out_stride;  // batch strides (channel stride is 1)
   float* state;              // [batch, dim, N] fp32, updated in place
   const void* x;
-  const void* dt;
+  const void* dt;            // [batch, dim], or with dt_weight the low-rank [batch, R]
+  const void* dt_weight;     // [dim, R] row-major in x's dtype: dt = dt_low W^T (Mamba's dt_proj); null: dt given
   const float* A;
   const void* B;             // [batch, G, N], unit stride over N, groups N apart
   const void* C;

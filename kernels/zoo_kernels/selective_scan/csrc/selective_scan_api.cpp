@@ -154,9 +154,11 @@ std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor&
   return {du, ddelta, dA, dB, dC, dD, dz, ddb, dh0};
 }
 
-// Updates state [batch, dim, N] (fp32, contiguous) in place; returns y [batch, dim] in x's dtype.
+// Updates state [batch, dim, N] (fp32, contiguous) in place; returns y [batch, dim] in x's dtype. With dt_weight
+// [dim, R] (contiguous, x's dtype) dt is the low-rank [batch, R] and the kernel computes dt W^T itself.
 Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A, const Tensor& B,
-                    const Tensor& C, const OptT& D, const OptT& z, const OptT& dt_bias, bool softplus) {
+                    const Tensor& C, const OptT& D, const OptT& z, const OptT& dt_bias, bool softplus,
+                    const OptT& dt_weight) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "selective_state_update: x must be [batch, dim], unit stride");
   const int64_t batch = x.size(0), dim = x.size(1);
@@ -172,7 +174,13 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   TORCH_CHECK(dt.scalar_type() == dtp && B.scalar_type() == dtp && C.scalar_type() == dtp &&
                   (!z || z->scalar_type() == dtp),
               "selective_state_update: x, dt, z, B, C must share a dtype");
-  TORCH_CHECK(dt.sizes() == x.sizes() && dt.stride(1) == 1, "selective_state_update: dt must be [batch, dim]");
+  if (dt_weight) {
+    TORCH_CHECK(dt.dim() == 2 && dt.size(0) == batch && dt.stride(1) == 1,
+                "selective_state_update: with dt_weight, dt must be [batch, R], unit stride over R");
+    check(*dt_weight, "dt_weight", dtp, {dim, dt.size(1)});
+  } else {
+    TORCH_CHECK(dt.sizes() == x.sizes() && dt.stride(1) == 1, "selective_state_update: dt must be [batch, dim]");
+  }
   if (z) TORCH_CHECK(z->sizes() == x.sizes() && z->stride(1) == 1, "selective_state_update: z must be [batch, dim]");
   if (D) check(*D, "D", at::kFloat, {dim});
   if (dt_bias) check(*dt_bias, "dt_bias", at::kFloat, {dim});
@@ -183,6 +191,7 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   p.nstate = int(nstate);
   p.ngroups = int(groups);
   p.dim_per_group = int(dim / groups);
+  p.dt_rank = dt_weight ? int(dt.size(1)) : 0;
   p.softplus = softplus;
   p.x_stride = x.stride(0);
   p.dt_stride = dt.stride(0);
@@ -193,6 +202,7 @@ Tensor state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tens
   p.state = state.data_ptr<float>();
   p.x = x.data_ptr();
   p.dt = dt.data_ptr();
+  p.dt_weight = dt_weight ? dt_weight->data_ptr() : nullptr;
   p.A = A.data_ptr<float>();
   p.B = B.data_ptr();
   p.C = C.data_ptr();

@@ -1,6 +1,6 @@
 // One decoding step of the selective scan: updates the N fp32 states of every (batch row, channel) in place,
-//   dt += dt_bias (optional), dt = softplus(dt) (optional), h = h * exp(dt A) + dt x B, y = sum_n h C,
-//   y += D x (optional), y *= z sigmoid(z) (optional),
+//   dt = dt_low W^T (optional: Mamba's dt_proj folded in), dt += dt_bias (optional), dt = softplus(dt) (optional),
+//   h = h * exp(dt A) + dt x B, y = sum_n h C, y += D x (optional), y *= z sigmoid(z) (optional),
 // in one launch instead of the ten small ones of the torch path. The step moves batch * dim * N * 8 bytes of
 // state (read and written once) and little else, so it is bound by how many bytes are in flight to DRAM.
 //
@@ -15,6 +15,10 @@
 //   arithmetic) ahead of any use: 4 x 16 bytes of state in flight per thread instead of 4 bytes, A read once
 //   for the 4 rows. Not timed alone yet: with it and the fused residual add + norm, a Mamba-130M decode step at
 //   batch 64 went from 1.31 to 0.80 ms on the H200 (benchmarks/RESULTS.md; the per-kernel profile was not re-run).
+// - dt_proj folded in (kLowRank): one launch fewer per layer and step. H200, bf16, Mamba-130M shapes (R = 48),
+//   24 layers in a CUDA graph, per layer: batch 64 9.9 us against 2.6 (dt_proj matmul) + 7.4 (this kernel);
+//   batch 1 2.4 against 2.6 + 1.7. At batch 64 the dot product's round trips lengthen the kernel by 2.5 us: its
+//   loads (every channel of a warp loads the same dt_low rows) need registers that the state group holds.
 // The scalar kernel stays for N % 4 != 0 and for state or A not 16-byte aligned.
 #include <cstdint>
 
@@ -25,13 +29,25 @@ namespace zoo_ss {
 constexpr int kUpdateThreads = 128;
 constexpr int kRowsMinBatch = 8;  // below this many rows one row per block (enough blocks at batch 1)
 
+// The sum of v over the kLanes lanes of a channel, in every one of them. The mask names only those lanes, so
+// the channels past dim (which skip the body) need not take part.
+template <int kLanes>
+__device__ __forceinline__ float channel_sum(float v) {
+  unsigned mask = 0xffffffffu;
+  if constexpr (kLanes < 32) mask = ((1u << kLanes) - 1) << (threadIdx.x % 32 / kLanes * kLanes);
+#pragma unroll
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(mask, v, offset, kLanes);
+  return v;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Scalar kernel (any N; any alignment)
 
 // kLanes lanes per channel (a power of two <= 32; 128 / kLanes channels per block): lane l updates states
 // l, l + kLanes, ... so that a warp reads and writes whole contiguous rows of the state (N = 16: two channels
-// per warp, 128 bytes each), and the lanes of a channel sum their parts of y with shuffles.
-template <typename T, int kLanes>
+// per warp, 128 bytes each), and the lanes of a channel sum their parts of y with shuffles. kLowRank: dt is
+// dt_low W^T, lane l taking the terms l, l + kLanes, ... of the dot product.
+template <typename T, int kLanes, bool kLowRank>
 __global__ void __launch_bounds__(kUpdateThreads) state_update_kernel(const UpdateParams p) {
   constexpr int kChannels = kUpdateThreads / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -42,7 +58,16 @@ __global__ void __launch_bounds__(kUpdateThreads) state_update_kernel(const Upda
   if (active) {
     const int g = d / p.dim_per_group;
     x = to_f(static_cast<const T*>(p.x)[b * p.x_stride + d]);
-    float dt = to_f(static_cast<const T*>(p.dt)[b * p.dt_stride + d]);
+    float dt;
+    if constexpr (kLowRank) {
+      const T* lo = static_cast<const T*>(p.dt) + b * p.dt_stride;
+      const T* W = static_cast<const T*>(p.dt_weight) + size_t(d) * p.dt_rank;
+      dt = 0.f;
+      for (int k = lane; k < p.dt_rank; k += kLanes) dt = fmaf(to_f(lo[k]), to_f(W[k]), dt);
+      dt = channel_sum<kLanes>(dt);
+    } else {
+      dt = to_f(static_cast<const T*>(p.dt)[b * p.dt_stride + d]);
+    }
     if (p.dt_bias) dt += p.dt_bias[d];
     if (p.softplus) dt = softplus_f(dt);
     const T* Bp = static_cast<const T*>(p.B) + b * p.b_stride + size_t(g) * N;
@@ -97,6 +122,10 @@ __device__ __forceinline__ float4 load4<true, __half>(const __half* ptr) {
   return make_float4(lo.x, lo.y, hi.x, hi.y);
 }
 
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  return fmaf(a.x, b.x, fmaf(a.y, b.y, fmaf(a.z, b.z, fmaf(a.w, b.w, acc))));
+}
+
 __device__ __forceinline__ float step(float h, float a, float dt, float dx, float b) {
   return fmaf(h, expf(dt * a), dx * b);
 }
@@ -105,9 +134,14 @@ __device__ __forceinline__ float step(float h, float a, float dt, float dx, floa
 // 128 / kLanes channels per block): lane l updates states 4l..4l+3, then 4(l + kLanes)..., so a warp reads and
 // writes whole contiguous rows of the state with 16-byte accesses (N = 16: 8 channels per warp, 512 bytes).
 // A block takes kRows consecutive batch rows of its channels; rows past the batch (in the last blocks) re-read
-// the last row, so no access is out of bounds, and write nothing. kVecBC: B, C rows allow 4-element loads.
+// the last row, so no access is out of bounds, and write nothing. kVecBC: B, C rows (with kLowRank also the rows
+// of dt_low and W) allow 4-element loads.
+// kLowRank: dt is dt_low W^T (Mamba's dt_proj folded in). The lanes of a channel split the dot product (4 terms
+// per load with kVecBC: R = 48 at N = 16 is 12 terms, 3 loads of W, per lane) and sum it with shuffles; each
+// W element a lane loads serves the block's kRows rows. Its loads go out after the first state group's, so that
+// the state's round trip overlaps the dot product's.
 // 5 blocks per SM for kRows = 4: 96 registers and no spills (ptxas alone takes 128: 4 blocks; 6 blocks spill).
-template <typename T, int kLanes, int kRows, bool kVecBC>
+template <typename T, int kLanes, int kRows, bool kVecBC, bool kLowRank>
 __global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : 5)
     state_update_vec_kernel(const UpdateParams p) {
   constexpr int kChannels = kUpdateThreads / kLanes;
@@ -133,26 +167,58 @@ __global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : 5)
     for (int r = 0; r < kRows; ++r) {
       row[r] = min(b0 + r, p.batch - 1);
       x[r] = to_f(xp[row[r] * p.x_stride + d]);
-      dt[r] = to_f(dtp[row[r] * p.dt_stride + d]);
+      if constexpr (!kLowRank) dt[r] = to_f(dtp[row[r] * p.dt_stride + d]);
       if (p.z) zv[r] = to_f(zp[row[r] * p.z_stride + d]);  // z now: its load overlaps the state's
     }
     const float* Ad = p.A + size_t(d) * N;
     const T* Bb = static_cast<const T*>(p.B) + size_t(g) * N;
     const T* Cb = static_cast<const T*>(p.C) + size_t(g) * N;
     float4 a, h[kRows], bv[kRows], cv[kRows];
-    // all loads of a group of 4 states of all rows, before any arithmetic on them
-    auto load_group = [&](int n) {
+    auto load_bc = [&](int r, int n) {
+      bv[r] = load4<kVecBC>(Bb + row[r] * p.b_stride + n);
+      cv[r] = load4<kVecBC>(Cb + row[r] * p.c_stride + n);
+    };
+    // all loads of a group of 4 states of all rows, before any arithmetic on them (B, C unless with_bc is false)
+    auto load_group = [&](int n, bool with_bc) {
       a = __ldg(reinterpret_cast<const float4*>(Ad + n));
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         h[r] = ld4(p.state + (size_t(row[r]) * p.dim + d) * N + n);
-        bv[r] = load4<kVecBC>(Bb + row[r] * p.b_stride + n);
-        cv[r] = load4<kVecBC>(Cb + row[r] * p.c_stride + n);
+        if (with_bc) load_bc(r, n);
       }
     };
-    // the first group's loads go out before dt is needed (in the loop they would wait for dt's round trip)
+    // the first group's loads go out before dt is needed (in the loop they would wait for dt's round trip); with
+    // the low-rank dt and kRows = 4, B and C only after the dot product's loads, for which they would leave too
+    // few registers (ptxas then issued those one or two at a time)
+    constexpr bool kLateBC = kLowRank && kRows > 1;
     int n = 4 * lane;
-    if (n < N) load_group(n);
+    if (n < N) load_group(n, !kLateBC);
+    if constexpr (kLowRank) {
+      const T* W = static_cast<const T*>(p.dt_weight) + size_t(d) * p.dt_rank;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) dt[r] = 0.f;
+      if constexpr (kVecBC) {
+#pragma unroll 2
+        for (int k = 4 * lane; k < p.dt_rank; k += 4 * kLanes) {
+          const float4 w = load4<true>(W + k);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) dt[r] = dot4(load4<true>(dtp + row[r] * p.dt_stride + k), w, dt[r]);
+        }
+      } else {
+#pragma unroll 1
+        for (int k = lane; k < p.dt_rank; k += kLanes) {
+          const float w = to_f(W[k]);
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) dt[r] = fmaf(to_f(dtp[row[r] * p.dt_stride + k]), w, dt[r]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) dt[r] = channel_sum<kLanes>(dt[r]);
+      if (kLateBC && n < N) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) load_bc(r, n);
+      }
+    }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       if (p.dt_bias) dt[r] += bias;
@@ -174,7 +240,7 @@ __global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : 5)
         y[r] = fmaf(hn.w, cv[r].w, y[r]);
       }
       n += 4 * kLanes;  // N > 4 * 32: the next groups of this lane
-      if (n < N) load_group(n);
+      if (n < N) load_group(n, true);
     }
   }
 #pragma unroll
@@ -198,58 +264,71 @@ __global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : 5)
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 
-template <typename T, int kLanes>
+template <typename T, int kLanes, bool kLowRank>
 cudaError_t launch_lanes(const UpdateParams& p, cudaStream_t stream) {
   constexpr int kChannels = kUpdateThreads / kLanes;
-  state_update_kernel<T, kLanes>
+  state_update_kernel<T, kLanes, kLowRank>
       <<<dim3((p.dim + kChannels - 1) / kChannels, p.batch), kUpdateThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int kLanes, int kRows, bool kVecBC>
+template <typename T, int kLanes, int kRows, bool kVecBC, bool kLowRank>
 cudaError_t launch_vec_rows(const UpdateParams& p, cudaStream_t stream) {
   constexpr int kChannels = kUpdateThreads / kLanes;
   const dim3 grid((p.dim + kChannels - 1) / kChannels, (p.batch + kRows - 1) / kRows);
-  state_update_vec_kernel<T, kLanes, kRows, kVecBC><<<grid, kUpdateThreads, 0, stream>>>(p);
+  state_update_vec_kernel<T, kLanes, kRows, kVecBC, kLowRank><<<grid, kUpdateThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, int kLanes>
+template <typename T, int kLanes, bool kLowRank>
 cudaError_t launch_vec(const UpdateParams& p, bool vec_bc, cudaStream_t stream) {
   if (p.batch < kRowsMinBatch)
-    return vec_bc ? launch_vec_rows<T, kLanes, 1, true>(p, stream) : launch_vec_rows<T, kLanes, 1, false>(p, stream);
-  return vec_bc ? launch_vec_rows<T, kLanes, 4, true>(p, stream) : launch_vec_rows<T, kLanes, 4, false>(p, stream);
+    return vec_bc ? launch_vec_rows<T, kLanes, 1, true, kLowRank>(p, stream)
+                  : launch_vec_rows<T, kLanes, 1, false, kLowRank>(p, stream);
+  return vec_bc ? launch_vec_rows<T, kLanes, 4, true, kLowRank>(p, stream)
+                : launch_vec_rows<T, kLanes, 4, false, kLowRank>(p, stream);
 }
 
 inline bool aligned_to(const void* ptr, size_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
-template <typename T>
+template <typename T, bool kLowRank>
 cudaError_t launch_update(const UpdateParams& p, cudaStream_t stream) {
   const int N = p.nstate;
   if (N % 4 == 0 && aligned_to(p.state, 16) && aligned_to(p.A, 16)) {
-    // rows of B, C: g * N and n are multiples of 4, so 4-element loads need the bases and batch strides aligned
-    const bool vec_bc = aligned_to(p.B, 4 * sizeof(T)) && aligned_to(p.C, 4 * sizeof(T)) &&
-                        (p.batch == 1 || (p.b_stride % 4 == 0 && p.c_stride % 4 == 0));
+    // rows of B, C: g * N and n are multiples of 4, so 4-element loads need the bases and batch strides aligned;
+    // likewise the rows of dt_low and W (R a multiple of 4). One flag for all: in the mixer they are columns of
+    // one x_proj output, B's starting at R, so they are aligned or not together.
+    auto rows_vec = [&](const void* ptr, long stride) {
+      return aligned_to(ptr, 4 * sizeof(T)) && (p.batch == 1 || stride % 4 == 0);
+    };
+    const bool vec_bc = rows_vec(p.B, p.b_stride) && rows_vec(p.C, p.c_stride) &&
+                        (!kLowRank || (p.dt_rank % 4 == 0 && rows_vec(p.dt, p.dt_stride) &&
+                                       aligned_to(p.dt_weight, 4 * sizeof(T))));
     const int groups = N / 4;
-    if (groups <= 1) return launch_vec<T, 1>(p, vec_bc, stream);
-    if (groups <= 2) return launch_vec<T, 2>(p, vec_bc, stream);
-    if (groups <= 4) return launch_vec<T, 4>(p, vec_bc, stream);
-    if (groups <= 8) return launch_vec<T, 8>(p, vec_bc, stream);
-    if (groups <= 16) return launch_vec<T, 16>(p, vec_bc, stream);
-    return launch_vec<T, 32>(p, vec_bc, stream);
+    if (groups <= 1) return launch_vec<T, 1, kLowRank>(p, vec_bc, stream);
+    if (groups <= 2) return launch_vec<T, 2, kLowRank>(p, vec_bc, stream);
+    if (groups <= 4) return launch_vec<T, 4, kLowRank>(p, vec_bc, stream);
+    if (groups <= 8) return launch_vec<T, 8, kLowRank>(p, vec_bc, stream);
+    if (groups <= 16) return launch_vec<T, 16, kLowRank>(p, vec_bc, stream);
+    return launch_vec<T, 32, kLowRank>(p, vec_bc, stream);
   }
-  if (N <= 4) return launch_lanes<T, 4>(p, stream);
-  if (N <= 8) return launch_lanes<T, 8>(p, stream);
-  if (N <= 16) return launch_lanes<T, 16>(p, stream);
-  return launch_lanes<T, 32>(p, stream);
+  if (N <= 4) return launch_lanes<T, 4, kLowRank>(p, stream);
+  if (N <= 8) return launch_lanes<T, 8, kLowRank>(p, stream);
+  if (N <= 16) return launch_lanes<T, 16, kLowRank>(p, stream);
+  return launch_lanes<T, 32, kLowRank>(p, stream);
+}
+
+template <typename T>
+cudaError_t launch_dtype(const UpdateParams& p, cudaStream_t stream) {
+  return p.dt_weight ? launch_update<T, true>(p, stream) : launch_update<T, false>(p, stream);
 }
 
 cudaError_t state_update(const UpdateParams& p, DType dtype, cudaStream_t stream) {
   if (p.batch == 0 || p.dim == 0) return cudaSuccess;  // nothing to do (an empty grid is a launch error)
   switch (dtype) {
-    case kFloat32: return launch_update<float>(p, stream);
-    case kBFloat16: return launch_update<__nv_bfloat16>(p, stream);
-    case kFloat16: return launch_update<__half>(p, stream);
+    case kFloat32: return launch_dtype<float>(p, stream);
+    case kBFloat16: return launch_dtype<__nv_bfloat16>(p, stream);
+    case kFloat16: return launch_dtype<__half>(p, stream);
   }
   return cudaErrorInvalidValue;
 }
