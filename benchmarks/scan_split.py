@@ -1,13 +1,17 @@
 """Benchmark: the Mamba selective scan with its rows cut into S segments (zoo_kernels.selective_scan, seq_split).
 
 The CUDA kernel runs one block per 16 channels and row; at batch 1 a 130M layer fills 96 blocks, fewer than the
-card has multiprocessors, each walking the whole row. seq_split=S runs S segments per row in parallel (twice
-the scan work: module docstring of zoo_kernels.selective_scan). This times S = 1 (the unsplit kernel: the
-baseline, same run), 2, 4, 8 and 16 at the shapes of a training step, bf16 with D, z, Δ-bias and
-softplus, forward and forward+backward, and the floor (bytes of u, Δ, z, B, C read and y written, plus their
-gradients, over the copy bandwidth measured at start). The printed |split - unsplit| is 0 here because these
-random decays forget a segment's worth of state; correctness is the tests' (tests/test_kernel_refs.py,
-tests/test_selective_scan_cuda.py).
+card has multiprocessors, each walking the whole row. seq_split=S runs S segments per row in parallel. Two
+schemes are timed side by side: "split" (zoo_kernels/selective_scan/split.py, what seq_split runs without
+seq_idx: Triton passes for the segment boundary states and adjoints, then one kernel fwd and one bwd over the
+segment rows) and "two-pass" (`_split_scan`, what seq_split runs with seq_idx: two full scans each way). This
+times S = 1 (the unsplit kernel: the baseline, same run), 2, 4, 8 and 16 at the shapes of a training step, bf16
+with D, z, Δ-bias and softplus, forward and forward+backward, and the floor (bytes of u, Δ, z, B, C read and y
+written, plus their gradients, over the copy bandwidth measured at start). The printed |split - unsplit| is
+near 0 here because these random decays forget a segment's worth of state; correctness is the tests'
+(tests/test_scan_split.py, tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py). Row names keep the
+earlier runs' ".../S=k" for the unsplit kernel and the two-pass scheme (same code as then); the new scheme's rows
+are ".../split/S=k"; every row has "scheme".
 
     python benchmarks/scan_split.py [--out benchmarks/results.jsonl]
 """
@@ -49,29 +53,27 @@ def main() -> None:
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     command = "python " + " ".join(sys.argv)
     print(f"{card}: {describe()}", flush=True)
-    rows = []
     for label, batch, length, dim in SHAPES:
         times, floors = time_shape(ss, label, batch, length, dim)
-        for split, (t_f, t_fb) in times.items():
-            for what, ours, base, floor in (("fwd", t_f, times[1][0], floors[0]),
-                                            ("fwd+bwd", t_fb, times[1][1], floors[1])):
+        base = times["unsplit", 1]
+        for (scheme, split), (t_f, t_fb) in times.items():
+            for what, ours, base_ms, floor in (("fwd", t_f, base[0], floors[0]), ("fwd+bwd", t_fb, base[1], floors[1])):
                 row = {
-                    "name": f"scan_split {what} {label}/S={split}", "card": card, "date": date, "command": command,
-                    "ours_ms": round(ours, 4), "baseline": "unsplit kernel (S=1), same run",
-                    "baseline_ms": round(base, 4), "ratio": round(base / ours, 3), "floor_ms": round(floor, 4),
-                    "seq_split": split,
+                    "name": f"scan_split {what} {label}/{'split/' if scheme == 'split' else ''}S={split}",
+                    "card": card, "date": date,
+                    "command": command, "ours_ms": round(ours, 4), "baseline": "unsplit kernel (S=1), same run",
+                    "baseline_ms": round(base_ms, 4), "ratio": round(base_ms / ours, 3), "floor_ms": round(floor, 4),
+                    "seq_split": split, "scheme": scheme,
                     "shape": {"batch": batch, "L": length, "D": dim, "N": 16, "dtype": "bf16"},
                 }
-                rows.append(row)
                 with open(args.out, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-        print(" | ".join(f"S={k}: {v[0]:.3f}/{v[1]:.3f} ms" for k, v in times.items()),
-              flush=True)
+        print(" | ".join(f"{k[0]} S={k[1]}: {v[0]:.3f}/{v[1]:.3f} ms" for k, v in times.items()), flush=True)
         torch.cuda.empty_cache()
 
 
 def time_shape(ss, label, batch, length, dim):
-    """{split: (fwd ms, fwd+bwd ms)} and the (fwd, fwd+bwd) floors of one shape."""
+    """{(scheme, split): (fwd ms, fwd+bwd ms)} and the (fwd, fwd+bwd) floors of one shape."""
     N, bf = 16, torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -88,20 +90,29 @@ def time_shape(ss, label, batch, length, dim):
     elem = batch * length * (3 * dim + 2 * N) * 2
     floors = (floor_ms(elem + batch * length * dim * 2), floor_ms(2 * (elem + batch * length * dim * 2) + elem))
 
-    def fwd(split):
-        return ss.selective_scan(u, delta, A, B, C, D, z, bias, True, backend="cuda", seq_split=split)
+    from zoo_kernels.selective_scan.cuda import selective_scan_cuda
+    from zoo_kernels.selective_scan.split import split_scan
+
+    def fwd(scheme, split):
+        if scheme == "two-pass":
+            return ss._split_scan(selective_scan_cuda, split, u, delta, A, B, C, D, z, bias, True, None, None, False)
+        if scheme == "split":  # called directly: seq_split takes it on CUDA only with $ZOO_SCAN_SPLIT_PASSES=1
+            return split_scan("cuda", split, u, delta, A, B, C, D, z, bias, True, None, False)
+        return ss.selective_scan(u, delta, A, B, C, D, z, bias, True, backend="cuda")
 
     times = {}
     for split in SPLITS:
         if length % (split * 64) or (split > 1 and length // split < 256):
             continue
-        with torch.no_grad():
-            t_f = bench(lambda split=split: fwd(split))
-        times[split] = (t_f, bench(lambda split=split: torch.autograd.grad(fwd(split), leaves, dy)))
-        if split != 1:
+        for scheme in ("unsplit",) if split == 1 else ("split", "two-pass"):
             with torch.no_grad():
-                err = (fwd(split).float() - fwd(1).float()).abs().max().item()
-            print(f"{label} S={split}: max |split - unsplit| = {err:.3g}", flush=True)
+                t_f = bench(lambda scheme=scheme, split=split: fwd(scheme, split))
+            t_fb = bench(lambda scheme=scheme, split=split: torch.autograd.grad(fwd(scheme, split), leaves, dy))
+            times[scheme, split] = (t_f, t_fb)
+            if split != 1:
+                with torch.no_grad():
+                    err = (fwd(scheme, split).float() - fwd("unsplit", 1).float()).abs().max().item()
+                print(f"{label} {scheme} S={split}: max |split - unsplit| = {err:.3g}", flush=True)
     return times, floors
 
 

@@ -1,0 +1,258 @@
+"""The selective scan with rows cut into S segments: two cheap passes, one full forward and one full backward.
+
+The scan kernel runs one block per 16 channels and row over the whole row, so a batch of one fills too few
+blocks at long L. Here every row of length L becomes S segment rows of length T = L / S:
+
+- forward: a cheap pass gives every segment's final state from zero, f_s = Σ_t exp(A (S_T − S_t)) Δ_t u_t B_t
+  (S_t = Σ_{τ≤t} Δ_τ inside the segment), and its decay sum P_s = S_T; the states entering the segments follow
+  from the linear recurrence, h_0 = initial_state (or 0), h_{s+1} = exp(A P_s) h_s + f_s (a torch loop over S
+  states); then ONE full forward over the segment rows from h_s gives the unsplit outputs, and the last
+  segment's final state the final state.
+- backward: with dy_t = dout_t · silu(z_t) (dout_t without z), the gradient reaching C_t·h_t, a cheap pass
+  gives every segment's g_s = Σ_t exp(A S_t) C_t dy_t, the gradient of the state entering it when the state
+  leaving it gets none; the gradients of the states entering the segments follow backwards, λ_S = dfinal (or 0),
+  λ_s = g_s + exp(A P_s) λ_{s+1}; then ONE full backward over the segment rows, from h_s and with
+  dfinal = λ_{s+1} (the user's for the last), gives every gradient; dA, dD and dΔ-bias sum over the rows as
+  the kernel's do, and segment 0's dh0 is the initial state's gradient.
+
+Why this is exact, though no gradient flows through the cheap passes or the combines (which read u, Δ, B, C
+too): within a segment the loss depends on the inputs at time t only through the state h_{t−1} before t and
+through the adjoint (gradient of the loss w.r.t. h_t) after t. A segment's full backward computes every
+input's gradient at t from exactly these two (the kernel's own backward: inputs at t times the adjoint, with
+h_{t−1} re-run from h0), and both are the unsplit scan's: h0 = h_s is the unsplit state entering the segment,
+so every h_{t−1} is; dfinal = λ_{s+1} is the unsplit gradient of the state leaving it, so every adjoint is.
+The passes only compute h_s and λ_s, which the per-segment fwd and bwd then use as constants: adding the
+passes' own derivative would count the inputs' influence on the other segments twice. The same argument
+gives the gradient of initial_state as segment 0's dh0.
+
+Cost: each cheap pass is about one exp per (t, d, n) and reads u, Δ, B (dout, z, Δ, C backwards), writing
+one state per segment; the full scans run once, as the unsplit scan does. The first segment's adjoint and the
+last one's final state are never needed and not computed. Cutting into segment rows copies u, Δ, B, C, z once
+(kept for the backward) and dout once; out and the gradients are copied back.
+
+With seq_idx (document boundaries) selective_scan keeps the older scheme (`_split_scan`: two full passes,
+autograd through both); this module handles seq_idx=None. `selective_scan(..., seq_split=S)` picks this with
+the reference backend (selective_scan_ref with the torch passes below: the same orchestration, tested on CPU)
+and, with $ZOO_SCAN_SPLIT_PASSES=1, on CUDA (the kernel's fwd/bwd with the Triton passes of split_passes.py),
+which has not run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from zoo_kernels.selective_scan.ref import selective_scan_ref
+
+
+def _delta(delta, delta_bias, delta_softplus):
+    """Δ in fp32 as the scan computes it; delta [..., D, T]."""
+    dt = delta.float()
+    if delta_bias is not None:
+        dt = dt + delta_bias.float()[:, None]
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def _per_channel(bc, dim):
+    """[batch, S, G, N, T] -> [batch, S, D, N, T] in fp32 (channel d reads group d // (D // G))."""
+    return bc.float().repeat_interleave(dim // bc.shape[2], dim=2)
+
+
+def final_states_ref(u, delta, A, B, delta_bias, delta_softplus, first, count):
+    """Segments first .. first+count-1 from a zero state: final states f [batch, count, D, N] and decay sums
+    P = ΣΔ [batch, count, D], fp32. u, delta [batch, S, D, T]; B [batch, S, G, N, T]."""
+    seg = slice(first, first + count)
+    dt = _delta(delta[:, seg], delta_bias, delta_softplus)
+    sums = dt.cumsum(-1)
+    later = sums[..., -1:] - sums  # Σ Δ after t
+    w = torch.exp(later[..., None, :] * A.float()[..., None])  # [batch, count, D, N, T]
+    f = (w * (dt * u[:, seg].float())[..., None, :] * _per_channel(B[:, seg], u.shape[2])).sum(-1)
+    return f, sums[..., -1]
+
+
+def entry_adjoints_ref(dout, z, delta, A, C, delta_bias, delta_softplus, first, count):
+    """Segments first .. first+count-1: gradients of the entering state g [batch, count, D, N] when the leaving
+    state gets none, and decay sums P [batch, count, D], fp32. dout, z, delta [batch, S, D, T]; C [batch, S, G,
+    N, T]."""
+    seg = slice(first, first + count)
+    dt = _delta(delta[:, seg], delta_bias, delta_softplus)
+    dy = dout[:, seg].float()
+    if z is not None:
+        dy = dy * F.silu(z[:, seg].float())
+    sums = dt.cumsum(-1)
+    w = torch.exp(sums[..., None, :] * A.float()[..., None])  # [batch, count, D, N, T]
+    g = (w * dy[..., None, :] * _per_channel(C[:, seg], dout.shape[2])).sum(-1)
+    return g, sums[..., -1]
+
+
+def _carry_states(h_init, f, decay):
+    """States entering the S segments, [batch, S, D, N]: h_0 = h_init, h_{s+1} = decay_s h_s + f_s."""
+    states = [h_init]
+    for s in range(f.shape[1]):
+        states.append(torch.addcmul(f[:, s], decay[:, s], states[-1]))
+    return torch.stack(states, 1)
+
+
+def _carry_adjoints(dfinal, g, decay):
+    """Gradients of the states leaving the S segments, [batch, S, D, N]: dfinal for the last, then backwards
+    λ = g_{s+1} + decay_{s+1} λ' (g, decay of segments 1 .. S-1)."""
+    adjoints = [dfinal]
+    for s in reversed(range(g.shape[1])):
+        adjoints.append(torch.addcmul(g[:, s], decay[:, s], adjoints[-1]))
+    return torch.stack(adjoints[::-1], 1)
+
+
+class _Ref:
+    """The pieces on selective_scan_ref: inputs keep their dtypes, the full backward is autograd through it."""
+
+    final_states = staticmethod(final_states_ref)
+    entry_adjoints = staticmethod(entry_adjoints_ref)
+
+    @staticmethod
+    def prepare(u, A, D, delta_bias):
+        """(dtype of the segment rows, None: each keeps its own; A, D, delta_bias as the full scan takes them)."""
+        return None, A, D, delta_bias
+
+    @staticmethod
+    def forward(args, delta_softplus, h0, save):
+        out, final = selective_scan_ref(*args, delta_softplus, h0, None, True)
+        return out, final, ()
+
+    @staticmethod
+    def backward(args, delta_softplus, h0, saved, dout, dfinal, need_dh0):
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_() for t in (*args, h0)]
+            out, final = selective_scan_ref(*leaves[:-1], delta_softplus, leaves[-1], None, True)
+            wrt = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad((out, final), wrt, (dout, dfinal)))
+        return tuple(None if t is None else next(grads) for t in leaves)
+
+
+class _Cuda:
+    """The pieces on our CUDA kernel (its fwd/bwd called as _SelectiveScanFn does) and the Triton passes."""
+
+    @staticmethod
+    def final_states(*args):
+        from zoo_kernels.selective_scan.split_passes import final_states
+
+        return final_states(*args)
+
+    @staticmethod
+    def entry_adjoints(*args):
+        from zoo_kernels.selective_scan.split_passes import entry_adjoints
+
+        return entry_adjoints(*args)
+
+    @staticmethod
+    def prepare(u, A, D, delta_bias):
+        from zoo_kernels.selective_scan.cuda import _DTYPES, MAX_STATE, _f32
+
+        if u.dtype not in _DTYPES:
+            raise TypeError(f"selective_scan_cuda: u must be fp32, bf16 or fp16, got {u.dtype}")
+        if A.shape[1] > MAX_STATE:
+            raise ValueError(f"selective_scan_cuda: N = {A.shape[1]} > {MAX_STATE}; use backend='ref'")
+        return u.dtype, _f32(A), _f32(D), _f32(delta_bias)
+
+    @staticmethod
+    def forward(args, delta_softplus, h0, save):
+        from zoo_kernels.selective_scan.cuda import _module
+
+        out, final, ckpt, y_save = _module().fwd(*args, delta_softplus, h0, None, save, True)
+        return out, final, (ckpt, y_save if args[6] is not None else None)
+
+    @staticmethod
+    def backward(args, delta_softplus, h0, saved, dout, dfinal, need_dh0):
+        from zoo_kernels.selective_scan.cuda import _module
+
+        ckpt, y_save = saved
+        du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _module().bwd(
+            *args, delta_softplus, h0, None, ckpt, y_save, dout, dfinal, need_dh0)
+        seg_len = args[0].shape[-1]
+        present = lambda i, g: g if args[i] is not None else None
+        return (du, ddelta, dA, dB[..., :seg_len], dC[..., :seg_len], present(5, dD), present(6, dz),
+                present(7, ddb), dh0 if need_dh0 else None)
+
+
+def _cut(t, n_seg, dtype):
+    """[batch, ..., L] -> the segment rows [batch * S, ..., L / S], contiguous, in dtype (one copy)."""
+    if t is None:
+        return None
+    t = t.unflatten(-1, (n_seg, t.shape[-1] // n_seg)).movedim(-2, 1)
+    rows = torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    return rows.copy_(t).flatten(0, 1)
+
+
+def _uncut(t, batch, dtype):
+    """The segment rows [batch * S, ..., T] -> [batch, ..., S * T] in dtype (one copy)."""
+    t = t.unflatten(0, (batch, -1)).movedim(1, -2)
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t).flatten(-2)
+
+
+def _segments(t, batch):
+    """[batch * S, ...] -> the view [batch, S, ...] the passes read."""
+    return None if t is None else t.unflatten(0, (batch, -1))
+
+
+class _SplitScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                return_final_state):
+        batch, dim, _ = u.shape
+        dtype, A_, D_, bias_ = impl.prepare(u, A, D, delta_bias)
+        B4, C4 = (t if t.dim() == 4 else t.unsqueeze(1) for t in (B, C))
+        u_s, delta_s, B_s, C_s, z_s = (_cut(t, n_seg, dtype) for t in (u, delta, B4, C4, z))
+        f, sums = impl.final_states(_segments(u_s, batch), _segments(delta_s, batch), A_, _segments(B_s, batch),
+                                    bias_, delta_softplus, 0, n_seg - 1)
+        h_init = u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32) if initial_state is None \
+            else initial_state.float()
+        h0 = _carry_states(h_init, f, torch.exp(sums[..., None] * A_.float())).flatten(0, 1)
+        args = (u_s, delta_s, A_, B_s, C_s, D_, z_s, bias_)
+        save = any(ctx.needs_input_grad)
+        out, final, saved = impl.forward(args, delta_softplus, h0, save)
+        if save:
+            ctx.save_for_backward(*args, h0, *saved)
+            ctx.impl, ctx.batch, ctx.softplus = impl, batch, bool(delta_softplus)
+            ctx.in_dtypes = tuple(None if t is None else t.dtype
+                                  for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
+            ctx.bc_dims = (B.dim(), C.dim())
+        ctx.set_materialize_grads(False)
+        out = _uncut(out, batch, out.dtype)
+        return (out, _segments(final, batch)[:, -1]) if return_final_state else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout, dfinal=None):
+        impl, batch = ctx.impl, ctx.batch
+        saved = ctx.saved_tensors
+        args, h0, extra = saved[:8], saved[8], saved[9:]
+        u_s, delta_s, A_, _, C_s, _, z_s, bias_ = args
+        n_seg = u_s.shape[0] // batch
+        dout_s = torch.zeros_like(u_s) if dout is None else _cut(dout, n_seg, u_s.dtype)
+        g, sums = impl.entry_adjoints(_segments(dout_s, batch), _segments(z_s, batch), _segments(delta_s, batch),
+                                      A_, _segments(C_s, batch), bias_, ctx.softplus, 1, n_seg - 1)
+        last = torch.zeros_like(h0[:batch]) if dfinal is None else dfinal.float()
+        dfinal_s = _carry_adjoints(last, g, torch.exp(sums[..., None] * A_.float())).flatten(0, 1)
+        need = ctx.needs_input_grad[2:11]
+        grads = impl.backward(args, ctx.softplus, h0, extra, dout_s, dfinal_s, need[8])
+        out = []
+        for i, (grad, dtype, wanted) in enumerate(zip(grads, ctx.in_dtypes, need)):
+            if not wanted or grad is None:
+                out.append(None)
+            elif i in (0, 1, 3, 4, 6):  # u, delta, B, C, z: per segment row
+                grad = _uncut(grad, batch, dtype)
+                out.append(grad.squeeze(1) if i in (3, 4) and ctx.bc_dims[i - 3] == 3 else grad)
+            else:  # A, D, delta_bias: summed over the rows; initial_state: segment 0's dh0
+                out.append((_segments(grad, batch)[:, 0] if i == 8 else grad).to(dtype))
+        return (None, None, *out, None, None)
+
+
+def split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+               return_final_state):
+    """selective_scan (without seq_idx) over rows cut into n_seg segments; backend 'cuda' or 'ref'."""
+    impl = _Cuda if backend == "cuda" else _Ref
+    return _SplitScanFn.apply(impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+                              return_final_state)
+
+
+__all__ = ["split_scan", "final_states_ref", "entry_adjoints_ref"]
