@@ -1,6 +1,11 @@
-"""Shared test helpers: tolerant comparison that prints the relative error."""
+"""Shared test helpers: tolerant comparison that prints the relative error; a test file run under Triton's
+interpreter."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -15,3 +20,11 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) ->
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err = rel_err(out, ref)
     assert err <= tol, f"{name}: ‖out−ref‖/‖ref‖ = {err:.3e} > {tol:.1e}"
+
+
+def run_in_interpreter(path: str, timeout: int = 300) -> None:
+    """Runs the test file `path` as a script with TRITON_INTERPRET=1 (which must be set before triton is imported,
+    hence a subprocess) and fails with the end of its output if it fails."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

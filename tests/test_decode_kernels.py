@@ -14,22 +14,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers import rel_err, run_in_interpreter
 from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
 from zoo_kernels.gla.ref import gla_state_update_ref
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
-
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.cuda
@@ -174,9 +167,7 @@ def test_gla_step_kernel_matches_reference_cuda(dtype, K, V):
 
 def test_gla_step_kernel_in_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_in_interpreter(__file__)
 
 
 def _interpreter_main() -> None:

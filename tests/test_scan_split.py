@@ -9,13 +9,9 @@ set before triton is imported); the CUDA kernel's split is tested in tests/test_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from helpers import assert_close, rel_err
+from helpers import assert_close, rel_err, run_in_interpreter
 from zoo_kernels.selective_scan import selective_scan
 from zoo_kernels.selective_scan import split as split_module
 
@@ -105,9 +101,7 @@ def test_segment_rows_are_contiguous():
 
 def test_split_passes_in_the_interpreter():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_in_interpreter(__file__)
 
 
 def _interpreter_main() -> None:

@@ -7,12 +7,9 @@ subprocess) at tiny sizes; it takes about 30 s on 2 cores.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from helpers import run_in_interpreter
 from zoo_kernels.ssd.ref import ssd_chunk_scan_ref, ssd_state_update_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -257,9 +254,7 @@ def test_state_update_steps_equal_the_scan(dtype):
 
 def test_interpreter_matches_reference():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_in_interpreter(__file__, timeout=600)
 
 
 def _chained(fn, cut, x, dt, A, B, C, chunk, D, z, bias, softplus, h0, seq_idx, final):

@@ -49,14 +49,17 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om,
     tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+_SMS: dict[int, int] = {}  # multiprocessors per device index
+
+
 def _sm_count(device: torch.device) -> int:
+    """The device's multiprocessor count (132 under the CPU interpreter, an H100's or H200's)."""
     if device.type != "cuda":
         return 132
-    return _SMS.setdefault(device.index if device.index is not None else torch.cuda.current_device(),
-                           torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-_SMS: dict[int, int] = {}
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int, int]:
