@@ -7,7 +7,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One CPU thread: torch 2.13's CPU fp32 exp is, with more than one thread and now and then (about one run in four
+# of a 2400-element case), off by ~1e-4 relative on whole chunks of its output (AVX512 machine); fp64 and one
+# thread are exact every time. The fp32 references would make tight comparisons flaky. The suite takes as long.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,7 +24,7 @@ def assert_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) ->
 
 def run_in_interpreter(path: str, timeout: int = 300) -> None:
     """Runs the test file `path` as a script with TRITON_INTERPRET=1 (which must be set before triton is imported,
-    hence a subprocess) and fails with the end of its output if it fails."""
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    hence a subprocess), on one CPU thread as the suite runs, and fails with the end of its output if it fails."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # conftest.py: why
     proc = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
