@@ -245,3 +245,13 @@ def test_document_boundaries_are_converted_once_per_seq_idx():
     again = fast._documents(seq_idx)
     assert again is not first and again[1].tolist() == [0, 1, 5, 8, 10]
     assert fast._documents(seq_idx.clone()) is not again
+
+
+def test_documents_take_inference_tensors():
+    """cu_seqlens from a seq_idx made under inference_mode (no version counter: not cached, still right)."""
+    with torch.inference_mode():
+        seq_idx = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, 3, 3]])
+        begins, cu, cu_cpu, row_start, last_of_row = fast._documents(seq_idx)
+        again = fast._documents(seq_idx)
+    assert cu.tolist() == [0, 2, 5, 8, 10] == again[1].tolist()
+    assert row_start.tolist() == [True, False, True, False] and last_of_row.tolist() == [1, 3]

@@ -2,9 +2,10 @@
 against the unsplit scan, on the reference pieces; its Triton passes against their torch reference.
 
 The CPU cases use slowly decaying states (small Δ, A in -1..-0.1) so that a segment keeps most of the state
-entering it: dropping the carried states or adjoints must break the result (checked), so the equality cannot
-hold vacuously. The Triton passes run through Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be
-set before triton is imported); the CUDA kernel's split is tested in tests/test_selective_scan_cuda.py.
+entering it: dropping the carried states or adjoints, or with seq_idx the links, decays and truncations at
+document starts, must break the result (checked), so the equality cannot hold vacuously. The Triton passes run
+through Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be set before triton is imported); the
+CUDA kernel's split is tested in tests/test_selective_scan_cuda.py.
 """
 
 from __future__ import annotations
@@ -39,17 +40,22 @@ def scan_inputs(batch, dim, n_state, length, groups=0, *, D=False, z=False, bias
     return {k: v for k, v in inputs.items() if v is not None}, {"delta_softplus": softplus}
 
 
-def forward_backward(inputs, options, n_seg, grad_out=True, grad_final=True):
-    """(out, final state, {name: gradient}) of one call, under fixed random cotangents."""
+def forward_backward(inputs, options, n_seg, grad_out=True, grad_final=True, seq_idx=None, return_final=True):
+    """(out, final state, {name: gradient}) of one call, under fixed random cotangents; without return_final the
+    call does not ask for the final state (None, and no gradient from it)."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    out, final = selective_scan(**leaves, **options, return_final_state=True, backend="ref", seq_split=n_seg)
+    result = selective_scan(**leaves, **options, seq_idx=seq_idx, return_final_state=return_final, backend="ref",
+                            seq_split=n_seg)
+    out, final = result if return_final else (result, None)
+    grad_final = grad_final and return_final
     gen = torch.Generator().manual_seed(7)
-    cot_out, cot_final = torch.randn(out.shape, generator=gen), torch.randn(final.shape, generator=gen)
+    final_shape = (*out.shape[:2], inputs["A"].shape[1])  # [batch, D, N]
+    cot_out, cot_final = torch.randn(out.shape, generator=gen), torch.randn(final_shape, generator=gen)
     outputs = [t for t, on in ((out, grad_out), (final, grad_final)) if on]
     cots = [c for c, on in ((cot_out, grad_out), (cot_final, grad_final)) if on]
     grads = torch.autograd.grad(outputs, list(leaves.values()), cots, allow_unused=True)
-    return out.detach(), final.detach(), {k: torch.zeros_like(v) if g is None else g  # C, D, z: not in the final
-                                          for (k, v), g in zip(leaves.items(), grads)}
+    return out.detach(), None if final is None else final.detach(), {
+        k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}  # unused: zeros
 
 
 CASES = [  # (batch, dim, n_state, length, groups), flags, which outputs get a gradient (out, final state)
@@ -80,15 +86,124 @@ def test_split_needs_the_carried_states(monkeypatch):
     inputs, options = scan_inputs(2, 5, 4, 96, D=True, z=True, softplus=True, init=True)
     out_ref, final_ref, grads_ref = forward_backward(inputs, options, 1)
     carry_states, carry_adjoints = split_module._carry_states, split_module._carry_adjoints
-    monkeypatch.setattr(split_module, "_carry_states", lambda h, f, decay: carry_states(h, f * 0, decay))
+    monkeypatch.setattr(split_module, "_carry_states",
+                        lambda h, f, decay, link=None: carry_states(h, f * 0, decay, link))
     out, final, _ = forward_backward(inputs, options, 4)
     assert rel_err(out, out_ref) > 0.05 and rel_err(final, final_ref) > 0.05
     monkeypatch.setattr(split_module, "_carry_states", carry_states)
-    monkeypatch.setattr(split_module, "_carry_adjoints", lambda d, g, decay: carry_adjoints(d, g * 0, decay))
+    monkeypatch.setattr(split_module, "_carry_adjoints",
+                        lambda d, g, decay, link=None: carry_adjoints(d, g * 0, decay, link))
     out, _, grads = forward_backward(inputs, options, 4)
     assert_close("out", out, out_ref, TOL)
     for name in ("u", "delta", "B", "initial_state"):
         assert rel_err(grads[name], grads_ref[name]) > 0.05, name
+
+
+def document_ids(batch, length, starts):
+    """seq_idx [batch, length] int64 with documents starting at `starts` (positions > 0) in row 0 and one position
+    later in the other rows (a start on a segment's first token moves to its second)."""
+    marks = torch.zeros(batch, length, dtype=torch.int64)
+    for row in range(batch):
+        marks[row, [p + row for p in starts if p + row < length]] = 1
+    return marks.cumsum(1) + 3
+
+
+L_SEQ = 96  # divisible by every S below
+DOCUMENTS = {  # document starts as a function of the segment length T and the row length L
+    "no-boundary": lambda T, L: [],
+    "at-segment-start": lambda T, L: [T, 2 * T],
+    "inside-segment": lambda T, L: [T + T // 2],
+    "several-in-one-segment": lambda T, L: [T + 3, T + 7, T + 8, 2 * T - 1],
+    "one-token-docs": lambda T, L: [1, 2, T - 1, T, T + 1, L - 1],
+    "spanning-3-segments": lambda T, L: [T // 2, 2 * T + T // 2],
+    "many": lambda T, L: [5, 11, 17, 29, 30, 47, 48, 50, 64, 71, 72, 90],
+}
+DOC_CASES = [  # documents, (batch, dim, n_state, groups), flags, which outputs get a gradient, return_final_state
+    pytest.param("no-boundary", (2, 5, 4, 0), {"D": True, "z": True, "bias": True, "softplus": True, "init": True},
+                 (True, True), True, id="no-boundary-all"),
+    pytest.param("at-segment-start", (2, 5, 4, 0), {"init": True}, (True, True), True, id="segment-start-init"),
+    pytest.param("at-segment-start", (2, 6, 5, 2), {"D": True, "z": True, "bias": True, "softplus": True},
+                 (True, True), True, id="segment-start-G2-all-no-init"),
+    pytest.param("inside-segment", (2, 5, 4, 0), {"z": True, "softplus": True, "init": True}, (True, True), True,
+                 id="inside-z-init"),
+    pytest.param("several-in-one-segment", (2, 5, 4, 0),
+                 {"D": True, "z": True, "bias": True, "softplus": True, "init": True}, (True, True), True,
+                 id="several-all"),
+    pytest.param("one-token-docs", (2, 6, 3, 3), {"D": True, "bias": True, "init": True}, (False, True), True,
+                 id="one-token-G3-final-only"),
+    pytest.param("spanning-3-segments", (1, 5, 4, 0), {"init": True}, (True, False), False,
+                 id="spanning-init-no-final"),
+    pytest.param("many", (2, 5, 4, 0), {"D": True, "z": True, "softplus": True, "init": True}, (True, True), True,
+                 id="many-init"),
+    pytest.param("many", (2, 5, 1, 0), {}, (True, False), False, id="many-N1-plain-no-final"),
+]
+
+
+@pytest.mark.parametrize("n_seg", [2, 3, 4])
+@pytest.mark.parametrize(("docs", "shape", "flags", "wanted", "return_final"), DOC_CASES)
+def test_split_with_documents_matches_unsplit(docs, shape, flags, wanted, return_final, n_seg):
+    """With seq_idx: output, final state and every input's gradient equal the unsplit scan's."""
+    batch, dim, n_state, groups = shape
+    inputs, options = scan_inputs(batch, dim, n_state, L_SEQ, groups, **flags)
+    seq_idx = document_ids(batch, L_SEQ, DOCUMENTS[docs](L_SEQ // n_seg, L_SEQ))
+    out_ref, final_ref, grads_ref = forward_backward(inputs, options, 1, *wanted, seq_idx, return_final)
+    out, final, grads = forward_backward(inputs, options, n_seg, *wanted, seq_idx, return_final)
+    assert_close("out", out, out_ref, TOL)
+    if return_final:
+        assert_close("final_state", final, final_ref, TOL)
+    else:
+        assert final is None
+    for name in inputs:
+        assert_close(f"grad {name}", grads[name], grads_ref[name], TOL)
+
+
+def _break(monkeypatch, broken):
+    """Monkeypatches split.py so that one piece of its seq_idx handling is missing."""
+    real = split_module
+    if broken == "link-forward":  # the state entering a segment that starts a document is kept
+        carry = real._carry_states
+        monkeypatch.setattr(real, "_carry_states", lambda h, f, decay, link=None: carry(h, f, decay))
+    elif broken == "link-backward":  # the gradient flows back across a document start on a segment's first token
+        carry = real._carry_adjoints
+        monkeypatch.setattr(real, "_carry_adjoints", lambda d, g, decay, link=None: carry(d, g, decay))
+    elif broken == "decay-inside":  # a document start inside a segment does not cut the carried state
+        boundaries = real._boundaries
+        monkeypatch.setattr(real, "_boundaries", lambda seq: (torch.ones(seq.shape[:2]), boundaries(seq)[1]))
+    elif broken in ("final-state-truncation", "entry-adjoint-truncation"):  # a pass ignores seq_idx
+        name = "final_states" if broken == "final-state-truncation" else "entry_adjoints"
+        ref_pass = getattr(real._Ref, name)
+        monkeypatch.setattr(real._Ref, name, staticmethod(lambda *args: ref_pass(*args[:-1])))
+    else:  # the full scans over the segment rows do not reset inside them
+        forward, backward = real._Ref.forward, real._Ref.backward
+        monkeypatch.setattr(real._Ref, "forward", staticmethod(
+            lambda args, softplus, h0, seq, save: forward(args, softplus, h0, None, save)))
+        monkeypatch.setattr(real._Ref, "backward", staticmethod(
+            lambda args, softplus, h0, seq, *rest: backward(args, softplus, h0, None, *rest)))
+
+
+BREAKS = {  # what breaks -> whether the forward still holds
+    "link-forward": False, "link-backward": True, "decay-inside": False, "final-state-truncation": False,
+    "entry-adjoint-truncation": True, "segment-rows-without-seq": False,
+}
+
+
+@pytest.mark.parametrize("broken", list(BREAKS))
+def test_split_needs_the_document_boundaries(broken, monkeypatch):
+    """With seq_idx, breaking the links, the decays of segments with a document start inside, the passes'
+    truncation at document starts or the segment rows' seq_idx makes the results far off (documents start on a
+    segment's first token, inside segments, and in one segment twice)."""
+    inputs, options = scan_inputs(2, 5, 4, L_SEQ, D=True, z=True, softplus=True, init=True)
+    seq_idx = document_ids(2, L_SEQ, [24, 36, 53, 60])  # S = 4: T = 24
+    out_ref, final_ref, grads_ref = forward_backward(inputs, options, 1, seq_idx=seq_idx)
+    _break(monkeypatch, broken)
+    out, final, grads = forward_backward(inputs, options, 4, seq_idx=seq_idx)
+    grad_err = max(rel_err(grads[name], grads_ref[name]) for name in inputs)
+    assert grad_err > 0.01, grad_err  # each break: 0.04 or more
+    if BREAKS[broken]:
+        assert_close("out", out, out_ref, TOL)
+        assert_close("final_state", final, final_ref, TOL)
+    else:
+        assert max(rel_err(out, out_ref), rel_err(final, final_ref)) > 0.01
 
 
 def test_segment_rows_are_contiguous():
@@ -105,14 +220,16 @@ def test_split_passes_in_the_interpreter():
 
 
 def _interpreter_main() -> None:
-    """The Triton passes against the torch passes (fp32, fp16, bf16; grouped B/C, N padded, partial chunks), then
-    the whole split on the reference scans with the Triton passes in place of the torch ones."""
+    """The Triton passes against the torch passes (fp32, fp16, bf16; grouped B/C, N padded, partial chunks; with
+    seq_idx in fp32: document starts on a chunk's first step, a segment's first, second and last), then the whole
+    split on the reference scans with the Triton passes in place of the torch ones, without and with seq_idx."""
     from zoo_kernels.selective_scan import split_passes
 
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for batch, n_seg, dim, groups, n_state, seg_len, bias, softplus, z in (
-                (2, 3, 6, 3, 5, 40, True, True, True), (1, 2, 8, 1, 16, 33, False, False, False)):
+        for batch, n_seg, dim, groups, n_state, seg_len, bias, softplus, z, starts in (
+                (2, 3, 6, 3, 5, 40, True, True, True, [32, 40, 45, 79, 81, 113, 114]),
+                (1, 2, 8, 1, 16, 33, False, False, False, [64, 65])):
             rnd = lambda *shape: torch.randn(*shape, generator=gen)
             u, dout = rnd(batch, n_seg, dim, seg_len).to(dtype), rnd(batch, n_seg, dim, seg_len).to(dtype)
             delta = (rnd(batch, n_seg, dim, seg_len) - 2 if softplus
@@ -121,25 +238,30 @@ def _interpreter_main() -> None:
             B, C = (rnd(batch, n_seg, groups, n_state, seg_len).to(dtype) for _ in range(2))
             delta_bias = rnd(dim) * 0.1 if bias else None
             gate = rnd(batch, n_seg, dim, seg_len).to(dtype) if z else None
-            for name, ours, ref in (
-                    ("final_states", split_passes.final_states(u, delta, A, B, delta_bias, softplus, 0, n_seg - 1),
-                     split_module.final_states_ref(u, delta, A, B, delta_bias, softplus, 0, n_seg - 1)),
-                    ("entry_adjoints",
-                     split_passes.entry_adjoints(dout, gate, delta, A, C, delta_bias, softplus, 1, n_seg - 1),
-                     split_module.entry_adjoints_ref(dout, gate, delta, A, C, delta_bias, softplus, 1, n_seg - 1))):
-                for what, a, b in zip(("state", "decay sum"), ours, ref):
-                    assert rel_err(a, b) < 1e-5, (name, what, dtype, rel_err(a, b))
+            seq = document_ids(batch, n_seg * seg_len, starts).view(batch, n_seg, seg_len)
+            for seq_idx in (None, seq, seq.int()) if dtype == torch.float32 else (None,):
+                for name, ours, ref in (
+                        ("final_states",
+                         split_passes.final_states(u, delta, A, B, delta_bias, softplus, 0, n_seg - 1, seq_idx),
+                         split_module.final_states_ref(u, delta, A, B, delta_bias, softplus, 0, n_seg - 1, seq_idx)),
+                        ("entry_adjoints",
+                         split_passes.entry_adjoints(dout, gate, delta, A, C, delta_bias, softplus, 1, n_seg - 1,
+                                                     seq_idx),
+                         split_module.entry_adjoints_ref(dout, gate, delta, A, C, delta_bias, softplus, 1, n_seg - 1,
+                                                         seq_idx))):
+                    for what, a, b in zip(("state", "decay sum"), ours, ref):
+                        assert rel_err(a, b) < 1e-5, (name, what, dtype, seq_idx is not None, rel_err(a, b))
     print("interpreter: split passes match the torch passes")
     split_module._Ref.final_states = staticmethod(split_passes.final_states)
     split_module._Ref.entry_adjoints = staticmethod(split_passes.entry_adjoints)
-    inputs, options = scan_inputs(2, 6, 5, 64, 2, D=True, z=True, bias=True, softplus=True, init=True)
-    out_ref, final_ref, grads_ref = forward_backward(inputs, options, 1)
-    out, final, grads = forward_backward(inputs, options, 4)
-    assert rel_err(out, out_ref) < TOL and rel_err(final, final_ref) < TOL
-    for name in inputs:
-        assert rel_err(grads[name], grads_ref[name]) < TOL, (name, rel_err(grads[name], grads_ref[name]))
-    print("interpreter: the split with the Triton passes matches the unsplit scan")
-
+    for length, n_seg, seq_idx in ((64, 4, None), (96, 2, document_ids(2, 96, [20, 32, 48, 60, 95]))):
+        inputs, options = scan_inputs(2, 6, 5, length, 2, D=True, z=True, bias=True, softplus=True, init=True)
+        out_ref, final_ref, grads_ref = forward_backward(inputs, options, 1, seq_idx=seq_idx)
+        out, final, grads = forward_backward(inputs, options, n_seg, seq_idx=seq_idx)
+        assert rel_err(out, out_ref) < TOL and rel_err(final, final_ref) < TOL
+        for name in inputs:
+            assert rel_err(grads[name], grads_ref[name]) < TOL, (name, rel_err(grads[name], grads_ref[name]))
+    print("interpreter: the split with the Triton passes matches the unsplit scan, without and with seq_idx")
 
 if __name__ == "__main__":
     _interpreter_main()

@@ -137,24 +137,31 @@ def test_seq_split_matches_reference(case):
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("docs", [0, 5], ids=["dense", "seq_idx"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("n_seg", [2, 4])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_split_scheme_matches_unsplit_kernel(batch, n_seg, dtype, monkeypatch):
-    """The split without seq_idx (Triton passes, one kernel fwd and bwd over the segment rows) against the unsplit
-    kernel: outputs, final state and every gradient. Δ ≈ softplus(-6) keeps about a third of a segment's entering
-    state, so the carried states and adjoints matter; batch 2 has grouped B/C."""
+def test_split_scheme_matches_unsplit_kernel(batch, n_seg, dtype, docs, monkeypatch):
+    """The split (Triton passes, one kernel fwd and bwd over the segment rows) against the unsplit kernel:
+    outputs, final state and every gradient. Δ ≈ softplus(-6) keeps about a third of a segment's entering
+    state, so the carried states and adjoints matter; batch 2 has grouped B/C. With seq_idx: random document
+    starts, one on segment 1's first token (row 0) and one on its second (last row)."""
     import importlib
 
     ss = importlib.import_module("zoo_kernels.selective_scan")
     monkeypatch.setenv(ss.SPLIT_PASSES_ENV, "1")
-    inp, _ = make_inputs(batch, 64, 1024, 16, batch, dtype, h0=True, seed=batch)
+    length = 1024
+    inp, seq_idx = make_inputs(batch, 64, length, 16, batch, dtype, h0=True, docs=docs, seed=batch)
+    if docs:
+        seq_idx[0, length // n_seg:] += 7
+        seq_idx[-1, length // n_seg + 1:] += 7
     inp["delta"] = (inp["delta"].detach() - 5).requires_grad_(True)
     ref_inp = clone_leaves(inp)
-    out_ref, final_ref = run(ss_cuda.selective_scan_cuda, ref_inp, None, True, True)
+    out_ref, final_ref = run(ss_cuda.selective_scan_cuda, ref_inp, seq_idx, True, True)
     poison_allocator()
     args = [inp[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    out, final = ss.selective_scan(*args, True, inp["initial_state"], None, True, backend="cuda", seq_split=n_seg)
+    out, final = ss.selective_scan(*args, True, inp["initial_state"], seq_idx, True, backend="cuda",
+                                   seq_split=n_seg)
     tol = TOL[dtype]
     assert out.dtype == dtype and final.dtype == torch.float32
     assert_close("out", out, out_ref, tol)
@@ -170,10 +177,12 @@ def test_split_scheme_matches_unsplit_kernel(batch, n_seg, dtype, monkeypatch):
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("with_seq", [False, True], ids=["dense", "seq_idx"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(("groups", "nstate"), [(1, 16), (2, 64), (3, 5)])
-def test_split_passes_match_torch_passes(groups, nstate, dtype):
-    """The Triton passes of the split (final states from zero, entering adjoints) against their torch reference."""
+def test_split_passes_match_torch_passes(groups, nstate, dtype, with_seq):
+    """The Triton passes of the split (final states from zero, entering adjoints) against their torch reference;
+    with seq_idx, document starts on a segment's first, second and last token and on chunk boundaries."""
     from zoo_kernels.selective_scan import split, split_passes
 
     g = torch.Generator(device="cuda").manual_seed(groups)
@@ -184,11 +193,17 @@ def test_split_passes_match_torch_passes(groups, nstate, dtype):
     A = -(torch.rand(dim, nstate, device="cuda", generator=g) + 0.1)
     B, C = (rnd(batch, n_seg, groups, nstate, seg_len).to(dtype) for _ in range(2))
     bias = rnd(dim) * 0.2
+    seq = None
+    if with_seq:  # positions in the row of n_seg * seg_len = 1200 tokens; the last row one later
+        marks = torch.zeros(batch, n_seg * seg_len, dtype=torch.int32, device="cuda")
+        for row in range(batch):
+            marks[row, [p + row for p in (32, 64, 300, 301, 599, 700, 733, 1000, 1050)]] = 1
+        seq = marks.cumsum(1, dtype=torch.int32).view(batch, n_seg, seg_len)
     pairs = (
-        (split_passes.final_states(u, delta, A, B, bias, True, 0, n_seg - 1),
-         split.final_states_ref(u, delta, A, B, bias, True, 0, n_seg - 1)),
-        (split_passes.entry_adjoints(dout, z, delta, A, C, bias, True, 1, n_seg - 1),
-         split.entry_adjoints_ref(dout, z, delta, A, C, bias, True, 1, n_seg - 1)),
+        (split_passes.final_states(u, delta, A, B, bias, True, 0, n_seg - 1, seq),
+         split.final_states_ref(u, delta, A, B, bias, True, 0, n_seg - 1, seq)),
+        (split_passes.entry_adjoints(dout, z, delta, A, C, bias, True, 1, n_seg - 1, seq),
+         split.entry_adjoints_ref(dout, z, delta, A, C, bias, True, 1, n_seg - 1, seq)),
     )
     for name, (ours, ref) in zip(("final_states", "entry_adjoints"), pairs):
         for what, a, b in zip(("state", "decay sum"), ours, ref):

@@ -199,7 +199,8 @@ def _documents(seq_idx: torch.Tensor):
     """
     import weakref
 
-    if _DOCUMENTS:
+    cacheable = not seq_idx.is_inference()  # an inference tensor has no version counter (reading it raises)
+    if _DOCUMENTS and cacheable:
         ref, version, cached = _DOCUMENTS[0]
         if ref() is seq_idx and seq_idx._version == version:
             return cached
@@ -212,7 +213,8 @@ def _documents(seq_idx: torch.Tensor):
     first_of_row = row_start.nonzero().flatten()  # document index of each row's first document
     last_of_row = torch.cat([first_of_row[1:] - 1, first_of_row.new_tensor([begins.numel() - 1])])
     result = (begins, cu_seqlens, cu_seqlens.cpu(), row_start, last_of_row)
-    _DOCUMENTS[:] = [(weakref.ref(seq_idx), seq_idx._version, result)]
+    if cacheable:
+        _DOCUMENTS[:] = [(weakref.ref(seq_idx), seq_idx._version, result)]
     return result
 
 

@@ -3,19 +3,20 @@
 Sequence split (`seq_split=S`, off by default): the CUDA kernel runs one block per 16 channels and batch row,
 each over the whole sequence, so at batch 1 a 130M layer (1536 channels) fills 96 blocks, fewer than an
 H100's or H200's 132 multiprocessors. seq_split=S cuts every row into S segments that run as S rows in
-parallel. Without seq_idx, split.py: cheap passes (Triton on CUDA) give each segment's final state from zero
-and, backwards, the gradient of its entering state; the states (and gradients) at the segment boundaries follow
-from the linear recurrence, and one full forward and one full backward over the segment rows give the unsplit
-results and every gradient exactly. Its kernels have not run on a GPU yet: on CUDA it runs only with
-$ZOO_SCAN_SPLIT_PASSES=1 (benchmarks/scan_split.py and the cuda tests set it), else the two-pass scheme below.
-With seq_idx, `_split_scan` below: pass 1 scans each segment from a zero state for its final state f_s (full
-scans); the state entering segment s is h_s = P_{s-1} h_{s-1} + f_{s-1}, with P the segment's decay
-exp(A · ΣΔ) (the recurrence is linear), and pass 2 scans each segment again from h_s for the outputs.
-Autograd runs the same two passes backwards, so the result and every gradient equal the unsplit scan's
-(tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py). Measured on an H200 (benchmarks/scan_split.py,
-2026-12-03) it is slower at every shape tried, B = 1 and L = 16K included (S = 4: 4.29 vs 2.87 ms fwd+bwd; a
-jamba-130m training step at 16K: 139K vs 158K tokens/s): the doubled work costs more than the extra
-parallelism returns.
+parallel, with or without seq_idx, in split.py: cheap passes (Triton on CUDA) give each segment's final state
+from zero and, backwards, the gradient of its entering state; the states (and gradients) at the segment
+boundaries follow from the linear recurrence (cut by document boundaries), and one full forward and one full
+backward over the segment rows give the unsplit results and every gradient exactly. Its kernels have not run on
+a GPU yet: on CUDA it runs only with $ZOO_SCAN_SPLIT_PASSES=1 (benchmarks/scan_split.py and the cuda tests set
+it), else the two-pass scheme below.
+The two-pass scheme, `_split_scan` below (also what benchmarks/scan_split.py times as "two-pass"): pass 1 scans
+each segment from a zero state for its final state f_s (full scans); the state entering segment s is
+h_s = P_{s-1} h_{s-1} + f_{s-1}, with P the segment's decay exp(A · ΣΔ) (the recurrence is linear), and pass 2
+scans each segment again from h_s for the outputs. Autograd runs the same two passes backwards, so the result
+and every gradient equal the unsplit scan's (tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py).
+Measured on an H200 (benchmarks/scan_split.py, 2026-12-03) it is slower at every shape tried, B = 1 and
+L = 16K included (S = 4: 4.29 vs 2.87 ms fwd+bwd; a jamba-130m training step at 16K: 139K vs 158K tokens/s):
+the doubled work costs more than the extra parallelism returns.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def selective_scan(
     (channel d reads group d // (D // G)); D, delta_bias [D]; initial_state [batch, D, N];
     seq_idx [batch, L] int (the state restarts from zero where it changes). Returns out [batch, D, L]
     in u's dtype, and with return_final_state also the final state [batch, D, N] in fp32.
-    seq_split: segments per row scanned in parallel (module docstring; exact; not measured yet without seq_idx,
-    slower with it); None reads $ZOO_SCAN_SEQ_SPLIT, else 1 (no split).
+    seq_split: segments per row scanned in parallel (module docstring; exact; the cheap-pass split is not
+    measured yet, the two-pass one was slower); None reads $ZOO_SCAN_SEQ_SPLIT, else 1 (no split).
     """
     backend = resolve_backend(backend, u.device)
     if backend == "cuda":
@@ -68,11 +69,11 @@ def selective_scan(
         scan = selective_scan_ref
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, return_final_state)
     n_seg = _resolve_seq_split(seq_split, u.shape[2])
-    if n_seg > 1 and seq_idx is None and (backend != "cuda" or os.environ.get(SPLIT_PASSES_ENV) == "1"):
+    if n_seg > 1 and (backend != "cuda" or os.environ.get(SPLIT_PASSES_ENV) == "1"):
         from zoo_kernels.selective_scan.split import split_scan
 
         return split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
-                          return_final_state)
+                          seq_idx, return_final_state)
     if n_seg > 1:
         return _split_scan(scan, n_seg, *args)
     return scan(*args)
@@ -97,7 +98,7 @@ def _split_scan(scan, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus
                 return_final_state):
     """The scan of rows cut into n_seg segments, two full passes (module docstring); equal to the unsplit scan.
 
-    Used with seq_idx; the benchmark also times it without, against split.py."""
+    Used on CUDA unless $ZOO_SCAN_SPLIT_PASSES=1; benchmarks/scan_split.py times it against split.py."""
     batch, dim, length = u.shape
     seg_len = length // n_seg
 

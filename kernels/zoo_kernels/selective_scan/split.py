@@ -25,16 +25,28 @@ The passes only compute h_s and λ_s, which the per-segment fwd and bwd then use
 passes' own derivative would count the inputs' influence on the other segments twice. The same argument
 gives the gradient of initial_state as segment 0's dh0.
 
+Document boundaries (seq_idx [batch, L]: the state restarts from zero at every position t > 0 where seq_idx
+differs from position t − 1; position 0 never restarts, so initial_state reaches the first document) cut the
+same recurrences. A document start at a segment's position 1 .. T−1 is a reset inside the segment rows, which
+the full scans see in the cut seq_idx; the passes count, of f_s, only the tokens from the segment's last
+document start on, and of g_s only those before its first; the segment's decay exp(A P_s) becomes 0 (the
+state leaving it no longer depends on the one entering it). A document start at a segment's position 0 is no
+reset for the kernel (it never resets at its row's first position, it decays h0 into it), so the link
+ℓ_s = [seq_idx at the segment's first token == at the previous segment's last] zeroes the state entering
+segment s instead: h_{s+1} = ℓ_{s+1} (exp(A P_s) h_s + f_s). Backwards the gradient of the state leaving
+segment s passes through the same link: segment s's dfinal is ℓ_{s+1} λ_{s+1}, and λ_s = g_s + exp(A P_s)
+ℓ_{s+1} λ_{s+1}. With h0 = 0 at a document start the kernel's step there is the unsplit one, h = Δ B u, and
+the exactness argument above holds unchanged (h0 times the kernel's unmasked first decay is the unsplit state
+before the segment's first token, times its decay and document mask).
+
 Cost: each cheap pass is about one exp per (t, d, n) and reads u, Δ, B (dout, z, Δ, C backwards), writing
 one state per segment; the full scans run once, as the unsplit scan does. The first segment's adjoint and the
-last one's final state are never needed and not computed. Cutting into segment rows copies u, Δ, B, C, z once
-(kept for the backward) and dout once; out and the gradients are copied back.
+last one's final state are never needed and not computed. Cutting into segment rows copies u, Δ, B, C, z (and
+seq_idx) once (kept for the backward) and dout once; out and the gradients are copied back.
 
-With seq_idx (document boundaries) selective_scan keeps the older scheme (`_split_scan`: two full passes,
-autograd through both); this module handles seq_idx=None. `selective_scan(..., seq_split=S)` picks this with
-the reference backend (selective_scan_ref with the torch passes below: the same orchestration, tested on CPU)
-and, with $ZOO_SCAN_SPLIT_PASSES=1, on CUDA (the kernel's fwd/bwd with the Triton passes of split_passes.py),
-which has not run on a GPU yet.
+`selective_scan(..., seq_split=S)` picks this with the reference backend (selective_scan_ref with the torch
+passes below: the same orchestration, tested on CPU) and, with $ZOO_SCAN_SPLIT_PASSES=1, on CUDA (the kernel's
+fwd/bwd with the Triton passes of split_passes.py), which has not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -59,44 +71,79 @@ def _per_channel(bc, dim):
     return bc.float().repeat_interleave(dim // bc.shape[2], dim=2)
 
 
-def final_states_ref(u, delta, A, B, delta_bias, delta_softplus, first, count):
+def _document_starts(seq):
+    """[..., T] bool, True where a document starts inside a segment: positions 1 .. T-1 where seq_idx changes."""
+    starts = torch.zeros_like(seq, dtype=torch.bool)
+    starts[..., 1:] = seq[..., 1:] != seq[..., :-1]
+    return starts
+
+
+def final_states_ref(u, delta, A, B, delta_bias, delta_softplus, first, count, seq_idx=None):
     """Segments first .. first+count-1 from a zero state: final states f [batch, count, D, N] and decay sums
-    P = ΣΔ [batch, count, D], fp32. u, delta [batch, S, D, T]; B [batch, S, G, N, T]."""
+    P = ΣΔ [batch, count, D], fp32. u, delta [batch, S, D, T]; B [batch, S, G, N, T]; seq_idx [batch, S, T]:
+    f counts only the tokens from the segment's last document start on (P stays the whole segment's sum)."""
     seg = slice(first, first + count)
     dt = _delta(delta[:, seg], delta_bias, delta_softplus)
     sums = dt.cumsum(-1)
     later = sums[..., -1:] - sums  # Σ Δ after t
     w = torch.exp(later[..., None, :] * A.float()[..., None])  # [batch, count, D, N, T]
-    f = (w * (dt * u[:, seg].float())[..., None, :] * _per_channel(B[:, seg], u.shape[2])).sum(-1)
+    dtu = dt * u[:, seg].float()
+    if seq_idx is not None:
+        starts = _document_starts(seq_idx[:, seg])
+        pos = torch.arange(starts.shape[-1], device=starts.device)
+        last = (starts * pos).amax(-1, keepdim=True)  # the last document start, 0 if none
+        dtu = dtu * (pos >= last)[:, :, None]
+    f = (w * dtu[..., None, :] * _per_channel(B[:, seg], u.shape[2])).sum(-1)
     return f, sums[..., -1]
 
 
-def entry_adjoints_ref(dout, z, delta, A, C, delta_bias, delta_softplus, first, count):
+def entry_adjoints_ref(dout, z, delta, A, C, delta_bias, delta_softplus, first, count, seq_idx=None):
     """Segments first .. first+count-1: gradients of the entering state g [batch, count, D, N] when the leaving
     state gets none, and decay sums P [batch, count, D], fp32. dout, z, delta [batch, S, D, T]; C [batch, S, G,
-    N, T]."""
+    N, T]; seq_idx [batch, S, T]: g counts only the tokens before the segment's first document start (P stays the
+    whole segment's sum)."""
     seg = slice(first, first + count)
     dt = _delta(delta[:, seg], delta_bias, delta_softplus)
     dy = dout[:, seg].float()
     if z is not None:
         dy = dy * F.silu(z[:, seg].float())
+    if seq_idx is not None:
+        starts = _document_starts(seq_idx[:, seg])
+        pos = torch.arange(starts.shape[-1], device=starts.device)
+        first_start = torch.where(starts, pos, starts.shape[-1]).amin(-1, keepdim=True)  # T if none
+        dy = dy * (pos < first_start)[:, :, None]
     sums = dt.cumsum(-1)
     w = torch.exp(sums[..., None, :] * A.float()[..., None])  # [batch, count, D, N, T]
     g = (w * dy[..., None, :] * _per_channel(C[:, seg], dout.shape[2])).sum(-1)
     return g, sums[..., -1]
 
 
-def _carry_states(h_init, f, decay):
-    """States entering the S segments, [batch, S, D, N]: h_0 = h_init, h_{s+1} = decay_s h_s + f_s."""
+def _boundaries(seq):
+    """Of seq_idx's segments [batch, S, T], fp32 [batch, S] each: whole, 0 where a document starts inside the
+    segment (its decay: the state leaving it ignores the one entering), and link, 0 where the segment's first
+    token starts a document (the state entering it is zero; 1 for segment 0)."""
+    whole = (~_document_starts(seq).any(-1)).float()
+    link = torch.ones_like(whole)
+    link[:, 1:] = (seq[:, 1:, 0] == seq[:, :-1, -1]).float()
+    return whole, link
+
+
+def _carry_states(h_init, f, decay, link=None):
+    """States entering the S segments, [batch, S, D, N]: h_0 = h_init, h_{s+1} = link_{s+1} (decay_s h_s + f_s)
+    (link [batch, S-1] of segments 1 .. S-1, None: all 1)."""
+    if link is not None:
+        f, decay = f * link[..., None, None], decay * link[..., None, None]
     states = [h_init]
     for s in range(f.shape[1]):
         states.append(torch.addcmul(f[:, s], decay[:, s], states[-1]))
     return torch.stack(states, 1)
 
 
-def _carry_adjoints(dfinal, g, decay):
+def _carry_adjoints(dfinal, g, decay, link=None):
     """Gradients of the states leaving the S segments, [batch, S, D, N]: dfinal for the last, then backwards
-    λ = g_{s+1} + decay_{s+1} λ' (g, decay of segments 1 .. S-1)."""
+    λ = link_{s+1} (g_{s+1} + decay_{s+1} λ') (g, decay, link [batch, S-1] of segments 1 .. S-1; None: all 1)."""
+    if link is not None:
+        g, decay = g * link[..., None, None], decay * link[..., None, None]
     adjoints = [dfinal]
     for s in reversed(range(g.shape[1])):
         adjoints.append(torch.addcmul(g[:, s], decay[:, s], adjoints[-1]))
@@ -108,6 +155,7 @@ class _Ref:
 
     final_states = staticmethod(final_states_ref)
     entry_adjoints = staticmethod(entry_adjoints_ref)
+    seq_dtype = None  # seq_idx's segment rows keep its dtype
 
     @staticmethod
     def prepare(u, A, D, delta_bias):
@@ -115,15 +163,15 @@ class _Ref:
         return None, A, D, delta_bias
 
     @staticmethod
-    def forward(args, delta_softplus, h0, save):
-        out, final = selective_scan_ref(*args, delta_softplus, h0, None, True)
+    def forward(args, delta_softplus, h0, seq, save):
+        out, final = selective_scan_ref(*args, delta_softplus, h0, seq, True)
         return out, final, ()
 
     @staticmethod
-    def backward(args, delta_softplus, h0, saved, dout, dfinal, need_dh0):
+    def backward(args, delta_softplus, h0, seq, saved, dout, dfinal, need_dh0):
         with torch.enable_grad():
             leaves = [None if t is None else t.detach().requires_grad_() for t in (*args, h0)]
-            out, final = selective_scan_ref(*leaves[:-1], delta_softplus, leaves[-1], None, True)
+            out, final = selective_scan_ref(*leaves[:-1], delta_softplus, leaves[-1], seq, True)
             wrt = [t for t in leaves if t is not None]
             grads = iter(torch.autograd.grad((out, final), wrt, (dout, dfinal)))
         return tuple(None if t is None else next(grads) for t in leaves)
@@ -131,6 +179,8 @@ class _Ref:
 
 class _Cuda:
     """The pieces on our CUDA kernel (its fwd/bwd called as _SelectiveScanFn does) and the Triton passes."""
+
+    seq_dtype = torch.int32  # the kernel reads seq_idx as int32
 
     @staticmethod
     def final_states(*args):
@@ -155,19 +205,20 @@ class _Cuda:
         return u.dtype, _f32(A), _f32(D), _f32(delta_bias)
 
     @staticmethod
-    def forward(args, delta_softplus, h0, save):
+    def forward(args, delta_softplus, h0, seq, save):
         from zoo_kernels.selective_scan.cuda import _module
 
-        out, final, ckpt, y_save = _module().fwd(*args, delta_softplus, h0, None, save, True)
+        # the kernel resets where seq changes inside a row, never at its first position: it starts from h0
+        out, final, ckpt, y_save = _module().fwd(*args, delta_softplus, h0, seq, save, True)
         return out, final, (ckpt, y_save if args[6] is not None else None)
 
     @staticmethod
-    def backward(args, delta_softplus, h0, saved, dout, dfinal, need_dh0):
+    def backward(args, delta_softplus, h0, seq, saved, dout, dfinal, need_dh0):
         from zoo_kernels.selective_scan.cuda import _module
 
         ckpt, y_save = saved
         du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _module().bwd(
-            *args, delta_softplus, h0, None, ckpt, y_save, dout, dfinal, need_dh0)
+            *args, delta_softplus, h0, seq, ckpt, y_save, dout, dfinal, need_dh0)
         seg_len = args[0].shape[-1]
         present = lambda i, g: g if args[i] is not None else None
         return (du, ddelta, dA, dB[..., :seg_len], dC[..., :seg_len], present(5, dD), present(6, dz),
@@ -196,22 +247,27 @@ def _segments(t, batch):
 
 class _SplitScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
+    def forward(ctx, impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx, delta_softplus,
                 return_final_state):
         batch, dim, _ = u.shape
         dtype, A_, D_, bias_ = impl.prepare(u, A, D, delta_bias)
         B4, C4 = (t if t.dim() == 4 else t.unsqueeze(1) for t in (B, C))
         u_s, delta_s, B_s, C_s, z_s = (_cut(t, n_seg, dtype) for t in (u, delta, B4, C4, z))
+        seq_s = _cut(seq_idx, n_seg, impl.seq_dtype)  # [batch * S, T]
         f, sums = impl.final_states(_segments(u_s, batch), _segments(delta_s, batch), A_, _segments(B_s, batch),
-                                    bias_, delta_softplus, 0, n_seg - 1)
+                                    bias_, delta_softplus, 0, n_seg - 1, _segments(seq_s, batch))
         h_init = u.new_zeros(batch, dim, A.shape[1], dtype=torch.float32) if initial_state is None \
             else initial_state.float()
-        h0 = _carry_states(h_init, f, torch.exp(sums[..., None] * A_.float())).flatten(0, 1)
+        decay, link = torch.exp(sums[..., None] * A_.float()), None
+        if seq_s is not None:  # segments 0 .. S-2 leave their states to segments 1 .. S-1
+            whole, link = _boundaries(_segments(seq_s, batch))
+            decay, link = decay * whole[:, :-1, None, None], link[:, 1:]
+        h0 = _carry_states(h_init, f, decay, link).flatten(0, 1)
         args = (u_s, delta_s, A_, B_s, C_s, D_, z_s, bias_)
         save = any(ctx.needs_input_grad)
-        out, final, saved = impl.forward(args, delta_softplus, h0, save)
+        out, final, saved = impl.forward(args, delta_softplus, h0, seq_s, save)
         if save:
-            ctx.save_for_backward(*args, h0, *saved)
+            ctx.save_for_backward(*args, h0, seq_s, *saved)
             ctx.impl, ctx.batch, ctx.softplus = impl, batch, bool(delta_softplus)
             ctx.in_dtypes = tuple(None if t is None else t.dtype
                                   for t in (u, delta, A, B, C, D, z, delta_bias, initial_state))
@@ -225,16 +281,21 @@ class _SplitScanFn(torch.autograd.Function):
     def backward(ctx, dout, dfinal=None):
         impl, batch = ctx.impl, ctx.batch
         saved = ctx.saved_tensors
-        args, h0, extra = saved[:8], saved[8], saved[9:]
+        args, h0, seq_s, extra = saved[:8], saved[8], saved[9], saved[10:]
         u_s, delta_s, A_, _, C_s, _, z_s, bias_ = args
         n_seg = u_s.shape[0] // batch
         dout_s = torch.zeros_like(u_s) if dout is None else _cut(dout, n_seg, u_s.dtype)
         g, sums = impl.entry_adjoints(_segments(dout_s, batch), _segments(z_s, batch), _segments(delta_s, batch),
-                                      A_, _segments(C_s, batch), bias_, ctx.softplus, 1, n_seg - 1)
+                                      A_, _segments(C_s, batch), bias_, ctx.softplus, 1, n_seg - 1,
+                                      _segments(seq_s, batch))
+        decay, link = torch.exp(sums[..., None] * A_.float()), None
+        if seq_s is not None:  # segments 1 .. S-1 send their entering states' gradients to segments 0 .. S-2
+            whole, link = _boundaries(_segments(seq_s, batch))
+            decay, link = decay * whole[:, 1:, None, None], link[:, 1:]
         last = torch.zeros_like(h0[:batch]) if dfinal is None else dfinal.float()
-        dfinal_s = _carry_adjoints(last, g, torch.exp(sums[..., None] * A_.float())).flatten(0, 1)
+        dfinal_s = _carry_adjoints(last, g, decay, link).flatten(0, 1)
         need = ctx.needs_input_grad[2:11]
-        grads = impl.backward(args, ctx.softplus, h0, extra, dout_s, dfinal_s, need[8])
+        grads = impl.backward(args, ctx.softplus, h0, seq_s, extra, dout_s, dfinal_s, need[8])
         out = []
         for i, (grad, dtype, wanted) in enumerate(zip(grads, ctx.in_dtypes, need)):
             if not wanted or grad is None:
@@ -244,15 +305,16 @@ class _SplitScanFn(torch.autograd.Function):
                 out.append(grad.squeeze(1) if i in (3, 4) and ctx.bc_dims[i - 3] == 3 else grad)
             else:  # A, D, delta_bias: summed over the rows; initial_state: segment 0's dh0
                 out.append((_segments(grad, batch)[:, 0] if i == 8 else grad).to(dtype))
-        return (None, None, *out, None, None)
+        return (None, None, *out, None, None, None)
 
 
-def split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
+def split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
                return_final_state):
-    """selective_scan (without seq_idx) over rows cut into n_seg segments; backend 'cuda' or 'ref'."""
+    """selective_scan over rows cut into n_seg segments (module docstring); backend 'cuda' or 'ref'. Same
+    arguments and results as selective_scan; seq_idx [batch, L] int or None."""
     impl = _Cuda if backend == "cuda" else _Ref
-    return _SplitScanFn.apply(impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus,
-                              return_final_state)
+    return _SplitScanFn.apply(impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
+                              delta_softplus, return_final_state)
 
 
 __all__ = ["split_scan", "final_states_ref", "entry_adjoints_ref"]
