@@ -5,10 +5,6 @@ projection gives (raw SDPA calls get the same memory through a transpose view). 
 4-8 documents each) vs unpacked rows at equal total tokens. Rows go to --out (JSON lines), a markdown table
 to stdout.
 
-Packed rows also time our Triton packed forward ("triton packed (ours)", varlen_triton.py): forward only (no
-backward, its fwd+bwd cell stays empty), listed with the raw kernels but never taken as the baseline. With
-ZOO_ATTN_PACKED_TRITON=1, "ours" (auto) runs it for the no-grad forward; fwd+bwd keeps the usual packed backend.
-
 FLOPs: causal fwd = 2·B·H·L²·D (half of 4·B·H·L²·D), bwd = 2.5x fwd, so fwd+bwd = 7·B·H·L²·D. Packed rows
 count only the documents' causal FLOPs (sum of 2·H·D·len² per document).
 
@@ -21,7 +17,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import sys
 import time
 
@@ -33,8 +28,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 SHAPES = [(8, 2048, 12, 64), (8, 2048, 16, 128), (2, 8192, 16, 128), (1, 32768, 16, 128)]
 SDPA_RAW = {"sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_flash": SDPBackend.FLASH_ATTENTION,
             "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}
-OURS_RAW = "triton packed (ours)"  # a kernel of ours timed beside the raw ones: never the baseline
-FWD_ONLY = {OURS_RAW}  # kernels without a backward
 
 
 def bench_ms(fn, grad_to_none=None) -> float:
@@ -49,29 +42,24 @@ def matmul_peak_tflops(dev: torch.device) -> float:
     return 2 * 8192**3 / bench_ms(lambda: a @ a) / 1e9
 
 
-def check_packed(name, fn, q, k, v, seq_idx, fwd_only=False) -> None:
-    """Print a raw packed kernel's error vs the fp32 reference (output, and gradients unless fwd_only), before
-    timing it."""
+def check_packed(name, fn, q, k, v, seq_idx) -> None:
+    """Print a raw packed kernel's error vs the fp32 reference (output and gradients), before timing it."""
     leaves = [q, k, v]
     for t in leaves:
         t.grad = None
-    with torch.set_grad_enabled(not fwd_only):
-        out = fn()
+    out = fn()
     out = out[0] if isinstance(out, tuple) else out
-    if name != OURS_RAW:  # ours returns (B, L, H, D) already
-        out = out.transpose(1, 2) if out.dim() == 4 else out.view(q.shape)  # back to (B, L, H, D)
-    refs = [t.detach().float().requires_grad_(not fwd_only) for t in leaves]
+    out = out.transpose(1, 2) if out.dim() == 4 else out.view(q.shape)  # back to (B, L, H, D)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = [out.detach()] + [t.grad.clone() for t in leaves]
+    refs = [t.detach().float().requires_grad_() for t in leaves]
     ref = attn.attention_ref(*refs, seq_idx=seq_idx)
-    got, want = [out.detach()], [ref.detach()]
-    if not fwd_only:
-        grad = torch.randn_like(out)
-        out.backward(grad)
-        ref.backward(grad.float())
-        got += [t.grad.clone() for t in leaves]
-        want += [t.grad for t in refs]
+    ref.backward(grad.float())
+    want = [ref.detach()] + [t.grad for t in refs]
     errs = [((a.float() - b).norm() / b.norm()).item() for a, b in zip(got, want)]
-    grads = "" if fwd_only else f" dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}"
-    print(f"  check {name}: rel err out {errs[0]:.1e}{grads}", flush=True)
+    print(f"  check {name}: rel err out {errs[0]:.1e} dq {errs[1]:.1e} dk {errs[2]:.1e} dv {errs[3]:.1e}",
+          flush=True)
     for t in leaves:
         t.grad = None
     if not all(e < 3e-2 for e in errs):
@@ -89,8 +77,8 @@ def bench_call(ours, q, k, v, seq_idx=None, check=False):
     for name, fn in raw_callables(q, k, v, seq_idx=seq_idx).items():
         try:
             if seq_idx is not None and check:
-                check_packed(name, fn, q, k, v, seq_idx, fwd_only=name in FWD_ONLY)
-            res[name] = time_modes(fn, [q, k, v], fwd_only=name in FWD_ONLY)
+                check_packed(name, fn, q, k, v, seq_idx)
+            res[name] = time_modes(fn, [q, k, v])
         except Exception as e:  # a kernel that rejects the shape is reported, not fatal
             print(f"  {name} failed at {tuple(q.shape)} packed={seq_idx is not None}: {type(e).__name__}: "
                   f"{str(e)[:160]}", flush=True)
@@ -125,11 +113,6 @@ def raw_callables(q, k, v, seq_idx=None):
         # cuDNN's ragged kernel (aten._cudnn_attention_forward with cu_seqlens) is left out: on torch 2.11
         # its gradients were wrong (NOTES_attention.md)
         out["flash_varlen"] = varlen
-        if attn._unavailable_reason("triton_packed", q.device) is None:
-            from zoo_kernels.attention.varlen_triton import doc_starts, packed_attention_fwd
-
-            starts = doc_starts(seq_idx)  # once per batch, as attention() caches it
-            out[OURS_RAW] = lambda: packed_attention_fwd(q, k, v, seq_idx, doc_start=starts)
     block_mask = attn.flex_block_mask(q.shape[0], q.shape[1], k.shape[1], causal=True, window=None,
                                       seq_idx=seq_idx, key_padding_mask=None, device=q.device)
     flex = attn._compiled_flex()
@@ -147,15 +130,13 @@ def raw_callables(q, k, v, seq_idx=None):
     return out
 
 
-def time_modes(fn, leaves, fwd_only=False):
-    """(fwd ms, fwd+bwd ms) of fn() -> Tensor | tuple; fwd+bwd None when fwd_only."""
+def time_modes(fn, leaves):
+    """(fwd ms, fwd+bwd ms) of fn() -> Tensor | tuple."""
     def first(x):
         return x[0] if isinstance(x, tuple) else x
 
     with torch.no_grad():
         fwd = bench_ms(lambda: first(fn()))
-    if fwd_only:
-        return fwd, None
     probe = first(fn())
     grad = torch.randn_like(probe)
     del probe
@@ -173,9 +154,7 @@ def main() -> None:
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     date = datetime.date.today().isoformat()
-    env = " ".join(f"{n}={os.environ[n]}" for n in (attn.PACKED_TRITON_ENV, "ZOO_ATTN_TRITON_AUTOTUNE")
-                   if n in os.environ)
-    command = (env + " " if env else "") + "python " + " ".join(sys.argv)
+    command = "python " + " ".join(sys.argv)
     torch.manual_seed(0)
     peak = matmul_peak_tflops(dev)
     print(f"card {card}, torch {torch.__version__}, bf16 matmul ceiling {peak:.0f} TFLOP/s, "
@@ -183,7 +162,7 @@ def main() -> None:
     rows, table = [], []
 
     def record(name, mode, flops, ours_ms, ours_backend, raws, extra=None):
-        best = min((n for n in raws if n != OURS_RAW), key=raws.get)
+        best = min(raws, key=raws.get)
         row = {"name": f"attention/{name}/{mode}", "card": card, "date": date, "command": command,
                "torch": torch.__version__, "ours_ms": round(ours_ms, 4), "ours_backend": ours_backend,
                "ours_tflops": round(flops / ours_ms / 1e9, 1), "baseline": best,
@@ -207,12 +186,12 @@ def main() -> None:
         q, k, v = (torch.randn(b, L, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         fwd_flops = 2 * b * h * L * L * d
+        ours_backend = attn.resolve_backend("auto", dev, dtype=q.dtype, head_dim=d, tq=L, tk=L)
         res = bench_call(attn.attention, q, k, v)
         tag = f"B{b}_L{L}_H{h}_D{d}"
         for i, mode in enumerate(("fwd", "fwd+bwd")):
             flops = fwd_flops * (1 if i == 0 else 3.5)
-            raws = {n: r[i] for n, r in res.items() if n != "ours" and r[i] is not None}
-            ours_backend = attn.resolve_backend("auto", dev, dtype=q.dtype, head_dim=d, tq=L, tk=L, grad=i == 1)
+            raws = {n: r[i] for n, r in res.items() if n != "ours"}
             record(tag, mode, flops, res["ours"][i], ours_backend, raws)
         del q, k, v
         torch.cuda.empty_cache()
@@ -237,14 +216,13 @@ def main() -> None:
         attn.varlen_meta(seq_idx, None, L, L)
         torch.cuda.synchronize()
         meta_ms = (time.perf_counter() - t0) * 1e3
+        ours_backend = attn.resolve_backend("auto", dev, dtype=q.dtype, head_dim=d, packed=True, tq=L, tk=L)
         res = bench_call(attn.attention, q, k, v, seq_idx=seq_idx, check=L <= 2048)
         unpacked = res.pop("unpacked")
         tag = f"packed_B{b}_L{L}_H{h}_D{d}"
         for i, mode in enumerate(("fwd", "fwd+bwd")):
             flops = doc_flops * (1 if i == 0 else 3.5)
-            raws = {n: r[i] for n, r in res.items() if n != "ours" and r[i] is not None}
-            ours_backend = attn.resolve_backend("auto", dev, dtype=q.dtype, head_dim=d, packed=True, tq=L, tk=L,
-                                                grad=i == 1)
+            raws = {n: r[i] for n, r in res.items() if n != "ours"}
             record(tag, mode, flops, res["ours"][i], ours_backend, raws,
                    extra={"unpacked_ms": round(unpacked[i], 4),
                           "packed_vs_unpacked": round(unpacked[i] / res["ours"][i], 3),

@@ -2,9 +2,9 @@
 
 The CUDA kernel runs one block per 16 channels and row; at batch 1 a 130M layer fills 96 blocks, fewer than the
 card has multiprocessors, each walking the whole row. seq_split=S runs S segments per row in parallel. Two
-schemes are timed side by side: "split" (zoo_kernels/selective_scan/split.py, what seq_split runs with
-$ZOO_SCAN_SPLIT_PASSES=1: Triton passes for the segment boundary states and adjoints, then one kernel fwd and
-one bwd over the segment rows) and "two-pass" (`_split_scan`, what it runs otherwise: two full scans each way). This
+schemes are timed side by side: "split" (zoo_kernels/selective_scan/split.py, what seq_split runs: Triton
+passes for the segment boundary states and adjoints, then one kernel fwd and one bwd over the segment rows) and
+"two-pass" (`_split_scan`, the earlier scheme, no longer dispatched: two full scans each way). This
 times S = 1 (the unsplit kernel: the baseline, same run), 2, 4, 8 and 16 at the shapes of a training step, bf16
 with D, z, Δ-bias and softplus, forward and forward+backward, and the floor (bytes of u, Δ, z, B, C read and y
 written, plus their gradients, over the copy bandwidth measured at start). The printed |split - unsplit| is
@@ -96,9 +96,9 @@ def time_shape(ss, label, batch, length, dim):
     def fwd(scheme, split):
         if scheme == "two-pass":
             return ss._split_scan(selective_scan_cuda, split, u, delta, A, B, C, D, z, bias, True, None, None, False)
-        if scheme == "split":  # called directly: seq_split takes it on CUDA only with $ZOO_SCAN_SPLIT_PASSES=1
+        if scheme == "split":  # called directly, as selective_scan's seq_split does
             return split_scan("cuda", split, u, delta, A, B, C, D, z, bias, True, None, None, False)
-        return ss.selective_scan(u, delta, A, B, C, D, z, bias, True, backend="cuda")
+        return ss.selective_scan(u, delta, A, B, C, D, z, bias, True, backend="cuda", seq_split=1)
 
     times = {}
     for split in SPLITS:

@@ -139,6 +139,8 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
             "ratio": round(baseline_ms / ours_ms, 3) if base else None,
             "ratio_is": "baseline_ms / ours_ms for the same tokens (> 1: ours is faster)",
         }
+        if name in ("mamba", "jamba"):  # the Mamba-1 scan's sequence split: forced by the env, else its default
+            row["scan_seq_split"] = split or "auto (selective_scan.auto_seq_split)"
         tpp = results.get(("transformerpp", L))
         if name not in ("transformerpp", "hf-llama", "hf-mamba") and tpp:  # issue 9: vs our Transformer++
             row["vs_transformerpp"] = round(r["tokens_per_s"] / tpp["tokens_per_s"], 3)

@@ -56,8 +56,6 @@ def params():
     out = []
     backends = attn.available_backends(DEVICE) if torch.cuda.is_available() else []
     for backend in backends:
-        if backend == "triton_packed":  # forward only, packed only: tests/test_attention_triton.py
-            continue
         for dtype in (torch.bfloat16, torch.float16):
             for dim in (64, 128, 256):
                 for case in CASES:

@@ -355,47 +355,6 @@ def test_available_backends_on_cpu():
     assert attn.available_backends("cpu") == ["math"]
 
 
-# --- triton_packed: a causal packed forward without backward (tests/test_attention_triton.py runs the kernel)
-
-PACKED_CALL = dict(dtype=torch.bfloat16, head_dim=128, packed=True, tq=64, tk=64)
-
-
-@pytest.mark.filterwarnings("ignore:attention backend")
-def test_auto_takes_triton_packed_only_when_enabled_and_no_grad(fake_cuda, monkeypatch):
-    assert attn.resolve_backend("auto", fake_cuda, **PACKED_CALL) == attn.PACKED_ORDER[0]  # not enabled
-    monkeypatch.setattr(attn, "PACKED_TRITON", True)
-    assert attn.resolve_backend("auto", fake_cuda, **PACKED_CALL) == "triton_packed"
-    assert attn.resolve_backend("auto", fake_cuda, **PACKED_CALL, gqa=True) == "triton_packed"
-    assert attn.resolve_backend("auto", fake_cuda, **{**PACKED_CALL, "head_dim": 64}) == "triton_packed"
-    others = [dict(grad=True), dict(causal=False), dict(window=True), dict(padded=True), dict(tq=16),
-              dict(tq=1), dict(head_dim=96), dict(dtype=torch.float16, head_dim=512)]
-    for change in others:
-        assert attn.resolve_backend("auto", fake_cuda, **{**PACKED_CALL, **change}) not in ("triton_packed", None), \
-            change
-    assert attn.resolve_backend("auto", fake_cuda, **{**PACKED_CALL, "tq": 1, "tk": 1}) == "triton_packed"
-    assert attn.resolve_backend("auto", fake_cuda, **{**PACKED_CALL, "tq": 1, "tk": 5}) != "triton_packed"
-    assert attn.resolve_backend("auto", fake_cuda, **{**PACKED_CALL, "packed": False}) == "sdpa_cudnn"
-    assert attn.resolve_backend("auto", fake_cuda, **{**PACKED_CALL, "dtype": torch.float32}) == "sdpa_efficient"
-    assert attn.resolve_backend("auto", torch.device("cpu"), **PACKED_CALL) == "math"
-    q, k, v = make_inputs(seed=12)  # CPU: math, whatever the flag
-    seq_idx = packed_seq_idx(2, 23)
-    with torch.no_grad():
-        assert_close("cpu", attention(q, k, v, seq_idx=seq_idx), attention_ref(q, k, v, seq_idx=seq_idx), 1e-5)
-
-
-def test_forcing_triton_packed_where_it_cannot_run_raises(fake_cuda):
-    assert attn.resolve_backend("triton_packed", fake_cuda, **PACKED_CALL) == "triton_packed"
-    for change, match in [(dict(grad=True), "no backward"), (dict(packed=False), "packed rows only"),
-                          (dict(causal=False), "causal"), (dict(window=True), "window"),
-                          (dict(padded=True), "key_padding_mask"), (dict(tq=1), "Tq == Tk"),
-                          (dict(dtype=torch.float32), "fp16/bf16"), (dict(head_dim=96), "head_dim")]:
-        with pytest.raises(BackendUnavailable, match=match):
-            attn.resolve_backend("triton_packed", fake_cuda, **{**PACKED_CALL, **change})
-    q, k, v = make_inputs()
-    with torch.no_grad(), pytest.raises(BackendUnavailable, match="CUDA"):
-        attention(q, k, v, seq_idx=packed_seq_idx(2, 23), backend="triton_packed")
-
-
 def test_varlen_meta_takes_inference_tensors():
     """A seq_idx made under inference_mode has no version counter; the cu_seqlens cache must not read it."""
     with torch.inference_mode():

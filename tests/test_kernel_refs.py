@@ -300,7 +300,7 @@ def test_selective_scan_matches_loop(shape, flags, seq):
 def test_selective_scan_seq_split_matches_loop(n_seg, seq, scheme):
     """Rows cut into segments give the unsplit results and gradients, document boundaries inside a segment and on
     a segment's first position included: the cheap-pass split (split.py, what seq_split runs here) and the
-    two-pass one (`_split_scan`, what it runs on CUDA without $ZOO_SCAN_SPLIT_PASSES=1)."""
+    two-pass one (`_split_scan`, which benchmarks/scan_split.py still times)."""
     import importlib
 
     ss = importlib.import_module("zoo_kernels.selective_scan")  # the package: zoo_kernels.selective_scan is the op
@@ -335,6 +335,24 @@ def test_selective_scan_seq_split_choice(monkeypatch):
     monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "8")
     assert ss._resolve_seq_split(None, 16384) == 8
     assert ss._resolve_seq_split(2, 16384) == 2  # an explicit argument wins
+
+
+def test_selective_scan_auto_split_follows_the_measured_rule(monkeypatch):
+    """Default S = 4 on CUDA only for rows >= 8192 whose batch x ⌈D/16⌉ blocks fill <= 3/4 of the SMs (measured:
+    B=1 x 1536 channels on 132 SMs gains, 2048 channels or batch 2 lose); $ZOO_SCAN_SEQ_SPLIT overrides it."""
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")
+    monkeypatch.setattr(ss, "_SMS", {0: 132})
+    monkeypatch.delenv(ss.SEQ_SPLIT_ENV, raising=False)
+    u = lambda b, d, L: torch.empty(b, d, L, device="meta")  # noqa: E731
+    assert ss._resolve_seq_split(None, 16384, u(1, 1536, 16384), "cuda") == 4  # 96 blocks
+    assert ss._resolve_seq_split(None, 16384, u(1, 2048, 16384), "cuda") == 1  # 128 blocks
+    assert ss._resolve_seq_split(None, 8192, u(2, 1536, 8192), "cuda") == 1  # 192 blocks
+    assert ss._resolve_seq_split(None, 4096, u(1, 1536, 4096), "cuda") == 1  # short rows
+    assert ss._resolve_seq_split(None, 16384, u(1, 1536, 16384), "ref") == 1  # the reference: never
+    monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "1")
+    assert ss._resolve_seq_split(None, 16384, u(1, 1536, 16384), "cuda") == 1
 
 
 def test_selective_scan_channel_blocks(monkeypatch):

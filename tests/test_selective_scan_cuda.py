@@ -149,7 +149,6 @@ def test_split_scheme_matches_unsplit_kernel(batch, n_seg, dtype, docs, monkeypa
     import importlib
 
     ss = importlib.import_module("zoo_kernels.selective_scan")
-    monkeypatch.setenv(ss.SPLIT_PASSES_ENV, "1")
     length = 1024
     inp, seq_idx = make_inputs(batch, 64, length, 16, batch, dtype, h0=True, docs=docs, seed=batch)
     if docs:

@@ -91,8 +91,7 @@ class Attention(nn.Module):
     def backend_name(self) -> str:
         """The kernel of a training-shaped call (Tq == Tk, no padding), in the dtype calls will run in (the
         autocast dtype when autocast is on); where packed rows or decoding take another kernel, it follows in
-        brackets, e.g. "sdpa_cudnn (packed: sdpa_flash, decode: sdpa_flash)"; packed calls without autograd
-        follow as "packed without grad" when they take another kernel (triton_packed, opt-in)."""
+        brackets, e.g. "sdpa_cudnn (packed: sdpa_flash, decode: sdpa_flash)"."""
         from zoo_kernels.attention import resolve_backend
 
         device = self.q_proj.weight.device
@@ -103,13 +102,10 @@ class Attention(nn.Module):
             dtype = torch.get_autocast_dtype(device.type)
         gqa = self.n_heads != self.n_kv_heads
         common = dict(dtype=dtype, head_dim=self.head_dim, gqa=gqa, window=self.window is not None)
-        main = resolve_backend("auto", device, **common, tq=2, tk=2, grad=True)
-        others = {"packed": resolve_backend("auto", device, **common, packed=True, tq=2, tk=2, grad=True),
+        main = resolve_backend("auto", device, **common, tq=2, tk=2)
+        others = {"packed": resolve_backend("auto", device, **common, packed=True, tq=2, tk=2),
                   "decode": resolve_backend("auto", device, **common, tq=1, tk=2)}
         differ = [f"{k}: {v}" for k, v in others.items() if v != main]
-        no_grad = resolve_backend("auto", device, **common, packed=True, tq=2, tk=2)  # triton_packed if enabled
-        if no_grad != others["packed"]:
-            differ.append(f"packed without grad: {no_grad}")
         return f"{main} ({', '.join(differ)})" if differ else main
 
     def rope_inv_freq(self, device) -> torch.Tensor:

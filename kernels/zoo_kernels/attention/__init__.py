@@ -11,23 +11,16 @@ no transposes needed) and runs one of these backends:
 | sdpa_flash | torch's built-in FA2 (`aten._flash_attention_forward`) | native | varlen (cu_seqlens) |
 | sdpa_efficient | torch SDPA, memory-efficient kernel (fp32 too) | mask | dense mask |
 | flex | `flex_attention` with a block mask (blocks with no visible key are skipped) | mask_mod | mask_mod |
-| triton_packed | ours (`varlen_triton.py`), Triton, forward only | causal only, GQA | packed only, Tq == Tk |
 | math | torch SDPA math (CPU: torch picks its CPU kernel) | mask | dense mask |
 
 `backend="auto"` takes the fastest available one (`select_backend`, decided once per device and shape class
 and cached), falls back with one warning per (backend, reason), and routes features a kernel lacks to one
 that has them; an explicitly named backend that cannot run raises `BackendUnavailable` with the install line.
-
-triton_packed serves only calls that need no gradient (no_grad / inference_mode, or inputs without
-requires_grad): packed, causal, no window, no padding, Tq == Tk, fp16/bf16, head_dim 32/64/128/256, sm80+.
-auto takes it for such calls when $ZOO_ATTN_PACKED_TRITON=1 (read at import: `PACKED_TRITON`); it has not been
-measured against FA2 varlen yet. Calls that need a gradient keep the packed choice above.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -38,12 +31,10 @@ from torch import Tensor
 
 from zoo_kernels.attention.ref import _check_shapes, attention_ref, document_ids, visible_mask
 
-BACKENDS = ("flash_attn_cute", "flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "triton_packed",
-            "math")
+BACKENDS = ("flash_attn_cute", "flash_attn", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex", "math")
 INSTALL = {
     "flash_attn": "pip install flash-attn --no-build-isolation",
     "flash_attn_cute": "pip install flash-attn-4",
-    "triton_packed": "pip install triton",
 }
 # backends built on FlashAttention's interface: native causal (bottom-right aligned), window and GQA, varlen
 _FLASH_FAMILY = ("flash_attn_cute", "flash_attn", "sdpa_flash")
@@ -51,11 +42,6 @@ _SDPA_FAMILY = ("sdpa_cudnn", "sdpa_efficient", "math")
 _HALF = (torch.float16, torch.bfloat16)
 # packed sequences without flash-attn: order measured in benchmarks/NOTES_attention.md
 PACKED_ORDER = ("sdpa_flash", "flex", "sdpa_efficient")
-# auto takes triton_packed for no-grad packed calls only when this is set (not yet measured on a GPU)
-PACKED_TRITON_ENV = "ZOO_ATTN_PACKED_TRITON"
-PACKED_TRITON = os.environ.get(PACKED_TRITON_ENV, "0") == "1"
-# varlen_triton.HEAD_DIMS (importing that module needs triton)
-TRITON_PACKED_HEAD_DIMS = (32, 64, 128, 256)
 
 
 class BackendUnavailable(RuntimeError):
@@ -115,14 +101,12 @@ def _unavailable_reason(backend: str, device: torch.device) -> str | None:
         return f"{'flash_attn.cute' if backend == 'flash_attn_cute' else 'flash_attn'} is not importable"
     if backend == "flash_attn_cute" and major not in (9, 10):
         return f"FA4 needs Hopper or Blackwell (sm90/sm100), got sm{major}x"
-    if backend in ("flash_attn", "sdpa_flash", "sdpa_cudnn", "triton_packed") and major < 8:
+    if backend in ("flash_attn", "sdpa_flash", "sdpa_cudnn") and major < 8:
         return f"needs sm80 or newer, got sm{major}x"
     if backend == "sdpa_cudnn" and not torch.backends.cudnn.is_available():
         return "cuDNN is not available in this torch build"
     if backend == "flex" and importlib.util.find_spec("triton") is None:
         return "flex_attention needs triton"
-    if backend == "triton_packed" and importlib.util.find_spec("triton") is None:
-        return "triton is not importable"
     return None
 
 
@@ -144,30 +128,6 @@ def _shape_reason(backend: str, device: torch.device, dtype: torch.dtype, head_d
         return f"cuDNN SDPA does not run fwd+bwd correctly for {dtype}, head_dim {head_dim} here"
     if backend == "flex" and head_dim < 16:
         return f"needs head_dim >= 16, got {head_dim}"
-    if backend == "triton_packed":
-        if dtype not in _HALF:
-            return f"needs fp16/bf16, got {dtype}"
-        if head_dim not in TRITON_PACKED_HEAD_DIMS:
-            return f"needs head_dim in {TRITON_PACKED_HEAD_DIMS}, got {head_dim}"
-    return None
-
-
-def _triton_packed_call_reason(causal: bool, packed: bool, padded: bool, window: bool, grad: bool,
-                               tq: int | None, tk: int | None) -> str | None:
-    """Why triton_packed cannot serve this call (it is a causal packed forward without backward), or None."""
-    if not packed:
-        return "runs packed rows only (seq_idx)"
-    if not causal:
-        return "runs causal attention only"
-    if window:
-        return "has no sliding window"
-    if padded:
-        return "takes no key_padding_mask"
-    if tq != tk:
-        return f"needs Tq == Tk (no KV cache), got Tq {tq}, Tk {tk}"
-    if grad:
-        return ("has no backward: call it under torch.no_grad() or torch.inference_mode(), or on inputs that do "
-                "not require grad")
     return None
 
 
@@ -265,43 +225,31 @@ _RESOLVED: dict[tuple, str] = {}
 
 def resolve_backend(requested: str, device: torch.device | str, *, dtype: torch.dtype = torch.bfloat16,
                     head_dim: int = 128, gqa: bool = False, packed: bool = False, padded: bool = False,
-                    window: bool = False, tq: int | None = None, tk: int | None = None, causal: bool = True,
-                    grad: bool = False) -> str:
-    """The backend one call runs on; grad: the call needs a gradient (autograd on and an input requires it).
+                    window: bool = False, tq: int | None = None, tk: int | None = None) -> str:
+    """The backend one call runs on.
 
     An explicit `requested` name is checked (BackendUnavailable with the install line if it cannot run);
     "auto" takes `select_backend` and moves calls that the chosen kernel would serve badly (cuDNN with a
-    sliding window, padding or Tq != Tk) to a kernel that has the feature natively, and no-grad packed calls
-    to triton_packed when PACKED_TRITON is set. Answers are cached, so a call under torch.compile costs one
-    dict lookup.
+    sliding window, padding or Tq != Tk) to a kernel that has the feature natively. Answers are cached, so
+    a call under torch.compile costs one dict lookup.
     """
     shape = "decode" if tq == 1 else "square" if tq == tk else "rect"
-    # tq == tk apart from shape: one query over one key is "decode" too, and triton_packed takes only tq == tk
-    key = (requested, str(device), dtype, head_dim, gqa, packed, padded, window, shape, tq == tk, causal, grad,
-           PACKED_TRITON)
+    key = (requested, str(device), dtype, head_dim, gqa, packed, padded, window, shape)
     if key not in _RESOLVED:
         _RESOLVED[key] = _resolve(requested, torch.device(device), dtype, head_dim, gqa, packed, padded,
-                                  window, tq, tk, causal, grad)
+                                  window, tq, tk)
     return _RESOLVED[key]
 
 
 def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, gqa: bool, packed: bool,
-             padded: bool, window: bool, tq: int | None, tk: int | None, causal: bool, grad: bool) -> str:
+             padded: bool, window: bool, tq: int | None, tk: int | None) -> str:
     if requested != "auto":
         reason = (_unavailable_reason(requested, device)
                   or _shape_reason(requested, device, dtype, head_dim, gqa))
-        if reason is None and requested == "triton_packed":
-            reason = _triton_packed_call_reason(causal, packed, padded, window, grad, tq, tk)
         if reason is not None:
             raise BackendUnavailable(requested, reason, INSTALL.get(requested))
         return requested
     name = select_backend(device, dtype, head_dim, packed=packed)
-    if PACKED_TRITON and _triton_packed_call_reason(causal, packed, padded, window, grad, tq, tk) is None:
-        reason = (_unavailable_reason("triton_packed", device)
-                  or _shape_reason("triton_packed", device, dtype, head_dim, gqa))
-        if reason is None:
-            return "triton_packed"
-        warn_once("triton_packed", reason, fallback=name)
     decode = tq == 1
     if name in _FLASH_FAMILY and padded and not packed and decode:
         # one query per row: a dense mask costs nothing, the varlen path would sync on every step
@@ -347,15 +295,9 @@ def attention(
     batch, tq, hq, dim = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else float(scale)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=dim, gqa=hq != hkv,
                            packed=seq_idx is not None, padded=key_padding_mask is not None,
-                           window=window is not None, tq=tq, tk=tk, causal=causal, grad=grad)
-    if name == "triton_packed":
-        from zoo_kernels.attention.varlen_triton import packed_attention_fwd
-
-        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernel reads rows of D
-        return packed_attention_fwd(q, k, v, seq_idx, scale)
+                           window=window is not None, tq=tq, tk=tk)
     if name in _FLASH_FAMILY:
         return _run_flash_family(name, q, k, v, causal, window, seq_idx, key_padding_mask, scale)
     if name == "flex":
@@ -598,8 +540,6 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None,
 __all__ = [
     "BACKENDS",
     "INSTALL",
-    "PACKED_TRITON",
-    "PACKED_TRITON_ENV",
     "BackendUnavailable",
     "VarlenMeta",
     "attention",

@@ -1,22 +1,23 @@
 """Mamba-1 selective scan: one entry point, the CUDA kernel on NVIDIA GPUs, the torch reference elsewhere.
 
-Sequence split (`seq_split=S`, off by default): the CUDA kernel runs one block per 16 channels and batch row,
-each over the whole sequence, so at batch 1 a 130M layer (1536 channels) fills 96 blocks, fewer than an
-H100's or H200's 132 multiprocessors. seq_split=S cuts every row into S segments that run as S rows in
-parallel, with or without seq_idx, in split.py: cheap passes (Triton on CUDA) give each segment's final state
-from zero and, backwards, the gradient of its entering state; the states (and gradients) at the segment
-boundaries follow from the linear recurrence (cut by document boundaries), and one full forward and one full
-backward over the segment rows give the unsplit results and every gradient exactly. Its kernels have not run on
-a GPU yet: on CUDA it runs only with $ZOO_SCAN_SPLIT_PASSES=1 (benchmarks/scan_split.py and the cuda tests set
-it), else the two-pass scheme below.
-The two-pass scheme, `_split_scan` below (also what benchmarks/scan_split.py times as "two-pass"): pass 1 scans
-each segment from a zero state for its final state f_s (full scans); the state entering segment s is
-h_s = P_{s-1} h_{s-1} + f_{s-1}, with P the segment's decay exp(A · ΣΔ) (the recurrence is linear), and pass 2
-scans each segment again from h_s for the outputs. Autograd runs the same two passes backwards, so the result
-and every gradient equal the unsplit scan's (tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py).
-Measured on an H200 (benchmarks/scan_split.py, 2026-12-03) it is slower at every shape tried, B = 1 and
-L = 16K included (S = 4: 4.29 vs 2.87 ms fwd+bwd; a jamba-130m training step at 16K: 139K vs 158K tokens/s):
-the doubled work costs more than the extra parallelism returns.
+Sequence split (`seq_split=S`): the CUDA kernel runs one block per 16 channels and batch row, each over the
+whole sequence, so at batch 1 a 130M layer (1536 channels) fills 96 blocks, fewer than an H100's or H200's 132
+multiprocessors. seq_split=S cuts every row into S segments that run as S rows in parallel, with or without
+seq_idx, in split.py: cheap passes (Triton on CUDA) give each segment's final state from zero and, backwards,
+the gradient of its entering state; the states (and gradients) at the segment boundaries follow from the linear
+recurrence (cut by document boundaries), and one full forward and one full backward over the segment rows give
+the unsplit results and every gradient exactly.
+By default (seq_split=None, $ZOO_SCAN_SEQ_SPLIT unset) CUDA takes S = 4 where that measured faster: rows of
+L >= 8192 whose blocks (batch x channel blocks of 16) fill at most 3/4 of the multiprocessors. On an H200
+(benchmarks/scan_split.py, 2026-12-03) B = 1, L = 16K, 1536 channels (96 blocks): 2.52 vs 2.85 ms fwd+bwd
+(0.82 vs 0.86 fwd), and a jamba-130m training step at 16K 166K vs 156K tokens/s; at 2048 channels (128 blocks),
+B = 2 x 8K and B = 8 x 2K the split was slower at every S (its cut/uncut copies and passes cost more than the
+parallelism returns), so those stay unsplit.
+The two-pass scheme, `_split_scan` below, is what benchmarks/scan_split.py times as "two-pass" (the split of
+earlier sessions): pass 1 scans each segment from a zero state for its final state f_s (full scans); the state
+entering segment s is h_s = P_{s-1} h_{s-1} + f_{s-1}, with P the segment's decay exp(A · ΣΔ) (the recurrence
+is linear), and pass 2 scans each segment again from h_s for the outputs; autograd runs both passes backwards.
+It is slower at every shape measured (B = 1, L = 16K, S = 4: 4.31 vs 2.85 ms fwd+bwd) and no longer dispatched.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def selective_scan(
     (channel d reads group d // (D // G)); D, delta_bias [D]; initial_state [batch, D, N];
     seq_idx [batch, L] int (the state restarts from zero where it changes). Returns out [batch, D, L]
     in u's dtype, and with return_final_state also the final state [batch, D, N] in fp32.
-    seq_split: segments per row scanned in parallel (module docstring; exact; the cheap-pass split is not
-    measured yet, the two-pass one was slower); None reads $ZOO_SCAN_SEQ_SPLIT, else 1 (no split).
+    seq_split: segments per row scanned in parallel (module docstring; exact); None reads $ZOO_SCAN_SEQ_SPLIT,
+    else the measured default (`auto_seq_split`: 4 on CUDA for long rows that fill few blocks, else 1).
     """
     backend = resolve_backend(backend, u.device)
     if backend == "cuda":
@@ -68,25 +69,35 @@ def selective_scan(
     else:
         scan = selective_scan_ref
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx, return_final_state)
-    n_seg = _resolve_seq_split(seq_split, u.shape[2])
-    if n_seg > 1 and (backend != "cuda" or os.environ.get(SPLIT_PASSES_ENV) == "1"):
+    n_seg = _resolve_seq_split(seq_split, u.shape[2], u, backend)
+    if n_seg > 1:
         from zoo_kernels.selective_scan.split import split_scan
 
         return split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state,
                           seq_idx, return_final_state)
-    if n_seg > 1:
-        return _split_scan(scan, n_seg, *args)
     return scan(*args)
 
 
 SEQ_SPLIT_ENV = "ZOO_SCAN_SEQ_SPLIT"
-# the cheap-pass split (split.py) on CUDA only where asked for: its kernels have not run on a GPU yet
-SPLIT_PASSES_ENV = "ZOO_SCAN_SPLIT_PASSES"
+_SMS: dict[int, int] = {}
 
 
-def _resolve_seq_split(seq_split, length: int) -> int:
+def auto_seq_split(u: torch.Tensor, backend: str) -> int:
+    """The default split (module docstring): 4 on CUDA where rows are >= 8192 long and batch x ⌈D/16⌉ blocks
+    fill at most 3/4 of the multiprocessors, else 1."""
+    batch, dim, length = u.shape
+    if backend != "cuda" or length < 8192 or length % 4:
+        return 1
+    index = u.device.index if u.device.index is not None else (torch.cuda.current_device() if u.is_cuda else 0)
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return 4 if 4 * batch * -(-dim // 16) <= 3 * _SMS[index] else 1
+
+
+def _resolve_seq_split(seq_split, length: int, u: torch.Tensor | None = None, backend: str = "ref") -> int:
     if seq_split is None:
-        seq_split = int(os.environ.get(SEQ_SPLIT_ENV) or 1)
+        env = os.environ.get(SEQ_SPLIT_ENV)
+        seq_split = int(env) if env else (auto_seq_split(u, backend) if u is not None else 1)
     if not isinstance(seq_split, int) or seq_split < 1:
         raise ValueError(f"seq_split must be a positive int, got {seq_split!r}")
     if length % seq_split:
@@ -98,7 +109,7 @@ def _split_scan(scan, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus
                 return_final_state):
     """The scan of rows cut into n_seg segments, two full passes (module docstring); equal to the unsplit scan.
 
-    Used on CUDA unless $ZOO_SCAN_SPLIT_PASSES=1; benchmarks/scan_split.py times it against split.py."""
+    No longer dispatched (slower); benchmarks/scan_split.py times it against split.py."""
     batch, dim, length = u.shape
     seg_len = length // n_seg
 

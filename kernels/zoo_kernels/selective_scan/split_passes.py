@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 CHUNK = 32  # time steps per iteration
 TILE = 4096  # elements of a [BT, BD, BN] term: 32 fp32 registers per thread for each one at 4 warps
 
