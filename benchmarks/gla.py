@@ -13,7 +13,8 @@ reference's time is given for scale. fla comes from .baselines/fla (see benchmar
 --graph also times each side's call captured in a CUDA graph and replayed (rows ".../graph"): the device's time
 with the host's launch work taken out. At these sizes fla's own eager call is bound by the host (its packed
 forward read 0.44 to 1.17 ms between runs), so the eager ratio carries the host's noise; the graph ratio shows
-whether the kernels ours launches run as fast as fla's.
+whether the kernels ours launches run as fast as fla's. fla's packed calls (and, on the H200 with Triton 3.6,
+the 130M L=2048 fwd+bwd) sync with the host and cannot be captured: those cases print why and keep eager rows only.
 
 ratio = baseline_ms / ours_ms (> 1: ours faster); floor = max(bytes / copy bandwidth, FLOPs / bf16 matmul
 rate), both measured at start-up (benchmarks/ceilings.py).

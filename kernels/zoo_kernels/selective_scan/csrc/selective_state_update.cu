@@ -21,7 +21,6 @@
 //   loads (every channel of a warp loads the same dt_low rows) need registers that the state group holds.
 // The scalar kernel stays for N % 4 != 0 and for state or A not 16-byte aligned.
 #include <cstdint>
-#include <cstdlib>
 
 #include "selective_scan_kernels.cuh"
 
@@ -143,7 +142,7 @@ __device__ __forceinline__ float step(float h, float a, float dt, float dx, floa
 // the state's round trip overlaps the dot product's.
 // 5 blocks per SM for kRows = 4: 96 registers and no spills (ptxas alone takes 128: 4 blocks; 6 blocks spill).
 template <typename T, int kLanes, int kRows, bool kVecBC, bool kLowRank>
-__global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : (kRows == 4 ? 5 : 3))
+__global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : 5)
     state_update_vec_kernel(const UpdateParams p) {
   constexpr int kChannels = kUpdateThreads / kLanes;
   const int lane = threadIdx.x % kLanes;
@@ -281,19 +280,11 @@ cudaError_t launch_vec_rows(const UpdateParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-inline bool rows8() {
-  static const bool on = [] { const char* e = std::getenv("ZOO_UPDATE_ROWS8"); return e && e[0] == '1'; }();
-  return on;
-}
-
 template <typename T, int kLanes, bool kLowRank>
 cudaError_t launch_vec(const UpdateParams& p, bool vec_bc, cudaStream_t stream) {
   if (p.batch < kRowsMinBatch)
     return vec_bc ? launch_vec_rows<T, kLanes, 1, true, kLowRank>(p, stream)
                   : launch_vec_rows<T, kLanes, 1, false, kLowRank>(p, stream);
-  if (rows8())
-    return vec_bc ? launch_vec_rows<T, kLanes, 8, true, kLowRank>(p, stream)
-                  : launch_vec_rows<T, kLanes, 8, false, kLowRank>(p, stream);
   return vec_bc ? launch_vec_rows<T, kLanes, 4, true, kLowRank>(p, stream)
                 : launch_vec_rows<T, kLanes, 4, false, kLowRank>(p, stream);
 }
