@@ -309,6 +309,7 @@ class _SplitScanFn(torch.autograd.Function):
         return (None, None, *out, None, None, None)
 
 
+@torch.compiler.disable  # eager under torch.compile: host-side loops over segments, Triton passes, the extension
 def split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
                return_final_state):
     """selective_scan over rows cut into n_seg segments (module docstring); backend 'cuda' or 'ref'. Same
