@@ -1,17 +1,16 @@
 """Benchmark: the Mamba selective scan with its rows cut into S segments (zoo_kernels.selective_scan, seq_split).
 
 The CUDA kernel runs one block per 16 channels and row; at batch 1 a 130M layer fills 96 blocks, fewer than the
-card has multiprocessors, each walking the whole row. seq_split=S runs S segments per row in parallel. Two
-schemes are timed side by side: "split" (zoo_kernels/selective_scan/split.py, what seq_split runs: Triton
-passes for the segment boundary states and adjoints, then one kernel fwd and one bwd over the segment rows) and
-"two-pass" (`_split_scan`, the earlier scheme, no longer dispatched: two full scans each way). This
-times S = 1 (the unsplit kernel: the baseline, same run), 2, 4, 8 and 16 at the shapes of a training step, bf16
+card has multiprocessors, each walking the whole row. seq_split=S runs S segments per row in parallel
+(zoo_kernels/selective_scan/split.py: Triton passes for the segment boundary states and adjoints, then one
+kernel fwd and one bwd over the segment rows). This times S = 1 (the unsplit kernel: the baseline, same run),
+2, 4, 8 and 16 at the shapes of a training step, bf16
 with D, z, Δ-bias and softplus, forward and forward+backward, and the floor (bytes of u, Δ, z, B, C read and y
 written, plus their gradients, over the copy bandwidth measured at start). The printed |split - unsplit| is
 near 0 here because these random decays forget a segment's worth of state; correctness is the tests'
-(tests/test_scan_split.py, tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py). Row names keep the
-earlier runs' ".../S=k" for the unsplit kernel and the two-pass scheme (same code as then); the new scheme's rows
-are ".../split/S=k"; every row has "scheme".
+(tests/test_scan_split.py, tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py). Rows: ".../S=1" for
+the unsplit kernel and ".../split/S=k" for the split (results.jsonl's ".../S=k", k > 1, are the earlier two-pass
+split, removed since); every row has "scheme".
 
     python benchmarks/scan_split.py [--out benchmarks/results.jsonl]
 """
@@ -90,12 +89,9 @@ def time_shape(ss, label, batch, length, dim):
     elem = batch * length * (3 * dim + 2 * N) * 2
     floors = (floor_ms(elem + batch * length * dim * 2), floor_ms(2 * (elem + batch * length * dim * 2) + elem))
 
-    from zoo_kernels.selective_scan.cuda import selective_scan_cuda
     from zoo_kernels.selective_scan.split import split_scan
 
     def fwd(scheme, split):
-        if scheme == "two-pass":
-            return ss._split_scan(selective_scan_cuda, split, u, delta, A, B, C, D, z, bias, True, None, None, False)
         if scheme == "split":  # called directly, as selective_scan's seq_split does
             return split_scan("cuda", split, u, delta, A, B, C, D, z, bias, True, None, None, False)
         return ss.selective_scan(u, delta, A, B, C, D, z, bias, True, backend="cuda", seq_split=1)
@@ -104,7 +100,7 @@ def time_shape(ss, label, batch, length, dim):
     for split in SPLITS:
         if length % (split * 64) or (split > 1 and length // split < 256):
             continue
-        for scheme in ("unsplit",) if split == 1 else ("split", "two-pass"):
+        for scheme in ("unsplit",) if split == 1 else ("split",):
             with torch.no_grad():
                 t_f = bench(lambda scheme=scheme, split=split: fwd(scheme, split))
             t_fb = bench(lambda scheme=scheme, split=split: torch.autograd.grad(fwd(scheme, split), leaves, dy))

@@ -294,16 +294,11 @@ def test_selective_scan_matches_loop(shape, flags, seq):
     check_against_loop(run_selective_scan, selective_scan_loop, inputs, options, seq_idx)
 
 
-@pytest.mark.parametrize("scheme", ["cheap-pass", "two-pass"])
 @pytest.mark.parametrize("n_seg", [2, 4, 8])
 @pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
-def test_selective_scan_seq_split_matches_loop(n_seg, seq, scheme):
-    """Rows cut into segments give the unsplit results and gradients, document boundaries inside a segment and on
-    a segment's first position included: the cheap-pass split (split.py, what seq_split runs here) and the
-    two-pass one (`_split_scan`, which benchmarks/scan_split.py still times)."""
-    import importlib
-
-    ss = importlib.import_module("zoo_kernels.selective_scan")  # the package: zoo_kernels.selective_scan is the op
+def test_selective_scan_seq_split_matches_loop(n_seg, seq):
+    """Rows cut into segments (split.py, what seq_split runs) give the unsplit results and gradients, document
+    boundaries inside a segment and on a segment's first position included."""
     batch, dim, n_state, length = 2, 5, 8, 96
     inputs, options = selective_scan_inputs(batch, dim, n_state, length, groups=1, D=True, z=True, bias=True,
                                             softplus=True, init=True, seed=3)
@@ -312,11 +307,7 @@ def test_selective_scan_seq_split_matches_loop(n_seg, seq, scheme):
         seq_idx = make_seq_idx(batch, length, torch.Generator().manual_seed(2))
         seg_len = length // n_seg
         seq_idx[0, seg_len:] += 5  # a document starts exactly where the second segment does
-    if scheme == "cheap-pass":
-        run = lambda **kw: selective_scan(**kw, return_final_state=True, backend="ref", seq_split=n_seg)
-    else:
-        names = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "delta_softplus", "initial_state", "seq_idx")
-        run = lambda **kw: ss._split_scan(ss.selective_scan_ref, n_seg, *(kw.get(k) for k in names), True)
+    run = lambda **kw: selective_scan(**kw, return_final_state=True, backend="ref", seq_split=n_seg)
     check_against_loop(run, selective_scan_loop, inputs, options, seq_idx)
 
 
@@ -343,7 +334,7 @@ def test_selective_scan_auto_split_follows_the_measured_rule(monkeypatch):
     import importlib
 
     ss = importlib.import_module("zoo_kernels.selective_scan")
-    monkeypatch.setattr(ss, "_SMS", {0: 132})
+    monkeypatch.setattr(ss, "sm_count", lambda device: 132)
     monkeypatch.delenv(ss.SEQ_SPLIT_ENV, raising=False)
     u = lambda b, d, L: torch.empty(b, d, L, device="meta")  # noqa: E731
     assert ss._resolve_seq_split(None, 16384, u(1, 1536, 16384), "cuda") == 4  # 96 blocks

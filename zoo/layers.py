@@ -84,7 +84,6 @@ def _fused_gated_norm():
     return optional_kernel("gated_norm", "gated_rms_norm")
 
 
-@functools.cache
 def _skinny_linear():
     return optional_kernel("skinny_linear", "skinny_linear")
 

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo_kernels._device import sm_count
+
 MAX_ROWS = 64
 
 
@@ -49,24 +51,11 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om,
     tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-_SMS: dict[int, int] = {}  # multiprocessors per device index
-
-
-def _sm_count(device: torch.device) -> int:
-    """The device's multiprocessor count (132 under the CPU interpreter, an H100's or H200's)."""
-    if device.type != "cuda":
-        return 132
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
 def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the widest BLOCK_N (64 down to 16) that still gives
     about one program per SM, so the weight streams through most SMs at once."""
     block_m = max(16, triton.next_power_of_2(M))
-    sms = _sm_count(device)
+    sms = sm_count(device)
     block_n = 64
     while block_n > 16 and triton.cdiv(N, block_n) < sms:
         block_n //= 2

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo_kernels._device import sm_count
+
 
 @triton.jit
 def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
@@ -99,7 +101,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError("decode_attention: one query per row, H a multiple of the KV heads, unit stride over D")
     scale = D ** -0.5 if scale is None else scale
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 132
+        sms = sm_count(q.device)
         splits = splits_for(B * H, S, sms)
     chunk = -(-S // splits)
     block_d = max(16, triton.next_power_of_2(D))

@@ -13,11 +13,9 @@ L >= 8192 whose blocks (batch x channel blocks of 16) fill at most 3/4 of the mu
 (0.82 vs 0.86 fwd), and a jamba-130m training step at 16K 166K vs 156K tokens/s; at 2048 channels (128 blocks),
 B = 2 x 8K and B = 8 x 2K the split was slower at every S (its cut/uncut copies and passes cost more than the
 parallelism returns), so those stay unsplit.
-The two-pass scheme, `_split_scan` below, is what benchmarks/scan_split.py times as "two-pass" (the split of
-earlier sessions): pass 1 scans each segment from a zero state for its final state f_s (full scans); the state
-entering segment s is h_s = P_{s-1} h_{s-1} + f_{s-1}, with P the segment's decay exp(A · ΣΔ) (the recurrence
-is linear), and pass 2 scans each segment again from h_s for the outputs; autograd runs both passes backwards.
-It is slower at every shape measured (B = 1, L = 16K, S = 4: 4.31 vs 2.85 ms fwd+bwd) and no longer dispatched.
+An earlier split ran the full scan twice each way (every segment from zero for its final state, then again from
+the carried state); slower at every shape measured (B = 1, L = 16K, S = 4: 4.31 vs 2.85 ms fwd+bwd), it was
+removed (benchmarks/NOTES_selective_scan.md keeps its numbers).
 """
 
 from __future__ import annotations
@@ -25,8 +23,8 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 
+from zoo_kernels._device import sm_count
 from zoo_kernels._grad import needs_grad
 from zoo_kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
 
@@ -79,7 +77,6 @@ def selective_scan(
 
 
 SEQ_SPLIT_ENV = "ZOO_SCAN_SEQ_SPLIT"
-_SMS: dict[int, int] = {}
 
 
 def auto_seq_split(u: torch.Tensor, backend: str) -> int:
@@ -88,10 +85,7 @@ def auto_seq_split(u: torch.Tensor, backend: str) -> int:
     batch, dim, length = u.shape
     if backend != "cuda" or length < 8192 or length % 4:
         return 1
-    index = u.device.index if u.device.index is not None else (torch.cuda.current_device() if u.is_cuda else 0)
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return 4 if 4 * batch * -(-dim // 16) <= 3 * _SMS[index] else 1
+    return 4 if 4 * batch * -(-dim // 16) <= 3 * sm_count(u.device) else 1
 
 
 def _resolve_seq_split(seq_split, length: int, u: torch.Tensor | None = None, backend: str = "ref") -> int:
@@ -103,54 +97,6 @@ def _resolve_seq_split(seq_split, length: int, u: torch.Tensor | None = None, ba
     if length % seq_split:
         raise ValueError(f"seq_split={seq_split} does not divide the sequence length {length}")
     return seq_split
-
-
-def _split_scan(scan, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
-                return_final_state):
-    """The scan of rows cut into n_seg segments, two full passes (module docstring); equal to the unsplit scan.
-
-    No longer dispatched (slower); benchmarks/scan_split.py times it against split.py."""
-    batch, dim, length = u.shape
-    seg_len = length // n_seg
-
-    def cut(t):  # [batch, ..., L] -> [batch * n_seg, ..., L / n_seg]
-        return None if t is None else t.unflatten(-1, (n_seg, seg_len)).movedim(-2, 1).flatten(0, 1)
-
-    seq = cut(seq_idx)
-    u_s, delta_s, B_s, C_s = cut(u), cut(delta), cut(B), cut(C)
-    # pass 1: every segment from a zero state, for its final state (outputs unused: no D, no gate)
-    _, final_local = scan(u_s, delta_s, A, B_s, C_s, None, None, delta_bias, delta_softplus, None, seq, True)
-    final_local = final_local.unflatten(0, (batch, n_seg))  # [batch, S, dim, N]
-    # each segment's decay of the state it starts from: exp(A · ΣΔ), Δ as the kernel computes it
-    dt = delta.to(u.dtype).float()
-    if delta_bias is not None:
-        dt = dt + delta_bias.float()[:, None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    dt_sum = dt.unflatten(-1, (n_seg, seg_len)).sum(-1).transpose(1, 2)  # [batch, S, dim]
-    decay = torch.exp(dt_sum[..., None] * A.float())  # [batch, S, dim, N]
-    link = None
-    if seq_idx is not None:  # a document boundary inside a segment or at its start cuts the carried state
-        parts = seq_idx.unflatten(-1, (n_seg, seg_len))
-        decay = decay * (parts[..., 1:] == parts[..., :-1]).all(-1)[..., None, None]
-        link = torch.ones(batch, n_seg, dtype=torch.bool, device=u.device)
-        link[:, 1:] = parts[:, 1:, 0] == parts[:, :-1, -1]
-    state = None if initial_state is None else initial_state.float()
-    starts = []
-    for k in range(n_seg):
-        if k:
-            prev = final_local[:, k - 1]
-            state = prev if state is None else torch.addcmul(prev, decay[:, k - 1], state)
-            if link is not None:
-                state = state * link[:, k, None, None]
-        starts.append(torch.zeros_like(final_local[:, 0]) if state is None else state)
-    h0 = torch.stack(starts, 1).flatten(0, 1)
-    # pass 2: every segment from the state that enters it
-    out = scan(u_s, delta_s, A, B_s, C_s, D, cut(z), delta_bias, delta_softplus, h0, seq, return_final_state)
-    y = (out[0] if return_final_state else out).unflatten(0, (batch, n_seg)).movedim(1, -2).flatten(-2)
-    if return_final_state:
-        return y, out[1].unflatten(0, (batch, n_seg))[:, -1]
-    return y
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,

@@ -167,17 +167,25 @@ def _seq_args(seq_idx, stand_in):
     return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
 
 
+def _outputs(x, bc, A, delta_bias, count):
+    """What both passes allocate and derive: the per-segment states and decay sums [batch, count, D, (N)] fp32,
+    the launch shape (BD, BN, blocks) and A, Δ-bias in fp32 (A stands in for an absent bias, never read)."""
+    batch, _, dim, _ = x.shape
+    groups, n_state = bc.shape[2], bc.shape[3]
+    states = torch.empty(batch, count, dim, n_state, device=x.device, dtype=torch.float32)
+    sums = torch.empty(batch, count, dim, device=x.device, dtype=torch.float32)
+    A32 = A.float().contiguous()
+    bias = A32 if delta_bias is None else delta_bias.float().contiguous()
+    return states, sums, _launch_shape(dim, groups, n_state), A32, bias
+
+
 def final_states(u, delta, A, B, delta_bias, delta_softplus, first, count, seq_idx=None):
     """Same contract as `split.final_states_ref`: f [batch, count, D, N] and P [batch, count, D], fp32;
     seq_idx [batch, S, T] int or None."""
     _check(u, delta, B, seq_idx)
     batch, _, dim, seg_len = u.shape
     groups, n_state = B.shape[2], B.shape[3]
-    f = torch.empty(batch, count, dim, n_state, device=u.device, dtype=torch.float32)
-    p = torch.empty(batch, count, dim, device=u.device, dtype=torch.float32)
-    BD, BN, blocks = _launch_shape(dim, groups, n_state)
-    A32 = A.float().contiguous()
-    bias = A32 if delta_bias is None else delta_bias.float().contiguous()
+    f, p, (BD, BN, blocks), A32, bias = _outputs(u, B, A, delta_bias, count)
     seq, sq_b, sq_s = _seq_args(seq_idx, u)
     _final_state_kernel[(batch * count, groups * blocks)](
         u, delta, B, seq, A32, bias, f, p,
@@ -196,11 +204,7 @@ def entry_adjoints(dout, z, delta, A, C, delta_bias, delta_softplus, first, coun
     _check(dout, z, delta, C, seq_idx)
     batch, _, dim, seg_len = dout.shape
     groups, n_state = C.shape[2], C.shape[3]
-    g = torch.empty(batch, count, dim, n_state, device=dout.device, dtype=torch.float32)
-    p = torch.empty(batch, count, dim, device=dout.device, dtype=torch.float32)
-    BD, BN, blocks = _launch_shape(dim, groups, n_state)
-    A32 = A.float().contiguous()
-    bias = A32 if delta_bias is None else delta_bias.float().contiguous()
+    g, p, (BD, BN, blocks), A32, bias = _outputs(dout, C, A, delta_bias, count)
     zz = dout if z is None else z
     seq, sq_b, sq_s = _seq_args(seq_idx, dout)
     _entry_adjoint_kernel[(batch * count, groups * blocks)](
