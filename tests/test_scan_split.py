@@ -176,7 +176,7 @@ def _break(monkeypatch, broken):
     else:  # the full scans over the segment rows do not reset inside them
         forward, backward = real._Ref.forward, real._Ref.backward
         monkeypatch.setattr(real._Ref, "forward", staticmethod(
-            lambda args, softplus, h0, seq, save: forward(args, softplus, h0, None, save)))
+            lambda args, softplus, h0, seq, *rest: forward(args, softplus, h0, None, *rest)))
         monkeypatch.setattr(real._Ref, "backward", staticmethod(
             lambda args, softplus, h0, seq, *rest: backward(args, softplus, h0, None, *rest)))
 
@@ -204,6 +204,68 @@ def test_split_needs_the_document_boundaries(broken, monkeypatch):
         assert_close("final_state", final, final_ref, TOL)
     else:
         assert max(rel_err(out, out_ref), rel_err(final, final_ref)) > 0.01
+
+
+def _in_place_reference(monkeypatch):
+    """Makes the reference pieces take the CUDA kernel's in-place layout (_InPlace: whole rows, the kernel scans
+    their n_seg segments itself): the emulated kernel cuts the rows, runs the reference per segment row and
+    returns whole rows (states per segment row), as the kernel's nseg contract says."""
+    real = split_module
+    forward, backward = real._Ref.forward, real._Ref.backward
+    per_row = (0, 1, 3, 4, 6)  # u, delta, B, C, z: [batch, ..., L]; A, D, delta_bias are shared
+
+    def cut(args, n_seg):
+        return tuple(real._cut(t, n_seg, None) if i in per_row and t is not None else t for i, t in enumerate(args))
+
+    def fwd(args, softplus, h0, seq, save, n_seg):
+        batch = args[0].shape[0]
+        out, final, saved = forward(cut(args, n_seg), softplus, h0, real._cut(seq, n_seg, None), save, 1)
+        return real._uncut(out, batch, out.dtype), final, saved
+
+    def bwd(args, softplus, h0, seq, saved, dout, dfinal, need_dh0, n_seg):
+        batch = args[0].shape[0]
+        grads = backward(cut(args, n_seg), softplus, h0, real._cut(seq, n_seg, None), saved,
+                         real._cut(dout, n_seg, None), dfinal, need_dh0, 1)
+        return tuple(real._uncut(g, batch, g.dtype) if i in per_row and g is not None else g
+                     for i, g in enumerate(grads))
+
+    monkeypatch.setattr(real._Ref, "strided", staticmethod(lambda seg_len: True))
+    monkeypatch.setattr(real._Ref, "forward", staticmethod(fwd))
+    monkeypatch.setattr(real._Ref, "backward", staticmethod(bwd))
+
+
+@pytest.mark.parametrize("n_seg", [2, 4])
+@pytest.mark.parametrize("docs", ["no-boundary", "at-segment-start", "many"])
+def test_split_in_place_layout_matches_unsplit(docs, n_seg, monkeypatch):
+    """The CUDA path's layout (no segment-row copies: the passes read strided views of the whole rows, the kernel
+    scans the segments in place), with the kernel's contract emulated on the reference: results and every
+    gradient equal the unsplit scan's, grouped B/C and seq_idx included."""
+    inputs, options = scan_inputs(2, 6, 5, L_SEQ, 2, D=True, z=True, bias=True, softplus=True, init=True)
+    seq_idx = document_ids(2, L_SEQ, DOCUMENTS[docs](L_SEQ // n_seg, L_SEQ))
+    out_ref, final_ref, grads_ref = forward_backward(inputs, options, 1, seq_idx=seq_idx)
+    calls = []
+    _in_place_reference(monkeypatch)
+    layout = split_module._InPlace
+    monkeypatch.setattr(split_module, "_InPlace", lambda *a: calls.append(a) or layout(*a))
+    out, final, grads = forward_backward(inputs, options, n_seg, seq_idx=seq_idx)
+    assert calls == [(2, n_seg)]  # the in-place layout ran
+    assert_close("out", out, out_ref, TOL)
+    assert_close("final_state", final, final_ref, TOL)
+    for name in inputs:
+        assert_close(f"grad {name}", grads[name], grads_ref[name], TOL)
+
+
+def test_in_place_layout_needs_the_carried_states(monkeypatch):
+    """The in-place layout's passes must read the right segments: a view that mixed them up (here: the segments
+    of the passes reversed) breaks the result, so the test above cannot pass vacuously."""
+    inputs, options = scan_inputs(1, 5, 4, L_SEQ, 0, init=True)
+    out_ref, _, _ = forward_backward(inputs, options, 1)
+    _in_place_reference(monkeypatch)
+    segments = split_module._InPlace.segments
+    monkeypatch.setattr(split_module._InPlace, "segments",
+                        lambda self, rows: None if rows is None else segments(self, rows).flip(1))
+    out, _, _ = forward_backward(inputs, options, 4)
+    assert rel_err(out, out_ref) > 0.01
 
 
 def test_segment_rows_are_contiguous():
@@ -278,6 +340,23 @@ def _interpreter_main() -> None:
         for name in inputs:
             assert rel_err(grads[name], grads_ref[name]) < TOL, (name, rel_err(grads[name], grads_ref[name]))
     print("interpreter: the split with the Triton passes matches the unsplit scan, without and with seq_idx")
+
+
+
+def test_document_cache_follows_seq_idx():
+    """The split keeps the last seq_idx's boundaries for the next layer; a seq_idx changed in place, or a new one,
+    must not reuse them (results equal the unsplit scan's each time)."""
+    inputs, options = scan_inputs(2, 5, 4, L_SEQ, 0, init=True)
+    seq_idx = document_ids(2, L_SEQ, DOCUMENTS["at-segment-start"](L_SEQ // 4, L_SEQ))
+    for change in ("same", "in-place", "new"):
+        if change == "in-place":
+            seq_idx.copy_(document_ids(2, L_SEQ, DOCUMENTS["many"](L_SEQ // 4, L_SEQ)))
+        elif change == "new":
+            seq_idx = document_ids(2, L_SEQ, DOCUMENTS["inside-segment"](L_SEQ // 4, L_SEQ))
+        out_ref, _, _ = forward_backward(inputs, options, 1, seq_idx=seq_idx)
+        out, _, _ = forward_backward(inputs, options, 4, seq_idx=seq_idx)
+        assert_close(f"out ({change})", out, out_ref, TOL)
+
 
 if __name__ == "__main__":
     _interpreter_main()

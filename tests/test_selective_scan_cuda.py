@@ -107,6 +107,8 @@ SPLIT_CASES = [  # batch, dim, length, nstate, groups, dtype, options, segments
     (1, 40, 4096, 16, 1, torch.float32, {"h0": True}, 4),
     (2, 24, 1024, 16, 2, torch.float32, {"docs": 6, "h0": True}, 8),
     (1, 64, 2048, 16, 1, torch.bfloat16, {"docs": 3}, 2),
+    (2, 40, 1000, 16, 2, torch.bfloat16, {"docs": 4, "h0": True}, 2),  # T = 500: in place, no 16-byte accesses
+    (2, 24, 1002, 16, 1, torch.float32, {"h0": True}, 2),  # T = 501: not 4-aligned, segment rows copied
 ]
 
 

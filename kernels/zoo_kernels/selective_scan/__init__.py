@@ -8,11 +8,11 @@ the gradient of its entering state; the states (and gradients) at the segment bo
 recurrence (cut by document boundaries), and one full forward and one full backward over the segment rows give
 the unsplit results and every gradient exactly.
 By default (seq_split=None, $ZOO_SCAN_SEQ_SPLIT unset) CUDA takes S = 4 where that measured faster: rows of
-L >= 8192 whose blocks (batch x channel blocks of 16) fill at most 3/4 of the multiprocessors. On an H200
-(benchmarks/scan_split.py, 2026-12-03) B = 1, L = 16K, 1536 channels (96 blocks): 2.52 vs 2.85 ms fwd+bwd
-(0.82 vs 0.86 fwd), and a jamba-130m training step at 16K 166K vs 156K tokens/s; at 2048 channels (128 blocks),
-B = 2 x 8K and B = 8 x 2K the split was slower at every S (its cut/uncut copies and passes cost more than the
-parallelism returns), so those stay unsplit.
+L >= 8192 whose blocks (batch x channel blocks of 16) are at most 1.5x the multiprocessors. On an H200
+(benchmarks/scan_split.py, 2026-12-03, ninth session: the kernel scans the segments in place, no copies)
+B = 1, L = 16K, 1536 channels (96 blocks): 1.98 vs 2.82 ms fwd+bwd (0.55 vs 0.82 fwd); 2048 channels (128
+blocks): 2.60 vs 2.86 at S = 4; B = 2 x 8K (192 blocks): 1.87 vs 2.00; B = 8 x 2K (768 blocks): slower at every
+S (1.80 vs 1.44 at S = 4), so that stays unsplit.
 An earlier split ran the full scan twice each way (every segment from zero for its final state, then again from
 the carried state); slower at every shape measured (B = 1, L = 16K, S = 4: 4.31 vs 2.85 ms fwd+bwd), it was
 removed (benchmarks/NOTES_selective_scan.md keeps its numbers).
@@ -81,11 +81,11 @@ SEQ_SPLIT_ENV = "ZOO_SCAN_SEQ_SPLIT"
 
 def auto_seq_split(u: torch.Tensor, backend: str) -> int:
     """The default split (module docstring): 4 on CUDA where rows are >= 8192 long and batch x ⌈D/16⌉ blocks
-    fill at most 3/4 of the multiprocessors, else 1."""
+    are at most 1.5x the multiprocessors, else 1."""
     batch, dim, length = u.shape
-    if backend != "cuda" or length < 8192 or length % 4:
+    if backend != "cuda" or length < 8192 or length % 16:  # segments 4-aligned: scanned in place (split.py)
         return 1
-    return 4 if 4 * batch * -(-dim // 16) <= 3 * sm_count(u.device) else 1
+    return 4 if 2 * batch * -(-dim // 16) <= 3 * sm_count(u.device) else 1
 
 
 def _resolve_seq_split(seq_split, length: int, u: torch.Tensor | None = None, backend: str = "ref") -> int:

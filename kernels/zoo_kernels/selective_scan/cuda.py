@@ -135,7 +135,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
         save = any(ctx.needs_input_grad)
         out, final_state, ckpt, y_save = ext.fwd(u_, delta_, A_, B_, C_, D_, z_, bias_, bool(delta_softplus),
-                                                 h0, seq, save, bool(return_final_state))
+                                                 h0, seq, save, bool(return_final_state), 1)
         if save:
             ctx.save_for_backward(u_, delta_, A_, B_, C_, D_, z_, bias_, h0, seq, ckpt,
                                   y_save if z is not None else None)
@@ -157,7 +157,7 @@ class _SelectiveScanFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         du, ddelta, dA, dB, dC, dD, dz, ddb, dh0 = _module().bwd(
             u, delta, A, B, C, D, z, bias, ctx.softplus, h0, seq, ckpt, y_save, dout, dfinal,
-            h0 is not None and need[8],
+            h0 is not None and need[8], 1,
         )
         L = u.shape[-1]
         dB, dC = dB[..., :L], dC[..., :L]

@@ -12,10 +12,14 @@ enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 struct ScanParams {
   int batch, dim, len, nstate, ngroups, dim_per_group;
   int nchunks;      // ceil(len / kChunk)
-  int len_pad;      // row length of the fp32 dB/dC accumulators (len rounded up to 4)
+  int len_pad;      // row length of the fp32 dB/dC accumulators (the whole row rounded up to 4)
+  int nseg;         // segments per row (>= 1): block row b scans segment b % nseg of row b / nseg
+  int row_len;      // the whole row, nseg * len: the stride between channels (and B/C states, seq_idx rows)
   bool softplus;
   bool vec_ok;      // rows of u/delta/z/B/C/outputs start 16-byte aligned (16-byte accesses allowed)
-  // inputs: u, delta, z, out, y_save, du, ddelta, dz, dout [batch, dim, len]; B, C [batch, G, N, len]
+  // inputs: u, delta, z, out, y_save, du, ddelta, dz, dout [batch / nseg, dim, row_len];
+  // B, C [batch / nseg, G, N, row_len]; seq_idx [batch / nseg, row_len]. The per-row states (h0, ckpt,
+  // final_state, dfinal, dh0) count batch = rows x nseg segment rows.
   const void* u;
   const void* delta;
   const float* A;            // [dim, N]

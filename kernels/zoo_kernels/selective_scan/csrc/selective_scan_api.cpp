@@ -40,9 +40,13 @@ const T* ptr_or_null(const OptT& t) {
 // Fills the fields common to forward and backward and checks every input.
 zoo_ss::ScanParams make_params(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                                const Tensor& C, const OptT& D, const OptT& z, const OptT& delta_bias,
-                               bool softplus, const OptT& h0, const OptT& seq_idx) {
+                               bool softplus, const OptT& h0, const OptT& seq_idx, int64_t nseg) {
   TORCH_CHECK(u.dim() == 3, "selective_scan: u must be [batch, dim, len]");
   const int64_t batch = u.size(0), dim = u.size(1), len = u.size(2);
+  TORCH_CHECK(nseg >= 1 && len % nseg == 0, "selective_scan: nseg ", nseg, " must divide len ", len);
+  TORCH_CHECK(nseg == 1 || (len / nseg) % 4 == 0,
+              "selective_scan: with nseg > 1 the segment length must be a multiple of 4, got ", len / nseg);
+  const int64_t seg_len = len / nseg, rows = batch * nseg;  // the kernel's rows: segments of the rows
   TORCH_CHECK(B.dim() == 4, "selective_scan: B must be [batch, G, N, len]");
   const int64_t groups = B.size(1), nstate = B.size(2);
   TORCH_CHECK(nstate >= 1 && nstate <= 64, "selective_scan: the CUDA kernel supports N <= 64, got ", nstate);
@@ -57,21 +61,23 @@ zoo_ss::ScanParams make_params(const Tensor& u, const Tensor& delta, const Tenso
   if (D) check(*D, "D", at::kFloat, {dim});
   if (z) check(*z, "z", dt, {batch, dim, len});
   if (delta_bias) check(*delta_bias, "delta_bias", at::kFloat, {dim});
-  if (h0) check(*h0, "initial_state", at::kFloat, {batch, dim, nstate});
+  if (h0) check(*h0, "initial_state", at::kFloat, {rows, dim, nstate});
   if (seq_idx) check(*seq_idx, "seq_idx", at::kInt, {batch, len});
 
   zoo_ss::ScanParams p{};
-  p.batch = int(batch);
+  p.batch = int(rows);
   p.dim = int(dim);
-  p.len = int(len);
+  p.len = int(seg_len);
+  p.nseg = int(nseg);
+  p.row_len = int(len);
   p.nstate = int(nstate);
   p.ngroups = int(groups);
   p.dim_per_group = int(dim / groups);
-  p.nchunks = int((len + zoo_ss::kChunk - 1) / zoo_ss::kChunk);
+  p.nchunks = int((seg_len + zoo_ss::kChunk - 1) / zoo_ss::kChunk);
   p.len_pad = int((len + 3) / 4 * 4);
   p.softplus = softplus;
   const int vec_elems = 16 / int(u.element_size());
-  p.vec_ok = len % vec_elems == 0 && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) &&
+  p.vec_ok = seg_len % vec_elems == 0 && aligned16(u) && aligned16(delta) && aligned16(B) && aligned16(C) &&
              (!z || aligned16(*z));
   p.u = u.data_ptr();
   p.delta = delta.data_ptr();
@@ -90,13 +96,15 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "selective_scan ", what, " kernel failed: ", cudaGetErrorString(err));
 }
 
-// Returns {out, final_state, ckpt, y_save}; the last three are empty tensors when not asked for.
+// Returns {out, final_state, ckpt, y_save}; the last three are empty tensors when not asked for. With nseg > 1
+// every row is scanned as nseg segments in parallel, each from its own h0 ([batch * nseg, dim, N], segment rows
+// in row-major order): out and y_save are whole rows, final_state and ckpt per segment row.
 std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                              const Tensor& C, const OptT& D, const OptT& z, const OptT& delta_bias,
                              bool softplus, const OptT& h0, const OptT& seq_idx, bool save_for_backward,
-                             bool return_final_state) {
+                             bool return_final_state, int64_t nseg) {
   const c10::cuda::CUDAGuard guard(u.device());
-  zoo_ss::ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, softplus, h0, seq_idx);
+  zoo_ss::ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, softplus, h0, seq_idx, nseg);
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor out = at::empty_like(u);
   Tensor final_state = return_final_state ? at::empty({p.batch, p.dim, p.nstate}, f32) : at::empty({0}, f32);
@@ -112,26 +120,29 @@ std::vector<Tensor> scan_fwd(const Tensor& u, const Tensor& delta, const Tensor&
 }
 
 // Returns {du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dh0} (empty where not applicable); dB and dC are
-// fp32 [batch, G, N, len rounded up to 4].
+// fp32 [batch, G, N, len rounded up to 4]. With nseg > 1 (as the forward): h0, ckpt, dfinal and dh0 are per
+// segment row, everything else whole rows.
 std::vector<Tensor> scan_bwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Tensor& B,
                              const Tensor& C, const OptT& D, const OptT& z, const OptT& delta_bias,
                              bool softplus, const OptT& h0, const OptT& seq_idx, const Tensor& ckpt,
-                             const OptT& y_save, const Tensor& dout, const OptT& dfinal, bool need_dh0) {
+                             const OptT& y_save, const Tensor& dout, const OptT& dfinal, bool need_dh0,
+                             int64_t nseg) {
   const c10::cuda::CUDAGuard guard(u.device());
-  zoo_ss::ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, softplus, h0, seq_idx);
-  check(dout, "dout", u.scalar_type(), {p.batch, p.dim, p.len});
+  zoo_ss::ScanParams p = make_params(u, delta, A, B, C, D, z, delta_bias, softplus, h0, seq_idx, nseg);
+  const int64_t batch = u.size(0);
+  check(dout, "dout", u.scalar_type(), {batch, p.dim, p.row_len});
   check(ckpt, "ckpt", at::kFloat, {p.batch, p.nchunks - 1, p.dim, p.nstate});
   if (z) {
     TORCH_CHECK(y_save.has_value(), "selective_scan backward: y_save is required with z");
-    check(*y_save, "y_save", u.scalar_type(), {p.batch, p.dim, p.len});
+    check(*y_save, "y_save", u.scalar_type(), {batch, p.dim, p.row_len});
   }
   if (dfinal) check(*dfinal, "dfinal", at::kFloat, {p.batch, p.dim, p.nstate});
   const auto f32 = u.options().dtype(at::kFloat);
   Tensor du = at::empty_like(u), ddelta = at::empty_like(u);
   Tensor dz = z ? at::empty_like(u) : at::empty({0}, u.options());
   Tensor dA = at::zeros({p.dim, p.nstate}, f32);
-  Tensor dB = at::zeros({p.batch, p.ngroups, p.nstate, p.len_pad}, f32);
-  Tensor dC = at::zeros({p.batch, p.ngroups, p.nstate, p.len_pad}, f32);
+  Tensor dB = at::zeros({batch, p.ngroups, p.nstate, p.len_pad}, f32);
+  Tensor dC = at::zeros({batch, p.ngroups, p.nstate, p.len_pad}, f32);
   Tensor dD = D ? at::zeros({p.dim}, f32) : at::empty({0}, f32);
   Tensor ddb = delta_bias ? at::zeros({p.dim}, f32) : at::empty({0}, f32);
   Tensor dh0 = need_dh0 ? at::empty({p.batch, p.dim, p.nstate}, f32) : at::empty({0}, f32);

@@ -275,15 +275,17 @@ __global__ void __launch_bounds__(FwdCfg<kNPad>::kThreads, FwdCfg<kNPad>::kFwdMi
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const BlockPos bp = block_pos<kR>(p);
   const int L = p.len, N = p.nstate, Dm = p.dim, b = bp.b, d0 = bp.d0, nch = bp.nch;
+  const int Ls = p.row_len;  // channel stride: the whole row, of which this block scans one segment
   const bool vec = p.vec_ok;
-  const size_t row0 = (size_t(b) * Dm + d0) * L;
+  const size_t seg0 = size_t(b % p.nseg) * L, r = size_t(b / p.nseg);
+  const size_t row0 = (r * Dm + d0) * Ls + seg0;
   const T* u = static_cast<const T*>(p.u) + row0;
   const T* delta = static_cast<const T*>(p.delta) + row0;
   const T* z = p.z ? static_cast<const T*>(p.z) + row0 : nullptr;
-  const size_t bc0 = (size_t(b) * p.ngroups + bp.grp) * N * L;
+  const size_t bc0 = (r * p.ngroups + bp.grp) * N * Ls + seg0;
   const T* Bg = static_cast<const T*>(p.B) + bc0;
   const T* Cg = static_cast<const T*>(p.C) + bc0;
-  const int* seq = p.seq_idx ? p.seq_idx + size_t(b) * L : nullptr;
+  const int* seq = p.seq_idx ? p.seq_idx + r * Ls + seg0 : nullptr;
   T* out = static_cast<T*>(p.out) + row0;
   T* ysave = p.y_save ? static_cast<T*>(p.y_save) + row0 : nullptr;
 
@@ -314,7 +316,7 @@ __global__ void __launch_bounds__(FwdCfg<kNPad>::kThreads, FwdCfg<kNPad>::kFwdMi
       if (i < kXItems) {
         const int row = i / kVPR, tl = (i % kVPR) * kVec;
         const int nv = row < nch ? L - t0 - tl : 0;
-        const size_t off = size_t(row) * L + t0 + tl;
+        const size_t off = size_t(row) * Ls + t0 + tl;
         load_pack(pu[k], u + off, nv, vec);
         load_pack(pd[k], delta + off, nv, vec);
         if (z) load_pack(pz[k], z + off, nv, vec);
@@ -326,7 +328,7 @@ __global__ void __launch_bounds__(FwdCfg<kNPad>::kThreads, FwdCfg<kNPad>::kFwdMi
       if (i < kBCItems) {
         const int row = i / kVPR, tl = (i % kVPR) * kVec;
         const int nv = row < N ? L - t0 - tl : 0;
-        const size_t off = size_t(row) * L + t0 + tl;
+        const size_t off = size_t(row) * Ls + t0 + tl;
         load_pack(pB[k], Bg + off, nv, vec);
         load_pack(pC[k], Cg + off, nv, vec);
       }
@@ -427,7 +429,7 @@ __global__ void __launch_bounds__(FwdCfg<kNPad>::kThreads, FwdCfg<kNPad>::kFwdMi
       if (i < kXItems) {
         const int row = i / kVPR, tl = (i % kVPR) * kVec;
         const int nv = row < nch ? L - t0 - tl : 0;
-        const size_t off = size_t(row) * L + t0 + tl;
+        const size_t off = size_t(row) * Ls + t0 + tl;
         store_pack(out + off, s_g + row * kP + tl, nv, vec);
         if (ysave) store_pack(ysave + off, s_y + row * kP + tl, nv, vec);
       }
@@ -643,8 +645,10 @@ __global__ void __launch_bounds__(BwdCfg<kNPad>::kThreads, BwdCfg<kNPad>::kBwdMi
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const BlockPos bp = block_pos<kR>(p);
   const int L = p.len, N = p.nstate, Dm = p.dim, b = bp.b, d0 = bp.d0, nch = bp.nch;
+  const int Ls = p.row_len;  // channel stride: the whole row, of which this block scans one segment
   const bool vec = p.vec_ok;
-  const size_t row0 = (size_t(b) * Dm + d0) * L;
+  const size_t seg0 = size_t(b % p.nseg) * L, r = size_t(b / p.nseg);
+  const size_t row0 = (r * Dm + d0) * Ls + seg0;
   const T* u = static_cast<const T*>(p.u) + row0;
   const T* delta = static_cast<const T*>(p.delta) + row0;
   const T* z = p.z ? static_cast<const T*>(p.z) + row0 : nullptr;
@@ -653,13 +657,13 @@ __global__ void __launch_bounds__(BwdCfg<kNPad>::kThreads, BwdCfg<kNPad>::kBwdMi
   T* dz = p.z ? static_cast<T*>(p.dz) + row0 : nullptr;
   T* du_out = static_cast<T*>(p.du) + row0;
   T* dd_out = static_cast<T*>(p.ddelta) + row0;
-  const size_t bc0 = (size_t(b) * p.ngroups + bp.grp) * N * L;
+  const size_t bc0 = (r * p.ngroups + bp.grp) * N * Ls + seg0;
   const T* Bg = static_cast<const T*>(p.B) + bc0;
   const T* Cg = static_cast<const T*>(p.C) + bc0;
-  const size_t dbc0 = (size_t(b) * p.ngroups + bp.grp) * N * p.len_pad;
+  const size_t dbc0 = (r * p.ngroups + bp.grp) * N * p.len_pad + seg0;
   float* dBg = p.dB + dbc0;
   float* dCg = p.dC + dbc0;
-  const int* seq = p.seq_idx ? p.seq_idx + size_t(b) * L : nullptr;
+  const int* seq = p.seq_idx ? p.seq_idx + r * Ls + seg0 : nullptr;
 
   if (tid < kR) {
     sm.Dv[tid] = (p.D && tid < nch) ? p.D[d0 + tid] : 0.f;
@@ -692,7 +696,7 @@ __global__ void __launch_bounds__(BwdCfg<kNPad>::kThreads, BwdCfg<kNPad>::kBwdMi
       if (i < kXItems) {
         const int row = i / kVPR, tl = (i % kVPR) * kVec;
         const int nv = row < nch ? L - t0 - tl : 0;
-        const size_t off = size_t(row) * L + t0 + tl;
+        const size_t off = size_t(row) * Ls + t0 + tl;
         load_pack(pu[k], u + off, nv, vec);
         load_pack(pd[k], delta + off, nv, vec);
         load_pack(pg[k], dout + off, nv, vec);
@@ -708,7 +712,7 @@ __global__ void __launch_bounds__(BwdCfg<kNPad>::kThreads, BwdCfg<kNPad>::kBwdMi
       if (i < kBCItems) {
         const int row = i / kVPR, tl = (i % kVPR) * kVec;
         const int nv = row < N ? L - t0 - tl : 0;
-        const size_t off = size_t(row) * L + t0 + tl;
+        const size_t off = size_t(row) * Ls + t0 + tl;
         load_pack(pB[k], Bg + off, nv, vec);
         load_pack(pC[k], Cg + off, nv, vec);
       }
@@ -763,7 +767,7 @@ __global__ void __launch_bounds__(BwdCfg<kNPad>::kThreads, BwdCfg<kNPad>::kBwdMi
           st4(sm.u + base + e, ld4(fu + e));
           st4(sm.dy + base + e, ld4(fdy + e));
         }
-        if (z) store_pack(dz + size_t(row) * L + t0 + tl, fdz, row < nch ? L - t0 - tl : 0, vec);
+        if (z) store_pack(dz + size_t(row) * Ls + t0 + tl, fdz, row < nch ? L - t0 - tl : 0, vec);
       }
     }
 #pragma unroll
@@ -822,7 +826,7 @@ __global__ void __launch_bounds__(BwdCfg<kNPad>::kThreads, BwdCfg<kNPad>::kBwdMi
       if (i < kXItems) {
         const int row = i / kVPR, tl = (i % kVPR) * kVec;
         const int nv = row < nch ? L - t0 - tl : 0;
-        const size_t off = size_t(row) * L + t0 + tl;
+        const size_t off = size_t(row) * Ls + t0 + tl;
         store_pack(du_out + off, sm.u + row * kP + tl, nv, vec);
         store_pack(dd_out + off, sm.dy + row * kP + tl, nv, vec);
       }
