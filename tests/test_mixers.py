@@ -133,3 +133,68 @@ def test_packed_documents_across_carried_cache(name):
     cache = mixer.init_state(1, x.dtype, x.device)
     parts = [run(mixer, x[:, a:b], cache, seq_idx=seq_idx[:, a:b]) for a, b in ((0, 8), (8, 16))]
     assert_close("packed chunks", torch.cat(parts, 1), whole, TOL)
+
+
+@pytest.mark.parametrize("variant", ["plain", "bias", "inner_norms", "mask", "documents", "cache", "batch1"])
+def test_mamba_channels_first_equals_row_major(variant, monkeypatch):
+    """Mamba's channels-first sequence forward (projections straight into the conv/scan layout, Δ's bias in the
+    scan) equals the row-major one (linear layers, then transposes), output, cache and every gradient; and a
+    LoRA-wrapped or hooked mixer takes the row-major path."""
+    from zoo.mixers.mamba import Mamba
+
+    spec = dict(SPECS["mamba"], bias=variant == "bias", inner_norms=variant == "inner_norms")
+    torch.manual_seed(0)
+    mixer = Mamba(D_MODEL, 0, **spec).double()
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = 1 if variant == "batch1" else 2
+    x = torch.randn(batch, 17, D_MODEL, dtype=torch.float64)
+    kw = {}
+    if variant == "mask":
+        kw["attention_mask"] = torch.ones(batch, 17).index_fill_(1, torch.tensor([0, 1, 2]), 0)
+    if variant == "documents":
+        kw["seq_idx"] = torch.tensor([[0] * 6 + [1] * 11, [0] * 12 + [1] * 5])
+
+    def forward_backward(channels_first):
+        monkeypatch.setattr(Mamba, "_channels_first", lambda self: channels_first)
+        mixer.zero_grad()
+        xx = x.clone().requires_grad_()
+        cache = mixer.init_state(batch, x.dtype, x.device) if variant == "cache" else None
+        out = mixer(xx, cache=cache, **kw)
+        out.pow(2).sum().backward()
+        state = (cache.conv_state, cache.recurrent_state) if cache is not None else ()
+        return out.detach(), xx.grad, {n: p.grad.clone() for n, p in mixer.named_parameters()}, state
+
+    out_cf, dx_cf, grads_cf, state_cf = forward_backward(True)
+    out_rm, dx_rm, grads_rm, state_rm = forward_backward(False)
+    assert_close("out", out_cf, out_rm, TOL)
+    assert_close("dx", dx_cf, dx_rm, TOL)
+    for name, g in grads_rm.items():
+        assert_close(f"grad {name}", grads_cf[name], g, TOL)
+    for a, b in zip(state_cf, state_rm):
+        assert_close("cache", a, b, TOL)
+    monkeypatch.undo()
+    assert mixer._channels_first()
+    mixer.state_probe = lambda *a, **k: None
+    assert not mixer._channels_first()
+
+
+def test_mamba_lora_takes_the_row_major_path():
+    """PEFT's LoRA layers wrap in_proj/x_proj/dt_proj; their adapters live in the wrapper's forward, which the
+    channels-first path would bypass: a wrapped mixer must take the row-major path (and its adapter must act)."""
+    peft = pytest.importorskip("peft")
+    from zoo.mixers.mamba import Mamba
+
+    torch.manual_seed(0)
+    mixer = Mamba(D_MODEL, 0, **SPECS["mamba"]).double()
+    wrapped = peft.get_peft_model(torch.nn.Sequential(mixer), peft.LoraConfig(
+        r=4, target_modules=["in_proj", "x_proj", "dt_proj", "out_proj"], init_lora_weights=False))
+    inner = wrapped.base_model.model[0]
+    assert not inner._channels_first()
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        with_adapter = inner(x)
+        with wrapped.disable_adapter():
+            without = inner(x)
+    assert (with_adapter - without).abs().max() > 1e-3

@@ -46,6 +46,102 @@ def decoded_constants(module: nn.Module, key: str, params: tuple, make):
     return cached[1]
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of x runs in: autocast's where it is on for x's device, else x's own."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+class _RowsToChannels(torch.autograd.Function):
+    """y_i[b] = W_i x[b]ᵀ (+ bias_i) for the `parts` equal row blocks W_i of W: x [B, T, K] -> `parts` tensors
+    [B, N / parts, T], each contiguous in the channels-first layout of the conv and scan kernels. x (and W) are cast
+    to the matmul dtype once for all parts; backward: dx [B, T, K] in x's layout (the parts' products accumulated in
+    one buffer) and dW written block by block: no transposing copy, no zero-filled slice gradients."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, weight, bias, parts):
+        dtype = _compute_dtype(x)
+        x_, w_ = x.to(dtype), weight.to(dtype)
+        ctx.save_for_backward(x_, weight)
+        ctx.has_bias, ctx.parts = bias is not None, parts
+        outs = []
+        for w_i, b_i in zip(w_.chunk(parts), (None,) * parts if bias is None else bias.chunk(parts)):
+            y = torch.bmm(w_i.expand(x.shape[0], *w_i.shape), x_.transpose(1, 2))
+            outs.append(y if b_i is None else y.add_(b_i.to(y.dtype)[:, None]))
+        return tuple(outs)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, *dys):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        batch, dtype = x.shape[0], x.dtype
+        w_parts = weight.to(dtype).chunk(ctx.parts)
+        dys = [torch.zeros(batch, w.shape[0], x.shape[1], dtype=dtype, device=x.device) if dy is None
+               else dy.to(dtype) for dy, w in zip(dys, w_parts)]
+        dx = dw = db = None
+        if need[0]:
+            for dy, w in zip(dys, w_parts):
+                term = (dy.transpose(1, 2), w.expand(batch, *w.shape))
+                dx = torch.bmm(*term) if dx is None else dx.baddbmm_(*term)
+        if need[1]:
+            dw = torch.empty(weight.shape, dtype=dtype if batch == 1 else torch.float32, device=x.device)
+            for dy, rows in zip(dys, dw.chunk(ctx.parts)):
+                if batch == 1:
+                    torch.mm(dy[0], x[0], out=rows)
+                else:
+                    rows.copy_(torch.bmm(dy, x).float().sum(0))
+        if ctx.has_bias and need[2]:
+            db = torch.cat([dy.float().sum((0, 2)) for dy in dys])
+        return dx, dw, db, None
+
+
+class _ChannelsToRows(torch.autograd.Function):
+    """out[b] = y[b]ᵀ Wᵀ (+ bias): y [B, K, T] (channels first) -> out [B, T, N], contiguous. Backward: dy
+    [B, K, T] in y's layout, so the scan's backward reads it without a transposing copy."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, y, weight, bias):
+        ctx.save_for_backward(y, weight)
+        ctx.has_bias = bias is not None
+        out = torch.bmm(y.transpose(1, 2), weight.t().expand(y.shape[0], *weight.t().shape))
+        return out if bias is None else out.add_(bias.to(out.dtype))
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, dout):
+        y, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy = torch.bmm(weight.t().expand(dout.shape[0], *weight.t().shape), dout.transpose(1, 2)) if need[0] else None
+        dw = _batch_sum(torch.bmm(dout.transpose(1, 2), y.to(dout.dtype).transpose(1, 2))) if need[1] else None
+        db = dout.sum((0, 1)) if ctx.has_bias and need[2] else None
+        return dy, dw, db
+
+
+def _batch_sum(t: torch.Tensor) -> torch.Tensor:
+    """Per-row weight gradients [B, N, K] summed over the batch (in fp32 where B > 1)."""
+    return t[0] if t.shape[0] == 1 else t.float().sum(0)
+
+
+def rows_to_channels(x: torch.Tensor, linear: nn.Linear, parts: int = 1) -> tuple[torch.Tensor, ...]:
+    """``linear(x).transpose(1, 2).chunk(parts, 1)`` as contiguous tensors: x [B, T, K] -> `parts` tensors
+    [B, N / parts, T] (the conv/scan layout)."""
+    return _RowsToChannels.apply(x, linear.weight, linear.bias, parts)
+
+
+def channels_to_rows(y: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``linear(y.transpose(1, 2))`` for channels-first y [B, K, T] -> [B, T, N], whose gradient comes back
+    channels-first (no transposing copy either way)."""
+    return _ChannelsToRows.apply(y, linear.weight, linear.bias)
+
+
+def channels_linear(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """W y[b] for channels-first y [B, K, T] -> [B, N, T], contiguous (a batched matmul; autograd as it is)."""
+    return torch.bmm(weight.expand(y.shape[0], *weight.shape), y)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32. x: [..., d]."""
 

@@ -10,7 +10,16 @@ from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, sel
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import Linear, RMSNorm, decoded_constants, init_copy_, mark_no_weight_decay
+from zoo.layers import (
+    Linear,
+    RMSNorm,
+    channels_linear,
+    channels_to_rows,
+    decoded_constants,
+    init_copy_,
+    mark_no_weight_decay,
+    rows_to_channels,
+)
 from zoo.registry import register_mixer
 
 
@@ -167,18 +176,14 @@ class Mamba(nn.Module):
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             return self._step(x, cache, mask, backend)
 
+        if self._channels_first():
+            return self._forward_channels_first(x, cache, seq_idx, mask, backend)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
         if mask is not None:
             xs = xs * mask[..., None]
         xs, z = xs.transpose(1, 2), z.transpose(1, 2)  # (B, d_inner, T)
-        w = self.conv1d.weight[:, 0, :]  # (d_inner, d_conv)
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
-
-        conv_init = cache.conv_state if cache is not None and cache.has_state else None
-        ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
-        u, conv_final = causal_conv1d(xs, w, self.conv1d.bias, seq_idx, conv_init, "silu", True)
-        if mask is not None:
-            u = u * mask[:, None, :]
+        u, conv_final, ssm_init = self._conv(xs, cache, seq_idx, mask)
         x_dbl = self.x_proj(u.transpose(1, 2))  # (B, T, dt_rank + 2N)
         delta, B, C = self._split_dbc(x_dbl)
         delta = delta.transpose(1, 2)  # (B, d_inner, T), bias included
@@ -190,11 +195,59 @@ class Mamba(nn.Module):
         else:
             out = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, None, True,
                                  ssm_init, seq_idx, cache is not None, backend=backend)
-        if cache is not None:
-            y, final = out
-            cache.set(conv_final, final)
-        else:
-            y = out
+        y = self._store(out, cache, conv_final)
+        return self.out_proj(y.transpose(1, 2))
+
+    def _conv(self, xs, cache, seq_idx, mask):
+        """The causal conv + SiLU over xs [B, d_inner, T] from the cache's conv state: (u, the conv's final state,
+        the cached SSM state or None)."""
+        conv_init = cache.conv_state if cache is not None and cache.has_state else None
+        ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
+        u, conv_final = causal_conv1d(xs, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx, conv_init, "silu",
+                                      True)
+        return (u if mask is None else u * mask[:, None, :]), conv_final, ssm_init
+
+    @staticmethod
+    def _store(out, cache, conv_final):
+        """The scan's output y; with a cache, its final state and the conv's are stored in it."""
+        if cache is None:
+            return out
+        y, final = out
+        cache.set(conv_final, final)
+        return y
+
+    def _channels_first(self) -> bool:
+        """Whether the sequence forward may compute its projections channels-first (_forward_channels_first): for
+        plain in_proj, x_proj and dt_proj (a PEFT/LoRA wrapper's adapter lives in its forward) and without the
+        state tools' hooks, which take the row-major path's tensors."""
+        plain = (nn.Linear, Linear)
+        return (type(self.in_proj) in plain and type(self.x_proj) in plain and type(self.dt_proj) in plain
+                and not self.mitigation and self.state_probe is None)
+
+    def _forward_channels_first(self, x, cache, seq_idx, mask, backend):
+        """The sequence forward with every tensor of the conv and the scan made channels-first [B, C, T] by its
+        projection (as mamba_ssm computes it), so that no transposing copy runs either way: in_proj's two halves
+        x and z, x_proj's Δ/B/C and dt_proj's Δ (its bias goes to the scan as delta_bias, added in fp32 there),
+        and out_proj reads y channels-first and hands its gradient back so. Same results as the row-major path
+        (tests/test_mixers.py)."""
+        xs, z = rows_to_channels(x, self.in_proj, 2)  # (B, d_inner, T) each
+        if mask is not None:
+            xs = xs * mask[:, None, :]
+        A = -torch.exp(self.A_log.float())
+        u, conv_final, ssm_init = self._conv(xs, cache, seq_idx, mask)
+        x_dbl = channels_linear(u, self.x_proj.weight)  # (B, dt_rank + 2N, T)
+        if self.x_proj.bias is not None:
+            x_dbl = x_dbl + self.x_proj.bias.to(x_dbl.dtype)[:, None]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=1)
+        if self.inner_norms:  # over the channels: the norms see rows (small tensors)
+            dt, B, C = (norm(t.transpose(1, 2)).transpose(1, 2) for norm, t in
+                        ((self.dt_layernorm, dt), (self.b_layernorm, B), (self.c_layernorm, C)))
+        delta = channels_linear(dt, self.dt_proj.weight)  # (B, d_inner, T), bias in the scan
+        out = selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True, ssm_init,
+                             seq_idx, cache is not None, backend=backend)
+        y = self._store(out, cache, conv_final)
+        if type(self.out_proj) in (nn.Linear, Linear):
+            return channels_to_rows(y, self.out_proj)
         return self.out_proj(y.transpose(1, 2))
 
 
