@@ -30,7 +30,7 @@ CLASSES = [  # first match wins; patterns over lower-case kernel / op names
     ("scan", r"selective_scan|ssd|chunk_|scan_|state_pass|gla"),
     ("conv", r"conv1d|causal_conv"),
     ("matmul", r"gemm|sm90_xmma|cutlass|ampere_.*_tn|aten::mm|aten::addmm|aten::bmm|matmul|nvjet"),
-    ("loss", r"cross_entropy|log_softmax|nll_loss|softmax"),
+    ("loss", r"cross_entropy|_ce_fwd|_ce_bwd|log_softmax|nll_loss|softmax"),
     ("optimizer", r"adam|multi_tensor|foreach|clip|norm_kernel|l2norm"),
     ("norm/elementwise", r"elementwise|vectorized|reduce|rms|mul|add|silu|sigmoid|exp|copy|cat|fill|where|index"),
 ]
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None, help="also write the report to this file")
     p.add_argument("--trace", default=None, help="write a Chrome trace (JSON) here")
+    p.add_argument("--time-only", action="store_true",
+                   help="no profiler: time --steps steps (one device sync at the end) and print ms per step")
     args = p.parse_args(argv)
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -106,6 +108,15 @@ def main(argv: list[str] | None = None) -> None:
         step()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    if args.time_only:  # the step's own wall time, no profiler: compare with the profiler's device time
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        wall_ms = (time.perf_counter() - start) / args.steps * 1e3
+        tokens = args.micro_batch * args.seq_len
+        print(f"{args.model}: {wall_ms:.1f} ms per step ({tokens / wall_ms * 1e3:,.0f} tokens/s), no profiler")
+        return
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     start = time.perf_counter()
     with profile(activities=activities) as prof:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from zoo_kernels.cross_entropy import cross_entropy
 
 from zoo.cache import RecurrentLayer, ZooCache
 from zoo.config import ZooConfig
@@ -106,6 +107,12 @@ class ZooModel(ZooPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def _has_attention(self) -> bool:
+        """Whether a layer's mixer is zoo's attention (packed rows then take the varlen kernels' cu_seqlens)."""
+        from zoo.mixers.attention import Attention
+
+        return any(isinstance(block.mixer, Attention) for block in self.layers)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
 
@@ -139,6 +146,13 @@ class ZooModel(ZooPreTrainedModel):
                 position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
+            if x.is_cuda and past == 0 and attention_mask is None and self._has_attention() \
+                    and not torch.compiler.is_compiling():
+                # packed attention's one device sync (cu_seqlens), taken now while the device's queue is short: in
+                # a hybrid the first attention layer would otherwise drain it mid-forward; the layers reuse it
+                from zoo_kernels.attention import varlen_meta
+
+                varlen_meta(seq_idx, None, T, T)
         hidden_states = [x] if output_hidden_states else None
         aux_total = x.new_zeros((), dtype=torch.float32)
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
@@ -224,9 +238,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         loss = None
         aux = out.aux_loss
         if labels is not None:
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-            shift_labels = labels[:, 1:].reshape(-1).to(shift_logits.device)
-            loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
+            # next-token targets aligned with every position (the last has none), so the logits are read in place
+            # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA)
+            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100).reshape(-1)
+            loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             if self.config.moe:
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
         return ZooCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,

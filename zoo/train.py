@@ -557,7 +557,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
                      chunk_len: int | None = None, mode: str = "exact",
                      backward: Callable[[list[torch.Tensor], list[torch.Tensor | None]], None] | None = None,
                      no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-                     sync_last: bool = True) -> torch.Tensor:
+                     sync_last: bool = True, n_targets: int | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate into the parameters' .grad.
 
     Args:
@@ -572,6 +572,9 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
             the fp16 grad scaler).
         no_sync: a context in which gradients are not synchronized across processes (DDP/FSDP); every
             backward but the last runs in it, and the last too unless sync_last.
+        n_targets: count_targets of the batch's labels when the caller has it (from the rows on the host):
+            counting the device labels waits for the device between the forward and the backward, which
+            leaves the GPU idle while the backward's first kernels are launched.
 
     Returns:
         the detached weighted loss (sum of CE · scale), a 0-d tensor.
@@ -585,7 +588,8 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     if chunk_len is None:
         with ctx(True):
             out = model(**inputs.kwargs(batch), **({"use_cache": False} if inputs.use_cache else {}))
-            loss = _weighted_loss(out, count_targets(batch["labels"])) * scale
+            n = count_targets(batch["labels"]) if n_targets is None else n_targets
+            loss = _weighted_loss(out, n) * scale
             backward([loss], [None])
         return loss.detach()
 
@@ -1063,15 +1067,15 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 micro = [next(batches) for _ in range(accum)]
-                n_total = sum(count_targets(b["labels"]) for b, _ in micro)
-                scale = 1.0 / max(1, n_total)
+                counts = [count_targets(b["labels"]) for b, _ in micro]  # on the host rows: no device sync
+                scale = 1.0 / max(1, sum(counts))
                 step_loss = torch.zeros((), device=device)
                 for i, (batch, _) in enumerate(micro):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     step_loss += forward_backward(
                         model, batch, scale, inputs, chunk_len=chunk, mode=cfg.train.tbptt_mode,
                         backward=backward, no_sync=lambda: accelerator.no_sync(model),
-                        sync_last=i == accum - 1)
+                        sync_last=i == accum - 1, n_targets=counts[i])
                 updating = True
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
                 optimizer.step()

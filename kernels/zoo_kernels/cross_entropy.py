@@ -1,0 +1,114 @@
+"""Next-token cross-entropy straight from the logits' own dtype: fp32 math, no fp32 copy of the logits.
+
+`cross_entropy(logits, targets, ignore_index=-100)` is `F.cross_entropy(logits.float(), targets, ignore_index=...)`
+(the mean over the targets that are not ignored) for logits [N, V] in bf16, fp16 or fp32 with unit-stride rows.
+On CUDA with Triton it runs two kernels, one program per row:
+
+- forward: one pass over the row in blocks of BLOCK logits, an online max and sum of exponentials in fp32, the
+  target's logit picked on the way; it keeps each row's log-sum-exp (N floats) for the backward;
+- backward: one pass that writes (softmax − one-hot) · dloss / n in the logits' dtype.
+
+What it saves (a language-model head at 16K tokens and a 50K vocabulary): the fp32 copy of the logits (3.3 GB
+written, then read by log_softmax), log_softmax's fp32 output, NLL's zero-filled fp32 gradient and its cast back to
+bf16; per token it reads the bf16 logits twice and writes their gradient once. Elsewhere (CPU, no Triton, autograd
+through a non-float dtype) it is the torch formula above.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the torch formula
+    triton = None
+
+BLOCK = 4096  # logits per step of a row's loop (16 fp32 registers per thread at 8 warps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _ce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, stride, V, ignore_index, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(t_ptr + row).to(tl.int64)
+        base = x_ptr + row * stride
+        offs = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)  # running max and sum of exp(x - max)
+        s = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), 0)
+        picked = tl.zeros([BLOCK], dtype=tl.float32)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)  # one exp per logit
+            m = m_new
+            picked += tl.where(cols == target, x, 0.0)
+        lse = m + tl.log(s)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, tl.where(target != ignore_index, lse - tl.sum(picked, 0), 0.0))
+
+    @triton.jit
+    def _ce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, stride, dx_stride, V, ignore_index,
+                       BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(t_ptr + row).to(tl.int64)
+        scale = tl.where(target != ignore_index, tl.load(g_ptr), 0.0)  # dloss / n (0 for an ignored row)
+        lse = tl.load(lse_ptr + row)
+        base = x_ptr + row * stride
+        out = dx_ptr + row * dx_stride
+        offs = tl.arange(0, BLOCK)
+        for v0 in range(0, V, BLOCK):
+            cols = v0 + offs
+            mask = cols < V
+            x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            p = tl.exp(x - lse)
+            grad = (p - tl.where(cols == target, 1.0, 0.0)) * scale
+            tl.store(out + cols, grad.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _fused(logits: torch.Tensor) -> bool:
+    return (triton is not None and logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1
+            and logits.dtype in (torch.float32, torch.bfloat16, torch.float16) and not torch.compiler.is_compiling())
+
+
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index):
+        n_rows, vocab = logits.shape
+        targets = targets.contiguous()
+        loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        if n_rows:
+            _ce_fwd_kernel[(n_rows,)](logits, targets, loss, lse, logits.stride(0), vocab, ignore_index,
+                                      BLOCK=BLOCK, num_warps=8)
+        count = (targets != ignore_index).sum()
+        ctx.save_for_backward(logits, targets, lse, count)
+        ctx.ignore_index = ignore_index
+        return loss.sum() / count  # nan without a target, as F.cross_entropy's mean
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse, count = ctx.saved_tensors
+        n_rows, vocab = logits.shape
+        dlogits = torch.empty_like(logits)
+        scale = (grad.float() / count).reshape(1)
+        if n_rows:
+            _ce_bwd_kernel[(n_rows,)](logits, targets, lse, scale, dlogits, logits.stride(0), dlogits.stride(0),
+                                      vocab, ctx.ignore_index, BLOCK=BLOCK, num_warps=8)
+        return dlogits, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy over the targets != ignore_index (module docstring); logits [N, V], targets [N] int."""
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy: logits [N, V] and targets [N], got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    if _fused(logits):
+        return _CrossEntropy.apply(logits, targets, ignore_index)
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
+__all__ = ["cross_entropy"]

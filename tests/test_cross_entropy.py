@@ -1,0 +1,117 @@
+"""zoo_kernels.cross_entropy (the language-model loss without an fp32 copy of the logits) against F.cross_entropy on
+fp32 logits: the loss and the logits' gradient, ignored targets, vocabularies not a multiple of the kernel's block
+and smaller than it; the Triton kernels through Triton's interpreter on CPU and on the GPU (cuda). And the model's
+loss, which uses it, against the shifted cross-entropy written out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_close, run_in_interpreter
+
+CASES = [  # rows, vocabulary, dtype, ignored rows
+    (7, 5000, torch.float32, (1,)),
+    (5, 9000, torch.bfloat16, (0, 4)),
+    (3, 100, torch.float16, ()),
+    (4, 4096, torch.bfloat16, (2,)),
+]
+
+
+def _check(fn, rows, vocab, dtype, ignored, device="cpu", scale=2.5):
+    g = torch.Generator(device=device).manual_seed(rows * vocab)
+    logits = (torch.randn(rows, vocab, generator=g, device=device) * 3).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (rows,), generator=g, device=device)
+    targets[list(ignored)] = -100
+    ref = F.cross_entropy(logits.float(), targets, ignore_index=-100)
+    (grad_ref,) = torch.autograd.grad(ref * scale, logits)
+    loss = fn(logits, targets)
+    (grad,) = torch.autograd.grad(loss * scale, logits)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+    # the reference rounds its fp32 gradient to the logits' dtype as ours does: at most one rounding apart
+    assert_close("dlogits", grad.float(), grad_ref.float(), 1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def _kernel(logits, targets):
+    from zoo_kernels.cross_entropy import _CrossEntropy
+
+    return _CrossEntropy.apply(logits, targets, -100)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{str(c[2])[6:]}")
+def test_fallback_matches_torch(case):
+    from zoo_kernels.cross_entropy import cross_entropy
+
+    _check(cross_entropy, *case)
+
+
+def test_kernels_in_the_interpreter():
+    pytest.importorskip("triton")
+    run_in_interpreter(__file__)
+
+
+def test_the_check_fails_on_a_wrong_loss():
+    """_check must catch a kernel that ignores the ignored rows (so the cases above cannot pass vacuously)."""
+    def wrong(logits, targets):
+        return F.cross_entropy(logits.float(), targets.clamp(min=0))
+
+    with pytest.raises(AssertionError):
+        _check(wrong, *CASES[1])
+
+
+def test_bad_shapes_raise():
+    from zoo_kernels.cross_entropy import cross_entropy
+
+    with pytest.raises(ValueError, match="logits"):
+        cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long))
+
+
+def test_model_loss_is_the_shifted_cross_entropy():
+    """ZooForCausalLM's loss: position t predicts labels[t + 1], -100 ignored, mean over the predicted targets."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo import ZooConfig
+
+    torch.manual_seed(0)
+    config = ZooConfig(vocab_size=64, d_model=32, layers="MA", mixers={
+        "M": {"type": "mamba", "d_state": 4}, "A": {"type": "attention", "n_heads": 2}}, ffn="none")
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (2, 11))
+    labels = ids.clone()
+    labels[0, 4] = labels[1, 0] = -100
+    out = model(input_ids=ids, labels=labels)
+    logits = out.logits.float()
+    want = F.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert math.isclose(out.loss.item(), want.item(), rel_tol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES + [(64, 50280, torch.bfloat16, (3, 63))],
+                         ids=lambda c: f"{c[0]}x{c[1]}-{str(c[2])[6:]}")
+def test_kernels_on_the_gpu(case):
+    from zoo_kernels.cross_entropy import _fused, cross_entropy
+
+    assert _fused(torch.empty(1, 8, device="cuda"))
+    _check(cross_entropy, *case, device="cuda")
+
+
+@pytest.mark.cuda
+def test_no_target_gives_nan_as_torch():
+    from zoo_kernels.cross_entropy import cross_entropy
+
+    logits = torch.randn(3, 50, device="cuda", requires_grad=True)
+    targets = torch.full((3,), -100, device="cuda")
+    assert torch.isnan(cross_entropy(logits, targets)) and torch.isnan(F.cross_entropy(logits, targets))
+
+
+def _interpreter_main():
+    for case in CASES:
+        _check(_kernel, *case)
+    print("interpreter: cross-entropy kernels match torch")
+
+
+if __name__ == "__main__":
+    _interpreter_main()
