@@ -23,6 +23,12 @@ from zoo.layers import (
 from zoo.registry import register_mixer
 
 
+def _plain(*projections: nn.Module) -> bool:
+    """Whether every projection is a plain nn.Linear or zoo's Linear, whose weight a kernel or batched matmul may
+    use in its place: a PEFT/LoRA wrapper's adapter lives in its forward, which that would bypass."""
+    return all(type(p) in (nn.Linear, Linear) for p in projections)
+
+
 @register_mixer("mamba")
 class Mamba(nn.Module):
     """The Mamba-1 block (Gu & Dao), S4D-real A init and log-uniform dt init.
@@ -123,10 +129,8 @@ class Mamba(nn.Module):
 
     def _folds_dt_proj(self) -> bool:
         """Whether the step may hand dt_proj's weight to the state-update kernel instead of calling dt_proj: only
-        for plain projections, nn.Linear or zoo's Linear (a PEFT/LoRA wrapper's adapter lives in its forward, which
-        the kernel would bypass), and without Jamba's norm between x_proj and dt_proj."""
-        plain = (nn.Linear, Linear)
-        return not self.inner_norms and type(self.x_proj) in plain and type(self.dt_proj) in plain
+        for plain projections (_plain) and without Jamba's norm between x_proj and dt_proj."""
+        return not self.inner_norms and _plain(self.x_proj, self.dt_proj)
 
     def _dt_proj_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """dt_proj's weight in the activations' dtype (the parameter itself unless autocast changed it), which the
@@ -218,11 +222,9 @@ class Mamba(nn.Module):
 
     def _channels_first(self) -> bool:
         """Whether the sequence forward may compute its projections channels-first (_forward_channels_first): for
-        plain in_proj, x_proj and dt_proj (a PEFT/LoRA wrapper's adapter lives in its forward) and without the
-        state tools' hooks, which take the row-major path's tensors."""
-        plain = (nn.Linear, Linear)
-        return (type(self.in_proj) in plain and type(self.x_proj) in plain and type(self.dt_proj) in plain
-                and not self.mitigation and self.state_probe is None)
+        plain in_proj, x_proj and dt_proj (_plain) and without the state tools' hooks, which take the row-major
+        path's tensors."""
+        return _plain(self.in_proj, self.x_proj, self.dt_proj) and not self.mitigation and self.state_probe is None
 
     def _forward_channels_first(self, x, cache, seq_idx, mask, backend):
         """The sequence forward with every tensor of the conv and the scan made channels-first [B, C, T] by its
@@ -246,7 +248,7 @@ class Mamba(nn.Module):
         out = selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True, ssm_init,
                              seq_idx, cache is not None, backend=backend)
         y = self._store(out, cache, conv_final)
-        if type(self.out_proj) in (nn.Linear, Linear):
+        if _plain(self.out_proj):
             return channels_to_rows(y, self.out_proj)
         return self.out_proj(y.transpose(1, 2))
 
