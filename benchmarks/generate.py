@@ -10,7 +10,8 @@ with the step captured in a CUDA graph (zoo.decode.GraphDecoder): recurrent stat
 layers (transformerpp, jamba) in static KV buffers with room for prompt + warmup + new tokens; both timings are
 recorded and `ours_ms` takes the faster (`mode` says which). transformers' baselines decode eagerly.
 
-Rows (benchmarks/results.jsonl), one per (model, batch): ours_ms = ms per decode step of the whole batch,
+Rows (benchmarks/results.jsonl), one per (model, batch), named generate/<model>/B<batch> (and /P<prompt> when
+the prompt is not 2048 tokens): ours_ms = ms per decode step of the whole batch,
 tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the decode,
 the weights included), cache_mib (bytes held by the cache after the decode), floor_ms = (weight bytes + cache
 bytes read, and written for recurrent states) / the copy bandwidth measured at start-up
@@ -147,7 +148,8 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
         base = results.get((base_name, batch)) if base_name else None
         tpp = results.get(("transformerpp", batch))
         ok = r.get("ms") is not None
-        row = {"name": f"generate/{name}/B{batch}", "card": card, "date": date, "command": command,
+        suffix = "" if prompt_len == 2048 else f"/P{prompt_len}"  # the issue's 2K prompt keeps the plain name
+        row = {"name": f"generate/{name}/B{batch}{suffix}", "card": card, "date": date, "command": command,
                "torch": torch.__version__, "model": LABEL[name], "batch": batch, "prompt_len": prompt_len,
                "new_tokens": n_tokens, "dtype": "bf16",
                "ours_ms": round(r["ms"], 3) if ok else None, "mode": r.get("mode"),

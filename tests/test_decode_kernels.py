@@ -7,6 +7,8 @@
   with dt_weight (Mamba's dt_proj folded in) dt is a low-rank strided slice and the kernel computes dt_low W^T;
 - GLA step (Triton): on CUDA, and on CPU through Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must
   be set before triton is imported);
+- decode attention (Triton): the per-head and the grouped split kernels over splits and launch configurations,
+  with and without a window, on CUDA and (fp32: the interpreter's bf16 tl.dot is wrong) in the interpreter;
 - the mixers' decode steps update the cached states in place (CUDA graphs replay them at fixed addresses) and
   still equal the full forward; Mamba's step with dt_proj folded in decodes like the dt_proj matmul; constants
   kept across steps follow parameter changes.
@@ -196,6 +198,10 @@ def _interpreter_main() -> None:
         o = decode_attention(q, keys, values, torch.tensor([length]), window, splits=splits)
         assert rel_err(o, reference(q, keys, values, length, window)) < 1e-5, (window, splits, length)
     print("interpreter: decode attention matches the reference")
+    for group, D, window in ((1, 64, None), (3, 64, None), (4, 64, 37), (3, 24, 37)):  # 24: below its block
+        _check_decode_attention("cpu", torch.float32, group, D, window, True, S=208, lengths=(150, 1),
+                                splits_list=(None, 3, 16), launches=((None, None, None), (32, 2, 1)))
+    print("interpreter: grouped decode attention matches the reference")
     _check_rope("cpu", torch.float32)
     print("interpreter: one-token RoPE matches the mixer's tables")
     from zoo_kernels.add_norm import add_rms_norm
@@ -368,6 +374,42 @@ def test_decode_attention_kernel_matches_reference(dtype, B, H, Hkv, D, S, lengt
     o = decode_attention(q, keys, values, torch.tensor([length], device="cuda"), window)
     assert o.dtype == dtype and o.shape == q.shape
     assert rel_err(o, reference(q, keys, values, length, window)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def _check_decode_attention(device, dtype, group, D, window, grouped, S=400, lengths=(333, 1),
+                            splits_list=(None, 1, 3, 16), launches=((None, None, None),)):
+    """decode_attention against the reference for each length, splits and launch configuration (block_n,
+    num_warps, num_stages). The lengths stay below S, so the chunks past them hold no visible key, and so do the
+    ones before a window; 16 splits of 400 slots round to fewer (whole blocks per chunk)."""
+    from zoo_kernels.attention.decode import decode_attention, reference
+
+    Hkv = 2
+    q, keys, values = _attn_inputs(device, dtype, B=3, H=group * Hkv, Hkv=Hkv, D=D, S=S, seed=group + D)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for length in lengths:
+        want = reference(q, keys, values, length, window)
+        for splits in splits_list:
+            for block_n, num_warps, num_stages in launches:
+                o = decode_attention(q, keys, values, torch.tensor([length], device=device), window, splits=splits,
+                                     grouped=grouped, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                assert o.dtype == dtype and o.shape == q.shape
+                err = rel_err(o, want)
+                assert err < tol, (group, D, window, length, splits, block_n, num_warps, num_stages, err)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_decode_attention_kernels_match_reference_across_launches(dtype, group, D, window, grouped):
+    """Both split kernels at their defaults and at other blocks, warps and pipelining stages (in fp32 unpipelined
+    at 128 keys: three stages of 128 x 128 fp32 keys and values overflow the shared memory)."""
+    stages = 1 if dtype == torch.float32 else 3
+    _check_decode_attention("cuda", dtype, group, D, window, grouped,
+                            launches=((None, None, None), (32, 2, 1), (128, 8, stages)))
 
 
 def _check_rope(device, dtype):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import nn
@@ -140,17 +141,38 @@ class Mamba(nn.Module):
         return decoded_constants(self, f"_dt_constants_{dtype}", (weight, bias),
                                  lambda: (weight.to(dtype).contiguous(), bias.float()))
 
+    def _fused_step(self, xs: torch.Tensor, backend: str) -> bool:
+        """Whether the step may run the fused kernel (conv, x_proj, dt_proj, state update and gate in one launch,
+        zoo_kernels.selective_scan.fused_step): on CUDA, with dt_proj foldable (_folds_dt_proj), shapes the kernel
+        takes, and not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for side-by-side timing)."""
+        if backend != "cuda" or not xs.is_cuda or os.environ.get("ZOO_MAMBA_FUSED_STEP", "1") == "0":
+            return False
+        from zoo_kernels.selective_scan import fused_step
+
+        return self._folds_dt_proj() and fused_step.supported(xs, self.conv1d.weight, self.x_proj.weight, self.A_log)
+
     def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
         """One token [B, 1, d_model] from the cached conv and SSM states, which are updated in place (a CUDA
-        graph replaying the step finds them at the same address). On CUDA: in_proj, the conv kernel, x_proj, the
-        state-update kernel (dt_proj folded in where _folds_dt_proj allows, else a dt_proj matmul before it; its
-        low-rank input, B, C and z read in place from the projections) and out_proj."""
+        graph replaying the step finds them at the same address). On CUDA: in_proj, then the fused step kernel
+        where _fused_step allows (else the conv kernel, x_proj and the state-update kernel, dt_proj folded in where
+        _folds_dt_proj allows, else a dt_proj matmul before it; its low-rank input, B, C and z read in place from
+        the projections), then out_proj."""
         A, D, w, conv_bias = self._decode_constants()
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
+        conv_state, state = cache.step_states()  # updated in place below, then set back
+        if not (self.mitigation or self.state_probe is not None) and self._fused_step(xs, backend):
+            from zoo_kernels.selective_scan.fused_step import mamba_step
+
+            dt_weight, dt_bias = self._dt_proj_constants(xs.dtype)
+            x_proj_weight = decoded_constants(self, f"_x_proj_{xs.dtype}", (self.x_proj.weight,),
+                                              lambda: self.x_proj.weight.to(xs.dtype).contiguous())
+            y = mamba_step(xs, z, conv_state, w, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
+                           None if mask is None else mask[:, 0].to(xs.dtype))
+            cache.set(conv_state, state)
+            return self.out_proj(y[:, None, :].to(x.dtype))
         if mask is not None:
             xs = xs * mask[:, 0, None]
-        conv_state, state = cache.step_states()  # updated in place below, then set back
         u = causal_conv1d_update(conv_state, xs, w, conv_bias, "silu", backend=backend)  # (B, d_inner)
         if mask is not None:
             u = u * mask[:, 0, None]

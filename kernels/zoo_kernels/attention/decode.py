@@ -7,6 +7,13 @@ and 2K keys on an H200, where the keys and values of that layer are 0.4 MB (0.1 
 Here the keys are cut into `splits` chunks, each program reduces one chunk of one (row, head) with an online
 softmax into (max, sum, weighted values), and a second kernel combines the chunks. `length` is read on the device:
 slots at or past it are masked (their loads are skipped), and with a window only the last `window` tokens count.
+
+Two split kernels write the same partial results for the one combine kernel. The per-head kernel runs a program
+per (row, query head, chunk), so with grouped-query attention (H = GROUP * Hkv) every KV head's keys and values
+are read GROUP times. The grouped kernel runs a program per (row, KV head, chunk) that takes the GROUP query heads
+of that KV head together: it reads each key and value once, scores the [GROUP, D] query tile against a block of
+keys with tl.dot (tensor cores, fp32 accumulation), and walks only the chunk's visible slots.
+benchmarks/decode_attention.py times both over splits and launch configurations.
 """
 
 from __future__ import annotations
@@ -66,6 +73,60 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
 
 
 @triton.jit
+def _grouped_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
+                          H, HKV, S, D, CHUNK, WINDOW, scale,
+                          s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
+                          GROUP: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """One (row, KV head, chunk): the online softmax of its GROUP query heads (rows of a [BLOCK_G, BLOCK_D] tile,
+    BLOCK_G >= 16 for tl.dot; the rows past GROUP are zero queries, never stored) over the chunk's visible keys.
+    The key loop walks only the chunk's visible slots [max(chunk start, lo), min(chunk end, length)), so chunks
+    past `length` or before the window cost no iterations (and keep m = -inf, l = 0 for the combine)."""
+    bk = tl.program_id(0)
+    split = tl.program_id(1)
+    nsplit = tl.num_programs(1)
+    b = bk // HKV
+    kvh = bk % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mg = offs_g < GROUP
+    md = offs_d < D
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + b * s_qb + heads[:, None] * s_qh + offs_d[None, :], mask=mg[:, None] & md[None, :],
+                other=0.0).to(k_ptr.dtype.element_ty)
+    length = tl.load(len_ptr).to(tl.int32)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(length - WINDOW, 0)
+    start = tl.maximum(split * CHUNK, lo)
+    end = tl.minimum(tl.minimum(split * CHUNK + CHUNK, length), S)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    k_base = k_ptr + b.to(tl.int64) * s_kb + kvh * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + kvh * s_vh
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        visible = offs_n < end
+        m2 = visible[:, None] & md[None, :]
+        k = tl.load(k_base + offs_n[:, None] * s_ks + offs_d[None, :], mask=m2, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(visible[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the block's first slot is visible
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_base + offs_n[:, None] * s_vs + offs_d[None, :], mask=m2, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    out = (b * H + heads) * nsplit + split  # the per-head kernel's layout: (row, query head, chunk)
+    tl.store(m_ptr + out, m_i, mask=mg)
+    tl.store(l_ptr + out, l_i, mask=mg)
+    tl.store(acc_ptr + out.to(tl.int64)[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mg[:, None])
+
+
+@triton.jit
 def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, D, NSPLIT, s_ob, s_oh,
                     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(0)
@@ -85,39 +146,68 @@ def _combine_kernel(m_ptr, l_ptr, acc_ptr, o_ptr, H, D, NSPLIT, s_ob, s_oh,
 
 
 def splits_for(batch_heads: int, slots: int, sms: int = 132) -> int:
-    """Key chunks per (row, head): about four programs per SM in all, chunks of at least 64 keys."""
+    """Key chunks per (row, head) — per (row, KV head) for the grouped kernel: about four programs per SM in all,
+    chunks of at least 64 keys."""
     want = max(1, -(-4 * sms // batch_heads))
     return max(1, min(want, slots // 64, 128))
 
 
+def chunking(slots: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(keys per chunk, chunks) for `splits` chunks asked over `slots` keys: each chunk whole blocks of block_n
+    keys, so the rounding can leave fewer chunks than asked."""
+    chunk = -(-slots // splits)
+    chunk = -(-chunk // block_n) * block_n
+    return chunk, -(-slots // chunk)
+
+
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor,
-                     window: int | None = None, scale: float | None = None, splits: int | None = None
-                     ) -> torch.Tensor:
+                     window: int | None = None, scale: float | None = None, splits: int | None = None, *,
+                     grouped: bool | None = None, block_n: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None) -> torch.Tensor:
     """q [B, 1, H, D]; keys, values [B, S, Hkv, D] (unit stride over D); length int64 [1] on the device: the
-    visible keys are slots [max(0, length - window), length). Returns o [B, 1, H, D] in q's dtype."""
+    visible keys are slots [max(0, length - window), length). Returns o [B, 1, H, D] in q's dtype.
+
+    grouped: the grouped kernel (a program per KV head, its GROUP query heads together) or the per-head kernel;
+    None chooses the grouped one. It reads each KV head once, and its tl.dot loop is software-pipelined: on an H200
+    (benchmarks/decode_attention.py, RESULTS.md) at batch 64 and 2100 keys, 12 heads x 64, 97.6 against 170.8 us
+    (the bandwidth floor: 97.8), with 4 KV heads 38.0 against 143.8 us; at batch 1 7.3 against 9.0 us.
+    splits: key chunks per program row (default splits_for over the programs of the chosen kernel); block_n:
+    keys per loop step (64; 32 from head dim 256 on); num_warps (4); num_stages: software-pipelining stages of
+    the grouped kernel's key loop (tl.range; default 2, 1 = no pipelining), for the per-head kernel Triton's
+    launch option (its loop, without tl.dot, is not pipelined whatever the value: Triton 3.6 and 3.9, sm_90).
+    Chunks are rounded up to whole blocks, so the splits run can be fewer than asked. fp32 inputs take the
+    grouped kernel's products in full fp32 (input_precision "ieee"), not tf32."""
     B, T, H, D = q.shape
     S, Hkv = keys.shape[1], keys.shape[2]
     if T != 1 or H % Hkv or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode_attention: one query per row, H a multiple of the KV heads, unit stride over D")
+    grouped = True if grouped is None else grouped
     scale = D ** -0.5 if scale is None else scale
+    rows = B * (Hkv if grouped else H)  # programs per chunk
     if splits is None:
-        sms = sm_count(q.device)
-        splits = splits_for(B * H, S, sms)
-    chunk = -(-S // splits)
+        splits = splits_for(rows, S, sm_count(q.device))
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = 64 if block_d <= 128 else 32
-    chunk = -(-chunk // block_n) * block_n
-    splits = -(-S // chunk)
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
+    chunk, splits = chunking(S, splits, block_n)
     m = torch.empty(B * H, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(B * H, splits, block_d, device=q.device, dtype=torch.float32)
     q3 = q[:, 0]
-    _split_kernel[(B * H, splits)](
-        q3, keys, values, length, m, l, acc, H, H // Hkv, S, D, chunk, window or 0, float(scale),
-        q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        HAS_WINDOW=window is not None, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
-    )
+    args = (q3, keys, values, length, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk, window or 0,
+            float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2))
+    if grouped:
+        group = H // Hkv
+        _grouped_split_kernel[(rows, splits)](
+            *args, GROUP=group, HAS_WINDOW=window is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=block_n, BLOCK_D=block_d, NUM_STAGES=2 if num_stages is None else num_stages,
+            PRECISION="ieee" if keys.dtype == torch.float32 else None, num_warps=num_warps or 4,
+        )
+    else:
+        launch = {} if num_stages is None else {"num_stages": num_stages}
+        _split_kernel[(rows, splits)](*args, HAS_WINDOW=window is not None, BLOCK_N=block_n, BLOCK_D=block_d,
+                                      num_warps=num_warps or 4, **launch)
     o = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
     _combine_kernel[(B * H,)](m, l, acc, o, H, D, splits, o.stride(0), o.stride(2),
                               BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=4)
@@ -168,4 +258,4 @@ def rope_one_token(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.
     return y
 
 
-__all__ = ["decode_attention", "reference", "rope_one_token", "splits_for"]
+__all__ = ["chunking", "decode_attention", "reference", "rope_one_token", "splits_for"]

@@ -1,0 +1,45 @@
+// The fused Mamba-1 decode step (mamba_step.cu): conv update, x_proj, dt_proj, state update and gate of one
+// token in one launch of 8-CTA thread-block clusters (Hopper and newer).
+#pragma once
+
+#include <cuda_runtime.h>
+
+namespace zoo_ms {
+
+enum DType { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+constexpr int kCluster = 8;    // CTAs per cluster: each takes dim / kCluster channels of the same rows
+constexpr int kThreads = 256;  // threads per CTA
+constexpr int kMaxRowChannels = 8 * kThreads;  // rows per CTA x dim / kCluster, at most
+
+struct StepParams {
+  int batch, dim, nstate, rank, width;  // rank R: dt_proj's input width; width W: the conv's taps (<= 4)
+  int rows;                             // batch rows per CTA (the kernel's template argument)
+  bool pdl;                             // launch as a programmatic dependent of the previous kernel
+  const void* x;                        // [batch, dim] (activation dtype T), unit stride over dim
+  const void* z;                        // [batch, dim] (T), unit stride over dim
+  const void* mask;                     // [batch] (T; 1 = token, 0 = padding: x and u zeroed) or null
+  long mask_stride;
+  long x_stride, z_stride, out_stride;  // batch strides, in elements
+  float* conv_state;                    // [batch, dim, W - 1] fp32, contiguous; updated in place
+  const float* conv_w;                  // [dim, W] fp32
+  const float* conv_b;                  // [dim] fp32 or null
+  const void* x_proj_w;                 // [R + 2N, dim] (T)
+  const void* dt_w;                     // [dim, R] (T)
+  const float* dt_bias;                 // [dim] fp32 or null
+  const float* A;                       // [dim, N] fp32
+  const float* D;                       // [dim] fp32 or null
+  float* state;                         // [batch, dim, N] fp32, contiguous; updated in place
+  void* out;                            // [batch, dim] (T)
+};
+
+// Dynamic shared memory of one CTA for these sizes and `rows` rows per CTA, in bytes.
+size_t step_smem_bytes(int dim, int nstate, int rank, int width, int rows, int elem_bytes);
+
+// How many clusters of the kernel for `rows` rows per CTA and `smem` bytes can be resident at once (0 on error).
+int max_active_clusters(DType dtype, int rows, size_t smem);
+
+// Launches the step on `stream` (the caller checked the shapes, alignments and that the smem fits).
+cudaError_t mamba_step(const StepParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace zoo_ms

@@ -1,0 +1,120 @@
+"""The fused Mamba-1 decode step: conv update, x_proj, dt_proj, state update and gate in one CUDA launch.
+
+A Mamba layer's unfused decode step after in_proj is the conv-update kernel, the x_proj GEMM and the state
+update (dt_proj folded in): three launches, each bound by its launch and its own round trips to DRAM rather
+than by its bytes. csrc/mamba_step.cu does the three in one launch of 8-CTA thread-block clusters (compute
+capability 9.0 and newer): the CTAs of a cluster split the channels of the same batch rows and add their parts
+of x_proj through distributed shared memory; weights and states are copied to shared memory before the step's
+first dependent load. It is a separate extension from the scan's (its own small JIT build, same cache).
+
+`mamba_step_ref` is the same step in torch from the unfused kernels' references: what the fused kernel must
+equal, and what runs where it cannot (CPU, older GPUs, shapes it does not take).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
+from zoo_kernels.selective_scan.ref import selective_state_update_ref
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("mamba_step_api.cpp", "mamba_step.cu")
+_HEADERS = ("mamba_step.h",)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CLUSTER = 8  # CTAs per cluster (csrc/mamba_step.h)
+
+_ext = None
+_why: str | None = None
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """True when the extension is built (building it on first call); never raises."""
+    global _ext, _why
+    if _ext is not None:
+        return True
+    if _why is not None:
+        return False
+    with _lock:
+        if _ext is None and _why is None:
+            try:
+                if not torch.cuda.is_available():
+                    raise RuntimeError("no CUDA device")
+                if torch.cuda.get_device_capability() < (9, 0):
+                    raise RuntimeError("the fused step needs thread-block clusters: compute capability 9.0 or newer")
+                from zoo_kernels.selective_scan.cuda import build_extension
+
+                _ext = build_extension(_SOURCES, _HEADERS, _CSRC, "zoo_mamba_step")
+            except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
+                _why = f"fused Mamba step unavailable: {exc}"
+    return _ext is not None
+
+
+def why_unavailable() -> str | None:
+    """The reason `available()` returned False (None if it did not, or was not called yet)."""
+    return _why
+
+
+def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether `mamba_step` takes these shapes: x [batch, d_inner] on CUDA in fp32/bf16/fp16 with d_inner a
+    multiple of 64; conv width <= 4; N four times a power of two (<= 128); dt_rank a multiple of 16 bytes'
+    elements; the extension builds; and the step runs in one wave of resident clusters of one-row CTAs (the
+    occupancy API's count: batch <= 30 at the 130M shapes on an H200). Beyond that the unfused step is faster
+    (csrc/mamba_step_api.cpp, kAutoMaxRows). Cheap after the first call."""
+    if not x.is_cuda or x.dtype not in _DTYPES or x.dim() != 2:
+        return False
+    dim, nstate = A.shape
+    rank = x_proj_weight.shape[0] - 2 * nstate
+    lanes = nstate // 4
+    if not (dim % (8 * CLUSTER) == 0 and conv_weight.shape[-1] <= 4 and nstate % 4 == 0 and 1 <= lanes <= 32
+            and lanes & (lanes - 1) == 0 and rank >= 1 and rank % (16 // x.element_size()) == 0 and available()):
+        return False
+    width, elem = conv_weight.shape[-1], x.element_size()
+    return bool(_forced_rows()) or _ext.rows_for(x.shape[0], dim, nstate, rank, width, elem, _ext.AUTO_MAX_ROWS) > 0
+
+
+def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state, mask=None):
+    """One token of a Mamba-1 mixer after in_proj, in one launch; returns y [batch, d_inner] (before out_proj).
+
+    x, z: [batch, d_inner] (the halves of in_proj's output; unit stride over channels); conv_state [batch,
+    d_inner, W-1] and state [batch, d_inner, N]: fp32, contiguous, updated in place; conv_weight [d_inner, W],
+    conv_bias, dt_bias, D [d_inner] and A [d_inner, N] in fp32; x_proj_weight [R + 2N, d_inner] and dt_weight
+    [d_inner, R] in x's dtype; mask [batch] in x's dtype (1 = token, 0 = padding) or None. Same arguments and
+    results as `mamba_step_ref` (call `supported` first).
+
+    The kernel is launched as a programmatic dependent of the stream's previous kernel (in the mixer: in_proj), so
+    that its copies of weights and states overlap that kernel's end; ZOO_MAMBA_STEP_PDL=0 launches it plainly."""
+    if not available():
+        raise RuntimeError(_why)
+    return _ext.step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state, mask,
+                     os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0", _forced_rows())
+
+
+def _forced_rows() -> int:
+    """$ZOO_MAMBA_STEP_ROWS: batch rows per CTA forced (1, 2, 4 or 8; benchmarks), else 0: the kernel's choice."""
+    return int(os.environ.get("ZOO_MAMBA_STEP_ROWS", "0"))
+
+
+def mamba_step_ref(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
+                   mask=None):
+    """The unfused step in torch: conv update (u rounded to x's dtype), x_proj in x's dtype, then the state update
+    with dt = softplus(dt_low dt_weight^T + dt_bias) in fp32; conv_state and state updated in place. mask [batch]
+    zeroes x and u of padding rows (as the mixer's step does)."""
+    if mask is not None:
+        x = x * mask[:, None]
+    u = causal_conv1d_update_ref(conv_state, x, conv_weight, conv_bias, "silu")
+    if mask is not None:
+        u = u * mask[:, None]
+    x_dbl = F.linear(u, x_proj_weight)
+    nstate = A.shape[1]
+    dt_low, B, C = torch.split(x_dbl, [x_dbl.shape[-1] - 2 * nstate, nstate, nstate], dim=-1)
+    return selective_state_update_ref(state, u, dt_low, A, B, C, D, z, dt_bias, True, dt_weight)
+
+
+__all__ = ["available", "why_unavailable", "supported", "mamba_step", "mamba_step_ref"]

@@ -1,0 +1,154 @@
+"""The fused Mamba-1 decode step (zoo_kernels.selective_scan.fused_step): conv update, x_proj, dt_proj, state
+update and gate in one launch of 8-CTA clusters.
+
+- CPU: the torch reference of the fused step is the mixer's unfused step (so the CUDA kernel, checked against
+  the reference, computes what the mixer did before); the fused path is never taken off CUDA or where the shapes
+  do not fit.
+- CUDA (compute capability 9.0+): the kernel against the reference over several steps (the states carry over),
+  for every dtype, rows per CTA 1 / 2 / 4 / 8 (batch 1 to 130, partial last row groups), widths 2-4, N 4-64, with
+  and without the optional biases, with a padding mask in one step; and the mixer's decode with and without the
+  fused step (ZOO_MAMBA_FUSED_STEP=0) gives the same tokens and logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import rel_err
+from zoo_kernels.selective_scan import fused_step
+
+needs_clusters = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="needs an NVIDIA GPU with compute capability 9.0+ (thread-block clusters)")
+
+
+def _inputs(batch, dim, nstate, rank, width, dtype, device, biases=True, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    xz = rnd(batch, 2 * dim).to(dtype)
+    return dict(
+        x=xz[:, :dim], z=xz[:, dim:],  # column slices of one in_proj output, as the mixer passes them
+        conv_state=rnd(batch, dim, width - 1), conv_weight=rnd(dim, width, scale=0.5),
+        conv_bias=rnd(dim, scale=0.1) if biases else None,
+        x_proj_weight=rnd(rank + 2 * nstate, dim, scale=dim ** -0.5).to(dtype),
+        dt_weight=rnd(dim, rank, scale=rank ** -0.5).to(dtype),
+        dt_bias=rnd(dim, scale=0.5) - 3 if biases else None,
+        A=-torch.rand(dim, nstate, generator=g).add(0.5).mul(torch.arange(1, nstate + 1)).to(device),
+        D=rnd(dim) if biases else None,
+        state=rnd(batch, dim, nstate, scale=0.3),
+    )
+
+
+def test_reference_is_the_mixers_unfused_step():
+    """mamba_step_ref on a Mamba mixer's weights and caches gives the output of the mixer's own step (CPU: the
+    conv update, x_proj and the state update with dt_proj folded in)."""
+    from zoo.cache import RecurrentLayer
+    from zoo.mixers.mamba import Mamba
+
+    torch.manual_seed(0)
+    mixer = Mamba(64, d_state=16, dt_rank=8).eval()
+    for name in ("in_proj", "x_proj", "dt_proj", "out_proj"):
+        getattr(mixer, name).reset_parameters()  # nn.Linear's init: dt_low @ W.T matters next to the bias
+    batch = 3
+    x = torch.randn(batch, 1, 64)
+    cache = RecurrentLayer()
+    cache.set(torch.randn(batch, mixer.d_inner, 3), torch.randn(batch, mixer.d_inner, 16) * 0.3)
+    conv_state, state = (t.clone() for t in cache.step_states())
+    with torch.no_grad():
+        out = mixer(x, cache=cache)
+        A, D, w, b = mixer._decode_constants()
+        xz = mixer.in_proj(x[:, 0])
+        y = fused_step.mamba_step_ref(xz[:, :mixer.d_inner], xz[:, mixer.d_inner:], conv_state, w, b,
+                                      mixer.x_proj.weight, mixer.dt_proj.weight, mixer.dt_proj.bias.float(), A, D,
+                                      state)
+        ref = mixer.out_proj(y[:, None])
+    assert rel_err(out, ref) < 1e-6
+    new_conv, new_state = cache.step_states()
+    assert torch.allclose(new_conv, conv_state) and torch.allclose(new_state, state, atol=1e-6)
+
+
+def test_fused_step_is_not_taken_off_cuda_or_for_shapes_it_does_not_fit():
+    x = torch.randn(2, 128)
+    w, A = torch.randn(128, 4), torch.randn(128, 16)
+    assert not fused_step.supported(x, w, torch.randn(8 + 32, 128), A)  # CPU
+    if torch.cuda.is_available():
+        for dim, nstate, rank, width in ((96, 16, 8, 4), (128, 12, 8, 4), (128, 16, 6, 4), (128, 16, 8, 5)):
+            x = torch.randn(2, dim, device="cuda", dtype=torch.bfloat16)
+            assert not fused_step.supported(x, torch.randn(dim, width), torch.randn(rank + 2 * nstate, dim),
+                                            torch.randn(dim, nstate))
+
+
+@pytest.mark.cuda
+@needs_clusters
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("batch,dim,nstate,rank,width,rows", [
+    (1, 1536, 16, 48, 4, 0),     # Mamba-130M at batch 1: the kernel's choice (1 row per CTA, 8 CTAs)
+    (64, 1536, 16, 48, 4, 2),    # ... at batch 64, rows per CTA forced (the choice may be the unfused step)
+    (67, 1536, 16, 48, 4, 4),    # a partial last row group
+    (130, 512, 16, 32, 4, 8),    # 8 rows per CTA, partial
+    (5, 2048, 16, 64, 4, 0),     # Mamba-370M
+    (9, 512, 8, 16, 3, 0),       # N = 8 (2 lanes per channel), width 3
+    (3, 256, 64, 16, 2, 0),      # N = 64 (16 lanes per channel), width 2
+    (20, 64, 4, 16, 4, 2),       # 8 channels per CTA, N = 4 (no shuffles)
+])
+@pytest.mark.parametrize("biases", [True, False])
+def test_fused_step_matches_reference(dtype, batch, dim, nstate, rank, width, rows, biases, monkeypatch):
+    if dtype == torch.float32 and rank % 4 or dtype != torch.float32 and rank % 8:
+        pytest.skip("rank not a multiple of 16 bytes' elements")
+    if rows:
+        monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", str(rows))
+    t = _inputs(batch, dim, nstate, rank, width, dtype, "cuda", biases)
+    assert fused_step.supported(t["x"], t["conv_weight"], t["x_proj_weight"], t["A"])
+    mask = (torch.arange(batch, device="cuda") % 3 != 1).to(dtype)  # padding rows: x and u zeroed
+    ref = {k: v.clone() if k in ("conv_state", "state") else v for k, v in t.items()}
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for step in range(3):  # the states carry over
+        y = fused_step.mamba_step(**t, mask=mask if step == 1 else None)
+        y_ref = fused_step.mamba_step_ref(**ref, mask=mask if step == 1 else None)
+        assert y.dtype == dtype and y.shape == (batch, dim)
+        assert rel_err(y, y_ref) < tol, f"step {step}: y"
+        assert torch.equal(t["conv_state"], ref["conv_state"]), f"step {step}: conv state"
+        assert rel_err(t["state"], ref["state"]) < tol, f"step {step}: state"
+        # rounding to bf16 at a different sum order may flip one value of x_proj's outputs; keep both sides on the
+        # same trajectory so that such flips do not accumulate over the steps
+        ref["state"].copy_(t["state"])
+        xz = torch.randn(batch, 2 * dim, device="cuda").to(dtype)
+        t["x"], t["z"] = ref["x"], ref["z"] = xz[:, :dim], xz[:, dim:]
+
+
+@pytest.mark.cuda
+@needs_clusters
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_mixers_decode_alike_with_and_without_the_fused_step(name, monkeypatch):
+    """Greedy decoding of a bf16 model (d_inner 256, dt_rank 8) takes the fused step by default and the unfused one
+    with ZOO_MAMBA_FUSED_STEP=0: the same tokens, logits within bf16's rounding."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+    import zoo.mixers.mamba as mamba_module
+
+    mixer = {"type": "mamba", "d_state": 16, "dt_rank": 8}
+    layers = "MM" if name == "mamba" else "MA"
+    mixers = {"M": mixer, "A": {"type": "attention", "n_heads": 4}}
+    config = zoo.ZooConfig(vocab_size=128, d_model=128, layers=layers,
+                           mixers={k: v for k, v in mixers.items() if k in layers}, ffn="none")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).cuda().to(torch.bfloat16).eval()
+    calls = []
+    fused = mamba_module.Mamba._fused_step
+    monkeypatch.setattr(mamba_module.Mamba, "_fused_step",
+                        lambda self, *a: calls.append(fused(self, *a)) or calls[-1])
+    prompt = torch.randint(0, 128, (4, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("ZOO_MAMBA_FUSED_STEP", flag)
+        calls.clear()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        assert calls and all(c == (flag == "1") for c in calls)
+        runs[flag] = out.sequences, torch.stack(out.logits, 1).float()
+    assert torch.equal(runs["1"][0], runs["0"][0])
+    assert rel_err(runs["1"][1], runs["0"][1]) < 2e-2
