@@ -55,7 +55,8 @@ def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str)
 
     args = (x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state)
     ref_args = tuple(a.clone() if a is conv_state or a is state else a for a in args)
-    rows = fused_step._ext.rows_for(batch, dim, nstate, rank, width, 2, fused_step._ext.AUTO_MAX_ROWS)  # 0: unfused
+    ext = fused_step._module()
+    rows = ext.rows_for(batch, dim, nstate, rank, width, 2, ext.AUTO_MAX_ROWS)  # 0: the mixer runs unfused
     os.environ["ZOO_MAMBA_STEP_ROWS"] = str(rows or 1)  # the check runs the kernel even where the mixer would not
     y, y_ref = mamba_step(*args).float(), mamba_step_ref(*ref_args).float()
     del os.environ["ZOO_MAMBA_STEP_ROWS"]
@@ -71,7 +72,7 @@ def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str)
 
     per_rows, capacity = {}, {}
     for r in (1, 2, 4, 8):  # every rows per CTA that fits, forced ($ZOO_MAMBA_STEP_ROWS is read at each call)
-        capacity[r] = fused_step._ext.cluster_capacity(dim, nstate, rank, width, 2, r)
+        capacity[r] = ext.cluster_capacity(dim, nstate, rank, width, 2, r)
         os.environ["ZOO_MAMBA_STEP_ROWS"] = str(r)
         try:
             per_rows[r] = timed(lambda: mamba_step(*args))

@@ -152,3 +152,32 @@ def test_mixers_decode_alike_with_and_without_the_fused_step(name, monkeypatch):
         runs[flag] = out.sequences, torch.stack(out.logits, 1).float()
     assert torch.equal(runs["1"][0], runs["0"][0])
     assert rel_err(runs["1"][1], runs["0"][1]) < 2e-2
+
+
+def test_extension_says_why_it_is_unavailable(monkeypatch):
+    """Without a GPU, or below compute capability 9.0 (no clusters), the fused step is unavailable with the reason
+    and never built; with one, the JIT build runs once and every later call reuses it."""
+    import importlib
+
+    cuda_module = importlib.import_module("zoo_kernels.selective_scan.cuda")  # (the package's `cuda` is a function)
+    JitExtension = cuda_module.JitExtension
+
+    def make():
+        return JitExtension("fused Mamba step", fused_step._SOURCES, fused_step._HEADERS, fused_step._CSRC,
+                            "zoo_mamba_step", (9, 0), "the fused step needs thread-block clusters,")
+
+    builds = []
+    monkeypatch.setattr(cuda_module, "build_extension", lambda *a: builds.append(a) or "ext")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ext = make()
+    assert not ext.available() and "no CUDA device" in ext.why_unavailable()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    ext = make()
+    assert not ext.available() and "compute capability 9.0 or newer" in ext.why_unavailable()
+    with pytest.raises(RuntimeError, match="thread-block clusters"):
+        ext.module()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    ext = make()
+    assert ext.available() and ext.module() == "ext" and ext.available() and ext.why_unavailable() is None
+    assert len(builds) == 1 and builds[0][-1] == "zoo_mamba_step"

@@ -9,14 +9,13 @@ torch reference, which is exact but slower.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from zoo_kernels.conv1d.ref import causal_conv1d_ref
-from zoo_kernels.selective_scan.cuda import build_extension
+from zoo_kernels.selective_scan.cuda import JitExtension
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("causal_conv1d_api.cpp", "causal_conv1d.cu")
@@ -24,38 +23,10 @@ _HEADERS = ("causal_conv1d.h",)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 WIDTHS = (2, 3, 4)
 
-_ext = None
-_why: str | None = None
-_lock = threading.Lock()
+_EXTENSION = JitExtension("causal-conv1d CUDA extension", _SOURCES, _HEADERS, _CSRC, "zoo_causal_conv1d")
 
 
-def available() -> bool:
-    """True when the extension is built (building it on first call); never raises."""
-    global _ext, _why
-    if _ext is not None:
-        return True
-    if _why is not None:
-        return False
-    with _lock:
-        if _ext is None and _why is None:
-            try:
-                if not torch.cuda.is_available():
-                    raise RuntimeError("no CUDA device")
-                _ext = build_extension(_SOURCES, _HEADERS, _CSRC, "zoo_causal_conv1d")
-            except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
-                _why = f"causal-conv1d CUDA extension unavailable: {exc}"
-    return _ext is not None
-
-
-def why_unavailable() -> str | None:
-    """The reason `available()` returned False (None if it did not, or was not called yet)."""
-    return _why
-
-
-def _module():
-    if not available():
-        raise RuntimeError(_why)
-    return _ext
+available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unavailable, _EXTENSION.module
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:

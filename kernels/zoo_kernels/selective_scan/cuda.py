@@ -36,11 +36,6 @@ _HEADERS = ("selective_scan.h", "selective_scan_kernels.cuh")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STATE = 64
 
-_ext = None
-_why: str | None = None
-_lock = threading.Lock()
-
-
 def cache_dir() -> Path:
     """Root of the JIT build cache (override with $ZOO_KERNELS_CACHE)."""
     return Path(os.environ.get("ZOO_KERNELS_CACHE", Path.home() / ".cache" / "hybrid-zoo"))
@@ -81,35 +76,54 @@ def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Pa
     )
 
 
-def available() -> bool:
-    """True when the extension is built (building it on first call); never raises."""
-    global _ext, _why
-    if _ext is not None:
-        return True
-    if _why is not None:
-        return False
-    with _lock:
-        if _ext is None and _why is None:
-            try:
-                if not torch.cuda.is_available():
-                    raise RuntimeError("no CUDA device")
-                if torch.cuda.get_device_capability() < (8, 0):
-                    raise RuntimeError("the selective-scan kernel needs compute capability 8.0 or newer")
-                _ext = build_extension(_SOURCES, _HEADERS, _CSRC, "zoo_selective_scan")
-            except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
-                _why = f"selective-scan CUDA extension unavailable: {exc}"
-    return _ext is not None
+class JitExtension:
+    """A CUDA extension built with build_extension at its first use, once per process, for every caller.
+
+    `available()` never raises: without a CUDA device, below `min_capability`, or when the build fails it returns
+    False and `why_unavailable()` says why; `module()` returns the extension or raises with that reason."""
+
+    def __init__(self, what: str, sources: tuple[str, ...], headers: tuple[str, ...], csrc: Path, prefix: str,
+                 min_capability: tuple[int, int] | None = None, needs: str = ""):
+        self.what, self.sources, self.headers, self.csrc, self.prefix = what, sources, headers, csrc, prefix
+        self.min_capability, self.needs = min_capability, needs
+        self._ext = None
+        self._why: str | None = None
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        """True when the extension is built (building it on first call); never raises."""
+        if self._ext is not None:
+            return True
+        if self._why is not None:
+            return False
+        with self._lock:
+            if self._ext is None and self._why is None:
+                try:
+                    if not torch.cuda.is_available():
+                        raise RuntimeError("no CUDA device")
+                    if self.min_capability and torch.cuda.get_device_capability() < self.min_capability:
+                        major, minor = self.min_capability
+                        raise RuntimeError(f"{self.needs} compute capability {major}.{minor} or newer")
+                    self._ext = build_extension(self.sources, self.headers, self.csrc, self.prefix)
+                except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
+                    self._why = f"{self.what} unavailable: {exc}"
+        return self._ext is not None
+
+    def why_unavailable(self) -> str | None:
+        """The reason `available()` returned False (None if it did not, or was not called yet)."""
+        return self._why
+
+    def module(self):
+        if not self.available():
+            raise RuntimeError(self._why)
+        return self._ext
 
 
-def why_unavailable() -> str | None:
-    """The reason `available()` returned False (None if it did not, or was not called yet)."""
-    return _why
+_EXTENSION = JitExtension("selective-scan CUDA extension", _SOURCES, _HEADERS, _CSRC, "zoo_selective_scan",
+                          (8, 0), "the selective-scan kernel needs")
 
 
-def _module():
-    if not available():
-        raise RuntimeError(_why)
-    return _ext
+available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unavailable, _EXTENSION.module
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -14,51 +14,26 @@ equal, and what runs where it cannot (CPU, older GPUs, shapes it does not take).
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
+from zoo_kernels.selective_scan.cuda import JitExtension
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("mamba_step_api.cpp", "mamba_step.cu")
-_HEADERS = ("mamba_step.h",)
+_HEADERS = ("mamba_step.h", "selective_scan_kernels.cuh", "selective_scan.h")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLUSTER = 8  # CTAs per cluster (csrc/mamba_step.h)
 
-_ext = None
-_why: str | None = None
-_lock = threading.Lock()
+_EXTENSION = JitExtension("fused Mamba step", _SOURCES, _HEADERS, _CSRC, "zoo_mamba_step", (9, 0),
+                          "the fused step needs thread-block clusters,")
 
 
-def available() -> bool:
-    """True when the extension is built (building it on first call); never raises."""
-    global _ext, _why
-    if _ext is not None:
-        return True
-    if _why is not None:
-        return False
-    with _lock:
-        if _ext is None and _why is None:
-            try:
-                if not torch.cuda.is_available():
-                    raise RuntimeError("no CUDA device")
-                if torch.cuda.get_device_capability() < (9, 0):
-                    raise RuntimeError("the fused step needs thread-block clusters: compute capability 9.0 or newer")
-                from zoo_kernels.selective_scan.cuda import build_extension
-
-                _ext = build_extension(_SOURCES, _HEADERS, _CSRC, "zoo_mamba_step")
-            except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
-                _why = f"fused Mamba step unavailable: {exc}"
-    return _ext is not None
-
-
-def why_unavailable() -> str | None:
-    """The reason `available()` returned False (None if it did not, or was not called yet)."""
-    return _why
+available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unavailable, _EXTENSION.module
 
 
 def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.Tensor, A: torch.Tensor) -> bool:
@@ -75,8 +50,8 @@ def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.T
     if not (dim % (8 * CLUSTER) == 0 and conv_weight.shape[-1] <= 4 and nstate % 4 == 0 and 1 <= lanes <= 32
             and lanes & (lanes - 1) == 0 and rank >= 1 and rank % (16 // x.element_size()) == 0 and available()):
         return False
-    width, elem = conv_weight.shape[-1], x.element_size()
-    return bool(_forced_rows()) or _ext.rows_for(x.shape[0], dim, nstate, rank, width, elem, _ext.AUTO_MAX_ROWS) > 0
+    width, elem, ext = conv_weight.shape[-1], x.element_size(), _module()
+    return bool(_forced_rows()) or ext.rows_for(x.shape[0], dim, nstate, rank, width, elem, ext.AUTO_MAX_ROWS) > 0
 
 
 def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state, mask=None):
@@ -90,10 +65,9 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
 
     The kernel is launched as a programmatic dependent of the stream's previous kernel (in the mixer: in_proj), so
     that its copies of weights and states overlap that kernel's end; ZOO_MAMBA_STEP_PDL=0 launches it plainly."""
-    if not available():
-        raise RuntimeError(_why)
-    return _ext.step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state, mask,
-                     os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0", _forced_rows())
+    pdl = os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0"
+    return _module().step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
+                          mask, pdl, _forced_rows())
 
 
 def _forced_rows() -> int:

@@ -30,6 +30,7 @@
 #include <cstdint>
 
 #include "mamba_step.h"
+#include "selective_scan_kernels.cuh"  // to_f, from_f, softplus_f, sigmoid_f
 
 namespace cg = cooperative_groups;
 
@@ -38,17 +39,11 @@ namespace {
 
 constexpr int kMaxItems = kMaxRowChannels / kThreads;  // (row, channel) items per thread in the conv step
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f(float x);
-template <>
-__device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+using zoo_ss::from_f;
+using zoo_ss::sigmoid_f;
+using zoo_ss::softplus_f;
+using zoo_ss::to_f;
+
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
 
@@ -60,23 +55,6 @@ __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
 __device__ __forceinline__ float2 load2(const __half* p) {
   return __half22float2(*reinterpret_cast<const __half2*>(p));
 }
-
-// softplus as in the scan kernels: max(x, 0) + log1p(exp(-|x|)), branch-free (log1p by its atanh series)
-__device__ __forceinline__ float softplus_f(float x) {
-  const float e = __expf(-fabsf(x));
-  const float w = __fdividef(e, 2.f + e);
-  const float w2 = w * w;
-  float poly = 1.f / 15.f;
-  poly = fmaf(poly, w2, 1.f / 13.f);
-  poly = fmaf(poly, w2, 1.f / 11.f);
-  poly = fmaf(poly, w2, 1.f / 9.f);
-  poly = fmaf(poly, w2, 1.f / 7.f);
-  poly = fmaf(poly, w2, 1.f / 5.f);
-  poly = fmaf(poly, w2, 1.f / 3.f);
-  poly = fmaf(poly, w2, 1.f);
-  return fmaxf(x, 0.f) + 2.f * w * poly;
-}
-__device__ __forceinline__ float sigmoid_f(float x) { return __fdividef(1.f, 1.f + __expf(-x)); }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
