@@ -60,7 +60,7 @@ KERNELS = ("per_head", "grouped")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-BASELINE = ("per_head", "auto", None, None, None)  # today's call: decode_attention's defaults
+BASELINE = ("per_head", "auto", None, None, None)  # the per-head kernel at its defaults (the default before)
 
 
 def variants(kernels, grid: dict) -> list[tuple]:

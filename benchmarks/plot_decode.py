@@ -1,0 +1,95 @@
+"""Plot: decode step time of every family against batch size and prompt length, from benchmarks/results.jsonl.
+
+Reads the newest `generate/<model>/B<batch>[/P<prompt>]` row of each name (benchmarks/generate.py writes them; rows
+of one figure should come from one call: the script prints the date and note of each point it uses) and draws two
+panels: ms per decode step against batch at a 2K prompt, and the speed-up over Transformer++ at the largest batch
+against the prompt length (the issue's 5x line drawn in). Writes one PNG.
+
+    python benchmarks/plot_decode.py --out results/gpu-2026-12-03/decode.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NAME = re.compile(r"^generate/([\w-]+)/B(\d+)(?:/P(\d+))?$")
+COLOR = {"transformerpp": "C0", "mamba": "C1", "jamba": "C2", "gla": "C3", "mamba2": "C4", "hf-llama": "C5",
+         "hf-mamba": "C6"}
+LABEL = {"transformerpp": "Transformer++", "mamba": "Mamba", "jamba": "Jamba-style", "gla": "GLA",
+         "mamba2": "Mamba-2", "hf-llama": "transformers Llama", "hf-mamba": "transformers Mamba"}
+
+
+def load(path: Path) -> dict[tuple[str, int, int], dict]:
+    """(model, batch, prompt) -> the newest row of that name with a time (later lines win)."""
+    points = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        m = NAME.match(row.get("name", ""))
+        if m and row.get("ours_ms"):
+            points[(m[1], int(m[2]), int(m[3] or 2048))] = row
+    return points
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results.jsonl"))
+    p.add_argument("--models", nargs="+", default=["transformerpp", "mamba", "jamba", "gla", "mamba2"])
+    p.add_argument("--out", required=True, help="the PNG to write")
+    args = p.parse_args(argv)
+    points = load(Path(args.results))
+    if not any(k[0] == "transformerpp" for k in points):
+        raise SystemExit(f"no generate/transformerpp rows in {args.results}: run benchmarks/generate.py first")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for model in args.models:
+        at_2k = sorted((b, r["ours_ms"]) for (m, b, prompt), r in points.items() if m == model and prompt == 2048)
+        if at_2k:
+            left.plot(*zip(*at_2k), marker="o", color=COLOR.get(model), label=LABEL.get(model, model))
+    left.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms per decode step", title="prompt 2048")
+    left.set_xticks([1, 4, 16, 64], labels=["1", "4", "16", "64"])
+    left.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    left.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
+    left.xaxis.set_minor_formatter(NullFormatter())
+    left.grid(True, which="both", alpha=0.3)
+    left.legend()
+
+    batch = max(b for (m, b, _) in points if m == "transformerpp")
+    base = {prompt: r["ours_ms"] for (m, b, prompt), r in points.items() if m == "transformerpp" and b == batch}
+    for model in args.models:
+        if model == "transformerpp":
+            continue
+        speedup = sorted((prompt, base[prompt] / r["ours_ms"]) for (m, b, prompt), r in points.items()
+                         if m == model and b == batch and prompt in base)
+        if speedup:
+            right.plot(*zip(*speedup), marker="o", color=COLOR.get(model), label=LABEL.get(model, model))
+    right.axhline(5, color="grey", linestyle="--", linewidth=1, label="5x")
+    right.set(xscale="log", xlabel="prompt length", ylabel="decode speed-up over Transformer++",
+              title=f"batch {batch}")
+    right.set_xticks(sorted(base), labels=[str(p) for p in sorted(base)])
+    right.xaxis.set_minor_formatter(NullFormatter())
+    right.grid(True, alpha=0.3)
+    right.legend()
+    used = sorted({(r["date"], r.get("card", "?"), r.get("note") or "") for r in points.values()})
+    fig.suptitle(f"decode, 130M models, bf16, CUDA graphs ({'; '.join(sorted({u[1] for u in used}))})")
+    fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=120)
+    for key in sorted(points):
+        r = points[key]
+        note = r.get("note") or ""
+        print(f"{key[0]:14s} B{key[1]:<3d} prompt {key[2]:5d}: {r['ours_ms']:.3f} ms  {r['date']}  {note}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The decode plot (benchmarks/plot_decode.py) reads generate rows, the newest per name, and writes a PNG."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load():
+    spec = importlib.util.spec_from_file_location("plot_decode", ROOT / "benchmarks" / "plot_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(name, ms, note=None):
+    return {"name": name, "ours_ms": ms, "date": "2026-12-03", "card": "test card", "note": note}
+
+
+def test_newest_row_per_name_and_prompt_suffix(tmp_path):
+    pd = load()
+    path = tmp_path / "results.jsonl"
+    rows = [_row("generate/mamba/B64", 0.9, "old"), _row("generate/mamba/B64", 0.78, "new"),
+            _row("generate/mamba/B64/P8192", 0.79), _row("generate/mamba/B16", None), _row("attention/x", 1.0)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    points = pd.load(path)
+    assert set(points) == {("mamba", 64, 2048), ("mamba", 64, 8192)}  # no time, other benchmarks: left out
+    assert points[("mamba", 64, 2048)]["note"] == "new"
+
+
+def test_writes_the_png_and_needs_the_baseline(tmp_path):
+    pd = load()
+    path = tmp_path / "results.jsonl"
+    rows = [_row(f"generate/{m}/B{b}{p}", ms) for m, scale in (("transformerpp", 2.0), ("mamba", 0.5))
+            for b in (1, 64) for p, ms in (("", scale * b ** 0.2), ("/P8192", scale * 2 * b ** 0.2))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[4:]))  # mamba only
+    with pytest.raises(SystemExit, match="transformerpp"):
+        pd.main(["--results", str(path), "--out", str(tmp_path / "x.png")])
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "plots" / "decode.png"
+    pd.main(["--results", str(path), "--out", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
