@@ -322,17 +322,20 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
   asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
-// The kernel for these sizes, with its dynamic shared-memory limit raised to `smem` (once per device).
+// The kernel for these sizes, with its dynamic shared-memory limit raised to `smem` (once per device). A failing
+// runtime call here also leaves its error as the thread's last error, where the next kernel launch check (torch's)
+// would find it and fail an unrelated launch; so every failure below is read back with cudaGetLastError, and
+// returned to the caller instead.
 template <typename T, int kRows>
 cudaError_t prepare(size_t smem, void (**kernel)(StepParams)) {
   *kernel = mamba_step_kernel<T, kRows>;
   static size_t allowed[64] = {};  // per device: the opt-in set so far (raised when a launch needs more)
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
+  if (err != cudaSuccess) return cudaGetLastError();
   if (device >= 64 || smem > allowed[device]) {
     err = cudaFuncSetAttribute(*kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (err != cudaSuccess) return err;
+    if (err != cudaSuccess) return cudaGetLastError();
     if (device < 64) allowed[device] = smem;
   }
   return cudaSuccess;
@@ -363,7 +366,7 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   cudaLaunchAttribute attr[2];
   const cudaLaunchConfig_t cfg = config(dim3(kCluster, (p.batch + kRows - 1) / kRows), smem, stream, attr, p.pdl);
-  return cudaLaunchKernelEx(&cfg, kernel, p);
+  return cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess ? cudaSuccess : cudaGetLastError();  // (see prepare)
 }
 
 template <typename T, int kRows>
@@ -378,7 +381,10 @@ int clusters(size_t smem) {
   cudaLaunchAttribute attr[2];
   const cudaLaunchConfig_t cfg = config(dim3(kCluster, 1), smem, nullptr, attr, false);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<void*>(kernel), &cfg) != cudaSuccess) n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<void*>(kernel), &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // (see prepare)
+    n = 0;
+  }
   if (device < 64) asked[device] = smem, answer[device] = n;
   return n;
 }

@@ -63,6 +63,10 @@ int64_t rows_for(int64_t batch, int64_t dim, int64_t nstate, int64_t rank, int64
 // How many clusters can be resident at once for `rows` rows per CTA at these sizes (benchmarks print it).
 int64_t cluster_capacity(int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes, int64_t rows) {
   const size_t smem = zoo_ms::step_smem_bytes(int(dim), int(nstate), int(rank), int(width), int(rows), int(elem_bytes));
+  int smem_block = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        c10::cuda::current_device()));
+  if (int64_t(smem) > smem_block) return 0;  // (not asked of the runtime: it would fail)
   return zoo_ms::max_active_clusters(elem_bytes == 4 ? zoo_ms::kFloat32 : zoo_ms::kBFloat16, int(rows), smem);
 }
 
@@ -106,7 +110,8 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
   check(state, "state", at::kFloat, {batch, dim, nstate});
   for (const Tensor* t : {&x_proj_w, &dt_w, &A, static_cast<const Tensor*>(&state)})
     TORCH_CHECK(aligned16(*t), "mamba_step: tensors must be 16-byte aligned");
-  for (const OptT* t : {&dt_bias, &D})
+  TORCH_CHECK(aligned16(conv_w), "mamba_step: tensors must be 16-byte aligned");
+  for (const OptT* t : {&dt_bias, &D, &conv_b})
     TORCH_CHECK(!t->has_value() || aligned16(**t), "mamba_step: tensors must be 16-byte aligned");
   int rows = int(rows_asked);
   if (rows == 0) {
