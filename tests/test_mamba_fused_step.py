@@ -181,3 +181,14 @@ def test_extension_says_why_it_is_unavailable(monkeypatch):
     ext = make()
     assert ext.available() and ext.module() == "ext" and ext.available() and ext.why_unavailable() is None
     assert len(builds) == 1 and builds[0][-1] == "zoo_mamba_step"
+
+
+def test_weights_off_16_byte_alignment_are_copied_for_the_kernel():
+    """The kernel copies weights with 16-byte cp.async: a view at another offset (a flat buffer's) is passed as an
+    aligned copy, an aligned tensor as itself."""
+    flat = torch.arange(20, dtype=torch.float32)
+    view = flat[1:17]
+    assert view.data_ptr() % 16 != 0
+    copy = fused_step._aligned(view)
+    assert copy.data_ptr() % 16 == 0 and torch.equal(copy, view)
+    assert fused_step._aligned(flat) is flat and fused_step._aligned(None) is None

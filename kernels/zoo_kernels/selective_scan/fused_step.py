@@ -66,8 +66,16 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
     The kernel is launched as a programmatic dependent of the stream's previous kernel (in the mixer: in_proj), so
     that its copies of weights and states overlap that kernel's end; ZOO_MAMBA_STEP_PDL=0 launches it plainly."""
     pdl = os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0"
+    conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D = (
+        _aligned(t) for t in (conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D))
     return _module().step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
                           mask, pdl, _forced_rows())
+
+
+def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t, or a copy of it where its data is not 16-byte aligned (the kernel copies weights with 16-byte cp.async;
+    parameters are their own allocations, but a view into a flat buffer need not be)."""
+    return t if t is None or t.data_ptr() % 16 == 0 else t.clone()
 
 
 def _forced_rows() -> int:
