@@ -192,3 +192,24 @@ def test_weights_off_16_byte_alignment_are_copied_for_the_kernel():
     copy = fused_step._aligned(view)
     assert copy.data_ptr() % 16 == 0 and torch.equal(copy, view)
     assert fused_step._aligned(flat) is flat and fused_step._aligned(None) is None
+
+
+@pytest.mark.cuda
+@needs_clusters
+def test_a_step_that_needs_gradients_does_not_take_the_fused_kernel():
+    """The fused kernel has no backward: with autograd on and trainable weights the step takes the unfused path,
+    and the gradient reaches x_proj's weight; without autograd the same mixer takes the kernel."""
+    from zoo.cache import RecurrentLayer
+    from zoo.mixers.mamba import Mamba
+
+    torch.manual_seed(0)
+    mixer = Mamba(128, d_state=16, dt_rank=8).cuda()
+    x = torch.randn(2, 1, 128, device="cuda")
+    cache = RecurrentLayer()
+    cache.set(torch.zeros(2, mixer.d_inner, 3, device="cuda"), torch.zeros(2, mixer.d_inner, 16, device="cuda"))
+    xs = torch.randn(2, mixer.d_inner, device="cuda")
+    assert not mixer._fused_step(xs.requires_grad_(), "cuda")
+    mixer(x, cache=cache).sum().backward()
+    assert mixer.x_proj.weight.grad is not None and mixer.x_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert mixer._fused_step(xs.detach(), "cuda")

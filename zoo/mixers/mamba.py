@@ -8,6 +8,7 @@ import os
 import torch
 from torch import nn
 from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from zoo_kernels._grad import needs_grad
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
@@ -144,8 +145,11 @@ class Mamba(nn.Module):
     def _fused_step(self, xs: torch.Tensor, backend: str) -> bool:
         """Whether the step may run the fused kernel (conv, x_proj, dt_proj, state update and gate in one launch,
         zoo_kernels.selective_scan.fused_step): on CUDA, with dt_proj foldable (_folds_dt_proj), shapes the kernel
-        takes, and not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for side-by-side timing)."""
+        takes, not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for side-by-side timing), and without autograd (the
+        kernel has no backward; a step that needs gradients takes the unfused path's references)."""
         if backend != "cuda" or not xs.is_cuda or os.environ.get("ZOO_MAMBA_FUSED_STEP", "1") == "0":
+            return False
+        if needs_grad(xs, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight, self.A_log, self.D):
             return False
         from zoo_kernels.selective_scan import fused_step
 
