@@ -1,11 +1,13 @@
 """Shared test helpers: tolerant comparison that prints the relative error; a test file run under Triton's
-interpreter."""
+interpreter; a script of the repository (scripts/, benchmarks/) imported as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -28,3 +30,17 @@ def run_in_interpreter(path: str, timeout: int = 300) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # conftest.py: why
     proc = subprocess.run([sys.executable, path], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str):
+    """The repository's script at `path` (e.g. "scripts/collapse.py") as a module, registered in sys.modules under
+    its name (dataclasses resolve their annotations through it)."""
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,25 +1,16 @@
 """configs/train/collapse.yaml and scripts/collapse.py (issue 8: state collapse and mitigations), on the CPU."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_collapse_recipe_parses():
-    capacity = load_script("state_capacity")
+    capacity = load_script("scripts/state_capacity.py")
     sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml")
     runs = capacity.expand_runs(sweep)
     assert {r["model"] for r in runs} == set(sweep["models"]) and "slow_decay" in sweep["models"]
@@ -40,7 +31,7 @@ def test_collapse_recipe_parses():
 
 
 def test_collapse_report_bins_and_verdicts():
-    collapse = load_script("collapse")
+    collapse = load_script("scripts/collapse.py")
     L = 64
     edges = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 
@@ -74,6 +65,6 @@ def test_collapse_report_bins_and_verdicts():
 
 @pytest.mark.parametrize("bad", ["eval.mitigations=[forget:c_alpha=2]", "eval.nope=1"])
 def test_collapse_recipe_rejects_bad_eval(bad):
-    capacity = load_script("state_capacity")
+    capacity = load_script("scripts/state_capacity.py")
     with pytest.raises(ValueError):
         capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [bad])

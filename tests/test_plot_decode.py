@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("plot_decode", ROOT / "benchmarks" / "plot_decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import load_script
 
 
 def _row(name, ms, note=None):
@@ -23,7 +13,7 @@ def _row(name, ms, note=None):
 
 
 def test_newest_row_per_name_and_prompt_suffix(tmp_path):
-    pd = load()
+    pd = load_script("benchmarks/plot_decode.py")
     path = tmp_path / "results.jsonl"
     rows = [_row("generate/mamba/B64", 0.9, "old"), _row("generate/mamba/B64", 0.78, "new"),
             _row("generate/mamba/B64/P8192", 0.79), _row("generate/mamba/B16", None), _row("attention/x", 1.0)]
@@ -34,7 +24,7 @@ def test_newest_row_per_name_and_prompt_suffix(tmp_path):
 
 
 def test_writes_the_png_and_needs_the_baseline(tmp_path):
-    pd = load()
+    pd = load_script("benchmarks/plot_decode.py")
     path = tmp_path / "results.jsonl"
     rows = [_row(f"generate/{m}/B{b}{p}", ms) for m, scale in (("transformerpp", 2.0), ("mamba", 0.5))
             for b in (1, 64) for p, ms in (("", scale * b ** 0.2), ("/P8192", scale * 2 * b ** 0.2))]

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("profile_step", ROOT / "benchmarks" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_classify_kernel_names():
-    ps = load()
+    ps = load_script("benchmarks/profile_step.py")
     assert ps.classify("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
     assert ps.classify("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
     assert ps.classify("void selective_scan_fwd_kernel<...>") == "scan"
@@ -30,7 +24,7 @@ def test_classify_kernel_names():
 def test_packed_batch_restarts_positions_per_document():
     import torch
 
-    ps = load()
+    ps = load_script("benchmarks/profile_step.py")
     batch = ps.packed_batch(2, 1024, 100, torch.device("cpu"))
     for b in range(2):
         seq_idx, pos = batch["seq_idx"][b], batch["position_ids"][b]
@@ -40,7 +34,7 @@ def test_packed_batch_restarts_positions_per_document():
 
 
 def test_profile_step_runs_on_cpu(tmp_path, capsys):
-    ps = load()
+    ps = load_script("benchmarks/profile_step.py")
     out = tmp_path / "report.md"
     ps.main(["--model", str(ROOT / "configs/models/mamba-tiny.yaml"), "--seq-len", "64", "--micro-batch", "1",
              "--warmup", "1", "--steps", "1", "--top", "5", "--out", str(out)])

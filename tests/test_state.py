@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
+from helpers import assert_close, load_script
 from zoo_kernels import causal_conv1d_ref, chunk_gla_ref, selective_scan_ref, ssd_chunk_scan_ref
 from zoo_kernels.gla.ref import gla_state_update_ref
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
@@ -357,13 +355,6 @@ def test_recorder_equals_direct_run(config):
 
 # ---- recipes -----------------------------------------------------------------------------------------------------
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses resolve their annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
 
 SYNTHETIC_RECIPES = sorted(p.name for pattern in ("induction*.yaml", "selective-copy*.yaml", "mqar-sweep*.yaml")
                            for p in (ROOT / "configs/train").glob(pattern))
@@ -376,7 +367,7 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("name", SYNTHETIC_RECIPES)
 def test_synthetic_recipe_parses(name):
-    script = load_script("train_synthetic")
+    script = load_script("scripts/train_synthetic.py")
     recipe = script.load_recipe(ROOT / "configs/train" / name)
     runs = script.expand_runs(recipe)
     assert runs and len({r.name for r in runs}) == len(runs)
@@ -389,14 +380,14 @@ def test_synthetic_recipe_parses(name):
 
 
 def test_synthetic_recipe_rejects_a_longer_curriculum():
-    script = load_script("train_synthetic")
+    script = load_script("scripts/train_synthetic.py")
     with pytest.raises(ValueError, match="exceeds data.seq_len"):
         script.expand_runs(script.load_recipe(ROOT / "configs/train/induction-cpu.yaml",
                                               ["curriculum=[{seq_len: 512, max_steps: 10}]"]))
 
 
 def test_state_capacity_recipe_parses():
-    script = load_script("state_capacity")
+    script = load_script("scripts/state_capacity.py")
     sweep = script.load_sweep(ROOT / "configs/train/state-capacity.yaml")
     runs = script.expand_runs(sweep)
     assert len(runs) == len(sweep["models"]) * len(sweep["train_lengths"])
@@ -408,7 +399,7 @@ def test_state_capacity_recipe_parses():
 
 def test_state_capacity_fit_recovers_a_line():
     """Verdicts made from the line L* = 4·S + 2 (K tokens) give back its capacity lengths and the line."""
-    script = load_script("state_capacity")
+    script = load_script("scripts/state_capacity.py")
     sizes = {"a": 0.5, "b": 1.5, "c": 3.5}  # M floats: L* = 4K, 8K, 16K
     lengths = [1024, 2048, 4096, 8192, 16384, 32768]
     collapsed = {(m, L): L / script.K < 4 * s + 2 for m, s in sizes.items() for L in lengths}
@@ -430,7 +421,7 @@ def test_state_capacity_fit_recovers_a_line():
 
 
 def test_synthetic_recipe_model_overrides_apply_to_their_model_only():
-    script = load_script("train_synthetic")
+    script = load_script("scripts/train_synthetic.py")
     recipe = script.load_recipe(ROOT / "configs/train/induction.yaml")
     runs = {r.model_name: r for r in script.expand_runs(recipe)}
     assert runs["mamba"].section.train.state_passing and runs["mamba"].section.train.max_steps == 20000

@@ -145,9 +145,12 @@ class Mamba(nn.Module):
     def _fused_step(self, xs: torch.Tensor, backend: str) -> bool:
         """Whether the step may run the fused kernel (conv, x_proj, dt_proj, state update and gate in one launch,
         zoo_kernels.selective_scan.fused_step): on CUDA, with dt_proj foldable (_folds_dt_proj), shapes the kernel
-        takes, not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for side-by-side timing), and without autograd (the
-        kernel has no backward; a step that needs gradients takes the unfused path's references)."""
+        takes, not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for side-by-side timing), without the state tools'
+        hooks (they take the unfused step's tensors), and without autograd (the kernel has no backward; a step that
+        needs gradients takes the unfused path's references)."""
         if backend != "cuda" or not xs.is_cuda or os.environ.get("ZOO_MAMBA_FUSED_STEP", "1") == "0":
+            return False
+        if self.mitigation or self.state_probe is not None:
             return False
         if needs_grad(xs, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight, self.A_log, self.D):
             return False
@@ -165,7 +168,7 @@ class Mamba(nn.Module):
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
         conv_state, state = cache.step_states()  # updated in place below, then set back
-        if not (self.mitigation or self.state_probe is not None) and self._fused_step(xs, backend):
+        if self._fused_step(xs, backend):
             from zoo_kernels.selective_scan.fused_step import mamba_step
 
             dt_weight, dt_bias = self._dt_proj_constants(xs.dtype)

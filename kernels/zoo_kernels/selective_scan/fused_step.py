@@ -51,7 +51,7 @@ def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.T
             and lanes & (lanes - 1) == 0 and rank >= 1 and rank % (16 // x.element_size()) == 0 and available()):
         return False
     width, elem, ext = conv_weight.shape[-1], x.element_size(), _module()
-    return bool(_forced_rows()) or ext.rows_for(x.shape[0], dim, nstate, rank, width, elem, ext.AUTO_MAX_ROWS) > 0
+    return bool(_forced_rows()) or ext.rows_for(x.shape[0], dim, nstate, rank, width, elem) > 0
 
 
 def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state, mask=None):

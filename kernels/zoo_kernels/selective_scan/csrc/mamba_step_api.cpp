@@ -35,39 +35,44 @@ void check(const Tensor& t, const char* name, at::ScalarType dtype, std::vector<
               at::IntArrayRef(shape));
 }
 
-// Rows per CTA: the smallest power of two (<= max_rows) whose clusters are all resident at once (the occupancy
-// API's count for the kernel and its shared memory: a cluster's 8 CTAs must share a GPC, so this is less than
-// SMs x CTAs per SM / 8), so that the step runs in one wave. 0 when none does. The automatic choice takes
-// kAutoMaxRows: on an H200 (benchmarks/mamba_step.py, 130M shapes) one row per CTA beat the unfused step (7.0 vs
-// 7.8 us at batch 1, 9.0 vs 9.8 at batch 16), but every CTA's time grows by ~1.7 us per further row (batch 1 with
-// 2 / 4 / 8 rows: 8.6 / 12.1 / 19.0 us), and from batch 32 on the unfused step won at every rows per CTA
-// (batch 32: 13.0 vs 10.6 us; batch 64: 22.6 vs 14.3 us). Beyond one wave of one-row CTAs the caller takes the
-// unfused step.
-constexpr int64_t kAutoMaxRows = 1;
-
-int64_t rows_for(int64_t batch, int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes,
-                 int64_t max_rows) {
-  const int device = c10::cuda::current_device();
+// Whether `rows` rows per CTA fit: the shared memory under the device's opt-in limit, and rows x dim / kCluster
+// (row, channel) items for the conv step's per-thread arrays.
+bool fits(int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes, int rows, size_t* smem) {
+  *smem = zoo_ms::step_smem_bytes(int(dim), int(nstate), int(rank), int(width), rows, int(elem_bytes));
   int smem_block = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const zoo_ms::DType dtype = elem_bytes == 4 ? zoo_ms::kFloat32 : zoo_ms::kBFloat16;  // same sizes for fp16
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        c10::cuda::current_device()));
+  return int64_t(*smem) <= smem_block && rows * dim / zoo_ms::kCluster <= zoo_ms::kMaxRowChannels;
+}
+
+zoo_ms::DType dtype_of_size(int64_t elem_bytes) {
+  return elem_bytes == 4 ? zoo_ms::kFloat32 : zoo_ms::kBFloat16;  // fp16 has bf16's sizes
+}
+
+// Rows per CTA: the smallest power of two (<= kAutoMaxRows) whose clusters are all resident at once (the occupancy
+// API's count for the kernel and its shared memory: a cluster's 8 CTAs must share a GPC, so this is less than
+// SMs x CTAs per SM / 8), so that the step runs in one wave; 0 when none does, and the caller takes the unfused
+// step. kAutoMaxRows is 1: on an H200 (benchmarks/mamba_step.py, 130M shapes) one row per CTA beat the unfused step
+// (7.0 vs 7.8 us at batch 1, 9.0 vs 9.8 at batch 16), but every CTA's time grows by ~1.7 us per further row (batch
+// 1 with 2 / 4 / 8 rows: 8.6 / 12.1 / 19.0 us), and from batch 32 on the unfused step won at every rows per CTA
+// (batch 32: 13.0 vs 10.6 us; batch 64: 22.6 vs 14.3 us).
+constexpr int kAutoMaxRows = 1;
+
+int64_t rows_for(int64_t batch, int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes) {
   for (int rows : {1, 2, 4, 8}) {
-    if (rows > max_rows) break;
-    const size_t smem = zoo_ms::step_smem_bytes(int(dim), int(nstate), int(rank), int(width), rows, int(elem_bytes));
-    if (int64_t(smem) > smem_block || rows * dim / zoo_ms::kCluster > zoo_ms::kMaxRowChannels) break;
-    if ((batch + rows - 1) / rows <= zoo_ms::max_active_clusters(dtype, rows, smem)) return rows;
+    size_t smem = 0;
+    if (rows > kAutoMaxRows || !fits(dim, nstate, rank, width, elem_bytes, rows, &smem)) break;
+    if ((batch + rows - 1) / rows <= zoo_ms::max_active_clusters(dtype_of_size(elem_bytes), rows, smem)) return rows;
   }
   return 0;
 }
 
-// How many clusters can be resident at once for `rows` rows per CTA at these sizes (benchmarks print it).
+// How many clusters can be resident at once for `rows` rows per CTA at these sizes (benchmarks print it); 0 where
+// they do not fit (not asked of the runtime: it would fail).
 int64_t cluster_capacity(int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes, int64_t rows) {
-  const size_t smem = zoo_ms::step_smem_bytes(int(dim), int(nstate), int(rank), int(width), int(rows), int(elem_bytes));
-  int smem_block = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        c10::cuda::current_device()));
-  if (int64_t(smem) > smem_block) return 0;  // (not asked of the runtime: it would fail)
-  return zoo_ms::max_active_clusters(elem_bytes == 4 ? zoo_ms::kFloat32 : zoo_ms::kBFloat16, int(rows), smem);
+  size_t smem = 0;
+  if (!fits(dim, nstate, rank, width, elem_bytes, int(rows), &smem)) return 0;
+  return zoo_ms::max_active_clusters(dtype_of_size(elem_bytes), int(rows), smem);
 }
 
 // x, z: [batch, dim] (may be column slices of in_proj's output); conv_state [batch, dim, W - 1] fp32; conv_w
@@ -115,16 +120,12 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
     TORCH_CHECK(!t->has_value() || aligned16(**t), "mamba_step: tensors must be 16-byte aligned");
   int rows = int(rows_asked);
   if (rows == 0) {
-    rows = int(rows_for(batch, dim, nstate, rank, width, eb, kAutoMaxRows));
+    rows = int(rows_for(batch, dim, nstate, rank, width, eb));
     TORCH_CHECK(rows > 0, "mamba_step: no rows per CTA runs these sizes in one wave");
   } else {
+    size_t smem = 0;
     TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8, "mamba_step: rows per CTA must be 1, 2, 4 or 8");
-    int smem_block = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                          c10::cuda::current_device()));
-    TORCH_CHECK(int64_t(zoo_ms::step_smem_bytes(int(dim), int(nstate), int(rank), int(width), rows, int(eb))) <=
-                        smem_block && rows * dim / zoo_ms::kCluster <= zoo_ms::kMaxRowChannels,
-                "mamba_step: ", rows, " rows per CTA do not fit");
+    TORCH_CHECK(fits(dim, nstate, rank, width, eb, rows, &smem), "mamba_step: ", rows, " rows per CTA do not fit");
   }
   Tensor out = at::empty({batch, dim}, x.options());
   zoo_ms::StepParams p{};
@@ -161,7 +162,6 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "fused Mamba-1 decode step (conv, x_proj, dt_proj, state update, gate)");
-  m.def("rows_for", &rows_for, "batch rows per CTA (<= max_rows) that run these sizes in one wave (0: none)");
-  m.attr("AUTO_MAX_ROWS") = kAutoMaxRows;
+  m.def("rows_for", &rows_for, "batch rows per CTA the step takes for these sizes (0: the unfused step)");
   m.def("cluster_capacity", &cluster_capacity, "resident clusters at once for these sizes and rows per CTA");
 }
