@@ -42,6 +42,20 @@ def matmul_peak_tflops(dev: torch.device) -> float:
     return 2 * 8192**3 / bench_ms(lambda: a @ a) / 1e9
 
 
+def packed_rows(b: int, L: int, h: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """seq_idx [b, L] int32 of rows cut at random into 4-8 documents each, and the documents' causal fwd FLOPs."""
+    seq_idx = torch.zeros(b, L, dtype=torch.int32)
+    doc_flops = 0
+    for r in range(b):
+        n_docs = int(torch.randint(4, 9, (1,), generator=gen))
+        cuts = sorted((torch.randperm(L - 1, generator=gen)[: n_docs - 1] + 1).tolist())
+        for c in cuts:
+            seq_idx[r, c:] += 1
+        lens = [y - x for x, y in zip([0, *cuts], [*cuts, L])]
+        doc_flops += sum(2 * h * d * n * n for n in lens)
+    return seq_idx, doc_flops
+
+
 def check_packed(name, fn, q, k, v, seq_idx) -> None:
     """Print a raw packed kernel's error vs the fp32 reference (output and gradients), before timing it."""
     leaves = [q, k, v]
@@ -199,15 +213,7 @@ def main() -> None:
     # packed vs unpacked at equal total tokens: same (B, L), rows cut into 4-8 documents
     gen = torch.Generator().manual_seed(1)
     for b, L, h, d in shapes[1:3] if not args.quick else shapes[1:2]:
-        seq_idx = torch.zeros(b, L, dtype=torch.int32)
-        doc_flops = 0
-        for r in range(b):
-            n_docs = int(torch.randint(4, 9, (1,), generator=gen))
-            cuts = sorted((torch.randperm(L - 1, generator=gen)[: n_docs - 1] + 1).tolist())
-            for c in cuts:
-                seq_idx[r, c:] += 1
-            lens = [y - x for x, y in zip([0, *cuts], [*cuts, L])]
-            doc_flops += sum(2 * h * d * n * n for n in lens)
+        seq_idx, doc_flops = packed_rows(b, L, h, d, gen)
         seq_idx = seq_idx.to(dev)
         q, k, v = (torch.randn(b, L, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))

@@ -41,8 +41,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ZOO_KERNELS_CACHE", Path.home() / ".cache" / "hybrid-zoo"))
 
 
-def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Path, prefix: str):
+def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Path, prefix: str,
+                    defines: tuple[str, ...] = ()):
     """JIT-builds csrc/sources for the current GPU's architecture; returns the loaded module.
+
+    defines: preprocessor names set for every source (-DNAME), part of the build's cache key.
 
     Raises RuntimeError with the reason (no nvcc, no ninja, compiler error) when it cannot.
     """
@@ -63,15 +66,18 @@ def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Pa
         digest.update(name.encode())
         digest.update((csrc / name).read_bytes())
     digest.update(f"{torch.__version__}|{torch.version.cuda}|sm_{arch}".encode())
+    if defines:  # (no defines: the key of every earlier build, so their caches stay valid)
+        digest.update(("|" + ",".join(defines)).encode())
     name = f"{prefix}_{digest.hexdigest()[:16]}"
+    flags = [f"-D{d}" for d in defines]
     build_dir = cache_dir() / prefix / name
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
         sources=[str(csrc / s) for s in sources],
         build_directory=str(build_dir),
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-lineinfo"],
+        extra_cflags=["-O3", *flags],
+        extra_cuda_cflags=["-O3", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-lineinfo", *flags],
         verbose=os.environ.get("ZOO_KERNELS_VERBOSE", "") == "1",
     )
 
@@ -83,9 +89,9 @@ class JitExtension:
     False and `why_unavailable()` says why; `module()` returns the extension or raises with that reason."""
 
     def __init__(self, what: str, sources: tuple[str, ...], headers: tuple[str, ...], csrc: Path, prefix: str,
-                 min_capability: tuple[int, int] | None = None, needs: str = ""):
+                 min_capability: tuple[int, int] | None = None, needs: str = "", defines: tuple[str, ...] = ()):
         self.what, self.sources, self.headers, self.csrc, self.prefix = what, sources, headers, csrc, prefix
-        self.min_capability, self.needs = min_capability, needs
+        self.min_capability, self.needs, self.defines = min_capability, needs, defines
         self._ext = None
         self._why: str | None = None
         self._lock = threading.Lock()
@@ -104,7 +110,7 @@ class JitExtension:
                     if self.min_capability and torch.cuda.get_device_capability() < self.min_capability:
                         major, minor = self.min_capability
                         raise RuntimeError(f"{self.needs} compute capability {major}.{minor} or newer")
-                    self._ext = build_extension(self.sources, self.headers, self.csrc, self.prefix)
+                    self._ext = build_extension(self.sources, self.headers, self.csrc, self.prefix, self.defines)
                 except Exception as exc:  # noqa: BLE001 - any build failure means "not available", with the reason
                     self._why = f"{self.what} unavailable: {exc}"
         return self._ext is not None

@@ -192,7 +192,9 @@ def selective_state_update_ref(
     groups, n_state = B32.shape[1], B32.shape[2]
     decay = torch.exp(dt32[:, :, None] * A.float())  # (batch, D, N)
     bx = ((dt32 * x32).view(batch, groups, dim // groups, 1) * B32[:, :, None]).view(batch, dim, n_state)
-    new_state = state.float() * decay + bx
+    # with autograd on, the product keeps its own copy of the old state: the in-place update below must not
+    # change a tensor the backward needs (a step taken with gradients, e.g. through a cache)
+    new_state = state.to(torch.float32, copy=torch.is_grad_enabled()) * decay + bx
     y = torch.einsum("bgen,bgn->bge", new_state.view(batch, groups, dim // groups, n_state), C32)
     y = y.reshape(batch, dim)
     if D is not None:

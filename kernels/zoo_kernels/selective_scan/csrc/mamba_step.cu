@@ -47,6 +47,40 @@ using zoo_ss::to_f;
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
 
+// Phase timing, compiled only with -DZOO_MS_PHASES (benchmarks/probe_mamba_step_phases.py builds such a copy):
+// thread 0 of each of the first kPhaseCtas CTAs stores clock64() at the phase boundaries, the globaltimer at the
+// start and the end, and its SM. The shipped build has none of it.
+#ifdef ZOO_MS_PHASES
+__device__ unsigned long long g_phase[kPhaseCtas][kPhaseSlots];
+#define ZOO_MS_PHASE(i)                                                                   \
+  do {                                                                                    \
+    const unsigned cta_ = blockIdx.y * gridDim.x + blockIdx.x;                            \
+    if (threadIdx.x == 0 && cta_ < kPhaseCtas) g_phase[cta_][i] = clock64();              \
+  } while (0)
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned smid() {
+  unsigned id;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+  return id;
+}
+#define ZOO_MS_STAMP(slot, value)                                                         \
+  do {                                                                                    \
+    const unsigned cta_ = blockIdx.y * gridDim.x + blockIdx.x;                            \
+    if (threadIdx.x == 0 && cta_ < kPhaseCtas) g_phase[cta_][slot] = (value);             \
+  } while (0)
+#else
+#define ZOO_MS_PHASE(i) \
+  do {                  \
+  } while (0)
+#define ZOO_MS_STAMP(slot, value) \
+  do {                            \
+  } while (0)
+#endif
+
 // two consecutive elements as fp32 (the pointer is aligned to two elements)
 __device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
 __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
@@ -118,6 +152,9 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
   constexpr int kE = 16 / sizeof(T);  // elements per 16-byte chunk
   const int wdt_stride = R + kE;
   Smem<T> s(smem_raw, dc, N, R, W, kRows);
+  ZOO_MS_STAMP(kPhases, global_ns());
+  ZOO_MS_STAMP(kPhases + 2, smid());
+  ZOO_MS_PHASE(0);
 
   // ---- prefetch of everything the step's input does not decide, in three groups (waited for in order)
   {
@@ -154,8 +191,10 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
   // above read only weights and this layer's states (last written by this kernel one step earlier); x and z
   // are in_proj's outputs, so the rest waits for it to complete.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  ZOO_MS_PHASE(1);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
+  ZOO_MS_PHASE(2);
 
   // ---- the conv step of every (row, channel) of the CTA: u (rounded to T), z; the window shifts x in. All of a
   // thread's loads first (at most kMaxItems items: rows * dc <= kMaxItems * kThreads), then the arithmetic.
@@ -209,6 +248,7 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
     }
   }
   __syncthreads();
+  ZOO_MS_PHASE(3);
 
   // ---- this CTA's part of x_proj: part[r][j] = sum over its channels of u[r][ch] wx[j][ch]. A warp takes kJ
   // consecutive columns j at a time (P is a multiple of 4), its lanes over channel pairs, then warp sums: the kJ x
@@ -247,7 +287,9 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
       }
     }
   }
+  ZOO_MS_PHASE(4);
   cluster.sync();  // every CTA's part is written and visible to the cluster
+  ZOO_MS_PHASE(5);
 
   // ---- x_proj's outputs: the 8 parts in rank order (the same sum in every CTA), rounded to T
   for (int i = tid; i < kRows * P; i += kThreads) {
@@ -261,6 +303,7 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
   asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
   cp_async_wait<1>();
   __syncthreads();
+  ZOO_MS_PHASE(6);
 
   // ---- dt of every (row, channel): softplus(dt_low dt_w^T + dt_bias), fp32 sums
   // (16-byte loads of the padded rows: the 8 threads of a quarter warp hit distinct banks)
@@ -279,6 +322,7 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
   }
   cp_async_wait<0>();
   __syncthreads();
+  ZOO_MS_PHASE(7);
 
   // ---- the state update: a thread per 4 consecutive states of a (row, channel); the N / 4 lanes of a channel
   // are consecutive threads of one warp and sum y with shuffles
@@ -319,7 +363,10 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
       }
     }
   }
+  ZOO_MS_PHASE(8);
   asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
+  ZOO_MS_PHASE(9);
+  ZOO_MS_STAMP(kPhases + 1, global_ns());
 }
 
 // The kernel for these sizes, with its dynamic shared-memory limit raised to `smem` (once per device). A failing
@@ -428,6 +475,12 @@ int max_active_clusters(DType dtype, int rows, size_t smem) {
   }
   return 0;
 }
+
+#ifdef ZOO_MS_PHASES
+cudaError_t read_phases(unsigned long long* host) {
+  return cudaMemcpyFromSymbol(host, g_phase, sizeof(g_phase));
+}
+#endif
 
 cudaError_t mamba_step(const StepParams& p, DType dtype, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;

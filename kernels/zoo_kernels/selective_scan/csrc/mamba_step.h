@@ -39,6 +39,15 @@ size_t step_smem_bytes(int dim, int nstate, int rank, int width, int rows, int e
 // How many clusters of the kernel for `rows` rows per CTA and `smem` bytes can be resident at once (0 on error).
 int max_active_clusters(DType dtype, int rows, size_t smem);
 
+#ifdef ZOO_MS_PHASES
+// Phase timing (a build with -DZOO_MS_PHASES only): per CTA (the first kPhaseCtas, blockIdx.y * gridDim.x +
+// blockIdx.x), slots 0..kPhases-1: clock64() of thread 0 at the phase boundaries (start, copies issued, after the
+// grid-dependency wait, conv, x_proj part, cluster sync, cluster sum, dt, state update, end); kPhases: globaltimer
+// (ns) at the start, kPhases + 1: at the end, kPhases + 2: the SM. Left from the last launch.
+constexpr int kPhases = 10, kPhaseSlots = kPhases + 3, kPhaseCtas = 1024;
+cudaError_t read_phases(unsigned long long* host);  // kPhaseCtas x kPhaseSlots values
+#endif
+
 // Launches the step on `stream` (the caller checked the shapes, alignments and that the smem fits).
 cudaError_t mamba_step(const StepParams& p, DType dtype, cudaStream_t stream);
 

@@ -158,10 +158,23 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
   return out;
 }
 
+#ifdef ZOO_MS_PHASES
+// The phase stamps of the last launch: [kPhaseCtas, kPhaseSlots] int64 (see mamba_step.h).
+Tensor phases() {
+  Tensor out = at::empty({zoo_ms::kPhaseCtas, zoo_ms::kPhaseSlots}, at::kLong);
+  const cudaError_t err = zoo_ms::read_phases(reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>()));
+  TORCH_CHECK(err == cudaSuccess, "mamba_step: reading the phase stamps failed: ", cudaGetErrorString(err));
+  return out;
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "fused Mamba-1 decode step (conv, x_proj, dt_proj, state update, gate)");
   m.def("rows_for", &rows_for, "batch rows per CTA the step takes for these sizes (0: the unfused step)");
+#ifdef ZOO_MS_PHASES
+  m.def("phases", &phases, "phase stamps of the last launch (a -DZOO_MS_PHASES build only)");
+#endif
   m.def("cluster_capacity", &cluster_capacity, "resident clusters at once for these sizes and rows per CTA");
 }
