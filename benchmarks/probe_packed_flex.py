@@ -7,6 +7,10 @@ call (auto), FA2 varlen raw, unpacked rows (our call: cuDNN), and flex with each
 checked against the fp32 reference first. Block masks of 128 (flex's default) and 64 tokens.
 
     python benchmarks/probe_packed_flex.py [--shape 8:2048:16:128]
+
+With --grad, forward+backward instead (leaves requiring grad): FA2 varlen (what auto runs for calls that need
+gradients), flex at its defaults and flex with 64-token blocks and FLEX_PACKED_FWD's forward tiles (backward at
+flex's own tiles); plus the time to make each block mask (a new one per training batch).
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="8:2048:16:128")
     p.add_argument("--budget-s", type=float, default=240, help="stop starting new variants after this long")
+    p.add_argument("--grad", action="store_true", help="time forward+backward (see the module doc)")
     args = p.parse_args()
+    if args.grad:
+        return grad_main(args)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, L, h, d = (int(v) for v in args.shape.split(":"))
@@ -77,6 +84,54 @@ def main() -> None:
             except Exception as exc:  # a config that does not compile or launch is reported, not fatal
                 print(f"flex {size} {opts}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         print(f"packed / unpacked (time ratio, our call): {unpacked / ours:.3f}")
+
+
+def grad_main(args) -> None:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    b, L, h, d = (int(v) for v in args.shape.split(":"))
+    dev = torch.device("cuda")
+    seq_idx, doc_flops = packed_rows(b, L, h, d, torch.Generator().manual_seed(1))
+    seq_idx = seq_idx.to(dev)
+    q, k, v = (torch.randn(b, L, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(b, L, h, d, device=dev, dtype=torch.bfloat16)
+    refs = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = attn.attention_ref(*refs, seq_idx=seq_idx)
+    ref.backward(grad_out.float())
+    flops = 3.5 * doc_flops
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}: packed ({b}, {L}, {h} x {d}) fwd+bwd, "
+          f"{int(seq_idx[:, -1].sum()) + b} documents", flush=True)
+
+    def report(name, fn):
+        for t in (q, k, v):
+            t.grad = None
+        fn().backward(grad_out)
+        errs = [((t.grad.float() - r.grad).norm() / r.grad.norm()).item() for t, r in zip((q, k, v), refs)]
+        ms = bench_ms(lambda: fn().backward(grad_out), grad_to_none=[q, k, v])
+        print(f"{name:58s} {ms:7.4f} ms  {flops / ms / 1e9:6.1f} TFLOP/s on the documents  grad err "
+              f"{max(errs):.1e}", flush=True)
+
+    report("unpacked rows, our call (auto)", lambda: attn.attention(q, k, v))
+    report("packed, our call (auto: FA2 varlen)", lambda: attn.attention(q, k, v, seq_idx=seq_idx))
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    doc = attn.document_ids(seq_idx)
+
+    def mask_mod(bi, hi, qi, kj):
+        return (kj <= qi) & (doc[bi, qi] == doc[bi, kj])
+
+    from torch.nn.attention.flex_attention import create_block_mask
+    for size, opts in ((128, None), (64, attn.FLEX_PACKED_FWD["kernel_options"])):
+        bm = create_block_mask(mask_mod, b, None, L, L, device=dev, BLOCK_SIZE=size, _compile=True)
+        mask_ms = bench_ms(lambda: create_block_mask(mask_mod, b, None, L, L, device=dev, BLOCK_SIZE=size,
+                                                     _compile=True))
+        print(f"block mask of {size}-token blocks: {mask_ms:.3f} ms to make", flush=True)
+        torch._dynamo.reset()
+        fn = torch.compile(flex_attention)
+        try:
+            report(f"flex, mask blocks {size}, {opts or 'default'}",
+                   lambda: fn(qt, kt, vt, block_mask=bm, kernel_options=opts).transpose(1, 2))
+        except Exception as exc:  # reported, not fatal
+            print(f"flex {size} {opts}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 
 
 if __name__ == "__main__":

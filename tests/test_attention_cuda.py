@@ -126,6 +126,32 @@ def test_selection_is_the_same_when_the_first_call_has_no_autograd(monkeypatch, 
     assert attn.select_backend(DEVICE, torch.bfloat16, 128) == expected
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim,hq,hkv", [(64, 4, 4), (128, 8, 2)], ids=["d64", "d128-gqa"])
+def test_packed_rows_without_gradients_match_the_reference(mode, dtype, dim, hq, hkv):
+    """Packed rows that need no gradient: on sm90 auto takes flex with 64-token mask blocks and 64 x 64 tiles
+    (FLEX_PACKED_FWD); the output matches the fp32 reference (T = 200: no multiple of a block; a one-token
+    document), and a second call with the same seq_idx reuses the block mask."""
+    batch, t = 2, 200
+    gen = torch.Generator(device=DEVICE).manual_seed(dim + hq)
+    q = torch.randn(batch, t, hq, dim, device=DEVICE, dtype=dtype, generator=gen)
+    k = torch.randn(batch, t, hkv, dim, device=DEVICE, dtype=dtype, generator=gen)
+    v = torch.randn(batch, t, hkv, dim, device=DEVICE, dtype=dtype, generator=gen)
+    kw = make_kwargs({"seq_idx": "packed"}, batch, t)
+    name = attn.resolve_backend("auto", q.device, dtype=dtype, head_dim=dim, gqa=hq != hkv, packed=True, tq=t,
+                                tk=t, grad=False)
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert name == "flex"
+    ref = attention_ref(q.float(), k.float(), v.float(), **kw)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        out = attention(q, k, v, **kw)
+        again = attention(q, k, v, **kw)
+    assert out.dtype == dtype and out.shape == q.shape and torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype][0]
+    assert torch.equal(out, again)
+
+
 def test_fp32_on_gpu_runs():
     q, k, v = (torch.randn(2, 100, 4, 64, device=DEVICE) for _ in range(3))
     assert rel_err(attention(q, k, v, window=17), attention_ref(q, k, v, window=17)) < 1e-4

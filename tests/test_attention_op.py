@@ -3,6 +3,8 @@ compile, checkpointing, the varlen packing logic, and backend selection."""
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 
 import pytest
@@ -330,6 +332,81 @@ def test_auto_routes_features_cudnn_lacks(fake_cuda):
     assert attn.resolve_backend("auto", fake_cuda, **common, padded=True, tq=1, tk=64) == "sdpa_efficient"
     assert attn.resolve_backend("auto", fake_cuda, dtype=torch.float32, head_dim=128) == "sdpa_efficient"
     assert attn.resolve_backend("auto", torch.device("cpu"), **common) == "math"
+
+
+@pytest.mark.filterwarnings("ignore:attention backend")
+def test_packed_rows_without_gradients_go_to_flex_on_hopper(fake_cuda, monkeypatch):
+    """Packed rows that need no gradient take flex's tuned forward on sm90 where FA2 is the varlen kernel at hand;
+    everything else keeps the packed choice (gradients, other head dims and dtypes, windows, padding, prefill,
+    another architecture, FA4 installed)."""
+    common = dict(dtype=torch.bfloat16, head_dim=128, packed=True, tq=64, tk=64)
+    assert attn.resolve_backend("auto", fake_cuda, **common, grad=False) == "flex"
+    assert attn.resolve_backend("auto", fake_cuda, **common) == "sdpa_flash"  # gradients: FA2 varlen
+    assert attn.resolve_backend("auto", fake_cuda, **{**common, "head_dim": 64}, grad=False) == "flex"
+    assert attn.resolve_backend("auto", fake_cuda, **{**common, "head_dim": 256}, grad=False) == "sdpa_flash"
+    assert attn.resolve_backend("auto", fake_cuda, **{**common, "dtype": torch.float32}, grad=False) \
+        == "sdpa_efficient"
+    assert attn.resolve_backend("auto", fake_cuda, **common, window=True, grad=False) == "sdpa_flash"
+    assert attn.resolve_backend("auto", fake_cuda, **common, padded=True, grad=False) == "sdpa_flash"
+    assert attn.resolve_backend("auto", fake_cuda, **{**common, "tq": 16}, grad=False) == "sdpa_flash"
+    assert attn.resolve_backend("auto", fake_cuda, dtype=torch.bfloat16, head_dim=128, tq=64, tk=64,
+                                grad=False) == "sdpa_cudnn"  # unpacked rows: unchanged
+    monkeypatch.setattr(attn, "_RESOLVED", {})
+    monkeypatch.setattr(attn, "_SELECTED", {})
+    monkeypatch.setattr(attn, "_capability", lambda device: (8, 0))
+    assert attn.resolve_backend("auto", fake_cuda, **common, grad=False) == "sdpa_flash"
+    monkeypatch.setattr(attn, "_RESOLVED", {})
+    monkeypatch.setattr(attn, "_SELECTED", {})
+    monkeypatch.setattr(attn, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(attn, "_unavailable_reason", lambda backend, device: None)  # FA4 installed
+    assert attn.resolve_backend("auto", fake_cuda, **common, grad=False) == "flash_attn_cute"
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode", "no_leaf_requires_grad"])
+def test_attention_tells_the_selection_whether_the_call_needs_gradients(monkeypatch, mode):
+    seen = []
+
+    def resolve(*args, **kwargs):
+        seen.append(kwargs["grad"])
+        return "math"
+
+    monkeypatch.setattr(attn, "resolve_backend", resolve)
+    q, k, v = make_inputs()
+    leaves = [t.requires_grad_(mode != "no_leaf_requires_grad") for t in (q, k, v)]
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(mode, contextlib.nullcontext)
+    with ctx():
+        attention(*leaves, seq_idx=torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32))
+    assert seen == [mode == "grad"]
+
+
+def test_flex_block_mask_of_packed_rows_is_made_once_per_seq_idx(monkeypatch):
+    """Every attention layer of a forward pass packs the same way: the block mask of one seq_idx is made once,
+    again when seq_idx changes in place or another block size is asked, and never cached for inference tensors."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    made = []
+    monkeypatch.setattr(flex_module, "create_block_mask",
+                        lambda mask_mod, b, h, tq, tk, device, BLOCK_SIZE, _compile: made.append(BLOCK_SIZE)
+                        or object())
+    monkeypatch.setattr(attn, "_FLEX", {})
+    seq_idx = torch.zeros(2, 64, dtype=torch.int32)
+    seq_idx[:, 40:] = 1
+
+    def mask(s, block=64):
+        return attn.flex_block_mask(2, 64, 64, causal=True, window=None, seq_idx=s, key_padding_mask=None,
+                                    device=torch.device("cpu"), block=block)
+
+    first = mask(seq_idx)
+    assert mask(seq_idx) is first and made == [64]
+    seq_idx[:, 50:] = 2  # in place: a new version
+    assert mask(seq_idx) is not first and made == [64, 64]
+    mask(seq_idx, block=128)
+    assert made == [64, 64, 128]
+    with torch.inference_mode():
+        frozen = torch.zeros(2, 64, dtype=torch.int32)
+    mask(frozen)
+    mask(frozen)
+    assert made == [64, 64, 128, 64, 64]
 
 
 @pytest.mark.parametrize("backend", ["flash_attn", "flash_attn_cute"])

@@ -104,6 +104,8 @@ class Attention(nn.Module):
         common = dict(dtype=dtype, head_dim=self.head_dim, gqa=gqa, window=self.window is not None)
         main = resolve_backend("auto", device, **common, tq=2, tk=2)
         others = {"packed": resolve_backend("auto", device, **common, packed=True, tq=2, tk=2),
+                  "packed without gradients": resolve_backend("auto", device, **common, packed=True, tq=2, tk=2,
+                                                               grad=False),
                   "decode": resolve_backend("auto", device, **common, tq=1, tk=2)}
         differ = [f"{k}: {v}" for k, v in others.items() if v != main]
         return f"{main} ({', '.join(differ)})" if differ else main

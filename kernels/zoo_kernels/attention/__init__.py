@@ -16,6 +16,11 @@ no transposes needed) and runs one of these backends:
 `backend="auto"` takes the fastest available one (`select_backend`, decided once per device and shape class
 and cached), falls back with one warning per (backend, reason), and routes features a kernel lacks to one
 that has them; an explicitly named backend that cannot run raises `BackendUnavailable` with the install line.
+
+Packed rows that need no gradient (no_grad / inference_mode, or no input requiring grad) on Hopper, where the
+varlen kernel at hand is FlashAttention-2's, go to flex with 64-token mask blocks and 64 x 64 forward tiles
+(`FLEX_PACKED_FWD`): on an H200 it ran packed (8, 2048, 16 x 128) rows 1.5x faster than FA2 varlen
+(benchmarks/NOTES_attention.md). Calls that need gradients keep FA2 varlen.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ _SDPA_FAMILY = ("sdpa_cudnn", "sdpa_efficient", "math")
 _HALF = (torch.float16, torch.bfloat16)
 # packed sequences without flash-attn: order measured in benchmarks/NOTES_attention.md
 PACKED_ORDER = ("sdpa_flash", "flex", "sdpa_efficient")
+# flex for packed rows without autograd on sm90 (fp16/bf16, head_dim <= 128): mask blocks of 64 tokens (fewer
+# wasted keys at document edges than flex's default 128) and 64 x 64 forward tiles with 4 warps, 3 stages.
+# H200, (8, 2048, 16 x 128), 43 documents, forward: 0.214 ms vs FA2 varlen 0.324, unpacked rows (cuDNN) 0.267;
+# 128-token blocks with flex's default tiles 0.275 (benchmarks/probe_packed_flex.py, NOTES_attention.md)
+FLEX_PACKED_FWD = {"block": 64, "kernel_options": {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_warps": 4,
+                                                   "fwd_num_stages": 3}}
+FLEX_PACKED_MAX_HEAD_DIM = 128
 
 
 class BackendUnavailable(RuntimeError):
@@ -225,24 +237,35 @@ _RESOLVED: dict[tuple, str] = {}
 
 def resolve_backend(requested: str, device: torch.device | str, *, dtype: torch.dtype = torch.bfloat16,
                     head_dim: int = 128, gqa: bool = False, packed: bool = False, padded: bool = False,
-                    window: bool = False, tq: int | None = None, tk: int | None = None) -> str:
+                    window: bool = False, tq: int | None = None, tk: int | None = None, grad: bool = True) -> str:
     """The backend one call runs on.
 
     An explicit `requested` name is checked (BackendUnavailable with the install line if it cannot run);
     "auto" takes `select_backend` and moves calls that the chosen kernel would serve badly (cuDNN with a
-    sliding window, padding or Tq != Tk) to a kernel that has the feature natively. Answers are cached, so
-    a call under torch.compile costs one dict lookup.
+    sliding window, padding or Tq != Tk) to a kernel that has the feature natively, and packed calls that need
+    no gradient (grad=False) to flex where `flex_takes_packed_forward` says so. Answers are cached, so a call
+    under torch.compile costs one dict lookup.
     """
     shape = "decode" if tq == 1 else "square" if tq == tk else "rect"
-    key = (requested, str(device), dtype, head_dim, gqa, packed, padded, window, shape)
+    key = (requested, str(device), dtype, head_dim, gqa, packed, padded, window, shape, grad)
     if key not in _RESOLVED:
         _RESOLVED[key] = _resolve(requested, torch.device(device), dtype, head_dim, gqa, packed, padded,
-                                  window, tq, tk)
+                                  window, tq, tk, grad)
     return _RESOLVED[key]
 
 
+def flex_takes_packed_forward(device: torch.device, dtype: torch.dtype, head_dim: int, selected: str) -> bool:
+    """Whether packed rows without autograd go to flex with FLEX_PACKED_FWD's tiles instead of `selected`: on
+    sm90 (where it was measured), fp16/bf16, head_dim <= FLEX_PACKED_MAX_HEAD_DIM, when the varlen kernel at hand
+    is FlashAttention-2's (flash_attn or torch's built-in; FA4 is not displaced) and flex can run."""
+    return (device.type == "cuda" and selected in ("flash_attn", "sdpa_flash") and dtype in _HALF
+            and head_dim <= FLEX_PACKED_MAX_HEAD_DIM and _capability(device)[0] == 9
+            and _unavailable_reason("flex", device) is None
+            and _shape_reason("flex", device, dtype, head_dim, False) is None)
+
+
 def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, gqa: bool, packed: bool,
-             padded: bool, window: bool, tq: int | None, tk: int | None) -> str:
+             padded: bool, window: bool, tq: int | None, tk: int | None, grad: bool = True) -> str:
     if requested != "auto":
         reason = (_unavailable_reason(requested, device)
                   or _shape_reason(requested, device, dtype, head_dim, gqa))
@@ -250,6 +273,9 @@ def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim:
             raise BackendUnavailable(requested, reason, INSTALL.get(requested))
         return requested
     name = select_backend(device, dtype, head_dim, packed=packed)
+    if (packed and not grad and not padded and not window and tq == tk
+            and flex_takes_packed_forward(device, dtype, head_dim, name)):
+        return "flex"
     decode = tq == 1
     if name in _FLASH_FAMILY and padded and not packed and decode:
         # one query per row: a dense mask costs nothing, the varlen path would sync on every step
@@ -295,13 +321,19 @@ def attention(
     batch, tq, hq, dim = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else float(scale)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=dim, gqa=hq != hkv,
                            packed=seq_idx is not None, padded=key_padding_mask is not None,
-                           window=window is not None, tq=tq, tk=tk)
+                           window=window is not None, tq=tq, tk=tk, grad=grad)
     if name in _FLASH_FAMILY:
         return _run_flash_family(name, q, k, v, causal, window, seq_idx, key_padding_mask, scale)
     if name == "flex":
-        return _run_flex(q, k, v, causal, window, seq_idx, key_padding_mask, scale)
+        # (flex is the backend here, so it can run: only the measured case's conditions are left to check)
+        tuned = (seq_idx is not None and causal and not grad and window is None and key_padding_mask is None
+                 and tq == tk and q.dtype in _HALF and dim <= FLEX_PACKED_MAX_HEAD_DIM
+                 and _capability(q.device)[0] == 9)
+        return _run_flex(q, k, v, causal, window, seq_idx, key_padding_mask, scale,
+                         FLEX_PACKED_FWD if tuned else None)
     return _run_sdpa(name, q, k, v, causal, window, seq_idx, key_padding_mask, scale)
 
 
@@ -491,14 +523,25 @@ def _compiled_flex():
 
 
 def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int | None, seq_idx: Tensor | None,
-                    key_padding_mask: Tensor | None, device: torch.device):
-    """The BlockMask of `visible_mask` (data-free masks are cached by shape)."""
+                    key_padding_mask: Tensor | None, device: torch.device, block: int = 128):
+    """The BlockMask of `visible_mask` in blocks of `block` tokens. Data-free masks are cached by shape; a mask
+    of seq_idx / key_padding_mask is reused while the same tensors come back unchanged (every attention layer of
+    a forward pass packs the same way; inference tensors have no version counter and are not cached)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     data_free = seq_idx is None and key_padding_mask is None
-    key = ("bm", batch if not data_free else None, tq, tk, causal, window, str(device))
+    key = ("bm", batch if not data_free else None, tq, tk, causal, window, str(device), block)
     if data_free and key in _FLEX:
         return _FLEX[key]
+    cacheable = not data_free and not any(t is not None and t.is_inference() for t in (seq_idx, key_padding_mask))
+    if cacheable and not torch.compiler.is_compiling():
+        data_key = (key, id(seq_idx), id(key_padding_mask), getattr(seq_idx, "_version", 0),
+                    getattr(key_padding_mask, "_version", 0))
+        last = _FLEX.get("data_mask")
+        if last is not None and last[0] == data_key and last[1] is seq_idx and last[2] is key_padding_mask:
+            return last[3]
+    else:
+        data_key = None
     # 0-dim tensors, not Python ints: a new decode offset or window must not recompile the kernel
     offset = torch.tensor(tk - tq, device=device)
     window_t = torch.tensor(window if window is not None else tk, device=device)
@@ -518,22 +561,28 @@ def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int |
 
     # compiled creation never materializes the (B, Tq, Tk) mask (1G entries at L = 32K)
     block_mask = create_block_mask(mask_mod, None if data_free else batch, None, tq, tk, device=device,
-                                   _compile=True)
+                                   BLOCK_SIZE=block, _compile=True)
     if data_free:
         _FLEX[key] = block_mask
+    elif data_key is not None:
+        _FLEX["data_mask"] = (data_key, seq_idx, key_padding_mask, block_mask)
     return block_mask
 
 
 def _run_flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, seq_idx: Tensor | None,
-              key_padding_mask: Tensor | None, scale: float) -> Tensor:
+              key_padding_mask: Tensor | None, scale: float, tiles: dict | None = None) -> Tensor:
+    """flex_attention, compiled; tiles: {"block": mask block size, "kernel_options": ...} (FLEX_PACKED_FWD) or
+    None for flex's defaults (128-token blocks, its own tiles)."""
     batch, tq, hq, _ = q.shape
     tk, hkv = k.shape[1], k.shape[2]
+    block = tiles["block"] if tiles else 128
     block_mask = None
     if causal or window is not None or seq_idx is not None or key_padding_mask is not None:
         block_mask = flex_block_mask(batch, tq, tk, causal=causal, window=window, seq_idx=seq_idx,
-                                     key_padding_mask=key_padding_mask, device=q.device)
+                                     key_padding_mask=key_padding_mask, device=q.device, block=block)
+    extra = {"kernel_options": tiles["kernel_options"]} if tiles else {}
     out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                           scale=scale, enable_gqa=hq != hkv)
+                           scale=scale, enable_gqa=hq != hkv, **extra)
     return out.transpose(1, 2)  # (B, Tq, Hq, D); flex's fully masked rows are already zero
 
 
