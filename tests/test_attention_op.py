@@ -379,15 +379,42 @@ def test_attention_tells_the_selection_whether_the_call_needs_gradients(monkeypa
     assert seen == [mode == "grad"]
 
 
+@pytest.mark.parametrize("length,block", [(200, 64), (256, 64), (200, 128), (1000, 64), (64, 64), (65, 64)])
+def test_packed_block_mask_has_the_blocks_of_create_block_mask(length, block):
+    """The block mask built from document starts has create_block_mask's dense mask and the same partial and full
+    key blocks per query block (and query blocks per key block, for the backward), for rows of 1 to 7 documents,
+    one-token documents, 7-token documents in every block, and lengths no multiple of the block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    gen = torch.Generator().manual_seed(length + block)
+    seq_idx = torch.zeros(4, length, dtype=torch.int32)
+    for b in range(3):
+        for cut in torch.randperm(length - 1, generator=gen)[: 3 * b].add(1).tolist():
+            seq_idx[b, cut:] += 1
+    seq_idx[3] = torch.arange(length) // 7
+    seq_idx[2, -1] += 5  # a one-token document at the end
+    doc = attn.document_ids(seq_idx)
+    want = create_block_mask(lambda b, h, q, k: (k <= q) & (doc[b, q] == doc[b, k]), 4, None, length, length,
+                             device="cpu", BLOCK_SIZE=block)
+    got = attn.packed_block_mask(seq_idx, block)
+
+    def lists(counts, indices):
+        return [[sorted(indices[b, 0, i, :counts[b, 0, i]].tolist()) for i in range(counts.shape[2])]
+                for b in range(counts.shape[0])]
+
+    assert torch.equal(got.to_dense(), want.to_dense())
+    for name in ("kv", "full_kv", "q", "full_q"):
+        assert lists(getattr(got, f"{name}_num_blocks"), getattr(got, f"{name}_indices")) == \
+            lists(getattr(want, f"{name}_num_blocks"), getattr(want, f"{name}_indices")), name
+    lean = attn.packed_block_mask(seq_idx, block, q_blocks=False)
+    assert lists(lean.kv_num_blocks, lean.kv_indices) == lists(want.kv_num_blocks, want.kv_indices)
+
+
 def test_flex_block_mask_of_packed_rows_is_made_once_per_seq_idx(monkeypatch):
     """Every attention layer of a forward pass packs the same way: the block mask of one seq_idx is made once,
     again when seq_idx changes in place or another block size is asked, and never cached for inference tensors."""
-    import torch.nn.attention.flex_attention as flex_module
-
     made = []
-    monkeypatch.setattr(flex_module, "create_block_mask",
-                        lambda mask_mod, b, h, tq, tk, device, BLOCK_SIZE, _compile: made.append(BLOCK_SIZE)
-                        or object())
+    monkeypatch.setattr(attn, "packed_block_mask", lambda seq_idx, block, q_blocks: made.append(block) or object())
     monkeypatch.setattr(attn, "_FLEX", {})
     seq_idx = torch.zeros(2, 64, dtype=torch.int32)
     seq_idx[:, 40:] = 1
