@@ -62,7 +62,7 @@ BASELINE_OF = {"mamba": "hf-mamba", "transformerpp": "hf-llama", "mamba2": "tran
                "jamba": "transformerpp"}
 
 
-def build(name: str, dtype: torch.dtype, device: torch.device):
+def build(name: str, dtype: torch.dtype, device: torch.device, state_dtype: str = "float32"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import zoo
@@ -72,7 +72,8 @@ def build(name: str, dtype: torch.dtype, device: torch.device):
         fields = dict(HF[name])
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     else:
-        config = zoo.ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-130m.yaml")
+        config = zoo.ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-130m.yaml",
+                                         decode_state_dtype=state_dtype)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval()
@@ -139,8 +140,8 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
     return row
 
 
-def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, prompt_len: int, n_tokens: int
-              ) -> list[dict]:
+def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, prompt_len: int, n_tokens: int,
+              state_dtype: str = "float32") -> list[dict]:
     date = datetime.date.today().isoformat()
     rows = []
     for (name, batch), r in results.items():
@@ -149,9 +150,12 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
         tpp = results.get(("transformerpp", batch))
         ok = r.get("ms") is not None
         suffix = "" if prompt_len == 2048 else f"/P{prompt_len}"  # the issue's 2K prompt keeps the plain name
+        if state_dtype != "float32" and name not in HF:
+            suffix += f"/state-{state_dtype}"
         row = {"name": f"generate/{name}/B{batch}{suffix}", "card": card, "date": date, "command": command,
                "torch": torch.__version__, "model": LABEL[name], "batch": batch, "prompt_len": prompt_len,
                "new_tokens": n_tokens, "dtype": "bf16",
+               "decode_state_dtype": None if name in HF else state_dtype,
                "ours_ms": round(r["ms"], 3) if ok else None, "mode": r.get("mode"),
                "eager_ms": round(r["eager_ms"], 3) if r.get("eager_ms") else None,
                "graph_ms": round(r["graph_ms"], 3) if r.get("graph_ms") else None,
@@ -204,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="let each fla autotuner (GLA's prefill, where fla-core is importable) try only its first N "
                    "configs (0: all). A full autotune on a fresh machine outlasted two device calls; the decode step "
                    "does not use fla, only the prefill does")
+    p.add_argument("--state-dtype", choices=["float32", "model"], default="float32",
+                   help="the zoo models' decode_state_dtype: 'model' keeps Mamba-2's and GLA's recurrent states in "
+                   "bf16 while decoding, as mamba_ssm's and transformers' caches do (rows get a /state-model suffix)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.jsonl"))
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -228,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, on_term)
     try:
         for name in order:
-            model = build(name, torch.bfloat16, device)
+            model = build(name, torch.bfloat16, device, args.state_dtype)
             if hasattr(model, "backend_report"):
                 backends[name] = model.backend_report()
             for batch in batches:
@@ -246,7 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n{cut}; writing the rows of {done}", flush=True)
     command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = make_rows({k: results[k] for k in sorted(results, key=lambda k: (args.models.index(k[0]), k[1]))},
-                     torch.cuda.get_device_name(), command.strip(), args.prompt_len, args.new_tokens)
+                     torch.cuda.get_device_name(), command.strip(), args.prompt_len, args.new_tokens,
+                     args.state_dtype)
     for row in rows:
         row["note"] = "; ".join(x for x in (row.get("note"), fla_note if "/gla/" in row["name"] else None, cut)
                                 if x) or None

@@ -232,3 +232,47 @@ def test_graph_decoder_equals_eager_attention(case):
     assert state.cache.seen_tokens == 52 and all(int(layer.length) == 52 for layer in state.cache.static_layers())
     with pytest.raises(KVCacheFull):
         decoder.step()
+
+
+@pytest.mark.parametrize("case", ["mamba2", "gla", "jamba"])
+def test_decode_state_dtype_model_keeps_low_precision_states(case):
+    """decode_state_dtype "model": in a bf16 model, Mamba-2's and GLA's recurrent states stay bf16 while decoding
+    (eager and static alike, and the two decode the same tokens), Mamba's stay fp32 (its CUDA step kernels take
+    fp32 states); the tokens match the fp32-state decode's for the first steps, and so do the logits, closely."""
+    torch.manual_seed(0)
+    cfg = ZooConfig.from_yaml(CONFIGS / f"{case}-tiny.yaml")
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    prompt = torch.randint(0, 512, (2, 13))
+    n = 6
+    logits, handle = record_logits(model)
+    with torch.no_grad():
+        ref_state = prefill(model, prompt)
+        logits.clear()
+        ref = EagerDecoder(model, ref_state).decode(n)
+        ref_logits = torch.cat(logits, dim=1).float()
+        model.config.decode_state_dtype = "model"
+        state = prefill(model, prompt)
+        logits.clear()
+        got = EagerDecoder(model, state).decode(n)
+        got_logits = torch.cat(logits, dim=1).float()
+        static_state = prefill(model, prompt)
+        static = StaticDecoder(model, static_state, max_new_tokens=n).decode(n)
+    handle.remove()
+
+    mixers = [block.mixer for block in model.model.layers]
+    for cache in (state.cache, static_state.cache):
+        for mixer, layer in zip(mixers, cache.layers):
+            if isinstance(layer, zoo.cache.RecurrentLayer):
+                want = torch.bfloat16 if getattr(mixer, "low_precision_state", False) else torch.float32
+                assert layer.recurrent_state.dtype == want and layer.state_dtype == want, type(mixer).__name__
+                assert layer.conv_state is None or layer.conv_state.dtype == torch.float32
+    assert torch.equal(static, got)
+    same = int((got == ref).all(0).long().cumprod(0).sum())  # steps whose tokens (so far) agree
+    assert same >= 2 and got_logits.shape == ref_logits.shape == (2, n, 512)
+    err = (got_logits[:, :same] - ref_logits[:, :same]).abs().max() / ref_logits.abs().max()
+    assert err < 0.05, f"{case}: logits with bf16 states off by {err:.3f} of their range"
+
+
+def test_decode_state_dtype_is_checked():
+    with pytest.raises(ValueError, match="decode_state_dtype"):
+        ZooConfig(decode_state_dtype="bf16")

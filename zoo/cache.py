@@ -23,12 +23,15 @@ from transformers.cache_utils import (
 
 
 class RecurrentLayer(LinearAttentionLayer):
-    """Conv state [batch, channels, d_conv - 1] and recurrent state (fp32) of one recurrent mixer."""
+    """Conv state [batch, channels, d_conv - 1] (fp32) and recurrent state of one recurrent mixer. A prefill leaves
+    the recurrent state in fp32; decoding steps keep it in `state_dtype` (fp32 unless the cache was made for a
+    model with decode_state_dtype "model" and a mixer whose step takes it: ZooCache.for_model)."""
 
     is_compileable = False
 
-    def __init__(self):
+    def __init__(self, state_dtype: torch.dtype = torch.float32):
         super().__init__(number_of_states=1)
+        self.state_dtype = state_dtype
 
     @property
     def conv_state(self) -> torch.Tensor | None:
@@ -56,11 +59,10 @@ class RecurrentLayer(LinearAttentionLayer):
 
     def step_states(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(conv_state, recurrent_state) for a one-token step that updates them in place and `set`s them back: the
-        layer's own tensors, made fp32 and contiguous once (a prefill may leave a strided view) and kept, so a CUDA
-        graph replaying the step finds them at the same address. A step is not differentiable through the states
-        it overwrites (decoding runs without autograd)."""
-        out = [t.float().contiguous() if t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
-               else t for t in (self.conv_states[0], self.recurrent_states[0])]
+        layer's own tensors, made contiguous in fp32 (conv) and `state_dtype` (recurrent) once (a prefill may leave
+        a strided fp32 view) and kept, so a CUDA graph replaying the step finds them at the same address."""
+        out = [t.to(dtype).contiguous() if t is not None and (t.dtype != dtype or not t.is_contiguous()) else t
+               for t, dtype in ((self.conv_states[0], torch.float32), (self.recurrent_states[0], self.state_dtype))]
         return out[0], out[1]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -211,12 +213,19 @@ class ZooCache(Cache):
 
     @classmethod
     def for_model(cls, model, batch_size: int = 1, dtype=None, device=None, max_len: int | None = None) -> ZooCache:
-        """An empty cache for `model` (a ZooModel or ZooForCausalLM)."""
+        """An empty cache for `model` (a ZooModel or ZooForCausalLM). With the config's decode_state_dtype
+        "model", the recurrent layers of mixers whose steps take low-precision states (`low_precision_state`:
+        Mamba-2, GLA) keep their states in `dtype` (the model's) while decoding."""
         base = getattr(model, "model", model)
         param = next(base.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
-        return cls([block.mixer.init_state(batch_size, dtype, device, max_len) for block in base.layers])
+        layers = [block.mixer.init_state(batch_size, dtype, device, max_len) for block in base.layers]
+        if getattr(getattr(base, "config", None), "decode_state_dtype", "float32") == "model":
+            for block, layer in zip(base.layers, layers):
+                if isinstance(layer, RecurrentLayer) and getattr(block.mixer, "low_precision_state", False):
+                    layer.state_dtype = dtype
+        return cls(layers)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens

@@ -43,6 +43,9 @@ def _parse_layers(layers: str | list, mixers: dict) -> list[dict]:
     raise ValueError(f"layers: expected a pattern string or a list of per-layer dicts, got {type(layers).__name__}")
 
 
+DECODE_STATE_DTYPES = ("float32", "model")
+
+
 class ZooConfig(PreTrainedConfig):
     r"""Config of a zoo model.
 
@@ -51,7 +54,10 @@ class ZooConfig(PreTrainedConfig):
     ({type: mamba|mamba2|attention|gla|dotted.Path, **kwargs}); a spec may carry `ffn: swiglu|moe|none` to
     override the layer's feed-forward. ffn: {type: swiglu, hidden: int} or "none". moe: optional
     {every, offset, n_experts, top_k, hidden, aux_loss_coef, normalize_topk}: layers with index % every == offset
-    use a MoE.
+    use a MoE. decode_state_dtype: dtype of the recurrent states a decoding cache keeps for the mixers whose step
+    kernels take any (Mamba-2, GLA): "float32" (default) or "model" (the model's parameter dtype, as mamba_ssm's
+    and transformers' caches keep them: half the state's memory and bytes per step, rounded every step); Mamba's
+    state stays fp32 (its CUDA step kernels take fp32 states).
     """
 
     model_type = "zoo"
@@ -69,6 +75,7 @@ class ZooConfig(PreTrainedConfig):
     rescale_prenorm_residual: bool = True
     residual_in_fp32: bool = True
     use_cache: bool = True
+    decode_state_dtype: str = "float32"
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -121,6 +128,8 @@ class ZooConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.decode_state_dtype not in DECODE_STATE_DTYPES:
+            raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, got {self.decode_state_dtype!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps!r}")
         if not self.initializer_range > 0:

@@ -182,8 +182,9 @@ class StaticDecoder(EagerDecoder):
         self.static = cache.static_layers()
         # static buffers, contiguous: the decode kernels update contiguous states in place (a strided clone of a
         # prefill view would be re-laid out, i.e. copied, on every step)
+        # (in the dtypes the steps keep: fp32 conv states, recurrent states in the layer's state_dtype)
         self.states = [t.clone(memory_format=torch.contiguous_format) for layer in self.recurrent
-                       for t in layer.tensors()]
+                       for t in layer.step_states() if t is not None]
         self._load_states()
         self.ids = state.next_ids.clone()
         self.pos = torch.full_like(self.ids, cache.seen_tokens)  # position of the token in `ids`

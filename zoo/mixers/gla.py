@@ -61,6 +61,10 @@ class GLA(nn.Module):
             raise ValueError(f"gate_low_rank_dim: must be a positive integer, got {gate_low_rank_dim!r}")
 
     # ---- contract -----------------------------------------------------------------------------------------
+    # the step kernel reads and writes the state in its own dtype (fp32 math): a cache may keep it in the model's
+    # dtype (ZooConfig.decode_state_dtype = "model")
+    low_precision_state = True
+
     def init_state(self, batch_size: int, dtype: torch.dtype, device, max_len: int | None = None) -> RecurrentLayer:
         return RecurrentLayer()
 

@@ -91,6 +91,10 @@ class Mamba2(nn.Module):
             nn.init.zeros_(self.conv1d.bias)
 
     # ---- contract -----------------------------------------------------------------------------------------
+    # the step kernel reads and writes the state in its own dtype (fp32 math): a cache may keep it in the model's
+    # dtype (ZooConfig.decode_state_dtype = "model")
+    low_precision_state = True
+
     def init_state(self, batch_size: int, dtype: torch.dtype, device, max_len: int | None = None) -> RecurrentLayer:
         return RecurrentLayer()
 

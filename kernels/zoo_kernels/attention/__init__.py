@@ -523,16 +523,15 @@ def _compiled_flex():
 
 
 def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int | None, seq_idx: Tensor | None,
-                    key_padding_mask: Tensor | None, device: torch.device, block: int = 128, q_blocks: bool = True):
+                    key_padding_mask: Tensor | None, device: torch.device, block: int = 128):
     """The BlockMask of `visible_mask` in blocks of `block` tokens (packed causal rows through
-    `packed_block_mask`; q_blocks=False: without the lists only a backward reads). Data-free masks are cached by
-    shape; a mask
+    `packed_block_mask`). Data-free masks are cached by shape; a mask
     of seq_idx / key_padding_mask is reused while the same tensors come back unchanged (every attention layer of
     a forward pass packs the same way; inference tensors have no version counter and are not cached)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     data_free = seq_idx is None and key_padding_mask is None
-    key = ("bm", batch if not data_free else None, tq, tk, causal, window, str(device), block, q_blocks)
+    key = ("bm", batch if not data_free else None, tq, tk, causal, window, str(device), block)
     if data_free and key in _FLEX:
         return _FLEX[key]
     cacheable = not data_free and not any(t is not None and t.is_inference() for t in (seq_idx, key_padding_mask))
@@ -564,7 +563,7 @@ def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int |
     # compiled creation never materializes the (B, Tq, Tk) mask (1G entries at L = 32K)
     if seq_idx is not None and causal and window is None and key_padding_mask is None and tq == tk:
         # the common packed case, without create_block_mask's cost
-        block_mask = packed_block_mask(seq_idx, block, q_blocks=q_blocks)
+        block_mask = packed_block_mask(seq_idx, block)
     else:
         block_mask = create_block_mask(mask_mod, None if data_free else batch, None, tq, tk, device=device,
                                        BLOCK_SIZE=block, _compile=True)
@@ -575,19 +574,21 @@ def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int |
     return block_mask
 
 
-def packed_block_mask(seq_idx: Tensor, block: int = 128, *, q_blocks: bool = True):
+def packed_block_mask(seq_idx: Tensor, block: int = 128):
     """The BlockMask of causal attention inside the documents of packed rows (runs of equal seq_idx [B, T]), in
     blocks of `block` tokens, built from each query block's document starts with a few tensor ops on seq_idx's
-    device: no mask_mod is evaluated over the blocks and nothing is compiled (create_block_mask took 1.7 ms at
-    (8, 2048) on an H200, 64-token blocks, compiled; benchmarks/NOTES_attention.md). Same blocks as
-    `create_block_mask` of that mask (tests/test_attention_op.py compares them).
+    device: no mask_mod is evaluated over the blocks, nothing is compiled and no list is transposed
+    (create_block_mask took 1.7 ms at (8, 2048) on an H200, 64-token blocks, compiled, and BlockMask.from_kv_blocks
+    about as long on the GPU: benchmarks/NOTES_attention.md). Same blocks as `create_block_mask` of that mask, both
+    ways (tests/test_attention_op.py compares them).
 
     Query block i covers queries [i b, (i + 1) b); its first query's document starts at s0, its last one's at s1
-    (starts only grow along a row). Key blocks before s0 // b are invisible to all its queries; key block j with
-    ceil(s1 / b) <= j < i lies inside every query's document and before every query: full (no mask_mod); the
-    blocks in between and the diagonal block i are partial (and every block of a last query block that the row's
-    end cuts short, as create_block_mask has it). q_blocks=False skips the transposed (per key block) lists that
-    only the backward reads, most of the host time, where this torch has that option: for calls without autograd."""
+    (starts only grow along a row). Key blocks before lo = s0 // b are invisible to all its queries; key block j
+    with f = ceil(s1 / b) <= j < i lies inside every query's document and before every query: full (no mask_mod);
+    the blocks in between and the diagonal block i are partial (and every block of a last query block that the
+    row's end cuts short, as create_block_mask has it). lo and f never decrease with i, so the query blocks of a
+    key block j are ranges too: full for j < i <= (the last i with f <= j), partial for i = j and for the i above
+    both j and (the last i with f <= j) up to (the last i with lo <= j)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     batch, length = seq_idx.shape
@@ -599,39 +600,35 @@ def packed_block_mask(seq_idx: Tensor, block: int = 128, *, q_blocks: bool = Tru
     start = torch.where(is_start, pos, 0).cummax(dim=1).values  # (B, T) where each token's document starts
     i = torch.arange(n_blocks, device=dev)
     first, last = i * block, (i * block + block - 1).clamp(max=length - 1)
-    lo = start[:, first] // block  # (B, nb) the first key block any query of the block sees
-    full_lo = (start[:, last] + block - 1) // block  # the first key block all of them see whole
+    lo = (start[:, first] // block).contiguous()  # (B, nb) the first key block any query of the block sees
+    full_lo = ((start[:, last] + block - 1) // block).contiguous()  # the first key block all of them see whole
     if length % block:  # a last query block cut short by the row's end takes no full blocks (as create_block_mask)
         full_lo[:, -1] = n_blocks - 1
-    part_hi = torch.minimum(full_lo, i)  # partial key blocks: [lo, part_hi) and the diagonal i
+    part_hi = torch.minimum(full_lo, i)  # partial key blocks of query block i: [lo, part_hi) and the diagonal i
     t = torch.arange(n_blocks, device=dev)
-    part_idx = torch.where(t < (part_hi - lo)[..., None], lo[..., None] + t, i[:, None])  # (B, nb, nb)
-    full_idx = (full_lo[..., None] + t).clamp(max=n_blocks - 1)  # entries past the count are never read
+    kv_part = torch.where(t < (part_hi - lo)[..., None], lo[..., None] + t, i[:, None])  # (B, nb, nb)
+    kv_full = (full_lo[..., None] + t).clamp(max=n_blocks - 1)  # entries past the count are never read
+    # the transposed lists, per key block j
+    j = i.expand(batch, n_blocks).contiguous()
+    last_full = torch.searchsorted(full_lo, j, right=True) - 1  # the last query block with f <= j
+    last_lo = torch.searchsorted(lo, j, right=True) - 1  # the last query block with lo <= j
+    q_full_n = (last_full - j).clamp(min=0)
+    q_part_lo = torch.maximum(j, last_full) + 1
+    q_part_n = 1 + (last_lo - q_part_lo + 1).clamp(min=0)
+    q_part = torch.where(t == 0, j[..., None], (q_part_lo[..., None] + t - 1).clamp(max=n_blocks - 1))
+    q_full = (j[..., None] + 1 + t).clamp(max=n_blocks - 1)
     doc = document_ids(seq_idx)
 
     def mask_mod(b, h, qi, kj):
         return (kj <= qi) & (doc[b, qi] == doc[b, kj])
 
-    as_int = dict(dtype=torch.int32)
-    extra = {} if q_blocks or not _FROM_KV_SKIPS_Q else {"compute_q_blocks": False}
-    return BlockMask.from_kv_blocks(
-        (part_hi - lo + 1).to(**as_int)[:, None], part_idx.to(**as_int)[:, None],
-        (i - full_lo).clamp(min=0).to(**as_int)[:, None], full_idx.to(**as_int)[:, None],
-        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(length, length), **extra)
+    def heads(x):  # (B, nb[, nb]) -> (B, 1, ...) int32
+        return x.to(torch.int32)[:, None].contiguous()
 
-
-def _from_kv_skips_q() -> bool:
-    try:
-        import inspect
-
-        from torch.nn.attention.flex_attention import BlockMask
-
-        return "compute_q_blocks" in inspect.signature(BlockMask.from_kv_blocks).parameters
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return False
-
-
-_FROM_KV_SKIPS_Q = _from_kv_skips_q()
+    return BlockMask(seq_lengths=(length, length), kv_num_blocks=heads(part_hi - lo + 1), kv_indices=heads(kv_part),
+                     full_kv_num_blocks=heads((i - full_lo).clamp(min=0)), full_kv_indices=heads(kv_full),
+                     q_num_blocks=heads(q_part_n), q_indices=heads(q_part), full_q_num_blocks=heads(q_full_n),
+                     full_q_indices=heads(q_full), BLOCK_SIZE=(block, block), mask_mod=mask_mod)
 
 
 def _run_flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, seq_idx: Tensor | None,
@@ -643,10 +640,8 @@ def _run_flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None,
     block = tiles["block"] if tiles else 128
     block_mask = None
     if causal or window is not None or seq_idx is not None or key_padding_mask is not None:
-        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         block_mask = flex_block_mask(batch, tq, tk, causal=causal, window=window, seq_idx=seq_idx,
-                                     key_padding_mask=key_padding_mask, device=q.device, block=block,
-                                     q_blocks=grad)
+                                     key_padding_mask=key_padding_mask, device=q.device, block=block)
     extra = {"kernel_options": tiles["kernel_options"]} if tiles else {}
     out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                            scale=scale, enable_gqa=hq != hkv, **extra)

@@ -133,7 +133,9 @@ def gla_state_update_ref(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     decay = torch.exp(g.float())[..., None]  # (batch, H, K, 1)
-    new_state = state.float() * decay + k.float()[..., None] * v.float()[..., None, :]
+    # with autograd on, the product keeps its own copy of the old state (the in-place update below must not change
+    # a tensor the backward needs)
+    new_state = state.to(torch.float32, copy=torch.is_grad_enabled()) * decay + k.float()[..., None] * v.float()[..., None, :]
     o = torch.einsum("bhk,bhkv->bhv", q.float() * scale, new_state)
     state.copy_(new_state)
     return o.to(q.dtype)
