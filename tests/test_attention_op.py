@@ -403,6 +403,7 @@ def test_packed_block_mask_has_the_blocks_of_create_block_mask(length, block):
                 for b in range(counts.shape[0])]
 
     assert torch.equal(got.to_dense(), want.to_dense())
+    assert got.q_indices is not None and got.full_q_indices is not None
     for name in ("kv", "full_kv", "q", "full_q"):
         assert lists(getattr(got, f"{name}_num_blocks"), getattr(got, f"{name}_indices")) == \
             lists(getattr(want, f"{name}_num_blocks"), getattr(want, f"{name}_indices")), name

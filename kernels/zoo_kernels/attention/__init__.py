@@ -625,10 +625,14 @@ def packed_block_mask(seq_idx: Tensor, block: int = 128):
     def heads(x):  # (B, nb[, nb]) -> (B, 1, ...) int32
         return x.to(torch.int32)[:, None].contiguous()
 
-    return BlockMask(seq_lengths=(length, length), kv_num_blocks=heads(part_hi - lo + 1), kv_indices=heads(kv_part),
-                     full_kv_num_blocks=heads((i - full_lo).clamp(min=0)), full_kv_indices=heads(kv_full),
-                     q_num_blocks=heads(q_part_n), q_indices=heads(q_part), full_q_num_blocks=heads(q_full_n),
-                     full_q_indices=heads(q_full), BLOCK_SIZE=(block, block), mask_mod=mask_mod)
+    kv = dict(kv_num_blocks=heads(part_hi - lo + 1), kv_indices=heads(kv_part),
+              full_kv_num_blocks=heads((i - full_lo).clamp(min=0)), full_kv_indices=heads(kv_full))
+    try:
+        return BlockMask(seq_lengths=(length, length), **kv, q_num_blocks=heads(q_part_n), q_indices=heads(q_part),
+                         full_q_num_blocks=heads(q_full_n), full_q_indices=heads(q_full), BLOCK_SIZE=(block, block),
+                         mask_mod=mask_mod)
+    except TypeError:  # a torch whose BlockMask takes other arguments: let it transpose the lists itself
+        return BlockMask.from_kv_blocks(**kv, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(length, length))
 
 
 def _run_flex(q: Tensor, k: Tensor, v: Tensor, causal: bool, window: int | None, seq_idx: Tensor | None,
