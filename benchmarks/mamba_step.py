@@ -33,27 +33,32 @@ def timed(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
 
 
-def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str) -> dict:
-    import torch.nn.functional as F
-    from zoo_kernels import causal_conv1d_update, selective_state_update
-    from zoo_kernels.selective_scan import fused_step
-    from zoo_kernels.selective_scan.fused_step import mamba_step, mamba_step_ref
-
-    dev, dtype = torch.device("cuda"), torch.bfloat16
+def step_args(batch: int, dim: int, nstate: int, rank: int, width: int, dtype=torch.bfloat16) -> tuple:
+    """Random inputs of one fused step on CUDA, in `mamba_step`'s order: x, z (column halves of one in_proj
+    output), conv_state, conv_w, conv_b, x_proj_w, dt_w, dt_bias, A, D, state."""
+    dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
 
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, device=dev, generator=g) * scale
 
     xz = rnd(batch, 2 * dim).to(dtype)
-    x, z = xz[:, :dim], xz[:, dim:]
     conv_state, conv_w, conv_b = rnd(batch, dim, width - 1), rnd(dim, width, scale=0.5), rnd(dim, scale=0.1)
     wx = rnd(rank + 2 * nstate, dim, scale=dim ** -0.5).to(dtype)
     wdt, dt_bias = rnd(dim, rank, scale=rank ** -0.5).to(dtype), rnd(dim, scale=0.5) - 3
     A = -torch.arange(1, nstate + 1, device=dev, dtype=torch.float32).repeat(dim, 1)
     D, state = rnd(dim), rnd(batch, dim, nstate, scale=0.3)
+    return xz[:, :dim], xz[:, dim:], conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state
 
-    args = (x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state)
+
+def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str) -> dict:
+    import torch.nn.functional as F
+    from zoo_kernels import causal_conv1d_update, selective_state_update
+    from zoo_kernels.selective_scan import fused_step
+    from zoo_kernels.selective_scan.fused_step import mamba_step, mamba_step_ref
+
+    args = step_args(batch, dim, nstate, rank, width)
+    x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state = args
     ref_args = tuple(a.clone() if a is conv_state or a is state else a for a in args)
     ext = fused_step._module()
     rows = ext.rows_for(batch, dim, nstate, rank, width, 2)  # 0: the mixer runs the unfused step

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 import torch
+from mamba_step import step_args  # benchmarks/mamba_step.py (the script's folder is on sys.path)
 
 PHASES = ("copies issued", "grid-dep wait", "conv", "x_proj part", "cluster sync", "cluster sum + wait",
           "dt + wait", "state update", "cluster exit wait")
@@ -37,22 +38,11 @@ def main() -> None:
                        fused_step._CSRC, "zoo_mamba_step_phases", (9, 0), "clusters need",
                        defines=("ZOO_MS_PHASES",)).module()
     dim, nstate, rank = (int(v) for v in args.shape.split(":"))
-    width, dev, dtype = 4, torch.device("cuda"), torch.bfloat16
+    width = 4
     print(f"{torch.cuda.get_device_name()}: d_inner {dim} N {nstate} R {rank}, bf16, pdl {args.pdl}", flush=True)
     for case in args.cases.split(","):
         batch, rows = (int(v) for v in case.split(":"))
-        g = torch.Generator(device=dev).manual_seed(0)
-
-        def rnd(*shape, scale=1.0):
-            return torch.randn(*shape, device=dev, generator=g) * scale
-
-        xz = rnd(batch, 2 * dim).to(dtype)
-        x, z = xz[:, :dim], xz[:, dim:]
-        conv_state, conv_w, conv_b = rnd(batch, dim, width - 1), rnd(dim, width, scale=0.5), rnd(dim, scale=0.1)
-        wx = rnd(rank + 2 * nstate, dim, scale=dim ** -0.5).to(dtype)
-        wdt, dt_bias = rnd(dim, rank, scale=rank ** -0.5).to(dtype), rnd(dim, scale=0.5) - 3
-        A = -torch.arange(1, nstate + 1, device=dev, dtype=torch.float32).repeat(dim, 1)
-        D, state = rnd(dim), rnd(batch, dim, nstate, scale=0.3)
+        x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state = step_args(batch, dim, nstate, rank, width)
         ref = mamba_step_ref(x, z, conv_state.clone(), conv_w, conv_b, wx, wdt, dt_bias, A, D, state.clone())
         try:
             y = ext.step(x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state, None, bool(args.pdl), rows)

@@ -80,7 +80,8 @@ def main() -> None:
             fn = torch.compile(flex_attention)
             try:
                 report(f"flex, mask blocks {size}, {opts or 'default'}",
-                       lambda: fn(qt, kt, vt, block_mask=bm, kernel_options=opts).transpose(1, 2))
+                       lambda fn=fn, bm=bm, opts=opts: fn(qt, kt, vt, block_mask=bm,
+                                                          kernel_options=opts).transpose(1, 2))
             except Exception as exc:  # a config that does not compile or launch is reported, not fatal
                 print(f"flex {size} {opts}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         print(f"packed / unpacked (time ratio, our call): {unpacked / ours:.3f}")
@@ -122,14 +123,14 @@ def grad_main(args) -> None:
     from torch.nn.attention.flex_attention import create_block_mask
     for size, opts in ((128, None), (64, attn.FLEX_PACKED_FWD["kernel_options"])):
         bm = create_block_mask(mask_mod, b, None, L, L, device=dev, BLOCK_SIZE=size, _compile=True)
-        mask_ms = bench_ms(lambda: create_block_mask(mask_mod, b, None, L, L, device=dev, BLOCK_SIZE=size,
-                                                     _compile=True))
+        mask_ms = bench_ms(lambda size=size: create_block_mask(mask_mod, b, None, L, L, device=dev, BLOCK_SIZE=size,
+                                                               _compile=True))
         print(f"block mask of {size}-token blocks: {mask_ms:.3f} ms to make", flush=True)
         torch._dynamo.reset()
         fn = torch.compile(flex_attention)
         try:
             report(f"flex, mask blocks {size}, {opts or 'default'}",
-                   lambda: fn(qt, kt, vt, block_mask=bm, kernel_options=opts).transpose(1, 2))
+                   lambda fn=fn, bm=bm, opts=opts: fn(qt, kt, vt, block_mask=bm, kernel_options=opts).transpose(1, 2))
         except Exception as exc:  # reported, not fatal
             print(f"flex {size} {opts}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
 

@@ -4,7 +4,6 @@ compile, checkpointing, the varlen packing logic, and backend selection."""
 from __future__ import annotations
 
 import contextlib
-
 import warnings
 
 import pytest

@@ -115,6 +115,21 @@ def test_gradients_flow_through_carried_state(name):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
+def test_gradients_through_single_steps_equal_the_forward(name):
+    """Decoding token by token with autograd on gives every parameter the gradient of one forward over the same
+    tokens: a step's in-place state update must not overwrite what the backward of an earlier step needs."""
+    mixer = build(name)
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    run(mixer, x).square().sum().backward()
+    want = {n: p.grad.clone() for n, p in mixer.named_parameters()}
+    mixer.zero_grad()
+    cache = mixer.init_state(2, x.dtype, x.device)
+    torch.cat([run(mixer, x[:, t:t + 1], cache) for t in range(5)], dim=1).square().sum().backward()
+    for n, p in mixer.named_parameters():
+        assert_close(f"grad {n}", p.grad, want[n], TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
 def test_state_size_positive_and_monotone(name):
     mixer = build(name)
     small, large = mixer.state_size(16), mixer.state_size(4096)

@@ -129,7 +129,8 @@ class ZooConfig(PreTrainedConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.decode_state_dtype not in DECODE_STATE_DTYPES:
-            raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, got {self.decode_state_dtype!r}")
+            raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, "
+                             f"got {self.decode_state_dtype!r}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps!r}")
         if not self.initializer_range > 0:

@@ -135,7 +135,8 @@ def gla_state_update_ref(
     decay = torch.exp(g.float())[..., None]  # (batch, H, K, 1)
     # with autograd on, the product keeps its own copy of the old state (the in-place update below must not change
     # a tensor the backward needs)
-    new_state = state.to(torch.float32, copy=torch.is_grad_enabled()) * decay + k.float()[..., None] * v.float()[..., None, :]
+    old = state.to(torch.float32, copy=torch.is_grad_enabled())
+    new_state = old * decay + k.float()[..., None] * v.float()[..., None, :]
     o = torch.einsum("bhk,bhkv->bhv", q.float() * scale, new_state)
     state.copy_(new_state)
     return o.to(q.dtype)

@@ -179,7 +179,8 @@ def ssd_state_update_ref(
     decay = torch.exp(dt32 * A.float())[:, :, None, None]  # (batch, H, 1, 1)
     # with autograd on, the product keeps its own copy of the old state (the in-place update below must not change
     # a tensor the backward needs)
-    new_state = state.to(torch.float32, copy=torch.is_grad_enabled()) * decay + (x32 * dt32[..., None])[..., None] * B32[:, :, None, :]
+    old = state.to(torch.float32, copy=torch.is_grad_enabled())
+    new_state = old * decay + (x32 * dt32[..., None])[..., None] * B32[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", new_state, C32)
     if D is not None:
         D32 = D.float()
