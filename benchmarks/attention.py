@@ -230,7 +230,7 @@ def main() -> None:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             attn.flex_block_mask(b, L, L, causal=True, window=None, seq_idx=seq_idx, key_padding_mask=None,
-                                 device=dev, block=attn.FLEX_PACKED_FWD["block"], q_blocks=False)
+                                 device=dev, block=attn.FLEX_PACKED_FWD["block"])
             torch.cuda.synchronize()
             mask_ms.append((time.perf_counter() - t0) * 1e3)
         ours_backends = [attn.resolve_backend("auto", dev, dtype=q.dtype, head_dim=d, packed=True, tq=L, tk=L,
