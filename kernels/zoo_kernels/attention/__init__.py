@@ -543,6 +543,23 @@ def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int |
             return last[3]
     else:
         data_key = None
+    if seq_idx is not None and causal and window is None and key_padding_mask is None and tq == tk:
+        # the common packed case, without create_block_mask's cost and _visible_mod's host-to-device copies
+        block_mask = packed_block_mask(seq_idx, block)
+    else:
+        block_mask = create_block_mask(_visible_mod(tq, tk, causal, window, seq_idx, key_padding_mask, device),
+                                       None if data_free else batch, None, tq, tk, device=device, BLOCK_SIZE=block,
+                                       _compile=True)  # compiled: never materializes the (B, Tq, Tk) mask
+    if data_free:
+        _FLEX[key] = block_mask
+    elif data_key is not None:
+        _FLEX["data_mask"] = (data_key, seq_idx, key_padding_mask, block_mask)
+    return block_mask
+
+
+def _visible_mod(tq: int, tk: int, causal: bool, window: int | None, seq_idx: Tensor | None,
+                 key_padding_mask: Tensor | None, device: torch.device):
+    """`visible_mask` as a flex mask_mod."""
     # 0-dim tensors, not Python ints: a new decode offset or window must not recompile the kernel
     offset = torch.tensor(tk - tq, device=device)
     window_t = torch.tensor(window if window is not None else tk, device=device)
@@ -560,18 +577,7 @@ def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int |
             visible = visible & keep[b, kj] & keep[b, pos]
         return visible
 
-    # compiled creation never materializes the (B, Tq, Tk) mask (1G entries at L = 32K)
-    if seq_idx is not None and causal and window is None and key_padding_mask is None and tq == tk:
-        # the common packed case, without create_block_mask's cost
-        block_mask = packed_block_mask(seq_idx, block)
-    else:
-        block_mask = create_block_mask(mask_mod, None if data_free else batch, None, tq, tk, device=device,
-                                       BLOCK_SIZE=block, _compile=True)
-    if data_free:
-        _FLEX[key] = block_mask
-    elif data_key is not None:
-        _FLEX["data_mask"] = (data_key, seq_idx, key_padding_mask, block_mask)
-    return block_mask
+    return mask_mod
 
 
 def packed_block_mask(seq_idx: Tensor, block: int = 128):
