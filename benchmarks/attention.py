@@ -226,7 +226,7 @@ def main() -> None:
         # the forward is timed without autograd (where auto may take flex's tuned forward), fwd+bwd with it
         mask_ms = []  # the flex path's block mask of these rows, made twice (the second without first-use costs)
         for _ in range(2):
-            attn._FLEX.pop("data_mask", None)
+            attn._FLEX_MASK.clear()
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             attn.flex_block_mask(b, L, L, causal=True, window=None, seq_idx=seq_idx, key_padding_mask=None,

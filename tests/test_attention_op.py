@@ -418,6 +418,7 @@ def test_flex_block_mask_of_packed_rows_is_made_once_per_seq_idx(monkeypatch):
     made = []
     monkeypatch.setattr(attn, "packed_block_mask", lambda seq_idx, block: made.append(block) or object())
     monkeypatch.setattr(attn, "_FLEX", {})
+    monkeypatch.setattr(attn, "_FLEX_MASK", {})
     seq_idx = torch.zeros(2, 64, dtype=torch.int32)
     seq_idx[:, 40:] = 1
 

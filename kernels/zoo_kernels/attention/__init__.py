@@ -254,12 +254,17 @@ def resolve_backend(requested: str, device: torch.device | str, *, dtype: torch.
     return _RESOLVED[key]
 
 
+def _flex_packed_tiles_fit(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """FLEX_PACKED_FWD's measured case: sm90, fp16/bf16, head_dim <= FLEX_PACKED_MAX_HEAD_DIM."""
+    return (device.type == "cuda" and dtype in _HALF and head_dim <= FLEX_PACKED_MAX_HEAD_DIM
+            and _capability(device)[0] == 9)
+
+
 def flex_takes_packed_forward(device: torch.device, dtype: torch.dtype, head_dim: int, selected: str) -> bool:
-    """Whether packed rows without autograd go to flex with FLEX_PACKED_FWD's tiles instead of `selected`: on
-    sm90 (where it was measured), fp16/bf16, head_dim <= FLEX_PACKED_MAX_HEAD_DIM, when the varlen kernel at hand
-    is FlashAttention-2's (flash_attn or torch's built-in; FA4 is not displaced) and flex can run."""
-    return (device.type == "cuda" and selected in ("flash_attn", "sdpa_flash") and dtype in _HALF
-            and head_dim <= FLEX_PACKED_MAX_HEAD_DIM and _capability(device)[0] == 9
+    """Whether packed rows without autograd go to flex with FLEX_PACKED_FWD's tiles instead of `selected`: in its
+    measured case (_flex_packed_tiles_fit), when the varlen kernel at hand is FlashAttention-2's (flash_attn or
+    torch's built-in; FA4 is not displaced) and flex can run."""
+    return (selected in ("flash_attn", "sdpa_flash") and _flex_packed_tiles_fit(device, dtype, head_dim)
             and _unavailable_reason("flex", device) is None
             and _shape_reason("flex", device, dtype, head_dim, False) is None)
 
@@ -330,8 +335,7 @@ def attention(
     if name == "flex":
         # (flex is the backend here, so it can run: only the measured case's conditions are left to check)
         tuned = (seq_idx is not None and causal and not grad and window is None and key_padding_mask is None
-                 and tq == tk and q.dtype in _HALF and dim <= FLEX_PACKED_MAX_HEAD_DIM
-                 and _capability(q.device)[0] == 9)
+                 and tq == tk and _flex_packed_tiles_fit(q.device, q.dtype, dim))
         return _run_flex(q, k, v, causal, window, seq_idx, key_padding_mask, scale,
                          FLEX_PACKED_FWD if tuned else None)
     return _run_sdpa(name, q, k, v, causal, window, seq_idx, key_padding_mask, scale)
@@ -391,6 +395,30 @@ class VarlenMeta:
     k_rows: Tensor | None  # (total_k,) rows of k.reshape(B * Tk, ...) kept, None = all
 
 
+def _last_result(store: dict, name: str, refs: tuple, *extra):
+    """The result `name` kept in `store` by `_keep_result` for these very tensors (`refs`, None entries allowed)
+    unchanged since (same identities and version counters) and the same `extra`; else None. Inference tensors
+    have no version counter (reading it raises) and are never cached; nothing is cached under torch.compile."""
+    key = _result_key(refs, extra)
+    if key is None or store.get("key") != key or any(a is not b for a, b in zip(store["refs"], refs)):
+        return None
+    return store[name]
+
+
+def _keep_result(store: dict, name: str, refs: tuple, value, *extra) -> None:
+    """Keep `value` in `store` as the result of `refs` (see `_last_result`); the previous one is dropped."""
+    key = _result_key(refs, extra)
+    if key is not None:
+        store.clear()
+        store.update(key=key, refs=refs, **{name: value})
+
+
+def _result_key(refs: tuple, extra: tuple):
+    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in refs):
+        return None
+    return (*(id(t) for t in refs), *(getattr(t, "_version", 0) for t in refs), *extra)
+
+
 _META_CACHE: dict[str, Any] = {}
 
 
@@ -402,14 +430,9 @@ def varlen_meta(seq_idx: Tensor | None, key_padding_mask: Tensor | None, tq: int
     unchanged (every attention layer of a forward pass packs the same way); this syncs with the device.
     """
     ref = seq_idx if seq_idx is not None else key_padding_mask
-    # inference tensors have no version counter (reading it raises): they are not cached
-    cacheable = not any(t is not None and t.is_inference() for t in (seq_idx, key_padding_mask))
-    key = (id(seq_idx), id(key_padding_mask), getattr(seq_idx, "_version", 0),
-           getattr(key_padding_mask, "_version", 0), tq, tk) if cacheable else None
-    compiling = torch.compiler.is_compiling()
-    if not compiling and cacheable and _META_CACHE.get("key") == key and _META_CACHE["refs"][0] is seq_idx \
-            and _META_CACHE["refs"][1] is key_padding_mask:
-        return _META_CACHE["meta"]
+    meta = _last_result(_META_CACHE, "meta", (seq_idx, key_padding_mask), tq, tk)
+    if meta is not None:
+        return meta
     batch, device = ref.shape[0], ref.device
     start = torch.zeros(batch, tk, dtype=torch.bool, device=device)
     start[:, 0] = True
@@ -437,8 +460,7 @@ def varlen_meta(seq_idx: Tensor | None, key_padding_mask: Tensor | None, tq: int
         meta = VarlenMeta(F.pad(count_q.cumsum(0), (1, 0)).to(torch.int32),
                           F.pad(count_k.cumsum(0), (1, 0)).to(torch.int32), int(max_q), int(max_k),
                           q_rows, None if key_padding_mask is None else k_pos)
-    if not compiling:
-        _META_CACHE.update(key=key, refs=(seq_idx, key_padding_mask), meta=meta)
+    _keep_result(_META_CACHE, "meta", (seq_idx, key_padding_mask), meta, tq, tk)
     return meta
 
 
@@ -511,6 +533,7 @@ def _cute_window(left: int, right: int) -> tuple[int | None, int | None]:
 # flex_attention: any mask, blocks without a visible key skipped
 
 _FLEX: dict[str, Any] = {}
+_FLEX_MASK: dict[str, Any] = {}  # the block mask of the last seq_idx / padding mask (`_keep_result`)
 
 
 def _compiled_flex():
@@ -534,15 +557,10 @@ def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int |
     key = ("bm", batch if not data_free else None, tq, tk, causal, window, str(device), block)
     if data_free and key in _FLEX:
         return _FLEX[key]
-    cacheable = not data_free and not any(t is not None and t.is_inference() for t in (seq_idx, key_padding_mask))
-    if cacheable and not torch.compiler.is_compiling():
-        data_key = (key, id(seq_idx), id(key_padding_mask), getattr(seq_idx, "_version", 0),
-                    getattr(key_padding_mask, "_version", 0))
-        last = _FLEX.get("data_mask")
-        if last is not None and last[0] == data_key and last[1] is seq_idx and last[2] is key_padding_mask:
-            return last[3]
-    else:
-        data_key = None
+    if not data_free:
+        block_mask = _last_result(_FLEX_MASK, "mask", (seq_idx, key_padding_mask), key)
+        if block_mask is not None:
+            return block_mask
     if seq_idx is not None and causal and window is None and key_padding_mask is None and tq == tk:
         # the common packed case, without create_block_mask's cost and _visible_mod's host-to-device copies
         block_mask = packed_block_mask(seq_idx, block)
@@ -552,8 +570,8 @@ def flex_block_mask(batch: int, tq: int, tk: int, *, causal: bool, window: int |
                                        _compile=True)  # compiled: never materializes the (B, Tq, Tk) mask
     if data_free:
         _FLEX[key] = block_mask
-    elif data_key is not None:
-        _FLEX["data_mask"] = (data_key, seq_idx, key_padding_mask, block_mask)
+    else:
+        _keep_result(_FLEX_MASK, "mask", (seq_idx, key_padding_mask), block_mask, key)
     return block_mask
 
 

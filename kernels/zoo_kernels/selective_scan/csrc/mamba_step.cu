@@ -52,11 +52,6 @@ __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); 
 // start and the end, and its SM. The shipped build has none of it.
 #ifdef ZOO_MS_PHASES
 __device__ unsigned long long g_phase[kPhaseCtas][kPhaseSlots];
-#define ZOO_MS_PHASE(i)                                                                   \
-  do {                                                                                    \
-    const unsigned cta_ = blockIdx.y * gridDim.x + blockIdx.x;                            \
-    if (threadIdx.x == 0 && cta_ < kPhaseCtas) g_phase[cta_][i] = clock64();              \
-  } while (0)
 __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -73,13 +68,11 @@ __device__ __forceinline__ unsigned smid() {
     if (threadIdx.x == 0 && cta_ < kPhaseCtas) g_phase[cta_][slot] = (value);             \
   } while (0)
 #else
-#define ZOO_MS_PHASE(i) \
-  do {                  \
-  } while (0)
 #define ZOO_MS_STAMP(slot, value) \
   do {                            \
   } while (0)
 #endif
+#define ZOO_MS_PHASE(i) ZOO_MS_STAMP(i, clock64())
 
 // two consecutive elements as fp32 (the pointer is aligned to two elements)
 __device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
