@@ -4,12 +4,13 @@ The unfused step after in_proj is what the Mamba mixer ran before: the conv-upda
 and the state-update kernel with dt_proj folded in. The fused kernel (zoo_kernels.selective_scan.fused_step) does
 the three in one launch of 8-CTA clusters. Both are timed inside a CUDA graph (`triton.testing.do_bench_cudagraph`),
 as a graph-captured decode step runs them, on the 130M shapes (d_inner 1536, N 16, dt_rank 48, width 4) by default,
-in bf16; the fused kernel also launched without programmatic dependent launch (ZOO_MAMBA_STEP_PDL=0), and at every
-rows per CTA that fits (ZOO_MAMBA_STEP_ROWS), with the number of resident clusters the occupancy API allows for it.
-Where the kernel's rule (one wave of clusters) finds no rows per CTA the mixer runs the unfused step: `ours_ms` is
-then the best forced rows, and the row says so. Each call is checked against the torch reference first. The floor is
-the bytes the step must move (fp32 states and conv states read and written, the weights, x, z and y) over the copy
-bandwidth measured in the same run. Rows go to --out (JSON lines).
+in bf16; the fused step at each of its two kernels (ZOO_MAMBA_STEP_KERNEL: the slots kernel, states in shared memory,
+and the register-rows kernel) and every rows per CTA that fits (ZOO_MAMBA_STEP_ROWS), with the number of resident
+clusters the occupancy API allows for it, and the best of them without programmatic dependent launch
+(ZOO_MAMBA_STEP_PDL=0). Where the launcher's plan (one wave of clusters) finds no kernel the mixer runs the unfused
+step: `ours_ms` is then the best forced, and the row says so. Each call is checked against the torch reference
+first. The floor is the bytes the step must move (fp32 states and conv states read and written, the weights, x, z
+and y) over the copy bandwidth measured in the same run. Rows go to --out (JSON lines).
 
     python benchmarks/mamba_step.py --batches 1,16,64 --out benchmarks/results.jsonl
 """
@@ -59,15 +60,46 @@ def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str)
 
     args = step_args(batch, dim, nstate, rank, width)
     x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state = args
-    ref_args = tuple(a.clone() if a is conv_state or a is state else a for a in args)
     ext = fused_step._module()
-    rows = ext.rows_for(batch, dim, nstate, rank, width, 2)  # 0: the mixer runs the unfused step
-    os.environ["ZOO_MAMBA_STEP_ROWS"] = str(rows or 1)  # the check runs the kernel even where the mixer would not
-    y, y_ref = mamba_step(*args).float(), mamba_step_ref(*ref_args).float()
-    del os.environ["ZOO_MAMBA_STEP_ROWS"]
-    err = ((y - y_ref).norm() / y_ref.norm()).item()
-    if err > 2e-2:
-        raise RuntimeError(f"fused step wrong at batch {batch}: relative error {err:.3g}")
+    kernel, rows = ext.plan(batch, dim, nstate, rank, width, 2)  # (0, 0): the mixer runs the unfused step
+    names = {fused_step.KERNELS["slots"]: "slots", fused_step.KERNELS["rows"]: "rows"}
+
+    def forced(name: str, r: int, pdl: bool = True):
+        os.environ["ZOO_MAMBA_STEP_KERNEL"], os.environ["ZOO_MAMBA_STEP_ROWS"] = name, str(r)
+        os.environ["ZOO_MAMBA_STEP_PDL"] = "1" if pdl else "0"
+
+    def unforced():
+        for k in ("ZOO_MAMBA_STEP_KERNEL", "ZOO_MAMBA_STEP_ROWS", "ZOO_MAMBA_STEP_PDL"):
+            os.environ.pop(k, None)
+
+    # every (kernel, rows per CTA) that fits, forced (the variables are read at each call), each checked first
+    per_rows, capacity = {}, {}
+    for name, choices in (("slots", (1, 2, 4, 8)), ("rows", (2, 4))):
+        for r in choices:
+            capacity[f"{name}{r}"] = ext.cluster_capacity(dim, nstate, rank, width, 2, r, fused_step.KERNELS[name])
+            if not capacity[f"{name}{r}"]:
+                continue
+            forced(name, r)
+            ref_args = tuple(a.clone() if a is conv_state or a is state else a for a in args)
+            try:
+                y = mamba_step(*args).float()
+            except RuntimeError:  # its shared memory does not fit
+                continue
+            finally:
+                unforced()
+            y_ref = mamba_step_ref(*ref_args).float()
+            err = ((y - y_ref).norm() / y_ref.norm()).item()
+            if err > 2e-2:
+                raise RuntimeError(f"fused step ({name}, {r} rows) wrong at batch {batch}: relative error {err:.3g}")
+            forced(name, r)
+            per_rows[f"{name}{r}"] = timed(lambda: mamba_step(*args))
+            unforced()
+    best = min(per_rows, key=per_rows.get)
+    forced(best.rstrip("0123456789"), int(best.lstrip("slotrw")), pdl=False)
+    t_plain = timed(lambda: mamba_step(*args))  # the best launched without PDL
+    unforced()
+    chosen = f"{names[kernel]}{rows}" if rows else best
+    t_fused = per_rows[chosen]
 
     def unfused():
         u = causal_conv1d_update(conv_state, x, conv_w, conv_b, "silu")
@@ -75,43 +107,29 @@ def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str)
         dt_low, B, C = torch.split(x_dbl, [rank, nstate, nstate], dim=-1)
         return selective_state_update(state, u, dt_low, A, B, C, D, z, dt_bias, True, wdt)
 
-    per_rows, capacity = {}, {}
-    for r in (1, 2, 4, 8):  # every rows per CTA that fits, forced ($ZOO_MAMBA_STEP_ROWS is read at each call)
-        capacity[r] = ext.cluster_capacity(dim, nstate, rank, width, 2, r)
-        os.environ["ZOO_MAMBA_STEP_ROWS"] = str(r)
-        try:
-            per_rows[r] = timed(lambda: mamba_step(*args))
-        except RuntimeError:  # its shared memory does not fit
-            pass
-    del os.environ["ZOO_MAMBA_STEP_ROWS"]
-    best = min(per_rows, key=per_rows.get)
-    os.environ["ZOO_MAMBA_STEP_ROWS"], os.environ["ZOO_MAMBA_STEP_PDL"] = str(best), "0"
-    t_plain = timed(lambda: mamba_step(*args))  # the best rows launched without PDL
-    del os.environ["ZOO_MAMBA_STEP_ROWS"], os.environ["ZOO_MAMBA_STEP_PDL"]
-    t_fused = per_rows[rows] if rows else per_rows[best]
     t_unfused = timed(unfused)
     nbytes = (2 * 4 * batch * dim * (nstate + width - 1)  # fp32 states and conv states, read and written
               + 2 * (wx.numel() + wdt.numel()) + 4 * (conv_w.numel() + 4 * dim + A.numel())  # weights, constants
               + 2 * batch * dim * 3)  # x, z, y
     floor = floor_ms(nbytes)
-    sweep = "  ".join(f"{r}: {t * 1e3:.2f} us ({-(-batch // r)} of {capacity[r]} clusters)"
-                      for r, t in per_rows.items())
-    print(f"batch {batch:3d} d_inner {dim} N {nstate} R {rank}: fused {t_fused * 1e3:6.2f} us at "
-          f"{rows or best} rows per CTA ({'the kernel' if rows else 'forced; the mixer runs unfused'}; best rows "
-          f"{best} without PDL {t_plain * 1e3:6.2f})  unfused {t_unfused * 1e3:6.2f} us  "
-          f"({t_unfused / t_fused:.2f}x)  floor {floor * 1e3:.2f} us\n    rows per CTA: {sweep}", flush=True)
+    sweep = "  ".join(f"{k}: {t * 1e3:.2f} us ({-(-batch // int(k.lstrip('slotrw')))} of {capacity[k]} clusters)"
+                      for k, t in per_rows.items())
+    print(f"batch {batch:3d} d_inner {dim} N {nstate} R {rank}: fused {t_fused * 1e3:6.2f} us at {chosen} "
+          f"({'the plan' if rows else 'forced; the mixer runs unfused'}; best {best} without PDL "
+          f"{t_plain * 1e3:6.2f})  unfused {t_unfused * 1e3:6.2f} us  ({t_unfused / t_fused:.2f}x)  "
+          f"floor {floor * 1e3:.2f} us\n    kernel and rows per CTA: {sweep}", flush=True)
     return {
         "name": f"mamba_step/d{dim}_N{nstate}_R{rank}/B{batch}", "card": card, "date": date.today().isoformat(),
         "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
         "shape": {"batch": batch, "d_inner": dim, "N": nstate, "dt_rank": rank, "width": width, "dtype": "bf16"},
         "ours_ms": round(t_fused, 5), "baseline": "unfused step (conv update + cuBLAS x_proj + state update)",
         "baseline_ms": round(t_unfused, 5), "ratio": round(t_unfused / t_fused, 3), "floor_ms": round(floor, 5),
-        "best_rows_without_pdl_ms": round(t_plain, 5), "rows_per_cta": rows,
-        "per_rows_ms": {str(r): round(t, 5) for r, t in per_rows.items()},
-        "cluster_capacity": {str(r): c for r, c in capacity.items()},
+        "best_without_pdl_ms": round(t_plain, 5), "plan": chosen if rows else None,
+        "per_kernel_rows_ms": {k: round(t, 5) for k, t in per_rows.items()},
+        "cluster_capacity": capacity,
         "note": "inside a CUDA graph (do_bench_cudagraph)" + (
-            "" if rows else f"; the mixer runs the unfused step here (no rows per CTA fits one wave): ours_ms is the "
-            f"best forced rows ({best})"),
+            "" if rows else f"; the mixer runs the unfused step here (no kernel fits one wave): ours_ms is the "
+            f"best forced ({best})"),
     }
 
 

@@ -8,6 +8,10 @@ time in us (cycles converted with each CTA's own clock64 / globaltimer ratio), p
 to the first (waves) and how many SMs they used.
 
     python benchmarks/probe_mamba_step_phases.py --cases 1:1,1:2,1:4,1:8,16:1,64:1,64:4,64:8
+    python benchmarks/probe_mamba_step_phases.py --kernel rows --cases 1:2,16:2,64:4
+
+--kernel rows times the register-rows kernel (states in registers; its phases: weights' copies and the states' loads
+issued, the wait, conv, x_proj part, cluster sync, cluster sum, dt, state update and gate, exit wait).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ def main() -> None:
     p.add_argument("--cases", default="1:1,1:2,1:4,1:8,16:1,64:1,64:2,64:4,64:8", help="batch:rows, comma-separated")
     p.add_argument("--shape", default="1536:16:48", help="d_inner:N:dt_rank (130M: 1536:16:48)")
     p.add_argument("--pdl", type=int, default=0, help="launch as a programmatic dependent (1) or plainly (0)")
+    p.add_argument("--kernel", choices=["slots", "rows"], default="slots")
     args = p.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         sys.exit("needs a CUDA GPU with compute capability 9.0+")
@@ -38,20 +43,24 @@ def main() -> None:
                        fused_step._CSRC, "zoo_mamba_step_phases", (9, 0), "clusters need",
                        defines=("ZOO_MS_PHASES",)).module()
     dim, nstate, rank = (int(v) for v in args.shape.split(":"))
+    kernel = fused_step.KERNELS[args.kernel]
     width = 4
-    print(f"{torch.cuda.get_device_name()}: d_inner {dim} N {nstate} R {rank}, bf16, pdl {args.pdl}", flush=True)
+    print(f"{torch.cuda.get_device_name()}: {args.kernel} kernel, d_inner {dim} N {nstate} R {rank}, bf16, pdl "
+          f"{args.pdl}", flush=True)
     for case in args.cases.split(","):
         batch, rows = (int(v) for v in case.split(":"))
         x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state = step_args(batch, dim, nstate, rank, width)
         ref = mamba_step_ref(x, z, conv_state.clone(), conv_w, conv_b, wx, wdt, dt_bias, A, D, state.clone())
         try:
-            y = ext.step(x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state, None, bool(args.pdl), rows)
+            y = ext.step(x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state, None, bool(args.pdl), rows,
+                         kernel)
         except RuntimeError as exc:
             print(f"batch {batch} rows {rows}: {exc}")
             continue
         err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
         for _ in range(3):  # the stamps of the last of a few launches (warm caches, as in a decode loop)
-            ext.step(x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state, None, bool(args.pdl), rows)
+            ext.step(x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state, None, bool(args.pdl), rows,
+                     kernel)
         torch.cuda.synchronize()
         st = ext.phases()
         ctas = 8 * -(-batch // rows)

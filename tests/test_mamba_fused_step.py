@@ -121,6 +121,52 @@ def test_fused_step_matches_reference(dtype, batch, dim, nstate, rank, width, ro
 
 @pytest.mark.cuda
 @needs_clusters
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,dim,rank,width,rows", [
+    (64, 1536, 48, 4, 4),   # Mamba-130M at batch 64: 16 clusters of 4-row CTAs
+    (33, 1536, 48, 4, 2),   # a partial last row group
+    (61, 1536, 48, 3, 4),   # width 3, partial
+    (64, 2048, 64, 4, 4),   # Mamba-370M (4 items per thread)
+    (7, 1024, 32, 2, 2),    # 2 items per thread, width 2
+])
+@pytest.mark.parametrize("biases", [True, False])
+def test_register_rows_kernel_matches_reference(dtype, batch, dim, rank, width, rows, biases, monkeypatch):
+    """The register-rows kernel (states in registers, 2 or 4 rows per CTA, N = 16) against the reference over three
+    steps, one with a padding mask."""
+    monkeypatch.setenv("ZOO_MAMBA_STEP_KERNEL", "rows")
+    monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", str(rows))
+    t = _inputs(batch, dim, 16, rank, width, dtype, "cuda", biases)
+    mask = (torch.arange(batch, device="cuda") % 3 != 1).to(dtype)
+    ref = {k: v.clone() if k in ("conv_state", "state") else v for k, v in t.items()}
+    for step in range(3):
+        y = fused_step.mamba_step(**t, mask=mask if step == 1 else None)
+        y_ref = fused_step.mamba_step_ref(**ref, mask=mask if step == 1 else None)
+        assert y.dtype == dtype and y.shape == (batch, dim)
+        assert rel_err(y, y_ref) < 2e-2, f"step {step}: y"
+        assert torch.equal(t["conv_state"], ref["conv_state"]), f"step {step}: conv state"
+        assert rel_err(t["state"], ref["state"]) < 2e-2, f"step {step}: state"
+        ref["state"].copy_(t["state"])  # (as in test_fused_step_matches_reference)
+        xz = torch.randn(batch, 2 * dim, device="cuda").to(dtype)
+        t["x"], t["z"] = ref["x"], ref["z"] = xz[:, :dim], xz[:, dim:]
+
+
+@pytest.mark.cuda
+@needs_clusters
+def test_the_plan_takes_the_register_rows_kernel_where_it_fits():
+    """At the 130M shapes in bf16 the plan is the register-rows kernel in one wave: 2 rows per CTA at batch 1 and
+    32, 4 at batch 64 (2 would need 32 clusters); fp32 activations and N = 8 take one-row CTAs of the slots kernel."""
+    ext = fused_step._module()
+    rows_kernel, slots = fused_step.KERNELS["rows"], fused_step.KERNELS["slots"]
+    assert tuple(ext.plan(64, 1536, 16, 48, 4, 2)) == (rows_kernel, 4)
+    assert tuple(ext.plan(1, 1536, 16, 48, 4, 2)) == (rows_kernel, 2)
+    assert tuple(ext.plan(1, 1536, 16, 48, 4, 4)) == (slots, 1)
+    assert tuple(ext.plan(1, 1536, 8, 48, 4, 2)) == (slots, 1)
+    t = _inputs(64, 1536, 16, 48, 4, torch.bfloat16, "cuda")
+    assert fused_step.supported(t["x"], t["conv_weight"], t["x_proj_weight"], t["A"])
+
+
+@pytest.mark.cuda
+@needs_clusters
 @pytest.mark.parametrize("name", ["mamba", "jamba"])
 def test_mixers_decode_alike_with_and_without_the_fused_step(name, monkeypatch):
     """Greedy decoding of a bf16 model (d_inner 256, dt_rank 8) takes the fused step by default and the unfused one

@@ -184,24 +184,42 @@ def _skinny_linear():
     return optional_kernel("skinny_linear", "skinny_linear")
 
 
-# ZOO_DECODE_LINEAR=0 keeps cuBLAS for every projection (benchmarks compare the two)
+def _pdl_linear():
+    return optional_kernel("pdl_linear", "pdl_linear"), optional_kernel("pdl_linear", "supported")
+
+
+# ZOO_DECODE_LINEAR=0 keeps cuBLAS for every projection (benchmarks compare the two); ZOO_DECODE_PDL=0 keeps the
+# decode step's kernels off programmatic dependent launch (zoo_kernels.pdl_linear, add_norm)
 DECODE_LINEAR = os.environ.get("ZOO_DECODE_LINEAR", "1") != "0"
+DECODE_PDL = os.environ.get("ZOO_DECODE_PDL", "1") != "0"
+PDL_MAX_ROWS = 8
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose inference forward on CUDA sends one row (batch-1 decoding) through one Triton kernel
-    (zoo_kernels.skinny_linear) where K >= N: there, inside a CUDA graph on the H200, it beat cuBLAS (Mamba-130M's
-    out_proj 4.3 vs 5.7 us, a SwiGLU down_proj 5.1 vs 7.2 us) and a batch-1 decode step ran 3-5% faster
-    (benchmarks/RESULTS.md, seventh session). At more rows or K < N cuBLAS was as fast or faster, so it keeps them,
-    as it keeps training, prefill, CPU, fp32, autocast and torch.compile. PEFT wraps it as it wraps nn.Linear."""
+    """nn.Linear whose inference forward on CUDA sends a decode step's few rows through kernels of ours.
+
+    - On Hopper and newer, up to PDL_MAX_ROWS = 8 rows in fp16/bf16 (K % 32, N % 16): zoo_kernels.pdl_linear,
+      launched as a programmatic dependent of the kernel before it, so that its weight loads overlap that kernel.
+      In a CUDA graph on the H200 (benchmarks/decode_linear.py --chain) it took 3.5 us per projection at one row
+      against cuBLAS's 5.4; at 16 rows the same as cuBLAS, at 64 rows twice as long (9.0 vs 5.0 us), so more rows
+      stay on cuBLAS (benchmarks/RESULTS.md, twelfth session).
+    - Elsewhere, one row with K >= N: zoo_kernels.skinny_linear (Triton); there, inside a CUDA graph on the H200, it
+      beat cuBLAS (Mamba-130M's out_proj 4.3 vs 5.7 us, a SwiGLU down_proj 5.1 vs 7.2 us; seventh session).
+    cuBLAS keeps every other case: training, prefill, CPU, fp32, autocast, torch.compile. PEFT wraps it as it wraps
+    nn.Linear (a LoRA layer calls the base layer, then adds its adapter)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (DECODE_LINEAR and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == self.weight.dtype
-                and x.numel() == x.shape[-1] and x.shape[-1] >= self.weight.shape[0] and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cuda") and not torch.compiler.is_compiling()):
-            kernel = _skinny_linear()
-            if kernel is not None and self.weight.stride(-1) == 1:
-                return kernel(x, self.weight, self.bias)
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
+                and not torch.compiler.is_compiling()):
+            if DECODE_PDL and x.numel() <= PDL_MAX_ROWS * x.shape[-1]:
+                kernel, supported = _pdl_linear()
+                if kernel is not None and supported(x, self.weight, self.bias):
+                    return kernel(x, self.weight, self.bias)
+            if x.numel() == x.shape[-1] and x.shape[-1] >= self.weight.shape[0] and self.weight.stride(-1) == 1:
+                kernel = _skinny_linear()
+                if kernel is not None:
+                    return kernel(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -7,9 +7,15 @@ which is what `zoo.layers.Block` computes with four kernels (the fp32 add, the c
 cast back) on every block of every decode step: at one token per row those launches, not the bytes, are the cost.
 The norm reads r rounded to out_dtype first, as the block's `norm(x.to(dtype))` does, so the two paths agree to
 the last bit of the add. Forward only (no autograd): zoo.modeling uses it when autograd is off on CUDA.
+
+On Hopper and newer it is launched as a programmatic dependent of the kernel before it (PDL; `ZOO_DECODE_PDL=0`
+turns it off): it waits for that kernel's writes, then lets the next kernel (a decode step's in_proj,
+zoo_kernels.pdl_linear) start and load its weights while this one runs.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -18,7 +24,10 @@ import triton.language as tl
 
 @triton.jit
 def _add_norm_kernel(res_ptr, delta_ptr, w_ptr, r_ptr, y_ptr, s_res, s_delta, s_r, s_y, d, eps,
-                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+    if PDL:  # everything below reads the previous kernel's outputs; the next kernel may start once all have waited
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     m = offs < d
@@ -57,11 +66,26 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
     y = torch.empty(res2.shape, device=residual.device, dtype=out_dtype)
     if res2.shape[0]:
         block = triton.next_power_of_2(d)
+        pdl = _pdl(residual.device)
         _add_norm_kernel[(res2.shape[0],)](
             res2, delta2, weight, r, y, res2.stride(0), delta2.stride(0), r.stride(0), y.stride(0), d, float(eps),
-            BLOCK=block, HAS_DELTA=delta is not None, num_warps=max(1, min(8, block // 256)),
+            BLOCK=block, HAS_DELTA=delta is not None, PDL=pdl, num_warps=max(1, min(8, block // 256)),
+            launch_pdl=pdl,
         )
     return r.view(residual.shape), y.view(residual.shape)
+
+
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def _pdl(device: torch.device) -> bool:
+    """Whether to launch as a programmatic dependent: compute capability 9.0+ and not ZOO_DECODE_PDL=0."""
+    if os.environ.get("ZOO_DECODE_PDL", "1") == "0" or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return _PDL_DEVICES[index]
 
 
 __all__ = ["add_rms_norm"]

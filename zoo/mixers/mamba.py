@@ -165,9 +165,11 @@ class Mamba(nn.Module):
         _folds_dt_proj allows, else a dt_proj matmul before it; its low-rank input, B, C and z read in place from
         the projections), then out_proj."""
         A, D, w, conv_bias = self._decode_constants()
+        # updated in place below, then set back. Taken before in_proj: the fused kernel reads the states before it
+        # waits for the kernel launched just before it (in_proj), so a copy step_states makes must come earlier
+        conv_state, state = cache.step_states()
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
-        conv_state, state = cache.step_states()  # updated in place below, then set back
         if self._fused_step(xs, backend):
             from zoo_kernels.selective_scan.fused_step import mamba_step
 

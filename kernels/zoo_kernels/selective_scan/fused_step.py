@@ -39,9 +39,11 @@ available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unava
 def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.Tensor, A: torch.Tensor) -> bool:
     """Whether `mamba_step` takes these shapes: x [batch, d_inner] on CUDA in fp32/bf16/fp16 with d_inner a
     multiple of 64; conv width <= 4; N four times a power of two (<= 128); dt_rank a multiple of 16 bytes'
-    elements; the extension builds; and the step runs in one wave of resident clusters of one-row CTAs (the
-    occupancy API's count: batch <= 30 at the 130M shapes on an H200). Beyond that the unfused step is faster
-    (csrc/mamba_step_api.cpp, kAutoMaxRows). Cheap after the first call."""
+    elements; the extension builds; and one of its kernels runs the batch in one wave of resident clusters: the
+    slots kernel's one-row CTAs (the occupancy API's count: batch <= 30 at the 130M shapes on an H200), else the
+    register-rows kernel's 2 or 4 rows per CTA (fp16/bf16, N = 16, d_inner 1024, 1536 or 2048: up to 4 rows
+    times the resident clusters). Beyond that the unfused step runs (csrc/mamba_step_api.cpp, `plan`). Cheap
+    after the first call."""
     if not x.is_cuda or x.dtype not in _DTYPES or x.dim() != 2:
         return False
     dim, nstate = A.shape
@@ -51,7 +53,11 @@ def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.T
             and lanes & (lanes - 1) == 0 and rank >= 1 and rank % (16 // x.element_size()) == 0 and available()):
         return False
     width, elem, ext = conv_weight.shape[-1], x.element_size(), _module()
-    return bool(_forced_rows()) or ext.rows_for(x.shape[0], dim, nstate, rank, width, elem) > 0
+    if _forced_rows():
+        return True
+    if _forced_kernel() == KERNELS["rows"]:
+        return ext.register_rows_for(x.shape[0], dim, nstate, rank, width, elem) > 0
+    return ext.plan(x.shape[0], dim, nstate, rank, width, elem)[1] > 0
 
 
 def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state, mask=None):
@@ -64,12 +70,14 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
     results as `mamba_step_ref` (call `supported` first).
 
     The kernel is launched as a programmatic dependent of the stream's previous kernel (in the mixer: in_proj), so
-    that its copies of weights and states overlap that kernel's end; ZOO_MAMBA_STEP_PDL=0 launches it plainly."""
+    that its copies of weights and states overlap that kernel's end; ZOO_MAMBA_STEP_PDL=0 launches it plainly.
+    $ZOO_MAMBA_STEP_KERNEL (slots / rows) and $ZOO_MAMBA_STEP_ROWS force the kernel and its rows per CTA
+    (benchmarks and tests)."""
     pdl = os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0"
     conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D = (
         _aligned(t) for t in (conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D))
     return _module().step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
-                          mask, pdl, _forced_rows())
+                          mask, pdl, _forced_rows(), _forced_kernel())
 
 
 def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -81,6 +89,18 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
 def _forced_rows() -> int:
     """$ZOO_MAMBA_STEP_ROWS: batch rows per CTA forced (1, 2, 4 or 8; benchmarks), else 0: the kernel's choice."""
     return int(os.environ.get("ZOO_MAMBA_STEP_ROWS", "0"))
+
+
+KERNELS = {"slots": 1, "rows": 2}  # csrc/mamba_step.h: kSlots, kRegisterRows
+
+
+def _forced_kernel() -> int:
+    """$ZOO_MAMBA_STEP_KERNEL: "slots" (states in shared memory, any rows per CTA) or "rows" (states in registers,
+    2 or 4 rows per CTA) forced, else 0: the launcher's plan."""
+    name = os.environ.get("ZOO_MAMBA_STEP_KERNEL", "")
+    if name and name not in KERNELS:
+        raise ValueError(f"ZOO_MAMBA_STEP_KERNEL={name!r}: expected one of {sorted(KERNELS)}")
+    return KERNELS.get(name, 0)
 
 
 def mamba_step_ref(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,

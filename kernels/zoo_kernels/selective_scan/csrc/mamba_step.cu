@@ -21,6 +21,9 @@
 // and one-row CTAs fill the resident clusters (30 on the H200) at batch 30, so from batch 32 on the unfused step is
 // faster and the launcher's rule (mamba_step_api.cpp) leaves those batches to it.
 //
+// The register-rows kernel below (states in registers, 2 or 4 rows per CTA) replaced that rule where it fits: it is
+// faster at every batch (fp16/bf16, N = 16, dt_rank <= 64, d_inner 1024-2048; the launcher's `plan`).
+//
 // Values the unfused step stores in the activation dtype are rounded to it here too (u, and x_proj's outputs),
 // so both compute the same numbers up to the order of the fp32 sums.
 #include <cooperative_groups.h>
@@ -186,6 +189,7 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   ZOO_MS_PHASE(1);
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");  // (see the register-rows kernel)
 #endif
   ZOO_MS_PHASE(2);
 
@@ -362,21 +366,403 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
   ZOO_MS_STAMP(kPhases + 1, global_ns());
 }
 
-// The kernel for these sizes, with its dynamic shared-memory limit raised to `smem` (once per device). A failing
-// runtime call here also leaves its error as the thread's last error, where the next kernel launch check (torch's)
-// would find it and fail an unrelated launch; so every failure below is read back with cudaGetLastError, and
-// returned to the caller instead.
-template <typename T, int kRows>
-cudaError_t prepare(size_t smem, void (**kernel)(StepParams)) {
-  *kernel = mamba_step_kernel<T, kRows>;
-  static size_t allowed[64] = {};  // per device: the opt-in set so far (raised when a launch needs more)
+// ---- The register-rows kernel (kRegisterRows): 2 or 4 rows per CTA, one wave of clusters.
+//
+// The slots kernel's CTA time grows by ~1.7 us per row slot, empty or not (phase stamps, NOTES_selective_scan.md):
+// each phase loops over (row, channel) items with runtime divisions and a dependent chain per iteration, and the
+// states take shared memory (one CTA per SM at 4 rows, so 16 clusters of 8 do not fit the 15 resident). Here every
+// loop has compile-time bounds: N = 16, dc = 64 x kItems channels per CTA, kRows rows. A thread owns kItems
+// (channel, 4-state group) items for all kRows rows; their states (kItems x kRows float4) and conv windows are
+// loaded into registers before the grid-dependency wait, so their DRAM round trip overlaps in_proj; shared memory
+// holds only the weights' slices (2 CTAs per SM). x_proj's per-warp sums are reduced by halving (each shuffle
+// level halves the values a lane holds) instead of a full butterfly per value; dt's rank-R dot product is split
+// over the 4 lanes of a channel; y's 4-lane sums likewise.
+//
+// Measured on an H200 (benchmarks/mamba_step.py, 130M shapes, CUDA graph): 4.7 / 6.2 / 7.5 / 11.2 us at batch 1 / 16
+// / 32 / 64 against the slots kernel's best 5.2 / 7.3 / 10.6 / 20.3 and the unfused step's 7.8 / 9.8 / 10.6 / 14.3.
+// Phase stamps at batch 64 (benchmarks/probe_mamba_step_phases.py --kernel rows, median CTA, us): copies issued
+// 1.9, conv 1.7 (waiting for x_proj_w's copy), x_proj part 2.2, cluster sync 0.5, cluster sum 0.8, dt 1.3, state
+// update 1.5: the sums are latency-bound chains at 8 warps per SM, far from the arithmetic's cost.
+template <typename T>
+struct RowsSmem {
+  T* wx;        // [P][dc]     x_proj_w's columns of this CTA's channels
+  T* wdt;       // [dc][R + 16 / sizeof(T)]  dt_w's rows, padded by 16 bytes
+  float* A;     // [dc][16]
+  float* cw;    // [dc][W]
+  float* cb;    // [dc]
+  float* bias;  // [dc]
+  float* Dv;    // [dc]
+  float* u;     // [rows][dc]
+  float* z;     // [rows][dc]
+  float* part;  // [rows][P]
+  float* dbl;   // [rows][P]
+  __device__ RowsSmem(unsigned char* base, int dc, int R, int W, int rows) {
+    const int P = R + 2 * kRegN;
+    wx = reinterpret_cast<T*>(base);
+    wdt = wx + size_t(P) * dc;
+    A = reinterpret_cast<float*>(wdt + size_t(dc) * (R + 16 / sizeof(T)));
+    cw = A + dc * kRegN;
+    cb = cw + dc * W;
+    bias = cb + dc;
+    Dv = bias + dc;
+    u = Dv + dc;
+    z = u + rows * dc;
+    part = z + rows * dc;
+    dbl = part + rows * P;
+  }
+};
+
+// Sums v[0..V) over the 32 lanes of a warp. Where the count is even a level halves it: lanes with the level's bit set
+// keep the upper half and send the lower, the others the reverse (V / 2 shuffles instead of V); odd counts are summed
+// whole. On return v[0..count) hold the full sums of values first..first + count; `*mask` has the bits of the
+// whole-sum levels (lanes that differ only there hold the same values).
+template <int V>
+__device__ __forceinline__ int halving_sum(float (&v)[V], int lane, int* first, int* mask) {
+  int n = V, base = 0, whole = 0;
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) {
+    if (n % 2 == 0) {
+      const int h = n / 2;
+      const bool hi = lane & o;
+#pragma unroll
+      for (int i = 0; i < V / 2; ++i) {
+        if (i < h) {
+          const float send = hi ? v[i] : v[i + h];
+          const float keep = hi ? v[i + h] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+        }
+      }
+      if (hi) base += h;
+      n = h;
+    } else {
+#pragma unroll
+      for (int i = 0; i < V; ++i)
+        if (i < n) v[i] += __shfl_xor_sync(0xffffffffu, v[i], o);
+      whole |= o;
+    }
+  }
+  *first = base;
+  *mask = whole;
+  return n;
+}
+
+template <typename T, int kRows, int kItems>
+__global__ void __launch_bounds__(kThreads, 2) mamba_step_rows_kernel(const StepParams p) {
+  constexpr int N = kRegN, kLanes = N / 4, dc = 64 * kItems;
+  constexpr int kE = 16 / sizeof(T);                              // elements per 16-byte chunk
+  constexpr int kConv = (kRows * dc + kThreads - 1) / kThreads;   // conv (row, channel) items per thread
+  constexpr int kJ = 6;                                           // x_proj columns per warp and pass
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int R = p.rank, P = R + 2 * N, W = p.width;
+  const int c0 = int(cluster.block_rank()) * dc;
+  const int b0 = blockIdx.y * kRows;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int wdt_stride = R + kE;
+  RowsSmem<T> s(smem_raw, dc, R, W, kRows);
+  ZOO_MS_STAMP(kPhases, global_ns());
+  ZOO_MS_STAMP(kPhases + 2, smid());
+  ZOO_MS_PHASE(0);
+
+  // ---- before the wait: the weights' slices into shared memory, the states and conv windows into registers
+  {
+    const T* wx = static_cast<const T*>(p.x_proj_w);
+    constexpr int per_row = dc / kE;
+    for (int i = tid; i < P * per_row; i += kThreads) {
+      const int j = i / per_row, q = i - j * per_row;
+      cp_async16(s.wx + j * dc + q * kE, wx + size_t(j) * p.dim + c0 + q * kE);
+    }
+    copy_chunks(s.cw, p.conv_w + size_t(c0) * W, dc * W / 4);
+    if (p.conv_b) copy_chunks(s.cb, p.conv_b + c0, dc / 4);
+  }
+  cp_async_commit();  // group 0: x_proj_w, the conv's weights
+  {
+    const T* wdt = static_cast<const T*>(p.dt_w) + size_t(c0) * R;
+    const int per_row = R / kE;
+    for (int i = tid; i < dc * per_row; i += kThreads) {
+      const int ch = i / per_row, q = i - ch * per_row;
+      cp_async16(s.wdt + ch * wdt_stride + q * kE, wdt + ch * R + q * kE);
+    }
+    if (p.dt_bias) copy_chunks(s.bias, p.dt_bias + c0, dc / 4);
+    copy_chunks(s.A, p.A + size_t(c0) * N, dc * N / 4);
+    if (p.D) copy_chunks(s.Dv, p.D + c0, dc / 4);
+  }
+  cp_async_commit();  // group 1: dt_proj, A, D
+
+  // item q of this thread: channel ch(q) = (q * kThreads + tid) / kLanes, states 4g..4g+3, g = tid % kLanes
+  const int g = tid % kLanes;
+  float4 h[kItems][kRows];
+#pragma unroll
+  for (int q = 0; q < kItems; ++q) {
+    const int ch = (q * kThreads + tid) / kLanes;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      h[q][r] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (b0 + r < p.batch)
+        h[q][r] = *reinterpret_cast<const float4*>(p.state + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g);
+    }
+  }
+  float win[kConv][3];
+#pragma unroll
+  for (int k = 0; k < kConv; ++k) {
+    const int i = tid + k * kThreads, r = i / dc, b = b0 + r;
+#pragma unroll
+    for (int t = 0; t < 3; ++t) win[k][t] = 0.f;
+    if (i < kRows * dc && b < p.batch) {
+      const float* cs = p.conv_state + (size_t(b) * p.dim + c0 + i - r * dc) * (W - 1);
+#pragma unroll
+      for (int t = 0; t < 3; ++t)
+        if (t < W - 1) win[k][t] = cs[t];
+    }
+  }
+
+  ZOO_MS_PHASE(1);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");  // x and z are in_proj's outputs
+  // The next kernel (out_proj), if launched as this one's dependent, may start now and prefetch its weights; it
+  // waits for this grid to complete before it reads y. Not before the wait: then a kernel two launches on could
+  // start while in_proj's predecessor still runs, and its own early loads (weights are safe, states would not be)
+  // would race that kernel's writes. Triggered after the wait, early loads only overlap the kernel just before.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+  ZOO_MS_PHASE(2);
+
+  // ---- the conv step: u (rounded to T) and z into shared memory, the window shifts x in
+  {
+    const T* xp = static_cast<const T*>(p.x);
+    const T* zp = static_cast<const T*>(p.z);
+    float xv[kConv], zv[kConv], mv[kConv];
+#pragma unroll
+    for (int k = 0; k < kConv; ++k) {
+      const int i = tid + k * kThreads, r = i / dc, b = b0 + r, d = c0 + i - r * dc;
+      xv[k] = zv[k] = 0.f;
+      mv[k] = 1.f;
+      if (i < kRows * dc && b < p.batch) {
+        xv[k] = to_f(xp[size_t(b) * p.x_stride + d]);
+        zv[k] = to_f(zp[size_t(b) * p.z_stride + d]);
+        if (p.mask) mv[k] = to_f(static_cast<const T*>(p.mask)[size_t(b) * p.mask_stride]);
+      }
+    }
+    cp_async_wait<1>();  // this thread's copies of group 0
+    __syncthreads();     // everyone's
+#pragma unroll
+    for (int k = 0; k < kConv; ++k) {
+      const int i = tid + k * kThreads, r = i / dc, ch = i - r * dc, b = b0 + r;
+      if (i >= kRows * dc) break;
+      float u = 0.f;
+      if (b < p.batch) {
+        const float x = xv[k] * mv[k];
+        const float* w = s.cw + ch * W;
+        float acc = p.conv_b ? s.cb[ch] : 0.f;
+#pragma unroll
+        for (int t = 0; t < 3; ++t)
+          if (t < W - 1) acc = fmaf(w[t], win[k][t], acc);
+        acc = fmaf(w[W - 1], x, acc);
+        float* cs = p.conv_state + (size_t(b) * p.dim + c0 + ch) * (W - 1);
+#pragma unroll
+        for (int t = 0; t < 3; ++t)
+          if (t < W - 1) cs[t] = t + 1 < W - 1 ? win[k][t + 1] : x;
+        u = round_to<T>(acc * sigmoid_f(acc)) * mv[k];
+      }
+      s.u[i] = u;
+      s.z[i] = zv[k];
+    }
+  }
+  __syncthreads();
+  ZOO_MS_PHASE(3);
+
+  // ---- this CTA's part of x_proj: warp w takes columns j in passes of kJ, its lanes channel pairs 2(lane + 32 m)
+  {
+    const int per_warp = (P + kThreads / 32 - 1) / (kThreads / 32);
+    for (int j0 = warp * per_warp; j0 < (warp + 1) * per_warp && j0 < P; j0 += kJ) {
+      float acc[kJ * kRows];
+#pragma unroll
+      for (int i = 0; i < kJ * kRows; ++i) acc[i] = 0.f;
+#pragma unroll
+      for (int m = 0; m < kItems; ++m) {  // dc / 2 pairs = 32 kItems: kItems per lane
+        const int q = lane + 32 * m;
+        float2 u2[kRows];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) u2[r] = *reinterpret_cast<const float2*>(s.u + r * dc + 2 * q);
+#pragma unroll
+        for (int jj = 0; jj < kJ; ++jj) {
+          const int j = j0 + jj;
+          if (j < (warp + 1) * per_warp && j < P) {
+            const float2 w2 = load2(s.wx + j * dc + 2 * q);
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+              acc[jj * kRows + r] = fmaf(w2.x, u2[r].x, fmaf(w2.y, u2[r].y, acc[jj * kRows + r]));
+          }
+        }
+      }
+      int first, whole;
+      const int n = halving_sum(acc, lane, &first, &whole);
+      if ((lane & whole) == 0) {
+#pragma unroll
+        for (int i = 0; i < kJ * kRows; ++i) {
+          const int idx = first + i, j = j0 + idx / kRows;
+          if (i < n && j < (warp + 1) * per_warp && j < P) s.part[(idx % kRows) * P + j] = acc[i];
+        }
+      }
+    }
+  }
+  ZOO_MS_PHASE(4);
+  cluster.sync();  // every CTA's part is written and visible to the cluster
+  ZOO_MS_PHASE(5);
+
+  // ---- x_proj's outputs: the 8 parts in rank order (the same sum in every CTA), rounded to T
+  for (int i = tid; i < kRows * P; i += kThreads) {
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < kCluster; ++c) sum += cluster.map_shared_rank(s.part, c)[i];
+    s.dbl[i] = round_to<T>(sum);
+  }
+  asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");  // (wait before the exit, as the slots kernel)
+  cp_async_wait<0>();
+  __syncthreads();
+  ZOO_MS_PHASE(6);
+
+  // ---- dt = softplus(dt_low dt_w^T + dt_bias) of the thread's items, all rows: lane g of a channel sums the
+  // pairs k = 8i + 2g, +1 of the rank, then the channel's 4 lanes add up
+  // (bounded by kRegMaxRank at compile time and unrolled, so that each item's loads issue together)
+  float dts[kItems][kRows];
+#pragma unroll
+  for (int q = 0; q < kItems; ++q) {
+    const int ch = (q * kThreads + tid) / kLanes;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) dts[q][r] = 0.f;
+    float2 w2[kRegMaxRank / (2 * kLanes)];
+#pragma unroll
+    for (int i = 0; i < kRegMaxRank / (2 * kLanes); ++i) {
+      const int k = 2 * g + 2 * kLanes * i;
+      w2[i] = k < R ? load2(s.wdt + ch * wdt_stride + k) : make_float2(0.f, 0.f);
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+#pragma unroll
+      for (int i = 0; i < kRegMaxRank / (2 * kLanes); ++i) {
+        const int k = 2 * g + 2 * kLanes * i;
+        if (k < R) {
+          const float2 lo = *reinterpret_cast<const float2*>(s.dbl + r * P + k);
+          dts[q][r] = fmaf(w2[i].x, lo.x, fmaf(w2[i].y, lo.y, dts[q][r]));
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int q = 0; q < kItems; ++q) {
+    const int ch = (q * kThreads + tid) / kLanes;
+    const float bias = p.dt_bias ? s.bias[ch] : 0.f;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float v = dts[q][r];
+#pragma unroll
+      for (int o = 1; o < kLanes; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      dts[q][r] = softplus_f(v + bias);
+    }
+  }
+
+  ZOO_MS_PHASE(7);
+
+  // ---- the state update and y = h C (partial over the lane's 4 states), the states stored as they are done
+  float y[kItems * kRows];
+#pragma unroll
+  for (int q = 0; q < kItems; ++q) {
+    const int ch = (q * kThreads + tid) / kLanes;
+    const float4 a = *reinterpret_cast<const float4*>(s.A + ch * N + 4 * g);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const float dt = dts[q][r], du = dt * s.u[r * dc + ch];
+      const float4 Bv = *reinterpret_cast<const float4*>(s.dbl + r * P + R + 4 * g);
+      const float4 Cv = *reinterpret_cast<const float4*>(s.dbl + r * P + R + N + 4 * g);
+      float4 hn = h[q][r];
+      hn.x = fmaf(hn.x, expf(dt * a.x), du * Bv.x);
+      hn.y = fmaf(hn.y, expf(dt * a.y), du * Bv.y);
+      hn.z = fmaf(hn.z, expf(dt * a.z), du * Bv.z);
+      hn.w = fmaf(hn.w, expf(dt * a.w), du * Bv.w);
+      if (b0 + r < p.batch)
+        *reinterpret_cast<float4*>(p.state + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g) = hn;
+      y[q * kRows + r] = fmaf(hn.x, Cv.x, fmaf(hn.y, Cv.y, fmaf(hn.z, Cv.z, hn.w * Cv.w)));
+    }
+  }
+  // the channel's 4 lanes add up their y (halving: each lane ends with a quarter of the values), then the gate
+  {
+    int base = 0, n = kItems * kRows;
+#pragma unroll
+    for (int o = 1; o < kLanes; o <<= 1) {
+      if (n % 2 == 0) {
+        const int hh = n / 2;
+        const bool hi = lane & o;
+#pragma unroll
+        for (int i = 0; i < kItems * kRows / 2; ++i) {
+          if (i < hh) {
+            const float send = hi ? y[i] : y[i + hh];
+            const float keep = hi ? y[i + hh] : y[i];
+            y[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+          }
+        }
+        if (hi) base += hh;
+        n = hh;
+      } else {
+#pragma unroll
+        for (int i = 0; i < kItems * kRows; ++i)
+          if (i < n) y[i] += __shfl_xor_sync(0xffffffffu, y[i], o);
+      }
+    }
+    // lanes of a channel that summed the same values whole (odd counts) write the same y: benign
+#pragma unroll
+    for (int i = 0; i < kItems * kRows; ++i) {
+      if (i >= n) break;
+      const int idx = base + i, q = idx / kRows, r = idx % kRows;
+      const int ch = (q * kThreads + tid) / kLanes;
+      if (b0 + r >= p.batch) continue;
+      const int rc = r * dc + ch;
+      float v = y[i];
+      if (p.D) v = fmaf(s.Dv[ch], s.u[rc], v);
+      const float zz = s.z[rc];
+      v *= zz * sigmoid_f(zz);
+      static_cast<T*>(p.out)[size_t(b0 + r) * p.out_stride + c0 + ch] = from_f<T>(v);
+    }
+  }
+  ZOO_MS_PHASE(8);
+  asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
+  ZOO_MS_PHASE(9);
+  ZOO_MS_STAMP(kPhases + 1, global_ns());
+}
+
+using KernelFn = void (*)(StepParams);
+
+// A kernel with its dynamic shared-memory limit raised to `smem` (once per device and kernel). A failing runtime
+// call here also leaves its error as the thread's last error, where the next kernel launch check (torch's) would
+// find it and fail an unrelated launch; so every failure below is read back with cudaGetLastError, and returned to
+// the caller instead.
+struct KernelState {
+  KernelFn fn;
+  size_t allowed[64];  // per device: the opt-in shared memory so far (raised when a launch needs more)
+  size_t asked[64];    // per device: the last occupancy query's shared memory and its answer
+  int answer[64];
+};
+KernelState* state_of(KernelFn fn) {
+  static KernelState table[64] = {};  // every instantiation below (20) has its entry
+  for (KernelState& s : table) {
+    if (s.fn == fn) return &s;
+    if (s.fn == nullptr) {
+      s.fn = fn;
+      return &s;
+    }
+  }
+  return nullptr;
+}
+
+cudaError_t prepare(KernelFn fn, size_t smem) {
+  KernelState* st = state_of(fn);
   int device = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return cudaGetLastError();
-  if (device >= 64 || smem > allowed[device]) {
-    err = cudaFuncSetAttribute(*kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (st == nullptr || device >= 64 || smem > st->allowed[device]) {
+    err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return cudaGetLastError();
-    if (device < 64) allowed[device] = smem;
+    if (st != nullptr && device < 64) st->allowed[device] = smem;
   }
   return cudaSuccess;
 }
@@ -398,73 +784,93 @@ cudaLaunchConfig_t config(dim3 grid, size_t smem, cudaStream_t stream, cudaLaunc
   return cfg;
 }
 
-template <typename T, int kRows>
-cudaError_t launch(const StepParams& p, cudaStream_t stream) {
-  const size_t smem = step_smem_bytes(p.dim, p.nstate, p.rank, p.width, kRows, sizeof(T));
-  void (*kernel)(StepParams);
-  const cudaError_t err = prepare<T, kRows>(smem, &kernel);
-  if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attr[2];
-  const cudaLaunchConfig_t cfg = config(dim3(kCluster, (p.batch + kRows - 1) / kRows), smem, stream, attr, p.pdl);
-  return cudaLaunchKernelEx(&cfg, kernel, p) == cudaSuccess ? cudaSuccess : cudaGetLastError();  // (see prepare)
-}
-
-template <typename T, int kRows>
-int clusters(size_t smem) {
-  static size_t asked[64] = {};  // per device: the last query's shared memory and its answer
-  static int answer[64] = {};
+int clusters(KernelFn fn, size_t smem) {
+  KernelState* st = state_of(fn);
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (device < 64 && asked[device] == smem) return answer[device];
-  void (*kernel)(StepParams);
-  if (prepare<T, kRows>(smem, &kernel) != cudaSuccess) return 0;
+  if (st != nullptr && device < 64 && st->asked[device] == smem) return st->answer[device];
+  if (prepare(fn, smem) != cudaSuccess) return 0;
   cudaLaunchAttribute attr[2];
   const cudaLaunchConfig_t cfg = config(dim3(kCluster, 1), smem, nullptr, attr, false);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<void*>(kernel), &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&n, reinterpret_cast<void*>(fn), &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // (see prepare)
     n = 0;
   }
-  if (device < 64) asked[device] = smem, answer[device] = n;
+  if (st != nullptr && device < 64) st->asked[device] = smem, st->answer[device] = n;
   return n;
 }
 
+int register_items(int dim) { return dim / kCluster / 64; }
+
+// The kernel of these template arguments, or null where none is built.
 template <typename T>
-int clusters_rows(int rows, size_t smem) {
-  switch (rows) {
-    case 1: return clusters<T, 1>(smem);
-    case 2: return clusters<T, 2>(smem);
-    case 4: return clusters<T, 4>(smem);
-    case 8: return clusters<T, 8>(smem);
+KernelFn kernel_for(int kernel, int rows, int dim) {
+  if (kernel == kSlots) {
+    switch (rows) {
+      case 1: return mamba_step_kernel<T, 1>;
+      case 2: return mamba_step_kernel<T, 2>;
+      case 4: return mamba_step_kernel<T, 4>;
+      case 8: return mamba_step_kernel<T, 8>;
+    }
+    return nullptr;
   }
-  return 0;
+  if constexpr (sizeof(T) == 2) {
+    if (kernel == kRegisterRows) {
+      switch (rows * 16 + register_items(dim)) {
+        case 2 * 16 + 2: return mamba_step_rows_kernel<T, 2, 2>;
+        case 2 * 16 + 3: return mamba_step_rows_kernel<T, 2, 3>;
+        case 2 * 16 + 4: return mamba_step_rows_kernel<T, 2, 4>;
+        case 4 * 16 + 2: return mamba_step_rows_kernel<T, 4, 2>;
+        case 4 * 16 + 3: return mamba_step_rows_kernel<T, 4, 3>;
+        case 4 * 16 + 4: return mamba_step_rows_kernel<T, 4, 4>;
+      }
+    }
+  }
+  return nullptr;
 }
 
 template <typename T>
-cudaError_t launch_rows(const StepParams& p, cudaStream_t stream) {
-  switch (p.rows) {
-    case 1: return launch<T, 1>(p, stream);
-    case 2: return launch<T, 2>(p, stream);
-    case 4: return launch<T, 4>(p, stream);
-    case 8: return launch<T, 8>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+cudaError_t launch(const StepParams& p, cudaStream_t stream) {
+  const KernelFn fn = kernel_for<T>(p.kernel, p.rows, p.dim);
+  if (fn == nullptr) return cudaErrorInvalidValue;
+  const size_t smem = step_smem_bytes(p.dim, p.nstate, p.rank, p.width, p.rows, int(sizeof(T)), p.kernel);
+  const cudaError_t err = prepare(fn, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attr[2];
+  const cudaLaunchConfig_t cfg = config(dim3(kCluster, (p.batch + p.rows - 1) / p.rows), smem, stream, attr, p.pdl);
+  return cudaLaunchKernelEx(&cfg, fn, p) == cudaSuccess ? cudaSuccess : cudaGetLastError();  // (see prepare)
+}
+
+template <typename T>
+int clusters_of(int kernel, int rows, size_t smem, int dim) {
+  const KernelFn fn = kernel_for<T>(kernel, rows, dim);
+  return fn == nullptr ? 0 : clusters(fn, smem);
 }
 
 }  // namespace
 
-size_t step_smem_bytes(int dim, int nstate, int rank, int width, int rows, int elem_bytes) {
+bool register_rows_fit(int dim, int nstate, int rank, int width, int elem_bytes) {
+  const int items = dim % (64 * kCluster) == 0 ? register_items(dim) : 0;
+  return elem_bytes == 2 && nstate == kRegN && items >= 2 && items <= 4 && width >= 1 && width <= 4 &&
+         rank >= 8 && rank % 8 == 0 && rank <= kRegMaxRank;
+}
+
+size_t step_smem_bytes(int dim, int nstate, int rank, int width, int rows, int elem_bytes, int kernel) {
   const size_t dc = dim / kCluster, P = rank + 2 * nstate;
+  if (kernel == kRegisterRows)
+    return P * dc * elem_bytes + dc * (rank * elem_bytes + 16) +
+           4 * (dc * nstate + dc * width + 3 * dc + 2 * size_t(rows) * dc + 2 * size_t(rows) * P);
   return P * dc * elem_bytes + dc * (rank * elem_bytes + 16) +
          4 * (dc * nstate + size_t(rows) * dc * nstate + dc * width + 3 * dc + 3 * size_t(rows) * dc +
               2 * size_t(rows) * P);
 }
 
-int max_active_clusters(DType dtype, int rows, size_t smem) {
+int max_active_clusters(DType dtype, int rows, size_t smem, int kernel, int dim) {
   switch (dtype) {
-    case kFloat32: return clusters_rows<float>(rows, smem);
-    case kBFloat16: return clusters_rows<__nv_bfloat16>(rows, smem);
-    case kFloat16: return clusters_rows<__half>(rows, smem);
+    case kFloat32: return clusters_of<float>(kernel, rows, smem, dim);
+    case kBFloat16: return clusters_of<__nv_bfloat16>(kernel, rows, smem, dim);
+    case kFloat16: return clusters_of<__half>(kernel, rows, smem, dim);
   }
   return 0;
 }
@@ -478,9 +884,9 @@ cudaError_t read_phases(unsigned long long* host) {
 cudaError_t mamba_step(const StepParams& p, DType dtype, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
   switch (dtype) {
-    case kFloat32: return launch_rows<float>(p, stream);
-    case kBFloat16: return launch_rows<__nv_bfloat16>(p, stream);
-    case kFloat16: return launch_rows<__half>(p, stream);
+    case kFloat32: return launch<float>(p, stream);
+    case kBFloat16: return launch<__nv_bfloat16>(p, stream);
+    case kFloat16: return launch<__half>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

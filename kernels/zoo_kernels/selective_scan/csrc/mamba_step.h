@@ -12,9 +12,20 @@ constexpr int kCluster = 8;    // CTAs per cluster: each takes dim / kCluster ch
 constexpr int kThreads = 256;  // threads per CTA
 constexpr int kMaxRowChannels = 8 * kThreads;  // rows per CTA x dim / kCluster, at most
 
+// The two kernels. kSlots: states in shared memory, any shapes the launcher's checks allow, every phase looping over
+// its row slots (fast at one row per CTA). kRegisterRows: 2 or 4 rows per CTA in one wave, the states in registers, N = 16, dt_rank <= 64 and dim / kCluster = 64 x kItems channels per CTA (kItems 2-4,
+// fp16/bf16 only).
+enum Kernel { kSlots = 1, kRegisterRows = 2 };
+constexpr int kRegN = 16;         // the register-rows kernel's N
+constexpr int kRegMaxRank = 64;   // and its largest dt_rank (Mamba-130M: 48, 370M: 64)
+
+// Whether the register-rows kernel takes these sizes (its rows per CTA aside).
+bool register_rows_fit(int dim, int nstate, int rank, int width, int elem_bytes);
+
 struct StepParams {
   int batch, dim, nstate, rank, width;  // rank R: dt_proj's input width; width W: the conv's taps (<= 4)
   int rows;                             // batch rows per CTA (the kernel's template argument)
+  int kernel;                           // kSlots or kRegisterRows (above)
   bool pdl;                             // launch as a programmatic dependent of the previous kernel
   const void* x;                        // [batch, dim] (activation dtype T), unit stride over dim
   const void* z;                        // [batch, dim] (T), unit stride over dim
@@ -34,10 +45,11 @@ struct StepParams {
 };
 
 // Dynamic shared memory of one CTA for these sizes and `rows` rows per CTA, in bytes.
-size_t step_smem_bytes(int dim, int nstate, int rank, int width, int rows, int elem_bytes);
+size_t step_smem_bytes(int dim, int nstate, int rank, int width, int rows, int elem_bytes, int kernel = kSlots);
 
-// How many clusters of the kernel for `rows` rows per CTA and `smem` bytes can be resident at once (0 on error).
-int max_active_clusters(DType dtype, int rows, size_t smem);
+// How many clusters of the kernel for `rows` rows per CTA and `smem` bytes can be resident at once (0 on error);
+// dim only matters to kRegisterRows (its template argument kItems).
+int max_active_clusters(DType dtype, int rows, size_t smem, int kernel = kSlots, int dim = 0);
 
 #ifdef ZOO_MS_PHASES
 // Phase timing (a build with -DZOO_MS_PHASES only): per CTA (the first kPhaseCtas, blockIdx.y * gridDim.x +

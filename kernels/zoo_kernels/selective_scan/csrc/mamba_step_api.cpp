@@ -35,14 +35,20 @@ void check(const Tensor& t, const char* name, at::ScalarType dtype, std::vector<
               at::IntArrayRef(shape));
 }
 
-// Whether `rows` rows per CTA fit: the shared memory under the device's opt-in limit, and rows x dim / kCluster
-// (row, channel) items for the conv step's per-thread arrays.
-bool fits(int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes, int rows, size_t* smem) {
-  *smem = zoo_ms::step_smem_bytes(int(dim), int(nstate), int(rank), int(width), rows, int(elem_bytes));
+// Whether `rows` rows per CTA of `kernel` fit: the shared memory under the device's opt-in limit; for the slots kernel
+// rows x dim / kCluster (row, channel) items for the conv step's per-thread arrays, for the register-rows kernel
+// its sizes (register_rows_fit) and 2 or 4 rows.
+bool fits(int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes, int rows, size_t* smem,
+          int kernel = zoo_ms::kSlots) {
+  *smem = zoo_ms::step_smem_bytes(int(dim), int(nstate), int(rank), int(width), rows, int(elem_bytes), kernel);
   int smem_block = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_block, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         c10::cuda::current_device()));
-  return int64_t(*smem) <= smem_block && rows * dim / zoo_ms::kCluster <= zoo_ms::kMaxRowChannels;
+  if (int64_t(*smem) > smem_block) return false;
+  if (kernel == zoo_ms::kRegisterRows)
+    return (rows == 2 || rows == 4) &&
+           zoo_ms::register_rows_fit(int(dim), int(nstate), int(rank), int(width), int(elem_bytes));
+  return rows * dim / zoo_ms::kCluster <= zoo_ms::kMaxRowChannels;
 }
 
 zoo_ms::DType dtype_of_size(int64_t elem_bytes) {
@@ -67,22 +73,51 @@ int64_t rows_for(int64_t batch, int64_t dim, int64_t nstate, int64_t rank, int64
   return 0;
 }
 
-// How many clusters can be resident at once for `rows` rows per CTA at these sizes (benchmarks print it); 0 where
-// they do not fit (not asked of the runtime: it would fail).
-int64_t cluster_capacity(int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes, int64_t rows) {
+// The register-rows kernel's rows per CTA for this batch: the fewest (2 or 4) whose clusters are all resident at
+// once; 0 where none is (or the sizes do not fit it).
+int64_t register_rows_for(int64_t batch, int64_t dim, int64_t nstate, int64_t rank, int64_t width,
+                          int64_t elem_bytes) {
+  for (int rows : {2, 4}) {
+    size_t smem = 0;
+    if (!fits(dim, nstate, rank, width, elem_bytes, rows, &smem, zoo_ms::kRegisterRows)) continue;
+    if ((batch + rows - 1) / rows <= zoo_ms::max_active_clusters(dtype_of_size(elem_bytes), rows, smem,
+                                                                 zoo_ms::kRegisterRows, int(dim)))
+      return rows;
+  }
+  return 0;
+}
+
+// The step's launch for this batch: (kernel, rows per CTA), (0, 0) for the unfused step. The register-rows kernel
+// where it fits and runs in one wave, else one-row CTAs of the slots kernel where they do. On an H200 (130M shapes,
+// benchmarks/mamba_step.py, in a CUDA graph) the register-rows kernel was the faster at every batch: 4.73 vs 5.17 us
+// at batch 1, 6.15 vs 7.25 at 16, 7.51 vs 10.60 (the slots kernel's best) at 32, 11.20 vs 20.31 at 64, where the
+// unfused step took 14.27.
+std::vector<int64_t> plan(int64_t batch, int64_t dim, int64_t nstate, int64_t rank, int64_t width,
+                          int64_t elem_bytes) {
+  if (const int64_t rows = register_rows_for(batch, dim, nstate, rank, width, elem_bytes))
+    return {zoo_ms::kRegisterRows, rows};
+  if (const int64_t rows = rows_for(batch, dim, nstate, rank, width, elem_bytes)) return {zoo_ms::kSlots, rows};
+  return {0, 0};
+}
+
+// How many clusters can be resident at once for `rows` rows per CTA of `kernel` at these sizes (benchmarks print
+// it); 0 where they do not fit (not asked of the runtime: it would fail).
+int64_t cluster_capacity(int64_t dim, int64_t nstate, int64_t rank, int64_t width, int64_t elem_bytes, int64_t rows,
+                         int64_t kernel) {
   size_t smem = 0;
-  if (!fits(dim, nstate, rank, width, elem_bytes, int(rows), &smem)) return 0;
-  return zoo_ms::max_active_clusters(dtype_of_size(elem_bytes), int(rows), smem);
+  if (!fits(dim, nstate, rank, width, elem_bytes, int(rows), &smem, int(kernel))) return 0;
+  return zoo_ms::max_active_clusters(dtype_of_size(elem_bytes), int(rows), smem, int(kernel), int(dim));
 }
 
 // x, z: [batch, dim] (may be column slices of in_proj's output); conv_state [batch, dim, W - 1] fp32; conv_w
 // [dim, W] fp32; x_proj_w [R + 2N, dim] and dt_w [dim, R] in x's dtype; A [dim, N] fp32; state [batch, dim, N]
 // fp32. Returns y [batch, dim] in x's dtype; conv_state and state are updated in place. pdl: launch as a
 // programmatic dependent of the stream's previous kernel (the weights' and states' copies overlap its end).
-// mask [batch] (1 = token, 0 = padding) zeroes x and u of padding rows. rows_asked: rows per CTA, 0 = rows_for's.
+// mask [batch] (1 = token, 0 = padding) zeroes x and u of padding rows. kernel_asked: kSlots or kRegisterRows, 0 =
+// plan's; rows_asked: rows per CTA, 0 = the kernel's rule (plan, rows_for or register_rows_for).
 Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& conv_w, const OptT& conv_b,
             const Tensor& x_proj_w, const Tensor& dt_w, const OptT& dt_bias, const Tensor& A, const OptT& D,
-            Tensor& state, const OptT& mask, bool pdl, int64_t rows_asked) {
+            Tensor& state, const OptT& mask, bool pdl, int64_t rows_asked, int64_t kernel_asked) {
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && z.sizes() == x.sizes() && z.stride(1) == 1,
               "mamba_step: x and z must be [batch, dim] with unit stride over dim");
@@ -118,15 +153,23 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
   TORCH_CHECK(aligned16(conv_w), "mamba_step: tensors must be 16-byte aligned");
   for (const OptT* t : {&dt_bias, &D, &conv_b})
     TORCH_CHECK(!t->has_value() || aligned16(**t), "mamba_step: tensors must be 16-byte aligned");
-  int rows = int(rows_asked);
-  if (rows == 0) {
-    rows = int(rows_for(batch, dim, nstate, rank, width, eb));
-    TORCH_CHECK(rows > 0, "mamba_step: no rows per CTA runs these sizes in one wave");
-  } else {
-    size_t smem = 0;
-    TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8, "mamba_step: rows per CTA must be 1, 2, 4 or 8");
-    TORCH_CHECK(fits(dim, nstate, rank, width, eb, rows, &smem), "mamba_step: ", rows, " rows per CTA do not fit");
+  int kernel = int(kernel_asked), rows = int(rows_asked);
+  TORCH_CHECK(kernel >= 0 && kernel <= zoo_ms::kRegisterRows, "mamba_step: unknown kernel ", kernel);
+  if (kernel == 0 && rows == 0) {
+    const std::vector<int64_t> chosen = plan(batch, dim, nstate, rank, width, eb);
+    kernel = int(chosen[0]), rows = int(chosen[1]);
+    TORCH_CHECK(rows > 0, "mamba_step: no kernel runs these sizes in one wave");
   }
+  if (kernel == 0) kernel = zoo_ms::kSlots;
+  if (rows == 0) {
+    rows = int(kernel == zoo_ms::kSlots ? rows_for(batch, dim, nstate, rank, width, eb)
+                                         : register_rows_for(batch, dim, nstate, rank, width, eb));
+    TORCH_CHECK(rows > 0, "mamba_step: no rows per CTA runs these sizes in one wave");
+  }
+  size_t smem = 0;
+  TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8, "mamba_step: rows per CTA must be 1, 2, 4 or 8");
+  TORCH_CHECK(fits(dim, nstate, rank, width, eb, rows, &smem, kernel), "mamba_step: ", rows,
+              " rows per CTA do not fit kernel ", kernel, " at these sizes");
   Tensor out = at::empty({batch, dim}, x.options());
   zoo_ms::StepParams p{};
   p.batch = int(batch);
@@ -135,6 +178,7 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
   p.rank = int(rank);
   p.width = int(width);
   p.rows = rows;
+  p.kernel = kernel;
   p.pdl = pdl;
   p.x = x.data_ptr();
   p.z = z.data_ptr();
@@ -172,7 +216,9 @@ Tensor phases() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &step, "fused Mamba-1 decode step (conv, x_proj, dt_proj, state update, gate)");
-  m.def("rows_for", &rows_for, "batch rows per CTA the step takes for these sizes (0: the unfused step)");
+  m.def("rows_for", &rows_for, "one-row slots kernel's rows per CTA for these sizes (0: it does not run in one wave)");
+  m.def("register_rows_for", &register_rows_for, "the register-rows kernel's rows per CTA (0: none in one wave)");
+  m.def("plan", &plan, "(kernel, rows per CTA) the step takes for these sizes ((0, 0): the unfused step)");
 #ifdef ZOO_MS_PHASES
   m.def("phases", &phases, "phase stamps of the last launch (a -DZOO_MS_PHASES build only)");
 #endif

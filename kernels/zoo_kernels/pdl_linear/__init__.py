@@ -1,0 +1,162 @@
+"""y = x · Wᵀ (+ b) for a decode step's few rows (M ≤ 64), hiding the weight's load behind the previous kernel.
+
+Inside a CUDA-graph decode step every projection took 3.4-5 us on an H200 (cuBLAS and the Triton skinny kernel
+alike, benchmarks/RESULTS.md) against ~1-1.5 us for its weight's bytes: launch ramp and DRAM round trips, not
+bandwidth. csrc/pdl_linear.cu is launched as a programmatic dependent (PDL) of the stream's previous kernel: its CTAs
+start while that kernel still runs, load their slices of the weight (which no kernel of a step writes) into
+registers, and only then wait for that kernel and read x. It lets the next kernel launch at its own start, so a
+chain of such projections streams one weight after another. Compute capability 9.0 and newer (griddepcontrol,
+thread-block clusters); its own small JIT build, like the fused Mamba step's (zoo_kernels.selective_scan.cuda).
+
+`pdl_linear_ref` is the specification (F.linear in fp32). `supported` says whether a call may take the kernel.
+
+Caller's contract: the weight is read before the kernel waits for the previous one, so the weight must not be
+written by the stream's kernel just before (nor by the kernel before a run of these launches): true of parameters in
+a decode step; after writing a weight, synchronize or launch any other kernel before the projection. x and bias are
+read after the wait and may be the previous kernel's outputs. $ZOO_PDL_LINEAR_PDL=0 launches without the PDL
+attribute (plain stream order, for A/B runs).
+
+When the next kernel may launch: by default once this one has waited for its predecessor (the late trigger), so a
+dependent's early loads overlap this kernel alone. The fused Mamba step, which follows in_proj, loads the layer's
+states before its own wait: with an early trigger it could start while the kernel two launches back (a copy that
+step_states makes of the states, say) still runs. $ZOO_PDL_LINEAR_TRIGGER=early triggers at the kernel's start (for
+A/B runs: benchmarks/decode_linear.py --chain measures both).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zoo_kernels._device import sm_count
+from zoo_kernels.selective_scan.cuda import JitExtension
+
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = ("pdl_linear_api.cpp", "pdl_linear.cu")
+_HEADERS = ("pdl_linear.h",)
+_DTYPES = (torch.bfloat16, torch.float16)
+MAX_ROWS = 64
+FEATURE_TILES = (1, 2, 4, 8)  # 16-feature tiles per cluster (csrc/pdl_linear.h)
+CLUSTERS = (1, 2, 4, 8)  # CTAs splitting K
+
+_EXTENSION = JitExtension("PDL decode linear", _SOURCES, _HEADERS, _CSRC, "zoo_pdl_linear", (9, 0),
+                          "the PDL linear needs programmatic dependent launch and clusters,")
+
+available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unavailable, _EXTENSION.module
+
+
+def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take these tensors' shapes, dtypes and layouts (None: it can); reads no device."""
+    if x.dtype not in _DTYPES:
+        return f"x must be bf16 or fp16, got {x.dtype}"
+    if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return f"weight and bias must be in x's dtype {x.dtype}"
+    if x.dim() < 1 or weight.dim() != 2:
+        return f"x must be [..., K] and weight [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        return f"x [..., {x.shape[-1]}] does not match weight [{N}, {K}]"
+    if K == 0 or K % 32:
+        return f"K = {K} must be a positive multiple of 32"
+    if N == 0 or N % 16:
+        return f"N = {N} must be a positive multiple of 16"
+    rows = x.numel() // K
+    if rows > MAX_ROWS:
+        return f"{rows} rows; at most {MAX_ROWS} (use F.linear)"
+    if not weight.is_contiguous() or weight.data_ptr() % 16:
+        return "weight must be contiguous and 16-byte aligned"
+    if bias is not None and (bias.shape != (N,) or not bias.is_contiguous() or bias.data_ptr() % 16):
+        return f"bias must be [{N}], contiguous and 16-byte aligned"
+    if x.device != weight.device or (bias is not None and bias.device != x.device):
+        return "x, weight and bias must be on one device"
+    return None
+
+
+def _rows_aligned(x2: torch.Tensor) -> bool:
+    """Whether x2 [M, K]'s rows can be read as they lie: unit stride over K, data and row stride 16-byte aligned."""
+    return (x2.stride(-1) == 1 and x2.data_ptr() % 16 == 0
+            and (x2.shape[0] <= 1 or x2.stride(0) * x2.element_size() % 16 == 0))
+
+
+def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """Whether `pdl_linear` takes x [..., K] and weight [N, K] as they are: CUDA, compute capability 9.0+, bf16/fp16
+    (weight and bias in x's dtype), at most 64 rows, K % 32 == 0, N % 16 == 0, the weight (and bias) contiguous,
+    16-byte aligned data and row strides, unit stride over K, no gradient asked of it (forward only), and the
+    extension builds. Cheap after the first call."""
+    if not x.is_cuda or _problem(x, weight, bias) is not None:
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return False
+    try:
+        x2 = x.view(-1, x.shape[-1])  # (no copy: rows that are no view of x would be copied by a kernel)
+    except RuntimeError:
+        return False
+    return _rows_aligned(x2) and available()
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_for(M: int, N: int, K: int, sms: int) -> tuple[int, int]:
+    """(feature_tiles, cluster): the most CTAs up to one per SM (the weight streams through most SMs, and an SM keeps
+    room for the next kernel's CTA, launched early), then the fewest bytes each CTA reads after its wait: its x slice
+    (M x K / cluster) and the cluster's partial sums. More features per CTA mean fewer reads of x: CTAs of 16
+    features read x N / 16 times, at M = 64 four times the weight's bytes. Beyond SMs x 8 x 16 features, the fewest
+    CTAs."""
+    rows = 8 * (1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8)
+    blocks = K // 32
+    best, best_key = (1, 1), None
+    for tiles in FEATURE_TILES:
+        if N % (16 * tiles):
+            continue
+        for cluster in CLUSTERS:
+            if cluster > blocks:
+                continue
+            ctas = N // (16 * tiles) * cluster
+            after_wait = rows * -(-blocks // cluster) * 32 * 2 + 16 * tiles * rows * 4 * (cluster - 1) / cluster
+            key = (ctas <= sms, ctas if ctas <= sms else -ctas, -after_wait)
+            if best_key is None or key > best_key:
+                best, best_key = (tiles, cluster), key
+    return best
+
+
+def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int]:
+    return _config_for(M, N, K, sm_count(device))
+
+
+def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               config: tuple[int, int] | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x [..., K] with at most 64 rows, on the PDL kernel; y [..., N] contiguous.
+
+    x: bf16 or fp16, unit stride over K (rows may be strided: a column slice is read in place; a row layout the
+    kernel cannot read is copied first); weight [N, K] contiguous, bias [N] or None, in x's dtype; K % 32 == 0,
+    N % 16 == 0. Sums in fp32. The weight must not be written by the stream's previous kernel (see the module's
+    docstring). Forward only: the result has no gradient. `config` = (feature_tiles, cluster) overrides the tiling
+    (benchmarks/decode_linear.py sweeps it).
+    Raises ValueError for shapes the kernel does not take, RuntimeError off CUDA or where the kernel is unavailable.
+    """
+    problem = _problem(x, weight, bias)
+    if problem is not None:
+        raise ValueError(f"pdl_linear: {problem}")
+    if not x.is_cuda:
+        raise RuntimeError("pdl_linear: needs CUDA tensors (pdl_linear_ref is the CPU path)")
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if not _rows_aligned(x2):
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    tiles, cluster = config or _config(x2.shape[0], N, K, x.device)
+    pdl = os.environ.get("ZOO_PDL_LINEAR_PDL", "1") != "0"
+    late = os.environ.get("ZOO_PDL_LINEAR_TRIGGER", "late") != "early"
+    out = _module().linear(x2, weight, bias, tiles, cluster, pdl, late)
+    return out.view(*x.shape[:-1], N)
+
+
+def pdl_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The specification: F.linear in fp32, rounded to x's dtype. x [..., K], weight [N, K], bias [N] -> [..., N]."""
+    out = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+__all__ = ["MAX_ROWS", "available", "why_unavailable", "supported", "pdl_linear", "pdl_linear_ref"]
