@@ -7,7 +7,9 @@ update and gate in one launch of 8-CTA clusters.
 - CUDA (compute capability 9.0+): the kernel against the reference over several steps (the states carry over),
   for every dtype, rows per CTA 1 / 2 / 4 / 8 (batch 1 to 130, partial last row groups), widths 2-4, N 4-64, with
   and without the optional biases, with a padding mask in one step; and the mixer's decode with and without the
-  fused step (ZOO_MAMBA_FUSED_STEP=0) gives the same tokens and logits.
+  fused step (ZOO_MAMBA_FUSED_STEP=0) gives the same tokens and logits. The register-rows kernel likewise (2 and 4
+  rows per CTA, d_inner 1024-2048, partial row groups, fp32 states and states in the activations' dtype), and the
+  launcher's plan picks it where it fits.
 """
 
 from __future__ import annotations
@@ -130,12 +132,16 @@ def test_fused_step_matches_reference(dtype, batch, dim, nstate, rank, width, ro
     (7, 1024, 32, 2, 2),    # 2 items per thread, width 2
 ])
 @pytest.mark.parametrize("biases", [True, False])
-def test_register_rows_kernel_matches_reference(dtype, batch, dim, rank, width, rows, biases, monkeypatch):
+@pytest.mark.parametrize("low_state", [False, True])
+def test_register_rows_kernel_matches_reference(dtype, batch, dim, rank, width, rows, biases, low_state, monkeypatch):
     """The register-rows kernel (states in registers, 2 or 4 rows per CTA, N = 16) against the reference over three
-    steps, one with a padding mask."""
+    steps, one with a padding mask; the state in fp32 or in the activations' dtype (decode_state_dtype "model")."""
     monkeypatch.setenv("ZOO_MAMBA_STEP_KERNEL", "rows")
     monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", str(rows))
     t = _inputs(batch, dim, 16, rank, width, dtype, "cuda", biases)
+    if low_state:
+        t["state"] = t["state"].to(dtype)
+    assert fused_step.supported(t["x"], t["conv_weight"], t["x_proj_weight"], t["A"], t["state"].dtype)
     mask = (torch.arange(batch, device="cuda") % 3 != 1).to(dtype)
     ref = {k: v.clone() if k in ("conv_state", "state") else v for k, v in t.items()}
     for step in range(3):
@@ -161,6 +167,11 @@ def test_the_plan_takes_the_register_rows_kernel_where_it_fits():
     assert tuple(ext.plan(1, 1536, 16, 48, 4, 2)) == (rows_kernel, 2)
     assert tuple(ext.plan(1, 1536, 16, 48, 4, 4)) == (slots, 1)
     assert tuple(ext.plan(1, 1536, 8, 48, 4, 2)) == (slots, 1)
+    x = torch.zeros(64, 1536, device="cuda", dtype=torch.bfloat16)
+    conv_w, x_proj_w, A = torch.zeros(1536, 4), torch.zeros(80, 1536), torch.zeros(1536, 16)
+    assert fused_step.supported(x, conv_w, x_proj_w, A, torch.bfloat16)  # a bf16 state: the register-rows kernel
+    assert not fused_step.supported(x[:, :1024 + 64], conv_w, x_proj_w, torch.zeros(1088, 16), torch.bfloat16)
+    assert not fused_step.supported(x, conv_w, x_proj_w, A, torch.float16)  # a state in neither dtype
     t = _inputs(64, 1536, 16, 48, 4, torch.bfloat16, "cuda")
     assert fused_step.supported(t["x"], t["conv_weight"], t["x_proj_weight"], t["A"])
 

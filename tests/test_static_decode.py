@@ -234,11 +234,11 @@ def test_graph_decoder_equals_eager_attention(case):
         decoder.step()
 
 
-@pytest.mark.parametrize("case", ["mamba2", "gla", "jamba"])
+@pytest.mark.parametrize("case", ["mamba", "mamba2", "gla", "jamba"])
 def test_decode_state_dtype_model_keeps_low_precision_states(case):
-    """decode_state_dtype "model": in a bf16 model, Mamba-2's and GLA's recurrent states stay bf16 while decoding
-    (eager and static alike, and the two decode the same tokens), Mamba's stay fp32 (its CUDA step kernels take
-    fp32 states); the tokens match the fp32-state decode's for the first steps, and so do the logits, closely."""
+    """decode_state_dtype "model": in a bf16 model, the recurrent states of Mamba, Mamba-2 and GLA stay bf16 while
+    decoding (eager and static alike, and the two decode the same tokens); the tokens match the fp32-state
+    decode's for the first steps, and so do the logits, closely."""
     torch.manual_seed(0)
     cfg = ZooConfig.from_yaml(CONFIGS / f"{case}-tiny.yaml")
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()

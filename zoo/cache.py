@@ -215,7 +215,7 @@ class ZooCache(Cache):
     def for_model(cls, model, batch_size: int = 1, dtype=None, device=None, max_len: int | None = None) -> ZooCache:
         """An empty cache for `model` (a ZooModel or ZooForCausalLM). With the config's decode_state_dtype
         "model", the recurrent layers of mixers whose steps take low-precision states (`low_precision_state`:
-        Mamba-2, GLA) keep their states in `dtype` (the model's) while decoding."""
+        Mamba, Mamba-2, GLA) keep their states in `dtype` (the model's) while decoding."""
         base = getattr(model, "model", model)
         param = next(base.parameters())
         dtype = dtype or param.dtype

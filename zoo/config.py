@@ -54,10 +54,11 @@ class ZooConfig(PreTrainedConfig):
     ({type: mamba|mamba2|attention|gla|dotted.Path, **kwargs}); a spec may carry `ffn: swiglu|moe|none` to
     override the layer's feed-forward. ffn: {type: swiglu, hidden: int} or "none". moe: optional
     {every, offset, n_experts, top_k, hidden, aux_loss_coef, normalize_topk}: layers with index % every == offset
-    use a MoE. decode_state_dtype: dtype of the recurrent states a decoding cache keeps for the mixers whose step
-    kernels take any (Mamba-2, GLA): "float32" (default) or "model" (the model's parameter dtype, as mamba_ssm's
-    and transformers' caches keep them: half the state's memory and bytes per step, rounded every step); Mamba's
-    state stays fp32 (its CUDA step kernels take fp32 states).
+    use a MoE. decode_state_dtype: dtype of the recurrent states a decoding cache keeps for the recurrent mixers
+    (Mamba, Mamba-2, GLA): "float32" (default) or "model" (the model's parameter dtype, as mamba_ssm's and
+    transformers' caches keep them: half the state's memory and bytes per step, rounded every step). Mamba's fused
+    step kernel reads such a state as it lies; its other step paths (the unfused kernels, the references) update
+    an fp32 copy and write it back.
     """
 
     model_type = "zoo"

@@ -46,6 +46,10 @@ class Mamba(nn.Module):
     _no_weight_decay_params = ("A_log", "D", "dt_proj.bias")
     mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
     state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
+    # a cache may keep the recurrent state in the model's dtype (ZooConfig.decode_state_dtype "model", mamba_ssm's
+    # default): the fused step's register-rows kernel reads and writes it as it lies (fp32 math); every other step
+    # path updates an fp32 copy and writes it back
+    low_precision_state = True
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, d_state: int = 16, d_conv: int = 4, expand: float = 2,
                  dt_rank: int | str = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
@@ -142,7 +146,7 @@ class Mamba(nn.Module):
         return decoded_constants(self, f"_dt_constants_{dtype}", (weight, bias),
                                  lambda: (weight.to(dtype).contiguous(), bias.float()))
 
-    def _fused_step(self, xs: torch.Tensor, backend: str) -> bool:
+    def _fused_step(self, xs: torch.Tensor, backend: str, state_dtype: torch.dtype = torch.float32) -> bool:
         """Whether the step may run the fused kernel (conv, x_proj, dt_proj, state update and gate in one launch,
         zoo_kernels.selective_scan.fused_step): on CUDA, with dt_proj foldable (_folds_dt_proj), shapes the kernel
         takes, not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for side-by-side timing), without the state tools'
@@ -156,7 +160,8 @@ class Mamba(nn.Module):
             return False
         from zoo_kernels.selective_scan import fused_step
 
-        return self._folds_dt_proj() and fused_step.supported(xs, self.conv1d.weight, self.x_proj.weight, self.A_log)
+        return self._folds_dt_proj() and fused_step.supported(xs, self.conv1d.weight, self.x_proj.weight, self.A_log,
+                                                              state_dtype)
 
     def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
         """One token [B, 1, d_model] from the cached conv and SSM states, which are updated in place (a CUDA
@@ -170,7 +175,7 @@ class Mamba(nn.Module):
         conv_state, state = cache.step_states()
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
-        if self._fused_step(xs, backend):
+        if self._fused_step(xs, backend, state.dtype):
             from zoo_kernels.selective_scan.fused_step import mamba_step
 
             dt_weight, dt_bias = self._dt_proj_constants(xs.dtype)
@@ -180,6 +185,8 @@ class Mamba(nn.Module):
                            None if mask is None else mask[:, 0].to(xs.dtype))
             cache.set(conv_state, state)
             return self.out_proj(y[:, None, :].to(x.dtype))
+        kept, state = state, state.float()  # a low-precision state (decode_state_dtype "model"): fp32 math, then back
+        low = kept.dtype != torch.float32
         if mask is not None:
             xs = xs * mask[:, 0, None]
         u = causal_conv1d_update(conv_state, xs, w, conv_bias, "silu", backend=backend)  # (B, d_inner)
@@ -199,7 +206,9 @@ class Mamba(nn.Module):
         else:
             delta, B, C = self._split_dbc(x_dbl)
             y = selective_state_update(state, u, delta, A, B, C, D, z, None, True, backend=backend)
-        cache.set(conv_state, state)
+        if low:
+            kept.copy_(state)
+        cache.set(conv_state, kept if low else state)
         return self.out_proj(y[:, None, :].to(x.dtype))
 
     def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,

@@ -100,26 +100,18 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 @functools.lru_cache(maxsize=1024)
 def _config_for(M: int, N: int, K: int, sms: int) -> tuple[int, int]:
-    """(feature_tiles, cluster): the most CTAs up to one per SM (the weight streams through most SMs, and an SM keeps
-    room for the next kernel's CTA, launched early), then the fewest bytes each CTA reads after its wait: its x slice
-    (M x K / cluster) and the cluster's partial sums. More features per CTA mean fewer reads of x: CTAs of 16
-    features read x N / 16 times, at M = 64 four times the weight's bytes. Beyond SMs x 8 x 16 features, the fewest
-    CTAs."""
-    rows = 8 * (1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8)
-    blocks = K // 32
-    best, best_key = (1, 1), None
-    for tiles in FEATURE_TILES:
-        if N % (16 * tiles):
-            continue
-        for cluster in CLUSTERS:
-            if cluster > blocks:
-                continue
-            ctas = N // (16 * tiles) * cluster
-            after_wait = rows * -(-blocks // cluster) * 32 * 2 + 16 * tiles * rows * 4 * (cluster - 1) / cluster
-            key = (ctas <= sms, ctas if ctas <= sms else -ctas, -after_wait)
-            if best_key is None or key > best_key:
-                best, best_key = (tiles, cluster), key
-    return best
+    """(feature_tiles, cluster): no cluster (every CTA its whole K), and the fewest 16-feature tiles per CTA that
+    keep the grid at most one CTA per SM (else the most tiles that divide N). The sweep of every tiling on the H200
+    (benchmarks/decode_linear.py --sweep, inside a CUDA graph, twelfth session) picked exactly these at 1 and 16 rows
+    for Mamba-130M's in_proj (2, 1: 2.3 us against the cluster-split (8, 4)'s 2.9), its out_proj (1, 1: 2.1 vs 3.0),
+    a qkv (2, 1) and a gate_up (2, 1) projection. At 64 rows every tiling lost to cuBLAS (best 6.4-7.7 vs 3.6-4.4 us),
+    and zoo.layers.Linear takes the kernel only up to 8 rows. (M and K do not enter the rule; kept in the signature
+    for a rule that would.)"""
+    legal = [t for t in FEATURE_TILES if N % (16 * t) == 0]
+    for tiles in legal:
+        if N // (16 * tiles) <= sms:
+            return tiles, 1
+    return legal[-1], 1
 
 
 def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int]:
@@ -146,11 +138,22 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x2 = x.reshape(-1, K)
     if not _rows_aligned(x2):
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    tiles, cluster = config or _config(x2.shape[0], N, K, x.device)
+    tiles, cluster = config or _forced_config() or _config(x2.shape[0], N, K, x.device)
     pdl = os.environ.get("ZOO_PDL_LINEAR_PDL", "1") != "0"
     late = os.environ.get("ZOO_PDL_LINEAR_TRIGGER", "late") != "early"
     out = _module().linear(x2, weight, bias, tiles, cluster, pdl, late)
     return out.view(*x.shape[:-1], N)
+
+
+def _forced_config() -> tuple[int, int] | None:
+    """$ZOO_PDL_LINEAR_CONFIG = "feature_tiles,cluster" forces the tiling of every call (benchmarks), else None."""
+    value = os.environ.get("ZOO_PDL_LINEAR_CONFIG")
+    if not value:
+        return None
+    tiles, cluster = (int(v) for v in value.split(","))
+    if tiles not in FEATURE_TILES or cluster not in CLUSTERS:
+        raise ValueError(f"ZOO_PDL_LINEAR_CONFIG={value!r}: feature tiles in {FEATURE_TILES}, cluster in {CLUSTERS}")
+    return tiles, cluster
 
 
 def pdl_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -4,8 +4,11 @@ A Mamba layer's unfused decode step after in_proj is the conv-update kernel, the
 update (dt_proj folded in): three launches, each bound by its launch and its own round trips to DRAM rather
 than by its bytes. csrc/mamba_step.cu does the three in one launch of 8-CTA thread-block clusters (compute
 capability 9.0 and newer): the CTAs of a cluster split the channels of the same batch rows and add their parts
-of x_proj through distributed shared memory; weights and states are copied to shared memory before the step's
-first dependent load. It is a separate extension from the scan's (its own small JIT build, same cache).
+of x_proj through distributed shared memory; weights and states are loaded before the step's first dependent load. Two
+kernels: the register-rows kernel (2 or 4 rows per CTA, states in registers, x_proj on the tensor cores; fp16/bf16,
+N = 16, where it fits: the faster at every batch on the H200) and the slots kernel (states in shared memory, any
+shapes the checks allow, one row per CTA in the plan). It is a separate extension from the scan's (its own small
+JIT build, same cache).
 
 `mamba_step_ref` is the same step in torch from the unfused kernels' references: what the fused kernel must
 equal, and what runs where it cannot (CPU, older GPUs, shapes it does not take).
@@ -36,15 +39,17 @@ _EXTENSION = JitExtension("fused Mamba step", _SOURCES, _HEADERS, _CSRC, "zoo_ma
 available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unavailable, _EXTENSION.module
 
 
-def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.Tensor, A: torch.Tensor) -> bool:
+def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.Tensor, A: torch.Tensor,
+              state_dtype: torch.dtype = torch.float32) -> bool:
     """Whether `mamba_step` takes these shapes: x [batch, d_inner] on CUDA in fp32/bf16/fp16 with d_inner a
     multiple of 64; conv width <= 4; N four times a power of two (<= 128); dt_rank a multiple of 16 bytes'
     elements; the extension builds; and one of its kernels runs the batch in one wave of resident clusters: the
     slots kernel's one-row CTAs (the occupancy API's count: batch <= 30 at the 130M shapes on an H200), else the
     register-rows kernel's 2 or 4 rows per CTA (fp16/bf16, N = 16, d_inner 1024, 1536 or 2048: up to 4 rows
-    times the resident clusters). Beyond that the unfused step runs (csrc/mamba_step_api.cpp, `plan`). Cheap
-    after the first call."""
-    if not x.is_cuda or x.dtype not in _DTYPES or x.dim() != 2:
+    times the resident clusters). Beyond that the unfused step runs (csrc/mamba_step_api.cpp, `plan`). A state in
+    x's dtype (`state_dtype`; ZooConfig.decode_state_dtype "model") needs the register-rows kernel. Cheap after the
+    first call."""
+    if not x.is_cuda or x.dtype not in _DTYPES or x.dim() != 2 or state_dtype not in (torch.float32, x.dtype):
         return False
     dim, nstate = A.shape
     rank = x_proj_weight.shape[0] - 2 * nstate
@@ -55,7 +60,7 @@ def supported(x: torch.Tensor, conv_weight: torch.Tensor, x_proj_weight: torch.T
     width, elem, ext = conv_weight.shape[-1], x.element_size(), _module()
     if _forced_rows():
         return True
-    if _forced_kernel() == KERNELS["rows"]:
+    if _forced_kernel() == KERNELS["rows"] or state_dtype != torch.float32:
         return ext.register_rows_for(x.shape[0], dim, nstate, rank, width, elem) > 0
     return ext.plan(x.shape[0], dim, nstate, rank, width, elem)[1] > 0
 
@@ -64,7 +69,8 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
     """One token of a Mamba-1 mixer after in_proj, in one launch; returns y [batch, d_inner] (before out_proj).
 
     x, z: [batch, d_inner] (the halves of in_proj's output; unit stride over channels); conv_state [batch,
-    d_inner, W-1] and state [batch, d_inner, N]: fp32, contiguous, updated in place; conv_weight [d_inner, W],
+    d_inner, W-1] (fp32) and state [batch, d_inner, N] (fp32, or x's dtype: see `supported`), contiguous, updated in
+    place; conv_weight [d_inner, W],
     conv_bias, dt_bias, D [d_inner] and A [d_inner, N] in fp32; x_proj_weight [R + 2N, d_inner] and dt_weight
     [d_inner, R] in x's dtype; mask [batch] in x's dtype (1 = token, 0 = padding) or None. Same arguments and
     results as `mamba_step_ref` (call `supported` first).

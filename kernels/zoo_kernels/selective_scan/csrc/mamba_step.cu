@@ -31,6 +31,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "mamba_step.h"
 #include "selective_scan_kernels.cuh"  // to_f, from_f, softplus_f, sigmoid_f
@@ -179,7 +180,8 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     if (b0 + r < p.batch)
-      copy_chunks(s.st + r * dc * N, p.state + (size_t(b0 + r) * p.dim + c0) * N, dc * N / 4);
+      copy_chunks(s.st + r * dc * N, static_cast<float*>(p.state) + (size_t(b0 + r) * p.dim + c0) * N,
+                  dc * N / 4);
   }
   cp_async_commit();  // group 2: A, D, the states
 
@@ -347,7 +349,8 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
         hn.y = fmaf(h.y, expf(dt * a.y), du * Bv.y);
         hn.z = fmaf(h.z, expf(dt * a.z), du * Bv.z);
         hn.w = fmaf(h.w, expf(dt * a.w), du * Bv.w);
-        *reinterpret_cast<float4*>(p.state + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g) = hn;
+        float* st = static_cast<float*>(p.state) + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g;
+        *reinterpret_cast<float4*>(st) = hn;
         y = fmaf(hn.x, Cv.x, fmaf(hn.y, Cv.y, fmaf(hn.z, Cv.z, hn.w * Cv.w)));
       }
       for (int off = lanes / 2; off > 0; off >>= 1) y += __shfl_xor_sync(0xffffffffu, y, off);
@@ -374,18 +377,20 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_kernel(const StepParam
 // loop has compile-time bounds: N = 16, dc = 64 x kItems channels per CTA, kRows rows. A thread owns kItems
 // (channel, 4-state group) items for all kRows rows; their states (kItems x kRows float4) and conv windows are
 // loaded into registers before the grid-dependency wait, so their DRAM round trip overlaps in_proj; shared memory
-// holds only the weights' slices (2 CTAs per SM). x_proj's per-warp sums are reduced by halving (each shuffle
-// level halves the values a lane holds) instead of a full butterfly per value; dt's rank-R dot product is split
-// over the 4 lanes of a channel; y's 4-lane sums likewise.
+// holds only the weights' slices (2 CTAs per SM). x_proj's part runs on the tensor cores (one m16n8k16 tile per 16
+// columns and 16 channels, the rows padded to 8); dt's rank-R dot product is split over the 4 lanes of a channel;
+// y's 4-lane sums are reduced by halving (each shuffle level halves the values a lane holds).
 //
-// Measured on an H200 (benchmarks/mamba_step.py, 130M shapes, CUDA graph): 4.7 / 6.2 / 7.5 / 11.2 us at batch 1 / 16
-// / 32 / 64 against the slots kernel's best 5.2 / 7.3 / 10.6 / 20.3 and the unfused step's 7.8 / 9.8 / 10.6 / 14.3.
-// Phase stamps at batch 64 (benchmarks/probe_mamba_step_phases.py --kernel rows, median CTA, us): copies issued
-// 1.9, conv 1.7 (waiting for x_proj_w's copy), x_proj part 2.2, cluster sync 0.5, cluster sum 0.8, dt 1.3, state
-// update 1.5: the sums are latency-bound chains at 8 warps per SM, far from the arithmetic's cost.
+// Measured on an H200 (benchmarks/mamba_step.py, 130M shapes, CUDA graph): 3.64 / 5.13 / 6.52 / 9.15 us at batch 1 /
+// 16 / 32 / 64 against the slots kernel's best 5.18 / 7.26 / 10.62 / 20.34 and the unfused step's 7.71 / 9.80 /
+// 10.74 / 14.37. Phase stamps at batch 64 (benchmarks/probe_mamba_step_phases.py --kernel rows, median CTA, us):
+// copies issued 1.9, conv 1.7 (waiting for x_proj_w's copy), x_proj part 0.4 (2.2 with per-warp shuffle sums before
+// the mma), cluster sync 0.4, cluster sum 0.8, dt 1.3, state update 1.6: latency-bound chains at 8 warps per SM
+// (NOTES_selective_scan.md).
 template <typename T>
 struct RowsSmem {
-  T* wx;        // [P][dc]     x_proj_w's columns of this CTA's channels
+  static constexpr int kPad = 16 / sizeof(T);  // wx and ut rows are padded by 16 bytes: conflict-free fragment loads
+  T* wx;        // [P][dc + kPad]  x_proj_w's columns of this CTA's channels
   T* wdt;       // [dc][R + 16 / sizeof(T)]  dt_w's rows, padded by 16 bytes
   float* A;     // [dc][16]
   float* cw;    // [dc][W]
@@ -396,10 +401,11 @@ struct RowsSmem {
   float* z;     // [rows][dc]
   float* part;  // [rows][P]
   float* dbl;   // [rows][P]
+  T* ut;        // [8][dc + kPad]  u in T (x_proj's mma operand), rows >= `rows` zero
   __device__ RowsSmem(unsigned char* base, int dc, int R, int W, int rows) {
     const int P = R + 2 * kRegN;
     wx = reinterpret_cast<T*>(base);
-    wdt = wx + size_t(P) * dc;
+    wdt = wx + size_t(P) * (dc + kPad);
     A = reinterpret_cast<float*>(wdt + size_t(dc) * (R + 16 / sizeof(T)));
     cw = A + dc * kRegN;
     cb = cw + dc * W;
@@ -409,49 +415,52 @@ struct RowsSmem {
     z = u + rows * dc;
     part = z + rows * dc;
     dbl = part + rows * P;
+    ut = reinterpret_cast<T*>(dbl + rows * P);
   }
 };
 
-// Sums v[0..V) over the 32 lanes of a warp. Where the count is even a level halves it: lanes with the level's bit set
-// keep the upper half and send the lower, the others the reverse (V / 2 shuffles instead of V); odd counts are summed
-// whole. On return v[0..count) hold the full sums of values first..first + count; `*mask` has the bits of the
-// whole-sum levels (lanes that differ only there hold the same values).
-template <int V>
-__device__ __forceinline__ int halving_sum(float (&v)[V], int lane, int* first, int* mask) {
-  int n = V, base = 0, whole = 0;
-#pragma unroll
-  for (int o = 16; o >= 1; o >>= 1) {
-    if (n % 2 == 0) {
-      const int h = n / 2;
-      const bool hi = lane & o;
-#pragma unroll
-      for (int i = 0; i < V / 2; ++i) {
-        if (i < h) {
-          const float send = hi ? v[i] : v[i + h];
-          const float keep = hi ? v[i + h] : v[i];
-          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, o);
-        }
-      }
-      if (hi) base += h;
-      n = h;
-    } else {
-#pragma unroll
-      for (int i = 0; i < V; ++i)
-        if (i < n) v[i] += __shfl_xor_sync(0xffffffffu, v[i], o);
-      whole |= o;
-    }
+// D += A B for one m16n8k16 tile (fp32 accumulators): A 16 x 16 row-major, B 16 x 8 col-major, in T (bf16 or fp16)
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+                 "{%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
   }
-  *first = base;
-  *mask = whole;
-  return n;
+}
+template <typename T>
+__device__ __forceinline__ uint32_t lds32(const T* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Four consecutive states as fp32, and back: S is fp32 or the activation dtype (ZooConfig.decode_state_dtype "model")
+__device__ __forceinline__ float4 load_state4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+template <typename S>
+__device__ __forceinline__ float4 load_state4(const S* p) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const S* v = reinterpret_cast<const S*>(&raw);
+  return make_float4(to_f(v[0]), to_f(v[1]), to_f(v[2]), to_f(v[3]));
+}
+__device__ __forceinline__ void store_state4(float* p, float4 h) { *reinterpret_cast<float4*>(p) = h; }
+template <typename S>
+__device__ __forceinline__ void store_state4(S* p, float4 h) {
+  uint2 raw;
+  S* v = reinterpret_cast<S*>(&raw);
+  v[0] = from_f<S>(h.x), v[1] = from_f<S>(h.y), v[2] = from_f<S>(h.z), v[3] = from_f<S>(h.w);
+  *reinterpret_cast<uint2*>(p) = raw;
 }
 
-template <typename T, int kRows, int kItems>
+template <typename T, typename S, int kRows, int kItems>
 __global__ void __launch_bounds__(kThreads, 2) mamba_step_rows_kernel(const StepParams p) {
   constexpr int N = kRegN, kLanes = N / 4, dc = 64 * kItems;
   constexpr int kE = 16 / sizeof(T);                              // elements per 16-byte chunk
   constexpr int kConv = (kRows * dc + kThreads - 1) / kThreads;   // conv (row, channel) items per thread
-  constexpr int kJ = 6;                                           // x_proj columns per warp and pass
+  constexpr int kPitch = dc + RowsSmem<T>::kPad;                  // wx's and ut's row pitch
   extern __shared__ __align__(16) unsigned char smem_raw[];
   cg::cluster_group cluster = cg::this_cluster();
   const int R = p.rank, P = R + 2 * N, W = p.width;
@@ -470,12 +479,13 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_rows_kernel(const Step
     constexpr int per_row = dc / kE;
     for (int i = tid; i < P * per_row; i += kThreads) {
       const int j = i / per_row, q = i - j * per_row;
-      cp_async16(s.wx + j * dc + q * kE, wx + size_t(j) * p.dim + c0 + q * kE);
+      cp_async16(s.wx + j * kPitch + q * kE, wx + size_t(j) * p.dim + c0 + q * kE);
     }
     copy_chunks(s.cw, p.conv_w + size_t(c0) * W, dc * W / 4);
     if (p.conv_b) copy_chunks(s.cb, p.conv_b + c0, dc / 4);
   }
   cp_async_commit();  // group 0: x_proj_w, the conv's weights
+  for (int i = kRows * kPitch + tid; i < 8 * kPitch; i += kThreads) s.ut[i] = from_f<T>(0.f);  // the mma's pad rows
   {
     const T* wdt = static_cast<const T*>(p.dt_w) + size_t(c0) * R;
     const int per_row = R / kE;
@@ -499,7 +509,7 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_rows_kernel(const Step
     for (int r = 0; r < kRows; ++r) {
       h[q][r] = make_float4(0.f, 0.f, 0.f, 0.f);
       if (b0 + r < p.batch)
-        h[q][r] = *reinterpret_cast<const float4*>(p.state + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g);
+        h[q][r] = load_state4(static_cast<const S*>(p.state) + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g);
     }
   }
   float win[kConv][3];
@@ -565,44 +575,35 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_rows_kernel(const Step
         u = round_to<T>(acc * sigmoid_f(acc)) * mv[k];
       }
       s.u[i] = u;
+      s.ut[r * kPitch + ch] = from_f<T>(u);  // exact: u is rounded to T already
       s.z[i] = zv[k];
     }
   }
   __syncthreads();
   ZOO_MS_PHASE(3);
 
-  // ---- this CTA's part of x_proj: warp w takes columns j in passes of kJ, its lanes channel pairs 2(lane + 32 m)
+  // ---- this CTA's part of x_proj on the tensor cores: part^T [P, rows] = wx [P, dc] u^T [dc, 8 (rows, zero-padded)],
+  // warp w the 16 columns of tile w (P / 16 tiles), two accumulators over alternate k-steps
   {
-    const int per_warp = (P + kThreads / 32 - 1) / (kThreads / 32);
-    for (int j0 = warp * per_warp; j0 < (warp + 1) * per_warp && j0 < P; j0 += kJ) {
-      float acc[kJ * kRows];
+    const int gq = lane / 4, cq = lane % 4;
+    for (int jt = warp; jt < P / 16; jt += kThreads / 32) {
+      float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      const T* a_lo = s.wx + (16 * jt + gq) * kPitch + 2 * cq;  // rows g and g + 8 of the tile, k 2c..2c+1
+      const T* a_hi = a_lo + 8 * kPitch;
+      const T* bp = s.ut + gq * kPitch + 2 * cq;  // column g (a batch row) of u^T
 #pragma unroll
-      for (int i = 0; i < kJ * kRows; ++i) acc[i] = 0.f;
-#pragma unroll
-      for (int m = 0; m < kItems; ++m) {  // dc / 2 pairs = 32 kItems: kItems per lane
-        const int q = lane + 32 * m;
-        float2 u2[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) u2[r] = *reinterpret_cast<const float2*>(s.u + r * dc + 2 * q);
-#pragma unroll
-        for (int jj = 0; jj < kJ; ++jj) {
-          const int j = j0 + jj;
-          if (j < (warp + 1) * per_warp && j < P) {
-            const float2 w2 = load2(s.wx + j * dc + 2 * q);
-#pragma unroll
-            for (int r = 0; r < kRows; ++r)
-              acc[jj * kRows + r] = fmaf(w2.x, u2[r].x, fmaf(w2.y, u2[r].y, acc[jj * kRows + r]));
-          }
-        }
+      for (int k = 0; k < dc; k += 16)
+        mma16816<T>(d[(k / 16) % 2], lds32(a_lo + k), lds32(a_hi + k), lds32(a_lo + k + 8), lds32(a_hi + k + 8),
+                    lds32(bp + k), lds32(bp + k + 8));
+      // d: (column g, row 2c), (g, 2c + 1), (g + 8, 2c), (g + 8, 2c + 1)
+      const int j = 16 * jt + gq, r = 2 * cq;
+      if (r < kRows) {
+        s.part[r * P + j] = d[0][0] + d[1][0];
+        s.part[r * P + j + 8] = d[0][2] + d[1][2];
       }
-      int first, whole;
-      const int n = halving_sum(acc, lane, &first, &whole);
-      if ((lane & whole) == 0) {
-#pragma unroll
-        for (int i = 0; i < kJ * kRows; ++i) {
-          const int idx = first + i, j = j0 + idx / kRows;
-          if (i < n && j < (warp + 1) * per_warp && j < P) s.part[(idx % kRows) * P + j] = acc[i];
-        }
+      if (r + 1 < kRows) {
+        s.part[(r + 1) * P + j] = d[0][1] + d[1][1];
+        s.part[(r + 1) * P + j + 8] = d[0][3] + d[1][3];
       }
     }
   }
@@ -669,19 +670,21 @@ __global__ void __launch_bounds__(kThreads, 2) mamba_step_rows_kernel(const Step
 #pragma unroll
   for (int q = 0; q < kItems; ++q) {
     const int ch = (q * kThreads + tid) / kLanes;
-    const float4 a = *reinterpret_cast<const float4*>(s.A + ch * N + 4 * g);
+    float4 a = *reinterpret_cast<const float4*>(s.A + ch * N + 4 * g);
+    constexpr float kLog2e = 1.4426950408889634f;  // exp(dt A) = exp2(dt A log2 e): one MUFU.EX2 per state
+    a.x *= kLog2e, a.y *= kLog2e, a.z *= kLog2e, a.w *= kLog2e;
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const float dt = dts[q][r], du = dt * s.u[r * dc + ch];
       const float4 Bv = *reinterpret_cast<const float4*>(s.dbl + r * P + R + 4 * g);
       const float4 Cv = *reinterpret_cast<const float4*>(s.dbl + r * P + R + N + 4 * g);
       float4 hn = h[q][r];
-      hn.x = fmaf(hn.x, expf(dt * a.x), du * Bv.x);
-      hn.y = fmaf(hn.y, expf(dt * a.y), du * Bv.y);
-      hn.z = fmaf(hn.z, expf(dt * a.z), du * Bv.z);
-      hn.w = fmaf(hn.w, expf(dt * a.w), du * Bv.w);
+      hn.x = fmaf(hn.x, exp2f(dt * a.x), du * Bv.x);
+      hn.y = fmaf(hn.y, exp2f(dt * a.y), du * Bv.y);
+      hn.z = fmaf(hn.z, exp2f(dt * a.z), du * Bv.z);
+      hn.w = fmaf(hn.w, exp2f(dt * a.w), du * Bv.w);
       if (b0 + r < p.batch)
-        *reinterpret_cast<float4*>(p.state + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g) = hn;
+        store_state4(static_cast<S*>(p.state) + (size_t(b0 + r) * p.dim + c0 + ch) * N + 4 * g, hn);
       y[q * kRows + r] = fmaf(hn.x, Cv.x, fmaf(hn.y, Cv.y, fmaf(hn.z, Cv.z, hn.w * Cv.w)));
     }
   }
@@ -743,7 +746,7 @@ struct KernelState {
   int answer[64];
 };
 KernelState* state_of(KernelFn fn) {
-  static KernelState table[64] = {};  // every instantiation below (20) has its entry
+  static KernelState table[64] = {};  // every instantiation below (24 of them) has its entry
   for (KernelState& s : table) {
     if (s.fn == fn) return &s;
     if (s.fn == nullptr) {
@@ -803,10 +806,23 @@ int clusters(KernelFn fn, size_t smem) {
 
 int register_items(int dim) { return dim / kCluster / 64; }
 
-// The kernel of these template arguments, or null where none is built.
+template <typename T, typename S>
+KernelFn rows_kernel_for(int rows, int dim) {
+  switch (rows * 16 + register_items(dim)) {
+    case 2 * 16 + 2: return mamba_step_rows_kernel<T, S, 2, 2>;
+    case 2 * 16 + 3: return mamba_step_rows_kernel<T, S, 2, 3>;
+    case 2 * 16 + 4: return mamba_step_rows_kernel<T, S, 2, 4>;
+    case 4 * 16 + 2: return mamba_step_rows_kernel<T, S, 4, 2>;
+    case 4 * 16 + 3: return mamba_step_rows_kernel<T, S, 4, 3>;
+    case 4 * 16 + 4: return mamba_step_rows_kernel<T, S, 4, 4>;
+  }
+  return nullptr;
+}
+
+// The kernel of these template arguments, or null where none is built (a state in T: the register-rows kernel only).
 template <typename T>
-KernelFn kernel_for(int kernel, int rows, int dim) {
-  if (kernel == kSlots) {
+KernelFn kernel_for(int kernel, int rows, int dim, bool state_low) {
+  if (kernel == kSlots && !state_low) {
     switch (rows) {
       case 1: return mamba_step_kernel<T, 1>;
       case 2: return mamba_step_kernel<T, 2>;
@@ -816,23 +832,15 @@ KernelFn kernel_for(int kernel, int rows, int dim) {
     return nullptr;
   }
   if constexpr (sizeof(T) == 2) {
-    if (kernel == kRegisterRows) {
-      switch (rows * 16 + register_items(dim)) {
-        case 2 * 16 + 2: return mamba_step_rows_kernel<T, 2, 2>;
-        case 2 * 16 + 3: return mamba_step_rows_kernel<T, 2, 3>;
-        case 2 * 16 + 4: return mamba_step_rows_kernel<T, 2, 4>;
-        case 4 * 16 + 2: return mamba_step_rows_kernel<T, 4, 2>;
-        case 4 * 16 + 3: return mamba_step_rows_kernel<T, 4, 3>;
-        case 4 * 16 + 4: return mamba_step_rows_kernel<T, 4, 4>;
-      }
-    }
+    if (kernel == kRegisterRows)
+      return state_low ? rows_kernel_for<T, T>(rows, dim) : rows_kernel_for<T, float>(rows, dim);
   }
   return nullptr;
 }
 
 template <typename T>
 cudaError_t launch(const StepParams& p, cudaStream_t stream) {
-  const KernelFn fn = kernel_for<T>(p.kernel, p.rows, p.dim);
+  const KernelFn fn = kernel_for<T>(p.kernel, p.rows, p.dim, p.state_low);
   if (fn == nullptr) return cudaErrorInvalidValue;
   const size_t smem = step_smem_bytes(p.dim, p.nstate, p.rank, p.width, p.rows, int(sizeof(T)), p.kernel);
   const cudaError_t err = prepare(fn, smem);
@@ -844,7 +852,7 @@ cudaError_t launch(const StepParams& p, cudaStream_t stream) {
 
 template <typename T>
 int clusters_of(int kernel, int rows, size_t smem, int dim) {
-  const KernelFn fn = kernel_for<T>(kernel, rows, dim);
+  const KernelFn fn = kernel_for<T>(kernel, rows, dim, false);  // (the state's dtype changes no resource)
   return fn == nullptr ? 0 : clusters(fn, smem);
 }
 
@@ -853,14 +861,15 @@ int clusters_of(int kernel, int rows, size_t smem, int dim) {
 bool register_rows_fit(int dim, int nstate, int rank, int width, int elem_bytes) {
   const int items = dim % (64 * kCluster) == 0 ? register_items(dim) : 0;
   return elem_bytes == 2 && nstate == kRegN && items >= 2 && items <= 4 && width >= 1 && width <= 4 &&
-         rank >= 8 && rank % 8 == 0 && rank <= kRegMaxRank;
+         rank >= 16 && rank % 16 == 0 && rank <= kRegMaxRank;
 }
 
 size_t step_smem_bytes(int dim, int nstate, int rank, int width, int rows, int elem_bytes, int kernel) {
   const size_t dc = dim / kCluster, P = rank + 2 * nstate;
   if (kernel == kRegisterRows)
-    return P * dc * elem_bytes + dc * (rank * elem_bytes + 16) +
-           4 * (dc * nstate + dc * width + 3 * dc + 2 * size_t(rows) * dc + 2 * size_t(rows) * P);
+    return P * (dc * elem_bytes + 16) + dc * (rank * elem_bytes + 16) +
+           4 * (dc * nstate + dc * width + 3 * dc + 2 * size_t(rows) * dc + 2 * size_t(rows) * P) +
+           8 * (dc * elem_bytes + 16);
   return P * dc * elem_bytes + dc * (rank * elem_bytes + 16) +
          4 * (dc * nstate + size_t(rows) * dc * nstate + dc * width + 3 * dc + 3 * size_t(rows) * dc +
               2 * size_t(rows) * P);

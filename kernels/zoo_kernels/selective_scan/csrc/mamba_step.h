@@ -13,8 +13,9 @@ constexpr int kThreads = 256;  // threads per CTA
 constexpr int kMaxRowChannels = 8 * kThreads;  // rows per CTA x dim / kCluster, at most
 
 // The two kernels. kSlots: states in shared memory, any shapes the launcher's checks allow, every phase looping over
-// its row slots (fast at one row per CTA). kRegisterRows: 2 or 4 rows per CTA in one wave, the states in registers, N = 16, dt_rank <= 64 and dim / kCluster = 64 x kItems channels per CTA (kItems 2-4,
-// fp16/bf16 only).
+// its row slots (fast at one row per CTA). kRegisterRows: 2 or 4 rows per CTA in one wave, the states in registers,
+// N = 16, dt_rank a multiple of 16 up to 64, dim / kCluster = 64 x kItems channels per CTA (kItems 2-4), fp16/bf16
+// activations, the state in fp32 or in the activations' dtype.
 enum Kernel { kSlots = 1, kRegisterRows = 2 };
 constexpr int kRegN = 16;         // the register-rows kernel's N
 constexpr int kRegMaxRank = 64;   // and its largest dt_rank (Mamba-130M: 48, 370M: 64)
@@ -40,7 +41,8 @@ struct StepParams {
   const float* dt_bias;                 // [dim] fp32 or null
   const float* A;                       // [dim, N] fp32
   const float* D;                       // [dim] fp32 or null
-  float* state;                         // [batch, dim, N] fp32, contiguous; updated in place
+  void* state;                          // [batch, dim, N] fp32 (or T: register-rows kernel), contiguous; in place
+  bool state_low;                       // the state is in T, not fp32
   void* out;                            // [batch, dim] (T)
 };
 

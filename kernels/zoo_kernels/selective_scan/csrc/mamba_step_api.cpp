@@ -89,9 +89,9 @@ int64_t register_rows_for(int64_t batch, int64_t dim, int64_t nstate, int64_t ra
 
 // The step's launch for this batch: (kernel, rows per CTA), (0, 0) for the unfused step. The register-rows kernel
 // where it fits and runs in one wave, else one-row CTAs of the slots kernel where they do. On an H200 (130M shapes,
-// benchmarks/mamba_step.py, in a CUDA graph) the register-rows kernel was the faster at every batch: 4.73 vs 5.17 us
-// at batch 1, 6.15 vs 7.25 at 16, 7.51 vs 10.60 (the slots kernel's best) at 32, 11.20 vs 20.31 at 64, where the
-// unfused step took 14.27.
+// benchmarks/mamba_step.py, in a CUDA graph) the register-rows kernel was the faster at every batch: 3.64 vs 5.18 us
+// at batch 1, 5.13 vs 7.26 at 16, 6.52 vs 10.62 (the slots kernel's best) at 32, 9.15 vs 20.34 at 64, where the
+// unfused step took 14.37.
 std::vector<int64_t> plan(int64_t batch, int64_t dim, int64_t nstate, int64_t rank, int64_t width,
                           int64_t elem_bytes) {
   if (const int64_t rows = register_rows_for(batch, dim, nstate, rank, width, elem_bytes))
@@ -111,7 +111,7 @@ int64_t cluster_capacity(int64_t dim, int64_t nstate, int64_t rank, int64_t widt
 
 // x, z: [batch, dim] (may be column slices of in_proj's output); conv_state [batch, dim, W - 1] fp32; conv_w
 // [dim, W] fp32; x_proj_w [R + 2N, dim] and dt_w [dim, R] in x's dtype; A [dim, N] fp32; state [batch, dim, N]
-// fp32. Returns y [batch, dim] in x's dtype; conv_state and state are updated in place. pdl: launch as a
+// fp32, or in x's dtype where the register-rows kernel runs (the plan's, or forced). Returns y [batch, dim] in x's dtype; conv_state and state are updated in place. pdl: launch as a
 // programmatic dependent of the stream's previous kernel (the weights' and states' copies overlap its end).
 // mask [batch] (1 = token, 0 = padding) zeroes x and u of padding rows. kernel_asked: kSlots or kRegisterRows, 0 =
 // plan's; rows_asked: rows per CTA, 0 = the kernel's rule (plan, rows_for or register_rows_for).
@@ -147,7 +147,8 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
   if (mask)
     TORCH_CHECK(mask->is_cuda() && mask->dim() == 1 && mask->size(0) == batch && mask->scalar_type() == dt,
                 "mamba_step: mask must be [batch] in x's dtype");
-  check(state, "state", at::kFloat, {batch, dim, nstate});
+  const bool state_low = state.scalar_type() != at::kFloat;
+  check(state, "state", state_low ? dt : at::kFloat, {batch, dim, nstate});
   for (const Tensor* t : {&x_proj_w, &dt_w, &A, static_cast<const Tensor*>(&state)})
     TORCH_CHECK(aligned16(*t), "mamba_step: tensors must be 16-byte aligned");
   TORCH_CHECK(aligned16(conv_w), "mamba_step: tensors must be 16-byte aligned");
@@ -170,6 +171,8 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
   TORCH_CHECK(rows == 1 || rows == 2 || rows == 4 || rows == 8, "mamba_step: rows per CTA must be 1, 2, 4 or 8");
   TORCH_CHECK(fits(dim, nstate, rank, width, eb, rows, &smem, kernel), "mamba_step: ", rows,
               " rows per CTA do not fit kernel ", kernel, " at these sizes");
+  TORCH_CHECK(!state_low || kernel == zoo_ms::kRegisterRows,
+              "mamba_step: a state in the activations' dtype needs the register-rows kernel (fp32 otherwise)");
   Tensor out = at::empty({batch, dim}, x.options());
   zoo_ms::StepParams p{};
   p.batch = int(batch);
@@ -195,7 +198,8 @@ Tensor step(const Tensor& x, const Tensor& z, Tensor& conv_state, const Tensor& 
   p.dt_bias = dt_bias ? dt_bias->data_ptr<float>() : nullptr;
   p.A = A.data_ptr<float>();
   p.D = D ? D->data_ptr<float>() : nullptr;
-  p.state = state.data_ptr<float>();
+  p.state = state.data_ptr();
+  p.state_low = state_low;
   p.out = out.data_ptr();
   const cudaError_t err = zoo_ms::mamba_step(p, dtype_of(x), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "mamba_step: launch failed: ", cudaGetErrorString(err));
