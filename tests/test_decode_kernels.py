@@ -576,9 +576,9 @@ def test_zoo_linear_takes_the_kernel_only_for_one_row_and_k_at_least_n(monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an NVIDIA GPU with compute capability 9.0+")
 def test_zoo_linear_takes_the_pdl_kernel_up_to_eight_rows(monkeypatch):
-    """On Hopper, inference projections of at most PDL_MAX_ROWS rows in bf16/fp16 take zoo_kernels.pdl_linear (it
-    beat cuBLAS at one row in a graph-captured chain and lost at 64); more rows, autograd and ZOO_DECODE_PDL=0 (the
-    module's DECODE_PDL) do not."""
+    """On Hopper, in a decode step (`zoo.layers.decoding()`), inference projections of at most PDL_MAX_ROWS rows in
+    bf16/fp16 take zoo_kernels.pdl_linear (it beat cuBLAS at one row in a graph-captured chain and lost at 64); more
+    rows, autograd, ZOO_DECODE_PDL=0 (the module's DECODE_PDL) and calls outside a decode step do not."""
     import zoo.layers as layers
 
     calls = []
@@ -587,14 +587,17 @@ def test_zoo_linear_takes_the_pdl_kernel_up_to_eight_rows(monkeypatch):
     lin = layers.Linear(256, 512, bias=True).to("cuda", torch.bfloat16)
     x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        for rows in (1, 8):
-            assert rel_err(lin(x[:rows]), torch.nn.functional.linear(x[:rows], lin.weight, lin.bias)) < 1e-2
-        assert len(calls) == 2
-        lin(x)  # 16 rows: cuBLAS
-        monkeypatch.setattr(layers, "DECODE_PDL", False)
-        lin(x[:1])  # off: the skinny kernel's rule (K < N here: cuBLAS)
+        lin(x[:1])  # not in a decode step: cuBLAS
+        with layers.decoding():
+            for rows in (1, 8):
+                assert rel_err(lin(x[:rows]), torch.nn.functional.linear(x[:rows], lin.weight, lin.bias)) < 1e-2
+            assert len(calls) == 2
+            lin(x)  # 16 rows: cuBLAS
+            monkeypatch.setattr(layers, "DECODE_PDL", False)
+            lin(x[:1])  # off: the skinny kernel's rule (K < N here: cuBLAS)
     monkeypatch.setattr(layers, "DECODE_PDL", True)
-    lin(x[:1])  # autograd on: cuBLAS
+    with layers.decoding():
+        lin(x[:1])  # autograd on: cuBLAS
     assert len(calls) == 2
 
 

@@ -276,3 +276,23 @@ def test_decode_state_dtype_model_keeps_low_precision_states(case):
 def test_decode_state_dtype_is_checked():
     with pytest.raises(ValueError, match="decode_state_dtype"):
         ZooConfig(decode_state_dtype="bf16")
+
+
+def test_decode_steps_run_inside_decoding():
+    """zoo.decode's steps (eager and static) run the model inside `zoo.layers.decoding()`, the only place projections
+    may take the PDL kernel; a prefill does not."""
+    import zoo.layers as layers
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).eval()
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda *a: seen.append(layers._DECODING))
+    prompt = torch.randint(0, 512, (2, 5))
+    with torch.no_grad():
+        state, static_state = prefill(model, prompt), prefill(model, prompt)
+        assert seen and not any(seen)
+        seen.clear()
+        EagerDecoder(model, state).decode(2)
+        StaticDecoder(model, static_state, max_new_tokens=2).decode(2)
+    handle.remove()
+    assert len(seen) >= 4 and all(seen) and layers._DECODING == 0

@@ -42,6 +42,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from zoo.cache import KVCacheFull, RecurrentLayer, StaticKVLayer, ZooCache
+from zoo.layers import decoding
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -138,7 +139,8 @@ class EagerDecoder:
     def step(self) -> torch.Tensor:
         """Feed the current token, return the next ones [B, 1] (no host synchronization)."""
         s = self.state
-        out = self.model(input_ids=s.next_ids, use_cache=True, **{s.cache_argument: s.cache})
+        with decoding():
+            out = self.model(input_ids=s.next_ids, use_cache=True, **{s.cache_argument: s.cache})
         s.cache = getattr(out, s.cache_argument)
         s.next_ids = out.logits[:, -1:].argmax(-1)
         return s.next_ids
@@ -201,8 +203,9 @@ class StaticDecoder(EagerDecoder):
     def _step_body(self) -> None:
         """The step a graph captures: fixed-address inputs and outputs, no host read of device values."""
         self._load_states()
-        out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.state.cache,
-                         use_cache=True)
+        with decoding():
+            out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.state.cache,
+                             use_cache=True)
         for dst, src in zip(self.states, (t for layer in self.recurrent for t in layer.tensors())):
             dst.copy_(src)
         self.ids.copy_(out.logits[:, -1:].argmax(-1))

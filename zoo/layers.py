@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -193,13 +194,29 @@ def _pdl_linear():
 DECODE_LINEAR = os.environ.get("ZOO_DECODE_LINEAR", "1") != "0"
 DECODE_PDL = os.environ.get("ZOO_DECODE_PDL", "1") != "0"
 PDL_MAX_ROWS = 8
+_DECODING = 0  # > 0 inside `decoding()`
+
+
+@contextlib.contextmanager
+def decoding():
+    """Marks the forward of a decode step (zoo.decode's loops). Only there do projections take the PDL kernel: it
+    reads its weight before it waits for the kernel launched just before it, which in a decode step is always a
+    kernel of the model (never one writing that weight), but need not be elsewhere (a weight copied in, then the
+    layer called)."""
+    global _DECODING
+    _DECODING += 1
+    try:
+        yield
+    finally:
+        _DECODING -= 1
 
 
 class Linear(nn.Linear):
     """nn.Linear whose inference forward on CUDA sends a decode step's few rows through kernels of ours.
 
-    - On Hopper and newer, up to PDL_MAX_ROWS = 8 rows in fp16/bf16 (K % 32, N % 16): zoo_kernels.pdl_linear,
-      launched as a programmatic dependent of the kernel before it, so that its weight loads overlap that kernel.
+    - In a decode step (`decoding()`) on Hopper and newer, up to PDL_MAX_ROWS = 8 rows in fp16/bf16 (K % 32,
+      N % 16): zoo_kernels.pdl_linear, launched as a programmatic dependent of the kernel before it, so that its
+      weight loads overlap that kernel.
       In a CUDA graph on the H200 (benchmarks/decode_linear.py --chain) it took 3.5 us per projection at one row
       against cuBLAS's 5.4; at 16 rows the same as cuBLAS, at 64 rows twice as long (9.0 vs 5.0 us), so more rows
       stay on cuBLAS (benchmarks/RESULTS.md, twelfth session).
@@ -212,7 +229,7 @@ class Linear(nn.Linear):
         if (DECODE_LINEAR and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == self.weight.dtype
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
                 and not torch.compiler.is_compiling()):
-            if DECODE_PDL and x.numel() <= PDL_MAX_ROWS * x.shape[-1]:
+            if DECODE_PDL and _DECODING and x.numel() <= PDL_MAX_ROWS * x.shape[-1]:
                 kernel, supported = _pdl_linear()
                 if kernel is not None and supported(x, self.weight, self.bias):
                     return kernel(x, self.weight, self.bias)

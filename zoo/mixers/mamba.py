@@ -170,19 +170,26 @@ class Mamba(nn.Module):
         _folds_dt_proj allows, else a dt_proj matmul before it; its low-rank input, B, C and z read in place from
         the projections), then out_proj."""
         A, D, w, conv_bias = self._decode_constants()
-        # updated in place below, then set back. Taken before in_proj: the fused kernel reads the states before it
-        # waits for the kernel launched just before it (in_proj), so a copy step_states makes must come earlier
+        # updated in place below, then set back. Taken before in_proj, as are the fused kernel's constants: that
+        # kernel reads states and weights before it waits for the kernel launched just before it (in_proj), so a
+        # copy or conversion of them (step_states, decoded_constants) must come earlier
         conv_state, state = cache.step_states()
+        fused_constants = None
+        if backend == "cuda" and x.is_cuda and self._folds_dt_proj() and not self.mitigation \
+                and self.state_probe is None:
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            fused_constants = (dtype, *self._dt_proj_constants(dtype),
+                               decoded_constants(self, f"_x_proj_{dtype}", (self.x_proj.weight,),
+                                                 lambda: self.x_proj.weight.to(dtype).contiguous()))
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
-        if self._fused_step(xs, backend, state.dtype):
+        if fused_constants is not None and fused_constants[0] == xs.dtype and self._fused_step(xs, backend,
+                                                                                               state.dtype):
             from zoo_kernels.selective_scan.fused_step import mamba_step
 
-            dt_weight, dt_bias = self._dt_proj_constants(xs.dtype)
-            x_proj_weight = decoded_constants(self, f"_x_proj_{xs.dtype}", (self.x_proj.weight,),
-                                              lambda: self.x_proj.weight.to(xs.dtype).contiguous())
-            y = mamba_step(xs, z, conv_state, w, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
-                           None if mask is None else mask[:, 0].to(xs.dtype))
+            _, dt_weight, dt_bias, x_proj_weight = fused_constants
+            mask = None if mask is None else mask[:, 0].to(xs.dtype)  # (read after the kernel's wait)
+            y = mamba_step(xs, z, conv_state, w, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state, mask)
             cache.set(conv_state, state)
             return self.out_proj(y[:, None, :].to(x.dtype))
         kept, state = state, state.float()  # a low-precision state (decode_state_dtype "model"): fp32 math, then back
