@@ -77,6 +77,9 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
 
     The kernel is launched as a programmatic dependent of the stream's previous kernel (in the mixer: in_proj), so
     that its copies of weights and states overlap that kernel's end; ZOO_MAMBA_STEP_PDL=0 launches it plainly.
+    Hence the caller's contract: the kernel launched just before this call must not write the states, the conv
+    weights, x_proj_weight, dt_weight, dt_bias, A or D (the mixer prepares them all before in_proj); x, z and mask
+    are read after the wait and may be that kernel's outputs.
     $ZOO_MAMBA_STEP_KERNEL (slots / rows) and $ZOO_MAMBA_STEP_ROWS force the kernel and its rows per CTA
     (benchmarks and tests)."""
     pdl = os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0"
