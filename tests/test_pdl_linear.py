@@ -101,7 +101,7 @@ def test_not_supported_off_cuda():
 def test_tiling_is_legal_and_fills_the_sms(sms):
     shapes = SHAPES + ((1536, 80), (768, 2304), (768, 4096), (768, 50272), (96, 32))
     for (K, N), M in ((s, m) for s in shapes for m in ROWS):
-        tiles, cluster = pl._config_for(M, N, K, sms)
+        tiles, cluster = pl._config_for(N, sms)
         assert tiles in pl.FEATURE_TILES and cluster in pl.CLUSTERS
         assert N % (16 * tiles) == 0 and cluster <= K // 32, (K, N, M, tiles, cluster)
         ctas = N // (16 * tiles) * cluster
@@ -109,9 +109,9 @@ def test_tiling_is_legal_and_fills_the_sms(sms):
         if fewest <= sms:  # some tiling has at most one CTA per SM: the one chosen does too
             assert ctas <= sms, (K, N, M, tiles, cluster)
     # the tilings the H200's sweep found fastest (one CTA per SM at most, the fewest features per CTA, no cluster)
-    assert pl._config_for(1, 3072, 768, 132) == (2, 1)  # Mamba-130M in_proj: 96 CTAs of 32 features
-    assert pl._config_for(1, 768, 1536, 132) == (1, 1)  # out_proj: 48 CTAs of 16 features
-    assert pl._config_for(1, 4096, 768, 132) == (2, 1)  # a SwiGLU gate_up: 128 CTAs
+    assert pl._config_for(3072, 132) == (2, 1)  # Mamba-130M in_proj: 96 CTAs of 32 features
+    assert pl._config_for(768, 132) == (1, 1)  # out_proj: 48 CTAs of 16 features
+    assert pl._config_for(4096, 132) == (2, 1)  # a SwiGLU gate_up: 128 CTAs
 
 
 def test_sources_ship_with_the_package():

@@ -146,22 +146,28 @@ class Mamba(nn.Module):
         return decoded_constants(self, f"_dt_constants_{dtype}", (weight, bias),
                                  lambda: (weight.to(dtype).contiguous(), bias.float()))
 
-    def _fused_step(self, xs: torch.Tensor, backend: str, state_dtype: torch.dtype = torch.float32) -> bool:
-        """Whether the step may run the fused kernel (conv, x_proj, dt_proj, state update and gate in one launch,
-        zoo_kernels.selective_scan.fused_step): on CUDA, with dt_proj foldable (_folds_dt_proj), shapes the kernel
-        takes, not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for side-by-side timing), without the state tools'
-        hooks (they take the unfused step's tensors), and without autograd (the kernel has no backward; a step that
-        needs gradients takes the unfused path's references)."""
-        if backend != "cuda" or not xs.is_cuda or os.environ.get("ZOO_MAMBA_FUSED_STEP", "1") == "0":
+    def _may_fuse(self, t: torch.Tensor, backend: str) -> bool:
+        """The fused step's conditions that do not depend on the shapes (the step checks them before in_proj, on its
+        input, to prepare the kernel's constants): on CUDA, not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for
+        side-by-side timing), with dt_proj foldable (_folds_dt_proj), without the state tools' hooks (they take the
+        unfused step's tensors), and without autograd (the kernel has no backward; a step that needs gradients
+        takes the unfused path's references)."""
+        if backend != "cuda" or not t.is_cuda or os.environ.get("ZOO_MAMBA_FUSED_STEP", "1") == "0":
             return False
         if self.mitigation or self.state_probe is not None:
             return False
-        if needs_grad(xs, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight, self.A_log, self.D):
+        if needs_grad(t, self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight, self.A_log, self.D):
+            return False
+        return self._folds_dt_proj()
+
+    def _fused_step(self, xs: torch.Tensor, backend: str, state_dtype: torch.dtype = torch.float32) -> bool:
+        """Whether the step may run the fused kernel (conv, x_proj, dt_proj, state update and gate in one launch,
+        zoo_kernels.selective_scan.fused_step): _may_fuse on in_proj's output, and shapes the kernel takes."""
+        if not self._may_fuse(xs, backend):
             return False
         from zoo_kernels.selective_scan import fused_step
 
-        return self._folds_dt_proj() and fused_step.supported(xs, self.conv1d.weight, self.x_proj.weight, self.A_log,
-                                                              state_dtype)
+        return fused_step.supported(xs, self.conv1d.weight, self.x_proj.weight, self.A_log, state_dtype)
 
     def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
         """One token [B, 1, d_model] from the cached conv and SSM states, which are updated in place (a CUDA
@@ -175,8 +181,7 @@ class Mamba(nn.Module):
         # copy or conversion of them (step_states, decoded_constants) must come earlier
         conv_state, state = cache.step_states()
         fused_constants = None
-        if backend == "cuda" and x.is_cuda and self._folds_dt_proj() and not self.mitigation \
-                and self.state_probe is None:
+        if self._may_fuse(x, backend):
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
             fused_constants = (dtype, *self._dt_proj_constants(dtype),
                                decoded_constants(self, f"_x_proj_{dtype}", (self.x_proj.weight,),

@@ -99,14 +99,13 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 
 @functools.lru_cache(maxsize=1024)
-def _config_for(M: int, N: int, K: int, sms: int) -> tuple[int, int]:
+def _config_for(N: int, sms: int) -> tuple[int, int]:
     """(feature_tiles, cluster): no cluster (every CTA its whole K), and the fewest 16-feature tiles per CTA that
     keep the grid at most one CTA per SM (else the most tiles that divide N). The sweep of every tiling on the H200
     (benchmarks/decode_linear.py --sweep, inside a CUDA graph, twelfth session) picked exactly these at 1 and 16 rows
     for Mamba-130M's in_proj (2, 1: 2.3 us against the cluster-split (8, 4)'s 2.9), its out_proj (1, 1: 2.1 vs 3.0),
     a qkv (2, 1) and a gate_up (2, 1) projection. At 64 rows every tiling lost to cuBLAS (best 6.4-7.7 vs 3.6-4.4 us),
-    and zoo.layers.Linear takes the kernel only up to 8 rows. (M and K do not enter the rule; kept in the signature
-    for a rule that would.)"""
+    and zoo.layers.Linear takes the kernel only up to 8 rows."""
     legal = [t for t in FEATURE_TILES if N % (16 * t) == 0]
     for tiles in legal:
         if N // (16 * tiles) <= sms:
@@ -114,8 +113,8 @@ def _config_for(M: int, N: int, K: int, sms: int) -> tuple[int, int]:
     return legal[-1], 1
 
 
-def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int]:
-    return _config_for(M, N, K, sm_count(device))
+def _config(N: int, device: torch.device) -> tuple[int, int]:
+    return _config_for(N, sm_count(device))
 
 
 def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -138,7 +137,7 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x2 = x.reshape(-1, K)
     if not _rows_aligned(x2):
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    tiles, cluster = config or _forced_config() or _config(x2.shape[0], N, K, x.device)
+    tiles, cluster = config or _forced_config() or _config(N, x.device)
     pdl = os.environ.get("ZOO_PDL_LINEAR_PDL", "1") != "0"
     late = os.environ.get("ZOO_PDL_LINEAR_TRIGGER", "late") != "early"
     out = _module().linear(x2, weight, bias, tiles, cluster, pdl, late)
