@@ -150,7 +150,7 @@ def measure_pdl(x, w, b, ref, sweep: bool, t: dict) -> dict | None:
     err = rel_err(pdl_linear(x, w, b), ref)
     if err > 2e-2:
         raise RuntimeError(f"pdl_linear wrong at M={M} K={K} N={N}: relative error {err:.3g}")
-    config = best = _config(N, x.device)
+    config = best = _config(x.shape[0], N, x.shape[1], x.device)
     t["pdl"] = timed(lambda: pdl_linear(x, w, b))
     with env(ZOO_PDL_LINEAR_PDL="0"):
         t["pdl_nopdl"] = timed(lambda: pdl_linear(x, w, b))

@@ -86,3 +86,70 @@ def test_extension_builds():
 def test_unavailable_without_gpu_says_why():
     assert not conv_cuda.available()
     assert "no CUDA device" in conv_cuda.why_unavailable()
+
+
+def _cpu_conv(**changes):
+    """Valid CPU arguments of causal_conv1d_cuda (batch 2, D 4, L 8, W 4) with `changes`."""
+    t = dict(x=torch.zeros(2, 4, 8), weight=torch.zeros(4, 4), bias=torch.zeros(4),
+             seq_idx=torch.zeros(2, 8, dtype=torch.long), initial_state=torch.zeros(2, 4, 3))
+    t.update(changes)
+    return t
+
+
+CONV_BAD = {
+    "x_2d": (dict(x=torch.zeros(4, 8)), "x must be"),
+    "weight_3d": (dict(weight=torch.zeros(4, 3, 1)), "weight has shape"),
+    "weight_rows": (dict(weight=torch.zeros(5, 4)), "weight has shape"),
+    "empty": (dict(x=torch.zeros(2, 4, 0), seq_idx=None), "empty"),
+    "bias_shape": (dict(bias=torch.zeros(5)), "bias has shape"),
+    "seq_idx_shape": (dict(seq_idx=torch.zeros(2, 7, dtype=torch.long)), "seq_idx has shape"),
+    "initial_state_shape": (dict(initial_state=torch.zeros(2, 4, 2)), "initial_state has shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_BAD))
+def test_conv_refuses_what_the_extension_would_before_any_device(case):
+    """csrc/causal_conv1d_api.cpp's make_params checks, mirrored in Python (ValueError on CPU tensors, before the
+    device check and the extension); other widths and dtypes take the reference as before."""
+    changes, words = CONV_BAD[case]
+    with pytest.raises(ValueError, match=words):
+        conv_cuda.causal_conv1d_cuda(**_cpu_conv(**changes))
+
+
+def test_conv_takes_valid_arguments_up_to_the_device_check():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        conv_cuda.causal_conv1d_cuda(**_cpu_conv())
+    y = conv_cuda.causal_conv1d_cuda(**_cpu_conv(weight=torch.zeros(4, 5), initial_state=None))  # width 5: reference
+    assert y.shape == (2, 4, 8)
+
+
+UPDATE_BAD = {
+    "x_fp64": (dict(x=torch.zeros(2, 4, dtype=torch.float64)), "fp32, bf16 or fp16"),
+    "x_3d": (dict(x=torch.zeros(2, 4, 1)), "unit channel stride"),
+    "x_strided": (dict(x=torch.zeros(2, 8)[:, ::2]), "unit channel stride"),
+    "weight_1d": (dict(weight=torch.zeros(4)), "weight must be"),
+    "width_5": (dict(weight=torch.zeros(4, 5), conv_state=torch.zeros(2, 4, 4)), "weight must be"),
+    "weight_rows": (dict(weight=torch.zeros(5, 4)), "weight has shape"),
+    "bias_shape": (dict(bias=torch.zeros(5)), "bias has shape"),
+    "state_dtype": (dict(conv_state=torch.zeros(2, 4, 3, dtype=torch.bfloat16)), "conv_state must be"),
+    "state_strided": (dict(conv_state=torch.zeros(2, 4, 6)[..., ::2]), "conv_state must be contiguous"),
+    "state_shape": (dict(conv_state=torch.zeros(2, 4, 2)), "conv_state has shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(UPDATE_BAD))
+def test_update_refuses_what_the_extension_would_before_any_device(case):
+    """csrc/causal_conv1d_api.cpp's conv_update checks, mirrored in Python (ValueError on CPU tensors)."""
+    t = dict(conv_state=torch.zeros(2, 4, 3), x=torch.zeros(2, 4), weight=torch.zeros(4, 4), bias=torch.zeros(4))
+    changes, words = UPDATE_BAD[case]
+    t.update(changes)
+    with pytest.raises(ValueError, match=words):
+        conv_cuda.causal_conv1d_update_cuda(**t, activation="silu")
+
+
+def test_update_takes_valid_arguments_up_to_the_device_check():
+    """A column slice of a wider x (unit channel stride), bf16, fp64 weights (cast): past the checks, RuntimeError."""
+    for x, weight in ((torch.zeros(2, 4), torch.zeros(4, 4)), (torch.zeros(2, 8, dtype=torch.bfloat16)[:, 4:],
+                                                                torch.zeros(4, 4, dtype=torch.float64))):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            conv_cuda.causal_conv1d_update_cuda(torch.zeros(2, 4, 3), x, weight, torch.zeros(4), "silu")

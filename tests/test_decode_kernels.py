@@ -575,24 +575,25 @@ def test_zoo_linear_takes_the_kernel_only_for_one_row_and_k_at_least_n(monkeypat
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs an NVIDIA GPU with compute capability 9.0+")
-def test_zoo_linear_takes_the_pdl_kernel_up_to_eight_rows(monkeypatch):
+def test_zoo_linear_takes_the_pdl_kernel_up_to_pdl_max_rows(monkeypatch):
     """On Hopper, in a decode step (`zoo.layers.decoding()`), inference projections of at most PDL_MAX_ROWS rows in
-    bf16/fp16 take zoo_kernels.pdl_linear (it beat cuBLAS at one row in a graph-captured chain and lost at 64); more
-    rows, autograd, ZOO_DECODE_PDL=0 (the module's DECODE_PDL) and calls outside a decode step do not."""
+    bf16/fp16 take zoo_kernels.pdl_linear (it beat cuBLAS in graph-captured decode steps up to 32 rows and lost at
+    64); more rows, autograd, ZOO_DECODE_PDL=0 (the module's DECODE_PDL) and calls outside a decode step do not."""
     import zoo.layers as layers
 
     calls = []
     kernel, supported = layers._pdl_linear()
     monkeypatch.setattr(layers, "_pdl_linear", lambda: (lambda *a: calls.append(1) or kernel(*a), supported))
     lin = layers.Linear(256, 512, bias=True).to("cuda", torch.bfloat16)
-    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    most = layers.PDL_MAX_ROWS
+    x = torch.randn(most + 1, 256, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         lin(x[:1])  # not in a decode step: cuBLAS
         with layers.decoding():
-            for rows in (1, 8):
+            for rows in (1, most):
                 assert rel_err(lin(x[:rows]), torch.nn.functional.linear(x[:rows], lin.weight, lin.bias)) < 1e-2
             assert len(calls) == 2
-            lin(x)  # 16 rows: cuBLAS
+            lin(x)  # one row more: cuBLAS
             monkeypatch.setattr(layers, "DECODE_PDL", False)
             lin(x[:1])  # off: the skinny kernel's rule (K < N here: cuBLAS)
     monkeypatch.setattr(layers, "DECODE_PDL", True)

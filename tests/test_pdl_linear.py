@@ -13,6 +13,7 @@ kernel waits for the previous one.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from fnmatch import fnmatch
 from pathlib import Path
@@ -86,6 +87,18 @@ def test_shapes_it_does_not_take_raise_before_any_device(case):
         pl.pdl_linear(x, w, b)
 
 
+@pytest.mark.parametrize("config", ((3, 1), (1, 3), (2, 1), (4, 1)), ids=("tiles3", "cluster3", "N48t2", "N48t4"))
+def test_tilings_it_cannot_take_raise_before_the_extension(config, monkeypatch):
+    """Every argument is checked in Python: the extension's own checks are a backstop that, on the GPU machine's
+    image, crashed the process when their message formatted a number (thirteenth session)."""
+    x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(48, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="config"):
+        pl.pdl_linear(x, w, config=config)
+    monkeypatch.setenv("ZOO_PDL_LINEAR_CONFIG", ",".join(map(str, config)))
+    with pytest.raises(ValueError, match="(?i)config"):
+        pl.pdl_linear(x, w)
+
+
 def test_not_supported_off_cuda():
     w, b = _weights(64, 32, torch.bfloat16, "cpu")
     x = _x(4, 64, torch.bfloat16, "cpu")
@@ -101,7 +114,7 @@ def test_not_supported_off_cuda():
 def test_tiling_is_legal_and_fills_the_sms(sms):
     shapes = SHAPES + ((1536, 80), (768, 2304), (768, 4096), (768, 50272), (96, 32))
     for (K, N), M in ((s, m) for s in shapes for m in ROWS):
-        tiles, cluster = pl._config_for(N, sms)
+        tiles, cluster = pl._config_for(N, sms, K, M)
         assert tiles in pl.FEATURE_TILES and cluster in pl.CLUSTERS
         assert N % (16 * tiles) == 0 and cluster <= K // 32, (K, N, M, tiles, cluster)
         ctas = N // (16 * tiles) * cluster
@@ -112,6 +125,16 @@ def test_tiling_is_legal_and_fills_the_sms(sms):
     assert pl._config_for(3072, 132) == (2, 1)  # Mamba-130M in_proj: 96 CTAs of 32 features
     assert pl._config_for(768, 132) == (1, 1)  # out_proj: 48 CTAs of 16 features
     assert pl._config_for(4096, 132) == (2, 1)  # a SwiGLU gate_up: 128 CTAs
+    # past 16 rows a CTA's K range fits one chunk (its whole weight loaded before the wait) where a tiling allows it
+    assert pl._config_for(3072, 132, 768, 64) == (2, 1)  # in_proj: 24 blocks of K, 4 k groups of 6
+    assert pl._config_for(768, 132, 1536, 64) == (1, 2)  # out_proj: 48 blocks, a chunk of 24 at 8 k groups
+    assert pl._config_for(768, 132, 1536, 32) == (1, 1)  # at 32 rows a chunk takes 48
+    for (K, N), M in ((s, m) for s in shapes for m in (17, 32, 33, 64)):
+        tiles, cluster = pl._config_for(N, sms, K, M)
+        fits = [(t, c) for c in pl.CLUSTERS for t in pl.FEATURE_TILES if N % (16 * t) == 0
+                and N // (16 * t) * c <= sms and -(-K // 32 // c) <= pl._chunk_blocks(M, t)]
+        if fits:
+            assert (tiles, cluster) == fits[0] and -(-K // 32 // cluster) <= pl._chunk_blocks(M, tiles)
 
 
 def test_sources_ship_with_the_package():
@@ -184,6 +207,20 @@ def test_every_tiling(M, K, N):
         for cluster in pl.CLUSTERS:
             out = pl.pdl_linear(x, w, b, config=(tiles, cluster))
             assert_close(f"tiles={tiles} cluster={cluster}", out, ref, TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@needs_hopper
+def test_python_chunk_rule_mirrors_the_kernel():
+    """The tiling rule's _chunk_blocks mirrors the kernel's chunk: the shared memory the extension asks for is x's
+    chunk (rows x padded pitch) or the k groups' partial sums, whichever is larger."""
+    for M, K, tiles, cluster in itertools.product((1, 8, 9, 16, 17, 32, 33, 64), (64, 768, 1536, 2048, 4096),
+                                                  pl.FEATURE_TILES, pl.CLUSTERS):
+        rows = 8 * (1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8)
+        blocks = min(-(-K // 32 // cluster), pl._chunk_blocks(M, tiles))
+        pitch = 32 * blocks + (32 if blocks % 2 == 0 else 0)
+        expect = max(rows * pitch * 2, (8 // tiles) * rows * (16 * tiles + 4) * 4)
+        assert pl._module().smem_bytes(M, K, tiles, cluster) == expect, (M, K, tiles, cluster)
 
 
 @pytest.mark.cuda

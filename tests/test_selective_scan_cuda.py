@@ -373,3 +373,113 @@ def test_extension_builds():
 def test_unavailable_without_gpu_says_why():
     assert not ss_cuda.available()
     assert "no CUDA device" in ss_cuda.why_unavailable()
+
+
+def _cpu_scan(**changes):
+    """Valid CPU arguments of selective_scan_cuda (batch 2, D 4, L 8, N 4, seq_idx and h0) with `changes`."""
+    t = dict(u=torch.zeros(2, 4, 8), delta=torch.zeros(2, 4, 8), A=torch.zeros(4, 4), B=torch.zeros(2, 4, 8),
+             C=torch.zeros(2, 4, 8), D=torch.zeros(4), z=torch.zeros(2, 4, 8), delta_bias=torch.zeros(4),
+             initial_state=torch.zeros(2, 4, 4), seq_idx=torch.zeros(2, 8, dtype=torch.long))
+    t.update(changes)
+    return t
+
+
+SCAN_BAD = {
+    "u_2d": (dict(u=torch.zeros(4, 8)), "u must be"),
+    "B_2d": (dict(B=torch.zeros(2, 4)), "B and C must be"),
+    "C_5d": (dict(C=torch.zeros(2, 1, 1, 4, 8)), "B and C must be"),
+    "N_0": (dict(B=torch.zeros(2, 0, 8), C=torch.zeros(2, 0, 8), A=torch.zeros(4, 0)), "N = 0"),
+    "N_65_in_B": (dict(B=torch.zeros(2, 65, 8), C=torch.zeros(2, 65, 8)), "N = 65"),
+    "N_65_in_A": (dict(A=torch.zeros(4, 65)), "N = 65 > 64"),
+    "groups_3": (dict(B=torch.zeros(2, 3, 4, 8), C=torch.zeros(2, 3, 4, 8)), "not divisible"),
+    "empty": (dict(u=torch.zeros(2, 4, 0), delta=torch.zeros(2, 4, 0), B=torch.zeros(2, 4, 0),
+                   C=torch.zeros(2, 4, 0), z=None, seq_idx=None), "empty"),
+    "delta_shape": (dict(delta=torch.zeros(2, 4, 7)), "delta has shape"),
+    "A_shape": (dict(A=torch.zeros(3, 4)), "A has shape"),
+    "B_batch": (dict(B=torch.zeros(1, 4, 8)), "B has shape"),
+    "C_groups": (dict(C=torch.zeros(2, 2, 4, 8)), "C has shape"),
+    "D_shape": (dict(D=torch.zeros(5)), "D has shape"),
+    "z_shape": (dict(z=torch.zeros(2, 4, 7)), "z has shape"),
+    "delta_bias_shape": (dict(delta_bias=torch.zeros(4, 1)), "delta_bias has shape"),
+    "initial_state_shape": (dict(initial_state=torch.zeros(1, 4, 4)), "initial_state has shape"),
+    "seq_idx_shape": (dict(seq_idx=torch.zeros(8, dtype=torch.long)), "seq_idx has shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(SCAN_BAD))
+def test_scan_refuses_what_the_extension_would_before_any_device(case):
+    """Every check of csrc/selective_scan_api.cpp's make_params that bad arguments can reach is mirrored in Python
+    (ValueError on CPU tensors, before the device check and the extension), also on the split path."""
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")
+    changes, words = SCAN_BAD[case]
+    t = _cpu_scan(**changes)
+    with pytest.raises(ValueError, match=words):
+        ss_cuda.selective_scan_cuda(**t)
+    if case not in ("u_2d", "empty", "initial_state_shape"):  # (the split's own checks / states come first)
+        with pytest.raises(ValueError, match=words):
+            ss.selective_scan(**t, backend="cuda", seq_split=2)
+
+
+def test_scan_takes_valid_arguments_up_to_the_device_check():
+    """Valid CPU arguments ([batch, N, L] or grouped B and C) pass the checks and stop at the device (RuntimeError);
+    u's dtype stays a TypeError."""
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")
+    for bc in (torch.zeros(2, 4, 8), torch.zeros(2, 2, 4, 8)):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            ss_cuda.selective_scan_cuda(**_cpu_scan(B=bc, C=bc))
+        with pytest.raises(RuntimeError, match="CUDA"):
+            ss.selective_scan(**_cpu_scan(B=bc, C=bc, initial_state=None), backend="cuda", seq_split=2)
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        ss_cuda.selective_scan_cuda(**_cpu_scan(u=torch.zeros(2, 4, 8, dtype=torch.float64)))
+
+
+def _cpu_update(**changes):
+    """Valid CPU arguments of selective_state_update_cuda (batch 2, D 4, N 4) with `changes`."""
+    t = dict(state=torch.zeros(2, 4, 4), x=torch.zeros(2, 4), dt=torch.zeros(2, 4), A=torch.zeros(4, 4),
+             B=torch.zeros(2, 4), C=torch.zeros(2, 4), D=torch.zeros(4), z=torch.zeros(2, 4), dt_bias=torch.zeros(4))
+    t.update(changes)
+    return t
+
+
+UPDATE_BAD = {
+    "x_1d": (dict(x=torch.zeros(4)), "x must be"),
+    "B_4d": (dict(B=torch.zeros(2, 1, 1, 4)), "B and C must be"),
+    "B_C_shapes": (dict(C=torch.zeros(2, 1, 5)), "one shape"),
+    "groups_3": (dict(B=torch.zeros(2, 3, 4), C=torch.zeros(2, 3, 4)), "not divisible"),
+    "groups_0": (dict(B=torch.zeros(2, 0, 4), C=torch.zeros(2, 0, 4)), "G = 0"),
+    "state_shape": (dict(state=torch.zeros(2, 4, 5)), "state has shape"),
+    "A_shape": (dict(A=torch.zeros(4, 5)), "A has shape"),
+    "dt_shape": (dict(dt=torch.zeros(2, 3)), "dt has shape"),
+    "dt_low_rank_1d": (dict(dt=torch.zeros(2), dt_weight=torch.zeros(4, 2)), "dt must be"),
+    "dt_weight_shape": (dict(dt=torch.zeros(2, 2), dt_weight=torch.zeros(4, 3)), "dt_weight has shape"),
+    "z_shape": (dict(z=torch.zeros(2, 5)), "z has shape"),
+    "D_shape": (dict(D=torch.zeros(5)), "D has shape"),
+    "dt_bias_shape": (dict(dt_bias=torch.zeros(3)), "dt_bias has shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(UPDATE_BAD))
+def test_state_update_refuses_what_the_extension_would_before_any_device(case):
+    """csrc/selective_scan_api.cpp's state_update checks, mirrored in Python (ValueError on CPU tensors), also
+    through selective_state_update(backend="cuda")."""
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")
+    changes, words = UPDATE_BAD[case]
+    with pytest.raises(ValueError, match=words):
+        ss_cuda.selective_state_update_cuda(**_cpu_update(**changes))
+    with pytest.raises(ValueError, match=words):
+        ss.selective_state_update(**_cpu_update(**changes), backend="cuda")
+
+
+def test_state_update_takes_valid_arguments_up_to_the_device_check():
+    """Grouped or not, with dt_weight or not, a strided x or an fp64 one (cast): past the checks, RuntimeError."""
+    for changes in ({}, dict(B=torch.zeros(2, 2, 4), C=torch.zeros(2, 2, 4)),
+                    dict(dt=torch.zeros(2, 3), dt_weight=torch.zeros(4, 3)), dict(x=torch.zeros(2, 8)[:, ::2]),
+                    dict(x=torch.zeros(2, 4, dtype=torch.float64))):
+        with pytest.raises(RuntimeError, match="CUDA"):
+            ss_cuda.selective_state_update_cuda(**_cpu_update(**changes))

@@ -34,6 +34,7 @@ works on any Hugging Face causal LM (zoo models, transformers' Llama and Mamba):
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,25 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from zoo.cache import KVCacheFull, RecurrentLayer, StaticKVLayer, ZooCache
-from zoo.layers import decoding
+from zoo.layers import decoding, optional_kernel
+
+# ZOO_DECODE_ARGMAX=0 keeps torch.argmax for the greedy token on CUDA (benchmarks compare the two)
+ARGMAX_KERNEL = os.environ.get("ZOO_DECODE_ARGMAX", "1") != "0"
+
+
+def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The greedy next tokens [B, 1] (int64) of logits [B, T, V] (the last position's), written into `out` [B, 1]
+    when given (a graph's fixed token buffer). On CUDA one Triton kernel (zoo_kernels.argmax: torch.argmax's
+    choice, the first index among ties, written in place), else torch.argmax."""
+    last = logits[:, -1]
+    kernel = optional_kernel("argmax", "argmax_rows") if ARGMAX_KERNEL and last.is_cuda else None
+    if kernel is None:
+        ids = last.argmax(-1, keepdim=True)
+        return ids if out is None else out.copy_(ids)
+    if out is None:
+        return kernel(last).unsqueeze(1)
+    kernel(last, out[:, 0])
+    return out
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -91,7 +110,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = 
     for start in range(0, input_ids.shape[1], step):
         out = model(input_ids=input_ids[:, start:start + step], use_cache=True, **{arg: cache}, **keep)
         cache, logits = getattr(out, arg), out.logits[:, -1:]
-    return DecodeState(cache, logits.argmax(-1), arg)
+    return DecodeState(cache, greedy(logits), arg)
 
 
 def graphable(cache: Any) -> bool:
@@ -142,7 +161,7 @@ class EagerDecoder:
         with decoding():
             out = self.model(input_ids=s.next_ids, use_cache=True, **{s.cache_argument: s.cache})
         s.cache = getattr(out, s.cache_argument)
-        s.next_ids = out.logits[:, -1:].argmax(-1)
+        s.next_ids = greedy(out.logits)
         return s.next_ids
 
     @torch.no_grad()
@@ -208,7 +227,7 @@ class StaticDecoder(EagerDecoder):
                              use_cache=True)
         for dst, src in zip(self.states, (t for layer in self.recurrent for t in layer.tensors())):
             dst.copy_(src)
-        self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        greedy(out.logits, out=self.ids)
         self.pos.add_(1)
 
     def room(self) -> int | None:

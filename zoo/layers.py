@@ -193,7 +193,7 @@ def _pdl_linear():
 # decode step's kernels off programmatic dependent launch (zoo_kernels.pdl_linear, add_norm)
 DECODE_LINEAR = os.environ.get("ZOO_DECODE_LINEAR", "1") != "0"
 DECODE_PDL = os.environ.get("ZOO_DECODE_PDL", "1") != "0"
-PDL_MAX_ROWS = 8
+PDL_MAX_ROWS = int(os.environ.get("ZOO_PDL_MAX_ROWS", "32"))  # the env override is for benchmarks
 _DECODING = 0  # > 0 inside `decoding()`
 
 
@@ -214,12 +214,13 @@ def decoding():
 class Linear(nn.Linear):
     """nn.Linear whose inference forward on CUDA sends a decode step's few rows through kernels of ours.
 
-    - In a decode step (`decoding()`) on Hopper and newer, up to PDL_MAX_ROWS = 8 rows in fp16/bf16 (K % 32,
+    - In a decode step (`decoding()`) on Hopper and newer, up to PDL_MAX_ROWS = 32 rows in fp16/bf16 (K % 32,
       N % 16): zoo_kernels.pdl_linear, launched as a programmatic dependent of the kernel before it, so that its
       weight loads overlap that kernel.
-      In a CUDA graph on the H200 (benchmarks/decode_linear.py --chain) it took 3.5 us per projection at one row
-      against cuBLAS's 5.4; at 16 rows the same as cuBLAS, at 64 rows twice as long (9.0 vs 5.0 us), so more rows
-      stay on cuBLAS (benchmarks/RESULTS.md, twelfth session).
+      In CUDA-graph chains of projections on the H200 (benchmarks/decode_linear.py --chain) it took 2.8 us per
+      projection at 16 rows against cuBLAS's 4.8, and 6.5 against 5.0 at 64; whole decode steps
+      (benchmarks/generate.py) were faster with it up to 32 rows and no faster at 64, so more rows stay on cuBLAS
+      (benchmarks/RESULTS.md, thirteenth session).
     - Elsewhere, one row with K >= N: zoo_kernels.skinny_linear (Triton); there, inside a CUDA graph on the H200, it
       beat cuBLAS (Mamba-130M's out_proj 4.3 vs 5.7 us, a SwiGLU down_proj 5.1 vs 7.2 us; seventh session).
     cuBLAS keeps every other case: training, prefill, CPU, fp32, autocast, torch.compile. PEFT wraps it as it wraps

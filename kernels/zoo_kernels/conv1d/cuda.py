@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from zoo_kernels._checks import device_problem, first_problem, raise_if, require_cuda, shape_problem, tensor_problem
 from zoo_kernels.conv1d.ref import causal_conv1d_ref
 from zoo_kernels.selective_scan.cuda import JitExtension
 
@@ -91,12 +92,16 @@ def causal_conv1d_cuda(x, weight, bias=None, seq_idx=None, initial_state=None, a
 
     x: [batch, D, L] fp32/bf16/fp16; weight: [D, W] with W in 2..4 on the kernel (else the reference);
     bias: [D]; seq_idx: [batch, L] int; initial_state: [batch, D, W-1]; activation None, "silu", "swish".
+    Raises ValueError for shapes the kernel does not take (`_problem`), RuntimeError off CUDA or where the extension
+    is unavailable.
     """
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
     width = weight.shape[1]
     if width not in WIDTHS or x.dtype not in _DTYPES:
         return causal_conv1d_ref(x, weight, bias, seq_idx, initial_state, activation, return_final_state)
+    raise_if("causal_conv1d", _problem(x, weight, bias, seq_idx, initial_state))
+    require_cuda("causal_conv1d", x, "causal_conv1d_ref")
     y = _CausalConv1dFn.apply(x, weight, bias, seq_idx, initial_state, activation is not None)
     if not return_final_state:
         return y
@@ -113,10 +118,47 @@ def update_supported(conv_state, x, weight) -> bool:
 def causal_conv1d_update_cuda(conv_state, x, weight, bias=None, activation=None):
     """One decoding step in one kernel; shifts x [batch, D] into conv_state [batch, D, W-1] (fp32, contiguous)
     in place and returns y [batch, D] in x's dtype. weight [D, W] and bias [D] are read as fp32 (pass fp32
-    tensors to avoid a conversion per call)."""
+    tensors to avoid a conversion per call). Raises ValueError for arguments the kernel does not take
+    (`_update_problem`), RuntimeError off CUDA or where the extension is unavailable."""
     if activation not in (None, "silu"):
         raise ValueError(f"causal_conv1d_update: activation must be None or 'silu', got {activation!r}")
+    raise_if("causal_conv1d_update", _update_problem(conv_state, x, weight, bias))
+    require_cuda("causal_conv1d_update", x, "causal_conv1d_update_ref")
     return _module().update(conv_state, x, _f32(weight), _f32(bias), activation == "silu")
+
+
+def _problem(x, weight, bias, seq_idx, initial_state) -> str | None:
+    """Why csrc/causal_conv1d_api.cpp's make_params would refuse these inputs of the kernel path (W in 2..4 and
+    x's dtype: causal_conv1d_cuda's gate; dtypes and contiguity: _CausalConv1dFn's casts): their shapes and
+    devices; None: it takes them. Reads no device."""
+    if x.dim() != 3:
+        return f"x must be [batch, D, L], got {tuple(x.shape)}"
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    if length < 1:
+        return "empty sequence"
+    problem = first_problem(
+        shape_problem(weight, "weight", (dim, width)), shape_problem(bias, "bias", (dim,)),
+        shape_problem(seq_idx, "seq_idx", (batch, length)),
+        shape_problem(initial_state, "initial_state", (batch, dim, width - 1)))
+    return problem or device_problem("x", x, weight=weight, bias=bias, seq_idx=seq_idx, initial_state=initial_state)
+
+
+def _update_problem(conv_state, x, weight, bias) -> str | None:
+    """Why csrc/causal_conv1d_api.cpp's conv_update would refuse these inputs (weight and bias are cast to
+    contiguous fp32 here); None: it takes them. Reads no device."""
+    if x.dtype not in _DTYPES:
+        return f"x must be fp32, bf16 or fp16, got {x.dtype}"
+    if x.dim() != 2 or x.stride(1) != 1:
+        return f"x must be [batch, D] with unit channel stride, got {tuple(x.shape)} strides {x.stride()}"
+    if weight.dim() != 2 or weight.shape[1] not in WIDTHS:
+        return f"weight must be [D, W] with W in {WIDTHS}, got {tuple(weight.shape)}"
+    batch, dim = x.shape
+    width = weight.shape[1]
+    problem = first_problem(
+        shape_problem(weight, "weight", (dim, width)), shape_problem(bias, "bias", (dim,)),
+        tensor_problem(conv_state, "conv_state", torch.float32, (batch, dim, width - 1)))
+    return problem or device_problem("x", x, weight=weight, bias=bias, conv_state=conv_state)
 
 
 __all__ = ["available", "why_unavailable", "causal_conv1d_cuda", "causal_conv1d_update_cuda", "update_supported",

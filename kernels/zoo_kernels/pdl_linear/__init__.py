@@ -64,6 +64,8 @@ def _problem(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
         return f"K = {K} must be a positive multiple of 32"
     if N == 0 or N % 16:
         return f"N = {N} must be a positive multiple of 16"
+    if N * K >= 2**31:
+        return f"the weight [{N}, {K}] has 2^31 elements or more"
     rows = x.numel() // K
     if rows > MAX_ROWS:
         return f"{rows} rows; at most {MAX_ROWS} (use F.linear)"
@@ -98,23 +100,47 @@ def supported(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _rows_aligned(x2) and available()
 
 
+# The kernel's per-chunk sizes (csrc/pdl_linear.cu: blocks_per_warp, n_tiles), mirrored here for the tiling rule
+# (tests/test_pdl_linear.py checks the mirror against the extension's smem_bytes on the GPU)
+_MAX_WEIGHT_BLOCKS, _FRAGMENT_REGS, _X_SMEM_BYTES, _WARPS, _BLOCK_K = 8, 80, 100 * 1024, 8, 32
+
+
+def _chunk_blocks(M: int, feature_tiles: int) -> int:
+    """32-wide k blocks of one chunk (x in shared memory, W in registers) for M rows: a CTA whose K range is longer
+    loads its later chunks' weights after the wait."""
+    rows = 8 * (1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8)
+    kgroups = _WARPS // feature_tiles
+    per_warp = min(_MAX_WEIGHT_BLOCKS, (_FRAGMENT_REGS - rows // 2) // 8,
+                   _X_SMEM_BYTES // (rows * kgroups * _BLOCK_K * 2))
+    return kgroups * per_warp
+
+
 @functools.lru_cache(maxsize=1024)
-def _config_for(N: int, sms: int) -> tuple[int, int]:
-    """(feature_tiles, cluster): no cluster (every CTA its whole K), and the fewest 16-feature tiles per CTA that
-    keep the grid at most one CTA per SM (else the most tiles that divide N). The sweep of every tiling on the H200
+def _config_for(N: int, sms: int, K: int | None = None, M: int = 1) -> tuple[int, int]:
+    """(feature_tiles, cluster).
+
+    Up to 16 rows: no cluster (every CTA its whole K), and the fewest 16-feature tiles per CTA that keep the grid at
+    most one CTA per SM (else the most tiles that divide N). The sweep of every tiling on the H200
     (benchmarks/decode_linear.py --sweep, inside a CUDA graph, twelfth session) picked exactly these at 1 and 16 rows
     for Mamba-130M's in_proj (2, 1: 2.3 us against the cluster-split (8, 4)'s 2.9), its out_proj (1, 1: 2.1 vs 3.0),
-    a qkv (2, 1) and a gate_up (2, 1) projection. At 64 rows every tiling lost to cuBLAS (best 6.4-7.7 vs 3.6-4.4 us),
-    and zoo.layers.Linear takes the kernel only up to 8 rows."""
+    a qkv (2, 1) and a gate_up (2, 1) projection.
+    More rows: the same, but a CTA's K range must fit one chunk (all its weight loaded before the wait); where no
+    cluster-free tiling does, the fewest CTAs of a cluster split of K that does (out_proj 1536 -> 768: (1, 2))."""
     legal = [t for t in FEATURE_TILES if N % (16 * t) == 0]
+    if K is not None and M > 16:
+        for cluster in CLUSTERS:
+            for tiles in legal:
+                range_blocks = -(-K // _BLOCK_K // cluster)
+                if N // (16 * tiles) * cluster <= sms and range_blocks <= _chunk_blocks(M, tiles):
+                    return tiles, cluster
     for tiles in legal:
         if N // (16 * tiles) <= sms:
             return tiles, 1
     return legal[-1], 1
 
 
-def _config(N: int, device: torch.device) -> tuple[int, int]:
-    return _config_for(N, sm_count(device))
+def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int]:
+    return _config_for(N, sm_count(device), K, M)
 
 
 def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -128,7 +154,8 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     (benchmarks/decode_linear.py sweeps it).
     Raises ValueError for shapes the kernel does not take, RuntimeError off CUDA or where the kernel is unavailable.
     """
-    problem = _problem(x, weight, bias)
+    config = config or _forced_config()
+    problem = _problem(x, weight, bias) or (config and _config_problem(weight.shape[0], weight.shape[1], config))
     if problem is not None:
         raise ValueError(f"pdl_linear: {problem}")
     if not x.is_cuda:
@@ -137,11 +164,24 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     x2 = x.reshape(-1, K)
     if not _rows_aligned(x2):
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    tiles, cluster = config or _forced_config() or _config(N, x.device)
+    tiles, cluster = config or _config(x2.shape[0], N, K, x.device)
     pdl = os.environ.get("ZOO_PDL_LINEAR_PDL", "1") != "0"
     late = os.environ.get("ZOO_PDL_LINEAR_TRIGGER", "late") != "early"
     out = _module().linear(x2, weight, bias, tiles, cluster, pdl, late)
     return out.view(*x.shape[:-1], N)
+
+
+def _config_problem(N: int, K: int, config: tuple[int, int]) -> str | None:
+    """Why the kernel cannot take this tiling (None: it can). Checked here, before the extension sees it: its own
+    checks (TORCH_CHECK) are a backstop, and on the GPU machine's image a refusal raised there whose message formats
+    a number crashed the process (a segfault in libstdc++'s stream code compiled into the extension; thirteenth
+    session, benchmarks/NOTES_selective_scan.md)."""
+    tiles, cluster = config
+    if tiles not in FEATURE_TILES or cluster not in CLUSTERS:
+        return f"config {config}: feature tiles in {FEATURE_TILES}, cluster in {CLUSTERS}"
+    if N % (16 * tiles) or N // (16 * tiles) > 65535:
+        return f"config {config}: N = {N} must be a multiple of {16 * tiles} with at most 65535 tiles"
+    return None
 
 
 def _forced_config() -> tuple[int, int] | None:

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
+from zoo_kernels._checks import device_problem, first_problem, raise_if, require_cuda, shape_problem
+
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (
     "selective_scan_api.cpp",
@@ -142,10 +144,6 @@ class _SelectiveScanFn(torch.autograd.Function):
                 return_final_state):
         ext = _module()
         dtype = u.dtype
-        if dtype not in _DTYPES:
-            raise TypeError(f"selective_scan_cuda: u must be fp32, bf16 or fp16, got {dtype}")
-        if A.shape[1] > MAX_STATE:
-            raise ValueError(f"selective_scan_cuda: N = {A.shape[1]} > {MAX_STATE}; use backend='ref'")
         u_ = u.contiguous()
         delta_ = delta.to(dtype).contiguous()
         B_ = (B if B.dim() == 4 else B.unsqueeze(1)).to(dtype).contiguous()  # (batch, G, N, L)
@@ -200,7 +198,10 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     N <= 64; B, C: [batch, N, L] or [batch, G, N, L]; D, delta_bias: [D]; initial_state: [batch, D, N];
     seq_idx: [batch, L] int. Returns out [batch, D, L] in u's dtype, and with return_final_state the
     final state [batch, D, N] fp32. Differentiable in every tensor input, the final state included.
+    Raises TypeError for u's dtype, ValueError for other arguments the kernel does not take (`check_scan`),
+    RuntimeError off CUDA or where the extension is unavailable.
     """
+    check_scan(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx)
     return _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                                   delta_softplus, return_final_state)
 
@@ -212,7 +213,11 @@ def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=N
     x, dt, z: [batch, D]; B, C: [batch, N] or [batch, G, N]; A: [D, N]; D, dt_bias: [D]. dt_weight [D, R]: dt is
     then [batch, R] (a batch stride is taken as it is) and the kernel uses dt @ dt_weight.T (fp32 sums) before
     dt_bias and softplus. The weight is read in x's dtype (cast here if it is not: keep it so across calls).
+    Raises ValueError for shapes the kernel does not take (`_update_problem`), RuntimeError off CUDA or where the
+    extension is unavailable.
     """
+    raise_if("selective_state_update_cuda", _update_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_weight))
+    require_cuda("selective_state_update_cuda", x, "selective_state_update_ref")
     ext = _module()
     dtype = x.dtype if x.dtype in _DTYPES else torch.float32
 
@@ -234,4 +239,76 @@ def selective_state_update_cuda(state, x, dt, A, B, C, D=None, z=None, dt_bias=N
     return y.to(x.dtype)
 
 
-__all__ = ["available", "why_unavailable", "selective_scan_cuda", "selective_state_update_cuda", "cache_dir"]
+def _bc4(t: torch.Tensor) -> tuple[int, ...]:
+    """B's or C's shape as the kernel sees it: [batch, G, N, L] (a [batch, N, L] one gets G = 1)."""
+    return tuple(t.shape) if t.dim() == 4 else (t.shape[0], 1, *t.shape[1:])
+
+
+def _scan_problem(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, seq_idx=None) -> str | None:
+    """Why csrc/selective_scan_api.cpp's make_params (nseg = 1) would refuse these inputs once _SelectiveScanFn has
+    cast and laid them out (it makes the dtypes and contiguity; u's dtype is check_scan's): their shapes and
+    devices; None: it takes them. Reads no device."""
+    if u.dim() != 3:
+        return f"u must be [batch, D, L], got {tuple(u.shape)}"
+    if B.dim() not in (3, 4) or C.dim() not in (3, 4):
+        return f"B and C must be [batch, N, L] or [batch, G, N, L], got {tuple(B.shape)} and {tuple(C.shape)}"
+    batch, dim, length = u.shape
+    _, groups, nstate, _ = _bc4(B)
+    if not 1 <= nstate <= MAX_STATE:
+        return f"N = {nstate} must be in 1..{MAX_STATE} (use backend='ref')"
+    if groups < 1 or dim % groups:
+        return f"D = {dim} is not divisible by G = {groups}"
+    if length < 1:
+        return "empty sequence"
+    bc = (batch, groups, nstate, length)
+    problem = first_problem(
+        shape_problem(delta, "delta", (batch, dim, length)), shape_problem(A, "A", (dim, nstate)),
+        None if _bc4(B) == bc else f"B has shape {tuple(B.shape)}, expected {bc} or {bc[:1] + bc[2:]} with G = 1",
+        None if _bc4(C) == bc else f"C has shape {tuple(C.shape)}, expected B's {tuple(B.shape)}",
+        shape_problem(D, "D", (dim,)), shape_problem(z, "z", (batch, dim, length)),
+        shape_problem(delta_bias, "delta_bias", (dim,)),
+        shape_problem(initial_state, "initial_state", (batch, dim, nstate)),
+        shape_problem(seq_idx, "seq_idx", (batch, length)))
+    return problem or device_problem("u", u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                                     initial_state=initial_state, seq_idx=seq_idx)
+
+
+def check_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, seq_idx=None) -> None:
+    """Raises where the kernel would refuse these inputs of selective_scan_cuda (or of the split scan, which passes
+    initial_state=None: it makes the segments' own): TypeError for u's dtype, ValueError for N > 64 and every
+    other check of the extension (`_scan_problem`), RuntimeError off CUDA."""
+    if u.dtype not in _DTYPES:
+        raise TypeError(f"selective_scan_cuda: u must be fp32, bf16 or fp16, got {u.dtype}")
+    if A.dim() == 2 and A.shape[1] > MAX_STATE:
+        raise ValueError(f"selective_scan_cuda: N = {A.shape[1]} > {MAX_STATE}; use backend='ref'")
+    raise_if("selective_scan_cuda", _scan_problem(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx))
+    require_cuda("selective_scan_cuda", u, "selective_scan_ref")
+
+
+def _update_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_weight=None) -> str | None:
+    """Why csrc/selective_scan_api.cpp's state_update would refuse these inputs once selective_state_update_cuda
+    has cast and laid them out (it makes the dtypes and strides): their shapes and devices; None: it takes them.
+    The devices of dt, B, C and z are not checked: the extension does not check them either."""
+    if x.dim() != 2:
+        return f"x must be [batch, D], got {tuple(x.shape)}"
+    if B.dim() not in (2, 3) or C.dim() not in (2, 3):
+        return f"B and C must be [batch, N] or [batch, G, N], got {tuple(B.shape)} and {tuple(C.shape)}"
+    batch, dim = x.shape
+    B3, C3 = ((t.shape[0], 1, t.shape[1]) if t.dim() == 2 else tuple(t.shape) for t in (B, C))
+    if B3 != C3:
+        return f"B and C must have one shape, got {tuple(B.shape)} and {tuple(C.shape)}"
+    groups, nstate = B3[1], B3[2]
+    if groups < 1 or dim % groups:  # (G = 0: the extension would divide by zero)
+        return f"D = {dim} is not divisible by G = {groups}"
+    if dt_weight is not None and (dt.dim() != 2 or dt.shape[0] != batch):
+        return f"with dt_weight, dt must be [{batch}, R], got {tuple(dt.shape)}"
+    problem = first_problem(
+        shape_problem(state, "state", (batch, dim, nstate)), shape_problem(A, "A", (dim, nstate)),
+        shape_problem(dt_weight, "dt_weight", (dim, dt.shape[-1])) if dt_weight is not None
+        else shape_problem(dt, "dt", (batch, dim)),
+        shape_problem(z, "z", (batch, dim)), shape_problem(D, "D", (dim,)), shape_problem(dt_bias, "dt_bias", (dim,)))
+    return problem or device_problem("x", x, state=state, A=A, D=D, dt_bias=dt_bias, dt_weight=dt_weight)
+
+
+__all__ = ["available", "why_unavailable", "selective_scan_cuda", "selective_state_update_cuda", "cache_dir",
+           "check_scan"]

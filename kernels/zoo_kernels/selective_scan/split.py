@@ -210,12 +210,9 @@ class _Cuda:
 
     @staticmethod
     def prepare(u, A, D, delta_bias):
-        from zoo_kernels.selective_scan.cuda import _DTYPES, MAX_STATE, _f32
+        """(u's dtype, A, D, delta_bias in fp32); split_scan has checked the inputs (cuda.check_scan)."""
+        from zoo_kernels.selective_scan.cuda import _f32
 
-        if u.dtype not in _DTYPES:
-            raise TypeError(f"selective_scan_cuda: u must be fp32, bf16 or fp16, got {u.dtype}")
-        if A.shape[1] > MAX_STATE:
-            raise ValueError(f"selective_scan_cuda: N = {A.shape[1]} > {MAX_STATE}; use backend='ref'")
         return u.dtype, _f32(A), _f32(D), _f32(delta_bias)
 
     @staticmethod
@@ -387,7 +384,12 @@ class _SplitScanFn(torch.autograd.Function):
 def split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, seq_idx,
                return_final_state):
     """selective_scan over rows cut into n_seg segments (module docstring); backend 'cuda' or 'ref'. Same
-    arguments and results as selective_scan; seq_idx [batch, L] int or None."""
+    arguments and results as selective_scan; seq_idx [batch, L] int or None. On 'cuda' the inputs are checked first
+    as the unsplit kernel's (cuda.check_scan; the segments' entering states are made here, so not initial_state)."""
+    if backend == "cuda":
+        from zoo_kernels.selective_scan.cuda import check_scan
+
+        check_scan(u, delta, A, B, C, D, z, delta_bias, None, seq_idx)
     impl = _Cuda if backend == "cuda" else _Ref
     return _SplitScanFn.apply(impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                               delta_softplus, return_final_state)

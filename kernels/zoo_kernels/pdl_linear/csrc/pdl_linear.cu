@@ -23,13 +23,16 @@
 //
 // Measured on the H200 (benchmarks/decode_linear.py --sweep, in a CUDA graph): at 1 and 16 rows the fastest tiling had
 // no cluster and the fewest features per CTA that keep one CTA per SM (the host's rule now, pdl_linear._config):
-// Mamba-130M's in_proj 2.3 us and out_proj 2.1 us at one row against cuBLAS's 3.4 and 5.8. At 64 rows every tiling
-// took 6.4-7.7 us against cuBLAS's 3.6-4.4: the 64-row path is slow for reasons not yet found (not profiled), so
-// zoo.layers.Linear uses the kernel up to 8 rows only.
+// Mamba-130M's in_proj 2.3 us and out_proj 2.1 us at one row against cuBLAS's 3.4 and 5.8. Past 16 rows the rule asks
+// for a tiling whose K range fits one chunk (thirteenth session). At 16 rows in_proj 2.7 us against cuBLAS's 3.4, at
+// 64 rows 6.1 against 3.6 (Nsight Compute had found each n-tile's mma's serialized behind a per-tile branch, since
+// removed: 8.6 us before); at 64 rows every CTA still reads all of x from L2. zoo.layers.Linear takes the kernel up
+// to 32 rows.
 //
 // Per CTA: launch_dependents (unless trigger_late); the warp's W fragments of its first chunk into registers (at most
-// 64 registers: 8 per block, kBlocks blocks); griddepcontrol.wait; then per chunk x [rows, chunk] into shared memory,
-// and the mma's (a K range longer than a chunk loops, its later chunks' W loaded after the wait: correct, slower).
+// 64 registers: 8 per block, kBlocks blocks); griddepcontrol.wait; then per chunk x [rows, chunk] into shared memory
+// (all 8 * kTiles rows, zeros from M on), and the mma's of every n-tile (a K range longer than a chunk loops, its
+// later chunks' W loaded after the wait: correct, slower).
 // The warps' partial [16, 8 * kTiles] tiles are summed over the k groups in shared memory (fp32), then across the
 // cluster through distributed shared memory, the bias added, and each CTA of the cluster stores a share of the
 // [M, 16 * kFeatureTiles] output tile as 16-byte rows segments. Rows >= M of x are zeros in shared memory and never
@@ -59,7 +62,7 @@ namespace cg = cooperative_groups;
 namespace zoo_pl {
 namespace {
 
-constexpr int kXSmemBytes = 64 * 1024;  // x's chunk in shared memory, at most (+ one 64-byte pad per row)
+constexpr int kXSmemBytes = 100 * 1024;  // x's chunk in shared memory, at most (+ one 64-byte pad per row)
 constexpr int kMaxWeightBlocks = 8;     // blocks of W a thread holds: 8 registers each
 // Registers of a thread's W fragments (8 per block) and accumulators (rows / 2) together, at most: within the 128 of
 // __launch_bounds__(256, 2) without spills (at 64 rows: 6 blocks, 48 + 32 registers; 7 blocks just fit, 8 spilled)
@@ -161,6 +164,26 @@ __device__ __forceinline__ void load_weights(uint4 (&lo)[kBlocks], uint4 (&hi)[k
   }
 }
 
+// One 32-wide k block of a warp's feature tile against every n-tile, four n-tiles at a time: their B fragments first
+// (row 8j + g, k 8c..8c+7 of the block: one 16-byte shared-memory load each), then the two k-steps' mma's over
+// independent accumulators, so that no mma waits on the one before (four at a time: eight fragments at once cost
+// 64 rows' instantiations their last registers).
+template <typename T, int kTiles>
+__device__ __forceinline__ void mma_block(float (&acc)[kTiles][4], const uint4& lo, const uint4& hi, const T* xb,
+                                          int pitch) {
+  constexpr int kGroup = kTiles < 4 ? kTiles : 4;
+#pragma unroll
+  for (int j0 = 0; j0 < kTiles; j0 += kGroup) {
+    uint4 v[kGroup];
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) v[j] = *reinterpret_cast<const uint4*>(xb + (j0 + j) * 8 * pitch);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) Mma<T>::run(acc[j0 + j], lo.x, hi.x, lo.y, hi.y, v[j].x, v[j].y);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) Mma<T>::run(acc[j0 + j], lo.z, hi.z, lo.w, hi.w, v[j].z, v[j].w);
+  }
+}
+
 template <typename T, int kTiles, int kFeatureTiles>
 __global__ void __launch_bounds__(kThreads, 2) pdl_linear_kernel(const LinearParams p) {
   constexpr int kKGroups = kWarps / kFeatureTiles;
@@ -192,11 +215,10 @@ __global__ void __launch_bounds__(kThreads, 2) pdl_linear_kernel(const LinearPar
   grid_dependency_wait();  // x is the previous kernel's output
   if (p.trigger_late) launch_dependents();
 
-  const int used_tiles = (p.M + 7) / 8;  // n-tiles holding a row of x
   float acc[kTiles][4];
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
-  T* xs = reinterpret_cast<T*>(smem_raw);  // [8 * used_tiles][x_pitch]: x's rows, columns of the chunk
+  T* xs = reinterpret_cast<T*>(smem_raw);  // [kRows][x_pitch]: x's rows (zeros from row M on), the chunk's columns
   const T* x = static_cast<const T*>(p.x);
   const int pitch = p.x_pitch;
   for (int cb = cb0; cb < cb1; cb += kChunk) {
@@ -205,32 +227,36 @@ __global__ void __launch_bounds__(kThreads, 2) pdl_linear_kernel(const LinearPar
       __syncthreads();  // every warp is done with the last chunk's x
       load_weights<kBlocks, kKGroups>(a_lo, a_hi, w_lo, w_hi, kg, cb, ce);
     }
-    const int pieces = (ce - cb) * (kBlockK / 8);  // 16-byte pieces per row
-    const int rows = 8 * used_tiles;
-    for (int i = threadIdx.x; i < rows * pieces; i += kThreads) {
-      const int r = i / pieces, q = i - r * pieces;
-      T* dst = xs + r * pitch + 8 * q;
-      if (r < p.M)
-        cp_async16(dst, x + r * p.x_stride + cb * kBlockK + 8 * q);
-      else
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
+    // x [kRows, chunk] into shared memory, rows from M on zeros: warp w takes rows w, w + 8, ..., its lanes the
+    // row's 16-byte pieces
+    const int pieces = (ce - cb) * (kBlockK / 8);
+#pragma unroll
+    for (int r = warp; r < kRows; r += kWarps) {
+      T* dst = xs + r * pitch;
+      if (r < p.M) {
+        const T* src = x + r * p.x_stride + cb * kBlockK;
+        for (int q = lane; q < pieces; q += 32) cp_async16(dst + 8 * q, src + 8 * q);
+      } else {
+        for (int q = lane; q < pieces; q += 32) *reinterpret_cast<uint4*>(dst + 8 * q) = make_uint4(0u, 0u, 0u, 0u);
+      }
     }
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
     __syncthreads();
+    // Every n-tile, also those past M (zero rows: cheaper than a branch per tile, which serialized each tile's
+    // shared-memory load and its two dependent mma's; 64 rows took twice cuBLAS's time with those branches). The
+    // block guard is uniform over the warp; a full chunk (the common case) takes the loop without it.
+    // (the operand: row g, k 8c..8c+7 of the warp's i-th block)
+    if (ce - cb == kChunk) {
 #pragma unroll
-    for (int i = 0; i < kBlocks; ++i) {
-      const int lb = kg + kKGroups * i;  // the block within the chunk
-      if (cb + lb < ce) {
-        const T* xb = xs + g * pitch + lb * kBlockK + 8 * c;  // row 8j + g, k 8c..8c+7 of the block
+      for (int i = 0; i < kBlocks; ++i)
+        mma_block<T, kTiles>(acc, a_lo[i], a_hi[i], xs + g * pitch + (kg + kKGroups * i) * kBlockK + 8 * c,
+                             pitch);
+    } else {
 #pragma unroll
-        for (int j = 0; j < kTiles; ++j) {
-          if (j < used_tiles) {
-            const uint4 v = *reinterpret_cast<const uint4*>(xb + j * 8 * pitch);
-            Mma<T>::run(acc[j], a_lo[i].x, a_hi[i].x, a_lo[i].y, a_hi[i].y, v.x, v.y);
-            Mma<T>::run(acc[j], a_lo[i].z, a_hi[i].z, a_lo[i].w, a_hi[i].w, v.z, v.w);
-          }
-        }
-      }
+      for (int i = 0; i < kBlocks; ++i)
+        if (cb + kg + kKGroups * i < ce)
+          mma_block<T, kTiles>(acc, a_lo[i], a_hi[i], xs + g * pitch + (kg + kKGroups * i) * kBlockK + 8 * c,
+                               pitch);
     }
   }
 
@@ -242,13 +268,11 @@ __global__ void __launch_bounds__(kThreads, 2) pdl_linear_kernel(const LinearPar
     float* mine = part + size_t(kg) * kRows * kPartPitch + 16 * ft + g;
 #pragma unroll
     for (int j = 0; j < kTiles; ++j) {
-      if (j < used_tiles) {
-        const int m = 8 * j + 2 * c;
-        mine[m * kPartPitch] = acc[j][0];
-        mine[(m + 1) * kPartPitch] = acc[j][1];
-        mine[m * kPartPitch + 8] = acc[j][2];
-        mine[(m + 1) * kPartPitch + 8] = acc[j][3];
-      }
+      const int m = 8 * j + 2 * c;
+      mine[m * kPartPitch] = acc[j][0];
+      mine[(m + 1) * kPartPitch] = acc[j][1];
+      mine[m * kPartPitch + 8] = acc[j][2];
+      mine[(m + 1) * kPartPitch + 8] = acc[j][3];
     }
   }
   __syncthreads();
