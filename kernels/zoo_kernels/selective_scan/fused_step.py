@@ -70,10 +70,9 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
 
     x, z: [batch, d_inner] (the halves of in_proj's output; unit stride over channels); conv_state [batch,
     d_inner, W-1] (fp32) and state [batch, d_inner, N] (fp32, or x's dtype: see `supported`), contiguous, updated in
-    place; conv_weight [d_inner, W],
-    conv_bias, dt_bias, D [d_inner] and A [d_inner, N] in fp32; x_proj_weight [R + 2N, d_inner] and dt_weight
-    [d_inner, R] in x's dtype; mask [batch] in x's dtype (1 = token, 0 = padding) or None. Same arguments and
-    results as `mamba_step_ref` (call `supported` first).
+    place; conv_weight [d_inner, W], conv_bias, dt_bias, D [d_inner] and A [d_inner, N] in fp32; x_proj_weight
+    [R + 2N, d_inner] and dt_weight [d_inner, R] in x's dtype; mask [batch] in x's dtype (1 = token, 0 = padding)
+    or None. Same arguments and results as `mamba_step_ref` (call `supported` first).
 
     The kernel is launched as a programmatic dependent of the stream's previous kernel (in the mixer: in_proj), so
     that its copies of weights and states overlap that kernel's end; ZOO_MAMBA_STEP_PDL=0 launches it plainly.
