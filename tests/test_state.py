@@ -91,7 +91,9 @@ def test_neutral_mitigation_is_exact(kind, which):
         mixer.mitigation = dict(NEUTRAL[which])
         assert mixer.mitigation  # the mitigated code path runs
         assert torch.equal(run(mixer, x), whole)
-        assert torch.equal(run(mixer, x, PIECES), pieces)
+        # one-token pieces take the decode step: Mamba's unmitigated step folds dt_proj into the state update, the
+        # mitigated one calls dt_proj, so the same fp32 sums come in another order (1 ulp apart on some CPUs)
+        torch.testing.assert_close(run(mixer, x, PIECES), pieces, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -288,7 +288,9 @@ def hf_mamba2_norm_groups(n_groups: int) -> int:
 
     from transformers.models.mamba2 import modeling_mamba2
 
-    grouped = "group_size" in inspect.signature(modeling_mamba2.MambaRMSNormGated.__init__).parameters
+    # (named MambaRMSNormGated up to transformers 5.2x, Mamba2RMSNormGated since 5.25)
+    norm = getattr(modeling_mamba2, "Mamba2RMSNormGated", None) or modeling_mamba2.MambaRMSNormGated
+    grouped = "group_size" in inspect.signature(norm.__init__).parameters
     return n_groups if grouped else 1
 
 
