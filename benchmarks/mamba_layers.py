@@ -1,10 +1,11 @@
 """Benchmark: a run of Mamba-1 blocks decoding one token in one persistent launch, against the block-by-block
 chain the model runs otherwise.
 
-The chain per block is what a graph-captured decode step of zoo's Mamba runs at batch 64: the residual add and
-RMSNorm (zoo_kernels.add_norm, PDL), in_proj (cuBLAS), the fused step (zoo_kernels.selective_scan.fused_step), and
-out_proj (cuBLAS). The persistent kernel (zoo_kernels.selective_scan.fused_layers) runs the whole run in one launch
-after a small input kernel. Both are timed inside a CUDA graph (`triton.testing.do_bench_cudagraph`) on random
+The chain per block is what a graph-captured decode step of zoo's Mamba runs: the residual add and RMSNorm
+(zoo_kernels.add_norm, PDL), in_proj and out_proj as zoo.layers.Linear inside `zoo.layers.decoding()` (the PDL
+projection kernel up to 32 rows, cuBLAS beyond), and the fused step (zoo_kernels.selective_scan.fused_step).
+The persistent kernel (zoo_kernels.selective_scan.fused_layers) runs the whole run in one launch after a small
+input kernel. Both are timed inside a CUDA graph (`triton.testing.do_bench_cudagraph`) on random
 130M-shaped blocks (d_model 768, d_inner 1536, N 16, dt_rank 48, width 4; 24 blocks) in bf16, each after being
 checked against the torch reference (`mamba_layers_ref`) over three steps (the states carry over). The floor is
 the bytes a step must move (the blocks' weights, fp32 states and conv states read and written) over the copy
@@ -65,15 +66,17 @@ def restore_states(layers, saved):
         t.state.copy_(st)
 
 
-PHASES = ("stage+norm", "in_proj", "conv+x_proj", "cluster_sync", "atomics", "barrier1", "state_update", "barrier2",
-          "out_proj", "epilogue", "barrier3")
+PHASES = ("stage+norm", "in_proj", "conv+x_proj", "cluster_sync", "atomics", "barrier1", "x_proj_sums_read",
+          "x_proj_sums_convert", "state_update", "y_gather", "out_proj_part", "barrier2", "out_proj_sum+epilogue",
+          "barrier3")
 
 
 def measure(batch: int, n_layers: int, card: str, eps: float = 1e-5, stamp_phases: bool = False) -> dict:
-    import torch.nn.functional as F
     from zoo_kernels.add_norm import add_rms_norm
     from zoo_kernels.selective_scan import fused_step
     from zoo_kernels.selective_scan.fused_layers import MambaLayers, mamba_layers_ref, problem
+
+    from zoo.layers import Linear, decoding
 
     dtype = torch.bfloat16
     layers = random_layers(n_layers, batch)
@@ -124,18 +127,30 @@ def measure(batch: int, n_layers: int, card: str, eps: float = 1e-5, stamp_phase
 
     consts = [(fused_step._aligned(t.conv_w), t.conv_b, t.x_w, t.dt_w, t.dt_b, t.A, t.D) for t in layers]
     fused_ok = fused_step.supported(x.to(dtype), layers[0].conv_w, layers[0].x_w, layers[0].A)
+    projections = []
+    for t in layers:
+        pair = (Linear(t.in_w.shape[1], t.in_w.shape[0], bias=False, device=dev, dtype=dtype),
+                Linear(t.out_w.shape[1], t.out_w.shape[0], bias=False, device=dev, dtype=dtype))
+        with torch.no_grad():
+            pair[0].weight.copy_(t.in_w)
+            pair[1].weight.copy_(t.out_w)
+        projections.append(pair)
 
     def chain():
+        with decoding(), torch.no_grad():
+            return chain_steps()
+
+    def chain_steps():
         res, pend = x, pending
-        for t, (cw, cb, xw, dtw, dtb, A, D) in zip(layers, consts):
+        for t, (cw, cb, xw, dtw, dtb, A, D), (in_proj, out_proj) in zip(layers, consts, projections):
             res, h = add_rms_norm(res, pend, t.norm_w, eps, dtype, torch.float32)
-            xz = F.linear(h, t.in_w)
+            xz = in_proj(h)
             xs, z = xz[:, :E], xz[:, E:]
             if fused_ok:
                 y = fused_step.mamba_step(xs, z, t.conv_state, cw, cb, xw, dtw, dtb, A, D, t.state)
             else:
                 y = fused_step.mamba_step_ref(xs, z, t.conv_state, cw, cb, xw, dtw, dtb, A, D, t.state)
-            pend = F.linear(y, t.out_w)
+            pend = out_proj(y)
         return add_rms_norm(res, pend, layers[-1].norm_w, eps, dtype, torch.float32)[0]
 
     t_chain = timed(chain)
@@ -154,7 +169,8 @@ def measure(batch: int, n_layers: int, card: str, eps: float = 1e-5, stamp_phase
         "shape": {"batch": batch, "layers": n_layers, "d_model": 768, "d_inner": E, "N": 16, "dt_rank": 48,
                   "dtype": "bf16", "state": "fp32"},
         "ours_ms": round(t_kernel, 5),
-        "baseline": "per block: add_norm + cuBLAS in_proj + fused step + cuBLAS out_proj",
+        "baseline": "per block as the model decodes: add_norm + zoo Linear in_proj (PDL kernel <= 32 rows, else "
+                    "cuBLAS) + fused step + zoo Linear out_proj",
         "baseline_ms": round(t_chain, 5), "ratio": round(t_chain / t_kernel, 3), "floor_ms": round(floor, 5),
         "rel_err_out": err_out, "rel_err_states": err_state, "phases_us_median_max": phases,
         "note": "inside a CUDA graph (do_bench_cudagraph); fused step " + ("on" if fused_ok else "off (reference)"),

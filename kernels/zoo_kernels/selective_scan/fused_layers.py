@@ -9,7 +9,11 @@ SM, all resident), three grid barriers per block (benchmarks/NOTES_selective_sca
 `MambaLayers(layers, batch, ...)` holds the kernel's workspace and its table of the layers' tensors;
 `run(x, pending, mask)` returns the residual stream after the run (what the next block's add_norm takes, with no
 pending output). `mamba_layers_ref` is the same computation in torch, block by block, from the unfused references.
-`problem(...)` says why the kernel cannot take a run (None when it can); the model asks it before taking the path.
+`problem(...)` says why the kernel cannot take a run (None when it can).
+
+Experimental: it is correct (tests/test_mamba_layers.py) but slower than the model's own chain at every batch on an
+H200 (42.2 against 27.8 us per block at batch 64, 15.8 against 10.9 at batch 1; benchmarks/RESULTS.md, fourteenth
+session), so the model does not take it. benchmarks/mamba_layers.py measures it, with its phases.
 """
 
 from __future__ import annotations
@@ -73,8 +77,8 @@ def _shape_problem(layers: list[MambaLayerTensors], batch: int, dtype: torch.dty
     N = first.A.shape[1]
     W = first.conv_w.shape[1]
     ctas = E // CHANNELS
-    if E % CHANNELS or ctas % CLUSTER:
-        return f"d_inner {E} (a multiple of {CHANNELS * CLUSTER})"
+    if E % CHANNELS or ctas % CLUSTER or ctas > 16 * CLUSTER:
+        return f"d_inner {E} (a multiple of {CHANNELS * CLUSTER}, at most {16 * CHANNELS * CLUSTER})"
     if d_model != FEATURES * ctas:
         return f"d_model {d_model} with d_inner {E} (the kernel needs expand 2: d_model = d_inner / 2)"
     if d_model % 128:
@@ -133,7 +137,7 @@ def problem(layers: list[MambaLayerTensors], batch: int, dtype: torch.dtype) -> 
         return f"{smem} bytes of shared memory per CTA (the device allows {ext.smem_optin()})"
     key = (dtype, layers[0].state.dtype != torch.float32, rows, smem, torch.cuda.current_device())
     if key not in _RESIDENT:
-        _RESIDENT[key] = ext.max_active_clusters(dtype == torch.bfloat16, key[1], rows, CLUSTER, smem)
+        _RESIDENT[key] = ext.max_active_clusters(dtype == torch.bfloat16, key[1], rows, smem)
     ctas = E // CHANNELS
     if _RESIDENT[key] * CLUSTER < ctas:
         return f"{ctas} CTAs do not fit at once ({_RESIDENT[key]} clusters of {CLUSTER} resident)"
@@ -169,7 +173,7 @@ class MambaLayers:
         self.resb = torch.empty(batch, self.D, device=dev, dtype=dtype)
         self.ss = torch.zeros(max(self.E // CHANNELS, 1), _SS_ROWS, device=dev, dtype=torch.float32)
         self.dbc = torch.zeros(rows, P, device=dev, dtype=torch.int64)
-        self.y = torch.zeros(rows, self.E, device=dev, dtype=dtype)
+        self.outp = torch.zeros(self.E // CHANNELS // CLUSTER, rows, self.D, device=dev, dtype=torch.float32)
         self.barrier = torch.zeros(1, device=dev, dtype=torch.int32)
         self._key: tuple[int, ...] | None = None
         self.table: torch.Tensor | None = None
@@ -212,9 +216,9 @@ class MambaLayers:
                 len(self.layers), self.E // CHANNELS, self.ext.stamps_per_layer())):
             raise ValueError("MambaLayers.run: stamps must be a contiguous int64 [layers, CTAs, stamps] tensor")
         self.ext.prep(x, pending, self.res, self.resb, self.ss, self.res_round, self.pdl)
-        self.ext.layers(self.res, self.resb, self.ss, self.dbc, self.y, self.barrier, self.table, B, D, self.E,
+        self.ext.layers(self.res, self.resb, self.ss, self.dbc, self.outp, self.barrier, self.table, B, D, self.E,
                         self.R, self.W, len(self.layers), 1, self.eps, self.res_round, self.state_low, mask, self.pdl,
-                        CLUSTER, stamps)
+                        stamps)
         return self.res
 
 

@@ -12,16 +12,22 @@
 // out_proj) whose launches, ramps and tails cost more than their bytes (27 us per layer against ~5 us of DRAM
 // traffic; benchmarks/NOTES_selective_scan.md). Here CTA i of the grid (d_inner / 16 CTAs, one per SM, all
 // resident: the launcher checks the occupancy) owns channels [16 i, 16 i + 16) of d_inner for every batch row,
-// and output features [8 i, 8 i + 8) of out_proj; three grid barriers per layer order its phases:
-//   P1  every CTA stages all rows of res (T) scaled by the norm, and its 32 rows of in_proj (tensor cores)
+// and output features [8 i, 8 i + 8) of the stream; three grid barriers per layer order its phases:
+//   P1  every CTA stages all rows of res (T) and their norms; its 32 rows of in_proj (tensor cores; the norm's
+//       weight folded into them, rstd applied to the accumulators)
 //   P2  conv and silu of its channels;  P3 its channels' part of x_proj, summed over the 8-CTA cluster through
 //       distributed shared memory, then over the clusters by 64-bit integer atomics in 32.32 fixed point (exact,
 //       so the sum does not depend on the order the atomics land in)                     -> grid barrier 1
-//   P4  dt, the state update and the gate of its channels; y to a global buffer          -> grid barrier 2
-//   P5  its 8 features of out_proj over all of y (streamed through shared memory), the residual add, res's new
-//       values and their sums of squares per row (one part per CTA, summed in order by P1)  -> grid barrier 3
-// A layer's weights and states are loaded while the layer before runs (layer 0's before the grid-dependency
-// wait), so the barriers, not DRAM, are the layer's critical path.
+//   P4  dt, the state update and the gate of its channels; y into shared memory
+//   P5a the cluster's y gathered (distributed shared memory); its D / 8 features of out_proj over the cluster's
+//       128 channels, a part written to global memory                                   -> grid barrier 2
+//   P5b its 8 features: the clusters' parts summed in order, the residual add, res's new values and their sums of
+//       squares per row (one part per CTA, summed in order by P1)                        -> grid barrier 3
+// A layer's weights and states are loaded while the layer before runs (layer 0's before the grid-dependency wait).
+//
+// Measured (benchmarks/RESULTS.md, fourteenth session): correct, but slower than the model's block-by-block chain
+// at every batch (42.2 against 27.8 us per block at batch 64 on an H200): the three barriers alone cost ~7 us per
+// block. Experimental: the model does not take it.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -179,12 +185,11 @@ __device__ __forceinline__ void store_state4(S* p, float4 h) {
 // Shared memory, in bytes from the base; every region 16-byte aligned. Pitches pad rows by 16 bytes, which puts
 // the 8 rows of an ldmatrix in 8 different bank quads.
 struct Layout {
-  int pin, pout, pxw, pdt, pyc;  // pitches in elements: in_proj/act rows, out_proj rows, x_proj rows, dt rows, y chunk
-  size_t win, wout, wx, wdt, A, Dv, dtb, cw, cb, normw, act, xzp, ut, uf, zf, rstd, outp, bars, total;
+  int pin, pout, pxw, pdt;  // pitches in elements: in_proj and staged rows, out_proj rows and gathered y, x_proj, dt
+  size_t win, wout, wx, wdt, A, Dv, dtb, cw, cb, normw, act, xzp, ut, uf, zf, ys, rstd, bars, total;
   __host__ __device__ Layout(int rows, int D, int E, int R, int W, int elem) {
     const int P = R + 2 * kN;
-    pin = D + 16 / elem, pout = E + 16 / elem, pxw = kCh + 16 / elem, pdt = R + 16 / elem,
-    pyc = kChunk + 16 / elem;
+    pin = D + 16 / elem, pout = kCluster * kCh + 16 / elem, pxw = kCh + 16 / elem, pdt = R + 16 / elem;
     size_t o = 0;
     auto take = [&o](size_t bytes) {
       const size_t at = o;
@@ -192,7 +197,7 @@ struct Layout {
       return at;
     };
     win = take(size_t(2 * kCh) * pin * elem);
-    wout = take(size_t(kFeat) * pout * elem);
+    wout = take(size_t(D / kCluster) * pout * elem);  // out_proj's rows of this CTA's features in the cluster's part
     wx = take(size_t(P) * pxw * elem);
     wdt = take(size_t(kCh) * pdt * elem);
     A = take(kCh * kN * 4);
@@ -201,19 +206,19 @@ struct Layout {
     cw = take(kCh * W * 4);
     cb = take(kCh * 4);
     normw = take(size_t(D) * elem);
-    size_t act_bytes = size_t(rows) * pin * elem;                     // P1: the staged rows
-    const size_t ychunks = size_t(kStages) * rows * pyc * elem;       // P5: y's pipeline
-    const size_t parts = size_t(rows) * P * 12;                       // P3: x_proj's part; P4: its sums (+ raw)
-    act_bytes = act_bytes > ychunks ? act_bytes : ychunks;
+    size_t act_bytes = size_t(rows) * pin * elem;   // P1: the staged rows
+    const size_t parts = size_t(rows) * P * 12;     // P3: x_proj's part; P4: its sums (+ their raw copy)
+    const size_t ygather = size_t(rows) * pout * elem;  // P5: the cluster's y
     act_bytes = act_bytes > parts ? act_bytes : parts;
+    act_bytes = act_bytes > ygather ? act_bytes : ygather;
     act = take(act_bytes);
     xzp = take(64 * 2 * kCh * 4);          // [K parts][rows][32], K parts x rows = 64
     ut = take(size_t(rows) * pxw * elem);  // u in T: x_proj's A operand
     uf = take(rows * kCh * 4);
     zf = take(rows * kCh * 4);
+    ys = take(size_t(rows) * kCh * elem);  // this CTA's y (T), read by the cluster
     rstd = take(rows * 4);
-    outp = take(128 * kFeat * 4);          // [K parts][rows][8], K parts x rows = 128
-    bars = take(3 * 8);                    // the mbarriers of in_w, the small weights, out_w
+    bars = take(8);                        // the mbarrier of in_w and the norm's weight
     total = o;
   }
 };
@@ -223,59 +228,49 @@ __device__ __forceinline__ T* at(unsigned char* base, size_t offset) {
   return reinterpret_cast<T*>(base + offset);
 }
 
-// The per-layer weights a CTA keeps in shared memory (its slices), as bulk copies issued by warp 0 (lane i a row
-// of every 32), on the set's mbarrier (lane 0 announces the bytes first). Called by every thread (others return).
+// in_proj's rows of this CTA (x and z halves) and the norm's weight, as bulk copies issued by the last warp (lane i
+// a row of every 32; not thread 0's warp, which runs the grid barrier) on one mbarrier. Called by every thread.
 template <typename T>
 __device__ __forceinline__ void issue_in_w(unsigned char* sm, const Layout& L, const LayerPtrs& w, int D, int E,
                                            int c0, uint64_t* bar) {
-  if (threadIdx.x >= 32) return;
+  if (threadIdx.x < kThreads - 32) return;
+  const int lane = threadIdx.x % 32;
   const unsigned row = D * sizeof(T);
-  if (threadIdx.x == 0) {
+  if (lane == 0) {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // (the rows were read by ldmatrix)
-    mbar_expect(bar, 2 * kCh * row);
+    mbar_expect(bar, (2 * kCh + 1) * row);
   }
   __syncwarp();
   const T* in_w = static_cast<const T*>(w.in_w);
-  for (int r = threadIdx.x; r < 2 * kCh; r += 32) {
+  for (int r = lane; r < 2 * kCh; r += 32) {
     const int src = r < kCh ? c0 + r : E + c0 + r - kCh;
     bulk_copy(at<T>(sm, L.win) + r * L.pin, in_w + size_t(src) * D, row, bar);
   }
+  if (lane == 31) bulk_copy(at<T>(sm, L.normw), w.norm_w, row, bar);
 }
+// the small weights of this CTA's channels, by cp.async (one group, committed by the caller)
 template <typename T>
-__device__ __forceinline__ void issue_out_w(unsigned char* sm, const Layout& L, const LayerPtrs& w, int E, int f0,
-                                            uint64_t* bar) {
-  if (threadIdx.x >= 32) return;
-  const unsigned row = E * sizeof(T);
-  if (threadIdx.x == 0) {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    mbar_expect(bar, kFeat * row);
-  }
-  __syncwarp();
-  for (int r = threadIdx.x; r < kFeat; r += 32)
-    bulk_copy(at<T>(sm, L.wout) + r * L.pout, static_cast<const T*>(w.out_w) + size_t(f0 + r) * E, row, bar);
+__device__ __forceinline__ void load_small(unsigned char* sm, const Layout& L, const LayerPtrs& w, int E, int R,
+                                           int W, int c0) {
+  const int P = R + 2 * kN;
+  copy_rows(at<T>(sm, L.wx), L.pxw * sizeof(T), static_cast<const T*>(w.x_w) + c0, size_t(E) * sizeof(T), P,
+            kCh * sizeof(T));
+  copy_rows(at<T>(sm, L.wdt), L.pdt * sizeof(T), static_cast<const T*>(w.dt_w) + size_t(c0) * R,
+            size_t(R) * sizeof(T), kCh, R * sizeof(T));
+  copy_bytes(at<float>(sm, L.A), w.A + size_t(c0) * kN, kCh * kN * 4);
+  if (w.D) copy_bytes(at<float>(sm, L.Dv), w.D + c0, kCh * 4);
+  if (w.dt_b) copy_bytes(at<float>(sm, L.dtb), w.dt_b + c0, kCh * 4);
+  copy_bytes(at<float>(sm, L.cw), w.conv_w + size_t(c0) * W, kCh * W * 4);
+  if (w.conv_b) copy_bytes(at<float>(sm, L.cb), w.conv_b + c0, kCh * 4);
 }
+// out_proj's block of this CTA: its D / 8 features (rank q: [q D/8, (q+1) D/8)) over the cluster's 8 x 16 channels
 template <typename T>
-__device__ __forceinline__ void issue_small(unsigned char* sm, const Layout& L, const LayerPtrs& w, int D, int E,
-                                            int R, int W, int c0, uint64_t* bar) {
-  if (threadIdx.x >= 32) return;
-  const int P = R + 2 * kN, lane = threadIdx.x;
-  const unsigned bytes = P * kCh * sizeof(T) + kCh * R * sizeof(T) + kCh * kN * 4 + (w.D ? kCh * 4 : 0) +
-                         (w.dt_b ? kCh * 4 : 0) + kCh * W * 4 + (w.conv_b ? kCh * 4 : 0) + D * sizeof(T);
-  if (lane == 0) {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-    mbar_expect(bar, bytes);
-  }
-  __syncwarp();
-  for (int r = lane; r < P; r += 32)
-    bulk_copy(at<T>(sm, L.wx) + r * L.pxw, static_cast<const T*>(w.x_w) + size_t(r) * E + c0, kCh * sizeof(T), bar);
-  for (int r = lane; r < kCh; r += 32)
-    bulk_copy(at<T>(sm, L.wdt) + r * L.pdt, static_cast<const T*>(w.dt_w) + size_t(c0 + r) * R, R * sizeof(T), bar);
-  if (lane == 0) bulk_copy(at<float>(sm, L.A), w.A + size_t(c0) * kN, kCh * kN * 4, bar);
-  if (lane == 1 && w.D) bulk_copy(at<float>(sm, L.Dv), w.D + c0, kCh * 4, bar);
-  if (lane == 2 && w.dt_b) bulk_copy(at<float>(sm, L.dtb), w.dt_b + c0, kCh * 4, bar);
-  if (lane == 3) bulk_copy(at<float>(sm, L.cw), w.conv_w + size_t(c0) * W, kCh * W * 4, bar);
-  if (lane == 4 && w.conv_b) bulk_copy(at<float>(sm, L.cb), w.conv_b + c0, kCh * 4, bar);
-  if (lane == 5) bulk_copy(at<T>(sm, L.normw), w.norm_w, D * sizeof(T), bar);
+__device__ __forceinline__ void load_out_w(unsigned char* sm, const Layout& L, const LayerPtrs& w, int D, int E,
+                                           int rank, int cluster_c0) {
+  const int rows = D / kCluster;
+  copy_rows(at<T>(sm, L.wout), L.pout * sizeof(T),
+            static_cast<const T*>(w.out_w) + size_t(rank * rows) * E + cluster_c0, size_t(E) * sizeof(T), rows,
+            kCluster * kCh * sizeof(T));
 }
 
 // The norm's weight folded into this CTA's in_proj rows (in shared memory): in_proj(x * rstd * w) is
@@ -321,41 +316,59 @@ __device__ __forceinline__ void load_states(float4 (&h)[kMT][4], float (&win)[kM
   }
 }
 
+template <typename S, int kMT>
+__device__ __forceinline__ void store_states(const float4 (&h)[kMT][4], const LayerPtrs& w, const LayersParams& p,
+                                             int c, int j) {
+#pragma unroll
+  for (int i = 0; i < kMT; ++i) {
+    const int r = j + 16 * i;
+    if (r < p.batch) {
+      S* st = static_cast<S*>(w.state) + (size_t(r) * p.E + c) * kN;
+#pragma unroll
+      for (int q = 0; q < 4; ++q) store_state4(st + 4 * q, h[i][q]);
+    }
+  }
+}
+
 template <typename T, typename S, int kRows>
 __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersParams p) {
-  constexpr int kMT = kRows / 16;            // m-tiles of 16 rows
-  constexpr int kKS = 8 / (2 * kMT);         // in_proj's K parts (8 warps = 2 halves x kMT m-tiles x kKS)
-  constexpr int kKO = 8 / kMT;               // out_proj's K parts (8 warps = kMT m-tiles x kKO)
-  constexpr int kStepsPerChunk = kChunk / 16;
-  static_assert(kStepsPerChunk % kKO == 0, "a chunk's k-steps split evenly over out_proj's K parts");
+  constexpr int kMT = kRows / 16;     // m-tiles of 16 rows
+  constexpr int kKS = 8 / (2 * kMT);  // in_proj's K parts (8 warps = 2 halves x kMT m-tiles x kKS)
+  constexpr int kMaxClusters = 16;
+  constexpr int kResPer = (kRows * kFeat + kThreads - 1) / kThreads;  // (row, feature) items per thread in P5
   extern __shared__ __align__(16) unsigned char sm[];
   cg::cluster_group cluster = cg::this_cluster();
   const int D = p.D, E = p.E, R = p.R, W = p.W, P = R + 2 * kN;
   const int cta = blockIdx.x, c0 = cta * kCh, f0 = cta * kFeat;
+  const int rank = int(cluster.block_rank()), cl = cta / kCluster, clusters = int(gridDim.x) / kCluster;
+  const int FC = D / kCluster;  // features of the cluster's out_proj part this CTA computes
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int c = tid % kCh, j = tid / kCh;  // the thread's channel and row slot in P2 and P4
   const int gq = lane / 4, cq = lane % 4;  // mma fragment coordinates
   const Layout L(kRows, D, E, R, W, int(sizeof(T)));
   T* act = at<T>(sm, L.act);
+  T* ys = at<T>(sm, L.ys);
 
   // ---- before the grid-dependency wait: layer 0's weights and states (nothing the kernel before writes)
   float4 h[kMT][4];
   float win[kMT][3];
-  uint64_t* bars = at<uint64_t>(sm, L.bars);
-  unsigned phase_in = 1, phase_out = 0;  // the parity the next wait for in_w + small weights, and for out_w, expects
+  uint64_t* bar = at<uint64_t>(sm, L.bars);
+  unsigned phase = 0;  // the parity the next wait for in_w expects
   {
     if (tid == 0) {
-      for (int b = 0; b < 3; ++b) mbar_init(bars + b);
+      mbar_init(bar);
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
     const LayerPtrs w0 = p.table[0];
-    issue_in_w<T>(sm, L, w0, D, E, c0, bars + 0);
-    issue_small<T>(sm, L, w0, D, E, R, W, c0, bars + 1);
-    issue_out_w<T>(sm, L, w0, E, f0, bars + 2);
+    issue_in_w<T>(sm, L, w0, D, E, c0, bar);
+    load_small<T>(sm, L, w0, E, R, W, c0);
+    load_out_w<T>(sm, L, w0, D, E, rank, cl * kCluster * kCh);
+    cp_async_commit();
     load_states<S, kMT>(h, win, w0, p, c0 + c, j);
-    mbar_wait(bars + 0, 0);
-    mbar_wait(bars + 1, 0);
+    mbar_wait(bar, phase);
+    phase ^= 1;
+    cp_async_wait<0>();
     __syncthreads();
     fold_norm<T>(sm, L, D);
   }
@@ -367,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
     const LayerPtrs w = p.table[layer];
     const bool last = layer + 1 == p.layers;
     stamp(p, layer, 0);
-    // ---- P1: the rows of resb into shared memory (zero past the batch), their norms, the scaled rows
+    // ---- P1: the rows of resb into shared memory (zero past the batch) and their norms
     copy_rows(act, L.pin * sizeof(T), p.resb, size_t(D) * sizeof(T), p.batch, D * sizeof(T));
     cp_async_commit();
     for (int i = p.batch * L.pin + tid; i < kRows * L.pin; i += kThreads) act[i] = from_f<T>(0.f);
@@ -383,7 +396,7 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
       s += __shfl_xor_sync(0xffffffffu, s, 2);
       if (q == 0 && r < kRows) at<float>(sm, L.rstd)[r] = 1.f / sqrtf(s / float(D) + p.eps);
     }
-    cp_async_wait<0>();  // the staged rows
+    cp_async_wait<0>();  // the staged rows (and the small weights and out_proj's block, issued a layer before)
     __syncthreads();
     stamp(p, layer, 1);
     // in_proj on the tensor cores: warp (m-tile mt, half hb: x or z, K part kp), two n-tiles, alternate k-steps
@@ -419,7 +432,6 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
     }
     __syncthreads();
     stamp(p, layer, 2);
-    if (!last) issue_in_w<T>(sm, L, p.table[layer + 1], D, E, c0, bars + 0);  // (in_w is read)
 
     // ---- P2: conv and silu of the thread's items; z; u in T for x_proj
     {
@@ -483,12 +495,12 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
     stamp(p, layer, 4);
     {
       // this CTA's share of the elements: the cluster's parts in rank order, then one atomic per element
-      const int csize = int(cluster.num_blocks()), rank = int(cluster.block_rank());
-      const int total = p.batch * P, share = (total + csize - 1) / csize;
+      const int total = p.batch * P, share = (total + kCluster - 1) / kCluster;
       const int begin = rank * share, end = min(total, begin + share);
       for (int e = begin + tid; e < end; e += kThreads) {
         float v = 0.f;
-        for (int q = 0; q < csize; ++q) v += cluster.map_shared_rank(part, q)[e];
+#pragma unroll
+        for (int q = 0; q < kCluster; ++q) v += cluster.map_shared_rank(part, q)[e];
         v = fminf(fmaxf(v, -kFixClamp), kFixClamp);
         atomicAdd(p.dbc + e, static_cast<unsigned long long>(__float2ll_rn(v * kFixScale)));
       }
@@ -497,12 +509,13 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
     stamp(p, layer, 5);
     {
       const unsigned ticket = grid_arrive(p.barrier);  // 1: x_proj's sums are complete
+      if (!last) issue_in_w<T>(sm, L, p.table[layer + 1], D, E, c0, bar);  // (in_w is read: P1)
       grid_wait(p.barrier, ticket);
     }
-    stamp(p, layer, 6);
     asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");  // (peers are done with `part`: they arrived)
+    stamp(p, layer, 6);
 
-    // ---- P4: x_proj's outputs rounded to T, dt, the state update, the gate; y to global
+    // ---- P4: x_proj's outputs rounded to T, dt, the state update, the gate; y into shared memory
     float* dbl = at<float>(sm, L.act);
     {
       // the fixed-point sums into shared memory in one round trip (after dbl's floats), then rounded to T
@@ -511,6 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
+      stamp(p, layer, 7);
       for (int e = tid; e < kRows * P; e += kThreads) {
         float v = 0.f;
         if (e < p.batch * P) v = round_to<T>(float(double(static_cast<long long>(raw[e])) * (1.0 / 4294967296.0)));
@@ -518,6 +532,7 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
       }
     }
     __syncthreads();
+    stamp(p, layer, 8);
     {
       const T* wdt = at<T>(sm, L.wdt) + c * L.pdt;
       const float bias = w.dt_b ? at<float>(sm, L.dtb)[c] : 0.f;
@@ -553,26 +568,60 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
         }
         float out = 0.f;
         if (r < p.batch) {
-          S* st = static_cast<S*>(w.state) + (size_t(r) * E + c0 + c) * kN;
-#pragma unroll
-          for (int q = 0; q < 4; ++q) store_state4(st + 4 * q, h[i][q]);
           const float zz = at<float>(sm, L.zf)[r * kCh + c];
           out = fmaf(Dc, u, y) * (zz * sigmoid_f(zz));
         }
-        static_cast<T*>(p.y)[size_t(r) * E + c0 + c] = from_f<T>(out);
+        ys[r * kCh + c] = from_f<T>(out);
       }
     }
-    stamp(p, layer, 7);
+    stamp(p, layer, 9);
+    cluster.sync();  // the cluster's y in its CTAs' shared memory
+    // ---- P5a: the cluster's y [rows][8 x 16] gathered, then this CTA's FC features of out_proj over the cluster's
+    // channels: a part of out_proj, summed over the clusters in P5b
+    T* yc = act;  // (dbl is read)
+    for (int i = tid; i < kRows * 2 * kCluster; i += kThreads) {  // 16-byte pieces: (row, peer, half)
+      const int r = i / (2 * kCluster), q = (i / 2) % kCluster, half = i % 2;
+      const uint4 v = *reinterpret_cast<const uint4*>(cluster.map_shared_rank(ys, q) + r * kCh + 8 * half);
+      *reinterpret_cast<uint4*>(yc + r * L.pout + q * kCh + 8 * half) = v;
+    }
+    asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");  // (this CTA is done with its peers' y)
+    __syncthreads();
+    stamp(p, layer, 10);
     {
-      const unsigned ticket = grid_arrive(p.barrier);  // 2: y is complete, and every CTA has read x_proj's sums
-      if (!last) {  // (the small weights and dbl are read: the arrival's __syncthreads)
+      float* outp = p.outp + size_t(cl) * kRows * D + rank * FC;
+      const T* a_base = yc + ((lane % 8) + 8 * ((lane / 8) % 2)) * L.pout + 8 * (lane / 16);
+      const T* b_base = at<T>(sm, L.wout) + (lane % 8) * L.pout + 8 * ((lane / 8) % 2);
+      for (int task = warp; task < kMT * (FC / 8); task += 8) {
+        const int mt = task % kMT, nt = task / kMT;
+        float d[2][4] = {};
+#pragma unroll
+        for (int s = 0; s < kCluster * kCh / 16; ++s) {
+          uint32_t a[4], b[2];
+          ldsm_x4(a, a_base + 16 * mt * L.pout + 16 * s);
+          ldsm_x2(b, b_base + 8 * nt * L.pout + 16 * s);
+          mma16816<T>(d[s % 2], a, b[0], b[1]);
+        }
+        const int row = 16 * mt + gq, col = 8 * nt + 2 * cq;
+        *reinterpret_cast<float2*>(outp + size_t(row) * D + col) = make_float2(d[0][0] + d[1][0], d[0][1] + d[1][1]);
+        *reinterpret_cast<float2*>(outp + size_t(row + 8) * D + col) =
+            make_float2(d[0][2] + d[1][2], d[0][3] + d[1][3]);
+      }
+    }
+    stamp(p, layer, 11);
+    {
+      const unsigned ticket = grid_arrive(p.barrier);  // 2: out_proj's parts are complete; x_proj's sums read
+      asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
+      store_states<S, kMT>(h, w, p, c0 + c, j);  // (private: not needed before the barrier)
+      if (!last) {  // (the small weights, dbl and out_w are read: the arrival's __syncthreads)
         const LayerPtrs nx = p.table[layer + 1];
-        issue_small<T>(sm, L, nx, D, E, R, W, c0, bars + 1);
+        load_small<T>(sm, L, nx, E, R, W, c0);
+        load_out_w<T>(sm, L, nx, D, E, rank, cl * kCluster * kCh);
+        cp_async_commit();
         load_states<S, kMT>(h, win, nx, p, c0 + c, j);
       }
       grid_wait(p.barrier, ticket);
     }
-    stamp(p, layer, 8);
+    stamp(p, layer, 12);
     {
       const int total = p.batch * P, share = (total + gridDim.x - 1) / gridDim.x;
       const int begin = cta * share, end = min(total, begin + share);
@@ -582,88 +631,58 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
     if (last) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 
-    // ---- P5: out_proj's 8 features of this CTA over all of y, streamed in chunks of kChunk channels
-    constexpr int kResPer = (kRows * kFeat + kThreads - 1) / kThreads;
-    float resv[kResPer];
-#pragma unroll
-    for (int k = 0; k < kResPer; ++k) {
-      const int t = tid + k * kThreads, r = t / kFeat;
-      resv[k] = t < kRows * kFeat && r < p.batch ? __ldcg(p.res + size_t(r) * D + f0 + t % kFeat) : 0.f;
-    }
+    // ---- P5b: this CTA's 8 features, the clusters' parts summed in order; the residual add; sums of squares
     {
-      const int chunks = E / kChunk;
-      const int mt = warp % kMT, kp = warp / kMT;
-      auto issue = [&](int cc) {
-        if (cc < chunks)
-          copy_rows(act + size_t(cc % kStages) * kRows * L.pyc, L.pyc * sizeof(T),
-                    static_cast<const T*>(p.y) + size_t(cc) * kChunk, size_t(E) * sizeof(T), kRows,
-                    kChunk * sizeof(T));
-        cp_async_commit();
-      };
-      for (int cc = 0; cc < kStages - 1; ++cc) issue(cc);
-      mbar_wait(bars + 2, phase_out);
-      phase_out ^= 1;
-      float d[4][4] = {};
-      const T* a_off = act + (16 * mt + (lane % 8) + 8 * ((lane / 8) % 2)) * L.pyc + 8 * (lane / 16);
-      const T* b_off = at<T>(sm, L.wout) + (lane % 8) * L.pout + 8 * ((lane / 8) % 2);
-      for (int cc = 0; cc < chunks; ++cc) {
-        cp_async_wait<kStages - 2>();
-        __syncthreads();
-        issue(cc + kStages - 1);
-        const T* a_buf = a_off + size_t(cc % kStages) * kRows * L.pyc;
+      float part_sum[kResPer][kMaxClusters];
 #pragma unroll
-        for (int s = 0; s < kStepsPerChunk / kKO; ++s) {
-          const int kl = 16 * (kp * (kStepsPerChunk / kKO) + s);
-          uint32_t a[4], b[2];
-          ldsm_x4(a, a_buf + kl);
-          ldsm_x2(b, b_off + cc * kChunk + kl);
-          mma16816<T>(d[s % 4], a, b[0], b[1]);
+      for (int k = 0; k < kResPer; ++k) {
+        const int t = tid + k * kThreads, r = t / kFeat, f = t % kFeat;
+#pragma unroll
+        for (int q = 0; q < kMaxClusters; ++q)
+          part_sum[k][q] = t < kRows * kFeat && r < p.batch && q < clusters
+                               ? __ldcg(p.outp + (size_t(q) * kRows + r) * D + f0 + f)
+                               : 0.f;
+      }
+      float resv[kResPer];
+#pragma unroll
+      for (int k = 0; k < kResPer; ++k) {
+        const int t = tid + k * kThreads, r = t / kFeat;
+        resv[k] = t < kRows * kFeat && r < p.batch ? __ldcg(p.res + size_t(r) * D + f0 + t % kFeat) : 0.f;
+      }
+#pragma unroll
+      for (int k = 0; k < kResPer; ++k) {  // (whole warps: kRows * kFeat is a multiple of 32)
+        const int t = tid + k * kThreads, r = t / kFeat, f = t % kFeat;
+        if (t >= kRows * kFeat) break;
+        float o = 0.f;
+#pragma unroll
+        for (int q = 0; q < kMaxClusters; ++q) o += part_sum[k][q];
+        o = round_to<T>(o);
+        float sq = 0.f;
+        if (r < p.batch) {
+          const size_t idx = size_t(r) * D + f0 + f;
+          float v = resv[k] + o;
+          if (p.res_round) v = round_to<T>(v);
+          p.res[idx] = v;
+          const T vb = from_f<T>(v);
+          static_cast<T*>(p.resb)[idx] = vb;
+          sq = to_f(vb) * to_f(vb);
         }
+        sq += __shfl_xor_sync(0xffffffffu, sq, 1);
+        sq += __shfl_xor_sync(0xffffffffu, sq, 2);
+        sq += __shfl_xor_sync(0xffffffffu, sq, 4);
+        if (f == 0) p.ss[size_t(cta) * kSsRows + r] = sq;
       }
-      float* outp = at<float>(sm, L.outp) + size_t(kp) * kRows * kFeat;
-      const int row = 16 * mt + gq, col = 2 * cq;
-      outp[row * kFeat + col] = d[0][0] + d[1][0] + d[2][0] + d[3][0];
-      outp[row * kFeat + col + 1] = d[0][1] + d[1][1] + d[2][1] + d[3][1];
-      outp[(row + 8) * kFeat + col] = d[0][2] + d[1][2] + d[2][2] + d[3][2];
-      outp[(row + 8) * kFeat + col + 1] = d[0][3] + d[1][3] + d[2][3] + d[3][3];
     }
-    __syncthreads();  // out_w is read
-    stamp(p, layer, 9);
-    if (!last) issue_out_w<T>(sm, L, p.table[layer + 1], E, f0, bars + 2);
-#pragma unroll
-    for (int k = 0; k < kResPer; ++k) {  // (whole warps: kRows * kFeat is a multiple of 32)
-      const int t = tid + k * kThreads, r = t / kFeat, f = t % kFeat;
-      if (t >= kRows * kFeat) break;
-      float o = 0.f;
-#pragma unroll
-      for (int kp = 0; kp < kKO; ++kp) o += at<float>(sm, L.outp)[(kp * kRows + r) * kFeat + f];
-      o = round_to<T>(o);
-      float sq = 0.f;
-      if (r < p.batch) {
-        const size_t idx = size_t(r) * D + f0 + f;
-        float v = resv[k] + o;
-        if (p.res_round) v = round_to<T>(v);
-        p.res[idx] = v;
-        const T vb = from_f<T>(v);
-        static_cast<T*>(p.resb)[idx] = vb;
-        sq = to_f(vb) * to_f(vb);
-      }
-      sq += __shfl_xor_sync(0xffffffffu, sq, 1);
-      sq += __shfl_xor_sync(0xffffffffu, sq, 2);
-      sq += __shfl_xor_sync(0xffffffffu, sq, 4);
-      if (f == 0) p.ss[size_t(cta) * kSsRows + r] = sq;
-    }
-    stamp(p, layer, 10);
+    stamp(p, layer, 13);
     if (!last) {
       const unsigned ticket = grid_arrive(p.barrier);  // 3: res, resb and the sums of squares are complete
-      mbar_wait(bars + 0, phase_in);  // the next layer's in_w and small weights
-      mbar_wait(bars + 1, phase_in);
-      phase_in ^= 1;
+      mbar_wait(bar, phase);  // the next layer's in_w and norm weight (issued at barrier 1)
+      phase ^= 1;
       __syncthreads();
       fold_norm<T>(sm, L, D);
       grid_wait(p.barrier, ticket);
     }
-    stamp(p, layer, 11);
+    stamp(p, layer, 14);
   }
   cp_async_wait<0>();
 }
@@ -762,7 +781,8 @@ size_t layers_smem_bytes(int rows, int D, int E, int R, int W) { return Layout(r
 
 int rows_for(int batch) { return batch <= 16 ? 16 : batch <= 32 ? 32 : batch <= 64 ? 64 : 0; }
 
-int max_active_clusters(DType dtype, bool state_low, int rows, int cluster, size_t smem) {
+int max_active_clusters(DType dtype, bool state_low, int rows, size_t smem) {
+  const int cluster = kCluster;
   const LayersFn fn = layers_fn(dtype, state_low, rows);
   if (fn == nullptr || prepare(fn, smem) != cudaSuccess) return 0;
   cudaLaunchAttribute attr[2];
@@ -775,7 +795,8 @@ int max_active_clusters(DType dtype, bool state_low, int rows, int cluster, size
   return n;
 }
 
-cudaError_t launch_layers(const LayersParams& p, DType dtype, int cluster, cudaStream_t stream) {
+cudaError_t launch_layers(const LayersParams& p, DType dtype, cudaStream_t stream) {
+  const int cluster = kCluster;
   if (p.batch == 0 || p.layers == 0) return cudaSuccess;
   const int rows = rows_for(p.batch);
   const LayersFn fn = layers_fn(dtype, p.state_low, rows);

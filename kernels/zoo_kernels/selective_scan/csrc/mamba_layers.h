@@ -13,11 +13,10 @@ constexpr int kThreads = 256;  // threads per CTA
 constexpr int kCh = 16;        // d_inner channels per CTA: the grid is d_inner / kCh CTAs, all resident at once
 constexpr int kN = 16;         // d_state
 constexpr int kFeat = 8;       // d_model features of out_proj per CTA (d_model = kFeat x CTAs: expand 2)
-constexpr int kChunk = 128;    // d_inner channels of y per out_proj pipeline stage
-constexpr int kStages = 4;     // y's pipeline buffers
+constexpr int kCluster = 8;    // CTAs per cluster: x_proj's parts and out_proj's inputs are shared within one
 constexpr int kMaxRank = 64;   // dt_rank, at most (a multiple of 8)
 constexpr int kSsRows = 64;
-constexpr int kStamps = 12;    // phase stamps per layer and CTA (LayersParams::stamps)    // the row pitch of the per-CTA sums of squares (ss: [parts][kSsRows])
+constexpr int kStamps = 15;    // phase stamps per layer and CTA (LayersParams::stamps)    // the row pitch of the per-CTA sums of squares (ss: [parts][kSsRows])
 
 // One layer's tensors (device pointers, as the kernel reads them from a table in global memory: 12 x 8 bytes).
 struct LayerPtrs {
@@ -46,7 +45,7 @@ struct LayersParams {
   void* resb;              // [batch, D] (T): res rounded to T, in and out
   float* ss;               // [parts, kSsRows] fp32: per-part sums of squares of resb's rows, in and out
   unsigned long long* dbc; // [rows, R + 2N] x_proj's sums in 32.32 fixed point; zero before and after
-  void* y;                 // [rows, E] (T) scratch
+  float* outp;             // [CTAs / kCluster, rows, D] fp32 scratch: each cluster's part of out_proj
   unsigned* barrier;       // the grid barrier's counter (any value; one launch at a time uses it)
   const void* mask;        // [batch] (T; 1 = token, 0 = padding) or null
   long mask_stride;
@@ -70,9 +69,9 @@ size_t layers_smem_bytes(int rows, int D, int E, int R, int W);
 int rows_for(int batch);
 
 // How many clusters of `cluster` CTAs of the kernel can be resident at once (0 on error).
-int max_active_clusters(DType dtype, bool state_low, int rows, int cluster, size_t smem);
+int max_active_clusters(DType dtype, bool state_low, int rows, size_t smem);
 
-cudaError_t launch_layers(const LayersParams& p, DType dtype, int cluster, cudaStream_t stream);
+cudaError_t launch_layers(const LayersParams& p, DType dtype, cudaStream_t stream);
 cudaError_t launch_prep(const PrepParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace zoo_ml

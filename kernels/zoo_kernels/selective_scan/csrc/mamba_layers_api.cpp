@@ -20,11 +20,11 @@ zoo_ml::DType dtype_of(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 ? zoo_ml::kBFloat16 : zoo_ml::kFloat16;
 }
 
-void layers(Tensor res, Tensor resb, Tensor ss, Tensor dbc, Tensor y, Tensor barrier, Tensor table, int64_t batch,
+void layers(Tensor res, Tensor resb, Tensor ss, Tensor dbc, Tensor outp, Tensor barrier, Tensor table, int64_t batch,
             int64_t D, int64_t E, int64_t R, int64_t W, int64_t n_layers, int64_t in_parts, double eps,
-            bool res_round, bool state_low, std::optional<Tensor> mask, bool pdl, int64_t cluster,
+            bool res_round, bool state_low, std::optional<Tensor> mask, bool pdl,
             std::optional<Tensor> stamps) {
-  TORCH_CHECK(res.is_cuda() && resb.is_cuda() && ss.is_cuda() && dbc.is_cuda() && y.is_cuda() &&
+  TORCH_CHECK(res.is_cuda() && resb.is_cuda() && ss.is_cuda() && dbc.is_cuda() && outp.is_cuda() &&
                   barrier.is_cuda() && table.is_cuda(),
               "mamba_layers: tensors must be on CUDA");
   const c10::cuda::CUDAGuard guard(res.device());
@@ -38,13 +38,13 @@ void layers(Tensor res, Tensor resb, Tensor ss, Tensor dbc, Tensor y, Tensor bar
   p.resb = resb.data_ptr();
   p.ss = ss.data_ptr<float>();
   p.dbc = reinterpret_cast<unsigned long long*>(dbc.data_ptr());
-  p.y = y.data_ptr();
+  p.outp = outp.data_ptr<float>();
   p.barrier = reinterpret_cast<unsigned*>(barrier.data_ptr());
   p.mask = mask ? mask->data_ptr() : nullptr;
   p.mask_stride = mask ? long(mask->stride(0)) : 0;
   p.stamps = stamps ? reinterpret_cast<unsigned long long*>(stamps->data_ptr()) : nullptr;
   const cudaError_t err =
-      zoo_ml::launch_layers(p, dtype_of(resb), int(cluster), c10::cuda::getCurrentCUDAStream().stream());
+      zoo_ml::launch_layers(p, dtype_of(resb), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "mamba_layers: launch failed: ", cudaGetErrorString(err));
 }
 
@@ -70,9 +70,9 @@ int64_t smem_bytes(int64_t rows, int64_t D, int64_t E, int64_t R, int64_t W) {
 
 int64_t rows_for(int64_t batch) { return zoo_ml::rows_for(int(batch)); }
 
-int64_t max_active_clusters(bool bf16, bool state_low, int64_t rows, int64_t cluster, int64_t smem) {
+int64_t max_active_clusters(bool bf16, bool state_low, int64_t rows, int64_t smem) {
   return zoo_ml::max_active_clusters(bf16 ? zoo_ml::kBFloat16 : zoo_ml::kFloat16, state_low, int(rows),
-                                     int(cluster), size_t(smem));
+                                     size_t(smem));
 }
 
 int64_t smem_optin() {
