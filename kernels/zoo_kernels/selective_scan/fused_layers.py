@@ -28,9 +28,10 @@ from zoo_kernels.selective_scan.cuda import JitExtension
 from zoo_kernels.selective_scan.fused_step import mamba_step_ref
 
 _CSRC = Path(__file__).parent / "csrc"
-_EXTENSION = JitExtension("persistent Mamba layers", ("mamba_layers_api.cpp", "mamba_layers.cu"),
-                          ("mamba_layers.h", "selective_scan_kernels.cuh", "selective_scan.h"), _CSRC,
-                          "zoo_mamba_layers", (9, 0), "the persistent Mamba layers kernel needs thread-block clusters,")
+_SOURCES = ("mamba_layers_api.cpp", "mamba_layers.cu")
+_HEADERS = ("mamba_layers.h", "decode_common.cuh", "selective_scan_kernels.cuh", "selective_scan.h")
+_EXTENSION = JitExtension("persistent Mamba layers", _SOURCES, _HEADERS, _CSRC, "zoo_mamba_layers", (9, 0),
+                          "the persistent Mamba layers kernel needs thread-block clusters,")
 available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unavailable, _EXTENSION.module
 
 CLUSTER = 8      # CTAs per cluster (x_proj's sums go through distributed shared memory within one)

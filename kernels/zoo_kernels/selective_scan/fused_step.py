@@ -28,7 +28,7 @@ from zoo_kernels.selective_scan.ref import selective_state_update_ref
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = ("mamba_step_api.cpp", "mamba_step.cu")
-_HEADERS = ("mamba_step.h", "selective_scan_kernels.cuh", "selective_scan.h")
+_HEADERS = ("mamba_step.h", "decode_common.cuh", "selective_scan_kernels.cuh", "selective_scan.h")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CLUSTER = 8  # CTAs per cluster (csrc/mamba_step.h)
 

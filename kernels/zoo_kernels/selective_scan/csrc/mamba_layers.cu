@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "mamba_layers.h"
+#include "decode_common.cuh"  // cp.async, mma16816, load_state4 / store_state4
 #include "selective_scan_kernels.cuh"  // to_f, from_f, softplus_f, sigmoid_f
 
 namespace cg = cooperative_groups;
@@ -43,6 +44,12 @@ namespace cg = cooperative_groups;
 namespace zoo_ml {
 namespace {
 
+using zoo_decode::cp_async16;
+using zoo_decode::cp_async_commit;
+using zoo_decode::cp_async_wait;
+using zoo_decode::load_state4;
+using zoo_decode::mma16816;
+using zoo_decode::store_state4;
 using zoo_ss::from_f;
 using zoo_ss::sigmoid_f;
 using zoo_ss::softplus_f;
@@ -54,15 +61,6 @@ __device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); 
 constexpr float kFixScale = 4294967296.f;       // 2^32: x_proj's sums in 32.32 fixed point
 constexpr float kFixClamp = 67108864.f;         // 2^26: a part's magnitude is clamped there (16 parts < 2^62)
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 // `bytes` (a multiple of 16) from src to dst, both 16-byte aligned, spread over the CTA
 __device__ __forceinline__ void copy_bytes(void* dst, const void* src, int bytes) {
   for (int i = threadIdx.x; i < bytes / 16; i += kThreads)
@@ -115,21 +113,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned b
                : "memory");
 }
 
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-                 "{%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 // The grid barrier of cooperative groups' grid.sync (every CTA resident: the launcher checks it): CTA 0 adds
 // 2^31 - (n - 1), the others 1, so the counter's top bit flips once all n have arrived, whatever its value before.
 // Split in two: between the arrival and the wait a CTA issues its next loads (their issue stalls once the memory
@@ -163,23 +146,6 @@ __device__ __forceinline__ void stamp(const LayersParams& p, int layer, int k) {
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
     p.stamps[(size_t(layer) * gridDim.x + blockIdx.x) * kStamps + k] = t;
   }
-}
-
-// states as fp32, 4 at a time; S is fp32 or T (a state in the model's dtype)
-__device__ __forceinline__ float4 load_state4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
-template <typename S>
-__device__ __forceinline__ float4 load_state4(const S* p) {
-  const uint2 raw = __ldcg(reinterpret_cast<const uint2*>(p));
-  const S* v = reinterpret_cast<const S*>(&raw);
-  return make_float4(to_f(v[0]), to_f(v[1]), to_f(v[2]), to_f(v[3]));
-}
-__device__ __forceinline__ void store_state4(float* p, float4 h) { *reinterpret_cast<float4*>(p) = h; }
-template <typename S>
-__device__ __forceinline__ void store_state4(S* p, float4 h) {
-  uint2 raw;
-  S* v = reinterpret_cast<S*>(&raw);
-  v[0] = from_f<S>(h.x), v[1] = from_f<S>(h.y), v[2] = from_f<S>(h.z), v[3] = from_f<S>(h.w);
-  *reinterpret_cast<uint2*>(p) = raw;
 }
 
 // Shared memory, in bytes from the base; every region 16-byte aligned. Pitches pad rows by 16 bytes, which puts
@@ -416,8 +382,8 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
           uint32_t a[4], b[4];
           ldsm_x4(a, a_ptr + k);
           ldsm_x4(b, b_ptr + k);
-          mma16816<T>(d[e][0], a, b[0], b[1]);
-          mma16816<T>(d[e][1], a, b[2], b[3]);
+          mma16816<T>(d[e][0], a[0], a[1], a[2], a[3], b[0], b[1]);
+          mma16816<T>(d[e][1], a[0], a[1], a[2], a[3], b[2], b[3]);
         }
       }
       float* xzp = at<float>(sm, L.xzp) + size_t(kp) * kRows * 2 * kCh;
@@ -482,7 +448,7 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
         ldsm_x4(a, a_base + 16 * mt * L.pxw);
         ldsm_x2(b, b_base + 8 * nt * L.pxw);
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        mma16816<T>(d, a, b[0], b[1]);
+        mma16816<T>(d, a[0], a[1], a[2], a[3], b[0], b[1]);
         const int row = 16 * mt + gq, col = 8 * nt + 2 * cq;
         part[row * P + col] = d[0];
         part[row * P + col + 1] = d[1];
@@ -599,7 +565,7 @@ __global__ void __launch_bounds__(kThreads, 1) mamba_layers_kernel(const LayersP
           uint32_t a[4], b[2];
           ldsm_x4(a, a_base + 16 * mt * L.pout + 16 * s);
           ldsm_x2(b, b_base + 8 * nt * L.pout + 16 * s);
-          mma16816<T>(d[s % 2], a, b[0], b[1]);
+          mma16816<T>(d[s % 2], a[0], a[1], a[2], a[3], b[0], b[1]);
         }
         const int row = 16 * mt + gq, col = 8 * nt + 2 * cq;
         *reinterpret_cast<float2*>(outp + size_t(row) * D + col) = make_float2(d[0][0] + d[1][0], d[0][1] + d[1][1]);
