@@ -8,6 +8,7 @@ data), so that a figure taken on an H200 is not bounded by an H100's numbers. Ab
 from __future__ import annotations
 
 import functools
+import json
 
 import torch
 import triton
@@ -39,3 +40,11 @@ def floor_ms(nbytes: float, flops: float = 0.0) -> float:
 
 def describe() -> str:
     return f"copy {copy_bandwidth() / 1e12:.2f} TB/s, bf16 matmul {bf16_matmul_rate() / 1e12:.0f} TFLOP/s"
+
+
+def append_rows(path: str | None, rows: list[dict]) -> None:
+    """Append a benchmark's rows to `path` (JSON lines; benchmarks/results.jsonl), if a path is given."""
+    if path:
+        with open(path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
-import json
 import os
 import sys
 from datetime import date
@@ -35,7 +34,11 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 import triton
-from ceilings import copy_bandwidth, floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
+from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
+    append_rows,
+    copy_bandwidth,
+    floor_ms,
+)
 
 SHAPES = {  # name: (K, N, bias)
     "mamba.in_proj": (768, 3072, False),
@@ -257,10 +260,7 @@ def main() -> None:
         for name in args.shapes:
             for M in (int(m) for m in args.rows.split(",")):
                 rows.append(measure(name, M, args.sweep, dev, card))
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

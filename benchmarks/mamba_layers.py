@@ -17,13 +17,16 @@ bandwidth measured in the same run. Rows go to --out (JSON lines).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import date
 
 import torch
 import triton
-from ceilings import copy_bandwidth, floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
+from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
+    append_rows,
+    copy_bandwidth,
+    floor_ms,
+)
 
 
 def timed(fn) -> float:
@@ -189,10 +192,7 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {copy_bandwidth() / 1e12:.2f} TB/s", flush=True)
     rows = [measure(int(b), args.layers, card, stamp_phases=args.phases) for b in args.batches.split(",")]
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

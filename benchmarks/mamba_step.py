@@ -18,14 +18,17 @@ and y) over the copy bandwidth measured in the same run. Rows go to --out (JSON 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from datetime import date
 
 import torch
 import triton
-from ceilings import copy_bandwidth, floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
+from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
+    append_rows,
+    copy_bandwidth,
+    floor_ms,
+)
 
 
 def timed(fn) -> float:
@@ -148,10 +151,7 @@ def main() -> None:
         dim, nstate, rank = (int(v) for v in shape.split(":"))
         for batch in (int(b) for b in args.batches.split(",")):
             rows.append(measure(batch, dim, nstate, rank, 4, card))
-    if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

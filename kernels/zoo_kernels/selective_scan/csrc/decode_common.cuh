@@ -1,5 +1,6 @@
 // Device helpers shared by the decode kernels (mamba_step.cu, mamba_layers.cu): asynchronous copies into shared
-// memory, one m16n8k16 tensor-core tile, and recurrent states read and written four at a time.
+// memory, one m16n8k16 tensor-core tile, recurrent states read and written four at a time, and the conversions
+// (zoo_ss's, re-exported, and round_to).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,12 +9,18 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "selective_scan_kernels.cuh"  // to_f, from_f
+#include "selective_scan_kernels.cuh"  // to_f, from_f, softplus_f, sigmoid_f
 
 namespace zoo_decode {
 
 using zoo_ss::from_f;
+using zoo_ss::sigmoid_f;
+using zoo_ss::softplus_f;
 using zoo_ss::to_f;
+
+// x rounded to T (the values the unfused step stores in the activations' dtype), back in fp32
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));

@@ -44,19 +44,7 @@ namespace cg = cooperative_groups;
 namespace zoo_ml {
 namespace {
 
-using zoo_decode::cp_async16;
-using zoo_decode::cp_async_commit;
-using zoo_decode::cp_async_wait;
-using zoo_decode::load_state4;
-using zoo_decode::mma16816;
-using zoo_decode::store_state4;
-using zoo_ss::from_f;
-using zoo_ss::sigmoid_f;
-using zoo_ss::softplus_f;
-using zoo_ss::to_f;
-
-template <typename T>
-__device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
+using namespace zoo_decode;  // cp.async, mma16816, states, to_f / from_f / round_to, softplus_f, sigmoid_f
 
 constexpr float kFixScale = 4294967296.f;       // 2^32: x_proj's sums in 32.32 fixed point
 constexpr float kFixClamp = 67108864.f;         // 2^26: a part's magnitude is clamped there (16 parts < 2^62)

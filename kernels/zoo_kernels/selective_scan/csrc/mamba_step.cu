@@ -44,19 +44,7 @@ namespace {
 
 constexpr int kMaxItems = kMaxRowChannels / kThreads;  // (row, channel) items per thread in the conv step
 
-using zoo_decode::cp_async16;
-using zoo_decode::cp_async_commit;
-using zoo_decode::cp_async_wait;
-using zoo_decode::load_state4;
-using zoo_decode::mma16816;
-using zoo_decode::store_state4;
-using zoo_ss::from_f;
-using zoo_ss::sigmoid_f;
-using zoo_ss::softplus_f;
-using zoo_ss::to_f;
-
-template <typename T>
-__device__ __forceinline__ float round_to(float x) { return to_f(from_f<T>(x)); }
+using namespace zoo_decode;  // cp.async, mma16816, states, to_f / from_f / round_to, softplus_f, sigmoid_f
 
 // Phase timing, compiled only with -DZOO_MS_PHASES (benchmarks/probe_mamba_step_phases.py builds such a copy):
 // thread 0 of each of the first kPhaseCtas CTAs stores clock64() at the phase boundaries, the globaltimer at the
