@@ -48,3 +48,10 @@ def append_rows(path: str | None, rows: list[dict]) -> None:
         with open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+
+
+def graph_ms(fn, rep: int = 30) -> float:
+    """Median ms of fn replayed in a CUDA graph (triton's do_bench_cudagraph), after one warm call."""
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")

@@ -33,11 +33,11 @@ from datetime import date
 
 import torch
 import torch.nn.functional as F
-import triton
 from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
     append_rows,
     copy_bandwidth,
     floor_ms,
+    graph_ms,
 )
 
 SHAPES = {  # name: (K, N, bias)
@@ -55,9 +55,7 @@ SHAPES = {  # name: (K, N, bias)
 
 
 def timed(fn, rep: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    return graph_ms(fn, rep)
 
 
 @contextlib.contextmanager

@@ -21,18 +21,16 @@ import sys
 from datetime import date
 
 import torch
-import triton
 from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
     append_rows,
     copy_bandwidth,
     floor_ms,
+    graph_ms,
 )
 
 
 def timed(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    return graph_ms(fn, 50)
 
 
 def random_layers(n: int, batch: int, d_model: int = 768, rank: int = 48, nstate: int = 16, width: int = 4,

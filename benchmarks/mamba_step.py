@@ -23,18 +23,16 @@ import sys
 from datetime import date
 
 import torch
-import triton
 from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
     append_rows,
     copy_bandwidth,
     floor_ms,
+    graph_ms,
 )
 
 
 def timed(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
+    return graph_ms(fn, 30)
 
 
 def step_args(batch: int, dim: int, nstate: int, rank: int, width: int, dtype=torch.bfloat16) -> tuple:
