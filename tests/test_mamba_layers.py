@@ -83,6 +83,11 @@ def test_shape_check_says_why():
     assert problem(layers, 65, torch.bfloat16).startswith("batch 65")
     assert problem(layers, 3, torch.bfloat16).startswith("layer 0: conv_state has shape")
     assert "must be a contiguous, 16-byte aligned CUDA tensor" in problem(layers, 4, torch.bfloat16)  # (CPU)
+    layers[1].in_w.requires_grad_(True)
+    assert problem(layers, 4, torch.bfloat16).startswith("a tensor needs gradients")
+    with torch.no_grad():
+        assert "must be a contiguous, 16-byte aligned CUDA tensor" in problem(layers, 4, torch.bfloat16)
+    layers[1].in_w.requires_grad_(False)
     odd = _random_layers(1, 4, 96, torch.bfloat16, torch.float32, "cpu")
     assert problem(odd, 4, torch.bfloat16).startswith("d_inner 192")
     assert fused_layers.problem(layers, 4, torch.bfloat16) is not None  # never taken off CUDA

@@ -9,7 +9,8 @@ SM, all resident), three grid barriers per block (benchmarks/NOTES_selective_sca
 `MambaLayers(layers, batch, ...)` holds the kernel's workspace and its table of the layers' tensors;
 `run(x, pending, mask)` returns the residual stream after the run (what the next block's add_norm takes, with no
 pending output). `mamba_layers_ref` is the same computation in torch, block by block, from the unfused references.
-`problem(...)` says why the kernel cannot take a run (None when it can).
+`problem(...)` says why the kernel cannot take a run (None when it can). Forward only: it refuses tensors that need
+gradients while autograd is on.
 
 Experimental: it is correct (tests/test_mamba_layers.py) but slower than the model's own chain at every batch on an
 H200 (42.2 against 27.8 us per block at batch 64, 15.8 against 10.9 at batch 1; benchmarks/RESULTS.md, fourteenth
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._checks import shape_problem
 from zoo_kernels.selective_scan.cuda import JitExtension
 from zoo_kernels.selective_scan.fused_step import mamba_step_ref
 
@@ -64,7 +66,8 @@ class MambaLayerTensors:
 
 
 def _shape_problem(layers: list[MambaLayerTensors], batch: int, dtype: torch.dtype) -> str | None:
-    """Why these layers' shapes, dtypes or layouts do not fit the kernel (None when they do); no device call."""
+    """Why these layers' shapes, dtypes or layouts do not fit the kernel, or why they need autograd, which it has not
+    (None when they fit); no device call."""
     if dtype not in (torch.bfloat16, torch.float16):
         return f"activations in {dtype} (the kernel takes bf16 or fp16)"
     if not 1 <= batch <= MAX_BATCH:
@@ -103,14 +106,17 @@ def _shape_problem(layers: list[MambaLayerTensors], batch: int, dtype: torch.dty
                 if name in ("conv_b", "dt_b", "D"):
                     continue
                 return f"layer {i}: {name} missing"
-            if tuple(v.shape) != shape:
-                return f"layer {i}: {name} has shape {tuple(v.shape)}, expected {shape}"
+            why = shape_problem(v, f"layer {i}: {name}", shape)
+            if why is not None:
+                return why
             if dt is not None and v.dtype != dt:
                 return f"layer {i}: {name} is {v.dtype}, expected {dt}"
         if t.state.dtype not in (torch.float32, dtype):
             return f"layer {i}: state is {t.state.dtype} (fp32 or the activations' {dtype})"
         if t.state.dtype != first.state.dtype:
             return f"layer {i}: state dtype differs from layer 0's"
+    if torch.is_grad_enabled() and any(v is not None and v.requires_grad for t in layers for v in t.tensors()):
+        return "a tensor needs gradients (the kernel is forward only: decoding without autograd)"
     for i, t in enumerate(layers):
         for name, v in zip(_NAMES, t.tensors()):
             if v is not None and (not v.is_cuda or not v.is_contiguous() or v.data_ptr() % 16):

@@ -33,11 +33,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
-#include <type_traits>
 
 #include "mamba_layers.h"
 #include "decode_common.cuh"  // cp.async, mma16816, load_state4 / store_state4
-#include "selective_scan_kernels.cuh"  // to_f, from_f, softplus_f, sigmoid_f
 
 namespace cg = cooperative_groups;
 
@@ -78,8 +76,8 @@ __device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], const void* p) {
                : "=r"(r[0]), "=r"(r[1])
                : "r"(smem_addr(p)));
 }
-// The weights' slices come by bulk copies (the copy engine; one thread issues a row), each set counted on its own
-// mbarrier, so that waiting for them never waits for the staged activations' cp.async groups or the reverse.
+// in_proj's rows come by bulk copies (the copy engine; one thread issues a row) counted on an mbarrier, so that
+// waiting for them never waits for the cp.async groups (staged rows, small weights, out_proj's block) or the reverse.
 __device__ __forceinline__ void mbar_init(uint64_t* bar) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)) : "memory");
 }

@@ -14,9 +14,8 @@ constexpr int kCh = 16;        // d_inner channels per CTA: the grid is d_inner 
 constexpr int kN = 16;         // d_state
 constexpr int kFeat = 8;       // d_model features of out_proj per CTA (d_model = kFeat x CTAs: expand 2)
 constexpr int kCluster = 8;    // CTAs per cluster: x_proj's parts and out_proj's inputs are shared within one
-constexpr int kMaxRank = 64;   // dt_rank, at most (a multiple of 8)
-constexpr int kSsRows = 64;
-constexpr int kStamps = 15;    // phase stamps per layer and CTA (LayersParams::stamps)    // the row pitch of the per-CTA sums of squares (ss: [parts][kSsRows])
+constexpr int kSsRows = 64;    // the row pitch of the per-CTA sums of squares (ss: [parts][kSsRows])
+constexpr int kStamps = 15;    // phase stamps per layer and CTA (LayersParams::stamps)
 
 // One layer's tensors (device pointers, as the kernel reads them from a table in global memory: 12 x 8 bytes).
 struct LayerPtrs {
