@@ -40,17 +40,20 @@ def timed(step, n_tokens: int, warmup: int) -> float:
     return start.elapsed_time(end) / n_tokens
 
 
-def streams_step(decoders, streams):
+def fork_join(streams, calls) -> None:
+    """Run each call on its own stream after the current stream's work, and make the current stream wait for all."""
     cur = torch.cuda.current_stream()
+    for s, call in zip(streams, calls):
+        s.wait_stream(cur)
+        with torch.cuda.stream(s):
+            call()
+    for s in streams:
+        cur.wait_stream(s)
 
-    def step():
-        for s, d in zip(streams, decoders):
-            s.wait_stream(cur)
-            with torch.cuda.stream(s):
-                d.step()
-        for s in streams:
-            cur.wait_stream(s)
-    return step
+
+def streams_step(decoders, streams):
+    """A step of k decoders, each replaying its own graph on its own stream."""
+    return lambda: fork_join(streams, [d.step for d in decoders])
 
 
 def fork_graph(decoders: list[StaticDecoder]):
@@ -66,13 +69,7 @@ def fork_graph(decoders: list[StaticDecoder]):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        cur = torch.cuda.current_stream()
-        for s, d in zip(streams, decoders):
-            s.wait_stream(cur)
-            with torch.cuda.stream(s):
-                d._step_body()
-        for s in streams:
-            cur.wait_stream(s)
+        fork_join(streams, [d._step_body for d in decoders])
     for d, s in zip(decoders, saved):
         GraphDecoder._restore(d, s)
 
