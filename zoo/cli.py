@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
 
 # subcommand -> (module, function, help); modules are imported only when their command runs
@@ -35,10 +37,10 @@ def info(argv: list[str] | None = None) -> None:
     p.add_argument("configs", nargs="+")
     p.add_argument("--seq-len", type=int, default=2048, help="length at which to report the state size")
     args = p.parse_args(argv)
+    configs = [(path, ZooConfig.from_yaml(path)) for path in args.configs]  # every config's errors before the table
     print("| config | layers | d_model | parameters | without embeddings | state floats/seq @ L |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for path in args.configs:
-        cfg = ZooConfig.from_yaml(path)
+    for path, cfg in configs:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         n = sum(p.numel() for p in model.parameters())
@@ -51,9 +53,10 @@ def info(argv: list[str] | None = None) -> None:
 
 def generate(argv: list[str] | None = None) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the Auto classes)
+    from zoo.hub import load_folder_tokenizer
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
     p.add_argument("model")
@@ -61,14 +64,33 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true")
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--tokenizer", help="'byte' or a tokenizer folder / hub id (default: the model folder's)")
     args = p.parse_args(argv)
-    tok = AutoTokenizer.from_pretrained(args.model)
+    if args.max_new_tokens < 1:
+        p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        p.error(f"--num-beams must be at least 1, got {args.num_beams}")
+    if not args.prompt:
+        p.error("the prompt is empty; give at least one character")
+    _check_model_folder(args.model)
+    tok = load_folder_tokenizer(args.tokenizer or args.model)
+    if tok is None:
+        p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
     ids = tok(args.prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              num_beams=args.num_beams, pad_token_id=tok.pad_token_id)
     print(tok.decode(out[0], skip_special_tokens=True))
+
+
+def _check_model_folder(path: str) -> None:
+    """FileNotFoundError for a path that is neither a folder nor shaped like a hub id ('org/name'), instead of
+    transformers' 'Repo id must be in the form ...'."""
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        raise FileNotFoundError(f"{path}: no such model folder")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,12 +107,42 @@ def main(argv: list[str] | None = None) -> None:
         if not rest or rest[0] not in EVAL_COMMANDS:
             sys.exit(f"usage: zoo eval {{{','.join(EVAL_COMMANDS)}}} ...")
         module = importlib.import_module(EVAL_COMMANDS[rest[0]])
-        _exit(module.main(rest[1:]))
+        _exit(_run(f"zoo eval {rest[0]}", module.main, rest[1:]))
         return
     if cmd not in COMMANDS:
         sys.exit(f"zoo: unknown command {cmd!r}\n{usage}")
     module_name, fn, _ = COMMANDS[cmd]
-    _exit(getattr(importlib.import_module(module_name), fn)(rest))
+    _exit(_run(f"zoo {cmd}", getattr(importlib.import_module(module_name), fn), rest))
+
+
+def _user_error(e: BaseException) -> bool:
+    """Errors that report bad input (a config field, a missing or wrong folder, a full cache, a missing backend)
+    and read best as one line; anything else keeps its traceback."""
+    import yaml
+
+    return (isinstance(e, (ValueError, OSError, yaml.YAMLError))
+            or type(e).__name__ in ("KVCacheFull", "BackendUnavailable"))
+
+
+def _run(prog: str, fn, argv: list[str]):
+    """Run a command: bad input ends in one line `prog: message` and exit status 2, an interruption in 130
+    ($ZOO_TRACEBACK=1 keeps the traceback)."""
+    try:
+        return fn(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("ZOO_TRACEBACK"):
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("ZOO_TRACEBACK") or not _user_error(e):
+            raise
+        message = str(e)
+        if "Repo id must be in the form" in message:  # transformers, given a folder that does not exist
+            quoted = re.findall(r"'([^']+)'", message)  # the form's two examples, then the path given
+            message = f"{quoted[-1] if quoted else message}: no such model folder (nor a hub id 'org/name')"
+        print(f"{prog}: {message}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 2
 
 
 def _exit(rc) -> None:

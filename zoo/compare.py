@@ -771,6 +771,8 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
         else:
             fields = {**fields, **overrides}
         try:
+            if is_zoo:
+                ZooConfig.check_fields(fields)
             entry = ModelEntry(name, fields, is_zoo)
             entry.config()
         except (ValueError, TypeError) as e:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
 import inspect
 import math
 from dataclasses import field
@@ -12,6 +14,19 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 FFN_TYPES = ("swiglu", "none")
+FFN_KEYS = ("type", "hidden")
+MOE_KEYS = ("every", "offset", "n_experts", "top_k", "hidden", "aux_loss_coef", "normalize_topk")
+
+
+def _unknown_key(keys, known, where: str) -> str | None:
+    """A message naming the first of `keys` not in `known` (with the closest known one), else None."""
+    unknown = [k for k in keys if k not in known]
+    if not unknown:
+        return None
+    key = unknown[0]
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"{where}{key}: unknown field; {hint}fields: {', '.join(known)}"
 
 
 def _parse_layers(layers: str | list, mixers: dict) -> list[dict]:
@@ -129,6 +144,8 @@ class ZooConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings: must be true or false, got {self.tie_embeddings!r}")
         if self.decode_state_dtype not in DECODE_STATE_DTYPES:
             raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, "
                              f"got {self.decode_state_dtype!r}")
@@ -144,6 +161,10 @@ class ZooConfig(PreTrainedConfig):
             if not isinstance(spec, dict) or "type" not in spec:
                 raise ValueError(f"mixers.{letter}: expected a dict with a 'type' (one of the registered mixers "
                                  f"or a dotted import path), got {spec!r}")
+        if isinstance(self.ffn, dict) and (problem := _unknown_key(self.ffn, FFN_KEYS, "ffn.")):
+            raise ValueError(problem)
+        if isinstance(self.moe, dict) and (problem := _unknown_key(self.moe, MOE_KEYS, "moe.")):
+            raise ValueError(problem)
         ffn = self.ffn_spec()
         if ffn["type"] not in FFN_TYPES:
             raise ValueError(f"ffn.type: unknown {ffn['type']!r}; use one of {FFN_TYPES}")
@@ -196,8 +217,21 @@ class ZooConfig(PreTrainedConfig):
 
     # ---- io ---------------------------------------------------------------------------------------------
     @classmethod
+    def check_fields(cls, data: dict, where: str = "") -> None:
+        """Raise ValueError naming the first key of `data` (a config written by hand: YAML, a comparison's
+        overrides) that is no config field, with the closest field. (Python keyword arguments and config.json
+        are left to transformers' rule: unknown keys become attributes.)"""
+        own = [name for name in cls.__annotations__ if not name.startswith("_")]
+        inherited = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
+        inherited |= {"model_type", "tie_word_embeddings", "num_hidden_layers"}
+        problem = _unknown_key([k for k in data if k not in inherited], own, where)
+        if problem:
+            raise ValueError(problem)
+
+    @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ZooConfig:
-        """Read a model config from YAML; keyword overrides replace top-level fields."""
+        """Read a model config from YAML; keyword overrides replace top-level fields. Raises ValueError naming
+        a field that is not a config field (a typo would otherwise leave its default in place)."""
         import yaml
 
         with open(path) as f:
@@ -205,6 +239,7 @@ class ZooConfig(PreTrainedConfig):
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a YAML mapping of config fields")
         data.update(overrides)
+        cls.check_fields(data, f"{path}: ")
         return cls(**data)
 
     @classmethod

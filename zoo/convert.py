@@ -769,7 +769,16 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
 
-    fmt = fmt or detect_format(folder)
+    if fmt is None:
+        fmt = detect_format(folder)
+    else:
+        try:
+            found = detect_format(folder)
+        except ValueError:  # a model_type we cannot tell: take --from at its word
+            found = fmt
+        if found != fmt:  # transformers would build the class's default model and load nothing into it
+            raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; pass --from "
+                             f"{found} or leave --from out")
     if fmt == "zoo":
         return ZooForCausalLM.from_pretrained(folder).eval()
     if fmt == "mamba_ssm":
@@ -789,6 +798,8 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
 
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
+    if Path(dst).resolve() == Path(src).resolve():
+        raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
     tok = load_folder_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
     if to_format is None:
         model = load_as_zoo(src, from_format)

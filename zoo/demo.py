@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "n_kv"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
     torch.manual_seed(args.seed)
     config = ZooConfig.from_yaml(args.config)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_acc = recall_accuracy(model, held_out)
     model.train()
     losses, t0 = [], time.time()
-    bar = tqdm(range(args.steps), desc="demo: jamba-tiny on MQAR", dynamic_ncols=True)
+    bar = tqdm(range(args.steps), desc=f"demo: {Path(args.config).stem} on MQAR", dynamic_ncols=True)
     for step in bar:
         batch = mqar_batch(args.batch_size, generator=gen, **task)
         loss = model(**batch).loss

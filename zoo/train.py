@@ -1173,7 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if result.checkpoint is not None and PartialState().is_main_process:
         print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
-    return 0
+    return 130 if result.stopped else 0  # stopped by a signal (saved, resumable): not a finished run
 
 
 __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "OptimConfig",

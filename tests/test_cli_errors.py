@@ -1,0 +1,128 @@
+"""Bad input ends in one clear line: config typos, wrong checkpoint formats, missing folders, bad CLI options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+import zoo
+from zoo import cli
+from zoo.compare import load_compare_config, resolve_models
+from zoo.convert import convert
+from zoo.hub import save_model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "models" / "mamba-tiny.yaml"
+
+
+def _yaml(tmp_path, text: str) -> Path:
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, names", [
+    ("d_modle: 128\n", ("d_modle", "did you mean 'd_model'")),
+    ("d_model: 64\nffn: {type: swiglu, hiden: 128}\n", ("ffn.hiden", "did you mean 'hidden'")),
+    ("d_model: 64\nlayers: MA\nmixers: {M: {type: mamba}, A: {type: attention, n_heads: 2}}\n"
+     "moe: {n_expert: 4}\n", ("moe.n_expert", "did you mean 'n_experts'")),
+    ("tie_embeddings: 'no'\n", ("tie_embeddings", "true or false")),
+])
+def test_a_yaml_config_with_an_unknown_or_mistyped_field_is_refused_by_name(tmp_path, text, names):
+    with pytest.raises(ValueError) as e:
+        zoo.ZooConfig.from_yaml(_yaml(tmp_path, text))
+    for name in names:
+        assert name in str(e.value)
+
+
+def test_every_shipped_model_config_loads_and_hf_fields_are_accepted(tmp_path):
+    for path in sorted((ROOT / "configs" / "models").glob("*.yaml")):
+        zoo.ZooConfig.from_yaml(path)
+    config = zoo.ZooConfig.from_yaml(_yaml(tmp_path, "model_type: zoo\nd_model: 64\nhidden_size: 64\n"))
+    assert config.d_model == 64
+
+
+def test_a_comparison_override_with_a_typo_names_the_model_and_the_field(tmp_path):
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"models:\n  m:\n    config: {TINY}\n    overrides: {{layrs: MMMM}}\n")
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError, match=r"models\.m: layrs: unknown field; did you mean 'layers'"):
+        resolve_models(cfg, folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ckpt") / "mamba-tiny"
+    save_model_folder(AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)), folder, "byte")
+    return folder
+
+
+def test_convert_refuses_a_from_format_the_folder_is_not_and_writes_nothing(tiny_folder, tmp_path):
+    with pytest.raises(ValueError, match="holds a zoo checkpoint.*not hf-mamba"):
+        convert(tiny_folder, tmp_path / "out", from_format="hf-mamba")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_to_overwrite_its_source(tiny_folder):
+    before = (tiny_folder / "config.json").read_text()
+    with pytest.raises(ValueError, match="is the source folder"):
+        convert(tiny_folder, tiny_folder / ".." / tiny_folder.name, to_format="hf-mamba")
+    assert (tiny_folder / "config.json").read_text() == before
+
+
+def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["info", str(tmp_path / "nope.yaml")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("zoo info: ") and "nope.yaml" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert e.value.code == 2
+    assert "missing: no such model folder" in capsys.readouterr().err
+    monkeypatch.setenv("ZOO_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["info", str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["hi", "--num-beams", "0"], "--num-beams must be at least 1"),
+    (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    ([""], "the prompt is empty"),
+])
+def test_generate_checks_its_options_before_loading(tiny_folder, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generate_says_when_a_folder_has_no_tokenizer_and_takes_one(tiny_folder, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    AutoModelForCausalLM.from_pretrained(tiny_folder).save_pretrained(bare)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(bare), "hi"])
+    assert e.value.code == 2 and "holds no tokenizer files" in capsys.readouterr().err
+    cli.main(["generate", str(bare), "hi", "--tokenizer", "byte", "--max-new-tokens", "3"])
+    assert capsys.readouterr().out.startswith("hi")
+
+
+def test_an_interrupted_train_exits_130(monkeypatch):
+    import zoo.train as train_module
+
+    def stopped(cfg, resume=None):
+        return train_module.TrainResult(step=3, losses={}, evals=[], checkpoint=None, stopped=True, tokens=0)
+
+    monkeypatch.setattr(train_module, "train", stopped)
+    assert train_module.main([str(ROOT / "configs" / "train" / "demo.yaml")]) == 130
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", str(ROOT / "configs" / "train" / "demo.yaml")])
+    assert e.value.code == 130
+
+
+def test_demo_refuses_zero_steps(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--steps", "0"])
+    assert e.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
