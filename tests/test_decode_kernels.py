@@ -23,6 +23,8 @@ from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
 from zoo_kernels.gla.ref import gla_state_update_ref
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
 
+from zoo.cache import output_cache
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
 
@@ -454,7 +456,7 @@ def test_decode_step_updates_states_in_place_and_equals_the_forward(kind):
     with torch.no_grad():
         full = model(ids).logits
         out = model(ids[:, :8], use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         steps, pointers = [], []
         for t in range(8, 12):
             out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)

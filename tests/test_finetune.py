@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import zoo  # noqa: F401  (registers the Auto classes)
-from zoo.cache import RecurrentLayer
+from zoo.cache import RecurrentLayer, output_cache
 from zoo.config import ZooConfig
 from zoo.finetune import (
     check_lora_reached,
@@ -101,7 +101,7 @@ def test_every_adapted_module_and_the_model_output_change(name):
     with torch.no_grad():
         adapted = model(input_ids=ids, use_cache=False).logits
         parallel = dict(deltas)
-        cache = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=ids[:, :-1], use_cache=True))
         deltas.clear()
         step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits  # the decode path
         decode = dict(deltas)

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import zoo  # noqa: F401  (registers the Auto classes)
+from zoo.cache import output_cache
 from zoo.config import ZooConfig
 from zoo.finetune import check_lora_reached, wrap_lora
 
@@ -117,7 +118,7 @@ def test_every_adapted_module_changes_on_gpu(name):
     with torch.no_grad():
         adapted = gpu(input_ids=ids, use_cache=False).logits
         parallel = dict(deltas)
-        cache = gpu(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        cache = output_cache(gpu(input_ids=ids[:, :-1], use_cache=True))
         deltas.clear()
         step = gpu(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits  # the decode kernels
         decode = dict(deltas)

@@ -206,3 +206,17 @@ def test_rmsnorm_fused_on_cuda_equals_the_cpu_formula(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for what, a, b in zip(("y", "dx", "dweight"), outs["cuda"], outs["cpu"]):
         assert_close(f"rmsnorm {what} {dtype}", a, b, tol)
+
+
+def test_outputs_keep_the_cache_under_the_installed_transformers_field():
+    """transformers 5.2x renamed the outputs' `past_key_values` to `cache` (the old name warns, and goes in 5.40):
+    zoo outputs fill the field the installed class has, and zoo.cache.output_cache reads it."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from zoo.cache import output_cache
+
+    model = tiny("mamba")
+    out = model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=True)
+    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    assert isinstance(out[field], ZooCache) and output_cache(out) is out[field]
+    assert output_cache(model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=False)) is None

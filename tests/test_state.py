@@ -15,7 +15,7 @@ from zoo_kernels.gla.ref import gla_state_update_ref
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
 from zoo_kernels.ssd.ref import ssd_state_update_ref
 
-from zoo.cache import RecurrentLayer
+from zoo.cache import RecurrentLayer, output_cache
 from zoo.config import ZooConfig
 from zoo.mixers.gla import GLA
 from zoo.mixers.mamba import Mamba
@@ -332,7 +332,7 @@ def test_recorder_equals_direct_run(config):
         for i, end in enumerate(result["positions"]):
             out = model(input_ids=ids[:, :end], use_cache=True)
             for layer, stats in result["layers"].items():
-                direct = state_statistics(kind, out.past_key_values.layers[layer].recurrent_state)
+                direct = state_statistics(kind, output_cache(out).layers[layer].recurrent_state)
                 for name, value in direct.items():
                     assert_close(f"{config} layer {layer} {name} @ {end}", torch.tensor(stats[name][i]), value, 1e-4)
         inputs: dict[int, list] = {}

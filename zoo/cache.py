@@ -305,4 +305,13 @@ class ZooCache(Cache):
         return self
 
 
-__all__ = ["KVCacheFull", "RecurrentLayer", "StaticKVLayer", "ZooCache"]
+
+def output_cache(out, name: str = "past_key_values"):
+    """The cache a model's output returns (None if none): its `cache` field where the output class has one
+    (transformers renamed the field in 5.2x; reading the old name warns and goes in 5.40), else `name`
+    (past_key_values, or cache_params for older transformers' Mamba)."""
+    if "cache" in getattr(type(out), "__dataclass_fields__", {}):
+        return out.cache
+    return getattr(out, name, None)
+
+__all__ = ["KVCacheFull", "RecurrentLayer", "StaticKVLayer", "ZooCache", "output_cache"]

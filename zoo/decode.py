@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from zoo.cache import KVCacheFull, RecurrentLayer, StaticKVLayer, ZooCache
+from zoo.cache import KVCacheFull, RecurrentLayer, StaticKVLayer, ZooCache, output_cache
 from zoo.layers import decoding, optional_kernel
 
 # ZOO_DECODE_ARGMAX=0 keeps torch.argmax for the greedy token on CUDA (benchmarks compare the two)
@@ -109,7 +109,7 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = 
     step = chunk_size or input_ids.shape[1]
     for start in range(0, input_ids.shape[1], step):
         out = model(input_ids=input_ids[:, start:start + step], use_cache=True, **{arg: cache}, **keep)
-        cache, logits = getattr(out, arg), out.logits[:, -1:]
+        cache, logits = output_cache(out, arg), out.logits[:, -1:]
     return DecodeState(cache, greedy(logits), arg)
 
 
@@ -160,7 +160,7 @@ class EagerDecoder:
         s = self.state
         with decoding():
             out = self.model(input_ids=s.next_ids, use_cache=True, **{s.cache_argument: s.cache})
-        s.cache = getattr(out, s.cache_argument)
+        s.cache = output_cache(out, s.cache_argument)
         s.next_ids = greedy(out.logits)
         return s.next_ids
 

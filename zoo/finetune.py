@@ -39,6 +39,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.cache import output_cache
 from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset
 from zoo.layers import MoE, SwiGLU
 from zoo.train import (
@@ -282,7 +283,7 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
             with torch.no_grad():
                 out = model(input_ids=input_ids, use_cache=True)
                 record("prefill")
-                cache = getattr(out, "past_key_values", None)
+                cache = output_cache(out)
                 if cache is not None:
                     model(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True)
                     record("decode step")
@@ -735,7 +736,7 @@ def _state_passing_step(model: nn.Module, batch: dict[str, torch.Tensor], scale:
     if carried is not None and carried[1] != rows:
         carried = None
     out = model(**inputs.kwargs(batch), past_key_values=carried[0] if carried is not None else None, use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     if not isinstance(cache, ZooCache) or not cache.recurrent_only():
         raise ValueError("train.state_passing: needs a model whose layers are all recurrent (mamba, mamba2, gla); "
                          f"this one returned {type(cache).__name__} with attention (KV) layers or none")

@@ -13,7 +13,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from zoo_kernels.cross_entropy import cross_entropy
 
-from zoo.cache import RecurrentLayer, ZooCache
+from zoo.cache import RecurrentLayer, ZooCache, output_cache
 from zoo.config import ZooConfig
 from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, mark_no_weight_decay
 from zoo.registry import get_mixer
@@ -24,6 +24,10 @@ try:  # the keyword generate() keeps the cache under: "cache" from transformers 
     GENERATE_CACHE_KWARG = _CACHE_NAMES[0]
 except ImportError:  # pragma: no cover - older layouts
     GENERATE_CACHE_KWARG = "past_key_values"
+
+
+# the outputs' cache field: `cache` from transformers 5.2x on (`past_key_values` warns there, and goes in 5.40)
+_OUTPUT_CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _the_cache(past_key_values, kwargs: dict):
@@ -183,7 +187,7 @@ class ZooModel(ZooPreTrainedModel):
             hidden_states[-1] = x
         if past_key_values is not None:
             past_key_values.seen_tokens += T
-        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values,
+        out = BaseModelOutputWithPast(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
                                       hidden_states=tuple(hidden_states) if hidden_states else None)
         out.aux_loss = aux_total
         return out
@@ -244,7 +248,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             if self.config.moe:
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
-        return ZooCausalLMOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
                                  hidden_states=out.hidden_states, aux_loss=aux if self.config.moe else None)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,

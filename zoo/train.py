@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from zoo.cache import output_cache
 from zoo.data.text import IGNORE_INDEX, ByteTokenizer, DataConfig, StreamState, TextStream, load_tokenizer
 
 CHECKPOINT_PREFIX = "step_"
@@ -600,7 +601,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     def run(k: int, cache, labels: bool = True):
         start, stop = bounds[k]
         out = model(**inputs.kwargs(batch, slice(start, stop), labels), past_key_values=cache, use_cache=True)
-        if out.past_key_values is None and k < len(bounds) - 1:
+        if output_cache(out) is None and k < len(bounds) - 1:
             raise ValueError("train.tbptt_chunk: the model returned no cache with use_cache=True in training "
                              "mode; truncated BPTT needs model(..., use_cache=True).past_key_values")
         return out
@@ -616,7 +617,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
                 backward([loss], [None])
             total = total + loss.detach()
             if not last:
-                cache = out.past_key_values
+                cache = output_cache(out)
                 _detach_cache(cache)
         return total
 
@@ -625,7 +626,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     with torch.no_grad():
         cache = None
         for k in range(len(bounds) - 1):
-            cache = run(k, cache, labels=False).past_key_values
+            cache = output_cache(run(k, cache, labels=False))
             entering.append(copy.deepcopy(cache))
     state_grads: list[torch.Tensor | None] | None = None
     for k in reversed(range(len(bounds))):
@@ -640,7 +641,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
             tensors: list[torch.Tensor] = [loss]
             grads: list[torch.Tensor | None] = [None]
             if state_grads is not None:
-                for t, g in zip(_cache_states(out.past_key_values), state_grads):
+                for t, g in zip(_cache_states(output_cache(out)), state_grads):
                     if g is not None and t.requires_grad:
                         tensors.append(t)
                         grads.append(g)
@@ -1014,7 +1015,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                                 use_cache=True)
                     loss, n = _chunk_loss(out, batch, start, start + chunk)
                     sums += torch.stack([loss.double(), torch.tensor(float(n), device=device)])
-                    cache = out.past_key_values
+                    cache = output_cache(out)
         model.train()
         sums = accelerator.reduce(sums, reduction="sum")
         mean = (sums[0] / sums[1].clamp(min=1)).item()

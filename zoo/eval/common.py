@@ -1,7 +1,7 @@
 """What every `zoo eval` command shares: loading a model, running it in chunks, writing result tables.
 
 Evaluation only uses the Hugging Face causal-LM interface (``model(input_ids=..., past_key_values=...,
-use_cache=...)``, ``.logits``, ``.past_key_values``, ``generate``), so it runs on zoo models and on any
+use_cache=...)``, ``.logits``, the output's cache, ``generate``), so it runs on zoo models and on any
 transformers model alike.
 """
 
@@ -14,6 +14,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+
+from zoo.cache import output_cache
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -135,7 +137,7 @@ def iter_chunk_logits(
     cache = None
     for start in range(0, seq_len, chunk_size):
         out = model(input_ids=input_ids[:, start : start + chunk_size], use_cache=True, **{arg: cache})
-        cache = getattr(out, arg)
+        cache = output_cache(out, arg)
         yield start, out.logits
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.cache import output_cache
 from zoo.eval.common import (
     accepts_argument,
     encode_with_bos,
@@ -135,7 +136,7 @@ def greedy_generate(
     for start in range(0, input_ids.shape[1], prefill_chunk_size):
         out = model(input_ids=input_ids[:, start : start + prefill_chunk_size], use_cache=True, **{arg: cache},
                     **({"logits_to_keep": 1} if keep_last else {}))
-        cache, last = getattr(out, arg), out.logits[:, -1]
+        cache, last = output_cache(out, arg), out.logits[:, -1]
     new_tokens = []
     for _ in range(max_new_tokens):
         token = last.argmax(dim=-1, keepdim=True)  # [1, 1]
@@ -143,7 +144,7 @@ def greedy_generate(
         if eos_token_id is not None and int(token) == eos_token_id:
             break
         out = model(input_ids=token, use_cache=True, **{arg: cache})
-        cache, last = getattr(out, arg), out.logits[:, -1]
+        cache, last = output_cache(out, arg), out.logits[:, -1]
     return torch.cat(new_tokens, dim=1)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zoo.cache import RecurrentLayer
+from zoo.cache import RecurrentLayer, output_cache
 from zoo.state.mitigation import format_spec, head_view, recurrent_mixers
 
 STATE_STATS = ("state_mean", "state_var", "state_rms", "state_norm")
@@ -169,7 +169,7 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
         for end in ends:
             chunk = input_ids[:, start:end]
             out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = output_cache(out)
             logits = out.logits.float()
             pieces = [logits[:, :-1]] if previous_logit is None else [previous_logit, logits[:, :-1]]
             targets = chunk[:, 1:] if previous_logit is None else chunk
