@@ -72,7 +72,6 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"--num-beams must be at least 1, got {args.num_beams}")
     if not args.prompt:
         p.error("the prompt is empty; give at least one character")
-    _check_model_folder(args.model)
     tok = load_folder_tokenizer(args.tokenizer or args.model)
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
@@ -82,15 +81,6 @@ def generate(argv: list[str] | None = None) -> None:
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              num_beams=args.num_beams, pad_token_id=tok.pad_token_id)
     print(tok.decode(out[0], skip_special_tokens=True))
-
-
-def _check_model_folder(path: str) -> None:
-    """FileNotFoundError for a path that is neither a folder nor shaped like a hub id ('org/name'), instead of
-    transformers' 'Repo id must be in the form ...'."""
-    if os.path.isdir(path):
-        return
-    if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
-        raise FileNotFoundError(f"{path}: no such model folder")
 
 
 def main(argv: list[str] | None = None) -> None:
