@@ -242,6 +242,9 @@ def _packed_batch(lengths: list[list[int]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
 
 
+# the cache goes under the keyword the model's forward names (transformers' `cache` from 5.2x on: its deprecated
+# `past_key_values` warns, and goes in 5.40)
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
 @pytest.mark.parametrize("name,layout", [("llama", "one"), ("mamba-tiny", "one"), ("jamba-tiny", "one"),
                                          ("mamba-tiny", "packed"), ("jamba-tiny", "packed")],
                          ids=["llama", "mamba", "jamba", "mamba-packed", "jamba-packed"])
@@ -278,3 +281,39 @@ def test_chunked_run_matches_whole_row_run(tmp_path):
     (whole, whole_eval), (chunked, chunked_eval) = runs["whole"], runs["chunked"]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(whole, chunked)), (whole, chunked)
     assert math.isclose(whole_eval, chunked_eval, rel_tol=1e-5)
+
+
+def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path):
+    from zoo.train import resume_changes
+
+    cfg = config_from_dict(run_dict(tmp_path))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert resume_changes(ckpt, config_from_dict(run_dict(tmp_path / "elsewhere"))) == []  # output_dir ignored
+    longer = config_from_dict(run_dict(tmp_path, train={"max_steps": 12}, data={"seq_len": 128}))
+    assert resume_changes(ckpt, longer) == ["data.seq_len: 64 -> 128", "train.max_steps: 6 -> 12"]
+    for sections, field in [({"data": {"seed": 1}}, "data.seed"), ({"tokenizer": "gpt2"}, "tokenizer"),
+                            ({"model": dict(LLAMA, hidden_size=64)}, "model.hidden_size")]:
+        with pytest.raises(ValueError, match=rf"another model, tokenizer or data order \({field}: "):
+            resume_changes(ckpt, config_from_dict(run_dict(tmp_path, **sections)))
+    assert resume_changes(tmp_path, cfg) == []  # no saved config: nothing to compare
+
+
+def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsys):
+    result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})),
+                   resume="auto")
+    assert result.step == 1
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_trackers_are_checked_before_the_run(tmp_path):
+    import importlib.util
+
+    with pytest.raises(ValueError, match=r"log\.trackers: unknown tracker 'tensorbord'"):
+        config_from_dict(run_dict(tmp_path, log={"trackers": ["csv", "tensorbord"]}))
+    missing = next((t for t in ("wandb", "mlflow", "aim", "clearml") if importlib.util.find_spec(t) is None), None)
+    if missing is None:
+        pytest.skip("every tracker tried is installed here")
+    with pytest.raises(ValueError, match=rf"log\.trackers: '{missing}' needs `pip install {missing}`"):
+        config_from_dict(run_dict(tmp_path, log={"trackers": [missing]}))

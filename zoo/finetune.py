@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from zoo.cache import output_cache
 from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset
+from zoo.decode import cache_argument
 from zoo.layers import MoE, SwiGLU
 from zoo.train import (
     ModelInputs,
@@ -285,7 +286,7 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
                 record("prefill")
                 cache = output_cache(out)
                 if cache is not None:
-                    model(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True)
+                    model(input_ids=input_ids[:, -1:], **{cache_argument(base): cache}, use_cache=True)
                     record("decode step")
     finally:
         for h in handles:
@@ -735,7 +736,7 @@ def _state_passing_step(model: nn.Module, batch: dict[str, torch.Tensor], scale:
     rows = batch["input_ids"].shape[0]
     if carried is not None and carried[1] != rows:
         carried = None
-    out = model(**inputs.kwargs(batch), past_key_values=carried[0] if carried is not None else None, use_cache=True)
+    out = model(**inputs.kwargs(batch), **{inputs.cache: carried[0] if carried is not None else None}, use_cache=True)
     cache = output_cache(out)
     if not isinstance(cache, ZooCache) or not cache.recurrent_only():
         raise ValueError("train.state_passing: needs a model whose layers are all recurrent (mamba, mamba2, gla); "

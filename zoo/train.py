@@ -3,7 +3,7 @@
 The loop knows nothing about architectures: it calls ``model(**batch).loss`` (passing ``seq_idx`` only to
 models whose forward takes it, else ``position_ids`` that restart at every packed document), reads
 ``_no_weight_decay`` flags off parameters, and for truncated BPTT uses only the cache that
-``model(..., past_key_values=cache, use_cache=True)`` returns.
+``model(..., past_key_values=cache, use_cache=True)`` returns (``cache=`` for transformers models that name it so).
 
     zoo train configs/train/demo.yaml --train.max_steps=100          # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
@@ -32,6 +32,7 @@ import contextlib
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import itertools
 import json
@@ -294,12 +295,20 @@ def validate_config(cfg: TrainConfig) -> None:
             raise ValueError(f"train.tbptt_chunk: must divide data.seq_len={L} and be smaller, got "
                              f"{t.tbptt_chunk}; or null to train whole rows")
     for tracker in lg.trackers:
-        if tracker == "tensorboard":
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ValueError("log.trackers: 'tensorboard' needs `pip install tensorboard`; "
-                                 "or drop it") from None
+        if tracker == "csv":
+            continue
+        if tracker not in _TRACKER_MODULES:
+            raise ValueError(f"log.trackers: unknown tracker {tracker!r}; choose from "
+                             f"{['csv', *_TRACKER_MODULES]}")
+        if importlib.util.find_spec(_TRACKER_MODULES[tracker]) is None:
+            raise ValueError(f"log.trackers: {tracker!r} needs `pip install {_TRACKER_MODULES[tracker]}`; "
+                             f"or drop it")
+
+
+# accelerate's trackers, by the module each needs (checked before the run starts, not at its first log)
+_TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "trackio": "trackio",
+                    "swanlab": "swanlab"}
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -469,12 +478,15 @@ class ModelInputs:
     seq_idx: bool
     position_ids: bool
     use_cache: bool
+    cache: str = "past_key_values"  # the keyword the forward takes its cache under (zoo.decode.cache_argument)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelInputs:
+        from zoo.decode import cache_argument
+
         params = inspect.signature(model.forward).parameters
         return cls(seq_idx="seq_idx" in params, position_ids="position_ids" in params,
-                   use_cache="use_cache" in params)
+                   use_cache="use_cache" in params, cache=cache_argument(model))
 
     def kwargs(self, batch: dict[str, torch.Tensor], sl: slice | None = None, labels: bool = True
                ) -> dict[str, Any]:
@@ -600,7 +612,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
 
     def run(k: int, cache, labels: bool = True):
         start, stop = bounds[k]
-        out = model(**inputs.kwargs(batch, slice(start, stop), labels), past_key_values=cache, use_cache=True)
+        out = model(**inputs.kwargs(batch, slice(start, stop), labels), **{inputs.cache: cache}, use_cache=True)
         if output_cache(out) is None and k < len(bounds) - 1:
             raise ValueError("train.tbptt_chunk: the model returned no cache with use_cache=True in training "
                              "mode; truncated BPTT needs model(..., use_cache=True).past_key_values")
@@ -753,6 +765,38 @@ def latest_checkpoint(path: str | Path) -> Path | None:
         if done:
             return done[-1]
     return None
+
+
+# what a resumed run may not change: the weights' shapes and vocabulary, and where the data stream's saved position
+# (document, token offset, epoch) points (data.seq_len, packing and streaming only cut the same tokens differently)
+_RESUME_FIXED = ("model.", "model_overrides", "tokenizer", "data.")  # "model" alone: a YAML path, may move
+_RESUME_FREE_DATA = ("data.seq_len", "data.packing", "data.streaming")
+
+
+def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
+    """The run-config fields that differ from the checkpoint's train_config.yaml, as "field: old -> new"
+    (output_dir is ignored). Raises ValueError for a change that the checkpoint cannot continue under:
+    the model, its overrides, the tokenizer, or the data's source and order (anything in `data` but
+    seq_len, packing and streaming). Checkpoints without a saved config are not checked."""
+    saved_path = Path(checkpoint) / "train_config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved, now = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(cfg.to_dict())
+    changed, fixed = [], []
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key, "<unset>"), now.get(key, "<unset>")
+        if key == "output_dir" or old == new:
+            continue
+        line = f"{key}: {old!r} -> {new!r}"
+        if key.startswith(_RESUME_FIXED) and key not in _RESUME_FREE_DATA:
+            fixed.append(line)
+        else:
+            changed.append(line)
+    if fixed:
+        raise ValueError(f"--resume: {Path(checkpoint)} was trained with another model, tokenizer or data order ("
+                         + "; ".join(fixed) + "); resume with the run's own settings, or start a new run from "
+                         "its weights (model: <checkpoint>/model)")
+    return changed
 
 
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
@@ -959,7 +1003,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
         backend = unwrapped.backend_report() if hasattr(unwrapped, "backend_report") else {}
 
     step, tokens, data_state = 0, 0, StreamState()
+    if resume == "auto" and start_ckpt is None:
+        accelerator.print(f"--resume: no checkpoint in {str(out_dir)!r} yet; starting the run from step 0")
     if start_ckpt is not None:
+        changed = resume_changes(start_ckpt, cfg)
+        if changed:
+            accelerator.print(f"--resume: changed since {start_ckpt.name}: " + "; ".join(changed))
         state = json.loads((start_ckpt / "trainer_state.json").read_text())
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
@@ -1011,7 +1060,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     continue
                 cache = None
                 for start in range(0, L, chunk):
-                    out = model(**inputs.kwargs(batch, slice(start, start + chunk)), past_key_values=cache,
+                    out = model(**inputs.kwargs(batch, slice(start, start + chunk)), **{inputs.cache: cache},
                                 use_cache=True)
                     loss, n = _chunk_loss(out, batch, start, start + chunk)
                     sums += torch.stack([loss.double(), torch.tensor(float(n), device=device)])
@@ -1180,5 +1229,5 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "OptimConfig",
            "ScheduleConfig", "TrainConfig", "TrainResult", "build_model", "build_optimizer",
            "config_from_dict", "count_parameters", "count_targets", "forward_backward", "latest_checkpoint",
-           "load_config", "lr_at", "main", "param_groups", "peak_tflops", "save_checkpoint", "train",
+           "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes", "save_checkpoint", "train",
            "validate_config"]
