@@ -126,3 +126,63 @@ def test_demo_refuses_zero_steps(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "--steps", "0"])
     assert e.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, code, text", [
+    (["bogus"], 2, "unknown command 'bogus'"),
+    (["evl"], 2, "did you mean 'eval'"),
+    (["eval"], 2, "usage: zoo eval"),
+    (["eval", "mqar"], 2, "unknown evaluation 'mqar'"),
+    (["eval", "-h"], 0, ""),
+    (["info", "--seq-len", "-5", str(TINY)], 2, "--seq-len must be at least 1"),
+    (["generate", "/no/such/folder", "hi"], 2, "model: '/no/such/folder': no such model folder"),
+])
+def test_cli_usage_mistakes_exit_2_with_one_line(argv, code, text, capsys):
+    try:
+        cli.main(argv)
+        rc = 0
+    except SystemExit as e:
+        rc = e.code
+    assert rc == code
+    assert text in capsys.readouterr().err
+
+
+def test_a_device_the_machine_lacks_is_a_user_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(AssertionError) as e:
+        torch.zeros(1, device="cuda")
+    assert cli._user_error(e.value)
+    with pytest.raises(RuntimeError) as e:
+        torch.device("cdua")
+    assert cli._user_error(e.value)
+    assert not cli._user_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+def test_model_references_that_name_a_missing_or_wrong_local_folder_are_refused(tmp_path, monkeypatch, tiny_folder):
+    from zoo.hub import check_model_ref
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "weights.safetensors").write_text("")
+    check_model_ref(tiny_folder)
+    check_model_ref("org/name")  # a hub id: left to transformers
+    for ref, text in [("runs/nope", "no such model folder"), ("./nope", "no such model folder"),
+                      (str(tmp_path / "nope"), "no such model folder"), ("runs", "no config.json"),
+                      ("weights.safetensors", "is a file")]:
+        with pytest.raises(ValueError, match=text):
+            check_model_ref(ref)
+    (tmp_path / "runs" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="PEFT adapter"):
+        check_model_ref("runs")
+    check_model_ref("runs", adapter_ok=True)
+
+
+def test_graft_refuses_to_overwrite_its_base(tiny_folder, capsys):
+    from zoo.surgery import main as graft_main
+
+    with pytest.raises(SystemExit) as e:
+        graft_main([str(tiny_folder), "--base", str(tiny_folder), "--pattern", "MM"])
+    assert e.value.code == 2 and "is the --base folder" in capsys.readouterr().err

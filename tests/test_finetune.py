@@ -254,7 +254,7 @@ def test_prompt_completion_loss_is_on_the_completion_only():
     assert padded["labels"][1, 4:].tolist() == [-100] * 3
 
 
-def test_finetune_command_on_prompt_completion_rows(tmp_path):
+def test_finetune_command_on_prompt_completion_rows(tmp_path, monkeypatch):
     from zoo.data.text import ByteTokenizer
 
     base = tmp_path / "base"
@@ -263,14 +263,17 @@ def test_finetune_command_on_prompt_completion_rows(tmp_path):
     rows = [{"prompt": f"{w} reversed:", "completion": f" {w[::-1]}"} for w in
             ["abc", "hello", "zoo", "mamba", "lora", "state", "token", "merge", "adapter", "layer"]]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    config = {"model": str(base), "output_dir": str(tmp_path / "run"),
+    monkeypatch.chdir(tmp_path)  # the model given relative to the working directory
+    config = {"model": "base", "output_dir": str(tmp_path / "run"),
               "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.2, "seq_len": 64},
               "train": {"max_steps": 4, "micro_batch_size": 4, "progress_bar": False, "log_every": 2},
               "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
     result = main([str(tmp_path / "ft.yaml"), "--lora.r=4"])
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
-    assert json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    adapter_config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4
+    assert adapter_config["base_model_name_or_path"] == str(base.resolve())  # loadable from any directory
     assert result["after"]["n_targets"] == result["before"]["n_targets"] > 0
     assert result["after"]["loss"] < result["before"]["loss"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
@@ -308,6 +311,41 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)
+
+
+def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
+    path = tmp_path / "ft.yaml"
+
+    def load(data: dict, model: str = "x", **rest):
+        path.write_text(yaml.safe_dump({"model": model, "data": data, **rest}))
+        return load_finetune_config(path)
+
+    with pytest.raises(ValueError, match=r"data\.task_kwargs\.n_kvv: not an argument of task 'mqar'; did you mean "
+                                         r"'n_kv'"):
+        load({"task": "mqar", "task_kwargs": {"n_kvv": 4}})
+    with pytest.raises(ValueError, match=r"data\.task_kwargs: task 'mqar' cannot build a row"):
+        load({"task": "mqar", "task_kwargs": {"n_kv": 64, "vocab_size": 32}})
+    with pytest.raises(ValueError, match=r"pretrain\.data\.task_kwargs\.n_tokenz: not an argument"):
+        load({"task": "mqar"}, model="configs/models/mamba-tiny.yaml",
+             pretrain={"data": {"task": "selective_copying", "task_kwargs": {"n_tokenz": 4}}})
+    with pytest.raises(ValueError, match=r"data\.holdout: 0 leaves no evaluation rows"):
+        load({"source": "a.jsonl", "holdout": 0})
+    with pytest.raises(ValueError, match=r"model: '/no/such/folder': no such model folder"):
+        load({"task": "mqar"}, model="/no/such/folder")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a PEFT adapter, not a model"):
+        load({"task": "mqar"}, model=str(adapter))
+
+
+def test_jsonl_data_too_small_to_hold_rows_out_is_refused(tmp_path):
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}))
+    with pytest.raises(ValueError, match=r"data\.holdout: no evaluation rows held out of 1 rows"):
+        build_datasets(DataSection(source=str(tmp_path / "one.jsonl")), ByteTokenizer())
 
 
 # ---- state passing (train.state_passing) ---------------------------------------------------------------------

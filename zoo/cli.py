@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import re
@@ -37,6 +38,8 @@ def info(argv: list[str] | None = None) -> None:
     p.add_argument("configs", nargs="+")
     p.add_argument("--seq-len", type=int, default=2048, help="length at which to report the state size")
     args = p.parse_args(argv)
+    if args.seq_len < 1:
+        p.error(f"--seq-len must be at least 1, got {args.seq_len}")
     configs = [(path, ZooConfig.from_yaml(path)) for path in args.configs]  # every config's errors before the table
     print("| config | layers | d_model | parameters | without embeddings | state floats/seq @ L |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -56,7 +59,7 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.hub import load_folder_tokenizer
+    from zoo.hub import check_model_ref, load_folder_tokenizer
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
     p.add_argument("model")
@@ -72,6 +75,7 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"--num-beams must be at least 1, got {args.num_beams}")
     if not args.prompt:
         p.error("the prompt is empty; give at least one character")
+    check_model_ref(args.model)
     tok = load_folder_tokenizer(args.tokenizer or args.model)
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
@@ -94,24 +98,41 @@ def main(argv: list[str] | None = None) -> None:
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "eval":
+        eval_usage = f"usage: zoo eval {{{','.join(EVAL_COMMANDS)}}} ... (zoo eval NAME -h for its options)"
+        if rest and rest[0] in ("-h", "--help"):
+            print(eval_usage)
+            return
         if not rest or rest[0] not in EVAL_COMMANDS:
-            sys.exit(f"usage: zoo eval {{{','.join(EVAL_COMMANDS)}}} ...")
+            close = difflib.get_close_matches(rest[0], EVAL_COMMANDS, n=1) if rest else []
+            _usage_error((f"zoo eval: unknown evaluation {rest[0]!r}" + (f"; did you mean {close[0]!r}?" if close
+                          else "") + "\n" if rest else "") + eval_usage)
         module = importlib.import_module(EVAL_COMMANDS[rest[0]])
         _exit(_run(f"zoo eval {rest[0]}", module.main, rest[1:]))
         return
     if cmd not in COMMANDS:
-        sys.exit(f"zoo: unknown command {cmd!r}\n{usage}")
+        close = difflib.get_close_matches(cmd, [*COMMANDS, "eval"], n=1)
+        _usage_error(f"zoo: unknown command {cmd!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                     + f"\n{usage}")
     module_name, fn, _ = COMMANDS[cmd]
     _exit(_run(f"zoo {cmd}", getattr(importlib.import_module(module_name), fn), rest))
 
 
+def _usage_error(message: str) -> None:
+    """Bad command-line usage: the message on stderr and exit status 2, as argparse does."""
+    print(message, file=sys.stderr)
+    sys.exit(2)
+
+
 def _user_error(e: BaseException) -> bool:
-    """Errors that report bad input (a config field, a missing or wrong folder, a full cache, a missing backend)
-    and read best as one line; anything else keeps its traceback."""
+    """Errors that report bad input (a config field, a missing or wrong folder, a full cache, a missing backend,
+    a device this machine does not have) and read best as one line; anything else keeps its traceback."""
     import yaml
 
+    message = str(e)
     return (isinstance(e, (ValueError, OSError, yaml.YAMLError))
-            or type(e).__name__ in ("KVCacheFull", "BackendUnavailable"))
+            or type(e).__name__ in ("KVCacheFull", "BackendUnavailable")
+            or (isinstance(e, AssertionError) and "not compiled with CUDA" in message)  # torch, --device cuda
+            or (isinstance(e, RuntimeError) and ("device string" in message or "no NVIDIA driver" in message)))
 
 
 def _run(prog: str, fn, argv: list[str]):

@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
+import inspect
 import json
 import re
 import time
@@ -40,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.cache import output_cache
-from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset
+from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.decode import cache_argument
 from zoo.layers import MoE, SwiGLU
 from zoo.train import (
@@ -387,10 +389,29 @@ class DataSection:
             raise ValueError(f"{prefix}.seq_len: must be >= 2, got {self.seq_len}")
         if not 0 <= self.holdout < 1:
             raise ValueError(f"{prefix}.holdout: must be in [0, 1), got {self.holdout}")
+        if self.source is not None and self.eval_source is None and self.holdout == 0:
+            raise ValueError(f"{prefix}.holdout: 0 leaves no evaluation rows (accuracy is measured before and "
+                             f"after finetuning); set it above 0, or give {prefix}.eval_source")
         if self.n_eval < 1:
             raise ValueError(f"{prefix}.n_eval: must be >= 1, got {self.n_eval}")
         if "seq_len" in self.task_kwargs:
             raise ValueError(f"{prefix}.task_kwargs.seq_len: give the row length as {prefix}.seq_len")
+        if self.task is not None:
+            _check_task_kwargs(self.task, self.task_kwargs, self.seq_len, f"{prefix}.task_kwargs")
+
+
+def _check_task_kwargs(task: str, kwargs: dict[str, Any], seq_len: int | None, where: str) -> None:
+    """Refuse task arguments the task does not take (with a did-you-mean) or cannot build a row from."""
+    taken = [n for n in inspect.signature(TASKS[task]).parameters if n not in ("batch_size", "seq_len", "generator")]
+    for name in kwargs:
+        if name not in taken:
+            close = difflib.get_close_matches(name, taken, n=1)
+            raise ValueError(f"{where}.{name}: not an argument of task {task!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else "") + f" (it takes {taken})")
+    try:
+        make_batch(task, 1, seq_len, generator=torch.Generator().manual_seed(0), **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: task {task!r} cannot build a row ({e})") from None
 
 
 @dataclass
@@ -509,6 +530,10 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
     elif is_yaml:
         raise ValueError(f"model: {cfg.model!r} is a zoo YAML (random weights); give a checkpoint folder, or add "
                          f"a pretrain section to train the base model first")
+    else:
+        from zoo.hub import check_model_ref
+
+        check_model_ref(cfg.model)  # a missing folder, or an adapter folder (stacking a second LoRA is not supported)
     return cfg
 
 
@@ -615,6 +640,10 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
         print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}")
     if not train:
         raise ValueError("data.source: no training rows with a target left")
+    if not evaluation:
+        raise ValueError("data.eval_source: no evaluation rows with a target" if data.eval_source is not None else
+                         f"data.holdout: no evaluation rows held out of {len(rows) + len(eval_rows)} rows (at least "
+                         f"2 rows and a holdout above 0 are needed); add rows or give data.eval_source")
     return ListDataset(train), ListDataset(evaluation)
 
 
@@ -828,8 +857,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result: dict[str, Any] = {"model": cfg.model}
     if cfg.pretrain is not None:
         base_path, result["pretrain"] = pretrain_base(cfg, accelerator, out_dir)
+        base_path = base_path.resolve()  # the saved adapter names its base by this path: loadable from anywhere
     else:
-        base_path = Path(cfg.model) if Path(cfg.model).is_dir() else cfg.model
+        base_path = Path(cfg.model).resolve() if Path(cfg.model).is_dir() else cfg.model
 
     tokenizer = None
     if cfg.data.source is not None or cfg.tokenizer is not None:

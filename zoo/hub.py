@@ -75,6 +75,29 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     return folder
 
 
+def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = False) -> None:
+    """Raise ValueError when `ref` names a local model folder that is not there (or not a model folder).
+
+    `ref` is a local path when it is absolute, starts with '.' or '~', or its first component is a folder
+    here (`runs/nope` with a `runs/` folder); anything else may be a hub id ('org/name') and is left to
+    transformers. Without this check transformers reports a missing folder as an invalid repo id or, offline,
+    as a failed connection to the hub. adapter_ok: a PEFT adapter folder (adapter_config.json) passes too."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        adapter = (path / "adapter_config.json").is_file()
+        if (path / "config.json").is_file() or (adapter and adapter_ok):
+            return
+        raise ValueError(f"{what}: {text!r} holds a PEFT adapter, not a model; give its base model or the merged "
+                         f"model" if adapter else f"{what}: {text!r} is a folder but not a model folder (no "
+                         f"config.json)")
+    if path.exists():
+        raise ValueError(f"{what}: {text!r} is a file; give a model folder (config.json and weights) or a hub id")
+    parts = Path(text).parts
+    if path.is_absolute() or text.startswith((".", "~")) or (len(parts) > 1 and Path(parts[0]).is_dir()):
+        raise ValueError(f"{what}: {text!r}: no such model folder")
+
+
 def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """The model (`AutoModelForCausalLM.from_pretrained`, kwargs passed on) and tokenizer (None if the folder
     has none) of a model folder."""
@@ -82,7 +105,8 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
+    check_model_ref(folder)
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
-__all__ = ["load_folder_tokenizer", "load_model_folder", "save_model_folder"]
+__all__ = ["check_model_ref", "load_folder_tokenizer", "load_model_folder", "save_model_folder"]

@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of fresh mixers")
     p.add_argument("--max-shard-size", default="5GB")
     args = p.parse_args(argv)
+    for name, src in (("--base", args.base), ("--donor", args.donor)):
+        if src is not None and Path(src).resolve() == Path(args.dst).resolve():
+            p.error(f"dst {args.dst!r} is the {name} folder; write the hybrid to another folder")
     base = load_as_zoo(args.base)
     donor = load_as_zoo(args.donor) if args.donor else None
     donor_layers = [int(x) for x in args.donor_layers.split(",")] if args.donor_layers else None

@@ -387,6 +387,9 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         extra = {k: v for k, v in special.items() if k not in named}
         config = zoo.ZooConfig.from_yaml(spec, **{**extra, **overrides})
     else:
+        from zoo.hub import check_model_ref
+
+        check_model_ref(spec)
         folder = Path(spec)
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
             config = AutoConfig.from_pretrained(spec, **overrides)
