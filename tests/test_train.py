@@ -301,10 +301,11 @@ def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path)
 
 
 def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsys):
-    result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})),
-                   resume="auto")
-    assert result.step == 1
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})))
+    assert main([str(path), "--resume"]) == 0
     assert "no checkpoint in" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000001"
 
 
 def test_trackers_are_checked_before_the_run(tmp_path):

@@ -1006,8 +1006,6 @@ def train(cfg: TrainConfig, resume: str | None = None,
         backend = unwrapped.backend_report() if hasattr(unwrapped, "backend_report") else {}
 
     step, tokens, data_state = 0, 0, StreamState()
-    if resume == "auto" and start_ckpt is None:
-        accelerator.print(f"--resume: no checkpoint in {str(out_dir)!r} yet; starting the run from step 0")
     if start_ckpt is not None:
         changed = resume_changes(start_ckpt, cfg)
         if changed:
@@ -1221,6 +1219,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, [item[2:] for item in rest])
     except ValueError as e:
         parser.error(str(e))
+    if args.resume == "auto" and latest_checkpoint(cfg.output_dir) is None and os.environ.get("RANK", "0") == "0":
+        print(f"--resume: no checkpoint in {cfg.output_dir!r} yet; starting the run from step 0")
     result = train(cfg, resume=args.resume)
     from accelerate import PartialState
 
