@@ -97,6 +97,11 @@ def verdict_word(v: dict) -> str:
     return "PASS" if v["passed"] else "FAIL"
 
 
+def _loss(value: float | None) -> str:
+    """A mean loss for the report; '-' where the evaluation has no bin there (e.g. none past L)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def report(sweep: dict) -> tuple[str, dict]:
     """collapse.md text and its JSON from the sweep's saved evaluations."""
     from zoo.eval.common import markdown_table
@@ -122,9 +127,9 @@ def report(sweep: dict) -> tuple[str, dict]:
         summary[run["name"]] = {"train_length": L, "octaves": {s: octave_bins(b, L) for s, b in curves.items()}, **v}
         flat = [s for s, ok in v["flat"].items() if ok]
         text += (f"## {run['name']} (L = {L}; mean loss, nats/token, by position)\n\n{markdown_table(rows)}\n\n"
-                 f"rises past L: {v['rises']} (reference [L, 2L) {v['reference']:.4f}; [L/2, L) "
-                 f"{v['inside'] if v['inside'] is None else round(v['inside'], 4)}; worst bin in "
-                 f"[L, {ev['factor']:g}L) {v['worst']:.4f} at {v['worst_at']}; margin {ev['margin']})  \n"
+                 f"rises past L: {v['rises']} (reference [L, 2L) {_loss(v['reference'])}; [L/2, L) "
+                 f"{_loss(v['inside'])}; worst bin in [L, {ev['factor']:g}L) {_loss(v['worst'])} at "
+                 f"{v['worst_at']}; margin {ev['margin']})  \n"
                  f"flat to {ev['factor']:g}L: {', '.join(flat) or 'none'}  \n"
                  f"**{verdict_word(v)}**\n\n")
     return text, summary
@@ -134,14 +139,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("config", help="sweep YAML (configs/train/collapse.yaml)")
     parser.add_argument("--report-only", action="store_true", help="only re-read evaluations.json and report")
+    parser.add_argument("--only", nargs="*", default=None, help="model names to train and evaluate")
     args, rest = parser.parse_known_args(argv)
     script = _state_capacity()
+    only = [] if args.only is None else ["--only", *args.only]
     if "--dry-run" in rest:
-        return script.main([args.config, *rest])
-    if not args.report_only:
-        script.main([args.config, *rest])
+        return script.main([args.config, *only, *rest])
+    if not args.report_only:  # state_capacity.main checks the sweep and --only before it trains
+        script.main([args.config, *only, *rest])
     overrides = [item[2:] for item in rest if item.startswith("--") and "=" in item]
-    sweep = script.load_sweep(args.config, overrides)
+    stray = [item for item in rest if not item.startswith("--") or "=" not in item]
+    if args.report_only and stray:
+        parser.error(f"unrecognized argument {stray[0]!r}; overrides look like --key.sub=value")
+    try:
+        sweep = script.load_sweep(args.config, overrides)
+        script.check_only(args.only, sweep["models"])
+    except ValueError as e:
+        parser.error(str(e))
     text, summary = report(sweep)
     out = Path(sweep["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import json
 import math
 import sys
@@ -58,13 +59,55 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
             data["models"][name] = yaml.safe_load(Path(spec).read_text())
     data.setdefault("output_dir", "runs/state-capacity")
     data["train_lengths"] = sorted(int(x) for x in data["train_lengths"])
-    for spec in data["eval"]["mitigations"]:
-        from zoo.state import parse_mitigation
-
-        if not spec.startswith("norm-calibrated"):
-            parse_mitigation(spec.replace("{L}", "1"))
+    check_mitigations(data["eval"]["mitigations"])
     expand_runs(data)  # every run config must validate
     return data
+
+
+def check_mitigations(specs: list) -> None:
+    """Parse every ``eval.mitigations`` spec now, so that a typo fails before training, not after it."""
+    from zoo.state import parse_mitigation
+
+    if not isinstance(specs, list):
+        raise ValueError(f"eval.mitigations: expected a list of specs, got {specs!r}")
+    for spec in specs:
+        if not isinstance(spec, str):
+            raise ValueError(f"eval.mitigations: {spec!r} is not a spec string (e.g. 'window:r={{L}}')")
+        if norm_calibration_factor(spec) is None:
+            try:
+                parse_mitigation(spec.replace("{L}", "1"))
+            except ValueError as e:  # float() of a bad value does not name the spec
+                raise ValueError(f"eval.mitigations: {spec!r}: {e}") from None
+
+
+def norm_calibration_factor(spec: str) -> float | None:
+    """F of a ``norm-calibrated[:factor=F]`` spec (1.0 when not given); None for any other kind of spec. Raises
+    ValueError naming the spec for a key other than factor, or a factor that is not a number > 0."""
+    kind, _, args = spec.strip().partition(":")
+    if kind.strip() != "norm-calibrated":
+        return None
+    factor = 1.0
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, sep, value = item.partition("=")
+        if key.strip() != "factor" or not sep:
+            raise ValueError(f"eval.mitigations: {spec!r}: norm-calibrated takes only factor=F, got {item!r}")
+        try:
+            factor = float(value)
+        except ValueError:
+            raise ValueError(f"eval.mitigations: {spec!r}: factor must be a number, got {value.strip()!r}") from None
+        if not (math.isfinite(factor) and factor > 0):
+            raise ValueError(f"eval.mitigations: {spec!r}: factor must be > 0, got {factor:g}")
+    return factor
+
+
+def check_only(only: list[str] | None, models: dict) -> None:
+    """Refuse ``--only`` names that are not models of the sweep (training nothing would look like success)."""
+    unknown = [name for name in only or [] if name not in models]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(models), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"--only: no model named {', '.join(map(repr, unknown))}{hint}; "
+                         f"models: {', '.join(models)}")
 
 
 def expand_runs(sweep: dict) -> list[dict]:
@@ -186,8 +229,8 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
     out = {}
     for spec in ["none", *ev["mitigations"]]:
         text = spec.replace("{L}", str(L))
-        if text.startswith("norm-calibrated"):  # state normalization with thresholds measured on the first L tokens
-            factor = float(text.partition("factor=")[2] or 1.0)
+        factor = norm_calibration_factor(text)
+        if factor is not None:  # state normalization with thresholds measured on the first L tokens
             apply_mitigation(model, None)
             prefix = torch.stack([d[:L] for d in documents]).to(next(model.parameters()).device)
             calibrate_norm_threshold(model, prefix, factor, chunk=min(64, L))
@@ -240,8 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --key.sub=value")
-    sweep = load_sweep(args.config, [item[2:] for item in rest])
-    runs = expand_runs(sweep)
+    try:
+        sweep = load_sweep(args.config, [item[2:] for item in rest])
+        runs = expand_runs(sweep)
+        check_only(args.only, sweep["models"])
+    except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
+        parser.error(str(e))
     sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
     out = Path(sweep["output_dir"])
     if args.dry_run:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import itertools
 import json
 import math
@@ -133,13 +134,20 @@ def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSec
 
 
 def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
-    """One Run per (model, sweep grid point), in recipe order."""
+    """One Run per (model, sweep grid point), in recipe order; raises ValueError for ``only`` names that are not
+    models of the recipe and for state passing on a model that cannot carry its state (before anything trains)."""
     keys = list(data.get("sweep", {}))
     grid = [dict(zip(keys, values)) for values in itertools.product(*(data["sweep"][k] for k in keys))] or [{}]
     runs = []
     unknown = set(data.get("model_overrides") or {}) - set(data["models"])
     if unknown:
         raise ValueError(f"model_overrides: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
+    unknown = [name for name in only or [] if name not in data["models"]]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], list(data["models"]), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"--only: no model named {', '.join(map(repr, unknown))}{hint}; "
+                         f"models: {', '.join(data['models'])}")
     for model_name, model_config in data["models"].items():
         if only and model_name not in only:
             continue
@@ -154,11 +162,34 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
                 else:
                     _set_dotted(run_data, key, value)
             section, ev, phases = _section({**run_data, "models": {model_name: config}})
+            if any(s.train.state_passing for s in [*phases, section]):
+                _check_state_passing(model_name, config)
             suffix = "".join(f"-{k.split('.')[-1]}={v}" for k, v in point.items())
             name = f"{model_name}{suffix}"
             runs.append(Run(name, model_name, config, section, ev, point,
                             Path(data.get("output_dir", "runs/synthetic")) / name, phases))
     return runs
+
+
+def _check_state_passing(model_name: str, model_config: dict) -> None:
+    """train.state_passing carries the cache from row to row, which only a model whose every layer keeps a
+    recurrent state can do (zoo.finetune._state_passing_step's rule, checked on the cache a meta model makes)."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.cache import RecurrentLayer, ZooCache
+    from zoo.config import ZooConfig
+
+    config = ZooConfig(**model_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    cache = ZooCache.for_model(model, device="meta")
+    if not cache.recurrent_only():
+        kinds = sorted({spec["type"] for spec, layer in zip(config.layer_specs(), cache.layers)
+                        if not isinstance(layer, RecurrentLayer)})
+        raise ValueError(f"train.state_passing: model {model_name!r} has {'/'.join(kinds)} layers, which keep no "
+                         f"recurrent state to pass; state passing needs every layer recurrent (mamba, mamba2, gla). "
+                         f"Set it for the recurrent models only: model_overrides: {{<model>: "
+                         f"{{train.state_passing: true}}}}")
 
 
 def build_model(run: Run):
@@ -349,8 +380,11 @@ def main(argv: list[str] | None = None) -> int:
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
-    data = load_recipe(args.config, [item[2:] for item in rest])
-    runs = expand_runs(data, args.only)
+    try:
+        data = load_recipe(args.config, [item[2:] for item in rest])
+        runs = expand_runs(data, args.only)
+    except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
+        parser.error(str(e))
     if args.dry_run:
         for run in runs:
             with torch.device("meta"):

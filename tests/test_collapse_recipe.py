@@ -1,5 +1,6 @@
 """configs/train/collapse.yaml and scripts/collapse.py (issue 8: state collapse and mitigations), on the CPU."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -63,8 +64,40 @@ def test_collapse_report_bins_and_verdicts():
     assert v["rises"] and v["flat"] == {"window:r=64": False} and not v["passed"]
 
 
-@pytest.mark.parametrize("bad", ["eval.mitigations=[forget:c_alpha=2]", "eval.nope=1"])
+@pytest.mark.parametrize("bad", ["eval.mitigations=[forget:c_alpha=2]", "eval.nope=1",
+                                 "eval.mitigations=[norm-calibrated:factr=2]",
+                                 "eval.mitigations=[norm-calibrated:factor=x]"])
 def test_collapse_recipe_rejects_bad_eval(bad):
     capacity = load_script("scripts/state_capacity.py")
     with pytest.raises(ValueError):
         capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [bad])
+
+
+@pytest.mark.parametrize("max_len, factor", [(64, 16), (1024, 1)], ids=["evaluated-to-L", "factor-1"])
+def test_collapse_report_without_bins_past_L_is_not_judged(tmp_path, capsys, max_len, factor):
+    """An evaluation that stops at L, or a factor of 1, leaves nothing to judge: the report says so (it used to
+    crash formatting the missing reference)."""
+    collapse = load_script("scripts/collapse.py")
+    edges = [e for e in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) if e <= max_len]
+    bins = [{"start": a, "end": b, "mean_loss": 2.0, "n_tokens": b - a} for a, b in zip(edges, edges[1:])]
+    evaluations = {"slow_decay-L64": {spec: {"bins": bins} for spec in ("none", "window:r=64")}}
+    (tmp_path / "evaluations.json").write_text(json.dumps(evaluations))
+    rc = collapse.main([str(ROOT / "configs/train/collapse.yaml"), "--report-only", f"--output_dir={tmp_path}",
+                        f"--eval.factor={factor}"])
+    assert rc == 1  # nothing passed
+    text = (tmp_path / "collapse.md").read_text()
+    assert "**not judged (no bins past L)**" in text and "reference [L, 2L) -" in text
+    summary = json.loads((tmp_path / "collapse.json").read_text())
+    assert summary["slow_decay-L64"]["rises"] is None and not summary["slow_decay-L64"]["passed"]
+    assert "not judged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", ["collapse.yaml", "state-capacity.yaml"])
+def test_margin_comment_names_the_reference_the_code_uses(config):
+    """judge_collapse / verdicts compare against the mean loss of [L, 2L); the recipe's comment says the same."""
+    capacity = load_script("scripts/state_capacity.py")
+    bins = [{"start": s, "end": 2 * s, "mean_loss": v} for s, v in ((32, 1.0), (64, 2.0), (128, 2.05))]
+    assert capacity.judge_collapse(bins, 64, 4, 0.1)["reference"] == 2.0  # [L/2, L) would be 1.0
+    margin = next(line for line in (ROOT / "configs/train" / config).read_text().splitlines()
+                  if line.strip().startswith("margin:"))
+    assert "[L, 2L)" in margin and "before L" not in margin

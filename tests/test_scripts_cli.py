@@ -1,0 +1,82 @@
+"""The research scripts (scripts/train_synthetic.py, state_capacity.py, collapse.py) refuse bad input before they
+train anything: one `prog: error: message` line and exit status 2, as zoo train does. Nothing here trains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import load_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _refused(main, argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["train", "dry-run"])
+def test_train_synthetic_only_with_an_unknown_model_is_refused_by_name(capsys, dry_run):
+    script = load_script("scripts/train_synthetic.py")
+    err = _refused(script.main, [str(ROOT / "configs/train/induction-cpu.yaml"), "--only", "mambaa", *dry_run], capsys)
+    assert "--only: no model named 'mambaa'" in err and "did you mean 'mamba'?" in err
+    assert "models: mamba, attention" in err
+
+
+def test_train_synthetic_state_passing_on_attention_is_refused_before_training(capsys):
+    script = load_script("scripts/train_synthetic.py")
+    recipe = ROOT / "configs/train/induction-cpu.yaml"
+    with pytest.raises(ValueError, match="train.state_passing: model 'attention' has attention layers"):
+        script.expand_runs(script.load_recipe(recipe, ["train.state_passing=true"]))
+    err = _refused(script.main, [str(recipe), "--train.state_passing=true", "--dry-run"], capsys)
+    assert "model 'attention'" in err and "model_overrides" in err
+    # the recurrent model alone, or state passing set for it only, is fine
+    runs = script.expand_runs(script.load_recipe(recipe, ["train.state_passing=true"]), only=["mamba"])
+    assert [r.model_name for r in runs] == ["mamba"] and runs[0].section.train.state_passing
+    runs = script.expand_runs(script.load_recipe(recipe, ["model_overrides={mamba: {train.state_passing: true}}"]))
+    assert {r.model_name: r.section.train.state_passing for r in runs} == {"mamba": True, "attention": False}
+
+
+def test_state_capacity_only_with_an_unknown_model_is_refused_by_name(capsys):
+    script = load_script("scripts/state_capacity.py")
+    err = _refused(script.main, [str(ROOT / "configs/train/state-capacity.yaml"), "--only", "d_state_16",
+                                 "--dry-run"], capsys)
+    assert "--only: no model named 'd_state_16'" in err and "did you mean 'd_state16'?" in err
+
+
+@pytest.mark.parametrize("report_only", [[], ["--report-only"]], ids=["train", "report-only"])
+def test_collapse_only_with_an_unknown_model_is_refused_by_name(tmp_path, capsys, report_only):
+    collapse = load_script("scripts/collapse.py")
+    err = _refused(collapse.main, [str(ROOT / "configs/train/collapse.yaml"), "--only", "slow_decy",
+                                   f"--output_dir={tmp_path}", *report_only], capsys)
+    assert "--only: no model named 'slow_decy'" in err and "did you mean 'slow_decay'?" in err
+    assert not any(tmp_path.iterdir())  # nothing trained, no report
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("norm-calibrated:factr=2", "norm-calibrated takes only factor=F, got 'factr=2'"),
+    ("norm-calibrated:factor=abc", "factor must be a number, got 'abc'"),
+    ("norm-calibrated:factor=0", "factor must be > 0"),
+    ("forget:c_alpha=abc", "could not convert"),
+], ids=["unknown-key", "not-a-number", "zero", "forget-not-a-number"])
+def test_state_capacity_mitigation_specs_are_checked_at_load(capsys, spec, message):
+    script = load_script("scripts/state_capacity.py")
+    with pytest.raises(ValueError) as e:
+        script.load_sweep(ROOT / "configs/train/state-capacity.yaml", [f"eval.mitigations=[{spec!r}]"])
+    assert f"eval.mitigations: {spec!r}" in str(e.value) and message in str(e.value)
+    err = _refused(script.main, [str(ROOT / "configs/train/state-capacity.yaml"), f"--eval.mitigations=[{spec!r}]",
+                                 "--dry-run"], capsys)
+    assert spec in err
+
+
+def test_state_capacity_norm_calibration_factor_is_the_one_given():
+    script = load_script("scripts/state_capacity.py")
+    assert script.norm_calibration_factor("norm-calibrated:factor=2") == 2.0
+    assert script.norm_calibration_factor("norm-calibrated: factor = 0.5") == 0.5
+    assert script.norm_calibration_factor("norm-calibrated") == 1.0
+    assert script.norm_calibration_factor("window:r=64") is None
+    sweep = script.load_sweep(ROOT / "configs/train/collapse.yaml")
+    assert [script.norm_calibration_factor(s) for s in sweep["eval"]["mitigations"]].count(1.0) == 1
