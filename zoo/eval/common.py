@@ -51,6 +51,7 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
 
     import zoo  # noqa: F401  (registers the zoo model type with the transformers Auto classes)
 
+    check_model_path(path)
     torch_dtype = DTYPES[dtype] if dtype else None
     if str(path).endswith((".yaml", ".yml")):
         from zoo.config import ZooConfig
@@ -64,10 +65,28 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
     return model.to(device or default_device()).eval()
 
 
+def check_model_path(path: str) -> None:
+    """Refuse a ``--model`` that is neither an existing model folder (or PEFT adapter folder) or YAML nor a hub id,
+    before anything loads (`zoo.hub.check_model_ref`: ``/nope``, ``runs/x/merged`` with a ``runs/`` folder,
+    ``./m``, a missing YAML)."""
+    from zoo.hub import check_model_ref
+
+    text = str(path)
+    if text.endswith((".yaml", ".yml")):
+        if not Path(text).expanduser().is_file():
+            raise ValueError(f"--model {text}: no such zoo model YAML; give an existing configs/models/*.yaml")
+        return
+    try:
+        check_model_ref(text, what="--model", adapter_ok=True)
+    except ValueError as e:
+        raise ValueError(f"{e}; give a save_pretrained folder, a hub id or a zoo model YAML") from None
+
+
 def load_tokenizer(spec: str | None, model_path: str | None = None):
     """A tokenizer: ``spec`` ('byte' for zoo's byte tokenizer, a path or hub id), else the model's own.
 
     Goes through ``zoo.data.text.load_tokenizer``, so zoo checkpoints saved with the byte tokenizer load it.
+    Raises ValueError (``--tokenizer`` is the fix) when the model has no tokenizer of its own.
     """
     from zoo.data.text import load_tokenizer as load
 
@@ -80,8 +99,30 @@ def load_tokenizer(spec: str | None, model_path: str | None = None):
         return load(name)
     except (OSError, ValueError) as error:
         if spec is None:
-            raise SystemExit(f"{model_path} has no tokenizer ({error}); pass --tokenizer PATH|byte") from None
+            reason = " ".join(str(error).split())  # transformers' message spans lines; the CLI prints one
+            raise ValueError(f"{model_path} has no tokenizer ({reason}); pass --tokenizer PATH|byte") from None
         raise
+
+
+def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], what: str, fix: str) -> None:
+    """Refuse token ids outside ``[0, model.config.vocab_size)`` with a ValueError naming ``what`` and ``fix``
+    (the embedding would raise a bare ``IndexError: index out of range in self`` mid-evaluation).
+
+    Args:
+        model: a causal LM; nothing is checked when it has no ``config.vocab_size``.
+        token_ids: LongTensor of any shape, or a sequence of them (documents).
+        what: the ids' source, e.g. 'the --tokens documents'.
+        fix: what to change, e.g. 'tokenize with the model's tokenizer'.
+    """
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    pieces = [token_ids] if isinstance(token_ids, torch.Tensor) else list(token_ids)
+    pieces = [t for t in pieces if t.numel()]
+    if vocab_size is None or not pieces:
+        return
+    top, bottom = max(int(t.max()) for t in pieces), min(int(t.min()) for t in pieces)
+    if top >= vocab_size or bottom < 0:
+        bad = top if top >= vocab_size else bottom
+        raise ValueError(f"{what} hold token id {bad} but the model's vocab_size is {vocab_size}; {fix}")
 
 
 def encode_with_bos(tokenizer, text: str) -> list[int]:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from zoo.eval.common import (
+    check_model_path,
+    check_token_ids,
     iter_chunk_logits,
     load_model,
     load_tokenizer,
@@ -101,11 +103,7 @@ def evaluate_length(
     docs = list(documents) if not isinstance(documents, torch.Tensor) else list(documents.unbind(0))
     if not docs:
         raise ValueError("evaluate_length needs at least one document")
-    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    top = max(int(d.max()) for d in docs)
-    if vocab_size is not None and top >= vocab_size:
-        raise ValueError(f"documents hold token id {top} but the model's vocab_size is {vocab_size}; "
-                         f"tokenize with the model's tokenizer")
+    check_token_ids(model, docs, "documents", "tokenize with the model's tokenizer")
     max_len = max(int(d.shape[-1]) for d in docs)
     sums = torch.zeros(max_len, dtype=torch.float64)
     counts = torch.zeros(max_len, dtype=torch.float64)
@@ -228,15 +226,70 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
 def load_documents(
     source: str | None, n_documents: int, max_len: int, tokenizer=None, seed: int = 0, start: str = "document"
 ) -> list[torch.Tensor]:
-    """Documents for ``zoo eval length``: a ``.pt`` file holding a LongTensor [N, T] or a list of
-    LongTensor [T_i] (each cut to ``max_len``), or, with ``source=None``, ``corpus_documents``."""
-    if source is not None:
-        loaded = torch.load(source, weights_only=True)
-        docs = list(loaded.unbind(0)) if isinstance(loaded, torch.Tensor) else list(loaded)
-        return [d.reshape(-1)[:max_len].long() for d in docs[:n_documents]]
-    if tokenizer is None:
-        raise ValueError("load_documents: the built-in corpus needs a tokenizer")
-    return corpus_documents(tokenizer, n_documents, max_len, seed, start)
+    """Documents for ``zoo eval length``: a ``.pt`` file holding an integer tensor [N, T] or a list of integer
+    tensors [T_i] (each cut to ``max_len``), or, with ``source=None``, ``corpus_documents``.
+
+    Anything else in the file (a flat [T] stream, [N, T, ...], floats, documents under 2 tokens) is refused
+    with a ValueError that says how to save it: guessing where a flat stream's documents end would be wrong.
+    """
+    if source is None:
+        if tokenizer is None:
+            raise ValueError("load_documents: the built-in corpus needs a tokenizer")
+        return corpus_documents(tokenizer, n_documents, max_len, seed, start)
+    loaded = torch.load(source, weights_only=True)
+    expected = "an integer tensor [N, T] (N documents of T tokens) or a list of 1-D integer tensors [T_i]"
+    if isinstance(loaded, torch.Tensor):
+        if loaded.dim() != 2:
+            fix = (f"save one document as t[None] ([1, {loaded.shape[0]}]) or a stream cut into N as "
+                   f"t[: len(t) // N * N].view(N, -1)" if loaded.dim() == 1 else "reshape it to [N, T]")
+            raise ValueError(f"--tokens {source}: holds a tensor of shape {list(loaded.shape)}, expected "
+                             f"{expected}; {fix}")
+        docs = list(loaded.unbind(0))
+    elif isinstance(loaded, (list, tuple)) and all(isinstance(d, torch.Tensor) and d.dim() == 1 for d in loaded):
+        docs = list(loaded)
+    else:
+        shapes = ([list(d.shape) if isinstance(d, torch.Tensor) else type(d).__name__ for d in loaded[:3]]
+                  if isinstance(loaded, (list, tuple)) else type(loaded).__name__)
+        raise ValueError(f"--tokens {source}: holds {shapes}, expected {expected}")
+    if not docs:
+        raise ValueError(f"--tokens {source}: holds no documents; expected {expected}")
+    if any(d.is_floating_point() or d.is_complex() or d.dtype == torch.bool for d in docs):
+        raise ValueError(f"--tokens {source}: holds {docs[0].dtype} values, expected token ids in {expected}; "
+                         f"save t.long()")
+    docs = [d[:max_len].long() for d in docs[:n_documents]]
+    short = min(len(d) for d in docs)
+    if short < 2:
+        raise ValueError(f"--tokens {source}: a document of {short} token(s) has no next token to score; "
+                         f"every document needs at least 2 tokens (and --max-len >= 2)")
+    return docs
+
+
+def output_stems(labels: Sequence[str]) -> list[str]:
+    """File stems for the curves' outputs: each label's base name (a model path's folder, ``.yaml`` dropped),
+    with parent folders prepended (joined by '-') until the stems are distinct, so ``A/merged B/merged``
+    write ``A-merged.csv`` and ``B-merged.csv`` while a lone model keeps its base name; stems no parent
+    separates get ``-2``, ``-3``, ...."""
+    parts = []
+    for label in labels:
+        path = Path(label)
+        names = [p for p in path.parts if p not in (path.anchor, ".")]
+        if names and names[-1].endswith((".yaml", ".yml")):
+            names[-1] = names[-1].removesuffix(".yaml").removesuffix(".yml")
+        parts.append([p for p in names if p] or ["model"])
+    depth = [1] * len(labels)
+    while True:
+        stems = ["-".join(names[-d:]) for names, d in zip(parts, depth)]
+        clashing = [i for i, s in enumerate(stems) if stems.count(s) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
+    seen: dict[str, int] = {}
+    for i, s in enumerate(stems):
+        seen[s] = seen.get(s, 0) + 1
+        if seen[s] > 1:
+            stems[i] = f"{s}-{seen[s]}"
+    return stems
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -266,7 +319,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     labels = args.label or args.model
     if len(labels) != len(args.model):
         parser.error(f"--label needs one label per --model ({len(args.model)})")
+    if len(set(labels)) != len(labels):
+        parser.error("every curve needs its own label: give each --model once, or distinct --label values")
 
+    for path in args.model:  # a mistyped --model fails here, not as the first model's missing tokenizer
+        check_model_path(path)
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
     documents = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, args.start)
     out = Path(args.out)
@@ -276,8 +333,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     specs = args.mitigation or [None]
     for spec in specs:  # bad specs fail before any model is loaded
         parse_mitigation(spec)
-    runs = [(label, path, spec) for label, path in zip(labels, args.model) for spec in specs]
-    for base, path, spec in runs:
+    runs = [(label, path, stem, spec) for label, path, stem in zip(labels, args.model, output_stems(labels))
+            for spec in specs]
+    for base, path, stem, spec in runs:
         label = f"{base} [{spec}]" if args.mitigation else base
         model = load_model(path, args.device, args.dtype)
         if spec is not None:
@@ -286,7 +344,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  progress=True)
         del model
         results[label] = result
-        stem = Path(base).name.removesuffix(".yaml").removesuffix(".yml") or "model"
         if args.mitigation:
             stem = re.sub(r"[^0-9A-Za-z=._-]+", "_", f"{stem}-{spec}")
         print(f"## {label}: {result['n_documents']} documents of up to {result['max_len']} tokens\n")

@@ -19,6 +19,7 @@ import torch
 from zoo.cache import output_cache
 from zoo.eval.common import (
     accepts_argument,
+    check_token_ids,
     encode_with_bos,
     load_model,
     load_tokenizer,
@@ -177,6 +178,9 @@ def evaluate_passkey(
     Returns:
         dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
         ``samples`` (every prompt's key, generated text and verdict).
+
+    Raises:
+        ValueError: a prompt holds a token id outside the model's vocabulary (a tokenizer not the model's).
     """
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -197,7 +201,10 @@ def evaluate_passkey(
             key = int(torch.randint(10000, 100000, (1,), generator=generator))
             prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length))
             n_filler[length] = prompt.n_filler
-            input_ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=device)
+            input_ids = torch.tensor([prompt.input_ids], dtype=torch.long)
+            check_token_ids(model, input_ids, "passkey prompts",
+                            "use the tokenizer the model was trained with (--tokenizer)")
+            input_ids = input_ids.to(device)
             new = greedy_generate(model, input_ids, max_new_tokens, prefill_chunk_size, eos)
             text = tokenizer.decode(new[0].tolist())
             correct = check_passkey(text, key)
@@ -280,8 +287,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_mitigation_argument(parser)
     args = parser.parse_args(argv)
 
+    model = load_model(args.model, args.device, args.dtype)  # first: a wrong --model is not a tokenizer problem
     tokenizer = load_tokenizer(args.tokenizer, args.model)
-    model = load_model(args.model, args.device, args.dtype)
     if args.mitigation is not None:
         apply_mitigation(model, args.mitigation)
     result = evaluate_passkey(model, tokenizer, parse_list(args.lengths), parse_list(args.depths, float),

@@ -4,6 +4,7 @@
     zoo eval state --model DIR --max-len 64K --train-length 2048 --mitigation forget:c_alpha=0.999,c_b=0.7
     zoo eval state --model DIR --max-len 64K --train-length 2048 --norm-calibrate 2048 --norm-factor 1.0
     zoo eval state --model DIR --task induction_heads --vocab-size 16 --max-len 2^16 --train-length 256
+    zoo eval state --model DIR --task mqar --vocab-size 32 --n-kv 4 --max-len 4K --train-length 64
 
 Rows come from a ``.pt`` file (``--tokens``), the built-in corpus (default; ``zoo.eval.length``'s
 documents), or a synthetic task (``--task``). Writes ``state.json`` (every statistic), one PNG per
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.eval.common import load_model, load_tokenizer, markdown_table, parse_int, write_json
+from zoo.eval.common import check_token_ids, load_model, load_tokenizer, markdown_table, parse_int, write_json
 from zoo.state import (
     add_mitigation_argument,
     apply_mitigation,
@@ -31,14 +32,39 @@ from zoo.state import (
 )
 
 
+def task_arguments(args) -> dict:
+    """The synthetic task's arguments from the command line (as ``zoo eval synthetic`` takes them)."""
+    from zoo.data.synthetic import COUNT_ARGUMENT, TASKS
+
+    if args.task not in TASKS:
+        raise ValueError(f"--task {args.task!r}: unknown synthetic task; choose one of {sorted(TASKS)}")
+    kwargs = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    count_name = COUNT_ARGUMENT[args.task]
+    if args.n_kv is not None:
+        if count_name is None:
+            raise ValueError(f"--n-kv: task {args.task!r} has no count of items to recall; leave it out")
+        kwargs[count_name] = args.n_kv
+    if args.task == "mqar":
+        if args.power_a is not None:
+            kwargs["power_a"] = args.power_a
+        if args.random_non_queries:
+            kwargs["random_non_queries"] = True
+    elif args.power_a is not None or args.random_non_queries:
+        raise ValueError(f"--power-a and --random-non-queries are mqar arguments, not {args.task}'s; leave them out")
+    return kwargs
+
+
 def load_rows(args) -> torch.Tensor:
     """LongTensor [n_docs, max_len]: from --tokens, a synthetic --task, or the built-in corpus."""
     if args.task:
         from zoo.data.synthetic import make_batch
 
-        kwargs = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        kwargs = task_arguments(args)
         generator = torch.Generator().manual_seed(args.seed)
-        return make_batch(args.task, args.n_docs, args.max_len, generator, **kwargs)["input_ids"]
+        try:
+            return make_batch(args.task, args.n_docs, args.max_len, generator, **kwargs)["input_ids"]
+        except ValueError as error:
+            raise ValueError(f"--task {args.task}: {error}; change --n-kv, --vocab-size or --max-len") from None
     from zoo.eval.length import load_documents
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
@@ -47,6 +73,17 @@ def load_rows(args) -> torch.Tensor:
     if length < args.max_len:
         print(f"note: documents cut to the shortest, {length} tokens")
     return torch.stack([d[:length] for d in docs])
+
+
+def check_rows(model, rows: torch.Tensor, args) -> None:
+    """Refuse rows holding ids outside the model's vocabulary, with the option that fixes it."""
+    if args.task:
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", "V")
+        fix = f"pass --vocab-size {vocab_size} or less (the model's vocabulary)"
+        check_token_ids(model, rows, f"--task {args.task} rows", fix)
+    else:
+        check_token_ids(model, rows, "--tokens documents" if args.tokens else "the built-in corpus documents",
+                        "tokenize with the model's tokenizer (--tokenizer)")
 
 
 def summary_rows(result: dict, per_octave: int = 1) -> list[dict]:
@@ -75,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte'")
     parser.add_argument("--task", default=None, help="synthetic rows instead: mqar | selective_copying | "
                         "induction_heads")
-    parser.add_argument("--vocab-size", type=int, default=None, help="synthetic task vocabulary")
+    parser.add_argument("--vocab-size", type=int, default=None, help="synthetic task vocabulary (default: the "
+                        "task's; at most the model's vocab_size)")
+    parser.add_argument("--n-kv", type=int, default=None, help="synthetic: key-value pairs per row (mqar) or "
+                        "tokens to copy (selective_copying); mqar needs --vocab-size >= 2 * n_kv + 2")
+    parser.add_argument("--power-a", type=float, default=None, help="mqar: query-gap power law exponent")
+    parser.add_argument("--random-non-queries", action="store_true", help="mqar: random filler tokens")
     parser.add_argument("--n-docs", type=int, default=4, help="rows, run as one batch")
     parser.add_argument("--max-len", type=parse_int, default=16384)
     parser.add_argument("--chunk-size", type=parse_int, default=1024, help="tokens per forward above the "
@@ -98,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model = load_model(args.model, args.device, args.dtype)
     rows = load_rows(args)
+    check_rows(model, rows, args)
     record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
                   group_size=args.group_size, train_length=args.train_length, progress=True)
     runs = []

@@ -89,7 +89,8 @@ def evaluate_synthetic(
         task: 'mqar', 'selective_copying' or 'induction_heads'.
         seq_lens: row lengths T to test.
         n_kv: numbers of items to recall (MQAR key-value pairs, selective-copying tokens); None: the task
-            default. Cells the task cannot build (e.g. 4 * n_kv > T for MQAR) are skipped with a warning.
+            default. Cells the task cannot build (e.g. 4 * n_kv > T for MQAR) are skipped with a warning;
+            a ValueError when no cell can be built.
         n_samples: rows per cell.
         batch_size: rows per forward.
         device: where the inputs go; default the model's device (the model is not moved).
@@ -117,7 +118,7 @@ def evaluate_synthetic(
     if hasattr(model, "eval"):
         model.eval()
 
-    rows = []
+    rows, skipped = [], []
     bar = None
     if progress:
         from tqdm import tqdm
@@ -132,7 +133,8 @@ def evaluate_synthetic(
             try:  # only the task's own validation may skip a cell, never an error of the model
                 make_batch(task, 1, seq_len, **kwargs)
             except ValueError as error:
-                warnings.warn(f"skipping seq_len={seq_len} {count_name}={count}: {error}", stacklevel=2)
+                skipped.append(f"seq_len={seq_len} {count_name}={count}: {error}")
+                warnings.warn(f"skipping {skipped[-1]}", stacklevel=2)
                 if bar is not None:
                     bar.update(seq_len * n_samples)
                 continue
@@ -159,6 +161,9 @@ def evaluate_synthetic(
         bar.close()
     if was_training:
         model.train()
+    if skipped and not rows:
+        raise ValueError(f"no cell of the {task} grid can be built ({'; '.join(skipped)}); choose sequence "
+                         f"lengths, counts and vocab_size that fit (--seq-lens, --n-kv, --vocab-size)")
 
     def marginal(key: str) -> list[dict]:
         groups: dict[int, list[int]] = {}

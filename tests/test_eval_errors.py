@@ -1,0 +1,197 @@
+"""`zoo eval` on bad input: one-line ValueErrors that name the option and the fix (exit 2 through the CLI),
+never a silent empty result or a bare IndexError deep in a forward."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MAMBA_TINY = ROOT / "configs" / "models" / "mamba-tiny.yaml"  # vocab_size 512
+
+
+def zoo_yaml(tmp_path: Path, vocab_size: int, name: str = "tiny.yaml") -> str:
+    """mamba-tiny with another vocabulary, as a zoo model YAML (random weights, no checkpoint to save)."""
+    config = yaml.safe_load(MAMBA_TINY.read_text())
+    config["vocab_size"] = vocab_size
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def save_tiny_checkpoint(path: Path, vocab_size: int = 64) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    """``zoo ARGV`` in-process: (exit status, stderr)."""
+    from zoo.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 1. token files
+
+
+def test_flat_token_file_is_refused_not_split_into_one_token_documents(tmp_path, capsys):
+    from zoo.eval import length, state
+
+    flat = tmp_path / "flat.pt"
+    torch.save(torch.randint(0, 256, (2000,)), flat)
+    common = ["--tokens", str(flat), "--max-len", "64", "--device", "cpu", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"--tokens .*shape \[2000\].*\[N, T\].*t\[None\]"):
+        length.main(["--model", str(MAMBA_TINY), *common])
+    with pytest.raises(ValueError, match=r"--tokens .*shape \[2000\]"):
+        state.main(["--model", str(MAMBA_TINY), "--chunk-size", "16", *common])
+    assert not (tmp_path / "out").exists()
+    code, err = run_cli(["eval", "length", "--model", str(MAMBA_TINY), *common], capsys)
+    assert code == 2 and err.startswith("zoo eval length: --tokens") and "shape [2000]" in err
+
+
+def test_load_documents_takes_the_documented_shapes_only(tmp_path):
+    from zoo.eval.length import load_documents
+
+    def saved(obj) -> str:
+        torch.save(obj, tmp_path / "t.pt")
+        return str(tmp_path / "t.pt")
+
+    docs = load_documents(saved(torch.arange(30).view(3, 10).int()), 2, 8)
+    assert [d.tolist() for d in docs] == [list(range(8)), list(range(10, 18))] and docs[0].dtype == torch.long
+    docs = load_documents(saved([torch.arange(5), torch.arange(9)]), 4, 8)
+    assert [len(d) for d in docs] == [5, 8]
+    for bad, match in [(torch.zeros(2, 3, 4, dtype=torch.long), r"shape \[2, 3, 4\]"),
+                       (torch.rand(2, 10), "float32 values"),
+                       ([torch.zeros(2, 5, dtype=torch.long)], r"holds \[\[2, 5\]\]"),
+                       ({"input_ids": torch.zeros(2, 5, dtype=torch.long)}, "holds dict"),
+                       (torch.zeros(0, 5, dtype=torch.long), "no documents"),
+                       (torch.zeros(3, 1, dtype=torch.long), "at least 2 tokens")]:
+        with pytest.raises(ValueError, match=match):
+            load_documents(saved(bad), 4, 8)
+
+
+# ---------------------------------------------------------------- 2. vocabulary checks, state --task arguments
+
+
+def test_passkey_refuses_a_tokenizer_beyond_the_model_vocabulary(tmp_path, capsys):
+    from zoo.eval import passkey
+
+    model = zoo_yaml(tmp_path, vocab_size=100)  # a YAML model gets the byte tokenizer: ids up to 258
+    argv = ["--model", model, "--lengths", "200", "--depths", "0", "--n-samples", "1", "--device", "cpu",
+            "--out", str(tmp_path / "pk")]
+    with pytest.raises(ValueError, match=r"passkey prompts hold token id \d+ but the model's vocab_size is 100.*"
+                                         r"--tokenizer"):
+        passkey.main(argv)
+    code, err = run_cli(["eval", "passkey", *argv], capsys)
+    assert code == 2 and "vocab_size is 100" in err and "IndexError" not in err
+
+
+def test_state_checks_the_vocabulary_and_takes_task_arguments(tmp_path):
+    from zoo.eval import state
+
+    common = ["--model", str(MAMBA_TINY), "--n-docs", "2", "--max-len", "64", "--chunk-size", "32",
+              "--device", "cpu", "--out", str(tmp_path / "state")]
+    with pytest.raises(ValueError, match=r"--task mqar rows hold token id \d+ but the model's vocab_size is 512; "
+                                         r"pass --vocab-size 512 or less"):
+        state.main([*common, "--task", "mqar"])  # the task's default vocabulary is 8192
+    with pytest.raises(ValueError, match=r"--task mqar: .*fewer than n_kv=16.*--n-kv"):
+        state.main([*common, "--task", "mqar", "--vocab-size", "32"])
+    result = state.main([*common, "--task", "mqar", "--vocab-size", "32", "--n-kv", "4", "--power-a", "1.0"])
+    assert result["positions"][-1] == 64 and all(x == x for x in result["loss"])  # no NaN
+    with pytest.raises(ValueError, match="--n-kv: task 'induction_heads' has no count"):
+        state.main([*common, "--task", "induction_heads", "--n-kv", "4"])
+    torch.save(torch.full((2, 64), 600), tmp_path / "big.pt")
+    with pytest.raises(ValueError, match="--tokens documents hold token id 600 but the model's vocab_size is 512"):
+        state.main([*common, "--tokens", str(tmp_path / "big.pt")])
+
+
+# ---------------------------------------------------------------- 3. length output names
+
+
+def test_length_outputs_of_models_sharing_a_folder_name_do_not_collide(tmp_path):
+    from zoo.eval import length
+
+    paths = [str(save_tiny_checkpoint(tmp_path / run / "merged")) for run in ("A", "B")]
+    torch.save(torch.randint(0, 64, (1, 24)), tmp_path / "docs.pt")
+    length.main(["--model", *paths, "--tokens", str(tmp_path / "docs.pt"), "--max-len", "24", "--device", "cpu",
+                 "--out", str(tmp_path / "len")])
+    written = sorted(p.name for p in (tmp_path / "len").iterdir())
+    assert written == ["A-merged-per-position.pt", "A-merged.csv", "B-merged-per-position.pt", "B-merged.csv",
+                       "length.json", "length.png"]
+    assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == paths
+
+
+def test_output_stems():
+    from zoo.eval.length import output_stems
+
+    assert output_stems(["runs/x/merged"]) == ["merged"]  # one model: the name it always had
+    assert output_stems(["tiny"]) == ["tiny"] and output_stems(["configs/models/mamba-tiny.yaml"]) == ["mamba-tiny"]
+    assert output_stems(["runs/A/merged", "runs/B/merged", "runs/C/base"]) == ["A-merged", "B-merged", "base"]
+    assert output_stems(["a/x/m", "b/x/m", "m"]) == ["a-x-m", "b-x-m", "m"]
+    assert output_stems(["/r/m", "r/m"]) == ["r-m", "r-m-2"]  # nothing left to tell them apart
+
+
+# ---------------------------------------------------------------- 4. an empty synthetic grid
+
+
+def test_synthetic_grid_with_no_buildable_cell_fails(tmp_path, capsys):
+    from zoo.eval import synthetic
+
+    argv = ["--model", str(MAMBA_TINY), "--seq-lens", "16", "--n-kv", "8", "--vocab-size", "32",
+            "--n-samples", "2", "--device", "cpu", "--out", str(tmp_path / "syn")]
+    with pytest.warns(UserWarning, match="skipping seq_len=16 n_kv=8"), \
+            pytest.raises(ValueError, match=r"no cell of the mqar grid can be built \(seq_len=16 n_kv=8: mqar: "
+                                            r"n_kv=8 needs seq_len >= 4 \* n_kv = 32.*--seq-lens"):
+        synthetic.main(argv)
+    assert not (tmp_path / "syn").exists()
+    with pytest.warns(UserWarning):
+        code, err = run_cli(["eval", "synthetic", *argv], capsys)
+    assert code == 2 and "no cell of the mqar grid" in err
+    with pytest.warns(UserWarning, match="skipping seq_len=16 n_kv=8"):  # a partial grid still runs
+        result = synthetic.main([*argv[:3], "16,32", *argv[4:]])
+    assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(32, 8)]
+
+
+# ---------------------------------------------------------------- 5. a missing model, a missing tokenizer
+
+
+@pytest.mark.parametrize("command", ["passkey", "length", "state", "synthetic"])
+def test_missing_model_folder_is_reported_as_such(command, tmp_path, capsys):
+    import importlib
+
+    main = importlib.import_module(f"zoo.eval.{command}").main
+    for missing in (str(tmp_path / "nope"), "/nope", str(tmp_path / "nope.yaml")):
+        pattern = rf"--model:? '?{re.escape(missing)}'?: no such (model folder|zoo model YAML)"
+        with pytest.raises(ValueError, match=pattern):
+            main(["--model", missing, "--device", "cpu", "--out", str(tmp_path / "out")])
+    code, err = run_cli(["eval", command, "--model", "/nope"], capsys)
+    assert code == 2 and err.startswith(f"zoo eval {command}: --model: '/nope': no such model folder")
+    assert "tokenizer" not in err
+
+
+def test_a_model_without_a_tokenizer_is_a_value_error(tmp_path, capsys):
+    from zoo.eval import passkey
+    from zoo.eval.common import load_tokenizer
+
+    folder = save_tiny_checkpoint(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"bare has no tokenizer \(.*\); pass --tokenizer PATH\|byte"):
+        load_tokenizer(None, str(folder))
+    assert load_tokenizer("byte", str(folder)).encode("a")  # --tokenizer still overrides
+    code, err = run_cli(["eval", "passkey", "--model", str(folder), "--device", "cpu"], capsys)
+    message = err.splitlines()[-2]  # one line (transformers' reason spans several), then the ZOO_TRACEBACK hint
+    assert code == 2 and message.startswith("zoo eval passkey: ") and "has no tokenizer (" in message
+    assert message.endswith("; pass --tokenizer PATH|byte")
+    with pytest.raises(ValueError, match="has no tokenizer"):
+        passkey.main(["--model", str(folder), "--device", "cpu", "--out", str(tmp_path / "pk")])
