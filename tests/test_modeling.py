@@ -220,3 +220,116 @@ def test_outputs_keep_the_cache_under_the_installed_transformers_field():
     field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     assert isinstance(out[field], ZooCache) and output_cache(out) is out[field]
     assert output_cache(model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=False)) is None
+
+
+# ---- transformers' API details: crop, assisted decoding, tuples, config defaults, checkpointing options ----------
+
+def test_crop_rolls_back_the_keys_and_the_positions():
+    model = tiny("transformerpp")
+    ids = torch.randint(0, 512, (1, 9))
+    nxt = torch.randint(0, 512, (1, 1))
+    with torch.no_grad():
+        reference = model(torch.cat([ids[:, :6], nxt], 1), use_cache=False).logits[:, -1]
+        for crop in (-3, 6):  # transformers' form (tokens to remove) and the legacy one (the length to keep)
+            cache = zoo.cache.output_cache(model(ids, use_cache=True))
+            cache.crop(crop)
+            assert cache.get_seq_length() == 6
+            assert_close("logits after crop", model(nxt, past_key_values=cache, use_cache=True).logits[:, -1],
+                         reference, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_crop_and_assisted_decoding_are_refused_with_recurrent_layers(name):
+    model = tiny(name)
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        cache = zoo.cache.output_cache(model(ids, use_cache=True))
+    cache.crop(0)  # nothing to remove
+    with pytest.raises(ValueError, match="cannot be rolled back"):
+        cache.crop(-2)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens .assisted decoding."):
+        model.generate(torch.cat([ids, ids], 1), prompt_lookup_num_tokens=3, max_new_tokens=4)
+
+
+def test_assisted_decoding_of_an_attention_model_equals_greedy():
+    model = tiny("transformerpp")
+    x = torch.randint(0, 512, (1, 12))
+    ids = torch.cat([x, x, x], 1)  # repeats, so prompt lookup proposes tokens, some of them rejected
+    greedy = model.generate(ids, max_new_tokens=16, do_sample=False)
+    assisted = model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=16, do_sample=False)
+    assert torch.equal(assisted, greedy)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_return_dict_false_gives_transformers_tuple(name):
+    model = tiny(name)
+    ids = torch.randint(0, 512, (2, 7))
+    out = model(ids, labels=ids)
+    loss, logits = model(ids, labels=ids, return_dict=False)[:2]
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
+    assert isinstance(model.model(ids, return_dict=False), tuple)
+    model.config.return_dict = False
+    assert torch.equal(model(ids)[0], out.logits)
+
+
+def test_config_output_hidden_states_is_the_default():
+    model = tiny("mamba")
+    model.config.output_hidden_states = True
+    out = model(torch.randint(0, 512, (1, 5)))
+    assert out.hidden_states is not None and len(out.hidden_states) == len(model.model.layers) + 1
+    assert model(torch.randint(0, 512, (1, 5)), output_hidden_states=False).hidden_states is None
+
+
+def test_checkpointing_takes_transformers_function_and_every_n_layers():
+    model = tiny("jamba").train()
+    if "every_n_layers" not in __import__("inspect").signature(
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)).parameters:
+        pytest.skip("this transformers has no every_n_layers")
+    ids = torch.randint(0, 512, (2, 12))
+    model(ids, labels=ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable(every_n_layers=2)
+    calls = []
+    func = model.model._gradient_checkpointing_func
+    model.model._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or func(*a, **k)
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == (len(model.model.layers) + 1) // 2
+    for n, p in model.named_parameters():
+        if n in ref:
+            assert_close(n, p.grad, ref[n], 1e-5)
+
+
+class StatelessMixer(torch.nn.Module):
+    """A custom mixer without a cache entry (`init_state` returns None)."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+def test_a_stateless_mixer_decodes_with_beams_and_several_sequences():
+    model = tiny("mamba")
+    model.model.layers[1].mixer = StatelessMixer(model.config.d_model)
+    prompt = torch.randint(0, 512, (2, 6))
+    out = model.generate(prompt, max_new_tokens=5, num_beams=2, num_return_sequences=2, do_sample=False,
+                         pad_token_id=0)
+    assert out.shape == (4, 11)
+
+
+def test_trusted_load_takes_overrides_and_a_keyword_path(tmp_path):
+    cfg = ZooConfig(d_model=32, vocab_size=64, layers="X", ffn="none",
+                    mixers={"X": {"type": "zoo.mixers.mamba.Mamba", "d_state": 4}})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    loaded = zoo.ZooForCausalLM.from_pretrained(tmp_path, trust_remote_code=True, use_cache=False)
+    assert loaded.config.use_cache is False and type(loaded.model.layers[0].mixer).__name__ == "Mamba"
+    loaded = zoo.ZooForCausalLM.from_pretrained(pretrained_model_name_or_path=tmp_path, trust_remote_code=True)
+    assert type(loaded.model.layers[0].mixer).__name__ == "Mamba"
+    with pytest.raises(ValueError, match="trust_remote_code"):  # the trust ends with the load
+        zoo.ZooForCausalLM.from_pretrained(tmp_path)

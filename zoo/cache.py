@@ -28,6 +28,7 @@ class RecurrentLayer(LinearAttentionLayer):
     model with decode_state_dtype "model" and a mixer whose step takes it: ZooCache.for_model)."""
 
     is_compileable = False
+    is_croppable = False  # the mixers keep no per-token history to roll back to (ZooCache.crop)
 
     def __init__(self, state_dtype: torch.dtype = torch.float32):
         super().__init__(number_of_states=1)
@@ -237,13 +238,51 @@ class ZooCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
+    # a stateless mixer's `init_state` may return None: its layer holds nothing, so these skip it
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
-            layer.reorder_cache(beam_idx)
+            if layer is not None:
+                layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            if layer is not None:
+                layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            if layer is not None:
+                layer.batch_select_indices(indices)
 
     def reset(self) -> None:
-        super().reset()
+        for layer in self.layers:
+            if layer is not None:
+                layer.reset()
         self.seen_tokens = 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return all(layer is None or isinstance(layer, DynamicLayer) for layer in self.layers)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last tokens from every attention layer's keys/values and from the count of tokens seen (so the
+        next step's positions follow): `crop(-n)` removes n tokens; a positive value is the legacy form, the length
+        to keep. Raises ValueError on a cache with recurrent (Mamba, Mamba-2, GLA) or static layers: their states
+        hold no per-token history to roll back to, so assisted or speculative decoding cannot use them."""
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(self.seen_tokens - tokens_to_remove, 0)
+        if remove == 0:
+            return
+        if remove > self.seen_tokens:
+            raise ValueError(f"crop: cannot remove {remove} tokens from a cache that has seen {self.seen_tokens}")
+        if not self.is_croppable:
+            kinds = sorted({type(layer).__name__ for layer in self.layers
+                            if layer is not None and not isinstance(layer, DynamicLayer)})
+            raise ValueError(f"crop: this cache holds {', '.join(kinds)} layers, whose states cannot be rolled "
+                             f"back token by token (assisted / speculative decoding needs that)")
+        for layer in self.layers:
+            if layer is not None:
+                layer.crop(-remove)
+        self.seen_tokens -= remove
 
     # ---- static decoding -----------------------------------------------------------------------------------
     def to_static(self, max_len: int) -> ZooCache:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,15 @@ def _the_cache(past_key_values, kwargs: dict):
     return cache if cache is not None else past_key_values
 
 
+# set while ZooForCausalLM.from_pretrained(..., trust_remote_code=True) builds its model
+_TRUSTED_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_trusted_load", default=False)
+
+
+def _return_dict(config, return_dict) -> bool:
+    """A ModelOutput unless the caller (or the config's return_dict) asks for transformers' tuple."""
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
+
+
 @dataclass
 class ZooCausalLMOutput(CausalLMOutputWithPast):
     """CausalLMOutputWithPast plus the MoE load-balancing loss (already added to `loss`, scaled)."""
@@ -63,6 +74,18 @@ class ZooPreTrainedModel(PreTrainedModel):
     def post_init(self) -> None:
         super().post_init()
         self.mark_no_weight_decay()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        """transformers' hook for `activation_checkpointing_enable` / `gradient_checkpointing_enable`: the
+        ZooModel checkpoints every `every_n_layers`-th block with the function transformers built from the user's
+        kwargs (`use_reentrant`, `offload`); by default torch's non-reentrant checkpoint."""
+        if every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+        base = self if isinstance(self, ZooModel) else self.model
+        base.gradient_checkpointing = enable
+        base._gradient_checkpointing_func = gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
+        base._checkpointed = {i for i in range(len(base.layers)) if enable and i % every_n_layers == 0}
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -92,7 +115,7 @@ class ZooModel(ZooPreTrainedModel):
 
     def __init__(self, config: ZooConfig):
         super().__init__(config)
-        trust = not getattr(config, "_from_disk", False)
+        trust = not getattr(config, "_from_disk", False) or _TRUSTED_LOAD.get()
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model, padding_idx=None)
         layers = []
         for i, spec in enumerate(config.layer_specs()):
@@ -109,6 +132,8 @@ class ZooModel(ZooPreTrainedModel):
         self.layers = nn.ModuleList(layers)
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        self._checkpointed = set(range(len(self.layers)))  # which blocks checkpoint when it is on (every_n_layers)
         self.post_init()
 
     def _has_attention(self) -> bool:
@@ -124,12 +149,15 @@ class ZooModel(ZooPreTrainedModel):
         self.embeddings = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=True,
-                **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=None,
+                **kwargs) -> BaseModelOutputWithPast | tuple:
         """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents.
 
-        The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`."""
+        The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
+        output_hidden_states and return_dict default to the config's, as in transformers."""
         past_key_values = _the_cache(past_key_values, kwargs)
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -174,8 +202,8 @@ class ZooModel(ZooPreTrainedModel):
         else:
             for i, block in enumerate(self.layers):
                 layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-                if checkpointing and layer_cache is None:
-                    x, aux = checkpoint(block, x, None, seq_idx, position_ids, attention_mask, use_reentrant=False)
+                if checkpointing and layer_cache is None and i in self._checkpointed:
+                    x, aux = self._gradient_checkpointing_func(block, x, None, seq_idx, position_ids, attention_mask)
                 else:
                     x, aux = block(x, layer_cache, seq_idx, position_ids, attention_mask)
                 if aux is not None:
@@ -190,7 +218,7 @@ class ZooModel(ZooPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
                                       hidden_states=tuple(hidden_states) if hidden_states else None)
         out.aux_loss = aux_total
-        return out
+        return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
 
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
@@ -202,10 +230,23 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = ZooModel(config)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
-        # recurrent states cannot be rolled back, so transformers must not use assisted decoding
+        # recurrent states cannot be rolled back, so assisted decoding is refused (generate)
         self._is_stateful = any(isinstance(b.mixer.init_state(1, torch.float32, "cpu"), RecurrentLayer)
                                 for b in self.model.layers)
         self.post_init()
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate; assisted decoding (assistant_model, prompt_lookup_num_tokens) is refused on a
+        model with Mamba, Mamba-2 or GLA layers: it rolls rejected tokens back out of the cache, and their states
+        keep no per-token history (attention-only models take it)."""
+        if self._is_stateful:
+            config = kwargs.get("generation_config") or self.generation_config
+            names = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+            asked = [n for n in names if kwargs.get(n) is not None or getattr(config, n, None) is not None]
+            if asked:
+                raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
+                                 f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
+        return super().generate(*args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embeddings
@@ -227,12 +268,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
-                logits_to_keep: int | torch.Tensor = 0, return_dict=True, **kwargs) -> ZooCausalLMOutput:
+                logits_to_keep: int | torch.Tensor = 0, return_dict=None, **kwargs) -> ZooCausalLMOutput | tuple:
         """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added."""
         past_key_values = _the_cache(past_key_values, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, seq_idx=seq_idx)
+                         output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
@@ -248,8 +289,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             if self.config.moe:
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
-        return ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
-                                 hidden_states=out.hidden_states, aux_loss=aux if self.config.moe else None)
+        result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
+                                   hidden_states=out.hidden_states, aux_loss=aux if self.config.moe else None)
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
@@ -264,13 +306,13 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args, trust_remote_code: bool = False, **kwargs):
         # Dotted-path mixers in a config from disk import code: only with trust_remote_code (registry.get_mixer).
-        if trust_remote_code:
-            config = kwargs.get("config")
-            if config is None and args:
-                config = kwargs["config"] = ZooConfig.from_pretrained(args[0])
-            if isinstance(config, ZooConfig):
-                config._from_disk = False
-        model = super().from_pretrained(*args, **kwargs)
+        # The flag holds while this load builds the model, whatever form the path, config and overrides take.
+        token = _TRUSTED_LOAD.set(True) if trust_remote_code else None
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        finally:
+            if token is not None:
+                _TRUSTED_LOAD.reset(token)
         model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
         return model
 
