@@ -7,6 +7,8 @@ import dataclasses
 import difflib
 import inspect
 import math
+import types
+import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,87 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 FFN_TYPES = ("swiglu", "none")
-FFN_KEYS = ("type", "hidden")
-MOE_KEYS = ("every", "offset", "n_experts", "top_k", "hidden", "aux_loss_coef", "normalize_topk")
+FFN_FIELDS = {"type": str, "hidden": int | None}
+MOE_FIELDS = {"every": int, "offset": int | None, "n_experts": int, "top_k": int, "hidden": int | None,
+              "aux_loss_coef": float, "normalize_topk": bool}
+FFN_KEYS = tuple(FFN_FIELDS)
+MOE_KEYS = tuple(MOE_FIELDS)
+# top-level fields checked by type (token ids are left to transformers: eos_token_id may be a list)
+FIELD_TYPES = {"vocab_size": int, "d_model": int, "tie_embeddings": bool, "norm_eps": float,
+               "initializer_range": float, "rescale_prenorm_residual": bool, "residual_in_fp32": bool,
+               "use_cache": bool, "decode_state_dtype": str}
+# transformers' names of zoo fields: either name may be given, both only with equal values
+ALIASES = {"hidden_size": "d_model", "tie_word_embeddings": "tie_embeddings"}
+DEFAULTS = {"d_model": 768, "tie_embeddings": True}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` checked against type hint `tp` as zoo.train checks run configs: a string that parses as a number
+    becomes a float where a float is expected (YAML reads 1e-5, without a dot, as the string '1e-5'); any other
+    mismatch raises ValueError naming `where`. Hints other than bool/int/float/str, their unions and tuples pass."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], where)
+        for option in options:
+            try:
+                return _coerce(value, option, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where}: expected one of {' | '.join(getattr(a, '__name__', str(a)) for a in args)}, "
+                         f"got {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return value  # an int stays an int: config.json keeps what was written
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is tuple and args and Ellipsis not in args:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return type(value)(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    return value
+
+
+def _coerce_fields(data: dict, hints: dict, where: str) -> dict:
+    """A copy of `data` with each key that has a hint in `hints` coerced (other keys are checked elsewhere)."""
+    return {k: _coerce(v, hints[k], f"{where}{k}") if k in hints else v for k, v in data.items()}
+
+
+def _mixer_hints(mixer_type: Any) -> dict:
+    """Type hints of a registered mixer's keyword options ({} for a dotted path: it is imported only when the
+    model is built, and only when trusted)."""
+    from zoo.registry import get_mixer, is_dotted_path
+
+    if not isinstance(mixer_type, str) or is_dotted_path(mixer_type):
+        return {}
+    try:
+        cls = get_mixer(mixer_type)
+    except ValueError:
+        return {}  # an unknown type is named by validate_zoo
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except (NameError, TypeError):
+        return {}
+    return {k: v for k, v in hints.items() if k not in ("self", "d_model", "layer_idx", "return")}
 
 
 def _unknown_key(keys, known, where: str) -> str | None:
@@ -74,18 +155,22 @@ class ZooConfig(PreTrainedConfig):
     transformers' caches keep them: half the state's memory and bytes per step, rounded every step). Mamba's fused
     step kernel reads such a state as it lies; its other step paths (the unfused kernels, the references) update
     an fp32 copy and write it back.
+
+    transformers' names are the same fields: hidden_size is d_model (768), tie_word_embeddings is tie_embeddings
+    (True); num_hidden_layers follows `layers` (given, it must agree). Numeric strings (YAML reads 1e-5 as one)
+    become floats where a float is expected; any other mistyped value raises ValueError naming the field.
     """
 
     model_type = "zoo"
-    attribute_map = {"hidden_size": "d_model"}
+    attribute_map = dict(ALIASES)
 
     vocab_size: int = 50304
-    d_model: int = 768
+    d_model: int | None = None  # None: hidden_size, else 768
     layers: Any = "MM"
     mixers: Any = field(default_factory=lambda: {"M": {"type": "mamba"}})
     ffn: Any = field(default_factory=lambda: {"type": "swiglu"})
     moe: Any = None
-    tie_embeddings: bool = True
+    tie_embeddings: bool | None = None  # None: tie_word_embeddings, else True
     norm_eps: float = 1e-5
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
@@ -97,12 +182,28 @@ class ZooConfig(PreTrainedConfig):
     eos_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("tie_word_embeddings", None)
-        kwargs.pop("num_hidden_layers", None)
+        given = {alias: kwargs.pop(alias) for alias in ALIASES if alias in kwargs}
+        num_hidden_layers = kwargs.pop("num_hidden_layers", None)
         super().__post_init__(**kwargs)
-        self.tie_word_embeddings = bool(self.tie_embeddings)
+        for alias, name in ALIASES.items():
+            value = getattr(self, name)
+            if given.get(alias) is not None:
+                alias_value = _coerce(given[alias], FIELD_TYPES[name], alias)
+                if value is not None and (type(value) is not type(alias_value) or value != alias_value):
+                    raise ValueError(f"{alias}: {alias_value!r} disagrees with {name}: {value!r} ({alias} is "
+                                     f"transformers' name for {name}); give one of them")
+                value = alias_value
+            setattr(self, name, DEFAULTS[name] if value is None else value)
         self.validate_zoo()
-        self.num_hidden_layers = len(self.layer_specs())
+        self.set_num_hidden_layers(num_hidden_layers)
+
+    def set_num_hidden_layers(self, given: Any = None) -> None:
+        """Set num_hidden_layers from `layers`; a `given` count (transformers' keyword) must agree with it."""
+        n = len(self.layer_specs())
+        if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given != n):
+            raise ValueError(f"num_hidden_layers: {given!r} disagrees with layers {self.layers!r} ({n} layers); "
+                             f"the number of layers follows `layers`: drop num_hidden_layers or make them agree")
+        self.num_hidden_layers = n
 
     # ---- resolution -------------------------------------------------------------------------------------
     def layer_specs(self) -> list[dict]:
@@ -132,20 +233,38 @@ class ZooConfig(PreTrainedConfig):
         spec.update(self.moe or {})
         if spec.get("hidden") is None:
             spec["hidden"] = self.ffn_spec().get("hidden") or 64 * math.ceil(8 * self.d_model / 3 / 64)
-        spec.setdefault("offset", 1 if spec["every"] > 1 else 0)
+        if spec.get("offset") is None:
+            spec["offset"] = 1 if spec["every"] > 1 else 0
         return spec
 
     # ---- validation -------------------------------------------------------------------------------------
+    def coerce_fields(self) -> None:
+        """Check the type of each top-level, ffn, moe and mixer option that has one, turning numeric strings
+        (YAML's 1e-5) into floats where a float is expected, in place so that config.json holds the numbers.
+        Raises ValueError naming the field."""
+        for name, tp in FIELD_TYPES.items():
+            setattr(self, name, _coerce(getattr(self, name), tp, name))
+        if isinstance(self.ffn, dict):
+            self.ffn = _coerce_fields(self.ffn, FFN_FIELDS, "ffn.")
+        if isinstance(self.moe, dict):
+            self.moe = _coerce_fields(self.moe, MOE_FIELDS, "moe.")
+        if isinstance(self.mixers, dict):
+            self.mixers = {letter: _coerce_fields(spec, _mixer_hints(spec.get("type")), f"mixers.{letter}.")
+                           if isinstance(spec, dict) else spec for letter, spec in self.mixers.items()}
+        if isinstance(self.layers, (list, tuple)):
+            self.layers = [_coerce_fields(spec, _mixer_hints(spec.get("type")), f"layers[{i}].")
+                           if isinstance(spec, dict) else spec for i, spec in enumerate(self.layers)]
+
     def validate_zoo(self) -> None:
-        """Raise ValueError naming the field and the fix for every inconsistent setting."""
+        """Coerce numeric strings (coerce_fields), then raise ValueError naming the field and the fix for every
+        inconsistent setting."""
         from zoo.registry import get_mixer, is_dotted_path
 
+        self.coerce_fields()
         for name in ("vocab_size", "d_model"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings: must be true or false, got {self.tie_embeddings!r}")
         if self.decode_state_dtype not in DECODE_STATE_DTYPES:
             raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, "
                              f"got {self.decode_state_dtype!r}")
@@ -168,14 +287,15 @@ class ZooConfig(PreTrainedConfig):
         ffn = self.ffn_spec()
         if ffn["type"] not in FFN_TYPES:
             raise ValueError(f"ffn.type: unknown {ffn['type']!r}; use one of {FFN_TYPES}")
-        if ffn["type"] == "swiglu" and not (isinstance(ffn["hidden"], int) and ffn["hidden"] > 0):
+        if ffn["type"] == "swiglu" and not (isinstance(ffn["hidden"], int) and not isinstance(ffn["hidden"], bool)
+                                            and ffn["hidden"] > 0):
             raise ValueError(f"ffn.hidden: must be a positive integer, got {ffn['hidden']!r}")
         if self.moe is not None:
             if not isinstance(self.moe, dict):
                 raise ValueError(f"moe: expected a dict {{every, n_experts, top_k}} or null, got {self.moe!r}")
             moe = self.moe_spec()
             for key in ("every", "n_experts", "top_k", "hidden"):
-                if not isinstance(moe[key], int) or moe[key] <= 0:
+                if not isinstance(moe[key], int) or isinstance(moe[key], bool) or moe[key] <= 0:
                     raise ValueError(f"moe.{key}: must be a positive integer, got {moe[key]!r}")
             if moe["top_k"] > moe["n_experts"]:
                 raise ValueError(f"moe.top_k: {moe['top_k']} is larger than moe.n_experts {moe['n_experts']}; "
@@ -223,7 +343,7 @@ class ZooConfig(PreTrainedConfig):
         are left to transformers' rule: unknown keys become attributes.)"""
         own = [name for name in cls.__annotations__ if not name.startswith("_")]
         inherited = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
-        inherited |= {"model_type", "tie_word_embeddings", "num_hidden_layers"}
+        inherited |= {"model_type", "num_hidden_layers"}
         problem = _unknown_key([k for k in data if k not in inherited], own, where)
         if problem:
             raise ValueError(problem)
@@ -248,6 +368,10 @@ class ZooConfig(PreTrainedConfig):
         result = config[0] if isinstance(config, tuple) else config
         # A config read from disk or the hub must not import code by itself (see registry.get_mixer).
         result._from_disk = True
+        # transformers sets the keyword overrides of from_pretrained (decode_state_dtype="...") with setattr
+        # after construction, past __post_init__: check them as a constructor argument would be
+        result.validate_zoo()
+        result.set_num_hidden_layers(kwargs.get("num_hidden_layers"))
         return config
 
     def to_dict(self) -> dict[str, Any]:

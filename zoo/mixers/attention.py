@@ -44,7 +44,7 @@ class Attention(nn.Module):
                  head_dim: int | None = None, rope_theta: float = 10000.0, rope: bool = True,
                  window: int | None = None, attn_backend: str = "auto"):
         super().__init__()
-        n_heads = n_heads or max(1, d_model // 64)
+        n_heads = max(1, d_model // 64) if n_heads is None else n_heads
         self.check_spec(d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta,
                         window=window)
         self.d_model, self.layer_idx = d_model, layer_idx
@@ -59,8 +59,8 @@ class Attention(nn.Module):
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int | None = None, n_kv_heads: int | None = None,
                    head_dim: int | None = None, rope_theta: float = 10000.0, window: int | None = None, **_) -> None:
-        n_heads = n_heads or max(1, d_model // 64)
-        if not (isinstance(n_heads, int) and n_heads >= 1):
+        n_heads = max(1, d_model // 64) if n_heads is None else n_heads  # 0 is refused, not replaced
+        if not (isinstance(n_heads, int) and not isinstance(n_heads, bool) and n_heads >= 1):
             raise ValueError(f"n_heads: must be a positive integer, got {n_heads!r}")
         if head_dim is None and d_model % n_heads:
             raise ValueError(f"n_heads: {n_heads} does not divide d_model = {d_model}; choose n_heads dividing "
@@ -74,7 +74,7 @@ class Attention(nn.Module):
                 raise ValueError(f"n_kv_heads: must be a positive integer, got {n_kv_heads!r}")
             if n_heads % n_kv_heads:
                 raise ValueError(f"n_kv_heads: {n_kv_heads} does not divide n_heads = {n_heads}")
-        if not rope_theta > 0:
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
             raise ValueError(f"rope_theta: must be > 0, got {rope_theta!r}")
         if window is not None and not (isinstance(window, int) and window >= 1):
             raise ValueError(f"window: must be a positive integer or null, got {window!r}")

@@ -32,7 +32,7 @@ class GLA(nn.Module):
                  chunk_size: int = 64, norm_eps: float = 1e-5, scan_backend: str = "auto"):
         super().__init__()
         self.check_spec(d_model, n_heads=n_heads, expand_k=expand_k, expand_v=expand_v,
-                        gate_low_rank_dim=gate_low_rank_dim)
+                        gate_low_rank_dim=gate_low_rank_dim, chunk_size=chunk_size)
         self.d_model, self.layer_idx, self.n_heads = d_model, layer_idx, n_heads
         self.key_dim, self.value_dim = int(d_model * expand_k), int(d_model * expand_v)
         self.head_k, self.head_v = self.key_dim // n_heads, self.value_dim // n_heads
@@ -49,10 +49,13 @@ class GLA(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
-                   gate_low_rank_dim: int = 16, **_) -> None:
-        if not (isinstance(n_heads, int) and n_heads >= 1):
-            raise ValueError(f"n_heads: must be a positive integer, got {n_heads!r}")
+                   gate_low_rank_dim: int = 16, chunk_size: int = 64, **_) -> None:
+        for name, value in (("n_heads", n_heads), ("chunk_size", chunk_size)):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         for name, e in (("expand_k", expand_k), ("expand_v", expand_v)):
+            if isinstance(e, bool) or not isinstance(e, (int, float)):
+                raise ValueError(f"{name}: must be a number, got {e!r}")
             width = d_model * e
             if not (e > 0 and float(width).is_integer() and int(width) % n_heads == 0):
                 raise ValueError(f"{name}: d_model·{name} = {width} must be a positive integer divisible by "

@@ -87,6 +87,9 @@ class Mamba(nn.Module):
             raise ValueError(f"d_state: must be a positive integer, got {d_state!r}")
         if not (isinstance(d_conv, int) and d_conv >= 1):
             raise ValueError(f"d_conv: must be a positive integer, got {d_conv!r}")
+        for name, value in (("expand", expand), ("dt_min", dt_min), ("dt_max", dt_max)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: must be a number, got {value!r}")
         if not (expand > 0 and float(expand * d_model).is_integer()):
             raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
         if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank >= 1):

@@ -59,6 +59,8 @@ class Mamba2(nn.Module):
     @staticmethod
     def check_spec(d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: float = 2, head_dim: int = 64,
                    n_groups: int = 1, chunk_size: int = 256, norm_groups: int | None = None, **_) -> None:
+        if isinstance(expand, bool) or not isinstance(expand, (int, float)):
+            raise ValueError(f"expand: must be a number, got {expand!r}")
         d_inner = expand * d_model
         for name, value in (("d_state", d_state), ("d_conv", d_conv), ("head_dim", head_dim),
                             ("n_groups", n_groups), ("chunk_size", chunk_size)):

@@ -1,0 +1,200 @@
+"""ZooConfig field values: YAML's numeric strings, transformers' field names, types, and load-time overrides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from zoo import ZooConfig
+from zoo.mixers.attention import Attention
+from zoo.mixers.gla import GLA
+from zoo.mixers.mamba import Mamba
+
+# PyYAML reads a float without a dot (1e-5) as the string '1e-5'
+EXPONENTS = """\
+vocab_size: 64
+d_model: 32
+norm_eps: 1e-5
+initializer_range: 2e-2
+layers: MAG
+mixers:
+  M: {type: mamba, d_state: 4, dt_min: 1e-3, dt_max: 1e-1}
+  A: {type: attention, n_heads: 2, rope_theta: 1e4}
+  G: {type: gla, n_heads: 2, gate_logit_normalizer: 16e0}
+ffn: {type: swiglu, hidden: 64}
+moe: {every: 2, n_experts: 2, top_k: 1, aux_loss_coef: 1e-3}
+"""
+
+
+def _yaml(tmp_path, text: str):
+    path = tmp_path / "model.yaml"
+    path.write_text(text)
+    return path
+
+
+def _tiny(**fields) -> ZooConfig:
+    return ZooConfig(**{"vocab_size": 64, "d_model": 32, "layers": "M", "ffn": "none",
+                        "mixers": {"M": {"type": "mamba", "d_state": 4}}} | fields)
+
+
+def test_yaml_exponents_become_numbers_and_stay_numbers_in_config_json(tmp_path):
+    config = ZooConfig.from_yaml(_yaml(tmp_path, EXPONENTS))
+    assert config.norm_eps == 1e-5 and config.initializer_range == 0.02
+    assert config.mixers["M"]["dt_min"] == 1e-3 and config.mixers["A"]["rope_theta"] == 1e4
+    assert config.mixers["G"]["gate_logit_normalizer"] == 16.0 and config.moe["aux_loss_coef"] == 1e-3
+    AutoModelForCausalLM.from_config(config)
+    config.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert saved["norm_eps"] == 1e-5 and saved["mixers"]["A"]["rope_theta"] == 1e4
+    assert saved["mixers"]["M"]["dt_min"] == 1e-3 and saved["moe"]["aux_loss_coef"] == 1e-3
+    again = ZooConfig.from_pretrained(tmp_path / "saved")
+    assert again.layer_specs() == config.layer_specs() and again.norm_eps == config.norm_eps
+
+
+def test_an_integer_where_a_float_is_expected_is_kept_as_written():
+    config = _tiny(mixers={"M": {"type": "mamba", "d_state": 4, "expand": 2}})
+    assert config.mixers["M"]["expand"] == 2 and isinstance(config.mixers["M"]["expand"], int)
+
+
+NOT_NUMBERS = [
+    ("norm-eps", "norm_eps: tiny\n", "norm_eps"),
+    ("initializer-range", "initializer_range: [0.02]\n", "initializer_range"),
+    ("dt-min", "mixers:\n  M: {type: mamba, dt_min: fast}\n", "mixers.M.dt_min"),
+    ("rope-theta", "layers: A\nmixers:\n  A: {type: attention, n_heads: 4, rope_theta: 1e4x}\n",
+     "mixers.A.rope_theta"),
+    ("aux-loss-coef", "moe: {n_experts: 4, aux_loss_coef: some}\n", "moe.aux_loss_coef"),
+    ("int-as-string", "mixers:\n  M: {type: mamba, d_state: '16'}\n", "mixers.M.d_state"),
+    ("list-layers", "layers:\n  - {type: mamba, dt_max: big}\n", "layers[0].dt_max"),
+]
+
+
+@pytest.mark.parametrize("text,field", [(t, f) for _, t, f in NOT_NUMBERS], ids=[n for n, _, _ in NOT_NUMBERS])
+def test_a_non_numeric_value_where_a_number_is_expected_is_refused_by_name(tmp_path, text, field):
+    with pytest.raises(ValueError) as info:
+        ZooConfig.from_yaml(_yaml(tmp_path, "d_model: 64\n" + text))
+    assert str(info.value).startswith(field + ":"), str(info.value)
+
+
+def test_mixers_built_directly_refuse_strings_by_name():
+    with pytest.raises(ValueError, match="dt_min"):
+        Mamba(32, dt_min="1e-3")
+    with pytest.raises(ValueError, match="rope_theta"):
+        Attention(32, n_heads=2, rope_theta="1e4")
+    with pytest.raises(ValueError, match="expand_k"):
+        GLA(32, n_heads=2, expand_k="0.5")
+
+
+# ---- transformers' names of zoo fields ------------------------------------------------------------------
+
+def test_tie_word_embeddings_is_tie_embeddings(tmp_path):
+    config = _tiny(tie_word_embeddings=False)
+    assert config.tie_embeddings is False and config.tie_word_embeddings is False
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.lm_head.weight is not model.model.embeddings.weight
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["tie_embeddings"] is False and "tie_word_embeddings" not in saved
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.tie_word_embeddings is False
+    assert loaded.lm_head.weight is not loaded.model.embeddings.weight
+    tied = AutoModelForCausalLM.from_config(_tiny())
+    assert tied.config.tie_word_embeddings is True and tied.lm_head.weight is tied.model.embeddings.weight
+
+
+def test_tie_word_embeddings_and_tie_embeddings_stay_one_field():
+    config = _tiny()
+    config.tie_word_embeddings = False
+    assert config.tie_embeddings is False
+    config.tie_embeddings = True
+    assert config.tie_word_embeddings is True
+    assert _tiny(tie_embeddings=False, tie_word_embeddings=False).tie_embeddings is False
+    with pytest.raises(ValueError, match="tie_word_embeddings.*tie_embeddings"):
+        _tiny(tie_embeddings=True, tie_word_embeddings=False)
+    with pytest.raises(ValueError, match="tie_word_embeddings: expected true or false"):
+        _tiny(tie_word_embeddings="no")
+
+
+def test_a_config_json_with_both_tie_names_still_loads(tmp_path):
+    data = _tiny(tie_embeddings=False).to_dict() | {"tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    assert AutoConfig.from_pretrained(tmp_path).tie_embeddings is False
+
+
+def test_num_hidden_layers_must_agree_with_the_pattern(tmp_path):
+    assert _tiny(layers="MMM", num_hidden_layers=3).num_hidden_layers == 3
+    with pytest.raises(ValueError, match=r"num_hidden_layers: 7 disagrees with layers 'MMM' \(3 layers\)"):
+        _tiny(layers="MMM", num_hidden_layers=7)
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        ZooConfig.from_yaml(_yaml(tmp_path, "layers: MM\nnum_hidden_layers: 4\n"))
+
+
+def test_hidden_size_is_d_model():
+    assert _tiny(d_model=None, hidden_size=48).d_model == 48
+    assert ZooConfig(hidden_size=64, d_model=64).hidden_size == 64
+    assert ZooConfig().d_model == 768 and ZooConfig().tie_embeddings is True
+    with pytest.raises(ValueError, match="hidden_size: 32 disagrees with d_model: 64"):
+        ZooConfig(hidden_size=32, d_model=64)
+
+
+# ---- types and ranges ---------------------------------------------------------------------------------
+
+BAD = [
+    ("gla-chunk-zero", dict(d_model=32, layers="G", mixers={"G": {"type": "gla", "n_heads": 2, "chunk_size": 0}}),
+     "chunk_size"),
+    ("gla-chunk-negative", dict(d_model=32, layers="G",
+                                mixers={"G": {"type": "gla", "n_heads": 2, "chunk_size": -4}}), "chunk_size"),
+    ("gla-chunk-string", dict(d_model=32, layers="G",
+                              mixers={"G": {"type": "gla", "n_heads": 2, "chunk_size": "16"}}), "chunk_size"),
+    ("normalize-topk", dict(moe={"n_experts": 4, "normalize_topk": "no"}), "moe.normalize_topk"),
+    ("moe-offset-string", dict(moe={"n_experts": 4, "offset": "1"}), "moe.offset"),
+    ("residual-in-fp32", dict(residual_in_fp32="no"), "residual_in_fp32"),
+    ("rescale-prenorm", dict(rescale_prenorm_residual=1), "rescale_prenorm_residual"),
+    ("attention-zero-heads", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "n_heads": 0}}),
+     "n_heads"),
+    ("rope-flag", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "rope": "no"}}), "rope"),
+    ("vocab-string", dict(vocab_size="512"), "vocab_size"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", [(k, f) for _, k, f in BAD], ids=[n for n, _, _ in BAD])
+def test_bad_value_raises_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError) as info:
+        ZooConfig(**kwargs)
+    assert field in str(info.value), str(info.value)
+
+
+def test_gla_refuses_a_bad_chunk_size_when_built_directly():
+    with pytest.raises(ValueError, match="chunk_size"):
+        GLA(32, n_heads=2, chunk_size=0)
+
+
+# ---- overrides given at load time ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("zoo-config")
+    AutoModelForCausalLM.from_config(_tiny()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("override,field", [
+    (dict(decode_state_dtype="bf16"), "decode_state_dtype"),
+    (dict(norm_eps="small"), "norm_eps"),
+    (dict(num_hidden_layers=3), "num_hidden_layers"),
+    (dict(d_model=-1), "d_model"),
+    (dict(mixers={"M": {"type": "mamba", "d_state": 0}}), "d_state"),
+], ids=["decode-state-dtype", "norm-eps", "num-hidden-layers", "d-model", "mixer-spec"])
+def test_a_bad_override_at_load_time_is_refused(saved, override, field):
+    with pytest.raises(ValueError, match=field):
+        AutoConfig.from_pretrained(saved, **override)
+    with pytest.raises(ValueError, match=field):
+        AutoModelForCausalLM.from_pretrained(saved, **override)
+
+
+def test_a_good_override_at_load_time_is_applied_and_coerced(saved):
+    config = AutoConfig.from_pretrained(saved, norm_eps="1e-6", decode_state_dtype="model", num_hidden_layers=1)
+    assert config.norm_eps == 1e-6 and config.decode_state_dtype == "model" and config.num_hidden_layers == 1
+    model = AutoModelForCausalLM.from_pretrained(saved, tie_word_embeddings=False)
+    assert model.config.tie_embeddings is False
