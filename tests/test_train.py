@@ -273,7 +273,7 @@ def test_chunked_run_matches_whole_row_run(tmp_path):
     runs = {}
     for name, chunk in (("whole", None), ("chunked", 16)):
         cfg = config_from_dict(run_dict(tmp_path / name, data={"packing": False},
-                                        train={"max_steps": 3, "tbptt_chunk": chunk},
+                                        train={"max_steps": 3, "tbptt_chunk": chunk, "precision": "fp32"},
                                         eval={"every": 3, "batches": 1}))
         losses: dict[int, float] = {}
         result = train(cfg, on_step=lambda s, m, out=losses: out.__setitem__(s, m["loss"]))

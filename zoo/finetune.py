@@ -751,7 +751,9 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     finally:
         if bar is not None:
             bar.close()
-    unwrapped = accelerator.unwrap_model(model)
+    # without accelerate's autocast wrapper: evaluation, the round-trip check and saving see the fp32 model, as
+    # the evaluation before training did (with it, bf16 logits failed the check against the reloaded adapter)
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     accelerator.free_memory()  # drop the accelerator's references to this phase's model and optimizer
     return unwrapped, log
 
