@@ -30,6 +30,32 @@ ALIASES = {"hidden_size": "d_model", "tie_word_embeddings": "tie_embeddings"}
 DEFAULTS = {"d_model": 768, "tie_embeddings": True}
 
 
+def coerce_scalar(value: Any, tp: type, where: str, int_as_float: bool = False) -> Any:
+    """`value` checked as a bool, int, float or str (`tp`), for configs read from YAML: a string that parses as a
+    number becomes a float where a float is expected (YAML reads 1e-5, without a dot, as the string '1e-5'), and
+    an int there becomes a float with `int_as_float`; any other mismatch raises ValueError naming `where`."""
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value) if int_as_float else value
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """`value` checked against type hint `tp` as zoo.train checks run configs: a string that parses as a number
     becomes a float where a float is expected (YAML reads 1e-5, without a dot, as the string '1e-5'); any other
@@ -48,27 +74,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise ValueError(f"{where}: expected one of {' | '.join(getattr(a, '__name__', str(a)) for a in args)}, "
                          f"got {value!r}")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return value  # an int stays an int: config.json keeps what was written
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
+    if tp in (bool, int, float, str):
+        return coerce_scalar(value, tp, where)  # an int stays an int where a float is expected: config.json keeps it
     if origin is tuple and args and Ellipsis not in args:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ValueError(f"{where}: expected a list of {len(args)} values, got {value!r}")

@@ -187,27 +187,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ValueError(errors[-1] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
     if tp is Any:
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise ValueError(f"{where}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
-        return value
+    if tp in (bool, int, float, str):
+        from zoo.config import coerce_scalar
+
+        return coerce_scalar(value, tp, where, int_as_float=True)
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{where}: expected a list, got {value!r}")
