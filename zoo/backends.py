@@ -63,8 +63,14 @@ def _fast_backend(op: str, device: torch.device) -> tuple[str | None, str]:
         from zoo_kernels.gla import fast_backend
 
         name = fast_backend(device)
-        return (name, "") if name else (None, "neither a sound fla-core nor our Triton GLA kernel is available")
+        return (name, "") if name else (None, "fla-core's chunk_gla is not importable here, or failed its "
+                                              "self-check; zoo's own Triton GLA kernel covers the decode step only")
     raise ValueError(f"unknown op {op!r}")
+
+
+def _install_hint(op: str) -> str:
+    """What to install for `op`'s fast path (GLA's is fla-core)."""
+    return INSTALL.get((op, "cuda")) or INSTALL.get((op, "fla")) or INSTALL.get((op, "triton"), "a CUDA build of torch")
 
 
 def resolve(op: str, requested: str, device: torch.device | str) -> str:
@@ -79,7 +85,7 @@ def resolve(op: str, requested: str, device: torch.device | str) -> str:
         if device.type == "cuda":
             warn_once((op, "fallback", str(device)),
                       f"hybrid-zoo: no fast {op} kernel on {device} ({why}); running the PyTorch reference, "
-                      f"which is much slower. Install {INSTALL.get((op, 'cuda')) or INSTALL.get((op, 'triton'))}.")
+                      f"which is much slower. Install {_install_hint(op)}.")
         return "ref"
     name, why = _fast_backend(op, device)
     if device.type != "cuda" or name is None or (op == "gla" and requested != name and requested == "fla"):
