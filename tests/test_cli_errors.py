@@ -82,7 +82,7 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypa
     with pytest.raises(SystemExit) as e:
         cli.main(["convert", str(tmp_path / "missing"), str(tmp_path / "out")])
     assert e.value.code == 2
-    assert "missing: no such model folder" in capsys.readouterr().err
+    assert "missing': no such model folder" in capsys.readouterr().err
     monkeypatch.setenv("ZOO_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         cli.main(["info", str(tmp_path / "nope.yaml")])

@@ -344,7 +344,6 @@ class ZooCache(Cache):
         return self
 
 
-
 def output_cache(out, name: str = "past_key_values"):
     """The cache a model's output returns (None if none): its `cache` field where the output class has one
     (transformers renamed the field in 5.2x; reading the old name warns and goes in 5.40), else `name`
@@ -352,5 +351,6 @@ def output_cache(out, name: str = "past_key_values"):
     if "cache" in getattr(type(out), "__dataclass_fields__", {}):
         return out.cache
     return getattr(out, name, None)
+
 
 __all__ = ["KVCacheFull", "RecurrentLayer", "StaticKVLayer", "ZooCache", "output_cache"]

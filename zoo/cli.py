@@ -6,7 +6,6 @@ import argparse
 import difflib
 import importlib
 import os
-import re
 import sys
 
 # subcommand -> (module, function, help); modules are imported only when their command runs
@@ -148,11 +147,8 @@ def _run(prog: str, fn, argv: list[str]):
     except Exception as e:
         if os.environ.get("ZOO_TRACEBACK") or not _user_error(e):
             raise
-        message = str(e)
-        if "Repo id must be in the form" in message:  # transformers, given a folder that does not exist
-            quoted = re.findall(r"'([^']+)'", message)  # the form's two examples, then the path given
-            message = f"{quoted[-1] if quoted else message}: no such model folder (nor a hub id 'org/name')"
-        print(f"{prog}: {message}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)
+        # (a missing model folder is named by zoo.hub.check_model_ref where each command loads its model)
+        print(f"{prog}: {e}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
 
 

@@ -794,8 +794,9 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     """Convert the folder `src` into the folder `dst`: into a complete zoo folder (`from_format`, detected if
     neither format is given), or into `to_format` from a zoo folder (or any folder `load_as_zoo` reads). The
     tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside."""
-    from zoo.hub import load_folder_tokenizer, save_model_folder
+    from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder
 
+    check_model_ref(src, what="source")
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
     if Path(dst).resolve() == Path(src).resolve():
