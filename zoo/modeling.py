@@ -88,8 +88,14 @@ class ZooPreTrainedModel(PreTrainedModel):
         base._checkpointed = {i for i in range(len(base.layers)) if enable and i % every_n_layers == 0}
 
     def _init_weights(self, module: nn.Module) -> None:
+        # transformers calls this per module, children before parents, and skips a custom-code module with no
+        # parameters of its own (a Block): what a Block's layers need is set on the layers themselves
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
+            branches = getattr(module, "_residual_branches", None)
+            if branches and self.config.rescale_prenorm_residual:
+                # GPT-2 / mamba_ssm scheme: residual output projections scaled by 1/sqrt(N residual branches)
+                std = std / math.sqrt(branches)
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None and not getattr(module.bias, "_no_weight_decay", False):
                 nn.init.zeros_(module.bias)
@@ -97,17 +103,17 @@ class ZooPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif hasattr(module, "reset_parameters") and not isinstance(module, (nn.Linear, nn.Embedding)):
             module.reset_parameters()  # mixers and norms know their own init (S4D-real A, dt, conv)
-        if isinstance(module, Block) and self.config.rescale_prenorm_residual:
-            # GPT-2 scheme: residual output projections scaled by 1/sqrt(2·n_layers)
-            scaled = std / math.sqrt(2 * self.config.num_hidden_layers)
-            names = getattr(module.mixer, "output_projections", ())
-            projections = [getattr(module.mixer, n) for n in names]
-            if isinstance(module.ffn, SwiGLU):
-                projections.append(module.ffn.down_proj)
-            elif isinstance(module.ffn, MoE):
-                projections.extend(e.down_proj for e in module.ffn.experts)
-            for proj in projections:
-                nn.init.normal_(proj.weight, mean=0.0, std=scaled)
+
+
+def _residual_outputs(block: Block) -> list[nn.Linear]:
+    """The projections that write a block's residual branches: the mixer's output_projections, the ffn's
+    down_proj (every expert's in a MoE)."""
+    projections = [block.mixer.get_submodule(n) for n in getattr(block.mixer, "output_projections", ())]
+    if isinstance(block.ffn, SwiGLU):
+        projections.append(block.ffn.down_proj)
+    elif isinstance(block.ffn, MoE):
+        projections.extend(e.down_proj for e in block.ffn.experts)
+    return projections
 
 
 class ZooModel(ZooPreTrainedModel):
@@ -130,6 +136,12 @@ class ZooModel(ZooPreTrainedModel):
                 ffn = None
             layers.append(Block(mixer, config.d_model, ffn, config.norm_eps, config.residual_in_fp32))
         self.layers = nn.ModuleList(layers)
+        # one residual branch per mixer and per ffn (mamba_ssm's n_residuals_per_layer: 1 without an MLP, 2 with):
+        # their output projections start at initializer_range / sqrt(branches) (_init_weights)
+        branches = sum(1 + (block.ffn is not None) for block in layers)
+        for block in layers:
+            for proj in _residual_outputs(block):
+                proj._residual_branches = branches
         self.norm_f = RMSNorm(config.d_model, config.norm_eps)
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
