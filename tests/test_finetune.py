@@ -165,8 +165,9 @@ def test_adapter_save_reload_gives_identical_logits(name, tmp_path):
     with torch.no_grad():
         a = model(input_ids=ids, use_cache=False).logits
         b = reloaded(input_ids=ids, use_cache=False).logits
-    # the same weights; CPU matmul kernels may still round differently with the tensors' memory alignment
-    assert_close("reloaded logits", b, a, 1e-6)
+    # the same weights; CPU matmul kernels may still round differently with the tensors' memory alignment (about
+    # 1.5e-7 per layer, 1.1e-6 after jamba-tiny's 8 layers; a lost adapter is off by order 1)
+    assert_close("reloaded logits", b, a, 1e-5)
 
 
 def test_all_linear_adapts_every_mixer_projection():
