@@ -197,6 +197,33 @@ def test_weight_decay_groups_read_the_parameter_flags():
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
 
 
+def test_biases_norms_and_ssm_parameters_are_not_decayed_matrices_are():
+    """As mamba_ssm's (HazyResearch) and transformers' Trainer groups: no weight decay on any bias (the convs',
+    Mamba's optional linear biases, GLA's gate bias), norm weight, A_log, D or dt bias; decay on every
+    projection, conv and embedding weight."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+
+    config = zoo.ZooConfig(vocab_size=64, d_model=32, layers="MSAG", ffn={"type": "swiglu", "hidden": 64},
+                           mixers={"M": {"type": "mamba", "d_state": 4, "bias": True, "inner_norms": True},
+                                   "S": {"type": "mamba2", "d_state": 4, "head_dim": 16, "bias": True},
+                                   "A": {"type": "attention", "n_heads": 2}, "G": {"type": "gla", "n_heads": 2}},
+                           moe={"every": 2, "n_experts": 2, "top_k": 1})
+    model = AutoModelForCausalLM.from_config(config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, OptimConfig()))
+    kept = {n for n in names.values() if n.endswith(("bias", "A_log", ".D", "norm.weight", "layernorm.weight",
+                                                       "norm_f.weight"))}
+    assert {n for n in kept if n.endswith("bias")} >= {"model.layers.0.mixer.conv1d.bias",
+                                                      "model.layers.0.mixer.in_proj.bias",
+                                                      "model.layers.1.mixer.conv1d.bias",
+                                                      "model.layers.1.mixer.dt_bias",
+                                                      "model.layers.3.mixer.gk_proj.1.bias"}
+    assert no_decay == kept, f"decayed: {sorted(kept - no_decay)}; not decayed: {sorted(no_decay - kept)}"
+    assert decay == set(names.values()) - kept
+
+
 def test_schedules():
     cfg = config_from_dict({"model": LLAMA, "train": {"max_steps": 100},
                             "optim": {"lr": 1e-3}, "schedule": {"warmup_steps": 10, "min_lr": 1e-5}})

@@ -97,7 +97,7 @@ class ZooPreTrainedModel(PreTrainedModel):
                 # GPT-2 / mamba_ssm scheme: residual output projections scaled by 1/sqrt(N residual branches)
                 std = std / math.sqrt(branches)
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None and not getattr(module.bias, "_no_weight_decay", False):
+            if module.bias is not None:  # a mixer sets its own after (Mamba's dt_proj bias: children come first)
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)

@@ -9,7 +9,7 @@ from zoo_kernels import chunk_gla, gla_state_update
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, Linear
+from zoo.layers import GatedRMSNorm, Linear, mark_no_weight_decay
 from zoo.registry import register_mixer
 
 
@@ -24,6 +24,7 @@ class GLA(nn.Module):
 
     lora_targets = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj")
     output_projections = ("o_proj",)
+    _no_weight_decay_params = ("gk_proj.1.bias",)  # biases are not decayed (mamba_ssm's, transformers' trainers)
     mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
     state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
 
@@ -46,6 +47,7 @@ class GLA(nn.Module):
                                      Linear(gate_low_rank_dim, self.key_dim, bias=True))
         self.g_norm = GatedRMSNorm(self.head_v, eps=norm_eps, norm_before_gate=True)
         self.o_proj = Linear(self.value_dim, d_model, bias=False)
+        mark_no_weight_decay(self, *self._no_weight_decay_params)
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,

@@ -43,7 +43,8 @@ class Mamba(nn.Module):
 
     lora_targets = ("in_proj", "x_proj", "dt_proj", "out_proj")
     output_projections = ("out_proj",)
-    _no_weight_decay_params = ("A_log", "D", "dt_proj.bias")
+    # no weight decay on the SSM parameters (mamba_ssm) nor on any bias (as mamba_ssm's and transformers' trainers)
+    _no_weight_decay_params = ("A_log", "D", "dt_proj.bias", "conv1d.bias", "in_proj.bias", "out_proj.bias")
     mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
     state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
     # a cache may keep the recurrent state in the model's dtype (ZooConfig.decode_state_dtype "model", mamba_ssm's

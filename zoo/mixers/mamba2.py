@@ -26,7 +26,8 @@ class Mamba2(nn.Module):
 
     lora_targets = ("in_proj", "out_proj")
     output_projections = ("out_proj",)
-    _no_weight_decay_params = ("dt_bias", "A_log", "D")
+    # no weight decay on the SSM parameters (mamba_ssm) nor on any bias (as mamba_ssm's and transformers' trainers)
+    _no_weight_decay_params = ("dt_bias", "A_log", "D", "conv1d.bias", "in_proj.bias", "out_proj.bias")
     mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
     state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
 
