@@ -149,6 +149,27 @@ def test_transformers_baselines_are_accounted():
     assert row["kv_floats"] == 2 * 2 * 2 * 8 * 16
 
 
+def test_transformers_baselines_with_per_layer_windows_and_unaccountable_layouts():
+    """layer_types decide which layers slide (Gemma-2 alternates sliding and full attention; the window applies to
+    the sliding ones only); a transformers MoE (experts outside nn.Linear, active parameters unknown) or hybrid
+    (Jamba: Mamba layers counted as attention) is refused, naming the way out, rather than counted wrong."""
+    from transformers import AutoConfig
+
+    common = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100}
+    gemma = AutoConfig.for_model("gemma2", **common, sliding_window=4,
+                                 layer_types=["sliding_attention", "full_attention"])
+    row = account(gemma, [16])["per_length"][0]
+    assert row["kv_floats"] == 2 * 2 * 8 * 4 + 2 * 2 * 8 * 16  # 4 keys kept by the sliding layer, 16 by the full one
+    expect = 4 * (causal_keys_mean(16, 4) + causal_keys_mean(16)) * 4 * 8
+    assert row["flops_per_token"] - 2 * account(gemma, [16])["matmul_weights"] == pytest.approx(expect)
+    for model_type, extra in (("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+                              ("jamba", {"num_experts": 1, "attn_layer_period": 2, "attn_layer_offset": 1})):
+        config = AutoConfig.for_model(model_type, **common, **extra)
+        with pytest.raises(ValueError, match="mixture of experts" if model_type == "mixtral" else "not attention"):
+            account(config, [16])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("budget", [150_000, 400_000])
 def test_match_budget_lands_within_two_percent(name, budget):

@@ -225,20 +225,41 @@ def _meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+def _hf_windows(config) -> list[int | None]:
+    """Each layer's attention window (None: full) of a transformers config whose layers are all attention: the
+    sliding_window on the layers `layer_types` marks sliding (every layer where it has none, as Mistral).
+    Raises for layouts the accounting cannot count from the config and the modules: a MoE (experts outside
+    nn.Linear, active parameters unknown) or layers that are not attention (a hybrid such as Jamba)."""
+    model_type = getattr(config, "model_type", "")
+    if getattr(config, "num_attention_heads", None) is None:
+        raise ValueError(f"accounting: transformers model_type {model_type!r} is neither attention "
+                         f"(num_attention_heads) nor mamba; give it as a zoo config")
+    experts = [getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts")]
+    if any(isinstance(e, int) and e > 1 for e in experts):
+        raise ValueError(f"accounting: transformers model_type {model_type!r} is a mixture of experts, whose active "
+                         f"parameters and FLOPs are not counted here; give it as a zoo config (moe: ...)")
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layers_block_type", None) or getattr(config, "layer_types", None)
+    if not kinds:
+        return [window] * n
+    other = sorted({k for k in kinds if k not in ("full_attention", "sliding_attention")})
+    if other or len(kinds) != n:
+        raise ValueError(f"accounting: transformers model_type {model_type!r} has layers that are not attention "
+                         f"({', '.join(other) or 'layer_types of another length'}); give it as a zoo config")
+    return [window if kind == "sliding_attention" else None for kind in kinds]
+
+
 def _hf_layer_costs(config) -> list[LayerCost]:
     """Sequence-mixing costs of a transformers config: Llama-like attention or Mamba (weights filled later)."""
     n = config.num_hidden_layers
     if getattr(config, "model_type", "") == "mamba":
         di, N = config.intermediate_size, config.state_size
         return [LayerCost("mamba", 0, 0, lambda L: 9.0 * di * N, lambda L: 9.0 * di * N) for _ in range(n)]
-    H = getattr(config, "num_attention_heads", None)
-    if H is None:
-        raise ValueError(f"accounting: transformers model_type {config.model_type!r} is neither attention "
-                         f"(num_attention_heads) nor mamba; give it as a zoo config")
+    H = config.num_attention_heads
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
-    window = getattr(config, "sliding_window", None)
-    return [LayerCost("attention", 0, 0, lambda L: 4.0 * causal_keys_mean(L, window) * H * Dh,
-                      lambda L: 4.0 * min(L + 1, window or L + 1) * H * Dh) for _ in range(n)]
+    return [LayerCost("attention", 0, 0, lambda L, w=window: 4.0 * causal_keys_mean(L, w) * H * Dh,
+                      lambda L, w=window: 4.0 * min(L + 1, w or L + 1) * H * Dh) for window in _hf_windows(config)]
 
 
 def module_weights(model: nn.Module) -> float:
@@ -293,8 +314,7 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
         costs = _hf_layer_costs(config)
         weights = module_weights(model)
         active = params
-        states = [(_hf_state_fn(config), getattr(config, "model_type", "") != "mamba")
-                  for _ in range(config.num_hidden_layers)]
+        states = [(fn, getattr(config, "model_type", "") != "mamba") for fn in _hf_state_fns(config)]
     rows = []
     for L in seq_lens:
         kv = sum(fn(L) for fn, is_kv in states if is_kv)
@@ -316,15 +336,15 @@ def _is_attention(mixer: nn.Module) -> bool:
     return mixer.state_size(2) != mixer.state_size(1)
 
 
-def _hf_state_fn(config) -> Callable[[int], int]:
+def _hf_state_fns(config) -> list[Callable[[int], int]]:
+    """Each layer's cache floats per sequence after L tokens, of a transformers config (see _hf_windows)."""
     if getattr(config, "model_type", "") == "mamba":
         di, N, K = config.intermediate_size, config.state_size, config.conv_kernel
-        return lambda L: di * N + di * (K - 1)
+        return [lambda L: di * N + di * (K - 1)] * config.num_hidden_layers
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
-    window = getattr(config, "sliding_window", None)
-    return lambda L: 2 * Hkv * Dh * min(L, window or L)
+    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w or L) for window in _hf_windows(config)]
 
 
 # ---- budget matching ---------------------------------------------------------------------------------------
@@ -1083,8 +1103,7 @@ def _state_floats(model, seq_len: int) -> int:
     layers = getattr(base, "layers", None)
     if layers is not None and all(hasattr(b, "mixer") for b in layers):
         return int(sum(b.mixer.state_size(seq_len) for b in layers))
-    config = model.config
-    return int(_hf_state_fn(config)(seq_len) * config.num_hidden_layers)
+    return int(sum(fn(seq_len) for fn in _hf_state_fns(model.config)))
 
 
 def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
