@@ -281,8 +281,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
                 logits_to_keep: int | torch.Tensor = 0, return_dict=None, **kwargs) -> ZooCausalLMOutput | tuple:
-        """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added."""
+        """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added.
+
+        `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
+        whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
         past_key_values = _the_cache(past_key_values, kwargs)
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True)
@@ -301,6 +305,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             if self.config.moe:
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
+            if num_items_in_batch is not None:
+                # the Trainer leaves the loss unscaled for accumulation when the model takes this count: the
+                # micro-batches' losses must add up to the accumulated batch's mean, each weighted by its targets
+                loss = loss * (targets != -100).sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
                                    hidden_states=out.hidden_states, aux_loss=aux if self.config.moe else None)
         return result if _return_dict(self.config, return_dict) else result.to_tuple()
