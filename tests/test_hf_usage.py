@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from zoo import ZooConfig
+from zoo.finetune import default_lora_targets
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+TINY = ["mamba", "mamba2", "transformerpp", "gla", "jamba"]
 
 
 def tiny(name: str):
@@ -65,3 +68,14 @@ def test_num_items_in_batch_makes_the_loss_a_share_of_the_batch_sum():
     share = model(ids, labels=labels, num_items_in_batch=torch.tensor(26)).loss
     n_targets = 9 + 4  # the shifted targets labels[:, 1:] that are not -100 (what the Trainer counts)
     torch.testing.assert_close(share, mean * n_targets / 26)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_lora_config_without_target_modules_adapts_the_mixer_projections(name):
+    # PEFT looks its default targets up by model_type; without an entry for "zoo" it raised "Please specify
+    # `target_modules`"
+    model = tiny(name)
+    expected = set(default_lora_targets(model))
+    peft_model = get_peft_model(model, LoraConfig(r=4))
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == expected

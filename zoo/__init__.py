@@ -17,6 +17,19 @@ AutoConfig.register("zoo", ZooConfig, exist_ok=True)
 AutoModel.register(ZooConfig, ZooModel, exist_ok=True)
 AutoModelForCausalLM.register(ZooConfig, ZooForCausalLM, exist_ok=True)
 
+
+
+def _register_peft_default_targets() -> None:
+    """PEFT picks LoRA's default targets (a LoraConfig without target_modules) by model_type, as it does for llama or
+    mamba: "zoo" gets every built-in mixer's projections (their `lora_targets`)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    names = dict.fromkeys(name for mixer in list_mixers() for name in get_mixer(mixer).lora_targets)
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("zoo", list(names))
+
+
+_register_peft_default_targets()
+
 __version__ = "0.1.0"
 
 __all__ = ["ZooCache", "ZooConfig", "ZooForCausalLM", "ZooModel", "get_mixer", "list_mixers", "register_mixer"]
