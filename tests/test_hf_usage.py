@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainingArguments
 
 from zoo import ZooConfig
 from zoo.finetune import default_lora_targets
@@ -79,3 +79,16 @@ def test_lora_config_without_target_modules_adapts_the_mixer_projections(name):
     peft_model = get_peft_model(model, LoraConfig(r=4))
     adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
     assert adapted == expected
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_padding_free_collator_rows_equal_separate_documents(name):
+    # DataCollatorWithFlattening packs documents into one row marked only by position_ids that restart (no seq_idx,
+    # no attention_mask), as transformers' models read them; the documents used to leak into each other
+    model = tiny(name).eval()
+    docs = [torch.randint(0, 512, (n,)).tolist() for n in (7, 5, 9)]
+    batch = DataCollatorWithFlattening()([{"input_ids": d} for d in docs])
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    separate = torch.cat([model(torch.tensor([d])).logits[0] for d in docs])
+    torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)

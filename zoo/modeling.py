@@ -40,6 +40,17 @@ def _the_cache(past_key_values, kwargs: dict):
     return cache if cache is not None else past_key_values
 
 
+def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """seq_idx [B, T] of rows packed the way transformers' padding-free collator packs them (DataCollatorWithFlattening:
+    position_ids restart at each document, no attention_mask): a step other than +1 begins a document, as in
+    transformers' masking_utils.find_packed_sequence_indices. None when no row restarts (outside torch.compile)."""
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    seq_idx = (step != 1).cumsum(-1)
+    if not torch.compiler.is_compiling() and not seq_idx[:, -1].any():
+        return None
+    return seq_idx
+
+
 # set while ZooForCausalLM.from_pretrained(..., trust_remote_code=True) builds its model
 _TRUSTED_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_trusted_load", default=False)
 
@@ -163,7 +174,8 @@ class ZooModel(ZooPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=None,
                 **kwargs) -> BaseModelOutputWithPast | tuple:
-        """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents.
+        """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents (without
+        it, position_ids that restart mark them, as transformers' padding-free collator gives them).
 
         The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
         output_hidden_states and return_dict default to the config's, as in transformers."""
@@ -182,6 +194,8 @@ class ZooModel(ZooPreTrainedModel):
             raise TypeError(f"past_key_values must be a ZooCache (got {type(past_key_values).__name__}); "
                             f"build one with ZooCache.for_model(model)")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
+            seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         if position_ids is None:
             if attention_mask is not None:
                 # left padding: each row's positions start at its first real token
