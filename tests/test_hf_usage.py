@@ -92,3 +92,15 @@ def test_padding_free_collator_rows_equal_separate_documents(name):
     packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
     separate = torch.cat([model(torch.tensor([d])).logits[0] for d in docs])
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_trainer_label_smoothing_shifts_the_labels(tmp_path):
+    # the Trainer pops the labels and smooths the loss itself, shifting them only for models it knows as causal LMs
+    model = tiny("mamba").eval()
+    rows = Rows()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, label_smoothing_factor=1e-6,
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    smoothed = Trainer(model=model, args=args).evaluate(rows)["eval_loss"]
+    batch = torch.stack([rows[i]["labels"] for i in range(len(rows))])
+    expected = model(rows.ids, labels=batch).loss.item()
+    assert abs(smoothed - expected) < 1e-3, (smoothed, expected)

@@ -7,6 +7,7 @@ AutoModelForCausalLM, so `from_pretrained` needs no trust_remote_code.
 from __future__ import annotations
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from zoo.cache import ZooCache
 from zoo.config import ZooConfig
@@ -16,6 +17,9 @@ from zoo.registry import get_mixer, list_mixers, register_mixer
 AutoConfig.register("zoo", ZooConfig, exist_ok=True)
 AutoModel.register(ZooConfig, ZooModel, exist_ok=True)
 AutoModelForCausalLM.register(ZooConfig, ZooForCausalLM, exist_ok=True)
+# transformers' Trainer shifts the labels of its label smoother (label_smoothing_factor) only for the causal LMs named
+# in this table, which `register` leaves alone; unshifted, the smoothed loss trained each position to copy its own token
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
 
 
 
