@@ -104,3 +104,24 @@ def test_trainer_label_smoothing_shifts_the_labels(tmp_path):
     batch = torch.stack([rows[i]["labels"] for i in range(len(rows))])
     expected = model(rows.ids, labels=batch).loss.item()
     assert abs(smoothed - expected) < 1e-3, (smoothed, expected)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "jamba"])
+def test_offloading_a_mamba_layer_is_refused_at_load(name, tmp_path):
+    # accelerate's offload hooks load a module's weights in its own forward; Mamba's kernels read conv1d.weight
+    # directly, so the forward failed with "Tensor on device cpu is not on the expected device meta!"
+    tiny(name).save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"offloads model\.layers\.0\.mixer \(Mamba2?\) to 'disk'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map={"": "disk"},
+                                             offload_folder=str(tmp_path / "offload"))
+
+
+def test_offloading_attention_layers_of_a_hybrid_still_loads_and_runs(tmp_path):
+    model = tiny("jamba").eval()
+    model.save_pretrained(tmp_path / "model")
+    device_map = {"model.embeddings": "cpu", "model.norm_f": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i in (2, 6) else "cpu" for i in range(8)})  # the "A" layers
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                     offload_folder=str(tmp_path / "offload"))
+    ids = torch.randint(0, 512, (2, 9))
+    torch.testing.assert_close(offloaded(ids).logits, model(ids).logits)

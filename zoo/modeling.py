@@ -348,7 +348,27 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if token is not None:
                 _TRUSTED_LOAD.reset(token)
         model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
+        _refuse_offloaded_mixers(model)
         return model
+
+
+def _refuse_offloaded_mixers(model: nn.Module) -> None:
+    """Raise when a device_map leaves a mixer that is not `offloadable` (Mamba, Mamba-2) to accelerate's offload
+    hooks: on "disk", or on "cpu" while the model runs on an accelerator. Its forward would meet meta or host
+    tensors ("Tensor on device cpu is not on the expected device meta!")."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    runs_elsewhere = any(d not in ("cpu", "disk") for d in device_map.values())
+    offloaded = {"disk", "cpu"} if runs_elsewhere else {"disk"}
+    for name, module in model.named_modules():
+        if getattr(module, "offloadable", True):
+            continue
+        key = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
+        if key is not None and str(device_map[key]) in offloaded:
+            raise ValueError(f"from_pretrained: the device_map offloads {name} ({type(module).__name__}) to "
+                             f"{device_map[key]!r}; accelerate's offload hooks load a module's weights only when its "
+                             f"forward runs, and this mixer's kernels read its conv weights directly. Keep these "
+                             f"layers on the device the model runs on (more max_memory there, or a device_map without "
+                             f"'disk'/'cpu' for them)")
 
 
 __all__ = ["ZooModel", "ZooForCausalLM", "ZooPreTrainedModel", "ZooCausalLMOutput"]

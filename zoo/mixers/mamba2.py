@@ -28,6 +28,9 @@ class Mamba2(nn.Module):
     output_projections = ("out_proj",)
     # no weight decay on the SSM parameters (mamba_ssm) nor on any bias (as mamba_ssm's and transformers' trainers)
     _no_weight_decay_params = ("dt_bias", "A_log", "D", "conv1d.bias", "in_proj.bias", "out_proj.bias")
+    # kernels take conv1d's weight without calling the module, so accelerate's offload hooks, which load a module's
+    # weights in its own forward, cannot serve it (from_pretrained)
+    offloadable = False
     mitigation: dict | None = None  # inference-time state-collapse mitigation (zoo.state.apply_mitigation)
     state_probe = None  # callable(mixer, **tensors) set by zoo.state's recorder
 
