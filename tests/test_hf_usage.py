@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainingArguments
@@ -125,3 +126,19 @@ def test_offloading_attention_layers_of_a_hybrid_still_loads_and_runs(tmp_path):
                                                      offload_folder=str(tmp_path / "offload"))
     ids = torch.randint(0, 512, (2, 9))
     torch.testing.assert_close(offloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_cpu_bf16_autocast_training_gives_the_fp32_gradients(name):
+    # Trainer(bf16=True) and Accelerator(mixed_precision="bf16") on CPU train under torch.autocast("cpu"); Mamba's
+    # channels-first out_proj failed in backward there (an fp32 weight against the bf16 gradient)
+    model = tiny(name).train()
+    ids = torch.randint(0, 512, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    for (n, p), r in zip(model.named_parameters(), ref):
+        assert_close(n, p.grad, r, 0.1)

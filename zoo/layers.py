@@ -115,6 +115,7 @@ class _ChannelsToRows(torch.autograd.Function):
     def backward(ctx, dout):
         y, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
+        weight = weight.to(dout.dtype)  # a CPU autocast forward ran in dout's dtype (custom_bwd covers CUDA only)
         dy = torch.bmm(weight.t().expand(dout.shape[0], *weight.t().shape), dout.transpose(1, 2)) if need[0] else None
         dw = _batch_sum(torch.bmm(dout.transpose(1, 2), y.to(dout.dtype).transpose(1, 2))) if need[1] else None
         db = dout.sum((0, 1)) if ctx.has_bias and need[2] else None
