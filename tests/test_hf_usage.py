@@ -142,3 +142,14 @@ def test_cpu_bf16_autocast_training_gives_the_fp32_gradients(name):
     loss.backward()
     for (n, p), r in zip(model.named_parameters(), ref):
         assert_close(n, p.grad, r, 0.1)
+
+
+def test_output_attentions_is_refused_not_answered_with_none():
+    # the forward took output_attentions in **kwargs and returned attentions=None (generate: a tuple of Nones)
+    model = tiny("jamba").eval()
+    ids = torch.randint(0, 512, (1, 5))
+    with pytest.raises(ValueError, match="output_attentions: zoo models return no attention weights"):
+        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+    assert model(ids, output_attentions=False).logits.shape == (1, 5, 512)

@@ -51,6 +51,16 @@ def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
     return seq_idx
 
 
+def _refuse_output_attentions(config, kwargs: dict) -> None:
+    """transformers' output_attentions (argument or config default): zoo models have no attention weights to return,
+    so asking for them raises rather than giving None."""
+    asked = kwargs.pop("output_attentions", None)
+    if asked or (asked is None and getattr(config, "output_attentions", False)):
+        raise ValueError("output_attentions: zoo models return no attention weights (attention runs in fused SDPA / "
+                         "flash kernels, Mamba, Mamba-2 and GLA layers have none); use output_hidden_states, or "
+                         "zoo.state's recorder for the recurrent states")
+
+
 # set while ZooForCausalLM.from_pretrained(..., trust_remote_code=True) builds its model
 _TRUSTED_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_trusted_load", default=False)
 
@@ -180,6 +190,7 @@ class ZooModel(ZooPreTrainedModel):
         The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
         output_hidden_states and return_dict default to the config's, as in transformers."""
         past_key_values = _the_cache(past_key_values, kwargs)
+        _refuse_output_attentions(self.config, kwargs)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         if (input_ids is None) == (inputs_embeds is None):
@@ -301,6 +312,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
         past_key_values = _the_cache(past_key_values, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        _refuse_output_attentions(self.config, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True)
