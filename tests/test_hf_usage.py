@@ -153,3 +153,12 @@ def test_output_attentions_is_refused_not_answered_with_none():
     with pytest.raises(ValueError, match="output_attentions"):
         model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
     assert model(ids, output_attentions=False).logits.shape == (1, 5, 512)
+
+
+def test_trainer_predictions_of_a_moe_model_are_the_logits(tmp_path):
+    # the MoE aux loss came back as a second prediction, so compute_metrics saw a tuple (logits, aux per batch)
+    model = tiny("jamba").eval()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    predictions = Trainer(model=model, args=args).predict(Rows()).predictions
+    assert not isinstance(predictions, tuple) and predictions.shape == (4, 12, 512)

@@ -170,6 +170,9 @@ class ZooConfig(PreTrainedConfig):
 
     model_type = "zoo"
     attribute_map = dict(ALIASES)
+    # outputs the Trainer leaves out of its predictions: they are the logits alone, as transformers' MoE models give
+    # them (those return an aux loss only with output_router_logits)
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "aux_loss"]
 
     vocab_size: int = 50304
     d_model: int | None = None  # None: hidden_size, else 768
