@@ -22,7 +22,6 @@ AutoModelForCausalLM.register(ZooConfig, ZooForCausalLM, exist_ok=True)
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
 
 
-
 def _register_peft_default_targets() -> None:
     """PEFT picks LoRA's default targets (a LoraConfig without target_modules) by model_type, as it does for llama or
     mamba: "zoo" gets every built-in mixer's projections (their `lora_targets`)."""

@@ -369,7 +369,7 @@ def _refuse_offloaded_mixers(model: nn.Module) -> None:
     hooks: on "disk", or on "cpu" while the model runs on an accelerator. Its forward would meet meta or host
     tensors ("Tensor on device cpu is not on the expected device meta!")."""
     device_map = getattr(model, "hf_device_map", None) or {}
-    runs_elsewhere = any(d not in ("cpu", "disk") for d in device_map.values())
+    runs_elsewhere = any(str(d) not in ("cpu", "disk") for d in device_map.values())
     offloaded = {"disk", "cpu"} if runs_elsewhere else {"disk"}
     for name, module in model.named_modules():
         if getattr(module, "offloadable", True):
