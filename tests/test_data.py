@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import string
 
 import numpy as np
@@ -170,3 +171,26 @@ def test_streamed_documents_are_deterministic_and_resumable(letter_docs):
     assert sorted(epoch0) == sorted(docs) and epoch0 != docs, "a shuffled pass over every document"
     assert list(streamed.iter_docs(0, 0)) == epoch0 and list(streamed.iter_docs(1, 0)) != epoch0
     assert list(streamed.iter_docs(0, 37)) == epoch0[37:], "resuming skips the consumed documents"
+
+
+@pytest.mark.parametrize("contents, message", [
+    ("", r"data\.source: cannot read .*empty\.jsonl' as json \(no records\)"),
+    ('{"text": "a"}\nnot json\n', r"data\.source: cannot read .*empty\.jsonl' as json \(DatasetGenerationError"),
+    ('{"text": 5}\n', r"data\.text_field: document 0 of .* holds int 5 in 'text', not text"),
+    ('{"text": null}\n', r"data\.text_field: document 0 of .* holds NoneType None in 'text', not text"),
+], ids=["empty", "malformed", "number", "null"])
+def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(contents)
+    with pytest.raises(ValueError, match=message):
+        next(TextStream(DataConfig(source=str(path), holdout=0), tok).rows())
+
+
+def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path, letter_docs):
+    source, _ = letter_docs
+    for missing in (str(tmp_path / "missing.txt"), str(tmp_path / "*.parquet"), "./missing.jsonl"):
+        with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(missing)}'"):
+            TextStream(DataConfig(source=missing), tok)
+    typo = str(tmp_path / "doc.jsonl")  # one of a list that matches nothing is not silently dropped
+    with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(typo)}'"):
+        TextStream(DataConfig(source=[source, typo]), tok)

@@ -345,3 +345,23 @@ def test_trackers_are_checked_before_the_run(tmp_path):
         pytest.skip("every tracker tried is installed here")
     with pytest.raises(ValueError, match=rf"log\.trackers: '{missing}' needs `pip install {missing}`"):
         config_from_dict(run_dict(tmp_path, log={"trackers": [missing]}))
+
+
+def test_resume_after_a_kill_past_the_last_checkpoint_logs_each_step_once(tmp_path):
+    # checkpoint at step 4, metrics logged to step 6, then (as after a kill) the run resumes from step 4
+    cfg = config_from_dict(run_dict(tmp_path, log={"every": 1}, checkpoint={"every": 4, "final": False}))
+    assert train(cfg).checkpoint.name == "step_00000004"
+    train(cfg, resume="auto")
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [1, 2, 3, 4, 5, 6], "steps 5 and 6 logged by the killed run must not appear twice"
+
+
+def test_held_out_text_shorter_than_a_row_is_refused_before_training(tmp_path):
+    docs = tmp_path / "docs.jsonl"  # 20 documents of 3 bytes: the 5 held out (bos + eos: 25 tokens) fill no row
+    docs.write_text("".join(f'{{"text": "d{i:02d}"}}\n' for i in range(20)))
+    cfg = config_from_dict(run_dict(tmp_path, data={"source": str(docs), "holdout": 0.2}, eval={"every": 2}))
+    steps: list[int] = []
+    with pytest.raises(ValueError, match=r"data: the evaluation documents fill no row of data\.seq_len=64"):
+        train(cfg, on_step=lambda s, m: steps.append(s))
+    assert steps == [], "refused before the first step, not reported as eval/loss 0"

@@ -701,6 +701,25 @@ def _csv_tracker_class():
     return CSVTracker
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Drop metrics.csv rows past `step`: those of a run killed after its last checkpoint, which the resumed run
+    logs again (or all rows, for a new run in an old run's directory)."""
+    import csv
+
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+    if len(kept) < len(rows):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(kept)
+
+
 def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
     """Nested config -> {"section.field": scalar} (lists and None as strings) for tracker hyperparameters."""
     out: dict[str, Any] = {}
@@ -1008,6 +1027,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_root.glob(".tmp-*"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
+        _drop_metrics_after(out_dir / "metrics.csv", step)
         (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         info = {"model_class": model_class, "params": n_params,
                 "backend": backend, "tokenizer": cfg.tokenizer, "vocab": len(tokenizer), "processes": world,
@@ -1022,18 +1042,21 @@ def train(cfg: TrainConfig, resume: str | None = None,
                       f"parameters; backends {backend or 'n/a'}; {tokens_per_step} tokens/step "
                       f"({world} x {B} x {L} x {accum}); precision {accelerator.mixed_precision}")
 
+    eval_batches: list[dict[str, torch.Tensor]] = []
+    if cfg.eval.every:  # read before the first step, so that too little held-out text fails the run at once
+        eval_stream = TextStream(cfg.data, tokenizer, "eval", accelerator.process_index, world,
+                                 chunk_len=chunk if cfg.data.packing else None)
+        it = eval_stream.batches(cfg.eval.micro_batch_size or B)
+        eval_batches = [b for b, _ in itertools.islice(it, cfg.eval.batches)]
+        n_eval = torch.tensor(float(sum(count_targets(b["labels"]) for b in eval_batches)), device=device)
+        if accelerator.reduce(n_eval, reduction="sum").item() == 0:  # else eval/loss 0, perplexity 1
+            raise ValueError(f"data: the evaluation documents fill no row of data.seq_len={L} tokens; raise "
+                             f"data.holdout, lower data.seq_len, or set eval.every=0")
     stream = TextStream(cfg.data, tokenizer, "train", accelerator.process_index, world,
                         chunk_len=chunk if cfg.data.packing else None)
     batches = _Prefetch(stream.batches(B, data_state), cfg.train.prefetch * accum, pin=device.type == "cuda")
-    eval_batches: list[dict[str, torch.Tensor]] | None = None
 
     def evaluate() -> dict[str, float]:
-        nonlocal eval_batches
-        if eval_batches is None:
-            eval_stream = TextStream(cfg.data, tokenizer, "eval", accelerator.process_index, world,
-                                     chunk_len=chunk if cfg.data.packing else None)
-            it = eval_stream.batches(cfg.eval.micro_batch_size or B)
-            eval_batches = [b for b, _ in itertools.islice(it, cfg.eval.batches)]
         model.eval()
         sums = torch.zeros(2, device=device, dtype=torch.float64)
         with torch.no_grad():
@@ -1054,7 +1077,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     cache = output_cache(out)
         model.train()
         sums = accelerator.reduce(sums, reduction="sum")
-        mean = (sums[0] / sums[1].clamp(min=1)).item()
+        mean = (sums[0] / sums[1]).item()
         metrics = {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
         if isinstance(tokenizer, ByteTokenizer):
             metrics["eval/bits_per_byte"] = mean / math.log(2)

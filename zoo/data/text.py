@@ -243,13 +243,26 @@ class _StreamedDocs:
             yield example[self.text_field]
 
 
+def _looks_local(pattern: str) -> bool:
+    """A path or glob rather than a hub name: absolute, ./ or ~ relative, a wildcard, or a data-file suffix."""
+    return (os.path.isabs(pattern) or pattern.startswith((".", "~")) or any(c in pattern for c in "*?[")
+            or Path(pattern).suffix.lower() in _LOCAL_BUILDERS)
+
+
 def _local_files(source: str | list[str]) -> list[str] | None:
-    """The sorted local files named by `source` (paths or globs), or None if it names none (a hub name)."""
+    """The sorted local files named by `source` (paths or globs), or None if it names none (a hub name).
+
+    A path or glob that matches no file is refused by name rather than tried as a hub dataset (or, in a list,
+    silently dropped)."""
     patterns = [source] if isinstance(source, str) else list(source)
     files: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        files.extend(m for m in matches if os.path.isfile(m))
+        path = os.path.expanduser(pattern)
+        matches = [m for m in sorted(glob.glob(path, recursive=True)) if os.path.isfile(m)]
+        if not matches and (len(patterns) > 1 or (_looks_local(pattern) and not os.path.isdir(path))):
+            raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json or "
+                             f".parquet files (paths or globs)")
+        files.extend(matches)
     return sorted(set(files)) or None
 
 
@@ -286,7 +299,12 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                              f"got suffixes {suffixes}")
         builder = kinds.pop()
         extra = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=local, split="train", **extra)
+        try:
+            dataset = datasets.load_dataset(builder, data_files=local, split="train", **extra)
+        except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:  # empty or malformed files
+            cause = f": {e.__cause__}" if e.__cause__ is not None else ""
+            raise ValueError(f"data.source: cannot read {local if len(local) > 1 else local[0]!r} as {builder} "
+                             f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
         streamed = False
     else:
         which = cfg.split if (split == "train" or cfg.eval_split is None) else cfg.eval_split
@@ -373,6 +391,10 @@ class TextStream:
             first, produced = doc, False
             texts = self._docs.iter_docs(epoch, doc)
             while group := list(itertools.islice(texts, _TOKENIZE_GROUP)):
+                for i, text in enumerate(group):
+                    if not isinstance(text, str):
+                        raise ValueError(f"data.text_field: document {doc + i} of {self.cfg.source!r} holds "
+                                         f"{type(text).__name__} {text!r:.40} in {self.cfg.text_field!r}, not text")
                 for ids in encode_texts(self.tokenizer, group):
                     if len(ids):  # empty documents would only add bos/eos
                         produced = True
