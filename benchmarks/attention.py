@@ -165,7 +165,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="first two shapes only")
     p.add_argument("--packed-only", action="store_true", help="only the packed vs unpacked rows")
     args = p.parse_args()
-    assert torch.cuda.is_available(), "needs a GPU"
+    if not torch.cuda.is_available():
+        sys.exit("attention.py needs a CUDA GPU")
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     date = datetime.date.today().isoformat()

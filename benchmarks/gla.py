@@ -173,6 +173,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if not torch.cuda.is_available():
+        sys.exit("gla.py needs a CUDA GPU")
     fla_dir = os.path.join(args.baselines, "fla")
     if os.path.isdir(fla_dir):
         sys.path.insert(0, fla_dir)

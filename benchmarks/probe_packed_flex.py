@@ -16,6 +16,7 @@ flex's own tiles); plus the time to make each block mask (a new one per training
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -39,6 +40,8 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=240, help="stop starting new variants after this long")
     p.add_argument("--grad", action="store_true", help="time forward+backward (see the module doc)")
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_packed_flex.py needs a CUDA GPU")
     if args.grad:
         return grad_main(args)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention

@@ -11,6 +11,9 @@ then times them all, and the unpacked cuDNN call at equal tokens. Findings: benc
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -30,6 +33,9 @@ def document_lengths() -> list[int]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_packed_nested.py needs a CUDA GPU")
     lengths = document_lengths()
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
     longest = max(lengths)

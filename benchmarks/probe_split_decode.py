@@ -92,6 +92,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_split_decode.py needs a CUDA GPU")
     room = 3 * (args.warmup + args.new_tokens) + 16  # the whole decode and three timings per split
     for name in args.models:
         model = build(name, torch.bfloat16, torch.device("cuda"))

@@ -9,7 +9,9 @@ scans its segments in place"); logs: results/gpu-2026-12-03/split-parts-*.txt.
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import sys
 
 import torch
 import triton
@@ -49,6 +51,9 @@ def bench(fn) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_split_parts.py needs a CUDA GPU")
     ss = importlib.import_module("zoo_kernels.selective_scan")
     from zoo_kernels.selective_scan.split import split_scan
 

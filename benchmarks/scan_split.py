@@ -45,6 +45,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results.jsonl")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("scan_split.py needs a CUDA GPU")
     import importlib
 
     ss = importlib.import_module("zoo_kernels.selective_scan")

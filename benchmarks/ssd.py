@@ -144,6 +144,8 @@ def main() -> None:
     )
     parser.add_argument("--cases", default="", help="run only cases whose tag contains this, e.g. 130m/L2048")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("ssd.py needs a CUDA GPU")
     mamba, fla = load_baselines(args.baselines)
     from zoo_kernels.ssd.triton_ssd import ssd_chunk_scan_triton
 
