@@ -85,6 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-only", action="store_true",
                    help="no profiler: time --steps steps (one device sync at the end) and print ms per step")
     args = p.parse_args(argv)
+    for flag, value, least in (("--seq-len", args.seq_len, 2), ("--micro-batch", args.micro_batch, 1),
+                               ("--warmup", args.warmup, 0), ("--steps", args.steps, 1), ("--top", args.top, 1)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +41,12 @@ def test_profile_step_runs_on_cpu(tmp_path, capsys):
              "--warmup", "1", "--steps", "1", "--top", "5", "--out", str(out)])
     text = out.read_text()
     assert "tokens/s" in text and "| class | ms per step | share |" in text and "matmul" in text
+
+
+@pytest.mark.parametrize("flag, value", [("--seq-len", "0"), ("--micro-batch", "-1"), ("--steps", "0"),
+                                         ("--warmup", "-1"), ("--top", "0")])
+def test_bad_arguments_are_refused_before_building_the_model(flag, value, capsys):
+    ps = load_script("benchmarks/profile_step.py")
+    with pytest.raises(SystemExit) as e:
+        ps.main(["--model", "nosuch", flag, value])  # refused before the model name is even looked up
+    assert e.value.code == 2 and f"{flag} must be at least" in capsys.readouterr().err
