@@ -93,9 +93,22 @@ class Run:
     phases: list[PretrainSection] = field(default_factory=list)  # the curriculum, then section
 
 
+def _dotted_keys(sweep: dict) -> dict:
+    """Sweep keys as dotted paths: an override ``--sweep.optim.lr=[...]`` arrives nested, as {optim: {lr: [...]}}."""
+    out: dict = {}
+    for key, values in sweep.items():
+        if isinstance(values, dict):
+            out.update({f"{key}.{sub}": v for sub, v in _dotted_keys(values).items()})
+        else:
+            out[key] = values
+    return out
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     """The recipe YAML as a dict with ``section.field=value`` overrides applied, validated by building it."""
     data = read_yaml(path, overrides)
+    if isinstance(data.get("sweep"), dict):
+        data["sweep"] = _dotted_keys(data["sweep"])
     for name, spec in list(data.get("models", {}).items()):
         if isinstance(spec, str):  # a zoo YAML: read it so that sweeps can change its fields
             data["models"][name] = yaml.safe_load(Path(spec).read_text())

@@ -80,3 +80,13 @@ def test_state_capacity_norm_calibration_factor_is_the_one_given():
     assert script.norm_calibration_factor("window:r=64") is None
     sweep = script.load_sweep(ROOT / "configs/train/collapse.yaml")
     assert [script.norm_calibration_factor(s) for s in sweep["eval"]["mitigations"]].count(1.0) == 1
+
+
+def test_train_synthetic_sweep_override_replaces_one_dotted_key(capsys):
+    # mqar-sweep.yaml's own example: `--sweep.optim.lr=[1.0e-3]` arrives nested ({optim: {lr: [...]}})
+    script = load_script("scripts/train_synthetic.py")
+    recipe = script.load_recipe(ROOT / "configs/train/mqar-sweep.yaml", ["sweep.optim.lr=[1.0e-3]"])
+    assert recipe["sweep"] == {"model.d_model": [64, 128, 256, 512], "optim.lr": [1.0e-3]}
+    script.main([str(ROOT / "configs/train/mqar-sweep.yaml"), "--only", "mamba2", "--sweep.optim.lr=[1.0e-3]",
+                 "--dry-run"])
+    assert capsys.readouterr().out.count("-lr=0.001:") == 4
