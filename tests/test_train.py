@@ -365,3 +365,14 @@ def test_held_out_text_shorter_than_a_row_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"data: the evaluation documents fill no row of data\.seq_len=64"):
         train(cfg, on_step=lambda s, m: steps.append(s))
     assert steps == [], "refused before the first step, not reported as eval/loss 0"
+
+
+def test_train_script_reports_bad_input_in_one_line_like_zoo_train(tmp_path):
+    # `accelerate launch scripts/train.py CONFIG` runs this file; a bad data source fails at run time, past argparse
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, data={"source": str(tmp_path / "missing.jsonl")})))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), str(path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "zoo train: data.source: no file matches" in proc.stderr and "Traceback" not in proc.stderr
