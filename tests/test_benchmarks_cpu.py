@@ -10,8 +10,9 @@ import torch
 from helpers import ROOT, load_script
 
 GPU_ONLY = ["attention", "conv1d", "decode_attention", "decode_linear", "generate", "gla", "mamba_layers",
-            "mamba_step", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested", "probe_split_decode",
-            "probe_split_parts", "profile_decode", "scan_split", "selective_scan", "ssd", "train_throughput"]
+            "mamba_step", "mqar_probe", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
+            "probe_split_decode", "probe_split_parts", "profile_decode", "scan_split", "selective_scan", "ssd",
+            "train_throughput"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

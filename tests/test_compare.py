@@ -269,6 +269,29 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "gla: throughput and memory" in err and "training at" not in err and "MQAR" not in err
 
 
+def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch):
+    import zoo.compare as compare
+
+    real, calls = compare.run_model, []
+
+    def stop_at_third(cfg, entry, *args, **kwargs):
+        calls.append(entry.name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(cfg, entry, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_model", stop_at_third)
+    out = tmp_path / "cut"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=2",
+            "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null"]
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_comparison(*load_compare_config(argv[0], [a[2:] for a in argv[1:]]))
+    table = (out / "results.md").read_text()
+    assert table.startswith(f"_Partial: 2 of {len(FAMILIES)} models finished; the run goes on with {calls[2]}._")
+    assert f"| {calls[0]} |" in table and f"| {calls[1]} |" in table and f"| {calls[2]} |" not in table
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0

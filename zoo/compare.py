@@ -1443,6 +1443,19 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
                              f"model: they train on the same rows)")
 
 
+def _finished_records(names: list[str], by_name: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
+    config's order."""
+    found = dict(by_name)
+    for name in names:
+        path = out / name / RESULT_FILE
+        if name not in found and path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("done"):
+                found[name] = data
+    return [found[name] for name in names if name in found]
+
+
 def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: list[str] | None = None,
                    accounting_only: bool = False) -> dict[str, Any]:
     """Run the comparison's models (those in `only`, else all), skipping phases already done unless `force`,
@@ -1481,13 +1494,12 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
                 if force and (out / entry.name).exists():
                     shutil.rmtree(out / entry.name)
                 by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
-            for name in names:  # models finished by an earlier invocation (e.g. run with --only) join the report
-                path = out / name / RESULT_FILE
-                if name not in by_name and path.is_file():
-                    data = json.loads(path.read_text())
-                    if data.get("done"):
-                        by_name[name] = data
-            records = [by_name[name] for name in names if name in by_name]
+                if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
+                    done = _finished_records(names, by_name, out)
+                    (out / "results.md").write_text(
+                        f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
+                        f"{todo[i + 1].name}._\n\n" + markdown_report(done, cfg, _device_name()))
+            records = _finished_records(names, by_name, out)
         markdown = markdown_report(records, cfg, _device_name())
         (out / "results.md").write_text(markdown)
         _write_json_atomic(out / "results.json", {"device": _device_name(), "records": records})
