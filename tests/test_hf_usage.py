@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import ROOT, assert_close
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, DataCollatorWithFlattening, Trainer, TrainingArguments
@@ -145,6 +146,23 @@ def test_cpu_bf16_autocast_training_gives_the_fp32_gradients(name):
     grads = [p.grad for p in model.parameters()]
     assert all(torch.isfinite(g).all() for g in grads)
     assert_close("all gradients", torch.cat([g.flatten() for g in grads]), torch.cat([r.flatten() for r in ref]), 0.05)
+
+
+def test_eager_attn_implementation_says_it_changes_nothing():
+    from zoo import ZooConfig
+
+    path = ROOT / "configs" / "models" / "transformerpp-tiny.yaml"
+    with pytest.warns(UserWarning, match="attn_implementation='eager' does not change zoo's attention"):
+        AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path), attn_implementation="eager")
+    config = ZooConfig.from_yaml(path)  # from_config wrote the choice into the config it was given
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AutoModelForCausalLM.from_config(config)  # the default (sdpa) says nothing of it
+    assert not [w for w in caught if "attn_implementation" in str(w.message)]
+    spec = {**config.mixers["A"], "attn_backend": "math"}  # what the warning tells to do works
+    model = AutoModelForCausalLM.from_config(ZooConfig(**{**config.to_dict(), "mixers": {"A": spec}}))
+    assert {m.attn_backend for m in model.modules() if hasattr(m, "attn_backend")} == {"math"}
+    model(torch.randint(0, config.vocab_size, (1, 8)))
 
 
 def test_output_attentions_is_refused_not_answered_with_none():

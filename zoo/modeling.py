@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -270,6 +271,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         # recurrent states cannot be rolled back, so assisted decoding is refused (generate)
         self._is_stateful = any(isinstance(b.mixer.init_state(1, torch.float32, "cpu"), RecurrentLayer)
                                 for b in self.model.layers)
+        if getattr(config, "_attn_implementation", None) == "eager":
+            warnings.warn("attn_implementation='eager' does not change zoo's attention: each attention mixer picks "
+                          "its kernel from its spec's attn_backend ('auto' by default; 'math' is the plain "
+                          "reference), e.g. mixers: {A: {type: attention, attn_backend: math}}", stacklevel=2)
         self.post_init()
 
     def generate(self, *args, **kwargs):
