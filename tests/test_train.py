@@ -161,6 +161,16 @@ def test_bad_run_config_names_the_field(tmp_path, extra, field):
         config_from_dict(run_dict(tmp_path, **extra))
 
 
+def test_whole_numbers_written_as_yaml_strings_or_floats_fill_integer_fields(tmp_path):
+    # YAML reads 1e5 (no dot) as the string '1e5', and a quoted "2048" stays a string
+    cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": "1e5"}, data={"seq_len": "64"},
+                                    log={"every": 10.0}))
+    assert (cfg.train.max_steps, cfg.data.seq_len, cfg.log.every) == (100_000, 64, 10)
+    assert all(type(v) is int for v in (cfg.train.max_steps, cfg.data.seq_len, cfg.log.every))
+    with pytest.raises(ValueError, match=r"data\.seq_len: expected an integer, got '64\.5'"):
+        config_from_dict(run_dict(tmp_path, data={"seq_len": "64.5"}))
+
+
 def test_bad_run_setups_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"^model: required"):
         config_from_dict({k: v for k, v in run_dict(tmp_path).items() if k != "model"})

@@ -33,15 +33,24 @@ DEFAULTS = {"d_model": 768, "tie_embeddings": True}
 def coerce_scalar(value: Any, tp: type, where: str, int_as_float: bool = False) -> Any:
     """`value` checked as a bool, int, float or str (`tp`), for configs read from YAML: a string that parses as a
     number becomes a float where a float is expected (YAML reads 1e-5, without a dot, as the string '1e-5'), and
-    an int there becomes a float with `int_as_float`; any other mismatch raises ValueError naming `where`."""
+    an int there becomes a float with `int_as_float`; a whole number, or a string that reads as one ('1e5',
+    '2048'), becomes an int where an int is expected; any other mismatch raises ValueError naming `where`."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = value
+        if isinstance(value, str):  # '100', or '1e5' (YAML reads 1e5, without a dot, as a string)
+            try:
+                number = float(value.strip().replace("_", ""))
+            except ValueError:
+                number = None
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        if isinstance(number, bool) or not isinstance(number, int):
             raise ValueError(f"{where}: expected an integer, got {value!r}")
-        return value
+        return number
     if tp is float:
         if isinstance(value, str):
             try:
