@@ -194,3 +194,15 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
     typo = str(tmp_path / "doc.jsonl")  # one of a list that matches nothing is not silently dropped
     with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(typo)}'"):
         TextStream(DataConfig(source=[source, typo]), tok)
+
+
+def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
+    # a directory is neither a file nor a glob: datasets.load_dataset reads the data files in it, as documented
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = [f"document {i} " * 20 for i in range(12)]
+    (folder / "part.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    for streaming in (False, True):
+        got = list(open_documents(DataConfig(source=str(folder), holdout=0, shuffle=False, streaming=streaming),
+                                  "train").iter_docs(0, 0))
+        assert sorted(got) == sorted(docs), streaming

@@ -160,8 +160,10 @@ def _stdlib_relative_paths() -> tuple[str, ...]:
 class DataConfig:
     """Where the text comes from and how rows are made (the ``data:`` section of a run config).
 
-    source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), or local
-    file path(s)/glob(s) of one kind: ``.txt`` (one document per file), ``.jsonl``/``.json``, ``.parquet``.
+    source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), local
+    file path(s)/glob(s) of one kind: ``.txt`` (one document per file), ``.jsonl``/``.json``, ``.parquet``, or a
+    local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
+    files inside; split, config_name and streaming apply).
     config_name: the hub dataset's configuration. split / eval_split: dataset splits for training and
     evaluation; without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
     hash) is held out. text_field: the column holding the text. streaming: stream hub datasets (local files
