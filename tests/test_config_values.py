@@ -58,6 +58,13 @@ def test_an_integer_where_a_float_is_expected_is_kept_as_written():
     assert config.mixers["M"]["expand"] == 2 and isinstance(config.mixers["M"]["expand"], int)
 
 
+def test_a_whole_number_written_as_a_string_or_float_fills_an_integer_field(tmp_path):
+    config = ZooConfig.from_yaml(_yaml(tmp_path, "d_model: 64\nvocab_size: 5e2\nmixers:\n  M: {type: mamba, "
+                                                 "d_state: '16', d_conv: 4.0}\n"))
+    assert (config.vocab_size, config.mixers["M"]["d_state"], config.mixers["M"]["d_conv"]) == (500, 16, 4)
+    assert all(type(v) is int for v in (config.vocab_size, config.mixers["M"]["d_state"], config.mixers["M"]["d_conv"]))
+
+
 NOT_NUMBERS = [
     ("norm-eps", "norm_eps: tiny\n", "norm_eps"),
     ("initializer-range", "initializer_range: [0.02]\n", "initializer_range"),
@@ -65,7 +72,8 @@ NOT_NUMBERS = [
     ("rope-theta", "layers: A\nmixers:\n  A: {type: attention, n_heads: 4, rope_theta: 1e4x}\n",
      "mixers.A.rope_theta"),
     ("aux-loss-coef", "moe: {n_experts: 4, aux_loss_coef: some}\n", "moe.aux_loss_coef"),
-    ("int-as-string", "mixers:\n  M: {type: mamba, d_state: '16'}\n", "mixers.M.d_state"),
+    ("int-not-whole", "mixers:\n  M: {type: mamba, d_state: '16.5'}\n", "mixers.M.d_state"),
+    ("int-as-word", "mixers:\n  M: {type: mamba, d_conv: four}\n", "mixers.M.d_conv"),
     ("list-layers", "layers:\n  - {type: mamba, dt_max: big}\n", "layers[0].dt_max"),
 ]
 
@@ -146,15 +154,15 @@ BAD = [
     ("gla-chunk-negative", dict(d_model=32, layers="G",
                                 mixers={"G": {"type": "gla", "n_heads": 2, "chunk_size": -4}}), "chunk_size"),
     ("gla-chunk-string", dict(d_model=32, layers="G",
-                              mixers={"G": {"type": "gla", "n_heads": 2, "chunk_size": "16"}}), "chunk_size"),
+                              mixers={"G": {"type": "gla", "n_heads": 2, "chunk_size": "16.5"}}), "chunk_size"),
     ("normalize-topk", dict(moe={"n_experts": 4, "normalize_topk": "no"}), "moe.normalize_topk"),
-    ("moe-offset-string", dict(moe={"n_experts": 4, "offset": "1"}), "moe.offset"),
+    ("moe-offset-string", dict(moe={"n_experts": 4, "offset": "one"}), "moe.offset"),
     ("residual-in-fp32", dict(residual_in_fp32="no"), "residual_in_fp32"),
     ("rescale-prenorm", dict(rescale_prenorm_residual=1), "rescale_prenorm_residual"),
     ("attention-zero-heads", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "n_heads": 0}}),
      "n_heads"),
     ("rope-flag", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "rope": "no"}}), "rope"),
-    ("vocab-string", dict(vocab_size="512"), "vocab_size"),
+    ("vocab-string", dict(vocab_size="512 tokens"), "vocab_size"),
 ]
 
 
