@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -252,6 +253,11 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
         assert record["phases"]["eval/L128"]["backend"]  # the backend each mixer ran
     curves = [json.loads((out / n / "result.json").read_text())["phases"]["train/L128"]["curve"] for n in FAMILIES]
     assert len({tuple(r["tokens"] for r in c) for c in curves}) == 1
+    assert "## Wall time per phase" in table  # each phase's seconds, to plan a run on a GPU
+    for name in FAMILIES:
+        secs = json.loads((out / name / "result.json").read_text())["phase_seconds"]
+        assert set(secs) == {"train/L128", "eval/L128", "mqar", "throughput"} and all(v >= 0 for v in secs.values())
+        assert re.search(rf"\| {name} \| \d+ \| \d+ \| \d+ \| \d+ \| \d+ \|", table), name
     for png in ("loss.png", "throughput.png", "memory.png", "recall.png", "length.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 

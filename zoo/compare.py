@@ -69,6 +69,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import gc
 import hashlib
 import inspect
@@ -851,10 +852,21 @@ class ModelRecord:
     def get(self, phase: str) -> dict[str, Any] | None:
         return self.data["phases"].get(phase)
 
-    def put(self, phase: str, result: dict[str, Any], key: str) -> None:
+    def put(self, phase: str, result: dict[str, Any], key: str, seconds: float | None = None) -> None:
         self.data["phases"][phase] = result
         self.data["phase_keys"][phase] = key
+        if seconds is not None:  # wall time of the invocation that ran the phase (a resumed one: its part)
+            self.data.setdefault("phase_seconds", {})[phase] = round(seconds, 1)
         self.save()
+
+    def run(self, phase: str, key: str, message: str, fn: Callable[[], dict[str, Any]]) -> None:
+        """Run a phase, print its wall time and save it with the result."""
+        print(message, file=sys.stderr)
+        start = time.perf_counter()
+        result = fn()
+        seconds = time.perf_counter() - start
+        print(f"{message.split('] ', 1)[-1]}: {seconds:.0f} s", file=sys.stderr)
+        self.put(phase, result, key, seconds)
 
     def save(self) -> None:
         _write_json_atomic(self.path, self.data)
@@ -1203,26 +1215,26 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
     for L in lengths:
         run_dir = folder / f"train-L{L}"
         if record.needs(f"train/L{L}", "train"):
-            print(f"[{position}] {entry.name}: training at L={L}", file=sys.stderr)
-            record.put(f"train/L{L}", phase_train(cfg, entry, L, run_dir), "train")
+            record.run(f"train/L{L}", "train", f"[{position}] {entry.name}: training at L={L}",
+                       functools.partial(phase_train, cfg, entry, L, run_dir))
             _free_memory()
         if record.needs(f"eval/L{L}", eval_key):
-            print(f"[{position}] {entry.name}: evaluating (L={L})", file=sys.stderr)
             checkpoint = folder / record.get(f"train/L{L}")["checkpoint"]
-            record.put(f"eval/L{L}", phase_eval(cfg, entry, L, run_dir, checkpoint, device), eval_key)
+            record.run(f"eval/L{L}", eval_key, f"[{position}] {entry.name}: evaluating (L={L})",
+                       functools.partial(phase_eval, cfg, entry, L, run_dir, checkpoint, device))
     first = lengths[0]
     run_dir = folder / f"train-L{first}"
     if cfg.eval.mqar is not None:
         key = _fingerprint(dataclasses.asdict(cfg.eval.mqar))
         if record.needs("mqar", key):
-            print(f"[{position}] {entry.name}: MQAR", file=sys.stderr)
             checkpoint = folder / record.get(f"train/L{first}")["checkpoint"]
-            record.put("mqar", phase_mqar(cfg, entry, first, run_dir, checkpoint, device), key)
+            record.run("mqar", key, f"[{position}] {entry.name}: MQAR",
+                       functools.partial(phase_mqar, cfg, entry, first, run_dir, checkpoint, device))
     if cfg.throughput is not None:
         key = _fingerprint({**dataclasses.asdict(cfg.throughput), "device": _device_name()})
         if record.needs("throughput", key):
-            print(f"[{position}] {entry.name}: throughput and memory", file=sys.stderr)
-            record.put("throughput", phase_throughput(cfg, entry, first, run_dir, device), key)
+            record.run("throughput", key, f"[{position}] {entry.name}: throughput and memory",
+                       functools.partial(phase_throughput, cfg, entry, first, run_dir, device))
     record.data["done"] = True
     record.save()
     return record.data
@@ -1315,6 +1327,18 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
             n_layers = len(rec["accounting"]["layers"])
             lines.append(f"| {rec['name']} | {f.get('d_model', f.get('hidden_size', '—'))} | {n_layers} | "
                          f"{adj or '—'} | {rec['accounting']['params']:,} | {rec['accounting']['active_params']:,} |")
+    timed = [rec for rec in records if rec.get("phase_seconds")]
+    if timed:
+        groups = ("train", "eval", "mqar", "throughput")
+        lines += ["", "## Wall time per phase (seconds; train and eval summed over lengths; a resumed phase counts "
+                  "the run that finished it)", "", "| model | " + " | ".join(groups) + " | total |",
+                  "| --- |" + " --- |" * (len(groups) + 1)]
+        for rec in timed:
+            secs = rec["phase_seconds"]
+            per = [sum(v for k, v in secs.items() if k.split("/")[0] == g) if any(
+                k.split("/")[0] == g for k in secs) else None for g in groups]
+            lines.append(f"| {rec['name']} | " + " | ".join(_fmt(v, ".0f") for v in per) +
+                         f" | {sum(secs.values()):.0f} |")
     return "\n".join(lines) + "\n"
 
 
