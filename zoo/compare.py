@@ -1334,11 +1334,11 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                   "the run that finished it)", "", "| model | " + " | ".join(groups) + " | total |",
                   "| --- |" + " --- |" * (len(groups) + 1)]
         for rec in timed:
-            secs = rec["phase_seconds"]
-            per = [sum(v for k, v in secs.items() if k.split("/")[0] == g) if any(
-                k.split("/")[0] == g for k in secs) else None for g in groups]
-            lines.append(f"| {rec['name']} | " + " | ".join(_fmt(v, ".0f") for v in per) +
-                         f" | {sum(secs.values()):.0f} |")
+            per: dict[str, float] = {}
+            for phase, seconds in rec["phase_seconds"].items():  # train/L2048 and train/L8192 add up
+                per[phase.split("/")[0]] = per.get(phase.split("/")[0], 0.0) + seconds
+            lines.append(f"| {rec['name']} | " + " | ".join(_fmt(per.get(g), ".0f") for g in groups) +
+                         f" | {sum(per.values()):.0f} |")
     return "\n".join(lines) + "\n"
 
 
