@@ -63,19 +63,27 @@ BASELINE_OF = {"mamba": "hf-mamba", "transformerpp": "hf-llama", "mamba2": "tran
 
 
 def build(name: str, dtype: torch.dtype, device: torch.device, state_dtype: str = "float32"):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     import zoo
 
     torch.manual_seed(0)
     if name in HF:
+        # transformers' own classes, named: the Auto mappings can hold another package's class for "mamba"
+        # (fla's import registers its Mamba there), and the baseline must be transformers' model
+        import transformers
+
         fields = dict(HF[name])
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        model_type = fields.pop("model_type")
+        config_class, model_class = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                     "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM)}[model_type]
+        with torch.device(device):
+            model = model_class(config_class(**fields))
     else:
         config = zoo.ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-130m.yaml",
                                          decode_state_dtype=state_dtype)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
     return model.to(dtype).eval()
 
 

@@ -45,7 +45,9 @@ def load_baselines(root: str):
         except Exception as exc:  # noqa: BLE001 - a baseline that fails to import is reported, not fatal
             print(f"mamba_ssm not usable: {exc!r}")
     try:
-        from fla.ops.simple_gla import chunk_simple_gla as fla
+        from zoo_kernels.gla.fast import import_fla
+
+        fla = import_fla("fla.ops.simple_gla").chunk_simple_gla
     except Exception as exc:  # noqa: BLE001
         print(f"fla not usable: {exc!r}")
     return mamba, fla

@@ -39,8 +39,9 @@ def _fla_first_config():
         yield
         return
     try:
-        import fla.ops.gla  # noqa: F401
-        from zoo_kernels.gla.fast import cap_fla_autotuning
+        from zoo_kernels.gla.fast import cap_fla_autotuning, import_fla
+
+        import_fla("fla.ops.gla")  # not a plain import: fla's init would take over transformers' "mamba"
     except Exception:  # noqa: BLE001 - no fla (or no triton): nothing to shorten
         yield
         return

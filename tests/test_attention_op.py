@@ -334,6 +334,20 @@ def test_auto_routes_features_cudnn_lacks(fake_cuda):
 
 
 @pytest.mark.filterwarnings("ignore:attention backend")
+def test_head_dims_the_efficient_kernel_rejects_go_to_math(fake_cuda):
+    """torch's memory-efficient kernel needs head_dim a multiple of 8 in fp16/bf16 (4 in fp32) and raises "No
+    available kernel" otherwise: the demo's tiny Transformer++ (head_dim 22) crashed on a GPU before this."""
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert attn.resolve_backend("auto", fake_cuda, dtype=dtype, head_dim=22, tq=64, tk=64) == "math"
+        assert attn.resolve_backend("auto", fake_cuda, dtype=dtype, head_dim=22, tq=16, tk=64) == "math"
+    assert attn.resolve_backend("auto", fake_cuda, dtype=torch.float32, head_dim=20) == "sdpa_efficient"
+    assert attn.resolve_backend("auto", fake_cuda, dtype=torch.bfloat16, head_dim=20) == "math"
+    assert attn.resolve_backend("auto", fake_cuda, dtype=torch.float64, head_dim=64) == "math"
+    with pytest.raises(BackendUnavailable, match="multiple of 8"):
+        attn.resolve_backend("sdpa_efficient", fake_cuda, dtype=torch.bfloat16, head_dim=22)
+
+
+@pytest.mark.filterwarnings("ignore:attention backend")
 def test_packed_rows_without_gradients_go_to_flex_on_hopper(fake_cuda, monkeypatch):
     """Packed rows that need no gradient take flex's tuned forward on sm90 where FA2 is the varlen kernel at hand;
     everything else keeps the packed choice (gradients, other head dims and dtypes, windows, padding, prefill,

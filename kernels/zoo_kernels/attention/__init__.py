@@ -136,6 +136,14 @@ def _shape_reason(backend: str, device: torch.device, dtype: torch.dtype, head_d
             return f"needs fp16/bf16, got {dtype}"
         if head_dim > 256 or head_dim % 8:
             return f"needs head_dim <= 256 and a multiple of 8, got {head_dim}"
+    if backend == "sdpa_efficient":
+        # torch's memory-efficient kernel: fp16/bf16/fp32 only, head_dim a multiple of 16 bytes' worth of elements
+        # (sdp_utils' check_head_dim_size_mem_efficient); else SDPA raises "No available kernel" at the call
+        if dtype not in (*_HALF, torch.float32):
+            return f"needs fp16/bf16/fp32, got {dtype}"
+        align = 4 if dtype == torch.float32 else 8
+        if head_dim % align:
+            return f"needs head_dim a multiple of {align} for {dtype}, got {head_dim}"
     if backend == "sdpa_cudnn" and not _sdpa_probe("sdpa_cudnn", device, dtype, head_dim, gqa=False):
         return f"cuDNN SDPA does not run fwd+bwd correctly for {dtype}, head_dim {head_dim} here"
     if backend == "flex" and head_dim < 16:

@@ -24,11 +24,46 @@ _VERDICTS: dict[torch.device, tuple] = {}  # device (with its index) -> (the fla
 _FLA: list = []  # fla's chunk_gla once imported (a failed import is retried: fla may join sys.path later)
 
 
+def _auto_config_registry():
+    """transformers' AutoConfig mapping (model type -> config class) where transformers is imported, else None."""
+    import sys
+
+    auto = sys.modules.get("transformers.models.auto.configuration_auto")
+    mapping = getattr(auto, "CONFIG_MAPPING", None)
+    extra, builtin = getattr(mapping, "_extra_content", None), getattr(mapping, "_mapping", None)
+    return (extra, builtin) if isinstance(extra, dict) and builtin is not None else None
+
+
+def import_fla(module: str):
+    """Import `module` (a part of fla), keeping transformers' own classes for the model types transformers ships.
+
+    Importing any part of fla runs fla's package init, which registers fla's configs for "mamba", "mamba2" and
+    "bitnet" with AutoConfig (exist_ok=True): afterwards `AutoModelForCausalLM.from_pretrained` of a transformers
+    Mamba checkpoint, or `from_config(MambaConfig(...))`, would build fla's model, which differs and runs its
+    Triton kernels on CPU tensors. hybrid-zoo uses fla's GLA ops only, so registrations that the import made for
+    built-in model types are undone (one the user made before stays).
+    """
+    import importlib
+
+    registry = _auto_config_registry()
+    before = dict(registry[0]) if registry else {}
+    loaded = importlib.import_module(module)
+    registry = _auto_config_registry()
+    if registry is not None:
+        extra, builtin = registry
+        for model_type in [t for t in extra if t in builtin and extra[t] is not before.get(t)]:
+            if model_type in before:
+                extra[model_type] = before[model_type]
+            else:
+                del extra[model_type]
+    return loaded
+
+
 def _fla_chunk_gla():
     """fla's chunk_gla, or None where fla-core is not importable."""
     if not _FLA:
         try:
-            from fla.ops.gla import chunk_gla
+            chunk_gla = import_fla("fla.ops.gla").chunk_gla
         except Exception:  # noqa: BLE001 - fla failing at import on this Triton counts as unavailable
             return None
         _FLA.append(chunk_gla)
@@ -43,9 +78,7 @@ def _versions() -> tuple[str, str]:
     except ImportError:
         triton_version = "none"
     try:
-        import fla
-
-        fla_version = getattr(fla, "__version__", "?")
+        fla_version = getattr(import_fla("fla"), "__version__", "?")
     except ImportError:
         fla_version = "none"
     return triton_version, fla_version
