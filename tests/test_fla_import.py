@@ -85,3 +85,12 @@ def test_the_real_fla_leaves_transformers_model_types_alone():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert all(m.startswith("transformers.") for m in out.stdout.split()), out.stdout
+
+
+def test_an_import_that_fails_halfway_leaves_no_registration(fake_fla, tmp_path):
+    name, _ = fake_fla
+    init = tmp_path / name / "__init__.py"
+    init.write_text(init.read_text() + "\nraise ImportError('fails after registering, as on an unsupported Triton')\n")
+    with pytest.raises(ImportError, match="fails after registering"):
+        import_fla(name)
+    assert type(AutoConfig.for_model("mamba")) is MambaConfig

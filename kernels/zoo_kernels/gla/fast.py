@@ -47,16 +47,17 @@ def import_fla(module: str):
 
     registry = _auto_config_registry()
     before = dict(registry[0]) if registry else {}
-    loaded = importlib.import_module(module)
-    registry = _auto_config_registry()
-    if registry is not None:
-        extra, builtin = registry
-        for model_type in [t for t in extra if t in builtin and extra[t] is not before.get(t)]:
-            if model_type in before:
-                extra[model_type] = before[model_type]
-            else:
-                del extra[model_type]
-    return loaded
+    try:
+        return importlib.import_module(module)
+    finally:  # an import that fails halfway may have registered already
+        registry = _auto_config_registry()
+        if registry is not None:
+            extra, builtin = registry
+            for model_type in [t for t in extra if t in builtin and extra[t] is not before.get(t)]:
+                if model_type in before:
+                    extra[model_type] = before[model_type]
+                else:
+                    del extra[model_type]
 
 
 def _fla_chunk_gla():
