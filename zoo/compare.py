@@ -1409,17 +1409,20 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     several = cfg.eval.mqar is not None and len(cfg.eval.mqar.eval_seq_lens or [0]) > 1
-    for rec in records:
+    for i, rec in enumerate(records):
         mq = rec["phases"].get("mqar")
         if mq:
             rows = sorted(mq["rows"], key=lambda r: (r["n_kv"], r["state_floats"]))
-            ax.plot([r["state_floats"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=rec["name"])
+            (line,) = ax.plot([r["state_floats"] for r in rows], [r["accuracy"] for r in rows], marker="o",
+                              label=rec["name"])
             points: dict[tuple, list[int]] = {}  # a recurrent state is the same at every length: one label
             for r in rows if several else []:
                 points.setdefault((r["state_floats"], round(r["accuracy"], 3)), []).append(r["seq_len"])
             for (x, y), lens in points.items():
-                ax.annotate("L=" + ",".join(map(str, lens)), (x, y), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
+                # models at similar state sizes and accuracies (all at chance, say) would print their labels on
+                # top of each other: each model's labels sit at its own height, in its line's colour
+                ax.annotate("L=" + ",".join(map(str, lens)), (x, y), fontsize=7, xytext=(3, 4 + 9 * (i % 5)),
+                            textcoords="offset points", color=line.get_color())
     if cfg.eval.mqar is not None:  # values are drawn from half the task's vocabulary
         ax.axhline(2 / cfg.eval.mqar.vocab_size, color="gray", linestyle=":", linewidth=1, label="chance")
     ax.set_xscale("log")
