@@ -213,3 +213,63 @@ def test_mamba_lora_takes_the_row_major_path():
         with wrapped.disable_adapter():
             without = inner(x)
     assert (with_adapter - without).abs().max() > 1e-3
+
+
+@pytest.fixture
+def fast_kernels(monkeypatch):
+    """zoo.backends answering as on a CUDA machine with every fast kernel built ('cuda' selective scan, 'triton' SSD),
+    while the mixers run on CPU tensors: a call that reaches a fast kernel fails (they need CUDA), one that the
+    mixer's guard sends to the reference runs."""
+    from zoo import backends
+
+    names = {"selective_scan": "cuda", "ssd": "triton"}
+    monkeypatch.setattr(backends, "_fast_backend", lambda op, device: (names.get(op), "no such kernel"))
+    monkeypatch.setattr(backends, "_WARNED", set())
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "row_major"])
+@pytest.mark.parametrize("d_state,dtype,problem", [(80, torch.float32, "d_state = 80"),
+                                                   (8, torch.float64, "torch.float64 activations")])
+def test_mamba_scan_takes_the_reference_where_the_cuda_scan_cannot(fast_kernels, monkeypatch, layout, d_state, dtype,
+                                                                    problem):
+    """The CUDA selective scan takes N <= 64 and fp32/bf16/fp16 (check_scan refuses the rest with a ValueError /
+    TypeError): with scan_backend "auto" a Mamba layer with d_state 80, or run in fp64, on a GPU scans on the
+    reference with one warning (before, its forward raised "N = 80 > 64"); "cuda" asked explicitly raises, naming
+    the field. d_state 64 keeps the kernel."""
+    from zoo.mixers.mamba import Mamba
+
+    if layout == "row_major":
+        monkeypatch.setattr(Mamba, "_channels_first", lambda self: False)
+    torch.manual_seed(0)
+    mixer = Mamba(D_MODEL, 0, d_state=d_state).to(dtype)
+    ref = Mamba(D_MODEL, 0, d_state=d_state, scan_backend="ref").to(dtype)
+    ref.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, 9, D_MODEL, dtype=dtype)
+    with pytest.warns(RuntimeWarning, match=problem):
+        out = mixer(x)
+    assert_close("out", out, ref(x), TOL)
+    assert mixer.backend_name() == "ref"
+    with pytest.raises(ValueError, match=problem):
+        Mamba(D_MODEL, 0, d_state=d_state, scan_backend="cuda")._scan_backend("cuda", dtype)
+    assert Mamba(D_MODEL, 0, d_state=64)._scan_backend("cuda", torch.bfloat16) == "cuda"
+
+
+def test_mamba2_chunk_scan_takes_the_reference_below_the_triton_chunk(fast_kernels):
+    """The Triton SSD scan refuses chunks below MIN_CHUNK_SIZE = 16 ("chunk_size must be at least 16"), which the
+    CPU configs use (chunk_size 8): with scan_backend "auto" such a Mamba-2 layer on a GPU scans on the reference with
+    one warning; "triton" asked explicitly raises, naming the field. chunk_size 16 keeps the kernel."""
+    from zoo.mixers.mamba2 import Mamba2
+
+    spec = {"d_state": 8, "head_dim": 16, "chunk_size": 8}
+    torch.manual_seed(0)
+    mixer = Mamba2(D_MODEL, 0, **spec)
+    ref = Mamba2(D_MODEL, 0, **spec, scan_backend="ref")
+    ref.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, 19, D_MODEL)
+    with pytest.warns(RuntimeWarning, match="chunk_size = 8"):
+        out = mixer(x)
+    assert_close("out", out, ref(x), TOL)
+    assert mixer.backend_name() == "ref"
+    with pytest.raises(ValueError, match="chunk_size = 8"):
+        Mamba2(D_MODEL, 0, **spec, scan_backend="triton")._chunk_backend("triton")
+    assert Mamba2(D_MODEL, 0, **{**spec, "chunk_size": 16})._chunk_backend("triton") == "triton"

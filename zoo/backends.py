@@ -94,6 +94,19 @@ def resolve(op: str, requested: str, device: torch.device | str) -> str:
     return requested
 
 
+def fit(op: str, requested: str, name: str, problem: str | None) -> str:
+    """`name` (what `resolve` gave for `requested`) where its kernel takes the layer's shapes and dtype; where it does
+    not (`problem`, naming the config field), the reference: with one warning for "auto", a ValueError for a backend
+    requested explicitly. The kernels' own checks would refuse such a layer with an error that names the kernel."""
+    if problem is None or name == "ref":
+        return name
+    if requested == "auto":
+        warn_once((op, "fit", problem), f"hybrid-zoo: the {name} {op} kernel cannot take {problem}; running the "
+                                        f"PyTorch reference, which is much slower.")
+        return "ref"
+    raise ValueError(f"{op} backend {requested!r} cannot take {problem}")
+
+
 def report(model) -> dict[str, str]:
     """Backend that each mixer layer will use on its current device, e.g. {'layers.0.mamba': 'cuda'}."""
     base = getattr(model, "model", model)
@@ -105,4 +118,4 @@ def report(model) -> dict[str, str]:
     return out
 
 
-__all__ = ["BackendUnavailable", "resolve", "report", "warn_once"]
+__all__ = ["BackendUnavailable", "fit", "resolve", "report", "warn_once"]

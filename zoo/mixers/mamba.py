@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from zoo_kernels._grad import needs_grad
+from zoo_kernels.selective_scan.cuda import MAX_STATE
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
@@ -123,7 +124,21 @@ class Mamba(nn.Module):
         return self.d_inner * self.d_state + self.d_inner * (self.d_conv - 1)
 
     def backend_name(self) -> str:
-        return backends.resolve("selective_scan", self.scan_backend, self.A_log.device)
+        return self._scan_backend(backends.resolve("selective_scan", self.scan_backend, self.A_log.device),
+                                  self.in_proj.weight.dtype)
+
+    def _scan_backend(self, backend: str, dtype: torch.dtype) -> str:
+        """The sequence scan's backend: `backend`, unless the CUDA scan cannot take this layer (d_state above its
+        MAX_STATE = 64, activations in a dtype other than fp32/bf16/fp16): then the reference, with one warning under
+        scan_backend "auto" (backends.fit). The decode step's kernels take any d_state and cast other dtypes."""
+        problem = None
+        if backend == "cuda":
+            if self.d_state > MAX_STATE:
+                problem = (f"d_state = {self.d_state} (at most {MAX_STATE}; set d_state <= {MAX_STATE} or "
+                           f"scan_backend: ref)")
+            elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                problem = f"{dtype} activations (fp32, bf16 or fp16)"
+        return backends.fit("selective_scan", self.scan_backend, backend, problem)
 
     def _split_dbc(self, x_dbl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x_proj output [..., dt_rank + 2N] -> (dt [..., d_inner] with bias, B [..., N], C [..., N])."""
@@ -250,6 +265,7 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(u.transpose(1, 2))  # (B, T, dt_rank + 2N)
         delta, B, C = self._split_dbc(x_dbl)
         delta = delta.transpose(1, 2)  # (B, d_inner, T), bias included
+        backend = self._scan_backend(backend, u.dtype)
         if self.mitigation or self.state_probe is not None:
             from zoo.state.mitigation import mamba_scan
 
@@ -305,7 +321,7 @@ class Mamba(nn.Module):
                         ((self.dt_layernorm, dt), (self.b_layernorm, B), (self.c_layernorm, C)))
         delta = channels_linear(dt, self.dt_proj.weight)  # (B, d_inner, T), bias in the scan
         out = selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True, ssm_init,
-                             seq_idx, cache is not None, backend=backend)
+                             seq_idx, cache is not None, backend=self._scan_backend(backend, u.dtype))
         y = self._store(out, cache, conv_final)
         if _plain(self.out_proj):
             return channels_to_rows(y, self.out_proj)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 from zoo_kernels import causal_conv1d, causal_conv1d_update, ssd_chunk_scan, ssd_state_update
+from zoo_kernels.ssd import MIN_CHUNK_SIZE
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
@@ -108,7 +109,17 @@ class Mamba2(nn.Module):
         return self.n_heads * self.head_dim * self.d_state + self.conv_dim * (self.d_conv - 1)
 
     def backend_name(self) -> str:
-        return backends.resolve("ssd", self.scan_backend, self.A_log.device)
+        return self._chunk_backend(backends.resolve("ssd", self.scan_backend, self.A_log.device))
+
+    def _chunk_backend(self, backend: str) -> str:
+        """The chunked scan's backend: `backend`, unless the Triton scan cannot take this layer's chunk_size (below
+        MIN_CHUNK_SIZE = 16): then the reference, with one warning under scan_backend "auto" (backends.fit). The
+        decode step's kernel does not depend on chunk_size."""
+        problem = None
+        if backend == "triton" and self.chunk_size < MIN_CHUNK_SIZE:
+            problem = (f"chunk_size = {self.chunk_size} (at least {MIN_CHUNK_SIZE}; set chunk_size >= "
+                       f"{MIN_CHUNK_SIZE} or scan_backend: ref)")
+        return backends.fit("ssd", self.scan_backend, backend, problem)
 
     def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -152,6 +163,7 @@ class Mamba2(nn.Module):
             if mask is not None:
                 xBC = xBC * mask[..., None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
+            backend = self._chunk_backend(backend)
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import mamba2_scan
 

@@ -7,6 +7,8 @@ import torch
 from zoo_kernels._grad import needs_grad
 from zoo_kernels.ssd.ref import ssd_chunk_scan_ref, ssd_state_update_ref
 
+MIN_CHUNK_SIZE = 16  # the Triton chunk scan's smallest chunk (ssd_chunk_scan_triton refuses smaller ones)
+
 
 def triton_available() -> bool:
     if not torch.cuda.is_available():
@@ -61,4 +63,4 @@ def ssd_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_sof
     return ssd_state_update_ref(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
 
 
-__all__ = ["ssd_chunk_scan", "ssd_chunk_scan_ref", "ssd_state_update", "triton_available"]
+__all__ = ["MIN_CHUNK_SIZE", "ssd_chunk_scan", "ssd_chunk_scan_ref", "ssd_state_update", "triton_available"]

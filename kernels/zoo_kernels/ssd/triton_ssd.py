@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from zoo_kernels.ssd import MIN_CHUNK_SIZE
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning is on by default on GPU; ZOO_SSD_AUTOTUNE=0 takes the first config (quick tests).
 _AUTOTUNE = os.environ.get("ZOO_SSD_AUTOTUNE", "1") != "0" and not _INTERPRET
@@ -889,8 +891,8 @@ def ssd_chunk_scan_triton(
         raise ValueError(
             f"B, C must be [batch, L, G, N] with G dividing H={H}; got {tuple(B.shape)}, {tuple(C.shape)}"
         )
-    if chunk_size < 16:
-        raise ValueError(f"chunk_size must be at least 16, got {chunk_size}")
+    if chunk_size < MIN_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be at least {MIN_CHUNK_SIZE}, got {chunk_size}")
     return _SSDChunkScan.apply(x, dt, A, B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
                                initial_state, seq_idx, bool(return_final_state))
 
