@@ -253,7 +253,7 @@ class Mamba(nn.Module):
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             return self._step(x, cache, mask, backend)
-
+        backend = self._scan_backend(backend, x.dtype)  # the sequence scan's limits (the step's kernels have none)
         if self._channels_first():
             return self._forward_channels_first(x, cache, seq_idx, mask, backend)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
@@ -265,7 +265,6 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(u.transpose(1, 2))  # (B, T, dt_rank + 2N)
         delta, B, C = self._split_dbc(x_dbl)
         delta = delta.transpose(1, 2)  # (B, d_inner, T), bias included
-        backend = self._scan_backend(backend, u.dtype)
         if self.mitigation or self.state_probe is not None:
             from zoo.state.mitigation import mamba_scan
 
@@ -321,7 +320,7 @@ class Mamba(nn.Module):
                         ((self.dt_layernorm, dt), (self.b_layernorm, B), (self.c_layernorm, C)))
         delta = channels_linear(dt, self.dt_proj.weight)  # (B, d_inner, T), bias in the scan
         out = selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True, ssm_init,
-                             seq_idx, cache is not None, backend=self._scan_backend(backend, u.dtype))
+                             seq_idx, cache is not None, backend=backend)
         y = self._store(out, cache, conv_final)
         if _plain(self.out_proj):
             return channels_to_rows(y, self.out_proj)
