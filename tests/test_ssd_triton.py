@@ -98,6 +98,8 @@ SHAPES = [  # batch, L, H, P, G, N, chunk_size
     pytest.param((1, 1000, 4, 64, 2, 64, 256), id="b1-L1000-H4-G2-N64-c256"),
     pytest.param((3, 129, 6, 32, 3, 16, 128), id="b3-L129-G3-P32-N16-c128"),
     pytest.param((2, 77, 4, 80, 1, 48, 64), id="b2-L77-P80-N48-odd"),
+    # d_state 12 (padded to 16 for the kernels: Triton 3.6 miscompiled it), head_dim 10, two groups, chunk 16
+    pytest.param((3, 24, 8, 10, 2, 12, 16), id="b3-L24-P10-G2-N12-c16"),
 ]
 
 
@@ -287,6 +289,8 @@ def _interpreter_main() -> None:
         (1, 70, 2, 16, 2, 16, 64, dict(D=None, seq=True)),
         # decay strong enough that exp(-cumsum) would overflow in fp32 inside one chunk; padded last chunk
         (1, 90, 2, 16, 1, 16, 64, dict(D="h", decay=30.0)),
+        # d_state 12: padded with zero state dims to 16 around the kernels; the final state comes back at 12
+        (2, 29, 4, 10, 2, 12, 16, dict(D="h", seq=True)),
     ]
     for batch, L, H, P, G, N, chunk, options in cases:
         inputs, seq_idx = make_inputs(batch, L, H, P, G, N, torch.float32, "cpu", **options)

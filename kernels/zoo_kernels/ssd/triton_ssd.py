@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -668,6 +669,13 @@ def _state_update_kernel(
 # ----------------------------------------------------------------------------------------------- wrappers
 
 
+# The chunk scan runs its kernels with d_state padded to a multiple of 16. With Triton 3.6 on an H200, d_state = 12
+# in bf16 made _bwd_source_kernel's 8-warp config read shared memory out of bounds (compute-sanitizer): an illegal
+# memory access with seq_idx, results 20% off without (benchmarks/RESULTS.md, twentieth session). d_state 16, and 48
+# (masked to 64 but divisible by 16, which Triton specializes integer arguments on), were right.
+_STATE_MULTIPLE = 16
+
+
 def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
@@ -893,8 +901,17 @@ def ssd_chunk_scan_triton(
         )
     if chunk_size < MIN_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be at least {MIN_CHUNK_SIZE}, got {chunk_size}")
-    return _SSDChunkScan.apply(x, dt, A, B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
-                               initial_state, seq_idx, bool(return_final_state))
+    N = B.shape[3]
+    pad = -N % _STATE_MULTIPLE
+    if pad:  # zero state dims: B = 0 feeds them nothing and C = 0 reads nothing, so y and the gradients are unchanged
+        B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
+        if initial_state is not None:
+            initial_state = F.pad(initial_state, (0, pad))
+    out = _SSDChunkScan.apply(x, dt, A, B, C, int(chunk_size), D, z, dt_bias, bool(dt_softplus),
+                              initial_state, seq_idx, bool(return_final_state))
+    if pad and return_final_state:
+        return out[0], out[1][..., :N].contiguous()
+    return out
 
 
 def ssd_state_update_triton(
