@@ -32,6 +32,21 @@ def run_in_interpreter(path: str, timeout: int = 300) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
 
+def patch_triton_interpreter() -> None:
+    """Lets Triton 3.6's interpreter index loops with its size-1 arrays (it calls int() on them, which NumPy >= 2.3
+    refuses: "only 0-dimensional arrays can be converted to Python scalars"; the GPU machine's image has that pair).
+    Call it first in a file's interpreter main; later Tritons take it unchanged."""
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patch
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_in_interpreter
+from helpers import patch_triton_interpreter, run_in_interpreter
 
 from zoo.decode import greedy
 
@@ -72,4 +72,5 @@ def test_greedy_matches_torch_argmax_and_writes_in_place(device):
 
 
 if __name__ == "__main__":
+    patch_triton_interpreter()
     _check("cpu")

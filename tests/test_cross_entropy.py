@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, run_in_interpreter
+from helpers import assert_close, patch_triton_interpreter, run_in_interpreter
 
 CASES = [  # rows, vocabulary, dtype, ignored rows
     (7, 5000, torch.float32, (1,)),
@@ -114,4 +114,5 @@ def _interpreter_main():
 
 
 if __name__ == "__main__":
+    patch_triton_interpreter()
     _interpreter_main()

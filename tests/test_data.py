@@ -6,6 +6,7 @@ import itertools
 import json
 import re
 import string
+import sys
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ def tok() -> ByteTokenizer:
 @pytest.fixture
 def letter_docs(tmp_path):
     """A local jsonl corpus whose document i is one letter repeated (lengths 1..90): a mixed segment shows."""
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     rng = np.random.default_rng(0)
     docs = [string.ascii_letters[i % 52] * int(rng.integers(1, 90)) for i in range(120)]
     path = tmp_path / "docs.jsonl"
@@ -180,6 +182,7 @@ def test_streamed_documents_are_deterministic_and_resumable(letter_docs):
     ('{"text": null}\n', r"data\.text_field: document 0 of .* holds NoneType None in 'text', not text"),
 ], ids=["empty", "malformed", "number", "null"])
 def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     path = tmp_path / "empty.jsonl"
     path.write_text(contents)
     with pytest.raises(ValueError, match=message):
@@ -196,7 +199,23 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
         TextStream(DataConfig(source=[source, typo]), tok)
 
 
+def test_without_datasets_a_file_source_says_how_to_install_it(tok, tmp_path, monkeypatch):
+    """`datasets` is the data extra: without it a file or hub source names the install, a path matching nothing
+    is still refused by name, and the built-in corpus needs nothing."""
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "abc"}\n')
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets raises ImportError
+    for source in (str(path), "some-user/some-dataset"):
+        with pytest.raises(ImportError, match=r"data\.source: reading .* needs the `datasets` package.*"
+                                              r"hybrid-zoo\[data\]"):
+            TextStream(DataConfig(source=source), tok)
+    with pytest.raises(ValueError, match=r"data\.source: no file matches"):
+        TextStream(DataConfig(source=str(tmp_path / "missing.jsonl")), tok)
+    assert next(TextStream(DataConfig(source="stdlib", seq_len=64), tok).rows())[0]["input_ids"].shape[-1] == 64
+
+
 def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     # a directory is neither a file nor a glob: datasets.load_dataset reads the data files in it, as documented
     folder = tmp_path / "corpus"
     folder.mkdir()

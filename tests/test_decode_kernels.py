@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err, run_in_interpreter
+from helpers import patch_triton_interpreter, rel_err, run_in_interpreter
 from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
 from zoo_kernels.gla.ref import gla_state_update_ref
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
@@ -605,4 +605,5 @@ def test_zoo_linear_takes_the_pdl_kernel_up_to_pdl_max_rows(monkeypatch):
 
 
 if __name__ == "__main__":
+    patch_triton_interpreter()
     _interpreter_main()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, rel_err, run_in_interpreter
+from helpers import assert_close, patch_triton_interpreter, rel_err, run_in_interpreter
 from zoo_kernels.selective_scan import selective_scan
 from zoo_kernels.selective_scan import split as split_module
 
@@ -359,4 +359,5 @@ def test_document_cache_follows_seq_idx():
 
 
 if __name__ == "__main__":
+    patch_triton_interpreter()
     _interpreter_main()

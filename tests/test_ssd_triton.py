@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import run_in_interpreter
+from helpers import patch_triton_interpreter, run_in_interpreter
 from zoo_kernels.ssd.ref import ssd_chunk_scan_ref, ssd_state_update_ref
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
@@ -270,17 +270,6 @@ def _chained(fn, cut, x, dt, A, B, C, chunk, D, z, bias, softplus, h0, seq_idx, 
 
 def _interpreter_main() -> None:
     """Tiny cases through the CPU interpreter; asserts output and every gradient against the reference."""
-    import triton.runtime.interpreter as interp
-
-    # Triton 3.6's interpreter calls int() on size-1 arrays to index loops, which numpy >= 2.3 refuses.
-    original_patch = interp._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patch
-
     from zoo_kernels.ssd.triton_ssd import ssd_chunk_scan_triton, ssd_state_update_triton
 
     cases = [  # batch, L, H, P, G, N, chunk, options
@@ -316,4 +305,5 @@ def _interpreter_main() -> None:
 
 
 if __name__ == "__main__":
+    patch_triton_interpreter()
     _interpreter_main()

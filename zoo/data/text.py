@@ -268,6 +268,18 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     return sorted(set(files)) or None
 
 
+def _import_datasets(source):
+    """The `datasets` package, which every source but the built-in 'stdlib' is read with; an ImportError saying how to
+    install it where it is missing (it is the `data` extra, not a core dependency)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError(f"data.source: reading {source!r} needs the `datasets` package, which is not installed: "
+                          f"pip install 'hybrid-zoo[data]' (or 'datasets>=3'). The built-in source 'stdlib' needs "
+                          f"nothing.") from e
+    return datasets
+
+
 def _check_text_field(columns, cfg: DataConfig) -> None:
     if columns is not None and cfg.text_field not in columns:
         raise ValueError(f"data.text_field: the dataset has no column {cfg.text_field!r}; its columns are "
@@ -290,8 +302,6 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         return _IndexedDocs(len(files), lambda i: files[i].read_bytes().decode("utf-8", "replace"), cfg.seed,
                             shuffle, rank, world_size)
 
-    import datasets
-
     local = _local_files(cfg.source)
     if local is not None:
         kinds = {_LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in local}
@@ -299,6 +309,8 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             suffixes = sorted({Path(f).suffix for f in local})
             raise ValueError(f"data.source: local files must all be one of .txt, .jsonl/.json or .parquet; "
                              f"got suffixes {suffixes}")
+    datasets = _import_datasets(cfg.source)
+    if local is not None:
         builder = kinds.pop()
         extra = {"sample_by": "document"} if builder == "text" else {}
         try:
