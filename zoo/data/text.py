@@ -313,11 +313,14 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
     if local is not None:
         builder = kinds.pop()
         extra = {"sample_by": "document"} if builder == "text" else {}
+        named = local if len(local) > 1 else local[0]
+        if all(os.path.getsize(f) == 0 for f in local):  # datasets 3.0 and 4 report empty files differently
+            raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")
         try:
             dataset = datasets.load_dataset(builder, data_files=local, split="train", **extra)
         except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:  # empty or malformed files
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
-            raise ValueError(f"data.source: cannot read {local if len(local) > 1 else local[0]!r} as {builder} "
+            raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
         streamed = False
     else:
