@@ -67,7 +67,10 @@ BAD = [
     ("unknown-ffn-per-layer", dict(layers=[{"type": "mamba", "ffn": "relu"}], mixers={}), "ffn"),
     ("layers-wrong-type", dict(layers=42), "layers"),
     ("norm-eps", dict(norm_eps=0.0), "norm_eps"),
-    ("unknown-mixer-option", dict(layers="M", mixers={"M": {"type": "mamba", "d_sate": 16}}), "d_sate"),
+    ("unknown-mixer-option", dict(layers="MA", mixers={"M": {"type": "mamba"}, "A": {"type": "mamba", "d_sate": 16}}),
+     "mixers.A.d_sate: unknown option for mixer 'mamba'; did you mean 'd_state'?"),
+    ("unknown-per-layer-option", dict(layers=[{"type": "mamba"}, {"type": "attention", "n_kv_head": 1}]),
+     "layers[1].n_kv_head: unknown option for mixer 'attention'; did you mean 'n_kv_heads'?"),
 ]
 
 

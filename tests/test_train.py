@@ -337,6 +337,29 @@ def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path)
     assert resume_changes(tmp_path, cfg) == []  # no saved config: nothing to compare
 
 
+def test_resume_refuses_a_model_changed_behind_its_yaml_path(tmp_path, capsys):
+    """The run names its model by a YAML path, as every shipped config does: editing that file in place changes
+    no run field, so the weights are compared (before, the resumed run crashed loading the state dict). The same
+    model under another path resumes, and says the path changed."""
+    model = {"vocab_size": 259, "d_model": 32, "layers": "MA", "ffn": "none",
+             "mixers": {"M": {"type": "mamba", "d_state": 4}, "A": {"type": "attention", "n_heads": 2}}}
+    model_path, moved = tmp_path / "model.yaml", tmp_path / "moved.yaml"
+    model_path.write_text(yaml.safe_dump(model))
+    moved.write_text(yaml.safe_dump(model))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, model=str(model_path), train={"max_steps": 1},
+                                            schedule={"warmup_steps": 0})))
+    assert main([str(path)]) == 0
+    model_path.write_text(yaml.safe_dump({**model, "d_model": 48}))
+    with pytest.raises(ValueError, match=r"was trained with another model: \d+ weights differ \(model\.embeddings"
+                                         r"\.weight: \[259, 32\] -> \[259, 48\]"):
+        main([str(path), "--resume", "--train.max_steps=2"])
+    capsys.readouterr()
+    assert main([str(path), "--resume", "--train.max_steps=2", f"--model={moved}"]) == 0
+    assert "moved.yaml" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
+
+
 def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})))

@@ -1,4 +1,4 @@
-"""`zoo` console script: train | finetune | eval | compare | bench | generate | info | demo."""
+"""`zoo` console script: demo | compare | train | finetune | eval | convert | graft | info | generate."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 
 # subcommand -> (module, function, help); modules are imported only when their command runs
 COMMANDS = {
-    "demo": ("zoo.demo", "main", "train a tiny hybrid on MQAR on CPU (the README's first command)"),
+    "demo": ("zoo.demo", "main", "train a tiny hybrid on MQAR on CPU (about a minute)"),
     "compare": ("zoo.compare", "main", "fair comparison: budget-matched models, one recipe, a table and plots"),
     "train": ("zoo.train", "main", "pretrain a model from a run config under accelerate"),
     "convert": ("zoo.convert", "main", "convert checkpoints into/out of the zoo (transformers, mamba_ssm)"),

@@ -324,6 +324,7 @@ class ZooConfig(PreTrainedConfig):
             if moe["aux_loss_coef"] < 0:
                 raise ValueError(f"moe.aux_loss_coef: must be >= 0, got {moe['aux_loss_coef']}")
         specs = self.layer_specs()
+        pattern = [c for c in self.layers if not c.isspace()] if isinstance(self.layers, str) else None
         for i, spec in enumerate(specs):
             where = f"layers[{i}]"
             ffn_type = spec.get("ffn")
@@ -345,7 +346,11 @@ class ZooConfig(PreTrainedConfig):
                 allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
                 for key in kwargs:
                     if key not in params or key in ("self", "d_model", "layer_idx"):
-                        raise ValueError(f"{where}.{key}: unknown option for mixer {mixer_type!r}; "
+                        close = difflib.get_close_matches(str(key), allowed, n=1)
+                        hint = f"did you mean {close[0]!r}? " if close else ""
+                        # a pattern's letters name the `mixers` entry the user wrote
+                        at = f"mixers.{pattern[i]}" if isinstance(self.layers, str) else where
+                        raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
                                          f"valid options: {', '.join(allowed)}")
             check = getattr(cls, "check_spec", None)
             if check is not None:

@@ -804,6 +804,34 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
     return changed
 
 
+def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
+    """Raises ValueError, naming the weights, when the checkpoint's model (the headers of its model/*.safetensors)
+    and `model` differ in a weight's name or shape: the run's model was changed behind a path that resume_changes
+    cannot see into (a YAML config edited in place, or another file or folder). Tied weights the checkpoint stores
+    once are not missing. Checkpoints without saved weights are not checked."""
+    from safetensors import safe_open
+
+    files = sorted((Path(checkpoint) / "model").glob("*.safetensors"))
+    if not files:
+        return
+    saved: dict[str, list[int]] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            saved |= {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    now = model.state_dict()
+    stored = {now[k].data_ptr() for k in now if k in saved}
+    lines = [f"{k}: {saved[k]} -> {list(now[k].shape)}" for k in sorted(saved.keys() & now.keys())
+             if saved[k] != list(now[k].shape)]
+    lines += [f"{k}: {saved[k]} -> <absent>" for k in sorted(saved.keys() - now.keys())]
+    lines += [f"{k}: <absent> -> {list(now[k].shape)}" for k in sorted(now.keys() - saved.keys())
+              if now[k].data_ptr() not in stored]
+    if lines:
+        shown = "; ".join(lines[:4]) + (f"; and {len(lines) - 4} more" if len(lines) > 4 else "")
+        raise ValueError(f"--resume: {Path(checkpoint)} was trained with another model: {len(lines)} weights "
+                         f"differ ({shown}); resume with the run's own model config, or start a new run from "
+                         f"its weights (model: <checkpoint>/model)")
+
+
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
                     data_state: StreamState) -> Path:
     """Write checkpoints/step_<step>/ atomically: everything goes to a temporary folder that is renamed
@@ -982,6 +1010,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.tokenizer)
     model = build_model(cfg, tokenizer)
+    if start_ckpt is not None:
+        resume_weight_changes(start_ckpt, model)
     inputs = ModelInputs.of(model)
     chunk = cfg.train.tbptt_chunk
     if cfg.data.packing and not (inputs.seq_idx or inputs.position_ids):
@@ -1241,5 +1271,5 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "OptimConfig",
            "ScheduleConfig", "TrainConfig", "TrainResult", "build_model", "build_optimizer",
            "config_from_dict", "count_parameters", "count_targets", "forward_backward", "latest_checkpoint",
-           "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes", "save_checkpoint", "train",
-           "validate_config"]
+           "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes",
+           "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
