@@ -808,11 +808,13 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
     """Raises ValueError, naming the weights, when the checkpoint's model (the headers of its model/*.safetensors)
     and `model` differ in a weight's name or shape: the run's model was changed behind a path that resume_changes
     cannot see into (a YAML config edited in place, or another file or folder). Tied weights the checkpoint stores
-    once are not missing. Checkpoints without saved weights are not checked."""
+    once are not missing. Only zoo models are checked: transformers may save other models' weights under other
+    names than their state dict's (its conversions of MoE experts, for one). Checkpoints without saved weights are
+    not checked."""
     from safetensors import safe_open
 
     files = sorted((Path(checkpoint) / "model").glob("*.safetensors"))
-    if not files:
+    if not files or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
         return
     saved: dict[str, list[int]] = {}
     for f in files:
