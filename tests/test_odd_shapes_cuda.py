@@ -14,8 +14,9 @@ vocabulary (97: no multiple of 16 for the decode projections), batch 3. Each mod
 Configs whose fast kernel cannot take the layer (d_state 80 for Mamba's scan, chunk_size 8 for Mamba-2's) check that
 the layer reports the reference (zoo.backends.fit) and still decodes on the CUDA step kernels.
 
-Run on the GPU machine (2-layer models, 24-token rows, 6 decoded tokens: on a fresh machine the time is mostly the
-extensions' JIT builds and Triton/flex compiles; not yet timed there):
+Run on the GPU machine (2-layer models, 24-token rows, 6 decoded tokens). On a fresh H200 the time is mostly the
+extensions' JIT builds and Triton/flex compiles: one process per case took 362 s for the 21 tests without the odd
+Mamba-2 case (twentieth session); give the whole file about 8 minutes there:
     PYTHONPATH=$PWD/kernels:$PWD ZOO_SSD_AUTOTUNE=0 python -m pytest -q -rfs tests/test_odd_shapes_cuda.py
 """
 

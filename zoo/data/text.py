@@ -274,9 +274,9 @@ def _import_datasets(source):
     try:
         import datasets
     except ImportError as e:
-        raise ImportError(f"data.source: reading {source!r} needs the `datasets` package, which is not installed: "
-                          f"pip install 'hybrid-zoo[data]' (or 'datasets>=3'). The built-in source 'stdlib' needs "
-                          f"nothing.") from e
+        raise ImportError(f"data.source: reading {source!r} needs the `datasets` package, which cannot be imported "
+                          f"({e}): pip install 'hybrid-zoo[data]' (or 'datasets>=3'). The built-in source 'stdlib' "
+                          f"needs nothing.") from e
     return datasets
 
 
