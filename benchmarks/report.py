@@ -1,7 +1,8 @@
 """Render benchmarks/RESULTS.md's measured tables from benchmarks/results.jsonl (one JSON row per figure).
 
-Every row names its card, date and command and the baseline measured in the same run. Rows with the same name
-keep only the newest (the file is append-only); rows with a "note" show it, so a void figure says why.
+Every row names its card, date and command and the baseline measured in the same run. Of the rows with the same
+name only the newest run's are kept (the file is append-only; a run may write one row per baseline); rows with a
+"note" show it, so a void figure says why.
 Usage: python benchmarks/report.py [--results benchmarks/results.jsonl] [--out benchmarks/RESULTS.md]
 """
 
@@ -35,13 +36,30 @@ EXTRA = {
 }
 
 
-def render(rows: list[dict]) -> str:
-    latest: OrderedDict[str, dict] = OrderedDict()
+def _run(row: dict) -> tuple:
+    return row.get("card"), row.get("date"), row.get("command")
+
+
+def newest(rows: list[dict]) -> list[dict]:
+    """Per name, every row of the newest run (card, date, command) that wrote it, oldest name first.
+
+    One run may write a figure several times, once per baseline measured beside it (the selective scan's
+    mamba_ssm row and its floor row): those are kept together, where keeping only the last row dropped the
+    side-by-side baseline."""
+    latest: OrderedDict[str, list[dict]] = OrderedDict()
     for row in rows:
-        latest.pop(row["name"], None)
-        latest[row["name"]] = row
+        kept = latest.pop(row["name"], [])
+        if kept and _run(kept[-1]) == _run(row):  # the same run: its last row per baseline
+            kept = [r for r in kept if r.get("baseline") != row.get("baseline")]
+        else:
+            kept = []
+        latest[row["name"]] = kept + [row]
+    return [row for kept in latest.values() for row in kept]
+
+
+def render(rows: list[dict]) -> str:
     groups: OrderedDict[str, list[dict]] = OrderedDict()
-    for row in latest.values():
+    for row in newest(rows):
         groups.setdefault(row["name"].split("/", 1)[0], []).append(row)
     out = []
     for group, items in groups.items():

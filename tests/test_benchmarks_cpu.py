@@ -24,3 +24,21 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     with pytest.raises(SystemExit) as e:
         script.main()
     assert isinstance(e.value.code, str) and "CUDA" in e.value.code and "\n" not in e.value.code, e.value.code
+
+
+def test_report_keeps_every_baseline_of_the_newest_run_only():
+    """A run may write one figure once per baseline (the selective scan: mamba_ssm, then the floor); the rendered
+    table keeps each of them, of the newest run of that name only, and a run's repeated row once (its last)."""
+    report = load_script("benchmarks/report.py")
+
+    def row(run, baseline, ms):
+        return {"name": "scan fwd 130M", "card": "H200", "date": "2026-12-0" + run, "command": "python s.py",
+                "baseline": baseline, "ours_ms": ms}
+
+    rows = [row("3", "mamba_ssm", 1.0), row("3", "floor", 1.0), row("4", "mamba_ssm", 2.0), row("4", "floor", 2.5),
+            row("4", "floor", 3.0)]
+    kept = report.newest(rows)
+    assert [(r["date"], r["baseline"], r["ours_ms"]) for r in kept] == [
+        ("2026-12-04", "mamba_ssm", 2.0), ("2026-12-04", "floor", 3.0)]
+    table = report.render(rows)
+    assert "| mamba_ssm | " in table and "| floor | " in table and "2026-12-03" not in table
