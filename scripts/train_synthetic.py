@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import yaml
 
+from zoo.data.synthetic import COUNT_ARGUMENT
 from zoo.eval.common import markdown_table, parse_int
 from zoo.finetune import DataSection, LoopSection, PretrainSection
 from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted, read_yaml
@@ -282,10 +283,14 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     limit = run.eval.max_len.get(run.model_name)
     seq_lens = [s for s in run.eval.seq_lens if limit is None or s <= limit]
     data = run.section.data
+    # the count the model trained with (mqar's n_kv) is the grid's counts' default, not a second n_kv argument
+    task_kwargs = dict(data.task_kwargs)
+    trained_count = task_kwargs.pop(COUNT_ARGUMENT[data.task], None) if COUNT_ARGUMENT[data.task] else None
+    counts = run.eval.n_kv if run.eval.n_kv is not None else None if trained_count is None else [trained_count]
     start = time.perf_counter()
-    grid = evaluate_synthetic(model, data.task, seq_lens, run.eval.n_kv, run.eval.n_samples, run.eval.batch_size,
+    grid = evaluate_synthetic(model, data.task, seq_lens, counts, run.eval.n_samples, run.eval.batch_size,
                               seed=data.seed + 2, chunk_size=run.eval.chunk_size, progress=accelerator.is_main_process,
-                              **data.task_kwargs)
+                              **task_kwargs)
     eval_seconds = time.perf_counter() - start
     plot_len = run.eval.plot_seq_len or data.seq_len or seq_lens[-1]
     result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,
@@ -322,7 +327,8 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
     table = []
     for run, res in zip(runs, results):
         plot_len = run.eval.plot_seq_len or run.section.data.seq_len
-        count = run.eval.plot_count or run.section.data.task_kwargs.get("n_kv")
+        count_name = COUNT_ARGUMENT[run.section.data.task]
+        count = run.eval.plot_count or (run.section.data.task_kwargs.get(count_name) if count_name else None)
         row = {"run": run.name, "model": run.model_name, **{k.split(".")[-1]: v for k, v in run.point.items()},
                "params": res["parameters"], "state_floats": res["state_floats"],
                "plot_accuracy": cell_accuracy(res, plot_len, count)}

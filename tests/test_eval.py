@@ -117,6 +117,13 @@ def test_evaluate_synthetic_mqar_grid():
         evaluate_synthetic(InductionOracle(64), "mqar", seq_lens=[64], n_samples=2)
 
 
+def test_evaluate_synthetic_reports_the_count_the_rows_had():
+    """A count passed as a task argument (selective copying's n_tokens) is the one in the row, not the default 16."""
+    result = evaluate_synthetic(SlicingOracle(16), "selective_copying", seq_lens=[64], n_samples=4, n_tokens=8)
+    assert result["rows"][0]["n_tokens"] == 8 and result["rows"][0]["n_answers"] == 4 * 8
+    assert [(r["n_tokens"], r["n_answers"]) for r in result["by_count"]] == [(8, 32)]
+
+
 def test_evaluate_synthetic_induction_long_rows_in_chunks():
     result = evaluate_synthetic(InductionOracle(16), "induction_heads", seq_lens=[64, 2048], n_samples=4,
                                 batch_size=2, chunk_size=256)

@@ -1,5 +1,6 @@
 """The research scripts (scripts/train_synthetic.py, state_capacity.py, collapse.py) refuse bad input before they
-train anything: one `prog: error: message` line and exit status 2, as zoo train does. Nothing here trains."""
+train anything: one `prog: error: message` line and exit status 2, as zoo train does. Nothing here trains more
+than two steps."""
 
 from __future__ import annotations
 
@@ -90,3 +91,28 @@ def test_train_synthetic_sweep_override_replaces_one_dotted_key(capsys):
     script.main([str(ROOT / "configs/train/mqar-sweep.yaml"), "--only", "mamba2", "--sweep.optim.lr=[1.0e-3]",
                  "--dry-run"])
     assert capsys.readouterr().out.count("-lr=0.001:") == 4
+
+
+def test_train_synthetic_mqar_sweep_evaluates_its_count_grid(tmp_path):
+    """mqar-sweep.yaml trains with data.task_kwargs.n_kv and tests an eval.n_kv grid: the grid's evaluation used
+    to get n_kv twice (TypeError after the first run had trained). Shrunk to two steps of a small model."""
+    from accelerate import Accelerator
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = script.load_recipe(ROOT / "configs/train/mqar-sweep.yaml", [
+        f"output_dir={tmp_path}", "sweep={}", "train.max_steps=2", "train.micro_batch_size=4",
+        "schedule.warmup_steps=0", "data.n_eval=4", "data.seq_len=64", "data.task_kwargs.vocab_size=64",
+        "eval.seq_lens=[64, 128]", "eval.n_kv=[4, 8]", "eval.n_samples=4", "eval.batch_size=4",
+        "eval.plot_seq_len=64"])
+    for model in recipe["models"].values():
+        model["vocab_size"] = 64
+    run = script.expand_runs(recipe, only=["mamba2"])[0]
+    assert run.section.data.task_kwargs["n_kv"] == 16
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(64, 4), (64, 8), (128, 4), (128, 8)]
+    assert [r["n_answers"] for r in result["rows"]] == [16, 32, 16, 32]
+    # without a grid the evaluation keeps the training count, and the rows say so
+    run.eval.n_kv = None
+    run.eval.seq_lens = [128]
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert [(r["seq_len"], r["n_kv"], r["n_answers"]) for r in result["rows"]] == [(128, 16, 64)]

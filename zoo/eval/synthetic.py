@@ -153,7 +153,7 @@ def evaluate_synthetic(
                     bar.set_postfix(T=seq_len, acc=f"{correct / max(total, 1):.3f}", refresh=False)
             row = {"seq_len": seq_len}
             if count_name is not None:
-                row[count_name] = count if count is not None else task_default(task, count_name)
+                row[count_name] = kwargs.get(count_name, task_default(task, count_name))  # the count the rows had
             row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
                        n_correct=correct, n_answers=total, n_samples=n_samples)
             rows.append(row)
