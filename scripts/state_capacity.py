@@ -13,8 +13,8 @@ loss on long documents, state carried chunk to chunk) without and with every ``e
 (``{L}`` in a spec is replaced by the training length, e.g. ``window:r={L}``; ``norm-calibrated:factor=F``
 caps each head's state norm at F times its largest norm over the documents' first L tokens).
 
-Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the bins
-in [L, 2L) (the first positions past the training length) by more than ``margin`` nats. The capacity length
+Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the tokens
+in the bins that start in [L, 2L) (the first positions past the training length) by more than ``margin`` nats. The capacity length
 of a model is the shortest trained L such that
 neither L nor any longer trained length collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
 the recurrent state in millions of floats (SSM states only, no conv buffers: n_heads·head_dim·d_state per
@@ -161,9 +161,10 @@ def judge_collapse(bins: list[dict], train_length: int, factor: float, margin: f
     mean loss over [L, 2L), the first positions past the training length: [L/2, L) is lower for every model,
     collapsing or not (in-distribution positions), so it would call a model that stays flat past L collapsed
     (scripts/collapse.py judges the same way)."""
-    def mean(lo: float, hi: float) -> float | None:
-        rows = [b["mean_loss"] for b in bins if b["start"] >= lo and b["end"] <= hi and math.isfinite(b["mean_loss"])]
-        return sum(rows) / len(rows) if rows else None
+    def mean(lo: float, hi: float) -> float | None:  # token-weighted mean loss of the bins starting in [lo, hi)
+        rows = [(b["mean_loss"], b.get("n_tokens", b["end"] - b["start"])) for b in bins
+                if lo <= b["start"] < hi and math.isfinite(b["mean_loss"])]
+        return sum(x * n for x, n in rows) / sum(n for _, n in rows) if rows else None
 
     reference = mean(train_length, 2 * train_length)
     after = [b for b in bins if b["start"] >= train_length and b["start"] < factor * train_length

@@ -101,3 +101,21 @@ def test_margin_comment_names_the_reference_the_code_uses(config):
     margin = next(line for line in (ROOT / "configs/train" / config).read_text().splitlines()
                   if line.strip().startswith("margin:"))
     assert "[L, 2L)" in margin and "before L" not in margin
+
+
+@pytest.mark.parametrize("L, bins_per_octave", [(64, 2), (48, 1), (96, 2)], ids=["L64-half-octaves", "L48", "L96"])
+def test_state_capacity_and_collapse_judge_alike(L, bins_per_octave):
+    """state_capacity.judge_collapse and collapse.verdicts take the same reference, the token-weighted mean loss
+    of the bins starting in [L, 2L). judge_collapse used to average bin means (unequal bins: 2.075 instead of
+    2.087) and to keep only bins ending by 2L, so a training length off the bin edges (48) was never judged."""
+    from zoo.eval.length import log_bins
+
+    capacity = load_script("scripts/state_capacity.py")
+    collapse = load_script("scripts/collapse.py")
+    bins = [{"start": a, "end": b, "mean_loss": 2.0 if a < 91 else 2.15 if a < 256 else 3.0, "n_tokens": 4 * (b - a)}
+            for a, b in log_bins(16 * L - 1, bins_per_octave)]
+    judged = capacity.judge_collapse(bins, L, 8, 0.1)
+    v = collapse.verdicts({"none": bins}, L, 8, 0.1)
+    assert judged["reference"] is not None and judged["collapsed"] is True
+    assert judged["reference"] == pytest.approx(v["reference"]) and judged["collapsed"] == v["rises"]
+    assert judged["worst"] == v["worst"] and judged["worst_at"] == v["worst_at"]
