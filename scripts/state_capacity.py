@@ -14,9 +14,9 @@ loss on long documents, state carried chunk to chunk) without and with every ``e
 caps each head's state norm at F times its largest norm over the documents' first L tokens).
 
 Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the tokens
-in the bins that start in [L, 2L) (the first positions past the training length) by more than ``margin`` nats. The capacity length
-of a model is the shortest trained L such that
-neither L nor any longer trained length collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
+in the bins that start in [L, 2L) (the first positions past the training length) by more than ``margin`` nats.
+The capacity length of a model is the shortest trained L such that neither L nor any longer trained length
+collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
 the recurrent state in millions of floats (SSM states only, no conv buffers: n_heads·head_dim·d_state per
 mamba2 layer, as the paper counts), compared with the paper's 5.172 · S − 4.469. Writes summary.md,
 summary.json, capacity.png (collapse map, fit and the paper's line) and one length-curve PNG per run.

@@ -195,3 +195,32 @@ def test_a_model_without_a_tokenizer_is_a_value_error(tmp_path, capsys):
     assert message.endswith("; pass --tokenizer PATH|byte")
     with pytest.raises(ValueError, match="has no tokenizer"):
         passkey.main(["--model", str(folder), "--device", "cpu", "--out", str(tmp_path / "pk")])
+
+
+# ---------------------------------------------------------------- 6. counts and sizes below 1
+
+
+@pytest.mark.parametrize("command, option", [
+    ("synthetic", "--n-samples"), ("synthetic", "--batch-size"), ("passkey", "--n-samples"),
+    ("passkey", "--max-new-tokens"), ("length", "--batch-size"), ("length", "--bins-per-octave"),
+    ("state", "--chunk-size"), ("state", "--n-docs"),
+])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_count_below_one_is_refused_by_option(command, option, value, tmp_path, capsys):
+    """0 rows divided by zero (synthetic, passkey), -1 passkey samples wrote an empty table and a 0 batch or chunk
+    failed as 'range() arg 3 must not be zero': each is now argparse's error naming the option, before loading."""
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), option, value, "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument {option}: must be >= 1, got {value}" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluators_refuse_no_rows():
+    from zoo.eval import evaluate_passkey, evaluate_synthetic
+    from zoo.eval.common import load_model
+
+    model = load_model(str(MAMBA_TINY), "cpu")
+    with pytest.raises(ValueError, match="n_samples=0 and batch_size=8 must be >= 1"):
+        evaluate_synthetic(model, "mqar", [64], n_samples=0, batch_size=8, vocab_size=64)
+    with pytest.raises(ValueError, match="n_samples=0 must be >= 1"):
+        evaluate_passkey(model, None, [256], n_samples=0)

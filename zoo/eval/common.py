@@ -7,6 +7,7 @@ transformers model alike.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import inspect
 import json
@@ -226,6 +227,15 @@ def parse_list(text: str, kind=int) -> list:
         else:
             values.append(kind(item))
     return values
+
+
+def positive_int(text: str) -> int:
+    """``parse_int`` for a count or size on the command line (rows, batch, chunk, tokens): below 1 is refused with
+    argparse's one-line error naming the option (0 rows divided by zero, a 0 batch or chunk stalled a range)."""
+    value = parse_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def parse_int(item: str) -> int:

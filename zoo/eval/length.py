@@ -31,6 +31,7 @@ from zoo.eval.common import (
     markdown_table,
     model_device,
     parse_int,
+    positive_int,
     write_json,
     write_rows,
 )
@@ -300,12 +301,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus")
     parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte' "
                         "(default: the first model's)")
-    parser.add_argument("--n-docs", type=int, default=4)
-    parser.add_argument("--max-len", type=parse_int, default=16384, help="tokens per document (1M allowed)")
-    parser.add_argument("--chunk-size", type=parse_int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--n-docs", type=positive_int, default=4)
+    parser.add_argument("--max-len", type=positive_int, default=16384, help="tokens per document (1M allowed)")
+    parser.add_argument("--chunk-size", type=positive_int, default=2048)
+    parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plot")
-    parser.add_argument("--bins-per-octave", type=int, default=4)
+    parser.add_argument("--bins-per-octave", type=positive_int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", choices=["document", "random"], default="document",
                         help="built-in corpus: documents begin at a file's start, or at a random offset into it")

@@ -26,6 +26,7 @@ from zoo.eval.common import (
     markdown_table,
     model_device,
     parse_list,
+    positive_int,
     write_json,
     write_rows,
 )
@@ -182,6 +183,8 @@ def evaluate_passkey(
     Raises:
         ValueError: a prompt holds a token id outside the model's vocabulary (a tokenizer not the model's).
     """
+    if n_samples < 1:
+        raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be >= 1 (prompts per cell)")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
     generator = torch.Generator().manual_seed(seed)
@@ -275,10 +278,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tokenizer", default=None, help="path / hub id, or 'byte' (default: the model's)")
     parser.add_argument("--lengths", default="1K,2K,4K,8K", help="comma list of prompt lengths (tokens)")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--n-samples", type=int, default=5)
+    parser.add_argument("--n-samples", type=positive_int, default=5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--prefill-chunk-size", type=int, default=None, help="chunked prefill (long prompts)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
+    parser.add_argument("--prefill-chunk-size", type=positive_int, default=None, help="chunked prefill (long prompts)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/passkey")

@@ -24,6 +24,7 @@ from zoo.eval.common import (
     markdown_table,
     model_device,
     parse_list,
+    positive_int,
     write_json,
     write_rows,
 )
@@ -106,6 +107,8 @@ def evaluate_synthetic(
     """
     if task not in TASKS:
         raise ValueError(f"unknown synthetic task {task!r}; choose one of {sorted(TASKS)}")
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError(f"evaluate_synthetic: n_samples={n_samples} and batch_size={batch_size} must be >= 1")
     count_name = COUNT_ARGUMENT[task]
     if n_kv is not None and count_name is None:
         raise ValueError(f"task {task!r} has no count to vary; leave n_kv unset")
@@ -195,13 +198,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--task", default="mqar", choices=sorted(TASKS))
     parser.add_argument("--seq-lens", default=None, help="comma list; 2^k and 4K forms accepted")
     parser.add_argument("--n-kv", default=None, help="comma list of key-value pairs (mqar) or tokens to copy")
-    parser.add_argument("--n-samples", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--n-samples", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=None, help="task vocabulary (default: the paper's)")
     parser.add_argument("--power-a", type=float, default=None, help="mqar: query-gap power law exponent")
     parser.add_argument("--random-non-queries", action="store_true", help="mqar: random filler tokens")
-    parser.add_argument("--chunk-size", type=int, default=None, help="evaluate long rows in chunks")
+    parser.add_argument("--chunk-size", type=positive_int, default=None, help="evaluate long rows in chunks")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default=None, help="output directory (default results/synthetic-<task>)")
