@@ -83,6 +83,41 @@ def test_lora_config_without_target_modules_adapts_the_mixer_projections(name):
     assert adapted == expected
 
 
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_trainable_tokens_of_a_tied_embedding_reach_the_lm_head_and_merge_exactly(name):
+    # PEFT reads tie_word_embeddings from config.to_dict() to give the tied lm_head the new token rows too; the dict
+    # lacked it, so the adapted model's head kept the old rows and merge_and_unload changed the logits (|Δ| ~ 30)
+    model = tiny(name).eval()
+    peft_model = get_peft_model(model, LoraConfig(r=4, trainable_token_indices={"embeddings": [1, 2, 3]}))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(torch.randn_like(p))
+        ids = torch.tensor([[5, 1, 7, 2, 3], [3, 9, 2, 11, 1]])
+        adapted = peft_model(input_ids=ids).logits
+        merged = peft_model.merge_and_unload()(ids).logits
+    assert_close("merged vs adapted logits", merged, adapted, 1e-5)
+
+
+def test_merging_a_trained_copy_of_a_tied_lm_head_unties_the_config(tmp_path):
+    # PEFT marks the merged config untied when the lm_head trained apart from the embedding (modules_to_save), if
+    # config.to_dict() names tie_word_embeddings; it stayed tied, and an export re-tied the head (|Δlogit| 0.7)
+    from zoo.convert import convert
+
+    peft_model = get_peft_model(tiny("transformerpp").eval(), LoraConfig(r=4, modules_to_save=["lm_head"]))
+    ids = torch.randint(1, 512, (2, 5))
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.1)
+        adapted = peft_model(input_ids=ids).logits
+    merged = peft_model.merge_and_unload()
+    assert merged.config.tie_embeddings is False
+    merged.save_pretrained(tmp_path / "merged")
+    convert(tmp_path / "merged", tmp_path / "llama", to_format="hf-llama")
+    with torch.no_grad():
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")(ids).logits
+    assert_close("exported vs adapted logits", exported, adapted, 1e-5)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_padding_free_collator_rows_equal_separate_documents(name):
     # DataCollatorWithFlattening packs documents into one row marked only by position_ids that restart (no seq_idx,

@@ -401,8 +401,14 @@ class ZooConfig(PreTrainedConfig):
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
         out.pop("_from_disk", None)
-        out.pop("tie_word_embeddings", None)
         out.pop("num_hidden_layers", None)
+        # transformers' name too: PEFT reads it from this dict to tie adapters of a tied lm_head (trainable tokens)
+        out["tie_word_embeddings"] = self.tie_embeddings
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        out = super().to_diff_dict()
+        out.pop("tie_word_embeddings", None)  # config.json keeps the one name, tie_embeddings
         return out
 
 
