@@ -333,6 +333,8 @@ def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
         load({"source": "a.jsonl", "holdout": 0})
     with pytest.raises(ValueError, match=r"model: '/no/such/folder': no such model folder"):
         load({"task": "mqar"}, model="/no/such/folder")
+    with pytest.raises(ValueError, match=r"model: no such model config 'configs/models/nope-tiny.yaml'"):
+        load({"task": "mqar"}, model="configs/models/nope-tiny.yaml", pretrain={"data": {"task": "mqar"}})
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")

@@ -527,6 +527,8 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         if cfg.pretrain.data.task is None:
             raise ValueError("pretrain.data.task: pretraining here is on a synthetic task; pretrain on text with "
                              "`zoo train` and finetune its checkpoint")
+        if not Path(cfg.model).is_file():  # else it failed after the run folder was made, naming no field
+            raise ValueError(f"model: no such model config {cfg.model!r} (a path from the working directory)")
     elif is_yaml:
         raise ValueError(f"model: {cfg.model!r} is a zoo YAML (random weights); give a checkpoint folder, or add "
                          f"a pretrain section to train the base model first")
