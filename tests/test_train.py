@@ -409,3 +409,12 @@ def test_train_script_reports_bad_input_in_one_line_like_zoo_train(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "zoo train: data.source: no file matches" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --config_file configs/accelerate/ddp.yaml` (or torchrun) on a machine without GPUs: each
+    # process saw a world of 1 and trained the whole run into the same output_dir (duplicated metrics, raced saves)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"processes: launched as 2 processes .* ACCELERATE_USE_CPU=1"):
+        train(config_from_dict(run_dict(tmp_path)))
+    assert not (tmp_path / "run").exists(), "refused before anything is written"

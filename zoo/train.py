@@ -988,6 +988,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.train.compile else None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 and launched > 1:  # accelerate leaves a launch it cannot join (no GPU) as lone processes
+        raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
+                         f"alone (on {device.type}), so each would train the whole run into {str(out_dir)!r}; "
+                         f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
 
     start_ckpt = None
     if resume is not None:
