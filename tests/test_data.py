@@ -58,6 +58,17 @@ def test_byte_tokenizer_ids_and_offline_reload(tok, tmp_path):
     assert isinstance(load_tokenizer(str(tmp_path)), ByteTokenizer)
 
 
+def test_a_tokenizer_that_cannot_load_is_named_as_the_tokenizer(tmp_path, monkeypatch):
+    # transformers called a missing folder an invalid hub id, and an empty folder's error named no field
+    monkeypatch.chdir(tmp_path)
+    for missing in (str(tmp_path / "nope"), "./nope"):
+        with pytest.raises(ValueError, match=rf"^tokenizer: '{re.escape(missing)}': no such tokenizer folder"):
+            load_tokenizer(missing)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^tokenizer: 'empty': "):
+        load_tokenizer("empty")
+
+
 def test_stdlib_corpus_split_is_disjoint_sorted_and_stable():
     train, held = stdlib_files("train", 0.05), stdlib_files("eval", 0.05)
     assert len(train) > 500 and 0 < len(held) < len(train) / 5

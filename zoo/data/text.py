@@ -85,17 +85,26 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """``"byte"`` -> `ByteTokenizer`; anything else -> ``AutoTokenizer.from_pretrained(name_or_path)``.
 
     A tokenizer without a pad token gets its eos as pad (unpacked rows need one); one without an eos is
-    refused, since documents are separated by it.
+    refused, since documents are separated by it. A missing local folder, or a tokenizer transformers cannot load,
+    raises a ValueError that names the field (transformers calls a missing folder an invalid hub id).
     """
     if name_or_path == "byte":
         return ByteTokenizer()
+    path, parts = Path(name_or_path).expanduser(), Path(name_or_path).parts
+    local = path.is_absolute() or name_or_path.startswith((".", "~")) or (len(parts) > 1 and Path(parts[0]).is_dir())
+    if local and not path.exists():
+        raise ValueError(f"tokenizer: {name_or_path!r}: no such tokenizer folder; give 'byte', a tokenizer folder "
+                         f"or a hub id")
     config_file = Path(name_or_path) / "tokenizer_config.json"
     if config_file.is_file():
         if json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
             return ByteTokenizer.from_pretrained(name_or_path)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:  # a hub id not found or not reachable offline, a folder without tokenizer
+        raise ValueError(f"tokenizer: {name_or_path!r}: {' '.join(str(e).split())}") from e
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer: {name_or_path!r} has no eos token; documents are separated by it — "
                          f"choose a tokenizer with one, or 'byte'")
