@@ -154,8 +154,9 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     ({"data": {"seq_len": 1}}, r"data\.seq_len"),
     ({"log": {"every": "often"}}, r"log\.every: expected an integer"),
     ({"checkpoint": {"keep": 0}}, r"checkpoint\.keep"),
+    ({"train": {"max_steps": 0}}, r"^train\.max_steps: must be >= 1"),
 ], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_mode", "warmup", "kind", "precision", "micro_batch",
-        "batch_tokens", "seq_len", "type", "keep"])
+        "batch_tokens", "seq_len", "type", "keep", "max_steps"])
 def test_bad_run_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ValueError, match=field):
         config_from_dict(run_dict(tmp_path, **extra))
