@@ -369,6 +369,19 @@ def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsy
     assert latest_checkpoint(tmp_path / "run").name == "step_00000001"
 
 
+def test_resume_flag_before_the_config_takes_the_config(tmp_path, capsys):
+    """`zoo train --resume CONFIG`: --resume's optional DIR swallowed the YAML, and argparse said 'config required'.
+    A .yaml given as the resume folder is the config; the run resumes its newest checkpoint."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})))
+    assert main(["--resume", str(path)]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000001"
+    with pytest.raises(SystemExit):
+        main(["--resume"])
+    assert "required: config" in capsys.readouterr().err
+
+
 def test_trackers_are_checked_before_the_run(tmp_path):
     import importlib.util
 

@@ -1253,11 +1253,15 @@ def main(argv: list[str] | None = None) -> int:
         prog="zoo train", allow_abbrev=False,
         description="Pretrain a causal LM under accelerate. Overrides: --section.field=value "
                     "(e.g. --train.max_steps=100 --data.seq_len=512 --output_dir=runs/x).")
-    parser.add_argument("config", help="run config YAML (configs/train/*.yaml)")
+    parser.add_argument("config", nargs="?", help="run config YAML (configs/train/*.yaml)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR",
                         help="continue from DIR (a checkpoint or run directory), or from the run's newest "
                              "checkpoint")
     args, rest = parser.parse_known_args(argv)
+    if args.config is None and args.resume is not None and Path(args.resume).suffix in (".yaml", ".yml"):
+        args.config, args.resume = args.resume, "auto"  # `--resume CONFIG`: the flag took the config as its DIR
+    if args.config is None:
+        parser.error("the following arguments are required: config")
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")
