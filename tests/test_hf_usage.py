@@ -218,3 +218,15 @@ def test_trainer_predictions_of_a_moe_model_are_the_logits(tmp_path):
                              disable_tqdm=True)
     predictions = Trainer(model=model, args=args).predict(Rows()).predictions
     assert not isinstance(predictions, tuple) and predictions.shape == (4, 12, 512)
+
+
+def test_prefix_tuning_is_refused_saying_why():
+    """PEFT's prefix tuning hands the model a transformers cache of virtual keys and values; a zoo model's cache also
+    holds recurrent states, so the refusal names the method instead of only the cache type."""
+    from peft import PrefixTuningConfig
+
+    model = get_peft_model(tiny("jamba"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=64,
+                                                             num_layers=8, num_attention_heads=4))
+    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning"):
+        model(input_ids=ids, labels=ids)

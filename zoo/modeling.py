@@ -204,7 +204,9 @@ class ZooModel(ZooPreTrainedModel):
             past_key_values = ZooCache.for_model(self)
         if past_key_values is not None and not isinstance(past_key_values, ZooCache):
             raise TypeError(f"past_key_values must be a ZooCache (got {type(past_key_values).__name__}); "
-                            f"build one with ZooCache.for_model(model)")
+                            f"build one with ZooCache.for_model(model). A transformers cache holds attention keys "
+                            f"and values only, not recurrent states, so methods that prepend keys and values "
+                            f"through one (PEFT's prefix tuning) do not apply to zoo models")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
