@@ -230,3 +230,14 @@ def test_prefix_tuning_is_refused_saying_why():
     ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning"):
         model(input_ids=ids, labels=ids)
+
+
+def test_a_cache_implementation_generate_cannot_honour_warns():
+    """generate(cache_implementation="static") builds no transformers cache for a zoo model: it says so and decodes
+    the same tokens with the ZooCache."""
+    model = tiny("mamba").eval()
+    ids = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    plain = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.warns(UserWarning, match="cache_implementation='static' is ignored"):
+        static = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(plain, static)
