@@ -298,6 +298,23 @@ def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch)
     assert f"| {calls[0]} |" in table and f"| {calls[1]} |" in table and f"| {calls[2]} |" not in table
 
 
+def test_results_of_another_recipe_are_left_out_of_the_table(tmp_path, capsys):
+    """A rerun with --only and a changed recipe redoes that model; the others' results on disk were trained on other
+    rows (or for other steps), so the table leaves them out and says so rather than comparing them."""
+    out = tmp_path / "mixed"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=3",
+            "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null"]
+    assert main(argv + ["--only=mamba,gla"]) == 0
+    assert "| gla |" in (out / "results.md").read_text()
+    capsys.readouterr()
+    argv[argv.index("--recipe.train.max_steps=3")] = "--recipe.train.max_steps=2"
+    assert main(argv + ["--only=mamba", "--force"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" not in table
+    assert table.startswith("_Left out: gla:") and table in capsys.readouterr().out
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0

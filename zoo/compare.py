@@ -23,7 +23,9 @@ loss, per-position loss on long documents and passkey retrieval, (5) trains a fr
 batches for every model) and measures recall, (6) measures training throughput and peak memory over sequence
 lengths on the present device. Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
 finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
-from its last checkpoint); a rerun skips what is done unless ``--force``. The end of a run writes
+from its last checkpoint); a rerun skips what is done unless ``--force``. Models finished by an earlier run
+(``--only``) join the table only if their results were made with the current model config, recipe and phase
+settings; the others are named at its top. The end of a run writes
 ``results.md`` (printed), ``results.json`` and the plots ``loss.png`` (training loss against tokens),
 ``throughput.png`` and ``memory.png`` (against sequence length), ``recall.png`` (MQAR accuracy against
 recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran.
@@ -1199,39 +1201,57 @@ def _label(name: str, L: int, lengths: list[int]) -> str:
     return name if len(lengths) == 1 else f"{name}@{L}"
 
 
+def _model_fingerprint(cfg: CompareConfig, entry: ModelEntry) -> str:
+    return _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})
+
+
+def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
+    """Each phase of a model and the fingerprint of the settings it depends on (a recorded phase with another
+    key is redone)."""
+    eval_key = _fingerprint({k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "mqar"})
+    keys = {}
+    for L in _lengths(cfg):
+        keys[f"train/L{L}"], keys[f"eval/L{L}"] = "train", eval_key
+    if cfg.eval.mqar is not None:
+        keys["mqar"] = _fingerprint(dataclasses.asdict(cfg.eval.mqar))
+    if cfg.throughput is not None:
+        keys["throughput"] = _fingerprint({**dataclasses.asdict(cfg.throughput), "device": _device_name()})
+    return keys
+
+
 def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.device, position: str
               ) -> dict[str, Any]:
     """All phases of one model, skipping those recorded with the same settings; returns its record."""
     lengths = _lengths(cfg)
+    keys = _phase_keys(cfg)
     folder = out / entry.name
     config = entry.config()
     acc = account(config, sorted(set(cfg.accounting.seq_lens) | set(lengths)), cfg.accounting.kv_bytes,
                   cfg.accounting.state_bytes)
     header = {"name": entry.name, "fields": entry.fields, "is_zoo": entry.is_zoo, "match": entry.match,
               "accounting": acc}
-    record = ModelRecord(folder, _fingerprint({"fields": entry.fields, "recipe": cfg.recipe}), header)
+    record = ModelRecord(folder, _model_fingerprint(cfg, entry), header)
     (folder / "model_config.yaml").write_text(yaml.safe_dump(entry.fields, sort_keys=False))
-    eval_key = _fingerprint({k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "mqar"})
     for L in lengths:
         run_dir = folder / f"train-L{L}"
         if record.needs(f"train/L{L}", "train"):
             record.run(f"train/L{L}", "train", f"[{position}] {entry.name}: training at L={L}",
                        functools.partial(phase_train, cfg, entry, L, run_dir))
             _free_memory()
-        if record.needs(f"eval/L{L}", eval_key):
+        if record.needs(f"eval/L{L}", keys[f"eval/L{L}"]):
             checkpoint = folder / record.get(f"train/L{L}")["checkpoint"]
-            record.run(f"eval/L{L}", eval_key, f"[{position}] {entry.name}: evaluating (L={L})",
+            record.run(f"eval/L{L}", keys[f"eval/L{L}"], f"[{position}] {entry.name}: evaluating (L={L})",
                        functools.partial(phase_eval, cfg, entry, L, run_dir, checkpoint, device))
     first = lengths[0]
     run_dir = folder / f"train-L{first}"
     if cfg.eval.mqar is not None:
-        key = _fingerprint(dataclasses.asdict(cfg.eval.mqar))
+        key = keys["mqar"]
         if record.needs("mqar", key):
             checkpoint = folder / record.get(f"train/L{first}")["checkpoint"]
             record.run("mqar", key, f"[{position}] {entry.name}: MQAR",
                        functools.partial(phase_mqar, cfg, entry, first, run_dir, checkpoint, device))
     if cfg.throughput is not None:
-        key = _fingerprint({**dataclasses.asdict(cfg.throughput), "device": _device_name()})
+        key = keys["throughput"]
         if record.needs("throughput", key):
             record.run("throughput", key, f"[{position}] {entry.name}: throughput and memory",
                        functools.partial(phase_throughput, cfg, entry, first, run_dir, device))
@@ -1470,17 +1490,34 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
                              f"model: they train on the same rows)")
 
 
-def _finished_records(names: list[str], by_name: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path
+                      ) -> tuple[list[dict[str, Any]], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
-    config's order."""
-    found = dict(by_name)
-    for name in names:
-        path = out / name / RESULT_FILE
-        if name not in found and path.is_file():
+    config's order; and the models whose earlier results were made with another model config, recipe or phase
+    settings (a rerun would redo them), which are left out: the table compares models under one recipe."""
+    found, stale = dict(by_name), []
+    keys = _phase_keys(cfg)
+    for entry in entries:
+        path = out / entry.name / RESULT_FILE
+        if entry.name not in found and path.is_file():
             data = json.loads(path.read_text())
-            if data.get("done"):
-                found[name] = data
-    return [found[name] for name in names if name in found]
+            if not data.get("done"):
+                continue
+            current = data.get("fingerprint") == _model_fingerprint(cfg, entry) and all(
+                data["phase_keys"].get(phase) == key and phase in data["phases"] for phase, key in keys.items())
+            if current:
+                found[entry.name] = data
+            else:
+                stale.append(entry.name)
+    return [found[e.name] for e in entries if e.name in found], stale
+
+
+def _left_out_note(stale: list[str], out: Path) -> str:
+    if not stale:
+        return ""
+    return (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
+            f"or evaluation settings; rerun them (--only {','.join(stale)}, with --force if the model or recipe "
+            f"changed)._\n\n")
 
 
 def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: list[str] | None = None,
@@ -1522,12 +1559,14 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
                     shutil.rmtree(out / entry.name)
                 by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
                 if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
-                    done = _finished_records(names, by_name, out)
+                    done, stale = _finished_records(cfg, entries, by_name, out)
                     (out / "results.md").write_text(
                         f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
-                        f"{todo[i + 1].name}._\n\n" + markdown_report(done, cfg, _device_name()))
-            records = _finished_records(names, by_name, out)
-        markdown = markdown_report(records, cfg, _device_name())
+                        f"{todo[i + 1].name}._\n\n" + _left_out_note(stale, out) +
+                        markdown_report(done, cfg, _device_name()))
+            records, stale = _finished_records(cfg, entries, by_name, out)
+        note = "" if accounting_only else _left_out_note(stale, out)
+        markdown = note + markdown_report(records, cfg, _device_name())
         (out / "results.md").write_text(markdown)
         _write_json_atomic(out / "results.json", {"device": _device_name(), "records": records})
         plots = [] if accounting_only else write_plots(records, cfg, out)
