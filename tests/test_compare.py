@@ -197,6 +197,18 @@ def test_match_budget_130m_and_other_knobs():
         match_budget(fields_of("transformerpp-tiny"), 150_000, adjust="none", tolerance=1e-4, multiple_of=64)
 
 
+@pytest.mark.parametrize("knob", ["d_model", "n_layers"])
+def test_budget_out_of_reach_says_which_end(knob):
+    """A budget no size reaches names the smallest or largest size the knob gives, not 'no valid model'."""
+    fields = fields_of("mamba-tiny", vocab_size=260)
+    with pytest.raises(ValueError, match=rf"budget.params: 1,000 is below the smallest size, [\d,]+ total "
+                                         rf"parameters with {knob}="):
+        match_budget(fields, 1_000, knob=knob)
+    with pytest.raises(ValueError, match=rf"budget.params: 10,000,000,000 is above the largest size tried, [\d,]+ "
+                                         rf"total parameters with {knob}="):
+        match_budget(fields, 1e10, knob=knob)
+
+
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "budjet": {}}))

@@ -492,11 +492,13 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     base = ZooConfig(**copy.deepcopy(fields))
     what = _adjustable(base, adjust)
     best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
+    smallest = largest = None  # (knob value, params) of the valid sizes tried, for the error message
     for value, primary in _primary_candidates(fields, knob, multiple_of):
         config = _try_config(primary)
         if config is None:
             continue
         n_nominal = _count(config, count)
+        smallest, largest = smallest or (value, n_nominal), (value, n_nominal)
         if n_nominal > 3 * budget:
             break
         if n_nominal < budget / 3:
@@ -537,6 +539,12 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
             if best is None or key < best[0]:
                 best = (key, value, candidate, n, adjusted, error)
     if best is None:
+        if smallest is not None and smallest[1] > budget:
+            raise ValueError(f"budget.params: {budget:,.0f} is below the smallest size, {smallest[1]:,} {count} "
+                             f"parameters with {knob}={smallest[0]}; raise budget.params or change the model")
+        if largest is not None and largest[1] < budget:
+            raise ValueError(f"budget.params: {budget:,.0f} is above the largest size tried, {largest[1]:,} "
+                             f"{count} parameters with {knob}={largest[0]}; lower budget.params or change the knob")
         raise ValueError(f"budget.params: no {knob} gives a valid model near {budget:,.0f} parameters")
     key, value, matched, n, adjusted, error = best
     info = {"budget": budget, "count": count, "params": n, "error": error, "knob": knob, knob: value}
