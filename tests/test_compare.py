@@ -224,6 +224,25 @@ def test_config_errors_name_the_field(tmp_path):
         load_compare_config(bad)
 
 
+def test_model_and_length_errors_name_the_field(tmp_path):
+    """A missing model YAML names the model (or base) that points to it; a swap that is not a mapping and a length
+    below 1 are refused naming their field, before anything is trained (they were an AttributeError, and a
+    ZeroDivisionError after the first model's training)."""
+    bad = tmp_path / "bad.yaml"
+    cases = [({"models": {"mamba": "configs/models/nope.yaml"}}, "models.mamba: no such model config"),
+             ({"base": "nope.yaml", "swaps": {"x": {}}}, "base: no such model config"),
+             ({"base": "configs/models/mamba-tiny.yaml", "swaps": {"x": [1]}}, "swaps.x: expected a mapping"),
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "throughput": {"seq_lens": [0, 64]}},
+              r"throughput.seq_lens: lengths must be >= 1"),
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "accounting": {"seq_lens": [0]}},
+              r"accounting.seq_lens: lengths must be >= 1")]
+    for data, message in cases:
+        bad.write_text(yaml.safe_dump(data))
+        with pytest.raises(ValueError, match=message):
+            cfg, folder = load_compare_config(bad)
+            resolve_models(cfg, folder)
+
+
 def test_base_and_swaps(tmp_path):
     path = tmp_path / "swaps.yaml"
     path.write_text(yaml.safe_dump({

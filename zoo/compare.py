@@ -720,8 +720,12 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         t = cfg.throughput
         if not t.seq_lens or t.steps < 1 or t.warmup < 0:
             raise ValueError("throughput: needs seq_lens, steps >= 1 and warmup >= 0")
+        if any(L < 1 for L in t.seq_lens):
+            raise ValueError(f"throughput.seq_lens: lengths must be >= 1, got {t.seq_lens}")
         if (t.batch_size is None) == (t.batch_tokens is None):
             raise ValueError("throughput: set exactly one of batch_size and batch_tokens")
+    if any(L < 1 for L in cfg.accounting.seq_lens):
+        raise ValueError(f"accounting.seq_lens: lengths must be >= 1, got {cfg.accounting.seq_lens}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise ValueError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
     from zoo.train import config_from_dict
@@ -750,17 +754,17 @@ class ModelEntry:
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
 
-def _find(path: str, folder: Path) -> Path:
+def _find(path: str, folder: Path, where: str) -> Path:
     for candidate in (Path(path), folder / path, PACKAGE_ROOT / path):
         if candidate.is_file():
             return candidate
-    raise ValueError(f"models: no such model config {path!r} (tried the working directory, {folder} and "
+    raise ValueError(f"{where}: no such model config {path!r} (tried the working directory, {folder} and "
                      f"{PACKAGE_ROOT})")
 
 
 def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     if isinstance(spec, str):
-        data = yaml.safe_load(_find(spec, folder).read_text()) or {}
+        data = yaml.safe_load(_find(spec, folder, where).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{where}: {spec!r} does not hold a mapping of config fields")
         return data
@@ -785,6 +789,8 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
     if cfg.swaps:
         base = _read_fields(cfg.base, folder, "base")
         for name, swap in cfg.swaps.items():
+            if swap is not None and not isinstance(swap, dict):
+                raise ValueError(f"swaps.{name}: expected a mapping of mixer letters and fields, got {swap!r}")
             fields = copy.deepcopy(base)
             for key, value in (swap or {}).items():
                 if len(key) == 1:  # a pattern letter: replace that mixer
