@@ -243,6 +243,22 @@ def test_model_and_length_errors_name_the_field(tmp_path):
             resolve_models(cfg, folder)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("--models.gla={config: configs/models/gla-tiny.yaml, overrides: {vocab_size: 200}}",
+     "models.gla: 200 embeddings but the tokenizer has 259 tokens"),
+    ("--eval.mqar.vocab_size=300", "eval.mqar.vocab_size: 300 exceeds models.mamba's vocabulary 260")])
+def test_vocabulary_too_small_is_refused_before_training(tmp_path, capsys, override, message):
+    """A model with fewer embeddings than the tokenizer's tokens (or MQAR's vocabulary) is refused before any model
+    trains, naming it; it was refused when its own phase came, after the models before it had trained."""
+    out = tmp_path / "vocab"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", override,
+                 "--recipe.train.max_steps=2", "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false",
+                 "--eval.batches=1", "--eval.per_position=null", "--eval.passkey=null", "--eval.mqar.steps=2",
+                 "--throughput=null"]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(out.glob("*/train-*"))
+
+
 def test_base_and_swaps(tmp_path):
     path = tmp_path / "swaps.yaml"
     path.write_text(yaml.safe_dump({

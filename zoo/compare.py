@@ -1489,16 +1489,26 @@ def _device_name() -> str:
 
 
 def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
-    """Refuse before any training what the trainer would refuse for one model midway: packed rows for a
-    model whose forward takes neither seq_idx nor position_ids."""
+    """Refuse before any training what the trainer or a phase would refuse for one model midway: fewer
+    embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
+    neither seq_idx nor position_ids."""
+    from zoo.data.text import load_tokenizer
     from zoo.train import ModelInputs, config_from_dict
 
     recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
-    if not recipe.data.packing:
-        return
+    n_tokens = len(load_tokenizer(recipe.tokenizer))
+    mqar = cfg.eval.mqar
     for entry in entries:
-        inputs = ModelInputs.of(_meta_model(entry.config()))
-        if not (inputs.seq_idx or inputs.position_ids):
+        model = _meta_model(entry.config())
+        vocab = model.get_input_embeddings().num_embeddings
+        if vocab < n_tokens:
+            raise ValueError(f"models.{entry.name}: {vocab} embeddings but the tokenizer has {n_tokens} tokens; "
+                             f"set vocab_size >= {n_tokens} (model_overrides.vocab_size for every model)")
+        if mqar is not None and mqar.vocab_size > vocab:
+            raise ValueError(f"eval.mqar.vocab_size: {mqar.vocab_size} exceeds models.{entry.name}'s vocabulary "
+                             f"{vocab}")
+        inputs = ModelInputs.of(model)
+        if recipe.data.packing and not (inputs.seq_idx or inputs.position_ids):
             raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
                              f"so packed documents would see each other; set recipe.data.packing=false (for every "
                              f"model: they train on the same rows)")
