@@ -1527,8 +1527,9 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
             data = json.loads(path.read_text())
             if not data.get("done"):
                 continue
+            recorded, phases = data.get("phase_keys", {}), data.get("phases", {})
             current = data.get("fingerprint") == _model_fingerprint(cfg, entry) and all(
-                data["phase_keys"].get(phase) == key and phase in data["phases"] for phase, key in keys.items())
+                recorded.get(phase) == key and phase in phases for phase, key in keys.items())
             if current:
                 found[entry.name] = data
             else:
