@@ -71,6 +71,12 @@ BAD = [
      "mixers.A.d_sate: unknown option for mixer 'mamba'; did you mean 'd_state'?"),
     ("unknown-per-layer-option", dict(layers=[{"type": "mamba"}, {"type": "attention", "n_kv_head": 1}]),
      "layers[1].n_kv_head: unknown option for mixer 'attention'; did you mean 'n_kv_heads'?"),
+    ("unknown-mixer-names-its-field", dict(layers="MX", mixers={"M": {"type": "mamba"}, "X": {"type": "lstm"}}),
+     "mixers.X.type: unknown mixer 'lstm'"),
+    ("unknown-per-layer-mixer", dict(layers=[{"type": "mamba"}, {"type": "lstm"}]), "layers[1].type: unknown mixer"),
+    ("mixer-type-not-a-string", dict(layers=[{"type": 3}]), "layers[0].type: expected a mixer name"),
+    ("ffn-a-list", dict(ffn=[1]), "ffn: expected"),
+    ("ffn-a-number", dict(ffn=5), "ffn: expected"),
 ]
 
 

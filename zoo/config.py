@@ -303,6 +303,8 @@ class ZooConfig(PreTrainedConfig):
             raise ValueError(problem)
         if isinstance(self.moe, dict) and (problem := _unknown_key(self.moe, MOE_KEYS, "moe.")):
             raise ValueError(problem)
+        if self.ffn is not None and not isinstance(self.ffn, (str, dict)):
+            raise ValueError(f"ffn: expected {{type: swiglu, hidden: N}}, swiglu or none, got {self.ffn!r}")
         ffn = self.ffn_spec()
         if ffn["type"] not in FFN_TYPES:
             raise ValueError(f"ffn.type: unknown {ffn['type']!r}; use one of {FFN_TYPES}")
@@ -334,12 +336,18 @@ class ZooConfig(PreTrainedConfig):
                 raise ValueError(f"{where}.ffn: 'moe' needs a top-level `moe:` section")
             if ffn_type == "swiglu" and ffn["type"] == "none":
                 raise ValueError(f"{where}.ffn: 'swiglu' needs a top-level `ffn:` with a hidden size")
+            # a pattern's letters name the `mixers` entry the user wrote
+            at = f"mixers.{pattern[i]}" if isinstance(self.layers, str) else where
             mixer_type = spec.get("type")
             if not isinstance(mixer_type, str):
-                raise ValueError(f"{where}.type: missing mixer type; registered: mamba, mamba2, attention, gla")
+                raise ValueError(f"{at}.type: expected a mixer name (mamba, mamba2, attention, gla) or a dotted "
+                                 f"import path, got {mixer_type!r}")
             if is_dotted_path(mixer_type):
                 continue  # resolved (and trusted or refused) when the model is built
-            cls = get_mixer(mixer_type)
+            try:
+                cls = get_mixer(mixer_type)
+            except ValueError as e:
+                raise ValueError(f"{at}.type: {e}") from None
             kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
             params = inspect.signature(cls.__init__).parameters
             if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -348,8 +356,6 @@ class ZooConfig(PreTrainedConfig):
                     if key not in params or key in ("self", "d_model", "layer_idx"):
                         close = difflib.get_close_matches(str(key), allowed, n=1)
                         hint = f"did you mean {close[0]!r}? " if close else ""
-                        # a pattern's letters name the `mixers` entry the user wrote
-                        at = f"mixers.{pattern[i]}" if isinstance(self.layers, str) else where
                         raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
                                          f"valid options: {', '.join(allowed)}")
             check = getattr(cls, "check_spec", None)
