@@ -163,6 +163,13 @@ BAD = [
      "n_heads"),
     ("rope-flag", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "rope": "no"}}), "rope"),
     ("vocab-string", dict(vocab_size="512 tokens"), "vocab_size"),
+    # the log decay divides by it: 0 gave NaN logits, a negative one a growing state
+    ("gla-zero-gate-normalizer", dict(d_model=64, layers="G",
+                                      mixers={"G": {"type": "gla", "gate_logit_normalizer": 0}}),
+     "gate_logit_normalizer: must be > 0"),
+    ("gla-negative-gate-normalizer", dict(d_model=64, layers="G",
+                                          mixers={"G": {"type": "gla", "gate_logit_normalizer": -1.0}}),
+     "gate_logit_normalizer: must be > 0"),
 ]
 
 
@@ -173,9 +180,11 @@ def test_bad_value_raises_naming_the_field(kwargs, field):
     assert field in str(info.value), str(info.value)
 
 
-def test_gla_refuses_a_bad_chunk_size_when_built_directly():
+def test_gla_refuses_a_bad_chunk_size_or_gate_normalizer_when_built_directly():
     with pytest.raises(ValueError, match="chunk_size"):
         GLA(32, n_heads=2, chunk_size=0)
+    with pytest.raises(ValueError, match="gate_logit_normalizer"):
+        GLA(32, n_heads=2, gate_logit_normalizer=0)
 
 
 # ---- overrides given at load time ---------------------------------------------------------------------

@@ -33,7 +33,8 @@ class GLA(nn.Module):
                  chunk_size: int = 64, norm_eps: float = 1e-5, scan_backend: str = "auto"):
         super().__init__()
         self.check_spec(d_model, n_heads=n_heads, expand_k=expand_k, expand_v=expand_v,
-                        gate_low_rank_dim=gate_low_rank_dim, chunk_size=chunk_size)
+                        gate_low_rank_dim=gate_low_rank_dim, gate_logit_normalizer=gate_logit_normalizer,
+                        chunk_size=chunk_size)
         self.d_model, self.layer_idx, self.n_heads = d_model, layer_idx, n_heads
         self.key_dim, self.value_dim = int(d_model * expand_k), int(d_model * expand_v)
         self.head_k, self.head_v = self.key_dim // n_heads, self.value_dim // n_heads
@@ -51,7 +52,8 @@ class GLA(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
-                   gate_low_rank_dim: int = 16, chunk_size: int = 64, **_) -> None:
+                   gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, chunk_size: int = 64,
+                   **_) -> None:
         for name, value in (("n_heads", n_heads), ("chunk_size", chunk_size)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -64,6 +66,10 @@ class GLA(nn.Module):
                                  f"n_heads = {n_heads}")
         if not (isinstance(gate_low_rank_dim, int) and gate_low_rank_dim >= 1):
             raise ValueError(f"gate_low_rank_dim: must be a positive integer, got {gate_low_rank_dim!r}")
+        # the log decay is logsigmoid / normalizer: 0 divides by zero (NaN outputs), a negative one makes it grow
+        if isinstance(gate_logit_normalizer, bool) or not isinstance(gate_logit_normalizer, (int, float)) \
+                or not gate_logit_normalizer > 0:
+            raise ValueError(f"gate_logit_normalizer: must be > 0, got {gate_logit_normalizer!r}")
 
     # ---- contract -----------------------------------------------------------------------------------------
     # the step kernel reads and writes the state in its own dtype (fp32 math): a cache may keep it in the model's
