@@ -32,6 +32,8 @@ def _parse_pattern(pattern: str, n_layers: int, fresh: dict[str, dict], has_dono
     if len(letters) != n_layers:
         raise ValueError(f"pattern: {len(letters)} letters for a base model of {n_layers} layers; give one letter "
                          f"per layer")
+    if KEEP in fresh:
+        raise ValueError(f"mixers: {KEEP!r} means keep the base's mixer; name fresh mixers with another letter")
     for i, letter in enumerate(letters):
         if letter in fresh:
             if letter == DONOR and has_donor:
