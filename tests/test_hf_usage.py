@@ -83,6 +83,56 @@ def test_lora_config_without_target_modules_adapts_the_mixer_projections(name):
     assert adapted == expected
 
 
+class TokenShift(torch.nn.Module):
+    """A custom mixer whose projections share no name with the built-in mixers' (y_t = wo(wx(x_t) + wx(x_t-1)))."""
+
+    lora_targets = ("wx", "wo")
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.wx = torch.nn.Linear(d_model, d_model, bias=False)
+        self.wo = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def state_size(self, seq_len: int) -> int:
+        return 0
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        h = self.wx(x)
+        return self.wo(h + torch.nn.functional.pad(h, (0, 0, 1, 0))[:, :-1])
+
+
+@pytest.fixture
+def registry_restored(monkeypatch):
+    """The mixer registry and PEFT's default targets for "zoo" as they were before the test."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    from zoo import registry
+
+    monkeypatch.setattr(registry, "_MIXERS", dict(registry._MIXERS))
+    saved = list(defaults["zoo"])
+    yield registry
+    defaults["zoo"][:] = saved  # in place: the registry keeps this list current
+
+
+@pytest.mark.parametrize("how", ["registered", "dotted-path"])
+def test_lora_config_without_target_modules_adapts_a_custom_mixer(registry_restored, how):
+    # PEFT's default targets for "zoo" were the built-in mixers' names, fixed at `import zoo`: a mixer registered
+    # after it (or named by its import path) was left without adapters
+    if how == "registered":
+        registry_restored.register_mixer("token_shift")(TokenShift)
+    mixer_type = "token_shift" if how == "registered" else f"{__name__}.TokenShift"
+    config = ZooConfig(vocab_size=64, d_model=32, layers="SA", ffn="none",
+                       mixers={"S": {"type": mixer_type}, "A": {"type": "attention", "n_heads": 2}})
+    model = AutoModelForCausalLM.from_config(config)
+    peft_model = get_peft_model(model, LoraConfig(r=4))
+    adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == set(default_lora_targets(model))
+    assert {"model.layers.0.mixer.wx", "model.layers.0.mixer.wo"} <= adapted
+
+
 @pytest.mark.parametrize("name", ["mamba", "jamba"])
 def test_trainable_tokens_of_a_tied_embedding_reach_the_lm_head_and_merge_exactly(name):
     # PEFT reads tie_word_embeddings from config.to_dict() to give the tied lm_head the new token rows too; the dict

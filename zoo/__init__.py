@@ -24,11 +24,14 @@ MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
 
 def _register_peft_default_targets() -> None:
     """PEFT picks LoRA's default targets (a LoraConfig without target_modules) by model_type, as it does for llama or
-    mamba: "zoo" gets every built-in mixer's projections (their `lora_targets`)."""
+    mamba: "zoo" gets every mixer's projections (their `lora_targets`), in a list the registry keeps current as
+    mixers are registered (zoo.registry.LORA_TARGETS)."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-    names = dict.fromkeys(name for mixer in list_mixers() for name in get_mixer(mixer).lora_targets)
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("zoo", list(names))
+    from zoo.registry import LORA_TARGETS
+
+    list_mixers()  # registers the built-in mixers
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("zoo", LORA_TARGETS)
 
 
 _register_peft_default_targets()

@@ -9,6 +9,13 @@ from torch import nn
 _MIXERS: dict[str, type[nn.Module]] = {}
 # Dotted paths resolved by code the user ran (not by a config from disk), so loading them is trusted.
 _TRUSTED_PATHS: set[str] = set()
+# the lora_targets of every mixer class registered or resolved by path, kept current: `import zoo` hands this one list
+# to PEFT as model type "zoo"'s default targets, so a mixer registered after the import is adapted too
+LORA_TARGETS: list[str] = []
+
+
+def _add_lora_targets(cls: type[nn.Module]) -> None:
+    LORA_TARGETS.extend(t for t in dict.fromkeys(getattr(cls, "lora_targets", ())) if t not in LORA_TARGETS)
 
 
 def register_mixer(name: str):
@@ -19,6 +26,7 @@ def register_mixer(name: str):
             raise ValueError(f"mixer {name!r} is already registered as {_MIXERS[name].__qualname__}")
         _MIXERS[name] = cls
         cls.mixer_type = name
+        _add_lora_targets(cls)
         return cls
 
     return wrap
@@ -61,6 +69,7 @@ def get_mixer(name: str, trust_remote_code: bool = True) -> type[nn.Module]:
         raise ValueError(f"mixer {name!r} could not be imported: {e}") from e
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"mixer {name!r} is not an nn.Module class")
+    _add_lora_targets(cls)
     return cls
 
 
