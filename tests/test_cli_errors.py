@@ -128,6 +128,16 @@ def test_demo_refuses_zero_steps(capsys):
     assert e.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
 
 
+def test_demo_summary_of_a_short_run_compares_its_first_and_last_steps(capsys):
+    # the summary averaged the first 20 and the last 20 losses: under 40 steps the windows overlapped, and under 21
+    # they were the same steps, so `zoo demo --steps 10` printed 'loss 6.224 -> 6.224' whatever training did
+    from zoo import demo
+
+    result = demo.main(["--steps", "4", "--batch-size", "4", "--seq-len", "16", "--n-kv", "2"])
+    assert result["first_loss"] != result["last_loss"], result
+    assert f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, code, text", [
     (["bogus"], 2, "unknown command 'bogus'"),
     (["evl"], 2, "did you mean 'eval'"),

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
             tqdm.write(f"step {step:4d}  loss {loss.item():.4f}")
     model.eval()
     end_acc = recall_accuracy(model, held_out)
-    first, last = sum(losses[:20]) / min(20, len(losses)), sum(losses[-20:]) / min(20, len(losses))
+    window = max(1, min(20, len(losses) // 2))  # the first and last steps' mean loss, windows apart when they can be
+    first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     print(f"loss {first:.3f} -> {last:.3f} in {time.time() - t0:.0f}s; "
           f"MQAR recall accuracy {start_acc:.1%} -> {end_acc:.1%}")
     return {"first_loss": first, "last_loss": last, "start_acc": start_acc, "end_acc": end_acc}
