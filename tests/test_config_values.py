@@ -170,6 +170,17 @@ BAD = [
     ("gla-negative-gate-normalizer", dict(d_model=64, layers="G",
                                           mixers={"G": {"type": "gla", "gate_logit_normalizer": -1.0}}),
      "gate_logit_normalizer: must be > 0"),
+    # a backend name was only read at the first forward: on CPU 'cuda2' read "not available on cpu ... needs a CUDA
+    # device", and neither that nor attention's "unknown attention backend" named the field
+    ("mamba-unknown-backend", dict(d_model=64, layers="M", mixers={"M": {"type": "mamba", "scan_backend": "cuda2"}}),
+     "scan_backend: unknown backend 'cuda2'"),
+    ("mamba2-unknown-backend", dict(d_model=64, layers="M", mixers={"M": {"type": "mamba2", "scan_backend": "fla"}}),
+     "scan_backend: unknown backend 'fla'"),
+    ("gla-unknown-backend", dict(d_model=64, layers="G", mixers={"G": {"type": "gla", "scan_backend": "cuda"}}),
+     "scan_backend: unknown backend 'cuda'"),
+    ("attention-unknown-backend", dict(d_model=64, layers="A",
+                                       mixers={"A": {"type": "attention", "attn_backend": "flash"}}),
+     "attn_backend: unknown backend 'flash'"),
 ]
 
 

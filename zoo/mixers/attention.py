@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
-from zoo_kernels.attention import attention
+from zoo_kernels.attention import BACKENDS, attention
 
 from zoo.cache import StaticKVLayer
 from zoo.layers import Linear, optional_kernel
@@ -46,7 +46,7 @@ class Attention(nn.Module):
         super().__init__()
         n_heads = max(1, d_model // 64) if n_heads is None else n_heads
         self.check_spec(d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta,
-                        window=window)
+                        window=window, attn_backend=attn_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -58,7 +58,11 @@ class Attention(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int | None = None, n_kv_heads: int | None = None,
-                   head_dim: int | None = None, rope_theta: float = 10000.0, window: int | None = None, **_) -> None:
+                   head_dim: int | None = None, rope_theta: float = 10000.0, window: int | None = None,
+                   attn_backend: str = "auto", **_) -> None:
+        if attn_backend not in ("auto", *BACKENDS):
+            raise ValueError(f"attn_backend: unknown backend {attn_backend!r}; choose auto or one of "
+                             f"{', '.join(BACKENDS)} (math is the reference)")
         n_heads = max(1, d_model // 64) if n_heads is None else n_heads  # 0 is refused, not replaced
         if not (isinstance(n_heads, int) and not isinstance(n_heads, bool) and n_heads >= 1):
             raise ValueError(f"n_heads: must be a positive integer, got {n_heads!r}")

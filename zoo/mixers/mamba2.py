@@ -42,7 +42,7 @@ class Mamba2(nn.Module):
                  scan_backend: str = "auto"):
         super().__init__()
         self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, head_dim=head_dim,
-                        n_groups=n_groups, chunk_size=chunk_size, norm_groups=norm_groups)
+                        n_groups=n_groups, chunk_size=chunk_size, norm_groups=norm_groups, scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv, self.head_dim, self.n_groups = d_state, d_conv, head_dim, n_groups
         self.d_inner = int(expand * d_model)
@@ -63,7 +63,9 @@ class Mamba2(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: float = 2, head_dim: int = 64,
-                   n_groups: int = 1, chunk_size: int = 256, norm_groups: int | None = None, **_) -> None:
+                   n_groups: int = 1, chunk_size: int = 256, norm_groups: int | None = None, scan_backend: str = "auto",
+                   **_) -> None:
+        backends.check_name("ssd", scan_backend)
         if isinstance(expand, bool) or not isinstance(expand, (int, float)):
             raise ValueError(f"expand: must be a number, got {expand!r}")
         d_inner = expand * d_model
