@@ -235,7 +235,18 @@ def test_model_and_length_errors_name_the_field(tmp_path):
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "throughput": {"seq_lens": [0, 64]}},
               r"throughput.seq_lens: lengths must be >= 1"),
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "accounting": {"seq_lens": [0]}},
-              r"accounting.seq_lens: lengths must be >= 1")]
+              r"accounting.seq_lens: lengths must be >= 1"),
+             # a typo under model_overrides was reported as the first model's field
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "model_overrides": {"vocab_sise": 260}},
+              r"model_overrides: vocab_sise: unknown field; did you mean 'vocab_size'"),
+             # a name with '/' made nested result folders
+             ({"models": {"a/b": "configs/models/mamba-tiny.yaml"}}, r"models.a/b: a model name names its results"),
+             # a training length whose rows do not divide batch_tokens failed only when that length's training began
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 96],
+               "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
+                          "train": {"batch_tokens": 256, "micro_batch_size": 2, "max_steps": 2},
+                          "schedule": {"warmup_steps": 0}}},
+              r"train_lengths: at L=96: ")]
     for data, message in cases:
         bad.write_text(yaml.safe_dump(data))
         with pytest.raises(ValueError, match=message):

@@ -688,6 +688,12 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     clash = set(cfg.models) & set(cfg.swaps)
     if clash:
         raise ValueError(f"swaps: names {sorted(clash)} are also in models; rename one")
+    for where, names in (("models", cfg.models), ("swaps", cfg.swaps)):
+        for name in names:  # a model's name is its results folder: one path component
+            if not str(name).strip() or any(c in str(name) for c in "/\\") or str(name) in (".", ".."):
+                raise ValueError(f"{where}.{name}: a model name names its results folder; use no '/' or '\\'")
+    if cfg.model_overrides:  # a typo here would be reported at the first model, as that model's field
+        ZooConfig.check_fields(cfg.model_overrides, "model_overrides: ")
     for key in ("model", "output_dir"):
         if key in cfg.recipe:
             raise ValueError(f"recipe.{key}: set per model by the comparison; remove it from the recipe")
@@ -731,6 +737,15 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     from zoo.train import config_from_dict
 
     config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+    for L in cfg.train_lengths or []:  # each length's recipe, before any model trains (zoo.train checks it at start)
+        try:
+            run = config_from_dict({**_recipe_at(cfg, L), "model": "recipe-check", "output_dir": "recipe-check"})
+        except ValueError as e:
+            raise ValueError(f"train_lengths: at L={L}: {e}") from None
+        rows = run.train.micro_batch_size * L
+        if run.train.batch_tokens is not None and run.train.batch_tokens % rows:
+            raise ValueError(f"train_lengths: at L={L}: recipe.train.batch_tokens {run.train.batch_tokens} is not a "
+                             f"multiple of micro_batch_size · seq_len = {run.train.micro_batch_size} · {L}")
 
 
 # ---- models of a comparison ------------------------------------------------------------------------------------
@@ -913,11 +928,9 @@ def _lengths(cfg: CompareConfig) -> list[int]:
     return list(cfg.train_lengths or [recipe.data.seq_len])
 
 
-def train_config(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path):
-    """The `zoo train` config of one model at one training length: the recipe with the model, the run
-    directory, the length (micro-batch rows scaled so a micro-batch keeps its tokens: with train.batch_tokens
-    every length trains on the same tokens per step), CSV logging, a final checkpoint, and no periodic
-    evaluation (the comparison evaluates every model on the same rows itself)."""
+def _recipe_at(cfg: CompareConfig, seq_len: int) -> dict[str, Any]:
+    """The recipe at one training length: micro-batch rows scaled so a micro-batch keeps its tokens (with
+    train.batch_tokens every length trains on the same tokens per step)."""
     from zoo.train import config_from_dict
 
     recipe = copy.deepcopy(cfg.recipe)
@@ -927,6 +940,17 @@ def train_config(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: P
     train = dict(recipe.get("train") or {})
     if seq_len != base.data.seq_len:
         train["micro_batch_size"] = max(1, base.train.micro_batch_size * base.data.seq_len // seq_len)
+    return {**recipe, "data": data, "train": train}
+
+
+def train_config(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path):
+    """The `zoo train` config of one model at one training length: the recipe at that length (`_recipe_at`) with
+    the model, the run directory, CSV logging, a final checkpoint, and no periodic evaluation (the comparison
+    evaluates every model on the same rows itself)."""
+    from zoo.train import config_from_dict
+
+    recipe = _recipe_at(cfg, seq_len)
+    data, train = recipe["data"], recipe["train"]
     log = dict(recipe.get("log") or {})
     log["trackers"] = ["csv"]
     checkpoint = dict(recipe.get("checkpoint") or {}, final=True)  # evaluation loads the final weights
