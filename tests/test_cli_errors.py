@@ -122,10 +122,12 @@ def test_an_interrupted_train_exits_130(monkeypatch):
     assert e.value.code == 130
 
 
-def test_demo_refuses_zero_steps(capsys):
+@pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1"),
+                                           (["--lr", "-1"], "--lr must be > 0")])  # AdamW's message named no option
+def test_demo_refuses_impossible_options(capsys, args, message):
     with pytest.raises(SystemExit) as e:
-        cli.main(["demo", "--steps", "0"])
-    assert e.value.code == 2 and "--steps must be at least 1" in capsys.readouterr().err
+        cli.main(["demo", *args])
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_demo_summary_of_a_short_run_compares_its_first_and_last_steps(capsys):

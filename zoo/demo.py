@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("steps", "batch_size", "seq_len", "n_kv"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
 
     torch.manual_seed(args.seed)
     config = ZooConfig.from_yaml(args.config)
