@@ -273,3 +273,25 @@ def test_mamba2_chunk_scan_takes_the_reference_below_the_triton_chunk(fast_kerne
     with pytest.raises(ValueError, match="chunk_size = 8"):
         Mamba2(D_MODEL, 0, **spec, scan_backend="triton")._chunk_backend("triton")
     assert Mamba2(D_MODEL, 0, **{**spec, "chunk_size": 16})._chunk_backend("triton") == "triton"
+
+
+def test_a_window_of_one_keeps_no_past_keys():
+    """Each query sees itself only, so the cache keeps nothing; transformers' sliding layer slices its last
+    `window - 1` keys as [-0:], which kept every key: a cache that grew with the sequence (outputs were right)."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+
+    torch.manual_seed(0)
+    config = zoo.ZooConfig(vocab_size=64, d_model=32, layers="AA", ffn="none",
+                           mixers={"A": {"type": "attention", "n_heads": 2, "window": 1}})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :6], use_cache=True)
+        cache, logits = out.cache if hasattr(out, "cache") else out.past_key_values, [out.logits]
+        for t in range(6, 10):
+            logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    assert all(layer.keys.shape[-2] == 0 for layer in cache.layers)
+    assert torch.allclose(torch.cat(logits, 1), full, atol=1e-5)

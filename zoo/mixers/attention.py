@@ -26,6 +26,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class _SelfOnlyLayer(DynamicSlidingWindowLayer):
+    """The sliding layer of a window of 1 (each query sees itself only): it keeps no past keys. transformers' layer
+    keeps the last `window - 1` with a `[-(window - 1):]` slice, which at window 1 is `[0:]`: every key, a cache
+    that grew with the sequence."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if not self.record_past:
+            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+        return keys, values
+
+
 @register_mixer("attention")
 class Attention(nn.Module):
     """Causal multi-head attention with RoPE (Su et al.) and GQA.
@@ -86,6 +98,8 @@ class Attention(nn.Module):
     # ---- contract -----------------------------------------------------------------------------------------
     def init_state(self, batch_size: int, dtype: torch.dtype, device, max_len: int | None = None):
         # The sliding layer keeps window - 1 past keys, so a query still sees `window` keys with itself.
+        if self.window == 1:
+            return _SelfOnlyLayer(sliding_window=1)
         return DynamicSlidingWindowLayer(sliding_window=self.window) if self.window else DynamicLayer()
 
     def state_size(self, seq_len: int) -> int:
