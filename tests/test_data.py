@@ -236,3 +236,20 @@ def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
         got = list(open_documents(DataConfig(source=str(folder), holdout=0, shuffle=False, streaming=streaming),
                                   "train").iter_docs(0, 0))
         assert sorted(got) == sorted(docs), streaming
+
+
+@pytest.mark.parametrize("chunk_len", [None, 4], ids=["whole", "chunked"])
+def test_resuming_at_the_end_of_a_document_continues_with_the_same_rows(tok, tmp_path, chunk_len):
+    # a state whose offset is its document's length made the resumed row start with an empty piece: seq_idx from 1,
+    # and with chunk_len a pad at position 0 that shifted every later token of the row
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": c * 6}) + "\n" for c in "abcdefgh"))
+    cfg = DataConfig(source=str(path), seq_len=8, holdout=0.0, seed=5)  # bos + 6 + eos: each row ends a document
+    first = list(itertools.islice(TextStream(cfg, tok, chunk_len=chunk_len).rows(), 6))
+    assert first[2][1].offset == 8
+    resumed = TextStream(cfg, tok, chunk_len=chunk_len).rows(first[2][1].as_dict())
+    for (expect, expect_state), (got, got_state) in zip(first[3:], resumed):
+        assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in expect.items()}
+        assert got_state == expect_state
+

@@ -454,6 +454,8 @@ class TextStream:
                     if start.doc != where.doc or start.epoch != where.epoch:
                         offset = 0
                     where = start
+                    if offset >= len(current):  # resumed at the very end of a document: none of it is left
+                        continue
                 if self.cfg.packing and pieces and self.chunk_len and filled % self.chunk_len == 0:
                     pieces[-1] = np.append(pieces[-1], self.pad_id)
                     ignore.append(filled)
