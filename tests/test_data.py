@@ -253,3 +253,23 @@ def test_resuming_at_the_end_of_a_document_continues_with_the_same_rows(tok, tmp
         assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in expect.items()}
         assert got_state == expect_state
 
+
+def test_streamed_holdout_is_disjoint_and_the_same_for_any_number_of_processes(tmp_path):
+    # keyed by the stream's index, the held-out documents followed the shard order: the shuffle moved evaluation
+    # documents into training (and dropped others), and two processes held out other documents than one
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = [f"document {i}" for i in range(80)]
+    for part in range(4):
+        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n"
+                                                          for d in docs[part * 20:(part + 1) * 20]))
+    cfg = DataConfig(source=str(folder), holdout=0.3, streaming=True, shuffle_buffer=4)
+    held = sorted(open_documents(cfg, "eval").iter_docs(0, 0))
+    assert 0 < len(held) < len(docs)
+    for world in (1, 2):
+        shares = [open_documents(cfg, split, rank, world) for split in ("eval", "train") for rank in range(world)]
+        evaluated = sorted(d for share in shares[:world] for d in share.iter_docs(0, 0))
+        trained = sorted(d for share in shares[world:] for d in share.iter_docs(1, 0))
+        assert evaluated == held, world
+        assert sorted(trained + held) == sorted(docs), world

@@ -133,8 +133,9 @@ def stdlib_root() -> Path:
 
 
 def _in_holdout(key: str, holdout: float) -> bool:
-    """Stable split by a CRC32 of a key (a path or an index): the same on every machine and run."""
-    return zlib.crc32(key.encode("utf-8")) % 1_000_000 < holdout * 1_000_000
+    """Stable split by a CRC32 of a key (a path, an index, or a streamed document's text): the same on every
+    machine and run."""
+    return zlib.crc32(key.encode("utf-8", "surrogatepass")) % 1_000_000 < holdout * 1_000_000
 
 
 def stdlib_files(split: str = "train", holdout: float = 0.01) -> list[Path]:
@@ -346,8 +347,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
     if streamed:
         if use_holdout and cfg.holdout > 0:
             keep_eval = split == "eval"
-            dataset = dataset.filter(lambda _, i: _in_holdout(str(i), cfg.holdout) == keep_eval,
-                                     with_indices=True)
+            # keyed by the text: a stream's indices follow its shard order, which the shuffle (per epoch) and
+            # the split across processes change
+            dataset = dataset.filter(lambda text: _in_holdout(str(text), cfg.holdout) == keep_eval,
+                                     input_columns=cfg.text_field)
         if world_size > 1:
             from datasets.distributed import split_dataset_by_node
 
