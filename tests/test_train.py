@@ -331,7 +331,9 @@ def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path)
     assert resume_changes(ckpt, config_from_dict(run_dict(tmp_path / "elsewhere"))) == []  # output_dir ignored
     longer = config_from_dict(run_dict(tmp_path, train={"max_steps": 12}, data={"seq_len": 128}))
     assert resume_changes(ckpt, longer) == ["data.seq_len: 64 -> 128", "train.max_steps: 6 -> 12"]
+    # streaming changes a dataset's document order (a buffer shuffle, not a permutation), which the saved doc indexes
     for sections, field in [({"data": {"seed": 1}}, "data.seed"), ({"tokenizer": "gpt2"}, "tokenizer"),
+                            ({"data": {"streaming": False}}, "data.streaming"),
                             ({"model": dict(LLAMA, hidden_size=64)}, "model.hidden_size")]:
         with pytest.raises(ValueError, match=rf"another model, tokenizer or data order \({field}: "):
             resume_changes(ckpt, config_from_dict(run_dict(tmp_path, **sections)))

@@ -773,16 +773,17 @@ def latest_checkpoint(path: str | Path) -> Path | None:
 
 
 # what a resumed run may not change: the weights' shapes and vocabulary, and where the data stream's saved position
-# (document, token offset, epoch) points (data.seq_len, packing and streaming only cut the same tokens differently)
+# (document, token offset, epoch) points (data.seq_len and packing only cut the same tokens differently; streaming
+# shuffles, shards and holds out a dataset's documents otherwise)
 _RESUME_FIXED = ("model.", "model_overrides", "tokenizer", "data.")  # "model" alone: a YAML path, may move
-_RESUME_FREE_DATA = ("data.seq_len", "data.packing", "data.streaming")
+_RESUME_FREE_DATA = ("data.seq_len", "data.packing")
 
 
 def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
     """The run-config fields that differ from the checkpoint's train_config.yaml, as "field: old -> new"
     (output_dir is ignored). Raises ValueError for a change that the checkpoint cannot continue under:
     the model, its overrides, the tokenizer, or the data's source and order (anything in `data` but
-    seq_len, packing and streaming). Checkpoints without a saved config are not checked."""
+    seq_len and packing). Checkpoints without a saved config are not checked."""
     saved_path = Path(checkpoint) / "train_config.yaml"
     if not saved_path.is_file():
         return []
