@@ -241,6 +241,9 @@ def test_model_and_length_errors_name_the_field(tmp_path):
               r"model_overrides: vocab_sise: unknown field; did you mean 'vocab_size'"),
              # a name with '/' made nested result folders
              ({"models": {"a/b": "configs/models/mamba-tiny.yaml"}}, r"models.a/b: a model name names its results"),
+             # transformers' own message for an unknown model type lists every type it knows (12K characters)
+             ({"models": {"m": {"config": {"model_type": "lamma", "hidden_size": 64}}}},
+              r"models.m: model_type: 'lamma' is not a transformers model type; did you mean 'llama'"),
              # a training length whose rows do not divide batch_tokens failed only when that length's training began
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 96],
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},

@@ -71,6 +71,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import difflib
 import functools
 import gc
 import hashlib
@@ -764,9 +765,15 @@ class ModelEntry:
         if self.is_zoo:
             return ZooConfig(**copy.deepcopy(self.fields))
         from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         fields = dict(self.fields)
-        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+        model_type = fields.pop("model_type")
+        if model_type not in CONFIG_MAPPING:  # transformers' own message lists every model type it knows
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"model_type: {model_type!r} is not a transformers model type{hint}")
+        return AutoConfig.for_model(model_type, **fields)
 
 
 def _find(path: str, folder: Path, where: str) -> Path:
