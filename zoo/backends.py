@@ -27,14 +27,11 @@ INSTALL = {
 }
 
 
-# the backends an op's mixers may request by name, besides "auto" and "ref"
-NAMES = {"selective_scan": ("cuda",), "ssd": ("triton",), "gla": ("fla", "triton")}
-
-
 def check_name(op: str, requested: object, field: str = "scan_backend") -> None:
-    """Raise ValueError naming `field` when `requested` is no backend of `op` (a mixer's check_spec: a config
-    refuses it when built, not at the first forward with a message that names no field)."""
-    choices = ("auto", "ref", *NAMES[op])
+    """Raise ValueError naming `field` when `requested` is no backend of `op`: "auto", "ref" or a fast path named
+    in INSTALL (a mixer's check_spec: a config refuses it when built, not at the first forward with a message that
+    names no field)."""
+    choices = ("auto", "ref", *(name for o, name in INSTALL if o == op))
     if requested not in (*choices, "reference"):
         raise ValueError(f"{field}: unknown backend {requested!r}; choose one of {', '.join(choices)}")
 

@@ -869,6 +869,11 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _phase_done(data: dict[str, Any], phase: str, key: str) -> bool:
+    """Whether a model's result data holds `phase`, recorded with the settings fingerprint `key`."""
+    return data.get("phase_keys", {}).get(phase) == key and phase in data.get("phases", {})
+
+
 class ModelRecord:
     """OUT/<model>/result.json: the model's phases, each saved as soon as it finishes with the fingerprint of
     the settings it depends on (a phase whose settings changed is redone; a model whose config or recipe
@@ -885,7 +890,7 @@ class ModelRecord:
         self.save()
 
     def needs(self, phase: str, key: str) -> bool:
-        return self.data["phase_keys"].get(phase) != key or phase not in self.data["phases"]
+        return not _phase_done(self.data, phase, key)
 
     def get(self, phase: str) -> dict[str, Any] | None:
         return self.data["phases"].get(phase)
@@ -1558,9 +1563,8 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
             data = json.loads(path.read_text())
             if not data.get("done"):
                 continue
-            recorded, phases = data.get("phase_keys", {}), data.get("phases", {})
             current = data.get("fingerprint") == _model_fingerprint(cfg, entry) and all(
-                recorded.get(phase) == key and phase in phases for phase, key in keys.items())
+                _phase_done(data, phase, key) for phase, key in keys.items())
             if current:
                 found[entry.name] = data
             else:

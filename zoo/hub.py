@@ -78,8 +78,7 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
 def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = False) -> None:
     """Raise ValueError when `ref` names a local model folder that is not there (or not a model folder).
 
-    `ref` is a local path when it is absolute, starts with '.' or '~', or its first component is a folder
-    here (`runs/nope` with a `runs/` folder); anything else may be a hub id ('org/name') and is left to
+    `ref` is a local path by `is_local_ref`; anything else may be a hub id ('org/name') and is left to
     transformers. Without this check transformers reports a missing folder as an invalid repo id or, offline,
     as a failed connection to the hub. adapter_ok: a PEFT adapter folder (adapter_config.json) passes too."""
     text = str(ref)
@@ -93,9 +92,16 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
                          f"config.json)")
     if path.exists():
         raise ValueError(f"{what}: {text!r} is a file; give a model folder (config.json and weights) or a hub id")
-    parts = Path(text).parts
-    if path.is_absolute() or text.startswith((".", "~")) or (len(parts) > 1 and Path(parts[0]).is_dir()):
+    if is_local_ref(text):
         raise ValueError(f"{what}: {text!r}: no such model folder")
+
+
+def is_local_ref(text: str) -> bool:
+    """Whether a model or tokenizer reference names a local path rather than a possible hub id ('org/name'): it is
+    absolute, starts with '.' or '~', or its first component is a folder here (`runs/nope` with a `runs/` folder)."""
+    parts = Path(text).parts
+    return Path(text).expanduser().is_absolute() or text.startswith((".", "~")) or (
+        len(parts) > 1 and Path(parts[0]).is_dir())
 
 
 def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:

@@ -90,9 +90,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """
     if name_or_path == "byte":
         return ByteTokenizer()
-    path, parts = Path(name_or_path).expanduser(), Path(name_or_path).parts
-    local = path.is_absolute() or name_or_path.startswith((".", "~")) or (len(parts) > 1 and Path(parts[0]).is_dir())
-    if local and not path.exists():
+    from zoo.hub import is_local_ref
+
+    if is_local_ref(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise ValueError(f"tokenizer: {name_or_path!r}: no such tokenizer folder; give 'byte', a tokenizer folder "
                          f"or a hub id")
     config_file = Path(name_or_path) / "tokenizer_config.json"
