@@ -1,4 +1,4 @@
-"""Benchmark: our causal depthwise conv1d CUDA kernel vs cuDNN (F.conv1d, groups=D) vs the memory floor.
+"""Benchmark: our causal depthwise conv1d CUDA kernel vs Dao-AILab's causal_conv1d, cuDNN and the memory floor.
 
 Shapes of the Mamba-1 130M / 370M layers' conv (D = 1536 / 2048, W = 4, bias, SiLU, bf16 x) at B·L = 16K
 tokens, and L = 8192; our op gets fp32 weight and bias (the mixer's parameters), cuDNN bf16 ones.
@@ -7,7 +7,12 @@ padding=W-1 and drop the tail), each followed by SiLU; the faster one is the bas
 bytes that must move (fwd: x in, y out; fwd+bwd adds x and dy in, dx out) over the measured
 device-to-device copy bandwidth; "of floor" = floor / time, the fraction of bandwidth reached.
 
-    python benchmarks/conv1d.py [--out benchmarks/results.jsonl]
+The causal_conv1d baseline (the package mamba_ssm uses) is built here from its sdist, for the present GPU only
+(its 4 sources, ~2 min), when BASELINES holds causal_conv1d-1.7.0.tar.gz (copied from /work/shared/baselines;
+unpacked into BASELINES/cc/ on first use), and called as mamba_ssm calls it: causal_conv1d_fn(x, weight, bias,
+activation="silu") with the same fp32 weight and bias as ours.
+
+    python benchmarks/conv1d.py [--baselines .baselines] [--out benchmarks/results.jsonl]
 """
 
 from __future__ import annotations
@@ -17,12 +22,53 @@ import datetime
 import json
 import os
 import sys
+import tarfile
+import time
+import types
 
 import torch
 import torch.nn.functional as F
 
 SHAPES = [("130M", 8, 1536, 2048), ("370M", 8, 2048, 2048), ("130M L=8192", 2, 1536, 8192)]
 WIDTH = 4
+CAUSAL_CONV1D = "causal_conv1d-1.7.0"
+
+
+def load_causal_conv1d(root: str):
+    """causal_conv1d_fn from the sdist under ROOT, its extension built here (cached in ROOT/cc/build), imported
+    without the package's __init__; None when ROOT has no sdist."""
+    tar = os.path.join(root, f"{CAUSAL_CONV1D}.tar.gz")
+    if not os.path.exists(tar):
+        return None
+    own = os.path.join(root, "cc")
+    src = os.path.join(own, CAUSAL_CONV1D)
+    if not os.path.isdir(os.path.join(src, "csrc")):
+        with tarfile.open(tar) as f:
+            f.extractall(own, filter="data")
+    from torch.utils.cpp_extension import load
+
+    major, minor = torch.cuda.get_device_capability()
+    flags = ["-O3", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+             "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math", "-lineinfo",
+             "-gencode", f"arch=compute_{major}{minor},code=sm_{major}{minor}"]  # its setup.py's flags
+    csrc = os.path.join(src, "csrc")
+    build = os.path.join(own, "build")
+    os.makedirs(build, exist_ok=True)
+    t0 = time.time()
+    ext = load(name="causal_conv1d_cuda", extra_cflags=["-O3"], extra_cuda_cflags=flags, extra_include_paths=[csrc],
+               sources=[os.path.join(csrc, n) for n in ("causal_conv1d.cpp", "causal_conv1d_fwd.cu",
+                                                         "causal_conv1d_bwd.cu", "causal_conv1d_update.cu")],
+               build_directory=build)
+    print(f"causal_conv1d built or loaded in {time.time() - t0:.0f}s")
+    sys.modules["causal_conv1d_cuda"] = ext
+    pkg = types.ModuleType("causal_conv1d")
+    pkg.__path__ = [os.path.join(src, "causal_conv1d")]
+    sys.modules["causal_conv1d"] = pkg
+    from causal_conv1d.causal_conv1d_interface import causal_conv1d_fn
+
+    return causal_conv1d_fn
 
 
 def bench(fn) -> float:
@@ -61,6 +107,7 @@ def timings(fn, x, w, b) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baselines", default=".baselines", help=f"folder with {CAUSAL_CONV1D}.tar.gz")
     ap.add_argument("--out", default="benchmarks/results.jsonl")
     args = ap.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels"))
@@ -72,13 +119,19 @@ def main() -> None:
     date = datetime.date.today().isoformat()
     command = "python " + " ".join(sys.argv)
     bw = copy_bandwidth()
+    dao_fn = load_causal_conv1d(args.baselines)
+    if dao_fn is None:
+        print(f"no {CAUSAL_CONV1D}.tar.gz under {args.baselines}: the causal_conv1d baseline is skipped")
+
+    def dao(x, w, b):
+        return dao_fn(x, w, b, activation="silu")
 
     def ours(x, w, b):  # fp32 weight and bias, as the mixer's parameters are (cuDNN needs them in x's dtype)
         return conv_cuda.causal_conv1d_cuda(x, w, b, None, None, "silu")
 
     rows = []
-    lines = ["| shape | pass | ours ms | of floor | cuDNN ms (best) | of floor | speedup | floor ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shape | pass | ours ms | of floor | causal_conv1d ms | of floor | speedup | cuDNN ms (best) | of floor "
+             "| speedup | floor ms |", "| --- " * 11 + "|"]
     for label, batch, dim, length in SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(batch, dim, length, device="cuda", generator=g).to(torch.bfloat16)
@@ -87,7 +140,10 @@ def main() -> None:
         with torch.no_grad():
             y_ref = cudnn_pad(x, w, b).float()
             err = (ours(x, w, b).float() - y_ref).norm() / y_ref.norm()
+            err_dao = None if dao_fn is None else ((dao(x, w.float(), b.float()).float() - y_ref).norm()
+                                                   / y_ref.norm()).item()
         t_ours = timings(ours, x, w.float(), b.float())
+        t_dao = (float("nan"), float("nan")) if dao_fn is None else timings(dao, x, w.float(), b.float())
         t_pad = timings(cudnn_pad, x, w, b)
         t_slice = timings(cudnn_slice, x, w, b)
         elems = batch * dim * length
@@ -104,8 +160,13 @@ def main() -> None:
                          "cudnn_of_floor": floor[i] / cudnn})
             rows.append({**common, "baseline": "floor", "baseline_ms": floor[i],
                          "ratio": floor[i] / t_ours[i]})
-            lines.append(f"| {label} | {what} | {t_ours[i]:.3f} | {floor[i] / t_ours[i]:.0%} | {cudnn:.3f} "
-                         f"({how}) | {floor[i] / cudnn:.0%} | {cudnn / t_ours[i]:.2f}x | {floor[i]:.3f} |")
+            if dao_fn is not None:
+                rows.append({**common, "baseline": f"{CAUSAL_CONV1D} causal_conv1d_fn (fp32 weight, silu)",
+                             "baseline_ms": t_dao[i], "ratio": t_dao[i] / t_ours[i],
+                             "baseline_of_floor": floor[i] / t_dao[i], "baseline_err_vs_cudnn": err_dao})
+            lines.append(f"| {label} | {what} | {t_ours[i]:.3f} | {floor[i] / t_ours[i]:.0%} | {t_dao[i]:.3f} | "
+                         f"{floor[i] / t_dao[i]:.0%} | {t_dao[i] / t_ours[i]:.2f}x | {cudnn:.3f} ({how}) | "
+                         f"{floor[i] / cudnn:.0%} | {cudnn / t_ours[i]:.2f}x | {floor[i]:.3f} |")
         del x, w, b
         torch.cuda.empty_cache()
     with open(args.out, "a") as f:

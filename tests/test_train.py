@@ -406,6 +406,29 @@ def test_resume_after_a_kill_past_the_last_checkpoint_logs_each_step_once(tmp_pa
     assert steps == [1, 2, 3, 4, 5, 6], "steps 5 and 6 logged by the killed run must not appear twice"
 
 
+def test_resume_hides_the_killed_runs_tensorboard_steps_past_its_checkpoint(tmp_path):
+    # as above, for TensorBoard: its event files are only appended to, so the resumed run must mark steps >= 5 of
+    # the first run's file as purged (SummaryWriter's purge_step), or every curve has steps 5 and 6 twice
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config_from_dict(run_dict(tmp_path, log={"every": 1, "trackers": ["tensorboard"]},
+                                    checkpoint={"every": 4, "final": False}))
+    train(cfg)
+    first = {e.step: e.value for e in _tb_scalars(tmp_path, EventAccumulator)}
+    assert sorted(first) == [1, 2, 3, 4, 5, 6]
+    train(cfg, resume="auto")
+    events = _tb_scalars(tmp_path, EventAccumulator)
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6], "each step once, the resumed run's 5 and 6"
+    assert [e.value for e in events] == [first[s] for s in range(1, 7)], "resume is bit-exact on CPU"
+
+
+def _tb_scalars(tmp_path, accumulator_class):
+    acc = accumulator_class(str(tmp_path / "run" / "tensorboard"))  # the scalars' event files (hparams: subfolders)
+    acc.Reload()
+    return acc.Scalars("loss")
+
+
 def test_held_out_text_shorter_than_a_row_is_refused_before_training(tmp_path):
     docs = tmp_path / "docs.jsonl"  # 20 documents of 3 bytes: the 5 held out (bos + eos: 25 tokens) fill no row
     docs.write_text("".join(f'{{"text": "d{i:02d}"}}\n' for i in range(20)))

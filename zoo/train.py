@@ -1075,7 +1075,10 @@ def train(cfg: TrainConfig, resume: str | None = None,
     accelerator.wait_for_everyone()
     hparams = _flat(cfg.to_dict()) | {"params": n_params}
     hparams |= {f"backend/{k}": str(v) for k, v in backend.items()}
-    accelerator.init_trackers("tensorboard", config=hparams)
+    # a resumed run hides what a killed run logged past its last checkpoint (metrics.csv drops those rows above);
+    # TensorBoard's purge_step (the first step this run logs) does it for its event files, which are only appended to
+    init_kwargs = {"tensorboard": {"purge_step": step + 1}} if step and "tensorboard" in cfg.log.trackers else {}
+    accelerator.init_trackers("tensorboard", config=hparams, init_kwargs=init_kwargs)
     accelerator.print(f"model {model_class}: {n_params / 1e6:.2f}M "
                       f"parameters; backends {backend or 'n/a'}; {tokens_per_step} tokens/step "
                       f"({world} x {B} x {L} x {accum}); precision {accelerator.mixed_precision}")
