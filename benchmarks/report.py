@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -80,6 +81,48 @@ def render(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str:
+    """Issue 9's decode target against what the bytes allow: for each zoo recurrent or hybrid model's newest
+    generate row at BATCH (and each variant, e.g. /state-model), its speed-up over Transformer++ as measured in
+    the same run, and the speed-up it would show decoding at its floor (weights and state bytes over the copy
+    bandwidth) against that run's Transformer++, and against Transformer++ at its floor too. A bound below TARGET
+    means no kernel can meet the target for that model at that size and prompt: the state is too many bytes."""
+    latest = {r["name"]: r for r in newest(rows)}
+    out = []
+    for name, r in latest.items():
+        parts = name.split("/")
+        if parts[0] != "generate" or len(parts) < 3 or parts[2] != f"B{batch}":
+            continue
+        model, variant = parts[1], "/".join(parts[3:])
+        if not re.fullmatch(r"(P\d+/?)?(state-model)?", variant):  # the prompt and state dtype variants only
+            continue
+        tpp = latest.get("/".join(["generate", "transformerpp", f"B{batch}", *parts[3:]]).rstrip("/"))
+        if model == "transformerpp" or model.startswith("hf-") or tpp is None:
+            continue
+        ms, floor, vs = r.get("ours_ms"), r.get("floor_ms"), r.get("vs_transformerpp")
+        if not (ms and floor and vs and tpp.get("floor_ms")):
+            continue
+        tpp_ms = vs * ms  # Transformer++ in the same run
+        at_floor, both = tpp_ms / floor, tpp["floor_ms"] / floor
+        prompt = f"{r.get('prompt_len', '?')}"
+        states = "bf16" if "state-model" in variant else "fp32"
+        out.append((variant, f"| {model} | {prompt} | {states} | {r['date']} | {ms:.3f} | {floor:.3f} | {tpp_ms:.3f} | "
+                   f"{tpp['floor_ms']:.3f} | {vs:.2f}x | {at_floor:.2f}x | {both:.2f}x | "
+                   f"{'yes' if at_floor >= target else 'no'} |"))
+    if not out:
+        return ""
+    head = [f"### generate at batch {batch}: the {target:g}x decode target against the floors\n",
+            "Derived from the generate rows below (ms per step; floor = weights + cache bytes, states read and "
+            "written, over the copy bandwidth measured in the run). \"measured\" is the row's own speed-up over "
+            "Transformer++ in the same run; \"at its floor\" is what the model would show decoding at its floor "
+            "against that Transformer++; \"both at floors\" puts Transformer++ at its floor too. Where \"at its "
+            f"floor\" is under {target:g}x, no kernel reaches the target for that model: its state is too large.\n",
+            "| model | prompt | states | date | ms | floor ms | Transformer++ ms (same run) | Transformer++ floor ms "
+            f"| measured | at its floor | both at floors | {target:g}x reachable |",
+            "| --- " * 12 + "|"]
+    return "\n".join(head + [line for _, line in sorted(out, key=lambda v: v[0])]) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=str(HERE / "results.jsonl"))
@@ -87,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     table = render(rows)
+    bounds = decode_bounds(rows)
+    if bounds:
+        table = f"{bounds}\n{table}"
     path = Path(args.out)
     text = path.read_text() if path.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text:

@@ -42,3 +42,27 @@ def test_report_keeps_every_baseline_of_the_newest_run_only():
         ("2026-12-04", "mamba_ssm", 2.0), ("2026-12-04", "floor", 3.0)]
     table = report.render(rows)
     assert "| mamba_ssm | " in table and "| floor | " in table and "2026-12-03" not in table
+
+
+def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
+    """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
+    state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
+    out, and a variant pairs with Transformer++'s same variant."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, ms, floor, vs=None, date="2026-12-04"):
+        return {"name": name, "card": "H200", "date": date, "command": "python g.py", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 8192 if "P8192" in name else 2048}
+
+    rows = [row("generate/transformerpp/B64", 2.0, 1.2, 1.0), row("generate/mamba/B64", 0.5, 0.1, 4.0),
+            row("generate/mamba2/B64", 1.0, 0.5, 2.0), row("generate/hf-mamba/B64", 9.0, 0.1),
+            row("generate/mamba/B1", 0.3, 0.1, 2.0), row("generate/mamba/B64/skinny", 0.4, 0.1, 5.0),
+            row("generate/transformerpp/B64/P8192", 5.0, 4.0, 1.0), row("generate/gla/B64/P8192", 1.0, 0.2, 5.0)]
+    table = report.decode_bounds(rows)
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split(" | ")[0][2:] for line in lines] == ["mamba", "mamba2", "gla"]  # B1, hf, skinny left out
+    mamba, mamba2, gla = (line.split(" | ") for line in lines)
+    assert mamba[6] == "2.000" and mamba[8] == "4.00x" and mamba[9] == "20.00x" and mamba[10] == "12.00x"
+    assert mamba[11] == "yes |" and mamba2[9] == "4.00x" and mamba2[11] == "no |"
+    assert gla[1] == "8192" and gla[9] == "25.00x" and gla[10] == "20.00x"
+    assert report.decode_bounds([row("generate/mamba/B64", 0.5, 0.1, 4.0)]) == ""  # no Transformer++: nothing
