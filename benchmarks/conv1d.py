@@ -5,12 +5,15 @@ tokens, and L = 8192; our op gets fp32 weight and bias (the mixer's parameters),
 cuDNN is timed the two ways a torch user writes it (pad by W-1 then convolve, or convolve with
 padding=W-1 and drop the tail), each followed by SiLU; the faster one is the baseline. The floor is the
 bytes that must move (fwd: x in, y out; fwd+bwd adds x and dy in, dx out) over the measured
-device-to-device copy bandwidth; "of floor" = floor / time, the fraction of bandwidth reached.
+device-to-device copy bandwidth; "of floor" = floor / time, the fraction of bandwidth reached. Every time is one
+call's share of 10 calls replayed from a CUDA graph (`bench`): the GPU's time, not the host's launches.
 
-The causal_conv1d baseline (the package mamba_ssm uses) is built here from its sdist, for the present GPU only
-(its 4 sources, ~2 min), when BASELINES holds causal_conv1d-1.7.0.tar.gz (copied from /work/shared/baselines;
-unpacked into BASELINES/cc/ on first use), and called as mamba_ssm calls it: causal_conv1d_fn(x, weight, bias,
-activation="silu") with the same fp32 weight and bias as ours.
+The causal_conv1d baseline (the package mamba_ssm uses) is called as mamba_ssm calls it: causal_conv1d_fn(x,
+weight, bias, activation="silu") with the same fp32 weight and bias as ours. It needs causal_conv1d-1.7.0.tar.gz
+in BASELINES (copied from /work/shared/baselines; unpacked into BASELINES/cc/ on first use) and its extension:
+BASELINES/cc/prebuilt/causal_conv1d_cuda.so if present (benchmarks/prebuild_causal_conv1d.sh builds it on a
+machine with nvcc against the GPU machine's torch wheel: building its 4 sources on that machine took more than 7
+minutes), else built here for the present GPU with its setup.py's flags. Without the sdist the row is skipped.
 
     python benchmarks/conv1d.py [--baselines .baselines] [--out benchmarks/results.jsonl]
 """
@@ -45,6 +48,16 @@ def load_causal_conv1d(root: str):
     if not os.path.isdir(os.path.join(src, "csrc")):
         with tarfile.open(tar) as f:
             f.extractall(own, filter="data")
+    prebuilt = os.path.join(own, "prebuilt", "causal_conv1d_cuda.so")  # benchmarks/prebuild_causal_conv1d.sh
+    if os.path.exists(prebuilt):
+        import importlib.machinery
+        import importlib.util
+
+        loader = importlib.machinery.ExtensionFileLoader("causal_conv1d_cuda", prebuilt)
+        ext = importlib.util.module_from_spec(importlib.util.spec_from_loader("causal_conv1d_cuda", loader))
+        loader.exec_module(ext)
+        print(f"causal_conv1d: the extension prebuilt by benchmarks/prebuild_causal_conv1d.sh ({prebuilt})")
+        return _interface(ext, src)
     from torch.utils.cpp_extension import load
 
     major, minor = torch.cuda.get_device_capability()
@@ -62,6 +75,11 @@ def load_causal_conv1d(root: str):
                                                          "causal_conv1d_bwd.cu", "causal_conv1d_update.cu")],
                build_directory=build)
     print(f"causal_conv1d built or loaded in {time.time() - t0:.0f}s")
+    return _interface(ext, src)
+
+
+def _interface(ext, src: str):
+    """The package's causal_conv1d_fn over the extension EXT, imported without the package's __init__."""
     sys.modules["causal_conv1d_cuda"] = ext
     pkg = types.ModuleType("causal_conv1d")
     pkg.__path__ = [os.path.join(src, "causal_conv1d")]
@@ -71,18 +89,34 @@ def load_causal_conv1d(root: str):
     return causal_conv1d_fn
 
 
-def bench(fn) -> float:
+def bench(fn, graph: bool = True, reps: int = 10) -> float:
+    """Median ms of one call of FN. With GRAPH, REPS calls are captured in one CUDA graph and timed replayed: a
+    call here is 30-300 us of GPU work, so timing it eagerly measured the host's launches (torch.autograd.grad over
+    a custom Function), not the kernels; the first runs of this benchmark had ours slower at the 130M shape's
+    fwd+bwd than at the larger 370M shape's for that reason."""
     import triton
 
     fn()
     torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    if not graph:
+        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    return triton.testing.do_bench(g.replay, warmup=20, rep=300, return_mode="median") / reps
 
 
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 28, device="cuda").normal_()
     y = torch.empty_like(x)
-    return 2 * x.numel() * 4 / (bench(lambda: y.copy_(x)) * 1e-3)
+    return 2 * x.numel() * 4 / (bench(lambda: y.copy_(x), graph=False) * 1e-3)
 
 
 def cudnn_pad(x, w, b):
@@ -154,7 +188,7 @@ def main() -> None:
             name = f"causal_conv1d {what} {label} (B={batch}, D={dim}, L={length}, W={WIDTH}, silu, bf16)"
             common = {"name": name, "card": card, "date": date, "command": command, "ours_ms": t_ours[i],
                       "floor_ms": floor[i], "ours_of_floor": floor[i] / t_ours[i], "copy_TBps": bw / 1e12,
-                      "err_vs_cudnn": err.item()}
+                      "err_vs_cudnn": err.item(), "timing": "CUDA graph of 10 calls, per call"}
             rows.append({**common, "baseline": f"cuDNN F.conv1d groups=D ({how}) + silu",
                          "baseline_ms": cudnn, "ratio": cudnn / t_ours[i],
                          "cudnn_of_floor": floor[i] / cudnn})
