@@ -78,6 +78,16 @@ class RecurrentLayer(LinearAttentionLayer):
     def detach_(self) -> None:
         self.load_tensors([t.detach() for t in self.tensors()])
 
+    # transformers' layers define these on DynamicLayer only (LinearAttentionLayer lacks them): ZooCache's
+    # batch_repeat_interleave / batch_select_indices, and generate continuing a cache with beams, need them here
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.tensors():
+            self.load_tensors([t.repeat_interleave(repeats, dim=0) for t in self.tensors()])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.tensors():
+            self.load_tensors([t[indices, ...] for t in self.tensors()])
+
 
 class KVCacheFull(RuntimeError):
     """A static KV layer has no slot left for the next token (raised on the host, before any write)."""
@@ -230,6 +240,17 @@ class ZooCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def batch_size(self) -> int | None:
+        """The rows the cache holds states for (None while it holds none)."""
+        for layer in self.layers:
+            if isinstance(layer, RecurrentLayer):
+                tensors = layer.tensors()
+                if tensors:
+                    return tensors[0].shape[0]
+            elif getattr(layer, "keys", None) is not None:
+                return layer.keys.shape[0]
+        return None
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0

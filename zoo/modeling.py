@@ -292,6 +292,18 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
         return super().generate(*args, **kwargs)
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
+                                      **model_kwargs):
+        """transformers' expansion of the inputs for beams and num_return_sequences, plus the cache a generation
+        continues from (past_key_values): transformers repeats the tensors only, so a cache of B rows met B·n inputs
+        and the first step failed. Each cached row is repeated as its input row is."""
+        cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
+        if expand_size > 1 and isinstance(cache, ZooCache) and input_ids is not None \
+                and cache.batch_size() == input_ids.shape[0]:
+            cache.batch_repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                                     input_ids=input_ids, **model_kwargs)
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embeddings
 
