@@ -362,3 +362,25 @@ def test_cache_rows_can_be_repeated_and_selected(name):
         out = model(more, past_key_values=cache, use_cache=True).logits
         ref = model(torch.cat([prompt[1:].expand(2, -1), more], 1), use_cache=False).logits[:, -2:]
     assert_close("logits after repeat + select", out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_cache_of_another_batch_size_is_refused(name):
+    """A batch-2 cache fed one row raised a shape error deep in a mixer, or (GLA) broadcast the row over both cached
+    states and returned 2 rows of logits for 1 input row."""
+    model = tiny(name)
+    cache = ZooCache.for_model(model)
+    model(torch.randint(1, 512, (2, 5)), past_key_values=cache, use_cache=True)
+    for rows, length in ((1, 1), (3, 1), (3, 4)):
+        with pytest.raises(ValueError, match="cache holds states of 2 rows but the input has"):
+            model(torch.randint(1, 512, (rows, length)), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize(("maker", "user"), [("mamba", "mamba2"), ("mamba", "jamba"), ("gla", "transformerpp"),
+                                             ("transformerpp", "gla")])
+def test_a_cache_of_another_model_is_refused(maker, user):
+    model = tiny(maker)
+    cache = ZooCache.for_model(model)
+    model(torch.randint(1, 512, (1, 5)), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"past_key_values: .*ZooCache.for_model\(model\)"):
+        tiny(user)(torch.randint(1, 512, (1, 1)), past_key_values=cache, use_cache=True)

@@ -236,7 +236,9 @@ class ZooCache(Cache):
             for block, layer in zip(base.layers, layers):
                 if isinstance(layer, RecurrentLayer) and getattr(block.mixer, "low_precision_state", False):
                     layer.state_dtype = dtype
-        return cls(layers)
+        cache = cls(layers)
+        cache.mixer_types = [type(block.mixer).__name__ for block in base.layers]  # checked by ZooModel.forward
+        return cache
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
