@@ -48,6 +48,10 @@ class RecurrentLayer(LinearAttentionLayer):
 
     def set(self, conv_state: torch.Tensor | None = None, recurrent_state: torch.Tensor | None = None) -> None:
         if conv_state is not None:
+            if not conv_state.is_contiguous():
+                # a prefill's conv state is a strided view of the conv's whole (padded) input: kept as it is, the
+                # cache would hold [B, channels, T + d_conv - 1] per layer, growing with the prompt like a KV cache
+                conv_state = conv_state.contiguous()
             self.conv_states[0] = conv_state
             self.is_conv_states_initialized[0] = True
             self.conv_kernel_size[0] = conv_state.shape[-1]
