@@ -333,3 +333,54 @@ def test_trusted_load_takes_overrides_and_a_keyword_path(tmp_path):
     assert type(loaded.model.layers[0].mixer).__name__ == "Mamba"
     with pytest.raises(ValueError, match="trust_remote_code"):  # the trust ends with the load
         zoo.ZooForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_generate_continues_a_cache_with_beams_and_several_sequences(name):
+    """generate(past_key_values=...) with num_beams or num_return_sequences > 1 repeats each cached row as its input
+    row (transformers repeats the tensors only: the cache of B rows met B·n inputs and the first step failed)."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (2, 7))
+    first = model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = first.past_key_values
+    beams = model.generate(first.sequences, past_key_values=cache, max_new_tokens=3, num_beams=2,
+                           num_return_sequences=2, do_sample=False, pad_token_id=0)
+    fresh = model.generate(first.sequences, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,
+                           pad_token_id=0)
+    assert torch.equal(beams, fresh)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_cache_rows_can_be_repeated_and_selected(name):
+    model = tiny(name)
+    prompt, more = torch.randint(1, 512, (2, 6)), torch.randint(1, 512, (2, 2))
+    cache = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([2, 3]))  # both copies of row 1
+        out = model(more, past_key_values=cache, use_cache=True).logits
+        ref = model(torch.cat([prompt[1:].expand(2, -1), more], 1), use_cache=False).logits[:, -2:]
+    assert_close("logits after repeat + select", out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_cache_of_another_batch_size_is_refused(name):
+    """A batch-2 cache fed one row raised a shape error deep in a mixer, or (GLA) broadcast the row over both cached
+    states and returned 2 rows of logits for 1 input row."""
+    model = tiny(name)
+    cache = ZooCache.for_model(model)
+    model(torch.randint(1, 512, (2, 5)), past_key_values=cache, use_cache=True)
+    for rows, length in ((1, 1), (3, 1), (3, 4)):
+        with pytest.raises(ValueError, match="cache holds states of 2 rows but the input has"):
+            model(torch.randint(1, 512, (rows, length)), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize(("maker", "user"), [("mamba", "mamba2"), ("mamba", "jamba"), ("gla", "transformerpp"),
+                                             ("transformerpp", "gla")])
+def test_a_cache_of_another_model_is_refused(maker, user):
+    model = tiny(maker)
+    cache = ZooCache.for_model(model)
+    model(torch.randint(1, 512, (1, 5)), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"past_key_values: .*ZooCache.for_model\(model\)"):
+        tiny(user)(torch.randint(1, 512, (1, 1)), past_key_values=cache, use_cache=True)

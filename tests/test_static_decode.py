@@ -296,3 +296,19 @@ def test_decode_steps_run_inside_decoding():
         StaticDecoder(model, static_state, max_new_tokens=2).decode(2)
     handle.remove()
     assert len(seen) >= 4 and all(seen) and layers._DECODING == 0
+
+
+@pytest.mark.parametrize("case", ["mamba", "mamba2", "jamba"])
+def test_a_prefilled_recurrent_state_does_not_grow_with_the_prompt(case):
+    """The conv state a prefill leaves was a strided view of the conv's whole padded input: the cache held
+    [B, channels, T + d_conv - 1] per recurrent layer until the first decode step (28x the state after 512 tokens on
+    mamba-tiny), and cache_nbytes counted it."""
+    from zoo.decode import cache_nbytes
+
+    model = tiny(case)
+    short, long = (prefill(model, torch.randint(0, 512, (2, t))).cache for t in (8, 256))
+    for cache in (short, long):
+        held = sum(t.numel() * t.element_size() for t in cache.state_tensors())
+        assert cache_nbytes(cache) < held + 1024, (cache_nbytes(cache), held)
+    if case != "jamba":  # no KV layer: the same size after any prompt
+        assert cache_nbytes(long) == cache_nbytes(short)

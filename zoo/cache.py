@@ -48,6 +48,10 @@ class RecurrentLayer(LinearAttentionLayer):
 
     def set(self, conv_state: torch.Tensor | None = None, recurrent_state: torch.Tensor | None = None) -> None:
         if conv_state is not None:
+            if not conv_state.is_contiguous():
+                # a prefill's conv state is a strided view of the conv's whole (padded) input: kept as it is, the
+                # cache would hold [B, channels, T + d_conv - 1] per layer, growing with the prompt like a KV cache
+                conv_state = conv_state.contiguous()
             self.conv_states[0] = conv_state
             self.is_conv_states_initialized[0] = True
             self.conv_kernel_size[0] = conv_state.shape[-1]
@@ -77,6 +81,16 @@ class RecurrentLayer(LinearAttentionLayer):
 
     def detach_(self) -> None:
         self.load_tensors([t.detach() for t in self.tensors()])
+
+    # transformers' layers define these on DynamicLayer only (LinearAttentionLayer lacks them): ZooCache's
+    # batch_repeat_interleave / batch_select_indices, and generate continuing a cache with beams, need them here
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.tensors():
+            self.load_tensors([t.repeat_interleave(repeats, dim=0) for t in self.tensors()])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.tensors():
+            self.load_tensors([t[indices, ...] for t in self.tensors()])
 
 
 class KVCacheFull(RuntimeError):
@@ -226,10 +240,23 @@ class ZooCache(Cache):
             for block, layer in zip(base.layers, layers):
                 if isinstance(layer, RecurrentLayer) and getattr(block.mixer, "low_precision_state", False):
                     layer.state_dtype = dtype
-        return cls(layers)
+        cache = cls(layers)
+        cache.mixer_types = [type(block.mixer).__name__ for block in base.layers]  # checked by ZooModel.forward
+        return cache
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
+
+    def batch_size(self) -> int | None:
+        """The rows the cache holds states for (None while it holds none)."""
+        for layer in self.layers:
+            if isinstance(layer, RecurrentLayer):
+                tensors = layer.tensors()
+                if tensors:
+                    return tensors[0].shape[0]
+            elif getattr(layer, "keys", None) is not None:
+                return layer.keys.shape[0]
+        return None
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -50,6 +51,35 @@ def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
     if not torch.compiler.is_compiling() and not seq_idx[:, -1].any():
         return None
     return seq_idx
+
+
+def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
+    """Raise, in one line, when `cache` was made for another model (layer count, kinds, or the mixers that
+    ZooCache.for_model recorded differ; checked once per cache and model) or holds states for another number of rows
+    than the input's: without this a mismatch failed deep in a mixer with a shape error, or (GLA) broadcast a state
+    of one row to the batch, or the batch to the cache's rows, without an error."""
+    checked = cache.__dict__.get("_checked_for")
+    if checked is None or checked() is not model:
+        mixers = [type(block.mixer).__name__ for block in model.layers]
+        if len(cache.layers) != len(mixers):
+            raise ValueError(f"past_key_values: the cache has {len(cache.layers)} layers but this model has "
+                             f"{len(mixers)}; it was made for another model: build one with ZooCache.for_model(model)")
+        recorded = getattr(cache, "mixer_types", None)
+        for i, (block, layer) in enumerate(zip(model.layers, cache.layers)):
+            wanted = recorded[i] if recorded is not None else None
+            expected = type(block.mixer.init_state(1, torch.float32, "cpu"))
+            kind_ok = isinstance(layer, RecurrentLayer) == issubclass(expected, RecurrentLayer)
+            if not kind_ok or (wanted is not None and wanted != mixers[i]):
+                made = f"a {wanted} mixer" if wanted else f"a {type(layer).__name__}"
+                raise ValueError(f"past_key_values: layer {i} of the cache was made for {made} but this model's "
+                                 f"layer {i} is {mixers[i]}; the cache was made for another model: build one with "
+                                 f"ZooCache.for_model(model)")
+        cache._checked_for = weakref.ref(model)  # a kept cache does not keep the model alive
+    rows = cache.batch_size()
+    if rows is not None and rows != batch:
+        raise ValueError(f"past_key_values: the cache holds states of {rows} rows but the input has {batch}; pass "
+                         f"one row per cached row (cache.batch_repeat_interleave(n) repeats each row n times, "
+                         f"cache.batch_select_indices(rows) keeps some)")
 
 
 def _refuse_output_attentions(config, kwargs: dict) -> None:
@@ -207,6 +237,8 @@ class ZooModel(ZooPreTrainedModel):
                             f"build one with ZooCache.for_model(model). A transformers cache holds attention keys "
                             f"and values only, not recurrent states, so methods that prepend keys and values "
                             f"through one (PEFT's prefix tuning) do not apply to zoo models")
+        if past_key_values is not None:
+            _check_cache(self, past_key_values, Bsz)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
@@ -291,6 +323,18 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
         return super().generate(*args, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
+                                      **model_kwargs):
+        """transformers' expansion of the inputs for beams and num_return_sequences, plus the cache a generation
+        continues from (past_key_values): transformers repeats the tensors only, so a cache of B rows met B·n inputs
+        and the first step failed. Each cached row is repeated as its input row is."""
+        cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
+        if expand_size > 1 and isinstance(cache, ZooCache) and input_ids is not None \
+                and cache.batch_size() == input_ids.shape[0]:
+            cache.batch_repeat_interleave(expand_size)
+        return super()._expand_inputs_for_generation(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
+                                                     input_ids=input_ids, **model_kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embeddings
