@@ -117,6 +117,30 @@ def test_evaluate_synthetic_mqar_grid():
         evaluate_synthetic(InductionOracle(64), "mqar", seq_lens=[64], n_samples=2)
 
 
+class RecordingOracle(InductionOracle):
+    """The oracle, keeping every row it was given."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **kwargs):
+        self.rows = [*getattr(self, "rows", []), *input_ids.clone()]
+        return super().forward(input_ids, past_key_values, use_cache)
+
+
+@pytest.mark.parametrize("task", ["mqar", "selective_copying", "induction_heads"])
+def test_evaluate_synthetic_rows_do_not_depend_on_the_batch_size(task):
+    """--batch-size is a memory knob: the rows scored (and so the accuracy) must be the same for any value."""
+    kwargs = {"n_kv": [4], "vocab_size": 64} if task == "mqar" else {}
+    seen = []
+    for batch_size in (16, 3, 1):
+        model = RecordingOracle(64 if task == "mqar" else 16)
+        evaluate_synthetic(model, task, seq_lens=[64], n_samples=16, batch_size=batch_size, seed=5, **kwargs)
+        seen.append(torch.stack(model.rows))
+    assert seen[0].shape[0] == 16 and torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2])
+    other = RecordingOracle(64 if task == "mqar" else 16)
+    evaluate_synthetic(other, task, seq_lens=[64], n_samples=16, batch_size=16, seed=6, **kwargs)
+    assert not torch.equal(torch.stack(other.rows), seen[0])  # another seed, other rows
+    assert len({tuple(row.tolist()) for row in seen[0]}) == 16  # no two rows alike
+
+
 def test_evaluate_synthetic_reports_the_count_the_rows_had():
     """A count passed as a task argument (selective copying's n_tokens) is the one in the row, not the default 16."""
     result = evaluate_synthetic(SlicingOracle(16), "selective_copying", seq_lens=[64], n_samples=4, n_tokens=8)
