@@ -176,6 +176,7 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
                 else:
                     _set_dotted(run_data, key, value)
             section, ev, phases = _section({**run_data, "models": {model_name: config}})
+            _check_vocab(model_name, config, section)
             if any(s.train.state_passing for s in [*phases, section]):
                 _check_state_passing(model_name, config)
             suffix = "".join(f"-{k.split('.')[-1]}={v}" for k, v in point.items())
@@ -183,6 +184,20 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
             runs.append(Run(name, model_name, config, section, ev, point,
                             Path(data.get("output_dir", "runs/synthetic")) / name, phases))
     return runs
+
+
+def _check_vocab(model_name: str, model_config: dict, section: PretrainSection) -> None:
+    """The task's tokens must be the model's: a larger task vocabulary failed mid-training as an embedding
+    IndexError (a device-side assert on a GPU)."""
+    from zoo.config import ZooConfig
+    from zoo.finetune import task_vocab_size
+
+    need = task_vocab_size(section.data)
+    have = model_config.get("vocab_size", ZooConfig.vocab_size)
+    if need is not None and need > have:
+        raise ValueError(f"data.task_kwargs.vocab_size: the {section.data.task} task draws from {need} tokens but "
+                         f"model {model_name!r} has vocab_size {have}; set data.task_kwargs.vocab_size <= {have} "
+                         f"or the model's vocab_size >= {need}")
 
 
 def _check_state_passing(model_name: str, model_config: dict) -> None:

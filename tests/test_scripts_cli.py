@@ -41,6 +41,22 @@ def test_train_synthetic_state_passing_on_attention_is_refused_before_training(c
     assert {r.model_name: r.section.train.state_passing for r in runs} == {"mamba": True, "attention": False}
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["train", "dry-run"])
+def test_train_synthetic_task_vocabulary_larger_than_the_model_is_refused_before_training(tmp_path, capsys, dry_run):
+    """mqar's 8192 tokens on a 16-token model trained until the embedding raised IndexError (a CUDA assert on a GPU)."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}", "--data.task=mqar",
+              "--data.task_kwargs={n_kv: 4}", "--data.seq_len=64", "--curriculum=[]", "--train.max_steps=2",
+              "--schedule.warmup_steps=0"]
+    err = _refused(script.main, [*recipe, *dry_run], capsys)
+    assert ("data.task_kwargs.vocab_size: the mqar task draws from 8192 tokens but model 'mamba' has vocab_size 16; "
+            "set data.task_kwargs.vocab_size <= 16 or the model's vocab_size >= 8192") in err
+    assert not any(tmp_path.iterdir())
+    runs = script.expand_runs(script.load_recipe(recipe[0], [a[2:] for a in recipe[2:]]
+                                                 + ["data.task_kwargs.vocab_size=16"]))
+    assert [r.model_name for r in runs] == ["mamba", "attention"]  # a vocabulary that fits is fine
+
+
 def test_state_capacity_only_with_an_unknown_model_is_refused_by_name(capsys):
     script = load_script("scripts/state_capacity.py")
     err = _refused(script.main, [str(ROOT / "configs/train/state-capacity.yaml"), "--only", "d_state_16",
