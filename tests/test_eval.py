@@ -305,6 +305,21 @@ def test_chunked_loss_refuses_transformers_mamba_but_full_forward_works():
     torch.testing.assert_close(per_position_loss(model, input_ids, None), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_passkey_prefill_refuses_transformers_mamba():
+    """The same model in passkey's chunked prefill used to run silently: every chunk after the first dropped the
+    carried SSM state (its last logits off the one-forward ones), so a needle in an earlier chunk was lost."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=64)).eval()
+    input_ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"MambaForCausalLM cannot continue.*--prefill-chunk-size"):
+        greedy_generate(model, input_ids, max_new_tokens=2, prefill_chunk_size=16)
+    # one chunk holding the whole prompt is exact, and so is generate
+    reference = greedy_generate(model, input_ids, max_new_tokens=3)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=3, prefill_chunk_size=40), reference)
+
+
 def tiny_zoo_model(name: str):
     config_path = ROOT / "configs" / "models" / f"{name}-tiny.yaml"
     if not config_path.exists():
