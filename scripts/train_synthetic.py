@@ -176,6 +176,8 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
                 else:
                     _set_dotted(run_data, key, value)
             section, ev, phases = _section({**run_data, "models": {model_name: config}})
+            _check_vocab(model_name, config, section)
+            _check_eval_grid(model_name, section, ev)
             if any(s.train.state_passing for s in [*phases, section]):
                 _check_state_passing(model_name, config)
             suffix = "".join(f"-{k.split('.')[-1]}={v}" for k, v in point.items())
@@ -183,6 +185,45 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
             runs.append(Run(name, model_name, config, section, ev, point,
                             Path(data.get("output_dir", "runs/synthetic")) / name, phases))
     return runs
+
+
+def _check_vocab(model_name: str, model_config: dict, section: PretrainSection) -> None:
+    """The task's tokens must be the model's: a larger task vocabulary failed mid-training as an embedding
+    IndexError (a device-side assert on a GPU)."""
+    from zoo.config import ZooConfig
+    from zoo.finetune import task_vocab_size
+
+    need = task_vocab_size(section.data)
+    have = model_config.get("vocab_size", ZooConfig.vocab_size)
+    if need is not None and need > have:
+        raise ValueError(f"data.task_kwargs.vocab_size: the {section.data.task} task draws from {need} tokens but "
+                         f"model {model_name!r} has vocab_size {have}; set data.task_kwargs.vocab_size <= {have} "
+                         f"or the model's vocab_size >= {need}")
+
+
+def _check_eval_grid(model_name: str, section: PretrainSection, ev: EvalSection) -> None:
+    """The evaluation grid must have a cell the task can build: evaluate_synthetic raised only after training."""
+    from zoo.data.synthetic import make_batch
+
+    task, count_name = section.data.task, COUNT_ARGUMENT[section.data.task]
+    if ev.n_kv is not None and count_name is None:
+        raise ValueError(f"eval.n_kv: task {task!r} has no count to vary; leave eval.n_kv unset")
+    limit = ev.max_len.get(model_name)
+    seq_lens = [s for s in ev.seq_lens if limit is None or s <= limit]
+    if not seq_lens:
+        raise ValueError(f"eval.max_len.{model_name}: {limit} leaves none of eval.seq_lens {ev.seq_lens} to test")
+    kwargs = dict(section.data.task_kwargs)
+    trained = kwargs.pop(count_name, None) if count_name else None
+    counts = ev.n_kv if ev.n_kv is not None else [trained]
+    errors = []
+    for seq_len, count in itertools.product(seq_lens, counts):
+        try:
+            make_batch(task, 1, seq_len, **kwargs, **({count_name: count} if count is not None else {}))
+            return
+        except ValueError as e:
+            errors.append(f"seq_len={seq_len}: {e}")
+    raise ValueError(f"eval.seq_lens / eval.n_kv: no cell of the {task} grid can be built for model {model_name!r} "
+                     f"({'; '.join(errors)}); choose lengths and counts that fit")
 
 
 def _check_state_passing(model_name: str, model_config: dict) -> None:

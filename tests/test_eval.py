@@ -117,6 +117,30 @@ def test_evaluate_synthetic_mqar_grid():
         evaluate_synthetic(InductionOracle(64), "mqar", seq_lens=[64], n_samples=2)
 
 
+class RecordingOracle(InductionOracle):
+    """The oracle, keeping every row it was given."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **kwargs):
+        self.rows = [*getattr(self, "rows", []), *input_ids.clone()]
+        return super().forward(input_ids, past_key_values, use_cache)
+
+
+@pytest.mark.parametrize("task", ["mqar", "selective_copying", "induction_heads"])
+def test_evaluate_synthetic_rows_do_not_depend_on_the_batch_size(task):
+    """--batch-size is a memory knob: the rows scored (and so the accuracy) must be the same for any value."""
+    kwargs = {"n_kv": [4], "vocab_size": 64} if task == "mqar" else {}
+    seen = []
+    for batch_size in (16, 3, 1):
+        model = RecordingOracle(64 if task == "mqar" else 16)
+        evaluate_synthetic(model, task, seq_lens=[64], n_samples=16, batch_size=batch_size, seed=5, **kwargs)
+        seen.append(torch.stack(model.rows))
+    assert seen[0].shape[0] == 16 and torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2])
+    other = RecordingOracle(64 if task == "mqar" else 16)
+    evaluate_synthetic(other, task, seq_lens=[64], n_samples=16, batch_size=16, seed=6, **kwargs)
+    assert not torch.equal(torch.stack(other.rows), seen[0])  # another seed, other rows
+    assert len({tuple(row.tolist()) for row in seen[0]}) == 16  # no two rows alike
+
+
 def test_evaluate_synthetic_reports_the_count_the_rows_had():
     """A count passed as a task argument (selective copying's n_tokens) is the one in the row, not the default 16."""
     result = evaluate_synthetic(SlicingOracle(16), "selective_copying", seq_lens=[64], n_samples=4, n_tokens=8)
@@ -279,6 +303,21 @@ def test_chunked_loss_refuses_transformers_mamba_but_full_forward_works():
     with torch.no_grad():
         reference = full_forward_loss(model, input_ids)
     torch.testing.assert_close(per_position_loss(model, input_ids, None), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_passkey_prefill_refuses_transformers_mamba():
+    """The same model in passkey's chunked prefill used to run silently: every chunk after the first dropped the
+    carried SSM state (its last logits off the one-forward ones), so a needle in an earlier chunk was lost."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=64)).eval()
+    input_ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"MambaForCausalLM cannot continue.*--prefill-chunk-size"):
+        greedy_generate(model, input_ids, max_new_tokens=2, prefill_chunk_size=16)
+    # one chunk holding the whole prompt is exact, and so is generate
+    reference = greedy_generate(model, input_ids, max_new_tokens=3)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=3, prefill_chunk_size=40), reference)
 
 
 def tiny_zoo_model(name: str):

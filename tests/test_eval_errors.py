@@ -164,6 +164,22 @@ def test_synthetic_grid_with_no_buildable_cell_fails(tmp_path, capsys):
     assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(32, 8)]
 
 
+@pytest.mark.parametrize("options, reason", [
+    (["--n-kv", "0"], "n_kv=0 must be >= 1"), (["--n-kv", "-1"], "n_kv=-1 must be >= 1"),
+    (["--power-a", "0"], "power_a=0.0 must be > 0"),
+    (["--task", "selective_copying", "--n-kv", "0", "--seq-lens", "64"], "n_tokens=0 must be >= 1"),
+])
+def test_synthetic_impossible_task_arguments_fail_in_one_line(options, reason, tmp_path, capsys):
+    """--n-kv 0 / -1 and --power-a 0 ended in a RuntimeError traceback from torch.multinomial or topk, and selective
+    copying with 0 tokens in a ZeroDivisionError after the whole grid ran."""
+    argv = ["eval", "synthetic", "--model", str(MAMBA_TINY), "--vocab-size", "64", "--n-samples", "2",
+            "--device", "cpu", "--out", str(tmp_path / "syn"), *options]
+    with pytest.warns(UserWarning, match=re.escape(reason)):
+        code, err = run_cli(argv, capsys)
+    assert code == 2 and "no cell of the" in err and reason in err
+    assert not (tmp_path / "syn").exists()
+
+
 # ---------------------------------------------------------------- 5. a missing model, a missing tokenizer
 
 

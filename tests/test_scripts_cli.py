@@ -41,6 +41,38 @@ def test_train_synthetic_state_passing_on_attention_is_refused_before_training(c
     assert {r.model_name: r.section.train.state_passing for r in runs} == {"mamba": True, "attention": False}
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["train", "dry-run"])
+def test_train_synthetic_task_vocabulary_larger_than_the_model_is_refused_before_training(tmp_path, capsys, dry_run):
+    """mqar's 8192 tokens on a 16-token model trained until the embedding raised IndexError (a CUDA assert on a GPU)."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}", "--data.task=mqar",
+              "--data.task_kwargs={n_kv: 4}", "--data.seq_len=64", "--curriculum=[]", "--train.max_steps=2",
+              "--schedule.warmup_steps=0"]
+    err = _refused(script.main, [*recipe, *dry_run], capsys)
+    assert ("data.task_kwargs.vocab_size: the mqar task draws from 8192 tokens but model 'mamba' has vocab_size 16; "
+            "set data.task_kwargs.vocab_size <= 16 or the model's vocab_size >= 8192") in err
+    assert not any(tmp_path.iterdir())
+    runs = script.expand_runs(script.load_recipe(recipe[0], [a[2:] for a in recipe[2:]]
+                                                 + ["data.task_kwargs.vocab_size=16"]))
+    assert [r.model_name for r in runs] == ["mamba", "attention"]  # a vocabulary that fits is fine
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--eval.n_kv=[4, 8]", "eval.n_kv: task 'induction_heads' has no count to vary; leave eval.n_kv unset"),
+    ("--eval.seq_lens=[2, 3]", "eval.seq_lens / eval.n_kv: no cell of the induction_heads grid can be built for "
+                               "model 'mamba' (seq_len=2: induction heads: seq_len=2 must be >= 4; seq_len=3:"),
+    ("--eval.max_len={mamba: 32}", "eval.max_len.mamba: 32 leaves none of eval.seq_lens [64, 128"),
+], ids=["n_kv", "seq_lens", "max_len"])
+def test_train_synthetic_evaluation_grid_it_cannot_run_is_refused_before_training(tmp_path, capsys, override, message):
+    """An eval grid the task cannot build raised in evaluate_synthetic after the model had trained (max_len leaving
+    no length gave an empty result without a word); --dry-run passed."""
+    script = load_script("scripts/train_synthetic.py")
+    err = _refused(script.main, [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}",
+                                 override, "--only", "mamba", "--dry-run"], capsys)
+    assert message in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_state_capacity_only_with_an_unknown_model_is_refused_by_name(capsys):
     script = load_script("scripts/state_capacity.py")
     err = _refused(script.main, [str(ROOT / "configs/train/state-capacity.yaml"), "--only", "d_state_16",

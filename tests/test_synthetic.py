@@ -93,6 +93,13 @@ def test_mqar_validation():
         mqar_batch(2, 64, 17)
     with pytest.raises(ValueError, match="fewer than n_kv"):
         mqar_batch(2, 256, 8, vocab_size=16)
+    # no pair to recall (a RuntimeError from multinomial / topk before) and a gap law that is no distribution
+    for n_kv in (0, -1):
+        with pytest.raises(ValueError, match=f"n_kv={n_kv} must be >= 1"):
+            mqar_batch(2, 64, n_kv, vocab_size=64)
+    for power_a in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="power_a=.* must be > 0"):
+            mqar_batch(2, 64, 4, vocab_size=64, power_a=power_a)
 
 
 # ---------------------------------------------------------------- selective copying
@@ -122,6 +129,8 @@ def test_selective_copying_defaults_and_spread():
     assert positions.min() < 200 and positions.max() > 3800  # scattered over the whole context
     with pytest.raises(ValueError, match="too short"):
         selective_copying_batch(2, 32, 16)
+    with pytest.raises(ValueError, match="n_tokens=0 must be >= 1"):  # rows with no answer: 0/0 accuracy before
+        selective_copying_batch(2, 32, 0)
 
 
 # ---------------------------------------------------------------- induction heads

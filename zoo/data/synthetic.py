@@ -53,6 +53,8 @@ def selective_copying_batch(
     Returns:
         dict with ``input_ids`` and ``labels``, both LongTensor [B, T].
     """
+    if n_tokens < 1:
+        raise ValueError(f"selective copying: n_tokens={n_tokens} must be >= 1 (tokens to copy per row)")
     if vocab_size < 3:
         raise ValueError(f"selective copying: vocab_size={vocab_size} must be >= 3 (noise, marker, data)")
     context = seq_len - n_tokens - 1
@@ -159,6 +161,10 @@ def mqar_batch(
     Returns:
         dict with ``input_ids`` and ``labels``, both LongTensor [B, T]; exactly ``n_kv`` labels per row.
     """
+    if n_kv < 1:
+        raise ValueError(f"mqar: n_kv={n_kv} must be >= 1 (key-value pairs per row)")
+    if not power_a > 0:
+        raise ValueError(f"mqar: power_a={power_a} must be > 0 (the query-gap law's exponent; 1.0 is uniform)")
     if 4 * n_kv > seq_len:
         raise ValueError(f"mqar: n_kv={n_kv} needs seq_len >= 4 * n_kv = {4 * n_kv}, got seq_len={seq_len}")
     half = vocab_size // 2

@@ -123,15 +123,20 @@ def greedy_generate(
 
     Without ``prefill_chunk_size`` this is ``model.generate(do_sample=False)``. With it, the prompt is
     prefilled in chunks that carry the cache (constant memory for recurrent models at 1M tokens) and
-    decoding continues token by token from that cache.
+    decoding continues token by token from that cache. A model that cannot continue a chunk exactly from its
+    cache (transformers' Mamba, ``zoo.decode.continues_chunks_exactly``) raises ValueError.
     """
     if prefill_chunk_size is None:
         kwargs = {"pad_token_id": eos_token_id, "eos_token_id": eos_token_id} if eos_token_id is not None else {}
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
         return out[:, input_ids.shape[1] :]
-    from zoo.decode import cache_argument
+    from zoo.decode import cache_argument, continues_chunks_exactly
 
+    if prefill_chunk_size < input_ids.shape[1] and not continues_chunks_exactly(model):
+        raise ValueError(f"{type(model).__name__} cannot continue a multi-token chunk from its cache exactly (a "
+                         f"chunked prefill would lose the state of the earlier chunks, the needle with it); leave "
+                         f"prefill_chunk_size (--prefill-chunk-size) unset for it")
     arg = cache_argument(model)  # past_key_values, or cache (transformers 5.2x) / cache_params (its old Mamba)
     cache, last = None, None
     keep_last = accepts_argument(model, "logits_to_keep")  # prefill needs only the last position's logits

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, make_batch
+from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.eval.common import (
     accepts_argument,
     iter_chunk_logits,
@@ -95,7 +95,8 @@ def evaluate_synthetic(
         n_samples: rows per cell.
         batch_size: rows per forward.
         device: where the inputs go; default the model's device (the model is not moved).
-        seed: cell (T, n) uses ``torch.Generator().manual_seed(seed)``, so results are reproducible.
+        seed: row i of every cell is item i of ``SyntheticDataset(task, n_samples, T, seed)`` (its own seed), so
+            results are reproducible and do not depend on ``batch_size``.
         chunk_size: evaluate rows in chunks of this many tokens, carrying the cache (for 2^20-token rows).
         progress: show a tqdm bar over the evaluated tokens (long rows take minutes), with each cell's accuracy.
         task_kwargs: other task arguments (``vocab_size``, ``power_a``, ``random_non_queries``).
@@ -141,11 +142,13 @@ def evaluate_synthetic(
                 if bar is not None:
                     bar.update(seq_len * n_samples)
                 continue
-            generator = torch.Generator().manual_seed(seed)
+            # one generator per row: the rows (and so the accuracy) must not depend on the batch size
+            dataset = SyntheticDataset(task, n_samples, seq_len, seed, **kwargs)
             correct = total = rows_right = 0
             for start in range(0, n_samples, batch_size):
-                batch = make_batch(task, min(batch_size, n_samples - start), seq_len, generator, **kwargs)
-                input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+                items = [dataset[i] for i in range(start, min(start + batch_size, n_samples))]
+                input_ids = torch.stack([item["input_ids"] for item in items]).to(device)
+                labels = torch.stack([item["labels"] for item in items]).to(device)
                 predictions, targets, asked = predict_answers(model, input_ids, labels, chunk_size)
                 right = (predictions == targets) & asked
                 correct += int(right.sum())
