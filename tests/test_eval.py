@@ -508,3 +508,18 @@ def test_eval_commands_take_mitigations(tmp_path, monkeypatch):
                              "--vocab-size", "64", "--n-samples", "4", "--batch-size", "4", "--device", "cpu",
                              "--mitigation", "window:r=8", "--out", str(tmp_path / "syn")])
     assert len(result["rows"]) == 1
+
+
+def test_decode_prefill_in_chunks_refuses_transformers_mamba():
+    """zoo.decode.prefill (the benchmarks' and GraphDecoder's prefill) had no such check: with chunk_size below the
+    prompt, transformers' Mamba's later chunks dropped the carried state and the decode continued from a wrong one."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from zoo.decode import prefill
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=64)).eval()
+    input_ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(4))
+    with pytest.raises(ValueError, match=r"chunk_size=16 below the prompt's 40 tokens.*MambaForCausalLM"):
+        prefill(model, input_ids, chunk_size=16)
+    assert prefill(model, input_ids, chunk_size=40).next_ids.shape == (1, 1)  # one chunk: the whole prompt

@@ -103,6 +103,10 @@ class DecodeState:
 def prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = None) -> DecodeState:
     """Run the prompt [B, T] through the model (in chunks of chunk_size tokens with the cache carried, if
     given), keeping only the last position's logits; returns the cache and the greedy next token."""
+    if chunk_size is not None and chunk_size < input_ids.shape[1] and not continues_chunks_exactly(model):
+        raise ValueError(f"prefill: chunk_size={chunk_size} below the prompt's {input_ids.shape[1]} tokens, but "
+                         f"{type(model).__name__} cannot continue a multi-token chunk from its cache exactly (the "
+                         f"earlier chunks' state would be lost); prefill it in one chunk (chunk_size=None)")
     arg = cache_argument(model)
     keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     cache, logits = None, None
