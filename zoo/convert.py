@@ -774,7 +774,13 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     else:
         try:
             found = detect_format(folder)
-        except ValueError:  # a model_type we cannot tell: take --from at its word
+        except ValueError:  # no model_type to tell by: take --from at its word (the weights are checked below)
+            model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+            if model_type is not None:  # another architecture (qwen2, mistral, ...): its own options would be lost
+                raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which --from {fmt} does not "
+                                 f"read (its biases, sliding window or other options would be dropped); "
+                                 f"zoo convert reads model_type {', '.join(map(repr, _HF_MODEL_TYPES))}, "
+                                 f"zoo and mamba_ssm folders") from None
             found = fmt
         if found != fmt:  # transformers would build the class's default model and load nothing into it
             raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; pass --from "
@@ -785,7 +791,13 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         return from_mamba_ssm(*load_mamba_ssm(folder))
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    source = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto")
+    source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
+                                                                           output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:  # transformers would initialize missing weights at random and drop unexpected ones
+            raise UnmappableError(f"{fmt}: {folder} does not fit {_HF_CLASSES[fmt]}: {kind.replace('_', ' ')} "
+                                  f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
     return _IMPORTERS[fmt](source)
 
 
