@@ -180,6 +180,15 @@ def test_from_format_refuses_other_architectures_and_weights_that_do_not_fit(tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_names_a_destination_that_is_a_file(tmp_path):
+    # every way out (zoo folder, transformers, mamba_ssm) ended in a traceback: AssertionError or FileExistsError
+    LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")
+    (tmp_path / "file").write_text("")
+    for to_format in (None, "hf-llama", "mamba_ssm"):
+        with pytest.raises(ValueError, match="is a file; give a folder"):
+            convert(tmp_path / "llama", tmp_path / "file", to_format=to_format)
+
+
 def test_hf_mamba2_grouped_norm_is_what_transformers_computes():
     # transformers' Mamba2 normalized the gated RMSNorm over all of d_inner whatever n_groups was, and per B/C
     # group (as mamba_ssm) from 5.2x on; the import must reproduce the installed version, and the other

@@ -813,6 +813,8 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
     if Path(dst).resolve() == Path(src).resolve():
         raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
+    if Path(dst).exists() and not Path(dst).is_dir():
+        raise ValueError(f"the destination {dst} is a file; give a folder to write the converted checkpoint to")
     tok = load_folder_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
     if to_format is None:
         model = load_as_zoo(src, from_format)
