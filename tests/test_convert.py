@@ -489,3 +489,11 @@ def test_mamba_ssm_unmappable_is_a_named_error(override, option):
               **override}
     with pytest.raises(UnmappableError, match=option):
         from_mamba_ssm(config, {})
+
+
+def test_mamba_ssm_state_dict_of_another_layout_is_a_named_error():
+    # a MixerModel's state dict (no `backbone.` prefix) ended in KeyError: 'backbone.embedding.weight' (a traceback)
+    config = MAMBA_SSM_CASES["mamba1-tied-padded"]
+    sd = {k.removeprefix("backbone."): v for k, v in mamba_ssm_checkpoint(config).items()}
+    with pytest.raises(UnmappableError, match="no 'backbone.embedding.weight'.*MambaLMHeadModel"):
+        from_mamba_ssm(config, sd)

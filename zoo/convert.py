@@ -656,6 +656,10 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     state = dict(state_dict)
     if "backbone.embeddings.weight" in state:  # the key transformers' Mamba load hook also accepts
         state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
+    if "backbone.embedding.weight" not in state:
+        raise UnmappableError(f"mamba_ssm: the state dict has no 'backbone.embedding.weight' (its first keys: "
+                              f"{sorted(state)[:3]}); give MambaLMHeadModel's state dict, as its save_pretrained "
+                              f"writes it")
     rows = state["backbone.embedding.weight"].shape[0]
     if rows != vocab:
         raise UnmappableError(f"mamba_ssm: the embedding has {rows} rows but vocab_size={c['vocab_size']} padded to "
