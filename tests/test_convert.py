@@ -189,6 +189,23 @@ def test_convert_names_a_destination_that_is_a_file(tmp_path):
             convert(tmp_path / "llama", tmp_path / "file", to_format=to_format)
 
 
+def test_generation_config_travels_with_the_checkpoint(tmp_path):
+    # generation_config.json (Llama-3's eos list, sampling defaults) was rebuilt from config.json on the way in and
+    # out, so generate no longer stopped at the ids only it listed, nor sampled as the source did
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(HF_SOURCES["hf-llama"][2]())
+    source.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], do_sample=True, temperature=0.6,
+                                                top_p=0.9)
+    source.save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo")])
+    main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", "hf-llama"])
+    for folder in ("zoo", "back"):
+        generation = GenerationConfig.from_pretrained(tmp_path / folder)
+        assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.temperature == 0.6, folder
+
+
 def test_hf_mamba2_grouped_norm_is_what_transformers_computes():
     # transformers' Mamba2 normalized the gated RMSNorm over all of d_inner whatever n_groups was, and per B/C
     # group (as mamba_ssm) from 5.2x on; the import must reproduce the installed version, and the other

@@ -17,6 +17,7 @@ checkpoint costs little memory; clone the result before training it if the sourc
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -128,8 +129,17 @@ def _jamba_keys(kinds: list[str]) -> list[tuple[str, str]]:
 
 # ---- model building ------------------------------------------------------------------------------------------
 
-def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor]) -> ZooForCausalLM:
-    """A ZooForCausalLM holding exactly `state` (tensors adopted, not copied); missing or extra keys raise."""
+def _carry_generation_config(source: nn.Module | None, model: nn.Module) -> None:
+    """The source's generation defaults (every eos id, sampling settings) travel with its weights: rebuilt from
+    the config alone, generate would not stop at the ids only generation_config.json lists."""
+    if getattr(source, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(source.generation_config)
+
+
+def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor], source: nn.Module | None = None
+               ) -> ZooForCausalLM:
+    """A ZooForCausalLM holding exactly `state` (tensors adopted, not copied) and the generation config of
+    `source`; missing or extra keys raise."""
     if config.tie_embeddings:
         state.setdefault("lm_head.weight", state["model.embeddings.weight"])
     with torch.device("meta"):
@@ -148,11 +158,13 @@ def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor]) -> ZooForCausa
         model.lm_head.weight = model.model.embeddings.weight
     model.config.dtype = model.model.embeddings.weight.dtype
     model.mark_no_weight_decay()
+    _carry_generation_config(source, model)
     return model.eval()
 
 
-def _build_hf(cls: type, config, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A transformers model of class `cls` holding exactly `state` (tensors adopted with their dtypes)."""
+def _build_hf(cls: type, config, state: dict[str, torch.Tensor], source: nn.Module | None = None) -> nn.Module:
+    """A transformers model of class `cls` holding exactly `state` (tensors adopted with their dtypes) and the
+    generation config of `source`."""
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every parameter is assigned below; random init would only cost time
@@ -170,6 +182,7 @@ def _build_hf(cls: type, config, state: dict[str, torch.Tensor]) -> nn.Module:
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.dtype = model.get_input_embeddings().weight.dtype
+    _carry_generation_config(source, model)
     return model.eval()
 
 
@@ -256,7 +269,7 @@ def from_hf_mamba(model) -> ZooForCausalLM:
                        norm_eps=c.layer_norm_epsilon, initializer_range=c.initializer_range,
                        rescale_prenorm_residual=c.rescale_prenorm_residual, residual_in_fp32=c.residual_in_fp32,
                        **_token_ids(c))
-    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt))
+    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt), model)
 
 
 def to_hf_mamba(model: ZooForCausalLM):
@@ -276,7 +289,7 @@ def to_hf_mamba(model: ZooForCausalLM):
                          residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank, time_step_scale=o["dt_scale"],
                          time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                          tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
-    return _build_hf(MambaForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt))
+    return _build_hf(MambaForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
 
 
 # ---- transformers Mamba-2 ------------------------------------------------------------------------------------
@@ -321,7 +334,7 @@ def from_hf_mamba2(model) -> ZooForCausalLM:
                        norm_eps=c.layer_norm_epsilon, initializer_range=c.initializer_range,
                        rescale_prenorm_residual=c.rescale_prenorm_residual, residual_in_fp32=c.residual_in_fp32,
                        **_token_ids(c))
-    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt))
+    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt), model)
 
 
 def to_hf_mamba2(model: ZooForCausalLM):
@@ -351,7 +364,7 @@ def to_hf_mamba2(model: ZooForCausalLM):
                           time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                           time_step_limit=(0.0, float("inf")), chunk_size=m.chunk_size,
                           tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
-    return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt))
+    return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
 
 
 # ---- transformers Llama --------------------------------------------------------------------------------------
@@ -383,7 +396,7 @@ def from_hf_llama(model) -> ZooForCausalLM:
                        tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps,
                        initializer_range=c.initializer_range, max_position_embeddings=c.max_position_embeddings,
                        residual_in_fp32=False, **_token_ids(c))  # Llama adds its residual in the model's dtype
-    return _build_zoo(config, _rename(_state(model), _LLAMA_KEYS, False, fmt))
+    return _build_zoo(config, _rename(_state(model), _LLAMA_KEYS, False, fmt), model)
 
 
 def to_hf_llama(model: ZooForCausalLM):
@@ -403,7 +416,7 @@ def to_hf_llama(model: ZooForCausalLM):
                          tie_word_embeddings=zc.tie_embeddings,
                          rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
                          attention_bias=False, mlp_bias=False, **_token_ids(zc))
-    return _build_hf(LlamaForCausalLM, config, _rename(_state(model), _LLAMA_KEYS, True, fmt))
+    return _build_hf(LlamaForCausalLM, config, _rename(_state(model), _LLAMA_KEYS, True, fmt), model)
 
 
 # ---- transformers Jamba --------------------------------------------------------------------------------------
@@ -483,7 +496,7 @@ def from_hf_jamba(model) -> ZooForCausalLM:
         raise _unmappable(fmt, "expert_layer_period/offset", (c.expert_layer_period, c.expert_layer_offset),
                           "the expert layers do not follow the zoo's moe.every/offset rule")
     state = _jamba_unfuse_experts(_state(model))
-    return _build_zoo(config, _rename(state, _jamba_keys(kinds), False, fmt))
+    return _build_zoo(config, _rename(state, _jamba_keys(kinds), False, fmt), model)
 
 
 def to_hf_jamba(model: ZooForCausalLM):
@@ -552,7 +565,7 @@ def to_hf_jamba(model: ZooForCausalLM):
                          attn_layer_period=attn_period[0], attn_layer_offset=attn_period[1],
                          use_mamba_kernels=False, **extra, **_token_ids(zc))
     state = _rename(_state(model), _jamba_keys(kinds), True, fmt)
-    return _build_hf(JambaForCausalLM, config, _jamba_fuse_experts(state))
+    return _build_hf(JambaForCausalLM, config, _jamba_fuse_experts(state), model)
 
 
 # ---- mamba_ssm (MambaLMHeadModel) ----------------------------------------------------------------------------

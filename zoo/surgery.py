@@ -125,6 +125,8 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
             new_state[key] = donor_state[".".join([*parts[:2], str(sources[layer]), *parts[3:]])]
     hybrid.load_state_dict(new_state, strict=True)
     hybrid.mark_no_weight_decay()
+    if base.generation_config is not None:  # the base's eos ids and sampling defaults, as its tokenizer
+        hybrid.generation_config = copy.deepcopy(base.generation_config)
     return hybrid.train(base.training)
 
 
