@@ -26,6 +26,8 @@ from transformers import (
     Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
@@ -154,6 +156,54 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path):
         tok = AutoTokenizer.from_pretrained(tmp_path / folder)
         assert tok("héllo", add_special_tokens=False)["input_ids"] == list("héllo".encode())
     assert AutoConfig.from_pretrained(tmp_path / "zoo").pad_token_id == tok.pad_token_id  # filled from the tokenizer
+
+
+def test_from_format_refuses_other_architectures_and_weights_that_do_not_fit(tmp_path):
+    # Qwen2 is Llama with q/k/v biases: LlamaForCausalLM.from_pretrained loaded it with a warning, dropping the
+    # biases, and the "converted" model's logits were off by ~0.6 (likewise a Mistral's sliding window was lost)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match="model_type='qwen2'.*--from hf-llama"):
+        convert(tmp_path / "qwen2", tmp_path / "out", from_format="hf-llama")
+    assert not (tmp_path / "out").exists()
+    # a config.json without model_type is taken at --from's word, but its weights must fit: none dropped, none
+    # left at random
+    LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    del config["model_type"]
+    for extra_layers, match in ((0, "unexpected keys.*'model.layers.1"), (1, "missing keys.*'model.layers.2")):
+        (tmp_path / "llama" / "config.json").write_text(json.dumps(
+            config | {"num_hidden_layers": 1 + 2 * extra_layers}))
+        with pytest.raises(UnmappableError, match=match):
+            convert(tmp_path / "llama", tmp_path / "out", from_format="hf-llama")
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_names_a_destination_that_is_a_file(tmp_path):
+    # every way out (zoo folder, transformers, mamba_ssm) ended in a traceback: AssertionError or FileExistsError
+    LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")
+    (tmp_path / "file").write_text("")
+    for to_format in (None, "hf-llama", "mamba_ssm"):
+        with pytest.raises(ValueError, match="is a file; give a folder"):
+            convert(tmp_path / "llama", tmp_path / "file", to_format=to_format)
+
+
+def test_generation_config_travels_with_the_checkpoint(tmp_path):
+    # generation_config.json (Llama-3's eos list, sampling defaults) was rebuilt from config.json on the way in and
+    # out, so generate no longer stopped at the ids only it listed, nor sampled as the source did
+    from transformers import GenerationConfig
+
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(HF_SOURCES["hf-llama"][2]())
+    source.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=[2, 7], do_sample=True, temperature=0.6,
+                                                top_p=0.9)
+    source.save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo")])
+    main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", "hf-llama"])
+    for folder in ("zoo", "back"):
+        generation = GenerationConfig.from_pretrained(tmp_path / folder)
+        assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.temperature == 0.6, folder
 
 
 def test_hf_mamba2_grouped_norm_is_what_transformers_computes():
@@ -456,3 +506,11 @@ def test_mamba_ssm_unmappable_is_a_named_error(override, option):
               **override}
     with pytest.raises(UnmappableError, match=option):
         from_mamba_ssm(config, {})
+
+
+def test_mamba_ssm_state_dict_of_another_layout_is_a_named_error():
+    # a MixerModel's state dict (no `backbone.` prefix) ended in KeyError: 'backbone.embedding.weight' (a traceback)
+    config = MAMBA_SSM_CASES["mamba1-tied-padded"]
+    sd = {k.removeprefix("backbone."): v for k, v in mamba_ssm_checkpoint(config).items()}
+    with pytest.raises(UnmappableError, match="no 'backbone.embedding.weight'.*MambaLMHeadModel"):
+        from_mamba_ssm(config, sd)

@@ -82,3 +82,14 @@ def test_folder_without_tokenizer(tmp_path):
     save_model_folder(tiny("mamba"), tmp_path)
     assert (tmp_path / "config.json").is_file() and (tmp_path / "generation_config.json").is_file()
     assert load_folder_tokenizer(tmp_path) is None
+
+
+def test_bad_tokenizer_or_destination_is_named(tmp_path):
+    # a missing local tokenizer folder was reported by transformers as "Repo id must be in the form ...", and a
+    # destination that is a file as a bare AssertionError (a traceback from the CLI)
+    for ref in (tmp_path / "nope", tmp_path / "file.json", "./nope"):
+        Path(tmp_path / "file.json").write_text("{}")
+        with pytest.raises(ValueError, match="no such tokenizer folder"):
+            load_folder_tokenizer(ref)
+    with pytest.raises(ValueError, match="is a file; give a folder"):
+        save_model_folder(tiny("mamba"), tmp_path / "file.json")

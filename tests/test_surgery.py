@@ -135,3 +135,23 @@ def test_cli_grafts_transformers_checkpoints(tmp_path):
     assert same(hybrid.model.layers[3].mixer, zoo_mamba.model.layers[6].mixer)
     assert same(hybrid.model.layers[2], zoo_llama.model.layers[2])
     assert same(hybrid.model.embeddings, zoo_llama.model.embeddings)
+
+
+def test_graft_keeps_the_base_generation_config(base, donor):
+    # the hybrid's generation config was rebuilt from the config: the base's extra eos ids and sampling defaults
+    # were lost
+    from transformers import GenerationConfig
+
+    base.generation_config = GenerationConfig(eos_token_id=[2, 7], do_sample=True, top_p=0.9)
+    try:
+        generation = graft(base, "AMAM", donor).generation_config
+    finally:
+        base.generation_config = GenerationConfig.from_model_config(base.config)
+    assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.top_p == 0.9
+
+
+def test_cli_names_bad_donor_layers(tmp_path, capsys):
+    # `--donor-layers x` ended in "invalid literal for int() with base 10: 'x'", naming no option
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "hybrid"), "--base", str(tmp_path), "--pattern", "AM", "--donor-layers", "1,x"])
+    assert "--donor-layers: expected comma-separated layer indices" in capsys.readouterr().err

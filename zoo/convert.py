@@ -17,6 +17,7 @@ checkpoint costs little memory; clone the result before training it if the sourc
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -128,8 +129,17 @@ def _jamba_keys(kinds: list[str]) -> list[tuple[str, str]]:
 
 # ---- model building ------------------------------------------------------------------------------------------
 
-def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor]) -> ZooForCausalLM:
-    """A ZooForCausalLM holding exactly `state` (tensors adopted, not copied); missing or extra keys raise."""
+def _carry_generation_config(source: nn.Module | None, model: nn.Module) -> None:
+    """The source's generation defaults (every eos id, sampling settings) travel with its weights: rebuilt from
+    the config alone, generate would not stop at the ids only generation_config.json lists."""
+    if getattr(source, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(source.generation_config)
+
+
+def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor], source: nn.Module | None = None
+               ) -> ZooForCausalLM:
+    """A ZooForCausalLM holding exactly `state` (tensors adopted, not copied) and the generation config of
+    `source`; missing or extra keys raise."""
     if config.tie_embeddings:
         state.setdefault("lm_head.weight", state["model.embeddings.weight"])
     with torch.device("meta"):
@@ -148,11 +158,13 @@ def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor]) -> ZooForCausa
         model.lm_head.weight = model.model.embeddings.weight
     model.config.dtype = model.model.embeddings.weight.dtype
     model.mark_no_weight_decay()
+    _carry_generation_config(source, model)
     return model.eval()
 
 
-def _build_hf(cls: type, config, state: dict[str, torch.Tensor]) -> nn.Module:
-    """A transformers model of class `cls` holding exactly `state` (tensors adopted with their dtypes)."""
+def _build_hf(cls: type, config, state: dict[str, torch.Tensor], source: nn.Module | None = None) -> nn.Module:
+    """A transformers model of class `cls` holding exactly `state` (tensors adopted with their dtypes) and the
+    generation config of `source`."""
     from transformers.initialization import no_init_weights
 
     with no_init_weights():  # every parameter is assigned below; random init would only cost time
@@ -170,6 +182,7 @@ def _build_hf(cls: type, config, state: dict[str, torch.Tensor]) -> nn.Module:
     if getattr(config, "tie_word_embeddings", False):
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.dtype = model.get_input_embeddings().weight.dtype
+    _carry_generation_config(source, model)
     return model.eval()
 
 
@@ -256,7 +269,7 @@ def from_hf_mamba(model) -> ZooForCausalLM:
                        norm_eps=c.layer_norm_epsilon, initializer_range=c.initializer_range,
                        rescale_prenorm_residual=c.rescale_prenorm_residual, residual_in_fp32=c.residual_in_fp32,
                        **_token_ids(c))
-    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt))
+    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt), model)
 
 
 def to_hf_mamba(model: ZooForCausalLM):
@@ -276,7 +289,7 @@ def to_hf_mamba(model: ZooForCausalLM):
                          residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank, time_step_scale=o["dt_scale"],
                          time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                          tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
-    return _build_hf(MambaForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt))
+    return _build_hf(MambaForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
 
 
 # ---- transformers Mamba-2 ------------------------------------------------------------------------------------
@@ -321,7 +334,7 @@ def from_hf_mamba2(model) -> ZooForCausalLM:
                        norm_eps=c.layer_norm_epsilon, initializer_range=c.initializer_range,
                        rescale_prenorm_residual=c.rescale_prenorm_residual, residual_in_fp32=c.residual_in_fp32,
                        **_token_ids(c))
-    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt))
+    return _build_zoo(config, _rename(_state(model), _MAMBA_KEYS, False, fmt), model)
 
 
 def to_hf_mamba2(model: ZooForCausalLM):
@@ -351,7 +364,7 @@ def to_hf_mamba2(model: ZooForCausalLM):
                           time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                           time_step_limit=(0.0, float("inf")), chunk_size=m.chunk_size,
                           tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
-    return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt))
+    return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
 
 
 # ---- transformers Llama --------------------------------------------------------------------------------------
@@ -383,7 +396,7 @@ def from_hf_llama(model) -> ZooForCausalLM:
                        tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps,
                        initializer_range=c.initializer_range, max_position_embeddings=c.max_position_embeddings,
                        residual_in_fp32=False, **_token_ids(c))  # Llama adds its residual in the model's dtype
-    return _build_zoo(config, _rename(_state(model), _LLAMA_KEYS, False, fmt))
+    return _build_zoo(config, _rename(_state(model), _LLAMA_KEYS, False, fmt), model)
 
 
 def to_hf_llama(model: ZooForCausalLM):
@@ -403,7 +416,7 @@ def to_hf_llama(model: ZooForCausalLM):
                          tie_word_embeddings=zc.tie_embeddings,
                          rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
                          attention_bias=False, mlp_bias=False, **_token_ids(zc))
-    return _build_hf(LlamaForCausalLM, config, _rename(_state(model), _LLAMA_KEYS, True, fmt))
+    return _build_hf(LlamaForCausalLM, config, _rename(_state(model), _LLAMA_KEYS, True, fmt), model)
 
 
 # ---- transformers Jamba --------------------------------------------------------------------------------------
@@ -483,7 +496,7 @@ def from_hf_jamba(model) -> ZooForCausalLM:
         raise _unmappable(fmt, "expert_layer_period/offset", (c.expert_layer_period, c.expert_layer_offset),
                           "the expert layers do not follow the zoo's moe.every/offset rule")
     state = _jamba_unfuse_experts(_state(model))
-    return _build_zoo(config, _rename(state, _jamba_keys(kinds), False, fmt))
+    return _build_zoo(config, _rename(state, _jamba_keys(kinds), False, fmt), model)
 
 
 def to_hf_jamba(model: ZooForCausalLM):
@@ -552,7 +565,7 @@ def to_hf_jamba(model: ZooForCausalLM):
                          attn_layer_period=attn_period[0], attn_layer_offset=attn_period[1],
                          use_mamba_kernels=False, **extra, **_token_ids(zc))
     state = _rename(_state(model), _jamba_keys(kinds), True, fmt)
-    return _build_hf(JambaForCausalLM, config, _jamba_fuse_experts(state))
+    return _build_hf(JambaForCausalLM, config, _jamba_fuse_experts(state), model)
 
 
 # ---- mamba_ssm (MambaLMHeadModel) ----------------------------------------------------------------------------
@@ -656,6 +669,10 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     state = dict(state_dict)
     if "backbone.embeddings.weight" in state:  # the key transformers' Mamba load hook also accepts
         state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
+    if "backbone.embedding.weight" not in state:
+        raise UnmappableError(f"mamba_ssm: the state dict has no 'backbone.embedding.weight' (its first keys: "
+                              f"{sorted(state)[:3]}); give MambaLMHeadModel's state dict, as its save_pretrained "
+                              f"writes it")
     rows = state["backbone.embedding.weight"].shape[0]
     if rows != vocab:
         raise UnmappableError(f"mamba_ssm: the embedding has {rows} rows but vocab_size={c['vocab_size']} padded to "
@@ -774,7 +791,13 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     else:
         try:
             found = detect_format(folder)
-        except ValueError:  # a model_type we cannot tell: take --from at its word
+        except ValueError:  # no model_type to tell by: take --from at its word (the weights are checked below)
+            model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+            if model_type is not None:  # another architecture (qwen2, mistral, ...): its own options would be lost
+                raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which --from {fmt} does not "
+                                 f"read (its biases, sliding window or other options would be dropped); "
+                                 f"zoo convert reads model_type {', '.join(map(repr, _HF_MODEL_TYPES))}, "
+                                 f"zoo and mamba_ssm folders") from None
             found = fmt
         if found != fmt:  # transformers would build the class's default model and load nothing into it
             raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; pass --from "
@@ -785,7 +808,13 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         return from_mamba_ssm(*load_mamba_ssm(folder))
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    source = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto")
+    source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
+                                                                           output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:  # transformers would initialize missing weights at random and drop unexpected ones
+            raise UnmappableError(f"{fmt}: {folder} does not fit {_HF_CLASSES[fmt]}: {kind.replace('_', ' ')} "
+                                  f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
     return _IMPORTERS[fmt](source)
 
 
@@ -801,6 +830,8 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
     if Path(dst).resolve() == Path(src).resolve():
         raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
+    if Path(dst).exists() and not Path(dst).is_dir():
+        raise ValueError(f"the destination {dst} is a file; give a folder to write the converted checkpoint to")
     tok = load_folder_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
     if to_format is None:
         model = load_as_zoo(src, from_format)

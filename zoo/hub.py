@@ -33,6 +33,9 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
         return ByteTokenizer()
     path = Path(name_or_path)
     if not path.is_dir():
+        if path.expanduser().is_file() or is_local_ref(str(name_or_path)):  # else transformers: "Repo id must be ..."
+            raise ValueError(f"tokenizer: {str(name_or_path)!r}: no such tokenizer folder; give 'byte', a folder "
+                             f"with tokenizer files, or a hub id")
         return AutoTokenizer.from_pretrained(str(name_or_path))
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         return None
@@ -52,6 +55,8 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     more tokens than the model's vocabulary.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{str(folder)!r} is a file; give a folder to write the model to")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_folder_tokenizer(tokenizer)
     config, generation = model.config, model.generation_config

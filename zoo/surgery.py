@@ -125,6 +125,8 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
             new_state[key] = donor_state[".".join([*parts[:2], str(sources[layer]), *parts[3:]])]
     hybrid.load_state_dict(new_state, strict=True)
     hybrid.mark_no_weight_decay()
+    if base.generation_config is not None:  # the base's eos ids and sampling defaults, as its tokenizer
+        hybrid.generation_config = copy.deepcopy(base.generation_config)
     return hybrid.train(base.training)
 
 
@@ -163,9 +165,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, src in (("--base", args.base), ("--donor", args.donor)):
         if src is not None and Path(src).resolve() == Path(args.dst).resolve():
             p.error(f"dst {args.dst!r} is the {name} folder; write the hybrid to another folder")
+    try:
+        donor_layers = [int(x) for x in args.donor_layers.split(",")] if args.donor_layers else None
+    except ValueError:
+        p.error(f"--donor-layers: expected comma-separated layer indices such as 2,6; got {args.donor_layers!r}")
     base = load_as_zoo(args.base)
     donor = load_as_zoo(args.donor) if args.donor else None
-    donor_layers = [int(x) for x in args.donor_layers.split(",")] if args.donor_layers else None
     hybrid = graft(base, args.pattern, donor, mixers=_read_mixers(args.mixers), donor_layers=donor_layers,
                    mixer_norm=args.mixer_norm, seed=args.seed)
     out = save_model_folder(hybrid, args.dst, load_folder_tokenizer(args.base), max_shard_size=args.max_shard_size)
