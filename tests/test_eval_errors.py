@@ -224,3 +224,26 @@ def test_evaluators_refuse_no_rows():
         evaluate_synthetic(model, "mqar", [64], n_samples=0, batch_size=8, vocab_size=64)
     with pytest.raises(ValueError, match="n_samples=0 must be >= 1"):
         evaluate_passkey(model, None, [256], n_samples=0)
+
+
+def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
+    """zoo eval state on an attention-only model used to write a state.json with no layers and a loss plot alone
+    (and --norm-calibrate did nothing): now one line naming --model, before any rows are read."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.state import calibrate_norm_threshold, record_state_statistics
+
+    attention = ROOT / "configs" / "models" / "transformerpp-tiny.yaml"
+    argv = ["eval", "state", "--model", str(attention), "--tokenizer", "byte", "--max-len", "32", "--n-docs", "1",
+            "--device", "cpu", "--out", str(tmp_path / "state")]
+    code, err = run_cli(argv, capsys)
+    first = err.splitlines()[0]
+    assert code == 2 and first.startswith(f"zoo eval state: --model {attention}: ") and "no recurrent layer" in first
+    assert not (tmp_path / "state").exists()
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(attention)).eval()
+    ids = torch.randint(0, 512, (1, 16))
+    for call in (lambda: record_state_statistics(model, ids, chunk_size=8),
+                 lambda: calibrate_norm_threshold(model, ids)):
+        with pytest.raises(ValueError, match="no recurrent layer"):
+            call()

@@ -34,6 +34,7 @@ from zoo.state import (
     add_mitigation_argument,
     apply_mitigation,
     calibrate_norm_threshold,
+    check_recurrent,
     format_spec,
     plot_state_statistics,
     record_state_statistics,
@@ -147,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     model = load_model(args.model, args.device, args.dtype)
+    check_recurrent(model, f"--model {args.model}")
     rows = load_rows(args)
     check_rows(model, rows, args)
     record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
