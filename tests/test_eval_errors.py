@@ -247,3 +247,42 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
                  lambda: calibrate_norm_threshold(model, ids)):
         with pytest.raises(ValueError, match="no recurrent layer"):
             call()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--compare", "--mitigation", "forget:c_alpa=0.9"], "--mitigation: mitigation 'forget:c_alpa=0.9': expected"),
+    (["--compare"], "--compare: nothing to compare"),
+    (["--norm-calibrate", "0"], "--norm-calibrate: the reference prefix must be >= 1 token, got 0"),
+    (["--norm-calibrate", "16", "--norm-factor", "0"], "--norm-factor: must be a number > 0"),
+    (["--norm-calibrate", "16", "--mitigation", "window:r=8"], "--norm-calibrate: sets the state-norm cap itself"),
+    (["--norm-calibrate", "16", "--mitigation", "norm:threshold=5"], "--norm-calibrate: sets the state-norm cap"),
+    (["--norm-calibrate", "4K"], "--norm-calibrate 4096: longer than the rows (32 tokens)"),
+], ids=["bad-spec-with-compare", "compare-alone", "calibrate-0", "factor-0", "calibrate-window", "calibrate-norm",
+        "calibrate-past-rows"])
+def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
+    """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
+    --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),
+    --norm-calibrate with norm:threshold=5 dropped the 5 silently, and one longer than the rows calibrated on the
+    whole evaluation."""
+    from zoo.eval import state
+
+    runs = []
+    real = state.record_state_statistics
+    monkeypatch.setattr(state, "record_state_statistics", lambda *a, **k: runs.append(1) or real(*a, **k))
+    torch.save(torch.randint(0, 256, (2, 32)), tmp_path / "rows.pt")
+    argv = ["--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32", "--chunk-size", "16",
+            "--device", "cpu", "--out", str(tmp_path / "state"), *options]
+    with pytest.raises(ValueError) as e:
+        state.main(argv)
+    assert message in str(e.value) and not runs and not (tmp_path / "state").exists()
+
+
+def test_state_compare_with_forget_and_calibrated_norm(tmp_path):
+    from zoo.eval import state
+
+    torch.save(torch.randint(0, 256, (2, 32)), tmp_path / "rows.pt")
+    state.main(["--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32", "--chunk-size",
+                "16", "--device", "cpu", "--out", str(tmp_path / "state"), "--compare", "--norm-calibrate", "16",
+                "--mitigation", "forget:c_alpha=0.99"])
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())["runs"]
+    assert list(saved)[0] == "none" and list(saved)[1].startswith("forget:c_alpha=0.99+norm:threshold=1x prefix 16")
