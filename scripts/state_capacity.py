@@ -320,9 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(args.config, [item[2:] for item in rest])
         runs = expand_runs(sweep)
         check_only(args.only, sweep["models"])
+        sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
+        stateless = [name for name, s in sizes.items() if s == 0]
+        if stateless and sweep["eval"]["mitigations"]:  # apply_mitigation would refuse it, after its training
+            raise ValueError(f"models.{stateless[0]}: has no recurrent layer (mamba, mamba2, gla), so no state for "
+                             f"eval.mitigations to act on (S = 0); give models with one (hybrids are fine), or "
+                             f"eval.mitigations=[] for an unmitigated baseline")
     except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
         parser.error(str(e))
-    sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
     out = Path(sweep["output_dir"])
     if args.dry_run:
         for name, s in sizes.items():
