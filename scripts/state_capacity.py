@@ -58,10 +58,42 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
         if isinstance(spec, str):
             data["models"][name] = yaml.safe_load(Path(spec).read_text())
     data.setdefault("output_dir", "runs/state-capacity")
-    data["train_lengths"] = sorted(int(x) for x in data["train_lengths"])
+    lengths = data["train_lengths"]
+    if not isinstance(lengths, list) or not lengths or not all(_is_int(x) and x >= 1 for x in lengths):
+        raise ValueError(f"train_lengths: expected a list of positive integers (tokens per row), got {lengths!r}")
+    data["train_lengths"] = sorted(lengths)
+    for key in ("tokens_per_run", "batch_tokens"):
+        if not (_is_int(data[key]) and data[key] >= 1):
+            raise ValueError(f"{key}: expected a positive integer (tokens), got {data[key]!r}")
+    check_eval(data["eval"])
     check_mitigations(data["eval"]["mitigations"])
     expand_runs(data)  # every run config must validate
     return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_eval(ev: dict) -> None:
+    """The ``eval`` section's values, checked at load: a wrong type would otherwise surface only after training,
+    in the evaluation or the collapse verdict (and that run's evaluation would be lost)."""
+    for key in ("max_len", "n_docs", "chunk_size", "batch_size"):
+        lowest = 2 if key == "max_len" else 1
+        if key == "chunk_size" and ev[key] is None:  # one forward per document (zoo.eval.length)
+            continue
+        if not (_is_int(ev[key]) and ev[key] >= lowest):
+            raise ValueError(f"eval.{key}: expected an integer >= {lowest}, got {ev[key]!r}")
+    for key, lowest in (("bins_per_octave", 0), ("factor", 0), ("margin", None)):
+        value = ev[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (lowest is not None and value <= lowest) or (lowest is None and value < 0):
+            bound = "> 0" if lowest is not None else ">= 0 (nats)"
+            raise ValueError(f"eval.{key}: expected a number {bound}, got {value!r}")
+    if not _is_int(ev["seed"]):
+        raise ValueError(f"eval.seed: expected an integer, got {ev['seed']!r}")
+    if ev["start"] not in ("document", "random"):
+        raise ValueError(f"eval.start: expected 'document' or 'random', got {ev['start']!r}")
 
 
 def check_mitigations(specs: list) -> None:
@@ -288,9 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         sweep = load_sweep(args.config, [item[2:] for item in rest])
         runs = expand_runs(sweep)
         check_only(args.only, sweep["models"])
+        sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
+        stateless = [name for name, s in sizes.items() if s == 0]
+        if stateless and sweep["eval"]["mitigations"]:  # apply_mitigation would refuse it, after its training
+            raise ValueError(f"models.{stateless[0]}: has no recurrent layer (mamba, mamba2, gla), so no state for "
+                             f"eval.mitigations to act on (S = 0); give models with one (hybrids are fine), or "
+                             f"eval.mitigations=[] for an unmitigated baseline")
     except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
         parser.error(str(e))
-    sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
     out = Path(sweep["output_dir"])
     if args.dry_run:
         for name, s in sizes.items():

@@ -119,3 +119,29 @@ def test_state_capacity_and_collapse_judge_alike(L, bins_per_octave):
     assert judged["reference"] is not None and judged["collapsed"] is True
     assert judged["reference"] == pytest.approx(v["reference"]) and judged["collapsed"] == v["rises"]
     assert judged["worst"] == v["worst"] and judged["worst_at"] == v["worst_at"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("eval.factor=abc", "eval.factor: expected a number > 0, got 'abc'"),
+    ("eval.margin=-0.1", "eval.margin: expected a number >= 0 (nats), got -0.1"),
+    ("eval.margin=0.1nats", "eval.margin: expected a number"),
+    ("eval.batch_size=0", "eval.batch_size: expected an integer >= 1, got 0"),
+    ("eval.max_len=1.5", "eval.max_len: expected an integer >= 2, got 1.5"),
+    ("eval.bins_per_octave=0", "eval.bins_per_octave: expected a number > 0, got 0"),
+    ("eval.start=randm", "eval.start: expected 'document' or 'random', got 'randm'"),
+    ("train_lengths=[0]", "train_lengths: expected a list of positive integers"),
+    ("train_lengths=[64,abc]", "train_lengths: expected a list of positive integers"),
+])
+def test_sweep_eval_values_are_checked_at_load(capsys, bad, message):
+    """A wrong eval value used to pass load_sweep (and --dry-run) and fail only after training: eval.factor=abc or
+    eval.margin=0.1nats raised a TypeError in the collapse verdict once the run was trained and evaluated (that
+    evaluation never reached evaluations.json), train_lengths=[0] a ZeroDivisionError traceback."""
+    capacity = load_script("scripts/state_capacity.py")
+    with pytest.raises(ValueError) as e:
+        capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [bad])
+    assert message in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        capacity.main([str(ROOT / "configs/train/collapse.yaml"), f"--{bad}", "--dry-run"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    # the recipes' own values, and a chunk_size of null (one forward per document), still load
+    capacity.load_sweep(ROOT / "configs/train/state-capacity.yaml", ["eval.chunk_size=null"])

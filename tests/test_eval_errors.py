@@ -240,3 +240,65 @@ def test_evaluators_refuse_no_rows():
         evaluate_synthetic(model, "mqar", [64], n_samples=0, batch_size=8, vocab_size=64)
     with pytest.raises(ValueError, match="n_samples=0 must be >= 1"):
         evaluate_passkey(model, None, [256], n_samples=0)
+
+
+def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
+    """zoo eval state on an attention-only model used to write a state.json with no layers and a loss plot alone
+    (and --norm-calibrate did nothing): now one line naming --model, before any rows are read."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.state import calibrate_norm_threshold, record_state_statistics
+
+    attention = ROOT / "configs" / "models" / "transformerpp-tiny.yaml"
+    argv = ["eval", "state", "--model", str(attention), "--tokenizer", "byte", "--max-len", "32", "--n-docs", "1",
+            "--device", "cpu", "--out", str(tmp_path / "state")]
+    code, err = run_cli(argv, capsys)
+    first = err.splitlines()[0]
+    assert code == 2 and first.startswith(f"zoo eval state: --model {attention}: ") and "no recurrent layer" in first
+    assert not (tmp_path / "state").exists()
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(attention)).eval()
+    ids = torch.randint(0, 512, (1, 16))
+    for call in (lambda: record_state_statistics(model, ids, chunk_size=8),
+                 lambda: calibrate_norm_threshold(model, ids)):
+        with pytest.raises(ValueError, match="no recurrent layer"):
+            call()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--compare", "--mitigation", "forget:c_alpa=0.9"], "--mitigation: mitigation 'forget:c_alpa=0.9': expected"),
+    (["--compare"], "--compare: nothing to compare"),
+    (["--norm-calibrate", "0"], "--norm-calibrate: the reference prefix must be >= 1 token, got 0"),
+    (["--norm-calibrate", "16", "--norm-factor", "0"], "--norm-factor: must be a number > 0"),
+    (["--norm-calibrate", "16", "--mitigation", "window:r=8"], "--norm-calibrate: sets the state-norm cap itself"),
+    (["--norm-calibrate", "16", "--mitigation", "norm:threshold=5"], "--norm-calibrate: sets the state-norm cap"),
+    (["--norm-calibrate", "4K"], "--norm-calibrate 4096: longer than the rows (32 tokens)"),
+], ids=["bad-spec-with-compare", "compare-alone", "calibrate-0", "factor-0", "calibrate-window", "calibrate-norm",
+        "calibrate-past-rows"])
+def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
+    """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
+    --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),
+    --norm-calibrate with norm:threshold=5 dropped the 5 silently, and one longer than the rows calibrated on the
+    whole evaluation."""
+    from zoo.eval import state
+
+    runs = []
+    real = state.record_state_statistics
+    monkeypatch.setattr(state, "record_state_statistics", lambda *a, **k: runs.append(1) or real(*a, **k))
+    torch.save(torch.randint(0, 256, (2, 32)), tmp_path / "rows.pt")
+    argv = ["--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32", "--chunk-size", "16",
+            "--device", "cpu", "--out", str(tmp_path / "state"), *options]
+    with pytest.raises(ValueError) as e:
+        state.main(argv)
+    assert message in str(e.value) and not runs and not (tmp_path / "state").exists()
+
+
+def test_state_compare_with_forget_and_calibrated_norm(tmp_path):
+    from zoo.eval import state
+
+    torch.save(torch.randint(0, 256, (2, 32)), tmp_path / "rows.pt")
+    state.main(["--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32", "--chunk-size",
+                "16", "--device", "cpu", "--out", str(tmp_path / "state"), "--compare", "--norm-calibrate", "16",
+                "--mitigation", "forget:c_alpha=0.99"])
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())["runs"]
+    assert list(saved)[0] == "none" and list(saved)[1].startswith("forget:c_alpha=0.99+norm:threshold=1x prefix 16")

@@ -148,3 +148,21 @@ def test_train_synthetic_mqar_sweep_evaluates_its_count_grid(tmp_path):
     run.eval.seq_lens = [128]
     result = script.train_and_evaluate(run, Accelerator(cpu=True))
     assert [(r["seq_len"], r["n_kv"], r["n_answers"]) for r in result["rows"]] == [(128, 16, 64)]
+
+
+@pytest.mark.parametrize("script_name", ["state_capacity", "collapse"])
+def test_sweep_model_without_recurrent_layers_is_refused_before_training(tmp_path, capsys, script_name):
+    """An attention-only model in a sweep with eval.mitigations passed --dry-run (S = 0) and, once trained, the first
+    spec raised a traceback from apply_mitigation (that evaluation lost); now one line naming the model."""
+    script = load_script(f"scripts/{script_name}.py")
+    attention = ROOT / "configs/models/transformerpp-tiny.yaml"
+    err = _refused(script.main, [str(ROOT / "configs/train/collapse.yaml"), f"--models.attn={attention}",
+                                 f"--output_dir={tmp_path}", "--dry-run"], capsys)
+    assert "models.attn: has no recurrent layer" in err and "eval.mitigations" in err
+    # without mitigations it is an unmitigated baseline, as before
+    assert script.main([str(ROOT / "configs/train/collapse.yaml"), f"--models.attn={attention}",
+                        "--eval.mitigations=[]", f"--output_dir={tmp_path}", "--dry-run"]) == 0
+    # a hybrid has a state and is taken
+    hybrid = ROOT / "configs/models/jamba-tiny.yaml"
+    assert script.main([str(ROOT / "configs/train/collapse.yaml"), f"--models.attn={hybrid}",
+                        f"--output_dir={tmp_path}", "--dry-run"]) == 0

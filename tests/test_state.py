@@ -75,6 +75,20 @@ def test_parse_mitigation():
     assert mit.format_spec(parse_mitigation("forget:c_alpha=0.9+window:r=4")) == "forget:c_alpha=0.9+window:r=4"
 
 
+@pytest.mark.parametrize("text, message", [
+    ("forget:c_alpha=abc", "mitigation 'forget:c_alpha=abc': c_alpha must be a number, could not convert 'abc'"),
+    ("norm:threshold=10x", "threshold must be a number"),
+    ("forget:c_b=inf", "mitigation c_b: must be a finite number > 0, got inf"),
+    ("forget:c_dt=inf", "mitigation c_dt: must be a finite number > 0"),
+])
+def test_parse_mitigation_names_the_bad_value(text, message):
+    """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and
+    c_b=inf or c_dt=inf was taken, making every output of the mitigated layers NaN."""
+    with pytest.raises(ValueError) as e:
+        parse_mitigation(text)
+    assert message in str(e.value)
+
+
 # ---- neutral settings reproduce the unmodified mixer exactly ----------------------------------------------------
 
 NEUTRAL = {"forget": {"c_alpha": 1.0, "c_b": 1.0, "c_dt": 1.0}, "norm": {"threshold": math.inf, "chunk": 4},

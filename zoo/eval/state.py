@@ -16,6 +16,7 @@ overlays both in the plots.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +35,9 @@ from zoo.state import (
     add_mitigation_argument,
     apply_mitigation,
     calibrate_norm_threshold,
+    check_recurrent,
     format_spec,
+    parse_mitigation,
     plot_state_statistics,
     record_state_statistics,
 )
@@ -94,6 +97,29 @@ def check_rows(model, rows: torch.Tensor, args) -> None:
                         "tokenize with the model's tokenizer (--tokenizer)")
 
 
+def check_mitigation_options(args) -> None:
+    """--mitigation, --norm-calibrate, --norm-factor and --compare checked before the model runs: a bad spec used to
+    surface only after the --compare run had gone through every row, and --norm-calibrate 0 was taken as off."""
+    try:
+        spec = parse_mitigation(args.mitigation)
+    except ValueError as error:
+        raise ValueError(f"--mitigation: {error}") from None
+    if args.norm_calibrate is not None:
+        if args.norm_calibrate < 1:
+            raise ValueError(f"--norm-calibrate: the reference prefix must be >= 1 token, got {args.norm_calibrate}; "
+                             f"leave it out for no state normalization")
+        if not (math.isfinite(args.norm_factor) and args.norm_factor > 0):
+            raise ValueError(f"--norm-factor: must be a number > 0 (the cap is this times the prefix's largest "
+                             f"head norm), got {args.norm_factor:g}")
+        if spec is not None and (spec["window"] is not None or math.isfinite(spec["threshold"])):
+            raise ValueError("--norm-calibrate: sets the state-norm cap itself, so --mitigation may add forget:... "
+                             f"only, not {args.mitigation!r} (norm does not combine with window, nor with a second "
+                             "threshold)")
+    if args.compare and spec is None and args.norm_calibrate is None:
+        raise ValueError("--compare: nothing to compare the unmitigated run with; give --mitigation SPEC or "
+                         "--norm-calibrate LEN")
+
+
 def summary_rows(result: dict, per_octave: int = 1) -> list[dict]:
     """Per log-spaced sample: position, loss, and per layer the largest head state RMS (3 significant digits)."""
     positions = result["positions"]
@@ -145,10 +171,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/state")
     args = parser.parse_args(argv)
+    check_mitigation_options(args)
 
     model = load_model(args.model, args.device, args.dtype)
+    check_recurrent(model, f"--model {args.model}")
     rows = load_rows(args)
     check_rows(model, rows, args)
+    if args.norm_calibrate and args.norm_calibrate > rows.shape[1]:
+        raise ValueError(f"--norm-calibrate {args.norm_calibrate}: longer than the rows ({rows.shape[1]} tokens); "
+                         f"the reference prefix must be a part of them, give at most {rows.shape[1]}")
     record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
                   group_size=args.group_size, train_length=args.train_length, progress=True)
     runs = []

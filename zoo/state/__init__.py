@@ -25,6 +25,7 @@ from zoo.state.mitigation import (
 from zoo.state.recorder import (
     StateRecorder,
     calibrate_norm_threshold,
+    check_recurrent,
     chunk_ends,
     plot_state_statistics,
     record_state_statistics,
@@ -36,6 +37,7 @@ __all__ = [
     "add_mitigation_argument",
     "apply_mitigation",
     "calibrate_norm_threshold",
+    "check_recurrent",
     "cap_state",
     "chunk_ends",
     "format_spec",

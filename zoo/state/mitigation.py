@@ -87,7 +87,10 @@ def parse_mitigation(text: str | None) -> dict | None:
                 raise ValueError(f"mitigation {part!r}: expected key=value with key in {sorted(KINDS[kind])}, "
                                  f"got {item!r}")
             value = value.strip()
-            spec[KINDS[kind][key]] = None if value.lower() == "none" else float(value)
+            try:
+                spec[KINDS[kind][key]] = None if value.lower() == "none" else float(value)
+            except ValueError:
+                raise ValueError(f"mitigation {part!r}: {key} must be a number, could not convert {value!r}") from None
         if kind == "window" and "window" not in spec:
             raise ValueError(f"mitigation {part!r}: give the window length, e.g. window:r=512")
     return normalize_spec(spec)
@@ -106,8 +109,8 @@ def normalize_spec(spec: Mapping | None) -> dict | None:
     if not 0 < out["c_alpha"] <= 1:
         raise ValueError(f"mitigation c_alpha: must be in (0, 1] (forget more), got {out['c_alpha']}")
     for key in ("c_b", "c_dt"):
-        if not out[key] > 0:
-            raise ValueError(f"mitigation {key}: must be > 0, got {out[key]}")
+        if not (out[key] > 0 and math.isfinite(out[key])):
+            raise ValueError(f"mitigation {key}: must be a finite number > 0, got {out[key]}")
     threshold = out["threshold"]
     if isinstance(threshold, torch.Tensor):
         if not bool((threshold > 0).all()):

@@ -48,6 +48,14 @@ def mixer_kind(mixer) -> str:
     raise TypeError(f"{type(mixer).__name__} is not a recurrent zoo mixer")
 
 
+def check_recurrent(model, what: str) -> None:
+    """Refuse a model without a recurrent zoo mixer: it has no state, and the statistics would be the loss alone."""
+    if not recurrent_mixers(model):
+        raise ValueError(f"{what}: {type(model).__name__} has no recurrent layer (zoo mamba, mamba2 or gla mixer), "
+                         f"so no state to record; use a zoo model with one (a hybrid is fine), or zoo eval length "
+                         f"for the per-position loss")
+
+
 def chunk_ends(length: int, chunk_size: int, points_per_octave: int = 2, min_chunk: int = 16) -> list[int]:
     """Positions after which the state is sampled: log-spaced up to chunk_size, then every chunk_size."""
     ends = set(range(chunk_size, length, chunk_size)) | {length}
@@ -148,6 +156,7 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
     layers {layer: {kind, heads, <stat>: [n][heads or B groups]}} with the stats STATE_STATS + DECAY_STATS
     + B_STATS (delta_mean absent for gla), plus chunk_size, train_length and the mitigation in effect.
     """
+    check_recurrent(model, "record_state_statistics")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     device = next(model.parameters()).device
@@ -214,6 +223,7 @@ def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0
     normalization): threshold = factor · the largest batch-mean head norm seen over `input_ids` [B, T]
     by the unmitigated model. Forget / window settings already on a mixer are kept; returns the thresholds
     per layer."""
+    check_recurrent(model, "calibrate_norm_threshold")
     mixers = recurrent_mixers(model)
     saved = {id(m): m.mitigation for m in mixers}
     for m in mixers:
@@ -310,6 +320,7 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
 __all__ = [
     "StateRecorder",
     "calibrate_norm_threshold",
+    "check_recurrent",
     "chunk_ends",
     "mixer_kind",
     "plot_state_statistics",
