@@ -164,6 +164,18 @@ def test_synthetic_grid_with_no_buildable_cell_fails(tmp_path, capsys):
     assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(32, 8)]
 
 
+def test_synthetic_cell_of_a_task_without_a_count_is_named_by_its_length_only(tmp_path):
+    # induction heads has no count argument: its skipped cell read "seq_len=2 None=None"
+    from zoo.eval import synthetic
+
+    argv = ["--model", str(MAMBA_TINY), "--task", "induction_heads", "--seq-lens", "2", "--vocab-size", "32",
+            "--n-samples", "2", "--device", "cpu", "--out", str(tmp_path / "syn")]
+    with pytest.warns(UserWarning, match=r"skipping seq_len=2: "), \
+            pytest.raises(ValueError, match=r"no cell of the induction_heads grid can be built \(seq_len=2: ") as e:
+        synthetic.main(argv)
+    assert "None" not in str(e.value)
+
+
 @pytest.mark.parametrize("options, reason", [
     (["--n-kv", "0"], "n_kv=0 must be >= 1"), (["--n-kv", "-1"], "n_kv=-1 must be >= 1"),
     (["--power-a", "0"], "power_a=0.0 must be > 0"),

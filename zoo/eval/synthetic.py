@@ -137,7 +137,8 @@ def evaluate_synthetic(
             try:  # only the task's own validation may skip a cell, never an error of the model
                 make_batch(task, 1, seq_len, **kwargs)
             except ValueError as error:
-                skipped.append(f"seq_len={seq_len} {count_name}={count}: {error}")
+                cell = f"seq_len={seq_len}" + (f" {count_name}={count}" if count_name is not None else "")
+                skipped.append(f"{cell}: {error}")
                 warnings.warn(f"skipping {skipped[-1]}", stacklevel=2)
                 if bar is not None:
                     bar.update(seq_len * n_samples)
