@@ -155,3 +155,14 @@ def test_cli_names_bad_donor_layers(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "hybrid"), "--base", str(tmp_path), "--pattern", "AM", "--donor-layers", "1,x"])
     assert "--donor-layers: expected comma-separated layer indices" in capsys.readouterr().err
+
+
+def test_mixers_file_that_does_not_exist_is_named(tmp_path):
+    # a missing --mixers file was parsed as a YAML string: "expected {letter: {type: ...}}, got 'mixers.yaml'"
+    from zoo.surgery import _read_mixers
+
+    with pytest.raises(ValueError, match=r"--mixers: no such file '.*mixers\.yaml'"):
+        _read_mixers(str(tmp_path / "mixers.yaml"))
+    (tmp_path / "mixers.yaml").write_text("M: {type: mamba, d_state: 8}\n")
+    assert _read_mixers(str(tmp_path / "mixers.yaml")) == {"M": {"type": "mamba", "d_state": 8}}
+    assert _read_mixers("{M: {type: mamba}}") == {"M": {"type": "mamba"}}  # inline YAML as before

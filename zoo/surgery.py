@@ -137,6 +137,9 @@ def _read_mixers(text: str | None) -> dict[str, dict]:
     if not text:
         return {}
     path = Path(text)
+    if not path.is_file() and path.suffix in (".yaml", ".yml", ".json") and "{" not in text:
+        raise ValueError(f"--mixers: no such file {text!r}; give a YAML file or inline YAML such as "
+                         f"'{{M: {{type: mamba}}}}'")
     data: Any = yaml.safe_load(path.read_text() if path.is_file() else text)
     if isinstance(data, dict) and "mixers" in data and isinstance(data["mixers"], dict):
         data = data["mixers"]
