@@ -446,3 +446,23 @@ def test_synthetic_recipe_model_overrides_apply_to_their_model_only():
     recipe["model_overrides"]["mamba2"] = {"train.max_steps": 5}
     with pytest.raises(ValueError, match="model_overrides: no model named"):
         script.expand_runs(recipe)
+
+
+def test_mamba_heads_record_the_channels_they_group():
+    # --group-size that does not divide d_inner is cut to gcd(d_inner, group_size) channels per head, silently:
+    # state.json's group_size said 48 where mamba-tiny's heads (d_inner 128) held 16 channels each
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba-tiny.yaml")).eval()
+    ids = torch.randint(0, 512, (1, 20))
+    with pytest.warns(UserWarning, match=r"group_size=48 does not divide layer 0's d_inner=128: .* 16 channels"):
+        result = record_state_statistics(model, ids, chunk_size=16, min_chunk=4, group_size=48)
+    for stats in result["layers"].values():
+        assert stats["channels_per_head"] == 16 and stats["heads"] == 128 // 16
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dividing group size says nothing
+        result = record_state_statistics(model, ids, chunk_size=16, min_chunk=4, group_size=32)
+    assert all(s["channels_per_head"] == 32 for s in result["layers"].values())

@@ -22,6 +22,7 @@ training length marked.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -191,6 +192,12 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
                 if not (isinstance(layer_cache, RecurrentLayer) and layer_cache.has_state):
                     continue
                 kind = recorder.kinds[i]
+                if kind == "mamba" and i not in series:  # heads are groups of gcd(d_inner, group_size) channels
+                    dim = layer_cache.recurrent_state.shape[1]
+                    series[i] = {"kind": kind, "channels_per_head": math.gcd(dim, group_size)}
+                    if dim % group_size:
+                        warnings.warn(f"group_size={group_size} does not divide layer {i}'s d_inner={dim}: its heads "
+                                      f"are groups of {math.gcd(dim, group_size)} channels", stacklevel=2)
                 row = state_statistics(kind, layer_cache.recurrent_state, group_size)
                 d = decay.get(i, {})
                 if d:
