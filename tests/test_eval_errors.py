@@ -133,6 +133,19 @@ def test_length_outputs_of_models_sharing_a_folder_name_do_not_collide(tmp_path)
     assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == paths
 
 
+def test_json_outputs_are_strict_json(tmp_path):
+    # zoo eval state on one-token rows wrote its NaN loss as a bare NaN, which jq, JavaScript and other strict
+    # readers refuse; a non-finite number is now null
+    from zoo.eval.common import write_json
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-JSON constant {name}"))
+
+    path = write_json({"loss": [float("nan"), 1.5], "best": float("inf"), "rows": ({"acc": -float("inf")},)},
+                      tmp_path / "out" / "r.json")
+    assert strict(path.read_text()) == {"loss": [None, 1.5], "best": None, "rows": [{"acc": None}]}
+
+
 def test_output_stems():
     from zoo.eval.length import output_stems
 

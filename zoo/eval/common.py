@@ -11,6 +11,7 @@ import argparse
 import csv
 import inspect
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -195,10 +196,21 @@ def write_rows(rows: Sequence[dict], path: str | Path) -> Path:
 
 
 def write_json(obj, path: str | Path) -> Path:
-    """Write ``obj`` as indented JSON to ``path``; returns the path."""
+    """Write ``obj`` as indented JSON to ``path``; returns the path. A NaN or infinite float (the loss of a one-token
+    row, an accuracy of an empty cell) is written as null: Python's json wrote a bare ``NaN``, which strict readers
+    (jq, JavaScript, pandas' default) refuse."""
+    def finite(value):
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    path.write_text(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
     return path
 
 
