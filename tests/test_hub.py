@@ -93,3 +93,16 @@ def test_bad_tokenizer_or_destination_is_named(tmp_path):
             load_folder_tokenizer(ref)
     with pytest.raises(ValueError, match="is a file; give a folder"):
         save_model_folder(tiny("mamba"), tmp_path / "file.json")
+
+
+def test_a_failed_save_leaves_no_partial_folder(tmp_path):
+    # `zoo convert ... --max-shard-size abc` (or a full disk, or Ctrl-C) failed after save_pretrained had created the
+    # destination and written into it: a partial folder that from_pretrained would take for a model
+    model = tiny()
+    dst = tmp_path / "new" / "model"
+    with pytest.raises(ValueError):
+        save_model_folder(model, dst, "byte", max_shard_size="abc")
+    assert not dst.exists() and [p.name for p in (tmp_path / "new").iterdir()] == [], "nothing left behind"
+    assert (save_model_folder(model, dst, "byte") / "config.json").is_file()  # a good save writes the folder
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["model"]
+    assert save_model_folder(model, dst, "byte") == dst  # an existing folder is written into, as before

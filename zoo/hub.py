@@ -13,6 +13,8 @@ work offline. The built-in byte tokenizer is saved as tokenizer.json (a `tokeniz
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +74,21 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         for name in _SPECIAL_IDS:
             if getattr(generation, name, None) is None and getattr(config, name, None) is not None:
                 setattr(generation, name, getattr(config, name))
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    if generation is not None and not (folder / "generation_config.json").is_file():
-        generation.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
+    # a new folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
+    # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
+    target = folder if folder.is_dir() else folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    try:
+        model.save_pretrained(target, max_shard_size=max_shard_size)
+        if generation is not None and not (target / "generation_config.json").is_file():
+            generation.save_pretrained(target)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(target)
+    except BaseException:
+        if target != folder:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if target != folder:
+        os.replace(target, folder)
     return folder
 
 
