@@ -35,9 +35,7 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
         return ByteTokenizer()
     path = Path(name_or_path)
     if not path.is_dir():
-        if path.expanduser().is_file() or is_local_ref(str(name_or_path)):  # else transformers: "Repo id must be ..."
-            raise ValueError(f"tokenizer: {str(name_or_path)!r}: no such tokenizer folder; give 'byte', a folder "
-                             f"with tokenizer files, or a hub id")
+        check_tokenizer_ref(name_or_path)
         return AutoTokenizer.from_pretrained(str(name_or_path))
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         return None
@@ -111,6 +109,15 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
         raise ValueError(f"{what}: {text!r} is a file; give a model folder (config.json and weights) or a hub id")
     if is_local_ref(text):
         raise ValueError(f"{what}: {text!r}: no such model folder")
+
+
+def check_tokenizer_ref(name_or_path: str | Path) -> None:
+    """Raise ValueError when a tokenizer reference names a local path that is not a folder (a missing one, or a
+    file): transformers would call it an invalid hub id ("Repo id must be in the form ...")."""
+    text = str(name_or_path)
+    path = Path(text).expanduser()
+    if path.is_file() or (is_local_ref(text) and not path.exists()):
+        raise ValueError(f"tokenizer: {text!r}: no such tokenizer folder; give 'byte', a tokenizer folder or a hub id")
 
 
 def is_local_ref(text: str) -> bool:

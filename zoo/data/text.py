@@ -90,11 +90,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """
     if name_or_path == "byte":
         return ByteTokenizer()
-    from zoo.hub import is_local_ref
+    from zoo.hub import check_tokenizer_ref
 
-    if is_local_ref(name_or_path) and not Path(name_or_path).expanduser().exists():
-        raise ValueError(f"tokenizer: {name_or_path!r}: no such tokenizer folder; give 'byte', a tokenizer folder "
-                         f"or a hub id")
+    check_tokenizer_ref(name_or_path)
     config_file = Path(name_or_path) / "tokenizer_config.json"
     if config_file.is_file():
         if json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
