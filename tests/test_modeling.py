@@ -335,14 +335,18 @@ def test_trusted_load_takes_overrides_and_a_keyword_path(tmp_path):
         zoo.ZooForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("name", TINY)
-def test_generate_continues_a_cache_with_beams_and_several_sequences(name):
+def test_generate_continues_a_cache_with_beams_and_several_sequences(name, static):
     """generate(past_key_values=...) with num_beams or num_return_sequences > 1 repeats each cached row as its input
-    row (transformers repeats the tensors only: the cache of B rows met B·n inputs and the first step failed)."""
+    row (transformers repeats the tensors only: the cache of B rows met B·n inputs and the first step failed); a
+    static cache (ZooCache.to_static) too: its attention layers had no batch_repeat_interleave (AttributeError)."""
     model = tiny(name)
     prompt = torch.randint(1, 512, (2, 7))
     first = model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-    cache = first.past_key_values
+    cache = zoo.cache.output_cache(first)
+    if static:
+        cache = cache.to_static(32)
     beams = model.generate(first.sequences, past_key_values=cache, max_new_tokens=3, num_beams=2,
                            num_return_sequences=2, do_sample=False, pad_token_id=0)
     fresh = model.generate(first.sequences, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,

@@ -218,6 +218,16 @@ class StaticKVLayer(CacheLayerMixin):
         self.keys.copy_(self.keys.index_select(0, beam_idx))  # in place: the addresses stay
         self.values.copy_(self.values.index_select(0, beam_idx))
 
+    # generate continuing a static cache with beams or several sequences per prompt changes the batch: new buffers
+    # (a CUDA graph captured on the old ones must be captured again; GraphDecoder makes its own cache)
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.keys = self.keys.repeat_interleave(repeats, dim=0)
+        self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys = self.keys[indices.to(self.device), ...]
+        self.values = self.values[indices.to(self.device), ...]
+
 
 class ZooCache(Cache):
     """Per-layer cache entries made by each mixer's `init_state`; counts the tokens it has seen."""
