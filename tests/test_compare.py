@@ -14,6 +14,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from zoo.compare import (
+    _recall_labels,
     account,
     causal_keys_mean,
     load_compare_config,
@@ -429,3 +430,12 @@ def test_graph_decoder_equals_eager(name):
     eager = EagerDecoder(model, prefill(model, prompt)).decode(12)
     graph = GraphDecoder(model, prefill(model, prompt)).decode(12)
     assert torch.equal(graph, eager)
+
+
+def test_recall_plot_labels_a_state_size_once_over_its_points():
+    # a recurrent model's state is the same at every MQAR length; its two points (accuracies 0.070 and 0.072)
+    # had a label each, printed on top of each other; attention's cache grows with the length: a label a point
+    rows = [{"n_kv": 4, "state_floats": 100, "accuracy": 0.070, "seq_len": 32},
+            {"n_kv": 4, "state_floats": 100, "accuracy": 0.072, "seq_len": 64},
+            {"n_kv": 4, "state_floats": 400, "accuracy": 0.5, "seq_len": 128}]
+    assert _recall_labels(rows) == [(100, 0.072, "L=32,64"), (400, 0.5, "L=128")]

@@ -1412,6 +1412,17 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
     return "\n".join(lines) + "\n"
 
 
+def _recall_labels(rows: list[dict[str, Any]]) -> list[tuple[int, float, str]]:
+    """(x, y, "L=...") labels of one model's MQAR points: one per state size, over the highest of its points (a
+    recurrent state is the same at every length, and its accuracies differ a little: one label per point printed
+    them on top of each other)."""
+    points: dict[int, list[tuple[int, float]]] = {}
+    for r in rows:
+        points.setdefault(r["state_floats"], []).append((r["seq_len"], r["accuracy"]))
+    return [(x, max(a for _, a in at), "L=" + ",".join(str(L) for L in sorted({L for L, _ in at})))
+            for x, at in points.items()]
+
+
 def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) -> list[Path]:
     """loss.png, throughput.png, memory.png, recall.png and (with per-position results) length.png."""
     import matplotlib
@@ -1485,17 +1496,15 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
             rows = sorted(mq["rows"], key=lambda r: (r["n_kv"], r["state_floats"]))
             (line,) = ax.plot([r["state_floats"] for r in rows], [r["accuracy"] for r in rows], marker="o",
                               label=rec["name"])
-            points: dict[tuple, list[int]] = {}  # a recurrent state is the same at every length: one label
-            for r in rows if several else []:
-                points.setdefault((r["state_floats"], round(r["accuracy"], 3)), []).append(r["seq_len"])
-            for (x, y), lens in points.items():
+            for x, y, text in _recall_labels(rows) if several else []:
                 # models at similar state sizes and accuracies (all at chance, say) would print their labels on
                 # top of each other: each model's labels sit at its own height, in its line's colour
-                ax.annotate("L=" + ",".join(map(str, lens)), (x, y), fontsize=7, xytext=(3, 4 + 9 * (i % 5)),
-                            textcoords="offset points", color=line.get_color())
+                ax.annotate(text, (x, y), fontsize=7, xytext=(3, 4 + 9 * (i % 5)), textcoords="offset points",
+                            color=line.get_color())
     if cfg.eval.mqar is not None:  # values are drawn from half the task's vocabulary
         ax.axhline(2 / cfg.eval.mqar.vocab_size, color="gray", linestyle=":", linewidth=1, label="chance")
     ax.set_xscale("log")
+    ax.margins(x=0.1)  # room for the rightmost point's label
     ax.set_xlabel("cache floats per sequence at the MQAR length (recurrent state, or KV)")
     ax.set_ylabel("MQAR accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -1521,7 +1530,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
 def _device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"CPU ({n} thread{'s' * (n != 1)})"
 
 
 def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
