@@ -200,6 +200,19 @@ def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
         next(TextStream(DataConfig(source=str(path), holdout=0), tok).rows())
 
 
+@pytest.mark.parametrize("source", ["stdlib", "local"])
+def test_a_split_of_a_one_split_source_is_refused_by_name(tok, letter_docs, source):
+    # local files and the built-in corpus are one split: eval_split was ignored, so with holdout 0 the evaluation
+    # documents were the training documents, and with a holdout it silently was the holdout
+    source = letter_docs[0] if source == "local" else source
+    for holdout in (0.0, 0.1):
+        with pytest.raises(ValueError, match=r"^data\.eval_split: 'validation' applies to hub datasets and local "
+                                             r"folders.*data\.holdout"):
+            TextStream(DataConfig(source=source, eval_split="validation", holdout=holdout), tok, "eval")
+    with pytest.raises(ValueError, match=r"^data\.split: 'test' applies to hub datasets and local folders"):
+        TextStream(DataConfig(source=source, split="test"), tok)
+
+
 def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path, letter_docs):
     source, _ = letter_docs
     for missing in (str(tmp_path / "missing.txt"), str(tmp_path / "*.parquet"), "./missing.jsonl"):
