@@ -12,6 +12,7 @@ packed into rows of ``seq_len`` tokens. Each row carries
 so no mixer, convolution or attention crosses a document boundary, and ``labels`` is -100 at the first
 token of every document after the first, the one target that would be predicted across a boundary.
 With ``packing: false`` a row holds one piece of one document, right-padded, with an ``attention_mask``.
+Bytes that are not UTF-8 in a built-in corpus file or a memory-mapped document read as U+FFFD.
 
 Everything is deterministic: a rank's document order is a function of (seed, epoch, rank, world size),
 and an iterator's position is a small dict (epoch, document, token offset) from which a resumed run
@@ -376,8 +377,15 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         held = np.array([_in_holdout(str(i), cfg.holdout) for i in indices], dtype=bool)
         indices = indices[held] if split == "eval" else indices[~held]
     column = dataset.select_columns([cfg.text_field])
-    return _IndexedDocs(len(indices), lambda i: column[int(indices[i])][cfg.text_field], cfg.seed, shuffle,
-                        rank, world_size)
+
+    def get_text(i: int) -> str:
+        try:
+            return column[int(indices[i])][cfg.text_field]
+        except UnicodeDecodeError:  # pyarrow's json reader keeps invalid UTF-8 in a string column: decode as stdlib
+            return column.data.column(cfg.text_field)[int(indices[i])].as_buffer().to_pybytes().decode(
+                "utf-8", "replace")
+
+    return _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size)
 
 
 # ---- packing -----------------------------------------------------------------------------------------------
