@@ -200,6 +200,32 @@ def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
         next(TextStream(DataConfig(source=str(path), holdout=0), tok).rows())
 
 
+@pytest.mark.parametrize("source", ["stdlib", "local"])
+def test_a_split_of_a_one_split_source_is_refused_by_name(tok, letter_docs, source):
+    # local files and the built-in corpus are one split: eval_split was ignored, so with holdout 0 the evaluation
+    # documents were the training documents, and with a holdout it silently was the holdout
+    source = letter_docs[0] if source == "local" else source
+    for holdout in (0.0, 0.1):
+        with pytest.raises(ValueError, match=r"^data\.eval_split: 'validation' applies to hub datasets and local "
+                                             r"folders.*data\.holdout"):
+            TextStream(DataConfig(source=source, eval_split="validation", holdout=holdout), tok, "eval")
+    with pytest.raises(ValueError, match=r"^data\.split: 'test' applies to hub datasets and local folders"):
+        TextStream(DataConfig(source=source, split="test"), tok)
+
+
+def test_a_jsonl_document_that_is_not_utf8_reads_with_replacement_characters(tok, tmp_path):
+    # pyarrow's json reader keeps invalid UTF-8 in the text column, and reading that one document raised a bare
+    # UnicodeDecodeError when the stream reached it (mid-run), naming neither the file nor the document
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n')
+    docs = list(open_documents(DataConfig(source=str(path), holdout=0, shuffle=False), "train").iter_docs(0, 0))
+    assert docs == ["fine", "caf\ufffd au lait"]
+    cfg = DataConfig(source=str(path), holdout=0, shuffle=False, seq_len=8, packing=False, add_bos=False)
+    rows = [row["input_ids"].tolist() for row, _ in itertools.islice(TextStream(cfg, tok).rows(), 4)]
+    assert bytes(rows[1][:8]) == "caf\ufffd a".encode()
+
+
 def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path, letter_docs):
     source, _ = letter_docs
     for missing in (str(tmp_path / "missing.txt"), str(tmp_path / "*.parquet"), "./missing.jsonl"):

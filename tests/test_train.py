@@ -513,3 +513,42 @@ def test_two_processes_train_and_resume_exactly_under_accelerate_launch(tmp_path
     a = load_file(latest_checkpoint(tmp_path / "full" / "run") / "model" / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "part" / "run") / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after a two-process resume"
+
+
+def test_two_processes_evaluate_as_many_batches_each(tmp_path):
+    # Each process reads its own share of the held-out documents, so their eval rows differ in number: a process
+    # with more batches ran more forwards, which under FSDP (every forward gathers the weights) waits forever for
+    # the others. Every process now evaluates the fewest batches any has: eval/loss is the mean over those rows.
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from zoo.data.text import TextStream, _in_holdout, load_tokenizer
+
+    pytest.importorskip("datasets")
+    held = [i for i in range(60) if _in_holdout(str(i), 0.3)]
+    docs = tmp_path / "docs.jsonl"  # long held-out documents in process 0's share, short ones in process 1's
+    docs.write_text("".join(json.dumps({"text": "xy" * (150 if i in held[0::2] else 10)}) + "\n" for i in range(60)))
+    run = run_dict(tmp_path, data={"source": str(docs), "holdout": 0.3, "shuffle": False},
+                   eval={"every": 4, "batches": 8}, train={"max_steps": 4})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    cfg = config_from_dict(run)
+    tokenizer = load_tokenizer("byte")
+    shares = [list(TextStream(cfg.data, tokenizer, "eval", rank, 2).batches(2)) for rank in range(2)]
+    fewest = min(len(s) for s in shares)
+    assert fewest < cfg.eval.batches < len(shares[0]), "the case: process 0 has more eval batches than process 1"
+
+    proc = _launch_two(path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        logged = [float(r["eval/loss"]) for r in csv.DictReader(f) if r["eval/loss"]]
+    model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(tmp_path / "run") / "model").eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch, _ in [b for share in shares for b in share[:fewest]]:
+            k = count_targets(batch["labels"])
+            out = model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"])
+            total, n = total + float(out.loss) * k, n + k
+    # the reloaded model's loss agrees to ~5e-5 (relative) with the run's; all 8 of process 0's batches: 1.5e-3 off
+    assert logged == [pytest.approx(total / n, rel=3e-4)], (logged, total / n)

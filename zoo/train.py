@@ -117,7 +117,8 @@ class LoopConfig:
 @dataclass
 class EvalConfig:
     """Evaluate on held-out rows every `every` steps (0 = never) and at the end; `batches` batches of
-    micro_batch_size rows (default: train's), the same rows each time."""
+    micro_batch_size rows (default: train's) per process (the fewest any process's share fills), the same rows
+    each time."""
 
     every: int = 0
     batches: int = 8
@@ -1089,9 +1090,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
                                  chunk_len=chunk if cfg.data.packing else None)
         it = eval_stream.batches(cfg.eval.micro_batch_size or B)
         eval_batches = [b for b, _ in itertools.islice(it, cfg.eval.batches)]
+        # every process evaluates as many batches, the fewest any process has (each reads its own share of the
+        # held-out documents): under FSDP every forward gathers the weights, and one process more would hang
+        fewest = int(accelerator.gather(torch.tensor([len(eval_batches)], device=device)).min())
+        eval_batches = eval_batches[:fewest]
         n_eval = torch.tensor(float(sum(count_targets(b["labels"]) for b in eval_batches)), device=device)
         if accelerator.reduce(n_eval, reduction="sum").item() == 0:  # else eval/loss 0, perplexity 1
-            raise ValueError(f"data: the evaluation documents fill no row of data.seq_len={L} tokens; raise "
+            share = f" in the share of one of the {world} processes" if world > 1 else ""
+            raise ValueError(f"data: the evaluation documents fill no row of data.seq_len={L} tokens{share}; raise "
                              f"data.holdout, lower data.seq_len, or set eval.every=0")
     stream = TextStream(cfg.data, tokenizer, "train", accelerator.process_index, world,
                         chunk_len=chunk if cfg.data.packing else None)

@@ -12,6 +12,7 @@ packed into rows of ``seq_len`` tokens. Each row carries
 so no mixer, convolution or attention crosses a document boundary, and ``labels`` is -100 at the first
 token of every document after the first, the one target that would be predicted across a boundary.
 With ``packing: false`` a row holds one piece of one document, right-padded, with an ``attention_mask``.
+Bytes that are not UTF-8 in a built-in corpus file or a memory-mapped document read as U+FFFD.
 
 Everything is deterministic: a rank's document order is a function of (seed, epoch, rank, world size),
 and an iterator's position is a small dict (epoch, document, token offset) from which a resumed run
@@ -173,7 +174,8 @@ class DataConfig:
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
     files inside; split, config_name and streaming apply).
     config_name: the hub dataset's configuration. split / eval_split: dataset splits for training and
-    evaluation; without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
+    evaluation (of a hub dataset or local folder; the built-in corpus and local files are one split, refused
+    otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
     hash) is held out. text_field: the column holding the text. streaming: stream hub datasets (local files
     are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
     padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
@@ -294,6 +296,19 @@ def _check_text_field(columns, cfg: DataConfig) -> None:
                          f"{sorted(columns)}")
 
 
+def _check_one_split(cfg: DataConfig, what: str) -> None:
+    """The built-in corpus and local files are one split, held out from by `holdout`: a split or eval_split
+    naming another one would be ignored (and an eval_split with holdout 0 evaluated on the training documents)."""
+    if cfg.eval_split is not None:
+        raise ValueError(f"data.eval_split: {cfg.eval_split!r} applies to hub datasets and local folders (their "
+                         f"splits); {what} one split, from which data.holdout holds out the evaluation "
+                         f"documents: unset eval_split and set holdout > 0, or put the files in a folder "
+                         f"(e.g. train.jsonl and validation.jsonl)")
+    if cfg.split != "train":
+        raise ValueError(f"data.split: {cfg.split!r} applies to hub datasets and local folders; {what} one "
+                         f"split: leave split at 'train'")
+
+
 def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
                    ) -> _IndexedDocs | _StreamedDocs:
     """This rank's share of the documents of `split` ('train' or 'eval'), in a deterministic order.
@@ -305,12 +320,14 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
     if split == "eval" and cfg.eval_split is None and cfg.holdout == 0:
         raise ValueError("data.holdout: is 0 and data.eval_split is unset, so there is no evaluation data; "
                          "set one, or eval.every=0")
+    local = None if cfg.source == "stdlib" else _local_files(cfg.source)
+    if cfg.source == "stdlib" or local is not None:
+        _check_one_split(cfg, "the built-in corpus 'stdlib' is" if local is None else "local files are")
     if cfg.source == "stdlib":
         files = stdlib_files(split, cfg.holdout)
         return _IndexedDocs(len(files), lambda i: files[i].read_bytes().decode("utf-8", "replace"), cfg.seed,
                             shuffle, rank, world_size)
 
-    local = _local_files(cfg.source)
     if local is not None:
         kinds = {_LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in local}
         if None in kinds or len(kinds) != 1:
@@ -360,8 +377,15 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         held = np.array([_in_holdout(str(i), cfg.holdout) for i in indices], dtype=bool)
         indices = indices[held] if split == "eval" else indices[~held]
     column = dataset.select_columns([cfg.text_field])
-    return _IndexedDocs(len(indices), lambda i: column[int(indices[i])][cfg.text_field], cfg.seed, shuffle,
-                        rank, world_size)
+
+    def get_text(i: int) -> str:
+        try:
+            return column[int(indices[i])][cfg.text_field]
+        except UnicodeDecodeError:  # pyarrow's json reader keeps invalid UTF-8 in a string column: decode as stdlib
+            return column.data.column(cfg.text_field)[int(indices[i])].as_buffer().to_pybytes().decode(
+                "utf-8", "replace")
+
+    return _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size)
 
 
 # ---- packing -----------------------------------------------------------------------------------------------
