@@ -150,6 +150,24 @@ def test_packed_documents_across_carried_cache(name):
     assert_close("packed chunks", torch.cat(parts, 1), whole, TOL)
 
 
+@pytest.mark.parametrize("cuts", [(5, 12), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)],
+                         ids=["chunks", "one-token-calls"])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_chunk_boundary_on_a_document_boundary(name, cuts):
+    """A chunk that starts a new document (its seq_idx differs from the last token of the chunk before) must not
+    inherit the carried state: each document gives the outputs of that document run alone."""
+    mixer = build(name)
+    x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [3] * 12 + [4] * 4], dtype=torch.int32)
+    alone = [torch.cat([run(mixer, x[r:r + 1, a:b]) for a, b in docs], 1)
+             for r, docs in enumerate((((0, 5), (5, 12), (12, 16)), ((0, 12), (12, 16))))]
+    cache = mixer.init_state(2, x.dtype, x.device)
+    bounds = (0, *cuts, 16)
+    parts = torch.cat([run(mixer, x[:, a:b], cache, seq_idx=seq_idx[:, a:b]) for a, b in zip(bounds, bounds[1:])], 1)
+    assert_close("row 0", parts[:1], alone[0], TOL)
+    assert_close("row 1", parts[1:], alone[1], TOL)
+
+
 @pytest.mark.parametrize("variant", ["plain", "bias", "inner_norms", "mask", "documents", "cache", "batch1"])
 def test_mamba_channels_first_equals_row_major(variant, monkeypatch):
     """Mamba's channels-first sequence forward (projections straight into the conv/scan layout, Δ's bias in the

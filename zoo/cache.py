@@ -33,6 +33,7 @@ class RecurrentLayer(LinearAttentionLayer):
     def __init__(self, state_dtype: torch.dtype = torch.float32):
         super().__init__(number_of_states=1)
         self.state_dtype = state_dtype
+        self.last_seq_idx: torch.Tensor | None = None  # [B]: seq_idx of the last token run with seq_idx
 
     @property
     def conv_state(self) -> torch.Tensor | None:
@@ -62,6 +63,23 @@ class RecurrentLayer(LinearAttentionLayer):
             self.device = recurrent_state.device
         self.has_previous_state[0] = True
 
+    def initial_states(self, seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(conv_state, recurrent_state) that a sequence chunk starts from ((None, None) before the first). With
+        seq_idx [B, T], a row whose first token belongs to another document than the last token of the chunk before
+        it (recorded by the call that ran that chunk with seq_idx) starts from zeros: a packed document never
+        inherits its predecessor's state where a chunk boundary falls on a document boundary. Records this chunk's
+        last seq_idx."""
+        conv, rec = (self.conv_states[0], self.recurrent_states[0]) if self.has_state else (None, None)
+        if seq_idx is None:
+            return conv, rec
+        last, self.last_seq_idx = self.last_seq_idx, seq_idx[:, -1].clone()
+        if rec is not None and last is not None:
+            same = seq_idx[:, 0] == last.to(seq_idx.device)  # (B,)
+            rec = rec * same.view(-1, *[1] * (rec.dim() - 1)).to(rec.dtype)
+            if conv is not None:
+                conv = conv * same.view(-1, *[1] * (conv.dim() - 1)).to(conv.dtype)
+        return conv, rec
+
     def step_states(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(conv_state, recurrent_state) for a one-token step that updates them in place and `set`s them back: the
         layer's own tensors, made contiguous in fp32 (conv) and `state_dtype` (recurrent) once (a prefill may leave
@@ -87,10 +105,23 @@ class RecurrentLayer(LinearAttentionLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.tensors():
             self.load_tensors([t.repeat_interleave(repeats, dim=0) for t in self.tensors()])
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = self.last_seq_idx.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.tensors():
             self.load_tensors([t[indices, ...] for t in self.tensors()])
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = self.last_seq_idx[indices.to(self.last_seq_idx.device)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = self.last_seq_idx[beam_idx.to(self.last_seq_idx.device)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.last_seq_idx = None
 
 
 class KVCacheFull(RuntimeError):

@@ -97,7 +97,7 @@ class GLA(nn.Module):
         gk = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).unflatten(-1, (H, self.head_k))
         if attention_mask is not None:  # pads add nothing to the state (it starts from zero on the left)
             k = k * attention_mask[:, -T:, None, None].to(k.dtype)
-        initial = cache.recurrent_state if cache is not None and cache.has_state else None
+        initial = cache.initial_states(seq_idx)[1] if cache is not None else None
         if cache is not None and initial is not None and T == 1 and seq_idx is None:
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import gla_step

@@ -158,8 +158,7 @@ class Mamba2(nn.Module):
             cache.set(conv_state, state)
             y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
         else:
-            conv_init = cache.conv_state if cache is not None and cache.has_state else None
-            ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
+            conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
             xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu", True)
             xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
             if mask is not None:
