@@ -42,7 +42,8 @@ class Mamba2(nn.Module):
                  scan_backend: str = "auto"):
         super().__init__()
         self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, head_dim=head_dim,
-                        n_groups=n_groups, chunk_size=chunk_size, norm_groups=norm_groups, scan_backend=scan_backend)
+                        n_groups=n_groups, A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max,
+                        chunk_size=chunk_size, norm_groups=norm_groups, scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv, self.head_dim, self.n_groups = d_state, d_conv, head_dim, n_groups
         self.d_inner = int(expand * d_model)
@@ -63,8 +64,8 @@ class Mamba2(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: float = 2, head_dim: int = 64,
-                   n_groups: int = 1, chunk_size: int = 256, norm_groups: int | None = None, scan_backend: str = "auto",
-                   **_) -> None:
+                   n_groups: int = 1, A_init_range=(1.0, 16.0), dt_min: float = 0.001, dt_max: float = 0.1,
+                   chunk_size: int = 256, norm_groups: int | None = None, scan_backend: str = "auto", **_) -> None:
         backends.check_name("ssd", scan_backend)
         if isinstance(expand, bool) or not isinstance(expand, (int, float)):
             raise ValueError(f"expand: must be a number, got {expand!r}")
@@ -85,6 +86,17 @@ class Mamba2(nn.Module):
                                             and int(d_inner) % norm_groups == 0):
             raise ValueError(f"norm_groups: must be a positive integer dividing expand·d_model = {int(d_inner)}, "
                              f"got {norm_groups!r}")
+        # A = -exp(A_log) with A_log = log(uniform(A_init_range)): a bound <= 0 gives NaN or -inf parameters
+        if not (isinstance(A_init_range, (list, tuple)) and len(A_init_range) == 2
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in A_init_range)
+                and 0 < A_init_range[0] <= A_init_range[1]):
+            raise ValueError(f"A_init_range: must be two numbers [low, high] with 0 < low <= high (A is drawn "
+                             f"uniformly in it, its log stored), got {A_init_range!r}")
+        for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: must be a number, got {value!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
         if d_state > 256:
             raise ValueError(f"d_state: at most 256 is supported, got {d_state}")
 
