@@ -168,6 +168,23 @@ def test_chunk_boundary_on_a_document_boundary(name, cuts):
     assert_close("row 1", parts[1:], alone[1], TOL)
 
 
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_calls_without_seq_idx_continue_the_last_packed_document(name):
+    """After a packed chunk, a chunk or decode step without seq_idx continues the row's last document (the only
+    one a recurrent state carries): attention must not attend to the earlier documents' cached keys, and a later
+    chunk with ids must line up with the cached keys' ids."""
+    mixer = build(name)
+    x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 12, [0] * 2 + [1] * 3 + [2] * 11], dtype=torch.int32)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    parts = [run(mixer, x[:, :6], cache, seq_idx=seq_idx[:, :6]), run(mixer, x[:, 6:9], cache)]
+    parts += [run(mixer, x[:, t:t + 1], cache) for t in (9, 10)]
+    parts.append(run(mixer, x[:, 11:], cache, seq_idx=seq_idx[:, 11:]))
+    out = torch.cat(parts, 1)
+    assert_close("row 0", out[:1, 4:], run(mixer, x[:1, 4:]), TOL)
+    assert_close("row 1", out[1:, 5:], run(mixer, x[1:, 5:]), TOL)
+
+
 @pytest.mark.parametrize("variant", ["plain", "bias", "inner_norms", "mask", "documents", "cache", "batch1"])
 def test_mamba_channels_first_equals_row_major(variant, monkeypatch):
     """Mamba's channels-first sequence forward (projections straight into the conv/scan layout, Δ's bias in the

@@ -124,6 +124,13 @@ class RecurrentLayer(LinearAttentionLayer):
         self.last_seq_idx = None
 
 
+def _rows_of_kv_seq_idx(layer, rows) -> None:
+    """Apply a batch reordering `rows` to an attention layer's kv_seq_idx [B, keys], where it has one."""
+    ids = getattr(layer, "kv_seq_idx", None)
+    if ids is not None:
+        layer.kv_seq_idx = rows(ids)
+
+
 class KVCacheFull(RuntimeError):
     """A static KV layer has no slot left for the next token (raised on the host, before any write)."""
 
@@ -306,21 +313,25 @@ class ZooCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
-    # a stateless mixer's `init_state` may return None: its layer holds nothing, so these skip it
+    # a stateless mixer's `init_state` may return None: its layer holds nothing, so these skip it. An attention
+    # layer's `kv_seq_idx` (the packed documents of its cached keys, zoo.mixers.attention) follows its rows
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.reorder_cache(beam_idx)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids[beam_idx.to(ids.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.batch_repeat_interleave(repeats)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.batch_select_indices(indices)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids[indices.to(ids.device)])
 
     def reset(self) -> None:
         for layer in self.layers:

@@ -195,6 +195,10 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, Dh)
         S = k.shape[1]
         key_mask = attention_mask[:, -S:].bool() if attention_mask is not None else None
+        past_ids = getattr(cache, "kv_seq_idx", None)
+        if seq_idx is None and past_ids is not None and past_ids.shape[1]:
+            # a chunk without ids after a packed one continues its last document, as a recurrent layer's state does
+            seq_idx = past_ids[:, -1:].expand(Bsz, T)
         if seq_idx is not None and cache is not None:
             seq_idx = self._cached_seq_idx(cache, seq_idx, S)
         o = attention(q, k, v, causal=True, window=self.window, seq_idx=seq_idx, key_padding_mask=key_mask,
