@@ -330,3 +330,26 @@ def test_a_window_of_one_keeps_no_past_keys():
             logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
     assert all(layer.keys.shape[-2] == 0 for layer in cache.layers)
     assert torch.allclose(torch.cat(logits, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_backend,want", [("ref", "ref"), ("auto", "auto")])
+def test_gla_decode_step_follows_scan_backend(monkeypatch, scan_backend, want):
+    """scan_backend "ref" keeps GLA's decode step on the reference: the step called gla_state_update with its default
+    backend "auto", which takes the Triton step kernel on CUDA whatever the layer asked for."""
+    import zoo.mixers.gla as gla_module
+
+    seen = []
+    real = gla_module.gla_state_update
+
+    def spy(*args, backend="auto"):
+        seen.append(backend)
+        return real(*args, backend="ref")
+
+    monkeypatch.setattr(gla_module, "gla_state_update", spy)
+    mixer = get_mixer("gla")(D_MODEL, 0, n_heads=2, chunk_size=8, scan_backend=scan_backend).eval()
+    x = torch.randn(1, 4, D_MODEL)
+    cache = mixer.init_state(1, x.dtype, x.device)
+    with torch.no_grad():
+        mixer(x[:, :3], cache=cache)
+        mixer(x[:, 3:], cache=cache)
+    assert seen == [want]
