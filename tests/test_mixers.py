@@ -353,3 +353,20 @@ def test_gla_decode_step_follows_scan_backend(monkeypatch, scan_backend, want):
         mixer(x[:, :3], cache=cache)
         mixer(x[:, 3:], cache=cache)
     assert seen == [want]
+
+
+@pytest.mark.parametrize("name", ["attention", "attention-window"])
+def test_attention_mask_shorter_than_the_keys_is_refused(name):
+    """With a cache, attention_mask covers past + T tokens (transformers' convention). A mask of the chunk only
+    failed deep in the op with a bare size mismatch, after the chunk's keys had entered the cache; it is refused
+    first, naming attention_mask, and the cache is left as it was."""
+    mixer = build(name)
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+    full = run(mixer, x)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    first = run(mixer, x[:, :6], cache, attention_mask=torch.ones(2, 6))
+    with pytest.raises(ValueError, match=r"attention_mask: covers 3 positions .* past \+ 3"):
+        run(mixer, x[:, 6:], cache, attention_mask=torch.ones(2, 3))
+    assert cache.get_seq_length() == 6
+    rest = run(mixer, x[:, 6:], cache, attention_mask=torch.ones(2, 9))
+    assert_close("after the refused call", torch.cat([first, rest], 1), full, TOL)

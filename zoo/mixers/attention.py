@@ -183,6 +183,11 @@ class Attention(nn.Module):
             return self._static_step(x, cache, seq_idx, position_ids, attention_mask)
         Bsz, T, _ = x.shape
         past = cache.get_seq_length() if cache is not None else 0
+        held = cache.keys.shape[-2] if cache is not None and getattr(cache, "is_initialized", False) else 0
+        if attention_mask is not None and attention_mask.shape[-1] < held + T:  # checked before the cache grows
+            raise ValueError(f"attention_mask: covers {attention_mask.shape[-1]} positions but this attention layer "
+                             f"attends to {held + T} keys (cached + this chunk); with a cache pass the mask of every "
+                             f"token so far, [batch, past + {T}], as transformers' generate does")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
         tables = self.rope_tables(position_ids)
