@@ -370,3 +370,35 @@ def test_attention_mask_shorter_than_the_keys_is_refused(name):
     assert cache.get_seq_length() == 6
     rest = run(mixer, x[:, 6:], cache, attention_mask=torch.ones(2, 9))
     assert_close("after the refused call", torch.cat([first, rest], 1), full, TOL)
+
+
+@pytest.mark.parametrize("scan_backend,want", [("ref", "ref"), ("auto", "auto")])
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_causal_conv_follows_scan_backend(monkeypatch, name, scan_backend, want):
+    """scan_backend "ref" keeps the causal conv on the reference as well, in the sequence forward and the decode
+    step: the sequence conv (and Mamba-2's step conv) took the conv op's default "auto", the CUDA kernel on a GPU,
+    whatever the layer asked for."""
+    import zoo.mixers.mamba as mamba_module
+    import zoo.mixers.mamba2 as mamba2_module
+
+    module = mamba_module if name == "mamba" else mamba2_module
+    seen = []
+
+    def spy(real):
+        def call(*args, backend="auto"):
+            seen.append(backend)
+            return real(*args, backend="ref")
+        return call
+
+    monkeypatch.setattr(module, "causal_conv1d", spy(module.causal_conv1d))
+    monkeypatch.setattr(module, "causal_conv1d_update", spy(module.causal_conv1d_update))
+    spec = {k: v for k, v in SPECS[name].items() if k != "type"}
+    mixer = get_mixer(name)(D_MODEL, 0, **spec, scan_backend=scan_backend).eval()
+    x = torch.randn(1, 4, D_MODEL)
+    cache = mixer.init_state(1, x.dtype, x.device)
+    with torch.no_grad():
+        mixer(x[:, :3], cache=cache)
+        mixer(x[:, 3:], cache=cache)
+    assert seen[0] == want, "sequence conv"
+    if want == "ref":
+        assert seen == ["ref", "ref"], "decode step's conv"

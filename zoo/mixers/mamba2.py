@@ -147,6 +147,8 @@ class Mamba2(nn.Module):
         w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
         A = decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
         backend = backends.resolve("ssd", self.scan_backend, x.device)
+        # scan_backend ref keeps the conv on the reference too
+        conv_backend = "ref" if self.scan_backend in ("ref", "reference") else "auto"
 
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             conv_state, state = cache.step_states()  # updated in place below, then set back
@@ -154,7 +156,7 @@ class Mamba2(nn.Module):
                 self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
                 lambda: (w.float().contiguous(), None if self.conv1d.bias is None else self.conv1d.bias.float(),
                          self.D.float(), self.dt_bias.float()))
-            xBC = causal_conv1d_update(conv_state, xBC[:, 0], w32, b32, "silu")  # (B, conv_dim)
+            xBC = causal_conv1d_update(conv_state, xBC[:, 0], w32, b32, "silu", backend=conv_backend)  # (B, conv_dim)
             if mask is not None:
                 xBC = xBC * mask[:, 0, None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
@@ -171,7 +173,8 @@ class Mamba2(nn.Module):
             y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
         else:
             conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
-            xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu", True)
+            xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu", True,
+                                            backend=conv_backend)
             xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
             if mask is not None:
                 xBC = xBC * mask[..., None]
