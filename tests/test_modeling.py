@@ -386,6 +386,27 @@ def test_decoding_after_a_packed_prompt_continues_its_last_document(name):
     assert_close("logits after a packed prompt", torch.cat(steps, 1), ref[[1, 1, 0, 0]], 1e-5)
 
 
+def test_crop_after_a_packed_prompt_keeps_the_document_ids_aligned():
+    """crop drops the cropped tokens' document ids with their keys: the ids kept for a packed prompt (documents a,
+    b) stayed as long as before, so the next steps' ids slid onto earlier keys and showed a's last keys to b."""
+    model = tiny("transformerpp")
+    a, b, more = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4)), torch.randint(1, 512, (1, 3))
+    cache = ZooCache.for_model(model)
+
+    def steps(ids, start):
+        return [model(ids[:, t:t + 1], position_ids=torch.tensor([[start + t]]), past_key_values=cache,
+                      use_cache=True).logits for t in range(ids.shape[1])]
+
+    with torch.no_grad():
+        model(torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(5), torch.arange(4)])[None],
+              past_key_values=cache, use_cache=True)
+        steps(torch.randint(1, 512, (1, 3)), 4)  # a draft, rejected
+        cache.crop(-3)
+        out = torch.cat(steps(more, 4), 1)
+        ref = model(torch.cat([b, more], 1), use_cache=False).logits[:, -3:]
+    assert_close("logits after crop", out, ref, 1e-5)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_a_cache_of_another_batch_size_is_refused(name):
     """A batch-2 cache fed one row raised a shape error deep in a mixer, or (GLA) broadcast the row over both cached

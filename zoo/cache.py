@@ -361,6 +361,7 @@ class ZooCache(Cache):
         for layer in self.layers:
             if layer is not None:
                 layer.crop(-remove)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids[:, :max(ids.shape[1] - remove, 0)])
         self.seen_tokens -= remove
 
     # ---- static decoding -----------------------------------------------------------------------------------
