@@ -407,6 +407,24 @@ def test_crop_after_a_packed_prompt_keeps_the_document_ids_aligned():
     assert_close("logits after crop", out, ref, 1e-5)
 
 
+def test_to_static_refuses_a_cache_of_packed_documents():
+    """A static KV layer keeps no document ids, so its steps attended to every packed document of the prompt (the
+    dynamic cache continues the last one only): to_static refuses such a cache, naming seq_idx; one document
+    converts."""
+    model = tiny("transformerpp")
+    cache = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(torch.randint(1, 512, (1, 9)), position_ids=torch.cat([torch.arange(5), torch.arange(4)])[None],
+              past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="packed documents"):
+        cache.to_static(16)
+    single = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(torch.randint(1, 512, (1, 9)), seq_idx=torch.zeros(1, 9, dtype=torch.int32), past_key_values=single,
+              use_cache=True)
+    single.to_static(16)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_a_cache_of_another_batch_size_is_refused(name):
     """A batch-2 cache fed one row raised a shape error deep in a mixer, or (GLA) broadcast the row over both cached

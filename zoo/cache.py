@@ -377,6 +377,12 @@ class ZooCache(Cache):
                     raise ValueError(f"to_static: layer {i} is already static with capacity {layer.capacity} "
                                      f"< {max_len}")
             elif isinstance(layer, DynamicLayer):
+                ids = getattr(layer, "kv_seq_idx", None)
+                if ids is not None and bool((ids != ids[:, -1:]).any()):
+                    # a static layer has no per-key document ids: the earlier documents' keys would stay visible
+                    raise ValueError(f"to_static: layer {i} holds the keys of several packed documents (seq_idx); "
+                                     f"a static cache decodes one document per row: prefill the last document "
+                                     f"alone, or decode with the dynamic cache")
                 self.layers[i] = StaticKVLayer.from_dynamic(layer, max_len, self.seen_tokens)
         return self
 
