@@ -402,3 +402,21 @@ def test_causal_conv_follows_scan_backend(monkeypatch, name, scan_backend, want)
     assert seen[0] == want, "sequence conv"
     if want == "ref":
         assert seen == ["ref", "ref"], "decode step's conv"
+
+
+def test_attention_without_rope_takes_an_odd_head_dim():
+    """The even head_dim that RoPE needs was demanded of attention built with rope=False too (Jamba's attention has no
+    position encoding): head_dim 5, or d_model 36 over 4 heads, were refused "for RoPE". With RoPE they still are."""
+    from zoo import ZooConfig
+
+    torch.manual_seed(0)
+    mixer = get_mixer("attention")(D_MODEL, 0, n_heads=4, n_kv_heads=2, head_dim=5, rope=False).double().eval()
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    steps = torch.cat([run(mixer, x[:, t:t + 1], cache) for t in range(7)], dim=1)
+    assert_close("steps", steps, run(mixer, x), TOL)
+    ZooConfig(d_model=36, layers="A", mixers={"A": {"type": "attention", "n_heads": 4, "rope": False}})
+    with pytest.raises(ValueError, match="head_dim: must be a positive even integer"):
+        get_mixer("attention")(D_MODEL, 0, n_heads=4, head_dim=5)
+    with pytest.raises(ValueError, match="must be even for RoPE"):
+        ZooConfig(d_model=36, layers="A", mixers={"A": {"type": "attention", "n_heads": 4}})

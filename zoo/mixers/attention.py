@@ -58,7 +58,7 @@ class Attention(nn.Module):
         super().__init__()
         n_heads = max(1, d_model // 64) if n_heads is None else n_heads
         self.check_spec(d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta,
-                        window=window, attn_backend=attn_backend)
+                        rope=rope, window=window, attn_backend=attn_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -70,8 +70,8 @@ class Attention(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int | None = None, n_kv_heads: int | None = None,
-                   head_dim: int | None = None, rope_theta: float = 10000.0, window: int | None = None,
-                   attn_backend: str = "auto", **_) -> None:
+                   head_dim: int | None = None, rope_theta: float = 10000.0, rope: bool = True,
+                   window: int | None = None, attn_backend: str = "auto", **_) -> None:
         if attn_backend not in ("auto", *BACKENDS):
             raise ValueError(f"attn_backend: unknown backend {attn_backend!r}; choose auto or one of "
                              f"{', '.join(BACKENDS)} (math is the reference)")
@@ -81,9 +81,12 @@ class Attention(nn.Module):
         if head_dim is None and d_model % n_heads:
             raise ValueError(f"n_heads: {n_heads} does not divide d_model = {d_model}; choose n_heads dividing "
                              f"d_model or set head_dim")
-        if head_dim is not None and not (isinstance(head_dim, int) and head_dim >= 2 and head_dim % 2 == 0):
-            raise ValueError(f"head_dim: must be a positive even integer (RoPE rotates pairs), got {head_dim!r}")
-        if head_dim is None and (d_model // n_heads) % 2:
+        even = 2 if rope else 1  # RoPE rotates pairs; without it any width works
+        if head_dim is not None and not (isinstance(head_dim, int) and not isinstance(head_dim, bool)
+                                         and head_dim >= even and head_dim % even == 0):
+            raise ValueError(f"head_dim: must be a positive even integer (RoPE rotates pairs), got {head_dim!r}" if rope
+                             else f"head_dim: must be a positive integer, got {head_dim!r}")
+        if rope and head_dim is None and (d_model // n_heads) % 2:
             raise ValueError(f"n_heads: head_dim = d_model / n_heads = {d_model // n_heads} must be even for RoPE")
         if n_kv_heads is not None:
             if not (isinstance(n_kv_heads, int) and n_kv_heads >= 1):
