@@ -150,6 +150,41 @@ def test_packed_documents_across_carried_cache(name):
     assert_close("packed chunks", torch.cat(parts, 1), whole, TOL)
 
 
+@pytest.mark.parametrize("cuts", [(5, 12), (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)],
+                         ids=["chunks", "one-token-calls"])
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_chunk_boundary_on_a_document_boundary(name, cuts):
+    """A chunk that starts a new document (its seq_idx differs from the last token of the chunk before) must not
+    inherit the carried state: each document gives the outputs of that document run alone."""
+    mixer = build(name)
+    x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4, [3] * 12 + [4] * 4], dtype=torch.int32)
+    alone = [torch.cat([run(mixer, x[r:r + 1, a:b]) for a, b in docs], 1)
+             for r, docs in enumerate((((0, 5), (5, 12), (12, 16)), ((0, 12), (12, 16))))]
+    cache = mixer.init_state(2, x.dtype, x.device)
+    bounds = (0, *cuts, 16)
+    parts = torch.cat([run(mixer, x[:, a:b], cache, seq_idx=seq_idx[:, a:b]) for a, b in zip(bounds, bounds[1:])], 1)
+    assert_close("row 0", parts[:1], alone[0], TOL)
+    assert_close("row 1", parts[1:], alone[1], TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_calls_without_seq_idx_continue_the_last_packed_document(name):
+    """After a packed chunk, a chunk or decode step without seq_idx continues the row's last document (the only
+    one a recurrent state carries): attention must not attend to the earlier documents' cached keys, and a later
+    chunk with ids must line up with the cached keys' ids."""
+    mixer = build(name)
+    x = torch.randn(2, 16, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.tensor([[0] * 4 + [1] * 12, [0] * 2 + [1] * 3 + [2] * 11], dtype=torch.int32)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    parts = [run(mixer, x[:, :6], cache, seq_idx=seq_idx[:, :6]), run(mixer, x[:, 6:9], cache)]
+    parts += [run(mixer, x[:, t:t + 1], cache) for t in (9, 10)]
+    parts.append(run(mixer, x[:, 11:], cache, seq_idx=seq_idx[:, 11:]))
+    out = torch.cat(parts, 1)
+    assert_close("row 0", out[:1, 4:], run(mixer, x[:1, 4:]), TOL)
+    assert_close("row 1", out[1:, 5:], run(mixer, x[1:, 5:]), TOL)
+
+
 @pytest.mark.parametrize("variant", ["plain", "bias", "inner_norms", "mask", "documents", "cache", "batch1"])
 def test_mamba_channels_first_equals_row_major(variant, monkeypatch):
     """Mamba's channels-first sequence forward (projections straight into the conv/scan layout, Δ's bias in the
@@ -295,3 +330,93 @@ def test_a_window_of_one_keeps_no_past_keys():
             logits.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
     assert all(layer.keys.shape[-2] == 0 for layer in cache.layers)
     assert torch.allclose(torch.cat(logits, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_backend,want", [("ref", "ref"), ("auto", "auto")])
+def test_gla_decode_step_follows_scan_backend(monkeypatch, scan_backend, want):
+    """scan_backend "ref" keeps GLA's decode step on the reference: the step called gla_state_update with its default
+    backend "auto", which takes the Triton step kernel on CUDA whatever the layer asked for."""
+    import zoo.mixers.gla as gla_module
+
+    seen = []
+    real = gla_module.gla_state_update
+
+    def spy(*args, backend="auto"):
+        seen.append(backend)
+        return real(*args, backend="ref")
+
+    monkeypatch.setattr(gla_module, "gla_state_update", spy)
+    mixer = get_mixer("gla")(D_MODEL, 0, n_heads=2, chunk_size=8, scan_backend=scan_backend).eval()
+    x = torch.randn(1, 4, D_MODEL)
+    cache = mixer.init_state(1, x.dtype, x.device)
+    with torch.no_grad():
+        mixer(x[:, :3], cache=cache)
+        mixer(x[:, 3:], cache=cache)
+    assert seen == [want]
+
+
+@pytest.mark.parametrize("name", ["attention", "attention-window"])
+def test_attention_mask_shorter_than_the_keys_is_refused(name):
+    """With a cache, attention_mask covers past + T tokens (transformers' convention). A mask of the chunk only
+    failed deep in the op with a bare size mismatch, after the chunk's keys had entered the cache; it is refused
+    first, naming attention_mask, and the cache is left as it was."""
+    mixer = build(name)
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+    full = run(mixer, x)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    first = run(mixer, x[:, :6], cache, attention_mask=torch.ones(2, 6))
+    with pytest.raises(ValueError, match=r"attention_mask: covers 3 positions .* past \+ 3"):
+        run(mixer, x[:, 6:], cache, attention_mask=torch.ones(2, 3))
+    assert cache.get_seq_length() == 6
+    rest = run(mixer, x[:, 6:], cache, attention_mask=torch.ones(2, 9))
+    assert_close("after the refused call", torch.cat([first, rest], 1), full, TOL)
+
+
+@pytest.mark.parametrize("scan_backend,want", [("ref", "ref"), ("auto", "auto")])
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_causal_conv_follows_scan_backend(monkeypatch, name, scan_backend, want):
+    """scan_backend "ref" keeps the causal conv on the reference as well, in the sequence forward and the decode
+    step: the sequence conv (and Mamba-2's step conv) took the conv op's default "auto", the CUDA kernel on a GPU,
+    whatever the layer asked for."""
+    import zoo.mixers.mamba as mamba_module
+    import zoo.mixers.mamba2 as mamba2_module
+
+    module = mamba_module if name == "mamba" else mamba2_module
+    seen = []
+
+    def spy(real):
+        def call(*args, backend="auto"):
+            seen.append(backend)
+            return real(*args, backend="ref")
+        return call
+
+    monkeypatch.setattr(module, "causal_conv1d", spy(module.causal_conv1d))
+    monkeypatch.setattr(module, "causal_conv1d_update", spy(module.causal_conv1d_update))
+    spec = {k: v for k, v in SPECS[name].items() if k != "type"}
+    mixer = get_mixer(name)(D_MODEL, 0, **spec, scan_backend=scan_backend).eval()
+    x = torch.randn(1, 4, D_MODEL)
+    cache = mixer.init_state(1, x.dtype, x.device)
+    with torch.no_grad():
+        mixer(x[:, :3], cache=cache)
+        mixer(x[:, 3:], cache=cache)
+    assert seen[0] == want, "sequence conv"
+    if want == "ref":
+        assert seen == ["ref", "ref"], "decode step's conv"
+
+
+def test_attention_without_rope_takes_an_odd_head_dim():
+    """The even head_dim that RoPE needs was demanded of attention built with rope=False too (Jamba's attention has no
+    position encoding): head_dim 5, or d_model 36 over 4 heads, were refused "for RoPE". With RoPE they still are."""
+    from zoo import ZooConfig
+
+    torch.manual_seed(0)
+    mixer = get_mixer("attention")(D_MODEL, 0, n_heads=4, n_kv_heads=2, head_dim=5, rope=False).double().eval()
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    steps = torch.cat([run(mixer, x[:, t:t + 1], cache) for t in range(7)], dim=1)
+    assert_close("steps", steps, run(mixer, x), TOL)
+    ZooConfig(d_model=36, layers="A", mixers={"A": {"type": "attention", "n_heads": 4, "rope": False}})
+    with pytest.raises(ValueError, match="head_dim: must be a positive even integer"):
+        get_mixer("attention")(D_MODEL, 0, n_heads=4, head_dim=5)
+    with pytest.raises(ValueError, match="must be even for RoPE"):
+        ZooConfig(d_model=36, layers="A", mixers={"A": {"type": "attention", "n_heads": 4}})

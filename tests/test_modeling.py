@@ -369,6 +369,63 @@ def test_cache_rows_can_be_repeated_and_selected(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_decoding_after_a_packed_prompt_continues_its_last_document(name):
+    """A prompt packed by position_ids (documents a, b) then decoded without ids, its cache rows repeated and
+    selected as beam search does: the next tokens' logits are those of b alone (attention layers saw a's keys)."""
+    model = tiny(name)
+    a, b, more = torch.randint(1, 512, (2, 5)), torch.randint(1, 512, (2, 4)), torch.randint(1, 512, (2, 2))
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)])[None].expand(2, -1)
+    cache = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(torch.cat([a, b], 1), position_ids=position_ids, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([3, 2, 1, 0]))
+        steps = [model(more[[1, 1, 0, 0], t:t + 1], position_ids=torch.full((4, 1), 4 + t), past_key_values=cache,
+                       use_cache=True).logits for t in range(2)]
+        ref = model(torch.cat([b, more], 1), use_cache=False).logits[:, -2:]
+    assert_close("logits after a packed prompt", torch.cat(steps, 1), ref[[1, 1, 0, 0]], 1e-5)
+
+
+def test_crop_after_a_packed_prompt_keeps_the_document_ids_aligned():
+    """crop drops the cropped tokens' document ids with their keys: the ids kept for a packed prompt (documents a,
+    b) stayed as long as before, so the next steps' ids slid onto earlier keys and showed a's last keys to b."""
+    model = tiny("transformerpp")
+    a, b, more = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4)), torch.randint(1, 512, (1, 3))
+    cache = ZooCache.for_model(model)
+
+    def steps(ids, start):
+        return [model(ids[:, t:t + 1], position_ids=torch.tensor([[start + t]]), past_key_values=cache,
+                      use_cache=True).logits for t in range(ids.shape[1])]
+
+    with torch.no_grad():
+        model(torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(5), torch.arange(4)])[None],
+              past_key_values=cache, use_cache=True)
+        steps(torch.randint(1, 512, (1, 3)), 4)  # a draft, rejected
+        cache.crop(-3)
+        out = torch.cat(steps(more, 4), 1)
+        ref = model(torch.cat([b, more], 1), use_cache=False).logits[:, -3:]
+    assert_close("logits after crop", out, ref, 1e-5)
+
+
+def test_to_static_refuses_a_cache_of_packed_documents():
+    """A static KV layer keeps no document ids, so its steps attended to every packed document of the prompt (the
+    dynamic cache continues the last one only): to_static refuses such a cache, naming seq_idx; one document
+    converts."""
+    model = tiny("transformerpp")
+    cache = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(torch.randint(1, 512, (1, 9)), position_ids=torch.cat([torch.arange(5), torch.arange(4)])[None],
+              past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="packed documents"):
+        cache.to_static(16)
+    single = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(torch.randint(1, 512, (1, 9)), seq_idx=torch.zeros(1, 9, dtype=torch.int32), past_key_values=single,
+              use_cache=True)
+    single.to_static(16)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_a_cache_of_another_batch_size_is_refused(name):
     """A batch-2 cache fed one row raised a shape error deep in a mixer, or (GLA) broadcast the row over both cached
     states and returned 2 rows of logits for 1 input row."""

@@ -33,6 +33,7 @@ class RecurrentLayer(LinearAttentionLayer):
     def __init__(self, state_dtype: torch.dtype = torch.float32):
         super().__init__(number_of_states=1)
         self.state_dtype = state_dtype
+        self.last_seq_idx: torch.Tensor | None = None  # [B]: seq_idx of the last token run with seq_idx
 
     @property
     def conv_state(self) -> torch.Tensor | None:
@@ -62,6 +63,23 @@ class RecurrentLayer(LinearAttentionLayer):
             self.device = recurrent_state.device
         self.has_previous_state[0] = True
 
+    def initial_states(self, seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(conv_state, recurrent_state) that a sequence chunk starts from ((None, None) before the first). With
+        seq_idx [B, T], a row whose first token belongs to another document than the last token of the chunk before
+        it (recorded by the call that ran that chunk with seq_idx) starts from zeros: a packed document never
+        inherits its predecessor's state where a chunk boundary falls on a document boundary. Records this chunk's
+        last seq_idx."""
+        conv, rec = (self.conv_states[0], self.recurrent_states[0]) if self.has_state else (None, None)
+        if seq_idx is None:
+            return conv, rec
+        last, self.last_seq_idx = self.last_seq_idx, seq_idx[:, -1].clone()
+        if rec is not None and last is not None:
+            same = seq_idx[:, 0] == last.to(seq_idx.device)  # (B,)
+            rec = rec * same.view(-1, *[1] * (rec.dim() - 1)).to(rec.dtype)
+            if conv is not None:
+                conv = conv * same.view(-1, *[1] * (conv.dim() - 1)).to(conv.dtype)
+        return conv, rec
+
     def step_states(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(conv_state, recurrent_state) for a one-token step that updates them in place and `set`s them back: the
         layer's own tensors, made contiguous in fp32 (conv) and `state_dtype` (recurrent) once (a prefill may leave
@@ -87,10 +105,30 @@ class RecurrentLayer(LinearAttentionLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.tensors():
             self.load_tensors([t.repeat_interleave(repeats, dim=0) for t in self.tensors()])
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = self.last_seq_idx.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.tensors():
             self.load_tensors([t[indices, ...] for t in self.tensors()])
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = self.last_seq_idx[indices.to(self.last_seq_idx.device)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = self.last_seq_idx[beam_idx.to(self.last_seq_idx.device)]
+
+    def reset(self) -> None:
+        super().reset()
+        self.last_seq_idx = None
+
+
+def _rows_of_kv_seq_idx(layer, rows) -> None:
+    """Apply a batch reordering `rows` to an attention layer's kv_seq_idx [B, keys], where it has one."""
+    ids = getattr(layer, "kv_seq_idx", None)
+    if ids is not None:
+        layer.kv_seq_idx = rows(ids)
 
 
 class KVCacheFull(RuntimeError):
@@ -275,21 +313,25 @@ class ZooCache(Cache):
     def is_compileable(self) -> bool:
         return False
 
-    # a stateless mixer's `init_state` may return None: its layer holds nothing, so these skip it
+    # a stateless mixer's `init_state` may return None: its layer holds nothing, so these skip it. An attention
+    # layer's `kv_seq_idx` (the packed documents of its cached keys, zoo.mixers.attention) follows its rows
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.reorder_cache(beam_idx)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids[beam_idx.to(ids.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.batch_repeat_interleave(repeats)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.batch_select_indices(indices)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids[indices.to(ids.device)])
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -319,6 +361,7 @@ class ZooCache(Cache):
         for layer in self.layers:
             if layer is not None:
                 layer.crop(-remove)
+                _rows_of_kv_seq_idx(layer, lambda ids: ids[:, :max(ids.shape[1] - remove, 0)])
         self.seen_tokens -= remove
 
     # ---- static decoding -----------------------------------------------------------------------------------
@@ -334,6 +377,12 @@ class ZooCache(Cache):
                     raise ValueError(f"to_static: layer {i} is already static with capacity {layer.capacity} "
                                      f"< {max_len}")
             elif isinstance(layer, DynamicLayer):
+                ids = getattr(layer, "kv_seq_idx", None)
+                if ids is not None and bool((ids != ids[:, -1:]).any()):
+                    # a static layer has no per-key document ids: the earlier documents' keys would stay visible
+                    raise ValueError(f"to_static: layer {i} holds the keys of several packed documents (seq_idx); "
+                                     f"a static cache decodes one document per row: prefill the last document "
+                                     f"alone, or decode with the dynamic cache")
                 self.layers[i] = StaticKVLayer.from_dynamic(layer, max_len, self.seen_tokens)
         return self
 

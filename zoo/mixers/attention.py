@@ -58,7 +58,7 @@ class Attention(nn.Module):
         super().__init__()
         n_heads = max(1, d_model // 64) if n_heads is None else n_heads
         self.check_spec(d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta,
-                        window=window, attn_backend=attn_backend)
+                        rope=rope, window=window, attn_backend=attn_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads or n_heads
         self.head_dim = head_dim or d_model // n_heads
@@ -70,8 +70,8 @@ class Attention(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int | None = None, n_kv_heads: int | None = None,
-                   head_dim: int | None = None, rope_theta: float = 10000.0, window: int | None = None,
-                   attn_backend: str = "auto", **_) -> None:
+                   head_dim: int | None = None, rope_theta: float = 10000.0, rope: bool = True,
+                   window: int | None = None, attn_backend: str = "auto", **_) -> None:
         if attn_backend not in ("auto", *BACKENDS):
             raise ValueError(f"attn_backend: unknown backend {attn_backend!r}; choose auto or one of "
                              f"{', '.join(BACKENDS)} (math is the reference)")
@@ -81,9 +81,12 @@ class Attention(nn.Module):
         if head_dim is None and d_model % n_heads:
             raise ValueError(f"n_heads: {n_heads} does not divide d_model = {d_model}; choose n_heads dividing "
                              f"d_model or set head_dim")
-        if head_dim is not None and not (isinstance(head_dim, int) and head_dim >= 2 and head_dim % 2 == 0):
-            raise ValueError(f"head_dim: must be a positive even integer (RoPE rotates pairs), got {head_dim!r}")
-        if head_dim is None and (d_model // n_heads) % 2:
+        even = 2 if rope else 1  # RoPE rotates pairs; without it any width works
+        if head_dim is not None and not (isinstance(head_dim, int) and not isinstance(head_dim, bool)
+                                         and head_dim >= even and head_dim % even == 0):
+            raise ValueError(f"head_dim: must be a positive even integer (RoPE rotates pairs), got {head_dim!r}" if rope
+                             else f"head_dim: must be a positive integer, got {head_dim!r}")
+        if rope and head_dim is None and (d_model // n_heads) % 2:
             raise ValueError(f"n_heads: head_dim = d_model / n_heads = {d_model // n_heads} must be even for RoPE")
         if n_kv_heads is not None:
             if not (isinstance(n_kv_heads, int) and n_kv_heads >= 1):
@@ -183,6 +186,11 @@ class Attention(nn.Module):
             return self._static_step(x, cache, seq_idx, position_ids, attention_mask)
         Bsz, T, _ = x.shape
         past = cache.get_seq_length() if cache is not None else 0
+        held = cache.keys.shape[-2] if cache is not None and getattr(cache, "is_initialized", False) else 0
+        if attention_mask is not None and attention_mask.shape[-1] < held + T:  # checked before the cache grows
+            raise ValueError(f"attention_mask: covers {attention_mask.shape[-1]} positions but this attention layer "
+                             f"attends to {held + T} keys (cached + this chunk); with a cache pass the mask of every "
+                             f"token so far, [batch, past + {T}], as transformers' generate does")
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
         tables = self.rope_tables(position_ids)
@@ -195,6 +203,10 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, Dh)
         S = k.shape[1]
         key_mask = attention_mask[:, -S:].bool() if attention_mask is not None else None
+        past_ids = getattr(cache, "kv_seq_idx", None)
+        if seq_idx is None and past_ids is not None and past_ids.shape[1]:
+            # a chunk without ids after a packed one continues its last document, as a recurrent layer's state does
+            seq_idx = past_ids[:, -1:].expand(Bsz, T)
         if seq_idx is not None and cache is not None:
             seq_idx = self._cached_seq_idx(cache, seq_idx, S)
         o = attention(q, k, v, causal=True, window=self.window, seq_idx=seq_idx, key_padding_mask=key_mask,

@@ -97,7 +97,7 @@ class GLA(nn.Module):
         gk = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).unflatten(-1, (H, self.head_k))
         if attention_mask is not None:  # pads add nothing to the state (it starts from zero on the left)
             k = k * attention_mask[:, -T:, None, None].to(k.dtype)
-        initial = cache.recurrent_state if cache is not None and cache.has_state else None
+        initial = cache.initial_states(seq_idx)[1] if cache is not None else None
         if cache is not None and initial is not None and T == 1 and seq_idx is None:
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import gla_step
@@ -106,7 +106,10 @@ class GLA(nn.Module):
                 o = gla_step(self, state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5, cache)[:, None]
             else:  # in place (RecurrentLayer.step_states): a CUDA graph replay finds the state at the same address
                 state = cache.step_states()[1]
-                o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5)[:, None]
+                # scan_backend "ref" keeps the step on the reference too (auto takes the Triton step kernel on CUDA)
+                step_backend = "ref" if self.scan_backend in ("ref", "reference") else "auto"
+                o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5,
+                                     backend=step_backend)[:, None]
             cache.set(recurrent_state=state)
         else:
             backend = backends.resolve("gla", self.scan_backend, x.device)

@@ -280,11 +280,14 @@ class Mamba(nn.Module):
     def _conv(self, xs, cache, seq_idx, mask):
         """The causal conv + SiLU over xs [B, d_inner, T] from the cache's conv state: (u, the conv's final state,
         the cached SSM state or None)."""
-        conv_init = cache.conv_state if cache is not None and cache.has_state else None
-        ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
+        conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
         u, conv_final = causal_conv1d(xs, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx, conv_init, "silu",
-                                      True)
+                                      True, backend=self._conv_backend())
         return (u if mask is None else u * mask[:, None, :]), conv_final, ssm_init
+
+    def _conv_backend(self) -> str:
+        """The sequence conv's backend: the reference where scan_backend asks for it, else the fastest."""
+        return "ref" if self.scan_backend in ("ref", "reference") else "auto"
 
     @staticmethod
     def _store(out, cache, conv_final):

@@ -42,7 +42,8 @@ class Mamba2(nn.Module):
                  scan_backend: str = "auto"):
         super().__init__()
         self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, head_dim=head_dim,
-                        n_groups=n_groups, chunk_size=chunk_size, norm_groups=norm_groups, scan_backend=scan_backend)
+                        n_groups=n_groups, A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max,
+                        chunk_size=chunk_size, norm_groups=norm_groups, scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv, self.head_dim, self.n_groups = d_state, d_conv, head_dim, n_groups
         self.d_inner = int(expand * d_model)
@@ -63,8 +64,8 @@ class Mamba2(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: float = 2, head_dim: int = 64,
-                   n_groups: int = 1, chunk_size: int = 256, norm_groups: int | None = None, scan_backend: str = "auto",
-                   **_) -> None:
+                   n_groups: int = 1, A_init_range=(1.0, 16.0), dt_min: float = 0.001, dt_max: float = 0.1,
+                   chunk_size: int = 256, norm_groups: int | None = None, scan_backend: str = "auto", **_) -> None:
         backends.check_name("ssd", scan_backend)
         if isinstance(expand, bool) or not isinstance(expand, (int, float)):
             raise ValueError(f"expand: must be a number, got {expand!r}")
@@ -85,6 +86,17 @@ class Mamba2(nn.Module):
                                             and int(d_inner) % norm_groups == 0):
             raise ValueError(f"norm_groups: must be a positive integer dividing expand·d_model = {int(d_inner)}, "
                              f"got {norm_groups!r}")
+        # A = -exp(A_log) with A_log = log(uniform(A_init_range)): a bound <= 0 gives NaN or -inf parameters
+        if not (isinstance(A_init_range, (list, tuple)) and len(A_init_range) == 2
+                and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in A_init_range)
+                and 0 < A_init_range[0] <= A_init_range[1]):
+            raise ValueError(f"A_init_range: must be two numbers [low, high] with 0 < low <= high (A is drawn "
+                             f"uniformly in it, its log stored), got {A_init_range!r}")
+        for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: must be a number, got {value!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
         if d_state > 256:
             raise ValueError(f"d_state: at most 256 is supported, got {d_state}")
 
@@ -135,6 +147,8 @@ class Mamba2(nn.Module):
         w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
         A = decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
         backend = backends.resolve("ssd", self.scan_backend, x.device)
+        # scan_backend ref keeps the conv on the reference too
+        conv_backend = "ref" if self.scan_backend in ("ref", "reference") else "auto"
 
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             conv_state, state = cache.step_states()  # updated in place below, then set back
@@ -142,7 +156,7 @@ class Mamba2(nn.Module):
                 self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
                 lambda: (w.float().contiguous(), None if self.conv1d.bias is None else self.conv1d.bias.float(),
                          self.D.float(), self.dt_bias.float()))
-            xBC = causal_conv1d_update(conv_state, xBC[:, 0], w32, b32, "silu")  # (B, conv_dim)
+            xBC = causal_conv1d_update(conv_state, xBC[:, 0], w32, b32, "silu", backend=conv_backend)  # (B, conv_dim)
             if mask is not None:
                 xBC = xBC * mask[:, 0, None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
@@ -158,9 +172,9 @@ class Mamba2(nn.Module):
             cache.set(conv_state, state)
             y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
         else:
-            conv_init = cache.conv_state if cache is not None and cache.has_state else None
-            ssm_init = cache.recurrent_state if cache is not None and cache.has_state else None
-            xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu", True)
+            conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
+            xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu", True,
+                                            backend=conv_backend)
             xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
             if mask is not None:
                 xBC = xBC * mask[..., None]
