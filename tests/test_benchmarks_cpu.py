@@ -10,7 +10,7 @@ import torch
 from helpers import ROOT, load_script
 
 GPU_ONLY = ["attention", "conv1d", "decode_attention", "decode_linear", "generate", "gla", "mamba_layers",
-            "mamba_step", "mqar_probe", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
+            "mamba_step", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
             "probe_split_decode", "probe_split_parts", "profile_decode", "scan_split", "selective_scan", "ssd",
             "train_throughput"]
 
@@ -24,6 +24,19 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     with pytest.raises(SystemExit) as e:
         script.main()
     assert isinstance(e.value.code, str) and "CUDA" in e.value.code and "\n" not in e.value.code, e.value.code
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the probe")
+def test_mqar_probe_runs_the_demos_models_on_the_cpu(tmp_path, monkeypatch):
+    # how many MQAR steps the demo's tiny models need is a CPU question (the demo trains them 100); it was GPU-only
+    import json
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    script = load_script("benchmarks/mqar_probe.py")
+    assert script.main(["--config", "configs/compare/demo.yaml", "--batch-size", "4", "gla:32:32:4:3e-3:3"]) == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "mqar-probe.jsonl").read_text().splitlines()]
+    assert row["name"] == "gla" and row["steps"] == 3 and 0 <= row["acc"] <= 1 and len(row["train_losses"]) == 3
 
 
 def test_report_keeps_every_baseline_of_the_newest_run_only():
