@@ -213,7 +213,7 @@ def parameter_counts(config: ZooConfig) -> dict[str, int]:
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active": total}
     total = embedding + d + sum(c.params for c in costs)  # + final norm
     inactive = 0
-    if config.moe:
+    if config.moe is not None:
         moe = config.moe_spec()
         n_moe = sum(1 for s in config.layer_specs() if s["ffn"] == "moe")
         inactive = n_moe * (moe["n_experts"] - moe["top_k"]) * 3 * d * moe["hidden"]

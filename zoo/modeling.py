@@ -374,20 +374,20 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = None
-        aux = out.aux_loss
+        aux = out.aux_loss if self.config.moe is not None else None
         if labels is not None:
             # next-token targets aligned with every position (the last has none), so the logits are read in place
             # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA)
             targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100).reshape(-1)
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
-            if self.config.moe:
+            if aux is not None:
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
             if num_items_in_batch is not None:
                 # the Trainer leaves the loss unscaled for accumulation when the model takes this count: the
                 # micro-batches' losses must add up to the accumulated batch's mean, each weighted by its targets
                 loss = loss * (targets != -100).sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
-                                   hidden_states=out.hidden_states, aux_loss=aux if self.config.moe else None)
+                                   hidden_states=out.hidden_states, aux_loss=aux)
         return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
