@@ -122,6 +122,21 @@ def test_labels_give_loss_with_moe_aux():
     assert model.model.layers[1].ffn.router.weight.grad is not None
 
 
+def test_eval_loss_of_a_moe_model_is_the_cross_entropy_alone():
+    """The load-balancing loss was added in eval mode too, so zoo train's eval/loss, eval/ppl and bits_per_byte and
+    the Trainer's eval_loss of a MoE model were CE + aux_loss_coef * aux, not the held-out cross-entropy."""
+    model = tiny("jamba").eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0  # still reported
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce)
+    with torch.no_grad():
+        trained = model.train()(ids, labels=ids)
+    torch.testing.assert_close(trained.loss, ce + 1e-3 * trained.aux_loss)
+
+
 def test_output_hidden_states():
     model = tiny("transformerpp")
     out = model(torch.randint(0, 512, (1, 5)), output_hidden_states=True)

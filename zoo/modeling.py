@@ -103,7 +103,8 @@ def _return_dict(config, return_dict) -> bool:
 
 @dataclass
 class ZooCausalLMOutput(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus the MoE load-balancing loss (already added to `loss`, scaled)."""
+    """CausalLMOutputWithPast plus the MoE load-balancing loss (added to `loss`, times moe.aux_loss_coef, in
+    training mode only)."""
 
     aux_loss: torch.FloatTensor | None = None
 
@@ -357,7 +358,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
                 logits_to_keep: int | torch.Tensor = 0, return_dict=None, **kwargs) -> ZooCausalLMOutput | tuple:
-        """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added.
+        """Labels [B, T] are the input ids (shifted inside); -100 is ignored. In training mode the MoE aux loss
+        (times moe.aux_loss_coef) is added; in eval mode `loss` is the cross-entropy alone (an eval loss, a
+        perplexity), and `aux_loss` gives the aux loss in both.
 
         `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
         whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
@@ -380,7 +383,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA)
             targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100).reshape(-1)
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
-            if aux is not None:
+            if aux is not None and self.training:  # a training regularizer, not part of an eval loss
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
             if num_items_in_batch is not None:
                 # the Trainer leaves the loss unscaled for accumulation when the model takes this count: the
