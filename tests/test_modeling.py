@@ -137,6 +137,36 @@ def test_eval_loss_of_a_moe_model_is_the_cross_entropy_alone():
     torch.testing.assert_close(trained.loss, ce + 1e-3 * trained.aux_loss)
 
 
+def test_a_moe_expert_no_token_chose_still_gets_a_gradient_so_ddp_can_train(tmp_path):
+    """An expert that no token of the batch chose got no gradient (.grad None), so a MoE model under DDP (zoo train on
+    several GPUs, accelerate, the Trainer with gradient checkpointing) failed at its second step: "Expected to have
+    finished reduction in the prior iteration ... parameters that were not used in producing loss"."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from zoo.layers import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(8, 16, n_experts=4, top_k=1)
+    with torch.no_grad():  # every token of a positive input goes to expert 0
+        moe.router.weight.zero_()
+        moe.router.weight[0].fill_(1.0)
+    x = torch.rand(2, 3, 8) + 0.1
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(moe)
+        for _ in range(2):
+            out, aux = model(x)
+            (out.square().sum() + aux).backward()
+    finally:
+        dist.destroy_process_group()
+    for e in (1, 2, 3):
+        assert all(p.grad is not None and not p.grad.any() for p in moe.experts[e].parameters())
+    assert moe.experts[0].down_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # inference still skips the experts that no token chose
+        assert torch.equal(moe(x)[0], out)
+
+
 def test_output_hidden_states():
     model = tiny("transformerpp")
     out = model(torch.randint(0, 512, (1, 5)), output_hidden_states=True)

@@ -327,7 +327,10 @@ class MoE(nn.Module):
         else:
             for e, expert in enumerate(self.experts):
                 token, slot = (chosen == e).nonzero(as_tuple=True)
-                if token.numel():
+                # with autograd on, an expert that no token chose still runs (on no rows): its parameters get zero
+                # gradients rather than none, which DDP needs of every parameter in every backward ("Expected to
+                # have finished reduction in the prior iteration" otherwise, without find_unused_parameters)
+                if token.numel() or torch.is_grad_enabled():
                     out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         if token_mask is not None:  # padding does not count towards load balance
             keep = token_mask.reshape(-1).to(probs.dtype)
