@@ -167,6 +167,27 @@ def test_a_moe_expert_no_token_chose_still_gets_a_gradient_so_ddp_can_train(tmp_
         assert torch.equal(moe(x)[0], out)
 
 
+def test_top_1_routing_with_renormalized_weights_warns_that_the_router_learns_only_from_the_aux_loss():
+    """With top_k 1 and normalize_topk (the default) the chosen expert's weight is p / p = 1: the router got no
+    gradient from the language-model loss, only from the aux loss, and nothing said so."""
+    import warnings
+
+    from zoo.layers import MoE
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(UserWarning, match="moe.normalize_topk: with top_k 1"):
+        moe = MoE(8, 16, n_experts=4, top_k=1)
+    moe(x)[0].square().sum().backward()
+    assert moe.router.weight.grad.abs().max() < 1e-6  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        switch = MoE(8, 16, n_experts=4, top_k=1, normalize_topk=False)
+        MoE(8, 16, n_experts=4, top_k=2)
+    switch(x)[0].square().sum().backward()
+    assert switch.router.weight.grad.abs().max() > 1e-3
+
+
 def test_output_hidden_states():
     model = tiny("transformerpp")
     out = model(torch.randint(0, 512, (1, 5)), output_hidden_states=True)
