@@ -56,6 +56,17 @@ def test_an_empty_moe_section_takes_the_jamba_defaults():
     torch.testing.assert_close(out.loss, ce + 1e-3 * out.aux_loss)
 
 
+@pytest.mark.parametrize("fields", [
+    dict(layers="M", mixers={"M": {"type": "mamba"}}, moe={"n_experts": 4}),  # offset 1 of a single layer
+    dict(layers="MMM", mixers={"M": {"type": "mamba"}}, moe={"every": 4, "offset": 3}),
+    dict(layers=[{"type": "mamba", "ffn": "swiglu"}, {"type": "mamba", "ffn": "swiglu"}], mixers={}, moe={}),
+], ids=["one-layer", "offset-past-the-end", "every-layer-sets-its-ffn"])
+def test_a_moe_section_that_picks_no_layer_is_refused(fields):
+    # the model was built without a single expert and trained as a dense one, silently
+    with pytest.raises(ValueError, match=r"moe: none of the \d+ layers gets experts .*moe.every .*moe.offset"):
+        ZooConfig(**fields)
+
+
 def test_roundtrip_dict():
     cfg = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
     again = ZooConfig.from_dict(cfg.to_dict())

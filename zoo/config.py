@@ -367,6 +367,12 @@ class ZooConfig(PreTrainedConfig):
                     check(self.d_model, **kwargs)
                 except ValueError as e:
                     raise ValueError(f"{where} ({mixer_type}): {e}") from None
+        if self.moe is not None and not any(spec["ffn"] == "moe" for spec in specs):
+            moe = self.moe_spec()
+            raise ValueError(f"moe: none of the {len(specs)} layers gets experts (a layer does when its index % "
+                             f"moe.every ({moe['every']}) == moe.offset ({moe['offset']}) and it sets no ffn of "
+                             f"its own, or when it sets ffn: moe); choose a moe.every / moe.offset that picks a "
+                             f"layer, or drop the moe section")
 
     # ---- io ---------------------------------------------------------------------------------------------
     @classmethod
