@@ -139,6 +139,20 @@ def test_flops_hand_computed():
     assert row["flops_per_token"] == 2 * weights + 2 * 4 * 4.5 * 2 * 8
 
 
+def test_active_parameters_of_a_moe_model_with_a_custom_mixer_leave_out_the_skipped_experts():
+    """A mixer given by import path is counted on the meta model; its active count was then the total, as if each
+    token ran every expert, while the same model with the built-in name left out the n_experts - top_k others."""
+    from zoo.compare import parameter_counts
+
+    common = dict(vocab_size=50, d_model=16, layers="MM", ffn={"type": "swiglu", "hidden": 32},
+                  moe={"every": 2, "n_experts": 4, "top_k": 1})
+    builtin = ZooConfig(mixers={"M": {"type": "mamba", "d_state": 4}}, **common)
+    dotted = ZooConfig(mixers={"M": {"type": "zoo.mixers.mamba.Mamba", "d_state": 4}}, **common)
+    assert parameter_counts(dotted) == parameter_counts(builtin)
+    assert account(dotted, [8])["active_params"] == account(builtin, [8])["active_params"] \
+        == parameter_counts(builtin)["total"] - (4 - 1) * 3 * 16 * 32
+
+
 def test_transformers_baselines_are_accounted():
     llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": True}

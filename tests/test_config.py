@@ -34,6 +34,39 @@ def test_moe_every_second_layer():
     assert [s["ffn"] for s in cfg.layer_specs()] == ["swiglu", "moe"] * 4
 
 
+def test_an_empty_moe_section_takes_the_jamba_defaults():
+    """`moe: {}` asks for the defaults (every 2nd layer, 16 experts, top-2, aux 0.001): it read as no MoE (an empty
+    dict is falsy), so no layer got experts, and a layer with `ffn: moe` got them without their aux loss."""
+    import torch
+
+    from zoo import ZooForCausalLM
+    from zoo.compare import parameter_counts
+
+    cfg = ZooConfig(vocab_size=32, d_model=16, layers="MMMM", mixers={"M": {"type": "mamba"}}, moe={})
+    assert [s["ffn"] for s in cfg.layer_specs()] == ["swiglu", "moe"] * 2
+    counts = parameter_counts(cfg)
+    assert counts["active"] == counts["total"] - 2 * (16 - 2) * 3 * 16 * cfg.moe_spec()["hidden"]
+    override = ZooConfig(vocab_size=32, d_model=16, layers=[{"type": "mamba"}, {"type": "mamba", "ffn": "moe"}],
+                         mixers={}, moe={})
+    model = ZooForCausalLM(override).train()
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(ids, labels=ids, use_cache=False)
+    assert out.aux_loss is not None and out.aux_loss > 0
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 32), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce + 1e-3 * out.aux_loss)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(layers="M", mixers={"M": {"type": "mamba"}}, moe={"n_experts": 4}),  # offset 1 of a single layer
+    dict(layers="MMM", mixers={"M": {"type": "mamba"}}, moe={"every": 4, "offset": 3}),
+    dict(layers=[{"type": "mamba", "ffn": "swiglu"}, {"type": "mamba", "ffn": "swiglu"}], mixers={}, moe={}),
+], ids=["one-layer", "offset-past-the-end", "every-layer-sets-its-ffn"])
+def test_a_moe_section_that_picks_no_layer_is_refused(fields):
+    # the model was built without a single expert and trained as a dense one, silently
+    with pytest.raises(ValueError, match=r"moe: none of the \d+ layers gets experts .*moe.every .*moe.offset"):
+        ZooConfig(**fields)
+
+
 def test_roundtrip_dict():
     cfg = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
     again = ZooConfig.from_dict(cfg.to_dict())

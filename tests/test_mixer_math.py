@@ -246,7 +246,7 @@ def test_model_equals_naive_composition():
                        moe={"every": 2, "n_experts": 4, "top_k": 2, "aux_loss_coef": 0.01})
     model = perturbed(ZooForCausalLM(config))
     ids = torch.randint(0, 61, (1, 11))
-    out = model(ids, labels=ids, use_cache=False)
+    out = model.train()(ids, labels=ids, use_cache=False)  # the aux loss joins the loss in training mode
 
     x = model.model.embeddings.weight[ids[0]]
     aux_total = torch.zeros((), dtype=torch.float64)

@@ -122,6 +122,72 @@ def test_labels_give_loss_with_moe_aux():
     assert model.model.layers[1].ffn.router.weight.grad is not None
 
 
+def test_eval_loss_of_a_moe_model_is_the_cross_entropy_alone():
+    """The load-balancing loss was added in eval mode too, so zoo train's eval/loss, eval/ppl and bits_per_byte and
+    the Trainer's eval_loss of a MoE model were CE + aux_loss_coef * aux, not the held-out cross-entropy."""
+    model = tiny("jamba").eval()
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    assert out.aux_loss is not None and out.aux_loss > 0  # still reported
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ce)
+    with torch.no_grad():
+        trained = model.train()(ids, labels=ids)
+    torch.testing.assert_close(trained.loss, ce + 1e-3 * trained.aux_loss)
+
+
+def test_a_moe_expert_no_token_chose_still_gets_a_gradient_so_ddp_can_train(tmp_path):
+    """An expert that no token of the batch chose got no gradient (.grad None), so a MoE model under DDP (zoo train on
+    several GPUs, accelerate, the Trainer with gradient checkpointing) failed at its second step: "Expected to have
+    finished reduction in the prior iteration ... parameters that were not used in producing loss"."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from zoo.layers import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(8, 16, n_experts=4, top_k=1)
+    with torch.no_grad():  # every token of a positive input goes to expert 0
+        moe.router.weight.zero_()
+        moe.router.weight[0].fill_(1.0)
+    x = torch.rand(2, 3, 8) + 0.1
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(moe)
+        for _ in range(2):
+            out, aux = model(x)
+            (out.square().sum() + aux).backward()
+    finally:
+        dist.destroy_process_group()
+    for e in (1, 2, 3):
+        assert all(p.grad is not None and not p.grad.any() for p in moe.experts[e].parameters())
+    assert moe.experts[0].down_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():  # inference still skips the experts that no token chose
+        assert torch.equal(moe(x)[0], out)
+
+
+def test_top_1_routing_with_renormalized_weights_warns_that_the_router_learns_only_from_the_aux_loss():
+    """With top_k 1 and normalize_topk (the default) the chosen expert's weight is p / p = 1: the router got no
+    gradient from the language-model loss, only from the aux loss, and nothing said so."""
+    import warnings
+
+    from zoo.layers import MoE
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(UserWarning, match="moe.normalize_topk: with top_k 1"):
+        moe = MoE(8, 16, n_experts=4, top_k=1)
+    moe(x)[0].square().sum().backward()
+    assert moe.router.weight.grad.abs().max() < 1e-6  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        switch = MoE(8, 16, n_experts=4, top_k=1, normalize_topk=False)
+        MoE(8, 16, n_experts=4, top_k=2)
+    switch(x)[0].square().sum().backward()
+    assert switch.router.weight.grad.abs().max() > 1e-3
+
+
 def test_output_hidden_states():
     model = tiny("transformerpp")
     out = model(torch.randint(0, 512, (1, 5)), output_hidden_states=True)

@@ -235,6 +235,28 @@ def test_biases_norms_and_ssm_parameters_are_not_decayed_matrices_are():
     assert decay == set(names.values()) - kept
 
 
+def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
+    """MFU was 6 · all parameters · tokens/s: a MoE's n_experts - top_k experts that a token skips counted as work
+    done, so a Jamba-style model's MFU was overstated (here 1.5x; more with 16 experts and top-2)."""
+    from zoo import ZooConfig, ZooForCausalLM
+    from zoo.train import active_parameters, count_parameters
+
+    model = {"model_type": "zoo", "vocab_size": 260, "d_model": 32, "layers": "MM", "ffn": {"hidden": 64},
+             "mixers": {"M": {"type": "mamba", "d_state": 4}},
+             "moe": {"every": 2, "n_experts": 4, "top_k": 1, "normalize_topk": False}}
+    cfg = config_from_dict(run_dict(tmp_path, model=model, train={"max_steps": 3, "grad_accum": 1},
+                                    log={"every": 1, "peak_tflops": 1.0}))
+    train(cfg)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("mfu")]
+    fields = {k: v for k, v in model.items() if k != "model_type"}
+    built = ZooForCausalLM(ZooConfig(**fields))
+    active = count_parameters(built) - 3 * 3 * 32 * 64  # three of the four experts skipped
+    assert active_parameters(built) == active < count_parameters(built)
+    assert rows and all(math.isclose(float(r["mfu"]), 6 * active * float(r["tokens_per_s"]) / 1e12, rel_tol=1e-4)
+                        for r in rows)
+
+
 def test_schedules():
     cfg = config_from_dict({"model": LLAMA, "train": {"max_steps": 100},
                             "optim": {"lr": 1e-3}, "schedule": {"warmup_steps": 10, "min_lr": 1e-5}})

@@ -206,17 +206,18 @@ def parameter_counts(config: ZooConfig) -> dict[str, int]:
     active: what one token uses (an MoE's router and top_k experts only)."""
     d, V = config.d_model, config.vocab_size
     embedding = V * d * (1 if config.tie_embeddings else 2)
+    inactive = 0  # the experts a token skips, whatever the mixers
+    if config.moe is not None:
+        moe = config.moe_spec()
+        n_moe = sum(1 for s in config.layer_specs() if s["ffn"] == "moe")
+        inactive = n_moe * (moe["n_experts"] - moe["top_k"]) * 3 * d * moe["hidden"]
     costs = layer_costs(config)
     if costs is None:
         model = _meta_model(config)
         total = sum(p.numel() for p in model.parameters())
-        return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active": total}
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
+                "active": total - inactive}
     total = embedding + d + sum(c.params for c in costs)  # + final norm
-    inactive = 0
-    if config.moe:
-        moe = config.moe_spec()
-        n_moe = sum(1 for s in config.layer_specs() if s["ffn"] == "moe")
-        inactive = n_moe * (moe["n_experts"] - moe["top_k"]) * 3 * d * moe["hidden"]
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active": total - inactive}
 
 

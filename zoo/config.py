@@ -166,7 +166,10 @@ class ZooConfig(PreTrainedConfig):
     ({type: mamba|mamba2|attention|gla|dotted.Path, **kwargs}); a spec may carry `ffn: swiglu|moe|none` to
     override the layer's feed-forward. ffn: {type: swiglu, hidden: int} or "none". moe: optional
     {every, offset, n_experts, top_k, hidden, aux_loss_coef, normalize_topk}: layers with index % every == offset
-    use a MoE. decode_state_dtype: dtype of the recurrent states a decoding cache keeps for the recurrent mixers
+    use a MoE; null is none, and a key left out (`moe: {}` leaves them all) takes its default: every 2, offset 1
+    (0 when every is 1), n_experts 16, top_k 2, hidden the ffn's, aux_loss_coef 1e-3, normalize_topk true
+    (Mixtral's renormalized top-k weights; Jamba's are the router probabilities as they are: false).
+    decode_state_dtype: dtype of the recurrent states a decoding cache keeps for the recurrent mixers
     (Mamba, Mamba-2, GLA): "float32" (default) or "model" (the model's parameter dtype, as mamba_ssm's and
     transformers' caches keep them: half the state's memory and bytes per step, rounded every step). Mamba's fused
     step kernel reads such a state as it lies; its other step paths (the unfused kernels, the references) update
@@ -229,7 +232,7 @@ class ZooConfig(PreTrainedConfig):
         """One dict per layer: {'type', mixer kwargs..., 'ffn': 'swiglu'|'moe'|'none'}."""
         specs = _parse_layers(self.layers, self.mixers or {})
         ffn_type = self.ffn_spec()["type"]
-        moe = self.moe_spec() if self.moe else None
+        moe = self.moe_spec() if self.moe is not None else None
         for i, spec in enumerate(specs):
             spec.pop("_letter", None)
             spec.setdefault("ffn", "moe" if moe and i % moe["every"] == moe["offset"] else ffn_type)
@@ -364,6 +367,12 @@ class ZooConfig(PreTrainedConfig):
                     check(self.d_model, **kwargs)
                 except ValueError as e:
                     raise ValueError(f"{where} ({mixer_type}): {e}") from None
+        if self.moe is not None and not any(spec["ffn"] == "moe" for spec in specs):
+            moe = self.moe_spec()
+            raise ValueError(f"moe: none of the {len(specs)} layers gets experts (a layer does when its index % "
+                             f"moe.every ({moe['every']}) == moe.offset ({moe['offset']}) and it sets no ffn of "
+                             f"its own, or when it sets ffn: moe); choose a moe.every / moe.offset that picks a "
+                             f"layer, or drop the moe section")
 
     # ---- io ---------------------------------------------------------------------------------------------
     @classmethod

@@ -238,7 +238,7 @@ def _function_options(spec: dict) -> dict[str, Any]:
 
 
 def _no_moe(model: ZooForCausalLM, fmt: str) -> None:
-    if model.config.moe:
+    if model.config.moe is not None:
         raise _unmappable(fmt, "moe", model.config.moe, f"{fmt} has no mixture of experts")
 
 
@@ -558,7 +558,7 @@ def to_hf_jamba(model: ZooForCausalLM):
     config = JambaConfig(vocab_size=zc.vocab_size, tie_word_embeddings=zc.tie_embeddings, hidden_size=zc.d_model,
                          intermediate_size=hidden, num_hidden_layers=len(specs), hidden_act="silu",
                          initializer_range=zc.initializer_range, rms_norm_eps=zc.norm_eps,
-                         router_aux_loss_coef=zc.moe_spec()["aux_loss_coef"] if zc.moe else 0.001,
+                         router_aux_loss_coef=zc.moe_spec()["aux_loss_coef"] if zc.moe is not None else 0.001,
                          max_position_embeddings=getattr(zc, "max_position_embeddings", 262144),
                          num_experts_per_tok=top_k, num_experts=n_experts,
                          expert_layer_period=expert_period[0], expert_layer_offset=expert_period[1],

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import importlib
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -301,12 +302,19 @@ class MoE(nn.Module):
     The aux loss (Switch Transformer) is n_experts · Σ_e f_e · p_e, with f_e the fraction of routed
     token slots sent to expert e and p_e the mean router probability of e; it is 1 when balanced.
     normalize_topk: rescale the k chosen probabilities to sum to 1 (False: use them as they are, as Jamba does).
+    With top_k 1 that rescaled weight is always 1, so the router learns from the aux loss alone (a warning says so;
+    Switch Transformer's top-1 weighs the expert by its probability: normalize_topk False).
     """
 
     lora_targets = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, d_model: int, hidden: int, n_experts: int, top_k: int, normalize_topk: bool = True):
         super().__init__()
+        if top_k == 1 and normalize_topk:
+            warnings.warn("moe.normalize_topk: with top_k 1 the renormalized expert weight is always 1, so the "
+                          "router gets no gradient from the model's loss, only from the load-balancing aux loss; set "
+                          "moe.normalize_topk: false to weigh the expert by its router probability (Switch "
+                          "Transformer, Jamba), or use top_k >= 2", UserWarning, stacklevel=2)
         self.n_experts, self.top_k, self.normalize_topk = n_experts, top_k, normalize_topk
         self.router = Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(n_experts))
@@ -327,7 +335,10 @@ class MoE(nn.Module):
         else:
             for e, expert in enumerate(self.experts):
                 token, slot = (chosen == e).nonzero(as_tuple=True)
-                if token.numel():
+                # with autograd on, an expert that no token chose still runs (on no rows): its parameters get zero
+                # gradients rather than none, which DDP needs of every parameter in every backward ("Expected to
+                # have finished reduction in the prior iteration" otherwise, without find_unused_parameters)
+                if token.numel() or torch.is_grad_enabled():
                     out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
         if token_mask is not None:  # padding does not count towards load balance
             keep = token_mask.reshape(-1).to(probs.dtype)

@@ -103,7 +103,8 @@ def _return_dict(config, return_dict) -> bool:
 
 @dataclass
 class ZooCausalLMOutput(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus the MoE load-balancing loss (already added to `loss`, scaled)."""
+    """CausalLMOutputWithPast plus the MoE load-balancing loss (added to `loss`, times moe.aux_loss_coef, in
+    training mode only)."""
 
     aux_loss: torch.FloatTensor | None = None
 
@@ -357,7 +358,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
                 logits_to_keep: int | torch.Tensor = 0, return_dict=None, **kwargs) -> ZooCausalLMOutput | tuple:
-        """Labels [B, T] are the input ids (shifted inside); -100 is ignored. The MoE aux loss is added.
+        """Labels [B, T] are the input ids (shifted inside); -100 is ignored. In training mode the MoE aux loss
+        (times moe.aux_loss_coef) is added; in eval mode `loss` is the cross-entropy alone (an eval loss, a
+        perplexity), and `aux_loss` gives the aux loss in both.
 
         `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
         whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
@@ -374,20 +377,20 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = None
-        aux = out.aux_loss
+        aux = out.aux_loss if self.config.moe is not None else None
         if labels is not None:
             # next-token targets aligned with every position (the last has none), so the logits are read in place
             # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA)
             targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100).reshape(-1)
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
-            if self.config.moe:
+            if aux is not None and self.training:  # a training regularizer, not part of an eval loss
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
             if num_items_in_batch is not None:
                 # the Trainer leaves the loss unscaled for accumulation when the model takes this count: the
                 # micro-batches' losses must add up to the accumulated batch's mean, each weighted by its targets
                 loss = loss * (targets != -100).sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
-                                   hidden_states=out.hidden_states, aux_loss=aux if self.config.moe else None)
+                                   hidden_states=out.hidden_states, aux_loss=aux)
         return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,

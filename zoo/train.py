@@ -138,7 +138,8 @@ class CheckpointConfig:
 @dataclass
 class LogConfig:
     """Log every `every` steps to the progress bar and trackers ('csv' -> metrics.csv, 'tensorboard', or
-    any accelerate tracker name). peak_tflops: the per-GPU peak for MFU (default: the card's dense bf16)."""
+    any accelerate tracker name). peak_tflops: the per-GPU peak for MFU (default: the card's dense bf16); MFU is
+    6 · active parameters (a MoE's routed experts only: active_parameters) · tokens/s over it."""
 
     every: int = 10
     trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
@@ -454,6 +455,16 @@ def peak_tflops(device: torch.device) -> float | None:
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied weights once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def active_parameters(model: nn.Module) -> int:
+    """count_parameters less the experts a token skips: in each zoo MoE layer, n_experts - top_k of its
+    n_experts (equal-sized) experts."""
+    from zoo.layers import MoE
+
+    inactive = sum(sum(p.numel() for p in m.experts.parameters()) * (m.n_experts - m.top_k) // m.n_experts
+                   for m in model.modules() if isinstance(m, MoE))
+    return count_parameters(model) - inactive
 
 
 # ---- forward and backward of one micro-batch ---------------------------------------------------------------
@@ -1038,6 +1049,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params, model_class = count_parameters(model), type(model).__name__
+    n_active = active_parameters(model)  # what a token's FLOPs (MFU) follow
 
     if accelerator.distributed_type != DistributedType.FSDP:
         model = model.to(device)  # fused AdamW needs the parameters on the GPU when it is built
@@ -1204,7 +1216,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
                                "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
                     if peak is not None:
-                        metrics["mfu"] = 6 * n_params * tps / world / (peak * 1e12)
+                        metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
                     if device.type == "cuda":
                         metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
                     accelerator.log(metrics, step=step)
@@ -1290,7 +1302,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "OptimConfig",
-           "ScheduleConfig", "TrainConfig", "TrainResult", "build_model", "build_optimizer",
+           "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model", "build_optimizer",
            "config_from_dict", "count_parameters", "count_targets", "forward_backward", "latest_checkpoint",
            "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes",
            "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
