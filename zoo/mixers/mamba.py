@@ -62,7 +62,7 @@ class Mamba(nn.Module):
                  inner_norms: bool = False, inner_norm_eps: float = 1e-6, scan_backend: str = "auto"):
         super().__init__()
         self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min,
-                        dt_max=dt_max, scan_backend=scan_backend)
+                        dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale, scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv = d_state, d_conv
         self.d_inner = int(expand * d_model)
@@ -87,15 +87,21 @@ class Mamba(nn.Module):
 
     @staticmethod
     def check_spec(d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
-                   dt_min: float = 0.001, dt_max: float = 0.1, scan_backend: str = "auto", **_) -> None:
+                   dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
+                   scan_backend: str = "auto", **_) -> None:
         backends.check_name("selective_scan", scan_backend)
         if not (isinstance(d_state, int) and d_state >= 1):
             raise ValueError(f"d_state: must be a positive integer, got {d_state!r}")
         if not (isinstance(d_conv, int) and d_conv >= 1):
             raise ValueError(f"d_conv: must be a positive integer, got {d_conv!r}")
-        for name, value in (("expand", expand), ("dt_min", dt_min), ("dt_max", dt_max)):
+        for name, value in (("expand", expand), ("dt_min", dt_min), ("dt_max", dt_max),
+                            ("dt_init_floor", dt_init_floor), ("dt_scale", dt_scale)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name}: must be a number, got {value!r}")
+        if not (dt_scale >= 0 and dt_init_floor >= 0):  # dt_proj's init std; the clamp of the initial dt
+            raise ValueError(f"dt_scale / dt_init_floor: must be >= 0 (dt_proj's init is uniform in ±dt_scale / "
+                             f"sqrt(dt_rank), the initial dt clamped at dt_init_floor), got {dt_scale}, "
+                             f"{dt_init_floor}")
         if not (expand > 0 and float(expand * d_model).is_integer()):
             raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
         if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank >= 1):
