@@ -299,3 +299,13 @@ def test_streamed_holdout_is_disjoint_and_the_same_for_any_number_of_processes(t
         trained = sorted(d for share in shares[world:] for d in share.iter_docs(1, 0))
         assert evaluated == held, world
         assert sorted(trained + held) == sorted(docs), world
+
+
+def test_a_tokenizer_without_pad_and_eos_is_refused_by_the_stream(letter_docs):
+    # load_tokenizer refuses one; a tokenizer handed to TextStream directly crashed mid-row with
+    # "int() argument must be ... not 'NoneType'"
+    class NoSpecials(ByteTokenizer):
+        pad_token_id = eos_token_id = None
+
+    with pytest.raises(ValueError, match=r"^tokenizer: NoSpecials has neither a pad nor an eos token"):
+        TextStream(DataConfig(source=letter_docs[0], holdout=0), NoSpecials())

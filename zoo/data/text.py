@@ -430,6 +430,10 @@ class TextStream:
         self._docs = open_documents(self.cfg, self.split, self.rank, self.world_size)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             self.tokenizer.eos_token_id
+        if self.pad_id is None:  # load_tokenizer refuses such a tokenizer; one built by hand reaches here
+            raise ValueError(f"tokenizer: {type(self.tokenizer).__name__} has neither a pad nor an eos token; rows are "
+                             f"padded (and documents separated) with one: set tokenizer.pad_token / eos_token, or "
+                             f"load it with zoo.data.text.load_tokenizer")
         bos = self.tokenizer.bos_token_id if self.cfg.add_bos else None
         eos = self.tokenizer.eos_token_id if self.cfg.add_eos else None
         self._prefix = np.array([bos] if bos is not None else [], dtype=np.int64)
