@@ -43,7 +43,9 @@ if triton is not None:
             cols = v0 + offs
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)  # one exp per logit
+            # a block of -inf only (masked tokens) before any finite logit: exp(-inf - -inf) would be NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)  # one exp per logit
             m = m_new
             picked += tl.where(cols == target, x, 0.0)
         lse = m + tl.log(s)
