@@ -194,6 +194,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     l = torch.empty_like(m)
     acc = torch.empty(B * H, splits, block_d, device=q.device, dtype=torch.float32)
     q3 = q[:, 0]
+    q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()  # the kernels read a head's query at unit stride
     args = (q3, keys, values, length, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk, window or 0,
             float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2))
