@@ -397,6 +397,18 @@ def test_decode_attention_kernel_matches_reference(dtype, B, H, Hkv, D, S, lengt
     assert rel_err(o, reference(q, keys, values, length, window)) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("window", [0, -3])
+def test_decode_attention_refuses_a_window_below_one(window):
+    """window 0 made the kernels mask every key (lo = length): NaN, where `reference` (and the mixer, which
+    refuses it) reads 0 as no window."""
+    pytest.importorskip("triton")
+    from zoo_kernels.attention.decode import decode_attention
+
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=1, H=2, Hkv=1, D=16, S=64)
+    with pytest.raises(ValueError, match="window"):
+        decode_attention(q, keys, values, torch.tensor([10]), window, splits=1)
+
+
 def _check_decode_attention(device, dtype, group, D, window, grouped, S=400, lengths=(333, 1),
                             splits_list=(None, 1, 3, 16), launches=((None, None, None),)):
     """decode_attention against the reference for each length, splits and launch configuration (block_n,

@@ -181,6 +181,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     S, Hkv = keys.shape[1], keys.shape[2]
     if T != 1 or H % Hkv or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode_attention: one query per row, H a multiple of the KV heads, unit stride over D")
+    if window is not None and window < 1:  # the kernels would see no key (NaN); the reference reads 0 as no window
+        raise ValueError(f"decode_attention: window must be None or at least 1, got {window}")
     grouped = True if grouped is None else grouped
     scale = D ** -0.5 if scale is None else scale
     rows = B * (Hkv if grouped else H)  # programs per chunk
