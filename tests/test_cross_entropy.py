@@ -107,9 +107,45 @@ def test_no_target_gives_nan_as_torch():
     assert torch.isnan(cross_entropy(logits, targets)) and torch.isnan(F.cross_entropy(logits, targets))
 
 
+def _check_masked_block():
+    """A row whose first BLOCK logits are all -inf (masked tokens): the online max stays -inf through that block,
+    where exp(-inf - -inf) made the loss and the gradient NaN; torch's are finite."""
+    from zoo_kernels.cross_entropy import BLOCK
+
+    logits = torch.randn(3, BLOCK + 300, generator=torch.Generator().manual_seed(3))
+    logits[:2, :BLOCK] = float("-inf")
+    logits[2, BLOCK + 10:] = float("-inf")
+    targets = torch.tensor([BLOCK + 7, BLOCK + 299, 5])
+    results = []
+    for fn in (_kernel, lambda x, t: F.cross_entropy(x.float(), t, ignore_index=-100)):
+        x = logits.clone().requires_grad_()
+        loss = fn(x, targets)
+        results.append((loss, torch.autograd.grad(loss, x)[0]))
+    (loss, grad), (ref, grad_ref) = results
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+    assert_close("dlogits of masked blocks", grad, grad_ref, 1e-6)
+
+
+def _check_bad_targets():
+    """A target outside [0, V) that is not ignore_index (labels padded with -1, a token id past the head): torch
+    raises; the kernel returned a finite loss (the row's log-sum-exp, or inf for V <= target < BLOCK) and trained
+    on it. Now the loss and that row's gradient are NaN; the other rows' gradients stay finite."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+    for bad in (-1, 50, 5000):
+        x = logits.clone().requires_grad_()
+        loss = _kernel(x, torch.tensor([3, bad, -100]))
+        (grad,) = torch.autograd.grad(loss, x)
+        assert torch.isnan(loss), (bad, loss.item())
+        assert torch.isnan(grad[1]).all() and torch.isfinite(grad[[0, 2]]).all(), bad
+        with pytest.raises(IndexError):
+            F.cross_entropy(logits, torch.tensor([3, bad, -100]))
+
+
 def _interpreter_main():
     for case in CASES:
         _check(_kernel, *case)
+    _check_masked_block()
+    _check_bad_targets()
     print("interpreter: cross-entropy kernels match torch")
 
 

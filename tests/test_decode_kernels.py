@@ -192,6 +192,14 @@ def _interpreter_main() -> None:
         y = gated_rms_norm(x, z if z_on else None, w, 1e-5, group, before)
         y_ref = _norm_reference(x, z if z_on else None, w, group, before)
         assert rel_err(y, y_ref) < 1e-5, (before, group, rel_err(y, y_ref))
+    # x, z with a last dimension that is not unit-stride, a strided weight: read as unit-stride, they gave wrong
+    # numbers (the Mamba-2 / GLA module passes unit-stride ones only); now copied
+    x, z, w = _norm_inputs("cpu", torch.float32, d=48)
+    xt, zt, ws = x.t().contiguous().t(), z.t().contiguous().t(), torch.stack([w, w + 1], -1)[:, 0]
+    assert xt.stride(-1) != 1 and ws.stride(-1) != 1
+    for before in (False, True):
+        y = gated_rms_norm(xt, zt, ws, 1e-5, 24, before)
+        assert rel_err(y, _norm_reference(x, z, w, 24, before)) < 1e-5, ("strided", before)
     print("interpreter: gated RMSNorm matches the formula")
     from zoo_kernels.attention.decode import decode_attention, reference
 
@@ -199,6 +207,11 @@ def _interpreter_main() -> None:
         q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=4, Hkv=2, D=32, S=208)
         o = decode_attention(q, keys, values, torch.tensor([length]), window, splits=splits)
         assert rel_err(o, reference(q, keys, values, length, window)) < 1e-5, (window, splits, length)
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=4, Hkv=2, D=32, S=208)
+    qt = q.transpose(2, 3).contiguous().transpose(2, 3)  # a query not unit-stride over D: copied, was misread
+    for grouped in (True, False):
+        o = decode_attention(qt, keys, values, torch.tensor([150]), None, grouped=grouped)
+        assert rel_err(o, reference(q, keys, values, 150, None)) < 1e-5, ("strided q", grouped)
     print("interpreter: decode attention matches the reference")
     for group, D, window in ((1, 64, None), (3, 64, None), (4, 64, 37), (3, 24, 37)):  # 24: below its block
         _check_decode_attention("cpu", torch.float32, group, D, window, True, S=208, lengths=(150, 1),
@@ -220,6 +233,9 @@ def _interpreter_main() -> None:
     r, y = add_rms_norm(res, delta, weight, 1e-5, torch.float32)
     r_ref, y_ref = add_norm_reference(res, delta, weight, 1e-5, torch.float32)
     assert torch.equal(r, r_ref) and rel_err(y, y_ref) < 1e-5
+    strided = torch.stack([weight, weight + 1], -1)[:, 0]  # a weight view of stride 2: copied, was misread
+    r, y = add_rms_norm(res, delta, strided, 1e-5, torch.float32)
+    assert torch.equal(r, r_ref) and rel_err(y, y_ref) < 1e-5, "strided weight"
     print("interpreter: residual add + RMSNorm matches the block's formula")
     from zoo_kernels.skinny_linear import skinny_linear
 
@@ -233,6 +249,9 @@ def _interpreter_main() -> None:
         y = skinny_linear(x, w, b)
         y_ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
         assert y.dtype == dtype and y.shape == (rows, n) and rel_err(y, y_ref) < 1e-3, (rows, k, n, rel_err(y, y_ref))
+        if b is not None:  # a bias view of stride 2: copied, was misread
+            y = skinny_linear(x, w, torch.stack([b, b + 1], -1)[:, 0])
+            assert rel_err(y, y_ref) < 1e-3, ("strided bias", rows, k, n, rel_err(y, y_ref))
     print("interpreter: skinny linear matches F.linear")
 
 
@@ -376,6 +395,18 @@ def test_decode_attention_kernel_matches_reference(dtype, B, H, Hkv, D, S, lengt
     o = decode_attention(q, keys, values, torch.tensor([length], device="cuda"), window)
     assert o.dtype == dtype and o.shape == q.shape
     assert rel_err(o, reference(q, keys, values, length, window)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("window", [0, -3])
+def test_decode_attention_refuses_a_window_below_one(window):
+    """window 0 made the kernels mask every key (lo = length): NaN, where `reference` (and the mixer, which
+    refuses it) reads 0 as no window."""
+    pytest.importorskip("triton")
+    from zoo_kernels.attention.decode import decode_attention
+
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=1, H=2, Hkv=1, D=16, S=64)
+    with pytest.raises(ValueError, match="window"):
+        decode_attention(q, keys, values, torch.tensor([10]), window, splits=1)
 
 
 def _check_decode_attention(device, dtype, group, D, window, grouped, S=400, lengths=(333, 1),

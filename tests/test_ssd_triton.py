@@ -259,6 +259,42 @@ def test_interpreter_matches_reference():
     run_in_interpreter(__file__, timeout=600)
 
 
+WRONG_SHAPES = {  # argument -> its value of a wrong shape for batch 2, L 20, H 4, P 16, G 2, N 16
+    "dt": lambda i, s: {"dt": i["dt"][:, :10]},
+    "A": lambda i, s: {"A": i["A"][:2]},
+    "D": lambda i, s: {"D": i["D"][:2]},
+    "z": lambda i, s: {"z": i["z"][:, :10]},
+    "dt_bias": lambda i, s: {"dt_bias": i["dt_bias"][:2]},
+    "initial_state": lambda i, s: {"initial_state": i["initial_state"][:1]},
+    "seq_idx": lambda i, s: {"seq_idx": s[:1]},
+}
+
+
+@pytest.mark.parametrize("name", list(WRONG_SHAPES))
+def test_wrong_shapes_are_refused_naming_the_argument(name):
+    """The kernels index every input from x's and B's sizes: one of another shape was read out of bounds (past
+    its end: seq_idx [1, L] for 2 rows, initial_state of one row) where the reference raises."""
+    pytest.importorskip("triton")
+    from zoo_kernels.ssd.triton_ssd import ssd_chunk_scan_triton, ssd_state_update_triton
+
+    inputs, seq_idx = make_inputs(2, 20, 4, 16, 2, 16, torch.float32, "cpu", seq=True)
+    args = {**inputs, "seq_idx": seq_idx, **WRONG_SHAPES[name](inputs, seq_idx)}
+    with pytest.raises(ValueError, match=f" {name} must be"):
+        ssd_chunk_scan_triton(args["x"], args["dt"], args["A"], args["B"], args["C"], 16, args["D"], args["z"],
+                              args["dt_bias"], True, args["initial_state"], args["seq_idx"], True)
+    if name in ("dt", "z", "initial_state", "seq_idx"):
+        return
+    step = {k: v[:, 0] if k in ("x", "B", "C") else v for k, v in args.items()}
+    with pytest.raises(ValueError, match=f" {name} must be"):
+        ssd_state_update_triton(inputs["initial_state"].clone(), step["x"], inputs["dt"][:, 0], step["A"],
+                                step["B"], step["C"], step["D"], inputs["z"][:, 0], step["dt_bias"], True)
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """t as a view of stride 2 (as a slice of a packed parameter would be), differentiable."""
+    return torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+
+
 def _chained(fn, cut, x, dt, A, B, C, chunk, D, z, bias, softplus, h0, seq_idx, final):
     """fn over [:cut] then [cut:], the first call's final state feeding the second."""
     y1, s1 = fn(x[:, :cut], dt[:, :cut], A, B[:, :cut], C[:, :cut], chunk, D, z[:, :cut], bias, softplus, h0,
@@ -295,12 +331,25 @@ def _interpreter_main() -> None:
     )
     assert_all_close(split, whole, {"default": 1e-5}, "interpreter chunked vs whole")
     print("ok chunked", flush=True)
+    # A and dt_bias as strided views: read as contiguous vectors, they gave every other head's values
+    inputs, seq_idx = make_inputs(1, 20, 4, 16, 2, 16, torch.float32, "cpu", seq=True, seed=6)
+    got, ref = run_both(
+        lambda x, dt, A, B, C, c, D, z, bias, *rest: ssd_chunk_scan_triton(x, dt, _strided(A), B, C, c, D, z,
+                                                                           _strided(bias), *rest),
+        ssd_chunk_scan_ref, inputs, seq_idx, 16,
+    )
+    assert_all_close(got, ref, {"default": 1e-4}, "interpreter strided A, dt_bias")
+    print("ok strided A, dt_bias", flush=True)
     inputs, _ = make_inputs(2, 1, 4, 16, 2, 16, torch.float32, "cpu", D="hp")
     x, dt, A, B, C, D, z, bias, h0 = (inputs[k] for k in NAMES)
     state, state_ref = h0.clone(), h0.clone()
     y = ssd_state_update_triton(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, True)
     y_ref = ssd_state_update_ref(state_ref, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, True)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5
+    y = ssd_state_update_triton(state, x[:, 0], dt[:, 0], _strided(A), B[:, 0], C[:, 0], D, z[:, 0],
+                                _strided(bias), True)
+    y_ref = ssd_state_update_ref(state_ref, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, True)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5, "strided A, dt_bias"
     print("ok state update", flush=True)
 
 

@@ -53,6 +53,7 @@ def add_rms_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: tor
     d = residual.shape[-1]
     if weight.shape != (d,):
         raise ValueError(f"add_rms_norm: weight {tuple(weight.shape)} does not match {d} channels")
+    weight = weight.contiguous()  # the kernel reads it at unit stride
     if delta is not None and delta.shape != residual.shape:
         raise ValueError(f"add_rms_norm: delta {tuple(delta.shape)} vs residual {tuple(residual.shape)}")
     out_dtype = out_dtype or weight.dtype

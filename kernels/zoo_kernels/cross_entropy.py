@@ -2,6 +2,8 @@
 
 `cross_entropy(logits, targets, ignore_index=-100)` is `F.cross_entropy(logits.float(), targets, ignore_index=...)`
 (the mean over the targets that are not ignored) for logits [N, V] in bf16, fp16 or fp32 with unit-stride rows.
+A target outside [0, V) that is not ignore_index makes the loss and its row's gradient NaN (torch raises; the
+kernels cannot without a sync).
 On CUDA with Triton it runs two kernels, one program per row:
 
 - forward: one pass over the row in blocks of BLOCK logits, an online max and sum of exponentials in fp32, the
@@ -43,19 +45,24 @@ if triton is not None:
             cols = v0 + offs
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)  # one exp per logit
+            # a block of -inf only (masked tokens) before any finite logit: exp(-inf - -inf) would be NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), 0)  # one exp per logit
             m = m_new
             picked += tl.where(cols == target, x, 0.0)
         lse = m + tl.log(s)
         tl.store(lse_ptr + row, lse)
-        tl.store(loss_ptr + row, tl.where(target != ignore_index, lse - tl.sum(picked, 0), 0.0))
+        # a target outside [0, V) (not ignore_index): NaN, where torch raises (a check on the host would sync)
+        loss = tl.where((target >= 0) & (target < V), lse - tl.sum(picked, 0), float("nan"))
+        tl.store(loss_ptr + row, tl.where(target != ignore_index, loss, 0.0))
 
     @triton.jit
     def _ce_bwd_kernel(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, stride, dx_stride, V, ignore_index,
                        BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(t_ptr + row).to(tl.int64)
-        scale = tl.where(target != ignore_index, tl.load(g_ptr), 0.0)  # dloss / n (0 for an ignored row)
+        scale = tl.where((target >= 0) & (target < V), tl.load(g_ptr), float("nan"))  # dloss / n (NaN: bad target)
+        scale = tl.where(target != ignore_index, scale, 0.0)  # 0 for an ignored row
         lse = tl.load(lse_ptr + row)
         base = x_ptr + row * stride
         out = dx_ptr + row * dx_stride

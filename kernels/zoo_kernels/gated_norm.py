@@ -35,12 +35,21 @@ def _gated_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, s_x, s_z, s_y, group_size, ep
 
 def gated_rms_norm(x: torch.Tensor, z: torch.Tensor | None, weight: torch.Tensor, eps: float, group_size: int,
                    norm_before_gate: bool) -> torch.Tensor:
-    """x, z [..., d] (unit stride in the last dimension), weight [d]; returns y [..., d] in x's dtype."""
+    """x, z [..., d] (copied where the last dimension is not unit-stride), weight [d]; returns y [..., d] in x's
+    dtype."""
     d = x.shape[-1]
     if d % group_size:
         raise ValueError(f"gated_rms_norm: {d} channels are not a multiple of group_size {group_size}")
+    if z is not None and z.shape != x.shape:
+        raise ValueError(f"gated_rms_norm: z {tuple(z.shape)} vs x {tuple(x.shape)}")
+    if weight.shape != (d,):
+        raise ValueError(f"gated_rms_norm: weight {tuple(weight.shape)} does not match {d} channels")
+    # the kernel reads a row's channels, and the weight, at unit stride
     x2 = x.reshape(-1, d)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     z2 = z.reshape(-1, d) if z is not None else x2
+    z2 = z2 if z2.stride(-1) == 1 else z2.contiguous()
+    weight = weight.contiguous()
     y = torch.empty(x2.shape, device=x.device, dtype=x.dtype)
     _gated_norm_kernel[(x2.shape[0], d // group_size)](
         x2, z2, weight, y, x2.stride(0), z2.stride(0), y.stride(0), group_size, float(eps),

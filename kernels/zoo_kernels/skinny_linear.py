@@ -77,6 +77,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"skinny_linear: weight {tuple(weight.shape)} (stride {weight.stride()}) vs x [..., {K}]")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"skinny_linear: bias {tuple(bias.shape)} vs {N} outputs")
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if M > MAX_ROWS:

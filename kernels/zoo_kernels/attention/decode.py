@@ -181,6 +181,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     S, Hkv = keys.shape[1], keys.shape[2]
     if T != 1 or H % Hkv or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode_attention: one query per row, H a multiple of the KV heads, unit stride over D")
+    if window is not None and window < 1:  # the kernels would see no key (NaN); the reference reads 0 as no window
+        raise ValueError(f"decode_attention: window must be None or at least 1, got {window}")
     grouped = True if grouped is None else grouped
     scale = D ** -0.5 if scale is None else scale
     rows = B * (Hkv if grouped else H)  # programs per chunk
@@ -194,6 +196,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     l = torch.empty_like(m)
     acc = torch.empty(B * H, splits, block_d, device=q.device, dtype=torch.float32)
     q3 = q[:, 0]
+    q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()  # the kernels read a head's query at unit stride
     args = (q3, keys, values, length, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk, window or 0,
             float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2))

@@ -697,6 +697,15 @@ def _d_strides(D: torch.Tensor | None) -> tuple[int, int]:
     return (D.stride(0), 0) if D.dim() == 1 else (D.stride(0), D.stride(1))
 
 
+def _shape_problem(what: str, **named) -> None:
+    """ValueError naming the first argument whose shape is not the one given (None: absent, anything goes): the
+    kernels index every tensor from the problem's sizes, so a wrong one would be read out of bounds."""
+    for name, (t, *shapes) in named.items():
+        if t is not None and tuple(t.shape) not in [tuple(s) for s in shapes]:
+            want = " or ".join(str(list(s)) for s in shapes)
+            raise ValueError(f"{what}: {name} must be {want}, got {list(t.shape)}")
+
+
 def _segments(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
     """Monotone segment ids: a new id wherever seq_idx changes along the sequence."""
     if seq_idx is None:
@@ -894,14 +903,22 @@ def ssd_chunk_scan_triton(
     dt_bias: [H]; initial_state: [batch, H, P, N]; seq_idx: [batch, L] int. Returns y [batch, L, H, P]
     (x's dtype) and, with return_final_state, the final state [batch, H, P, N] in fp32.
     """
+    if x.dim() != 4:
+        raise ValueError(f"ssd_chunk_scan_triton: x must be [batch, L, H, P], got {list(x.shape)}")
     batch, L, H, P = x.shape
-    if B.shape[:2] != (batch, L) or C.shape != B.shape or H % B.shape[2] != 0:
+    if B.dim() != 4 or B.shape[:2] != (batch, L) or C.shape != B.shape or H % B.shape[2] != 0:
         raise ValueError(
             f"B, C must be [batch, L, G, N] with G dividing H={H}; got {tuple(B.shape)}, {tuple(C.shape)}"
         )
     if chunk_size < MIN_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be at least {MIN_CHUNK_SIZE}, got {chunk_size}")
     N = B.shape[3]
+    _shape_problem("ssd_chunk_scan_triton", dt=(dt, (batch, L, H)), A=(A, (H,)), D=(D, (H,), (H, P)),
+                   z=(z, (batch, L, H, P)), dt_bias=(dt_bias, (H,)), initial_state=(initial_state, (batch, H, P, N)),
+                   seq_idx=(seq_idx, (batch, L)))
+    # the kernels read A and dt_bias as contiguous [H] vectors
+    A = A.contiguous()
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     pad = -N % _STATE_MULTIPLE
     if pad:  # zero state dims: B = 0 feeds them nothing and C = 0 reads nothing, so y and the gradients are unchanged
         B, C = F.pad(B, (0, pad)), F.pad(C, (0, pad))
@@ -927,6 +944,14 @@ def ssd_state_update_triton(
     G, N = B.shape[1], B.shape[2]
     if state.stride(-1) != 1:
         raise ValueError("state must be contiguous in its last dimension (it is updated in place)")
+    _shape_problem("ssd_state_update_triton", state=(state, (batch, H, P, N)), dt=(dt, (batch, H)), A=(A, (H,)),
+                   B=(B, (batch, G, N)), C=(C, (batch, G, N)), D=(D, (H,), (H, P)), z=(z, (batch, H, P)),
+                   dt_bias=(dt_bias, (H,)))
+    if H % G:
+        raise ValueError(f"ssd_state_update_triton: the groups of B, C ({G}) must divide H={H}")
+    # the kernel reads A and dt_bias as contiguous [H] vectors
+    A = A.contiguous()
+    dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     x, B, C, z = (_last_contig(t) for t in (x, B, C, z))
     y = torch.empty(batch, H, P, device=x.device, dtype=x.dtype)
     zz = z if z is not None else x
