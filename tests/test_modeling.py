@@ -511,3 +511,20 @@ def test_a_cache_of_another_model_is_refused(maker, user):
     model(torch.randint(1, 512, (1, 5)), past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match=r"past_key_values: .*ZooCache.for_model\(model\)"):
         tiny(user)(torch.randint(1, 512, (1, 1)), past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
+    # transformers 5.17's generate passes an all-ones attention_mask with beams: a static cache refused any mask, so
+    # generate from a static cache failed there (it passed on later transformers, which pass none)
+    model = tiny(name)
+    prompt, step = torch.randint(1, 512, (2, 6)), torch.randint(1, 512, (2, 1))
+    with torch.no_grad():
+        ref = model(torch.cat([prompt, step], 1), use_cache=False).logits[:, -1:]
+        cache = zoo.cache.output_cache(model(prompt, use_cache=True)).to_static(16)
+        out = model(step, past_key_values=cache, attention_mask=torch.ones(2, 7, dtype=torch.long), use_cache=True)
+        assert_close("static step with an all-ones mask", out.logits, ref, 1e-5)
+        padded = torch.ones(2, 8, dtype=torch.long)
+        padded[0, 0] = 0
+        with pytest.raises(ValueError, match="a static KV cache decodes unpadded, unpacked rows"):
+            model(step, past_key_values=cache, attention_mask=padded, use_cache=True)

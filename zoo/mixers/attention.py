@@ -217,13 +217,18 @@ class Attention(nn.Module):
                      position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """One decode step on a StaticKVLayer (CUDA-graph decoding): RoPE at position_ids (a device tensor;
         default the layer's device-side length), k/v written in place, attention over the whole buffer with
-        the layer's key padding mask. Nothing here reads a device value on the host."""
+        the layer's key padding mask. Nothing here reads a device value on the host, except an attention_mask
+        if one is given (eager decoding through generate; a captured step gets none)."""
         Bsz, T, _ = x.shape
         if T != 1:
             raise ValueError(f"a static KV cache decodes one token per step, got {T}; prefill with the default "
                              f"dynamic cache and convert it (ZooCache.to_static)")
-        if seq_idx is not None or attention_mask is not None:
-            raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask or seq_idx")
+        # transformers' generate (5.17 with beams, for one) passes an all-ones mask for unpadded rows: read it on the
+        # host (eager decoding only: a captured step gets no mask) and drop it; a padded row is refused
+        if seq_idx is not None or (attention_mask is not None and not bool(attention_mask.all())):
+            raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask with padding, "
+                             "and no seq_idx")
+        attention_mask = None
         cache.check_room(1)  # host-side, before any write
         if position_ids is None:
             position_ids = cache.length.expand(Bsz, 1)
