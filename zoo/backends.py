@@ -82,6 +82,12 @@ def _install_hint(op: str) -> str:
     return INSTALL.get((op, "cuda")) or INSTALL.get((op, "fla")) or INSTALL.get((op, "triton"), "a CUDA build of torch")
 
 
+def follow(requested: str) -> str:
+    """The backend of an op that follows a mixer's scan_backend (its causal conv, GLA's decode step): the
+    reference where the mixer asks for it, else auto (the op's fastest)."""
+    return "ref" if requested in ("ref", "reference") else "auto"
+
+
 def resolve(op: str, requested: str, device: torch.device | str) -> str:
     """The backend name to pass to zoo_kernels for `op` on `device` ('ref' for the reference)."""
     device = torch.device(device)

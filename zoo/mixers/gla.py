@@ -107,9 +107,8 @@ class GLA(nn.Module):
             else:  # in place (RecurrentLayer.step_states): a CUDA graph replay finds the state at the same address
                 state = cache.step_states()[1]
                 # scan_backend "ref" keeps the step on the reference too (auto takes the Triton step kernel on CUDA)
-                step_backend = "ref" if self.scan_backend in ("ref", "reference") else "auto"
                 o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5,
-                                     backend=step_backend)[:, None]
+                                     backend=backends.follow(self.scan_backend))[:, None]
             cache.set(recurrent_state=state)
         else:
             backend = backends.resolve("gla", self.scan_backend, x.device)

@@ -288,12 +288,8 @@ class Mamba(nn.Module):
         the cached SSM state or None)."""
         conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
         u, conv_final = causal_conv1d(xs, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx, conv_init, "silu",
-                                      True, backend=self._conv_backend())
+                                      True, backend=backends.follow(self.scan_backend))
         return (u if mask is None else u * mask[:, None, :]), conv_final, ssm_init
-
-    def _conv_backend(self) -> str:
-        """The sequence conv's backend: the reference where scan_backend asks for it, else the fastest."""
-        return "ref" if self.scan_backend in ("ref", "reference") else "auto"
 
     @staticmethod
     def _store(out, cache, conv_final):

@@ -147,8 +147,7 @@ class Mamba2(nn.Module):
         w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
         A = decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
         backend = backends.resolve("ssd", self.scan_backend, x.device)
-        # scan_backend ref keeps the conv on the reference too
-        conv_backend = "ref" if self.scan_backend in ("ref", "reference") else "auto"
+        conv_backend = backends.follow(self.scan_backend)  # scan_backend ref keeps the conv on the reference too
 
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             conv_state, state = cache.step_states()  # updated in place below, then set back
