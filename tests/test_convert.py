@@ -247,6 +247,34 @@ def test_jamba_router_weights_are_not_renormalized():
 
 
 
+def test_jamba_aux_loss_and_router_logits_are_transformers_own():
+    """The MoE aux loss was summed over layers, each ~1 when balanced, so the router_aux_loss_coef that convert
+    carries over from Jamba pulled n_moe_layers / top_k times harder than in transformers. A converted Jamba now
+    gives transformers' aux loss and router logits, and its training loss, with padding and without."""
+    torch.manual_seed(0)
+    config = JambaConfig(  # 4 MoE layers: a sum over layers would be ~2x off
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
+        attn_layer_period=4, attn_layer_offset=2, mamba_d_state=8, mamba_dt_rank=4)
+    source = perturb(JambaForCausalLM(config)).train()
+    model = from_hf_jamba(source).train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    for kwargs in ({}, {"attention_mask": mask}):
+        with torch.no_grad():
+            ref = source(ids, labels=ids, output_router_logits=True, use_cache=False, **kwargs)
+            out = model(ids, labels=ids, output_router_logits=True, use_cache=False, **kwargs)
+        assert len(out.router_logits) == len(ref.router_logits) == 4
+        real = mask.reshape(-1).bool() if kwargs else slice(None)  # (padded positions' outputs differ)
+        for ours, theirs in zip(out.router_logits, ref.router_logits):
+            torch.testing.assert_close(ours[real], theirs.float()[real], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss.float(), rtol=1e-5, atol=1e-6)
+        if not kwargs:  # (transformers' loss counts targets under padding; the aux terms agree above)
+            torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    assert model(ids, use_cache=False).router_logits is None  # only when asked for, as in transformers
+
+
 # ---- zoo models exported -------------------------------------------------------------------------------------
 
 JAMBA_STYLE = dict(vocab_size=VOCAB, d_model=32, layers="MMAM", ffn={"type": "swiglu", "hidden": 64},

@@ -309,3 +309,24 @@ def test_a_tokenizer_without_pad_and_eos_is_refused_by_the_stream(letter_docs):
 
     with pytest.raises(ValueError, match=r"^tokenizer: NoSpecials has neither a pad nor an eos token"):
         TextStream(DataConfig(source=letter_docs[0], holdout=0), NoSpecials())
+
+
+def test_a_tokenizer_without_bos_warns_where_documents_would_be_wrapped(letter_docs):
+    """add_bos on a tokenizer with no bos token (Qwen's, for one) left the documents unwrapped without a word; it
+    warns now, in the stream and in finetuning's rows, and add_bos: false is quiet."""
+    import warnings
+
+    from zoo.finetune import encode_rows
+
+    class NoBos(ByteTokenizer):
+        bos_token_id = None
+
+    with pytest.warns(UserWarning, match="data.add_bos: the tokenizer .NoBos. has no bos token"):
+        stream = TextStream(DataConfig(source=letter_docs[0], holdout=0), NoBos())
+    assert stream._prefix.tolist() == [] and stream._suffix.tolist() == [NoBos().eos_token_id]
+    with pytest.warns(UserWarning, match="no bos token"):
+        rows, _ = encode_rows([{"text": "hi"}], NoBos())
+    assert rows[0]["input_ids"].tolist() == [*b"hi", NoBos().eos_token_id]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TextStream(DataConfig(source=letter_docs[0], holdout=0, add_bos=False), NoBos())

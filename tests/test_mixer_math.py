@@ -215,9 +215,9 @@ def swiglu_naive(ffn, h: torch.Tensor) -> torch.Tensor:
     return lin(F.silu(lin(h, ffn.gate_proj)) * lin(h, ffn.up_proj), ffn.down_proj)
 
 
-def moe_naive(moe, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of a softmax router (renormalized when normalize_topk); aux = E · Σ_e f_e p_e with f_e the share of
-    the routed slots that go to expert e and p_e its mean probability (Switch Transformer; 1 when balanced)."""
+def moe_naive(moe, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of a softmax router (renormalized when normalize_topk). Returns (output, the top-k assignments per
+    expert, the router probabilities summed over tokens), the two sums the model's aux loss is made of."""
     probs = lin(h, moe.router).softmax(-1)  # (tokens, E)
     out = torch.zeros_like(h)
     counts = torch.zeros(moe.n_experts, dtype=h.dtype)
@@ -228,13 +228,13 @@ def moe_naive(moe, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for w, e in zip(weights, chosen.tolist()):
             out[t] += w * swiglu_naive(moe.experts[e], h[t])
             counts[e] += 1
-    aux = moe.n_experts * (counts / counts.sum() * probs.mean(0)).sum()
-    return out, aux
+    return out, counts, probs.sum(0)
 
 
 def test_model_equals_naive_composition():
     """Embedding -> (x + mixer(RMSNorm(x)), x + ffn(RMSNorm(x))) per layer -> RMSNorm -> tied head; the loss is the
-    mean next-token cross-entropy plus aux_loss_coef · Σ_layers aux."""
+    mean next-token cross-entropy plus aux_loss_coef · aux, aux = E · Σ_e c_e p_e over every MoE layer's tokens at
+    once (c_e: top-k assignments to expert e per token, p_e: e's mean probability; transformers' Jamba's)."""
     from zoo import ZooConfig, ZooForCausalLM
     from zoo.layers import MoE
 
@@ -249,13 +249,13 @@ def test_model_equals_naive_composition():
     out = model.train()(ids, labels=ids, use_cache=False)  # the aux loss joins the loss in training mode
 
     x = model.model.embeddings.weight[ids[0]]
-    aux_total = torch.zeros((), dtype=torch.float64)
+    counts, probs, rows = 0, 0, 0
     for block in model.model.layers:
         x = x + NAIVE[block.mixer.mixer_type](block.mixer, rms(x, block.norm.weight, block.norm.eps))
         h = rms(x, block.ffn_norm.weight, block.ffn_norm.eps)
         if isinstance(block.ffn, MoE):
-            h, aux = moe_naive(block.ffn, h)
-            aux_total = aux_total + aux
+            h, c, p = moe_naive(block.ffn, h)
+            counts, probs, rows = counts + c, probs + p, rows + h.shape[0]
         else:
             h = swiglu_naive(block.ffn, h)
         x = x + h
@@ -263,6 +263,7 @@ def test_model_equals_naive_composition():
     assert model.lm_head.weight is model.model.embeddings.weight  # tied by default
     logits = x @ model.model.embeddings.weight.T
     assert_close("logits", out.logits[0], logits, TOL)
+    aux_total = 4 * ((counts / rows) * (probs / rows)).sum()
     assert_close("aux", out.aux_loss, aux_total, TOL)
     loss = F.cross_entropy(logits[:-1], ids[0, 1:]) + 0.01 * aux_total
     assert_close("loss", out.loss, loss, TOL)

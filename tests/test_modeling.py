@@ -144,7 +144,7 @@ def test_a_moe_expert_no_token_chose_still_gets_a_gradient_so_ddp_can_train(tmp_
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from zoo.layers import MoE
+    from zoo.layers import MoE, load_balancing_loss
 
     torch.manual_seed(0)
     moe = MoE(8, 16, n_experts=4, top_k=1)
@@ -156,8 +156,8 @@ def test_a_moe_expert_no_token_chose_still_gets_a_gradient_so_ddp_can_train(tmp_
     try:
         model = DistributedDataParallel(moe)
         for _ in range(2):
-            out, aux = model(x)
-            (out.square().sum() + aux).backward()
+            out, logits = model(x)
+            (out.square().sum() + load_balancing_loss([logits], 4, 1)).backward()
     finally:
         dist.destroy_process_group()
     for e in (1, 2, 3):
@@ -450,6 +450,34 @@ def test_decoding_after_a_packed_prompt_continues_its_last_document(name):
                        use_cache=True).logits for t in range(2)]
         ref = model(torch.cat([b, more], 1), use_cache=False).logits[:, -2:]
     assert_close("logits after a packed prompt", torch.cat(steps, 1), ref[[1, 1, 0, 0]], 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_continuing_chunk_whose_position_ids_restart_is_refused(name):
+    """Documents packed by position_ids alone, prefilled in two chunks: the second chunk was run as one document
+    (it attended to, or carried the state of, the documents before it) with no error. It is refused now, naming
+    seq_idx; with seq_idx the same chunks give the whole row's logits, and a continuing chunk whose positions do not
+    restart still runs."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (1, 12))
+    position_ids = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    seq_idx = torch.cat([torch.zeros(5), torch.ones(7)]).int()[None]
+    with torch.no_grad():
+        whole = model(ids, position_ids=position_ids, use_cache=False).logits
+        for cut in (3, 5):  # a restart inside the second chunk; at its first token
+            cache = ZooCache.for_model(model)
+            model(ids[:, :cut], position_ids=position_ids[:, :cut], past_key_values=cache, use_cache=True)
+            with pytest.raises(ValueError, match="seq_idx"):
+                model(ids[:, cut:], position_ids=position_ids[:, cut:], past_key_values=cache, use_cache=True)
+            cache = ZooCache.for_model(model)
+            first = model(ids[:, :cut], position_ids=position_ids[:, :cut], seq_idx=seq_idx[:, :cut],
+                          past_key_values=cache, use_cache=True).logits
+            second = model(ids[:, cut:], position_ids=position_ids[:, cut:], seq_idx=seq_idx[:, cut:],
+                           past_key_values=cache, use_cache=True).logits
+            assert_close(f"chunks cut at {cut} with seq_idx", torch.cat([first, second], 1), whole, 1e-5)
+        cache = ZooCache.for_model(model)
+        model(ids[:, :7], position_ids=position_ids[:, :7], past_key_values=cache, use_cache=True)
+        model(ids[:, 7:], position_ids=position_ids[:, 7:], past_key_values=cache, use_cache=True)
 
 
 def test_crop_after_a_packed_prompt_keeps_the_document_ids_aligned():

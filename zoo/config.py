@@ -168,7 +168,9 @@ class ZooConfig(PreTrainedConfig):
     {every, offset, n_experts, top_k, hidden, aux_loss_coef, normalize_topk}: layers with index % every == offset
     use a MoE; null is none, and a key left out (`moe: {}` leaves them all) takes its default: every 2, offset 1
     (0 when every is 1), n_experts 16, top_k 2, hidden the ffn's, aux_loss_coef 1e-3, normalize_topk true
-    (Mixtral's renormalized top-k weights; Jamba's are the router probabilities as they are: false).
+    (Mixtral's renormalized top-k weights; Jamba's are the router probabilities as they are: false). The aux loss
+    is transformers' Jamba/Mixtral load-balancing loss over all MoE layers at once (top_k when balanced), so
+    aux_loss_coef is Jamba's router_aux_loss_coef whatever the number of MoE layers.
     decode_state_dtype: dtype of the recurrent states a decoding cache keeps for the recurrent mixers
     (Mamba, Mamba-2, GLA): "float32" (default) or "model" (the model's parameter dtype, as mamba_ssm's and
     transformers' caches keep them: half the state's memory and bytes per step, rounded every step). Mamba's fused
@@ -184,7 +186,7 @@ class ZooConfig(PreTrainedConfig):
     attribute_map = dict(ALIASES)
     # outputs the Trainer leaves out of its predictions: they are the logits alone, as transformers' MoE models give
     # them (those return an aux loss only with output_router_logits)
-    keys_to_ignore_at_inference = ["cache", "past_key_values", "aux_loss"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values", "aux_loss", "router_logits"]
 
     vocab_size: int = 50304
     d_model: int | None = None  # None: hidden_size, else 768

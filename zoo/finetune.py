@@ -584,10 +584,9 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = Non
     Returns:
         (rows of ``input_ids`` and ``labels`` LongTensor [T_i], number of rows dropped).
     """
-    from zoo.data.text import encode_texts
+    from zoo.data.text import document_wrap, encode_texts
 
-    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
+    bos, eos = document_wrap(tokenizer, add_bos, add_eos)
     prompts = encode_texts(tokenizer, [r.get("prompt", "") if "text" not in r else "" for r in rows])
     bodies = encode_texts(tokenizer, [r["text"] if "text" in r else r["completion"] for r in rows])
     out, dropped = [], 0

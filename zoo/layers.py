@@ -7,6 +7,7 @@ import functools
 import importlib
 import os
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -299,8 +300,8 @@ def _graph_capturing(x: torch.Tensor) -> bool:
 class MoE(nn.Module):
     """Jamba-style mixture of SwiGLU experts with a top-k softmax router and a load-balancing aux loss.
 
-    The aux loss (Switch Transformer) is n_experts · Σ_e f_e · p_e, with f_e the fraction of routed
-    token slots sent to expert e and p_e the mean router probability of e; it is 1 when balanced.
+    forward returns (output, router logits [tokens, n_experts] in fp32); the model computes the load-balancing aux
+    loss over the logits of all its MoE layers at once (`load_balancing_loss`), as transformers' Jamba and Mixtral do.
     normalize_topk: rescale the k chosen probabilities to sum to 1 (False: use them as they are, as Jamba does).
     With top_k 1 that rescaled weight is always 1, so the router learns from the aux loss alone (a warning says so;
     Switch Transformer's top-1 weighs the expert by its probability: normalize_topk False).
@@ -319,10 +320,11 @@ class MoE(nn.Module):
         self.router = Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(n_experts))
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (tokens, d)
-        probs = self.router(x).float().softmax(-1)  # (tokens, E)
+        logits = self.router(x).float()
+        probs = logits.softmax(-1)  # (tokens, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (tokens, k)
         if self.normalize_topk:
             weights = weights / weights.sum(-1, keepdim=True)
@@ -340,17 +342,29 @@ class MoE(nn.Module):
                 # have finished reduction in the prior iteration" otherwise, without find_unused_parameters)
                 if token.numel() or torch.is_grad_enabled():
                     out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
-        if token_mask is not None:  # padding does not count towards load balance
-            keep = token_mask.reshape(-1).to(probs.dtype)
-            denom = keep.sum().clamp(min=1)
-            counts = F.one_hot(chosen, self.n_experts).sum(1).to(probs.dtype)  # (tokens, E)
-            frac = (counts * keep[:, None]).sum(0) / (denom * self.top_k)
-            mean_prob = (probs * keep[:, None]).sum(0) / denom
-        else:
-            frac = F.one_hot(chosen, self.n_experts).sum(1).to(probs.dtype).mean(0) / self.top_k
-            mean_prob = probs.mean(0)
-        aux = self.n_experts * (frac * mean_prob).sum()
-        return out.reshape(shape), aux
+        return out.reshape(shape), logits
+
+
+def load_balancing_loss(router_logits: Sequence[torch.Tensor], n_experts: int, top_k: int,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The load-balancing aux loss of Switch Transformer over the router logits ([tokens, n_experts] each) of all
+    MoE layers at once, as transformers defines it for Jamba and Mixtral: n_experts · Σ_e c_e · p_e, with c_e the
+    top-k assignments to expert e per routed token and p_e the mean router probability of e, both over every
+    layer's tokens; top_k when balanced. So moe.aux_loss_coef means what Jamba's router_aux_loss_coef means (0.001)
+    whatever the number of MoE layers. token_mask [tokens] (1 = token): padding counts for neither."""
+    counts = router_logits[0].new_zeros(n_experts)
+    probs = router_logits[0].new_zeros(n_experts)
+    keep = token_mask.reshape(-1).to(counts) if token_mask is not None else None
+    rows = 0
+    for logits in router_logits:
+        p = logits.float().softmax(-1)
+        chosen = p.topk(top_k, dim=-1).indices  # (tokens, k)
+        slots = keep[:, None].expand_as(chosen) if keep is not None else torch.ones_like(chosen, dtype=counts.dtype)
+        counts = counts.scatter_add(0, chosen.reshape(-1), slots.reshape(-1))
+        probs = probs + (p * keep[:, None] if keep is not None else p).sum(0)
+        rows = rows + (keep.sum() if keep is not None else p.shape[0])
+    rows = torch.as_tensor(rows, dtype=counts.dtype, device=counts.device).clamp(min=1)
+    return n_experts * ((counts / rows) * (probs / rows)).sum()
 
 
 class Block(nn.Module):
@@ -374,39 +388,38 @@ class Block(nn.Module):
         residual = x.float() if self.residual_in_fp32 else x
         x = residual + self.mixer(self.norm(x.to(dtype)), cache=cache, seq_idx=seq_idx, position_ids=position_ids,
                                   attention_mask=attention_mask)
-        aux = None  # the MoE's load-balancing loss; None without one (no zero tensor and add per block and step)
+        router_logits = None  # a MoE's, for the model's load-balancing loss
         if self.ffn is not None:
             h = self.ffn_norm(x.to(dtype))
             if isinstance(self.ffn, MoE):
-                mask = attention_mask[:, -x.shape[1]:] if attention_mask is not None else None
-                h, aux = self.ffn(h, mask)
+                h, router_logits = self.ffn(h)
             else:
                 h = self.ffn(h)
             x = x + h
-        return x, aux
+        return x, router_logits
 
     def forward_pending(self, x, pending, add_norm, cache=None, seq_idx=None, position_ids=None,
                         attention_mask=None):
         """Inference form of `forward` with the residual adds fused into the norms (`add_norm`:
         zoo_kernels.add_norm.add_rms_norm): x is the residual stream *before* `pending`, the previous block's
-        last output, is added to it. Returns (residual, this block's last output, aux): its add is left to the
-        next block's norm (or the final norm), one kernel per seam instead of four. Same numbers as `forward`."""
+        last output, is added to it. Returns (residual, this block's last output, a MoE's router logits or None): its
+        add is left to the next block's norm (or the final norm), one kernel per seam instead of four. Same numbers as
+        `forward`."""
         dtype = self.norm.weight.dtype
         res_dtype = torch.float32 if self.residual_in_fp32 else x.dtype
         if pending is not None:
             res_dtype = torch.promote_types(res_dtype, pending.dtype)
         x, h = add_norm(x, pending, self.norm.weight, self.norm.eps, dtype, res_dtype)
         out = self.mixer(h, cache=cache, seq_idx=seq_idx, position_ids=position_ids, attention_mask=attention_mask)
-        aux = None
+        router_logits = None
         if self.ffn is not None:
             x, h = add_norm(x, out, self.ffn_norm.weight, self.ffn_norm.eps, dtype,
                             torch.promote_types(x.dtype, out.dtype))
             if isinstance(self.ffn, MoE):
-                mask = attention_mask[:, -x.shape[1]:] if attention_mask is not None else None
-                out, aux = self.ffn(h, mask)
+                out, router_logits = self.ffn(h)
             else:
                 out = self.ffn(h)
-        return x, out, aux
+        return x, out, router_logits
 
 
 def fused_add_norm():

@@ -19,7 +19,7 @@ from zoo_kernels.cross_entropy import cross_entropy
 
 from zoo.cache import RecurrentLayer, ZooCache, output_cache
 from zoo.config import ZooConfig
-from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, mark_no_weight_decay
+from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, load_balancing_loss, mark_no_weight_decay
 from zoo.registry import get_mixer
 
 try:  # the keyword generate() keeps the cache under: "cache" from transformers 5.2x on, "past_key_values" before
@@ -51,6 +51,18 @@ def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
     if not torch.compiler.is_compiling() and not seq_idx[:, -1].any():
         return None
     return seq_idx
+
+
+def _refuse_restarts_after_a_cache(position_ids: torch.Tensor, past: int) -> None:
+    """A chunk that continues a cache cannot tell from position_ids alone where a packed document begins: its first
+    token's step is from a position the cache does not keep, and the layers' cached keys and states carry no
+    document ids to match. Such a chunk was run as one document (attention saw the earlier documents' keys, the
+    recurrent layers carried their states over); it is refused instead, naming seq_idx, which does continue."""
+    if (position_ids[:, 0] == 0).any() or (torch.diff(position_ids, dim=-1) != 1).any():
+        raise ValueError(f"position_ids restart in a chunk that continues a cache ({past} tokens cached): documents "
+                         f"packed by position_ids alone are told apart only in the chunk that starts the cache. "
+                         f"Pass seq_idx [batch, tokens] (the document of each token, continuing the earlier "
+                         f"chunks' numbering) for every chunk instead")
 
 
 def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
@@ -107,6 +119,7 @@ class ZooCausalLMOutput(CausalLMOutputWithPast):
     training mode only)."""
 
     aux_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 class ZooPreTrainedModel(PreTrainedModel):
@@ -215,16 +228,20 @@ class ZooModel(ZooPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=None,
-                **kwargs) -> BaseModelOutputWithPast | tuple:
+                output_router_logits=None, **kwargs) -> BaseModelOutputWithPast | tuple:
         """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents (without
         it, position_ids that restart mark them, as transformers' padding-free collator gives them).
 
         The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
-        output_hidden_states and return_dict default to the config's, as in transformers."""
+        output_hidden_states, output_router_logits and return_dict default to the config's, as in transformers.
+        The output's aux_loss is the MoE load-balancing loss (None without MoE layers); router_logits, asked for,
+        the MoE layers' router logits ([B * T, n_experts] each), as transformers' Jamba gives them."""
         past_key_values = _the_cache(past_key_values, kwargs)
         _refuse_output_attentions(self.config, kwargs)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        if output_router_logits is None:
+            output_router_logits = getattr(self.config, "output_router_logits", False)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
@@ -243,6 +260,9 @@ class ZooModel(ZooPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
+        elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \
+                and not torch.compiler.is_compiling():
+            _refuse_restarts_after_a_cache(position_ids.expand(Bsz, T), past)
         if position_ids is None:
             if attention_mask is not None:
                 # left padding: each row's positions start at its first real token
@@ -259,7 +279,7 @@ class ZooModel(ZooPreTrainedModel):
 
                 varlen_meta(seq_idx, None, T, T)
         hidden_states = [x] if output_hidden_states else None
-        aux_total = x.new_zeros((), dtype=torch.float32)
+        router_logits = []  # the MoE layers'
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         fusable = x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # the kernel adds in fp32
         add_norm = fused_add_norm() if fusable and not torch.is_grad_enabled() and not output_hidden_states else None
@@ -267,20 +287,21 @@ class ZooModel(ZooPreTrainedModel):
             pending = None
             for i, block in enumerate(self.layers):
                 layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-                x, pending, aux = block.forward_pending(x, pending, add_norm, layer_cache, seq_idx, position_ids,
-                                                        attention_mask)
-                if aux is not None:
-                    aux_total = aux_total + aux
+                x, pending, logits = block.forward_pending(x, pending, add_norm, layer_cache, seq_idx, position_ids,
+                                                           attention_mask)
+                if logits is not None:
+                    router_logits.append(logits)
             x = add_norm(x, pending, self.norm_f.weight, self.norm_f.eps, self.norm_f.weight.dtype)[1]
         else:
             for i, block in enumerate(self.layers):
                 layer_cache = past_key_values.layers[i] if past_key_values is not None else None
                 if checkpointing and layer_cache is None and i in self._checkpointed:
-                    x, aux = self._gradient_checkpointing_func(block, x, None, seq_idx, position_ids, attention_mask)
+                    x, logits = self._gradient_checkpointing_func(block, x, None, seq_idx, position_ids,
+                                                                  attention_mask)
                 else:
-                    x, aux = block(x, layer_cache, seq_idx, position_ids, attention_mask)
-                if aux is not None:
-                    aux_total = aux_total + aux
+                    x, logits = block(x, layer_cache, seq_idx, position_ids, attention_mask)
+                if logits is not None:
+                    router_logits.append(logits)
                 if output_hidden_states:
                     hidden_states.append(x)
             x = self.norm_f(x.to(self.norm_f.weight.dtype))  # a residual kept in fp32 returns to the weights' dtype
@@ -290,7 +311,12 @@ class ZooModel(ZooPreTrainedModel):
             past_key_values.seen_tokens += T
         out = BaseModelOutputWithPast(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
                                       hidden_states=tuple(hidden_states) if hidden_states else None)
-        out.aux_loss = aux_total
+        out.aux_loss = None
+        if router_logits:  # padding counts for no expert
+            moe = self.config.moe_spec()
+            mask = attention_mask[:, -T:] if attention_mask is not None else None
+            out.aux_loss = load_balancing_loss(router_logits, moe["n_experts"], moe["top_k"], mask)
+        out.router_logits = tuple(router_logits) if output_router_logits else None
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
 
@@ -357,10 +383,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
-                logits_to_keep: int | torch.Tensor = 0, return_dict=None, **kwargs) -> ZooCausalLMOutput | tuple:
+                logits_to_keep: int | torch.Tensor = 0, return_dict=None, output_router_logits=None,
+                **kwargs) -> ZooCausalLMOutput | tuple:
         """Labels [B, T] are the input ids (shifted inside); -100 is ignored. In training mode the MoE aux loss
         (times moe.aux_loss_coef) is added; in eval mode `loss` is the cross-entropy alone (an eval loss, a
-        perplexity), and `aux_loss` gives the aux loss in both.
+        perplexity), and `aux_loss` gives the aux loss in both. output_router_logits: also return the MoE layers'
+        router logits (`router_logits`), as transformers' Jamba does.
 
         `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
         whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
@@ -369,7 +397,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         _refuse_output_attentions(self.config, kwargs)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True)
+                         output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True,
+                         output_router_logits=output_router_logits)
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
@@ -377,7 +406,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             h = h[:, logits_to_keep]
         logits = self.lm_head(h)
         loss = None
-        aux = out.aux_loss if self.config.moe is not None else None
+        aux = out.aux_loss
         if labels is not None:
             # next-token targets aligned with every position (the last has none), so the logits are read in place
             # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA)
@@ -390,7 +419,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 # micro-batches' losses must add up to the accumulated batch's mean, each weighted by its targets
                 loss = loss * (targets != -100).sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
-                                   hidden_states=out.hidden_states, aux_loss=aux)
+                                   hidden_states=out.hidden_states, aux_loss=aux, router_logits=out.router_logits)
         return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,

@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import sysconfig
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
@@ -122,6 +123,20 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[n
         return [np.frombuffer(t.encode("utf-8", "surrogatepass"), np.uint8).astype(np.int64) for t in texts]
     ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return [np.asarray(x, dtype=np.int64) for x in ids]
+
+
+def document_wrap(tokenizer: PreTrainedTokenizerBase, add_bos: bool, add_eos: bool) -> tuple[list[int], list[int]]:
+    """([bos] or [], [eos] or []): the tokens that wrap each document. Asked for on a tokenizer that has no such
+    token (Qwen's has no bos, for one), it is left out with a warning; it used to be left out silently."""
+    out = []
+    for what, asked in (("bos", add_bos), ("eos", add_eos)):
+        token = getattr(tokenizer, f"{what}_token_id", None) if asked else None
+        if asked and token is None:
+            warnings.warn(f"data.add_{what}: the tokenizer ({type(tokenizer).__name__}) has no {what} token, so "
+                          f"documents are not wrapped in one; set add_{what}: false to say so, or set the "
+                          f"tokenizer's {what}_token", stacklevel=2)
+        out.append([token] if token is not None else [])
+    return out[0], out[1]
 
 
 # ---- the built-in corpus -----------------------------------------------------------------------------------
@@ -434,10 +449,9 @@ class TextStream:
             raise ValueError(f"tokenizer: {type(self.tokenizer).__name__} has neither a pad nor an eos token; rows are "
                              f"padded (and documents separated) with one: set tokenizer.pad_token / eos_token, or "
                              f"load it with zoo.data.text.load_tokenizer")
-        bos = self.tokenizer.bos_token_id if self.cfg.add_bos else None
-        eos = self.tokenizer.eos_token_id if self.cfg.add_eos else None
-        self._prefix = np.array([bos] if bos is not None else [], dtype=np.int64)
-        self._suffix = np.array([eos] if eos is not None else [], dtype=np.int64)
+        bos, eos = document_wrap(self.tokenizer, self.cfg.add_bos, self.cfg.add_eos)
+        self._prefix = np.array(bos, dtype=np.int64)
+        self._suffix = np.array(eos, dtype=np.int64)
 
     def _documents(self, state: StreamState) -> Iterator[tuple[StreamState, np.ndarray]]:
         """(state at the start of the document, its tokens) from `state` on, crossing epochs for training."""
