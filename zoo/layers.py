@@ -363,7 +363,7 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], n_experts: int, t
         counts = counts.scatter_add(0, chosen.reshape(-1), slots.reshape(-1))
         probs = probs + (p * keep[:, None] if keep is not None else p).sum(0)
         rows = rows + (keep.sum() if keep is not None else p.shape[0])
-    rows = torch.as_tensor(rows, dtype=counts.dtype, device=counts.device).clamp(min=1)
+    rows = rows.clamp(min=1) if isinstance(rows, torch.Tensor) else max(rows, 1)  # (no host copy: graph capture)
     return n_experts * ((counts / rows) * (probs / rows)).sum()
 
 
