@@ -45,6 +45,9 @@ CASES = [
     (1, 40, 1023, 4, torch.bfloat16, True, True, 6, "silu"),
     (2, 24, 513, 3, torch.float16, False, False, 3, "silu"),
     (1, 6, 50, 5, torch.float32, True, True, 2, "silu"),  # width 5: the reference path
+    # lengths across several backward blocks, documents dense enough that some start at the blocks' edges
+    (2, 3, 5000, 4, torch.bfloat16, True, True, 1500, "silu"),
+    (1, 4, 3000, 3, torch.float32, True, True, 900, "silu"),
 ]
 
 
