@@ -272,6 +272,19 @@ def test_model_and_length_errors_name_the_field(tmp_path):
             resolve_models(cfg, folder)
 
 
+def test_recipe_fields_the_comparison_would_not_honour_are_refused(tmp_path):
+    """recipe.model_overrides reached training (build_model applies it) but not budget matching or accounting: with
+    vocab_size 4000 the table said 197K parameters, -1.6% from the budget, for a model of 500K; recipe.eval was
+    replaced by the comparison's eval.every 0 without a word. Both are refused, naming where the setting goes."""
+    bad = tmp_path / "bad.yaml"
+    for recipe, message in (({"model_overrides": {"vocab_size": 4000}}, "recipe.model_overrides: .* top-level "
+                                                                         "model_overrides"),
+                            ({"eval": {"every": 10}}, "recipe.eval: .* top-level eval section")):
+        bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "recipe": recipe}))
+        with pytest.raises(ValueError, match=message):
+            load_compare_config(bad)
+
+
 @pytest.mark.parametrize("override, message", [
     ("--models.gla={config: configs/models/gla-tiny.yaml, overrides: {vocab_size: 200}}",
      "models.gla: 200 embeddings but the tokenizer has 259 tokens"),

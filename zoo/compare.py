@@ -11,7 +11,7 @@ A comparison config (configs/compare/*.yaml) names the models and one recipe::
       mamba: configs/models/mamba-tiny.yaml      #   | an inline mapping (model_type: llama for transformers)
     base: configs/models/transformerpp-tiny.yaml # optional: a base config and mixer swaps, also models
     swaps: {gla: {A: {type: gla, n_heads: 2}}}   #   (one-letter keys replace mixers, others are fields)
-    recipe: {...}                                # a `zoo train` run config without model / output_dir
+    recipe: {...}                                # `zoo train` run config less model, output_dir, model_overrides, eval
     train_lengths: [2048, 8192]                  # optional: train every model at each length
     eval: {batches: 8, per_position: {...}, mqar: {...}, passkey: {...}}
     throughput: {seq_lens: [512, 1024, 2048], batch_tokens: 8192, steps: 3}
@@ -652,7 +652,8 @@ class AccountingConfig:
 
 @dataclass
 class CompareConfig:
-    """A comparison (module docstring). recipe: a `zoo train` run config without model and output_dir."""
+    """A comparison (module docstring). recipe: a `zoo train` run config without model, output_dir, model_overrides
+    and eval (the comparison sets those)."""
 
     models: dict[str, Any] = field(default_factory=dict)
     base: Any = None
@@ -699,6 +700,13 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     for key in ("model", "output_dir"):
         if key in cfg.recipe:
             raise ValueError(f"recipe.{key}: set per model by the comparison; remove it from the recipe")
+    if "model_overrides" in cfg.recipe:  # training would apply it, but the budget and the accounting would not
+        raise ValueError("recipe.model_overrides: the comparison's models take their fields before budget matching "
+                         "and accounting; move it to the top-level model_overrides (every model) or to "
+                         "models.NAME.overrides")
+    if "eval" in cfg.recipe:  # training runs with eval.every 0: the settings would be dropped
+        raise ValueError("recipe.eval: the comparison evaluates every model itself on the same rows; remove it from "
+                         "the recipe and set the top-level eval section (eval.batches, eval.micro_batch_size, ...)")
     if cfg.budget is not None:
         b = cfg.budget
         if not b.params > 0:
