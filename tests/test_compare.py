@@ -316,6 +316,23 @@ def test_base_and_swaps(tmp_path):
         assert abs(instantiated_params(entry.config()) / 150_000 - 1) <= 0.02
 
 
+def test_swap_of_a_letter_the_pattern_does_not_use_is_refused(tmp_path):
+    """A swap keyed by a letter the base's pattern lacks (G on Transformer++'s "AA") added an unused mixer: the 'gla'
+    model was the base Transformer++, trained and reported under the name gla. Now refused, naming the letters."""
+    path = tmp_path / "swaps.yaml"
+    path.write_text(yaml.safe_dump({"base": "configs/models/transformerpp-tiny.yaml",
+                                    "swaps": {"gla": {"G": {"type": "gla", "n_heads": 2}}}}))
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError, match=r"swaps.gla.G: the layer pattern 'AA' has no letter 'G'.* use one of its "
+                                         r"letters \(A\) or set layers"):
+        resolve_models(cfg, folder)
+    # with its own pattern the new letter is used
+    path.write_text(yaml.safe_dump({"base": "configs/models/transformerpp-tiny.yaml",
+                                    "swaps": {"gla": {"G": {"type": "gla", "n_heads": 2}, "layers": "GG"}}}))
+    (entry,) = resolve_models(*load_compare_config(path))
+    assert [s["type"] for s in entry.config().layer_specs()] == ["gla", "gla"]
+
+
 def test_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}",

@@ -828,6 +828,15 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
                     fields.setdefault("mixers", {})[key] = value
                 else:
                     fields[key] = value
+            # a letter the pattern does not use would leave this model the base itself, under another name
+            layers = fields.get("layers")
+            used = set("".join(layers.split())) if isinstance(layers, str) else set()
+            for key in (swap or {}):
+                if len(key) == 1 and key not in used:
+                    raise ValueError(f"swaps.{name}.{key}: the layer pattern {layers!r} has no letter {key!r}, so "
+                                     f"the swap would change nothing; use one of its letters "
+                                     f"({', '.join(sorted(used)) or 'none: layers is not a pattern string'}) or "
+                                     f"set layers in the swap")
             raw.append((name, fields, {}, True))
     entries = []
     for name, fields, overrides, match in raw:
