@@ -285,6 +285,24 @@ def test_recipe_fields_the_comparison_would_not_honour_are_refused(tmp_path):
             load_compare_config(bad)
 
 
+@pytest.mark.parametrize("mqar, message", [
+    ({"vocab_size": 8}, r"eval.mqar: mqar: vocab_size=8 has 3 keys, fewer than n_kv=4"),
+    ({"power_a": 0}, r"eval.mqar: mqar: power_a=0.0 must be > 0"),
+    ({"eval_n_kv": [16]}, r"eval.mqar: no cell of eval_seq_lens x eval_n_kv: mqar: n_kv=16 needs seq_len >= 4 .*64")])
+def test_mqar_settings_no_row_can_be_built_with_are_refused_up_front(tmp_path, mqar, message):
+    """MQAR settings whose rows cannot be built (n_kv beyond half the task's vocabulary, power_a <= 0, an evaluation
+    grid with no buildable cell) failed only at the MQAR phase, after the first model's text training."""
+    bad = tmp_path / "bad.yaml"
+    base = {"steps": 2, "seq_len": 32, "n_kv": 4, "vocab_size": 32, "eval_seq_lens": [32, 48]}
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "eval": {"mqar": {**base, **mqar}}}))
+    with pytest.raises(ValueError, match=message):
+        load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "eval": {"mqar": {**base, "eval_n_kv": [4, 16]}}}))
+    load_compare_config(bad)  # one buildable cell is enough: evaluation skips the other with a warning
+
+
 @pytest.mark.parametrize("override, message", [
     ("--models.gla={config: configs/models/gla-tiny.yaml, overrides: {vocab_size: 200}}",
      "models.gla: 200 embeddings but the tokenizer has 259 tokens"),

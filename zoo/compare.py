@@ -732,6 +732,16 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError("eval.mqar: steps >= 0, batch_size >= 1 and eval_samples >= 1")
         if 4 * m.n_kv > m.seq_len:
             raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
+        # the task's own checks (keys from half the vocabulary, the gap law's exponent) before any model trains;
+        # evaluation skips the cells it cannot build, but needs one
+        problem = _mqar_cell_error(m.seq_len, m.n_kv, m)
+        if problem is None:
+            cells = [(L, n) for L in m.eval_seq_lens or [m.seq_len] for n in m.eval_n_kv or [m.n_kv]]
+            errors = [_mqar_cell_error(L, n, m) for L, n in cells]
+            if all(errors):
+                problem = f"no cell of eval_seq_lens x eval_n_kv: {errors[0]}"
+        if problem is not None:
+            raise ValueError(f"eval.mqar: {problem}; change n_kv, vocab_size, power_a or the eval grid")
     if cfg.throughput is not None:
         t = cfg.throughput
         if not t.seq_lens or t.steps < 1 or t.warmup < 0:
@@ -756,6 +766,17 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         if run.train.batch_tokens is not None and run.train.batch_tokens % rows:
             raise ValueError(f"train_lengths: at L={L}: recipe.train.batch_tokens {run.train.batch_tokens} is not a "
                              f"multiple of micro_batch_size · seq_len = {run.train.micro_batch_size} · {L}")
+
+
+def _mqar_cell_error(seq_len: int, n_kv: int, m: MQARConfig) -> str | None:
+    """Why MQAR rows cannot be built at (seq_len, n_kv) with m's vocabulary and power_a (None: they can)."""
+    from zoo.data.synthetic import mqar_batch
+
+    try:
+        mqar_batch(1, seq_len, n_kv, m.vocab_size, m.power_a)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # ---- models of a comparison ------------------------------------------------------------------------------------
