@@ -422,6 +422,32 @@ def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch)
     assert f"| {calls[0]} |" in table and f"| {calls[1]} |" in table and f"| {calls[2]} |" not in table
 
 
+def test_interrupted_forced_run_says_to_continue_without_force(tmp_path, monkeypatch, capsys):
+    """After Ctrl-C in a run started with --force, 'rerun the same command to continue' led to --force again, which
+    deletes each model's results before redoing it: the models finished before the interruption were retrained."""
+    import zoo.compare as compare
+
+    real, calls = compare.run_model, []
+
+    def stop_at_second(cfg, entry, *args, **kwargs):
+        calls.append(entry.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, entry, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_model", stop_at_second)
+    out = tmp_path / "forced"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba,gla", "--force"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command without --force to continue" in err
+    assert main(argv[:-1]) == 0  # the advice: mamba's results are kept, gla is run
+    err = capsys.readouterr().err
+    assert "mamba: training" not in err and "gla: training" in err
+
+
 def test_results_of_another_recipe_are_left_out_of_the_table(tmp_path, capsys):
     """A rerun with --only and a changed recipe redoes that model; the others' results on disk were trained on other
     rows (or for other steps), so the table leaves them out and says so rather than comparing them."""

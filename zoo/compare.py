@@ -1709,7 +1709,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished phases are kept in {cfg.output_dir}; rerun the same command to continue",
+        # --force deletes a model's results before redoing it: the same command again would redo the finished ones
+        how = "the same command without --force" if args.force else "the same command"
+        print(f"\ninterrupted: finished phases are kept in {cfg.output_dir}; rerun {how} to continue",
               file=sys.stderr)
         return 130
     except ValueError as e:
