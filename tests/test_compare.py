@@ -472,6 +472,21 @@ def test_accounting_only_needs_no_training(tmp_path, capsys):
     for name in FAMILIES:
         assert f"| {name} | 8192 |" in table
     assert not any(out.glob("*/train-*"))
+    assert (out / "accounting.md").read_text() in table
+
+
+def test_accounting_only_leaves_a_finished_comparisons_results_alone(tmp_path, capsys):
+    """--accounting-only (documented as needing no GPU) on a comparison's output_dir replaced its results.md and
+    results.json by tables without a trained number, and its compare_config.yaml by the settings of the look."""
+    out = tmp_path / "done"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba"]
+    assert main(argv) == 0
+    before = {n: (out / n).read_bytes() for n in ("results.md", "results.json", "compare_config.yaml")}
+    assert main(argv[:2] + ["--accounting-only", "--budget.params=300000"]) == 0
+    assert "| mamba | 128 |" in capsys.readouterr().out
+    assert {n: (out / n).read_bytes() for n in before} == before
 
 
 # ---- decoding loops (zoo.decode), used by benchmarks/generate.py ---------------------------------------------

@@ -28,7 +28,8 @@ from its last checkpoint); a rerun skips what is done unless ``--force``. Models
 settings; the others are named at its top. The end of a run writes
 ``results.md`` (printed), ``results.json`` and the plots ``loss.png`` (training loss against tokens),
 ``throughput.png`` and ``memory.png`` (against sequence length), ``recall.png`` (MQAR accuracy against
-recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran.
+recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran;
+``--accounting-only`` writes ``accounting.md`` only (a finished comparison's results stay).
 
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
 number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
@@ -1652,8 +1653,9 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    (out / "compare_config.yaml").write_text(yaml.safe_dump(
-        {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
+    if not accounting_only:  # an accounting look (no GPU needed) must not overwrite a comparison's record
+        (out / "compare_config.yaml").write_text(yaml.safe_dump(
+            {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
     try:
         if accounting_only:
             lengths = sorted(set(cfg.accounting.seq_lens) | set(_lengths(cfg)))
@@ -1676,8 +1678,11 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
             records, stale = _finished_records(cfg, entries, by_name, out)
         note = "" if accounting_only else _left_out_note(stale, out)
         markdown = note + markdown_report(records, cfg, _device_name())
-        (out / "results.md").write_text(markdown)
-        _write_json_atomic(out / "results.json", {"device": _device_name(), "records": records})
+        if accounting_only:  # results.md / results.json of a finished comparison stay as they are
+            (out / "accounting.md").write_text(markdown)
+        else:
+            (out / "results.md").write_text(markdown)
+            _write_json_atomic(out / "results.json", {"device": _device_name(), "records": records})
         plots = [] if accounting_only else write_plots(records, cfg, out)
     finally:
         torch.set_num_threads(threads)
