@@ -319,6 +319,21 @@ def test_vocabulary_too_small_is_refused_before_training(tmp_path, capsys, overr
     assert not any(out.glob("*/train-*"))
 
 
+def test_recipe_trackers_are_kept_beside_csv(tmp_path):
+    """recipe.log.trackers (tensorboard, wandb) was replaced by ['csv'] without a word: no run of the comparison
+    reached the user's tracker. CSV is added (the loss curves are read from metrics.csv), the rest is kept."""
+    from zoo.compare import train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                    "recipe": {"log": {"trackers": ["tensorboard"]}}}))
+    cfg, folder = load_compare_config(path)
+    (entry,) = resolve_models(cfg, folder)
+    assert train_config(cfg, entry, 64, tmp_path / "run").log.trackers == ["tensorboard", "csv"]
+    cfg.recipe["log"]["trackers"] = ["csv"]
+    assert train_config(cfg, entry, 64, tmp_path / "run").log.trackers == ["csv"]
+
+
 def test_base_and_swaps(tmp_path):
     path = tmp_path / "swaps.yaml"
     path.write_text(yaml.safe_dump({

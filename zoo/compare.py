@@ -997,14 +997,14 @@ def _recipe_at(cfg: CompareConfig, seq_len: int) -> dict[str, Any]:
 
 def train_config(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path):
     """The `zoo train` config of one model at one training length: the recipe at that length (`_recipe_at`) with
-    the model, the run directory, CSV logging, a final checkpoint, and no periodic evaluation (the comparison
-    evaluates every model on the same rows itself)."""
+    the model, the run directory, CSV logging (besides the recipe's log.trackers), a final checkpoint, and no
+    periodic evaluation (the comparison evaluates every model on the same rows itself)."""
     from zoo.train import config_from_dict
 
     recipe = _recipe_at(cfg, seq_len)
     data, train = recipe["data"], recipe["train"]
     log = dict(recipe.get("log") or {})
-    log["trackers"] = ["csv"]
+    log["trackers"] = list(dict.fromkeys([*(log.get("trackers") or []), "csv"]))  # the loss curves read metrics.csv
     checkpoint = dict(recipe.get("checkpoint") or {}, final=True)  # evaluation loads the final weights
     model = dict(entry.fields)
     if entry.is_zoo:
