@@ -165,6 +165,19 @@ def test_transformers_baselines_are_accounted():
     assert row["kv_floats"] == 2 * 2 * 2 * 8 * 16
 
 
+def test_gpt2_projections_are_counted():
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: its FLOPs counted the LM head only (8.6K per token
+    instead of 2·27.8K + attention for this config), about 9x too few against a zoo model of the same size."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                  eos_token_id=0, bos_token_id=0)
+    acc = account(config, [16])
+    weights = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 100 * 32  # c_attn, attn c_proj, c_fc, mlp c_proj; head
+    assert acc["matmul_weights"] == weights
+    assert acc["per_length"][0]["flops_per_token"] == 2 * weights + 2 * 4 * 8.5 * 4 * 8
+
+
 def test_transformers_baselines_with_per_layer_windows_and_unaccountable_layouts():
     """layer_types decide which layers slide (Gemma-2 alternates sliding and full attention; the window applies to
     the sliding ones only); a transformers MoE (experts outside nn.Linear, active parameters unknown) or hybrid

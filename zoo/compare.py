@@ -270,7 +270,10 @@ def _hf_layer_costs(config) -> list[LayerCost]:
 
 def module_weights(model: nn.Module) -> float:
     """Weights of the matmuls and convolutions one token touches, counted on the modules: every nn.Linear
-    (the LM head included) and nn.Conv1d weight once, an MoE's experts scaled by top_k / n_experts."""
+    (the LM head included), nn.Conv1d and transformers Conv1D (GPT-2's projections) weight once, an MoE's experts
+    scaled by top_k / n_experts."""
+    from transformers.pytorch_utils import Conv1D
+
     from zoo.layers import MoE
 
     scale: dict[int, float] = {}
@@ -280,7 +283,7 @@ def module_weights(model: nn.Module) -> float:
                 scale[id(expert_module)] = module.top_k / module.n_experts
     total = 0.0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, Conv1D)):
             total += module.weight.numel() * scale.get(id(module), 1.0)
     return total
 
