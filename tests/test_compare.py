@@ -165,6 +165,19 @@ def test_transformers_baselines_are_accounted():
     assert row["kv_floats"] == 2 * 2 * 2 * 8 * 16
 
 
+def test_gpt2_projections_are_counted():
+    """GPT-2's projections are transformers' Conv1D, not nn.Linear: its FLOPs counted the LM head only (8.6K per token
+    instead of 2·27.8K + attention for this config), about 9x too few against a zoo model of the same size."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64,
+                                  eos_token_id=0, bos_token_id=0)
+    acc = account(config, [16])
+    weights = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 100 * 32  # c_attn, attn c_proj, c_fc, mlp c_proj; head
+    assert acc["matmul_weights"] == weights
+    assert acc["per_length"][0]["flops_per_token"] == 2 * weights + 2 * 4 * 8.5 * 4 * 8
+
+
 def test_transformers_baselines_with_per_layer_windows_and_unaccountable_layouts():
     """layer_types decide which layers slide (Gemma-2 alternates sliding and full attention; the window applies to
     the sliding ones only); a transformers MoE (experts outside nn.Linear, active parameters unknown) or hybrid
@@ -272,6 +285,37 @@ def test_model_and_length_errors_name_the_field(tmp_path):
             resolve_models(cfg, folder)
 
 
+def test_recipe_fields_the_comparison_would_not_honour_are_refused(tmp_path):
+    """recipe.model_overrides reached training (build_model applies it) but not budget matching or accounting: with
+    vocab_size 4000 the table said 197K parameters, -1.6% from the budget, for a model of 500K; recipe.eval was
+    replaced by the comparison's eval.every 0 without a word. Both are refused, naming where the setting goes."""
+    bad = tmp_path / "bad.yaml"
+    for recipe, message in (({"model_overrides": {"vocab_size": 4000}}, "recipe.model_overrides: .* top-level "
+                                                                         "model_overrides"),
+                            ({"eval": {"every": 10}}, "recipe.eval: .* top-level eval section")):
+        bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "recipe": recipe}))
+        with pytest.raises(ValueError, match=message):
+            load_compare_config(bad)
+
+
+@pytest.mark.parametrize("mqar, message", [
+    ({"vocab_size": 8}, r"eval.mqar: mqar: vocab_size=8 has 3 keys, fewer than n_kv=4"),
+    ({"power_a": 0}, r"eval.mqar: mqar: power_a=0.0 must be > 0"),
+    ({"eval_n_kv": [16]}, r"eval.mqar: no cell of eval_seq_lens x eval_n_kv: mqar: n_kv=16 needs seq_len >= 4 .*64")])
+def test_mqar_settings_no_row_can_be_built_with_are_refused_up_front(tmp_path, mqar, message):
+    """MQAR settings whose rows cannot be built (n_kv beyond half the task's vocabulary, power_a <= 0, an evaluation
+    grid with no buildable cell) failed only at the MQAR phase, after the first model's text training."""
+    bad = tmp_path / "bad.yaml"
+    base = {"steps": 2, "seq_len": 32, "n_kv": 4, "vocab_size": 32, "eval_seq_lens": [32, 48]}
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "eval": {"mqar": {**base, **mqar}}}))
+    with pytest.raises(ValueError, match=message):
+        load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "eval": {"mqar": {**base, "eval_n_kv": [4, 16]}}}))
+    load_compare_config(bad)  # one buildable cell is enough: evaluation skips the other with a warning
+
+
 @pytest.mark.parametrize("override, message", [
     ("--models.gla={config: configs/models/gla-tiny.yaml, overrides: {vocab_size: 200}}",
      "models.gla: 200 embeddings but the tokenizer has 259 tokens"),
@@ -288,6 +332,21 @@ def test_vocabulary_too_small_is_refused_before_training(tmp_path, capsys, overr
     assert not any(out.glob("*/train-*"))
 
 
+def test_recipe_trackers_are_kept_beside_csv(tmp_path):
+    """recipe.log.trackers (tensorboard, wandb) was replaced by ['csv'] without a word: no run of the comparison
+    reached the user's tracker. CSV is added (the loss curves are read from metrics.csv), the rest is kept."""
+    from zoo.compare import train_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                    "recipe": {"log": {"trackers": ["tensorboard"]}}}))
+    cfg, folder = load_compare_config(path)
+    (entry,) = resolve_models(cfg, folder)
+    assert train_config(cfg, entry, 64, tmp_path / "run").log.trackers == ["tensorboard", "csv"]
+    cfg.recipe["log"]["trackers"] = ["csv"]
+    assert train_config(cfg, entry, 64, tmp_path / "run").log.trackers == ["csv"]
+
+
 def test_base_and_swaps(tmp_path):
     path = tmp_path / "swaps.yaml"
     path.write_text(yaml.safe_dump({
@@ -301,6 +360,23 @@ def test_base_and_swaps(tmp_path):
     assert entries["mamba"].fields["ffn"] == "none"
     for entry in entries.values():
         assert abs(instantiated_params(entry.config()) / 150_000 - 1) <= 0.02
+
+
+def test_swap_of_a_letter_the_pattern_does_not_use_is_refused(tmp_path):
+    """A swap keyed by a letter the base's pattern lacks (G on Transformer++'s "AA") added an unused mixer: the 'gla'
+    model was the base Transformer++, trained and reported under the name gla. Now refused, naming the letters."""
+    path = tmp_path / "swaps.yaml"
+    path.write_text(yaml.safe_dump({"base": "configs/models/transformerpp-tiny.yaml",
+                                    "swaps": {"gla": {"G": {"type": "gla", "n_heads": 2}}}}))
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError, match=r"swaps.gla.G: the layer pattern 'AA' has no letter 'G'.* use one of its "
+                                         r"letters \(A\) or set layers"):
+        resolve_models(cfg, folder)
+    # with its own pattern the new letter is used
+    path.write_text(yaml.safe_dump({"base": "configs/models/transformerpp-tiny.yaml",
+                                    "swaps": {"gla": {"G": {"type": "gla", "n_heads": 2}, "layers": "GG"}}}))
+    (entry,) = resolve_models(*load_compare_config(path))
+    assert [s["type"] for s in entry.config().layer_specs()] == ["gla", "gla"]
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
@@ -374,6 +450,32 @@ def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch)
     assert f"| {calls[0]} |" in table and f"| {calls[1]} |" in table and f"| {calls[2]} |" not in table
 
 
+def test_interrupted_forced_run_says_to_continue_without_force(tmp_path, monkeypatch, capsys):
+    """After Ctrl-C in a run started with --force, 'rerun the same command to continue' led to --force again, which
+    deletes each model's results before redoing it: the models finished before the interruption were retrained."""
+    import zoo.compare as compare
+
+    real, calls = compare.run_model, []
+
+    def stop_at_second(cfg, entry, *args, **kwargs):
+        calls.append(entry.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(cfg, entry, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_model", stop_at_second)
+    out = tmp_path / "forced"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba,gla", "--force"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "rerun the same command without --force to continue" in err
+    assert main(argv[:-1]) == 0  # the advice: mamba's results are kept, gla is run
+    err = capsys.readouterr().err
+    assert "mamba: training" not in err and "gla: training" in err
+
+
 def test_results_of_another_recipe_are_left_out_of_the_table(tmp_path, capsys):
     """A rerun with --only and a changed recipe redoes that model; the others' results on disk were trained on other
     rows (or for other steps), so the table leaves them out and says so rather than comparing them."""
@@ -398,6 +500,21 @@ def test_accounting_only_needs_no_training(tmp_path, capsys):
     for name in FAMILIES:
         assert f"| {name} | 8192 |" in table
     assert not any(out.glob("*/train-*"))
+    assert (out / "accounting.md").read_text() in table
+
+
+def test_accounting_only_leaves_a_finished_comparisons_results_alone(tmp_path, capsys):
+    """--accounting-only (documented as needing no GPU) on a comparison's output_dir replaced its results.md and
+    results.json by tables without a trained number, and its compare_config.yaml by the settings of the look."""
+    out = tmp_path / "done"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba"]
+    assert main(argv) == 0
+    before = {n: (out / n).read_bytes() for n in ("results.md", "results.json", "compare_config.yaml")}
+    assert main(argv[:2] + ["--accounting-only", "--budget.params=300000"]) == 0
+    assert "| mamba | 128 |" in capsys.readouterr().out
+    assert {n: (out / n).read_bytes() for n in before} == before
 
 
 # ---- decoding loops (zoo.decode), used by benchmarks/generate.py ---------------------------------------------

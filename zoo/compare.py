@@ -11,7 +11,7 @@ A comparison config (configs/compare/*.yaml) names the models and one recipe::
       mamba: configs/models/mamba-tiny.yaml      #   | an inline mapping (model_type: llama for transformers)
     base: configs/models/transformerpp-tiny.yaml # optional: a base config and mixer swaps, also models
     swaps: {gla: {A: {type: gla, n_heads: 2}}}   #   (one-letter keys replace mixers, others are fields)
-    recipe: {...}                                # a `zoo train` run config without model / output_dir
+    recipe: {...}                                # `zoo train` run config less model, output_dir, model_overrides, eval
     train_lengths: [2048, 8192]                  # optional: train every model at each length
     eval: {batches: 8, per_position: {...}, mqar: {...}, passkey: {...}}
     throughput: {seq_lens: [512, 1024, 2048], batch_tokens: 8192, steps: 3}
@@ -28,7 +28,8 @@ from its last checkpoint); a rerun skips what is done unless ``--force``. Models
 settings; the others are named at its top. The end of a run writes
 ``results.md`` (printed), ``results.json`` and the plots ``loss.png`` (training loss against tokens),
 ``throughput.png`` and ``memory.png`` (against sequence length), ``recall.png`` (MQAR accuracy against
-recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran.
+recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran;
+``--accounting-only`` writes ``accounting.md`` only (a finished comparison's results stay).
 
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
 number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
@@ -269,7 +270,10 @@ def _hf_layer_costs(config) -> list[LayerCost]:
 
 def module_weights(model: nn.Module) -> float:
     """Weights of the matmuls and convolutions one token touches, counted on the modules: every nn.Linear
-    (the LM head included) and nn.Conv1d weight once, an MoE's experts scaled by top_k / n_experts."""
+    (the LM head included), nn.Conv1d and transformers Conv1D (GPT-2's projections) weight once, an MoE's experts
+    scaled by top_k / n_experts."""
+    from transformers.pytorch_utils import Conv1D
+
     from zoo.layers import MoE
 
     scale: dict[int, float] = {}
@@ -279,7 +283,7 @@ def module_weights(model: nn.Module) -> float:
                 scale[id(expert_module)] = module.top_k / module.n_experts
     total = 0.0
     for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d)):
+        if isinstance(module, (nn.Linear, nn.Conv1d, Conv1D)):
             total += module.weight.numel() * scale.get(id(module), 1.0)
     return total
 
@@ -652,7 +656,8 @@ class AccountingConfig:
 
 @dataclass
 class CompareConfig:
-    """A comparison (module docstring). recipe: a `zoo train` run config without model and output_dir."""
+    """A comparison (module docstring). recipe: a `zoo train` run config without model, output_dir, model_overrides
+    and eval (the comparison sets those)."""
 
     models: dict[str, Any] = field(default_factory=dict)
     base: Any = None
@@ -699,6 +704,13 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     for key in ("model", "output_dir"):
         if key in cfg.recipe:
             raise ValueError(f"recipe.{key}: set per model by the comparison; remove it from the recipe")
+    if "model_overrides" in cfg.recipe:  # training would apply it, but the budget and the accounting would not
+        raise ValueError("recipe.model_overrides: the comparison's models take their fields before budget matching "
+                         "and accounting; move it to the top-level model_overrides (every model) or to "
+                         "models.NAME.overrides")
+    if "eval" in cfg.recipe:  # training runs with eval.every 0: the settings would be dropped
+        raise ValueError("recipe.eval: the comparison evaluates every model itself on the same rows; remove it from "
+                         "the recipe and set the top-level eval section (eval.batches, eval.micro_batch_size, ...)")
     if cfg.budget is not None:
         b = cfg.budget
         if not b.params > 0:
@@ -724,6 +736,16 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError("eval.mqar: steps >= 0, batch_size >= 1 and eval_samples >= 1")
         if 4 * m.n_kv > m.seq_len:
             raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
+        # the task's own checks (keys from half the vocabulary, the gap law's exponent) before any model trains;
+        # evaluation skips the cells it cannot build, but needs one
+        problem = _mqar_cell_error(m.seq_len, m.n_kv, m)
+        if problem is None:
+            cells = [(L, n) for L in m.eval_seq_lens or [m.seq_len] for n in m.eval_n_kv or [m.n_kv]]
+            errors = [_mqar_cell_error(L, n, m) for L, n in cells]
+            if all(errors):
+                problem = f"no cell of eval_seq_lens x eval_n_kv: {errors[0]}"
+        if problem is not None:
+            raise ValueError(f"eval.mqar: {problem}; change n_kv, vocab_size, power_a or the eval grid")
     if cfg.throughput is not None:
         t = cfg.throughput
         if not t.seq_lens or t.steps < 1 or t.warmup < 0:
@@ -748,6 +770,17 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         if run.train.batch_tokens is not None and run.train.batch_tokens % rows:
             raise ValueError(f"train_lengths: at L={L}: recipe.train.batch_tokens {run.train.batch_tokens} is not a "
                              f"multiple of micro_batch_size · seq_len = {run.train.micro_batch_size} · {L}")
+
+
+def _mqar_cell_error(seq_len: int, n_kv: int, m: MQARConfig) -> str | None:
+    """Why MQAR rows cannot be built at (seq_len, n_kv) with m's vocabulary and power_a (None: they can)."""
+    from zoo.data.synthetic import mqar_batch
+
+    try:
+        mqar_batch(1, seq_len, n_kv, m.vocab_size, m.power_a)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 # ---- models of a comparison ------------------------------------------------------------------------------------
@@ -820,6 +853,15 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
                     fields.setdefault("mixers", {})[key] = value
                 else:
                     fields[key] = value
+            # a letter the pattern does not use would leave this model the base itself, under another name
+            layers = fields.get("layers")
+            used = set("".join(layers.split())) if isinstance(layers, str) else set()
+            for key in (swap or {}):
+                if len(key) == 1 and key not in used:
+                    raise ValueError(f"swaps.{name}.{key}: the layer pattern {layers!r} has no letter {key!r}, so "
+                                     f"the swap would change nothing; use one of its letters "
+                                     f"({', '.join(sorted(used)) or 'none: layers is not a pattern string'}) or "
+                                     f"set layers in the swap")
             raw.append((name, fields, {}, True))
     entries = []
     for name, fields, overrides, match in raw:
@@ -958,14 +1000,14 @@ def _recipe_at(cfg: CompareConfig, seq_len: int) -> dict[str, Any]:
 
 def train_config(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path):
     """The `zoo train` config of one model at one training length: the recipe at that length (`_recipe_at`) with
-    the model, the run directory, CSV logging, a final checkpoint, and no periodic evaluation (the comparison
-    evaluates every model on the same rows itself)."""
+    the model, the run directory, CSV logging (besides the recipe's log.trackers), a final checkpoint, and no
+    periodic evaluation (the comparison evaluates every model on the same rows itself)."""
     from zoo.train import config_from_dict
 
     recipe = _recipe_at(cfg, seq_len)
     data, train = recipe["data"], recipe["train"]
     log = dict(recipe.get("log") or {})
-    log["trackers"] = ["csv"]
+    log["trackers"] = list(dict.fromkeys([*(log.get("trackers") or []), "csv"]))  # the loss curves read metrics.csv
     checkpoint = dict(recipe.get("checkpoint") or {}, final=True)  # evaluation loads the final weights
     model = dict(entry.fields)
     if entry.is_zoo:
@@ -1614,8 +1656,9 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
-    (out / "compare_config.yaml").write_text(yaml.safe_dump(
-        {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
+    if not accounting_only:  # an accounting look (no GPU needed) must not overwrite a comparison's record
+        (out / "compare_config.yaml").write_text(yaml.safe_dump(
+            {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
     try:
         if accounting_only:
             lengths = sorted(set(cfg.accounting.seq_lens) | set(_lengths(cfg)))
@@ -1638,8 +1681,11 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
             records, stale = _finished_records(cfg, entries, by_name, out)
         note = "" if accounting_only else _left_out_note(stale, out)
         markdown = note + markdown_report(records, cfg, _device_name())
-        (out / "results.md").write_text(markdown)
-        _write_json_atomic(out / "results.json", {"device": _device_name(), "records": records})
+        if accounting_only:  # results.md / results.json of a finished comparison stay as they are
+            (out / "accounting.md").write_text(markdown)
+        else:
+            (out / "results.md").write_text(markdown)
+            _write_json_atomic(out / "results.json", {"device": _device_name(), "records": records})
         plots = [] if accounting_only else write_plots(records, cfg, out)
     finally:
         torch.set_num_threads(threads)
@@ -1671,7 +1717,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished phases are kept in {cfg.output_dir}; rerun the same command to continue",
+        # --force deletes a model's results before redoing it: the same command again would redo the finished ones
+        how = "the same command without --force" if args.force else "the same command"
+        print(f"\ninterrupted: finished phases are kept in {cfg.output_dir}; rerun {how} to continue",
               file=sys.stderr)
         return 130
     except ValueError as e:
