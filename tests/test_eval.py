@@ -305,6 +305,29 @@ def test_chunked_loss_refuses_transformers_mamba_but_full_forward_works():
     torch.testing.assert_close(per_position_loss(model, input_ids, None), reference, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_loss_refuses_transformers_jamba():
+    """transformers' Jamba scans a multi-token chunk from a zero SSM state even with a cache (its source: 'does not
+    take the past state, it is WRONG if the cache is not empty'): zoo eval length's default --chunk-size 2048 gave
+    silently wrong curves (logits 1.4e-3 off the one-forward ones on a tiny slow-decay model; the error grows with
+    how much the state carries). Now refused, with the CLI's fix."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig(
+        hidden_size=32, num_hidden_layers=2, vocab_size=64, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+        expert_layer_offset=1, num_experts=2, mamba_d_state=8)).eval()
+    input_ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"JambaForCausalLM cannot continue.*--chunk-size 24 or more"):
+        per_position_loss(model, input_ids, 8)
+    with pytest.raises(ValueError, match=r"JambaForCausalLM cannot continue.*--prefill-chunk-size"):
+        greedy_generate(model, input_ids[:1], max_new_tokens=2, prefill_chunk_size=8)
+    with torch.no_grad():
+        reference = full_forward_loss(model, input_ids)
+    for chunk_size in (None, 24):  # one forward per document
+        torch.testing.assert_close(per_position_loss(model, input_ids, chunk_size), reference, rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_passkey_prefill_refuses_transformers_mamba():
     """The same model in passkey's chunked prefill used to run silently: every chunk after the first dropped the
     carried SSM state (its last logits off the one-forward ones), so a needle in an earlier chunk was lost."""
