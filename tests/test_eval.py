@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -546,3 +547,56 @@ def test_decode_prefill_in_chunks_refuses_transformers_mamba():
     with pytest.raises(ValueError, match=r"chunk_size=16 below the prompt's 40 tokens.*MambaForCausalLM"):
         prefill(model, input_ids, chunk_size=16)
     assert prefill(model, input_ids, chunk_size=40).next_ids.shape == (1, 1)  # one chunk: the whole prompt
+
+
+def test_commands_keep_finished_cells_when_a_later_one_fails(checkpoint, tmp_path, monkeypatch):
+    """passkey, synthetic and length wrote their tables only after the whole grid: a sweep that ran out of memory
+    at its longest length (or a lost job) left nothing. Now every finished cell (length: run) is on disk."""
+    from zoo.eval import length, passkey, synthetic
+
+    real_generate = passkey.greedy_generate
+
+    def generate_until_256(model, input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 200:
+            raise RuntimeError("CUDA out of memory")
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate_until_256)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        passkey.main(["--model", str(checkpoint), "--lengths", "128,256", "--depths", "0,1", "--n-samples", "1",
+                      "--device", "cpu", "--out", str(tmp_path / "pk")])
+    saved = json.loads((tmp_path / "pk" / "passkey.json").read_text())
+    assert [(r["length"], r["depth"]) for r in saved["rows"]] == [(128, 0.0), (128, 1.0)]
+    assert len(saved["samples"]) == 2 and saved["model"] == str(checkpoint)
+    assert (tmp_path / "pk" / "passkey.csv").read_text().count("\n") == 3
+
+    real_predict = synthetic.predict_answers
+
+    def predict_until_64(model, input_ids, *args, **kwargs):
+        if input_ids.shape[1] >= 64:
+            raise RuntimeError("CUDA out of memory")
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict_until_64)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        synthetic.main(["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "4",
+                        "--vocab-size", "256", "--n-samples", "4", "--device", "cpu", "--out", str(tmp_path / "syn")])
+    saved = json.loads((tmp_path / "syn" / "mqar.json").read_text())
+    assert [(r["seq_len"], r["n_kv"]) for r in saved["rows"]] == [(32, 4)] and saved["complete"] is False
+    assert (tmp_path / "syn" / "mqar.csv").read_text().count("\n") == 2
+
+    real_length = length.evaluate_length
+    calls = []
+
+    def second_run_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_length(*args, **kwargs)
+
+    monkeypatch.setattr(length, "evaluate_length", second_run_fails)
+    torch.save(torch.randint(0, 64, (2, 40)), tmp_path / "docs.pt")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        length.main(["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens",
+                     str(tmp_path / "docs.pt"), "--max-len", "40", "--device", "cpu", "--out", str(tmp_path / "len")])
+    assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == ["a"]
