@@ -233,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             task_kwargs["power_a"] = args.power_a
         if args.random_non_queries:
             task_kwargs["random_non_queries"] = True
+    elif args.power_a is not None or args.random_non_queries:  # they were dropped without a word
+        raise ValueError(f"--power-a and --random-non-queries are mqar arguments, not {args.task}'s; leave them out")
 
     model = load_model(args.model, args.device, args.dtype)
     if args.mitigation is not None:
