@@ -258,6 +258,27 @@ def test_evaluate_passkey_with_fake_models(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
+    """--depths 0,25,50 (percent, as other needle tools take it) ran the depth-0 cells and then failed as
+    'depth=25.0 must be in [0, 1]', naming no option; a length below the template failed the same way late."""
+    tokenizer = ByteTokenizer()
+    calls = []
+
+    class Counting(EchoModel):
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            calls.append(input_ids.shape[1])
+            return super().generate(input_ids, max_new_tokens, **kwargs)
+
+    model = Counting(tokenizer)
+    with pytest.raises(ValueError, match=r"depths: 25 is not a fraction .*--depths .*25% is 0.25"):
+        evaluate_passkey(model, tokenizer, lengths=[300], depths=[0, 25, 50], n_samples=1)
+    with pytest.raises(ValueError, match=r"lengths: 100 tokens is shorter than the bare passkey template \(\d+ tokens"):
+        evaluate_passkey(model, tokenizer, lengths=[300, 100], depths=[0.5], n_samples=1)
+    with pytest.raises(ValueError, match=r"no cells.*--depths"):
+        evaluate_passkey(model, tokenizer, lengths=[300], depths=[], n_samples=1)
+    assert calls == []
+
+
 def test_chunked_greedy_decoding_matches_generate():
     model = tiny_llama()
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))

@@ -193,6 +193,19 @@ def evaluate_passkey(
     """
     if n_samples < 1:
         raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be >= 1 (prompts per cell)")
+    # the whole grid is checked before the first cell runs (a bad depth used to fail after the cells before it)
+    if not lengths or not depths:
+        raise ValueError(f"evaluate_passkey: no cells (lengths={list(lengths)}, depths={list(depths)}); give at "
+                         f"least one of each (--lengths, --depths)")
+    bad_depths = [d for d in depths if not 0.0 <= d <= 1.0]
+    if bad_depths:
+        raise ValueError(f"depths: {bad_depths[0]:g} is not a fraction of the filler in [0, 1]; give --depths such as "
+                         f"0,0.25,0.5,0.75,1 (a depth of 25% is 0.25)")
+    bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0)))
+    short = [n for n in lengths if n < bare]
+    if short:
+        raise ValueError(f"lengths: {short[0]} tokens is shorter than the bare passkey template ({bare} tokens with "
+                         f"this tokenizer); give --lengths of at least {bare}")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
     generator = torch.Generator().manual_seed(seed)
