@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -257,6 +258,27 @@ def test_evaluate_passkey_with_fake_models(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
+    """--depths 0,25,50 (percent, as other needle tools take it) ran the depth-0 cells and then failed as
+    'depth=25.0 must be in [0, 1]', naming no option; a length below the template failed the same way late."""
+    tokenizer = ByteTokenizer()
+    calls = []
+
+    class Counting(EchoModel):
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            calls.append(input_ids.shape[1])
+            return super().generate(input_ids, max_new_tokens, **kwargs)
+
+    model = Counting(tokenizer)
+    with pytest.raises(ValueError, match=r"depths: 25 is not a fraction .*--depths .*25% is 0.25"):
+        evaluate_passkey(model, tokenizer, lengths=[300], depths=[0, 25, 50], n_samples=1)
+    with pytest.raises(ValueError, match=r"lengths: 100 tokens is shorter than the bare passkey template \(\d+ tokens"):
+        evaluate_passkey(model, tokenizer, lengths=[300, 100], depths=[0.5], n_samples=1)
+    with pytest.raises(ValueError, match=r"no cells.*--depths"):
+        evaluate_passkey(model, tokenizer, lengths=[300], depths=[], n_samples=1)
+    assert calls == []
+
+
 def test_chunked_greedy_decoding_matches_generate():
     model = tiny_llama()
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
@@ -303,6 +325,29 @@ def test_chunked_loss_refuses_transformers_mamba_but_full_forward_works():
     with torch.no_grad():
         reference = full_forward_loss(model, input_ids)
     torch.testing.assert_close(per_position_loss(model, input_ids, None), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_loss_refuses_transformers_jamba():
+    """transformers' Jamba scans a multi-token chunk from a zero SSM state even with a cache (its source: 'does not
+    take the past state, it is WRONG if the cache is not empty'): zoo eval length's default --chunk-size 2048 gave
+    silently wrong curves (logits 1.4e-3 off the one-forward ones on a tiny slow-decay model; the error grows with
+    how much the state carries). Now refused, with the CLI's fix."""
+    from transformers import JambaConfig, JambaForCausalLM
+
+    torch.manual_seed(0)
+    model = JambaForCausalLM(JambaConfig(
+        hidden_size=32, num_hidden_layers=2, vocab_size=64, intermediate_size=64, num_attention_heads=4,
+        num_key_value_heads=2, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+        expert_layer_offset=1, num_experts=2, mamba_d_state=8)).eval()
+    input_ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match=r"JambaForCausalLM cannot continue.*--chunk-size 24 or more"):
+        per_position_loss(model, input_ids, 8)
+    with pytest.raises(ValueError, match=r"JambaForCausalLM cannot continue.*--prefill-chunk-size"):
+        greedy_generate(model, input_ids[:1], max_new_tokens=2, prefill_chunk_size=8)
+    with torch.no_grad():
+        reference = full_forward_loss(model, input_ids)
+    for chunk_size in (None, 24):  # one forward per document
+        torch.testing.assert_close(per_position_loss(model, input_ids, chunk_size), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_passkey_prefill_refuses_transformers_mamba():
@@ -523,3 +568,56 @@ def test_decode_prefill_in_chunks_refuses_transformers_mamba():
     with pytest.raises(ValueError, match=r"chunk_size=16 below the prompt's 40 tokens.*MambaForCausalLM"):
         prefill(model, input_ids, chunk_size=16)
     assert prefill(model, input_ids, chunk_size=40).next_ids.shape == (1, 1)  # one chunk: the whole prompt
+
+
+def test_commands_keep_finished_cells_when_a_later_one_fails(checkpoint, tmp_path, monkeypatch):
+    """passkey, synthetic and length wrote their tables only after the whole grid: a sweep that ran out of memory
+    at its longest length (or a lost job) left nothing. Now every finished cell (length: run) is on disk."""
+    from zoo.eval import length, passkey, synthetic
+
+    real_generate = passkey.greedy_generate
+
+    def generate_until_256(model, input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 200:
+            raise RuntimeError("CUDA out of memory")
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate_until_256)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        passkey.main(["--model", str(checkpoint), "--lengths", "128,256", "--depths", "0,1", "--n-samples", "1",
+                      "--device", "cpu", "--out", str(tmp_path / "pk")])
+    saved = json.loads((tmp_path / "pk" / "passkey.json").read_text())
+    assert [(r["length"], r["depth"]) for r in saved["rows"]] == [(128, 0.0), (128, 1.0)]
+    assert len(saved["samples"]) == 2 and saved["model"] == str(checkpoint)
+    assert (tmp_path / "pk" / "passkey.csv").read_text().count("\n") == 3
+
+    real_predict = synthetic.predict_answers
+
+    def predict_until_64(model, input_ids, *args, **kwargs):
+        if input_ids.shape[1] >= 64:
+            raise RuntimeError("CUDA out of memory")
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict_until_64)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        synthetic.main(["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "4",
+                        "--vocab-size", "256", "--n-samples", "4", "--device", "cpu", "--out", str(tmp_path / "syn")])
+    saved = json.loads((tmp_path / "syn" / "mqar.json").read_text())
+    assert [(r["seq_len"], r["n_kv"]) for r in saved["rows"]] == [(32, 4)] and saved["complete"] is False
+    assert (tmp_path / "syn" / "mqar.csv").read_text().count("\n") == 2
+
+    real_length = length.evaluate_length
+    calls = []
+
+    def second_run_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_length(*args, **kwargs)
+
+    monkeypatch.setattr(length, "evaluate_length", second_run_fails)
+    torch.save(torch.randint(0, 64, (2, 40)), tmp_path / "docs.pt")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        length.main(["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens",
+                     str(tmp_path / "docs.pt"), "--max-len", "40", "--device", "cpu", "--out", str(tmp_path / "len")])
+    assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == ["a"]

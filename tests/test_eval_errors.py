@@ -205,6 +205,17 @@ def test_synthetic_impossible_task_arguments_fail_in_one_line(options, reason, t
     assert not (tmp_path / "syn").exists()
 
 
+@pytest.mark.parametrize("option", [["--power-a", "0.5"], ["--random-non-queries"]], ids=["power-a", "random"])
+def test_synthetic_refuses_mqar_arguments_for_another_task(option, tmp_path, capsys):
+    """--power-a / --random-non-queries with --task induction_heads were dropped silently (the rows were the
+    task's defaults, the table looked like the asked-for variant); zoo eval state already refused them."""
+    argv = ["eval", "synthetic", "--model", str(MAMBA_TINY), "--task", "induction_heads", "--seq-lens", "16",
+            "--vocab-size", "16", "--n-samples", "2", "--device", "cpu", "--out", str(tmp_path / "syn"), *option]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "--power-a and --random-non-queries are mqar arguments, not induction_heads's" in err
+    assert not (tmp_path / "syn").exists()
+
+
 # ---------------------------------------------------------------- 5. a missing model, a missing tokenizer
 
 

@@ -81,13 +81,14 @@ def cache_argument(model: nn.Module) -> str:
 
 
 def continues_chunks_exactly(model: nn.Module) -> bool:
-    """False for transformers' Mamba: on its PyTorch path a chunk of several tokens after a cache ignores the
-    carried SSM state (2.2e-3 logit error on a tiny model with transformers 5.24; only single-token steps
-    continue exactly), so per-position evaluation must run each document in one forward."""
+    """False for transformers' Mamba, FalconMamba and Jamba: their scan of a chunk of several tokens after a cache
+    ignores the carried SSM state (2.2e-3 logit error on a tiny Mamba with transformers 5.24; Jamba's source says
+    "does not take the past state, it is WRONG if the cache is not empty"; only single-token steps continue
+    exactly), so per-position evaluation must run each document in one forward."""
     if cache_argument(model) == "cache_params":
         return False
     config = getattr(model, "config", None)
-    return getattr(config, "model_type", None) not in ("mamba", "falcon_mamba")
+    return getattr(config, "model_type", None) not in ("mamba", "falcon_mamba", "jamba")
 
 
 @dataclass

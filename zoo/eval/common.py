@@ -175,7 +175,8 @@ def iter_chunk_logits(
 
     if not continues_chunks_exactly(model):
         raise ValueError(f"{type(model).__name__} cannot continue a multi-token chunk from its cache exactly; "
-                         f"evaluate it with chunk_size=None (one full forward per document)")
+                         f"evaluate it with one full forward per document: chunk_size=None, or a chunk_size of at "
+                         f"least the document length (--chunk-size {seq_len} or more)")
     arg = cache_argument(model)
     cache = None
     for start in range(0, seq_len, chunk_size):

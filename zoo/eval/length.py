@@ -354,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.save({"mean": result["mean"], "count": result["count"]}, out / f"{stem}-per-position.pt")
         summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path,
                                                                                              "mitigation": spec}
-    write_json(summary, out / "length.json")
+        write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
     png = plot_length_curves(results, out / "length.png", args.train_length)
     print(f"wrote {out}/*.csv, length.json and {png}")
     return summary

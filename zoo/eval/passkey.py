@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +166,7 @@ def evaluate_passkey(
     prefill_chunk_size: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    on_cell: Callable[[dict], None] | None = None,
 ) -> dict:
     """Passkey accuracy for every (context length, depth) cell.
 
@@ -180,6 +181,8 @@ def evaluate_passkey(
         prefill_chunk_size: prefill in chunks carrying the cache instead of calling ``generate``.
         device: where the prompt goes; default the model's device.
         progress: show a tqdm bar.
+        on_cell: called after every cell with the result so far (``rows``, ``samples``), e.g. to save it, so
+            a sweep stopped at its longest lengths (out of memory, a lost job) keeps the cells it finished.
 
     Returns:
         dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
@@ -190,6 +193,19 @@ def evaluate_passkey(
     """
     if n_samples < 1:
         raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be >= 1 (prompts per cell)")
+    # the whole grid is checked before the first cell runs (a bad depth used to fail after the cells before it)
+    if not lengths or not depths:
+        raise ValueError(f"evaluate_passkey: no cells (lengths={list(lengths)}, depths={list(depths)}); give at "
+                         f"least one of each (--lengths, --depths)")
+    bad_depths = [d for d in depths if not 0.0 <= d <= 1.0]
+    if bad_depths:
+        raise ValueError(f"depths: {bad_depths[0]:g} is not a fraction of the filler in [0, 1]; give --depths such as "
+                         f"0,0.25,0.5,0.75,1 (a depth of 25% is 0.25)")
+    bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0)))
+    short = [n for n in lengths if n < bare]
+    if short:
+        raise ValueError(f"lengths: {short[0]} tokens is shorter than the bare passkey template ({bare} tokens with "
+                         f"this tokenizer); give --lengths of at least {bare}")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
     generator = torch.Generator().manual_seed(seed)
@@ -222,6 +238,8 @@ def evaluate_passkey(
                             "correct": correct, "tokens": len(prompt.input_ids)})
         rows.append({"length": length, "depth": depth, "accuracy": right / n_samples,
                      "n_samples": n_samples, "tokens": tokens / n_samples})
+        if on_cell is not None:
+            on_cell({"rows": rows, "samples": samples})
     return {"rows": rows, "samples": samples}
 
 
@@ -299,16 +317,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokenizer = load_tokenizer(args.tokenizer, args.model)
     if args.mitigation is not None:
         apply_mitigation(model, args.mitigation)
+    out = Path(args.out)
+
+    def save(result: dict) -> None:  # after every cell: an interrupted sweep keeps what it finished
+        write_rows(result["rows"], out / "passkey.csv")
+        (out / "passkey.md").write_text(markdown_grid(result["rows"]) + "\n")
+        write_json(result | {"model": args.model}, out / "passkey.json")
+
     result = evaluate_passkey(model, tokenizer, parse_list(args.lengths), parse_list(args.depths, float),
                               args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
-                              progress=True)
+                              progress=True, on_cell=save)
     result["model"] = args.model
-    out = Path(args.out)
     print(f"## passkey: {args.model}\n")
     print(markdown_grid(result["rows"]))
-    write_rows(result["rows"], out / "passkey.csv")
-    (out / "passkey.md").write_text(markdown_grid(result["rows"]) + "\n")
-    write_json(result, out / "passkey.json")
+    save(result)
     png = plot_passkey_heatmap(result["rows"], out / "passkey.png", title=f"passkey: {Path(args.model).name}")
     print(f"\nwrote {out}/passkey.csv, passkey.md, passkey.json and {png}")
     return result

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -81,6 +81,7 @@ def evaluate_synthetic(
     seed: int = 0,
     chunk_size: int | None = None,
     progress: bool = False,
+    on_cell: Callable[[list[dict]], None] | None = None,
     **task_kwargs,
 ) -> dict:
     """Accuracy of ``model`` on ``task`` for every (sequence length, count) cell.
@@ -99,6 +100,8 @@ def evaluate_synthetic(
             results are reproducible and do not depend on ``batch_size``.
         chunk_size: evaluate rows in chunks of this many tokens, carrying the cache (for 2^20-token rows).
         progress: show a tqdm bar over the evaluated tokens (long rows take minutes), with each cell's accuracy.
+        on_cell: called after every cell with the ``rows`` so far, e.g. to save them, so a grid stopped at its
+            longest rows (out of memory, a lost job) keeps the cells it finished.
         task_kwargs: other task arguments (``vocab_size``, ``power_a``, ``random_non_queries``).
 
     Returns:
@@ -164,6 +167,8 @@ def evaluate_synthetic(
             row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
                        n_correct=correct, n_answers=total, n_samples=n_samples)
             rows.append(row)
+            if on_cell is not None:
+                on_cell(rows)
     if bar is not None:
         bar.close()
     if was_training:
@@ -228,14 +233,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
             task_kwargs["power_a"] = args.power_a
         if args.random_non_queries:
             task_kwargs["random_non_queries"] = True
+    elif args.power_a is not None or args.random_non_queries:  # they were dropped without a word
+        raise ValueError(f"--power-a and --random-non-queries are mqar arguments, not {args.task}'s; leave them out")
 
     model = load_model(args.model, args.device, args.dtype)
     if args.mitigation is not None:
         apply_mitigation(model, args.mitigation)
-    result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
-                                seed=args.seed, chunk_size=args.chunk_size, progress=True, **task_kwargs)
-    result["model"] = args.model
     out = Path(args.out or f"results/synthetic-{args.task}")
+
+    def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
+        write_rows(rows, out / f"{args.task}.csv")
+        write_json({"task": args.task, "task_kwargs": task_kwargs, "rows": rows, "model": args.model,
+                    "complete": False}, out / f"{args.task}.json")
+
+    result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
+                                seed=args.seed, chunk_size=args.chunk_size, progress=True, on_cell=save,
+                                **task_kwargs)
+    result["model"] = args.model
     print(f"## {args.task}: {args.model}\n")
     print(markdown_table(result["rows"]))
     print()
