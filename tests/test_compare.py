@@ -57,6 +57,13 @@ VARIANTS = {
     "gla-widths": fields_of("gla-tiny", mixers={"G": {"type": "gla", "n_heads": 4, "expand_k": 1.0,
                                                       "expand_v": 2.0, "gate_low_rank_dim": 8}}),
     "jamba-moe-hidden": fields_of("jamba-tiny", moe={"every": 2, "n_experts": 3, "top_k": 1, "hidden": 40}),
+    # widths that budget matching writes as expand = d_inner / d_model, whose product is a hair off 232
+    # (232 / 56 · 56 = 232.00000000000003): they were refused, so the matcher skipped them
+    "mamba-matched-width": fields_of("mamba-tiny", d_model=56, mixers={"M": {"type": "mamba", "expand": 232 / 56}}),
+    "mamba2-matched-width": fields_of("mamba2-tiny", d_model=56, mixers={"M": {"type": "mamba2", "head_dim": 8,
+                                                                               "d_state": 8, "expand": 232 / 56}}),
+    "gla-matched-width": fields_of("gla-tiny", d_model=56, mixers={"G": {"type": "gla", "n_heads": 4,
+                                                                         "expand_k": 232 / 56, "expand_v": 232 / 56}}),
     "default-heads-ffn": {"vocab_size": 97, "d_model": 128, "layers": "AMA",
                           "mixers": {"A": {"type": "attention"}, "M": {"type": "mamba"}}, "ffn": "swiglu"},
 }

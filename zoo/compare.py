@@ -93,6 +93,7 @@ import yaml
 from torch import nn
 
 from zoo.config import ZooConfig
+from zoo.layers import scaled_width
 from zoo.registry import get_mixer, is_dotted_path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
     """(params, weights touched per token, seq_flops(L), decode_flops(L)) of one mixer (formulas: module doc)."""
     kw = mixer_kwargs(kind, spec)
     if kind == "mamba":
-        di, N, K = int(kw["expand"] * d), kw["d_state"], kw["d_conv"]
+        di, N, K = scaled_width(d, kw["expand"]), kw["d_state"], kw["d_conv"]
         r = math.ceil(d / 16) if kw["dt_rank"] == "auto" else int(kw["dt_rank"])
         weights = d * 2 * di + di * K + di * (r + 2 * N) + r * di + di * d  # in, conv, x, dt, out
         params = weights + di + di * N + di  # dt_proj bias, A_log, D
@@ -144,7 +145,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
         params += (r + 2 * N) if kw["inner_norms"] else 0
         return params, weights, lambda L: 9.0 * di * N, lambda L: 9.0 * di * N
     if kind == "mamba2":
-        di, N, K, P, G = int(kw["expand"] * d), kw["d_state"], kw["d_conv"], kw["head_dim"], kw["n_groups"]
+        di, N, K, P, G = scaled_width(d, kw["expand"]), kw["d_state"], kw["d_conv"], kw["head_dim"], kw["n_groups"]
         H = di // P
         conv_dim = di + 2 * G * N
         in_width = 2 * di + 2 * G * N + H
@@ -165,7 +166,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
                 lambda L: 4.0 * min(L + 1, window or L + 1) * H * Dh)
     if kind == "gla":
         H = kw["n_heads"]
-        Kd, Vd, r = int(d * kw["expand_k"]), int(d * kw["expand_v"]), kw["gate_low_rank_dim"]
+        Kd, Vd, r = scaled_width(d, kw["expand_k"]), scaled_width(d, kw["expand_v"]), kw["gate_low_rank_dim"]
         hk, hv = Kd // H, Vd // H
         weights = 2 * d * Kd + 2 * d * Vd + d * r + r * Kd + Vd * d  # q, k, v, g, gk (low rank), o
         params = weights + Kd + hv  # gk bias, output norm

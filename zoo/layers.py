@@ -297,6 +297,15 @@ def _graph_capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def scaled_width(d_model: int, factor: float) -> int | None:
+    """factor·d_model (a mixer's expand) as an int where it is a whole number up to float rounding, else None. A
+    budget-matched expand = d_inner / d_model times d_model can land a hair off (232 / 56 · 56 = 232.00000000000003),
+    and such a width used to be refused, or truncated by int() to one less where it landed a hair below."""
+    width = factor * d_model
+    nearest = round(width)
+    return int(nearest) if abs(width - nearest) <= 1e-9 * max(1.0, abs(width)) else None
+
+
 class MoE(nn.Module):
     """Jamba-style mixture of SwiGLU experts with a top-k softmax router and a load-balancing aux loss.
 

@@ -9,7 +9,7 @@ from zoo_kernels import chunk_gla, gla_state_update
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, Linear, mark_no_weight_decay
+from zoo.layers import GatedRMSNorm, Linear, mark_no_weight_decay, scaled_width
 from zoo.registry import register_mixer
 
 
@@ -36,7 +36,7 @@ class GLA(nn.Module):
                         gate_low_rank_dim=gate_low_rank_dim, gate_logit_normalizer=gate_logit_normalizer,
                         chunk_size=chunk_size, scan_backend=scan_backend)
         self.d_model, self.layer_idx, self.n_heads = d_model, layer_idx, n_heads
-        self.key_dim, self.value_dim = int(d_model * expand_k), int(d_model * expand_v)
+        self.key_dim, self.value_dim = scaled_width(d_model, expand_k), scaled_width(d_model, expand_v)
         self.head_k, self.head_v = self.key_dim // n_heads, self.value_dim // n_heads
         self.gate_logit_normalizer, self.chunk_size, self.scan_backend = gate_logit_normalizer, chunk_size, scan_backend
 
@@ -61,9 +61,9 @@ class GLA(nn.Module):
         for name, e in (("expand_k", expand_k), ("expand_v", expand_v)):
             if isinstance(e, bool) or not isinstance(e, (int, float)):
                 raise ValueError(f"{name}: must be a number, got {e!r}")
-            width = d_model * e
-            if not (e > 0 and float(width).is_integer() and int(width) % n_heads == 0):
-                raise ValueError(f"{name}: d_model·{name} = {width} must be a positive integer divisible by "
+            width = scaled_width(d_model, e) if e > 0 else None
+            if width is None or width % n_heads:
+                raise ValueError(f"{name}: d_model·{name} = {d_model * e:g} must be a positive integer divisible by "
                                  f"n_heads = {n_heads}")
         if not (isinstance(gate_low_rank_dim, int) and gate_low_rank_dim >= 1):
             raise ValueError(f"gate_low_rank_dim: must be a positive integer, got {gate_low_rank_dim!r}")

@@ -22,6 +22,7 @@ from zoo.layers import (
     init_copy_,
     mark_no_weight_decay,
     rows_to_channels,
+    scaled_width,
 )
 from zoo.registry import register_mixer
 
@@ -65,7 +66,7 @@ class Mamba(nn.Module):
                         dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale, scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv = d_state, d_conv
-        self.d_inner = int(expand * d_model)
+        self.d_inner = scaled_width(d_model, expand)
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
         self.scan_backend = scan_backend
@@ -102,7 +103,7 @@ class Mamba(nn.Module):
             raise ValueError(f"dt_scale / dt_init_floor: must be >= 0 (dt_proj's init is uniform in ±dt_scale / "
                              f"sqrt(dt_rank), the initial dt clamped at dt_init_floor), got {dt_scale}, "
                              f"{dt_init_floor}")
-        if not (expand > 0 and float(expand * d_model).is_integer()):
+        if not (expand > 0 and scaled_width(d_model, expand) is not None):
             raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
         if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank >= 1):
             raise ValueError(f"dt_rank: must be 'auto' or a positive integer, got {dt_rank!r}")

@@ -11,7 +11,7 @@ from zoo_kernels.ssd import MIN_CHUNK_SIZE
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, Linear, decoded_constants, init_copy_, mark_no_weight_decay
+from zoo.layers import GatedRMSNorm, Linear, decoded_constants, init_copy_, mark_no_weight_decay, scaled_width
 from zoo.registry import register_mixer
 
 
@@ -46,7 +46,7 @@ class Mamba2(nn.Module):
                         chunk_size=chunk_size, norm_groups=norm_groups, scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv, self.head_dim, self.n_groups = d_state, d_conv, head_dim, n_groups
-        self.d_inner = int(expand * d_model)
+        self.d_inner = scaled_width(d_model, expand)
         self.n_heads = self.d_inner // head_dim
         self.chunk_size, self.scan_backend = chunk_size, scan_backend
         self.A_init_range, self.dt_min, self.dt_max, self.dt_init_floor = A_init_range, dt_min, dt_max, dt_init_floor
@@ -69,12 +69,12 @@ class Mamba2(nn.Module):
         backends.check_name("ssd", scan_backend)
         if isinstance(expand, bool) or not isinstance(expand, (int, float)):
             raise ValueError(f"expand: must be a number, got {expand!r}")
-        d_inner = expand * d_model
+        d_inner = scaled_width(d_model, expand) if expand > 0 else None
         for name, value in (("d_state", d_state), ("d_conv", d_conv), ("head_dim", head_dim),
                             ("n_groups", n_groups), ("chunk_size", chunk_size)):
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-        if not (expand > 0 and float(d_inner).is_integer()):
+        if d_inner is None:
             raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
         if int(d_inner) % head_dim:
             raise ValueError(f"head_dim: {head_dim} does not divide expand·d_model = {int(d_inner)}; "
