@@ -64,26 +64,34 @@ def octave_bins(bins: list[dict], train_length: int) -> list[dict]:
 
 
 def verdicts(curves: dict[str, list[dict]], train_length: int, factor: float, margin: float) -> dict:
-    """rises (unmitigated collapse), flat mitigations (judged against the unmitigated reference), passed."""
+    """rises (unmitigated collapse), flat mitigations (judged against the unmitigated reference), passed.
+
+    A bin past L whose loss is not finite (it overflowed) is the worst there is: the unmitigated curve rises, a
+    mitigation is not flat. Such bins used to be dropped, so a blow-up could read as no collapse, or as flat."""
+    def loss(b):
+        return b["mean_loss"] if math.isfinite(b["mean_loss"]) else math.inf
+
     def mean(bins, lo, hi):  # token-weighted mean loss of the bins starting in [lo, hi)
         rows = [(b["mean_loss"], b.get("n_tokens", b["end"] - b["start"])) for b in bins
                 if lo <= b["start"] < hi and math.isfinite(b["mean_loss"])]
         return sum(x * n for x, n in rows) / sum(n for _, n in rows) if rows else None
 
     def after(bins):
-        return [b for b in bins if train_length <= b["start"] < factor * train_length and math.isfinite(b["mean_loss"])]
+        return [b for b in bins if train_length <= b["start"] < factor * train_length]
 
     none = curves["none"]
     reference = mean(none, train_length, 2 * train_length)
     inside = mean(none, train_length / 2, train_length)
-    if reference is None or not after(none):
+    if not after(none) or (reference is None and all(math.isfinite(loss(b)) for b in after(none))):
         return {"rises": None, "reference": None, "inside": inside, "worst": None, "worst_at": None, "flat": {},
                 "passed": False}
-    worst = max(after(none), key=lambda b: b["mean_loss"])
-    flat = {spec: bool(after(bins)) and max(b["mean_loss"] for b in after(bins)) <= reference + margin
+    worst = max(after(none), key=loss)
+    # (with [L, 2L) overflowed everywhere, the mitigations are judged against the last positions inside L)
+    bar = (reference if reference is not None else inside if inside is not None else -math.inf) + margin
+    flat = {spec: bool(after(bins)) and max(loss(b) for b in after(bins)) <= bar
             for spec, bins in curves.items() if spec != "none"}
-    rises = worst["mean_loss"] > reference + margin
-    return {"rises": rises, "reference": reference, "inside": inside, "worst": worst["mean_loss"],
+    rises = loss(worst) > bar
+    return {"rises": rises, "reference": reference, "inside": inside, "worst": loss(worst),
             "worst_at": worst["start"],
             "flat": flat, "passed": rises and any(flat.values())}
 

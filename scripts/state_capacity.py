@@ -192,15 +192,18 @@ def judge_collapse(bins: list[dict], train_length: int, factor: float, margin: f
     """Collapse when a bin in [L, factor·L) is worse than the reference by > margin nats. The reference is the
     mean loss over [L, 2L), the first positions past the training length: [L/2, L) is lower for every model,
     collapsing or not (in-distribution positions), so it would call a model that stays flat past L collapsed
-    (scripts/collapse.py judges the same way)."""
+    (scripts/collapse.py judges the same way). A bin past L whose loss is not finite (it overflowed) is collapse;
+    such bins used to be dropped, so a run that blew up could be judged free of collapse."""
     def mean(lo: float, hi: float) -> float | None:  # token-weighted mean loss of the bins starting in [lo, hi)
         rows = [(b["mean_loss"], b.get("n_tokens", b["end"] - b["start"])) for b in bins
                 if lo <= b["start"] < hi and math.isfinite(b["mean_loss"])]
         return sum(x * n for x, n in rows) / sum(n for _, n in rows) if rows else None
 
     reference = mean(train_length, 2 * train_length)
-    after = [b for b in bins if b["start"] >= train_length and b["start"] < factor * train_length
-             and math.isfinite(b["mean_loss"])]
+    after = [b for b in bins if train_length <= b["start"] < factor * train_length]
+    blown = [b for b in after if not math.isfinite(b["mean_loss"])]
+    if blown:  # the loss overflowed (NaN / inf) past L: collapse, whatever the reference
+        return {"collapsed": True, "reference": reference, "worst": math.inf, "worst_at": blown[0]["start"]}
     if reference is None or not after:
         return {"collapsed": None, "reference": None, "worst": None, "worst_at": None}
     worst = max(after, key=lambda b: b["mean_loss"])

@@ -64,6 +64,35 @@ def test_collapse_report_bins_and_verdicts():
     assert v["rises"] and v["flat"] == {"window:r=64": False} and not v["passed"]
 
 
+
+def test_a_loss_that_overflows_past_the_training_length_is_collapse():
+    """Bins whose loss is NaN or inf (a state that overflowed) were dropped: a run that blew up past L read as "no
+    collapse", and a mitigation that blew up as flat. Now they are the worst there is, in both scripts."""
+    import math
+
+    collapse = load_script("scripts/collapse.py")
+    capacity = load_script("scripts/state_capacity.py")
+    L = 64
+    edges = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+    def curve(loss_at):
+        return [{"start": a, "end": b, "mean_loss": loss_at(a), "n_tokens": b - a} for a, b in zip(edges, edges[1:])]
+
+    for bad in (math.nan, math.inf):
+        blown = curve(lambda s, bad=bad: 2.0 if s < 256 else bad)
+        judged = capacity.judge_collapse(blown, L, 8, 0.1)
+        assert judged["collapsed"] is True and judged["worst"] == math.inf and judged["worst_at"] == 256
+        v = collapse.verdicts({"none": blown, "window:r=64": curve(lambda s: 2.0), "forget:c_dt=0.5": blown},
+                              L, 8, 0.1)
+        assert v["rises"] and v["worst_at"] == 256
+        assert v["flat"] == {"window:r=64": True, "forget:c_dt=0.5": False} and v["passed"]
+        # overflowed from L on: no finite reference, the mitigations are judged against [L/2, L)
+        early = curve(lambda s, bad=bad: 2.0 if s < 64 else bad)
+        assert capacity.judge_collapse(early, L, 8, 0.1)["collapsed"] is True
+        v = collapse.verdicts({"none": early, "window:r=64": curve(lambda s: 2.0)}, L, 8, 0.1)
+        assert v["rises"] and v["reference"] is None and v["flat"] == {"window:r=64": True}
+        assert collapse.verdict_word(v) == "PASS"
+
 @pytest.mark.parametrize("bad", ["eval.mitigations=[forget:c_alpha=2]", "eval.nope=1",
                                  "eval.mitigations=[norm-calibrated:factr=2]",
                                  "eval.mitigations=[norm-calibrated:factor=x]"])
