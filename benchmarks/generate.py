@@ -148,6 +148,8 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
                 del decoder
             except Exception as e:  # a kernel that cannot be captured: keep the eager figure, say why
                 row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+        if row.get("graph_ms") is None and row.get("eager_ms") is None:  # --graph only, and no graph: eagerly
+            row["eager_ms"] = time_decode(EagerDecoder(model, prefill(model, prompt)), n_tokens, warmup)
         options = {"eager": row.get("eager_ms"), "graph": row.get("graph_ms")}
         mode = min((k for k, v in options.items() if v is not None), key=lambda k: options[k])
         row.update(mode=mode, ms=options[mode], tokens_per_s=batch / options[mode] * 1e3)
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--graph", choices=["auto", "off", "only"], default="auto",
                    help="auto: also time CUDA-graph decoding where the cache allows it; only: skip the eager timing "
-                   "of models that decode in a graph (a third of the run's time)")
+                   "of models that decode in a graph (a third of the run's time; a model whose graph capture fails "
+                   "is timed eagerly)")
     p.add_argument("--fla-autotune-configs", type=int, default=2,
                    help="let each fla autotuner (GLA's prefill, where fla-core is importable) try only its first N "
                    "configs (0: all). A full autotune on a fresh machine outlasted two device calls; the decode step "

@@ -138,3 +138,14 @@ def test_generate_floor_counts_a_hybrids_recurrent_states_read_and_written(monke
         row = script.measure(model, name.split("-")[0], batch=2, prompt_len=8, n_tokens=2, warmup=1, graph="off")
         assert row["mode"] == "eager" and row["floor_ms"] == params + row["cache_mib"] * 2**20 + states, name
         assert (states > 0) == (name != "transformerpp-tiny")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")
+def test_generate_graph_only_times_eagerly_where_the_graph_fails(monkeypatch):
+    """--graph only skips the eager timing of graphable models; where the capture then fails (caught, kept as
+    graph_error) the model had no timing at all and min() of nothing ended the whole run in a ValueError, every
+    row measured so far unwritten. It is timed eagerly instead, the capture's error kept."""
+    script = _generate_on_cpu(monkeypatch)  # GraphDecoder refuses a model that is not on CUDA
+    row = script.measure(_tiny("mamba-tiny"), "mamba", batch=2, prompt_len=8, n_tokens=2, warmup=1, graph="only")
+    assert row["graphable"] and "CUDA" in row["graph_error"]
+    assert row["mode"] == "eager" and row["ms"] == row["eager_ms"] > 0 and row["tokens_per_s"] > 0
