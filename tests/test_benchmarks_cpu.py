@@ -149,3 +149,19 @@ def test_generate_graph_only_times_eagerly_where_the_graph_fails(monkeypatch):
     row = script.measure(_tiny("mamba-tiny"), "mamba", batch=2, prompt_len=8, n_tokens=2, warmup=1, graph="only")
     assert row["graphable"] and "CUDA" in row["graph_error"]
     assert row["mode"] == "eager" and row["ms"] == row["eager_ms"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
+    """"both at floors" divides Transformer++'s floor by the model's: both from one run. The newest Transformer++
+    row was taken instead, so re-measuring Transformer++ alone (on another card: another bandwidth; or eagerly: a
+    longer KV cache) changed every model's bound against a floor its row was never measured beside."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, card, ms, floor, vs):
+        return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0), row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
+            row("generate/transformerpp/B64", "H100", 3.0, 1.8, 1.0)]
+    (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
+    assert mamba[7] == "1.200" and mamba[10] == "12.00x", mamba
