@@ -14,7 +14,8 @@ Rows (benchmarks/results.jsonl), one per (model, batch), named generate/<model>/
 the prompt is not 2048 tokens): ours_ms = ms per decode step of the whole batch,
 tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the decode,
 the weights included), cache_mib (bytes held by the cache after the decode), floor_ms = (weight bytes + cache
-bytes read, and written for recurrent states) / the copy bandwidth measured at start-up
+bytes read, and written for recurrent states: every recurrent layer's, a hybrid's included; decode_traffic) / the
+copy bandwidth measured at start-up
 (benchmarks/ceilings.py). Baselines measured in the same run: zoo mamba ->
 transformers' Mamba, zoo transformerpp -> transformers' Llama, zoo mamba2 / gla / jamba -> zoo transformerpp
 (the 5x target at batch 64); ratio = baseline_ms / ours_ms (> 1: ours decodes faster). Every zoo row also has
@@ -87,6 +88,18 @@ def build(name: str, dtype: torch.dtype, device: torch.device, state_dtype: str 
     return model.to(dtype).eval()
 
 
+def decode_traffic(cache, name: str) -> int:
+    """Cache bytes one decode step moves through HBM: the recurrent layers' conv and SSM / GLA states read and
+    written (a hybrid's Mamba layers too, beside its attention layers), keys and values read (the new token's write is
+    one slot in thousands); transformers' Mamba cache, all states, read and written."""
+    if name == "hf-mamba":
+        return 2 * cache_nbytes(cache)
+    nbytes = cache_nbytes(cache)
+    if isinstance(cache, ZooCache):  # the recurrent layers' states once more: written back every step
+        nbytes += cache_nbytes([layer.tensors() for layer in cache.layers if isinstance(layer, RecurrentLayer)])
+    return nbytes
+
+
 def time_decode(decoder: EagerDecoder, n_tokens: int, warmup: int) -> float:
     """Milliseconds per decode step (CUDA events around n_tokens steps, after warmup steps)."""
     decoder.decode(warmup)
@@ -117,8 +130,6 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
         end.synchronize()
         row["prefill_ms"] = start.elapsed_time(end)
         row["graphable"] = graphable(state.cache)
-        recurrent = isinstance(state.cache, ZooCache) and all(isinstance(layer, RecurrentLayer)
-                                                             for layer in state.cache.layers)
         torch.cuda.reset_peak_memory_stats()
         if graph != "only" or not row["graphable"]:
             row["eager_ms"] = time_decode(EagerDecoder(model, state), n_tokens, warmup)
@@ -128,6 +139,7 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
         row["decode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         cache_bytes = cache_nbytes(state.cache)
         row["cache_mib"] = cache_bytes / 2**20
+        traffic = decode_traffic(state.cache, name)
         del state
         if graph != "off" and row["graphable"]:
             try:  # KV layers made static with room for the timed steps (prompt + warmup + new tokens in all)
@@ -136,10 +148,11 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
                 del decoder
             except Exception as e:  # a kernel that cannot be captured: keep the eager figure, say why
                 row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+        if row.get("graph_ms") is None and row.get("eager_ms") is None:  # --graph only, and no graph: eagerly
+            row["eager_ms"] = time_decode(EagerDecoder(model, prefill(model, prompt)), n_tokens, warmup)
         options = {"eager": row.get("eager_ms"), "graph": row.get("graph_ms")}
         mode = min((k for k, v in options.items() if v is not None), key=lambda k: options[k])
         row.update(mode=mode, ms=options[mode], tokens_per_s=batch / options[mode] * 1e3)
-        traffic = cache_bytes * (2 if recurrent or name == "hf-mamba" else 1)  # states: read + write
         row["floor_ms"] = floor_ms(param_bytes + traffic)
     except torch.OutOfMemoryError:
         row.update(ms=None, tokens_per_s=None, note="out of memory")
@@ -211,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--graph", choices=["auto", "off", "only"], default="auto",
                    help="auto: also time CUDA-graph decoding where the cache allows it; only: skip the eager timing "
-                   "of models that decode in a graph (a third of the run's time)")
+                   "of models that decode in a graph (a third of the run's time; a model whose graph capture fails "
+                   "is timed eagerly)")
     p.add_argument("--fla-autotune-configs", type=int, default=2,
                    help="let each fla autotuner (GLA's prefill, where fla-core is importable) try only its first N "
                    "configs (0: all). A full autotune on a fresh machine outlasted two device calls; the decode step "

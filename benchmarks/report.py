@@ -85,9 +85,11 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
     """Issue 9's decode target against what the bytes allow: for each zoo recurrent or hybrid model's newest
     generate row at BATCH (and each variant, e.g. /state-model), its speed-up over Transformer++ as measured in
     the same run, and the speed-up it would show decoding at its floor (weights and state bytes over the copy
-    bandwidth) against that run's Transformer++, and against Transformer++ at its floor too. A bound below TARGET
+    bandwidth) against that run's Transformer++, and against that run's Transformer++ at its floor too (a later
+    run's Transformer++ floor may come from another card's bandwidth or another KV length). A bound below TARGET
     means no kernel can meet the target for that model at that size and prompt: the state is too many bytes."""
     latest = {r["name"]: r for r in newest(rows)}
+    of_run = {(r["name"], _run(r)): r for r in rows}  # a row's Transformer++: the one measured beside it
     out = []
     for name, r in latest.items():
         parts = name.split("/")
@@ -96,7 +98,7 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
         model, variant = parts[1], "/".join(parts[3:])
         if not re.fullmatch(r"(P\d+/?)?(state-model)?", variant):  # the prompt and state dtype variants only
             continue
-        tpp = latest.get("/".join(["generate", "transformerpp", f"B{batch}", *parts[3:]]).rstrip("/"))
+        tpp = of_run.get(("/".join(["generate", "transformerpp", f"B{batch}", *parts[3:]]).rstrip("/"), _run(r)))
         if model == "transformerpp" or model.startswith("hf-") or tpp is None:
             continue
         ms, floor, vs = r.get("ours_ms"), r.get("floor_ms"), r.get("vs_transformerpp")

@@ -79,3 +79,89 @@ def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     assert mamba[11] == "yes |" and mamba2[9] == "4.00x" and mamba2[11] == "no |"
     assert gla[1] == "8192" and gla[9] == "25.00x" and gla[10] == "20.00x"
     assert report.decode_bounds([row("generate/mamba/B64", 0.5, 0.1, 4.0)]) == ""  # no Transformer++: nothing
+
+
+class _HostEvent:
+    """torch.cuda.Event's timing interface on the host clock (generate.measure on the CPU)."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = 0.0
+
+    def record(self):
+        import time
+
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def _generate_on_cpu(monkeypatch):
+    """benchmarks/generate.py with its CUDA calls made host no-ops and floor_ms returning the bytes it is given."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    for attr, fn in {"synchronize": lambda *a: None, "empty_cache": lambda: None, "Event": _HostEvent,
+                     "reset_peak_memory_stats": lambda *a: None, "max_memory_allocated": lambda *a: 0}.items():
+        monkeypatch.setattr(torch.cuda, attr, fn)
+    monkeypatch.setattr(script, "floor_ms", lambda nbytes, flops=0.0: float(nbytes))
+    return script
+
+
+def _tiny(name: str):
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+
+    torch.manual_seed(0)
+    config = zoo.ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}.yaml")
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")
+def test_generate_floor_counts_a_hybrids_recurrent_states_read_and_written(monkeypatch):
+    """A decode step reads every layer's cache and writes every recurrent layer's states back. The floor counted
+    the writes only when every layer was recurrent, so a hybrid's (Jamba-style) Mamba states were read but never
+    written: its floor, and the 5x table's bounds derived from it, came out too fast."""
+    from zoo.cache import RecurrentLayer
+    from zoo.decode import prefill
+
+    script = _generate_on_cpu(monkeypatch)
+    for name in ("jamba-tiny", "mamba-tiny", "transformerpp-tiny"):
+        model = _tiny(name)
+        prompt = torch.randint(0, 512, (2, 8))
+        cache = prefill(model, prompt).cache
+        states = sum(t.nbytes for layer in cache.layers if isinstance(layer, RecurrentLayer) for t in layer.tensors())
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        row = script.measure(model, name.split("-")[0], batch=2, prompt_len=8, n_tokens=2, warmup=1, graph="off")
+        assert row["mode"] == "eager" and row["floor_ms"] == params + row["cache_mib"] * 2**20 + states, name
+        assert (states > 0) == (name != "transformerpp-tiny")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")
+def test_generate_graph_only_times_eagerly_where_the_graph_fails(monkeypatch):
+    """--graph only skips the eager timing of graphable models; where the capture then fails (caught, kept as
+    graph_error) the model had no timing at all and min() of nothing ended the whole run in a ValueError, every
+    row measured so far unwritten. It is timed eagerly instead, the capture's error kept."""
+    script = _generate_on_cpu(monkeypatch)  # GraphDecoder refuses a model that is not on CUDA
+    row = script.measure(_tiny("mamba-tiny"), "mamba", batch=2, prompt_len=8, n_tokens=2, warmup=1, graph="only")
+    assert row["graphable"] and "CUDA" in row["graph_error"]
+    assert row["mode"] == "eager" and row["ms"] == row["eager_ms"] > 0 and row["tokens_per_s"] > 0
+
+
+def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
+    """"both at floors" divides Transformer++'s floor by the model's: both from one run. The newest Transformer++
+    row was taken instead, so re-measuring Transformer++ alone (on another card: another bandwidth; or eagerly: a
+    longer KV cache) changed every model's bound against a floor its row was never measured beside."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, card, ms, floor, vs):
+        return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0), row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
+            row("generate/transformerpp/B64", "H100", 3.0, 1.8, 1.0)]
+    (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
+    assert mamba[7] == "1.200" and mamba[10] == "12.00x", mamba
