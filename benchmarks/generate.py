@@ -12,8 +12,10 @@ recorded and `ours_ms` takes the faster (`mode` says which). transformers' basel
 
 Rows (benchmarks/results.jsonl), one per (model, batch), named generate/<model>/B<batch> (and /P<prompt> when
 the prompt is not 2048 tokens): ours_ms = ms per decode step of the whole batch,
-tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the decode,
-the weights included), cache_mib (bytes held by the cache after the decode), floor_ms = (weight bytes + cache
+tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the eager
+decode, the weights included; with --graph only, over one eager step), graph_peak_gib (the same over the CUDA-graph
+decode: its static caches and the graph's memory pool included), cache_mib (bytes held by the cache after the
+decode), floor_ms = (weight bytes + cache
 bytes read, and written for recurrent states: every recurrent layer's, a hybrid's included; decode_traffic) / the
 copy bandwidth measured at start-up
 (benchmarks/ceilings.py). Baselines measured in the same run: zoo mamba ->
@@ -144,7 +146,9 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
         if graph != "off" and row["graphable"]:
             try:  # KV layers made static with room for the timed steps (prompt + warmup + new tokens in all)
                 decoder = GraphDecoder(model, prefill(model, prompt), max_new_tokens=warmup + n_tokens)
+                torch.cuda.reset_peak_memory_stats()  # from here: the static caches and the graph's pool, held
                 row["graph_ms"] = time_decode(decoder, n_tokens, warmup)
+                row["graph_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 del decoder
             except Exception as e:  # a kernel that cannot be captured: keep the eager figure, say why
                 row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -183,6 +187,7 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
                "tokens_per_s": round(r["tokens_per_s"], 1) if ok else None,
                "prefill_ms": round(r["prefill_ms"], 2) if r.get("prefill_ms") else None,
                "decode_peak_gib": round(r["decode_peak_gib"], 3) if r.get("decode_peak_gib") else None,
+               "graph_peak_gib": round(r["graph_peak_gib"], 3) if r.get("graph_peak_gib") else None,
                "cache_mib": round(r["cache_mib"], 2) if r.get("cache_mib") else None,
                "floor_ms": round(r["floor_ms"], 4) if r.get("floor_ms") else None,
                "baseline": LABEL[base_name] if base and base.get("ms") else None,
@@ -200,8 +205,8 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
 
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| model | batch | mode | tokens/s | ms/step | eager ms | graph ms | floor ms | prefill ms | peak GiB | "
-             "cache MiB | baseline | ratio | vs Transformer++ |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "graph peak GiB | cache MiB | baseline | ratio | vs Transformer++ |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 
     def f(value, spec: str) -> str:
         return "—" if value is None else format(value, spec)
@@ -210,6 +215,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['model']} | {r['batch']} | {r.get('mode') or '—'} | {f(r['tokens_per_s'], ',.0f')} | "
                      f"{f(r['ours_ms'], '.2f')} | {f(r['eager_ms'], '.2f')} | {f(r['graph_ms'], '.2f')} | "
                      f"{f(r['floor_ms'], '.3f')} | {f(r['prefill_ms'], '.0f')} | {f(r['decode_peak_gib'], '.2f')} | "
+                     f"{f(r.get('graph_peak_gib'), '.2f')} | "
                      f"{f(r['cache_mib'], '.1f')} | {r['baseline'] or '—'} | {f(r['ratio'], '.2f')} | "
                      f"{f(r.get('vs_transformerpp'), '.2f')} |")
     return "\n".join(lines)

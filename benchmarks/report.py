@@ -32,7 +32,8 @@ EXTRA = {
                          ("loss first", "loss_first"), ("loss last", "loss_last"),
                          ("vs transformerpp", "vs_transformerpp")],
     "generate": [("mode", "mode"), ("tokens/s", "tokens_per_s"), ("prefill ms", "prefill_ms"),
-                 ("decode peak GiB", "decode_peak_gib"), ("cache MiB", "cache_mib"),
+                 ("decode peak GiB", "decode_peak_gib"), ("graph peak GiB", "graph_peak_gib"),
+                 ("cache MiB", "cache_mib"),
                  ("vs transformerpp", "vs_transformerpp")],
 }
 

@@ -151,6 +151,19 @@ def test_generate_graph_only_times_eagerly_where_the_graph_fails(monkeypatch):
     assert row["mode"] == "eager" and row["ms"] == row["eager_ms"] > 0 and row["tokens_per_s"] > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")
+def test_generate_reports_the_graph_decodes_own_peak_memory(monkeypatch):
+    """decode_peak_gib is read over the eager decode, before the CUDA-graph decoder exists, so a row whose figure is
+    the graph's left out its static caches and memory pool. The graph decode's peak is its own field now."""
+    script = _generate_on_cpu(monkeypatch)
+    peaks = iter([3 * 2**30, 5 * 2**30])  # the eager decode's, then the graph decode's
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: next(peaks))
+    monkeypatch.setattr(script, "GraphDecoder", lambda model, state, max_new_tokens: script.EagerDecoder(model, state))
+    row = script.measure(_tiny("mamba-tiny"), "mamba", batch=2, prompt_len=8, n_tokens=2, warmup=1, graph="auto")
+    assert row["decode_peak_gib"] == 3 and row["graph_peak_gib"] == 5 and row["graph_ms"] > 0
+    rows = script.make_rows({("mamba", 2): row}, "cpu", "test", prompt_len=8, n_tokens=2)
+    assert rows[0]["graph_peak_gib"] == 5 and "| 5.00 |" in script.markdown_table(rows)
+
 def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
     """"both at floors" divides Transformer++'s floor by the model's: both from one run. The newest Transformer++
     row was taken instead, so re-measuring Transformer++ alone (on another card: another bandwidth; or eagerly: a
