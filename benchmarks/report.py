@@ -70,7 +70,8 @@ def render(rows: list[dict]) -> str:
         for card, date, command in runs:
             out.append(f"- {card}, {date}: `{command}`")
         out.append("")
-        extra = EXTRA.get(group, [])
+        extra = [(label, key) for label, key in EXTRA.get(group, [])
+                 if any(r.get(key) is not None for r in items)]  # a field no row has yet: no column of dashes
         out.append("| name | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | "
                    + "".join(f"{label} | " for label, _ in extra) + "note |")
         out.append("| --- " * (7 + len(extra)) + "|")
