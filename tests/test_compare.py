@@ -434,18 +434,26 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "gla: throughput and memory" in err and "training at" not in err and "MQAR" not in err
 
 
-def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch):
+def _interrupt_model(monkeypatch, n: int) -> list[str]:
+    """Ctrl-C as the comparison starts its n-th model; returns the names of the models it started."""
     import zoo.compare as compare
 
     real, calls = compare.run_model, []
 
-    def stop_at_third(cfg, entry, *args, **kwargs):
+    def stop(cfg, entry, *args, **kwargs):
         calls.append(entry.name)
-        if len(calls) == 3:
+        if len(calls) == n:
             raise KeyboardInterrupt
         return real(cfg, entry, *args, **kwargs)
 
-    monkeypatch.setattr(compare, "run_model", stop_at_third)
+    monkeypatch.setattr(compare, "run_model", stop)
+    return calls
+
+
+def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch):
+    import zoo.compare as compare
+
+    calls = _interrupt_model(monkeypatch, 3)
     out = tmp_path / "cut"
     argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=2",
             "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false", "--eval.batches=1",
@@ -460,17 +468,7 @@ def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch)
 def test_interrupted_forced_run_says_to_continue_without_force(tmp_path, monkeypatch, capsys):
     """After Ctrl-C in a run started with --force, 'rerun the same command to continue' led to --force again, which
     deletes each model's results before redoing it: the models finished before the interruption were retrained."""
-    import zoo.compare as compare
-
-    real, calls = compare.run_model, []
-
-    def stop_at_second(cfg, entry, *args, **kwargs):
-        calls.append(entry.name)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(cfg, entry, *args, **kwargs)
-
-    monkeypatch.setattr(compare, "run_model", stop_at_second)
+    _interrupt_model(monkeypatch, 2)
     out = tmp_path / "forced"
     argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
             "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
