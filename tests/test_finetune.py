@@ -398,3 +398,34 @@ def test_state_passing_refuses_a_kv_cache():
     model = _tiny_recurrent("attention")
     with pytest.raises(ValueError, match="state_passing"):
         _state_passing_step(model, induction_heads_batch(2, 16, 16), 1.0, ModelInputs.of(model), None)
+
+
+def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch):
+    # a model given as a hub id was tokenized with the byte tokenizer (only a local folder's tokenizer was looked
+    # for): a checkpoint with its own vocabulary trained on byte ids, without a word
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>", "abc", "cba", "hello", "olleh", "zoo", "ooz", "reversed:"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hub = tmp_path / "hub-snapshot"  # what `org/tiny` resolves to
+    tiny("mamba").save_pretrained(hub)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(hub)
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        real = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(
+            lambda c, name, *a, real=real, **k: real(c, str(hub) if str(name) == "org/tiny" else name, *a, **k)))
+    rows = [{"prompt": f"{w} reversed:", "completion": f" {w[::-1]}"} for w in ["abc", "hello", "zoo"] * 3]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.chdir(tmp_path)
+    config = {"model": "org/tiny", "output_dir": str(tmp_path / "run"),
+              "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.3},
+              "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False},
+              "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    result = main([str(tmp_path / "ft.yaml")])
+    saved = json.loads((tmp_path / "run" / "merged" / "tokenizer_config.json").read_text())
+    assert saved.get("tokenizer_class") != "ByteTokenizer"
+    assert result["before"]["n_targets"] == 3 * 2  # one word and eos per held-out completion, not its bytes

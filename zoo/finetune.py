@@ -868,7 +868,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.data.source is not None or cfg.tokenizer is not None:
         from zoo.data.text import load_tokenizer
 
-        has_own = Path(base_path).is_dir() and (Path(base_path) / "tokenizer_config.json").is_file()
+        # a hub id is the checkpoint's tokenizer too (it fell back to 'byte': a 50K-token model trained on byte ids)
+        has_own = not Path(base_path).is_dir() or (Path(base_path) / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(cfg.tokenizer or (str(base_path) if has_own else "byte"))
     pad_id = 0
     if tokenizer is not None:
