@@ -186,3 +186,14 @@ def test_an_fp32_donor_is_not_rounded_to_a_bf16_base(base, donor):
     with warnings.catch_warnings():  # a donor no wider than the base changes nothing, and says nothing
         warnings.simplefilter("error")
         assert graft(base, "AMAM", copy.deepcopy(donor).to(torch.bfloat16)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"type": "mamba2", "d_stat": 16}, r"^mixers\.N\.d_stat: unknown option for mixer 'mamba2'; did you mean"),
+    ({"type": "mamba2", "head_dim": 48}, r"^mixers\.N \(mamba2\): head_dim: 48 does not divide"),
+    ({"type": "mambaa"}, r"^mixers\.N\.type: unknown mixer 'mambaa'"),
+], ids=["option", "value", "type"])
+def test_a_bad_fresh_mixer_is_named_by_its_letter(base, spec, message):
+    # the error named layers[1], a field of the hybrid's config that the user of --mixers never wrote
+    with pytest.raises(ValueError, match=message):
+        graft(base, "ANAN", mixers={"N": spec})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,13 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
         spec["ffn"] = base_specs[i]["ffn"]
         specs.append(spec)
     fields = {k: v for k, v in base.config.to_dict().items() if k not in _FILE_FIELDS}
-    config = ZooConfig(**(fields | {"layers": specs, "mixers": {}}))
+    try:
+        config = ZooConfig(**(fields | {"layers": specs, "mixers": {}}))
+    except ValueError as e:  # a fresh spec's mistake was named as layers[i], a field the user never wrote
+        found = re.match(r"layers\[(\d+)\]", str(e))
+        if found is None or letters[int(found.group(1))] not in fresh:
+            raise
+        raise ValueError(f"mixers.{letters[int(found.group(1))]}{str(e)[found.end():]}") from None
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
