@@ -429,3 +429,14 @@ def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch
     saved = json.loads((tmp_path / "run" / "merged" / "tokenizer_config.json").read_text())
     assert saved.get("tokenizer_class") != "ByteTokenizer"
     assert result["before"]["n_targets"] == 3 * 2  # one word and eos per held-out completion, not its bytes
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
+    # a line that is not JSON raised json's "Expecting ',' delimiter: line 1 column 11", naming neither the file nor
+    # its line (line 1 is the row's own text)
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a"}\n\n{"text": "b" "c"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: not a JSON object \(Expecting ',' delimiter at column 14\)"):
+        read_jsonl(str(data))

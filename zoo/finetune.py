@@ -565,7 +565,11 @@ def read_jsonl(source: str | list[str]) -> list[dict[str, Any]]:
         for lineno, line in enumerate(Path(file).read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:  # it said "line 1 column 9", the line of the row's own text
+                raise ValueError(f"{file}:{lineno}: not a JSON object ({e.msg} at column {e.colno}); each line of "
+                                 f"a jsonl file is one row such as {{\"text\": ...}}") from None
             if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
                 raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
                                  f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
