@@ -440,3 +440,19 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
     data.write_text('{"text": "a"}\n\n{"text": "b" "c"}\n')
     with pytest.raises(ValueError, match=r"rows\.jsonl:3: not a JSON object \(Expecting ',' delimiter at column 14\)"):
         read_jsonl(str(data))
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "a", "completion": None}, "'completion' must be a string, got None"),
+    ({"text": 5}, "'text' must be a string, got 5"),
+    ({"prompt": ["a"], "completion": "b"}, r"'prompt' must be a string, got \['a'\]"),
+], ids=["null-completion", "number-text", "list-prompt"])
+def test_a_jsonl_field_that_is_not_text_is_named(tmp_path, row, message):
+    # a null completion (or a number, a list) ended in "AttributeError: 'NoneType' object has no attribute 'encode'"
+    # from the tokenizer, a traceback naming no file or line
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: " + message):
+        read_jsonl(str(data))

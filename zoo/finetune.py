@@ -573,6 +573,9 @@ def read_jsonl(source: str | list[str]) -> list[dict[str, Any]]:
             if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
                 raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
                                  f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
+            for key in ("text",) if "text" in row else ("prompt", "completion"):  # a null one failed in the tokenizer
+                if not isinstance(row[key], str):
+                    raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
             rows.append(row)
     if not rows:
         raise ValueError(f"data.source: {files} hold no rows")
