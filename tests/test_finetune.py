@@ -456,3 +456,18 @@ def test_a_jsonl_field_that_is_not_text_is_named(tmp_path, row, message):
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=r"rows\.jsonl:2: " + message):
         read_jsonl(str(data))
+
+
+def test_a_missing_eval_source_is_named_as_such(tmp_path):
+    # a data.eval_source that matched no file was reported as "data.source: no file matches ...", the other field
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "abc"}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    data = DataSection(source=str(tmp_path / "train.jsonl"), eval_source=str(tmp_path / "eval*.jsonl"))
+    with pytest.raises(ValueError, match=r"^data\.eval_source: no file matches .*eval\*\.jsonl"):
+        build_datasets(data, ByteTokenizer())
+    data.eval_source = str(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match=r"^data\.eval_source: .*empty\.jsonl.* hold no rows"):
+        build_datasets(data, ByteTokenizer())

@@ -552,14 +552,15 @@ class ListDataset(Dataset):
         return self.rows[index]
 
 
-def read_jsonl(source: str | list[str]) -> list[dict[str, Any]]:
-    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``."""
+def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
+    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
+    (the config field that named them) is what errors name."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
     files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
     if not files:
-        raise ValueError(f"data.source: no file matches {source!r}")
+        raise ValueError(f"{field}: no file matches {source!r}")
     rows = []
     for file in files:
         for lineno, line in enumerate(Path(file).read_text().splitlines(), 1):
@@ -578,7 +579,7 @@ def read_jsonl(source: str | list[str]) -> list[dict[str, Any]]:
                     raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"data.source: {files} hold no rows")
+        raise ValueError(f"{field}: {files} hold no rows")
     return rows
 
 
@@ -636,7 +637,7 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
         raise ValueError("data.source: jsonl data needs a tokenizer")
     rows = read_jsonl(data.source)
     if data.eval_source is not None:
-        eval_rows = read_jsonl(data.eval_source)
+        eval_rows = read_jsonl(data.eval_source, "data.eval_source")
     else:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(data.seed)).tolist()
         n_eval = max(1, round(data.holdout * len(rows))) if data.holdout > 0 and len(rows) > 1 else 0
