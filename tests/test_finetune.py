@@ -25,6 +25,7 @@ from zoo.finetune import (
     pad_collate,
     wrap_lora,
 )
+from zoo.hub import load_folder_tokenizer
 from zoo.layers import MoE, SwiGLU
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -471,3 +472,20 @@ def test_a_missing_eval_source_is_named_as_such(tmp_path):
     data.eval_source = str(tmp_path / "empty.jsonl")
     with pytest.raises(ValueError, match=r"^data\.eval_source: .*empty\.jsonl.* hold no rows"):
         build_datasets(data, ByteTokenizer())
+
+
+def test_a_synthetic_task_run_keeps_the_base_tokenizer_beside_the_merged_model(tmp_path):
+    # the tokenizer was loaded (and saved) for jsonl data only: finetuning a checkpoint that has a tokenizer on a
+    # synthetic task wrote adapter/ and merged/ without it, so AutoTokenizer / pipeline could not use merged/
+    from zoo.data.text import ByteTokenizer
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False},
+              "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    main([str(tmp_path / "ft.yaml")])
+    for folder in ("adapter", "merged"):
+        assert isinstance(load_folder_tokenizer(tmp_path / "run" / folder), ByteTokenizer), folder

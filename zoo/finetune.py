@@ -882,6 +882,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     pad_id = 0
     if tokenizer is not None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    saved_tokenizer = tokenizer  # what adapter/ and merged/ hold: a synthetic task's run left the base's out
+    if saved_tokenizer is None and Path(base_path).is_dir():
+        from zoo.hub import load_folder_tokenizer
+
+        saved_tokenizer = load_folder_tokenizer(base_path)
 
     set_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
@@ -912,8 +917,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     if accelerator.is_main_process:
         model.save_pretrained(adapter_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(adapter_dir)
+        if saved_tokenizer is not None:
+            saved_tokenizer.save_pretrained(adapter_dir)
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
@@ -929,8 +934,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                            f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f})")
     if accelerator.is_main_process:
         merged.save_pretrained(merged_dir, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(merged_dir)
+        if saved_tokenizer is not None:
+            saved_tokenizer.save_pretrained(merged_dir)
     accelerator.wait_for_everyone()
     result["after"] = evaluate(merged, eval_loader, device)
     result["seconds"] = time.perf_counter() - t_start
