@@ -489,3 +489,28 @@ def test_a_synthetic_task_run_keeps_the_base_tokenizer_beside_the_merged_model(t
     main([str(tmp_path / "ft.yaml")])
     for folder in ("adapter", "merged"):
         assert isinstance(load_folder_tokenizer(tmp_path / "run" / folder), ByteTokenizer), folder
+
+
+def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_path, monkeypatch):
+    # a save of a new pretrained base into output_dir/base that was interrupted after the weights were written kept
+    # the earlier base's pretrain_config.json: a rerun of the earlier pretrain section took these weights for its own
+    from transformers import PreTrainedModel
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=2", "train.max_steps=1",
+                 "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=0", "data.n_eval=4",
+                 "pretrain.data.n_eval=4", "train.progress_bar=false", "pretrain.train.progress_bar=false",
+                 "pretrain.train.micro_batch_size=4", "train.micro_batch_size=4"]
+    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+    main(argv)
+    stamp = tmp_path / "run" / "base" / "pretrain_config.json"
+    assert stamp.is_file()
+    real = PreTrainedModel.save_pretrained
+
+    def interrupted(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--pretrain.optim.lr=1e-3"])  # another pretrain section: a new base is trained and saved
+    assert not stamp.exists(), "the earlier base's stamp stayed beside this run's weights"

@@ -840,6 +840,9 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     accelerator.print(f"pretrain: {p.train.max_steps} steps in {result['seconds']:.0f}s, accuracy on its own task "
                       f"{result['eval']['accuracy']:.1%}")
     if accelerator.is_main_process:
+        # the earlier base's stamp goes first: a save interrupted after the weights were overwritten left it, and a
+        # rerun of the earlier pretrain section reused this run's weights as its own
+        stamp_file.unlink(missing_ok=True)
         model.save_pretrained(base_dir, safe_serialization=True)
         (base_dir / "pretrain_result.json").write_text(json.dumps(result, indent=1))
         stamp_file.write_text(json.dumps(stamp, indent=1))
