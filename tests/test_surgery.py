@@ -197,3 +197,13 @@ def test_a_bad_fresh_mixer_is_named_by_its_letter(base, spec, message):
     # the error named layers[1], a field of the hybrid's config that the user of --mixers never wrote
     with pytest.raises(ValueError, match=message):
         graft(base, "ANAN", mixers={"N": spec})
+
+
+def test_a_digit_names_fresh_mixers(base):
+    # YAML reads {1: {...}} with the number 1 as key: `--mixers "{1: {type: mamba2}}" --pattern A1A1` ended in
+    # "TypeError: sequence item 0: expected str instance, int found"
+    from zoo.surgery import _read_mixers
+
+    mixers = _read_mixers("{1: {type: mamba2, d_state: 16, head_dim: 16, chunk_size: 8}}")
+    assert [s["type"] for s in graft(base, "A1A1", mixers=mixers).config.layer_specs()] == \
+           ["attention", "mamba2", "attention", "mamba2"]

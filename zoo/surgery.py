@@ -68,7 +68,7 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
     The sources are not modified; the hybrid holds copies, in the widest dtype of base and donor (an fp32 donor
     makes a bf16 base's hybrid fp32, with a warning) so that every copied weight is exact.
     """
-    fresh = dict(mixers or {})
+    fresh = {str(letter): spec for letter, spec in (mixers or {}).items()}  # YAML reads the letter 1 as a number
     base_specs = base.config.layer_specs()
     letters = _parse_pattern(pattern, len(base_specs), fresh, donor is not None)
     grafted = [i for i, c in enumerate(letters) if c == DONOR and c not in fresh]
