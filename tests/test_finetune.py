@@ -514,3 +514,21 @@ def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         main([*argv, "--pretrain.optim.lr=1e-3"])  # another pretrain section: a new base is trained and saved
     assert not stamp.exists(), "the earlier base's stamp stayed beside this run's weights"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"source": "rows.jsonl", "n_eval": 100}, r"data\.n_eval: applies to a synthetic task only; drop it \(jsonl "
+                                              r"data holds out data\.holdout"),
+    ({"source": "rows.jsonl", "eval_source": "ev.jsonl", "holdout": 0.3}, r"data\.holdout: applies to jsonl data "
+                                                                          r"without data\.eval_source"),
+    ({"source": "rows.jsonl", "task_kwargs": {"n_kv": 4}}, r"data\.task_kwargs: applies to a synthetic task"),
+    ({"task": "mqar", "eval_source": "ev.jsonl"}, r"data\.eval_source: applies to jsonl data"),
+    ({"task": "mqar", "holdout": 0.2}, r"data\.holdout: applies to jsonl data"),
+], ids=["n_eval-jsonl", "holdout-eval_source", "task_kwargs-jsonl", "eval_source-task", "holdout-task"])
+def test_data_options_of_the_other_kind_of_data_are_refused(tmp_path, data, message):
+    # they were ignored without a word: n_eval: 100 on jsonl rows still held out 10% of them
+    model = tmp_path / "model"
+    tiny("mamba").save_pretrained(model)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"model": str(model), "data": data}))
+    with pytest.raises(ValueError, match=message):
+        load_finetune_config(tmp_path / "ft.yaml")

@@ -394,6 +394,19 @@ class DataSection:
                              f"after finetuning); set it above 0, or give {prefix}.eval_source")
         if self.n_eval < 1:
             raise ValueError(f"{prefix}.n_eval: must be >= 1, got {self.n_eval}")
+        # options of the other kind of data were ignored without a word (n_eval: 100 on jsonl rows held out 10%)
+        default = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        unused = [("eval_source", self.eval_source is not None, "jsonl data", ""),
+                  ("holdout", self.holdout != default["holdout"], "jsonl data without eval_source", "")] \
+            if self.task is not None else \
+            [("task_kwargs", bool(self.task_kwargs), "a synthetic task", ""),
+             ("n_eval", self.n_eval != default["n_eval"], "a synthetic task",
+              f" (jsonl data holds out {prefix}.holdout of its rows, or evaluates on {prefix}.eval_source)"),
+             ("holdout", self.eval_source is not None and self.holdout != default["holdout"],
+              f"jsonl data without {prefix}.eval_source", " (the eval_source rows are the evaluation rows)")]
+        for name, given, applies, hint in unused:
+            if given:
+                raise ValueError(f"{prefix}.{name}: applies to {applies} only; drop it{hint}")
         if "seq_len" in self.task_kwargs:
             raise ValueError(f"{prefix}.task_kwargs.seq_len: give the row length as {prefix}.seq_len")
         if self.task is not None:
