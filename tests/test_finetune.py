@@ -532,3 +532,22 @@ def test_data_options_of_the_other_kind_of_data_are_refused(tmp_path, data, mess
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"model": str(model), "data": data}))
     with pytest.raises(ValueError, match=message):
         load_finetune_config(tmp_path / "ft.yaml")
+
+
+def test_paths_under_home_in_a_finetune_config(tmp_path, monkeypatch):
+    # a YAML file's '~' is not expanded by a shell: model '~/base' passed the folder check, then from_pretrained took
+    # it for an invalid hub id; output_dir '~/run' made a folder named '~' in the working directory
+    from zoo.data.text import ByteTokenizer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    tiny("mamba").save_pretrained(tmp_path / "home" / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "home" / "tok")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": w}) for w in ["abc", "hello", "zoo", "lora"]))
+    config = {"model": "~/base", "tokenizer": "~/tok", "output_dir": "~/run",
+              "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.25},
+              "train": {"max_steps": 1, "micro_batch_size": 2, "progress_bar": False},
+              "schedule": {"warmup_steps": 0}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    main([str(tmp_path / "ft.yaml")])
+    assert (tmp_path / "home" / "run" / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()

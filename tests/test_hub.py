@@ -124,3 +124,14 @@ def test_saving_over_a_folder_leaves_no_stale_weights(tmp_path, first, second):
     ids = torch.randint(0, 320, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, new(ids).logits)
+
+
+def test_a_folder_under_home_given_with_a_tilde_loads(tmp_path, monkeypatch):
+    # check_model_ref expanded '~' and passed it, then transformers took '~/model' for an invalid hub id ("Repo id
+    # must use alphanumeric chars"), for the model and the tokenizer alike
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = tiny("mamba")
+    save_model_folder(model, tmp_path / "model", "byte")
+    loaded, tokenizer = load_model_folder("~/model")
+    assert isinstance(tokenizer, ByteTokenizer) and isinstance(load_folder_tokenizer("~/model"), ByteTokenizer)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

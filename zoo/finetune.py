@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -526,6 +527,11 @@ def _validate_run(section: Any, prefix: str) -> None:
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read a finetune config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
     cfg = _build(FinetuneConfig, read_yaml(path, overrides), "")
+    # '~/ckpt' in a YAML file is not expanded by a shell: the model was taken for an invalid hub id and
+    # output_dir made a folder named '~' in the working directory
+    cfg.model, cfg.output_dir = os.path.expanduser(cfg.model), os.path.expanduser(cfg.output_dir)
+    if cfg.tokenizer is not None:
+        cfg.tokenizer = os.path.expanduser(cfg.tokenizer)
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")

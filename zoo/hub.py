@@ -36,7 +36,7 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
 
     if str(name_or_path) == "byte":
         return ByteTokenizer()
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()  # '~/tok' from a config file or a quoted argument: transformers took it
     if not path.is_dir():
         check_tokenizer_ref(name_or_path)
         return AutoTokenizer.from_pretrained(str(name_or_path))
@@ -148,6 +148,8 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     check_model_ref(folder)
+    if Path(folder).expanduser().is_dir():  # transformers took '~/model' for an invalid hub id
+        folder = Path(folder).expanduser()
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
