@@ -179,13 +179,14 @@ def test_an_fp32_donor_is_not_rounded_to_a_bf16_base(base, donor):
         hybrid = graft(base16.eval(), "AMAM", donor).eval()
     assert hybrid.dtype == torch.float32
     assert same(hybrid.model.layers[1].mixer, donor.model.layers[1].mixer)
-    assert same(hybrid.model.layers[0], base16.model.layers[0].float())  # bf16 -> fp32 is exact
+    assert same(hybrid.model.layers[0], copy.deepcopy(base16.model.layers[0]).float())  # bf16 -> fp32 is exact
     x = torch.randn(2, 11, 64)
     with torch.no_grad():
         assert torch.equal(hybrid.model.layers[3].mixer(x), donor.model.layers[3].mixer(x))
     with warnings.catch_warnings():  # a donor no wider than the base changes nothing, and says nothing
         warnings.simplefilter("error")
         assert graft(base, "AMAM", copy.deepcopy(donor).to(torch.bfloat16)).dtype == torch.float32
+        assert graft(base16, "AAAA", donor).dtype == torch.bfloat16  # nothing grafted: the base's dtype
 
 
 @pytest.mark.parametrize("spec,message", [

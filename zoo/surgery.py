@@ -118,7 +118,7 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
         hybrid = ZooForCausalLM(config)
     # the widest dtype of the sources, so that no copied weight is rounded (a bf16 base used to round an fp32
     # donor's A_log, D and dt bias to bf16 without a word, and its mixers no longer computed what they did)
-    base_dtype, dtype = _widest_dtype(base), _widest_dtype(base, donor)
+    base_dtype, dtype = _widest_dtype(base), _widest_dtype(base, donor if grafted else None)
     if dtype != base_dtype:
         warnings.warn(f"graft: the hybrid is {dtype} (the donor's weights are {_widest_dtype(donor)}, the base's "
                       f"{base_dtype}) so that no weight is rounded; cast it with .to({base_dtype}) for a model in "
