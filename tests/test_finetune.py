@@ -25,6 +25,7 @@ from zoo.finetune import (
     pad_collate,
     wrap_lora,
 )
+from zoo.hub import load_folder_tokenizer
 from zoo.layers import MoE, SwiGLU
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -398,3 +399,155 @@ def test_state_passing_refuses_a_kv_cache():
     model = _tiny_recurrent("attention")
     with pytest.raises(ValueError, match="state_passing"):
         _state_passing_step(model, induction_heads_batch(2, 16, 16), 1.0, ModelInputs.of(model), None)
+
+
+def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch):
+    # a model given as a hub id was tokenized with the byte tokenizer (only a local folder's tokenizer was looked
+    # for): a checkpoint with its own vocabulary trained on byte ids, without a word
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>", "abc", "cba", "hello", "olleh", "zoo", "ooz", "reversed:"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hub = tmp_path / "hub-snapshot"  # what `org/tiny` resolves to
+    tiny("mamba").save_pretrained(hub)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(hub)
+    for cls in (AutoModelForCausalLM, AutoTokenizer):
+        real = cls.from_pretrained.__func__
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(
+            lambda c, name, *a, real=real, **k: real(c, str(hub) if str(name) == "org/tiny" else name, *a, **k)))
+    rows = [{"prompt": f"{w} reversed:", "completion": f" {w[::-1]}"} for w in ["abc", "hello", "zoo"] * 3]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.chdir(tmp_path)
+    config = {"model": "org/tiny", "output_dir": str(tmp_path / "run"),
+              "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.3},
+              "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False},
+              "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    result = main([str(tmp_path / "ft.yaml")])
+    saved = json.loads((tmp_path / "run" / "merged" / "tokenizer_config.json").read_text())
+    assert saved.get("tokenizer_class") != "ByteTokenizer"
+    assert result["before"]["n_targets"] == 3 * 2  # one word and eos per held-out completion, not its bytes
+
+
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
+    # a line that is not JSON raised json's "Expecting ',' delimiter: line 1 column 11", naming neither the file nor
+    # its line (line 1 is the row's own text)
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a"}\n\n{"text": "b" "c"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: not a JSON object \(Expecting ',' delimiter at column 14\)"):
+        read_jsonl(str(data))
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "a", "completion": None}, "'completion' must be a string, got None"),
+    ({"text": 5}, "'text' must be a string, got 5"),
+    ({"prompt": ["a"], "completion": "b"}, r"'prompt' must be a string, got \['a'\]"),
+], ids=["null-completion", "number-text", "list-prompt"])
+def test_a_jsonl_field_that_is_not_text_is_named(tmp_path, row, message):
+    # a null completion (or a number, a list) ended in "AttributeError: 'NoneType' object has no attribute 'encode'"
+    # from the tokenizer, a traceback naming no file or line
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: " + message):
+        read_jsonl(str(data))
+
+
+def test_a_missing_eval_source_is_named_as_such(tmp_path):
+    # a data.eval_source that matched no file was reported as "data.source: no file matches ...", the other field
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"text": "abc"}) + "\n")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    data = DataSection(source=str(tmp_path / "train.jsonl"), eval_source=str(tmp_path / "eval*.jsonl"))
+    with pytest.raises(ValueError, match=r"^data\.eval_source: no file matches .*eval\*\.jsonl"):
+        build_datasets(data, ByteTokenizer())
+    data.eval_source = str(tmp_path / "empty.jsonl")
+    with pytest.raises(ValueError, match=r"^data\.eval_source: .*empty\.jsonl.* hold no rows"):
+        build_datasets(data, ByteTokenizer())
+
+
+def test_a_synthetic_task_run_keeps_the_base_tokenizer_beside_the_merged_model(tmp_path):
+    # the tokenizer was loaded (and saved) for jsonl data only: finetuning a checkpoint that has a tokenizer on a
+    # synthetic task wrote adapter/ and merged/ without it, so AutoTokenizer / pipeline could not use merged/
+    from zoo.data.text import ByteTokenizer
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False},
+              "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    main([str(tmp_path / "ft.yaml")])
+    for folder in ("adapter", "merged"):
+        assert isinstance(load_folder_tokenizer(tmp_path / "run" / folder), ByteTokenizer), folder
+
+
+def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_path, monkeypatch):
+    # a save of a new pretrained base into output_dir/base that was interrupted after the weights were written kept
+    # the earlier base's pretrain_config.json: a rerun of the earlier pretrain section took these weights for its own
+    from transformers import PreTrainedModel
+
+    overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=2", "train.max_steps=1",
+                 "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=0", "data.n_eval=4",
+                 "pretrain.data.n_eval=4", "train.progress_bar=false", "pretrain.train.progress_bar=false",
+                 "pretrain.train.micro_batch_size=4", "train.micro_batch_size=4"]
+    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+    main(argv)
+    stamp = tmp_path / "run" / "base" / "pretrain_config.json"
+    assert stamp.is_file()
+    real = PreTrainedModel.save_pretrained
+
+    def interrupted(self, folder, *args, **kwargs):
+        real(self, folder, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--pretrain.optim.lr=1e-3"])  # another pretrain section: a new base is trained and saved
+    assert not stamp.exists(), "the earlier base's stamp stayed beside this run's weights"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"source": "rows.jsonl", "n_eval": 100}, r"data\.n_eval: applies to a synthetic task only; drop it \(jsonl "
+                                              r"data holds out data\.holdout"),
+    ({"source": "rows.jsonl", "eval_source": "ev.jsonl", "holdout": 0.3}, r"data\.holdout: applies to jsonl data "
+                                                                          r"without data\.eval_source"),
+    ({"source": "rows.jsonl", "task_kwargs": {"n_kv": 4}}, r"data\.task_kwargs: applies to a synthetic task"),
+    ({"task": "mqar", "eval_source": "ev.jsonl"}, r"data\.eval_source: applies to jsonl data"),
+    ({"task": "mqar", "holdout": 0.2}, r"data\.holdout: applies to jsonl data"),
+], ids=["n_eval-jsonl", "holdout-eval_source", "task_kwargs-jsonl", "eval_source-task", "holdout-task"])
+def test_data_options_of_the_other_kind_of_data_are_refused(tmp_path, data, message):
+    # they were ignored without a word: n_eval: 100 on jsonl rows still held out 10% of them
+    model = tmp_path / "model"
+    tiny("mamba").save_pretrained(model)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"model": str(model), "data": data}))
+    with pytest.raises(ValueError, match=message):
+        load_finetune_config(tmp_path / "ft.yaml")
+
+
+def test_paths_under_home_in_a_finetune_config(tmp_path, monkeypatch):
+    # a YAML file's '~' is not expanded by a shell: model '~/base' passed the folder check, then from_pretrained took
+    # it for an invalid hub id; output_dir '~/run' made a folder named '~' in the working directory
+    from zoo.data.text import ByteTokenizer
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    tiny("mamba").save_pretrained(tmp_path / "home" / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "home" / "tok")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"text": w}) for w in ["abc", "hello", "zoo", "lora"]))
+    config = {"model": "~/base", "tokenizer": "~/tok", "output_dir": "~/run",
+              "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.25},
+              "train": {"max_steps": 1, "micro_batch_size": 2, "progress_bar": False},
+              "schedule": {"warmup_steps": 0}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    main([str(tmp_path / "ft.yaml")])
+    assert (tmp_path / "home" / "run" / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()

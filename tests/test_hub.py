@@ -106,3 +106,32 @@ def test_a_failed_save_leaves_no_partial_folder(tmp_path):
     assert (save_model_folder(model, dst, "byte") / "config.json").is_file()  # a good save writes the folder
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["model"]
     assert save_model_folder(model, dst, "byte") == dst  # an existing folder is written into, as before
+
+
+@pytest.mark.parametrize("first,second", [("5GB", "200KB"), ("200KB", "5GB")], ids=["then-sharded", "then-one-file"])
+def test_saving_over_a_folder_leaves_no_stale_weights(tmp_path, first, second):
+    # a save into an existing folder left the earlier save's weights: its model.safetensors beside new shards was
+    # what from_pretrained loaded (the old model, silently), and an old shard index stayed beside a new single file
+    old, new = tiny("mamba"), tiny("mamba2")
+    save_model_folder(old, tmp_path / "m", "byte", max_shard_size=first)
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    save_model_folder(new, tmp_path / "m", "byte", max_shard_size=second)
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    sharded = second == "200KB"
+    assert ("model.safetensors" in names) != sharded and ("model.safetensors.index.json" in names) == sharded
+    assert "notes.txt" in names and not any(n.startswith(".") for n in (p.name for p in tmp_path.iterdir()))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, new(ids).logits)
+
+
+def test_a_folder_under_home_given_with_a_tilde_loads(tmp_path, monkeypatch):
+    # check_model_ref expanded '~' and passed it, then transformers took '~/model' for an invalid hub id ("Repo id
+    # must use alphanumeric chars"), for the model and the tokenizer alike
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = tiny("mamba")
+    save_model_folder(model, tmp_path / "model", "byte")
+    loaded, tokenizer = load_model_folder("~/model")
+    assert isinstance(tokenizer, ByteTokenizer) and isinstance(load_folder_tokenizer("~/model"), ByteTokenizer)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

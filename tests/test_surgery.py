@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,43 @@ def test_mixers_file_that_does_not_exist_is_named(tmp_path):
     (tmp_path / "mixers.yaml").write_text("M: {type: mamba, d_state: 8}\n")
     assert _read_mixers(str(tmp_path / "mixers.yaml")) == {"M": {"type": "mamba", "d_state": 8}}
     assert _read_mixers("{M: {type: mamba}}") == {"M": {"type": "mamba"}}  # inline YAML as before
+
+
+def test_an_fp32_donor_is_not_rounded_to_a_bf16_base(base, donor):
+    # the hybrid took the base's dtype: a bf16 base rounded the donor's A_log, D, dt bias and projections to bf16
+    # without a word, so a grafted mixer no longer computed what it computed in the donor
+    base16 = ZooForCausalLM(base.config).to(torch.bfloat16)
+    base16.load_state_dict(base.state_dict())
+    with pytest.warns(UserWarning, match=r"graft: the hybrid is torch.float32 .* cast it with .to\(torch.bfloat16\)"):
+        hybrid = graft(base16.eval(), "AMAM", donor).eval()
+    assert hybrid.dtype == torch.float32
+    assert same(hybrid.model.layers[1].mixer, donor.model.layers[1].mixer)
+    assert same(hybrid.model.layers[0], copy.deepcopy(base16.model.layers[0]).float())  # bf16 -> fp32 is exact
+    x = torch.randn(2, 11, 64)
+    with torch.no_grad():
+        assert torch.equal(hybrid.model.layers[3].mixer(x), donor.model.layers[3].mixer(x))
+    with warnings.catch_warnings():  # a donor no wider than the base changes nothing, and says nothing
+        warnings.simplefilter("error")
+        assert graft(base, "AMAM", copy.deepcopy(donor).to(torch.bfloat16)).dtype == torch.float32
+        assert graft(base16, "AAAA", donor).dtype == torch.bfloat16  # nothing grafted: the base's dtype
+
+
+@pytest.mark.parametrize("spec,message", [
+    ({"type": "mamba2", "d_stat": 16}, r"^mixers\.N\.d_stat: unknown option for mixer 'mamba2'; did you mean"),
+    ({"type": "mamba2", "head_dim": 48}, r"^mixers\.N \(mamba2\): head_dim: 48 does not divide"),
+    ({"type": "mambaa"}, r"^mixers\.N\.type: unknown mixer 'mambaa'"),
+], ids=["option", "value", "type"])
+def test_a_bad_fresh_mixer_is_named_by_its_letter(base, spec, message):
+    # the error named layers[1], a field of the hybrid's config that the user of --mixers never wrote
+    with pytest.raises(ValueError, match=message):
+        graft(base, "ANAN", mixers={"N": spec})
+
+
+def test_a_digit_names_fresh_mixers(base):
+    # YAML reads {1: {...}} with the number 1 as key: `--mixers "{1: {type: mamba2}}" --pattern A1A1` ended in
+    # "TypeError: sequence item 0: expected str instance, int found"
+    from zoo.surgery import _read_mixers
+
+    mixers = _read_mixers("{1: {type: mamba2, d_state: 16, head_dim: 16, chunk_size: 8}}")
+    assert [s["type"] for s in graft(base, "A1A1", mixers=mixers).config.layer_specs()] == \
+           ["attention", "mamba2", "attention", "mamba2"]

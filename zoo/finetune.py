@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -394,6 +395,19 @@ class DataSection:
                              f"after finetuning); set it above 0, or give {prefix}.eval_source")
         if self.n_eval < 1:
             raise ValueError(f"{prefix}.n_eval: must be >= 1, got {self.n_eval}")
+        # options of the other kind of data were ignored without a word (n_eval: 100 on jsonl rows held out 10%)
+        default = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        unused = [("eval_source", self.eval_source is not None, "jsonl data", ""),
+                  ("holdout", self.holdout != default["holdout"], "jsonl data without eval_source", "")] \
+            if self.task is not None else \
+            [("task_kwargs", bool(self.task_kwargs), "a synthetic task", ""),
+             ("n_eval", self.n_eval != default["n_eval"], "a synthetic task",
+              f" (jsonl data holds out {prefix}.holdout of its rows, or evaluates on {prefix}.eval_source)"),
+             ("holdout", self.eval_source is not None and self.holdout != default["holdout"],
+              f"jsonl data without {prefix}.eval_source", " (the eval_source rows are the evaluation rows)")]
+        for name, given, applies, hint in unused:
+            if given:
+                raise ValueError(f"{prefix}.{name}: applies to {applies} only; drop it{hint}")
         if "seq_len" in self.task_kwargs:
             raise ValueError(f"{prefix}.task_kwargs.seq_len: give the row length as {prefix}.seq_len")
         if self.task is not None:
@@ -513,6 +527,11 @@ def _validate_run(section: Any, prefix: str) -> None:
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read a finetune config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
     cfg = _build(FinetuneConfig, read_yaml(path, overrides), "")
+    # '~/ckpt' in a YAML file is not expanded by a shell: the model was taken for an invalid hub id and
+    # output_dir made a folder named '~' in the working directory
+    cfg.model, cfg.output_dir = os.path.expanduser(cfg.model), os.path.expanduser(cfg.output_dir)
+    if cfg.tokenizer is not None:
+        cfg.tokenizer = os.path.expanduser(cfg.tokenizer)
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
@@ -552,26 +571,34 @@ class ListDataset(Dataset):
         return self.rows[index]
 
 
-def read_jsonl(source: str | list[str]) -> list[dict[str, Any]]:
-    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``."""
+def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
+    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
+    (the config field that named them) is what errors name."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
     files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
     if not files:
-        raise ValueError(f"data.source: no file matches {source!r}")
+        raise ValueError(f"{field}: no file matches {source!r}")
     rows = []
     for file in files:
         for lineno, line in enumerate(Path(file).read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:  # it said "line 1 column 9", the line of the row's own text
+                raise ValueError(f"{file}:{lineno}: not a JSON object ({e.msg} at column {e.colno}); each line of "
+                                 f"a jsonl file is one row such as {{\"text\": ...}}") from None
             if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
                 raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
                                  f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
+            for key in ("text",) if "text" in row else ("prompt", "completion"):  # a null one failed in the tokenizer
+                if not isinstance(row[key], str):
+                    raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
             rows.append(row)
     if not rows:
-        raise ValueError(f"data.source: {files} hold no rows")
+        raise ValueError(f"{field}: {files} hold no rows")
     return rows
 
 
@@ -629,7 +656,7 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
         raise ValueError("data.source: jsonl data needs a tokenizer")
     rows = read_jsonl(data.source)
     if data.eval_source is not None:
-        eval_rows = read_jsonl(data.eval_source)
+        eval_rows = read_jsonl(data.eval_source, "data.eval_source")
     else:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(data.seed)).tolist()
         n_eval = max(1, round(data.holdout * len(rows))) if data.holdout > 0 and len(rows) > 1 else 0
@@ -832,6 +859,9 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     accelerator.print(f"pretrain: {p.train.max_steps} steps in {result['seconds']:.0f}s, accuracy on its own task "
                       f"{result['eval']['accuracy']:.1%}")
     if accelerator.is_main_process:
+        # the earlier base's stamp goes first: a save interrupted after the weights were overwritten left it, and a
+        # rerun of the earlier pretrain section reused this run's weights as its own
+        stamp_file.unlink(missing_ok=True)
         model.save_pretrained(base_dir, safe_serialization=True)
         (base_dir / "pretrain_result.json").write_text(json.dumps(result, indent=1))
         stamp_file.write_text(json.dumps(stamp, indent=1))
@@ -868,11 +898,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.data.source is not None or cfg.tokenizer is not None:
         from zoo.data.text import load_tokenizer
 
-        has_own = Path(base_path).is_dir() and (Path(base_path) / "tokenizer_config.json").is_file()
+        # a hub id is the checkpoint's tokenizer too (it fell back to 'byte': a 50K-token model trained on byte ids)
+        has_own = not Path(base_path).is_dir() or (Path(base_path) / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(cfg.tokenizer or (str(base_path) if has_own else "byte"))
     pad_id = 0
     if tokenizer is not None:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    saved_tokenizer = tokenizer  # what adapter/ and merged/ hold: a synthetic task's run left the base's out
+    if saved_tokenizer is None and Path(base_path).is_dir():
+        from zoo.hub import load_folder_tokenizer
+
+        saved_tokenizer = load_folder_tokenizer(base_path)
 
     set_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
@@ -903,8 +939,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     if accelerator.is_main_process:
         model.save_pretrained(adapter_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(adapter_dir)
+        if saved_tokenizer is not None:
+            saved_tokenizer.save_pretrained(adapter_dir)
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
@@ -920,8 +956,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                            f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f})")
     if accelerator.is_main_process:
         merged.save_pretrained(merged_dir, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(merged_dir)
+        if saved_tokenizer is not None:
+            saved_tokenizer.save_pretrained(merged_dir)
     accelerator.wait_for_everyone()
     result["after"] = evaluate(merged, eval_loader, device)
     result["seconds"] = time.perf_counter() - t_start

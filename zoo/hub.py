@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+# weights and their shard index, as transformers names them (model-00001-of-00002.safetensors, pytorch_model.bin, ...)
+_WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
 def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase | None:
@@ -33,7 +36,7 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
 
     if str(name_or_path) == "byte":
         return ByteTokenizer()
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()  # '~/tok' from a config file or a quoted argument: transformers took it
     if not path.is_dir():
         check_tokenizer_ref(name_or_path)
         return AutoTokenizer.from_pretrained(str(name_or_path))
@@ -52,7 +55,8 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
 
     The tokenizer's pad/bos/eos ids fill the model config's and generation config's unset ones, so
     `generate` and pipelines stop and pad as the tokenizer expects. Raises ValueError when the tokenizer has
-    more tokens than the model's vocabulary.
+    more tokens than the model's vocabulary. Into an existing folder, the weight files of an earlier save are
+    replaced (none is left beside the new ones); its other files stay.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -72,9 +76,9 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         for name in _SPECIAL_IDS:
             if getattr(generation, name, None) is None and getattr(config, name, None) is not None:
                 setattr(generation, name, getattr(config, name))
-    # a new folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
+    # the folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
     # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
-    target = folder if folder.is_dir() else folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    target = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     try:
         model.save_pretrained(target, max_shard_size=max_shard_size)
         if generation is not None and not (target / "generation_config.json").is_file():
@@ -82,11 +86,19 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
     except BaseException:
-        if target != folder:
-            shutil.rmtree(target, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
         raise
-    if target != folder:
+    if not folder.is_dir():
         os.replace(target, folder)
+        return folder
+    # into an existing folder: weight files of an earlier save go (a stale model.safetensors beside new shards was
+    # what from_pretrained loaded: the old model, silently); other files stay
+    for old in folder.iterdir():
+        if _WEIGHT_FILE.fullmatch(old.name) and not (target / old.name).exists():
+            old.unlink()
+    for new in target.iterdir():
+        os.replace(new, folder / new.name)
+    target.rmdir()
     return folder
 
 
@@ -136,6 +148,8 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     check_model_ref(folder)
+    if Path(folder).expanduser().is_dir():  # transformers took '~/model' for an invalid hub id
+        folder = Path(folder).expanduser()
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 

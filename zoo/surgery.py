@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +65,10 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
         mixer_norm: 'base' keeps base's pre-mixer RMSNorm at grafted layers; 'donor' takes the donor layer's
             (the norm its mixer was trained behind; needs equal norm_eps).
         seed: seeds the initialisation of fresh mixers.
-    The sources are not modified; the hybrid holds copies.
+    The sources are not modified; the hybrid holds copies, in the widest dtype of base and donor (an fp32 donor
+    makes a bf16 base's hybrid fp32, with a warning) so that every copied weight is exact.
     """
-    fresh = dict(mixers or {})
+    fresh = {str(letter): spec for letter, spec in (mixers or {}).items()}  # YAML reads the letter 1 as a number
     base_specs = base.config.layer_specs()
     letters = _parse_pattern(pattern, len(base_specs), fresh, donor is not None)
     grafted = [i for i, c in enumerate(letters) if c == DONOR and c not in fresh]
@@ -101,13 +105,25 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
         spec["ffn"] = base_specs[i]["ffn"]
         specs.append(spec)
     fields = {k: v for k, v in base.config.to_dict().items() if k not in _FILE_FIELDS}
-    config = ZooConfig(**(fields | {"layers": specs, "mixers": {}}))
+    try:
+        config = ZooConfig(**(fields | {"layers": specs, "mixers": {}}))
+    except ValueError as e:  # a fresh spec's mistake was named as layers[i], a field the user never wrote
+        found = re.match(r"layers\[(\d+)\]", str(e))
+        if found is None or letters[int(found.group(1))] not in fresh:
+            raise
+        raise ValueError(f"mixers.{letters[int(found.group(1))]}{str(e)[found.end():]}") from None
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hybrid = ZooForCausalLM(config)
-    param = next(base.parameters())
-    hybrid.to(dtype=param.dtype, device=param.device)
+    # the widest dtype of the sources, so that no copied weight is rounded (a bf16 base used to round an fp32
+    # donor's A_log, D and dt bias to bf16 without a word, and its mixers no longer computed what they did)
+    base_dtype, dtype = _widest_dtype(base), _widest_dtype(base, donor if grafted else None)
+    if dtype != base_dtype:
+        warnings.warn(f"graft: the hybrid is {dtype} (the donor's weights are {_widest_dtype(donor)}, the base's "
+                      f"{base_dtype}) so that no weight is rounded; cast it with .to({base_dtype}) for a model in "
+                      f"the base's dtype (the grafted mixers then compute in rounded weights)", stacklevel=2)
+    hybrid.to(dtype=dtype, device=next(base.parameters()).device)
 
     state = hybrid.state_dict()
     new_state = {}
@@ -128,6 +144,12 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
     if base.generation_config is not None:  # the base's eos ids and sampling defaults, as its tokenizer
         hybrid.generation_config = copy.deepcopy(base.generation_config)
     return hybrid.train(base.training)
+
+
+def _widest_dtype(*models: ZooForCausalLM | None) -> torch.dtype:
+    """The dtype every floating-point parameter of `models` (None skipped) converts to without rounding."""
+    dtypes = {p.dtype for m in models if m is not None for p in m.parameters() if p.is_floating_point()}
+    return functools.reduce(torch.promote_types, sorted(dtypes, key=str))
 
 
 def _read_mixers(text: str | None) -> dict[str, dict]:
@@ -178,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                    mixer_norm=args.mixer_norm, seed=args.seed)
     out = save_model_folder(hybrid, args.dst, load_folder_tokenizer(args.base), max_shard_size=args.max_shard_size)
     kinds = " ".join(spec["type"] for spec in hybrid.config.layer_specs())
-    print(f"wrote {out}: {kinds}")
+    print(f"wrote {out}: {kinds} ({str(hybrid.dtype).removeprefix('torch.')})")
 
 
 __all__ = ["graft", "main"]
