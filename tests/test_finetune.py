@@ -551,3 +551,69 @@ def test_paths_under_home_in_a_finetune_config(tmp_path, monkeypatch):
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
     main([str(tmp_path / "ft.yaml")])
     assert (tmp_path / "home" / "run" / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in a finetune lost the whole phase (no checkpoint). Now it saves the last completed step and the same
+    command continues from it: the adapter equals an uninterrupted run's, the checkpoint is gone once the adapter
+    is saved, and a checkpoint of another config is not continued."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "progress_bar": False,
+                        "log_every": 2, "checkpoint_every": 2},
+              "lora": {"r": 4, "dropout": 0.1}, "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+
+    def run(name: str, *extra: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}", *extra])
+
+    whole = run("whole")
+    real = ft.lr_at
+
+    def stop_at_step_3(step, section):
+        if step == 3 and section is not None and getattr(section, "lora", None) is not None:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    assert run("cut") == 130
+    assert "stopped after step 3" in capsys.readouterr().err
+    saved = torch.load(tmp_path / "cut" / "finetune-checkpoint" / "state.pt", weights_only=True)
+    assert saved["step"] == 3 and len(saved["log"]) == 1
+    monkeypatch.setattr(ft, "lr_at", real)
+    resumed = run("cut")
+    assert "continuing from step 3 of 6" in capsys.readouterr().out
+    assert resumed["log"] == whole["log"]
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "finetune-checkpoint").exists()
+
+    def sigterm_at_step_3(step, section):  # as a scheduler's time limit: the step finishes, then it saves
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", sigterm_at_step_3)
+    assert run("term") == 130
+    assert "stopped after step 4" in capsys.readouterr().err
+    monkeypatch.setattr(ft, "lr_at", real)
+    assert run("term")["log"] == whole["log"]
+    c = load_file(tmp_path / "term" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    assert run("other") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    other = run("other", "--lora.r=2")  # another config: starts over
+    assert "holds a checkpoint of another config; starting over" in capsys.readouterr().out
+    assert len(other["log"]) == 3
+

@@ -139,10 +139,10 @@ def _run(prog: str, fn, argv: list[str]):
     ($ZOO_TRACEBACK=1 keeps the traceback)."""
     try:
         return fn(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if os.environ.get("ZOO_TRACEBACK"):
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # (where it saved, if it did)
         return 130
     except Exception as e:
         if os.environ.get("ZOO_TRACEBACK") or not _user_error(e):

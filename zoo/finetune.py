@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -436,7 +437,12 @@ class LoopSection:
 
     state_passing: recurrent models only; each micro-batch starts from the (detached) final states of the one
     before, row by row, instead of zeros, so that training visits the states that long inputs reach ("state
-    passing", Buitrago Ruiz & Gu 2025, a fix for length generalization). A model with a KV cache raises."""
+    passing", Buitrago Ruiz & Gu 2025, a fix for length generalization). A model with a KV cache raises.
+
+    checkpoint_every: save the phase's trainable weights, optimizer and step every this many steps (0: only when
+    stopped) to OUTPUT_DIR/<phase>-checkpoint; SIGTERM or Ctrl-C saves the last completed step and stops (a
+    second Ctrl-C stops at once), and the same command again continues from there (exactly: the data order is
+    replayed; under state_passing the first resumed micro-batch starts from zeros)."""
 
     seed: int = 0
     max_steps: int = 300
@@ -447,11 +453,15 @@ class LoopSection:
     log_every: int = 50
     progress_bar: bool = True
     state_passing: bool = False
+    checkpoint_every: int = 100
 
     def validate(self, prefix: str) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"{prefix}.checkpoint_every: must be >= 0 (0: save on interruption only), got "
+                             f"{self.checkpoint_every}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"{prefix}.precision: unknown {self.precision!r}; use auto, bf16, fp16 or fp32")
 
@@ -718,14 +728,49 @@ def _cycle(loader) -> Iterator[dict[str, torch.Tensor]]:
         epoch += 1
 
 
-def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, pad_id: int, desc: str
-                 ) -> tuple[nn.Module, list[dict[str, float]]]:
+class TrainingStopped(KeyboardInterrupt):
+    """A finetune phase stopped by SIGTERM or Ctrl-C after saving its last completed step (`checkpoint`)."""
+
+    def __init__(self, checkpoint: Path | None, step: int):
+        super().__init__(f"stopped after step {step}" + (f", saved in {checkpoint}; the same command continues "
+                                                         f"from there" if checkpoint else ""))
+        self.checkpoint, self.step = checkpoint, step
+
+
+_CHECKPOINT = "state.pt"
+
+
+def _load_checkpoint(folder: Path | None, stamp: Any, accelerator, desc: str) -> dict[str, Any] | None:
+    """The checkpoint a stopped run of this phase left in `folder`, if it was made with the same `stamp`."""
+    file = folder / _CHECKPOINT if folder is not None else None
+    if file is None or not file.is_file():
+        return None
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    if saved.get("stamp") != json.loads(json.dumps(stamp)):
+        accelerator.print(f"{desc}: {folder} holds a checkpoint of another config; starting over")
+        return None
+    rng = folder / f"rng-{accelerator.process_index}.pt"
+    saved["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
+    return saved
+
+
+def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, pad_id: int, desc: str,
+                 checkpoint: Path | None = None, stamp: Any = None) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train the parameters of `model` that require grad: AdamW (`zoo.train.build_optimizer`), the warmup +
     cosine/wsd schedule of `zoo.train.lr_at`, gradient clipping, gradient accumulation, a tqdm bar.
 
+    checkpoint: a folder for the phase's checkpoint (`LoopSection.checkpoint_every`; None: none). A checkpoint
+    found there with the same `stamp` (the settings that define the phase) is continued from; one of another
+    stamp is left for this run to overwrite.
+
     Returns:
         (the unwrapped model, logged rows {"step", "loss", "lr"}).
+
+    Raises:
+        TrainingStopped (a KeyboardInterrupt) after saving, when SIGTERM or Ctrl-C stopped the phase.
     """
+    from zoo.train import _StopRequest
+
     t = section.train
     inputs = ModelInputs.of(_unwrap(model))  # a PeftModel's forward hides which fields the model takes
     optimizer = build_optimizer(model, section.optim)
@@ -733,49 +778,104 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     loader = DataLoader(dataset, batch_size=t.micro_batch_size, shuffle=isinstance(dataset, ListDataset),
                         generator=generator, collate_fn=lambda rows: pad_collate(rows, pad_id))
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = {n: p for n, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    params = list(named.values())
     batches = _cycle(loader)
+    log: list[dict[str, float]] = []
+    window: list[float] = []
+    start = 0
+    resumed = _load_checkpoint(checkpoint, stamp, accelerator, desc)
+    if resumed is not None:
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(resumed["params"][n])
+        optimizer.load_state_dict(resumed["optimizer"])
+        start, log, window = resumed["step"], resumed["log"], resumed["window"]
+        for _ in range(start * t.grad_accum):  # the same rows in the same order as an uninterrupted run
+            next(batches)
+        if resumed["rng"] is not None:
+            torch.set_rng_state(resumed["rng"]["cpu"])
+            if torch.cuda.is_available() and resumed["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state_all(resumed["rng"]["cuda"])
+        accelerator.print(f"{desc}: continuing from step {start} of {t.max_steps} ({checkpoint})")
+
+    def save(completed: int) -> None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        rng = {"cpu": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, checkpoint / f"rng-{accelerator.process_index}.pt")
+        state = optimizer.state_dict()  # (a collective under some distributed optimizers: every process)
+        if accelerator.is_main_process:  # written beside and renamed: an interrupted save keeps the last one
+            tmp = checkpoint / f".{_CHECKPOINT}.tmp"
+            torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "window": window,
+                        "params": {n: p.detach().cpu() for n, p in named.items()}, "optimizer": state,
+                        "log": log}, tmp)
+            os.replace(tmp, checkpoint / _CHECKPOINT)
+        accelerator.wait_for_everyone()
+
     bar = None
     if t.progress_bar and accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=t.max_steps, desc=desc, dynamic_ncols=True)
-    log: list[dict[str, float]] = []
-    window: list[float] = []
+        bar = tqdm(total=t.max_steps, initial=start, desc=desc, dynamic_ncols=True)
     carried = None  # state_passing: the cache of the previous micro-batch
+    completed, updating = start, False
     model.train()
     try:
-        for step in range(t.max_steps):
-            lr = lr_at(step, section)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro = [next(batches) for _ in range(t.grad_accum)]
-            scale = 1.0 / max(1, sum(count_targets(b["labels"]) for b in micro))
-            loss = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(micro):
-                if t.state_passing:
-                    with contextlib.nullcontext() if i == t.grad_accum - 1 else accelerator.no_sync(model):
-                        step_loss, carried = _state_passing_step(model, batch, scale, inputs, carried)
-                        accelerator.backward(step_loss)
-                    loss += step_loss.detach()
-                    continue
-                loss += forward_backward(model, batch, scale, inputs,
-                                         backward=lambda tensors, grads: accelerator.backward(tensors[0]),
-                                         no_sync=lambda: accelerator.no_sync(model), sync_last=i == t.grad_accum - 1)
-            if section.optim.grad_clip:
-                accelerator.clip_grad_norm_(params, section.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            window.append(float(loss))
-            if (step + 1) % t.log_every == 0 or step + 1 == t.max_steps:
-                mean = accelerator.reduce(torch.tensor(sum(window) / len(window), device=accelerator.device),
-                                          reduction="mean").item()
-                log.append({"step": step + 1, "loss": mean, "lr": lr})
-                window = []
+        with _StopRequest() as stop:
+            for step in range(start, t.max_steps):
+                lr = lr_at(step, section)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                micro = [next(batches) for _ in range(t.grad_accum)]
+                scale = 1.0 / max(1, sum(count_targets(b["labels"]) for b in micro))
+                loss = torch.zeros((), device=accelerator.device)
+                for i, batch in enumerate(micro):
+                    if t.state_passing:
+                        with contextlib.nullcontext() if i == t.grad_accum - 1 else accelerator.no_sync(model):
+                            step_loss, carried = _state_passing_step(model, batch, scale, inputs, carried)
+                            accelerator.backward(step_loss)
+                        loss += step_loss.detach()
+                        continue
+                    loss += forward_backward(model, batch, scale, inputs,
+                                             backward=lambda tensors, grads: accelerator.backward(tensors[0]),
+                                             no_sync=lambda: accelerator.no_sync(model),
+                                             sync_last=i == t.grad_accum - 1)
+                updating = True
+                if section.optim.grad_clip:
+                    accelerator.clip_grad_norm_(params, section.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                updating, completed = False, step + 1
+                window.append(float(loss))
+                if completed % t.log_every == 0 or completed == t.max_steps:
+                    mean = accelerator.reduce(torch.tensor(sum(window) / len(window), device=accelerator.device),
+                                              reduction="mean").item()
+                    log.append({"step": completed, "loss": mean, "lr": lr})
+                    window = []
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
+                    bar.update(1)
+                if checkpoint is not None and t.checkpoint_every and completed % t.checkpoint_every == 0 \
+                        and completed < t.max_steps:
+                    save(completed)
+                requested = stop.requested
+                if accelerator.num_processes > 1:  # the processes stop at the same step
+                    flag = torch.tensor(float(requested), device=accelerator.device)
+                    requested = accelerator.reduce(flag, reduction="sum").item() > 0
+                if requested and completed < t.max_steps:
+                    if checkpoint is not None:
+                        save(completed)
+                    raise TrainingStopped(checkpoint, completed)
+    except TrainingStopped:
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step
+        if checkpoint is None or updating:  # parameters may be half-updated: keep the last checkpoint
+            raise
+        optimizer.zero_grad(set_to_none=True)
+        save(completed)
+        raise TrainingStopped(checkpoint, completed) from None
     finally:
         if bar is not None:
             bar.close()
@@ -853,7 +953,8 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     train_set, eval_set = build_datasets(p.data, n_train=n_rows)
     eval_loader = _eval_loader(eval_set, p.train.eval_batch_size, 0)
     t0 = time.perf_counter()
-    model, log = run_training(accelerator, model, train_set, p, 0, "pretrain")
+    model, log = run_training(accelerator, model, train_set, p, 0, "pretrain", out_dir / "pretrain-checkpoint",
+                              _phase_stamp(stamp))
     result = {"seconds": time.perf_counter() - t0, "log": log,
               "eval": evaluate(model, eval_loader, accelerator.device)}
     accelerator.print(f"pretrain: {p.train.max_steps} steps in {result['seconds']:.0f}s, accuracy on its own task "
@@ -865,8 +966,31 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
         model.save_pretrained(base_dir, safe_serialization=True)
         (base_dir / "pretrain_result.json").write_text(json.dumps(result, indent=1))
         stamp_file.write_text(json.dumps(stamp, indent=1))
+        shutil.rmtree(out_dir / "pretrain-checkpoint", ignore_errors=True)  # the base is saved: done with it
     accelerator.wait_for_everyone()
     return base_dir, result
+
+
+def _base_identity(base_path: str | Path) -> Any:
+    """A base model as a finetune checkpoint records it: a local folder by its weight files' names, sizes and
+    modification times (a base pretrained again is another base), a hub id by its name."""
+    folder = Path(base_path)
+    if not folder.is_dir():
+        return str(base_path)
+    return [str(folder), *([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
+                           if f.suffix in (".safetensors", ".bin"))]
+
+
+def _phase_stamp(settings: dict[str, Any]) -> dict[str, Any]:
+    """What a phase's checkpoint must agree on to be continued: its settings less those of logging and saving
+    (a rerun with another log_every or progress bar continues)."""
+    out = json.loads(json.dumps(settings))
+    for section in [out, *(v for v in out.values() if isinstance(v, dict))]:
+        train = section.get("train")
+        if isinstance(train, dict):
+            for key in ("log_every", "progress_bar", "checkpoint_every", "eval_batch_size"):
+                train.pop(key, None)
+    return out
 
 
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -931,7 +1055,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                           check_forward=lora.check_forward, verbose=accelerator.is_main_process)
     result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
     t0 = time.perf_counter()
-    model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune")
+    stamp = cfg.to_dict() | {"base": _base_identity(base_path)}  # another base's checkpoint is not continued
+    checkpoint = out_dir / "finetune-checkpoint"
+    model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune", checkpoint,
+                                        _phase_stamp(stamp))
     result["train_seconds"] = time.perf_counter() - t0
     result["adapted"] = evaluate(model, eval_loader, device)
     trained_logits = _logits(model, probe_batch, device)
@@ -941,6 +1068,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.save_pretrained(adapter_dir)
         if saved_tokenizer is not None:
             saved_tokenizer.save_pretrained(adapter_dir)
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is saved: done with it
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
