@@ -617,3 +617,21 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     assert "holds a checkpoint of another config; starting over" in capsys.readouterr().out
     assert len(other["log"]) == 3
 
+
+def test_the_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):
+    """The base is trained in fp32; merged/ was saved in fp32 whatever the base's dtype (a bf16 checkpoint's merge
+    twice its size, loading as fp32). It now takes the base's dtype, and 'after' evaluates what was saved."""
+    from safetensors.torch import load_file
+
+    tiny("mamba").to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False},
+              "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    result = main([str(tmp_path / "ft.yaml")])
+    weights = load_file(tmp_path / "run" / "merged" / "model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16} and result["merged_dtype"] == "bfloat16"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+    assert next(merged.parameters()).dtype == torch.bfloat16
+

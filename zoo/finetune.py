@@ -971,6 +971,16 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     return base_dir, result
 
 
+def _checkpoint_dtype(base_path: str | Path) -> torch.dtype | None:
+    """The floating dtype a checkpoint's config records (None: none recorded)."""
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(str(base_path)), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
 def _base_identity(base_path: str | Path) -> Any:
     """A base model as a finetune checkpoint records it: a local folder by its weight files' names, sizes and
     modification times (a base pretrained again is another base), a hub id by its name."""
@@ -1082,6 +1092,12 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if result["reload_max_abs_diff"] > 1e-4 * max(1.0, scale) or result["merge_max_abs_diff"] > 1e-3 * max(1.0, scale):
         raise RuntimeError(f"adapter round trip changed the logits: reload {result['reload_max_abs_diff']:.3e}, "
                            f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f})")
+    # trained and checked in fp32; saved (and evaluated) in the base checkpoint's own dtype, as a user reloads it: a
+    # bf16 base's merged checkpoint was fp32, twice its size, and loaded as fp32
+    base_dtype = _checkpoint_dtype(base_path)
+    if base_dtype is not None and base_dtype != torch.float32:
+        merged = merged.to(base_dtype)
+        result["merged_dtype"] = str(base_dtype).removeprefix("torch.")
     if accelerator.is_main_process:
         merged.save_pretrained(merged_dir, safe_serialization=True)
         if saved_tokenizer is not None:
