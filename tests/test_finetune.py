@@ -300,6 +300,8 @@ def test_shipped_mqar_recipe_runs_shortened(tmp_path):
     again = main([*argv, "--train.max_steps=2", "--lora.r=2"])  # same pretrain section: the base is reused
     assert weights.stat().st_mtime_ns == written and again["pretrain"] == result["pretrain"]
     assert again["before"] == result["before"]
+    main([*argv, "--train.precision=fp32"])  # the top-level precision runs the pretrain phase too: pretrained again
+    assert weights.stat().st_mtime_ns != written
 
 
 def test_config_errors_name_the_field(tmp_path):

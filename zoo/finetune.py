@@ -940,7 +940,10 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     from zoo.config import ZooConfig
 
     base_dir = out_dir / "base"
-    stamp = {"model": cfg.model, "model_yaml": Path(cfg.model).read_text(), "pretrain": cfg.to_dict()["pretrain"]}
+    # the top-level train.precision runs the pretrain phase too (one accelerator): a base pretrained in another
+    # precision was reused
+    stamp = {"model": cfg.model, "model_yaml": Path(cfg.model).read_text(), "pretrain": cfg.to_dict()["pretrain"],
+             "precision": cfg.train.precision}
     stamp_file = base_dir / "pretrain_config.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         accelerator.print(f"pretrain: reusing {base_dir} (same model and pretrain section)")
