@@ -137,6 +137,13 @@ def test_cli_grafts_transformers_checkpoints(tmp_path):
     assert same(hybrid.model.layers[3].mixer, zoo_mamba.model.layers[6].mixer)
     assert same(hybrid.model.layers[2], zoo_llama.model.layers[2])
     assert same(hybrid.model.embeddings, zoo_llama.model.embeddings)
+    # a bf16 base with an fp32 donor: the hybrid is fp32 (nothing rounded) unless --dtype asks for the base's
+    llama.to(torch.bfloat16).save_pretrained(tmp_path / "llama16")
+    for dtype, expected in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
+        main([str(tmp_path / f"hybrid-{dtype}"), "--base", str(tmp_path / "llama16"), "--donor",
+              str(tmp_path / "mamba"), "--pattern", "AMAM", f"--dtype={dtype}"])
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / f"hybrid-{dtype}", dtype="auto")
+        assert next(saved.parameters()).dtype == expected, dtype
 
 
 def test_graft_keeps_the_base_generation_config(base, donor):

@@ -121,8 +121,9 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
     base_dtype, dtype = _widest_dtype(base), _widest_dtype(base, donor if grafted else None)
     if dtype != base_dtype:
         warnings.warn(f"graft: the hybrid is {dtype} (the donor's weights are {_widest_dtype(donor)}, the base's "
-                      f"{base_dtype}) so that no weight is rounded; cast it with .to({base_dtype}) for a model in "
-                      f"the base's dtype (the grafted mixers then compute in rounded weights)", stacklevel=2)
+                      f"{base_dtype}) so that no weight is rounded; cast it with .to({base_dtype}) (zoo graft: "
+                      f"--dtype) for a model in the base's dtype (the grafted mixers then compute in rounded "
+                      f"weights)", stacklevel=2)
     hybrid.to(dtype=dtype, device=next(base.parameters()).device)
 
     state = hybrid.state_dict()
@@ -185,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixer-norm", choices=("base", "donor"), default="base",
                    help="pre-mixer RMSNorm of grafted layers (default: the base's)")
     p.add_argument("--seed", type=int, default=0, help="seed of fresh mixers")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the saved hybrid (auto: the widest of base and donor, so that no copied weight is "
+                   "rounded)")
     p.add_argument("--max-shard-size", default="5GB")
     args = p.parse_args(argv)
     for name, src in (("--base", args.base), ("--donor", args.donor)):
@@ -196,8 +200,13 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--donor-layers: expected comma-separated layer indices such as 2,6; got {args.donor_layers!r}")
     base = load_as_zoo(args.base)
     donor = load_as_zoo(args.donor) if args.donor else None
-    hybrid = graft(base, args.pattern, donor, mixers=_read_mixers(args.mixers), donor_layers=donor_layers,
-                   mixer_norm=args.mixer_norm, seed=args.seed)
+    with warnings.catch_warnings():
+        if args.dtype != "auto":  # (the widening warning's advice is what --dtype does)
+            warnings.filterwarnings("ignore", message="graft: the hybrid is")
+        hybrid = graft(base, args.pattern, donor, mixers=_read_mixers(args.mixers), donor_layers=donor_layers,
+                       mixer_norm=args.mixer_norm, seed=args.seed)
+    if args.dtype != "auto":
+        hybrid = hybrid.to(getattr(torch, args.dtype))
     out = save_model_folder(hybrid, args.dst, load_folder_tokenizer(args.base), max_shard_size=args.max_shard_size)
     kinds = " ".join(spec["type"] for spec in hybrid.config.layer_specs())
     print(f"wrote {out}: {kinds} ({str(hybrid.dtype).removeprefix('torch.')})")
