@@ -15,9 +15,11 @@ forward never ran.
 loads a checkpoint with ``AutoModelForCausalLM.from_pretrained``, wraps it, trains on a synthetic task
 (``zoo.data.synthetic``) or on jsonl rows ``{"text"}`` / ``{"prompt", "completion"}`` (loss on the completion
 only), saves the adapter, reloads it with ``PeftModel.from_pretrained``, merges it (``merge_and_unload``) and
-saves the merged checkpoint, reporting the task accuracy before and after. A run directory holds
-``adapter/``, ``merged/``, ``finetune_config.yaml`` and ``finetune_result.json`` (and ``base/`` when the
-config pretrains its own base model from a zoo YAML, see `PretrainSection`).
+saves the merged checkpoint (in the base checkpoint's dtype), reporting the task accuracy before and after. A
+run directory holds ``adapter/``, ``merged/``, ``finetune_config.yaml`` and ``finetune_result.json`` (and
+``base/`` when the config pretrains its own base model from a zoo YAML, see `PretrainSection`); a phase stopped by
+Ctrl-C or SIGTERM leaves ``finetune-checkpoint/`` (or ``pretrain-checkpoint/``), which the same command continues
+(`LoopSection.checkpoint_every`).
 """
 
 from __future__ import annotations
