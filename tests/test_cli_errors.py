@@ -198,3 +198,19 @@ def test_graft_refuses_to_overwrite_its_base(tiny_folder, capsys):
     with pytest.raises(SystemExit) as e:
         graft_main([str(tiny_folder), "--base", str(tiny_folder), "--pattern", "MM"])
     assert e.value.code == 2 and "is the --base folder" in capsys.readouterr().err
+
+
+def test_info_without_embeddings_leaves_out_an_untied_lm_head(tmp_path, capsys):
+    # 'without embeddings' subtracted the input embedding only: an untied model's LM head (V x d) was counted as a
+    # non-embedding parameter, so zoo info disagreed with zoo compare's non_embedding count for the same config
+    from zoo.compare import parameter_counts
+
+    tied = tmp_path / "tied.yaml"
+    tied.write_text(TINY.read_text().replace("vocab_size: 512", "vocab_size: 50000"))
+    untied = _yaml(tmp_path, tied.read_text() + "tie_embeddings: false\n")
+    cli.main(["info", "--seq-len", "16", str(tied), str(untied)])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    tied_without, untied_without = rows[0][4], rows[1][4]
+    assert untied_without == tied_without, rows
+    counts = parameter_counts(zoo.ZooConfig.from_yaml(untied))
+    assert untied_without == f"{counts['non_embedding'] / 1e6:.1f}M"

@@ -46,7 +46,10 @@ def info(argv: list[str] | None = None) -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(cfg)
         n = sum(p.numel() for p in model.parameters())
-        emb = model.model.embeddings.weight.numel()
+        emb = model.get_input_embeddings().weight.numel()
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            emb += head.weight.numel()  # an untied LM head is an embedding too (as zoo compare's non_embedding)
         state = sum(b.mixer.state_size(args.seq_len) for b in model.model.layers)
         name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
         print(f"| {name} | {cfg.num_hidden_layers} | {cfg.d_model} | {n / 1e6:.1f}M | {(n - emb) / 1e6:.1f}M "
