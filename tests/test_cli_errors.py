@@ -214,3 +214,18 @@ def test_info_without_embeddings_leaves_out_an_untied_lm_head(tmp_path, capsys):
     assert untied_without == tied_without, rows
     counts = parameter_counts(zoo.ZooConfig.from_yaml(untied))
     assert untied_without == f"{counts['non_embedding'] / 1e6:.1f}M"
+
+
+def test_info_takes_a_saved_model_folder(tiny_folder, tmp_path, capsys, monkeypatch):
+    # a model folder (what zoo train, finetune and convert write) ended in 'zoo info: [Errno 21] Is a directory'
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    cli.main(["info", str(TINY)])
+    from_yaml = capsys.readouterr().out.splitlines()[2]
+    cli.main(["info", f"{tiny_folder}/"])
+    assert capsys.readouterr().out.splitlines()[2] == from_yaml.replace("| mamba-tiny |", f"| {tiny_folder.name} |")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"model_type": "llama"}')
+    for folder, text in [(tmp_path, "is a folder but not a model folder"), (tmp_path / "llama", "'llama' model")]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["info", str(folder)])
+        assert e.value.code == 2 and text in capsys.readouterr().err

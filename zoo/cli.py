@@ -31,15 +31,13 @@ def info(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from zoo.config import ZooConfig
-
     p = argparse.ArgumentParser(prog="zoo info", description="Parameter counts of model configs.")
-    p.add_argument("configs", nargs="+")
+    p.add_argument("configs", nargs="+", help="zoo model YAML configs or saved zoo model folders (config.json)")
     p.add_argument("--seq-len", type=int, default=2048, help="length at which to report the state size")
     args = p.parse_args(argv)
     if args.seq_len < 1:
         p.error(f"--seq-len must be at least 1, got {args.seq_len}")
-    configs = [(path, ZooConfig.from_yaml(path)) for path in args.configs]  # every config's errors before the table
+    configs = [(path, _info_config(path)) for path in args.configs]  # every config's errors before the table
     print("| config | layers | d_model | parameters | without embeddings | state floats/seq @ L |")
     print("| --- | --- | --- | --- | --- | --- |")
     for path, cfg in configs:
@@ -51,9 +49,29 @@ def info(argv: list[str] | None = None) -> None:
         if head is not None and head.weight is not model.get_input_embeddings().weight:
             emb += head.weight.numel()  # an untied LM head is an embedding too (as zoo compare's non_embedding)
         state = sum(b.mixer.state_size(args.seq_len) for b in model.model.layers)
-        name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
+        name = os.path.basename(os.path.normpath(path)).removesuffix(".yaml")
         print(f"| {name} | {cfg.num_hidden_layers} | {cfg.d_model} | {n / 1e6:.1f}M | {(n - emb) / 1e6:.1f}M "
               f"| {state / 1e6:.2f}M |")
+
+
+def _info_config(path: str):
+    """The ZooConfig of a YAML config or of a saved model folder (its config.json); ValueError for a folder that is
+    not a zoo model folder."""
+    import json
+    from pathlib import Path
+
+    from zoo.config import ZooConfig
+    from zoo.hub import check_model_ref
+
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        return ZooConfig.from_yaml(path)
+    check_model_ref(path, what="config")
+    model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    if model_type != "zoo":
+        raise ValueError(f"config: {path!r} holds a {model_type!r} model, not a zoo model; give a zoo model folder "
+                         f"or YAML (zoo convert brings transformers and mamba_ssm checkpoints into the zoo)")
+    return ZooConfig.from_pretrained(folder)
 
 
 def generate(argv: list[str] | None = None) -> None:
