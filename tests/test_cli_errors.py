@@ -229,3 +229,21 @@ def test_info_takes_a_saved_model_folder(tiny_folder, tmp_path, capsys, monkeypa
         with pytest.raises(SystemExit) as e:
             cli.main(["info", str(folder)])
         assert e.value.code == 2 and text in capsys.readouterr().err
+
+
+def test_generate_starts_the_prompt_with_bos_as_the_model_was_trained(tiny_folder, capsys, monkeypatch):
+    # zoo train wraps every document in <bos> ... <eos>; zoo generate fed the prompt's bytes alone, so a trained
+    # model continued a prompt from a start it had never seen (the evaluations' prompts start with <bos>)
+    from zoo.modeling import ZooForCausalLM
+
+    seen = {}
+    original = ZooForCausalLM.generate
+
+    def generate(self, input_ids=None, **kwargs):
+        seen["input_ids"] = input_ids.tolist()
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    cli.main(["generate", str(tiny_folder), "hi", "--max-new-tokens", "2"])
+    assert seen["input_ids"] == [[257, ord("h"), ord("i")]]
+    assert capsys.readouterr().out.startswith("hi")  # the <bos> is not printed

@@ -79,6 +79,7 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the Auto classes)
+    from zoo.eval.common import encode_with_bos
     from zoo.hub import check_model_ref, load_folder_tokenizer
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
@@ -100,7 +101,9 @@ def generate(argv: list[str] | None = None) -> None:
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
     model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    ids = tok(args.prompt, return_tensors="pt")
+    # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do
+    input_ids = torch.tensor([encode_with_bos(tok, args.prompt)])
+    ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              num_beams=args.num_beams, pad_token_id=tok.pad_token_id)
