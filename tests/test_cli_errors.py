@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 import zoo
@@ -247,3 +248,23 @@ def test_generate_starts_the_prompt_with_bos_as_the_model_was_trained(tiny_folde
     cli.main(["generate", str(tiny_folder), "hi", "--max-new-tokens", "2"])
     assert seen["input_ids"] == [[257, ord("h"), ord("i")]]
     assert capsys.readouterr().out.startswith("hi")  # the <bos> is not printed
+
+
+def test_generate_takes_a_device_and_a_dtype(tiny_folder, capsys, monkeypatch):
+    # zoo generate had neither: it always ran on the CPU in the checkpoint's dtype, a GPU machine's GPU unused
+    from zoo.modeling import ZooForCausalLM
+
+    seen = {}
+    original = ZooForCausalLM.generate
+
+    def generate(self, input_ids=None, **kwargs):
+        seen.update(dtype=self.dtype, device=self.device.type, ids_device=input_ids.device.type)
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    cli.main(["generate", str(tiny_folder), "hi", "--max-new-tokens", "2", "--device", "cpu", "--dtype", "bf16"])
+    assert seen == {"dtype": torch.bfloat16, "device": "cpu", "ids_device": "cpu"}
+    assert capsys.readouterr().out.startswith("hi")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi", "--device", "cdua"])
+    assert e.value.code == 2 and "--device 'cdua'" in capsys.readouterr().err

@@ -79,7 +79,7 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.eval.common import encode_with_bos
+    from zoo.eval.common import DTYPES, default_device, encode_with_bos
     from zoo.hub import check_model_ref, load_folder_tokenizer
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
@@ -89,7 +89,13 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--sample", action="store_true")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--tokenizer", help="'byte' or a tokenizer folder / hub id (default: the model folder's)")
+    p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the weights' dtype (default: the checkpoint's)")
     args = p.parse_args(argv)
+    try:
+        device = torch.device(args.device or default_device())
+    except RuntimeError as e:
+        p.error(f"--device {args.device!r}: {e}")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
@@ -100,9 +106,10 @@ def generate(argv: list[str] | None = None) -> None:
     tok = load_folder_tokenizer(args.tokenizer or args.model)
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
-    model = AutoModelForCausalLM.from_pretrained(args.model).eval()
+    kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device).eval()
     # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do
-    input_ids = torch.tensor([encode_with_bos(tok, args.prompt)])
+    input_ids = torch.tensor([encode_with_bos(tok, args.prompt)], device=device)
     ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
