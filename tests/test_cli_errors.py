@@ -268,3 +268,22 @@ def test_generate_takes_a_device_and_a_dtype(tiny_folder, capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", str(tiny_folder), "hi", "--device", "cdua"])
     assert e.value.code == 2 and "--device 'cdua'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["info", str(TINY)], ["eval", "state", "--model", str(TINY)]])
+def test_an_interruption_while_a_command_imports_exits_130_in_one_line(argv, capsys, monkeypatch):
+    # the command's module (torch, transformers: seconds) was imported outside the interruption handler, so a Ctrl-C
+    # right after starting a command printed a traceback instead of 'zoo <command>: interrupted'
+    import importlib
+
+    def interrupted(name, package=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    monkeypatch.setattr(importlib, "import_module", interrupted)
+    with pytest.raises(SystemExit) as e:
+        try:
+            cli.main(argv)
+        except KeyboardInterrupt:  # (escaping, it would stop pytest itself)
+            pytest.fail("the KeyboardInterrupt escaped zoo's handler (a traceback for the user)")
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err

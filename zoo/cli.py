@@ -136,15 +136,20 @@ def main(argv: list[str] | None = None) -> None:
             close = difflib.get_close_matches(rest[0], EVAL_COMMANDS, n=1) if rest else []
             _usage_error((f"zoo eval: unknown evaluation {rest[0]!r}" + (f"; did you mean {close[0]!r}?" if close
                           else "") + "\n" if rest else "") + eval_usage)
-        module = importlib.import_module(EVAL_COMMANDS[rest[0]])
-        _exit(_run(f"zoo eval {rest[0]}", module.main, rest[1:]))
+        _exit(_run(f"zoo eval {rest[0]}", _lazy(EVAL_COMMANDS[rest[0]], "main"), rest[1:]))
         return
     if cmd not in COMMANDS:
         close = difflib.get_close_matches(cmd, [*COMMANDS, "eval"], n=1)
         _usage_error(f"zoo: unknown command {cmd!r}" + (f"; did you mean {close[0]!r}?" if close else "")
                      + f"\n{usage}")
     module_name, fn, _ = COMMANDS[cmd]
-    _exit(_run(f"zoo {cmd}", getattr(importlib.import_module(module_name), fn), rest))
+    _exit(_run(f"zoo {cmd}", _lazy(module_name, fn), rest))
+
+
+def _lazy(module_name: str, fn: str):
+    """The command's function, its module imported when it is called: inside `_run`, so a Ctrl-C during the
+    seconds that importing torch and transformers takes ends as one line and 130 too."""
+    return lambda argv: getattr(importlib.import_module(module_name), fn)(argv)
 
 
 def _usage_error(message: str) -> None:
