@@ -575,3 +575,34 @@ def test_recall_plot_labels_a_state_size_once_over_its_points():
             {"n_kv": 4, "state_floats": 100, "accuracy": 0.072, "seq_len": 64},
             {"n_kv": 4, "state_floats": 400, "accuracy": 0.5, "seq_len": 128}]
     assert _recall_labels(rows) == [(100, 0.072, "L=32,64"), (400, 0.5, "L=128")]
+
+
+class _CustomEMA(torch.nn.Module):
+    """A custom mixer (by import path) with no sequence-mixing FLOPs of its own beyond its projection."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def state_size(self, seq_len: int) -> int:
+        return 0
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+def test_a_custom_mixer_keeps_the_attention_flops_of_the_hybrids_builtin_layers():
+    """A hybrid with one custom mixer fell back to module weights for every layer and dropped the sequence-mixing
+    FLOPs of its built-in layers too: its attention layer's QKᵀ and PV cost nothing, the same at L = 8 and 4096, so
+    a custom-mixer hybrid looked cheaper than it is against an attention baseline."""
+    common = dict(vocab_size=50, d_model=16, ffn="none", layers="CA")
+    custom = ZooConfig(mixers={"C": {"type": f"{__name__}._CustomEMA"}, "A": {"type": "attention", "n_heads": 2}},
+                       **common)
+    rows = account(custom, [8, 4096])["per_length"]
+    weights = 16 * 16 + 4 * 16 * 16 + 50 * 16
+    for row, L in zip(rows, (8, 4096)):
+        assert row["flops_per_token"] == 2 * weights + 4 * causal_keys_mean(L) * 2 * 8
+        assert row["decode_flops_per_token"] == 2 * weights + 4 * (L + 1) * 2 * 8

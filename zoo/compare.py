@@ -311,9 +311,14 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
     if isinstance(config, ZooConfig):
         counts = parameter_counts(config)
         costs = layer_costs(config)
-        if costs is None:  # a custom mixer: weights from the modules, no sequence-mixing term
-            costs = [LayerCost(b.mixer.__class__.__name__, 0, 0, lambda L: 0.0, lambda L: 0.0)
-                     for b in model.model.layers]
+        if costs is None:  # a custom mixer: weights from the modules; a sequence-mixing term for the built-in
+            # mixers only (the hybrid's attention layers keep theirs), none for a custom one
+            costs = []
+            for b, spec in zip(model.model.layers, config.layer_specs()):
+                kind = getattr(type(b.mixer), "mixer_type", None)
+                seq, dec = (_mixer_cost(kind, config.d_model, spec)[2:] if kind in ANALYTIC_MIXERS
+                            else (lambda L: 0.0, lambda L: 0.0))
+                costs.append(LayerCost(b.mixer.__class__.__name__, 0, 0, seq, dec))
             weights = module_weights(model)
         else:
             weights = sum(c.weights for c in costs) + config.vocab_size * config.d_model
