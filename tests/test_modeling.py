@@ -389,6 +389,46 @@ def test_a_stateless_mixer_decodes_with_beams_and_several_sequences():
     assert out.shape == (4, 11)
 
 
+class CausalMeanMixer(torch.nn.Module):
+    """A custom mixer with no cache support (no `init_state`): each position averages the projections before it."""
+
+    lora_targets = ("proj",)
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
+        return self.proj(x).cumsum(1) / steps[:, None]
+
+
+def test_a_mixer_without_init_state_trains_evaluates_and_generates_without_a_cache():
+    """A custom mixer that defines no init_state failed at model construction (AttributeError: no attribute
+    'init_state'), so it could not even be trained. The model now builds, trains and evaluates without a cache,
+    generate reruns the whole sequence each step (with a warning) and matches greedy decoding by hand, and asking
+    for a cache names the mixer and use_cache=False."""
+    config = ZooConfig(d_model=32, vocab_size=64, layers="MA", ffn="none",
+                       mixers={"M": {"type": f"{__name__}.CausalMeanMixer"}, "A": {"type": "attention", "n_heads": 2}})
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(1, 64, (2, 6))
+    model(ids, labels=ids).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(ids).logits.shape == (2, 6, 64)
+    with pytest.warns(UserWarning, match="CausalMeanMixer defines no init_state"):
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, seq)
+    with pytest.raises(ValueError, match="CausalMeanMixer defines no init_state.*use_cache=False"):
+        model(ids, use_cache=True)
+    with pytest.raises(ValueError, match="CausalMeanMixer defines no init_state"):
+        model.generate(ids, max_new_tokens=2, use_cache=True, pad_token_id=0)
+
+
 def test_trusted_load_takes_overrides_and_a_keyword_path(tmp_path):
     cfg = ZooConfig(d_model=32, vocab_size=64, layers="X", ffn="none",
                     mixers={"X": {"type": "zoo.mixers.mamba.Mamba", "d_state": 4}})
