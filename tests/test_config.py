@@ -139,3 +139,28 @@ def test_dotted_mixer_from_disk_needs_trust(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded.model.layers[0].mixer).__name__ == "Mamba"
+
+
+def test_a_dotted_mixer_checkpoint_loads_in_the_command_line_tools_when_trusted_by_environment(tmp_path, monkeypatch,
+                                                                                                  capsys):
+    """zoo generate / eval / finetune take no trust_remote_code, and the refusal told the user to pass it (or to
+    call a Python function): a checkpoint of a custom mixer given by import path could not be used from any zoo
+    command. ZOO_TRUST_MIXER_PATHS names the paths they may import; the refusal names it, and, for from_config (which
+    drops trust_remote_code), trust_mixer_path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.cli import main
+
+    path = "zoo.mixers.mamba.Mamba"
+    cfg = ZooConfig(d_model=32, vocab_size=300, layers="X", ffn="none", mixers={"X": {"type": path, "d_state": 4}})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    monkeypatch.delenv("ZOO_TRUST_MIXER_PATHS", raising=False)
+    argv = ["generate", str(tmp_path), "hi", "--tokenizer", "byte", "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert f"ZOO_TRUST_MIXER_PATHS={path}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=rf"trust_mixer_path\('{path}'\)"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), trust_remote_code=True)
+    monkeypatch.setenv("ZOO_TRUST_MIXER_PATHS", f"other.Mixer, {path}")
+    main(argv)
+    assert capsys.readouterr().out.startswith("hi")
