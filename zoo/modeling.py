@@ -18,9 +18,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from zoo_kernels.cross_entropy import cross_entropy
 
 from zoo.cache import RecurrentLayer, ZooCache, output_cache, require_init_state
-from zoo.config import ZooConfig
+from zoo.config import ZooConfig, check_mixer_options
 from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, load_balancing_loss, mark_no_weight_decay
-from zoo.registry import get_mixer
+from zoo.registry import get_mixer, is_dotted_path
 
 try:  # the keyword generate() keeps the cache under: "cache" from transformers 5.2x on, "past_key_values" before
     from transformers.generation.utils import ALL_CACHE_NAMES as _CACHE_NAMES
@@ -191,9 +191,14 @@ class ZooModel(ZooPreTrainedModel):
         trust = not getattr(config, "_from_disk", False) or _TRUSTED_LOAD.get()
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model, padding_idx=None)
         layers = []
+        pattern = [c for c in config.layers if not c.isspace()] if isinstance(config.layers, str) else None
         for i, spec in enumerate(config.layer_specs()):
             kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
-            mixer = get_mixer(spec["type"], trust_remote_code=trust)(config.d_model, i, **kwargs)
+            cls = get_mixer(spec["type"], trust_remote_code=trust)
+            if is_dotted_path(spec["type"]):  # imported only now: its options are checked here, not by the config
+                check_mixer_options(cls, spec, config.d_model, f"mixers.{pattern[i]}" if pattern else f"layers[{i}]",
+                                    f"layers[{i}]")
+            mixer = cls(config.d_model, i, **kwargs)
             if spec["ffn"] == "swiglu":
                 ffn = SwiGLU(config.d_model, config.ffn_spec()["hidden"])
             elif spec["ffn"] == "moe":
