@@ -606,3 +606,32 @@ def test_a_custom_mixer_keeps_the_attention_flops_of_the_hybrids_builtin_layers(
     for row, L in zip(rows, (8, 4096)):
         assert row["flops_per_token"] == 2 * weights + 4 * causal_keys_mean(L) * 2 * 8
         assert row["decode_flops_per_token"] == 2 * weights + 4 * (L + 1) * 2 * 8
+
+
+class _NoCache(torch.nn.Module):
+    """A custom mixer with neither init_state nor state_size: it keeps no cache."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x).cumsum(1)
+
+
+class _UnsizedCache(_NoCache):
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+
+def test_a_custom_mixer_without_state_size_is_accounted_or_named():
+    """account() read every mixer's state_size: a custom mixer without one ended the accounting (zoo compare,
+    zoo info) in AttributeError: '_NoCache' object has no attribute 'state_size'. A mixer that keeps no cache
+    (no init_state) holds 0 floats; one with a cache but no size raises naming the mixer and the method."""
+    common = dict(vocab_size=50, d_model=16, ffn="none", layers="CA")
+    attention = {"type": "attention", "n_heads": 2}
+    row = account(ZooConfig(mixers={"C": {"type": f"{__name__}._NoCache"}, "A": attention}, **common),
+                  [8])["per_length"][0]
+    assert row["state_floats"] == 0 and row["kv_floats"] == 2 * 2 * 8 * 8
+    with pytest.raises(ValueError, match=r"mixer _UnsizedCache defines init_state .* no state_size\(seq_len\)"):
+        account(ZooConfig(mixers={"C": {"type": f"{__name__}._UnsizedCache"}, "A": attention}, **common), [8])

@@ -31,6 +31,7 @@ def info(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from zoo.compare import mixer_state_size
     from zoo.config import ZooConfig
 
     p = argparse.ArgumentParser(prog="zoo info", description="Parameter counts of model configs.")
@@ -47,7 +48,7 @@ def info(argv: list[str] | None = None) -> None:
             model = AutoModelForCausalLM.from_config(cfg)
         n = sum(p.numel() for p in model.parameters())
         emb = model.model.embeddings.weight.numel()
-        state = sum(b.mixer.state_size(args.seq_len) for b in model.model.layers)
+        state = sum(mixer_state_size(b.mixer)(args.seq_len) for b in model.model.layers)
         name = path.rsplit("/", 1)[-1].removesuffix(".yaml")
         print(f"| {name} | {cfg.num_hidden_layers} | {cfg.d_model} | {n / 1e6:.1f}M | {(n - emb) / 1e6:.1f}M "
               f"| {state / 1e6:.2f}M |")

@@ -324,7 +324,7 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
             weights = sum(c.weights for c in costs) + config.vocab_size * config.d_model
         active = counts["active"]
         mixers = list(model.model.layers)
-        states = [(b.mixer.state_size, _is_attention(b.mixer)) for b in mixers]
+        states = [(mixer_state_size(b.mixer), _is_attention(b.mixer)) for b in mixers]
     else:
         costs = _hf_layer_costs(config)
         weights = module_weights(model)
@@ -348,7 +348,23 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
 
 def _is_attention(mixer: nn.Module) -> bool:
     """Whether the mixer's cache grows with the sequence (KV), judged by its state size at two lengths."""
-    return mixer.state_size(2) != mixer.state_size(1)
+    size = mixer_state_size(mixer)
+    return size(2) != size(1)
+
+
+def mixer_state_size(mixer: nn.Module) -> Callable[[int], int]:
+    """The mixer's `state_size` (floats of cache per sequence after L tokens); 0 for a custom mixer that defines
+    neither it nor `init_state` (it keeps no cache). A mixer that keeps a cache but does not size it raises,
+    naming it: its memory is not known."""
+    size = getattr(mixer, "state_size", None)
+    if callable(size):
+        return size
+    if not hasattr(mixer, "init_state"):
+        return lambda seq_len: 0
+    name = type(mixer).__name__
+    raise ValueError(f"mixer {name} defines init_state (a cache) but no state_size(seq_len), the floats of cache "
+                     f"per sequence after seq_len tokens that the accounting of cache memory reads; give {name} "
+                     f"state_size(self, seq_len: int) -> int (0 when it keeps no state)")
 
 
 def _hf_state_fns(config) -> list[Callable[[int], int]]:
@@ -1215,7 +1231,7 @@ def _state_floats(model, seq_len: int) -> int:
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is not None and all(hasattr(b, "mixer") for b in layers):
-        return int(sum(b.mixer.state_size(seq_len) for b in layers))
+        return int(sum(mixer_state_size(b.mixer)(seq_len) for b in layers))
     return int(sum(fn(seq_len) for fn in _hf_state_fns(model.config)))
 
 
