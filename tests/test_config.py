@@ -164,3 +164,21 @@ def test_a_dotted_mixer_checkpoint_loads_in_the_command_line_tools_when_trusted_
     monkeypatch.setenv("ZOO_TRUST_MIXER_PATHS", f"other.Mixer, {path}")
     main(argv)
     assert capsys.readouterr().out.startswith("hi")
+
+
+def test_a_checkpoint_of_a_registered_mixer_says_to_register_it_before_loading(tmp_path):
+    """A model saved with a mixer registered in code (type: ema) names it by its short name; loaded in a process that
+    had not registered it, the refusal listed the built-in mixers and suggested a dotted path, not the fix (import
+    the module that registers it). It now says so."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = ZooConfig(d_model=32, vocab_size=64, layers="A", ffn="none", mixers={"A": {"type": "attention"}})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["mixers"]["A"]["type"] = "my_unregistered_ema"  # as saved by a process that registered it
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"mixers\.A\.type: .*register_mixer\('my_unregistered_ema'\).*import the "
+                                         r"module that registers it"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

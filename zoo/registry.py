@@ -68,7 +68,9 @@ def get_mixer(name: str, trust_remote_code: bool = True) -> type[nn.Module]:
         return _MIXERS[name]
     if "." not in name:
         raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(sorted(_MIXERS))} "
-                         f"(or give a dotted import path such as 'mypkg.mixers.MyMixer')")
+                         f"(or give a dotted import path such as 'mypkg.mixers.MyMixer'). A mixer registered with "
+                         f"zoo.register_mixer({name!r}) is known only in a process that ran the registration: "
+                         f"import the module that registers it before building or loading a model that names it")
     if not (trust_remote_code or name in _TRUSTED_PATHS or _env_trusted(name)):
         raise ValueError(f"mixer {name!r} is a dotted import path from a config that came from disk; loading it "
                          f"runs code. Pass trust_remote_code=True to from_pretrained; before from_config or the "
