@@ -635,3 +635,36 @@ def test_a_custom_mixer_without_state_size_is_accounted_or_named():
     assert row["state_floats"] == 0 and row["kv_floats"] == 2 * 2 * 8 * 8
     with pytest.raises(ValueError, match=r"mixer _UnsizedCache defines init_state .* no state_size\(seq_len\)"):
         account(ZooConfig(mixers={"C": {"type": f"{__name__}._UnsizedCache"}, "A": attention}, **common), [8])
+
+
+class _ThreeHeads(torch.nn.Module):
+    """A custom mixer whose check_spec wants d_model divisible by its 3 heads."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, n_heads: int = 3):
+        super().__init__()
+        self.check_spec(d_model, n_heads=n_heads)
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    @staticmethod
+    def check_spec(d_model: int, *, n_heads: int = 3) -> None:
+        if d_model % n_heads:
+            raise ValueError(f"n_heads: {n_heads} does not divide d_model {d_model}")
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def state_size(self, seq_len: int) -> int:
+        return 0
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+def test_budget_matching_skips_the_widths_a_custom_mixer_refuses():
+    """match_budget skips a candidate d_model that the config refuses; a mixer given by import path is checked only
+    when its model is built, so its refusal (here: 3 heads do not divide d_model 8) ended the whole search instead
+    of skipping that width."""
+    fields = dict(d_model=48, vocab_size=256, layers="HA", ffn={"type": "swiglu", "hidden": 128},
+                  mixers={"H": {"type": f"{__name__}._ThreeHeads"}, "A": {"type": "attention", "n_heads": 2}})
+    matched, info = match_budget(fields, 200_000)
+    assert matched["d_model"] % 3 == 0 and abs(info["error"]) <= 0.02

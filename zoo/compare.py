@@ -385,8 +385,17 @@ def _round_to(x: float, step: int) -> int:
 
 
 def _try_config(fields: dict) -> ZooConfig | None:
+    """The config of `fields`, or None when it is invalid: the config's own checks, and the options / check_spec
+    of a mixer given by import path, which the config leaves to the model build (a candidate width that such a
+    mixer refuses is skipped, as one a built-in mixer refuses)."""
+    from zoo.config import check_mixer_options
+
     try:
-        return ZooConfig(**copy.deepcopy(fields))
+        config = ZooConfig(**copy.deepcopy(fields))
+        for i, spec in enumerate(config.layer_specs()):
+            if is_dotted_path(spec["type"]):
+                check_mixer_options(get_mixer(spec["type"]), spec, config.d_model, f"layers[{i}]", f"layers[{i}]")
+        return config
     except ValueError:
         return None
 
