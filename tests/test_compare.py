@@ -575,3 +575,96 @@ def test_recall_plot_labels_a_state_size_once_over_its_points():
             {"n_kv": 4, "state_floats": 100, "accuracy": 0.072, "seq_len": 64},
             {"n_kv": 4, "state_floats": 400, "accuracy": 0.5, "seq_len": 128}]
     assert _recall_labels(rows) == [(100, 0.072, "L=32,64"), (400, 0.5, "L=128")]
+
+
+class _CustomEMA(torch.nn.Module):
+    """A custom mixer (by import path) with no sequence-mixing FLOPs of its own beyond its projection."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def state_size(self, seq_len: int) -> int:
+        return 0
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+def test_a_custom_mixer_keeps_the_attention_flops_of_the_hybrids_builtin_layers():
+    """A hybrid with one custom mixer fell back to module weights for every layer and dropped the sequence-mixing
+    FLOPs of its built-in layers too: its attention layer's QKᵀ and PV cost nothing, the same at L = 8 and 4096, so
+    a custom-mixer hybrid looked cheaper than it is against an attention baseline."""
+    common = dict(vocab_size=50, d_model=16, ffn="none", layers="CA")
+    custom = ZooConfig(mixers={"C": {"type": f"{__name__}._CustomEMA"}, "A": {"type": "attention", "n_heads": 2}},
+                       **common)
+    rows = account(custom, [8, 4096])["per_length"]
+    weights = 16 * 16 + 4 * 16 * 16 + 50 * 16
+    for row, L in zip(rows, (8, 4096)):
+        assert row["flops_per_token"] == 2 * weights + 4 * causal_keys_mean(L) * 2 * 8
+        assert row["decode_flops_per_token"] == 2 * weights + 4 * (L + 1) * 2 * 8
+
+
+class _NoCache(torch.nn.Module):
+    """A custom mixer with neither init_state nor state_size: it keeps no cache."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x).cumsum(1)
+
+
+class _UnsizedCache(_NoCache):
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+
+def test_a_custom_mixer_without_state_size_is_accounted_or_named():
+    """account() read every mixer's state_size: a custom mixer without one ended the accounting (zoo compare,
+    zoo info) in AttributeError: '_NoCache' object has no attribute 'state_size'. A mixer that keeps no cache
+    (no init_state) holds 0 floats; one with a cache but no size raises naming the mixer and the method."""
+    common = dict(vocab_size=50, d_model=16, ffn="none", layers="CA")
+    attention = {"type": "attention", "n_heads": 2}
+    row = account(ZooConfig(mixers={"C": {"type": f"{__name__}._NoCache"}, "A": attention}, **common),
+                  [8])["per_length"][0]
+    assert row["state_floats"] == 0 and row["kv_floats"] == 2 * 2 * 8 * 8
+    with pytest.raises(ValueError, match=r"mixer _UnsizedCache defines init_state .* no state_size\(seq_len\)"):
+        account(ZooConfig(mixers={"C": {"type": f"{__name__}._UnsizedCache"}, "A": attention}, **common), [8])
+
+
+class _ThreeHeads(torch.nn.Module):
+    """A custom mixer whose check_spec wants d_model divisible by its 3 heads."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, n_heads: int = 3):
+        super().__init__()
+        self.check_spec(d_model, n_heads=n_heads)
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    @staticmethod
+    def check_spec(d_model: int, *, n_heads: int = 3) -> None:
+        if d_model % n_heads:
+            raise ValueError(f"n_heads: {n_heads} does not divide d_model {d_model}")
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def state_size(self, seq_len: int) -> int:
+        return 0
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+def test_budget_matching_skips_the_widths_a_custom_mixer_refuses():
+    """match_budget skips a candidate d_model that the config refuses; a mixer given by import path is checked only
+    when its model is built, so its refusal (here: 3 heads do not divide d_model 8) ended the whole search instead
+    of skipping that width."""
+    fields = dict(d_model=48, vocab_size=256, layers="HA", ffn={"type": "swiglu", "hidden": 128},
+                  mixers={"H": {"type": f"{__name__}._ThreeHeads"}, "A": {"type": "attention", "n_heads": 2}})
+    matched, info = match_budget(fields, 200_000)
+    assert matched["d_model"] % 3 == 0 and abs(info["error"]) <= 0.02

@@ -139,3 +139,46 @@ def test_dotted_mixer_from_disk_needs_trust(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
     assert type(loaded.model.layers[0].mixer).__name__ == "Mamba"
+
+
+def test_a_dotted_mixer_checkpoint_loads_in_the_command_line_tools_when_trusted_by_environment(tmp_path, monkeypatch,
+                                                                                                  capsys):
+    """zoo generate / eval / finetune take no trust_remote_code, and the refusal told the user to pass it (or to
+    call a Python function): a checkpoint of a custom mixer given by import path could not be used from any zoo
+    command. ZOO_TRUST_MIXER_PATHS names the paths they may import; the refusal names it, and, for from_config (which
+    drops trust_remote_code), trust_mixer_path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.cli import main
+
+    path = "zoo.mixers.mamba.Mamba"
+    cfg = ZooConfig(d_model=32, vocab_size=300, layers="X", ffn="none", mixers={"X": {"type": path, "d_state": 4}})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    monkeypatch.delenv("ZOO_TRUST_MIXER_PATHS", raising=False)
+    argv = ["generate", str(tmp_path), "hi", "--tokenizer", "byte", "--max-new-tokens", "2"]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert f"ZOO_TRUST_MIXER_PATHS={path}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=rf"trust_mixer_path\('{path}'\)"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tmp_path), trust_remote_code=True)
+    monkeypatch.setenv("ZOO_TRUST_MIXER_PATHS", f"other.Mixer, {path}")
+    main(argv)
+    assert capsys.readouterr().out.startswith("hi")
+
+
+def test_a_checkpoint_of_a_registered_mixer_says_to_register_it_before_loading(tmp_path):
+    """A model saved with a mixer registered in code (type: ema) names it by its short name; loaded in a process that
+    had not registered it, the refusal listed the built-in mixers and suggested a dotted path, not the fix (import
+    the module that registers it). It now says so."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = ZooConfig(d_model=32, vocab_size=64, layers="A", ffn="none", mixers={"A": {"type": "attention"}})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["mixers"]["A"]["type"] = "my_unregistered_ema"  # as saved by a process that registered it
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"mixers\.A\.type: .*register_mixer\('my_unregistered_ema'\).*import the "
+                                         r"module that registers it"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -637,3 +637,33 @@ def test_the_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
     assert next(merged.parameters()).dtype == torch.bfloat16
 
+
+
+class _CausalMean(nn.Module):
+    """A custom mixer with the least a researcher writes: no init_state (no cache), no lora_targets."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.mix = nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.mix(x).cumsum(1) / torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None]
+
+
+class _CausalMeanCached(_CausalMean):
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+
+@pytest.mark.parametrize("mixer", ["_CausalMean", "_CausalMeanCached"])
+def test_wrap_lora_names_a_custom_mixer_without_lora_targets_and_probes_a_model_without_a_cache(mixer):
+    """A hybrid whose custom mixer declares no lora_targets got adapters on its attention layers only, said only by
+    a '-' in the report table: the custom mixer trained frozen. wrap_lora now warns, naming the mixer, its
+    projections and the fix. And the probe ran a cached prefill on a model whose mixer keeps no cache (no
+    init_state), which raised; it runs that prefill without a cache."""
+    config = ZooConfig(d_model=32, vocab_size=64, layers="MA", ffn="none",
+                       mixers={"M": {"type": f"{__name__}.{mixer}"}, "A": {"type": "attention", "n_heads": 2}})
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.warns(UserWarning, match=r"model\.layers\.0\.mixer \(.*\) declares no lora_targets.*\('mix',\)"):
+        peft_model = wrap_lora(model, r=2, verbose=False)
+    assert peft_model.zoo_lora_report["probe"]["phases"][:2] == ["train forward", "prefill"]

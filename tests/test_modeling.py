@@ -389,6 +389,81 @@ def test_a_stateless_mixer_decodes_with_beams_and_several_sequences():
     assert out.shape == (4, 11)
 
 
+class CausalMeanMixer(torch.nn.Module):
+    """A custom mixer with no cache support (no `init_state`): each position averages the projections before it."""
+
+    lora_targets = ("proj",)
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        steps = torch.arange(1, x.shape[1] + 1, device=x.device, dtype=x.dtype)
+        return self.proj(x).cumsum(1) / steps[:, None]
+
+
+def test_a_mixer_without_init_state_trains_evaluates_and_generates_without_a_cache():
+    """A custom mixer that defines no init_state failed at model construction (AttributeError: no attribute
+    'init_state'), so it could not even be trained. The model now builds, trains and evaluates without a cache,
+    generate reruns the whole sequence each step (with a warning) and matches greedy decoding by hand, and asking
+    for a cache names the mixer and use_cache=False."""
+    config = ZooConfig(d_model=32, vocab_size=64, layers="MA", ffn="none",
+                       mixers={"M": {"type": f"{__name__}.CausalMeanMixer"}, "A": {"type": "attention", "n_heads": 2}})
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(1, 64, (2, 6))
+    model(ids, labels=ids).loss.backward()
+    model.eval()
+    with torch.no_grad():
+        assert model(ids).logits.shape == (2, 6, 64)
+    with pytest.warns(UserWarning, match="CausalMeanMixer defines no init_state"):
+        out = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, seq)
+    with pytest.raises(ValueError, match="CausalMeanMixer defines no init_state.*use_cache=False"):
+        model(ids, use_cache=True)
+    with pytest.raises(ValueError, match="CausalMeanMixer defines no init_state"):
+        model.generate(ids, max_new_tokens=2, use_cache=True, pad_token_id=0)
+
+
+class HeadsMixer(torch.nn.Module):
+    """A custom mixer with an option and a `check_spec` (n_heads must divide d_model)."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0, *, n_heads: int = 2):
+        super().__init__()
+        self.check_spec(d_model, n_heads=n_heads)
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    @staticmethod
+    def check_spec(d_model: int, *, n_heads: int = 2) -> None:
+        if d_model % n_heads:
+            raise ValueError(f"n_heads: {n_heads} does not divide d_model {d_model}")
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("option,message", [
+    ({"n_head": 4}, r"mixers\.H\.n_head: unknown option .*did you mean 'n_heads'"),
+    ({"n_heads": 5}, r"layers\[1\] \(.*HeadsMixer\): n_heads: 5 does not")])
+def test_a_dotted_path_mixers_options_are_checked_naming_the_field(option, message):
+    """A mixer named by import path is imported only when the model is built, so the config could not check its
+    options: a typo failed in the constructor as a bare TypeError (HeadsMixer.__init__() got an unexpected keyword
+    argument 'n_head'), naming no config field, and check_spec never ran. The build now checks them as the config
+    checks a registered mixer's."""
+    config = ZooConfig(d_model=32, vocab_size=64, layers="AH", ffn="none",
+                       mixers={"H": {"type": f"{__name__}.HeadsMixer", **option}, "A": {"type": "attention",
+                                                                                        "n_heads": 2}})
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_config(config)
+
+
 def test_trusted_load_takes_overrides_and_a_keyword_path(tmp_path):
     cfg = ZooConfig(d_model=32, vocab_size=64, layers="X", ffn="none",
                     mixers={"X": {"type": "zoo.mixers.mamba.Mamba", "d_state": 4}})

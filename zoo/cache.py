@@ -267,6 +267,19 @@ class StaticKVLayer(CacheLayerMixin):
         self.values = self.values[indices.to(self.device), ...]
 
 
+def require_init_state(base) -> None:
+    """Raise, naming the mixer, when a layer of `base` (a ZooModel) has a mixer without `init_state`: a custom mixer
+    may leave it out, and the model then keeps no cache."""
+    for i, block in enumerate(base.layers):
+        if not hasattr(block.mixer, "init_state"):
+            name = type(block.mixer).__name__
+            raise ValueError(f"layer {i}'s mixer {name} defines no init_state, so this model keeps no cache: run "
+                             f"it with use_cache=False (generate does so by itself when use_cache is not given), "
+                             f"or give {name} init_state(batch_size, dtype, device, max_len=None) returning its "
+                             f"cache entry (a zoo.cache.RecurrentLayer for a recurrent state; None only for a "
+                             f"mixer that mixes no information across tokens)")
+
+
 class ZooCache(Cache):
     """Per-layer cache entries made by each mixer's `init_state`; counts the tokens it has seen."""
 
@@ -283,6 +296,7 @@ class ZooCache(Cache):
         param = next(base.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
+        require_init_state(base)
         layers = [block.mixer.init_state(batch_size, dtype, device, max_len) for block in base.layers]
         if getattr(getattr(base, "config", None), "decode_state_dtype", "float32") == "model":
             for block, layer in zip(base.layers, layers):
@@ -439,4 +453,5 @@ def output_cache(out, name: str = "past_key_values"):
     return getattr(out, name, None)
 
 
-__all__ = ["KVCacheFull", "RecurrentLayer", "StaticKVLayer", "ZooCache", "output_cache"]
+__all__ = ["KVCacheFull", "RecurrentLayer", "StaticKVLayer", "ZooCache", "output_cache",
+           "require_init_state"]

@@ -31,6 +31,8 @@ def info(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from zoo.compare import mixer_state_size
+
     p = argparse.ArgumentParser(prog="zoo info", description="Parameter counts of model configs.")
     p.add_argument("configs", nargs="+", help="zoo model YAML configs or saved zoo model folders (config.json)")
     p.add_argument("--seq-len", type=int, default=2048, help="length at which to report the state size")
@@ -48,7 +50,7 @@ def info(argv: list[str] | None = None) -> None:
         head = model.get_output_embeddings()
         if head is not None and head.weight is not model.get_input_embeddings().weight:
             emb += head.weight.numel()  # an untied LM head is an embedding too (as zoo compare's non_embedding)
-        state = sum(b.mixer.state_size(args.seq_len) for b in model.model.layers)
+        state = sum(mixer_state_size(b.mixer)(args.seq_len) for b in model.model.layers)
         name = os.path.basename(os.path.normpath(path)).removesuffix(".yaml")
         print(f"| {name} | {cfg.num_hidden_layers} | {cfg.d_model} | {n / 1e6:.1f}M | {(n - emb) / 1e6:.1f}M "
               f"| {state / 1e6:.2f}M |")

@@ -311,15 +311,20 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
     if isinstance(config, ZooConfig):
         counts = parameter_counts(config)
         costs = layer_costs(config)
-        if costs is None:  # a custom mixer: weights from the modules, no sequence-mixing term
-            costs = [LayerCost(b.mixer.__class__.__name__, 0, 0, lambda L: 0.0, lambda L: 0.0)
-                     for b in model.model.layers]
+        if costs is None:  # a custom mixer: weights from the modules; a sequence-mixing term for the built-in
+            # mixers only (the hybrid's attention layers keep theirs), none for a custom one
+            costs = []
+            for b, spec in zip(model.model.layers, config.layer_specs()):
+                kind = getattr(type(b.mixer), "mixer_type", None)
+                seq, dec = (_mixer_cost(kind, config.d_model, spec)[2:] if kind in ANALYTIC_MIXERS
+                            else (lambda L: 0.0, lambda L: 0.0))
+                costs.append(LayerCost(b.mixer.__class__.__name__, 0, 0, seq, dec))
             weights = module_weights(model)
         else:
             weights = sum(c.weights for c in costs) + config.vocab_size * config.d_model
         active = counts["active"]
         mixers = list(model.model.layers)
-        states = [(b.mixer.state_size, _is_attention(b.mixer)) for b in mixers]
+        states = [(mixer_state_size(b.mixer), _is_attention(b.mixer)) for b in mixers]
     else:
         costs = _hf_layer_costs(config)
         weights = module_weights(model)
@@ -343,7 +348,23 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
 
 def _is_attention(mixer: nn.Module) -> bool:
     """Whether the mixer's cache grows with the sequence (KV), judged by its state size at two lengths."""
-    return mixer.state_size(2) != mixer.state_size(1)
+    size = mixer_state_size(mixer)
+    return size(2) != size(1)
+
+
+def mixer_state_size(mixer: nn.Module) -> Callable[[int], int]:
+    """The mixer's `state_size` (floats of cache per sequence after L tokens); 0 for a custom mixer that defines
+    neither it nor `init_state` (it keeps no cache). A mixer that keeps a cache but does not size it raises,
+    naming it: its memory is not known."""
+    size = getattr(mixer, "state_size", None)
+    if callable(size):
+        return size
+    if not hasattr(mixer, "init_state"):
+        return lambda seq_len: 0
+    name = type(mixer).__name__
+    raise ValueError(f"mixer {name} defines init_state (a cache) but no state_size(seq_len), the floats of cache "
+                     f"per sequence after seq_len tokens that the accounting of cache memory reads; give {name} "
+                     f"state_size(self, seq_len: int) -> int (0 when it keeps no state)")
 
 
 def _hf_state_fns(config) -> list[Callable[[int], int]]:
@@ -364,8 +385,17 @@ def _round_to(x: float, step: int) -> int:
 
 
 def _try_config(fields: dict) -> ZooConfig | None:
+    """The config of `fields`, or None when it is invalid: the config's own checks, and the options / check_spec
+    of a mixer given by import path, which the config leaves to the model build (a candidate width that such a
+    mixer refuses is skipped, as one a built-in mixer refuses)."""
+    from zoo.config import check_mixer_options
+
     try:
-        return ZooConfig(**copy.deepcopy(fields))
+        config = ZooConfig(**copy.deepcopy(fields))
+        for i, spec in enumerate(config.layer_specs()):
+            if is_dotted_path(spec["type"]):
+                check_mixer_options(get_mixer(spec["type"]), spec, config.d_model, f"layers[{i}]", f"layers[{i}]")
+        return config
     except ValueError:
         return None
 
@@ -1210,7 +1240,7 @@ def _state_floats(model, seq_len: int) -> int:
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if layers is not None and all(hasattr(b, "mixer") for b in layers):
-        return int(sum(b.mixer.state_size(seq_len) for b in layers))
+        return int(sum(mixer_state_size(b.mixer)(seq_len) for b in layers))
     return int(sum(fn(seq_len) for fn in _hf_state_fns(model.config)))
 
 

@@ -115,6 +115,28 @@ def _mixer_hints(mixer_type: Any) -> dict:
     return {k: v for k, v in hints.items() if k not in ("self", "d_model", "layer_idx", "return")}
 
 
+def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> None:
+    """Raise ValueError naming `at`.key for an option of `spec` that the mixer class `cls` does not take (with the
+    closest one), and the mixer's own `check_spec` complaint under `where`."""
+    mixer_type = spec.get("type")
+    kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        for key in kwargs:
+            if key not in params or key in ("self", "d_model", "layer_idx"):
+                close = difflib.get_close_matches(str(key), allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
+                                 f"valid options: {', '.join(allowed)}")
+    check = getattr(cls, "check_spec", None)
+    if check is not None:
+        try:
+            check(d_model, **kwargs)
+        except ValueError as e:
+            raise ValueError(f"{where} ({mixer_type}): {e}") from None
+
+
 def _unknown_key(keys, known, where: str) -> str | None:
     """A message naming the first of `keys` not in `known` (with the closest known one), else None."""
     unknown = [k for k in keys if k not in known]
@@ -353,22 +375,7 @@ class ZooConfig(PreTrainedConfig):
                 cls = get_mixer(mixer_type)
             except ValueError as e:
                 raise ValueError(f"{at}.type: {e}") from None
-            kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
-            params = inspect.signature(cls.__init__).parameters
-            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-                allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
-                for key in kwargs:
-                    if key not in params or key in ("self", "d_model", "layer_idx"):
-                        close = difflib.get_close_matches(str(key), allowed, n=1)
-                        hint = f"did you mean {close[0]!r}? " if close else ""
-                        raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
-                                         f"valid options: {', '.join(allowed)}")
-            check = getattr(cls, "check_spec", None)
-            if check is not None:
-                try:
-                    check(self.d_model, **kwargs)
-                except ValueError as e:
-                    raise ValueError(f"{where} ({mixer_type}): {e}") from None
+            check_mixer_options(cls, spec, self.d_model, at, where)
         if self.moe is not None and not any(spec["ffn"] == "moe" for spec in specs):
             moe = self.moe_spec()
             raise ValueError(f"moe: none of the {len(specs)} layers gets experts (a layer does when its index % "

@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +119,15 @@ def default_lora_targets(model: nn.Module, include_mlp: bool = False) -> list[st
     if not declared:
         raise ValueError(f"{type(base).__name__} declares no lora_targets on its modules; pass target_modules "
                          f"explicitly, e.g. 'all-linear' or a list of module names")
+    for name, module in base.named_modules():
+        mixer = getattr(module, "mixer", None)
+        if isinstance(mixer, nn.Module) and not getattr(mixer, "lora_targets", None):
+            # a custom mixer that names no targets would silently train without adapters
+            linears = [n for n, m in mixer.named_modules() if isinstance(m, nn.Linear)]
+            if linears:
+                warnings.warn(f"{name}.mixer ({type(mixer).__name__}) declares no lora_targets, so its projections "
+                              f"({', '.join(linears)}) get no adapters; set {type(mixer).__name__}.lora_targets = "
+                              f"{tuple(linears)!r}, or pass target_modules", stacklevel=2)
     return targets
 
 
@@ -287,8 +297,10 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
                 model(input_ids=input_ids, use_cache=False)
             record("train forward")
             model.eval()
+            # a zoo model with a custom mixer that defines no init_state keeps no cache: its prefill runs without
+            cacheable = getattr(getattr(base, "model", base), "_cacheable", None)
             with torch.no_grad():
-                out = model(input_ids=input_ids, use_cache=True)
+                out = model(input_ids=input_ids, use_cache=cacheable() if callable(cacheable) else True)
                 record("prefill")
                 cache = output_cache(out)
                 if cache is not None:

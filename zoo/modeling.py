@@ -17,10 +17,10 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from zoo_kernels.cross_entropy import cross_entropy
 
-from zoo.cache import RecurrentLayer, ZooCache, output_cache
-from zoo.config import ZooConfig
+from zoo.cache import RecurrentLayer, ZooCache, output_cache, require_init_state
+from zoo.config import ZooConfig, check_mixer_options
 from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, load_balancing_loss, mark_no_weight_decay
-from zoo.registry import get_mixer
+from zoo.registry import get_mixer, is_dotted_path
 
 try:  # the keyword generate() keeps the cache under: "cache" from transformers 5.2x on, "past_key_values" before
     from transformers.generation.utils import ALL_CACHE_NAMES as _CACHE_NAMES
@@ -72,6 +72,7 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
     of one row to the batch, or the batch to the cache's rows, without an error."""
     checked = cache.__dict__.get("_checked_for")
     if checked is None or checked() is not model:
+        require_init_state(model)  # a custom mixer without init_state: no cache fits this model
         mixers = [type(block.mixer).__name__ for block in model.layers]
         if len(cache.layers) != len(mixers):
             raise ValueError(f"past_key_values: the cache has {len(cache.layers)} layers but this model has "
@@ -190,9 +191,14 @@ class ZooModel(ZooPreTrainedModel):
         trust = not getattr(config, "_from_disk", False) or _TRUSTED_LOAD.get()
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model, padding_idx=None)
         layers = []
+        pattern = [c for c in config.layers if not c.isspace()] if isinstance(config.layers, str) else None
         for i, spec in enumerate(config.layer_specs()):
             kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
-            mixer = get_mixer(spec["type"], trust_remote_code=trust)(config.d_model, i, **kwargs)
+            cls = get_mixer(spec["type"], trust_remote_code=trust)
+            if is_dotted_path(spec["type"]):  # imported only now: its options are checked here, not by the config
+                check_mixer_options(cls, spec, config.d_model, f"mixers.{pattern[i]}" if pattern else f"layers[{i}]",
+                                    f"layers[{i}]")
+            mixer = cls(config.d_model, i, **kwargs)
             if spec["ffn"] == "swiglu":
                 ffn = SwiGLU(config.d_model, config.ffn_spec()["hidden"])
             elif spec["ffn"] == "moe":
@@ -219,6 +225,11 @@ class ZooModel(ZooPreTrainedModel):
         from zoo.mixers.attention import Attention
 
         return any(isinstance(block.mixer, Attention) for block in self.layers)
+
+    def _cacheable(self) -> bool:
+        """Whether every mixer makes a cache entry (`init_state`): a custom mixer may define none, and the model then
+        runs without a cache (ZooCache.for_model names the mixer when one is asked for)."""
+        return all(hasattr(block.mixer, "init_state") for block in self.layers)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings
@@ -247,7 +258,7 @@ class ZooModel(ZooPreTrainedModel):
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         Bsz, T = x.shape[:2]
         if use_cache is None:  # the config default caches for inference only; training asks explicitly (TBPTT)
-            use_cache = self.config.use_cache and not self.training
+            use_cache = self.config.use_cache and not self.training and self._cacheable()
         if use_cache and past_key_values is None:
             past_key_values = ZooCache.for_model(self)
         if past_key_values is not None and not isinstance(past_key_values, ZooCache):
@@ -331,7 +342,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         # recurrent states cannot be rolled back, so assisted decoding is refused (generate)
         self._is_stateful = any(isinstance(b.mixer.init_state(1, torch.float32, "cpu"), RecurrentLayer)
-                                for b in self.model.layers)
+                                for b in self.model.layers if hasattr(b.mixer, "init_state"))
         if getattr(config, "_attn_implementation", None) == "eager":
             warnings.warn("attn_implementation='eager' does not change zoo's attention: each attention mixer picks "
                           "its kernel from its spec's attn_backend ('auto' by default; 'math' is the plain "
@@ -349,6 +360,15 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if asked:
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
+        given = kwargs.get("generation_config") or self.generation_config
+        if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
+                and kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is None:
+            # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
+            missing = next(type(b.mixer).__name__ for b in self.model.layers if not hasattr(b.mixer, "init_state"))
+            warnings.warn(f"generate: mixer {missing} defines no init_state, so the model keeps no cache and each "
+                          f"new token reruns the whole sequence; give {missing} init_state(batch_size, dtype, "
+                          f"device, max_len=None) to decode step by step", stacklevel=2)
+            kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,

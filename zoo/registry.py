@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 from torch import nn
 
@@ -47,21 +48,35 @@ def trust_mixer_path(path: str) -> None:
     _TRUSTED_PATHS.add(path)
 
 
+# the command-line tools (zoo generate, eval, finetune, train from a saved model) take no trust_remote_code: this
+# environment variable names the dotted-path mixers (comma-separated) that configs from disk may import
+TRUST_ENV = "ZOO_TRUST_MIXER_PATHS"
+
+
+def _env_trusted(name: str) -> bool:
+    return name in {p.strip() for p in os.environ.get(TRUST_ENV, "").split(",")}
+
+
 def get_mixer(name: str, trust_remote_code: bool = True) -> type[nn.Module]:
     """The mixer class for `name`: a registered short name, or `package.module.ClassName`.
 
-    A dotted path imports code, so it resolves only when trusted (see `trust_mixer_path`) or when
-    `trust_remote_code` is True.
+    A dotted path imports code, so it resolves only when trusted (see `trust_mixer_path`, or the environment
+    variable ZOO_TRUST_MIXER_PATHS: comma-separated paths) or when `trust_remote_code` is True.
     """
     _load_builtin()
     if name in _MIXERS:
         return _MIXERS[name]
     if "." not in name:
         raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(sorted(_MIXERS))} "
-                         f"(or give a dotted import path such as 'mypkg.mixers.MyMixer')")
-    if not (trust_remote_code or name in _TRUSTED_PATHS):
+                         f"(or give a dotted import path such as 'mypkg.mixers.MyMixer'). A mixer registered with "
+                         f"zoo.register_mixer({name!r}) is known only in a process that ran the registration: "
+                         f"import the module that registers it before building or loading a model that names it")
+    if not (trust_remote_code or name in _TRUSTED_PATHS or _env_trusted(name)):
         raise ValueError(f"mixer {name!r} is a dotted import path from a config that came from disk; loading it "
-                         f"runs code. Pass trust_remote_code=True or call zoo.registry.trust_mixer_path({name!r})")
+                         f"runs code. Pass trust_remote_code=True to from_pretrained; before from_config or the "
+                         f"constructor (which take no trust_remote_code) call "
+                         f"zoo.registry.trust_mixer_path({name!r}); for zoo's command-line tools set the "
+                         f"environment variable {TRUST_ENV}={name}")
     module_name, _, cls_name = name.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), cls_name)
