@@ -407,7 +407,7 @@ def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch
     # a model given as a hub id was tokenized with the byte tokenizer (only a local folder's tokenizer was looked
     # for): a checkpoint with its own vocabulary trained on byte ids, without a word
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
     words = ["[UNK]", "<s>", "</s>", "abc", "cba", "hello", "olleh", "zoo", "ooz", "reversed:"]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
@@ -416,7 +416,7 @@ def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch
     tiny("mamba").save_pretrained(hub)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
                             pad_token="</s>").save_pretrained(hub)
-    for cls in (AutoModelForCausalLM, AutoTokenizer):
+    for cls in (AutoModelForCausalLM, AutoTokenizer, AutoConfig):
         real = cls.from_pretrained.__func__
         monkeypatch.setattr(cls, "from_pretrained", classmethod(
             lambda c, name, *a, real=real, **k: real(c, str(hub) if str(name) == "org/tiny" else name, *a, **k)))
