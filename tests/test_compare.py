@@ -637,27 +637,17 @@ def test_a_custom_mixer_without_state_size_is_accounted_or_named():
         account(ZooConfig(mixers={"C": {"type": f"{__name__}._UnsizedCache"}, "A": attention}, **common), [8])
 
 
-class _ThreeHeads(torch.nn.Module):
+class _ThreeHeads(_CustomEMA):
     """A custom mixer whose check_spec wants d_model divisible by its 3 heads."""
 
     def __init__(self, d_model: int, layer_idx: int = 0, *, n_heads: int = 3):
-        super().__init__()
         self.check_spec(d_model, n_heads=n_heads)
-        self.proj = torch.nn.Linear(d_model, d_model)
+        super().__init__(d_model, layer_idx)
 
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int = 3) -> None:
         if d_model % n_heads:
             raise ValueError(f"n_heads: {n_heads} does not divide d_model {d_model}")
-
-    def init_state(self, batch_size, dtype, device, max_len=None):
-        return None
-
-    def state_size(self, seq_len: int) -> int:
-        return 0
-
-    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
-        return self.proj(x)
 
 
 def test_budget_matching_skips_the_widths_a_custom_mixer_refuses():
