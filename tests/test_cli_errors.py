@@ -93,6 +93,9 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypa
     (["hi", "--num-beams", "0"], "--num-beams must be at least 1"),
     (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     ([""], "the prompt is empty"),
+    (["hi", "--temperature", "0.7", "--seed", "1"], "--temperature, --seed: sampling options; add --sample"),
+    (["hi", "--sample", "--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["hi", "--sample", "--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_generate_checks_its_options_before_loading(tiny_folder, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -287,3 +290,26 @@ def test_an_interruption_while_a_command_imports_exits_130_in_one_line(argv, cap
         except KeyboardInterrupt:  # (escaping, it would stop pytest itself)
             pytest.fail("the KeyboardInterrupt escaped zoo's handler (a traceback for the user)")
     assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+
+
+def test_generate_samples_with_a_seed_and_the_given_settings(tiny_folder, capsys, monkeypatch):
+    # --sample took transformers' defaults (top-k 50, temperature 1) and another text every run: no seed, no
+    # temperature, top-k or top-p
+    from zoo.modeling import ZooForCausalLM
+
+    seen = {}
+    original = ZooForCausalLM.generate
+
+    def generate(self, input_ids=None, **kwargs):
+        seen.update({k: kwargs.get(k) for k in ("do_sample", "temperature", "top_k", "top_p")})
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    argv = ["generate", str(tiny_folder), "hi", "--max-new-tokens", "8", "--sample", "--seed", "3",
+            "--temperature", "1.5", "--top-k", "20", "--top-p", "0.9"]
+    texts = []
+    for _ in range(2):
+        cli.main(argv)
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and seen == {"do_sample": True, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
+

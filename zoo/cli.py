@@ -88,7 +88,11 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("model")
     p.add_argument("prompt")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--sample", action="store_true")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, help="with --sample (default: the model's generation config, 1.0)")
+    p.add_argument("--top-k", type=int, help="with --sample (default: the generation config's, 50)")
+    p.add_argument("--top-p", type=float, help="with --sample (default: the generation config's, 1.0)")
+    p.add_argument("--seed", type=int, help="with --sample: the same seed gives the same text")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--tokenizer", help="'byte' or a tokenizer folder / hub id (default: the model folder's)")
     p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
@@ -104,6 +108,17 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"--num-beams must be at least 1, got {args.num_beams}")
     if not args.prompt:
         p.error("the prompt is empty; give at least one character")
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
+                if v is not None}
+    given = [f"--{k.replace('_', '-')}" for k in sampling] + (["--seed"] if args.seed is not None else [])
+    if given and not args.sample:
+        p.error(f"{', '.join(given)}: sampling options; add --sample (greedy decoding would ignore them)")
+    if args.temperature is not None and not args.temperature > 0:
+        p.error(f"--temperature must be > 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     check_model_ref(args.model)
     tok = load_folder_tokenizer(args.tokenizer or args.model)
     if tok is None:
@@ -113,9 +128,11 @@ def generate(argv: list[str] | None = None) -> None:
     # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do
     input_ids = torch.tensor([encode_with_bos(tok, args.prompt)], device=device)
     ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id)
+                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id, **sampling)
     print(tok.decode(out[0], skip_special_tokens=True))
 
 
