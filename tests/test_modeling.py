@@ -389,6 +389,35 @@ def test_a_stateless_mixer_decodes_with_beams_and_several_sequences():
     assert out.shape == (4, 11)
 
 
+class ShiftingStatelessMixer(StatelessMixer):
+    """Claims no cache entry (init_state returns None) but adds the previous token's projection: not position-wise."""
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        h = self.proj(x)
+        return h + torch.nn.functional.pad(h, (0, 0, 1, 0))[:, :-1]
+
+
+def test_a_stateless_mixer_that_mixes_tokens_is_refused_before_decoding():
+    """A mixer whose init_state returns None gets the new token alone at each decode step; one that mixes tokens
+    anyway (here a token shift) decoded other tokens than a full rerun without an error. The first use of a cache
+    now probes such mixers and names the one that breaks the contract; position-wise ones still decode."""
+    model = tiny("mamba").eval()
+    model.model.layers[1].mixer = ShiftingStatelessMixer(model.config.d_model)
+    prompt = torch.randint(0, 512, (2, 6))
+    with pytest.raises(ValueError, match=r"layer 1's mixer ShiftingStatelessMixer returns no cache entry"):
+        model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="ShiftingStatelessMixer"):
+        model(prompt, use_cache=True)
+    model.model.layers[1].mixer = StatelessMixer(model.config.d_model).train()
+    out = model.generate(prompt, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(3):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, seq)
+    assert model.model.layers[1].mixer.training  # the probe restores the mixer's mode
+
+
 class CausalMeanMixer(torch.nn.Module):
     """A custom mixer with no cache support (no `init_state`): each position averages the projections before it."""
 

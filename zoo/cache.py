@@ -280,6 +280,44 @@ def require_init_state(base) -> None:
                              f"mixer that mixes no information across tokens)")
 
 
+def require_positionwise(mixer, layer: int, d_model: int) -> None:
+    """Raise, naming the mixer, when a mixer whose `init_state` returns None (no cache entry: the contract's claim
+    that its output at a position depends on that position's input alone) mixes across tokens. Decoding gives
+    such a layer the new token alone, so a mixer that broke the claim (a token shift, a short conv) produced other
+    tokens without an error. The probe: the mixer's output at the last of 4 positions, computed with and without
+    the 3 before it (fixed inputs, eval mode, no RNG drawn). Skipped while a CUDA graph is being captured (it reads
+    a result on the host); checked once per mixer."""
+    if getattr(mixer, "_zoo_positionwise", False):
+        return
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
+    param = next(mixer.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    steps = torch.arange(4 * d_model, device=device, dtype=torch.float32).view(1, 4, d_model)
+    x = torch.sin(steps * 0.7311 + 0.25).to(dtype)
+    positions = torch.arange(4, device=device)[None]
+    was_training = mixer.training
+    mixer.eval()
+    try:
+        with torch.no_grad():
+            kw = dict(cache=None, seq_idx=None, attention_mask=None)
+            full = mixer(x, position_ids=positions, **kw)[:, -1].float()
+            alone = mixer(x[:, -1:], position_ids=positions[:, -1:], **kw)[:, -1].float()
+    finally:
+        mixer.train(was_training)
+    if not bool((full - alone).abs().max() <= 0.05 * full.abs().max() + 1e-6):
+        name = type(mixer).__name__
+        raise ValueError(f"layer {layer}'s mixer {name} returns no cache entry (init_state gives None), which says "
+                         f"its output at a position depends on that position's input alone, but its output at the "
+                         f"last of 4 positions changes when the 3 before it are left out: decoding with a cache "
+                         f"gives the layer the new token alone and would produce other tokens. Give {name} an "
+                         f"init_state returning a zoo.cache.RecurrentLayer that carries what it reads of earlier "
+                         f"tokens (and use it in forward when cache is given), or define no init_state: generate "
+                         f"then reruns the whole sequence each step")
+    mixer._zoo_positionwise = True
+
+
 class ZooCache(Cache):
     """Per-layer cache entries made by each mixer's `init_state`; counts the tokens it has seen."""
 
@@ -454,4 +492,4 @@ def output_cache(out, name: str = "past_key_values"):
 
 
 __all__ = ["KVCacheFull", "RecurrentLayer", "StaticKVLayer", "ZooCache", "output_cache",
-           "require_init_state"]
+           "require_init_state", "require_positionwise"]

@@ -17,7 +17,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from zoo_kernels.cross_entropy import cross_entropy
 
-from zoo.cache import RecurrentLayer, ZooCache, output_cache, require_init_state
+from zoo.cache import RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
 from zoo.config import ZooConfig, check_mixer_options
 from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, load_balancing_loss, mark_no_weight_decay
 from zoo.registry import get_mixer, is_dotted_path
@@ -81,6 +81,8 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
         for i, (block, layer) in enumerate(zip(model.layers, cache.layers)):
             wanted = recorded[i] if recorded is not None else None
             expected = type(block.mixer.init_state(1, torch.float32, "cpu"))
+            if expected is type(None):
+                require_positionwise(block.mixer, i, model.config.d_model)
             kind_ok = isinstance(layer, RecurrentLayer) == issubclass(expected, RecurrentLayer)
             if not kind_ok or (wanted is not None and wanted != mixers[i]):
                 made = f"a {wanted} mixer" if wanted else f"a {type(layer).__name__}"
