@@ -650,12 +650,18 @@ class _CausalMean(nn.Module):
         return self.mix(x).cumsum(1) / torch.arange(1, x.shape[1] + 1, dtype=x.dtype)[:, None]
 
 
-class _CausalMeanCached(_CausalMean):
+class _PositionwiseCached(_CausalMean):
+    """A cache entry of None, which the contract allows only a mixer that mixes nothing across tokens (the cumsum of
+    _CausalMean would be refused at the first cached prefill: zoo.cache.require_positionwise)."""
+
     def init_state(self, batch_size, dtype, device, max_len=None):
         return None
 
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.mix(x)
 
-@pytest.mark.parametrize("mixer", ["_CausalMean", "_CausalMeanCached"])
+
+@pytest.mark.parametrize("mixer", ["_CausalMean", "_PositionwiseCached"])
 def test_wrap_lora_names_a_custom_mixer_without_lora_targets_and_probes_a_model_without_a_cache(mixer):
     """A hybrid whose custom mixer declares no lora_targets got adapters on its attention layers only, said only by
     a '-' in the report table: the custom mixer trained frozen. wrap_lora now warns, naming the mixer, its

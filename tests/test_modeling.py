@@ -660,3 +660,45 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
         padded[0, 0] = 0
         with pytest.raises(ValueError, match="a static KV cache decodes unpadded, unpacked rows"):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
+
+
+class OwnInitMixer(StatelessMixer):
+    """A custom mixer whose init lives in reset_parameters (the weights 0.5, the bias 1) and a twin that sets the
+    same values in __init__ only."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__(d_model)
+
+    def reset_parameters(self):
+        torch.nn.init.constant_(self.proj.weight, 0.5)
+        torch.nn.init.ones_(self.proj.bias)
+
+
+class InitOnlyMixer(StatelessMixer):
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__(d_model)
+        OwnInitMixer.reset_parameters(self)
+
+
+def test_a_custom_mixers_reset_parameters_survives_the_models_init_and_its_constructor_init_does_not(tmp_path):
+    """What the README's custom-mixer paragraph promises: the model's init draws every nn.Linear from
+    N(0, initializer_range) with zero biases (as transformers' models do), then calls each module's
+    reset_parameters, children first, so a mixer's own init belongs there. A mixer whose weights all live in
+    nn.Linear children had its reset_parameters skipped (transformers skips parameterless modules in custom-code
+    models); it runs now, and a load keeps the saved weights."""
+    def build(cls):
+        config = ZooConfig(d_model=32, vocab_size=64, layers="XA", ffn="none",
+                           mixers={"X": {"type": f"{__name__}.{cls.__name__}"},
+                                   "A": {"type": "attention", "n_heads": 2}})
+        return AutoModelForCausalLM.from_config(config)
+
+    model = build(OwnInitMixer)
+    kept = model.model.layers[0].mixer.proj
+    assert torch.all(kept.weight == 0.5) and torch.all(kept.bias == 1)
+    drawn = build(InitOnlyMixer).model.layers[0].mixer.proj
+    assert not torch.all(drawn.weight == 0.5) and torch.all(drawn.bias == 0)
+    with torch.no_grad():
+        kept.weight.fill_(0.25)
+    model.save_pretrained(tmp_path)
+    loaded = zoo.ZooForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).model.layers[0].mixer.proj
+    assert torch.all(loaded.weight == 0.25) and torch.all(loaded.bias == 1)

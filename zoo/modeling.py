@@ -156,9 +156,25 @@ class ZooPreTrainedModel(PreTrainedModel):
         base._gradient_checkpointing_func = gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
         base._checkpointed = {i for i in range(len(base.layers)) if enable and i % every_n_layers == 0}
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' per-module init, which in a custom-code model skips a module with no parameters or buffers
+        of its own (its test that all it holds was loaded is vacuously true): a custom mixer whose weights all live
+        in nn.Linear children never had its reset_parameters called, so its own init was lost to the children's
+        N(0, initializer_range). Such a module with reset_parameters is initialized here unless a parameter below it
+        was loaded (from_pretrained marks those), after its children as before."""
+        if (not getattr(module, "_is_hf_initialized", False) and hasattr(module, "reset_parameters")
+                and not isinstance(module, (nn.Linear, nn.Embedding))
+                and next(module.parameters(recurse=False), None) is None
+                and next(module.buffers(recurse=False), None) is None
+                and not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters())):
+            self._init_weights(module)
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
+
     def _init_weights(self, module: nn.Module) -> None:
-        # transformers calls this per module, children before parents, and skips a custom-code module with no
-        # parameters of its own (a Block): what a Block's layers need is set on the layers themselves
+        # transformers calls this per module, children before parents (_initialize_weights above: parameterless
+        # modules with reset_parameters too); a Block has neither, so what its layers need is set on the layers
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             branches = getattr(module, "_residual_branches", None)
