@@ -126,6 +126,22 @@ def test_saving_over_a_folder_leaves_no_stale_weights(tmp_path, first, second):
         assert torch.equal(loaded(ids).logits, new(ids).logits)
 
 
+def test_saving_over_a_folder_replaces_its_tokenizer_or_warns_that_it_keeps_it(tmp_path):
+    # a save into an existing folder kept the earlier save's tokenizer files beside the new ones (an old
+    # tokenizer.model is what a slow tokenizer loads), and a save without a tokenizer kept the old one silently:
+    # zoo generate then decoded with another model's tokenizer
+    dst = tmp_path / "m"
+    save_model_folder(tiny("mamba"), dst, "byte")
+    (dst / "tokenizer.model").write_bytes(b"an older tokenizer")
+    (dst / "notes.txt").write_text("mine")
+    save_model_folder(tiny("mamba"), dst, "byte")
+    names = {p.name for p in dst.iterdir()}
+    assert "tokenizer.model" not in names and {"notes.txt", "tokenizer_config.json"} <= names
+    with pytest.warns(UserWarning, match=r"keeps the tokenizer files of an earlier save \(.*tokenizer_config\.json"):
+        save_model_folder(tiny("mamba"), dst)
+    assert "tokenizer_config.json" in {p.name for p in dst.iterdir()}
+
+
 def test_a_folder_under_home_given_with_a_tilde_loads(tmp_path, monkeypatch):
     # check_model_ref expanded '~' and passed it, then transformers took '~/model' for an invalid hub id ("Repo id
     # must use alphanumeric chars"), for the model and the tokenizer alike

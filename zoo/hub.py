@@ -16,12 +16,16 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# every file a tokenizer's save_pretrained may write: a save with a tokenizer replaces the whole set
+_TOKENIZER_FAMILY = frozenset(_TOKENIZER_FILES + ("vocab.txt", "merges.txt", "special_tokens_map.json",
+                                                  "added_tokens.json", "chat_template.jinja", "chat_template.json"))
 _SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 # weights and their shard index, as transformers names them (model-00001-of-00002.safetensors, pytorch_model.bin, ...)
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
@@ -56,7 +60,8 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     The tokenizer's pad/bos/eos ids fill the model config's and generation config's unset ones, so
     `generate` and pipelines stop and pad as the tokenizer expects. Raises ValueError when the tokenizer has
     more tokens than the model's vocabulary. Into an existing folder, the weight files of an earlier save are
-    replaced (none is left beside the new ones); its other files stay.
+    replaced (none is left beside the new ones), and its tokenizer files when a tokenizer is given (without one
+    they stay, with a warning); its other files stay.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
@@ -92,10 +97,22 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         os.replace(target, folder)
         return folder
     # into an existing folder: weight files of an earlier save go (a stale model.safetensors beside new shards was
-    # what from_pretrained loaded: the old model, silently); other files stay
+    # what from_pretrained loaded: the old model, silently), and so do its tokenizer files when this save has a
+    # tokenizer (an old tokenizer.model or vocab.json beside new files is what a slow tokenizer loads); other files
+    # stay
+    kept_tokenizer = []
     for old in folder.iterdir():
-        if _WEIGHT_FILE.fullmatch(old.name) and not (target / old.name).exists():
+        if (target / old.name).exists():
+            continue
+        if _WEIGHT_FILE.fullmatch(old.name) or (tokenizer is not None and old.name in _TOKENIZER_FAMILY):
             old.unlink()
+        elif old.name in _TOKENIZER_FAMILY:
+            kept_tokenizer.append(old.name)
+    if kept_tokenizer:
+        warnings.warn(f"{folder}: this save has no tokenizer, so the folder keeps the tokenizer files of an earlier "
+                      f"save ({', '.join(sorted(kept_tokenizer))}), and loading the folder (load_model_folder, zoo "
+                      f"generate) takes that tokenizer; give a tokenizer (zoo convert --tokenizer) to replace them, "
+                      f"or delete them if they do not belong to this model", stacklevel=2)
     for new in target.iterdir():
         os.replace(new, folder / new.name)
     target.rmdir()
