@@ -577,3 +577,32 @@ def test_two_processes_evaluate_as_many_batches_each(tmp_path):
             total, n = total + float(out.loss) * k, n + k
     # the reloaded model's loss is the run's to float rounding; all 8 of process 0's batches: 1.5e-3 off
     assert logged == [pytest.approx(total / n, rel=1e-5)], (logged, total / n)
+
+
+def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_path):
+    # The loss and its gradient are means over the step's target tokens of all processes (transformers' Trainer with
+    # average_tokens_across_devices): each process divided by its own targets and DDP averaged the processes, so a
+    # short document's tokens weighed as much as a long one's whole row (here 4x) and the logged loss was a mean of
+    # per-process means. Two processes with one row each train as one process with both rows in its batch.
+    import json
+
+    pytest.importorskip("datasets")
+    docs = tmp_path / "docs.jsonl"  # unpacked rows: process 0 gets the short documents, process 1 the long ones
+    docs.write_text("".join(json.dumps({"text": "ab" * (2 if i % 2 == 0 else 24)}) + "\n" for i in range(40)))
+
+    def run(name: str, micro_batch_size: int) -> dict:
+        return run_dict(tmp_path / name, data={"source": str(docs), "holdout": 0.0, "shuffle": False,
+                                               "packing": False},
+                        train={"max_steps": 3, "micro_batch_size": micro_batch_size, "grad_accum": 1},
+                        schedule={"kind": "constant", "warmup_steps": 0}, log={"every": 1})
+
+    def losses(name: str) -> list[float]:
+        with open(tmp_path / name / "run" / "metrics.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    train(config_from_dict(run("one", 2)))
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(run("two", 1)))
+    proc = _launch_two(path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))

@@ -564,7 +564,8 @@ def _chunk_loss(out, batch: dict[str, torch.Tensor], start: int, stop: int) -> t
     return total, n
 
 
-def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float, inputs: ModelInputs, *,
+def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float | torch.Tensor,
+                     inputs: ModelInputs, *,
                      chunk_len: int | None = None, mode: str = "exact",
                      backward: Callable[[list[torch.Tensor], list[torch.Tensor | None]], None] | None = None,
                      no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -575,7 +576,8 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
         model: the (possibly wrapped) causal LM, in train mode.
         batch: tensors [B, L] on the model's device (input_ids, labels, seq_idx, position_ids, ...).
         scale: weight of one target: the loss back-propagated is sum over targets of CE · scale (1 / targets
-            of the optimizer step gives the step's mean).
+            of the optimizer step gives the step's mean; a 0-d device tensor too, as processes / all processes'
+            targets is under DDP, which averages the processes' gradients).
         inputs: which batch fields the model takes.
         chunk_len: None trains the whole rows; else chunks of chunk_len tokens with the state carried.
         mode: 'exact' or 'detach' (module docstring).
@@ -1187,7 +1189,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     group["lr"] = lr_at(step, cfg)
                 micro = [next(batches) for _ in range(accum)]
                 counts = [count_targets(b["labels"]) for b, _ in micro]  # on the host rows: no device sync
-                scale = 1.0 / max(1, sum(counts))
+                if world == 1:
+                    scale: float | torch.Tensor = 1.0 / max(1, sum(counts))
+                else:  # a mean over every process's targets: DDP/FSDP average the gradients, hence world / all
+                    n_all = accelerator.reduce(torch.tensor(float(sum(counts)), device=device), reduction="sum")
+                    scale = world / n_all.clamp(min=1.0)
                 step_loss = torch.zeros((), device=device)
                 for i, (batch, _) in enumerate(micro):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -1206,7 +1212,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 pending.append((step, step_loss))
                 window_tokens += tokens_per_step
                 if on_step is not None:
-                    on_step(step, {"loss": float(step_loss), "lr": lr_at(step - 1, cfg),
+                    step_mean = step_loss if world == 1 else accelerator.reduce(step_loss, reduction="mean")
+                    on_step(step, {"loss": float(step_mean), "lr": lr_at(step - 1, cfg),
                                    "grad_norm": float(grad_norm)})
                 log_now = step % cfg.log.every == 0 or step == cfg.train.max_steps
                 if log_now:
