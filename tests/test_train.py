@@ -235,6 +235,24 @@ def test_biases_norms_and_ssm_parameters_are_not_decayed_matrices_are():
     assert decay == set(names.values()) - kept
 
 
+def test_a_transformers_models_biases_and_norms_are_not_decayed_by_default(tmp_path):
+    """A transformers model carries no _no_weight_decay flags: its RMSNorm weights and biases were decayed toward 0
+    by the default run config (transformers' Trainer and mamba_ssm exempt them), unlike the zoo models' in the same
+    comparison. By default 1-D parameters are not decayed; no_decay_1d: false decays them unless flagged."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in LLAMA.items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", attention_bias=True, **fields))
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = config_from_dict(run_dict(tmp_path))
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, cfg.optim))
+    flat = {n for n, p in model.named_parameters() if p.ndim < 2}
+    assert "model.norm.weight" in flat and "model.layers.0.self_attn.q_proj.bias" in flat
+    assert no_decay == flat and decay == set(names.values()) - flat
+    cfg = config_from_dict(run_dict(tmp_path, optim={"no_decay_1d": False}))
+    assert {names[id(p)] for p in param_groups(model, cfg.optim)[0]["params"]} == set(names.values())
+
+
 def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     """MFU was 6 · all parameters · tokens/s: a MoE's n_experts - top_k experts that a token skips counted as work
     done, so a Jamba-style model's MFU was overstated (here 1.5x; more with 16 experts and top-2)."""

@@ -8,7 +8,7 @@ models whose forward takes it, else ``position_ids`` that restart at every packe
     zoo train configs/train/demo.yaml --train.max_steps=100          # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
 
-Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged parameters, grad clip
+Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D parameters, grad clip
 1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient accumulation, optional
 torch.compile and gradient checkpointing, fused AdamW on CUDA.
 
@@ -70,15 +70,17 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100"
 
 @dataclass
 class OptimConfig:
-    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay`` (and, when
-    asked, all 1-D parameters / all embeddings). grad_clip 0 disables clipping. fused: 'auto' = on CUDA."""
+    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay``, all 1-D
+    parameters (biases, norm weights: unflagged in transformers models; exempt as in transformers' Trainer and
+    mamba_ssm) unless no_decay_1d is false, and all embeddings when asked. grad_clip 0 disables clipping.
+    fused: 'auto' = on CUDA."""
 
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    no_decay_1d: bool = False
+    no_decay_1d: bool = True
     no_decay_embeddings: bool = False
     fused: bool | str = "auto"
 
@@ -397,7 +399,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Two AdamW groups: decayed, and not decayed (``param._no_weight_decay``, plus all 1-D parameters
-    with no_decay_1d and all embeddings with no_decay_embeddings). Shared (tied) parameters appear once."""
+    with no_decay_1d, the default, and all embeddings with no_decay_embeddings). Shared (tied) parameters appear
+    once."""
     embeddings: set[int] = set()
     if cfg.no_decay_embeddings:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
