@@ -403,6 +403,18 @@ def test_resume_refuses_a_model_changed_behind_its_yaml_path(tmp_path, capsys):
     assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
 
 
+def test_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
+    # A run saved with no_decay_1d false (the old default) resumed under the new default: torch's load_state_dict
+    # said only "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, optim={"no_decay_1d": False})))
+    with pytest.raises(ValueError, match=r"--resume: .*optim\.no_decay_1d=true.*\(optim\.no_decay_1d: false, "
+                                         r"optim\.no_decay_embeddings: false\)"):
+        train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})), resume="auto")
+    result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, optim={"no_decay_1d": False})),
+                   resume="auto")
+    assert result.step == 4
+
+
 def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})))

@@ -1075,7 +1075,20 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
                              f"run has {world}; the data order is per process: resume with the same number")
-        accelerator.load_state(str(start_ckpt / "accelerate"))
+        try:
+            accelerator.load_state(str(start_ckpt / "accelerate"))
+        except ValueError as e:  # torch's optimizer: the weight-decay groups hold other numbers of parameters
+            if "parameter group" not in str(e):
+                raise
+            saved_path = start_ckpt / "train_config.yaml"
+            saved = (yaml.safe_load(saved_path.read_text()) or {}).get("optim", {}) if saved_path.is_file() else {}
+            was = ", ".join(f"optim.{k}: {str(saved[k]).lower()}" for k in ("no_decay_1d", "no_decay_embeddings")
+                            if k in saved)
+            raise ValueError(f"--resume: {start_ckpt}'s optimizer state has other weight-decay groups than this "
+                             f"run's optim.no_decay_1d={str(cfg.optim.no_decay_1d).lower()}, optim.no_decay_"
+                             f"embeddings={str(cfg.optim.no_decay_embeddings).lower()} make; resume with the "
+                             f"checkpoint's" + (f" ({was})" if was else "")
+                             + " (no_decay_1d defaulted to false before it became true)") from e
         step, tokens = state["step"], state["tokens"]
         data_state = StreamState(**state["data_states"][accelerator.process_index])
 
