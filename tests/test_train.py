@@ -106,6 +106,26 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
 
 
+def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path):
+    # log.every 2, stopped after step 3: step 3 was never logged (the loop saved and exited; the resumed run logs from
+    # step 4 on), so metrics.csv had no row covering it
+    losses: dict[int, float] = {}
+
+    def interrupt(step, metrics):
+        losses[step] = metrics["loss"]
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = config_from_dict(run_dict(tmp_path, log={"every": 2}))
+    assert train(cfg, on_step=interrupt).stopped
+    train(cfg, resume="auto", on_step=lambda s, m: losses.__setitem__(s, m["loss"]))
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+    assert list(rows) == [2, 3, 4, 6]
+    assert rows[3] == pytest.approx(losses[3]) and rows[4] == pytest.approx(losses[4])
+    assert rows[2] == pytest.approx((losses[1] + losses[2]) / 2)
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import zoo.train as zt

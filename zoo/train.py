@@ -1197,6 +1197,25 @@ def train(cfg: TrainConfig, resume: str | None = None,
         pending = []
         return values
 
+    def log_window(grad_norm: torch.Tensor, t0: float | None) -> None:
+        """Log the steps since the last log at `step`: their mean loss, tokens/s over their time (the current
+        step's from t0 when given), MFU."""
+        nonlocal window_time, window_tokens
+        values = flush()  # the device sync that makes the window's time honest
+        if t0 is not None:
+            window_time += time.perf_counter() - t0
+        tps = window_tokens / max(window_time, 1e-9)
+        metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
+                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
+        if peak is not None:
+            metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
+        if device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        accelerator.log(metrics, step=step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+        window_time, window_tokens = 0.0, 0
+
     with _StopRequest() as stop:
         try:
             while step < cfg.train.max_steps:
@@ -1233,19 +1252,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                                    "grad_norm": float(grad_norm)})
                 log_now = step % cfg.log.every == 0 or step == cfg.train.max_steps
                 if log_now:
-                    values = flush()  # the device sync that makes the window's time honest
-                    window_time += time.perf_counter() - t0
-                    tps = window_tokens / max(window_time, 1e-9)
-                    metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
-                               "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
-                    if peak is not None:
-                        metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
-                    if device.type == "cuda":
-                        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                    accelerator.log(metrics, step=step)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-                    window_time, window_tokens = 0.0, 0
+                    log_window(grad_norm, t0)
                 else:
                     window_time += time.perf_counter() - t0
                 if bar is not None:
@@ -1266,6 +1273,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 else:
                     requested = False
                 if requested:
+                    if pending:  # the steps since the last log: the resumed run starts after them
+                        log_window(grad_norm, None)
                     stopped = True
                     accelerator.print(f"stop requested: saving step {step} and exiting")
                     break
