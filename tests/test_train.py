@@ -182,6 +182,24 @@ def test_bad_run_config_names_the_field(tmp_path, extra, field):
         config_from_dict(run_dict(tmp_path, **extra))
 
 
+@pytest.mark.parametrize("model,overrides,field", [
+    ({**LLAMA, "hidden_sise": 32}, {}, r"model\.hidden_sise: unknown field of LlamaConfig .*'hidden_size'"),
+    (LLAMA, {"num_hiden_layers": 1}, r"model_overrides\.num_hiden_layers: .*did you mean 'num_hidden_layers'"),
+    ({"model_type": "zoo", "d_modl": 32}, {}, r"model\.d_modl: unknown field of ZooConfig .*'d_model'"),
+], ids=["llama-field", "llama-override", "zoo-mapping"])
+def test_a_misspelled_model_field_is_refused_by_name(tmp_path, model, overrides, field):
+    # transformers keeps an unknown keyword as an attribute: the model was built with the default the field meant to
+    # replace (hidden_size 4096 for the Llama: a 1.3B-parameter model instead of a 0.04M one)
+    from zoo.train import build_model
+
+    run = run_dict(tmp_path, model_overrides=overrides)
+    run["model"] = model  # as given (run_dict would merge the Llama's fields into a zoo mapping)
+    with pytest.raises(ValueError, match=field):
+        build_model(config_from_dict(run))
+    ok = config_from_dict(run_dict(tmp_path, model={**LLAMA, "rope_theta": 5e5}))  # taken, though not an attribute
+    assert build_model(ok).config.rope_parameters["rope_theta"] == 5e5
+
+
 def test_whole_numbers_written_as_yaml_strings_or_floats_fill_integer_fields(tmp_path):
     # YAML reads 1e5 (no dot) as the string '1e5', and a quoted "2048" stays a string
     cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": "1e5"}, data={"seq_len": "64"},
@@ -282,8 +300,9 @@ def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     model = {"model_type": "zoo", "vocab_size": 260, "d_model": 32, "layers": "MM", "ffn": {"hidden": 64},
              "mixers": {"M": {"type": "mamba", "d_state": 4}},
              "moe": {"every": 2, "n_experts": 4, "top_k": 1, "normalize_topk": False}}
-    cfg = config_from_dict(run_dict(tmp_path, model=model, train={"max_steps": 3, "grad_accum": 1},
-                                    log={"every": 1, "peak_tflops": 1.0}))
+    run = run_dict(tmp_path, train={"max_steps": 3, "grad_accum": 1}, log={"every": 1, "peak_tflops": 1.0})
+    run["model"] = model  # the zoo fields alone (run_dict would merge the Llama's into them: unknown to ZooConfig)
+    cfg = config_from_dict(run)
     train(cfg)
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("mfu")]

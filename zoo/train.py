@@ -358,6 +358,21 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise ValueError(f"model.vocab_size: the model has {n_embed} embeddings but the tokenizer has "
                              f"{len(tokenizer)} tokens; set model_overrides.vocab_size >= {len(tokenizer)}")
 
+    def check_fields(config, given: dict[str, Any], where: str) -> None:
+        # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
+        # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide)
+        try:
+            default = type(config)()
+        except Exception:  # a config class that cannot be built without arguments: left to transformers
+            return
+        for key in given:
+            if key != "model_type" and hasattr(config, key) and not hasattr(default, key):
+                known = sorted(k for k in default.to_dict() if not k.startswith("_"))
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{where}{key}: unknown field of {type(config).__name__} "
+                                 f"({config.model_type}); {hint}fields: {', '.join(known)}")
+
     config = None
     if isinstance(spec, dict):
         fields_ = {**special, **spec, **overrides}
@@ -366,6 +381,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             config = AutoConfig.for_model(model_type, **fields_)
         except ValueError as e:
             raise ValueError(f"model: {e}") from e
+        check_fields(config, spec, "model.")
+        check_fields(config, overrides, "model_overrides.")
     elif spec.endswith((".yaml", ".yml")):
         if not Path(spec).is_file():
             raise ValueError(f"model: no such model config {spec!r}")
@@ -380,6 +397,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         folder = Path(spec)
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
             config = AutoConfig.from_pretrained(spec, **overrides)
+            check_fields(config, overrides, "model_overrides.")
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
         model = AutoModelForCausalLM.from_config(config)
