@@ -323,6 +323,10 @@ def test_schedules():
     assert all(a >= b for a, b in itertools.pairwise(lrs)), "cosine decays monotonically"
     cfg.schedule.kind, cfg.schedule.decay_fraction = "wsd", 0.2
     assert lr_at(79, cfg) == 1e-3 and lr_at(80, cfg) < 1e-3 and math.isclose(lr_at(99, cfg), 1e-5)
+    # one step after the warmup (zoo compare's MQAR caps the warmup at steps - 1): it is the last, at min_lr (the
+    # cosine's progress was 0 there, so the run ended at the peak)
+    cfg.schedule.kind, cfg.schedule.warmup_steps = "cosine", 99
+    assert math.isclose(lr_at(98, cfg), 1e-3) and math.isclose(lr_at(99, cfg), 1e-5)
 
 
 def _tbptt_model(name: str):

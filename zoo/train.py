@@ -450,7 +450,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return lr * (step + 1) / s.warmup_steps
     floor = s.min_lr / lr
     if s.kind == "cosine":
-        progress = min(1.0, (step - s.warmup_steps) / max(1, n - 1 - s.warmup_steps))
+        # the last step is at min_lr, also when it is the only step after the warmup
+        progress = min(1.0, (step - s.warmup_steps) / (n - 1 - s.warmup_steps)) if n - 1 > s.warmup_steps else 1.0
         return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     if s.kind == "wsd":
         decay_steps = max(1, math.ceil(s.decay_fraction * n))
