@@ -458,6 +458,14 @@ def test_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
     assert result.step == 4
 
 
+def test_resume_past_max_steps_is_refused_naming_it(tmp_path):
+    # a checkpoint at step 4 resumed with max_steps 3 returned at once: nothing trained or saved, and no word
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})))
+    with pytest.raises(ValueError, match=r"train\.max_steps: 3 is below the step of .*step_00000004 \(4\)"):
+        train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3})), resume="auto")
+    assert train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})), resume="auto").step == 4  # done: fine
+
+
 def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})))

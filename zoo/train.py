@@ -1109,6 +1109,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
                              f"checkpoint's" + (f" ({was})" if was else "")
                              + " (no_decay_1d defaulted to false before it became true)") from e
         step, tokens = state["step"], state["tokens"]
+        if step > cfg.train.max_steps:  # the loop would not run: nothing trained, nothing saved, no word
+            raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
+                             f"resume with train.max_steps >= {step}, or use {start_ckpt / 'model'} as it is")
         data_state = StreamState(**state["data_states"][accelerator.process_index])
 
     if accelerator.is_main_process:
