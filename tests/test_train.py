@@ -106,6 +106,26 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
 
 
+def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path):
+    # log.every 2, stopped after step 3: step 3 was never logged (the loop saved and exited; the resumed run logs from
+    # step 4 on), so metrics.csv had no row covering it
+    losses: dict[int, float] = {}
+
+    def interrupt(step, metrics):
+        losses[step] = metrics["loss"]
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = config_from_dict(run_dict(tmp_path, log={"every": 2}))
+    assert train(cfg, on_step=interrupt).stopped
+    train(cfg, resume="auto", on_step=lambda s, m: losses.__setitem__(s, m["loss"]))
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+    assert list(rows) == [2, 3, 4, 6]
+    assert rows[3] == pytest.approx(losses[3]) and rows[4] == pytest.approx(losses[4])
+    assert rows[2] == pytest.approx((losses[1] + losses[2]) / 2)
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     import zoo.train as zt
@@ -160,6 +180,24 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
 def test_bad_run_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ValueError, match=field):
         config_from_dict(run_dict(tmp_path, **extra))
+
+
+@pytest.mark.parametrize("model,overrides,field", [
+    ({**LLAMA, "hidden_sise": 32}, {}, r"model\.hidden_sise: unknown field of LlamaConfig .*'hidden_size'"),
+    (LLAMA, {"num_hiden_layers": 1}, r"model_overrides\.num_hiden_layers: .*did you mean 'num_hidden_layers'"),
+    ({"model_type": "zoo", "d_modl": 32}, {}, r"model\.d_modl: unknown field of ZooConfig .*'d_model'"),
+], ids=["llama-field", "llama-override", "zoo-mapping"])
+def test_a_misspelled_model_field_is_refused_by_name(tmp_path, model, overrides, field):
+    # transformers keeps an unknown keyword as an attribute: the model was built with the default the field meant to
+    # replace (hidden_size 4096 for the Llama: a 1.3B-parameter model instead of a 0.04M one)
+    from zoo.train import build_model
+
+    run = run_dict(tmp_path, model_overrides=overrides)
+    run["model"] = model  # as given (run_dict would merge the Llama's fields into a zoo mapping)
+    with pytest.raises(ValueError, match=field):
+        build_model(config_from_dict(run))
+    ok = config_from_dict(run_dict(tmp_path, model={**LLAMA, "rope_theta": 5e5}))  # taken, though not an attribute
+    assert build_model(ok).config.rope_parameters["rope_theta"] == 5e5
 
 
 def test_whole_numbers_written_as_yaml_strings_or_floats_fill_integer_fields(tmp_path):
@@ -235,6 +273,24 @@ def test_biases_norms_and_ssm_parameters_are_not_decayed_matrices_are():
     assert decay == set(names.values()) - kept
 
 
+def test_a_transformers_models_biases_and_norms_are_not_decayed_by_default(tmp_path):
+    """A transformers model carries no _no_weight_decay flags: its RMSNorm weights and biases were decayed toward 0
+    by the default run config (transformers' Trainer and mamba_ssm exempt them), unlike the zoo models' in the same
+    comparison. By default 1-D parameters are not decayed; no_decay_1d: false decays them unless flagged."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in LLAMA.items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", attention_bias=True, **fields))
+    names = {id(p): n for n, p in model.named_parameters()}
+    cfg = config_from_dict(run_dict(tmp_path))
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, cfg.optim))
+    flat = {n for n, p in model.named_parameters() if p.ndim < 2}
+    assert "model.norm.weight" in flat and "model.layers.0.self_attn.q_proj.bias" in flat
+    assert no_decay == flat and decay == set(names.values()) - flat
+    cfg = config_from_dict(run_dict(tmp_path, optim={"no_decay_1d": False}))
+    assert {names[id(p)] for p in param_groups(model, cfg.optim)[0]["params"]} == set(names.values())
+
+
 def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     """MFU was 6 · all parameters · tokens/s: a MoE's n_experts - top_k experts that a token skips counted as work
     done, so a Jamba-style model's MFU was overstated (here 1.5x; more with 16 experts and top-2)."""
@@ -244,8 +300,9 @@ def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     model = {"model_type": "zoo", "vocab_size": 260, "d_model": 32, "layers": "MM", "ffn": {"hidden": 64},
              "mixers": {"M": {"type": "mamba", "d_state": 4}},
              "moe": {"every": 2, "n_experts": 4, "top_k": 1, "normalize_topk": False}}
-    cfg = config_from_dict(run_dict(tmp_path, model=model, train={"max_steps": 3, "grad_accum": 1},
-                                    log={"every": 1, "peak_tflops": 1.0}))
+    run = run_dict(tmp_path, train={"max_steps": 3, "grad_accum": 1}, log={"every": 1, "peak_tflops": 1.0})
+    run["model"] = model  # the zoo fields alone (run_dict would merge the Llama's into them: unknown to ZooConfig)
+    cfg = config_from_dict(run)
     train(cfg)
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("mfu")]
@@ -266,6 +323,10 @@ def test_schedules():
     assert all(a >= b for a, b in itertools.pairwise(lrs)), "cosine decays monotonically"
     cfg.schedule.kind, cfg.schedule.decay_fraction = "wsd", 0.2
     assert lr_at(79, cfg) == 1e-3 and lr_at(80, cfg) < 1e-3 and math.isclose(lr_at(99, cfg), 1e-5)
+    # one step after the warmup (zoo compare's MQAR caps the warmup at steps - 1): it is the last, at min_lr (the
+    # cosine's progress was 0 there, so the run ended at the peak)
+    cfg.schedule.kind, cfg.schedule.warmup_steps = "cosine", 99
+    assert math.isclose(lr_at(98, cfg), 1e-3) and math.isclose(lr_at(99, cfg), 1e-5)
 
 
 def _tbptt_model(name: str):
@@ -383,6 +444,26 @@ def test_resume_refuses_a_model_changed_behind_its_yaml_path(tmp_path, capsys):
     assert main([str(path), "--resume", "--train.max_steps=2", f"--model={moved}"]) == 0
     assert "moved.yaml" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path / "run").name == "step_00000002"
+
+
+def test_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
+    # A run saved with no_decay_1d false (the old default) resumed under the new default: torch's load_state_dict
+    # said only "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, optim={"no_decay_1d": False})))
+    with pytest.raises(ValueError, match=r"--resume: .*optim\.no_decay_1d=true.*\(optim\.no_decay_1d: false, "
+                                         r"optim\.no_decay_embeddings: false\)"):
+        train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})), resume="auto")
+    result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, optim={"no_decay_1d": False})),
+                   resume="auto")
+    assert result.step == 4
+
+
+def test_resume_past_max_steps_is_refused_naming_it(tmp_path):
+    # a checkpoint at step 4 resumed with max_steps 3 returned at once: nothing trained or saved, and no word
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})))
+    with pytest.raises(ValueError, match=r"train\.max_steps: 3 is below the step of .*step_00000004 \(4\)"):
+        train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3})), resume="auto")
+    assert train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})), resume="auto").step == 4  # done: fine
 
 
 def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsys):
@@ -577,3 +658,32 @@ def test_two_processes_evaluate_as_many_batches_each(tmp_path):
             total, n = total + float(out.loss) * k, n + k
     # the reloaded model's loss is the run's to float rounding; all 8 of process 0's batches: 1.5e-3 off
     assert logged == [pytest.approx(total / n, rel=1e-5)], (logged, total / n)
+
+
+def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_path):
+    # The loss and its gradient are means over the step's target tokens of all processes (transformers' Trainer with
+    # average_tokens_across_devices): each process divided by its own targets and DDP averaged the processes, so a
+    # short document's tokens weighed as much as a long one's whole row (here 4x) and the logged loss was a mean of
+    # per-process means. Two processes with one row each train as one process with both rows in its batch.
+    import json
+
+    pytest.importorskip("datasets")
+    docs = tmp_path / "docs.jsonl"  # unpacked rows: process 0 gets the short documents, process 1 the long ones
+    docs.write_text("".join(json.dumps({"text": "ab" * (2 if i % 2 == 0 else 24)}) + "\n" for i in range(40)))
+
+    def run(name: str, micro_batch_size: int) -> dict:
+        return run_dict(tmp_path / name, data={"source": str(docs), "holdout": 0.0, "shuffle": False,
+                                               "packing": False},
+                        train={"max_steps": 3, "micro_batch_size": micro_batch_size, "grad_accum": 1},
+                        schedule={"kind": "constant", "warmup_steps": 0}, log={"every": 1})
+
+    def losses(name: str) -> list[float]:
+        with open(tmp_path / name / "run" / "metrics.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    train(config_from_dict(run("one", 2)))
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(run("two", 1)))
+    proc = _launch_two(path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))

@@ -8,7 +8,7 @@ models whose forward takes it, else ``position_ids`` that restart at every packe
     zoo train configs/train/demo.yaml --train.max_steps=100          # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
 
-Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged parameters, grad clip
+Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D parameters, grad clip
 1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient accumulation, optional
 torch.compile and gradient checkpointing, fused AdamW on CUDA.
 
@@ -70,15 +70,17 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100"
 
 @dataclass
 class OptimConfig:
-    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay`` (and, when
-    asked, all 1-D parameters / all embeddings). grad_clip 0 disables clipping. fused: 'auto' = on CUDA."""
+    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay``, all 1-D
+    parameters (biases, norm weights: unflagged in transformers models; exempt as in transformers' Trainer and
+    mamba_ssm) unless no_decay_1d is false, and all embeddings when asked. grad_clip 0 disables clipping.
+    fused: 'auto' = on CUDA."""
 
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    no_decay_1d: bool = False
+    no_decay_1d: bool = True
     no_decay_embeddings: bool = False
     fused: bool | str = "auto"
 
@@ -356,6 +358,21 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise ValueError(f"model.vocab_size: the model has {n_embed} embeddings but the tokenizer has "
                              f"{len(tokenizer)} tokens; set model_overrides.vocab_size >= {len(tokenizer)}")
 
+    def check_fields(config, given: dict[str, Any], where: str) -> None:
+        # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
+        # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide)
+        try:
+            default = type(config)()
+        except Exception:  # a config class that cannot be built without arguments: left to transformers
+            return
+        for key in given:
+            if key != "model_type" and hasattr(config, key) and not hasattr(default, key):
+                known = sorted(k for k in default.to_dict() if not k.startswith("_"))
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ValueError(f"{where}{key}: unknown field of {type(config).__name__} "
+                                 f"({config.model_type}); {hint}fields: {', '.join(known)}")
+
     config = None
     if isinstance(spec, dict):
         fields_ = {**special, **spec, **overrides}
@@ -364,6 +381,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             config = AutoConfig.for_model(model_type, **fields_)
         except ValueError as e:
             raise ValueError(f"model: {e}") from e
+        check_fields(config, spec, "model.")
+        check_fields(config, overrides, "model_overrides.")
     elif spec.endswith((".yaml", ".yml")):
         if not Path(spec).is_file():
             raise ValueError(f"model: no such model config {spec!r}")
@@ -378,6 +397,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         folder = Path(spec)
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
             config = AutoConfig.from_pretrained(spec, **overrides)
+            check_fields(config, overrides, "model_overrides.")
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
         model = AutoModelForCausalLM.from_config(config)
@@ -397,7 +417,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Two AdamW groups: decayed, and not decayed (``param._no_weight_decay``, plus all 1-D parameters
-    with no_decay_1d and all embeddings with no_decay_embeddings). Shared (tied) parameters appear once."""
+    with no_decay_1d, the default, and all embeddings with no_decay_embeddings). Shared (tied) parameters appear
+    once."""
     embeddings: set[int] = set()
     if cfg.no_decay_embeddings:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -429,7 +450,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return lr * (step + 1) / s.warmup_steps
     floor = s.min_lr / lr
     if s.kind == "cosine":
-        progress = min(1.0, (step - s.warmup_steps) / max(1, n - 1 - s.warmup_steps))
+        # the last step is at min_lr, also when it is the only step after the warmup
+        progress = min(1.0, (step - s.warmup_steps) / (n - 1 - s.warmup_steps)) if n - 1 > s.warmup_steps else 1.0
         return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     if s.kind == "wsd":
         decay_steps = max(1, math.ceil(s.decay_fraction * n))
@@ -564,7 +586,8 @@ def _chunk_loss(out, batch: dict[str, torch.Tensor], start: int, stop: int) -> t
     return total, n
 
 
-def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float, inputs: ModelInputs, *,
+def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float | torch.Tensor,
+                     inputs: ModelInputs, *,
                      chunk_len: int | None = None, mode: str = "exact",
                      backward: Callable[[list[torch.Tensor], list[torch.Tensor | None]], None] | None = None,
                      no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
@@ -575,7 +598,8 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
         model: the (possibly wrapped) causal LM, in train mode.
         batch: tensors [B, L] on the model's device (input_ids, labels, seq_idx, position_ids, ...).
         scale: weight of one target: the loss back-propagated is sum over targets of CE · scale (1 / targets
-            of the optimizer step gives the step's mean).
+            of the optimizer step gives the step's mean; a 0-d device tensor too, as processes / all processes'
+            targets is under DDP, which averages the processes' gradients).
         inputs: which batch fields the model takes.
         chunk_len: None trains the whole rows; else chunks of chunk_len tokens with the state carried.
         mode: 'exact' or 'detach' (module docstring).
@@ -1070,8 +1094,24 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
                              f"run has {world}; the data order is per process: resume with the same number")
-        accelerator.load_state(str(start_ckpt / "accelerate"))
+        try:
+            accelerator.load_state(str(start_ckpt / "accelerate"))
+        except ValueError as e:  # torch's optimizer: the weight-decay groups hold other numbers of parameters
+            if "parameter group" not in str(e):
+                raise
+            saved_path = start_ckpt / "train_config.yaml"
+            saved = (yaml.safe_load(saved_path.read_text()) or {}).get("optim", {}) if saved_path.is_file() else {}
+            was = ", ".join(f"optim.{k}: {str(saved[k]).lower()}" for k in ("no_decay_1d", "no_decay_embeddings")
+                            if k in saved)
+            raise ValueError(f"--resume: {start_ckpt}'s optimizer state has other weight-decay groups than this "
+                             f"run's optim.no_decay_1d={str(cfg.optim.no_decay_1d).lower()}, optim.no_decay_"
+                             f"embeddings={str(cfg.optim.no_decay_embeddings).lower()} make; resume with the "
+                             f"checkpoint's" + (f" ({was})" if was else "")
+                             + " (no_decay_1d defaulted to false before it became true)") from e
         step, tokens = state["step"], state["tokens"]
+        if step > cfg.train.max_steps:  # the loop would not run: nothing trained, nothing saved, no word
+            raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
+                             f"resume with train.max_steps >= {step}, or use {start_ckpt / 'model'} as it is")
         data_state = StreamState(**state["data_states"][accelerator.process_index])
 
     if accelerator.is_main_process:
@@ -1179,6 +1219,25 @@ def train(cfg: TrainConfig, resume: str | None = None,
         pending = []
         return values
 
+    def log_window(grad_norm: torch.Tensor, t0: float | None) -> None:
+        """Log the steps since the last log at `step`: their mean loss, tokens/s over their time (the current
+        step's from t0 when given), MFU."""
+        nonlocal window_time, window_tokens
+        values = flush()  # the device sync that makes the window's time honest
+        if t0 is not None:
+            window_time += time.perf_counter() - t0
+        tps = window_tokens / max(window_time, 1e-9)
+        metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
+                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
+        if peak is not None:
+            metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
+        if device.type == "cuda":
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        accelerator.log(metrics, step=step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+        window_time, window_tokens = 0.0, 0
+
     with _StopRequest() as stop:
         try:
             while step < cfg.train.max_steps:
@@ -1187,7 +1246,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     group["lr"] = lr_at(step, cfg)
                 micro = [next(batches) for _ in range(accum)]
                 counts = [count_targets(b["labels"]) for b, _ in micro]  # on the host rows: no device sync
-                scale = 1.0 / max(1, sum(counts))
+                if world == 1:
+                    scale: float | torch.Tensor = 1.0 / max(1, sum(counts))
+                else:  # a mean over every process's targets: DDP/FSDP average the gradients, hence world / all
+                    n_all = accelerator.reduce(torch.tensor(float(sum(counts)), device=device), reduction="sum")
+                    scale = world / n_all.clamp(min=1.0)
                 step_loss = torch.zeros((), device=device)
                 for i, (batch, _) in enumerate(micro):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -1206,23 +1269,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 pending.append((step, step_loss))
                 window_tokens += tokens_per_step
                 if on_step is not None:
-                    on_step(step, {"loss": float(step_loss), "lr": lr_at(step - 1, cfg),
+                    step_mean = step_loss if world == 1 else accelerator.reduce(step_loss, reduction="mean")
+                    on_step(step, {"loss": float(step_mean), "lr": lr_at(step - 1, cfg),
                                    "grad_norm": float(grad_norm)})
                 log_now = step % cfg.log.every == 0 or step == cfg.train.max_steps
                 if log_now:
-                    values = flush()  # the device sync that makes the window's time honest
-                    window_time += time.perf_counter() - t0
-                    tps = window_tokens / max(window_time, 1e-9)
-                    metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
-                               "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
-                    if peak is not None:
-                        metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
-                    if device.type == "cuda":
-                        metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                    accelerator.log(metrics, step=step)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-                    window_time, window_tokens = 0.0, 0
+                    log_window(grad_norm, t0)
                 else:
                     window_time += time.perf_counter() - t0
                 if bar is not None:
@@ -1243,6 +1295,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 else:
                     requested = False
                 if requested:
+                    if pending:  # the steps since the last log: the resumed run starts after them
+                        log_window(grad_norm, None)
                     stopped = True
                     accelerator.print(f"stop requested: saving step {step} and exiting")
                     break
