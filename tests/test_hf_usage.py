@@ -72,6 +72,23 @@ def test_num_items_in_batch_makes_the_loss_a_share_of_the_batch_sum():
     torch.testing.assert_close(share, mean * n_targets / 26)
 
 
+def test_a_micro_batch_without_targets_adds_zero_under_num_items_in_batch_as_in_llama():
+    """SFT rows whose targets were all truncated away: under gradient accumulation the Trainer passes the whole
+    batch's count, and such a micro-batch must add 0 to the loss and the gradients (its mean is NaN)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    model = tiny("jamba").train()
+    ids = torch.randint(0, 512, (2, 10))
+    labels = torch.full_like(ids, -100)
+    for m in (llama, model):
+        loss = m(ids, labels=labels, num_items_in_batch=torch.tensor(26)).loss
+        assert loss.item() == 0.0, f"{type(m).__name__}: {loss}"
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_lora_config_without_target_modules_adapts_the_mixer_projections(name):
     # PEFT looks its default targets up by model_type; without an entry for "zoo" it raised "Please specify

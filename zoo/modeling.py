@@ -455,7 +455,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if num_items_in_batch is not None:
                 # the Trainer leaves the loss unscaled for accumulation when the model takes this count: the
                 # micro-batches' losses must add up to the accumulated batch's mean, each weighted by its targets
-                loss = loss * (targets != -100).sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
+                # a micro-batch without a target (all -100) adds 0, as transformers' sum-reduced loss does: its mean
+                # is NaN, and NaN * 0 made the whole accumulated step's loss and gradients NaN
+                count = (targets != -100).sum()
+                share = loss * count / torch.as_tensor(num_items_in_batch, device=loss.device)
+                loss = torch.where(count > 0, share, torch.zeros_like(share))
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
                                    hidden_states=out.hidden_states, aux_loss=aux, router_logits=out.router_logits)
         return result if _return_dict(self.config, return_dict) else result.to_tuple()
