@@ -267,6 +267,21 @@ def test_eager_attn_implementation_says_it_changes_nothing():
     model(torch.randint(0, config.vocab_size, (1, 8)))
 
 
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attn_implementation_loads_and_says_zoo_picks_flash_attn_itself(implementation, tmp_path):
+    """from_pretrained(..., attn_implementation="flash_attention_2"), the usual load call, was refused with
+    transformers' 'does not support Flash Attention 2 yet, request support on the hub page'."""
+    from zoo import ZooConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")).eval()
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=f"attn_implementation='{implementation}' does not change.*attn_backend"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
 def test_output_attentions_is_refused_not_answered_with_none():
     # the forward took output_attentions in **kwargs and returned attentions=None (generate: a tuple of Nones)
     model = tiny("jamba").eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import re
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -143,6 +144,18 @@ class ZooPreTrainedModel(PreTrainedModel):
     def post_init(self) -> None:
         super().post_init()
         self.mark_no_weight_decay()
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """transformers' check of attn_implementation, except that flash_attention_2 / _3 (what many load calls
+        pass) is taken as the default with a warning: zoo's attention already runs flash-attn when it is installed,
+        chosen per mixer by attn_backend. transformers refused it as 'does not support Flash Attention 2 yet'."""
+        if isinstance(requested_attention, str) and re.fullmatch(r"flash_attention_\d", requested_attention):
+            warnings.warn(f"attn_implementation={requested_attention!r} does not change zoo's attention: each "
+                          f"attention mixer picks its kernel from its spec's attn_backend; 'auto' (the default) runs "
+                          f"flash-attn when it is installed, else SDPA's fastest backend. To require flash-attn, set "
+                          f"it there, e.g. mixers: {{A: {{type: attention, attn_backend: flash_attn}}}}", stacklevel=2)
+            requested_attention = None
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
                                     every_n_layers: int = 1) -> None:
