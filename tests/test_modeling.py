@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -364,6 +365,22 @@ def test_checkpointing_takes_transformers_function_and_every_n_layers():
     for n, p in model.named_parameters():
         if n in ref:
             assert_close(n, p.grad, ref[n], 1e-5)
+
+
+def test_checkpointing_that_a_cache_turns_off_says_so():
+    """Blocks that carry a cache run unchecked (a rerun would update the cache twice): with truncated BPTT (zoo
+    train's tbptt_chunk, or any training call with use_cache=True) gradient checkpointing saved nothing, silently."""
+    model = tiny("jamba").train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 512, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(ids, labels=ids).loss.backward()  # no cache: checkpointed, nothing to say
+    with pytest.warns(UserWarning, match="gradient checkpointing does not apply.*use_cache=False"):
+        out = model(ids[:, :6], use_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True)  # said once
 
 
 class StatelessMixer(torch.nn.Module):

@@ -323,6 +323,13 @@ class ZooModel(ZooPreTrainedModel):
         hidden_states = [x] if output_hidden_states else None
         router_logits = []  # the MoE layers'
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and past_key_values is not None and not getattr(self, "_warned_cache_checkpointing", False) \
+                and any(past_key_values.layers[i] is not None for i in self._checkpointed):
+            self._warned_cache_checkpointing = True  # once per model: truncated BPTT meets this every chunk
+            warnings.warn("gradient checkpointing does not apply to the blocks that carry a cache (use_cache=True or "
+                          "past_key_values in training, as truncated BPTT's chunks run): rerun in the backward, they "
+                          "would update their cache entries a second time, so they keep their activations. Pass "
+                          "use_cache=False to checkpoint them", stacklevel=3)
         fusable = x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # the kernel adds in fp32
         add_norm = fused_add_norm() if fusable and not torch.is_grad_enabled() and not output_hidden_states else None
         if add_norm is not None:  # inference on CUDA: each residual add runs inside the next norm's kernel
