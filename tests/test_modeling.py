@@ -541,6 +541,24 @@ def test_generate_continues_a_cache_with_beams_and_several_sequences(name, stati
     assert torch.equal(beams, fresh)
 
 
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("name", ["mamba", "gla", "jamba"])
+def test_generate_from_a_cache_of_the_whole_prompt_is_refused_naming_the_fix(name, with_mask):
+    """A cache of every prompt token (model(prompt, use_cache=True)) left generate nothing to run past it: it fed the
+    whole prompt again, which the forward refused with a message about packed documents and seq_idx."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (1, 8))
+    mask = {"attention_mask": torch.ones_like(prompt)} if with_mask else {}
+    fresh = model.generate(prompt, max_new_tokens=4, do_sample=False, **mask)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"already holds 8 tokens.*input_ids\[:, :-1\]"):
+        model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask)
+    with torch.no_grad():  # what the error says to do
+        cache = model(prompt[:, :-1], use_cache=True).past_key_values
+    assert torch.equal(model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask), fresh)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_cache_rows_can_be_repeated_and_selected(name):
     model = tiny(name)

@@ -369,6 +369,30 @@ class ZooModel(ZooPreTrainedModel):
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
 
+def _refuse_a_cache_that_holds_the_whole_prompt(args: tuple, kwargs: dict) -> None:
+    """generate continues a cache by running the prompt's tokens past the cached ones (transformers slices
+    input_ids[:, cached:] when the attention_mask, or none, is as long as input_ids); a cache that already holds
+    every prompt token left nothing to run: transformers then feeds the whole prompt again (LlamaForCausalLM appends
+    its keys a second time, silently), and the forward refused it with a message about packed documents and seq_idx.
+    Raise, naming the fix."""
+    cache = kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values"))
+    if not isinstance(cache, ZooCache) or not cache.get_seq_length():
+        return
+    prompt = kwargs.get("inputs_embeds")
+    if prompt is None:
+        prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    mask = kwargs.get("attention_mask")
+    if not torch.is_tensor(prompt) or (mask is not None and mask.shape[-1] != prompt.shape[1]):
+        return  # new tokens alone, with a mask over the cached and new ones: transformers runs them all
+    cached = cache.get_seq_length()
+    if prompt.shape[1] <= cached:
+        raise ValueError(f"generate: past_key_values already holds {cached} tokens and the prompt has "
+                         f"{prompt.shape[1]}; generate takes the cached tokens and the new ones as input_ids and runs "
+                         f"those past the cache, so at least the last prompt token must be uncached (the cache keeps "
+                         f"no logits to pick the next token from). Build the cache from input_ids[:, :-1], or pass "
+                         f"the new tokens alone with an attention_mask over the cached and new tokens")
+
+
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     """ZooModel with a language-modelling head (tied to the embedding when config.tie_embeddings)."""
 
@@ -398,6 +422,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if asked:
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
+        _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         given = kwargs.get("generation_config") or self.generation_config
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
                 and kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is None:
