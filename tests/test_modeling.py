@@ -559,6 +559,24 @@ def test_generate_from_a_cache_of_the_whole_prompt_is_refused_naming_the_fix(nam
     assert torch.equal(model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask), fresh)
 
 
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
+    """A 4-D mask (packing recipes build block-diagonal ones for transformers' attention models) failed with a bare
+    broadcast error; after a cache, a mask longer than past + tokens moved RoPE's positions without an error."""
+    model = tiny(name)
+    ids = torch.randint(0, 512, (2, 8))
+    mask4 = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None, None].expand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"attention_mask: expected \[batch, tokens\] = \[2, 8\].*seq_idx"):
+        model(ids, attention_mask=mask4)
+    with torch.no_grad():
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"attention_mask: covers 10 positions.*\[2, 8\]"):
+            model(ids[:, 7:], attention_mask=torch.ones(2, 10, dtype=torch.long), past_key_values=cache)
+        step = model(ids[:, 7:], attention_mask=torch.ones(2, 8, dtype=torch.long), past_key_values=cache).logits
+        assert_close("step", step[:, -1], model(ids).logits[:, -1], 1e-5)
+        assert torch.equal(model(ids, attention_mask=torch.ones(1, 8)).logits, model(ids).logits)  # [1, T] broadcasts
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_cache_rows_can_be_repeated_and_selected(name):
     model = tiny(name)

@@ -98,6 +98,22 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
                          f"cache.batch_select_indices(rows) keeps some)")
 
 
+def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int) -> None:
+    """Raise, naming the shape zoo takes, for a mask that is not [batch (or 1), up to past + tokens]: a 4-D mask (a
+    packing recipe's block-diagonal one, which transformers' attention models take) failed with a bare broadcast
+    error, and after a cache one longer than past + tokens shifted the positions its cumsum gives, so RoPE read the
+    new tokens at the wrong positions without an error (transformers' models read positions from the cache)."""
+    if mask.dim() != 2 or mask.shape[0] not in (1, batch):
+        raise ValueError(f"attention_mask: expected [batch, tokens] = [{batch}, {past + tokens}] with 1 for a token "
+                         f"and 0 for padding, got shape {tuple(mask.shape)}; zoo's recurrent layers take no "
+                         f"per-query (4-D) mask: mark packed documents with seq_idx [batch, tokens] or with "
+                         f"position_ids that restart at each document")
+    if past and mask.shape[1] > past + tokens:
+        raise ValueError(f"attention_mask: covers {mask.shape[1]} positions but the cache holds {past} tokens and "
+                         f"this chunk has {tokens}; pass the mask of every token so far, [batch, past + tokens] = "
+                         f"[{batch}, {past + tokens}], as transformers' generate does")
+
+
 def _refuse_output_attentions(config, kwargs: dict) -> None:
     """transformers' output_attentions (argument or config default): zoo models have no attention weights to return,
     so asking for them raises rather than giving None."""
@@ -300,6 +316,8 @@ class ZooModel(ZooPreTrainedModel):
         if past_key_values is not None:
             _check_cache(self, past_key_values, Bsz)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None:
+            _check_attention_mask(attention_mask, Bsz, T, past)
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \
