@@ -189,6 +189,17 @@ def test_top_1_routing_with_renormalized_weights_warns_that_the_router_learns_on
     assert switch.router.weight.grad.abs().max() > 1e-3
 
 
+def test_num_hidden_layers_follows_layers_set_after_the_config_was_made():
+    """cfg.layers = ... then from_config built the new layers while config.num_hidden_layers (what transformers,
+    PEFT and probing scripts read) kept the old count."""
+    config = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
+    config.layers = "MA"
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.config.num_hidden_layers == len(model.model.layers) == 2
+    ids = torch.randint(0, 512, (1, 5))
+    assert len(model(ids, output_hidden_states=True).hidden_states) == model.config.num_hidden_layers + 1
+
+
 def test_output_hidden_states():
     model = tiny("transformerpp")
     out = model(torch.randint(0, 512, (1, 5)), output_hidden_states=True)
