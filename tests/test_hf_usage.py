@@ -198,6 +198,24 @@ def test_padding_free_collator_rows_equal_separate_documents(name):
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_padding_free_collator_with_flash_attn_kwargs_keeps_documents_apart(name):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False) marks the documents only
+    by cu_seq_lens_q / _k, which the Trainer passes on with the batch: they were ignored and the documents leaked."""
+    model = tiny(name).eval()
+    docs = [torch.randint(0, 512, (n,)).tolist() for n in (7, 5, 9)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(
+        [{"input_ids": d} for d in docs])
+    assert "cu_seq_lens_q" in batch and "position_ids" not in batch
+    separate = torch.cat([model(torch.tensor([d])).logits[0] for d in docs])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits[0], separate, atol=1e-5, rtol=1e-5)
+        hidden = model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden)[0], separate, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cu_seq_lens_q: expected the document boundaries"):
+        model(input_ids=batch["input_ids"].expand(2, -1), cu_seq_lens_q=batch["cu_seq_lens_q"])
+
+
 def test_trainer_label_smoothing_shifts_the_labels(tmp_path):
     # the Trainer pops the labels and smooths the loss itself, shifting them only for models it knows as causal LMs
     model = tiny("mamba").eval()

@@ -54,6 +54,31 @@ def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
     return seq_idx
 
 
+def seq_idx_from_cu_seqlens(kwargs: dict, seq_idx: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """seq_idx [1, T] from the cu_seq_lens_q / cu_seq_lens_k that transformers' DataCollatorWithFlattening gives with
+    return_flash_attn_kwargs=True (popped from `kwargs` with max_length_q / _k): with return_position_ids=False they
+    were the only mark of the documents, and were ignored, so the packed documents attended to and carried states
+    into each other. `seq_idx`, given, wins."""
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    cu_k = kwargs.pop("cu_seq_lens_k", None)
+    kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
+    if cu is None:
+        cu = cu_k
+    if cu is None or seq_idx is not None:
+        return seq_idx
+    if cu_k is not None and not torch.equal(cu_k.to(cu.device), cu):
+        raise ValueError("cu_seq_lens_k: differs from cu_seq_lens_q; zoo models take packed documents for causal "
+                         "self-attention only (one boundary list for queries and keys)")
+    batch, tokens = shape
+    if batch != 1 or cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != tokens:
+        raise ValueError(f"cu_seq_lens_q: expected the document boundaries [0, ..., {tokens}] of one packed row "
+                         f"[1, {tokens}], got {cu.tolist()} for input rows of shape [{batch}, {tokens}]; or pass "
+                         f"seq_idx [batch, tokens] (the document of each token)")
+    positions = torch.arange(tokens, device=cu.device)
+    return torch.bucketize(positions, cu[1:].to(positions.dtype), right=True)[None].to(torch.int32)
+
+
 def _refuse_restarts_after_a_cache(position_ids: torch.Tensor, past: int) -> None:
     """A chunk that continues a cache cannot tell from position_ids alone where a packed document begins: its first
     token's step is from a position the cache does not keep, and the layers' cached keys and states carry no
@@ -290,7 +315,8 @@ class ZooModel(ZooPreTrainedModel):
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=None,
                 output_router_logits=None, **kwargs) -> BaseModelOutputWithPast | tuple:
         """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents (without
-        it, position_ids that restart mark them, as transformers' padding-free collator gives them).
+        it, position_ids that restart mark them, or cu_seq_lens_q, as transformers' padding-free collator gives
+        them).
 
         The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
         output_hidden_states, output_router_logits and return_dict default to the config's, as in transformers.
@@ -306,6 +332,7 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         Bsz, T = x.shape[:2]
+        seq_idx = seq_idx_from_cu_seqlens(kwargs, seq_idx, x.shape[:2])
         if use_cache is None:  # the config default caches for inference only; training asks explicitly (TBPTT)
             use_cache = self.config.use_cache and not self.training and self._cacheable()
         if use_cache and past_key_values is None:
@@ -498,6 +525,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         past_key_values = _the_cache(past_key_values, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         _refuse_output_attentions(self.config, kwargs)
+        rows = input_ids if input_ids is not None else inputs_embeds
+        if rows is not None:  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s boundaries
+            seq_idx = seq_idx_from_cu_seqlens(kwargs, seq_idx, rows.shape[:2])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True,
