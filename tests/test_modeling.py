@@ -533,6 +533,21 @@ def test_trusted_load_takes_overrides_and_a_keyword_path(tmp_path):
         zoo.ZooForCausalLM.from_pretrained(tmp_path)
 
 
+def test_the_base_model_takes_trust_remote_code_too(tmp_path):
+    """AutoModel.from_pretrained(..., trust_remote_code=True) (a ZooModel, for embeddings or a custom head) refused the
+    dotted-path mixer, telling the user to pass trust_remote_code=True: only ZooForCausalLM honoured the flag."""
+    from transformers import AutoModel
+
+    cfg = ZooConfig(d_model=32, vocab_size=64, layers="X", ffn="none",
+                    mixers={"X": {"type": "zoo.mixers.mamba.Mamba", "d_state": 4}})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert isinstance(base, zoo.ZooModel) and type(base.layers[0].mixer).__name__ == "Mamba"
+    assert getattr(base.layers[0].norm.weight, "_no_weight_decay", False)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModel.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("name", TINY)
 def test_generate_continues_a_cache_with_beams_and_several_sequences(name, static):

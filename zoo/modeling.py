@@ -175,6 +175,21 @@ class ZooPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, *args, trust_remote_code: bool = False, **kwargs):
+        # Dotted-path mixers in a config from disk import code: only with trust_remote_code (registry.get_mixer), for
+        # ZooModel (AutoModel) as for ZooForCausalLM.
+        # The flag holds while this load builds the model, whatever form the path, config and overrides take.
+        token = _TRUSTED_LOAD.set(True) if trust_remote_code else None
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        finally:
+            if token is not None:
+                _TRUSTED_LOAD.reset(token)
+        model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
+        _refuse_offloaded_mixers(model)
+        return model
+
     def mark_no_weight_decay(self) -> None:
         """Set `_no_weight_decay` on every parameter a module lists in `_no_weight_decay_params`."""
         for module in self.modules():
@@ -573,20 +588,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                           f"ZooCache (attention keys and values with recurrent states); for a static cache in a CUDA "
                           f"graph use zoo.decode.GraphDecoder", stacklevel=3)
         model_kwargs[GENERATE_CACHE_KWARG] = ZooCache.for_model(self)
-
-    @classmethod
-    def from_pretrained(cls, *args, trust_remote_code: bool = False, **kwargs):
-        # Dotted-path mixers in a config from disk import code: only with trust_remote_code (registry.get_mixer).
-        # The flag holds while this load builds the model, whatever form the path, config and overrides take.
-        token = _TRUSTED_LOAD.set(True) if trust_remote_code else None
-        try:
-            model = super().from_pretrained(*args, **kwargs)
-        finally:
-            if token is not None:
-                _TRUSTED_LOAD.reset(token)
-        model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
-        _refuse_offloaded_mixers(model)
-        return model
 
 
 def _refuse_offloaded_mixers(model: nn.Module) -> None:
