@@ -636,6 +636,21 @@ def test_decoding_after_a_packed_prompt_continues_its_last_document(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_generate_from_a_packed_prompt_with_seq_idx_continues_its_last_document(name):
+    """generate(input_ids, seq_idx=...): transformers forwarded the prompt's seq_idx unchanged to every decode step,
+    which gave wrong logits (the step read the prompt's ids) or, in Mamba-2, a shape error."""
+    model = tiny(name)
+    a, b = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4))
+    seq_idx = torch.tensor([[0] * 5 + [1] * 4])
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    packed = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, **kw)
+    alone = model.generate(b, **kw)
+    assert_close("logits", torch.stack(packed.logits), torch.stack(alone.logits), 1e-5)
+    beams = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert torch.equal(beams[:, 5:], model.generate(b, max_new_tokens=4, num_beams=2, do_sample=False))
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_a_continuing_chunk_whose_position_ids_restart_is_refused(name):
     """Documents packed by position_ids alone, prefilled in two chunks: the second chunk was run as one document
     (it attended to, or carried the state of, the documents before it) with no error. It is refused now, naming

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
 import re
 import warnings
@@ -495,6 +496,26 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                           f"device, max_len=None) to decode step by step", stacklevel=2)
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """transformers' preparation, plus the seq_idx of a packed prompt (generate(input_ids, seq_idx=...)):
+        transformers forwards it unchanged to every step, so a decode step of one token met the prompt's [B, T]
+        ids (wrong logits, or a shape error in Mamba-2). It is cut to the tokens this step runs, the new tokens
+        continuing the prompt's last document."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        seq_idx = inputs.get("seq_idx")
+        rows = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if torch.is_tensor(seq_idx) and rows is not None and seq_idx.shape[-1] != rows.shape[1]:
+            tokens, held = rows.shape[1], seq_idx.shape[-1]
+            if held > tokens:
+                seq_idx = seq_idx[:, held - tokens:]
+            else:  # without a cache each step reruns the prompt and the tokens generated so far
+                seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, tokens - held)], dim=-1)
+            inputs["seq_idx"] = seq_idx.contiguous()
+        return inputs
+
+    # generate checks its keyword arguments (cache=, attention_mask=, ...) against this signature: keep transformers'
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
                                       **model_kwargs):
