@@ -646,6 +646,8 @@ def test_generate_from_a_packed_prompt_with_seq_idx_continues_its_last_document(
     packed = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, **kw)
     alone = model.generate(b, **kw)
     assert_close("logits", torch.stack(packed.logits), torch.stack(alone.logits), 1e-5)
+    chunked = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, prefill_chunk_size=3, **kw)
+    assert_close("logits, chunked prefill", torch.stack(chunked.logits), torch.stack(alone.logits), 1e-5)
     beams = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, max_new_tokens=4, num_beams=2, do_sample=False)
     assert torch.equal(beams[:, 5:], model.generate(b, max_new_tokens=4, num_beams=2, do_sample=False))
 

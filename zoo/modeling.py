@@ -500,18 +500,19 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """transformers' preparation, plus the seq_idx of a packed prompt (generate(input_ids, seq_idx=...)):
         transformers forwards it unchanged to every step, so a decode step of one token met the prompt's [B, T]
-        ids (wrong logits, or a shape error in Mamba-2). It is cut to the tokens this step runs, the new tokens
-        continuing the prompt's last document."""
+        ids (wrong logits, or a shape error in Mamba-2). Each step gets the ids of the positions it runs (past the
+        cache: a continued cache, prefill_chunk_size's chunks), the new tokens continuing the prompt's last
+        document."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         seq_idx = inputs.get("seq_idx")
         rows = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
-        if torch.is_tensor(seq_idx) and rows is not None and seq_idx.shape[-1] != rows.shape[1]:
+        if torch.is_tensor(seq_idx) and rows is not None:
+            cache = inputs.get(GENERATE_CACHE_KWARG, inputs.get("past_key_values"))
+            past = cache.get_seq_length() if isinstance(cache, ZooCache) else 0
             tokens, held = rows.shape[1], seq_idx.shape[-1]
-            if held > tokens:
-                seq_idx = seq_idx[:, held - tokens:]
-            else:  # without a cache each step reruns the prompt and the tokens generated so far
-                seq_idx = torch.cat([seq_idx, seq_idx[:, -1:].expand(-1, tokens - held)], dim=-1)
-            inputs["seq_idx"] = seq_idx.contiguous()
+            if past or tokens != held:  # without a cache each step reruns the prompt and the tokens so far
+                at = torch.arange(past, past + tokens, device=seq_idx.device).clamp(max=held - 1)
+                inputs["seq_idx"] = seq_idx[:, at]
         return inputs
 
     # generate checks its keyword arguments (cache=, attention_mask=, ...) against this signature: keep transformers'
