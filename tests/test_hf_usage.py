@@ -72,6 +72,23 @@ def test_num_items_in_batch_makes_the_loss_a_share_of_the_batch_sum():
     torch.testing.assert_close(share, mean * n_targets / 26)
 
 
+def test_a_micro_batch_without_targets_adds_zero_under_num_items_in_batch_as_in_llama():
+    """SFT rows whose targets were all truncated away: under gradient accumulation the Trainer passes the whole
+    batch's count, and such a micro-batch must add 0 to the loss and the gradients (its mean is NaN)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    model = tiny("jamba").train()
+    ids = torch.randint(0, 512, (2, 10))
+    labels = torch.full_like(ids, -100)
+    for m in (llama, model):
+        loss = m(ids, labels=labels, num_items_in_batch=torch.tensor(26)).loss
+        assert loss.item() == 0.0, f"{type(m).__name__}: {loss}"
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_lora_config_without_target_modules_adapts_the_mixer_projections(name):
     # PEFT looks its default targets up by model_type; without an entry for "zoo" it raised "Please specify
@@ -181,6 +198,24 @@ def test_padding_free_collator_rows_equal_separate_documents(name):
     torch.testing.assert_close(packed, separate, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_padding_free_collator_with_flash_attn_kwargs_keeps_documents_apart(name):
+    """DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False) marks the documents only
+    by cu_seq_lens_q / _k, which the Trainer passes on with the batch: they were ignored and the documents leaked."""
+    model = tiny(name).eval()
+    docs = [torch.randint(0, 512, (n,)).tolist() for n in (7, 5, 9)]
+    batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(
+        [{"input_ids": d} for d in docs])
+    assert "cu_seq_lens_q" in batch and "position_ids" not in batch
+    separate = torch.cat([model(torch.tensor([d])).logits[0] for d in docs])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits[0], separate, atol=1e-5, rtol=1e-5)
+        hidden = model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden)[0], separate, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cu_seq_lens_q: expected the document boundaries"):
+        model(input_ids=batch["input_ids"].expand(2, -1), cu_seq_lens_q=batch["cu_seq_lens_q"])
+
+
 def test_trainer_label_smoothing_shifts_the_labels(tmp_path):
     # the Trainer pops the labels and smooths the loss itself, shifting them only for models it knows as causal LMs
     model = tiny("mamba").eval()
@@ -248,6 +283,21 @@ def test_eager_attn_implementation_says_it_changes_nothing():
     model = AutoModelForCausalLM.from_config(ZooConfig(**{**config.to_dict(), "mixers": {"A": spec}}))
     assert {m.attn_backend for m in model.modules() if hasattr(m, "attn_backend")} == {"math"}
     model(torch.randint(0, config.vocab_size, (1, 8)))
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flash_attention_3"])
+def test_flash_attn_implementation_loads_and_says_zoo_picks_flash_attn_itself(implementation, tmp_path):
+    """from_pretrained(..., attn_implementation="flash_attention_2"), the usual load call, was refused with
+    transformers' 'does not support Flash Attention 2 yet, request support on the hub page'."""
+    from zoo import ZooConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")).eval()
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=f"attn_implementation='{implementation}' does not change.*attn_backend"):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=implementation).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
 def test_output_attentions_is_refused_not_answered_with_none():

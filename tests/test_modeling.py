@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -188,6 +189,17 @@ def test_top_1_routing_with_renormalized_weights_warns_that_the_router_learns_on
     assert switch.router.weight.grad.abs().max() > 1e-3
 
 
+def test_num_hidden_layers_follows_layers_set_after_the_config_was_made():
+    """cfg.layers = ... then from_config built the new layers while config.num_hidden_layers (what transformers,
+    PEFT and probing scripts read) kept the old count."""
+    config = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
+    config.layers = "MA"
+    model = AutoModelForCausalLM.from_config(config)
+    assert model.config.num_hidden_layers == len(model.model.layers) == 2
+    ids = torch.randint(0, 512, (1, 5))
+    assert len(model(ids, output_hidden_states=True).hidden_states) == model.config.num_hidden_layers + 1
+
+
 def test_output_hidden_states():
     model = tiny("transformerpp")
     out = model(torch.randint(0, 512, (1, 5)), output_hidden_states=True)
@@ -366,6 +378,22 @@ def test_checkpointing_takes_transformers_function_and_every_n_layers():
             assert_close(n, p.grad, ref[n], 1e-5)
 
 
+def test_checkpointing_that_a_cache_turns_off_says_so():
+    """Blocks that carry a cache run unchecked (a rerun would update the cache twice): with truncated BPTT (zoo
+    train's tbptt_chunk, or any training call with use_cache=True) gradient checkpointing saved nothing, silently."""
+    model = tiny("jamba").train()
+    model.gradient_checkpointing_enable()
+    ids = torch.randint(0, 512, (2, 12))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(ids, labels=ids).loss.backward()  # no cache: checkpointed, nothing to say
+    with pytest.warns(UserWarning, match="gradient checkpointing does not apply.*use_cache=False"):
+        out = model(ids[:, :6], use_cache=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True)  # said once
+
+
 class StatelessMixer(torch.nn.Module):
     """A custom mixer without a cache entry (`init_state` returns None)."""
 
@@ -505,6 +533,21 @@ def test_trusted_load_takes_overrides_and_a_keyword_path(tmp_path):
         zoo.ZooForCausalLM.from_pretrained(tmp_path)
 
 
+def test_the_base_model_takes_trust_remote_code_too(tmp_path):
+    """AutoModel.from_pretrained(..., trust_remote_code=True) (a ZooModel, for embeddings or a custom head) refused the
+    dotted-path mixer, telling the user to pass trust_remote_code=True: only ZooForCausalLM honoured the flag."""
+    from transformers import AutoModel
+
+    cfg = ZooConfig(d_model=32, vocab_size=64, layers="X", ffn="none",
+                    mixers={"X": {"type": "zoo.mixers.mamba.Mamba", "d_state": 4}})
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    base = AutoModel.from_pretrained(tmp_path, trust_remote_code=True)
+    assert isinstance(base, zoo.ZooModel) and type(base.layers[0].mixer).__name__ == "Mamba"
+    assert getattr(base.layers[0].norm.weight, "_no_weight_decay", False)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModel.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 @pytest.mark.parametrize("name", TINY)
 def test_generate_continues_a_cache_with_beams_and_several_sequences(name, static):
@@ -522,6 +565,42 @@ def test_generate_continues_a_cache_with_beams_and_several_sequences(name, stati
     fresh = model.generate(first.sequences, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,
                            pad_token_id=0)
     assert torch.equal(beams, fresh)
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("name", ["mamba", "gla", "jamba"])
+def test_generate_from_a_cache_of_the_whole_prompt_is_refused_naming_the_fix(name, with_mask):
+    """A cache of every prompt token (model(prompt, use_cache=True)) left generate nothing to run past it: it fed the
+    whole prompt again, which the forward refused with a message about packed documents and seq_idx."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (1, 8))
+    mask = {"attention_mask": torch.ones_like(prompt)} if with_mask else {}
+    fresh = model.generate(prompt, max_new_tokens=4, do_sample=False, **mask)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"already holds 8 tokens.*input_ids\[:, :-1\]"):
+        model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask)
+    with torch.no_grad():  # what the error says to do
+        cache = model(prompt[:, :-1], use_cache=True).past_key_values
+    assert torch.equal(model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask), fresh)
+
+
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
+    """A 4-D mask (packing recipes build block-diagonal ones for transformers' attention models) failed with a bare
+    broadcast error; after a cache, a mask longer than past + tokens moved RoPE's positions without an error."""
+    model = tiny(name)
+    ids = torch.randint(0, 512, (2, 8))
+    mask4 = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None, None].expand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"attention_mask: expected \[batch, tokens\] = \[2, 8\].*seq_idx"):
+        model(ids, attention_mask=mask4)
+    with torch.no_grad():
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"attention_mask: covers 10 positions.*\[2, 8\]"):
+            model(ids[:, 7:], attention_mask=torch.ones(2, 10, dtype=torch.long), past_key_values=cache)
+        step = model(ids[:, 7:], attention_mask=torch.ones(2, 8, dtype=torch.long), past_key_values=cache).logits
+        assert_close("step", step[:, -1], model(ids).logits[:, -1], 1e-5)
+        assert torch.equal(model(ids, attention_mask=torch.ones(1, 8)).logits, model(ids).logits)  # [1, T] broadcasts
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -554,6 +633,23 @@ def test_decoding_after_a_packed_prompt_continues_its_last_document(name):
                        use_cache=True).logits for t in range(2)]
         ref = model(torch.cat([b, more], 1), use_cache=False).logits[:, -2:]
     assert_close("logits after a packed prompt", torch.cat(steps, 1), ref[[1, 1, 0, 0]], 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_generate_from_a_packed_prompt_with_seq_idx_continues_its_last_document(name):
+    """generate(input_ids, seq_idx=...): transformers forwarded the prompt's seq_idx unchanged to every decode step,
+    which gave wrong logits (the step read the prompt's ids) or, in Mamba-2, a shape error."""
+    model = tiny(name)
+    a, b = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4))
+    seq_idx = torch.tensor([[0] * 5 + [1] * 4])
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    packed = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, **kw)
+    alone = model.generate(b, **kw)
+    assert_close("logits", torch.stack(packed.logits), torch.stack(alone.logits), 1e-5)
+    chunked = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, prefill_chunk_size=3, **kw)
+    assert_close("logits, chunked prefill", torch.stack(chunked.logits), torch.stack(alone.logits), 1e-5)
+    beams = model.generate(torch.cat([a, b], 1), seq_idx=seq_idx, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert torch.equal(beams[:, 5:], model.generate(b, max_new_tokens=4, num_beams=2, do_sample=False))
 
 
 @pytest.mark.parametrize("name", TINY)

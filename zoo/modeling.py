@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
+import re
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -53,6 +55,31 @@ def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
     return seq_idx
 
 
+def seq_idx_from_cu_seqlens(kwargs: dict, seq_idx: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """seq_idx [1, T] from the cu_seq_lens_q / cu_seq_lens_k that transformers' DataCollatorWithFlattening gives with
+    return_flash_attn_kwargs=True (popped from `kwargs` with max_length_q / _k): with return_position_ids=False they
+    were the only mark of the documents, and were ignored, so the packed documents attended to and carried states
+    into each other. `seq_idx`, given, wins."""
+    cu = kwargs.pop("cu_seq_lens_q", None)
+    cu_k = kwargs.pop("cu_seq_lens_k", None)
+    kwargs.pop("max_length_q", None)
+    kwargs.pop("max_length_k", None)
+    if cu is None:
+        cu = cu_k
+    if cu is None or seq_idx is not None:
+        return seq_idx
+    if cu_k is not None and not torch.equal(cu_k.to(cu.device), cu):
+        raise ValueError("cu_seq_lens_k: differs from cu_seq_lens_q; zoo models take packed documents for causal "
+                         "self-attention only (one boundary list for queries and keys)")
+    batch, tokens = shape
+    if batch != 1 or cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != tokens:
+        raise ValueError(f"cu_seq_lens_q: expected the document boundaries [0, ..., {tokens}] of one packed row "
+                         f"[1, {tokens}], got {cu.tolist()} for input rows of shape [{batch}, {tokens}]; or pass "
+                         f"seq_idx [batch, tokens] (the document of each token)")
+    positions = torch.arange(tokens, device=cu.device)
+    return torch.bucketize(positions, cu[1:].to(positions.dtype), right=True)[None].to(torch.int32)
+
+
 def _refuse_restarts_after_a_cache(position_ids: torch.Tensor, past: int) -> None:
     """A chunk that continues a cache cannot tell from position_ids alone where a packed document begins: its first
     token's step is from a position the cache does not keep, and the layers' cached keys and states carry no
@@ -97,6 +124,22 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
                          f"cache.batch_select_indices(rows) keeps some)")
 
 
+def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int) -> None:
+    """Raise, naming the shape zoo takes, for a mask that is not [batch (or 1), up to past + tokens]: a 4-D mask (a
+    packing recipe's block-diagonal one, which transformers' attention models take) failed with a bare broadcast
+    error, and after a cache one longer than past + tokens shifted the positions its cumsum gives, so RoPE read the
+    new tokens at the wrong positions without an error (transformers' models read positions from the cache)."""
+    if mask.dim() != 2 or mask.shape[0] not in (1, batch):
+        raise ValueError(f"attention_mask: expected [batch, tokens] = [{batch}, {past + tokens}] with 1 for a token "
+                         f"and 0 for padding, got shape {tuple(mask.shape)}; zoo's recurrent layers take no "
+                         f"per-query (4-D) mask: mark packed documents with seq_idx [batch, tokens] or with "
+                         f"position_ids that restart at each document")
+    if past and mask.shape[1] > past + tokens:
+        raise ValueError(f"attention_mask: covers {mask.shape[1]} positions but the cache holds {past} tokens and "
+                         f"this chunk has {tokens}; pass the mask of every token so far, [batch, past + tokens] = "
+                         f"[{batch}, {past + tokens}], as transformers' generate does")
+
+
 def _refuse_output_attentions(config, kwargs: dict) -> None:
     """transformers' output_attentions (argument or config default): zoo models have no attention weights to return,
     so asking for them raises rather than giving None."""
@@ -133,6 +176,21 @@ class ZooPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, *args, trust_remote_code: bool = False, **kwargs):
+        # Dotted-path mixers in a config from disk import code: only with trust_remote_code (registry.get_mixer), for
+        # ZooModel (AutoModel) as for ZooForCausalLM.
+        # The flag holds while this load builds the model, whatever form the path, config and overrides take.
+        token = _TRUSTED_LOAD.set(True) if trust_remote_code else None
+        try:
+            model = super().from_pretrained(*args, **kwargs)
+        finally:
+            if token is not None:
+                _TRUSTED_LOAD.reset(token)
+        model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
+        _refuse_offloaded_mixers(model)
+        return model
+
     def mark_no_weight_decay(self) -> None:
         """Set `_no_weight_decay` on every parameter a module lists in `_no_weight_decay_params`."""
         for module in self.modules():
@@ -143,6 +201,18 @@ class ZooPreTrainedModel(PreTrainedModel):
     def post_init(self) -> None:
         super().post_init()
         self.mark_no_weight_decay()
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        """transformers' check of attn_implementation, except that flash_attention_2 / _3 (what many load calls
+        pass) is taken as the default with a warning: zoo's attention already runs flash-attn when it is installed,
+        chosen per mixer by attn_backend. transformers refused it as 'does not support Flash Attention 2 yet'."""
+        if isinstance(requested_attention, str) and re.fullmatch(r"flash_attention_\d", requested_attention):
+            warnings.warn(f"attn_implementation={requested_attention!r} does not change zoo's attention: each "
+                          f"attention mixer picks its kernel from its spec's attn_backend; 'auto' (the default) runs "
+                          f"flash-attn when it is installed, else SDPA's fastest backend. To require flash-attn, set "
+                          f"it there, e.g. mixers: {{A: {{type: attention, attn_backend: flash_attn}}}}", stacklevel=2)
+            requested_attention = None
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
 
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
                                     every_n_layers: int = 1) -> None:
@@ -226,6 +296,8 @@ class ZooModel(ZooPreTrainedModel):
                 ffn = None
             layers.append(Block(mixer, config.d_model, ffn, config.norm_eps, config.residual_in_fp32))
         self.layers = nn.ModuleList(layers)
+        # `layers` set on a config after it was made (config.layers = "MMA") left num_hidden_layers at the old count
+        config.set_num_hidden_layers()
         # one residual branch per mixer and per ffn (mamba_ssm's n_residuals_per_layer: 1 without an MLP, 2 with):
         # their output projections start at initializer_range / sqrt(branches) (_init_weights)
         branches = sum(1 + (block.ffn is not None) for block in layers)
@@ -259,7 +331,8 @@ class ZooModel(ZooPreTrainedModel):
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=None,
                 output_router_logits=None, **kwargs) -> BaseModelOutputWithPast | tuple:
         """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents (without
-        it, position_ids that restart mark them, as transformers' padding-free collator gives them).
+        it, position_ids that restart mark them, or cu_seq_lens_q, as transformers' padding-free collator gives
+        them).
 
         The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
         output_hidden_states, output_router_logits and return_dict default to the config's, as in transformers.
@@ -275,6 +348,7 @@ class ZooModel(ZooPreTrainedModel):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         Bsz, T = x.shape[:2]
+        seq_idx = seq_idx_from_cu_seqlens(kwargs, seq_idx, x.shape[:2])
         if use_cache is None:  # the config default caches for inference only; training asks explicitly (TBPTT)
             use_cache = self.config.use_cache and not self.training and self._cacheable()
         if use_cache and past_key_values is None:
@@ -287,6 +361,8 @@ class ZooModel(ZooPreTrainedModel):
         if past_key_values is not None:
             _check_cache(self, past_key_values, Bsz)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is not None:
+            _check_attention_mask(attention_mask, Bsz, T, past)
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \
@@ -310,6 +386,13 @@ class ZooModel(ZooPreTrainedModel):
         hidden_states = [x] if output_hidden_states else None
         router_logits = []  # the MoE layers'
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and past_key_values is not None and not getattr(self, "_warned_cache_checkpointing", False) \
+                and any(past_key_values.layers[i] is not None for i in self._checkpointed):
+            self._warned_cache_checkpointing = True  # once per model: truncated BPTT meets this every chunk
+            warnings.warn("gradient checkpointing does not apply to the blocks that carry a cache (use_cache=True or "
+                          "past_key_values in training, as truncated BPTT's chunks run): rerun in the backward, they "
+                          "would update their cache entries a second time, so they keep their activations. Pass "
+                          "use_cache=False to checkpoint them", stacklevel=3)
         fusable = x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # the kernel adds in fp32
         add_norm = fused_add_norm() if fusable and not torch.is_grad_enabled() and not output_hidden_states else None
         if add_norm is not None:  # inference on CUDA: each residual add runs inside the next norm's kernel
@@ -349,6 +432,30 @@ class ZooModel(ZooPreTrainedModel):
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
 
+def _refuse_a_cache_that_holds_the_whole_prompt(args: tuple, kwargs: dict) -> None:
+    """generate continues a cache by running the prompt's tokens past the cached ones (transformers slices
+    input_ids[:, cached:] when the attention_mask, or none, is as long as input_ids); a cache that already holds
+    every prompt token left nothing to run: transformers then feeds the whole prompt again (LlamaForCausalLM appends
+    its keys a second time, silently), and the forward refused it with a message about packed documents and seq_idx.
+    Raise, naming the fix."""
+    cache = kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values"))
+    if not isinstance(cache, ZooCache) or not cache.get_seq_length():
+        return
+    prompt = kwargs.get("inputs_embeds")
+    if prompt is None:
+        prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    mask = kwargs.get("attention_mask")
+    if not torch.is_tensor(prompt) or (mask is not None and mask.shape[-1] != prompt.shape[1]):
+        return  # new tokens alone, with a mask over the cached and new ones: transformers runs them all
+    cached = cache.get_seq_length()
+    if prompt.shape[1] <= cached:
+        raise ValueError(f"generate: past_key_values already holds {cached} tokens and the prompt has "
+                         f"{prompt.shape[1]}; generate takes the cached tokens and the new ones as input_ids and runs "
+                         f"those past the cache, so at least the last prompt token must be uncached (the cache keeps "
+                         f"no logits to pick the next token from). Build the cache from input_ids[:, :-1], or pass "
+                         f"the new tokens alone with an attention_mask over the cached and new tokens")
+
+
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     """ZooModel with a language-modelling head (tied to the embedding when config.tie_embeddings)."""
 
@@ -378,6 +485,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if asked:
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
+        _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         given = kwargs.get("generation_config") or self.generation_config
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
                 and kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is None:
@@ -388,6 +496,27 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                           f"device, max_len=None) to decode step by step", stacklevel=2)
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """transformers' preparation, plus the seq_idx of a packed prompt (generate(input_ids, seq_idx=...)):
+        transformers forwards it unchanged to every step, so a decode step of one token met the prompt's [B, T]
+        ids (wrong logits, or a shape error in Mamba-2). Each step gets the ids of the positions it runs (past the
+        cache: a continued cache, prefill_chunk_size's chunks), the new tokens continuing the prompt's last
+        document."""
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        seq_idx = inputs.get("seq_idx")
+        rows = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
+        if torch.is_tensor(seq_idx) and rows is not None:
+            cache = inputs.get(GENERATE_CACHE_KWARG, inputs.get("past_key_values"))
+            past = cache.get_seq_length() if isinstance(cache, ZooCache) else 0
+            tokens, held = rows.shape[1], seq_idx.shape[-1]
+            if past or tokens != held:  # without a cache each step reruns the prompt and the tokens so far
+                at = torch.arange(past, past + tokens, device=seq_idx.device).clamp(max=held - 1)
+                inputs["seq_idx"] = seq_idx[:, at]
+        return inputs
+
+    # generate checks its keyword arguments (cache=, attention_mask=, ...) against this signature: keep transformers'
+    prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
                                       **model_kwargs):
@@ -433,6 +562,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         past_key_values = _the_cache(past_key_values, kwargs)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         _refuse_output_attentions(self.config, kwargs)
+        rows = input_ids if input_ids is not None else inputs_embeds
+        if rows is not None:  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s boundaries
+            seq_idx = seq_idx_from_cu_seqlens(kwargs, seq_idx, rows.shape[:2])
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True,
@@ -455,7 +587,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if num_items_in_batch is not None:
                 # the Trainer leaves the loss unscaled for accumulation when the model takes this count: the
                 # micro-batches' losses must add up to the accumulated batch's mean, each weighted by its targets
-                loss = loss * (targets != -100).sum() / torch.as_tensor(num_items_in_batch, device=loss.device)
+                # a micro-batch without a target (all -100) adds 0, as transformers' sum-reduced loss does: its mean
+                # is NaN, and NaN * 0 made the whole accumulated step's loss and gradients NaN
+                count = (targets != -100).sum()
+                share = loss * count / torch.as_tensor(num_items_in_batch, device=loss.device)
+                loss = torch.where(count > 0, share, torch.zeros_like(share))
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
                                    hidden_states=out.hidden_states, aux_loss=aux, router_logits=out.router_logits)
         return result if _return_dict(self.config, return_dict) else result.to_tuple()
@@ -474,20 +610,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                           f"ZooCache (attention keys and values with recurrent states); for a static cache in a CUDA "
                           f"graph use zoo.decode.GraphDecoder", stacklevel=3)
         model_kwargs[GENERATE_CACHE_KWARG] = ZooCache.for_model(self)
-
-    @classmethod
-    def from_pretrained(cls, *args, trust_remote_code: bool = False, **kwargs):
-        # Dotted-path mixers in a config from disk import code: only with trust_remote_code (registry.get_mixer).
-        # The flag holds while this load builds the model, whatever form the path, config and overrides take.
-        token = _TRUSTED_LOAD.set(True) if trust_remote_code else None
-        try:
-            model = super().from_pretrained(*args, **kwargs)
-        finally:
-            if token is not None:
-                _TRUSTED_LOAD.reset(token)
-        model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
-        _refuse_offloaded_mixers(model)
-        return model
 
 
 def _refuse_offloaded_mixers(model: nn.Module) -> None:
