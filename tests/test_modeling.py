@@ -798,3 +798,18 @@ def test_a_custom_mixers_reset_parameters_survives_the_models_init_and_its_const
     model.save_pretrained(tmp_path)
     loaded = zoo.ZooForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).model.layers[0].mixer.proj
     assert torch.all(loaded.weight == 0.25) and torch.all(loaded.bias == 1)
+
+
+def test_resizing_an_untied_models_vocabulary_keeps_zoos_head_class():
+    """resize_token_embeddings builds a plain nn.Linear head for an untied model, which lost zoo.layers.Linear's
+    decode kernels (same numbers, slower steps on CUDA). The head is zoo's again, its old rows kept."""
+    from zoo.layers import Linear
+
+    config = ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")
+    config.tie_embeddings = False
+    model = AutoModelForCausalLM.from_config(config)
+    old, vocab = model.lm_head.weight.detach().clone(), config.vocab_size
+    model.resize_token_embeddings(vocab + 16)
+    assert type(model.lm_head) is Linear and model.lm_head.weight.shape[0] == vocab + 16
+    assert torch.equal(model.lm_head.weight[:vocab], old)
+    assert model(torch.randint(0, vocab + 16, (1, 5))).logits.shape[-1] == vocab + 16

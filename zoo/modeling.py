@@ -540,6 +540,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
+        if type(value) is nn.Linear:  # resize_token_embeddings builds a plain one: zoo's adds only a forward
+            value.__class__ = Linear  # (its decode kernels), so the head keeps them
         self.lm_head = value
 
     def backend_report(self) -> dict[str, str]:
