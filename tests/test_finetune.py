@@ -673,3 +673,49 @@ def test_wrap_lora_names_a_custom_mixer_without_lora_targets_and_probes_a_model_
     with pytest.warns(UserWarning, match=r"model\.layers\.0\.mixer \(.*\) declares no lora_targets.*\('mix',\)"):
         peft_model = wrap_lora(model, r=2, verbose=False)
     assert peft_model.zoo_lora_report["probe"]["phases"][:2] == ["train forward", "prefill"]
+
+
+@pytest.mark.parametrize("state_passing", [False, True])
+def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_path, state_passing):
+    # The loss and its gradient are means over the step's target tokens of all processes (transformers' Trainer with
+    # average_tokens_across_devices): each process divided by its own targets and DDP averaged the processes, so the
+    # 2 completion targets of a prompt-masked row weighed as much as a 47-target row's whole row (23x a token) and
+    # the logged loss was a mean of per-process means. Two processes with one row each (`accelerate launch
+    # scripts/finetune.py` on CPU, gloo) train and log as one process with both rows in its batch. The rows are of
+    # one length (48 tokens): no padding, so state_passing carries the same final states either way.
+    import os
+    import subprocess
+    import sys
+
+    from zoo.data.text import ByteTokenizer
+
+    pytest.importorskip("accelerate")
+    base = tmp_path / "base"
+    tiny("mamba").save_pretrained(base)
+    ByteTokenizer().save_pretrained(base)
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "question " * 5, "completion": "a"}) + "\n"
+                                          + json.dumps({"text": "ab" * 23}) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "question ", "completion": "b"}) + "\n")
+
+    def config(name: str, micro_batch_size: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": str(base), "output_dir": str(tmp_path / name),
+            "data": {"source": str(tmp_path / "train.jsonl"), "eval_source": str(tmp_path / "eval.jsonl")},
+            "train": {"max_steps": 3, "micro_batch_size": micro_batch_size, "progress_bar": False, "log_every": 1,
+                      "checkpoint_every": 0, "state_passing": state_passing},
+            "optim": {"lr": 3e-2}, "schedule": {"kind": "constant", "warmup_steps": 0}, "lora": {"r": 4}}))
+        return path
+
+    def losses(name: str) -> list[float]:
+        return [row["loss"] for row in json.loads((tmp_path / name / "finetune_result.json").read_text())["log"]]
+
+    main([str(config("one", 2))])
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "finetune.py"),
+           str(config("two", 1))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(losses("one")) == 3
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))

@@ -833,6 +833,7 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
 
         bar = tqdm(total=t.max_steps, initial=start, desc=desc, dynamic_ncols=True)
     carried = None  # state_passing: the cache of the previous micro-batch
+    world = accelerator.num_processes
     completed, updating = start, False
     model.train()
     try:
@@ -842,7 +843,15 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 micro = [next(batches) for _ in range(t.grad_accum)]
-                scale = 1.0 / max(1, sum(count_targets(b["labels"]) for b in micro))
+                counts = [count_targets(b["labels"]) for b in micro]
+                if world == 1:
+                    scale: float | torch.Tensor = 1.0 / max(1, sum(counts))
+                else:  # a mean over every process's targets (DDP averages the gradients, hence world / all), as
+                    # transformers' Trainer averages tokens across devices; each process's own count weighed a
+                    # short row's tokens above a long row's
+                    n_all = accelerator.reduce(torch.tensor(float(sum(counts)), device=accelerator.device),
+                                               reduction="sum")
+                    scale = world / n_all.clamp(min=1.0)
                 loss = torch.zeros((), device=accelerator.device)
                 for i, batch in enumerate(micro):
                     if t.state_passing:
@@ -854,14 +863,14 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                     loss += forward_backward(model, batch, scale, inputs,
                                              backward=lambda tensors, grads: accelerator.backward(tensors[0]),
                                              no_sync=lambda: accelerator.no_sync(model),
-                                             sync_last=i == t.grad_accum - 1)
+                                             sync_last=i == t.grad_accum - 1, n_targets=counts[i])
                 updating = True
                 if section.optim.grad_clip:
                     accelerator.clip_grad_norm_(params, section.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 updating, completed = False, step + 1
-                window.append(float(loss))
+                window.append(float(loss))  # this process's share: the processes' mean is the all-token mean
                 if completed % t.log_every == 0 or completed == t.max_steps:
                     mean = accelerator.reduce(torch.tensor(sum(window) / len(window), device=accelerator.device),
                                               reduction="mean").item()
@@ -900,10 +909,11 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     return unwrapped, log
 
 
-def _state_passing_step(model: nn.Module, batch: dict[str, torch.Tensor], scale: float, inputs: ModelInputs,
-                        carried: Any) -> tuple[torch.Tensor, Any]:
+def _state_passing_step(model: nn.Module, batch: dict[str, torch.Tensor], scale: float | torch.Tensor,
+                        inputs: ModelInputs, carried: Any) -> tuple[torch.Tensor, Any]:
     """One micro-batch from the previous one's final states (zeros for the first, or when the row count
-    changes); returns (the weighted loss to back-propagate, the detached cache for the next)."""
+    changes); returns (the weighted loss to back-propagate, the detached cache for the next). scale: the weight
+    of one target, as in `zoo.train.forward_backward` (a 0-d device tensor under several processes)."""
     from zoo.cache import ZooCache
 
     rows = batch["input_ids"].shape[0]
