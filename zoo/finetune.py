@@ -819,9 +819,13 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(rng, checkpoint / f"rng-{accelerator.process_index}.pt")
         state = optimizer.state_dict()  # (a collective under some distributed optimizers: every process)
+        kept = window
+        if accelerator.num_processes > 1 and window:  # each process holds its share of the steps' losses: the
+            # resumed processes all load this one list, so it keeps their mean, as the log step takes it
+            kept = accelerator.reduce(torch.tensor(window, device=accelerator.device), reduction="mean").tolist()
         if accelerator.is_main_process:  # written beside and renamed: an interrupted save keeps the last one
             tmp = checkpoint / f".{_CHECKPOINT}.tmp"
-            torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "window": window,
+            torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "window": kept,
                         "params": {n: p.detach().cpu() for n, p in named.items()}, "optimizer": state,
                         "log": log}, tmp)
             os.replace(tmp, checkpoint / _CHECKPOINT)
