@@ -111,6 +111,19 @@ def decode_traffic(cache, name: str, context_growth: float = 1.0) -> int:
     return nbytes
 
 
+def cap_fla_autotuning(models, configs: int) -> str | None:
+    """Let each fla autotuner (GLA's prefill, where fla-core imports) try only its first `configs` configs when
+    `models` has GLA (0: all); returns the note for the rows, or None when nothing was capped."""
+    if "gla" not in models or configs <= 0:
+        return None
+    from zoo_kernels.gla import fast
+
+    if fast._fla_chunk_gla() is None:
+        return None
+    fast.cap_fla_autotuning(configs)  # fla's kernels are imported by the check above, so their autotuners exist
+    return f"fla autotuners capped at their first {configs} configs (GLA prefill)"
+
+
 def time_decode(decoder: EagerDecoder, n_tokens: int, warmup: int) -> float:
     """Milliseconds per decode step (CUDA events around n_tokens steps, after warmup steps)."""
     decoder.decode(warmup)
@@ -256,13 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("benchmarks/generate.py needs a CUDA GPU")
     device = torch.device("cuda")
     batches = [int(b) for b in args.batches.split(",")]
-    fla_note = None
-    if "gla" in args.models and args.fla_autotune_configs > 0:
-        from zoo_kernels.gla import fast
-
-        if fast._fla_chunk_gla() is not None:  # imports fla's kernels, whose autotuners are then capped
-            fast.cap_fla_autotuning(args.fla_autotune_configs)
-            fla_note = f"fla autotuners capped at their first {args.fla_autotune_configs} configs (GLA prefill)"
+    fla_note = cap_fla_autotuning(args.models, args.fla_autotune_configs)
     order = [m for m in args.models if m == "transformerpp"] + [m for m in args.models if m != "transformerpp"]
     results: dict[tuple[str, int], dict] = {}
     backends: dict[str, dict] = {}

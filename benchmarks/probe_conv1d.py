@@ -11,7 +11,8 @@ benchmarks/conv1d.py measures the shipped kernel.
     ncu -k regex:bwd python benchmarks/probe_conv1d.py --profile   # one fwd+bwd per variant (and causal_conv1d)
 
 A variant `old=HEAD~1` takes csrc/ from that revision (git show); `c4=-DZOO_CONV_BWD_CHUNKS=4` today's source with
-that define; `new=` today's source as is.
+that define; `new=` today's source as is; `old=PATH` the sources in that folder (a copy of csrc/, for a machine
+whose git history is behind).
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ CSRC = "kernels/zoo_kernels/conv1d/csrc"
 
 
 def variant_source(spec: str, scratch: Path, name: str) -> tuple[Path, tuple[str, ...]]:
-    """(csrc folder, defines) of a variant spec: '' (today's), 'REV' (git revision), or '-DA=1,-DB=2'."""
+    """(csrc folder, defines) of a variant spec: '' (today's), 'REV' (git revision), a folder holding the
+    sources, or '-DA=1,-DB=2'."""
     if not spec:
         return ROOT / CSRC, ()
+    if Path(spec).is_dir():
+        return Path(spec).resolve(), ()
     if spec.startswith("-D"):
         return ROOT / CSRC, tuple(d[2:] for d in spec.split(","))
     folder = scratch / name

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import build, time_decode  # noqa: E402
+from generate import build, cap_fla_autotuning, time_decode  # noqa: E402
 
 from zoo.decode import GraphDecoder, StaticDecoder, prefill  # noqa: E402
 
@@ -63,9 +63,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default=None, help="also write the report to this file")
+    p.add_argument("--fla-autotune-configs", type=int, default=2,
+                   help="as benchmarks/generate.py: fla's autotuners (GLA's prefill) try only their first N configs "
+                        "(0: all); uncapped, the GLA profile outlasted its device call")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/profile_decode.py needs a CUDA GPU")
+    cap_fla_autotuning(args.models, args.fla_autotune_configs)
     report = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, prompt {args.prompt_len}"]
     for name in args.models:
         model = build(name, torch.bfloat16, torch.device("cuda"))

@@ -124,8 +124,23 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const ConvParams p) 
   store_row(static_cast<T*>(p.y) + size_t(row) * L, y, t0, L, p.vec_ok);
 }
 
-template <typename T, int kW>
-__global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) {
+// Blocks per SM the backward is compiled for (a register cap: 65536 / (128 x blocks)). Without document resets
+// the kernel needs 48 registers (bf16, W = 4): 10 blocks per SM; with them, 64 and 8 (at 10 it spills 192 bytes).
+// Before the two were compiled apart the seq_idx path's 64 registers held both to 8. fwd+bwd at the 130M shape,
+// H200 (benchmarks/probe_conv1d.py, RESULTS.md twenty-fifth session): one kernel for both 0.114 ms; apart, 10
+// blocks 0.105 (its cuda tests passed on the card), 12 blocks (40 registers, a 4-byte spill) 0.101 (checked by the
+// probe only: the next candidate default); causal_conv1d 0.076.
+#ifndef ZOO_CONV_BWD_MIN_BLOCKS
+#define ZOO_CONV_BWD_MIN_BLOCKS 10
+#endif
+#ifndef ZOO_CONV_BWD_SEQ_MIN_BLOCKS
+#define ZOO_CONV_BWD_SEQ_MIN_BLOCKS 8
+#endif
+
+// kSeq: p.seq_idx is set (compiled apart: its document bookkeeping costs registers the common case does not need).
+template <typename T, int kW, bool kSeq>
+__global__ void __launch_bounds__(kThreads, kSeq ? ZOO_CONV_BWD_SEQ_MIN_BLOCKS : ZOO_CONV_BWD_MIN_BLOCKS)
+    conv_bwd_kernel(const ConvParams p) {
   constexpr int kVec = Pack<T>::N, kH = kW - 1;
   constexpr int kPre = kVec + kH;  // outputs whose gradient reaches this thread's inputs: t0 .. t0+kVec+kH-1
   const int row = blockIdx.x, L = p.len;
@@ -173,7 +188,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
   }
   if (active) {
     int last[kH + kPre];  // latest document start at or before t0 - kH + i
-    if (p.seq_idx) last_starts<kH + kPre>(last, p.seq_idx + size_t(row / p.dim) * L, t0 - kH, L);
+    if (kSeq) last_starts<kH + kPre>(last, p.seq_idx + size_t(row / p.dim) * L, t0 - kH, L);
     float dpre[kPre];  // dL/d(pre-activation) at t0 + i
 #pragma unroll
     for (int i = 0; i < kPre; ++i) {
@@ -182,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
         float acc = bias;
 #pragma unroll
         for (int k = 0; k < kW; ++k) {
-          const bool ok = !p.seq_idx || last[kH + i] <= t0 + i - kH + k;
+          const bool ok = !kSeq || last[kH + i] <= t0 + i - kH + k;
           acc = fmaf(w[k], ok ? xw[i + k] : 0.f, acc);
         }
         const float sg = __fdividef(1.f, 1.f + __expf(-acc));
@@ -198,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
 #pragma unroll
       for (int k = 0; k < kW; ++k) {
         const int o = i + kH - k;  // output index (relative to t0) that reads input t0 + i through tap k
-        const bool ok = !p.seq_idx || last[kH + o] <= t0 + i;
+        const bool ok = !kSeq || last[kH + o] <= t0 + i;
         acc = fmaf(w[k], ok ? dpre[o] : 0.f, acc);
       }
       dx[i] = acc;
@@ -208,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
     for (int i = 0; i < kVec; ++i) {
 #pragma unroll
       for (int k = 0; k < kW; ++k) {
-        const bool ok = !p.seq_idx || last[kH + i] <= t0 + i - kH + k;
+        const bool ok = !kSeq || last[kH + i] <= t0 + i - kH + k;
         dw[k] = fmaf(dpre[i], ok ? xw[i + k] : 0.f, dw[k]);
       }
       dw[kW] += dpre[i];
@@ -223,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
         for (int k = 0; k < kW; ++k) {
           const int o = s + kH - k;
           if (o >= 0) {
-            const bool ok = !p.seq_idx || last[kH + o] <= s;
+            const bool ok = !kSeq || last[kH + o] <= s;
             acc = fmaf(w[k], ok ? dpre[o] : 0.f, acc);
           }
         }
@@ -231,8 +246,23 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
       }
     }
   }
+  const int lane = threadIdx.x & 31;
+#ifdef ZOO_CONV_BWD_WARP_ATOMICS
+  // each warp adds its sums itself (4x the atomics, no block barrier); an A/B knob of benchmarks/probe_conv1d.py
+  float mine = 0.f;
+#pragma unroll
+  for (int k = 0; k <= kW; ++k) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dw[k] += __shfl_xor_sync(0xffffffffu, dw[k], off);
+    if (lane == k) mine = dw[k];
+  }
+  if (lane < kW)
+    atomicAdd(p.dweight + d * kW + lane, mine);
+  else if (lane == kW && p.dbias)
+    atomicAdd(p.dbias + d, mine);
+#else
   __shared__ float red[kThreads / 32][kW + 1];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp = threadIdx.x >> 5;
 #pragma unroll
   for (int k = 0; k <= kW; ++k) {
 #pragma unroll
@@ -249,6 +279,7 @@ __global__ void __launch_bounds__(kThreads) conv_bwd_kernel(const ConvParams p) 
     else if (p.dbias)
       atomicAdd(p.dbias + d, s);
   }
+#endif
 }
 
 template <typename T, int kW>
@@ -256,8 +287,10 @@ cudaError_t launch(const ConvParams& p, bool backward, cudaStream_t stream) {
   constexpr int kVec = Pack<T>::N;
   const int segs = (p.len + kThreads * kVec - 1) / (kThreads * kVec);
   const dim3 grid(p.batch * p.dim, segs);
-  if (backward)
-    conv_bwd_kernel<T, kW><<<grid, kThreads, 0, stream>>>(p);
+  if (backward && p.seq_idx)
+    conv_bwd_kernel<T, kW, true><<<grid, kThreads, 0, stream>>>(p);
+  else if (backward)
+    conv_bwd_kernel<T, kW, false><<<grid, kThreads, 0, stream>>>(p);
   else
     conv_fwd_kernel<T, kW><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError();
