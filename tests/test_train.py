@@ -687,3 +687,13 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     proc = _launch_two(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
+
+
+@pytest.mark.parametrize("recipe,command", [("induction.yaml", "scripts/train_synthetic.py"),
+                                            ("finetune-mqar.yaml", "zoo finetune")])
+def test_another_tools_recipe_given_to_zoo_train_names_its_command(recipe, command):
+    """configs/train/ holds the recipes of other commands too; `zoo train` on one failed with 'models: unknown
+    field; did you mean model?', not saying the file is another command's. The error names the command its header
+    gives."""
+    with pytest.raises(ValueError, match=rf"unknown field[\s\S]*is a recipe for `{command} \S*{recipe}`"):
+        load_config(ROOT / "configs" / "train" / recipe)

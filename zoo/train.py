@@ -39,6 +39,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -338,7 +339,34 @@ def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str,
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read a run config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
-    return config_from_dict(read_yaml(path, overrides))
+    data = read_yaml(path, overrides)
+    try:
+        return config_from_dict(data)
+    except ValueError as e:
+        # configs/train/ holds other tools' recipes too (scripts/train_synthetic.py, zoo finetune, ...): their
+        # sections failed as unknown fields of a run config, without saying which command the file is for
+        tool = _recipe_command(path)
+        if tool is None or "unknown field" not in str(e):
+            raise
+        raise ValueError(f"{e}\n{path} is a recipe for `{tool}` (its header says so), not a zoo train run "
+                         f"config: run that command") from e
+
+
+def _recipe_command(path: str | Path) -> str | None:
+    """The other command a recipe's header comments name for it (`zoo finetune FILE`, `scripts/NAME.py FILE`), or
+    None: zoo train's own recipes name `zoo train`."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return None
+    name = re.escape(Path(path).name)
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        found = re.search(rf"((?:zoo [a-z-]+)|(?:\S*scripts/[\w-]+\.py)) \S*{name}", line)
+        if found and found.group(1) not in ("zoo train", "scripts/train.py"):
+            return f"{found.group(1)} {path}"
+    return None
 
 
 # ---- model, optimizer, schedule ----------------------------------------------------------------------------
