@@ -697,3 +697,28 @@ def test_another_tools_recipe_given_to_zoo_train_names_its_command(recipe, comma
     gives."""
     with pytest.raises(ValueError, match=rf"unknown field[\s\S]*is a recipe for `{command} \S*{recipe}`"):
         load_config(ROOT / "configs" / "train" / recipe)
+
+
+def test_bits_per_byte_divides_by_the_texts_bytes_not_the_eos_targets(tmp_path):
+    """eval/bits_per_byte was the mean loss per target over ln 2, so every document's <eos> target counted as a byte
+    of text (with 20-byte documents, 1 in 21 targets): the figure came out low. It is the nats over the byte
+    targets' count now; eval/loss stays the mean over every target."""
+    import json
+
+    from zoo.data.text import TextStream, load_tokenizer
+    from zoo.train import count_byte_targets, count_targets
+
+    pytest.importorskip("datasets")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"doc {i:03d} abcdefghijk"}) + "\n" for i in range(80)))
+    run = run_dict(tmp_path, data={"source": str(docs), "holdout": 0.3, "shuffle": False},
+                   eval={"every": 3, "batches": 2}, train={"max_steps": 3, "grad_accum": 1})
+    cfg = config_from_dict(run)
+    result = train(cfg)
+    batches = [b for b, _ in itertools.islice(TextStream(cfg.data, load_tokenizer("byte"), "eval", 0, 1).batches(2), 2)]
+    targets = sum(count_targets(b["labels"]) for b in batches)
+    text_bytes = sum(count_byte_targets(b["labels"]) for b in batches)
+    assert text_bytes < targets  # the rows hold <eos> targets
+    metrics = result.evals[-1]
+    assert metrics["eval/bits_per_byte"] == pytest.approx(metrics["eval/loss"] * targets / text_bytes / math.log(2),
+                                                          rel=1e-9)

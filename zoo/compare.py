@@ -1103,11 +1103,11 @@ def heldout_loss(model, tcfg, tokenizer, batches: int, micro_batch_size: int | N
     import itertools
 
     from zoo.data.text import ByteTokenizer, TextStream
-    from zoo.train import ModelInputs
+    from zoo.train import ModelInputs, count_byte_targets
 
     inputs = ModelInputs.of(model)
     stream = TextStream(tcfg.data, tokenizer, "eval")
-    total, count = 0.0, 0
+    total, count, n_bytes = 0.0, 0, 0
     for batch, _ in itertools.islice(stream.batches(micro_batch_size or tcfg.train.micro_batch_size), batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         kwargs = inputs.kwargs(batch, labels=False)
@@ -1119,10 +1119,11 @@ def heldout_loss(model, tcfg, tokenizer, batches: int, micro_batch_size: int | N
         total += F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100,
                                  reduction="sum").item()
         count += int((labels != -100).sum())
+        n_bytes += count_byte_targets(batch["labels"])
     mean = total / max(count, 1)
     out = {"eval_loss": mean, "eval_tokens": count}
-    if isinstance(tokenizer, ByteTokenizer):
-        out["bits_per_byte"] = mean / math.log(2)
+    if isinstance(tokenizer, ByteTokenizer) and n_bytes:  # nats over the text's bytes (not its <eos> targets)
+        out["bits_per_byte"] = total / n_bytes / math.log(2)
     return out
 
 

@@ -558,6 +558,13 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_byte_targets(labels: torch.Tensor) -> int:
+    """The targets that are text bytes under the byte tokenizer (ids 0..255; not its <bos> / <eos> / <pad>): the
+    bytes bits per byte divides by. Every document's <eos> target counted as a byte made it too low."""
+    targets = labels[:, 1:]
+    return int(((targets >= 0) & (targets < 256)).sum())
+
+
 def _cache_states(cache) -> list[torch.Tensor]:
     """The tensors a cache carries: `state_tensors()` (zoo), else the keys/values of a transformers cache."""
     if hasattr(cache, "state_tensors"):
@@ -1185,29 +1192,31 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
     def evaluate() -> dict[str, float]:
         model.eval()
-        sums = torch.zeros(2, device=device, dtype=torch.float64)
+        sums = torch.zeros(3, device=device, dtype=torch.float64)  # nats, targets, byte targets
+        if isinstance(tokenizer, ByteTokenizer):
+            sums[2] = float(sum(count_byte_targets(b["labels"]) for b in eval_batches))
         with torch.no_grad():
             for batch in eval_batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if chunk is None:
                     n = count_targets(batch["labels"])
                     out = model(**inputs.kwargs(batch), **({"use_cache": False} if inputs.use_cache else {}))
-                    sums += torch.stack([_weighted_loss(out, n).double(),
-                                         torch.tensor(float(n), device=device)])
+                    sums[:2] += torch.stack([_weighted_loss(out, n).double(),
+                                             torch.tensor(float(n), device=device)])
                     continue
                 cache = None
                 for start in range(0, L, chunk):
                     out = model(**inputs.kwargs(batch, slice(start, start + chunk)), **{inputs.cache: cache},
                                 use_cache=True)
                     loss, n = _chunk_loss(out, batch, start, start + chunk)
-                    sums += torch.stack([loss.double(), torch.tensor(float(n), device=device)])
+                    sums[:2] += torch.stack([loss.double(), torch.tensor(float(n), device=device)])
                     cache = output_cache(out)
         model.train()
         sums = accelerator.reduce(sums, reduction="sum")
         mean = (sums[0] / sums[1]).item()
         metrics = {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
-        if isinstance(tokenizer, ByteTokenizer):
-            metrics["eval/bits_per_byte"] = mean / math.log(2)
+        if isinstance(tokenizer, ByteTokenizer) and sums[2] > 0:
+            metrics["eval/bits_per_byte"] = (sums[0] / sums[2]).item() / math.log(2)
         return metrics
 
     def backward(tensors, grads):
