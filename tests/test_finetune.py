@@ -719,3 +719,12 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses("one")) == 3
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
+
+
+@pytest.mark.parametrize("kwargs", [{"trainable_token_indices": [1, 2]}, {"target_modules": ["embeddings", "in_proj"]},
+                                    {"modules_to_save": ["embeddings"]}], ids=["trainable-tokens", "lora", "saved"])
+def test_wrap_lora_probes_a_model_whose_embedding_peft_wrapped(kwargs):
+    # the coverage check read get_input_embeddings().num_embeddings, which PEFT's wrappers of the embedding lack:
+    # wrap_lora(..., trainable_token_indices=[...]) (or LoRA on the embedding) failed with an AttributeError
+    model = wrap_lora(tiny("mamba"), r=4, verbose=False, **kwargs)
+    assert model.zoo_lora_report["probe"]["phases"] == ["train forward", "prefill", "decode step"]

@@ -273,7 +273,9 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
         raise ValueError("check_lora_reached: the model holds no adapter layers")
     base = _unwrap(model)
     param = next(model.parameters())
-    vocab = base.get_input_embeddings().num_embeddings
+    # the embedding's rows: PEFT may have wrapped it (LoRA on it, trainable_token_indices, modules_to_save), and its
+    # wrappers forward .weight but not num_embeddings
+    vocab = base.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(param.device)
     ran: set[str] = set()
