@@ -719,3 +719,27 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses("one")) == 3
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
+
+
+@pytest.mark.parametrize("kwargs", [{"trainable_token_indices": [1, 2]}, {"target_modules": ["embeddings", "in_proj"]},
+                                    {"modules_to_save": ["embeddings"]}], ids=["trainable-tokens", "lora", "saved"])
+def test_wrap_lora_probes_a_model_whose_embedding_peft_wrapped(kwargs):
+    # the coverage check read get_input_embeddings().num_embeddings, which PEFT's wrappers of the embedding lack:
+    # wrap_lora(..., trainable_token_indices=[...]) (or LoRA on the embedding) failed with an AttributeError
+    model = wrap_lora(tiny("mamba"), r=4, verbose=False, **kwargs)
+    assert model.zoo_lora_report["probe"]["phases"] == ["train forward", "prefill", "decode step"]
+
+
+def test_wrap_lora_takes_peft_names_of_its_arguments_with_a_message_and_task_type_causal_lm():
+    # LoraConfig's lora_alpha / lora_dropout / task_type, passed through **lora_kwargs, failed with a bare TypeError
+    # ("LoraConfig() got multiple values for keyword argument 'lora_alpha'")
+    from peft import TaskType
+
+    for name, ours in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        with pytest.raises(ValueError, match=f"{name} is wrap_lora's {ours}; pass {ours}=0.5"):
+            wrap_lora(tiny("mamba"), verbose=False, check_forward=False, **{name: 0.5})
+    with pytest.raises(ValueError, match="task_type: wrap_lora makes a causal-LM PeftModel"):
+        wrap_lora(tiny("mamba"), verbose=False, check_forward=False, task_type="SEQ_CLS")
+    for task_type in ("CAUSAL_LM", TaskType.CAUSAL_LM):
+        model = wrap_lora(tiny("mamba"), verbose=False, check_forward=False, task_type=task_type)
+        assert model.peft_config["default"].task_type == "CAUSAL_LM"

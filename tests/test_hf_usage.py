@@ -341,3 +341,53 @@ def test_a_cache_implementation_generate_cannot_honour_warns():
     with pytest.warns(UserWarning, match="cache_implementation='static' is ignored"):
         static = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
     assert torch.equal(plain, static)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("mamba", {"target_parameters": ["conv1d.weight"]}),
+    ("mamba2", {"target_parameters": ["conv1d.weight"]}),
+    ("jamba", {"target_parameters": ["conv1d.weight"]}),
+    ("mamba", {"target_modules": ["conv1d"], "r": 128}),  # LoRA's Conv1d takes a depthwise conv at r % groups == 0
+], ids=["mamba-parameter", "mamba2-parameter", "jamba-parameter", "mamba-conv1d-module"])
+def test_an_adapter_on_the_conv_that_the_kernels_would_skip_is_refused(name, config):
+    # the conv kernels read conv1d.weight without calling conv1d: an adapter PEFT put there (target_parameters, or
+    # LoRA's Conv1d) changed nothing in the forward, got no gradient, and merge_and_unload then changed the logits
+    model = tiny(name).eval()
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(**{"r": 4, "target_modules": [], **config},
+                                                  init_lora_weights=False)).eval()
+    with pytest.raises(ValueError, match=r"conv1d: a PEFT adapter .* kernels read conv1d\.weight"):
+        peft_model(input_ids=ids)
+    with torch.no_grad(), peft_model.disable_adapter():  # without it active, or merged, the weight read is right
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, base)
+    if "target_parameters" not in config:
+        return  # PEFT merges no Conv1d LoRA of a grouped conv
+    peft_model.merge_adapter()
+    with torch.no_grad():
+        merged = peft_model(input_ids=ids).logits
+    assert (merged - base).abs().max() > 1e-3
+    torch.testing.assert_close(peft_model.merge_and_unload()(ids).logits, merged)
+
+
+def test_the_tied_embedding_is_known_to_peft_by_name_as_llama_embed_tokens_is():
+    # PEFT recognizes a tied input embedding by its module name (peft.utils.constants.EMBEDDING_LAYER_NAMES:
+    # embed_tokens, lm_head); zoo's "embeddings" was not in it: ensure_weight_tying=True was ignored (the embedding's
+    # trained copy left the tied lm_head on the base rows, with a warning that no tied module was targeted), and LoRA
+    # on the tied embedding (whose merge also moves the head) came without the warning Llama's embed_tokens gets
+    model = tiny("transformerpp").eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["o_proj"], modules_to_save=["embeddings"],
+                                                      ensure_weight_tying=True)).eval()
+    assert not [w for w in caught if "ensure_weight_tying" in str(w.message)]
+    ids = torch.randint(1, 512, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        peft_model.base_model.model.model.embeddings.modules_to_save["default"].weight.add_(0.1)
+        adapted = peft_model(input_ids=ids).logits
+    merged = peft_model.merge_and_unload()
+    torch.testing.assert_close(merged.lm_head.weight, merged.model.embeddings.weight)  # trained as one, as Llama's
+    assert_close("merged vs adapted logits", merged(ids).logits, adapted, 1e-5)
+    with pytest.warns(UserWarning, match="tie_word_embeddings=True` and a tied layer is part of the adapter"):
+        get_peft_model(tiny("transformerpp"), LoraConfig(r=4, target_modules=["embeddings", "o_proj"]))

@@ -25,13 +25,20 @@ MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
 def _register_peft_default_targets() -> None:
     """PEFT picks LoRA's default targets (a LoraConfig without target_modules) by model_type, as it does for llama or
     mamba: "zoo" gets every mixer's projections (their `lora_targets`), in a list the registry keeps current as
-    mixers are registered (zoo.registry.LORA_TARGETS)."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    mixers are registered (zoo.registry.LORA_TARGETS).
+
+    PEFT also tells a tied input embedding by its module name (EMBEDDING_LAYER_NAMES: embed_tokens, lm_head), next to
+    the model's _tied_weights_keys; zoo's is "embeddings" (as in transformers' Mamba). Unnamed there, LoraConfig's
+    ensure_weight_tying was ignored for it (its trained copy left the tied lm_head on the base rows) and an adapter
+    on it came without PEFT's tied-layer warnings."""
+    from peft.utils.constants import EMBEDDING_LAYER_NAMES, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     from zoo.registry import LORA_TARGETS
 
     list_mixers()  # registers the built-in mixers
     TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("zoo", LORA_TARGETS)
+    if "embeddings" not in EMBEDDING_LAYER_NAMES:  # the list PEFT's modules imported: extended in place
+        EMBEDDING_LAYER_NAMES.append("embeddings")
 
 
 _register_peft_default_targets()

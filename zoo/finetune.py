@@ -273,7 +273,9 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
         raise ValueError("check_lora_reached: the model holds no adapter layers")
     base = _unwrap(model)
     param = next(model.parameters())
-    vocab = base.get_input_embeddings().num_embeddings
+    # the embedding's rows: PEFT may have wrapped it (LoRA on it, trainable_token_indices, modules_to_save), and its
+    # wrappers forward .weight but not num_embeddings
+    vocab = base.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), generator=generator).to(param.device)
     ran: set[str] = set()
@@ -344,6 +346,13 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
 
     if isinstance(model, PeftModel):
         raise ValueError("wrap_lora: the model is already a PeftModel; pass its base model")
+    # LoraConfig's own names for what wrap_lora takes as arguments failed with "LoraConfig() got multiple values"
+    for peft_name, ours in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        if peft_name in lora_kwargs:
+            raise ValueError(f"wrap_lora: {peft_name} is wrap_lora's {ours}; pass {ours}={lora_kwargs[peft_name]!r}")
+    task_type = lora_kwargs.pop("task_type", "CAUSAL_LM")
+    if task_type != "CAUSAL_LM":
+        raise ValueError(f"task_type: wrap_lora makes a causal-LM PeftModel (task_type 'CAUSAL_LM'), got {task_type!r}")
     if target_modules is None:
         target_modules = default_lora_targets(model, include_mlp)
     elif include_mlp:

@@ -49,6 +49,21 @@ def decoded_constants(module: nn.Module, key: str, params: tuple, make):
     return cached[1]
 
 
+def refuse_skipped_adapter(owner: nn.Module, name: str) -> None:
+    """Raise when PEFT put an active, unmerged adapter on ``owner.<name>`` (LoRA's target_modules, or
+    target_parameters), a module whose weight `owner`'s kernels read without calling it: the adapter would be skipped
+    without a word (no effect on the output, no gradient, and merge_and_unload would then change the logits).
+    modules_to_save is fine: its wrapper hands out the trained copy's weight."""
+    layer = getattr(owner, name)
+    if not hasattr(layer, "get_base_layer") or getattr(layer, "disable_adapters", False) or \
+            getattr(layer, "merged", False):
+        return
+    raise ValueError(f"{name}: a PEFT adapter ({type(layer).__name__}) is on {type(owner).__name__}.{name}, but the "
+                     f"{type(owner).__name__} kernels read {name}.weight without calling {name}, so the adapter would "
+                     f"be skipped. Leave {name} out of target_modules / target_parameters; to train it, list it in "
+                     f"modules_to_save instead (its trained copy's weight is read)")
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of x runs in: autocast's where it is on for x's device, else x's own."""
     kind = x.device.type

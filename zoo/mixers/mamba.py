@@ -21,6 +21,7 @@ from zoo.layers import (
     decoded_constants,
     init_copy_,
     mark_no_weight_decay,
+    refuse_skipped_adapter,
     rows_to_channels,
     scaled_width,
 )
@@ -256,6 +257,7 @@ class Mamba(nn.Module):
     def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]. attention_mask [B, ≥T] (1 = token) zeroes pad inputs."""
+        refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         T = x.shape[1]
         mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)

@@ -11,7 +11,15 @@ from zoo_kernels.ssd import MIN_CHUNK_SIZE
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, Linear, decoded_constants, init_copy_, mark_no_weight_decay, scaled_width
+from zoo.layers import (
+    GatedRMSNorm,
+    Linear,
+    decoded_constants,
+    init_copy_,
+    mark_no_weight_decay,
+    refuse_skipped_adapter,
+    scaled_width,
+)
 from zoo.registry import register_mixer
 
 
@@ -138,6 +146,7 @@ class Mamba2(nn.Module):
     def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]."""
+        refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         Bsz, T, _ = x.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
