@@ -1200,6 +1200,13 @@ def train(cfg: TrainConfig, resume: str | None = None,
     last_ckpt: Path | None = start_ckpt
     saved_step = step if start_ckpt is not None else -1
     window_time, window_tokens, stopped, updating = 0.0, 0, False, False
+    # processes agree to stop at the same step: every step's flags are summed on the host (a gloo group: no device
+    # sync), read one step later; checked only at log steps, a launcher's SIGTERM met its SIGKILL 30 s on, unsaved
+    vote_group, vote = None, None
+    if world > 1:
+        import torch.distributed as dist
+
+        vote_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -1289,11 +1296,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     save()
                 if world == 1:
                     requested = stop.requested
-                elif log_now:  # processes agree to stop at the same step (a collective: not every step)
-                    flag = torch.tensor(float(stop.requested), device=device)
-                    requested = accelerator.reduce(flag, reduction="sum").item() > 0
                 else:
                     requested = False
+                    if vote is not None:  # the sum of the flags sent after the previous step
+                        vote[0].wait()
+                        requested, vote = vote[1].item() > 0, None
+                    if not requested and step < cfg.train.max_steps:
+                        flag = torch.tensor([float(stop.requested)])
+                        vote = (dist.all_reduce(flag, group=vote_group, async_op=True), flag)
                 if requested:
                     if pending:  # the steps since the last log: the resumed run starts after them
                         log_window(grad_norm, None)
