@@ -994,6 +994,16 @@ def _mixed_precision(name: str) -> str:
     return "no" if name == "fp32" else name
 
 
+def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train the whole run") -> None:
+    """Raise when a multi-process launch left this process alone: accelerate runs each process of a launch it
+    cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes == 1 and launched > 1:
+        raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
+                         f"alone (on {accelerator.device.type}), so each would {runs} into {str(out_dir)!r}; "
+                         f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
+
+
 def train(cfg: TrainConfig, resume: str | None = None,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run.
@@ -1025,11 +1035,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.train.compile else None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and launched > 1:  # accelerate leaves a launch it cannot join (no GPU) as lone processes
-        raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
-                         f"alone (on {device.type}), so each would train the whole run into {str(out_dir)!r}; "
-                         f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
+    _refuse_lone_processes(accelerator, out_dir)
 
     start_ckpt = None
     if resume is not None:
