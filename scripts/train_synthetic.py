@@ -455,8 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import Accelerator
 
     from zoo.finetune import _mixed_precision
+    from zoo.train import _refuse_lone_processes
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(runs[0].section.train.precision))
+    try:  # each lone process would train every run and write the same model/, result.json and summary
+        _refuse_lone_processes(accelerator, data.get("output_dir", "runs/synthetic"), "train and evaluate every run")
+    except ValueError as e:
+        parser.error(str(e))
     results = [train_and_evaluate(run, accelerator) for run in runs]
     if not accelerator.is_main_process:
         return 0

@@ -743,3 +743,18 @@ def test_wrap_lora_takes_peft_names_of_its_arguments_with_a_message_and_task_typ
     for task_type in ("CAUSAL_LM", TaskType.CAUSAL_LM):
         model = wrap_lora(tiny("mamba"), verbose=False, check_forward=False, task_type=task_type)
         assert model.peft_config["default"].task_type == "CAUSAL_LM"
+
+
+def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --config_file configs/accelerate/ddp.yaml scripts/finetune.py` on a machine without GPUs and
+    # without ACCELERATE_USE_CPU=1: accelerate runs each process alone, and each finetuned the whole run and wrote
+    # adapter/, merged/ and finetune_result.json into the same folder at the same time, with no word (zoo train refuses)
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({
+        "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "out"), "data": {"task": "mqar"},
+        "train": {"max_steps": 2, "progress_bar": False}, "schedule": {"warmup_steps": 0}}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"processes: launched as 2 processes .* finetune and save into .* "
+                                         r"ACCELERATE_USE_CPU=1"):
+        main([str(tmp_path / "ft.yaml")])
+    assert not (tmp_path / "out").exists(), "refused before anything is written"

@@ -166,3 +166,16 @@ def test_sweep_model_without_recurrent_layers_is_refused_before_training(tmp_pat
     hybrid = ROOT / "configs/models/jamba-tiny.yaml"
     assert script.main([str(ROOT / "configs/train/collapse.yaml"), f"--models.attn={hybrid}",
                         f"--output_dir={tmp_path}", "--dry-run"]) == 0
+
+
+def test_train_synthetic_as_lone_processes_of_a_multi_process_launch_is_refused(tmp_path, capsys, monkeypatch):
+    # a launch accelerate cannot join (no GPU, ACCELERATE_USE_CPU unset) runs each process alone: each trained and
+    # evaluated every run and wrote the same model/, result.json and summary files
+    script = load_script("scripts/train_synthetic.py")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    err = _refused(script.main, [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path / 'out'}",
+                                 "--curriculum=[]", "--train.max_steps=2", "--schedule.warmup_steps=0",
+                                 "--eval.seq_lens=[64]", "--eval.n_samples=8", "--data.n_eval=8", "--only", "mamba"],
+                   capsys)
+    assert "processes: launched as 2 processes" in err and "ACCELERATE_USE_CPU=1" in err
+    assert not (tmp_path / "out").exists()

@@ -722,3 +722,36 @@ def test_bits_per_byte_divides_by_the_texts_bytes_not_the_eos_targets(tmp_path):
     metrics = result.evals[-1]
     assert metrics["eval/bits_per_byte"] == pytest.approx(metrics["eval/loss"] * targets / text_bytes / math.log(2),
                                                           rel=1e-9)
+
+
+def test_two_processes_save_and_stop_soon_after_the_launcher_is_sent_sigterm(tmp_path):
+    # `accelerate launch` (torchrun) passes a SIGTERM on to its processes and kills them 30 s later. The processes
+    # agreed to stop only at log steps, so with log.every far off (100 steps of 1 s) they met the kill unsaved: no
+    # checkpoint, the steps since the last one lost. They now agree every step and save within a step or two.
+    import time
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 100000, "grad_accum": 1},
+                                            log={"every": 100000})))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "train.py"), str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "run" / "run_info.json").is_file():  # written just before the loop starts
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            time.sleep(0.2)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stop requested: saving step" in output, output[-3000:]
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt is not None, output[-3000:]
+    step = int(ckpt.name.removeprefix("step_"))
+    assert step >= 1
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [step], "the steps since the last log are logged once"

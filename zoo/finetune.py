@@ -55,6 +55,7 @@ from zoo.train import (
     OptimConfig,
     ScheduleConfig,
     _build,
+    _refuse_lone_processes,
     _weighted_loss,
     build_optimizer,
     count_targets,
@@ -1057,6 +1058,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.precision))
     device = accelerator.device
     out_dir = Path(cfg.output_dir)
+    _refuse_lone_processes(accelerator, out_dir, "finetune and save")  # (raced writes of adapter/, merged/)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "finetune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1029,6 +1029,16 @@ def _mixed_precision(name: str) -> str:
     return "no" if name == "fp32" else name
 
 
+def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train the whole run") -> None:
+    """Raise when a multi-process launch left this process alone: accelerate runs each process of a launch it
+    cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes == 1 and launched > 1:
+        raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
+                         f"alone (on {accelerator.device.type}), so each would {runs} into {str(out_dir)!r}; "
+                         f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
+
+
 def train(cfg: TrainConfig, resume: str | None = None,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run.
@@ -1060,11 +1070,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.train.compile else None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and launched > 1:  # accelerate leaves a launch it cannot join (no GPU) as lone processes
-        raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
-                         f"alone (on {device.type}), so each would train the whole run into {str(out_dir)!r}; "
-                         f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
+    _refuse_lone_processes(accelerator, out_dir)
 
     start_ckpt = None
     if resume is not None:
@@ -1237,6 +1243,13 @@ def train(cfg: TrainConfig, resume: str | None = None,
     last_ckpt: Path | None = start_ckpt
     saved_step = step if start_ckpt is not None else -1
     window_time, window_tokens, stopped, updating = 0.0, 0, False, False
+    # processes agree to stop at the same step: every step's flags are summed on the host (a gloo group: no device
+    # sync), read one step later; checked only at log steps, a launcher's SIGTERM met its SIGKILL 30 s on, unsaved
+    vote_group, vote = None, None
+    if world > 1:
+        import torch.distributed as dist
+
+        vote_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -1326,11 +1339,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     save()
                 if world == 1:
                     requested = stop.requested
-                elif log_now:  # processes agree to stop at the same step (a collective: not every step)
-                    flag = torch.tensor(float(stop.requested), device=device)
-                    requested = accelerator.reduce(flag, reduction="sum").item() > 0
                 else:
                     requested = False
+                    if vote is not None:  # the sum of the flags sent after the previous step
+                        vote[0].wait()
+                        requested, vote = vote[1].item() > 0, None
+                    if not requested and step < cfg.train.max_steps:
+                        flag = torch.tensor([float(stop.requested)])
+                        vote = (dist.all_reduce(flag, group=vote_group, async_op=True), flag)
                 if requested:
                     if pending:  # the steps since the last log: the resumed run starts after them
                         log_window(grad_norm, None)
