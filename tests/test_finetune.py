@@ -758,3 +758,23 @@ def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refuse
                                          r"ACCELERATE_USE_CPU=1"):
         main([str(tmp_path / "ft.yaml")])
     assert not (tmp_path / "out").exists(), "refused before anything is written"
+
+
+def test_a_checkpoint_whose_rng_file_is_of_another_step_resumes_with_a_warning(tmp_path):
+    """Each process writes its RNG file before the main process renames the checkpoint into place; a run killed
+    between the two left RNG states of a later step than the weights, and the resume restored them silently (other
+    LoRA dropout masks than an uninterrupted run). The RNG file now names its step, and one of another step is set
+    aside with a warning."""
+    import types
+
+    from zoo.finetune import _CHECKPOINT, _load_checkpoint
+
+    stamp = {"phase": "finetune"}
+    torch.save({"stamp": stamp, "step": 4, "window": [], "params": {}, "optimizer": {}, "log": []},
+               tmp_path / _CHECKPOINT)
+    accelerator = types.SimpleNamespace(process_index=0, print=print)
+    torch.save({"cpu": torch.get_rng_state(), "cuda": None, "step": 4}, tmp_path / "rng-0.pt")
+    assert _load_checkpoint(tmp_path, stamp, accelerator, "finetune")["rng"]["step"] == 4
+    torch.save({"cpu": torch.get_rng_state(), "cuda": None, "step": 6}, tmp_path / "rng-0.pt")
+    with pytest.warns(UserWarning, match="rng-0.pt holds the RNG state of step 6, the checkpoint step 4"):
+        assert _load_checkpoint(tmp_path, stamp, accelerator, "finetune")["rng"] is None

@@ -775,6 +775,14 @@ def _load_checkpoint(folder: Path | None, stamp: Any, accelerator, desc: str) ->
         return None
     rng = folder / f"rng-{accelerator.process_index}.pt"
     saved["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
+    if saved["rng"] is not None and saved["rng"].get("step", saved["step"]) != saved["step"]:
+        # each process writes its RNG file before the main process renames the checkpoint into place: a run killed
+        # between the two left RNG states of a later step than the weights, and the resumed run drew other dropout
+        # masks than an uninterrupted one, without a word
+        warnings.warn(f"{desc}: {rng.name} holds the RNG state of step {saved['rng']['step']}, the checkpoint step "
+                      f"{saved['step']} (a save was interrupted): continuing with the current RNG, so LoRA dropout "
+                      f"draws other masks than an uninterrupted run would", stacklevel=2)
+        saved["rng"] = None
     return saved
 
 
@@ -825,9 +833,11 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
 
     def save(completed: int) -> None:
         checkpoint.mkdir(parents=True, exist_ok=True)
-        rng = {"cpu": torch.get_rng_state(),
+        rng = {"cpu": torch.get_rng_state(), "step": completed,
                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-        torch.save(rng, checkpoint / f"rng-{accelerator.process_index}.pt")
+        rng_file = checkpoint / f"rng-{accelerator.process_index}.pt"
+        torch.save(rng, rng_file.with_name(f".{rng_file.name}.tmp"))
+        os.replace(rng_file.with_name(f".{rng_file.name}.tmp"), rng_file)
         state = optimizer.state_dict()  # (a collective under some distributed optimizers: every process)
         kept = window
         if accelerator.num_processes > 1 and window:  # each process holds its share of the steps' losses: the
