@@ -101,7 +101,9 @@ def test_lora_config_without_target_modules_adapts_the_mixer_projections(name):
 
 
 class TokenShift(torch.nn.Module):
-    """A custom mixer whose projections share no name with the built-in mixers' (y_t = wo(wx(x_t) + wx(x_t-1)))."""
+    """A custom mixer whose projections share no name with the built-in mixers' (y_t = wo(wx(x_t) + wx(x_t-1))).
+    It reads the previous token, so it defines no init_state (no cache): None would claim it is position-wise
+    (zoo.cache.require_positionwise refuses that at the first cached step)."""
 
     lora_targets = ("wx", "wo")
 
@@ -109,12 +111,6 @@ class TokenShift(torch.nn.Module):
         super().__init__()
         self.wx = torch.nn.Linear(d_model, d_model, bias=False)
         self.wo = torch.nn.Linear(d_model, d_model, bias=False)
-
-    def init_state(self, batch_size, dtype, device, max_len=None):
-        return None
-
-    def state_size(self, seq_len: int) -> int:
-        return 0
 
     def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
         h = self.wx(x)
