@@ -314,6 +314,23 @@ def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
                         for r in rows)
 
 
+def test_peak_memory_under_several_processes_is_the_largest_not_process_0s(monkeypatch):
+    """The logged peak_mem_gib was process 0's torch.cuda.max_memory_allocated; under FSDP or uneven batches another
+    process can hold more, and the run needs what the largest one holds."""
+    from zoo.train import peak_memory_gib
+
+    class Accelerator:  # process 0 of two: gather stacks the processes' values
+        num_processes = 2
+
+        def gather(self, t):
+            return torch.cat([t, torch.tensor([3.0])])
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 ** 30)
+    assert peak_memory_gib(Accelerator(), torch.device("cpu")) == 3.0
+    Accelerator.num_processes = 1
+    assert peak_memory_gib(Accelerator(), torch.device("cpu")) == 1.0
+
+
 def test_schedules():
     cfg = config_from_dict({"model": LLAMA, "train": {"max_steps": 100},
                             "optim": {"lr": 1e-3}, "schedule": {"warmup_steps": 10, "min_lr": 1e-5}})

@@ -502,6 +502,13 @@ def peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def peak_memory_gib(accelerator, device: torch.device) -> float:
+    """The largest `torch.cuda.max_memory_allocated` of any process, in GiB (a collective: every process calls it).
+    Under FSDP or uneven batches the processes differ, and the run needs the most any of them held."""
+    peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2 ** 30], device=device)
+    return float(accelerator.gather(peak).max()) if accelerator.num_processes > 1 else float(peak)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied weights once)."""
     return sum(p.numel() for p in model.parameters())
@@ -1282,7 +1289,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if peak is not None:
             metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
         if device.type == "cuda":
-            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            metrics["peak_mem_gib"] = peak_memory_gib(accelerator, device)
         accelerator.log(metrics, step=step)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
