@@ -357,6 +357,48 @@ def test_selective_scan_channel_blocks(monkeypatch):
     check_against_loop(run_selective_scan, selective_scan_loop, inputs, options, seq_idx)
 
 
+# Wrong shapes the reference broadcast into wrong numbers (or crashed on obscurely) where the CUDA kernel refuses
+# them: (argument, its wrong value from the valid inputs of selective_scan_inputs(2, 4, 3, 10, all on))
+SCAN_BAD_SHAPES = {
+    "delta_length_1": ("delta", lambda t: t["delta"][..., :1]),
+    "delta_batch_1": ("delta", lambda t: t["delta"][:1]),
+    "B_length_1": ("B", lambda t: t["B"][..., :1]),
+    "B_batch_1": ("B", lambda t: t["B"][:1]),
+    "C_batch_1": ("C", lambda t: t["C"][:1]),
+    "z_batch_1": ("z", lambda t: t["z"][:1]),
+    "D_size_1": ("D", lambda t: t["D"][:1]),
+    "delta_bias_size_1": ("delta_bias", lambda t: t["delta_bias"][:1]),
+    "initial_state_batch_1": ("initial_state", lambda t: t["initial_state"][:1]),
+    "initial_state_D_1": ("initial_state", lambda t: t["initial_state"][:, :1]),
+    "seq_idx_batch_1": ("seq_idx", lambda t: torch.zeros(1, 10, dtype=torch.long)),
+    "A_rows_1": ("A", lambda t: t["A"][:1]),
+    "B_constant_D_N": ("B", lambda t: t["B"][0, :, 0].expand(4, 3)),  # mamba_ssm's non-selective B
+}
+
+
+@pytest.mark.parametrize("seq_split", [None, 2])
+@pytest.mark.parametrize("case", list(SCAN_BAD_SHAPES))
+def test_selective_scan_ref_refuses_wrong_shapes_naming_them(case, seq_split):
+    """The reference (and its split path) refuses what the CUDA kernel refuses, naming the argument, instead of
+    broadcasting it: a delta of length 1 gave an output with no recurrence at all, a B of batch 1 every row's B."""
+    inputs, options = selective_scan_inputs(2, 4, 3, 10, D=True, z=True, bias=True, init=True)
+    inputs = {k: v.float() for k, v in inputs.items()}
+    inputs["seq_idx"] = torch.zeros(2, 10, dtype=torch.long)
+    name, bad = SCAN_BAD_SHAPES[case]
+    inputs[name] = bad(inputs)
+    with pytest.raises(ValueError, match=rf"^selective_scan: (B and C must|{name} has shape|{name} must be)"):
+        selective_scan(**inputs, **options, backend="ref", seq_split=seq_split)
+
+
+def test_selective_scan_ref_takes_b_and_c_in_either_ungrouped_form():
+    """B [batch, 1, N, L] with C [batch, N, L] (the CUDA kernel takes the pair) equals both in one form."""
+    inputs, options = selective_scan_inputs(2, 4, 3, 10, D=True)
+    inputs = {k: v.float() for k, v in inputs.items()}
+    expected = selective_scan(**inputs, **options, backend="ref")
+    mixed = selective_scan(**{**inputs, "B": inputs["B"][:, None]}, **options, backend="ref")
+    assert_close("out", mixed, expected, 1e-6)
+
+
 @pytest.mark.parametrize("length", [1, 2, 3, 5, 8, 13, 64, 100])
 def test_linear_scan(length):
     a = torch.rand(2, length, 3, dtype=torch.float64)
