@@ -498,6 +498,40 @@ def test_conv1d_rejects_unknown_activation():
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), activation="relu", backend="ref")
 
 
+CONV_BAD_SHAPES = {  # (argument, wrong value) against x [2, 5, 10], weight [5, 4]
+    "weight_one_row": ("weight", torch.ones(1, 4)),
+    "bias_size_1": ("bias", torch.ones(1)),
+    "initial_state_width": ("initial_state", torch.ones(2, 5, 2)),
+    "initial_state_batch_1": ("initial_state", torch.ones(1, 5, 3)),
+    "seq_idx_batch_1": ("seq_idx", torch.zeros(1, 10, dtype=torch.long)),
+    "seq_idx_1d": ("seq_idx", torch.zeros(10, dtype=torch.long)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_BAD_SHAPES))
+def test_conv1d_ref_refuses_wrong_shapes_naming_them(case):
+    """The reference refuses what the CUDA kernel refuses, naming the argument: a weight of one row or a bias of
+    size 1 was broadcast over every channel on CPU, the rest crashed in torch.cat/indexing without a name."""
+    inputs = dict(x=torch.randn(2, 5, 10), weight=torch.randn(5, 4), bias=torch.randn(5),
+                  initial_state=torch.randn(2, 5, 3), seq_idx=torch.zeros(2, 10, dtype=torch.long))
+    name, bad = CONV_BAD_SHAPES[case]
+    inputs[name] = bad
+    with pytest.raises(ValueError, match=rf"^causal_conv1d: {name} has shape"):
+        causal_conv1d(**inputs, activation="silu", backend="ref")
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "conv_state", "x"])
+def test_conv1d_update_ref_refuses_wrong_shapes_naming_them(name):
+    """The same for the decoding step; causal_conv1d's package takes (x, conv_state), ours (conv_state, x): the
+    swapped call names x instead of failing in torch.cat."""
+    args = dict(conv_state=torch.zeros(2, 5, 3), x=torch.zeros(2, 5), weight=torch.zeros(5, 4), bias=torch.zeros(5))
+    bad = {"weight": torch.zeros(1, 4), "bias": torch.zeros(1), "conv_state": torch.zeros(2, 5, 2),
+           "x": torch.zeros(2, 5, 3)}
+    args[name] = bad[name]
+    with pytest.raises(ValueError, match=rf"^causal_conv1d_update: {name} (has shape|must be)"):
+        causal_conv1d_update(**args, backend="ref")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Consistency of every op with itself: packing, pieces, steps.
 # Per op: the runner, its inputs for a length, the time dimension of each input that runs along time
