@@ -532,6 +532,87 @@ def test_conv1d_update_ref_refuses_wrong_shapes_naming_them(name):
         causal_conv1d_update(**args, backend="ref")
 
 
+SSD_BAD_SHAPES = {  # (argument, wrong value) against ssd_inputs(2, 10, 4, 3, 2, 5, all on)
+    "dt_one_head": ("dt", lambda t: t["dt"][..., :1]),
+    "A_size_1": ("A", lambda t: t["A"][:1]),
+    "D_size_1": ("D", lambda t: t["D"][:1]),
+    "dt_bias_size_1": ("dt_bias", lambda t: t["dt_bias"][:1]),
+    "z_batch_1": ("z", lambda t: t["z"][:1]),
+    "C_batch_1": ("C", lambda t: t["C"][:1]),
+    "initial_state_batch_1": ("initial_state", lambda t: t["initial_state"][:1]),
+    "chunk_size_0": ("chunk_size", lambda t: 0),
+}
+
+
+@pytest.mark.parametrize("case", list(SSD_BAD_SHAPES))
+def test_ssd_ref_refuses_wrong_shapes_naming_them(case):
+    """The reference refuses what the Triton kernel refuses, naming the argument: a dt of one head, an A, D or
+    dt_bias of size 1 or a z of batch 1 were broadcast into wrong numbers on CPU (chunk_size 0: ZeroDivisionError)."""
+    inputs, options = ssd_inputs(2, 10, 4, 3, 2, 5, chunk_size=8, D="h", z=True, bias=True, init=True)
+    inputs = {**{k: v.float() for k, v in inputs.items()}, **options}
+    name, bad = SSD_BAD_SHAPES[case]
+    inputs[name] = bad(inputs)
+    with pytest.raises(ValueError, match=rf"^ssd_chunk_scan: {name} (has shape|must be)"):
+        ssd_chunk_scan(**inputs, backend="ref")
+
+
+GLA_BAD_SHAPES = {  # (argument, wrong value) against gla_inputs(2, 10, 2, 5, 3, init)
+    "v_batch_1": ("v", lambda t: t["v"][:1]),
+    "initial_state_batch_1": ("initial_state", lambda t: t["initial_state"][:1]),
+    "g_one_channel": ("g", lambda t: t["g"][..., :1]),
+    "k_batch_1": ("k", lambda t: t["k"][:1]),
+    "seq_idx_batch_1": ("seq_idx", lambda t: torch.zeros(1, 10, dtype=torch.long)),
+    "chunk_size_0": ("chunk_size", lambda t: 0),
+}
+
+
+@pytest.mark.parametrize("case", list(GLA_BAD_SHAPES))
+def test_gla_ref_refuses_wrong_shapes_naming_them(case):
+    """A v or initial_state of batch 1 was broadcast over every row on CPU (wrong numbers), the rest crashed in a
+    view (chunk_size 0: StopIteration); now a ValueError names the argument."""
+    inputs, options = gla_inputs(2, 10, 2, 5, 3, init=True)
+    inputs = {**{k: v.float() for k, v in inputs.items()}, **options}
+    name, bad = GLA_BAD_SHAPES[case]
+    inputs[name] = bad(inputs)
+    with pytest.raises(ValueError, match=rf"^chunk_gla: {name} (has shape|must be)"):
+        chunk_gla(**inputs, backend="ref")
+
+
+def _step_args(op: str) -> dict:
+    if op == "selective_scan":
+        return dict(state=torch.zeros(2, 4, 3), x=torch.zeros(2, 4), dt=torch.zeros(2, 4), A=torch.zeros(4, 3),
+                    B=torch.zeros(2, 3), C=torch.zeros(2, 3), D=torch.zeros(4), z=torch.zeros(2, 4),
+                    dt_bias=torch.zeros(4))
+    if op == "ssd":
+        return dict(state=torch.zeros(2, 4, 3, 5), x=torch.zeros(2, 4, 3), dt=torch.zeros(2, 4), A=torch.zeros(4),
+                    B=torch.zeros(2, 2, 5), C=torch.zeros(2, 2, 5), D=torch.zeros(4), z=torch.zeros(2, 4, 3),
+                    dt_bias=torch.zeros(4))
+    return dict(state=torch.zeros(2, 2, 5, 3), q=torch.zeros(2, 2, 5), k=torch.zeros(2, 2, 5), v=torch.zeros(2, 2, 3),
+                g=torch.zeros(2, 2, 5))
+
+
+STEP_BAD_SHAPES = [  # (op, argument, wrong value): broadcast silently by the references before
+    ("selective_scan", "D", torch.zeros(1)), ("selective_scan", "dt_bias", torch.zeros(1)),
+    ("selective_scan", "dt", torch.zeros(2, 1)), ("selective_scan", "A", torch.zeros(1, 3)),
+    ("selective_scan", "z", torch.zeros(1, 4)), ("selective_scan", "B", torch.zeros(1, 3)),
+    ("ssd", "A", torch.zeros(1)), ("ssd", "dt", torch.zeros(2, 1)), ("ssd", "dt_bias", torch.zeros(1)),
+    ("ssd", "D", torch.zeros(1)), ("ssd", "z", torch.zeros(1, 4, 3)),
+    ("gla", "g", torch.zeros(2, 2, 1)), ("gla", "k", torch.zeros(1, 2, 5)), ("gla", "v", torch.zeros(1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize(("op", "name", "bad"), STEP_BAD_SHAPES, ids=[f"{o}-{n}" for o, n, _ in STEP_BAD_SHAPES])
+def test_state_update_refs_refuse_wrong_shapes_naming_them(op, name, bad):
+    """The decoding steps' references refuse a wrong shape naming the argument (the CUDA/Triton steps do too)."""
+    fn = {"selective_scan": selective_state_update, "ssd": ssd_state_update, "gla": gla_state_update}[op]
+    what = {"selective_scan": "selective_state_update", "ssd": "ssd_state_update", "gla": "gla_state_update"}[op]
+    args = _step_args(op)
+    fn(**args, backend="ref")  # the valid call runs
+    args[name] = bad
+    with pytest.raises(ValueError, match=rf"^{what}: {name} (has shape|must be)"):
+        fn(**args, backend="ref")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Consistency of every op with itself: packing, pieces, steps.
 # Per op: the runner, its inputs for a length, the time dimension of each input that runs along time

@@ -95,6 +95,28 @@ def scan_shape_problem(u, delta, A, B, C, D=None, z=None, delta_bias=None, initi
         shape_problem(seq_idx, "seq_idx", (batch, length)))
 
 
+def update_shape_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_weight=None) -> str | None:
+    """Why these inputs do not have selective_state_update's shapes (None: they do; cuda._update_problem on CUDA)."""
+    if x.dim() != 2:
+        return f"x must be [batch, D], got {tuple(x.shape)}"
+    if B.dim() not in (2, 3) or C.dim() not in (2, 3):
+        return f"B and C must be [batch, N] or [batch, G, N], got {tuple(B.shape)} and {tuple(C.shape)}"
+    batch, dim = x.shape
+    as3 = lambda t: tuple(t.shape) if t.dim() == 3 else (t.shape[0], 1, t.shape[1])  # noqa: E731 (G = 1)
+    groups, n_state = as3(B)[1], as3(B)[2]
+    if groups < 1 or dim % groups:
+        return f"D={dim} is not divisible by the number of B/C groups {groups}"
+    if dt_weight is not None and (dt.dim() != 2 or dt.shape[0] != batch):
+        return f"with dt_weight, dt must be [{batch}, R], got {tuple(dt.shape)}"
+    return first_problem(
+        None if as3(B)[0] == batch else f"B has shape {tuple(B.shape)}, expected batch {batch}",
+        None if as3(C) == as3(B) else f"C has shape {tuple(C.shape)}, expected B's {tuple(B.shape)}",
+        shape_problem(state, "state", (batch, dim, n_state)), shape_problem(A, "A", (dim, n_state)),
+        shape_problem(dt_weight, "dt_weight", (dim, dt.shape[-1])) if dt_weight is not None
+        else shape_problem(dt, "dt", (batch, dim)),
+        shape_problem(z, "z", (batch, dim)), shape_problem(D, "D", (dim,)), shape_problem(dt_bias, "dt_bias", (dim,)))
+
+
 def _document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     """[batch, L] bool, True where a new document starts (never at position 0: the initial state's)."""
     starts = torch.zeros_like(seq_idx, dtype=torch.bool)
@@ -205,6 +227,7 @@ def selective_state_update_ref(
     D, dt_bias: [D]. dt_weight [D, R]: dt is then [batch, R] and the step uses dt @ dt_weight.T (in fp32), before
     dt_bias and softplus. Stepping a sequence through this function equals selective_scan_ref on it.
     """
+    raise_if("selective_state_update", update_shape_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_weight))
     batch, dim = x.shape
     x32 = x.float()
     dt32 = dt.float()
