@@ -613,6 +613,17 @@ def test_state_update_refs_refuse_wrong_shapes_naming_them(op, name, bad):
         fn(**args, backend="ref")
 
 
+@pytest.mark.parametrize("name", ["k", "v", "g", "state"])
+def test_gla_state_update_checks_shapes_before_the_kernel(name):
+    """The GLA step's Triton kernel indexes q, k, v, g by the state's batch and heads and had no check (a k of batch
+    1 was read out of bounds on a GPU): the dispatcher refuses a wrong shape before it picks a path."""
+    args = _step_args("gla")
+    args[name] = {"k": torch.zeros(1, 2, 5), "v": torch.zeros(2, 2, 4)[:1], "g": torch.zeros(2, 1, 5),
+                  "state": torch.zeros(2, 2, 5, 4)}[name]
+    with pytest.raises(ValueError, match=rf"^gla_state_update: {name} has shape"):
+        gla_state_update(**args, backend="triton")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Consistency of every op with itself: packing, pieces, steps.
 # Per op: the runner, its inputs for a length, the time dimension of each input that runs along time

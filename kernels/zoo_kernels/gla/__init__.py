@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from zoo_kernels._checks import raise_if
 from zoo_kernels._grad import needs_grad
 from zoo_kernels.gla import fast
-from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref
+from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref, update_shape_problem
 
 
 def fast_backend(device: torch.device) -> str | None:
@@ -47,6 +48,8 @@ def gla_state_update(state, q, k, v, g, scale=None, backend: str = "auto"):
     """
     if backend not in ("auto", "triton", "ref"):
         raise ValueError(f"gla_state_update backend must be 'auto', 'triton' or 'ref', got {backend!r}")
+    # before the kernel too: it indexes every tensor by the state's batch and heads (a wrong one is read out of bounds)
+    raise_if("gla_state_update", update_shape_problem(state, q, k, v, g))
     if backend == "triton" or (backend == "auto" and q.device.type == "cuda"
                                and not needs_grad(state, q, k, v, g)):  # the kernel has no backward
         try:
