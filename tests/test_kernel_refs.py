@@ -328,6 +328,28 @@ def test_selective_scan_seq_split_choice(monkeypatch):
     assert ss._resolve_seq_split(2, 16384) == 2  # an explicit argument wins
 
 
+def test_selective_scan_env_split_skips_lengths_it_does_not_divide(monkeypatch):
+    """$ZOO_SCAN_SEQ_SPLIT=4 (README: forces S) made every call whose length 4 does not divide raise "seq_split=4 does
+    not divide the sequence length 37", an argument the caller never passed: a Mamba prompt of 37 tokens, on CPU
+    too. The split is exact, so such a call runs unsplit; a value that is no positive int names the variable."""
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")
+    inputs, options = selective_scan_inputs(1, 4, 3, 37, D=True, init=True)
+    inputs = {k: v.float() for k, v in inputs.items()}
+    monkeypatch.delenv(ss.SEQ_SPLIT_ENV, raising=False)
+    expected = selective_scan(**inputs, **options, backend="ref")
+    monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "4")
+    assert_close("out", selective_scan(**inputs, **options, backend="ref"), expected, 1e-6)
+    assert ss._resolve_seq_split(None, 36) == 4 and ss._resolve_seq_split(None, 37) == 1
+    with pytest.raises(ValueError, match="does not divide"):  # an explicit argument is still refused
+        selective_scan(**inputs, **options, backend="ref", seq_split=4)
+    for bad in ("four", "0", "-2"):
+        monkeypatch.setenv(ss.SEQ_SPLIT_ENV, bad)
+        with pytest.raises(ValueError, match=rf"ZOO_SCAN_SEQ_SPLIT='{bad}': expected a positive int"):
+            selective_scan(**inputs, **options, backend="ref")
+
+
 def test_selective_scan_auto_split_follows_the_measured_rule(monkeypatch):
     """Default S = 4 on CUDA only for rows >= 8192 whose batch x ⌈D/16⌉ blocks are at most 1.5x the SMs (measured
     on 132 SMs: 96, 128 and 192 blocks gain, 768 lose); $ZOO_SCAN_SEQ_SPLIT overrides it."""
