@@ -646,6 +646,44 @@ def test_gla_state_update_checks_shapes_before_the_kernel(name):
         gla_state_update(**args, backend="triton")
 
 
+EMPTY_CASES = {  # op: (dispatcher, its package's name for monkeypatching, inputs of length 0, the fast backend)
+    "selective_scan": (run_selective_scan, "zoo_kernels.selective_scan",
+                       lambda: selective_scan_inputs(2, 4, 3, 0, D=True, z=True, bias=True, init=True), "cuda"),
+    "ssd": (run_ssd, "zoo_kernels.ssd", lambda: ssd_inputs(2, 0, 4, 3, 2, 5, D="h", z=True, init=True), "triton"),
+    "gla": (run_gla, "zoo_kernels.gla", lambda: gla_inputs(2, 0, 2, 5, 3, init=True), "fla"),
+    "conv1d": (run_conv1d, "zoo_kernels.conv1d", lambda: conv1d_inputs(2, 5, 0, 4, bias=True, init=True), "cuda"),
+}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["ref", "fast-backend-chosen"])
+@pytest.mark.parametrize("op", list(EMPTY_CASES))
+def test_length_zero_passes_the_state_through(op, fast, monkeypatch):
+    """A piece of no token (the empty last slice of a chunked prefill, a batch of [B, 0]) leaves the state as it
+    was: the scans' references raised ZeroDivisionError (selective_scan: IndexError) and the CUDA kernels refuse
+    L = 0, so the dispatchers take the reference there; the final state carries initial_state's gradient."""
+    import importlib
+
+    runner, package, make, fast_name = EMPTY_CASES[op]
+    if fast:  # as on a GPU: the dispatcher resolves to the fast backend (which refuses or cannot run L = 0 here)
+        monkeypatch.setattr(importlib.import_module(package), "resolve_backend", lambda backend, device: fast_name)
+    raw, options = make()
+    inputs = leaves(raw, torch.float32)
+    out, final = runner(**inputs, **options)
+    time_dim = 2 if op in ("selective_scan", "conv1d") else 1
+    assert out.shape[time_dim] == 0 and out.shape[0] == 2
+    assert_close("final_state", final.detach(), inputs["initial_state"].detach(), 0.0)
+    (grad,) = torch.autograd.grad(final.sum(), inputs["initial_state"])
+    assert torch.equal(grad, torch.ones_like(grad))
+
+
+def test_selective_scan_ref_takes_batch_zero():
+    """Batch 0 (an empty micro-batch) raised ZeroDivisionError in the reference's block sizing."""
+    inputs, options = selective_scan_inputs(1, 4, 3, 7, D=True, init=True)
+    inputs = {k: v[:0] if k != "A" and k != "D" else v for k, v in inputs.items()}
+    out, final = run_selective_scan(**inputs, **options)
+    assert out.shape == (0, 4, 7) and final.shape == (0, 4, 3)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Consistency of every op with itself: packing, pieces, steps.
 # Per op: the runner, its inputs for a length, the time dimension of each input that runs along time

@@ -104,6 +104,12 @@ def chunk_gla_ref(
     value_dim = v.shape[-1]
     if scale is None:
         scale = key_dim**-0.5
+    if length == 0:  # no token: the state passes through (the chunking below needs one)
+        out = (v.float() * 0).to(q.dtype)  # (batch, 0, H, V), attached to v's graph
+        if not return_final_state:
+            return out
+        return out, (q.new_zeros(batch, n_heads, key_dim, value_dim, dtype=torch.float32) if initial_state is None
+                     else initial_state.float())
     sub = next(s for s in range(min(SUB_CHUNK, chunk_size), 0, -1) if chunk_size % s == 0)
     T = min(chunk_size, -(-length // sub) * sub)
     pad = -length % T

@@ -63,6 +63,8 @@ def selective_scan(
     on CUDA for long rows that fill few blocks, else 1).
     """
     backend = resolve_backend(backend, u.device)
+    if u.dim() == 3 and u.shape[2] == 0:  # no token: the reference passes the state through (the kernel refuses L = 0)
+        backend, seq_split = "ref", 1
     if backend == "cuda":
         from zoo_kernels.selective_scan.cuda import selective_scan_cuda as scan
     else:

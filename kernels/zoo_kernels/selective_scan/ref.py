@@ -153,6 +153,10 @@ def selective_scan_ref(
     n_state = A.shape[1]
     groups = B.shape[1] if B.dim() == 4 else 1
 
+    if length == 0:  # no token: the state passes through (the chunk loop below needs one)
+        h = u.new_zeros(batch, dim, n_state, dtype=torch.float32) if initial_state is None else initial_state.float()
+        out = (u.float() * 0).to(u.dtype)  # (batch, D, 0), attached to u's graph
+        return (out, h) if return_final_state else out
     u32 = u.float()
     dt = delta.float()
     if delta_bias is not None:
@@ -173,7 +177,7 @@ def selective_scan_ref(
     # backward would write a zero-padded full-size gradient for every piece.
     group_size = dim // groups
     block_elements = BLOCK_ELEMENTS if u.device.type == "cpu" else 1 << 26  # a GPU wants few, large ops
-    block = max(1, min(group_size, block_elements // (batch * min(CHUNK_SIZE, length) * n_state)))
+    block = max(1, min(group_size, block_elements // max(1, batch * min(CHUNK_SIZE, length) * n_state)))
     sizes = [min(block, group_size - start) for start in range(0, group_size, block)] * groups
     block_group = [g for g in range(groups) for _ in range(len(sizes) // groups)]
     h0_blocks = [None] * len(sizes) if initial_state is None else initial_state.float().split(sizes, dim=1)

@@ -115,6 +115,12 @@ def ssd_chunk_scan_ref(
     groups, n_state = B.shape[2], B.shape[3]
     heads_per_group = n_heads // groups
 
+    if length == 0:  # no token: the state passes through (the chunking below needs one)
+        out = (x.float() * 0).to(x.dtype)  # (batch, 0, H, P), attached to x's graph
+        if not return_final_state:
+            return out
+        return out, (x.new_zeros(batch, n_heads, head_dim, n_state, dtype=torch.float32) if initial_state is None
+                     else initial_state.float())
     x32 = x.float()
     dt32 = dt.float()
     if dt_bias is not None:
