@@ -492,6 +492,19 @@ def test_gla_scale():
     check_against_loop(run_gla, gla_loop, inputs, {**options, "scale": 0.3})
 
 
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+def test_gla_decay_of_zero(seq):
+    """g = -inf (log of a decay of exactly 0: a hard reset of some key channels) is a log decay <= 0 as documented;
+    the chunk form returned NaN outputs, states and gradients (G_t - G_s = -inf + inf), while the decoding step
+    (gla_state_update) and the loop take it. Now it equals the loop, gradients included."""
+    inputs, options = gla_inputs(2, 40, 2, 4, 3, chunk_size=16, init=True)
+    inputs["g"][0, 5, 0, :2] = float("-inf")  # inside a sub-chunk
+    inputs["g"][1, 16:18, 1] = float("-inf")  # at a chunk's start, every channel
+    inputs["g"][0, 33, :, 3] = float("-inf")
+    seq_idx = make_seq_idx(2, 40, torch.Generator().manual_seed(1)) if seq else None
+    check_against_loop(run_gla, gla_loop, inputs, options, seq_idx)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Causal conv1d
 

@@ -17,6 +17,7 @@ from zoo_kernels._checks import first_problem, raise_if, shape_problem
 from zoo_kernels._fp32 import no_autocast
 
 SUB_CHUNK = 16
+LOG_DECAY_FLOOR = -100.0  # g below it (-inf included) decays by exp(-100) ~ 4e-44, i.e. to 0
 
 
 def _document_ids(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,9 @@ def chunk_gla_ref(
 
     # (batch, H, L, dim) layouts; padding has g = 0 and k = v = 0, which leaves the state unchanged.
     q32, k32, v32, g32 = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (q, k, v, g))
+    # g = -inf (a decay of exactly 0, a hard reset) made G_t - G_s = -inf - (-inf) = NaN below; exp(LOG_DECAY_FLOOR)
+    # is 0 to fp32's precision next to any kept value, and cumulative sums of it stay small enough to difference
+    g32 = g32.clamp(min=LOG_DECAY_FLOOR)
     q32 = q32 * scale
     doc = None
     if seq_idx is not None:
