@@ -412,6 +412,14 @@ def test_selective_scan_ref_refuses_wrong_shapes_naming_them(case, seq_split):
         selective_scan(**inputs, **options, backend="ref", seq_split=seq_split)
 
 
+@pytest.mark.parametrize("backend", ["ref", "cuda", "auto"], ids=["ref", "kernel", "auto"])
+def test_selective_scan_names_a_u_of_other_rank(backend):
+    """A u without its batch dimension ([D, L]) failed with a bare IndexError (the split's choice read u.shape[2])."""
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"^selective_scan: u must be \[batch, D, L\], got \(4, 8\)"):
+        selective_scan(x, x, torch.zeros(4, 2), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), backend=backend)
+
+
 def test_selective_scan_ref_takes_b_and_c_in_either_ungrouped_form():
     """B [batch, 1, N, L] with C [batch, N, L] (the CUDA kernel takes the pair) equals both in one form."""
     inputs, options = selective_scan_inputs(2, 4, 3, 10, D=True)

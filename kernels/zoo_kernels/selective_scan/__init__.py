@@ -62,8 +62,10 @@ def selective_scan(
     $ZOO_SCAN_SEQ_SPLIT (applied where it divides L, else no split), else the measured default (`auto_seq_split`: 4
     on CUDA for long rows that fill few blocks, else 1).
     """
+    if u.dim() != 3:  # (before the split's choice reads L)
+        raise ValueError(f"selective_scan: u must be [batch, D, L], got {tuple(u.shape)}")
     backend = resolve_backend(backend, u.device)
-    if u.dim() == 3 and u.shape[2] == 0:  # no token: the reference passes the state through (the kernel refuses L = 0)
+    if u.shape[2] == 0:  # no token: the reference passes the state through (the kernel refuses L = 0)
         backend, seq_split = "ref", 1
     if backend == "cuda":
         from zoo_kernels.selective_scan.cuda import selective_scan_cuda as scan
