@@ -234,6 +234,34 @@ def test_bad_shapes_raise():
         attention(q, k, v, window=0)
 
 
+@pytest.mark.parametrize("name", ["seq_idx", "key_padding_mask"])
+@pytest.mark.parametrize("shape", [(2, 1), (7,), (2, 8), (3, 7)], ids=["new-tokens-only", "1d", "long", "batch-3"])
+def test_masks_of_another_shape_than_the_keys_are_refused(name, shape):
+    """seq_idx and key_padding_mask have one entry per key, [B, Tk] (or [1, Tk] for every row). A mask of the new
+    tokens only (decode, [B, 1]) crashed in a broadcast deep in the mask code ('output with shape ... doesn't match
+    the broadcast shape'), a 1-d one in an IndexError; now every path names the argument."""
+    q, k, v = make_inputs(batch=2, tq=1, tk=7)
+    mask = torch.ones(shape, dtype=torch.bool) if name == "key_padding_mask" else torch.zeros(shape, dtype=torch.long)
+    for fn in (attention, attention_ref):
+        with pytest.raises(ValueError, match=rf"attention: {name} must be \[B, Tk\] = \[2, 7\] or \[1, Tk\]"):
+            fn(q, k, v, **{name: mask})
+
+
+@pytest.mark.parametrize("name", ["seq_idx", "key_padding_mask"])
+def test_one_row_mask_serves_every_row_on_the_varlen_path(monkeypatch, name):
+    """A [1, Tk] seq_idx or key_padding_mask (the model takes a [1, T] attention_mask for every row) broadcasts on the
+    math path and in the reference; the flash family's varlen packing read it as the packing of one row and left the
+    other rows' outputs zero (emulated varlen kernel). Now it is expanded to every row first."""
+    monkeypatch.setattr(attn, "_flash_varlen", emulated_flash_varlen)
+    monkeypatch.setattr(attn, "resolve_backend", lambda *a, **kw: "sdpa_flash")
+    attn._META_CACHE.clear()
+    q, k, v = make_inputs(batch=2, tq=7, tk=7)
+    mask = {"seq_idx": torch.tensor([[0, 0, 0, 1, 1, 1, 1]]),
+            "key_padding_mask": torch.tensor([[False, False, True, True, True, True, True]])}[name]
+    out = attention(q, k, v, **{name: mask})
+    assert_close("one-row mask", out, attention_ref(q, k, v, **{name: mask.expand(2, 7)}), 1e-5)
+
+
 # --- the varlen (flash-family) packing logic, run on CPU with an emulated FlashAttention varlen kernel
 
 

@@ -156,3 +156,20 @@ def test_update_takes_valid_arguments_up_to_the_device_check():
                                                                 torch.zeros(4, 4, dtype=torch.float64))):
         with pytest.raises(RuntimeError, match="CUDA"):
             conv_cuda.causal_conv1d_update_cuda(torch.zeros(2, 4, 3), x, weight, torch.zeros(4), "silu")
+
+
+@pytest.mark.parametrize("activation", ["swish", "relu"])
+def test_update_takes_the_activations_the_scan_and_the_reference_take(activation):
+    """causal_conv1d and causal_conv1d_update_ref take activation "swish" (SiLU, as causal_conv1d's own package):
+    the kernel's update must too (it raised ValueError on CUDA alone), and refuse what they refuse, naming it."""
+    from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
+
+    args = (torch.zeros(2, 4, 3), torch.zeros(2, 4), torch.zeros(4, 4), torch.zeros(4))
+    if activation == "relu":
+        for fn in (conv_cuda.causal_conv1d_update_cuda, causal_conv1d_update_ref):
+            with pytest.raises(ValueError, match="activation must be None, 'silu' or 'swish', got 'relu'"):
+                fn(*args, activation)
+        return
+    causal_conv1d_update_ref(*args, activation)
+    with pytest.raises(RuntimeError, match="CUDA"):  # past the checks: only the device is left
+        conv_cuda.causal_conv1d_update_cuda(*args, activation)

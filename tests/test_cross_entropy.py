@@ -69,6 +69,33 @@ def test_bad_shapes_raise():
         cross_entropy(torch.randn(2, 3, 4), torch.zeros(2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.int64])
+def test_integer_targets_of_any_dtype(dtype):
+    """Targets of int32/int16 (token ids kept small, as data loaders store them): the Triton kernels read any integer
+    dtype on CUDA, the CPU path raised "expected target dtype to be Long or Byte, but got Int"; a model's loss with
+    such labels ran on a GPU and failed on CPU. Now both take them, as int64 indices."""
+    from zoo_kernels.cross_entropy import cross_entropy
+
+    logits = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    targets = torch.tensor([1, 2, 9, 0])
+    want = F.cross_entropy(logits, targets)
+    assert math.isclose(cross_entropy(logits, targets.to(dtype)).item(), want.item(), rel_tol=1e-6)
+    if dtype != torch.uint8:
+        ignored = torch.tensor([1, -100, 9, 0])
+        want = F.cross_entropy(logits, ignored, ignore_index=-100)
+        assert math.isclose(cross_entropy(logits, ignored.to(dtype)).item(), want.item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_non_integer_targets_are_refused_naming_them(dtype):
+    """Float targets were truncated to indices by the kernel on CUDA (a loss on other classes, no error); refused
+    on every path now, naming the argument."""
+    from zoo_kernels.cross_entropy import cross_entropy
+
+    with pytest.raises(ValueError, match="targets must be integer class indices"):
+        cross_entropy(torch.randn(4, 10), torch.tensor([1.0, 2.5, 0.0, 3.0]).to(dtype))
+
+
 def test_model_loss_is_the_shifted_cross_entropy():
     """ZooForCausalLM's loss: position t predicts labels[t + 1], -100 ignored, mean over the predicted targets."""
     from transformers import AutoModelForCausalLM

@@ -328,6 +328,28 @@ def test_selective_scan_seq_split_choice(monkeypatch):
     assert ss._resolve_seq_split(2, 16384) == 2  # an explicit argument wins
 
 
+def test_selective_scan_env_split_skips_lengths_it_does_not_divide(monkeypatch):
+    """$ZOO_SCAN_SEQ_SPLIT=4 (README: forces S) made every call whose length 4 does not divide raise "seq_split=4 does
+    not divide the sequence length 37", an argument the caller never passed: a Mamba prompt of 37 tokens, on CPU
+    too. The split is exact, so such a call runs unsplit; a value that is no positive int names the variable."""
+    import importlib
+
+    ss = importlib.import_module("zoo_kernels.selective_scan")
+    inputs, options = selective_scan_inputs(1, 4, 3, 37, D=True, init=True)
+    inputs = {k: v.float() for k, v in inputs.items()}
+    monkeypatch.delenv(ss.SEQ_SPLIT_ENV, raising=False)
+    expected = selective_scan(**inputs, **options, backend="ref")
+    monkeypatch.setenv(ss.SEQ_SPLIT_ENV, "4")
+    assert_close("out", selective_scan(**inputs, **options, backend="ref"), expected, 1e-6)
+    assert ss._resolve_seq_split(None, 36) == 4 and ss._resolve_seq_split(None, 37) == 1
+    with pytest.raises(ValueError, match="does not divide"):  # an explicit argument is still refused
+        selective_scan(**inputs, **options, backend="ref", seq_split=4)
+    for bad in ("four", "0", "-2"):
+        monkeypatch.setenv(ss.SEQ_SPLIT_ENV, bad)
+        with pytest.raises(ValueError, match=rf"ZOO_SCAN_SEQ_SPLIT='{bad}': expected a positive int"):
+            selective_scan(**inputs, **options, backend="ref")
+
+
 def test_selective_scan_auto_split_follows_the_measured_rule(monkeypatch):
     """Default S = 4 on CUDA only for rows >= 8192 whose batch x ⌈D/16⌉ blocks are at most 1.5x the SMs (measured
     on 132 SMs: 96, 128 and 192 blocks gain, 768 lose); $ZOO_SCAN_SEQ_SPLIT overrides it."""
@@ -355,6 +377,56 @@ def test_selective_scan_channel_blocks(monkeypatch):
     inputs, options = selective_scan_inputs(2, 9, 4, 29, groups=3, D=True, init=True, softplus=True)
     seq_idx = make_seq_idx(2, 29, torch.Generator().manual_seed(2))
     check_against_loop(run_selective_scan, selective_scan_loop, inputs, options, seq_idx)
+
+
+# Wrong shapes the reference broadcast into wrong numbers (or crashed on obscurely) where the CUDA kernel refuses
+# them: (argument, its wrong value from the valid inputs of selective_scan_inputs(2, 4, 3, 10, all on))
+SCAN_BAD_SHAPES = {
+    "delta_length_1": ("delta", lambda t: t["delta"][..., :1]),
+    "delta_batch_1": ("delta", lambda t: t["delta"][:1]),
+    "B_length_1": ("B", lambda t: t["B"][..., :1]),
+    "B_batch_1": ("B", lambda t: t["B"][:1]),
+    "C_batch_1": ("C", lambda t: t["C"][:1]),
+    "z_batch_1": ("z", lambda t: t["z"][:1]),
+    "D_size_1": ("D", lambda t: t["D"][:1]),
+    "delta_bias_size_1": ("delta_bias", lambda t: t["delta_bias"][:1]),
+    "initial_state_batch_1": ("initial_state", lambda t: t["initial_state"][:1]),
+    "initial_state_D_1": ("initial_state", lambda t: t["initial_state"][:, :1]),
+    "seq_idx_batch_1": ("seq_idx", lambda t: torch.zeros(1, 10, dtype=torch.long)),
+    "A_rows_1": ("A", lambda t: t["A"][:1]),
+    "B_constant_D_N": ("B", lambda t: t["B"][0, :, 0].expand(4, 3)),  # mamba_ssm's non-selective B
+}
+
+
+@pytest.mark.parametrize("seq_split", [None, 2])
+@pytest.mark.parametrize("case", list(SCAN_BAD_SHAPES))
+def test_selective_scan_ref_refuses_wrong_shapes_naming_them(case, seq_split):
+    """The reference (and its split path) refuses what the CUDA kernel refuses, naming the argument, instead of
+    broadcasting it: a delta of length 1 gave an output with no recurrence at all, a B of batch 1 every row's B."""
+    inputs, options = selective_scan_inputs(2, 4, 3, 10, D=True, z=True, bias=True, init=True)
+    inputs = {k: v.float() for k, v in inputs.items()}
+    inputs["seq_idx"] = torch.zeros(2, 10, dtype=torch.long)
+    name, bad = SCAN_BAD_SHAPES[case]
+    inputs[name] = bad(inputs)
+    with pytest.raises(ValueError, match=rf"^selective_scan: (B and C must|{name} has shape|{name} must be)"):
+        selective_scan(**inputs, **options, backend="ref", seq_split=seq_split)
+
+
+@pytest.mark.parametrize("backend", ["ref", "cuda", "auto"], ids=["ref", "kernel", "auto"])
+def test_selective_scan_names_a_u_of_other_rank(backend):
+    """A u without its batch dimension ([D, L]) failed with a bare IndexError (the split's choice read u.shape[2])."""
+    x = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match=r"^selective_scan: u must be \[batch, D, L\], got \(4, 8\)"):
+        selective_scan(x, x, torch.zeros(4, 2), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8), backend=backend)
+
+
+def test_selective_scan_ref_takes_b_and_c_in_either_ungrouped_form():
+    """B [batch, 1, N, L] with C [batch, N, L] (the CUDA kernel takes the pair) equals both in one form."""
+    inputs, options = selective_scan_inputs(2, 4, 3, 10, D=True)
+    inputs = {k: v.float() for k, v in inputs.items()}
+    expected = selective_scan(**inputs, **options, backend="ref")
+    mixed = selective_scan(**{**inputs, "B": inputs["B"][:, None]}, **options, backend="ref")
+    assert_close("out", mixed, expected, 1e-6)
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 5, 8, 13, 64, 100])
@@ -428,6 +500,19 @@ def test_gla_scale():
     check_against_loop(run_gla, gla_loop, inputs, {**options, "scale": 0.3})
 
 
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+def test_gla_decay_of_zero(seq):
+    """g = -inf (log of a decay of exactly 0: a hard reset of some key channels) is a log decay <= 0 as documented;
+    the chunk form returned NaN outputs, states and gradients (G_t - G_s = -inf + inf), while the decoding step
+    (gla_state_update) and the loop take it. Now it equals the loop, gradients included."""
+    inputs, options = gla_inputs(2, 40, 2, 4, 3, chunk_size=16, init=True)
+    inputs["g"][0, 5, 0, :2] = float("-inf")  # inside a sub-chunk
+    inputs["g"][1, 16:18, 1] = float("-inf")  # at a chunk's start, every channel
+    inputs["g"][0, 33, :, 3] = float("-inf")
+    seq_idx = make_seq_idx(2, 40, torch.Generator().manual_seed(1)) if seq else None
+    check_against_loop(run_gla, gla_loop, inputs, options, seq_idx)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Causal conv1d
 
@@ -454,6 +539,170 @@ def test_conv1d_matches_loop(shape, flags, seq):
 def test_conv1d_rejects_unknown_activation():
     with pytest.raises(ValueError, match="activation"):
         causal_conv1d(torch.randn(1, 2, 3), torch.randn(2, 4), activation="relu", backend="ref")
+
+
+CONV_BAD_SHAPES = {  # (argument, wrong value) against x [2, 5, 10], weight [5, 4]
+    "weight_one_row": ("weight", torch.ones(1, 4)),
+    "bias_size_1": ("bias", torch.ones(1)),
+    "initial_state_width": ("initial_state", torch.ones(2, 5, 2)),
+    "initial_state_batch_1": ("initial_state", torch.ones(1, 5, 3)),
+    "seq_idx_batch_1": ("seq_idx", torch.zeros(1, 10, dtype=torch.long)),
+    "seq_idx_1d": ("seq_idx", torch.zeros(10, dtype=torch.long)),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_BAD_SHAPES))
+def test_conv1d_ref_refuses_wrong_shapes_naming_them(case):
+    """The reference refuses what the CUDA kernel refuses, naming the argument: a weight of one row or a bias of
+    size 1 was broadcast over every channel on CPU, the rest crashed in torch.cat/indexing without a name."""
+    inputs = dict(x=torch.randn(2, 5, 10), weight=torch.randn(5, 4), bias=torch.randn(5),
+                  initial_state=torch.randn(2, 5, 3), seq_idx=torch.zeros(2, 10, dtype=torch.long))
+    name, bad = CONV_BAD_SHAPES[case]
+    inputs[name] = bad
+    with pytest.raises(ValueError, match=rf"^causal_conv1d: {name} has shape"):
+        causal_conv1d(**inputs, activation="silu", backend="ref")
+
+
+@pytest.mark.parametrize("name", ["weight", "bias", "conv_state", "x"])
+def test_conv1d_update_ref_refuses_wrong_shapes_naming_them(name):
+    """The same for the decoding step; causal_conv1d's package takes (x, conv_state), ours (conv_state, x): the
+    swapped call names x instead of failing in torch.cat."""
+    args = dict(conv_state=torch.zeros(2, 5, 3), x=torch.zeros(2, 5), weight=torch.zeros(5, 4), bias=torch.zeros(5))
+    bad = {"weight": torch.zeros(1, 4), "bias": torch.zeros(1), "conv_state": torch.zeros(2, 5, 2),
+           "x": torch.zeros(2, 5, 3)}
+    args[name] = bad[name]
+    with pytest.raises(ValueError, match=rf"^causal_conv1d_update: {name} (has shape|must be)"):
+        causal_conv1d_update(**args, backend="ref")
+
+
+SSD_BAD_SHAPES = {  # (argument, wrong value) against ssd_inputs(2, 10, 4, 3, 2, 5, all on)
+    "dt_one_head": ("dt", lambda t: t["dt"][..., :1]),
+    "A_size_1": ("A", lambda t: t["A"][:1]),
+    "D_size_1": ("D", lambda t: t["D"][:1]),
+    "dt_bias_size_1": ("dt_bias", lambda t: t["dt_bias"][:1]),
+    "z_batch_1": ("z", lambda t: t["z"][:1]),
+    "C_batch_1": ("C", lambda t: t["C"][:1]),
+    "initial_state_batch_1": ("initial_state", lambda t: t["initial_state"][:1]),
+    "chunk_size_0": ("chunk_size", lambda t: 0),
+}
+
+
+@pytest.mark.parametrize("case", list(SSD_BAD_SHAPES))
+def test_ssd_ref_refuses_wrong_shapes_naming_them(case):
+    """The reference refuses what the Triton kernel refuses, naming the argument: a dt of one head, an A, D or
+    dt_bias of size 1 or a z of batch 1 were broadcast into wrong numbers on CPU (chunk_size 0: ZeroDivisionError)."""
+    inputs, options = ssd_inputs(2, 10, 4, 3, 2, 5, chunk_size=8, D="h", z=True, bias=True, init=True)
+    inputs = {**{k: v.float() for k, v in inputs.items()}, **options}
+    name, bad = SSD_BAD_SHAPES[case]
+    inputs[name] = bad(inputs)
+    with pytest.raises(ValueError, match=rf"^ssd_chunk_scan: {name} (has shape|must be)"):
+        ssd_chunk_scan(**inputs, backend="ref")
+
+
+GLA_BAD_SHAPES = {  # (argument, wrong value) against gla_inputs(2, 10, 2, 5, 3, init)
+    "v_batch_1": ("v", lambda t: t["v"][:1]),
+    "initial_state_batch_1": ("initial_state", lambda t: t["initial_state"][:1]),
+    "g_one_channel": ("g", lambda t: t["g"][..., :1]),
+    "k_batch_1": ("k", lambda t: t["k"][:1]),
+    "seq_idx_batch_1": ("seq_idx", lambda t: torch.zeros(1, 10, dtype=torch.long)),
+    "chunk_size_0": ("chunk_size", lambda t: 0),
+}
+
+
+@pytest.mark.parametrize("case", list(GLA_BAD_SHAPES))
+def test_gla_ref_refuses_wrong_shapes_naming_them(case):
+    """A v or initial_state of batch 1 was broadcast over every row on CPU (wrong numbers), the rest crashed in a
+    view (chunk_size 0: StopIteration); now a ValueError names the argument."""
+    inputs, options = gla_inputs(2, 10, 2, 5, 3, init=True)
+    inputs = {**{k: v.float() for k, v in inputs.items()}, **options}
+    name, bad = GLA_BAD_SHAPES[case]
+    inputs[name] = bad(inputs)
+    with pytest.raises(ValueError, match=rf"^chunk_gla: {name} (has shape|must be)"):
+        chunk_gla(**inputs, backend="ref")
+
+
+def _step_args(op: str) -> dict:
+    if op == "selective_scan":
+        return dict(state=torch.zeros(2, 4, 3), x=torch.zeros(2, 4), dt=torch.zeros(2, 4), A=torch.zeros(4, 3),
+                    B=torch.zeros(2, 3), C=torch.zeros(2, 3), D=torch.zeros(4), z=torch.zeros(2, 4),
+                    dt_bias=torch.zeros(4))
+    if op == "ssd":
+        return dict(state=torch.zeros(2, 4, 3, 5), x=torch.zeros(2, 4, 3), dt=torch.zeros(2, 4), A=torch.zeros(4),
+                    B=torch.zeros(2, 2, 5), C=torch.zeros(2, 2, 5), D=torch.zeros(4), z=torch.zeros(2, 4, 3),
+                    dt_bias=torch.zeros(4))
+    return dict(state=torch.zeros(2, 2, 5, 3), q=torch.zeros(2, 2, 5), k=torch.zeros(2, 2, 5), v=torch.zeros(2, 2, 3),
+                g=torch.zeros(2, 2, 5))
+
+
+STEP_BAD_SHAPES = [  # (op, argument, wrong value): broadcast silently by the references before
+    ("selective_scan", "D", torch.zeros(1)), ("selective_scan", "dt_bias", torch.zeros(1)),
+    ("selective_scan", "dt", torch.zeros(2, 1)), ("selective_scan", "A", torch.zeros(1, 3)),
+    ("selective_scan", "z", torch.zeros(1, 4)), ("selective_scan", "B", torch.zeros(1, 3)),
+    ("ssd", "A", torch.zeros(1)), ("ssd", "dt", torch.zeros(2, 1)), ("ssd", "dt_bias", torch.zeros(1)),
+    ("ssd", "D", torch.zeros(1)), ("ssd", "z", torch.zeros(1, 4, 3)),
+    ("gla", "g", torch.zeros(2, 2, 1)), ("gla", "k", torch.zeros(1, 2, 5)), ("gla", "v", torch.zeros(1, 2, 3)),
+]
+
+
+@pytest.mark.parametrize(("op", "name", "bad"), STEP_BAD_SHAPES, ids=[f"{o}-{n}" for o, n, _ in STEP_BAD_SHAPES])
+def test_state_update_refs_refuse_wrong_shapes_naming_them(op, name, bad):
+    """The decoding steps' references refuse a wrong shape naming the argument (the CUDA/Triton steps do too)."""
+    fn = {"selective_scan": selective_state_update, "ssd": ssd_state_update, "gla": gla_state_update}[op]
+    what = {"selective_scan": "selective_state_update", "ssd": "ssd_state_update", "gla": "gla_state_update"}[op]
+    args = _step_args(op)
+    fn(**args, backend="ref")  # the valid call runs
+    args[name] = bad
+    with pytest.raises(ValueError, match=rf"^{what}: {name} (has shape|must be)"):
+        fn(**args, backend="ref")
+
+
+@pytest.mark.parametrize("name", ["k", "v", "g", "state"])
+def test_gla_state_update_checks_shapes_before_the_kernel(name):
+    """The GLA step's Triton kernel indexes q, k, v, g by the state's batch and heads and had no check (a k of batch
+    1 was read out of bounds on a GPU): the dispatcher refuses a wrong shape before it picks a path."""
+    args = _step_args("gla")
+    args[name] = {"k": torch.zeros(1, 2, 5), "v": torch.zeros(2, 2, 4)[:1], "g": torch.zeros(2, 1, 5),
+                  "state": torch.zeros(2, 2, 5, 4)}[name]
+    with pytest.raises(ValueError, match=rf"^gla_state_update: {name} has shape"):
+        gla_state_update(**args, backend="triton")
+
+
+EMPTY_CASES = {  # op: (dispatcher, its package's name for monkeypatching, inputs of length 0, the fast backend)
+    "selective_scan": (run_selective_scan, "zoo_kernels.selective_scan",
+                       lambda: selective_scan_inputs(2, 4, 3, 0, D=True, z=True, bias=True, init=True), "cuda"),
+    "ssd": (run_ssd, "zoo_kernels.ssd", lambda: ssd_inputs(2, 0, 4, 3, 2, 5, D="h", z=True, init=True), "triton"),
+    "gla": (run_gla, "zoo_kernels.gla", lambda: gla_inputs(2, 0, 2, 5, 3, init=True), "fla"),
+    "conv1d": (run_conv1d, "zoo_kernels.conv1d", lambda: conv1d_inputs(2, 5, 0, 4, bias=True, init=True), "cuda"),
+}
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["ref", "fast-backend-chosen"])
+@pytest.mark.parametrize("op", list(EMPTY_CASES))
+def test_length_zero_passes_the_state_through(op, fast, monkeypatch):
+    """A piece of no token (the empty last slice of a chunked prefill, a batch of [B, 0]) leaves the state as it
+    was: the scans' references raised ZeroDivisionError (selective_scan: IndexError) and the CUDA kernels refuse
+    L = 0, so the dispatchers take the reference there; the final state carries initial_state's gradient."""
+    import importlib
+
+    runner, package, make, fast_name = EMPTY_CASES[op]
+    if fast:  # as on a GPU: the dispatcher resolves to the fast backend (which refuses or cannot run L = 0 here)
+        monkeypatch.setattr(importlib.import_module(package), "resolve_backend", lambda backend, device: fast_name)
+    raw, options = make()
+    inputs = leaves(raw, torch.float32)
+    out, final = runner(**inputs, **options)
+    time_dim = 2 if op in ("selective_scan", "conv1d") else 1
+    assert out.shape[time_dim] == 0 and out.shape[0] == 2
+    assert_close("final_state", final.detach(), inputs["initial_state"].detach(), 0.0)
+    (grad,) = torch.autograd.grad(final.sum(), inputs["initial_state"])
+    assert torch.equal(grad, torch.ones_like(grad))
+
+
+def test_selective_scan_ref_takes_batch_zero():
+    """Batch 0 (an empty micro-batch) raised ZeroDivisionError in the reference's block sizing."""
+    inputs, options = selective_scan_inputs(1, 4, 3, 7, D=True, init=True)
+    inputs = {k: v[:0] if k != "A" and k != "D" else v for k, v in inputs.items()}
+    out, final = run_selective_scan(**inputs, **options)
+    assert out.shape == (0, 4, 7) and final.shape == (0, 4, 3)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -483,3 +483,33 @@ def test_state_update_takes_valid_arguments_up_to_the_device_check():
                     dict(x=torch.zeros(2, 4, dtype=torch.float64))):
         with pytest.raises(RuntimeError, match="CUDA"):
             ss_cuda.selective_state_update_cuda(**_cpu_update(**changes))
+
+
+@pytest.mark.parametrize("name", ["dt", "B", "C", "z", "A", "dt_bias"])
+def test_state_update_refuses_an_argument_on_another_device(name):
+    """The extension checks none of dt, B, C, z's devices (a CPU dt next to a CUDA x was read as device memory) and
+    compares only is_cuda for the others (a tensor of another GPU passed): now any other device is refused, naming
+    the argument. On CPU, 'meta' stands for the other device."""
+    t = _cpu_update()
+    t[name] = t[name].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} must be on x's device \(cpu\), got meta"):
+        ss_cuda.selective_state_update_cuda(**t)
+
+
+@pytest.mark.parametrize("name", ["A", "seq_idx", "initial_state"])
+def test_scan_refuses_an_argument_on_another_device(name):
+    t = _cpu_scan()
+    t[name] = t[name].to("meta")
+    with pytest.raises(ValueError, match=rf"{name} must be on u's device \(cpu\), got meta"):
+        ss_cuda.selective_scan_cuda(**t)
+
+
+def test_device_check_compares_gpu_indices():
+    """cuda:0 and cuda:1 are both is_cuda: the check compares devices (stand-ins: it reads .device only)."""
+    from types import SimpleNamespace
+
+    from zoo_kernels._checks import device_problem
+
+    gpu = lambda i: SimpleNamespace(is_cuda=True, device=torch.device("cuda", i))  # noqa: E731
+    assert device_problem("u", gpu(0), A=gpu(0), D=None) is None
+    assert device_problem("u", gpu(0), A=gpu(1)) == "A must be on u's device (cuda:0), got cuda:1"

@@ -41,10 +41,11 @@ def first_problem(*problems: str | None) -> str | None:
 
 
 def device_problem(name: str, first: torch.Tensor, **others: torch.Tensor | None) -> str | None:
-    """Why the tensors the extension requires on CUDA are not all on `first`'s kind of device (None: they are).
-    Where they are, the caller raises RuntimeError off CUDA (the extension's CUDA guard and is_cuda checks)."""
-    off = [n for n, t in others.items() if t is not None and t.is_cuda != first.is_cuda]
-    return f"{', '.join(off)} must be on {name}'s device ({first.device.type})" if off else None
+    """Why the tensors the extension reads are not all on `first`'s device (None: they are), the device's index
+    included: the extension checks is_cuda only and runs on `first`'s device, so a tensor of another GPU was read
+    through a pointer of that GPU. Where they are, the caller raises RuntimeError off CUDA (require_cuda)."""
+    off = [n for n, t in others.items() if t is not None and t.device != first.device]
+    return f"{', '.join(off)} must be on {name}'s device ({first.device}), got {others[off[0]].device}" if off else None
 
 
 def raise_if(what: str, problem: str | None) -> None:

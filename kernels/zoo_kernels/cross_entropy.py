@@ -109,13 +109,18 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy over the targets != ignore_index (module docstring); logits [N, V], targets [N] int."""
+    """Mean cross-entropy over the targets != ignore_index (module docstring); logits [N, V], targets [N] of any
+    integer dtype (class indices: int64, int32, uint16 token ids alike, on every path)."""
     if logits.dim() != 2 or targets.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy: logits [N, V] and targets [N], got {tuple(logits.shape)} and "
                          f"{tuple(targets.shape)}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        # the kernel would truncate them to indices; F.cross_entropy would read [N] probabilities as an error
+        raise ValueError(f"cross_entropy: targets must be integer class indices, got {targets.dtype}")
     if _fused(logits):
         return _CrossEntropy.apply(logits, targets, ignore_index)
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    # F.cross_entropy takes int64 (and uint8) indices only; the kernel reads any integer dtype
+    return F.cross_entropy(logits.float(), targets.long(), ignore_index=ignore_index)
 
 
 __all__ = ["cross_entropy"]

@@ -328,11 +328,15 @@ def attention(
     return zeros. A query with no visible key returns zeros. scale defaults to D**-0.5.
     Returns o [B, Tq, Hq, D] in q's dtype.
     """
-    _check_shapes(q, k, v)
+    _check_shapes(q, k, v, seq_idx, key_padding_mask)
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of keys or None, got {window}")
     batch, tq, hq, dim = q.shape
     tk, hkv = k.shape[1], k.shape[2]
+    # a [1, Tk] mask serves every row: the varlen kernels' packing (varlen_meta) reads one row per batch row
+    seq_idx = seq_idx.expand(batch, tk) if seq_idx is not None and seq_idx.shape[0] != batch else seq_idx
+    if key_padding_mask is not None and key_padding_mask.shape[0] != batch:
+        key_padding_mask = key_padding_mask.expand(batch, tk)
     scale = dim**-0.5 if scale is None else float(scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     name = resolve_backend(backend, q.device, dtype=q.dtype, head_dim=dim, gqa=hq != hkv,

@@ -73,7 +73,7 @@ def attention_ref(
     """
     batch, tq, hq, dim = q.shape
     tk, hkv = k.shape[1], k.shape[2]
-    _check_shapes(q, k, v)
+    _check_shapes(q, k, v, seq_idx, key_padding_mask)
     groups = hq // hkv
     scale = dim**-0.5 if scale is None else scale
     qf = q.float().reshape(batch, tq, hkv, groups, dim)
@@ -91,7 +91,8 @@ def attention_ref(
     return out.reshape(batch, tq, hq, v.shape[-1]).to(q.dtype)
 
 
-def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, seq_idx: Tensor | None = None,
+                  key_padding_mask: Tensor | None = None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention expects q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -103,3 +104,9 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
     if k.shape[1] < q.shape[1]:
         raise ValueError(f"attention needs Tk >= Tq (queries are the last Tq keys); got Tq {q.shape[1]}, "
                          f"Tk {k.shape[1]}")
+    # one entry per key, cached ones included (a mask of the new tokens alone crashed in a broadcast deep in the
+    # mask code); one row for every row, [1, Tk], broadcasts (`attention` expands it for the varlen kernels)
+    for name, t in (("seq_idx", seq_idx), ("key_padding_mask", key_padding_mask)):
+        if t is not None and (t.dim() != 2 or t.shape[0] not in (1, k.shape[0]) or t.shape[1] != k.shape[1]):
+            raise ValueError(f"attention: {name} must be [B, Tk] = [{k.shape[0]}, {k.shape[1]}] or [1, Tk] (one entry "
+                             f"per key, cached keys included), got {list(t.shape)}")

@@ -120,11 +120,11 @@ def causal_conv1d_update_cuda(conv_state, x, weight, bias=None, activation=None)
     in place and returns y [batch, D] in x's dtype. weight [D, W] and bias [D] are read as fp32 (pass fp32
     tensors to avoid a conversion per call). Raises ValueError for arguments the kernel does not take
     (`_update_problem`), RuntimeError off CUDA or where the extension is unavailable."""
-    if activation not in (None, "silu"):
-        raise ValueError(f"causal_conv1d_update: activation must be None or 'silu', got {activation!r}")
+    if activation not in (None, "silu", "swish"):  # causal_conv1d's and the reference's names ("swish" = SiLU)
+        raise ValueError(f"causal_conv1d_update: activation must be None, 'silu' or 'swish', got {activation!r}")
     raise_if("causal_conv1d_update", _update_problem(conv_state, x, weight, bias))
     require_cuda("causal_conv1d_update", x, "causal_conv1d_update_ref")
-    return _module().update(conv_state, x, _f32(weight), _f32(bias), activation == "silu")
+    return _module().update(conv_state, x, _f32(weight), _f32(bias), activation is not None)
 
 
 def _problem(x, weight, bias, seq_idx, initial_state) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._checks import first_problem, raise_if, shape_problem
 from zoo_kernels._fp32 import no_autocast
 
 
@@ -26,6 +27,34 @@ def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation in ("silu", "swish"):
         return F.silu(y)
     raise ValueError(f"causal_conv1d: activation must be None, 'silu' or 'swish', got {activation!r}")
+
+
+def conv_shape_problem(x, weight, bias=None, seq_idx=None, initial_state=None) -> str | None:
+    """Why these inputs do not have causal_conv1d's shapes (None: they do). Without it the reference broadcast a
+    weight of one row or a bias of size 1 over every channel where the CUDA kernel refuses them (cuda._problem)."""
+    if x.dim() != 3:
+        return f"x must be [batch, D, L], got {tuple(x.shape)}"
+    if weight.dim() != 2:
+        return f"weight must be [D, W], got {tuple(weight.shape)}"
+    batch, dim, length = x.shape
+    width = weight.shape[1]
+    return first_problem(
+        shape_problem(weight, "weight", (dim, width)), shape_problem(bias, "bias", (dim,)),
+        shape_problem(seq_idx, "seq_idx", (batch, length)),
+        shape_problem(initial_state, "initial_state", (batch, dim, width - 1)))
+
+
+def update_shape_problem(conv_state, x, weight, bias=None) -> str | None:
+    """Why these inputs do not have causal_conv1d_update's shapes (None: they do; cuda._update_problem on CUDA)."""
+    if x.dim() != 2:
+        return f"x must be [batch, D], got {tuple(x.shape)}"
+    if weight.dim() != 2:
+        return f"weight must be [D, W], got {tuple(weight.shape)}"
+    batch, dim = x.shape
+    width = weight.shape[1]
+    return first_problem(
+        shape_problem(weight, "weight", (dim, width)), shape_problem(bias, "bias", (dim,)),
+        shape_problem(conv_state, "conv_state", (batch, dim, width - 1)))
 
 
 @no_autocast
@@ -48,6 +77,7 @@ def causal_conv1d_ref(
     initial_state's entries are kept when L < W-1). Differentiable in every input.
     """
     _activate(x.new_zeros(()), activation)  # reject an unknown activation before doing any work
+    raise_if("causal_conv1d", conv_shape_problem(x, weight, bias, seq_idx, initial_state))
     batch, dim, length = x.shape
     width = weight.shape[1]
     w32 = weight.float()
@@ -91,6 +121,7 @@ def causal_conv1d_update_ref(
     bias: [D]. Returns y [batch, D] in x's dtype. Stepping a sequence through this function equals
     causal_conv1d_ref on it.
     """
+    raise_if("causal_conv1d_update", update_shape_problem(conv_state, x, weight, bias))
     window = torch.cat([conv_state.float(), x.float()[:, :, None]], dim=2)  # (batch, D, W)
     y = (window * weight.float()).sum(dim=2)
     if bias is not None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from zoo_kernels._checks import raise_if
 from zoo_kernels._grad import needs_grad
 from zoo_kernels.gla import fast
-from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref
+from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref, update_shape_problem
 
 
 def fast_backend(device: torch.device) -> str | None:
@@ -31,6 +32,8 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, seq_idx=None, return_f
     and with return_final_state also the final state [batch, H, K, V] in fp32.
     """
     backend = resolve_backend(backend, q.device)
+    if q.dim() == 4 and q.shape[1] == 0:  # no token: the reference passes the state through
+        backend = "ref"
     args = (q, k, v, g, scale, initial_state, seq_idx, return_final_state, chunk_size)
     if backend != "ref":
         return fast.chunk_gla_fast(*args, backend=backend)
@@ -47,6 +50,8 @@ def gla_state_update(state, q, k, v, g, scale=None, backend: str = "auto"):
     """
     if backend not in ("auto", "triton", "ref"):
         raise ValueError(f"gla_state_update backend must be 'auto', 'triton' or 'ref', got {backend!r}")
+    # before the kernel too: it indexes every tensor by the state's batch and heads (a wrong one is read out of bounds)
+    raise_if("gla_state_update", update_shape_problem(state, q, k, v, g))
     if backend == "triton" or (backend == "auto" and q.device.type == "cuda"
                                and not needs_grad(state, q, k, v, g)):  # the kernel has no backward
         try:

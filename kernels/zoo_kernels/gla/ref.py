@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._checks import first_problem, raise_if, shape_problem
 from zoo_kernels._fp32 import no_autocast
 
 SUB_CHUNK = 16
+LOG_DECAY_FLOOR = -100.0  # g below it (-inf included) decays by exp(-100) ~ 4e-44, i.e. to 0
 
 
 def _document_ids(seq_idx: torch.Tensor) -> torch.Tensor:
@@ -51,6 +53,33 @@ def _chunk_attention(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int
     return A.view(b, h, T, T)
 
 
+def chunk_shape_problem(q, k, v, g, initial_state=None, seq_idx=None, chunk_size=64) -> str | None:
+    """Why these inputs do not have chunk_gla's shapes (None: they do). Without it the reference broadcast a v or
+    an initial_state of batch 1 over every row (wrong numbers) and crashed in a view on the others."""
+    if q.dim() != 4 or v.dim() != 4:
+        return f"q must be [batch, T, H, K] and v [batch, T, H, V], got {tuple(q.shape)} and {tuple(v.shape)}"
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        return f"chunk_size must be a positive int, got {chunk_size!r}"
+    batch, length, n_heads, key_dim = q.shape
+    value_dim = v.shape[-1]
+    return first_problem(
+        shape_problem(k, "k", tuple(q.shape)), shape_problem(g, "g", tuple(q.shape)),
+        shape_problem(v, "v", (batch, length, n_heads, value_dim)),
+        shape_problem(initial_state, "initial_state", (batch, n_heads, key_dim, value_dim)),
+        shape_problem(seq_idx, "seq_idx", (batch, length)))
+
+
+def update_shape_problem(state, q, k, v, g) -> str | None:
+    """Why these inputs do not have gla_state_update's shapes (None: they do)."""
+    if q.dim() != 3 or v.dim() != 3:
+        return f"q must be [batch, H, K] and v [batch, H, V], got {tuple(q.shape)} and {tuple(v.shape)}"
+    batch, n_heads, key_dim = q.shape
+    return first_problem(
+        shape_problem(k, "k", tuple(q.shape)), shape_problem(g, "g", tuple(q.shape)),
+        shape_problem(v, "v", (batch, n_heads, v.shape[-1])),
+        shape_problem(state, "state", (batch, n_heads, key_dim, v.shape[-1])))
+
+
 @no_autocast
 def chunk_gla_ref(
     q: torch.Tensor,
@@ -71,10 +100,17 @@ def chunk_gla_ref(
     dtype, and with return_final_state also the state after the last position [batch, H, K, V] in fp32.
     Math in fp32; differentiable in every input.
     """
+    raise_if("chunk_gla", chunk_shape_problem(q, k, v, g, initial_state, seq_idx, chunk_size))
     batch, length, n_heads, key_dim = q.shape
     value_dim = v.shape[-1]
     if scale is None:
         scale = key_dim**-0.5
+    if length == 0:  # no token: the state passes through (the chunking below needs one)
+        out = (v.float() * 0).to(q.dtype)  # (batch, 0, H, V), attached to v's graph
+        if not return_final_state:
+            return out
+        return out, (q.new_zeros(batch, n_heads, key_dim, value_dim, dtype=torch.float32) if initial_state is None
+                     else initial_state.float())
     sub = next(s for s in range(min(SUB_CHUNK, chunk_size), 0, -1) if chunk_size % s == 0)
     T = min(chunk_size, -(-length // sub) * sub)
     pad = -length % T
@@ -82,6 +118,9 @@ def chunk_gla_ref(
 
     # (batch, H, L, dim) layouts; padding has g = 0 and k = v = 0, which leaves the state unchanged.
     q32, k32, v32, g32 = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).transpose(1, 2) for t in (q, k, v, g))
+    # g = -inf (a decay of exactly 0, a hard reset) made G_t - G_s = -inf - (-inf) = NaN below; exp(LOG_DECAY_FLOOR)
+    # is 0 to fp32's precision next to any kept value, and cumulative sums of it stay small enough to difference
+    g32 = g32.clamp(min=LOG_DECAY_FLOOR)
     q32 = q32 * scale
     doc = None
     if seq_idx is not None:
@@ -130,6 +169,7 @@ def gla_state_update_ref(
     state: [batch, H, K, V] (fp32); q, k, g: [batch, H, K]; v: [batch, H, V]; scale default K**-0.5.
     Stepping a sequence through this function equals chunk_gla_ref on it.
     """
+    raise_if("gla_state_update", update_shape_problem(state, q, k, v, g))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     decay = torch.exp(g.float())[..., None]  # (batch, H, K, 1)

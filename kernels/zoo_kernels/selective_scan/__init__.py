@@ -58,10 +58,15 @@ def selective_scan(
     (channel d reads group d // (D // G)); D, delta_bias [D]; initial_state [batch, D, N];
     seq_idx [batch, L] int (the state restarts from zero where it changes). Returns out [batch, D, L]
     in u's dtype, and with return_final_state also the final state [batch, D, N] in fp32.
-    seq_split: segments per row scanned in parallel (module docstring; exact); None reads $ZOO_SCAN_SEQ_SPLIT,
-    else the measured default (`auto_seq_split`: 4 on CUDA for long rows that fill few blocks, else 1).
+    seq_split: segments per row scanned in parallel (module docstring; exact); must divide L. None reads
+    $ZOO_SCAN_SEQ_SPLIT (applied where it divides L, else no split), else the measured default (`auto_seq_split`: 4
+    on CUDA for long rows that fill few blocks, else 1).
     """
+    if u.dim() != 3:  # (before the split's choice reads L)
+        raise ValueError(f"selective_scan: u must be [batch, D, L], got {tuple(u.shape)}")
     backend = resolve_backend(backend, u.device)
+    if u.shape[2] == 0:  # no token: the reference passes the state through (the kernel refuses L = 0)
+        backend, seq_split = "ref", 1
     if backend == "cuda":
         from zoo_kernels.selective_scan.cuda import selective_scan_cuda as scan
     else:
@@ -91,7 +96,16 @@ def auto_seq_split(u: torch.Tensor, backend: str) -> int:
 def _resolve_seq_split(seq_split, length: int, u: torch.Tensor | None = None, backend: str = "ref") -> int:
     if seq_split is None:
         env = os.environ.get(SEQ_SPLIT_ENV)
-        seq_split = int(env) if env else (auto_seq_split(u, backend) if u is not None else 1)
+        if not env:
+            return auto_seq_split(u, backend) if u is not None else 1
+        try:
+            forced = int(env)
+        except ValueError:
+            forced = 0
+        if forced < 1:
+            raise ValueError(f"${SEQ_SPLIT_ENV}={env!r}: expected a positive int (segments per row; 1 = no split)")
+        # the split is exact, so a length it does not divide (a prompt, a decoding step) runs unsplit, not refused
+        return forced if length % forced == 0 else 1
     if not isinstance(seq_split, int) or seq_split < 1:
         raise ValueError(f"seq_split must be a positive int, got {seq_split!r}")
     if length % seq_split:

@@ -288,7 +288,7 @@ def check_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state
 def _update_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_weight=None) -> str | None:
     """Why csrc/selective_scan_api.cpp's state_update would refuse these inputs once selective_state_update_cuda
     has cast and laid them out (it makes the dtypes and strides): their shapes and devices; None: it takes them.
-    The devices of dt, B, C and z are not checked: the extension does not check them either."""
+    dt, B, C and z included: the extension does not check their devices (a CPU one was read as device memory)."""
     if x.dim() != 2:
         return f"x must be [batch, D], got {tuple(x.shape)}"
     if B.dim() not in (2, 3) or C.dim() not in (2, 3):
@@ -307,7 +307,8 @@ def _update_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_weig
         shape_problem(dt_weight, "dt_weight", (dim, dt.shape[-1])) if dt_weight is not None
         else shape_problem(dt, "dt", (batch, dim)),
         shape_problem(z, "z", (batch, dim)), shape_problem(D, "D", (dim,)), shape_problem(dt_bias, "dt_bias", (dim,)))
-    return problem or device_problem("x", x, state=state, A=A, D=D, dt_bias=dt_bias, dt_weight=dt_weight)
+    return problem or device_problem("x", x, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias,
+                                     dt_weight=dt_weight)
 
 
 __all__ = ["available", "why_unavailable", "selective_scan_cuda", "selective_state_update_cuda", "cache_dir",

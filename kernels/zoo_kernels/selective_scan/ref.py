@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._checks import first_problem, raise_if, shape_problem
 from zoo_kernels._fp32 import no_autocast
 
 # Tokens per chunk, and floats per [batch, chunk, channels, N] block on CPU (4 MiB: stays in cache).
@@ -66,6 +67,56 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _LinearScan.apply(a, b)
 
 
+def scan_shape_problem(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None,
+                       seq_idx=None) -> str | None:
+    """Why these inputs do not have selective_scan's shapes (None: they do). Without it the reference broadcast a
+    wrong one (a delta or B of length 1, a B or z of batch 1, a D of size 1) into wrong numbers where the CUDA
+    kernel refuses it (cuda._scan_problem, which also limits N)."""
+    if u.dim() != 3:
+        return f"u must be [batch, D, L], got {tuple(u.shape)}"
+    if A.dim() != 2:
+        return f"A must be [D, N], got {tuple(A.shape)}"
+    if B.dim() not in (3, 4) or C.dim() not in (3, 4):
+        return f"B and C must be [batch, N, L] or [batch, G, N, L], got {tuple(B.shape)} and {tuple(C.shape)}"
+    batch, dim, length = u.shape
+    as4 = lambda t: tuple(t.shape) if t.dim() == 4 else (t.shape[0], 1, *t.shape[1:])  # noqa: E731 (G = 1)
+    groups, n_state = as4(B)[1], A.shape[1]
+    if groups < 1 or dim % groups:
+        return f"D={dim} is not divisible by the number of B/C groups {groups}"
+    bc = (batch, groups, n_state, length)
+    return first_problem(
+        shape_problem(delta, "delta", (batch, dim, length)), shape_problem(A, "A", (dim, n_state)),
+        None if as4(B) == bc else f"B has shape {tuple(B.shape)}, expected {bc}" + (
+            f" or {(batch, n_state, length)}" if groups == 1 else ""),
+        None if as4(C) == bc else f"C has shape {tuple(C.shape)}, expected B's {tuple(B.shape)}",
+        shape_problem(D, "D", (dim,)), shape_problem(z, "z", (batch, dim, length)),
+        shape_problem(delta_bias, "delta_bias", (dim,)),
+        shape_problem(initial_state, "initial_state", (batch, dim, n_state)),
+        shape_problem(seq_idx, "seq_idx", (batch, length)))
+
+
+def update_shape_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_weight=None) -> str | None:
+    """Why these inputs do not have selective_state_update's shapes (None: they do; cuda._update_problem on CUDA)."""
+    if x.dim() != 2:
+        return f"x must be [batch, D], got {tuple(x.shape)}"
+    if B.dim() not in (2, 3) or C.dim() not in (2, 3):
+        return f"B and C must be [batch, N] or [batch, G, N], got {tuple(B.shape)} and {tuple(C.shape)}"
+    batch, dim = x.shape
+    as3 = lambda t: tuple(t.shape) if t.dim() == 3 else (t.shape[0], 1, t.shape[1])  # noqa: E731 (G = 1)
+    groups, n_state = as3(B)[1], as3(B)[2]
+    if groups < 1 or dim % groups:
+        return f"D={dim} is not divisible by the number of B/C groups {groups}"
+    if dt_weight is not None and (dt.dim() != 2 or dt.shape[0] != batch):
+        return f"with dt_weight, dt must be [{batch}, R], got {tuple(dt.shape)}"
+    return first_problem(
+        None if as3(B)[0] == batch else f"B has shape {tuple(B.shape)}, expected batch {batch}",
+        None if as3(C) == as3(B) else f"C has shape {tuple(C.shape)}, expected B's {tuple(B.shape)}",
+        shape_problem(state, "state", (batch, dim, n_state)), shape_problem(A, "A", (dim, n_state)),
+        shape_problem(dt_weight, "dt_weight", (dim, dt.shape[-1])) if dt_weight is not None
+        else shape_problem(dt, "dt", (batch, dim)),
+        shape_problem(z, "z", (batch, dim)), shape_problem(D, "D", (dim,)), shape_problem(dt_bias, "dt_bias", (dim,)))
+
+
 def _document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
     """[batch, L] bool, True where a new document starts (never at position 0: the initial state's)."""
     starts = torch.zeros_like(seq_idx, dtype=torch.bool)
@@ -97,13 +148,15 @@ def selective_scan_ref(
     Returns out [batch, D, L] in u's dtype, and with return_final_state also the state after the last
     position [batch, D, N] in fp32. Math in fp32; differentiable in every input.
     """
+    raise_if("selective_scan", scan_shape_problem(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx))
     batch, dim, length = u.shape
     n_state = A.shape[1]
-    grouped = B.dim() == 4
-    groups = B.shape[1] if grouped else 1
-    if dim % groups:
-        raise ValueError(f"selective_scan: D={dim} is not divisible by the number of B/C groups {groups}")
+    groups = B.shape[1] if B.dim() == 4 else 1
 
+    if length == 0:  # no token: the state passes through (the chunk loop below needs one)
+        h = u.new_zeros(batch, dim, n_state, dtype=torch.float32) if initial_state is None else initial_state.float()
+        out = (u.float() * 0).to(u.dtype)  # (batch, D, 0), attached to u's graph
+        return (out, h) if return_final_state else out
     u32 = u.float()
     dt = delta.float()
     if delta_bias is not None:
@@ -113,8 +166,8 @@ def selective_scan_ref(
     # Token-major layouts so that chunks and the scan's even/odd slices are contiguous blocks of D*N.
     dt_t = dt.transpose(1, 2).contiguous()  # (batch, L, D)
     dtu_t = (dt * u32).transpose(1, 2).contiguous()  # (batch, L, D)
-    B_t = (B.float() if grouped else B.float()[:, None]).permute(0, 3, 1, 2).contiguous()  # (batch, L, G, N)
-    C_t = (C.float() if grouped else C.float()[:, None]).permute(0, 3, 1, 2).contiguous()  # (batch, L, G, N)
+    B_t = (B.float() if B.dim() == 4 else B.float()[:, None]).permute(0, 3, 1, 2).contiguous()  # (batch, L, G, N)
+    C_t = (C.float() if C.dim() == 4 else C.float()[:, None]).permute(0, 3, 1, 2).contiguous()  # (batch, L, G, N)
     A32 = A.float()
     keep = None if seq_idx is None else ~_document_starts(seq_idx)  # (batch, L)
 
@@ -124,7 +177,7 @@ def selective_scan_ref(
     # backward would write a zero-padded full-size gradient for every piece.
     group_size = dim // groups
     block_elements = BLOCK_ELEMENTS if u.device.type == "cpu" else 1 << 26  # a GPU wants few, large ops
-    block = max(1, min(group_size, block_elements // (batch * min(CHUNK_SIZE, length) * n_state)))
+    block = max(1, min(group_size, block_elements // max(1, batch * min(CHUNK_SIZE, length) * n_state)))
     sizes = [min(block, group_size - start) for start in range(0, group_size, block)] * groups
     block_group = [g for g in range(groups) for _ in range(len(sizes) // groups)]
     h0_blocks = [None] * len(sizes) if initial_state is None else initial_state.float().split(sizes, dim=1)
@@ -178,6 +231,7 @@ def selective_state_update_ref(
     D, dt_bias: [D]. dt_weight [D, R]: dt is then [batch, R] and the step uses dt @ dt_weight.T (in fp32), before
     dt_bias and softplus. Stepping a sequence through this function equals selective_scan_ref on it.
     """
+    raise_if("selective_state_update", update_shape_problem(state, x, dt, A, B, C, D, z, dt_bias, dt_weight))
     batch, dim = x.shape
     x32 = x.float()
     dt32 = dt.float()

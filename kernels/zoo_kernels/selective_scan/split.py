@@ -64,7 +64,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from zoo_kernels.selective_scan.ref import selective_scan_ref
+from zoo_kernels._checks import raise_if
+from zoo_kernels.selective_scan.ref import scan_shape_problem, selective_scan_ref
 
 
 def _delta(delta, delta_bias, delta_softplus):
@@ -385,11 +386,13 @@ def split_scan(backend, n_seg, u, delta, A, B, C, D, z, delta_bias, delta_softpl
                return_final_state):
     """selective_scan over rows cut into n_seg segments (module docstring); backend 'cuda' or 'ref'. Same
     arguments and results as selective_scan; seq_idx [batch, L] int or None. On 'cuda' the inputs are checked first
-    as the unsplit kernel's (cuda.check_scan; the segments' entering states are made here, so not initial_state)."""
+    as the unsplit kernel's (cuda.check_scan; the segments' entering states are made here, so not initial_state),
+    then on both backends their shapes, initial_state's included (ref.scan_shape_problem)."""
     if backend == "cuda":
         from zoo_kernels.selective_scan.cuda import check_scan
 
         check_scan(u, delta, A, B, C, D, z, delta_bias, None, seq_idx)
+    raise_if("selective_scan", scan_shape_problem(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx))
     impl = _Cuda if backend == "cuda" else _Ref
     return _SplitScanFn.apply(impl, n_seg, u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx,
                               delta_softplus, return_final_state)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._checks import first_problem, raise_if, shape_problem
 from zoo_kernels._fp32 import no_autocast
 
 
@@ -42,6 +43,48 @@ def segment_sum(x: torch.Tensor, same_document: torch.Tensor | None = None) -> t
     return out.masked_fill(~valid, float("-inf"))
 
 
+def _d_problem(D: torch.Tensor | None, n_heads: int, head_dim: int) -> str | None:
+    if D is None or tuple(D.shape) in ((n_heads,), (n_heads, head_dim)):
+        return None
+    return f"D has shape {tuple(D.shape)}, expected {(n_heads,)} or {(n_heads, head_dim)}"
+
+
+def scan_shape_problem(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, initial_state=None,
+                       seq_idx=None) -> str | None:
+    """Why these inputs do not have ssd_chunk_scan's shapes (None: they do). Without it the reference broadcast a
+    dt of one head, an A, D or dt_bias of size 1 or a z of batch 1 into wrong numbers where the Triton kernel
+    refuses them (triton_ssd.ssd_chunk_scan_triton)."""
+    if x.dim() != 4:
+        return f"x must be [batch, L, H, P], got {tuple(x.shape)}"
+    batch, length, n_heads, head_dim = x.shape
+    if B.dim() != 4 or B.shape[:2] != (batch, length) or B.shape[2] < 1 or n_heads % B.shape[2]:
+        return (f"B must be [batch, L, G, N] = [{batch}, {length}, G, N] with G dividing H={n_heads}, "
+                f"got {tuple(B.shape)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        return f"chunk_size must be a positive int, got {chunk_size!r}"
+    n_state = B.shape[3]
+    return first_problem(
+        shape_problem(C, "C", tuple(B.shape)), shape_problem(dt, "dt", (batch, length, n_heads)),
+        shape_problem(A, "A", (n_heads,)), _d_problem(D, n_heads, head_dim),
+        shape_problem(z, "z", (batch, length, n_heads, head_dim)), shape_problem(dt_bias, "dt_bias", (n_heads,)),
+        shape_problem(initial_state, "initial_state", (batch, n_heads, head_dim, n_state)),
+        shape_problem(seq_idx, "seq_idx", (batch, length)))
+
+
+def update_shape_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None) -> str | None:
+    """Why these inputs do not have ssd_state_update's shapes (None: they do)."""
+    if x.dim() != 3:
+        return f"x must be [batch, H, P], got {tuple(x.shape)}"
+    batch, n_heads, head_dim = x.shape
+    if B.dim() != 3 or B.shape[0] != batch or B.shape[1] < 1 or n_heads % B.shape[1]:
+        return f"B must be [batch, G, N] = [{batch}, G, N] with G dividing H={n_heads}, got {tuple(B.shape)}"
+    return first_problem(
+        shape_problem(C, "C", tuple(B.shape)),
+        shape_problem(state, "state", (batch, n_heads, head_dim, B.shape[2])),
+        shape_problem(dt, "dt", (batch, n_heads)), shape_problem(A, "A", (n_heads,)), _d_problem(D, n_heads, head_dim),
+        shape_problem(z, "z", (batch, n_heads, head_dim)), shape_problem(dt_bias, "dt_bias", (n_heads,)))
+
+
 @no_autocast
 def ssd_chunk_scan_ref(
     x: torch.Tensor,
@@ -67,12 +110,17 @@ def ssd_chunk_scan_ref(
     Returns y [batch, L, H, P] in x's dtype, and with return_final_state also the state after the last
     position [batch, H, P, N] in fp32. Math in fp32; differentiable in every input.
     """
+    raise_if("ssd_chunk_scan", scan_shape_problem(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_state, seq_idx))
     batch, length, n_heads, head_dim = x.shape
     groups, n_state = B.shape[2], B.shape[3]
-    if n_heads % groups:
-        raise ValueError(f"ssd_chunk_scan: H={n_heads} is not divisible by the number of B/C groups {groups}")
     heads_per_group = n_heads // groups
 
+    if length == 0:  # no token: the state passes through (the chunking below needs one)
+        out = (x.float() * 0).to(x.dtype)  # (batch, 0, H, P), attached to x's graph
+        if not return_final_state:
+            return out
+        return out, (x.new_zeros(batch, n_heads, head_dim, n_state, dtype=torch.float32) if initial_state is None
+                     else initial_state.float())
     x32 = x.float()
     dt32 = dt.float()
     if dt_bias is not None:
@@ -166,6 +214,7 @@ def ssd_state_update_ref(
     state: [batch, H, P, N] (fp32); x, z: [batch, H, P]; dt: [batch, H]; A: [H]; B, C: [batch, G, N];
     D: [H] or [H, P]; dt_bias: [H]. Stepping a sequence through this function equals ssd_chunk_scan_ref.
     """
+    raise_if("ssd_state_update", update_shape_problem(state, x, dt, A, B, C, D, z, dt_bias))
     batch, n_heads, head_dim = x.shape
     groups = B.shape[1]
     x32 = x.float()
