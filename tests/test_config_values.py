@@ -178,6 +178,10 @@ BAD = [
      "scan_backend: unknown backend 'fla'"),
     ("gla-unknown-backend", dict(d_model=64, layers="G", mixers={"G": {"type": "gla", "scan_backend": "cuda"}}),
      "scan_backend: unknown backend 'cuda'"),
+    # GLA has no Triton chunk kernel of zoo's (its Triton kernel is the decode step's): 'triton' was accepted and
+    # failed at the first forward on a GPU ("this build has 'fla' only"), on CPU at the first forward too
+    ("gla-triton-backend", dict(d_model=64, layers="G", mixers={"G": {"type": "gla", "scan_backend": "triton"}}),
+     "scan_backend: unknown backend 'triton'; choose one of auto, ref, fla"),
     ("attention-unknown-backend", dict(d_model=64, layers="A",
                                        mixers={"A": {"type": "attention", "attn_backend": "flash"}}),
      "attn_backend: unknown backend 'flash'"),

@@ -23,7 +23,6 @@ INSTALL = {
     ("conv1d", "cuda"): "a CUDA toolkit (nvcc) matching torch.version.cuda plus `pip install ninja`",
     ("ssd", "triton"): "`pip install triton` (ships with CUDA builds of torch)",
     ("gla", "fla"): "`pip install 'hybrid-zoo[fla]'` (fla-core) on a Triton version fla supports",
-    ("gla", "triton"): "`pip install triton`",
 }
 
 

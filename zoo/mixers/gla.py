@@ -19,7 +19,7 @@ class GLA(nn.Module):
 
     Args: d_model; n_heads (4); expand_k (0.5), expand_v (1): key/value widths relative to d_model;
     gate_low_rank_dim (16); gate_logit_normalizer (16); chunk_size (64); norm_eps; scan_backend
-    ("auto" | "fla" | "triton" | "ref").
+    ("auto" | "fla" | "ref"; the decode step runs zoo's Triton kernel on CUDA unless "ref").
     """
 
     lora_targets = ("q_proj", "k_proj", "v_proj", "g_proj", "o_proj")

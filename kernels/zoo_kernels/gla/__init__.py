@@ -11,15 +11,15 @@ from zoo_kernels.gla.ref import chunk_gla_ref, gla_state_update_ref, update_shap
 
 
 def fast_backend(device: torch.device) -> str | None:
-    """Name of the fastest sound GLA kernel on `device` ("fla" or "triton"), or None."""
+    """Name of the fastest sound GLA chunk kernel on `device` ("fla"), or None."""
     return fast.best_backend(device)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return fast_backend(device) or "ref"
-    if backend not in ("ref", "fla", "triton"):
-        raise ValueError(f"chunk_gla backend must be 'auto', 'fla', 'triton' or 'ref', got {backend!r}")
+    if backend not in ("ref", "fla"):  # zoo's own Triton GLA kernel is the decode step's (gla_state_update) only
+        raise ValueError(f"chunk_gla backend must be 'auto', 'fla' or 'ref', got {backend!r}")
     return backend
 
 
