@@ -387,3 +387,39 @@ def test_the_tied_embedding_is_known_to_peft_by_name_as_llama_embed_tokens_is():
     assert_close("merged vs adapted logits", merged(ids).logits, adapted, 1e-5)
     with pytest.warns(UserWarning, match="tie_word_embeddings=True` and a tied layer is part of the adapter"):
         get_peft_model(tiny("transformerpp"), LoraConfig(r=4, target_modules=["embeddings", "o_proj"]))
+
+
+@pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], "all-linear"],
+                         ids=["experts", "all-linear"])
+def test_a_mixed_adapter_batch_on_moe_experts_gives_each_row_its_adapter(targets):
+    # the MoE ran its router on (tokens, d) and each expert on the tokens routed to it, so PEFT's mixed-adapter batch
+    # (adapter_names, one per row) failed its length check ("should be the same as the number of inputs, but got 3
+    # and 10") in forward and generate whenever LoRA was on the router or the experts
+    model = tiny("jamba").eval()
+    ids = torch.randint(1, 512, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
+                                adapter_name="one")
+    peft_model.add_adapter("two", LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    peft_model.eval()
+    names = ["one", "two", "__base__"]
+    alone = {}
+    with torch.no_grad():
+        mixed = peft_model(input_ids=ids, adapter_names=names).logits
+        for name in ("one", "two"):
+            peft_model.set_adapter(name)
+            alone[name] = peft_model(input_ids=ids).logits
+    assert_close("adapter one", mixed[0], alone["one"][0], 1e-5)
+    assert_close("adapter two", mixed[1], alone["two"][1], 1e-5)
+    assert_close("base row", mixed[2], base[2], 1e-5)
+    assert (alone["one"] - alone["two"]).abs().max() > 1e-3 and (alone["one"][2] - base[2]).abs().max() > 1e-3
+    generated = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, do_sample=False)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                own = peft_model.generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False)
+        else:
+            peft_model.set_adapter(name)
+            own = peft_model.generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated[i], own[0]), name
