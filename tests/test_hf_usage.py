@@ -423,3 +423,45 @@ def test_a_mixed_adapter_batch_on_moe_experts_gives_each_row_its_adapter(targets
             peft_model.set_adapter(name)
             own = peft_model.generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False)
         assert torch.equal(generated[i], own[0]), name
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_trains_and_generates_without_num_attention_heads(name):
+    # PEFT's prompt learning reads num_attention_heads from the model config's dict and raised "Please specify
+    # `num_attention_heads` in `peft_config`" for every zoo model (prompt tuning and P-tuning never use the value):
+    # the config now gives its attention layers' heads, or None where it has none
+    from peft import PromptTuningConfig
+
+    model = tiny(name)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    heads = peft_model.peft_config["default"].num_attention_heads
+    assert heads == (4 if name == "jamba" else None)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    peft_model.train()
+    losses = []
+    for _ in range(5):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # only the virtual tokens trained
+    peft_model.eval()
+    generated = peft_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    tokens = ids
+    with torch.no_grad():
+        for _ in range(3):  # the same tokens from whole forwards (virtual tokens prepended) without a cache
+            tokens = torch.cat([tokens, peft_model(input_ids=tokens).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, tokens)
+
+
+def test_num_attention_heads_follows_the_attention_mixers():
+    config = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
+    assert config.to_dict()["num_attention_heads"] == 4 and "num_attention_heads" not in config.to_diff_dict()
+    assert ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml").to_dict()["num_attention_heads"] is None
+    assert ZooConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    # a dict of it fed back with other layers (zoo graft does so) follows the new mixers
+    assert ZooConfig(**{**config.to_dict(), "layers": "MM"}).to_dict()["num_attention_heads"] is None
