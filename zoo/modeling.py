@@ -504,6 +504,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         cache: a continued cache, prefill_chunk_size's chunks), the new tokens continuing the prompt's last
         document."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if GENERATE_CACHE_KWARG != "past_key_values" and inputs.get(GENERATE_CACHE_KWARG) is not None:
+            # also under the old name, which PEFT's prompt learning reads from these inputs (peft 0.21): without it,
+            # prompt tuning / P-tuning prepended the virtual tokens again at every decode step (wrong tokens, no error)
+            inputs.setdefault("past_key_values", inputs[GENERATE_CACHE_KWARG])
         seq_idx = inputs.get("seq_idx")
         rows = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         if torch.is_tensor(seq_idx) and rows is not None:
