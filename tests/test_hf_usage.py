@@ -327,6 +327,10 @@ def test_prefix_tuning_is_refused_saying_why():
     ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning"):
         model(input_ids=ids, labels=ids)
+    # generate met its own cache (`cache`) beside PEFT's (past_key_values) and said "pass the cache as `cache` or as
+    # `past_key_values`, not both", about no argument the user had passed
+    with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning.*prompt tuning"):
+        model.generate(input_ids=ids, max_new_tokens=2)
 
 
 def test_a_cache_implementation_generate_cannot_honour_warns():
