@@ -475,3 +475,19 @@ def test_num_attention_heads_follows_the_attention_mixers():
     assert ZooConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     # a dict of it fed back with other layers (zoo graft does so) follows the new mixers
     assert ZooConfig(**{**config.to_dict(), "layers": "MM"}).to_dict()["num_attention_heads"] is None
+
+
+def test_modules_to_save_on_a_moe_layer_trains_it_with_its_aux_loss():
+    # the block told a MoE from an MLP by its class, so a MoE under PEFT's ModulesToSaveWrapper had its (output,
+    # router logits) added to the residual stream: "unsupported operand type(s) for +: 'Tensor' and 'tuple'"
+    model = tiny("jamba").train()
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    base = model(input_ids=ids, labels=ids)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["layers.1.ffn"]))
+    peft_model.train()
+    out = peft_model(input_ids=ids, labels=ids)
+    assert_close("aux loss", out.aux_loss, base.aux_loss, 1e-6)
+    assert_close("loss", out.loss, base.loss, 1e-6)
+    out.loss.backward()
+    copy = peft_model.base_model.model.model.layers[1].ffn.modules_to_save["default"]
+    assert copy.router.weight.grad is not None and copy.router.weight.grad.abs().sum() > 0

@@ -436,11 +436,9 @@ class Block(nn.Module):
                                   attention_mask=attention_mask)
         router_logits = None  # a MoE's, for the model's load-balancing loss
         if self.ffn is not None:
-            h = self.ffn_norm(x.to(dtype))
-            if isinstance(self.ffn, MoE):
-                h, router_logits = self.ffn(h)
-            else:
-                h = self.ffn(h)
+            h = self.ffn(self.ffn_norm(x.to(dtype)))
+            if isinstance(h, tuple):  # a MoE's (output, router logits), also under a wrapper (PEFT's modules_to_save)
+                h, router_logits = h
             x = x + h
         return x, router_logits
 
@@ -461,10 +459,9 @@ class Block(nn.Module):
         if self.ffn is not None:
             x, h = add_norm(x, out, self.ffn_norm.weight, self.ffn_norm.eps, dtype,
                             torch.promote_types(x.dtype, out.dtype))
-            if isinstance(self.ffn, MoE):
-                out, router_logits = self.ffn(h)
-            else:
-                out = self.ffn(h)
+            out = self.ffn(h)
+            if isinstance(out, tuple):  # a MoE's, as in `forward`
+                out, router_logits = out
         return x, out, router_logits
 
 
