@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import ROOT, assert_close
 from peft import LoraConfig, get_peft_model
 from torch.utils.data import Dataset
@@ -326,6 +327,10 @@ def test_prefix_tuning_is_refused_saying_why():
     ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
     with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning"):
         model(input_ids=ids, labels=ids)
+    # generate met its own cache (`cache`) beside PEFT's (past_key_values) and said "pass the cache as `cache` or as
+    # `past_key_values`, not both", about no argument the user had passed
+    with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning.*prompt tuning"):
+        model.generate(input_ids=ids, max_new_tokens=2)
 
 
 def test_a_cache_implementation_generate_cannot_honour_warns():
@@ -387,3 +392,102 @@ def test_the_tied_embedding_is_known_to_peft_by_name_as_llama_embed_tokens_is():
     assert_close("merged vs adapted logits", merged(ids).logits, adapted, 1e-5)
     with pytest.warns(UserWarning, match="tie_word_embeddings=True` and a tied layer is part of the adapter"):
         get_peft_model(tiny("transformerpp"), LoraConfig(r=4, target_modules=["embeddings", "o_proj"]))
+
+
+@pytest.mark.parametrize("targets", [["gate_proj", "up_proj", "down_proj"], "all-linear"],
+                         ids=["experts", "all-linear"])
+def test_a_mixed_adapter_batch_on_moe_experts_gives_each_row_its_adapter(targets):
+    # the MoE ran its router on (tokens, d) and each expert on the tokens routed to it, so PEFT's mixed-adapter batch
+    # (adapter_names, one per row) failed its length check ("should be the same as the number of inputs, but got 3
+    # and 10") in forward and generate whenever LoRA was on the router or the experts
+    model = tiny("jamba").eval()
+    ids = torch.randint(1, 512, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False),
+                                adapter_name="one")
+    peft_model.add_adapter("two", LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    peft_model.eval()
+    names = ["one", "two", "__base__"]
+    alone = {}
+    with torch.no_grad():
+        mixed = peft_model(input_ids=ids, adapter_names=names).logits
+        for name in ("one", "two"):
+            peft_model.set_adapter(name)
+            alone[name] = peft_model(input_ids=ids).logits
+    assert_close("adapter one", mixed[0], alone["one"][0], 1e-5)
+    assert_close("adapter two", mixed[1], alone["two"][1], 1e-5)
+    assert_close("base row", mixed[2], base[2], 1e-5)
+    assert (alone["one"] - alone["two"]).abs().max() > 1e-3 and (alone["one"][2] - base[2]).abs().max() > 1e-3
+    generated = peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=4, do_sample=False)
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with peft_model.disable_adapter():
+                own = peft_model.generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False)
+        else:
+            peft_model.set_adapter(name)
+            own = peft_model.generate(input_ids=ids[i:i + 1], max_new_tokens=4, do_sample=False)
+        assert torch.equal(generated[i], own[0]), name
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_trains_and_generates_without_num_attention_heads(name):
+    # PEFT's prompt learning reads num_attention_heads from the model config's dict and raised "Please specify
+    # `num_attention_heads` in `peft_config`" for every zoo model (prompt tuning and P-tuning never use the value):
+    # the config now gives its attention layers' heads, or None where it has none
+    from peft import PromptTuningConfig
+
+    model = tiny(name)
+    peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    heads = peft_model.peft_config["default"].num_attention_heads
+    assert heads == (4 if name == "jamba" else None)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
+    peft_model.train()
+    losses = []
+    for _ in range(5):
+        loss = peft_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # only the virtual tokens trained
+    peft_model.eval()
+    # each step's logits are those of a whole forward of the tokens so far (the virtual tokens prepended once): on
+    # transformers 5.2x, whose generate names the cache `cache`, PEFT's prompt learning looked for past_key_values,
+    # found none, and prepended the virtual tokens again at every decode step (other logits, no error)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # a left-padded row too
+    out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        for i, logits in enumerate(out.logits):
+            whole = peft_model(input_ids=out.sequences[:, :6 + i], attention_mask=F.pad(mask, (0, i), value=1))
+            assert_close(f"step {i}", logits, whole.logits[:, -1], 1e-5)
+
+
+def test_num_attention_heads_follows_the_attention_mixers():
+    config = ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml")
+    assert config.to_dict()["num_attention_heads"] == 4 and "num_attention_heads" not in config.to_diff_dict()
+    assert ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml").to_dict()["num_attention_heads"] is None
+    assert ZooConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+    # a dict of it fed back with other layers (zoo graft does so) follows the new mixers
+    assert ZooConfig(**{**config.to_dict(), "layers": "MM"}).to_dict()["num_attention_heads"] is None
+
+
+def test_modules_to_save_on_a_moe_layer_trains_it_with_its_aux_loss():
+    # the block told a MoE from an MLP by its class, so a MoE under PEFT's ModulesToSaveWrapper had its (output,
+    # router logits) added to the residual stream: "unsupported operand type(s) for +: 'Tensor' and 'tuple'"
+    model = tiny("jamba").train()
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    base = model(input_ids=ids, labels=ids)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["layers.1.ffn"]))
+    peft_model.train()
+    out = peft_model(input_ids=ids, labels=ids)
+    assert_close("aux loss", out.aux_loss, base.aux_loss, 1e-6)
+    assert_close("loss", out.loss, base.loss, 1e-6)
+    out.loss.backward()
+    copy = peft_model.base_model.model.model.layers[1].ffn.modules_to_save["default"]
+    assert copy.router.weight.grad is not None and copy.router.weight.grad.abs().sum() > 0

@@ -230,6 +230,8 @@ class ZooConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         given = {alias: kwargs.pop(alias) for alias in ALIASES if alias in kwargs}
         num_hidden_layers = kwargs.pop("num_hidden_layers", None)
+        # derived from mixers, as to_dict gives it: a dict of this config fed back with other layers may carry it
+        kwargs.pop("num_attention_heads", None)
         super().__post_init__(**kwargs)
         for alias, name in ALIASES.items():
             value = getattr(self, name)
@@ -242,6 +244,13 @@ class ZooConfig(PreTrainedConfig):
             setattr(self, name, DEFAULTS[name] if value is None else value)
         self.validate_zoo()
         self.set_num_hidden_layers(num_hidden_layers)
+
+    def attention_heads(self) -> int | None:
+        """The query heads of the attention layers where they all have the same number, else None (None too for a
+        model without attention layers: recurrent mixers have no attention heads). transformers' configs call it
+        num_attention_heads (Jamba's counts its attention layers only), and `to_dict` gives it under that name."""
+        counts = {spec.get("n_heads") for spec in self.layer_specs() if spec["type"] == "attention"}
+        return counts.pop() if len(counts) == 1 else None
 
     def set_num_hidden_layers(self, given: Any = None) -> None:
         """Set num_hidden_layers from `layers`; a `given` count (transformers' keyword) must agree with it."""
@@ -428,11 +437,15 @@ class ZooConfig(PreTrainedConfig):
         out.pop("num_hidden_layers", None)
         # transformers' name too: PEFT reads it from this dict to tie adapters of a tied lm_head (trainable tokens)
         out["tie_word_embeddings"] = self.tie_embeddings
+        # PEFT's prompt learning (prompt tuning, P-tuning) reads it from this dict and raised "Please specify
+        # `num_attention_heads`" without the key; None (no attention layer) is honest, and only prefix tuning uses it
+        out["num_attention_heads"] = self.attention_heads()
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
         out = super().to_diff_dict()
         out.pop("tie_word_embeddings", None)  # config.json keeps the one name, tie_embeddings
+        out.pop("num_attention_heads", None)  # derived from mixers
         return out
 
 

@@ -344,10 +344,18 @@ class MoE(nn.Module):
         self.router = Linear(d_model, n_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(d_model, hidden) for _ in range(n_experts))
 
+    def _experts_wrapped(self) -> bool:
+        """Whether an expert or one of its projections is wrapped (a PEFT LoRA layer or modules_to_save copy)."""
+        return any(type(expert) is not SwiGLU or not all(isinstance(m, nn.Linear) for m in
+                                                         (expert.gate_proj, expert.up_proj, expert.down_proj))
+                   for expert in self.experts)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
+        # the router and the experts see the batch's rows first: PEFT's mixed-adapter batches (adapter_names, one
+        # per row) split a wrapped module's input by its first dim, so (tokens, d) failed PEFT's length check
+        logits = self.router(x).float().reshape(-1, self.n_experts)
         x = x.reshape(-1, shape[-1])  # (tokens, d)
-        logits = self.router(x).float()
         probs = logits.softmax(-1)  # (tokens, E)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (tokens, k)
         if self.normalize_topk:
@@ -357,15 +365,29 @@ class MoE(nn.Module):
         if _graph_capturing(x):  # CUDA-graph decoding: no data-dependent shapes, every expert sees every token
             dense = torch.zeros_like(probs, dtype=x.dtype).scatter(-1, chosen, weights)  # (tokens, E)
             for e, expert in enumerate(self.experts):
-                out = out + expert(x) * dense[:, e, None]
-        else:
-            for e, expert in enumerate(self.experts):
-                token, slot = (chosen == e).nonzero(as_tuple=True)
-                # with autograd on, an expert that no token chose still runs (on no rows): its parameters get zero
-                # gradients rather than none, which DDP needs of every parameter in every backward ("Expected to
-                # have finished reduction in the prior iteration" otherwise, without find_unused_parameters)
-                if token.numel() or torch.is_grad_enabled():
-                    out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+                out = out + expert(x.reshape(shape)).reshape(x.shape) * dense[:, e, None]
+            return out.reshape(shape), logits
+        # an adapted expert at inference runs on its tokens laid out as [rows, most tokens of one row, d] (zero
+        # padded), so that each token keeps its row's adapter in a PEFT mixed batch
+        by_row = not self.training and len(shape) > 2 and self._experts_wrapped()
+        per_row = x.shape[0] // shape[0] if by_row else 0
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            # with autograd on, an expert that no token chose still runs (on no rows): its parameters get zero
+            # gradients rather than none, which DDP needs of every parameter in every backward ("Expected to
+            # have finished reduction in the prior iteration" otherwise, without find_unused_parameters)
+            if not (token.numel() or torch.is_grad_enabled()):
+                continue
+            if by_row:
+                row = token // per_row  # token is sorted, so each row's tokens are contiguous
+                counts = torch.bincount(row, minlength=shape[0])
+                col = torch.arange(token.numel(), device=x.device) - (counts.cumsum(0) - counts)[row]
+                rows = x.new_zeros(shape[0], int(counts.max()), shape[-1])
+                rows[row, col] = x[token]
+                y = expert(rows)[row, col]
+            else:
+                y = expert(x[token])
+            out.index_add_(0, token, y * weights[token, slot, None])
         return out.reshape(shape), logits
 
 
@@ -414,11 +436,9 @@ class Block(nn.Module):
                                   attention_mask=attention_mask)
         router_logits = None  # a MoE's, for the model's load-balancing loss
         if self.ffn is not None:
-            h = self.ffn_norm(x.to(dtype))
-            if isinstance(self.ffn, MoE):
-                h, router_logits = self.ffn(h)
-            else:
-                h = self.ffn(h)
+            h = self.ffn(self.ffn_norm(x.to(dtype)))
+            if isinstance(h, tuple):  # a MoE's (output, router logits), also under a wrapper (PEFT's modules_to_save)
+                h, router_logits = h
             x = x + h
         return x, router_logits
 
@@ -439,10 +459,9 @@ class Block(nn.Module):
         if self.ffn is not None:
             x, h = add_norm(x, out, self.ffn_norm.weight, self.ffn_norm.eps, dtype,
                             torch.promote_types(x.dtype, out.dtype))
-            if isinstance(self.ffn, MoE):
-                out, router_logits = self.ffn(h)
-            else:
-                out = self.ffn(h)
+            out = self.ffn(h)
+            if isinstance(out, tuple):  # a MoE's, as in `forward`
+                out, router_logits = out
         return x, out, router_logits
 
 

@@ -40,8 +40,18 @@ def _the_cache(past_key_values, kwargs: dict):
     """`cache=` (transformers' new name, what generate passes from 5.2x on) or `past_key_values=`."""
     cache = kwargs.pop("cache", None)
     if cache is not None and past_key_values is not None and cache is not past_key_values:
+        if not (isinstance(cache, ZooCache) and isinstance(past_key_values, ZooCache)):  # generate's and PEFT's
+            raise _not_a_zoo_cache(past_key_values if isinstance(cache, ZooCache) else cache)
         raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
     return cache if cache is not None else past_key_values
+
+
+def _not_a_zoo_cache(cache) -> TypeError:
+    return TypeError(f"past_key_values must be a ZooCache (got {type(cache).__name__}); build one with "
+                     f"ZooCache.for_model(model). A transformers cache holds attention keys and values only, not "
+                     f"recurrent states, so methods that prepend keys and values through one (PEFT's prefix tuning) "
+                     f"do not apply to zoo models; PEFT's prompt tuning (PromptTuningConfig) prepends virtual tokens "
+                     f"instead and works")
 
 
 def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
@@ -354,10 +364,7 @@ class ZooModel(ZooPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = ZooCache.for_model(self)
         if past_key_values is not None and not isinstance(past_key_values, ZooCache):
-            raise TypeError(f"past_key_values must be a ZooCache (got {type(past_key_values).__name__}); "
-                            f"build one with ZooCache.for_model(model). A transformers cache holds attention keys "
-                            f"and values only, not recurrent states, so methods that prepend keys and values "
-                            f"through one (PEFT's prefix tuning) do not apply to zoo models")
+            raise _not_a_zoo_cache(past_key_values)
         if past_key_values is not None:
             _check_cache(self, past_key_values, Bsz)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -504,6 +511,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         cache: a continued cache, prefill_chunk_size's chunks), the new tokens continuing the prompt's last
         document."""
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = inputs.get(GENERATE_CACHE_KWARG) if GENERATE_CACHE_KWARG != "past_key_values" else None
+        if isinstance(cache, ZooCache) and cache.get_seq_length():
+            # a filled cache also under the old name, which PEFT's prompt learning reads from these inputs (peft
+            # 0.21): without it, prompt tuning / P-tuning prepended the virtual tokens again at every decode step
+            # (wrong tokens, no error)
+            inputs.setdefault("past_key_values", cache)
         seq_idx = inputs.get("seq_idx")
         rows = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         if torch.is_tensor(seq_idx) and rows is not None:
