@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_close
+from helpers import assert_close, launch_fsdp_on_cpu
 
 from zoo.data.text import IGNORE_INDEX
 from zoo.train import (
@@ -687,6 +687,24 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     proc = _launch_two(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
+
+
+def test_fsdp_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
+    # Under FSDP accelerate loads the sharded optimizer state into other weight-decay groups without an error (torch's
+    # size check is the plain optimizer's): the groups lost their hyperparameters and the resumed run died at its first
+    # step with "KeyError: 'betas'". The checkpoint's group sizes are now compared before loading, as under DDP.
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
+                                            optim={"no_decay_1d": False}, schedule={"warmup_steps": 0},
+                                            log={"trackers": ["csv"], "progress_bar": False})))
+    first = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (latest_checkpoint(tmp_path / "run") / "accelerate" / "optimizer_0" / ".metadata").is_file()
+    second = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(path), "--resume", "--train.max_steps=2",
+                                "--optim.no_decay_1d=true")
+    assert second.returncode != 0
+    assert "optim.no_decay_1d=true" in second.stderr and "(optim.no_decay_1d: false" in second.stderr, \
+        second.stderr[-3000:]
 
 
 @pytest.mark.parametrize("recipe,command", [("induction.yaml", "scripts/train_synthetic.py"),

@@ -907,9 +907,10 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
 
 
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
-                    data_state: StreamState) -> Path:
+                    data_state: StreamState, optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write checkpoints/step_<step>/ atomically: everything goes to a temporary folder that is renamed
-    into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go."""
+    into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go.
+    trainer_state.json records the sizes of the optimizer's parameter groups, which --resume compares."""
     from accelerate.utils import gather_object
 
     root = Path(cfg.output_dir) / "checkpoints"
@@ -930,6 +931,8 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
                  "data_states": data_states}
+        if optimizer is not None:
+            state["param_groups"] = [len(g["params"]) for g in optimizer.param_groups]
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
@@ -1135,20 +1138,29 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
                              f"run has {world}; the data order is per process: resume with the same number")
+
+        def other_groups() -> ValueError:
+            saved_path = start_ckpt / "train_config.yaml"
+            saved = (yaml.safe_load(saved_path.read_text()) or {}).get("optim", {}) if saved_path.is_file() else {}
+            was = ", ".join(f"optim.{k}: {str(saved[k]).lower()}" for k in ("no_decay_1d", "no_decay_embeddings")
+                            if k in saved)
+            return ValueError(f"--resume: {start_ckpt}'s optimizer state has other weight-decay groups than this "
+                              f"run's optim.no_decay_1d={str(cfg.optim.no_decay_1d).lower()}, optim.no_decay_"
+                              f"embeddings={str(cfg.optim.no_decay_embeddings).lower()} make; resume with the "
+                              f"checkpoint's" + (f" ({was})" if was else "")
+                              + " (no_decay_1d defaulted to false before it became true)")
+
+        # compared before loading: FSDP's sharded optimizer state loads into other groups without an error, leaving
+        # groups without their hyperparameters (KeyError: 'betas' at the first step) or with another weight decay
+        groups = [len(g["params"]) for g in optimizer.param_groups]
+        if state.get("param_groups", groups) != groups:
+            raise other_groups()
         try:
             accelerator.load_state(str(start_ckpt / "accelerate"))
         except ValueError as e:  # torch's optimizer: the weight-decay groups hold other numbers of parameters
             if "parameter group" not in str(e):
                 raise
-            saved_path = start_ckpt / "train_config.yaml"
-            saved = (yaml.safe_load(saved_path.read_text()) or {}).get("optim", {}) if saved_path.is_file() else {}
-            was = ", ".join(f"optim.{k}: {str(saved[k]).lower()}" for k in ("no_decay_1d", "no_decay_embeddings")
-                            if k in saved)
-            raise ValueError(f"--resume: {start_ckpt}'s optimizer state has other weight-decay groups than this "
-                             f"run's optim.no_decay_1d={str(cfg.optim.no_decay_1d).lower()}, optim.no_decay_"
-                             f"embeddings={str(cfg.optim.no_decay_embeddings).lower()} make; resume with the "
-                             f"checkpoint's" + (f" ({was})" if was else "")
-                             + " (no_decay_1d defaulted to false before it became true)") from e
+            raise other_groups() from e
         step, tokens = state["step"], state["tokens"]
         if step > cfg.train.max_steps:  # the loop would not run: nothing trained, nothing saved, no word
             raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
@@ -1256,7 +1268,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     def save() -> None:
         nonlocal last_ckpt, saved_step
         if saved_step != step:
-            last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state)
+            last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer)
             saved_step = step
 
     def flush() -> list[float]:
