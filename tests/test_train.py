@@ -458,6 +458,24 @@ def test_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
     assert result.step == 4
 
 
+def test_resume_applies_changed_weight_decay_betas_and_eps(tmp_path, monkeypatch):
+    # --resume listed "optim.weight_decay: 0.1 -> 0.0" among the changes it accepted, but loading the optimizer state
+    # restored the checkpoint's weight decay, betas and eps, and the run went on with those (lr alone was re-set)
+    steps = {"warmup_steps": 0}
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule=steps)))
+    seen = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, schedule=steps,
+                                    optim={"weight_decay": 0.05, "betas": [0.8, 0.9], "eps": 1e-6})), resume="auto")
+    assert seen == [[(0.05, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]], seen
+
+
 def test_resume_past_max_steps_is_refused_naming_it(tmp_path):
     # a checkpoint at step 4 resumed with max_steps 3 returned at once: nothing trained or saved, and no word
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})))

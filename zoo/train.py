@@ -1161,6 +1161,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
             if "parameter group" not in str(e):
                 raise
             raise other_groups() from e
+        # loading restored the saved groups' weight decay, betas and eps: this run's (a change is listed above) apply
+        for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
+            group.update(weight_decay=decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         step, tokens = state["step"], state["tokens"]
         if step > cfg.train.max_steps:  # the loop would not run: nothing trained, nothing saved, no word
             raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
