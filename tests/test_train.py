@@ -707,6 +707,48 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
 
 
+def test_two_processes_train_resume_and_save_under_fsdp2(tmp_path):
+    # configs/accelerate/fsdp.yaml (FSDP2 over the Blocks, sharded accelerate state) on two CPU processes, on the
+    # MoE hybrid with tied embeddings: a run resumed from its step-2 checkpoint (sharded weights and optimizer) logs the
+    # same losses and ends with the same weights as the uninterrupted run, and model/ (gathered on the main process)
+    # reloads with from_pretrained, tied, equal to the sharded training weights. FSDP gathered the tied lm_head and
+    # embedding weights into two tensors, and model/ stored the embedding twice (DDP's save stores it once).
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    def config(name: str, steps: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(run_dict(
+            tmp_path / name, model=str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), data={"seq_len": 32},
+            train={"max_steps": steps, "prefetch": 1}, schedule={"kind": "constant", "warmup_steps": 1},
+            log={"every": 1, "trackers": ["csv"], "progress_bar": False}, checkpoint={"every": 2})))
+        return path
+
+    def losses(name):
+        with open(tmp_path / name / "run" / "metrics.csv") as f:
+            return {int(r["step"]): (float(r["loss"]), float(r["grad_norm"])) for r in csv.DictReader(f)}
+
+    full = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(config("full", 4)))
+    assert full.returncode == 0, full.stderr[-3000:]
+    step2, step4 = (tmp_path / "full" / "run" / "checkpoints" / f"step_0000000{k}" for k in (2, 4))
+    assert (step4 / "accelerate" / "pytorch_model_fsdp_0" / ".metadata").is_file(), "not run as FSDP"
+    part = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(config("part", 4)), f"--resume={step2}")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert list(losses("part")) == [3, 4] and all(losses("part")[k] == losses("full")[k] for k in (3, 4))
+    assert all(norm > 1.0 for _, norm in losses("full").values()), "the case: gradients clipped (grad_clip 1.0)"
+    a = load_file(step4 / "model" / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "part" / "run") / "model" / "model.safetensors")
+    assert "lm_head.weight" not in a, "the tied embedding saved twice"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after an FSDP resume"
+    dcp_to_torch_save(step4 / "accelerate" / "pytorch_model_fsdp_0", tmp_path / "sharded.pt")
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)["model"]
+    model = AutoModelForCausalLM.from_pretrained(step4 / "model")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    state = model.state_dict()
+    assert sharded.keys() <= state.keys() and all(torch.equal(state[k], v) for k, v in sharded.items())
+
+
 def test_fsdp_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
     # Under FSDP accelerate loads the sharded optimizer state into other weight-decay groups without an error (torch's
     # size check is the plain optimizer's): the groups lost their hyperparameters and the resumed run died at its first

@@ -926,6 +926,12 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}  # torch.compile's wrapper
+        # tied weights (lm_head = embeddings) as one tensor, which save_pretrained stores once: FSDP gathers every name
+        # into a tensor of its own, and model/ held the embedding twice
+        first: dict[int, str] = {}
+        for name, param in unwrapped.named_parameters(remove_duplicate=False):
+            if name in state_dict:
+                state_dict[name] = state_dict[first.setdefault(id(param), name)]
         unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
