@@ -767,6 +767,22 @@ def test_fsdp_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
         second.stderr[-3000:]
 
 
+def test_resume_under_another_launch_config_than_fsdp_names_it(tmp_path):
+    # accelerate saves FSDP's states sharded (accelerate/pytorch_model_fsdp_0, optimizer_0) and DDP's as whole files:
+    # a DDP run resumed under configs/accelerate/fsdp.yaml died in torch's checkpoint loader ("CheckpointException ...
+    # metadata is None ... pytorch_model_fsdp_0/.metadata"), an FSDP run resumed under DDP with "No such file or
+    # directory: .../pytorch_model.bin". The launch config is now named before loading.
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
+                                            schedule={"warmup_steps": 0})))
+    first = _launch_two(path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(path), "--resume", "--train.max_steps=2")
+    assert second.returncode != 0
+    assert "was saved without FSDP" in second.stderr and "this run is under FSDP" in second.stderr, \
+        second.stderr[-3000:]
+
+
 @pytest.mark.parametrize("recipe,command", [("induction.yaml", "scripts/train_synthetic.py"),
                                             ("finetune-mqar.yaml", "zoo finetune")])
 def test_another_tools_recipe_given_to_zoo_train_names_its_command(recipe, command):

@@ -1144,6 +1144,17 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
                              f"run has {world}; the data order is per process: resume with the same number")
+        # accelerate's FSDP state (sharded weights and optimizer) and its DDP / one-process state are other files: a
+        # switch of launch config failed in accelerate's load_state (a file not found, or a CheckpointException)
+        was_fsdp = any((start_ckpt / "accelerate").glob("pytorch_model_fsdp*"))
+        if was_fsdp != (accelerator.distributed_type == DistributedType.FSDP):
+            then = ("under FSDP (sharded states: accelerate/pytorch_model_fsdp_0, optimizer_0)" if was_fsdp
+                    else "without FSDP (whole model and optimizer files in accelerate/)")
+            raise ValueError(f"--resume: {start_ckpt} was saved {then}; this run is under "
+                             f"{accelerator.distributed_type.value} (accelerate's distributed_type), which cannot "
+                             f"load them: resume under the launch config the run was trained with"
+                             + (" (configs/accelerate/fsdp.yaml)" if was_fsdp else "")
+                             + f", or start a new run from its weights (model: {start_ckpt / 'model'})")
 
         def other_groups() -> ValueError:
             saved_path = start_ckpt / "train_config.yaml"
