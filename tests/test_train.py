@@ -767,6 +767,20 @@ def test_fsdp_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
         second.stderr[-3000:]
 
 
+def test_fsdp_config_run_by_accelerate_as_ddp_on_cpu_says_so(tmp_path):
+    # accelerate takes FSDP on accelerators only: `accelerate launch --config_file configs/accelerate/fsdp.yaml` on CPU
+    # processes (ACCELERATE_USE_CPU=1) trained as plain DDP, unsharded, with DDP's checkpoints, and no word of it
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
+                                            schedule={"warmup_steps": 0}, checkpoint={"final": False})))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), str(ROOT / "scripts" / "train.py"), str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the launch config asks for FSDP, but accelerate runs this launch as MULTI_CPU" in proc.stdout, proc.stdout
+
+
 def test_resume_under_another_launch_config_than_fsdp_names_it(tmp_path):
     # accelerate saves FSDP's states sharded (accelerate/pytorch_model_fsdp_0, optimizer_0) and DDP's as whole files:
     # a DDP run resumed under configs/accelerate/fsdp.yaml died in torch's checkpoint loader ("CheckpointException ...

@@ -1080,6 +1080,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
     _refuse_lone_processes(accelerator, out_dir)
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate takes FSDP on accelerators only (and several processes): elsewhere it runs the launch as DDP
+        accelerator.print(f"processes: the launch config asks for FSDP, but accelerate runs this launch as "
+                          f"{accelerator.distributed_type.value} ({world} process(es) on {device.type}): the weights "
+                          f"are not sharded, and checkpoints are not FSDP's (a resume under FSDP refuses them)")
 
     start_ckpt = None
     if resume is not None:
