@@ -454,12 +454,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from accelerate import Accelerator
 
-    from zoo.finetune import _mixed_precision
+    from zoo.finetune import _mixed_precision, _refuse_fsdp
     from zoo.train import _refuse_lone_processes
 
     accelerator = Accelerator(mixed_precision=_mixed_precision(runs[0].section.train.precision))
     try:  # each lone process would train every run and write the same model/, result.json and summary
         _refuse_lone_processes(accelerator, data.get("output_dir", "runs/synthetic"), "train and evaluate every run")
+        _refuse_fsdp(accelerator, "scripts/train_synthetic.py")
     except ValueError as e:
         parser.error(str(e))
     results = [train_and_evaluate(run, accelerator) for run in runs]

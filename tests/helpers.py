@@ -59,3 +59,39 @@ def load_script(path: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# accelerate turns FSDP into plain DDP (MULTI_CPU) on CPU processes: its state takes FSDP only on accelerators. This
+# launcher promotes the state to FSDP as it would be on GPUs, then runs the script, so accelerate's FSDP2 code
+# (fully_shard over _no_split_modules, sharded save_state / load_state, get_state_dict) runs unchanged over gloo.
+_FSDP_ON_CPU = '''
+import runpy, sys
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+_init = AcceleratorState.__init__
+
+
+def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+        self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.fsdp_plugin = fsdp_plugin
+
+
+AcceleratorState.__init__ = _fsdp_on_cpu
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def launch_fsdp_on_cpu(tmp_path: Path, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml SCRIPT ARGS` (2 processes) on CPU (gloo), run
+    as FSDP2 (see _FSDP_ON_CPU)."""
+    launcher = tmp_path / "fsdp_on_cpu.py"
+    launcher.write_text(_FSDP_ON_CPU)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), str(launcher), str(ROOT / script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

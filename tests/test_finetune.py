@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import assert_close
+from helpers import assert_close, launch_fsdp_on_cpu
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -778,3 +778,18 @@ def test_a_checkpoint_whose_rng_file_is_of_another_step_resumes_with_a_warning(t
     torch.save({"cpu": torch.get_rng_state(), "cuda": None, "step": 6}, tmp_path / "rng-0.pt")
     with pytest.warns(UserWarning, match="rng-0.pt holds the RNG state of step 6, the checkpoint step 4"):
         assert _load_checkpoint(tmp_path, stamp, accelerator, "finetune")["rng"] is None
+
+
+def test_a_launch_under_fsdp_is_refused_naming_the_ddp_config(tmp_path):
+    # `accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/finetune.py`: the main process alone saved
+    # the phase's model from FSDP-sharded weights, which takes every process, so the run waited forever after training
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({
+        "model": str(tmp_path / "base"), "output_dir": str(tmp_path / "out"),
+        "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 16},
+        "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False}, "schedule": {"warmup_steps": 0}}))
+    proc = launch_fsdp_on_cpu(tmp_path, "scripts/finetune.py", str(tmp_path / "ft.yaml"), timeout=120)
+    assert proc.returncode != 0
+    assert "zoo finetune does not run under FSDP" in proc.stderr and "configs/accelerate/ddp.yaml" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert not (tmp_path / "out").exists(), "refused before anything is written"

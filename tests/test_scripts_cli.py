@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import load_script
+from helpers import launch_fsdp_on_cpu, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,4 +178,17 @@ def test_train_synthetic_as_lone_processes_of_a_multi_process_launch_is_refused(
                                  "--eval.seq_lens=[64]", "--eval.n_samples=8", "--data.n_eval=8", "--only", "mamba"],
                    capsys)
     assert "processes: launched as 2 processes" in err and "ACCELERATE_USE_CPU=1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_synthetic_under_fsdp_is_refused_naming_the_ddp_config(tmp_path):
+    # `accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/train_synthetic.py`: the main process alone
+    # saved model/ from FSDP-sharded weights, which takes every process, so the run waited forever after training
+    proc = launch_fsdp_on_cpu(tmp_path, "scripts/train_synthetic.py", str(ROOT / "configs/train/induction-cpu.yaml"),
+                              f"--output_dir={tmp_path / 'out'}", "--curriculum=[]", "--train.max_steps=2",
+                              "--schedule.warmup_steps=0", "--eval.seq_lens=[64]", "--eval.n_samples=8",
+                              "--data.n_eval=8", "--only", "mamba", timeout=120)
+    assert proc.returncode != 0
+    assert "scripts/train_synthetic.py does not run under FSDP" in proc.stderr, proc.stderr[-3000:]
+    assert "configs/accelerate/ddp.yaml" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_close
+from helpers import assert_close, launch_fsdp_on_cpu
 
 from zoo.data.text import IGNORE_INDEX
 from zoo.train import (
@@ -475,6 +475,24 @@ def test_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
     assert result.step == 4
 
 
+def test_resume_applies_changed_weight_decay_betas_and_eps(tmp_path, monkeypatch):
+    # --resume listed "optim.weight_decay: 0.1 -> 0.0" among the changes it accepted, but loading the optimizer state
+    # restored the checkpoint's weight decay, betas and eps, and the run went on with those (lr alone was re-set)
+    steps = {"warmup_steps": 0}
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule=steps)))
+    seen = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([(g["weight_decay"], tuple(g["betas"]), g["eps"]) for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, schedule=steps,
+                                    optim={"weight_decay": 0.05, "betas": [0.8, 0.9], "eps": 1e-6})), resume="auto")
+    assert seen == [[(0.05, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]], seen
+
+
 def test_resume_past_max_steps_is_refused_naming_it(tmp_path):
     # a checkpoint at step 4 resumed with max_steps 3 returned at once: nothing trained or saved, and no word
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})))
@@ -704,6 +722,96 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     proc = _launch_two(path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
+
+
+def test_two_processes_train_resume_and_save_under_fsdp2(tmp_path):
+    # configs/accelerate/fsdp.yaml (FSDP2 over the Blocks, sharded accelerate state) on two CPU processes, on the
+    # MoE hybrid with tied embeddings: a run resumed from its step-2 checkpoint (sharded weights and optimizer) logs the
+    # same losses and ends with the same weights as the uninterrupted run, and model/ (gathered on the main process)
+    # reloads with from_pretrained, tied, equal to the sharded training weights. FSDP gathered the tied lm_head and
+    # embedding weights into two tensors, and model/ stored the embedding twice (DDP's save stores it once).
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from transformers import AutoModelForCausalLM
+
+    def config(name: str, steps: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(run_dict(
+            tmp_path / name, model=str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), data={"seq_len": 32},
+            train={"max_steps": steps, "prefetch": 1}, schedule={"kind": "constant", "warmup_steps": 1},
+            log={"every": 1, "trackers": ["csv"], "progress_bar": False}, checkpoint={"every": 2})))
+        return path
+
+    def losses(name):
+        with open(tmp_path / name / "run" / "metrics.csv") as f:
+            return {int(r["step"]): (float(r["loss"]), float(r["grad_norm"])) for r in csv.DictReader(f)}
+
+    full = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(config("full", 4)))
+    assert full.returncode == 0, full.stderr[-3000:]
+    step2, step4 = (tmp_path / "full" / "run" / "checkpoints" / f"step_0000000{k}" for k in (2, 4))
+    assert (step4 / "accelerate" / "pytorch_model_fsdp_0" / ".metadata").is_file(), "not run as FSDP"
+    part = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(config("part", 4)), f"--resume={step2}")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert list(losses("part")) == [3, 4] and all(losses("part")[k] == losses("full")[k] for k in (3, 4))
+    assert all(norm > 1.0 for _, norm in losses("full").values()), "the case: gradients clipped (grad_clip 1.0)"
+    a = load_file(step4 / "model" / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "part" / "run") / "model" / "model.safetensors")
+    assert "lm_head.weight" not in a, "the tied embedding saved twice"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after an FSDP resume"
+    dcp_to_torch_save(step4 / "accelerate" / "pytorch_model_fsdp_0", tmp_path / "sharded.pt")
+    sharded = torch.load(tmp_path / "sharded.pt", weights_only=True)["model"]
+    model = AutoModelForCausalLM.from_pretrained(step4 / "model")
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    state = model.state_dict()
+    assert sharded.keys() <= state.keys() and all(torch.equal(state[k], v) for k, v in sharded.items())
+
+
+def test_fsdp_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
+    # Under FSDP accelerate loads the sharded optimizer state into other weight-decay groups without an error (torch's
+    # size check is the plain optimizer's): the groups lost their hyperparameters and the resumed run died at its first
+    # step with "KeyError: 'betas'". The checkpoint's group sizes are now compared before loading, as under DDP.
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
+                                            optim={"no_decay_1d": False}, schedule={"warmup_steps": 0},
+                                            log={"trackers": ["csv"], "progress_bar": False})))
+    first = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (latest_checkpoint(tmp_path / "run") / "accelerate" / "optimizer_0" / ".metadata").is_file()
+    second = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(path), "--resume", "--train.max_steps=2",
+                                "--optim.no_decay_1d=true")
+    assert second.returncode != 0
+    assert "optim.no_decay_1d=true" in second.stderr and "(optim.no_decay_1d: false" in second.stderr, \
+        second.stderr[-3000:]
+
+
+def test_fsdp_config_run_by_accelerate_as_ddp_on_cpu_says_so(tmp_path):
+    # accelerate takes FSDP on accelerators only: `accelerate launch --config_file configs/accelerate/fsdp.yaml` on CPU
+    # processes (ACCELERATE_USE_CPU=1) trained as plain DDP, unsharded, with DDP's checkpoints, and no word of it
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
+                                            schedule={"warmup_steps": 0}, checkpoint={"final": False})))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), str(ROOT / "scripts" / "train.py"), str(path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the launch config asks for FSDP, but accelerate runs this launch as MULTI_CPU" in proc.stdout, proc.stdout
+
+
+def test_resume_under_another_launch_config_than_fsdp_names_it(tmp_path):
+    # accelerate saves FSDP's states sharded (accelerate/pytorch_model_fsdp_0, optimizer_0) and DDP's as whole files:
+    # a DDP run resumed under configs/accelerate/fsdp.yaml died in torch's checkpoint loader ("CheckpointException ...
+    # metadata is None ... pytorch_model_fsdp_0/.metadata"), an FSDP run resumed under DDP with "No such file or
+    # directory: .../pytorch_model.bin". The launch config is now named before loading.
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
+                                            schedule={"warmup_steps": 0})))
+    first = _launch_two(path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = launch_fsdp_on_cpu(tmp_path, "scripts/train.py", str(path), "--resume", "--train.max_steps=2")
+    assert second.returncode != 0
+    assert "was saved without FSDP" in second.stderr and "this run is under FSDP" in second.stderr, \
+        second.stderr[-3000:]
 
 
 @pytest.mark.parametrize("recipe,command", [("induction.yaml", "scripts/train_synthetic.py"),

@@ -1054,6 +1054,17 @@ def _phase_stamp(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _refuse_fsdp(accelerator, command: str) -> None:
+    """Raise under FSDP: `run_training`'s callers save the trained model (and its checkpoints) from the main process
+    alone, and gathering FSDP-sharded weights takes every process (the main process waited for the others forever)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(f"processes: {command} does not run under FSDP (accelerate's distributed_type FSDP, as "
+                         f"configs/accelerate/fsdp.yaml sets): it saves from the main process alone; launch it with "
+                         f"configs/accelerate/ddp.yaml")
+
+
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run a finetune config end to end (see the module docstring); returns what finetune_result.json holds."""
     from accelerate import Accelerator
@@ -1069,6 +1080,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = accelerator.device
     out_dir = Path(cfg.output_dir)
     _refuse_lone_processes(accelerator, out_dir, "finetune and save")  # (raced writes of adapter/, merged/)
+    _refuse_fsdp(accelerator, "zoo finetune")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "finetune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -914,9 +914,10 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
 
 
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
-                    data_state: StreamState) -> Path:
+                    data_state: StreamState, optimizer: torch.optim.Optimizer | None = None) -> Path:
     """Write checkpoints/step_<step>/ atomically: everything goes to a temporary folder that is renamed
-    into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go."""
+    into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go.
+    trainer_state.json records the sizes of the optimizer's parameter groups, which --resume compares."""
     from accelerate.utils import gather_object
 
     root = Path(cfg.output_dir) / "checkpoints"
@@ -932,11 +933,19 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
         state_dict = {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}  # torch.compile's wrapper
+        # tied weights (lm_head = embeddings) as one tensor, which save_pretrained stores once: FSDP gathers every name
+        # into a tensor of its own, and model/ held the embedding twice
+        first: dict[int, str] = {}
+        for name, param in unwrapped.named_parameters(remove_duplicate=False):
+            if name in state_dict:
+                state_dict[name] = state_dict[first.setdefault(id(param), name)]
         unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
                  "data_states": data_states}
+        if optimizer is not None:
+            state["param_groups"] = [len(g["params"]) for g in optimizer.param_groups]
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
@@ -1078,6 +1087,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
     _refuse_lone_processes(accelerator, out_dir)
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate takes FSDP on accelerators only (and several processes): elsewhere it runs the launch as DDP
+        accelerator.print(f"processes: the launch config asks for FSDP, but accelerate runs this launch as "
+                          f"{accelerator.distributed_type.value} ({world} process(es) on {device.type}): the weights "
+                          f"are not sharded, and checkpoints are not FSDP's (a resume under FSDP refuses them)")
 
     start_ckpt = None
     if resume is not None:
@@ -1142,20 +1157,43 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
                              f"run has {world}; the data order is per process: resume with the same number")
+        # accelerate's FSDP state (sharded weights and optimizer) and its DDP / one-process state are other files: a
+        # switch of launch config failed in accelerate's load_state (a file not found, or a CheckpointException)
+        was_fsdp = any((start_ckpt / "accelerate").glob("pytorch_model_fsdp*"))
+        if was_fsdp != (accelerator.distributed_type == DistributedType.FSDP):
+            then = ("under FSDP (sharded states: accelerate/pytorch_model_fsdp_0, optimizer_0)" if was_fsdp
+                    else "without FSDP (whole model and optimizer files in accelerate/)")
+            raise ValueError(f"--resume: {start_ckpt} was saved {then}; this run is under "
+                             f"{accelerator.distributed_type.value} (accelerate's distributed_type), which cannot "
+                             f"load them: resume under the launch config the run was trained with"
+                             + (" (configs/accelerate/fsdp.yaml)" if was_fsdp else "")
+                             + f", or start a new run from its weights (model: {start_ckpt / 'model'})")
+
+        def other_groups() -> ValueError:
+            saved_path = start_ckpt / "train_config.yaml"
+            saved = (yaml.safe_load(saved_path.read_text()) or {}).get("optim", {}) if saved_path.is_file() else {}
+            was = ", ".join(f"optim.{k}: {str(saved[k]).lower()}" for k in ("no_decay_1d", "no_decay_embeddings")
+                            if k in saved)
+            return ValueError(f"--resume: {start_ckpt}'s optimizer state has other weight-decay groups than this "
+                              f"run's optim.no_decay_1d={str(cfg.optim.no_decay_1d).lower()}, optim.no_decay_"
+                              f"embeddings={str(cfg.optim.no_decay_embeddings).lower()} make; resume with the "
+                              f"checkpoint's" + (f" ({was})" if was else "")
+                              + " (no_decay_1d defaulted to false before it became true)")
+
+        # compared before loading: FSDP's sharded optimizer state loads into other groups without an error, leaving
+        # groups without their hyperparameters (KeyError: 'betas' at the first step) or with another weight decay
+        groups = [len(g["params"]) for g in optimizer.param_groups]
+        if state.get("param_groups", groups) != groups:
+            raise other_groups()
         try:
             accelerator.load_state(str(start_ckpt / "accelerate"))
         except ValueError as e:  # torch's optimizer: the weight-decay groups hold other numbers of parameters
             if "parameter group" not in str(e):
                 raise
-            saved_path = start_ckpt / "train_config.yaml"
-            saved = (yaml.safe_load(saved_path.read_text()) or {}).get("optim", {}) if saved_path.is_file() else {}
-            was = ", ".join(f"optim.{k}: {str(saved[k]).lower()}" for k in ("no_decay_1d", "no_decay_embeddings")
-                            if k in saved)
-            raise ValueError(f"--resume: {start_ckpt}'s optimizer state has other weight-decay groups than this "
-                             f"run's optim.no_decay_1d={str(cfg.optim.no_decay_1d).lower()}, optim.no_decay_"
-                             f"embeddings={str(cfg.optim.no_decay_embeddings).lower()} make; resume with the "
-                             f"checkpoint's" + (f" ({was})" if was else "")
-                             + " (no_decay_1d defaulted to false before it became true)") from e
+            raise other_groups() from e
+        # loading restored the saved groups' weight decay, betas and eps: this run's (a change is listed above) apply
+        for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
+            group.update(weight_decay=decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         step, tokens = state["step"], state["tokens"]
         if step > cfg.train.max_steps:  # the loop would not run: nothing trained, nothing saved, no word
             raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
@@ -1263,7 +1301,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     def save() -> None:
         nonlocal last_ckpt, saved_step
         if saved_step != step:
-            last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state)
+            last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer)
             saved_step = step
 
     def flush() -> list[float]:
