@@ -104,9 +104,9 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
         if model == "transformerpp" or model.startswith("hf-") or tpp is None:
             continue
         ms, floor, vs = r.get("ours_ms"), r.get("floor_ms"), r.get("vs_transformerpp")
-        if not (ms and floor and vs and tpp.get("floor_ms")):
+        tpp_ms = tpp.get("ours_ms")  # Transformer++ in the same run, as measured (vs x ms carries both roundings)
+        if not (ms and floor and vs and tpp_ms and tpp.get("floor_ms")):
             continue
-        tpp_ms = vs * ms  # Transformer++ in the same run
         at_floor, both = tpp_ms / floor, tpp["floor_ms"] / floor
         prompt = f"{r.get('prompt_len', '?')}"
         states = "bf16" if "state-model" in variant else "fp32"

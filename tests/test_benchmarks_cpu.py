@@ -186,3 +186,19 @@ def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
             row("generate/transformerpp/B64", "H100", 3.0, 1.8, 1.0)]
     (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
     assert mamba[7] == "1.200" and mamba[10] == "12.00x", mamba
+
+
+def test_decode_bounds_take_transformerpps_time_from_its_row_not_from_the_rounded_ratio():
+    """"Transformer++ ms (same run)" and "at its floor" used the model's vs_transformerpp x ours_ms, both rounded, in
+    place of the Transformer++ row measured beside it: one run's Transformer++ showed as 5.094-5.098 ms on four
+    lines (its row: 5.095), and Mamba-2's bound at a 2K prompt as 2.86x (1.552 x 1.194 / 0.6489) where the run's
+    1.852 ms gives 2.85x. The rows below are the thirteenth session's final call's (results.jsonl)."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, ms, floor, vs):
+        return {"name": name, "card": "NVIDIA H200", "date": "2026-12-03", "command": "python g.py", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", 1.852, 1.2035, 1.0), row("generate/mamba2/B64", 1.194, 0.6489, 1.552)]
+    (mamba2,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba2")]
+    assert mamba2[6] == "1.852" and mamba2[8] == "1.55x" and mamba2[9] == "2.85x" and mamba2[10] == "1.85x", mamba2
