@@ -202,3 +202,41 @@ def test_decode_bounds_take_transformerpps_time_from_its_row_not_from_the_rounde
     rows = [row("generate/transformerpp/B64", 1.852, 1.2035, 1.0), row("generate/mamba2/B64", 1.194, 0.6489, 1.552)]
     (mamba2,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba2")]
     assert mamba2[6] == "1.852" and mamba2[8] == "1.55x" and mamba2[9] == "2.85x" and mamba2[10] == "1.85x", mamba2
+
+
+def _half_ulp(x: float) -> float:
+    """Half a unit in the last decimal place of x as stored (json keeps the shortest repr): its rounding."""
+    mantissa, _, exponent = repr(float(x)).lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+
+
+def test_every_results_row_names_its_run_and_its_ratio_is_its_baseline_over_ours():
+    """benchmarks/results.jsonl, every row: its card, date and command; the baseline fields (null where the script
+    measured none); a ratio only beside the baseline it divides, equal to baseline_ms / ours_ms to the rounding of
+    the three stored figures; a ratio against zoo's Transformer++ equal to the row's vs_transformerpp; no row twice."""
+    import json
+    import re
+
+    lines = [line for line in (ROOT / "benchmarks" / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines]
+    seen = {}
+    for n, row in enumerate(rows, 1):
+        where = f"results.jsonl line {n} ({row.get('name')})"
+        for key in ("name", "card", "command"):
+            assert isinstance(row.get(key), str) and row[key].strip(), f"{where}: no {key}"
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(row.get("date"))), f"{where}: date {row.get('date')!r}"
+        for key in ("ours_ms", "baseline", "baseline_ms", "ratio", "floor_ms"):
+            assert key in row, f"{where}: no {key} field"
+        base, base_ms, ours, ratio = row["baseline"], row["baseline_ms"], row["ours_ms"], row["ratio"]
+        assert (base is None) == (base_ms is None), f"{where}: baseline {base!r} with baseline_ms {base_ms!r}"
+        if ratio is not None:
+            assert base_ms is not None and ours, f"{where}: a ratio without the two times it divides"
+            lo = (base_ms - _half_ulp(base_ms)) / (ours + _half_ulp(ours)) - _half_ulp(ratio)
+            hi = (base_ms + _half_ulp(base_ms)) / (ours - _half_ulp(ours)) + _half_ulp(ratio)
+            assert lo <= ratio <= hi, f"{where}: ratio {ratio} but baseline_ms / ours_ms = {base_ms / ours:.4f}"
+            if str(base).startswith("zoo transformerpp") and row.get("vs_transformerpp") is not None:
+                assert row["vs_transformerpp"] == ratio, f"{where}: vs_transformerpp {row['vs_transformerpp']}"
+        key = json.dumps(row, sort_keys=True)
+        assert key not in seen, f"{where}: the same row as line {seen[key]}"
+        seen[key] = n
