@@ -57,6 +57,22 @@ def test_report_keeps_every_baseline_of_the_newest_run_only():
     assert "| mamba_ssm | " in table and "| floor | " in table and "2026-12-03" not in table
 
 
+def test_report_keeps_only_the_later_of_two_calls_of_one_command_on_one_day():
+    """Card, date and command do not tell apart two calls of one command on one day: the fourteenth session ran
+    benchmarks/mamba_layers.py twice (calls 6 and 8), the second against a baseline labelled otherwise, and the
+    rendered table kept call 6's superseded rows beside call 8's as if one run had measured both. A run writes a
+    figure's rows one after the other, so a row of that name after other rows starts a new run."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, baseline, ms):
+        return {"name": name, "card": "H200", "date": "2026-12-03", "command": "python benchmarks/mamba_layers.py",
+                "baseline": baseline, "ours_ms": ms}
+
+    rows = [row("layers/B1", "per block", 0.475), row("layers/B64", "per block", 0.959),
+            row("layers/B1", "the model's chain", 0.380), row("layers/B64", "the model's chain", 1.013)]
+    assert [(r["name"], r["ours_ms"]) for r in report.newest(rows)] == [("layers/B1", 0.380), ("layers/B64", 1.013)]
+
+
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
     state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
