@@ -47,15 +47,19 @@ def newest(rows: list[dict]) -> list[dict]:
 
     One run may write a figure several times, once per baseline measured beside it (the selective scan's
     mamba_ssm row and its floor row): those are kept together, where keeping only the last row dropped the
-    side-by-side baseline."""
+    side-by-side baseline. A run writes a figure's rows one after the other, so a row of that name after other
+    rows starts a new run even where card, date and command are the same (two calls of one command on one day:
+    the later call's rows replace the earlier's, whatever their baselines are called)."""
     latest: OrderedDict[str, list[dict]] = OrderedDict()
+    previous = None
     for row in rows:
         kept = latest.pop(row["name"], [])
-        if kept and _run(kept[-1]) == _run(row):  # the same run: its last row per baseline
+        if kept and kept[-1] is previous and _run(kept[-1]) == _run(row):  # the same run: its last row per baseline
             kept = [r for r in kept if r.get("baseline") != row.get("baseline")]
         else:
             kept = []
         latest[row["name"]] = kept + [row]
+        previous = row
     return [row for kept in latest.values() for row in kept]
 
 
@@ -104,9 +108,9 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
         if model == "transformerpp" or model.startswith("hf-") or tpp is None:
             continue
         ms, floor, vs = r.get("ours_ms"), r.get("floor_ms"), r.get("vs_transformerpp")
-        if not (ms and floor and vs and tpp.get("floor_ms")):
+        tpp_ms = tpp.get("ours_ms")  # Transformer++ in the same run, as measured (vs x ms carries both roundings)
+        if not (ms and floor and vs and tpp_ms and tpp.get("floor_ms")):
             continue
-        tpp_ms = vs * ms  # Transformer++ in the same run
         at_floor, both = tpp_ms / floor, tpp["floor_ms"] / floor
         prompt = f"{r.get('prompt_len', '?')}"
         states = "bf16" if "state-model" in variant else "fp32"

@@ -57,6 +57,22 @@ def test_report_keeps_every_baseline_of_the_newest_run_only():
     assert "| mamba_ssm | " in table and "| floor | " in table and "2026-12-03" not in table
 
 
+def test_report_keeps_only_the_later_of_two_calls_of_one_command_on_one_day():
+    """Card, date and command do not tell apart two calls of one command on one day: the fourteenth session ran
+    benchmarks/mamba_layers.py twice (calls 6 and 8), the second against a baseline labelled otherwise, and the
+    rendered table kept call 6's superseded rows beside call 8's as if one run had measured both. A run writes a
+    figure's rows one after the other, so a row of that name after other rows starts a new run."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, baseline, ms):
+        return {"name": name, "card": "H200", "date": "2026-12-03", "command": "python benchmarks/mamba_layers.py",
+                "baseline": baseline, "ours_ms": ms}
+
+    rows = [row("layers/B1", "per block", 0.475), row("layers/B64", "per block", 0.959),
+            row("layers/B1", "the model's chain", 0.380), row("layers/B64", "the model's chain", 1.013)]
+    assert [(r["name"], r["ours_ms"]) for r in report.newest(rows)] == [("layers/B1", 0.380), ("layers/B64", 1.013)]
+
+
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
     state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
@@ -186,3 +202,57 @@ def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
             row("generate/transformerpp/B64", "H100", 3.0, 1.8, 1.0)]
     (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
     assert mamba[7] == "1.200" and mamba[10] == "12.00x", mamba
+
+
+def test_decode_bounds_take_transformerpps_time_from_its_row_not_from_the_rounded_ratio():
+    """"Transformer++ ms (same run)" and "at its floor" used the model's vs_transformerpp x ours_ms, both rounded, in
+    place of the Transformer++ row measured beside it: one run's Transformer++ showed as 5.094-5.098 ms on four
+    lines (its row: 5.095), and Mamba-2's bound at a 2K prompt as 2.86x (1.552 x 1.194 / 0.6489) where the run's
+    1.852 ms gives 2.85x. The rows below are the thirteenth session's final call's (results.jsonl)."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, ms, floor, vs):
+        return {"name": name, "card": "NVIDIA H200", "date": "2026-12-03", "command": "python g.py", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", 1.852, 1.2035, 1.0), row("generate/mamba2/B64", 1.194, 0.6489, 1.552)]
+    (mamba2,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba2")]
+    assert mamba2[6] == "1.852" and mamba2[8] == "1.55x" and mamba2[9] == "2.85x" and mamba2[10] == "1.85x", mamba2
+
+
+def _half_ulp(x: float) -> float:
+    """Half a unit in the last decimal place of x as stored (json keeps the shortest repr): its rounding."""
+    mantissa, _, exponent = repr(float(x)).lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 0.5 * 10.0 ** (int(exponent or 0) - decimals)
+
+
+def test_every_results_row_names_its_run_and_its_ratio_is_its_baseline_over_ours():
+    """benchmarks/results.jsonl, every row: its card, date and command; the baseline fields (null where the script
+    measured none); a ratio only beside the baseline it divides, equal to baseline_ms / ours_ms to the rounding of
+    the three stored figures; a ratio against zoo's Transformer++ equal to the row's vs_transformerpp; no row twice."""
+    import json
+    import re
+
+    lines = [line for line in (ROOT / "benchmarks" / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines]
+    seen = {}
+    for n, row in enumerate(rows, 1):
+        where = f"results.jsonl line {n} ({row.get('name')})"
+        for key in ("name", "card", "command"):
+            assert isinstance(row.get(key), str) and row[key].strip(), f"{where}: no {key}"
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(row.get("date"))), f"{where}: date {row.get('date')!r}"
+        for key in ("ours_ms", "baseline", "baseline_ms", "ratio", "floor_ms"):
+            assert key in row, f"{where}: no {key} field"
+        base, base_ms, ours, ratio = row["baseline"], row["baseline_ms"], row["ours_ms"], row["ratio"]
+        assert (base is None) == (base_ms is None), f"{where}: baseline {base!r} with baseline_ms {base_ms!r}"
+        if ratio is not None:
+            assert base_ms is not None and ours, f"{where}: a ratio without the two times it divides"
+            lo = (base_ms - _half_ulp(base_ms)) / (ours + _half_ulp(ours)) - _half_ulp(ratio)
+            hi = (base_ms + _half_ulp(base_ms)) / (ours - _half_ulp(ours)) + _half_ulp(ratio)
+            assert lo <= ratio <= hi, f"{where}: ratio {ratio} but baseline_ms / ours_ms = {base_ms / ours:.4f}"
+            if str(base).startswith("zoo transformerpp") and row.get("vs_transformerpp") is not None:
+                assert row["vs_transformerpp"] == ratio, f"{where}: vs_transformerpp {row['vs_transformerpp']}"
+        key = json.dumps(row, sort_keys=True)
+        assert key not in seen, f"{where}: the same row as line {seen[key]}"
+        seen[key] = n
