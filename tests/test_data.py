@@ -330,3 +330,27 @@ def test_a_tokenizer_without_bos_warns_where_documents_would_be_wrapped(letter_d
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TextStream(DataConfig(source=letter_docs[0], holdout=0, add_bos=False), NoBos())
+
+
+def test_indexed_holdout_is_keyed_by_text_so_it_stays_when_the_source_grows(tmp_path):
+    # keyed by the row index, a file sorted in before the others moved held-out documents into training, the same
+    # files held out other documents as a streamed folder than as local files, and a repeated document was on both sides
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = [f"document {i} " + "é" * (i % 3) for i in range(80)]
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def split_of(source, split, **kw):
+        return sorted(open_documents(DataConfig(source=source, holdout=0.3, **kw), split).iter_docs(0, 0))
+
+    held = split_of(str(folder / "b.jsonl"), "eval")
+    assert 0 < len(held) < len(docs)
+    assert held == split_of(str(folder), "eval", streaming=True), "the same documents streamed and not"
+    added = [f"new {i}" for i in range(30)] + docs[:20]  # sorts first; repeats 20 documents
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in added))
+    grown_eval = split_of(str(folder / "*.jsonl"), "eval")
+    grown_train = split_of(str(folder / "*.jsonl"), "train")
+    assert [d for d in grown_eval if d in docs] == sorted(held + [d for d in held if d in docs[:20]])
+    assert not set(grown_eval) & set(grown_train), "no document both trained on and evaluated"
+    assert sorted(grown_eval + grown_train) == sorted(docs + added)

@@ -147,7 +147,7 @@ def stdlib_root() -> Path:
 
 
 def _in_holdout(key: str, holdout: float) -> bool:
-    """Stable split by a CRC32 of a key (a path, an index, or a streamed document's text): the same on every
+    """Stable split by a CRC32 of a key (a built-in corpus file's path, or a document's text): the same on every
     machine and run."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % 1_000_000 < holdout * 1_000_000
 
@@ -191,8 +191,8 @@ class DataConfig:
     config_name: the hub dataset's configuration. split / eval_split: dataset splits for training and
     evaluation (of a hub dataset or local folder; the built-in corpus and local files are one split, refused
     otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
-    hash) is held out. text_field: the column holding the text. streaming: stream hub datasets (local files
-    are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
+    hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
+    (local files are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
     padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
     streamed sources). add_bos / add_eos: wrap each document. seed: of the document order.
     """
@@ -305,6 +305,27 @@ def _import_datasets(source):
     return datasets
 
 
+def _held_out_rows(dataset, text_field: str, holdout: float) -> np.ndarray:
+    """Which rows of an indexed dataset are held out, keyed by the document's text as a streamed one is: keyed by the
+    row index, a file added or sorted in before the others moved held-out documents into training, the same corpus
+    held out other documents streamed than not, and a repeated document was trained on and evaluated."""
+    import pyarrow as pa
+
+    column = dataset.with_format("arrow")[:][text_field]  # zero-copy slices of the memory-mapped table
+    keys: list[int] = []
+    for chunk in column.chunks:
+        if pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):  # the UTF-8 bytes, not decoded
+            width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
+            data = memoryview(chunk.buffers()[2] or b"")
+            valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+            keys.extend(zlib.crc32(data[a:b]) if ok else zlib.crc32(b"None")
+                        for a, b, ok in zip(offsets[:-1].tolist(), offsets[1:].tolist(), valid.tolist()))
+        else:  # not text: refused when read; keyed as the streamed filter keys it
+            keys.extend(zlib.crc32(str(t).encode("utf-8", "surrogatepass")) for t in chunk.to_pylist())
+    return np.array(keys, dtype=np.int64) % 1_000_000 < holdout * 1_000_000
+
+
 def _check_text_field(columns, cfg: DataConfig) -> None:
     if columns is not None and cfg.text_field not in columns:
         raise ValueError(f"data.text_field: the dataset has no column {cfg.text_field!r}; its columns are "
@@ -389,7 +410,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
 
     indices = np.arange(len(dataset))
     if use_holdout and cfg.holdout > 0:
-        held = np.array([_in_holdout(str(i), cfg.holdout) for i in indices], dtype=bool)
+        held = _held_out_rows(dataset, cfg.text_field, cfg.holdout)
         indices = indices[held] if split == "eval" else indices[~held]
     column = dataset.select_columns([cfg.text_field])
 
