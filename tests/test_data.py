@@ -354,3 +354,20 @@ def test_indexed_holdout_is_keyed_by_text_so_it_stays_when_the_source_grows(tmp_
     assert [d for d in grown_eval if d in docs] == sorted(held + [d for d in held if d in docs[:20]])
     assert not set(grown_eval) & set(grown_train), "no document both trained on and evaluated"
     assert sorted(grown_eval + grown_train) == sorted(docs + added)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_record_without_the_text_field_is_named_by_its_place_in_the_file(tok, tmp_path, world_size):
+    # the message numbered the document in the process's shuffled order, so "document 17" sent the user to a good
+    # record of the file; the bad one was record 7
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    records = [{"text": f"doc {i}"} for i in range(50)]
+    records[7] = {"content": "the text under another key"}
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = DataConfig(source=str(path), seq_len=8, holdout=0.0, seed=1)
+    message = (r"data\.text_field: document 7 of .*docs\.jsonl' \(counted from 0.* holds NoneType None in 'text', "
+               r"not text \(a record without the field")
+    with pytest.raises(ValueError, match=message):
+        for rank in range(world_size):
+            list(itertools.islice(TextStream(cfg, tok, rank=rank, world_size=world_size).rows(), 100))

@@ -241,17 +241,22 @@ class _IndexedDocs:
     """
 
     def __init__(self, n: int, get_text: Callable[[int], str], seed: int, shuffle: bool, rank: int,
-                 world_size: int):
+                 world_size: int, source_row: Callable[[int], int] = int):
         self.n, self.get_text, self.seed, self.shuffle = n, get_text, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.source_row = rank, world_size, source_row
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return order[self.rank::self.world_size]
 
     def iter_docs(self, epoch: int, start: int) -> Iterator[str]:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        else:
-            order = np.arange(self.n)
-        for i in order[self.rank::self.world_size][start:]:
+        for i in self._order(epoch)[start:]:
             yield self.get_text(int(i))
+
+    def describe(self, epoch: int, position: int, source: Any) -> str:
+        """The document at `position` of this rank's order in `epoch`, as the source numbers it."""
+        row = self.source_row(int(self._order(epoch)[position]))
+        return f"document {row} of {source!r} (counted from 0, files in sorted order)"
 
 
 class _StreamedDocs:
@@ -268,6 +273,10 @@ class _StreamedDocs:
         ds.set_epoch(epoch)  # datasets reseeds the shuffle with seed + epoch
         for example in itertools.islice(iter(ds), start, None):
             yield example[self.text_field]
+
+    def describe(self, epoch: int, position: int, source: Any) -> str:
+        """The document at `position` of this process's order in `epoch` (a stream numbers no documents)."""
+        return f"the document at position {position} of epoch {epoch} of this process's stream of {source!r}"
 
 
 def _looks_local(pattern: str) -> bool:
@@ -421,7 +430,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             return column.data.column(cfg.text_field)[int(indices[i])].as_buffer().to_pybytes().decode(
                 "utf-8", "replace")
 
-    return _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size)
+    return _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size, lambda i: int(indices[i]))
 
 
 # ---- packing -----------------------------------------------------------------------------------------------
@@ -482,9 +491,11 @@ class TextStream:
             texts = self._docs.iter_docs(epoch, doc)
             while group := list(itertools.islice(texts, _TOKENIZE_GROUP)):
                 for i, text in enumerate(group):
-                    if not isinstance(text, str):
-                        raise ValueError(f"data.text_field: document {doc + i} of {self.cfg.source!r} holds "
-                                         f"{type(text).__name__} {text!r:.40} in {self.cfg.text_field!r}, not text")
+                    if not isinstance(text, str):  # named as the source numbers it: doc + i is this rank's order
+                        missing = " (a record without the field reads as None)" if text is None else ""
+                        raise ValueError(f"data.text_field: {self._docs.describe(epoch, doc + i, self.cfg.source)} "
+                                         f"holds {type(text).__name__} {text!r:.40} in {self.cfg.text_field!r}, "
+                                         f"not text{missing}")
                 for ids in encode_texts(self.tokenizer, group):
                     if len(ids):  # empty documents would only add bos/eos
                         produced = True
