@@ -371,3 +371,22 @@ def test_a_record_without_the_text_field_is_named_by_its_place_in_the_file(tok, 
     with pytest.raises(ValueError, match=message):
         for rank in range(world_size):
             list(itertools.islice(TextStream(cfg, tok, rank=rank, world_size=world_size).rows(), 100))
+
+
+@pytest.mark.parametrize("source", ["stdlib", "local"])
+def test_a_config_name_of_a_source_without_configurations_is_refused_by_name(tok, letter_docs, source):
+    # config_name applies to hub datasets only: with the built-in corpus or local files it was ignored without a word
+    source = letter_docs[0] if source == "local" else source
+    with pytest.raises(ValueError, match=r"^data\.config_name: 'en' names a hub dataset's configuration; .* read "
+                                         r"without one, so it would be ignored: unset config_name"):
+        TextStream(DataConfig(source=source, config_name="en"), tok)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5])
+def test_a_data_seed_numpy_cannot_take_is_refused_by_name(tok, seed):
+    # accepted by the config, it failed at the first training batch with numpy's "expected non-negative integer"
+    # (or "seed must be integer"), naming no field
+    with pytest.raises(ValueError, match=r"^data\.seed: must be an integer >= 0 \(the document order's seed\), got"):
+        DataConfig(seed=seed).validate()
+    with pytest.raises(ValueError, match=r"^data\.seed"):
+        next(TextStream(DataConfig(seed=seed, seq_len=16), tok).rows())

@@ -225,6 +225,8 @@ class DataConfig:
                              f"got {self.shuffle_buffer!r}")
         if not self.text_field:
             raise ValueError(f"{prefix}.text_field: empty; name the dataset column that holds the text")
+        if not (isinstance(self.seed, int) and self.seed >= 0):  # numpy and datasets refuse it mid-run, naming nothing
+            raise ValueError(f"{prefix}.seed: must be an integer >= 0 (the document order's seed), got {self.seed!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -352,6 +354,9 @@ def _check_one_split(cfg: DataConfig, what: str) -> None:
     if cfg.split != "train":
         raise ValueError(f"data.split: {cfg.split!r} applies to hub datasets and local folders; {what} one "
                          f"split: leave split at 'train'")
+    if cfg.config_name is not None:
+        raise ValueError(f"data.config_name: {cfg.config_name!r} names a hub dataset's configuration; {what} read "
+                         f"without one, so it would be ignored: unset config_name")
 
 
 def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
