@@ -323,18 +323,19 @@ def _held_out_rows(dataset, text_field: str, holdout: float) -> np.ndarray:
     import pyarrow as pa
 
     column = dataset.with_format("arrow")[:][text_field]  # zero-copy slices of the memory-mapped table
-    keys: list[int] = []
+    held = []
     for chunk in column.chunks:
         if pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):  # the UTF-8 bytes, not decoded
             width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
             offsets = np.frombuffer(chunk.buffers()[1], dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
             data = memoryview(chunk.buffers()[2] or b"")
             valid = chunk.is_valid().to_numpy(zero_copy_only=False)
-            keys.extend(zlib.crc32(data[a:b]) if ok else zlib.crc32(b"None")
-                        for a, b, ok in zip(offsets[:-1].tolist(), offsets[1:].tolist(), valid.tolist()))
+            keys = (zlib.crc32(data[a:b]) if ok else zlib.crc32(b"None")
+                    for a, b, ok in zip(offsets[:-1].tolist(), offsets[1:].tolist(), valid.tolist()))
         else:  # not text: refused when read; keyed as the streamed filter keys it
-            keys.extend(zlib.crc32(str(t).encode("utf-8", "surrogatepass")) for t in chunk.to_pylist())
-    return np.array(keys, dtype=np.int64) % 1_000_000 < holdout * 1_000_000
+            keys = (zlib.crc32(str(t).encode("utf-8", "surrogatepass")) for t in chunk.to_pylist())
+        held.append(np.fromiter(keys, dtype=np.int64, count=len(chunk)) % 1_000_000 < holdout * 1_000_000)
+    return np.concatenate(held) if held else np.zeros(0, dtype=bool)
 
 
 def _check_text_field(columns, cfg: DataConfig) -> None:
