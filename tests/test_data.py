@@ -330,3 +330,63 @@ def test_a_tokenizer_without_bos_warns_where_documents_would_be_wrapped(letter_d
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         TextStream(DataConfig(source=letter_docs[0], holdout=0, add_bos=False), NoBos())
+
+
+def test_indexed_holdout_is_keyed_by_text_so_it_stays_when_the_source_grows(tmp_path):
+    # keyed by the row index, a file sorted in before the others moved held-out documents into training, the same
+    # files held out other documents as a streamed folder than as local files, and a repeated document was on both sides
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = [f"document {i} " + "é" * (i % 3) for i in range(80)]
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+
+    def split_of(source, split, **kw):
+        return sorted(open_documents(DataConfig(source=source, holdout=0.3, **kw), split).iter_docs(0, 0))
+
+    held = split_of(str(folder / "b.jsonl"), "eval")
+    assert 0 < len(held) < len(docs)
+    assert held == split_of(str(folder), "eval", streaming=True), "the same documents streamed and not"
+    added = [f"new {i}" for i in range(30)] + docs[:20]  # sorts first; repeats 20 documents
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in added))
+    grown_eval = split_of(str(folder / "*.jsonl"), "eval")
+    grown_train = split_of(str(folder / "*.jsonl"), "train")
+    assert [d for d in grown_eval if d in docs] == sorted(held + [d for d in held if d in docs[:20]])
+    assert not set(grown_eval) & set(grown_train), "no document both trained on and evaluated"
+    assert sorted(grown_eval + grown_train) == sorted(docs + added)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_record_without_the_text_field_is_named_by_its_place_in_the_file(tok, tmp_path, world_size):
+    # the message numbered the document in the process's shuffled order, so "document 17" sent the user to a good
+    # record of the file; the bad one was record 7
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    records = [{"text": f"doc {i}"} for i in range(50)]
+    records[7] = {"content": "the text under another key"}
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = DataConfig(source=str(path), seq_len=8, holdout=0.0, seed=1)
+    message = (r"data\.text_field: document 7 of .*docs\.jsonl' \(counted from 0.* holds NoneType None in 'text', "
+               r"not text \(a record without the field")
+    with pytest.raises(ValueError, match=message):
+        for rank in range(world_size):
+            list(itertools.islice(TextStream(cfg, tok, rank=rank, world_size=world_size).rows(), 100))
+
+
+@pytest.mark.parametrize("source", ["stdlib", "local"])
+def test_a_config_name_of_a_source_without_configurations_is_refused_by_name(tok, letter_docs, source):
+    # config_name applies to hub datasets only: with the built-in corpus or local files it was ignored without a word
+    source = letter_docs[0] if source == "local" else source
+    with pytest.raises(ValueError, match=r"^data\.config_name: 'en' names a hub dataset's configuration; .* read "
+                                         r"without one, so it would be ignored: unset config_name"):
+        TextStream(DataConfig(source=source, config_name="en"), tok)
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5])
+def test_a_data_seed_numpy_cannot_take_is_refused_by_name(tok, seed):
+    # accepted by the config, it failed at the first training batch with numpy's "expected non-negative integer"
+    # (or "seed must be integer"), naming no field
+    with pytest.raises(ValueError, match=r"^data\.seed: must be an integer >= 0 \(the document order's seed\), got"):
+        DataConfig(seed=seed).validate()
+    with pytest.raises(ValueError, match=r"^data\.seed"):
+        next(TextStream(DataConfig(seed=seed, seq_len=16), tok).rows())

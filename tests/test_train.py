@@ -664,9 +664,14 @@ def test_two_processes_evaluate_as_many_batches_each(tmp_path):
     from zoo.data.text import TextStream, _in_holdout, load_tokenizer
 
     pytest.importorskip("datasets")
+
+    def text(i: int, long: bool, held_out: bool) -> str:  # the holdout is keyed by the text: salt it to one side
+        return next(t for salt in itertools.count()
+                    if _in_holdout(t := f"{i}.{salt} " + "xy" * (150 if long else 10), 0.3) == held_out)
+
     held = [i for i in range(60) if _in_holdout(str(i), 0.3)]
     docs = tmp_path / "docs.jsonl"  # long held-out documents in process 0's share, short ones in process 1's
-    docs.write_text("".join(json.dumps({"text": "xy" * (150 if i in held[0::2] else 10)}) + "\n" for i in range(60)))
+    docs.write_text("".join(json.dumps({"text": text(i, i in held[0::2], i in held)}) + "\n" for i in range(60)))
     run = run_dict(tmp_path, data={"source": str(docs), "holdout": 0.3, "shuffle": False},
                    eval={"every": 4, "batches": 8}, train={"max_steps": 4})
     path = tmp_path / "run.yaml"

@@ -147,7 +147,7 @@ def stdlib_root() -> Path:
 
 
 def _in_holdout(key: str, holdout: float) -> bool:
-    """Stable split by a CRC32 of a key (a path, an index, or a streamed document's text): the same on every
+    """Stable split by a CRC32 of a key (a built-in corpus file's path, or a document's text): the same on every
     machine and run."""
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % 1_000_000 < holdout * 1_000_000
 
@@ -191,8 +191,8 @@ class DataConfig:
     config_name: the hub dataset's configuration. split / eval_split: dataset splits for training and
     evaluation (of a hub dataset or local folder; the built-in corpus and local files are one split, refused
     otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
-    hash) is held out. text_field: the column holding the text. streaming: stream hub datasets (local files
-    are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
+    hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
+    (local files are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
     padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
     streamed sources). add_bos / add_eos: wrap each document. seed: of the document order.
     """
@@ -225,6 +225,8 @@ class DataConfig:
                              f"got {self.shuffle_buffer!r}")
         if not self.text_field:
             raise ValueError(f"{prefix}.text_field: empty; name the dataset column that holds the text")
+        if not (isinstance(self.seed, int) and self.seed >= 0):  # numpy and datasets refuse it mid-run, naming nothing
+            raise ValueError(f"{prefix}.seed: must be an integer >= 0 (the document order's seed), got {self.seed!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -241,17 +243,22 @@ class _IndexedDocs:
     """
 
     def __init__(self, n: int, get_text: Callable[[int], str], seed: int, shuffle: bool, rank: int,
-                 world_size: int):
+                 world_size: int, source_row: Callable[[int], int] = int):
         self.n, self.get_text, self.seed, self.shuffle = n, get_text, seed, shuffle
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.source_row = rank, world_size, source_row
+
+    def _order(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        return order[self.rank::self.world_size]
 
     def iter_docs(self, epoch: int, start: int) -> Iterator[str]:
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        else:
-            order = np.arange(self.n)
-        for i in order[self.rank::self.world_size][start:]:
+        for i in self._order(epoch)[start:]:
             yield self.get_text(int(i))
+
+    def describe(self, epoch: int, position: int, source: Any) -> str:
+        """The document at `position` of this rank's order in `epoch`, as the source numbers it."""
+        row = self.source_row(int(self._order(epoch)[position]))
+        return f"document {row} of {source!r} (counted from 0, files in sorted order)"
 
 
 class _StreamedDocs:
@@ -268,6 +275,10 @@ class _StreamedDocs:
         ds.set_epoch(epoch)  # datasets reseeds the shuffle with seed + epoch
         for example in itertools.islice(iter(ds), start, None):
             yield example[self.text_field]
+
+    def describe(self, epoch: int, position: int, source: Any) -> str:
+        """The document at `position` of this process's order in `epoch` (a stream numbers no documents)."""
+        return f"the document at position {position} of epoch {epoch} of this process's stream of {source!r}"
 
 
 def _looks_local(pattern: str) -> bool:
@@ -305,6 +316,28 @@ def _import_datasets(source):
     return datasets
 
 
+def _held_out_rows(dataset, text_field: str, holdout: float) -> np.ndarray:
+    """Which rows of an indexed dataset are held out, keyed by the document's text as a streamed one is: keyed by the
+    row index, a file added or sorted in before the others moved held-out documents into training, the same corpus
+    held out other documents streamed than not, and a repeated document was trained on and evaluated."""
+    import pyarrow as pa
+
+    column = dataset.with_format("arrow")[:][text_field]  # zero-copy slices of the memory-mapped table
+    held = []
+    for chunk in column.chunks:
+        if pa.types.is_string(chunk.type) or pa.types.is_large_string(chunk.type):  # the UTF-8 bytes, not decoded
+            width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
+            data = memoryview(chunk.buffers()[2] or b"")
+            valid = chunk.is_valid().to_numpy(zero_copy_only=False)
+            keys = (zlib.crc32(data[a:b]) if ok else zlib.crc32(b"None")
+                    for a, b, ok in zip(offsets[:-1].tolist(), offsets[1:].tolist(), valid.tolist()))
+        else:  # not text: refused when read; keyed as the streamed filter keys it
+            keys = (zlib.crc32(str(t).encode("utf-8", "surrogatepass")) for t in chunk.to_pylist())
+        held.append(np.fromiter(keys, dtype=np.int64, count=len(chunk)) % 1_000_000 < holdout * 1_000_000)
+    return np.concatenate(held) if held else np.zeros(0, dtype=bool)
+
+
 def _check_text_field(columns, cfg: DataConfig) -> None:
     if columns is not None and cfg.text_field not in columns:
         raise ValueError(f"data.text_field: the dataset has no column {cfg.text_field!r}; its columns are "
@@ -322,6 +355,9 @@ def _check_one_split(cfg: DataConfig, what: str) -> None:
     if cfg.split != "train":
         raise ValueError(f"data.split: {cfg.split!r} applies to hub datasets and local folders; {what} one "
                          f"split: leave split at 'train'")
+    if cfg.config_name is not None:
+        raise ValueError(f"data.config_name: {cfg.config_name!r} names a hub dataset's configuration; {what} read "
+                         f"without one, so it would be ignored: unset config_name")
 
 
 def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
@@ -389,7 +425,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
 
     indices = np.arange(len(dataset))
     if use_holdout and cfg.holdout > 0:
-        held = np.array([_in_holdout(str(i), cfg.holdout) for i in indices], dtype=bool)
+        held = _held_out_rows(dataset, cfg.text_field, cfg.holdout)
         indices = indices[held] if split == "eval" else indices[~held]
     column = dataset.select_columns([cfg.text_field])
 
@@ -400,7 +436,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             return column.data.column(cfg.text_field)[int(indices[i])].as_buffer().to_pybytes().decode(
                 "utf-8", "replace")
 
-    return _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size)
+    return _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size, lambda i: int(indices[i]))
 
 
 # ---- packing -----------------------------------------------------------------------------------------------
@@ -461,9 +497,11 @@ class TextStream:
             texts = self._docs.iter_docs(epoch, doc)
             while group := list(itertools.islice(texts, _TOKENIZE_GROUP)):
                 for i, text in enumerate(group):
-                    if not isinstance(text, str):
-                        raise ValueError(f"data.text_field: document {doc + i} of {self.cfg.source!r} holds "
-                                         f"{type(text).__name__} {text!r:.40} in {self.cfg.text_field!r}, not text")
+                    if not isinstance(text, str):  # named as the source numbers it: doc + i is this rank's order
+                        missing = " (a record without the field reads as None)" if text is None else ""
+                        raise ValueError(f"data.text_field: {self._docs.describe(epoch, doc + i, self.cfg.source)} "
+                                         f"holds {type(text).__name__} {text!r:.40} in {self.cfg.text_field!r}, "
+                                         f"not text{missing}")
                 for ids in encode_texts(self.tokenizer, group):
                     if len(ids):  # empty documents would only add bos/eos
                         produced = True
