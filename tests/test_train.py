@@ -421,6 +421,34 @@ def test_chunked_run_matches_whole_row_run(tmp_path):
     assert math.isclose(whole_eval, chunked_eval, rel_tol=1e-5)
 
 
+def test_resume_of_a_checkpoint_from_before_the_text_keyed_holdout_says_it_is_not_exact(tmp_path, capsys):
+    # The held-out documents of local files were chosen by row index, now by text: a checkpoint written before that
+    # resumes on another split and another document at its saved position, which is said (its trainer_state has no
+    # holdout_key); a checkpoint of this version, or a run on the built-in corpus (split by file), resumes silently.
+    import json
+
+    pytest.importorskip("datasets")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(50)))
+    cfg = config_from_dict(run_dict(tmp_path, data={"source": str(docs), "holdout": 0.2},
+                                    train={"max_steps": 2}, schedule={"warmup_steps": 0}, checkpoint={"every": 2}))
+    train(cfg)
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state.pop("holdout_key") == "text"
+    capsys.readouterr()
+    cfg.train.max_steps = 3
+    train(cfg, resume="auto")
+    assert "predates the held-out split" not in capsys.readouterr().out
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state.pop("holdout_key")
+    state_path.write_text(json.dumps(state))
+    cfg.train.max_steps = 4
+    train(cfg, resume="auto")
+    assert "predates the held-out split keyed by each document's text" in capsys.readouterr().out
+
+
 def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path):
     from zoo.train import resume_changes
 

@@ -502,6 +502,16 @@ def peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def _holdout_by_row_before(data) -> bool:
+    """Whether checkpoints older than the text-keyed held-out split held out other documents of this source: local
+    files and non-streamed hub datasets with a holdout (the built-in corpus is split by file, streams by text)."""
+    from zoo.data.text import _looks_local
+
+    sources = data.source if isinstance(data.source, list) else [data.source]
+    indexed = any(_looks_local(s) for s in sources) or not data.streaming
+    return data.holdout > 0 and data.eval_split is None and data.source != "stdlib" and indexed
+
+
 def peak_memory_gib(accelerator, device: torch.device) -> float:
     """The largest `torch.cuda.max_memory_allocated` of any process, in GiB (a collective: every process calls it).
     Under FSDP or uneven batches the processes differ, and the run needs the most any of them held."""
@@ -943,7 +953,7 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         tokenizer.save_pretrained(tmp / "model")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
-                 "data_states": data_states}
+                 "data_states": data_states, "holdout_key": "text"}
         if optimizer is not None:
             state["param_groups"] = [len(g["params"]) for g in optimizer.param_groups]
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -1154,6 +1164,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if changed:
             accelerator.print(f"--resume: changed since {start_ckpt.name}: " + "; ".join(changed))
         state = json.loads((start_ckpt / "trainer_state.json").read_text())
+        if "holdout_key" not in state and _holdout_by_row_before(cfg.data):
+            accelerator.print(f"--resume: {start_ckpt} predates the held-out split keyed by each document's text "
+                              f"(it was keyed by the row's index for {cfg.data.source!r}): the held-out documents, "
+                              f"and the training documents at the saved data position, differ from the run's, so "
+                              f"this resume is not exact and may train on documents the run held out")
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
                              f"run has {world}; the data order is per process: resume with the same number")
