@@ -100,24 +100,32 @@ class RecurrentLayer(LinearAttentionLayer):
     def detach_(self) -> None:
         self.load_tensors([t.detach() for t in self.tensors()])
 
+    def _rows_of_extras(self, rows) -> None:
+        """Apply a batch reordering `rows` (tensor -> tensor) to the per-row tensors kept beside the states: the
+        last seq_idx, and the window mitigation's carried inputs (`window_carry`, zoo.state.mitigation: (r, tuple
+        of [B, <= r - 1, ...])). Left behind, beams read another beam's carry and a repeated cache met inputs of
+        other rows (a size mismatch)."""
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = rows(self.last_seq_idx)
+        carry = getattr(self, "window_carry", None)
+        if carry is not None:
+            self.window_carry = (carry[0], tuple(rows(t) for t in carry[1]))
+
     # transformers' layers define these on DynamicLayer only (LinearAttentionLayer lacks them): ZooCache's
     # batch_repeat_interleave / batch_select_indices, and generate continuing a cache with beams, need them here
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.tensors():
             self.load_tensors([t.repeat_interleave(repeats, dim=0) for t in self.tensors()])
-        if self.last_seq_idx is not None:
-            self.last_seq_idx = self.last_seq_idx.repeat_interleave(repeats, dim=0)
+        self._rows_of_extras(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.tensors():
             self.load_tensors([t[indices, ...] for t in self.tensors()])
-        if self.last_seq_idx is not None:
-            self.last_seq_idx = self.last_seq_idx[indices.to(self.last_seq_idx.device)]
+        self._rows_of_extras(lambda t: t[indices.to(t.device)])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.last_seq_idx is not None:
-            self.last_seq_idx = self.last_seq_idx[beam_idx.to(self.last_seq_idx.device)]
+        self._rows_of_extras(lambda t: t[beam_idx.to(t.device)])
 
     def reset(self) -> None:
         super().reset()
