@@ -112,6 +112,25 @@ def test_get_seq_length_tracks_tokens():
     assert cache.get_seq_length() == 8
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_a_reset_cache_takes_a_new_sequence_of_any_batch_size(name):
+    """ZooCache.reset() then a new prompt: the recurrent layers kept their zeroed states (transformers' reset zeroes in
+    place), so the reset cache refused a batch of another size, naming batch_repeat_interleave; an attention layer
+    kept the old packed prompt's document ids and failed with a broadcast error."""
+    model = tiny(name)
+    cache = ZooCache.for_model(model)
+    old, new, step = torch.randint(1, 512, (2, 9)), torch.randint(1, 512, (3, 5)), torch.randint(1, 512, (3, 1))
+    with torch.no_grad():
+        model(old, position_ids=torch.cat([torch.arange(4), torch.arange(5)])[None].expand(2, -1),
+              past_key_values=cache, use_cache=True)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.batch_size() is None
+        out = torch.cat([model(new, past_key_values=cache, use_cache=True).logits,
+                         model(step, past_key_values=cache, use_cache=True).logits], 1)
+        ref = model(torch.cat([new, step], 1), use_cache=False).logits
+    assert_close("logits after reset", out, ref, 1e-5)
+
+
 def test_labels_give_loss_with_moe_aux():
     model = tiny("jamba").train()
     ids = torch.randint(0, 512, (2, 16))

@@ -15,6 +15,7 @@ from zoo_kernels.gla.ref import gla_state_update_ref
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
 from zoo_kernels.ssd.ref import ssd_state_update_ref
 
+import zoo
 from zoo.cache import RecurrentLayer, output_cache
 from zoo.config import ZooConfig
 from zoo.mixers.gla import GLA
@@ -490,3 +491,21 @@ def test_window_mitigation_carry_follows_beams_and_repeated_rows(kind):
     kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
     continued = model.generate(first.sequences, past_key_values=output_cache(first), **kw)
     assert torch.equal(continued, model.generate(first.sequences, **kw))
+
+
+def test_a_reset_cache_drops_the_window_mitigations_carry():
+    """reset() kept the window mitigation's carry (transformers' reset zeroes the states and keeps them, so the layer
+    still looked filled): the next sequence's first window read the old sequence's last inputs (GLA's logits 19% off
+    a fresh run, no error)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/gla-tiny.yaml")).eval()
+    apply_mitigation(model, "window:r=4")
+    cache = zoo.ZooCache.for_model(model)
+    old, new = torch.randint(1, 512, (1, 7)), torch.randint(1, 512, (1, 5))
+    with torch.no_grad():
+        model(old, past_key_values=cache, use_cache=True)
+        cache.reset()
+        out = model(new, past_key_values=cache, use_cache=True).logits
+        assert_close("logits after reset", out, model(new, use_cache=False).logits, 1e-5)

@@ -128,8 +128,15 @@ class RecurrentLayer(LinearAttentionLayer):
         self._rows_of_extras(lambda t: t[beam_idx.to(t.device)])
 
     def reset(self) -> None:
+        """Drop the states, as DynamicLayer.reset drops its keys: the layer is as new, for a sequence of any batch
+        size. (transformers' reset zeroed them in place and kept them, so a reset cache still held the old batch
+        size and refused another, and the window mitigation's carry fed the old sequence's inputs to the new one.)"""
+        for i in range(self.number_of_states):
+            self.conv_states[i] = self.recurrent_states[i] = None
+            self.is_conv_states_initialized[i] = self.is_recurrent_states_initialized[i] = False
         super().reset()
         self.last_seq_idx = None
+        self.window_carry = None
 
 
 def _rows_of_kv_seq_idx(layer, rows) -> None:
@@ -397,6 +404,8 @@ class ZooCache(Cache):
         for layer in self.layers:
             if layer is not None:
                 layer.reset()
+                if getattr(layer, "kv_seq_idx", None) is not None:
+                    layer.kv_seq_idx = None  # the dropped keys' document ids
         self.seen_tokens = 0
 
     @property
