@@ -777,6 +777,24 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
 
 
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_generate_from_a_static_cache_too_small_is_refused_before_the_first_step(name):
+    """A static cache (ZooCache.to_static) without room for max_new_tokens raised KVCacheFull at the step that found
+    it full: the tokens generated until then were lost and the user's cache was left full, so the call could not be
+    retried with it. It is refused before the first step now, naming the room needed; a cache of exactly that room
+    generates what a dynamic one does."""
+    model = tiny(name)
+    first = model.generate(torch.randint(1, 512, (2, 7)), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                           return_dict_in_generate=True)
+    kw = dict(do_sample=False, pad_token_id=0)
+    cache = zoo.cache.output_cache(first).to_static(16)  # 8 tokens held, 8 more fit
+    with pytest.raises(zoo.cache.KVCacheFull, match=r"room for 16 tokens.*may need 17.*to_static\(max_len >= 17\)"):
+        model.generate(first.sequences, past_key_values=cache, max_new_tokens=9, **kw)
+    assert cache.get_seq_length() == 8  # untouched: the same cache generates the tokens that fit
+    out = model.generate(first.sequences, past_key_values=cache, max_new_tokens=8, **kw)
+    assert torch.equal(out, model.generate(first.sequences, max_new_tokens=8, **kw))
+
+
 class OwnInitMixer(StatelessMixer):
     """A custom mixer whose init lives in reset_parameters (the weights 0.5, the bias 1) and a twin that sets the
     same values in __init__ only."""
