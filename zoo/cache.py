@@ -346,6 +346,13 @@ class ZooCache(Cache):
         "model", the recurrent layers of mixers whose steps take low-precision states (`low_precision_state`:
         Mamba, Mamba-2, GLA) keep their states in `dtype` (the model's) while decoding."""
         base = getattr(model, "model", model)
+        if not hasattr(base, "layers"):  # a wrapper: PEFT's PeftModel, whose .model is the adapted ZooForCausalLM
+            from zoo.modeling import ZooModel
+
+            base = next((m for m in model.modules() if isinstance(m, ZooModel)), None)
+            if base is None:
+                raise TypeError(f"ZooCache.for_model: {type(model).__name__} holds no zoo model; pass a "
+                                f"ZooForCausalLM, a ZooModel, or a PEFT model of one")
         param = next(base.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
