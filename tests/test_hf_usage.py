@@ -491,3 +491,22 @@ def test_modules_to_save_on_a_moe_layer_trains_it_with_its_aux_loss():
     out.loss.backward()
     copy = peft_model.base_model.model.model.layers[1].ffn.modules_to_save["default"]
     assert copy.router.weight.grad is not None and copy.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_a_cache_for_a_peft_model_is_built_from_the_model_it_wraps(name):
+    """ZooCache.for_model(peft_model), the cache a PEFT user builds to prefill once and generate from: it read
+    peft_model.model (the adapted ZooForCausalLM) as the ZooModel and failed with "'ZooForCausalLM' object has no
+    attribute 'layers'"."""
+    from zoo import ZooCache
+
+    model = get_peft_model(tiny(name).eval(), LoraConfig(r=4, init_lora_weights=False))
+    prompt = torch.randint(1, 512, (2, 7))
+    cache = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :-1], past_key_values=cache, use_cache=True)
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    out = model.generate(input_ids=prompt, past_key_values=cache, **kw)
+    assert torch.equal(out, model.generate(input_ids=prompt, **kw))
+    with pytest.raises(TypeError, match="holds no zoo model"):
+        ZooCache.for_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))

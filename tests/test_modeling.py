@@ -112,6 +112,25 @@ def test_get_seq_length_tracks_tokens():
     assert cache.get_seq_length() == 8
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_a_reset_cache_takes_a_new_sequence_of_any_batch_size(name):
+    """ZooCache.reset() then a new prompt: the recurrent layers kept their zeroed states (transformers' reset zeroes in
+    place), so the reset cache refused a batch of another size, naming batch_repeat_interleave; an attention layer
+    kept the old packed prompt's document ids and failed with a broadcast error."""
+    model = tiny(name)
+    cache = ZooCache.for_model(model)
+    old, new, step = torch.randint(1, 512, (2, 9)), torch.randint(1, 512, (3, 5)), torch.randint(1, 512, (3, 1))
+    with torch.no_grad():
+        model(old, position_ids=torch.cat([torch.arange(4), torch.arange(5)])[None].expand(2, -1),
+              past_key_values=cache, use_cache=True)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and cache.batch_size() is None
+        out = torch.cat([model(new, past_key_values=cache, use_cache=True).logits,
+                         model(step, past_key_values=cache, use_cache=True).logits], 1)
+        ref = model(torch.cat([new, step], 1), use_cache=False).logits
+    assert_close("logits after reset", out, ref, 1e-5)
+
+
 def test_labels_give_loss_with_moe_aux():
     model = tiny("jamba").train()
     ids = torch.randint(0, 512, (2, 16))
@@ -756,6 +775,24 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
         padded[0, 0] = 0
         with pytest.raises(ValueError, match="a static KV cache decodes unpadded, unpacked rows"):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_generate_from_a_static_cache_too_small_is_refused_before_the_first_step(name):
+    """A static cache (ZooCache.to_static) without room for max_new_tokens raised KVCacheFull at the step that found
+    it full: the tokens generated until then were lost and the user's cache was left full, so the call could not be
+    retried with it. It is refused before the first step now, naming the room needed; a cache of exactly that room
+    generates what a dynamic one does."""
+    model = tiny(name)
+    first = model.generate(torch.randint(1, 512, (2, 7)), max_new_tokens=2, do_sample=False, pad_token_id=0,
+                           return_dict_in_generate=True)
+    kw = dict(do_sample=False, pad_token_id=0)
+    cache = zoo.cache.output_cache(first).to_static(16)  # 8 tokens held, 8 more fit
+    with pytest.raises(zoo.cache.KVCacheFull, match=r"room for 16 tokens.*may need 17.*to_static\(max_len >= 17\)"):
+        model.generate(first.sequences, past_key_values=cache, max_new_tokens=9, **kw)
+    assert cache.get_seq_length() == 8  # untouched: the same cache generates the tokens that fit
+    out = model.generate(first.sequences, past_key_values=cache, max_new_tokens=8, **kw)
+    assert torch.equal(out, model.generate(first.sequences, max_new_tokens=8, **kw))
 
 
 class OwnInitMixer(StatelessMixer):

@@ -15,6 +15,7 @@ from zoo_kernels.gla.ref import gla_state_update_ref
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
 from zoo_kernels.ssd.ref import ssd_state_update_ref
 
+import zoo
 from zoo.cache import RecurrentLayer, output_cache
 from zoo.config import ZooConfig
 from zoo.mixers.gla import GLA
@@ -466,3 +467,45 @@ def test_mamba_heads_record_the_channels_they_group():
         warnings.simplefilter("error")  # a dividing group size says nothing
         result = record_state_statistics(model, ids, chunk_size=16, min_chunk=4, group_size=32)
     assert all(s["channels_per_head"] == 32 for s in result["layers"].values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_mitigation_carry_follows_beams_and_repeated_rows(kind):
+    """The window mitigation keeps the last r - 1 tokens' scan inputs on the cache layer (window_carry), per row:
+    beam search's reorder_cache left it in the old beam order (GLA's beam scores 1e-3 off a rerun of the returned
+    sequences), and a cache continued with beams or several sequences repeated the states but not the carry (a size
+    mismatch at the first step)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{kind}-tiny.yaml")).eval()
+    apply_mitigation(model, "window:r=4")
+    prompt = torch.randint(1, 512, (1, 7))
+    out = model.generate(prompt, max_new_tokens=6, num_beams=4, num_return_sequences=4, do_sample=False,
+                         pad_token_id=0, output_scores=True, return_dict_in_generate=True, length_penalty=0.0)
+    with torch.no_grad():
+        logp = model(out.sequences, use_cache=False).logits.log_softmax(-1)
+    recomputed = logp[:, 6:-1].gather(-1, out.sequences[:, 7:, None]).squeeze(-1).sum(-1)
+    assert_close("beam scores with the window mitigation", out.sequences_scores, recomputed, 1e-5)
+    first = model.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    kw = dict(max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False, pad_token_id=0)
+    continued = model.generate(first.sequences, past_key_values=output_cache(first), **kw)
+    assert torch.equal(continued, model.generate(first.sequences, **kw))
+
+
+def test_a_reset_cache_drops_the_window_mitigations_carry():
+    """reset() kept the window mitigation's carry (transformers' reset zeroes the states and keeps them, so the layer
+    still looked filled): the next sequence's first window read the old sequence's last inputs (GLA's logits 19% off
+    a fresh run, no error)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/gla-tiny.yaml")).eval()
+    apply_mitigation(model, "window:r=4")
+    cache = zoo.ZooCache.for_model(model)
+    old, new = torch.randint(1, 512, (1, 7)), torch.randint(1, 512, (1, 5))
+    with torch.no_grad():
+        model(old, past_key_values=cache, use_cache=True)
+        cache.reset()
+        out = model(new, past_key_values=cache, use_cache=True).logits
+        assert_close("logits after reset", out, model(new, use_cache=False).logits, 1e-5)

@@ -147,6 +147,37 @@ def test_graphable():
     assert not graphable(None)
 
 
+class PositionwiseMixer(torch.nn.Module):
+    """A custom mixer without a cache entry (`init_state` returns None): its output at a position reads that
+    position's input alone."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("case", ["transformerpp", "jamba", "mamba"])
+def test_a_position_wise_custom_mixer_decodes_with_static_buffers(case):
+    """A custom mixer whose init_state returns None (position-wise: the README's contract) leaves its cache layer
+    None; graphable() took that for an unprefilled cache, so StaticDecoder and GraphDecoder refused the model with
+    'not a prefilled zoo cache'."""
+    model = tiny(case) if case != "mamba" else AutoModelForCausalLM.from_config(
+        ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).eval()
+    model.model.layers[1].mixer = PositionwiseMixer(model.config.d_model)
+    prompt = torch.randint(1, 512, (2, 6))
+    ref = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)[:, 6:]
+    state = prefill(model, prompt)
+    assert graphable(state.cache)
+    tokens = torch.cat([state.next_ids, StaticDecoder(model, state, max_new_tokens=4).decode(4)], 1)
+    assert torch.equal(tokens, ref)
+
+
 def test_default_caches_stay_dynamic():
     from transformers.cache_utils import DynamicLayer
 

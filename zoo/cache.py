@@ -100,28 +100,43 @@ class RecurrentLayer(LinearAttentionLayer):
     def detach_(self) -> None:
         self.load_tensors([t.detach() for t in self.tensors()])
 
+    def _rows_of_extras(self, rows) -> None:
+        """Apply a batch reordering `rows` (tensor -> tensor) to the per-row tensors kept beside the states: the
+        last seq_idx, and the window mitigation's carried inputs (`window_carry`, zoo.state.mitigation: (r, tuple
+        of [B, <= r - 1, ...])). Left behind, beams read another beam's carry and a repeated cache met inputs of
+        other rows (a size mismatch)."""
+        if self.last_seq_idx is not None:
+            self.last_seq_idx = rows(self.last_seq_idx)
+        carry = getattr(self, "window_carry", None)
+        if carry is not None:
+            self.window_carry = (carry[0], tuple(rows(t) for t in carry[1]))
+
     # transformers' layers define these on DynamicLayer only (LinearAttentionLayer lacks them): ZooCache's
     # batch_repeat_interleave / batch_select_indices, and generate continuing a cache with beams, need them here
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.tensors():
             self.load_tensors([t.repeat_interleave(repeats, dim=0) for t in self.tensors()])
-        if self.last_seq_idx is not None:
-            self.last_seq_idx = self.last_seq_idx.repeat_interleave(repeats, dim=0)
+        self._rows_of_extras(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.tensors():
             self.load_tensors([t[indices, ...] for t in self.tensors()])
-        if self.last_seq_idx is not None:
-            self.last_seq_idx = self.last_seq_idx[indices.to(self.last_seq_idx.device)]
+        self._rows_of_extras(lambda t: t[indices.to(t.device)])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.last_seq_idx is not None:
-            self.last_seq_idx = self.last_seq_idx[beam_idx.to(self.last_seq_idx.device)]
+        self._rows_of_extras(lambda t: t[beam_idx.to(t.device)])
 
     def reset(self) -> None:
+        """Drop the states, as DynamicLayer.reset drops its keys: the layer is as new, for a sequence of any batch
+        size. (transformers' reset zeroed them in place and kept them, so a reset cache still held the old batch
+        size and refused another, and the window mitigation's carry fed the old sequence's inputs to the new one.)"""
+        for i in range(self.number_of_states):
+            self.conv_states[i] = self.recurrent_states[i] = None
+            self.is_conv_states_initialized[i] = self.is_recurrent_states_initialized[i] = False
         super().reset()
         self.last_seq_idx = None
+        self.window_carry = None
 
 
 def _rows_of_kv_seq_idx(layer, rows) -> None:
@@ -331,6 +346,13 @@ class ZooCache(Cache):
         "model", the recurrent layers of mixers whose steps take low-precision states (`low_precision_state`:
         Mamba, Mamba-2, GLA) keep their states in `dtype` (the model's) while decoding."""
         base = getattr(model, "model", model)
+        if not hasattr(base, "layers"):  # a wrapper: PEFT's PeftModel, whose .model is the adapted ZooForCausalLM
+            from zoo.modeling import ZooModel
+
+            base = next((m for m in model.modules() if isinstance(m, ZooModel)), None)
+            if base is None:
+                raise TypeError(f"ZooCache.for_model: {type(model).__name__} holds no zoo model; pass a "
+                                f"ZooForCausalLM, a ZooModel, or a PEFT model of one")
         param = next(base.parameters())
         dtype = dtype or param.dtype
         device = device or param.device
@@ -389,6 +411,8 @@ class ZooCache(Cache):
         for layer in self.layers:
             if layer is not None:
                 layer.reset()
+                if getattr(layer, "kv_seq_idx", None) is not None:
+                    layer.kv_seq_idx = None  # the dropped keys' document ids
         self.seen_tokens = 0
 
     @property

@@ -120,8 +120,11 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = 
 
 def graphable(cache: Any) -> bool:
     """Whether a CUDA graph can replay decode steps of a cache: a prefilled zoo cache whose layers are recurrent
-    (constant-size states) or attention layers that are static or can be made so (`ZooCache.to_static`)."""
+    (constant-size states), attention layers that are static or can be made so (`ZooCache.to_static`), or None (a
+    position-wise custom mixer, whose init_state gives no entry: it holds nothing)."""
     def ok(layer) -> bool:
+        if layer is None:
+            return True
         if isinstance(layer, RecurrentLayer):
             return layer.has_state
         if isinstance(layer, StaticKVLayer):

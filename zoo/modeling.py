@@ -19,7 +19,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from zoo_kernels.cross_entropy import cross_entropy
 
-from zoo.cache import RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
+from zoo.cache import KVCacheFull, RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
 from zoo.config import ZooConfig, check_mixer_options
 from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, load_balancing_loss, mark_no_weight_decay
 from zoo.registry import get_mixer, is_dotted_path
@@ -616,6 +616,15 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         user_cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
         if user_cache is not None:
             user_cache._is_user_defined = True
+            room = [layer.capacity for layer in user_cache.static_layers()] if isinstance(user_cache, ZooCache) else []
+            if room and min(room) < max_cache_length:
+                # checked before the first step: a full static layer raised KVCacheFull midway, losing the tokens
+                # generated so far and leaving the user's cache full, so the call could not be retried with it
+                raise KVCacheFull(f"generate: past_key_values is a static cache (ZooCache.to_static) with room for "
+                                  f"{min(room)} tokens in all, but this call may need {max_cache_length} (the prompt "
+                                  f"and max_new_tokens, less one); lower max_new_tokens (max_length), or make the "
+                                  f"dynamic cache static with ZooCache.to_static(max_len >= {max_cache_length}): a "
+                                  f"static cache cannot grow")
             return
         if generation_config.use_cache is False:
             return
