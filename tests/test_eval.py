@@ -288,6 +288,20 @@ def test_chunked_greedy_decoding_matches_generate():
     assert reference.shape[1] >= 1 and torch.equal(reference, chunked)
 
 
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3}],
+                         ids=["repetition_penalty", "no_repeat_ngram_size", "num_beams"])
+def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting):
+    """generate() took the checkpoint's generation_config.json: a repetition penalty (the key is twice in the prompt)
+    or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed."""
+    model = tiny_llama()
+    input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
+    plain = greedy_generate(model, input_ids, max_new_tokens=8)
+    for key, value in setting.items():
+        setattr(model.generation_config, key, value)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=8), plain)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=8, prefill_chunk_size=16), plain)
+
+
 # ---------------------------------------------------------------- per-position loss
 
 

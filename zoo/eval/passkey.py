@@ -114,6 +114,25 @@ def check_passkey(generated: str, key: int) -> bool:
     return match is not None and match.group() == str(key)
 
 
+# A checkpoint's generation_config.json applies to every generate() call: these would turn greedy decoding into beam
+# search or penalise the digits the prompt already holds (the key is written twice in the needle), so they are reset.
+GREEDY = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+          "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
+          "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+          "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+          "guidance_scale": None, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": None,
+          "watermarking_config": None, "stop_strings": None, "token_healing": None}
+
+
+def greedy_overrides(model) -> dict:
+    """The ``GREEDY`` keyword arguments this transformers' ``GenerationConfig`` knows (none for a stand-in model
+    without a ``generation_config``)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    return {key: value for key, value in GREEDY.items() if hasattr(config, key)}
+
+
 @torch.no_grad()
 def greedy_generate(
     model, input_ids: torch.Tensor, max_new_tokens: int = 8, prefill_chunk_size: int | None = None,
@@ -121,7 +140,8 @@ def greedy_generate(
 ) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` [1, T]; returns the new tokens [1, <= max_new_tokens].
 
-    Without ``prefill_chunk_size`` this is ``model.generate(do_sample=False)``. With it, the prompt is
+    Without ``prefill_chunk_size`` this is ``model.generate(do_sample=False)``, with the checkpoint's generation
+    settings that would change the argmax (beams, repetition penalties, ...) reset (``GREEDY``). With it, the prompt is
     prefilled in chunks that carry the cache (constant memory for recurrent models at 1M tokens) and
     decoding continues token by token from that cache. A model that cannot continue a chunk exactly from its
     cache (transformers' Mamba, ``zoo.decode.continues_chunks_exactly``) raises ValueError.
@@ -129,7 +149,7 @@ def greedy_generate(
     if prefill_chunk_size is None:
         kwargs = {"pad_token_id": eos_token_id, "eos_token_id": eos_token_id} if eos_token_id is not None else {}
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+                             max_new_tokens=max_new_tokens, do_sample=False, **greedy_overrides(model), **kwargs)
         return out[:, input_ids.shape[1] :]
     from zoo.decode import cache_argument, continues_chunks_exactly
 
