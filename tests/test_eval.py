@@ -258,6 +258,22 @@ def test_evaluate_passkey_with_fake_models(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_passkey_cells_do_not_depend_on_the_rest_of_the_grid():
+    """The keys came from one generator drawn cell after cell: the 600-token cells of --lengths 300,600 had other keys
+    (and so another accuracy) than the same cells of --lengths 600, and a sweep grown by one length changed them all."""
+    tokenizer = ByteTokenizer()
+
+    def keys(result, length):
+        return [(s["depth"], s["key"]) for s in result["samples"] if s["length"] == length]
+
+    both = evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[300, 600], depths=[0.0, 0.5], n_samples=3)
+    alone = evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[600], depths=[0.5, 0.0], n_samples=3)
+    assert sorted(keys(both, 600)) == sorted(keys(alone, 600))
+    assert len({k for _, k in keys(both, 600)}) == 6  # still fresh keys per prompt
+    fewer = evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[600], depths=[0.5], n_samples=2)
+    assert keys(fewer, 600) == keys(alone, 600)[:2]
+
+
 def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
     """--depths 0,25,50 (percent, as other needle tools take it) ran the depth-0 cells and then failed as
     'depth=25.0 must be in [0, 1]', naming no option; a length below the template failed the same way late."""

@@ -175,6 +175,15 @@ def greedy_generate(
     return torch.cat(new_tokens, dim=1)
 
 
+def cell_generator(seed: int, length: int, depth: float) -> torch.Generator:
+    """The generator of the keys of cell (length, depth): one per cell, so adding a length to a sweep (or running
+    a cell alone) leaves every other cell's keys, and so its accuracy, as they were."""
+    import numpy as np
+
+    entropy = [seed % 2**64, int(length), round(float(depth) * 10**9)]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
+
+
 def evaluate_passkey(
     model,
     tokenizer,
@@ -196,7 +205,8 @@ def evaluate_passkey(
         lengths: target prompt lengths in tokens.
         depths: needle depths in [0, 1].
         n_samples: prompts (distinct random keys) per cell.
-        seed: keys come from ``torch.Generator().manual_seed(seed)``.
+        seed: the keys of a cell come from a generator seeded by (seed, length, depth) (``cell_generator``), so a
+            cell's prompts do not depend on which other cells the grid holds.
         max_new_tokens: greedy tokens to decode.
         prefill_chunk_size: prefill in chunks carrying the cache instead of calling ``generate``.
         device: where the prompt goes; default the model's device.
@@ -228,7 +238,6 @@ def evaluate_passkey(
                          f"this tokenizer); give --lengths of at least {bare}")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
-    generator = torch.Generator().manual_seed(seed)
     cells = [(length, depth) for length in lengths for depth in depths]
     iterator = cells
     if progress:
@@ -241,6 +250,7 @@ def evaluate_passkey(
     n_filler: dict[int, int] = {}
     for length, depth in iterator:
         right, tokens = 0, 0
+        generator = cell_generator(seed, length, depth)
         for _ in range(n_samples):
             key = int(torch.randint(10000, 100000, (1,), generator=generator))
             prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length))
