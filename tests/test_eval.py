@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -651,3 +652,45 @@ def test_commands_keep_finished_cells_when_a_later_one_fails(checkpoint, tmp_pat
         length.main(["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens",
                      str(tmp_path / "docs.pt"), "--max-len", "40", "--device", "cpu", "--out", str(tmp_path / "len")])
     assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == ["a"]
+
+
+def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
+    """A rerun of zoo eval passkey after an interruption ran every cell again (hours at 1M tokens), and nothing told
+    apart a passkey.json of other settings. Now the finished cells of the same model files and settings are kept and
+    only the rest run (same result as one uninterrupted run); other settings or retrained weights start afresh."""
+    from zoo.eval import passkey
+
+    real_generate = passkey.greedy_generate
+    calls = []
+
+    def generate(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[1])
+        if fail and input_ids.shape[1] > 200:
+            raise RuntimeError("CUDA out of memory")
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    argv = ["--model", str(checkpoint), "--lengths", "128,256", "--depths", "0,1", "--n-samples", "2",
+            "--device", "cpu", "--out", str(tmp_path / "pk")]
+    fail = False
+    whole = passkey.main([*argv[:-1], str(tmp_path / "whole")])
+    fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        passkey.main(argv)
+    fail, calls[:] = False, []
+    resumed = passkey.main(argv)
+    assert "resuming" in capsys.readouterr().out
+    assert calls and all(n > 200 for n in calls) and len(calls) == 4  # the two 256-token cells only
+    assert resumed["rows"] == whole["rows"] and resumed["samples"] == whole["samples"]
+
+    calls[:] = []
+    passkey.main([*argv, "--seed", "1"])
+    assert "seed differ" in capsys.readouterr().out and len(calls) == 8
+    calls[:] = []
+    passkey.main([*argv, "--seed", "1"])
+    assert calls == []
+    weights = next(checkpoint.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # retrained in place: same name, new file
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    passkey.main([*argv, "--seed", "1"])
+    assert "weights differ" in capsys.readouterr().out and len(calls) == 8

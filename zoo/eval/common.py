@@ -215,6 +215,40 @@ def write_json(obj, path: str | Path) -> Path:
     return path
 
 
+def model_fingerprint(path: str) -> dict | str:
+    """What identifies ``--model``'s weights for a resumed run: size and modification time of each file of a local
+    folder (so weights retrained into the same folder are not taken for the old ones), a YAML's text, else the id."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.iterdir()) if f.is_file()}
+    if local.is_file():
+        return local.read_text()
+    return str(path)
+
+
+def resume(path: str | Path, config: dict, what: str) -> dict | None:
+    """The result saved at ``path`` (JSON) when its ``config`` equals ``config``, so a rerun skips its finished
+    cells; None when there is none, or (with a note naming the settings that differ) when it came from other
+    settings, which this run then replaces rather than mixing its cells with theirs."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    config = json.loads(json.dumps(config))  # as it reads back (tuples as lists)
+    previous = saved.get("config") if isinstance(saved, dict) else None
+    if previous == config:
+        print(f"{what}: resuming {path}: its finished cells are kept (delete it, or give another --out, to rerun "
+              f"them)")
+        return saved
+    differ = sorted(k for k in set(config) | set(previous or {}) if (previous or {}).get(k) != config.get(k))
+    print(f"{what}: {path} holds results of other settings ({', '.join(differ)} differ); they are replaced, not "
+          f"resumed")
+    return None
+
+
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
     """Rows of dicts as a markdown table; floats rounded to ``digits``."""
     if not rows:

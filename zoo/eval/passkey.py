@@ -25,8 +25,10 @@ from zoo.eval.common import (
     load_tokenizer,
     markdown_table,
     model_device,
+    model_fingerprint,
     parse_list,
     positive_int,
+    resume,
     write_json,
     write_rows,
 )
@@ -196,6 +198,7 @@ def evaluate_passkey(
     device: str | torch.device | None = None,
     progress: bool = False,
     on_cell: Callable[[dict], None] | None = None,
+    done: dict | None = None,
 ) -> dict:
     """Passkey accuracy for every (context length, depth) cell.
 
@@ -213,6 +216,8 @@ def evaluate_passkey(
         progress: show a tqdm bar.
         on_cell: called after every cell with the result so far (``rows``, ``samples``), e.g. to save it, so
             a sweep stopped at its longest lengths (out of memory, a lost job) keeps the cells it finished.
+        done: a saved result of the same model and settings (``rows``, ``samples``): its cells are kept and not
+            run again (a rerun after an interruption).
 
     Returns:
         dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
@@ -238,7 +243,9 @@ def evaluate_passkey(
                          f"this tokenizer); give --lengths of at least {bare}")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
-    cells = [(length, depth) for length in lengths for depth in depths]
+    rows, samples = (list(done["rows"]), list(done["samples"])) if done else ([], [])
+    finished = {(int(r["length"]), float(r["depth"])) for r in rows}
+    cells = [(length, depth) for length in lengths for depth in depths if (int(length), float(depth)) not in finished]
     iterator = cells
     if progress:
         from tqdm import tqdm
@@ -246,7 +253,6 @@ def evaluate_passkey(
         iterator = tqdm(cells, desc="passkey", unit="cell")
     if hasattr(model, "eval"):
         model.eval()
-    rows, samples = [], []
     n_filler: dict[int, int] = {}
     for length, depth in iterator:
         right, tokens = 0, 0
@@ -348,15 +354,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.mitigation is not None:
         apply_mitigation(model, args.mitigation)
     out = Path(args.out)
+    # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds
+    config = {"model": args.model, "weights": model_fingerprint(args.model), "tokenizer": args.tokenizer,
+              "dtype": args.dtype, "seed": args.seed, "n_samples": args.n_samples,
+              "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
+    done = resume(out / "passkey.json", config, "zoo eval passkey")
 
     def save(result: dict) -> None:  # after every cell: an interrupted sweep keeps what it finished
         write_rows(result["rows"], out / "passkey.csv")
         (out / "passkey.md").write_text(markdown_grid(result["rows"]) + "\n")
-        write_json(result | {"model": args.model}, out / "passkey.json")
+        write_json({"rows": result["rows"], "samples": result["samples"], "model": args.model, "config": config},
+                   out / "passkey.json")
 
     result = evaluate_passkey(model, tokenizer, parse_list(args.lengths), parse_list(args.depths, float),
                               args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
-                              progress=True, on_cell=save)
+                              progress=True, on_cell=save, done=done)
     result["model"] = args.model
     print(f"## passkey: {args.model}\n")
     print(markdown_grid(result["rows"]))
