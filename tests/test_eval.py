@@ -694,3 +694,36 @@ def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpo
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     passkey.main([*argv, "--seed", "1"])
     assert "weights differ" in capsys.readouterr().out and len(calls) == 8
+
+
+def test_synthetic_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval synthetic saved every finished cell but a rerun ran the whole grid again; now the cells of a JSON of
+    the same model and settings are kept and only the rest run, while other settings (--seed) start afresh."""
+    from zoo.eval import synthetic
+
+    real_predict = synthetic.predict_answers
+    lengths = []
+
+    def predict(model, input_ids, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        if fail and input_ids.shape[1] >= 64:
+            raise RuntimeError("CUDA out of memory")
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    argv = ["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "2,4", "--vocab-size",
+            "256", "--n-samples", "4", "--device", "cpu", "--out", str(tmp_path / "syn")]
+    fail = False
+    whole = synthetic.main([*argv[:-1], str(tmp_path / "whole")])
+    fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        synthetic.main(argv)
+    fail, lengths[:] = False, []
+    resumed = synthetic.main(argv)
+    assert "resuming" in capsys.readouterr().out
+    assert lengths == [64, 64]  # the two 64-token cells only
+    assert resumed["rows"] == whole["rows"] and resumed["by_seq_len"] == whole["by_seq_len"]
+    assert json.loads((tmp_path / "syn" / "mqar.json").read_text())["complete"] is True
+    lengths[:] = []
+    synthetic.main([*argv, "--seed", "1"])
+    assert "seed differ" in capsys.readouterr().out and lengths == [32, 32, 64, 64]
