@@ -727,3 +727,36 @@ def test_synthetic_rerun_skips_finished_cells_and_notices_changed_settings(check
     lengths[:] = []
     synthetic.main([*argv, "--seed", "1"])
     assert "seed differ" in capsys.readouterr().out and lengths == [32, 32, 64, 64]
+
+
+def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval length wrote length.json after every run, but a rerun evaluated every model again (at 1M tokens, the
+    long part of a sweep); now the curves of the same model files and settings are kept and only the rest run."""
+    from zoo.eval import length
+
+    real_length = length.evaluate_length
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if fail and len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_length(*args, **kwargs)
+
+    monkeypatch.setattr(length, "evaluate_length", evaluate)
+    torch.save(torch.randint(0, 64, (2, 40)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens", str(tmp_path / "docs.pt"),
+            "--max-len", "40", "--chunk-size", "16", "--device", "cpu", "--out", str(tmp_path / "len")]
+    fail = False
+    whole = length.main([*argv[:-1], str(tmp_path / "whole")])
+    fail, calls[:] = True, []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        length.main(argv)
+    fail, calls[:] = False, []
+    resumed = length.main(argv)
+    assert len(calls) == 1 and "a: kept" in capsys.readouterr().out  # b only
+    assert [resumed[k]["bins"] for k in "ab"] == [whole[k]["bins"] for k in "ab"]
+    assert (tmp_path / "len" / "length.png").stat().st_size > 0
+    calls[:] = []
+    length.main([*argv, "--bins-per-octave", "2"])
+    assert len(calls) == 2 and "under other settings" in capsys.readouterr().out

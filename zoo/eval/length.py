@@ -14,6 +14,7 @@ position t with t tokens of context.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from zoo.eval.common import (
     load_tokenizer,
     markdown_table,
     model_device,
+    model_fingerprint,
     parse_int,
     positive_int,
     write_json,
@@ -336,8 +338,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parse_mitigation(spec)
     runs = [(label, path, stem, spec) for label, path, stem in zip(labels, args.model, output_stems(labels))
             for spec in specs]
+    # what a curve depends on; a rerun keeps the curves length.json holds for the same (chunk and batch sizes, the
+    # device: how, not what)
+    stat = Path(args.tokens).stat() if args.tokens else None
+    documents_from = {"tokens": args.tokens, "tokens_file": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                      "tokenizer": args.tokenizer,
+                      "tokenizer_of": None if args.tokens or args.tokenizer else args.model[0],
+                      "n_docs": args.n_docs, "max_len": args.max_len, "seed": args.seed, "start": args.start,
+                      "dtype": args.dtype, "bins_per_octave": args.bins_per_octave}
+    previous = {}
+    if (out / "length.json").is_file():
+        try:
+            previous = json.loads((out / "length.json").read_text())
+        except ValueError:
+            previous = {}
     for base, path, stem, spec in runs:
         label = f"{base} [{spec}]" if args.mitigation else base
+        config = json.loads(json.dumps(documents_from | {"model": path, "weights": model_fingerprint(path),
+                                                         "mitigation": spec}))
+        kept = previous.get(label) if isinstance(previous, dict) else None
+        if isinstance(kept, dict) and kept.get("config") == config and "bins" in kept:
+            print(f"## {label}: kept from {out / 'length.json'} (same model and settings; delete it, or give another "
+                  f"--out, to evaluate it again)\n")
+            results[label], summary[label] = kept, kept
+            write_json(summary, out / "length.json")
+            continue
+        if isinstance(kept, dict):
+            print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
         model = load_model(path, args.device, args.dtype)
         if spec is not None:
             apply_mitigation(model, spec)
@@ -353,7 +380,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_rows(result["bins"], out / f"{stem}.csv")
         torch.save({"mean": result["mean"], "count": result["count"]}, out / f"{stem}-per-position.pt")
         summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path,
-                                                                                             "mitigation": spec}
+                                                                                             "mitigation": spec,
+                                                                                             "config": config}
         write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
     png = plot_length_curves(results, out / "length.png", args.train_length)
     print(f"wrote {out}/*.csv, length.json and {png}")
