@@ -243,7 +243,10 @@ def resume(path: str | Path, config: dict, what: str) -> dict | None:
         print(f"{what}: resuming {path}: its finished cells are kept (delete it, or give another --out, to rerun "
               f"them)")
         return saved
-    differ = sorted(k for k in set(config) | set(previous or {}) if (previous or {}).get(k) != config.get(k))
+    if not isinstance(previous, dict):
+        print(f"{what}: {path} does not record the settings of its results; they are replaced, not resumed")
+        return None
+    differ = sorted(k for k in set(config) | set(previous) if previous.get(k) != config.get(k))
     print(f"{what}: {path} holds results of other settings ({', '.join(differ)} differ); they are replaced, not "
           f"resumed")
     return None
