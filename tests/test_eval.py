@@ -760,3 +760,17 @@ def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoin
     calls[:] = []
     length.main([*argv, "--bins-per-octave", "2"])
     assert len(calls) == 2 and "under other settings" in capsys.readouterr().out
+
+
+def test_length_evaluates_every_document_of_a_tokens_file_whole(checkpoint, tmp_path):
+    """--n-docs (4) and --max-len (16384) are the built-in corpus's defaults, but they also cut a --tokens file: 6
+    held-out documents gave a curve of 4, and documents of 20K tokens were cut to 16K, without a word."""
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (6, 70)), tmp_path / "docs.pt")
+    summary = length.main(["--model", str(checkpoint), "--label", "tiny", "--tokens", str(tmp_path / "docs.pt"),
+                           "--device", "cpu", "--out", str(tmp_path / "len")])
+    assert summary["tiny"]["n_documents"] == 6 and summary["tiny"]["max_len"] == 70
+    torch.save([torch.randint(0, 64, (20000,))], tmp_path / "long.pt")
+    assert [len(d) for d in length.load_documents(str(tmp_path / "long.pt"), None, None)] == [20000]
+    assert [len(d) for d in length.load_documents(str(tmp_path / "long.pt"), 1, 100)] == [100]  # when asked
