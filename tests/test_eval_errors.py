@@ -338,3 +338,12 @@ def test_state_compare_with_forget_and_calibrated_norm(tmp_path):
                 "--mitigation", "forget:c_alpha=0.99"])
     saved = json.loads((tmp_path / "state" / "state.json").read_text())["runs"]
     assert list(saved)[0] == "none" and list(saved)[1].startswith("forget:c_alpha=0.99+norm:threshold=1x prefix 16")
+
+
+def test_synthetic_vocabulary_larger_than_the_model_names_the_option(tmp_path, capsys):
+    """zoo eval synthetic on a small-vocabulary model with the task's default vocabulary (MQAR: 8192) said only
+    'model vocab_size=64 is smaller than the task's vocab_size=8192', not which option fixes it."""
+    model = save_tiny_checkpoint(tmp_path / "llama")
+    code, err = run_cli(["eval", "synthetic", "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "o")],
+                        capsys)
+    assert code == 2 and re.search(r"vocab_size=8192 .*--vocab-size\) of at most 64", err), err

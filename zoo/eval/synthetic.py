@@ -125,7 +125,9 @@ def evaluate_synthetic(
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     task_vocab = task_kwargs.get("vocab_size", task_default(task, "vocab_size"))
     if vocab_size is not None and vocab_size < task_vocab:
-        raise ValueError(f"model vocab_size={vocab_size} is smaller than the task's vocab_size={task_vocab}")
+        raise ValueError(f"model vocab_size={vocab_size} is smaller than the task's vocab_size={task_vocab} (its rows "
+                         f"would hold ids the model has no embedding for); give the task a vocab_size (--vocab-size) "
+                         f"of at most {vocab_size}")
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
