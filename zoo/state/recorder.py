@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.cache import RecurrentLayer, output_cache
-from zoo.state.mitigation import format_spec, head_view, recurrent_mixers
+from zoo.state.mitigation import format_spec, head_view, no_zoo_mixer, recurrent_mixers
 
 STATE_STATS = ("state_mean", "state_var", "state_rms", "state_norm")
 DECAY_STATS = ("delta_mean", "log_alpha_mean", "alpha_mean", "log_alpha_cumsum")
@@ -52,9 +52,8 @@ def mixer_kind(mixer) -> str:
 def check_recurrent(model, what: str) -> None:
     """Refuse a model without a recurrent zoo mixer: it has no state, and the statistics would be the loss alone."""
     if not recurrent_mixers(model):
-        raise ValueError(f"{what}: {type(model).__name__} has no recurrent layer (zoo mamba, mamba2 or gla mixer), "
-                         f"so no state to record; use a zoo model with one (a hybrid is fine), or zoo eval length "
-                         f"for the per-position loss")
+        raise ValueError(f"{what}: {no_zoo_mixer(model)}; so no state to record (zoo eval length gives the "
+                         f"per-position loss of any model)")
 
 
 def chunk_ends(length: int, chunk_size: int, points_per_octave: int = 2, min_chunk: int = 16) -> list[int]:
