@@ -223,6 +223,24 @@ def test_passkey_prompt_length_and_depth(which, length, hf_tokenizer):
         build_passkey_prompt(tokenizer, 10, 0.5, 12345)
 
 
+def test_passkey_prompt_drops_an_eos_the_tokenizer_appends(hf_tokenizer):
+    """A tokenizer that appends EOS on encode (add_eos_token, a '$A </s>' template) made every passkey prompt end
+    '... The passkey is</s>': the model was asked to continue after the end of a document."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(hf_tokenizer.backend_tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0),
+                                                                                                ("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    assert tokenizer.encode("x")[-1] == tokenizer.eos_token_id
+    prompt = build_passkey_prompt(tokenizer, 300, 0.5, key=48213)
+    assert prompt.input_ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in prompt.input_ids
+    assert prompt.input_ids == build_passkey_prompt(hf_tokenizer, 300, 0.5, key=48213).input_ids
+
+
 def test_check_passkey_is_exact():
     assert check_passkey(" 48213. Remember", 48213)
     assert check_passkey("48213", 48213)

@@ -129,12 +129,18 @@ def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], wha
 
 def encode_with_bos(tokenizer, text: str) -> list[int]:
     """``tokenizer.encode(text)`` as a list, with the BOS token in front when the tokenizer has one and did
-    not add it (zoo models train on ``<bos>`` + text)."""
+    not add it (zoo models train on ``<bos>`` + text), and without an EOS token the tokenizer appended (one set to
+    ``add_eos_token``): this is a prompt to continue, and after an EOS the model starts a new document."""
     ids = tokenizer.encode(text)
     if hasattr(ids, "input_ids"):
         ids = ids.input_ids
     ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
     bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos != bos and ids and ids[-1] == eos:
+        eos_text = getattr(tokenizer, "eos_token", None)
+        if not (isinstance(eos_text, str) and eos_text and text.rstrip().endswith(eos_text)):  # not in the text
+            ids = ids[:-1]
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return ids
