@@ -466,3 +466,26 @@ def test_mamba_heads_record_the_channels_they_group():
         warnings.simplefilter("error")  # a dividing group size says nothing
         result = record_state_statistics(model, ids, chunk_size=16, min_chunk=4, group_size=32)
     assert all(s["channels_per_head"] == 32 for s in result["layers"].values())
+
+
+def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
+    """calibrate_norm_threshold sampled the prefix's state only every chunk_size (1024) tokens: on a 256-token prefix
+    that was the last state alone, so a head whose norm peaked earlier got a threshold below its largest norm and
+    factor 1 capped the reference prefix itself. The cap acts every `chunk` tokens; the threshold now is the
+    largest norm at those points."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold, record_state_statistics
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 256))
+    stats = record_state_statistics(model, ids, chunk_size=64, points_per_octave=0)
+    thresholds = calibrate_norm_threshold(model, ids, factor=1.0, chunk=64)
+    for layer, threshold in thresholds.items():
+        largest = torch.tensor(stats["layers"][layer]["state_norm"]).max(dim=0).values.float()
+        assert torch.allclose(threshold, largest, rtol=1e-6), (layer, threshold, largest)
+    with torch.no_grad():
+        capped = model(ids).logits
+        apply_mitigation(model, None)
+        assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)

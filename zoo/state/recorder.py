@@ -227,15 +227,18 @@ def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0
                              chunk_size: int = 1024, group_size: int = 64) -> dict[int, torch.Tensor]:
     """Set a per-head state-norm cap on every recurrent mixer from a reference prefix (Stuffed Mamba's state
     normalization): threshold = factor · the largest batch-mean head norm seen over `input_ids` [B, T]
-    by the unmitigated model. Forget / window settings already on a mixer are kept; returns the thresholds
-    per layer."""
+    by the unmitigated model, at every point where the cap acts (each `chunk` tokens and the end: the prefix runs
+    in forwards of gcd(chunk_size, chunk) tokens). Forget / window settings already on a mixer are kept; returns
+    the thresholds per layer."""
     check_recurrent(model, "calibrate_norm_threshold")
     mixers = recurrent_mixers(model)
     saved = {id(m): m.mitigation for m in mixers}
     for m in mixers:
         m.mitigation = None
     try:
-        stats = record_state_statistics(model, input_ids, chunk_size=chunk_size, points_per_octave=0,
+        # sampled where the cap checks (a norm that peaks between two chunk_size ends was missed, so factor 1 capped
+        # the reference prefix itself)
+        stats = record_state_statistics(model, input_ids, chunk_size=math.gcd(chunk_size, chunk), points_per_octave=0,
                                         group_size=group_size)
     finally:
         for m in mixers:
