@@ -115,9 +115,8 @@ def report(sweep: dict) -> tuple[str, dict]:
     from zoo.eval.common import markdown_table
 
     out = Path(sweep["output_dir"])
-    evaluations_file = out / "evaluations.json"
-    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
     ev = sweep["eval"]
+    evaluations = _state_capacity().current_evaluations(out, _state_capacity().expand_runs(sweep), ev)
     text = f"# state collapse and mitigations: {out}\n\n"
     summary = {}
     for run in _state_capacity().expand_runs(sweep):

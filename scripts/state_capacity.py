@@ -20,6 +20,8 @@ collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
 the recurrent state in millions of floats (SSM states only, no conv buffers: n_heads·head_dim·d_state per
 mamba2 layer, as the paper counts), compared with the paper's 5.172 · S − 4.469. Writes summary.md,
 summary.json, capacity.png (collapse map, fit and the paper's line) and one length-curve PNG per run.
+A rerun reuses a run's evaluation when evaluations-settings.json records the same model (done.json) and curve
+settings; curves saved under other settings are left out of the table, the fit and the collapse report.
 """
 
 from __future__ import annotations
@@ -277,6 +279,41 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
     return out
 
 
+def evaluation_settings(run: dict, ev: dict) -> dict:
+    """What a run's saved curves depend on: its training config and the eval settings that shape a curve (margin
+    and factor only judge it, so they may change without a new evaluation)."""
+    curve = {k: v for k, v in ev.items() if k not in ("factor", "margin")}
+    return json.loads(json.dumps({"train": run["config"].to_dict(), "eval": curve}))
+
+
+def done_stamp(run: dict) -> dict | None:
+    """The run's done.json (its config, model folder, seconds): a model retrained in place has another."""
+    done = Path(run["config"].output_dir) / "done.json"
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def current_evaluations(out: Path, runs: list[dict], ev: dict) -> dict:
+    """evaluations.json's curves of the runs whose recorded settings (evaluations-settings.json) are the sweep's
+    current ones; a run evaluated under other settings is left out with a note, so a table, a fit or a collapse
+    report never mixes curves of different eval settings or training configs (files written before the settings
+    were recorded are taken as they are)."""
+    evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
+    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    kept = {}
+    for run in runs:
+        name = run["name"]
+        if name not in evaluations:
+            continue
+        recorded = settings.get(name)
+        if recorded is not None and recorded["curves"] != evaluation_settings(run, ev):
+            print(f"{name}: left out: its saved curves were evaluated under other settings (the sweep's training "
+                  f"config or eval section changed since); run it again to evaluate it")
+            continue
+        kept[name] = evaluations[name]
+    return kept
+
+
 def plot_capacity(sizes: dict[str, float], lengths: list[int], collapsed: dict, shortest: dict,
                   fit: tuple[float, float] | None, path: Path) -> Path:
     import matplotlib
@@ -341,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"tokens -> {c.output_dir}")
         return 0
     ev = sweep["eval"]
-    evaluations_file = out / "evaluations.json"
+    evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
     evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
         from zoo.eval.length import load_documents, plot_length_curves
@@ -352,13 +390,20 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             if args.only and run["model"] not in args.only:
                 continue
-            model_dir = train_run(run)
+            model_dir = train_run(run)  # reused when done.json records the same config
+            wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+            if run["name"] in evaluations and settings.get(run["name"]) == wanted:
+                print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
+                continue
             evaluations[run["name"]] = evaluate_run(run, model_dir, documents, ev)
+            settings[run["name"]] = wanted
             out.mkdir(parents=True, exist_ok=True)
             evaluations_file.write_text(json.dumps(evaluations, indent=1))
+            settings_file.write_text(json.dumps(settings, indent=1))
             curves = {spec: {"bins": e["bins"]} for spec, e in evaluations[run["name"]].items()}
             plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
     # re-judge from the saved curves (margin and factor may have been overridden)
+    evaluations = current_evaluations(out, runs, ev)
     table, collapsed = [], {}
     for run in runs:
         saved = evaluations.get(run["name"])

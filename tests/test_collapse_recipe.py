@@ -174,3 +174,46 @@ def test_sweep_eval_values_are_checked_at_load(capsys, bad, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
     # the recipes' own values, and a chunk_size of null (one forward per document), still load
     capacity.load_sweep(ROOT / "configs/train/state-capacity.yaml", ["eval.chunk_size=null"])
+
+
+def test_sweep_rerun_keeps_evaluations_and_leaves_out_curves_of_other_settings(tmp_path, monkeypatch, capsys):
+    """A rerun of the sweep (after an interruption, or to add a model with --only) evaluated every trained run again
+    (training was skipped through done.json, the long evaluations were not), and curves saved under other eval
+    settings stayed in evaluations.json and went into the table, fit and collapse report beside the new ones."""
+    collapse = load_script("scripts/collapse.py")
+    capacity = collapse._state_capacity()
+    evaluated = []
+    edges = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "done.json").is_file():
+            (out / "done.json").write_text(json.dumps({"model": str(out), "seconds": 1.0}))
+        return out
+
+    def evaluate_run(run, model_dir, documents, ev):
+        evaluated.append((run["name"], ev["max_len"]))
+        bins = [{"start": a, "end": b, "mean_loss": 2.0, "n_tokens": b - a}
+                for a, b in zip(edges, edges[1:]) if b <= ev["max_len"]]
+        return {spec: {"bins": bins} for spec in ["none", *ev["mitigations"]]}
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
+    config = str(ROOT / "configs/train/collapse.yaml")
+    base = [config, f"--output_dir={tmp_path}", "--eval.n_docs=1"]
+    collapse.main(base)
+    assert sorted(evaluated) == [("default-L64", 1024), ("slow_decay-L64", 1024)]
+    evaluated.clear()
+    collapse.main(base)
+    assert evaluated == [] and "evaluation kept" in capsys.readouterr().out
+    collapse.main([*base, "--eval.margin=0.2"])  # judging only: nothing to evaluate again
+    assert evaluated == []
+    collapse.main([*base, "--only", "slow_decay", "--eval.max_len=512"])
+    assert evaluated == [("slow_decay-L64", 512)]
+    assert "default-L64: left out" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "collapse.json").read_text())) == ["slow_decay-L64"]
+    evaluated.clear()
+    (tmp_path / "slow_decay-L64" / "done.json").write_text(json.dumps({"model": "x", "seconds": 2.0}))  # retrained
+    collapse.main([*base, "--only", "slow_decay", "--eval.max_len=512"])
+    assert evaluated == [("slow_decay-L64", 512)]

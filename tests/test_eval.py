@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -222,6 +223,24 @@ def test_passkey_prompt_length_and_depth(which, length, hf_tokenizer):
         build_passkey_prompt(tokenizer, 10, 0.5, 12345)
 
 
+def test_passkey_prompt_drops_an_eos_the_tokenizer_appends(hf_tokenizer):
+    """A tokenizer that appends EOS on encode (add_eos_token, a '$A </s>' template) made every passkey prompt end
+    '... The passkey is</s>': the model was asked to continue after the end of a document."""
+    import copy
+
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(hf_tokenizer.backend_tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0),
+                                                                                                ("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    assert tokenizer.encode("x")[-1] == tokenizer.eos_token_id
+    prompt = build_passkey_prompt(tokenizer, 300, 0.5, key=48213)
+    assert prompt.input_ids[0] == tokenizer.bos_token_id and tokenizer.eos_token_id not in prompt.input_ids
+    assert prompt.input_ids == build_passkey_prompt(hf_tokenizer, 300, 0.5, key=48213).input_ids
+
+
 def test_check_passkey_is_exact():
     assert check_passkey(" 48213. Remember", 48213)
     assert check_passkey("48213", 48213)
@@ -258,6 +277,22 @@ def test_evaluate_passkey_with_fake_models(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_passkey_cells_do_not_depend_on_the_rest_of_the_grid():
+    """The keys came from one generator drawn cell after cell: the 600-token cells of --lengths 300,600 had other keys
+    (and so another accuracy) than the same cells of --lengths 600, and a sweep grown by one length changed them all."""
+    tokenizer = ByteTokenizer()
+
+    def keys(result, length):
+        return [(s["depth"], s["key"]) for s in result["samples"] if s["length"] == length]
+
+    both = evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[300, 600], depths=[0.0, 0.5], n_samples=3)
+    alone = evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[600], depths=[0.5, 0.0], n_samples=3)
+    assert sorted(keys(both, 600)) == sorted(keys(alone, 600))
+    assert len({k for _, k in keys(both, 600)}) == 6  # still fresh keys per prompt
+    fewer = evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[600], depths=[0.5], n_samples=2)
+    assert keys(fewer, 600) == keys(alone, 600)[:2]
+
+
 def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
     """--depths 0,25,50 (percent, as other needle tools take it) ran the depth-0 cells and then failed as
     'depth=25.0 must be in [0, 1]', naming no option; a length below the template failed the same way late."""
@@ -286,6 +321,20 @@ def test_chunked_greedy_decoding_matches_generate():
     reference = greedy_generate(model, input_ids, max_new_tokens=6, eos_token_id=eos)
     chunked = greedy_generate(model, input_ids, max_new_tokens=6, prefill_chunk_size=16, eos_token_id=eos)
     assert reference.shape[1] >= 1 and torch.equal(reference, chunked)
+
+
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3}],
+                         ids=["repetition_penalty", "no_repeat_ngram_size", "num_beams"])
+def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting):
+    """generate() took the checkpoint's generation_config.json: a repetition penalty (the key is twice in the prompt)
+    or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed."""
+    model = tiny_llama()
+    input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
+    plain = greedy_generate(model, input_ids, max_new_tokens=8)
+    for key, value in setting.items():
+        setattr(model.generation_config, key, value)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=8), plain)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=8, prefill_chunk_size=16), plain)
 
 
 # ---------------------------------------------------------------- per-position loss
@@ -621,3 +670,125 @@ def test_commands_keep_finished_cells_when_a_later_one_fails(checkpoint, tmp_pat
         length.main(["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens",
                      str(tmp_path / "docs.pt"), "--max-len", "40", "--device", "cpu", "--out", str(tmp_path / "len")])
     assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == ["a"]
+
+
+def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
+    """A rerun of zoo eval passkey after an interruption ran every cell again (hours at 1M tokens), and nothing told
+    apart a passkey.json of other settings. Now the finished cells of the same model files and settings are kept and
+    only the rest run (same result as one uninterrupted run); other settings or retrained weights start afresh."""
+    from zoo.eval import passkey
+
+    real_generate = passkey.greedy_generate
+    calls = []
+
+    def generate(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[1])
+        if fail and input_ids.shape[1] > 200:
+            raise RuntimeError("CUDA out of memory")
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    argv = ["--model", str(checkpoint), "--lengths", "128,256", "--depths", "0,1", "--n-samples", "2",
+            "--device", "cpu", "--out", str(tmp_path / "pk")]
+    fail = False
+    whole = passkey.main([*argv[:-1], str(tmp_path / "whole")])
+    fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        passkey.main(argv)
+    fail, calls[:] = False, []
+    resumed = passkey.main(argv)
+    assert "resuming" in capsys.readouterr().out
+    assert calls and all(n > 200 for n in calls) and len(calls) == 4  # the two 256-token cells only
+    assert resumed["rows"] == whole["rows"] and resumed["samples"] == whole["samples"]
+
+    calls[:] = []
+    passkey.main([*argv, "--seed", "1"])
+    assert "seed differ" in capsys.readouterr().out and len(calls) == 8
+    calls[:] = []
+    passkey.main([*argv, "--seed", "1"])
+    assert calls == []
+    weights = next(checkpoint.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # retrained in place: same name, new file
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    passkey.main([*argv, "--seed", "1"])
+    assert "weights differ" in capsys.readouterr().out and len(calls) == 8
+
+
+def test_synthetic_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval synthetic saved every finished cell but a rerun ran the whole grid again; now the cells of a JSON of
+    the same model and settings are kept and only the rest run, while other settings (--seed) start afresh."""
+    from zoo.eval import synthetic
+
+    real_predict = synthetic.predict_answers
+    lengths = []
+
+    def predict(model, input_ids, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        if fail and input_ids.shape[1] >= 64:
+            raise RuntimeError("CUDA out of memory")
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    argv = ["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "2,4", "--vocab-size",
+            "256", "--n-samples", "4", "--device", "cpu", "--out", str(tmp_path / "syn")]
+    fail = False
+    whole = synthetic.main([*argv[:-1], str(tmp_path / "whole")])
+    fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        synthetic.main(argv)
+    fail, lengths[:] = False, []
+    resumed = synthetic.main(argv)
+    assert "resuming" in capsys.readouterr().out
+    assert lengths == [64, 64]  # the two 64-token cells only
+    assert resumed["rows"] == whole["rows"] and resumed["by_seq_len"] == whole["by_seq_len"]
+    assert json.loads((tmp_path / "syn" / "mqar.json").read_text())["complete"] is True
+    lengths[:] = []
+    synthetic.main([*argv, "--seed", "1"])
+    assert "seed differ" in capsys.readouterr().out and lengths == [32, 32, 64, 64]
+
+
+def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval length wrote length.json after every run, but a rerun evaluated every model again (at 1M tokens, the
+    long part of a sweep); now the curves of the same model files and settings are kept and only the rest run."""
+    from zoo.eval import length
+
+    real_length = length.evaluate_length
+    calls = []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        if fail and len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return real_length(*args, **kwargs)
+
+    monkeypatch.setattr(length, "evaluate_length", evaluate)
+    torch.save(torch.randint(0, 64, (2, 40)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens", str(tmp_path / "docs.pt"),
+            "--max-len", "40", "--chunk-size", "16", "--device", "cpu", "--out", str(tmp_path / "len")]
+    fail = False
+    whole = length.main([*argv[:-1], str(tmp_path / "whole")])
+    fail, calls[:] = True, []
+    with pytest.raises(RuntimeError, match="out of memory"):
+        length.main(argv)
+    fail, calls[:] = False, []
+    resumed = length.main(argv)
+    assert len(calls) == 1 and "a: kept" in capsys.readouterr().out  # b only
+    assert [resumed[k]["bins"] for k in "ab"] == [whole[k]["bins"] for k in "ab"]
+    assert (tmp_path / "len" / "length.png").stat().st_size > 0
+    calls[:] = []
+    length.main([*argv, "--bins-per-octave", "2"])
+    assert len(calls) == 2 and "under other settings" in capsys.readouterr().out
+
+
+def test_length_evaluates_every_document_of_a_tokens_file_whole(checkpoint, tmp_path):
+    """--n-docs (4) and --max-len (16384) are the built-in corpus's defaults, but they also cut a --tokens file: 6
+    held-out documents gave a curve of 4, and documents of 20K tokens were cut to 16K, without a word."""
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (6, 70)), tmp_path / "docs.pt")
+    summary = length.main(["--model", str(checkpoint), "--label", "tiny", "--tokens", str(tmp_path / "docs.pt"),
+                           "--device", "cpu", "--out", str(tmp_path / "len")])
+    assert summary["tiny"]["n_documents"] == 6 and summary["tiny"]["max_len"] == 70
+    torch.save([torch.randint(0, 64, (20000,))], tmp_path / "long.pt")
+    assert [len(d) for d in length.load_documents(str(tmp_path / "long.pt"), None, None)] == [20000]
+    assert [len(d) for d in length.load_documents(str(tmp_path / "long.pt"), 1, 100)] == [100]  # when asked

@@ -338,3 +338,31 @@ def test_state_compare_with_forget_and_calibrated_norm(tmp_path):
                 "--mitigation", "forget:c_alpha=0.99"])
     saved = json.loads((tmp_path / "state" / "state.json").read_text())["runs"]
     assert list(saved)[0] == "none" and list(saved)[1].startswith("forget:c_alpha=0.99+norm:threshold=1x prefix 16")
+
+
+def test_synthetic_vocabulary_larger_than_the_model_names_the_option(tmp_path, capsys):
+    """zoo eval synthetic on a small-vocabulary model with the task's default vocabulary (MQAR: 8192) said only
+    'model vocab_size=64 is smaller than the task's vocab_size=8192', not which option fixes it."""
+    model = save_tiny_checkpoint(tmp_path / "llama")
+    code, err = run_cli(["eval", "synthetic", "--model", str(model), "--device", "cpu", "--out", str(tmp_path / "o")],
+                        capsys)
+    assert code == 2 and re.search(r"vocab_size=8192 .*--vocab-size\) of at most 64", err), err
+
+
+def test_state_tools_on_a_transformers_mamba_say_to_convert_it(tmp_path, capsys):
+    """zoo eval state (and --mitigation of every eval command) on a transformers Mamba checkpoint said
+    'MambaForCausalLM has no recurrent layer' / 'the model has no recurrent mixer': wrong for a Mamba, and no way
+    forward. They now say its layers are not zoo mixers and name the conversion that brings it into the zoo."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    path = tmp_path / "hf-mamba"
+    config = MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
+    MambaForCausalLM(config).save_pretrained(path)
+    torch.save(torch.randint(0, 64, (1, 40)), tmp_path / "docs.pt")
+    code, err = run_cli(["eval", "state", "--model", str(path), "--tokens", str(tmp_path / "docs.pt"), "--max-len",
+                         "32", "--device", "cpu", "--out", str(tmp_path / "state")], capsys)
+    assert code == 2 and "zoo convert SRC DST --from hf-mamba" in err and "no recurrent layer" not in err, err
+    code, err = run_cli(["eval", "length", "--model", str(path), "--tokens", str(tmp_path / "docs.pt"), "--mitigation",
+                         "forget:c_alpha=0.99", "--device", "cpu", "--out", str(tmp_path / "len")], capsys)
+    assert code == 2 and "--mitigation" in err and "zoo convert SRC DST --from hf-mamba" in err, err

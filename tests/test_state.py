@@ -509,3 +509,26 @@ def test_a_reset_cache_drops_the_window_mitigations_carry():
         cache.reset()
         out = model(new, past_key_values=cache, use_cache=True).logits
         assert_close("logits after reset", out, model(new, use_cache=False).logits, 1e-5)
+
+
+def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
+    """calibrate_norm_threshold sampled the prefix's state only every chunk_size (1024) tokens: on a 256-token prefix
+    that was the last state alone, so a head whose norm peaked earlier got a threshold below its largest norm and
+    factor 1 capped the reference prefix itself. The cap acts every `chunk` tokens; the threshold now is the
+    largest norm at those points."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold, record_state_statistics
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 256))
+    stats = record_state_statistics(model, ids, chunk_size=64, points_per_octave=0)
+    thresholds = calibrate_norm_threshold(model, ids, factor=1.0, chunk=64)
+    for layer, threshold in thresholds.items():
+        largest = torch.tensor(stats["layers"][layer]["state_norm"]).max(dim=0).values.float()
+        assert torch.allclose(threshold, largest, rtol=1e-6), (layer, threshold, largest)
+    with torch.no_grad():
+        capped = model(ids).logits
+        apply_mitigation(model, None)
+        assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)

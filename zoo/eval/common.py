@@ -129,12 +129,18 @@ def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], wha
 
 def encode_with_bos(tokenizer, text: str) -> list[int]:
     """``tokenizer.encode(text)`` as a list, with the BOS token in front when the tokenizer has one and did
-    not add it (zoo models train on ``<bos>`` + text)."""
+    not add it (zoo models train on ``<bos>`` + text), and without an EOS token the tokenizer appended (one set to
+    ``add_eos_token``): this is a prompt to continue, and after an EOS the model starts a new document."""
     ids = tokenizer.encode(text)
     if hasattr(ids, "input_ids"):
         ids = ids.input_ids
     ids = ids.reshape(-1).tolist() if isinstance(ids, torch.Tensor) else list(ids)
     bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos != bos and ids and ids[-1] == eos:
+        eos_text = getattr(tokenizer, "eos_token", None)
+        if not (isinstance(eos_text, str) and eos_text and text.rstrip().endswith(eos_text)):  # not in the text
+            ids = ids[:-1]
     if bos is not None and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return ids
@@ -213,6 +219,43 @@ def write_json(obj, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
     return path
+
+
+def model_fingerprint(path: str) -> dict | str:
+    """What identifies ``--model``'s weights for a resumed run: size and modification time of each file of a local
+    folder (so weights retrained into the same folder are not taken for the old ones), a YAML's text, else the id."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.iterdir()) if f.is_file()}
+    if local.is_file():
+        return local.read_text()
+    return str(path)
+
+
+def resume(path: str | Path, config: dict, what: str) -> dict | None:
+    """The result saved at ``path`` (JSON) when its ``config`` equals ``config``, so a rerun skips its finished
+    cells; None when there is none, or (with a note naming the settings that differ) when it came from other
+    settings, which this run then replaces rather than mixing its cells with theirs."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    config = json.loads(json.dumps(config))  # as it reads back (tuples as lists)
+    previous = saved.get("config") if isinstance(saved, dict) else None
+    if previous == config:
+        print(f"{what}: resuming {path}: its finished cells are kept (delete it, or give another --out, to rerun "
+              f"them)")
+        return saved
+    if not isinstance(previous, dict):
+        print(f"{what}: {path} does not record the settings of its results; they are replaced, not resumed")
+        return None
+    differ = sorted(k for k in set(config) | set(previous) if previous.get(k) != config.get(k))
+    print(f"{what}: {path} holds results of other settings ({', '.join(differ)} differ); they are replaced, not "
+          f"resumed")
+    return None
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:

@@ -14,6 +14,7 @@ position t with t tokens of context.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,7 @@ from zoo.eval.common import (
     load_tokenizer,
     markdown_table,
     model_device,
+    model_fingerprint,
     parse_int,
     positive_int,
     write_json,
@@ -224,11 +226,17 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
     return documents
 
 
+# the built-in corpus's defaults; a --tokens file is evaluated whole unless --n-docs / --max-len say otherwise
+CORPUS_DOCUMENTS, CORPUS_LENGTH = 4, 16384
+
+
 def load_documents(
-    source: str | None, n_documents: int, max_len: int, tokenizer=None, seed: int = 0, start: str = "document"
+    source: str | None, n_documents: int | None, max_len: int | None, tokenizer=None, seed: int = 0,
+    start: str = "document"
 ) -> list[torch.Tensor]:
     """Documents for ``zoo eval length``: a ``.pt`` file holding an integer tensor [N, T] or a list of integer
-    tensors [T_i] (each cut to ``max_len``), or, with ``source=None``, ``corpus_documents``.
+    tensors [T_i] (the first ``n_documents``, each cut to ``max_len``; None: all of them, whole), or, with
+    ``source=None``, ``corpus_documents`` (``n_documents`` None: 4, ``max_len`` None: 16384).
 
     Anything else in the file (a flat [T] stream, [N, T, ...], floats, documents under 2 tokens) is refused
     with a ValueError that says how to save it: guessing where a flat stream's documents end would be wrong.
@@ -236,7 +244,7 @@ def load_documents(
     if source is None:
         if tokenizer is None:
             raise ValueError("load_documents: the built-in corpus needs a tokenizer")
-        return corpus_documents(tokenizer, n_documents, max_len, seed, start)
+        return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start)
     loaded = torch.load(source, weights_only=True)
     expected = "an integer tensor [N, T] (N documents of T tokens) or a list of 1-D integer tensors [T_i]"
     if isinstance(loaded, torch.Tensor):
@@ -257,7 +265,7 @@ def load_documents(
     if any(d.is_floating_point() or d.is_complex() or d.dtype == torch.bool for d in docs):
         raise ValueError(f"--tokens {source}: holds {docs[0].dtype} values, expected token ids in {expected}; "
                          f"save t.long()")
-    docs = [d[:max_len].long() for d in docs[:n_documents]]
+    docs = [d[:max_len].long() for d in docs[:n_documents]]  # (None: all, whole)
     short = min(len(d) for d in docs)
     if short < 2:
         raise ValueError(f"--tokens {source}: a document of {short} token(s) has no next token to score; "
@@ -301,8 +309,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus")
     parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte' "
                         "(default: the first model's)")
-    parser.add_argument("--n-docs", type=positive_int, default=4)
-    parser.add_argument("--max-len", type=positive_int, default=16384, help="tokens per document (1M allowed)")
+    parser.add_argument("--n-docs", type=positive_int, default=None,
+                        help=f"documents (default: every one of --tokens, else {CORPUS_DOCUMENTS})")
+    parser.add_argument("--max-len", type=positive_int, default=None, help="tokens per document, 1M allowed (default: "
+                        f"--tokens documents whole, else {CORPUS_LENGTH})")
     parser.add_argument("--chunk-size", type=positive_int, default=2048)
     parser.add_argument("--batch-size", type=positive_int, default=1)
     parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plot")
@@ -336,8 +346,33 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parse_mitigation(spec)
     runs = [(label, path, stem, spec) for label, path, stem in zip(labels, args.model, output_stems(labels))
             for spec in specs]
+    # what a curve depends on; a rerun keeps the curves length.json holds for the same (chunk and batch sizes, the
+    # device: how, not what)
+    stat = Path(args.tokens).stat() if args.tokens else None
+    documents_from = {"tokens": args.tokens, "tokens_file": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                      "tokenizer": args.tokenizer,
+                      "tokenizer_of": None if args.tokens or args.tokenizer else args.model[0],
+                      "n_docs": args.n_docs, "max_len": args.max_len, "seed": args.seed, "start": args.start,
+                      "dtype": args.dtype, "bins_per_octave": args.bins_per_octave}
+    previous = {}
+    if (out / "length.json").is_file():
+        try:
+            previous = json.loads((out / "length.json").read_text())
+        except ValueError:
+            previous = {}
     for base, path, stem, spec in runs:
         label = f"{base} [{spec}]" if args.mitigation else base
+        config = json.loads(json.dumps(documents_from | {"model": path, "weights": model_fingerprint(path),
+                                                         "mitigation": spec}))
+        kept = previous.get(label) if isinstance(previous, dict) else None
+        if isinstance(kept, dict) and kept.get("config") == config and "bins" in kept:
+            print(f"## {label}: kept from {out / 'length.json'} (same model and settings; delete it, or give another "
+                  f"--out, to evaluate it again)\n")
+            results[label], summary[label] = kept, kept
+            write_json(summary, out / "length.json")
+            continue
+        if isinstance(kept, dict):
+            print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
         model = load_model(path, args.device, args.dtype)
         if spec is not None:
             apply_mitigation(model, spec)
@@ -353,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_rows(result["bins"], out / f"{stem}.csv")
         torch.save({"mean": result["mean"], "count": result["count"]}, out / f"{stem}-per-position.pt")
         summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path,
-                                                                                             "mitigation": spec}
+                                                                                             "mitigation": spec,
+                                                                                             "config": config}
         write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
     png = plot_length_curves(results, out / "length.png", args.train_length)
     print(f"wrote {out}/*.csv, length.json and {png}")

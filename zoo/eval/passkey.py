@@ -25,8 +25,10 @@ from zoo.eval.common import (
     load_tokenizer,
     markdown_table,
     model_device,
+    model_fingerprint,
     parse_list,
     positive_int,
+    resume,
     write_json,
     write_rows,
 )
@@ -114,6 +116,25 @@ def check_passkey(generated: str, key: int) -> bool:
     return match is not None and match.group() == str(key)
 
 
+# A checkpoint's generation_config.json applies to every generate() call: these would turn greedy decoding into beam
+# search or penalise the digits the prompt already holds (the key is written twice in the needle), so they are reset.
+GREEDY = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+          "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": None,
+          "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+          "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+          "guidance_scale": None, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": None,
+          "watermarking_config": None, "stop_strings": None, "token_healing": None}
+
+
+def greedy_overrides(model) -> dict:
+    """The ``GREEDY`` keyword arguments this transformers' ``GenerationConfig`` knows (none for a stand-in model
+    without a ``generation_config``)."""
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return {}
+    return {key: value for key, value in GREEDY.items() if hasattr(config, key)}
+
+
 @torch.no_grad()
 def greedy_generate(
     model, input_ids: torch.Tensor, max_new_tokens: int = 8, prefill_chunk_size: int | None = None,
@@ -121,7 +142,8 @@ def greedy_generate(
 ) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` [1, T]; returns the new tokens [1, <= max_new_tokens].
 
-    Without ``prefill_chunk_size`` this is ``model.generate(do_sample=False)``. With it, the prompt is
+    Without ``prefill_chunk_size`` this is ``model.generate(do_sample=False)``, with the checkpoint's generation
+    settings that would change the argmax (beams, repetition penalties, ...) reset (``GREEDY``). With it, the prompt is
     prefilled in chunks that carry the cache (constant memory for recurrent models at 1M tokens) and
     decoding continues token by token from that cache. A model that cannot continue a chunk exactly from its
     cache (transformers' Mamba, ``zoo.decode.continues_chunks_exactly``) raises ValueError.
@@ -129,7 +151,7 @@ def greedy_generate(
     if prefill_chunk_size is None:
         kwargs = {"pad_token_id": eos_token_id, "eos_token_id": eos_token_id} if eos_token_id is not None else {}
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+                             max_new_tokens=max_new_tokens, do_sample=False, **greedy_overrides(model), **kwargs)
         return out[:, input_ids.shape[1] :]
     from zoo.decode import cache_argument, continues_chunks_exactly
 
@@ -155,6 +177,15 @@ def greedy_generate(
     return torch.cat(new_tokens, dim=1)
 
 
+def cell_generator(seed: int, length: int, depth: float) -> torch.Generator:
+    """The generator of the keys of cell (length, depth): one per cell, so adding a length to a sweep (or running
+    a cell alone) leaves every other cell's keys, and so its accuracy, as they were."""
+    import numpy as np
+
+    entropy = [seed % 2**64, int(length), round(float(depth) * 10**9)]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
+
+
 def evaluate_passkey(
     model,
     tokenizer,
@@ -167,6 +198,7 @@ def evaluate_passkey(
     device: str | torch.device | None = None,
     progress: bool = False,
     on_cell: Callable[[dict], None] | None = None,
+    done: dict | None = None,
 ) -> dict:
     """Passkey accuracy for every (context length, depth) cell.
 
@@ -176,13 +208,16 @@ def evaluate_passkey(
         lengths: target prompt lengths in tokens.
         depths: needle depths in [0, 1].
         n_samples: prompts (distinct random keys) per cell.
-        seed: keys come from ``torch.Generator().manual_seed(seed)``.
+        seed: the keys of a cell come from a generator seeded by (seed, length, depth) (``cell_generator``), so a
+            cell's prompts do not depend on which other cells the grid holds.
         max_new_tokens: greedy tokens to decode.
         prefill_chunk_size: prefill in chunks carrying the cache instead of calling ``generate``.
         device: where the prompt goes; default the model's device.
         progress: show a tqdm bar.
         on_cell: called after every cell with the result so far (``rows``, ``samples``), e.g. to save it, so
             a sweep stopped at its longest lengths (out of memory, a lost job) keeps the cells it finished.
+        done: a saved result of the same model and settings (``rows``, ``samples``): its cells are kept and not
+            run again (a rerun after an interruption).
 
     Returns:
         dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
@@ -208,8 +243,9 @@ def evaluate_passkey(
                          f"this tokenizer); give --lengths of at least {bare}")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
-    generator = torch.Generator().manual_seed(seed)
-    cells = [(length, depth) for length in lengths for depth in depths]
+    rows, samples = (list(done["rows"]), list(done["samples"])) if done else ([], [])
+    finished = {(int(r["length"]), float(r["depth"])) for r in rows}
+    cells = [(length, depth) for length in lengths for depth in depths if (int(length), float(depth)) not in finished]
     iterator = cells
     if progress:
         from tqdm import tqdm
@@ -217,10 +253,10 @@ def evaluate_passkey(
         iterator = tqdm(cells, desc="passkey", unit="cell")
     if hasattr(model, "eval"):
         model.eval()
-    rows, samples = [], []
     n_filler: dict[int, int] = {}
     for length, depth in iterator:
         right, tokens = 0, 0
+        generator = cell_generator(seed, length, depth)
         for _ in range(n_samples):
             key = int(torch.randint(10000, 100000, (1,), generator=generator))
             prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length))
@@ -318,15 +354,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.mitigation is not None:
         apply_mitigation(model, args.mitigation)
     out = Path(args.out)
+    # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds
+    config = {"model": args.model, "weights": model_fingerprint(args.model), "tokenizer": args.tokenizer,
+              "dtype": args.dtype, "seed": args.seed, "n_samples": args.n_samples,
+              "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
+    done = resume(out / "passkey.json", config, "zoo eval passkey")
 
     def save(result: dict) -> None:  # after every cell: an interrupted sweep keeps what it finished
         write_rows(result["rows"], out / "passkey.csv")
         (out / "passkey.md").write_text(markdown_grid(result["rows"]) + "\n")
-        write_json(result | {"model": args.model}, out / "passkey.json")
+        write_json({"rows": result["rows"], "samples": result["samples"], "model": args.model, "config": config},
+                   out / "passkey.json")
 
     result = evaluate_passkey(model, tokenizer, parse_list(args.lengths), parse_list(args.depths, float),
                               args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
-                              progress=True, on_cell=save)
+                              progress=True, on_cell=save, done=done)
     result["model"] = args.model
     print(f"## passkey: {args.model}\n")
     print(markdown_grid(result["rows"]))

@@ -23,8 +23,10 @@ from zoo.eval.common import (
     load_model,
     markdown_table,
     model_device,
+    model_fingerprint,
     parse_list,
     positive_int,
+    resume,
     write_json,
     write_rows,
 )
@@ -82,6 +84,7 @@ def evaluate_synthetic(
     chunk_size: int | None = None,
     progress: bool = False,
     on_cell: Callable[[list[dict]], None] | None = None,
+    done: Sequence[dict] | None = None,
     **task_kwargs,
 ) -> dict:
     """Accuracy of ``model`` on ``task`` for every (sequence length, count) cell.
@@ -102,6 +105,8 @@ def evaluate_synthetic(
         progress: show a tqdm bar over the evaluated tokens (long rows take minutes), with each cell's accuracy.
         on_cell: called after every cell with the ``rows`` so far, e.g. to save them, so a grid stopped at its
             longest rows (out of memory, a lost job) keeps the cells it finished.
+        done: rows of a saved result of the same model and settings: their cells are kept and not run again (a
+            rerun after an interruption).
         task_kwargs: other task arguments (``vocab_size``, ``power_a``, ``random_non_queries``).
 
     Returns:
@@ -120,12 +125,15 @@ def evaluate_synthetic(
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     task_vocab = task_kwargs.get("vocab_size", task_default(task, "vocab_size"))
     if vocab_size is not None and vocab_size < task_vocab:
-        raise ValueError(f"model vocab_size={vocab_size} is smaller than the task's vocab_size={task_vocab}")
+        raise ValueError(f"model vocab_size={vocab_size} is smaller than the task's vocab_size={task_vocab} (its rows "
+                         f"would hold ids the model has no embedding for); give the task a vocab_size (--vocab-size) "
+                         f"of at most {vocab_size}")
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
 
-    rows, skipped = [], []
+    rows, skipped = list(done or []), []
+    finished = {(r["seq_len"], r.get(count_name)) for r in rows}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -137,6 +145,10 @@ def evaluate_synthetic(
             kwargs = dict(task_kwargs)
             if count is not None:
                 kwargs[count_name] = count
+            if (seq_len, kwargs.get(count_name, task_default(task, count_name)) if count_name else None) in finished:
+                if bar is not None:
+                    bar.update(seq_len * n_samples)
+                continue
             try:  # only the task's own validation may skip a cell, never an error of the model
                 make_batch(task, 1, seq_len, **kwargs)
             except ValueError as error:
@@ -240,16 +252,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.mitigation is not None:
         apply_mitigation(model, args.mitigation)
     out = Path(args.out or f"results/synthetic-{args.task}")
+    # what a cell's result depends on: a rerun with the same keeps the cells the JSON holds
+    config = {"model": args.model, "weights": model_fingerprint(args.model), "dtype": args.dtype, "task": args.task,
+              "task_kwargs": task_kwargs, "n_samples": args.n_samples, "seed": args.seed,
+              "mitigation": args.mitigation}
+    done = resume(out / f"{args.task}.json", config, "zoo eval synthetic")
 
     def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
         write_rows(rows, out / f"{args.task}.csv")
         write_json({"task": args.task, "task_kwargs": task_kwargs, "rows": rows, "model": args.model,
-                    "complete": False}, out / f"{args.task}.json")
+                    "complete": False, "config": config}, out / f"{args.task}.json")
 
     result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
                                 seed=args.seed, chunk_size=args.chunk_size, progress=True, on_cell=save,
-                                **task_kwargs)
+                                done=done["rows"] if done else None, **task_kwargs)
     result["model"], result["complete"] = args.model, True  # (the copies saved after each cell say false)
+    result["config"] = config
     print(f"## {args.task}: {args.model}\n")
     print(markdown_table(result["rows"]))
     print()

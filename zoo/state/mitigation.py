@@ -579,8 +579,27 @@ def apply_mitigation(model, spec: str | Mapping | None) -> list[int]:
         mixer.mitigation = None if parsed is None else dict(parsed)
         layers.append(getattr(mixer, "layer_idx", len(layers)))
     if parsed is not None and not layers:
-        raise ValueError("apply_mitigation: the model has no recurrent mixer (mamba, mamba2, gla) to mitigate")
+        raise ValueError(f"mitigation {format_spec(parsed)!r} (--mitigation): {no_zoo_mixer(model)}")
     return layers
+
+
+# transformers models whose own recurrent layers the state tools cannot reach, and what brings them into the zoo
+_CONVERTIBLE = {"mamba": "hf-mamba", "mamba2": "hf-mamba2", "jamba": "hf-jamba"}
+
+
+def no_zoo_mixer(model) -> str:
+    """Why `model` has nothing for the state tools (they act on zoo's mamba, mamba2 and gla mixers) and what to do."""
+    name = type(model).__name__
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _CONVERTIBLE:
+        return (f"{name} is transformers' {model_type} model, whose recurrent layers are not zoo mixers (which the "
+                f"state tools act on); convert it first with zoo convert SRC DST --from {_CONVERTIBLE[model_type]} "
+                f"(same logits) and pass DST")
+    if model_type not in (None, "zoo"):
+        return (f"{name} is not a zoo model ({model_type}); the state tools act on zoo's mamba, mamba2 and gla "
+                f"mixers (zoo convert brings transformers Mamba, Mamba-2 and Jamba checkpoints into the zoo)")
+    return (f"{name} has no recurrent layer (zoo mamba, mamba2 or gla mixer); use a zoo model with one (a hybrid "
+            f"is fine)")
 
 
 def add_mitigation_argument(parser) -> None:
@@ -604,6 +623,7 @@ __all__ = [
     "mamba2_step",
     "mamba_scan",
     "mamba_step",
+    "no_zoo_mixer",
     "normalize_spec",
     "parse_mitigation",
     "recurrent_mixers",

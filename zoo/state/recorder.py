@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.cache import RecurrentLayer, output_cache
-from zoo.state.mitigation import format_spec, head_view, recurrent_mixers
+from zoo.state.mitigation import format_spec, head_view, no_zoo_mixer, recurrent_mixers
 
 STATE_STATS = ("state_mean", "state_var", "state_rms", "state_norm")
 DECAY_STATS = ("delta_mean", "log_alpha_mean", "alpha_mean", "log_alpha_cumsum")
@@ -52,9 +52,8 @@ def mixer_kind(mixer) -> str:
 def check_recurrent(model, what: str) -> None:
     """Refuse a model without a recurrent zoo mixer: it has no state, and the statistics would be the loss alone."""
     if not recurrent_mixers(model):
-        raise ValueError(f"{what}: {type(model).__name__} has no recurrent layer (zoo mamba, mamba2 or gla mixer), "
-                         f"so no state to record; use a zoo model with one (a hybrid is fine), or zoo eval length "
-                         f"for the per-position loss")
+        raise ValueError(f"{what}: {no_zoo_mixer(model)}; so no state to record (zoo eval length gives the "
+                         f"per-position loss of any model)")
 
 
 def chunk_ends(length: int, chunk_size: int, points_per_octave: int = 2, min_chunk: int = 16) -> list[int]:
@@ -228,15 +227,18 @@ def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0
                              chunk_size: int = 1024, group_size: int = 64) -> dict[int, torch.Tensor]:
     """Set a per-head state-norm cap on every recurrent mixer from a reference prefix (Stuffed Mamba's state
     normalization): threshold = factor · the largest batch-mean head norm seen over `input_ids` [B, T]
-    by the unmitigated model. Forget / window settings already on a mixer are kept; returns the thresholds
-    per layer."""
+    by the unmitigated model, at every point where the cap acts (each `chunk` tokens and the end: the prefix runs
+    in forwards of gcd(chunk_size, chunk) tokens). Forget / window settings already on a mixer are kept; returns
+    the thresholds per layer."""
     check_recurrent(model, "calibrate_norm_threshold")
     mixers = recurrent_mixers(model)
     saved = {id(m): m.mitigation for m in mixers}
     for m in mixers:
         m.mitigation = None
     try:
-        stats = record_state_statistics(model, input_ids, chunk_size=chunk_size, points_per_octave=0,
+        # sampled where the cap checks (a norm that peaks between two chunk_size ends was missed, so factor 1 capped
+        # the reference prefix itself)
+        stats = record_state_statistics(model, input_ids, chunk_size=math.gcd(chunk_size, chunk), points_per_octave=0,
                                         group_size=group_size)
     finally:
         for m in mixers:
