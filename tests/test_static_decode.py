@@ -147,6 +147,17 @@ def test_graphable():
     assert not graphable(None)
 
 
+def test_graph_decoder_refuses_a_cache_with_the_window_mitigations_carry():
+    # the carry (zoo.state.mitigation's last r - 1 inputs per row) is rebound on the cache layer at every step: a CUDA
+    # graph would replay the captured tensors (stale inputs, no error); refused before the device check, so on CPU too
+    from zoo.state import apply_mitigation
+
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).eval()
+    apply_mitigation(model, "window:r=4")
+    with pytest.raises(ValueError, match="window mitigation.*StaticDecoder or EagerDecoder"):
+        GraphDecoder(model, prefill(model, torch.randint(0, 512, (1, 5))), max_new_tokens=4)
+
+
 class PositionwiseMixer(torch.nn.Module):
     """A custom mixer without a cache entry (`init_state` returns None): its output at a position reads that
     position's input alone."""

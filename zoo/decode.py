@@ -276,6 +276,12 @@ class GraphDecoder(StaticDecoder):
     def __init__(self, model: nn.Module, state: DecodeState, warmup: int = 2, max_new_tokens: int | None = None):
         if not graphable(state.cache):
             raise ValueError("GraphDecoder: the cache is not a prefilled zoo cache; decode with EagerDecoder")
+        if any(getattr(layer, "window_carry", None) is not None for layer in state.cache.layers):
+            # the carry is a host attribute rebound every step: a replay would read the capture's tensors (stale
+            # inputs, no error), and the warm-up's restore does not rewind it
+            raise ValueError("GraphDecoder: the cache carries the window mitigation's inputs (zoo.state "
+                             "apply_mitigation 'window'), which a CUDA graph cannot replay; decode with "
+                             "StaticDecoder or EagerDecoder")
         if state.next_ids.device.type != "cuda":
             raise ValueError("GraphDecoder: CUDA graphs need the model on a CUDA device")
         super().__init__(model, state, max_new_tokens)
