@@ -95,3 +95,18 @@ def launch_fsdp_on_cpu(tmp_path: Path, script: str, *args: str, timeout: int = 3
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), str(launcher), str(ROOT / script), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class PositionwiseMixer(torch.nn.Module):
+    """A custom mixer without a cache entry (`init_state` returns None): its output at a position reads that
+    position's input alone."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        return None
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import PositionwiseMixer, assert_close
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import zoo
@@ -413,18 +413,7 @@ def test_checkpointing_that_a_cache_turns_off_says_so():
         model(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True)  # said once
 
 
-class StatelessMixer(torch.nn.Module):
-    """A custom mixer without a cache entry (`init_state` returns None)."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.proj = torch.nn.Linear(d_model, d_model)
-
-    def init_state(self, batch_size, dtype, device, max_len=None):
-        return None
-
-    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
-        return self.proj(x)
+StatelessMixer = PositionwiseMixer  # a custom mixer without a cache entry (`init_state` returns None)
 
 
 def test_a_stateless_mixer_decodes_with_beams_and_several_sequences():

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import PositionwiseMixer
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
@@ -156,21 +157,6 @@ def test_graph_decoder_refuses_a_cache_with_the_window_mitigations_carry():
     apply_mitigation(model, "window:r=4")
     with pytest.raises(ValueError, match="window mitigation.*StaticDecoder or EagerDecoder"):
         GraphDecoder(model, prefill(model, torch.randint(0, 512, (1, 5))), max_new_tokens=4)
-
-
-class PositionwiseMixer(torch.nn.Module):
-    """A custom mixer without a cache entry (`init_state` returns None): its output at a position reads that
-    position's input alone."""
-
-    def __init__(self, d_model: int):
-        super().__init__()
-        self.proj = torch.nn.Linear(d_model, d_model)
-
-    def init_state(self, batch_size, dtype, device, max_len=None):
-        return None
-
-    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
-        return self.proj(x)
 
 
 @pytest.mark.parametrize("case", ["transformerpp", "jamba", "mamba"])
