@@ -410,6 +410,9 @@ class ZooCache(Cache):
     def reset(self) -> None:
         for layer in self.layers:
             if layer is not None:
+                if isinstance(layer, DynamicLayer):  # keys dropped, as newer transformers' reset drops them: 5.17's
+                    layer.keys = layer.values = None  # zeroed them in place, keeping the old batch and length that
+                    layer.is_initialized = False  # `update` then concatenated onto
                 layer.reset()
                 if getattr(layer, "kv_seq_idx", None) is not None:
                     layer.kv_seq_idx = None  # the dropped keys' document ids
