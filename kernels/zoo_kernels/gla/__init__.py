@@ -50,10 +50,11 @@ def gla_state_update(state, q, k, v, g, scale=None, backend: str = "auto"):
     """
     if backend not in ("auto", "triton", "ref"):
         raise ValueError(f"gla_state_update backend must be 'auto', 'triton' or 'ref', got {backend!r}")
-    # before the kernel too: it indexes every tensor by the state's batch and heads (a wrong one is read out of bounds)
-    raise_if("gla_state_update", update_shape_problem(state, q, k, v, g))
     if backend == "triton" or (backend == "auto" and q.device.type == "cuda"
                                and not needs_grad(state, q, k, v, g)):  # the kernel has no backward
+        # the reference checks its own; the kernel indexes every tensor by the state's batch and heads (a wrong
+        # shape is read out of bounds), so they are checked before it too
+        raise_if("gla_state_update", update_shape_problem(state, q, k, v, g))
         try:
             from zoo_kernels.gla import step
         except ImportError:
