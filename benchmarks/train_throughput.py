@@ -17,10 +17,11 @@ Rows (benchmarks/results.jsonl): ours_ms and baseline_ms are milliseconds per op
 tokens (a baseline measured at another batch is scaled per token); ratio = baseline_ms / ours_ms (> 1: ours
 is faster). The zoo Mamba rows take transformers' Mamba as baseline; Transformer++ and Jamba (the hybrid,
 against the Transformer of its size) take Llama; each baseline also gets a row of its own.
-MFU = 6 · parameters · tokens/s / peak, the peak being the card's dense bf16 tensor-core figure (H100 SXM
-989 TFLOP/s, from zoo.train.PEAK_BF16_TFLOPS; --peak-tflops to change it); 6·N ignores attention's
-L-dependent FLOPs, so it understates attention models at L = 8192.
-floor_ms = 6 · N · tokens / peak. peak_mem_gib = torch.cuda.max_memory_allocated over the run.
+MFU = 6 · active parameters · tokens/s / peak (zoo.train's MFU: an MoE layer's skipped experts left out),
+the peak being the card's dense bf16 tensor-core figure (H100 SXM 989 TFLOP/s, from zoo.train.PEAK_BF16_TFLOPS;
+--peak-tflops to change it); 6·N ignores attention's L-dependent FLOPs, so it understates attention models at
+L = 8192.
+floor_ms = 6 · N_active · tokens / peak. peak_mem_gib = torch.cuda.max_memory_allocated over the run.
 
     python benchmarks/train_throughput.py                       # everything above
     python benchmarks/train_throughput.py --models mamba hf-mamba --seq-lens 2048 --steps 10
@@ -99,7 +100,9 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
         raise RuntimeError(f"{name} L={seq_len}: training stopped after {len(stamps)} of {warmup + steps} steps; "
                            f"no timed steps")
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
-    return {"params": info["params"], "backend": info["backend"], "tokens_per_step": tokens_per_step,
+    # MFU and the floor follow the parameters a token runs through (zoo.train's MFU: MoE experts it skips left out)
+    return {"params": info["params"], "active_params": info.get("active_params", info["params"]),
+            "backend": info["backend"], "tokens_per_step": tokens_per_step,
             "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_step / step_s, "packing": packing,
             "micro_batch": micro_batch, "grad_accum": grad_accum, "steps_timed": len(timed) - 1,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0,
@@ -119,21 +122,22 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
         ours_ms = r["step_ms"]
         tokens = r["tokens_per_step"]
         baseline_ms = tokens / base["tokens_per_s"] * 1e3 if base else None
-        mfu = 6 * r["params"] * r["tokens_per_s"] / (peak * 1e12)
+        mfu = 6 * r["active_params"] * r["tokens_per_s"] / (peak * 1e12)
         row = {
             "name": f"train_throughput/{name}/L{L}" + (f"/seq_split={split}" if split else ""), "card": card,
             "date": date, "command": command,
             "torch": torch.__version__, "model": LABEL[name], "seq_len": L, "ours_ms": round(ours_ms, 2),
             "tokens_per_step": tokens, "tokens_per_s": round(r["tokens_per_s"], 1), "mfu": round(mfu, 4),
-            "peak_tflops": peak, "floor_ms": round(6 * r["params"] * tokens / (peak * 1e12) * 1e3, 2),
-            "params": r["params"], "peak_mem_gib": round(r["peak_mem_gib"], 2), "packing": r["packing"],
+            "peak_tflops": peak, "floor_ms": round(6 * r["active_params"] * tokens / (peak * 1e12) * 1e3, 2),
+            "params": r["params"], "active_params": r["active_params"], "peak_mem_gib": round(r["peak_mem_gib"], 2), "packing": r["packing"],
             "micro_batch": r["micro_batch"], "grad_accum": r["grad_accum"], "steps_timed": r["steps_timed"],
             "loss_first": round(r["loss_first"], 4), "loss_last": round(r["loss_last"], 4),
             "backend": r["backend"], "precision": "bf16", "compile": compile_ and name != "hf-mamba",
             "baseline": LABEL[base_name] if base else None,
             "baseline_ms": round(baseline_ms, 2) if base else None,
             "baseline_tokens_per_s": round(base["tokens_per_s"], 1) if base else None,
-            "baseline_mfu": round(6 * base["params"] * base["tokens_per_s"] / (peak * 1e12), 4) if base else None,
+            "baseline_mfu": (round(6 * base["active_params"] * base["tokens_per_s"] / (peak * 1e12), 4)
+                             if base else None),
             "baseline_peak_mem_gib": round(base["peak_mem_gib"], 2) if base else None,
             "baseline_micro_batch": base["micro_batch"] if base else None,
             "ratio": round(baseline_ms / ours_ms, 3) if base else None,

@@ -256,3 +256,20 @@ def test_every_results_row_names_its_run_and_its_ratio_is_its_baseline_over_ours
         key = json.dumps(row, sort_keys=True)
         assert key not in seen, f"{where}: the same row as line {seen[key]}"
         seen[key] = n
+
+
+def test_train_throughput_mfu_counts_the_active_parameters_as_zoo_train_does():
+    """The benchmark's MFU and floor were 6 · all parameters · tokens/s, zoo.train's 6 · active parameters: a MoE
+    model's two MFUs disagreed. Both now leave out the experts a token skips."""
+    script = load_script("benchmarks/train_throughput.py")
+    r = {"params": 4_000_000, "active_params": 1_000_000, "tokens_per_step": 1000, "step_ms": 10.0,
+         "tokens_per_s": 1e5, "packing": True, "micro_batch": 1, "grad_accum": 1, "steps_timed": 2,
+         "peak_mem_gib": 1.0, "loss_first": 5.0, "loss_last": 4.0, "backend": {}}
+    base = dict(r, active_params=4_000_000, params=4_000_000, tokens_per_s=2e5)
+    rows = {row["model"]: row for row in script.make_rows({("jamba", 8): r, ("hf-llama", 8): base}, "cpu", "test",
+                                                          peak=1.0, compile_=False)}
+    ours, theirs = rows[script.LABEL["jamba"]], rows[script.LABEL["hf-llama"]]
+    assert ours["mfu"] == pytest.approx(6 * 1e6 * 1e5 / 1e12, rel=1e-3)
+    assert ours["floor_ms"] == pytest.approx(6 * 1e6 * 1000 / 1e12 * 1e3, rel=1e-2)
+    assert ours["baseline_mfu"] == pytest.approx(theirs["mfu"]) == pytest.approx(6 * 4e6 * 2e5 / 1e12, rel=1e-3)
+    assert (ours["params"], ours["active_params"]) == (4_000_000, 1_000_000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import itertools
+import json
 import math
 import os
 import signal
@@ -312,6 +313,9 @@ def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     assert active_parameters(built) == active < count_parameters(built)
     assert rows and all(math.isclose(float(r["mfu"]), 6 * active * float(r["tokens_per_s"]) / 1e12, rel_tol=1e-4)
                         for r in rows)
+    # run_info says both counts: benchmarks/train_throughput.py's MFU reads the active one from it
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert (info["params"], info["active_params"]) == (count_parameters(built), active)
 
 
 def test_peak_memory_under_several_processes_is_the_largest_not_process_0s(monkeypatch):
@@ -425,7 +429,6 @@ def test_resume_of_a_checkpoint_from_before_the_text_keyed_holdout_says_it_is_no
     # The held-out documents of local files were chosen by row index, now by text: a checkpoint written before that
     # resumes on another split and another document at its saved position, which is said (its trainer_state has no
     # holdout_key); a checkpoint of this version, or a run on the built-in corpus (split by file), resumes silently.
-    import json
 
     pytest.importorskip("datasets")
     docs = tmp_path / "docs.jsonl"
@@ -637,7 +640,6 @@ def test_two_processes_train_and_resume_exactly_under_accelerate_launch(tmp_path
     # The README's multi-process command on CPU (gloo): both processes join one run (2 x the tokens per step), and
     # a run stopped at step 3 and resumed with --resume logs the same losses and ends with the same weights as the
     # uninterrupted run (each process's data position restored).
-    import json
 
     from safetensors.torch import load_file
 
@@ -685,7 +687,6 @@ def test_two_processes_evaluate_as_many_batches_each(tmp_path):
     # Each process reads its own share of the held-out documents, so their eval rows differ in number: a process
     # with more batches ran more forwards, which under FSDP (every forward gathers the weights) waits forever for
     # the others. Every process now evaluates the fewest batches any has: eval/loss is the mean over those rows.
-    import json
 
     from transformers import AutoModelForCausalLM
 
@@ -733,7 +734,6 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     # average_tokens_across_devices): each process divided by its own targets and DDP averaged the processes, so a
     # short document's tokens weighed as much as a long one's whole row (here 4x) and the logged loss was a mean of
     # per-process means. Two processes with one row each train as one process with both rows in its batch.
-    import json
 
     pytest.importorskip("datasets")
     docs = tmp_path / "docs.jsonl"  # unpacked rows: process 0 gets the short documents, process 1 the long ones
@@ -861,7 +861,6 @@ def test_bits_per_byte_divides_by_the_texts_bytes_not_the_eos_targets(tmp_path):
     """eval/bits_per_byte was the mean loss per target over ln 2, so every document's <eos> target counted as a byte
     of text (with 20-byte documents, 1 in 21 targets): the figure came out low. It is the nats over the byte
     targets' count now; eval/loss stays the mean over every target."""
-    import json
 
     from zoo.data.text import TextStream, load_tokenizer
     from zoo.train import count_byte_targets, count_targets

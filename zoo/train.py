@@ -1221,7 +1221,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
             shutil.rmtree(stale, ignore_errors=True)
         _drop_metrics_after(out_dir / "metrics.csv", step)
         (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        info = {"model_class": model_class, "params": n_params,
+        info = {"model_class": model_class, "params": n_params, "active_params": n_active,
                 "backend": backend, "tokenizer": cfg.tokenizer, "vocab": len(tokenizer), "processes": world,
                 "device": str(device), "precision": accelerator.mixed_precision, "grad_accum": accum,
                 "tokens_per_step": tokens_per_step, "torch": torch.__version__}
