@@ -799,6 +799,53 @@ def test_two_processes_train_resume_and_save_under_fsdp2(tmp_path):
     assert sharded.keys() <= state.keys() and all(torch.equal(state[k], v) for k, v in sharded.items())
 
 
+def test_fused_adamw_auto_follows_the_training_device_not_where_the_weights_lie_when_built():
+    """Under FSDP the optimizer is built before accelerate moves the weights to their GPU: 'auto' read the weights'
+    device (the CPU), so FSDP runs trained with the unfused AdamW. It now follows the device the run trains on."""
+    from zoo.train import OptimConfig, build_optimizer
+
+    model = torch.nn.Linear(4, 4)  # on the CPU, as under FSDP before accelerate.prepare
+    assert build_optimizer(model, OptimConfig(), device=torch.device("cuda", 0)).defaults["fused"] is True
+    assert not build_optimizer(model, OptimConfig(), device=torch.device("cpu")).defaults["fused"]
+    assert not build_optimizer(model, OptimConfig()).defaults["fused"], "no device: where the weights lie"
+    assert not build_optimizer(model, OptimConfig(fused=False), device=torch.device("cuda")).defaults["fused"]
+
+
+@pytest.mark.cuda
+def test_fsdp_on_one_gpu_trains_fused_and_resumes_exactly(tmp_path):
+    # configs/accelerate/fsdp.yaml on the GPU (NCCL, one process): the path the CPU tests reach only through gloo.
+    # The run trains with fused AdamW (run_info.json says so), writes sharded checkpoints, and a resume from step 2
+    # logs the losses of the uninterrupted run.
+    def config(name: str, steps: int) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(run_dict(
+            tmp_path / name, model=str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), data={"seq_len": 64},
+            train={"max_steps": steps, "precision": "bf16"}, schedule={"kind": "constant", "warmup_steps": 1},
+            log={"every": 1, "trackers": ["csv"], "progress_bar": False}, checkpoint={"every": 2})))
+        return path
+
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
+               str(ROOT / "scripts" / "train.py"), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    def losses(name):
+        with open(tmp_path / name / "run" / "metrics.csv") as f:
+            return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+
+    full = launch(str(config("full", 4)))
+    assert full.returncode == 0, full.stderr[-3000:]
+    step2 = tmp_path / "full" / "run" / "checkpoints" / "step_00000002"
+    assert (step2 / "accelerate" / "pytorch_model_fsdp_0" / ".metadata").is_file(), "not run as FSDP"
+    info = json.loads((tmp_path / "full" / "run" / "run_info.json").read_text())
+    assert info["fused_adamw"] is True and info["device"].startswith("cuda"), info
+    part = launch(str(config("part", 4)), f"--resume={step2}")
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert list(losses("part")) == [3, 4] and all(losses("part")[k] == losses("full")[k] for k in (3, 4)), \
+        (losses("part"), losses("full"))
+
+
 def test_fsdp_resume_with_other_weight_decay_groups_names_the_option(tmp_path):
     # Under FSDP accelerate loads the sharded optimizer state into other weight-decay groups without an error (torch's
     # size check is the plain optimizer's): the groups lost their hyperparameters and the resumed run died at its first

@@ -463,11 +463,14 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; fused when cfg.fused is true, or 'auto' and every parameter is on CUDA."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; fused when cfg.fused is true, or 'auto' and the parameters train on CUDA: on
+    `device` when given (under FSDP the optimizer is built before accelerate moves the weights to their GPU), else
+    where every parameter lies now."""
     groups = param_groups(model, cfg)
     params = [p for g in groups for p in g["params"]]
-    fused = cfg.fused if isinstance(cfg.fused, bool) else bool(params) and all(p.is_cuda for p in params)
+    on_cuda = device.type == "cuda" if device is not None else all(p.is_cuda for p in params)
+    fused = cfg.fused if isinstance(cfg.fused, bool) else bool(params) and on_cuda
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
@@ -1150,7 +1153,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
     if accelerator.distributed_type != DistributedType.FSDP:
         model = model.to(device)  # fused AdamW needs the parameters on the GPU when it is built
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, device=torch.device(device))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -1222,6 +1225,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         _drop_metrics_after(out_dir / "metrics.csv", step)
         (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         info = {"model_class": model_class, "params": n_params, "active_params": n_active,
+                "fused_adamw": bool(getattr(optimizer, "optimizer", optimizer).defaults.get("fused")),
                 "backend": backend, "tokenizer": cfg.tokenizer, "vocab": len(tokenizer), "processes": world,
                 "device": str(device), "precision": accelerator.mixed_precision, "grad_accum": accum,
                 "tokens_per_step": tokens_per_step, "torch": torch.__version__}
