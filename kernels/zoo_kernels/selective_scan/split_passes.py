@@ -45,7 +45,8 @@ def _program(a_ptr, bias_ptr, N, dim_per_group, blocks_per_group, count, first,
     bias = tl.zeros([BD], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=md, other=0.0)
-    return row.to(tl.int64), seg, grp, offs_d, md, offs_n, mn, A2, bias
+    # int64 offsets: a channel's offset (d x L in place, seg x D x T copied) passes 2^31 from D x L = 2^31 on
+    return row.to(tl.int64), seg.to(tl.int64), grp.to(tl.int64), offs_d.to(tl.int64), md, offs_n, mn, A2, bias
 
 
 @triton.jit
