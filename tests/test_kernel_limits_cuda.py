@@ -34,3 +34,44 @@ def test_split_scan_with_channel_offsets_past_2_31():
         ref = selective_scan(u[:, last], delta[:, last], A[last], B, C, delta_softplus=True, backend="cuda",
                              seq_split=1)
     assert_close("out (last 64 channels)", out[:, last].float(), ref.float(), 1e-2)
+
+
+def _scan_inputs(batch, dim, length, nstate, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device="cuda", generator=g) * scale + shift).requires_grad_()
+
+    return dict(u=rnd(batch, dim, length), delta=rnd(batch, dim, length, scale=0.5, shift=-1.0),
+                A=(-(torch.rand(dim, nstate, device="cuda", generator=g) * 1.5 + 0.1)).requires_grad_(),
+                B=rnd(batch, nstate, length), C=rnd(batch, nstate, length), D=rnd(dim), z=rnd(batch, dim, length),
+                delta_bias=rnd(dim, scale=0.3), initial_state=rnd(batch, dim, nstate))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("batch", [65537, 0], ids=["past-gridDim.y", "empty"])
+def test_scan_rows_past_the_grid_limit_and_none(batch):
+    """The scan's grid put the batch rows (x segments) in gridDim.y: from 65536 rows the launch failed ("invalid
+    configuration argument"), and an empty batch launched an empty grid, a launch error too. Output, final state and
+    every gradient against the reference (fp32)."""
+    from zoo_kernels.selective_scan.cuda import selective_scan_cuda
+    from zoo_kernels.selective_scan.ref import selective_scan_ref
+
+    inp = _scan_inputs(batch, 16, 8, 4)
+    names = list(inp)
+    results = {}
+    for name, fn in (("cuda", selective_scan_cuda), ("ref", selective_scan_ref)):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()}
+        out, last = fn(**leaves, delta_softplus=True, return_final_state=True)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        w_out = torch.randn(out.shape, device="cuda", generator=g)
+        w_last = torch.randn(last.shape, device="cuda", generator=g)
+        ((out * w_out).sum() + (last * w_last).sum()).backward()
+        results[name] = (out, last, [leaves[k].grad for k in names])
+    (out, last, grads), (out_r, last_r, grads_r) = results["cuda"], results["ref"]
+    assert_close("out", out, out_r, 1e-4)
+    assert_close("final_state", last, last_r, 1e-4)
+    for name, gr, gr_r in zip(names, grads, grads_r):
+        assert_close(f"d{name}", gr, gr_r, 1e-4)
+

@@ -14,6 +14,7 @@ struct ScanParams {
   int nchunks;      // ceil(len / kChunk)
   int len_pad;      // row length of the fp32 dB/dC accumulators (the whole row rounded up to 4)
   int nseg;         // segments per row (>= 1): block row b scans segment b % nseg of row b / nseg
+  int first_row;    // the block row at blockIdx.y = 0: rows past gridDim.y's 65535 take further launches
   int row_len;      // the whole row, nseg * len: the stride between channels (and B/C states, seq_idx rows)
   bool softplus;
   bool vec_ok;      // rows of u/delta/z/B/C/outputs start 16-byte aligned (16-byte accesses allowed)
@@ -69,6 +70,9 @@ struct UpdateParams {
 
 // Time steps per chunk: the forward keeps the state at every chunk end for the backward.
 constexpr int kChunk = 64;
+
+// The most blocks a launch may put in gridDim.y (and z).
+constexpr int kMaxGridY = 65535;
 
 cudaError_t scan_fwd(const ScanParams& p, DType dtype, cudaStream_t stream);
 cudaError_t scan_bwd(const ScanParams& p, DType dtype, cudaStream_t stream);

@@ -4,6 +4,7 @@
 namespace zoo_ss {
 
 cudaError_t scan_fwd(const ScanParams& p, DType dtype, cudaStream_t stream) {
+  if (p.batch == 0 || p.dim == 0) return cudaSuccess;  // nothing to do (an empty grid is a launch error)
   switch (dtype) {
     case kFloat32: return scan_fwd_typed<float>(p, stream);
     case kBFloat16: return scan_fwd_typed<__nv_bfloat16>(p, stream);
@@ -18,6 +19,7 @@ extern template cudaError_t scan_bwd_typed<__nv_bfloat16>(const ScanParams&, cud
 extern template cudaError_t scan_bwd_typed<__half>(const ScanParams&, cudaStream_t);
 
 cudaError_t scan_bwd(const ScanParams& p, DType dtype, cudaStream_t stream) {
+  if (p.batch == 0 || p.dim == 0) return cudaSuccess;  // nothing to do (an empty grid is a launch error)
   switch (dtype) {
     case kFloat32: return scan_bwd_typed<float>(p, stream);
     case kBFloat16: return scan_bwd_typed<__nv_bfloat16>(p, stream);

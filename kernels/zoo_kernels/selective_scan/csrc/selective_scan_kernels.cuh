@@ -174,7 +174,7 @@ template <int kR>
 __device__ __forceinline__ BlockPos block_pos(const ScanParams& p) {
   const int bpg = (p.dim_per_group + kR - 1) / kR;
   BlockPos bp;
-  bp.b = blockIdx.y;
+  bp.b = p.first_row + int(blockIdx.y);
   bp.grp = blockIdx.x / bpg;
   bp.d0 = bp.grp * p.dim_per_group + (blockIdx.x % bpg) * kR;
   bp.nch = min(kR, (bp.grp + 1) * p.dim_per_group - bp.d0);
@@ -882,8 +882,15 @@ cudaError_t launch_fwd_n(const ScanParams& p, cudaStream_t stream) {
   cudaError_t err = raise_smem_limit(kernel, smem, done);
   if (err != cudaSuccess) return err;
   const int bpg = (p.dim_per_group + Cf::kR - 1) / Cf::kR;
-  kernel<<<dim3(p.ngroups * bpg, p.batch), Cf::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  for (int r0 = 0; r0 < p.batch; r0 += kMaxGridY) {  // one launch up to 65535 rows
+    ScanParams q = p;
+    q.first_row = r0;
+    const int rows = p.batch - r0 < kMaxGridY ? p.batch - r0 : kMaxGridY;
+    kernel<<<dim3(p.ngroups * bpg, rows), Cf::kThreads, smem, stream>>>(q);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <typename T, int kNPad>
@@ -895,8 +902,15 @@ cudaError_t launch_bwd_n(const ScanParams& p, cudaStream_t stream) {
   cudaError_t err = raise_smem_limit(kernel, smem, done);
   if (err != cudaSuccess) return err;
   const int bpg = (p.dim_per_group + Cf::kR - 1) / Cf::kR;
-  kernel<<<dim3(p.ngroups * bpg, p.batch), Cf::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  for (int r0 = 0; r0 < p.batch; r0 += kMaxGridY) {  // one launch up to 65535 rows
+    ScanParams q = p;
+    q.first_row = r0;
+    const int rows = p.batch - r0 < kMaxGridY ? p.batch - r0 : kMaxGridY;
+    kernel<<<dim3(p.ngroups * bpg, rows), Cf::kThreads, smem, stream>>>(q);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <typename T>
