@@ -75,3 +75,37 @@ def test_scan_rows_past_the_grid_limit_and_none(batch):
     for name, gr, gr_r in zip(names, grads, grads_r):
         assert_close(f"d{name}", gr, gr_r, 1e-4)
 
+
+@pytest.mark.cuda
+@needs_gpu
+def test_conv1d_empty_batch():
+    """An empty batch launched an empty grid (batch x D blocks): a launch error, forward and backward."""
+    from zoo_kernels.conv1d.cuda import causal_conv1d_cuda
+
+    x = torch.randn(0, 8, 16, device="cuda", requires_grad=True)
+    weight = torch.randn(8, 4, device="cuda", requires_grad=True)
+    bias = torch.randn(8, device="cuda", requires_grad=True)
+    y = causal_conv1d_cuda(x, weight, bias, activation="silu")
+    y.sum().backward()
+    assert y.shape == (0, 8, 16) and x.grad.shape == (0, 8, 16)
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("batch", [65537, 0], ids=["past-gridDim.y", "empty"])
+def test_conv1d_update_rows_past_the_grid_limit_and_none(batch):
+    """The conv update's grid put the batch in gridDim.y: from 65536 rows (and at 0) the launch failed."""
+    from zoo_kernels.conv1d.cuda import causal_conv1d_update_cuda
+    from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
+
+    dim, width = 8, 4
+    state = torch.randn(batch, dim, width - 1, device="cuda")
+    x = torch.randn(batch, dim, device="cuda", dtype=torch.bfloat16)
+    weight, bias = torch.randn(dim, width, device="cuda"), torch.randn(dim, device="cuda")
+    state_ref = state.clone()
+    y = causal_conv1d_update_cuda(state, x, weight, bias, "silu")
+    y_ref = causal_conv1d_update_ref(state_ref, x, weight, bias, "silu")
+    assert_close("y", y.float(), y_ref.float(), 1e-2)
+    assert_close("conv_state", state, state_ref, 1e-6)
+

@@ -307,6 +307,7 @@ cudaError_t launch_w(const ConvParams& p, bool backward, cudaStream_t stream) {
 }
 
 cudaError_t conv(const ConvParams& p, DType dtype, bool backward, cudaStream_t stream) {
+  if (p.batch == 0 || p.dim == 0) return cudaSuccess;  // nothing to do (an empty grid is a launch error)
   switch (dtype) {
     case kFloat32: return launch_w<float>(p, backward, stream);
     case kBFloat16: return launch_w<__nv_bfloat16>(p, backward, stream);
@@ -319,7 +320,7 @@ cudaError_t conv(const ConvParams& p, DType dtype, bool backward, cudaStream_t s
 // shifts the new input into the state. A decode step of a Mamba layer moves 16 bytes of state per channel.
 template <typename T>
 __global__ void conv_update_kernel(const UpdateParams p) {
-  const int d = blockIdx.x * blockDim.x + threadIdx.x, b = blockIdx.y;
+  const int d = blockIdx.x * blockDim.x + threadIdx.x, b = p.first_row + int(blockIdx.y);
   if (d >= p.dim) return;
   const int W = p.width;
   float* st = p.state + (size_t(b) * p.dim + d) * (W - 1);
@@ -346,12 +347,20 @@ __global__ void conv_update_kernel(const UpdateParams p) {
 
 template <typename T>
 cudaError_t launch_conv_update(const UpdateParams& p, cudaStream_t stream) {
-  constexpr int kThreads = 128;
-  conv_update_kernel<T><<<dim3((p.dim + kThreads - 1) / kThreads, p.batch), kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  constexpr int kThreads = 128, kMaxGridY = 65535;
+  for (int b0 = 0; b0 < p.batch; b0 += kMaxGridY) {  // one launch up to 65535 rows
+    UpdateParams q = p;
+    q.first_row = b0;
+    const int rows = p.batch - b0 < kMaxGridY ? p.batch - b0 : kMaxGridY;
+    conv_update_kernel<T><<<dim3((p.dim + kThreads - 1) / kThreads, rows), kThreads, 0, stream>>>(q);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t conv_update(const UpdateParams& p, DType dtype, cudaStream_t stream) {
+  if (p.batch == 0 || p.dim == 0) return cudaSuccess;  // nothing to do (an empty grid is a launch error)
   switch (dtype) {
     case kFloat32: return launch_conv_update<float>(p, stream);
     case kBFloat16: return launch_conv_update<__nv_bfloat16>(p, stream);

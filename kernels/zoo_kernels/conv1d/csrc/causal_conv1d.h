@@ -29,6 +29,7 @@ cudaError_t conv(const ConvParams& p, DType dtype, bool backward, cudaStream_t s
 // One decoding step: y = act(bias + sum_w weight[:, w] * [state, x][:, w]); x enters the state, in place.
 struct UpdateParams {
   int batch, dim, width;  // width in 2..4
+  int first_row;          // the batch row of blockIdx.y = 0 (past gridDim.y's 65535: further launches)
   bool silu;
   long x_stride, out_stride;  // batch strides (the channel stride is 1)
   float* state;               // [batch, dim, width - 1] fp32, contiguous, updated in place
