@@ -109,3 +109,25 @@ def test_conv1d_update_rows_past_the_grid_limit_and_none(batch):
     assert_close("y", y.float(), y_ref.float(), 1e-2)
     assert_close("conv_state", state, state_ref, 1e-6)
 
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize(("batch", "nstate"), [(65537, 3), (262150, 16)], ids=["scalar-kernel", "vector-kernel"])
+def test_state_update_rows_past_the_grid_limit(batch, nstate):
+    """The state update's grid put the batch (the scalar kernel: N % 4 != 0) or its blocks of 4 rows (the vector
+    kernel, from batch 8) in gridDim.y: past 65535 of them the launch failed."""
+    from zoo_kernels.selective_scan.cuda import selective_state_update_cuda
+    from zoo_kernels.selective_scan.ref import selective_state_update_ref
+
+    dim = 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    state = torch.randn(batch, dim, nstate, device="cuda", generator=g)
+    x, dt, z = (torch.randn(batch, dim, device="cuda", generator=g) for _ in range(3))
+    B, C = (torch.randn(batch, nstate, device="cuda", generator=g) for _ in range(2))
+    A = -(torch.rand(dim, nstate, device="cuda", generator=g) + 0.1)
+    D, dt_bias = torch.randn(dim, device="cuda", generator=g), torch.randn(dim, device="cuda", generator=g)
+    state_ref = state.clone()
+    y = selective_state_update_cuda(state, x, dt, A, B, C, D, z, dt_bias, True)
+    y_ref = selective_state_update_ref(state_ref, x, dt, A, B, C, D, z, dt_bias, True)
+    assert_close("y", y, y_ref, 1e-4)
+    assert_close("state", state, state_ref, 1e-4)

@@ -264,20 +264,46 @@ __global__ void __launch_bounds__(kUpdateThreads, kRows == 1 ? 1 : 5)
 // ---------------------------------------------------------------------------------------------------
 // Launchers
 
+// Calls launch(q) for the batch, rows_per_block rows per block of gridDim.y: once with q = p up to 65535 blocks,
+// else for slices of at most that many blocks' rows, q's batch pointers moved to the slice's first row (every
+// offset a multiple of 4 elements where the rows were, so the kernels' alignment choices hold). Returns the first
+// launch error.
+template <typename T, typename Launch>
+cudaError_t launch_rows(const UpdateParams& p, int rows_per_block, Launch launch) {
+  const int rows_per_launch = kMaxGridY / rows_per_block * rows_per_block;
+  for (int b0 = 0; b0 < p.batch; b0 += rows_per_launch) {
+    UpdateParams q = p;
+    q.batch = p.batch - b0 < rows_per_launch ? p.batch - b0 : rows_per_launch;
+    q.state = p.state + size_t(b0) * p.dim * p.nstate;
+    q.x = static_cast<const T*>(p.x) + b0 * p.x_stride;
+    q.dt = static_cast<const T*>(p.dt) + b0 * p.dt_stride;
+    q.B = static_cast<const T*>(p.B) + b0 * p.b_stride;
+    q.C = static_cast<const T*>(p.C) + b0 * p.c_stride;
+    if (p.z) q.z = static_cast<const T*>(p.z) + b0 * p.z_stride;
+    q.out = static_cast<T*>(p.out) + b0 * p.out_stride;
+    launch(q);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <typename T, int kLanes, bool kLowRank>
 cudaError_t launch_lanes(const UpdateParams& p, cudaStream_t stream) {
   constexpr int kChannels = kUpdateThreads / kLanes;
-  state_update_kernel<T, kLanes, kLowRank>
-      <<<dim3((p.dim + kChannels - 1) / kChannels, p.batch), kUpdateThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_rows<T>(p, 1, [&](const UpdateParams& q) {
+    state_update_kernel<T, kLanes, kLowRank>
+        <<<dim3((q.dim + kChannels - 1) / kChannels, q.batch), kUpdateThreads, 0, stream>>>(q);
+  });
 }
 
 template <typename T, int kLanes, int kRows, bool kVecBC, bool kLowRank>
 cudaError_t launch_vec_rows(const UpdateParams& p, cudaStream_t stream) {
   constexpr int kChannels = kUpdateThreads / kLanes;
-  const dim3 grid((p.dim + kChannels - 1) / kChannels, (p.batch + kRows - 1) / kRows);
-  state_update_vec_kernel<T, kLanes, kRows, kVecBC, kLowRank><<<grid, kUpdateThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_rows<T>(p, kRows, [&](const UpdateParams& q) {
+    const dim3 grid((q.dim + kChannels - 1) / kChannels, (q.batch + kRows - 1) / kRows);
+    state_update_vec_kernel<T, kLanes, kRows, kVecBC, kLowRank><<<grid, kUpdateThreads, 0, stream>>>(q);
+  });
 }
 
 template <typename T, int kLanes, bool kLowRank>
