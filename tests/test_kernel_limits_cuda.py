@@ -131,3 +131,17 @@ def test_state_update_rows_past_the_grid_limit(batch, nstate):
     y_ref = selective_state_update_ref(state_ref, x, dt, A, B, C, D, z, dt_bias, True)
     assert_close("y", y, y_ref, 1e-4)
     assert_close("state", state, state_ref, 1e-4)
+
+
+def test_scan_backward_shared_memory_against_the_gpu_limit():
+    """The backward kernel's block needs 150,096 bytes of shared memory at N = 33..64 (the static_assert in
+    csrc/selective_scan_kernels.cuh pins the mirror's values), more than the 101,376 a block may have on compute
+    capability 8.6, 8.9 and 12.x: check_scan refuses a call asking gradients there (before, the backward's launch
+    failed with "invalid argument" after the forward had run); an H100's 232,448 bytes take it."""
+    from zoo_kernels.selective_scan.cuda import backward_problem, backward_smem_bytes
+
+    assert [backward_smem_bytes(n) for n in (3, 8, 16, 32, 33, 64)] == [37648, 57744, 97936, 97872, 150096, 150096]
+    problem = backward_problem(64, 101376)
+    assert problem is not None and "N = 64" in problem and "150096" in problem and "101376" in problem
+    assert backward_problem(32, 101376) is None and backward_problem(64, 232448) is None
+    assert backward_problem(64, None) is None  # (torch does not report the limit: taken as enough)

@@ -289,6 +289,31 @@ def test_mamba_scan_takes_the_reference_where_the_cuda_scan_cannot(fast_kernels,
     assert Mamba(D_MODEL, 0, d_state=64)._scan_backend("cuda", torch.bfloat16) == "cuda"
 
 
+
+def test_mamba_scan_with_gradients_takes_the_reference_where_its_backward_does_not_fit(fast_kernels, monkeypatch):
+    """A block may have 99 KB of shared memory on compute capability 8.6, 8.9 and 12.x (RTX 30xx/40xx/50xx) and the
+    CUDA scan's backward needs 150 KB at d_state 33..64: training such a layer ran the forward on the kernel, then
+    the backward failed to launch ("invalid argument"). With gradients, scan_backend "auto" now scans it on the
+    reference with one warning and "cuda" raises naming d_state; without gradients, or at d_state 32, the kernel
+    stays."""
+    from zoo.mixers import mamba as mamba_module
+    from zoo.mixers.mamba import Mamba
+
+    monkeypatch.setattr(mamba_module, "smem_optin", lambda device: 101376)  # an RTX 4090's opt-in limit
+    torch.manual_seed(0)
+    mixer = Mamba(D_MODEL, 0, d_state=64)
+    ref = Mamba(D_MODEL, 0, d_state=64, scan_backend="ref")
+    ref.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, 9, D_MODEL)
+    with pytest.warns(RuntimeWarning, match="d_state = 64 with gradients"):
+        out = mixer(x)
+    assert_close("out", out, ref(x), TOL)
+    out.sum().backward()
+    assert mixer._scan_backend("cuda", torch.bfloat16) == "cuda"
+    assert Mamba(D_MODEL, 0, d_state=32)._scan_backend("cuda", torch.bfloat16, grad=True) == "cuda"
+    with pytest.raises(ValueError, match="d_state = 64 with gradients.*150096 bytes.*101376"):
+        Mamba(D_MODEL, 0, d_state=64, scan_backend="cuda")._scan_backend("cuda", torch.float32, grad=True)
+
 def test_mamba2_chunk_scan_takes_the_reference_below_the_triton_chunk(fast_kernels):
     """The Triton SSD scan refuses chunks below MIN_CHUNK_SIZE = 16 ("chunk_size must be at least 16"), which the
     CPU configs use (chunk_size 8): with scan_backend "auto" such a Mamba-2 layer on a GPU scans on the reference with

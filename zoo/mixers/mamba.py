@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 from zoo_kernels._grad import needs_grad
-from zoo_kernels.selective_scan.cuda import MAX_STATE
+from zoo_kernels.selective_scan.cuda import MAX_STATE, backward_problem, smem_optin
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
@@ -136,10 +136,12 @@ class Mamba(nn.Module):
         return self._scan_backend(backends.resolve("selective_scan", self.scan_backend, self.A_log.device),
                                   self.in_proj.weight.dtype)
 
-    def _scan_backend(self, backend: str, dtype: torch.dtype) -> str:
+    def _scan_backend(self, backend: str, dtype: torch.dtype, grad: bool = False) -> str:
         """The sequence scan's backend: `backend`, unless the CUDA scan cannot take this layer (d_state above its
-        MAX_STATE = 64, activations in a dtype other than fp32/bf16/fp16): then the reference, with one warning under
-        scan_backend "auto" (backends.fit). The decode step's kernels take any d_state and cast other dtypes."""
+        MAX_STATE = 64, activations in a dtype other than fp32/bf16/fp16, or with `grad` (a backward to come) d_state
+        above 32 on a GPU whose blocks may not have the backward's 150 KB of shared memory: compute capability 8.6,
+        8.9, 12.x): then the reference, with one warning under scan_backend "auto" (backends.fit). The decode step's
+        kernels take any d_state and cast other dtypes."""
         problem = None
         if backend == "cuda":
             if self.d_state > MAX_STATE:
@@ -147,6 +149,8 @@ class Mamba(nn.Module):
                            f"scan_backend: ref)")
             elif dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 problem = f"{dtype} activations (fp32, bf16 or fp16)"
+            elif grad and (why := backward_problem(self.d_state, smem_optin(self.A_log.device))):
+                problem = f"d_state = {self.d_state} with gradients on this GPU ({why}; or set scan_backend: ref)"
         return backends.fit("selective_scan", self.scan_backend, backend, problem)
 
     def _split_dbc(self, x_dbl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -263,7 +267,8 @@ class Mamba(nn.Module):
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             return self._step(x, cache, mask, backend)
-        backend = self._scan_backend(backend, x.dtype)  # the sequence scan's limits (the step's kernels have none)
+        grad = self.d_state > 32 and needs_grad(x, *self.parameters())  # (only N > 32 asks: the backward's smem)
+        backend = self._scan_backend(backend, x.dtype, grad)  # the sequence scan's limits (the step's have none)
         if self._channels_first():
             return self._forward_channels_first(x, cache, seq_idx, mask, backend)
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each

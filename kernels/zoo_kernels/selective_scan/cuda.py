@@ -24,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from zoo_kernels._checks import device_problem, first_problem, raise_if, require_cuda, shape_problem
+from zoo_kernels._grad import needs_grad
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = (
@@ -136,6 +137,44 @@ available, why_unavailable, _module = _EXTENSION.available, _EXTENSION.why_unava
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float().contiguous()
+
+
+def backward_smem_bytes(nstate: int) -> int:
+    """Dynamic shared memory of one block of the backward kernel at N = nstate, in bytes: bwd_smem_bytes of
+    csrc/selective_scan_kernels.cuh for N padded to 4, 8, 16, 32 or 64 (mirrored here; a static_assert there pins the
+    values): 97,936 up to N = 32, 150,096 at N = 33..64, more than compute capability 8.6, 8.9 and 12.x allow."""
+    npad = max(4, 1 << (nstate - 1).bit_length())
+    states = 2 if npad == 64 else 1  # per lane
+    channels_per_warp = 32 // (npad // states)
+    warps = 16 // channels_per_warp if channels_per_warp >= 2 else 8
+    channels = warps * channels_per_warp
+    pitch, red_pitch, tile, dbc_pitch = 68, 36, 16, 17
+    return 4 * (4 * channels * pitch + 2 * npad * pitch + warps * 2 * tile * red_pitch
+                + warps * 2 * states * 32 * dbc_pitch + 2 * channels + 4)
+
+
+_SMEM_OPTIN: dict[int, int | None] = {}
+
+
+def smem_optin(device: torch.device) -> int | None:
+    """The shared memory a block may opt in to on a CUDA device, in bytes (cached per device); None off CUDA or where
+    torch does not report it."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMEM_OPTIN:
+        _SMEM_OPTIN[index] = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", None)
+    return _SMEM_OPTIN[index]
+
+
+def backward_problem(nstate: int, optin: int | None) -> str | None:
+    """Why the backward kernel cannot run at N = nstate on a GPU whose blocks may have `optin` bytes of shared memory
+    (None: unknown, taken as enough); None where it can."""
+    need = backward_smem_bytes(nstate)
+    if optin is None or need <= optin:
+        return None
+    return (f"the backward kernel at N = {nstate} needs {need} bytes of shared memory per block and this GPU allows "
+            f"{optin}: N <= 32 fits, selective_scan_ref takes any N")
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -276,13 +315,17 @@ def _scan_problem(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_st
 def check_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, initial_state=None, seq_idx=None) -> None:
     """Raises where the kernel would refuse these inputs of selective_scan_cuda (or of the split scan, which passes
     initial_state=None: it makes the segments' own): TypeError for u's dtype, ValueError for N > 64 and every
-    other check of the extension (`_scan_problem`), RuntimeError off CUDA."""
+    other check of the extension (`_scan_problem`), RuntimeError off CUDA; ValueError where a gradient is asked and
+    the backward kernel's shared memory exceeds the GPU's (`backward_problem`: N > 32 on compute capability 8.6, 8.9
+    and 12.x)."""
     if u.dtype not in _DTYPES:
         raise TypeError(f"selective_scan_cuda: u must be fp32, bf16 or fp16, got {u.dtype}")
     if A.dim() == 2 and A.shape[1] > MAX_STATE:
         raise ValueError(f"selective_scan_cuda: N = {A.shape[1]} > {MAX_STATE}; use backend='ref'")
     raise_if("selective_scan_cuda", _scan_problem(u, delta, A, B, C, D, z, delta_bias, initial_state, seq_idx))
     require_cuda("selective_scan_cuda", u, "selective_scan_ref")
+    if needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state):  # (the backward's launch would fail)
+        raise_if("selective_scan_cuda", backward_problem(B.shape[-2], smem_optin(u.device)))
 
 
 def _update_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_weight=None) -> str | None:
@@ -312,4 +355,4 @@ def _update_problem(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_weig
 
 
 __all__ = ["available", "why_unavailable", "selective_scan_cuda", "selective_state_update_cuda", "cache_dir",
-           "check_scan"]
+           "check_scan", "backward_problem", "backward_smem_bytes", "smem_optin"]

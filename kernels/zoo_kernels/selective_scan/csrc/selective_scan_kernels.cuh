@@ -72,6 +72,12 @@ constexpr size_t bwd_smem_bytes() {
                           C::kWarps * 2 * C::kS * 32 * C::kDbcP + 2 * C::kR + 4);
 }
 
+// zoo_kernels.selective_scan.cuda.backward_smem_bytes mirrors these (to refuse N > 32 where a block may not have
+// 150 KB: compute capability 8.6, 8.9, 12.x): change it with them.
+static_assert(bwd_smem_bytes<4>() == 37648 && bwd_smem_bytes<8>() == 57744 && bwd_smem_bytes<16>() == 97936 &&
+                  bwd_smem_bytes<32>() == 97872 && bwd_smem_bytes<64>() == 150096,
+              "update zoo_kernels.selective_scan.cuda.backward_smem_bytes");
+
 // ---------------------------------------------------------------------------------------------------
 // Element conversion and 16-byte packs
 
