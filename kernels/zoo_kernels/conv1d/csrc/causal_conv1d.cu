@@ -128,10 +128,11 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const ConvParams p) 
 // the kernel needs 48 registers (bf16, W = 4): 10 blocks per SM; with them, 64 and 8 (at 10 it spills 192 bytes).
 // Before the two were compiled apart the seq_idx path's 64 registers held both to 8. fwd+bwd at the 130M shape,
 // H200 (benchmarks/probe_conv1d.py, RESULTS.md twenty-fifth session): one kernel for both 0.114 ms; apart, 10
-// blocks 0.105 (its cuda tests passed on the card), 12 blocks (40 registers, a 4-byte spill) 0.101 (checked by the
-// probe only: the next candidate default); causal_conv1d 0.076.
+// blocks 0.105 (its cuda tests passed on the card), 12 blocks (40 registers, a 4-byte spill) 0.101 (the default
+// since the twenty-seventh session: its cuda tests passed on the card; probe there 0.1008 vs 10 blocks 0.1052);
+// causal_conv1d 0.077.
 #ifndef ZOO_CONV_BWD_MIN_BLOCKS
-#define ZOO_CONV_BWD_MIN_BLOCKS 10
+#define ZOO_CONV_BWD_MIN_BLOCKS 12
 #endif
 #ifndef ZOO_CONV_BWD_SEQ_MIN_BLOCKS
 #define ZOO_CONV_BWD_SEQ_MIN_BLOCKS 8
