@@ -1,7 +1,9 @@
-"""Our CUDA kernels (selective scan, its split passes, causal conv1d, the decode state update) at the edges of their
-index and launch limits: offsets past 2^31 elements, grid rows past gridDim.y's 65535, zero-size inputs. Each case
-compares with the torch reference (or the unsplit kernel, where the reference would be too slow) on the GPU; each
-stays under ~15 GB of GPU memory and a few seconds.
+"""Our CUDA and Triton kernels (selective scan, its split passes, causal conv1d, the decode state update, the SSD
+chunk scan, decode attention) at the edges of their index and launch limits: offsets past 2^31 elements, grid rows
+past gridDim.y's 65535, zero-size inputs. Each case compares with the torch reference (or the same kernel under the
+limit, where the reference would be too slow) on the GPU; each stays under ~15 GB of GPU memory and a few seconds
+(plus the SSD autotuner's compiles). The tests without the cuda mark check launch grids, shared memory sizes and
+offsets on the CPU (the last through Triton's interpreter).
 """
 
 from __future__ import annotations
@@ -145,3 +147,54 @@ def test_scan_backward_shared_memory_against_the_gpu_limit():
     assert problem is not None and "N = 64" in problem and "150096" in problem and "101376" in problem
     assert backward_problem(32, 101376) is None and backward_problem(64, 232448) is None
     assert backward_problem(64, None) is None  # (torch does not report the limit: taken as enough)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_ssd_chunks_past_the_grid_limit():
+    """The SSD scan's cumsum and dt kernels put the chunks of a row in gridDim.y: from L = 65535 x chunk_size + 1
+    on (4.2M tokens at chunk 64) the forward's launch failed, and so did the backward's. At chunk 16, 65537 chunks:
+    output, final state and every gradient against chunk 32 (32769 chunks, under the limit), fp32."""
+    from test_ssd_triton import assert_all_close, make_inputs, run_both, triton_fn
+
+    length = 65536 * 16 + 16  # 65537 chunks of 16 tokens
+    inputs, _ = make_inputs(1, length, 2, 16, 1, 16, torch.float32, "cuda", seed=5)
+    fn = triton_fn()
+    a, b = run_both(lambda *args: fn(*args[:5], 16, *args[6:]), lambda *args: fn(*args[:5], 32, *args[6:]),
+                    inputs, None, 0)
+    # dA, dD and d dt_bias sum a million terms of both signs: their rounding shows more than the others'
+    assert_all_close(a, b, {"default": 1e-3, "dA": 1e-2, "dD": 1e-2, "ddt_bias": 1e-2}, "chunk 16 (65537 chunks) vs 32")
+
+
+def test_ssd_launch_grids_stay_within_the_axis_limits(monkeypatch):
+    """Every launch of the SSD scan, forward and backward, at 65537 chunks of 16 tokens in a row keeps grid axes 1
+    and 2 within 65535 (CPU: each kernel is replaced by a recorder of its grid under each autotune config, so nothing
+    runs). The cumsum and dt kernels had the chunks in axis 1."""
+    pytest.importorskip("triton")
+    from zoo_kernels.ssd import triton_ssd
+
+    grids: dict[str, list[tuple[int, ...]]] = {}
+
+    class Recorder:
+        def __init__(self, name, kernel):
+            self.name, self.configs = name, getattr(kernel, "configs", [None])
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                for config in self.configs:
+                    full = {**meta, **(config.kwargs if config is not None else {})}
+                    grids.setdefault(self.name, []).append(tuple(grid(full) if callable(grid) else grid))
+            return launch
+
+    for name in dir(triton_ssd):
+        if name.startswith("_") and name.endswith("_kernel"):
+            monkeypatch.setattr(triton_ssd, name, Recorder(name, getattr(triton_ssd, name)))
+    length, H, P, N = 65537 * 16, 1, 16, 16
+    x = torch.zeros(1, length, H, P, requires_grad=True)
+    dt = torch.zeros(1, length, H, requires_grad=True)
+    B, C = (torch.zeros(1, length, 1, N, requires_grad=True) for _ in range(2))
+    triton_ssd.ssd_chunk_scan_triton(x, dt, -torch.ones(H), B, C, chunk_size=16).sum().backward()
+    assert {"_cumsum_fwd_kernel", "_chunk_scan_fwd_kernel", "_bwd_source_kernel", "_bwd_dt_kernel"} <= set(grids)
+    over = {name: g for name, launches in grids.items() for g in launches
+            if len(g) > 3 or g[0] >= 2**31 or any(axis > 65535 for axis in g[1:])}
+    assert not over, f"grid axes past their limits: {over}"

@@ -71,10 +71,11 @@ def _cumsum_fwd_kernel(
     L, H, nc, s_dt_b, s_dt_l, s_dt_h,
     T: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    # (row, chunk) in grid axis 0: the chunks alone would pass axis 1's 65535 from L = 65535 T + 1 on
+    pid_b = tl.program_id(0) // nc
+    pid_c = tl.program_id(0) % nc
     offs_t = tl.arange(0, BT)
-    offs_h = tl.program_id(2) * BH + tl.arange(0, BH)
+    offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
     tok = pid_c * T + offs_t
     mt = (offs_t < T) & (tok < L)
     mh = offs_h < H
@@ -589,10 +590,10 @@ def _bwd_dt_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
 ):
     """∂a_k = Σ_{t≥k} ∂cs_t; ∂Δ += ∂a A; dA, d dt_bias per chunk; ddt through the softplus."""
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(0) // nc  # (row, chunk) in grid axis 0, as the forward's cumsum
+    pid_c = tl.program_id(0) % nc
     offs_t = tl.arange(0, BT)
-    offs_h = tl.program_id(2) * BH + tl.arange(0, BH)
+    offs_h = tl.program_id(1) * BH + tl.arange(0, BH)
     offs_e = tl.arange(0, BE)
     tok = pid_c * T + offs_t
     mt = (offs_t < T) & (tok < L)
@@ -732,7 +733,7 @@ def _ssd_fwd(x, dt, A, B, C, T, D, z, dt_bias, softplus, init, seg):
     dtp = torch.empty(batch, H, nc, T, device=dev, dtype=torch.float32)
     cs = torch.empty_like(dtp)
     BH = min(_pow2(H, 1), 32)
-    _cumsum_fwd_kernel[(batch, nc, triton.cdiv(H, BH))](
+    _cumsum_fwd_kernel[(batch * nc, triton.cdiv(H, BH))](
         dt, A, dt_bias, dtp, cs, L, H, nc, *dt.stride(),
         T=T, BT=_pow2(T), BH=BH, HAS_BIAS=dt_bias is not None, SOFTPLUS=softplus,
     )
@@ -836,7 +837,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, T, D, z, dt_bias, softplus, has_init,
     dA_part = torch.empty(batch * nc, H, device=dev, dtype=torch.float32)
     dbias_part = torch.empty_like(dA_part) if dt_bias is not None else None
     BH = min(_pow2(H, 1), 16)
-    _bwd_dt_kernel[(batch, nc, triton.cdiv(H, BH))](
+    _bwd_dt_kernel[(batch * nc, triton.cdiv(H, BH))](
         dcs_a, dcs_b, u_buf, ddecay, ddtp, dtp, dt, A, dt_bias if dt_bias is not None else A,
         ddt, dA_part, dbias_part if dbias_part is not None else dA_part,
         L, H, nc, NBLK, *dt.stride(), *ddt.stride(),
