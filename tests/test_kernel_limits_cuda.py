@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, patch_triton_interpreter, run_in_interpreter
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -198,3 +198,68 @@ def test_ssd_launch_grids_stay_within_the_axis_limits(monkeypatch):
     over = {name: g for name, launches in grids.items() for g in launches
             if len(g) > 3 or g[0] >= 2**31 or any(axis > 65535 for axis in g[1:])}
     assert not over, f"grid axes past their limits: {over}"
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "per-head"])
+def test_decode_attention_slot_offsets_past_2_31(grouped):
+    """A static KV buffer with S x Hkv x D > 2^31 elements per row: the split kernels' slot offset (slot x Hkv D)
+    was an int32 product and wrapped from slot 2^31 / (Hkv D) on. Hkv = 1, D = 64, S = 2^25 + 128 (two 4.3 GB bf16
+    buffers): the window of the last 256 slots straddles slot 2^25, whose offset is 2^31; against the reference on
+    those slots alone."""
+    from zoo_kernels.attention.decode import decode_attention, reference
+
+    S, D, window = (1 << 25) + 128, 64, 256
+    keys = torch.zeros(1, S, 1, D, device="cuda", dtype=torch.bfloat16)
+    values = torch.zeros_like(keys)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    last = slice(S - window, S)
+    keys[:, last].normal_(generator=g)
+    values[:, last].normal_(generator=g)
+    q = torch.randn(1, 1, 2, D, device="cuda", generator=g).to(torch.bfloat16)
+    o = decode_attention(q, keys, values, torch.tensor([S], device="cuda"), window, grouped=grouped)
+    ref = reference(q, keys[:, last], values[:, last], window)
+    assert_close("o", o.float(), ref.float(), 1e-2)
+
+
+_SLOT_STRIDE = 1 << 20  # fp32 elements between two slots of the interpreter case: slot 2048 starts at 2^31
+
+
+def test_decode_attention_slot_offsets_past_2_31_in_the_interpreter():
+    """The same wrap on the CPU, through Triton's interpreter (which computes int32 offsets as int32 too): keys
+    and values as strided views of one lazily allocated 8.6 GB storage (only the 2049 slots' pages are touched),
+    slot stride 2^20, so slot 2048's offset is 2^31; a window of the last 4 slots. Before the int64 slot offsets the
+    interpreter read 8 GB before the storage (a segfault); now both kernels equal the reference. Skipped where the
+    address space is refused."""
+    pytest.importorskip("triton")
+    try:
+        del_me = torch.empty(2048 * _SLOT_STRIDE + 32)
+    except RuntimeError as error:
+        pytest.skip(f"no 8.6 GB of address space here: {error}")
+    del del_me
+    run_in_interpreter(__file__)
+
+
+def _interpreter_main() -> None:
+    from zoo_kernels.attention.decode import decode_attention, reference
+
+    S, D = 2049, 16
+    storage = torch.empty((S - 1) * _SLOT_STRIDE + 2 * D)
+    g = torch.Generator().manual_seed(0)
+    for slot in range(S):
+        storage[slot * _SLOT_STRIDE: slot * _SLOT_STRIDE + 2 * D] = torch.randn(2 * D, generator=g)
+    keys = storage.as_strided((1, S, 1, D), (S * _SLOT_STRIDE, _SLOT_STRIDE, D, 1), 0)
+    values = storage.as_strided((1, S, 1, D), (S * _SLOT_STRIDE, _SLOT_STRIDE, D, 1), D)
+    q = torch.randn(1, 1, 2, D, generator=g)
+    want = reference(q, keys.clone(), values.clone(), S, 4)
+    for grouped in (True, False):
+        o = decode_attention(q, keys, values, torch.tensor([S]), 4, grouped=grouped, splits=1)
+        err = ((o - want).norm() / want.norm()).item()
+        assert err < 1e-5, (grouped, err)
+    print("interpreter: decode attention reads slots past offset 2^31")
+
+
+if __name__ == "__main__":
+    patch_triton_interpreter()
+    _interpreter_main()

@@ -49,23 +49,30 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = split * CHUNK
+    # the chunk's first slot in 64 bits (slot x Hkv D passes 2^31 in a row of 2^31 / (Hkv D) slots), taken once; the
+    # pointers then step BLOCK_N slots a turn (BLOCK_N x Hkv D: int32), so the loop does no 64-bit products
+    slots = tl.arange(0, BLOCK_N)[:, None]
+    k_ptrs = (k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh + start.to(tl.int64) * s_ks + slots * s_ks
+              + offs_d[None, :])
+    v_ptrs = (v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh + start.to(tl.int64) * s_vs + slots * s_vs
+              + offs_d[None, :])
     for n0 in range(0, CHUNK, BLOCK_N):
         offs_n = start + n0 + tl.arange(0, BLOCK_N)
         visible = (offs_n < length) & (offs_n >= lo) & (offs_n < start + CHUNK) & (offs_n < S)
         m2 = visible[:, None] & md[None, :]
-        k = tl.load(k_ptr + b.to(tl.int64) * s_kb + offs_n[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
-                    mask=m2, other=0.0).to(tl.float32)
+        k = tl.load(k_ptrs, mask=m2, other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1)
         s = tl.where(visible, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         p = tl.exp(s - m_safe)
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_ptr + b.to(tl.int64) * s_vb + offs_n[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
-                    mask=m2, other=0.0).to(tl.float32)
+        v = tl.load(v_ptrs, mask=m2, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
+        k_ptrs += BLOCK_N * s_ks
+        v_ptrs += BLOCK_N * s_vs
     out = bh * nsplit + split
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
@@ -104,22 +111,29 @@ def _grouped_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    k_base = k_ptr + b.to(tl.int64) * s_kb + kvh * s_kh
-    v_base = v_ptr + b.to(tl.int64) * s_vb + kvh * s_vh
+    # the chunk's first slot in 64 bits (slot x Hkv D passes 2^31 in a row of 2^31 / (Hkv D) slots), taken once; the
+    # pointers then step BLOCK_N slots a turn (BLOCK_N x Hkv D: int32), so the loop does no 64-bit products
+    slots = tl.arange(0, BLOCK_N)[:, None]
+    k_ptrs = (k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh + start.to(tl.int64) * s_ks + slots * s_ks
+              + offs_d[None, :])
+    v_ptrs = (v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh + start.to(tl.int64) * s_vs + slots * s_vs
+              + offs_d[None, :])
     for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         visible = offs_n < end
         m2 = visible[:, None] & md[None, :]
-        k = tl.load(k_base + offs_n[:, None] * s_ks + offs_d[None, :], mask=m2, other=0.0)
+        k = tl.load(k_ptrs, mask=m2, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(visible[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the block's first slot is visible
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_base + offs_n[:, None] * s_vs + offs_d[None, :], mask=m2, other=0.0)
+        v = tl.load(v_ptrs, mask=m2, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
+        k_ptrs += BLOCK_N * s_ks
+        v_ptrs += BLOCK_N * s_vs
     out = (b * H + heads) * nsplit + split  # the per-head kernel's layout: (row, query head, chunk)
     tl.store(m_ptr + out, m_i, mask=mg)
     tl.store(l_ptr + out, l_i, mask=mg)
