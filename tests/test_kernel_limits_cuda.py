@@ -223,6 +223,19 @@ def test_decode_attention_slot_offsets_past_2_31(grouped):
     assert_close("o", o.float(), ref.float(), 1e-2)
 
 
+def test_decode_attention_without_rows_or_slots():
+    """An empty batch returns an empty output and an empty KV buffer is refused by name; both raised
+    ZeroDivisionError (the splits' and chunks' arithmetic) before. Nothing is launched: CPU tensors do."""
+    pytest.importorskip("triton")
+    from zoo_kernels.attention.decode import decode_attention
+
+    q, kv = torch.randn(0, 1, 4, 16), torch.randn(0, 64, 2, 16)
+    o = decode_attention(q, kv, kv, torch.tensor([10]))
+    assert o.shape == (0, 1, 4, 16) and o.dtype == q.dtype
+    with pytest.raises(ValueError, match="S = 0"):
+        decode_attention(torch.randn(1, 1, 4, 16), kv[:1, :0], kv[:1, :0], torch.tensor([0]))
+
+
 _SLOT_STRIDE = 1 << 20  # fp32 elements between two slots of the interpreter case: slot 2048 starts at 2^31
 
 

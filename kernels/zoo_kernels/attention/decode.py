@@ -197,6 +197,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError("decode_attention: one query per row, H a multiple of the KV heads, unit stride over D")
     if window is not None and window < 1:  # the kernels would see no key (NaN); the reference reads 0 as no window
         raise ValueError(f"decode_attention: window must be None or at least 1, got {window}")
+    if S == 0:  # no slot to attend to (splits_for and chunking divided by zero)
+        raise ValueError("decode_attention: the KV buffer has no slot (S = 0)")
+    if B == 0:  # no row: nothing to launch (splits_for divided by zero)
+        return torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
     grouped = True if grouped is None else grouped
     scale = D ** -0.5 if scale is None else scale
     rows = B * (Hkv if grouped else H)  # programs per chunk
