@@ -31,7 +31,7 @@ from zoo_kernels._device import sm_count
 def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
                   H, GROUP, S, D, CHUNK, WINDOW, scale,
                   s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
-                  HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -49,30 +49,26 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     start = split * CHUNK
-    # the chunk's first slot in 64 bits (slot x Hkv D passes 2^31 in a row of 2^31 / (Hkv D) slots), taken once; the
-    # pointers then step BLOCK_N slots a turn (BLOCK_N x Hkv D: int32), so the loop does no 64-bit products
-    slots = tl.arange(0, BLOCK_N)[:, None]
-    k_ptrs = (k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh + start.to(tl.int64) * s_ks + slots * s_ks
-              + offs_d[None, :])
-    v_ptrs = (v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh + start.to(tl.int64) * s_vs + slots * s_vs
-              + offs_d[None, :])
     for n0 in range(0, CHUNK, BLOCK_N):
         offs_n = start + n0 + tl.arange(0, BLOCK_N)
         visible = (offs_n < length) & (offs_n >= lo) & (offs_n < start + CHUNK) & (offs_n < S)
         m2 = visible[:, None] & md[None, :]
-        k = tl.load(k_ptrs, mask=m2, other=0.0).to(tl.float32)
+        offs_s = offs_n  # a slot's index; its offset in 64 bits where WIDE (see decode_attention)
+        if WIDE:
+            offs_s = offs_n.to(tl.int64)
+        k = tl.load(k_ptr + b.to(tl.int64) * s_kb + offs_s[:, None] * s_ks + kvh * s_kh + offs_d[None, :],
+                    mask=m2, other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1)
         s = tl.where(visible, s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 0))
         m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)
         p = tl.exp(s - m_safe)
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_ptrs, mask=m2, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b.to(tl.int64) * s_vb + offs_s[:, None] * s_vs + kvh * s_vh + offs_d[None, :],
+                    mask=m2, other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-        k_ptrs += BLOCK_N * s_ks
-        v_ptrs += BLOCK_N * s_vs
     out = bh * nsplit + split
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
@@ -85,7 +81,7 @@ def _grouped_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
                           s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
                           GROUP: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """One (row, KV head, chunk): the online softmax of its GROUP query heads (rows of a [BLOCK_G, BLOCK_D] tile,
     BLOCK_G >= 16 for tl.dot; the rows past GROUP are zero queries, never stored) over the chunk's visible keys.
     The key loop walks only the chunk's visible slots [max(chunk start, lo), min(chunk end, length)), so chunks
@@ -111,29 +107,25 @@ def _grouped_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    # the chunk's first slot in 64 bits (slot x Hkv D passes 2^31 in a row of 2^31 / (Hkv D) slots), taken once; the
-    # pointers then step BLOCK_N slots a turn (BLOCK_N x Hkv D: int32), so the loop does no 64-bit products
-    slots = tl.arange(0, BLOCK_N)[:, None]
-    k_ptrs = (k_ptr + b.to(tl.int64) * s_kb + kvh.to(tl.int64) * s_kh + start.to(tl.int64) * s_ks + slots * s_ks
-              + offs_d[None, :])
-    v_ptrs = (v_ptr + b.to(tl.int64) * s_vb + kvh.to(tl.int64) * s_vh + start.to(tl.int64) * s_vs + slots * s_vs
-              + offs_d[None, :])
+    k_base = k_ptr + b.to(tl.int64) * s_kb + kvh * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + kvh * s_vh
     for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         visible = offs_n < end
         m2 = visible[:, None] & md[None, :]
-        k = tl.load(k_ptrs, mask=m2, other=0.0)
+        offs_s = offs_n  # a slot's index; its offset in 64 bits where WIDE (see decode_attention)
+        if WIDE:
+            offs_s = offs_n.to(tl.int64)
+        k = tl.load(k_base + offs_s[:, None] * s_ks + offs_d[None, :], mask=m2, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         s = tl.where(visible[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the block's first slot is visible
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_ptrs, mask=m2, other=0.0)
+        v = tl.load(v_base + offs_s[:, None] * s_vs + offs_d[None, :], mask=m2, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        k_ptrs += BLOCK_N * s_ks
-        v_ptrs += BLOCK_N * s_vs
     out = (b * H + heads) * nsplit + split  # the per-head kernel's layout: (row, query head, chunk)
     tl.store(m_ptr + out, m_i, mask=mg)
     tl.store(l_ptr + out, l_i, mask=mg)
@@ -218,17 +210,23 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     args = (q3, keys, values, length, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk, window or 0,
             float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2))
+    # WIDE: a slot's offset (slot x its stride, Hkv D in a [B, S, Hkv, D] buffer) reaches 2^31 within a row, past
+    # an int32 product: from 2.8M slots at 12 heads x 64. Those buffers take 64-bit slot offsets; every other keeps
+    # the 32-bit kernel (the 64-bit offsets in every kernel cost Transformer++'s decode 18% at batch 64, 2K: H200,
+    # twenty-seventh session, 1.85 -> 2.19 ms per step).
+    wide = (S - 1) * max(keys.stride(1), values.stride(1)) + (Hkv - 1) * max(keys.stride(2), values.stride(2)) \
+        + D >= 2 ** 31
     if grouped:
         group = H // Hkv
         _grouped_split_kernel[(rows, splits)](
             *args, GROUP=group, HAS_WINDOW=window is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_N=block_n, BLOCK_D=block_d, NUM_STAGES=2 if num_stages is None else num_stages,
-            PRECISION="ieee" if keys.dtype == torch.float32 else None, num_warps=num_warps or 4,
+            PRECISION="ieee" if keys.dtype == torch.float32 else None, WIDE=wide, num_warps=num_warps or 4,
         )
     else:
         launch = {} if num_stages is None else {"num_stages": num_stages}
         _split_kernel[(rows, splits)](*args, HAS_WINDOW=window is not None, BLOCK_N=block_n, BLOCK_D=block_d,
-                                      num_warps=num_warps or 4, **launch)
+                                      WIDE=wide, num_warps=num_warps or 4, **launch)
     o = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
     _combine_kernel[(B * H,)](m, l, acc, o, H, D, splits, o.stride(0), o.stride(2),
                               BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=4)
