@@ -1,0 +1,150 @@
+"""Host overhead of the eager decode: mean wall time per generated token of a plain `model.generate()`.
+
+A user's `model.generate(input_ids, max_new_tokens=N, do_sample=False)` decodes eagerly (no CUDA graph), and for the
+small models a step is bound by the host's Python, not by the device. This script builds a tiny model of each family
+from configs/models/<family>-tiny.yaml (d_model 64, 2-8 layers, random weights, seed 0), takes a batch-1 prompt of
+--prompt-len random tokens, runs one warm-up generate, then --repeats timed calls of
+
+    model.generate(input_ids, attention_mask=ones, max_new_tokens=N, do_sample=False)
+
+and prints, per family, the median over the repeats of (wall time of the call) / N in ms: the per-token cost of
+transformers' loop plus zoo's forward, prompt prefill included (one forward in N + 1). On the CPU (the default; one
+thread, so the arithmetic of a 64-wide model is negligible) what is left is host overhead; on CUDA (--device cuda,
+synchronized after each call) it is the eager step a user gets, host-bound for small models.
+
+    PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py                      # every family, CPU
+    PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py --device cuda --dtype bfloat16
+    PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py --families mamba --profile cprofile
+    PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py --dump /tmp/out.pt   # tokens + logits
+
+--profile cprofile / torch prints where the host time of one generate call of the first family goes (cProfile's
+top functions by own time and by cumulative time, or torch.profiler's top operators). --dump writes each family's
+greedy tokens and per-step logits (output_logits=True) so that two versions of the code can be compared bit for
+bit. --json prints one JSON line of the medians (what an A/B driver reads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's zoo and zoo_kernels, not an installed copy
+
+import torch  # noqa: E402
+
+FAMILIES = {"mamba": "mamba", "mamba2": "mamba2", "transformerpp": "transformerpp", "gla": "gla", "jamba": "jamba"}
+
+
+def build(family: str, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
+    from zoo.config import ZooConfig
+
+    torch.manual_seed(0)
+    config = ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{FAMILIES[family]}-tiny.yaml")
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    model.generation_config.eos_token_id = None  # every call makes exactly max_new_tokens tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt(model, length: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=g).to(device)
+    return ids, torch.ones_like(ids)
+
+
+def generate(model, ids, mask, new_tokens: int, **kwargs):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+
+def time_family(model, ids, mask, new_tokens: int, repeats: int) -> float:
+    """Median ms per generated token over `repeats` calls, after one warm-up call."""
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    with torch.inference_mode():
+        generate(model, ids, mask, new_tokens)
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            generate(model, ids, mask, new_tokens)
+            sync()
+            times.append((time.perf_counter() - start) / new_tokens * 1e3)
+    return statistics.median(times)
+
+
+def profile_family(model, ids, mask, new_tokens: int, how: str, top: int) -> None:
+    with torch.inference_mode():
+        generate(model, ids, mask, new_tokens)
+        if how == "cprofile":
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            generate(model, ids, mask, new_tokens)
+            prof.disable()
+            stats = pstats.Stats(prof).strip_dirs()
+            stats.sort_stats("tottime").print_stats(top)
+            stats.sort_stats("cumulative").print_stats(top)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+            with profile(activities=activities) as prof:
+                generate(model, ids, mask, new_tokens)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    p.add_argument("--profile", choices=["cprofile", "torch"], help="profile one call of the first family")
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--dump", help="write each family's tokens and logits to this file (torch.save) and exit")
+    p.add_argument("--json", action="store_true", help="print the medians as one JSON line")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("eager_decode_overhead.py: --device cuda needs CUDA, and torch sees no GPU")
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if args.profile:
+        model = build(args.families[0], args.device, dtype)
+        profile_family(model, *prompt(model, args.prompt_len, args.device), args.new_tokens, args.profile, args.top)
+        return
+    if args.dump:
+        out = {}
+        for family in args.families:
+            model = build(family, args.device, dtype)
+            with torch.inference_mode():
+                res = generate(model, *prompt(model, args.prompt_len, args.device), args.new_tokens,
+                               return_dict_in_generate=True, output_logits=True)
+            out[family] = {"tokens": res.sequences.cpu(), "logits": torch.stack(res.logits).cpu()}
+        torch.save(out, args.dump)
+        return
+    results = {}
+    for family in args.families:
+        model = build(family, args.device, dtype)
+        ids, mask = prompt(model, args.prompt_len, args.device)
+        results[family] = time_family(model, ids, mask, args.new_tokens, args.repeats)
+        if not args.json:
+            print(f"{family:14s} {results[family]:8.3f} ms/token  ({len(model.model.layers)} layers, "
+                  f"{args.device}, {args.dtype}, batch 1, {args.new_tokens} new tokens)")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
