@@ -371,8 +371,16 @@ class MoE(nn.Module):
         # padded), so that each token keeps its row's adapter in a PEFT mixed batch
         by_row = not self.training and len(shape) > 2 and self._experts_wrapped()
         per_row = x.shape[0] // shape[0] if by_row else 0
+        # each expert's (token, slot) pairs in the row-major order `(chosen == e).nonzero()` gives them, for all the
+        # experts at once: a stable sort of the flat choices groups them by expert, keeping that order in a group.
+        # One host sync (the counts) per layer instead of one nonzero per expert (eager decoding on CUDA waited
+        # n_experts times per MoE layer and token)
+        flat = chosen.reshape(-1)
+        order = flat.argsort(stable=True)
+        per_expert = torch.bincount(flat, minlength=self.n_experts).tolist()
+        tokens, slots = (order // chosen.shape[-1]).split(per_expert), (order % chosen.shape[-1]).split(per_expert)
         for e, expert in enumerate(self.experts):
-            token, slot = (chosen == e).nonzero(as_tuple=True)
+            token, slot = tokens[e], slots[e]
             # with autograd on, an expert that no token chose still runs (on no rows): its parameters get zero
             # gradients rather than none, which DDP needs of every parameter in every backward ("Expected to
             # have finished reduction in the prior iteration" otherwise, without find_unused_parameters)
