@@ -881,3 +881,34 @@ def test_resizing_an_untied_models_vocabulary_keeps_zoos_head_class():
     assert type(model.lm_head) is Linear and model.lm_head.weight.shape[0] == vocab + 16
     assert torch.equal(model.lm_head.weight[:vocab], old)
     assert model(torch.randint(0, vocab + 16, (1, 5))).logits.shape[-1] == vocab + 16
+
+
+def test_generate_skips_the_moe_aux_loss_that_it_drops(monkeypatch):
+    """generate reads each step's logits and cache, never its aux_loss: prepare_inputs_for_generation asks the
+    forward not to compute the MoE load-balancing loss (a softmax, top-k and scatter per MoE layer and step). A plain
+    forward, eval or train, with or without labels, still returns it, and generate's tokens do not change."""
+    import zoo.modeling as modeling
+
+    model = tiny("jamba")
+    ids = torch.randint(0, model.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = modeling.load_balancing_loss
+    monkeypatch.setattr(modeling, "load_balancing_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert not calls
+        assert model(ids).aux_loss is not None and model(ids, labels=ids).aux_loss is not None
+        inputs = model.prepare_inputs_for_generation(ids, attention_mask=torch.ones_like(ids))
+        assert model(**inputs).aux_loss is None  # what a generate step gets
+        assert model(**inputs, labels=ids).aux_loss is not None  # a loss asked for keeps its aux term
+    prepare = type(model).prepare_inputs_for_generation
+
+    def as_before(self, *args, **kwargs):  # the steps as they ran before: the aux loss computed and dropped
+        inputs = prepare(self, *args, **kwargs)
+        del inputs[modeling._SKIP_AUX_LOSS]
+        return inputs
+
+    monkeypatch.setattr(type(model), "prepare_inputs_for_generation", as_before)
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), out) and len(calls) == 4

@@ -160,6 +160,9 @@ def _refuse_output_attentions(config, kwargs: dict) -> None:
                          "zoo.state's recorder for the recurrent states")
 
 
+# a forward keyword that prepare_inputs_for_generation sets: the step's output gets no aux_loss (generate drops it)
+_SKIP_AUX_LOSS = "_zoo_skip_aux_loss"
+
 # set while ZooForCausalLM.from_pretrained(..., trust_remote_code=True) builds its model
 _TRUSTED_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_trusted_load", default=False)
 
@@ -349,6 +352,7 @@ class ZooModel(ZooPreTrainedModel):
         The output's aux_loss is the MoE load-balancing loss (None without MoE layers); router_logits, asked for,
         the MoE layers' router logits ([B * T, n_experts] each), as transformers' Jamba gives them."""
         past_key_values = _the_cache(past_key_values, kwargs)
+        skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False)
         _refuse_output_attentions(self.config, kwargs)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
@@ -431,7 +435,7 @@ class ZooModel(ZooPreTrainedModel):
         out = BaseModelOutputWithPast(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
                                       hidden_states=tuple(hidden_states) if hidden_states else None)
         out.aux_loss = None
-        if router_logits:  # padding counts for no expert
+        if router_logits and not skip_aux_loss:  # padding counts for no expert
             moe = self.config.moe_spec()
             mask = attention_mask[:, -T:] if attention_mask is not None else None
             out.aux_loss = load_balancing_loss(router_logits, moe["n_experts"], moe["top_k"], mask)
@@ -526,6 +530,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if past or tokens != held:  # without a cache each step reruns the prompt and the tokens so far
                 at = torch.arange(past, past + tokens, device=seq_idx.device).clamp(max=held - 1)
                 inputs["seq_idx"] = seq_idx[:, at]
+        # generate reads the logits and the cache of each step's output, never its aux_loss: the MoE layers'
+        # load-balancing loss (a softmax, top-k and scatter per MoE layer) is not computed for it
+        inputs[_SKIP_AUX_LOSS] = True
         return inputs
 
     # generate checks its keyword arguments (cache=, attention_mask=, ...) against this signature: keep transformers'
@@ -575,6 +582,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
         whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
         past_key_values = _the_cache(past_key_values, kwargs)
+        skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         _refuse_output_attentions(self.config, kwargs)
         rows = input_ids if input_ids is not None else inputs_embeds
@@ -583,7 +591,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True,
-                         output_router_logits=output_router_logits)
+                         output_router_logits=output_router_logits, **{_SKIP_AUX_LOSS: skip_aux_loss})
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
