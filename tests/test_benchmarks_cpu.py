@@ -273,3 +273,16 @@ def test_train_throughput_mfu_counts_the_active_parameters_as_zoo_train_does():
     assert ours["floor_ms"] == pytest.approx(6 * 1e6 * 1000 / 1e12 * 1e3, rel=1e-2)
     assert ours["baseline_mfu"] == pytest.approx(theirs["mfu"]) == pytest.approx(6 * 4e6 * 2e5 / 1e12, rel=1e-3)
     assert (ours["params"], ours["active_params"]) == (4_000_000, 1_000_000)
+
+
+def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
+    import json
+
+    script = load_script("benchmarks/eager_decode_overhead.py")
+    script.main(["--families", "gla", "--new-tokens", "2", "--repeats", "1", "--json"])
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(line)
+    assert list(result) == ["gla"] and result["gla"] > 0
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs CUDA"):
+            script.main(["--device", "cuda"])
