@@ -106,8 +106,16 @@ def _dotted_keys(sweep: dict) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """The recipe YAML as a dict with ``section.field=value`` overrides applied, validated by building it."""
+    """The recipe YAML as a dict with ``section.field=value`` overrides applied, validated by building it; an
+    override also replaces that key in every model's ``model_overrides``."""
     data = read_yaml(path, overrides)
+    # a run key given on the command line is the user's last word: it also replaces a model's own value for that
+    # key (induction.yaml's mamba: {train.max_steps: 20000} had kept --train.max_steps=50 from shortening it)
+    given = {item.partition("=")[0].strip().lstrip("-") for item in overrides or []}
+    for own in (data.get("model_overrides") or {}).values():
+        if isinstance(own, dict):
+            for key in given & set(own):
+                del own[key]
     if isinstance(data.get("sweep"), dict):
         data["sweep"] = _dotted_keys(data["sweep"])
     for name, spec in list(data.get("models", {}).items()):

@@ -41,6 +41,20 @@ def test_train_synthetic_state_passing_on_attention_is_refused_before_training(c
     assert {r.model_name: r.section.train.state_passing for r in runs} == {"mamba": True, "attention": False}
 
 
+def test_train_synthetic_command_line_override_beats_model_overrides(capsys):
+    # induction.yaml gives mamba {train.state_passing: true, train.max_steps: 20000}: a newcomer shortening the run
+    # with --train.max_steps=50 got 50 steps for attention and still 20000 for mamba
+    script = load_script("scripts/train_synthetic.py")
+    recipe = ROOT / "configs/train/induction.yaml"
+    runs = script.expand_runs(script.load_recipe(recipe, ["--train.max_steps=50", "--schedule.warmup_steps=5"]))
+    assert {r.model_name: r.section.train.max_steps for r in runs} == {"mamba": 50, "attention": 50}
+    assert {r.model_name: r.section.train.state_passing for r in runs} == {"mamba": True, "attention": False}
+    runs = script.expand_runs(script.load_recipe(recipe, ["train.state_passing=false"]), only=["mamba"])
+    assert not runs[0].section.train.state_passing and runs[0].section.train.max_steps == 20000
+    assert script.main([str(recipe), "--dry-run", "--train.max_steps=50", "--schedule.warmup_steps=5"]) == 0
+    assert "mamba: 66,496 parameters, 50 steps" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["train", "dry-run"])
 def test_train_synthetic_task_vocabulary_larger_than_the_model_is_refused_before_training(tmp_path, capsys, dry_run):
     """mqar's 8192 tokens on a 16-token model trained until the embedding raised IndexError (a CUDA assert on a GPU)."""
