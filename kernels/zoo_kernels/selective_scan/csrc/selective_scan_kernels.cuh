@@ -879,6 +879,22 @@ cudaError_t raise_smem_limit(Kernel kernel, size_t smem, bool (&done)[64]) {
   return err;
 }
 
+// Launches `kernel` over p's block rows (p.batch of them), at most 65535 in gridDim.y a launch: the rows past it take
+// further launches, ScanParams.first_row saying where each starts.
+template <typename Kernel>
+cudaError_t launch_rows(Kernel kernel, const ScanParams& p, int grid_x, int threads, size_t smem,
+                        cudaStream_t stream) {
+  for (int r0 = 0; r0 < p.batch; r0 += kMaxGridY) {
+    ScanParams q = p;
+    q.first_row = r0;
+    const int rows = p.batch - r0 < kMaxGridY ? p.batch - r0 : kMaxGridY;
+    kernel<<<dim3(grid_x, rows), threads, smem, stream>>>(q);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 template <typename T, int kNPad>
 cudaError_t launch_fwd_n(const ScanParams& p, cudaStream_t stream) {
   using Cf = FwdCfg<kNPad>;
@@ -888,15 +904,7 @@ cudaError_t launch_fwd_n(const ScanParams& p, cudaStream_t stream) {
   cudaError_t err = raise_smem_limit(kernel, smem, done);
   if (err != cudaSuccess) return err;
   const int bpg = (p.dim_per_group + Cf::kR - 1) / Cf::kR;
-  for (int r0 = 0; r0 < p.batch; r0 += kMaxGridY) {  // one launch up to 65535 rows
-    ScanParams q = p;
-    q.first_row = r0;
-    const int rows = p.batch - r0 < kMaxGridY ? p.batch - r0 : kMaxGridY;
-    kernel<<<dim3(p.ngroups * bpg, rows), Cf::kThreads, smem, stream>>>(q);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return launch_rows(kernel, p, p.ngroups * bpg, Cf::kThreads, smem, stream);
 }
 
 template <typename T, int kNPad>
@@ -908,15 +916,7 @@ cudaError_t launch_bwd_n(const ScanParams& p, cudaStream_t stream) {
   cudaError_t err = raise_smem_limit(kernel, smem, done);
   if (err != cudaSuccess) return err;
   const int bpg = (p.dim_per_group + Cf::kR - 1) / Cf::kR;
-  for (int r0 = 0; r0 < p.batch; r0 += kMaxGridY) {  // one launch up to 65535 rows
-    ScanParams q = p;
-    q.first_row = r0;
-    const int rows = p.batch - r0 < kMaxGridY ? p.batch - r0 : kMaxGridY;
-    kernel<<<dim3(p.ngroups * bpg, rows), Cf::kThreads, smem, stream>>>(q);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return launch_rows(kernel, p, p.ngroups * bpg, Cf::kThreads, smem, stream);
 }
 
 template <typename T>
