@@ -2,7 +2,8 @@
 
 A user's `model.generate(input_ids, max_new_tokens=N, do_sample=False)` decodes eagerly (no CUDA graph), and for the
 small models a step is bound by the host's Python, not by the device. This script builds a tiny model of each family
-from configs/models/<family>-tiny.yaml (d_model 64, 2-8 layers, random weights, seed 0), takes a batch-1 prompt of
+from configs/models/<family>-tiny.yaml (d_model 64, 2-8 layers, random weights, seed 0; --size 130m: the 130M
+configs), takes a batch-1 prompt of
 --prompt-len random tokens, runs one warm-up generate, then --repeats timed calls of
 
     model.generate(input_ids, attention_mask=ones, max_new_tokens=N, do_sample=False)
@@ -16,11 +17,14 @@ synchronized after each call) it is the eager step a user gets, host-bound for s
     PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py --device cuda --dtype bfloat16
     PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py --families mamba --profile cprofile
     PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py --dump /tmp/out.pt   # tokens + logits
+    PYTHONPATH=.:kernels python benchmarks/eager_decode_overhead.py --device cuda --cuda-graph --new-tokens 256
 
 --profile cprofile / torch prints where the host time of one generate call of the first family goes (cProfile's
 top functions by own time and by cumulative time, or torch.profiler's top operators). --dump writes each family's
 greedy tokens and per-step logits (output_logits=True) so that two versions of the code can be compared bit for
-bit. --json prints one JSON line of the medians (what an A/B driver reads).
+bit. --json prints one JSON line of the medians (what an A/B driver reads). --cuda-graph (CUDA) times
+`generate(..., cuda_graph=True)` beside it: each such call prefills, makes the cache static, captures one decode
+step in a CUDA graph (two warm-up steps first) and replays it, all inside the timed call.
 """
 
 from __future__ import annotations
@@ -40,14 +44,14 @@ import torch  # noqa: E402
 FAMILIES = {"mamba": "mamba", "mamba2": "mamba2", "transformerpp": "transformerpp", "gla": "gla", "jamba": "jamba"}
 
 
-def build(family: str, device: str, dtype: torch.dtype):
+def build(family: str, device: str, dtype: torch.dtype, size: str = "tiny"):
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
     from zoo.config import ZooConfig
 
     torch.manual_seed(0)
-    config = ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{FAMILIES[family]}-tiny.yaml")
+    config = ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{FAMILIES[family]}-{size}.yaml")
     model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # every call makes exactly max_new_tokens tokens
     model.generation_config.pad_token_id = 0
@@ -64,16 +68,16 @@ def generate(model, ids, mask, new_tokens: int, **kwargs):
     return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, **kwargs)
 
 
-def time_family(model, ids, mask, new_tokens: int, repeats: int) -> float:
+def time_family(model, ids, mask, new_tokens: int, repeats: int, **kwargs) -> float:
     """Median ms per generated token over `repeats` calls, after one warm-up call."""
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
     with torch.inference_mode():
-        generate(model, ids, mask, new_tokens)
+        generate(model, ids, mask, new_tokens, **kwargs)
         sync()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            generate(model, ids, mask, new_tokens)
+            generate(model, ids, mask, new_tokens, **kwargs)
             sync()
             times.append((time.perf_counter() - start) / new_tokens * 1e3)
     return statistics.median(times)
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--size", default="tiny", choices=["tiny", "130m"],
+                   help="configs/models/<family>-<size>.yaml (130m: where the device's time starts to count)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=8)
@@ -115,19 +121,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--dump", help="write each family's tokens and logits to this file (torch.save) and exit")
     p.add_argument("--json", action="store_true", help="print the medians as one JSON line")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time generate(..., cuda_graph=True) (each call prefills, captures its graph, decodes)")
     args = p.parse_args(argv)
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        raise SystemExit("eager_decode_overhead.py: --cuda-graph needs --device cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("eager_decode_overhead.py: --device cuda needs CUDA, and torch sees no GPU")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.profile:
-        model = build(args.families[0], args.device, dtype)
+        model = build(args.families[0], args.device, dtype, args.size)
         profile_family(model, *prompt(model, args.prompt_len, args.device), args.new_tokens, args.profile, args.top)
         return
     if args.dump:
         out = {}
         for family in args.families:
-            model = build(family, args.device, dtype)
+            model = build(family, args.device, dtype, args.size)
             with torch.inference_mode():
                 res = generate(model, *prompt(model, args.prompt_len, args.device), args.new_tokens,
                                return_dict_in_generate=True, output_logits=True)
@@ -136,12 +146,18 @@ def main(argv: list[str] | None = None) -> None:
         return
     results = {}
     for family in args.families:
-        model = build(family, args.device, dtype)
+        model = build(family, args.device, dtype, args.size)
         ids, mask = prompt(model, args.prompt_len, args.device)
-        results[family] = time_family(model, ids, mask, args.new_tokens, args.repeats)
+        eager = time_family(model, ids, mask, args.new_tokens, args.repeats)
+        results[family] = eager
+        line = f"{family:14s} {eager:8.3f} ms/token"
+        if args.cuda_graph:
+            graph = time_family(model, ids, mask, args.new_tokens, args.repeats, cuda_graph=True)
+            results[family] = {"eager": eager, "cuda_graph": graph}
+            line += f"  cuda_graph=True {graph:8.3f} ms/token ({eager / graph:.1f}x)"
         if not args.json:
-            print(f"{family:14s} {results[family]:8.3f} ms/token  ({len(model.model.layers)} layers, "
-                  f"{args.device}, {args.dtype}, batch 1, {args.new_tokens} new tokens)")
+            print(f"{line}  ({len(model.model.layers)} layers, {args.device}, {args.dtype}, batch 1, "
+                  f"{args.new_tokens} new tokens)")
     if args.json:
         print(json.dumps(results))
 

@@ -33,6 +33,7 @@ works on any Hugging Face causal LM (zoo models, transformers' Llama and Mamba):
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from dataclasses import dataclass
@@ -62,6 +63,68 @@ def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
         return kernel(last).unsqueeze(1)
     kernel(last, out[:, 0])
     return out
+
+
+class TokenPicker:
+    """Each row's next token from a step's logits [B, T, V] (the last position's), written in place into a fixed
+    [B, 1] buffer, with nothing read back on the host: a CUDA graph captures it with the step.
+
+    Greedy (`greedy`), or sampled as transformers' generate samples: the logits in fp32, divided by temperature,
+    then top-k, then top-p filtering (transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+    TopPLogitsWarper), then one draw from the softmax of what is left. The draw is the Gumbel-max trick,
+    argmax(scores - log(-log(U))) with U uniform from torch's default generator: the same distribution as
+    transformers' torch.multinomial, not the same random stream (seeded runs differ from transformers' tokens).
+    With eos_token_id a row that has produced one of them is finished: every later token of it is pad_token_id,
+    as in transformers. `finished` [B, 1] is the picker's state (`buffers`: what a graph's warm-up must restore).
+    """
+
+    def __init__(self, batch: int, device: torch.device | str, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None):
+        if do_sample and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}; for greedy decoding pass "
+                             f"do_sample=False")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be a non-negative int (0: no top-k filtering), got {top_k!r}")
+        if top_p is not None and not 0.0 <= top_p <= 1.0:
+            raise ValueError(f"top_p must lie in [0, 1], got {top_p}")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        if eos and pad_token_id is None:
+            raise ValueError("eos_token_id needs a pad_token_id: the token a finished row gets after its eos")
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, float(temperature), top_k, top_p
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.pad = pad_token_id
+        self.finished = torch.zeros(batch, 1, dtype=torch.bool, device=device)
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [self.finished]
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last position's fp32 scores [B, V] after temperature, top-k and top-p (removed tokens at -inf)."""
+        scores = logits[:, -1].float()
+        if self.temperature != 1.0:
+            scores = scores / self.temperature
+        if self.top_k:
+            kth = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            ordered, order = scores.sort(dim=-1)  # ascending, as transformers' TopPLogitsWarper
+            drop = ordered.softmax(-1).cumsum(-1) <= 1.0 - self.top_p
+            drop[:, -1] = False  # the likeliest token always stays
+            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        return scores
+
+    def __call__(self, logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.do_sample:
+            scores = self.scores(logits)
+            u = torch.rand_like(scores)
+            out.copy_((scores - torch.log(-torch.log(u))).argmax(-1, keepdim=True))  # u = 0 gives -inf: never
+        else:
+            greedy(logits, out=out)
+        if self.eos is not None:
+            out.copy_(torch.where(self.finished, self.pad, out))
+            self.finished |= torch.isin(out, self.eos)
+        return out
 
 
 def _accepts(model: nn.Module, name: str) -> bool:
@@ -194,8 +257,10 @@ class StaticDecoder(EagerDecoder):
     Raises ValueError when the cache is not `graphable`, or has KV layers to convert and no max_new_tokens.
     """
 
-    def __init__(self, model: nn.Module, state: DecodeState, max_new_tokens: int | None = None):
+    def __init__(self, model: nn.Module, state: DecodeState, max_new_tokens: int | None = None,
+                 pick: TokenPicker | None = None):
         super().__init__(model, state)
+        self.pick = pick  # None: greedy
         cache = state.cache
         if not graphable(cache):
             raise ValueError("the cache cannot be decoded with static buffers (not a prefilled zoo cache); "
@@ -235,7 +300,10 @@ class StaticDecoder(EagerDecoder):
                              use_cache=True)
         for dst, src in zip(self.states, (t for layer in self.recurrent for t in layer.tensors())):
             dst.copy_(src)
-        greedy(out.logits, out=self.ids)
+        if self.pick is None:
+            greedy(out.logits, out=self.ids)
+        else:
+            self.pick(out.logits, self.ids)
         self.pos.add_(1)
 
     def room(self) -> int | None:
@@ -273,7 +341,8 @@ class GraphDecoder(StaticDecoder):
     Raises ValueError when the cache is not `graphable` or the model is not on CUDA.
     """
 
-    def __init__(self, model: nn.Module, state: DecodeState, warmup: int = 2, max_new_tokens: int | None = None):
+    def __init__(self, model: nn.Module, state: DecodeState, warmup: int = 2, max_new_tokens: int | None = None,
+                 pick: TokenPicker | None = None):
         if not graphable(state.cache):
             raise ValueError("GraphDecoder: the cache is not a prefilled zoo cache; decode with EagerDecoder")
         if any(getattr(layer, "window_carry", None) is not None for layer in state.cache.layers):
@@ -284,7 +353,7 @@ class GraphDecoder(StaticDecoder):
                              "StaticDecoder or EagerDecoder")
         if state.next_ids.device.type != "cuda":
             raise ValueError("GraphDecoder: CUDA graphs need the model on a CUDA device")
-        super().__init__(model, state, max_new_tokens)
+        super().__init__(model, state, max_new_tokens, pick)
         self.check_room(1)  # the warm-up and the capture write one slot (overwritten by the first real step)
         saved = self._snapshot()
         stream = torch.cuda.Stream()
@@ -302,13 +371,16 @@ class GraphDecoder(StaticDecoder):
 
     def _snapshot(self) -> tuple:
         cache = self.state.cache
+        picked = self.pick.buffers() if self.pick is not None else []
         return ([t.clone() for t in self.states], self.ids.clone(), self.pos.clone(),
                 [layer.length.clone() for layer in self.static], cache.seen_tokens,
-                [layer.seen for layer in self.static])
+                [layer.seen for layer in self.static], [t.clone() for t in picked])
 
     def _restore(self, saved: tuple) -> None:
-        states, ids, pos, lengths, seen_tokens, seen = saved
+        states, ids, pos, lengths, seen_tokens, seen, picked = saved
         for dst, src in zip(self.states, states):
+            dst.copy_(src)
+        for dst, src in zip(self.pick.buffers() if self.pick is not None else [], picked):
             dst.copy_(src)
         self.ids.copy_(ids)
         self.pos.copy_(pos)
@@ -329,6 +401,117 @@ class GraphDecoder(StaticDecoder):
         return self.ids
 
 
-__all__ = ["DecodeState", "EagerDecoder", "GraphDecoder", "KVCacheFull", "StaticDecoder", "cache_argument",
+# generate settings a static decode has no equivalent for, with the value that means "off" (None is off too)
+_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+            "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+            "bad_words_ids": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+            "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
+            "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
+            "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": 1.0,
+            "watermarking_config": None, "stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
+            "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
+            "output_hidden_states": False, "output_attentions": False, "prompt_lookup_num_tokens": None,
+            "assistant_early_exit": None, "cache_implementation": None, "max_time": None}
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    neutral = _NEUTRAL[name]
+    return value is None or value == neutral
+
+
+@torch.no_grad()
+def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config=None, *, graph: bool | None = None,
+                    check_every: int = 8, **kwargs) -> torch.Tensor:
+    """transformers' `generate` for a zoo model, decoding with static buffers: each step in a CUDA graph
+    (`GraphDecoder`, graph=True, the default on CUDA) or the same step run eagerly (`StaticDecoder`, graph=False,
+    any device). `model.generate(..., cuda_graph=True)` calls it.
+
+    It reads the generation settings as generate does (generation_config or the model's, then the keyword
+    arguments) and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p, eos_token_id
+    and pad_token_id, an attention_mask without padding. Greedy tokens are those of `generate` up to the kernels'
+    rounding (the decode step attends with the static-cache kernels); sampling draws from the same distribution
+    with another random stream (`TokenPicker`). Anything else generate takes (beams, logits processors, penalties,
+    stopping criteria, streamers, returned scores, padded rows, a given cache, several sequences per prompt)
+    raises ValueError: generate without cuda_graph for it.
+    Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos
+    (checked every `check_every` steps, one host read each), rows that ended sooner padded with pad_token_id.
+    """
+    from transformers import GenerationConfig
+
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+        raise ValueError("generate(cuda_graph=True) takes input_ids [batch, tokens] (no inputs_embeds)")
+    config = copy.deepcopy(generation_config if generation_config is not None
+                          else getattr(model, "generation_config", None) or GenerationConfig())
+    leftover = config.update(**kwargs)
+    mask = leftover.pop("attention_mask", None)
+    leftover.pop("use_cache", None)
+    if leftover:
+        raise ValueError(f"generate(cuda_graph=True) does not take {sorted(leftover)}: it decodes greedily or "
+                         f"samples (temperature, top_k, top_p) up to max_new_tokens or eos; generate without "
+                         f"cuda_graph for it")
+    refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL
+               if not _is_neutral(name, getattr(config, name, None))]
+    if refused:
+        raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
+                         f"cuda_graph for it")
+    batch, prompt_len = input_ids.shape
+    if prompt_len == 0:
+        raise ValueError("generate(cuda_graph=True): the prompt is empty; pass at least one token per row")
+    if mask is not None:
+        if tuple(mask.shape) != (batch, prompt_len):
+            raise ValueError(f"attention_mask: expected [{batch}, {prompt_len}] like input_ids, got "
+                             f"{tuple(mask.shape)}")
+        if not bool(mask.bool().all()):
+            raise ValueError("generate(cuda_graph=True) decodes unpadded rows (static buffers, one position per "
+                             "step for every row); the attention_mask has padding: generate padded batches "
+                             "without cuda_graph, or one length at a time")
+    if config.max_new_tokens is not None:
+        n = config.max_new_tokens
+    else:
+        n = (config.max_length if config.max_length is not None else 20) - prompt_len
+        if n < 1:
+            raise ValueError(f"max_length {config.max_length} leaves no room after the {prompt_len}-token prompt; "
+                             f"pass max_new_tokens")
+    if n < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {n}")
+    eos, pad = config.eos_token_id, config.pad_token_id
+    if eos is not None and pad is None:
+        pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
+    sample = bool(config.do_sample)
+    picker = TokenPicker(batch, input_ids.device, do_sample=sample,
+                         temperature=config.temperature if config.temperature is not None else 1.0,
+                         top_k=(config.top_k if config.top_k is not None else 50) if sample else None,
+                         top_p=config.top_p if sample else None, eos_token_id=eos, pad_token_id=pad)
+    graph = input_ids.is_cuda if graph is None else graph
+    if graph and not input_ids.is_cuda:
+        raise ValueError("generate(cuda_graph=True) needs the model and input_ids on a CUDA device")
+    arg = cache_argument(model)
+    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=input_ids, use_cache=True, **keep)
+    ids = torch.empty(batch, 1, dtype=torch.long, device=input_ids.device)
+    picker(out.logits[:, -1:], ids)
+    tokens = torch.empty(batch, n, dtype=torch.long, device=input_ids.device)
+    tokens[:, :1] = ids
+    done = 1
+    if n > 1:
+        state = DecodeState(output_cache(out, arg), ids, arg)
+        del out
+        decoder = (GraphDecoder if graph else StaticDecoder)(model, state, max_new_tokens=n - 1, pick=picker)
+        while done < n:
+            if picker.eos is not None and done % check_every == 0 and bool(picker.finished.all()):
+                break
+            tokens[:, done:done + 1] = decoder.step()
+            done += 1
+    tokens = tokens[:, :done]
+    if picker.eos is not None:
+        hit = torch.isin(tokens, picker.eos)
+        ended = hit.any(dim=1)
+        if bool(ended.all()):  # transformers stops at the step the last row ends
+            tokens = tokens[:, :int(hit.int().argmax(dim=1).max()) + 1]
+    return torch.cat([input_ids, tokens], dim=1)
+
+
+__all__ = ["DecodeState", "EagerDecoder", "GraphDecoder", "KVCacheFull", "StaticDecoder", "TokenPicker",
+           "cache_argument", "static_generate",
            "continues_chunks_exactly",
            "cache_nbytes", "graphable", "prefill"]

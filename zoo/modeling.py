@@ -485,10 +485,23 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                           "reference), e.g. mixers: {A: {type: attention, attn_backend: math}}", stacklevel=2)
         self.post_init()
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, cuda_graph: bool = False, **kwargs):
         """transformers' generate; assisted decoding (assistant_model, prompt_lookup_num_tokens) is refused on a
         model with Mamba, Mamba-2 or GLA layers: it rolls rejected tokens back out of the cache, and their states
-        keep no per-token history (attention-only models take it)."""
+        keep no per-token history (attention-only models take it).
+
+        cuda_graph=True (as mamba_ssm's generate(cg=True)): decode with each step captured in a CUDA graph and the
+        KV cache made static (zoo.decode.static_generate), for greedy decoding or sampling with temperature, top_k
+        and top_p up to max_new_tokens or eos, on unpadded rows; returns the sequences [B, T + n]. An eager decode
+        step of a small model is bound by the host's kernel launches; the graph replays them in one. Settings it
+        has no equivalent for raise ValueError."""
+        if cuda_graph:
+            from zoo.decode import static_generate
+
+            if len(args) > 1:
+                raise ValueError("generate(cuda_graph=True): pass input_ids positionally and the rest by keyword")
+            input_ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
+            return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True, **kwargs)
         if self._is_stateful:
             config = kwargs.get("generation_config") or self.generation_config
             names = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")

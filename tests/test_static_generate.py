@@ -1,0 +1,181 @@
+"""generate(cuda_graph=True): zoo.decode.static_generate and its TokenPicker, against transformers' generate.
+
+On CPU the static step runs eagerly (graph=False, StaticDecoder: the step a CUDA graph captures); the cuda tests
+replay it in a graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from zoo import ZooConfig
+from zoo.decode import TokenPicker, static_generate
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
+FAMILIES = ("mamba", "mamba2", "gla", "transformerpp", "jamba")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(family: str, device: str = "cpu"):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(CONFIGS / f"{family}-tiny.yaml"))
+    model = model.to(device).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompt(batch: int = 3, length: int = 10, device: str = "cpu") -> torch.Tensor:
+    return torch.randint(1, 512, (batch, length), generator=torch.Generator().manual_seed(1)).to(device)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_equals_generate(family):
+    model, ids = tiny(family), prompt()
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False)
+    got = static_generate(model, ids, graph=False, attention_mask=torch.ones_like(ids), max_new_tokens=12)
+    assert got.shape == (3, 22) and got.dtype == torch.long
+    assert torch.equal(got, ref), family
+
+
+@pytest.mark.parametrize("check_every", [1, 8])
+@pytest.mark.parametrize("family", ["mamba", "transformerpp"])
+def test_eos_pads_and_stops_as_generate(family, check_every):
+    model, ids = tiny(family), prompt()
+    free = model.generate(ids, max_new_tokens=12, do_sample=False)[:, 10:]
+    # row 0 ends at its 3rd new token, row 1 at its 5th (unless those tokens come sooner), row 2 never: no early stop
+    eos = [int(free[0, 2]), int(free[1, 4])]
+    for eos_ids in (eos, [*eos, int(free[2, 6])]):  # then every row ends: the output stops where the last one does
+        kwargs = dict(max_new_tokens=12, eos_token_id=eos_ids, pad_token_id=7)
+        ref = model.generate(ids, do_sample=False, **kwargs)
+        got = static_generate(model, ids, graph=False, check_every=check_every, **kwargs)
+        assert torch.equal(got, ref), (family, eos_ids, got, ref)
+    assert got.shape[1] < 22 and (got[0, 10 + 3:] == 7).all()
+
+
+def test_max_length_counts_the_prompt():
+    model, ids = tiny("mamba"), prompt()
+    assert static_generate(model, ids, graph=False, max_length=15).shape == (3, 15)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        static_generate(model, ids, graph=False, max_length=10)
+
+
+def test_top_k_one_is_greedy():
+    model, ids = tiny("gla"), prompt()
+    greedy = static_generate(model, ids, graph=False, max_new_tokens=8)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+
+
+def test_seeded_sampling_repeats():
+    model, ids = tiny("jamba"), prompt()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(static_generate(model, ids, graph=False, max_new_tokens=10, do_sample=True, temperature=1.5))
+    assert torch.equal(*runs)
+    torch.manual_seed(124)
+    assert not torch.equal(static_generate(model, ids, graph=False, max_new_tokens=10, do_sample=True,
+                                           temperature=1.5), runs[0])
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 50, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.9, 20, 0.5)])
+def test_filtering_equals_transformers_warpers(temperature, top_k, top_p):
+    logits = torch.randn(6, 1, 300, generator=torch.Generator().manual_seed(2)) * 3
+    picker = TokenPicker(6, "cpu", do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    ref = logits[:, -1].float()
+    for warper in (TemperatureLogitsWarper(temperature) if temperature != 1.0 else None,
+                   TopKLogitsWarper(top_k) if top_k else None,
+                   TopPLogitsWarper(top_p) if top_p < 1.0 else None):
+        if warper is not None:
+            ref = warper(None, ref)
+    got = picker.scores(logits)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    assert torch.allclose(got[~torch.isinf(got)], ref[~torch.isinf(ref)])
+    if top_k:
+        assert (~torch.isinf(got)).sum(-1).max() <= top_k
+
+
+def test_samples_follow_the_softmax():
+    """20000 draws from one row's logits: each token's frequency within 0.015 of its probability (the binomial
+    standard deviation is at most 0.0036), and a token filtered by top-k is never drawn."""
+    torch.manual_seed(0)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    rows = 20000
+    picker = TokenPicker(rows, "cpu", do_sample=True, temperature=0.8, top_k=4)
+    out = torch.empty(rows, 1, dtype=torch.long)
+    picker(logits.expand(rows, 1, 6), out)
+    freq = torch.bincount(out[:, 0], minlength=6).float() / rows
+    probs = torch.zeros(6)
+    probs[:4] = (logits[:4] / 0.8).softmax(-1)
+    assert (freq - probs).abs().max() <= 0.015, (freq, probs)
+    assert freq[4:].sum() == 0
+
+
+def test_finished_rows_get_pad():
+    picker = TokenPicker(2, "cpu", eos_token_id=[3], pad_token_id=9)
+    out = torch.empty(2, 1, dtype=torch.long)
+    logits = torch.full((2, 1, 5), -1.0)
+    logits[0, 0, 3] = 1.0  # row 0 picks eos
+    logits[1, 0, 1] = 1.0
+    picker(logits, out)
+    assert out.tolist() == [[3], [1]] and picker.finished.tolist() == [[True], [False]]
+    picker(logits, out)
+    assert out.tolist() == [[9], [1]]
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_beams=2), "num_beams"),
+    (dict(repetition_penalty=1.2), "repetition_penalty"),
+    (dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
+    (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
+    (dict(streamer=object()), "streamer"),
+    (dict(seq_idx=torch.zeros(3, 10, dtype=torch.long)), "seq_idx"),
+    (dict(attention_mask=torch.ones(3, 10, dtype=torch.long).index_fill_(1, torch.tensor([0]), 0)), "padding"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+])
+def test_unsupported_settings_raise(kwargs, match):
+    model, ids = tiny("transformerpp"), prompt()
+    with pytest.raises(ValueError, match=match):
+        static_generate(model, ids, graph=False, **kwargs)
+
+
+def test_cuda_graph_needs_cuda():
+    model, ids = tiny("mamba"), prompt()
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate(ids, max_new_tokens=4, cuda_graph=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_generate_equals_generate(family):
+    model, ids = tiny(family, "cuda"), prompt(4, 40, "cuda")
+    ref = model.generate(ids, max_new_tokens=16, do_sample=False)
+    got = model.generate(ids, max_new_tokens=16, cuda_graph=True)
+    assert torch.equal(got, ref), family
+    eos = [int(ref[0, 45]), int(ref[1, 47]), int(ref[2, 43]), int(ref[3, 50])]
+    ref = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=eos, pad_token_id=5)
+    got = model.generate(input_ids=ids, max_new_tokens=16, eos_token_id=eos, pad_token_id=5, cuda_graph=True)
+    assert torch.equal(got, ref), family
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["mamba", "jamba"])
+def test_cuda_graph_sampling_equals_the_static_step(family):
+    """The graph replays the static step's sampling: the same seed gives the same tokens as StaticDecoder."""
+    model, ids = tiny(family, "cuda"), prompt(4, 20, "cuda")
+    runs = []
+    for graph in (False, True):
+        torch.manual_seed(5)
+        runs.append(static_generate(model, ids, graph=graph, max_new_tokens=12, do_sample=True, top_p=0.9))
+    assert torch.equal(*runs), family
