@@ -179,3 +179,28 @@ def test_cuda_graph_sampling_equals_the_static_step(family):
         torch.manual_seed(5)
         runs.append(static_generate(model, ids, graph=graph, max_new_tokens=12, do_sample=True, top_p=0.9))
     assert torch.equal(*runs), family
+
+
+def lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
+    return peft_model.eval()
+
+
+def test_a_peft_model_passes_cuda_graph_through():
+    """PEFT's generate hands cuda_graph to the zoo model's (on CPU: the refusal that names CUDA), and the static
+    step decodes through the LoRA layers as generate does."""
+    model, ids = lora(tiny("mamba")), prompt()
+    with pytest.raises(ValueError, match="CUDA"):
+        model.generate(input_ids=ids, max_new_tokens=4, cuda_graph=True)
+    ref = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(static_generate(model.get_base_model(), ids, graph=False, max_new_tokens=6), ref)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_generate_through_peft():
+    model, ids = lora(tiny("jamba", "cuda")), prompt(2, 16, "cuda")
+    ref = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=10, cuda_graph=True), ref)
