@@ -133,6 +133,32 @@ def test_finished_rows_get_pad():
     assert out.tolist() == [[9], [1]]
 
 
+def test_the_picker_is_graph_safe():
+    """Sampling with top-k, top-p and eos inside the static step: two steps run the same ops with the same
+    arguments and read nothing back on the host (what a CUDA graph capture needs)."""
+    from test_static_decode import OpRecorder
+
+    from zoo.decode import DecodeState, StaticDecoder
+
+    model, ids = tiny("transformerpp"), prompt()
+    out = model(input_ids=ids, use_cache=True)
+    picker = TokenPicker(3, "cpu", do_sample=True, temperature=0.9, top_k=20, top_p=0.8, eos_token_id=[4, 5],
+                         pad_token_id=0)
+    first = picker(out.logits, torch.empty(3, 1, dtype=torch.long))
+    decoder = StaticDecoder(model, DecodeState(out.past_key_values, first, "past_key_values"), max_new_tokens=4,
+                            pick=picker)
+    decoder._step_body()
+    runs, recorder = [], OpRecorder()
+    for _ in range(2):
+        recorder.calls = []
+        with recorder:
+            decoder._step_body()
+        runs.append(recorder.calls)
+    assert runs[0] == runs[1]
+    assert not recorder.syncs, sorted(set(recorder.syncs))
+    assert any("isin" in name or "eq" in name for name, _ in runs[0])
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(num_beams=2), "num_beams"),
     (dict(repetition_penalty=1.2), "repetition_penalty"),
@@ -171,15 +197,17 @@ def test_cuda_graph_generate_equals_generate(family):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", ["mamba", "jamba"])
-def test_cuda_graph_sampling_equals_the_static_step(family):
-    """The graph replays the static step's sampling: the same seed gives the same tokens as StaticDecoder."""
+def test_cuda_graph_sampling_repeats_with_the_seed(family):
+    """Sampling inside the graph: a seed repeats its tokens, another seed changes them, and top_k=1 is greedy.
+    (The graph's warm-up steps draw numbers too, so its stream is not StaticDecoder's.)"""
     model, ids = tiny(family, "cuda"), prompt(4, 20, "cuda")
     runs = []
-    for graph in (False, True):
-        torch.manual_seed(5)
-        runs.append(static_generate(model, ids, graph=graph, max_new_tokens=12, do_sample=True, top_p=0.9))
-    assert torch.equal(*runs), family
-
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        runs.append(model.generate(ids, max_new_tokens=12, do_sample=True, top_p=0.9, cuda_graph=True))
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2]), family
+    greedy = model.generate(ids, max_new_tokens=12, cuda_graph=True)
+    assert torch.equal(model.generate(ids, max_new_tokens=12, do_sample=True, top_k=1, cuda_graph=True), greedy)
 
 def lora(model):
     from peft import LoraConfig, get_peft_model
