@@ -96,6 +96,8 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypa
     (["hi", "--temperature", "0.7", "--seed", "1"], "--temperature, --seed: sampling options; add --sample"),
     (["hi", "--sample", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["hi", "--sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["hi", "--cuda-graph", "--device", "cpu"], "--cuda-graph: CUDA graphs need a CUDA device"),
+    (["hi", "--cuda-graph", "--device", "cuda", "--num-beams", "2"], "beam search (--num-beams) runs without it"),
 ])
 def test_generate_checks_its_options_before_loading(tiny_folder, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -313,3 +315,12 @@ def test_generate_samples_with_a_seed_and_the_given_settings(tiny_folder, capsys
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and seen == {"do_sample": True, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
 
+
+
+@pytest.mark.cuda
+def test_generate_with_cuda_graph_prints_what_generate_prints(tiny_folder, capsys):
+    argv = ["generate", str(tiny_folder), "hi", "--max-new-tokens", "12", "--device", "cuda"]
+    cli.main(argv)
+    eager = capsys.readouterr().out
+    cli.main([*argv, "--cuda-graph"])
+    assert capsys.readouterr().out == eager

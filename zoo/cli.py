@@ -94,6 +94,9 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--top-p", type=float, help="with --sample (default: the generation config's, 1.0)")
     p.add_argument("--seed", type=int, help="with --sample: the same seed gives the same text")
     p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="decode with each step replayed from a CUDA graph (zoo models on CUDA, no beams): "
+                        "generate(cuda_graph=True)")
     p.add_argument("--tokenizer", help="'byte' or a tokenizer folder / hub id (default: the model folder's)")
     p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the weights' dtype (default: the checkpoint's)")
@@ -119,12 +122,18 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"--top-k must be at least 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.cuda_graph and device.type != "cuda":
+        p.error(f"--cuda-graph: CUDA graphs need a CUDA device, and this run is on {device}")
+    if args.cuda_graph and args.num_beams > 1:
+        p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
     check_model_ref(args.model)
     tok = load_folder_tokenizer(args.tokenizer or args.model)
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
     kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device).eval()
+    if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
+        p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
     # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do
     input_ids = torch.tensor([encode_with_bos(tok, args.prompt)], device=device)
     ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
@@ -132,7 +141,8 @@ def generate(argv: list[str] | None = None) -> None:
         torch.manual_seed(args.seed)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id, **sampling)
+                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id, **sampling,
+                             **({"cuda_graph": True} if args.cuda_graph else {}))
     print(tok.decode(out[0], skip_special_tokens=True))
 
 
