@@ -5,32 +5,18 @@ replay it in a graph."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from test_static_decode import tiny as tiny_model
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from zoo import ZooConfig
 from zoo.decode import TokenPicker, static_generate
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 FAMILIES = ("mamba", "mamba2", "gla", "transformerpp", "jamba")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(family: str, device: str = "cpu"):
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(CONFIGS / f"{family}-tiny.yaml"))
-    model = model.to(device).eval()
+    model = tiny_model(family, device)  # configs/models/<family>-tiny.yaml, seed 0, eval
     model.generation_config.pad_token_id = 0
     return model
 
