@@ -119,6 +119,45 @@ def test_finished_rows_get_pad():
     assert out.tolist() == [[9], [1]]
 
 
+class Recorder:
+    """transformers' streamer protocol (put, end), keeping what it is given."""
+
+    def __init__(self):
+        self.seen: list = []
+
+    def put(self, value):
+        self.seen.append(value.clone())
+
+    def end(self):
+        self.seen.append("end")
+
+
+@pytest.mark.parametrize("eos", [None, "row"])
+def test_a_streamer_sees_what_generate_shows_it(eos):
+    model, ids = tiny("mamba2"), prompt(1, 6)
+    kwargs = dict(max_new_tokens=9)
+    if eos:
+        kwargs.update(eos_token_id=int(model.generate(ids, max_new_tokens=9)[0, 6 + 4]), pad_token_id=3)
+    ref, got = Recorder(), Recorder()
+    model.generate(ids, do_sample=False, streamer=ref, **kwargs)
+    static_generate(model, ids, graph=False, streamer=got, **kwargs)
+    assert len(got.seen) == len(ref.seen) == (7 if eos else 11)
+    for a, b in zip(got.seen, ref.seen):
+        assert (a == b) if isinstance(a, str) else torch.equal(a, b), (a, b)
+
+
+def test_num_return_sequences_repeats_each_row_as_generate():
+    model, ids = tiny("transformerpp"), prompt(2, 8)
+    kwargs = dict(max_new_tokens=7, do_sample=True, num_return_sequences=3)
+    got = static_generate(model, ids, graph=False, top_k=1, **kwargs)
+    assert got.shape == (6, 15)
+    assert torch.equal(got, model.generate(ids, top_k=1, **kwargs))  # top_k=1 draws the greedy token
+    torch.manual_seed(0)
+    hot = static_generate(model, ids, graph=False, temperature=5.0, top_k=0, **kwargs)
+    assert torch.equal(hot[:, :8], ids.repeat_interleave(3, dim=0))
+    assert not torch.equal(hot[0], hot[1])  # each copy samples on its own (512 tokens at temperature 5)
+
+
 def test_the_picker_is_graph_safe():
     """Sampling with top-k, top-p and eos inside the static step: two steps run the same ops with the same
     arguments and read nothing back on the host (what a CUDA graph capture needs)."""
@@ -149,8 +188,8 @@ def test_the_picker_is_graph_safe():
     (dict(num_beams=2), "num_beams"),
     (dict(repetition_penalty=1.2), "repetition_penalty"),
     (dict(output_scores=True, return_dict_in_generate=True), "output_scores"),
-    (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
-    (dict(streamer=object()), "streamer"),
+    (dict(num_return_sequences=2), "num_return_sequences"),  # (transformers' own check, or ours)
+    (dict(stopping_criteria=[]), "stopping_criteria"),
     (dict(seq_idx=torch.zeros(3, 10, dtype=torch.long)), "seq_idx"),
     (dict(attention_mask=torch.ones(3, 10, dtype=torch.long).index_fill_(1, torch.tensor([0]), 0)), "padding"),
     (dict(max_new_tokens=0), "max_new_tokens"),

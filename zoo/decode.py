@@ -402,7 +402,7 @@ class GraphDecoder(StaticDecoder):
 
 
 # generate settings a static decode has no equivalent for, with the value that means "off" (None is off too)
-_NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+_NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
             "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
             "bad_words_ids": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
             "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
@@ -427,14 +427,16 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     any device). `model.generate(..., cuda_graph=True)` calls it.
 
     It reads the generation settings as generate does (generation_config or the model's, then the keyword
-    arguments) and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p, eos_token_id
-    and pad_token_id, an attention_mask without padding. Greedy tokens are those of `generate` up to the kernels'
-    rounding (the decode step attends with the static-cache kernels); sampling draws from the same distribution
-    with another random stream (`TokenPicker`). Anything else generate takes (beams, logits processors, penalties,
-    stopping criteria, streamers, returned scores, padded rows, a given cache, several sequences per prompt)
-    raises ValueError: generate without cuda_graph for it.
+    arguments) and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p,
+    num_return_sequences (sampling: each prompt row repeated, as generate does), eos_token_id and pad_token_id, a
+    streamer (transformers' TextStreamer protocol: the prompt, then each step's tokens, then end()), an
+    attention_mask without padding. Greedy tokens are those of `generate` up to the kernels' rounding (the decode
+    step attends with the static-cache kernels); sampling draws from the same distribution with another random
+    stream (`TokenPicker`). Anything else generate takes (beams, logits processors, penalties, stopping criteria,
+    returned scores, padded rows, a given cache) raises ValueError: generate without cuda_graph for it.
     Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos
-    (checked every `check_every` steps, one host read each), rows that ended sooner padded with pad_token_id.
+    (checked every `check_every` steps, one host read each; every step with a streamer, which reads each step's
+    tokens anyway), rows that ended sooner padded with pad_token_id.
     """
     from transformers import GenerationConfig
 
@@ -444,6 +446,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
                           else getattr(model, "generation_config", None) or GenerationConfig())
     leftover = config.update(**kwargs)
     mask = leftover.pop("attention_mask", None)
+    streamer = leftover.pop("streamer", None)
     leftover.pop("use_cache", None)
     if leftover:
         raise ValueError(f"generate(cuda_graph=True) does not take {sorted(leftover)}: it decodes greedily or "
@@ -454,6 +457,11 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if refused:
         raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
                          f"cuda_graph for it")
+    copies = config.num_return_sequences or 1
+    if copies > 1 and not config.do_sample:
+        raise ValueError(f"num_return_sequences={copies} without do_sample: greedy decoding would return the same "
+                         f"sequence {copies} times (transformers refuses it too); sample, or use beams without "
+                         f"cuda_graph")
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise ValueError("generate(cuda_graph=True): the prompt is empty; pass at least one token per row")
@@ -477,6 +485,9 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     eos, pad = config.eos_token_id, config.pad_token_id
     if eos is not None and pad is None:
         pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
+    if copies > 1:
+        input_ids = input_ids.repeat_interleave(copies, dim=0)  # generate's order: each row's copies together
+        batch *= copies
     sample = bool(config.do_sample)
     picker = TokenPicker(batch, input_ids.device, do_sample=sample,
                          temperature=config.temperature if config.temperature is not None else 1.0,
@@ -485,6 +496,9 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     graph = input_ids.is_cuda if graph is None else graph
     if graph and not input_ids.is_cuda:
         raise ValueError("generate(cuda_graph=True) needs the model and input_ids on a CUDA device")
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+        check_every = 1  # each step's tokens are read anyway: stop at the step the last row ends, as generate
     arg = cache_argument(model)
     keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     out = model(input_ids=input_ids, use_cache=True, **keep)
@@ -492,6 +506,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     picker(out.logits[:, -1:], ids)
     tokens = torch.empty(batch, n, dtype=torch.long, device=input_ids.device)
     tokens[:, :1] = ids
+    if streamer is not None:
+        streamer.put(ids[:, 0].cpu())
     done = 1
     if n > 1:
         state = DecodeState(output_cache(out, arg), ids, arg)
@@ -500,8 +516,13 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         while done < n:
             if picker.eos is not None and done % check_every == 0 and bool(picker.finished.all()):
                 break
-            tokens[:, done:done + 1] = decoder.step()
+            step = decoder.step()
+            tokens[:, done:done + 1] = step
+            if streamer is not None:
+                streamer.put(step[:, 0].cpu())
             done += 1
+    if streamer is not None:
+        streamer.end()
     tokens = tokens[:, :done]
     if picker.eos is not None:
         hit = torch.isin(tokens, picker.eos)
