@@ -792,3 +792,30 @@ def test_length_evaluates_every_document_of_a_tokens_file_whole(checkpoint, tmp_
     torch.save([torch.randint(0, 64, (20000,))], tmp_path / "long.pt")
     assert [len(d) for d in length.load_documents(str(tmp_path / "long.pt"), None, None)] == [20000]
     assert [len(d) for d in length.load_documents(str(tmp_path / "long.pt"), 1, 100)] == [100]  # when asked
+
+
+def test_a_hub_model_is_fingerprinted_by_the_commit_of_its_local_copy(tmp_path, monkeypatch, capsys):
+    """A resumed evaluation of a hub id kept the old results after the repository was updated and downloaded again
+    (the id was the whole fingerprint); the cached commit of its main revision now identifies the weights."""
+    import huggingface_hub.constants
+
+    from zoo.eval.common import model_fingerprint, resume, write_json
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--someone--tiny-zoo"
+
+    def download(commit: str) -> None:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    assert model_fingerprint("someone/tiny-zoo") == "someone/tiny-zoo"  # not downloaded: the id alone
+    download("a" * 40)
+    first = model_fingerprint("someone/tiny-zoo")
+    assert first == {"hub": "someone/tiny-zoo", "commit": "a" * 40}
+    write_json({"rows": [], "config": {"weights": first}}, tmp_path / "out.json")
+    assert resume(tmp_path / "out.json", {"weights": model_fingerprint("someone/tiny-zoo")}, "t") is not None
+    download("b" * 40)  # the repository moved on and was downloaded again
+    assert resume(tmp_path / "out.json", {"weights": model_fingerprint("someone/tiny-zoo")}, "t") is None
+    assert "weights differ" in capsys.readouterr().out

@@ -223,13 +223,28 @@ def write_json(obj, path: str | Path) -> Path:
 
 def model_fingerprint(path: str) -> dict | str:
     """What identifies ``--model``'s weights for a resumed run: size and modification time of each file of a local
-    folder (so weights retrained into the same folder are not taken for the old ones), a YAML's text, else the id."""
+    folder (so weights retrained into the same folder are not taken for the old ones), a YAML's text; for a hub id,
+    the commit its local copy was downloaded at (so a repository updated since is not taken for the old weights),
+    else the id alone (not downloaded yet)."""
     local = Path(path).expanduser()
     if local.is_dir():
         return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.iterdir()) if f.is_file()}
     if local.is_file():
         return local.read_text()
-    return str(path)
+    commit = hub_commit(str(path))
+    return str(path) if commit is None else {"hub": str(path), "commit": commit}
+
+
+def hub_commit(repo_id: str) -> str | None:
+    """The commit of the hub model ``repo_id`` whose files the local Hugging Face cache holds for its main revision
+    (what from_pretrained loads offline), or None when none is cached; no network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id, no huggingface_hub: nothing to read
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None  # <cache>/snapshots/<commit>/config.json
 
 
 def resume(path: str | Path, config: dict, what: str) -> dict | None:

@@ -374,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if isinstance(kept, dict):
             print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
         model = load_model(path, args.device, args.dtype)
+        config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
         if spec is not None:
             apply_mitigation(model, spec)
         result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
