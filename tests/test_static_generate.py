@@ -257,3 +257,18 @@ def test_cuda_graph_generate_through_peft():
     model, ids = lora(tiny("jamba", "cuda")), prompt(2, 16, "cuda")
     ref = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(model.generate(input_ids=ids, max_new_tokens=10, cuda_graph=True), ref)
+
+
+def test_prompt_tuning_is_refused_rather_than_dropped():
+    """PEFT's prompt learning adds its virtual tokens in the prepare_inputs_for_generation it swaps in for the call;
+    the static decode would run without them (other tokens, no error)."""
+    from peft import PromptTuningConfig, get_peft_model
+
+    model = get_peft_model(tiny("transformerpp"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with pytest.raises(ValueError, match="prompt, prefix or P-tuning"):
+        model.generate(input_ids=prompt(), max_new_tokens=4, cuda_graph=True)
+    # PEFT puts the model's own method back on the instance: the model alone decodes in a graph again
+    base = model.get_base_model()
+    assert base.__dict__["prepare_inputs_for_generation"].__func__ is type(base).prepare_inputs_for_generation
+    with pytest.raises(ValueError, match="CUDA"):
+        base.generate(input_ids=prompt(), max_new_tokens=4, cuda_graph=True)

@@ -500,6 +500,14 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
             if len(args) > 1:
                 raise ValueError("generate(cuda_graph=True): pass input_ids positionally and the rest by keyword")
+            own = type(self).prepare_inputs_for_generation
+            swapped = self.__dict__.get("prepare_inputs_for_generation")
+            if swapped is not None and getattr(swapped, "__func__", None) is not own:
+                # PEFT's prompt learning swaps in its own preparation for the call, which adds the virtual tokens
+                # (or the prefix's keys and values) at each step; the static decode calls the model directly
+                raise ValueError("generate(cuda_graph=True): this model's prepare_inputs_for_generation is replaced "
+                                 "for this call (PEFT prompt, prefix or P-tuning adds its virtual tokens there), "
+                                 "which the static decode does not run; generate without cuda_graph")
             input_ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
             return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True, **kwargs)
         if self._is_stateful:
