@@ -272,3 +272,15 @@ def test_prompt_tuning_is_refused_rather_than_dropped():
     assert base.__dict__["prepare_inputs_for_generation"].__func__ is type(base).prepare_inputs_for_generation
     with pytest.raises(ValueError, match="CUDA"):
         base.generate(input_ids=prompt(), max_new_tokens=4, cuda_graph=True)
+
+
+@pytest.mark.parametrize("family", ["mamba", "jamba"])
+def test_prefill_in_chunks_decodes_the_same(family):
+    model, ids = tiny(family), prompt(2, 23)
+    whole = static_generate(model, ids, graph=False, max_new_tokens=6)
+    widths = []
+    handle = model.register_forward_pre_hook(lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                             with_kwargs=True)
+    chunked = static_generate(model, ids, graph=False, max_new_tokens=6, prefill_chunk_size=8)
+    handle.remove()
+    assert widths == [8, 8, 7, 1, 1, 1, 1, 1] and torch.equal(chunked, whole)

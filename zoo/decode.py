@@ -426,9 +426,9 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     (`GraphDecoder`, graph=True, the default on CUDA) or the same step run eagerly (`StaticDecoder`, graph=False,
     any device). `model.generate(..., cuda_graph=True)` calls it.
 
-    It reads the generation settings as generate does (generation_config or the model's, then the keyword
-    arguments) and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p,
-    num_return_sequences (sampling: each prompt row repeated, as generate does), eos_token_id and pad_token_id, a
+    It reads the generation settings as generate does (generation_config or the model's, then the keyword arguments)
+    and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p, num_return_sequences
+    (sampling: each prompt row repeated, as generate does), prefill_chunk_size, eos_token_id and pad_token_id, a
     streamer (transformers' TextStreamer protocol: the prompt, then each step's tokens, then end()), an
     attention_mask without padding. Greedy tokens are those of `generate` up to the kernels' rounding (the decode
     step attends with the static-cache kernels); sampling draws from the same distribution with another random
@@ -501,7 +501,11 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         check_every = 1  # each step's tokens are read anyway: stop at the step the last row ends, as generate
     arg = cache_argument(model)
     keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    out = model(input_ids=input_ids, use_cache=True, **keep)
+    chunk = getattr(config, "prefill_chunk_size", None) or prompt_len  # the prompt in chunks, cache carried
+    cache = None
+    for start in range(0, prompt_len, chunk):
+        out = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, **{arg: cache}, **keep)
+        cache = output_cache(out, arg)
     ids = torch.empty(batch, 1, dtype=torch.long, device=input_ids.device)
     picker(out.logits[:, -1:], ids)
     tokens = torch.empty(batch, n, dtype=torch.long, device=input_ids.device)
@@ -510,7 +514,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         streamer.put(ids[:, 0].cpu())
     done = 1
     if n > 1:
-        state = DecodeState(output_cache(out, arg), ids, arg)
+        state = DecodeState(cache, ids, arg)
         del out
         decoder = (GraphDecoder if graph else StaticDecoder)(model, state, max_new_tokens=n - 1, pick=picker)
         while done < n:
