@@ -284,3 +284,15 @@ def test_prefill_in_chunks_decodes_the_same(family):
     chunked = static_generate(model, ids, graph=False, max_new_tokens=6, prefill_chunk_size=8)
     handle.remove()
     assert widths == [8, 8, 7, 1, 1, 1, 1, 1] and torch.equal(chunked, whole)
+
+
+def test_a_given_generation_config_takes_the_models_unset_settings_as_generate():
+    from transformers import GenerationConfig
+
+    model, ids = tiny("gla"), prompt()
+    free = model.generate(ids, max_new_tokens=10, do_sample=False)[:, 10:]
+    model.generation_config.eos_token_id = [int(free[0, 1]), int(free[1, 3]), int(free[2, 2])]
+    given = GenerationConfig(max_new_tokens=10)  # no eos: the model's applies
+    ref = model.generate(ids, generation_config=given)
+    got = static_generate(model, ids, given, graph=False)
+    assert torch.equal(got, ref) and got.shape[1] < 20

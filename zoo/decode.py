@@ -442,8 +442,12 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
 
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         raise ValueError("generate(cuda_graph=True) takes input_ids [batch, tokens] (no inputs_embeds)")
-    config = copy.deepcopy(generation_config if generation_config is not None
-                          else getattr(model, "generation_config", None) or GenerationConfig())
+    own = getattr(model, "generation_config", None)
+    config = copy.deepcopy(generation_config if generation_config is not None else own or GenerationConfig())
+    if generation_config is not None and own is not None:  # as generate: what the given one leaves unset, the model's
+        for name, value in own.to_dict().items():
+            if value is not None and getattr(config, name, None) is None:
+                setattr(config, name, value)
     leftover = config.update(**kwargs)
     mask = leftover.pop("attention_mask", None)
     streamer = leftover.pop("streamer", None)
