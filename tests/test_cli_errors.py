@@ -324,3 +324,27 @@ def test_generate_with_cuda_graph_prints_what_generate_prints(tiny_folder, capsy
     eager = capsys.readouterr().out
     cli.main([*argv, "--cuda-graph"])
     assert capsys.readouterr().out == eager
+
+
+@pytest.mark.parametrize("extra", [[], ["--sample", "--seed", "4"], ["--num-beams", "2"]])
+def test_generate_prints_the_text_generate_returns(tiny_folder, capsys, monkeypatch, extra):
+    """The text is streamed as it is generated (transformers' TextStreamer, beams excepted); what is printed is the
+    decoded sequence generate returns, prompt included and <bos> left out, as before streaming."""
+    from zoo.modeling import ZooForCausalLM
+
+    returned = {}
+    original = ZooForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        returned["ids"] = original(self, *args, **kwargs)
+        returned["tok"] = kwargs["streamer"].tokenizer if kwargs.get("streamer") is not None else None
+        return returned["ids"]
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    cli.main(["generate", str(tiny_folder), "hi there", "--max-new-tokens", "24", *extra])
+    printed = capsys.readouterr().out
+    from zoo.hub import load_folder_tokenizer
+
+    tok = load_folder_tokenizer(str(tiny_folder))
+    assert printed == tok.decode(returned["ids"][0], skip_special_tokens=True) + "\n"
+    assert (returned["tok"] is None) == ("--num-beams" in extra)

@@ -78,7 +78,7 @@ def _info_config(path: str):
 
 def generate(argv: list[str] | None = None) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
     from zoo.eval.common import DTYPES, default_device, encode_with_bos
@@ -139,11 +139,14 @@ def generate(argv: list[str] | None = None) -> None:
     ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    # the text appears as it is generated (transformers' streamer; beam search has no single text until it ends)
+    streamer = TextStreamer(tok, skip_special_tokens=True) if args.num_beams == 1 else None
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id, **sampling,
+                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id, streamer=streamer, **sampling,
                              **({"cuda_graph": True} if args.cuda_graph else {}))
-    print(tok.decode(out[0], skip_special_tokens=True))
+    if streamer is None:
+        print(tok.decode(out[0], skip_special_tokens=True))
 
 
 def main(argv: list[str] | None = None) -> None:
