@@ -296,3 +296,18 @@ def test_a_given_generation_config_takes_the_models_unset_settings_as_generate()
     ref = model.generate(ids, generation_config=given)
     got = static_generate(model, ids, given, graph=False)
     assert torch.equal(got, ref) and got.shape[1] < 20
+
+
+@pytest.mark.parametrize("form", ["int", "list", "tensor", "0-d tensor"])
+def test_eos_token_id_as_generate_takes_it(form):
+    """generate takes eos_token_id as an int, a list or a tensor (1-d or 0-d), with or without pad_token_id (then
+    eos[0] pads)."""
+    model, ids = tiny("transformerpp"), prompt()
+    free = model.generate(ids, max_new_tokens=6, do_sample=False)[:, 10:]
+    first, second = int(free[0, 2]), int(free[1, 0])
+    eos = {"int": first, "list": [first, second], "tensor": torch.tensor([first, second]),
+           "0-d tensor": torch.tensor(first)}[form]
+    for pad in (7, None):
+        model.generation_config.pad_token_id = pad
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos)
+        assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=6, eos_token_id=eos), ref), pad

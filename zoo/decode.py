@@ -487,6 +487,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if n < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {n}")
     eos, pad = config.eos_token_id, config.pad_token_id
+    if torch.is_tensor(eos):  # generate takes a tensor too: 1-d, or 0-d for one token (tolist gives an int)
+        eos = eos.tolist()
     if eos is not None and pad is None:
         pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
     if copies > 1:
