@@ -311,3 +311,20 @@ def test_eos_token_id_as_generate_takes_it(form):
         model.generation_config.pad_token_id = pad
         ref = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos)
         assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=6, eos_token_id=eos), ref), pad
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(do_sample=True, top_h=0.3), "top_h"),  # generate samples from the Top-H set
+    (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),  # contrastive search (from the Hub)
+    (dict(dola_layers="high"), "dola_layers"),  # DoLa (from the Hub)
+    (dict(force_words_ids=[[5]]), "force_words_ids"),  # constrained beam search (from the Hub)
+    (dict(constraints=[]), "constraints"),
+    (dict(use_mtp=True), "use_mtp"),  # multi-token-prediction assisted decoding
+    (dict(token_healing=True), "token_healing"),  # rewrites the prompt's tail
+])
+def test_settings_generate_honours_are_refused_not_ignored(kwargs, match):
+    """Each of these changes what generate does (or makes it refuse); the static decode would silently run plain
+    greedy decoding or sampling instead."""
+    model, ids = tiny("transformerpp"), prompt()
+    with pytest.raises(ValueError, match=match):
+        static_generate(model, ids, graph=False, max_new_tokens=4, **kwargs)

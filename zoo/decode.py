@@ -411,7 +411,11 @@ _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penal
             "watermarking_config": None, "stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
             "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
             "output_hidden_states": False, "output_attentions": False, "prompt_lookup_num_tokens": None,
-            "assistant_early_exit": None, "cache_implementation": None, "max_time": None}
+            "assistant_early_exit": None, "cache_implementation": None, "max_time": None,
+            # newer or Hub-loaded modes generate switches to (absent from older GenerationConfigs: read as None):
+            # Top-H sampling, contrastive search, DoLa, constrained beams, MTP assisted decoding, token healing
+            "top_h": None, "penalty_alpha": 0.0, "dola_layers": None, "constraints": None, "force_words_ids": None,
+            "use_mtp": False, "token_healing": False}
 
 
 def _is_neutral(name: str, value: Any) -> bool:
