@@ -328,3 +328,31 @@ def test_settings_generate_honours_are_refused_not_ignored(kwargs, match):
     model, ids = tiny("transformerpp"), prompt()
     with pytest.raises(ValueError, match=match):
         static_generate(model, ids, graph=False, max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("given", [{}, {"top_k": None}, {"top_k": 5}, {"top_k": 0}])
+def test_sampling_keeps_the_top_k_generate_keeps(given, monkeypatch):
+    """generate fills an unset top_k with its default (50) before the keyword arguments: top_k=None passed to it
+    means no top-k filtering, not the default's."""
+    import transformers.generation.utils as generation
+
+    import zoo.decode
+
+    kept = {}
+
+    class TopK(generation.TopKLogitsWarper):
+        def __init__(self, top_k, **kwargs):
+            kept["generate"] = top_k
+            super().__init__(top_k, **kwargs)
+
+    class Picker(TokenPicker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kept["static"] = self.top_k or 0
+
+    monkeypatch.setattr(generation, "TopKLogitsWarper", TopK)
+    monkeypatch.setattr(zoo.decode, "TokenPicker", Picker)
+    model, ids = tiny("mamba"), prompt()
+    model.generate(ids, max_new_tokens=2, do_sample=True, **given)
+    static_generate(model, ids, graph=False, max_new_tokens=2, do_sample=True, **given)
+    assert kept["static"] == kept.get("generate", 0), kept

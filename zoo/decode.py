@@ -452,6 +452,10 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         for name, value in own.to_dict().items():
             if value is not None and getattr(config, name, None) is None:
                 setattr(config, name, value)
+    # generate fills an unset top_k with its default (50) before it applies the keyword arguments: top_k=None
+    # passed to it turns top-k filtering off
+    if config.top_k is None:
+        config.top_k = 50
     leftover = config.update(**kwargs)
     mask = leftover.pop("attention_mask", None)
     streamer = leftover.pop("streamer", None)
@@ -501,7 +505,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     sample = bool(config.do_sample)
     picker = TokenPicker(batch, input_ids.device, do_sample=sample,
                          temperature=config.temperature if config.temperature is not None else 1.0,
-                         top_k=(config.top_k if config.top_k is not None else 50) if sample else None,
+                         top_k=config.top_k if sample else None,
                          top_p=config.top_p if sample else None, eos_token_id=eos, pad_token_id=pad)
     graph = input_ids.is_cuda if graph is None else graph
     if graph and not input_ids.is_cuda:
