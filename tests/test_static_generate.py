@@ -315,6 +315,7 @@ def test_eos_token_id_as_generate_takes_it(form):
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(do_sample=True, top_h=0.3), "top_h"),  # generate samples from the Top-H set
+    (dict(do_sample=True, min_p=0.1), "min_p"),  # (greedy decoding ignores these: see below)
     (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),  # contrastive search (from the Hub)
     (dict(dola_layers="high"), "dola_layers"),  # DoLa (from the Hub)
     (dict(force_words_ids=[[5]]), "force_words_ids"),  # constrained beam search (from the Hub)
@@ -356,3 +357,14 @@ def test_sampling_keeps_the_top_k_generate_keeps(given, monkeypatch):
     model.generate(ids, max_new_tokens=2, do_sample=True, **given)
     static_generate(model, ids, graph=False, max_new_tokens=2, do_sample=True, **given)
     assert kept["static"] == kept.get("generate", 0), kept
+
+
+@pytest.mark.parametrize("kwargs", [dict(typical_p=0.9), dict(min_p=0.1), dict(epsilon_cutoff=1e-3),
+                                    dict(eta_cutoff=1e-3), dict(top_h=0.3),
+                                    dict(do_sample=True, top_k=1, min_p=0.0)])  # min_p=0 keeps every token
+def test_warpers_that_change_nothing_are_taken(kwargs):
+    """generate applies these warpers only when sampling (a model's generation_config may set them, and a greedy
+    call leave them there): greedy decoding ignores them, as does a min_p of 0."""
+    model, ids = tiny("gla"), prompt()
+    ref = model.generate(ids, max_new_tokens=5, **kwargs)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **kwargs), ref)

@@ -404,7 +404,7 @@ class GraphDecoder(StaticDecoder):
 # generate settings a static decode has no equivalent for, with the value that means "off" (None is off too)
 _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
             "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-            "bad_words_ids": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+            "bad_words_ids": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": 0.0,
             "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
             "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
             "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": 1.0,
@@ -416,6 +416,9 @@ _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penal
             # Top-H sampling, contrastive search, DoLa, constrained beams, MTP assisted decoding, token healing
             "top_h": None, "penalty_alpha": 0.0, "dola_layers": None, "constraints": None, "force_words_ids": None,
             "use_mtp": False, "token_healing": False}
+# warpers generate applies only when sampling: greedy decoding ignores them (with a warning), so a model's
+# generation_config made for sampling still decodes greedily
+_SAMPLING_ONLY = ("typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 
 
 def _is_neutral(name: str, value: Any) -> bool:
@@ -465,7 +468,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
                          f"samples (temperature, top_k, top_p) up to max_new_tokens or eos; generate without "
                          f"cuda_graph for it")
     refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL
-               if not _is_neutral(name, getattr(config, name, None))]
+               if not _is_neutral(name, getattr(config, name, None))
+               and (config.do_sample or name not in _SAMPLING_ONLY)]
     if refused:
         raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
                          f"cuda_graph for it")
