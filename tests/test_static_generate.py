@@ -368,3 +368,14 @@ def test_warpers_that_change_nothing_are_taken(kwargs):
     model, ids = tiny("gla"), prompt()
     ref = model.generate(ids, max_new_tokens=5, **kwargs)
     assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **kwargs), ref)
+
+
+def test_arguments_given_as_none_are_not_given():
+    """generate treats an argument passed as None as one not passed (its own: logits_processor, stopping_criteria,
+    ...; the model's: past_key_values, inputs_embeds, ...), as wrappers that forward every argument pass them."""
+    model, ids = tiny("mamba2"), prompt()
+    nones = dict(logits_processor=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, synced_gpus=None,
+                 assistant_model=None, negative_prompt_ids=None, custom_generate=None, past_key_values=None,
+                 inputs_embeds=None, position_ids=None, labels=None)
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, **nones)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **nones), ref)

@@ -463,6 +463,9 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     mask = leftover.pop("attention_mask", None)
     streamer = leftover.pop("streamer", None)
     leftover.pop("use_cache", None)
+    # generate treats an argument passed as None as not passed: None is the default of each of its own, and its
+    # check for unused model keywords skips those at None (the forward's default)
+    leftover = {name: value for name, value in leftover.items() if value is not None}
     if leftover:
         raise ValueError(f"generate(cuda_graph=True) does not take {sorted(leftover)}: it decodes greedily or "
                          f"samples (temperature, top_k, top_p) up to max_new_tokens or eos; generate without "
