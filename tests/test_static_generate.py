@@ -379,3 +379,14 @@ def test_arguments_given_as_none_are_not_given():
                  inputs_embeds=None, position_ids=None, labels=None)
     ref = model.generate(ids, max_new_tokens=5, do_sample=False, **nones)
     assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **nones), ref)
+
+
+def test_min_length_without_eos_changes_nothing():
+    """generate's min_length and min_new_tokens only hold back eos: without one it decodes as if they were unset;
+    with one they are refused (the static decode does not mask eos)."""
+    model, ids = tiny("mamba"), prompt()
+    for kwargs in (dict(min_length=14), dict(min_new_tokens=3)):
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
+        assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **kwargs), ref), kwargs
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            static_generate(model, ids, graph=False, max_new_tokens=5, eos_token_id=3, **kwargs)

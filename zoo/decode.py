@@ -419,6 +419,8 @@ _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penal
 # warpers generate applies only when sampling: greedy decoding ignores them (with a warning), so a model's
 # generation_config made for sampling still decodes greedily
 _SAMPLING_ONLY = ("typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+# generate's minimum lengths only hold back eos: without an eos_token_id they change nothing
+_EOS_ONLY = ("min_length", "min_new_tokens")
 
 
 def _is_neutral(name: str, value: Any) -> bool:
@@ -472,7 +474,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
                          f"cuda_graph for it")
     refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL
                if not _is_neutral(name, getattr(config, name, None))
-               and (config.do_sample or name not in _SAMPLING_ONLY)]
+               and (config.do_sample or name not in _SAMPLING_ONLY)
+               and (config.eos_token_id is not None or name not in _EOS_ONLY)]
     if refused:
         raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
                          f"cuda_graph for it")
