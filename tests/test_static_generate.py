@@ -296,3 +296,97 @@ def test_a_given_generation_config_takes_the_models_unset_settings_as_generate()
     ref = model.generate(ids, generation_config=given)
     got = static_generate(model, ids, given, graph=False)
     assert torch.equal(got, ref) and got.shape[1] < 20
+
+
+@pytest.mark.parametrize("form", ["int", "list", "tensor", "0-d tensor"])
+def test_eos_token_id_as_generate_takes_it(form):
+    """generate takes eos_token_id as an int, a list or a tensor (1-d or 0-d), with or without pad_token_id (then
+    eos[0] pads)."""
+    model, ids = tiny("transformerpp"), prompt()
+    free = model.generate(ids, max_new_tokens=6, do_sample=False)[:, 10:]
+    first, second = int(free[0, 2]), int(free[1, 0])
+    eos = {"int": first, "list": [first, second], "tensor": torch.tensor([first, second]),
+           "0-d tensor": torch.tensor(first)}[form]
+    for pad in (7, None):
+        model.generation_config.pad_token_id = pad
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False, eos_token_id=eos)
+        assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=6, eos_token_id=eos), ref), pad
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(do_sample=True, top_h=0.3), "top_h"),  # generate samples from the Top-H set
+    (dict(do_sample=True, min_p=0.1), "min_p"),  # (greedy decoding ignores these: see below)
+    (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha"),  # contrastive search (from the Hub)
+    (dict(dola_layers="high"), "dola_layers"),  # DoLa (from the Hub)
+    (dict(force_words_ids=[[5]]), "force_words_ids"),  # constrained beam search (from the Hub)
+    (dict(constraints=[]), "constraints"),
+    (dict(use_mtp=True), "use_mtp"),  # multi-token-prediction assisted decoding
+    (dict(token_healing=True), "token_healing"),  # rewrites the prompt's tail
+])
+def test_settings_generate_honours_are_refused_not_ignored(kwargs, match):
+    """Each of these changes what generate does (or makes it refuse); the static decode would silently run plain
+    greedy decoding or sampling instead."""
+    model, ids = tiny("transformerpp"), prompt()
+    with pytest.raises(ValueError, match=match):
+        static_generate(model, ids, graph=False, max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("given", [{}, {"top_k": None}, {"top_k": 5}, {"top_k": 0}])
+def test_sampling_keeps_the_top_k_generate_keeps(given, monkeypatch):
+    """generate fills an unset top_k with its default (50) before the keyword arguments: top_k=None passed to it
+    means no top-k filtering, not the default's."""
+    import transformers.generation.utils as generation
+
+    import zoo.decode
+
+    kept = {}
+
+    class TopK(generation.TopKLogitsWarper):
+        def __init__(self, top_k, **kwargs):
+            kept["generate"] = top_k
+            super().__init__(top_k, **kwargs)
+
+    class Picker(TokenPicker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            kept["static"] = self.top_k or 0
+
+    monkeypatch.setattr(generation, "TopKLogitsWarper", TopK)
+    monkeypatch.setattr(zoo.decode, "TokenPicker", Picker)
+    model, ids = tiny("mamba"), prompt()
+    model.generate(ids, max_new_tokens=2, do_sample=True, **given)
+    static_generate(model, ids, graph=False, max_new_tokens=2, do_sample=True, **given)
+    assert kept["static"] == kept.get("generate", 0), kept
+
+
+@pytest.mark.parametrize("kwargs", [dict(typical_p=0.9), dict(min_p=0.1), dict(epsilon_cutoff=1e-3),
+                                    dict(eta_cutoff=1e-3), dict(top_h=0.3),
+                                    dict(do_sample=True, top_k=1, min_p=0.0)])  # min_p=0 keeps every token
+def test_warpers_that_change_nothing_are_taken(kwargs):
+    """generate applies these warpers only when sampling (a model's generation_config may set them, and a greedy
+    call leave them there): greedy decoding ignores them, as does a min_p of 0."""
+    model, ids = tiny("gla"), prompt()
+    ref = model.generate(ids, max_new_tokens=5, **kwargs)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **kwargs), ref)
+
+
+def test_arguments_given_as_none_are_not_given():
+    """generate treats an argument passed as None as one not passed (its own: logits_processor, stopping_criteria,
+    ...; the model's: past_key_values, inputs_embeds, ...), as wrappers that forward every argument pass them."""
+    model, ids = tiny("mamba2"), prompt()
+    nones = dict(logits_processor=None, stopping_criteria=None, prefix_allowed_tokens_fn=None, synced_gpus=None,
+                 assistant_model=None, negative_prompt_ids=None, custom_generate=None, past_key_values=None,
+                 inputs_embeds=None, position_ids=None, labels=None)
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, **nones)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **nones), ref)
+
+
+def test_min_length_without_eos_changes_nothing():
+    """generate's min_length and min_new_tokens only hold back eos: without one it decodes as if they were unset;
+    with one they are refused (the static decode does not mask eos)."""
+    model, ids = tiny("mamba"), prompt()
+    for kwargs in (dict(min_length=14), dict(min_new_tokens=3)):
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False, **kwargs)
+        assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **kwargs), ref), kwargs
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            static_generate(model, ids, graph=False, max_new_tokens=5, eos_token_id=3, **kwargs)

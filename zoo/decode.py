@@ -404,14 +404,23 @@ class GraphDecoder(StaticDecoder):
 # generate settings a static decode has no equivalent for, with the value that means "off" (None is off too)
 _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
             "min_length": 0, "min_new_tokens": 0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-            "bad_words_ids": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None,
+            "bad_words_ids": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": 0.0,
             "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
             "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
             "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": 1.0,
             "watermarking_config": None, "stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
             "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
             "output_hidden_states": False, "output_attentions": False, "prompt_lookup_num_tokens": None,
-            "assistant_early_exit": None, "cache_implementation": None, "max_time": None}
+            "assistant_early_exit": None, "cache_implementation": None, "max_time": None,
+            # newer or Hub-loaded modes generate switches to (absent from older GenerationConfigs: read as None):
+            # Top-H sampling, contrastive search, DoLa, constrained beams, MTP assisted decoding, token healing
+            "top_h": None, "penalty_alpha": 0.0, "dola_layers": None, "constraints": None, "force_words_ids": None,
+            "use_mtp": False, "token_healing": False}
+# warpers generate applies only when sampling: greedy decoding ignores them (with a warning), so a model's
+# generation_config made for sampling still decodes greedily
+_SAMPLING_ONLY = ("typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h")
+# generate's minimum lengths only hold back eos: without an eos_token_id they change nothing
+_EOS_ONLY = ("min_length", "min_new_tokens")
 
 
 def _is_neutral(name: str, value: Any) -> bool:
@@ -448,16 +457,25 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         for name, value in own.to_dict().items():
             if value is not None and getattr(config, name, None) is None:
                 setattr(config, name, value)
+    # generate fills an unset top_k with its default (50) before it applies the keyword arguments: top_k=None
+    # passed to it turns top-k filtering off
+    if config.top_k is None:
+        config.top_k = 50
     leftover = config.update(**kwargs)
     mask = leftover.pop("attention_mask", None)
     streamer = leftover.pop("streamer", None)
     leftover.pop("use_cache", None)
+    # generate treats an argument passed as None as not passed: None is the default of each of its own, and its
+    # check for unused model keywords skips those at None (the forward's default)
+    leftover = {name: value for name, value in leftover.items() if value is not None}
     if leftover:
         raise ValueError(f"generate(cuda_graph=True) does not take {sorted(leftover)}: it decodes greedily or "
                          f"samples (temperature, top_k, top_p) up to max_new_tokens or eos; generate without "
                          f"cuda_graph for it")
     refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL
-               if not _is_neutral(name, getattr(config, name, None))]
+               if not _is_neutral(name, getattr(config, name, None))
+               and (config.do_sample or name not in _SAMPLING_ONLY)
+               and (config.eos_token_id is not None or name not in _EOS_ONLY)]
     if refused:
         raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
                          f"cuda_graph for it")
@@ -487,6 +505,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if n < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {n}")
     eos, pad = config.eos_token_id, config.pad_token_id
+    if torch.is_tensor(eos):  # generate takes a tensor too: 1-d, or 0-d for one token (tolist gives an int)
+        eos = eos.tolist()
     if eos is not None and pad is None:
         pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
     if copies > 1:
@@ -495,7 +515,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     sample = bool(config.do_sample)
     picker = TokenPicker(batch, input_ids.device, do_sample=sample,
                          temperature=config.temperature if config.temperature is not None else 1.0,
-                         top_k=(config.top_k if config.top_k is not None else 50) if sample else None,
+                         top_k=config.top_k if sample else None,
                          top_p=config.top_p if sample else None, eos_token_id=eos, pad_token_id=pad)
     graph = input_ids.is_cuda if graph is None else graph
     if graph and not input_ids.is_cuda:
