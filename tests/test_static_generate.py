@@ -390,3 +390,13 @@ def test_min_length_without_eos_changes_nothing():
         assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **kwargs), ref), kwargs
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             static_generate(model, ids, graph=False, max_new_tokens=5, eos_token_id=3, **kwargs)
+
+
+def test_the_prompt_given_twice_is_refused():
+    model, ids = tiny("mamba"), prompt()
+    with pytest.raises(ValueError, match="given twice"):
+        model.generate(ids, input_ids=ids, max_new_tokens=3, cuda_graph=True)
+    with pytest.raises(ValueError, match="given twice"):
+        model.generate(inputs=ids, input_ids=ids, max_new_tokens=3, cuda_graph=True)
+    with pytest.raises(ValueError, match="CUDA"):  # once, by any name: on to the device check
+        model.generate(inputs=ids, max_new_tokens=3, cuda_graph=True)

@@ -508,7 +508,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 raise ValueError("generate(cuda_graph=True): this model's prepare_inputs_for_generation is replaced "
                                  "for this call (PEFT prompt, prefix or P-tuning adds its virtual tokens there), "
                                  "which the static decode does not run; generate without cuda_graph")
-            input_ids = args[0] if args else kwargs.pop("input_ids", kwargs.pop("inputs", None))
+            names = [name for name in ("inputs", "input_ids") if kwargs.get(name) is not None]
+            prompts = list(args[:1]) + [kwargs.pop(name) for name in names]
+            if len(prompts) > 1:
+                raise ValueError(f"generate(cuda_graph=True): the prompt is given twice ({', '.join(names)}"
+                                 f"{' and positionally' if args else ''}); pass it once")
+            input_ids = prompts[0] if prompts else None
             return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True, **kwargs)
         if self._is_stateful:
             config = kwargs.get("generation_config") or self.generation_config
