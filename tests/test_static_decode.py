@@ -340,3 +340,20 @@ def test_a_prefilled_recurrent_state_does_not_grow_with_the_prompt(case):
         assert cache_nbytes(cache) < held + 1024, (cache_nbytes(cache), held)
     if case != "jamba":  # no KV layer: the same size after any prompt
         assert cache_nbytes(long) == cache_nbytes(short)
+
+
+def test_decode_steps_compute_no_aux_loss(monkeypatch):
+    """zoo.decode's steps read the logits and the cache, never the MoE load-balancing loss: a StaticDecoder step
+    (what a CUDA graph captures and replays) computed it on every token; a plain forward still returns it."""
+    import zoo.modeling
+
+    calls = []
+    real = zoo.modeling.load_balancing_loss
+    monkeypatch.setattr(zoo.modeling, "load_balancing_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny("jamba")
+    decoder = StaticDecoder(model, prefill(model, torch.randint(0, 512, (2, 9))), max_new_tokens=4)
+    calls.clear()
+    decoder.decode(3)
+    EagerDecoder(model, prefill(model, torch.randint(0, 512, (2, 9)))).decode(2)
+    assert calls == [1]  # the eager decoder's prefill (a plain forward) only
+    assert model(torch.randint(0, 512, (2, 5))).aux_loss is not None

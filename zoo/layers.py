@@ -215,6 +215,11 @@ PDL_MAX_ROWS = int(os.environ.get("ZOO_PDL_MAX_ROWS", "32"))  # the env override
 _DECODING = 0  # > 0 inside `decoding()`
 
 
+def in_decoding() -> bool:
+    """Whether a decode step of zoo.decode's loops is running (`decoding()`)."""
+    return _DECODING > 0
+
+
 @contextlib.contextmanager
 def decoding():
     """Marks the forward of a decode step (zoo.decode's loops). Only there do projections take the PDL kernel: it

@@ -21,7 +21,17 @@ from zoo_kernels.cross_entropy import cross_entropy
 
 from zoo.cache import KVCacheFull, RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
 from zoo.config import ZooConfig, check_mixer_options
-from zoo.layers import Block, Linear, MoE, RMSNorm, SwiGLU, fused_add_norm, load_balancing_loss, mark_no_weight_decay
+from zoo.layers import (
+    Block,
+    Linear,
+    MoE,
+    RMSNorm,
+    SwiGLU,
+    fused_add_norm,
+    in_decoding,
+    load_balancing_loss,
+    mark_no_weight_decay,
+)
 from zoo.registry import get_mixer, is_dotted_path
 
 try:  # the keyword generate() keeps the cache under: "cache" from transformers 5.2x on, "past_key_values" before
@@ -352,7 +362,8 @@ class ZooModel(ZooPreTrainedModel):
         The output's aux_loss is the MoE load-balancing loss (None without MoE layers); router_logits, asked for,
         the MoE layers' router logits ([B * T, n_experts] each), as transformers' Jamba gives them."""
         past_key_values = _the_cache(past_key_values, kwargs)
-        skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False)
+        # generate's steps (prepare_inputs_for_generation) and zoo.decode's (`decoding()`) never read it
+        skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) or in_decoding()
         _refuse_output_attentions(self.config, kwargs)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
