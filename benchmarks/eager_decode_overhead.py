@@ -22,7 +22,8 @@ synchronized after each call) it is the eager step a user gets, host-bound for s
 --profile cprofile / torch prints where the host time of one generate call of the first family goes (cProfile's
 top functions by own time and by cumulative time, or torch.profiler's top operators). --dump writes each family's
 greedy tokens and per-step logits (output_logits=True) so that two versions of the code can be compared bit for
-bit. --json prints one JSON line of the medians (what an A/B driver reads). --cuda-graph (CUDA) times
+bit. --json prints one JSON line of the medians (what an A/B driver reads). On CUDA, fla's autotuners are capped
+at their first --fla-autotune-configs configs (2; 0: all), as in benchmarks/generate.py. --cuda-graph (CUDA) times
 `generate(..., cuda_graph=True)` beside it: each such call prefills, makes the cache static, captures one decode
 step in a CUDA graph (two warm-up steps first) and replays it, all inside the timed call.
 """
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print the medians as one JSON line")
     p.add_argument("--cuda-graph", action="store_true",
                    help="also time generate(..., cuda_graph=True) (each call prefills, captures its graph, decodes)")
+    p.add_argument("--fla-autotune-configs", type=int, default=2,
+                   help="let each fla autotuner (GLA's prefill, where fla-core is importable) try only its first N "
+                   "configs (0: all), as benchmarks/generate.py does: a full autotune of the prompt's shapes on a "
+                   "fresh H100 outlasted a 170 s call")
     args = p.parse_args(argv)
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise SystemExit("eager_decode_overhead.py: --cuda-graph needs --device cuda")
@@ -130,6 +135,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("eager_decode_overhead.py: --device cuda needs CUDA, and torch sees no GPU")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    if args.device.startswith("cuda"):
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from generate import cap_fla_autotuning
+
+        note = cap_fla_autotuning(args.families, args.fla_autotune_configs)
+        if note and not args.json:
+            print(note)
     if args.profile:
         model = build(args.families[0], args.device, dtype, args.size)
         profile_family(model, *prompt(model, args.prompt_len, args.device), args.new_tokens, args.profile, args.top)

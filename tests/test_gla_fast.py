@@ -105,6 +105,14 @@ def test_verdict_accepts_a_correct_kernel(fresh_verdicts, monkeypatch):
     assert fast.fla_verdict(torch.device("cpu"), torch.float32, 16, 16) == (True, "")
 
 
+def test_verdict_taken_under_inference_mode_accepts_a_correct_kernel(fresh_verdicts, monkeypatch):
+    """The first GLA call of a process may run under torch.inference_mode (eager_decode_overhead.py's generate did
+    on an H100): the probe's backward failed on inference tensors and fla stayed off for the whole process."""
+    monkeypatch.setattr(fast, "_fla_chunk_gla", lambda: fla_standin)
+    with torch.inference_mode():
+        assert fast.fla_verdict(torch.device("cpu"), torch.float32, 16, 16) == (True, "")
+
+
 def test_verdict_rejects_a_crashing_kernel_once(fresh_verdicts, monkeypatch):
     calls = []
 

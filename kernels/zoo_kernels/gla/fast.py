@@ -163,7 +163,9 @@ def _verdict(fn, device: torch.device, dtype: torch.dtype, key_dim: int, value_d
         reason = f"fla-core is not installed ({FLA_INSTALL})"
     else:
         try:
-            with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            # the first GLA call may come under torch.inference_mode (a benchmark's, a user's generate): its
+            # tensors cannot be saved for the probe's backward, and the probe failed, leaving fla off for the process
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
                 reason = _probe(fn, device, dtype, key_dim, value_dim)
         except Exception as exc:  # noqa: BLE001 - any failure of fla means: do not use fla here
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
