@@ -510,3 +510,50 @@ def test_a_cache_for_a_peft_model_is_built_from_the_model_it_wraps(name):
     assert torch.equal(out, model.generate(input_ids=prompt, **kw))
     with pytest.raises(TypeError, match="holds no zoo model"):
         ZooCache.for_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["all-ones", "left-padded"])
+def test_generate_drops_an_all_ones_attention_mask_and_keeps_padding(padded, monkeypatch):
+    """transformers 5.17's generate passes an all-ones mask for unpadded rows, extended by one each step (5.2x drops
+    it itself): it says nothing, and each attention layer built a dense key mask from it (on flash-attn, packed the
+    rows: a device sync). The forward now gets none for such rows, at every step; a padded mask reaches every step
+    as it is. (Fails on the code before on transformers 5.17, the lowest version CI runs.)"""
+    model = tiny("jamba").eval()  # attention, Mamba and MoE layers
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :2] = 0
+    masks = []
+    forward = model.model.forward
+
+    def spy(*args, **kwargs):
+        masks.append(kwargs.get("attention_mask"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", spy)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    assert len(masks) == 4
+    if padded:
+        assert all(m is not None and m.shape == (2, 6 + i) and not m[0, :2].any() for i, m in enumerate(masks))
+    else:
+        assert all(m is None for m in masks)
+    with torch.no_grad():  # each step's logits: those of one whole forward of the tokens so far, with the mask
+        for i, logits in enumerate(out.logits):
+            whole = model(input_ids=out.sequences[:, :6 + i], attention_mask=F.pad(mask, (0, i), value=1))
+            assert_close(f"step {i}", logits, whole.logits[:, -1], 1e-5)
+
+
+def test_prompt_tuning_generates_through_a_dropped_all_ones_mask():
+    """PEFT's prompt learning extends the attention_mask by its virtual tokens in its own preparation, after zoo's
+    dropped an all-ones one: each step's logits stay those of a whole forward of the tokens so far."""
+    from peft import PromptTuningConfig
+
+    peft_model = get_peft_model(tiny("jamba"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        for i, logits in enumerate(out.logits):
+            whole = peft_model(input_ids=out.sequences[:, :6 + i], attention_mask=torch.ones(2, 6 + i).long())
+            assert_close(f"step {i}", logits, whole.logits[:, -1], 1e-5)

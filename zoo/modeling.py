@@ -172,6 +172,7 @@ def _refuse_output_attentions(config, kwargs: dict) -> None:
 
 # a forward keyword that prepare_inputs_for_generation sets: the step's output gets no aux_loss (generate drops it)
 _SKIP_AUX_LOSS = "_zoo_skip_aux_loss"
+_MASK_VERDICT = "_zoo_mask_verdict"  # (weakref to generate's attention_mask, all ones?): read once per generate call
 
 # set while ZooForCausalLM.from_pretrained(..., trust_remote_code=True) builds its model
 _TRUSTED_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("zoo_trusted_load", default=False)
@@ -506,6 +507,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         and top_p up to max_new_tokens or eos, on unpadded rows; returns the sequences [B, T + n]. An eager decode
         step of a small model is bound by the host's kernel launches; the graph replays them in one. Settings it
         has no equivalent for raise ValueError."""
+        self.__dict__.pop(_MASK_VERDICT, None)  # a mask changed in place between two calls is read again
         if cuda_graph:
             from zoo.decode import static_generate
 
@@ -551,6 +553,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         ids (wrong logits, or a shape error in Mamba-2). Each step gets the ids of the positions it runs (past the
         cache: a continued cache, prefill_chunk_size's chunks), the new tokens continuing the prompt's last
         document."""
+        if self._mask_is_all_ones(kwargs):
+            # an all-ones mask (what transformers 5.17 passes for unpadded rows; 5.2x drops it itself) says
+            # nothing: without it each attention layer runs its causal kernel instead of building a dense key mask
+            # (on flash-attn, packing the rows: a device sync), and the recurrent layers skip multiplying by 1
+            kwargs["attention_mask"] = None
         inputs = super().prepare_inputs_for_generation(*args, **kwargs)
         cache = inputs.get(GENERATE_CACHE_KWARG) if GENERATE_CACHE_KWARG != "past_key_values" else None
         if isinstance(cache, ZooCache) and cache.get_seq_length():
@@ -574,6 +581,33 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     # generate checks its keyword arguments (cache=, attention_mask=, ...) against this signature: keep transformers'
     prepare_inputs_for_generation.__signature__ = inspect.signature(GenerationMixin.prepare_inputs_for_generation)
+
+    def _mask_is_all_ones(self, kwargs: dict) -> bool:
+        """Whether generate's attention_mask for this step is all ones. Read on the device once per generate call
+        (one sync, at its first step): each later step's mask is the one `_update_model_kwargs_for_generation`
+        extended with ones, known by identity. transformers from 5.2x drops such a mask itself before the first
+        step (after deriving position_ids from it, as 5.17 does too): without a mask, position_ids that restart mark
+        packed documents, as they then do on those versions."""
+        mask = kwargs.get("attention_mask")
+        if not torch.is_tensor(mask) or mask.dim() != 2 or torch.compiler.is_compiling():
+            return False
+        known = self.__dict__.get(_MASK_VERDICT)
+        if known is not None and known[0]() is mask:
+            return known[1]
+        ones = bool(mask.all())
+        self.__dict__[_MASK_VERDICT] = (weakref.ref(mask), ones)
+        return ones
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        """transformers' update, which appends ones to the attention_mask: the verdict on the old mask carries over
+        to the new one (see `_mask_is_all_ones`)."""
+        old = model_kwargs.get("attention_mask")
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        new = model_kwargs.get("attention_mask")
+        known = self.__dict__.get(_MASK_VERDICT)
+        if known is not None and old is not None and known[0]() is old and torch.is_tensor(new) and new is not old:
+            self.__dict__[_MASK_VERDICT] = (weakref.ref(new), known[1])
+        return model_kwargs
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids=None,
                                       **model_kwargs):
