@@ -400,3 +400,35 @@ def test_the_prompt_given_twice_is_refused():
         model.generate(inputs=ids, input_ids=ids, max_new_tokens=3, cuda_graph=True)
     with pytest.raises(ValueError, match="CUDA"):  # once, by any name: on to the device check
         model.generate(inputs=ids, max_new_tokens=3, cuda_graph=True)
+
+
+@pytest.mark.parametrize("max_time", [0.0, 1e6])
+def test_max_time_stops_as_generate(max_time):
+    """generate's MaxTimeCriteria reads the clock after each token, the first included: max_time=0 gives one."""
+    model, ids = tiny("mamba"), prompt()
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False, max_time=max_time)
+    got = static_generate(model, ids, graph=False, max_new_tokens=6, max_time=max_time)
+    assert got.shape[1] == ids.shape[1] + (1 if max_time == 0 else 6)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("kwargs", [dict(penalty_alpha=0.6, do_sample=True), dict(penalty_alpha=0.6, top_k=1),
+                                    dict(synced_gpus=False), dict(tokenizer=object())])
+def test_settings_generate_ignores_here_are_taken(kwargs):
+    """penalty_alpha means contrastive search only for greedy decoding with top_k > 1; synced_gpus=False is
+    generate's default; a tokenizer serves stop_strings alone. generate decodes as without them."""
+    model, ids = tiny("transformerpp"), prompt()
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "tokenizer"}  # (generate wants a real one)
+    ref = model.generate(ids, max_new_tokens=4, **ref_kwargs) if "do_sample" not in kwargs else None
+    got = static_generate(model, ids, graph=False, max_new_tokens=4, **kwargs)
+    assert got.shape == (3, 14)
+    if ref is not None:
+        assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(synced_gpus=True), "synced_gpus"),
+                                          (dict(prefill_chunk_size=0), "prefill_chunk_size")])
+def test_settings_that_would_change_the_decode_are_refused(kwargs, match):
+    model, ids = tiny("mamba"), prompt()
+    with pytest.raises(ValueError, match=match):
+        static_generate(model, ids, graph=False, max_new_tokens=4, **kwargs)

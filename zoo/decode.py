@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import inspect
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -411,7 +412,7 @@ _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penal
             "watermarking_config": None, "stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
             "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
             "output_hidden_states": False, "output_attentions": False, "prompt_lookup_num_tokens": None,
-            "assistant_early_exit": None, "cache_implementation": None, "max_time": None,
+            "assistant_early_exit": None, "cache_implementation": None,
             # newer or Hub-loaded modes generate switches to (absent from older GenerationConfigs: read as None):
             # Top-H sampling, contrastive search, DoLa, constrained beams, MTP assisted decoding, token healing
             "top_h": None, "penalty_alpha": 0.0, "dola_layers": None, "constraints": None, "force_words_ids": None,
@@ -428,6 +429,27 @@ def _is_neutral(name: str, value: Any) -> bool:
     return value is None or value == neutral
 
 
+def _changes_decoding(config, name: str) -> bool:
+    """Whether generation setting `name` of `config` would make generate decode otherwise than the static decode."""
+    if _is_neutral(name, getattr(config, name, None)):
+        return False
+    if name in _SAMPLING_ONLY and not config.do_sample:
+        return False  # greedy decoding does not apply these warpers
+    if name in _EOS_ONLY and config.eos_token_id is None:
+        return False
+    if name == "penalty_alpha":  # contrastive search is greedy decoding with top_k > 1 and penalty_alpha > 0
+        return not config.do_sample and config.top_k is not None and config.top_k > 1
+    return True
+
+
+def _seconds_since(started: float, device: torch.device) -> float:
+    """Wall seconds since `started` once the device has finished what is queued (generate reads its clock after
+    each step's token exists)."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    return time.time() - started
+
+
 @torch.no_grad()
 def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config=None, *, graph: bool | None = None,
                     check_every: int = 8, **kwargs) -> torch.Tensor:
@@ -437,18 +459,20 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
 
     It reads the generation settings as generate does (generation_config or the model's, then the keyword arguments)
     and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p, num_return_sequences
-    (sampling: each prompt row repeated, as generate does), prefill_chunk_size, eos_token_id and pad_token_id, a
-    streamer (transformers' TextStreamer protocol: the prompt, then each step's tokens, then end()), an
-    attention_mask without padding. Greedy tokens are those of `generate` up to the kernels' rounding (the decode
-    step attends with the static-cache kernels); sampling draws from the same distribution with another random
-    stream (`TokenPicker`). Anything else generate takes (beams, logits processors, penalties, stopping criteria,
-    returned scores, padded rows, a given cache) raises ValueError: generate without cuda_graph for it.
+    (sampling: each prompt row repeated, as generate does), prefill_chunk_size, max_time (a device sync per step, as
+    generate's), eos_token_id and pad_token_id, a streamer (transformers' TextStreamer protocol: the prompt, then
+    each step's tokens, then end()), an attention_mask without padding. Greedy tokens are those of `generate` up to
+    the kernels' rounding (the decode step attends with the static-cache kernels); sampling draws from the same
+    distribution with another random stream (`TokenPicker`). Anything else generate takes (beams, logits processors,
+    penalties, stopping criteria, returned scores, padded rows, a given cache) raises ValueError: generate without
+    cuda_graph for it.
     Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos
     (checked every `check_every` steps, one host read each; every step with a streamer, which reads each step's
     tokens anyway), rows that ended sooner padded with pad_token_id.
     """
     from transformers import GenerationConfig
 
+    started = time.time()  # max_time counts from here, as generate's MaxTimeCriteria from before its prefill
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         raise ValueError("generate(cuda_graph=True) takes input_ids [batch, tokens] (no inputs_embeds)")
     own = getattr(model, "generation_config", None)
@@ -465,6 +489,10 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     mask = leftover.pop("attention_mask", None)
     streamer = leftover.pop("streamer", None)
     leftover.pop("use_cache", None)
+    if leftover.get("synced_gpus") is False:  # generate's default: nothing to keep in step with
+        leftover.pop("synced_gpus")
+    if getattr(config, "stop_strings", None) is None:
+        leftover.pop("tokenizer", None)  # generate reads it for stop_strings alone
     # generate treats an argument passed as None as not passed: None is the default of each of its own, and its
     # check for unused model keywords skips those at None (the forward's default)
     leftover = {name: value for name, value in leftover.items() if value is not None}
@@ -472,10 +500,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         raise ValueError(f"generate(cuda_graph=True) does not take {sorted(leftover)}: it decodes greedily or "
                          f"samples (temperature, top_k, top_p) up to max_new_tokens or eos; generate without "
                          f"cuda_graph for it")
-    refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL
-               if not _is_neutral(name, getattr(config, name, None))
-               and (config.do_sample or name not in _SAMPLING_ONLY)
-               and (config.eos_token_id is not None or name not in _EOS_ONLY)]
+    refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL if _changes_decoding(config, name)]
     if refused:
         raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
                          f"cuda_graph for it")
@@ -512,6 +537,9 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if copies > 1:
         input_ids = input_ids.repeat_interleave(copies, dim=0)  # generate's order: each row's copies together
         batch *= copies
+    max_time = getattr(config, "max_time", None)
+    if max_time is not None:
+        max_time = float(max_time)
     sample = bool(config.do_sample)
     picker = TokenPicker(batch, input_ids.device, do_sample=sample,
                          temperature=config.temperature if config.temperature is not None else 1.0,
@@ -525,7 +553,10 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         check_every = 1  # each step's tokens are read anyway: stop at the step the last row ends, as generate
     arg = cache_argument(model)
     keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
-    chunk = getattr(config, "prefill_chunk_size", None) or prompt_len  # the prompt in chunks, cache carried
+    chunk = getattr(config, "prefill_chunk_size", None)
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"prefill_chunk_size must be a positive number of tokens, got {chunk}")
+    chunk = chunk or prompt_len  # the prompt in chunks, cache carried
     cache = None
     for start in range(0, prompt_len, chunk):
         out = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, **{arg: cache}, **keep)
@@ -544,6 +575,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         while done < n:
             if picker.eos is not None and done % check_every == 0 and bool(picker.finished.all()):
                 break
+            if max_time is not None and _seconds_since(started, input_ids.device) > max_time:
+                break  # generate's MaxTimeCriteria: checked after each token, the first included
             step = decoder.step()
             tokens[:, done:done + 1] = step
             if streamer is not None:
