@@ -221,6 +221,17 @@ def test_cuda_graph_generate_equals_generate(family):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gla"])
+def test_cuda_graph_generate_of_left_padded_rows_equals_generate(family):
+    model, ids = tiny(family, "cuda"), prompt(4, 40, "cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :30] = 0
+    mask[3, :5] = 0
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=16, cuda_graph=True), ref), family
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("family", ["mamba", "jamba"])
 def test_cuda_graph_sampling_repeats_with_the_seed(family):
     """Sampling inside the graph: a seed repeats its tokens, another seed changes them, and top_k=1 is greedy.
@@ -432,3 +443,27 @@ def test_settings_that_would_change_the_decode_are_refused(kwargs, match):
     model, ids = tiny("mamba"), prompt()
     with pytest.raises(ValueError, match=match):
         static_generate(model, ids, graph=False, max_new_tokens=4, **kwargs)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gla"])
+def test_left_padded_rows_of_a_recurrent_model_decode_as_generate(family, chunk):
+    """A recurrent step has no position: once the prefill has kept the pads out of the states (their inputs
+    zeroed, as generate's prefill does), left-padded rows decode together. The tokens equal generate's."""
+    model, ids = tiny(family), prompt()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    # (the pads keep random tokens: a pad that reached a state would change the tokens after it)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, prefill_chunk_size=chunk)
+    got = static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=8, prefill_chunk_size=chunk)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", ["jamba", "transformerpp"])
+def test_left_padded_rows_with_attention_are_refused(family):
+    model, ids = tiny(family), prompt()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with pytest.raises(ValueError, match="padded rows only on models whose every layer keeps a recurrent state"):
+        static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=3)

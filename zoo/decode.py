@@ -442,6 +442,11 @@ def _changes_decoding(config, name: str) -> bool:
     return True
 
 
+def _state_only(model: nn.Module) -> bool:
+    """Whether every layer of `model` keeps a recurrent state and no KV cache (no attention)."""
+    return all(isinstance(layer, RecurrentLayer) for layer in ZooCache.for_model(model).layers)
+
+
 def _seconds_since(started: float, device: torch.device) -> float:
     """Wall seconds since `started` once the device has finished what is queued (generate reads its clock after
     each step's token exists)."""
@@ -461,11 +466,11 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p, num_return_sequences
     (sampling: each prompt row repeated, as generate does), prefill_chunk_size, max_time (a device sync per step, as
     generate's), eos_token_id and pad_token_id, a streamer (transformers' TextStreamer protocol: the prompt, then
-    each step's tokens, then end()), an attention_mask without padding. Greedy tokens are those of `generate` up to
-    the kernels' rounding (the decode step attends with the static-cache kernels); sampling draws from the same
-    distribution with another random stream (`TokenPicker`). Anything else generate takes (beams, logits processors,
-    penalties, stopping criteria, returned scores, padded rows, a given cache) raises ValueError: generate without
-    cuda_graph for it.
+    each step's tokens, then end()), an attention_mask (with padding only where every layer is recurrent). Greedy
+    tokens are those of `generate` up to the kernels' rounding (the decode step attends with the static-cache
+    kernels); sampling draws from the same distribution with another random stream (`TokenPicker`). Anything else
+    generate takes (beams, logits processors, penalties, stopping criteria, returned scores, padded rows with
+    attention layers, a given cache) raises ValueError: generate without cuda_graph for it.
     Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos
     (checked every `check_every` steps, one host read each; every step with a streamer, which reads each step's
     tokens anyway), rows that ended sooner padded with pad_token_id.
@@ -516,10 +521,13 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         if tuple(mask.shape) != (batch, prompt_len):
             raise ValueError(f"attention_mask: expected [{batch}, {prompt_len}] like input_ids, got "
                              f"{tuple(mask.shape)}")
-        if not bool(mask.bool().all()):
-            raise ValueError("generate(cuda_graph=True) decodes unpadded rows (static buffers, one position per "
-                             "step for every row); the attention_mask has padding: generate padded batches "
-                             "without cuda_graph, or one length at a time")
+        if bool(mask.bool().all()):
+            mask = None  # says nothing
+        elif not _state_only(model):
+            raise ValueError("generate(cuda_graph=True) decodes padded rows only on models whose every layer keeps "
+                             "a recurrent state (Mamba, Mamba-2, GLA): a static KV cache holds one position per "
+                             "step for every row. The attention_mask has padding: generate padded batches without "
+                             "cuda_graph, or one length at a time")
     if config.max_new_tokens is not None:
         n = config.max_new_tokens
     else:
@@ -536,6 +544,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
     if copies > 1:
         input_ids = input_ids.repeat_interleave(copies, dim=0)  # generate's order: each row's copies together
+        mask = mask.repeat_interleave(copies, dim=0) if mask is not None else None
         batch *= copies
     max_time = getattr(config, "max_time", None)
     if max_time is not None:
@@ -559,7 +568,10 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     chunk = chunk or prompt_len  # the prompt in chunks, cache carried
     cache = None
     for start in range(0, prompt_len, chunk):
-        out = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, **{arg: cache}, **keep)
+        # a left-padded row's pads enter no recurrent state (the prefill zeroes their inputs, as generate's does);
+        # after the prompt a recurrent step has no position, so the rows decode together without a mask
+        padded = {"attention_mask": mask[:, :start + chunk]} if mask is not None else {}
+        out = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, **{arg: cache}, **keep, **padded)
         cache = output_cache(out, arg)
     ids = torch.empty(batch, 1, dtype=torch.long, device=input_ids.device)
     picker(out.logits[:, -1:], ids)
