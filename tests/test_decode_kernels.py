@@ -213,6 +213,16 @@ def _interpreter_main() -> None:
         o = decode_attention(qt, keys, values, torch.tensor([150]), None, grouped=grouped)
         assert rel_err(o, reference(q, keys, values, 150, None)) < 1e-5, ("strided q", grouped)
     print("interpreter: decode attention matches the reference")
+    start = torch.tensor([0, 41])  # left-padded rows: row 1 sees no slot below 41
+    for grouped in (True, False):
+        for window, splits, length in ((None, 3, 150), (37, 4, 200), (None, 1, 42)):
+            q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=4, Hkv=2, D=32, S=208)
+            o = decode_attention(q, keys, values, torch.tensor([length]), window, splits=splits, grouped=grouped,
+                                 start=start)
+            want = reference(q, keys, values, length, window, start=start)
+            assert rel_err(o, want) < 1e-5, ("start", grouped, window, splits, length)
+            assert rel_err(want[1:], reference(q, keys, values, length, window)[1:]) > 1e-3 or window == 37
+    print("interpreter: decode attention of left-padded rows matches the reference")
     for group, D, window in ((1, 64, None), (3, 64, None), (4, 64, 37), (3, 24, 37)):  # 24: below its block
         _check_decode_attention("cpu", torch.float32, group, D, window, True, S=208, lengths=(150, 1),
                                 splits_list=(None, 3, 16), launches=((None, None, None), (32, 2, 1)))
@@ -428,6 +438,24 @@ def _check_decode_attention(device, dtype, group, D, window, grouped, S=400, len
                 assert o.dtype == dtype and o.shape == q.shape
                 err = rel_err(o, want)
                 assert err < tol, (group, D, window, length, splits, block_n, num_warps, num_stages, err)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 37])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_decode_attention_of_left_padded_rows_matches_reference(dtype, window, grouped):
+    """start: each row's first visible slot (its left padding ends there), for the static decode of padded rows."""
+    from zoo_kernels.attention.decode import decode_attention, reference
+
+    q, keys, values = _attn_inputs("cuda", dtype, B=3, H=8, Hkv=2, D=64, S=400, seed=7)
+    start = torch.tensor([0, 130, 332], device="cuda")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for splits in (None, 1, 3, 16):
+        o = decode_attention(q, keys, values, torch.tensor([333], device="cuda"), window, splits=splits,
+                             grouped=grouped, start=start)
+        assert rel_err(o, reference(q, keys, values, 333, window, start=start.cpu())) < tol, splits
 
 
 @pytest.mark.cuda

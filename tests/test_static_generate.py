@@ -21,6 +21,17 @@ def tiny(family: str, device: str = "cpu"):
     return model
 
 
+def context_sensitive(model):
+    """The tiny model with its matrices redrawn at twice the 1/sqrt(fan_in) scale: the seed-0 tiny models decode
+    nearly as a function of the last token (their greedy tokens ignore a prompt's padding), these do not."""
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 2 * p.shape[1] ** -0.5)
+    return model
+
+
 def prompt(batch: int = 3, length: int = 10, device: str = "cpu") -> torch.Tensor:
     return torch.randint(1, 512, (batch, length), generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -191,7 +202,7 @@ def test_the_picker_is_graph_safe():
     (dict(num_return_sequences=2), "num_return_sequences"),  # (transformers' own check, or ours)
     (dict(stopping_criteria=[]), "stopping_criteria"),
     (dict(seq_idx=torch.zeros(3, 10, dtype=torch.long)), "seq_idx"),
-    (dict(attention_mask=torch.ones(3, 10, dtype=torch.long).index_fill_(1, torch.tensor([0]), 0)), "padding"),
+    (dict(attention_mask=torch.ones(3, 10, dtype=torch.long).index_fill_(1, torch.tensor([9]), 0)), "left padding"),
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(do_sample=True, temperature=0.0), "temperature"),
 ])
@@ -221,13 +232,15 @@ def test_cuda_graph_generate_equals_generate(family):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["mamba", "mamba2", "gla"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_graph_generate_of_left_padded_rows_equals_generate(family):
-    model, ids = tiny(family, "cuda"), prompt(4, 40, "cuda")
+    """Left padding in the graph: the decode-attention kernel hides each row's pad slots (its start argument)."""
+    model, ids = context_sensitive(tiny(family)).cuda(), prompt(4, 40, "cuda")
     mask = torch.ones_like(ids)
     mask[0, :30] = 0
     mask[3, :5] = 0
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    assert not torch.equal(ref, model.generate(ids, max_new_tokens=16, do_sample=False))  # the pads matter
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=16, cuda_graph=True), ref), family
 
 
@@ -450,20 +463,40 @@ def test_settings_that_would_change_the_decode_are_refused(kwargs, match):
 def test_left_padded_rows_of_a_recurrent_model_decode_as_generate(family, chunk):
     """A recurrent step has no position: once the prefill has kept the pads out of the states (their inputs
     zeroed, as generate's prefill does), left-padded rows decode together. The tokens equal generate's."""
-    model, ids = tiny(family), prompt()
+    model, ids = context_sensitive(tiny(family)), prompt()
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[2, :1] = 0
     # (the pads keep random tokens: a pad that reached a state would change the tokens after it)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, prefill_chunk_size=chunk)
+    assert not torch.equal(ref, model.generate(ids, max_new_tokens=8, do_sample=False))  # the pads matter
     got = static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=8, prefill_chunk_size=chunk)
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("family", ["jamba", "transformerpp"])
-def test_left_padded_rows_with_attention_are_refused(family):
-    model, ids = tiny(family), prompt()
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("family", ["transformerpp", "jamba"])
+def test_left_padded_rows_with_attention_decode_as_generate(family, window):
+    """The static KV cache hides each row's pad slots (StaticKVLayer.start) and its positions count from the row's
+    first token (the decoder's pos): the tokens equal generate's with the same mask, with a sliding window too."""
+    model, ids = context_sensitive(tiny(family)), prompt()
+    if window:
+        for block in model.model.layers:
+            if hasattr(block.mixer, "window"):
+                block.mixer.window = window
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
-    with pytest.raises(ValueError, match="padded rows only on models whose every layer keeps a recurrent state"):
+    mask[2, :9] = 0  # one real token
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert not torch.equal(ref, model.generate(ids, max_new_tokens=8, do_sample=False))  # the pads matter
+    got = static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=8)
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", ["jamba", "transformerpp"])
+def test_padding_after_tokens_with_attention_is_refused(family):
+    model, ids = tiny(family), prompt()
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    with pytest.raises(ValueError, match="left padding only"):
         static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=3)

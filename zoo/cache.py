@@ -163,6 +163,8 @@ class StaticKVLayer(CacheLayerMixin):
     length: int64 [1] on the device, the tokens stored; written only by device ops, so a captured step reads
     the current value on every replay. seen: the same count on the host, for capacity checks outside a graph
     (a graph replay does not run Python: the decoder advances it, as it does ZooCache.seen_tokens).
+    start: None, or int64 [B] on the device for left-padded rows: row b's first start[b] slots hold its prompt's
+    pads, which no step sees (`from_dynamic(..., pads=)`).
     """
 
     is_compileable = False
@@ -179,13 +181,16 @@ class StaticKVLayer(CacheLayerMixin):
         self.values = torch.zeros_like(self.keys)
         self.length = torch.zeros(1, dtype=torch.long, device=device)
         self.seen = 0
+        self.start: torch.Tensor | None = None
         self._slot = torch.arange(slots, device=device)
         self._current = self._slot == slots - 1
         self.dtype, self.device, self.is_initialized = dtype, self.keys.device, True
 
     @classmethod
-    def from_dynamic(cls, layer: DynamicLayer, capacity: int, seen: int) -> StaticKVLayer:
-        """A static copy of a prefilled dynamic layer ([B, Hkv, S, D] keys of the last S of `seen` tokens)."""
+    def from_dynamic(cls, layer: DynamicLayer, capacity: int, seen: int, pads: torch.Tensor | None = None
+                     ) -> StaticKVLayer:
+        """A static copy of a prefilled dynamic layer ([B, Hkv, S, D] keys of the last S of `seen` tokens). pads:
+        int64 [B], the left padding of each row's prompt (its first pads[b] slots are never visible)."""
         if not layer.is_initialized or layer.keys is None:
             raise ValueError("to_static: an attention layer holds no keys yet; prefill the prompt first")
         if capacity < seen:
@@ -200,6 +205,8 @@ class StaticKVLayer(CacheLayerMixin):
             out.values[:, seen - kept:seen].copy_(layer.values.transpose(1, 2))
         out.length.fill_(seen)
         out.seen = seen
+        if pads is not None:
+            out.start = pads.to(device=out.device, dtype=torch.long).clone()
         return out
 
     def check_room(self, n_tokens: int = 1) -> None:
@@ -225,6 +232,8 @@ class StaticKVLayer(CacheLayerMixin):
         visible = self._slot < index  # computed before `write` advances the length (stream order)
         if window is not None:
             visible = visible & (self._slot > index - window)
+        if self.start is not None:
+            visible = visible & (self._slot >= self.start[:, None])  # [B, slots]
         visible = (visible | self._current).expand(key.shape[0], -1)
         for buf, new in ((self.keys, key), (self.values, value)):
             buf[:, -1:].copy_(new.to(buf.dtype))
@@ -265,21 +274,29 @@ class StaticKVLayer(CacheLayerMixin):
         self.values.zero_()
         self.length.zero_()
         self.seen = 0
+        if self.start is not None:
+            self.start.zero_()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         beam_idx = beam_idx.to(self.device)
         self.keys.copy_(self.keys.index_select(0, beam_idx))  # in place: the addresses stay
         self.values.copy_(self.values.index_select(0, beam_idx))
+        if self.start is not None:
+            self.start.copy_(self.start.index_select(0, beam_idx))
 
     # generate continuing a static cache with beams or several sequences per prompt changes the batch: new buffers
     # (a CUDA graph captured on the old ones must be captured again; GraphDecoder makes its own cache)
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.keys = self.keys.repeat_interleave(repeats, dim=0)
         self.values = self.values.repeat_interleave(repeats, dim=0)
+        if self.start is not None:
+            self.start = self.start.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.keys = self.keys[indices.to(self.device), ...]
         self.values = self.values[indices.to(self.device), ...]
+        if self.start is not None:
+            self.start = self.start[indices.to(self.device)]
 
 
 def require_init_state(base) -> None:
@@ -339,6 +356,7 @@ class ZooCache(Cache):
     def __init__(self, layers: list):
         super().__init__(layers=layers)
         self.seen_tokens = 0
+        self.pads: torch.Tensor | None = None  # left padding per row, given to to_static (static decoding)
 
     @classmethod
     def for_model(cls, model, batch_size: int = 1, dtype=None, device=None, max_len: int | None = None) -> ZooCache:
@@ -394,18 +412,24 @@ class ZooCache(Cache):
             if layer is not None:
                 layer.reorder_cache(beam_idx)
                 _rows_of_kv_seq_idx(layer, lambda ids: ids[beam_idx.to(ids.device)])
+        if self.pads is not None:
+            self.pads = self.pads[beam_idx.to(self.pads.device)]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.batch_repeat_interleave(repeats)
                 _rows_of_kv_seq_idx(layer, lambda ids: ids.repeat_interleave(repeats, dim=0))
+        if self.pads is not None:
+            self.pads = self.pads.repeat_interleave(repeats, dim=0)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
             if layer is not None:
                 layer.batch_select_indices(indices)
                 _rows_of_kv_seq_idx(layer, lambda ids: ids[indices.to(ids.device)])
+        if self.pads is not None:
+            self.pads = self.pads[indices.to(self.pads.device)]
 
     def reset(self) -> None:
         for layer in self.layers:
@@ -417,6 +441,7 @@ class ZooCache(Cache):
                 if getattr(layer, "kv_seq_idx", None) is not None:
                     layer.kv_seq_idx = None  # the dropped keys' document ids
         self.seen_tokens = 0
+        self.pads = None
 
     @property
     def is_croppable(self) -> bool:
@@ -444,9 +469,11 @@ class ZooCache(Cache):
         self.seen_tokens -= remove
 
     # ---- static decoding -----------------------------------------------------------------------------------
-    def to_static(self, max_len: int) -> ZooCache:
+    def to_static(self, max_len: int, pads: torch.Tensor | None = None) -> ZooCache:
         """Make every attention layer a StaticKVLayer with room for max_len tokens in all (those already seen
         included), copying the cached keys/values in; recurrent layers are unchanged. In place; returns self.
+        pads: int64 [B], the left padding of each row of a prompt prefilled with an attention_mask: those slots stay
+        invisible, and `pads` is kept (the decoders count each row's positions from its first token).
         Raises ValueError when max_len is below the tokens seen or an attention layer is still empty."""
         if max_len < self.seen_tokens:
             raise ValueError(f"to_static: max_len {max_len} is below the {self.seen_tokens} tokens the cache holds")
@@ -462,7 +489,9 @@ class ZooCache(Cache):
                     raise ValueError(f"to_static: layer {i} holds the keys of several packed documents (seq_idx); "
                                      f"a static cache decodes one document per row: prefill the last document "
                                      f"alone, or decode with the dynamic cache")
-                self.layers[i] = StaticKVLayer.from_dynamic(layer, max_len, self.seen_tokens)
+                self.layers[i] = StaticKVLayer.from_dynamic(layer, max_len, self.seen_tokens, pads)
+        if pads is not None:
+            self.pads = pads
         return self
 
     def static_layers(self) -> list[StaticKVLayer]:

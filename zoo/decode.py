@@ -283,6 +283,8 @@ class StaticDecoder(EagerDecoder):
         self._load_states()
         self.ids = state.next_ids.clone()
         self.pos = torch.full_like(self.ids, cache.seen_tokens)  # position of the token in `ids`
+        if getattr(cache, "pads", None) is not None:  # left-padded rows count from their first token
+            self.pos -= cache.pads.to(self.pos.device)[:, None]
 
     def _load_states(self) -> None:
         """Point the recurrent layers at the static state buffers (mixers assign new tensors every step)."""
@@ -466,11 +468,11 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p, num_return_sequences
     (sampling: each prompt row repeated, as generate does), prefill_chunk_size, max_time (a device sync per step, as
     generate's), eos_token_id and pad_token_id, a streamer (transformers' TextStreamer protocol: the prompt, then
-    each step's tokens, then end()), an attention_mask (with padding only where every layer is recurrent). Greedy
-    tokens are those of `generate` up to the kernels' rounding (the decode step attends with the static-cache
+    each step's tokens, then end()), an attention_mask (left padding; any padding where every layer is recurrent).
+    Greedy tokens are those of `generate` up to the kernels' rounding (the decode step attends with the static-cache
     kernels); sampling draws from the same distribution with another random stream (`TokenPicker`). Anything else
-    generate takes (beams, logits processors, penalties, stopping criteria, returned scores, padded rows with
-    attention layers, a given cache) raises ValueError: generate without cuda_graph for it.
+    generate takes (beams, logits processors, penalties, stopping criteria, returned scores, padding other than on
+    the left with attention layers, a given cache) raises ValueError: generate without cuda_graph for it.
     Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos
     (checked every `check_every` steps, one host read each; every step with a streamer, which reads each step's
     tokens anyway), rows that ended sooner padded with pad_token_id.
@@ -521,13 +523,14 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         if tuple(mask.shape) != (batch, prompt_len):
             raise ValueError(f"attention_mask: expected [{batch}, {prompt_len}] like input_ids, got "
                              f"{tuple(mask.shape)}")
-        if bool(mask.bool().all()):
+        mask = mask.to(torch.long)
+        if bool(mask.all()):
             mask = None  # says nothing
-        elif not _state_only(model):
-            raise ValueError("generate(cuda_graph=True) decodes padded rows only on models whose every layer keeps "
-                             "a recurrent state (Mamba, Mamba-2, GLA): a static KV cache holds one position per "
-                             "step for every row. The attention_mask has padding: generate padded batches without "
-                             "cuda_graph, or one length at a time")
+        elif not _state_only(model) and not bool((mask.diff(dim=1) >= 0).all()):
+            raise ValueError("generate(cuda_graph=True) takes left padding only (each row's zeros before its "
+                             "tokens) on a model with attention layers: the static KV cache hides each row's "
+                             "first slots. The attention_mask has zeros after a token: pad on the left "
+                             "(tokenizer.padding_side = 'left'), or generate without cuda_graph")
     if config.max_new_tokens is not None:
         n = config.max_new_tokens
     else:
@@ -568,8 +571,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     chunk = chunk or prompt_len  # the prompt in chunks, cache carried
     cache = None
     for start in range(0, prompt_len, chunk):
-        # a left-padded row's pads enter no recurrent state (the prefill zeroes their inputs, as generate's does);
-        # after the prompt a recurrent step has no position, so the rows decode together without a mask
+        # a padded row's pads enter no recurrent state (the prefill zeroes their inputs, as generate's does) and
+        # no attention (the key mask); after the prompt the steps need no mask (to_static's pads, below)
         padded = {"attention_mask": mask[:, :start + chunk]} if mask is not None else {}
         out = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, **{arg: cache}, **keep, **padded)
         cache = output_cache(out, arg)
@@ -581,6 +584,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         streamer.put(ids[:, 0].cpu())
     done = 1
     if n > 1:
+        if mask is not None:  # each row's left padding: its KV slots stay hidden, its positions count after it
+            cache.to_static(cache.seen_tokens + n - 1, pads=(mask == 0).sum(dim=1))
         state = DecodeState(cache, ids, arg)
         del out
         decoder = (GraphDecoder if graph else StaticDecoder)(model, state, max_new_tokens=n - 1, pick=picker)

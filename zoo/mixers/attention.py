@@ -230,8 +230,8 @@ class Attention(nn.Module):
                              "and no seq_idx")
         attention_mask = None
         cache.check_room(1)  # host-side, before any write
-        if position_ids is None:
-            position_ids = cache.length.expand(Bsz, 1)
+        if position_ids is None:  # (a left-padded row counts from its first token)
+            position_ids = cache.length.expand(Bsz, 1) if cache.start is None else (cache.length - cache.start)[:, None]
         if self.attn_backend == "auto" and x.is_cuda and _decode_kernel() is not None:
             from zoo_kernels.attention.decode import rope_one_token
 
@@ -242,7 +242,7 @@ class Attention(nn.Module):
                 q, k = rope_one_token(q, pos, inv_freq), rope_one_token(k, pos, inv_freq)
             v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
             cache.write(k, v)  # slot `length`, then length + 1: the kernel reads slots [length - window, length)
-            o = _decode_kernel()(q, cache.keys, cache.values, cache.length, self.window)
+            o = _decode_kernel()(q, cache.keys, cache.values, cache.length, self.window, start=cache.start)
             return self.o_proj(o.flatten(-2))
         tables = self.rope_tables(position_ids)
         q = self.apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), tables)  # (B, 1, H, Dh)

@@ -28,10 +28,11 @@ from zoo_kernels._device import sm_count
 
 
 @triton.jit
-def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
+def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
                   H, GROUP, S, D, CHUNK, WINDOW, scale,
                   s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
-                  HAS_WINDOW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDE: tl.constexpr):
+                  HAS_WINDOW: tl.constexpr, HAS_START: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  WIDE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -45,6 +46,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(length - WINDOW, 0)
+    if HAS_START:  # a left-padded row: its first slots hold pads
+        lo = tl.maximum(lo, tl.load(start_ptr + b))
     m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -76,10 +79,11 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
 
 
 @triton.jit
-def _grouped_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
+def _grouped_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, start_ptr, m_ptr, l_ptr, acc_ptr,
                           H, HKV, S, D, CHUNK, WINDOW, scale,
                           s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh,
-                          GROUP: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_G: tl.constexpr,
+                          GROUP: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_START: tl.constexpr,
+                          BLOCK_G: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, NUM_STAGES: tl.constexpr,
                           PRECISION: tl.constexpr, WIDE: tl.constexpr):
     """One (row, KV head, chunk): the online softmax of its GROUP query heads (rows of a [BLOCK_G, BLOCK_D] tile,
@@ -102,6 +106,8 @@ def _grouped_split_kernel(q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(length - WINDOW, 0)
+    if HAS_START:  # a left-padded row: its first slots hold pads
+        lo = tl.maximum(lo, tl.load(start_ptr + b).to(tl.int32))
     start = tl.maximum(split * CHUNK, lo)
     end = tl.minimum(tl.minimum(split * CHUNK + CHUNK, length), S)
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -169,9 +175,10 @@ def chunking(slots: int, splits: int, block_n: int) -> tuple[int, int]:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor,
                      window: int | None = None, scale: float | None = None, splits: int | None = None, *,
                      grouped: bool | None = None, block_n: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, start: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, 1, H, D]; keys, values [B, S, Hkv, D] (unit stride over D); length int64 [1] on the device: the
-    visible keys are slots [max(0, length - window), length). Returns o [B, 1, H, D] in q's dtype.
+    visible keys are slots [max(0, length - window), length). start (int64 [B] on the device, each < length): row
+    b also sees no slot below start[b] (its left padding). Returns o [B, 1, H, D] in q's dtype.
 
     grouped: the grouped kernel (a program per KV head, its GROUP query heads together) or the per-head kernel;
     None chooses the grouped one. It reads each KV head once, and its tl.dot loop is software-pipelined: on an H200
@@ -207,8 +214,12 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     acc = torch.empty(B * H, splits, block_d, device=q.device, dtype=torch.float32)
     q3 = q[:, 0]
     q3 = q3 if q3.stride(-1) == 1 else q3.contiguous()  # the kernels read a head's query at unit stride
-    args = (q3, keys, values, length, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk, window or 0,
-            float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+    if start is not None and (start.shape != (B,) or start.dtype != torch.long or start.device != q.device):
+        raise ValueError(f"decode_attention: start must be int64 [{B}] on {q.device}, got {start.dtype} "
+                         f"{tuple(start.shape)} on {start.device}")
+    rows_start = length if start is None else start  # (read only with HAS_START)
+    args = (q3, keys, values, length, rows_start, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk,
+            window or 0, float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2))
     # WIDE: a slot's offset (slot x its stride, Hkv D in a [B, S, Hkv, D] buffer) reaches 2^31 within a row, past
     # an int32 product: from 2.8M slots at 12 heads x 64. Those buffers take 64-bit slot offsets; every other keeps
@@ -219,22 +230,27 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if grouped:
         group = H // Hkv
         _grouped_split_kernel[(rows, splits)](
-            *args, GROUP=group, HAS_WINDOW=window is not None, BLOCK_G=max(16, triton.next_power_of_2(group)),
-            BLOCK_N=block_n, BLOCK_D=block_d, NUM_STAGES=2 if num_stages is None else num_stages,
+            *args, GROUP=group, HAS_WINDOW=window is not None, HAS_START=start is not None,
+            BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=block_d,
+            NUM_STAGES=2 if num_stages is None else num_stages,
             PRECISION="ieee" if keys.dtype == torch.float32 else None, WIDE=wide, num_warps=num_warps or 4,
         )
     else:
         launch = {} if num_stages is None else {"num_stages": num_stages}
-        _split_kernel[(rows, splits)](*args, HAS_WINDOW=window is not None, BLOCK_N=block_n, BLOCK_D=block_d,
-                                      WIDE=wide, num_warps=num_warps or 4, **launch)
+        _split_kernel[(rows, splits)](*args, HAS_WINDOW=window is not None, HAS_START=start is not None,
+                                      BLOCK_N=block_n, BLOCK_D=block_d, WIDE=wide, num_warps=num_warps or 4,
+                                      **launch)
     o = torch.empty(B, 1, H, D, device=q.device, dtype=q.dtype)
     _combine_kernel[(B * H,)](m, l, acc, o, H, D, splits, o.stride(0), o.stride(2),
                               BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=4)
     return o
 
 
-def reference(q, keys, values, length: int, window: int | None = None) -> torch.Tensor:
-    """The same attention in fp32 torch (tests)."""
+def reference(q, keys, values, length: int, window: int | None = None, start=None) -> torch.Tensor:
+    """The same attention in fp32 torch (tests); start: per-row first visible slots (a list or tensor)."""
+    if start is not None:
+        return torch.cat([reference(q[b:b + 1], keys[b:b + 1, int(start[b]):], values[b:b + 1, int(start[b]):],
+                                    length - int(start[b]), window) for b in range(q.shape[0])])
     lo = max(0, length - window) if window else 0
     k = keys[:, lo:length].float().repeat_interleave(q.shape[2] // keys.shape[2], dim=2)
     v = values[:, lo:length].float().repeat_interleave(q.shape[2] // keys.shape[2], dim=2)
