@@ -504,9 +504,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
         cuda_graph=True (as mamba_ssm's generate(cg=True)): decode with each step captured in a CUDA graph and the
         KV cache made static (zoo.decode.static_generate), for greedy decoding or sampling with temperature, top_k
-        and top_p up to max_new_tokens or eos, on unpadded rows; returns the sequences [B, T + n]. An eager decode
-        step of a small model is bound by the host's kernel launches; the graph replays them in one. Settings it
-        has no equivalent for raise ValueError."""
+        and top_p up to max_new_tokens or eos, on left-padded or unpadded rows; returns the sequences [B, T + n].
+        An eager decode step of a small model is bound by the host's kernel launches; the graph replays them in
+        one. Settings it has no equivalent for raise ValueError."""
         self.__dict__.pop(_MASK_VERDICT, None)  # a mask changed in place between two calls is read again
         if cuda_graph:
             from zoo.decode import static_generate
