@@ -500,3 +500,94 @@ def test_padding_after_tokens_with_attention_is_refused(family):
     mask[0, 6:] = 0
     with pytest.raises(ValueError, match="left padding only"):
         static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=3)
+
+
+def _kept(model):
+    from zoo.decode import _GRAPH_ENTRY
+
+    return model.__dict__.get(_GRAPH_ENTRY)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_kept_decoder_decodes_later_prompts_as_a_fresh_one(family):
+    """reuse=True (generate(cuda_graph="reuse")): the second and third calls reload the first call's buffers in
+    place (the addresses a graph replays) and give the tokens a fresh decoder gives."""
+    model = context_sensitive(tiny(family))
+    first = None
+    for seed, length in ((1, 10), (2, 7), (3, 12)):
+        ids = torch.randint(1, 512, (3, length), generator=torch.Generator().manual_seed(seed))
+        want = static_generate(model, ids, graph=False, max_new_tokens=6)
+        got = static_generate(model, ids, graph=False, max_new_tokens=6, reuse=True)
+        assert torch.equal(got, want), (family, seed)
+        entry = _kept(model)
+        addresses = [t.data_ptr() for t in entry.decoder.states] + \
+            [t.data_ptr() for layer in entry.decoder.static for t in (layer.keys, layer.values, layer.length)]
+        if first is None:
+            first = (entry, addresses)
+        assert entry is first[0] and addresses == first[1], "the kept decoder and its buffers serve every call"
+
+
+def test_a_kept_decoder_is_replaced_when_the_call_needs_another():
+    """More tokens than its room, another batch, padding, other sampling settings or a replaced parameter each
+    capture anew; an in-place weight update is read by the kept step (its address is unchanged)."""
+    from zoo.decode import release_graph
+
+    model, ids = context_sensitive(tiny("jamba")), prompt()
+    static_generate(model, ids, graph=False, max_new_tokens=4, reuse=True)
+    entry = _kept(model)
+    assert entry.room == 256
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    for kwargs in (dict(max_new_tokens=250), dict(input_ids=ids[:2]), dict(attention_mask=mask),
+                   dict(do_sample=True, top_k=3)):
+        kwargs = {"max_new_tokens": 4, **kwargs}
+        call_ids = kwargs.pop("input_ids", ids)
+        want = static_generate(model, call_ids, graph=False, **kwargs)
+        torch.manual_seed(0)
+        got = static_generate(model, call_ids, graph=False, reuse=True, **kwargs)
+        if not kwargs.get("do_sample"):
+            assert torch.equal(got, want), kwargs
+        assert _kept(model) is not entry, kwargs
+        entry = _kept(model)
+    static_generate(model, ids, graph=False, max_new_tokens=4, reuse=True)
+    entry = _kept(model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1)  # in place: the kept step reads the new weights
+    want = static_generate(model, ids, graph=False, max_new_tokens=4)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=4, reuse=True), want)
+    assert _kept(model) is entry
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # replaced: captured anew
+    static_generate(model, ids, graph=False, max_new_tokens=4, reuse=True)
+    assert _kept(model) is not entry
+    assert release_graph(model) and _kept(model) is None and not release_graph(model)
+
+
+def test_a_kept_decoder_starts_each_call_with_no_row_finished():
+    """The picker's eos state belongs to the call: rows that ended in one call start the next one unfinished."""
+    model, ids = tiny("mamba"), prompt()
+    ref = static_generate(model, ids, graph=False, max_new_tokens=8)
+    eos = int(ref[0, 11])  # row 0's second new token ends it
+    for _ in range(2):
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=eos, pad_token_id=5)
+        got = static_generate(model, ids, graph=False, max_new_tokens=8, eos_token_id=eos, pad_token_id=5,
+                              reuse=True)
+        assert torch.equal(got, want)
+
+
+def test_reuse_refuses_peft_adapters_and_bad_values():
+    model, ids = tiny("mamba"), prompt()
+    with pytest.raises(ValueError, match="PEFT adapters"):
+        static_generate(lora(model).base_model.model, ids, graph=False, max_new_tokens=3, reuse=True)
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        model.generate(ids, max_new_tokens=3, cuda_graph="yes")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cuda_graph_reuse_equals_generate_call_after_call(family):
+    model = context_sensitive(tiny(family)).cuda()
+    for seed, length in ((1, 30), (2, 17), (3, 40)):
+        ids = torch.randint(1, 512, (4, length), generator=torch.Generator().manual_seed(seed)).cuda()
+        ref = model.generate(ids, max_new_tokens=12, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=12, cuda_graph="reuse"), ref), (family, seed)
+    assert model.release_cuda_graph()

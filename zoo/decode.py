@@ -286,6 +286,50 @@ class StaticDecoder(EagerDecoder):
         if getattr(cache, "pads", None) is not None:  # left-padded rows count from their first token
             self.pos -= cache.pads.to(self.pos.device)[:, None]
 
+    @torch.no_grad()
+    def reload(self, cache: ZooCache, next_ids: torch.Tensor, pads: torch.Tensor | None = None) -> None:
+        """Decode another prompt with this decoder's buffers (and so with a graph captured on them): copy the
+        prefilled `cache` (a fresh one, of the same model and batch, not static) into them in place, the recurrent
+        states, the keys and values with their lengths, and take `next_ids` [B, 1] as the next input. pads: each
+        row's left padding, given exactly when this decoder was made with it. Raises ValueError when the cache does
+        not fit: other layers or rows, more tokens than the static layers hold, padding given or not unlike before.
+        """
+        own = self.state.cache
+        if not isinstance(cache, ZooCache) or len(cache.layers) != len(own.layers) \
+                or next_ids.shape != self.ids.shape:
+            raise ValueError("reload: the prefilled cache is not of this decoder's model and batch")
+        if (pads is None) != (getattr(own, "pads", None) is None):
+            raise ValueError("reload: left padding given for one prompt and not the other; capture again")
+        seen = cache.seen_tokens
+        states = iter(self.states)
+        for i, (mine, new) in enumerate(zip(own.layers, cache.layers)):
+            if isinstance(mine, RecurrentLayer) and isinstance(new, RecurrentLayer) and new.has_state:
+                for dst, src in zip([next(states) for _ in mine.tensors()], (t for t in new.step_states()
+                                                                              if t is not None)):
+                    dst.copy_(src)
+            elif isinstance(mine, StaticKVLayer) and isinstance(new, DynamicLayer) and new.keys is not None:
+                kept = new.keys.shape[-2]
+                if seen > mine.capacity or kept > seen or new.keys.shape[0] != mine.keys.shape[0]:
+                    raise ValueError(f"reload: layer {i} holds {seen} tokens; the static layer takes "
+                                     f"{mine.capacity} of {mine.keys.shape[0]} rows")
+                mine.keys[:, seen - kept:seen].copy_(new.keys.transpose(1, 2))
+                mine.values[:, seen - kept:seen].copy_(new.values.transpose(1, 2))
+                mine.length.fill_(seen)
+                mine.seen = seen
+                if pads is not None:
+                    mine.start.copy_(pads)
+            elif not (mine is None and new is None):
+                raise ValueError(f"reload: layer {i} of the prefilled cache does not match this decoder's")
+        own.seen_tokens = seen
+        if pads is not None:
+            own.pads = pads
+        self.ids.copy_(next_ids)
+        self.pos.fill_(seen)
+        if pads is not None:
+            self.pos -= pads.to(self.pos.device)[:, None]
+        self.state.next_ids = self.ids
+        self._load_states()
+
     def _load_states(self) -> None:
         """Point the recurrent layers at the static state buffers (mixers assign new tensors every step)."""
         i = 0
@@ -457,9 +501,51 @@ def _seconds_since(started: float, device: torch.device) -> float:
     return time.time() - started
 
 
+_GRAPH_ENTRY = "_zoo_graph_entry"  # where static_generate(reuse=True) keeps its decoder on the model
+
+
+@dataclass
+class _GraphEntry:
+    """A decoder kept by static_generate(reuse=True): its graph replays on its buffers for another prompt."""
+
+    key: tuple
+    decoder: StaticDecoder
+    picker: TokenPicker
+    room: int  # tokens its static KV layers hold (prompt and new ones)
+
+
+def _graph_key(model: nn.Module, call: tuple) -> tuple:
+    """What a captured step depends on beyond its buffers: the call's (graph, batch, device, picker settings,
+    padding), every parameter's and buffer's storage (a replaced tensor is not read by the graph), the mode, and
+    the ZOO_ settings the step reads when it is traced."""
+    tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("ZOO_")))
+    return (*call, tensors, model.training, env)
+
+
+def _reusable_entry(model: nn.Module, call: tuple, tokens: int) -> _GraphEntry | None:
+    """The decoder static_generate(reuse=True) kept on `model`, if it serves this call; else None, with a kept one
+    that does not released first (its buffers' memory)."""
+    if any(type(m).__module__.startswith("peft") for m in model.modules()):
+        raise ValueError("generate(cuda_graph='reuse'): the model carries PEFT adapters, whose switches "
+                         "(set_adapter, disable_adapter) a kept graph would not see; use cuda_graph=True (a "
+                         "graph per call), or merge the adapters (merge_and_unload) first")
+    entry = model.__dict__.get(_GRAPH_ENTRY)
+    if entry is not None and (entry.key != _graph_key(model, call) or entry.room < tokens):
+        release_graph(model)
+        entry = None
+    return entry
+
+
+def release_graph(model: nn.Module) -> bool:
+    """Free the decoder, buffers and CUDA graph that generate(cuda_graph="reuse") kept on `model`; whether there
+    was one."""
+    return model.__dict__.pop(_GRAPH_ENTRY, None) is not None
+
+
 @torch.no_grad()
 def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config=None, *, graph: bool | None = None,
-                    check_every: int = 8, **kwargs) -> torch.Tensor:
+                    check_every: int = 8, reuse: bool = False, **kwargs) -> torch.Tensor:
     """transformers' `generate` for a zoo model, decoding with static buffers: each step in a CUDA graph
     (`GraphDecoder`, graph=True, the default on CUDA) or the same step run eagerly (`StaticDecoder`, graph=False,
     any device). `model.generate(..., cuda_graph=True)` calls it.
@@ -473,6 +559,10 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     kernels); sampling draws from the same distribution with another random stream (`TokenPicker`). Anything else
     generate takes (beams, logits processors, penalties, stopping criteria, returned scores, padding other than on
     the left with attention layers, a given cache) raises ValueError: generate without cuda_graph for it.
+    reuse (`generate(cuda_graph="reuse")`): keep the decoder, its static buffers and its graph on the model, and
+    decode the next call with them when it has the same batch, settings, padding or not, parameters and room
+    (`_GraphEntry`); each call still prefills, but skips the warm-up steps and the capture. The KV room is the
+    first call's prompt and new tokens, rounded up to a multiple of 256; `release_graph(model)` frees it.
     Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos
     (checked every `check_every` steps, one host read each; every step with a streamer, which reads each step's
     tokens anyway), rows that ended sooner padded with pad_token_id.
@@ -553,13 +643,16 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if max_time is not None:
         max_time = float(max_time)
     sample = bool(config.do_sample)
-    picker = TokenPicker(batch, input_ids.device, do_sample=sample,
-                         temperature=config.temperature if config.temperature is not None else 1.0,
-                         top_k=config.top_k if sample else None,
-                         top_p=config.top_p if sample else None, eos_token_id=eos, pad_token_id=pad)
+    settings = dict(do_sample=sample, temperature=config.temperature if config.temperature is not None else 1.0,
+                    top_k=config.top_k if sample else None, top_p=config.top_p if sample else None,
+                    eos_token_id=eos, pad_token_id=pad)
     graph = input_ids.is_cuda if graph is None else graph
     if graph and not input_ids.is_cuda:
         raise ValueError("generate(cuda_graph=True) needs the model and input_ids on a CUDA device")
+    call = (graph, batch, input_ids.device, repr(settings), mask is not None)  # what a kept decoder must match
+    entry = _reusable_entry(model, call, prompt_len + n) if reuse else None
+    picker = entry.picker if entry is not None else TokenPicker(batch, input_ids.device, **settings)
+    picker.finished.zero_()
     if streamer is not None:
         streamer.put(input_ids.cpu())
         check_every = 1  # each step's tokens are read anyway: stop at the step the last row ends, as generate
@@ -584,11 +677,20 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         streamer.put(ids[:, 0].cpu())
     done = 1
     if n > 1:
-        if mask is not None:  # each row's left padding: its KV slots stay hidden, its positions count after it
-            cache.to_static(cache.seen_tokens + n - 1, pads=(mask == 0).sum(dim=1))
-        state = DecodeState(cache, ids, arg)
+        pads = (mask == 0).sum(dim=1) if mask is not None else None  # each row's left padding
         del out
-        decoder = (GraphDecoder if graph else StaticDecoder)(model, state, max_new_tokens=n - 1, pick=picker)
+        if entry is not None:
+            decoder = entry.decoder
+            decoder.reload(cache, ids, pads)
+        else:
+            # room for this call's tokens (rounded up when the graph is kept, so that longer prompts reuse it)
+            room = -(-(prompt_len + n) // 256) * 256 if reuse else prompt_len + n - 1
+            if pads is not None or reuse:  # the pads' KV slots stay hidden, their positions count after them
+                cache.to_static(room, pads=pads)
+            state = DecodeState(cache, ids, arg)
+            decoder = (GraphDecoder if graph else StaticDecoder)(model, state, max_new_tokens=n - 1, pick=picker)
+            if reuse:
+                model.__dict__[_GRAPH_ENTRY] = _GraphEntry(_graph_key(model, call), decoder, picker, room)
         while done < n:
             if picker.eos is not None and done % check_every == 0 and bool(picker.finished.all()):
                 break
@@ -611,6 +713,6 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
 
 
 __all__ = ["DecodeState", "EagerDecoder", "GraphDecoder", "KVCacheFull", "StaticDecoder", "TokenPicker",
-           "cache_argument", "static_generate",
+           "cache_argument", "release_graph", "static_generate",
            "continues_chunks_exactly",
            "cache_nbytes", "graphable", "prefill"]

@@ -497,7 +497,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                           "reference), e.g. mixers: {A: {type: attention, attn_backend: math}}", stacklevel=2)
         self.post_init()
 
-    def generate(self, *args, cuda_graph: bool = False, **kwargs):
+    def generate(self, *args, cuda_graph: bool | str = False, **kwargs):
         """transformers' generate; assisted decoding (assistant_model, prompt_lookup_num_tokens) is refused on a
         model with Mamba, Mamba-2 or GLA layers: it rolls rejected tokens back out of the cache, and their states
         keep no per-token history (attention-only models take it).
@@ -506,7 +506,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         KV cache made static (zoo.decode.static_generate), for greedy decoding or sampling with temperature, top_k
         and top_p up to max_new_tokens or eos, on left-padded or unpadded rows; returns the sequences [B, T + n].
         An eager decode step of a small model is bound by the host's kernel launches; the graph replays them in
-        one. Settings it has no equivalent for raise ValueError."""
+        one. Settings it has no equivalent for raise ValueError. cuda_graph="reuse" also keeps the graph and its
+        buffers on the model for the next call with the same batch and settings (as mamba_ssm keeps its decoding
+        cache), which then skips the warm-up and the capture; `release_cuda_graph()` frees them."""
+        if cuda_graph not in (False, True, "reuse"):
+            raise ValueError(f"cuda_graph must be False, True or 'reuse', got {cuda_graph!r}")
         self.__dict__.pop(_MASK_VERDICT, None)  # a mask changed in place between two calls is read again
         if cuda_graph:
             from zoo.decode import static_generate
@@ -527,7 +531,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 raise ValueError(f"generate(cuda_graph=True): the prompt is given twice ({', '.join(names)}"
                                  f"{' and positionally' if args else ''}); pass it once")
             input_ids = prompts[0] if prompts else None
-            return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True, **kwargs)
+            return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True,
+                                   reuse=cuda_graph == "reuse", **kwargs)
         if self._is_stateful:
             config = kwargs.get("generation_config") or self.generation_config
             names = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
@@ -546,6 +551,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                           f"device, max_len=None) to decode step by step", stacklevel=2)
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
+
+    def release_cuda_graph(self) -> bool:
+        """Free the CUDA graph and static buffers that generate(cuda_graph="reuse") kept; whether there were any."""
+        from zoo.decode import release_graph
+
+        return release_graph(self)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """transformers' preparation, plus the seq_idx of a packed prompt (generate(input_ids, seq_idx=...)):
