@@ -29,9 +29,12 @@ if [ "$part" = tests ] || [ "$part" = all ]; then
         -k "packed_equals_separate or chunked_equals_whole or chunk_size_does_not_change or state_update_steps"
 fi
 if [ "$part" = timing ] || [ "$part" = all ]; then
-    # eager generate (the all-ones mask now dropped on transformers 5.17) and cuda_graph=True, GLA with fla
+    # eager generate (the all-ones mask now dropped on transformers 5.17), cuda_graph=True and "reuse", GLA with fla
     run timing-eager-vs-graph 300 python benchmarks/eager_decode_overhead.py --device cuda --dtype bfloat16 \
         --cuda-graph --size 130m --new-tokens 128 --prompt-len 512 --repeats 3
+    # where an eager 130M step's 14-26 ms go (host launches, syncs): torch.profiler's top operators
+    run profile-eager-mamba-130m 200 python benchmarks/eager_decode_overhead.py --device cuda --dtype bfloat16 \
+        --size 130m --families mamba --new-tokens 16 --prompt-len 64 --profile torch --top 40
     # the decode-attention kernels took a HAS_START flag: Transformer++ at batch 64 against its last figure
     run timing-decode-b64 300 python benchmarks/generate.py --graph only --batches 64 \
         --models transformerpp mamba --new-tokens 32 --out "$out/results-generate.jsonl"
