@@ -488,11 +488,6 @@ def _changes_decoding(config, name: str) -> bool:
     return True
 
 
-def _state_only(model: nn.Module) -> bool:
-    """Whether every layer of `model` keeps a recurrent state and no KV cache (no attention)."""
-    return all(isinstance(layer, RecurrentLayer) for layer in ZooCache.for_model(model).layers)
-
-
 def _seconds_since(started: float, device: torch.device) -> float:
     """Wall seconds since `started` once the device has finished what is queued (generate reads its clock after
     each step's token exists)."""
@@ -616,7 +611,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         mask = mask.to(torch.long)
         if bool(mask.all()):
             mask = None  # says nothing
-        elif not _state_only(model) and not bool((mask.diff(dim=1) >= 0).all()):
+        elif not ZooCache.for_model(model).recurrent_only() and not bool((mask.diff(dim=1) >= 0).all()):
             raise ValueError("generate(cuda_graph=True) takes left padding only (each row's zeros before its "
                              "tokens) on a model with attention layers: the static KV cache hides each row's "
                              "first slots. The attention_mask has zeros after a token: pad on the left "
