@@ -16,7 +16,8 @@ tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_me
 decode, the weights included; with --graph only, over one eager step), graph_peak_gib (the same over the CUDA-graph
 decode: its static caches and the graph's memory pool included), cache_mib (bytes held by the cache after the
 decode), floor_ms = (weight bytes + cache
-bytes read, and written for recurrent states: every recurrent layer's, a hybrid's included; decode_traffic) / the
+bytes read, and written for recurrent states: every recurrent layer's, a hybrid's included, in the dtype the
+steps keep them in; decode_traffic) / the
 copy bandwidth measured at start-up
 (benchmarks/ceilings.py). Baselines measured in the same run: zoo mamba ->
 transformers' Mamba, zoo transformerpp -> transformers' Llama, zoo mamba2 / gla / jamba -> zoo transformerpp
@@ -90,6 +91,15 @@ def build(name: str, dtype: torch.dtype, device: torch.device, state_dtype: str 
     return model.to(dtype).eval()
 
 
+def step_state_nbytes(layer: RecurrentLayer) -> int:
+    """Bytes of a recurrent layer's states as a decode step reads them: the conv state in fp32 and the recurrent
+    state in the layer's state_dtype (decode_state_dtype "model": the model's dtype). A prefill leaves the
+    recurrent state in fp32, so the cache's own bytes overstate a low-precision step's."""
+    conv, state = layer.conv_state, layer.recurrent_state
+    conv_bytes = 0 if conv is None else conv.numel() * 4
+    return conv_bytes + (0 if state is None else state.numel() * layer.state_dtype.itemsize)
+
+
 def decode_traffic(cache, name: str, context_growth: float = 1.0) -> int:
     """Cache bytes one decode step moves through HBM: the recurrent layers' conv and SSM / GLA states read and
     written (a hybrid's Mamba layers too, beside its attention layers), keys and values read (the new token's write is
@@ -101,8 +111,9 @@ def decode_traffic(cache, name: str, context_growth: float = 1.0) -> int:
         return 2 * cache_nbytes(cache)
     nbytes = cache_nbytes(cache)
     layers = getattr(cache, "layers", None) or []
-    if isinstance(cache, ZooCache):  # the recurrent layers' states once more: written back every step
-        nbytes += cache_nbytes([layer.tensors() for layer in layers if isinstance(layer, RecurrentLayer)])
+    if isinstance(cache, ZooCache):  # the recurrent states as the steps keep them, read and written back every step
+        recurrent = [layer for layer in layers if isinstance(layer, RecurrentLayer)]
+        nbytes += 2 * sum(map(step_state_nbytes, recurrent)) - cache_nbytes([layer.tensors() for layer in recurrent])
     longest = max((layer.keys.shape[-2] for layer in layers if getattr(layer, "keys", None) is not None), default=0)
     for layer in layers:
         keys = getattr(layer, "keys", None)

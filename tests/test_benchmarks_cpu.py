@@ -286,3 +286,35 @@ def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
             script.main(["--device", "cuda"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")
+def test_generate_floor_counts_low_precision_states_at_their_dtype(monkeypatch):
+    """With decode_state_dtype "model" a bf16 model's steps read and write bf16 recurrent states, but the prefill
+    leaves them in fp32: the floor counted the prefill's fp32 bytes, twice too many (0.205 against 0.110 ms for
+    Mamba-130M at batch 64 on the H100). The conv states stay fp32."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+    from zoo.cache import RecurrentLayer
+    from zoo.decode import cache_nbytes, prefill
+
+    script = _generate_on_cpu(monkeypatch)
+    floors = {}
+    for state_dtype in ("float32", "model"):
+        torch.manual_seed(0)
+        config = zoo.ZooConfig.from_yaml(ROOT / "configs" / "models" / "mamba-tiny.yaml",
+                                         decode_state_dtype=state_dtype)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+        cache = prefill(model, torch.randint(0, 512, (2, 8))).cache
+        recurrent = [layer for layer in cache.layers if isinstance(layer, RecurrentLayer)]
+        assert all(layer.recurrent_state.dtype == torch.float32 for layer in recurrent)  # as the prefill leaves it
+        kept = sum(layer.conv_state.numel() * 4 + layer.recurrent_state.numel() * (4 if state_dtype == "float32"
+                                                                                  else 2) for layer in recurrent)
+        assert sum(map(script.step_state_nbytes, recurrent)) == kept
+        floors[state_dtype] = script.measure(model, "mamba", batch=2, prompt_len=8, n_tokens=2, warmup=1,
+                                             graph="off")["floor_ms"]
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        other = cache_nbytes(cache) - cache_nbytes([layer.tensors() for layer in recurrent])  # the cache's rest
+        assert floors[state_dtype] == params + other + 2 * kept, state_dtype
+    assert floors["model"] < floors["float32"]
