@@ -235,7 +235,8 @@ def decoding():
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose inference forward on CUDA sends a decode step's few rows through kernels of ours.
+    """nn.Linear whose inference forward on CUDA sends a decode step's few rows (zoo.decode's loops, `decoding()`)
+    through kernels of ours.
 
     - In a decode step (`decoding()`) on Hopper and newer, up to PDL_MAX_ROWS = 32 rows in fp16/bf16 (K % 32,
       N % 16): zoo_kernels.pdl_linear, launched as a programmatic dependent of the kernel before it, so that its
@@ -244,16 +245,19 @@ class Linear(nn.Linear):
       projection at 16 rows against cuBLAS's 4.8, and 6.5 against 5.0 at 64; whole decode steps
       (benchmarks/generate.py) were faster with it up to 32 rows and no faster at 64, so more rows stay on cuBLAS
       (benchmarks/RESULTS.md, thirteenth session).
-    - Elsewhere, one row with K >= N: zoo_kernels.skinny_linear (Triton); there, inside a CUDA graph on the H200, it
-      beat cuBLAS (Mamba-130M's out_proj 4.3 vs 5.7 us, a SwiGLU down_proj 5.1 vs 7.2 us; seventh session).
+    - Else in a decode step, one row with K >= N: zoo_kernels.skinny_linear (Triton); there, inside a CUDA graph on
+      the H200, it beat cuBLAS (Mamba-130M's out_proj 4.3 vs 5.7 us, a SwiGLU down_proj 5.1 vs 7.2 us; seventh
+      session). Not outside zoo.decode's loops: transformers' eager generate() is bound by the host, where a Triton
+      launch costs several times cuBLAS's (cProfile on an H100, thirtieth session: ~100 against ~35 us per call).
     cuBLAS keeps every other case: training, prefill, CPU, fp32, autocast, torch.compile. PEFT wraps it as it wraps
     nn.Linear (a LoRA layer calls the base layer, then adds its adapter)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (DECODE_LINEAR and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and x.dtype == self.weight.dtype
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cuda")
-                and not torch.compiler.is_compiling()):
-            if DECODE_PDL and _DECODING and x.numel() <= PDL_MAX_ROWS * x.shape[-1]:
+        # (_DECODING first: outside a decode step every other check is host time spent for nothing)
+        if (_DECODING and DECODE_LINEAR and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+                and x.dtype == self.weight.dtype and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cuda") and not torch.compiler.is_compiling()):
+            if DECODE_PDL and x.numel() <= PDL_MAX_ROWS * x.shape[-1]:
                 kernel, supported = _pdl_linear()
                 if kernel is not None and supported(x, self.weight, self.bias):
                     return kernel(x, self.weight, self.bias)

@@ -14,6 +14,8 @@ So `zoo.layers.Linear` uses it for that case alone.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, o_ptr, M, N, K, s_xm, s_wn, s_om,
     tl.store(out, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@functools.lru_cache(maxsize=1024)  # a decode step asks the same few shapes every token
 def _config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the widest BLOCK_N (64 down to 16) that still gives
     about one program per SM, so the weight streams through most SMs at once."""
