@@ -22,7 +22,10 @@ add() { seconds[$1]=$2; commands[$1]=$3; }
 # Transformer++ 12.95, Jamba-style 8.82 ms/token; another machine, not side by side)
 add timing-eager-130m 300 "python benchmarks/eager_decode_overhead.py --device cuda --dtype bfloat16 \
 --size 130m --families mamba transformerpp jamba --new-tokens 128 --prompt-len 512 --repeats 3"
-order=(timing-eager-130m)
+# generate(cuda_graph=True) with stop_strings: the check between replays, the finished rows the graph reads
+add tests-stop-strings 200 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
+-k stop_strings"
+order=(timing-eager-130m tests-stop-strings)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done

@@ -450,6 +450,39 @@ def test_settings_generate_ignores_here_are_taken(kwargs):
         assert torch.equal(got, ref)
 
 
+def ascii_prompt(batch: int = 4, length: int = 6) -> torch.Tensor:
+    """Printable ASCII bytes (the ByteTokenizer's ids): the seed-0 tiny models then repeat each row's last byte."""
+    return torch.randint(32, 127, (batch, length), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("family", ["mamba", "transformerpp"])
+@pytest.mark.parametrize("check_every", [1, 8])
+def test_stop_strings_stop_rows_as_generate(family, check_every):
+    """stop_strings with a tokenizer, as generate's StopStringCriteria: a row whose text (its prompt's included)
+    ends with one has ended. Without an eos_token_id generate pads no row and stops when every row has ended; with
+    one, an ended row's later tokens are pad_token_id. Without the tokenizer it is refused, as generate refuses."""
+    from zoo.data import ByteTokenizer
+
+    model, ids, tok = tiny(family), ascii_prompt(), ByteTokenizer()
+    free = model.generate(ids, max_new_tokens=16, do_sample=False)[:, 6:]
+    text = [tok.decode(row) for row in free]
+    one = [text[1][:3]]  # row 1 only, at its third new token
+    every = [text[0][:1] * 2, text[1][:3], text[2][:5], text[3][:4]]  # every row (some meet their prompt's end)
+    cases = [dict(stop_strings=one), dict(stop_strings=every),
+             dict(stop_strings=one, eos_token_id=tok.eos_token_id, pad_token_id=7),
+             dict(stop_strings="".join(every[2]), eos_token_id=tok.eos_token_id, pad_token_id=7)]
+    for kwargs in cases:
+        ref = model.generate(ids, max_new_tokens=16, do_sample=False, tokenizer=tok, **kwargs)
+        got = static_generate(model, ids, graph=False, check_every=check_every, max_new_tokens=16, tokenizer=tok,
+                              **kwargs)
+        assert torch.equal(got, ref), (family, kwargs, got, ref)
+    assert got.shape == (4, 6 + 16) and (got[2, 6 + 5:] == 7).all()  # the last case: row 2 padded after its hit
+    short = static_generate(model, ids, graph=False, max_new_tokens=16, tokenizer=tok, stop_strings=every)
+    assert short.shape[1] < 6 + 16  # every row ended: stopped where the last one did (equal to generate's above)
+    with pytest.raises(ValueError, match="tokenizer"):
+        static_generate(model, ids, graph=False, max_new_tokens=4, stop_strings=one)
+
+
 @pytest.mark.parametrize("kwargs,match", [(dict(synced_gpus=True), "synced_gpus"),
                                           (dict(prefill_chunk_size=0), "prefill_chunk_size")])
 def test_settings_that_would_change_the_decode_are_refused(kwargs, match):
@@ -591,3 +624,19 @@ def test_cuda_graph_reuse_equals_generate_call_after_call(family):
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(model.generate(ids, max_new_tokens=12, cuda_graph="reuse"), ref), (family, seed)
     assert model.release_cuda_graph()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["mamba", "jamba"])
+def test_cuda_graph_stop_strings_equal_generate(family):
+    """The stop strings' check runs between graph replays and ORs its rows into the picker's finished buffer, which
+    the captured step reads: with eos, a row that met a stop string is padded from its next token on."""
+    from zoo.data import ByteTokenizer
+
+    model, ids, tok = tiny(family).cuda(), ascii_prompt().cuda(), ByteTokenizer()
+    text = [tok.decode(row) for row in model.generate(ids, max_new_tokens=16, do_sample=False)[:, 6:]]
+    for kwargs in (dict(stop_strings=[text[1][:3]], eos_token_id=tok.eos_token_id, pad_token_id=7),
+                   dict(stop_strings=[text[0][:2], text[1][:3], text[2][:5], text[3][:4]])):
+        ref = model.generate(ids, max_new_tokens=16, do_sample=False, tokenizer=tok, **kwargs)
+        got = model.generate(ids, max_new_tokens=16, tokenizer=tok, cuda_graph=True, **kwargs)
+        assert torch.equal(got, ref), (family, kwargs)

@@ -455,7 +455,7 @@ _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penal
             "suppress_tokens": None, "begin_suppress_tokens": None, "forced_bos_token_id": None,
             "forced_eos_token_id": None, "sequence_bias": None, "exponential_decay_length_penalty": None,
             "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": 1.0,
-            "watermarking_config": None, "stop_strings": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
+            "watermarking_config": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
             "output_scores": False, "output_logits": False, "return_dict_in_generate": False,
             "output_hidden_states": False, "output_attentions": False, "prompt_lookup_num_tokens": None,
             "assistant_early_exit": None, "cache_implementation": None,
@@ -548,19 +548,21 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     It reads the generation settings as generate does (generation_config or the model's, then the keyword arguments)
     and takes: max_new_tokens / max_length, do_sample with temperature, top_k and top_p, num_return_sequences
     (sampling: each prompt row repeated, as generate does), prefill_chunk_size, max_time (a device sync per step, as
-    generate's), eos_token_id and pad_token_id, a streamer (transformers' TextStreamer protocol: the prompt, then
+    generate's), eos_token_id and pad_token_id, stop_strings with a tokenizer (transformers' StopStringCriteria after
+    each token, between replays; a row that met one has ended, and with an eos_token_id is padded from then on, as
+    generate does), a streamer (transformers' TextStreamer protocol: the prompt, then
     each step's tokens, then end()), an attention_mask (left padding; any padding where every layer is recurrent).
     Greedy tokens are those of `generate` up to the kernels' rounding (the decode step attends with the static-cache
     kernels); sampling draws from the same distribution with another random stream (`TokenPicker`). Anything else
-    generate takes (beams, logits processors, penalties, stopping criteria, returned scores, padding other than on
-    the left with attention layers, a given cache) raises ValueError: generate without cuda_graph for it.
+    generate takes (beams, logits processors, penalties, a stopping_criteria list, returned scores, padding other
+    than on the left with attention layers, a given cache) raises ValueError: generate without cuda_graph for it.
     reuse (`generate(cuda_graph="reuse")`): keep the decoder, its static buffers and its graph on the model, and
     decode the next call with them when it has the same batch, settings, padding or not, parameters and room
     (`_GraphEntry`); each call still prefills, but skips the warm-up steps and the capture. The KV room is the
     first call's prompt and new tokens, rounded up to a multiple of 256; `release_graph(model)` frees it.
-    Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos
-    (checked every `check_every` steps, one host read each; every step with a streamer, which reads each step's
-    tokens anyway), rows that ended sooner padded with pad_token_id.
+    Returns the prompt and the new tokens, [B, T + n] (int64); n stops early once every row has produced an eos or
+    met a stop string (checked every `check_every` steps, one host read each; every step with a streamer, which reads
+    each step's tokens anyway), rows that ended sooner padded with pad_token_id where there is an eos_token_id.
     """
     from transformers import GenerationConfig
 
@@ -583,8 +585,14 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     leftover.pop("use_cache", None)
     if leftover.get("synced_gpus") is False:  # generate's default: nothing to keep in step with
         leftover.pop("synced_gpus")
-    if getattr(config, "stop_strings", None) is None:
-        leftover.pop("tokenizer", None)  # generate reads it for stop_strings alone
+    tokenizer = leftover.pop("tokenizer", None)  # generate reads it for stop_strings alone
+    stops = None
+    if getattr(config, "stop_strings", None) is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings needs the tokenizer: pass tokenizer= to generate (as transformers asks)")
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        stops = StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings)
     # generate treats an argument passed as None as not passed: None is the default of each of its own, and its
     # check for unused model keywords skips those at None (the forward's default)
     leftover = {name: value for name, value in leftover.items() if value is not None}
@@ -671,6 +679,10 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if streamer is not None:
         streamer.put(ids[:, 0].cpu())
     done = 1
+    # stop strings: each row's first token index at which its text ends with one (n: none yet), on the device
+    stopped_at = torch.full((batch,), n, dtype=torch.long, device=input_ids.device) if stops is not None else None
+    if stops is not None:
+        _check_stop_strings(stops, input_ids, tokens, done, stopped_at, picker)
     if n > 1:
         pads = (mask == 0).sum(dim=1) if mask is not None else None  # each row's left padding
         del out
@@ -687,7 +699,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
             if reuse:
                 model.__dict__[_GRAPH_ENTRY] = _GraphEntry(_graph_key(model, call), decoder, picker, room)
         while done < n:
-            if picker.eos is not None and done % check_every == 0 and bool(picker.finished.all()):
+            if done % check_every == 0 and (picker.eos is not None or stops is not None) \
+                    and bool(_ended(picker, stopped_at, n).all()):
                 break
             if max_time is not None and _seconds_since(started, input_ids.device) > max_time:
                 break  # generate's MaxTimeCriteria: checked after each token, the first included
@@ -696,15 +709,42 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
             if streamer is not None:
                 streamer.put(step[:, 0].cpu())
             done += 1
+            if stops is not None:
+                _check_stop_strings(stops, input_ids, tokens, done, stopped_at, picker)
     if streamer is not None:
         streamer.end()
     tokens = tokens[:, :done]
-    if picker.eos is not None:
-        hit = torch.isin(tokens, picker.eos)
-        ended = hit.any(dim=1)
-        if bool(ended.all()):  # transformers stops at the step the last row ends
-            tokens = tokens[:, :int(hit.int().argmax(dim=1).max()) + 1]
+    if picker.eos is not None or stops is not None:
+        ends = torch.full((batch,), n, dtype=torch.long, device=tokens.device)  # each row's last token index
+        if picker.eos is not None:
+            hit = torch.isin(tokens, picker.eos)
+            ends = torch.where(hit.any(dim=1), hit.int().argmax(dim=1), ends)
+        if stopped_at is not None:
+            ends = torch.minimum(ends, stopped_at)
+        if bool((ends < n).all()):  # transformers stops at the step the last row ends
+            tokens = tokens[:, :int(ends.max()) + 1]
     return torch.cat([input_ids, tokens], dim=1)
+
+
+def _check_stop_strings(stops, input_ids: torch.Tensor, tokens: torch.Tensor, done: int, stopped_at: torch.Tensor,
+                        picker: TokenPicker) -> None:
+    """After token `done - 1`: rows whose text now ends with a stop string (transformers' StopStringCriteria, on
+    the last tokens it reads) are stopped there (`stopped_at`, first time only); with an eos_token_id they are
+    finished too, so that their later tokens are pad_token_id, as generate pads them. No host read."""
+    width = stops.maximum_token_len
+    recent = tokens[:, max(0, done - width):done]
+    if recent.shape[1] < width:  # the prompt's last tokens before the first generated ones
+        recent = torch.cat([input_ids[:, -(width - recent.shape[1]):], recent], dim=1)
+    hit = stops(recent, None).to(torch.bool)
+    stopped_at.copy_(torch.where(hit & (stopped_at == tokens.shape[1]), done - 1, stopped_at))
+    if picker.eos is not None:
+        picker.finished |= hit[:, None]
+
+
+def _ended(picker: TokenPicker, stopped_at: torch.Tensor | None, n: int) -> torch.Tensor:
+    """[B] whether each row has ended: produced an eos (the picker's `finished`) or a stop string."""
+    ended = picker.finished[:, 0] if picker.eos is not None else torch.zeros_like(picker.finished[:, 0])
+    return ended | (stopped_at < n) if stopped_at is not None else ended
 
 
 __all__ = ["DecodeState", "EagerDecoder", "GraphDecoder", "KVCacheFull", "StaticDecoder", "TokenPicker",
