@@ -67,6 +67,26 @@ def test_max_length_counts_the_prompt():
         static_generate(model, ids, graph=False, max_length=10)
 
 
+def test_no_length_anywhere_gives_twenty_new_tokens_as_generate():
+    """With no max_length or max_new_tokens (in the call, a given generation_config or the model's), generate
+    decodes 20 new tokens after the prompt, not 20 in all, and no more than the config's max_position_embeddings
+    in all; a prompt that leaves no room is refused by both."""
+    model = tiny("mamba")
+    for length in (10, 25):
+        ids = prompt(3, length)
+        ref = model.generate(ids, do_sample=False)
+        assert ref.shape == (3, length + 20)
+        assert torch.equal(static_generate(model, ids, graph=False), ref), length
+    model.config.max_position_embeddings = 30
+    ref = model.generate(ids, do_sample=False)
+    assert ref.shape == (3, 30)
+    assert torch.equal(static_generate(model, ids, graph=False), ref)
+    model.config.max_position_embeddings = 25
+    for run in (lambda: model.generate(ids, do_sample=False), lambda: static_generate(model, ids, graph=False)):
+        with pytest.raises(ValueError, match="max_length"):
+            run()
+
+
 def test_top_k_one_is_greedy():
     model, ids = tiny("gla"), prompt()
     greedy = static_generate(model, ids, graph=False, max_new_tokens=8)

@@ -627,9 +627,15 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if config.max_new_tokens is not None:
         n = config.max_new_tokens
     else:
-        n = (config.max_length if config.max_length is not None else 20) - prompt_len
+        total = config.max_length
+        if total is None:
+            # generate's default when no max_length is set anywhere is 20 new tokens after the prompt (not 20 in
+            # all), cut to the config's max_position_embeddings in all where it has one
+            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            total = prompt_len + 20 if limit is None else min(prompt_len + 20, limit)
+        n = total - prompt_len
         if n < 1:
-            raise ValueError(f"max_length {config.max_length} leaves no room after the {prompt_len}-token prompt; "
+            raise ValueError(f"max_length {total} leaves no room after the {prompt_len}-token prompt; "
                              f"pass max_new_tokens")
     if n < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {n}")
