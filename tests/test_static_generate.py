@@ -546,6 +546,23 @@ def test_left_padded_rows_with_attention_decode_as_generate(family, window):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("family", ["mamba", "transformerpp"])
+def test_pad_tokens_of_a_prompt_without_attention_mask_are_masked_as_generate(family):
+    """generate given no attention_mask infers one from the prompt's pad_token_id tokens, unless the pad is an eos
+    (then it cannot tell them apart and masks nothing)."""
+    model, ids = context_sensitive(tiny(family)), prompt()
+    ids[0, :4] = 0  # tiny's pad_token_id
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    masked = model.generate(ids, attention_mask=(ids != 0).long(), **kwargs)
+    unmasked = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert not torch.equal(masked, unmasked)  # the pads matter
+    assert torch.equal(model.generate(ids, **kwargs), masked)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=8), masked)
+    ref = model.generate(ids, eos_token_id=0, **kwargs)
+    assert not torch.equal(ref, model.generate(ids, attention_mask=(ids != 0).long(), eos_token_id=0, **kwargs))
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=8, eos_token_id=0), ref)
+
+
 @pytest.mark.parametrize("family", ["jamba", "transformerpp"])
 def test_padding_after_tokens_with_attention_is_refused(family):
     model, ids = tiny(family), prompt()

@@ -612,6 +612,16 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise ValueError("generate(cuda_graph=True): the prompt is empty; pass at least one token per row")
+    eos, pad = config.eos_token_id, config.pad_token_id
+    if torch.is_tensor(eos):  # generate takes a tensor too: 1-d, or 0-d for one token (tolist gives an int)
+        eos = eos.tolist()
+    if eos is not None and pad is None:
+        pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
+    if mask is None and pad is not None and pad not in ([eos] if isinstance(eos, int) else list(eos or [])) \
+            and bool((input_ids == pad).any()):
+        # generate given no attention_mask infers one from the prompt's pad tokens, except where the pad is an eos
+        # (it cannot tell padding from a text's end then)
+        mask = (input_ids != pad).long()
     if mask is not None:
         if tuple(mask.shape) != (batch, prompt_len):
             raise ValueError(f"attention_mask: expected [{batch}, {prompt_len}] like input_ids, got "
@@ -639,11 +649,6 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
                              f"pass max_new_tokens")
     if n < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {n}")
-    eos, pad = config.eos_token_id, config.pad_token_id
-    if torch.is_tensor(eos):  # generate takes a tensor too: 1-d, or 0-d for one token (tolist gives an int)
-        eos = eos.tolist()
-    if eos is not None and pad is None:
-        pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
     if copies > 1:
         input_ids = input_ids.repeat_interleave(copies, dim=0)  # generate's order: each row's copies together
         mask = mask.repeat_interleave(copies, dim=0) if mask is not None else None
