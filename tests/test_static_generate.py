@@ -436,6 +436,18 @@ def test_min_length_without_eos_changes_nothing():
             static_generate(model, ids, graph=False, max_new_tokens=5, eos_token_id=3, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(min_length=10), dict(min_length=14, min_new_tokens=0)])
+def test_a_min_length_the_prompt_already_reaches_is_taken(kwargs):
+    """generate holds eos back only while the sequence, prompt included, is shorter than min_length (and a set
+    min_new_tokens replaces min_length by the prompt's length plus it): here the first new token may be eos."""
+    model, ids = tiny("mamba"), prompt()
+    eos = int(model.generate(ids, max_new_tokens=5, do_sample=False)[0, 10])  # row 0 ends at once
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=7, **kwargs)
+    assert ref[0, 11] == 7
+    got = static_generate(model, ids, graph=False, max_new_tokens=5, eos_token_id=eos, pad_token_id=7, **kwargs)
+    assert torch.equal(got, ref)
+
+
 def test_the_prompt_given_twice_is_refused():
     model, ids = tiny("mamba"), prompt()
     with pytest.raises(ValueError, match="given twice"):

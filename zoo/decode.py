@@ -475,13 +475,18 @@ def _is_neutral(name: str, value: Any) -> bool:
     return value is None or value == neutral
 
 
-def _changes_decoding(config, name: str) -> bool:
-    """Whether generation setting `name` of `config` would make generate decode otherwise than the static decode."""
+def _changes_decoding(config, name: str, prompt_len: int) -> bool:
+    """Whether generation setting `name` of `config` would make generate decode otherwise than the static decode
+    of a prompt of prompt_len tokens."""
     if _is_neutral(name, getattr(config, name, None)):
         return False
     if name in _SAMPLING_ONLY and not config.do_sample:
         return False  # greedy decoding does not apply these warpers
     if name in _EOS_ONLY and config.eos_token_id is None:
+        return False
+    if name == "min_length" and (config.min_new_tokens is not None or config.min_length <= prompt_len):
+        # generate replaces min_length by the prompt's length plus min_new_tokens where that is set, and holds eos
+        # back only while the sequence, prompt included, is shorter than min_length
         return False
     if name == "penalty_alpha":  # contrastive search is greedy decoding with top_k > 1 and penalty_alpha > 0
         return not config.do_sample and config.top_k is not None and config.top_k > 1
@@ -600,7 +605,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         raise ValueError(f"generate(cuda_graph=True) does not take {sorted(leftover)}: it decodes greedily or "
                          f"samples (temperature, top_k, top_p) up to max_new_tokens or eos; generate without "
                          f"cuda_graph for it")
-    refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL if _changes_decoding(config, name)]
+    refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL
+               if _changes_decoding(config, name, input_ids.shape[1])]
     if refused:
         raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
                          f"cuda_graph for it")
