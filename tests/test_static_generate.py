@@ -67,6 +67,26 @@ def test_max_length_counts_the_prompt():
         static_generate(model, ids, graph=False, max_length=10)
 
 
+def test_no_length_anywhere_gives_twenty_new_tokens_as_generate():
+    """With no max_length or max_new_tokens (in the call, a given generation_config or the model's), generate
+    decodes 20 new tokens after the prompt, not 20 in all, and no more than the config's max_position_embeddings
+    in all; a prompt that leaves no room is refused by both."""
+    model = tiny("mamba")
+    for length in (10, 25):
+        ids = prompt(3, length)
+        ref = model.generate(ids, do_sample=False)
+        assert ref.shape == (3, length + 20)
+        assert torch.equal(static_generate(model, ids, graph=False), ref), length
+    model.config.max_position_embeddings = 30
+    ref = model.generate(ids, do_sample=False)
+    assert ref.shape == (3, 30)
+    assert torch.equal(static_generate(model, ids, graph=False), ref)
+    model.config.max_position_embeddings = 25
+    for run in (lambda: model.generate(ids, do_sample=False), lambda: static_generate(model, ids, graph=False)):
+        with pytest.raises(ValueError, match="max_length"):
+            run()
+
+
 def test_top_k_one_is_greedy():
     model, ids = tiny("gla"), prompt()
     greedy = static_generate(model, ids, graph=False, max_new_tokens=8)
@@ -416,6 +436,18 @@ def test_min_length_without_eos_changes_nothing():
             static_generate(model, ids, graph=False, max_new_tokens=5, eos_token_id=3, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [dict(min_length=10), dict(min_length=14, min_new_tokens=0)])
+def test_a_min_length_the_prompt_already_reaches_is_taken(kwargs):
+    """generate holds eos back only while the sequence, prompt included, is shorter than min_length (and a set
+    min_new_tokens replaces min_length by the prompt's length plus it): here the first new token may be eos."""
+    model, ids = tiny("mamba"), prompt()
+    eos = int(model.generate(ids, max_new_tokens=5, do_sample=False)[0, 10])  # row 0 ends at once
+    ref = model.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=7, **kwargs)
+    assert ref[0, 11] == 7
+    got = static_generate(model, ids, graph=False, max_new_tokens=5, eos_token_id=eos, pad_token_id=7, **kwargs)
+    assert torch.equal(got, ref)
+
+
 def test_the_prompt_given_twice_is_refused():
     model, ids = tiny("mamba"), prompt()
     with pytest.raises(ValueError, match="given twice"):
@@ -524,6 +556,23 @@ def test_left_padded_rows_with_attention_decode_as_generate(family, window):
     assert not torch.equal(ref, model.generate(ids, max_new_tokens=8, do_sample=False))  # the pads matter
     got = static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=8)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("family", ["mamba", "transformerpp"])
+def test_pad_tokens_of_a_prompt_without_attention_mask_are_masked_as_generate(family):
+    """generate given no attention_mask infers one from the prompt's pad_token_id tokens, unless the pad is an eos
+    (then it cannot tell them apart and masks nothing)."""
+    model, ids = context_sensitive(tiny(family)), prompt()
+    ids[0, :4] = 0  # tiny's pad_token_id
+    kwargs = dict(max_new_tokens=8, do_sample=False)
+    masked = model.generate(ids, attention_mask=(ids != 0).long(), **kwargs)
+    unmasked = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    assert not torch.equal(masked, unmasked)  # the pads matter
+    assert torch.equal(model.generate(ids, **kwargs), masked)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=8), masked)
+    ref = model.generate(ids, eos_token_id=0, **kwargs)
+    assert not torch.equal(ref, model.generate(ids, attention_mask=(ids != 0).long(), eos_token_id=0, **kwargs))
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=8, eos_token_id=0), ref)
 
 
 @pytest.mark.parametrize("family", ["jamba", "transformerpp"])

@@ -475,13 +475,18 @@ def _is_neutral(name: str, value: Any) -> bool:
     return value is None or value == neutral
 
 
-def _changes_decoding(config, name: str) -> bool:
-    """Whether generation setting `name` of `config` would make generate decode otherwise than the static decode."""
+def _changes_decoding(config, name: str, prompt_len: int) -> bool:
+    """Whether generation setting `name` of `config` would make generate decode otherwise than the static decode
+    of a prompt of prompt_len tokens."""
     if _is_neutral(name, getattr(config, name, None)):
         return False
     if name in _SAMPLING_ONLY and not config.do_sample:
         return False  # greedy decoding does not apply these warpers
     if name in _EOS_ONLY and config.eos_token_id is None:
+        return False
+    if name == "min_length" and (config.min_new_tokens is not None or config.min_length <= prompt_len):
+        # generate replaces min_length by the prompt's length plus min_new_tokens where that is set, and holds eos
+        # back only while the sequence, prompt included, is shorter than min_length
         return False
     if name == "penalty_alpha":  # contrastive search is greedy decoding with top_k > 1 and penalty_alpha > 0
         return not config.do_sample and config.top_k is not None and config.top_k > 1
@@ -600,7 +605,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         raise ValueError(f"generate(cuda_graph=True) does not take {sorted(leftover)}: it decodes greedily or "
                          f"samples (temperature, top_k, top_p) up to max_new_tokens or eos; generate without "
                          f"cuda_graph for it")
-    refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL if _changes_decoding(config, name)]
+    refused = [f"{name}={getattr(config, name)!r}" for name in _NEUTRAL
+               if _changes_decoding(config, name, input_ids.shape[1])]
     if refused:
         raise ValueError(f"generate(cuda_graph=True) does not support {', '.join(refused)}; generate without "
                          f"cuda_graph for it")
@@ -612,6 +618,16 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     batch, prompt_len = input_ids.shape
     if prompt_len == 0:
         raise ValueError("generate(cuda_graph=True): the prompt is empty; pass at least one token per row")
+    eos, pad = config.eos_token_id, config.pad_token_id
+    if torch.is_tensor(eos):  # generate takes a tensor too: 1-d, or 0-d for one token (tolist gives an int)
+        eos = eos.tolist()
+    if eos is not None and pad is None:
+        pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
+    if mask is None and pad is not None and pad not in ([eos] if isinstance(eos, int) else list(eos or [])) \
+            and bool((input_ids == pad).any()):
+        # generate given no attention_mask infers one from the prompt's pad tokens, except where the pad is an eos
+        # (it cannot tell padding from a text's end then)
+        mask = (input_ids != pad).long()
     if mask is not None:
         if tuple(mask.shape) != (batch, prompt_len):
             raise ValueError(f"attention_mask: expected [{batch}, {prompt_len}] like input_ids, got "
@@ -627,17 +643,18 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if config.max_new_tokens is not None:
         n = config.max_new_tokens
     else:
-        n = (config.max_length if config.max_length is not None else 20) - prompt_len
+        total = config.max_length
+        if total is None:
+            # generate's default when no max_length is set anywhere is 20 new tokens after the prompt (not 20 in
+            # all), cut to the config's max_position_embeddings in all where it has one
+            limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+            total = prompt_len + 20 if limit is None else min(prompt_len + 20, limit)
+        n = total - prompt_len
         if n < 1:
-            raise ValueError(f"max_length {config.max_length} leaves no room after the {prompt_len}-token prompt; "
+            raise ValueError(f"max_length {total} leaves no room after the {prompt_len}-token prompt; "
                              f"pass max_new_tokens")
     if n < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {n}")
-    eos, pad = config.eos_token_id, config.pad_token_id
-    if torch.is_tensor(eos):  # generate takes a tensor too: 1-d, or 0-d for one token (tolist gives an int)
-        eos = eos.tolist()
-    if eos is not None and pad is None:
-        pad = eos if isinstance(eos, int) else list(eos)[0]  # what transformers' generate does, with its warning
     if copies > 1:
         input_ids = input_ids.repeat_interleave(copies, dim=0)  # generate's order: each row's copies together
         mask = mask.repeat_interleave(copies, dim=0) if mask is not None else None
