@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown models {sorted(unknown)}; the config has {sorted(entries)}")
     out = Path(os.environ.get("OUT", ".")) / "mqar-probe.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)  # (a run ended in FileNotFoundError after its first model)
     seq_len = cfg.recipe.get("data", {}).get("seq_len", 2048)  # the length the comparison builds models for
     t_all = time.time()
     for name, vocab, seq, nkv, lr, steps in runs:
