@@ -25,7 +25,10 @@ add timing-eager-130m 300 "python benchmarks/eager_decode_overhead.py --device c
 # generate(cuda_graph=True) with stop_strings: the check between replays, the finished rows the graph reads
 add tests-stop-strings 200 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
 -k stop_strings"
-order=(timing-eager-130m tests-stop-strings)
+# where the fused Mamba step's 15 us at batch 64 go inside a decode step (issue 9; the probe's --in-model is new)
+add phases-in-model 240 "python benchmarks/probe_mamba_step_phases.py --kernel rows --in-model mamba-130m \
+--cases 64:4,1:2"
+order=(timing-eager-130m tests-stop-strings phases-in-model)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
