@@ -5,8 +5,9 @@ card has multiprocessors, each walking the whole row. seq_split=S runs S segment
 (zoo_kernels/selective_scan/split.py: Triton passes for the segment boundary states and adjoints, then one
 kernel fwd and one bwd over the segment rows). This times S = 1 (the unsplit kernel: the baseline, same run),
 2, 4, 8 and 16 at the shapes of a training step, bf16
-with D, z, Δ-bias and softplus, forward and forward+backward, and the floor (bytes of u, Δ, z, B, C read and y
-written, plus their gradients, over the copy bandwidth measured at start). The printed |split - unsplit| is
+with D, z, Δ-bias and softplus, forward and forward+backward, and the floor of benchmarks/selective_scan.py (the
+larger of the bytes over the copy bandwidth and the exponentials over the ex2 rate, both measured at start: the
+exponentials bind at these shapes). The printed |split - unsplit| is
 near 0 here because these random decays forget a segment's worth of state; correctness is the tests'
 (tests/test_scan_split.py, tests/test_kernel_refs.py, tests/test_selective_scan_cuda.py). Rows: ".../S=1" for
 the unsplit kernel and ".../split/S=k" for the split (results.jsonl's ".../S=k", k > 1, are the earlier two-pass
@@ -24,7 +25,9 @@ import sys
 
 import torch
 import triton
-from ceilings import describe, floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
+from ceilings import copy_bandwidth, describe  # benchmarks/ceilings.py (the script's folder is on sys.path)
+from selective_scan import ex2_rate
+from selective_scan import floors as scan_floors
 
 SHAPES = [  # (label, batch, length, channels)
     ("130M B=1 L=16384", 1, 16384, 1536),
@@ -53,12 +56,15 @@ def main() -> None:
     card = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     command = "python " + " ".join(sys.argv)
-    print(f"{card}: {describe()}", flush=True)
+    ex2, ex2_how = ex2_rate()
+    print(f"{card}: {describe()}, ex2 {ex2 / 1e12:.2f} T/s ({ex2_how})", flush=True)
     for label, batch, length, dim in SHAPES:
-        times, floors = time_shape(ss, label, batch, length, dim)
+        times = time_shape(ss, label, batch, length, dim)
+        shape_floors = floors(batch, length, dim, ex2)
         base = times["unsplit", 1]
         for (scheme, split), (t_f, t_fb) in times.items():
-            for what, ours, base_ms, floor in (("fwd", t_f, base[0], floors[0]), ("fwd+bwd", t_fb, base[1], floors[1])):
+            for what, ours, base_ms, floor in (("fwd", t_f, base[0], shape_floors[0]),
+                                                  ("fwd+bwd", t_fb, base[1], shape_floors[1])):
                 row = {
                     "name": f"scan_split {what} {label}/{'split/' if scheme == 'split' else ''}S={split}",
                     "card": card, "date": date,
@@ -73,8 +79,15 @@ def main() -> None:
         torch.cuda.empty_cache()
 
 
+def floors(batch, length, dim, ex2) -> tuple[float, float]:
+    """(fwd, fwd+bwd) floors in ms of one shape: selective_scan.py's, so that the two benchmarks of one kernel give
+    one floor. Bytes alone put it under the exponentials' time (on the H200 at 130M B=8 L=2048: 0.048 against
+    0.097 ms forward, 0.131 against 0.194 forward+backward)."""
+    return scan_floors(batch, length, dim, copy_bandwidth(), ex2)
+
+
 def time_shape(ss, label, batch, length, dim):
-    """{(scheme, split): (fwd ms, fwd+bwd ms)} and the (fwd, fwd+bwd) floors of one shape."""
+    """{(scheme, split): (fwd ms, fwd+bwd ms)} of one shape."""
     N, bf = 16, torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -88,8 +101,6 @@ def time_shape(ss, label, batch, length, dim):
     D, bias = rnd(dim), rnd(dim) * 0.1
     leaves = [t.requires_grad_(True) for t in (u, delta, B, C, z)]
     dy = rnd(batch, dim, length).to(bf)
-    elem = batch * length * (3 * dim + 2 * N) * 2
-    floors = (floor_ms(elem + batch * length * dim * 2), floor_ms(2 * (elem + batch * length * dim * 2) + elem))
 
     from zoo_kernels.selective_scan.split import split_scan
 
@@ -111,7 +122,7 @@ def time_shape(ss, label, batch, length, dim):
                 with torch.no_grad():
                     err = (fwd(scheme, split).float() - fwd("unsplit", 1).float()).abs().max().item()
                 print(f"{label} {scheme} S={split}: max |split - unsplit| = {err:.3g}", flush=True)
-    return times, floors
+    return times
 
 
 if __name__ == "__main__":

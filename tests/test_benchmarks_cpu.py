@@ -318,3 +318,21 @@ def test_generate_floor_counts_low_precision_states_at_their_dtype(monkeypatch):
         other = cache_nbytes(cache) - cache_nbytes([layer.tensors() for layer in recurrent])  # the cache's rest
         assert floors[state_dtype] == params + other + 2 * kept, state_dtype
     assert floors["model"] < floors["float32"]
+
+
+def test_scan_split_floor_counts_the_exponentials_as_the_selective_scan_benchmark_does(monkeypatch):
+    """scan_split.py's floor was the bytes over the copy bandwidth alone. The scan is bound by its exponentials
+    (one ex2 per token, channel and state, twice with the backward): on the H200 its 130M B=8 L=2048 rows read a
+    0.0477 ms forward floor where selective_scan.py's rows of the same kernel and shape read 0.0972, so every
+    scan_split row was put at about twice its distance from the floor."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the scripts import their neighbours, as when run
+    script = load_script("benchmarks/scan_split.py")
+    scan = load_script("benchmarks/selective_scan.py")
+    bw, ex2 = 4.24e12, 4.14e12  # the H200's copy bandwidth and ex2 rate in selective_scan.py's rows
+    monkeypatch.setattr(script, "copy_bandwidth", lambda: bw)
+    fwd, both = script.floors(8, 2048, 1536, ex2)
+    exps = 8 * 2048 * 1536 * 16
+    assert (fwd, both) == pytest.approx((exps / ex2 * 1e3, 2 * exps / ex2 * 1e3))  # the exponentials bind here
+    assert (fwd, both) == pytest.approx(scan.floors(8, 2048, 1536, bw, ex2))
+    fwd, both = script.floors(8, 2048, 1536, 1e30)  # with exponentials for free, the bytes bind
+    assert (fwd, both) == pytest.approx(scan.floors(8, 2048, 1536, bw, 1e30)) and fwd > 0.04
