@@ -3,7 +3,8 @@
 Reads the newest `generate/<model>/B<batch>[/P<prompt>]` row of each name (benchmarks/generate.py writes them; rows
 of one figure should come from one call: the script prints the date and note of each point it uses) and draws two
 panels: ms per decode step against batch at a 2K prompt, and the speed-up over Transformer++ at the largest batch
-against the prompt length (the issue's 5x line drawn in). Writes one PNG.
+against the prompt length (the issue's 5x line drawn in), each measured in its model's own run (`same_run_speedup`).
+Writes one PNG.
 
     python benchmarks/plot_decode.py --out results/gpu-2026-12-03/decode.png
 """
@@ -32,6 +33,19 @@ def load(path: Path) -> dict[tuple[str, int, int], dict]:
         if m and row.get("ours_ms"):
             points[(m[1], int(m[2]), int(m[3] or 2048))] = row
     return points
+
+
+def same_run_speedup(row: dict, transformerpp: dict | None) -> float | None:
+    """The row's speed-up over Transformer++ measured in its own run: its vs_transformerpp (generate.py divides by
+    the Transformer++ row of the same call), else the Transformer++ row's time where that row came from the same
+    command on the same day, else None. The newest Transformer++ row may come from another run or card: dividing by
+    it would pair times that were never measured side by side."""
+    if row.get("vs_transformerpp"):
+        return row["vs_transformerpp"]
+    if transformerpp is not None and (transformerpp.get("command"), transformerpp.get("date"), transformerpp.get(
+            "card")) == (row.get("command"), row.get("date"), row.get("card")):
+        return transformerpp["ours_ms"] / row["ours_ms"]
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,18 +78,18 @@ def main(argv: list[str] | None = None) -> None:
     left.legend()
 
     batch = max(b for (m, b, _) in points if m == "transformerpp")
-    base = {prompt: r["ours_ms"] for (m, b, prompt), r in points.items() if m == "transformerpp" and b == batch}
+    base = {prompt: r for (m, b, prompt), r in points.items() if m == "transformerpp" and b == batch}
     for model in args.models:
         if model == "transformerpp":
             continue
-        speedup = sorted((prompt, base[prompt] / r["ours_ms"]) for (m, b, prompt), r in points.items()
-                         if m == model and b == batch and prompt in base)
+        speedup = sorted((prompt, ratio) for (m, b, prompt), r in points.items()
+                         if m == model and b == batch and (ratio := same_run_speedup(r, base.get(prompt))))
         if speedup:
             right.plot(*zip(*speedup), marker="o", color=COLOR.get(model), label=LABEL.get(model, model))
     right.axhline(5, color="grey", linestyle="--", linewidth=1, label="5x")
     right.set(xscale="log", xlabel="prompt length", ylabel="decode speed-up over Transformer++",
               title=f"batch {batch}")
-    right.set_xticks(sorted(base), labels=[str(p) for p in sorted(base)])
+    right.set_xticks(sorted(base), labels=[str(p) for p in sorted(base)])  # (prompts Transformer++ ran)
     right.xaxis.set_minor_formatter(NullFormatter())
     right.grid(True, alpha=0.3)
     right.legend()

@@ -35,3 +35,17 @@ def test_writes_the_png_and_needs_the_baseline(tmp_path):
     out = tmp_path / "plots" / "decode.png"
     pd.main(["--results", str(path), "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_up_pairs_each_model_with_transformerpp_of_its_own_run():
+    """The right panel divided by the newest Transformer++ row, which may come from another run or card: a model
+    measured beside Transformer++ on an H100 was drawn against a later Transformer++ row from an H200. It takes the
+    row's own vs_transformerpp, or a Transformer++ row of the same command, day and card, else nothing."""
+    pd = load_script("benchmarks/plot_decode.py")
+    mamba = {**_row("generate/mamba/B64", 0.75), "command": "run 1", "vs_transformerpp": 3.17}
+    other = {**_row("generate/transformerpp/B64", 1.85), "command": "run 2"}
+    assert pd.same_run_speedup(mamba, other) == 3.17  # not 1.85 / 0.75
+    bare = {k: v for k, v in mamba.items() if k != "vs_transformerpp"}
+    assert pd.same_run_speedup(bare, other) is None
+    assert pd.same_run_speedup(bare, {**other, "command": "run 1", "ours_ms": 2.4}) == pytest.approx(3.2)
+    assert pd.same_run_speedup(bare, None) is None
