@@ -7,6 +7,7 @@ against the prompt length (the issue's 5x line drawn in), each measured in its m
 Writes one PNG.
 
     python benchmarks/plot_decode.py --out results/gpu-2026-12-03/decode.png
+    python benchmarks/plot_decode.py --card H200 --out decode-h200.png    # one card's rows only
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ LABEL = {"transformerpp": "Transformer++", "mamba": "Mamba", "jamba": "Jamba-sty
          "mamba2": "Mamba-2", "hf-llama": "transformers Llama", "hf-mamba": "transformers Mamba"}
 
 
-def load(path: Path) -> dict[tuple[str, int, int], dict]:
-    """(model, batch, prompt) -> the newest row of that name with a time (later lines win)."""
+def load(path: Path, card: str | None = None) -> dict[tuple[str, int, int], dict]:
+    """(model, batch, prompt) -> the newest row of that name with a time (later lines win), of the cards whose name
+    contains `card` (case-insensitive) when it is given."""
     points = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
         m = NAME.match(row.get("name", ""))
+        if card is not None and card.lower() not in row.get("card", "").lower():
+            continue
         if m and row.get("ours_ms"):
             points[(m[1], int(m[2]), int(m[3] or 2048))] = row
     return points
@@ -53,10 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results.jsonl"))
     p.add_argument("--models", nargs="+", default=["transformerpp", "mamba", "jamba", "gla", "mamba2"])
     p.add_argument("--out", required=True, help="the PNG to write")
+    p.add_argument("--card", help="only rows of a card whose name contains this (e.g. H100): one card's figures")
     args = p.parse_args(argv)
-    points = load(Path(args.results))
+    points = load(Path(args.results), args.card)
     if not any(k[0] == "transformerpp" for k in points):
-        raise SystemExit(f"no generate/transformerpp rows in {args.results}: run benchmarks/generate.py first")
+        which = f" of a card matching {args.card!r}" if args.card else ""
+        raise SystemExit(f"no generate/transformerpp rows in {args.results}{which}: run benchmarks/generate.py first")
 
     import matplotlib
 

@@ -49,3 +49,18 @@ def test_speed_up_pairs_each_model_with_transformerpp_of_its_own_run():
     assert pd.same_run_speedup(bare, other) is None
     assert pd.same_run_speedup(bare, {**other, "command": "run 1", "ours_ms": 2.4}) == pytest.approx(3.2)
     assert pd.same_run_speedup(bare, None) is None
+
+
+def test_card_keeps_one_cards_rows(tmp_path):
+    """--card draws one card's rows: by default the newest row of each name is drawn whatever its card, so a
+    figure could mix an H100's batch 64 with an H200's smaller batches."""
+    pd = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    rows = [{**_row("generate/mamba/B64", 0.70), "card": "NVIDIA H200"},
+            {**_row("generate/mamba/B64", 0.75), "card": "NVIDIA H100 80GB HBM3"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert pd.load(path)[("mamba", 64, 2048)]["ours_ms"] == 0.75
+    assert pd.load(path, "h200")[("mamba", 64, 2048)]["ours_ms"] == 0.70
+    assert pd.load(path, "A100") == {}
+    with pytest.raises(SystemExit, match="matching 'H200'"):
+        pd.main(["--results", str(path), "--card", "H200", "--out", str(tmp_path / "x.png")])
