@@ -160,7 +160,8 @@ def test_shuffle_depends_on_seed_and_epoch_only(tok):
 
 
 @pytest.mark.parametrize("field,value", [("seq_len", 1), ("holdout", 1.0), ("shuffle_buffer", 0),
-                                         ("source", "")], ids=["seq_len", "holdout", "shuffle_buffer", "source"])
+                                         ("source", ""), ("sample_by", "word")],
+                         ids=["seq_len", "holdout", "shuffle_buffer", "source", "sample_by"])
 def test_bad_data_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=rf"data\.{field}"):
         DataConfig(**{field: value}).validate()
@@ -390,3 +391,31 @@ def test_a_data_seed_numpy_cannot_take_is_refused_by_name(tok, seed):
         DataConfig(seed=seed).validate()
     with pytest.raises(ValueError, match=r"^data\.seed"):
         next(TextStream(DataConfig(seed=seed, seq_len=16), tok).rows())
+
+
+@pytest.mark.parametrize("sample_by,count", [("document", 1), ("paragraph", 30), ("line", 90)])
+def test_one_txt_file_is_split_into_documents_by_sample_by(tok, tmp_path, sample_by, count):
+    """A single .txt file (a nanoGPT-style input.txt) is one document by default, which the held-out split cannot
+    divide: `zoo train` on it stopped at "the evaluation documents fill no row". data.sample_by 'paragraph' or
+    'line' makes each blank-line paragraph or line a document, and the held-out split then takes some of them."""
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    path = tmp_path / "input.txt"
+    paragraphs = ["\n".join(f"p{p:02d} line {i} " + "xyz" * (p % 5) for i in range(3)) for p in range(30)]
+    path.write_text("\n\n".join(paragraphs) + "\n")
+    cfg = DataConfig(source=str(path), sample_by=sample_by, holdout=0.2, shuffle=False)
+    train_docs = list(open_documents(cfg, "train").iter_docs(0, 0))
+    eval_docs = list(open_documents(cfg, "eval").iter_docs(0, 0))
+    # (line: the blank lines between paragraphs are empty documents too, which the stream skips)
+    assert len([d for d in train_docs + eval_docs if d.strip()]) == count
+    assert not {d for d in train_docs if d.strip()} & {d for d in eval_docs if d.strip()}
+    if sample_by != "document":
+        assert train_docs and eval_docs  # both splits hold documents
+    if sample_by == "paragraph":
+        assert sorted(d.strip() for d in train_docs + eval_docs) == sorted(p.strip() for p in paragraphs)
+
+
+@pytest.mark.parametrize("source", ["stdlib", "jsonl"])
+def test_sample_by_on_a_source_that_is_not_txt_files_is_refused_by_name(letter_docs, source):
+    cfg = DataConfig(source=letter_docs[0] if source == "jsonl" else "stdlib", sample_by="line")
+    with pytest.raises(ValueError, match=r"data\.sample_by: 'line' splits"):
+        open_documents(cfg, "train")

@@ -471,6 +471,36 @@ def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path)
     assert resume_changes(tmp_path, cfg) == []  # no saved config: nothing to compare
 
 
+def test_resume_reads_a_field_added_since_the_checkpoint_as_its_default(tmp_path):
+    """A checkpoint written before a data field existed (data.sample_by) lacks it: read as "<unset>", every such
+    checkpoint was refused as trained with another data order. It reads as the field's default now; set otherwise,
+    it is still a change of data order."""
+    from zoo.train import resume_changes
+
+    cfg = config_from_dict(run_dict(tmp_path))
+    saved = cfg.to_dict()
+    del saved["data"]["sample_by"]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "train_config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert resume_changes(ckpt, cfg) == []
+    with pytest.raises(ValueError, match=r"data order \(data\.sample_by: 'document' -> 'line'"):
+        resume_changes(ckpt, config_from_dict(run_dict(tmp_path, data={"sample_by": "line"})))
+
+
+def test_one_txt_file_too_short_to_hold_out_names_sample_by(tmp_path):
+    """One .txt file is one document: the held-out split has nothing to divide, and the refusal says which setting
+    splits it."""
+    text = tmp_path / "input.txt"
+    text.write_text("\n".join(f"line {i} of the only file" for i in range(200)))
+    cfg = config_from_dict(run_dict(tmp_path, data={"source": str(text), "holdout": 0.2}, eval={"every": 2}))
+    with pytest.raises(ValueError, match=r"data\.sample_by 'paragraph' or 'line' splits them"):
+        train(cfg)
+    cfg = config_from_dict(run_dict(tmp_path, data={"source": str(text), "holdout": 0.2, "sample_by": "line"},
+                                    eval={"every": 2}))
+    train(cfg)  # 200 one-line documents: about 40 held out, enough for a row
+
+
 def test_resume_refuses_a_model_changed_behind_its_yaml_path(tmp_path, capsys):
     """The run names its model by a YAML path, as every shipped config does: editing that file in place changes
     no run field, so the weights are compared (before, the resumed run crashed loading the state dict). The same

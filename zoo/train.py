@@ -870,6 +870,17 @@ _RESUME_FIXED = ("model.", "model_overrides", "tokenizer", "data.")  # "model" a
 _RESUME_FREE_DATA = ("data.seq_len", "data.packing")
 
 
+def _txt_files(data: DataConfig) -> bool:
+    """Whether the data source is local .txt files (each one document unless data.sample_by splits them)."""
+    from zoo.data.text import _local_files
+
+    try:
+        files = _local_files(data.source) if data.source != "stdlib" else None
+    except ValueError:
+        return False
+    return bool(files) and all(Path(f).suffix.lower() in (".txt", ".text") for f in files)
+
+
 def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
     """The run-config fields that differ from the checkpoint's train_config.yaml, as "field: old -> new"
     (output_dir is ignored). Raises ValueError for a change that the checkpoint cannot continue under:
@@ -879,9 +890,11 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
     if not saved_path.is_file():
         return []
     saved, now = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(cfg.to_dict())
+    defaults = _flat(TrainConfig(model="").to_dict())
     changed, fixed = [], []
     for key in sorted(set(saved) | set(now)):
-        old, new = saved.get(key, "<unset>"), now.get(key, "<unset>")
+        # a field added since the checkpoint was written (data.sample_by) reads as its default there
+        old, new = saved.get(key, defaults.get(key, "<unset>")), now.get(key, "<unset>")
         if key == "output_dir" or old == new:
             continue
         line = f"{key}: {old!r} -> {new!r}"
@@ -1254,8 +1267,10 @@ def train(cfg: TrainConfig, resume: str | None = None,
         n_eval = torch.tensor(float(sum(count_targets(b["labels"]) for b in eval_batches)), device=device)
         if accelerator.reduce(n_eval, reduction="sum").item() == 0:  # else eval/loss 0, perplexity 1
             share = f" in the share of one of the {world} processes" if world > 1 else ""
+            one_file = " (each .txt file is one document: data.sample_by 'paragraph' or 'line' splits them)" \
+                if _txt_files(cfg.data) and cfg.data.sample_by == "document" else ""
             raise ValueError(f"data: the evaluation documents fill no row of data.seq_len={L} tokens{share}; raise "
-                             f"data.holdout, lower data.seq_len, or set eval.every=0")
+                             f"data.holdout{one_file}, lower data.seq_len, or set eval.every=0")
     stream = TextStream(cfg.data, tokenizer, "train", accelerator.process_index, world,
                         chunk_len=chunk if cfg.data.packing else None)
     batches = _Prefetch(stream.batches(B, data_state), cfg.train.prefetch * accum, pin=device.type == "cuda")

@@ -180,12 +180,15 @@ def _stdlib_relative_paths() -> tuple[str, ...]:
 
 # ---- configuration -----------------------------------------------------------------------------------------
 
+SAMPLE_BY = ("document", "paragraph", "line")  # datasets' text builder: a whole file, blank-line paragraphs, lines
+
 @dataclass
 class DataConfig:
     """Where the text comes from and how rows are made (the ``data:`` section of a run config).
 
     source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), local
-    file path(s)/glob(s) of one kind: ``.txt`` (one document per file), ``.jsonl``/``.json``, ``.parquet``, or a
+    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json``,
+    ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
     files inside; split, config_name and streaming apply).
     config_name: the hub dataset's configuration. split / eval_split: dataset splits for training and
@@ -194,7 +197,10 @@ class DataConfig:
     hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
     (local files are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
     padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
-    streamed sources). add_bos / add_eos: wrap each document. seed: of the document order.
+    streamed sources). add_bos / add_eos: wrap each document. seed: of the document order. sample_by: what a
+    document is in local .txt files: "document" (a whole file), "paragraph" (text between blank lines) or "line"
+    (datasets' text builder's sample_by). One large file (a nanoGPT-style input.txt) is one document by default,
+    which the held-out split cannot divide: give it "paragraph" or "line".
     """
 
     source: str | list[str] = "stdlib"
@@ -211,6 +217,7 @@ class DataConfig:
     add_bos: bool = True
     add_eos: bool = True
     seed: int = 0
+    sample_by: str = "document"
 
     def validate(self, prefix: str = "data") -> None:
         """Raise ValueError naming the field for an impossible setting."""
@@ -227,6 +234,9 @@ class DataConfig:
             raise ValueError(f"{prefix}.text_field: empty; name the dataset column that holds the text")
         if not (isinstance(self.seed, int) and self.seed >= 0):  # numpy and datasets refuse it mid-run, naming nothing
             raise ValueError(f"{prefix}.seed: must be an integer >= 0 (the document order's seed), got {self.seed!r}")
+        if self.sample_by not in SAMPLE_BY:
+            raise ValueError(f"{prefix}.sample_by: must be one of {SAMPLE_BY} (what a document of a .txt file is), "
+                             f"got {self.sample_by!r}")
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -372,6 +382,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         raise ValueError("data.holdout: is 0 and data.eval_split is unset, so there is no evaluation data; "
                          "set one, or eval.every=0")
     local = None if cfg.source == "stdlib" else _local_files(cfg.source)
+    if local is None and cfg.sample_by != "document":
+        raise ValueError(f"data.sample_by: {cfg.sample_by!r} splits local .txt files; {cfg.source!r} is "
+                         f"{'the built-in corpus' if cfg.source == 'stdlib' else 'not one'} (leave it at 'document')")
     if cfg.source == "stdlib" or local is not None:
         _check_one_split(cfg, "the built-in corpus 'stdlib' is" if local is None else "local files are")
     if cfg.source == "stdlib":
@@ -388,7 +401,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
     datasets = _import_datasets(cfg.source)
     if local is not None:
         builder = kinds.pop()
-        extra = {"sample_by": "document"} if builder == "text" else {}
+        if builder != "text" and cfg.sample_by != "document":
+            raise ValueError(f"data.sample_by: {cfg.sample_by!r} splits .txt files; {builder} files hold one "
+                             f"document per record (leave sample_by at 'document')")
+        extra = {"sample_by": cfg.sample_by} if builder == "text" else {}
         named = local if len(local) > 1 else local[0]
         if all(os.path.getsize(f) == 0 for f in local):  # datasets 3.0 and 4 report empty files differently
             raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")
