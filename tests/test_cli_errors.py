@@ -98,6 +98,7 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypa
     (["hi", "--sample", "--temperature", "0"], "--temperature must be > 0"),
     (["hi", "--cuda-graph", "--device", "cpu"], "--cuda-graph: CUDA graphs need a CUDA device"),
     (["hi", "--cuda-graph", "--device", "cuda", "--num-beams", "2"], "beam search (--num-beams) runs without it"),
+    (["hi", "--stop", ""], "--stop: an empty string would stop at once"),
 ])
 def test_generate_checks_its_options_before_loading(tiny_folder, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -348,3 +349,19 @@ def test_generate_prints_the_text_generate_returns(tiny_folder, capsys, monkeypa
     tok = load_folder_tokenizer(str(tiny_folder))
     assert printed == tok.decode(returned["ids"][0], skip_special_tokens=True) + "\n"
     assert (returned["tok"] is None) == ("--num-beams" in extra)
+
+
+def test_generate_stops_at_a_stop_string(tiny_folder, capsys):
+    """--stop TEXT (generate's stop_strings with the folder's tokenizer; \\n a newline): the printed text ends where
+    it first ends with TEXT. The stop string is taken from the unstopped text, so it is met."""
+    argv = ["generate", str(tiny_folder), "hi", "--max-new-tokens", "24"]
+    cli.main(argv)
+    full = capsys.readouterr().out
+    new = full[len("hi"):]  # the printed text starts with the prompt
+    stop = new[3:5]
+    assert len(stop) == 2
+    cli.main([*argv, "--stop", stop.replace("\n", "\\n")])
+    stopped = capsys.readouterr().out
+    # the first text, prompt included (as generate matches), that ends with it
+    cut = next("hi" + new[:k] for k in range(1, len(new) + 1) if ("hi" + new[:k]).endswith(stop))
+    assert stopped.rstrip("\n") == cut.rstrip("\n") and len(stopped) < len(full)

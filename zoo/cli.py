@@ -97,6 +97,9 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="decode with each step replayed from a CUDA graph (zoo models on CUDA, no beams): "
                         "generate(cuda_graph=True)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop once the text ends with TEXT (repeatable; \\n and \\t are a newline and a tab): "
+                        "generate's stop_strings")
     p.add_argument("--tokenizer", help="'byte' or a tokenizer folder / hub id (default: the model folder's)")
     p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the weights' dtype (default: the checkpoint's)")
@@ -124,6 +127,9 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.cuda_graph and device.type != "cuda":
         p.error(f"--cuda-graph: CUDA graphs need a CUDA device, and this run is on {device}")
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]
+    if any(not s for s in stops):
+        p.error("--stop: an empty string would stop at once; give at least one character")
     if args.cuda_graph and args.num_beams > 1:
         p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
     check_model_ref(args.model)
@@ -144,6 +150,7 @@ def generate(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              num_beams=args.num_beams, pad_token_id=tok.pad_token_id, streamer=streamer, **sampling,
+                             **({"stop_strings": stops, "tokenizer": tok} if stops else {}),
                              **({"cuda_graph": True} if args.cuda_graph else {}))
     if streamer is None:
         print(tok.decode(out[0], skip_special_tokens=True))
