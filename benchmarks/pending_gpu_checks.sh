@@ -28,7 +28,11 @@ add tests-stop-strings 200 "python -m pytest -q -m cuda -p no:cacheprovider test
 # where the fused Mamba step's 15 us at batch 64 go inside a decode step (issue 9; the probe's --in-model is new)
 add phases-in-model 240 "python benchmarks/probe_mamba_step_phases.py --kernel rows --in-model mamba-130m \
 --cases 64:4,1:2"
-order=(timing-eager-130m tests-stop-strings phases-in-model)
+# issue 9's table with bf16 recurrent states for every family in one run (the thirtieth session ran Mamba and
+# Jamba-style only; Mamba-2's and GLA's bf16 figures are the H200's)
+add timing-decode-b64-bf16-states 300 "python benchmarks/generate.py --graph only --batches 64 --models \
+transformerpp mamba jamba gla mamba2 --state-dtype model --new-tokens 32 --out $out/results-generate.jsonl"
+order=(timing-eager-130m tests-stop-strings phases-in-model timing-decode-b64-bf16-states)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
