@@ -721,8 +721,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         implementation = getattr(generation_config, "cache_implementation", None)
         if implementation not in (None, "dynamic"):
             warnings.warn(f"cache_implementation={implementation!r} is ignored: zoo models decode with their own "
-                          f"ZooCache (attention keys and values with recurrent states); for a static cache in a CUDA "
-                          f"graph use zoo.decode.GraphDecoder", stacklevel=3)
+                          f"ZooCache (attention keys and values with recurrent states); for a static cache with each "
+                          f"step in a CUDA graph, pass cuda_graph=True to generate (the model on CUDA)", stacklevel=3)
         model_kwargs[GENERATE_CACHE_KWARG] = ZooCache.for_model(self)
 
 
