@@ -15,9 +15,10 @@ timed; it is then imported without running mamba_ssm/__init__.py:
 .baselines/ holds mamba_ssm-2.3.2.post1.tar.gz (copied from /work/shared/baselines; unpacked into
 .baselines/ss_mamba/ on first use).
 
-Floor: max(bytes / measured copy bandwidth, exponentials / measured ex2 rate), the bytes being each
-input read once and each output written once (fwd: u, delta, z, B, C in, out out; fwd+bwd adds dout in
-and du, ddelta, dz, dB, dC out) and the exponentials B·L·D·N per pass over the recurrence (1 forward,
+Floor: max(bytes / measured copy bandwidth, exponentials / measured ex2 rate), the bytes being each pass's
+inputs read and outputs written once (fwd: u, delta, z, B, C in, out out; the backward reads u, delta, z, B, C
+again with dout, and writes du, ddelta, dz, dB, dC: a training step's minimum, as conv1d.py counts it) and the
+exponentials B·L·D·N per pass over the recurrence (1 forward,
 2 forward+backward: the backward needs exp(delta A) again or memory for it). The ex2 rate is timed with
 an ex2.approx kernel (CuPy, NVRTC); the copy bandwidth with a 1 GiB device-to-device copy.
 """
