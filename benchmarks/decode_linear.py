@@ -115,7 +115,7 @@ def measure(name: str, M: int, sweep: bool, dev: torch.device, card: str) -> dic
             if ms < t.get("skinny_best", float("inf")):
                 t["skinny_best"], best_cfg = ms, cfg
     pdl = measure_pdl(x, w, b, ref, sweep, t)
-    floor = floor_ms((N * K + M * (K + N)) * 2)  # weight, x and y once
+    floor = floor_ms((N * K + M * (K + N) + (N if has_bias else 0)) * 2)  # weight, x, y (and the bias) once
     line = "  ".join(f"{k} {v * 1e3:6.1f} us" for k, v in t.items())
     pdl_note = f"  pdl cfg {pdl['config']} best {pdl['best_config']} err {pdl['err']:.1e}" if pdl else ""
     print(f"{name:15s} M={M:3d}: {line}  floor {floor * 1e3:.1f} us  best cfg {best_cfg}  err {err:.1e}{pdl_note}",

@@ -157,9 +157,9 @@ def measure(batch: int, n_layers: int, card: str, eps: float = 1e-5, stamp_phase
     t_chain = timed(chain)
     restore_states(layers, saved)
     per = layers[0]
-    weights = sum(2 * t.numel() for t in (per.in_w, per.out_w, per.x_w, per.dt_w)) + 4 * (
-        per.conv_w.numel() + per.A.numel() + 4 * E)
-    states = 2 * 4 * batch * E * (16 + 3)  # fp32 states and conv states, read and written
+    weights = sum(t.numel() * t.element_size() for t in (per.norm_w, per.in_w, per.out_w, per.x_w, per.dt_w,
+                                                         per.conv_w, per.conv_b, per.dt_b, per.A, per.D))
+    states = 2 * sum(t.numel() * t.element_size() for t in (per.state, per.conv_state))  # read and written
     floor = floor_ms(n_layers * (weights + states))
     print(f"batch {batch:3d}, {n_layers} blocks: persistent {t_kernel * 1e3:7.1f} us ({t_kernel * 1e3 / n_layers:5.2f} "
           f"per block)  chain {t_chain * 1e3:7.1f} us ({t_chain * 1e3 / n_layers:5.2f})  {t_chain / t_kernel:.2f}x  "

@@ -110,7 +110,7 @@ def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str)
 
     t_unfused = timed(unfused)
     nbytes = (2 * 4 * batch * dim * (nstate + width - 1)  # fp32 states and conv states, read and written
-              + 2 * (wx.numel() + wdt.numel()) + 4 * (conv_w.numel() + 4 * dim + A.numel())  # weights, constants
+              + sum(t.numel() * t.element_size() for t in (wx, wdt, conv_w, conv_b, dt_bias, A, D))  # weights
               + 2 * batch * dim * 3)  # x, z, y
     floor = floor_ms(nbytes)
     sweep = "  ".join(f"{k}: {t * 1e3:.2f} us ({-(-batch // int(k.lstrip('slotrw')))} of {capacity[k]} clusters)"
