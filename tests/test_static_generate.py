@@ -232,6 +232,17 @@ def test_unsupported_settings_raise(kwargs, match):
         static_generate(model, ids, graph=False, **kwargs)
 
 
+def test_empty_suppress_lists_are_off():
+    """suppress_tokens=[] (a Hub generation_config may carry it) suppresses nothing in generate: not refused; a
+    non-empty list still is."""
+    model, ids = tiny("mamba"), prompt()
+    ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+    got = static_generate(model, ids, graph=False, max_new_tokens=6, suppress_tokens=[], begin_suppress_tokens=[])
+    assert torch.equal(got, ref)
+    with pytest.raises(ValueError, match="suppress_tokens"):
+        static_generate(model, ids, graph=False, max_new_tokens=6, suppress_tokens=[7])
+
+
 def test_cuda_graph_needs_cuda():
     model, ids = tiny("mamba"), prompt()
     with pytest.raises(ValueError, match="CUDA"):

@@ -470,8 +470,14 @@ _SAMPLING_ONLY = ("typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 _EOS_ONLY = ("min_length", "min_new_tokens")
 
 
+# token lists whose processor is a no-op when empty (transformers builds it and it suppresses nothing)
+_EMPTY_IS_OFF = ("suppress_tokens", "begin_suppress_tokens")
+
+
 def _is_neutral(name: str, value: Any) -> bool:
     neutral = _NEUTRAL[name]
+    if name in _EMPTY_IS_OFF and isinstance(value, (list, tuple)) and not value:
+        return True
     return value is None or value == neutral
 
 
