@@ -842,10 +842,13 @@ def test_fused_adamw_auto_follows_the_training_device_not_where_the_weights_lie_
 
 
 @pytest.mark.cuda
-def test_fsdp_on_one_gpu_trains_fused_and_resumes_exactly(tmp_path):
-    # configs/accelerate/fsdp.yaml on the GPU (NCCL, one process): the path the CPU tests reach only through gloo.
-    # The run trains with fused AdamW (run_info.json says so), writes sharded checkpoints, and a resume from step 2
-    # logs the losses of the uninterrupted run.
+@pytest.mark.parametrize("gpus", [1, 2], ids=["one_gpu", "two_gpus"])
+def test_fsdp_on_gpus_trains_fused_and_resumes_exactly(tmp_path, gpus):
+    # configs/accelerate/fsdp.yaml on the GPUs (NCCL, a process per GPU): the path the CPU tests reach only through
+    # gloo. The run trains with fused AdamW (run_info.json says so), writes sharded checkpoints (one shard per
+    # process), and a resume from step 2 logs the losses of the uninterrupted run.
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs, this machine has {torch.cuda.device_count()}")
     def config(name: str, steps: int) -> Path:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(run_dict(
@@ -856,7 +859,7 @@ def test_fsdp_on_one_gpu_trains_fused_and_resumes_exactly(tmp_path):
 
     def launch(*args: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
+               str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", str(gpus),
                str(ROOT / "scripts" / "train.py"), *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
@@ -868,6 +871,8 @@ def test_fsdp_on_one_gpu_trains_fused_and_resumes_exactly(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     step2 = tmp_path / "full" / "run" / "checkpoints" / "step_00000002"
     assert (step2 / "accelerate" / "pytorch_model_fsdp_0" / ".metadata").is_file(), "not run as FSDP"
+    shards = list((step2 / "accelerate" / "pytorch_model_fsdp_0").glob("*.distcp"))
+    assert len(shards) == gpus, shards  # each process wrote its own shard
     info = json.loads((tmp_path / "full" / "run" / "run_info.json").read_text())
     assert info["fused_adamw"] is True and info["device"].startswith("cuda"), info
     part = launch(str(config("part", 4)), f"--resume={step2}")
