@@ -32,7 +32,18 @@ add phases-in-model 240 "python benchmarks/probe_mamba_step_phases.py --kernel r
 # Jamba-style only; Mamba-2's and GLA's bf16 figures are the H200's)
 add timing-decode-b64-bf16-states 300 "python benchmarks/generate.py --graph only --batches 64 --models \
 transformerpp mamba jamba gla mamba2 --state-dtype model --new-tokens 32 --out $out/results-generate.jsonl"
-order=(timing-eager-130m tests-stop-strings phases-in-model timing-decode-b64-bf16-states)
+# (thirty-first session, no GPU lent) greedy decoding's argmax split into a per-chunk pass and a per-row pick
+# (zoo_kernels.argmax): its cuda test, then its time against torch.argmax at batch 1, 16 and 64 (the one-pass
+# kernel it replaces took 13.1 us at batch 64 on the H100: results/gpu-2026-12-05/s30/call1-prof-b64.txt)
+add tests-argmax 150 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_argmax.py && \
+python benchmarks/argmax.py --batches 1,16,64 --out $out/results-argmax.jsonl"
+# the FSDP test on one GPU, and on two where the machine has them (nvidia-h100-x2: NCCL across GPUs, never run)
+add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py -k fsdp_on_gpus -rs"
+# cuBLAS's default route against cuBLASLt (TORCH_BLAS_PREFER_CUBLASLT=1) for the decode projections at batch 64
+add probe-cublaslt 240 "for p in 0 1; do echo TORCH_BLAS_PREFER_CUBLASLT=\$p; TORCH_BLAS_PREFER_CUBLASLT=\$p \
+python benchmarks/generate.py --graph only --batches 64 --models mamba --state-dtype model --new-tokens 32; done"
+order=(tests-argmax tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
+       probe-cublaslt)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done

@@ -16,15 +16,17 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _cases(device: str):
-    """(name, x [R, V]) with the edge cases; V = 50280 (GPT-NeoX's padded vocabulary) is not a multiple of 4096."""
+    """(name, x [R, V]) with the edge cases; V = 50280 (GPT-NeoX's padded vocabulary) is not a multiple of the
+    kernel's 2048-wide chunks."""
     gen = torch.Generator().manual_seed(0)
     out = []
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
-        x = torch.randn(5, 50280, generator=gen).to(dtype)
+        x = torch.randn(6, 50280, generator=gen).to(dtype)
         x[1, 7] = x[1, 4100] = x[1, 50279] = 100.0  # a tie across blocks: the first index
         x[2, 4095] = x[2, 4096] = 50.0  # a tie at a block boundary
         x[3] = float("-inf")  # all -inf: index 0
         x[4, 33000] = float("nan")  # a NaN: its index
+        x[5, 2047] = x[5, 2048] = x[5, 50000] = 60.0  # a tie across the first pass's chunks (2048 wide)
         out.append((f"{dtype}", x.to(device)))
     small = torch.randn(3, 17, generator=gen)
     small[0, 16] = 9.0  # the max in the last, masked block's tail

@@ -53,7 +53,7 @@ ARGMAX_KERNEL = os.environ.get("ZOO_DECODE_ARGMAX", "1") != "0"
 
 def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The greedy next tokens [B, 1] (int64) of logits [B, T, V] (the last position's), written into `out` [B, 1]
-    when given (a graph's fixed token buffer). On CUDA one Triton kernel (zoo_kernels.argmax: torch.argmax's
+    when given (a graph's fixed token buffer). On CUDA zoo_kernels.argmax (two Triton kernels: torch.argmax's
     choice, the first index among ties, written in place), else torch.argmax."""
     last = logits[:, -1]
     kernel = optional_kernel("argmax", "argmax_rows") if ARGMAX_KERNEL and last.is_cuda else None
