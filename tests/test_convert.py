@@ -189,6 +189,23 @@ def test_convert_names_a_destination_that_is_a_file(tmp_path):
             convert(tmp_path / "llama", tmp_path / "file", to_format=to_format)
 
 
+def test_export_over_a_folder_leaves_no_stale_weights_nor_a_partial_folder(tmp_path):
+    # --to hf-* wrote with save_pretrained straight into DST: a one-file export re-saved sharded kept the old
+    # model.safetensors beside the new shards, and from_pretrained loaded the old model without a word; a failed
+    # save (a bad --max-shard-size) left a config.json-only folder that passes for a model folder
+    torch.manual_seed(0)
+    old, new = (LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()) for _ in range(2))
+    old.save_pretrained(tmp_path / "old")
+    new.save_pretrained(tmp_path / "new")
+    convert(tmp_path / "old", tmp_path / "out", to_format="hf-llama")
+    convert(tmp_path / "new", tmp_path / "out", to_format="hf-llama", max_shard_size="20KB")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert_same_tensors("re-export", LlamaForCausalLM.from_pretrained(tmp_path / "out").state_dict(), new.state_dict())
+    with pytest.raises(ValueError):
+        convert(tmp_path / "new", tmp_path / "bad", to_format="hf-llama", max_shard_size="lots")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_generation_config_travels_with_the_checkpoint(tmp_path):
     # generation_config.json (Llama-3's eos list, sampling defaults) was rebuilt from config.json on the way in and
     # out, so generate no longer stopped at the ids only it listed, nor sampled as the source did

@@ -844,17 +844,8 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
         if tok is not None:
             tok.save_pretrained(dst)
         return Path(dst)
-    out = _EXPORTERS[to_format](model)
-    if tok is not None:
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(tok, name)
-            if value is not None and getattr(out.config, name, None) is None:
-                setattr(out.config, name, value)
-                setattr(out.generation_config, name, value)
-    out.save_pretrained(dst, max_shard_size=max_shard_size)
-    if tok is not None:
-        tok.save_pretrained(dst)
-    return Path(dst)
+    # as a zoo folder: written beside DST and moved in (no partial folder, no earlier save's weights left behind)
+    return save_model_folder(_EXPORTERS[to_format](model), dst, tok, max_shard_size=max_shard_size)
 
 
 def main(argv: list[str] | None = None) -> None:
