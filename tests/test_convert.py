@@ -535,6 +535,20 @@ def test_mamba_ssm_writes_what_mamba_ssm_reads(tmp_path):
         assert_logits("mamba2-tiny", mamba_ssm_logits(on_disk, sd, ids), model(ids).logits)
 
 
+def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):
+    # --to mamba_ssm wrote config.json and pytorch_model.bin into DST and left the rest: over an earlier export's
+    # folder the old model.safetensors stayed, and load_mamba_ssm (zoo convert DST ...) read it, the old model's
+    # weights under the new config, while mamba_ssm reads pytorch_model.bin
+    config = MAMBA_SSM_CASES["mamba1-tied-padded"]
+    old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
+    save_mamba_ssm(config, old, tmp_path / "old")
+    save_mamba_ssm(config, new, tmp_path / "new")
+    convert(tmp_path / "old", tmp_path / "out", to_format="hf-mamba")
+    convert(tmp_path / "new", tmp_path / "out", to_format="mamba_ssm")
+    assert_same_tensors("re-export", load_mamba_ssm(tmp_path / "out")[1], new)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
 MAMBA_SSM_UNMAPPABLE = [
     ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "d_ssm": 32}}, "d_ssm"),
     ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "dt_limit": [0.0, 0.5]}}, "dt_limit"),

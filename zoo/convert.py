@@ -823,7 +823,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     """Convert the folder `src` into the folder `dst`: into a complete zoo folder (`from_format`, detected if
     neither format is given), or into `to_format` from a zoo folder (or any folder `load_as_zoo` reads). The
     tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside."""
-    from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder
+    from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder, write_folder
 
     check_model_ref(src, what="source")
     if from_format and to_format:
@@ -839,11 +839,9 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     if to_format not in FORMATS:
         raise ValueError(f"--to: unknown format {to_format!r}; use one of {', '.join(FORMATS)}")
     model = load_as_zoo(src)
-    if to_format == "mamba_ssm":
-        save_mamba_ssm(*to_mamba_ssm(model), dst)
-        if tok is not None:
-            tok.save_pretrained(dst)
-        return Path(dst)
+    if to_format == "mamba_ssm":  # written as a zoo folder is: no earlier save's weights left for load_mamba_ssm
+        config, state = to_mamba_ssm(model)
+        return write_folder(dst, lambda target: save_mamba_ssm(config, state, target), tok)
     # as a zoo folder: written beside DST and moved in (no partial folder, no earlier save's weights left behind)
     return save_model_folder(_EXPORTERS[to_format](model), dst, tok, max_shard_size=max_shard_size)
 
