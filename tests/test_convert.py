@@ -166,6 +166,10 @@ def test_from_format_refuses_other_architectures_and_weights_that_do_not_fit(tmp
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "qwen2")
     with pytest.raises(ValueError, match="model_type='qwen2'.*--from hf-llama"):
         convert(tmp_path / "qwen2", tmp_path / "out", from_format="hf-llama")
+    # without --from, detection said "cannot tell the format; pass --from one of ...", which then refused it as above
+    with pytest.raises(ValueError, match="model_type='qwen2'.*not read.*'llama'") as refused:
+        convert(tmp_path / "qwen2", tmp_path / "out")
+    assert "pass --from" not in str(refused.value)
     assert not (tmp_path / "out").exists()
     # a config.json without model_type is taken at --from's word, but its weights must fit: none dropped, none
     # left at random

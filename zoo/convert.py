@@ -34,6 +34,7 @@ from zoo.registry import get_mixer
 
 FORMATS = ("hf-mamba", "hf-mamba2", "hf-llama", "hf-jamba", "mamba_ssm")
 _HF_MODEL_TYPES = {"mamba": "hf-mamba", "mamba2": "hf-mamba2", "llama": "hf-llama", "jamba": "hf-jamba"}
+_READABLE = f"zoo convert reads model_type {', '.join(map(repr, _HF_MODEL_TYPES))}, zoo and mamba_ssm folders"
 # mamba_ssm's MambaConfig fields (models/config_mamba.py) and its default values
 _MAMBA_SSM_FIELDS = {"d_model": 2560, "d_intermediate": 0, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {},
                      "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
@@ -758,7 +759,10 @@ def detect_format(folder: str | Path) -> str:
         return _HF_MODEL_TYPES[model_type]
     if model_type is None and {"d_model", "n_layer"} <= set(config):
         return "mamba_ssm"
-    raise ValueError(f"{folder}: cannot tell the format (model_type={model_type!r}); pass --from one of "
+    if model_type is not None:  # another architecture: no --from reads it (load_as_zoo refuses each)
+        raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which zoo convert does not read; "
+                         f"{_READABLE}")
+    raise ValueError(f"{folder}: cannot tell the format (config.json has no model_type); pass --from one of "
                      f"{', '.join(FORMATS)}")
 
 
@@ -796,8 +800,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
             if model_type is not None:  # another architecture (qwen2, mistral, ...): its own options would be lost
                 raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which --from {fmt} does not "
                                  f"read (its biases, sliding window or other options would be dropped); "
-                                 f"zoo convert reads model_type {', '.join(map(repr, _HF_MODEL_TYPES))}, "
-                                 f"zoo and mamba_ssm folders") from None
+                                 f"{_READABLE}") from None
             found = fmt
         if found != fmt:  # transformers would build the class's default model and load nothing into it
             raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; pass --from "
