@@ -99,6 +99,7 @@ def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: A
     # the folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
     # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
     target = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(target, ignore_errors=True)  # a killed save's, by a process with this pid: its files are not ours
     try:
         write(target)
         if tokenizer is not None:
