@@ -210,6 +210,14 @@ def test_export_over_a_folder_leaves_no_stale_weights_nor_a_partial_folder(tmp_p
     assert not (tmp_path / "bad").exists()
 
 
+def test_max_shard_size_in_bytes(tmp_path):
+    # save_pretrained takes a byte count as well as '5GB', but the CLI passed '20000' on as a string, refused as
+    # "Unit '00' not supported"
+    LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo"), "--max-shard-size", "20000"])
+    assert (tmp_path / "zoo" / "model.safetensors.index.json").is_file()
+
+
 def test_generation_config_travels_with_the_checkpoint(tmp_path):
     # generation_config.json (Llama-3's eos list, sampling defaults) was rebuilt from config.json on the way in and
     # out, so generate no longer stopped at the ids only it listed, nor sampled as the source did

@@ -860,7 +860,8 @@ def main(argv: list[str] | None = None) -> None:
     way.add_argument("--to", dest="to_format", choices=FORMATS,
                      help="DST gets this format; SRC is a zoo folder (or any folder --from reads)")
     p.add_argument("--tokenizer", help="tokenizer to save with DST: 'byte' or a folder (default: SRC's, if any)")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", type=lambda v: int(v) if v.isdigit() else v,
+                   help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB)")
     args = p.parse_args(argv)
     out = convert(args.src, args.dst, from_format=args.from_format, to_format=args.to_format,
                   tokenizer=args.tokenizer, max_shard_size=args.max_shard_size)
