@@ -166,6 +166,10 @@ def test_from_format_refuses_other_architectures_and_weights_that_do_not_fit(tmp
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "qwen2")
     with pytest.raises(ValueError, match="model_type='qwen2'.*--from hf-llama"):
         convert(tmp_path / "qwen2", tmp_path / "out", from_format="hf-llama")
+    # without --from, detection said "cannot tell the format; pass --from one of ...", which then refused it as above
+    with pytest.raises(ValueError, match="model_type='qwen2'.*not read.*'llama'") as refused:
+        convert(tmp_path / "qwen2", tmp_path / "out")
+    assert "pass --from" not in str(refused.value)
     assert not (tmp_path / "out").exists()
     # a config.json without model_type is taken at --from's word, but its weights must fit: none dropped, none
     # left at random
@@ -187,6 +191,31 @@ def test_convert_names_a_destination_that_is_a_file(tmp_path):
     for to_format in (None, "hf-llama", "mamba_ssm"):
         with pytest.raises(ValueError, match="is a file; give a folder"):
             convert(tmp_path / "llama", tmp_path / "file", to_format=to_format)
+
+
+def test_export_over_a_folder_leaves_no_stale_weights_nor_a_partial_folder(tmp_path):
+    # --to hf-* wrote with save_pretrained straight into DST: a one-file export re-saved sharded kept the old
+    # model.safetensors beside the new shards, and from_pretrained loaded the old model without a word; a failed
+    # save (a bad --max-shard-size) left a config.json-only folder that passes for a model folder
+    torch.manual_seed(0)
+    old, new = (LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()) for _ in range(2))
+    old.save_pretrained(tmp_path / "old")
+    new.save_pretrained(tmp_path / "new")
+    convert(tmp_path / "old", tmp_path / "out", to_format="hf-llama")
+    convert(tmp_path / "new", tmp_path / "out", to_format="hf-llama", max_shard_size="20KB")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    assert_same_tensors("re-export", LlamaForCausalLM.from_pretrained(tmp_path / "out").state_dict(), new.state_dict())
+    with pytest.raises(ValueError):
+        convert(tmp_path / "new", tmp_path / "bad", to_format="hf-llama", max_shard_size="lots")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_max_shard_size_in_bytes(tmp_path):
+    # save_pretrained takes a byte count as well as '5GB', but the CLI passed '20000' on as a string, refused as
+    # "Unit '00' not supported"
+    LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo"), "--max-shard-size", "20000"])
+    assert (tmp_path / "zoo" / "model.safetensors.index.json").is_file()
 
 
 def test_generation_config_travels_with_the_checkpoint(tmp_path):
@@ -516,6 +545,20 @@ def test_mamba_ssm_writes_what_mamba_ssm_reads(tmp_path):
     ids = torch.randint(0, 512, (1, 11))
     with torch.no_grad():
         assert_logits("mamba2-tiny", mamba_ssm_logits(on_disk, sd, ids), model(ids).logits)
+
+
+def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):
+    # --to mamba_ssm wrote config.json and pytorch_model.bin into DST and left the rest: over an earlier export's
+    # folder the old model.safetensors stayed, and load_mamba_ssm (zoo convert DST ...) read it, the old model's
+    # weights under the new config, while mamba_ssm reads pytorch_model.bin
+    config = MAMBA_SSM_CASES["mamba1-tied-padded"]
+    old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
+    save_mamba_ssm(config, old, tmp_path / "old")
+    save_mamba_ssm(config, new, tmp_path / "new")
+    convert(tmp_path / "old", tmp_path / "out", to_format="hf-mamba")
+    convert(tmp_path / "new", tmp_path / "out", to_format="mamba_ssm")
+    assert_same_tensors("re-export", load_mamba_ssm(tmp_path / "out")[1], new)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 MAMBA_SSM_UNMAPPABLE = [

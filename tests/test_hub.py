@@ -108,6 +108,24 @@ def test_a_failed_save_leaves_no_partial_folder(tmp_path):
     assert save_model_folder(model, dst, "byte") == dst  # an existing folder is written into, as before
 
 
+def test_a_save_killed_earlier_leaves_nothing_for_the_next_one(tmp_path):
+    # the save was written into `.NAME.tmp-PID` beside the folder, a name a killed save (the OOM killer, SIGKILL) left
+    # behind and the next run reused when it had the same pid (as processes in a fresh container do): that save went
+    # into the leftover folder and moved its files in too, here an old model.safetensors beside the new shards, which
+    # from_pretrained loaded (the old model) without a word
+    import os
+
+    old, new = tiny("mamba"), tiny("mamba")
+    with torch.no_grad():
+        new.model.norm_f.weight.mul_(2.0)
+    save_model_folder(old, tmp_path / f".m.tmp-{os.getpid()}", "byte")
+    save_model_folder(new, tmp_path / "m", "byte", max_shard_size="200KB")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ids = torch.randint(0, 320, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, new(ids).logits)
+
+
 @pytest.mark.parametrize("first,second", [("5GB", "200KB"), ("200KB", "5GB")], ids=["then-sharded", "then-one-file"])
 def test_saving_over_a_folder_leaves_no_stale_weights(tmp_path, first, second):
     # a save into an existing folder left the earlier save's weights: its model.safetensors beside new shards was

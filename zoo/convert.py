@@ -34,6 +34,7 @@ from zoo.registry import get_mixer
 
 FORMATS = ("hf-mamba", "hf-mamba2", "hf-llama", "hf-jamba", "mamba_ssm")
 _HF_MODEL_TYPES = {"mamba": "hf-mamba", "mamba2": "hf-mamba2", "llama": "hf-llama", "jamba": "hf-jamba"}
+_READABLE = f"zoo convert reads model_type {', '.join(map(repr, _HF_MODEL_TYPES))}, zoo and mamba_ssm folders"
 # mamba_ssm's MambaConfig fields (models/config_mamba.py) and its default values
 _MAMBA_SSM_FIELDS = {"d_model": 2560, "d_intermediate": 0, "n_layer": 64, "vocab_size": 50277, "ssm_cfg": {},
                      "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True,
@@ -758,7 +759,10 @@ def detect_format(folder: str | Path) -> str:
         return _HF_MODEL_TYPES[model_type]
     if model_type is None and {"d_model", "n_layer"} <= set(config):
         return "mamba_ssm"
-    raise ValueError(f"{folder}: cannot tell the format (model_type={model_type!r}); pass --from one of "
+    if model_type is not None:  # another architecture: no --from reads it (load_as_zoo refuses each)
+        raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which zoo convert does not read; "
+                         f"{_READABLE}")
+    raise ValueError(f"{folder}: cannot tell the format (config.json has no model_type); pass --from one of "
                      f"{', '.join(FORMATS)}")
 
 
@@ -796,8 +800,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
             if model_type is not None:  # another architecture (qwen2, mistral, ...): its own options would be lost
                 raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which --from {fmt} does not "
                                  f"read (its biases, sliding window or other options would be dropped); "
-                                 f"zoo convert reads model_type {', '.join(map(repr, _HF_MODEL_TYPES))}, "
-                                 f"zoo and mamba_ssm folders") from None
+                                 f"{_READABLE}") from None
             found = fmt
         if found != fmt:  # transformers would build the class's default model and load nothing into it
             raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; pass --from "
@@ -823,7 +826,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     """Convert the folder `src` into the folder `dst`: into a complete zoo folder (`from_format`, detected if
     neither format is given), or into `to_format` from a zoo folder (or any folder `load_as_zoo` reads). The
     tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside."""
-    from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder
+    from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder, write_folder
 
     check_model_ref(src, what="source")
     if from_format and to_format:
@@ -839,22 +842,11 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     if to_format not in FORMATS:
         raise ValueError(f"--to: unknown format {to_format!r}; use one of {', '.join(FORMATS)}")
     model = load_as_zoo(src)
-    if to_format == "mamba_ssm":
-        save_mamba_ssm(*to_mamba_ssm(model), dst)
-        if tok is not None:
-            tok.save_pretrained(dst)
-        return Path(dst)
-    out = _EXPORTERS[to_format](model)
-    if tok is not None:
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            value = getattr(tok, name)
-            if value is not None and getattr(out.config, name, None) is None:
-                setattr(out.config, name, value)
-                setattr(out.generation_config, name, value)
-    out.save_pretrained(dst, max_shard_size=max_shard_size)
-    if tok is not None:
-        tok.save_pretrained(dst)
-    return Path(dst)
+    if to_format == "mamba_ssm":  # written as a zoo folder is: no earlier save's weights left for load_mamba_ssm
+        config, state = to_mamba_ssm(model)
+        return write_folder(dst, lambda target: save_mamba_ssm(config, state, target), tok)
+    # as a zoo folder: written beside DST and moved in (no partial folder, no earlier save's weights left behind)
+    return save_model_folder(_EXPORTERS[to_format](model), dst, tok, max_shard_size=max_shard_size)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -868,7 +860,8 @@ def main(argv: list[str] | None = None) -> None:
     way.add_argument("--to", dest="to_format", choices=FORMATS,
                      help="DST gets this format; SRC is a zoo folder (or any folder --from reads)")
     p.add_argument("--tokenizer", help="tokenizer to save with DST: 'byte' or a folder (default: SRC's, if any)")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", type=lambda v: int(v) if v.isdigit() else v,
+                   help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB)")
     args = p.parse_args(argv)
     out = convert(args.src, args.dst, from_format=args.from_format, to_format=args.to_format,
                   tokenizer=args.tokenizer, max_shard_size=args.max_shard_size)

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,26 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         for name in _SPECIAL_IDS:
             if getattr(generation, name, None) is None and getattr(config, name, None) is not None:
                 setattr(generation, name, getattr(config, name))
-    # the folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
-    # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
-    target = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    try:
+
+    def write(target: Path) -> None:
         model.save_pretrained(target, max_shard_size=max_shard_size)
         if generation is not None and not (target / "generation_config.json").is_file():
             generation.save_pretrained(target)
+
+    return write_folder(folder, write, tokenizer)
+
+
+def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: Any = None) -> Path:
+    """Write a folder through `write(target)` (and `tokenizer.save_pretrained`) beside `folder`, then move it in:
+    a new folder appears only when complete; into an existing one, the weight files `write` did not write go (and
+    its tokenizer files when `tokenizer` is given; without one they stay, with a warning), other files stay."""
+    folder = Path(folder)
+    # the folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
+    # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
+    target = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(target, ignore_errors=True)  # a killed save's, by a process with this pid: its files are not ours
+    try:
+        write(target)
         if tokenizer is not None:
             tokenizer.save_pretrained(target)
     except BaseException:
@@ -170,4 +184,4 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
-__all__ = ["check_model_ref", "load_folder_tokenizer", "load_model_folder", "save_model_folder"]
+__all__ = ["check_model_ref", "load_folder_tokenizer", "load_model_folder", "save_model_folder", "write_folder"]
