@@ -557,3 +557,25 @@ def test_prompt_tuning_generates_through_a_dropped_all_ones_mask():
         for i, logits in enumerate(out.logits):
             whole = peft_model(input_ids=out.sequences[:, :6 + i], attention_mask=torch.ones(2, 6 + i).long())
             assert_close(f"step {i}", logits, whole.logits[:, -1], 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "jamba"])
+def test_prompt_tuning_on_a_left_padded_row_equals_the_row_alone(name):
+    """PEFT's prompt tuning prepends its virtual tokens to a left-padded row, [virtual tokens, pads, prompt]: the
+    pads after the virtual tokens decayed the recurrent states and zeroed the conv windows, so the padded row's
+    logits differed from the row alone (Mamba-2's greedy tokens too)."""
+    from peft import PromptTuningConfig
+
+    peft_model = get_peft_model(tiny(name), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder.default.embedding.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        padded = peft_model(input_ids=ids, attention_mask=mask).logits
+        alone = peft_model(input_ids=ids[1:, 3:], attention_mask=mask[1:, 3:]).logits
+    assert_close("padded row", padded[1:, -5:], alone[:, -5:], 1e-5)
+    out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    out_alone = peft_model.generate(input_ids=ids[1:, 3:], max_new_tokens=4, do_sample=False)
+    assert torch.equal(out[1, -4:], out_alone[0, -4:])

@@ -83,6 +83,29 @@ def test_left_padding_equals_alone(name):
     assert_close("padded row", padded[:, 4:], run(mixer, x, position_ids=position_ids), TOL)
 
 
+# a sliding window counts positions, pads included (its cache drops keys by position), so it is left out
+@pytest.mark.parametrize("name", sorted(set(SPECS) - {"attention-window"}))
+def test_pads_after_tokens_are_skipped(name):
+    """Pads after tokens (PEFT's prompt tuning lays a left-padded row out as [virtual tokens, pads, prompt]), in one
+    call or after a carried state, change nothing: each row's tokens get the outputs of the row without its pads,
+    and decoding goes on from the same state. A pad decayed the recurrent states and put zeros in the conv windows."""
+    mixer = build(name)
+    x = torch.randn(2, 15, D_MODEL, dtype=torch.float64)
+    mask = torch.tensor([[1] * 5 + [0] * 3 + [1] * 7, [0] * 2 + [1] * 3 + [0] + [1] * 9])
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    alone = [run(mixer, x[r:r + 1, mask[r].bool()], position_ids=torch.arange(int(mask[r].sum()))[None])
+             for r in range(2)]
+    whole = run(mixer, x[:, :14], attention_mask=mask[:, :14], position_ids=position_ids[:, :14])
+    cache = mixer.init_state(2, x.dtype, x.device)
+    parts = [run(mixer, x[:, a:b], cache, attention_mask=mask[:, :b], position_ids=position_ids[:, a:b])
+             for a, b in ((0, 6), (6, 14), (14, 15))]
+    chunks = torch.cat(parts, 1)
+    for r in range(2):
+        keep = mask[r].bool()
+        assert_close(f"row {r}", whole[r:r + 1, keep[:14]], alone[r][:, :-1], TOL)
+        assert_close(f"row {r} in chunks", chunks[r:r + 1, keep], alone[r], TOL)
+
+
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_lora_targets_change_output(name):
     mixer = build(name)

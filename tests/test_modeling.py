@@ -653,6 +653,22 @@ def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
         assert torch.equal(model(ids, attention_mask=torch.ones(1, 8)).logits, model(ids).logits)  # [1, T] broadcasts
 
 
+def test_a_one_row_attention_mask_serves_every_row_of_a_moe_model():
+    """A [1, T] attention_mask (accepted: it broadcasts over the batch) crashed the MoE load-balancing loss, which read
+    one mask entry per token ('The expanded size of the tensor (20) must match the existing size (10)'), in
+    training and eval alike; it now gives the [B, T] mask's logits, loss and aux loss."""
+    model = tiny("jamba")
+    ids = torch.randint(0, 512, (2, 10))
+    mask = torch.ones(1, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    for training in (False, True):
+        model.train(training)
+        out = model(ids, attention_mask=mask, labels=ids)
+        ref = model(ids, attention_mask=mask.expand(2, -1), labels=ids)
+        assert torch.equal(out.logits, ref.logits)
+        assert torch.equal(out.loss, ref.loss) and torch.equal(out.aux_loss, ref.aux_loss)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_cache_rows_can_be_repeated_and_selected(name):
     model = tiny(name)

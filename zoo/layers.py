@@ -161,6 +161,36 @@ def channels_linear(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.bmm(weight.expand(y.shape[0], *weight.shape), y)
 
 
+# A pad's Δ (Mamba) or dt (Mamba-2) before its bias and softplus: softplus(-1e4 + bias) is 0 in fp32, so a pad is no
+# step of the scan (decay exp(0·A) = 1, no input) and leaves the state as the tokens before it left it
+PAD_DT = -1e4
+
+
+def lay_out_past_pads(x: torch.Tensor, mask: torch.Tensor, initial_state: torch.Tensor | None, width: int,
+                      seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """A causal conv's input with each row's pads moved out of the way: x [B, C, T] (zero at the pads, mask [B, T]
+    0) and the carried inputs initial_state [B, C, width - 1] (None: zeros) laid out as [pads, carried inputs,
+    tokens] [B, C, width - 1 + T], so that a conv over it from a zero state gives each token the window of the
+    tokens before it, as if the pads were not there, and its final state the last width - 1 of those. A pad after a
+    token happens: PEFT's prompt tuning puts [virtual tokens, left pads, prompt] in one row. Returns (the laid-out
+    input, its seq_idx (pads and carried inputs in the first token's document) or None, back [B, T]: where each
+    position's output is in the conv's)."""
+    batch, channels, length = x.shape
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, T): the pads, then the tokens in order
+    n_pad = (mask == 0).sum(1, keepdim=True)  # (B, 1)
+    j = torch.arange(length + width - 1, device=x.device)[None]  # (1, width - 1 + T): laid-out positions
+    carried = (j >= n_pad) & (j < n_pad + width - 1)
+    rank = torch.where(j < n_pad, j, j - (width - 1)).clamp(0, length - 1)  # a pad's or token's place in `order`
+    index = torch.where(carried, j - n_pad, width - 1 + order.gather(1, rank))  # into cat([carried, x])
+    history = x.new_zeros(batch, channels, width - 1) if initial_state is None else initial_state.to(x.dtype)
+    laid = torch.cat([history, x], dim=2).gather(2, index[:, None].expand(batch, channels, -1))
+    laid_ids = None
+    if seq_idx is not None:
+        first = torch.where(j < n_pad + width - 1, n_pad, j - (width - 1)).clamp(max=length - 1)
+        laid_ids = seq_idx.gather(1, order.gather(1, first))
+    return laid, laid_ids, width - 1 + torch.argsort(order, dim=1)
+
+
 class RMSNorm(nn.Module):
     """y = x / rms(x) * weight, computed in fp32. x: [..., d]."""
 
@@ -487,5 +517,5 @@ def fused_add_norm():
     return optional_kernel("add_norm", "add_rms_norm")
 
 
-__all__ = ["decoded_constants", "fused_add_norm", "optional_kernel", "RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE",
-           "Block", "init_copy_", "mark_no_weight_decay"]
+__all__ = ["decoded_constants", "fused_add_norm", "lay_out_past_pads", "optional_kernel", "PAD_DT", "RMSNorm",
+           "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "mark_no_weight_decay"]

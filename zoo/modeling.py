@@ -386,6 +386,8 @@ class ZooModel(ZooPreTrainedModel):
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is not None:
             _check_attention_mask(attention_mask, Bsz, T, past)
+            # a [1, T] mask serves every row: made [B, T] here (a view), as the MoE aux loss reads one entry per token
+            attention_mask = attention_mask.expand(Bsz, -1)
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \

@@ -95,8 +95,9 @@ class GLA(nn.Module):
         k = self.k_proj(x).unflatten(-1, (H, self.head_k))
         v = self.v_proj(x).unflatten(-1, (H, self.head_v))  # (B, T, H, V)
         gk = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).unflatten(-1, (H, self.head_k))
-        if attention_mask is not None:  # pads add nothing to the state (it starts from zero on the left)
+        if attention_mask is not None:  # a pad adds nothing to the state (k = 0) and keeps it (log decay 0)
             k = k * attention_mask[:, -T:, None, None].to(k.dtype)
+            gk = gk * attention_mask[:, -T:, None, None].to(gk.dtype)
         initial = cache.initial_states(seq_idx)[1] if cache is not None else None
         if cache is not None and initial is not None and T == 1 and seq_idx is None:
             if self.mitigation or self.state_probe is not None:

@@ -14,12 +14,14 @@ from zoo_kernels.selective_scan.cuda import MAX_STATE, backward_problem, smem_op
 from zoo import backends
 from zoo.cache import RecurrentLayer
 from zoo.layers import (
+    PAD_DT,
     Linear,
     RMSNorm,
     channels_linear,
     channels_to_rows,
     decoded_constants,
     init_copy_,
+    lay_out_past_pads,
     mark_no_weight_decay,
     refuse_skipped_adapter,
     rows_to_channels,
@@ -280,6 +282,8 @@ class Mamba(nn.Module):
         x_dbl = self.x_proj(u.transpose(1, 2))  # (B, T, dt_rank + 2N)
         delta, B, C = self._split_dbc(x_dbl)
         delta = delta.transpose(1, 2)  # (B, d_inner, T), bias included
+        if mask is not None:  # a pad is no step (PAD_DT)
+            delta = delta.masked_fill(mask[:, None, :] == 0, PAD_DT)
         if self.mitigation or self.state_probe is not None:
             from zoo.state.mitigation import mamba_scan
 
@@ -293,11 +297,16 @@ class Mamba(nn.Module):
 
     def _conv(self, xs, cache, seq_idx, mask):
         """The causal conv + SiLU over xs [B, d_inner, T] from the cache's conv state: (u, the conv's final state,
-        the cached SSM state or None)."""
+        the cached SSM state or None). With a mask, each token's window skips the pads (lay_out_past_pads)."""
         conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
-        u, conv_final = causal_conv1d(xs, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx, conv_init, "silu",
+        if mask is None:
+            u, conv_final = causal_conv1d(xs, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx, conv_init,
+                                          "silu", True, backend=backends.follow(self.scan_backend))
+            return u, conv_final, ssm_init
+        laid, laid_ids, back = lay_out_past_pads(xs, mask, conv_init, self.d_conv, seq_idx)
+        u, conv_final = causal_conv1d(laid, self.conv1d.weight[:, 0, :], self.conv1d.bias, laid_ids, None, "silu",
                                       True, backend=backends.follow(self.scan_backend))
-        return (u if mask is None else u * mask[:, None, :]), conv_final, ssm_init
+        return u.gather(2, back[:, None].expand_as(xs)) * mask[:, None, :], conv_final, ssm_init
 
     @staticmethod
     def _store(out, cache, conv_final):
@@ -333,6 +342,8 @@ class Mamba(nn.Module):
             dt, B, C = (norm(t.transpose(1, 2)).transpose(1, 2) for norm, t in
                         ((self.dt_layernorm, dt), (self.b_layernorm, B), (self.c_layernorm, C)))
         delta = channels_linear(dt, self.dt_proj.weight)  # (B, d_inner, T), bias in the scan
+        if mask is not None:  # a pad is no step (PAD_DT)
+            delta = delta.masked_fill(mask[:, None, :] == 0, PAD_DT)
         out = selective_scan(u, delta, A, B, C, self.D.float(), z, self.dt_proj.bias.float(), True, ssm_init,
                              seq_idx, cache is not None, backend=backend)
         y = self._store(out, cache, conv_final)

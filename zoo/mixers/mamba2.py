@@ -12,10 +12,12 @@ from zoo_kernels.ssd import MIN_CHUNK_SIZE
 from zoo import backends
 from zoo.cache import RecurrentLayer
 from zoo.layers import (
+    PAD_DT,
     GatedRMSNorm,
     Linear,
     decoded_constants,
     init_copy_,
+    lay_out_past_pads,
     mark_no_weight_decay,
     refuse_skipped_adapter,
     scaled_width,
@@ -181,11 +183,16 @@ class Mamba2(nn.Module):
             y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
         else:
             conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
-            xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu", True,
-                                            backend=conv_backend)
-            xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
-            if mask is not None:
-                xBC = xBC * mask[..., None]
+            if mask is None:
+                xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu",
+                                                True, backend=conv_backend)
+                xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
+            else:  # each token's window skips the pads (lay_out_past_pads), and a pad is no step of the scan (PAD_DT)
+                laid, laid_ids, back = lay_out_past_pads(xBC.transpose(1, 2), mask, conv_init, self.d_conv, seq_idx)
+                out, conv_final = causal_conv1d(laid, w, self.conv1d.bias, laid_ids, None, "silu", True,
+                                                backend=conv_backend)
+                xBC = out.gather(2, back[:, None].expand(Bsz, self.conv_dim, T)).transpose(1, 2) * mask[..., None]
+                dt = dt.masked_fill(mask[..., None] == 0, PAD_DT)
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
             backend = self._chunk_backend(backend)
             if self.mitigation or self.state_probe is not None:
