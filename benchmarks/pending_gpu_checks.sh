@@ -42,7 +42,12 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # cuBLAS's default route against cuBLASLt (TORCH_BLAS_PREFER_CUBLASLT=1) for the decode projections at batch 64
 add probe-cublaslt 240 "for p in 0 1; do echo TORCH_BLAS_PREFER_CUBLASLT=\$p; TORCH_BLAS_PREFER_CUBLASLT=\$p \
 python benchmarks/generate.py --graph only --batches 64 --models mamba --state-dtype model --new-tokens 32; done"
-order=(tests-argmax tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
+# (thirty-first session) a pad after a token is no step of Mamba / Mamba-2 / GLA and their conv windows skip pads
+# (zoo.layers.lay_out_past_pads): the masked prefill on the CUDA conv and scan kernels, through the padded generate
+# tests, and the masked training path's forward and backward on the card
+add tests-pads-gpu 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
+tests/test_finetune_cuda.py tests/test_odd_shapes_cuda.py -k 'pad or mask or prompt'"
+order=(tests-argmax tests-pads-gpu tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
        probe-cublaslt)
 
 if [ "${1:-}" = --list ]; then

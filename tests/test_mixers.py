@@ -89,11 +89,22 @@ def test_pads_after_tokens_are_skipped(name):
     """Pads after tokens (PEFT's prompt tuning lays a left-padded row out as [virtual tokens, pads, prompt]), in one
     call or after a carried state, change nothing: each row's tokens get the outputs of the row without its pads,
     and decoding goes on from the same state. A pad decayed the recurrent states and put zeros in the conv windows."""
-    mixer = build(name)
-    x = torch.randn(2, 15, D_MODEL, dtype=torch.float64)
-    mask = torch.tensor([[1] * 5 + [0] * 3 + [1] * 7, [0] * 2 + [1] * 3 + [0] + [1] * 9])
+    _check_pads_after_tokens(build(name), torch.float64, "cpu", TOL)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "mamba2-grouped", "gla"])
+def test_pads_after_tokens_are_skipped_on_the_cuda_kernels(name):
+    """The same on the GPU's conv and scan kernels (fp32; the laid-out conv input carries seq_idx there)."""
+    _check_pads_after_tokens(build(name).float().cuda(), torch.float32, "cuda", 2e-3)
+
+
+def _check_pads_after_tokens(mixer, dtype, device, tol):
+    x = torch.randn(2, 15, D_MODEL, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.tensor([[1] * 5 + [0] * 3 + [1] * 7, [0] * 2 + [1] * 3 + [0] + [1] * 9], device=device)
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    alone = [run(mixer, x[r:r + 1, mask[r].bool()], position_ids=torch.arange(int(mask[r].sum()))[None])
+    alone = [run(mixer, x[r:r + 1, mask[r].bool()], position_ids=torch.arange(int(mask[r].sum()), device=device)[None])
              for r in range(2)]
     whole = run(mixer, x[:, :14], attention_mask=mask[:, :14], position_ids=position_ids[:, :14])
     cache = mixer.init_state(2, x.dtype, x.device)
@@ -102,8 +113,8 @@ def test_pads_after_tokens_are_skipped(name):
     chunks = torch.cat(parts, 1)
     for r in range(2):
         keep = mask[r].bool()
-        assert_close(f"row {r}", whole[r:r + 1, keep[:14]], alone[r][:, :-1], TOL)
-        assert_close(f"row {r} in chunks", chunks[r:r + 1, keep], alone[r], TOL)
+        assert_close(f"row {r}", whole[r:r + 1, keep[:14]], alone[r][:, :-1], tol)
+        assert_close(f"row {r} in chunks", chunks[r:r + 1, keep], alone[r], tol)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
