@@ -45,8 +45,8 @@ python benchmarks/generate.py --graph only --batches 64 --models mamba --state-d
 # (thirty-first session) a pad after a token is no step of Mamba / Mamba-2 / GLA and their conv windows skip pads
 # (zoo.layers.lay_out_past_pads): the masked prefill on the CUDA conv and scan kernels, through the padded generate
 # tests, and the masked training path's forward and backward on the card
-add tests-pads-gpu 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
-tests/test_finetune_cuda.py tests/test_odd_shapes_cuda.py -k 'pad or mask or prompt'"
+add tests-pads-gpu 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_mixers.py \
+tests/test_static_generate.py tests/test_finetune_cuda.py tests/test_odd_shapes_cuda.py -k 'pad or mask or prompt'"
 order=(tests-argmax tests-pads-gpu tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
        probe-cublaslt)
 
