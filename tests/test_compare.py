@@ -658,3 +658,17 @@ def test_budget_matching_skips_the_widths_a_custom_mixer_refuses():
                   mixers={"H": {"type": f"{__name__}._ThreeHeads"}, "A": {"type": "attention", "n_heads": 2}})
     matched, info = match_budget(fields, 200_000)
     assert matched["d_model"] % 3 == 0 and abs(info["error"]) <= 0.02
+
+
+@pytest.mark.parametrize("ffn", [None, "none"], ids=["null", "none"])
+def test_budget_matching_keeps_a_moe_model_without_a_dense_ffn_so(ffn):
+    """Mamba layers with MoE every second layer and no dense ffn (`ffn: null`): adjusting the ffn width wrote a SwiGLU
+    of that width as the ffn, so the matched model had a SwiGLU MLP on every non-MoE layer, another architecture
+    trained and reported under the name. The width adjusted is the experts' hidden size."""
+    fields = dict(vocab_size=260, d_model=64, layers="MMMM", mixers={"M": {"type": "mamba"}}, ffn=ffn,
+                  moe={"every": 2, "n_experts": 4, "top_k": 2})
+    base = [s["ffn"] for s in ZooConfig(**copy.deepcopy(fields)).layer_specs()]
+    assert base == ["none", "moe", "none", "moe"]
+    matched, info = match_budget(fields, 400_000)
+    assert [s["ffn"] for s in ZooConfig(**copy.deepcopy(matched)).layer_specs()] == base
+    assert abs(info["error"]) <= 0.02 and info["params"] == instantiated_params(ZooConfig(**matched))

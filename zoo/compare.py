@@ -442,15 +442,18 @@ def _ffn_hidden(fields: dict, config: ZooConfig) -> int:
 
 
 def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int) -> dict:
-    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio)."""
+    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio; without a dense
+    ffn, `ffn: null` or none, the experts' hidden size is the one set)."""
     out = copy.deepcopy(fields)
-    ffn = out.get("ffn")
-    if isinstance(ffn, dict) or ffn in (None, "swiglu"):
-        ffn = dict(ffn) if isinstance(ffn, dict) else {"type": "swiglu"}
-        ffn["hidden"] = hidden
-        out["ffn"] = ffn
-    if isinstance(out.get("moe"), dict) and out["moe"].get("hidden"):
-        out["moe"]["hidden"] = max(1, round(out["moe"]["hidden"] * hidden / base_hidden))
+    ffn = out.get("ffn", "swiglu")  # left out: the default SwiGLU; null: none
+    dense = ffn == "swiglu" or (isinstance(ffn, dict) and ffn.get("type", "swiglu") == "swiglu")
+    if dense:
+        out["ffn"] = dict(ffn if isinstance(ffn, dict) else {"type": "swiglu"}, hidden=hidden)
+    if isinstance(out.get("moe"), dict):
+        if out["moe"].get("hidden"):
+            out["moe"]["hidden"] = max(1, round(out["moe"]["hidden"] * hidden / base_hidden))
+        elif not dense:  # the experts' default hidden size is the ffn's, and there is none
+            out["moe"]["hidden"] = hidden
     return out
 
 
