@@ -255,8 +255,21 @@ def test_config_errors_name_the_field(tmp_path):
         load_compare_config(bad)
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
                                    "throughput": {"batch_size": 2, "batch_tokens": 64}}))
-    with pytest.raises(ValueError, match="throughput: set exactly one"):
+    with pytest.raises(ValueError, match="throughput: set one of batch_size and batch_tokens, not both"):
         load_compare_config(bad)
+
+
+def test_throughput_batch_size_alone_is_taken(tmp_path):
+    """throughput.batch_tokens defaulted to 8192, so a config giving batch_size alone (rows per step) was refused with
+    'set exactly one of batch_size and batch_tokens', which it had; it had to null batch_tokens too."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                    "throughput": {"seq_lens": [64], "batch_size": 2}}))
+    cfg, _ = load_compare_config(path)
+    assert (cfg.throughput.batch_size, cfg.throughput.batch_tokens) == (2, None)
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "throughput": {}}))
+    cfg, _ = load_compare_config(path)
+    assert (cfg.throughput.batch_size, cfg.throughput.batch_tokens) == (None, 8192)  # the default, as before
 
 
 def test_model_and_length_errors_name_the_field(tmp_path):

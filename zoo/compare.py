@@ -670,13 +670,18 @@ class EvalSection:
 @dataclass
 class ThroughputConfig:
     """Training-step (forward + backward) tokens/s and peak memory at each seq_len on random tokens, with
-    batch_size rows or batch_tokens // L rows (at least 1); the median of `steps` timed steps after `warmup`."""
+    batch_size rows or batch_tokens // L rows (at least 1; 8192 tokens when neither is given); the median of
+    `steps` timed steps after `warmup`."""
 
     seq_lens: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     batch_size: int | None = None
-    batch_tokens: int | None = 8192
+    batch_tokens: int | None = None
     warmup: int = 1
     steps: int = 3
+
+    def __post_init__(self):
+        if self.batch_size is None and self.batch_tokens is None:  # a default that a given batch_size replaces
+            self.batch_tokens = 8192
 
 
 @dataclass
@@ -786,8 +791,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError("throughput: needs seq_lens, steps >= 1 and warmup >= 0")
         if any(L < 1 for L in t.seq_lens):
             raise ValueError(f"throughput.seq_lens: lengths must be >= 1, got {t.seq_lens}")
-        if (t.batch_size is None) == (t.batch_tokens is None):
-            raise ValueError("throughput: set exactly one of batch_size and batch_tokens")
+        if t.batch_size is not None and t.batch_tokens is not None:
+            raise ValueError("throughput: set one of batch_size and batch_tokens, not both")
     if any(L < 1 for L in cfg.accounting.seq_lens):
         raise ValueError(f"accounting.seq_lens: lengths must be >= 1, got {cfg.accounting.seq_lens}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
