@@ -685,3 +685,37 @@ def test_budget_matching_keeps_a_moe_model_without_a_dense_ffn_so(ffn):
     matched, info = match_budget(fields, 400_000)
     assert [s["ffn"] for s in ZooConfig(**copy.deepcopy(matched)).layer_specs()] == base
     assert abs(info["error"]) <= 0.02 and info["params"] == instantiated_params(ZooConfig(**matched))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"eval": {"passkey": {"n_samples": 0}}}, r"eval.passkey.n_samples: must be >= 1, got 0"),
+    ({"eval": {"passkey": {"lengths": []}}}, r"eval.passkey: lengths and depths need at least one value"),
+    ({"eval": {"passkey": {"depths": [50]}}}, r"eval.passkey.depths: 50 is not a fraction"),
+    ({"eval": {"passkey": {"max_new_tokens": 0}}}, r"eval.passkey.max_new_tokens: must be >= 1"),
+    ({"eval": {"per_position": {"n_docs": 0}}}, r"eval.per_position.n_docs: must be >= 1"),
+    ({"eval": {"per_position": {"max_len": 1}}}, r"eval.per_position.max_len: must be >= 2"),
+    ({"eval": {"per_position": {"chunk_size": 0}}}, r"eval.per_position.chunk_size: must be >= 1"),
+    ({"eval": {"micro_batch_size": 0}}, r"eval.micro_batch_size: must be >= 1"),
+    ({"eval": {"mqar": {"lr": -1e-3}}}, r"eval.mqar.lr: must be > 0"),
+    ({"throughput": {"batch_size": 0}}, r"throughput.batch_size: must be >= 1"),
+    ({"throughput": {"batch_tokens": 0}}, r"throughput.batch_tokens: must be >= 1")])
+def test_evaluation_settings_are_checked_before_any_training(tmp_path, section, message):
+    """The evaluations run after the first model's text training (hours at 130M): a passkey, per-position or eval
+    setting they refuse (n_samples 0, no lengths, a depth of 50, no documents) ended the run there with a message
+    naming no field, a batch_size of 0 was a TypeError, a batch_tokens of 0 timed one row, a negative MQAR lr trained
+    uphill. Each is refused when the config is read, naming it."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, **section}))
+    with pytest.raises(ValueError, match=message):
+        load_compare_config(bad)
+
+
+def test_passkey_lengths_below_the_template_are_refused_before_training(tmp_path, capsys):
+    """A passkey length shorter than the bare template (188 byte tokens) was refused by evaluate_passkey after the first
+    model had trained, advising '--lengths' (zoo eval passkey's option), not the comparison's field."""
+    out = tmp_path / "short"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--only=mamba",
+                 "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--eval.per_position=null",
+                 "--eval.mqar=null", "--throughput=null", "--eval.passkey={lengths: [64, 512]}"]) == 2
+    assert "eval.passkey.lengths: 64 tokens is shorter than the bare passkey template" in capsys.readouterr().err
+    assert not any(out.glob("*/train-*"))

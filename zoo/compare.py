@@ -769,10 +769,34 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     e = cfg.eval
     if e.batches < 1:
         raise ValueError(f"eval.batches: must be >= 1, got {e.batches}")
+    # the evaluations run after the first model's training: a value they refuse would end the run there
+    positive = [("eval.micro_batch_size", e.micro_batch_size)]
+    if e.per_position is not None:
+        pp = e.per_position
+        positive += [("eval.per_position.n_docs", pp.n_docs), ("eval.per_position.chunk_size", pp.chunk_size),
+                     ("eval.per_position.batch_size", pp.batch_size)]
+        if pp.max_len < 2:
+            raise ValueError(f"eval.per_position.max_len: must be >= 2 (a loss needs a token before it), got "
+                             f"{pp.max_len}")
+    if e.passkey is not None:
+        pk = e.passkey
+        if not pk.lengths or not pk.depths:
+            raise ValueError(f"eval.passkey: lengths and depths need at least one value each, got lengths "
+                             f"{pk.lengths} and depths {pk.depths}")
+        bad = [d for d in pk.depths if not 0 <= d <= 1]
+        if bad:
+            raise ValueError(f"eval.passkey.depths: {bad[0]:g} is not a fraction of the filler in [0, 1]")
+        positive += [("eval.passkey.n_samples", pk.n_samples), ("eval.passkey.max_new_tokens", pk.max_new_tokens),
+                     ("eval.passkey.prefill_chunk_size", pk.prefill_chunk_size)]
+    for name, value in positive:
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
     if e.mqar is not None:
         m = e.mqar
         if m.steps < 0 or m.batch_size < 1 or m.eval_samples < 1:
             raise ValueError("eval.mqar: steps >= 0, batch_size >= 1 and eval_samples >= 1")
+        if not m.lr > 0:
+            raise ValueError(f"eval.mqar.lr: must be > 0, got {m.lr}")
         if 4 * m.n_kv > m.seq_len:
             raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
         # the task's own checks (keys from half the vocabulary, the gap law's exponent) before any model trains;
@@ -793,6 +817,9 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError(f"throughput.seq_lens: lengths must be >= 1, got {t.seq_lens}")
         if t.batch_size is not None and t.batch_tokens is not None:
             raise ValueError("throughput: set one of batch_size and batch_tokens, not both")
+        for name, value in (("batch_size", t.batch_size), ("batch_tokens", t.batch_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"throughput.{name}: must be >= 1, got {value}")
     if any(L < 1 for L in cfg.accounting.seq_lens):
         raise ValueError(f"accounting.seq_lens: lengths must be >= 1, got {cfg.accounting.seq_lens}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
@@ -1625,7 +1652,18 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     from zoo.train import ModelInputs, config_from_dict
 
     recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
-    n_tokens = len(load_tokenizer(recipe.tokenizer))
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    n_tokens = len(tokenizer)
+    pk = cfg.eval.passkey
+    if pk is not None:  # evaluate_passkey refuses a length below its template only after the first model trained
+        from zoo.eval.common import encode_with_bos
+        from zoo.eval.passkey import passkey_text
+
+        bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0)))
+        short = [n for n in pk.lengths if n < bare]
+        if short:
+            raise ValueError(f"eval.passkey.lengths: {short[0]} tokens is shorter than the bare passkey template "
+                             f"({bare} tokens with tokenizer {recipe.tokenizer!r}); give lengths of at least {bare}")
     mqar = cfg.eval.mqar
     for entry in entries:
         model = _meta_model(entry.config())
