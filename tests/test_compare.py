@@ -719,3 +719,20 @@ def test_passkey_lengths_below_the_template_are_refused_before_training(tmp_path
                  "--eval.mqar=null", "--throughput=null", "--eval.passkey={lengths: [64, 512]}"]) == 2
     assert "eval.passkey.lengths: 64 tokens is shorter than the bare passkey template" in capsys.readouterr().err
     assert not any(out.glob("*/train-*"))
+
+
+def test_models_finished_earlier_are_accounted_with_this_runs_settings(tmp_path):
+    """A model finished by an earlier run (--only) joined the table with the accounting stored in its result.json:
+    after a rerun with accounting.kv_bytes 1 (fp8 KV) and other accounting lengths, the table and results.json gave
+    Transformer++'s cache at 2 bytes per float and at the old lengths, beside models accounted at 1 byte."""
+    out = tmp_path / "acc"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null"]
+    assert main(argv + ["--only=transformerpp"]) == 0
+    assert main(argv + ["--only=gla", "--accounting.kv_bytes=1", "--accounting.seq_lens=[128, 1024]"]) == 0
+    records = {r["name"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    rows = records["transformerpp"]["accounting"]["per_length"]
+    assert [r["seq_len"] for r in rows] == [128, 1024]
+    assert all(r["cache_mib"] == r["kv_floats"] / 2**20 for r in rows)  # one byte per KV float
+    assert "| transformerpp | 1024 |" in (out / "results.md").read_text()

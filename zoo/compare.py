@@ -1379,17 +1379,20 @@ def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
     return keys
 
 
+def _accounting(cfg: CompareConfig, entry: ModelEntry) -> dict[str, Any]:
+    """The model's accounting at the accounting lengths and the training lengths, with the accounting settings."""
+    a = cfg.accounting
+    return account(entry.config(), sorted(set(a.seq_lens) | set(_lengths(cfg))), a.kv_bytes, a.state_bytes)
+
+
 def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.device, position: str
               ) -> dict[str, Any]:
     """All phases of one model, skipping those recorded with the same settings; returns its record."""
     lengths = _lengths(cfg)
     keys = _phase_keys(cfg)
     folder = out / entry.name
-    config = entry.config()
-    acc = account(config, sorted(set(cfg.accounting.seq_lens) | set(lengths)), cfg.accounting.kv_bytes,
-                  cfg.accounting.state_bytes)
     header = {"name": entry.name, "fields": entry.fields, "is_zoo": entry.is_zoo, "match": entry.match,
-              "accounting": acc}
+              "accounting": _accounting(cfg, entry)}
     record = ModelRecord(folder, _model_fingerprint(cfg, entry), header)
     (folder / "model_config.yaml").write_text(yaml.safe_dump(entry.fields, sort_keys=False))
     for L in lengths:
@@ -1696,8 +1699,8 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                 continue
             current = data.get("fingerprint") == _model_fingerprint(cfg, entry) and all(
                 _phase_done(data, phase, key) for phase, key in keys.items())
-            if current:
-                found[entry.name] = data
+            if current:  # accounting and match as this run's settings give them (another run's kv_bytes, say)
+                found[entry.name] = {**data, "match": entry.match, "accounting": _accounting(cfg, entry)}
             else:
                 stale.append(entry.name)
     return [found[e.name] for e in entries if e.name in found], stale
@@ -1739,10 +1742,8 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
             {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
     try:
         if accounting_only:
-            lengths = sorted(set(cfg.accounting.seq_lens) | set(_lengths(cfg)))
             records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
-                        "accounting": account(e.config(), lengths, cfg.accounting.kv_bytes,
-                                              cfg.accounting.state_bytes)} for e in entries]
+                        "accounting": _accounting(cfg, e)} for e in entries]
         else:
             todo = [e for e in entries if not only or e.name in only]
             by_name = {}
