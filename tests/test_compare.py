@@ -736,3 +736,21 @@ def test_models_finished_earlier_are_accounted_with_this_runs_settings(tmp_path)
     assert [r["seq_len"] for r in rows] == [128, 1024]
     assert all(r["cache_mib"] == r["kv_floats"] / 2**20 for r in rows)  # one byte per KV float
     assert "| transformerpp | 1024 |" in (out / "results.md").read_text()
+
+
+def test_a_phase_turned_off_is_not_reported_from_earlier_runs(tmp_path):
+    """With eval.mqar: null the finished models' MQAR phases stayed in the table and recall plot whatever settings each
+    was made with: mamba's after 2 MQAR steps beside gla's after 1, both under 'MQAR acc'. A phase the config turns
+    off is left out of the report (and a length no longer trained out of the wall-time table)."""
+    out = tmp_path / "off"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--throughput=null", "--eval.passkey=null", "--eval.mqar.eval_samples=8",
+            "--eval.mqar.eval_seq_lens=[32]"]
+    assert main(argv + ["--only=mamba", "--eval.mqar.steps=2"]) == 0
+    assert main(argv + ["--only=gla", "--eval.mqar.steps=1"]) == 0
+    assert main(argv + ["--only=gla", "--eval.mqar=null"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" in table and "## MQAR recall" not in table
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert all(set(r["phases"]) == {"train/L128", "eval/L128"} == set(r["phase_seconds"]) for r in records)

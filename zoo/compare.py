@@ -1688,9 +1688,11 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                       ) -> tuple[list[dict[str, Any]], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
     config's order; and the models whose earlier results were made with another model config, recipe or phase
-    settings (a rerun would redo them), which are left out: the table compares models under one recipe."""
-    found, stale = dict(by_name), []
+    settings (a rerun would redo them), which are left out: the table compares models under one recipe. A record
+    keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would show results
+    made under whatever settings each model last ran it with, side by side."""
     keys = _phase_keys(cfg)
+    found, stale = {name: _asked_phases(data, keys) for name, data in by_name.items()}, []
     for entry in entries:
         path = out / entry.name / RESULT_FILE
         if entry.name not in found and path.is_file():
@@ -1700,10 +1702,17 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
             current = data.get("fingerprint") == _model_fingerprint(cfg, entry) and all(
                 _phase_done(data, phase, key) for phase, key in keys.items())
             if current:  # accounting and match as this run's settings give them (another run's kv_bytes, say)
-                found[entry.name] = {**data, "match": entry.match, "accounting": _accounting(cfg, entry)}
+                found[entry.name] = _asked_phases({**data, "match": entry.match,
+                                                   "accounting": _accounting(cfg, entry)}, keys)
             else:
                 stale.append(entry.name)
     return [found[e.name] for e in entries if e.name in found], stale
+
+
+def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """A model's record with only the phases in `keys` (and their wall times)."""
+    return {**data, "phases": {k: v for k, v in data["phases"].items() if k in keys},
+            "phase_seconds": {k: v for k, v in (data.get("phase_seconds") or {}).items() if k in keys}}
 
 
 def _left_out_note(stale: list[str], out: Path) -> str:
