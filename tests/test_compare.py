@@ -754,3 +754,32 @@ def test_a_phase_turned_off_is_not_reported_from_earlier_runs(tmp_path):
     assert "| mamba |" in table and "| gla |" in table and "## MQAR recall" not in table
     records = json.loads((out / "results.json").read_text())["records"]
     assert all(set(r["phases"]) == {"train/L128", "eval/L128"} == set(r["phase_seconds"]) for r in records)
+
+
+def test_a_rerun_with_another_progress_bar_continues_the_comparison(tmp_path, capsys):
+    """The results' fingerprint covered the recipe as written, progress bar and trackers included: rerunning a finished
+    comparison without --recipe.log.progress_bar=false (or with a tensorboard tracker added) was refused as 'results
+    of a different model config or recipe; pass --force', which retrains every model. Fields that change no result
+    are left out of it; results written before (the recipe's own fingerprint) still count as this comparison's."""
+    out = tmp_path / "bar"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--eval.batches=1", "--eval.per_position=null",
+            "--eval.mqar=null", "--throughput=null", "--eval.passkey=null", "--only=mamba"]
+    assert main(argv + ["--recipe.log.progress_bar=false"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--recipe.log.trackers=[csv, tensorboard]"]) == 0
+    err = capsys.readouterr().err
+    assert "different model config or recipe" not in err and "mamba: training" not in err
+    assert "| mamba |" in (out / "results.md").read_text()
+    # a result.json written under the recipe's own fingerprint is taken
+    from zoo.compare import ModelRecord, _fingerprint, _model_fingerprints
+
+    cfg, folder = load_compare_config(argv[0], [a[2:] for a in argv[1:-1]])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "mamba"]
+    data = json.loads((out / "mamba" / "result.json").read_text())
+    data["fingerprint"] = _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})
+    (out / "mamba" / "result.json").write_text(json.dumps(data))
+    assert ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {}).data["phases"] == data["phases"]
+    with pytest.raises(ValueError, match="different model config or recipe"):  # a change that matters is refused
+        cfg.recipe["train"]["max_steps"] = 2
+        ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {})

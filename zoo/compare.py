@@ -988,13 +988,15 @@ class ModelRecord:
     the settings it depends on (a phase whose settings changed is redone; a model whose config or recipe
     changed is refused, since its training checkpoints belong to the old one)."""
 
-    def __init__(self, folder: Path, fingerprint: str, header: dict[str, Any]):
+    def __init__(self, folder: Path, fingerprints: list[str], header: dict[str, Any]):
+        """fingerprints: the model's (`_model_fingerprints`); results under another are refused."""
         self.folder, self.path = folder, folder / RESULT_FILE
         data = json.loads(self.path.read_text()) if self.path.is_file() else None
-        if data is not None and data.get("fingerprint") != fingerprint:
+        if data is not None and data.get("fingerprint") not in fingerprints:
             raise ValueError(f"{self.path} holds results of a different model config or recipe; pass --force to "
                              f"redo this model, or choose another output_dir")
-        self.data = data or {"fingerprint": fingerprint, "phases": {}, "phase_keys": {}}
+        self.data = data or {"phases": {}, "phase_keys": {}}
+        self.data["fingerprint"] = fingerprints[0]
         self.data.update(header)
         self.save()
 
@@ -1361,8 +1363,19 @@ def _label(name: str, L: int, lengths: list[int]) -> str:
     return name if len(lengths) == 1 else f"{name}@{L}"
 
 
-def _model_fingerprint(cfg: CompareConfig, entry: ModelEntry) -> str:
-    return _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})
+# recipe fields that change no result: a rerun with another progress bar or tracker continues the comparison
+_RECIPE_NO_RESULT = ("log.progress_bar", "log.trackers", "log.peak_tflops", "checkpoint.keep")
+
+
+def _model_fingerprints(cfg: CompareConfig, entry: ModelEntry) -> list[str]:
+    """The fingerprints a model's results may carry: of its fields and the recipe as zoo.train reads it (defaults
+    filled in) less _RECIPE_NO_RESULT; then of the recipe as written (results of earlier versions)."""
+    from zoo.train import _flat, config_from_dict
+
+    recipe = _flat(config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"}).to_dict())
+    recipe = {k: v for k, v in recipe.items() if k not in ("model", "output_dir", *_RECIPE_NO_RESULT)}
+    return [_fingerprint({"fields": entry.fields, "recipe": recipe}),
+            _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})]
 
 
 def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
@@ -1393,7 +1406,7 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
     folder = out / entry.name
     header = {"name": entry.name, "fields": entry.fields, "is_zoo": entry.is_zoo, "match": entry.match,
               "accounting": _accounting(cfg, entry)}
-    record = ModelRecord(folder, _model_fingerprint(cfg, entry), header)
+    record = ModelRecord(folder, _model_fingerprints(cfg, entry), header)
     (folder / "model_config.yaml").write_text(yaml.safe_dump(entry.fields, sort_keys=False))
     for L in lengths:
         run_dir = folder / f"train-L{L}"
@@ -1699,7 +1712,7 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
             data = json.loads(path.read_text())
             if not data.get("done"):
                 continue
-            current = data.get("fingerprint") == _model_fingerprint(cfg, entry) and all(
+            current = data.get("fingerprint") in _model_fingerprints(cfg, entry) and all(
                 _phase_done(data, phase, key) for phase, key in keys.items())
             if current:  # accounting and match as this run's settings give them (another run's kv_bytes, say)
                 found[entry.name] = _asked_phases({**data, "match": entry.match,
