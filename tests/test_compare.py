@@ -783,3 +783,21 @@ def test_a_rerun_with_another_progress_bar_continues_the_comparison(tmp_path, ca
     with pytest.raises(ValueError, match="different model config or recipe"):  # a change that matters is refused
         cfg.recipe["train"]["max_steps"] = 2
         ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {})
+
+
+def test_mqar_of_the_text_trained_model_is_redone_when_the_first_length_changes(tmp_path):
+    """eval.mqar.steps 0 evaluates the model trained at the first of train_lengths; its settings key did not hold that
+    length, so after train_lengths [128, 256] became [256, 128] the recorded recall of the L=128 model was kept as
+    the L=256 model's."""
+    from zoo.compare import _phase_keys
+
+    path = tmp_path / "c.yaml"
+    keys = {}
+    for lengths in ([128, 256], [256, 128]):
+        for steps in (0, 2):
+            path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": lengths,
+                                            "recipe": {"data": {"seq_len": 128}, "train": {"micro_batch_size": 2}},
+                                            "eval": {"mqar": {"steps": steps}}}))
+            keys[lengths[0], steps] = _phase_keys(load_compare_config(path)[0])["mqar"]
+    assert keys[128, 0] != keys[256, 0]
+    assert keys[128, 2] == keys[256, 2]  # a fresh copy trained on MQAR: the text model's length does not matter

@@ -1386,7 +1386,10 @@ def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
     for L in _lengths(cfg):
         keys[f"train/L{L}"], keys[f"eval/L{L}"] = "train", eval_key
     if cfg.eval.mqar is not None:
-        keys["mqar"] = _fingerprint(dataclasses.asdict(cfg.eval.mqar))
+        mqar = dataclasses.asdict(cfg.eval.mqar)
+        if not cfg.eval.mqar.steps:  # it evaluates the model trained at the first length
+            mqar["text_model_length"] = _lengths(cfg)[0]
+        keys["mqar"] = _fingerprint(mqar)
     if cfg.throughput is not None:
         keys["throughput"] = _fingerprint({**dataclasses.asdict(cfg.throughput), "device": _device_name()})
     return keys
