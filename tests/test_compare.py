@@ -287,6 +287,9 @@ def test_model_and_length_errors_name_the_field(tmp_path):
              # a typo under model_overrides was reported as the first model's field
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "model_overrides": {"vocab_sise": 260}},
               r"model_overrides: vocab_sise: unknown field; did you mean 'vocab_size'"),
+             # a list of overrides was a TypeError traceback ('cannot convert dictionary update sequence element')
+             ({"models": {"m": {"config": "configs/models/mamba-tiny.yaml", "overrides": ["vocab_size: 260"]}}},
+              r"models.m.overrides: expected a mapping of config fields"),
              # a name with '/' made nested result folders
              ({"models": {"a/b": "configs/models/mamba-tiny.yaml"}}, r"models.a/b: a model name names its results"),
              # transformers' own message for an unknown model type lists every type it knows (12K characters)

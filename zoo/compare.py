@@ -904,7 +904,10 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             unknown = set(spec) - {"config", "overrides", "match"}
             if unknown:
                 raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use config, overrides, match")
-            raw.append((name, _read_fields(spec["config"], folder, where), dict(spec.get("overrides") or {}),
+            overrides = spec.get("overrides") or {}
+            if not isinstance(overrides, dict):
+                raise ValueError(f"{where}.overrides: expected a mapping of config fields, got {overrides!r}")
+            raw.append((name, _read_fields(spec["config"], folder, where), dict(overrides),
                         bool(spec.get("match", True))))
         else:
             raw.append((name, _read_fields(spec, folder, where), {}, True))
