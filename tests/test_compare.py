@@ -255,8 +255,21 @@ def test_config_errors_name_the_field(tmp_path):
         load_compare_config(bad)
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
                                    "throughput": {"batch_size": 2, "batch_tokens": 64}}))
-    with pytest.raises(ValueError, match="throughput: set exactly one"):
+    with pytest.raises(ValueError, match="throughput: set one of batch_size and batch_tokens, not both"):
         load_compare_config(bad)
+
+
+def test_throughput_batch_size_alone_is_taken(tmp_path):
+    """throughput.batch_tokens defaulted to 8192, so a config giving batch_size alone (rows per step) was refused with
+    'set exactly one of batch_size and batch_tokens', which it had; it had to null batch_tokens too."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                    "throughput": {"seq_lens": [64], "batch_size": 2}}))
+    cfg, _ = load_compare_config(path)
+    assert (cfg.throughput.batch_size, cfg.throughput.batch_tokens) == (2, None)
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "throughput": {}}))
+    cfg, _ = load_compare_config(path)
+    assert (cfg.throughput.batch_size, cfg.throughput.batch_tokens) == (None, 8192)  # the default, as before
 
 
 def test_model_and_length_errors_name_the_field(tmp_path):
@@ -274,6 +287,9 @@ def test_model_and_length_errors_name_the_field(tmp_path):
              # a typo under model_overrides was reported as the first model's field
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "model_overrides": {"vocab_sise": 260}},
               r"model_overrides: vocab_sise: unknown field; did you mean 'vocab_size'"),
+             # a list of overrides was a TypeError traceback ('cannot convert dictionary update sequence element')
+             ({"models": {"m": {"config": "configs/models/mamba-tiny.yaml", "overrides": ["vocab_size: 260"]}}},
+              r"models.m.overrides: expected a mapping of config fields"),
              # a name with '/' made nested result folders
              ({"models": {"a/b": "configs/models/mamba-tiny.yaml"}}, r"models.a/b: a model name names its results"),
              # transformers' own message for an unknown model type lists every type it knows (12K characters)
@@ -658,3 +674,133 @@ def test_budget_matching_skips_the_widths_a_custom_mixer_refuses():
                   mixers={"H": {"type": f"{__name__}._ThreeHeads"}, "A": {"type": "attention", "n_heads": 2}})
     matched, info = match_budget(fields, 200_000)
     assert matched["d_model"] % 3 == 0 and abs(info["error"]) <= 0.02
+
+
+@pytest.mark.parametrize("ffn", [None, "none"], ids=["null", "none"])
+def test_budget_matching_keeps_a_moe_model_without_a_dense_ffn_so(ffn):
+    """Mamba layers with MoE every second layer and no dense ffn (`ffn: null`): adjusting the ffn width wrote a SwiGLU
+    of that width as the ffn, so the matched model had a SwiGLU MLP on every non-MoE layer, another architecture
+    trained and reported under the name. The width adjusted is the experts' hidden size."""
+    fields = dict(vocab_size=260, d_model=64, layers="MMMM", mixers={"M": {"type": "mamba"}}, ffn=ffn,
+                  moe={"every": 2, "n_experts": 4, "top_k": 2})
+    base = [s["ffn"] for s in ZooConfig(**copy.deepcopy(fields)).layer_specs()]
+    assert base == ["none", "moe", "none", "moe"]
+    matched, info = match_budget(fields, 400_000)
+    assert [s["ffn"] for s in ZooConfig(**copy.deepcopy(matched)).layer_specs()] == base
+    assert abs(info["error"]) <= 0.02 and info["params"] == instantiated_params(ZooConfig(**matched))
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"eval": {"passkey": {"n_samples": 0}}}, r"eval.passkey.n_samples: must be >= 1, got 0"),
+    ({"eval": {"passkey": {"lengths": []}}}, r"eval.passkey: lengths and depths need at least one value"),
+    ({"eval": {"passkey": {"depths": [50]}}}, r"eval.passkey.depths: 50 is not a fraction"),
+    ({"eval": {"passkey": {"max_new_tokens": 0}}}, r"eval.passkey.max_new_tokens: must be >= 1"),
+    ({"eval": {"per_position": {"n_docs": 0}}}, r"eval.per_position.n_docs: must be >= 1"),
+    ({"eval": {"per_position": {"max_len": 1}}}, r"eval.per_position.max_len: must be >= 2"),
+    ({"eval": {"per_position": {"chunk_size": 0}}}, r"eval.per_position.chunk_size: must be >= 1"),
+    ({"eval": {"micro_batch_size": 0}}, r"eval.micro_batch_size: must be >= 1"),
+    ({"eval": {"mqar": {"lr": -1e-3}}}, r"eval.mqar.lr: must be > 0"),
+    ({"throughput": {"batch_size": 0}}, r"throughput.batch_size: must be >= 1"),
+    ({"throughput": {"batch_tokens": 0}}, r"throughput.batch_tokens: must be >= 1")])
+def test_evaluation_settings_are_checked_before_any_training(tmp_path, section, message):
+    """The evaluations run after the first model's text training (hours at 130M): a passkey, per-position or eval
+    setting they refuse (n_samples 0, no lengths, a depth of 50, no documents) ended the run there with a message
+    naming no field, a batch_size of 0 was a TypeError, a batch_tokens of 0 timed one row, a negative MQAR lr trained
+    uphill. Each is refused when the config is read, naming it."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, **section}))
+    with pytest.raises(ValueError, match=message):
+        load_compare_config(bad)
+
+
+def test_passkey_lengths_below_the_template_are_refused_before_training(tmp_path, capsys):
+    """A passkey length shorter than the bare template (188 byte tokens) was refused by evaluate_passkey after the first
+    model had trained, advising '--lengths' (zoo eval passkey's option), not the comparison's field."""
+    out = tmp_path / "short"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--only=mamba",
+                 "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--eval.per_position=null",
+                 "--eval.mqar=null", "--throughput=null", "--eval.passkey={lengths: [64, 512]}"]) == 2
+    assert "eval.passkey.lengths: 64 tokens is shorter than the bare passkey template" in capsys.readouterr().err
+    assert not any(out.glob("*/train-*"))
+
+
+def test_models_finished_earlier_are_accounted_with_this_runs_settings(tmp_path):
+    """A model finished by an earlier run (--only) joined the table with the accounting stored in its result.json:
+    after a rerun with accounting.kv_bytes 1 (fp8 KV) and other accounting lengths, the table and results.json gave
+    Transformer++'s cache at 2 bytes per float and at the old lengths, beside models accounted at 1 byte."""
+    out = tmp_path / "acc"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null"]
+    assert main(argv + ["--only=transformerpp"]) == 0
+    assert main(argv + ["--only=gla", "--accounting.kv_bytes=1", "--accounting.seq_lens=[128, 1024]"]) == 0
+    records = {r["name"]: r for r in json.loads((out / "results.json").read_text())["records"]}
+    rows = records["transformerpp"]["accounting"]["per_length"]
+    assert [r["seq_len"] for r in rows] == [128, 1024]
+    assert all(r["cache_mib"] == r["kv_floats"] / 2**20 for r in rows)  # one byte per KV float
+    assert "| transformerpp | 1024 |" in (out / "results.md").read_text()
+
+
+def test_a_phase_turned_off_is_not_reported_from_earlier_runs(tmp_path):
+    """With eval.mqar: null the finished models' MQAR phases stayed in the table and recall plot whatever settings each
+    was made with: mamba's after 2 MQAR steps beside gla's after 1, both under 'MQAR acc'. A phase the config turns
+    off is left out of the report (and a length no longer trained out of the wall-time table)."""
+    out = tmp_path / "off"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--throughput=null", "--eval.passkey=null", "--eval.mqar.eval_samples=8",
+            "--eval.mqar.eval_seq_lens=[32]"]
+    assert main(argv + ["--only=mamba", "--eval.mqar.steps=2"]) == 0
+    assert main(argv + ["--only=gla", "--eval.mqar.steps=1"]) == 0
+    assert main(argv + ["--only=gla", "--eval.mqar=null"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" in table and "## MQAR recall" not in table
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert all(set(r["phases"]) == {"train/L128", "eval/L128"} == set(r["phase_seconds"]) for r in records)
+
+
+def test_a_rerun_with_another_progress_bar_continues_the_comparison(tmp_path, capsys):
+    """The results' fingerprint covered the recipe as written, progress bar and trackers included: rerunning a finished
+    comparison without --recipe.log.progress_bar=false (or with a tensorboard tracker added) was refused as 'results
+    of a different model config or recipe; pass --force', which retrains every model. Fields that change no result
+    are left out of it; results written before (the recipe's own fingerprint) still count as this comparison's."""
+    out = tmp_path / "bar"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--eval.batches=1", "--eval.per_position=null",
+            "--eval.mqar=null", "--throughput=null", "--eval.passkey=null", "--only=mamba"]
+    assert main(argv + ["--recipe.log.progress_bar=false"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--recipe.log.trackers=[csv, tensorboard]"]) == 0
+    err = capsys.readouterr().err
+    assert "different model config or recipe" not in err and "mamba: training" not in err
+    assert "| mamba |" in (out / "results.md").read_text()
+    # a result.json written under the recipe's own fingerprint is taken
+    from zoo.compare import ModelRecord, _fingerprint, _model_fingerprints
+
+    cfg, folder = load_compare_config(argv[0], [a[2:] for a in argv[1:-1]])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "mamba"]
+    data = json.loads((out / "mamba" / "result.json").read_text())
+    data["fingerprint"] = _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})
+    (out / "mamba" / "result.json").write_text(json.dumps(data))
+    assert ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {}).data["phases"] == data["phases"]
+    with pytest.raises(ValueError, match="different model config or recipe"):  # a change that matters is refused
+        cfg.recipe["train"]["max_steps"] = 2
+        ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {})
+
+
+def test_mqar_of_the_text_trained_model_is_redone_when_the_first_length_changes(tmp_path):
+    """eval.mqar.steps 0 evaluates the model trained at the first of train_lengths; its settings key did not hold that
+    length, so after train_lengths [128, 256] became [256, 128] the recorded recall of the L=128 model was kept as
+    the L=256 model's."""
+    from zoo.compare import _phase_keys
+
+    path = tmp_path / "c.yaml"
+    keys = {}
+    for lengths in ([128, 256], [256, 128]):
+        for steps in (0, 2):
+            path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": lengths,
+                                            "recipe": {"data": {"seq_len": 128}, "train": {"micro_batch_size": 2}},
+                                            "eval": {"mqar": {"steps": steps}}}))
+            keys[lengths[0], steps] = _phase_keys(load_compare_config(path)[0])["mqar"]
+    assert keys[128, 0] != keys[256, 0]
+    assert keys[128, 2] == keys[256, 2]  # a fresh copy trained on MQAR: the text model's length does not matter

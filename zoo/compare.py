@@ -442,15 +442,18 @@ def _ffn_hidden(fields: dict, config: ZooConfig) -> int:
 
 
 def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int) -> dict:
-    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio)."""
+    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio; without a dense
+    ffn, `ffn: null` or none, the experts' hidden size is the one set)."""
     out = copy.deepcopy(fields)
-    ffn = out.get("ffn")
-    if isinstance(ffn, dict) or ffn in (None, "swiglu"):
-        ffn = dict(ffn) if isinstance(ffn, dict) else {"type": "swiglu"}
-        ffn["hidden"] = hidden
-        out["ffn"] = ffn
-    if isinstance(out.get("moe"), dict) and out["moe"].get("hidden"):
-        out["moe"]["hidden"] = max(1, round(out["moe"]["hidden"] * hidden / base_hidden))
+    ffn = out.get("ffn", "swiglu")  # left out: the default SwiGLU; null: none
+    dense = ffn == "swiglu" or (isinstance(ffn, dict) and ffn.get("type", "swiglu") == "swiglu")
+    if dense:
+        out["ffn"] = dict(ffn if isinstance(ffn, dict) else {"type": "swiglu"}, hidden=hidden)
+    if isinstance(out.get("moe"), dict):
+        if out["moe"].get("hidden"):
+            out["moe"]["hidden"] = max(1, round(out["moe"]["hidden"] * hidden / base_hidden))
+        elif not dense:  # the experts' default hidden size is the ffn's, and there is none
+            out["moe"]["hidden"] = hidden
     return out
 
 
@@ -667,13 +670,18 @@ class EvalSection:
 @dataclass
 class ThroughputConfig:
     """Training-step (forward + backward) tokens/s and peak memory at each seq_len on random tokens, with
-    batch_size rows or batch_tokens // L rows (at least 1); the median of `steps` timed steps after `warmup`."""
+    batch_size rows or batch_tokens // L rows (at least 1; 8192 tokens when neither is given); the median of
+    `steps` timed steps after `warmup`."""
 
     seq_lens: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     batch_size: int | None = None
-    batch_tokens: int | None = 8192
+    batch_tokens: int | None = None
     warmup: int = 1
     steps: int = 3
+
+    def __post_init__(self):
+        if self.batch_size is None and self.batch_tokens is None:  # a default that a given batch_size replaces
+            self.batch_tokens = 8192
 
 
 @dataclass
@@ -761,10 +769,34 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     e = cfg.eval
     if e.batches < 1:
         raise ValueError(f"eval.batches: must be >= 1, got {e.batches}")
+    # the evaluations run after the first model's training: a value they refuse would end the run there
+    positive = [("eval.micro_batch_size", e.micro_batch_size)]
+    if e.per_position is not None:
+        pp = e.per_position
+        positive += [("eval.per_position.n_docs", pp.n_docs), ("eval.per_position.chunk_size", pp.chunk_size),
+                     ("eval.per_position.batch_size", pp.batch_size)]
+        if pp.max_len < 2:
+            raise ValueError(f"eval.per_position.max_len: must be >= 2 (a loss needs a token before it), got "
+                             f"{pp.max_len}")
+    if e.passkey is not None:
+        pk = e.passkey
+        if not pk.lengths or not pk.depths:
+            raise ValueError(f"eval.passkey: lengths and depths need at least one value each, got lengths "
+                             f"{pk.lengths} and depths {pk.depths}")
+        bad = [d for d in pk.depths if not 0 <= d <= 1]
+        if bad:
+            raise ValueError(f"eval.passkey.depths: {bad[0]:g} is not a fraction of the filler in [0, 1]")
+        positive += [("eval.passkey.n_samples", pk.n_samples), ("eval.passkey.max_new_tokens", pk.max_new_tokens),
+                     ("eval.passkey.prefill_chunk_size", pk.prefill_chunk_size)]
+    for name, value in positive:
+        if value is not None and value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
     if e.mqar is not None:
         m = e.mqar
         if m.steps < 0 or m.batch_size < 1 or m.eval_samples < 1:
             raise ValueError("eval.mqar: steps >= 0, batch_size >= 1 and eval_samples >= 1")
+        if not m.lr > 0:
+            raise ValueError(f"eval.mqar.lr: must be > 0, got {m.lr}")
         if 4 * m.n_kv > m.seq_len:
             raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
         # the task's own checks (keys from half the vocabulary, the gap law's exponent) before any model trains;
@@ -783,8 +815,11 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError("throughput: needs seq_lens, steps >= 1 and warmup >= 0")
         if any(L < 1 for L in t.seq_lens):
             raise ValueError(f"throughput.seq_lens: lengths must be >= 1, got {t.seq_lens}")
-        if (t.batch_size is None) == (t.batch_tokens is None):
-            raise ValueError("throughput: set exactly one of batch_size and batch_tokens")
+        if t.batch_size is not None and t.batch_tokens is not None:
+            raise ValueError("throughput: set one of batch_size and batch_tokens, not both")
+        for name, value in (("batch_size", t.batch_size), ("batch_tokens", t.batch_tokens)):
+            if value is not None and value < 1:
+                raise ValueError(f"throughput.{name}: must be >= 1, got {value}")
     if any(L < 1 for L in cfg.accounting.seq_lens):
         raise ValueError(f"accounting.seq_lens: lengths must be >= 1, got {cfg.accounting.seq_lens}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
@@ -869,7 +904,10 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             unknown = set(spec) - {"config", "overrides", "match"}
             if unknown:
                 raise ValueError(f"{where}: unknown keys {sorted(unknown)}; use config, overrides, match")
-            raw.append((name, _read_fields(spec["config"], folder, where), dict(spec.get("overrides") or {}),
+            overrides = spec.get("overrides") or {}
+            if not isinstance(overrides, dict):
+                raise ValueError(f"{where}.overrides: expected a mapping of config fields, got {overrides!r}")
+            raw.append((name, _read_fields(spec["config"], folder, where), dict(overrides),
                         bool(spec.get("match", True))))
         else:
             raw.append((name, _read_fields(spec, folder, where), {}, True))
@@ -953,13 +991,15 @@ class ModelRecord:
     the settings it depends on (a phase whose settings changed is redone; a model whose config or recipe
     changed is refused, since its training checkpoints belong to the old one)."""
 
-    def __init__(self, folder: Path, fingerprint: str, header: dict[str, Any]):
+    def __init__(self, folder: Path, fingerprints: list[str], header: dict[str, Any]):
+        """fingerprints: the model's (`_model_fingerprints`); results under another are refused."""
         self.folder, self.path = folder, folder / RESULT_FILE
         data = json.loads(self.path.read_text()) if self.path.is_file() else None
-        if data is not None and data.get("fingerprint") != fingerprint:
+        if data is not None and data.get("fingerprint") not in fingerprints:
             raise ValueError(f"{self.path} holds results of a different model config or recipe; pass --force to "
                              f"redo this model, or choose another output_dir")
-        self.data = data or {"fingerprint": fingerprint, "phases": {}, "phase_keys": {}}
+        self.data = data or {"phases": {}, "phase_keys": {}}
+        self.data["fingerprint"] = fingerprints[0]
         self.data.update(header)
         self.save()
 
@@ -1326,8 +1366,19 @@ def _label(name: str, L: int, lengths: list[int]) -> str:
     return name if len(lengths) == 1 else f"{name}@{L}"
 
 
-def _model_fingerprint(cfg: CompareConfig, entry: ModelEntry) -> str:
-    return _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})
+# recipe fields that change no result: a rerun with another progress bar or tracker continues the comparison
+_RECIPE_NO_RESULT = ("log.progress_bar", "log.trackers", "log.peak_tflops", "checkpoint.keep")
+
+
+def _model_fingerprints(cfg: CompareConfig, entry: ModelEntry) -> list[str]:
+    """The fingerprints a model's results may carry: of its fields and the recipe as zoo.train reads it (defaults
+    filled in) less _RECIPE_NO_RESULT; then of the recipe as written (results of earlier versions)."""
+    from zoo.train import _flat, config_from_dict
+
+    recipe = _flat(config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"}).to_dict())
+    recipe = {k: v for k, v in recipe.items() if k not in ("model", "output_dir", *_RECIPE_NO_RESULT)}
+    return [_fingerprint({"fields": entry.fields, "recipe": recipe}),
+            _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})]
 
 
 def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
@@ -1338,10 +1389,19 @@ def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
     for L in _lengths(cfg):
         keys[f"train/L{L}"], keys[f"eval/L{L}"] = "train", eval_key
     if cfg.eval.mqar is not None:
-        keys["mqar"] = _fingerprint(dataclasses.asdict(cfg.eval.mqar))
+        mqar = dataclasses.asdict(cfg.eval.mqar)
+        if not cfg.eval.mqar.steps:  # it evaluates the model trained at the first length
+            mqar["text_model_length"] = _lengths(cfg)[0]
+        keys["mqar"] = _fingerprint(mqar)
     if cfg.throughput is not None:
         keys["throughput"] = _fingerprint({**dataclasses.asdict(cfg.throughput), "device": _device_name()})
     return keys
+
+
+def _accounting(cfg: CompareConfig, entry: ModelEntry) -> dict[str, Any]:
+    """The model's accounting at the accounting lengths and the training lengths, with the accounting settings."""
+    a = cfg.accounting
+    return account(entry.config(), sorted(set(a.seq_lens) | set(_lengths(cfg))), a.kv_bytes, a.state_bytes)
 
 
 def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.device, position: str
@@ -1350,12 +1410,9 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
     lengths = _lengths(cfg)
     keys = _phase_keys(cfg)
     folder = out / entry.name
-    config = entry.config()
-    acc = account(config, sorted(set(cfg.accounting.seq_lens) | set(lengths)), cfg.accounting.kv_bytes,
-                  cfg.accounting.state_bytes)
     header = {"name": entry.name, "fields": entry.fields, "is_zoo": entry.is_zoo, "match": entry.match,
-              "accounting": acc}
-    record = ModelRecord(folder, _model_fingerprint(cfg, entry), header)
+              "accounting": _accounting(cfg, entry)}
+    record = ModelRecord(folder, _model_fingerprints(cfg, entry), header)
     (folder / "model_config.yaml").write_text(yaml.safe_dump(entry.fields, sort_keys=False))
     for L in lengths:
         run_dir = folder / f"train-L{L}"
@@ -1617,7 +1674,18 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     from zoo.train import ModelInputs, config_from_dict
 
     recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
-    n_tokens = len(load_tokenizer(recipe.tokenizer))
+    tokenizer = load_tokenizer(recipe.tokenizer)
+    n_tokens = len(tokenizer)
+    pk = cfg.eval.passkey
+    if pk is not None:  # evaluate_passkey refuses a length below its template only after the first model trained
+        from zoo.eval.common import encode_with_bos
+        from zoo.eval.passkey import passkey_text
+
+        bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0)))
+        short = [n for n in pk.lengths if n < bare]
+        if short:
+            raise ValueError(f"eval.passkey.lengths: {short[0]} tokens is shorter than the bare passkey template "
+                             f"({bare} tokens with tokenizer {recipe.tokenizer!r}); give lengths of at least {bare}")
     mqar = cfg.eval.mqar
     for entry in entries:
         model = _meta_model(entry.config())
@@ -1639,22 +1707,31 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                       ) -> tuple[list[dict[str, Any]], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
     config's order; and the models whose earlier results were made with another model config, recipe or phase
-    settings (a rerun would redo them), which are left out: the table compares models under one recipe."""
-    found, stale = dict(by_name), []
+    settings (a rerun would redo them), which are left out: the table compares models under one recipe. A record
+    keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would show results
+    made under whatever settings each model last ran it with, side by side."""
     keys = _phase_keys(cfg)
+    found, stale = {name: _asked_phases(data, keys) for name, data in by_name.items()}, []
     for entry in entries:
         path = out / entry.name / RESULT_FILE
         if entry.name not in found and path.is_file():
             data = json.loads(path.read_text())
             if not data.get("done"):
                 continue
-            current = data.get("fingerprint") == _model_fingerprint(cfg, entry) and all(
+            current = data.get("fingerprint") in _model_fingerprints(cfg, entry) and all(
                 _phase_done(data, phase, key) for phase, key in keys.items())
-            if current:
-                found[entry.name] = data
+            if current:  # accounting and match as this run's settings give them (another run's kv_bytes, say)
+                found[entry.name] = _asked_phases({**data, "match": entry.match,
+                                                   "accounting": _accounting(cfg, entry)}, keys)
             else:
                 stale.append(entry.name)
     return [found[e.name] for e in entries if e.name in found], stale
+
+
+def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
+    """A model's record with only the phases in `keys` (and their wall times)."""
+    return {**data, "phases": {k: v for k, v in data["phases"].items() if k in keys},
+            "phase_seconds": {k: v for k, v in (data.get("phase_seconds") or {}).items() if k in keys}}
 
 
 def _left_out_note(stale: list[str], out: Path) -> str:
@@ -1693,10 +1770,8 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
             {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
     try:
         if accounting_only:
-            lengths = sorted(set(cfg.accounting.seq_lens) | set(_lengths(cfg)))
             records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
-                        "accounting": account(e.config(), lengths, cfg.accounting.kv_bytes,
-                                              cfg.accounting.state_bytes)} for e in entries]
+                        "accounting": _accounting(cfg, e)} for e in entries]
         else:
             todo = [e for e in entries if not only or e.name in only]
             by_name = {}
