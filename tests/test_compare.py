@@ -290,6 +290,11 @@ def test_model_and_length_errors_name_the_field(tmp_path):
              # a list of overrides was a TypeError traceback ('cannot convert dictionary update sequence element')
              ({"models": {"m": {"config": "configs/models/mamba-tiny.yaml", "overrides": ["vocab_size: 260"]}}},
               r"models.m.overrides: expected a mapping of config fields"),
+             # a quoted "false" was true (bool of a non-empty string)
+             ({"models": {"m": {"config": "configs/models/mamba-tiny.yaml", "match": "false"}}},
+              r"models.m.match: expected true or false"),
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 64]},
+              r"train_lengths: each length once"),
              # a name with '/' made nested result folders
              ({"models": {"a/b": "configs/models/mamba-tiny.yaml"}}, r"models.a/b: a model name names its results"),
              # transformers' own message for an unknown model type lists every type it knows (12K characters)

@@ -766,6 +766,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError("budget.multiple_of / adjust_multiple_of: must be >= 1")
     if cfg.train_lengths is not None and (not cfg.train_lengths or any(L < 2 for L in cfg.train_lengths)):
         raise ValueError(f"train_lengths: a non-empty list of lengths >= 2, got {cfg.train_lengths}")
+    if cfg.train_lengths is not None and len(set(cfg.train_lengths)) < len(cfg.train_lengths):
+        raise ValueError(f"train_lengths: each length once, got {cfg.train_lengths}")
     e = cfg.eval
     if e.batches < 1:
         raise ValueError(f"eval.batches: must be >= 1, got {e.batches}")
@@ -907,8 +909,10 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             overrides = spec.get("overrides") or {}
             if not isinstance(overrides, dict):
                 raise ValueError(f"{where}.overrides: expected a mapping of config fields, got {overrides!r}")
-            raw.append((name, _read_fields(spec["config"], folder, where), dict(overrides),
-                        bool(spec.get("match", True))))
+            match = spec.get("match", True)
+            if not isinstance(match, bool):  # a quoted "false" was true
+                raise ValueError(f"{where}.match: expected true or false, got {match!r}")
+            raw.append((name, _read_fields(spec["config"], folder, where), dict(overrides), match))
         else:
             raw.append((name, _read_fields(spec, folder, where), {}, True))
     if cfg.swaps:
@@ -1634,7 +1638,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
                 ax.annotate(text, (x, y), fontsize=7, xytext=(3, 4 + 9 * (i % 5)), textcoords="offset points",
                             color=line.get_color())
     if cfg.eval.mqar is not None:  # values are drawn from half the task's vocabulary
-        ax.axhline(2 / cfg.eval.mqar.vocab_size, color="gray", linestyle=":", linewidth=1, label="chance")
+        V = cfg.eval.mqar.vocab_size  # values are drawn from the upper V - V // 2 tokens
+        ax.axhline(1 / (V - V // 2), color="gray", linestyle=":", linewidth=1, label="chance")
     ax.set_xscale("log")
     ax.margins(x=0.1)  # room for the rightmost point's label
     ax.set_xlabel("cache floats per sequence at the MQAR length (recurrent state, or KV)")
