@@ -420,6 +420,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr()
     table = (out / "results.md").read_text()
     assert table in printed.out
+    assert "(data seed 0, initialisation seed 0)" in table  # the header named train.seed alone, as "seed"
     for name in FAMILIES:
         assert f"| {name} |" in table
         record = json.loads((out / name / "result.json").read_text())

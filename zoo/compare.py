@@ -1472,10 +1472,13 @@ def _backend_summary(report: dict[str, str]) -> str:
 
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
+    from zoo.train import config_from_dict
+
     lengths = _lengths(cfg)
+    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
     lines = [f"# {cfg.title}", "",
-             f"Device: {device}. Recipe: the same rows in the same order for every model "
-             f"(seed {cfg.recipe.get('train', {}).get('seed', 0)})."]
+             f"Device: {device}. Recipe: the same rows in the same order for every model (data seed "
+             f"{recipe.data.seed}, initialisation seed {recipe.train.seed})."]
     if cfg.budget is not None:
         lines.append(f"Budget: {cfg.budget.params:,.0f} {cfg.budget.count} parameters "
                      f"(± {cfg.budget.tolerance:.0%}, knob {cfg.budget.knob}).")
