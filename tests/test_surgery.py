@@ -159,6 +159,18 @@ def test_graft_keeps_the_base_generation_config(base, donor):
     assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.top_p == 0.9
 
 
+def test_cli_max_shard_size_in_bytes(tmp_path):
+    # save_pretrained takes a byte count as well as '5GB'; the CLI passed '20000' on as a string ("Unit '00'")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    MambaForCausalLM(MambaConfig(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=2)
+                     ).save_pretrained(tmp_path / "mamba")
+    main([str(tmp_path / "hybrid"), "--base", str(tmp_path / "llama"), "--donor", str(tmp_path / "mamba"),
+          "--pattern", "AM", "--max-shard-size", "20000"])
+    assert (tmp_path / "hybrid" / "model.safetensors.index.json").is_file()
+
+
 def test_cli_names_bad_donor_layers(tmp_path, capsys):
     # `--donor-layers x` ended in "invalid literal for int() with base 10: 'x'", naming no option
     with pytest.raises(SystemExit):

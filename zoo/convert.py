@@ -850,6 +850,8 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
+    from zoo.hub import shard_size
+
     p = argparse.ArgumentParser(prog="zoo convert", description="Convert checkpoints into and out of the zoo with "
                                 "identical logits; options without an exact counterpart are errors.")
     p.add_argument("src", help="source model folder")
@@ -860,7 +862,7 @@ def main(argv: list[str] | None = None) -> None:
     way.add_argument("--to", dest="to_format", choices=FORMATS,
                      help="DST gets this format; SRC is a zoo folder (or any folder --from reads)")
     p.add_argument("--tokenizer", help="tokenizer to save with DST: 'byte' or a folder (default: SRC's, if any)")
-    p.add_argument("--max-shard-size", default="5GB", type=lambda v: int(v) if v.isdigit() else v,
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size,
                    help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB)")
     args = p.parse_args(argv)
     out = convert(args.src, args.dst, from_format=args.from_format, to_format=args.to_format,

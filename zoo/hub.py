@@ -53,6 +53,11 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     return AutoTokenizer.from_pretrained(path)
 
 
+def shard_size(value: str) -> int | str:
+    """A --max-shard-size argument as save_pretrained takes it: '5GB' / '500MB' as given, a plain number as bytes."""
+    return int(value) if value.isdigit() else value
+
+
 def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any = None, *,
                       max_shard_size: int | str = "5GB") -> Path:
     """Write `model` (and `tokenizer`: an object with `save_pretrained`, 'byte', or a folder) as a complete
@@ -184,4 +189,5 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
-__all__ = ["check_model_ref", "load_folder_tokenizer", "load_model_folder", "save_model_folder", "write_folder"]
+__all__ = ["check_model_ref", "load_folder_tokenizer", "load_model_folder", "save_model_folder", "shard_size",
+           "write_folder"]

@@ -173,7 +173,7 @@ def _read_mixers(text: str | None) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     from zoo.convert import load_as_zoo
-    from zoo.hub import load_folder_tokenizer, save_model_folder
+    from zoo.hub import load_folder_tokenizer, save_model_folder, shard_size
 
     p = argparse.ArgumentParser(prog="zoo graft", description="Build a hybrid from a Transformer++ (base) and a "
                                 "Mamba/Mamba-2 (donor), or give a Transformer++ fresh mixers at chosen layers.")
@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the saved hybrid (auto: the widest of base and donor, so that no copied weight is "
                    "rounded)")
-    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--max-shard-size", default="5GB", type=shard_size,
+                   help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB)")
     args = p.parse_args(argv)
     for name, src in (("--base", args.base), ("--donor", args.donor)):
         if src is not None and Path(src).resolve() == Path(args.dst).resolve():
