@@ -140,6 +140,14 @@ def is_neutral(spec: Mapping | None) -> bool:
     return s["c_alpha"] == 1 and s["c_b"] == 1 and s["c_dt"] == 1 and not _has_cap(s) and s["window"] is None
 
 
+def splits_matter(spec: str | Mapping | None) -> bool:
+    """Whether outputs under `spec` (text or dict) depend on how a sequence is split into forwards: the norm cap acts at
+    the end of every forward (and every `chunk` tokens within it), so an evaluation's chunk size is one of its
+    settings; forget and window are exact whatever the split."""
+    parsed = parse_mitigation(spec) if isinstance(spec, str) else normalize_spec(spec)
+    return parsed is not None and _has_cap(parsed)
+
+
 def _has_cap(spec: Mapping) -> bool:
     threshold = spec["threshold"]
     return isinstance(threshold, torch.Tensor) or math.isfinite(threshold)
@@ -627,5 +635,6 @@ __all__ = [
     "normalize_spec",
     "parse_mitigation",
     "recurrent_mixers",
+    "splits_matter",
     "windowed_scan",
 ]
