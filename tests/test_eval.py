@@ -819,3 +819,49 @@ def test_a_hub_model_is_fingerprinted_by_the_commit_of_its_local_copy(tmp_path, 
     download("b" * 40)  # the repository moved on and was downloaded again
     assert resume(tmp_path / "out.json", {"weights": model_fingerprint("someone/tiny-zoo")}, "t") is None
     assert "weights differ" in capsys.readouterr().out
+
+
+@pytest.fixture
+def gla_checkpoint(tmp_path, hf_tokenizer):
+    """A zoo GLA model (a recurrent mixer, for the mitigations) saved with the tiny tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(Path(__file__).parents[1] /
+                                                                 "configs/models/gla-tiny.yaml"))
+    path = tmp_path / "gla"
+    model.save_pretrained(path)
+    hf_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp_path, monkeypatch, capsys):
+    """The norm cap acts at the end of every forward, so under norm:... a curve (zoo eval length --chunk-size) and a
+    passkey answer (--prefill-chunk-size) depend on the chunking; a rerun with another chunk size kept the old
+    results as its own (a chunk-16 curve reported for --chunk-size 12, 6e-3 nats apart at the tiny GLA)."""
+    from zoo.eval import length, passkey
+
+    torch.save(torch.randint(0, 64, (2, 60)), tmp_path / "docs.pt")
+    argv = ["--model", str(gla_checkpoint), "--label", "gla", "--tokens", str(tmp_path / "docs.pt"), "--device",
+            "cpu", "--bins-per-octave", "8", "--mitigation", "norm:threshold=0.05,chunk=8"]
+    length.main([*argv, "--chunk-size", "16", "--out", str(tmp_path / "len")])
+    capsys.readouterr()
+    rerun = length.main([*argv, "--chunk-size", "12", "--out", str(tmp_path / "len")])
+    assert "kept from" not in capsys.readouterr().out
+    fresh = length.main([*argv, "--chunk-size", "12", "--out", str(tmp_path / "fresh")])
+    key = "gla [norm:threshold=0.05,chunk=8]"
+    assert rerun[key]["bins"] == fresh[key]["bins"]
+    length.main([*argv[:-2], "--chunk-size", "12", "--out", str(tmp_path / "len")])  # exact mitigations: not asked
+    assert "chunk_size" not in json.loads((tmp_path / "len" / "length.json").read_text())["gla"]["config"]
+
+    calls = []
+    real_generate = passkey.greedy_generate
+    monkeypatch.setattr(passkey, "greedy_generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    argv = ["--model", str(gla_checkpoint), "--lengths", "160", "--depths", "0", "--n-samples", "1", "--max-new-tokens",
+            "1", "--device", "cpu", "--out", str(tmp_path / "pk"), "--mitigation", "norm:threshold=0.05,chunk=8"]
+    passkey.main([*argv, "--prefill-chunk-size", "16"])
+    calls[:] = []
+    passkey.main([*argv, "--prefill-chunk-size", "12"])
+    assert calls and "prefill_chunk_size differ" in capsys.readouterr().out

@@ -296,6 +296,33 @@ def test_mitigations_keep_packed_documents_apart(kind):
     assert_close(f"{kind} packed", packed, alone, 2e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_norm_cap_counts_a_rows_tokens_not_its_pads(kind):
+    """The cap acts every `chunk` tokens of a row, as on the row alone: it counted positions, pads included, so a
+    left-padded row (and one laid out as [tokens, pads, tokens], PEFT's prompt tuning) was capped at other tokens
+    than the row alone and its outputs differed (GLA's 0.2 in the tiny model's logits), though a pad is no step."""
+    mixer = make_mixer(kind)
+    x = torch.randn(1, 19, 32)
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x, cache=cache)
+        threshold = 0.3 * mit.head_view(kind, cache.recurrent_state).norm(dim=-1).min().item()
+        mixer.mitigation = {"threshold": threshold, "chunk": 4}
+        cache = RecurrentLayer()
+        alone = mixer(x, cache=cache)
+        for where in (0, 6):  # pads before every token, pads after the first 6
+            rows = torch.cat([x[:, :where], torch.zeros(1, 3, 32), x[:, where:]], dim=1)
+            mask = torch.ones(1, 22)
+            mask[:, where:where + 3] = 0
+            batch = torch.cat([rows, torch.randn(1, 22, 32)])  # beside an unpadded row
+            padded_cache = RecurrentLayer()
+            out = mixer(batch, cache=padded_cache, attention_mask=torch.cat([mask, torch.ones(1, 22)]))
+            tokens = mask[0].bool()
+            assert_close(f"{kind} pads at {where}", out[:1, tokens], alone, 2e-5)
+            assert_close(f"{kind} pads at {where}: state", padded_cache.recurrent_state[:1], cache.recurrent_state,
+                         2e-5)
+
+
 def test_cap_state_per_head():
     state = torch.zeros(1, 3, 2, 2)
     state[0, 0] = 3.0  # norm 6

@@ -339,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     documents = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, args.start)
     out = Path(args.out)
     results, summary = {}, {}
-    from zoo.state.mitigation import apply_mitigation, parse_mitigation
+    from zoo.state.mitigation import apply_mitigation, parse_mitigation, splits_matter
 
     specs = args.mitigation or [None]
     for spec in specs:  # bad specs fail before any model is loaded
@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = [(label, path, stem, spec) for label, path, stem in zip(labels, args.model, output_stems(labels))
             for spec in specs]
     # what a curve depends on; a rerun keeps the curves length.json holds for the same (chunk and batch sizes, the
-    # device: how, not what)
+    # device: how, not what, except the chunk size under a norm cap)
     stat = Path(args.tokens).stat() if args.tokens else None
     documents_from = {"tokens": args.tokens, "tokens_file": [stat.st_size, stat.st_mtime_ns] if stat else None,
                       "tokenizer": args.tokenizer,
@@ -362,8 +362,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             previous = {}
     for base, path, stem, spec in runs:
         label = f"{base} [{spec}]" if args.mitigation else base
+        # a norm cap acts at every chunk's end, so its curve also depends on --chunk-size
+        chunking = {"chunk_size": args.chunk_size} if splits_matter(spec) else {}
         config = json.loads(json.dumps(documents_from | {"model": path, "weights": model_fingerprint(path),
-                                                         "mitigation": spec}))
+                                                         "mitigation": spec} | chunking))
         kept = previous.get(label) if isinstance(previous, dict) else None
         if isinstance(kept, dict) and kept.get("config") == config and "bins" in kept:
             print(f"## {label}: kept from {out / 'length.json'} (same model and settings; delete it, or give another "

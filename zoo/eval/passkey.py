@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/passkey")
-    from zoo.state.mitigation import add_mitigation_argument, apply_mitigation
+    from zoo.state.mitigation import add_mitigation_argument, apply_mitigation, splits_matter
 
     add_mitigation_argument(parser)
     args = parser.parse_args(argv)
@@ -358,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = {"model": args.model, "weights": model_fingerprint(args.model), "tokenizer": args.tokenizer,
               "dtype": args.dtype, "seed": args.seed, "n_samples": args.n_samples,
               "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
+    if splits_matter(args.mitigation):  # a norm cap acts at every prefill chunk's end
+        config["prefill_chunk_size"] = args.prefill_chunk_size
     done = resume(out / "passkey.json", config, "zoo eval passkey")
 
     def save(result: dict) -> None:  # after every cell: an interrupted sweep keeps what it finished

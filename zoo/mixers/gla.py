@@ -116,7 +116,8 @@ class GLA(nn.Module):
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import gla_scan
 
-                out = gla_scan(self, q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache, backend)
+                out = gla_scan(self, q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache, backend,
+                               None if attention_mask is None else attention_mask[:, -T:])
             else:
                 out = chunk_gla(q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache is not None,
                                 self.chunk_size, backend=backend)

@@ -288,7 +288,7 @@ class Mamba(nn.Module):
             from zoo.state.mitigation import mamba_scan
 
             out = mamba_scan(self, u, delta, A, B.transpose(1, 2), C.transpose(1, 2), z, ssm_init, seq_idx, cache,
-                             backend)
+                             backend, mask)
         else:
             out = selective_scan(u, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, None, True,
                                  ssm_init, seq_idx, cache is not None, backend=backend)

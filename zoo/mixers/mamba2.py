@@ -199,7 +199,7 @@ class Mamba2(nn.Module):
                 from zoo.state.mitigation import mamba2_scan
 
                 out = mamba2_scan(self, xs.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)),
-                                  C.unflatten(-1, (G, N)), ssm_init, seq_idx, cache, backend)
+                                  C.unflatten(-1, (G, N)), ssm_init, seq_idx, cache, backend, mask)
             else:
                 out = ssd_chunk_scan(xs.unflatten(-1, (H, P)), dt, A, B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N)),
                                      self.chunk_size, self.D.float(), None, self.dt_bias.float(), True, ssm_init,

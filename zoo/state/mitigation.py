@@ -20,9 +20,9 @@ Maths per mixer (h the state, a the decay, b the input of h_t = a_t ⊙ h_{t-1} 
   so that |length · log c| stays within the dtype's range (``_FORGET_EXPONENT``). gla takes g + log c_α.
 - norm: a parallel forward is run in pieces of ``chunk`` tokens; after each piece (and at the end) heads
   whose norm exceeds the threshold are rescaled to it. The cap therefore acts at chunk granularity in a
-  prefill and exactly per token in decoding (every step is capped). threshold may be a float or a tensor
-  [heads] (see ``zoo.state.recorder.calibrate_norm_threshold``); mamba's heads are groups of ``group_size``
-  channels, mamba2's and gla's are their heads.
+  prefill and exactly per token in decoding (every step is capped); the chunks count a row's tokens, not its
+  pads. threshold may be a float or a tensor [heads] (see ``zoo.state.recorder.calibrate_norm_threshold``);
+  mamba's heads are groups of ``group_size`` channels, mamba2's and gla's are their heads.
 - window: h_t^(r) = h_t − (∏_{i=t−r+1..t} a_i) ⊙ h_{t−r} = Σ_{j=t−r+1..t} (∏_{i=j+1..t} a_i) b_j, the state
   the scan reaches from zero at t−r+1. Computed exactly in blocks of r tokens: with X the scan restarted at
   every block start and Λ the in-block running sum of log-decays, for t at offset o of block k
@@ -140,6 +140,14 @@ def is_neutral(spec: Mapping | None) -> bool:
     return s["c_alpha"] == 1 and s["c_b"] == 1 and s["c_dt"] == 1 and not _has_cap(s) and s["window"] is None
 
 
+def splits_matter(spec: str | Mapping | None) -> bool:
+    """Whether outputs under `spec` (text or dict) depend on how a sequence is split into forwards: the norm cap acts at
+    the end of every forward (and every `chunk` tokens within it), so an evaluation's chunk size is one of its
+    settings; forget and window are exact whatever the split."""
+    parsed = parse_mitigation(spec) if isinstance(spec, str) else normalize_spec(spec)
+    return parsed is not None and _has_cap(parsed)
+
+
 def _has_cap(spec: Mapping) -> bool:
     threshold = spec["threshold"]
     return isinstance(threshold, torch.Tensor) or math.isfinite(threshold)
@@ -191,24 +199,35 @@ def cap_state(kind: str, state: torch.Tensor, threshold: float | torch.Tensor, g
 
 # ---- shared drivers --------------------------------------------------------------------------------------------
 
-def _segments(length: int, spec: Mapping, dtype: torch.dtype) -> list[tuple[int, int, bool]]:
+def _segments(length: int, spec: Mapping, dtype: torch.dtype,
+              mask: torch.Tensor | None = None) -> list[tuple[int, int, bool | torch.Tensor]]:
     """(start, stop, cap_after) pieces of a parallel forward: cut every `chunk` tokens when capping and
-    wherever the forget rescaling would leave the dtype's exponent range."""
+    wherever the forget rescaling would leave the dtype's exponent range. With a mask [b, T] (0 = pad) the cap
+    counts each row's tokens, a pad being no step (so a padded row is capped where the row alone is): cap_after is
+    then the rows [b] capped at that cut (every row at the end)."""
     bounds = {0, length}
+    caps: dict[int, bool | torch.Tensor] = {}
     if _has_cap(spec):
-        bounds.update(range(spec["chunk"], length, spec["chunk"]))
+        caps = dict.fromkeys(range(spec["chunk"], length, spec["chunk"]), True)
+        if mask is not None and not bool(mask.all()):
+            tokens = mask != 0
+            hit = tokens & (tokens.long().cumsum(1) % spec["chunk"] == 0)  # (b, T): a row's chunk ends at this token
+            hit[:, -1] = False  # (the end caps every row)
+            caps = {int(t) + 1: hit[:, t] for t in hit.any(0).nonzero().flatten().tolist()}
+        caps[length] = True
+        bounds.update(caps)
     log_c = -math.log(spec["c_alpha"])
     if log_c > 0:
         step = max(1, int(_FORGET_EXPONENT.get(dtype, _FORGET_EXPONENT_DEFAULT) / log_c))
         bounds.update(range(step, length, step))
     edges = sorted(bounds)
-    caps = set(range(spec["chunk"], length, spec["chunk"])) | {length} if _has_cap(spec) else set()
-    return [(a, b, b in caps) for a, b in zip(edges[:-1], edges[1:])]
+    return [(a, b, caps.get(b, False)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_state, seq_idx,
-           run: Callable) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Run a scan piece by piece (forget segments, norm chunks), carrying and capping the state.
+           run: Callable, mask: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run a scan piece by piece (forget segments, norm chunks), carrying and capping the state (mask [b, T], 0 =
+    pad: see ``_segments``).
 
     run(start, stop, initial_state, rescale) -> (y, final) runs the kernel on [start, stop); rescale is None
     or the per-token factors c^{-(t-start+1)} [stop - start] to put on B (and their inverse on C).
@@ -216,7 +235,7 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
     """
     c = spec["c_alpha"]
     ys, state = [], initial_state
-    for start, stop, cap in _segments(length, spec, dtype):
+    for start, stop, cap in _segments(length, spec, dtype, mask):
         if state is not None and seq_idx is not None and start > 0:
             # a document starting exactly at the cut must not see the carried state
             same = (seq_idx[:, start] == seq_idx[:, start - 1]).to(state.dtype)
@@ -228,8 +247,11 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
         y, state = run(start, stop, state, rescale)
         if rescale is not None:
             state = state * c ** (stop - start)
-        if cap:
+        if cap is True:
             state = cap_state(kind, state, spec["threshold"], spec["group_size"])
+        elif cap is not False:  # the rows whose chunk ends here
+            capped = cap_state(kind, state, spec["threshold"], spec["group_size"])
+            state = torch.where(cap.view(-1, *([1] * (state.dim() - 1))), capped, state)
         ys.append(y)
     return ys, state
 
@@ -313,12 +335,13 @@ def _probe(mixer, **tensors) -> None:
         mixer.state_probe(mixer, **tensors)
 
 
-def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backend: str):
+def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backend: str, mask=None):
     """Mamba's selective scan with the mixer's mitigation (and state probe).
 
     Same tensors as the mixer's ``selective_scan`` call: u, delta (before softplus, dt bias included), z
-    [b, D, T]; A [D, N]; B, C [b, N, T] or [b, G, N, T]. Returns y [b, D, T] (and the final state
-    [b, D, N] when `cache` is given), like ``selective_scan(..., return_final_state=cache is not None)``.
+    [b, D, T]; A [D, N]; B, C [b, N, T] or [b, G, N, T]; mask [b, T] (0 = pad) or None. Returns y [b, D, T]
+    (and the final state [b, D, N] when `cache` is given), like ``selective_scan(..., return_final_state=cache is not
+    None)``.
     """
     spec = _spec(mixer)
     want_final = cache is not None
@@ -346,7 +369,7 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
                               None if z is None else z[..., start:stop], None, softplus, state,
                               None if seq_idx is None else seq_idx[:, start:stop], True, backend=backend)
 
-    ys, final = _drive("mamba", spec, u.shape[-1], B.dtype, initial_state, seq_idx, run)
+    ys, final = _drive("mamba", spec, u.shape[-1], B.dtype, initial_state, seq_idx, run, mask)
     y = torch.cat(ys, dim=-1)
     return (y, final) if want_final else y
 
@@ -417,12 +440,12 @@ def _mamba2_delta(dt, dt_bias, softplus) -> torch.Tensor:
     return F.softplus(dt) if softplus else dt
 
 
-def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: str):
+def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: str, mask=None):
     """Mamba-2's SSD scan with the mixer's mitigation (and state probe).
 
     Same tensors as the mixer's ``ssd_chunk_scan`` call: x [b, T, H, P]; dt [b, T, H] (before bias and
-    softplus); A [H]; B, C [b, T, G, N]. Returns y [b, T, H, P] (and the final state [b, H, P, N] when
-    `cache` is given).
+    softplus); A [H]; B, C [b, T, G, N]; mask [b, T] (0 = pad) or None. Returns y [b, T, H, P] (and the final
+    state [b, H, P, N] when `cache` is given).
     """
     spec = _spec(mixer)
     want_final = cache is not None
@@ -448,7 +471,7 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
                               softplus, state, None if seq_idx is None else seq_idx[:, start:stop], True,
                               backend=backend)
 
-    ys, final = _drive("mamba2", spec, x.shape[1], B.dtype, initial_state, seq_idx, run)
+    ys, final = _drive("mamba2", spec, x.shape[1], B.dtype, initial_state, seq_idx, run, mask)
     y = torch.cat(ys, dim=1)
     return (y, final) if want_final else y
 
@@ -509,10 +532,11 @@ def _gla_effective(k, g, spec) -> tuple[torch.Tensor, torch.Tensor]:
     return k, g
 
 
-def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: str):
+def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: str, mask=None):
     """GLA's chunk scan with the mixer's mitigation (and state probe).
 
-    Same tensors as the mixer's ``chunk_gla`` call: q, k, g [b, T, H, K] (g the log decay); v [b, T, H, V].
+    Same tensors as the mixer's ``chunk_gla`` call: q, k, g [b, T, H, K] (g the log decay); v [b, T, H, V]; mask
+    [b, T] (0 = pad) or None.
     Returns o [b, T, H, V] (and the final state [b, H, K, V] when `cache` is given).
     """
     spec = _spec(mixer)
@@ -529,7 +553,7 @@ def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: s
         return chunk_gla(q[:, start:stop], k[:, start:stop], v[:, start:stop], g[:, start:stop], scale, state,
                          None if seq_idx is None else seq_idx[:, start:stop], True, mixer.chunk_size, backend=backend)
 
-    ys, final = _drive("gla", {**spec, "c_alpha": 1.0}, q.shape[1], k.dtype, initial_state, seq_idx, run)
+    ys, final = _drive("gla", {**spec, "c_alpha": 1.0}, q.shape[1], k.dtype, initial_state, seq_idx, run, mask)
     o = torch.cat(ys, dim=1)
     return (o, final) if want_final else o
 
@@ -627,5 +651,6 @@ __all__ = [
     "normalize_spec",
     "parse_mitigation",
     "recurrent_mixers",
+    "splits_matter",
     "windowed_scan",
 ]
