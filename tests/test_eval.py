@@ -865,3 +865,13 @@ def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp
     calls[:] = []
     passkey.main([*argv, "--prefill-chunk-size", "12"])
     assert calls and "prefill_chunk_size differ" in capsys.readouterr().out
+
+    from zoo.eval import synthetic
+
+    argv = ["--model", str(gla_checkpoint), "--task", "mqar", "--seq-lens", "64", "--n-kv", "4", "--n-samples", "2",
+            "--vocab-size", "64", "--device", "cpu", "--out", str(tmp_path / "syn"), "--mitigation",
+            "norm:threshold=0.05,chunk=8"]
+    synthetic.main([*argv, "--chunk-size", "32"])
+    capsys.readouterr()
+    synthetic.main([*argv, "--chunk-size", "16"])
+    assert "chunk_size differ" in capsys.readouterr().out

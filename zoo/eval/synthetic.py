@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default=None, help="output directory (default results/synthetic-<task>)")
-    from zoo.state.mitigation import add_mitigation_argument, apply_mitigation
+    from zoo.state.mitigation import add_mitigation_argument, apply_mitigation, splits_matter
 
     add_mitigation_argument(parser)
     args = parser.parse_args(argv)
@@ -256,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     config = {"model": args.model, "weights": model_fingerprint(args.model), "dtype": args.dtype, "task": args.task,
               "task_kwargs": task_kwargs, "n_samples": args.n_samples, "seed": args.seed,
               "mitigation": args.mitigation}
+    if splits_matter(args.mitigation):  # a norm cap acts at every chunk's end
+        config["chunk_size"] = args.chunk_size
     done = resume(out / f"{args.task}.json", config, "zoo eval synthetic")
 
     def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
