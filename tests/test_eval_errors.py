@@ -304,13 +304,14 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
 @pytest.mark.parametrize("options, message", [
     (["--compare", "--mitigation", "forget:c_alpa=0.9"], "--mitigation: mitigation 'forget:c_alpa=0.9': expected"),
     (["--compare"], "--compare: nothing to compare"),
+    (["--compare", "--mitigation", "forget:c_alpha=1"], "--compare: --mitigation 'forget:c_alpha=1' changes nothing"),
     (["--norm-calibrate", "0"], "--norm-calibrate: the reference prefix must be >= 1 token, got 0"),
     (["--norm-calibrate", "16", "--norm-factor", "0"], "--norm-factor: must be a number > 0"),
     (["--norm-calibrate", "16", "--mitigation", "window:r=8"], "--norm-calibrate: sets the state-norm cap itself"),
     (["--norm-calibrate", "16", "--mitigation", "norm:threshold=5"], "--norm-calibrate: sets the state-norm cap"),
     (["--norm-calibrate", "4K"], "--norm-calibrate 4096: longer than the rows (32 tokens)"),
-], ids=["bad-spec-with-compare", "compare-alone", "calibrate-0", "factor-0", "calibrate-window", "calibrate-norm",
-        "calibrate-past-rows"])
+], ids=["bad-spec-with-compare", "compare-alone", "compare-neutral", "calibrate-0", "factor-0", "calibrate-window",
+        "calibrate-norm", "calibrate-past-rows"])
 def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
     """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
     --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),

@@ -37,6 +37,7 @@ from zoo.state import (
     calibrate_norm_threshold,
     check_recurrent,
     format_spec,
+    is_neutral,
     parse_mitigation,
     plot_state_statistics,
     record_state_statistics,
@@ -115,9 +116,11 @@ def check_mitigation_options(args) -> None:
             raise ValueError("--norm-calibrate: sets the state-norm cap itself, so --mitigation may add forget:... "
                              f"only, not {args.mitigation!r} (norm does not combine with window, nor with a second "
                              "threshold)")
-    if args.compare and spec is None and args.norm_calibrate is None:
-        raise ValueError("--compare: nothing to compare the unmitigated run with; give --mitigation SPEC or "
-                         "--norm-calibrate LEN")
+    if args.compare and (spec is None or is_neutral(spec)) and args.norm_calibrate is None:
+        # a neutral spec (forget:c_alpha=1) is no mitigation: both runs were named 'none' and state.json kept one
+        given = f"--mitigation {args.mitigation!r} changes nothing, so there is " if spec is not None else ""
+        raise ValueError(f"--compare: {given}nothing to compare the unmitigated run with; give --mitigation SPEC or "
+                         f"--norm-calibrate LEN")
 
 
 def summary_rows(result: dict, per_octave: int = 1) -> list[dict]:
