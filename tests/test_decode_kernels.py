@@ -222,6 +222,12 @@ def _interpreter_main() -> None:
             want = reference(q, keys, values, length, window, start=start)
             assert rel_err(o, want) < 1e-5, ("start", grouped, window, splits, length)
             assert rel_err(want[1:], reference(q, keys, values, length, window)[1:]) > 1e-3 or window == 37
+    # start as a strided view (a column of a [B, 2] tensor): read at unit stride, row 1 saw 7 pads, not its 41
+    start_view = torch.tensor([[0, 7], [41, 7]])[:, 0]
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=4, Hkv=2, D=32, S=208)
+    for grouped in (True, False):
+        o = decode_attention(q, keys, values, torch.tensor([150]), None, splits=3, grouped=grouped, start=start_view)
+        assert rel_err(o, reference(q, keys, values, 150, None, start=start)) < 1e-5, ("strided start", grouped)
     print("interpreter: decode attention of left-padded rows matches the reference")
     for group, D, window in ((1, 64, None), (3, 64, None), (4, 64, 37), (3, 24, 37)):  # 24: below its block
         _check_decode_attention("cpu", torch.float32, group, D, window, True, S=208, lengths=(150, 1),

@@ -217,7 +217,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if start is not None and (start.shape != (B,) or start.dtype != torch.long or start.device != q.device):
         raise ValueError(f"decode_attention: start must be int64 [{B}] on {q.device}, got {start.dtype} "
                          f"{tuple(start.shape)} on {start.device}")
-    rows_start = length if start is None else start  # (read only with HAS_START)
+    # (read only with HAS_START; the kernels read start[b] at unit stride)
+    rows_start = length if start is None else start.contiguous()
     args = (q3, keys, values, length, rows_start, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk,
             window or 0, float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2))
