@@ -491,6 +491,14 @@ def _check_rope(device, dtype):
     y = rope_one_token(x, pos, mixer.rope_inv_freq(x.device))
     y_ref = mixer.apply_rope(x, mixer.rope_tables(pos))
     assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2), rel_err(y, y_ref)
+    # inv_freq as a strided view (stride 2): read at unit stride, it took every other frequency
+    inv_freq = mixer.rope_inv_freq(x.device)
+    y = rope_one_token(x, pos, torch.stack([inv_freq, inv_freq + 1], -1)[:, 0])
+    assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2), ("strided inv_freq", rel_err(y, y_ref))
+    # a position_ids or inv_freq of the wrong shape was read out of bounds: refused
+    for bad_pos, bad_freq in ((pos[:1], inv_freq), (pos, inv_freq[:4])):
+        with pytest.raises(ValueError, match="rope_one_token"):
+            rope_one_token(x, bad_pos, bad_freq)
 
 
 @pytest.mark.cuda

@@ -287,6 +287,10 @@ def rope_one_token(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.
     B, T, H, D = x.shape
     if T != 1 or D % 2 or x.stride(-1) != 1:
         raise ValueError("rope_one_token: x must be [B, 1, H, D] with an even D and unit stride over D")
+    if position_ids.shape != (B, 1) or inv_freq.shape != (D // 2,):  # the kernel would read past them
+        raise ValueError(f"rope_one_token: position_ids must be [{B}, 1] and inv_freq [{D // 2}], got "
+                         f"{tuple(position_ids.shape)} and {tuple(inv_freq.shape)}")
+    inv_freq = inv_freq.contiguous()  # the kernel reads it at unit stride
     y = torch.empty(B, 1, H, D, device=x.device, dtype=x.dtype)
     _rope_kernel[(B * H,)](x, position_ids, inv_freq, y, H, x.stride(0), x.stride(2), y.stride(0), y.stride(2),
                            position_ids.stride(0), HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)),
