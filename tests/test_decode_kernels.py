@@ -425,6 +425,24 @@ def test_decode_attention_refuses_a_window_below_one(window):
         decode_attention(q, keys, values, torch.tensor([10]), window, splits=1)
 
 
+@pytest.mark.parametrize("bad", ["values_slots", "keys_batch", "head_dim"])
+def test_decode_attention_refuses_mismatched_shapes(bad):
+    """The kernels index keys and values by q's rows and head size and by keys' slots and heads: values with fewer
+    slots, a KV buffer of fewer rows or another head size than q were read out of bounds; refused now."""
+    pytest.importorskip("triton")
+    from zoo_kernels.attention.decode import decode_attention
+
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=2, Hkv=1, D=16, S=64)
+    if bad == "values_slots":
+        values = values[:, :32]
+    elif bad == "keys_batch":
+        keys, values = keys[:1], values[:1]
+    else:
+        keys, values = keys[..., :8], values[..., :8]
+    with pytest.raises(ValueError, match="decode_attention: keys and values"):
+        decode_attention(q, keys, values, torch.tensor([10]), splits=1)
+
+
 def _check_decode_attention(device, dtype, group, D, window, grouped, S=400, lengths=(333, 1),
                             splits_list=(None, 1, 3, 16), launches=((None, None, None),)):
     """decode_attention against the reference for each length, splits and launch configuration (block_n,

@@ -194,6 +194,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     S, Hkv = keys.shape[1], keys.shape[2]
     if T != 1 or H % Hkv or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode_attention: one query per row, H a multiple of the KV heads, unit stride over D")
+    if keys.dim() != 4 or values.shape != keys.shape or keys.shape[0] != B or keys.shape[3] != D:
+        # the kernels index both buffers by q's rows and head size and by keys' slots and heads
+        raise ValueError(f"decode_attention: keys and values must both be [{B}, S, Hkv, {D}], got "
+                         f"{tuple(keys.shape)} and {tuple(values.shape)}")
     if window is not None and window < 1:  # the kernels would see no key (NaN); the reference reads 0 as no window
         raise ValueError(f"decode_attention: window must be None or at least 1, got {window}")
     if S == 0:  # no slot to attend to (splits_for and chunking divided by zero)
