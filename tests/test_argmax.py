@@ -33,6 +33,11 @@ def _cases(device: str):
     out.append(("V=17", small.to(device)))
     wide = torch.randn(4, 300, generator=gen)
     out.append(("strided rows", wide[:, 20:220].to(device)))
+    # fp64 logits: compared in fp32 they tied (1 + 1e-12 and 1 + 2e-12: the first won) and 1e300 became +inf
+    double = torch.full((2, 3000), -10.0, dtype=torch.float64)
+    double[0, 10], double[0, 2900] = 1 + 1e-12, 1 + 2e-12
+    double[1, 5], double[1, 2500] = 1e300, 2e300
+    out.append(("float64", double.to(device)))
     return out
 
 

@@ -168,11 +168,25 @@ def _check_bad_targets():
             F.cross_entropy(logits, torch.tensor([3, bad, -100]))
 
 
+def _check_unsigned_targets():
+    """uint8 targets (a byte-level model's labels): 156 is a class there, not ignore_index -100, but torch's
+    `targets != -100` wraps -100 to 156 in uint8, so the mean divided by one target fewer than the kernel summed
+    (1.5x the loss here). Now every target counts as the CPU path (targets.long()) counts it."""
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    targets = torch.tensor([156, 7, 255], dtype=torch.uint8)
+    loss = _kernel(logits, targets)
+    want = F.cross_entropy(logits, targets.long(), ignore_index=-100)
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item()), (loss.item(), want.item())
+    grad, grad_ref = (torch.autograd.grad(value, logits)[0] for value in (loss, want))
+    assert_close("dlogits of uint8 targets", grad, grad_ref, 1e-6)
+
+
 def _interpreter_main():
     for case in CASES:
         _check(_kernel, *case)
     _check_masked_block()
     _check_bad_targets()
+    _check_unsigned_targets()
     print("interpreter: cross-entropy kernels match torch")
 
 

@@ -222,6 +222,12 @@ def _interpreter_main() -> None:
             want = reference(q, keys, values, length, window, start=start)
             assert rel_err(o, want) < 1e-5, ("start", grouped, window, splits, length)
             assert rel_err(want[1:], reference(q, keys, values, length, window)[1:]) > 1e-3 or window == 37
+    # start as a strided view (a column of a [B, 2] tensor): read at unit stride, row 1 saw 7 pads, not its 41
+    start_view = torch.tensor([[0, 7], [41, 7]])[:, 0]
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=4, Hkv=2, D=32, S=208)
+    for grouped in (True, False):
+        o = decode_attention(q, keys, values, torch.tensor([150]), None, splits=3, grouped=grouped, start=start_view)
+        assert rel_err(o, reference(q, keys, values, 150, None, start=start)) < 1e-5, ("strided start", grouped)
     print("interpreter: decode attention of left-padded rows matches the reference")
     for group, D, window in ((1, 64, None), (3, 64, None), (4, 64, 37), (3, 24, 37)):  # 24: below its block
         _check_decode_attention("cpu", torch.float32, group, D, window, True, S=208, lengths=(150, 1),
@@ -419,6 +425,24 @@ def test_decode_attention_refuses_a_window_below_one(window):
         decode_attention(q, keys, values, torch.tensor([10]), window, splits=1)
 
 
+@pytest.mark.parametrize("bad", ["values_slots", "keys_batch", "head_dim"])
+def test_decode_attention_refuses_mismatched_shapes(bad):
+    """The kernels index keys and values by q's rows and head size and by keys' slots and heads: values with fewer
+    slots, a KV buffer of fewer rows or another head size than q were read out of bounds; refused now."""
+    pytest.importorskip("triton")
+    from zoo_kernels.attention.decode import decode_attention
+
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=2, Hkv=1, D=16, S=64)
+    if bad == "values_slots":
+        values = values[:, :32]
+    elif bad == "keys_batch":
+        keys, values = keys[:1], values[:1]
+    else:
+        keys, values = keys[..., :8], values[..., :8]
+    with pytest.raises(ValueError, match="decode_attention: keys and values"):
+        decode_attention(q, keys, values, torch.tensor([10]), splits=1)
+
+
 def _check_decode_attention(device, dtype, group, D, window, grouped, S=400, lengths=(333, 1),
                             splits_list=(None, 1, 3, 16), launches=((None, None, None),)):
     """decode_attention against the reference for each length, splits and launch configuration (block_n,
@@ -485,6 +509,14 @@ def _check_rope(device, dtype):
     y = rope_one_token(x, pos, mixer.rope_inv_freq(x.device))
     y_ref = mixer.apply_rope(x, mixer.rope_tables(pos))
     assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2), rel_err(y, y_ref)
+    # inv_freq as a strided view (stride 2): read at unit stride, it took every other frequency
+    inv_freq = mixer.rope_inv_freq(x.device)
+    y = rope_one_token(x, pos, torch.stack([inv_freq, inv_freq + 1], -1)[:, 0])
+    assert rel_err(y, y_ref) < (1e-5 if dtype == torch.float32 else 1e-2), ("strided inv_freq", rel_err(y, y_ref))
+    # a position_ids or inv_freq of the wrong shape was read out of bounds: refused
+    for bad_pos, bad_freq in ((pos[:1], inv_freq), (pos, inv_freq[:4])):
+        with pytest.raises(ValueError, match="rope_one_token"):
+            rope_one_token(x, bad_pos, bad_freq)
 
 
 @pytest.mark.cuda

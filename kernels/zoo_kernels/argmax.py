@@ -26,7 +26,7 @@ def _argmax_part_kernel(x_ptr, pv_ptr, pi_ptr, s_x, V, S, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     idx = chunk * BLOCK + tl.arange(0, BLOCK)
-    v = tl.load(x_ptr + row * s_x + idx, mask=idx < V, other=float("-inf")).to(tl.float32)
+    v = tl.load(x_ptr + row * s_x + idx, mask=idx < V, other=float("-inf")).to(pv_ptr.dtype.element_ty)
     v = tl.where(v != v, float("inf"), v)  # NaN: the largest (a +inf before the first NaN would win: see below)
     i = tl.argmax(v, 0, tie_break_left=True)  # a chunk of -inf (or the masked tail): its first index
     tl.store(pv_ptr + row * S + chunk, tl.max(v, 0))
@@ -59,7 +59,9 @@ def argmax_rows(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
                          f"{tuple(out.shape)} on {out.device}")
     if rows:
         S = triton.cdiv(V, BLOCK)
-        pv = torch.empty(rows, S, dtype=torch.float32, device=x.device)
+        # fp64 compared in fp64: rounded to fp32, close logits tie (the first wins) and those past 3.4e38 become inf
+        pv = torch.empty(rows, S, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
+                         device=x.device)
         pi = torch.empty(rows, S, dtype=torch.int64, device=x.device)
         _argmax_part_kernel[(rows, S)](x, pv, pi, x.stride(0), V, S, BLOCK=BLOCK, num_warps=4)
         _argmax_pick_kernel[(rows,)](pv, pi, out, out.stride(0), S, S_BLOCK=max(16, triton.next_power_of_2(S)),

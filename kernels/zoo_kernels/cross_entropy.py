@@ -91,7 +91,8 @@ class _CrossEntropy(torch.autograd.Function):
         if n_rows:
             _ce_fwd_kernel[(n_rows,)](logits, targets, loss, lse, logits.stride(0), vocab, ignore_index,
                                       BLOCK=BLOCK, num_warps=8)
-        count = (targets != ignore_index).sum()
+        # in int64 as the kernels compare: in uint8, `!= -100` wraps -100 to 156 and drops class 156 from the count
+        count = (targets.long() != ignore_index).sum()
         ctx.save_for_backward(logits, targets, lse, count)
         ctx.ignore_index = ignore_index
         return loss.sum() / count  # nan without a target, as F.cross_entropy's mean

@@ -194,6 +194,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     S, Hkv = keys.shape[1], keys.shape[2]
     if T != 1 or H % Hkv or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode_attention: one query per row, H a multiple of the KV heads, unit stride over D")
+    if keys.dim() != 4 or values.shape != keys.shape or keys.shape[0] != B or keys.shape[3] != D:
+        # the kernels index both buffers by q's rows and head size and by keys' slots and heads
+        raise ValueError(f"decode_attention: keys and values must both be [{B}, S, Hkv, {D}], got "
+                         f"{tuple(keys.shape)} and {tuple(values.shape)}")
     if window is not None and window < 1:  # the kernels would see no key (NaN); the reference reads 0 as no window
         raise ValueError(f"decode_attention: window must be None or at least 1, got {window}")
     if S == 0:  # no slot to attend to (splits_for and chunking divided by zero)
@@ -217,7 +221,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if start is not None and (start.shape != (B,) or start.dtype != torch.long or start.device != q.device):
         raise ValueError(f"decode_attention: start must be int64 [{B}] on {q.device}, got {start.dtype} "
                          f"{tuple(start.shape)} on {start.device}")
-    rows_start = length if start is None else start  # (read only with HAS_START)
+    # (read only with HAS_START; the kernels read start[b] at unit stride)
+    rows_start = length if start is None else start.contiguous()
     args = (q3, keys, values, length, rows_start, m, l, acc, H, Hkv if grouped else H // Hkv, S, D, chunk,
             window or 0, float(scale), q3.stride(0), q3.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2))
@@ -286,6 +291,10 @@ def rope_one_token(x: torch.Tensor, position_ids: torch.Tensor, inv_freq: torch.
     B, T, H, D = x.shape
     if T != 1 or D % 2 or x.stride(-1) != 1:
         raise ValueError("rope_one_token: x must be [B, 1, H, D] with an even D and unit stride over D")
+    if position_ids.shape != (B, 1) or inv_freq.shape != (D // 2,):  # the kernel would read past them
+        raise ValueError(f"rope_one_token: position_ids must be [{B}, 1] and inv_freq [{D // 2}], got "
+                         f"{tuple(position_ids.shape)} and {tuple(inv_freq.shape)}")
+    inv_freq = inv_freq.contiguous()  # the kernel reads it at unit stride
     y = torch.empty(B, 1, H, D, device=x.device, dtype=x.dtype)
     _rope_kernel[(B * H,)](x, position_ids, inv_freq, y, H, x.stride(0), x.stride(2), y.stride(0), y.stride(2),
                            position_ids.stride(0), HALF=D // 2, BLOCK=max(16, triton.next_power_of_2(D // 2)),
