@@ -125,6 +125,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     return data
 
 
+def train_length(data: DataSection) -> int:
+    """The row length the main phase trains at: data.seq_len, or the task's own default when it is None."""
+    from zoo.eval.synthetic import task_default
+
+    return data.seq_len if data.seq_len is not None else task_default(data.task, "seq_len")
+
+
 def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSection]]:
     from zoo.finetune import _validate_run
 
@@ -137,9 +144,9 @@ def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSec
         if unknown or not {"seq_len", "max_steps"} <= set(phase):
             raise ValueError(f"curriculum[{i}]: give seq_len and max_steps (optional micro_batch_size, lr), "
                              f"got {sorted(phase)}")
-        if recipe.data.seq_len is not None and phase["seq_len"] > recipe.data.seq_len:
+        if phase["seq_len"] > train_length(recipe.data):
             raise ValueError(f"curriculum[{i}].seq_len: {phase['seq_len']} exceeds data.seq_len "
-                             f"{recipe.data.seq_len}; a curriculum only trains shorter rows")
+                             f"{train_length(recipe.data)}; a curriculum only trains shorter rows")
         steps = int(phase["max_steps"])
         train = dataclasses.replace(recipe.train, max_steps=steps,
                                     micro_batch_size=int(phase.get("micro_batch_size", recipe.train.micro_batch_size)))
@@ -151,7 +158,7 @@ def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSec
         _validate_run(phase_section, f"curriculum[{i}].")
         phases.append(phase_section)
     ev = recipe.eval
-    ev.seq_lens = [parse_int(str(s)) for s in ev.seq_lens] or [recipe.data.seq_len]
+    ev.seq_lens = [parse_int(str(s)) for s in ev.seq_lens] or [train_length(recipe.data)]
     return section, ev, phases
 
 
@@ -341,7 +348,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
                               seed=data.seed + 2, chunk_size=run.eval.chunk_size, progress=accelerator.is_main_process,
                               **task_kwargs)
     eval_seconds = time.perf_counter() - start
-    plot_len = run.eval.plot_seq_len or data.seq_len or seq_lens[-1]
+    plot_len = run.eval.plot_seq_len or train_length(data)
     result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,
               "parameters": sum(p.numel() for p in model.parameters()),
               "state_floats": state_floats(model, plot_len), "state_at": plot_len,
@@ -375,7 +382,7 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
     select = set(data.get("select_over", ["optim.lr"]))
     table = []
     for run, res in zip(runs, results):
-        plot_len = run.eval.plot_seq_len or run.section.data.seq_len
+        plot_len = run.eval.plot_seq_len or train_length(run.section.data)
         count_name = COUNT_ARGUMENT[run.section.data.task]
         count = run.eval.plot_count or (run.section.data.task_kwargs.get(count_name) if count_name else None)
         row = {"run": run.name, "model": run.model_name, **{k.split(".")[-1]: v for k, v in run.point.items()},
@@ -486,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"runs": table, "best": best}, indent=1, default=str))
-    pngs = plot_summary(best, seq_lens, out, runs[0].section.data.seq_len)
+    pngs = plot_summary(best, seq_lens, out, train_length(runs[0].section.data))
     print(text)
     print(f"wrote {out / 'summary.md'}, summary.json" + "".join(f", {p.name}" for p in pngs))
     return 0 if all(math.isfinite(r["held_out"]["loss"]) for r in results) else 1

@@ -206,3 +206,31 @@ def test_train_synthetic_under_fsdp_is_refused_naming_the_ddp_config(tmp_path):
     assert "scripts/train_synthetic.py does not run under FSDP" in proc.stderr, proc.stderr[-3000:]
     assert "configs/accelerate/ddp.yaml" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_train_synthetic_without_data_seq_len_trains_and_reports_at_the_tasks_length(tmp_path, capsys):
+    """data.seq_len None trains at the task's own length (mqar: 256): eval.seq_lens defaulted to [None], and the
+    evaluation after training failed with 'unsupported operand type(s) for +: int and NoneType'; the summary's plot
+    cell (plot_seq_len's default, the training length) was None, so the best learning rate was always the first."""
+    import json
+
+    import yaml
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = {"output_dir": str(tmp_path / "out"),
+              "models": {"gla": {"vocab_size": 64, "d_model": 32, "layers": "G", "ffn": "none",
+                                 "mixers": {"G": {"type": "gla", "n_heads": 2, "chunk_size": 16}}}},
+              "sweep": {"optim.lr": [1.0e-4, 1.0e-2]},
+              "data": {"task": "mqar", "task_kwargs": {"n_kv": 4, "vocab_size": 64}, "n_eval": 4},
+              "train": {"max_steps": 2, "micro_batch_size": 2, "precision": "fp32", "eval_batch_size": 4,
+                        "progress_bar": False},
+              "schedule": {"warmup_steps": 0}, "eval": {"n_samples": 4, "batch_size": 4}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    # a curriculum phase longer than the task's length is refused as one longer than data.seq_len is
+    err = _refused(script.main, [str(path), "--curriculum=[{seq_len: 512, max_steps: 2}]", "--dry-run"], capsys)
+    assert "curriculum[0].seq_len: 512 exceeds data.seq_len 256" in err
+    assert script.main([str(path)]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["run"] for r in summary["runs"]] == ["gla-lr=0.0001", "gla-lr=0.01"]
+    assert all(isinstance(r["plot_accuracy"], float) and isinstance(r["acc@256"], float) for r in summary["runs"])

@@ -344,6 +344,13 @@ def test_schedules():
     assert all(a >= b for a, b in itertools.pairwise(lrs)), "cosine decays monotonically"
     cfg.schedule.kind, cfg.schedule.decay_fraction = "wsd", 0.2
     assert lr_at(79, cfg) == 1e-3 and lr_at(80, cfg) < 1e-3 and math.isclose(lr_at(99, cfg), 1e-5)
+    # a warmup that reaches into the last 20%: the peak at its end, then an even linear decay to min_lr (the decay began
+    # under the warmup, so step 90 dropped from 1e-3 to 4.6e-4 and the steps after it by 5e-5 each)
+    cfg.schedule.warmup_steps = 90
+    lrs = [lr_at(s, cfg) for s in range(89, 100)]
+    assert lrs[0] == 1e-3 and math.isclose(lrs[-1], 1e-5)
+    drops = [a - b for a, b in itertools.pairwise(lrs)]
+    assert all(math.isclose(d, drops[0]) for d in drops), drops
     # one step after the warmup (zoo compare's MQAR caps the warmup at steps - 1): it is the last, at min_lr (the
     # cosine's progress was 0 there, so the run ended at the peak)
     cfg.schedule.kind, cfg.schedule.warmup_steps = "cosine", 99

@@ -89,7 +89,8 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     """Linear warmup over warmup_steps, then 'cosine' to min_lr at the last step, 'wsd' (constant, then a
-    linear decay to min_lr over the last decay_fraction of the steps) or 'constant'."""
+    linear decay to min_lr over the last decay_fraction of the steps, or the steps after the warmup if fewer) or
+    'constant'."""
 
     kind: str = "cosine"
     warmup_steps: int = 100
@@ -485,11 +486,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         progress = min(1.0, (step - s.warmup_steps) / (n - 1 - s.warmup_steps)) if n - 1 > s.warmup_steps else 1.0
         return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
     if s.kind == "wsd":
-        decay_steps = max(1, math.ceil(s.decay_fraction * n))
-        start = n - decay_steps
+        # a warmup that reaches into the last decay_fraction ends at the peak, and the decay takes the steps after it
+        # (it used to start under the warmup, so the first step after it dropped to where that decay had got to)
+        start = max(n - max(1, math.ceil(s.decay_fraction * n)), s.warmup_steps)
         if step < start:
             return lr
-        progress = min(1.0, (step - start + 1) / decay_steps)
+        progress = min(1.0, (step - start + 1) / (n - start))
         return lr * (1 - (1 - floor) * progress)
     return lr
 
