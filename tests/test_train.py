@@ -1001,3 +1001,13 @@ def test_two_processes_save_and_stop_soon_after_the_launcher_is_sent_sigterm(tmp
     assert step >= 1
     with open(tmp_path / "run" / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [step], "the steps since the last log are logged once"
+
+
+@pytest.mark.parametrize("card, peak", [("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+                                        ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0)])
+def test_peak_tflops_reads_the_card_by_its_longest_matching_name(monkeypatch, card, peak):
+    # an L40 matched "L4" first (121 TFLOP/s against its 181): MFU came out 1.5x too high
+    from zoo.train import peak_tflops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
+    assert peak_tflops(torch.device("cuda")) == peak

@@ -64,7 +64,8 @@ CHECKPOINT_PREFIX = "step_"
 
 # Dense bf16 tensor-core peaks (TFLOP/s, spec sheets) by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "GH200": 989.0,
-                    "B200": 2250.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0}
+                    "B200": 2250.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0}
+# (matched in this order by substring of the device name: the longer names first, so an L40 is not taken for an L4)
 
 
 # ---- run config --------------------------------------------------------------------------------------------
