@@ -377,8 +377,16 @@ def cell_accuracy(result: dict, seq_len: int, count: int | None = None) -> float
     return sum(r["n_correct"] for r in rows) / sum(r["n_answers"] for r in rows)
 
 
+def grid_accuracy(result: dict) -> float | None:
+    """Accuracy over every evaluated cell of a run (answers pooled)."""
+    rows = result["rows"]
+    answers = sum(r["n_answers"] for r in rows)
+    return sum(r["n_correct"] for r in rows) / answers if answers else None
+
+
 def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(all rows, best rows): one row per run with its accuracy per seq_len; best over select_over."""
+    """(all rows, best rows): one row per run with its accuracy per seq_len; best over select_over, by the
+    accuracy at the plot cell, or over the whole evaluated grid where that cell was not evaluated (`selected_by`)."""
     select = set(data.get("select_over", ["optim.lr"]))
     table = []
     for run, res in zip(runs, results):
@@ -388,6 +396,9 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
         row = {"run": run.name, "model": run.model_name, **{k.split(".")[-1]: v for k, v in run.point.items()},
                "params": res["parameters"], "state_floats": res["state_floats"],
                "plot_accuracy": cell_accuracy(res, plot_len, count)}
+        # a plot cell outside the grid read as None for every run, and the sweep's first run was taken as its best
+        row["selected_by"] = "plot cell" if row["plot_accuracy"] is not None else "grid"
+        row["_score"] = row["plot_accuracy"] if row["plot_accuracy"] is not None else grid_accuracy(res)
         for seq_len in run.eval.seq_lens:
             acc = cell_accuracy(res, seq_len)
             row[f"acc@{seq_len}"] = "-" if acc is None else acc
@@ -396,9 +407,9 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
     best: dict[tuple, dict] = {}
     for row in table:
         kept = best.get(row["_group"])
-        if kept is None or (row["plot_accuracy"] or 0) > (kept["plot_accuracy"] or 0):
+        if kept is None or (row["_score"] or 0) > (kept["_score"] or 0):
             best[row["_group"]] = row
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "_group"} for r in rows]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("_group", "_score")} for r in rows]
     return strip(table), strip(best.values())
 
 

@@ -234,3 +234,26 @@ def test_train_synthetic_without_data_seq_len_trains_and_reports_at_the_tasks_le
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [r["run"] for r in summary["runs"]] == ["gla-lr=0.0001", "gla-lr=0.01"]
     assert all(isinstance(r["plot_accuracy"], float) and isinstance(r["acc@256"], float) for r in summary["runs"])
+
+
+def test_train_synthetic_picks_the_best_run_over_the_grid_when_the_plot_cell_was_not_evaluated():
+    """The sweep's best run is the one most accurate at the plot cell (training length by default); where that cell
+    is not in the evaluated grid, every run's accuracy there read as None and the first run of the sweep was taken
+    without a word. It is now picked over the whole grid, and the row says which."""
+    from types import SimpleNamespace
+
+    script = load_script("scripts/train_synthetic.py")
+
+    def run(name, lr):
+        data = SimpleNamespace(seq_len=256, task="mqar", task_kwargs={"n_kv": 4})
+        return SimpleNamespace(name=name, model_name="gla", point={"optim.lr": lr}, section=SimpleNamespace(data=data),
+                               eval=SimpleNamespace(plot_seq_len=None, plot_count=None, seq_lens=[64, 128]))
+
+    def result(correct):
+        return {"parameters": 1, "state_floats": 1, "rows": [
+            {"seq_len": 64, "n_kv": 4, "n_correct": correct, "n_answers": 10},
+            {"seq_len": 128, "n_kv": 4, "n_correct": correct, "n_answers": 10}]}
+
+    table, best = script.summarize({}, [run("a", 1e-4), run("b", 1e-2)], [result(1), result(9)])
+    assert [r["run"] for r in best] == ["b"] and best[0]["selected_by"] == "grid"
+    assert [r["plot_accuracy"] for r in table] == [None, None]
