@@ -928,3 +928,23 @@ def test_generate_skips_the_moe_aux_loss_that_it_drops(monkeypatch):
     calls.clear()
     with torch.no_grad():
         assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), out) and len(calls) == 4
+
+
+def test_a_model_pickles_after_generating_with_an_attention_mask():
+    """generate kept its verdict on the attention_mask (a weakref to it) on the model, so pickle.dumps / torch.save of
+    the model after a generate with a mask raised "cannot pickle 'weakref.ReferenceType' object" (LlamaForCausalLM
+    pickles). The copy gives the same logits and generates the same tokens."""
+    import io
+    import pickle
+
+    model = tiny("jamba")
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    copy = pickle.loads(pickle.dumps(model))
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        assert torch.equal(copy(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    assert torch.equal(copy.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0),
+                       out)

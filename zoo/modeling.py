@@ -611,6 +611,13 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         self.__dict__[_MASK_VERDICT] = (weakref.ref(mask), ones)
         return ones
 
+    def __getstate__(self) -> dict:
+        """The model's state for pickle / torch.save / deepcopy, without the mask verdict of the last generate: it
+        holds a weakref, which cannot be pickled (and a copy reads its own masks again)."""
+        state = dict(super().__getstate__())
+        state.pop(_MASK_VERDICT, None)
+        return state
+
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """transformers' update, which appends ones to the attention_mask: the verdict on the old mask carries over
         to the new one (see `_mask_is_all_ones`)."""
