@@ -948,3 +948,19 @@ def test_a_model_pickles_after_generating_with_an_attention_mask():
         assert torch.equal(copy(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
     assert torch.equal(copy.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0),
                        out)
+
+
+@pytest.mark.parametrize("name", ["jamba", "gla"])
+def test_a_cache_that_ran_pickles_and_continues(name):
+    """A cache that a forward used kept a weakref to the model it was checked for, so pickle.dumps / torch.save of a
+    prefilled cache (a prompt cache kept on disk; transformers' DynamicCache pickles) raised "cannot pickle
+    'weakref.ReferenceType' object". The loaded copy continues as the cache does."""
+    import pickle
+
+    model = tiny(name)
+    prompt, step = torch.randint(1, 512, (2, 6)), torch.randint(1, 512, (2, 1))
+    with torch.no_grad():
+        cache = zoo.cache.output_cache(model(prompt, use_cache=True))
+        copy = pickle.loads(pickle.dumps(cache))
+        assert copy.get_seq_length() == 6
+        assert torch.equal(model(step, past_key_values=copy).logits, model(step, past_key_values=cache).logits)
