@@ -964,3 +964,23 @@ def test_a_cache_that_ran_pickles_and_continues(name):
         copy = pickle.loads(pickle.dumps(cache))
         assert copy.get_seq_length() == 6
         assert torch.equal(model(step, past_key_values=copy).logits, model(step, past_key_values=cache).logits)
+
+
+@pytest.mark.parametrize("name", ["jamba", "mamba2"])
+def test_a_deep_copy_keeps_the_no_weight_decay_flags(name):
+    """torch's Parameter.__deepcopy__ makes new Parameters without their attributes, so copy.deepcopy(model) (a
+    second run from the same initialisation, an EMA copy) lost `_no_weight_decay`, and zoo.train's optimizer decayed
+    Mamba's A_log [d_inner, d_state] and the other flagged parameters of the copy; a pickled copy kept them."""
+    import copy
+
+    from zoo.train import OptimConfig, param_groups
+
+    model = tiny(name)
+    flagged = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    assert flagged
+    twin = copy.deepcopy(model)
+    assert {n for n, p in twin.named_parameters() if getattr(p, "_no_weight_decay", False)} == flagged
+    names = {id(p): n for n, p in model.named_parameters()} | {id(p): n for n, p in twin.named_parameters()}
+    groups = [[sorted(names[id(p)] for p in g["params"]) for g in param_groups(m, OptimConfig(no_decay_1d=False))]
+              for m in (model, twin)]
+    assert groups[0] == groups[1]

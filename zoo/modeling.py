@@ -226,6 +226,10 @@ class ZooPreTrainedModel(PreTrainedModel):
         super().post_init()
         self.mark_no_weight_decay()
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.mark_no_weight_decay()  # copy.deepcopy made new Parameters without the flags (Parameter.__deepcopy__)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """transformers' check of attn_implementation, except that flash_attention_2 / _3 (what many load calls
         pass) is taken as the default with a warning: zoo's attention already runs flash-attn when it is installed,
