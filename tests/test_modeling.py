@@ -928,3 +928,59 @@ def test_generate_skips_the_moe_aux_loss_that_it_drops(monkeypatch):
     calls.clear()
     with torch.no_grad():
         assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), out) and len(calls) == 4
+
+
+def test_a_model_pickles_after_generating_with_an_attention_mask():
+    """generate kept its verdict on the attention_mask (a weakref to it) on the model, so pickle.dumps / torch.save of
+    the model after a generate with a mask raised "cannot pickle 'weakref.ReferenceType' object" (LlamaForCausalLM
+    pickles). The copy gives the same logits and generates the same tokens."""
+    import io
+    import pickle
+
+    model = tiny("jamba")
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    copy = pickle.loads(pickle.dumps(model))
+    torch.save(model, io.BytesIO())
+    with torch.no_grad():
+        assert torch.equal(copy(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+    assert torch.equal(copy.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0),
+                       out)
+
+
+@pytest.mark.parametrize("name", ["jamba", "gla"])
+def test_a_cache_that_ran_pickles_and_continues(name):
+    """A cache that a forward used kept a weakref to the model it was checked for, so pickle.dumps / torch.save of a
+    prefilled cache (a prompt cache kept on disk; transformers' DynamicCache pickles) raised "cannot pickle
+    'weakref.ReferenceType' object". The loaded copy continues as the cache does."""
+    import pickle
+
+    model = tiny(name)
+    prompt, step = torch.randint(1, 512, (2, 6)), torch.randint(1, 512, (2, 1))
+    with torch.no_grad():
+        cache = zoo.cache.output_cache(model(prompt, use_cache=True))
+        copy = pickle.loads(pickle.dumps(cache))
+        assert copy.get_seq_length() == 6
+        assert torch.equal(model(step, past_key_values=copy).logits, model(step, past_key_values=cache).logits)
+
+
+@pytest.mark.parametrize("name", ["jamba", "mamba2"])
+def test_a_deep_copy_keeps_the_no_weight_decay_flags(name):
+    """torch's Parameter.__deepcopy__ makes new Parameters without their attributes, so copy.deepcopy(model) (a
+    second run from the same initialisation, an EMA copy) lost `_no_weight_decay`, and zoo.train's optimizer decayed
+    Mamba's A_log [d_inner, d_state] and the other flagged parameters of the copy; a pickled copy kept them."""
+    import copy
+
+    from zoo.train import OptimConfig, param_groups
+
+    model = tiny(name)
+    flagged = {n for n, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    assert flagged
+    twin = copy.deepcopy(model)
+    assert {n for n, p in twin.named_parameters() if getattr(p, "_no_weight_decay", False)} == flagged
+    names = {id(p): n for n, p in model.named_parameters()} | {id(p): n for n, p in twin.named_parameters()}
+    groups = [[sorted(names[id(p)] for p in g["params"]) for g in param_groups(m, OptimConfig(no_decay_1d=False))]
+              for m in (model, twin)]
+    assert groups[0] == groups[1]

@@ -384,6 +384,13 @@ class ZooCache(Cache):
         cache.mixer_types = [type(block.mixer).__name__ for block in base.layers]  # checked by ZooModel.forward
         return cache
 
+    def __getstate__(self) -> dict:
+        """The cache's state for pickle / torch.save, without the weakref to the model it was last checked for
+        (ZooModel.forward's check, which a copy runs again)."""
+        state = dict(super().__getstate__())
+        state.pop("_checked_for", None)
+        return state
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 

@@ -226,6 +226,10 @@ class ZooPreTrainedModel(PreTrainedModel):
         super().post_init()
         self.mark_no_weight_decay()
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.mark_no_weight_decay()  # copy.deepcopy made new Parameters without the flags (Parameter.__deepcopy__)
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         """transformers' check of attn_implementation, except that flash_attention_2 / _3 (what many load calls
         pass) is taken as the default with a warning: zoo's attention already runs flash-attn when it is installed,
@@ -610,6 +614,13 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         ones = bool(mask.all())
         self.__dict__[_MASK_VERDICT] = (weakref.ref(mask), ones)
         return ones
+
+    def __getstate__(self) -> dict:
+        """The model's state for pickle / torch.save / deepcopy, without the mask verdict of the last generate: it
+        holds a weakref, which cannot be pickled (and a copy reads its own masks again)."""
+        state = dict(super().__getstate__())
+        state.pop(_MASK_VERDICT, None)
+        return state
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         """transformers' update, which appends ones to the attention_mask: the verdict on the old mask carries over
