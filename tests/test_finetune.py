@@ -345,6 +345,30 @@ def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
         load({"task": "mqar"}, model=str(adapter))
 
 
+def test_lora_target_mistakes_are_refused_before_the_pretrain_phase(tmp_path):
+    """A mistyped lora.target_modules failed in wrap_lora, after the whole pretrain phase had run (400 steps of the
+    shipped recipe), naming `target_modules`; it is now refused when the config is read, naming the field."""
+    path = tmp_path / "ft.yaml"
+
+    def load(lora: dict):
+        path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "jamba-tiny.yaml"),
+                                        "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                        "lora": lora}))
+        return load_finetune_config(path)
+
+    with pytest.raises(ValueError, match=r"lora\.target_modules: \['v_prj'\] match no module"):
+        load({"target_modules": ["q_proj", "v_prj"]})
+    with pytest.raises(ValueError, match=r"lora\.target_modules: \['q_proj'\] match no module.*regular expression"):
+        load({"target_modules": "q_proj"})  # a string is a regex over whole names, as PEFT reads it
+    with pytest.raises(ValueError, match=r"lora\.target_modules: empty"):
+        load({"target_modules": []})
+    with pytest.raises(ValueError, match=r"lora\.include_mlp: only applies to the default targets"):
+        load({"target_modules": ["q_proj"], "include_mlp": True})
+    assert load({"target_modules": ["q_proj", "experts.0.up_proj"]}).lora.target_modules == ["q_proj",
+                                                                                           "experts.0.up_proj"]
+    assert load({"target_modules": r".*\.mixer\.(q|v)_proj"}).pretrain is not None
+
+
 def test_jsonl_data_too_small_to_hold_rows_out_is_refused(tmp_path):
     from zoo.data.text import ByteTokenizer
     from zoo.finetune import DataSection, build_datasets

@@ -558,6 +558,15 @@ def _validate_run(section: Any, prefix: str) -> None:
             raise ValueError(f"{prefix}{name}: {message}")
 
 
+def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
+    """Refuse lora.target_modules entries that match no module of `model` (its skeleton on the meta device will do)."""
+    missing = unmatched_targets(model, lora.target_modules) if lora.target_modules is not None else []
+    if missing:
+        raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__} (a string is a "
+                         f"regular expression over whole module names, a list holds names or name suffixes); module "
+                         f"names look like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]}")
+
+
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read a finetune config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
     cfg = _build(FinetuneConfig, read_yaml(path, overrides), "")
@@ -571,6 +580,11 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
+        raise ValueError("lora.target_modules: empty; leave it out for the mixers' lora_targets")
+    if cfg.lora.target_modules is not None and cfg.lora.include_mlp:
+        raise ValueError("lora.include_mlp: only applies to the default targets (lora.target_modules left out); add "
+                         "the MLP projections (gate_proj, up_proj, down_proj) to lora.target_modules instead")
     is_yaml = cfg.model.endswith((".yaml", ".yml"))
     if cfg.pretrain is not None:
         if not is_yaml:
@@ -582,6 +596,13 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
                              "`zoo train` and finetune its checkpoint")
         if not Path(cfg.model).is_file():  # else it failed after the run folder was made, naming no field
             raise ValueError(f"model: no such model config {cfg.model!r} (a path from the working directory)")
+        # a mistyped target failed in wrap_lora, after the whole pretrain phase: checked on the model's skeleton
+        from transformers import AutoModelForCausalLM
+
+        from zoo.config import ZooConfig
+
+        with torch.device("meta"):
+            _check_lora_targets(cfg.lora, AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model)))
     elif is_yaml:
         raise ValueError(f"model: {cfg.model!r} is a zoo YAML (random weights); give a checkpoint folder, or add "
                          f"a pretrain section to train the base model first")
@@ -1111,6 +1132,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
     _check_vocab(model, cfg.data, "")
+    _check_lora_targets(cfg.lora, model)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer: has {len(tokenizer)} tokens but the model only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings")
