@@ -315,6 +315,9 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)
+    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpha": 0}}))
+    with pytest.raises(ValueError, match=r"lora\.alpha: must be > 0"):  # a scale of 0: a no-op adapter, zero gradients,
+        load_finetune_config(path)  # and a run that reported success
 
 
 def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):

@@ -578,6 +578,8 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
+    if not cfg.lora.alpha > 0:  # scale alpha / r: at 0 the adapter is a no-op whose gradients are zero, trained in vain
+        raise ValueError(f"lora.alpha: must be > 0 (the adapter's scale is alpha / r), got {cfg.lora.alpha}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
