@@ -647,6 +647,48 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     assert len(other["log"]) == 3
 
 
+def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch):
+    """Under fp16 (a GPU's GradScaler) the checkpoint kept no loss scale: a resumed run restarted it at its initial
+    value, so the steps its overflows skip were not an uninterrupted run's and the adapters differed. A CPU GradScaler
+    stands in for accelerate's (which it makes for GPUs only), its scale doubled every step to overflow soon."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 6, "micro_batch_size": 4, "progress_bar": False, "checkpoint_every": 0},
+              "lora": {"r": 4}, "optim": {"lr": 1e-2, "grad_clip": 0}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    scalers, real_init, real_lr = [], Accelerator.__init__, ft.lr_at
+
+    def with_scaler(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120, growth_interval=1)
+        scalers.append(self.scaler)
+
+    def stop_at_step_3(step, section):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr(step, section)
+
+    def run(name: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
+
+    monkeypatch.setattr(Accelerator, "__init__", with_scaler)
+    run("whole")
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real_lr)
+    run("cut")
+    assert scalers[-1].get_scale() == scalers[0].get_scale()
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):
     """The base is trained in fp32; merged/ was saved in fp32 whatever the base's dtype (a bf16 checkpoint's merge
     twice its size, loading as fp32). It now takes the base's dtype, and 'after' evaluates what was saved."""

@@ -845,6 +845,9 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
             for n, p in named.items():
                 p.copy_(resumed["params"][n])
         optimizer.load_state_dict(resumed["optimizer"])
+        if accelerator.scaler is not None and resumed.get("scaler") is not None:  # fp16's loss scale: it restarted at
+            # its initial value, and the steps its overflows skip differed from an uninterrupted run's
+            accelerator.scaler.load_state_dict(resumed["scaler"])
         start, log, window = resumed["step"], resumed["log"], resumed["window"]
         for _ in range(start * t.grad_accum):  # the same rows in the same order as an uninterrupted run
             next(batches)
@@ -870,6 +873,7 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
             tmp = checkpoint / f".{_CHECKPOINT}.tmp"
             torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "window": kept,
                         "params": {n: p.detach().cpu() for n, p in named.items()}, "optimizer": state,
+                        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                         "log": log}, tmp)
             os.replace(tmp, checkpoint / _CHECKPOINT)
         accelerator.wait_for_everyone()
