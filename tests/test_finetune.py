@@ -689,6 +689,38 @@ def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_of_another_number_of_processes_is_not_continued(tmp_path, monkeypatch, capsys):
+    """Each process trains on its own share of the rows, and a resumed run replays the rows its processes read: a
+    checkpoint written by two processes was continued by one (or the other way round) from another data position,
+    training some rows twice, without a word. It is now refused, naming both counts (as zoo train's --resume)."""
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 4, "micro_batch_size": 4, "progress_bar": False, "checkpoint_every": 0},
+              "lora": {"r": 4}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    real_lr = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_lr(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert _run("zoo finetune", main, [str(tmp_path / "ft.yaml")]) == 130
+    monkeypatch.setattr(ft, "lr_at", real_lr)
+    file = tmp_path / "run" / "finetune-checkpoint" / "state.pt"
+    saved = torch.load(file, weights_only=True)
+    torch.save(saved | {"world": 2}, file)  # as two processes of `accelerate launch` write it
+    capsys.readouterr()
+    assert _run("zoo finetune", main, [str(tmp_path / "ft.yaml")]) == 2
+    assert "was written by 2 processes, this run has 1" in capsys.readouterr().err
+    assert file.is_file() and saved["world"] == 1  # kept for a launch with two processes; one process wrote 1
+
+
 def test_the_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):
     """The base is trained in fp32; merged/ was saved in fp32 whatever the base's dtype (a bf16 checkpoint's merge
     twice its size, loading as fp32). It now takes the base's dtype, and 'after' evaluates what was saved."""

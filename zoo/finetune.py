@@ -465,8 +465,8 @@ class LoopSection:
 
     checkpoint_every: save the phase's trainable weights, optimizer and step every this many steps (0: only when
     stopped) to OUTPUT_DIR/<phase>-checkpoint; SIGTERM or Ctrl-C saves the last completed step and stops (a
-    second Ctrl-C stops at once), and the same command again continues from there (exactly: the data order is
-    replayed; under state_passing the first resumed micro-batch starts from zeros)."""
+    second Ctrl-C stops at once), and the same command again, with as many processes, continues from there (exactly:
+    the data order is replayed; under state_passing the first resumed micro-batch starts from zeros)."""
 
     seed: int = 0
     max_steps: int = 300
@@ -796,6 +796,11 @@ def _load_checkpoint(folder: Path | None, stamp: Any, accelerator, desc: str) ->
     if saved.get("stamp") != json.loads(json.dumps(stamp)):
         accelerator.print(f"{desc}: {folder} holds a checkpoint of another config; starting over")
         return None
+    if "world" in saved and saved["world"] != accelerator.num_processes:  # (checkpoints before it are not checked)
+        # each process reads its own share of the rows: another count replayed the wrong rows, without a word
+        raise ValueError(f"{desc}: {folder} was written by {saved['world']} processes, this run has "
+                         f"{accelerator.num_processes}; the data order is per process: continue with the same number "
+                         f"of processes, or remove {folder} to start the phase over")
     rng = folder / f"rng-{accelerator.process_index}.pt"
     saved["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
     if saved["rng"] is not None and saved["rng"].get("step", saved["step"]) != saved["step"]:
@@ -871,7 +876,8 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
             kept = accelerator.reduce(torch.tensor(window, device=accelerator.device), reduction="mean").tolist()
         if accelerator.is_main_process:  # written beside and renamed: an interrupted save keeps the last one
             tmp = checkpoint / f".{_CHECKPOINT}.tmp"
-            torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "window": kept,
+            torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "world": accelerator.num_processes,
+                        "window": kept,
                         "params": {n: p.detach().cpu() for n, p in named.items()}, "optimizer": state,
                         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                         "log": log}, tmp)
