@@ -379,6 +379,9 @@ def test_jsonl_data_too_small_to_hold_rows_out_is_refused(tmp_path):
     (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}))
     with pytest.raises(ValueError, match=r"data\.holdout: no evaluation rows held out of 1 rows"):
         build_datasets(DataSection(source=str(tmp_path / "one.jsonl")), ByteTokenizer())
+    (tmp_path / "three.jsonl").write_text("\n".join([json.dumps({"prompt": "a", "completion": "b"})] * 3))
+    with pytest.raises(ValueError, match=r"data\.holdout: 0\.9 of 3 rows holds out all of them"):  # round(2.7) rows
+        build_datasets(DataSection(source=str(tmp_path / "three.jsonl"), holdout=0.9), ByteTokenizer())
 
 
 # ---- state passing (train.state_passing) ---------------------------------------------------------------------

@@ -717,6 +717,9 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
     else:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(data.seed)).tolist()
         n_eval = max(1, round(data.holdout * len(rows))) if data.holdout > 0 and len(rows) > 1 else 0
+        if n_eval >= len(rows) > 1:  # it said "data.source: no training rows with a target left"
+            raise ValueError(f"data.holdout: {data.holdout} of {len(rows)} rows holds out all of them, leaving none to "
+                             f"train on; lower it, add rows, or give data.eval_source")
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]]
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
