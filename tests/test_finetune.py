@@ -363,6 +363,9 @@ def test_lora_target_mistakes_are_refused_before_the_pretrain_phase(tmp_path):
         load({"target_modules": ["q_proj", "v_prj"]})
     with pytest.raises(ValueError, match=r"lora\.target_modules: \['q_proj'\] match no module.*regular expression"):
         load({"target_modules": "q_proj"})  # a string is a regex over whole names, as PEFT reads it
+    with pytest.raises(ValueError, match=r"lora\.target_modules: matches model\.layers\.0\.mixer \(Mamba\).*which LoRA "
+                                         r"cannot adapt"):
+        load({"target_modules": ["mixer"]})  # PEFT's 'Target module Mamba(...) is not supported', after pretraining
     with pytest.raises(ValueError, match=r"lora\.target_modules: empty"):
         load({"target_modules": []})
     with pytest.raises(ValueError, match=r"lora\.include_mlp: only applies to the default targets"):

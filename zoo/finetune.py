@@ -559,12 +559,28 @@ def _validate_run(section: Any, prefix: str) -> None:
 
 
 def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
-    """Refuse lora.target_modules entries that match no module of `model` (its skeleton on the meta device will do)."""
-    missing = unmatched_targets(model, lora.target_modules) if lora.target_modules is not None else []
+    """Refuse lora.target_modules entries that match no module of `model`, or (in a zoo model) a module LoRA cannot
+    wrap; its skeleton on the meta device will do."""
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora.target_modules
+    if targets is None:
+        return
+    missing = unmatched_targets(model, targets)
     if missing:
         raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__} (a string is a "
                          f"regular expression over whole module names, a list holds names or name suffixes); module "
                          f"names look like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]}")
+    if targets == "all-linear" or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
+        return  # (PEFT's dispatch also wraps quantized layers another model may hold)
+    layer_types = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+    matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and (
+        re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
+    other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, layer_types)]
+    if other:
+        raise ValueError(f"lora.target_modules: matches {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, "
+                         f"which LoRA cannot adapt: name their projections (nn.Linear), e.g. "
+                         f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:2]}")
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
