@@ -315,6 +315,9 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)
+    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpha": 0}}))
+    with pytest.raises(ValueError, match=r"lora\.alpha: must be > 0"):  # a scale of 0: a no-op adapter, zero gradients,
+        load_finetune_config(path)  # and a run that reported success
 
 
 def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
@@ -345,6 +348,33 @@ def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
         load({"task": "mqar"}, model=str(adapter))
 
 
+def test_lora_target_mistakes_are_refused_before_the_pretrain_phase(tmp_path):
+    """A mistyped lora.target_modules failed in wrap_lora, after the whole pretrain phase had run (400 steps of the
+    shipped recipe), naming `target_modules`; it is now refused when the config is read, naming the field."""
+    path = tmp_path / "ft.yaml"
+
+    def load(lora: dict):
+        path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "jamba-tiny.yaml"),
+                                        "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                        "lora": lora}))
+        return load_finetune_config(path)
+
+    with pytest.raises(ValueError, match=r"lora\.target_modules: \['v_prj'\] match no module"):
+        load({"target_modules": ["q_proj", "v_prj"]})
+    with pytest.raises(ValueError, match=r"lora\.target_modules: \['q_proj'\] match no module.*regular expression"):
+        load({"target_modules": "q_proj"})  # a string is a regex over whole names, as PEFT reads it
+    with pytest.raises(ValueError, match=r"lora\.target_modules: matches model\.layers\.0\.mixer \(Mamba\).*which LoRA "
+                                         r"cannot adapt"):
+        load({"target_modules": ["mixer"]})  # PEFT's 'Target module Mamba(...) is not supported', after pretraining
+    with pytest.raises(ValueError, match=r"lora\.target_modules: empty"):
+        load({"target_modules": []})
+    with pytest.raises(ValueError, match=r"lora\.include_mlp: only applies to the default targets"):
+        load({"target_modules": ["q_proj"], "include_mlp": True})
+    assert load({"target_modules": ["q_proj", "experts.0.up_proj"]}).lora.target_modules == ["q_proj",
+                                                                                           "experts.0.up_proj"]
+    assert load({"target_modules": r".*\.mixer\.(q|v)_proj"}).pretrain is not None
+
+
 def test_jsonl_data_too_small_to_hold_rows_out_is_refused(tmp_path):
     from zoo.data.text import ByteTokenizer
     from zoo.finetune import DataSection, build_datasets
@@ -352,6 +382,9 @@ def test_jsonl_data_too_small_to_hold_rows_out_is_refused(tmp_path):
     (tmp_path / "one.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}))
     with pytest.raises(ValueError, match=r"data\.holdout: no evaluation rows held out of 1 rows"):
         build_datasets(DataSection(source=str(tmp_path / "one.jsonl")), ByteTokenizer())
+    (tmp_path / "three.jsonl").write_text("\n".join([json.dumps({"prompt": "a", "completion": "b"})] * 3))
+    with pytest.raises(ValueError, match=r"data\.holdout: 0\.9 of 3 rows holds out all of them"):  # round(2.7) rows
+        build_datasets(DataSection(source=str(tmp_path / "three.jsonl"), holdout=0.9), ByteTokenizer())
 
 
 # ---- state passing (train.state_passing) ---------------------------------------------------------------------
@@ -618,6 +651,80 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     other = run("other", "--lora.r=2")  # another config: starts over
     assert "holds a checkpoint of another config; starting over" in capsys.readouterr().out
     assert len(other["log"]) == 3
+
+
+def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch):
+    """Under fp16 (a GPU's GradScaler) the checkpoint kept no loss scale: a resumed run restarted it at its initial
+    value, so the steps its overflows skip were not an uninterrupted run's and the adapters differed. A CPU GradScaler
+    stands in for accelerate's (which it makes for GPUs only), its scale doubled every step to overflow soon."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 6, "micro_batch_size": 4, "progress_bar": False, "checkpoint_every": 0},
+              "lora": {"r": 4}, "optim": {"lr": 1e-2, "grad_clip": 0}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    scalers, real_init, real_lr = [], Accelerator.__init__, ft.lr_at
+
+    def with_scaler(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120, growth_interval=1)
+        scalers.append(self.scaler)
+
+    def stop_at_step_3(step, section):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real_lr(step, section)
+
+    def run(name: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
+
+    monkeypatch.setattr(Accelerator, "__init__", with_scaler)
+    run("whole")
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real_lr)
+    run("cut")
+    assert scalers[-1].get_scale() == scalers[0].get_scale()
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_another_number_of_processes_is_not_continued(tmp_path, monkeypatch, capsys):
+    """Each process trains on its own share of the rows, and a resumed run replays the rows its processes read: a
+    checkpoint written by two processes was continued by one (or the other way round) from another data position,
+    training some rows twice, without a word. It is now refused, naming both counts (as zoo train's --resume)."""
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 4, "micro_batch_size": 4, "progress_bar": False, "checkpoint_every": 0},
+              "lora": {"r": 4}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    real_lr = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real_lr(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert _run("zoo finetune", main, [str(tmp_path / "ft.yaml")]) == 130
+    monkeypatch.setattr(ft, "lr_at", real_lr)
+    file = tmp_path / "run" / "finetune-checkpoint" / "state.pt"
+    saved = torch.load(file, weights_only=True)
+    torch.save(saved | {"world": 2}, file)  # as two processes of `accelerate launch` write it
+    capsys.readouterr()
+    assert _run("zoo finetune", main, [str(tmp_path / "ft.yaml")]) == 2
+    assert "was written by 2 processes, this run has 1" in capsys.readouterr().err
+    assert file.is_file() and saved["world"] == 1  # kept for a launch with two processes; one process wrote 1
 
 
 def test_the_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):

@@ -465,8 +465,8 @@ class LoopSection:
 
     checkpoint_every: save the phase's trainable weights, optimizer and step every this many steps (0: only when
     stopped) to OUTPUT_DIR/<phase>-checkpoint; SIGTERM or Ctrl-C saves the last completed step and stops (a
-    second Ctrl-C stops at once), and the same command again continues from there (exactly: the data order is
-    replayed; under state_passing the first resumed micro-batch starts from zeros)."""
+    second Ctrl-C stops at once), and the same command again, with as many processes, continues from there (exactly:
+    the data order is replayed; under state_passing the first resumed micro-batch starts from zeros)."""
 
     seed: int = 0
     max_steps: int = 300
@@ -558,6 +558,31 @@ def _validate_run(section: Any, prefix: str) -> None:
             raise ValueError(f"{prefix}{name}: {message}")
 
 
+def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
+    """Refuse lora.target_modules entries that match no module of `model`, or (in a zoo model) a module LoRA cannot
+    wrap; its skeleton on the meta device will do."""
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora.target_modules
+    if targets is None:
+        return
+    missing = unmatched_targets(model, targets)
+    if missing:
+        raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__} (a string is a "
+                         f"regular expression over whole module names, a list holds names or name suffixes); module "
+                         f"names look like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]}")
+    if targets == "all-linear" or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
+        return  # (PEFT's dispatch also wraps quantized layers another model may hold)
+    layer_types = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
+    matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and (
+        re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
+    other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, layer_types)]
+    if other:
+        raise ValueError(f"lora.target_modules: matches {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, "
+                         f"which LoRA cannot adapt: name their projections (nn.Linear), e.g. "
+                         f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:2]}")
+
+
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read a finetune config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
     cfg = _build(FinetuneConfig, read_yaml(path, overrides), "")
@@ -569,8 +594,15 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
+    if not cfg.lora.alpha > 0:  # scale alpha / r: at 0 the adapter is a no-op whose gradients are zero, trained in vain
+        raise ValueError(f"lora.alpha: must be > 0 (the adapter's scale is alpha / r), got {cfg.lora.alpha}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
+    if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
+        raise ValueError("lora.target_modules: empty; leave it out for the mixers' lora_targets")
+    if cfg.lora.target_modules is not None and cfg.lora.include_mlp:
+        raise ValueError("lora.include_mlp: only applies to the default targets (lora.target_modules left out); add "
+                         "the MLP projections (gate_proj, up_proj, down_proj) to lora.target_modules instead")
     is_yaml = cfg.model.endswith((".yaml", ".yml"))
     if cfg.pretrain is not None:
         if not is_yaml:
@@ -582,6 +614,13 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
                              "`zoo train` and finetune its checkpoint")
         if not Path(cfg.model).is_file():  # else it failed after the run folder was made, naming no field
             raise ValueError(f"model: no such model config {cfg.model!r} (a path from the working directory)")
+        # a mistyped target failed in wrap_lora, after the whole pretrain phase: checked on the model's skeleton
+        from transformers import AutoModelForCausalLM
+
+        from zoo.config import ZooConfig
+
+        with torch.device("meta"):
+            _check_lora_targets(cfg.lora, AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model)))
     elif is_yaml:
         raise ValueError(f"model: {cfg.model!r} is a zoo YAML (random weights); give a checkpoint folder, or add "
                          f"a pretrain section to train the base model first")
@@ -694,6 +733,9 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
     else:
         order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(data.seed)).tolist()
         n_eval = max(1, round(data.holdout * len(rows))) if data.holdout > 0 and len(rows) > 1 else 0
+        if n_eval >= len(rows) > 1:  # it said "data.source: no training rows with a target left"
+            raise ValueError(f"data.holdout: {data.holdout} of {len(rows)} rows holds out all of them, leaving none to "
+                             f"train on; lower it, add rows, or give data.eval_source")
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]]
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
@@ -773,6 +815,11 @@ def _load_checkpoint(folder: Path | None, stamp: Any, accelerator, desc: str) ->
     if saved.get("stamp") != json.loads(json.dumps(stamp)):
         accelerator.print(f"{desc}: {folder} holds a checkpoint of another config; starting over")
         return None
+    if "world" in saved and saved["world"] != accelerator.num_processes:  # (checkpoints before it are not checked)
+        # each process reads its own share of the rows: another count replayed the wrong rows, without a word
+        raise ValueError(f"{desc}: {folder} was written by {saved['world']} processes, this run has "
+                         f"{accelerator.num_processes}; the data order is per process: continue with the same number "
+                         f"of processes, or remove {folder} to start the phase over")
     rng = folder / f"rng-{accelerator.process_index}.pt"
     saved["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
     if saved["rng"] is not None and saved["rng"].get("step", saved["step"]) != saved["step"]:
@@ -822,6 +869,9 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
             for n, p in named.items():
                 p.copy_(resumed["params"][n])
         optimizer.load_state_dict(resumed["optimizer"])
+        if accelerator.scaler is not None and resumed.get("scaler") is not None:  # fp16's loss scale: it restarted at
+            # its initial value, and the steps its overflows skip differed from an uninterrupted run's
+            accelerator.scaler.load_state_dict(resumed["scaler"])
         start, log, window = resumed["step"], resumed["log"], resumed["window"]
         for _ in range(start * t.grad_accum):  # the same rows in the same order as an uninterrupted run
             next(batches)
@@ -845,8 +895,10 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
             kept = accelerator.reduce(torch.tensor(window, device=accelerator.device), reduction="mean").tolist()
         if accelerator.is_main_process:  # written beside and renamed: an interrupted save keeps the last one
             tmp = checkpoint / f".{_CHECKPOINT}.tmp"
-            torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "window": kept,
+            torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "world": accelerator.num_processes,
+                        "window": kept,
                         "params": {n: p.detach().cpu() for n, p in named.items()}, "optimizer": state,
+                        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                         "log": log}, tmp)
             os.replace(tmp, checkpoint / _CHECKPOINT)
         accelerator.wait_for_everyone()
@@ -1111,6 +1163,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     set_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
     _check_vocab(model, cfg.data, "")
+    _check_lora_targets(cfg.lora, model)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer: has {len(tokenizer)} tokens but the model only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings")
