@@ -465,6 +465,12 @@ def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch
     saved = json.loads((tmp_path / "run" / "merged" / "tokenizer_config.json").read_text())
     assert saved.get("tokenizer_class") != "ByteTokenizer"
     assert result["before"]["n_targets"] == 3 * 2  # one word and eos per held-out completion, not its bytes
+    # the finetune taught the model to end with the tokenizer's eos: merged/ names it, so generate stops there (the
+    # base's config had none, and merged/config.json kept eos_token_id null)
+    assert json.loads((hub / "config.json").read_text()).get("eos_token_id") is None
+    merged = json.loads((tmp_path / "run" / "merged" / "config.json").read_text())
+    generation = json.loads((tmp_path / "run" / "merged" / "generation_config.json").read_text())
+    assert merged["eos_token_id"] == 2 and generation["eos_token_id"] == 2
 
 
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):

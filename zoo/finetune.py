@@ -1215,10 +1215,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if base_dtype is not None and base_dtype != torch.float32:
         merged = merged.to(base_dtype)
         result["merged_dtype"] = str(base_dtype).removeprefix("torch.")
-    if accelerator.is_main_process:
-        merged.save_pretrained(merged_dir, safe_serialization=True)
-        if saved_tokenizer is not None:
-            saved_tokenizer.save_pretrained(merged_dir)
+    if accelerator.is_main_process:  # the tokenizer's eos / pad / bos fill the config's unset ones (generate stops at
+        # the eos the finetune appended) and the folder appears whole
+        from zoo.hub import save_model_folder
+
+        save_model_folder(merged, merged_dir, saved_tokenizer)
     accelerator.wait_for_everyone()
     result["after"] = evaluate(merged, eval_loader, device)
     result["seconds"] = time.perf_counter() - t_start
