@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from zoo import ZooConfig, list_mixers
 
@@ -182,3 +183,90 @@ def test_a_checkpoint_of_a_registered_mixer_says_to_register_it_before_loading(t
     with pytest.raises(ValueError, match=r"mixers\.A\.type: .*register_mixer\('my_unregistered_ema'\).*import the "
                                          r"module that registers it"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+class _Proj(nn.Module):
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+
+class NoMaskMixer(_Proj):
+    """DESIGN.md's contract block as written: forward without attention_mask."""
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None):
+        return self.proj(x)
+
+
+class NoLayerIdxMixer(nn.Module):
+    def __init__(self, d_model: int, *, width: int = 2):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+class RequiredOptionMixer(_Proj):
+    def __init__(self, d_model: int, layer_idx: int, *, n_heads: int):
+        super().__init__(d_model, layer_idx)
+
+    def forward(self, x, **kwargs):
+        return self.proj(x)
+
+
+class NotAModule:
+    def __init__(self, d_model, layer_idx):
+        pass
+
+
+class KeywordsMixer(_Proj):
+    def forward(self, x, **kwargs):  # takes every keyword the model passes
+        return self.proj(x)
+
+
+@pytest.fixture
+def registry_restored(monkeypatch):
+    from zoo import registry
+
+    monkeypatch.setattr(registry, "_MIXERS", dict(registry._MIXERS))
+    saved = list(registry.LORA_TARGETS)
+    yield registry
+    registry.LORA_TARGETS[:] = saved
+
+
+@pytest.mark.parametrize("cls,spec,message", [
+    (NoMaskMixer, {}, r"forward\(x, \*, cache=None, seq_idx=None, position_ids=None, attention_mask=None\).*"
+                      r"'attention_mask'"),
+    (NoLayerIdxMixer, {}, r"NoLayerIdxMixer\(d_model, layer_idx, \*\*options\)"),
+    (RequiredOptionMixer, {}, r"missing a required argument: 'n_heads'"),
+    (NotAModule, {}, "is not an nn.Module class"),
+], ids=["forward-without-attention-mask", "init-without-layer-idx", "required-option-left-out", "not-a-module"])
+def test_a_mixer_that_breaks_the_contract_is_refused_naming_what_it_lacks(registry_restored, cls, spec, message):
+    """A custom mixer the model cannot build or call was taken by the config and failed later with a bare TypeError:
+    a forward without attention_mask (the signature of DESIGN.md's contract block) at the first forward ('got an
+    unexpected keyword argument'), an __init__ without layer_idx or with a required option left out at model
+    construction, a class that is no nn.Module with 'takes no arguments'. The config (for a registered mixer) or the
+    model's construction (for a dotted path, imported only then) now refuses it, naming the call the model makes."""
+    from transformers import AutoModelForCausalLM
+
+    registry_restored.register_mixer("custom_contract")(cls)
+    fields = dict(vocab_size=32, d_model=16, layers="MX", ffn="none")
+    with pytest.raises(ValueError, match=rf"mixers\.X\.type: mixer 'custom_contract' does not follow the mixer "
+                                         rf"contract: .*{message}"):
+        ZooConfig(**fields, mixers={"M": {"type": "mamba"}, "X": {"type": "custom_contract", **spec}})
+    config = ZooConfig(**fields, mixers={"M": {"type": "mamba"}, "X": {"type": f"{__name__}.{cls.__name__}", **spec}})
+    with pytest.raises(ValueError, match=rf"mixer '{__name__}\.{cls.__name__}' .*{message}"):
+        AutoModelForCausalLM.from_config(config)
+
+
+def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(registry_restored):
+    import torch
+
+    from zoo import ZooForCausalLM
+
+    registry_restored.register_mixer("custom_keywords")(KeywordsMixer)
+    model = ZooForCausalLM(ZooConfig(vocab_size=32, d_model=16, layers="X", ffn="none",
+                                     mixers={"X": {"type": "custom_keywords"}}))
+    ids = torch.randint(0, 32, (1, 5))
+    assert model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.shape == (1, 5, 32)

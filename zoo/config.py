@@ -117,7 +117,8 @@ def _mixer_hints(mixer_type: Any) -> dict:
 
 def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> None:
     """Raise ValueError naming `at`.key for an option of `spec` that the mixer class `cls` does not take (with the
-    closest one), and the mixer's own `check_spec` complaint under `where`."""
+    closest one), naming `at`.type for a class that breaks the mixer contract (zoo.registry.contract_problem), and
+    the mixer's own `check_spec` complaint under `where`."""
     mixer_type = spec.get("type")
     kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
     params = inspect.signature(cls.__init__).parameters
@@ -129,6 +130,10 @@ def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> N
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
                                  f"valid options: {', '.join(allowed)}")
+    from zoo.registry import contract_problem
+
+    if problem := contract_problem(cls, kwargs):
+        raise ValueError(f"{at}.type: mixer {mixer_type!r} does not follow the mixer contract: {problem}")
     check = getattr(cls, "check_spec", None)
     if check is not None:
         try:
