@@ -270,3 +270,13 @@ def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(regis
                                      mixers={"X": {"type": "custom_keywords"}}))
     ids = torch.randint(0, 32, (1, 5))
     assert model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.shape == (1, 5, 32)
+
+
+def test_register_mixer_without_a_name_is_refused(registry_restored):
+    """`@register_mixer` without its name (a common slip for a decorator that takes one) replaced the class with the
+    decorator's inner function and registered nothing: a config naming the mixer then read 'unknown mixer ... import
+    the module that registers it', though that module had run."""
+    with pytest.raises(TypeError, match=r"write @register_mixer\('keywordsmixer'\) above class KeywordsMixer"):
+        registry_restored.register_mixer(KeywordsMixer)
+    with pytest.raises(TypeError, match="non-empty string"):
+        registry_restored.register_mixer("")

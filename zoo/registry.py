@@ -51,6 +51,11 @@ def contract_problem(cls, options: dict) -> str | None:
 
 def register_mixer(name: str):
     """Class decorator: `@register_mixer("mamba")` makes the class available to configs as `type: mamba`."""
+    if isinstance(name, type):  # `@register_mixer` without the name: the class would become `wrap`, unregistered
+        raise TypeError(f"register_mixer takes the name that configs give the mixer: write "
+                        f"@register_mixer({name.__name__.lower()!r}) above class {name.__name__}, not @register_mixer")
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"register_mixer: the mixer's name must be a non-empty string, got {name!r}")
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MIXERS and _MIXERS[name] is not cls:
