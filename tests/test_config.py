@@ -119,6 +119,17 @@ BAD = [
     ("mixer-type-not-a-string", dict(layers=[{"type": 3}]), "layers[0].type: expected a mixer name"),
     ("ffn-a-list", dict(ffn=[1]), "ffn: expected"),
     ("ffn-a-number", dict(ffn=5), "ffn: expected"),
+    # a pattern's layer names the mixers entry that sets its ffn (it read layers[2].ffn, a field nobody wrote)
+    ("unknown-ffn-of-a-letter", dict(layers="MMA", mixers={"M": {"type": "mamba"}, "A": {"type": "attention",
+                                                                                        "ffn": "mlp"}}),
+     "mixers.A.ffn: unknown 'mlp'"),
+    ("moe-ffn-of-a-letter-without-moe", dict(layers="MMA", mixers={"M": {"type": "mamba"}, "A": {"type": "attention",
+                                                                                                "ffn": "moe"}}),
+     "mixers.A.ffn: 'moe' needs a top-level `moe:` section"),
+    ("swiglu-ffn-of-a-letter-without-ffn", dict(layers="MA", ffn="none", mixers={"M": {"type": "mamba"},
+                                                                                 "A": {"type": "attention",
+                                                                                       "ffn": "swiglu"}}),
+     "mixers.A.ffn: 'swiglu' needs"),
 ]
 
 

@@ -370,15 +370,15 @@ class ZooConfig(PreTrainedConfig):
         pattern = [c for c in self.layers if not c.isspace()] if isinstance(self.layers, str) else None
         for i, spec in enumerate(specs):
             where = f"layers[{i}]"
-            ffn_type = spec.get("ffn")
-            if ffn_type not in ("swiglu", "moe", "none"):
-                raise ValueError(f"{where}.ffn: unknown {ffn_type!r}; use swiglu, moe or none")
-            if ffn_type == "moe" and self.moe is None:
-                raise ValueError(f"{where}.ffn: 'moe' needs a top-level `moe:` section")
-            if ffn_type == "swiglu" and ffn["type"] == "none":
-                raise ValueError(f"{where}.ffn: 'swiglu' needs a top-level `ffn:` with a hidden size")
             # a pattern's letters name the `mixers` entry the user wrote
             at = f"mixers.{pattern[i]}" if isinstance(self.layers, str) else where
+            ffn_type = spec.get("ffn")
+            if ffn_type not in ("swiglu", "moe", "none"):
+                raise ValueError(f"{at}.ffn: unknown {ffn_type!r}; use swiglu, moe or none")
+            if ffn_type == "moe" and self.moe is None:
+                raise ValueError(f"{at}.ffn: 'moe' needs a top-level `moe:` section")
+            if ffn_type == "swiglu" and ffn["type"] == "none":
+                raise ValueError(f"{at}.ffn: 'swiglu' needs a top-level `ffn:` with a hidden size")
             mixer_type = spec.get("type")
             if not isinstance(mixer_type, str):
                 raise ValueError(f"{at}.type: expected a mixer name (mamba, mamba2, attention, gla) or a dotted "
