@@ -291,3 +291,17 @@ def test_register_mixer_without_a_name_is_refused(registry_restored):
         registry_restored.register_mixer(KeywordsMixer)
     with pytest.raises(TypeError, match="non-empty string"):
         registry_restored.register_mixer("")
+
+
+def test_lora_targets_given_as_a_string_are_refused_at_registration(registry_restored):
+    """A mixer with lora_targets = "proj" (a string, not a tuple) was registered and its letters joined PEFT's default
+    LoRA targets for every zoo model one by one ('p', 'r', 'o', 'j'): LoraConfig() without target_modules matched
+    none of them and left the mixer's projection unadapted without a word."""
+
+    class StringTargets(KeywordsMixer):
+        lora_targets = "proj"
+
+    before = list(registry_restored.LORA_TARGETS)
+    with pytest.raises(ValueError, match=r"StringTargets\.lora_targets: expected a tuple .* e\.g\. \('proj',\)"):
+        registry_restored.register_mixer("string_targets")(StringTargets)
+    assert registry_restored.LORA_TARGETS == before and "string_targets" not in registry_restored.list_mixers()

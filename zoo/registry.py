@@ -21,6 +21,11 @@ LORA_TARGETS: list[str] = []
 
 
 def _add_lora_targets(cls: type[nn.Module]) -> None:
+    targets = getattr(cls, "lora_targets", ())
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        # a string's letters would join PEFT's default targets one by one ('p', 'r', 'o', 'j'), adapting nothing
+        raise ValueError(f"{cls.__name__}.lora_targets: expected a tuple of the names of its nn.Linear children, "
+                         f"e.g. ({targets!r},), got {targets!r}")
     LORA_TARGETS.extend(t for t in dict.fromkeys(getattr(cls, "lora_targets", ())) if t not in LORA_TARGETS)
 
 
@@ -60,9 +65,9 @@ def register_mixer(name: str):
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MIXERS and _MIXERS[name] is not cls:
             raise ValueError(f"mixer {name!r} is already registered as {_MIXERS[name].__qualname__}")
+        _add_lora_targets(cls)  # (first: it refuses malformed lora_targets)
         _MIXERS[name] = cls
         cls.mixer_type = name
-        _add_lora_targets(cls)
         return cls
 
     return wrap
