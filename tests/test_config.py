@@ -119,6 +119,11 @@ BAD = [
     ("mixer-type-not-a-string", dict(layers=[{"type": 3}]), "layers[0].type: expected a mixer name"),
     ("ffn-a-list", dict(ffn=[1]), "ffn: expected"),
     ("ffn-a-number", dict(ffn=5), "ffn: expected"),
+    # YAML's .nan / .inf: every training loss of the model was NaN / inf
+    ("moe-aux-coef-nan", dict(layers="MM", mixers={"M": {"type": "mamba"}}, moe={"aux_loss_coef": float("nan")}),
+     "moe.aux_loss_coef: must be a finite number"),
+    ("moe-aux-coef-inf", dict(layers="MM", mixers={"M": {"type": "mamba"}}, moe={"aux_loss_coef": float("inf")}),
+     "moe.aux_loss_coef: must be a finite number"),
     # a pattern's layer names the mixers entry that sets its ffn (it read layers[2].ffn, a field nobody wrote)
     ("unknown-ffn-of-a-letter", dict(layers="MMA", mixers={"M": {"type": "mamba"}, "A": {"type": "attention",
                                                                                         "ffn": "mlp"}}),

@@ -364,8 +364,8 @@ class ZooConfig(PreTrainedConfig):
                                  f"choose top_k <= n_experts")
             if not 0 <= moe["offset"] < moe["every"]:
                 raise ValueError(f"moe.offset: must be in [0, moe.every) = [0, {moe['every']}), got {moe['offset']}")
-            if moe["aux_loss_coef"] < 0:
-                raise ValueError(f"moe.aux_loss_coef: must be >= 0, got {moe['aux_loss_coef']}")
+            if not 0 <= moe["aux_loss_coef"] < math.inf:  # (NaN too: it made every training loss NaN)
+                raise ValueError(f"moe.aux_loss_coef: must be a finite number >= 0, got {moe['aux_loss_coef']}")
         specs = self.layer_specs()
         pattern = [c for c in self.layers if not c.isspace()] if isinstance(self.layers, str) else None
         for i, spec in enumerate(specs):
