@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from torch import nn
 
 from zoo import ZooConfig, list_mixers
 
@@ -118,6 +119,22 @@ BAD = [
     ("mixer-type-not-a-string", dict(layers=[{"type": 3}]), "layers[0].type: expected a mixer name"),
     ("ffn-a-list", dict(ffn=[1]), "ffn: expected"),
     ("ffn-a-number", dict(ffn=5), "ffn: expected"),
+    # YAML's .nan / .inf: every training loss of the model was NaN / inf
+    ("moe-aux-coef-nan", dict(layers="MM", mixers={"M": {"type": "mamba"}}, moe={"aux_loss_coef": float("nan")}),
+     "moe.aux_loss_coef: must be a finite number"),
+    ("moe-aux-coef-inf", dict(layers="MM", mixers={"M": {"type": "mamba"}}, moe={"aux_loss_coef": float("inf")}),
+     "moe.aux_loss_coef: must be a finite number"),
+    # a pattern's layer names the mixers entry that sets its ffn (it read layers[2].ffn, a field nobody wrote)
+    ("unknown-ffn-of-a-letter", dict(layers="MMA", mixers={"M": {"type": "mamba"}, "A": {"type": "attention",
+                                                                                        "ffn": "mlp"}}),
+     "mixers.A.ffn: unknown 'mlp'"),
+    ("moe-ffn-of-a-letter-without-moe", dict(layers="MMA", mixers={"M": {"type": "mamba"}, "A": {"type": "attention",
+                                                                                                "ffn": "moe"}}),
+     "mixers.A.ffn: 'moe' needs a top-level `moe:` section"),
+    ("swiglu-ffn-of-a-letter-without-ffn", dict(layers="MA", ffn="none", mixers={"M": {"type": "mamba"},
+                                                                                 "A": {"type": "attention",
+                                                                                       "ffn": "swiglu"}}),
+     "mixers.A.ffn: 'swiglu' needs"),
 ]
 
 
@@ -182,3 +199,114 @@ def test_a_checkpoint_of_a_registered_mixer_says_to_register_it_before_loading(t
     with pytest.raises(ValueError, match=r"mixers\.A\.type: .*register_mixer\('my_unregistered_ema'\).*import the "
                                          r"module that registers it"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+class _Proj(nn.Module):
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+
+class NoMaskMixer(_Proj):
+    """DESIGN.md's contract block as written: forward without attention_mask."""
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None):
+        return self.proj(x)
+
+
+class NoLayerIdxMixer(nn.Module):
+    def __init__(self, d_model: int, *, width: int = 2):
+        super().__init__()
+        self.proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+class RequiredOptionMixer(_Proj):
+    def __init__(self, d_model: int, layer_idx: int, *, n_heads: int):
+        super().__init__(d_model, layer_idx)
+
+    def forward(self, x, **kwargs):
+        return self.proj(x)
+
+
+class NotAModule:
+    def __init__(self, d_model, layer_idx):
+        pass
+
+
+class KeywordsMixer(_Proj):
+    def forward(self, x, **kwargs):  # takes every keyword the model passes
+        return self.proj(x)
+
+
+@pytest.fixture
+def registry_restored(monkeypatch):
+    from zoo import registry
+
+    monkeypatch.setattr(registry, "_MIXERS", dict(registry._MIXERS))
+    saved = list(registry.LORA_TARGETS)
+    yield registry
+    registry.LORA_TARGETS[:] = saved
+
+
+@pytest.mark.parametrize("cls,spec,message", [
+    (NoMaskMixer, {}, r"forward\(x, \*, cache=None, seq_idx=None, position_ids=None, attention_mask=None\).*"
+                      r"'attention_mask'"),
+    (NoLayerIdxMixer, {}, r"NoLayerIdxMixer\(d_model, layer_idx, \*\*options\)"),
+    (RequiredOptionMixer, {}, r"missing a required argument: 'n_heads'"),
+    (NotAModule, {}, "is not an nn.Module class"),
+], ids=["forward-without-attention-mask", "init-without-layer-idx", "required-option-left-out", "not-a-module"])
+def test_a_mixer_that_breaks_the_contract_is_refused_naming_what_it_lacks(registry_restored, cls, spec, message):
+    """A custom mixer the model cannot build or call was taken by the config and failed later with a bare TypeError:
+    a forward without attention_mask (the signature of DESIGN.md's contract block) at the first forward ('got an
+    unexpected keyword argument'), an __init__ without layer_idx or with a required option left out at model
+    construction, a class that is no nn.Module with 'takes no arguments'. The config (for a registered mixer) or the
+    model's construction (for a dotted path, imported only then) now refuses it, naming the call the model makes."""
+    from transformers import AutoModelForCausalLM
+
+    registry_restored.register_mixer("custom_contract")(cls)
+    fields = dict(vocab_size=32, d_model=16, layers="MX", ffn="none")
+    with pytest.raises(ValueError, match=rf"mixers\.X\.type: mixer 'custom_contract' does not follow the mixer "
+                                         rf"contract: .*{message}"):
+        ZooConfig(**fields, mixers={"M": {"type": "mamba"}, "X": {"type": "custom_contract", **spec}})
+    config = ZooConfig(**fields, mixers={"M": {"type": "mamba"}, "X": {"type": f"{__name__}.{cls.__name__}", **spec}})
+    with pytest.raises(ValueError, match=rf"mixer '{__name__}\.{cls.__name__}' .*{message}"):
+        AutoModelForCausalLM.from_config(config)
+
+
+def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(registry_restored):
+    import torch
+
+    from zoo import ZooForCausalLM
+
+    registry_restored.register_mixer("custom_keywords")(KeywordsMixer)
+    model = ZooForCausalLM(ZooConfig(vocab_size=32, d_model=16, layers="X", ffn="none",
+                                     mixers={"X": {"type": "custom_keywords"}}))
+    ids = torch.randint(0, 32, (1, 5))
+    assert model(ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.shape == (1, 5, 32)
+
+
+def test_register_mixer_without_a_name_is_refused(registry_restored):
+    """`@register_mixer` without its name (a common slip for a decorator that takes one) replaced the class with the
+    decorator's inner function and registered nothing: a config naming the mixer then read 'unknown mixer ... import
+    the module that registers it', though that module had run."""
+    with pytest.raises(TypeError, match=r"write @register_mixer\('keywordsmixer'\) above class KeywordsMixer"):
+        registry_restored.register_mixer(KeywordsMixer)
+    with pytest.raises(TypeError, match="non-empty string"):
+        registry_restored.register_mixer("")
+
+
+def test_lora_targets_given_as_a_string_are_refused_at_registration(registry_restored):
+    """A mixer with lora_targets = "proj" (a string, not a tuple) was registered and its letters joined PEFT's default
+    LoRA targets for every zoo model one by one ('p', 'r', 'o', 'j'): LoraConfig() without target_modules matched
+    none of them and left the mixer's projection unadapted without a word."""
+
+    class StringTargets(KeywordsMixer):
+        lora_targets = "proj"
+
+    before = list(registry_restored.LORA_TARGETS)
+    with pytest.raises(ValueError, match=r"StringTargets\.lora_targets: expected a tuple .* e\.g\. \('proj',\)"):
+        registry_restored.register_mixer("string_targets")(StringTargets)
+    assert registry_restored.LORA_TARGETS == before and "string_targets" not in registry_restored.list_mixers()

@@ -117,7 +117,8 @@ def _mixer_hints(mixer_type: Any) -> dict:
 
 def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> None:
     """Raise ValueError naming `at`.key for an option of `spec` that the mixer class `cls` does not take (with the
-    closest one), and the mixer's own `check_spec` complaint under `where`."""
+    closest one), naming `at`.type for a class that breaks the mixer contract (zoo.registry.contract_problem), and
+    the mixer's own `check_spec` complaint under `where`."""
     mixer_type = spec.get("type")
     kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
     params = inspect.signature(cls.__init__).parameters
@@ -129,6 +130,10 @@ def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> N
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
                                  f"valid options: {', '.join(allowed)}")
+    from zoo.registry import contract_problem
+
+    if problem := contract_problem(cls, kwargs):
+        raise ValueError(f"{at}.type: mixer {mixer_type!r} does not follow the mixer contract: {problem}")
     check = getattr(cls, "check_spec", None)
     if check is not None:
         try:
@@ -359,21 +364,21 @@ class ZooConfig(PreTrainedConfig):
                                  f"choose top_k <= n_experts")
             if not 0 <= moe["offset"] < moe["every"]:
                 raise ValueError(f"moe.offset: must be in [0, moe.every) = [0, {moe['every']}), got {moe['offset']}")
-            if moe["aux_loss_coef"] < 0:
-                raise ValueError(f"moe.aux_loss_coef: must be >= 0, got {moe['aux_loss_coef']}")
+            if not 0 <= moe["aux_loss_coef"] < math.inf:  # (NaN too: it made every training loss NaN)
+                raise ValueError(f"moe.aux_loss_coef: must be a finite number >= 0, got {moe['aux_loss_coef']}")
         specs = self.layer_specs()
         pattern = [c for c in self.layers if not c.isspace()] if isinstance(self.layers, str) else None
         for i, spec in enumerate(specs):
             where = f"layers[{i}]"
-            ffn_type = spec.get("ffn")
-            if ffn_type not in ("swiglu", "moe", "none"):
-                raise ValueError(f"{where}.ffn: unknown {ffn_type!r}; use swiglu, moe or none")
-            if ffn_type == "moe" and self.moe is None:
-                raise ValueError(f"{where}.ffn: 'moe' needs a top-level `moe:` section")
-            if ffn_type == "swiglu" and ffn["type"] == "none":
-                raise ValueError(f"{where}.ffn: 'swiglu' needs a top-level `ffn:` with a hidden size")
             # a pattern's letters name the `mixers` entry the user wrote
             at = f"mixers.{pattern[i]}" if isinstance(self.layers, str) else where
+            ffn_type = spec.get("ffn")
+            if ffn_type not in ("swiglu", "moe", "none"):
+                raise ValueError(f"{at}.ffn: unknown {ffn_type!r}; use swiglu, moe or none")
+            if ffn_type == "moe" and self.moe is None:
+                raise ValueError(f"{at}.ffn: 'moe' needs a top-level `moe:` section")
+            if ffn_type == "swiglu" and ffn["type"] == "none":
+                raise ValueError(f"{at}.ffn: 'swiglu' needs a top-level `ffn:` with a hidden size")
             mixer_type = spec.get("type")
             if not isinstance(mixer_type, str):
                 raise ValueError(f"{at}.type: expected a mixer name (mamba, mamba2, attention, gla) or a dotted "

@@ -1,8 +1,13 @@
-"""Mixer registry: short name -> mixer class; an unregistered name may be a dotted import path."""
+"""Mixer registry: short name -> mixer class; an unregistered name may be a dotted import path.
+
+A mixer is an nn.Module that the model builds as ``cls(d_model, layer_idx, **options)`` (options: its spec less
+type and ffn) and calls as ``forward(x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None)``;
+init_state, state_size, lora_targets and output_projections are optional (see the README's Mixers section)."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 
 from torch import nn
@@ -16,18 +21,53 @@ LORA_TARGETS: list[str] = []
 
 
 def _add_lora_targets(cls: type[nn.Module]) -> None:
+    targets = getattr(cls, "lora_targets", ())
+    if isinstance(targets, str) or not all(isinstance(t, str) for t in targets):
+        # a string's letters would join PEFT's default targets one by one ('p', 'r', 'o', 'j'), adapting nothing
+        raise ValueError(f"{cls.__name__}.lora_targets: expected a tuple of the names of its nn.Linear children, "
+                         f"e.g. ({targets!r},), got {targets!r}")
     LORA_TARGETS.extend(t for t in dict.fromkeys(getattr(cls, "lora_targets", ())) if t not in LORA_TARGETS)
+
+
+# the keywords the model passes to every mixer's forward (Block.forward)
+FORWARD_KEYWORDS = ("cache", "seq_idx", "position_ids", "attention_mask")
+
+
+def contract_problem(cls, options: dict) -> str | None:
+    """What keeps `cls` from being built and called as the model does (the module docstring), or None. A forward
+    written without attention_mask (or __init__ without layer_idx) failed only at the model's first forward (or its
+    construction) with a bare TypeError."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return f"{cls!r} is not an nn.Module class"
+    calls = ((cls.__init__, (None, 1, 0), options, f"{cls.__name__}(d_model, layer_idx, **options)"),
+             (cls.forward, (None, None), dict.fromkeys(FORWARD_KEYWORDS),
+              f"forward(x, *, {', '.join(k + '=None' for k in FORWARD_KEYWORDS)})"))
+    for fn, args, kwargs, call in calls:
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):
+            continue  # no signature to read (a builtin): left to the call
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            return f"the model calls {call}, which {cls.__name__}.{fn.__name__}{signature} does not take ({e})"
+    return None
 
 
 def register_mixer(name: str):
     """Class decorator: `@register_mixer("mamba")` makes the class available to configs as `type: mamba`."""
+    if isinstance(name, type):  # `@register_mixer` without the name: the class would become `wrap`, unregistered
+        raise TypeError(f"register_mixer takes the name that configs give the mixer: write "
+                        f"@register_mixer({name.__name__.lower()!r}) above class {name.__name__}, not @register_mixer")
+    if not isinstance(name, str) or not name.strip():
+        raise TypeError(f"register_mixer: the mixer's name must be a non-empty string, got {name!r}")
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MIXERS and _MIXERS[name] is not cls:
             raise ValueError(f"mixer {name!r} is already registered as {_MIXERS[name].__qualname__}")
+        _add_lora_targets(cls)  # (first: it refuses malformed lora_targets)
         _MIXERS[name] = cls
         cls.mixer_type = name
-        _add_lora_targets(cls)
         return cls
 
     return wrap
