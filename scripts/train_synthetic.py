@@ -217,10 +217,15 @@ def _check_vocab(model_name: str, model_config: dict, section: PretrainSection) 
 
 
 def _check_eval_grid(model_name: str, section: PretrainSection, ev: EvalSection) -> None:
-    """The evaluation grid must have a cell the task can build: evaluate_synthetic raised only after training."""
+    """The evaluation grid must have a cell the task can build, and its row counts and chunk size must be positive:
+    evaluate_synthetic raised only after training."""
     from zoo.data.synthetic import make_batch
 
     task, count_name = section.data.task, COUNT_ARGUMENT[section.data.task]
+    for name in ("n_samples", "batch_size", "chunk_size"):  # evaluate_synthetic refused them after training
+        if getattr(ev, name) is not None and getattr(ev, name) < 1:
+            raise ValueError(f"eval.{name}: must be >= 1, got {getattr(ev, name)}"
+                             + (" (null runs each row in one forward)" if name == "chunk_size" else ""))
     if ev.n_kv is not None and count_name is None:
         raise ValueError(f"eval.n_kv: task {task!r} has no count to vary; leave eval.n_kv unset")
     limit = ev.max_len.get(model_name)

@@ -76,10 +76,14 @@ def test_train_synthetic_task_vocabulary_larger_than_the_model_is_refused_before
     ("--eval.seq_lens=[2, 3]", "eval.seq_lens / eval.n_kv: no cell of the induction_heads grid can be built for "
                                "model 'mamba' (seq_len=2: induction heads: seq_len=2 must be >= 4; seq_len=3:"),
     ("--eval.max_len={mamba: 32}", "eval.max_len.mamba: 32 leaves none of eval.seq_lens [64, 128"),
-], ids=["n_kv", "seq_lens", "max_len"])
+    ("--eval.n_samples=0", "eval.n_samples: must be >= 1, got 0"),
+    ("--eval.batch_size=-1", "eval.batch_size: must be >= 1, got -1"),
+    ("--eval.chunk_size=0", "eval.chunk_size: must be >= 1, got 0 (null runs each row in one forward)"),
+], ids=["n_kv", "seq_lens", "max_len", "n_samples", "batch_size", "chunk_size"])
 def test_train_synthetic_evaluation_grid_it_cannot_run_is_refused_before_training(tmp_path, capsys, override, message):
     """An eval grid the task cannot build raised in evaluate_synthetic after the model had trained (max_len leaving
-    no length gave an empty result without a word); --dry-run passed."""
+    no length gave an empty result without a word; eval.n_samples / batch_size / chunk_size below 1 a traceback from
+    evaluate_synthetic or the chunked forward); --dry-run passed."""
     script = load_script("scripts/train_synthetic.py")
     err = _refused(script.main, [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}",
                                  override, "--only", "mamba", "--dry-run"], capsys)
