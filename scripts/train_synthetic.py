@@ -392,12 +392,16 @@ def grid_accuracy(result: dict) -> float | None:
 def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[dict], list[dict]]:
     """(all rows, best rows): one row per run with its accuracy per seq_len; best over select_over, by the
     accuracy at the plot cell, or over the whole evaluated grid where that cell was not evaluated (`selected_by`)."""
+    from zoo.eval.synthetic import task_default
+
     select = set(data.get("select_over", ["optim.lr"]))
     table = []
     for run, res in zip(runs, results):
         plot_len = run.eval.plot_seq_len or train_length(run.section.data)
         count_name = COUNT_ARGUMENT[run.section.data.task]
-        count = run.eval.plot_count or (run.section.data.task_kwargs.get(count_name) if count_name else None)
+        # the trained count, the task's default where task_kwargs leave it out (None pooled every count's cell)
+        count = run.eval.plot_count or (run.section.data.task_kwargs.get(
+            count_name, task_default(run.section.data.task, count_name)) if count_name else None)
         row = {"run": run.name, "model": run.model_name, **{k.split(".")[-1]: v for k, v in run.point.items()},
                "params": res["parameters"], "state_floats": res["state_floats"],
                "plot_accuracy": cell_accuracy(res, plot_len, count)}

@@ -261,3 +261,28 @@ def test_train_synthetic_picks_the_best_run_over_the_grid_when_the_plot_cell_was
     table, best = script.summarize({}, [run("a", 1e-4), run("b", 1e-2)], [result(1), result(9)])
     assert [r["run"] for r in best] == ["b"] and best[0]["selected_by"] == "grid"
     assert [r["plot_accuracy"] for r in table] == [None, None]
+
+
+def test_train_synthetic_plot_cell_is_the_trained_count_when_task_kwargs_leave_it_to_the_task():
+    """plot_count defaults to the count the model trained with; a recipe that left mqar's n_kv to the task (16) had no
+    count there, so the plot cell (and the best learning rate) pooled every eval.n_kv cell of the plotted length."""
+    from types import SimpleNamespace
+
+    script = load_script("scripts/train_synthetic.py")
+
+    def run(name, lr, task_kwargs):
+        data = SimpleNamespace(seq_len=256, task="mqar", task_kwargs=task_kwargs)
+        return SimpleNamespace(name=name, model_name="gla", point={"optim.lr": lr}, section=SimpleNamespace(data=data),
+                               eval=SimpleNamespace(plot_seq_len=None, plot_count=None, seq_lens=[256]))
+
+    def result(right_at_4, right_at_16):
+        return {"parameters": 1, "state_floats": 1, "rows": [
+            {"seq_len": 256, "n_kv": 4, "n_correct": right_at_4, "n_answers": 40},
+            {"seq_len": 256, "n_kv": 16, "n_correct": right_at_16, "n_answers": 160}]}
+
+    # run a recalls the trained 16 pairs better, run b only the easy 4 (and more answers in all at the length)
+    results = [result(0, 80), result(40, 60)]
+    for task_kwargs in ({"vocab_size": 64}, {"vocab_size": 64, "n_kv": 16}):
+        table, best = script.summarize({}, [run("a", 1e-4, task_kwargs), run("b", 1e-2, task_kwargs)], results)
+        assert [r["plot_accuracy"] for r in table] == [0.5, 0.375], task_kwargs
+        assert [r["run"] for r in best] == ["a"] and best[0]["selected_by"] == "plot cell"
