@@ -159,6 +159,7 @@ def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSec
         phases.append(phase_section)
     ev = recipe.eval
     ev.seq_lens = [parse_int(str(s)) for s in ev.seq_lens] or [train_length(recipe.data)]
+    ev.max_len = {name: parse_int(str(limit)) for name, limit in ev.max_len.items()}  # 2^14 or 16K, as seq_lens
     return section, ev, phases
 
 
@@ -171,6 +172,9 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
     unknown = set(data.get("model_overrides") or {}) - set(data["models"])
     if unknown:
         raise ValueError(f"model_overrides: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
+    unknown = set((data.get("eval") or {}).get("max_len") or {}) - set(data["models"])
+    if unknown:  # a misspelt name lifted that model's limit without a word
+        raise ValueError(f"eval.max_len: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
     unknown = [name for name in only or [] if name not in data["models"]]
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(data["models"]), n=1)

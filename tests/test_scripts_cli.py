@@ -91,6 +91,19 @@ def test_train_synthetic_evaluation_grid_it_cannot_run_is_refused_before_trainin
     assert not any(tmp_path.iterdir())
 
 
+def test_train_synthetic_eval_max_len_takes_the_forms_of_seq_lens_and_names_only_models(tmp_path, capsys):
+    """eval.max_len {attention: 2^14} (the form eval.seq_lens takes beside it) failed with a TypeError traceback
+    ('<=' between int and str); a misspelt model name there was ignored, so that model ran the whole length grid."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = ROOT / "configs/train/induction-cpu.yaml"
+    for limit in ("2^14", "16K", "16384"):
+        runs = script.expand_runs(script.load_recipe(recipe, [f"eval.max_len={{attention: {limit}}}"]))
+        assert [r.eval.max_len for r in runs] == [{"attention": 16384}] * 2
+    err = _refused(script.main, [str(recipe), f"--output_dir={tmp_path}", "--eval.max_len={atention: 16384}",
+                                 "--dry-run"], capsys)
+    assert "eval.max_len: no model named ['atention'] (models: ['attention', 'mamba'])" in err
+
+
 def test_state_capacity_only_with_an_unknown_model_is_refused_by_name(capsys):
     script = load_script("scripts/state_capacity.py")
     err = _refused(script.main, [str(ROOT / "configs/train/state-capacity.yaml"), "--only", "d_state_16",
