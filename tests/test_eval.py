@@ -714,6 +714,29 @@ def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpo
     assert "weights differ" in capsys.readouterr().out and len(calls) == 8
 
 
+def test_passkey_rerun_of_another_grid_reports_that_grid_only(checkpoint, tmp_path, monkeypatch, capsys):
+    """A rerun with the same settings kept every saved cell whatever its grid: --lengths 128 after --lengths 128,256
+    reported (and drew in the heatmap and passkey.md) the 256-token cells as its own."""
+    from zoo.eval import passkey
+
+    real_generate = passkey.greedy_generate
+    calls = []
+
+    def generate(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[1])
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    base = ["--model", str(checkpoint), "--depths", "0", "--n-samples", "2", "--device", "cpu", "--out",
+            str(tmp_path / "pk")]
+    both = passkey.main([*base, "--lengths", "128,256"])
+    calls[:] = []
+    fewer = passkey.main([*base, "--lengths", "128"])
+    assert "resuming" in capsys.readouterr().out and calls == []  # the 128-token cell is kept
+    assert fewer["rows"] == both["rows"][:1] and fewer["samples"] == both["samples"][:2]
+    assert "256" not in (tmp_path / "pk" / "passkey.md").read_text()
+
+
 def test_synthetic_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
     """zoo eval synthetic saved every finished cell but a rerun ran the whole grid again; now the cells of a JSON of
     the same model and settings are kept and only the rest run, while other settings (--seed) start afresh."""
