@@ -159,6 +159,7 @@ def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSec
         phases.append(phase_section)
     ev = recipe.eval
     ev.seq_lens = [parse_int(str(s)) for s in ev.seq_lens] or [train_length(recipe.data)]
+    ev.max_len = {name: parse_int(str(limit)) for name, limit in ev.max_len.items()}  # 2^14 or 16K, as seq_lens
     return section, ev, phases
 
 
@@ -171,6 +172,9 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
     unknown = set(data.get("model_overrides") or {}) - set(data["models"])
     if unknown:
         raise ValueError(f"model_overrides: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
+    unknown = set((data.get("eval") or {}).get("max_len") or {}) - set(data["models"])
+    if unknown:  # a misspelt name lifted that model's limit without a word
+        raise ValueError(f"eval.max_len: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
     unknown = [name for name in only or [] if name not in data["models"]]
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(data["models"]), n=1)
@@ -217,10 +221,15 @@ def _check_vocab(model_name: str, model_config: dict, section: PretrainSection) 
 
 
 def _check_eval_grid(model_name: str, section: PretrainSection, ev: EvalSection) -> None:
-    """The evaluation grid must have a cell the task can build: evaluate_synthetic raised only after training."""
+    """The evaluation grid must have a cell the task can build, and its row counts and chunk size must be positive:
+    evaluate_synthetic raised only after training."""
     from zoo.data.synthetic import make_batch
 
     task, count_name = section.data.task, COUNT_ARGUMENT[section.data.task]
+    for name in ("n_samples", "batch_size", "chunk_size"):  # evaluate_synthetic refused them after training
+        if getattr(ev, name) is not None and getattr(ev, name) < 1:
+            raise ValueError(f"eval.{name}: must be >= 1, got {getattr(ev, name)}"
+                             + (" (null runs each row in one forward)" if name == "chunk_size" else ""))
     if ev.n_kv is not None and count_name is None:
         raise ValueError(f"eval.n_kv: task {task!r} has no count to vary; leave eval.n_kv unset")
     limit = ev.max_len.get(model_name)
@@ -387,12 +396,16 @@ def grid_accuracy(result: dict) -> float | None:
 def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[dict], list[dict]]:
     """(all rows, best rows): one row per run with its accuracy per seq_len; best over select_over, by the
     accuracy at the plot cell, or over the whole evaluated grid where that cell was not evaluated (`selected_by`)."""
+    from zoo.eval.synthetic import task_default
+
     select = set(data.get("select_over", ["optim.lr"]))
     table = []
     for run, res in zip(runs, results):
         plot_len = run.eval.plot_seq_len or train_length(run.section.data)
         count_name = COUNT_ARGUMENT[run.section.data.task]
-        count = run.eval.plot_count or (run.section.data.task_kwargs.get(count_name) if count_name else None)
+        # the trained count, the task's default where task_kwargs leave it out (None pooled every count's cell)
+        count = run.eval.plot_count or (run.section.data.task_kwargs.get(
+            count_name, task_default(run.section.data.task, count_name)) if count_name else None)
         row = {"run": run.name, "model": run.model_name, **{k.split(".")[-1]: v for k, v in run.point.items()},
                "params": res["parameters"], "state_floats": res["state_floats"],
                "plot_accuracy": cell_accuracy(res, plot_len, count)}

@@ -714,6 +714,29 @@ def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpo
     assert "weights differ" in capsys.readouterr().out and len(calls) == 8
 
 
+def test_passkey_rerun_of_another_grid_reports_that_grid_only(checkpoint, tmp_path, monkeypatch, capsys):
+    """A rerun with the same settings kept every saved cell whatever its grid: --lengths 128 after --lengths 128,256
+    reported (and drew in the heatmap and passkey.md) the 256-token cells as its own."""
+    from zoo.eval import passkey
+
+    real_generate = passkey.greedy_generate
+    calls = []
+
+    def generate(model, input_ids, *args, **kwargs):
+        calls.append(input_ids.shape[1])
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    base = ["--model", str(checkpoint), "--depths", "0", "--n-samples", "2", "--device", "cpu", "--out",
+            str(tmp_path / "pk")]
+    both = passkey.main([*base, "--lengths", "128,256"])
+    calls[:] = []
+    fewer = passkey.main([*base, "--lengths", "128"])
+    assert "resuming" in capsys.readouterr().out and calls == []  # the 128-token cell is kept
+    assert fewer["rows"] == both["rows"][:1] and fewer["samples"] == both["samples"][:2]
+    assert "256" not in (tmp_path / "pk" / "passkey.md").read_text()
+
+
 def test_synthetic_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
     """zoo eval synthetic saved every finished cell but a rerun ran the whole grid again; now the cells of a JSON of
     the same model and settings are kept and only the rest run, while other settings (--seed) start afresh."""
@@ -745,6 +768,35 @@ def test_synthetic_rerun_skips_finished_cells_and_notices_changed_settings(check
     lengths[:] = []
     synthetic.main([*argv, "--seed", "1"])
     assert "seed differ" in capsys.readouterr().out and lengths == [32, 32, 64, 64]
+
+
+def test_synthetic_rerun_of_another_grid_reports_that_grid_only(checkpoint, tmp_path, monkeypatch, capsys):
+    """A rerun with the same settings but another grid kept every saved cell: --seq-lens 64 after --seq-lens 32
+    reported the 32-token cell (and pooled it into by_count) as its own, and --seq-lens 3 (no buildable cell)
+    printed the old cell and exited 0. The rows are now those of one uninterrupted run of the grid asked for."""
+    from zoo.eval import synthetic
+
+    real_predict = synthetic.predict_answers
+    lengths = []
+
+    def predict(model, input_ids, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    base = ["--model", str(checkpoint), "--task", "mqar", "--n-kv", "2", "--vocab-size", "256", "--n-samples", "4",
+            "--device", "cpu"]
+    out = ["--out", str(tmp_path / "syn")]
+    synthetic.main([*base, "--seq-lens", "32", *out])
+    whole = synthetic.main([*base, "--seq-lens", "64,32", "--out", str(tmp_path / "whole")])
+    lengths[:] = []
+    grown = synthetic.main([*base, "--seq-lens", "64,32", *out])
+    assert "resuming" in capsys.readouterr().out and lengths == [64]  # the 32-token cell is kept
+    assert grown["rows"] == whole["rows"] and [r["seq_len"] for r in grown["rows"]] == [64, 32]
+    fewer = synthetic.main([*base, "--seq-lens", "64", *out])
+    assert [r["seq_len"] for r in fewer["rows"]] == [64] and fewer["by_count"][0]["n_answers"] == 8
+    with pytest.raises(ValueError, match="no cell of the mqar grid can be built"), pytest.warns(UserWarning):
+        synthetic.main([*base, "--seq-lens", "3", *out])
 
 
 def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):

@@ -76,15 +76,32 @@ def test_train_synthetic_task_vocabulary_larger_than_the_model_is_refused_before
     ("--eval.seq_lens=[2, 3]", "eval.seq_lens / eval.n_kv: no cell of the induction_heads grid can be built for "
                                "model 'mamba' (seq_len=2: induction heads: seq_len=2 must be >= 4; seq_len=3:"),
     ("--eval.max_len={mamba: 32}", "eval.max_len.mamba: 32 leaves none of eval.seq_lens [64, 128"),
-], ids=["n_kv", "seq_lens", "max_len"])
+    ("--eval.n_samples=0", "eval.n_samples: must be >= 1, got 0"),
+    ("--eval.batch_size=-1", "eval.batch_size: must be >= 1, got -1"),
+    ("--eval.chunk_size=0", "eval.chunk_size: must be >= 1, got 0 (null runs each row in one forward)"),
+], ids=["n_kv", "seq_lens", "max_len", "n_samples", "batch_size", "chunk_size"])
 def test_train_synthetic_evaluation_grid_it_cannot_run_is_refused_before_training(tmp_path, capsys, override, message):
     """An eval grid the task cannot build raised in evaluate_synthetic after the model had trained (max_len leaving
-    no length gave an empty result without a word); --dry-run passed."""
+    no length gave an empty result without a word; eval.n_samples / batch_size / chunk_size below 1 a traceback from
+    evaluate_synthetic or the chunked forward); --dry-run passed."""
     script = load_script("scripts/train_synthetic.py")
     err = _refused(script.main, [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}",
                                  override, "--only", "mamba", "--dry-run"], capsys)
     assert message in err
     assert not any(tmp_path.iterdir())
+
+
+def test_train_synthetic_eval_max_len_takes_the_forms_of_seq_lens_and_names_only_models(tmp_path, capsys):
+    """eval.max_len {attention: 2^14} (the form eval.seq_lens takes beside it) failed with a TypeError traceback
+    ('<=' between int and str); a misspelt model name there was ignored, so that model ran the whole length grid."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = ROOT / "configs/train/induction-cpu.yaml"
+    for limit in ("2^14", "16K", "16384"):
+        runs = script.expand_runs(script.load_recipe(recipe, [f"eval.max_len={{attention: {limit}}}"]))
+        assert [r.eval.max_len for r in runs] == [{"attention": 16384}] * 2
+    err = _refused(script.main, [str(recipe), f"--output_dir={tmp_path}", "--eval.max_len={atention: 16384}",
+                                 "--dry-run"], capsys)
+    assert "eval.max_len: no model named ['atention'] (models: ['attention', 'mamba'])" in err
 
 
 def test_state_capacity_only_with_an_unknown_model_is_refused_by_name(capsys):
@@ -257,3 +274,28 @@ def test_train_synthetic_picks_the_best_run_over_the_grid_when_the_plot_cell_was
     table, best = script.summarize({}, [run("a", 1e-4), run("b", 1e-2)], [result(1), result(9)])
     assert [r["run"] for r in best] == ["b"] and best[0]["selected_by"] == "grid"
     assert [r["plot_accuracy"] for r in table] == [None, None]
+
+
+def test_train_synthetic_plot_cell_is_the_trained_count_when_task_kwargs_leave_it_to_the_task():
+    """plot_count defaults to the count the model trained with; a recipe that left mqar's n_kv to the task (16) had no
+    count there, so the plot cell (and the best learning rate) pooled every eval.n_kv cell of the plotted length."""
+    from types import SimpleNamespace
+
+    script = load_script("scripts/train_synthetic.py")
+
+    def run(name, lr, task_kwargs):
+        data = SimpleNamespace(seq_len=256, task="mqar", task_kwargs=task_kwargs)
+        return SimpleNamespace(name=name, model_name="gla", point={"optim.lr": lr}, section=SimpleNamespace(data=data),
+                               eval=SimpleNamespace(plot_seq_len=None, plot_count=None, seq_lens=[256]))
+
+    def result(right_at_4, right_at_16):
+        return {"parameters": 1, "state_floats": 1, "rows": [
+            {"seq_len": 256, "n_kv": 4, "n_correct": right_at_4, "n_answers": 40},
+            {"seq_len": 256, "n_kv": 16, "n_correct": right_at_16, "n_answers": 160}]}
+
+    # run a recalls the trained 16 pairs better, run b only the easy 4 (and more answers in all at the length)
+    results = [result(0, 80), result(40, 60)]
+    for task_kwargs in ({"vocab_size": 64}, {"vocab_size": 64, "n_kv": 16}):
+        table, best = script.summarize({}, [run("a", 1e-4, task_kwargs), run("b", 1e-2, task_kwargs)], results)
+        assert [r["plot_accuracy"] for r in table] == [0.5, 0.375], task_kwargs
+        assert [r["run"] for r in best] == ["a"] and best[0]["selected_by"] == "plot cell"

@@ -216,8 +216,8 @@ def evaluate_passkey(
         progress: show a tqdm bar.
         on_cell: called after every cell with the result so far (``rows``, ``samples``), e.g. to save it, so
             a sweep stopped at its longest lengths (out of memory, a lost job) keeps the cells it finished.
-        done: a saved result of the same model and settings (``rows``, ``samples``): its cells are kept and not
-            run again (a rerun after an interruption).
+        done: a saved result of the same model and settings (``rows``, ``samples``): those of its cells that are in
+            this grid are kept and not run again (a rerun after an interruption); others are dropped.
 
     Returns:
         dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
@@ -243,7 +243,13 @@ def evaluate_passkey(
                          f"this tokenizer); give --lengths of at least {bare}")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
-    rows, samples = (list(done["rows"]), list(done["samples"])) if done else ([], [])
+    grid = {(int(length), float(depth)) for length in lengths for depth in depths}
+
+    def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
+        return (int(entry["length"]), float(entry["depth"])) in grid
+
+    rows = [r for r in done["rows"] if in_grid(r)] if done else []
+    samples = [s for s in done["samples"] if in_grid(s)] if done else []
     finished = {(int(r["length"]), float(r["depth"])) for r in rows}
     cells = [(length, depth) for length in lengths for depth in depths if (int(length), float(depth)) not in finished]
     iterator = cells

@@ -105,8 +105,8 @@ def evaluate_synthetic(
         progress: show a tqdm bar over the evaluated tokens (long rows take minutes), with each cell's accuracy.
         on_cell: called after every cell with the ``rows`` so far, e.g. to save them, so a grid stopped at its
             longest rows (out of memory, a lost job) keeps the cells it finished.
-        done: rows of a saved result of the same model and settings: their cells are kept and not run again (a
-            rerun after an interruption).
+        done: rows of a saved result of the same model and settings: those of this grid's cells are kept and not run
+            again (a rerun after an interruption); the rows are those of one uninterrupted run of this grid.
         task_kwargs: other task arguments (``vocab_size``, ``power_a``, ``random_non_queries``).
 
     Returns:
@@ -132,8 +132,9 @@ def evaluate_synthetic(
     if hasattr(model, "eval"):
         model.eval()
 
-    rows, skipped = list(done or []), []
-    finished = {(r["seq_len"], r.get(count_name)) for r in rows}
+    rows, skipped = [], []
+    # a saved cell outside this grid is not this run's (it made a grid with no buildable cell look like a result)
+    finished = {(r["seq_len"], r.get(count_name)): r for r in done or []}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -145,7 +146,9 @@ def evaluate_synthetic(
             kwargs = dict(task_kwargs)
             if count is not None:
                 kwargs[count_name] = count
-            if (seq_len, kwargs.get(count_name, task_default(task, count_name)) if count_name else None) in finished:
+            key = (seq_len, kwargs.get(count_name, task_default(task, count_name)) if count_name else None)
+            if key in finished:
+                rows.append(finished[key])
                 if bar is not None:
                     bar.update(seq_len * n_samples)
                 continue
