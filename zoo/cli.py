@@ -81,7 +81,7 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.eval.common import DTYPES, default_device, encode_with_bos
+    from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.hub import check_model_ref, load_folder_tokenizer
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
@@ -140,8 +140,9 @@ def generate(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device).eval()
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
-    # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do
-    input_ids = torch.tensor([encode_with_bos(tok, args.prompt)], device=device)
+    # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the model
+    # was trained without it (data.add_bos false, recorded in its config)
+    input_ids = torch.tensor([encode_with_bos(tok, args.prompt, trained_with_bos(model.config))], device=device)
     ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if args.seed is not None:
         torch.manual_seed(args.seed)
