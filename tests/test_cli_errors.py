@@ -116,6 +116,23 @@ def test_generate_says_when_a_folder_has_no_tokenizer_and_takes_one(tiny_folder,
     assert capsys.readouterr().out.startswith("hi")
 
 
+def test_generate_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny_folder, tmp_path, capsys):
+    # a prompt token past the model's embeddings (another model's tokenizer) ended in a traceback,
+    # 'IndexError: index out of range in self'
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(600)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "w599", "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "2"])
+    assert e.value.code == 2
+    assert "has 603 tokens, more than the model's 512 embeddings" in capsys.readouterr().err
+
+
 def test_an_interrupted_train_exits_130(monkeypatch):
     import zoo.train as train_module
 

@@ -138,6 +138,11 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
     kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device).eval()
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_embed:  # a prompt token past them failed in the embedding as 'IndexError: index out of range'
+        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+        p.error(f"{which} has {len(tok)} tokens, more than the model's {n_embed} embeddings; give the tokenizer "
+                f"the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
     # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the model
