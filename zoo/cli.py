@@ -225,12 +225,33 @@ def _run(prog: str, fn, argv: list[str]):
             raise
         print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # (where it saved, if it did)
         return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return 141  # the reader of the output left (`zoo info ... | head -1`): as a shell reports SIGPIPE, no message
     except Exception as e:
         if os.environ.get("ZOO_TRACEBACK") or not _user_error(e):
             raise
         # (a missing model folder is named by zoo.hub.check_model_ref where each command loads its model)
         print(f"{prog}: {e}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone; stdout then writes to /dev/null, so that the flush at exit does
+    not fail again ('Exception ignored ... BrokenPipeError')."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe without a reader
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or a stdout without a file
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return closed
 
 
 def _exit(rc) -> None:
