@@ -171,6 +171,25 @@ def test_demo_refuses_impossible_options(capsys, args, message):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, defaults", [
+    ("demo", {"--config": "configs/models/jamba-tiny.yaml", "--steps": "200", "--batch-size": "16", "--seq-len": "64",
+              "--n-kv": "4", "--lr": "3e-3", "--seed": "0"}),
+    ("generate", {"--max-new-tokens": "64", "--num-beams": "1"}),
+])
+def test_help_says_what_each_option_does_and_its_default(capsys, command, defaults):
+    # `zoo demo --help` listed its options bare, and `zoo generate --help` --max-new-tokens and --num-beams: what they
+    # set and their defaults (200 steps, 64 new tokens, ...) were in the code alone
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in defaults.items():
+        found = re.search(rf"{option} [A-Z_]+ (.*?)(?= --[a-z]|$)", text)
+        assert found and f"default{default}" in found.group(1).replace(" ", ""), (option, text)  # (wrapped at a -)
+
+
 def test_demo_summary_of_a_short_run_compares_its_first_and_last_steps(capsys):
     # the summary averaged the first 20 and the last 20 losses: under 40 steps the windows overlapped, and under 21
     # they were the same steps, so `zoo demo --steps 10` printed 'loss 6.224 -> 6.224' whatever training did

@@ -85,15 +85,15 @@ def generate(argv: list[str] | None = None) -> None:
     from zoo.hub import check_model_ref, load_folder_tokenizer
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
-    p.add_argument("model")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="with --sample (default: the model's generation config, 1.0)")
     p.add_argument("--top-k", type=int, help="with --sample (default: the generation config's, 50)")
     p.add_argument("--top-p", type=float, help="with --sample (default: the generation config's, 1.0)")
     p.add_argument("--seed", type=int, help="with --sample: the same seed gives the same text")
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="decode with each step replayed from a CUDA graph (zoo models on CUDA, no beams): "
                         "generate(cuda_graph=True)")
