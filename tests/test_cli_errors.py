@@ -116,6 +116,40 @@ def test_generate_says_when_a_folder_has_no_tokenizer_and_takes_one(tiny_folder,
     assert capsys.readouterr().out.startswith("hi")
 
 
+def test_generate_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny_folder, tmp_path, capsys):
+    # a prompt token past the model's embeddings (another model's tokenizer) ended in a traceback,
+    # 'IndexError: index out of range in self'
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>"] + [f"w{i}" for i in range(600)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "w599", "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "2"])
+    assert e.value.code == 2
+    assert "has 603 tokens, more than the model's 512 embeddings" in capsys.readouterr().err
+
+
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
+    # `zoo info configs/models/*.yaml | head -1`: the reader left and zoo reported its own output as bad input, exit
+    # status 2 and 'zoo info: [Errno 32] Broken pipe' (then a traceback from the flush at exit)
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first line
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])}
+    env.pop("ZOO_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-m", "zoo.cli", "info", str(TINY)], stdout=write, stderr=subprocess.PIPE,
+                          text=True, env=env, timeout=120)
+    os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")
+
+
 def test_an_interrupted_train_exits_130(monkeypatch):
     import zoo.train as train_module
 
@@ -135,6 +169,25 @@ def test_demo_refuses_impossible_options(capsys, args, message):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, defaults", [
+    ("demo", {"--config": "configs/models/jamba-tiny.yaml", "--steps": "200", "--batch-size": "16", "--seq-len": "64",
+              "--n-kv": "4", "--lr": "3e-3", "--seed": "0"}),
+    ("generate", {"--max-new-tokens": "64", "--num-beams": "1"}),
+])
+def test_help_says_what_each_option_does_and_its_default(capsys, command, defaults):
+    # `zoo demo --help` listed its options bare, and `zoo generate --help` --max-new-tokens and --num-beams: what they
+    # set and their defaults (200 steps, 64 new tokens, ...) were in the code alone
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in defaults.items():
+        found = re.search(rf"{option} [A-Z_]+ (.*?)(?= --[a-z]|$)", text)
+        assert found and f"default{default}" in found.group(1).replace(" ", ""), (option, text)  # (wrapped at a -)
 
 
 def test_demo_summary_of_a_short_run_compares_its_first_and_last_steps(capsys):

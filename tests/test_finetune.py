@@ -283,6 +283,38 @@ def test_finetune_command_on_prompt_completion_rows(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "run" / "finetune_result.json").read_text())["merge_max_abs_diff"] < 1e-3
 
 
+def test_zoo_generate_prompts_a_finetune_without_bos_as_its_rows_began(tmp_path, monkeypatch, capsys):
+    # data.add_bos false trains on rows without <bos>, but merged/ did not say so and zoo generate started every
+    # prompt with <bos> (257 of the byte tokenizer), a start the finetuned model never saw
+    from zoo import cli
+    from zoo.data.text import ByteTokenizer
+    from zoo.modeling import ZooForCausalLM
+
+    base = tmp_path / "base"
+    tiny("mamba").save_pretrained(base)
+    ByteTokenizer().save_pretrained(base)
+    rows = [{"prompt": f"{w} reversed:", "completion": f" {w[::-1]}"} for w in ["abc", "hello", "zoo", "lora"]]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    seen = []
+    original = ZooForCausalLM.generate
+
+    def generate(self, input_ids=None, **kwargs):
+        seen.append(input_ids[0].tolist())
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    for add_bos in (False, True):
+        config = {"model": str(base), "output_dir": str(tmp_path / f"run-{add_bos}"),
+                  "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.25, "add_bos": add_bos},
+                  "train": {"max_steps": 1, "micro_batch_size": 2, "progress_bar": False},
+                  "schedule": {"warmup_steps": 0}}
+        (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+        main([str(tmp_path / "ft.yaml")])
+        cli.main(["generate", str(tmp_path / f"run-{add_bos}" / "merged"), "hi", "--max-new-tokens", "1"])
+    assert seen == [[ord("h"), ord("i")], [257, ord("h"), ord("i")]]
+    assert capsys.readouterr().out.splitlines()[-1].startswith("hi")
+
+
 def test_shipped_mqar_recipe_runs_shortened(tmp_path):
     overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=3", "train.max_steps=3",
                  "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=1", "data.n_eval=16",

@@ -577,6 +577,32 @@ def test_resume_of_a_run_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsy
     assert latest_checkpoint(tmp_path / "run").name == "step_00000001"
 
 
+def test_a_checkpoint_trained_without_bos_is_prompted_without_it(tmp_path, monkeypatch, capsys):
+    # data.add_bos false trains on documents without <bos>, but the checkpoint did not say so and zoo generate started
+    # every prompt with <bos> (257 of the byte tokenizer), a start the model never saw
+    from transformers import LlamaForCausalLM
+
+    from zoo import cli
+
+    seen = []
+    original = LlamaForCausalLM.generate
+
+    def generate(self, input_ids=None, **kwargs):
+        seen.append(input_ids[0].tolist())
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", generate)
+    for add_bos in (False, True):
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(run_dict(tmp_path, output_dir=str(tmp_path / f"run-{add_bos}"),
+                                                data={"add_bos": add_bos}, train={"max_steps": 1},
+                                                schedule={"warmup_steps": 0})))
+        assert main([str(path)]) == 0
+        model = latest_checkpoint(tmp_path / f"run-{add_bos}") / "model"
+        cli.main(["generate", str(model), "hi", "--max-new-tokens", "1", "--device", "cpu"])
+    assert seen == [[ord("h"), ord("i")], [257, ord("h"), ord("i")]]
+
+
 def test_resume_flag_before_the_config_takes_the_config(tmp_path, capsys):
     """`zoo train --resume CONFIG`: --resume's optional DIR swallowed the YAML, and argparse said 'config required'.
     A .yaml given as the resume folder is the config; the run resumes its newest checkpoint."""

@@ -81,19 +81,19 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.eval.common import DTYPES, default_device, encode_with_bos
+    from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.hub import check_model_ref, load_folder_tokenizer
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
-    p.add_argument("model")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
+    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="with --sample (default: the model's generation config, 1.0)")
     p.add_argument("--top-k", type=int, help="with --sample (default: the generation config's, 50)")
     p.add_argument("--top-p", type=float, help="with --sample (default: the generation config's, 1.0)")
     p.add_argument("--seed", type=int, help="with --sample: the same seed gives the same text")
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
     p.add_argument("--cuda-graph", action="store_true",
                    help="decode with each step replayed from a CUDA graph (zoo models on CUDA, no beams): "
                         "generate(cuda_graph=True)")
@@ -138,10 +138,16 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
     kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device).eval()
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tok) > n_embed:  # a prompt token past them failed in the embedding as 'IndexError: index out of range'
+        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+        p.error(f"{which} has {len(tok)} tokens, more than the model's {n_embed} embeddings; give the tokenizer "
+                f"the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
-    # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do
-    input_ids = torch.tensor([encode_with_bos(tok, args.prompt)], device=device)
+    # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the model
+    # was trained without it (data.add_bos false, recorded in its config)
+    input_ids = torch.tensor([encode_with_bos(tok, args.prompt, trained_with_bos(model.config))], device=device)
     ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     if args.seed is not None:
         torch.manual_seed(args.seed)
@@ -219,12 +225,33 @@ def _run(prog: str, fn, argv: list[str]):
             raise
         print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # (where it saved, if it did)
         return 130
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return 141  # the reader of the output left (`zoo info ... | head -1`): as a shell reports SIGPIPE, no message
     except Exception as e:
         if os.environ.get("ZOO_TRACEBACK") or not _user_error(e):
             raise
         # (a missing model folder is named by zoo.hub.check_model_ref where each command loads its model)
         print(f"{prog}: {e}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone; stdout then writes to /dev/null, so that the flush at exit does
+    not fail again ('Exception ignored ... BrokenPipeError')."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        closed = any(events & select.POLLERR for _, events in poller.poll(0))  # a pipe without a reader
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or a stdout without a file
+        return False
+    if closed:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return closed
 
 
 def _exit(rc) -> None:

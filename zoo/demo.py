@@ -26,13 +26,14 @@ def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="zoo demo", description=__doc__)
-    p.add_argument("--config", default=str(CONFIGS / "jamba-tiny.yaml"))
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--n-kv", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", default=str(CONFIGS / "jamba-tiny.yaml"),
+                   help="zoo model YAML (default configs/models/jamba-tiny.yaml)")
+    p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
+    p.add_argument("--batch-size", type=int, default=16, help="MQAR rows per step (default 16)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row (default 64)")
+    p.add_argument("--n-kv", type=int, default=4, help="key-value pairs to recall per row (default 4)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
+    p.add_argument("--seed", type=int, default=0, help="of the weights and the rows (default 0)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "seq_len", "n_kv"):
         if getattr(args, name) < 1:

@@ -1215,6 +1215,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if base_dtype is not None and base_dtype != torch.float32:
         merged = merged.to(base_dtype)
         result["merged_dtype"] = str(base_dtype).removeprefix("torch.")
+    if cfg.data.source is not None:  # how its rows began, for zoo generate's prompt (zoo.eval.common.trained_with_bos)
+        merged.config.add_bos = cfg.data.add_bos
     if accelerator.is_main_process:  # the tokenizer's eos / pad / bos fill the config's unset ones (generate stops at
         # the eos the finetune appended) and the folder appears whole
         from zoo.hub import save_model_folder

@@ -968,6 +968,7 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         for name, param in unwrapped.named_parameters(remove_duplicate=False):
             if name in state_dict:
                 state_dict[name] = state_dict[first.setdefault(id(param), name)]
+        unwrapped.config.add_bos = cfg.data.add_bos  # for zoo generate's prompt (zoo.eval.common.trained_with_bos)
         unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

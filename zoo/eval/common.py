@@ -127,10 +127,12 @@ def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], wha
         raise ValueError(f"{what} hold token id {bad} but the model's vocab_size is {vocab_size}; {fix}")
 
 
-def encode_with_bos(tokenizer, text: str) -> list[int]:
+def encode_with_bos(tokenizer, text: str, add_bos: bool = True) -> list[int]:
     """``tokenizer.encode(text)`` as a list, with the BOS token in front when the tokenizer has one and did
     not add it (zoo models train on ``<bos>`` + text), and without an EOS token the tokenizer appended (one set to
-    ``add_eos_token``): this is a prompt to continue, and after an EOS the model starts a new document."""
+    ``add_eos_token``): this is a prompt to continue, and after an EOS the model starts a new document.
+    add_bos False (a model trained with data.add_bos false; `trained_with_bos`): no BOS, one the tokenizer added
+    dropped, as that training encoded its documents."""
     ids = tokenizer.encode(text)
     if hasattr(ids, "input_ids"):
         ids = ids.input_ids
@@ -141,9 +143,20 @@ def encode_with_bos(tokenizer, text: str) -> list[int]:
         eos_text = getattr(tokenizer, "eos_token", None)
         if not (isinstance(eos_text, str) and eos_text and text.rstrip().endswith(eos_text)):  # not in the text
             ids = ids[:-1]
-    if bos is not None and (not ids or ids[0] != bos):
+    if bos is not None and not add_bos and ids and ids[0] == bos:
+        bos_text = getattr(tokenizer, "bos_token", None)
+        if not (isinstance(bos_text, str) and bos_text and text.lstrip().startswith(bos_text)):  # not in the text
+            ids = ids[1:]
+    elif bos is not None and add_bos and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return ids
+
+
+def trained_with_bos(config) -> bool:
+    """Whether a model's documents started with the tokenizer's BOS in training: False where zoo train or zoo
+    finetune recorded data.add_bos false in its config (``add_bos``), else True (zoo models train on ``<bos>`` +
+    text)."""
+    return getattr(config, "add_bos", True) is not False
 
 
 def accepts_argument(model, name: str) -> bool:
