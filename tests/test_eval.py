@@ -277,6 +277,26 @@ def test_evaluate_passkey_with_fake_models(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_passkey_prompts_a_model_trained_without_bos_without_it():
+    """A model trained with data.add_bos false (recorded in its config as add_bos) got every passkey prompt with the
+    tokenizer's BOS in front, a start its documents never had, as zoo generate did."""
+    from types import SimpleNamespace
+
+    from zoo.data.text import ByteTokenizer as ZooByteTokenizer
+
+    tokenizer = ZooByteTokenizer()  # (its BOS is 257)
+    firsts = {}
+    for add_bos in (True, False):
+        model = EchoModel(tokenizer)
+        model.config = SimpleNamespace(add_bos=add_bos)
+        real = model.generate
+        model.generate = lambda input_ids, *a, real=real, add_bos=add_bos, **k: (
+            firsts.setdefault(add_bos, set()).add(int(input_ids[0, 0])), real(input_ids, *a, **k))[1]
+        result = evaluate_passkey(model, tokenizer, lengths=[300], depths=[0.5], n_samples=2)
+        assert result["rows"][0]["accuracy"] == 1.0
+    assert firsts[True] == {tokenizer.bos_token_id} and tokenizer.bos_token_id not in firsts[False]
+
+
 def test_passkey_cells_do_not_depend_on_the_rest_of_the_grid():
     """The keys came from one generator drawn cell after cell: the 600-token cells of --lengths 300,600 had other keys
     (and so another accuracy) than the same cells of --lengths 600, and a sweep grown by one length changed them all."""

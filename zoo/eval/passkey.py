@@ -29,6 +29,7 @@ from zoo.eval.common import (
     parse_list,
     positive_int,
     resume,
+    trained_with_bos,
     write_json,
     write_rows,
 )
@@ -65,7 +66,7 @@ def passkey_text(key: int, n_filler: int, needle_after: int, filler: Sequence[st
 
 def build_passkey_prompt(
     tokenizer, context_length: int, depth: float, key: int, filler: Sequence[str] = FILLER,
-    n_filler: int | None = None,
+    n_filler: int | None = None, add_bos: bool = True,
 ) -> PasskeyPrompt:
     """A prompt of at most ``context_length`` tokens (as close as whole filler sentences allow).
 
@@ -77,6 +78,7 @@ def build_passkey_prompt(
         key: the 5-digit passkey.
         filler: sentences cycled to fill the context.
         n_filler: start the search here (the count found for another key at the same length).
+        add_bos: False for a model trained without BOS (``zoo.eval.common.trained_with_bos``): none is put first.
 
     Returns:
         the prompt; ``len(input_ids) <= context_length``.
@@ -85,7 +87,7 @@ def build_passkey_prompt(
         raise ValueError(f"depth={depth} must be in [0, 1]")
 
     def length(n: int) -> int:
-        return len(encode_with_bos(tokenizer, passkey_text(key, n, round(depth * n), filler)))
+        return len(encode_with_bos(tokenizer, passkey_text(key, n, round(depth * n), filler), add_bos))
 
     base = length(0)
     if base > context_length:
@@ -107,7 +109,7 @@ def build_passkey_prompt(
         n += 1
     needle_after = round(depth * n)
     text = passkey_text(key, n, needle_after, filler)
-    return PasskeyPrompt(text, encode_with_bos(tokenizer, text), key, depth, n, needle_after)
+    return PasskeyPrompt(text, encode_with_bos(tokenizer, text, add_bos), key, depth, n, needle_after)
 
 
 def check_passkey(generated: str, key: int) -> bool:
@@ -236,7 +238,9 @@ def evaluate_passkey(
     if bad_depths:
         raise ValueError(f"depths: {bad_depths[0]:g} is not a fraction of the filler in [0, 1]; give --depths such as "
                          f"0,0.25,0.5,0.75,1 (a depth of 25% is 0.25)")
-    bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0)))
+    # the prompt starts as the model's training documents did: with BOS unless it recorded add_bos false
+    add_bos = trained_with_bos(getattr(model, "config", None))
+    bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0), add_bos))
     short = [n for n in lengths if n < bare]
     if short:
         raise ValueError(f"lengths: {short[0]} tokens is shorter than the bare passkey template ({bare} tokens with "
@@ -265,7 +269,8 @@ def evaluate_passkey(
         generator = cell_generator(seed, length, depth)
         for _ in range(n_samples):
             key = int(torch.randint(10000, 100000, (1,), generator=generator))
-            prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length))
+            prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length),
+                                          add_bos=add_bos)
             n_filler[length] = prompt.n_filler
             input_ids = torch.tensor([prompt.input_ids], dtype=torch.long)
             check_token_ids(model, input_ids, "passkey prompts",
