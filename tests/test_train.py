@@ -1037,3 +1037,20 @@ def test_peak_tflops_reads_the_card_by_its_longest_matching_name(monkeypatch, ca
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: card)
     assert peak_tflops(torch.device("cuda")) == peak
+
+
+@pytest.mark.parametrize("project", [None, "my-project"])
+def test_trackers_log_under_the_runs_project_and_tensorboard_stays_in_its_folder(tmp_path, monkeypatch, project):
+    """accelerate hands every tracker the project of init_trackers, which was 'tensorboard' (so that TensorBoard's
+    files went to OUTPUT_DIR/tensorboard): every wandb / mlflow run landed in a project called 'tensorboard'."""
+    pytest.importorskip("tensorboard")
+    from accelerate import Accelerator
+
+    seen = []
+    real = Accelerator.init_trackers
+    monkeypatch.setattr(Accelerator, "init_trackers",
+                        lambda self, name, *a, **k: seen.append(name) or real(self, name, *a, **k))
+    log = {"trackers": ["csv", "tensorboard"]} | ({"project": project} if project else {})
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, log=log)))
+    assert seen == [project or "hybrid-zoo"]
+    assert any((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))

@@ -1371,7 +1371,7 @@ def _label(name: str, L: int, lengths: list[int]) -> str:
 
 
 # recipe fields that change no result: a rerun with another progress bar or tracker continues the comparison
-_RECIPE_NO_RESULT = ("log.progress_bar", "log.trackers", "log.peak_tflops", "checkpoint.keep")
+_RECIPE_NO_RESULT = ("log.progress_bar", "log.trackers", "log.project", "log.peak_tflops", "checkpoint.keep")
 
 
 def _model_fingerprints(cfg: CompareConfig, entry: ModelEntry) -> list[str]:

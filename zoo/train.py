@@ -142,12 +142,14 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    """Log every `every` steps to the progress bar and trackers ('csv' -> metrics.csv, 'tensorboard', or
-    any accelerate tracker name). peak_tflops: the per-GPU peak for MFU (default: the card's dense bf16); MFU is
-    6 · active parameters (a MoE's routed experts only: active_parameters) · tokens/s over it."""
+    """Log every `every` steps to the progress bar and trackers ('csv' -> metrics.csv, 'tensorboard' ->
+    OUTPUT_DIR/tensorboard, or any accelerate tracker name). project: the project the other trackers log the run
+    under (wandb's project, mlflow's experiment, ...). peak_tflops: the per-GPU peak for MFU (default: the card's
+    dense bf16); MFU is 6 · active parameters (a MoE's routed experts only: active_parameters) · tokens/s over it."""
 
     every: int = 10
     trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    project: str = "hybrid-zoo"
     peak_tflops: float | None = None
     progress_bar: bool = True
 
@@ -1252,8 +1254,15 @@ def train(cfg: TrainConfig, resume: str | None = None,
     hparams |= {f"backend/{k}": str(v) for k, v in backend.items()}
     # a resumed run hides what a killed run logged past its last checkpoint (metrics.csv drops those rows above);
     # TensorBoard's purge_step (the first step this run logs) does it for its event files, which are only appended to
-    init_kwargs = {"tensorboard": {"purge_step": step + 1}} if step and "tensorboard" in cfg.log.trackers else {}
-    accelerator.init_trackers("tensorboard", config=hparams, init_kwargs=init_kwargs)
+    tensorboard_kwargs = {"purge_step": step + 1} if step else {}
+    # TensorBoard writes into OUTPUT_DIR/tensorboard whatever the project: accelerate names that folder after the
+    # project it hands every tracker, so it is built here and the others get log.project (every wandb run used to
+    # land in a project called 'tensorboard')
+    from accelerate.tracking import TensorBoardTracker
+
+    accelerator.log_with = [TensorBoardTracker("tensorboard", accelerator.logging_dir, **tensorboard_kwargs)
+                            if str(t) == "tensorboard" else t for t in accelerator.log_with]
+    accelerator.init_trackers(cfg.log.project, config=hparams)
     accelerator.print(f"model {model_class}: {n_params / 1e6:.2f}M "
                       f"parameters; backends {backend or 'n/a'}; {tokens_per_step} tokens/step "
                       f"({world} x {B} x {L} x {accum}); precision {accelerator.mixed_precision}")
