@@ -482,6 +482,17 @@ def test_the_prompt_given_twice_is_refused():
         model.generate(inputs=ids, max_new_tokens=3, cuda_graph=True)
 
 
+def test_a_generation_config_passed_positionally_is_read():
+    """generate(inputs, generation_config, ...): cuda_graph=True read the second positional argument as an error."""
+    from transformers import GenerationConfig
+
+    model, ids = tiny("mamba"), prompt()
+    with pytest.raises(ValueError, match="num_beams=2"):  # read before the device check
+        model.generate(ids, GenerationConfig(num_beams=2, max_new_tokens=3), cuda_graph=True)
+    with pytest.raises(TypeError, match="multiple values"):
+        model.generate(ids, GenerationConfig(), generation_config=GenerationConfig(), cuda_graph=True)
+
+
 @pytest.mark.parametrize("max_time", [0.0, 1e6])
 def test_max_time_stops_as_generate(max_time):
     """generate's MaxTimeCriteria reads the clock after each token, the first included: max_time=0 gives one."""
