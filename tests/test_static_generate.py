@@ -425,6 +425,19 @@ def test_warpers_that_change_nothing_are_taken(kwargs):
     assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=5, **kwargs), ref)
 
 
+@pytest.mark.parametrize("kwargs", [dict(output_scores=True), dict(output_logits=True),
+                                    dict(output_hidden_states=True)])
+def test_output_flags_without_a_dict_output_are_taken(kwargs):
+    """generate collects scores, logits and hidden states only for a GenerateOutput: without
+    return_dict_in_generate it returns the same tensor of ids (a Hub generation_config may carry these flags)."""
+    model, ids = tiny("mamba"), prompt()
+    ref = model.generate(ids, max_new_tokens=4, do_sample=False, **kwargs)
+    assert torch.is_tensor(ref)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=4, **kwargs), ref)
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        static_generate(model, ids, graph=False, max_new_tokens=4, return_dict_in_generate=True, **kwargs)
+
+
 def test_arguments_given_as_none_are_not_given():
     """generate treats an argument passed as None as one not passed (its own: logits_processor, stopping_criteria,
     ...; the model's: past_key_values, inputs_embeds, ...), as wrappers that forward every argument pass them."""
@@ -467,6 +480,17 @@ def test_the_prompt_given_twice_is_refused():
         model.generate(inputs=ids, input_ids=ids, max_new_tokens=3, cuda_graph=True)
     with pytest.raises(ValueError, match="CUDA"):  # once, by any name: on to the device check
         model.generate(inputs=ids, max_new_tokens=3, cuda_graph=True)
+
+
+def test_a_generation_config_passed_positionally_is_read():
+    """generate(inputs, generation_config, ...): cuda_graph=True read the second positional argument as an error."""
+    from transformers import GenerationConfig
+
+    model, ids = tiny("mamba"), prompt()
+    with pytest.raises(ValueError, match="num_beams=2"):  # read before the device check
+        model.generate(ids, GenerationConfig(num_beams=2, max_new_tokens=3), cuda_graph=True)
+    with pytest.raises(TypeError, match="multiple values"):
+        model.generate(ids, GenerationConfig(), generation_config=GenerationConfig(), cuda_graph=True)
 
 
 @pytest.mark.parametrize("max_time", [0.0, 1e6])

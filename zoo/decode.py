@@ -468,6 +468,8 @@ _NEUTRAL = {"num_beams": 1, "repetition_penalty": 1.0, "encoder_repetition_penal
 _SAMPLING_ONLY = ("typical_p", "min_p", "epsilon_cutoff", "eta_cutoff", "top_h")
 # generate's minimum lengths only hold back eos: without an eos_token_id they change nothing
 _EOS_ONLY = ("min_length", "min_new_tokens")
+# what generate collects only for a GenerateOutput: without return_dict_in_generate it returns the same tensor
+_DICT_ONLY = ("output_scores", "output_logits", "output_hidden_states")
 
 
 # token lists whose processor is a no-op when empty (transformers builds it and it suppresses nothing)
@@ -489,6 +491,8 @@ def _changes_decoding(config, name: str, prompt_len: int) -> bool:
     if name in _SAMPLING_ONLY and not config.do_sample:
         return False  # greedy decoding does not apply these warpers
     if name in _EOS_ONLY and config.eos_token_id is None:
+        return False
+    if name in _DICT_ONLY and not config.return_dict_in_generate:
         return False
     if name == "min_length" and (config.min_new_tokens is not None or config.min_length <= prompt_len):
         # generate replaces min_length by the prompt's length plus min_new_tokens where that is set, and holds eos

@@ -521,8 +521,13 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if cuda_graph:
             from zoo.decode import static_generate
 
-            if len(args) > 1:
-                raise ValueError("generate(cuda_graph=True): pass input_ids positionally and the rest by keyword")
+            if len(args) > 2:
+                raise ValueError("generate(cuda_graph=True): pass input_ids and generation_config positionally and "
+                                 "the rest by keyword")
+            if len(args) == 2:  # generate's second parameter
+                if "generation_config" in kwargs:
+                    raise TypeError("generate() got multiple values for argument 'generation_config'")
+                args, kwargs["generation_config"] = args[:1], args[1]
             own = type(self).prepare_inputs_for_generation
             swapped = self.__dict__.get("prepare_inputs_for_generation")
             if swapped is not None and getattr(swapped, "__func__", None) is not own:
