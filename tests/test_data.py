@@ -237,6 +237,17 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
         TextStream(DataConfig(source=[source, typo]), tok)
 
 
+def test_a_file_named_twice_in_the_source_is_read_once(tok, tmp_path, monkeypatch, letter_docs):
+    # the file list was deduplicated by spelling: the same file as an absolute and a relative path (or through a
+    # symlink, or by two globs spelled differently) was read twice, so every document of it was trained on twice
+    source, docs = letter_docs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.jsonl").symlink_to(source)
+    for spelled in ([source, "docs.jsonl"], [source, "./*.jsonl"], [str(tmp_path / "*.jsonl")]):
+        shared = open_documents(DataConfig(source=spelled, holdout=0, shuffle=False), "train")
+        assert sorted(shared.iter_docs(0, 0)) == sorted(docs), spelled
+
+
 def test_without_datasets_a_file_source_says_how_to_install_it(tok, tmp_path, monkeypatch):
     """`datasets` is the data extra: without it a file or hub source names the install, a path matching nothing
     is still refused by name, and the built-in corpus needs nothing."""

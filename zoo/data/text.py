@@ -298,10 +298,10 @@ def _looks_local(pattern: str) -> bool:
 
 
 def _local_files(source: str | list[str]) -> list[str] | None:
-    """The sorted local files named by `source` (paths or globs), or None if it names none (a hub name).
+    """The sorted local files named by `source` (paths or globs), each once, or None if it names none (a hub name).
 
     A path or glob that matches no file is refused by name rather than tried as a hub dataset (or, in a list,
-    silently dropped)."""
+    silently dropped). A file matched under two spellings (absolute and relative, through a symlink) is read once."""
     patterns = [source] if isinstance(source, str) else list(source)
     files: list[str] = []
     for pattern in patterns:
@@ -311,7 +311,10 @@ def _local_files(source: str | list[str]) -> list[str] | None:
             raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json or "
                              f".parquet files (paths or globs)")
         files.extend(matches)
-    return sorted(set(files)) or None
+    unique: dict[str, str] = {}  # the real path -> the first spelling in sorted order
+    for f in sorted(set(files)):
+        unique.setdefault(os.path.realpath(f), f)
+    return list(unique.values()) or None
 
 
 def _import_datasets(source):
