@@ -122,6 +122,15 @@ def test_chunk_boundaries_never_start_a_document(tok):
             assert row["labels"][a] == IGNORE_INDEX
 
 
+def test_chunks_of_one_token_are_refused_for_packed_rows(tok):
+    # every position of a row is a multiple of 1: the pad put before a document was a chunk of its own and the
+    # document started the next one, carrying the previous document's state into it
+    with pytest.raises(ValueError, match=r"chunk_len: must be an integer >= 2 for packed rows"):
+        TextStream(DataConfig(seq_len=64), tok, chunk_len=1)
+    row, _ = next(TextStream(DataConfig(seq_len=64, packing=False), tok, chunk_len=1).rows())  # one document a row
+    assert (row["seq_idx"] == 0).all()
+
+
 def test_unpacked_rows_hold_one_padded_document(tok, letter_docs):
     source, _ = letter_docs
     stream = TextStream(DataConfig(source=source, seq_len=48, packing=False, holdout=0.0), tok)

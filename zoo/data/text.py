@@ -497,6 +497,11 @@ class TextStream:
 
     def __post_init__(self):
         self.cfg.validate()
+        if self.cfg.packing and self.chunk_len is not None and not (isinstance(self.chunk_len, int)
+                                                                    and self.chunk_len >= 2):
+            # with chunks of 1 token the pad before a document is itself a chunk, and the document starts the next
+            raise ValueError(f"chunk_len: must be an integer >= 2 for packed rows (no document may start a chunk), "
+                             f"got {self.chunk_len!r}")
         self._docs = open_documents(self.cfg, self.split, self.rank, self.world_size)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             self.tokenizer.eos_token_id
