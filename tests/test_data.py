@@ -210,6 +210,17 @@ def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
         next(TextStream(DataConfig(source=str(path), holdout=0), tok).rows())
 
 
+def test_a_malformed_file_of_a_local_folder_names_the_source(tok, tmp_path):
+    # local files were refused by name, but the same file in a folder (datasets' folder loader) raised datasets' own
+    # DatasetGenerationError 'An error occurred while generating the dataset', naming neither the field nor the file
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"data\.source: cannot open '.*corpus' .*DatasetGenerationError.*JSON"):
+        TextStream(DataConfig(source=str(folder), streaming=False, holdout=0), tok)
+
+
 @pytest.mark.parametrize("source", ["stdlib", "local"])
 def test_a_split_of_a_one_split_source_is_refused_by_name(tok, letter_docs, source):
     # local files and the built-in corpus are one split: eval_split was ignored, so with holdout 0 the evaluation

@@ -422,9 +422,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         which = cfg.split if (split == "train" or cfg.eval_split is None) else cfg.eval_split
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last: malformed files
+            cause = f" ({type(e).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
-                             f"{which!r}): {e}") from e
+                             f"{which!r}): {e}{cause}") from e
         streamed = cfg.streaming
     _check_text_field(dataset.column_names, cfg)
 
