@@ -122,6 +122,15 @@ def test_chunk_boundaries_never_start_a_document(tok):
             assert row["labels"][a] == IGNORE_INDEX
 
 
+def test_chunks_of_one_token_are_refused_for_packed_rows(tok):
+    # every position of a row is a multiple of 1: the pad put before a document was a chunk of its own and the
+    # document started the next one, carrying the previous document's state into it
+    with pytest.raises(ValueError, match=r"chunk_len: must be an integer >= 2 for packed rows"):
+        TextStream(DataConfig(seq_len=64), tok, chunk_len=1)
+    row, _ = next(TextStream(DataConfig(seq_len=64, packing=False), tok, chunk_len=1).rows())  # one document a row
+    assert (row["seq_idx"] == 0).all()
+
+
 def test_unpacked_rows_hold_one_padded_document(tok, letter_docs):
     source, _ = letter_docs
     stream = TextStream(DataConfig(source=source, seq_len=48, packing=False, holdout=0.0), tok)
@@ -201,6 +210,17 @@ def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
         next(TextStream(DataConfig(source=str(path), holdout=0), tok).rows())
 
 
+def test_a_malformed_file_of_a_local_folder_names_the_source(tok, tmp_path):
+    # local files were refused by name, but the same file in a folder (datasets' folder loader) raised datasets' own
+    # DatasetGenerationError 'An error occurred while generating the dataset', naming neither the field nor the file
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part.jsonl").write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"data\.source: cannot open '.*corpus' .*DatasetGenerationError.*JSON"):
+        TextStream(DataConfig(source=str(folder), streaming=False, holdout=0), tok)
+
+
 @pytest.mark.parametrize("source", ["stdlib", "local"])
 def test_a_split_of_a_one_split_source_is_refused_by_name(tok, letter_docs, source):
     # local files and the built-in corpus are one split: eval_split was ignored, so with holdout 0 the evaluation
@@ -235,6 +255,17 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
     typo = str(tmp_path / "doc.jsonl")  # one of a list that matches nothing is not silently dropped
     with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(typo)}'"):
         TextStream(DataConfig(source=[source, typo]), tok)
+
+
+def test_a_file_named_twice_in_the_source_is_read_once(tok, tmp_path, monkeypatch, letter_docs):
+    # the file list was deduplicated by spelling: the same file as an absolute and a relative path (or through a
+    # symlink, or by two globs spelled differently) was read twice, so every document of it was trained on twice
+    source, docs = letter_docs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.jsonl").symlink_to(source)
+    for spelled in ([source, "docs.jsonl"], [source, "./*.jsonl"], [str(tmp_path / "*.jsonl")]):
+        shared = open_documents(DataConfig(source=spelled, holdout=0, shuffle=False), "train")
+        assert sorted(shared.iter_docs(0, 0)) == sorted(docs), spelled
 
 
 def test_without_datasets_a_file_source_says_how_to_install_it(tok, tmp_path, monkeypatch):

@@ -166,6 +166,7 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     ({"optim": {"lr": -1.0}}, r"optim\.lr"),
     ({"optim": {"betas": [0.9]}}, r"optim\.betas"),
     ({"train": {"tbptt_chunk": 30}}, r"train\.tbptt_chunk"),
+    ({"train": {"tbptt_chunk": 1}}, r"train\.tbptt_chunk: 1 cannot keep packed documents apart"),
     ({"train": {"tbptt_mode": "full"}}, r"train\.tbptt_mode"),
     ({"schedule": {"warmup_steps": 10}}, r"schedule\.warmup_steps"),
     ({"schedule": {"kind": "linear"}}, r"schedule\.kind"),
@@ -176,8 +177,8 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     ({"log": {"every": "often"}}, r"log\.every: expected an integer"),
     ({"checkpoint": {"keep": 0}}, r"checkpoint\.keep"),
     ({"train": {"max_steps": 0}}, r"^train\.max_steps: must be >= 1"),
-], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_mode", "warmup", "kind", "precision", "micro_batch",
-        "batch_tokens", "seq_len", "type", "keep", "max_steps"])
+], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_chunk_1", "tbptt_mode", "warmup", "kind", "precision",
+        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps"])
 def test_bad_run_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ValueError, match=field):
         config_from_dict(run_dict(tmp_path, **extra))

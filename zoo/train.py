@@ -286,6 +286,9 @@ def validate_config(cfg: TrainConfig) -> None:
         if not (isinstance(t.tbptt_chunk, int) and 1 <= t.tbptt_chunk < L and L % t.tbptt_chunk == 0):
             raise ValueError(f"train.tbptt_chunk: must divide data.seq_len={L} and be smaller, got "
                              f"{t.tbptt_chunk}; or null to train whole rows")
+        if t.tbptt_chunk == 1 and cfg.data.packing:  # every position starts a chunk: so would every document
+            raise ValueError("train.tbptt_chunk: 1 cannot keep packed documents apart (a document must not start a "
+                             "chunk, and every token does); use 2 or more, or data.packing: false")
     for tracker in lg.trackers:
         if tracker == "csv":
             continue

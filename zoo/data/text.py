@@ -298,10 +298,10 @@ def _looks_local(pattern: str) -> bool:
 
 
 def _local_files(source: str | list[str]) -> list[str] | None:
-    """The sorted local files named by `source` (paths or globs), or None if it names none (a hub name).
+    """The sorted local files named by `source` (paths or globs), each once, or None if it names none (a hub name).
 
     A path or glob that matches no file is refused by name rather than tried as a hub dataset (or, in a list,
-    silently dropped)."""
+    silently dropped). A file matched under two spellings (absolute and relative, through a symlink) is read once."""
     patterns = [source] if isinstance(source, str) else list(source)
     files: list[str] = []
     for pattern in patterns:
@@ -311,7 +311,10 @@ def _local_files(source: str | list[str]) -> list[str] | None:
             raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json or "
                              f".parquet files (paths or globs)")
         files.extend(matches)
-    return sorted(set(files)) or None
+    unique: dict[str, str] = {}  # the real path -> the first spelling in sorted order
+    for f in sorted(set(files)):
+        unique.setdefault(os.path.realpath(f), f)
+    return list(unique.values()) or None
 
 
 def _import_datasets(source):
@@ -419,9 +422,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         which = cfg.split if (split == "train" or cfg.eval_split is None) else cfg.eval_split
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last: malformed files
+            cause = f" ({type(e).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
-                             f"{which!r}): {e}") from e
+                             f"{which!r}): {e}{cause}") from e
         streamed = cfg.streaming
     _check_text_field(dataset.column_names, cfg)
 
@@ -494,6 +498,11 @@ class TextStream:
 
     def __post_init__(self):
         self.cfg.validate()
+        if self.cfg.packing and self.chunk_len is not None and not (isinstance(self.chunk_len, int)
+                                                                    and self.chunk_len >= 2):
+            # with chunks of 1 token the pad before a document is itself a chunk, and the document starts the next
+            raise ValueError(f"chunk_len: must be an integer >= 2 for packed rows (no document may start a chunk), "
+                             f"got {self.chunk_len!r}")
         self._docs = open_documents(self.cfg, self.split, self.rank, self.world_size)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
             self.tokenizer.eos_token_id
