@@ -175,6 +175,15 @@ def test_demo_refuses_impossible_options(capsys, args, message):
     ("demo", {"--config": "configs/models/jamba-tiny.yaml", "--steps": "200", "--batch-size": "16", "--seq-len": "64",
               "--n-kv": "4", "--lr": "3e-3", "--seed": "0"}),
     ("generate", {"--max-new-tokens": "64", "--num-beams": "1"}),
+    ("info", {"--seq-len": "2048"}),
+    ("eval synthetic", {"--n-samples": "256", "--batch-size": "64", "--seed": "0"}),
+    ("eval passkey", {"--lengths": "1K,2K,4K,8K", "--depths": "0,0.25,0.5,0.75,1", "--n-samples": "5", "--seed": "0",
+                      "--max-new-tokens": "8", "--out": "results/passkey"}),
+    ("eval length", {"--chunk-size": "2048", "--batch-size": "1", "--bins-per-octave": "4", "--seed": "0",
+                     "--out": "results/length"}),
+    ("eval state", {"--n-docs": "4", "--max-len": "16384", "--chunk-size": "1024", "--points-per-octave": "2",
+                    "--group-size": "64", "--norm-factor": "1.0", "--norm-chunk": "64", "--seed": "0",
+                    "--out": "results/state"}),
 ])
 def test_help_says_what_each_option_does_and_its_default(capsys, command, defaults):
     # `zoo demo --help` listed its options bare, and `zoo generate --help` --max-new-tokens and --num-beams: what they
@@ -182,7 +191,7 @@ def test_help_says_what_each_option_does_and_its_default(capsys, command, defaul
     import re
 
     with pytest.raises(SystemExit) as e:
-        cli.main([command, "--help"])
+        cli.main([*command.split(), "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for option, default in defaults.items():

@@ -313,16 +313,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help=f"documents (default: every one of --tokens, else {CORPUS_DOCUMENTS})")
     parser.add_argument("--max-len", type=positive_int, default=None, help="tokens per document, 1M allowed (default: "
                         f"--tokens documents whole, else {CORPUS_LENGTH})")
-    parser.add_argument("--chunk-size", type=positive_int, default=2048)
-    parser.add_argument("--batch-size", type=positive_int, default=1)
+    parser.add_argument("--chunk-size", type=positive_int, default=2048, help="tokens per forward (default 2048)")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="documents per forward (default 1)")
     parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plot")
-    parser.add_argument("--bins-per-octave", type=positive_int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bins-per-octave", type=positive_int, default=4,
+                        help="position bins per octave of the curve (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="of the documents (default 0)")
     parser.add_argument("--start", choices=["document", "random"], default="document",
                         help="built-in corpus: documents begin at a file's start, or at a random offset into it")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--out", default="results/length")
+    parser.add_argument("--out", default="results/length", help="output directory (default results/length)")
     parser.add_argument("--mitigation", nargs="*", default=None, metavar="SPEC",
                         help="evaluate each model once per training-free mitigation, curves on one plot: "
                              "none | forget:c_alpha=0.999,c_b=0.7 | norm:threshold=10 | window:r=512 | a+b")

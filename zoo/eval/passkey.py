@@ -346,15 +346,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="zoo eval passkey", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
     parser.add_argument("--tokenizer", default=None, help="path / hub id, or 'byte' (default: the model's)")
-    parser.add_argument("--lengths", default="1K,2K,4K,8K", help="comma list of prompt lengths (tokens)")
-    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--n-samples", type=positive_int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
+    parser.add_argument("--lengths", default="1K,2K,4K,8K",
+                        help="comma list of prompt lengths in tokens (default 1K,2K,4K,8K)")
+    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                        help="comma list of needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
+    parser.add_argument("--n-samples", type=positive_int, default=5, help="prompts per cell (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="of the passkeys (default 0)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8,
+                        help="tokens generated per answer (default 8)")
     parser.add_argument("--prefill-chunk-size", type=positive_int, default=None, help="chunked prefill (long prompts)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--out", default="results/passkey")
+    parser.add_argument("--out", default="results/passkey", help="output directory (default results/passkey)")
     from zoo.state.mitigation import add_mitigation_argument, apply_mitigation, splits_matter
 
     add_mitigation_argument(parser)

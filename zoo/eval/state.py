@@ -155,24 +155,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "tokens to copy (selective_copying); mqar needs --vocab-size >= 2 * n_kv + 2")
     parser.add_argument("--power-a", type=float, default=None, help="mqar: query-gap power law exponent")
     parser.add_argument("--random-non-queries", action="store_true", help="mqar: random filler tokens")
-    parser.add_argument("--n-docs", type=positive_int, default=4, help="rows, run as one batch")
-    parser.add_argument("--max-len", type=positive_int, default=16384)
+    parser.add_argument("--n-docs", type=positive_int, default=4, help="rows, run as one batch (default 4)")
+    parser.add_argument("--max-len", type=positive_int, default=16384, help="tokens per row (default 16384)")
     parser.add_argument("--chunk-size", type=positive_int, default=1024, help="tokens per forward above the "
-                        "log-spaced start; the state is sampled at every chunk end")
-    parser.add_argument("--points-per-octave", type=int, default=2, help="log-spaced samples below chunk-size")
-    parser.add_argument("--group-size", type=positive_int, default=64, help="mamba: channels per head")
+                        "log-spaced start; the state is sampled at every chunk end (default 1024)")
+    parser.add_argument("--points-per-octave", type=int, default=2,
+                        help="log-spaced samples below chunk-size (default 2)")
+    parser.add_argument("--group-size", type=positive_int, default=64, help="mamba: channels per head (default 64)")
     parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plots")
     add_mitigation_argument(parser)
     parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
                         help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
                              "tokens of the rows (state normalization calibrated on a reference prefix)")
-    parser.add_argument("--norm-factor", type=float, default=1.0)
-    parser.add_argument("--norm-chunk", type=positive_int, default=64, help="tokens between caps in a prefill")
+    parser.add_argument("--norm-factor", type=float, default=1.0,
+                        help="the cap: this times the calibrated norm (default 1.0)")
+    parser.add_argument("--norm-chunk", type=positive_int, default=64,
+                        help="tokens between caps in a prefill (default 64)")
     parser.add_argument("--compare", action="store_true", help="also run without the mitigation and overlay")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the rows (default 0)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--out", default="results/state")
+    parser.add_argument("--out", default="results/state", help="output directory (default results/state)")
     args = parser.parse_args(argv)
     check_mitigation_options(args)
 
