@@ -938,3 +938,23 @@ def test_a_launch_under_fsdp_is_refused_naming_the_ddp_config(tmp_path):
     assert "zoo finetune does not run under FSDP" in proc.stderr and "configs/accelerate/ddp.yaml" in proc.stderr, \
         proc.stderr[-3000:]
     assert not (tmp_path / "out").exists(), "refused before anything is written"
+
+
+def test_the_config_asks_for_rslora_dora_and_modules_to_save(tmp_path):
+    """The lora section had no fields for peft.LoraConfig's use_rslora, use_dora and modules_to_save (refused as
+    unknown fields): they reached wrap_lora only from Python. The saved adapter carries them and reloads exactly
+    (finetune checks the reload and the merge against the trained model)."""
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False},
+              "schedule": {"warmup_steps": 1},
+              "lora": {"use_rslora": True, "use_dora": True, "modules_to_save": ["norm_f"]}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    main([str(tmp_path / "ft.yaml")])
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] and saved["use_dora"] and saved["modules_to_save"] == ["norm_f"]
+    from safetensors.torch import load_file
+
+    names = list(load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    assert any("norm_f" in n for n in names) and any("lora_magnitude_vector" in n for n in names), names[:8]

@@ -494,7 +494,8 @@ class LoopSection:
 class LoraSection:
     """LoRA: rank r, alpha (scale alpha / r), dropout; target_modules None (the mixers' lora_targets, plus
     MLP / expert projections with include_mlp), 'all-linear', a regex or a list; check_forward: the bypass
-    check of `wrap_lora`."""
+    check of `wrap_lora`. use_rslora (scale alpha / sqrt(r)), use_dora (weight-decomposed LoRA) and
+    modules_to_save (modules trained whole and saved with the adapter) are peft.LoraConfig's."""
 
     r: int = 8
     alpha: float = 16.0
@@ -502,6 +503,9 @@ class LoraSection:
     target_modules: str | list[str] | None = None
     include_mlp: bool = False
     check_forward: bool = True
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
 
 
 @dataclass
@@ -1179,7 +1183,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     with accelerator.autocast():  # the bypass check runs the kernels training will run
         model = wrap_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                           target_modules=lora.target_modules, include_mlp=lora.include_mlp,
-                          check_forward=lora.check_forward, verbose=accelerator.is_main_process)
+                          check_forward=lora.check_forward, verbose=accelerator.is_main_process,
+                          use_rslora=lora.use_rslora, use_dora=lora.use_dora, modules_to_save=lora.modules_to_save)
     result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
     t0 = time.perf_counter()
     stamp = cfg.to_dict() | {"base": _base_identity(base_path)}  # another base's checkpoint is not continued
