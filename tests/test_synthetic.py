@@ -97,9 +97,24 @@ def test_mqar_validation():
     for n_kv in (0, -1):
         with pytest.raises(ValueError, match=f"n_kv={n_kv} must be >= 1"):
             mqar_batch(2, 64, n_kv, vocab_size=64)
-    for power_a in (0.0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="power_a=.* must be > 0"):
+    for power_a in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="power_a=.* must be a finite number > 0"):
             mqar_batch(2, 64, 4, vocab_size=64, power_a=power_a)
+
+
+def test_mqar_gap_law_holds_for_large_exponents():
+    """The law was normalized after raising to power_a - 1, which overflowed to inf (then NaN) from power_a ~130 at
+    a space of 256, and mqar_batch failed in torch.multinomial. The law is unchanged where it was finite (the same
+    draws), and a large exponent now puts the queries at the largest gap."""
+    space = 256
+    g = torch.arange(1, space + 1, dtype=torch.float64)
+    for power_a in (0.01, 1.0, 3.0):
+        direct = power_a * g ** (power_a - 1)
+        assert torch.equal(mqar_gap_distribution(space, power_a), direct / direct.sum())
+    p = mqar_gap_distribution(space, 200.0)
+    assert torch.isfinite(p).all() and abs(p.sum().item() - 1) < 1e-12 and p.argmax().item() == space - 1
+    batch = mqar_batch(4, 2 * space + 2 * 4, 4, vocab_size=64, power_a=200.0, generator=gen(5))
+    assert (batch["labels"] != IGNORE_INDEX).sum().item() == 4 * 4
 
 
 # ---------------------------------------------------------------- selective copying

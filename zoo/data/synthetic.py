@@ -19,6 +19,8 @@ number of workers.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.data import Dataset
 
@@ -122,8 +124,12 @@ def mqar_gap_distribution(space: int, power_a: float = 0.01) -> torch.Tensor:
     Returns:
         float64 tensor [space] summing to 1.
     """
-    p = power_a * torch.arange(1, space + 1, dtype=torch.float64) ** (power_a - 1)
-    return p / p.sum()
+    g = torch.arange(1, space + 1, dtype=torch.float64)
+    p = power_a * g ** (power_a - 1)
+    if torch.isfinite(p.sum()):  # (kept as it was where it is finite: the same draws, the same task rows)
+        return p / p.sum()
+    # the power overflowed to inf (then NaN) from power_a ~130 at space 256: normalized in log space
+    return torch.softmax((power_a - 1) * g.log(), dim=0)
 
 
 def mqar_batch(
@@ -163,8 +169,9 @@ def mqar_batch(
     """
     if n_kv < 1:
         raise ValueError(f"mqar: n_kv={n_kv} must be >= 1 (key-value pairs per row)")
-    if not power_a > 0:
-        raise ValueError(f"mqar: power_a={power_a} must be > 0 (the query-gap law's exponent; 1.0 is uniform)")
+    if not (power_a > 0 and math.isfinite(power_a)):
+        raise ValueError(f"mqar: power_a={power_a} must be a finite number > 0 (the query-gap law's exponent; 1.0 is "
+                         f"uniform)")
     if 4 * n_kv > seq_len:
         raise ValueError(f"mqar: n_kv={n_kv} needs seq_len >= 4 * n_kv = {4 * n_kv}, got seq_len={seq_len}")
     half = vocab_size // 2
