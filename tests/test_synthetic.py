@@ -98,7 +98,7 @@ def test_mqar_validation():
         with pytest.raises(ValueError, match=f"n_kv={n_kv} must be >= 1"):
             mqar_batch(2, 64, n_kv, vocab_size=64)
     for power_a in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="power_a=.* must be a finite number > 0"):
+        with pytest.raises(ValueError, match="power_a=.* must be > 0 and finite"):
             mqar_batch(2, 64, 4, vocab_size=64, power_a=power_a)
 
 

@@ -170,7 +170,7 @@ def mqar_batch(
     if n_kv < 1:
         raise ValueError(f"mqar: n_kv={n_kv} must be >= 1 (key-value pairs per row)")
     if not (power_a > 0 and math.isfinite(power_a)):
-        raise ValueError(f"mqar: power_a={power_a} must be a finite number > 0 (the query-gap law's exponent; 1.0 is "
+        raise ValueError(f"mqar: power_a={power_a} must be > 0 and finite (the query-gap law's exponent; 1.0 is "
                          f"uniform)")
     if 4 * n_kv > seq_len:
         raise ValueError(f"mqar: n_kv={n_kv} needs seq_len >= 4 * n_kv = {4 * n_kv}, got seq_len={seq_len}")
