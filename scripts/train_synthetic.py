@@ -11,7 +11,9 @@ lengths (long rows in chunks with the state carried). A recipe names several ``m
 or a zoo YAML) and optionally a ``sweep`` grid of dotted keys (``model.d_model``, ``optim.lr``, ...); every
 (model, grid point) is one run in ``output_dir/<run>/`` (``model/``, ``trained.json``, ``result.json``). A
 trained model is saved before its evaluation and reused when the model and training settings match; a
-result.json with the same settings throughout is reused as it is. The summary keeps, per model and grid
+result.json with the same settings throughout is reused as it is. Ctrl-C or SIGTERM saves the phase in training
+(``<run>/checkpoints/``, also every ``train.checkpoint_every`` steps) and the same command continues it. The
+runs of one call share one precision (``train.precision``). The summary keeps, per model and grid
 point, the best run over ``select_over`` (the learning rate, as Zoology reports), and writes ``summary.md``,
 ``summary.json``, ``accuracy_vs_length.png`` and ``accuracy_vs_state.png`` (accuracy against the recurrent
 state size, or the KV cache for attention, at the plotted sequence length).
@@ -26,6 +28,7 @@ import difflib
 import itertools
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -303,7 +306,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     from transformers import AutoModelForCausalLM
 
     from zoo.eval.synthetic import evaluate_synthetic
-    from zoo.finetune import _eval_loader, build_datasets, evaluate, run_training
+    from zoo.finetune import _eval_loader, _phase_stamp, build_datasets, evaluate, run_training
 
     trained = {"model": run.model_config, "section": _plain(run.section),
                "curriculum": [_plain(p) for p in run.phases]}
@@ -329,18 +332,26 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
         model = build_model(run).to(accelerator.device)
         start = time.perf_counter()
         log = []
-        for phase in run.phases:  # shorter rows first
+        # each phase keeps a checkpoint (train.checkpoint_every, and on SIGTERM / Ctrl-C) that a rerun of the same
+        # run continues; a stopped later phase reruns the earlier phases from their last checkpoints, in the same
+        # data order, so the model is the one an uninterrupted run trains
+        checkpoints = run.output_dir / "checkpoints"
+        for i, phase in enumerate(run.phases):  # shorter rows first
             phase_set, _ = build_datasets(phase.data, n_train=rows(phase))
             model, phase_log = run_training(accelerator, model, phase_set, phase, 0,
-                                            f"{run.name} L={phase.data.seq_len}")
+                                            f"{run.name} L={phase.data.seq_len}", checkpoints / f"phase{i}",
+                                            _phase_stamp({**trained, "phase": i}))
             log += [{**row, "seq_len": phase.data.seq_len} for row in phase_log]
-        model, main_log = run_training(accelerator, model, train_set, run.section, 0, run.name)
+        model, main_log = run_training(accelerator, model, train_set, run.section, 0, run.name,
+                                       checkpoints / "main", _phase_stamp({**trained, "phase": "main"}))
         log += [{**row, "seq_len": run.section.data.seq_len} for row in main_log]
         train_seconds = time.perf_counter() - start
         if accelerator.is_main_process:  # saved before the (possibly long) evaluation
             run.output_dir.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(run.output_dir / "model", safe_serialization=True)
             stamp.write_text(json.dumps({"settings": trained, "log": log, "train_seconds": train_seconds}, indent=1))
+            shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: done with them
+        accelerator.wait_for_everyone()
     model.eval()
     held_out = evaluate(model, _eval_loader(eval_set, t.eval_batch_size, 0), accelerator.device)
     accelerator.print(f"{run.name}: held-out accuracy at the training length {held_out['accuracy']:.1%} "
@@ -496,13 +507,22 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.finetune import _mixed_precision, _refuse_fsdp
     from zoo.train import _refuse_lone_processes
 
+    precisions = {run.name: {_mixed_precision(s.train.precision) for s in [*run.phases, run.section]} for run in runs}
+    if len(set().union(*precisions.values())) > 1:  # one Accelerator (one autocast) serves every run of the process
+        parser.error("train.precision: the runs of one call share one precision, and these differ: " + ", ".join(
+            f"{name} {'/'.join(sorted(value))}" for name, value in precisions.items())
+            + "; run them in separate calls (--only)")
     accelerator = Accelerator(mixed_precision=_mixed_precision(runs[0].section.train.precision))
     try:  # each lone process would train every run and write the same model/, result.json and summary
         _refuse_lone_processes(accelerator, data.get("output_dir", "runs/synthetic"), "train and evaluate every run")
         _refuse_fsdp(accelerator, "scripts/train_synthetic.py")
     except ValueError as e:
         parser.error(str(e))
-    results = [train_and_evaluate(run, accelerator) for run in runs]
+    try:
+        results = [train_and_evaluate(run, accelerator) for run in runs]
+    except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: run_training saved the phase; finished runs are kept
+        print(f"train_synthetic: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
+        return 130
     if not accelerator.is_main_process:
         return 0
     table, best = summarize(data, runs, results)

@@ -1,12 +1,14 @@
 """The research scripts (scripts/train_synthetic.py, state_capacity.py, collapse.py) refuse bad input before they
 train anything: one `prog: error: message` line and exit status 2, as zoo train does. Nothing here trains more
-than two steps."""
+than two steps, but the resume test (five)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import launch_fsdp_on_cpu, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,3 +301,64 @@ def test_train_synthetic_plot_cell_is_the_trained_count_when_task_kwargs_leave_i
         table, best = script.summarize({}, [run("a", 1e-4, task_kwargs), run("b", 1e-2, task_kwargs)], results)
         assert [r["plot_accuracy"] for r in table] == [0.5, 0.375], task_kwargs
         assert [r["run"] for r in best] == ["a"] and best[0]["selected_by"] == "plot cell"
+
+
+def _tiny_synthetic_recipe(tmp_path, precision: str = "fp32") -> Path:
+    import yaml
+
+    recipe = {"output_dir": str(tmp_path / "out"),
+              "models": {"mamba": {"vocab_size": 16, "d_model": 16, "layers": "M", "ffn": "none",
+                                   "mixers": {"M": {"type": "mamba", "d_state": 4, "d_conv": 4, "expand": 2}}}},
+              "curriculum": [{"seq_len": 16, "max_steps": 2, "micro_batch_size": 4}],
+              "data": {"task": "induction_heads", "seq_len": 32, "task_kwargs": {"vocab_size": 16}, "n_eval": 4},
+              "train": {"max_steps": 3, "micro_batch_size": 4, "precision": precision, "eval_batch_size": 4,
+                        "log_every": 1, "progress_bar": False, "checkpoint_every": 0},
+              "schedule": {"warmup_steps": 1},
+              "eval": {"seq_lens": [32], "n_samples": 4, "batch_size": 4}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_train_synthetic_stopped_run_continues_to_the_uninterrupted_model(tmp_path, monkeypatch, capsys):
+    """A run stopped by Ctrl-C or SIGTERM lost its training (run_training had no checkpoint folder): the rerun started
+    over. Now each phase saves on interruption and the same command continues, to the weights of an uninterrupted
+    run, and the checkpoints go once the model is saved."""
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    assert script.main([str(recipe), f"--output_dir={tmp_path / 'whole'}"]) == 0
+    real = ft.lr_at
+
+    def stop_in_the_main_phase(step, section):
+        if step == 1 and section.data.seq_len == 32:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_in_the_main_phase)
+    assert script.main([str(recipe), f"--output_dir={tmp_path / 'cut'}"]) == 130
+    assert "stopped after step 1" in capsys.readouterr().err
+    run_dir = tmp_path / "cut" / "mamba"
+    assert torch.load(run_dir / "checkpoints" / "main" / "state.pt", weights_only=True)["step"] == 1
+    assert not (run_dir / "model").exists()
+    monkeypatch.setattr(ft, "lr_at", real)
+    assert script.main([str(recipe), f"--output_dir={tmp_path / 'cut'}"]) == 0
+    assert "continuing from step 1 of 3" in capsys.readouterr().out
+    a, b = (load_file(tmp_path / d / "mamba" / "model" / "model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (run_dir / "checkpoints").exists()
+    whole, cut = (json.loads((tmp_path / d / "mamba" / "trained.json").read_text())["log"] for d in ("whole", "cut"))
+    assert whole == cut
+
+
+def test_train_synthetic_runs_of_different_precisions_are_refused_by_name(tmp_path, capsys):
+    """One Accelerator serves every run of a call: a model_overrides precision other than the first run's trained
+    at the first run's precision, silently. Now refused, naming each run's."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    err = _refused(script.main, [str(recipe), "--models.other={vocab_size: 16, d_model: 16, layers: M, ffn: none}",
+                                 "--model_overrides={other: {train.precision: fp16}}"], capsys)
+    assert "share one precision" in err and "mamba no" in err and "other fp16" in err
