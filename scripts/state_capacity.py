@@ -386,7 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
-        documents = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"])
+        built = {}  # with BOS first or not, as each run's data section trained (data.add_bos)
+
+        def documents_for(run: dict) -> list[torch.Tensor]:
+            add_bos = run["config"].data.add_bos
+            if add_bos not in built:
+                built[add_bos] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"],
+                                                add_bos)
+            return built[add_bos]
         for run in runs:
             if args.only and run["model"] not in args.only:
                 continue
@@ -395,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             if run["name"] in evaluations and settings.get(run["name"]) == wanted:
                 print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
                 continue
-            evaluations[run["name"]] = evaluate_run(run, model_dir, documents, ev)
+            evaluations[run["name"]] = evaluate_run(run, model_dir, documents_for(run), ev)
             settings[run["name"]] = wanted
             out.mkdir(parents=True, exist_ok=True)
             evaluations_file.write_text(json.dumps(evaluations, indent=1))

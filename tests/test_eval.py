@@ -557,6 +557,50 @@ def test_corpus_documents_are_disjoint_and_start_with_bos():
     assert torch.equal(corpus_documents(tokenizer, 1, 500, seed=0)[0], docs[0][:500])
 
 
+def test_length_and_state_give_a_model_trained_without_bos_documents_without_it(gla_checkpoint, tmp_path, monkeypatch):
+    """The built-in corpus's documents always started with BOS, also for a model trained with data.add_bos false
+    (recorded in its config as add_bos), whose passkey prompts and zoo generate already went without it. Now each
+    model of zoo eval length gets its own, in one call, and zoo eval state too."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.eval import length, state
+    from zoo.eval.length import corpus_documents
+
+    bare = tmp_path / "bare"
+    model = AutoModelForCausalLM.from_pretrained(gla_checkpoint)
+    model.config.add_bos = False
+    model.save_pretrained(bare)
+    length.load_tokenizer(None, str(gla_checkpoint)).save_pretrained(bare)
+    seen = []
+    real = length.evaluate_length
+
+    def spy(model, documents, *args, **kwargs):
+        seen.append((getattr(model.config, "add_bos", True), [d.clone() for d in documents]))
+        return real(model, documents, *args, **kwargs)
+
+    monkeypatch.setattr(length, "evaluate_length", spy)
+    length.main(["--model", str(gla_checkpoint), str(bare), "--n-docs", "2", "--max-len", "64", "--chunk-size", "32",
+                 "--device", "cpu", "--out", str(tmp_path / "len")])
+    tokenizer = length.load_tokenizer(None, str(gla_checkpoint))
+    bos = tokenizer.bos_token_id
+    assert bos is not None and [flag for flag, _ in seen] == [True, False]
+    assert all(int(d[0]) == bos for d in seen[0][1]) and all(int(d[0]) != bos for d in seen[1][1])
+    without = corpus_documents(tokenizer, 2, 64, add_bos=False)
+    assert all(torch.equal(a, b) for a, b in zip(seen[1][1], without))
+    assert all(torch.equal(a[1:], b[:63]) for a, b in zip(seen[0][1], without))  # the same text after the BOS
+    rows = []
+    real_load_rows = state.load_rows
+
+    def rows_spy(args, *more):
+        rows.append(real_load_rows(args, *more))
+        return rows[-1]
+
+    monkeypatch.setattr(state, "load_rows", rows_spy)
+    state.main(["--model", str(bare), "--n-docs", "1", "--max-len", "64", "--chunk-size", "32", "--device", "cpu",
+                "--out", str(tmp_path / "state")])
+    assert int(rows[0][0, 0]) != bos and torch.equal(rows[0][0], without[0])
+
+
 def test_corpus_documents_with_random_starts_begin_inside_a_file():
     from zoo.data.text import ByteTokenizer as ZooByteTokenizer
     from zoo.eval.length import corpus_documents

@@ -1189,7 +1189,7 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     carries = continues_chunks_exactly(model)
     pp = cfg.eval.per_position
     if pp is not None:
-        docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed)
+        docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos)
         chunk = pp.chunk_size if carries else None
         with _autocast(device):
             res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True)

@@ -34,6 +34,7 @@ from zoo.eval.common import (
     model_fingerprint,
     parse_int,
     positive_int,
+    trained_with_bos,
     write_json,
     write_rows,
 )
@@ -179,12 +180,13 @@ def plot_length_curves(
 
 
 def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
-                     start: str = "document") -> list[torch.Tensor]:
+                     start: str = "document", add_bos: bool = True) -> list[torch.Tensor]:
     """Long documents from the built-in corpus (``zoo.data.text``: the Python standard library sources).
 
     Files are taken in a seeded random order, the held-out (eval) files first and then the training
     files, and concatenated with a blank line between them into ``n_documents`` disjoint documents of
-    ``max_len`` tokens, each starting with the tokenizer's BOS token (as zoo models are trained). Few
+    ``max_len`` tokens, each starting with the tokenizer's BOS token as zoo models are trained (``add_bos`` False:
+    without it, for a model trained with data.add_bos false: ``zoo.eval.common.trained_with_bos``). Few
     single files are long, so past a few thousand tokens a document is a run of source files, the way
     long-context evaluations concatenate books.
 
@@ -208,7 +210,7 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
     bos = getattr(tokenizer, "bos_token_id", None)
     documents, position = [], 0
     for _ in range(n_documents):
-        pieces = [np.array([bos], dtype=np.int64)] if bos is not None else []
+        pieces = [np.array([bos], dtype=np.int64)] if bos is not None and add_bos else []
         total = len(pieces)
         first = True
         while total < max_len and position < len(files):
@@ -232,11 +234,12 @@ CORPUS_DOCUMENTS, CORPUS_LENGTH = 4, 16384
 
 def load_documents(
     source: str | None, n_documents: int | None, max_len: int | None, tokenizer=None, seed: int = 0,
-    start: str = "document"
+    start: str = "document", add_bos: bool = True
 ) -> list[torch.Tensor]:
     """Documents for ``zoo eval length``: a ``.pt`` file holding an integer tensor [N, T] or a list of integer
     tensors [T_i] (the first ``n_documents``, each cut to ``max_len``; None: all of them, whole), or, with
-    ``source=None``, ``corpus_documents`` (``n_documents`` None: 4, ``max_len`` None: 16384).
+    ``source=None``, ``corpus_documents`` (``n_documents`` None: 4, ``max_len`` None: 16384; ``add_bos``: theirs,
+    a file's documents are taken as they are).
 
     Anything else in the file (a flat [T] stream, [N, T, ...], floats, documents under 2 tokens) is refused
     with a ValueError that says how to save it: guessing where a flat stream's documents end would be wrong.
@@ -244,7 +247,8 @@ def load_documents(
     if source is None:
         if tokenizer is None:
             raise ValueError("load_documents: the built-in corpus needs a tokenizer")
-        return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start)
+        return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start,
+                                add_bos)
     loaded = torch.load(source, weights_only=True)
     expected = "an integer tensor [N, T] (N documents of T tokens) or a list of 1-D integer tensors [T_i]"
     if isinstance(loaded, torch.Tensor):
@@ -337,7 +341,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for path in args.model:  # a mistyped --model fails here, not as the first model's missing tokenizer
         check_model_path(path)
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
-    documents = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, args.start)
+    built: dict[bool, list[torch.Tensor]] = {}  # the built-in corpus's documents, with BOS or not, as each model
+    # was trained (zoo.eval.common.trained_with_bos); a --tokens file's are every model's as they are
+
+    def documents_for(model) -> list[torch.Tensor]:
+        add_bos = True if args.tokens else trained_with_bos(getattr(model, "config", None))
+        if add_bos not in built:
+            built[add_bos] = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, args.start,
+                                            add_bos)
+        return built[add_bos]
+
+    if args.tokens:
+        documents_for(None)  # a bad file is refused before any model loads
     out = Path(args.out)
     results, summary = {}, {}
     from zoo.state.mitigation import apply_mitigation, parse_mitigation, splits_matter
@@ -380,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
         if spec is not None:
             apply_mitigation(model, spec)
-        result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
+        result = evaluate_length(model, documents_for(model), args.chunk_size, args.batch_size, args.bins_per_octave,
                                  progress=True)
         del model
         results[label] = result

@@ -29,6 +29,7 @@ from zoo.eval.common import (
     markdown_table,
     parse_int,
     positive_int,
+    trained_with_bos,
     write_json,
 )
 from zoo.state import (
@@ -66,8 +67,9 @@ def task_arguments(args) -> dict:
     return kwargs
 
 
-def load_rows(args) -> torch.Tensor:
-    """LongTensor [n_docs, max_len]: from --tokens, a synthetic --task, or the built-in corpus."""
+def load_rows(args, add_bos: bool = True) -> torch.Tensor:
+    """LongTensor [n_docs, max_len]: from --tokens, a synthetic --task, or the built-in corpus (its documents
+    with BOS first or not: ``add_bos``, as the model trained, ``zoo.eval.common.trained_with_bos``)."""
     if args.task:
         from zoo.data.synthetic import make_batch
 
@@ -80,7 +82,7 @@ def load_rows(args) -> torch.Tensor:
     from zoo.eval.length import load_documents
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
-    docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed)
+    docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, add_bos=add_bos)
     length = min(len(d) for d in docs)
     if length < args.max_len:
         print(f"note: documents cut to the shortest, {length} tokens")
@@ -181,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model = load_model(args.model, args.device, args.dtype)
     check_recurrent(model, f"--model {args.model}")
-    rows = load_rows(args)
+    rows = load_rows(args, trained_with_bos(getattr(model, "config", None)))
     check_rows(model, rows, args)
     if args.norm_calibrate and args.norm_calibrate > rows.shape[1]:
         raise ValueError(f"--norm-calibrate {args.norm_calibrate}: longer than the rows ({rows.shape[1]} tokens); "
