@@ -579,3 +579,31 @@ def test_prompt_tuning_on_a_left_padded_row_equals_the_row_alone(name):
     out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     out_alone = peft_model.generate(input_ids=ids[1:, 3:], max_new_tokens=4, do_sample=False)
     assert torch.equal(out[1, -4:], out_alone[0, -4:])
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_trainer_with_the_no_weight_decay_mixin_decays_what_zoo_train_decays(lora, tmp_path):
+    # transformers' Trainer exempts biases and names like "norm" only: it decayed A_log, D and norm_f
+    from zoo.train import NoWeightDecayMixin, OptimConfig, param_groups
+
+    model = tiny("jamba")
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj", "q_proj"]))
+        for name, p in model.named_parameters():  # the frozen flagged ones too: the Trainer groups them by name
+            p.requires_grad_(p.requires_grad or name.endswith(("A_log", ".D", "norm_f.weight")))
+
+    class ZooTrainer(NoWeightDecayMixin, Trainer):
+        pass
+
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, report_to=[], use_cpu=True)
+    trainer = ZooTrainer(model=model, args=args)
+    trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    ours = {names[id(p)] for p in param_groups(model, OptimConfig(no_decay_1d=False))[0]["params"]}
+    assert decayed and decayed == ours
+    assert not any(n.endswith(("A_log", ".D")) or "norm_f" in n for n in decayed)
+    plain = Trainer(model=model, args=args)  # without the mixin, as before
+    plain.create_optimizer()
+    decayed = {names[id(p)] for g in plain.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert any(n.endswith("A_log") for n in decayed) and any(n.endswith("norm_f.weight") for n in decayed)

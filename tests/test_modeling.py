@@ -984,3 +984,56 @@ def test_a_deep_copy_keeps_the_no_weight_decay_flags(name):
     groups = [[sorted(names[id(p)] for p in g["params"]) for g in param_groups(m, OptimConfig(no_decay_1d=False))]
               for m in (model, twin)]
     assert groups[0] == groups[1]
+
+
+# mamba_ssm keeps these in fp32 inside a bf16 / fp16 model: Mamba's A_log and D, Mamba-2's D (its A_log and dt_bias
+# take the model's dtype); GLA (fla) and attention keep none
+KEPT_IN_FP32 = {"Mamba": {"A_log", "D"}, "Mamba2": {"D"}, "GLA": set(), "Attention": set()}
+
+
+def _kept(model) -> dict[str, torch.dtype]:
+    return {f"{type(m).__name__}.{n}": p.dtype for m in model.modules() for n, p in m.named_parameters(recurse=False)
+            if type(m).__name__ in KEPT_IN_FP32}
+
+
+@pytest.mark.parametrize("name", ["jamba", "mamba2", "gla"])
+@pytest.mark.parametrize("load", ["dtype", "torch_dtype", "auto", "from_config"])
+def test_a_half_model_keeps_the_ssm_parameters_in_fp32_as_mamba_ssm(name, load, tmp_path):
+    # from_pretrained(dtype=torch.bfloat16) cast A_log and D to bf16: a mamba_ssm bf16 model, converted and saved
+    # (A_log and D fp32 in the file), then gave logits 0.03-0.09 away from its source; now they load as they lie
+    half = torch.float16 if load == "torch_dtype" else torch.bfloat16
+    model = tiny(name)
+    source = model.to(half)
+    source.keep_fp32_parameters()
+    fp32 = dict(tiny(name).named_parameters())
+    for n in source.keep_in_fp32_names():  # mamba_ssm's own fp32 values, not bf16 rounded back up
+        source.get_parameter(n).data = fp32[n].detach().clone()
+    source.save_pretrained(tmp_path)
+    if load == "from_config":
+        torch.manual_seed(0)
+        loaded = AutoModelForCausalLM.from_config(source.config, dtype=half).eval()
+    else:
+        kwargs = {"dtype": half} if load == "dtype" else {"torch_dtype": half} if load == "torch_dtype" else {}
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, **kwargs).eval()
+    expected = {f"{type(m).__name__}.{n}": torch.float32 if n in KEPT_IN_FP32[type(m).__name__] else half
+                for m in loaded.modules() for n, _ in m.named_parameters(recurse=False)
+                if type(m).__name__ in KEPT_IN_FP32}
+    assert _kept(loaded) == expected
+    assert loaded.dtype == half
+    ids = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = loaded(ids).logits
+        assert torch.isfinite(logits).all() and logits.dtype == half
+        if load != "from_config":
+            assert torch.equal(logits, source(ids).logits)  # the source's function, bit for bit
+    assert loaded.generate(ids, max_new_tokens=3, do_sample=False).shape == (2, 16)
+    if load == "dtype":  # kept through another round trip, LoRA and a training step
+        loaded.save_pretrained(tmp_path / "again")
+        again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", dtype=half)
+        assert _kept(again) == expected
+        assert all(torch.equal(again.get_parameter(n), loaded.get_parameter(n)) for n in loaded.keep_in_fp32_names())
+        from peft import LoraConfig, get_peft_model
+
+        peft_model = get_peft_model(again, LoraConfig(r=2))
+        peft_model(ids, labels=ids).loss.backward()
+        assert _kept(peft_model.base_model.model) == expected

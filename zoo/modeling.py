@@ -222,8 +222,28 @@ class ZooPreTrainedModel(PreTrainedModel):
             if names:
                 mark_no_weight_decay(module, *names)
 
+    def keep_in_fp32_names(self) -> list[str]:
+        """The parameters that modules list in `_keep_in_fp32_params` (Mamba's A_log and D, Mamba-2's D): fp32 in
+        a bf16 or fp16 model, as mamba_ssm keeps them."""
+        return [f"{prefix}.{name}" if prefix else name for prefix, module in self.named_modules()
+                for name in getattr(module, "_keep_in_fp32_params", ()) if hasattr(module, name)]
+
+    def keep_fp32_parameters(self) -> None:
+        """Upcast the `keep_in_fp32_names` parameters that are fp16 or bf16 to fp32 (in place, flags kept): what
+        `from_pretrained` / `from_config` with a half dtype do; a plain `.to(dtype)` casts them too, as in
+        transformers."""
+        for name in self.keep_in_fp32_names():
+            param = self.get_parameter(name)
+            if param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
+
     def post_init(self) -> None:
         super().post_init()
+        # transformers' keep-in-fp32 (read by from_pretrained's dtype plan, by name, for fp16 and bf16): one
+        # anchored pattern per parameter, so that a custom mixer's "D" is kept only where it asks for it
+        self._keep_in_fp32_modules_strict = set(self._keep_in_fp32_modules_strict or ()) | {
+            rf"(?:^|\.){re.escape(name)}$" for name in self.keep_in_fp32_names()}
+        self.keep_fp32_parameters()  # a mixer built under a half default dtype (from_config(dtype=...))
         self.mark_no_weight_decay()
 
     def __setstate__(self, state: dict) -> None:

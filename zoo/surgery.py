@@ -125,6 +125,7 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
                       f"--dtype) for a model in the base's dtype (the grafted mixers then compute in rounded "
                       f"weights)", stacklevel=2)
     hybrid.to(dtype=dtype, device=next(base.parameters()).device)
+    hybrid.keep_fp32_parameters()  # Mamba's A_log and D stay fp32 in a bf16 hybrid, as from_pretrained keeps them
 
     state = hybrid.state_dict()
     new_state = {}
@@ -148,8 +149,12 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
 
 
 def _widest_dtype(*models: ZooForCausalLM | None) -> torch.dtype:
-    """The dtype every floating-point parameter of `models` (None skipped) converts to without rounding."""
-    dtypes = {p.dtype for m in models if m is not None for p in m.parameters() if p.is_floating_point()}
+    """The dtype every floating-point parameter of `models` (None skipped) converts to without rounding; those kept
+    in fp32 whatever the model's dtype (ZooPreTrainedModel.keep_in_fp32_names) stay fp32 anyway and do not count."""
+    dtypes = set()
+    for m in filter(None, models):
+        kept = set(m.keep_in_fp32_names())
+        dtypes |= {p.dtype for n, p in m.named_parameters() if p.is_floating_point() and n not in kept}
     return functools.reduce(torch.promote_types, sorted(dtypes, key=str))
 
 

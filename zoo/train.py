@@ -481,6 +481,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | N
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
+class NoWeightDecayMixin:
+    """For transformers' Trainer (or a subclass: ``class MyTrainer(NoWeightDecayMixin, Trainer)``): also exempts
+    from weight decay every parameter flagged ``_no_weight_decay`` (Mamba's and Mamba-2's A_log and D, every norm
+    weight, the final norm_f included), as `param_groups` does. The Trainer's own rule goes by names and layer types
+    only (biases, nn.LayerNorm, names with "norm" as a word), so it decayed those."""
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        flagged = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        return [name for name in super().get_decay_parameter_names(model) if name not in flagged]
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then cosine / wsd / constant."""
     s, lr, n = cfg.schedule, cfg.optim.lr, cfg.train.max_steps
@@ -1503,8 +1514,8 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if result.stopped else 0  # stopped by a signal (saved, resumable): not a finished run
 
 
-__all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "OptimConfig",
-           "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model", "build_optimizer",
-           "config_from_dict", "count_parameters", "count_targets", "forward_backward", "latest_checkpoint",
-           "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes",
+__all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "NoWeightDecayMixin",
+           "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
+           "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "forward_backward",
+           "latest_checkpoint", "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes",
            "resume_weight_changes", "save_checkpoint", "train", "validate_config"]

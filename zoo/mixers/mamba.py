@@ -50,6 +50,8 @@ class Mamba(nn.Module):
     output_projections = ("out_proj",)
     # no weight decay on the SSM parameters (mamba_ssm) nor on any bias (as mamba_ssm's and transformers' trainers)
     _no_weight_decay_params = ("A_log", "D", "dt_proj.bias", "conv1d.bias", "in_proj.bias", "out_proj.bias")
+    # fp32 in a bf16 / fp16 model too, as mamba_ssm's Mamba makes them (ZooPreTrainedModel: transformers' keep-in-fp32)
+    _keep_in_fp32_params = ("A_log", "D")
     # kernels take conv1d's weight (on some paths x_proj's and dt_proj's too) without calling the module, so
     # accelerate's offload hooks, which load a module's weights in its own forward, cannot serve it (from_pretrained)
     offloadable = False
@@ -78,8 +80,8 @@ class Mamba(nn.Module):
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, d_conv, groups=self.d_inner, bias=conv_bias)
         self.x_proj = Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj = Linear(self.dt_rank, self.d_inner, bias=True)
-        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
-        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state, dtype=torch.float32))
+        self.D = nn.Parameter(torch.empty(self.d_inner, dtype=torch.float32))
         self.out_proj = Linear(self.d_inner, d_model, bias=bias)
         self.inner_norms = inner_norms
         if inner_norms:  # Jamba: the same names as transformers' JambaMambaMixer

@@ -39,6 +39,9 @@ class Mamba2(nn.Module):
     output_projections = ("out_proj",)
     # no weight decay on the SSM parameters (mamba_ssm) nor on any bias (as mamba_ssm's and transformers' trainers)
     _no_weight_decay_params = ("dt_bias", "A_log", "D", "conv1d.bias", "in_proj.bias", "out_proj.bias")
+    # fp32 in a bf16 / fp16 model too, as mamba_ssm's Mamba2 makes it; its A_log and dt_bias take the model's dtype
+    # there (ZooPreTrainedModel: transformers' keep-in-fp32)
+    _keep_in_fp32_params = ("D",)
     # kernels take conv1d's weight without calling the module, so accelerate's offload hooks, which load a module's
     # weights in its own forward, cannot serve it (from_pretrained)
     offloadable = False
@@ -66,7 +69,7 @@ class Mamba2(nn.Module):
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, d_conv, groups=self.conv_dim, bias=conv_bias)
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
-        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.empty(self.n_heads, dtype=torch.float32))
         self.norm = GatedRMSNorm(self.d_inner, eps=norm_eps, group_size=self.d_inner // (norm_groups or n_groups))
         self.out_proj = Linear(self.d_inner, d_model, bias=bias)
         mark_no_weight_decay(self, *self._no_weight_decay_params)
