@@ -230,10 +230,12 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
     pad: see ``_segments``).
 
     run(start, stop, initial_state, rescale) -> (y, final) runs the kernel on [start, stop); rescale is None
-    or the per-token factors c^{-(t-start+1)} [stop - start] to put on B (and their inverse on C).
+    or the per-token factors c^{-k_t} [1 or b, stop - start] to put on B (and their inverse on C), k_t the number of
+    the row's tokens in [start, t] (t - start + 1 without pads: a pad is no step, so c_α does not decay it either).
     Returns the pieces' outputs (the caller concatenates them on its time dim) and the final state.
     """
     c = spec["c_alpha"]
+    padded = mask is not None and c != 1 and not bool(mask.all())
     ys, state = [], initial_state
     for start, stop, cap in _segments(length, spec, dtype, mask):
         if state is not None and seq_idx is not None and start > 0:
@@ -242,11 +244,15 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
             state = state * same.view(-1, *([1] * (state.dim() - 1)))
         rescale = None
         if c != 1:
-            offsets = torch.arange(1, stop - start + 1, dtype=torch.float64)
-            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-(t-start+1)}
+            if padded:  # (b, n): each row's tokens so far in the piece
+                offsets = (mask[:, start:stop] != 0).to(torch.float64).cumsum(1).cpu()
+            else:
+                offsets = torch.arange(1, stop - start + 1, dtype=torch.float64)[None]
+            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-k_t}
         y, state = run(start, stop, state, rescale)
         if rescale is not None:
-            state = state * c ** (stop - start)
+            steps = offsets[:, -1].to(device=state.device, dtype=torch.float64)  # (1 or b)
+            state = state * (c ** steps).to(state.dtype).view(-1, *([1] * (state.dim() - 1)))
         if cap is True:
             state = cap_state(kind, state, spec["threshold"], spec["group_size"])
         elif cap is not False:  # the rows whose chunk ends here
@@ -363,8 +369,9 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
 
     def run(start, stop, state, rescale):
         Bs, Cs = B[..., start:stop], C[..., start:stop]
-        if rescale is not None:
-            Bs, Cs = _time_last_rescale(Bs, rescale), _time_last_rescale(Cs, 1 / rescale)
+        if rescale is not None:  # (1 or b, n) -> (1 or b, 1, [1,] n)
+            factor = rescale.view(rescale.shape[0], *([1] * (Bs.dim() - 2)), rescale.shape[1])
+            Bs, Cs = _time_last_rescale(Bs, factor), _time_last_rescale(Cs, 1 / factor)
         return selective_scan(u[..., start:stop], delta[..., start:stop], A, Bs, Cs, D,
                               None if z is None else z[..., start:stop], None, softplus, state,
                               None if seq_idx is None else seq_idx[:, start:stop], True, backend=backend)
@@ -464,9 +471,9 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
 
     def run(start, stop, state, rescale):
         Bs, Cs = B[:, start:stop], C[:, start:stop]
-        if rescale is not None:
-            Bs = _time_last_rescale(Bs, rescale[:, None, None])
-            Cs = _time_last_rescale(Cs, (1 / rescale)[:, None, None])
+        if rescale is not None:  # (1 or b, n) -> (1 or b, n, 1, 1)
+            Bs = _time_last_rescale(Bs, rescale[:, :, None, None])
+            Cs = _time_last_rescale(Cs, (1 / rescale)[:, :, None, None])
         return ssd_chunk_scan(x[:, start:stop], dt[:, start:stop], A, Bs, Cs, mixer.chunk_size, D, None, dt_bias,
                               softplus, state, None if seq_idx is None else seq_idx[:, start:stop], True,
                               backend=backend)
@@ -523,12 +530,16 @@ def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str):
 
 # ---- gla -------------------------------------------------------------------------------------------------------
 
-def _gla_effective(k, g, spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, g) with c_b on the keys and c_dt, log c_α on the log decay; untouched when neutral."""
+def _gla_effective(k, g, spec, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, g) with c_b on the keys and c_dt, log c_α on the log decay; untouched when neutral. mask [b, T] (0 = pad)
+    or None: a pad keeps its log decay of 0 (no step, so c_α does not decay it either)."""
     if spec["c_b"] != 1:
         k = (k.float() * spec["c_b"]).to(k.dtype)
     if spec["c_dt"] != 1 or spec["c_alpha"] != 1:
-        g = g.float() * spec["c_dt"] + math.log(spec["c_alpha"])
+        log_c = math.log(spec["c_alpha"])
+        if mask is not None:
+            log_c = log_c * (mask != 0).float()[:, -g.shape[1]:, None, None]
+        g = g.float() * spec["c_dt"] + log_c
     return k, g
 
 
@@ -541,7 +552,7 @@ def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: s
     """
     spec = _spec(mixer)
     want_final = cache is not None
-    k, g = _gla_effective(k, g, spec)
+    k, g = _gla_effective(k, g, spec, mask)
     _probe(mixer, log_decay=g.float(), B=k)
     if spec["window"] is not None:
         o, final = _gla_window(spec, q, k, v, g, scale, seq_idx, cache)
