@@ -356,6 +356,15 @@ def test_forget_does_not_decay_on_pads(kind):
     _check_pads_change_nothing(kind, {"c_alpha": 0.5, "c_b": 0.7, "c_dt": 0.9})
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_counts_a_rows_tokens_not_its_pads(kind):
+    """The window of r holds a row's last r tokens, as on the row alone (a forget scale composed): it held the last
+    r positions, pads included, so a row with pads after tokens (PEFT prompt tuning's layout) lost tokens the row
+    alone still sees, and the carry kept for the next piece held pads in place of tokens."""
+    for spec in ({"window": 5}, {"window": 5, "c_alpha": 0.8, "c_b": 0.7}):
+        _check_pads_change_nothing(kind, spec)
+
+
 def test_cap_state_per_head():
     state = torch.zeros(1, 3, 2, 2)
     state[0, 0] = 3.0  # norm 6
