@@ -83,12 +83,13 @@ def test_left_padding_equals_alone(name):
     assert_close("padded row", padded[:, 4:], run(mixer, x, position_ids=position_ids), TOL)
 
 
-# a sliding window counts positions, pads included (its cache drops keys by position), so it is left out
-@pytest.mark.parametrize("name", sorted(set(SPECS) - {"attention-window"}))
+@pytest.mark.parametrize("name", sorted(SPECS))
 def test_pads_after_tokens_are_skipped(name):
     """Pads after tokens (PEFT's prompt tuning lays a left-padded row out as [virtual tokens, pads, prompt]), in one
     call or after a carried state, change nothing: each row's tokens get the outputs of the row without its pads,
-    and decoding goes on from the same state. A pad decayed the recurrent states and put zeros in the conv windows."""
+    and decoding goes on from the same state. A pad decayed the recurrent states and put zeros in the conv windows;
+    a sliding window counted pads as positions (its window of 5 held 5 - pads tokens) and its cache kept the last
+    window - 1 positions, pads among them, dropping tokens the window still covers."""
     _check_pads_after_tokens(build(name), torch.float64, "cpu", TOL)
 
 

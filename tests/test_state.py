@@ -323,6 +323,48 @@ def test_norm_cap_counts_a_rows_tokens_not_its_pads(kind):
                          2e-5)
 
 
+def _check_pads_change_nothing(kind: str, spec: dict, tol: float = 2e-5) -> None:
+    """A row with 3 pads before its tokens or after its first 6 (PEFT prompt tuning's layout), beside an unpadded
+    row, in one call and in two pieces cut inside the pads, gives the outputs and final state of the row alone."""
+    mixer = make_mixer(kind)
+    mixer.mitigation = dict(spec)
+    x = torch.randn(1, 19, 32)
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        alone = mixer(x, cache=cache)
+        for where in (0, 6):  # pads before every token, pads after the first 6
+            rows = torch.cat([x[:, :where], torch.zeros(1, 3, 32), x[:, where:]], dim=1)
+            mask = torch.ones(2, 22)
+            mask[0, where:where + 3] = 0
+            batch = torch.cat([rows, torch.randn(1, 22, 32)])  # beside an unpadded row
+            tokens = mask[0].bool()
+            whole_cache = RecurrentLayer()
+            whole = mixer(batch, cache=whole_cache, attention_mask=mask)
+            assert_close(f"{kind} pads at {where}", whole[:1, tokens], alone, tol)
+            assert_close(f"{kind} pads at {where}: state", whole_cache.recurrent_state[:1], cache.recurrent_state, tol)
+            piece_cache = RecurrentLayer()
+            pieces = torch.cat([mixer(batch[:, a:b], cache=piece_cache, attention_mask=mask[:, :b])
+                                for a, b in ((0, where + 1), (where + 1, 22))], dim=1)
+            assert_close(f"{kind} pads at {where}, in pieces", pieces[:1, tokens], alone, tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forget_does_not_decay_on_pads(kind):
+    """forget's c_α decays the state once per token, as on the row alone: it scaled every position, pads included
+    (mamba and mamba2 through the segment's rescaling c^{-(t-s+1)} and the final c^{length}, gla through log c_α
+    added to every log decay), so a padded row's state was c_α^pads smaller and its outputs differed."""
+    _check_pads_change_nothing(kind, {"c_alpha": 0.5, "c_b": 0.7, "c_dt": 0.9})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_counts_a_rows_tokens_not_its_pads(kind):
+    """The window of r holds a row's last r tokens, as on the row alone (a forget scale composed): it held the last
+    r positions, pads included, so a row with pads after tokens (PEFT prompt tuning's layout) lost tokens the row
+    alone still sees, and the carry kept for the next piece held pads in place of tokens."""
+    for spec in ({"window": 5}, {"window": 5, "c_alpha": 0.8, "c_b": 0.7}):
+        _check_pads_change_nothing(kind, spec)
+
+
 def test_cap_state_per_head():
     state = torch.zeros(1, 3, 2, 2)
     state[0, 0] = 3.0  # norm 6

@@ -179,6 +179,26 @@ class Attention(nn.Module):
             cache.kv_seq_idx = full[:, :0]
         return full
 
+    def _keep_last_tokens(self, cache: DynamicSlidingWindowLayer, k: torch.Tensor, v: torch.Tensor,
+                          key_mask: torch.Tensor, seq_idx: torch.Tensor | None) -> None:
+        """Widen what a sliding layer keeps to each row's last window - 1 tokens. transformers' layer keeps the last
+        window - 1 positions; the window counts tokens, not pads (zoo_kernels' visible_mask), so a row with pads
+        among those positions (PEFT prompt tuning's [virtual tokens, pads, prompt]) needs keys from further back.
+        k, v: every key of this call [B, S, Hkv, Dh] (cached ones first); key_mask, seq_idx (None or the keys' ids)
+        [B, S]. One host sync."""
+        keep = self.window - 1
+        S = k.shape[1]
+        if S <= keep or cache.record_past:
+            return
+        after = key_mask.flip(1).long().cumsum(1).flip(1)  # (B, S): tokens at or after each position
+        needed = key_mask & (after <= keep)  # a row's last window - 1 tokens
+        first = torch.where(needed, torch.arange(S, device=k.device), S).amin()
+        kept = max(keep, S - int(first))
+        if kept > keep:
+            cache.keys, cache.values = k[:, -kept:].transpose(1, 2), v[:, -kept:].transpose(1, 2)
+            if seq_idx is not None and getattr(cache, "kv_seq_idx", None) is not None:
+                cache.kv_seq_idx = seq_idx[:, -kept:]
+
     def forward(self, x: torch.Tensor, *, cache=None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]. position_ids [B, T] (default: past length + arange)."""
@@ -209,6 +229,8 @@ class Attention(nn.Module):
             seq_idx = past_ids[:, -1:].expand(Bsz, T)
         if seq_idx is not None and cache is not None:
             seq_idx = self._cached_seq_idx(cache, seq_idx, S)
+        if key_mask is not None and isinstance(cache, DynamicSlidingWindowLayer) and self.window > 1:
+            self._keep_last_tokens(cache, k, v, key_mask, seq_idx)
         o = attention(q, k, v, causal=True, window=self.window, seq_idx=seq_idx, key_padding_mask=key_mask,
                       backend=self.attn_backend)
         return self.o_proj(o.flatten(-2))

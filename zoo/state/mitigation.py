@@ -230,10 +230,12 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
     pad: see ``_segments``).
 
     run(start, stop, initial_state, rescale) -> (y, final) runs the kernel on [start, stop); rescale is None
-    or the per-token factors c^{-(t-start+1)} [stop - start] to put on B (and their inverse on C).
+    or the per-token factors c^{-k_t} [1 or b, stop - start] to put on B (and their inverse on C), k_t the number of
+    the row's tokens in [start, t] (t - start + 1 without pads: a pad is no step, so c_α does not decay it either).
     Returns the pieces' outputs (the caller concatenates them on its time dim) and the final state.
     """
     c = spec["c_alpha"]
+    padded = mask is not None and c != 1 and not bool(mask.all())
     ys, state = [], initial_state
     for start, stop, cap in _segments(length, spec, dtype, mask):
         if state is not None and seq_idx is not None and start > 0:
@@ -242,11 +244,15 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
             state = state * same.view(-1, *([1] * (state.dim() - 1)))
         rescale = None
         if c != 1:
-            offsets = torch.arange(1, stop - start + 1, dtype=torch.float64)
-            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-(t-start+1)}
+            if padded:  # (b, n): each row's tokens so far in the piece
+                offsets = (mask[:, start:stop] != 0).to(torch.float64).cumsum(1).cpu()
+            else:
+                offsets = torch.arange(1, stop - start + 1, dtype=torch.float64)[None]
+            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-k_t}
         y, state = run(start, stop, state, rescale)
         if rescale is not None:
-            state = state * c ** (stop - start)
+            steps = offsets[:, -1].to(device=state.device, dtype=torch.float64)  # (1 or b)
+            state = state * (c ** steps).to(state.dtype).view(-1, *([1] * (state.dim() - 1)))
         if cap is True:
             state = cap_state(kind, state, spec["threshold"], spec["group_size"])
         elif cap is not False:  # the rows whose chunk ends here
@@ -290,9 +296,15 @@ def windowed_scan(log_decay: Callable, inputs: Callable, readout: Callable, leng
     return torch.cat(ys, dim=1), last
 
 
-def _window_inputs(cache, window: int, new: tuple[torch.Tensor, ...], seq_idx) -> tuple[tuple, int]:
-    """The carried last r−1 tokens' scan inputs followed by this call's (time on dim 1), and the carry
-    length; stores the new carry on the cache."""
+def _window_inputs(cache, window: int, new: tuple[torch.Tensor, ...], seq_idx, reads: tuple[torch.Tensor, ...] = (),
+                   mask: torch.Tensor | None = None) -> tuple[tuple, int, tuple, Callable]:
+    """The carried last r−1 tokens' scan inputs followed by this call's (time on dim 1), the carry length `first`,
+    the readout's tensors `reads` (this call's, time on dim 1; position p's at p - first) and restore(y), which
+    puts `windowed_scan`'s readouts back in this call's order; stores the new carry on the cache.
+
+    With a mask [b, T] (0 = pad) the window counts a row's tokens, not its pads: each row is laid out as [its pads,
+    the carry, its tokens] (a pad adds nothing and keeps the state, so in front it is no step of any window), the
+    reads likewise (zeros at the carry), `first` is 0 and restore takes the readouts back to the row's order."""
     if seq_idx is not None:
         raise ValueError("mitigation window: packed sequences (seq_idx) are not supported; evaluate documents "
                          "one per row")
@@ -308,9 +320,29 @@ def _window_inputs(cache, window: int, new: tuple[torch.Tensor, ...], seq_idx) -
             raise ValueError("mitigation window: the cache holds a state computed without the window; apply "
                              "the mitigation before the first forward")
     ext = new if carry is None else tuple(torch.cat([c, n], dim=1) for c, n in zip(carry, new))
+    first = 0 if carry is None else carry[0].shape[1]
+    restore = _identity
+    if mask is not None and not bool(mask.all()):
+        tokens = torch.cat([mask.new_ones(mask.shape[0], first), mask], dim=1) != 0  # (b, first + T)
+        order = torch.argsort(tokens.to(torch.int8), dim=1, stable=True)  # the pads, then carry and tokens in order
+        ext = tuple(_gather_time(t, order) for t in ext)
+        reads = tuple(_gather_time(torch.cat([t.new_zeros(t.shape[0], first, *t.shape[2:]), t], dim=1), order)
+                      for t in reads)
+        inverse, skip = torch.argsort(order, dim=1), first
+        restore = lambda y: _gather_time(y, inverse)[:, skip:]  # noqa: E731
+        first = 0
     if cache is not None:
         cache.window_carry = (window, tuple(t[:, t.shape[1] - min(window - 1, t.shape[1]):] for t in ext))
-    return ext, 0 if carry is None else carry[0].shape[1]
+    return ext, first, reads, restore
+
+
+def _identity(y: torch.Tensor) -> torch.Tensor:
+    return y
+
+
+def _gather_time(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [b, L, ...] reordered on its time dim by index [b, L]."""
+    return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
 
 
 def _time_last_rescale(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -355,7 +387,7 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
     if spec["window"] is not None:
         dt = F.softplus(delta.float()) if softplus else delta.float()
         y, final = _mamba_window(mixer, spec, u, dt, A, grouped_B, C if C.dim() == 4 else C[:, None], z, D,
-                                 seq_idx, cache)
+                                 seq_idx, cache, mask)
         return (y, final) if want_final else y
     if spec["c_alpha"] == 1 and not _has_cap(spec):
         return selective_scan(u, delta, A, B, C, D, z, None, softplus, initial_state, seq_idx, want_final,
@@ -363,8 +395,9 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
 
     def run(start, stop, state, rescale):
         Bs, Cs = B[..., start:stop], C[..., start:stop]
-        if rescale is not None:
-            Bs, Cs = _time_last_rescale(Bs, rescale), _time_last_rescale(Cs, 1 / rescale)
+        if rescale is not None:  # (1 or b, n) -> (1 or b, 1, [1,] n)
+            factor = rescale.view(rescale.shape[0], *([1] * (Bs.dim() - 2)), rescale.shape[1])
+            Bs, Cs = _time_last_rescale(Bs, factor), _time_last_rescale(Cs, 1 / factor)
         return selective_scan(u[..., start:stop], delta[..., start:stop], A, Bs, Cs, D,
                               None if z is None else z[..., start:stop], None, softplus, state,
                               None if seq_idx is None else seq_idx[:, start:stop], True, backend=backend)
@@ -374,14 +407,15 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
     return (y, final) if want_final else y
 
 
-def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache):
-    """Windowed Mamba scan: u, dt (Δ), z [b, D, T]; B, C [b, G, N, T]. Returns y [b, D, T], h^(r) [b, D, N]."""
+def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache, mask=None):
+    """Windowed Mamba scan: u, dt (Δ), z [b, D, T]; B, C [b, G, N, T]; mask [b, T] or None. Returns y [b, D, T],
+    h^(r) [b, D, N]."""
     batch, dim, length = u.shape
     groups = B.shape[1]
     log_c = math.log(spec["c_alpha"])
     new = (dt.transpose(1, 2), u.float().transpose(1, 2), B.float().permute(0, 3, 1, 2))  # (b,T,D),(b,T,G,N)
-    (dt_e, u_e, B_e), first = _window_inputs(cache, spec["window"], new, seq_idx)
-    C_t = C.float().permute(0, 3, 1, 2)  # (b, T, G, N)
+    (dt_e, u_e, B_e), first, (C_t,), restore = _window_inputs(
+        cache, spec["window"], new, seq_idx, (C.float().permute(0, 3, 1, 2),), mask)  # C_t (b, T, G, N)
     A32 = A.float()
 
     def per_channel(t):  # (b, n, G, N) -> (b, n, D, N): channel d reads group d // (D // G)
@@ -392,7 +426,7 @@ def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache):
         lambda s, e: (dt_e[:, s:e] * u_e[:, s:e])[..., None] * per_channel(B_e[:, s:e]),
         lambda h, s, e: (h * per_channel(C_t[:, s - first:e - first])).sum(-1),
         dt_e.shape[1], spec["window"], first)
-    y = y.transpose(1, 2) + D[:, None] * u.float()  # (b, D, T)
+    y = restore(y).transpose(1, 2) + D[:, None] * u.float()  # (b, D, T)
     if z is not None:
         y = y * F.silu(z.float())
     return y.to(u.dtype), final
@@ -456,7 +490,8 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
     if mixer.state_probe is not None:
         _probe(mixer, delta=_mamba2_delta(dt, dt_bias, softplus), A=A, log_c=math.log(spec["c_alpha"]), B=B)
     if spec["window"] is not None:
-        y, final = _mamba2_window(mixer, spec, x, _mamba2_delta(dt, dt_bias, softplus), A, B, C, D, seq_idx, cache)
+        y, final = _mamba2_window(mixer, spec, x, _mamba2_delta(dt, dt_bias, softplus), A, B, C, D, seq_idx, cache,
+                                  mask)
         return (y, final) if want_final else y
     if spec["c_alpha"] == 1 and not _has_cap(spec):
         return ssd_chunk_scan(x, dt, A, B, C, mixer.chunk_size, D, None, dt_bias, softplus, initial_state, seq_idx,
@@ -464,9 +499,9 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
 
     def run(start, stop, state, rescale):
         Bs, Cs = B[:, start:stop], C[:, start:stop]
-        if rescale is not None:
-            Bs = _time_last_rescale(Bs, rescale[:, None, None])
-            Cs = _time_last_rescale(Cs, (1 / rescale)[:, None, None])
+        if rescale is not None:  # (1 or b, n) -> (1 or b, n, 1, 1)
+            Bs = _time_last_rescale(Bs, rescale[:, :, None, None])
+            Cs = _time_last_rescale(Cs, (1 / rescale)[:, :, None, None])
         return ssd_chunk_scan(x[:, start:stop], dt[:, start:stop], A, Bs, Cs, mixer.chunk_size, D, None, dt_bias,
                               softplus, state, None if seq_idx is None else seq_idx[:, start:stop], True,
                               backend=backend)
@@ -476,13 +511,14 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
     return (y, final) if want_final else y
 
 
-def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache):
-    """Windowed Mamba-2 scan: x [b, T, H, P]; delta (Δ) [b, T, H]; B, C [b, T, G, N]."""
+def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache, mask=None):
+    """Windowed Mamba-2 scan: x [b, T, H, P]; delta (Δ) [b, T, H]; B, C [b, T, G, N]; mask [b, T] or None."""
     n_heads = x.shape[2]
     per_group = n_heads // B.shape[2]
     log_c = math.log(spec["c_alpha"])
-    (dt_e, x_e, B_e), first = _window_inputs(cache, spec["window"], (delta.float(), x.float(), B.float()), seq_idx)
-    C32, A32 = C.float(), A.float()
+    (dt_e, x_e, B_e), first, (C32,), restore = _window_inputs(
+        cache, spec["window"], (delta.float(), x.float(), B.float()), seq_idx, (C.float(),), mask)
+    A32 = A.float()
 
     def per_head(t):  # (b, n, G, N) -> (b, n, H, N)
         return t.repeat_interleave(per_group, dim=2)
@@ -492,7 +528,7 @@ def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache):
         lambda s, e: (dt_e[:, s:e, :, None] * x_e[:, s:e])[..., None] * per_head(B_e[:, s:e])[:, :, :, None],
         lambda h, s, e: torch.einsum("bthpn,bthn->bthp", h, per_head(C32[:, s - first:e - first])),
         dt_e.shape[1], spec["window"], first)
-    y = y + x.float() * (D[:, None] if D.dim() == 1 else D)
+    y = restore(y) + x.float() * (D[:, None] if D.dim() == 1 else D)
     return y.to(x.dtype), final
 
 
@@ -523,12 +559,16 @@ def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str):
 
 # ---- gla -------------------------------------------------------------------------------------------------------
 
-def _gla_effective(k, g, spec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k, g) with c_b on the keys and c_dt, log c_α on the log decay; untouched when neutral."""
+def _gla_effective(k, g, spec, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, g) with c_b on the keys and c_dt, log c_α on the log decay; untouched when neutral. mask [b, T] (0 = pad)
+    or None: a pad keeps its log decay of 0 (no step, so c_α does not decay it either)."""
     if spec["c_b"] != 1:
         k = (k.float() * spec["c_b"]).to(k.dtype)
     if spec["c_dt"] != 1 or spec["c_alpha"] != 1:
-        g = g.float() * spec["c_dt"] + math.log(spec["c_alpha"])
+        log_c = math.log(spec["c_alpha"])
+        if mask is not None:
+            log_c = log_c * (mask != 0).float()[:, -g.shape[1]:, None, None]
+        g = g.float() * spec["c_dt"] + log_c
     return k, g
 
 
@@ -541,10 +581,10 @@ def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: s
     """
     spec = _spec(mixer)
     want_final = cache is not None
-    k, g = _gla_effective(k, g, spec)
+    k, g = _gla_effective(k, g, spec, mask)
     _probe(mixer, log_decay=g.float(), B=k)
     if spec["window"] is not None:
-        o, final = _gla_window(spec, q, k, v, g, scale, seq_idx, cache)
+        o, final = _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask)
         return (o, final) if want_final else o
     if not _has_cap(spec):
         return chunk_gla(q, k, v, g, scale, initial_state, seq_idx, want_final, mixer.chunk_size, backend=backend)
@@ -558,16 +598,18 @@ def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: s
     return (o, final) if want_final else o
 
 
-def _gla_window(spec, q, k, v, g, scale, seq_idx, cache):
-    """Windowed GLA: q, k, g [b, T, H, K]; v [b, T, H, V]. Returns o [b, T, H, V], h^(r) [b, H, K, V]."""
-    (g_e, k_e, v_e), first = _window_inputs(cache, spec["window"], (g.float(), k.float(), v.float()), seq_idx)
+def _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask=None):
+    """Windowed GLA: q, k, g [b, T, H, K]; v [b, T, H, V]; mask [b, T] or None. Returns o [b, T, H, V], h^(r)
+    [b, H, K, V]."""
     q32 = q.float() * (scale if scale is not None else q.shape[-1] ** -0.5)
+    (g_e, k_e, v_e), first, (q32,), restore = _window_inputs(
+        cache, spec["window"], (g.float(), k.float(), v.float()), seq_idx, (q32,), mask)
     o, final = windowed_scan(
         lambda s, e: g_e[:, s:e, :, :, None],
         lambda s, e: k_e[:, s:e, :, :, None] * v_e[:, s:e, :, None, :],
         lambda h, s, e: torch.einsum("bthk,bthkv->bthv", q32[:, s - first:e - first], h),
         g_e.shape[1], spec["window"], first)
-    return o.to(q.dtype), final
+    return restore(o).to(q.dtype), final
 
 
 def gla_step(mixer, state, q, k, v, g, scale, cache):

@@ -323,7 +323,8 @@ def attention(
     q [B, Tq, Hq, D]; k, v [B, Tk, Hkv, D], Tk >= Tq, Hq % Hkv == 0 (query head h reads kv head
     h // (Hq // Hkv)); the queries are the last Tq positions of the keys (training Tq == Tk, prefill after a
     cache, decoding Tq == 1). causal: key j visible to the query at position p iff j <= p; window: also
-    p - j < window. seq_idx [B, Tk] int: documents are runs of equal values, attention stays inside one.
+    p - j < window, counted in real tokens where a key_padding_mask is given (a pad is no position). seq_idx
+    [B, Tk] int: documents are runs of equal values, attention stays inside one.
     key_padding_mask [B, Tk] bool, True = real token: padded keys are never visible and padded queries
     return zeros. A query with no visible key returns zeros. scale defaults to D**-0.5.
     Returns o [B, Tq, Hq, D] in q's dtype.
@@ -595,12 +596,14 @@ def _visible_mod(tq: int, tk: int, causal: bool, window: int | None, seq_idx: Te
     window_t = torch.tensor(window if window is not None else tk, device=device)
     doc = document_ids(seq_idx) if seq_idx is not None else None
     keep = key_padding_mask.bool() if key_padding_mask is not None else None
+    # with padding the window counts real tokens (a pad is no position), as visible_mask does
+    rank = keep.long().cumsum(dim=1) if keep is not None and window is not None else None
 
     def mask_mod(b, h, qi, kj):
         pos = qi + offset
         visible = kj <= pos if causal else kj >= 0
         if window is not None:
-            visible = visible & (pos - kj < window_t)
+            visible = visible & ((pos - kj if rank is None else rank[b, pos] - rank[b, kj]) < window_t)
         if doc is not None:
             visible = visible & (doc[b, pos] == doc[b, kj])
         if keep is not None:

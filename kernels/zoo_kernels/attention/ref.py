@@ -23,7 +23,10 @@ def visible_mask(
     Query i sits at absolute position p = Tk - Tq + i. Key j is visible iff (not causal or j <= p),
     (window is None or p - j < window), j and p lie in the same document and key_padding_mask[b, j] and
     key_padding_mask[b, p] are both True (a padded query sees nothing, so its output is zero). A document
-    is a run of equal consecutive seq_idx values (packing puts each document in one run).
+    is a run of equal consecutive seq_idx values (packing puts each document in one run). With a
+    key_padding_mask the window counts real tokens, not positions: p - j is the number of real tokens after key j
+    up to p (a pad is no position, as in FlashAttention's varlen form, which drops them), so a row with pads
+    between its tokens (PEFT prompt tuning's [virtual tokens, pads, prompt]) sees the keys the row alone sees.
     """
     if not causal and window is None and seq_idx is None and key_padding_mask is None:
         return None
@@ -32,7 +35,7 @@ def visible_mask(
     mask = torch.ones(tq, tk, dtype=torch.bool, device=device)
     if causal:
         mask = mask & (pos_k <= pos_q)
-    if window is not None:
+    if window is not None and key_padding_mask is None:
         mask = mask & (pos_q - pos_k < window)
     mask = mask[None]  # (1, Tq, Tk)
     if seq_idx is not None:
@@ -41,6 +44,9 @@ def visible_mask(
     if key_padding_mask is not None:
         keep = key_padding_mask.bool()
         mask = mask & keep[:, None, :] & keep[:, tk - tq :, None]
+        if window is not None:  # the window counts real tokens: a pad is no position
+            rank = keep.long().cumsum(dim=1)  # (B, Tk)
+            mask = mask & (rank[:, tk - tq :, None] - rank[:, None, :] < window)
     return mask
 
 
