@@ -427,3 +427,89 @@ def test_generate_stops_at_a_stop_string(tiny_folder, capsys):
     # the first text, prompt included (as generate matches), that ends with it
     cut = next("hi" + new[:k] for k in range(1, len(new) + 1) if ("hi" + new[:k]).endswith(stop))
     assert stopped.rstrip("\n") == cut.rstrip("\n") and len(stopped) < len(full)
+
+
+def _capture_generate(monkeypatch) -> dict:
+    from zoo.modeling import ZooForCausalLM
+
+    seen = {}
+    original = ZooForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        seen.update(kwargs)
+        seen["out"] = original(self, *args, **kwargs)
+        return seen["out"]
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    return seen
+
+
+def test_generate_takes_several_prompts_as_one_left_padded_batch(tiny_folder, tmp_path, capsys, monkeypatch):
+    """zoo generate took one prompt per call: --prompt (repeatable) and --prompts-file (one per line) add more, run
+    as one batch with left padding; each is printed under its number, as its own call prints it."""
+    from zoo.hub import load_folder_tokenizer
+
+    tok = load_folder_tokenizer(str(tiny_folder))
+    prompts = ["hi", "hello there", "a", "the last one"]
+    singles = []
+    for text in prompts:
+        cli.main(["generate", str(tiny_folder), text, "--max-new-tokens", "8"])
+        singles.append(capsys.readouterr().out)
+    seen = _capture_generate(monkeypatch)
+    (tmp_path / "prompts.txt").write_text("a\n\nthe last one\n")
+    cli.main(["generate", str(tiny_folder), "hi", "--prompt", "hello there", "--prompts-file",
+              str(tmp_path / "prompts.txt"), "--max-new-tokens", "8"])
+    printed = capsys.readouterr().out
+    assert printed == "".join(f"==> prompt {i + 1} <==\n{single}" for i, single in enumerate(singles))
+    ids, mask = seen["input_ids"], seen["attention_mask"]
+    lengths = [len(tok.encode(text)) + 1 for text in prompts]  # <bos> + text
+    assert ids.shape == (4, max(lengths)) and mask.sum(1).tolist() == lengths
+    for row, n in enumerate(lengths):  # pads on the left, the prompt right-aligned
+        assert not mask[row, : ids.shape[1] - n].any() and mask[row, ids.shape[1] - n:].all()
+        assert (ids[row, : ids.shape[1] - n] == tok.pad_token_id).all() and ids[row, -n] == tok.bos_token_id
+    assert seen["streamer"] is None
+    cli.main(["generate", str(tiny_folder), "--prompt", "hi", "--max-new-tokens", "8"])  # one --prompt: as before
+    assert capsys.readouterr().out == singles[0]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no prompt: give one after the model, or --prompt TEXT"),
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompts-file", "EMPTY"], "holds no prompt (one per line)"),
+    (["--prompts-file", "MISSING"], "missing.txt': [Errno 2] No such file"),
+    (["hi", "--chat"], "--chat: TINY's tokenizer has no chat template"),
+])
+def test_generate_refuses_no_prompt_and_chat_without_a_template(tiny_folder, tmp_path, capsys, monkeypatch, args,
+                                                               message):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    args = [{"EMPTY": str(tmp_path / "empty.txt"), "MISSING": str(tmp_path / "missing.txt")}.get(a, a) for a in args]
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # refused before the model loads
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *args])
+    assert e.value.code == 2 and message.replace("TINY", str(tiny_folder)) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_generate_chat_applies_the_tokenizers_chat_template(tiny_folder, tmp_path, capsys, monkeypatch, several):
+    """--chat wraps each prompt as a user message in the tokenizer's chat template, the assistant's turn opened, and
+    prints the reply alone."""
+    from zoo.hub import load_folder_tokenizer
+
+    tok = load_folder_tokenizer(str(tiny_folder))
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(tmp_path / "chat-tok")
+    seen = _capture_generate(monkeypatch)
+    prompts = ["hi", "how are you"] if several else ["hi"]
+    extra = ["--prompt", prompts[1]] if several else []
+    cli.main(["generate", str(tiny_folder), prompts[0], *extra, "--chat", "--tokenizer", str(tmp_path / "chat-tok"),
+              "--max-new-tokens", "6"])
+    printed = capsys.readouterr().out
+    rows = [[tok.bos_token_id, *tok.encode(f"<user>{text}\n<assistant>")] for text in prompts]
+    width = max(map(len, rows))
+    assert seen["input_ids"].tolist() == [[tok.pad_token_id] * (width - len(r)) + r for r in rows]
+    replies = [tok.decode(row[width:], skip_special_tokens=True) for row in seen["out"]]
+    if several:
+        assert printed == "".join(f"==> prompt {i + 1} <==\n{reply}\n" for i, reply in enumerate(replies))
+    else:  # streamed, the prompt skipped
+        assert seen["streamer"] is not None and printed == replies[0] + "\n"

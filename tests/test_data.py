@@ -296,6 +296,30 @@ def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
         assert sorted(got) == sorted(docs), streaming
 
 
+def test_a_streamed_source_with_mixed_columns_names_the_source_and_the_columns(tok, tmp_path):
+    """A streamed dataset whose files have different columns ended the stream mid-run in datasets' bare CastError
+    ("Couldn't cast ... because column names don't match"), naming neither the source nor the fix."""
+    datasets = pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 8, "id": i}) + "\n" for i in range(4)))
+    (folder / "b.jsonl").write_text(json.dumps({"text": "another doc " * 8, "url": "https://example.org"}) + "\n")
+    message = (rf"data\.source: the streamed dataset '{re.escape(str(folder))}' mixes columns: a file of it has "
+               r"column\(s\) \['url'\] .*\['text', 'id'\].*data\.text_field \('text'\).*same columns")
+    for holdout, shuffle in ((0.0, False), (0.5, True)):  # read through the holdout filter and the shuffle too
+        cfg = DataConfig(source=str(folder), holdout=holdout, shuffle=shuffle, streaming=True, seq_len=16)
+        with pytest.raises(ValueError, match=message):
+            list(open_documents(cfg, "train").iter_docs(0, 0))
+        with pytest.raises(ValueError, match=message):
+            list(itertools.islice(TextStream(cfg, tok).rows(), 100))
+    from zoo.data.text import _StreamedDocs
+
+    files = sorted(str(f) for f in folder.iterdir())
+    stream = datasets.load_dataset("json", data_files=files, split="train", streaming=True)
+    with pytest.raises(ValueError, match=r"data\.source: the streamed dataset 'files' mixes columns"):
+        list(_StreamedDocs(stream, "text", seed=0, shuffle=False, buffer=4, source="files").iter_docs(0, 0))
+
+
 @pytest.mark.parametrize("chunk_len", [None, 4], ids=["whole", "chunked"])
 def test_resuming_at_the_end_of_a_document_continues_with_the_same_rows(tok, tmp_path, chunk_len):
     # a state whose offset is its document's length made the resumed row start with an empty piece: seq_idx from 1,

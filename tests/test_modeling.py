@@ -411,6 +411,25 @@ def test_return_dict_false_gives_transformers_tuple(name):
     assert torch.equal(model(ids)[0], out.logits)
 
 
+def test_return_dict_false_keeps_the_moe_aux_loss_as_mixtral_does():
+    """ZooModel's tuple dropped the MoE aux loss (set as an attribute, not a field), and ZooForCausalLM's put it after
+    the logits and cache where MixtralForCausalLM's tuple has it second, beside the router logits."""
+    model = tiny("jamba").train()
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    base = model.model(ids)
+    hidden, aux = model.model(ids, return_dict=False)
+    assert torch.equal(hidden, base.last_hidden_state) and torch.equal(aux, base.aux_loss) and aux > 0
+    out = model(ids, labels=ids, output_router_logits=True)
+    loss, aux, logits, router_logits = model(ids, labels=ids, output_router_logits=True, return_dict=False)
+    assert torch.equal(aux, out.aux_loss) and torch.equal(logits, out.logits)
+    assert torch.allclose(loss, out.loss) and len(router_logits) == len(out.router_logits) == 4
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ce + 1e-3 * aux)  # the loss includes it, as Mixtral's
+    loss, logits = model(ids, labels=ids, return_dict=False)  # without router logits: (loss, logits), as Mixtral's
+    torch.testing.assert_close(loss, ce + 1e-3 * aux)
+    assert torch.equal(logits, out.logits)
+
+
 def test_config_output_hidden_states_is_the_default():
     model = tiny("mamba")
     model.config.output_hidden_states = True

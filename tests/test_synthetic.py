@@ -117,6 +117,49 @@ def test_mqar_gap_law_holds_for_large_exponents():
     assert (batch["labels"] != IGNORE_INDEX).sum().item() == 4 * 4
 
 
+def test_mqar_rows_past_torch_multinomials_category_limit(monkeypatch):
+    """Rows longer than 2^25 (a gap space above 2^24) crashed in torch.multinomial, which takes at most 2^24
+    categories. The limit is lowered to 64 here (and torch.multinomial made to refuse more, as it does past 2^24),
+    so that the inverse-CDF sampler above it runs on small rows: the same law as torch.multinomial without
+    replacement; below the limit the draws are torch.multinomial's own, the same rows for the same seed."""
+    import zoo.data.synthetic as synthetic
+
+    real = torch.multinomial
+    weights = torch.tensor([5.0, 1.0, 0.0, 2.0, 8.0, 0.5, 3.0, 0.0, 1.5, 4.0], dtype=torch.float64)
+    below = synthetic.sample_without_replacement(weights, 20000, 3, gen(11))
+    assert torch.equal(below, real(weights.expand(20000, 10), 3, replacement=False, generator=gen(11)))
+
+    def multinomial(p, *args, **kwargs):
+        if p.shape[-1] > 64:
+            raise RuntimeError("number of categories cannot exceed 2^24")
+        return real(p, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_MULTINOMIAL_MAX_CATEGORIES", 4, raising=False)
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    above = synthetic.sample_without_replacement(weights, 20000, 3, gen(12))
+    assert all(len(set(row)) == 3 for row in above.tolist()) and not (above == 2).any() and not (above == 7).any()
+    for j in range(3):  # the law of each of the three draws matches torch.multinomial's
+        ours = torch.bincount(above[:, j], minlength=10) / 20000
+        theirs = torch.bincount(below[:, j], minlength=10) / 20000
+        assert (ours - theirs).abs().max() < 0.02, (j, ours, theirs)
+    assert ((torch.bincount(above[:, 0], minlength=10) / 20000 - weights / weights.sum()).abs() < 0.015).all()
+    with pytest.raises(ValueError, match="distinct"):
+        synthetic.sample_without_replacement(weights, 2, 9, gen(0))
+
+    monkeypatch.setattr(synthetic, "_MULTINOMIAL_MAX_CATEGORIES", 64, raising=False)
+    seq_len, space = 514, 256  # one query per row: its slot is an exact draw from the gap law
+    batch = mqar_batch(20000, seq_len, 1, vocab_size=1024, generator=gen(1))
+    gaps = ((batch["labels"] != IGNORE_INDEX).nonzero()[:, 1] - 1 - 2) // 2
+    p = mqar_gap_distribution(space, 0.01)
+    for cut in (1, 4, 16, 64, 200):
+        assert abs((gaps < cut).float().mean().item() - p[:cut].sum().item()) < 0.02, cut
+    batch = mqar_batch(8, 257, 64, vocab_size=8192, generator=gen(2))  # many queries per row: all distinct slots
+    assert ((batch["labels"] != IGNORE_INDEX).sum(1) == 64).all()
+    x = batch["input_ids"]
+    for row in range(8):
+        assert sorted(x[row, 128:][x[row, 128:] != 0].tolist()) == sorted(x[row, 0:128:2].tolist())
+
+
 # ---------------------------------------------------------------- selective copying
 
 

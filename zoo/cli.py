@@ -86,7 +86,15 @@ def generate(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
     p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
-    p.add_argument("prompt", help="the text to continue")
+    p.add_argument("prompt", nargs="?", help="the text to continue (or give --prompt / --prompts-file)")
+    p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=[],
+                   help="another prompt (repeatable): several prompts run as one batch, left-padded")
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="a text file of prompts, one per line (blank lines skipped), run as one batch with any "
+                        "other prompts")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap each prompt as a user message in the tokenizer's chat template (with the "
+                        "assistant's turn opened) and print the reply alone")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="with --sample (default: the model's generation config, 1.0)")
@@ -112,7 +120,18 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
         p.error(f"--num-beams must be at least 1, got {args.num_beams}")
-    if not args.prompt:
+    prompts = ([args.prompt] if args.prompt is not None else []) + args.prompts
+    if args.prompts_file is not None:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\r\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--prompts-file {args.prompts_file!r}: {e}")
+        if len(prompts) == (args.prompt is not None) + len(args.prompts):
+            p.error(f"--prompts-file {args.prompts_file!r} holds no prompt (one per line)")
+    if not prompts:
+        p.error("no prompt: give one after the model, or --prompt TEXT (repeatable) or --prompts-file FILE")
+    if any(not text for text in prompts):
         p.error("the prompt is empty; give at least one character")
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
                 if v is not None}
@@ -136,6 +155,14 @@ def generate(argv: list[str] | None = None) -> None:
     tok = load_folder_tokenizer(args.tokenizer or args.model)
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
+    if args.chat and not getattr(tok, "chat_template", None):
+        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+        p.error(f"--chat: {which} has no chat template (tokenizer_config.json's chat_template or "
+                f"chat_template.jinja); run without --chat, or pass --tokenizer with one that has it")
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if len(prompts) > 1 and pad_id is None:
+        p.error(f"{len(prompts)} prompts run as one left-padded batch, and the tokenizer has neither a pad nor an "
+                f"eos token to pad with; give one prompt per call")
     kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
     model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device).eval()
     n_embed = model.get_input_embeddings().num_embeddings
@@ -145,21 +172,37 @@ def generate(argv: list[str] | None = None) -> None:
                 f"the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
-    # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the model
-    # was trained without it (data.add_bos false, recorded in its config)
-    input_ids = torch.tensor([encode_with_bos(tok, args.prompt, trained_with_bos(model.config))], device=device)
-    ids = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if args.chat:  # the template writes the special tokens (bos included) itself
+        rows = [tok(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                for text in prompts]
+    else:
+        # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the
+        # model was trained without it (data.add_bos false, recorded in its config)
+        rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
+    width = max(len(row) for row in rows)  # left padding: every row's last prompt token is the batch's last
+    input_ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in rows], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
+    ids = {"input_ids": input_ids, "attention_mask": attention_mask}
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    # the text appears as it is generated (transformers' streamer; beam search has no single text until it ends)
-    streamer = TextStreamer(tok, skip_special_tokens=True) if args.num_beams == 1 else None
+    # the text appears as it is generated (transformers' streamer, one row; beam search has no single text until it
+    # ends); --chat shows the reply alone
+    streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True) \
+        if args.num_beams == 1 and len(prompts) == 1 else None
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             num_beams=args.num_beams, pad_token_id=tok.pad_token_id, streamer=streamer, **sampling,
+                             num_beams=args.num_beams, pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
+                             streamer=streamer, **sampling,
                              **({"stop_strings": stops, "tokenizer": tok} if stops else {}),
                              **({"cuda_graph": True} if args.cuda_graph else {}))
-    if streamer is None:
-        print(tok.decode(out[0], skip_special_tokens=True))
+    if streamer is not None:
+        return
+    for i, row in enumerate(out):
+        start = width if args.chat else width - len(rows[i])  # the reply alone, or the prompt without its pads
+        if len(prompts) > 1:
+            print(f"==> prompt {i + 1} <==")
+        print(tok.decode(row[start:], skip_special_tokens=True))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from zoo_kernels.cross_entropy import cross_entropy
 
 from zoo.cache import KVCacheFull, RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
@@ -184,12 +184,22 @@ def _return_dict(config, return_dict) -> bool:
 
 
 @dataclass
-class ZooCausalLMOutput(CausalLMOutputWithPast):
-    """CausalLMOutputWithPast plus the MoE load-balancing loss (added to `loss`, times moe.aux_loss_coef, in
-    training mode only)."""
+class ZooModelOutput(MoeModelOutputWithPast):
+    """ZooModel's output: transformers' MoE model output (last_hidden_state, cache, hidden_states, attentions,
+    router_logits, as MixtralModel's) plus the MoE load-balancing loss, last, so that the tuple of
+    `return_dict=False` carries it too (an attribute set on a BaseModelOutputWithPast was no field: the tuple
+    dropped it)."""
 
     aux_loss: torch.FloatTensor | None = None
-    router_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ZooCausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoeCausalLMOutputWithPast (loss, aux_loss, logits, cache, hidden_states, attentions,
+    router_logits, MixtralForCausalLM's fields in its order): `loss` includes the MoE load-balancing loss, times
+    moe.aux_loss_coef, in training mode only. As a tuple (`return_dict=False`) it follows MixtralForCausalLM's:
+    aux_loss (second, after the loss) and router_logits (last) are in it when output_router_logits is on, so that
+    without them the tuple starts (loss, logits) as every causal LM's."""
 
 
 class ZooPreTrainedModel(PreTrainedModel):
@@ -377,7 +387,7 @@ class ZooModel(ZooPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, seq_idx=None, return_dict=None,
-                output_router_logits=None, **kwargs) -> BaseModelOutputWithPast | tuple:
+                output_router_logits=None, **kwargs) -> ZooModelOutput | tuple:
         """input_ids [B, T]; attention_mask [B, past+T] (1 = token); seq_idx [B, T] marks packed documents (without
         it, position_ids that restart mark them, or cu_seq_lens_q, as transformers' padding-free collator gives
         them).
@@ -470,14 +480,14 @@ class ZooModel(ZooPreTrainedModel):
             hidden_states[-1] = x
         if past_key_values is not None:
             past_key_values.seen_tokens += T
-        out = BaseModelOutputWithPast(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
-                                      hidden_states=tuple(hidden_states) if hidden_states else None)
-        out.aux_loss = None
+        aux_loss = None
         if router_logits and not skip_aux_loss:  # padding counts for no expert
             moe = self.config.moe_spec()
             mask = attention_mask[:, -T:] if attention_mask is not None else None
-            out.aux_loss = load_balancing_loss(router_logits, moe["n_experts"], moe["top_k"], mask)
-        out.router_logits = tuple(router_logits) if output_router_logits else None
+            aux_loss = load_balancing_loss(router_logits, moe["n_experts"], moe["top_k"], mask)
+        out = ZooModelOutput(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
+                             hidden_states=tuple(hidden_states) if hidden_states else None,
+                             router_logits=tuple(router_logits) if output_router_logits else None, aux_loss=aux_loss)
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
 
@@ -737,7 +747,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 loss = torch.where(count > 0, share, torch.zeros_like(share))
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
                                    hidden_states=out.hidden_states, aux_loss=aux, router_logits=out.router_logits)
-        return result if _return_dict(self.config, return_dict) else result.to_tuple()
+        if _return_dict(self.config, return_dict):
+            return result
+        if out.router_logits is None:  # MixtralForCausalLM's tuple: aux_loss only beside the router logits
+            return tuple(v for k, v in result.items() if k != "aux_loss")
+        return result.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
@@ -783,4 +797,4 @@ def _refuse_offloaded_mixers(model: nn.Module) -> None:
                              f"'disk'/'cpu' for them)")
 
 
-__all__ = ["ZooModel", "ZooForCausalLM", "ZooPreTrainedModel", "ZooCausalLMOutput"]
+__all__ = ["ZooModel", "ZooForCausalLM", "ZooPreTrainedModel", "ZooModelOutput", "ZooCausalLMOutput"]

@@ -132,6 +132,39 @@ def mqar_gap_distribution(space: int, power_a: float = 0.01) -> torch.Tensor:
     return torch.softmax((power_a - 1) * g.log(), dim=0)
 
 
+# torch.multinomial refuses more categories ("number of categories cannot exceed 2^24"): MQAR rows longer than 2^25
+_MULTINOMIAL_MAX_CATEGORIES = 2**24
+
+
+def sample_without_replacement(weights: torch.Tensor, batch_size: int, n: int,
+                               generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` distinct indices per row, each drawn with probability proportional to the ``weights`` [K] not drawn yet
+    (``torch.multinomial(weights.expand(batch_size, K), n, replacement=False)``'s law), as LongTensor [B, n].
+
+    Up to 2^24 categories this is torch.multinomial itself (the same draws for the same generator state). Above it,
+    where torch.multinomial refuses, each draw is an inverse-CDF draw (torch.searchsorted over the cumulative
+    weights) redrawn while it repeats one of its row's earlier draws: a draw conditioned on missing the taken indices
+    is proportional to the remaining weights, the sequential law of sampling without replacement."""
+    space = weights.shape[-1]
+    if space <= _MULTINOMIAL_MAX_CATEGORIES:
+        return torch.multinomial(weights.expand(batch_size, space), n, replacement=False, generator=generator)
+    weights = weights.to(torch.float64)
+    if int((weights > 0).sum()) < n:
+        raise ValueError(f"cannot draw {n} distinct indices from {int((weights > 0).sum())} of nonzero weight")
+    cdf = weights.cumsum(0)
+    last = int((weights > 0).nonzero()[-1])  # a u * total rounded up to total lands on the last drawable index
+    out = torch.empty(batch_size, n, dtype=torch.long)
+    for j in range(n):
+        pending = torch.arange(batch_size)
+        while pending.numel():
+            u = torch.rand(pending.numel(), dtype=torch.float64, generator=generator) * cdf[-1]
+            draw = torch.searchsorted(cdf, u, right=True).clamp_(max=last)
+            repeat = (out[pending, :j] == draw[:, None]).any(1)
+            out[pending[~repeat], j] = draw[~repeat]
+            pending = pending[repeat]
+    return out
+
+
 def mqar_batch(
     batch_size: int,
     seq_len: int = 256,
@@ -182,8 +215,8 @@ def mqar_batch(
     # distinct keys and values per row, in random order: top-n_kv indices of iid uniforms over each half
     keys = torch.rand(batch_size, half - 1, generator=generator).topk(n_kv, dim=-1).indices + 1
     values = torch.rand(batch_size, vocab_size - half, generator=generator).topk(n_kv, dim=-1).indices + half
-    p = mqar_gap_distribution(space, power_a).expand(batch_size, space)
-    gaps = torch.multinomial(p, n_kv, replacement=False, generator=generator)  # (B, n_kv), key j -> slot
+    # (B, n_kv), key j -> slot; torch.multinomial up to 2^24 slots (seq_len ~2^25), inverse-CDF draws above
+    gaps = sample_without_replacement(mqar_gap_distribution(space, power_a), batch_size, n_kv, generator)
     input_ids = torch.zeros(batch_size, seq_len, dtype=torch.long)
     input_ids[:, 0:context:2] = keys
     input_ids[:, 1:context:2] = values

@@ -274,21 +274,46 @@ class _IndexedDocs:
 class _StreamedDocs:
     """Documents of a streamed (iterable) dataset; resuming at document d re-reads and skips d documents."""
 
-    def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int):
+    def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int, source: Any = None):
         self.dataset, self.text_field = dataset, text_field
         self.seed, self.shuffle, self.buffer = seed, shuffle, buffer
+        self.source = source  # named in errors
 
     def iter_docs(self, epoch: int, start: int) -> Iterator[str]:
+        from datasets.table import CastError
+
         ds = self.dataset
         if self.shuffle:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
         ds.set_epoch(epoch)  # datasets reseeds the shuffle with seed + epoch
-        for example in itertools.islice(iter(ds), start, None):
-            yield example[self.text_field]
+        try:
+            for example in itertools.islice(iter(ds), start, None):
+                yield example[self.text_field]
+        except CastError as e:  # datasets' own said neither the source nor what to do
+            raise _mixed_columns_error(e, self.source, self.text_field) from e
 
     def describe(self, epoch: int, position: int, source: Any) -> str:
         """The document at `position` of this process's order in `epoch` (a stream numbers no documents)."""
         return f"the document at position {position} of epoch {epoch} of this process's stream of {source!r}"
+
+
+def _mixed_columns_error(error, source: Any, text_field: str) -> ValueError:
+    """A streamed dataset casts every record to the columns of its first file (or its card's features), so a file
+    with other columns ends the stream mid-run in datasets' CastError ("Couldn't cast ... because column names
+    don't match"): the same, naming the source, the columns and what to do."""
+    found = list(getattr(error, "table_column_names", []) or [])
+    expected = list(getattr(error, "requested_column_names", []) or [])
+    extra = sorted(set(found) - set(expected))
+    missing = sorted(set(expected) - set(found))
+    what = "; ".join(part for part in (f"column(s) {extra} that the first file has not" if extra else "",
+                                       f"no column(s) {missing}" if missing else "") if part)
+    return ValueError(
+        f"data.source: the streamed dataset {source!r} mixes columns: a file of it has {what or 'other columns'} "
+        f"(its columns {found}; the stream's, taken from its first file or its card, {expected}). datasets casts "
+        f"each record of a stream to one set of columns, whatever data.text_field ({text_field!r}) reads. Give "
+        f"every file of the source the same columns (e.g. keep only {text_field!r}), or point data.source at "
+        f"files that share their columns (a folder holding only those; for a hub dataset, a data.config_name or "
+        f"data.split whose files agree)")
 
 
 def _looks_local(pattern: str) -> bool:
@@ -441,7 +466,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             from datasets.distributed import split_dataset_by_node
 
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        return _StreamedDocs(dataset, cfg.text_field, cfg.seed, shuffle, cfg.shuffle_buffer)
+        return _StreamedDocs(dataset, cfg.text_field, cfg.seed, shuffle, cfg.shuffle_buffer, cfg.source)
 
     indices = np.arange(len(dataset))
     if use_holdout and cfg.holdout > 0:
