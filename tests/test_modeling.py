@@ -430,6 +430,22 @@ def test_return_dict_false_keeps_the_moe_aux_loss_as_mixtral_does():
     assert torch.equal(logits, out.logits)
 
 
+def test_an_moe_models_output_indexes_as_before_and_as_its_tuple():
+    """ZooCausalLMOutput took MoeCausalLMOutputWithPast's field order (aux_loss second) and an MoE model fills
+    aux_loss without output_router_logits: indexing the returned output (`model(ids)[0]`, `out[1]` with labels) gave
+    the aux loss where it gave the logits, unlike return_dict=False's tuple and MixtralForCausalLM's output."""
+    model = tiny("jamba").eval()
+    ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    out = model(ids)
+    assert out.aux_loss is not None and torch.equal(out[0], out.logits)
+    out = model(ids, labels=ids)
+    assert torch.equal(out[1], out.logits)
+    assert [torch.equal(a, b) for a, b in zip(out.to_tuple()[:2], model(ids, labels=ids, return_dict=False)[:2])] \
+        == [True, True]
+    out = model(ids, labels=ids, output_router_logits=True)  # beside the router logits: second, as Mixtral's
+    assert torch.equal(out[1], out.aux_loss) and torch.equal(out[2], out.logits)
+
+
 def test_config_output_hidden_states_is_the_default():
     model = tiny("mamba")
     model.config.output_hidden_states = True

@@ -362,3 +362,20 @@ def test_train_synthetic_runs_of_different_precisions_are_refused_by_name(tmp_pa
     err = _refused(script.main, [str(recipe), "--models.other={vocab_size: 16, d_model: 16, layers: M, ffn: none}",
                                  "--model_overrides={other: {train.precision: fp16}}"], capsys)
     assert "share one precision" in err and "mamba no" in err and "other fp16" in err
+
+
+def test_train_synthetic_phase_stamps_ignore_the_curriculums_logging_and_saving():
+    """_phase_stamp dropped log_every / checkpoint_every / progress_bar from the settings' sections, but not from
+    train_synthetic's curriculum (a list of phases): a rerun with another train.log_every or checkpoint_every (which
+    every phase inherits) found every phase's checkpoint, the main one's too, of another stamp and started over."""
+    from zoo.finetune import _phase_stamp
+
+    def settings(log_every, checkpoint_every):
+        train = {"max_steps": 3, "log_every": log_every, "checkpoint_every": checkpoint_every}
+        return {"model": {"d_model": 16}, "section": {"train": dict(train)},
+                "curriculum": [{"train": {**train, "max_steps": 2}}], "phase": "main"}
+
+    assert _phase_stamp(settings(1, 0)) == _phase_stamp(settings(10, 5))
+    changed = settings(1, 0)
+    changed["curriculum"][0]["train"]["max_steps"] = 4  # what a phase trains still counts
+    assert _phase_stamp(changed) != _phase_stamp(settings(1, 0))

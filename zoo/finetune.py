@@ -1102,7 +1102,10 @@ def _phase_stamp(settings: dict[str, Any]) -> dict[str, Any]:
     """What a phase's checkpoint must agree on to be continued: its settings less those of logging and saving
     (a rerun with another log_every or progress bar continues)."""
     out = json.loads(json.dumps(settings))
-    for section in [out, *(v for v in out.values() if isinstance(v, dict))]:
+    # the sections: the settings, their dicts and the dicts of their lists (train_synthetic's curriculum phases)
+    nested = [v for v in out.values() if isinstance(v, dict)]
+    nested += [p for v in out.values() if isinstance(v, list) for p in v if isinstance(p, dict)]
+    for section in [out, *nested]:
         train = section.get("train")
         if isinstance(train, dict):
             for key in ("log_every", "progress_bar", "checkpoint_every", "eval_batch_size"):

@@ -201,6 +201,13 @@ class ZooCausalLMOutput(MoeCausalLMOutputWithPast):
     aux_loss (second, after the loss) and router_logits (last) are in it when output_router_logits is on, so that
     without them the tuple starts (loss, logits) as every causal LM's."""
 
+    def to_tuple(self) -> tuple:
+        """The non-None fields in order, aux_loss only beside router_logits (MixtralForCausalLM's, whose aux_loss is
+        None without them): `out[0]`, `out[1]` index the output as its `return_dict=False` tuple."""
+        if self.get("router_logits") is None:
+            return tuple(v for k, v in self.items() if k != "aux_loss")
+        return super().to_tuple()
+
 
 class ZooPreTrainedModel(PreTrainedModel):
     config_class = ZooConfig
@@ -747,11 +754,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                 loss = torch.where(count > 0, share, torch.zeros_like(share))
         result = ZooCausalLMOutput(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
                                    hidden_states=out.hidden_states, aux_loss=aux, router_logits=out.router_logits)
-        if _return_dict(self.config, return_dict):
-            return result
-        if out.router_logits is None:  # MixtralForCausalLM's tuple: aux_loss only beside the router logits
-            return tuple(v for k, v in result.items() if k != "aux_loss")
-        return result.to_tuple()
+        # MixtralForCausalLM's tuple: aux_loss only beside the router logits (ZooCausalLMOutput.to_tuple)
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
