@@ -36,6 +36,34 @@ def mark_no_weight_decay(module: nn.Module, *names: str) -> None:
             pass  # an optional parameter (a bias that is off)
 
 
+def no_weight_decay_ids(model: nn.Module) -> set[int]:
+    """The ids of `model`'s parameters that no optimizer group of zoo's decays: those flagged `_no_weight_decay`, and
+    the trained copies PEFT's modules_to_save makes of them (ModulesToSaveWrapper: `original_module` keeps the
+    flags, while its copies in `modules_to_save` are deep copies, whose new Parameters lost them)."""
+    flagged = {id(p) for p in model.parameters() if getattr(p, "_no_weight_decay", False)}
+    for wrapper in model.modules():
+        original, copies = getattr(wrapper, "original_module", None), getattr(wrapper, "modules_to_save", None)
+        if not isinstance(original, nn.Module) or not isinstance(copies, nn.ModuleDict):
+            continue
+        names = [name for name, p in original.named_parameters() if getattr(p, "_no_weight_decay", False)]
+        for copy in copies.values():
+            for name in names:
+                try:
+                    flagged.add(id(copy.get_parameter(name)))
+                except AttributeError:
+                    pass  # (a copy without it)
+    return flagged
+
+
+def mark_saved_copies(model: nn.Module) -> None:
+    """Flag `_no_weight_decay` on the modules_to_save copies of flagged parameters (see `no_weight_decay_ids`), so
+    that an optimizer built from the flags alone leaves them undecayed too."""
+    flagged = no_weight_decay_ids(model)
+    for p in model.parameters():
+        if id(p) in flagged:
+            p._no_weight_decay = True
+
+
 def decoded_constants(module: nn.Module, key: str, params: tuple, make):
     """``make()`` (tensors derived from ``params``, e.g. fp32 copies), kept on ``module`` while none of the
     parameters changes (same storage, same version) and autograd is off: a decode step then launches no kernel to
@@ -553,4 +581,4 @@ def fused_add_norm():
 
 __all__ = ["decoded_constants", "fused_add_norm", "lay_out_past_pads", "optional_kernel", "PAD_DT", "RMSNorm",
            "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "keep_rows_",
-           "mark_no_weight_decay", "step_pad_rows"]
+           "mark_no_weight_decay", "mark_saved_copies", "no_weight_decay_ids", "step_pad_rows"]
