@@ -635,3 +635,38 @@ def test_a_trainer_with_the_no_weight_decay_mixin_decays_what_zoo_train_decays(l
     plain.create_optimizer()
     decayed = {names[id(p)] for g in plain.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert any(n.endswith("A_log") for n in decayed) and any(n.endswith("norm_f.weight") for n in decayed)
+
+
+def test_modules_to_save_copies_keep_the_no_weight_decay_flags(tmp_path):
+    """PEFT's modules_to_save trains a deep copy of the module (ModulesToSaveWrapper), whose new Parameters lost
+    zoo's _no_weight_decay flags: param_groups, build_optimizer and NoWeightDecayMixin decayed the trained norm_f
+    and the copied mixer's A_log and D. The wrapper's original_module keeps the flags; the copies now count as
+    flagged, and wrap_lora flags them."""
+    from zoo.finetune import wrap_lora
+    from zoo.train import NoWeightDecayMixin, OptimConfig, param_groups
+
+    saved = ["norm_f", "layers.0.mixer"]
+    model = get_peft_model(tiny("jamba"), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=saved))
+    names = {id(p): n for n, p in model.named_parameters()}
+    copies = [n for n in names.values() if ".modules_to_save." in n]
+    assert any(n.endswith("norm_f.modules_to_save.default.weight") for n in copies)
+    assert any(n.endswith("mixer.modules_to_save.default.A_log") for n in copies)
+    decayed = {names[id(p)] for p in param_groups(model, OptimConfig(no_decay_1d=False))[0]["params"]}
+    assert not any(n.endswith(("norm_f.modules_to_save.default.weight", ".A_log", ".D", "dt_proj.bias"))
+                   for n in decayed), decayed
+    assert any(n.endswith("mixer.modules_to_save.default.in_proj.weight") for n in decayed)  # still decayed
+
+    class ZooTrainer(NoWeightDecayMixin, Trainer):
+        pass
+
+    trainer = ZooTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1,
+                                                             report_to=[], use_cpu=True))
+    trainer.create_optimizer()
+    by_trainer = {names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert by_trainer == decayed
+
+    wrapped = wrap_lora(tiny("jamba"), r=2, target_modules=["q_proj"], modules_to_save=saved, check_forward=False,
+                        verbose=False)
+    for name, p in wrapped.named_parameters():
+        if name.endswith(("norm_f.modules_to_save.default.weight", "modules_to_save.default.A_log")):
+            assert getattr(p, "_no_weight_decay", False), name

@@ -601,3 +601,31 @@ def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
         capped = model(ids).logits
         apply_mitigation(model, None)
         assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("spec", ["forget:c_alpha=0.9", "window:r=4", "norm:threshold=0.5,chunk=1"])
+def test_a_pad_fed_as_a_one_token_step_is_no_step_under_a_mitigation(kind, spec):
+    """A pad fed as a one-token step leaves the row's state under the mitigations too, as their sequence scans do:
+    c_α decayed it (state.mul_), the cap capped it and the window counted it as a position (its carry took the
+    pad's inputs in place of a token's). Fed token by token through a cache, [tokens, pads, tokens] gives the
+    logits of the same row in one call and of the row without its pads."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{kind}-tiny.yaml")).eval()
+    apply_mitigation(model, spec)
+    ids = torch.randint(1, 512, (1, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 3:5] = 0
+    cache, stepped = None, []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            out = model(ids[:, t:t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            stepped.append(out.logits)
+        stepped = torch.cat(stepped, 1)[:, mask[0].bool()]
+        whole = model(ids, attention_mask=mask).logits[:, mask[0].bool()]
+        alone = model(ids[:, mask[0].bool()], use_cache=False).logits
+    assert_close("stepped vs one call", stepped, whole, 1e-4)
+    assert_close("stepped vs without pads", stepped, alone, 1e-4)

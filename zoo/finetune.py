@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.cache import output_cache
 from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.decode import cache_argument
-from zoo.layers import MoE, SwiGLU
+from zoo.layers import MoE, SwiGLU, mark_saved_copies
 from zoo.train import (
     ModelInputs,
     OptimConfig,
@@ -371,6 +371,8 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type="CAUSAL_LM", **lora_kwargs)
     peft_model = get_peft_model(model, config)
+    # modules_to_save's trained copies are deep copies, whose Parameters lost the _no_weight_decay flags
+    mark_saved_copies(peft_model)
     report = lora_report(peft_model)
     if check_forward:
         report["probe"] = check_lora_reached(peft_model)

@@ -7,6 +7,7 @@ import functools
 import importlib
 import os
 import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,34 @@ def mark_no_weight_decay(module: nn.Module, *names: str) -> None:
             module.get_parameter(name)._no_weight_decay = True
         except AttributeError:
             pass  # an optional parameter (a bias that is off)
+
+
+def no_weight_decay_ids(model: nn.Module) -> set[int]:
+    """The ids of `model`'s parameters that no optimizer group of zoo's decays: those flagged `_no_weight_decay`, and
+    the trained copies PEFT's modules_to_save makes of them (ModulesToSaveWrapper: `original_module` keeps the
+    flags, while its copies in `modules_to_save` are deep copies, whose new Parameters lost them)."""
+    flagged = {id(p) for p in model.parameters() if getattr(p, "_no_weight_decay", False)}
+    for wrapper in model.modules():
+        original, copies = getattr(wrapper, "original_module", None), getattr(wrapper, "modules_to_save", None)
+        if not isinstance(original, nn.Module) or not isinstance(copies, nn.ModuleDict):
+            continue
+        names = [name for name, p in original.named_parameters() if getattr(p, "_no_weight_decay", False)]
+        for copy in copies.values():
+            for name in names:
+                try:
+                    flagged.add(id(copy.get_parameter(name)))
+                except AttributeError:
+                    pass  # (a copy without it)
+    return flagged
+
+
+def mark_saved_copies(model: nn.Module) -> None:
+    """Flag `_no_weight_decay` on the modules_to_save copies of flagged parameters (see `no_weight_decay_ids`), so
+    that an optimizer built from the flags alone leaves them undecayed too."""
+    flagged = no_weight_decay_ids(model)
+    for p in model.parameters():
+        if id(p) in flagged:
+            p._no_weight_decay = True
 
 
 def decoded_constants(module: nn.Module, key: str, params: tuple, make):
@@ -189,6 +218,39 @@ def lay_out_past_pads(x: torch.Tensor, mask: torch.Tensor, initial_state: torch.
         first = torch.where(j < n_pad + width - 1, n_pad, j - (width - 1)).clamp(max=length - 1)
         laid_ids = seq_idx.gather(1, order.gather(1, first))
     return laid, laid_ids, width - 1 + torch.argsort(order, dim=1)
+
+
+_STEP_VERDICT: tuple | None = None  # (weakref to the last attention_mask step_pad_rows read, its version, all ones?)
+
+
+def step_pad_rows(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """For a one-token step of a recurrent layer: tokens [B] (bool), False for the rows whose new position is a pad
+    (attention_mask's last column 0), or None where none is (no mask, or a last column of ones: the step's fast path
+    as it was). A pad is no step: the layer leaves that row's state and conv window as they are. The column is read
+    on the device once per mask tensor and version (a model's layers all get the same one; an inference-mode
+    tensor, which has no version, at each call), not under CUDA graph capture or torch.compile, where the rows are
+    returned unread (the layers then take their masked path: correct, without the fused Mamba step)."""
+    global _STEP_VERDICT
+    if attention_mask is None:
+        return None
+    tokens = attention_mask[:, -1] != 0
+    if torch.compiler.is_compiling() or _graph_capturing(tokens):
+        return tokens
+    # (an inference-mode tensor has no version counter: read each time, as one changed in place may be)
+    version = None if attention_mask.is_inference() else attention_mask._version
+    known = _STEP_VERDICT
+    if version is not None and known is not None and known[0]() is attention_mask and known[1] == version:
+        ones = known[2]
+    else:
+        ones = bool(tokens.all())
+        _STEP_VERDICT = (weakref.ref(attention_mask), version, ones) if version is not None else None
+    return None if ones else tokens
+
+
+def keep_rows_(state: torch.Tensor, saved: torch.Tensor, tokens: torch.Tensor | None) -> None:
+    """Put back, in place, the rows of `state` [B, ...] whose step was a pad (tokens [B] False) from `saved`."""
+    if tokens is not None:
+        state.copy_(torch.where(tokens.view(-1, *[1] * (state.dim() - 1)), state, saved))
 
 
 class RMSNorm(nn.Module):
@@ -518,4 +580,5 @@ def fused_add_norm():
 
 
 __all__ = ["decoded_constants", "fused_add_norm", "lay_out_past_pads", "optional_kernel", "PAD_DT", "RMSNorm",
-           "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "mark_no_weight_decay"]
+           "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "keep_rows_",
+           "mark_no_weight_decay", "mark_saved_copies", "no_weight_decay_ids", "step_pad_rows"]

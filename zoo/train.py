@@ -59,6 +59,7 @@ from torch import nn
 
 from zoo.cache import output_cache
 from zoo.data.text import IGNORE_INDEX, ByteTokenizer, DataConfig, StreamState, TextStream, load_tokenizer
+from zoo.layers import no_weight_decay_ids
 
 CHECKPOINT_PREFIX = "step_"
 
@@ -451,21 +452,21 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """Two AdamW groups: decayed, and not decayed (``param._no_weight_decay``, plus all 1-D parameters
-    with no_decay_1d, the default, and all embeddings with no_decay_embeddings). Shared (tied) parameters appear
-    once."""
+    """Two AdamW groups: decayed, and not decayed (``param._no_weight_decay`` and PEFT's modules_to_save copies of
+    such parameters: `no_weight_decay_ids`; plus all 1-D parameters with no_decay_1d, the default, and all
+    embeddings with no_decay_embeddings). Shared (tied) parameters appear once."""
     embeddings: set[int] = set()
     if cfg.no_decay_embeddings:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if out is not None:
             embeddings.add(id(out.weight))
+    flagged = no_weight_decay_ids(model)  # PEFT's modules_to_save copies of flagged parameters too
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        skip = (getattr(p, "_no_weight_decay", False) or (cfg.no_decay_1d and p.ndim < 2)
-                or id(p) in embeddings)
+        skip = id(p) in flagged or (cfg.no_decay_1d and p.ndim < 2) or id(p) in embeddings
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -484,11 +485,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | N
 class NoWeightDecayMixin:
     """For transformers' Trainer (or a subclass: ``class MyTrainer(NoWeightDecayMixin, Trainer)``): also exempts
     from weight decay every parameter flagged ``_no_weight_decay`` (Mamba's and Mamba-2's A_log and D, every norm
-    weight, the final norm_f included), as `param_groups` does. The Trainer's own rule goes by names and layer types
-    only (biases, nn.LayerNorm, names with "norm" as a word), so it decayed those."""
+    weight, the final norm_f included, and PEFT's modules_to_save copies of them), as `param_groups` does. The
+    Trainer's own rule goes by names and layer types only (biases, nn.LayerNorm, names with "norm" as a word), so
+    it decayed those."""
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        flagged = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+        ids = no_weight_decay_ids(model)  # PEFT's modules_to_save copies of flagged parameters too
+        flagged = {name for name, p in model.named_parameters() if id(p) in ids}
         return [name for name in super().get_decay_parameter_names(model) if name not in flagged]
 
 

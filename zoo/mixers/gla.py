@@ -9,7 +9,7 @@ from zoo_kernels import chunk_gla, gla_state_update
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, Linear, mark_no_weight_decay, scaled_width
+from zoo.layers import GatedRMSNorm, Linear, mark_no_weight_decay, scaled_width, step_pad_rows
 from zoo.registry import register_mixer
 
 
@@ -104,8 +104,11 @@ class GLA(nn.Module):
                 from zoo.state.mitigation import gla_step
 
                 state = initial.clone()
-                o = gla_step(self, state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5, cache)[:, None]
+                # a pad's row (step_pad_rows: k and log decay 0 above) is no step of the window, c_α or the cap
+                o = gla_step(self, state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5, cache,
+                             step_pad_rows(attention_mask))[:, None]
             else:  # in place (RecurrentLayer.step_states): a CUDA graph replay finds the state at the same address
+                # (a pad's k and log decay are 0 above: the step keeps its row's state, as the sequence scan does)
                 state = cache.step_states()[1]
                 # scan_backend "ref" keeps the step on the reference too (auto takes the Triton step kernel on CUDA)
                 o = gla_state_update(state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5,

@@ -21,11 +21,13 @@ from zoo.layers import (
     channels_to_rows,
     decoded_constants,
     init_copy_,
+    keep_rows_,
     lay_out_past_pads,
     mark_no_weight_decay,
     refuse_skipped_adapter,
     rows_to_channels,
     scaled_width,
+    step_pad_rows,
 )
 from zoo.registry import register_mixer
 
@@ -208,12 +210,16 @@ class Mamba(nn.Module):
 
         return fused_step.supported(xs, self.conv1d.weight, self.x_proj.weight, self.A_log, state_dtype)
 
-    def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str) -> torch.Tensor:
+    def _step(self, x: torch.Tensor, cache: RecurrentLayer, mask: torch.Tensor | None, backend: str,
+              tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One token [B, 1, d_model] from the cached conv and SSM states, which are updated in place (a CUDA
         graph replaying the step finds them at the same address). On CUDA: in_proj, then the fused step kernel
         where _fused_step allows (else the conv kernel, x_proj and the state-update kernel, dt_proj folded in where
         _folds_dt_proj allows, else a dt_proj matmul before it; its low-rank input, B, C and z read in place from
-        the projections), then out_proj."""
+        the projections), then out_proj. tokens [B] (step_pad_rows): where a row's position is a pad, the step
+        leaves its conv window and state as they are (Δ = PAD_DT, the window put back), as the sequence forward
+        does; its output is the prefill's at a pad (u = 0, so B = C = 0: zero). Such a step takes the unfused path
+        (the fused kernel zeroes a pad's x and u but still decays the state and shifts the window)."""
         A, D, w, conv_bias = self._decode_constants()
         # updated in place below, then set back. Taken before in_proj, as are the fused kernel's constants: that
         # kernel reads states and weights before it waits for the kernel launched just before it (in_proj), so a
@@ -227,8 +233,8 @@ class Mamba(nn.Module):
                                                  lambda: self.x_proj.weight.to(dtype).contiguous()))
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
-        if fused_constants is not None and fused_constants[0] == xs.dtype and self._fused_step(xs, backend,
-                                                                                               state.dtype):
+        if tokens is None and fused_constants is not None and fused_constants[0] == xs.dtype \
+                and self._fused_step(xs, backend, state.dtype):
             from zoo_kernels.selective_scan.fused_step import mamba_step
 
             _, dt_weight, dt_bias, x_proj_weight = fused_constants
@@ -240,7 +246,9 @@ class Mamba(nn.Module):
         low = kept.dtype != torch.float32
         if mask is not None:
             xs = xs * mask[:, 0, None]
+        saved = None if tokens is None else conv_state.clone()  # a pad's row keeps its window
         u = causal_conv1d_update(conv_state, xs, w, conv_bias, "silu", backend=backend)  # (B, d_inner)
+        keep_rows_(conv_state, saved, tokens)
         if mask is not None:
             u = u * mask[:, 0, None]
         x_dbl = self.x_proj(u)  # (B, dt_rank + 2N)
@@ -248,8 +256,14 @@ class Mamba(nn.Module):
             from zoo.state.mitigation import mamba_step
 
             delta, B, C = self._split_dbc(x_dbl)  # delta (B, d_inner), bias included
+            if tokens is not None:  # a pad is no step (PAD_DT)
+                delta = delta.masked_fill(~tokens[:, None], PAD_DT)
             state = state.clone()
-            y = mamba_step(self, state, u, delta, A, B, C, z, cache, backend)
+            y = mamba_step(self, state, u, delta, A, B, C, z, cache, backend, tokens)
+        elif tokens is not None:  # Δ with dt_proj's bias, PAD_DT at the pads
+            delta, B, C = self._split_dbc(x_dbl)
+            delta = delta.masked_fill(~tokens[:, None], PAD_DT)
+            y = selective_state_update(state, u, delta, A, B, C, D, z, None, True, backend=backend)
         elif self._folds_dt_proj():
             dt_low, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
             weight, dt_bias = self._dt_proj_constants(x_dbl.dtype)
@@ -270,7 +284,7 @@ class Mamba(nn.Module):
         mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
-            return self._step(x, cache, mask, backend)
+            return self._step(x, cache, mask, backend, step_pad_rows(attention_mask))
         grad = self.d_state > 32 and needs_grad(x, *self.parameters())  # (only N > 32 asks: the backward's smem)
         backend = self._scan_backend(backend, x.dtype, grad)  # the sequence scan's limits (the step's have none)
         if self._channels_first():

@@ -17,10 +17,12 @@ from zoo.layers import (
     Linear,
     decoded_constants,
     init_copy_,
+    keep_rows_,
     lay_out_past_pads,
     mark_no_weight_decay,
     refuse_skipped_adapter,
     scaled_width,
+    step_pad_rows,
 )
 from zoo.registry import register_mixer
 
@@ -165,11 +167,18 @@ class Mamba2(nn.Module):
 
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             conv_state, state = cache.step_states()  # updated in place below, then set back
+            # a pad's row (step_pad_rows) keeps its conv window and state (dt = PAD_DT), as in the sequence forward;
+            # its output is the prefill's at a pad (xBC = 0: D·x and C·h are 0)
+            tokens = step_pad_rows(attention_mask)
+            saved = None if tokens is None else conv_state.clone()
             w32, b32, D32, bias32 = decoded_constants(
                 self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
                 lambda: (w.float().contiguous(), None if self.conv1d.bias is None else self.conv1d.bias.float(),
                          self.D.float(), self.dt_bias.float()))
             xBC = causal_conv1d_update(conv_state, xBC[:, 0], w32, b32, "silu", backend=conv_backend)  # (B, conv_dim)
+            keep_rows_(conv_state, saved, tokens)
+            if tokens is not None:
+                dt = dt.masked_fill(~tokens[:, None, None], PAD_DT)
             if mask is not None:
                 xBC = xBC * mask[:, 0, None]
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
@@ -178,7 +187,7 @@ class Mamba2(nn.Module):
 
                 state = state.clone()
                 y = mamba2_step(self, state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
-                                cache, backend)
+                                cache, backend, tokens)
             else:
                 y = ssd_state_update(state, xs.view(Bsz, H, P), dt[:, 0], A, B.view(Bsz, G, N), C.view(Bsz, G, N),
                                      D32, None, bias32, True, backend=backend)

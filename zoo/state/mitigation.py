@@ -51,6 +51,8 @@ from zoo_kernels import (
 )
 from zoo_kernels.selective_scan.ref import linear_scan
 
+from zoo.layers import keep_rows_
+
 # The neutral spec: every value leaves the mixer's output unchanged.
 DEFAULTS = {"c_alpha": 1.0, "c_b": 1.0, "c_dt": 1.0, "threshold": math.inf, "chunk": 64, "window": None,
             "group_size": 64}
@@ -432,11 +434,12 @@ def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache, mask=None):
     return y.to(u.dtype), final
 
 
-def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str):
+def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str, tokens=None):
     """One decoding step of Mamba with the mitigation; updates `state` [b, D, N] in place, returns y [b, D].
 
     Same tensors as the mixer's ``selective_state_update`` call: u, delta (before softplus), z [b, D];
-    B, C [b, N].
+    B, C [b, N]. tokens [b] (bool) or None: a row whose position is a pad (False; its u is 0, its delta PAD_DT) is
+    no step: neither c_α nor the cap touches its state, and the window does not count it.
     """
     spec = _spec(mixer)
     delta, softplus, B = _mamba_effective(mixer, delta, B, spec)
@@ -449,14 +452,18 @@ def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str):
         Bg = (B if B.dim() == 3 else B[:, None])[..., None]  # (b, G, N, 1)
         Cg = (C if C.dim() == 3 else C[:, None])[..., None]
         y, final = _mamba_window(mixer, spec, u[..., None], dt[..., None], A, Bg, Cg,
-                                 None if z is None else z[..., None], mixer.D.float(), None, cache)
+                                 None if z is None else z[..., None], mixer.D.float(), None, cache,
+                                 _step_mask(tokens))
         state.copy_(final)
         return y[..., 0]
+    saved = state.clone() if tokens is not None and (spec["c_alpha"] != 1 or _has_cap(spec)) else None
     if spec["c_alpha"] != 1:
         state.mul_(spec["c_alpha"])
     y = selective_state_update(state, u, delta, A, B, C, mixer.D.float(), z, None, softplus, backend=backend)
     if _has_cap(spec):
         state.copy_(cap_state("mamba", state, spec["threshold"], spec["group_size"]))
+    if saved is not None:
+        keep_rows_(state, saved, tokens)
     return y
 
 
@@ -532,10 +539,11 @@ def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache, mask=None)
     return y.to(x.dtype), final
 
 
-def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str):
+def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str, tokens=None):
     """One decoding step of Mamba-2 with the mitigation; updates `state` [b, H, P, N], returns y [b, H, P].
 
-    Same tensors as the mixer's ``ssd_state_update`` call: x [b, H, P]; dt [b, H]; B, C [b, G, N].
+    Same tensors as the mixer's ``ssd_state_update`` call: x [b, H, P]; dt [b, H]; B, C [b, G, N]. tokens as in
+    `mamba_step` (a pad's x, B, C are 0, its dt PAD_DT).
     """
     spec = _spec(mixer)
     dt, dt_bias, softplus = _mamba2_effective(mixer, dt, spec)
@@ -546,14 +554,17 @@ def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str):
                B=B[:, None])
     if spec["window"] is not None:
         y, final = _mamba2_window(mixer, spec, x[:, None], _mamba2_delta(dt, dt_bias, softplus)[:, None], A,
-                                  B[:, None], C[:, None], mixer.D.float(), None, cache)
+                                  B[:, None], C[:, None], mixer.D.float(), None, cache, _step_mask(tokens))
         state.copy_(final)
         return y[:, 0]
+    saved = state.clone() if tokens is not None and (spec["c_alpha"] != 1 or _has_cap(spec)) else None
     if spec["c_alpha"] != 1:
         state.mul_(spec["c_alpha"])
     y = ssd_state_update(state, x, dt, A, B, C, mixer.D.float(), None, dt_bias, softplus, backend=backend)
     if _has_cap(spec):
         state.copy_(cap_state("mamba2", state, spec["threshold"], spec["group_size"]))
+    if saved is not None:
+        keep_rows_(state, saved, tokens)
     return y
 
 
@@ -612,19 +623,29 @@ def _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask=None):
     return restore(o).to(q.dtype), final
 
 
-def gla_step(mixer, state, q, k, v, g, scale, cache):
-    """One decoding step of GLA with the mitigation; updates `state` [b, H, K, V], returns o [b, H, V]."""
+def gla_step(mixer, state, q, k, v, g, scale, cache, tokens=None):
+    """One decoding step of GLA with the mitigation; updates `state` [b, H, K, V], returns o [b, H, V]. tokens
+    as in `mamba_step` (a pad's k and log decay are 0)."""
     spec = _spec(mixer)
-    k, g = _gla_effective(k, g, spec)
+    mask = _step_mask(tokens)
+    k, g = (t[:, 0] for t in _gla_effective(k[:, None], g[:, None], spec, mask))
     _probe(mixer, log_decay=g.float()[:, None], B=k[:, None])
     if spec["window"] is not None:
-        o, final = _gla_window(spec, q[:, None], k[:, None], v[:, None], g[:, None], scale, None, cache)
+        o, final = _gla_window(spec, q[:, None], k[:, None], v[:, None], g[:, None], scale, None, cache, mask)
         state.copy_(final)
         return o[:, 0]
+    saved = state.clone() if tokens is not None and _has_cap(spec) else None
     o = gla_state_update(state, q, k, v, g, scale)
     if _has_cap(spec):
         state.copy_(cap_state("gla", state, spec["threshold"], spec["group_size"]))
+    if saved is not None:
+        keep_rows_(state, saved, tokens)
     return o
+
+
+def _step_mask(tokens: torch.Tensor | None) -> torch.Tensor | None:
+    """A one-token step's tokens [b] (bool) as the scans' mask [b, 1] (0 = pad), or None."""
+    return None if tokens is None else tokens[:, None].long()
 
 
 # ---- applying to a model ---------------------------------------------------------------------------------------
