@@ -47,7 +47,11 @@ python benchmarks/generate.py --graph only --batches 64 --models mamba --state-d
 # tests, and the masked training path's forward and backward on the card
 add tests-pads-gpu 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_mixers.py \
 tests/test_static_generate.py tests/test_finetune_cuda.py tests/test_odd_shapes_cuda.py -k 'pad or mask or prompt'"
-order=(tests-argmax tests-pads-gpu tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
+# (thirty-second session) a pad fed as a one-token step is no step (the masked step's unfused CUDA path: conv update,
+# state update with PAD_DT), and sliding-window attention counting a row's tokens, not its pads, on the GPU backends
+add tests-step-pads-window 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_modeling.py \
+tests/test_attention_cuda.py -k 'one_token_step or window or pad'"
+order=(tests-argmax tests-pads-gpu tests-step-pads-window tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
        probe-cublaslt)
 
 if [ "${1:-}" = --list ]; then
