@@ -1055,3 +1055,31 @@ def test_trackers_log_under_the_runs_project_and_tensorboard_stays_in_its_folder
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, log=log)))
     assert seen == [project or "hybrid-zoo"]
     assert any((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_throughput_and_mfu_count_real_tokens_not_the_pads_of_unpacked_rows(tmp_path):
+    """tokens_per_s (and MFU) counted every position of the rows: an unpacked run's right pads, no work for the
+    model, inflated both. They count the rows' real tokens now; padded_tokens_per_s keeps every position."""
+    from zoo.data.text import TextStream
+    from zoo.train import count_tokens
+
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(f"line {i} " + "x" * (i % 23) + "\n" for i in range(400)))
+    run = run_dict(tmp_path, data={"source": str(text), "sample_by": "line", "packing": False, "holdout": 0.0},
+                   train={"max_steps": 3, "grad_accum": 1}, log={"every": 1, "peak_tflops": 1.0})
+    cfg = config_from_dict(run)
+    real: list[int] = []
+    train(cfg, on_step=lambda s, m: real.append(m["real_tokens"]))
+    from zoo.data.text import load_tokenizer
+
+    stream = TextStream(cfg.data, load_tokenizer(cfg.tokenizer), "train")
+    expected = [count_tokens(b) for b, _ in itertools.islice(stream.batches(2), 3)]
+    assert real == expected and all(0 < n < 2 * 64 for n in expected)  # short lines: mostly pads
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    assert len(rows) == 3
+    for row, n in zip(rows, expected):
+        tps, padded = float(row["tokens_per_s"]), float(row["padded_tokens_per_s"])
+        assert math.isclose(tps / padded, n / (2 * 64), rel_tol=1e-6)
+        assert math.isclose(float(row["mfu"]), 6 * json.loads((tmp_path / "run" / "run_info.json").read_text())[
+            "active_params"] * tps / 1e12, rel_tol=1e-4)

@@ -600,6 +600,13 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The real tokens of a batch: its attention_mask's ones (an unpacked row is right-padded), else every position
+    (packed rows have no pads). Read from the batch on the host, it costs no device sync."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def count_byte_targets(labels: torch.Tensor) -> int:
     """The targets that are text bytes under the byte tokenizer (ids 0..255; not its <bos> / <eos> / <pad>): the
     bytes bits per byte divides by. Every document's <eos> target counted as a byte made it too low."""
@@ -1112,8 +1119,13 @@ def train(cfg: TrainConfig, resume: str | None = None,
         cfg: the run config (`load_config`).
         resume: None starts fresh (refused if the run directory has checkpoints); 'auto' continues from the
             run's newest checkpoint if there is one; a path continues from that checkpoint or run directory.
-        on_step: called after every optimizer step with (step, {"loss", "lr", "grad_norm"}) (a device sync
-            per step; for tests and benchmarks).
+        on_step: called after every optimizer step with (step, {"loss", "lr", "grad_norm", "real_tokens"}) (a
+            device sync per step; for tests and benchmarks); real_tokens: the step's tokens that are not pads,
+            over all processes.
+
+    Logged throughput: ``tokens_per_s`` (and ``mfu``) count the real tokens only (an unpacked row's pads are no
+    work done); ``padded_tokens_per_s`` counts every position of the rows (the same with packed rows). ``tokens``
+    counts positions (micro-batch rows x seq_len), as the checkpoints' data position does.
 
     Returns:
         a TrainResult.
@@ -1351,7 +1363,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     evals: list[dict[str, float]] = []
     last_ckpt: Path | None = start_ckpt
     saved_step = step if start_ckpt is not None else -1
-    window_time, window_tokens, stopped, updating = 0.0, 0, False, False
+    window_time, window_tokens, window_real, stopped, updating = 0.0, 0, 0, False, False
     # processes agree to stop at the same step: every step's flags are summed on the host (a gloo group: no device
     # sync), read one step later; checked only at log steps, a launcher's SIGTERM met its SIGKILL 30 s on, unsaved
     vote_group, vote = None, None
@@ -1379,15 +1391,19 @@ def train(cfg: TrainConfig, resume: str | None = None,
         return values
 
     def log_window(grad_norm: torch.Tensor, t0: float | None) -> None:
-        """Log the steps since the last log at `step`: their mean loss, tokens/s over their time (the current
-        step's from t0 when given), MFU."""
-        nonlocal window_time, window_tokens
+        """Log the steps since the last log at `step`: their mean loss, real (not pad) tokens/s over their time
+        (the current step's from t0 when given), MFU of those tokens, and padded_tokens_per_s (every position)."""
+        nonlocal window_time, window_tokens, window_real
         values = flush()  # the device sync that makes the window's time honest
         if t0 is not None:
             window_time += time.perf_counter() - t0
-        tps = window_tokens / max(window_time, 1e-9)
+        real = window_real  # this process's, counted on the host: summed over processes once per log
+        if world > 1:
+            real = accelerator.reduce(torch.tensor(float(real), device=device), reduction="sum").item()
+        tps = real / max(window_time, 1e-9)
         metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
-                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
+                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps,
+                   "padded_tokens_per_s": window_tokens / max(window_time, 1e-9)}
         if peak is not None:
             metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
         if device.type == "cuda":
@@ -1395,7 +1411,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         accelerator.log(metrics, step=step)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-        window_time, window_tokens = 0.0, 0
+        window_time, window_tokens, window_real = 0.0, 0, 0
 
     with _StopRequest() as stop:
         try:
@@ -1405,6 +1421,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     group["lr"] = lr_at(step, cfg)
                 micro = [next(batches) for _ in range(accum)]
                 counts = [count_targets(b["labels"]) for b, _ in micro]  # on the host rows: no device sync
+                step_real = sum(count_tokens(b) for b, _ in micro)  # not pads (throughput, MFU)
                 if world == 1:
                     scale: float | torch.Tensor = 1.0 / max(1, sum(counts))
                 else:  # a mean over every process's targets: DDP/FSDP average the gradients, hence world / all
@@ -1427,10 +1444,13 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 updating = False
                 pending.append((step, step_loss))
                 window_tokens += tokens_per_step
+                window_real += step_real
                 if on_step is not None:
                     step_mean = step_loss if world == 1 else accelerator.reduce(step_loss, reduction="mean")
+                    real_all = step_real if world == 1 else int(accelerator.reduce(
+                        torch.tensor(float(step_real), device=device), reduction="sum").item())
                     on_step(step, {"loss": float(step_mean), "lr": lr_at(step - 1, cfg),
-                                   "grad_norm": float(grad_norm)})
+                                   "grad_norm": float(grad_norm), "real_tokens": real_all})
                 log_now = step % cfg.log.every == 0 or step == cfg.train.max_steps
                 if log_now:
                     log_window(grad_norm, t0)
@@ -1519,6 +1539,6 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "NoWeightDecayMixin",
            "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
-           "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "forward_backward",
-           "latest_checkpoint", "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes",
-           "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
+           "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
+           "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "param_groups", "peak_tflops",
+           "resume_changes", "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
