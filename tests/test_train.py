@@ -366,7 +366,7 @@ def _tbptt_model(name: str):
     torch.manual_seed(0)
     if name == "llama":
         config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})
-    else:  # MoE routing stays, but the load-balancing loss is not a sum over tokens, so chunks change it
+    else:  # MoE routing without its aux loss (test_moe_aux_loss_under_tbptt_equals_the_whole_rows checks that)
         extra = {"moe": {"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 0.0}} \
             if name == "jamba-tiny" else {}
         config = zoo.ZooConfig.from_yaml(ROOT / f"configs/models/{name}.yaml", vocab_size=260, **extra)
@@ -416,6 +416,34 @@ def test_exact_tbptt_gradients_equal_whole_row_gradients(name, layout):
     assert_close("loss (detach)", detach_loss, loss, 1e-6)
     worst = max(((detached[n] - whole[n]).norm() / whole[n].norm()).item() for n in whole)
     assert worst > 1e-3, "detached chunks must lose the gradient through the carried state"
+
+
+def test_moe_aux_loss_under_tbptt_equals_the_whole_rows(monkeypatch):
+    """Each chunk added its own load-balancing loss times its inner targets: a regularizer of each chunk's balance
+    (not the row's), the boundary targets' weight left out. The chunks now add up to the whole row's aux loss (loss
+    and gradients, exact mode; the loss in detach mode), pads of an unpacked row counting for no expert."""
+    import zoo
+
+    torch.manual_seed(0)
+    config = zoo.ZooConfig.from_yaml(ROOT / "configs/models/jamba-tiny.yaml", vocab_size=260,
+                                     moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 1.0})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).train()
+    L, chunk = 48, 16
+    ids = torch.randint(0, 256, (2, L))
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[1, 37:] = 0  # an unpacked row's right pads
+    labels = torch.where(mask.bool(), ids, IGNORE_INDEX)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+             "position_ids": torch.arange(L).repeat(2, 1), "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    loss, whole = _grads(model, batch, None, "exact")
+    chunk_loss, exact = _grads(model, batch, chunk, "exact")
+    assert_close("loss", chunk_loss, loss, 1e-6)
+    for n in whole:
+        assert_close(n, exact[n], whole[n], 2e-5)
+    detach_loss, _ = _grads(model, batch, chunk, "detach")
+    assert_close("loss (detach)", detach_loss, loss, 1e-6)
 
 
 def test_chunked_run_matches_whole_row_run(tmp_path):

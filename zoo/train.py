@@ -670,6 +670,60 @@ def _chunk_loss(out, batch: dict[str, torch.Tensor], start: int, stop: int) -> t
     return total, n
 
 
+def _moe_spec(model: nn.Module) -> dict | None:
+    """The MoE spec of a zoo model with MoE layers, whose training loss adds moe.aux_loss_coef times the aux loss
+    (through accelerate's / torch's wrappers), else None."""
+    for _ in range(4):
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "moe_spec"):
+            return config.moe_spec() if getattr(config, "moe", None) is not None else None
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            return None
+    return None
+
+
+class _RowAux:
+    """The MoE load-balancing aux loss of whole rows trained in chunks. It is not a sum of the chunks' aux losses
+    (each chunk's balance, weighted by its targets, penalised a row balanced over its length but not within a
+    chunk, and left the boundary targets' weight out): from the whole row's expert counts C and routed tokens R
+    (routing sums that add up over chunks), chunk k adds n_E · Σ_e C_e · P_e^k / R², the part of the whole row's
+    loss made of its router probabilities P^k (C has no gradient), so the chunks add up to the whole row's aux
+    loss, times its targets as the whole row's loss weighs it."""
+
+    def __init__(self, spec: dict, batch: dict[str, torch.Tensor], bounds: list[tuple[int, int]], n_row: int):
+        self.spec, self.batch, self.bounds, self.n_row = spec, batch, bounds, n_row
+        self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _sums(self, out, k: int):
+        from zoo.layers import load_balancing_sums
+
+        start, stop = self.bounds[k]
+        mask = self.batch.get("attention_mask")
+        return load_balancing_sums(out.router_logits, self.spec["n_experts"], self.spec["top_k"],
+                                   mask[:, start:stop] if mask is not None else None)
+
+    def record(self, out, k: int) -> None:
+        """Keep chunk k's expert counts and routed tokens (from a forward with router logits)."""
+        counts, _, rows = self._sums(out, k)
+        self.counts[k] = (counts.detach(), torch.as_tensor(rows, device=counts.device).detach())
+
+    def replace(self, out, k: int, loss: torch.Tensor) -> torch.Tensor:
+        """The chunk's summed loss (`_chunk_loss`) with its own aux loss swapped for its share of the row's; every
+        chunk's counts recorded first."""
+        coef = self.spec["aux_loss_coef"]
+        start, stop = self.bounds[k]
+        n_inner = count_targets(self.batch["labels"][:, start:stop])
+        if n_inner:  # out.loss = the inner targets' mean CE + coef · the chunk's aux loss (training mode)
+            loss = loss - coef * out.aux_loss * n_inner
+        if not self.n_row:  # the whole row's loss adds no aux loss without a target (_weighted_loss)
+            return loss
+        _, probs, _ = self._sums(out, k)
+        counts = sum(c for c, _ in self.counts.values())
+        rows = sum(r for _, r in self.counts.values()).clamp(min=1)
+        return loss + coef * self.n_row * self.spec["n_experts"] * (counts * probs).sum() / rows ** 2
+
+
 def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float | torch.Tensor,
                      inputs: ModelInputs, *,
                      chunk_len: int | None = None, mode: str = "exact",
@@ -715,22 +769,37 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     L = batch["input_ids"].shape[1]
     bounds = [(s, min(s + chunk_len, L)) for s in range(0, L, chunk_len)]
     total = torch.zeros((), device=batch["input_ids"].device)
+    moe = _moe_spec(model) if len(bounds) > 1 else None
+    row_aux = None
+    if moe is not None:
+        row_aux = _RowAux(moe, batch, bounds, count_targets(batch["labels"]) if n_targets is None else n_targets)
+    router = {"output_router_logits": True} if row_aux is not None else {}
 
     def run(k: int, cache, labels: bool = True):
         start, stop = bounds[k]
-        out = model(**inputs.kwargs(batch, slice(start, stop), labels), **{inputs.cache: cache}, use_cache=True)
+        out = model(**inputs.kwargs(batch, slice(start, stop), labels), **{inputs.cache: cache}, use_cache=True,
+                    **router)
         if output_cache(out) is None and k < len(bounds) - 1:
             raise ValueError("train.tbptt_chunk: the model returned no cache with use_cache=True in training "
                              "mode; truncated BPTT needs model(..., use_cache=True).past_key_values")
         return out
 
     if mode == "detach":
+        if row_aux is not None:  # the row's expert counts before the first chunk's backward: a forward without a graph
+            with torch.no_grad():
+                cache = None
+                for k in range(len(bounds)):
+                    out = run(k, cache, labels=False)
+                    row_aux.record(out, k)
+                    cache = output_cache(out)
         cache = None
         for k, (start, stop) in enumerate(bounds):
             last = k == len(bounds) - 1
             with ctx(last):
                 out = run(k, cache)
                 loss, _ = _chunk_loss(out, batch, start, stop)
+                if row_aux is not None:
+                    loss = row_aux.replace(out, k, loss)
                 loss = loss * scale
                 backward([loss], [None])
             total = total + loss.detach()
@@ -744,7 +813,10 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     with torch.no_grad():
         cache = None
         for k in range(len(bounds) - 1):
-            cache = output_cache(run(k, cache, labels=False))
+            out = run(k, cache, labels=False)
+            if row_aux is not None:
+                row_aux.record(out, k)
+            cache = output_cache(out)
             entering.append(copy.deepcopy(cache))
     state_grads: list[torch.Tensor | None] | None = None
     for k in reversed(range(len(bounds))):
@@ -755,6 +827,10 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
         with ctx(k == 0):
             out = run(k, cache)
             loss, _ = _chunk_loss(out, batch, *bounds[k])
+            if row_aux is not None:
+                if k == len(bounds) - 1:  # the last chunk's counts: from this forward, before any backward
+                    row_aux.record(out, k)
+                loss = row_aux.replace(out, k, loss)
             loss = loss * scale
             tensors: list[torch.Tensor] = [loss]
             grads: list[torch.Tensor | None] = [None]
