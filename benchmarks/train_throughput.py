@@ -3,7 +3,8 @@
 Each model trains under zoo.train (the real loop: packed rows from the built-in corpus, byte tokenizer,
 AdamW, bf16 autocast, grad clip, fused AdamW) for --warmup + --steps optimizer steps at L = 2048 and 8192
 with the same tokens per step; tokens/s is measured over the steps after the warmup (a device sync per
-step). Models:
+step), counting real tokens (the pads of unpacked rows are no work; padded_tokens_per_s counts every
+position). Models:
 
 - zoo: configs/models/{mamba,mamba2,transformerpp,jamba,jamba2}-130m.yaml (vocab 50280 kept: the byte tokenizer uses 259
   of it, so the embedding and logits cost what they cost with the GPT-NeoX tokenizer);
@@ -82,10 +83,12 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
     })
     stamps: list[float] = []
     losses: list[float] = []
+    real: list[int] = []  # each step's tokens that are not pads (hf-mamba's unpacked rows are right-padded)
 
     def on_step(step: int, metrics: dict) -> None:  # float(loss) in the trainer synchronized the device
         stamps.append(time.perf_counter())
         losses.append(metrics["loss"])
+        real.append(metrics["real_tokens"])
 
     gc.collect()  # the previous run's model and optimizer
     if torch.cuda.is_available():
@@ -100,10 +103,13 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
         raise RuntimeError(f"{name} L={seq_len}: training stopped after {len(stamps)} of {warmup + steps} steps; "
                            f"no timed steps")
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
+    real_per_step = sum(real[len(real) - (len(timed) - 1):]) / (len(timed) - 1)  # the timed steps'
+
     # MFU and the floor follow the parameters a token runs through (zoo.train's MFU: MoE experts it skips left out)
     return {"params": info["params"], "active_params": info.get("active_params", info["params"]),
             "backend": info["backend"], "tokens_per_step": tokens_per_step,
-            "step_ms": step_s * 1e3, "tokens_per_s": tokens_per_step / step_s, "packing": packing,
+            "step_ms": step_s * 1e3, "tokens_per_s": real_per_step / step_s,
+            "padded_tokens_per_s": tokens_per_step / step_s, "packing": packing,
             "micro_batch": micro_batch, "grad_accum": grad_accum, "steps_timed": len(timed) - 1,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if torch.cuda.is_available() else 0.0,
             "loss_first": losses[0],

@@ -320,6 +320,21 @@ def test_a_streamed_source_with_mixed_columns_names_the_source_and_the_columns(t
         list(_StreamedDocs(stream, "text", seed=0, shuffle=False, buffer=4, source="files").iter_docs(0, 0))
 
 
+def test_local_jsonl_files_with_mixed_columns_name_each_files_columns(tmp_path):
+    """Local .jsonl files given as data.source (read whole, not streamed) whose columns differ failed in "cannot read
+    ... as json (DatasetGenerationError: Couldn't cast ...)", naming neither the columns that differ nor the fix."""
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"text": f"doc {i} " * 8, "id": i}) + "\n" for i in range(4)))
+    b.write_text(json.dumps({"text": "another doc " * 8, "url": "https://example.org"}) + "\n")
+    message = (r"data\.source: the json files of the source have different columns.*"
+               rf"'{re.escape(str(a))}': columns \['id', 'text'\]; '{re.escape(str(b))}': columns \['text', 'url'\]"
+               r".*same columns \(e\.g\. keep only 'text'")
+    for source in (str(tmp_path / "*.jsonl"), [str(a), str(b)]):
+        with pytest.raises(ValueError, match=message):
+            open_documents(DataConfig(source=source, holdout=0.0), "train")
+
+
 @pytest.mark.parametrize("chunk_len", [None, 4], ids=["whole", "chunked"])
 def test_resuming_at_the_end_of_a_document_continues_with_the_same_rows(tok, tmp_path, chunk_len):
     # a state whose offset is its document's length made the resumed row start with an empty piece: seq_idx from 1,

@@ -629,3 +629,30 @@ def test_a_pad_fed_as_a_one_token_step_is_no_step_under_a_mitigation(kind, spec)
         alone = model(ids[:, mask[0].bool()], use_cache=False).logits
     assert_close("stepped vs one call", stepped, whole, 1e-4)
     assert_close("stepped vs without pads", stepped, alone, 1e-4)
+
+
+def test_state_recorder_counts_no_pad_positions():
+    """The recorder took no mask: a padded batch's pads counted as positions in every mean."""
+    import zoo
+    from zoo.state.recorder import StateRecorder
+
+    torch.manual_seed(0)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    config = zoo.ZooConfig.from_yaml(root / "configs/models/mamba-tiny.yaml", vocab_size=260)
+    model = zoo.ZooForCausalLM(config).eval()
+    a, b = torch.randint(0, 256, (1, 12)), torch.randint(0, 256, (1, 8))
+    recorder = StateRecorder(model)
+    with recorder, torch.no_grad():
+        model(input_ids=a)
+        first = recorder.take()
+        model(input_ids=b)
+        second = recorder.take()
+        ids = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+        mask = torch.ones(2, 12, dtype=torch.long)
+        mask[1, :4] = 0  # left pads
+        model(input_ids=ids, attention_mask=mask)
+        padded = recorder.take()
+    for layer, stats in padded.items():
+        for name in ("B_mean", "alpha_mean", "log_alpha_mean"):
+            want = (first[layer][name] * 12 + second[layer][name] * 8) / 20
+            assert torch.allclose(stats[name], want, rtol=1e-4, atol=1e-6), (layer, name)

@@ -366,7 +366,7 @@ def _tbptt_model(name: str):
     torch.manual_seed(0)
     if name == "llama":
         config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})
-    else:  # MoE routing stays, but the load-balancing loss is not a sum over tokens, so chunks change it
+    else:  # MoE routing without its aux loss (test_moe_aux_loss_under_tbptt_equals_the_whole_rows checks that)
         extra = {"moe": {"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 0.0}} \
             if name == "jamba-tiny" else {}
         config = zoo.ZooConfig.from_yaml(ROOT / f"configs/models/{name}.yaml", vocab_size=260, **extra)
@@ -416,6 +416,34 @@ def test_exact_tbptt_gradients_equal_whole_row_gradients(name, layout):
     assert_close("loss (detach)", detach_loss, loss, 1e-6)
     worst = max(((detached[n] - whole[n]).norm() / whole[n].norm()).item() for n in whole)
     assert worst > 1e-3, "detached chunks must lose the gradient through the carried state"
+
+
+def test_moe_aux_loss_under_tbptt_equals_the_whole_rows(monkeypatch):
+    """Each chunk added its own load-balancing loss times its inner targets: a regularizer of each chunk's balance
+    (not the row's), the boundary targets' weight left out. The chunks now add up to the whole row's aux loss (loss
+    and gradients, exact mode; the loss in detach mode), pads of an unpacked row counting for no expert."""
+    import zoo
+
+    torch.manual_seed(0)
+    config = zoo.ZooConfig.from_yaml(ROOT / "configs/models/jamba-tiny.yaml", vocab_size=260,
+                                     moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 1.0})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).train()
+    L, chunk = 48, 16
+    ids = torch.randint(0, 256, (2, L))
+    mask = torch.ones(2, L, dtype=torch.long)
+    mask[1, 37:] = 0  # an unpacked row's right pads
+    labels = torch.where(mask.bool(), ids, IGNORE_INDEX)
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+             "position_ids": torch.arange(L).repeat(2, 1), "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    loss, whole = _grads(model, batch, None, "exact")
+    chunk_loss, exact = _grads(model, batch, chunk, "exact")
+    assert_close("loss", chunk_loss, loss, 1e-6)
+    for n in whole:
+        assert_close(n, exact[n], whole[n], 2e-5)
+    detach_loss, _ = _grads(model, batch, chunk, "detach")
+    assert_close("loss (detach)", detach_loss, loss, 1e-6)
 
 
 def test_chunked_run_matches_whole_row_run(tmp_path):
@@ -1055,3 +1083,31 @@ def test_trackers_log_under_the_runs_project_and_tensorboard_stays_in_its_folder
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, log=log)))
     assert seen == [project or "hybrid-zoo"]
     assert any((tmp_path / "run" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_throughput_and_mfu_count_real_tokens_not_the_pads_of_unpacked_rows(tmp_path):
+    """tokens_per_s (and MFU) counted every position of the rows: an unpacked run's right pads, no work for the
+    model, inflated both. They count the rows' real tokens now; padded_tokens_per_s keeps every position."""
+    from zoo.data.text import TextStream
+    from zoo.train import count_tokens
+
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(f"line {i} " + "x" * (i % 23) + "\n" for i in range(400)))
+    run = run_dict(tmp_path, data={"source": str(text), "sample_by": "line", "packing": False, "holdout": 0.0},
+                   train={"max_steps": 3, "grad_accum": 1}, log={"every": 1, "peak_tflops": 1.0})
+    cfg = config_from_dict(run)
+    real: list[int] = []
+    train(cfg, on_step=lambda s, m: real.append(m["real_tokens"]))
+    from zoo.data.text import load_tokenizer
+
+    stream = TextStream(cfg.data, load_tokenizer(cfg.tokenizer), "train")
+    expected = [count_tokens(b) for b, _ in itertools.islice(stream.batches(2), 3)]
+    assert real == expected and all(0 < n < 2 * 64 for n in expected)  # short lines: mostly pads
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("loss")]
+    assert len(rows) == 3
+    for row, n in zip(rows, expected):
+        tps, padded = float(row["tokens_per_s"]), float(row["padded_tokens_per_s"])
+        assert math.isclose(tps / padded, n / (2 * 64), rel_tol=1e-6)
+        assert math.isclose(float(row["mfu"]), 6 * json.loads((tmp_path / "run" / "run_info.json").read_text())[
+            "active_params"] * tps / 1e12, rel_tol=1e-4)

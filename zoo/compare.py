@@ -21,7 +21,8 @@ For every model it (1) solves its size for the budget, (2) accounts parameters, 
 (3) trains it with ``zoo.train`` on the same rows in the same order (same seeds), (4) evaluates held-out
 loss, per-position loss on long documents and passkey retrieval, (5) trains a fresh copy on MQAR (the same
 batches for every model) and measures recall, (6) measures training throughput and peak memory over sequence
-lengths on the present device. Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
+lengths on the present device (training tokens/s counts real tokens: an unpacked recipe's pads are left
+out). Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
 finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
 from its last checkpoint); a rerun skips what is done unless ``--force``. Models finished by an earlier run
 (``--only``) join the table only if their results were made with the current model config, recipe and phase
@@ -1112,8 +1113,14 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
 
     tcfg = train_config(cfg, entry, seq_len, run_dir)
     stamps: list[float] = []
+    real: list[int] = []  # each step's tokens that are not pads (unpacked rows are padded)
+
+    def on_step(step: int, metrics: dict) -> None:
+        stamps.append(time.perf_counter())
+        real.append(metrics["real_tokens"])
+
     start = time.perf_counter()
-    result = train(tcfg, resume="auto", on_step=lambda step, metrics: stamps.append(time.perf_counter()))
+    result = train(tcfg, resume="auto", on_step=on_step)
     wall = time.perf_counter() - start
     if result.stopped:
         raise KeyboardInterrupt(f"training of {entry.name} stopped at step {result.step}")
@@ -1122,8 +1129,9 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
     peaks = [r["peak_mem_gib"] for r in curve if "peak_mem_gib" in r]
     tail = [r["loss"] for r in curve[-3:]]
     checkpoint = Path(result.checkpoint).relative_to(run_dir.parent)  # the model folder may move
-    # the first step pays one-time costs (kernel builds, allocator warm-up): time the steps after it
-    tps = info["tokens_per_step"] * (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    # the first step pays one-time costs (kernel builds, allocator warm-up): time the steps after it; real tokens
+    # (an unpacked recipe's pads are no work, and models are compared on the same rows)
+    tps = sum(real[1:]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
     return {"seq_len": seq_len, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
             "tokens_per_step": info["tokens_per_step"], "train_tokens_per_s": tps,
             "peak_mem_gib": max(peaks) if peaks else None, "final_train_loss": sum(tail) / len(tail) if tail else None,

@@ -507,8 +507,18 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], n_experts: int, t
     top-k assignments to expert e per routed token and p_e the mean router probability of e, both over every
     layer's tokens; top_k when balanced. So moe.aux_loss_coef means what Jamba's router_aux_loss_coef means (0.001)
     whatever the number of MoE layers. token_mask [tokens] (1 = token): padding counts for neither."""
-    counts = router_logits[0].new_zeros(n_experts)
-    probs = router_logits[0].new_zeros(n_experts)
+    counts, probs, rows = load_balancing_sums(router_logits, n_experts, top_k, token_mask)
+    rows = rows.clamp(min=1) if isinstance(rows, torch.Tensor) else max(rows, 1)  # (no host copy: graph capture)
+    return n_experts * ((counts / rows) * (probs / rows)).sum()
+
+
+def load_balancing_sums(router_logits: Sequence[torch.Tensor], n_experts: int, top_k: int,
+                        token_mask: torch.Tensor | None = None):
+    """The sums `load_balancing_loss` is made of, over every layer's (unmasked) tokens: the top-k assignments per
+    expert [n_experts] (no gradient), the router probabilities per expert [n_experts], and the routed tokens. They
+    add up over the chunks of a row, so the whole row's loss is n_experts · Σ_e C_e · P_e / rows² of the sums."""
+    counts = router_logits[0].new_zeros(n_experts, dtype=torch.float32)  # (bf16 counts were exact to 256 only)
+    probs = router_logits[0].new_zeros(n_experts, dtype=torch.float32)
     keep = token_mask.reshape(-1).to(counts) if token_mask is not None else None
     rows = 0
     for logits in router_logits:
@@ -518,8 +528,7 @@ def load_balancing_loss(router_logits: Sequence[torch.Tensor], n_experts: int, t
         counts = counts.scatter_add(0, chosen.reshape(-1), slots.reshape(-1))
         probs = probs + (p * keep[:, None] if keep is not None else p).sum(0)
         rows = rows + (keep.sum() if keep is not None else p.shape[0])
-    rows = rows.clamp(min=1) if isinstance(rows, torch.Tensor) else max(rows, 1)  # (no host copy: graph capture)
-    return n_experts * ((counts / rows) * (probs / rows)).sum()
+    return counts, probs, rows
 
 
 class Block(nn.Module):

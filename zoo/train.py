@@ -600,6 +600,13 @@ def count_targets(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The real tokens of a batch: its attention_mask's ones (an unpacked row is right-padded), else every position
+    (packed rows have no pads). Read from the batch on the host, it costs no device sync."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
 def count_byte_targets(labels: torch.Tensor) -> int:
     """The targets that are text bytes under the byte tokenizer (ids 0..255; not its <bos> / <eos> / <pad>): the
     bytes bits per byte divides by. Every document's <eos> target counted as a byte made it too low."""
@@ -663,6 +670,60 @@ def _chunk_loss(out, batch: dict[str, torch.Tensor], start: int, stop: int) -> t
     return total, n
 
 
+def _moe_spec(model: nn.Module) -> dict | None:
+    """The MoE spec of a zoo model with MoE layers, whose training loss adds moe.aux_loss_coef times the aux loss
+    (through accelerate's / torch's wrappers), else None."""
+    for _ in range(4):
+        config = getattr(model, "config", None)
+        if config is not None and hasattr(config, "moe_spec"):
+            return config.moe_spec() if getattr(config, "moe", None) is not None else None
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            return None
+    return None
+
+
+class _RowAux:
+    """The MoE load-balancing aux loss of whole rows trained in chunks. It is not a sum of the chunks' aux losses
+    (each chunk's balance, weighted by its targets, penalised a row balanced over its length but not within a
+    chunk, and left the boundary targets' weight out): from the whole row's expert counts C and routed tokens R
+    (routing sums that add up over chunks), chunk k adds n_E · Σ_e C_e · P_e^k / R², the part of the whole row's
+    loss made of its router probabilities P^k (C has no gradient), so the chunks add up to the whole row's aux
+    loss, times its targets as the whole row's loss weighs it."""
+
+    def __init__(self, spec: dict, batch: dict[str, torch.Tensor], bounds: list[tuple[int, int]], n_row: int):
+        self.spec, self.batch, self.bounds, self.n_row = spec, batch, bounds, n_row
+        self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _sums(self, out, k: int):
+        from zoo.layers import load_balancing_sums
+
+        start, stop = self.bounds[k]
+        mask = self.batch.get("attention_mask")
+        return load_balancing_sums(out.router_logits, self.spec["n_experts"], self.spec["top_k"],
+                                   mask[:, start:stop] if mask is not None else None)
+
+    def record(self, out, k: int) -> None:
+        """Keep chunk k's expert counts and routed tokens (from a forward with router logits)."""
+        counts, _, rows = self._sums(out, k)
+        self.counts[k] = (counts.detach(), torch.as_tensor(rows, device=counts.device).detach())
+
+    def replace(self, out, k: int, loss: torch.Tensor) -> torch.Tensor:
+        """The chunk's summed loss (`_chunk_loss`) with its own aux loss swapped for its share of the row's; every
+        chunk's counts recorded first."""
+        coef = self.spec["aux_loss_coef"]
+        start, stop = self.bounds[k]
+        n_inner = count_targets(self.batch["labels"][:, start:stop])
+        if n_inner:  # out.loss = the inner targets' mean CE + coef · the chunk's aux loss (training mode)
+            loss = loss - coef * out.aux_loss * n_inner
+        if not self.n_row:  # the whole row's loss adds no aux loss without a target (_weighted_loss)
+            return loss
+        _, probs, _ = self._sums(out, k)
+        counts = sum(c for c, _ in self.counts.values())
+        rows = sum(r for _, r in self.counts.values()).clamp(min=1)
+        return loss + coef * self.n_row * self.spec["n_experts"] * (counts * probs).sum() / rows ** 2
+
+
 def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float | torch.Tensor,
                      inputs: ModelInputs, *,
                      chunk_len: int | None = None, mode: str = "exact",
@@ -708,22 +769,37 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     L = batch["input_ids"].shape[1]
     bounds = [(s, min(s + chunk_len, L)) for s in range(0, L, chunk_len)]
     total = torch.zeros((), device=batch["input_ids"].device)
+    moe = _moe_spec(model) if len(bounds) > 1 else None
+    row_aux = None
+    if moe is not None:
+        row_aux = _RowAux(moe, batch, bounds, count_targets(batch["labels"]) if n_targets is None else n_targets)
+    router = {"output_router_logits": True} if row_aux is not None else {}
 
     def run(k: int, cache, labels: bool = True):
         start, stop = bounds[k]
-        out = model(**inputs.kwargs(batch, slice(start, stop), labels), **{inputs.cache: cache}, use_cache=True)
+        out = model(**inputs.kwargs(batch, slice(start, stop), labels), **{inputs.cache: cache}, use_cache=True,
+                    **router)
         if output_cache(out) is None and k < len(bounds) - 1:
             raise ValueError("train.tbptt_chunk: the model returned no cache with use_cache=True in training "
                              "mode; truncated BPTT needs model(..., use_cache=True).past_key_values")
         return out
 
     if mode == "detach":
+        if row_aux is not None:  # the row's expert counts before the first chunk's backward: a forward without a graph
+            with torch.no_grad():
+                cache = None
+                for k in range(len(bounds)):
+                    out = run(k, cache, labels=False)
+                    row_aux.record(out, k)
+                    cache = output_cache(out)
         cache = None
         for k, (start, stop) in enumerate(bounds):
             last = k == len(bounds) - 1
             with ctx(last):
                 out = run(k, cache)
                 loss, _ = _chunk_loss(out, batch, start, stop)
+                if row_aux is not None:
+                    loss = row_aux.replace(out, k, loss)
                 loss = loss * scale
                 backward([loss], [None])
             total = total + loss.detach()
@@ -737,7 +813,10 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     with torch.no_grad():
         cache = None
         for k in range(len(bounds) - 1):
-            cache = output_cache(run(k, cache, labels=False))
+            out = run(k, cache, labels=False)
+            if row_aux is not None:
+                row_aux.record(out, k)
+            cache = output_cache(out)
             entering.append(copy.deepcopy(cache))
     state_grads: list[torch.Tensor | None] | None = None
     for k in reversed(range(len(bounds))):
@@ -748,6 +827,10 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
         with ctx(k == 0):
             out = run(k, cache)
             loss, _ = _chunk_loss(out, batch, *bounds[k])
+            if row_aux is not None:
+                if k == len(bounds) - 1:  # the last chunk's counts: from this forward, before any backward
+                    row_aux.record(out, k)
+                loss = row_aux.replace(out, k, loss)
             loss = loss * scale
             tensors: list[torch.Tensor] = [loss]
             grads: list[torch.Tensor | None] = [None]
@@ -1112,8 +1195,13 @@ def train(cfg: TrainConfig, resume: str | None = None,
         cfg: the run config (`load_config`).
         resume: None starts fresh (refused if the run directory has checkpoints); 'auto' continues from the
             run's newest checkpoint if there is one; a path continues from that checkpoint or run directory.
-        on_step: called after every optimizer step with (step, {"loss", "lr", "grad_norm"}) (a device sync
-            per step; for tests and benchmarks).
+        on_step: called after every optimizer step with (step, {"loss", "lr", "grad_norm", "real_tokens"}) (a
+            device sync per step; for tests and benchmarks); real_tokens: the step's tokens that are not pads,
+            over all processes.
+
+    Logged throughput: ``tokens_per_s`` (and ``mfu``) count the real tokens only (an unpacked row's pads are no
+    work done); ``padded_tokens_per_s`` counts every position of the rows (the same with packed rows). ``tokens``
+    counts positions (micro-batch rows x seq_len), as the checkpoints' data position does.
 
     Returns:
         a TrainResult.
@@ -1351,7 +1439,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     evals: list[dict[str, float]] = []
     last_ckpt: Path | None = start_ckpt
     saved_step = step if start_ckpt is not None else -1
-    window_time, window_tokens, stopped, updating = 0.0, 0, False, False
+    window_time, window_tokens, window_real, stopped, updating = 0.0, 0, 0, False, False
     # processes agree to stop at the same step: every step's flags are summed on the host (a gloo group: no device
     # sync), read one step later; checked only at log steps, a launcher's SIGTERM met its SIGKILL 30 s on, unsaved
     vote_group, vote = None, None
@@ -1379,15 +1467,19 @@ def train(cfg: TrainConfig, resume: str | None = None,
         return values
 
     def log_window(grad_norm: torch.Tensor, t0: float | None) -> None:
-        """Log the steps since the last log at `step`: their mean loss, tokens/s over their time (the current
-        step's from t0 when given), MFU."""
-        nonlocal window_time, window_tokens
+        """Log the steps since the last log at `step`: their mean loss, real (not pad) tokens/s over their time
+        (the current step's from t0 when given), MFU of those tokens, and padded_tokens_per_s (every position)."""
+        nonlocal window_time, window_tokens, window_real
         values = flush()  # the device sync that makes the window's time honest
         if t0 is not None:
             window_time += time.perf_counter() - t0
-        tps = window_tokens / max(window_time, 1e-9)
+        real = window_real  # this process's, counted on the host: summed over processes once per log
+        if world > 1:
+            real = accelerator.reduce(torch.tensor(float(real), device=device), reduction="sum").item()
+        tps = real / max(window_time, 1e-9)
         metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
-                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps}
+                   "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps,
+                   "padded_tokens_per_s": window_tokens / max(window_time, 1e-9)}
         if peak is not None:
             metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
         if device.type == "cuda":
@@ -1395,7 +1487,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         accelerator.log(metrics, step=step)
         if bar is not None:
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-        window_time, window_tokens = 0.0, 0
+        window_time, window_tokens, window_real = 0.0, 0, 0
 
     with _StopRequest() as stop:
         try:
@@ -1405,6 +1497,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     group["lr"] = lr_at(step, cfg)
                 micro = [next(batches) for _ in range(accum)]
                 counts = [count_targets(b["labels"]) for b, _ in micro]  # on the host rows: no device sync
+                step_real = sum(count_tokens(b) for b, _ in micro)  # not pads (throughput, MFU)
                 if world == 1:
                     scale: float | torch.Tensor = 1.0 / max(1, sum(counts))
                 else:  # a mean over every process's targets: DDP/FSDP average the gradients, hence world / all
@@ -1427,10 +1520,13 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 updating = False
                 pending.append((step, step_loss))
                 window_tokens += tokens_per_step
+                window_real += step_real
                 if on_step is not None:
                     step_mean = step_loss if world == 1 else accelerator.reduce(step_loss, reduction="mean")
+                    real_all = step_real if world == 1 else int(accelerator.reduce(
+                        torch.tensor(float(step_real), device=device), reduction="sum").item())
                     on_step(step, {"loss": float(step_mean), "lr": lr_at(step - 1, cfg),
-                                   "grad_norm": float(grad_norm)})
+                                   "grad_norm": float(grad_norm), "real_tokens": real_all})
                 log_now = step % cfg.log.every == 0 or step == cfg.train.max_steps
                 if log_now:
                     log_window(grad_norm, t0)
@@ -1519,6 +1615,6 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "NoWeightDecayMixin",
            "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
-           "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "forward_backward",
-           "latest_checkpoint", "load_config", "lr_at", "main", "param_groups", "peak_tflops", "resume_changes",
-           "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
+           "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
+           "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "param_groups", "peak_tflops",
+           "resume_changes", "resume_weight_changes", "save_checkpoint", "train", "validate_config"]

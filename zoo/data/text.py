@@ -316,6 +316,48 @@ def _mixed_columns_error(error, source: Any, text_field: str) -> ValueError:
         f"data.split whose files agree)")
 
 
+def _file_columns(path: str, builder: str, records: int = 1000) -> list[str] | None:
+    """The columns of one local file: a .parquet file's schema, else the keys of the first `records` JSON lines
+    (None where they cannot be read: a .json file holding one document rather than JSON lines)."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    keys: dict[str, None] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in itertools.islice((line for line in f if line.strip()), records):
+                record = json.loads(line)
+                if not isinstance(record, dict):
+                    return None
+                keys.update(dict.fromkeys(record))
+    except (OSError, ValueError):
+        return None
+    return list(keys)
+
+
+def _mixed_local_columns_error(error, files: list[str], builder: str, text_field: str) -> ValueError:
+    """datasets reads local .jsonl / .parquet files as one table with the columns of its first file, and a file with
+    other columns fails in a CastError that names neither the file nor what to do: the same, naming each file's
+    columns (grouped by their columns) and the fix."""
+    groups: dict[tuple[str, ...] | None, list[str]] = {}
+    for f in files:
+        columns = _file_columns(f, builder)
+        groups.setdefault(tuple(sorted(columns)) if columns is not None else None, []).append(f)
+    expected = list(getattr(error, "requested_column_names", []) or [])
+
+    def named(paths: list[str]) -> str:
+        return ", ".join(repr(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+    per_file = "; ".join(f"{named(paths)}: columns {list(cols) if cols is not None else '(not read)'}"
+                         for cols, paths in groups.items())
+    return ValueError(
+        f"data.source: the {builder} files of the source have different columns, which datasets cannot read as one "
+        f"table (it casts every file to the columns of the first, {expected}). Columns by file: "
+        f"{per_file}. Give every file the same columns (e.g. keep only {text_field!r}, the column "
+        f"data.text_field reads), or point data.source at files that share their columns")
+
+
 def _looks_local(pattern: str) -> bool:
     """A path or glob rather than a hub name: absolute, ./ or ~ relative, a wildcard, or a data-file suffix."""
     return (os.path.isabs(pattern) or pattern.startswith((".", "~")) or any(c in pattern for c in "*?[")
@@ -439,6 +481,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         try:
             dataset = datasets.load_dataset(builder, data_files=local, split="train", **extra)
         except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:  # empty or malformed files
+            from datasets.table import CastError
+
+            if isinstance(e.__cause__, CastError):  # files of other columns
+                raise _mixed_local_columns_error(e.__cause__, local, builder, cfg.text_field) from e
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e

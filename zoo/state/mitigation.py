@@ -385,7 +385,7 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
     if mixer.state_probe is not None:
         dt = F.softplus(delta.float()) if softplus else delta.float()
         _probe(mixer, delta=dt.transpose(1, 2), A=A, log_c=math.log(spec["c_alpha"]),
-               B=grouped_B.permute(0, 3, 1, 2))
+               B=grouped_B.permute(0, 3, 1, 2), mask=mask)
     if spec["window"] is not None:
         dt = F.softplus(delta.float()) if softplus else delta.float()
         y, final = _mamba_window(mixer, spec, u, dt, A, grouped_B, C if C.dim() == 4 else C[:, None], z, D,
@@ -446,7 +446,7 @@ def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str, tokens=N
     if mixer.state_probe is not None:
         dt = F.softplus(delta.float()) if softplus else delta.float()
         _probe(mixer, delta=dt[:, None], A=A, log_c=math.log(spec["c_alpha"]),
-               B=(B if B.dim() == 3 else B[:, None])[:, None])
+               B=(B if B.dim() == 3 else B[:, None])[:, None], mask=_step_mask(tokens))
     if spec["window"] is not None:
         dt = F.softplus(delta.float()) if softplus else delta.float()
         Bg = (B if B.dim() == 3 else B[:, None])[..., None]  # (b, G, N, 1)
@@ -495,7 +495,8 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
         B = (B.float() * spec["c_b"]).to(B.dtype)
     D = mixer.D.float()
     if mixer.state_probe is not None:
-        _probe(mixer, delta=_mamba2_delta(dt, dt_bias, softplus), A=A, log_c=math.log(spec["c_alpha"]), B=B)
+        _probe(mixer, delta=_mamba2_delta(dt, dt_bias, softplus), A=A, log_c=math.log(spec["c_alpha"]), B=B,
+               mask=mask)
     if spec["window"] is not None:
         y, final = _mamba2_window(mixer, spec, x, _mamba2_delta(dt, dt_bias, softplus), A, B, C, D, seq_idx, cache,
                                   mask)
@@ -551,7 +552,7 @@ def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str, tokens=None):
         B = (B.float() * spec["c_b"]).to(B.dtype)
     if mixer.state_probe is not None:
         _probe(mixer, delta=_mamba2_delta(dt, dt_bias, softplus)[:, None], A=A, log_c=math.log(spec["c_alpha"]),
-               B=B[:, None])
+               B=B[:, None], mask=_step_mask(tokens))
     if spec["window"] is not None:
         y, final = _mamba2_window(mixer, spec, x[:, None], _mamba2_delta(dt, dt_bias, softplus)[:, None], A,
                                   B[:, None], C[:, None], mixer.D.float(), None, cache, _step_mask(tokens))
@@ -593,7 +594,7 @@ def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: s
     spec = _spec(mixer)
     want_final = cache is not None
     k, g = _gla_effective(k, g, spec, mask)
-    _probe(mixer, log_decay=g.float(), B=k)
+    _probe(mixer, log_decay=g.float(), B=k, mask=mask)
     if spec["window"] is not None:
         o, final = _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask)
         return (o, final) if want_final else o
@@ -629,7 +630,7 @@ def gla_step(mixer, state, q, k, v, g, scale, cache, tokens=None):
     spec = _spec(mixer)
     mask = _step_mask(tokens)
     k, g = (t[:, 0] for t in _gla_effective(k[:, None], g[:, None], spec, mask))
-    _probe(mixer, log_decay=g.float()[:, None], B=k[:, None])
+    _probe(mixer, log_decay=g.float()[:, None], B=k[:, None], mask=mask)
     if spec["window"] is not None:
         o, final = _gla_window(spec, q[:, None], k[:, None], v[:, None], g[:, None], scale, None, cache, mask)
         state.copy_(final)

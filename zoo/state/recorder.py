@@ -92,9 +92,19 @@ class StateRecorder:
         sums[name] = sums[name] + value if name in sums else value
 
     @torch.no_grad()
-    def _probe(self, mixer, delta=None, A=None, log_c: float = 0.0, B=None, log_decay=None) -> None:
-        """delta [b, T, D or H]; A [D, N] or [H]; B [b, T, G, N] (gla: keys [b, T, H, K]); log_decay [b, T, H, K]."""
+    def _probe(self, mixer, delta=None, A=None, log_c: float = 0.0, B=None, log_decay=None, mask=None) -> None:
+        """delta [b, T, D or H]; A [D, N] or [H]; B [b, T, G, N] (gla: keys [b, T, H, K]); log_decay [b, T, H, K];
+        mask [b, >= T] (0 = pad; its last T columns are these positions) or None: a pad is no position (a one-token
+        step of a pad is no step), as zoo.layers.step_pad_rows treats it."""
         layer, kind = mixer.layer_idx, self.kinds[mixer.layer_idx]
+        length = (delta if delta is not None else log_decay).shape[1]
+        w = None if mask is None else (mask[:, -length:] != 0).to(torch.float32)  # (b, T)
+        if w is not None and bool(w.all()):
+            w = None
+
+        def total(x: torch.Tensor) -> torch.Tensor:  # Σ over (b, T) of x [b, T, ...], pads left out
+            return (x if w is None else x * w.view(*w.shape, *([1] * (x.dim() - 2)))).sum((0, 1))
+
         if kind == "mamba":
             batch, length, dim = delta.shape
             size = math.gcd(dim, self.group_size)
@@ -104,24 +114,24 @@ class StateRecorder:
             alpha = torch.zeros_like(la)
             for s in range(0, length, 256):  # exp per (channel, n), a slice of tokens at a time
                 alpha[:, s:s + 256] = torch.exp(grouped[:, s:s + 256, :, :, None] * A32 + log_c).mean((-1, -2))
-            self._add(layer, "delta", grouped.mean(-1).sum((0, 1)))
+            self._add(layer, "delta", total(grouped.mean(-1)))
         elif kind == "mamba2":
             batch, length = delta.shape[:2]
             la = delta.float() * A.float() + log_c  # (b, T, H)
             alpha = torch.exp(la)
-            self._add(layer, "delta", delta.float().sum((0, 1)))
+            self._add(layer, "delta", total(delta.float()))
         else:
             batch, length = log_decay.shape[:2]
             la = log_decay.float().mean(-1)  # (b, T, H)
             alpha = torch.exp(log_decay.float()).mean(-1)
-        self._add(layer, "log_alpha", la.sum((0, 1)))
-        self._add(layer, "alpha", alpha.sum((0, 1)))
-        self._add(layer, "tokens", torch.tensor(float(batch * length)))
+        self._add(layer, "log_alpha", total(la))
+        self._add(layer, "alpha", total(alpha))
+        self._add(layer, "tokens", torch.tensor(float(batch * length) if w is None else float(w.sum())))
         self._add(layer, "rows", torch.tensor(float(batch)))
         self._add(layer, "calls", torch.tensor(1.0))
         B32 = B.float()
-        self._add(layer, "B", B32.mean(-1).sum((0, 1)))
-        self._add(layer, "B_sq", B32.pow(2).mean(-1).sum((0, 1)))
+        self._add(layer, "B", total(B32.mean(-1)))
+        self._add(layer, "B_sq", total(B32.pow(2).mean(-1)))
 
     def take(self) -> dict[int, dict[str, torch.Tensor]]:
         """Per layer: delta_mean, log_alpha_mean, alpha_mean [heads], log_alpha_sum [heads] (Σ over the tokens,
