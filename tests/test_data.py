@@ -7,6 +7,7 @@ import json
 import re
 import string
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -193,7 +194,8 @@ def test_streamed_documents_are_deterministic_and_resumable(letter_docs):
     epoch0 = list(streamed.iter_docs(0, 0))
     assert sorted(epoch0) == sorted(docs) and epoch0 != docs, "a shuffled pass over every document"
     assert list(streamed.iter_docs(0, 0)) == epoch0 and list(streamed.iter_docs(1, 0)) != epoch0
-    assert list(streamed.iter_docs(0, 37)) == epoch0[37:], "resuming skips the consumed documents"
+    with pytest.warns(UserWarning, match=r"re-reads and skips 37 documents: .*shuffle buffer"):
+        assert list(streamed.iter_docs(0, 37)) == epoch0[37:], "resuming a shuffled stream skips the consumed documents"
 
 
 @pytest.mark.parametrize("contents, message", [
@@ -489,3 +491,101 @@ def test_sample_by_on_a_source_that_is_not_txt_files_is_refused_by_name(letter_d
     cfg = DataConfig(source=letter_docs[0] if source == "jsonl" else "stdlib", sample_by="line")
     with pytest.raises(ValueError, match=r"data\.sample_by: 'line' splits"):
         open_documents(cfg, "train")
+
+
+def _streamed_corpus(tmp_path, parts: int = 4, per_part: int = 12) -> str:
+    """A folder of jsonl files (several shards of a stream), each document distinct and of its own length."""
+    folder = tmp_path / "streamed"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for part in range(parts):
+        docs = [f"doc {part}.{i} " + string.ascii_lowercase[i % 26] * int(rng.integers(5, 60)) for i in range(per_part)]
+        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return str(folder)
+
+
+def _reads(monkeypatch) -> list[str]:
+    """The texts every datasets.IterableDataset iteration yields from now on (what the stream read)."""
+    import datasets
+
+    seen: list[str] = []
+    iterate = datasets.IterableDataset.__iter__
+
+    def counted(self):
+        for example in iterate(self):
+            seen.append(example["text"])
+            yield example
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counted)
+    return seen
+
+
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)], ids=["one-process", "rank1-of-2"])
+@pytest.mark.parametrize("epoch", [0, 1])
+def test_a_resumed_streamed_dataset_reads_on_from_its_saved_position(tok, tmp_path, monkeypatch, rank, world_size,
+                                                                    epoch):
+    # resuming a streamed dataset at document d re-read and skipped d documents (hours of download and tokenizing
+    # for a large corpus); the position now holds datasets' own (IterableDataset.state_dict), read on from there
+    cfg = DataConfig(source=_streamed_corpus(tmp_path), streaming=True, shuffle=False, holdout=0.2, seq_len=32)
+    full = list(itertools.islice(TextStream(cfg, tok, rank=rank, world_size=world_size).rows(), 120))
+    at = next(i for i, (_, s) in enumerate(full) if s.epoch == epoch and s.doc >= 15)
+    state = json.loads(json.dumps(full[at][1].as_dict()))  # as a checkpoint's trainer_state.json holds it
+    assert state["epoch"] == epoch and "source" in state, "the stream's own position is saved"
+    order = list(open_documents(cfg, "train", rank, world_size).iter_docs(epoch, 0))
+    assert state["doc"] < len(order) - 2, "the position is inside the epoch"
+
+    resumed = TextStream(cfg, tok, rank=rank, world_size=world_size)
+    seen = _reads(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no notice: nothing is re-read
+        got = list(itertools.islice(resumed.rows(StreamState(**state)), len(full) - at - 1))
+    for (expect, expect_state), (row, row_state) in zip(full[at + 1:], got, strict=True):
+        assert all(np.array_equal(expect[k], row[k]) for k in expect)
+        assert (row_state.epoch, row_state.doc, row_state.offset) == (expect_state.epoch, expect_state.doc,
+                                                                      expect_state.offset)
+    assert seen[0] == order[state["doc"]], "the resumed stream starts at the saved document"
+    assert not set(seen[:len(order) - state["doc"]]) & set(order[:state["doc"]]), "no earlier document re-read"
+    again = json.loads(json.dumps(got[5][1].as_dict()))  # a position saved by the resumed run resumes as well
+    for (expect, _), (row, _) in zip(full[at + 7:], TextStream(cfg, tok, rank=rank, world_size=world_size).rows(again)):
+        assert all(np.array_equal(expect[k], row[k]) for k in expect)
+
+
+def test_a_resumed_stream_without_a_saved_position_skips_with_a_notice(tok, tmp_path, monkeypatch):
+    # a position saved by an older zoo (no "source"), a shuffled stream (datasets saves no shuffle buffer, so its
+    # position would continue with other documents), or a datasets without state_dict: re-read and skip, as before,
+    # with the same rows after the resume point, and say so
+    import datasets
+
+    source = _streamed_corpus(tmp_path)
+    cases = {"older zoo": ({"shuffle": False}, None, r"written by an older zoo"),
+             "shuffled": ({"shuffle": True, "shuffle_buffer": 8}, None, r"shuffle buffer"),
+             "old datasets": ({"shuffle": False}, "state_dict", r"cannot save a stream's position")}
+    for name, (fields_, missing, reason) in cases.items():
+        cfg = DataConfig(source=source, streaming=True, holdout=0.0, seq_len=32, **fields_)
+        full = list(itertools.islice(TextStream(cfg, tok).rows(), 30))
+        state = full[12][1].as_dict()
+        assert ("source" in state) == (not cfg.shuffle), name
+        state.pop("source", None)
+        with monkeypatch.context() as patch:
+            if missing:
+                patch.delattr(datasets.IterableDataset, missing)
+            seen = _reads(patch)
+            with pytest.warns(UserWarning, match=rf"data: resuming the stream of .* at document {state['doc']} of "
+                                                 rf"epoch 0 re-reads and skips {state['doc']} documents: .*{reason}"):
+                got = list(itertools.islice(TextStream(cfg, tok).rows(state), 17))
+        assert len(seen) > state["doc"], name
+        for (expect, _), (row, _) in zip(full[13:], got, strict=True):
+            assert all(np.array_equal(expect[k], row[k]) for k in expect), name
+
+
+def test_a_saved_stream_position_of_another_dataset_is_not_loaded(tok, tmp_path):
+    # a position whose layout is not this dataset's (e.g. saved with another number of processes) would be loaded
+    # by datasets without a word and continue elsewhere: it is skipped to, with a notice
+    cfg = DataConfig(source=_streamed_corpus(tmp_path), streaming=True, shuffle=False, holdout=0.0, seq_len=32)
+    full = list(itertools.islice(TextStream(cfg, tok).rows(), 30))
+    state = full[12][1].as_dict()
+    state["source"] = {"examples_iterable": {"shard_idx": 3, "type": "SomethingElse"}, "epoch": 0}
+    with pytest.warns(UserWarning, match=r"re-reads and skips .*not one of this dataset's"):
+        got = list(itertools.islice(TextStream(cfg, tok).rows(state), 17))
+    for (expect, _), (row, _) in zip(full[13:], got, strict=True):
+        assert all(np.array_equal(expect[k], row[k]) for k in expect)

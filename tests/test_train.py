@@ -1111,3 +1111,46 @@ def test_throughput_and_mfu_count_real_tokens_not_the_pads_of_unpacked_rows(tmp_
         assert math.isclose(tps / padded, n / (2 * 64), rel_tol=1e-6)
         assert math.isclose(float(row["mfu"]), 6 * json.loads((tmp_path / "run" / "run_info.json").read_text())[
             "active_params"] * tps / 1e12, rel_tol=1e-4)
+
+
+def test_resume_of_a_streamed_dataset_reads_on_from_the_saved_position(tmp_path, monkeypatch):
+    # a streamed dataset's run resumed at document d re-read and skipped d documents (for a large hub corpus, hours
+    # of download and tokenizing); the checkpoint now holds datasets' own stream position, and the resumed run reads
+    # on from it, with the uninterrupted run's losses
+    datasets = pytest.importorskip("datasets")
+    from zoo.data.text import open_documents
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for part in range(4):
+        docs = [f"part {part} document {i} " * (1 + i % 3) for i in range(14)]
+        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    sections = {"data": {"source": str(folder), "streaming": True, "shuffle": False, "holdout": 0.0}}
+    full: dict[int, float] = {}
+    train(config_from_dict(run_dict(tmp_path / "a", **sections)), on_step=lambda s, m: full.__setitem__(s, m["loss"]))
+
+    def interrupt(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
+
+    cfg = config_from_dict(run_dict(tmp_path / "b", checkpoint={"every": 2}, **sections))
+    assert train(cfg, on_step=interrupt).step == 3
+    saved = json.loads((latest_checkpoint(cfg.output_dir) / "trainer_state.json").read_text())["data_states"][0]
+    assert saved["epoch"] == 0 and saved["doc"] > 14 and "source" in saved, saved
+    order = list(open_documents(cfg.data, "train").iter_docs(0, 0))
+
+    seen: list[str] = []
+    iterate = datasets.IterableDataset.__iter__
+
+    def counted(self):
+        for example in iterate(self):
+            seen.append(example["text"])
+            yield example
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counted)
+    resumed: dict[int, float] = {}
+    assert train(cfg, resume="auto", on_step=lambda s, m: resumed.__setitem__(s, m["loss"])).step == 6
+    assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)], (resumed, full)
+    assert seen[0] == order[saved["doc"]], "the resumed run starts reading at the saved document"
+    # (read ahead, the stream goes on into epoch 1, which reads every document again: only epoch 0's rest is checked)
+    assert not set(seen[:len(order) - saved["doc"]]) & set(order[:saved["doc"]]), "no earlier document read again"

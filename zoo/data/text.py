@@ -15,8 +15,9 @@ With ``packing: false`` a row holds one piece of one document, right-padded, wit
 Bytes that are not UTF-8 in a built-in corpus file or a memory-mapped document read as U+FFFD.
 
 Everything is deterministic: a rank's document order is a function of (seed, epoch, rank, world size),
-and an iterator's position is a small dict (epoch, document, token offset) from which a resumed run
-continues with exactly the same rows.
+and an iterator's position is a small dict (epoch, document, token offset; for an unshuffled streamed dataset
+also `datasets`' own position, so a resumed run reads on from there rather than re-reading what came before)
+from which a resumed run continues with exactly the same rows.
 """
 
 from __future__ import annotations
@@ -197,10 +198,11 @@ class DataConfig:
     hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
     (local files are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
     padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
-    streamed sources). add_bos / add_eos: wrap each document. seed: of the document order. sample_by: what a
-    document is in local .txt files: "document" (a whole file), "paragraph" (text between blank lines) or "line"
-    (datasets' text builder's sample_by). One large file (a nanoGPT-style input.txt) is one document by default,
-    which the held-out split cannot divide: give it "paragraph" or "line".
+    streamed sources; a shuffled stream resumes by re-reading the documents before its saved position, an
+    unshuffled one reads on from it). add_bos / add_eos: wrap each document. seed: of the document order.
+    sample_by: what a document is in local .txt files: "document" (a whole file), "paragraph" (text between blank
+    lines) or "line" (datasets' text builder's sample_by). One large file (a nanoGPT-style input.txt) is one
+    document by default, which the held-out split cannot divide: give it "paragraph" or "line".
     """
 
     source: str | list[str] = "stdlib"
@@ -265,6 +267,12 @@ class _IndexedDocs:
         for i in self._order(epoch)[start:]:
             yield self.get_text(int(i))
 
+    def iter_positioned(self, epoch: int, start: int, resume: dict | None = None
+                        ) -> Iterator[tuple[str, None]]:
+        """(text, None): an index is the whole position (`_StreamedDocs.iter_positioned`'s interface)."""
+        for text in self.iter_docs(epoch, start):
+            yield text, None
+
     def describe(self, epoch: int, position: int, source: Any) -> str:
         """The document at `position` of this rank's order in `epoch`, as the source numbers it."""
         row = self.source_row(int(self._order(epoch)[position]))
@@ -272,29 +280,104 @@ class _IndexedDocs:
 
 
 class _StreamedDocs:
-    """Documents of a streamed (iterable) dataset; resuming at document d re-reads and skips d documents."""
+    """Documents of a streamed (iterable) dataset.
+
+    Resuming at document d continues from `datasets`' own saved position (``IterableDataset.state_dict``, which
+    `iter_positioned` hands out with every document) without reading the first d documents again. Where that
+    position would not give the same documents, resuming re-reads and skips d documents, with a one-line notice:
+    a shuffled stream (datasets saves where its shards stand, not its shuffle buffer's content, so the order
+    after the resume point would differ), a position saved without one (by an older zoo), or a `datasets`
+    without ``state_dict`` (before 2.18).
+    """
 
     def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int, source: Any = None):
         self.dataset, self.text_field = dataset, text_field
         self.seed, self.shuffle, self.buffer = seed, shuffle, buffer
         self.source = source  # named in errors
 
+    @property
+    def resumable(self) -> bool:
+        """Whether the stream's position can be saved and continued from (see the class docstring)."""
+        return not self.shuffle and hasattr(self.dataset, "state_dict") and hasattr(self.dataset, "load_state_dict")
+
     def iter_docs(self, epoch: int, start: int) -> Iterator[str]:
+        for text, _ in self.iter_positioned(epoch, start):
+            yield text
+
+    def iter_positioned(self, epoch: int, start: int, resume: dict | None = None
+                        ) -> Iterator[tuple[str, dict | None]]:
+        """(text, the stream's position at the start of that document, or None) from document `start` of `epoch`
+        on. `resume`: the position saved at document `start` (from an earlier pass), to continue from without
+        re-reading; without a usable one, the first `start` documents are read and skipped."""
         from datasets.table import CastError
 
         ds = self.dataset
         if self.shuffle:
             ds = ds.shuffle(seed=self.seed, buffer_size=self.buffer)
         ds.set_epoch(epoch)  # datasets reseeds the shuffle with seed + epoch
+        track = self.resumable
+        skip = start
+        if start > 0:
+            why = self._why_not_resumable(ds, epoch, resume)
+            if why is None:
+                ds.load_state_dict(resume)
+                skip = 0
+            else:
+                warnings.warn(f"data: resuming the stream of {self.source!r} at document {start} of epoch {epoch} "
+                              f"re-reads and skips {start} documents: {why}", stacklevel=2)
+        examples = iter(ds)
         try:
-            for example in itertools.islice(iter(ds), start, None):
-                yield example[self.text_field]
+            try:
+                first = next(examples, None)  # datasets applies a loaded position as the iteration starts
+            finally:
+                if start > 0 and skip == 0:
+                    ds.load_state_dict(None)  # later passes over the dataset start at their beginning
+            if first is None:
+                return
+            before = resume if skip == 0 and start > 0 else None
+            for example in itertools.chain([first], examples):
+                after = ds.state_dict() if track else None  # the position after this example
+                if skip:
+                    skip -= 1
+                else:
+                    yield example[self.text_field], before
+                before = after
         except CastError as e:  # datasets' own said neither the source nor what to do
             raise _mixed_columns_error(e, self.source, self.text_field) from e
+
+    def _why_not_resumable(self, ds, epoch: int, resume: dict | None) -> str | None:
+        """None when `resume` continues `ds` in `epoch` exactly, else why not (for the notice)."""
+        if self.shuffle:
+            return ("datasets saves a shuffled stream's shard position but not its shuffle buffer, so continuing "
+                    "from it would give other documents (data.shuffle: false continues without re-reading)")
+        if not self.resumable:
+            import datasets
+
+            return (f"datasets {datasets.__version__} cannot save a stream's position "
+                    f"(IterableDataset.state_dict, 2.18+)")
+        if resume is None:
+            return "the checkpoint holds no saved stream position (written by an older zoo)"
+        if resume.get("epoch") != epoch or not _same_layout(resume.get("examples_iterable"),
+                                                           ds.state_dict().get("examples_iterable")):
+            return "the saved stream position is not one of this dataset's"
+        return None
 
     def describe(self, epoch: int, position: int, source: Any) -> str:
         """The document at `position` of this process's order in `epoch` (a stream numbers no documents)."""
         return f"the document at position {position} of epoch {epoch} of this process's stream of {source!r}"
+
+
+def _same_layout(saved: Any, fresh: Any) -> bool:
+    """Whether a saved `datasets` iteration state has the nesting of a fresh one (the same keys and iterable types;
+    the counts may differ, and a None placeholder matches anything)."""
+    if saved is None or fresh is None:
+        return True
+    if isinstance(saved, dict) and isinstance(fresh, dict):
+        return (saved.keys() == fresh.keys() and saved.get("type") == fresh.get("type")
+                and all(_same_layout(saved[k], fresh[k]) for k in saved))
+    if isinstance(saved, list) and isinstance(fresh, list):
+        return len(saved) == len(fresh) and all(map(_same_layout, saved, fresh))
+    return isinstance(saved, dict) == isinstance(fresh, dict) and isinstance(saved, list) == isinstance(fresh, list)
 
 
 def _mixed_columns_error(error, source: Any, text_field: str) -> ValueError:
@@ -535,14 +618,22 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
 @dataclass
 class StreamState:
     """Where a stream stands: the next token is token `offset` of document `doc` (this rank's order) of
-    `epoch`. JSON-serializable through `as_dict`."""
+    `epoch`. JSON-serializable through `as_dict`.
+
+    `source`: for a streamed dataset that can continue from it (`_StreamedDocs`), `datasets`' own position at
+    the start of document `doc` (``IterableDataset.state_dict()``), from which a resumed run reads on without
+    re-reading the documents before it; None elsewhere (and left out of `as_dict`)."""
 
     epoch: int = 0
     doc: int = 0
     offset: int = 0
+    source: dict | None = None
 
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "doc": self.doc, "offset": self.offset}
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epoch": self.epoch, "doc": self.doc, "offset": self.offset}
+        if self.source is not None:
+            out["source"] = self.source
+        return out
 
 
 @dataclass
@@ -587,21 +678,22 @@ class TextStream:
 
     def _documents(self, state: StreamState) -> Iterator[tuple[StreamState, np.ndarray]]:
         """(state at the start of the document, its tokens) from `state` on, crossing epochs for training."""
-        epoch, doc = state.epoch, state.doc
+        epoch, doc, resume = state.epoch, state.doc, state.source
         while True:
             first, produced = doc, False
-            texts = self._docs.iter_docs(epoch, doc)
+            texts = self._docs.iter_positioned(epoch, doc, resume)
+            resume = None
             while group := list(itertools.islice(texts, _TOKENIZE_GROUP)):
-                for i, text in enumerate(group):
+                for i, (text, _) in enumerate(group):
                     if not isinstance(text, str):  # named as the source numbers it: doc + i is this rank's order
                         missing = " (a record without the field reads as None)" if text is None else ""
                         raise ValueError(f"data.text_field: {self._docs.describe(epoch, doc + i, self.cfg.source)} "
                                          f"holds {type(text).__name__} {text!r:.40} in {self.cfg.text_field!r}, "
                                          f"not text{missing}")
-                for ids in encode_texts(self.tokenizer, group):
+                for ids, (_, position) in zip(encode_texts(self.tokenizer, [text for text, _ in group]), group):
                     if len(ids):  # empty documents would only add bos/eos
                         produced = True
-                        yield StreamState(epoch, doc, 0), np.concatenate([self._prefix, ids, self._suffix])
+                        yield StreamState(epoch, doc, 0, position), np.concatenate([self._prefix, ids, self._suffix])
                     doc += 1
             if self.split != "train":
                 return
@@ -615,7 +707,7 @@ class TextStream:
         """Rows of `seq_len` tokens and the stream state after each row (see the module docstring)."""
         state = StreamState(**state) if isinstance(state, dict) else (state or StreamState())
         L = self.cfg.seq_len
-        docs = self._documents(StreamState(state.epoch, state.doc, 0))
+        docs = self._documents(StreamState(state.epoch, state.doc, 0, state.source))
         current: np.ndarray | None = None
         where, offset = state, state.offset
         while True:
@@ -647,7 +739,7 @@ class TextStream:
                     break
             if not pieces or (self.cfg.packing and filled < L):
                 return  # the end of an evaluation pass: packed rows are always full
-            yield self._make_row(pieces, ignore), StreamState(where.epoch, where.doc, offset)
+            yield self._make_row(pieces, ignore), StreamState(where.epoch, where.doc, offset, where.source)
 
     def _make_row(self, pieces: list[np.ndarray], ignore: list[int]) -> dict[str, np.ndarray]:
         L = self.cfg.seq_len
