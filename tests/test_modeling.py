@@ -417,8 +417,11 @@ def test_return_dict_false_keeps_the_moe_aux_loss_as_mixtral_does():
     model = tiny("jamba").train()
     ids = torch.randint(0, 512, (2, 7), generator=torch.Generator().manual_seed(0))
     base = model.model(ids)
-    hidden, aux = model.model(ids, return_dict=False)
+    hidden, router, aux = model.model(ids, output_router_logits=True, return_dict=False)
     assert torch.equal(hidden, base.last_hidden_state) and torch.equal(aux, base.aux_loss) and aux > 0
+    assert len(router) == 4
+    hidden, cache = model.model(ids, use_cache=True, return_dict=False)  # without router logits: a dense model's
+    assert torch.equal(hidden, base.last_hidden_state) and cache is not None
     out = model(ids, labels=ids, output_router_logits=True)
     loss, aux, logits, router_logits = model(ids, labels=ids, output_router_logits=True, return_dict=False)
     assert torch.equal(aux, out.aux_loss) and torch.equal(logits, out.logits)

@@ -187,10 +187,17 @@ def _return_dict(config, return_dict) -> bool:
 class ZooModelOutput(MoeModelOutputWithPast):
     """ZooModel's output: transformers' MoE model output (last_hidden_state, cache, hidden_states, attentions,
     router_logits, as MixtralModel's) plus the MoE load-balancing loss, last, so that the tuple of
-    `return_dict=False` carries it too (an attribute set on a BaseModelOutputWithPast was no field: the tuple
-    dropped it)."""
+    `return_dict=False` carries it beside the router logits (an attribute set on a BaseModelOutputWithPast was no
+    field: the tuple dropped it)."""
 
     aux_loss: torch.FloatTensor | None = None
+
+    def to_tuple(self) -> tuple:
+        """The non-None fields in order, aux_loss (last) only beside router_logits, as ZooCausalLMOutput's: without
+        output_router_logits an MoE model's tuple is a dense model's ((hidden, cache) unpacks as before)."""
+        if self.get("router_logits") is None:
+            return tuple(v for k, v in self.items() if k != "aux_loss")
+        return super().to_tuple()
 
 
 @dataclass
