@@ -23,6 +23,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
+# the seed of a zoo YAML's random weights in load_model: every load of one YAML is the same model
+YAML_INIT_SEED = 0
+
+
 def default_device() -> str:
     """'cuda' when a GPU is visible, else 'cpu'."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +46,10 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
     """A causal LM from a checkpoint directory or hub id, or a freshly initialised one from a zoo YAML.
 
     Args:
-        path: ``save_pretrained`` directory or hub id, or a zoo YAML config (random weights: smoke runs).
+        path: ``save_pretrained`` directory or hub id, or a zoo YAML config (random weights: smoke runs). A YAML's
+            weights are drawn from a fixed seed (``YAML_INIT_SEED``, the global RNG left as it was), so one YAML is
+            one model: its results reproduce, and a rerun that resumes by the YAML's text (``model_fingerprint``)
+            keeps cells of the same weights.
         device: where to put it; default cuda when available.
         dtype: 'fp32', 'bf16' or 'fp16'; default: the checkpoint's.
 
@@ -58,7 +65,9 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
     if str(path).endswith((".yaml", ".yml")):
         from zoo.config import ZooConfig
 
-        model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+        with torch.random.fork_rng(devices=[]):  # (initialisation runs on the CPU)
+            torch.manual_seed(YAML_INIT_SEED)
+            model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     else:
