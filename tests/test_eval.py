@@ -381,6 +381,33 @@ def test_chunked_loss_equals_full_forward_llama(chunk_size):
                                atol=1e-5)
 
 
+def test_chunked_evaluation_counts_positions_on_for_transformers_bamba():
+    """transformers' Bamba takes position_ids arange(c) for a chunk when none are passed (generate passes them), so
+    zoo eval length's chunks and passkey's chunked prefill / decode steps gave its attention the RoPE positions of a
+    document's start: per-position losses 3.6e-3 off the one-forward ones, silently. The chunks pass their
+    positions now."""
+    import transformers
+
+    if not hasattr(transformers, "BambaForCausalLM"):
+        pytest.skip("this transformers has no Bamba")
+    config = transformers.BambaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, mamba_n_heads=4, mamba_d_head=32,
+                                      mamba_d_state=16, mamba_chunk_size=8, attn_layer_indices=[1])
+    torch.manual_seed(0)
+    model = transformers.BambaForCausalLM(config).eval()
+    input_ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(0))
+    reference = per_position_loss(model, input_ids, None)
+    for chunk_size in (1, 7):
+        torch.testing.assert_close(per_position_loss(model, input_ids, chunk_size), reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # greedy steps from one forward over the growing row
+        row, expected = input_ids[:1], []
+        for _ in range(4):
+            expected.append(int(model(input_ids=row).logits[0, -1].argmax()))
+            row = torch.cat([row, torch.tensor([[expected[-1]]])], dim=1)
+    for chunk_size in (None, 30, 7):
+        assert greedy_generate(model, input_ids[:1], 4, chunk_size)[0].tolist() == expected, chunk_size
+
+
 def test_chunked_loss_refuses_transformers_mamba_but_full_forward_works():
     """transformers' Mamba cannot continue a multi-token chunk from cache_params exactly: a clear error, not
     silently wrong per-position losses; the one-forward path still works."""
@@ -471,6 +498,28 @@ def test_chunked_loss_equals_full_forward_zoo_model(name, chunk_sizes):
     for chunk_size in chunk_sizes:
         torch.testing.assert_close(per_position_loss(model, input_ids, chunk_size), reference, rtol=1e-4,
                                    atol=1e-4)
+
+
+def test_a_zoo_yaml_loads_as_the_same_model_every_time(tmp_path):
+    """load_model drew a zoo YAML's random weights from the global RNG, so each zoo eval run of one YAML evaluated
+    another model (logits 0.9 apart on the tiny Mamba): its numbers did not reproduce, and a rerun that resumes by
+    the YAML's text kept the finished cells of other weights as its own. They come from a fixed seed now, and the
+    caller's RNG is left as it was."""
+    from zoo.eval.common import load_model
+
+    config = ROOT / "configs" / "models" / "mamba-tiny.yaml"
+    torch.manual_seed(1)
+    first = load_model(str(config), "cpu")
+    after_first = torch.rand(3)
+    torch.manual_seed(2)
+    second = load_model(str(config), "cpu")
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_first)  # loading drew nothing from the global RNG
+    docs = [torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))]
+    curves = [evaluate_length(model, docs, chunk_size=None)["bins"] for model in (first, second)]
+    assert curves[0] == curves[1]
 
 
 def test_evaluate_length_averages_over_documents(tmp_path):

@@ -23,6 +23,10 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
 
+# the seed of a zoo YAML's random weights in load_model: every load of one YAML is the same model
+YAML_INIT_SEED = 0
+
+
 def default_device() -> str:
     """'cuda' when a GPU is visible, else 'cpu'."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,7 +46,10 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
     """A causal LM from a checkpoint directory or hub id, or a freshly initialised one from a zoo YAML.
 
     Args:
-        path: ``save_pretrained`` directory or hub id, or a zoo YAML config (random weights: smoke runs).
+        path: ``save_pretrained`` directory or hub id, or a zoo YAML config (random weights: smoke runs). A YAML's
+            weights are drawn from a fixed seed (``YAML_INIT_SEED``, the global RNG left as it was), so one YAML is
+            one model: its results reproduce, and a rerun that resumes by the YAML's text (``model_fingerprint``)
+            keeps cells of the same weights.
         device: where to put it; default cuda when available.
         dtype: 'fp32', 'bf16' or 'fp16'; default: the checkpoint's.
 
@@ -58,7 +65,9 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
     if str(path).endswith((".yaml", ".yml")):
         from zoo.config import ZooConfig
 
-        model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+        with torch.random.fork_rng(devices=[]):  # (initialisation runs on the CPU)
+            torch.manual_seed(YAML_INIT_SEED)
+            model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
         if torch_dtype is not None:
             model = model.to(torch_dtype)
     else:
@@ -199,9 +208,24 @@ def iter_chunk_logits(
     arg = cache_argument(model)
     cache = None
     for start in range(0, seq_len, chunk_size):
-        out = model(input_ids=input_ids[:, start : start + chunk_size], use_cache=True, **{arg: cache})
+        chunk = input_ids[:, start : start + chunk_size]
+        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **chunk_positions(model, chunk, start))
         cache = output_cache(out, arg)
         yield start, out.logits
+
+
+def chunk_positions(model, chunk: torch.Tensor, start: int) -> dict:
+    """``{"position_ids": [[start .. start + c - 1]]}`` for a chunk [B, c] that continues a cache of ``start`` tokens,
+    where ``model.forward`` takes position_ids; ``{}`` for the first chunk (every model counts from 0 there).
+
+    Some transformers models do not count a chunk's positions on from the cache: Bamba takes ``arange(c)`` when no
+    position_ids come (generate passes them), so every later chunk's attention had the RoPE positions of a document's
+    start (per-position losses 3.6e-3 off the one-forward ones on a tiny Bamba, silently).
+    """
+    if start == 0 or not accepts_argument(model, "position_ids"):
+        return {}
+    positions = torch.arange(start, start + chunk.shape[1], device=chunk.device)
+    return {"position_ids": positions.expand(chunk.shape[0], -1)}
 
 
 def write_rows(rows: Sequence[dict], path: str | Path) -> Path:

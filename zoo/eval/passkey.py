@@ -20,6 +20,7 @@ from zoo.cache import output_cache
 from zoo.eval.common import (
     accepts_argument,
     check_token_ids,
+    chunk_positions,
     encode_with_bos,
     load_model,
     load_tokenizer,
@@ -165,16 +166,18 @@ def greedy_generate(
     cache, last = None, None
     keep_last = accepts_argument(model, "logits_to_keep")  # prefill needs only the last position's logits
     for start in range(0, input_ids.shape[1], prefill_chunk_size):
-        out = model(input_ids=input_ids[:, start : start + prefill_chunk_size], use_cache=True, **{arg: cache},
+        chunk = input_ids[:, start : start + prefill_chunk_size]
+        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **chunk_positions(model, chunk, start),
                     **({"logits_to_keep": 1} if keep_last else {}))
         cache, last = output_cache(out, arg), out.logits[:, -1]
     new_tokens = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         token = last.argmax(dim=-1, keepdim=True)  # [1, 1]
         new_tokens.append(token)
         if eos_token_id is not None and int(token) == eos_token_id:
             break
-        out = model(input_ids=token, use_cache=True, **{arg: cache})
+        out = model(input_ids=token, use_cache=True, **{arg: cache},
+                    **chunk_positions(model, token, input_ids.shape[1] + step))
         cache, last = output_cache(out, arg), out.logits[:, -1]
     return torch.cat(new_tokens, dim=1)
 
