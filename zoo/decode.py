@@ -172,12 +172,16 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = 
         raise ValueError(f"prefill: chunk_size={chunk_size} below the prompt's {input_ids.shape[1]} tokens, but "
                          f"{type(model).__name__} cannot continue a multi-token chunk from its cache exactly (the "
                          f"earlier chunks' state would be lost); prefill it in one chunk (chunk_size=None)")
+    from zoo.eval.common import chunk_positions
+
     arg = cache_argument(model)
     keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     cache, logits = None, None
     step = chunk_size or input_ids.shape[1]
     for start in range(0, input_ids.shape[1], step):
-        out = model(input_ids=input_ids[:, start:start + step], use_cache=True, **{arg: cache}, **keep)
+        chunk = input_ids[:, start:start + step]
+        # (chunk_positions: transformers' Bamba counts a chunk's positions from 0 unless given them)
+        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **keep, **chunk_positions(model, chunk, start))
         cache, logits = output_cache(out, arg), out.logits[:, -1:]
     return DecodeState(cache, greedy(logits), arg)
 
