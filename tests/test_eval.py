@@ -406,6 +406,18 @@ def test_chunked_evaluation_counts_positions_on_for_transformers_bamba():
             row = torch.cat([row, torch.tensor([[expected[-1]]])], dim=1)
     for chunk_size in (None, 30, 7):
         assert greedy_generate(model, input_ids[:1], 4, chunk_size)[0].tolist() == expected, chunk_size
+    from zoo.decode import continues_chunks_exactly, prefill  # the benchmarks' prefill too
+
+    assert continues_chunks_exactly(model)
+    seen = []
+    hook = model.register_forward_hook(lambda module, args, out: seen.append(out.logits[:, -1]))
+    with torch.no_grad():
+        whole = model(input_ids=input_ids).logits[:, -1]
+    for chunk_size in (7, 1):
+        seen.clear()
+        prefill(model, input_ids, chunk_size)
+        torch.testing.assert_close(seen[-1], whole, rtol=1e-5, atol=1e-5)
+    hook.remove()
 
 
 def test_chunked_loss_refuses_transformers_mamba_but_full_forward_works():
@@ -562,6 +574,27 @@ def checkpoint(tmp_path, hf_tokenizer):
     model.save_pretrained(path)
     hf_tokenizer.save_pretrained(path)
     return path
+
+
+def test_eval_synthetic_by_default_draws_no_row_finetune_trains_on(checkpoint, tmp_path, monkeypatch):
+    """zoo eval synthetic's rows were SyntheticDataset(seed=0)'s by default, the very rows zoo finetune trains on with
+    its default data seed 0: a finetuned model was scored on its first training rows. The default is EVAL_SEED now."""
+    from zoo.data.synthetic import SyntheticDataset
+    from zoo.eval import synthetic
+
+    seen = []
+    real = synthetic.SyntheticDataset
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(synthetic, "SyntheticDataset", spy)
+    synthetic.main(["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32", "--n-kv", "4", "--vocab-size",
+                    "64", "--n-samples", "8", "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path / "syn")])
+    trained = SyntheticDataset("mqar", 8, 32, 0, n_kv=4, vocab_size=64)  # finetune's training rows at data.seed 0
+    assert len(seen) == 1 and seen[0].seed == synthetic.EVAL_SEED
+    assert not any(torch.equal(seen[0][i]["input_ids"], trained[i]["input_ids"]) for i in range(8))
 
 
 def test_main_commands(checkpoint, tmp_path):

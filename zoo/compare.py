@@ -1234,7 +1234,7 @@ def phase_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     from tqdm.auto import tqdm
 
     from zoo.data.synthetic import mqar_batch
-    from zoo.eval.synthetic import evaluate_synthetic
+    from zoo.eval.synthetic import EVAL_SEED, evaluate_synthetic
     from zoo.train import ScheduleConfig, build_optimizer, lr_at
 
     m = cfg.eval.mqar
@@ -1276,7 +1276,7 @@ def phase_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     n_kv = m.eval_n_kv or [m.n_kv]
     with _autocast(device):
         res = evaluate_synthetic(model, "mqar", seq_lens, n_kv, m.eval_samples, min(m.eval_samples, 64),
-                                 seed=m.seed + 1_000_003, vocab_size=m.vocab_size, power_a=m.power_a)
+                                 seed=m.seed + EVAL_SEED, vocab_size=m.vocab_size, power_a=m.power_a)
     state = {L: _state_floats(model, L) for L in seq_lens}
     rows = [dict(r, state_floats=state[r["seq_len"]]) for r in res["rows"]]
     correct = sum(r["n_correct"] for r in rows)
