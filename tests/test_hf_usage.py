@@ -712,3 +712,18 @@ def test_a_beam_cache_without_a_row_for_a_returned_sequence_refuses_to_continue(
     with pytest.raises(ValueError, match="beam search"):
         model.generate(beams.sequences, past_key_values=output_cache(beams), max_new_tokens=2, do_sample=False,
                        pad_token_id=0)
+
+
+@pytest.mark.parametrize("assistant", ["mamba", "jamba"])
+def test_an_assistant_model_with_recurrent_layers_is_refused_before_generating(assistant):
+    """An assistant (draft) model with Mamba / GLA layers must roll its cache back past the drafted tokens that the
+    main model rejects, which its states cannot: with an attention-only main model the refusal covered the main
+    model alone, so generate ran until the first rejected draft and failed there in ZooCache.crop (or returned
+    normally when every draft happened to be accepted). It is refused up front, naming assistant_model."""
+    model = tiny("transformerpp").eval()
+    draft = tiny(assistant).eval()
+    prompt = torch.randint(1, 512, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="assistant_model .* recurrent"):
+        model.generate(prompt, assistant_model=draft, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(prompt, assistant_model=tiny("transformerpp").eval(), max_new_tokens=4,
+                                      do_sample=False), model.generate(prompt, max_new_tokens=4, do_sample=False))

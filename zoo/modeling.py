@@ -598,6 +598,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if asked:
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
+        draft = kwargs.get("assistant_model")
+        if getattr(draft, "_is_stateful", False) is True:  # a zoo model (or a PEFT model of one) with recurrent layers
+            raise ValueError("generate: the assistant_model has recurrent (Mamba / Mamba-2 / GLA) layers; assisted "
+                             "decoding rolls the assistant's cache back past the drafted tokens the main model "
+                             "rejects, which their states cannot. Use an assistant of attention layers only, or "
+                             "generate without one")
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         given = kwargs.get("generation_config") or self.generation_config
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
