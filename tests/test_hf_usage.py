@@ -670,3 +670,60 @@ def test_modules_to_save_copies_keep_the_no_weight_decay_flags(tmp_path):
     for name, p in wrapped.named_parameters():
         if name.endswith(("norm_f.modules_to_save.default.weight", "modules_to_save.default.A_log")):
             assert getattr(p, "_no_weight_decay", False), name
+
+
+@pytest.mark.parametrize("returned", [1, 3], ids=["best", "all-beams"])
+@pytest.mark.parametrize("name", TINY)
+def test_generate_continues_the_cache_that_beam_search_returned(name, returned):
+    """generate(num_beams=3, return_dict_in_generate=True) returned its cache in the order of the beams still running
+    after the last step (as LlamaForCausalLM's does): continuing from it with the returned sequences failed with a
+    row-count error (one sequence per prompt), or with a sequence per beam read another beam's states and keys (other
+    tokens, no error). The returned cache now holds one row per returned sequence, that sequence less its last
+    token, so generate continues it as it continues a greedy run's cache."""
+    from zoo.cache import output_cache
+
+    model = tiny(name).eval()
+    prompt = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    beams = model.generate(prompt, num_beams=3, num_return_sequences=returned, return_dict_in_generate=True, **kw)
+    cache = output_cache(beams)
+    assert cache.batch_size() == 2 * returned and cache.get_seq_length() == beams.sequences.shape[1] - 1
+    continued = model.generate(beams.sequences, past_key_values=cache, output_logits=True,
+                               return_dict_in_generate=True, **kw)
+    with torch.no_grad():
+        whole = model(continued.sequences, use_cache=False).logits[:, 11:-1]
+    assert_close("continued logits", torch.stack(continued.logits, 1), whole, 1e-4)
+    assert torch.equal(continued.sequences, model.generate(beams.sequences, **kw))
+
+
+def test_a_beam_cache_without_a_row_for_a_returned_sequence_refuses_to_continue():
+    """A returned beam that ended (eos) before beam search's last step has no row in the cache, whose rows moved on
+    with the beams that ran to the end: continuing from it is refused, naming why, instead of reading another beam."""
+    from zoo.cache import output_cache
+
+    model = tiny("mamba").eval()
+    prompt = torch.randint(1, 512, (1, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(num_beams=3, num_return_sequences=3, return_dict_in_generate=True, max_new_tokens=6, do_sample=False,
+              pad_token_id=0, length_penalty=0.0, early_stopping=False)
+    eos = int(model.generate(prompt, **kw).sequences[0, 6])  # the best beam's first token: it ends there
+    beams = model.generate(prompt, eos_token_id=eos, **kw)
+    lengths = (beams.beam_indices >= 0).sum(1)
+    assert lengths.min() == 1 and lengths.max() == 6
+    with pytest.raises(ValueError, match="beam search"):
+        model.generate(beams.sequences, past_key_values=output_cache(beams), max_new_tokens=2, do_sample=False,
+                       pad_token_id=0)
+
+
+@pytest.mark.parametrize("assistant", ["mamba", "jamba"])
+def test_an_assistant_model_with_recurrent_layers_is_refused_before_generating(assistant):
+    """An assistant (draft) model with Mamba / GLA layers must roll its cache back past the drafted tokens that the
+    main model rejects, which its states cannot: with an attention-only main model the refusal covered the main
+    model alone, so generate ran until the first rejected draft and failed there in ZooCache.crop (or returned
+    normally when every draft happened to be accepted). It is refused up front, naming assistant_model."""
+    model = tiny("transformerpp").eval()
+    draft = tiny(assistant).eval()
+    prompt = torch.randint(1, 512, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="assistant_model .* recurrent"):
+        model.generate(prompt, assistant_model=draft, max_new_tokens=4, do_sample=False)
+    assert torch.equal(model.generate(prompt, assistant_model=tiny("transformerpp").eval(), max_new_tokens=4,
+                                      do_sample=False), model.generate(prompt, max_new_tokens=4, do_sample=False))

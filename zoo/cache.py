@@ -357,6 +357,11 @@ class ZooCache(Cache):
         super().__init__(layers=layers)
         self.seen_tokens = 0
         self.pads: torch.Tensor | None = None  # left padding per row, given to to_static (static decoding)
+        # beam search (ZooForCausalLM._beam_search): reorders held back to the next forward, so that the cache after
+        # the last step still holds the rows the returned sequences came from (`defer_reorders`)
+        self.deferred_reorders: int | None = None
+        self.pending_rows: torch.Tensor | None = None
+        self.rows_lost: str | None = None  # why this cache cannot be continued (a forward with it raises)
 
     @classmethod
     def for_model(cls, model, batch_size: int = 1, dtype=None, device=None, max_len: int | None = None) -> ZooCache:
@@ -415,12 +420,34 @@ class ZooCache(Cache):
     # a stateless mixer's `init_state` may return None: its layer holds nothing, so these skip it. An attention
     # layer's `kv_seq_idx` (the packed documents of its cached keys, zoo.mixers.attention) follows its rows
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if getattr(self, "deferred_reorders", None) is not None:
+            pending = getattr(self, "pending_rows", None)
+            self.pending_rows = beam_idx.clone() if pending is None else pending[beam_idx.to(pending.device)]
+            self.deferred_reorders += 1
+            return
         for layer in self.layers:
             if layer is not None:
                 layer.reorder_cache(beam_idx)
                 _rows_of_kv_seq_idx(layer, lambda ids: ids[beam_idx.to(ids.device)])
         if self.pads is not None:
             self.pads = self.pads[beam_idx.to(self.pads.device)]
+
+    def defer_reorders(self, on: bool) -> None:
+        """Hold `reorder_cache` back until `apply_pending_reorder` (which ZooModel.forward calls first), counting the
+        reorders (`deferred_reorders`); off, it applies each at once again. Beam search reorders the cache after
+        every step, its last one included: held back, the last reorder can be replaced by the rows that the returned
+        sequences came from."""
+        self.deferred_reorders = 0 if on else None
+
+    def apply_pending_reorder(self) -> None:
+        rows = getattr(self, "pending_rows", None)
+        if rows is not None:
+            self.pending_rows, deferred = None, self.deferred_reorders
+            self.deferred_reorders = None
+            try:
+                self.reorder_cache(rows)
+            finally:
+                self.deferred_reorders = deferred
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for layer in self.layers:
@@ -449,6 +476,7 @@ class ZooCache(Cache):
                     layer.kv_seq_idx = None  # the dropped keys' document ids
         self.seen_tokens = 0
         self.pads = None
+        self.pending_rows = self.rows_lost = None
 
     @property
     def is_croppable(self) -> bool:

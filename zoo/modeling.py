@@ -430,6 +430,9 @@ class ZooModel(ZooPreTrainedModel):
         if past_key_values is not None and not isinstance(past_key_values, ZooCache):
             raise _not_a_zoo_cache(past_key_values)
         if past_key_values is not None:
+            if getattr(past_key_values, "rows_lost", None):
+                raise ValueError(past_key_values.rows_lost)
+            past_key_values.apply_pending_reorder()  # beam search's, held back for its last step (_beam_search)
             _check_cache(self, past_key_values, Bsz)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if attention_mask is not None:
@@ -595,6 +598,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if asked:
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
+        draft = kwargs.get("assistant_model")
+        if getattr(draft, "_is_stateful", False) is True:  # a zoo model (or a PEFT model of one) with recurrent layers
+            raise ValueError("generate: the assistant_model has recurrent (Mamba / Mamba-2 / GLA) layers; assisted "
+                             "decoding rolls the assistant's cache back past the drafted tokens the main model "
+                             "rejects, which their states cannot. Use an assistant of attention layers only, or "
+                             "generate without one")
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         given = kwargs.get("generation_config") or self.generation_config
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
@@ -693,6 +702,40 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             cache.batch_repeat_interleave(expand_size)
         return super()._expand_inputs_for_generation(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
                                                      input_ids=input_ids, **model_kwargs)
+
+    def _beam_search(self, input_ids, *args, **kwargs):
+        """transformers' beam search, returning (return_dict_in_generate) a cache whose rows are those of the returned
+        sequences, each the sequence less its last token, so that generate continues it with them: transformers
+        reorders the cache after every step, the last one included, so it returned the rows of the beams still
+        running, in their order (LlamaForCausalLM's too): a continuation read other beams' states and keys, or failed
+        on the row count. Here the reorders are applied at the next step's forward (ZooCache.defer_reorders), and
+        after the last step each returned sequence takes the row of the beam it extended (its beam_indices). A
+        sequence that ended before the last step (eos) has no such row left: the cache then refuses to continue."""
+        config = kwargs.get("generation_config")
+        cache = kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values"))
+        if not isinstance(cache, ZooCache) or config is None or not config.return_dict_in_generate:
+            return super()._beam_search(input_ids, *args, **kwargs)
+        cache.defer_reorders(True)
+        try:
+            out = super()._beam_search(input_ids, *args, **kwargs)
+            steps = cache.deferred_reorders
+        finally:
+            cache.defer_reorders(False)
+        pending, cache.pending_rows = cache.pending_rows, None
+        indices = getattr(out, "beam_indices", None)
+        if pending is None or indices is None:
+            cache.apply_pending_reorder()
+            return out
+        generated = (indices >= 0).sum(1)
+        if bool((generated == steps).all()):
+            cache.batch_select_indices(indices[:, steps - 1].to(torch.long))
+        else:
+            cache.reorder_cache(pending)  # as transformers leaves it; its rows are no returned sequence's
+            cache.rows_lost = (f"past_key_values: this cache is the one beam search returned, and a returned sequence "
+                               f"ended (eos) {int(steps - generated.min())} step(s) before beam search's last: the "
+                               f"cache holds no row for it (its rows went on with the beams that ran to the end), so "
+                               f"it cannot be continued. Generate from the sequences without past_key_values")
+        return out
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embeddings
