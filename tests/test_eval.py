@@ -529,6 +529,8 @@ def test_a_zoo_yaml_loads_as_the_same_model_every_time(tmp_path):
         assert torch.equal(a, b), name
     torch.manual_seed(1)
     assert torch.equal(torch.rand(3), after_first)  # loading drew nothing from the global RNG
+    half = load_model(str(config), "cpu", "bf16")  # as from_pretrained(dtype=bf16): A_log and D stay fp32
+    assert half.model.layers[0].mixer.A_log.dtype == torch.float32 and half.lm_head.weight.dtype == torch.bfloat16
     docs = [torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(0))]
     curves = [evaluate_length(model, docs, chunk_size=None)["bins"] for model in (first, second)]
     assert curves[0] == curves[1]

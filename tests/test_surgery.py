@@ -144,6 +144,12 @@ def test_cli_grafts_transformers_checkpoints(tmp_path):
               str(tmp_path / "mamba"), "--pattern", "AMAM", f"--dtype={dtype}"])
         saved = AutoModelForCausalLM.from_pretrained(tmp_path / f"hybrid-{dtype}", dtype="auto")
         assert next(saved.parameters()).dtype == expected, dtype
+        # Mamba's A_log and D stay fp32 in the file too, as from_pretrained keeps them (--dtype cast them)
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / f"hybrid-{dtype}" / "model.safetensors"), "pt") as f:
+            kept = {k: f.get_slice(k).get_dtype() for k in f.keys() if k.endswith((".A_log", ".D"))}
+        assert kept and set(kept.values()) == {"F32"}, kept
 
 
 def test_graft_keeps_the_base_generation_config(base, donor):

@@ -213,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                        mixer_norm=args.mixer_norm, seed=args.seed)
     if args.dtype != "auto":
         hybrid = hybrid.to(getattr(torch, args.dtype))
+        hybrid.keep_fp32_parameters()  # Mamba's A_log and D stay fp32 in a half hybrid, as from_pretrained keeps them
     out = save_model_folder(hybrid, args.dst, load_folder_tokenizer(args.base), max_shard_size=args.max_shard_size)
     kinds = " ".join(spec["type"] for spec in hybrid.config.layer_specs())
     print(f"wrote {out}: {kinds} ({str(hybrid.dtype).removeprefix('torch.')})")

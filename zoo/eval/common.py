@@ -68,8 +68,9 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
         with torch.random.fork_rng(devices=[]):  # (initialisation runs on the CPU)
             torch.manual_seed(YAML_INIT_SEED)
             model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
-        if torch_dtype is not None:
+        if torch_dtype is not None:  # as from_pretrained(dtype=...): Mamba's A_log and D stay fp32 in a half model
             model = model.to(torch_dtype)
+            model.keep_fp32_parameters()
     else:
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
