@@ -49,8 +49,9 @@ add tests-pads-gpu 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/te
 tests/test_static_generate.py tests/test_finetune_cuda.py tests/test_odd_shapes_cuda.py -k 'pad or mask or prompt'"
 # (thirty-second session) a pad fed as a one-token step is no step (the masked step's unfused CUDA path: conv update,
 # state update with PAD_DT), and sliding-window attention counting a row's tokens, not its pads, on the GPU backends
+# and a bf16 from_pretrained model holding fp32 A_log / D on the scan kernels, the fused step and cuda_graph
 add tests-step-pads-window 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_modeling.py \
-tests/test_attention_cuda.py -k 'one_token_step or window or pad'"
+tests/test_attention_cuda.py -k 'one_token_step or window or pad or fp32_ssm'"
 order=(tests-argmax tests-pads-gpu tests-step-pads-window tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
        probe-cublaslt)
 
