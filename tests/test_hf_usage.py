@@ -727,3 +727,43 @@ def test_an_assistant_model_with_recurrent_layers_is_refused_before_generating(a
         model.generate(prompt, assistant_model=draft, max_new_tokens=4, do_sample=False)
     assert torch.equal(model.generate(prompt, assistant_model=tiny("transformerpp").eval(), max_new_tokens=4,
                                       do_sample=False), model.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_a_beam_search_stopped_by_an_exception_leaves_its_cache_reordered(name):
+    """Beam search with return_dict_in_generate holds each reorder of the cache back to the next forward
+    (ZooCache.defer_reorders). A beam search that an exception ended between a step's reorder and the next forward
+    (a KeyboardInterrupt there, a hook that raised) left that reorder pending in the cache: its states were still in
+    the order of the step before, so they differed from those transformers leaves, and a batch_select_indices /
+    batch_repeat_interleave applied before the pending reorder read other rows. Every reorder is now applied."""
+    from zoo.cache import ZooCache
+
+    class Stop(Exception):
+        pass
+
+    model = tiny(name).eval()
+    prompt = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(1))
+    calls = []
+
+    def raise_at_the_fourth(module, args, kwargs):  # before the step's forward runs (a Ctrl-C there)
+        calls.append(1)
+        if len(calls) == 4:
+            raise Stop
+
+    states = {}
+    handle = model.model.register_forward_pre_hook(raise_at_the_fourth, with_kwargs=True)
+    try:
+        for returned in (True, False):  # without return_dict_in_generate the reorders are not held back
+            calls.clear()
+            cache = ZooCache.for_model(model)
+            with pytest.raises(Stop):
+                model.generate(prompt, num_beams=3, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               past_key_values=cache, return_dict_in_generate=returned)
+            assert getattr(cache, "pending_rows", None) is None, "no reorder is left pending"
+            states[returned] = [t.clone() for t in cache.state_tensors()]
+    finally:
+        handle.remove()
+    assert len(states[True]) == len(states[False]) > 0
+    assert any(not torch.equal(a, a[:1].expand_as(a)) for a in states[False]), "the beams' rows differ"
+    for a, b in zip(states[True], states[False]):
+        assert torch.equal(a, b)

@@ -719,6 +719,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         try:
             out = super()._beam_search(input_ids, *args, **kwargs)
             steps = cache.deferred_reorders
+        except BaseException:  # (a Ctrl-C between a step's reorder and the next forward): leave it reordered, as
+            cache.defer_reorders(False)  # transformers leaves it, not with a reorder pending
+            cache.apply_pending_reorder()
+            raise
         finally:
             cache.defer_reorders(False)
         pending, cache.pending_rows = cache.pending_rows, None
