@@ -19,6 +19,7 @@ from zoo.data.text import (
     DataConfig,
     StreamState,
     TextStream,
+    _datasets_at_least,
     encode_texts,
     load_tokenizer,
     open_documents,
@@ -306,6 +307,13 @@ def test_a_streamed_source_with_mixed_columns_names_the_source_and_the_columns(t
     folder.mkdir()
     (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i} " * 8, "id": i}) + "\n" for i in range(4)))
     (folder / "b.jsonl").write_text(json.dumps({"text": "another doc " * 8, "url": "https://example.org"}) + "\n")
+    try:  # datasets before 4.1 (at least) stream such files with the missing columns as None: no error to name
+        list(datasets.load_dataset("json", data_files=sorted(str(f) for f in folder.iterdir()), split="train",
+                                   streaming=True))
+    except Exception:  # noqa: BLE001  (this datasets fails on them: zoo's message is checked below)
+        pass
+    else:
+        pytest.skip(f"datasets {datasets.__version__} streams files of different columns without an error")
     message = (rf"data\.source: the streamed dataset '{re.escape(str(folder))}' mixes columns: a file of it has "
                r"column\(s\) \['url'\] .*\['text', 'id'\].*data\.text_field \('text'\).*same columns")
     for holdout, shuffle in ((0.0, False), (0.5, True)):  # read through the holdout filter and the shuffle too
@@ -493,6 +501,15 @@ def test_sample_by_on_a_source_that_is_not_txt_files_is_refused_by_name(letter_d
         open_documents(cfg, "train")
 
 
+def _needs_resumable_streams() -> None:
+    """Skip where datasets cannot continue a stream from its saved position (before 3.4: zoo re-reads, with a
+    notice, which test_a_resumed_stream_without_a_saved_position_skips_with_a_notice checks)."""
+    if not _datasets_at_least("3.4"):
+        import datasets
+
+        pytest.skip(f"datasets {datasets.__version__} cannot continue a stream from its saved position (3.4+)")
+
+
 def _streamed_corpus(tmp_path, parts: int = 4, per_part: int = 12) -> str:
     """A folder of jsonl files (several shards of a stream), each document distinct and of its own length."""
     folder = tmp_path / "streamed"
@@ -526,6 +543,7 @@ def test_a_resumed_streamed_dataset_reads_on_from_its_saved_position(tok, tmp_pa
                                                                     epoch):
     # resuming a streamed dataset at document d re-read and skipped d documents (hours of download and tokenizing
     # for a large corpus); the position now holds datasets' own (IterableDataset.state_dict), read on from there
+    _needs_resumable_streams()
     cfg = DataConfig(source=_streamed_corpus(tmp_path), streaming=True, shuffle=False, holdout=0.2, seq_len=32)
     full = list(itertools.islice(TextStream(cfg, tok, rank=rank, world_size=world_size).rows(), 120))
     at = next(i for i, (_, s) in enumerate(full) if s.epoch == epoch and s.doc >= 15)
@@ -559,12 +577,15 @@ def test_a_resumed_stream_without_a_saved_position_skips_with_a_notice(tok, tmp_
     source = _streamed_corpus(tmp_path)
     cases = {"older zoo": ({"shuffle": False}, None, r"written by an older zoo"),
              "shuffled": ({"shuffle": True, "shuffle_buffer": 8}, None, r"shuffle buffer"),
-             "old datasets": ({"shuffle": False}, "state_dict", r"cannot save a stream's position")}
+             "old datasets": ({"shuffle": False}, "state_dict", r"cannot continue a stream from its saved position")}
+    fast = _datasets_at_least("3.4")  # (before 3.4 every unshuffled stream is an old datasets' case)
     for name, (fields_, missing, reason) in cases.items():
         cfg = DataConfig(source=source, streaming=True, holdout=0.0, seq_len=32, **fields_)
         full = list(itertools.islice(TextStream(cfg, tok).rows(), 30))
         state = full[12][1].as_dict()
-        assert ("source" in state) == (not cfg.shuffle), name
+        assert ("source" in state) == (fast and not cfg.shuffle), name
+        if not fast and not cfg.shuffle:
+            reason = r"cannot continue a stream from its saved position"
         state.pop("source", None)
         with monkeypatch.context() as patch:
             if missing:
@@ -581,6 +602,7 @@ def test_a_resumed_stream_without_a_saved_position_skips_with_a_notice(tok, tmp_
 def test_a_saved_stream_position_of_another_dataset_is_not_loaded(tok, tmp_path):
     # a position whose layout is not this dataset's (e.g. saved with another number of processes) would be loaded
     # by datasets without a word and continue elsewhere: it is skipped to, with a notice
+    _needs_resumable_streams()
     cfg = DataConfig(source=_streamed_corpus(tmp_path), streaming=True, shuffle=False, holdout=0.0, seq_len=32)
     full = list(itertools.islice(TextStream(cfg, tok).rows(), 30))
     state = full[12][1].as_dict()

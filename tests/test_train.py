@@ -1118,7 +1118,10 @@ def test_resume_of_a_streamed_dataset_reads_on_from_the_saved_position(tmp_path,
     # of download and tokenizing); the checkpoint now holds datasets' own stream position, and the resumed run reads
     # on from it, with the uninterrupted run's losses
     datasets = pytest.importorskip("datasets")
-    from zoo.data.text import open_documents
+    from zoo.data.text import _datasets_at_least, open_documents
+
+    if not _datasets_at_least("3.4"):
+        pytest.skip(f"datasets {datasets.__version__} cannot continue a stream from its saved position (3.4+)")
 
     folder = tmp_path / "corpus"
     folder.mkdir()

@@ -287,7 +287,7 @@ class _StreamedDocs:
     position would not give the same documents, resuming re-reads and skips d documents, with a one-line notice:
     a shuffled stream (datasets saves where its shards stand, not its shuffle buffer's content, so the order
     after the resume point would differ), a position saved without one (by an older zoo), or a `datasets`
-    without ``state_dict`` (before 2.18).
+    that cannot continue from its saved position (before 3.4).
     """
 
     def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int, source: Any = None):
@@ -297,8 +297,10 @@ class _StreamedDocs:
 
     @property
     def resumable(self) -> bool:
-        """Whether the stream's position can be saved and continued from (see the class docstring)."""
-        return not self.shuffle and hasattr(self.dataset, "state_dict") and hasattr(self.dataset, "load_state_dict")
+        """Whether the stream's position can be saved and continued from (see the class docstring): datasets 3.4+
+        (3.0-3.3 save a state their load_state_dict does not take back)."""
+        return not self.shuffle and hasattr(self.dataset, "state_dict") and hasattr(self.dataset, "load_state_dict") \
+            and _datasets_at_least("3.4")
 
     def iter_docs(self, epoch: int, start: int) -> Iterator[str]:
         for text, _ in self.iter_positioned(epoch, start):
@@ -353,8 +355,8 @@ class _StreamedDocs:
         if not self.resumable:
             import datasets
 
-            return (f"datasets {datasets.__version__} cannot save a stream's position "
-                    f"(IterableDataset.state_dict, 2.18+)")
+            return (f"datasets {datasets.__version__} cannot continue a stream from its saved position "
+                    f"(IterableDataset.state_dict / load_state_dict, 3.4+)")
         if resume is None:
             return "the checkpoint holds no saved stream position (written by an older zoo)"
         if resume.get("epoch") != epoch or not _same_layout(resume.get("examples_iterable"),
@@ -365,6 +367,13 @@ class _StreamedDocs:
     def describe(self, epoch: int, position: int, source: Any) -> str:
         """The document at `position` of this process's order in `epoch` (a stream numbers no documents)."""
         return f"the document at position {position} of epoch {epoch} of this process's stream of {source!r}"
+
+
+def _datasets_at_least(version: str) -> bool:
+    import datasets
+    from packaging.version import Version
+
+    return Version(datasets.__version__) >= Version(version)
 
 
 def _same_layout(saved: Any, fresh: Any) -> bool:
@@ -427,7 +436,7 @@ def _mixed_local_columns_error(error, files: list[str], builder: str, text_field
     for f in files:
         columns = _file_columns(f, builder)
         groups.setdefault(tuple(sorted(columns)) if columns is not None else None, []).append(f)
-    expected = list(getattr(error, "requested_column_names", []) or [])
+    expected = list(getattr(error, "requested_column_names", []) or []) or list(_file_columns(files[0], builder) or [])
 
     def named(paths: list[str]) -> str:
         return ", ".join(repr(p) for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
@@ -566,8 +575,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:  # empty or malformed files
             from datasets.table import CastError
 
-            if isinstance(e.__cause__, CastError):  # files of other columns
-                raise _mixed_local_columns_error(e.__cause__, local, builder, cfg.text_field) from e
+            # files of other columns (datasets before 4.1: a DatasetGenerationCastError, its cause not a CastError)
+            if isinstance(e.__cause__, CastError) or type(e).__name__ == "DatasetGenerationCastError":
+                cast = e.__cause__ if isinstance(e.__cause__, CastError) else e
+                raise _mixed_local_columns_error(cast, local, builder, cfg.text_field) from e
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
