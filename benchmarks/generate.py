@@ -231,9 +231,10 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
                "ratio_is": "baseline_ms / ours_ms at the same batch (> 1: ours decodes faster)"}
         if name in ZOO and tpp and tpp.get("ms") and ok:
             row["vs_transformerpp"] = round(tpp["ms"] / r["ms"], 3)
-        for key in ("graph_error", "note"):
-            if key in r:
-                row["note"] = r[key]
+        # both where both exist (--graph only: the capture failed, then the eager fallback ran out of memory)
+        notes = [r[key] for key in ("graph_error", "note") if r.get(key)]
+        if notes:
+            row["note"] = "; ".join(notes)
         rows.append(row)
     return rows
 
