@@ -22,7 +22,8 @@ copy bandwidth measured at start-up
 (benchmarks/ceilings.py). Baselines measured in the same run: zoo mamba ->
 transformers' Mamba, zoo transformerpp -> transformers' Llama, zoo mamba2 / gla / jamba -> zoo transformerpp
 (the 5x target at batch 64); ratio = baseline_ms / ours_ms (> 1: ours decodes faster). Every zoo row also has
-vs_transformerpp = transformerpp ms / ours ms at the same batch.
+vs_transformerpp = transformerpp ms / ours ms at the same batch (each one's faster mode: transformerpp_mode names
+Transformer++'s, and a note says where the two modes differ); vs_transformerpp_graph compares the graph steps.
 
     python benchmarks/generate.py                                  # everything (about 5 minutes on an H100)
     python benchmarks/generate.py --models mamba hf-mamba --batches 1,64 --new-tokens 64
@@ -229,11 +230,20 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
                "baseline_ms": round(base["ms"], 3) if base and base.get("ms") else None,
                "ratio": round(base["ms"] / r["ms"], 3) if ok and base and base.get("ms") else None,
                "ratio_is": "baseline_ms / ours_ms at the same batch (> 1: ours decodes faster)"}
+        mixed = None
         if name in ZOO and tpp and tpp.get("ms") and ok:
             row["vs_transformerpp"] = round(tpp["ms"] / r["ms"], 3)
-        for key in ("graph_error", "note"):
-            if key in r:
-                row["note"] = r[key]
+            row["transformerpp_mode"] = tpp.get("mode")
+            if r.get("graph_ms") and tpp.get("graph_ms"):  # graph against graph, whichever was faster
+                row["vs_transformerpp_graph"] = round(tpp["graph_ms"] / r["graph_ms"], 3)
+            if tpp.get("mode") != r.get("mode"):  # e.g. Transformer++'s capture failed: its eager step, whose
+                # KV cache grows by concatenation, is no graph step's baseline
+                mixed = (f"vs_transformerpp compares this model's {r.get('mode')} step with Transformer++'s "
+                         f"{tpp.get('mode')} step")
+        # both where both exist (--graph only: the capture failed, then the eager fallback ran out of memory)
+        notes = [r[key] for key in ("graph_error", "note") if r.get(key)] + ([mixed] if mixed else [])
+        if notes:
+            row["note"] = "; ".join(notes)
         rows.append(row)
     return rows
 

@@ -336,3 +336,39 @@ def test_scan_split_floor_counts_the_exponentials_as_the_selective_scan_benchmar
     assert (fwd, both) == pytest.approx(scan.floors(8, 2048, 1536, bw, ex2))
     fwd, both = script.floors(8, 2048, 1536, 1e30)  # with exponentials for free, the bytes bind
     assert (fwd, both) == pytest.approx(scan.floors(8, 2048, 1536, bw, 1e30)) and fwd > 0.04
+
+
+def test_generate_rows_keep_the_graph_error_beside_an_out_of_memory_note(monkeypatch):
+    """--graph only: a model whose capture failed is timed eagerly, and where that runs out of memory the row's
+    "out of memory" note replaced the capture's error, so the row no longer said why it had no graph figure."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    r = {"batch": 64, "prefill_ms": 5.0, "graphable": True, "cache_mib": 1.0, "graph_error": "RuntimeError: capture",
+         "ms": None, "tokens_per_s": None, "note": "out of memory"}
+    row, = script.make_rows({("mamba", 64): r}, "cpu", "test", prompt_len=2048, n_tokens=128)
+    assert row["note"] == "RuntimeError: capture; out of memory"
+    r = {**r, "ms": 1.0, "tokens_per_s": 64e3, "eager_ms": 1.0, "mode": "eager"}
+    del r["note"]
+    row, = script.make_rows({("mamba", 64): r}, "cpu", "test", prompt_len=2048, n_tokens=128)
+    assert row["note"] == "RuntimeError: capture"
+
+
+def test_generate_rows_say_when_the_transformerpp_ratio_mixes_decode_modes(monkeypatch):
+    """vs_transformerpp divided Transformer++'s faster mode by each model's: where Transformer++'s capture failed, its
+    eager step (a KV cache grown by concatenation) stood beside a recurrent model's graph step without a word. The
+    row names Transformer++'s mode, notes a mix, and keeps the graph-against-graph ratio where both have one."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    mamba = {"batch": 64, "prefill_ms": 5.0, "graphable": True, "cache_mib": 1.0, "ms": 1.0, "tokens_per_s": 64e3,
+             "eager_ms": 3.0, "graph_ms": 1.0, "mode": "graph"}
+    tpp = {**mamba, "ms": 4.0, "eager_ms": 4.0, "graph_ms": None, "mode": "eager", "graph_error": "RuntimeError: x"}
+    rows = {r["model"]: r for r in script.make_rows({("mamba", 64): mamba, ("transformerpp", 64): tpp}, "cpu",
+                                                     "test", prompt_len=2048, n_tokens=128)}
+    row = rows[script.LABEL["mamba"]]
+    assert row["vs_transformerpp"] == 4.0 and row["transformerpp_mode"] == "eager"
+    assert "vs_transformerpp_graph" not in row and "graph step with Transformer++'s eager step" in row["note"]
+    tpp = {**tpp, "ms": 2.0, "graph_ms": 2.0, "mode": "graph"}
+    rows = {r["model"]: r for r in script.make_rows({("mamba", 64): mamba, ("transformerpp", 64): tpp}, "cpu",
+                                                     "test", prompt_len=2048, n_tokens=128)}
+    row = rows[script.LABEL["mamba"]]
+    assert row["vs_transformerpp"] == row["vs_transformerpp_graph"] == 2.0 and "note" not in row
