@@ -14,7 +14,8 @@ Rows (benchmarks/results.jsonl), one per (model, batch), named generate/<model>/
 the prompt is not 2048 tokens): ours_ms = ms per decode step of the whole batch,
 tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the eager
 decode, the weights included; with --graph only, over one eager step), graph_peak_gib (the same over the CUDA-graph
-decode: its static caches and the graph's memory pool included), cache_mib (bytes held by the cache after the
+decode: the weights, its static caches and the graph's live buffers; not the intermediates the graph's private
+pool keeps reserved, which the caching allocator counts as free), cache_mib (bytes held by the cache after the
 decode), floor_ms = (weight bytes + cache
 bytes read, and written for recurrent states: every recurrent layer's, a hybrid's included, in the dtype the
 steps keep them in; decode_traffic) / the
@@ -182,7 +183,7 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
         if graph != "off" and row["graphable"]:
             try:  # KV layers made static with room for the timed steps (prompt + warmup + new tokens in all)
                 decoder = GraphDecoder(model, prefill(model, prompt), max_new_tokens=warmup + n_tokens)
-                torch.cuda.reset_peak_memory_stats()  # from here: the static caches and the graph's pool, held
+                torch.cuda.reset_peak_memory_stats()  # from here: the static caches and the graph's live buffers
                 row["graph_ms"] = time_decode(decoder, n_tokens, warmup)
                 row["graph_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 del decoder
