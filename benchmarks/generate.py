@@ -15,7 +15,7 @@ the prompt is not 2048 tokens): ours_ms = ms per decode step of the whole batch,
 tokens_per_s = batch / step time, prefill_ms, decode_peak_gib (torch.cuda.max_memory_allocated over the eager
 decode, the weights included; with --graph only, over one eager step), graph_peak_gib (the same over the CUDA-graph
 decode: the weights, its static caches and the graph's live buffers; not the intermediates the graph's private
-pool keeps reserved, which the caching allocator counts as free), cache_mib (bytes held by the cache after the
+pool keeps reserved but not allocated), cache_mib (bytes held by the cache after the
 decode), floor_ms = (weight bytes + cache
 bytes read, and written for recurrent states: every recurrent layer's, a hybrid's included, in the dtype the
 steps keep them in; decode_traffic) / the
