@@ -25,9 +25,12 @@ CASES = {
     "prefill": (48, 200, 4, 2, {}),
     "decode": (1, 200, 4, 2, {}),
     "decode_padded": (1, 200, 4, 2, {"key_padding_mask": "left"}),
+    # pads after tokens inside the window: it counts a row's tokens, not its pads (flash's varlen drops the pads,
+    # SDPA's and flex's masks count them out)
+    "window_mid_padded": (200, 200, 4, 2, {"window": 37, "key_padding_mask": "middle"}),
 }
 # flex compiles per mask and head dim: a smaller matrix keeps the suite within minutes
-FLEX_CASES = ("causal", "packed_gqa", "padded")
+FLEX_CASES = ("causal", "packed_gqa", "padded", "window_mid_padded")
 TOL = {torch.bfloat16: (1.5e-2, 3e-2), torch.float16: (4e-3, 1e-2)}  # (output, gradients) relative error
 
 
@@ -40,10 +43,13 @@ def make_kwargs(spec, batch, tk):
             for i, lo in enumerate(bounds[b % 2]):
                 seq[b, lo:] = i
         kw["seq_idx"] = seq.to(DEVICE)
-    if kw.get("key_padding_mask") == "left":
+    if kw.get("key_padding_mask") in ("left", "middle"):
         kpm = torch.ones(batch, tk, dtype=torch.bool)
         for b in range(batch):
-            kpm[b, : 7 + 29 * b] = False
+            if kw["key_padding_mask"] == "left":
+                kpm[b, : 7 + 29 * b] = False
+            else:
+                kpm[b, 60 + 9 * b: 90 + 29 * b] = False
         kw["key_padding_mask"] = kpm.to(DEVICE)
     return kw
 

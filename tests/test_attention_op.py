@@ -14,7 +14,8 @@ from zoo_kernels.attention import BackendUnavailable, attention, attention_ref
 
 
 def naive_attention(q, k, v, *, causal=True, window=None, seq_idx=None, key_padding_mask=None, scale=None):
-    """One query at a time, straight from the contract (fp64): the oracle of attention_ref."""
+    """One query at a time, straight from the contract (fp64): the oracle of attention_ref. With a key_padding_mask
+    the window counts real tokens (a pad is no position)."""
     batch, tq, hq, dim = q.shape
     tk, hkv = k.shape[1], k.shape[2]
     scale = dim**-0.5 if scale is None else scale
@@ -24,10 +25,11 @@ def naive_attention(q, k, v, *, causal=True, window=None, seq_idx=None, key_padd
         for j in range(1, tk):
             same = seq_idx is None or seq_idx[b, j] == seq_idx[b, j - 1]
             doc[j] = doc[j - 1] + (0 if same else 1)
+        rank = list(range(tk)) if key_padding_mask is None else key_padding_mask[b].long().cumsum(0).tolist()
         for i in range(tq):
             p = tk - tq + i
             keys = [j for j in range(tk)
-                    if (not causal or j <= p) and (window is None or p - j < window) and doc[j] == doc[p]
+                    if (not causal or j <= p) and (window is None or rank[p] - rank[j] < window) and doc[j] == doc[p]
                     and (key_padding_mask is None or (key_padding_mask[b, j] and key_padding_mask[b, p]))]
             if not keys:
                 continue
@@ -80,6 +82,8 @@ CASES = {
     "padded": dict(key_padding_mask="left"),
     "padded_right": dict(key_padding_mask="right"),
     "packed_padded_window": dict(seq_idx="packed", key_padding_mask="left", window=6),
+    # pads after tokens (PEFT prompt tuning's [virtual tokens, pads, prompt]): the window counts tokens, not pads
+    "middle_padded_window": dict(key_padding_mask="middle", window=4),
 }
 
 
@@ -87,12 +91,14 @@ def build_case(case, batch, tk):
     kw = dict(CASES[case])
     if kw.get("seq_idx") == "packed":
         kw["seq_idx"] = packed_seq_idx(batch, tk)
-    if kw.get("key_padding_mask") in ("left", "right"):
+    if kw.get("key_padding_mask") in ("left", "right", "middle"):
         kpm = torch.ones(batch, tk, dtype=torch.bool)
         for b in range(batch):
             n = 2 + 3 * b
             if kw["key_padding_mask"] == "left":
                 kpm[b, :n] = False
+            elif kw["key_padding_mask"] == "middle":
+                kpm[b, 3 + b:3 + b + n] = False
             else:
                 kpm[b, tk - n:] = False
         kw["key_padding_mask"] = kpm
@@ -283,7 +289,7 @@ def emulated_flash_varlen(name, q, k, v, meta, causal, left, right, scale):
     return out
 
 
-@pytest.mark.parametrize("case", ["packed", "padded", "padded_right", "packed_padded_window"])
+@pytest.mark.parametrize("case", ["packed", "padded", "padded_right", "packed_padded_window", "middle_padded_window"])
 @pytest.mark.parametrize("tq", [19, 6, 1], ids=["train", "prefill", "decode"])
 def test_varlen_packing_logic(monkeypatch, case, tq):
     monkeypatch.setattr(attn, "_flash_varlen", emulated_flash_varlen)
