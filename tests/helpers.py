@@ -110,3 +110,19 @@ class PositionwiseMixer(torch.nn.Module):
 
     def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
         return self.proj(x)
+
+
+def stream_reads(monkeypatch) -> list[str]:
+    """The texts every datasets.IterableDataset iteration yields from now on (what the stream read)."""
+    import datasets
+
+    seen: list[str] = []
+    iterate = datasets.IterableDataset.__iter__
+
+    def counted(self):
+        for example in iterate(self):
+            seen.append(example["text"])
+            yield example
+
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counted)
+    return seen

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import stream_reads
 
 from zoo.data.text import (
     IGNORE_INDEX,
@@ -521,22 +522,6 @@ def _streamed_corpus(tmp_path, parts: int = 4, per_part: int = 12) -> str:
     return str(folder)
 
 
-def _reads(monkeypatch) -> list[str]:
-    """The texts every datasets.IterableDataset iteration yields from now on (what the stream read)."""
-    import datasets
-
-    seen: list[str] = []
-    iterate = datasets.IterableDataset.__iter__
-
-    def counted(self):
-        for example in iterate(self):
-            seen.append(example["text"])
-            yield example
-
-    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counted)
-    return seen
-
-
 @pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 2)], ids=["one-process", "rank1-of-2"])
 @pytest.mark.parametrize("epoch", [0, 1])
 def test_a_resumed_streamed_dataset_reads_on_from_its_saved_position(tok, tmp_path, monkeypatch, rank, world_size,
@@ -553,7 +538,7 @@ def test_a_resumed_streamed_dataset_reads_on_from_its_saved_position(tok, tmp_pa
     assert state["doc"] < len(order) - 2, "the position is inside the epoch"
 
     resumed = TextStream(cfg, tok, rank=rank, world_size=world_size)
-    seen = _reads(monkeypatch)
+    seen = stream_reads(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no notice: nothing is re-read
         got = list(itertools.islice(resumed.rows(StreamState(**state)), len(full) - at - 1))
@@ -590,7 +575,7 @@ def test_a_resumed_stream_without_a_saved_position_skips_with_a_notice(tok, tmp_
         with monkeypatch.context() as patch:
             if missing:
                 patch.delattr(datasets.IterableDataset, missing)
-            seen = _reads(patch)
+            seen = stream_reads(patch)
             with pytest.warns(UserWarning, match=rf"data: resuming the stream of .* at document {state['doc']} of "
                                                  rf"epoch 0 re-reads and skips {state['doc']} documents: .*{reason}"):
                 got = list(itertools.islice(TextStream(cfg, tok).rows(state), 17))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_close, launch_fsdp_on_cpu
+from helpers import assert_close, launch_fsdp_on_cpu, stream_reads
 
 from zoo.data.text import IGNORE_INDEX
 from zoo.train import (
@@ -1142,15 +1142,7 @@ def test_resume_of_a_streamed_dataset_reads_on_from_the_saved_position(tmp_path,
     assert saved["epoch"] == 0 and saved["doc"] > 14 and "source" in saved, saved
     order = list(open_documents(cfg.data, "train").iter_docs(0, 0))
 
-    seen: list[str] = []
-    iterate = datasets.IterableDataset.__iter__
-
-    def counted(self):
-        for example in iterate(self):
-            seen.append(example["text"])
-            yield example
-
-    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counted)
+    seen = stream_reads(monkeypatch)
     resumed: dict[int, float] = {}
     assert train(cfg, resume="auto", on_step=lambda s, m: resumed.__setitem__(s, m["loss"])).step == 6
     assert [resumed[s] for s in (4, 5, 6)] == [full[s] for s in (4, 5, 6)], (resumed, full)
