@@ -183,8 +183,19 @@ def _return_dict(config, return_dict) -> bool:
     return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
 
+class _AuxBesideRouterLogits:
+    """to_tuple of zoo's outputs: the non-None fields in order, aux_loss only beside router_logits, as
+    MixtralForCausalLM's (whose aux_loss is None without them): without output_router_logits an MoE model's tuple is
+    a dense model's, and `out[0]`, `out[1]` index the output as its `return_dict=False` tuple."""
+
+    def to_tuple(self) -> tuple:
+        if self.get("router_logits") is None:
+            return tuple(v for k, v in self.items() if k != "aux_loss")
+        return super().to_tuple()
+
+
 @dataclass
-class ZooModelOutput(MoeModelOutputWithPast):
+class ZooModelOutput(_AuxBesideRouterLogits, MoeModelOutputWithPast):
     """ZooModel's output: transformers' MoE model output (last_hidden_state, cache, hidden_states, attentions,
     router_logits, as MixtralModel's) plus the MoE load-balancing loss, last, so that the tuple of
     `return_dict=False` carries it beside the router logits (an attribute set on a BaseModelOutputWithPast was no
@@ -192,28 +203,14 @@ class ZooModelOutput(MoeModelOutputWithPast):
 
     aux_loss: torch.FloatTensor | None = None
 
-    def to_tuple(self) -> tuple:
-        """The non-None fields in order, aux_loss (last) only beside router_logits, as ZooCausalLMOutput's: without
-        output_router_logits an MoE model's tuple is a dense model's ((hidden, cache) unpacks as before)."""
-        if self.get("router_logits") is None:
-            return tuple(v for k, v in self.items() if k != "aux_loss")
-        return super().to_tuple()
-
 
 @dataclass
-class ZooCausalLMOutput(MoeCausalLMOutputWithPast):
+class ZooCausalLMOutput(_AuxBesideRouterLogits, MoeCausalLMOutputWithPast):
     """transformers' MoeCausalLMOutputWithPast (loss, aux_loss, logits, cache, hidden_states, attentions,
     router_logits, MixtralForCausalLM's fields in its order): `loss` includes the MoE load-balancing loss, times
     moe.aux_loss_coef, in training mode only. As a tuple (`return_dict=False`) it follows MixtralForCausalLM's:
     aux_loss (second, after the loss) and router_logits (last) are in it when output_router_logits is on, so that
     without them the tuple starts (loss, logits) as every causal LM's."""
-
-    def to_tuple(self) -> tuple:
-        """The non-None fields in order, aux_loss only beside router_logits (MixtralForCausalLM's, whose aux_loss is
-        None without them): `out[0]`, `out[1]` index the output as its `return_dict=False` tuple."""
-        if self.get("router_logits") is None:
-            return tuple(v for k, v in self.items() if k != "aux_loss")
-        return super().to_tuple()
 
 
 class ZooPreTrainedModel(PreTrainedModel):
