@@ -110,7 +110,7 @@ def test_flops_hand_computed():
                     mixers={"A": {"type": "attention", "n_heads": 4, "window": 4}})
     row = account(win, [16])["per_length"][0]
     assert row["flops_per_token"] == 2 * (4 * 32 * 32 + 100 * 32) + 4 * (58 / 16) * 4 * 8
-    assert row["kv_floats"] == 2 * 4 * 8 * 4  # the window's keys only
+    assert row["kv_floats"] == 2 * 4 * 8 * 3  # the window's past keys only (window - 1)
 
     # Mamba-1: d=16, d_inner 32, N=4, conv 4, dt_rank ceil(16/16)=1; V=50.
     mb = ZooConfig(vocab_size=50, d_model=16, layers="M", ffn="none",
@@ -160,6 +160,45 @@ def test_active_parameters_of_a_moe_model_with_a_custom_mixer_leave_out_the_skip
         == parameter_counts(builtin)["total"] - (4 - 1) * 3 * 16 * 32
 
 
+
+def _cache_floats(cache) -> tuple[int, int]:
+    """(KV floats, other floats) held by a prefilled cache's layers: attention keys/values, recurrent states."""
+    kv = other = 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            kv += keys.numel() + layer.values.numel()
+        else:
+            other += sum(t.numel() for t in (layer.conv_state, layer.recurrent_state) if t is not None)
+    return kv, other
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 5])
+def test_cache_floats_are_those_the_cache_holds_after_a_prefill(window):
+    """A sliding layer keeps the last window - 1 keys (the next token's own joins them in the step): the accounting
+    counted `window`, one token per layer too many (and a window of 2 then looked like a constant, recurrent state)."""
+    config = ZooConfig(vocab_size=50, d_model=32, layers="MAG", ffn="none",
+                       mixers={"A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "window": window},
+                               "M": {"type": "mamba2", "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8},
+                               "G": {"type": "gla", "n_heads": 2}})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for L in (1, 3, 13):
+        with torch.no_grad():
+            cache = model(input_ids=torch.randint(0, 50, (1, L)), use_cache=True).past_key_values
+        row = account(config, [L])["per_length"][0]
+        assert (row["kv_floats"], row["state_floats"]) == _cache_floats(cache), (window, L)
+
+
+def test_transformers_sliding_cache_floats_are_those_the_cache_holds():
+    from transformers import AutoConfig
+
+    mistral = AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100, sliding_window=4)
+    with torch.no_grad():
+        cache = AutoModelForCausalLM.from_config(mistral).eval()(input_ids=torch.randint(0, 100, (1, 16)),
+                                                                  use_cache=True).past_key_values
+    assert account(mistral, [16])["per_length"][0]["kv_floats"] == _cache_floats(cache)[0]
+
 def test_transformers_baselines_are_accounted():
     llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": True}
@@ -196,7 +235,7 @@ def test_transformers_baselines_with_per_layer_windows_and_unaccountable_layouts
     gemma = AutoConfig.for_model("gemma2", **common, sliding_window=4,
                                  layer_types=["sliding_attention", "full_attention"])
     row = account(gemma, [16])["per_length"][0]
-    assert row["kv_floats"] == 2 * 2 * 8 * 4 + 2 * 2 * 8 * 16  # 4 keys kept by the sliding layer, 16 by the full one
+    assert row["kv_floats"] == 2 * 2 * 8 * 3 + 2 * 2 * 8 * 16  # 3 keys kept by the sliding layer, 16 by the full one
     expect = 4 * (causal_keys_mean(16, 4) + causal_keys_mean(16)) * 4 * 8
     assert row["flops_per_token"] - 2 * account(gemma, [16])["matmul_weights"] == pytest.approx(expect)
     for model_type, extra in (("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),

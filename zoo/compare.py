@@ -56,7 +56,8 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
 - decode (one token after L of context): matmuls as above; attention 4·min(L+1, window)·H·Dh; Mamba-1
   9·d_inner·N; Mamba-2 4·H·P·N; GLA 4·H·K·V.
 
-Memory per sequence: each mixer's ``state_size(L)`` (floats): KV for attention (2·H_kv·Dh·min(L, window)),
+Memory per sequence: each mixer's ``state_size(L)`` (floats): KV for attention (2·H_kv·Dh·min(L, window − 1):
+a sliding layer keeps the last window − 1 keys, the next token's own joins them),
 conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_bytes`` per KV float (bf16)
 and ``accounting.state_bytes`` per recurrent float (fp32, as the cache keeps it).
 
@@ -348,9 +349,10 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
 
 
 def _is_attention(mixer: nn.Module) -> bool:
-    """Whether the mixer's cache grows with the sequence (KV), judged by its state size at two lengths."""
+    """Whether the mixer's cache grows with the sequence (KV), judged by its state size at two lengths: 0 and 1, as
+    a sliding window of 2 keeps one key from the first token on."""
     size = mixer_state_size(mixer)
-    return size(2) != size(1)
+    return size(1) != size(0)
 
 
 def mixer_state_size(mixer: nn.Module) -> Callable[[int], int]:
@@ -376,7 +378,8 @@ def _hf_state_fns(config) -> list[Callable[[int], int]]:
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
-    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w or L) for window in _hf_windows(config)]
+    # a sliding layer (transformers' DynamicSlidingWindowLayer) keeps the last window - 1 keys
+    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w - 1 if w else L) for window in _hf_windows(config)]
 
 
 # ---- budget matching ---------------------------------------------------------------------------------------
