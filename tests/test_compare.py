@@ -146,6 +146,54 @@ def test_flops_hand_computed():
     assert row["flops_per_token"] == 2 * weights + 2 * 4 * 4.5 * 2 * 8
 
 
+
+ATTENTION_REF = {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "attn_backend": "math"}
+FLOP_COUNTER_MODELS = {
+    "mamba2-groups": dict(vocab_size=50, d_model=32, layers="MM", ffn="none",
+                          mixers={"M": {"type": "mamba2", "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8,
+                                        "scan_backend": "ref"}}),
+    "gla-swiglu": dict(vocab_size=50, d_model=32, layers="GG", ffn={"type": "swiglu", "hidden": 48},
+                       mixers={"G": {"type": "gla", "n_heads": 2, "expand_k": 1.0, "gate_low_rank_dim": 4,
+                                     "chunk_size": 8, "scan_backend": "ref"}}),
+    "attention-window-moe-untied": dict(vocab_size=64, d_model=32, layers="AA", ffn={"type": "swiglu", "hidden": 48},
+                                        tie_embeddings=False, mixers={"A": {**ATTENTION_REF, "window": 5}},
+                                        moe={"every": 2, "offset": 1, "n_experts": 3, "top_k": 2}),
+    "jamba": dict(vocab_size=64, d_model=32, layers="MMAM", ffn={"type": "swiglu", "hidden": 48},
+                  mixers={"M": {"type": "mamba", "d_state": 8, "scan_backend": "ref"}, "A": ATTENTION_REF},
+                  moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOP_COUNTER_MODELS))
+def test_flops_match_torch_flop_counter_on_the_references(name, monkeypatch):
+    """torch's FlopCounterMode counts the matmuls the reference forward runs. It agrees with the accounting exactly,
+    less what the references compute otherwise: the causal conv is elementwise (2 per conv weight unseen), attention_ref
+    scores every query against every key before masking (4·L·H·Dh, not 4·L_avg·H·Dh), and Mamba-1's reference scan is
+    elementwise but for y = C·h (2·d_inner·N of its 9·d_inner·N). The chunked scans pad the last chunk: at L = 13 with
+    chunks of 8 they compute 16 tokens, which the accounting counted as 13."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from zoo_kernels.attention.ref import attention_ref
+
+    # torch's CPU SDPA kernel is not among the counted ops; the reference computes the same attention with einsums
+    monkeypatch.setattr("zoo.mixers.attention.attention",
+                        lambda q, k, v, backend=None, **kw: attention_ref(q, k, v, **kw))
+    torch.manual_seed(0)
+    config = ZooConfig(**copy.deepcopy(FLOP_COUNTER_MODELS[name]))
+    model = AutoModelForCausalLM.from_config(config).eval()
+    conv_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv1d))
+    for L, row in zip([8, 13, 20], account(config, [8, 13, 20])["per_length"]):
+        unseen = 2 * conv_weights
+        for b in model.model.layers:
+            m = b.mixer
+            if config.layer_specs()[m.layer_idx]["type"] == "attention":
+                unseen -= 4 * (L - causal_keys_mean(L, m.window)) * m.n_heads * m.head_dim
+            elif config.layer_specs()[m.layer_idx]["type"] == "mamba":
+                unseen += 7 * m.d_inner * m.d_state
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(input_ids=torch.randint(0, config.vocab_size, (1, L)))
+        assert counter.get_total_flops() == pytest.approx((row["flops_per_token"] - unseen) * L, rel=1e-12), (name, L)
+
 def test_active_parameters_of_a_moe_model_with_a_custom_mixer_leave_out_the_skipped_experts():
     """A mixer given by import path is counted on the meta model; its active count was then the total, as if each
     token ran every expert, while the same model with the built-in name left out the n_experts - top_k others."""

@@ -53,6 +53,8 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
   + 2·H·P·N (chunk states) + 2·H·P·N (inter-chunk output C·h) per token.
 - GLA chunk form, chunk C = min(chunk_size, L), H heads of key width K and value width V: 2·C·H·K (intra-chunk
   scores) + 2·C·H·V (scores · v) + 2·H·K·V (q·S) + 2·H·K·V (state update kᵀv) per token.
+- both chunk forms per token of the padded length ⌈L/Q⌉·Q: the last chunk is computed in full (padded), so these
+  terms are scaled by ⌈L/Q⌉·Q / L where Q does not divide L.
 - decode (one token after L of context): matmuls as above; attention 4·min(L+1, window)·H·Dh; Mamba-1
   9·d_inner·N; Mamba-2 4·H·P·N; GLA 4·H·K·V.
 
@@ -134,6 +136,13 @@ def causal_keys_mean(seq_len: int, window: int | None = None) -> float:
     return (window * (window + 1) / 2 + (L - window) * window) / L
 
 
+def chunk_padding(seq_len: int, chunk_size: int) -> float:
+    """Tokens a chunked scan computes per real token: ⌈L/Q⌉·Q / L with Q = min(chunk_size, L) (the last chunk is
+    padded to Q)."""
+    chunk = min(chunk_size, seq_len)
+    return math.ceil(seq_len / chunk) * chunk / seq_len
+
+
 def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[int], float], Callable[[int], float]]:
     """(params, weights touched per token, seq_flops(L), decode_flops(L)) of one mixer (formulas: module doc)."""
     kw = mixer_kwargs(kind, spec)
@@ -156,7 +165,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
         params += (in_width + d) if kw["bias"] else 0
         params += conv_dim if kw["conv_bias"] else 0
         Q = kw["chunk_size"]
-        return (params, weights, lambda L: 2.0 * min(Q, L) * (G * N + H * P) + 4.0 * H * P * N,
+        return (params, weights, lambda L: chunk_padding(L, Q) * (2.0 * min(Q, L) * (G * N + H * P) + 4.0 * H * P * N),
                 lambda L: 4.0 * H * P * N)
     if kind == "attention":
         H = kw["n_heads"] or max(1, d // 64)
@@ -173,7 +182,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
         weights = 2 * d * Kd + 2 * d * Vd + d * r + r * Kd + Vd * d  # q, k, v, g, gk (low rank), o
         params = weights + Kd + hv  # gk bias, output norm
         C = kw["chunk_size"]
-        return (params, weights, lambda L: 2.0 * min(C, L) * H * (hk + hv) + 4.0 * H * hk * hv,
+        return (params, weights, lambda L: chunk_padding(L, C) * (2.0 * min(C, L) * H * (hk + hv) + 4.0 * H * hk * hv),
                 lambda L: 4.0 * H * hk * hv)
     raise KeyError(kind)
 
