@@ -208,7 +208,6 @@ def test_active_parameters_of_a_moe_model_with_a_custom_mixer_leave_out_the_skip
         == parameter_counts(builtin)["total"] - (4 - 1) * 3 * 16 * 32
 
 
-
 def _cache_floats(cache) -> tuple[int, int]:
     """(KV floats, other floats) held by a prefilled cache's layers: attention keys/values, recurrent states."""
     kv = other = 0
@@ -216,8 +215,9 @@ def _cache_floats(cache) -> tuple[int, int]:
         keys = getattr(layer, "keys", None)
         if isinstance(keys, torch.Tensor):
             kv += keys.numel() + layer.values.numel()
-        else:
-            other += sum(t.numel() for t in (layer.conv_state, layer.recurrent_state) if t is not None)
+        else:  # transformers' LinearAttentionLayer (zoo's RecurrentLayer is one): states by index, None if unused
+            states = (*layer.conv_states.values(), *layer.recurrent_states.values())
+            other += sum(t.numel() for t in states if t is not None)
     return kv, other
 
 
@@ -237,15 +237,23 @@ def test_cache_floats_are_those_the_cache_holds_after_a_prefill(window):
         assert (row["kv_floats"], row["state_floats"]) == _cache_floats(cache), (window, L)
 
 
-def test_transformers_sliding_cache_floats_are_those_the_cache_holds():
+@pytest.mark.parametrize("fields", [
+    {"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "sliding_window": 4},
+    {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "vocab_size": 100,
+     "conv_kernel": 4}], ids=["mistral-window", "mamba"])
+def test_transformers_cache_floats_are_those_the_cache_holds(fields):
+    """transformers' sliding layer keeps window - 1 keys; its Mamba cache keeps conv_kernel inputs per channel (zoo's
+    keeps conv_kernel - 1), which the accounting counted as conv_kernel - 1."""
     from transformers import AutoConfig
 
-    mistral = AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=100, sliding_window=4)
+    config = AutoConfig.for_model(**fields)
     with torch.no_grad():
-        cache = AutoModelForCausalLM.from_config(mistral).eval()(input_ids=torch.randint(0, 100, (1, 16)),
-                                                                  use_cache=True).past_key_values
-    assert account(mistral, [16])["per_length"][0]["kv_floats"] == _cache_floats(cache)[0]
+        cache = AutoModelForCausalLM.from_config(config).eval()(input_ids=torch.randint(0, 100, (1, 16)),
+                                                                 use_cache=True).past_key_values
+    row = account(config, [16])["per_length"][0]
+    assert (row["kv_floats"], row["state_floats"]) == _cache_floats(cache)
+
 
 def test_transformers_baselines_are_accounted():
     llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

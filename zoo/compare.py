@@ -383,7 +383,7 @@ def _hf_state_fns(config) -> list[Callable[[int], int]]:
     """Each layer's cache floats per sequence after L tokens, of a transformers config (see _hf_windows)."""
     if getattr(config, "model_type", "") == "mamba":
         di, N, K = config.intermediate_size, config.state_size, config.conv_kernel
-        return [lambda L: di * N + di * (K - 1)] * config.num_hidden_layers
+        return [lambda L: di * N + di * K] * config.num_hidden_layers  # its conv state keeps K inputs (zoo's K - 1)
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
