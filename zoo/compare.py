@@ -54,7 +54,9 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
 - GLA chunk form, chunk C = min(chunk_size, L), H heads of key width K and value width V: 2·C·H·K (intra-chunk
   scores) + 2·C·H·V (scores · v) + 2·H·K·V (q·S) + 2·H·K·V (state update kᵀv) per token.
 - both chunk forms per token of the padded length ⌈L/Q⌉·Q: the last chunk is computed in full (padded), so these
-  terms are scaled by ⌈L/Q⌉·Q / L where Q does not divide L.
+  terms are scaled by ⌈L/Q⌉·Q / L where Q does not divide L. Below one chunk (L < chunk_size) the GPU kernels
+  compute more than Q = L (the Triton SSD a whole chunk, fla a chunk of its own choice), and GLA's reference
+  rounds L up to its 16-token sub-chunks.
 - decode (one token after L of context): matmuls as above; attention 4·min(L+1, window)·H·Dh; Mamba-1
   9·d_inner·N; Mamba-2 4·H·P·N; GLA 4·H·K·V.
 
