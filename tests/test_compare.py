@@ -110,7 +110,7 @@ def test_flops_hand_computed():
                     mixers={"A": {"type": "attention", "n_heads": 4, "window": 4}})
     row = account(win, [16])["per_length"][0]
     assert row["flops_per_token"] == 2 * (4 * 32 * 32 + 100 * 32) + 4 * (58 / 16) * 4 * 8
-    assert row["kv_floats"] == 2 * 4 * 8 * 4  # the window's keys only
+    assert row["kv_floats"] == 2 * 4 * 8 * 3  # the window's past keys only (window - 1)
 
     # Mamba-1: d=16, d_inner 32, N=4, conv 4, dt_rank ceil(16/16)=1; V=50.
     mb = ZooConfig(vocab_size=50, d_model=16, layers="M", ffn="none",
@@ -146,6 +146,54 @@ def test_flops_hand_computed():
     assert row["flops_per_token"] == 2 * weights + 2 * 4 * 4.5 * 2 * 8
 
 
+
+ATTENTION_REF = {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "attn_backend": "math"}
+FLOP_COUNTER_MODELS = {
+    "mamba2-groups": dict(vocab_size=50, d_model=32, layers="MM", ffn="none",
+                          mixers={"M": {"type": "mamba2", "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8,
+                                        "scan_backend": "ref"}}),
+    "gla-swiglu": dict(vocab_size=50, d_model=32, layers="GG", ffn={"type": "swiglu", "hidden": 48},
+                       mixers={"G": {"type": "gla", "n_heads": 2, "expand_k": 1.0, "gate_low_rank_dim": 4,
+                                     "chunk_size": 8, "scan_backend": "ref"}}),
+    "attention-window-moe-untied": dict(vocab_size=64, d_model=32, layers="AA", ffn={"type": "swiglu", "hidden": 48},
+                                        tie_embeddings=False, mixers={"A": {**ATTENTION_REF, "window": 5}},
+                                        moe={"every": 2, "offset": 1, "n_experts": 3, "top_k": 2}),
+    "jamba": dict(vocab_size=64, d_model=32, layers="MMAM", ffn={"type": "swiglu", "hidden": 48},
+                  mixers={"M": {"type": "mamba", "d_state": 8, "scan_backend": "ref"}, "A": ATTENTION_REF},
+                  moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOP_COUNTER_MODELS))
+def test_flops_match_torch_flop_counter_on_the_references(name, monkeypatch):
+    """torch's FlopCounterMode counts the matmuls the reference forward runs. It agrees with the accounting exactly,
+    less what the references compute otherwise: the causal conv is elementwise (2 per conv weight unseen), attention_ref
+    scores every query against every key before masking (4·L·H·Dh, not 4·L_avg·H·Dh), and Mamba-1's reference scan is
+    elementwise but for y = C·h (2·d_inner·N of its 9·d_inner·N). The chunked scans pad the last chunk: at L = 13 with
+    chunks of 8 they compute 16 tokens, which the accounting counted as 13."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from zoo_kernels.attention.ref import attention_ref
+
+    # torch's CPU SDPA kernel is not among the counted ops; the reference computes the same attention with einsums
+    monkeypatch.setattr("zoo.mixers.attention.attention",
+                        lambda q, k, v, backend=None, **kw: attention_ref(q, k, v, **kw))
+    torch.manual_seed(0)
+    config = ZooConfig(**copy.deepcopy(FLOP_COUNTER_MODELS[name]))
+    model = AutoModelForCausalLM.from_config(config).eval()
+    conv_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Conv1d))
+    for L, row in zip([8, 13, 20], account(config, [8, 13, 20])["per_length"]):
+        unseen = 2 * conv_weights
+        for b in model.model.layers:
+            m = b.mixer
+            if config.layer_specs()[m.layer_idx]["type"] == "attention":
+                unseen -= 4 * (L - causal_keys_mean(L, m.window)) * m.n_heads * m.head_dim
+            elif config.layer_specs()[m.layer_idx]["type"] == "mamba":
+                unseen += 7 * m.d_inner * m.d_state
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(input_ids=torch.randint(0, config.vocab_size, (1, L)))
+        assert counter.get_total_flops() == pytest.approx((row["flops_per_token"] - unseen) * L, rel=1e-12), (name, L)
+
 def test_active_parameters_of_a_moe_model_with_a_custom_mixer_leave_out_the_skipped_experts():
     """A mixer given by import path is counted on the meta model; its active count was then the total, as if each
     token ran every expert, while the same model with the built-in name left out the n_experts - top_k others."""
@@ -158,6 +206,53 @@ def test_active_parameters_of_a_moe_model_with_a_custom_mixer_leave_out_the_skip
     assert parameter_counts(dotted) == parameter_counts(builtin)
     assert account(dotted, [8])["active_params"] == account(builtin, [8])["active_params"] \
         == parameter_counts(builtin)["total"] - (4 - 1) * 3 * 16 * 32
+
+
+def _cache_floats(cache) -> tuple[int, int]:
+    """(KV floats, other floats) held by a prefilled cache's layers: attention keys/values, recurrent states."""
+    kv = other = 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor):
+            kv += keys.numel() + layer.values.numel()
+        else:  # transformers' LinearAttentionLayer (zoo's RecurrentLayer is one): states by index, None if unused
+            states = (*layer.conv_states.values(), *layer.recurrent_states.values())
+            other += sum(t.numel() for t in states if t is not None)
+    return kv, other
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 5])
+def test_cache_floats_are_those_the_cache_holds_after_a_prefill(window):
+    """A sliding layer keeps the last window - 1 keys (the next token's own joins them in the step): the accounting
+    counted `window`, one token per layer too many (and a window of 2 then looked like a constant, recurrent state)."""
+    config = ZooConfig(vocab_size=50, d_model=32, layers="MAG", ffn="none",
+                       mixers={"A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "window": window},
+                               "M": {"type": "mamba2", "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8},
+                               "G": {"type": "gla", "n_heads": 2}})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    for L in (1, 3, 13):
+        with torch.no_grad():
+            cache = model(input_ids=torch.randint(0, 50, (1, L)), use_cache=True).past_key_values
+        row = account(config, [L])["per_length"][0]
+        assert (row["kv_floats"], row["state_floats"]) == _cache_floats(cache), (window, L)
+
+
+@pytest.mark.parametrize("fields", [
+    {"model_type": "mistral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+     "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "sliding_window": 4},
+    {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "vocab_size": 100,
+     "conv_kernel": 4}], ids=["mistral-window", "mamba"])
+def test_transformers_cache_floats_are_those_the_cache_holds(fields):
+    """transformers' sliding layer keeps window - 1 keys; its Mamba cache keeps conv_kernel inputs per channel (zoo's
+    keeps conv_kernel - 1), which the accounting counted as conv_kernel - 1."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**fields)
+    with torch.no_grad():
+        cache = AutoModelForCausalLM.from_config(config).eval()(input_ids=torch.randint(0, 100, (1, 16)),
+                                                                 use_cache=True).past_key_values
+    row = account(config, [16])["per_length"][0]
+    assert (row["kv_floats"], row["state_floats"]) == _cache_floats(cache)
 
 
 def test_transformers_baselines_are_accounted():
@@ -196,7 +291,7 @@ def test_transformers_baselines_with_per_layer_windows_and_unaccountable_layouts
     gemma = AutoConfig.for_model("gemma2", **common, sliding_window=4,
                                  layer_types=["sliding_attention", "full_attention"])
     row = account(gemma, [16])["per_length"][0]
-    assert row["kv_floats"] == 2 * 2 * 8 * 4 + 2 * 2 * 8 * 16  # 4 keys kept by the sliding layer, 16 by the full one
+    assert row["kv_floats"] == 2 * 2 * 8 * 3 + 2 * 2 * 8 * 16  # 3 keys kept by the sliding layer, 16 by the full one
     expect = 4 * (causal_keys_mean(16, 4) + causal_keys_mean(16)) * 4 * 8
     assert row["flops_per_token"] - 2 * account(gemma, [16])["matmul_weights"] == pytest.approx(expect)
     for model_type, extra in (("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),

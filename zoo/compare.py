@@ -53,10 +53,15 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
   + 2·H·P·N (chunk states) + 2·H·P·N (inter-chunk output C·h) per token.
 - GLA chunk form, chunk C = min(chunk_size, L), H heads of key width K and value width V: 2·C·H·K (intra-chunk
   scores) + 2·C·H·V (scores · v) + 2·H·K·V (q·S) + 2·H·K·V (state update kᵀv) per token.
+- both chunk forms per token of the padded length ⌈L/Q⌉·Q: the last chunk is computed in full (padded), so these
+  terms are scaled by ⌈L/Q⌉·Q / L where Q does not divide L. Below one chunk (L < chunk_size) the GPU kernels
+  compute more than Q = L (the Triton SSD a whole chunk, fla a chunk of its own choice), and GLA's reference
+  rounds L up to its 16-token sub-chunks.
 - decode (one token after L of context): matmuls as above; attention 4·min(L+1, window)·H·Dh; Mamba-1
   9·d_inner·N; Mamba-2 4·H·P·N; GLA 4·H·K·V.
 
-Memory per sequence: each mixer's ``state_size(L)`` (floats): KV for attention (2·H_kv·Dh·min(L, window)),
+Memory per sequence: each mixer's ``state_size(L)`` (floats): KV for attention (2·H_kv·Dh·min(L, window − 1):
+a sliding layer keeps the last window − 1 keys, the next token's own joins them),
 conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_bytes`` per KV float (bf16)
 and ``accounting.state_bytes`` per recurrent float (fp32, as the cache keeps it).
 
@@ -133,6 +138,13 @@ def causal_keys_mean(seq_len: int, window: int | None = None) -> float:
     return (window * (window + 1) / 2 + (L - window) * window) / L
 
 
+def chunk_padding(seq_len: int, chunk_size: int) -> float:
+    """Tokens a chunked scan computes per real token: ⌈L/Q⌉·Q / L with Q = min(chunk_size, L) (the last chunk is
+    padded to Q)."""
+    chunk = min(chunk_size, seq_len)
+    return math.ceil(seq_len / chunk) * chunk / seq_len
+
+
 def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[int], float], Callable[[int], float]]:
     """(params, weights touched per token, seq_flops(L), decode_flops(L)) of one mixer (formulas: module doc)."""
     kw = mixer_kwargs(kind, spec)
@@ -155,7 +167,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
         params += (in_width + d) if kw["bias"] else 0
         params += conv_dim if kw["conv_bias"] else 0
         Q = kw["chunk_size"]
-        return (params, weights, lambda L: 2.0 * min(Q, L) * (G * N + H * P) + 4.0 * H * P * N,
+        return (params, weights, lambda L: chunk_padding(L, Q) * (2.0 * min(Q, L) * (G * N + H * P) + 4.0 * H * P * N),
                 lambda L: 4.0 * H * P * N)
     if kind == "attention":
         H = kw["n_heads"] or max(1, d // 64)
@@ -172,7 +184,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
         weights = 2 * d * Kd + 2 * d * Vd + d * r + r * Kd + Vd * d  # q, k, v, g, gk (low rank), o
         params = weights + Kd + hv  # gk bias, output norm
         C = kw["chunk_size"]
-        return (params, weights, lambda L: 2.0 * min(C, L) * H * (hk + hv) + 4.0 * H * hk * hv,
+        return (params, weights, lambda L: chunk_padding(L, C) * (2.0 * min(C, L) * H * (hk + hv) + 4.0 * H * hk * hv),
                 lambda L: 4.0 * H * hk * hv)
     raise KeyError(kind)
 
@@ -348,9 +360,10 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
 
 
 def _is_attention(mixer: nn.Module) -> bool:
-    """Whether the mixer's cache grows with the sequence (KV), judged by its state size at two lengths."""
+    """Whether the mixer's cache grows with the sequence (KV), judged by its state size at two lengths: 0 and 1, as
+    a sliding window of 2 keeps one key from the first token on."""
     size = mixer_state_size(mixer)
-    return size(2) != size(1)
+    return size(1) != size(0)
 
 
 def mixer_state_size(mixer: nn.Module) -> Callable[[int], int]:
@@ -372,11 +385,12 @@ def _hf_state_fns(config) -> list[Callable[[int], int]]:
     """Each layer's cache floats per sequence after L tokens, of a transformers config (see _hf_windows)."""
     if getattr(config, "model_type", "") == "mamba":
         di, N, K = config.intermediate_size, config.state_size, config.conv_kernel
-        return [lambda L: di * N + di * (K - 1)] * config.num_hidden_layers
+        return [lambda L: di * N + di * K] * config.num_hidden_layers  # its conv state keeps K inputs (zoo's K - 1)
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
-    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w or L) for window in _hf_windows(config)]
+    # a sliding layer (transformers' DynamicSlidingWindowLayer) keeps the last window - 1 keys
+    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w - 1 if w else L) for window in _hf_windows(config)]
 
 
 # ---- budget matching ---------------------------------------------------------------------------------------

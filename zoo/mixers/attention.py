@@ -106,7 +106,7 @@ class Attention(nn.Module):
         return DynamicSlidingWindowLayer(sliding_window=self.window) if self.window else DynamicLayer()
 
     def state_size(self, seq_len: int) -> int:
-        kept = min(seq_len, self.window) if self.window else seq_len
+        kept = min(seq_len, self.window - 1) if self.window else seq_len  # init_state's layer keeps window - 1
         return 2 * self.n_kv_heads * self.head_dim * kept
 
     def backend_name(self) -> str:
