@@ -18,11 +18,16 @@ Rows (benchmarks/results.jsonl): ours_ms and baseline_ms are milliseconds per op
 tokens (a baseline measured at another batch is scaled per token); ratio = baseline_ms / ours_ms (> 1: ours
 is faster). The zoo Mamba rows take transformers' Mamba as baseline; Transformer++ and Jamba (the hybrid,
 against the Transformer of its size) take Llama; each baseline also gets a row of its own.
-MFU = 6 · active parameters · tokens/s / peak (zoo.train's MFU: an MoE layer's skipped experts left out),
-the peak being the card's dense bf16 tensor-core figure (H100 SXM 989 TFLOP/s, from zoo.train.PEAK_BF16_TFLOPS;
---peak-tflops to change it); 6·N ignores attention's L-dependent FLOPs, so it understates attention models at
-L = 8192.
-floor_ms = 6 · N_active · tokens / peak. peak_mem_gib = torch.cuda.max_memory_allocated over the run.
+MFU = training FLOPs per token · tokens/s / peak (zoo.train's mfu; mfu_formula names the FLOPs: '3x_forward',
+3 × zoo.compare's forward accounting at L, attention over the keys a token sees and the scans included, or
+'6n_active' for a model the accounting cannot count), the peak being the card's dense bf16 tensor-core figure
+(H100 SXM 989 TFLOP/s, from zoo.train.PEAK_BF16_TFLOPS; --peak-tflops to change it). mfu_6n (and baseline_mfu_6n)
+= 6 · active parameters · tokens/s / peak (an MoE layer's skipped experts left out), the mfu of the rows that have
+no mfu_formula; it ignores attention's L-dependent FLOPs, so it understates attention models at L = 8192 (3 ×
+forward is 1.15 x 6N for the 130M Transformer++ at 2048, 1.61 x at 8192). floor_ms = training FLOPs · tokens /
+peak (the same FLOPs as mfu; floor_ms_6n = 6 · N_active · tokens / peak, the floor_ms of rows without
+mfu_formula).
+peak_mem_gib = torch.cuda.max_memory_allocated over the run.
 
     python benchmarks/train_throughput.py                       # everything above
     python benchmarks/train_throughput.py --models mamba hf-mamba --seq-lens 2048 --steps 10
@@ -105,8 +110,9 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
     step_s = (timed[-1] - timed[0]) / (len(timed) - 1)
     real_per_step = sum(real[len(real) - (len(timed) - 1):]) / (len(timed) - 1)  # the timed steps'
 
-    # MFU and the floor follow the parameters a token runs through (zoo.train's MFU: MoE experts it skips left out)
+    # MFU and the floor follow zoo.train's training FLOPs per token; mfu_6n the parameters a token runs through
     return {"params": info["params"], "active_params": info.get("active_params", info["params"]),
+            "flops_per_token": info["flops_per_token"], "mfu_formula": info["mfu_formula"],
             "backend": info["backend"], "tokens_per_step": tokens_per_step,
             "step_ms": step_s * 1e3, "tokens_per_s": real_per_step / step_s,
             "padded_tokens_per_s": tokens_per_step / step_s, "packing": packing,
@@ -128,13 +134,16 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
         ours_ms = r["step_ms"]
         tokens = r["tokens_per_step"]
         baseline_ms = tokens / base["tokens_per_s"] * 1e3 if base else None
-        mfu = 6 * r["active_params"] * r["tokens_per_s"] / (peak * 1e12)
+        mfu = r["flops_per_token"] * r["tokens_per_s"] / (peak * 1e12)
         row = {
             "name": f"train_throughput/{name}/L{L}" + (f"/seq_split={split}" if split else ""), "card": card,
             "date": date, "command": command,
             "torch": torch.__version__, "model": LABEL[name], "seq_len": L, "ours_ms": round(ours_ms, 2),
             "tokens_per_step": tokens, "tokens_per_s": round(r["tokens_per_s"], 1), "mfu": round(mfu, 4),
-            "peak_tflops": peak, "floor_ms": round(6 * r["active_params"] * tokens / (peak * 1e12) * 1e3, 2),
+            "mfu_6n": round(6 * r["active_params"] * r["tokens_per_s"] / (peak * 1e12), 4),
+            "mfu_formula": r["mfu_formula"], "flops_per_token": r["flops_per_token"],
+            "peak_tflops": peak, "floor_ms": round(r["flops_per_token"] * tokens / (peak * 1e12) * 1e3, 2),
+            "floor_ms_6n": round(6 * r["active_params"] * tokens / (peak * 1e12) * 1e3, 2),
             "params": r["params"], "active_params": r["active_params"], "peak_mem_gib": round(r["peak_mem_gib"], 2),
             "packing": r["packing"],
             "micro_batch": r["micro_batch"], "grad_accum": r["grad_accum"], "steps_timed": r["steps_timed"],
@@ -143,8 +152,11 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
             "baseline": LABEL[base_name] if base else None,
             "baseline_ms": round(baseline_ms, 2) if base else None,
             "baseline_tokens_per_s": round(base["tokens_per_s"], 1) if base else None,
-            "baseline_mfu": (round(6 * base["active_params"] * base["tokens_per_s"] / (peak * 1e12), 4)
+            "baseline_mfu": (round(base["flops_per_token"] * base["tokens_per_s"] / (peak * 1e12), 4)
                              if base else None),
+            "baseline_mfu_6n": (round(6 * base["active_params"] * base["tokens_per_s"] / (peak * 1e12), 4)
+                                if base else None),
+            "baseline_mfu_formula": base["mfu_formula"] if base else None,
             "baseline_peak_mem_gib": round(base["peak_mem_gib"], 2) if base else None,
             "baseline_micro_batch": base["micro_batch"] if base else None,
             "ratio": round(baseline_ms / ours_ms, 3) if base else None,
@@ -162,12 +174,14 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | L | tokens/s | MFU | ms/step | floor ms | peak GiB | baseline | baseline tokens/s | ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| model | L | tokens/s | MFU (3x forward FLOPs) | MFU (6N) | ms/step | floor ms | peak GiB | baseline "
+             "| baseline tokens/s | ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         base = (f"{row['baseline']} | {row['baseline_tokens_per_s']:,.0f} | {row['ratio']:.2f}"
                 if row["baseline"] else "— | — | —")
-        lines.append(f"| {row['model']} | {row['seq_len']} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} | "
+        lines.append(f"| {row['model']} | {row['seq_len']} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%}"
+                     f"{'' if row['mfu_formula'] == '3x_forward' else ' (6N)'} | {row['mfu_6n']:.1%} | "
                      f"{row['ours_ms']:.1f} | {row['floor_ms']:.1f} | {row['peak_mem_gib']:.1f} | {base} |")
     return "\n".join(lines)
 

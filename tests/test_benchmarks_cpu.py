@@ -260,19 +260,44 @@ def test_every_results_row_names_its_run_and_its_ratio_is_its_baseline_over_ours
 
 def test_train_throughput_mfu_counts_the_active_parameters_as_zoo_train_does():
     """The benchmark's MFU and floor were 6 · all parameters · tokens/s, zoo.train's 6 · active parameters: a MoE
-    model's two MFUs disagreed. Both now leave out the experts a token skips."""
+    model's two MFUs disagreed. Both now leave out the experts a token skips (mfu_6n, floor_ms_6n)."""
     script = load_script("benchmarks/train_throughput.py")
     r = {"params": 4_000_000, "active_params": 1_000_000, "tokens_per_step": 1000, "step_ms": 10.0,
          "tokens_per_s": 1e5, "packing": True, "micro_batch": 1, "grad_accum": 1, "steps_timed": 2,
-         "peak_mem_gib": 1.0, "loss_first": 5.0, "loss_last": 4.0, "backend": {}}
-    base = dict(r, active_params=4_000_000, params=4_000_000, tokens_per_s=2e5)
+         "peak_mem_gib": 1.0, "loss_first": 5.0, "loss_last": 4.0, "backend": {},
+         "flops_per_token": 9e6, "mfu_formula": "3x_forward"}
+    base = dict(r, active_params=4_000_000, params=4_000_000, tokens_per_s=2e5, flops_per_token=3e7)
     rows = {row["model"]: row for row in script.make_rows({("jamba", 8): r, ("hf-llama", 8): base}, "cpu", "test",
                                                           peak=1.0, compile_=False)}
     ours, theirs = rows[script.LABEL["jamba"]], rows[script.LABEL["hf-llama"]]
-    assert ours["mfu"] == pytest.approx(6 * 1e6 * 1e5 / 1e12, rel=1e-3)
-    assert ours["floor_ms"] == pytest.approx(6 * 1e6 * 1000 / 1e12 * 1e3, rel=1e-2)
-    assert ours["baseline_mfu"] == pytest.approx(theirs["mfu"]) == pytest.approx(6 * 4e6 * 2e5 / 1e12, rel=1e-3)
+    assert ours["mfu_6n"] == pytest.approx(6 * 1e6 * 1e5 / 1e12, rel=1e-3)
+    assert ours["floor_ms_6n"] == pytest.approx(6 * 1e6 * 1000 / 1e12 * 1e3, rel=1e-2)
+    assert ours["baseline_mfu_6n"] == pytest.approx(theirs["mfu_6n"]) == pytest.approx(6 * 4e6 * 2e5 / 1e12, rel=1e-3)
     assert (ours["params"], ours["active_params"]) == (4_000_000, 1_000_000)
+
+
+def test_train_throughput_mfu_counts_zoo_trains_training_flops_with_the_6n_figure_beside_it():
+    """The benchmark's mfu was 6 · active parameters · tokens/s / peak, which leaves attention's FLOPs out (1.6 x 6N
+    for the 130M Transformer++ at L = 8192). It is zoo.train's mfu now: the run's training FLOPs per token
+    (run_info.json's flops_per_token, named by mfu_formula) · tokens/s / peak, and floor_ms follows the same FLOPs;
+    mfu_6n keeps the old figure, and the table says which is which."""
+    script = load_script("benchmarks/train_throughput.py")
+    r = {"params": 4_000_000, "active_params": 1_000_000, "tokens_per_step": 1000, "step_ms": 10.0,
+         "tokens_per_s": 1e5, "packing": True, "micro_batch": 1, "grad_accum": 1, "steps_timed": 2,
+         "peak_mem_gib": 1.0, "loss_first": 5.0, "loss_last": 4.0, "backend": {},
+         "flops_per_token": 9e6, "mfu_formula": "3x_forward"}
+    base = dict(r, active_params=4_000_000, params=4_000_000, tokens_per_s=2e5, flops_per_token=2.4e7,
+                mfu_formula="6n_active")
+    rows = script.make_rows({("jamba", 8): r, ("hf-llama", 8): base}, "cpu", "test", peak=1.0, compile_=False)
+    by_model = {row["model"]: row for row in rows}
+    ours, theirs = by_model[script.LABEL["jamba"]], by_model[script.LABEL["hf-llama"]]
+    assert ours["mfu"] == pytest.approx(9e6 * 1e5 / 1e12, rel=1e-3) and ours["mfu_formula"] == "3x_forward"
+    assert ours["floor_ms"] == pytest.approx(9e6 * 1000 / 1e12 * 1e3, rel=1e-2)
+    assert ours["baseline_mfu"] == pytest.approx(theirs["mfu"]) == pytest.approx(2.4e7 * 2e5 / 1e12, rel=1e-3)
+    assert ours["baseline_mfu_formula"] == theirs["mfu_formula"] == "6n_active"
+    table = script.markdown_table(rows).splitlines()
+    assert "MFU (3x forward FLOPs)" in table[0] and "MFU (6N)" in table[0]
+    assert len({line.count("|") for line in table}) == 1, "every line has the header's columns"
 
 
 def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):

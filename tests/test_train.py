@@ -293,10 +293,89 @@ def test_a_transformers_models_biases_and_norms_are_not_decayed_by_default(tmp_p
     assert {names[id(p)] for p in param_groups(model, cfg.optim)[0]["params"]} == set(names.values())
 
 
+def _mfu_rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r.get("mfu")]
+
+
+@pytest.mark.parametrize("name", ["transformerpp-tiny", "mamba-tiny"], ids=["transformerpp", "mamba"])
+def test_mfu_counts_three_forwards_of_compare_accounting(tmp_path, name):
+    """mfu was 6 · active parameters · tokens/s / peak: attention's L-dependent FLOPs and the scans' left out, so
+    at long rows a Transformer++'s MFU was understated against a Mamba's (its training FLOPs are 1.6 x 6N at 130M
+    and L = 8192). mfu counts 3 × zoo.compare's forward FLOPs per token at the rows' length now, computed once
+    (run_info.json has it and its formula); mfu_6n keeps the old figure."""
+    from zoo import ZooConfig
+    from zoo.compare import account
+
+    path = str(ROOT / "configs" / "models" / f"{name}.yaml")
+    run = run_dict(tmp_path, train={"max_steps": 2, "grad_accum": 1}, schedule={"warmup_steps": 0},
+                   log={"every": 1, "peak_tflops": 1.0})
+    run["model"] = path
+    train(config_from_dict(run))
+    forward = account(ZooConfig.from_yaml(path), [64])["per_length"][0]["flops_per_token"]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    rows = _mfu_rows(tmp_path / "run")
+    assert len(rows) == 2
+    for row in rows:
+        tps = float(row["tokens_per_s"])
+        assert math.isclose(float(row["mfu"]), 3 * forward * tps / 1e12, rel_tol=1e-6)
+        assert math.isclose(float(row["mfu_6n"]), 6 * info["active_params"] * tps / 1e12, rel_tol=1e-6)
+        assert not math.isclose(float(row["mfu"]), float(row["mfu_6n"]), rel_tol=1e-3)
+    assert info["mfu_formula"] == "3x_forward" and math.isclose(info["flops_per_token"], 3 * forward)
+
+
+def test_mfu_of_rows_trained_in_chunks_counts_attention_over_the_row_and_the_scans_per_chunk(tmp_path):
+    """With train.tbptt_chunk a token's attention still sees the row's earlier keys (the KV cache carried from
+    chunk to chunk), while Mamba-2's chunked scan starts afresh in every chunk: the hybrid's attention term is
+    counted at the row's 64 tokens, its SSD term at the chunk's 16 (its chunk_size, 32, is cut to 16)."""
+    from zoo import ZooConfig
+    from zoo.compare import layer_costs, training_flops_per_token
+
+    model = {"vocab_size": 260, "d_model": 32, "layers": "AM", "ffn": "none",
+             "mixers": {"A": {"type": "attention", "n_heads": 2},
+                        "M": {"type": "mamba2", "d_state": 8, "head_dim": 16, "chunk_size": 32}}}
+    run = run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "tbptt_chunk": 16},
+                   schedule={"warmup_steps": 0}, log={"every": 1})
+    run["model"] = {"model_type": "zoo", **model}
+    train(config_from_dict(run))
+    config = ZooConfig(**model)
+    attention, ssd = layer_costs(config)
+    weights = attention.weights + ssd.weights + 260 * 32
+    expected = 3 * (2 * weights + attention.seq_flops(64) + ssd.seq_flops(16))
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert math.isclose(info["flops_per_token"], expected) and info["mfu_formula"] == "3x_forward"
+    assert math.isclose(training_flops_per_token(config, 64, 16), expected)
+    assert not math.isclose(expected, training_flops_per_token(config, 64), rel_tol=1e-3)
+    assert not math.isclose(expected, training_flops_per_token(config, 16), rel_tol=1e-3)
+
+
+def test_mfu_of_a_model_compare_cannot_account_falls_back_to_6n_and_says_so(tmp_path, capsys):
+    """A transformers model zoo.compare's accounting cannot count (Mixtral: a MoE) gets mfu = 6 · active
+    parameters, said once at the start and recorded in run_info.json (mfu_formula '6n_active')."""
+    mixtral = {"model_type": "mixtral", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 260, "num_local_experts": 4,
+               "num_experts_per_tok": 2, "max_position_embeddings": 256}
+    run = run_dict(tmp_path, train={"max_steps": 2, "grad_accum": 1}, schedule={"warmup_steps": 0},
+                   log={"every": 1, "peak_tflops": 1.0})
+    run["model"] = mixtral
+    train(config_from_dict(run))
+    notices = [line for line in capsys.readouterr().out.splitlines() if line.startswith("mfu:")]
+    assert len(notices) == 1 and "MixtralForCausalLM" in notices[0] and "6 · active parameters" in notices[0]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["mfu_formula"] == "6n_active" and info["flops_per_token"] == 6 * info["active_params"]
+    rows = _mfu_rows(tmp_path / "run")
+    assert len(rows) == 2
+    for row in rows:
+        six_n = 6 * info["active_params"] * float(row["tokens_per_s"]) / 1e12
+        assert math.isclose(float(row["mfu"]), six_n, rel_tol=1e-6)
+        assert math.isclose(float(row["mfu_6n"]), six_n, rel_tol=1e-6)
+
+
 def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     """MFU was 6 · all parameters · tokens/s: a MoE's n_experts - top_k experts that a token skips counted as work
     done, so a Jamba-style model's MFU was overstated (here 1.5x; more with 16 experts and top-2)."""
     from zoo import ZooConfig, ZooForCausalLM
+    from zoo.compare import account
     from zoo.train import active_parameters, count_parameters
 
     model = {"model_type": "zoo", "vocab_size": 260, "d_model": 32, "layers": "MM", "ffn": {"hidden": 64},
@@ -306,14 +385,17 @@ def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     run["model"] = model  # the zoo fields alone (run_dict would merge the Llama's into them: unknown to ZooConfig)
     cfg = config_from_dict(run)
     train(cfg)
-    with open(tmp_path / "run" / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("mfu")]
+    rows = _mfu_rows(tmp_path / "run")
     fields = {k: v for k, v in model.items() if k != "model_type"}
     built = ZooForCausalLM(ZooConfig(**fields))
     active = count_parameters(built) - 3 * 3 * 32 * 64  # three of the four experts skipped
     assert active_parameters(built) == active < count_parameters(built)
-    assert rows and all(math.isclose(float(r["mfu"]), 6 * active * float(r["tokens_per_s"]) / 1e12, rel_tol=1e-4)
-                        for r in rows)
+    assert rows and all(math.isclose(float(r["mfu_6n"]), 6 * active * float(r["tokens_per_s"]) / 1e12,
+                                     rel_tol=1e-4) for r in rows)
+    # mfu's accounting touches the router and top_k experts only, too
+    forward = account(ZooConfig(**fields), [64])["per_length"][0]["flops_per_token"]
+    assert all(math.isclose(float(r["mfu"]), 3 * forward * float(r["tokens_per_s"]) / 1e12, rel_tol=1e-4)
+               for r in rows)
     # run_info says both counts: benchmarks/train_throughput.py's MFU reads the active one from it
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert (info["params"], info["active_params"]) == (count_parameters(built), active)
@@ -1109,8 +1191,9 @@ def test_throughput_and_mfu_count_real_tokens_not_the_pads_of_unpacked_rows(tmp_
     for row, n in zip(rows, expected):
         tps, padded = float(row["tokens_per_s"]), float(row["padded_tokens_per_s"])
         assert math.isclose(tps / padded, n / (2 * 64), rel_tol=1e-6)
-        assert math.isclose(float(row["mfu"]), 6 * json.loads((tmp_path / "run" / "run_info.json").read_text())[
-            "active_params"] * tps / 1e12, rel_tol=1e-4)
+        info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+        assert math.isclose(float(row["mfu"]), info["flops_per_token"] * tps / 1e12, rel_tol=1e-4)
+        assert math.isclose(float(row["mfu_6n"]), 6 * info["active_params"] * tps / 1e12, rel_tol=1e-4)
 
 
 def test_resume_of_a_streamed_dataset_reads_on_from_the_saved_position(tmp_path, monkeypatch):

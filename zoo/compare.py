@@ -59,6 +59,9 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
   rounds L up to its 16-token sub-chunks.
 - decode (one token after L of context): matmuls as above; attention 4·min(L+1, window)·H·Dh; Mamba-1
   9·d_inner·N; Mamba-2 4·H·P·N; GLA 4·H·K·V.
+- training (`training_flops_per_token`, zoo.train's and benchmarks/train_throughput.py's MFU): 3 × the forward's
+  per token (the backward costs two forwards), recomputation left out; rows trained in chunks (tbptt_chunk) count
+  attention at the row's length (its KV cache keeps the row's earlier keys) and the chunk terms at the chunk's.
 
 Memory per sequence: each mixer's ``state_size(L)`` (floats): KV for attention (2·H_kv·Dh·min(L, window − 1):
 a sliding layer keeps the last window − 1 keys, the next token's own joins them),
@@ -112,13 +115,15 @@ RESULT_FILE = "result.json"
 class LayerCost:
     """One layer's cost. params: all of its parameters (mixer, ffn, norms). weights: weights of the
     matmuls/convolutions one token touches (an MoE's router and top_k experts). seq_flops(L): per-token
-    sequence-mixing FLOPs in a forward over L tokens; decode_flops(L): those of one token after L of context."""
+    sequence-mixing FLOPs in a forward over L tokens; decode_flops(L): those of one token after L of context.
+    kv: attention, whose keys are its cache's (rows trained in chunks still see the row's earlier keys)."""
 
     mixer: str
     params: int
     weights: float
     seq_flops: Callable[[int], float]
     decode_flops: Callable[[int], float]
+    kv: bool = False
 
 
 def mixer_kwargs(kind: str, spec: dict) -> dict[str, Any]:
@@ -211,7 +216,7 @@ def layer_costs(config: ZooConfig) -> list[LayerCost] | None:
             E, h, k = moe["n_experts"], moe["hidden"], moe["top_k"]
             params += d + d * E + E * 3 * d * h
             weights += d * E + k * 3 * d * h
-        out.append(LayerCost(spec["type"], params, weights, seq, dec))
+        out.append(LayerCost(spec["type"], params, weights, seq, dec, kv=spec["type"] == "attention"))
     return out
 
 
@@ -279,7 +284,8 @@ def _hf_layer_costs(config) -> list[LayerCost]:
     H = config.num_attention_heads
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
     return [LayerCost("attention", 0, 0, lambda L, w=window: 4.0 * causal_keys_mean(L, w) * H * Dh,
-                      lambda L, w=window: 4.0 * min(L + 1, w or L + 1) * H * Dh) for window in _hf_windows(config)]
+                      lambda L, w=window: 4.0 * min(L + 1, w or L + 1) * H * Dh, kv=True)
+            for window in _hf_windows(config)]
 
 
 def module_weights(model: nn.Module) -> float:
@@ -302,6 +308,45 @@ def module_weights(model: nn.Module) -> float:
     return total
 
 
+def _forward_terms(config, model: nn.Module) -> tuple[list[LayerCost], float]:
+    """(each layer's cost, matmul weights one token touches) of a config and its (meta) model: the parts of a
+    forward's FLOPs per token, 2 · weights + Σ seq_flops(L). Raises ValueError for a transformers config the
+    accounting cannot count (`_hf_windows`)."""
+    if not isinstance(config, ZooConfig):
+        return _hf_layer_costs(config), module_weights(model)
+    costs = layer_costs(config)
+    if costs is not None:
+        return costs, sum(c.weights for c in costs) + config.vocab_size * config.d_model
+    # a custom mixer: weights from the modules; a sequence-mixing term for the built-in mixers only (the hybrid's
+    # attention layers keep theirs), none for a custom one
+    costs = []
+    for b, spec in zip(model.model.layers, config.layer_specs()):
+        kind = getattr(type(b.mixer), "mixer_type", None)
+        seq, dec = (_mixer_cost(kind, config.d_model, spec)[2:] if kind in ANALYTIC_MIXERS
+                    else (lambda L: 0.0, lambda L: 0.0))
+        costs.append(LayerCost(b.mixer.__class__.__name__, 0, 0, seq, dec, kv=kind == "attention"))
+    return costs, module_weights(model)
+
+
+def training_flops_per_token(config, seq_len: int, chunk_len: int | None = None) -> float:
+    """Model FLOPs of training one token of rows of seq_len tokens: 3 × the forward's (`account`; the backward
+    costs two forwards: the gradients of the activations and of the weights). Recomputation (gradient
+    checkpointing, truncated BPTT's exact mode) is not counted: MFU leaves it out (PaLM, appendix B).
+
+    Args:
+        config: a ZooConfig, or a transformers config (Llama-like attention or Mamba).
+        seq_len: the rows' length L.
+        chunk_len: rows trained in chunks of this many tokens with the state carried (zoo.train's tbptt_chunk):
+            attention still attends over the row's earlier keys (its KV cache), so its term stays at seq_len;
+            the chunked scans (Mamba-2, GLA) start afresh in every chunk, so theirs are at chunk_len.
+
+    Raises ValueError for a transformers config the accounting cannot count (a MoE, a hybrid).
+    """
+    costs, weights = _forward_terms(config, _meta_model(config))
+    inner = seq_len if chunk_len is None else chunk_len
+    return 3.0 * (2.0 * weights + sum(c.seq_flops(seq_len if c.kv else inner) for c in costs))
+
+
 def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4) -> dict[str, Any]:
     """Parameters, FLOPs per token and cache memory per sequence of a model config at each length.
 
@@ -321,26 +366,11 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
         embed += head.weight.numel()
+    costs, weights = _forward_terms(config, model)
     if isinstance(config, ZooConfig):
-        counts = parameter_counts(config)
-        costs = layer_costs(config)
-        if costs is None:  # a custom mixer: weights from the modules; a sequence-mixing term for the built-in
-            # mixers only (the hybrid's attention layers keep theirs), none for a custom one
-            costs = []
-            for b, spec in zip(model.model.layers, config.layer_specs()):
-                kind = getattr(type(b.mixer), "mixer_type", None)
-                seq, dec = (_mixer_cost(kind, config.d_model, spec)[2:] if kind in ANALYTIC_MIXERS
-                            else (lambda L: 0.0, lambda L: 0.0))
-                costs.append(LayerCost(b.mixer.__class__.__name__, 0, 0, seq, dec))
-            weights = module_weights(model)
-        else:
-            weights = sum(c.weights for c in costs) + config.vocab_size * config.d_model
-        active = counts["active"]
-        mixers = list(model.model.layers)
-        states = [(mixer_state_size(b.mixer), _is_attention(b.mixer)) for b in mixers]
+        active = parameter_counts(config)["active"]
+        states = [(mixer_state_size(b.mixer), _is_attention(b.mixer)) for b in model.model.layers]
     else:
-        costs = _hf_layer_costs(config)
-        weights = module_weights(model)
         active = params
         states = [(fn, getattr(config, "model_type", "") != "mamba") for fn in _hf_state_fns(config)]
     rows = []
@@ -1873,7 +1903,7 @@ __all__ = ["AccountingConfig", "BudgetConfig", "CompareConfig", "EvalSection", "
            "ModelEntry", "PasskeyConfig", "PerPositionConfig", "ThroughputConfig", "account", "causal_keys_mean",
            "heldout_loss", "layer_costs", "load_compare_config", "main", "markdown_report", "match_budget",
            "mixer_kwargs", "module_weights", "parameter_counts", "read_curve", "resolve_models", "run_comparison",
-           "train_config", "write_plots"]
+           "train_config", "training_flops_per_token", "write_plots"]
 
 
 if __name__ == "__main__":

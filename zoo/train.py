@@ -146,7 +146,9 @@ class LogConfig:
     """Log every `every` steps to the progress bar and trackers ('csv' -> metrics.csv, 'tensorboard' ->
     OUTPUT_DIR/tensorboard, or any accelerate tracker name). project: the project the other trackers log the run
     under (wandb's project, mlflow's experiment, ...). peak_tflops: the per-GPU peak for MFU (default: the card's
-    dense bf16); MFU is 6 · active parameters (a MoE's routed experts only: active_parameters) · tokens/s over it."""
+    dense bf16); MFU is training FLOPs per token (`mfu_flops_per_token`: 3 × zoo.compare's forward accounting,
+    attention and the scans included) · tokens/s over it; mfu_6n, the figure of earlier runs, counts 6 · active
+    parameters (a MoE's routed experts only: active_parameters) per token."""
 
     every: int = 10
     trackers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
@@ -525,6 +527,31 @@ def peak_tflops(device: torch.device) -> float | None:
         if key in name:
             return value
     return None
+
+
+def mfu_flops_per_token(model: nn.Module, seq_len: int, chunk_len: int | None = None
+                        ) -> tuple[float, str, str | None]:
+    """Training FLOPs per token that MFU counts: (flops, formula, why the fallback or None).
+
+    '3x_forward': zoo.compare.training_flops_per_token of the model's config, 3 × its forward FLOPs per token
+    (matmuls with the LM head, causal attention over the keys a token sees, the scans' terms) at the rows' length
+    seq_len; chunk_len (train.tbptt_chunk): attention still sees the row's earlier keys through its cache, so its
+    term stays at seq_len, while the chunked scans count chunks of chunk_len. Neither recomputation (gradient
+    checkpointing, the exact mode's second forward) nor packed documents' masks are counted: a token counts the
+    keys before it in its row, whatever their document (a causal kernel's work over the row; PaLM's and nanoGPT's
+    12 · layers · heads · head_dim · T count every key of the row, twice that). '6n_active': 6 · active
+    parameters, for a transformers model the accounting cannot count (a MoE, a hybrid, an unknown type)."""
+    from zoo.compare import training_flops_per_token
+    from zoo.config import ZooConfig
+
+    config = getattr(model, "config", None)
+    if isinstance(config, ZooConfig):  # always accounted: an error here is a bug, not an unknown architecture
+        return training_flops_per_token(config, seq_len, chunk_len), "3x_forward", None
+    try:
+        return training_flops_per_token(config, seq_len, chunk_len), "3x_forward", None
+    except Exception as e:  # any architecture the accounting does not know may fail in its own way
+        why = f"{type(model).__name__} is not counted by zoo.compare's accounting ({type(e).__name__}: {e})"
+    return 6.0 * active_parameters(model), "6n_active", why
 
 
 def _holdout_by_row_before(data) -> bool:
@@ -1199,9 +1226,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
             device sync per step; for tests and benchmarks); real_tokens: the step's tokens that are not pads,
             over all processes.
 
-    Logged throughput: ``tokens_per_s`` (and ``mfu``) count the real tokens only (an unpacked row's pads are no
-    work done); ``padded_tokens_per_s`` counts every position of the rows (the same with packed rows). ``tokens``
-    counts positions (micro-batch rows x seq_len), as the checkpoints' data position does.
+    Logged throughput: ``tokens_per_s`` (and ``mfu``, ``mfu_6n``) count the real tokens only (an unpacked row's
+    pads are no work done); ``padded_tokens_per_s`` counts every position of the rows (the same with packed rows).
+    ``tokens`` counts positions (micro-batch rows x seq_len), as the checkpoints' data position does. ``mfu``
+    counts `mfu_flops_per_token` (3 × zoo.compare's forward FLOPs, attention included; its formula and value are
+    in run_info.json), ``mfu_6n`` 6 · active parameters per token (the mfu of earlier runs).
 
     Returns:
         a TrainResult.
@@ -1273,7 +1302,10 @@ def train(cfg: TrainConfig, resume: str | None = None,
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params, model_class = count_parameters(model), type(model).__name__
-    n_active = active_parameters(model)  # what a token's FLOPs (MFU) follow
+    n_active = active_parameters(model)  # mfu_6n's FLOPs per token follow them
+    flops_per_token, mfu_formula, why = mfu_flops_per_token(model, L, chunk)  # once: the rows' length is fixed
+    if why is not None:
+        accelerator.print(f"mfu: {why}; mfu falls back to 6 · active parameters per token (mfu_6n's)")
 
     if accelerator.distributed_type != DistributedType.FSDP:
         model = model.to(device)  # fused AdamW needs the parameters on the GPU when it is built
@@ -1349,6 +1381,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         _drop_metrics_after(out_dir / "metrics.csv", step)
         (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         info = {"model_class": model_class, "params": n_params, "active_params": n_active,
+                "flops_per_token": flops_per_token, "mfu_formula": mfu_formula,
                 "fused_adamw": bool(getattr(optimizer, "optimizer", optimizer).defaults.get("fused")),
                 "backend": backend, "tokenizer": cfg.tokenizer, "vocab": len(tokenizer), "processes": world,
                 "device": str(device), "precision": accelerator.mixed_precision, "grad_accum": accum,
@@ -1468,7 +1501,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
     def log_window(grad_norm: torch.Tensor, t0: float | None) -> None:
         """Log the steps since the last log at `step`: their mean loss, real (not pad) tokens/s over their time
-        (the current step's from t0 when given), MFU of those tokens, and padded_tokens_per_s (every position)."""
+        (the current step's from t0 when given), MFU of those tokens (mfu, and mfu_6n: 6 · active parameters), and
+        padded_tokens_per_s (every position)."""
         nonlocal window_time, window_tokens, window_real
         values = flush()  # the device sync that makes the window's time honest
         if t0 is not None:
@@ -1481,7 +1515,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                    "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps,
                    "padded_tokens_per_s": window_tokens / max(window_time, 1e-9)}
         if peak is not None:
-            metrics["mfu"] = 6 * n_active * tps / world / (peak * 1e12)
+            metrics["mfu"] = flops_per_token * tps / world / (peak * 1e12)
+            metrics["mfu_6n"] = 6 * n_active * tps / world / (peak * 1e12)  # earlier runs' mfu
         if device.type == "cuda":
             metrics["peak_mem_gib"] = peak_memory_gib(accelerator, device)
         accelerator.log(metrics, step=step)
@@ -1616,5 +1651,6 @@ def main(argv: list[str] | None = None) -> int:
 __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "NoWeightDecayMixin",
            "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
            "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
-           "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "param_groups", "peak_tflops",
-           "resume_changes", "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
+           "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "mfu_flops_per_token",
+           "param_groups", "peak_tflops", "resume_changes", "resume_weight_changes", "save_checkpoint", "train",
+           "validate_config"]
