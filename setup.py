@@ -2,7 +2,8 @@
 
 configs/ stays at the repository root, where the README, the tests and the recipes' own header lines name it; a
 package-data glob cannot reach it from zoo/ (the `zoo = ["configs/**/*.yaml"]` that pyproject.toml had matched
-nothing), so build_py copies it. An editable install keeps reading the checkout's configs/.
+nothing), so build_py copies it. zoo.config_files finds the copy in an installed wheel, and the checkout's configs/
+in an editable install.
 """
 
 from __future__ import annotations
