@@ -130,3 +130,21 @@ def test_the_commands_take_packaged_names_from_any_directory(tmp_path, monkeypat
     with pytest.raises(ValueError, match=r"--model nope\.yaml: no such zoo model YAML"):
         check_model_path("nope.yaml")
     assert load_config("demo").model == "configs/models/mamba-tiny.yaml"  # configs/train/demo.yaml
+
+
+def test_kernel_builds_go_to_a_user_cache_folder(tmp_path, monkeypatch):
+    from zoo_kernels.selective_scan.cuda import cache_dir
+
+    monkeypatch.delenv("ZOO_KERNELS_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "hybrid-zoo"
+    monkeypatch.setenv("ZOO_KERNELS_CACHE", "")  # empty: unset, not the working directory
+    assert cache_dir() == tmp_path / "home" / ".cache" / "hybrid-zoo"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "hybrid-zoo"
+    monkeypatch.setenv("ZOO_KERNELS_CACHE", "~/zk")  # as an env file sets it, unexpanded
+    assert cache_dir() == tmp_path / "home" / "zk"
+    monkeypatch.setenv("ZOO_KERNELS_CACHE", "zk")
+    assert cache_dir() == tmp_path / "zk"
