@@ -34,7 +34,8 @@ def info(argv: list[str] | None = None) -> None:
     from zoo.compare import mixer_state_size
 
     p = argparse.ArgumentParser(prog="zoo info", description="Parameter counts of model configs.")
-    p.add_argument("configs", nargs="+", help="zoo model YAML configs or saved zoo model folders (config.json)")
+    p.add_argument("configs", nargs="+", help="zoo model YAML configs (or packaged ones' names, e.g. jamba-tiny) or "
+                                              "saved zoo model folders (config.json)")
     p.add_argument("--seq-len", type=int, default=2048, help="length at which to report the state size (default 2048)")
     args = p.parse_args(argv)
     if args.seq_len < 1:

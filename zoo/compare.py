@@ -102,10 +102,10 @@ import yaml
 from torch import nn
 
 from zoo.config import ZooConfig
+from zoo.config_files import find_config
 from zoo.layers import scaled_width
 from zoo.registry import get_mixer, is_dotted_path
 
-PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 RESULT_FILE = "result.json"
 
 
@@ -764,10 +764,9 @@ def load_compare_config(path: str | Path, overrides: list[str] | None = None) ->
     Returns (the config, the folder relative paths in it are tried against after the working directory)."""
     from zoo.train import _build, read_yaml
 
-    path = Path(path)
-    cfg = _build(CompareConfig, read_yaml(path, overrides), "")
+    cfg = _build(CompareConfig, read_yaml(path, overrides, kind="compare"), "")
     validate_compare_config(cfg)
-    return cfg, path.resolve().parent
+    return cfg, find_config(path, "compare").resolve().parent
 
 
 def validate_compare_config(cfg: CompareConfig) -> None:
@@ -924,11 +923,15 @@ class ModelEntry:
 
 
 def _find(path: str, folder: Path, where: str) -> Path:
-    for candidate in (Path(path), folder / path, PACKAGE_ROOT / path):
-        if candidate.is_file():
-            return candidate
-    raise ValueError(f"{where}: no such model config {path!r} (tried the working directory, {folder} and "
-                     f"{PACKAGE_ROOT})")
+    """A model config named in a comparison config: from the working directory, from the comparison config's folder,
+    else among the packaged model configs (zoo.config_files' rule)."""
+    if not Path(path).expanduser().is_file() and (folder / path).is_file():
+        return folder / path
+    try:
+        return find_config(path, "models")
+    except FileNotFoundError as e:
+        raise ValueError(f"{where}: no such model config {path!r} (tried the working directory, {folder} and "
+                         f"the packaged configs: {e})") from None
 
 
 def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
@@ -1866,7 +1869,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Compare models under one recipe and parameter budget: accounting, training, evaluation, "
                     "throughput; a markdown table and plots in output_dir. Overrides: --section.field=value "
                     "(e.g. --recipe.train.max_steps=10 --output_dir=runs/x).")
-    parser.add_argument("config", help="comparison config YAML (configs/compare/*.yaml)")
+    parser.add_argument("config", help="comparison config YAML (configs/compare/*.yaml), or a packaged one's name "
+                                       "(demo, 130m)")
     parser.add_argument("--force", action="store_true", help="redo models that already have results")
     parser.add_argument("--only", default=None, help="comma-separated model names to run")
     parser.add_argument("--accounting-only", action="store_true",

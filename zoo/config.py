@@ -413,9 +413,15 @@ class ZooConfig(PreTrainedConfig):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> ZooConfig:
         """Read a model config from YAML; keyword overrides replace top-level fields. Raises ValueError naming
-        a field that is not a config field (a typo would otherwise leave its default in place)."""
+        a field that is not a config field (a typo would otherwise leave its default in place).
+
+        path: a YAML file, or a packaged model config by name (``jamba-tiny``, ``configs/models/jamba-tiny.yaml``
+        from any working directory: zoo.config_files' rule)."""
         import yaml
 
+        from zoo.config_files import find_config
+
+        path = find_config(path, "models")
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):

@@ -13,8 +13,6 @@ from transformers import AutoModelForCausalLM
 from zoo.config import ZooConfig
 from zoo.data.synthetic import mqar_batch
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
-
 
 @torch.no_grad()
 def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
@@ -26,8 +24,8 @@ def recall_accuracy(model, batch: dict[str, torch.Tensor]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="zoo demo", description=__doc__)
-    p.add_argument("--config", default=str(CONFIGS / "jamba-tiny.yaml"),
-                   help="zoo model YAML (default configs/models/jamba-tiny.yaml)")
+    p.add_argument("--config", default="configs/models/jamba-tiny.yaml",  # found from any directory: from_yaml
+                   help="zoo model YAML, or a packaged model config's name (default configs/models/jamba-tiny.yaml)")
     p.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     p.add_argument("--batch-size", type=int, default=16, help="MQAR rows per step (default 16)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row (default 64)")

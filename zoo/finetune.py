@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from zoo.cache import output_cache
+from zoo.config_files import find_config
 from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.decode import cache_argument
 from zoo.layers import MoE, SwiGLU, mark_saved_copies
@@ -618,8 +619,10 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         if cfg.pretrain.data.task is None:
             raise ValueError("pretrain.data.task: pretraining here is on a synthetic task; pretrain on text with "
                              "`zoo train` and finetune its checkpoint")
-        if not Path(cfg.model).is_file():  # else it failed after the run folder was made, naming no field
-            raise ValueError(f"model: no such model config {cfg.model!r} (a path from the working directory)")
+        try:  # else it failed after the run folder was made, naming no field
+            find_config(cfg.model, "models")
+        except FileNotFoundError as e:
+            raise ValueError(f"model: no such model config {cfg.model!r} ({e})") from None
         # a mistyped target failed in wrap_lora, after the whole pretrain phase: checked on the model's skeleton
         from transformers import AutoModelForCausalLM
 
@@ -1048,8 +1051,8 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     base_dir = out_dir / "base"
     # the top-level train.precision runs the pretrain phase too (one accelerator): a base pretrained in another
     # precision was reused
-    stamp = {"model": cfg.model, "model_yaml": Path(cfg.model).read_text(), "pretrain": cfg.to_dict()["pretrain"],
-             "precision": cfg.train.precision}
+    stamp = {"model": cfg.model, "model_yaml": find_config(cfg.model, "models").read_text(),
+             "pretrain": cfg.to_dict()["pretrain"], "precision": cfg.train.precision}
     stamp_file = base_dir / "pretrain_config.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
         accelerator.print(f"pretrain: reusing {base_dir} (same model and pretrain section)")
@@ -1255,7 +1258,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prog="zoo finetune", allow_abbrev=False,
         description="LoRA-finetune a causal LM with PEFT, save the adapter and a merged checkpoint. Overrides: "
                     "--section.field=value (e.g. --train.max_steps=50 --lora.r=16 --output_dir=runs/x).")
-    parser.add_argument("config", help="finetune config YAML (configs/train/finetune-*.yaml)")
+    parser.add_argument("config", help="finetune config YAML (configs/train/finetune-*.yaml), or a packaged one's "
+                                       "name")
     args, rest = parser.parse_known_args(argv)
     for item in rest:
         if not item.startswith("--") or "=" not in item:

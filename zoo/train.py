@@ -329,13 +329,16 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def read_yaml(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def read_yaml(path: str | Path, overrides: list[str] | None = None, kind: str = "train") -> dict[str, Any]:
     """A YAML config file as a dict, with ``section.field=value`` overrides applied (values parsed as YAML; a
     leading ``--`` is allowed). Every config reader of the zoo (train, finetune, compare, the research scripts)
-    goes through here."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config: no such file {str(path)!r}")
+    goes through here. path: a file, or a packaged config of `kind` by name (zoo.config_files' rule)."""
+    from zoo.config_files import find_config
+
+    try:
+        path = find_config(path, kind)
+    except FileNotFoundError as e:
+        raise ValueError(f"config: {e}") from None
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"config: {str(path)!r} must hold a YAML mapping of sections")
@@ -365,8 +368,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
 def _recipe_command(path: str | Path) -> str | None:
     """The other command a recipe's header comments name for it (`zoo finetune FILE`, `scripts/NAME.py FILE`), or
     None: zoo train's own recipes name `zoo train`."""
+    from zoo.config_files import find_config
+
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = find_config(path, "train").read_text().splitlines()
     except OSError:
         return None
     name = re.escape(Path(path).name)
@@ -422,8 +427,12 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         check_fields(config, spec, "model.")
         check_fields(config, overrides, "model_overrides.")
     elif spec.endswith((".yaml", ".yml")):
-        if not Path(spec).is_file():
-            raise ValueError(f"model: no such model config {spec!r}")
+        from zoo.config_files import find_config
+
+        try:
+            spec = str(find_config(spec, "models"))
+        except FileNotFoundError as e:
+            raise ValueError(f"model: no such model config {spec!r} ({e})") from None
         with open(spec) as f:
             named = set(yaml.safe_load(f) or {})
         extra = {k: v for k, v in special.items() if k not in named}
@@ -1622,7 +1631,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="zoo train", allow_abbrev=False,
         description="Pretrain a causal LM under accelerate. Overrides: --section.field=value "
                     "(e.g. --train.max_steps=100 --data.seq_len=512 --output_dir=runs/x).")
-    parser.add_argument("config", nargs="?", help="run config YAML (configs/train/*.yaml)")
+    parser.add_argument("config", nargs="?", help="run config YAML (configs/train/*.yaml), or a packaged one's name")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="DIR",
                         help="continue from DIR (a checkpoint or run directory), or from the run's newest "
                              "checkpoint")

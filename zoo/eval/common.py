@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from zoo.cache import output_cache
+from zoo.config_files import find_config
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -85,8 +86,11 @@ def check_model_path(path: str) -> None:
 
     text = str(path)
     if text.endswith((".yaml", ".yml")):
-        if not Path(text).expanduser().is_file():
-            raise ValueError(f"--model {text}: no such zoo model YAML; give an existing configs/models/*.yaml")
+        try:
+            find_config(text, "models")
+        except FileNotFoundError as e:
+            raise ValueError(f"--model {text}: no such zoo model YAML; give an existing YAML or a packaged "
+                             f"configs/models/NAME.yaml ({e})") from None
         return
     try:
         check_model_ref(text, what="--model", adapter_ok=True)
@@ -267,8 +271,8 @@ def model_fingerprint(path: str) -> dict | str:
     local = Path(path).expanduser()
     if local.is_dir():
         return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.iterdir()) if f.is_file()}
-    if local.is_file():
-        return local.read_text()
+    if str(path).endswith((".yaml", ".yml")):  # a file, or a packaged config by name (as load_model reads it)
+        return find_config(local, "models").read_text()
     commit = hub_commit(str(path))
     return str(path) if commit is None else {"hub": str(path), "commit": commit}
 

@@ -1,9 +1,10 @@
 """Our Mamba-1 selective-scan CUDA kernels: JIT build, autograd Function, single-step decode update.
 
 The sources in csrc/ are compiled at first use with nvcc through `torch.utils.cpp_extension.load`
-(ninja), for the present GPU's architecture only, into ~/.cache/hybrid-zoo/selective_scan/<key>, the key
-hashing the sources with the torch and CUDA versions and the architecture (so a rebuild happens only when
-one of them changes). `available()` never raises: when there is no nvcc, no ninja or the build fails it
+(ninja), for the present GPU's architecture only, into cache_dir()/zoo_selective_scan/<key> (a user cache
+folder, never the package's own, which an installed wheel may not let us write), the key hashing the sources
+with the torch and CUDA versions and the architecture (so a rebuild happens only when one of them changes).
+`available()` never raises: when there is no nvcc, no ninja or the build fails it
 returns False and `why_unavailable()` says why.
 
 Kernel design (csrc/selective_scan_kernels.cuh): every lane of a warp runs the recurrence of a channel's
@@ -40,8 +41,13 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_STATE = 64
 
 def cache_dir() -> Path:
-    """Root of the JIT build cache (override with $ZOO_KERNELS_CACHE)."""
-    return Path(os.environ.get("ZOO_KERNELS_CACHE", Path.home() / ".cache" / "hybrid-zoo"))
+    """Root of the JIT build cache: $ZOO_KERNELS_CACHE, else hybrid-zoo/ in $XDG_CACHE_HOME or ~/.cache (where torch
+    keeps its own extensions). An empty variable counts as unset (it was the working directory), and ~ is expanded
+    (a variable set in an env file, not by a shell, made a folder named ~)."""
+    own = os.environ.get("ZOO_KERNELS_CACHE")
+    if own:
+        return Path(own).expanduser().absolute()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "hybrid-zoo"
 
 
 def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Path, prefix: str,
@@ -74,7 +80,10 @@ def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Pa
     name = f"{prefix}_{digest.hexdigest()[:16]}"
     flags = [f"-D{d}" for d in defines]
     build_dir = cache_dir() / prefix / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RuntimeError(f"cannot write the build folder ({e}): set ZOO_KERNELS_CACHE to a writable folder") from e
     return cpp_extension.load(
         name=name,
         sources=[str(csrc / s) for s in sources],
