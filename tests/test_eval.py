@@ -119,6 +119,52 @@ def test_evaluate_synthetic_mqar_grid():
         evaluate_synthetic(InductionOracle(64), "mqar", seq_lens=[64], n_samples=2)
 
 
+def assert_png(path: Path) -> None:
+    """``path`` is a PNG that decodes, of nonzero size."""
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    with Image.open(path) as image:
+        assert image.format == "PNG" and min(image.size) > 0
+        image.verify()
+
+
+def test_accuracy_series_draws_each_line_from_its_own_rows_in_order():
+    """The plotted lines of zoo eval synthetic's figure, from hand-made rows out of order, a cell skipped (4 * n_kv > T
+    for n_kv=32 at T=64) and the marginal rows (no line column)."""
+    from zoo.eval.synthetic import accuracy_series
+
+    rows = [{"seq_len": 128, "n_kv": 8, "accuracy": 0.5}, {"seq_len": 64, "n_kv": 8, "accuracy": 0.75},
+            {"seq_len": 128, "n_kv": 32, "accuracy": 0.0}, {"seq_len": 64, "n_kv": 4, "accuracy": 1.0},
+            {"seq_len": 128, "n_kv": 4, "accuracy": 0.9}]
+    assert accuracy_series(rows, "seq_len", "n_kv") == {4: [(64, 1.0), (128, 0.9)], 8: [(64, 0.75), (128, 0.5)],
+                                                        32: [(128, 0.0)]}
+    assert accuracy_series(rows, "n_kv", "seq_len") == {64: [(4, 1.0), (8, 0.75)],
+                                                        128: [(4, 0.9), (8, 0.5), (32, 0.0)]}
+    assert list(accuracy_series(rows, "seq_len", "n_kv")) == [4, 8, 32]  # legend order: by the count, not the rows'
+    marginal = [{"seq_len": 256, "accuracy": 0.25}, {"seq_len": 64, "accuracy": 0.5}]
+    assert accuracy_series(marginal, "seq_len", None) == {None: [(64, 0.5), (256, 0.25)]}
+
+
+@pytest.mark.parametrize("task, count", [("mqar", {"n_kv": 4}), ("selective_copying", {"n_tokens": 4}),
+                                         ("induction_heads", {})], ids=["mqar", "selective_copying", "induction_heads"])
+def test_chance_accuracy_is_one_over_the_answers_the_generator_draws(task, count):
+    from zoo.eval.synthetic import chance_accuracy
+
+    batch = make_batch(task, 512, 64, torch.Generator().manual_seed(0), vocab_size=16, **count)
+    answers = batch["labels"][batch["labels"] != -100].unique()
+    assert chance_accuracy(task, {"vocab_size": 16}) == 1 / len(answers)
+    assert chance_accuracy("mqar") == 1 / 4096  # the paper's vocabulary of 8192: values from its upper half
+
+
+def test_plot_synthetic_accuracy_of_a_task_without_a_count(tmp_path):
+    from zoo.eval.synthetic import plot_synthetic_accuracy
+
+    result = {"task": "induction_heads", "count_name": None, "task_kwargs": {},
+              "rows": [{"seq_len": 2**k, "accuracy": 1 - k / 20} for k in (6, 8, 10)], "by_seq_len": [], "by_count": []}
+    assert_png(plot_synthetic_accuracy(result, tmp_path / "ih.png", "induction_heads: m"))
+
+
 class RecordingOracle(InductionOracle):
     """The oracle, keeping every row it was given."""
 
@@ -945,6 +991,48 @@ def test_synthetic_rerun_of_another_grid_reports_that_grid_only(checkpoint, tmp_
     assert [r["seq_len"] for r in fewer["rows"]] == [64] and fewer["by_count"][0]["n_answers"] == 8
     with pytest.raises(ValueError, match="no cell of the mqar grid can be built"), pytest.warns(UserWarning):
         synthetic.main([*base, "--seq-lens", "3", *out])
+
+
+def test_eval_synthetic_writes_its_figure_and_a_resumed_rerun_redraws_it_whole(checkpoint, tmp_path, monkeypatch,
+                                                                               capsys):
+    """zoo eval synthetic writes mqar.png beside mqar.csv and mqar.json, titled with the task and the model; a rerun
+    that resumes finished cells draws them with the new ones, and one with every cell kept draws the figure again."""
+    from zoo.eval import synthetic
+
+    real_predict, real_plot = synthetic.predict_answers, synthetic.plot_synthetic_accuracy
+    lengths, plotted = [], []
+
+    def predict(model, input_ids, *args, **kwargs):
+        lengths.append(input_ids.shape[1])
+        if fail and input_ids.shape[1] >= 64:
+            raise RuntimeError("CUDA out of memory")
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    def plot(result, path, title=None):
+        plotted.append(([(r["seq_len"], r["n_kv"]) for r in result["rows"]], title))
+        return real_plot(result, path, title)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    monkeypatch.setattr(synthetic, "plot_synthetic_accuracy", plot)
+    out = tmp_path / "syn"
+    argv = ["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "2,4", "--vocab-size",
+            "256", "--n-samples", "4", "--device", "cpu", "--out", str(out)]
+    fail = True
+    with pytest.raises(RuntimeError, match="out of memory"):
+        synthetic.main(argv)
+    assert (out / "mqar.json").is_file() and not (out / "mqar.png").exists()
+    fail, lengths[:] = False, []
+    synthetic.main(argv)
+    assert lengths == [64, 64]  # the 32-token cells were kept ...
+    grid = [(32, 2), (32, 4), (64, 2), (64, 4)]
+    assert plotted == [(grid, f"mqar: {checkpoint}")]  # ... and drawn with the new ones
+    assert_png(out / "mqar.png")
+    assert f"and {out / 'mqar.png'}" in capsys.readouterr().out
+    (out / "mqar.png").write_bytes(b"stale")
+    lengths[:] = []
+    synthetic.main(argv)
+    assert lengths == [] and plotted[-1][0] == grid
+    assert_png(out / "mqar.png")
 
 
 def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):

@@ -1695,9 +1695,11 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
                 # top of each other: each model's labels sit at its own height, in its line's colour
                 ax.annotate(text, (x, y), fontsize=7, xytext=(3, 4 + 9 * (i % 5)), textcoords="offset points",
                             color=line.get_color())
-    if cfg.eval.mqar is not None:  # values are drawn from half the task's vocabulary
-        V = cfg.eval.mqar.vocab_size  # values are drawn from the upper V - V // 2 tokens
-        ax.axhline(1 / (V - V // 2), color="gray", linestyle=":", linewidth=1, label="chance")
+    if cfg.eval.mqar is not None:  # values are drawn from the upper V - V // 2 tokens of the task's vocabulary
+        from zoo.eval.synthetic import chance_accuracy
+
+        chance = chance_accuracy("mqar", {"vocab_size": cfg.eval.mqar.vocab_size})
+        ax.axhline(chance, color="gray", linestyle=":", linewidth=1, label="chance")
     ax.set_xscale("log")
     ax.margins(x=0.1)  # room for the rightmost point's label
     ax.set_xlabel("cache floats per sequence at the MQAR length (recurrent state, or KV)")

@@ -14,7 +14,7 @@ from zoo.eval.passkey import (
     greedy_generate,
     plot_passkey_heatmap,
 )
-from zoo.eval.synthetic import evaluate_synthetic, predict_answers
+from zoo.eval.synthetic import evaluate_synthetic, plot_synthetic_accuracy, predict_answers
 
 __all__ = [
     "build_passkey_prompt",
@@ -29,5 +29,6 @@ __all__ = [
     "per_position_loss",
     "plot_length_curves",
     "plot_passkey_heatmap",
+    "plot_synthetic_accuracy",
     "predict_answers",
 ]

@@ -329,6 +329,37 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, d
     return "\n".join(lines)
 
 
+def format_size(n: int) -> str:
+    """A token count for a label: 1024 -> '1K', 2**20 -> '1M', 1000 -> '1000' (K = 1024, M = 1024**2, as
+    ``parse_int`` reads them)."""
+    for unit, size in (("M", 1024**2), ("K", 1024)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: the evaluations write PNG files and never open a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (its folder made) at 150 dpi, laid out tight, and close it; returns the
+    path."""
+    plt = pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
 def parse_list(text: str, kind=int) -> list:
     """'64,128,256' -> [64, 128, 256]; accepts 2^k and 1K/1M suffixes for integers."""
     values = []

@@ -34,6 +34,8 @@ from zoo.eval.common import (
     model_fingerprint,
     parse_int,
     positive_int,
+    pyplot,
+    save_figure,
     trained_with_bos,
     write_json,
     write_rows,
@@ -153,12 +155,7 @@ def plot_length_curves(
         train_length: draws a dashed vertical line there.
         title: figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for label, result in results.items():
         centers = [math.sqrt(b["start"] * max(b["end"] - 1, b["start"])) for b in result["bins"]]
         ax.plot(centers, [b["mean_loss"] for b in result["bins"]], marker="o", markersize=3, label=label)
@@ -171,12 +168,7 @@ def plot_length_curves(
     ax.set_title(title or "per-position loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,

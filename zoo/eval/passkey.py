@@ -22,6 +22,7 @@ from zoo.eval.common import (
     check_token_ids,
     chunk_positions,
     encode_with_bos,
+    format_size,
     load_model,
     load_tokenizer,
     markdown_table,
@@ -29,7 +30,9 @@ from zoo.eval.common import (
     model_fingerprint,
     parse_list,
     positive_int,
+    pyplot,
     resume,
+    save_figure,
     trained_with_bos,
     write_json,
     write_rows,
@@ -293,13 +296,6 @@ def evaluate_passkey(
     return {"rows": rows, "samples": samples}
 
 
-def _short(n: int) -> str:
-    for unit, size in (("M", 1024**2), ("K", 1024)):
-        if n >= size and n % size == 0:
-            return f"{n // size}{unit}"
-    return str(n)
-
-
 def accuracy_grid(rows: Sequence[dict]) -> tuple[list[int], list[float], list[list[float]]]:
     """(lengths, depths, accuracy[depth][length]) from ``evaluate_passkey`` rows."""
     lengths = sorted({r["length"] for r in rows})
@@ -311,23 +307,19 @@ def accuracy_grid(rows: Sequence[dict]) -> tuple[list[int], list[float], list[li
 def markdown_grid(rows: Sequence[dict]) -> str:
     """Depth x length accuracy table in markdown, plus the mean per length."""
     lengths, depths, grid = accuracy_grid(rows)
-    table = [{"depth": f"{d:g}"} | {_short(n): grid[i][j] for j, n in enumerate(lengths)}
+    table = [{"depth": f"{d:g}"} | {format_size(n): grid[i][j] for j, n in enumerate(lengths)}
              for i, d in enumerate(depths)]
-    means = {_short(n): sum(row[j] for row in grid) / len(depths) for j, n in enumerate(lengths)}
+    means = {format_size(n): sum(row[j] for row in grid) / len(depths) for j, n in enumerate(lengths)}
     return markdown_table(table + [{"depth": "mean"} | means], digits=2)
 
 
 def plot_passkey_heatmap(rows: Sequence[dict], path: str | Path, title: str | None = None) -> Path:
     """Heatmap PNG: needle depth (y) x context length (x), colour = accuracy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     lengths, depths, grid = accuracy_grid(rows)
     fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.8 * len(lengths)), max(3.0, 1.2 + 0.5 * len(depths))))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [_short(n) for n in lengths])
+    ax.set_xticks(range(len(lengths)), [format_size(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("needle depth")
@@ -336,12 +328,7 @@ def plot_passkey_heatmap(rows: Sequence[dict], path: str | Path, title: str | No
             ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title or "passkey retrieval")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

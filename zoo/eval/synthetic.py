@@ -3,7 +3,9 @@
 ``evaluate_synthetic(model, "mqar", seq_lens=[64, 128, 256], n_kv=[4, 8, 16])`` generates ``n_samples``
 fresh rows per (length, count) cell with ``zoo.data.synthetic`` and scores the argmax prediction at every
 answer position (labels != -100; the prediction for ``labels[:, t]`` is read at position ``t - 1``).
-``main(argv)`` is ``zoo eval synthetic``: it prints the tables and writes CSV and JSON.
+``plot_synthetic_accuracy`` draws accuracy against the sequence length (a line per count of items) and against the
+count (a line per length), with the task's chance level. ``main(argv)`` is ``zoo eval synthetic``: it prints the
+tables and writes CSV, JSON and that PNG.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.eval.common import (
     accepts_argument,
+    format_size,
     iter_chunk_logits,
     load_model,
     markdown_table,
@@ -26,7 +30,9 @@ from zoo.eval.common import (
     model_fingerprint,
     parse_list,
     positive_int,
+    pyplot,
     resume,
+    save_figure,
     write_json,
     write_rows,
 )
@@ -221,6 +227,81 @@ def task_default(task: str, name: str):
     return inspect.signature(TASKS[task]).parameters[name].default
 
 
+def chance_accuracy(task: str, task_kwargs: dict | None = None) -> float | None:
+    """Accuracy of a uniform guess among the tokens an answer can be, as the task's generator draws them: MQAR's values
+    are the upper ``V - V // 2`` tokens, selective copying's data tokens ``1 .. V - 2``, induction heads' answers
+    ``0 .. V - 2`` (``V`` the task's vocab_size, given or its default); None for a task it does not know."""
+    answers = {"mqar": lambda V: V - V // 2, "selective_copying": lambda V: V - 2, "induction_heads": lambda V: V - 1}
+    if task not in answers:
+        return None
+    vocab_size = (task_kwargs or {}).get("vocab_size", task_default(task, "vocab_size"))
+    return 1 / answers[task](vocab_size)
+
+
+def accuracy_series(rows: Sequence[dict], x: str, line: str | None) -> dict[Any, list[tuple[int, float]]]:
+    """The lines of a plot of ``rows`` (``evaluate_synthetic``'s, or its marginals): for each value of column ``line``
+    (None: one line, keyed None), the ``(x value, accuracy)`` points sorted by x. A cell the grid skipped is absent
+    from its line, not drawn as zero. Lines are in increasing order of their value."""
+    lines: dict[Any, list[tuple[int, float]]] = {}
+    for row in rows:
+        lines.setdefault(row[line] if line is not None else None, []).append((row[x], row["accuracy"]))
+    return {key: sorted(lines[key]) for key in sorted(lines, key=lambda k: (k is None, k))}
+
+
+def _size_axis(ax, values: Sequence[int]) -> None:
+    """x axis of lengths or counts: log2 where they are all powers of two (64, 128, 256 evenly apart), ticks at
+    the values, written 4K and 1M."""
+    values = sorted(set(values))
+    if len(values) > 1 and all(v > 0 and v & (v - 1) == 0 for v in values):
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+    ax.set_xticks(values, [format_size(v) for v in values])
+
+
+def plot_synthetic_accuracy(result: dict, path: str | Path, title: str | None = None) -> Path:
+    """PNG of ``evaluate_synthetic``'s result (or its saved JSON): accuracy against sequence length, a line per count of
+    items (n_kv, n_tokens), and, where the grid has several counts, against the count, a line per length; the
+    answer-weighted mean over the lines (the marginal tables) dashed where a panel has several, the task's chance
+    level (``chance_accuracy``) dotted.
+
+    Args:
+        result: dict with ``task``, ``count_name``, ``rows``, ``by_seq_len``, ``by_count`` (``task_kwargs`` for the
+            chance level's vocabulary).
+        path: PNG to write.
+        title: figure title (default: the task).
+    """
+    plt = pyplot()
+    rows, count_name = result["rows"], result.get("count_name")
+    counts = {row[count_name] for row in rows} if count_name else set()
+    panels = []  # (x column, line column, marginal rows)
+    if len({row["seq_len"] for row in rows}) > 1 or len(counts) < 2:
+        panels.append(("seq_len", count_name, result.get("by_seq_len") or []))
+    if len(counts) > 1:
+        panels.append((count_name, "seq_len", result.get("by_count") or []))
+    chance = chance_accuracy(result["task"], result.get("task_kwargs"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1.5, 4.5), squeeze=False)
+    for ax, (x, line, marginal) in zip(axes[0], panels):
+        series = accuracy_series(rows, x, line)
+        for key, points in series.items():
+            label = None if key is None else f"{line}={key}" if line != "seq_len" else f"T={format_size(key)}"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=4, label=label)
+        if len(series) > 1 and marginal:
+            (points,) = accuracy_series(marginal, x, None).values()
+            ax.plot([p[0] for p in points], [p[1] for p in points], color="black", linestyle="--", linewidth=1,
+                    label="all (answer-weighted)")
+        if chance is not None:
+            ax.axhline(chance, color="gray", linestyle=":", linewidth=1, label=f"chance 1/{round(1 / chance)}")
+        _size_axis(ax, [row[x] for row in rows])
+        ax.set_xlabel("sequence length (tokens)" if x == "seq_len" else f"{x} (items to recall)")
+        ax.set_ylabel("accuracy (answers right)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # (a lone line of a task with no count or chance has no label)
+            ax.legend(fontsize=8)
+    fig.suptitle(title or result["task"])
+    return save_figure(fig, path)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """``zoo eval synthetic --model DIR --task mqar --seq-lens 64,128,256 --n-kv 4,8,16``."""
     parser = argparse.ArgumentParser(prog="zoo eval synthetic", description=__doc__.splitlines()[0])
@@ -289,5 +370,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(markdown_table(result["by_count"]))
     csv_path = write_rows(result["rows"], out / f"{args.task}.csv")
     json_path = write_json(result, out / f"{args.task}.json")
-    print(f"\nwrote {csv_path} and {json_path}")
+    # from every row of the grid, those a rerun kept included: the figure is the whole table's
+    title = f"{args.task}: {args.model}" + (f" [{args.mitigation}]" if args.mitigation else "")
+    png = plot_synthetic_accuracy(result, out / f"{args.task}.png", title)
+    print(f"\nwrote {csv_path}, {json_path} and {png}")
     return result
