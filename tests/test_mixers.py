@@ -164,6 +164,26 @@ def test_gradients_through_single_steps_equal_the_forward(name):
         assert_close(f"grad {n}", p.grad, want[n], TOL)
 
 
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_a_width_one_conv_keeps_no_view_of_the_prefill(name):
+    """At d_conv 1 a prefill's conv state is an empty view of the conv's input, contiguous, so the cache kept it (and
+    the input with it); the next step's in-place update then bumped the version of that input, which the backward
+    had saved: truncated BPTT whose last chunk is one token failed in backward."""
+    spec = dict(SPECS[name], d_conv=1)
+    torch.manual_seed(0)
+    mixer = get_mixer(name)(D_MODEL, 0, **spec).double()
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    run(mixer, x).square().sum().backward()
+    want = {n: p.grad.clone() for n, p in mixer.named_parameters()}
+    mixer.zero_grad()
+    cache = mixer.init_state(2, x.dtype, x.device)
+    y = run(mixer, x[:, :4], cache)
+    assert cache.conv_state._base is None, "the cache keeps a view of the prefill's conv input"
+    torch.cat([y, run(mixer, x[:, 4:], cache)], dim=1).square().sum().backward()
+    for n, p in mixer.named_parameters():
+        assert_close(f"grad {n}", p.grad, want[n], TOL)
+
+
 @pytest.mark.parametrize("name", sorted(SPECS))
 def test_state_size_positive_and_monotone(name):
     mixer = build(name)

@@ -399,6 +399,24 @@ def test_assisted_decoding_of_an_attention_model_equals_greedy():
     assert torch.equal(assisted, greedy)
 
 
+def test_an_assistant_with_a_sliding_window_drafts_past_its_window():
+    """transformers marks the cache it makes for an assistant to record its past, so that the rejected drafts can be
+    cropped; zoo makes its own cache and left it unmarked, so a sliding-window assistant's crop raised ("does not
+    track past states") once its window was full and a draft was partly accepted."""
+    def attention_model(seed, layers, **spec):
+        torch.manual_seed(seed)
+        config = ZooConfig(vocab_size=64, d_model=16, layers=layers, ffn="none", initializer_range=0.6,
+                           mixers={"A": {"type": "attention", "n_heads": 2, **spec}})
+        return zoo.ZooForCausalLM(config).eval()
+
+    model, draft = attention_model(0, "AA"), attention_model(1, "A", window=3)
+    torch.manual_seed(2)
+    ids = torch.randint(0, 63, (1, 6))
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)
+    assisted = model.generate(ids, assistant_model=draft, max_new_tokens=12, do_sample=False)
+    assert torch.equal(assisted, greedy)
+
+
 @pytest.mark.parametrize("name", ["mamba", "jamba"])
 def test_return_dict_false_gives_transformers_tuple(name):
     model = tiny(name)

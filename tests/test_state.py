@@ -297,6 +297,29 @@ def test_mitigations_keep_packed_documents_apart(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_norm_cap_counts_a_packed_documents_tokens_from_its_start(kind):
+    """The cap acts every `chunk` tokens of a packed document, as on the document alone: it counted them from the
+    row's start, so a document that began off a multiple of `chunk` was capped at other tokens than alone (and
+    differed from it), also in a left-padded row."""
+    mixer = make_mixer(kind)
+    x = torch.randn(1, 20, 32)
+    seq_idx = torch.tensor([[0] * 7 + [1] * 13])
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x[:, :7], cache=cache)
+        threshold = 0.3 * mit.head_view(kind, cache.recurrent_state).norm(dim=-1).min().item()  # the cap acts
+        mixer.mitigation = {"threshold": threshold, "chunk": 4}
+        alone = torch.cat([mixer(x[:, :7]), mixer(x[:, 7:])], dim=1)
+        assert_close(f"{kind} packed", mixer(x, seq_idx=seq_idx), alone, 2e-5)
+        rows = torch.cat([torch.cat([torch.zeros(1, 2, 32), x], 1), torch.randn(1, 22, 32)])  # 2 pads, one row
+        mask = torch.ones(2, 22)
+        mask[0, :2] = 0
+        ids = torch.cat([torch.zeros(2, 2, dtype=seq_idx.dtype), seq_idx.expand(2, -1)], 1)
+        out = mixer(rows, seq_idx=ids, attention_mask=mask)
+        assert_close(f"{kind} packed and padded", out[:1, 2:], alone, 2e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_norm_cap_counts_a_rows_tokens_not_its_pads(kind):
     """The cap acts every `chunk` tokens of a row, as on the row alone: it counted positions, pads included, so a
     left-padded row (and one laid out as [tokens, pads, tokens], PEFT's prompt tuning) was capped at other tokens

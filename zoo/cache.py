@@ -49,10 +49,12 @@ class RecurrentLayer(LinearAttentionLayer):
 
     def set(self, conv_state: torch.Tensor | None = None, recurrent_state: torch.Tensor | None = None) -> None:
         if conv_state is not None:
-            if not conv_state.is_contiguous():
+            if not conv_state.is_contiguous() or conv_state._base is not None:
                 # a prefill's conv state is a strided view of the conv's whole (padded) input: kept as it is, the
-                # cache would hold [B, channels, T + d_conv - 1] per layer, growing with the prompt like a KV cache
-                conv_state = conv_state.contiguous()
+                # cache would hold [B, channels, T + d_conv - 1] per layer, growing with the prompt like a KV cache,
+                # and a step's in-place update would bump the version of that input, which the backward saved. At
+                # d_conv 1 the view is empty, hence contiguous (and .contiguous() returns it): it is copied too
+                conv_state = conv_state.clone(memory_format=torch.contiguous_format)
             self.conv_states[0] = conv_state
             self.is_conv_states_initialized[0] = True
             self.conv_kernel_size[0] = conv_state.shape[-1]

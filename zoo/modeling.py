@@ -830,7 +830,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             warnings.warn(f"cache_implementation={implementation!r} is ignored: zoo models decode with their own "
                           f"ZooCache (attention keys and values with recurrent states); for a static cache with each "
                           f"step in a CUDA graph, pass cuda_graph=True to generate (the model on CUDA)", stacklevel=3)
-        model_kwargs[GENERATE_CACHE_KWARG] = ZooCache.for_model(self)
+        cache = ZooCache.for_model(self)
+        if getattr(generation_config, "is_assistant", False) and hasattr(cache, "activate_past_recording"):
+            # as transformers marks an assistant's new cache: a sliding-window layer then keeps the keys that cropping
+            # the rejected drafts needs (without them transformers' crop raised once the window was full)
+            cache.activate_past_recording(recurrent_states_to_keep=generation_config.num_assistant_tokens)
+        model_kwargs[GENERATE_CACHE_KWARG] = cache
 
 
 def _refuse_offloaded_mixers(model: nn.Module) -> None:

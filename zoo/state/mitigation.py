@@ -21,8 +21,9 @@ Maths per mixer (h the state, a the decay, b the input of h_t = a_t ⊙ h_{t-1} 
 - norm: a parallel forward is run in pieces of ``chunk`` tokens; after each piece (and at the end) heads
   whose norm exceeds the threshold are rescaled to it. The cap therefore acts at chunk granularity in a
   prefill and exactly per token in decoding (every step is capped); the chunks count a row's tokens, not its
-  pads. threshold may be a float or a tensor [heads] (see ``zoo.state.recorder.calibrate_norm_threshold``);
-  mamba's heads are groups of ``group_size`` channels, mamba2's and gla's are their heads.
+  pads, from the start of each packed document (seq_idx). threshold may be a float or a tensor [heads] (see
+  ``zoo.state.recorder.calibrate_norm_threshold``); mamba's heads are groups of ``group_size`` channels,
+  mamba2's and gla's are their heads.
 - window: h_t^(r) = h_t − (∏_{i=t−r+1..t} a_i) ⊙ h_{t−r} = Σ_{j=t−r+1..t} (∏_{i=j+1..t} a_i) b_j, the state
   the scan reaches from zero at t−r+1. Computed exactly in blocks of r tokens: with X the scan restarted at
   every block start and Λ the in-block running sum of log-decays, for t at offset o of block k
@@ -201,19 +202,26 @@ def cap_state(kind: str, state: torch.Tensor, threshold: float | torch.Tensor, g
 
 # ---- shared drivers --------------------------------------------------------------------------------------------
 
-def _segments(length: int, spec: Mapping, dtype: torch.dtype,
-              mask: torch.Tensor | None = None) -> list[tuple[int, int, bool | torch.Tensor]]:
+def _segments(length: int, spec: Mapping, dtype: torch.dtype, mask: torch.Tensor | None = None,
+              seq_idx: torch.Tensor | None = None) -> list[tuple[int, int, bool | torch.Tensor]]:
     """(start, stop, cap_after) pieces of a parallel forward: cut every `chunk` tokens when capping and
     wherever the forget rescaling would leave the dtype's exponent range. With a mask [b, T] (0 = pad) the cap
-    counts each row's tokens, a pad being no step (so a padded row is capped where the row alone is): cap_after is
-    then the rows [b] capped at that cut (every row at the end)."""
+    counts each row's tokens, a pad being no step (so a padded row is capped where the row alone is), and with
+    seq_idx [b, T] it counts them from each packed document's start (so a document is capped where it is alone):
+    cap_after is then the rows [b] capped at that cut (every row at the end)."""
     bounds = {0, length}
     caps: dict[int, bool | torch.Tensor] = {}
     if _has_cap(spec):
         caps = dict.fromkeys(range(spec["chunk"], length, spec["chunk"]), True)
-        if mask is not None and not bool(mask.all()):
-            tokens = mask != 0
-            hit = tokens & (tokens.long().cumsum(1) % spec["chunk"] == 0)  # (b, T): a row's chunk ends at this token
+        padded = mask is not None and not bool(mask.all())
+        packed = seq_idx is not None and bool((seq_idx[:, 1:] != seq_idx[:, :-1]).any())
+        if padded or packed:
+            tokens = mask != 0 if padded else torch.ones(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+            count = tokens.long().cumsum(1)  # (b, T): a row's tokens so far
+            if packed:  # less those before the document's start
+                starts = F.pad(seq_idx[:, 1:] != seq_idx[:, :-1], (1, 0), value=False)
+                count = count - torch.where(starts, count - tokens.long(), 0).cummax(1).values
+            hit = tokens & (count % spec["chunk"] == 0)  # (b, T): a row's chunk ends at this token
             hit[:, -1] = False  # (the end caps every row)
             caps = {int(t) + 1: hit[:, t] for t in hit.any(0).nonzero().flatten().tolist()}
         caps[length] = True
@@ -239,7 +247,7 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
     c = spec["c_alpha"]
     padded = mask is not None and c != 1 and not bool(mask.all())
     ys, state = [], initial_state
-    for start, stop, cap in _segments(length, spec, dtype, mask):
+    for start, stop, cap in _segments(length, spec, dtype, mask, seq_idx):
         if state is not None and seq_idx is not None and start > 0:
             # a document starting exactly at the cut must not see the carried state
             same = (seq_idx[:, start] == seq_idx[:, start - 1]).to(state.dtype)
