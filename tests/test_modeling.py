@@ -784,6 +784,21 @@ def test_a_continuing_chunk_whose_position_ids_restart_is_refused(name):
         model(ids[:, 7:], position_ids=position_ids[:, 7:], past_key_values=cache, use_cache=True)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_generate_with_prefill_chunks_from_a_prompt_packed_by_position_ids_continues_its_last_document(name):
+    """generate(ids, position_ids=..., prefill_chunk_size=k) over documents packed by position_ids alone: a chunk of
+    several tokens that restarted them was refused (naming seq_idx), and a chunk of one token ran as a continuation of
+    the document before it (wrong tokens, no error). generate gives the chunks the prompt's documents as seq_idx."""
+    model = tiny(name)
+    a, b = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4))
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    alone = model.generate(b, **kw)
+    for chunk in (1, 3):
+        packed = model.generate(torch.cat([a, b], 1), position_ids=position_ids, prefill_chunk_size=chunk, **kw)
+        assert_close(f"logits, prefill chunks of {chunk}", torch.stack(packed.logits), torch.stack(alone.logits), 1e-5)
+
+
 def test_crop_after_a_packed_prompt_keeps_the_document_ids_aligned():
     """crop drops the cropped tokens' document ids with their keys: the ids kept for a packed prompt (documents a,
     b) stayed as long as before, so the next steps' ids slid onto earlier keys and showed a's last keys to b."""
