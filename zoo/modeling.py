@@ -31,6 +31,7 @@ from zoo.layers import (
     in_decoding,
     load_balancing_loss,
     mark_no_weight_decay,
+    new_sequence,
 )
 from zoo.registry import get_mixer, is_dotted_path
 
@@ -432,6 +433,8 @@ class ZooModel(ZooPreTrainedModel):
             past_key_values.apply_pending_reorder()  # beam search's, held back for its last step (_beam_search)
             _check_cache(self, past_key_values, Bsz)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past == 0 and not torch.compiler.is_compiling():  # (traced, the count would recompile every call)
+            new_sequence()  # the mixers' decoded constants follow weights changed through .data since the last one
         if attention_mask is not None:
             _check_attention_mask(attention_mask, Bsz, T, past)
             # a [1, T] mask serves every row: made [B, T] here (a view), as the MoE aux loss reads one entry per token
