@@ -317,6 +317,19 @@ def test_trainer_predictions_of_a_moe_model_are_the_logits(tmp_path):
     assert not isinstance(predictions, tuple) and predictions.shape == (4, 12, 512)
 
 
+def test_output_router_logits_is_a_config_field_that_from_pretrained_sets(tmp_path):
+    # the forward defaults to config.output_router_logits, but the config had no such field, so
+    # from_pretrained(..., output_router_logits=True) (as Mixtral's and Jamba's take it) passed the keyword to the
+    # model's __init__: TypeError
+    tiny("jamba").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, output_router_logits=True).eval()
+    assert model.config.output_router_logits is True
+    ids = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+    assert model(ids).router_logits is not None
+    assert model.generate(ids, max_new_tokens=2, pad_token_id=0).shape == (1, 7)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path)(ids).router_logits is None
+
+
 def test_prefix_tuning_is_refused_saying_why():
     """PEFT's prefix tuning hands the model a transformers cache of virtual keys and values; a zoo model's cache also
     holds recurrent states, so the refusal names the method instead of only the cache type."""

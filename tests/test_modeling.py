@@ -802,6 +802,43 @@ def test_a_continuing_chunk_whose_position_ids_restart_is_refused(name):
         model(ids[:, 7:], position_ids=position_ids[:, 7:], past_key_values=cache, use_cache=True)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_generate_with_prefill_chunks_from_a_prompt_packed_by_position_ids_continues_its_last_document(name):
+    """generate(ids, position_ids=..., prefill_chunk_size=k) over documents packed by position_ids alone: a chunk of
+    several tokens that restarted them was refused (naming seq_idx), and a chunk of one token ran as a continuation of
+    the document before it (wrong tokens, no error). generate gives the chunks the prompt's documents as seq_idx."""
+    model = tiny(name)
+    a, b = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4))
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    alone = model.generate(b, **kw)
+    for chunk in (1, 3):
+        packed = model.generate(torch.cat([a, b], 1), position_ids=position_ids, prefill_chunk_size=chunk, **kw)
+        assert_close(f"logits, prefill chunks of {chunk}", torch.stack(packed.logits), torch.stack(alone.logits), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_weights_written_through_data_reach_the_next_generate(name):
+    """PEFT's merge_and_unload and EMA copies write weights through .data, which keeps a parameter's storage and
+    version: the constants the mixers keep for decoding (Mamba's A; Mamba-2's A, which its sequence forward reads too)
+    were those of the weights before, in every later call without autograd."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (1, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    model.generate(ids, **kw)
+    for block in model.model.layers:
+        block.mixer.A_log.data.fill_(-3.0)
+        block.mixer.D.data.zero_()
+        bias = block.mixer.dt_bias if name == "mamba2" else block.mixer.dt_proj.bias
+        bias.data.fill_(2.0)  # long steps: A matters
+    fresh = AutoModelForCausalLM.from_config(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    out, ref = model.generate(ids, **kw), fresh.generate(ids, **kw)
+    assert_close("logits after weights written through .data", torch.cat(out.logits), torch.cat(ref.logits), 1e-6)
+    with torch.no_grad():
+        assert_close("forward", model(out.sequences).logits, fresh(out.sequences).logits, 1e-6)
+
+
 def test_crop_after_a_packed_prompt_keeps_the_document_ids_aligned():
     """crop drops the cropped tokens' document ids with their keys: the ids kept for a packed prompt (documents a,
     b) stayed as long as before, so the next steps' ids slid onto earlier keys and showed a's last keys to b."""

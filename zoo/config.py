@@ -24,7 +24,7 @@ MOE_KEYS = tuple(MOE_FIELDS)
 # top-level fields checked by type (token ids are left to transformers: eos_token_id may be a list)
 FIELD_TYPES = {"vocab_size": int, "d_model": int, "tie_embeddings": bool, "norm_eps": float,
                "initializer_range": float, "rescale_prenorm_residual": bool, "residual_in_fp32": bool,
-               "use_cache": bool, "decode_state_dtype": str}
+               "use_cache": bool, "decode_state_dtype": str, "output_router_logits": bool}
 # transformers' names of zoo fields: either name may be given, both only with equal values
 ALIASES = {"hidden_size": "d_model", "tie_word_embeddings": "tie_embeddings"}
 DEFAULTS = {"d_model": 768, "tie_embeddings": True}
@@ -203,6 +203,8 @@ class ZooConfig(PreTrainedConfig):
     transformers' caches keep them: half the state's memory and bytes per step, rounded every step). Mamba's fused
     step kernel reads such a state as it lies; its other step paths (the unfused kernels, the references) update
     an fp32 copy and write it back.
+    output_router_logits: whether the forward returns the MoE layers' router logits when its call does not say
+    (False), as Mixtral's and Jamba's configs keep it.
 
     transformers' names are the same fields: hidden_size is d_model (768), tie_word_embeddings is tie_embeddings
     (True); num_hidden_layers follows `layers` (given, it must agree). Numeric strings (YAML reads 1e-5 as one)
@@ -228,6 +230,9 @@ class ZooConfig(PreTrainedConfig):
     residual_in_fp32: bool = True
     use_cache: bool = True
     decode_state_dtype: str = "float32"
+    # the forward's default, as Mixtral's and Jamba's configs keep it: a field, so from_pretrained(...,
+    # output_router_logits=True) sets it (an unknown keyword went to the model's __init__: TypeError)
+    output_router_logits: bool = False
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | None = None

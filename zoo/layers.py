@@ -64,16 +64,39 @@ def mark_saved_copies(model: nn.Module) -> None:
             p._no_weight_decay = True
 
 
+# counts the sequences begun (new_sequence): decoded constants kept from an earlier one are refreshed
+_SEQUENCES = [0]
+
+
+def new_sequence() -> None:
+    """Mark the start of a sequence (a forward with nothing cached): `decoded_constants` kept from before are made
+    afresh at their next use. A change through `.data` (PEFT's merge_and_unload, an EMA copy of the weights) keeps a
+    parameter's storage and version, so between sequences only this tells the kept constants they are old."""
+    _SEQUENCES[0] += 1
+
+
 def decoded_constants(module: nn.Module, key: str, params: tuple, make):
     """``make()`` (tensors derived from ``params``, e.g. fp32 copies), kept on ``module`` while none of the
-    parameters changes (same storage, same version) and autograd is off: a decode step then launches no kernel to
-    recompute them. With autograd on it is computed afresh (the result must stay in the graph)."""
+    parameters changes (same storage, same version) and autograd is off, within a sequence (`new_sequence`): a
+    decode step then launches no kernel to recompute them. A later sequence's first use writes them afresh into the
+    same tensors (a kept CUDA graph reads them there). With autograd on it is computed afresh (the result must stay
+    in the graph)."""
     if torch.is_grad_enabled():
         return make()
     stamp = tuple((p.data_ptr(), p._version, p.device) for p in params if p is not None)
     cached = module.__dict__.get(key)
     if cached is None or cached[0] != stamp:
-        cached = (stamp, make())
+        cached = (stamp, make(), _SEQUENCES[0])
+        module.__dict__[key] = cached
+    elif cached[2] != _SEQUENCES[0]:
+        fresh = make()
+        pairs = [(k, v) for k, v in (zip(cached[1], fresh) if isinstance(fresh, tuple) else [(cached[1], fresh)])
+                 if k is not None and k.data_ptr() != v.data_ptr()]  # (a parameter itself: nothing to copy)
+        if torch.is_inference_mode_enabled() or not any(k.is_inference() for k, _ in pairs):
+            for kept, value in pairs:
+                kept.copy_(value)
+            fresh = cached[1]
+        cached = (stamp, fresh, _SEQUENCES[0])  # (made under inference_mode, they cannot be written outside it)
         module.__dict__[key] = cached
     return cached[1]
 
@@ -590,4 +613,4 @@ def fused_add_norm():
 
 __all__ = ["decoded_constants", "fused_add_norm", "lay_out_past_pads", "optional_kernel", "PAD_DT", "RMSNorm",
            "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "keep_rows_",
-           "mark_no_weight_decay", "mark_saved_copies", "no_weight_decay_ids", "step_pad_rows"]
+           "mark_no_weight_decay", "mark_saved_copies", "new_sequence", "no_weight_decay_ids", "step_pad_rows"]

@@ -31,6 +31,7 @@ from zoo.layers import (
     in_decoding,
     load_balancing_loss,
     mark_no_weight_decay,
+    new_sequence,
 )
 from zoo.registry import get_mixer, is_dotted_path
 
@@ -432,6 +433,8 @@ class ZooModel(ZooPreTrainedModel):
             past_key_values.apply_pending_reorder()  # beam search's, held back for its last step (_beam_search)
             _check_cache(self, past_key_values, Bsz)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past == 0 and not torch.compiler.is_compiling():  # (traced, the count would recompile every call)
+            new_sequence()  # the mixers' decoded constants follow weights changed through .data since the last one
         if attention_mask is not None:
             _check_attention_mask(attention_mask, Bsz, T, past)
             # a [1, T] mask serves every row: made [B, T] here (a view), as the MoE aux loss reads one entry per token
@@ -529,6 +532,29 @@ def _refuse_a_cache_that_holds_the_whole_prompt(args: tuple, kwargs: dict) -> No
                          f"the new tokens alone with an attention_mask over the cached and new tokens")
 
 
+def _seq_idx_of_a_prompt_packed_by_position_ids(args: tuple, kwargs: dict, config) -> None:
+    """generate with prefill_chunk_size over a prompt packed by position_ids alone: each chunk after the first
+    continues the cache, where position_ids no longer tell the documents apart (ZooModel.forward refuses a chunk
+    that restarts them, and a chunk of one token, whose check would cost every decode step a device sync, ran as a
+    continuation of the document before it: wrong tokens, no error). The prompt's documents are given as seq_idx
+    instead (what the forward derives from them for the whole prompt), which every chunk and decode step follows."""
+    position_ids = kwargs.get("position_ids")
+    chunked = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+    if not torch.is_tensor(position_ids) or not chunked or kwargs.get("seq_idx") is not None:
+        return
+    if kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is not None:
+        return  # a cache made without seq_idx has no document ids to continue
+    prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    mask = kwargs.get("attention_mask")
+    if not torch.is_tensor(prompt) or prompt.shape[-1] != position_ids.shape[-1]:
+        return
+    if mask is not None and not bool(mask.all()):
+        return  # padding: the forward reads no documents from position_ids either
+    seq_idx = packed_seq_idx(position_ids.expand(prompt.shape[0], -1))
+    if seq_idx is not None:
+        kwargs["seq_idx"] = seq_idx
+
+
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     """ZooModel with a language-modelling head (tied to the embedding when config.tie_embeddings)."""
 
@@ -603,6 +629,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                              "generate without one")
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         given = kwargs.get("generation_config") or self.generation_config
+        _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, given)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
                 and kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
