@@ -52,7 +52,11 @@ tests/test_static_generate.py tests/test_finetune_cuda.py tests/test_odd_shapes_
 # and a bf16 from_pretrained model holding fp32 A_log / D on the scan kernels, the fused step and cuda_graph
 add tests-step-pads-window 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_modeling.py \
 tests/test_attention_cuda.py -k 'one_token_step or window or pad or fp32_ssm'"
-order=(tests-argmax tests-pads-gpu tests-step-pads-window tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
+# (thirty-third session) decoded constants (Mamba's A and step constants, Mamba-2's A) written afresh into the kept
+# tensors at each new sequence: weights changed through .data reach the fused step and a kept cuda_graph="reuse" graph
+add tests-decoded-constants 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
+tests/test_mamba_fused_step.py -k 'written_through_data or reuse or fused'"
+order=(tests-argmax tests-pads-gpu tests-step-pads-window tests-decoded-constants tests-stop-strings phases-in-model timing-decode-b64-bf16-states timing-eager-130m tests-fsdp-gpus
        probe-cublaslt)
 
 if [ "${1:-}" = --list ]; then

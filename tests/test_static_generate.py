@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_static_decode import tiny as tiny_model
+from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from zoo.decode import TokenPicker, static_generate
@@ -644,6 +645,28 @@ def test_a_kept_decoder_decodes_later_prompts_as_a_fresh_one(family):
         assert entry is first[0] and addresses == first[1], "the kept decoder and its buffers serve every call"
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
+def test_a_kept_decoder_reads_weights_written_through_data(family):
+    """Weights written through .data (PEFT's merge, an EMA copy) keep their addresses and versions: the kept decoder's
+    next prefill (a new sequence) writes the decoded constants (Mamba's A, Mamba-2's A) afresh where its step reads
+    them. The cuda test below checks the same through a kept graph."""
+    model = context_sensitive(tiny(family))
+    ids = torch.randint(1, 512, (3, 12), generator=torch.Generator().manual_seed(1))
+    static_generate(model, ids, graph=False, max_new_tokens=6, reuse=True)
+    entry = _kept(model)
+    with torch.no_grad():
+        for block in model.model.layers:
+            if hasattr(block.mixer, "A_log"):
+                block.mixer.A_log.data.fill_(-3.0)
+                bias = block.mixer.dt_bias if hasattr(block.mixer, "dt_bias") else block.mixer.dt_proj.bias
+                bias.data.fill_(2.0)  # long steps: A matters
+    fresh = AutoModelForCausalLM.from_config(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    want = static_generate(fresh, ids, graph=False, max_new_tokens=6)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=6, reuse=True), want), family
+    assert _kept(model) is entry, "the same kept decoder served the call"
+
+
 def test_a_kept_decoder_is_replaced_when_the_call_needs_another():
     """More tokens than its room, another batch, padding, other sampling settings or a replaced parameter each
     capture anew; an in-place weight update is read by the kept step (its address is unchanged)."""
@@ -707,6 +730,28 @@ def test_cuda_graph_reuse_equals_generate_call_after_call(family):
         ids = torch.randint(1, 512, (4, length), generator=torch.Generator().manual_seed(seed)).cuda()
         ref = model.generate(ids, max_new_tokens=12, do_sample=False)
         assert torch.equal(model.generate(ids, max_new_tokens=12, cuda_graph="reuse"), ref), (family, seed)
+    assert model.release_cuda_graph()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
+def test_cuda_graph_reuse_reads_weights_written_through_data(family):
+    """A kept graph replays with the decoded constants (Mamba's A, Mamba-2's A) its capture read: weights written
+    through .data (PEFT's merge, an EMA copy) keep their addresses and versions, and the next call's prefill (a new
+    sequence) writes the constants afresh into the tensors the graph reads."""
+    model = context_sensitive(tiny(family)).cuda()
+    ids = torch.randint(1, 512, (4, 20), generator=torch.Generator().manual_seed(1)).cuda()
+    model.generate(ids, max_new_tokens=8, cuda_graph="reuse")
+    with torch.no_grad():
+        for block in model.model.layers:
+            if hasattr(block.mixer, "A_log"):
+                block.mixer.A_log.data.fill_(-3.0)
+                bias = block.mixer.dt_bias if hasattr(block.mixer, "dt_bias") else block.mixer.dt_proj.bias
+                bias.data.fill_(2.0)  # long steps: A matters
+    fresh = AutoModelForCausalLM.from_config(model.config).cuda().eval()
+    fresh.load_state_dict(model.state_dict())
+    ref = fresh.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, cuda_graph="reuse"), ref), family
     assert model.release_cuda_graph()
 
 
