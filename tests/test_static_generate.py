@@ -667,6 +667,30 @@ def test_a_kept_decoder_reads_weights_written_through_data(family):
     assert _kept(model) is entry, "the same kept decoder served the call"
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_an_in_place_update_is_written_into_the_kept_decoded_constants(family):
+    """An optimizer step between two cuda_graph="reuse" calls updates parameters in place (same address, new
+    version): the kept graph stays, so the decoded constants it reads (Mamba's step constants, Mamba-2's A) must be
+    written where they are, not made anew elsewhere (the graph would read the old tensor, freed)."""
+    model = context_sensitive(tiny(family))
+    ids = torch.randint(1, 512, (3, 12), generator=torch.Generator().manual_seed(1))
+    static_generate(model, ids, graph=False, max_new_tokens=6, reuse=True)
+    key = "_A" if family == "mamba2" else "_step_constants"
+    mixer = model.model.layers[0].mixer
+    kept = [t for t in (mixer.__dict__[key][1] if family == "mamba" else (mixer.__dict__[key][1],)) if t is not None]
+    with torch.no_grad():
+        for block in model.model.layers:
+            block.mixer.A_log.add_(1.5)  # as an optimizer step: in place, the version moves
+            bias = block.mixer.dt_bias if family == "mamba2" else block.mixer.dt_proj.bias
+            bias.fill_(2.0)
+    fresh = AutoModelForCausalLM.from_config(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    want = static_generate(fresh, ids, graph=False, max_new_tokens=6)
+    assert torch.equal(static_generate(model, ids, graph=False, max_new_tokens=6, reuse=True), want), family
+    now = mixer.__dict__[key][1]
+    assert all(a is b for a, b in zip(kept, now if family == "mamba" else (now,))), "the same tensors, rewritten"
+
+
 def test_a_kept_decoder_is_replaced_when_the_call_needs_another():
     """More tokens than its room, another batch, padding, other sampling settings or a replaced parameter each
     capture anew; an in-place weight update is read by the kept step (its address is unchanged)."""
@@ -749,6 +773,13 @@ def test_cuda_graph_reuse_reads_weights_written_through_data(family):
                 bias = block.mixer.dt_bias if hasattr(block.mixer, "dt_bias") else block.mixer.dt_proj.bias
                 bias.data.fill_(2.0)  # long steps: A matters
     fresh = AutoModelForCausalLM.from_config(model.config).cuda().eval()
+    fresh.load_state_dict(model.state_dict())
+    ref = fresh.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, cuda_graph="reuse"), ref), family
+    with torch.no_grad():  # then as an optimizer step: in place, the versions move, the graph is kept
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.add_(0.5)
     fresh.load_state_dict(model.state_dict())
     ref = fresh.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(ids, max_new_tokens=8, cuda_graph="reuse"), ref), family

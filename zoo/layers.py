@@ -78,27 +78,52 @@ def new_sequence() -> None:
 def decoded_constants(module: nn.Module, key: str, params: tuple, make):
     """``make()`` (tensors derived from ``params``, e.g. fp32 copies), kept on ``module`` while none of the
     parameters changes (same storage, same version) and autograd is off, within a sequence (`new_sequence`): a
-    decode step then launches no kernel to recompute them. A later sequence's first use writes them afresh into the
-    same tensors (a kept CUDA graph reads them there). With autograd on it is computed afresh (the result must stay
-    in the graph)."""
+    decode step then launches no kernel to recompute them. When they are made again (a later sequence, a parameter
+    updated in place or replaced), the new values are written into the kept tensors where shapes and dtypes allow:
+    a kept CUDA graph (generate(cuda_graph="reuse")) reads them there, and an optimizer step between two calls keeps
+    its graph. With autograd on it is computed afresh (the result must stay in the graph)."""
     if torch.is_grad_enabled():
         return make()
     stamp = tuple((p.data_ptr(), p._version, p.device) for p in params if p is not None)
     cached = module.__dict__.get(key)
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, make(), _SEQUENCES[0])
-        module.__dict__[key] = cached
-    elif cached[2] != _SEQUENCES[0]:
-        fresh = make()
-        pairs = [(k, v) for k, v in (zip(cached[1], fresh) if isinstance(fresh, tuple) else [(cached[1], fresh)])
-                 if k is not None and k.data_ptr() != v.data_ptr()]  # (a parameter itself: nothing to copy)
-        if torch.is_inference_mode_enabled() or not any(k.is_inference() for k, _ in pairs):
-            for kept, value in pairs:
-                kept.copy_(value)
-            fresh = cached[1]
-        cached = (stamp, fresh, _SEQUENCES[0])  # (made under inference_mode, they cannot be written outside it)
-        module.__dict__[key] = cached
-    return cached[1]
+    if cached is not None and cached[0] == stamp and cached[2] == _SEQUENCES[0]:
+        return cached[1]
+    fresh = make()
+    if cached is not None and _write_into(cached[1], fresh, cached[3]):
+        fresh = cached[1]
+    storages = {p.untyped_storage().data_ptr() for p in params if p is not None}
+    own = tuple(t is not None and t.untyped_storage().data_ptr() not in storages for t in _items(fresh))
+    module.__dict__[key] = (stamp, fresh, _SEQUENCES[0], own)
+    return fresh
+
+
+def _items(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _write_into(kept, fresh, own: tuple[bool, ...]) -> bool:
+    """Copy `fresh` into the tensors of `kept` (decoded_constants' earlier values), all or none: False when one
+    cannot take it (another shape, dtype or device; a tensor made under inference_mode, outside it; or a kept
+    tensor that is a parameter itself, `own` False, whose fresh value is not that same parameter)."""
+    kept, fresh = _items(kept), _items(fresh)
+    if len(kept) != len(fresh):
+        return False
+    pairs = []
+    for k, v, mine in zip(kept, fresh, own):
+        if k is None or v is None:
+            if k is not v:
+                return False
+        elif not mine:  # a parameter itself (no copy was made): fine while it still is the fresh value
+            if k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr() or k.shape != v.shape:
+                return False
+        elif (k.shape, k.dtype, k.device) != (v.shape, v.dtype, v.device) or \
+                (k.is_inference() and not torch.is_inference_mode_enabled()):
+            return False
+        elif k.data_ptr() != v.data_ptr():
+            pairs.append((k, v))
+    for k, v in pairs:
+        k.copy_(v)
+    return True
 
 
 def refuse_skipped_adapter(owner: nn.Module, name: str) -> None:
