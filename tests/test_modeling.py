@@ -390,6 +390,19 @@ def test_crop_and_assisted_decoding_are_refused_with_recurrent_layers(name):
         model.generate(torch.cat([ids, ids], 1), prompt_lookup_num_tokens=3, max_new_tokens=4)
 
 
+@pytest.mark.parametrize("drop", [1, 2])
+def test_load_state_tensors_of_the_wrong_number_raises_and_changes_nothing(drop):
+    model = tiny("jamba")  # recurrent layers (two tensors each) and attention layers (keys, values)
+    with torch.no_grad():
+        cache = zoo.cache.output_cache(model(torch.randint(0, 512, (1, 5)), use_cache=True))
+    before = cache.state_tensors()
+    with pytest.raises(ValueError, match=f"expected {len(before)} tensors, got {len(before) - drop}"):
+        cache.load_state_tensors([t.clone() for t in before[:-drop]])  # ended in StopIteration / IndexError
+    assert all(a is b for a, b in zip(cache.state_tensors(), before))
+    with pytest.raises(ValueError, match=f"got {len(before) + 1}"):
+        cache.load_state_tensors([*before, before[0]])
+
+
 def test_assisted_decoding_of_an_attention_model_equals_greedy():
     model = tiny("transformerpp")
     x = torch.randint(0, 512, (1, 12))

@@ -124,6 +124,25 @@ def test_capacity_exceeded_raises():
     assert state.cache.seen_tokens == 12 and all(int(layer.length) == 12 for layer in state.cache.static_layers())
 
 
+def test_a_reload_that_does_not_fit_raises_and_leaves_the_decoder_as_it_was():
+    model = tiny("jamba")  # recurrent layers before its first attention layer
+    decoder = StaticDecoder(model, prefill(model, torch.randint(0, 512, (2, 6))), max_new_tokens=4)
+    states, ids = [t.clone() for t in decoder.states], decoder.ids.clone()
+    longer = prefill(model, torch.randint(0, 512, (2, 12)))  # more tokens than the static layers hold
+    with pytest.raises(ValueError, match="layer 2 holds 12 tokens"):
+        decoder.reload(longer.cache, longer.next_ids)
+    # the recurrent layers before the refused one were overwritten with the longer prompt's states
+    assert all(torch.equal(a, b) for a, b in zip(decoder.states, states)) and torch.equal(decoder.ids, ids)
+    assert decoder.state.cache.seen_tokens == 6
+    torch.manual_seed(0)
+    mamba = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).eval()
+    other = tiny("mamba2")  # as many recurrent layers, other state shapes: copy_ raised a RuntimeError
+    decoder = StaticDecoder(mamba, prefill(mamba, torch.randint(0, 512, (2, 6))))
+    state = prefill(other, torch.randint(0, 512, (2, 6)))
+    with pytest.raises(ValueError, match="another model's cache"):
+        decoder.reload(state.cache, state.next_ids)
+
+
 def test_static_cache_misuse_raises():
     model = tiny("transformerpp")
     state = prefill(model, torch.randint(0, 512, (2, 8)))

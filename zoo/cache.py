@@ -555,8 +555,12 @@ class ZooCache(Cache):
         return out
 
     def load_state_tensors(self, tensors: list[torch.Tensor]) -> None:
-        """Replace the carried tensors (same order and shapes as `state_tensors`), e.g. by leaves requiring grad."""
+        """Replace the carried tensors (same order and shapes as `state_tensors`), e.g. by leaves requiring grad.
+        Raises ValueError, changing nothing, when their number is not that of `state_tensors`."""
         tensors = list(tensors)
+        expected = len(self.state_tensors())
+        if len(tensors) != expected:  # checked first: too few would fail midway, some layers already replaced
+            raise ValueError(f"load_state_tensors: expected {expected} tensors, got {len(tensors)}")
         i = 0
         for layer in self.layers:
             if isinstance(layer, RecurrentLayer):
@@ -566,8 +570,6 @@ class ZooCache(Cache):
             elif isinstance(layer, CacheLayerMixin) and layer.is_initialized and layer.keys is not None:
                 layer.keys, layer.values = tensors[i], tensors[i + 1]
                 i += 2
-        if i != len(tensors):
-            raise ValueError(f"load_state_tensors: expected {i} tensors, got {len(tensors)}")
 
     def detach_(self) -> ZooCache:
         """Cut the autograd graph at the carried states (classic truncated BPTT)."""

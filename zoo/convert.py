@@ -8,7 +8,9 @@ shape the random initialization (dt_min, A_init_range, ...) are carried where bo
 otherwise dropped, since they do not change the function a checkpoint computes.
 
 Converted models share tensors with their source (no copy, each tensor keeps its dtype), so converting a large
-checkpoint costs little memory; clone the result before training it if the source must stay untouched.
+checkpoint costs little memory; clone the result before training it if the source must stay untouched. The
+exceptions are the weights one side fuses and the other splits, which are copies: Jamba's experts (one 3D tensor
+per layer in transformers, one module per expert in the zoo) and mamba_ssm's GatedMLP fc1 (the zoo's up and gate).
 
     zoo convert SRC DST --from hf-mamba      # transformers folder -> complete zoo folder
     zoo convert SRC DST --to mamba_ssm       # zoo folder -> mamba_ssm folder (config.json + pytorch_model.bin)

@@ -296,7 +296,8 @@ class StaticDecoder(EagerDecoder):
         prefilled `cache` (a fresh one, of the same model and batch, not static) into them in place, the recurrent
         states, the keys and values with their lengths, and take `next_ids` [B, 1] as the next input. pads: each
         row's left padding, given exactly when this decoder was made with it. Raises ValueError when the cache does
-        not fit: other layers or rows, more tokens than the static layers hold, padding given or not unlike before.
+        not fit: other layers or rows, more tokens than the static layers hold, padding given or not unlike before;
+        then the decoder is left as it was.
         """
         own = self.state.cache
         if not isinstance(cache, ZooCache) or len(cache.layers) != len(own.layers) \
@@ -305,25 +306,36 @@ class StaticDecoder(EagerDecoder):
         if (pads is None) != (getattr(own, "pads", None) is None):
             raise ValueError("reload: left padding given for one prompt and not the other; capture again")
         seen = cache.seen_tokens
-        states = iter(self.states)
+        # every layer is checked before any buffer is written: a cache that does not fit leaves the decoder as it was
+        states, copies, kv = iter(self.states), [], []
         for i, (mine, new) in enumerate(zip(own.layers, cache.layers)):
             if isinstance(mine, RecurrentLayer) and isinstance(new, RecurrentLayer) and new.has_state:
-                for dst, src in zip([next(states) for _ in mine.tensors()], (t for t in new.step_states()
-                                                                              if t is not None)):
-                    dst.copy_(src)
+                dsts = [next(states) for _ in mine.tensors()]
+                srcs = [t for t in new.step_states() if t is not None]
+                if [d.shape for d in dsts] != [t.shape for t in srcs]:
+                    raise ValueError(f"reload: layer {i}'s states {[tuple(t.shape) for t in srcs]} do not fit this "
+                                     f"decoder's {[tuple(d.shape) for d in dsts]} (another model's cache)")
+                copies.extend(zip(dsts, srcs))
             elif isinstance(mine, StaticKVLayer) and isinstance(new, DynamicLayer) and new.keys is not None:
                 kept = new.keys.shape[-2]
                 if seen > mine.capacity or kept > seen or new.keys.shape[0] != mine.keys.shape[0]:
                     raise ValueError(f"reload: layer {i} holds {seen} tokens; the static layer takes "
                                      f"{mine.capacity} of {mine.keys.shape[0]} rows")
-                mine.keys[:, seen - kept:seen].copy_(new.keys.transpose(1, 2))
-                mine.values[:, seen - kept:seen].copy_(new.values.transpose(1, 2))
-                mine.length.fill_(seen)
-                mine.seen = seen
-                if pads is not None:
-                    mine.start.copy_(pads)
+                if new.keys.shape[1:2] + new.keys.shape[3:] != mine.keys.shape[2:]:
+                    raise ValueError(f"reload: layer {i}'s keys {tuple(new.keys.shape)} do not fit this decoder's "
+                                     f"static layer (another model's cache)")
+                kv.append((mine, new, kept))
             elif not (mine is None and new is None):
                 raise ValueError(f"reload: layer {i} of the prefilled cache does not match this decoder's")
+        for dst, src in copies:
+            dst.copy_(src)
+        for mine, new, kept in kv:
+            mine.keys[:, seen - kept:seen].copy_(new.keys.transpose(1, 2))
+            mine.values[:, seen - kept:seen].copy_(new.values.transpose(1, 2))
+            mine.length.fill_(seen)
+            mine.seen = seen
+            if pads is not None:
+                mine.start.copy_(pads)
         own.seen_tokens = seen
         if pads is not None:
             own.pads = pads
