@@ -861,7 +861,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if getattr(generation_config, "is_assistant", False) and hasattr(cache, "activate_past_recording"):
             # as transformers marks an assistant's new cache: a sliding-window layer then keeps the keys that cropping
             # the rejected drafts needs (without them transformers' crop raised once the window was full)
-            cache.activate_past_recording(recurrent_states_to_keep=generation_config.num_assistant_tokens)
+            # (transformers 5.17's takes no argument and keeps every key)
+            keep = inspect.signature(cache.activate_past_recording).parameters
+            cache.activate_past_recording(**({"recurrent_states_to_keep": generation_config.num_assistant_tokens}
+                                             if "recurrent_states_to_keep" in keep else {}))
         model_kwargs[GENERATE_CACHE_KWARG] = cache
 
 
