@@ -614,11 +614,31 @@ def test_decoded_constants_follow_parameter_changes():
     with torch.no_grad():
         first = decoded_constants(lin, "_c", (lin.weight,), lambda: lin.weight.float() * 2)
         assert decoded_constants(lin, "_c", (lin.weight,), lambda: None) is first  # kept
+        before = first.clone()
         lin.weight.add_(1.0)  # an in-place change bumps the version
         second = decoded_constants(lin, "_c", (lin.weight,), lambda: lin.weight.float() * 2)
-    assert torch.allclose(second, first + 2)
+    assert second is first, "made again, written into the kept tensor (a kept CUDA graph reads it there)"
+    assert torch.allclose(second, before + 2)
     fresh = decoded_constants(lin, "_c", (lin.weight,), lambda: lin.weight * 2)
     assert fresh.requires_grad  # with autograd on: computed afresh, in the graph
+
+
+def test_decoded_constants_keep_a_compiled_forward_whole():
+    """Traced by torch.compile (an evaluation under no_grad of a compiled model), the constants are made in the
+    compiled graph: the storage checks of the kept ones (untyped_storage().data_ptr()) broke the graph at every
+    Mamba-2 layer (its A) and every compiled forward ran in pieces."""
+    from zoo.layers import decoded_constants
+
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(3, 3)
+    compiled = torch.compile(lambda x: x * decoded_constants(lin, "_c", (lin.weight,), lambda: lin.weight.float() * 2),
+                             backend="eager", fullgraph=True)
+    x = torch.randn(3, 3)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), x * lin.weight * 2)
+        lin.weight.add_(1.0)
+        assert torch.equal(compiled(x), x * lin.weight * 2)
+    torch._dynamo.reset()
 
 
 

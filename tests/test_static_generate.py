@@ -691,6 +691,35 @@ def test_an_in_place_update_is_written_into_the_kept_decoded_constants(family):
     assert all(a is b for a, b in zip(kept, now if family == "mamba" else (now,))), "the same tensors, rewritten"
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2"])
+def test_a_prefill_writes_the_kept_step_constants_afresh(family):
+    """A kept CUDA graph replays the steps without their Python: between two cuda_graph="reuse" calls only the
+    prefill runs, so it must write the step constants (Mamba's A, D and conv weight, Mamba-2's conv weight, D and
+    dt_bias in fp32) afresh into the tensors the graph reads. Only the steps made them, so after an optimizer step or
+    writes through .data the graph read the old ones. (fp64 weights: Mamba-2's fp32 constants are copies.)"""
+    model = context_sensitive(tiny(family)).double()
+    ids = torch.randint(1, 512, (3, 12), generator=torch.Generator().manual_seed(1))
+    static_generate(model, ids, graph=False, max_new_tokens=4, reuse=True)
+    mixers = [block.mixer for block in model.model.layers]
+    kept = [m.__dict__["_step_constants"][1] for m in mixers]
+    with torch.no_grad():
+        for m in mixers:
+            m.A_log.add_(0.5)  # as an optimizer step: in place, the version moves
+            m.D.data.fill_(0.5)  # as PEFT's merge or an EMA copy: same storage, same version
+            m.conv1d.weight.data.mul_(2.0)
+            bias = m.dt_bias if family == "mamba2" else m.dt_proj.bias
+            bias.data.fill_(2.0)
+        model(ids, use_cache=True)  # the prefill: all a kept graph's call runs before its replays
+    for m, before in zip(mixers, kept):
+        now = m.__dict__["_step_constants"][1]
+        assert all(a is b for a, b in zip(before, now)), "the tensors a graph reads, rewritten in place"
+        w = m.conv1d.weight[:, 0, :].float()
+        want = ((-torch.exp(m.A_log.float()), m.D.float(), w) if family == "mamba"
+                else (w, m.conv1d.bias.float(), m.D.float(), m.dt_bias.float()))
+        for name, got, value in zip(("first", "second", "third", "fourth"), now, want):
+            assert torch.equal(got, value), f"{family}: the {name} step constant is the old weights'"
+
+
 def test_a_kept_decoder_is_replaced_when_the_call_needs_another():
     """More tokens than its room, another batch, padding, other sampling settings or a replaced parameter each
     capture anew; an in-place weight update is read by the kept step (its address is unchanged)."""

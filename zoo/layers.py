@@ -81,8 +81,9 @@ def decoded_constants(module: nn.Module, key: str, params: tuple, make):
     decode step then launches no kernel to recompute them. When they are made again (a later sequence, a parameter
     updated in place or replaced), the new values are written into the kept tensors where shapes and dtypes allow:
     a kept CUDA graph (generate(cuda_graph="reuse")) reads them there, and an optimizer step between two calls keeps
-    its graph. With autograd on it is computed afresh (the result must stay in the graph)."""
-    if torch.is_grad_enabled():
+    its graph. With autograd on it is computed afresh (the result must stay in the graph), and so it is when traced
+    by torch.compile (a few fused ops in the compiled graph; the storage checks below would break it in pieces)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return make()
     stamp = tuple((p.data_ptr(), p._version, p.device) for p in params if p is not None)
     cached = module.__dict__.get(key)

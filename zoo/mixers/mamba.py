@@ -187,6 +187,26 @@ class Mamba(nn.Module):
         return decoded_constants(self, f"_dt_constants_{dtype}", (weight, bias),
                                  lambda: (weight.to(dtype).contiguous(), bias.float()))
 
+    def _x_proj_constants(self, dtype: torch.dtype) -> torch.Tensor:
+        """x_proj's weight in the activations' dtype, which the fused step reads, kept as in _decode_constants."""
+        return decoded_constants(self, f"_x_proj_{dtype}", (self.x_proj.weight,),
+                                 lambda: self.x_proj.weight.to(dtype).contiguous())
+
+    def _refresh_step_constants(self, x: torch.Tensor) -> None:
+        """At a prefill, the step constants kept from an earlier sequence are made afresh into their tensors: a kept
+        CUDA graph (generate(cuda_graph="reuse")) replays the steps without their Python, so only here do the
+        tensors it reads follow weights changed since (an optimizer step, writes through .data). Constants no step
+        has kept yet are left to the first step."""
+        if torch.is_grad_enabled():
+            return
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        if "_step_constants" in self.__dict__:
+            self._decode_constants()
+        if f"_dt_constants_{dtype}" in self.__dict__:
+            self._dt_proj_constants(dtype)
+        if f"_x_proj_{dtype}" in self.__dict__:
+            self._x_proj_constants(dtype)
+
     def _may_fuse(self, t: torch.Tensor, backend: str) -> bool:
         """The fused step's conditions that do not depend on the shapes (the step checks them before in_proj, on its
         input, to prepare the kernel's constants): on CUDA, not turned off by ZOO_MAMBA_FUSED_STEP=0 (kept for
@@ -228,9 +248,7 @@ class Mamba(nn.Module):
         fused_constants = None
         if self._may_fuse(x, backend):
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
-            fused_constants = (dtype, *self._dt_proj_constants(dtype),
-                               decoded_constants(self, f"_x_proj_{dtype}", (self.x_proj.weight,),
-                                                 lambda: self.x_proj.weight.to(dtype).contiguous()))
+            fused_constants = (dtype, *self._dt_proj_constants(dtype), self._x_proj_constants(dtype))
         xz = self.in_proj(x[:, 0])  # (B, 2·d_inner)
         xs, z = xz[:, :self.d_inner], xz[:, self.d_inner:]
         if tokens is None and fused_constants is not None and fused_constants[0] == xs.dtype \
@@ -285,6 +303,8 @@ class Mamba(nn.Module):
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             return self._step(x, cache, mask, backend, step_pad_rows(attention_mask))
+        if cache is not None:
+            self._refresh_step_constants(x)
         grad = self.d_state > 32 and needs_grad(x, *self.parameters())  # (only N > 32 asks: the backward's smem)
         backend = self._scan_backend(backend, x.dtype, grad)  # the sequence scan's limits (the step's have none)
         if self._channels_first():

@@ -150,6 +150,15 @@ class Mamba2(nn.Module):
                        f"{MIN_CHUNK_SIZE} or scan_backend: ref)")
         return backends.fit("ssd", self.scan_backend, backend, problem)
 
+    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """The conv weight [conv_dim, d_conv] and bias, D and dt_bias in fp32, kept across decode steps while the
+        parameters do not change (decoded_constants)."""
+        return decoded_constants(
+            self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
+            lambda: (self.conv1d.weight[:, 0, :].float().contiguous(),
+                     None if self.conv1d.bias is None else self.conv1d.bias.float(), self.D.float(),
+                     self.dt_bias.float()))
+
     def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]."""
@@ -171,10 +180,7 @@ class Mamba2(nn.Module):
             # its output is the prefill's at a pad (xBC = 0: D·x and C·h are 0)
             tokens = step_pad_rows(attention_mask)
             saved = None if tokens is None else conv_state.clone()
-            w32, b32, D32, bias32 = decoded_constants(
-                self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
-                lambda: (w.float().contiguous(), None if self.conv1d.bias is None else self.conv1d.bias.float(),
-                         self.D.float(), self.dt_bias.float()))
+            w32, b32, D32, bias32 = self._decode_constants()
             xBC = causal_conv1d_update(conv_state, xBC[:, 0], w32, b32, "silu", backend=conv_backend)  # (B, conv_dim)
             keep_rows_(conv_state, saved, tokens)
             if tokens is not None:
@@ -194,6 +200,10 @@ class Mamba2(nn.Module):
             cache.set(conv_state, state)
             y = y.reshape(Bsz, 1, self.d_inner).to(x.dtype)
         else:
+            if cache is not None and "_step_constants" in self.__dict__ and not torch.is_grad_enabled():
+                # a prefill: the step constants an earlier sequence kept are made afresh into their tensors, which a
+                # kept CUDA graph (generate(cuda_graph="reuse")) reads in steps that run no Python (A is made above)
+                self._decode_constants()
             conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
             if mask is None:
                 xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu",
