@@ -371,6 +371,35 @@ def test_mfu_of_a_model_compare_cannot_account_falls_back_to_6n_and_says_so(tmp_
         assert math.isclose(float(row["mfu_6n"]), six_n, rel_tol=1e-6)
 
 
+def test_mfu_of_a_zoo_model_the_accounting_cannot_build_falls_back_to_6n(monkeypatch):
+    """The accounting builds a zoo model on the meta device: a custom mixer that cannot be built there stopped
+    zoo train at its start (for a metric); it now gets 6 · active parameters, with the reason."""
+    import torch.nn as nn
+
+    from zoo import ZooConfig, ZooForCausalLM, registry
+    from zoo.train import mfu_flops_per_token
+
+    monkeypatch.setattr(registry, "_MIXERS", dict(registry._MIXERS))
+
+    @registry.register_mixer("no_meta_mixer")
+    class NoMeta(nn.Module):
+        def __init__(self, d_model, layer_idx=None):
+            super().__init__()
+            if torch.empty(0).is_meta:
+                raise RuntimeError("no meta tensors here")
+            self.proj = nn.Linear(d_model, d_model)
+
+        def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+            return self.proj(x)
+
+    config = ZooConfig(vocab_size=50, d_model=16, layers="XA", ffn="none",
+                       mixers={"X": {"type": "no_meta_mixer"}, "A": {"type": "attention", "n_heads": 2}})
+    model = ZooForCausalLM(config)
+    flops, formula, why = mfu_flops_per_token(model, 32)
+    assert formula == "6n_active" and flops == 6 * sum(p.numel() for p in model.parameters())
+    assert "no meta tensors here" in why
+
+
 def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     """MFU was 6 · all parameters · tokens/s: a MoE's n_experts - top_k experts that a token skips counted as work
     done, so a Jamba-style model's MFU was overstated (here 1.5x; more with 16 experts and top-2)."""
