@@ -645,6 +645,16 @@ def test_a_kept_decoder_decodes_later_prompts_as_a_fresh_one(family):
         assert entry is first[0] and addresses == first[1], "the kept decoder and its buffers serve every call"
 
 
+def write_ssm_weights_through_data(model) -> None:
+    """New A and Δ bias for every Mamba / Mamba-2 layer, written through .data as PEFT's merge and EMA copies write
+    (address and version kept); long steps, so that A matters."""
+    for block in model.model.layers:
+        if hasattr(block.mixer, "A_log"):
+            block.mixer.A_log.data.fill_(-3.0)
+            bias = block.mixer.dt_bias if hasattr(block.mixer, "dt_bias") else block.mixer.dt_proj.bias
+            bias.data.fill_(2.0)
+
+
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
 def test_a_kept_decoder_reads_weights_written_through_data(family):
     """Weights written through .data (PEFT's merge, an EMA copy) keep their addresses and versions: the kept decoder's
@@ -654,12 +664,7 @@ def test_a_kept_decoder_reads_weights_written_through_data(family):
     ids = torch.randint(1, 512, (3, 12), generator=torch.Generator().manual_seed(1))
     static_generate(model, ids, graph=False, max_new_tokens=6, reuse=True)
     entry = _kept(model)
-    with torch.no_grad():
-        for block in model.model.layers:
-            if hasattr(block.mixer, "A_log"):
-                block.mixer.A_log.data.fill_(-3.0)
-                bias = block.mixer.dt_bias if hasattr(block.mixer, "dt_bias") else block.mixer.dt_proj.bias
-                bias.data.fill_(2.0)  # long steps: A matters
+    write_ssm_weights_through_data(model)
     fresh = AutoModelForCausalLM.from_config(model.config).eval()
     fresh.load_state_dict(model.state_dict())
     want = static_generate(fresh, ids, graph=False, max_new_tokens=6)
@@ -795,12 +800,7 @@ def test_cuda_graph_reuse_reads_weights_written_through_data(family):
     model = context_sensitive(tiny(family)).cuda()
     ids = torch.randint(1, 512, (4, 20), generator=torch.Generator().manual_seed(1)).cuda()
     model.generate(ids, max_new_tokens=8, cuda_graph="reuse")
-    with torch.no_grad():
-        for block in model.model.layers:
-            if hasattr(block.mixer, "A_log"):
-                block.mixer.A_log.data.fill_(-3.0)
-                bias = block.mixer.dt_bias if hasattr(block.mixer, "dt_bias") else block.mixer.dt_proj.bias
-                bias.data.fill_(2.0)  # long steps: A matters
+    write_ssm_weights_through_data(model)
     fresh = AutoModelForCausalLM.from_config(model.config).cuda().eval()
     fresh.load_state_dict(model.state_dict())
     ref = fresh.generate(ids, max_new_tokens=8, do_sample=False)
