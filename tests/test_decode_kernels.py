@@ -443,6 +443,19 @@ def test_decode_attention_refuses_mismatched_shapes(bad):
         decode_attention(q, keys, values, torch.tensor([10]), splits=1)
 
 
+@pytest.mark.parametrize("length", [torch.tensor([10, 3]), torch.tensor(10.0).reshape(1), 10],
+                         ids=["per-row", "float", "int"])
+def test_decode_attention_refuses_a_length_that_is_not_one_integer(length):
+    """The kernels read length[0] alone: a per-row length [B] gave row 1 the 10 keys of row 0 where it asked for 3
+    (fuzzed in the interpreter); a float one was compared as a float, a Python int failed inside tl.load."""
+    pytest.importorskip("triton")
+    from zoo_kernels.attention.decode import decode_attention
+
+    q, keys, values = _attn_inputs("cpu", torch.float32, B=2, H=2, Hkv=1, D=16, S=64)
+    with pytest.raises(ValueError, match="decode_attention: length must be"):
+        decode_attention(q, keys, values, length, splits=1)
+
+
 def _check_decode_attention(device, dtype, group, D, window, grouped, S=400, lengths=(333, 1),
                             splits_list=(None, 1, 3, 16), launches=((None, None, None),)):
     """decode_attention against the reference for each length, splits and launch configuration (block_n,

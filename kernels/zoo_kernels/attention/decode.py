@@ -200,6 +200,13 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                          f"{tuple(keys.shape)} and {tuple(values.shape)}")
     if window is not None and window < 1:  # the kernels would see no key (NaN); the reference reads 0 as no window
         raise ValueError(f"decode_attention: window must be None or at least 1, got {window}")
+    if not isinstance(length, torch.Tensor) or length.numel() != 1 or length.dtype not in (torch.int64, torch.int32) \
+            or length.device != q.device:
+        # the kernels read length[0] alone: a per-row [B] length gave every row the first row's keys
+        got = f"{length.dtype} {tuple(length.shape)} on {length.device}" if isinstance(length, torch.Tensor) \
+            else type(length).__name__
+        raise ValueError(f"decode_attention: length must be an int64 tensor of one element (the tokens stored, "
+                         f"shared by all rows) on {q.device}, got {got}")
     if S == 0:  # no slot to attend to (splits_for and chunking divided by zero)
         raise ValueError("decode_attention: the KV buffer has no slot (S = 0)")
     if B == 0:  # no row: nothing to launch (splits_for divided by zero)
