@@ -669,6 +669,17 @@ def _load_cache_states(cache, tensors: list[torch.Tensor]) -> None:
         layer.keys, layer.values = tensors[i], tensors[i + 1]
 
 
+def _cache_dropping_layers(model: nn.Module) -> list[str]:
+    """Class names of the checkpointed layers that drop the cache in a training forward with gradients: transformers'
+    GradientCheckpointingLayer sets use_cache=False and cache=None there, unless the layer only reads it."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+                   and m.gradient_checkpointing and not getattr(m, "_can_checkpoint_with_cache", False)})
+
+
 def _detach_cache(cache) -> None:
     if hasattr(cache, "detach_"):
         cache.detach_()
@@ -1310,6 +1321,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        dropping = _cache_dropping_layers(model) if chunk is not None else []
+        if dropping:
+            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__}'s layers ({', '.join(dropping)}) "
+                             f"drop their cache when checkpointed in training (transformers' "
+                             f"GradientCheckpointingLayer), so train.tbptt_chunk={chunk} could carry no state between "
+                             f"chunks; set gradient_checkpointing: false, or tbptt_chunk: null")
     n_params, model_class = count_parameters(model), type(model).__name__
     n_active = active_parameters(model)  # mfu_6n's FLOPs per token follow them
     flops_per_token, mfu_formula, why = mfu_flops_per_token(model, L, chunk)  # once: the rows' length is fixed
