@@ -107,6 +107,34 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
 
 
+def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt) mid-step saves the last completed step, but with the RNG state that the
+    unfinished step's dropout had advanced: the resumed run redid that step with other masks than an uninterrupted
+    run. The save now holds the RNG of the step before."""
+    import zoo.train as zt
+
+    sections = {"model": {"attention_dropout": 0.3}, "train": {"max_steps": 4}}
+    full: dict[int, float] = {}
+    train(config_from_dict(run_dict(tmp_path / "a", **sections)), on_step=lambda s, m: full.__setitem__(s, m["loss"]))
+    real, calls = zt.forward_backward, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # step 3's second micro-batch, after its first one drew dropout masks
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zt, "forward_backward", interrupt)
+    cfg = config_from_dict(run_dict(tmp_path / "b", **sections))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
+    monkeypatch.setattr(zt, "forward_backward", real)
+    resumed: dict[int, float] = {}
+    train(cfg, resume="auto", on_step=lambda s, m: resumed.__setitem__(s, m["loss"]))
+    assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)], (resumed, full)
+
+
 def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path):
     # log.every 2, stopped after step 3: step 3 was never logged (the loop saved and exited; the resumed run logs from
     # step 4 on), so metrics.csv had no row covering it

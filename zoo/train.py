@@ -1140,6 +1140,18 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
 
+def _torch_rng_state() -> dict[str, Any]:
+    """torch's CPU and CUDA generator states, the ones a training step draws from (dropout)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 class _StopRequest:
     """SIGTERM or a first Ctrl-C asks the loop to save and stop after the current step; a second Ctrl-C
     interrupts at once (KeyboardInterrupt)."""
@@ -1502,6 +1514,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     # processes agree to stop at the same step: every step's flags are summed on the host (a gloo group: no device
     # sync), read one step later; checked only at log steps, a launcher's SIGTERM met its SIGKILL 30 s on, unsaved
     vote_group, vote = None, None
+    step_rng: tuple[int, dict[str, Any]] | None = None
     if world > 1:
         import torch.distributed as dist
 
@@ -1554,6 +1567,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         try:
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()
+                step_rng = (step, _torch_rng_state())  # for a save interrupted mid-step: the RNG of the step before
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 micro = [next(batches) for _ in range(accum)]
@@ -1630,6 +1644,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
                                   f"{last_ckpt}")
             else:
                 optimizer.zero_grad(set_to_none=True)
+                if step_rng is not None and step_rng[0] == step:  # the unfinished step's dropout drew from the RNG, and
+                    # the resumed run, which redoes that step, drew other masks than an uninterrupted one
+                    _set_torch_rng_state(step_rng[1])
                 accelerator.print(f"interrupted: saving the last completed step {step}")
                 save()
             raise
