@@ -557,6 +557,39 @@ def test_exact_tbptt_gradients_equal_whole_row_gradients(name, layout):
     assert worst > 1e-3, "detached chunks must lose the gradient through the carried state"
 
 
+def test_exact_tbptt_recomputes_each_chunk_with_the_dropout_masks_of_its_first_forward():
+    """The exact mode ran each chunk twice (without a graph for the boundary states, then again with one) and drew new
+    dropout masks the second time: the gradients were of neither forward, with boundary states from other masks than
+    the chunk's. Each recompute now restores the RNG state its first forward started from (as torch's checkpoint does):
+    the gradients of one forward of the chunks with the graph kept across them, the RNG left where that forward leaves
+    it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zoo.cache import output_cache
+    from zoo.train import _chunk_loss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}, attention_dropout=0.3)
+    model, L, chunk = AutoModelForCausalLM.from_config(config).train(), 48, 16
+    inputs = ModelInputs.of(model)
+    ids = torch.randint(0, 256, (2, L))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(L).repeat(2, 1)}
+    torch.manual_seed(1)
+    cache, total = None, 0.0
+    for start in range(0, L, chunk):  # the reference: one forward of the chunks, the graph kept across them
+        out = model(**inputs.kwargs(batch, slice(start, start + chunk)), **{inputs.cache: cache}, use_cache=True)
+        total = total + _chunk_loss(out, batch, start, start + chunk)[0]
+        cache = output_cache(out)
+    (total / count_targets(batch["labels"])).backward()
+    kept = {n: p.grad.clone() for n, p in model.named_parameters()}
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(1)
+    _, exact = _grads(model, batch, chunk, "exact")
+    for n in kept:
+        assert_close(n, exact[n], kept[n], 2e-5)
+    assert torch.equal(torch.get_rng_state(), rng_after), "the next micro-batch draws what it would after one forward"
+
+
 def test_moe_aux_loss_under_tbptt_equals_the_whole_rows(monkeypatch):
     """Each chunk added its own load-balancing loss times its inner targets: a regularizer of each chunk's balance
     (not the row's), the boundary targets' weight left out. The chunks now add up to the whole row's aux loss (loss

@@ -15,8 +15,8 @@ torch.compile and gradient checkpointing, fused AdamW on CUDA.
 Long rows (``train.tbptt_chunk``) are trained in chunks with each layer's state carried to the next chunk:
 ``detach`` cuts the graph between chunks (classic truncated BPTT); ``exact`` runs the chunks forward without
 a graph keeping only the states at chunk boundaries, then recomputes them in reverse, each from a leaf copy
-of its initial state, back-propagating the state gradient received from the chunk after it: gradients equal
-to whole-row training in the memory of one chunk.
+of its initial state (and the dropout masks of its first forward), back-propagating the state gradient received from
+the chunk after it: gradients equal to whole-row training in the memory of one chunk.
 
 A run directory holds ``train_config.yaml``, ``run_info.json``, ``metrics.csv``, ``tensorboard/`` and
 ``checkpoints/step_XXXXXXXX/{model/, accelerate/, trainer_state.json}`` (model/ is a ``save_pretrained``
@@ -650,6 +650,18 @@ def count_byte_targets(labels: torch.Tensor) -> int:
     return int(((targets >= 0) & (targets < 256)).sum())
 
 
+def _torch_rng_state() -> dict[str, Any]:
+    """torch's CPU and CUDA generator states, the ones a training step draws from (dropout)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _cache_states(cache) -> list[torch.Tensor]:
     """The tensors a cache carries: `state_tensors()` (zoo), else the keys/values of a transformers cache."""
     if hasattr(cache, "state_tensors"):
@@ -855,24 +867,32 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
                 _detach_cache(cache)
         return total
 
-    # exact: boundary caches without a graph, then chunks in reverse from leaf copies of their initial states
+    # exact: boundary caches without a graph, then chunks in reverse from leaf copies of their initial states, each
+    # recomputed from the RNG state its first forward started from (the same dropout masks, as torch's checkpoint does)
     entering: list[Any] = [None]
+    rngs: list[dict[str, Any]] = []
     with torch.no_grad():
         cache = None
         for k in range(len(bounds) - 1):
+            rngs.append(_torch_rng_state())
             out = run(k, cache, labels=False)
             if row_aux is not None:
                 row_aux.record(out, k)
             cache = output_cache(out)
             entering.append(copy.deepcopy(cache))
+    rngs.append(_torch_rng_state())
+    after = None  # the RNG state after the last chunk: where one forward of the chunks in order leaves it
     state_grads: list[torch.Tensor | None] | None = None
     for k in reversed(range(len(bounds))):
         cache, leaves = entering[k], []
         if cache is not None:
             leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in _cache_states(cache)]
             _load_cache_states(cache, leaves)
+        _set_torch_rng_state(rngs[k])
         with ctx(k == 0):
             out = run(k, cache)
+            if after is None:
+                after = _torch_rng_state()
             loss, _ = _chunk_loss(out, batch, *bounds[k])
             if row_aux is not None:
                 if k == len(bounds) - 1:  # the last chunk's counts: from this forward, before any backward
@@ -890,6 +910,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
         total = total + loss.detach()
         state_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
         entering[k] = None  # free the boundary state as soon as it is used
+    _set_torch_rng_state(after)
     return total
 
 
@@ -1139,18 +1160,6 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
-
-def _torch_rng_state() -> dict[str, Any]:
-    """torch's CPU and CUDA generator states, the ones a training step draws from (dropout)."""
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_torch_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 class _StopRequest:
     """SIGTERM or a first Ctrl-C asks the loop to save and stop after the current step; a second Ctrl-C
