@@ -135,18 +135,35 @@ def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)], (resumed, full)
 
 
-def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c_mid_step"])
+def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path, monkeypatch, how):
     # log.every 2, stopped after step 3: step 3 was never logged (the loop saved and exited; the resumed run logs from
-    # step 4 on), so metrics.csv had no row covering it
+    # step 4 on), so metrics.csv had no row covering it; a second Ctrl-C in step 4 (KeyboardInterrupt) still left it out
+    import zoo.train as zt
+
     losses: dict[int, float] = {}
 
     def interrupt(step, metrics):
         losses[step] = metrics["loss"]
-        if step == 3:
+        if step == 3 and how == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
 
+    real, calls = zt.forward_backward, []
+
+    def ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # step 4's first micro-batch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
     cfg = config_from_dict(run_dict(tmp_path, log={"every": 2}))
-    assert train(cfg, on_step=interrupt).stopped
+    if how == "sigterm":
+        assert train(cfg, on_step=interrupt).stopped
+    else:
+        monkeypatch.setattr(zt, "forward_backward", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, on_step=interrupt)
+        monkeypatch.setattr(zt, "forward_backward", real)
     train(cfg, resume="auto", on_step=lambda s, m: losses.__setitem__(s, m["loss"]))
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}

@@ -1656,6 +1656,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 if step_rng is not None and step_rng[0] == step:  # the unfinished step's dropout drew from the RNG, and
                     # the resumed run, which redoes that step, drew other masks than an uninterrupted one
                     _set_torch_rng_state(step_rng[1])
+                if pending:  # the steps since the last log, as a stop request logs them: the resumed run starts after
+                    log_window(grad_norm, None)
                 accelerator.print(f"interrupted: saving the last completed step {step}")
                 save()
             raise
