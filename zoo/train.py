@@ -651,15 +651,16 @@ def count_byte_targets(labels: torch.Tensor) -> int:
 
 
 def _torch_rng_state() -> dict[str, Any]:
-    """torch's CPU and CUDA generator states, the ones a training step draws from (dropout)."""
+    """torch's CPU generator state and the current CUDA device's, the ones a training step draws from (dropout); a
+    host-side copy (no device sync), CUDA's only once CUDA is in use (none is started for it)."""
     return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
 
 
 def _set_torch_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _cache_states(cache) -> list[torch.Tensor]:
