@@ -925,6 +925,39 @@ def test_a_checkpoint_whose_rng_file_is_of_another_step_resumes_with_a_warning(t
         assert _load_checkpoint(tmp_path, stamp, accelerator, "finetune")["rng"] is None
 
 
+def test_a_finetune_stopped_by_ctrl_c_mid_step_resumes_with_the_uninterrupted_runs_dropout(tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt) mid-step saved the last completed step with the RNG state that the unfinished
+    step's LoRA dropout had advanced: the resumed run redid that step with other masks than an uninterrupted run. The
+    checkpoint now holds the RNG of the step before."""
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "progress_bar": False,
+                        "log_every": 1, "checkpoint_every": 0},
+              "lora": {"r": 4, "dropout": 0.1}, "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+
+    def run(name: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
+
+    whole = run("whole")
+    real, calls = ft.forward_backward, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # step 3's second micro-batch, after its first one drew dropout masks
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "forward_backward", interrupt)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "forward_backward", real)
+    assert run("cut")["log"] == whole["log"]
+
+
 def test_a_launch_under_fsdp_is_refused_naming_the_ddp_config(tmp_path):
     # `accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/finetune.py`: the main process alone saved
     # the phase's model from FSDP-sharded weights, which takes every process, so the run waited forever after training

@@ -107,18 +107,63 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
 
 
-def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path):
+def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt) mid-step saves the last completed step, but with the RNG state that the
+    unfinished step's dropout had advanced: the resumed run redid that step with other masks than an uninterrupted
+    run. The save now holds the RNG of the step before."""
+    import zoo.train as zt
+
+    sections = {"model": {"attention_dropout": 0.3}, "train": {"max_steps": 4}}
+    full: dict[int, float] = {}
+    train(config_from_dict(run_dict(tmp_path / "a", **sections)), on_step=lambda s, m: full.__setitem__(s, m["loss"]))
+    real, calls = zt.forward_backward, []
+
+    def interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # step 3's second micro-batch, after its first one drew dropout masks
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zt, "forward_backward", interrupt)
+    cfg = config_from_dict(run_dict(tmp_path / "b", **sections))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
+    monkeypatch.setattr(zt, "forward_backward", real)
+    resumed: dict[int, float] = {}
+    train(cfg, resume="auto", on_step=lambda s, m: resumed.__setitem__(s, m["loss"]))
+    assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)], (resumed, full)
+
+
+@pytest.mark.parametrize("how", ["sigterm", "ctrl_c_mid_step"])
+def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path, monkeypatch, how):
     # log.every 2, stopped after step 3: step 3 was never logged (the loop saved and exited; the resumed run logs from
-    # step 4 on), so metrics.csv had no row covering it
+    # step 4 on), so metrics.csv had no row covering it; a second Ctrl-C in step 4 (KeyboardInterrupt) still left it out
+    import zoo.train as zt
+
     losses: dict[int, float] = {}
 
     def interrupt(step, metrics):
         losses[step] = metrics["loss"]
-        if step == 3:
+        if step == 3 and how == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)
 
+    real, calls = zt.forward_backward, []
+
+    def ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:  # step 4's first micro-batch
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
     cfg = config_from_dict(run_dict(tmp_path, log={"every": 2}))
-    assert train(cfg, on_step=interrupt).stopped
+    if how == "sigterm":
+        assert train(cfg, on_step=interrupt).stopped
+    else:
+        monkeypatch.setattr(zt, "forward_backward", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, on_step=interrupt)
+        monkeypatch.setattr(zt, "forward_backward", real)
     train(cfg, resume="auto", on_step=lambda s, m: losses.__setitem__(s, m["loss"]))
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
@@ -529,6 +574,39 @@ def test_exact_tbptt_gradients_equal_whole_row_gradients(name, layout):
     assert worst > 1e-3, "detached chunks must lose the gradient through the carried state"
 
 
+def test_exact_tbptt_recomputes_each_chunk_with_the_dropout_masks_of_its_first_forward():
+    """The exact mode ran each chunk twice (without a graph for the boundary states, then again with one) and drew new
+    dropout masks the second time: the gradients were of neither forward, with boundary states from other masks than
+    the chunk's. Each recompute now restores the RNG state its first forward started from (as torch's checkpoint does):
+    the gradients of one forward of the chunks with the graph kept across them, the RNG left where that forward leaves
+    it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zoo.cache import output_cache
+    from zoo.train import _chunk_loss
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"}, attention_dropout=0.3)
+    model, L, chunk = AutoModelForCausalLM.from_config(config).train(), 48, 16
+    inputs = ModelInputs.of(model)
+    ids = torch.randint(0, 256, (2, L))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(L).repeat(2, 1)}
+    torch.manual_seed(1)
+    cache, total = None, 0.0
+    for start in range(0, L, chunk):  # the reference: one forward of the chunks, the graph kept across them
+        out = model(**inputs.kwargs(batch, slice(start, start + chunk)), **{inputs.cache: cache}, use_cache=True)
+        total = total + _chunk_loss(out, batch, start, start + chunk)[0]
+        cache = output_cache(out)
+    (total / count_targets(batch["labels"])).backward()
+    kept = {n: p.grad.clone() for n, p in model.named_parameters()}
+    rng_after = torch.get_rng_state()
+    torch.manual_seed(1)
+    _, exact = _grads(model, batch, chunk, "exact")
+    for n in kept:
+        assert_close(n, exact[n], kept[n], 2e-5)
+    assert torch.equal(torch.get_rng_state(), rng_after), "the next micro-batch draws what it would after one forward"
+
+
 def test_moe_aux_loss_under_tbptt_equals_the_whole_rows(monkeypatch):
     """Each chunk added its own load-balancing loss times its inner targets: a regularizer of each chunk's balance
     (not the row's), the boundary targets' weight left out. The chunks now add up to the whole row's aux loss (loss
@@ -570,6 +648,25 @@ def test_chunked_run_matches_whole_row_run(tmp_path):
     (whole, whole_eval), (chunked, chunked_eval) = runs["whole"], runs["chunked"]
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(whole, chunked)), (whole, chunked)
     assert math.isclose(whole_eval, chunked_eval, rel_tol=1e-5)
+
+
+def test_chunks_under_gradient_checkpointing_are_refused_where_the_layers_drop_their_cache(tmp_path):
+    """transformers' checkpointed layers drop the cache in a training forward (use_cache=False, cache=None): rows in
+    chunks failed at the first step, in the model (a mask longer than the chunk) or with a message blaming the model's
+    cache. Now refused before training, naming both fields; zoo models keep their state under checkpointing."""
+    sections = {"data": {"packing": False}, "train": {"max_steps": 1, "tbptt_chunk": 16, "precision": "fp32",
+                                                      "gradient_checkpointing": True},
+                "schedule": {"warmup_steps": 0}}
+    with pytest.raises(ValueError, match=r"train\.gradient_checkpointing: LlamaForCausalLM's layers "
+                                         r"\(LlamaDecoderLayer\) drop their cache.*tbptt_chunk: null"):
+        train(config_from_dict(run_dict(tmp_path / "llama", **sections)))
+    losses = []
+    for checkpointing in (False, True):
+        cfg = config_from_dict(run_dict(tmp_path / f"zoo-{checkpointing}", **_merge(sections, {
+            "model": "configs/models/mamba-tiny.yaml", "model_overrides": {"vocab_size": 260},
+            "train": {"gradient_checkpointing": checkpointing}})))
+        train(cfg, on_step=lambda s, m: losses.append(m["loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
 
 
 def test_resume_of_a_checkpoint_from_before_the_text_keyed_holdout_says_it_is_not_exact(tmp_path, capsys):

@@ -857,7 +857,7 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     Raises:
         TrainingStopped (a KeyboardInterrupt) after saving, when SIGTERM or Ctrl-C stopped the phase.
     """
-    from zoo.train import _StopRequest
+    from zoo.train import _set_torch_rng_state, _StopRequest, _torch_rng_state
 
     t = section.train
     inputs = ModelInputs.of(_unwrap(model))  # a PeftModel's forward hides which fields the model takes
@@ -920,10 +920,12 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     carried = None  # state_passing: the cache of the previous micro-batch
     world = accelerator.num_processes
     completed, updating = start, False
+    step_rng: tuple[int, dict[str, Any]] | None = None
     model.train()
     try:
         with _StopRequest() as stop:
             for step in range(start, t.max_steps):
+                step_rng = (completed, _torch_rng_state())  # for a save interrupted mid-step: the last step's RNG
                 lr = lr_at(step, section)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -982,6 +984,9 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
         if checkpoint is None or updating:  # parameters may be half-updated: keep the last checkpoint
             raise
         optimizer.zero_grad(set_to_none=True)
+        if step_rng is not None and step_rng[0] == completed:  # the unfinished step's LoRA dropout drew from the RNG,
+            # and the resumed run, which redoes that step, drew other masks than an uninterrupted one
+            _set_torch_rng_state(step_rng[1])
         save(completed)
         raise TrainingStopped(checkpoint, completed) from None
     finally:

@@ -15,8 +15,8 @@ torch.compile and gradient checkpointing, fused AdamW on CUDA.
 Long rows (``train.tbptt_chunk``) are trained in chunks with each layer's state carried to the next chunk:
 ``detach`` cuts the graph between chunks (classic truncated BPTT); ``exact`` runs the chunks forward without
 a graph keeping only the states at chunk boundaries, then recomputes them in reverse, each from a leaf copy
-of its initial state, back-propagating the state gradient received from the chunk after it: gradients equal
-to whole-row training in the memory of one chunk.
+of its initial state (and the dropout masks of its first forward), back-propagating the state gradient received from
+the chunk after it: gradients equal to whole-row training in the memory of one chunk.
 
 A run directory holds ``train_config.yaml``, ``run_info.json``, ``metrics.csv``, ``tensorboard/`` and
 ``checkpoints/step_XXXXXXXX/{model/, accelerate/, trainer_state.json}`` (model/ is a ``save_pretrained``
@@ -650,6 +650,19 @@ def count_byte_targets(labels: torch.Tensor) -> int:
     return int(((targets >= 0) & (targets < 256)).sum())
 
 
+def _torch_rng_state() -> dict[str, Any]:
+    """torch's CPU generator state and the current CUDA device's, the ones a training step draws from (dropout); a
+    host-side copy (no device sync), CUDA's only once CUDA is in use (none is started for it)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None}
+
+
+def _set_torch_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def _cache_states(cache) -> list[torch.Tensor]:
     """The tensors a cache carries: `state_tensors()` (zoo), else the keys/values of a transformers cache."""
     if hasattr(cache, "state_tensors"):
@@ -667,6 +680,17 @@ def _load_cache_states(cache, tensors: list[torch.Tensor]) -> None:
         return
     for layer, i in zip(cache.layers, range(0, len(tensors), 2)):
         layer.keys, layer.values = tensors[i], tensors[i + 1]
+
+
+def _cache_dropping_layers(model: nn.Module) -> list[str]:
+    """Class names of the checkpointed layers that drop the cache in a training forward with gradients: transformers'
+    GradientCheckpointingLayer sets use_cache=False and cache=None there, unless the layer only reads it."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return []
+    return sorted({type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)
+                   and m.gradient_checkpointing and not getattr(m, "_can_checkpoint_with_cache", False)})
 
 
 def _detach_cache(cache) -> None:
@@ -844,24 +868,32 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
                 _detach_cache(cache)
         return total
 
-    # exact: boundary caches without a graph, then chunks in reverse from leaf copies of their initial states
+    # exact: boundary caches without a graph, then chunks in reverse from leaf copies of their initial states, each
+    # recomputed from the RNG state its first forward started from (the same dropout masks, as torch's checkpoint does)
     entering: list[Any] = [None]
+    rngs: list[dict[str, Any]] = []
     with torch.no_grad():
         cache = None
         for k in range(len(bounds) - 1):
+            rngs.append(_torch_rng_state())
             out = run(k, cache, labels=False)
             if row_aux is not None:
                 row_aux.record(out, k)
             cache = output_cache(out)
             entering.append(copy.deepcopy(cache))
+    rngs.append(_torch_rng_state())
+    after = None  # the RNG state after the last chunk: where one forward of the chunks in order leaves it
     state_grads: list[torch.Tensor | None] | None = None
     for k in reversed(range(len(bounds))):
         cache, leaves = entering[k], []
         if cache is not None:
             leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in _cache_states(cache)]
             _load_cache_states(cache, leaves)
+        _set_torch_rng_state(rngs[k])
         with ctx(k == 0):
             out = run(k, cache)
+            if after is None:
+                after = _torch_rng_state()
             loss, _ = _chunk_loss(out, batch, *bounds[k])
             if row_aux is not None:
                 if k == len(bounds) - 1:  # the last chunk's counts: from this forward, before any backward
@@ -879,6 +911,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
         total = total + loss.detach()
         state_grads = [leaf.grad if leaf.requires_grad else None for leaf in leaves]
         entering[k] = None  # free the boundary state as soon as it is used
+    _set_torch_rng_state(after)
     return total
 
 
@@ -1310,6 +1343,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        dropping = _cache_dropping_layers(model) if chunk is not None else []
+        if dropping:
+            raise ValueError(f"train.gradient_checkpointing: {type(model).__name__}'s layers ({', '.join(dropping)}) "
+                             f"drop their cache when checkpointed in training (transformers' "
+                             f"GradientCheckpointingLayer), so train.tbptt_chunk={chunk} could carry no state between "
+                             f"chunks; set gradient_checkpointing: false, or tbptt_chunk: null")
     n_params, model_class = count_parameters(model), type(model).__name__
     n_active = active_parameters(model)  # mfu_6n's FLOPs per token follow them
     flops_per_token, mfu_formula, why = mfu_flops_per_token(model, L, chunk)  # once: the rows' length is fixed
@@ -1485,6 +1524,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     # processes agree to stop at the same step: every step's flags are summed on the host (a gloo group: no device
     # sync), read one step later; checked only at log steps, a launcher's SIGTERM met its SIGKILL 30 s on, unsaved
     vote_group, vote = None, None
+    step_rng: tuple[int, dict[str, Any]] | None = None
     if world > 1:
         import torch.distributed as dist
 
@@ -1537,6 +1577,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         try:
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()
+                step_rng = (step, _torch_rng_state())  # for a save interrupted mid-step: the RNG of the step before
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, cfg)
                 micro = [next(batches) for _ in range(accum)]
@@ -1613,6 +1654,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
                                   f"{last_ckpt}")
             else:
                 optimizer.zero_grad(set_to_none=True)
+                if step_rng is not None and step_rng[0] == step:  # the unfinished step's dropout drew from the RNG, and
+                    # the resumed run, which redoes that step, drew other masks than an uninterrupted one
+                    _set_torch_rng_state(step_rng[1])
+                if pending:  # the steps since the last log, as a stop request logs them: the resumed run starts after
+                    log_window(grad_norm, None)
                 accelerator.print(f"interrupted: saving the last completed step {step}")
                 save()
             raise
