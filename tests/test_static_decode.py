@@ -119,6 +119,21 @@ def test_a_step_on_left_padded_static_rows_counts_positions_from_each_first_toke
     assert_close("step logits", out, ref, 1e-5)
 
 
+def test_reordering_left_padded_static_rows_moves_their_pads():
+    """reorder_cache with rows of different padding: each static layer's hidden slots (start) and the cache's pads
+    follow their rows, so a reordered row still hides its own pads and sees its own prompt."""
+    model = tiny("transformerpp")
+    rows = [torch.randint(1, 512, (n,)) for n in (7, 4)]
+    nxt = torch.randint(1, 512, (2, 1))
+    cache, pads = left_padded_static(model, rows)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.pads, pads[[1, 0]])
+    with torch.no_grad():
+        out = model(nxt, past_key_values=cache, position_ids=torch.tensor([[4], [7]])).logits[:, -1]
+        ref = torch.cat([model(torch.cat([rows[r], nxt[i]])[None]).logits[:, -1] for i, r in enumerate((1, 0))])
+    assert_close("step logits after the reorder", out, ref, 1e-5)
+
+
 def test_to_static_below_length_raises():
     model = tiny("transformerpp")
     state = prefill(model, torch.randint(0, 512, (2, 12)))
