@@ -292,6 +292,20 @@ def test_packed_rows_equal_separate_documents(name):
     assert_close("doc b", packed[:, 6:], model(b, use_cache=False).logits, 1e-5)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_rows_packed_by_position_ids_alone_with_one_token_documents(name):
+    """Documents packed by position_ids alone (transformers' DataCollatorWithFlattening): a one-token document is a
+    restart at 0 right after another 0, not a decrease. Each document's logits are its own, the one-token ones
+    included."""
+    model = tiny(name)
+    docs = [torch.randint(0, 512, (1, n)) for n in (1, 1, 5, 1, 4)]
+    position_ids = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1), position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
+    assert_close("packed by position_ids", packed, alone, 1e-5)
+
+
 @pytest.mark.parametrize("name,target,tol", [("mamba", 130e6, 0.03), ("transformerpp", 125e6, 0.03),
                                              ("mamba", 370e6, 0.03), ("transformerpp", 350e6, 0.05)])
 def test_paper_sizes(name, target, tol):
