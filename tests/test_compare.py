@@ -111,6 +111,7 @@ def test_flops_hand_computed():
     row = account(win, [16])["per_length"][0]
     assert row["flops_per_token"] == 2 * (4 * 32 * 32 + 100 * 32) + 4 * (58 / 16) * 4 * 8
     assert row["kv_floats"] == 2 * 4 * 8 * 3  # the window's past keys only (window - 1)
+    assert row["decode_flops_per_token"] == 2 * (4 * 32 * 32 + 100 * 32) + 4 * 4 * 4 * 8  # a step sees 4 keys
 
     # Mamba-1: d=16, d_inner 32, N=4, conv 4, dt_rank ceil(16/16)=1; V=50.
     mb = ZooConfig(vocab_size=50, d_model=16, layers="M", ffn="none",

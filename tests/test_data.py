@@ -125,6 +125,39 @@ def test_chunk_boundaries_never_start_a_document(tok):
             assert row["labels"][a] == IGNORE_INDEX
 
 
+def test_the_pads_that_keep_documents_off_chunk_boundaries_are_no_targets(tok, letter_docs):
+    """Short documents (letter_docs) with chunks of 4 tokens: about one document in four would start on a chunk
+    boundary, so the stream puts a pad before it. No document starts on a boundary, and no pad is a target (the pad
+    is not text: the row never predicts it). The built-in corpus's long files reach a boundary too rarely to show
+    either."""
+    source, _ = letter_docs
+    stream = TextStream(DataConfig(source=source, seq_len=64, holdout=0.0), tok, chunk_len=4)
+    fillers = 0
+    for row, _ in itertools.islice(stream.rows(), 8):
+        starts = {a for a, _ in _segments(row)}
+        assert not starts & set(range(4, 64, 4)), "a document starts on a chunk boundary"
+        pads = row["input_ids"] == tok.pad_token_id
+        fillers += int(pads.sum())
+        assert (row["labels"][pads] == IGNORE_INDEX).all(), "a filler pad is a target"
+    assert fillers >= 4  # the rows needed fillers
+
+
+def test_a_one_document_corpus_repeats_its_document_every_epoch(tok, tmp_path):
+    """Packed training rows over a corpus of one short document: each epoch's copy of it follows the last, from its
+    first token (the offset into the document restarts with the epoch, though the document's number is the same)."""
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": "abcdef"}) + "\n")
+    stream = TextStream(DataConfig(source=str(path), seq_len=16, holdout=0.0), tok)
+    documents = stream._documents
+    stream._documents = lambda state: itertools.islice(documents(state), 8)  # 8 epochs, then the stream ends
+    rows = [row for row, _ in stream.rows()]
+    doc = [tok.bos_token_id, *encode_texts(tok, ["abcdef"])[0].tolist(), tok.eos_token_id]
+    assert len(rows) == 4
+    for row in rows:
+        assert row["input_ids"].tolist() == doc * 2 and row["seq_idx"].tolist() == [0] * 8 + [1] * 8
+
+
 def test_chunks_of_one_token_are_refused_for_packed_rows(tok):
     # every position of a row is a multiple of 1: the pad put before a document was a chunk of its own and the
     # document started the next one, carrying the previous document's state into it

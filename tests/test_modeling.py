@@ -292,6 +292,20 @@ def test_packed_rows_equal_separate_documents(name):
     assert_close("doc b", packed[:, 6:], model(b, use_cache=False).logits, 1e-5)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_rows_packed_by_position_ids_alone_with_one_token_documents(name):
+    """Documents packed by position_ids alone (transformers' DataCollatorWithFlattening): a one-token document is a
+    restart at 0 right after another 0, not a decrease. Each document's logits are its own, the one-token ones
+    included."""
+    model = tiny(name)
+    docs = [torch.randint(0, 512, (1, n)) for n in (1, 1, 5, 1, 4)]
+    position_ids = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1), position_ids=position_ids, use_cache=False).logits
+        alone = torch.cat([model(d, use_cache=False).logits for d in docs], 1)
+    assert_close("packed by position_ids", packed, alone, 1e-5)
+
+
 @pytest.mark.parametrize("name,target,tol", [("mamba", 130e6, 0.03), ("transformerpp", 125e6, 0.03),
                                              ("mamba", 370e6, 0.03), ("transformerpp", 350e6, 0.05)])
 def test_paper_sizes(name, target, tol):
@@ -768,6 +782,29 @@ def test_decoding_after_a_packed_prompt_continues_its_last_document(name):
                        use_cache=True).logits for t in range(2)]
         ref = model(torch.cat([b, more], 1), use_cache=False).logits[:, -2:]
     assert_close("logits after a packed prompt", torch.cat(steps, 1), ref[[1, 1, 0, 0]], 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_repeated_rows_keep_their_own_packing(name):
+    """Two rows packed differently (row 0: documents a, b; row 1: one document), their cache rows repeated as
+    generate repeats them (each row twice in a row) and selected: each copy continues its own row's last document.
+    An attention layer's cached document ids repeated as a whole batch ([r0, r1, r0, r1]) gave a copy of row 0 the
+    ids of row 1."""
+    model = tiny(name)
+    a, b, c = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4)), torch.randint(1, 512, (1, 9))
+    more = torch.randint(1, 512, (2, 2))
+    position_ids = torch.stack([torch.cat([torch.arange(5), torch.arange(4)]), torch.arange(9)])
+    cache = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(torch.cat([torch.cat([a, b], 1), c]), position_ids=position_ids, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(2)
+        cache.batch_select_indices(torch.tensor([3, 1, 2, 0]))  # rows 1, 0, 1, 0
+        rows = [1, 0, 1, 0]
+        steps = [model(more[rows, t:t + 1], position_ids=torch.tensor([[9 + t], [4 + t], [9 + t], [4 + t]]),
+                       past_key_values=cache, use_cache=True).logits for t in range(2)]
+        ref_b = model(torch.cat([b, more[:1]], 1), use_cache=False).logits[:, -2:]
+        ref_c = model(torch.cat([c, more[1:]], 1), use_cache=False).logits[:, -2:]
+    assert_close("logits of repeated rows", torch.cat(steps, 1), torch.cat([ref_c, ref_b, ref_c, ref_b]), 1e-5)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PositionwiseMixer
+from helpers import PositionwiseMixer, assert_close
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
@@ -92,6 +92,46 @@ def test_static_layer_keeps_prompt_keys():
     assert layer.window == 6 and layer.keys.shape[1] % 16 == 0 and layer.keys.shape[1] >= 17
     assert torch.equal(layer.keys[:, 5:10], keys)
     assert int(layer.length) == 10 and layer.seen == 10
+
+
+def left_padded_static(model, rows: list[torch.Tensor]) -> tuple[ZooCache, torch.Tensor]:
+    """The rows left-padded to one length, prefilled with their mask and made static with their pads."""
+    width = max(r.shape[0] for r in rows)
+    pads = torch.tensor([width - r.shape[0] for r in rows])
+    ids = torch.stack([torch.cat([torch.zeros(int(p), dtype=torch.long), r]) for p, r in zip(pads, rows)])
+    mask = (torch.arange(width)[None] >= pads[:, None]).long()
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    return cache.to_static(width + 4, pads=pads), pads
+
+
+def test_a_step_on_left_padded_static_rows_counts_positions_from_each_first_token():
+    """A step on a static cache of left-padded rows (to_static(pads=)) without position_ids: each row's position
+    counts from its first token, as the decoders count it. The model gave every row past + t, its pads counted, so a
+    padded row's RoPE position was off by its padding (logits off by about 1e-3, no error)."""
+    model = tiny("transformerpp")
+    rows = [torch.randint(1, 512, (n,)) for n in (7, 4)]
+    nxt = torch.randint(1, 512, (2, 1))
+    cache, _ = left_padded_static(model, rows)
+    with torch.no_grad():
+        out = model(nxt, past_key_values=cache).logits[:, -1]
+        ref = torch.cat([model(torch.cat([r, n])[None]).logits[:, -1] for r, n in zip(rows, nxt)])
+    assert_close("step logits", out, ref, 1e-5)
+
+
+def test_reordering_left_padded_static_rows_moves_their_pads():
+    """reorder_cache with rows of different padding: each static layer's hidden slots (start) and the cache's pads
+    follow their rows, so a reordered row still hides its own pads and sees its own prompt."""
+    model = tiny("transformerpp")
+    rows = [torch.randint(1, 512, (n,)) for n in (7, 4)]
+    nxt = torch.randint(1, 512, (2, 1))
+    cache, pads = left_padded_static(model, rows)
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(cache.pads, pads[[1, 0]])
+    with torch.no_grad():
+        out = model(nxt, past_key_values=cache, position_ids=torch.tensor([[4], [7]])).logits[:, -1]
+        ref = torch.cat([model(torch.cat([rows[r], nxt[i]])[None]).logits[:, -1] for i, r in enumerate((1, 0))])
+    assert_close("step logits after the reorder", out, ref, 1e-5)
 
 
 def test_to_static_below_length_raises():

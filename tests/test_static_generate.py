@@ -725,6 +725,24 @@ def test_a_prefill_writes_the_kept_step_constants_afresh(family):
             assert torch.equal(got, value), f"{family}: the {name} step constant is the old weights'"
 
 
+@pytest.mark.parametrize("family", ["transformerpp", "jamba"])
+def test_a_kept_decoder_reloaded_with_other_left_padding_decodes_as_a_fresh_one(family):
+    """Two left-padded calls with reuse=True, their rows padded differently: the second reloads the first's decoder
+    (its pads' slots hidden, each row's positions counted from its first token again) and gives a fresh decoder's
+    tokens."""
+    model, ids = context_sensitive(tiny(family)), prompt()
+    first = None
+    for padded in ({0: 3}, {1: 5, 2: 2}):
+        mask = torch.ones_like(ids)
+        for row, pads in padded.items():
+            mask[row, :pads] = 0
+        want = static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=6)
+        got = static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=6, reuse=True)
+        assert torch.equal(got, want), padded
+        first = first or _kept(model)
+        assert _kept(model) is first, "the kept decoder served both calls"
+
+
 def test_a_kept_decoder_is_replaced_when_the_call_needs_another():
     """More tokens than its room, another batch, padding, other sampling settings or a replaced parameter each
     capture anew; an in-place weight update is read by the kept step (its address is unchanged)."""

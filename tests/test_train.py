@@ -1057,6 +1057,27 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
 
 
+def test_grad_accum_weighs_every_target_token_alike_as_one_micro_batch_does(tmp_path):
+    """The step's loss and gradient are a mean over the targets of all its micro-batches: two micro-batches of one
+    row each (a short document, then a long one) train as one micro-batch holding both rows. A step scaled by one
+    micro-batch's targets, or a mean of the micro-batches' means (the short document's few tokens weighing as much as
+    the long one's), logs and trains otherwise."""
+    pytest.importorskip("datasets")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": "ab" * (2 if i % 2 == 0 else 24)}) + "\n" for i in range(40)))
+
+    def losses(name: str, micro_batch_size: int, grad_accum: int) -> list[float]:
+        run = run_dict(tmp_path / name, data={"source": str(docs), "holdout": 0.0, "shuffle": False,
+                                              "packing": False},
+                       train={"max_steps": 3, "micro_batch_size": micro_batch_size, "grad_accum": grad_accum},
+                       schedule={"kind": "constant", "warmup_steps": 0}, log={"every": 1})
+        train(config_from_dict(run))
+        with open(tmp_path / name / "run" / "metrics.csv") as f:
+            return [float(r["loss"]) for r in csv.DictReader(f)]
+
+    assert losses("accumulated", 1, 2) == pytest.approx(losses("one", 2, 1), rel=1e-4)
+
+
 def test_two_processes_train_resume_and_save_under_fsdp2(tmp_path):
     # configs/accelerate/fsdp.yaml (FSDP2 over the Blocks, sharded accelerate state) on two CPU processes, on the
     # MoE hybrid with tied embeddings: a run resumed from its step-2 checkpoint (sharded weights and optimizer) logs the

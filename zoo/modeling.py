@@ -450,6 +450,9 @@ class ZooModel(ZooPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
+                pads = getattr(past_key_values, "pads", None)
+                if pads is not None:  # a static cache of left-padded rows (to_static(pads=)): from each first token
+                    position_ids = position_ids - pads.to(x.device)[:, None]
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
             if x.is_cuda and past == 0 and attention_mask is None and self._has_attention() \
