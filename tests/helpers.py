@@ -126,3 +126,17 @@ def stream_reads(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(datasets.IterableDataset, "__iter__", counted)
     return seen
+
+
+def ctrl_c_on_call(fn, n: int):
+    """fn, wrapped to raise KeyboardInterrupt (a second Ctrl-C) at its n-th call instead of running: a training loop's
+    forward_backward stopped mid-step."""
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapped

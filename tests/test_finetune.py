@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import assert_close, launch_fsdp_on_cpu
+from helpers import assert_close, ctrl_c_on_call, launch_fsdp_on_cpu
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -944,15 +944,9 @@ def test_a_finetune_stopped_by_ctrl_c_mid_step_resumes_with_the_uninterrupted_ru
         return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
 
     whole = run("whole")
-    real, calls = ft.forward_backward, []
-
-    def interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:  # step 3's second micro-batch, after its first one drew dropout masks
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ft, "forward_backward", interrupt)
+    real = ft.forward_backward
+    # the 6th call: step 3's second micro-batch, after its first one drew dropout masks
+    monkeypatch.setattr(ft, "forward_backward", ctrl_c_on_call(real, 6))
     assert run("cut") == 130
     monkeypatch.setattr(ft, "forward_backward", real)
     assert run("cut")["log"] == whole["log"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_close, launch_fsdp_on_cpu, stream_reads
+from helpers import assert_close, ctrl_c_on_call, launch_fsdp_on_cpu, stream_reads
 
 from zoo.data.text import IGNORE_INDEX
 from zoo.train import (
@@ -116,15 +116,9 @@ def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp
     sections = {"model": {"attention_dropout": 0.3}, "train": {"max_steps": 4}}
     full: dict[int, float] = {}
     train(config_from_dict(run_dict(tmp_path / "a", **sections)), on_step=lambda s, m: full.__setitem__(s, m["loss"]))
-    real, calls = zt.forward_backward, []
-
-    def interrupt(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:  # step 3's second micro-batch, after its first one drew dropout masks
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(zt, "forward_backward", interrupt)
+    real = zt.forward_backward
+    # the 6th call: step 3's second micro-batch, after its first one drew dropout masks
+    monkeypatch.setattr(zt, "forward_backward", ctrl_c_on_call(real, 6))
     cfg = config_from_dict(run_dict(tmp_path / "b", **sections))
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
