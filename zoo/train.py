@@ -16,7 +16,9 @@ Long rows (``train.tbptt_chunk``) are trained in chunks with each layer's state 
 ``detach`` cuts the graph between chunks (classic truncated BPTT); ``exact`` runs the chunks forward without
 a graph keeping only the states at chunk boundaries, then recomputes them in reverse, each from a leaf copy
 of its initial state (and the dropout masks of its first forward), back-propagating the state gradient received from
-the chunk after it: gradients equal to whole-row training in the memory of one chunk.
+the chunk after it: gradients equal to whole-row training in the activation memory of one chunk, plus the
+states kept at the boundaries (for an attention layer a boundary cache holds every key before it, so these grow with
+the square of the number of chunks).
 
 A run directory holds ``train_config.yaml``, ``run_info.json``, ``metrics.csv``, ``tensorboard/`` and
 ``checkpoints/step_XXXXXXXX/{model/, accelerate/, trainer_state.json}`` (model/ is a ``save_pretrained``
