@@ -46,6 +46,24 @@ def tiny(name: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-tiny.yaml"))
 
 
+def mqar_finetune_runs(tmp_path: Path, train: dict, lora: dict | None = None, optim: dict | None = None):
+    """A tiny Mamba base saved in tmp_path and an MQAR finetune config of it (train / lora / optim sections on top of
+    the usual ones); returns run(name, *overrides), which runs `zoo finetune` into tmp_path / name."""
+    from zoo.cli import _run
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"progress_bar": False, **train}, "lora": {"r": 4, **(lora or {})},
+              "optim": {"lr": 1e-2, **(optim or {})}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+
+    def run(name: str, *extra: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}", *extra])
+
+    return run
+
+
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     from peft.tuners.lora import LoraLayer
 
@@ -636,19 +654,9 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     from safetensors.torch import load_file
 
     import zoo.finetune as ft
-    from zoo.cli import _run
 
-    tiny("mamba").save_pretrained(tmp_path / "base")
-    config = {"model": str(tmp_path / "base"),
-              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
-              "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "progress_bar": False,
-                        "log_every": 2, "checkpoint_every": 2},
-              "lora": {"r": 4, "dropout": 0.1}, "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
-    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
-
-    def run(name: str, *extra: str):
-        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}", *extra])
-
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "log_every": 2,
+                                        "checkpoint_every": 2}, lora={"dropout": 0.1})
     whole = run("whole")
     real = ft.lr_at
 
@@ -699,14 +707,9 @@ def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch)
     from safetensors.torch import load_file
 
     import zoo.finetune as ft
-    from zoo.cli import _run
 
-    tiny("mamba").save_pretrained(tmp_path / "base")
-    config = {"model": str(tmp_path / "base"),
-              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
-              "train": {"max_steps": 6, "micro_batch_size": 4, "progress_bar": False, "checkpoint_every": 0},
-              "lora": {"r": 4}, "optim": {"lr": 1e-2, "grad_clip": 0}, "schedule": {"warmup_steps": 1}}
-    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 6, "micro_batch_size": 4, "checkpoint_every": 0},
+                             optim={"grad_clip": 0})
     scalers, real_init, real_lr = [], Accelerator.__init__, ft.lr_at
 
     def with_scaler(self, *args, **kwargs):
@@ -718,9 +721,6 @@ def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch)
         if step == 3:
             raise KeyboardInterrupt
         return real_lr(step, section)
-
-    def run(name: str):
-        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
 
     monkeypatch.setattr(Accelerator, "__init__", with_scaler)
     run("whole")
@@ -930,19 +930,9 @@ def test_a_finetune_stopped_by_ctrl_c_mid_step_resumes_with_the_uninterrupted_ru
     step's LoRA dropout had advanced: the resumed run redid that step with other masks than an uninterrupted run. The
     checkpoint now holds the RNG of the step before."""
     import zoo.finetune as ft
-    from zoo.cli import _run
 
-    tiny("mamba").save_pretrained(tmp_path / "base")
-    config = {"model": str(tmp_path / "base"),
-              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
-              "train": {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "progress_bar": False,
-                        "log_every": 1, "checkpoint_every": 0},
-              "lora": {"r": 4, "dropout": 0.1}, "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
-    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
-
-    def run(name: str):
-        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
-
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 2, "grad_accum": 2, "log_every": 1,
+                                        "checkpoint_every": 0}, lora={"dropout": 0.1})
     whole = run("whole")
     real = ft.forward_backward
     # the 6th call: step 3's second micro-batch, after its first one drew dropout masks
