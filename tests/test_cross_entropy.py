@@ -181,12 +181,38 @@ def _check_unsigned_targets():
     assert_close("dlogits of uint8 targets", grad, grad_ref, 1e-6)
 
 
+def _check_confident_targets():
+    """Rows whose target holds p = 1 - 1e-5 ... 1 - 1e-9 of the probability (a model sure of its token), logits at
+    0 and at 30: the backward's p - 1 with p = exp(x - lse) kept |lse| * 2^-24 of it, so the target's gradient was
+    0 or -2e-6 where it is -1e-6 (torch's fp32 softmax - one-hot cancels as well, from 1 - p ~ 1e-7 down). Now it is
+    the other classes' share of the row, to fp32 (bf16: one rounding) of the fp64 gradient; the others' stay so."""
+    vocab, target = 3000, 17
+    rest = torch.randn(vocab, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rest[target] = float("-inf")
+    rows = []
+    for offset in (0.0, 30.0):
+        for eps in (1e-5, 1e-6, 1e-7, 1e-8, 1e-9):  # the target's logit for p(target) = 1 - eps
+            row = rest.clone()
+            row[target] = rest.exp().sum().log() + math.log((1 - eps) / eps)
+            rows.append(row + offset)
+    targets = torch.full((len(rows),), target)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        logits = torch.stack(rows).to(dtype).requires_grad_()
+        (grad,) = torch.autograd.grad(_kernel(logits, targets), logits)
+        exact = logits.detach().double().requires_grad_()
+        (grad_ref,) = torch.autograd.grad(F.cross_entropy(exact, targets), exact)
+        err = ((grad[:, target].double() - grad_ref[:, target]) / grad_ref[:, target]).abs()
+        assert err.max() <= tol, (dtype, err.tolist())
+        assert_close(f"dlogits of confident rows ({dtype})", grad.double(), grad_ref, tol)
+
+
 def _interpreter_main():
     for case in CASES:
         _check(_kernel, *case)
     _check_masked_block()
     _check_bad_targets()
     _check_unsigned_targets()
+    _check_confident_targets()
     print("interpreter: cross-entropy kernels match torch")
 
 
