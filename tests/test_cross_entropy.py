@@ -206,6 +206,23 @@ def _check_confident_targets():
         assert_close(f"dlogits of confident rows ({dtype})", grad.double(), grad_ref, tol)
 
 
+def _check_large_logits():
+    """Rows at 1e4, 1e6 and 3e38 (a diverging run's head; the last row's logits all round to one value): the kernels
+    kept max + log(sum) as one fp32 log-sum-exp, which rounds to |max| * 2^-24, and took the loss and every
+    probability from it (up to 3% off at 1e6; a loss of 0 for the uniform row). Now, as torch, x - max - log(sum)."""
+    vocab = 300
+    noise = torch.randn(3, vocab, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2
+    logits = (noise + torch.tensor([[1e4], [1e6], [3e38]], dtype=torch.float64)).float().requires_grad_()
+    targets = torch.tensor([5, 77, 299])
+    loss = _kernel(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    exact = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(exact, targets)
+    (grad_ref,) = torch.autograd.grad(ref, exact)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+    assert_close("dlogits of large logits", grad.double(), grad_ref, 1e-5)
+
+
 def _interpreter_main():
     for case in CASES:
         _check(_kernel, *case)
@@ -213,6 +230,7 @@ def _interpreter_main():
     _check_bad_targets()
     _check_unsigned_targets()
     _check_confident_targets()
+    _check_large_logits()
     print("interpreter: cross-entropy kernels match torch")
 
 

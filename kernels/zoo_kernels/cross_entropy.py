@@ -7,8 +7,8 @@ kernels cannot without a sync).
 On CUDA with Triton it runs two kernels, one program per row:
 
 - forward: one pass over the row in blocks of BLOCK logits, an online max and sum of exponentials in fp32, the
-  target's logit picked on the way; it keeps each row's log-sum-exp and 1 − p(target), summed over the other
-  classes (2N floats), for the backward;
+  target's logit picked on the way; it keeps each row's max, log of the sum, and 1 − p(target) summed over the
+  other classes (3N floats) for the backward;
 - backward: one pass that writes (softmax − one-hot) · dloss / n in the logits' dtype, the target's entry as
   −(1 − p(target)): a target at p = 1 − 1e-7 keeps fp32's relative precision, where p − 1 would cancel.
 
@@ -35,7 +35,8 @@ BLOCK = 4096  # logits per step of a row's loop (16 fp32 registers per thread at
 if triton is not None:
 
     @triton.jit
-    def _ce_fwd_kernel(x_ptr, t_ptr, loss_ptr, lse_ptr, rest_ptr, stride, V, ignore_index, BLOCK: tl.constexpr):
+    def _ce_fwd_kernel(x_ptr, t_ptr, loss_ptr, max_ptr, log_s_ptr, rest_ptr, stride, V, ignore_index,
+                       BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(t_ptr + row).to(tl.int64)
         base = x_ptr + row * stride
@@ -56,23 +57,27 @@ if triton is not None:
         x_target = tl.sum(picked, 0)
         valid = (target >= 0) & (target < V)
         s = s_rest + tl.where(valid, tl.exp(x_target - tl.where(m == float("-inf"), 0.0, m)), 0.0)
-        lse = m + tl.log(s)
-        tl.store(lse_ptr + row, lse)
-        # 1 - p(target) as the other classes' share: p - 1 from p = exp(x - lse) is off by up to |lse| * 2^-24
+        log_s = tl.log(s)
+        # the max and log(s) apart, as torch's x - max - log(s): their sum (the log-sum-exp) rounds off |max| * 2^-24,
+        # which the loss and every probability took up (at 1e6: 0.03, 3% of a probability; at 3e38 a loss of 0)
+        tl.store(max_ptr + row, m)
+        tl.store(log_s_ptr + row, log_s)
+        # 1 - p(target) as the other classes' share: p - 1 from p = exp(x - lse) would cancel
         # (a target at p = 1 - 1e-6 got a gradient of 0 or -2e-6 at lse ~ 25)
         tl.store(rest_ptr + row, s_rest / s)
         # a target outside [0, V) (not ignore_index): NaN, where torch raises (a check on the host would sync)
-        loss = tl.where(valid, lse - x_target, float("nan"))
+        loss = tl.where(valid, (m - x_target) + log_s, float("nan"))
         tl.store(loss_ptr + row, tl.where(target != ignore_index, loss, 0.0))
 
     @triton.jit
-    def _ce_bwd_kernel(x_ptr, t_ptr, lse_ptr, rest_ptr, g_ptr, dx_ptr, stride, dx_stride, V, ignore_index,
-                       BLOCK: tl.constexpr):
+    def _ce_bwd_kernel(x_ptr, t_ptr, max_ptr, log_s_ptr, rest_ptr, g_ptr, dx_ptr, stride, dx_stride, V,
+                       ignore_index, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         target = tl.load(t_ptr + row).to(tl.int64)
         scale = tl.where((target >= 0) & (target < V), tl.load(g_ptr), float("nan"))  # dloss / n (NaN: bad target)
         scale = tl.where(target != ignore_index, scale, 0.0)  # 0 for an ignored row
-        lse = tl.load(lse_ptr + row)
+        m = tl.load(max_ptr + row)
+        log_s = tl.load(log_s_ptr + row)
         rest = tl.load(rest_ptr + row)  # 1 - p(target)
         base = x_ptr + row * stride
         out = dx_ptr + row * dx_stride
@@ -81,7 +86,7 @@ if triton is not None:
             cols = v0 + offs
             mask = cols < V
             x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            p = tl.exp(x - lse)
+            p = tl.exp((x - m) - log_s)
             grad = tl.where(cols == target, -rest, p) * scale
             tl.store(out + cols, grad.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -97,26 +102,25 @@ class _CrossEntropy(torch.autograd.Function):
         n_rows, vocab = logits.shape
         targets = targets.contiguous()
         loss = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        lse = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
-        rest = torch.empty(n_rows, device=logits.device, dtype=torch.float32)
+        row_max, log_s, rest = torch.empty(3, n_rows, device=logits.device, dtype=torch.float32)
         if n_rows:
-            _ce_fwd_kernel[(n_rows,)](logits, targets, loss, lse, rest, logits.stride(0), vocab, ignore_index,
-                                      BLOCK=BLOCK, num_warps=8)
+            _ce_fwd_kernel[(n_rows,)](logits, targets, loss, row_max, log_s, rest, logits.stride(0), vocab,
+                                      ignore_index, BLOCK=BLOCK, num_warps=8)
         # in int64 as the kernels compare: in uint8, `!= -100` wraps -100 to 156 and drops class 156 from the count
         count = (targets.long() != ignore_index).sum()
-        ctx.save_for_backward(logits, targets, lse, rest, count)
+        ctx.save_for_backward(logits, targets, row_max, log_s, rest, count)
         ctx.ignore_index = ignore_index
         return loss.sum() / count  # nan without a target, as F.cross_entropy's mean
 
     @staticmethod
     def backward(ctx, grad):
-        logits, targets, lse, rest, count = ctx.saved_tensors
+        logits, targets, row_max, log_s, rest, count = ctx.saved_tensors
         n_rows, vocab = logits.shape
         dlogits = torch.empty_like(logits)
         scale = (grad.float() / count).reshape(1)
         if n_rows:
-            _ce_bwd_kernel[(n_rows,)](logits, targets, lse, rest, scale, dlogits, logits.stride(0), dlogits.stride(0),
-                                      vocab, ctx.ignore_index, BLOCK=BLOCK, num_warps=8)
+            _ce_bwd_kernel[(n_rows,)](logits, targets, row_max, log_s, rest, scale, dlogits, logits.stride(0),
+                                      dlogits.stride(0), vocab, ctx.ignore_index, BLOCK=BLOCK, num_warps=8)
         return dlogits, None, None
 
 
