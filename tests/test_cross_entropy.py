@@ -223,6 +223,22 @@ def _check_large_logits():
     assert_close("dlogits of large logits", grad.double(), grad_ref, 1e-5)
 
 
+def _check_second_derivative():
+    """A gradient differentiated again (a gradient penalty, a meta-learning inner step): the kernel's backward wrote
+    its gradient without a graph, so the second derivative lacked the loss's Hessian term, silently. Now the
+    backward under create_graph is torch's, and so is the second derivative."""
+    g = torch.Generator().manual_seed(8)
+    h0 = torch.randn(4, 8, generator=g)
+    weight = torch.randn(8, 10, generator=g, requires_grad=True)
+    targets = torch.tensor([1, 2, -100, 9])
+    results = []
+    for fn in (_kernel, lambda x, t: F.cross_entropy(x, t, ignore_index=-100)):
+        h = h0.clone().requires_grad_()
+        (grad_weight,) = torch.autograd.grad(fn(h @ weight, targets), weight, create_graph=True)
+        results.append(torch.autograd.grad(grad_weight.square().sum(), h)[0])
+    assert_close("second derivative", *results, 1e-6)
+
+
 def _interpreter_main():
     for case in CASES:
         _check(_kernel, *case)
@@ -231,6 +247,7 @@ def _interpreter_main():
     _check_unsigned_targets()
     _check_confident_targets()
     _check_large_logits()
+    _check_second_derivative()
     print("interpreter: cross-entropy kernels match torch")
 
 

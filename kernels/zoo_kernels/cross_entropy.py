@@ -15,7 +15,8 @@ On CUDA with Triton it runs two kernels, one program per row:
 What it saves (a language-model head at 16K tokens and a 50K vocabulary): the fp32 copy of the logits (3.3 GB
 written, then read by log_softmax), log_softmax's fp32 output, NLL's zero-filled fp32 gradient and its cast back to
 bf16; per token it reads the bf16 logits twice and writes their gradient once. Elsewhere (CPU, no Triton, autograd
-through a non-float dtype) it is the torch formula above.
+through a non-float dtype) it is the torch formula above, and so is a backward under create_graph (a second
+derivative needs a gradient with a graph).
 """
 
 from __future__ import annotations
@@ -115,6 +116,10 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         logits, targets, row_max, log_s, rest, count = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph (a second derivative): the torch formula, whose gradient has one
+            with torch.enable_grad():
+                loss = F.cross_entropy(logits.float(), targets.long(), ignore_index=ctx.ignore_index)
+                return torch.autograd.grad(loss, logits, grad, create_graph=True)[0], None, None
         n_rows, vocab = logits.shape
         dlogits = torch.empty_like(logits)
         scale = (grad.float() / count).reshape(1)
