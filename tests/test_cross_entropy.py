@@ -181,12 +181,73 @@ def _check_unsigned_targets():
     assert_close("dlogits of uint8 targets", grad, grad_ref, 1e-6)
 
 
+def _check_confident_targets():
+    """Rows whose target holds p = 1 - 1e-5 ... 1 - 1e-9 of the probability (a model sure of its token), logits at
+    0 and at 30: the backward's p - 1 with p = exp(x - lse) kept |lse| * 2^-24 of it, so the target's gradient was
+    0 or -2e-6 where it is -1e-6 (torch's fp32 softmax - one-hot cancels as well, from 1 - p ~ 1e-7 down). Now it is
+    the other classes' share of the row, to fp32 (bf16: one rounding) of the fp64 gradient; the others' stay so."""
+    vocab, target = 3000, 17
+    rest = torch.randn(vocab, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    rest[target] = float("-inf")
+    rows = []
+    for offset in (0.0, 30.0):
+        for eps in (1e-5, 1e-6, 1e-7, 1e-8, 1e-9):  # the target's logit for p(target) = 1 - eps
+            row = rest.clone()
+            row[target] = rest.exp().sum().log() + math.log((1 - eps) / eps)
+            rows.append(row + offset)
+    targets = torch.full((len(rows),), target)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        logits = torch.stack(rows).to(dtype).requires_grad_()
+        (grad,) = torch.autograd.grad(_kernel(logits, targets), logits)
+        exact = logits.detach().double().requires_grad_()
+        (grad_ref,) = torch.autograd.grad(F.cross_entropy(exact, targets), exact)
+        err = ((grad[:, target].double() - grad_ref[:, target]) / grad_ref[:, target]).abs()
+        assert err.max() <= tol, (dtype, err.tolist())
+        assert_close(f"dlogits of confident rows ({dtype})", grad.double(), grad_ref, tol)
+
+
+def _check_large_logits():
+    """Rows at 1e4, 1e6 and 3e38 (a diverging run's head; the last row's logits all round to one value): the kernels
+    kept max + log(sum) as one fp32 log-sum-exp, which rounds to |max| * 2^-24, and took the loss and every
+    probability from it (up to 3% off at 1e6; a loss of 0 for the uniform row). Now, as torch, x - max - log(sum)."""
+    vocab = 300
+    noise = torch.randn(3, vocab, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * 2
+    logits = (noise + torch.tensor([[1e4], [1e6], [3e38]], dtype=torch.float64)).float().requires_grad_()
+    targets = torch.tensor([5, 77, 299])
+    loss = _kernel(logits, targets)
+    (grad,) = torch.autograd.grad(loss, logits)
+    exact = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(exact, targets)
+    (grad_ref,) = torch.autograd.grad(ref, exact)
+    assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item()), (loss.item(), ref.item())
+    assert_close("dlogits of large logits", grad.double(), grad_ref, 1e-5)
+
+
+def _check_second_derivative():
+    """A gradient differentiated again (a gradient penalty, a meta-learning inner step): the kernel's backward wrote
+    its gradient without a graph, so the second derivative lacked the loss's Hessian term, silently. Now the
+    backward under create_graph is torch's, and so is the second derivative."""
+    g = torch.Generator().manual_seed(8)
+    h0 = torch.randn(4, 8, generator=g)
+    weight = torch.randn(8, 10, generator=g, requires_grad=True)
+    targets = torch.tensor([1, 2, -100, 9])
+    results = []
+    for fn in (_kernel, lambda x, t: F.cross_entropy(x, t, ignore_index=-100)):
+        h = h0.clone().requires_grad_()
+        (grad_weight,) = torch.autograd.grad(fn(h @ weight, targets), weight, create_graph=True)
+        results.append(torch.autograd.grad(grad_weight.square().sum(), h)[0])
+    assert_close("second derivative", *results, 1e-6)
+
+
 def _interpreter_main():
     for case in CASES:
         _check(_kernel, *case)
     _check_masked_block()
     _check_bad_targets()
     _check_unsigned_targets()
+    _check_confident_targets()
+    _check_large_logits()
+    _check_second_derivative()
     print("interpreter: cross-entropy kernels match torch")
 
 
