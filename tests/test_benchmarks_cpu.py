@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import ROOT, load_script
 
-GPU_ONLY = ["argmax", "attention", "conv1d", "decode_attention", "decode_linear", "generate", "gla", "mamba_layers",
-            "mamba_step", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
+GPU_ONLY = ["argmax", "attention", "conv1d", "cross_entropy", "decode_attention", "decode_linear", "generate", "gla",
+            "mamba_layers", "mamba_step", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
             "probe_split_decode", "probe_split_parts", "profile_decode", "scan_split", "selective_scan", "ssd",
             "train_throughput"]
 
