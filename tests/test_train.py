@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import itertools
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1337,6 +1339,16 @@ def test_throughput_and_mfu_count_real_tokens_not_the_pads_of_unpacked_rows(tmp_
         assert math.isclose(float(row["mfu_6n"]), 6 * info["active_params"] * tps / 1e12, rel_tol=1e-4)
 
 
+def _jsonl_folder(tmp_path: Path, parts: int, per_part: int) -> Path:
+    """A folder of jsonl files (a stream's shards, or one table not streamed), documents of three lengths."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for part in range(parts):
+        docs = [f"part {part} document {i} " * (1 + i % 3) for i in range(per_part)]
+        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return folder
+
+
 def test_resume_of_a_streamed_dataset_reads_on_from_the_saved_position(tmp_path, monkeypatch):
     # a streamed dataset's run resumed at document d re-read and skipped d documents (for a large hub corpus, hours
     # of download and tokenizing); the checkpoint now holds datasets' own stream position, and the resumed run reads
@@ -1347,11 +1359,7 @@ def test_resume_of_a_streamed_dataset_reads_on_from_the_saved_position(tmp_path,
     if not _datasets_at_least("3.4"):
         pytest.skip(f"datasets {datasets.__version__} cannot continue a stream from its saved position (3.4+)")
 
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    for part in range(4):
-        docs = [f"part {part} document {i} " * (1 + i % 3) for i in range(14)]
-        (folder / f"part{part}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    folder = _jsonl_folder(tmp_path, parts=4, per_part=14)
     sections = {"data": {"source": str(folder), "streaming": True, "shuffle": False, "holdout": 0.0}}
     full: dict[int, float] = {}
     train(config_from_dict(run_dict(tmp_path / "a", **sections)), on_step=lambda s, m: full.__setitem__(s, m["loss"]))
@@ -1373,3 +1381,81 @@ def test_resume_of_a_streamed_dataset_reads_on_from_the_saved_position(tmp_path,
     assert seen[0] == order[saved["doc"]], "the resumed run starts reading at the saved document"
     # (read ahead, the stream goes on into epoch 1, which reads every document again: only epoch 0's rest is checked)
     assert not set(seen[:len(order) - saved["doc"]]) & set(order[:saved["doc"]]), "no earlier document read again"
+
+
+@pytest.mark.parametrize("streaming", [True, False], ids=["streamed", "indexed"])
+def test_resume_of_a_shuffled_dataset_in_a_later_epoch_trains_on_the_uninterrupted_runs_batches(tmp_path, monkeypatch,
+                                                                                                  streaming):
+    # a shuffled stream cannot continue from datasets' saved position (it saves no shuffle buffer): the resumed run
+    # reads its epoch again from the start and skips the documents before the saved one, saying how many; an indexed
+    # dataset takes the saved document of the epoch's permutation. Either gives every micro-batch (grad_accum 2) of
+    # the uninterrupted run from the saved step on, past the epoch boundaries before and after it
+    pytest.importorskip("datasets")
+    import zoo.train as zt
+
+    folder = _jsonl_folder(tmp_path, parts=3, per_part=6)  # about 3 steps an epoch
+    sections = {"data": {"source": str(folder), "streaming": streaming, "shuffle": True, "shuffle_buffer": 4,
+                         "holdout": 0.0}, "train": {"max_steps": 8}}
+    real = zt.forward_backward
+
+    def reading(into: list[torch.Tensor]):
+        def forward_backward(model, batch, *args, **kwargs):
+            into.append(batch["input_ids"].clone())
+            return real(model, batch, *args, **kwargs)
+        return forward_backward
+
+    full_batches: list[torch.Tensor] = []
+    full: dict[int, float] = {}
+    monkeypatch.setattr(zt, "forward_backward", reading(full_batches))
+    train(config_from_dict(run_dict(tmp_path / "a", **sections)), on_step=lambda s, m: full.__setitem__(s, m["loss"]))
+
+    def interrupt(step, metrics):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
+
+    monkeypatch.setattr(zt, "forward_backward", real)
+    cfg = config_from_dict(run_dict(tmp_path / "b", **sections))
+    assert train(cfg, on_step=interrupt).step == 5
+    saved = json.loads((latest_checkpoint(cfg.output_dir) / "trainer_state.json").read_text())["data_states"][0]
+    assert saved["epoch"] >= 1 and saved["doc"] > 0, saved  # inside a later epoch, past some of its documents
+    batches: list[torch.Tensor] = []
+    resumed: dict[int, float] = {}
+    monkeypatch.setattr(zt, "forward_backward", reading(batches))
+    skipped = rf"at document {saved['doc']} of epoch {saved['epoch']} re-reads and skips {saved['doc']} documents"
+    notice = pytest.warns(UserWarning, match=skipped) if streaming else contextlib.nullcontext()
+    with notice:
+        train(cfg, resume="auto", on_step=lambda s, m: resumed.__setitem__(s, m["loss"]))
+    expected = full_batches[5 * 2:]
+    assert len(batches) == len(expected) == 3 * 2
+    assert all(torch.equal(a, b) for a, b in zip(batches, expected)), "the resumed run read other micro-batches"
+    assert [resumed[s] for s in (6, 7, 8)] == [full[s] for s in (6, 7, 8)], (resumed, full)
+
+
+def test_resume_of_a_shuffled_stream_under_another_datasets_version_says_it_is_not_exact(tmp_path, capsys):
+    # datasets' shuffle buffer orders a stream otherwise across its versions (3.0 and 5.2 do): a resumed run skips the
+    # first documents of its epoch in its own order, not those the run read, and resumed silently. The checkpoint now
+    # records the version, and a resume under another one says so; under the same one, or unshuffled, it is silent.
+    pytest.importorskip("datasets")
+    folder = _jsonl_folder(tmp_path, parts=2, per_part=6)
+
+    def resumed_under_another_version(shuffle: bool) -> str:
+        cfg = config_from_dict(run_dict(tmp_path / str(shuffle), train={"max_steps": 2}, schedule={"warmup_steps": 0},
+                                        data={"source": str(folder), "streaming": True, "shuffle": shuffle,
+                                              "shuffle_buffer": 4, "holdout": 0.0}))
+        train(cfg)
+        capsys.readouterr()
+        cfg.train.max_steps = 3
+        train(cfg, resume="auto")
+        assert "read its shuffled stream with datasets" not in capsys.readouterr().out, "the same version"
+        state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+        state = json.loads(state_path.read_text())
+        state["datasets"] = "2.21.0"
+        state_path.write_text(json.dumps(state))
+        cfg.train.max_steps = 4
+        train(cfg, resume="auto")
+        return capsys.readouterr().out
+
+    out = resumed_under_another_version(shuffle=True)
+    assert re.search(r"read its shuffled stream with datasets 2\.21\.0, this run has \S+, whose shuffle may order "
+                     r"the documents otherwise.*not exact.*pip install 'datasets==2\.21\.0' resumes exactly", out), out
+    assert "read its shuffled stream" not in resumed_under_another_version(shuffle=False), "an unshuffled stream"

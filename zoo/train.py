@@ -24,7 +24,9 @@ A run directory holds ``train_config.yaml``, ``run_info.json``, ``metrics.csv``,
 ``checkpoints/step_XXXXXXXX/{model/, accelerate/, trainer_state.json}`` (model/ is a ``save_pretrained``
 folder with the tokenizer; accelerate/ the optimizer and RNG states), with ``checkpoints/latest`` naming the
 newest. Checkpoints are written to a temporary folder and renamed, so a kill mid-write leaves the previous
-one intact. ``--resume`` continues bit-exactly: same data order, same next losses (on CPU).
+one intact. ``--resume`` continues bit-exactly: same data order, same next losses (on CPU); a shuffled stream only under
+the `datasets` version that wrote the checkpoint (its shuffle buffer draws differently across versions), which
+``--resume`` says otherwise.
 """
 
 from __future__ import annotations
@@ -573,6 +575,21 @@ def _holdout_by_row_before(data) -> bool:
     sources = data.source if isinstance(data.source, list) else [data.source]
     indexed = any(_looks_local(s) for s in sources) or not data.streaming
     return data.holdout > 0 and data.eval_split is None and data.source != "stdlib" and indexed
+
+
+def _shuffle_version(data) -> str | None:
+    """The installed `datasets` version when training reads a shuffled stream (a hub dataset or local folder with
+    data.streaming; local files are indexed), else None: such a stream's order is datasets' shuffle buffer's, which
+    draws differently across its versions (3.0 and 5.2 do)."""
+    from zoo.data.text import _import_datasets, _local_files
+
+    try:
+        local = _local_files(data.source) if data.source != "stdlib" else []
+    except ValueError:  # the stream refuses it when it is built
+        return None
+    if not (data.shuffle and data.streaming and local is None):
+        return None
+    return _import_datasets(data.source).__version__
 
 
 def peak_memory_gib(accelerator, device: torch.device) -> float:
@@ -1147,6 +1164,8 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
                  "data_states": data_states, "holdout_key": "text"}
+        if (version := _shuffle_version(cfg.data)) is not None:  # whose shuffle ordered the stream (see --resume)
+            state["datasets"] = version
         if optimizer is not None:
             state["param_groups"] = [len(g["params"]) for g in optimizer.param_groups]
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -1378,6 +1397,15 @@ def train(cfg: TrainConfig, resume: str | None = None,
                               f"(it was keyed by the row's index for {cfg.data.source!r}): the held-out documents, "
                               f"and the training documents at the saved data position, differ from the run's, so "
                               f"this resume is not exact and may train on documents the run held out")
+        # under another datasets, the documents that a resumed shuffled stream skips (the first of its epoch in its own
+        # order) are not those the run read
+        now = _shuffle_version(cfg.data)
+        if now is not None and state.get("datasets", now) != now:
+            accelerator.print(f"--resume: {start_ckpt} read its shuffled stream with datasets {state['datasets']}, "
+                              f"this run has {now}, whose shuffle may order the documents otherwise: the resumed run "
+                              f"skips the documents before the saved one in its own order, so this resume is not "
+                              f"exact (documents of the epoch may be read twice or not at all); pip install "
+                              f"'datasets=={state['datasets']}' resumes exactly")
         if state["world_size"] != world:
             raise ValueError(f"--resume: {start_ckpt} was written by {state['world_size']} processes, this "
                              f"run has {world}; the data order is per process: resume with the same number")

@@ -287,7 +287,9 @@ class _StreamedDocs:
     position would not give the same documents, resuming re-reads and skips d documents, with a one-line notice:
     a shuffled stream (datasets saves where its shards stand, not its shuffle buffer's content, so the order
     after the resume point would differ), a position saved without one (by an older zoo), or a `datasets`
-    that cannot continue from its saved position (before 3.4).
+    that cannot continue from its saved position (before 3.4). A shuffled stream's order is that of the installed
+    `datasets` (its shuffle buffer draws differently across versions: 3.0 and 5.2 do), so re-reading it resumes
+    exactly only under the version that read it (``zoo train --resume`` says when it is another).
     """
 
     def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int, source: Any = None):
