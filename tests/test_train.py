@@ -922,6 +922,15 @@ def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refuse
     assert not (tmp_path / "run").exists(), "refused before anything is written"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")
+def test_fp16_on_cpu_is_refused_not_trained_in_fp32_under_its_name(tmp_path):
+    # accelerate takes mixed_precision fp16 on CPU without autocast or a grad scaler: the run trained in fp32 (the
+    # same losses as precision fp32) while its banner and run_info.json said fp16
+    with pytest.raises(ValueError, match=r"train\.precision: fp16 has no autocast on cpu .* use bf16"):
+        train(config_from_dict(run_dict(tmp_path, train={"precision": "fp16"})))
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
 def _launch_two(config: Path, *extra: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

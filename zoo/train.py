@@ -106,7 +106,7 @@ class ScheduleConfig:
 class LoopConfig:
     """The ``train:`` section. Tokens per optimizer step = micro_batch_size · data.seq_len · grad_accum ·
     processes; give batch_tokens instead of grad_accum to derive it. precision: auto (bf16 on a GPU that has
-    it, else fp32) | bf16 | fp16 | fp32. tbptt_chunk: train rows in chunks of this many tokens with the
+    it, else fp32) | bf16 | fp16 (GPU only) | fp32. tbptt_chunk: train rows in chunks of this many tokens with the
     state carried (tbptt_mode 'exact' or 'detach', see the module docstring)."""
 
     seed: int = 0
@@ -1297,6 +1297,10 @@ def train(cfg: TrainConfig, resume: str | None = None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
     _refuse_lone_processes(accelerator, out_dir)
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        # accelerate takes fp16 on CPU without autocast or a grad scaler: the run trained in fp32 and said fp16
+        raise ValueError(f"train.precision: fp16 has no autocast on {device.type} (accelerate would train in fp32 "
+                         f"and call it fp16); use bf16 (autocast on CPU too) or fp32")
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate takes FSDP on accelerators only (and several processes): elsewhere it runs the launch as DDP
