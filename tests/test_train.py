@@ -931,6 +931,21 @@ def test_fp16_on_cpu_is_refused_not_trained_in_fp32_under_its_name(tmp_path):
     assert not (tmp_path / "run").exists(), "refused before anything is written"
 
 
+def test_the_launchs_mixed_precision_is_taken_under_auto_and_another_explicit_one_refused(tmp_path, monkeypatch):
+    # `accelerate launch --mixed_precision bf16` (or its config file's mixed_precision) hands the processes
+    # ACCELERATE_MIXED_PRECISION; the Accelerator's argument overrode it, so the launch's bf16 trained in fp32 unsaid
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    train(config_from_dict(run_dict(tmp_path / "auto", train={"max_steps": 3})))
+    assert json.loads((tmp_path / "auto" / "run" / "run_info.json").read_text())["precision"] == "bf16"
+    with pytest.raises(ValueError, match=r"train\.precision: fp32, but the launch asks for bf16"):
+        train(config_from_dict(run_dict(tmp_path / "fp32", train={"max_steps": 3, "precision": "fp32"})))
+    assert not (tmp_path / "fp32").exists(), "refused before anything is written"
+    if not torch.cuda.is_available():  # the launch's fp16 under auto: refused on CPU as train.precision fp16 is
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        with pytest.raises(ValueError, match=r"train\.precision: auto takes the launch's fp16, which has no autocast"):
+            train(config_from_dict(run_dict(tmp_path / "fp16", train={"max_steps": 3})))
+
+
 def _launch_two(config: Path, *extra: str) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}

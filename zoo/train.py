@@ -105,8 +105,9 @@ class ScheduleConfig:
 @dataclass
 class LoopConfig:
     """The ``train:`` section. Tokens per optimizer step = micro_batch_size · data.seq_len · grad_accum ·
-    processes; give batch_tokens instead of grad_accum to derive it. precision: auto (bf16 on a GPU that has
-    it, else fp32) | bf16 | fp16 (GPU only) | fp32. tbptt_chunk: train rows in chunks of this many tokens with the
+    processes; give batch_tokens instead of grad_accum to derive it. precision: auto (the launch's `accelerate
+    launch --mixed_precision` when it names one, else bf16 on a GPU that has it, else fp32) | bf16 | fp16 (GPU
+    only) | fp32; another than the launch's is refused. tbptt_chunk: train rows in chunks of this many tokens with the
     state carried (tbptt_mode 'exact' or 'detach', see the module docstring)."""
 
     seed: int = 0
@@ -1248,6 +1249,22 @@ def _mixed_precision(name: str) -> str:
     return "no" if name == "fp32" else name
 
 
+def _run_precision(name: str) -> str:
+    """accelerate's mixed_precision for train.precision `name`, with the launch's (`accelerate launch
+    --mixed_precision`, or its config file's, in ACCELERATE_MIXED_PRECISION) under 'auto'; a launch that asks for
+    another one than an explicit train.precision is refused (the Accelerator's argument overrides the launch's)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched == "no":
+        return _mixed_precision(name)
+    if name == "auto":
+        return launched
+    if _mixed_precision(name) != launched:
+        raise ValueError(f"train.precision: {name}, but the launch asks for {launched} (accelerate launch "
+                         f"--mixed_precision or its config file); set train.precision: {launched}, or launch "
+                         f"with the precision the run config gives")
+    return launched
+
+
 def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train the whole run") -> None:
     """Raise when a multi-process launch left this process alone: accelerate runs each process of a launch it
     cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`."""
@@ -1291,7 +1308,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     if "csv" in cfg.log.trackers:
         trackers.append(_csv_tracker_class()(out_dir / "metrics.csv"))
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg.train.precision), log_with=trackers or None,
+        mixed_precision=_run_precision(cfg.train.precision), log_with=trackers or None,
         project_dir=str(out_dir),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.train.compile else None,
         step_scheduler_with_optimizer=False)
@@ -1299,8 +1316,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
     _refuse_lone_processes(accelerator, out_dir)
     if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
         # accelerate takes fp16 on CPU without autocast or a grad scaler: the run trained in fp32 and said fp16
-        raise ValueError(f"train.precision: fp16 has no autocast on {device.type} (accelerate would train in fp32 "
-                         f"and call it fp16); use bf16 (autocast on CPU too) or fp32")
+        what = "fp16" if cfg.train.precision == "fp16" else f"{cfg.train.precision} takes the launch's fp16, which"
+        raise ValueError(f"train.precision: {what} has no autocast on {device.type} (accelerate would train in "
+                         f"fp32 and call it fp16); use bf16 (autocast on CPU too) or fp32")
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate takes FSDP on accelerators only (and several processes): elsewhere it runs the launch as DDP
