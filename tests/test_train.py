@@ -922,6 +922,20 @@ def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refuse
     assert not (tmp_path / "run").exists(), "refused before anything is written"
 
 
+def test_accelerate_launch_cpu_with_several_processes_started_alone_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --cpu --num_processes 2` starts one process (its simple launcher, which leaves the others to
+    # mpirun), with ACCELERATE_USE_CPU and MASTER_ADDR set and no WORLD_SIZE: the run trained alone at half the batch
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match=r"processes: `accelerate launch --cpu --num_processes N` started this process "
+                                         r"alone .* configs/accelerate/ddp\.yaml"):
+        train(config_from_dict(run_dict(tmp_path)))
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+    monkeypatch.delenv("MASTER_ADDR")  # `accelerate launch --cpu` (one process) trains
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3})))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")
 def test_fp16_on_cpu_is_refused_not_trained_in_fp32_under_its_name(tmp_path):
     # accelerate takes mixed_precision fp16 on CPU without autocast or a grad scaler: the run trained in fp32 (the

@@ -1267,12 +1267,20 @@ def _run_precision(name: str) -> str:
 
 def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train the whole run") -> None:
     """Raise when a multi-process launch left this process alone: accelerate runs each process of a launch it
-    cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`."""
+    cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`; and
+    `accelerate launch --cpu --num_processes N` starts one process only (it leaves the others to mpirun)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes == 1 and launched > 1:
         raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
                          f"alone (on {accelerator.device.type}), so each would {runs} into {str(out_dir)!r}; "
                          f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    if accelerator.num_processes == 1 and cpu_launch and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # the launcher sets MASTER_ADDR for more than one process only: the run went on alone, at one process's batch
+        raise ValueError(f"processes: `accelerate launch --cpu --num_processes N` started this process alone "
+                         f"(accelerate leaves the others to mpirun), so it would {runs} at one process's batch; "
+                         f"on CPU launch ACCELERATE_USE_CPU=1 accelerate launch --config_file "
+                         f"configs/accelerate/ddp.yaml --num_processes N (gloo), or run one process")
 
 
 def train(cfg: TrainConfig, resume: str | None = None,
