@@ -181,6 +181,15 @@ KILLER = textwrap.dedent("""
 """)
 
 
+def test_latest_names_the_newest_checkpoint(tmp_path):
+    # save_checkpoint's loop over the weights (tied ones stored once) reused the checkpoint's `name`: `latest` held the
+    # last weight's name (lm_head.weight), and latest_checkpoint found the newest by sorting the folders instead
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, checkpoint={"every": 2})))
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     from transformers import AutoModelForCausalLM
 

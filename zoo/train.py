@@ -1139,9 +1139,9 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         # tied weights (lm_head = embeddings) as one tensor, which save_pretrained stores once: FSDP gathers every name
         # into a tensor of its own, and model/ held the embedding twice
         first: dict[int, str] = {}
-        for name, param in unwrapped.named_parameters(remove_duplicate=False):
-            if name in state_dict:
-                state_dict[name] = state_dict[first.setdefault(id(param), name)]
+        for key, param in unwrapped.named_parameters(remove_duplicate=False):
+            if key in state_dict:
+                state_dict[key] = state_dict[first.setdefault(id(param), key)]
         unwrapped.config.add_bos = cfg.data.add_bos  # for zoo generate's prompt (zoo.eval.common.trained_with_bos)
         unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
