@@ -969,11 +969,13 @@ def test_the_launchs_mixed_precision_is_taken_under_auto_and_another_explicit_on
             train(config_from_dict(run_dict(tmp_path / "fp16", train={"max_steps": 3})))
 
 
-def _launch_two(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo)."""
+def _launch_two(config: Path, *extra: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo); with
+    `launcher`, a script that runs scripts/train.py (its first argument) after patching the processes."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "train.py"), str(config), *extra]
+           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), *([str(launcher)] if launcher else []),
+           str(ROOT / "scripts" / "train.py"), str(config), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -1022,6 +1024,40 @@ def test_two_processes_train_and_resume_exactly_under_accelerate_launch(tmp_path
     a = load_file(latest_checkpoint(tmp_path / "full" / "run") / "model" / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "part" / "run") / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after a two-process resume"
+
+
+_SLOW_RANK_1 = """
+import runpy, sys, time
+import accelerate.accelerator as acc
+
+_save = acc.save_accelerator_state
+
+
+def slow(output_dir, *args, **kwargs):  # process 1 writes its part of the accelerate state 3 s late
+    if args[4] == 1:  # process_index
+        time.sleep(3)
+    return _save(output_dir, *args, **kwargs)
+
+
+acc.save_accelerator_state = slow
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_checkpoint_is_published_once_every_process_has_written_its_part(tmp_path):
+    # accelerate's save_state ends without a barrier: the main process renamed the temporary folder into place and
+    # pointed `latest` at it while another process was still writing its RNG state there (that process then failed
+    # on the vanished folder, and the published checkpoint lacked its random_states_1.pkl, so no resume could load it)
+    launcher = tmp_path / "slow_rank_1.py"
+    launcher.write_text(_SLOW_RANK_1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 3})))
+    proc = _launch_two(path, launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = latest_checkpoint(tmp_path / "run") / "accelerate"
+    assert sorted(p.name for p in saved.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
 
 
 def test_two_processes_evaluate_as_many_batches_each(tmp_path):

@@ -1132,6 +1132,7 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()  # every process's files (its RNG state) are in tmp before it is published
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers its shards)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
