@@ -183,6 +183,15 @@ KILLER = textwrap.dedent("""
 """)
 
 
+def test_latest_names_the_newest_checkpoint(tmp_path):
+    # save_checkpoint's loop over the weights (tied ones stored once) reused the checkpoint's `name`: `latest` held the
+    # last weight's name (lm_head.weight), and latest_checkpoint found the newest by sorting the folders instead
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, checkpoint={"every": 2})))
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -924,11 +933,51 @@ def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refuse
     assert not (tmp_path / "run").exists(), "refused before anything is written"
 
 
-def _launch_two(config: Path, *extra: str) -> subprocess.CompletedProcess:
-    """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo)."""
+def test_accelerate_launch_cpu_with_several_processes_started_alone_is_refused(tmp_path, monkeypatch):
+    # `accelerate launch --cpu --num_processes 2` starts one process (its simple launcher, which leaves the others to
+    # mpirun), with ACCELERATE_USE_CPU and MASTER_ADDR set and no WORLD_SIZE: the run trained alone at half the batch
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    with pytest.raises(ValueError, match=r"processes: `accelerate launch --cpu --num_processes N` started this process "
+                                         r"alone .* configs/accelerate/ddp\.yaml"):
+        train(config_from_dict(run_dict(tmp_path)))
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+    monkeypatch.delenv("MASTER_ADDR")  # `accelerate launch --cpu` (one process) trains
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3})))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")
+def test_fp16_on_cpu_is_refused_not_trained_in_fp32_under_its_name(tmp_path):
+    # accelerate takes mixed_precision fp16 on CPU without autocast or a grad scaler: the run trained in fp32 (the
+    # same losses as precision fp32) while its banner and run_info.json said fp16
+    with pytest.raises(ValueError, match=r"train\.precision: fp16 has no autocast on cpu .* use bf16"):
+        train(config_from_dict(run_dict(tmp_path, train={"precision": "fp16"})))
+    assert not (tmp_path / "run").exists(), "refused before anything is written"
+
+
+def test_the_launchs_mixed_precision_is_taken_under_auto_and_another_explicit_one_refused(tmp_path, monkeypatch):
+    # `accelerate launch --mixed_precision bf16` (or its config file's mixed_precision) hands the processes
+    # ACCELERATE_MIXED_PRECISION; the Accelerator's argument overrode it, so the launch's bf16 trained in fp32 unsaid
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    train(config_from_dict(run_dict(tmp_path / "auto", train={"max_steps": 3})))
+    assert json.loads((tmp_path / "auto" / "run" / "run_info.json").read_text())["precision"] == "bf16"
+    with pytest.raises(ValueError, match=r"train\.precision: fp32, but the launch asks for bf16"):
+        train(config_from_dict(run_dict(tmp_path / "fp32", train={"max_steps": 3, "precision": "fp32"})))
+    assert not (tmp_path / "fp32").exists(), "refused before anything is written"
+    if not torch.cuda.is_available():  # the launch's fp16 under auto: refused on CPU as train.precision fp16 is
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        with pytest.raises(ValueError, match=r"train\.precision: auto takes the launch's fp16, which has no autocast"):
+            train(config_from_dict(run_dict(tmp_path / "fp16", train={"max_steps": 3})))
+
+
+def _launch_two(config: Path, *extra: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo); with
+    `launcher`, a script that runs scripts/train.py (its first argument) after patching the processes."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "train.py"), str(config), *extra]
+           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), *([str(launcher)] if launcher else []),
+           str(ROOT / "scripts" / "train.py"), str(config), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -977,6 +1026,40 @@ def test_two_processes_train_and_resume_exactly_under_accelerate_launch(tmp_path
     a = load_file(latest_checkpoint(tmp_path / "full" / "run") / "model" / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "part" / "run") / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after a two-process resume"
+
+
+_SLOW_RANK_1 = """
+import runpy, sys, time
+import accelerate.accelerator as acc
+
+_save = acc.save_accelerator_state
+
+
+def slow(output_dir, *args, **kwargs):  # process 1 writes its part of the accelerate state 3 s late
+    if args[4] == 1:  # process_index
+        time.sleep(3)
+    return _save(output_dir, *args, **kwargs)
+
+
+acc.save_accelerator_state = slow
+script = sys.argv.pop(1)
+sys.argv[0] = script
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_checkpoint_is_published_once_every_process_has_written_its_part(tmp_path):
+    # accelerate's save_state ends without a barrier: the main process renamed the temporary folder into place and
+    # pointed `latest` at it while another process was still writing its RNG state there (that process then failed
+    # on the vanished folder, and the published checkpoint lacked its random_states_1.pkl, so no resume could load it)
+    launcher = tmp_path / "slow_rank_1.py"
+    launcher.write_text(_SLOW_RANK_1)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 3})))
+    proc = _launch_two(path, launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = latest_checkpoint(tmp_path / "run") / "accelerate"
+    assert sorted(p.name for p in saved.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
 
 
 def test_two_processes_evaluate_as_many_batches_each(tmp_path):

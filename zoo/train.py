@@ -107,8 +107,9 @@ class ScheduleConfig:
 @dataclass
 class LoopConfig:
     """The ``train:`` section. Tokens per optimizer step = micro_batch_size · data.seq_len · grad_accum ·
-    processes; give batch_tokens instead of grad_accum to derive it. precision: auto (bf16 on a GPU that has
-    it, else fp32) | bf16 | fp16 | fp32. tbptt_chunk: train rows in chunks of this many tokens with the
+    processes; give batch_tokens instead of grad_accum to derive it. precision: auto (the launch's `accelerate
+    launch --mixed_precision` when it names one, else bf16 on a GPU that has it, else fp32) | bf16 | fp16 (GPU
+    only) | fp32; another than the launch's is refused. tbptt_chunk: train rows in chunks of this many tokens with the
     state carried (tbptt_mode 'exact' or 'detach', see the module docstring)."""
 
     seed: int = 0
@@ -1148,6 +1149,7 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
+    accelerator.wait_for_everyone()  # every process's files (its RNG state) are in tmp before it is published
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers its shards)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -1155,9 +1157,9 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         # tied weights (lm_head = embeddings) as one tensor, which save_pretrained stores once: FSDP gathers every name
         # into a tensor of its own, and model/ held the embedding twice
         first: dict[int, str] = {}
-        for name, param in unwrapped.named_parameters(remove_duplicate=False):
-            if name in state_dict:
-                state_dict[name] = state_dict[first.setdefault(id(param), name)]
+        for key, param in unwrapped.named_parameters(remove_duplicate=False):
+            if key in state_dict:
+                state_dict[key] = state_dict[first.setdefault(id(param), key)]
         unwrapped.config.add_bos = cfg.data.add_bos  # for zoo generate's prompt (zoo.eval.common.trained_with_bos)
         unwrapped.save_pretrained(tmp / "model", state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
@@ -1267,14 +1269,38 @@ def _mixed_precision(name: str) -> str:
     return "no" if name == "fp32" else name
 
 
+def _run_precision(name: str) -> str:
+    """accelerate's mixed_precision for train.precision `name`, with the launch's (`accelerate launch
+    --mixed_precision`, or its config file's, in ACCELERATE_MIXED_PRECISION) under 'auto'; a launch that asks for
+    another one than an explicit train.precision is refused (the Accelerator's argument overrides the launch's)."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched == "no":
+        return _mixed_precision(name)
+    if name == "auto":
+        return launched
+    if _mixed_precision(name) != launched:
+        raise ValueError(f"train.precision: {name}, but the launch asks for {launched} (accelerate launch "
+                         f"--mixed_precision or its config file); set train.precision: {launched}, or launch "
+                         f"with the precision the run config gives")
+    return launched
+
+
 def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train the whole run") -> None:
     """Raise when a multi-process launch left this process alone: accelerate runs each process of a launch it
-    cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`."""
+    cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`; and
+    `accelerate launch --cpu --num_processes N` starts one process only (it leaves the others to mpirun)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes == 1 and launched > 1:
         raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
                          f"alone (on {accelerator.device.type}), so each would {runs} into {str(out_dir)!r}; "
                          f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    if accelerator.num_processes == 1 and cpu_launch and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # the launcher sets MASTER_ADDR for more than one process only: the run went on alone, at one process's batch
+        raise ValueError(f"processes: `accelerate launch --cpu --num_processes N` started this process alone "
+                         f"(accelerate leaves the others to mpirun), so it would {runs} at one process's batch; "
+                         f"on CPU launch ACCELERATE_USE_CPU=1 accelerate launch --config_file "
+                         f"configs/accelerate/ddp.yaml --num_processes N (gloo), or run one process")
 
 
 def train(cfg: TrainConfig, resume: str | None = None,
@@ -1310,12 +1336,17 @@ def train(cfg: TrainConfig, resume: str | None = None,
     if "csv" in cfg.log.trackers:
         trackers.append(_csv_tracker_class()(out_dir / "metrics.csv"))
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg.train.precision), log_with=trackers or None,
+        mixed_precision=_run_precision(cfg.train.precision), log_with=trackers or None,
         project_dir=str(out_dir),
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.train.compile else None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
     _refuse_lone_processes(accelerator, out_dir)
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        # accelerate takes fp16 on CPU without autocast or a grad scaler: the run trained in fp32 and said fp16
+        what = "fp16" if cfg.train.precision == "fp16" else f"{cfg.train.precision} takes the launch's fp16, which"
+        raise ValueError(f"train.precision: {what} has no autocast on {device.type} (accelerate would train in "
+                         f"fp32 and call it fp16); use bf16 (autocast on CPU too) or fp32")
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate takes FSDP on accelerators only (and several processes): elsewhere it runs the launch as DDP
