@@ -235,6 +235,28 @@ def test_generation_config_travels_with_the_checkpoint(tmp_path):
         assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.temperature == 0.6, folder
 
 
+def test_llama_rope_tables_are_transformers_own_at_far_positions():
+    # the zoo took RoPE's inverse frequencies as theta^-(i/Dh), one ulp off transformers' 1/theta^(i/Dh) in some
+    # entries: an angle error growing with the position (cos 4e-3 off at 100k, logits 1.3e-5 off, 60x the error
+    # near 0)
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    source = perturb(LlamaForCausalLM(config))
+    model = from_hf_llama(source)
+    ids = torch.randint(0, VOCAB, (1, 32))
+    far = torch.arange(100_000, 100_032)[None]
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, 32, 32), far)
+    ours = model.model.layers[0].mixer.rope_tables(far)
+    assert torch.equal(ours[0][:, :, 0], cos) and torch.equal(ours[1][:, :, 0], sin)
+    with torch.no_grad():
+        err = (model(ids, position_ids=far).logits - source(ids, position_ids=far, use_cache=False).logits).abs().max()
+    assert err <= 1e-6, f"logits at positions from 100k: max error {err:.3e}"
+
+
 def test_hf_mamba2_grouped_norm_is_what_transformers_computes():
     # transformers' Mamba2 normalized the gated RMSNorm over all of d_inner whatever n_groups was, and per B/C
     # group (as mamba_ssm) from 5.2x on; the import must reproduce the installed version, and the other
