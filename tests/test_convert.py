@@ -326,6 +326,22 @@ def test_jamba_aux_loss_and_router_logits_are_transformers_own():
     assert model(ids, use_cache=False).router_logits is None  # only when asked for, as in transformers
 
 
+def test_jamba_output_router_logits_travels_both_ways():
+    # a Jamba whose config turns output_router_logits on returns its router logits without being asked; the import
+    # and the export dropped the flag, so the converted model returned none (router_logits=None) and its export
+    # none either
+    torch.manual_seed(0)
+    source = perturb(JambaForCausalLM(JambaConfig(**{**HF_SOURCES["hf-jamba"][2]().to_dict(),
+                                                     "output_router_logits": True}))).train()
+    model = from_hf_jamba(source).train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        ref, out = source(ids, labels=ids, use_cache=False), model(ids, labels=ids, use_cache=False)
+    assert out.router_logits is not None and len(out.router_logits) == len(ref.router_logits)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    assert to_hf_jamba(model).config.output_router_logits is True
+
+
 # ---- zoo models exported -------------------------------------------------------------------------------------
 
 JAMBA_STYLE = dict(vocab_size=VOCAB, d_model=32, layers="MMAM", ffn={"type": "swiglu", "hidden": 64},

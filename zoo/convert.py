@@ -494,7 +494,8 @@ def from_hf_jamba(model) -> ZooForCausalLM:
                        moe=moe, tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps,
                        initializer_range=c.initializer_range, rescale_prenorm_residual=False,
                        residual_in_fp32=False,  # transformers' Jamba adds its residual in the model's dtype
-                       max_position_embeddings=c.max_position_embeddings, **_token_ids(c))
+                       max_position_embeddings=c.max_position_embeddings,
+                       output_router_logits=bool(getattr(c, "output_router_logits", False)), **_token_ids(c))
     if [s["ffn"] == "moe" for s in config.layer_specs()] != [n > 1 for n in c.layers_num_experts]:
         raise _unmappable(fmt, "expert_layer_period/offset", (c.expert_layer_period, c.expert_layer_offset),
                           "the expert layers do not follow the zoo's moe.every/offset rule")
@@ -566,7 +567,8 @@ def to_hf_jamba(model: ZooForCausalLM):
                          num_experts_per_tok=top_k, num_experts=n_experts,
                          expert_layer_period=expert_period[0], expert_layer_offset=expert_period[1],
                          attn_layer_period=attn_period[0], attn_layer_offset=attn_period[1],
-                         use_mamba_kernels=False, **extra, **_token_ids(zc))
+                         output_router_logits=bool(zc.output_router_logits), use_mamba_kernels=False, **extra,
+                         **_token_ids(zc))
     state = _rename(_state(model), _jamba_keys(kinds), True, fmt)
     return _build_hf(JambaForCausalLM, config, _jamba_fuse_experts(state), model)
 
