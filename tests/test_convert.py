@@ -2,7 +2,9 @@
 
 Each source is a tiny random model made by its own library (for mamba_ssm, which does not install on CPU, a
 state dict with its key layout and its config dict), saved, converted, and compared: logits within 1e-5 in
-fp32, identical tensors after the round trip, the same greedy tokens.
+fp32, identical tensors after the round trip, the same greedy tokens (left-padded rows, with the cache and
+without), the loss and every parameter's gradient. In fp32: the zoo's scans compute in fp32 whatever the model's
+dtype, and transformers' Jamba experts refuse fp64.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -35,11 +38,17 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 import zoo  # noqa: F401  (registers the Auto classes)
 from zoo import ZooConfig, ZooForCausalLM
 from zoo.convert import (
+    _LLAMA_KEYS,
+    _MAMBA_KEYS,
     UnmappableError,
+    _jamba_fuse_experts,
+    _jamba_keys,
+    _rename,
     convert,
     detect_format,
     from_hf_jamba,
     from_hf_llama,
+    from_hf_mamba,
     from_hf_mamba2,
     from_mamba_ssm,
     hf_mamba2_norm_groups,
@@ -95,6 +104,10 @@ HF_SOURCES = {  # case -> (format, class, config)
     "hf-mamba2": ("hf-mamba2", Mamba2ForCausalLM, lambda: Mamba2Config(
         vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2, head_dim=16, num_heads=4,
         n_groups=2, chunk_size=8)),
+    "hf-mamba2-bias-tied-groups4": ("hf-mamba2", Mamba2ForCausalLM, lambda: Mamba2Config(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, head_dim=8, num_heads=8,
+        n_groups=4, chunk_size=4, use_bias=True, use_conv_bias=False, tie_word_embeddings=True,
+        residual_in_fp32=False, layer_norm_epsilon=1e-6)),
     "hf-llama": ("hf-llama", LlamaForCausalLM, lambda: LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
@@ -130,6 +143,62 @@ def test_hf_source_converts_with_same_logits_generation_and_round_trip(case, tmp
     main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", fmt])
     back = cls.from_pretrained(tmp_path / "back").eval()
     assert_same_tensors(case, back.state_dict(), source.state_dict())
+
+
+IMPORTERS = {"hf-mamba": from_hf_mamba, "hf-mamba2": from_hf_mamba2, "hf-llama": from_hf_llama,
+             "hf-jamba": from_hf_jamba}
+
+
+def grads_as_source(fmt: str, model: ZooForCausalLM) -> dict[str, torch.Tensor]:
+    """The zoo model's parameter gradients under the source format's names (and fused layout)."""
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    if fmt == "hf-jamba":
+        kinds = [spec["type"] for spec in model.config.layer_specs()]
+        return _jamba_fuse_experts(_rename(grads, _jamba_keys(kinds), True, fmt))
+    return _rename(grads, {"hf-mamba": _MAMBA_KEYS, "hf-mamba2": _MAMBA_KEYS, "hf-llama": _LLAMA_KEYS}[fmt], True, fmt)
+
+
+@pytest.mark.parametrize("case", list(HF_SOURCES))
+def test_hf_source_gradients_are_transformers_own(case):
+    # training a converted checkpoint: the loss and the gradient of every parameter are the source's
+    fmt, cls, make_config = HF_SOURCES[case]
+    torch.manual_seed(0)
+    source = perturb(cls(make_config()))
+    model = IMPORTERS[fmt](copy.deepcopy(source))  # (a converted model shares the source's tensors)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    ref, out = source(ids, labels=ids, use_cache=False), model(ids, labels=ids, use_cache=False)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    grads = grads_as_source(fmt, model)
+    theirs = dict(source.named_parameters())
+    assert set(grads) == set(theirs), f"{case}: parameters differ: {sorted(set(grads) ^ set(theirs))[:6]}"
+    for name, p in theirs.items():
+        assert_close(f"{case}: grad of {name}", grads[name], p.grad, 1e-5)
+
+
+@pytest.mark.parametrize("case", list(HF_SOURCES))
+def test_hf_source_greedy_tokens_with_left_padding(case):
+    # rows left-padded by different amounts (and one not), with the cache and without: each row's greedy tokens are
+    # the source's on that row alone. (Not the source's on the padded batch: transformers' Mamba and Mamba-2 zero
+    # the pads' activations, which an in_proj bias or a conv without bias then carries into the real tokens; the
+    # zoo's pads are nothing, its logits the unpadded row's.)
+    fmt, cls, make_config = HF_SOURCES[case]
+    torch.manual_seed(0)
+    source = perturb(cls(make_config()))
+    model = IMPORTERS[fmt](source)
+    ids = torch.randint(3, VOCAB, (3, 7))
+    pads = [3, 1, 0]
+    mask = (torch.arange(7) >= torch.tensor(pads)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    for use_cache in (True, False):
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=use_cache)
+        with torch.no_grad():
+            ours = model.generate(ids, attention_mask=mask, **kwargs)[:, 7:]
+            for row, pad in enumerate(pads):
+                alone = ids[row:row + 1, pad:]
+                theirs = source.generate(alone, attention_mask=torch.ones_like(alone), **kwargs)[0, 7 - pad:]
+                assert torch.equal(ours[row], theirs), f"{case} row {row} cache {use_cache}: {ours[row]} != {theirs}"
 
 
 def test_dtypes_survive_a_round_trip(tmp_path):
