@@ -437,6 +437,38 @@ def test_zoo_model_exports_with_same_logits(fmt):
         assert_logits(fmt, target(ids, use_cache=False).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("fmt", list(EXPORTS))
+def test_zoo_model_round_trips_through_transformers(fmt):
+    # zoo -> transformers -> zoo: the same tensors and the same options, init-only ones included where transformers
+    # has them and reads them right (not rescale_prenorm_residual: test_zoo_export_loads_in_transformers)
+    export, make_config = EXPORTS[fmt]
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(make_config()))
+    exported = export(model)
+    back = IMPORTERS[fmt](exported)
+    assert_same_tensors(fmt, back.state_dict(), model.state_dict())
+    assert export(back).config.to_dict() == exported.config.to_dict()
+    fields = ["vocab_size", "d_model", "norm_eps", "tie_embeddings", "initializer_range"]
+    if fmt in ("hf-mamba", "hf-mamba2"):  # (Llama and Jamba have neither: add the residual in the model's dtype)
+        fields += ["residual_in_fp32"]
+    assert {f: getattr(back.config, f) for f in fields} == {f: getattr(model.config, f) for f in fields}
+
+
+@pytest.mark.parametrize("fmt", list(EXPORTS))
+def test_zoo_export_loads_in_transformers(fmt, tmp_path):
+    # a zoo model (rescale_prenorm_residual on, the zoo's default) exported and loaded by transformers' own
+    # from_pretrained: written with rescale_prenorm_residual true, transformers' Mamba and Mamba-2 divided every
+    # loaded out_proj by sqrt(num_hidden_layers)
+    export, make_config = EXPORTS[fmt]
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(make_config()))
+    assert model.config.rescale_prenorm_residual
+    exported = export(model)
+    exported.save_pretrained(tmp_path)
+    loaded = type(exported).from_pretrained(tmp_path).eval()
+    assert_same_tensors(fmt, loaded.state_dict(), exported.state_dict())
+
+
 UNMAPPABLE_EXPORTS = [
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml"), "inner_norms"),
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"],

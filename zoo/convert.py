@@ -45,6 +45,10 @@ _MAMBA_SSM_EPS = 1e-5  # MixerModel's norm_epsilon and Mamba2's gated-norm eps: 
 _MAMBA_SSM_MLP_MULTIPLE = 128  # GatedMLP rounds hidden_features up to a multiple of this
 # options that choose an implementation at run time, not the function: never block an export
 _RUNTIME_OPTIONS = {"scan_backend", "attn_backend"}
+# transformers' Mamba and Mamba-2 with rescale_prenorm_residual on divide every out_proj by sqrt(num_hidden_layers)
+# in _init_weights, in place, on from_pretrained too: the loaded weights, not only fresh ones. An init-only option,
+# so exports write it off and imports load with it off.
+_RESCALED_ON_LOAD = ("hf-mamba", "hf-mamba2")
 
 
 class UnmappableError(ValueError):
@@ -289,6 +293,7 @@ def to_hf_mamba(model: ZooForCausalLM):
                          num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=zc.norm_eps,
                          expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, use_bias=o["bias"],
                          use_conv_bias=o["conv_bias"], hidden_act="silu", initializer_range=zc.initializer_range,
+                         rescale_prenorm_residual=False,  # (_RESCALED_ON_LOAD)
                          residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank, time_step_scale=o["dt_scale"],
                          time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                          tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
@@ -364,7 +369,8 @@ def to_hf_mamba2(model: ZooForCausalLM):
                           expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, n_groups=m.n_groups,
                           use_bias=o["bias"], use_conv_bias=o["conv_bias"], hidden_act="silu",
                           initializer_range=zc.initializer_range, residual_in_fp32=zc.residual_in_fp32,
-                          time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
+                          rescale_prenorm_residual=False, time_step_min=o["dt_min"],  # (_RESCALED_ON_LOAD)
+                          time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                           time_step_limit=(0.0, float("inf")), chunk_size=m.chunk_size,
                           tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
     return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
