@@ -508,6 +508,24 @@ UNMAPPABLE_IMPORTS = [
     (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         attention_bias=True)), "attention_bias"),
+    # the RoPE variants of Llama 3, YaRN and a pre-5.0 rope_scaling dict (dynamic NTK): plain RoPE only
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})), "llama3"),
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64})), "yarn"),
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        rope_scaling={"type": "dynamic", "factor": 2.0})), "dynamic"),
+    (from_hf_jamba, lambda: JambaForCausalLM(JambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=2, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+        attention_dropout=0.1, use_mamba_kernels=False)), "attention_dropout"),
+    (from_hf_mamba, lambda: MambaForCausalLM(MambaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=8, hidden_act="gelu")), "hidden_act"),
 ]
 
 
