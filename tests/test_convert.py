@@ -201,6 +201,25 @@ def test_hf_source_greedy_tokens_with_left_padding(case):
                 assert torch.equal(ours[row], theirs), f"{case} row {row} cache {use_cache}: {ours[row]} != {theirs}"
 
 
+@pytest.mark.parametrize("fmt", ["hf-mamba", "hf-mamba2"])
+def test_hf_mamba_folder_with_rescale_prenorm_residual_converts_its_weights(fmt, tmp_path):
+    # transformers' from_pretrained divides a Mamba's out_proj by sqrt(num_hidden_layers) when the config turns
+    # rescale_prenorm_residual on (its _init_weights runs on loaded weights too): zoo convert loaded the folder so and
+    # wrote a zoo model 0.15 off the checkpoint's logits
+    _, cls, make_config = HF_SOURCES[fmt]
+    torch.manual_seed(0)
+    config = make_config()
+    config.rescale_prenorm_residual = True
+    source = perturb(cls(config))
+    source.save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo").eval()
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        assert_logits(fmt, model(ids).logits, source(ids, use_cache=False).logits)
+    assert model.config.rescale_prenorm_residual
+
+
 def test_dtypes_survive_a_round_trip(tmp_path):
     torch.manual_seed(0)
     source = perturb(MambaForCausalLM(HF_SOURCES["hf-mamba"][2]())).to(torch.bfloat16)

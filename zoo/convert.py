@@ -821,14 +821,19 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         return from_mamba_ssm(*load_mamba_ssm(folder))
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    off = {"rescale_prenorm_residual": False} if fmt in _RESCALED_ON_LOAD else {}
     source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
-                                                                           output_loading_info=True)
+                                                                           output_loading_info=True, **off)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or ())
         if keys:  # transformers would initialize missing weights at random and drop unexpected ones
             raise UnmappableError(f"{fmt}: {folder} does not fit {_HF_CLASSES[fmt]}: {kind.replace('_', ' ')} "
                                   f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
-    return _IMPORTERS[fmt](source)
+    model = _IMPORTERS[fmt](source)
+    if off:  # the folder's own value, for the zoo's init (which never touches loaded weights)
+        saved = json.loads((Path(folder) / "config.json").read_text()).get("rescale_prenorm_residual", False)
+        model.config.rescale_prenorm_residual = bool(saved)
+    return model
 
 
 def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None, to_format: str | None = None,
