@@ -100,7 +100,9 @@ HF_SOURCES = {  # case -> (format, class, config)
         vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)),
     "hf-mamba-bias-untied": ("hf-mamba", MambaForCausalLM, lambda: MambaConfig(
         vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
-        time_step_rank=5, use_bias=True, use_conv_bias=False, layer_norm_epsilon=1e-6, tie_word_embeddings=False)),
+        time_step_rank=5, use_bias=True, use_conv_bias=False, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+        time_step_scale=2.0, time_step_min=0.01, time_step_max=0.2, time_step_floor=1e-3, residual_in_fp32=False,
+        initializer_range=0.05)),
     "hf-mamba2": ("hf-mamba2", Mamba2ForCausalLM, lambda: Mamba2Config(
         vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2, head_dim=16, num_heads=4,
         n_groups=2, chunk_size=8)),
@@ -143,6 +145,15 @@ def test_hf_source_converts_with_same_logits_generation_and_round_trip(case, tmp
     main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", fmt])
     back = cls.from_pretrained(tmp_path / "back").eval()
     assert_same_tensors(case, back.state_dict(), source.state_dict())
+    # the config too, init-only options (time steps, initializer_range) included; Jamba's layer periods may come
+    # back as the shortest that places the same layers
+    skip = {"_name_or_path", "dtype", "transformers_version", "attn_layer_period", "attn_layer_offset",
+            "expert_layer_period", "expert_layer_offset"}
+    theirs, ours = source.config.to_dict(), back.config.to_dict()
+    assert {k: v for k, v in ours.items() if k not in skip} == {k: v for k, v in theirs.items() if k not in skip}
+    if fmt == "hf-jamba":
+        assert back.config.layers_block_type == source.config.layers_block_type
+        assert back.config.layers_num_experts == source.config.layers_num_experts
 
 
 IMPORTERS = {"hf-mamba": from_hf_mamba, "hf-mamba2": from_hf_mamba2, "hf-llama": from_hf_llama,
