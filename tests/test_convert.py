@@ -2,7 +2,9 @@
 
 Each source is a tiny random model made by its own library (for mamba_ssm, which does not install on CPU, a
 state dict with its key layout and its config dict), saved, converted, and compared: logits within 1e-5 in
-fp32, identical tensors after the round trip, the same greedy tokens.
+fp32, identical tensors after the round trip, the same greedy tokens (left-padded rows, with the cache and
+without), the loss and every parameter's gradient. In fp32: the zoo's scans compute in fp32 whatever the model's
+dtype, and transformers' Jamba experts refuse fp64.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -35,11 +38,17 @@ from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer
 import zoo  # noqa: F401  (registers the Auto classes)
 from zoo import ZooConfig, ZooForCausalLM
 from zoo.convert import (
+    _LLAMA_KEYS,
+    _MAMBA_KEYS,
     UnmappableError,
+    _jamba_fuse_experts,
+    _jamba_keys,
+    _rename,
     convert,
     detect_format,
     from_hf_jamba,
     from_hf_llama,
+    from_hf_mamba,
     from_hf_mamba2,
     from_mamba_ssm,
     hf_mamba2_norm_groups,
@@ -91,10 +100,16 @@ HF_SOURCES = {  # case -> (format, class, config)
         vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)),
     "hf-mamba-bias-untied": ("hf-mamba", MambaForCausalLM, lambda: MambaConfig(
         vocab_size=VOCAB, hidden_size=32, state_size=4, num_hidden_layers=2, expand=2, conv_kernel=3,
-        time_step_rank=5, use_bias=True, use_conv_bias=False, layer_norm_epsilon=1e-6, tie_word_embeddings=False)),
+        time_step_rank=5, use_bias=True, use_conv_bias=False, layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+        time_step_scale=2.0, time_step_min=0.01, time_step_max=0.2, time_step_floor=1e-3, residual_in_fp32=False,
+        initializer_range=0.05)),
     "hf-mamba2": ("hf-mamba2", Mamba2ForCausalLM, lambda: Mamba2Config(
         vocab_size=VOCAB, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2, head_dim=16, num_heads=4,
         n_groups=2, chunk_size=8)),
+    "hf-mamba2-bias-tied-groups4": ("hf-mamba2", Mamba2ForCausalLM, lambda: Mamba2Config(
+        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2, head_dim=8, num_heads=8,
+        n_groups=4, chunk_size=4, use_bias=True, use_conv_bias=False, tie_word_embeddings=True,
+        residual_in_fp32=False, layer_norm_epsilon=1e-6)),
     "hf-llama": ("hf-llama", LlamaForCausalLM, lambda: LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
@@ -130,6 +145,90 @@ def test_hf_source_converts_with_same_logits_generation_and_round_trip(case, tmp
     main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", fmt])
     back = cls.from_pretrained(tmp_path / "back").eval()
     assert_same_tensors(case, back.state_dict(), source.state_dict())
+    # the config too, init-only options (time steps, initializer_range) included; Jamba's layer periods may come
+    # back as the shortest that places the same layers
+    skip = {"_name_or_path", "dtype", "transformers_version", "attn_layer_period", "attn_layer_offset",
+            "expert_layer_period", "expert_layer_offset"}
+    theirs, ours = source.config.to_dict(), back.config.to_dict()
+    assert {k: v for k, v in ours.items() if k not in skip} == {k: v for k, v in theirs.items() if k not in skip}
+    if fmt == "hf-jamba":
+        assert back.config.layers_block_type == source.config.layers_block_type
+        assert back.config.layers_num_experts == source.config.layers_num_experts
+
+
+IMPORTERS = {"hf-mamba": from_hf_mamba, "hf-mamba2": from_hf_mamba2, "hf-llama": from_hf_llama,
+             "hf-jamba": from_hf_jamba}
+
+
+def grads_as_source(fmt: str, model: ZooForCausalLM) -> dict[str, torch.Tensor]:
+    """The zoo model's parameter gradients under the source format's names (and fused layout)."""
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    if fmt == "hf-jamba":
+        kinds = [spec["type"] for spec in model.config.layer_specs()]
+        return _jamba_fuse_experts(_rename(grads, _jamba_keys(kinds), True, fmt))
+    return _rename(grads, {"hf-mamba": _MAMBA_KEYS, "hf-mamba2": _MAMBA_KEYS, "hf-llama": _LLAMA_KEYS}[fmt], True, fmt)
+
+
+@pytest.mark.parametrize("case", list(HF_SOURCES))
+def test_hf_source_gradients_are_transformers_own(case):
+    # training a converted checkpoint: the loss and the gradient of every parameter are the source's
+    fmt, cls, make_config = HF_SOURCES[case]
+    torch.manual_seed(0)
+    source = perturb(cls(make_config()))
+    model = IMPORTERS[fmt](copy.deepcopy(source))  # (a converted model shares the source's tensors)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    ref, out = source(ids, labels=ids, use_cache=False), model(ids, labels=ids, use_cache=False)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    ref.loss.backward()
+    out.loss.backward()
+    grads = grads_as_source(fmt, model)
+    theirs = dict(source.named_parameters())
+    assert set(grads) == set(theirs), f"{case}: parameters differ: {sorted(set(grads) ^ set(theirs))[:6]}"
+    for name, p in theirs.items():
+        assert_close(f"{case}: grad of {name}", grads[name], p.grad, 1e-5)
+
+
+@pytest.mark.parametrize("case", list(HF_SOURCES))
+def test_hf_source_greedy_tokens_with_left_padding(case):
+    # rows left-padded by different amounts (and one not), with the cache and without: each row's greedy tokens are
+    # the source's on that row alone. (Not the source's on the padded batch: transformers' Mamba and Mamba-2 zero
+    # the pads' activations, which an in_proj bias or a conv without bias then carries into the real tokens; the
+    # zoo's pads are nothing, its logits the unpadded row's.)
+    fmt, cls, make_config = HF_SOURCES[case]
+    torch.manual_seed(0)
+    source = perturb(cls(make_config()))
+    model = IMPORTERS[fmt](source)
+    ids = torch.randint(3, VOCAB, (3, 7))
+    pads = [3, 1, 0]
+    mask = (torch.arange(7) >= torch.tensor(pads)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    for use_cache in (True, False):
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=use_cache)
+        with torch.no_grad():
+            ours = model.generate(ids, attention_mask=mask, **kwargs)[:, 7:]
+            for row, pad in enumerate(pads):
+                alone = ids[row:row + 1, pad:]
+                theirs = source.generate(alone, attention_mask=torch.ones_like(alone), **kwargs)[0, 7 - pad:]
+                assert torch.equal(ours[row], theirs), f"{case} row {row} cache {use_cache}: {ours[row]} != {theirs}"
+
+
+@pytest.mark.parametrize("fmt", ["hf-mamba", "hf-mamba2"])
+def test_hf_mamba_folder_with_rescale_prenorm_residual_converts_its_weights(fmt, tmp_path):
+    # transformers' from_pretrained divides a Mamba's out_proj by sqrt(num_hidden_layers) when the config turns
+    # rescale_prenorm_residual on (its _init_weights runs on loaded weights too): zoo convert loaded the folder so and
+    # wrote a zoo model 0.15 off the checkpoint's logits
+    _, cls, make_config = HF_SOURCES[fmt]
+    torch.manual_seed(0)
+    config = make_config()
+    config.rescale_prenorm_residual = True
+    source = perturb(cls(config))
+    source.save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "zoo").eval()
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        assert_logits(fmt, model(ids).logits, source(ids, use_cache=False).logits)
+    assert model.config.rescale_prenorm_residual
 
 
 def test_dtypes_survive_a_round_trip(tmp_path):
@@ -235,6 +334,28 @@ def test_generation_config_travels_with_the_checkpoint(tmp_path):
         assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.temperature == 0.6, folder
 
 
+def test_llama_rope_tables_are_transformers_own_at_far_positions():
+    # the zoo took RoPE's inverse frequencies as theta^-(i/Dh), one ulp off transformers' 1/theta^(i/Dh) in some
+    # entries: an angle error growing with the position (cos 4e-3 off at 100k, logits 1.3e-5 off, 60x the error
+    # near 0)
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=131072,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    source = perturb(LlamaForCausalLM(config))
+    model = from_hf_llama(source)
+    ids = torch.randint(0, VOCAB, (1, 32))
+    far = torch.arange(100_000, 100_032)[None]
+    cos, sin = LlamaRotaryEmbedding(config)(torch.zeros(1, 32, 32), far)
+    ours = model.model.layers[0].mixer.rope_tables(far)
+    assert torch.equal(ours[0][:, :, 0], cos) and torch.equal(ours[1][:, :, 0], sin)
+    with torch.no_grad():
+        err = (model(ids, position_ids=far).logits - source(ids, position_ids=far, use_cache=False).logits).abs().max()
+    assert err <= 1e-6, f"logits at positions from 100k: max error {err:.3e}"
+
+
 def test_hf_mamba2_grouped_norm_is_what_transformers_computes():
     # transformers' Mamba2 normalized the gated RMSNorm over all of d_inner whatever n_groups was, and per B/C
     # group (as mamba_ssm) from 5.2x on; the import must reproduce the installed version, and the other
@@ -304,6 +425,22 @@ def test_jamba_aux_loss_and_router_logits_are_transformers_own():
     assert model(ids, use_cache=False).router_logits is None  # only when asked for, as in transformers
 
 
+def test_jamba_output_router_logits_travels_both_ways():
+    # a Jamba whose config turns output_router_logits on returns its router logits without being asked; the import
+    # and the export dropped the flag, so the converted model returned none (router_logits=None) and its export
+    # none either
+    torch.manual_seed(0)
+    source = perturb(JambaForCausalLM(JambaConfig(**{**HF_SOURCES["hf-jamba"][2]().to_dict(),
+                                                     "output_router_logits": True}))).train()
+    model = from_hf_jamba(source).train()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        ref, out = source(ids, labels=ids, use_cache=False), model(ids, labels=ids, use_cache=False)
+    assert out.router_logits is not None and len(out.router_logits) == len(ref.router_logits)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-5)
+    assert to_hf_jamba(model).config.output_router_logits is True
+
+
 # ---- zoo models exported -------------------------------------------------------------------------------------
 
 JAMBA_STYLE = dict(vocab_size=VOCAB, d_model=32, layers="MMAM", ffn={"type": "swiglu", "hidden": 64},
@@ -328,6 +465,38 @@ def test_zoo_model_exports_with_same_logits(fmt):
     ids = torch.randint(0, model.config.vocab_size, (2, 13))
     with torch.no_grad():
         assert_logits(fmt, target(ids, use_cache=False).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("fmt", list(EXPORTS))
+def test_zoo_model_round_trips_through_transformers(fmt):
+    # zoo -> transformers -> zoo: the same tensors and the same options, init-only ones included where transformers
+    # has them and reads them right (not rescale_prenorm_residual: test_zoo_export_loads_in_transformers)
+    export, make_config = EXPORTS[fmt]
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(make_config()))
+    exported = export(model)
+    back = IMPORTERS[fmt](exported)
+    assert_same_tensors(fmt, back.state_dict(), model.state_dict())
+    assert export(back).config.to_dict() == exported.config.to_dict()
+    fields = ["vocab_size", "d_model", "norm_eps", "tie_embeddings", "initializer_range"]
+    if fmt in ("hf-mamba", "hf-mamba2"):  # (Llama and Jamba have neither: add the residual in the model's dtype)
+        fields += ["residual_in_fp32"]
+    assert {f: getattr(back.config, f) for f in fields} == {f: getattr(model.config, f) for f in fields}
+
+
+@pytest.mark.parametrize("fmt", list(EXPORTS))
+def test_zoo_export_loads_in_transformers(fmt, tmp_path):
+    # a zoo model (rescale_prenorm_residual on, the zoo's default) exported and loaded by transformers' own
+    # from_pretrained: written with rescale_prenorm_residual true, transformers' Mamba and Mamba-2 divided every
+    # loaded out_proj by sqrt(num_hidden_layers)
+    export, make_config = EXPORTS[fmt]
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(make_config()))
+    assert model.config.rescale_prenorm_residual
+    exported = export(model)
+    exported.save_pretrained(tmp_path)
+    loaded = type(exported).from_pretrained(tmp_path).eval()
+    assert_same_tensors(fmt, loaded.state_dict(), exported.state_dict())
 
 
 UNMAPPABLE_EXPORTS = [
@@ -369,6 +538,24 @@ UNMAPPABLE_IMPORTS = [
     (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         attention_bias=True)), "attention_bias"),
+    # the RoPE variants of Llama 3, YaRN and a pre-5.0 rope_scaling dict (dynamic NTK): plain RoPE only
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})), "llama3"),
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 64})), "yarn"),
+    (from_hf_llama, lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        rope_scaling={"type": "dynamic", "factor": 2.0})), "dynamic"),
+    (from_hf_jamba, lambda: JambaForCausalLM(JambaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=2, attn_layer_period=2, attn_layer_offset=1, mamba_d_state=8,
+        attention_dropout=0.1, use_mamba_kernels=False)), "attention_dropout"),
+    (from_hf_mamba, lambda: MambaForCausalLM(MambaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, state_size=8, hidden_act="gelu")), "hidden_act"),
 ]
 
 

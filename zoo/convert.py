@@ -45,6 +45,10 @@ _MAMBA_SSM_EPS = 1e-5  # MixerModel's norm_epsilon and Mamba2's gated-norm eps: 
 _MAMBA_SSM_MLP_MULTIPLE = 128  # GatedMLP rounds hidden_features up to a multiple of this
 # options that choose an implementation at run time, not the function: never block an export
 _RUNTIME_OPTIONS = {"scan_backend", "attn_backend"}
+# transformers' Mamba and Mamba-2 with rescale_prenorm_residual on divide every out_proj by sqrt(num_hidden_layers)
+# in _init_weights, in place, on from_pretrained too: the loaded weights, not only fresh ones. An init-only option,
+# so exports write it off and imports load with it off.
+_RESCALED_ON_LOAD = ("hf-mamba", "hf-mamba2")
 
 
 class UnmappableError(ValueError):
@@ -289,6 +293,7 @@ def to_hf_mamba(model: ZooForCausalLM):
                          num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=zc.norm_eps,
                          expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, use_bias=o["bias"],
                          use_conv_bias=o["conv_bias"], hidden_act="silu", initializer_range=zc.initializer_range,
+                         rescale_prenorm_residual=False,  # (_RESCALED_ON_LOAD)
                          residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank, time_step_scale=o["dt_scale"],
                          time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                          tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
@@ -364,7 +369,8 @@ def to_hf_mamba2(model: ZooForCausalLM):
                           expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, n_groups=m.n_groups,
                           use_bias=o["bias"], use_conv_bias=o["conv_bias"], hidden_act="silu",
                           initializer_range=zc.initializer_range, residual_in_fp32=zc.residual_in_fp32,
-                          time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
+                          rescale_prenorm_residual=False, time_step_min=o["dt_min"],  # (_RESCALED_ON_LOAD)
+                          time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
                           time_step_limit=(0.0, float("inf")), chunk_size=m.chunk_size,
                           tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
     return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
@@ -494,7 +500,8 @@ def from_hf_jamba(model) -> ZooForCausalLM:
                        moe=moe, tie_embeddings=c.tie_word_embeddings, norm_eps=c.rms_norm_eps,
                        initializer_range=c.initializer_range, rescale_prenorm_residual=False,
                        residual_in_fp32=False,  # transformers' Jamba adds its residual in the model's dtype
-                       max_position_embeddings=c.max_position_embeddings, **_token_ids(c))
+                       max_position_embeddings=c.max_position_embeddings,
+                       output_router_logits=bool(getattr(c, "output_router_logits", False)), **_token_ids(c))
     if [s["ffn"] == "moe" for s in config.layer_specs()] != [n > 1 for n in c.layers_num_experts]:
         raise _unmappable(fmt, "expert_layer_period/offset", (c.expert_layer_period, c.expert_layer_offset),
                           "the expert layers do not follow the zoo's moe.every/offset rule")
@@ -566,7 +573,8 @@ def to_hf_jamba(model: ZooForCausalLM):
                          num_experts_per_tok=top_k, num_experts=n_experts,
                          expert_layer_period=expert_period[0], expert_layer_offset=expert_period[1],
                          attn_layer_period=attn_period[0], attn_layer_offset=attn_period[1],
-                         use_mamba_kernels=False, **extra, **_token_ids(zc))
+                         output_router_logits=bool(zc.output_router_logits), use_mamba_kernels=False, **extra,
+                         **_token_ids(zc))
     state = _rename(_state(model), _jamba_keys(kinds), True, fmt)
     return _build_hf(JambaForCausalLM, config, _jamba_fuse_experts(state), model)
 
@@ -813,14 +821,19 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         return from_mamba_ssm(*load_mamba_ssm(folder))
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    off = {"rescale_prenorm_residual": False} if fmt in _RESCALED_ON_LOAD else {}
     source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
-                                                                           output_loading_info=True)
+                                                                           output_loading_info=True, **off)
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(kind) or ())
         if keys:  # transformers would initialize missing weights at random and drop unexpected ones
             raise UnmappableError(f"{fmt}: {folder} does not fit {_HF_CLASSES[fmt]}: {kind.replace('_', ' ')} "
                                   f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
-    return _IMPORTERS[fmt](source)
+    model = _IMPORTERS[fmt](source)
+    if off:  # the folder's own value, for the zoo's init (which never touches loaded weights)
+        saved = json.loads((Path(folder) / "config.json").read_text()).get("rescale_prenorm_residual", False)
+        model.config.rescale_prenorm_residual = bool(saved)
+    return model
 
 
 def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None, to_format: str | None = None,
