@@ -38,6 +38,20 @@ def test_a_yaml_config_with_an_unknown_or_mistyped_field_is_refused_by_name(tmp_
         assert name in str(e.value)
 
 
+@pytest.mark.parametrize("text, what", [("", "an empty file"), ("# only a comment\n", "an empty file"),
+                                        ("- d_model\n", "list")])
+def test_a_model_yaml_without_a_mapping_of_fields_is_refused(tmp_path, text, what):
+    # an empty model YAML (a file saved before it was written) built the default 768-wide model, and a comparison
+    # naming it compared that model, without a word
+    with pytest.raises(ValueError, match=rf"model.yaml: expected a YAML mapping of config fields, got {what}"):
+        zoo.ZooConfig.from_yaml(_yaml(tmp_path, text))
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"models:\n  m: {_yaml(tmp_path, text)}\n")
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError, match=r"models\.m: '.*model.yaml' does not hold a mapping of config fields"):
+        resolve_models(cfg, folder)
+
+
 def test_every_shipped_model_config_loads_and_hf_fields_are_accepted(tmp_path):
     for path in sorted((ROOT / "configs" / "models").glob("*.yaml")):
         zoo.ZooConfig.from_yaml(path)
