@@ -177,6 +177,20 @@ def test_an_interrupted_train_exits_130(monkeypatch):
     assert e.value.code == 130
 
 
+def test_train_resume_without_a_config_names_the_runs_own(tmp_path, capsys):
+    # `zoo train --resume runs/demo` (as --resume's help reads: a run directory) said only that config is required
+    # (the usage shows it optional); the run directory keeps the config it was started with
+    (tmp_path / "train_config.yaml").write_text("model: mamba-tiny.yaml\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"(to continue that run: zoo train {tmp_path / 'train_config.yaml'} --resume " \
+                                 f"{tmp_path})" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(tmp_path / "nowhere")])
+    assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: config")
+
+
 @pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1"),
                                            (["--lr", "-1"], "--lr must be > 0")])  # AdamW's message named no option
 def test_demo_refuses_impossible_options(capsys, args, message):
