@@ -38,6 +38,20 @@ def test_a_yaml_config_with_an_unknown_or_mistyped_field_is_refused_by_name(tmp_
         assert name in str(e.value)
 
 
+@pytest.mark.parametrize("text, what", [("", "an empty file"), ("# only a comment\n", "an empty file"),
+                                        ("- d_model\n", "list")])
+def test_a_model_yaml_without_a_mapping_of_fields_is_refused(tmp_path, text, what):
+    # an empty model YAML (a file saved before it was written) built the default 768-wide model, and a comparison
+    # naming it compared that model, without a word
+    with pytest.raises(ValueError, match=rf"model.yaml: expected a YAML mapping of config fields, got {what}"):
+        zoo.ZooConfig.from_yaml(_yaml(tmp_path, text))
+    path = tmp_path / "compare.yaml"
+    path.write_text(f"models:\n  m: {_yaml(tmp_path, text)}\n")
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError, match=r"models\.m: '.*model.yaml' does not hold a mapping of config fields"):
+        resolve_models(cfg, folder)
+
+
 def test_every_shipped_model_config_loads_and_hf_fields_are_accepted(tmp_path):
     for path in sorted((ROOT / "configs" / "models").glob("*.yaml")):
         zoo.ZooConfig.from_yaml(path)
@@ -161,6 +175,20 @@ def test_an_interrupted_train_exits_130(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", str(ROOT / "configs" / "train" / "demo.yaml")])
     assert e.value.code == 130
+
+
+def test_train_resume_without_a_config_names_the_runs_own(tmp_path, capsys):
+    # `zoo train --resume runs/demo` (as --resume's help reads: a run directory) said only that config is required
+    # (the usage shows it optional); the run directory keeps the config it was started with
+    (tmp_path / "train_config.yaml").write_text("model: mamba-tiny.yaml\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"(to continue that run: zoo train {tmp_path / 'train_config.yaml'} --resume " \
+                                 f"{tmp_path})" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--resume", str(tmp_path / "nowhere")])
+    assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: config")
 
 
 @pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1"),

@@ -267,6 +267,19 @@ def test_a_count_below_one_is_refused_by_option(command, option, value, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command, option, value", [
+    ("synthetic", "--seq-lens", "64,abc"), ("synthetic", "--n-kv", "4,x"), ("passkey", "--lengths", "1K,2KB"),
+    ("passkey", "--depths", "0,half"),
+])
+def test_a_comma_list_with_a_non_number_is_refused_by_option(command, option, value, tmp_path, capsys):
+    """--seq-lens abc ended in "invalid literal for int() with base 10: 'abc'", naming neither the option nor the
+    forms it takes, after the model had loaded: now argparse's error naming the option, before loading."""
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), option, value, "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument {option}: expected a comma list of" in err and repr(value) in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_evaluators_refuse_no_rows():
     from zoo.eval import evaluate_passkey, evaluate_synthetic
     from zoo.eval.common import load_model

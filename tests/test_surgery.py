@@ -107,13 +107,16 @@ def test_hybrid_trains(base, donor):
     (("AMAM", "donor", [0]), "donor_layers"),
     (("AMAM", "narrow"), "d_model"),
     (("ANAN", "fresh-A"), "'A' means keep"),  # it built the layer's spec but copied the base's weights into it
-], ids=["length", "no-donor", "letter", "donor-layers", "width", "fresh-keep-letter"])
+    (("AAAA", "fresh"), "'N' is no letter of the pattern 'AAAA'"),  # it wrote the base back, the mixer dropped
+], ids=["length", "no-donor", "letter", "donor-layers", "width", "fresh-keep-letter", "fresh-unused"])
 def test_bad_surgery_is_a_named_error(base, donor, args, message):
     narrow = perturbed(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", d_model=32), 2)
     pattern, *rest = args
     kwargs = {}
     if rest == ["fresh-A"]:
         rest, kwargs["mixers"] = [], FRESH | {"A": {"type": "attention", "n_heads": 2}}
+    if rest == ["fresh"]:
+        rest, kwargs["mixers"] = [], FRESH
     if rest:
         kwargs["donor"] = donor if rest[0] == "donor" else narrow
     if len(rest) > 1:

@@ -936,9 +936,10 @@ def _find(path: str, folder: Path, where: str) -> Path:
 
 def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     if isinstance(spec, str):
-        data = yaml.safe_load(_find(spec, folder, where).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{where}: {spec!r} does not hold a mapping of config fields")
+        data = yaml.safe_load(_find(spec, folder, where).read_text())
+        if not isinstance(data, dict):  # an empty file too: it compared the default 768-wide model
+            raise ValueError(f"{where}: {spec!r} does not hold a mapping of config fields"
+                             f"{' (an empty file)' if data is None else ''}")
         return data
     if isinstance(spec, dict):
         return copy.deepcopy(spec)

@@ -428,9 +428,10 @@ class ZooConfig(PreTrainedConfig):
 
         path = find_config(path, "models")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a YAML mapping of config fields")
+            data = yaml.safe_load(f)
+        if not isinstance(data, dict):  # an empty file too: it built the default 768-wide model without a word
+            raise ValueError(f"{path}: expected a YAML mapping of config fields, got "
+                             f"{'an empty file' if data is None else type(data).__name__}")
         data.update(overrides)
         cls.check_fields(data, f"{path}: ")
         return cls(**data)

@@ -1746,7 +1746,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and args.resume is not None and Path(args.resume).suffix in (".yaml", ".yml"):
         args.config, args.resume = args.resume, "auto"  # `--resume CONFIG`: the flag took the config as its DIR
     if args.config is None:
-        parser.error("the following arguments are required: config")
+        saved = Path(args.resume or "") / "train_config.yaml"  # a run or checkpoint directory keeps its config
+        hint = f" (to continue that run: zoo train {saved} --resume {args.resume})" if args.resume and \
+            saved.is_file() else ""
+        parser.error(f"the following arguments are required: config{hint}")
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --section.field=value")

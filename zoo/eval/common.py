@@ -373,6 +373,17 @@ def parse_list(text: str, kind=int) -> list:
     return values
 
 
+def number_list(text: str, kind=int) -> list:
+    """``parse_list`` as an argparse type (--seq-lens, --n-kv, --lengths; ``kind=float`` for --depths): an item that
+    is not a number is refused with argparse's one-line error naming the option (int()'s own message named neither
+    the option nor the forms it takes)."""
+    try:
+        return parse_list(text, kind)
+    except ValueError:
+        forms = "integers such as 64,2^8,4K" if kind is int else "numbers such as 0,0.25,1"
+        raise argparse.ArgumentTypeError(f"expected a comma list of {forms}, got {text!r}") from None
+
+
 def positive_int(text: str) -> int:
     """``parse_int`` for a count or size on the command line (rows, batch, chunk, tokens): below 1 is refused with
     argparse's one-line error naming the option (0 rows divided by zero, a 0 batch or chunk stalled a range)."""

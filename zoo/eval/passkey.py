@@ -28,7 +28,7 @@ from zoo.eval.common import (
     markdown_table,
     model_device,
     model_fingerprint,
-    parse_list,
+    number_list,
     positive_int,
     pyplot,
     resume,
@@ -336,9 +336,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="zoo eval passkey", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
     parser.add_argument("--tokenizer", default=None, help="path / hub id, or 'byte' (default: the model's)")
-    parser.add_argument("--lengths", default="1K,2K,4K,8K",
+    parser.add_argument("--lengths", type=number_list, default="1K,2K,4K,8K",
                         help="comma list of prompt lengths in tokens (default 1K,2K,4K,8K)")
-    parser.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+    parser.add_argument("--depths", type=lambda text: number_list(text, float), default="0,0.25,0.5,0.75,1",
                         help="comma list of needle depths in [0, 1] (default 0,0.25,0.5,0.75,1)")
     parser.add_argument("--n-samples", type=positive_int, default=5, help="prompts per cell (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="of the passkeys (default 0)")
@@ -372,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_json({"rows": result["rows"], "samples": result["samples"], "model": args.model, "config": config},
                    out / "passkey.json")
 
-    result = evaluate_passkey(model, tokenizer, parse_list(args.lengths), parse_list(args.depths, float),
+    result = evaluate_passkey(model, tokenizer, args.lengths, args.depths,
                               args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
                               progress=True, on_cell=save, done=done)
     result["model"] = args.model

@@ -28,6 +28,7 @@ from zoo.eval.common import (
     markdown_table,
     model_device,
     model_fingerprint,
+    number_list,
     parse_list,
     positive_int,
     pyplot,
@@ -307,8 +308,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="zoo eval synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
     parser.add_argument("--task", default="mqar", choices=sorted(TASKS), help="the task (default mqar)")
-    parser.add_argument("--seq-lens", default=None, help="comma list; 2^k and 4K forms accepted")
-    parser.add_argument("--n-kv", default=None, help="comma list of key-value pairs (mqar) or tokens to copy")
+    parser.add_argument("--seq-lens", type=number_list, default=None, help="comma list; 2^k and 4K forms accepted")
+    parser.add_argument("--n-kv", type=number_list, default=None,
+                        help="comma list of key-value pairs (mqar) or tokens to copy")
     parser.add_argument("--n-samples", type=positive_int, default=256, help="rows per cell (default 256)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward (default 64)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED,
@@ -326,8 +328,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     default_lens = {"mqar": "64,128,256", "selective_copying": "4096", "induction_heads": "2^6,2^8,2^10"}
-    seq_lens = parse_list(args.seq_lens or default_lens[args.task])
-    n_kv = parse_list(args.n_kv) if args.n_kv else None
+    seq_lens = args.seq_lens if args.seq_lens is not None else parse_list(default_lens[args.task])
+    n_kv = args.n_kv or None
     task_kwargs = {}
     if args.vocab_size is not None:
         task_kwargs["vocab_size"] = args.vocab_size
