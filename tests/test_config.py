@@ -116,6 +116,9 @@ BAD = [
     ("unknown-mixer-names-its-field", dict(layers="MX", mixers={"M": {"type": "mamba"}, "X": {"type": "lstm"}}),
      "mixers.X.type: unknown mixer 'lstm'"),
     ("unknown-per-layer-mixer", dict(layers=[{"type": "mamba"}, {"type": "lstm"}]), "layers[1].type: unknown mixer"),
+    # a spare letter no layer uses: its type was never checked (a misspelling passed until a pattern took it)
+    ("unknown-mixer-of-an-unused-letter", dict(layers="MM", mixers={"M": {"type": "mamba"}, "X": {"type": "mambo"}}),
+     "mixers.X.type: unknown mixer 'mambo'"),
     ("mixer-type-not-a-string", dict(layers=[{"type": 3}]), "layers[0].type: expected a mixer name"),
     ("ffn-a-list", dict(ffn=[1]), "ffn: expected"),
     ("ffn-a-number", dict(ffn=5), "ffn: expected"),

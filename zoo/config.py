@@ -395,6 +395,16 @@ class ZooConfig(PreTrainedConfig):
             except ValueError as e:
                 raise ValueError(f"{at}.type: {e}") from None
             check_mixer_options(cls, spec, self.d_model, at, where)
+        used = set(pattern) if pattern is not None else set()
+        for letter, spec in (self.mixers or {}).items():
+            # a letter no layer uses: its options are checked when a pattern takes it, its type now (a misspelled
+            # type in a base config's spare entry passed until a pattern used it)
+            if letter in used or not isinstance(spec["type"], str) or is_dotted_path(spec["type"]):
+                continue
+            try:
+                get_mixer(spec["type"])
+            except ValueError as e:
+                raise ValueError(f"mixers.{letter}.type: {e}") from None
         if self.moe is not None and not any(spec["ffn"] == "moe" for spec in specs):
             moe = self.moe_spec()
             raise ValueError(f"moe: none of the {len(specs)} layers gets experts (a layer does when its index % "
