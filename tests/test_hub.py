@@ -142,8 +142,10 @@ def test_saving_over_a_folder_leaves_no_stale_weights(tmp_path, first, second):
     old, new = tiny("mamba"), tiny("mamba2")
     save_model_folder(old, tmp_path / "m", "byte", max_shard_size=first)
     (tmp_path / "m" / "notes.txt").write_text("mine")
+    (tmp_path / "m" / "model.safetensors.bak").write_text("mine")  # named like weights, but not a weight file
     save_model_folder(new, tmp_path / "m", "byte", max_shard_size=second)
     names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert "model.safetensors.bak" in names
     sharded = second == "200KB"
     assert ("model.safetensors" in names) != sharded and ("model.safetensors.index.json" in names) == sharded
     assert "notes.txt" in names and not any(n.startswith(".") for n in (p.name for p in tmp_path.iterdir()))
@@ -176,3 +178,22 @@ def test_a_folder_under_home_given_with_a_tilde_loads(tmp_path, monkeypatch):
     loaded, tokenizer = load_model_folder("~/model")
     assert isinstance(tokenizer, ByteTokenizer) and isinstance(load_folder_tokenizer("~/model"), ByteTokenizer)
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_tokenizer_fills_only_unset_special_ids_and_fits_exactly(tmp_path):
+    # the ids the model already has stay (a config's eos, a generation config's extra eos ids); the tokenizer
+    # fills the rest; a tokenizer of exactly vocab_size tokens fits, one token more does not
+    tok = ByteTokenizer()
+    with pytest.raises(ValueError, match="vocab_size"):
+        save_model_folder(tiny("mamba", vocab_size=len(tok) - 1), tmp_path / "small", tok)
+    model = tiny("mamba", vocab_size=len(tok))
+    model.config.eos_token_id = 5
+    model.generation_config = GenerationConfig(eos_token_id=[5, 7])
+    save_model_folder(model, tmp_path / "m", tok)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    generation = GenerationConfig.from_pretrained(tmp_path / "m")
+    assert config["eos_token_id"] == 5 and config["pad_token_id"] == tok.pad_token_id
+    assert generation.eos_token_id == [5, 7] and generation.pad_token_id == tok.pad_token_id
+    # a folder whose tokenizer is in tokenizer_config.json without tokenizer.json still has one
+    (tmp_path / "m" / "tokenizer.json").unlink()
+    assert isinstance(load_folder_tokenizer(tmp_path / "m"), ByteTokenizer)

@@ -63,8 +63,10 @@ def test_grafted_layers_equal_their_sources(base, donor):
 def test_keep_all_is_the_base_and_sources_are_untouched(base, donor):
     before = {k: v.clone() for k, v in donor.state_dict().items()}
     ids = torch.randint(0, 512, (2, 10))
+    kept = graft(base, "AAAA")
+    assert not kept.training  # the base's mode (an eval base gave a hybrid in train mode, dropout on)
     with torch.no_grad():
-        assert torch.equal(graft(base, "AAAA").eval()(ids).logits, base(ids).logits)
+        assert torch.equal(kept(ids).logits, base(ids).logits)
     hybrid = graft(base, "MMMM", donor, mixer_norm="donor")
     with torch.no_grad():
         for p in hybrid.parameters():
@@ -75,13 +77,18 @@ def test_keep_all_is_the_base_and_sources_are_untouched(base, donor):
 
 
 def test_fresh_mixers_replace_attention(base):
+    torch.manual_seed(0)
     hybrid = graft(base, "ANAN", mixers=FRESH, seed=3).eval()
+    after = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3), after), "graft(seed=) must leave the caller's RNG where it was"
     again = graft(base, "ANAN", mixers=FRESH, seed=3)
     assert same(hybrid, again), "the seed must fix the fresh mixers"
     assert [s["type"] for s in hybrid.config.layer_specs()] == ["attention", "mamba2", "attention", "mamba2"]
     assert not same(hybrid, graft(base, "ANAN", mixers=FRESH, seed=4))
     assert same(hybrid.model.layers[0], base.model.layers[0]) and same(hybrid.model.layers[1].ffn,
                                                                        base.model.layers[1].ffn)
+    assert same(hybrid.model.layers[1].norm, base.model.layers[1].norm)  # a fresh mixer keeps the base's norm
 
 
 def test_hybrid_trains(base, donor):
@@ -125,6 +132,23 @@ def test_bad_surgery_is_a_named_error(base, donor, args, message):
         graft(base, pattern, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs,message", [
+    ({"donor_layers": [3, -1]}, r"index -1 \(for layer 3\) is outside the donor's 4 layers"),
+    ({"donor_layers": [3, 4]}, r"index 4 \(for layer 3\) is outside the donor's 4 layers"),
+    ({"mixers": {"M": FRESH["N"]}}, "'M' means the donor's mixer"),
+    ({"pattern": "AAAA", "donor": None, "donor_layers": [0]}, "donor_layers: given without a donor"),
+    ({"donor": "other-eps", "mixer_norm": "donor"}, r"mixer_norm: 'donor' needs equal norm_eps \(donor 0.001"),
+], ids=["negative-layer", "layer-past-end", "fresh-M-with-donor", "layers-without-donor", "donor-norm-eps"])
+def test_bad_donor_choices_are_named_errors(base, donor, kwargs, message):
+    # without each check the graft went on: a KeyError or IndexError of the donor's layers, a fresh 'M' instead of
+    # the donor's, donor_layers ignored, the donor's norm used with the base's epsilon
+    kwargs = {"donor": donor} | kwargs
+    if kwargs["donor"] == "other-eps":
+        kwargs["donor"] = perturbed(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", norm_eps=1e-3), 2)
+    with pytest.raises(ValueError, match=message):
+        graft(base, kwargs.pop("pattern", "AMAM"), **kwargs)
+
+
 def test_cli_grafts_transformers_checkpoints(tmp_path):
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
@@ -143,8 +167,12 @@ def test_cli_grafts_transformers_checkpoints(tmp_path):
     # a bf16 base with an fp32 donor: the hybrid is fp32 (nothing rounded) unless --dtype asks for the base's
     llama.to(torch.bfloat16).save_pretrained(tmp_path / "llama16")
     for dtype, expected in (("auto", torch.float32), ("bfloat16", torch.bfloat16)):
-        main([str(tmp_path / f"hybrid-{dtype}"), "--base", str(tmp_path / "llama16"), "--donor",
-              str(tmp_path / "mamba"), "--pattern", "AMAM", f"--dtype={dtype}"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            main([str(tmp_path / f"hybrid-{dtype}"), "--base", str(tmp_path / "llama16"), "--donor",
+                  str(tmp_path / "mamba"), "--pattern", "AMAM", f"--dtype={dtype}"])
+        # the widening warning's advice (cast with --dtype) only where --dtype was not given
+        assert sum("graft: the hybrid is" in str(w.message) for w in caught) == (dtype == "auto"), dtype
         saved = AutoModelForCausalLM.from_pretrained(tmp_path / f"hybrid-{dtype}", dtype="auto")
         assert next(saved.parameters()).dtype == expected, dtype
         # Mamba's A_log and D stay fp32 in the file too, as from_pretrained keeps them (--dtype cast them)
@@ -163,9 +191,11 @@ def test_graft_keeps_the_base_generation_config(base, donor):
     base.generation_config = GenerationConfig(eos_token_id=[2, 7], do_sample=True, top_p=0.9)
     try:
         generation = graft(base, "AMAM", donor).generation_config
+        assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.top_p == 0.9
+        generation.top_p = 0.5  # a copy: the hybrid's settings are not the base's
+        assert base.generation_config.top_p == 0.9
     finally:
         base.generation_config = GenerationConfig.from_model_config(base.config)
-    assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.top_p == 0.9
 
 
 def test_cli_max_shard_size_in_bytes(tmp_path):
@@ -196,6 +226,8 @@ def test_mixers_file_that_does_not_exist_is_named(tmp_path):
     (tmp_path / "mixers.yaml").write_text("M: {type: mamba, d_state: 8}\n")
     assert _read_mixers(str(tmp_path / "mixers.yaml")) == {"M": {"type": "mamba", "d_state": 8}}
     assert _read_mixers("{M: {type: mamba}}") == {"M": {"type": "mamba"}}  # inline YAML as before
+    (tmp_path / "model.yaml").write_text("d_model: 64\nmixers: {M: {type: mamba, d_state: 8}}\n")  # a model config
+    assert _read_mixers(str(tmp_path / "model.yaml")) == {"M": {"type": "mamba", "d_state": 8}}
 
 
 def test_an_fp32_donor_is_not_rounded_to_a_bf16_base(base, donor):
@@ -215,6 +247,13 @@ def test_an_fp32_donor_is_not_rounded_to_a_bf16_base(base, donor):
         warnings.simplefilter("error")
         assert graft(base, "AMAM", copy.deepcopy(donor).to(torch.bfloat16)).dtype == torch.float32
         assert graft(base16, "AAAA", donor).dtype == torch.bfloat16  # nothing grafted: the base's dtype
+        # a bf16 donor keeps A_log and D in fp32 (as from_pretrained loads it): they do not widen the hybrid
+        donor16 = copy.deepcopy(donor).to(torch.bfloat16)
+        donor16.keep_fp32_parameters()
+        assert graft(base16, "AMAM", donor16).dtype == torch.bfloat16
+    # a fresh Mamba in a bf16 hybrid keeps A_log and D in fp32, as from_pretrained would
+    fresh = graft(base16, "ANAN", mixers={"N": {"type": "mamba", "d_state": 8}})
+    assert fresh.dtype == torch.bfloat16 and fresh.model.layers[1].mixer.A_log.dtype == torch.float32
 
 
 @pytest.mark.parametrize("spec,message", [

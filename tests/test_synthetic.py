@@ -91,6 +91,8 @@ def test_mqar_random_non_queries_keeps_structure():
 def test_mqar_validation():
     with pytest.raises(ValueError, match="4 \\* n_kv"):
         mqar_batch(2, 64, 17)
+    with pytest.raises(ValueError, match="4 \\* n_kv"):  # one short of 4 * n_kv: fewer query slots than keys
+        mqar_batch(2, 63, 16)
     with pytest.raises(ValueError, match="fewer than n_kv"):
         mqar_batch(2, 256, 8, vocab_size=16)
     # no pair to recall (a RuntimeError from multinomial / topk before) and a gap law that is no distribution
@@ -100,6 +102,18 @@ def test_mqar_validation():
     for power_a in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="power_a=.* must be > 0 and finite"):
             mqar_batch(2, 64, 4, vocab_size=64, power_a=power_a)
+
+
+def test_mqar_small_vocabulary_uses_each_half_whole():
+    # keys are [1, vocab // 2) (0 is the filler) and values [vocab // 2, vocab): with 4 of 4 keys and 4 of 5 values
+    # every row has the keys 1..4, and the top value 9 appears
+    x = mqar_batch(64, 16, 4, vocab_size=10, generator=gen(9))["input_ids"]
+    assert (x[:, 0:8:2].sort(1).values == torch.arange(1, 5)).all()
+    values = x[:, 1:8:2]
+    assert ((values >= 5) & (values <= 9)).all() and (values == 9).any()
+    # random filler is uniform over the whole vocabulary, 0 included (Zoology's random_non_queries)
+    noisy = mqar_batch(64, 64, 4, vocab_size=10, random_non_queries=True, generator=gen(9))["input_ids"]
+    assert (noisy[:, 8:] == 0).any()
 
 
 def test_mqar_gap_law_holds_for_large_exponents():
@@ -128,6 +142,8 @@ def test_mqar_rows_past_torch_multinomials_category_limit(monkeypatch):
     weights = torch.tensor([5.0, 1.0, 0.0, 2.0, 8.0, 0.5, 3.0, 0.0, 1.5, 4.0], dtype=torch.float64)
     below = synthetic.sample_without_replacement(weights, 20000, 3, gen(11))
     assert torch.equal(below, real(weights.expand(20000, 10), 3, replacement=False, generator=gen(11)))
+    monkeypatch.setattr(synthetic, "_MULTINOMIAL_MAX_CATEGORIES", 10, raising=False)  # at the limit: the same draws
+    assert torch.equal(synthetic.sample_without_replacement(weights, 20000, 3, gen(11)), below)
 
     def multinomial(p, *args, **kwargs):
         if p.shape[-1] > 64:
@@ -189,6 +205,8 @@ def test_selective_copying_defaults_and_spread():
         selective_copying_batch(2, 32, 16)
     with pytest.raises(ValueError, match="n_tokens=0 must be >= 1"):  # rows with no answer: 0/0 accuracy before
         selective_copying_batch(2, 32, 0)
+    with pytest.raises(ValueError, match="vocab_size=2 must be >= 3"):  # no data token between noise and marker
+        selective_copying_batch(2, 32, 4, vocab_size=2)
 
 
 # ---------------------------------------------------------------- induction heads
@@ -212,6 +230,13 @@ def test_induction_heads_layout(seq_len):
         assert first.min() < 400 and first.max() > 3600
 
 
+def test_induction_heads_validation():
+    with pytest.raises(ValueError, match="seq_len=3 must be >= 4"):
+        induction_heads_batch(2, 3)
+    with pytest.raises(ValueError, match="vocab_size=2 must be >= 3"):  # one token besides the trigger: no recall
+        induction_heads_batch(2, 16, vocab_size=2)
+
+
 # ---------------------------------------------------------------- dataset / dispatch
 
 
@@ -222,6 +247,10 @@ def test_make_batch_and_dataset_are_deterministic():
     assert torch.equal(a["input_ids"], b["input_ids"]) and not torch.equal(a["input_ids"], c["input_ids"])
     with pytest.raises(ValueError, match="unknown synthetic task"):
         make_batch("copying", 1)
+    with pytest.raises(ValueError, match="unknown synthetic task"):  # at construction, not at the first item
+        SyntheticDataset("copying", n_samples=4)
+    with pytest.raises(ValueError, match="seq_len=0"):  # seq_len 0 is a length, not the task's default
+        make_batch("mqar", 2, 0)
 
     ds = SyntheticDataset("induction_heads", n_samples=10, seq_len=32, seed=3)
     again = SyntheticDataset("induction_heads", n_samples=10, seq_len=32, seed=3)
@@ -230,8 +259,10 @@ def test_make_batch_and_dataset_are_deterministic():
     assert torch.equal(ds[5]["input_ids"], again[5]["input_ids"])
     assert not torch.equal(ds[5]["input_ids"], ds[6]["input_ids"])
     assert not torch.equal(ds[5]["input_ids"], other[5]["input_ids"])
-    with pytest.raises(IndexError):
-        ds[10]
+    assert not torch.equal(ds[6]["input_ids"], other[5]["input_ids"])  # nearby seeds are not shifted copies
+    for index in (10, -1):
+        with pytest.raises(IndexError):
+            ds[index]
     loader = torch.utils.data.DataLoader(ds, batch_size=4)
     batch = next(iter(loader))
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 32)
