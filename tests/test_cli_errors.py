@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import zoo
 from zoo import cli
 from zoo.compare import load_compare_config, resolve_models
 from zoo.convert import convert
+from zoo.data.synthetic import mqar_batch
 from zoo.hub import save_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,7 +194,8 @@ def test_train_resume_without_a_config_names_the_runs_own(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1"),
-                                           (["--lr", "-1"], "--lr must be > 0")])  # AdamW's message named no option
+                                           (["--lr", "-1"], "--lr must be > 0"),  # AdamW's message named no option
+                                           (["--threads", "0"], "--threads must be at least 1")])
 def test_demo_refuses_impossible_options(capsys, args, message):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", *args])
@@ -201,7 +204,7 @@ def test_demo_refuses_impossible_options(capsys, args, message):
 
 @pytest.mark.parametrize("command, defaults", [
     ("demo", {"--config": "configs/models/jamba-tiny.yaml", "--steps": "200", "--batch-size": "16", "--seq-len": "64",
-              "--n-kv": "4", "--lr": "3e-3", "--seed": "0"}),
+              "--n-kv": "4", "--lr": "3e-3", "--seed": "0", "--threads": "1"}),
     ("generate", {"--max-new-tokens": "64", "--num-beams": "1"}),
     ("info", {"--seq-len": "2048"}),
     ("eval synthetic", {"--n-samples": "256", "--batch-size": "64", "--seed": "1000003"}),
@@ -230,9 +233,20 @@ def test_help_says_what_each_option_does_and_its_default(capsys, command, defaul
 def test_demo_summary_of_a_short_run_compares_its_first_and_last_steps(capsys):
     # the summary averaged the first 20 and the last 20 losses: under 40 steps the windows overlapped, and under 21
     # they were the same steps, so `zoo demo --steps 10` printed 'loss 6.224 -> 6.224' whatever training did
+    # (and it trains on --threads threads, default 1, and gives the caller's setting back: two threads of a tiny
+    # model beside other jobs on a 2-core machine stalled steps for seconds)
     from zoo import demo
 
-    result = demo.main(["--steps", "4", "--batch-size", "4", "--seq-len", "16", "--n-kv", "2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a caller's setting, other than the demo's default
+    seen = []
+    try:
+        with mock.patch.object(demo, "mqar_batch", side_effect=lambda *a, **k: seen.append(torch.get_num_threads())
+                               or mqar_batch(*a, **k)):
+            result = demo.main(["--steps", "4", "--batch-size", "4", "--seq-len", "16", "--n-kv", "2"])
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2, seen
+    finally:
+        torch.set_num_threads(threads)
     assert result["first_loss"] != result["last_loss"], result
     assert f"loss {result['first_loss']:.3f} -> {result['last_loss']:.3f}" in capsys.readouterr().out
 

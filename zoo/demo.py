@@ -32,13 +32,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-kv", type=int, default=4, help="key-value pairs to recall per row (default 4)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule (default 3e-3)")
     p.add_argument("--seed", type=int, default=0, help="of the weights and the rows (default 0)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (default 1: at this size extra intra-op threads only add synchronization, and "
+                        "beside other jobs on the same cores they stalled steps for seconds)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "n_kv"):
+    for name in ("steps", "batch_size", "seq_len", "n_kv", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller's (main() called from Python) setting, as it was
+
+
+def _run(args) -> dict:
     torch.manual_seed(args.seed)
     config = ZooConfig.from_yaml(args.config)
     model = AutoModelForCausalLM.from_config(config)
