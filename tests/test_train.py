@@ -1542,3 +1542,54 @@ def test_resume_of_a_shuffled_stream_under_another_datasets_version_says_it_is_n
     assert re.search(r"read its shuffled stream with datasets 2\.21\.0, this run has \S+, whose shuffle may order "
                      r"the documents otherwise.*not exact.*pip install 'datasets==2\.21\.0' resumes exactly", out), out
     assert "read its shuffled stream" not in resumed_under_another_version(shuffle=False), "an unshuffled stream"
+
+
+def test_resume_says_when_the_local_sources_files_changed_under_the_run(tmp_path, capsys):
+    # only data.* was compared: a file of a local folder added, removed or edited between the stop and the resume
+    # ordered every epoch's documents otherwise, and a source shrunk below the saved document moved the run on to the
+    # next epoch, both without a word. The checkpoint records the files' sizes and modification times, and a resume
+    # names what changed; an unchanged source, or a checkpoint written before the record, resumes silently
+    pytest.importorskip("datasets")
+    folder = _jsonl_folder(tmp_path, parts=3, per_part=6)
+    cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 0},
+                                    data={"source": str(folder), "streaming": False, "holdout": 0.0}))
+    train(cfg)
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert sorted(state["source_files"]) == ["part0.jsonl", "part1.jsonl", "part2.jsonl"]
+    capsys.readouterr()
+
+    def resumed() -> str:
+        cfg.train.max_steps += 1
+        train(cfg, resume="auto")
+        return capsys.readouterr().out
+
+    assert "not exact" not in resumed(), "an unchanged source"
+    part1 = (folder / "part1.jsonl").read_text()
+    (folder / "part0.jsonl").unlink()
+    (folder / "part1.jsonl").write_text(part1 + part1)
+    (folder / "part3.jsonl").write_text(part1)
+    out = resumed()
+    assert re.search(r"--resume: the files of data\.source changed since step_00000003 \(1 added: part3\.jsonl; "
+                     rf"1 removed: part0\.jsonl; 1 with another size: part1\.jsonl \({len(part1)} -> {2 * len(part1)} "
+                     r"bytes\)\), which orders every epoch's documents otherwise.*This resume is not exact", out), out
+    os.utime(folder / "part2.jsonl", ns=(0, 0))  # rewritten in place: the same size, another modification time
+    assert "1 modified at the same size: part2.jsonl" in resumed()
+
+    # shrunk below the saved document: one document left
+    saved = json.loads((latest_checkpoint(cfg.output_dir) / "trainer_state.json").read_text())["data_states"][0]
+    for f in folder.iterdir():
+        f.unlink()
+    (folder / "part0.jsonl").write_text(json.dumps({"text": "one document " * 40}) + "\n")
+    out = resumed()
+    assert re.search(rf"3 removed: part1\.jsonl, part2\.jsonl, part3\.jsonl.*; the saved data position \(document "
+                     rf"{saved['doc']} of epoch {saved['epoch']}\) is past the end of the source, now 1 document, "
+                     rf"so the run goes on from the start of epoch {saved['epoch'] + 1}\. This resume is not exact",
+                     out), out
+
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"  # as written before the record
+    state = json.loads(state_path.read_text())
+    del state["source_files"]
+    state_path.write_text(json.dumps(state))
+    (folder / "part1.jsonl").write_text(part1)
+    assert "not exact" not in resumed(), "a checkpoint without the source's files"

@@ -62,7 +62,15 @@ import yaml
 from torch import nn
 
 from zoo.cache import output_cache
-from zoo.data.text import IGNORE_INDEX, ByteTokenizer, DataConfig, StreamState, TextStream, load_tokenizer
+from zoo.data.text import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    DataConfig,
+    StreamState,
+    TextStream,
+    load_tokenizer,
+    local_source_files,
+)
 from zoo.layers import no_weight_decay_ids
 
 CHECKPOINT_PREFIX = "step_"
@@ -1103,6 +1111,45 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
     return changed
 
 
+def _named(paths: list[str]) -> str:
+    return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+
+
+def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: dict[str, list[int]] | None,
+                          stream: TextStream) -> str | None:
+    """The --resume notice, or None, for a local source that changed under the run: its files differ from those the
+    checkpoint's run opened (trainer_state's source_files: sizes and modification times; a checkpoint without them is
+    not compared), which orders the documents of every epoch otherwise; or a process's saved document lies past the
+    documents its share now holds, from where the stream would go on at the next epoch without a word."""
+    from zoo.data.text import _IndexedDocs
+
+    what = []
+    saved = state.get("source_files")
+    if saved is not None and files is not None and saved != files:
+        added, removed = sorted(files.keys() - saved.keys()), sorted(saved.keys() - files.keys())
+        both = sorted(saved.keys() & files.keys())
+        resized = [f"{f} ({saved[f][0]} -> {files[f][0]} bytes)" for f in both if saved[f][0] != files[f][0]]
+        touched = [f for f in both if saved[f][0] == files[f][0] and saved[f][1] != files[f][1]]
+        parts = [f"{len(names)} {how}: {_named(names)}" for names, how in (
+            (added, "added"), (removed, "removed"), (resized, "with another size"),
+            (touched, "modified at the same size")) if names]
+        what.append(f"the files of data.source changed since {Path(checkpoint).name} ({'; '.join(parts)}), which "
+                    f"orders every epoch's documents otherwise than the run did")
+    docs, world = stream._docs, stream.world_size
+    if isinstance(docs, _IndexedDocs):  # a stream cannot tell its size without reading it
+        for rank, position in enumerate(state["data_states"]):
+            share = len(range(rank, docs.n, world))
+            if position["doc"] >= share:
+                who = f"process {rank}'s" if world > 1 else "the"
+                what.append(f"{who} saved data position (document {position['doc']} of epoch {position['epoch']}) is "
+                            f"past the end of {'its share of ' if world > 1 else ''}the source, now {share} "
+                            f"document{'s' if share != 1 else ''}, so the run goes on from the start of epoch "
+                            f"{position['epoch'] + 1}")
+    if not what:
+        return None
+    return f"--resume: {'; '.join(what)}. This resume is not exact: documents may be read twice or not at all"
+
+
 def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
     """Raises ValueError, naming the weights, when the checkpoint's model (the headers of its model/*.safetensors)
     and `model` differ in a weight's name or shape: the run's model was changed behind a path that resume_changes
@@ -1134,10 +1181,12 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
 
 
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
-                    data_state: StreamState, optimizer: torch.optim.Optimizer | None = None) -> Path:
+                    data_state: StreamState, optimizer: torch.optim.Optimizer | None = None,
+                    source_files: dict[str, list[int]] | None = None) -> Path:
     """Write checkpoints/step_<step>/ atomically: everything goes to a temporary folder that is renamed
     into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go.
-    trainer_state.json records the sizes of the optimizer's parameter groups, which --resume compares."""
+    trainer_state.json records the sizes of the optimizer's parameter groups and the local source's files as the run
+    opened them (`local_source_files`), which --resume compares."""
     from accelerate.utils import gather_object
 
     root = Path(cfg.output_dir) / "checkpoints"
@@ -1170,6 +1219,8 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
             state["datasets"] = version
         if optimizer is not None:
             state["param_groups"] = [len(g["params"]) for g in optimizer.param_groups]
+        if source_files is not None:
+            state["source_files"] = source_files
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
@@ -1531,8 +1582,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 if _txt_files(cfg.data) and cfg.data.sample_by == "document" else ""
             raise ValueError(f"data: the evaluation documents fill no row of data.seq_len={L} tokens{share}; raise "
                              f"data.holdout{one_file}, lower data.seq_len, or set eval.every=0")
+    source_files = local_source_files(cfg.data.source)  # as the stream opens them: the checkpoints record them
     stream = TextStream(cfg.data, tokenizer, "train", accelerator.process_index, world,
                         chunk_len=chunk if cfg.data.packing else None)
+    if start_ckpt is not None and (notice := resume_source_changes(start_ckpt, state, source_files, stream)):
+        accelerator.print(notice)
     batches = _Prefetch(stream.batches(B, data_state), cfg.train.prefetch * accum, pin=device.type == "cuda")
 
     def evaluate() -> dict[str, float]:
@@ -1596,7 +1650,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
     def save() -> None:
         nonlocal last_ckpt, saved_step
         if saved_step != step:
-            last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer)
+            last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer,
+                                        source_files)
             saved_step = step
 
     def flush() -> list[float]:
@@ -1771,5 +1826,5 @@ __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelIn
            "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
            "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
            "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "mfu_flops_per_token",
-           "param_groups", "peak_tflops", "resume_changes", "resume_weight_changes", "save_checkpoint", "train",
-           "validate_config"]
+           "param_groups", "peak_tflops", "resume_changes", "resume_source_changes", "resume_weight_changes",
+           "save_checkpoint", "train", "validate_config"]

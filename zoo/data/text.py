@@ -478,6 +478,26 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     return list(unique.values()) or None
 
 
+def local_source_files(source: str | list[str]) -> dict[str, list[int]] | None:
+    """What a local source is made of, cheaply: {file: [size in bytes, modification time in ns]} of its local files
+    (as `_local_files` lists them), or of a local folder's files (relative to it, hidden ones skipped as datasets skips
+    them), else None (the built-in corpus, a hub dataset). A checkpoint records it so that ``--resume`` can say when the
+    source changed under the run (its document order with it); the files are not read."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    if folder is not None and os.path.isdir(folder):
+        files = {}
+        for root, dirs, names in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+            files |= {Path(root, n).relative_to(folder).as_posix(): os.path.join(root, n)
+                      for n in names if not n.startswith(".")}
+    else:
+        local = None if source == "stdlib" else _local_files(source)
+        if local is None:
+            return None
+        files = {f: f for f in local}
+    return {name: [(st := os.stat(path)).st_size, st.st_mtime_ns] for name, path in sorted(files.items())}
+
+
 def _import_datasets(source):
     """The `datasets` package, which every source but the built-in 'stdlib' is read with; an ImportError saying how to
     install it where it is missing (it is the `data` extra, not a core dependency)."""
@@ -803,4 +823,4 @@ def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["IGNORE_INDEX", "ByteTokenizer", "DataConfig", "StreamState", "TextStream", "collate",
-           "encode_texts", "load_tokenizer", "open_documents", "stdlib_files", "stdlib_root"]
+           "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "stdlib_files", "stdlib_root"]
