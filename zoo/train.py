@@ -1285,6 +1285,16 @@ def _run_precision(name: str) -> str:
     return launched
 
 
+def _refuse_fp16_without_autocast(accelerator, name: str) -> None:
+    """Raise when the accelerator runs fp16 (train.precision `name`, or the launch's under 'auto') where accelerate
+    has no autocast for it: accelerate takes fp16 on CPU without autocast or a grad scaler, so the run trained in
+    fp32 and said fp16."""
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        what = "fp16" if name == "fp16" else f"{name} takes the launch's fp16, which"
+        raise ValueError(f"train.precision: {what} has no autocast on {accelerator.device.type} (accelerate would "
+                         f"train in fp32 and call it fp16); use bf16 (autocast on CPU too) or fp32")
+
+
 def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train the whole run") -> None:
     """Raise when a multi-process launch left this process alone: accelerate runs each process of a launch it
     cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`; and
@@ -1342,11 +1352,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
     _refuse_lone_processes(accelerator, out_dir)
-    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
-        # accelerate takes fp16 on CPU without autocast or a grad scaler: the run trained in fp32 and said fp16
-        what = "fp16" if cfg.train.precision == "fp16" else f"{cfg.train.precision} takes the launch's fp16, which"
-        raise ValueError(f"train.precision: {what} has no autocast on {device.type} (accelerate would train in "
-                         f"fp32 and call it fp16); use bf16 (autocast on CPU too) or fp32")
+    _refuse_fp16_without_autocast(accelerator, cfg.train.precision)
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate takes FSDP on accelerators only (and several processes): elsewhere it runs the launch as DDP
