@@ -971,6 +971,24 @@ def test_the_launchs_mixed_precision_is_taken_under_auto_and_another_explicit_on
             train(config_from_dict(run_dict(tmp_path / "fp16", train={"max_steps": 3})))
 
 
+def test_a_resume_under_another_launch_precision_names_the_change(tmp_path, monkeypatch, capsys):
+    # train.precision auto takes the launch's: a run trained under `accelerate launch --mixed_precision bf16` and
+    # resumed under `--mixed_precision no` went on in fp32 without a word (its train_config.yaml said auto both times)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 1})))
+    assert json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["precision"] == "bf16"
+    capsys.readouterr()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, schedule={"warmup_steps": 1})), resume="auto")
+    out = capsys.readouterr().out
+    assert re.search(r"--resume: changed since step_00000002: .*mixed precision .*'bf16' -> 'no'", out), out
+    assert "train.max_steps: 2 -> 3" in out
+    capsys.readouterr()
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, schedule={"warmup_steps": 1})),
+          resume="auto")  # the same precision again: not listed
+    assert "mixed precision" not in capsys.readouterr().out
+
+
 def _launch_two(config: Path, *extra: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo); with
     `launcher`, a script that runs scripts/train.py (its first argument) after patching the processes."""

@@ -1075,14 +1075,20 @@ def _txt_files(data: DataConfig) -> bool:
     return bool(files) and all(_LOCAL_BUILDERS.get(Path(f).suffix.lower()) == "text" for f in files)
 
 
-def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
+def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | None = None) -> list[str]:
     """The run-config fields that differ from the checkpoint's train_config.yaml, as "field: old -> new"
-    (output_dir is ignored). Raises ValueError for a change that the checkpoint cannot continue under:
+    (output_dir is ignored), and, given the resumed run's mixed precision (accelerate's: no, bf16, fp16), the run's
+    if the checkpoint's trainer_state.json records another (train.precision auto takes the launch's, so the same
+    config may train in another). Raises ValueError for a change that the checkpoint cannot continue under:
     the model, its overrides, the tokenizer, or the data's source and order (anything in `data` but
-    seq_len and packing). Checkpoints without a saved config are not checked."""
+    seq_len and packing). Checkpoints without a saved config (or precision) are not checked."""
+    state_path = Path(checkpoint) / "trainer_state.json"
+    was = json.loads(state_path.read_text()).get("precision") if state_path.is_file() else None
+    ran = [f"mixed precision (the run's, the launch's under train.precision auto): {was!r} -> {precision!r}"] \
+        if precision is not None and was is not None and was != precision else []
     saved_path = Path(checkpoint) / "train_config.yaml"
     if not saved_path.is_file():
-        return []
+        return ran
     saved, now = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(cfg.to_dict())
     defaults = _flat(TrainConfig(model="").to_dict())
     changed, fixed = [], []
@@ -1100,7 +1106,7 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
         raise ValueError(f"--resume: {Path(checkpoint)} was trained with another model, tokenizer or data order ("
                          + "; ".join(fixed) + "); resume with the run's own settings, or start a new run from "
                          "its weights (model: <checkpoint>/model)")
-    return changed
+    return changed + ran
 
 
 def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
@@ -1165,7 +1171,8 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         tokenizer.save_pretrained(tmp / "model")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
-                 "data_states": data_states, "holdout_key": "text"}
+                 "data_states": data_states, "holdout_key": "text",
+                 "precision": accelerator.mixed_precision}  # the run's (the launch's under auto): see --resume
         if (version := _shuffle_version(cfg.data)) is not None:  # whose shuffle ordered the stream (see --resume)
             state["datasets"] = version
         if optimizer is not None:
@@ -1425,7 +1432,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
     step, tokens, data_state = 0, 0, StreamState()
     if start_ckpt is not None:
-        changed = resume_changes(start_ckpt, cfg)
+        changed = resume_changes(start_ckpt, cfg, accelerator.mixed_precision)
         if changed:
             accelerator.print(f"--resume: changed since {start_ckpt.name}: " + "; ".join(changed))
         state = json.loads((start_ckpt / "trainer_state.json").read_text())
