@@ -192,6 +192,25 @@ def test_latest_names_the_newest_checkpoint(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
 
 
+def test_a_run_resumed_from_an_older_checkpoint_deletes_the_abandoned_newer_ones_at_its_first_save(tmp_path,
+                                                                                                     capsys):
+    # the abandoned run's step_6 stayed, and pruning (checkpoint.keep 2) deleted the resumed run's step_4 instead:
+    # step_5 and the stale step_6 were left, step_6 the newest by name (latest_checkpoint's fallback)
+    sections = {"checkpoint": {"every": 2, "keep": 2}, "schedule": {"warmup_steps": 1}}
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 6}, **sections)))
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    capsys.readouterr()
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 5}, **sections)), resume=str(root / "step_00000004"))
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000005"]
+    out = capsys.readouterr().out
+    assert "older than the run's step_00000006" in out
+    assert "checkpoints: deleting step_00000006, newer than step_00000005" in out
+    assert (root / "latest").read_text() == "step_00000005"
+    (root / "latest").unlink()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
+
+
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -1183,6 +1183,14 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / "latest", name)
+        # a run resumed from an older checkpoint owns the steps after it: newer checkpoints are the abandoned run's, and
+        # were kept as the newest (latest_checkpoint's fallback) while pruning deleted the resumed run's own
+        newer = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name > name)
+        if newer:
+            accelerator.print(f"checkpoints: deleting {', '.join(p.name for p in newer)}, newer than {name}: this run "
+                              f"resumed from an older checkpoint, and they are the abandoned run's")
+            for old in newer:
+                shutil.rmtree(old, ignore_errors=True)
         done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p != final)
         for old in done[:max(0, len(done) - (cfg.checkpoint.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
@@ -1491,6 +1499,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
         for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
             group.update(weight_decay=decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         step, tokens = state["step"], state["tokens"]
+        newer = sorted(p.name for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*")
+                       if p.name > f"{CHECKPOINT_PREFIX}{step:08d}")
+        if newer:  # save_checkpoint deletes them
+            accelerator.print(f"--resume: {start_ckpt} is older than the run's {', '.join(newer)}: this run's first "
+                              f"checkpoint deletes them (the steps after {step} are this run's)")
         if step > cfg.train.max_steps:  # the loop would not run: nothing trained, nothing saved, no word
             raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
                              f"resume with train.max_steps >= {step}, or use {start_ckpt / 'model'} as it is")
