@@ -503,17 +503,24 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run.section.train.max_steps} steps -> {run.output_dir}")
         return 0
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    from zoo.finetune import _mixed_precision, _refuse_fsdp
-    from zoo.train import _refuse_lone_processes
+    from zoo.finetune import _refuse_fsdp
+    from zoo.train import _refuse_fp16_without_autocast, _refuse_lone_processes, _run_precision
 
-    precisions = {run.name: {_mixed_precision(s.train.precision) for s in [*run.phases, run.section]} for run in runs}
+    try:  # the launch's precision under auto; another explicit one is refused
+        precisions = {run.name: {_run_precision(s.train.precision) for s in [*run.phases, run.section]}
+                      for run in runs}
+    except ValueError as e:
+        parser.error(str(e))
     if len(set().union(*precisions.values())) > 1:  # one Accelerator (one autocast) serves every run of the process
         parser.error("train.precision: the runs of one call share one precision, and these differ: " + ", ".join(
             f"{name} {'/'.join(sorted(value))}" for name, value in precisions.items())
             + "; run them in separate calls (--only)")
-    accelerator = Accelerator(mixed_precision=_mixed_precision(runs[0].section.train.precision))
+    AcceleratorState._reset_state()  # as zoo train's: a run may follow another in the same process (tests)
+    accelerator = Accelerator(mixed_precision=_run_precision(runs[0].section.train.precision))
     try:  # each lone process would train every run and write the same model/, result.json and summary
+        _refuse_fp16_without_autocast(accelerator, runs[0].section.train.precision)
         _refuse_lone_processes(accelerator, data.get("output_dir", "runs/synthetic"), "train and evaluate every run")
         _refuse_fsdp(accelerator, "scripts/train_synthetic.py")
     except ValueError as e:

@@ -644,6 +644,27 @@ def test_paths_under_home_in_a_finetune_config(tmp_path, monkeypatch):
     assert (tmp_path / "home" / "run" / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")
+def test_fp16_on_cpu_and_a_precision_the_launch_contradicts_are_refused_as_zoo_train_refuses_them(tmp_path,
+                                                                                                   monkeypatch):
+    # zoo finetune mapped train.precision by itself: fp16 on CPU (no autocast, no grad scaler in accelerate) trained in
+    # fp32 under the name fp16, and `accelerate launch --mixed_precision` was overridden by the Accelerator's argument
+    # shortened as test_shipped_mqar_recipe_runs_shortened's, should a refusal fail to come
+    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), "--pretrain.train.max_steps=2",
+            "--train.max_steps=2", "--pretrain.schedule.warmup_steps=1", "--schedule.warmup_steps=1",
+            "--data.n_eval=16", "--pretrain.data.n_eval=16", "--train.progress_bar=false",
+            "--pretrain.train.progress_bar=false", "--pretrain.train.micro_batch_size=8", "--train.micro_batch_size=8"]
+    with pytest.raises(ValueError, match=r"train\.precision: fp16 has no autocast on cpu .* use bf16"):
+        main([*argv, f"--output_dir={tmp_path / 'fp16'}", "--train.precision=fp16"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ValueError, match=r"train\.precision: fp32, but the launch asks for bf16"):
+        main([*argv, f"--output_dir={tmp_path / 'fp32'}", "--train.precision=fp32"])
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # the launch's fp16, taken under auto
+    with pytest.raises(ValueError, match=r"train\.precision: auto takes the launch's fp16, which has no autocast"):
+        main([*argv, f"--output_dir={tmp_path / 'auto'}"])
+    assert not any(tmp_path.iterdir()), "refused before anything is written"
+
+
 def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, monkeypatch, capsys):
     """Ctrl-C in a finetune lost the whole phase (no checkpoint). Now it saves the last completed step and the same
     command continues from it: the adapter equals an uninterrupted run's, the checkpoint is gone once the adapter

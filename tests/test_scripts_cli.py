@@ -214,6 +214,22 @@ def test_train_synthetic_as_lone_processes_of_a_multi_process_launch_is_refused(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")
+def test_train_synthetic_refuses_fp16_on_cpu_and_a_precision_the_launch_contradicts(tmp_path, capsys, monkeypatch):
+    # its Accelerator took finetune's own mapping: fp16 on CPU trained in fp32 under the name fp16, and the launch's
+    # --mixed_precision was overridden
+    script = load_script("scripts/train_synthetic.py")
+    argv = [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path / 'out'}", "--curriculum=[]",
+            "--train.max_steps=2", "--schedule.warmup_steps=0", "--eval.seq_lens=[64]", "--eval.n_samples=8",
+            "--data.n_eval=8", "--only", "mamba"]
+    err = _refused(script.main, [*argv, "--train.precision=fp16"], capsys)
+    assert "train.precision: fp16 has no autocast on cpu" in err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    err = _refused(script.main, [*argv, "--train.precision=fp32"], capsys)
+    assert "train.precision: fp32, but the launch asks for bf16" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_synthetic_under_fsdp_is_refused_naming_the_ddp_config(tmp_path):
     # `accelerate launch --config_file configs/accelerate/fsdp.yaml scripts/train_synthetic.py`: the main process alone
     # saved model/ from FSDP-sharded weights, which takes every process, so the run waited forever after training

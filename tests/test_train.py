@@ -192,6 +192,25 @@ def test_latest_names_the_newest_checkpoint(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002", "step_00000003"]
 
 
+def test_a_run_resumed_from_an_older_checkpoint_deletes_the_abandoned_newer_ones_at_its_first_save(tmp_path,
+                                                                                                     capsys):
+    # the abandoned run's step_6 stayed, and pruning (checkpoint.keep 2) deleted the resumed run's step_4 instead:
+    # step_5 and the stale step_6 were left, step_6 the newest by name (latest_checkpoint's fallback)
+    sections = {"checkpoint": {"every": 2, "keep": 2}, "schedule": {"warmup_steps": 1}}
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 6}, **sections)))
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000006"]
+    capsys.readouterr()
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 5}, **sections)), resume=str(root / "step_00000004"))
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000005"]
+    out = capsys.readouterr().out
+    assert "older than the run's step_00000006" in out
+    assert "checkpoints: deleting step_00000006, newer than step_00000005" in out
+    assert (root / "latest").read_text() == "step_00000005"
+    (root / "latest").unlink()
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
+
+
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -969,6 +988,24 @@ def test_the_launchs_mixed_precision_is_taken_under_auto_and_another_explicit_on
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
         with pytest.raises(ValueError, match=r"train\.precision: auto takes the launch's fp16, which has no autocast"):
             train(config_from_dict(run_dict(tmp_path / "fp16", train={"max_steps": 3})))
+
+
+def test_a_resume_under_another_launch_precision_names_the_change(tmp_path, monkeypatch, capsys):
+    # train.precision auto takes the launch's: a run trained under `accelerate launch --mixed_precision bf16` and
+    # resumed under `--mixed_precision no` went on in fp32 without a word (its train_config.yaml said auto both times)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 1})))
+    assert json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["precision"] == "bf16"
+    capsys.readouterr()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, schedule={"warmup_steps": 1})), resume="auto")
+    out = capsys.readouterr().out
+    assert re.search(r"--resume: changed since step_00000002: .*mixed precision .*'bf16' -> 'no'", out), out
+    assert "train.max_steps: 2 -> 3" in out
+    capsys.readouterr()
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, schedule={"warmup_steps": 1})),
+          resume="auto")  # the same precision again: not listed
+    assert "mixed precision" not in capsys.readouterr().out
 
 
 def _launch_two(config: Path, *extra: str, launcher: Path | None = None) -> subprocess.CompletedProcess:

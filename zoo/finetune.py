@@ -56,7 +56,9 @@ from zoo.train import (
     OptimConfig,
     ScheduleConfig,
     _build,
+    _refuse_fp16_without_autocast,
     _refuse_lone_processes,
+    _run_precision,
     _weighted_loss,
     build_optimizer,
     count_targets,
@@ -459,8 +461,9 @@ def _check_task_kwargs(task: str, kwargs: dict[str, Any], seq_len: int | None, w
 @dataclass
 class LoopSection:
     """The training loop: max_steps optimizer steps of grad_accum micro-batches of micro_batch_size rows
-    per process. precision: auto (bf16 autocast on a GPU that has it, else fp32) | bf16 | fp16 | fp32; the
-    top-level section's applies to the pretrain phase too (one accelerator runs both).
+    per process. precision: auto (the launch's `accelerate launch --mixed_precision` when it names one, else bf16
+    autocast on a GPU that has it, else fp32) | bf16 | fp16 (GPU only) | fp32; another than the launch's is refused;
+    the top-level section's applies to the pretrain phase too (one accelerator runs both).
 
     state_passing: recurrent models only; each micro-batch starts from the (detached) final states of the one
     before, row by row, instead of zeros, so that training visits the states that long inputs reach ("state
@@ -1031,12 +1034,6 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor], device) -> torch.T
     return out
 
 
-def _mixed_precision(name: str) -> str:
-    if name == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return "no" if name == "fp32" else name
-
-
 def _check_vocab(model: nn.Module, data: DataSection, prefix: str) -> None:
     need = task_vocab_size(data)
     have = model.get_input_embeddings().num_embeddings
@@ -1145,7 +1142,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
 
     AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
-    accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.precision))
+    accelerator = Accelerator(mixed_precision=_run_precision(cfg.train.precision))  # the launch's under auto
+    _refuse_fp16_without_autocast(accelerator, cfg.train.precision)
     device = accelerator.device
     out_dir = Path(cfg.output_dir)
     _refuse_lone_processes(accelerator, out_dir, "finetune and save")  # (raced writes of adapter/, merged/)

@@ -1083,14 +1083,20 @@ def _txt_files(data: DataConfig) -> bool:
     return bool(files) and all(_LOCAL_BUILDERS.get(Path(f).suffix.lower()) == "text" for f in files)
 
 
-def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
+def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | None = None) -> list[str]:
     """The run-config fields that differ from the checkpoint's train_config.yaml, as "field: old -> new"
-    (output_dir is ignored). Raises ValueError for a change that the checkpoint cannot continue under:
+    (output_dir is ignored), and, given the resumed run's mixed precision (accelerate's: no, bf16, fp16), the run's
+    if the checkpoint's trainer_state.json records another (train.precision auto takes the launch's, so the same
+    config may train in another). Raises ValueError for a change that the checkpoint cannot continue under:
     the model, its overrides, the tokenizer, or the data's source and order (anything in `data` but
-    seq_len and packing). Checkpoints without a saved config are not checked."""
+    seq_len and packing). Checkpoints without a saved config (or precision) are not checked."""
+    state_path = Path(checkpoint) / "trainer_state.json"
+    was = json.loads(state_path.read_text()).get("precision") if state_path.is_file() else None
+    ran = [f"mixed precision (the run's, the launch's under train.precision auto): {was!r} -> {precision!r}"] \
+        if precision is not None and was is not None and was != precision else []
     saved_path = Path(checkpoint) / "train_config.yaml"
     if not saved_path.is_file():
-        return []
+        return ran
     saved, now = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(cfg.to_dict())
     defaults = _flat(TrainConfig(model="").to_dict())
     changed, fixed = [], []
@@ -1108,7 +1114,7 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig) -> list[str]:
         raise ValueError(f"--resume: {Path(checkpoint)} was trained with another model, tokenizer or data order ("
                          + "; ".join(fixed) + "); resume with the run's own settings, or start a new run from "
                          "its weights (model: <checkpoint>/model)")
-    return changed
+    return changed + ran
 
 
 def _named(paths: list[str]) -> str:
@@ -1214,7 +1220,8 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         tokenizer.save_pretrained(tmp / "model")
         (tmp / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
-                 "data_states": data_states, "holdout_key": "text"}
+                 "data_states": data_states, "holdout_key": "text",
+                 "precision": accelerator.mixed_precision}  # the run's (the launch's under auto): see --resume
         if (version := _shuffle_version(cfg.data)) is not None:  # whose shuffle ordered the stream (see --resume)
             state["datasets"] = version
         if optimizer is not None:
@@ -1227,6 +1234,14 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_atomic(root / "latest", name)
+        # a run resumed from an older checkpoint owns the steps after it: newer checkpoints are the abandoned run's, and
+        # were kept as the newest (latest_checkpoint's fallback) while pruning deleted the resumed run's own
+        newer = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name > name)
+        if newer:
+            accelerator.print(f"checkpoints: deleting {', '.join(p.name for p in newer)}, newer than {name}: this run "
+                              f"resumed from an older checkpoint, and they are the abandoned run's")
+            for old in newer:
+                shutil.rmtree(old, ignore_errors=True)
         done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p != final)
         for old in done[:max(0, len(done) - (cfg.checkpoint.keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
@@ -1336,6 +1351,16 @@ def _run_precision(name: str) -> str:
     return launched
 
 
+def _refuse_fp16_without_autocast(accelerator, name: str) -> None:
+    """Raise when the accelerator runs fp16 (train.precision `name`, or the launch's under 'auto') where accelerate
+    has no autocast for it: accelerate takes fp16 on CPU without autocast or a grad scaler, so the run trained in
+    fp32 and said fp16."""
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        what = "fp16" if name == "fp16" else f"{name} takes the launch's fp16, which"
+        raise ValueError(f"train.precision: {what} has no autocast on {accelerator.device.type} (accelerate would "
+                         f"train in fp32 and call it fp16); use bf16 (autocast on CPU too) or fp32")
+
+
 def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train the whole run") -> None:
     """Raise when a multi-process launch left this process alone: accelerate runs each process of a launch it
     cannot join (no GPU, ACCELERATE_USE_CPU unset) by itself, so each would do all the work into `out_dir`; and
@@ -1393,11 +1418,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
     _refuse_lone_processes(accelerator, out_dir)
-    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
-        # accelerate takes fp16 on CPU without autocast or a grad scaler: the run trained in fp32 and said fp16
-        what = "fp16" if cfg.train.precision == "fp16" else f"{cfg.train.precision} takes the launch's fp16, which"
-        raise ValueError(f"train.precision: {what} has no autocast on {device.type} (accelerate would train in "
-                         f"fp32 and call it fp16); use bf16 (autocast on CPU too) or fp32")
+    _refuse_fp16_without_autocast(accelerator, cfg.train.precision)
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate takes FSDP on accelerators only (and several processes): elsewhere it runs the launch as DDP
@@ -1470,7 +1491,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
     step, tokens, data_state = 0, 0, StreamState()
     if start_ckpt is not None:
-        changed = resume_changes(start_ckpt, cfg)
+        changed = resume_changes(start_ckpt, cfg, accelerator.mixed_precision)
         if changed:
             accelerator.print(f"--resume: changed since {start_ckpt.name}: " + "; ".join(changed))
         state = json.loads((start_ckpt / "trainer_state.json").read_text())
@@ -1529,6 +1550,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
         for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
             group.update(weight_decay=decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
         step, tokens = state["step"], state["tokens"]
+        newer = sorted(p.name for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*")
+                       if p.name > f"{CHECKPOINT_PREFIX}{step:08d}")
+        if newer:  # save_checkpoint deletes them
+            accelerator.print(f"--resume: {start_ckpt} is older than the run's {', '.join(newer)}: this run's first "
+                              f"checkpoint deletes them (the steps after {step} are this run's)")
         if step > cfg.train.max_steps:  # the loop would not run: nothing trained, nothing saved, no word
             raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
                              f"resume with train.max_steps >= {step}, or use {start_ckpt / 'model'} as it is")
