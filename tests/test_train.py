@@ -1678,3 +1678,29 @@ def test_a_hub_datasets_revision_is_read_and_a_moved_default_branch_said_on_resu
                                          rf"-> '{'a' * 40}'\)"):
         train(cfg, resume="auto")
 
+
+
+def test_resume_says_when_the_built_in_corpus_is_another_pythons(tmp_path, capsys):
+    # the built-in corpus is the running Python's standard library: a run resumed under another Python trained on
+    # another file list (another document order every epoch) without a word. The checkpoint records the Python
+    # version and the number of files, and a resume under another says the resume is not exact
+    from zoo.data.text import stdlib_version
+
+    cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 0}))
+    train(cfg)
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+    assert json.loads(state_path.read_text())["stdlib"] == stdlib_version()
+    capsys.readouterr()
+    cfg.train.max_steps = 3
+    train(cfg, resume="auto")
+    assert "not exact" not in capsys.readouterr().out, "the same Python"
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["stdlib"] = {"python": "3.9.0", "files": 1234}
+    state_path.write_text(json.dumps(state))
+    cfg.train.max_steps = 4
+    train(cfg, resume="auto")
+    now = stdlib_version()
+    assert re.search(rf"--resume: the built-in corpus 'stdlib' is Python {re.escape(now['python'])}'s \({now['files']} "
+                     r"files\), step_00000003's run read Python 3\.9\.0's \(1234 files\), which orders every epoch's "
+                     r"documents otherwise than the run did\. This resume is not exact", capsys.readouterr().out)

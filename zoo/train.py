@@ -70,6 +70,7 @@ from zoo.data.text import (
     TextStream,
     load_tokenizer,
     local_source_files,
+    stdlib_version,
 )
 from zoo.layers import no_weight_decay_ids
 
@@ -1132,7 +1133,8 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
     not compared), which orders the documents of every epoch otherwise; or a process's saved document lies past the
     documents its share now holds, from where the stream would go on at the next epoch without a word; or a hub
     dataset read at another commit than the checkpoint's run read it at (trainer_state's source_commit, where
-    `datasets` told it: a non-streamed dataset), its default branch having moved under an unset data.revision."""
+    `datasets` told it: a non-streamed dataset), its default branch having moved under an unset data.revision; or
+    the built-in corpus of another Python (trainer_state's stdlib: its version and number of files)."""
     from zoo.data.text import _IndexedDocs
 
     what = []
@@ -1141,6 +1143,11 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
         what.append(f"{stream.cfg.source!r} was read at hub commit {was} by {Path(checkpoint).name}'s run, this run "
                     f"reads commit {now}, which orders every epoch's documents otherwise than the run did "
                     f"(--data.revision={was} reads the run's)")
+    was, now = state.get("stdlib"), stdlib_version() if stream.cfg.source == "stdlib" else None
+    if was is not None and now is not None and was != now:
+        what.append(f"the built-in corpus 'stdlib' is Python {now['python']}'s ({now['files']} files), "
+                    f"{Path(checkpoint).name}'s run read Python {was['python']}'s ({was['files']} files), which orders "
+                    f"every epoch's documents otherwise than the run did")
     saved = state.get("source_files")
     if saved is not None and files is not None and saved != files:
         added, removed = sorted(files.keys() - saved.keys()), sorted(saved.keys() - files.keys())
@@ -1242,6 +1249,8 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
             state["source_files"] = source_files
         if source_commit is not None:
             state["source_commit"] = source_commit
+        if cfg.data.source == "stdlib":  # its files are the running Python's
+            state["stdlib"] = stdlib_version()
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)

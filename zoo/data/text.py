@@ -27,6 +27,7 @@ import glob
 import itertools
 import json
 import os
+import platform
 import re
 import sysconfig
 import warnings
@@ -159,12 +160,18 @@ def stdlib_files(split: str = "train", holdout: float = 0.01) -> list[Path]:
 
     ``split="eval"`` gives the holdout: files whose relative path hashes into the `holdout` fraction;
     ``"train"`` the rest. About 1,800 files / 31 MB on CPython 3.11 (the corpus follows the Python
-    version, so runs compare only on the same one).
+    version, so runs compare only on the same one; ``zoo train --resume`` says when it is another).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
     root = stdlib_root()
     return [root / rel for rel in _stdlib_relative_paths() if _in_holdout(rel, holdout) == (split == "eval")]
+
+
+def stdlib_version() -> dict[str, Any]:
+    """What the built-in corpus is made of: the running Python's version and the number of its files (a checkpoint
+    records it, so that ``--resume`` can say when another Python's corpus orders the documents otherwise)."""
+    return {"python": platform.python_version(), "files": len(_stdlib_relative_paths())}
 
 
 @functools.cache
@@ -852,4 +859,5 @@ def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["IGNORE_INDEX", "ByteTokenizer", "DataConfig", "StreamState", "TextStream", "collate",
-           "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "stdlib_files", "stdlib_root"]
+           "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "stdlib_files", "stdlib_root",
+           "stdlib_version"]
