@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import string
 import sys
@@ -495,6 +496,16 @@ def test_a_config_name_of_a_source_without_configurations_is_refused_by_name(tok
     with pytest.raises(ValueError, match=r"^data\.config_name: 'en' names a hub dataset's configuration; .* read "
                                          r"without one, so it would be ignored: unset config_name"):
         TextStream(DataConfig(source=source, config_name="en"), tok)
+
+
+@pytest.mark.parametrize("source", ["stdlib", "local", "folder"])
+def test_a_revision_of_a_source_not_on_the_hub_is_refused_by_name(tok, letter_docs, source):
+    # revision applies to hub datasets only: datasets ignores it for a local folder, and the built-in corpus and local
+    # files are read as they are
+    source = {"local": letter_docs[0], "folder": os.path.dirname(letter_docs[0])}.get(source, source)
+    with pytest.raises(ValueError, match=r"^data\.revision: 'v1' names a hub dataset's branch, tag or commit; .*so "
+                                         r"it would be ignored: unset revision"):
+        TextStream(DataConfig(source=source, revision="v1"), tok)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5])

@@ -1630,3 +1630,77 @@ def test_resume_says_when_the_local_sources_files_changed_under_the_run(tmp_path
     state_path.write_text(json.dumps(state))
     (folder / "part1.jsonl").write_text(part1)
     assert "not exact" not in resumed(), "a checkpoint without the source's files"
+
+
+def test_a_hub_datasets_revision_is_read_and_a_moved_default_branch_said_on_resume(tmp_path, monkeypatch, capsys):
+    # a hub dataset could not be pinned: load_dataset read its default branch, so one updated between the stop and the
+    # resume trained the resumed run on other data without a word. data.revision goes to every load_dataset of the
+    # source (the eval split too), a change of it is a change of data order, and a non-streamed dataset's commit (the
+    # folder datasets caches it under) is recorded: a resume that reads another one says so, and pinning the
+    # run's commit resumes silently
+    datasets = pytest.importorskip("datasets")
+    head, calls = ["a" * 40], []
+
+    def load_dataset(path, name=None, split=None, streaming=False, revision=None, **kwargs):  # the hub, offline
+        calls.append((path, split, revision))
+        commit = revision or head[0]
+        folder = tmp_path / "hub-cache" / commit  # as datasets caches it: .../<name>/<config>/<version>/<commit>/
+        if not folder.exists():
+            datasets.Dataset.from_list([{"text": f"{commit[:4]} document {i} " * 20} for i in range(40)]
+                                       ).save_to_disk(str(folder))
+        return datasets.load_from_disk(str(folder))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 0},
+                                    eval={"every": 2, "batches": 1},
+                                    data={"source": "someone/corpus", "streaming": False, "eval_split": "validation"}))
+    train(cfg)
+    assert sorted(set(calls)) == [("someone/corpus", "train", None), ("someone/corpus", "validation", None)]
+    state = json.loads((latest_checkpoint(cfg.output_dir) / "trainer_state.json").read_text())
+    assert state["source_commit"] == "a" * 40
+    capsys.readouterr()
+
+    head[0] = "b" * 40  # the default branch moved
+    cfg.train.max_steps = 3
+    train(cfg, resume="auto")
+    assert re.search(rf"--resume: 'someone/corpus' was read at hub commit {'a' * 40} by step_00000002's run, this "
+                     rf"run reads commit {'b' * 40}, which orders every epoch's documents otherwise than the run did "
+                     rf"\(--data\.revision={'a' * 40} reads the run's\)\. This resume is not exact",
+                     capsys.readouterr().out)
+
+    calls.clear()
+    cfg.data.revision, cfg.train.max_steps = "b" * 40, 4  # pinned to the commit step_3's run read: no change
+    train(cfg, resume="auto")
+    assert "not exact" not in capsys.readouterr().out
+    assert sorted(set(calls)) == [("someone/corpus", "train", "b" * 40), ("someone/corpus", "validation", "b" * 40)]
+    cfg.data.revision, cfg.train.max_steps = "a" * 40, 5
+    with pytest.raises(ValueError, match=rf"another model, tokenizer or data order \(data\.revision: '{'b' * 40}' "
+                                         rf"-> '{'a' * 40}'\)"):
+        train(cfg, resume="auto")
+
+
+
+def test_resume_says_when_the_built_in_corpus_is_another_pythons(tmp_path, capsys):
+    # the built-in corpus is the running Python's standard library: a run resumed under another Python trained on
+    # another file list (another document order every epoch) without a word. The checkpoint records the Python
+    # version and the number of files, and a resume under another says the resume is not exact
+    from zoo.data.text import stdlib_version
+
+    cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 0}))
+    train(cfg)
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+    assert json.loads(state_path.read_text())["stdlib"] == stdlib_version()
+    capsys.readouterr()
+    cfg.train.max_steps = 3
+    train(cfg, resume="auto")
+    assert "not exact" not in capsys.readouterr().out, "the same Python"
+    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["stdlib"] = {"python": "3.9.0", "files": 1234}
+    state_path.write_text(json.dumps(state))
+    cfg.train.max_steps = 4
+    train(cfg, resume="auto")
+    now = stdlib_version()
+    assert re.search(rf"--resume: the built-in corpus 'stdlib' is Python {re.escape(now['python'])}'s \({now['files']} "
+                     r"files\), step_00000003's run read Python 3\.9\.0's \(1234 files\), which orders every epoch's "
+                     r"documents otherwise than the run did\. This resume is not exact", capsys.readouterr().out)

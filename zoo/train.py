@@ -70,6 +70,7 @@ from zoo.data.text import (
     TextStream,
     load_tokenizer,
     local_source_files,
+    stdlib_version,
 )
 from zoo.layers import no_weight_decay_ids
 
@@ -1089,9 +1090,11 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | No
     if the checkpoint's trainer_state.json records another (train.precision auto takes the launch's, so the same
     config may train in another). Raises ValueError for a change that the checkpoint cannot continue under:
     the model, its overrides, the tokenizer, or the data's source and order (anything in `data` but
-    seq_len and packing). Checkpoints without a saved config (or precision) are not checked."""
+    seq_len and packing; data.revision may pin an unset one to the commit the run read, trainer_state's
+    source_commit). Checkpoints without a saved config (or precision) are not checked."""
     state_path = Path(checkpoint) / "trainer_state.json"
-    was = json.loads(state_path.read_text()).get("precision") if state_path.is_file() else None
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    was = state.get("precision")
     ran = [f"mixed precision (the run's, the launch's under train.precision auto): {was!r} -> {precision!r}"] \
         if precision is not None and was is not None and was != precision else []
     saved_path = Path(checkpoint) / "train_config.yaml"
@@ -1105,6 +1108,8 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | No
         old, new = saved.get(key, defaults.get(key, "<unset>")), now.get(key, "<unset>")
         if key == "output_dir" or old == new:
             continue
+        if key == "data.revision" and old == "None" and new == state.get("source_commit"):  # _flat's None
+            continue  # pinned to the very commit that the run read its hub dataset's default branch at
         line = f"{key}: {old!r} -> {new!r}"
         if key.startswith(_RESUME_FIXED) and key not in _RESUME_FREE_DATA:
             fixed.append(line)
@@ -1126,10 +1131,23 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
     """The --resume notice, or None, for a local source that changed under the run: its files differ from those the
     checkpoint's run opened (trainer_state's source_files: sizes and modification times; a checkpoint without them is
     not compared), which orders the documents of every epoch otherwise; or a process's saved document lies past the
-    documents its share now holds, from where the stream would go on at the next epoch without a word."""
+    documents its share now holds, from where the stream would go on at the next epoch without a word; or a hub
+    dataset read at another commit than the checkpoint's run read it at (trainer_state's source_commit, where
+    `datasets` told it: a non-streamed dataset), its default branch having moved under an unset data.revision; or
+    the built-in corpus of another Python (trainer_state's stdlib: its version and number of files)."""
     from zoo.data.text import _IndexedDocs
 
     what = []
+    was, now = state.get("source_commit"), stream._docs.commit
+    if was is not None and now is not None and was != now:
+        what.append(f"{stream.cfg.source!r} was read at hub commit {was} by {Path(checkpoint).name}'s run, this run "
+                    f"reads commit {now}, which orders every epoch's documents otherwise than the run did "
+                    f"(--data.revision={was} reads the run's)")
+    was, now = state.get("stdlib"), stdlib_version() if stream.cfg.source == "stdlib" else None
+    if was is not None and now is not None and was != now:
+        what.append(f"the built-in corpus 'stdlib' is Python {now['python']}'s ({now['files']} files), "
+                    f"{Path(checkpoint).name}'s run read Python {was['python']}'s ({was['files']} files), which orders "
+                    f"every epoch's documents otherwise than the run did")
     saved = state.get("source_files")
     if saved is not None and files is not None and saved != files:
         added, removed = sorted(files.keys() - saved.keys()), sorted(saved.keys() - files.keys())
@@ -1188,11 +1206,12 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
 
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
                     data_state: StreamState, optimizer: torch.optim.Optimizer | None = None,
-                    source_files: dict[str, list[int]] | None = None) -> Path:
+                    source_files: dict[str, list[int]] | None = None, source_commit: str | None = None) -> Path:
     """Write checkpoints/step_<step>/ atomically: everything goes to a temporary folder that is renamed
     into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go.
     trainer_state.json records the sizes of the optimizer's parameter groups and the local source's files as the run
-    opened them (`local_source_files`), which --resume compares."""
+    opened them (`local_source_files`), or the hub commit it read a hub dataset at where `datasets` tells it
+    (`source_commit`), which --resume compares."""
     from accelerate.utils import gather_object
 
     root = Path(cfg.output_dir) / "checkpoints"
@@ -1228,6 +1247,10 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
             state["param_groups"] = [len(g["params"]) for g in optimizer.param_groups]
         if source_files is not None:
             state["source_files"] = source_files
+        if source_commit is not None:
+            state["source_commit"] = source_commit
+        if cfg.data.source == "stdlib":  # its files are the running Python's
+            state["stdlib"] = stdlib_version()
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
@@ -1677,7 +1700,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         nonlocal last_ckpt, saved_step
         if saved_step != step:
             last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer,
-                                        source_files)
+                                        source_files, stream._docs.commit)
             saved_step = step
 
     def flush() -> list[float]:

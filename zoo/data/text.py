@@ -27,6 +27,8 @@ import glob
 import itertools
 import json
 import os
+import platform
+import re
 import sysconfig
 import warnings
 import zlib
@@ -158,12 +160,18 @@ def stdlib_files(split: str = "train", holdout: float = 0.01) -> list[Path]:
 
     ``split="eval"`` gives the holdout: files whose relative path hashes into the `holdout` fraction;
     ``"train"`` the rest. About 1,800 files / 31 MB on CPython 3.11 (the corpus follows the Python
-    version, so runs compare only on the same one).
+    version, so runs compare only on the same one; ``zoo train --resume`` says when it is another).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
     root = stdlib_root()
     return [root / rel for rel in _stdlib_relative_paths() if _in_holdout(rel, holdout) == (split == "eval")]
+
+
+def stdlib_version() -> dict[str, Any]:
+    """What the built-in corpus is made of: the running Python's version and the number of its files (a checkpoint
+    records it, so that ``--resume`` can say when another Python's corpus orders the documents otherwise)."""
+    return {"python": platform.python_version(), "files": len(_stdlib_relative_paths())}
 
 
 @functools.cache
@@ -192,7 +200,9 @@ class DataConfig:
     ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
     files inside; split, config_name and streaming apply).
-    config_name: the hub dataset's configuration. split / eval_split: dataset splits for training and
+    config_name: the hub dataset's configuration. revision: the hub dataset's branch, tag or commit sha to read (None:
+    its default branch, as it stands when the run opens it; a commit sha pins the data across a stop and a resume).
+    split / eval_split: dataset splits for training and
     evaluation (of a hub dataset or local folder; the built-in corpus and local files are one split, refused
     otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
     hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
@@ -207,6 +217,7 @@ class DataConfig:
 
     source: str | list[str] = "stdlib"
     config_name: str | None = None
+    revision: str | None = None
     split: str = "train"
     eval_split: str | None = None
     holdout: float = 0.01
@@ -254,6 +265,8 @@ class _IndexedDocs:
     document d of epoch e is a slice.
     """
 
+    commit: str | None = None  # the hub commit a non-streamed hub dataset was read at (`_hub_commit`)
+
     def __init__(self, n: int, get_text: Callable[[int], str], seed: int, shuffle: bool, rank: int,
                  world_size: int, source_row: Callable[[int], int] = int):
         self.n, self.get_text, self.seed, self.shuffle = n, get_text, seed, shuffle
@@ -291,6 +304,8 @@ class _StreamedDocs:
     `datasets` (its shuffle buffer draws differently across versions: 3.0 and 5.2 do), so re-reading it resumes
     exactly only under the version that read it (``zoo train --resume`` says when it is another).
     """
+
+    commit: str | None = None  # the hub commit read (a stream does not tell it without asking the hub again)
 
     def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int, source: Any = None):
         self.dataset, self.text_field = dataset, text_field
@@ -532,6 +547,18 @@ def _held_out_rows(dataset, text_field: str, holdout: float) -> np.ndarray:
     return np.concatenate(held) if held else np.zeros(0, dtype=bool)
 
 
+def _hub_commit(dataset) -> str | None:
+    """The hub commit (sha) that `datasets.load_dataset` read a non-streamed hub dataset at, from where it cached the
+    dataset (<cache>/<name>/<config>/<version>/<commit>/<name>-<split>.arrow, in datasets 3.0 to 5.2); None where it
+    does not tell without asking the hub again: a streamed dataset, or a cache folder not named by a commit sha."""
+    files = getattr(dataset, "cache_files", None) or []
+    folders = {Path(f["filename"]).parent.name for f in files if "filename" in f}
+    if len(folders) != 1:
+        return None
+    folder = folders.pop()
+    return folder if re.fullmatch(r"[0-9a-f]{40}", folder) else None
+
+
 def _check_text_field(columns, cfg: DataConfig) -> None:
     if columns is not None and cfg.text_field not in columns:
         raise ValueError(f"data.text_field: the dataset has no column {cfg.text_field!r}; its columns are "
@@ -552,6 +579,9 @@ def _check_one_split(cfg: DataConfig, what: str) -> None:
     if cfg.config_name is not None:
         raise ValueError(f"data.config_name: {cfg.config_name!r} names a hub dataset's configuration; {what} read "
                          f"without one, so it would be ignored: unset config_name")
+    if cfg.revision is not None:
+        raise ValueError(f"data.revision: {cfg.revision!r} names a hub dataset's branch, tag or commit; {what} not "
+                         f"on the hub, so it would be ignored: unset revision")
 
 
 def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
@@ -606,9 +636,13 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
         streamed = False
     else:
+        if cfg.revision is not None and isinstance(cfg.source, str) and os.path.isdir(os.path.expanduser(cfg.source)):
+            raise ValueError(f"data.revision: {cfg.revision!r} names a hub dataset's branch, tag or commit; a local "
+                             f"folder is read as it is on disk, so it would be ignored: unset revision")
         which = cfg.split if (split == "train" or cfg.eval_split is None) else cfg.eval_split
         try:
-            dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming)
+            dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming,
+                                            revision=cfg.revision)
         except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last: malformed files
             cause = f" ({type(e).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
@@ -643,7 +677,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             return column.data.column(cfg.text_field)[int(indices[i])].as_buffer().to_pybytes().decode(
                 "utf-8", "replace")
 
-    return _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size, lambda i: int(indices[i]))
+    docs = _IndexedDocs(len(indices), get_text, cfg.seed, shuffle, rank, world_size, lambda i: int(indices[i]))
+    docs.commit = None if local is not None else _hub_commit(dataset)
+    return docs
 
 
 # ---- packing -----------------------------------------------------------------------------------------------
@@ -823,4 +859,5 @@ def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["IGNORE_INDEX", "ByteTokenizer", "DataConfig", "StreamState", "TextStream", "collate",
-           "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "stdlib_files", "stdlib_root"]
+           "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "stdlib_files", "stdlib_root",
+           "stdlib_version"]
