@@ -964,6 +964,11 @@ def test_accelerate_launch_cpu_with_several_processes_started_alone_is_refused(t
     assert not (tmp_path / "run").exists(), "refused before anything is written"
     monkeypatch.delenv("MASTER_ADDR")  # `accelerate launch --cpu` (one process) trains
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3})))
+    # and so does a plain `ACCELERATE_USE_CPU=1 zoo train` in a shell that exports MASTER_ADDR (a cluster job's):
+    # not launched by accelerate, whose launcher writes its --cpu flag as "True"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    train(config_from_dict(run_dict(tmp_path / "plain", train={"max_steps": 3})))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")

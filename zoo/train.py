@@ -1393,7 +1393,9 @@ def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train 
         raise ValueError(f"processes: launched as {launched} processes (WORLD_SIZE), but accelerate runs this one "
                          f"alone (on {accelerator.device.type}), so each would {runs} into {str(out_dir)!r}; "
                          f"on CPU launch with ACCELERATE_USE_CPU=1 set, or run one process")
-    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    # accelerate launch's simple launcher writes its --cpu flag as str(bool), "True"; a user's ACCELERATE_USE_CPU=1
+    # on a plain `zoo train`, in a shell that exports MASTER_ADDR (a cluster job's), is one process asked for one
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU") == "True"
     if accelerator.num_processes == 1 and cpu_launch and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
         # the launcher sets MASTER_ADDR for more than one process only: the run went on alone, at one process's batch
         raise ValueError(f"processes: `accelerate launch --cpu --num_processes N` started this process alone "
