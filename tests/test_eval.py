@@ -645,6 +645,21 @@ def test_eval_synthetic_by_default_draws_no_row_finetune_trains_on(checkpoint, t
     assert not any(torch.equal(seen[0][i]["input_ids"], trained[i]["input_ids"]) for i in range(8))
 
 
+def test_eval_synthetic_with_an_empty_seq_lens_evaluates_the_tasks_default_lengths(checkpoint, tmp_path):
+    """--seq-lens "" (a script's unset $LENS) took the task's default lengths, as an empty --n-kv takes its default
+    count; parsed into a list at argparse time it became [], and the command wrote empty results without a word."""
+    from zoo.eval import synthetic
+
+    def lengths(out: str, *argv: str) -> list[int]:
+        argv = ["--model", str(checkpoint), "--task", "mqar", *argv, "--vocab-size", "64", "--n-samples", "2",
+                "--batch-size", "2", "--device", "cpu", "--out", str(tmp_path / out)]
+        result = synthetic.main(argv)
+        return sorted({r["seq_len"] for r in result["rows"]})
+
+    default = lengths("default")
+    assert default and lengths("empty", "--seq-lens", "", "--n-kv", "") == default
+
+
 def test_main_commands(checkpoint, tmp_path):
     from zoo.eval import length, passkey, synthetic
 

@@ -328,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     default_lens = {"mqar": "64,128,256", "selective_copying": "4096", "induction_heads": "2^6,2^8,2^10"}
-    seq_lens = args.seq_lens if args.seq_lens is not None else parse_list(default_lens[args.task])
+    seq_lens = args.seq_lens or parse_list(default_lens[args.task])  # an empty --seq-lens (an unset $LENS) too
     n_kv = args.n_kv or None
     task_kwargs = {}
     if args.vocab_size is not None:
