@@ -267,6 +267,14 @@ def test_a_bad_fresh_mixer_is_named_by_its_letter(base, spec, message):
         graft(base, "ANAN", mixers={"N": spec})
 
 
+def test_a_spare_fresh_letter_beside_a_used_one_is_left_unused(base):
+    # one mixers file (or a model config's mixers) serves several patterns: a letter this pattern does not use is
+    # spare, while a pattern that uses none of them would save the base back unchanged (refused above)
+    spare = FRESH | {"G": {"type": "gla", "n_heads": 2}}
+    hybrid = graft(base, "ANAN", mixers=spare, seed=3)
+    assert same(hybrid, graft(base, "ANAN", mixers=FRESH, seed=3))
+
+
 def test_a_digit_names_fresh_mixers(base):
     # YAML reads {1: {...}} with the number 1 as key: `--mixers "{1: {type: mamba2}}" --pattern A1A1` ended in
     # "TypeError: sequence item 0: expected str instance, int found"

@@ -47,10 +47,10 @@ def _parse_pattern(pattern: str, n_layers: int, fresh: dict[str, dict], has_dono
         if letter not in (KEEP, DONOR):
             raise ValueError(f"pattern: letter {letter!r} (layer {i}) is neither {KEEP!r} (keep the base mixer), "
                              f"{DONOR!r} (the donor's) nor a key of `mixers` ({', '.join(sorted(fresh)) or 'none'})")
-    unused = sorted(set(fresh) - set(letters))
-    if unused:  # the hybrid would be built without the fresh mixer asked for, and without a word
-        raise ValueError(f"mixers: {', '.join(map(repr, unused))} is no letter of the pattern {pattern!r}; put it in "
-                         f"the pattern where its fresh mixer goes, or leave it out")
+    if fresh and not set(fresh) & set(letters):  # the base would be saved back without the fresh mixers asked for
+        raise ValueError(f"mixers: {', '.join(map(repr, sorted(fresh)))} is no letter of the pattern {pattern!r}; "
+                         f"put a letter in the pattern where its fresh mixer goes, or leave `mixers` out")
+    # (spare letters beside used ones are fine: one mixers file, or a model config, serves several patterns)
     return letters
 
 
