@@ -269,7 +269,7 @@ def test_a_count_below_one_is_refused_by_option(command, option, value, tmp_path
 
 @pytest.mark.parametrize("command, option, value", [
     ("synthetic", "--seq-lens", "64,abc"), ("synthetic", "--n-kv", "4,x"), ("passkey", "--lengths", "1K,2KB"),
-    ("passkey", "--depths", "0,half"),
+    ("passkey", "--depths", "0,half"), ("synthetic", "--seq-lens", "64,2^-1"),  # (2^-1 was 0.5 tokens)
 ])
 def test_a_comma_list_with_a_non_number_is_refused_by_option(command, option, value, tmp_path, capsys):
     """--seq-lens abc ended in "invalid literal for int() with base 10: 'abc'", naming neither the option nor the

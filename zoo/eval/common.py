@@ -398,6 +398,8 @@ def parse_int(item: str) -> int:
     item = item.strip()
     if "^" in item:
         base, exponent = item.split("^")
+        if int(exponent) < 0:  # int ** negative is a float: '2^-1' gave 0.5 tokens
+            raise ValueError(f"invalid integer {item!r}: a negative exponent")
         return int(base) ** int(exponent)
     scale = {"k": 1024, "m": 1024**2}.get(item[-1].lower())
     return int(item[:-1]) * scale if scale else int(item)
