@@ -1368,8 +1368,9 @@ def _run_precision(name: str) -> str:
     if name == "auto":
         return launched
     if _mixed_precision(name) != launched:
-        raise ValueError(f"train.precision: {name}, but the launch asks for {launched} (accelerate launch "
-                         f"--mixed_precision or its config file); set train.precision: {launched}, or launch "
+        raise ValueError(f"train.precision: {name}, but the launch asks for {launched} (ACCELERATE_MIXED_PRECISION, "
+                         f"set by accelerate launch from --mixed_precision, its --config_file, or the machine's "
+                         f"default config, `accelerate env` shows it); set train.precision: {launched}, or launch "
                          f"with the precision the run config gives")
     return launched
 
