@@ -81,6 +81,9 @@ def test_parse_mitigation():
     ("norm:threshold=10x", "threshold must be a number"),
     ("forget:c_b=inf", "mitigation c_b: must be a finite number > 0, got inf"),
     ("forget:c_dt=inf", "mitigation c_dt: must be a finite number > 0"),
+    ("forget:c_alpha", "expected key=value with key in"),
+    ("forget:c_alpha=0", "mitigation c_alpha: must be in (0, 1]"),
+    ("norm:threshold=1,group_size=0", "chunk / group_size: must be >= 1"),
 ])
 def test_parse_mitigation_names_the_bad_value(text, message):
     """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and
@@ -88,6 +91,20 @@ def test_parse_mitigation_names_the_bad_value(text, message):
     with pytest.raises(ValueError) as e:
         parse_mitigation(text)
     assert message in str(e.value)
+
+
+def test_spec_helpers_name_every_setting():
+    """is_neutral sees each forget factor, splits_matter only the norm cap (forget and window are exact whatever the
+    split), and format_spec keeps the cap's chunk (it says where the cap acts)."""
+    assert mit.is_neutral(None) and mit.is_neutral({"c_alpha": 1.0, "threshold": math.inf})
+    for key in ("c_alpha", "c_b", "c_dt"):
+        assert not mit.is_neutral({key: 0.5}), key
+    assert not mit.is_neutral({"threshold": 3.0}) and not mit.is_neutral({"window": 8})
+    for spec in (None, "none", "forget:c_alpha=0.9,c_b=0.5", "window:r=8", {"c_dt": 0.5}):
+        assert not mit.splits_matter(spec), spec
+    assert mit.splits_matter("norm:threshold=10") and mit.splits_matter({"threshold": torch.ones(2)})
+    text = "forget:c_dt=0.2+norm:threshold=10,chunk=32"
+    assert mit.format_spec(parse_mitigation(text)) == text
 
 
 # ---- neutral settings reproduce the unmodified mixer exactly ----------------------------------------------------
@@ -140,6 +157,10 @@ def test_apply_mitigation_on_model():
         apply_mitigation(model, None)
         assert all(m.mitigation is None for m in mit.recurrent_mixers(model))
         assert torch.equal(model(ids).logits, base)
+    attention = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/transformerpp-tiny.yaml"))
+    assert apply_mitigation(attention, None) == []
+    with pytest.raises(ValueError, match="forget:c_alpha=0.5.*no recurrent layer"):
+        apply_mitigation(attention, "forget:c_alpha=0.5")
 
 
 # ---- scan-level oracles -------------------------------------------------------------------------------------------
@@ -216,6 +237,40 @@ def test_window_streams_through_the_cache(kind):
         mixer.mitigation = {"window": 6}
         with pytest.raises(ValueError, match="before the first forward"):
             mixer(x[:, 5:9], cache=cache)
+        cache = RecurrentLayer()
+        mixer(x[:, :5], cache=cache)
+        mixer.mitigation = {"window": 4}
+        with pytest.raises(ValueError, match="filled with r=6, now r=4"):
+            mixer(x[:, 5:9], cache=cache)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forget_and_cap_stream_through_the_cache(kind):
+    """A prefill in pieces plus decode steps equals one forward under forget, and under a cap acting every token
+    (chunk 1: the decode steps cap every token too): the steps take the mitigation's own step functions."""
+    mixer = make_mixer(kind)
+    x = torch.randn(2, sum(PIECES), 32)
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x, cache=cache)
+        threshold = 0.3 * mit.head_view(kind, cache.recurrent_state).norm(dim=-1).min().item()  # the cap acts
+        for spec in ({"c_alpha": 0.8, "c_b": 0.7, "c_dt": 0.9}, {"threshold": threshold, "chunk": 1, "c_alpha": 0.9}):
+            mixer.mitigation = spec
+            assert_close(f"{kind} {spec}", run(mixer, x, PIECES), run(mixer, x), 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_forget_in_fp16_stays_finite(kind):
+    """In fp16 the forget rescaling c^{-k} on B is cut into segments of |k log c| <= 6 (fp16 tops out at 65504):
+    c_α = 0.5 over 40 tokens gives the fp32 outputs to fp16 rounding, not inf or NaN."""
+    mixer = make_mixer(kind)
+    t = scan_inputs(kind, mixer, length=40)
+    mixer.mitigation = {"c_alpha": 0.5}
+    with torch.no_grad():
+        y32 = mitigated(kind, mixer, t)
+        y16 = mitigated(kind, mixer, {k: v.half() if k not in ("A", "scale") else v for k, v in t.items()})
+    assert y16.dtype == torch.float16
+    assert_close(f"{kind} forget in fp16", y16.float(), y32, 2e-3)
 
 
 def forget_oracle(kind, mixer, t, c_alpha, c_b, c_dt, threshold=math.inf):
