@@ -601,6 +601,9 @@ def test_evaluate_length_averages_over_documents(tmp_path):
     torch.testing.assert_close(total, sum(p.sum().item() for p in per_doc), rtol=1e-6, atol=1e-6)
     png = plot_length_curves({"llama": result}, tmp_path / "curve.png", train_length=16)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model.train()
+    evaluate_length(model, docs[:1], chunk_size=8)
+    assert model.training  # evaluated in eval mode, then given back as it came
 
 
 def test_log_bins_cover_positions():
