@@ -27,7 +27,7 @@ from zoo.eval import (
     plot_passkey_heatmap,
     predict_answers,
 )
-from zoo.eval.passkey import FILLER, NEEDLE, PREFIX, SUFFIX, markdown_grid
+from zoo.eval.passkey import FILLER, NEEDLE, PREFIX, SUFFIX, markdown_grid, passkey_text
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -269,6 +269,27 @@ def test_passkey_prompt_length_and_depth(which, length, hf_tokenizer):
         build_passkey_prompt(tokenizer, 10, 0.5, 12345)
 
 
+def test_passkey_prompt_is_the_longest_that_fits():
+    """The prompt holds as many filler sentences as fit in context_length (one more does not), its needle after the
+    nearest whole sentence to depth; a template one token longer than the length is refused, and so is a depth
+    outside [0, 1]."""
+    tokenizer = ByteTokenizer()
+    bare = len(tokenizer.encode(passkey_text(48213, 0, 0)))
+    with pytest.raises(ValueError, match="shorter than the bare template"):
+        build_passkey_prompt(tokenizer, bare - 1, 0.5, 48213)
+    assert len(build_passkey_prompt(tokenizer, bare, 0.5, 48213).input_ids) == bare
+    for length in range(bare + 1, bare + 150):
+        for depth in (0.0, 0.3, 0.7, 1.0):
+            prompt = build_passkey_prompt(tokenizer, length, depth, 48213)
+            n = prompt.n_filler
+            more = passkey_text(48213, n + 1, round(depth * (n + 1)))
+            assert len(prompt.input_ids) <= length < len(tokenizer.encode(more)), (length, depth)
+            assert abs(prompt.needle_after - depth * n) <= 0.5, (length, depth)
+    for depth in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+            build_passkey_prompt(tokenizer, 300, depth, 48213)
+
+
 def test_passkey_prompt_drops_an_eos_the_tokenizer_appends(hf_tokenizer):
     """A tokenizer that appends EOS on encode (add_eos_token, a '$A </s>' template) made every passkey prompt end
     '... The passkey is</s>': the model was asked to continue after the end of a document."""
@@ -375,6 +396,11 @@ def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
         evaluate_passkey(model, tokenizer, lengths=[300], depths=[0, 25, 50], n_samples=1)
     with pytest.raises(ValueError, match=r"lengths: 100 tokens is shorter than the bare passkey template \(\d+ tokens"):
         evaluate_passkey(model, tokenizer, lengths=[300, 100], depths=[0.5], n_samples=1)
+    bare = len(tokenizer.encode(passkey_text(10000, 0, 0)))  # a length one short of the template, a depth past 1
+    with pytest.raises(ValueError, match=rf"lengths: {bare - 1} tokens is shorter than the bare passkey template"):
+        evaluate_passkey(model, tokenizer, lengths=[300, bare - 1], depths=[0.5], n_samples=1)
+    with pytest.raises(ValueError, match=r"depths: 1.2 is not a fraction"):
+        evaluate_passkey(model, tokenizer, lengths=[300], depths=[0, 1.2], n_samples=1)
     with pytest.raises(ValueError, match=r"no cells.*--depths"):
         evaluate_passkey(model, tokenizer, lengths=[300], depths=[], n_samples=1)
     assert calls == []
@@ -387,6 +413,22 @@ def test_chunked_greedy_decoding_matches_generate():
     reference = greedy_generate(model, input_ids, max_new_tokens=6, eos_token_id=eos)
     chunked = greedy_generate(model, input_ids, max_new_tokens=6, prefill_chunk_size=16, eos_token_id=eos)
     assert reference.shape[1] >= 1 and torch.equal(reference, chunked)
+    first = int(chunked[0, 0])  # decoding stops at the end-of-sequence token, the chunked path too
+    for chunk_size in (None, 16):
+        assert torch.equal(greedy_generate(model, input_ids, 6, chunk_size, eos_token_id=first), chunked[:, :1])
+
+
+def test_chunked_greedy_decoding_counts_positions_on():
+    """Each prefill chunk and decoding step is given the positions it has in the sequence (the first chunk counts from
+    0 by itself). A step one position off gave the same greedy tokens on the tiny Llama: only its positions show it."""
+    model = tiny_llama()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("position_ids")),
+                                    with_kwargs=True)
+    input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
+    greedy_generate(model, input_ids, max_new_tokens=4, prefill_chunk_size=16)
+    positions = torch.cat([p[0] for p in seen[1:]]).tolist()  # the chunks from 16 on, then the steps from 50 on
+    assert seen[0] is None and len(positions) >= 37 and positions == list(range(16, 16 + len(positions)))
 
 
 @pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3}],
@@ -601,6 +643,9 @@ def test_evaluate_length_averages_over_documents(tmp_path):
     torch.testing.assert_close(total, sum(p.sum().item() for p in per_doc), rtol=1e-6, atol=1e-6)
     png = plot_length_curves({"llama": result}, tmp_path / "curve.png", train_length=16)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model.train()
+    evaluate_length(model, docs[:1], chunk_size=8)
+    assert model.training  # evaluated in eval mode, then given back as it came
 
 
 def test_log_bins_cover_positions():

@@ -74,6 +74,7 @@ def test_load_documents_takes_the_documented_shapes_only(tmp_path):
     assert [len(d) for d in docs] == [5, 8]
     for bad, match in [(torch.zeros(2, 3, 4, dtype=torch.long), r"shape \[2, 3, 4\]"),
                        (torch.rand(2, 10), "float32 values"),
+                       (torch.ones(2, 10, dtype=torch.bool), "bool values"),
                        ([torch.zeros(2, 5, dtype=torch.long)], r"holds \[\[2, 5\]\]"),
                        ({"input_ids": torch.zeros(2, 5, dtype=torch.long)}, "holds dict"),
                        (torch.zeros(0, 5, dtype=torch.long), "no documents"),
@@ -144,6 +145,15 @@ def test_json_outputs_are_strict_json(tmp_path):
     path = write_json({"loss": [float("nan"), 1.5], "best": float("inf"), "rows": ({"acc": -float("inf")},)},
                       tmp_path / "out" / "r.json")
     assert strict(path.read_text()) == {"loss": [None, 1.5], "best": None, "rows": [{"acc": None}]}
+
+
+def test_length_refuses_two_curves_of_one_label(capsys):
+    """Two curves of one label would write the same files and length.json entry: refused before any model loads."""
+    from zoo.eval import length
+
+    with pytest.raises(SystemExit):
+        length.main(["--model", "no/such/model", "no/such/model"])
+    assert "every curve needs its own label" in capsys.readouterr().err
 
 
 def test_output_stems():

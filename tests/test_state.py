@@ -81,6 +81,9 @@ def test_parse_mitigation():
     ("norm:threshold=10x", "threshold must be a number"),
     ("forget:c_b=inf", "mitigation c_b: must be a finite number > 0, got inf"),
     ("forget:c_dt=inf", "mitigation c_dt: must be a finite number > 0"),
+    ("forget:c_alpha", "expected key=value with key in"),
+    ("forget:c_alpha=0", "mitigation c_alpha: must be in (0, 1]"),
+    ("norm:threshold=1,group_size=0", "chunk / group_size: must be >= 1"),
 ])
 def test_parse_mitigation_names_the_bad_value(text, message):
     """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and
@@ -88,6 +91,20 @@ def test_parse_mitigation_names_the_bad_value(text, message):
     with pytest.raises(ValueError) as e:
         parse_mitigation(text)
     assert message in str(e.value)
+
+
+def test_spec_helpers_name_every_setting():
+    """is_neutral sees each forget factor, splits_matter only the norm cap (forget and window are exact whatever the
+    split), and format_spec keeps the cap's chunk (it says where the cap acts)."""
+    assert mit.is_neutral(None) and mit.is_neutral({"c_alpha": 1.0, "threshold": math.inf})
+    for key in ("c_alpha", "c_b", "c_dt"):
+        assert not mit.is_neutral({key: 0.5}), key
+    assert not mit.is_neutral({"threshold": 3.0}) and not mit.is_neutral({"window": 8})
+    for spec in (None, "none", "forget:c_alpha=0.9,c_b=0.5", "window:r=8", {"c_dt": 0.5}):
+        assert not mit.splits_matter(spec), spec
+    assert mit.splits_matter("norm:threshold=10") and mit.splits_matter({"threshold": torch.ones(2)})
+    text = "forget:c_dt=0.2+norm:threshold=10,chunk=32"
+    assert mit.format_spec(parse_mitigation(text)) == text
 
 
 # ---- neutral settings reproduce the unmodified mixer exactly ----------------------------------------------------
@@ -140,6 +157,10 @@ def test_apply_mitigation_on_model():
         apply_mitigation(model, None)
         assert all(m.mitigation is None for m in mit.recurrent_mixers(model))
         assert torch.equal(model(ids).logits, base)
+    attention = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/transformerpp-tiny.yaml"))
+    assert apply_mitigation(attention, None) == []
+    with pytest.raises(ValueError, match="forget:c_alpha=0.5.*no recurrent layer"):
+        apply_mitigation(attention, "forget:c_alpha=0.5")
 
 
 # ---- scan-level oracles -------------------------------------------------------------------------------------------
@@ -216,6 +237,40 @@ def test_window_streams_through_the_cache(kind):
         mixer.mitigation = {"window": 6}
         with pytest.raises(ValueError, match="before the first forward"):
             mixer(x[:, 5:9], cache=cache)
+        cache = RecurrentLayer()
+        mixer(x[:, :5], cache=cache)
+        mixer.mitigation = {"window": 4}
+        with pytest.raises(ValueError, match="filled with r=6, now r=4"):
+            mixer(x[:, 5:9], cache=cache)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forget_and_cap_stream_through_the_cache(kind):
+    """A prefill in pieces plus decode steps equals one forward under forget, and under a cap acting every token
+    (chunk 1: the decode steps cap every token too): the steps take the mitigation's own step functions."""
+    mixer = make_mixer(kind)
+    x = torch.randn(2, sum(PIECES), 32)
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x, cache=cache)
+        threshold = 0.3 * mit.head_view(kind, cache.recurrent_state).norm(dim=-1).min().item()  # the cap acts
+        for spec in ({"c_alpha": 0.8, "c_b": 0.7, "c_dt": 0.9}, {"threshold": threshold, "chunk": 1, "c_alpha": 0.9}):
+            mixer.mitigation = spec
+            assert_close(f"{kind} {spec}", run(mixer, x, PIECES), run(mixer, x), 2e-5)
+
+
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_forget_in_fp16_stays_finite(kind):
+    """In fp16 the forget rescaling c^{-k} on B is cut into segments of |k log c| <= 6 (fp16 tops out at 65504):
+    c_α = 0.5 over 40 tokens gives the fp32 outputs to fp16 rounding, not inf or NaN."""
+    mixer = make_mixer(kind)
+    t = scan_inputs(kind, mixer, length=40)
+    mixer.mitigation = {"c_alpha": 0.5}
+    with torch.no_grad():
+        y32 = mitigated(kind, mixer, t)
+        y16 = mitigated(kind, mixer, {k: v.half() if k not in ("A", "scale") else v for k, v in t.items()})
+    assert y16.dtype == torch.float16
+    assert_close(f"{kind} forget in fp16", y16.float(), y32, 2e-3)
 
 
 def forget_oracle(kind, mixer, t, c_alpha, c_b, c_dt, threshold=math.inf):
@@ -431,6 +486,10 @@ def test_recorder_equals_direct_run(config):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{config}.yaml")).eval()
+    if config == "gla-tiny":  # decays spread over the key channels (at init they are all but equal)
+        with torch.no_grad():
+            for mixer in mit.recurrent_mixers(model):
+                mixer.gk_proj[1].weight.normal_(std=2.0)
     ids = torch.randint(0, 512, (2, 40))
     result = record_state_statistics(model, ids, chunk_size=16, points_per_octave=1, min_chunk=4)
     assert result["positions"] == [4, 8, 16, 32, 40]
@@ -459,7 +518,103 @@ def test_recorder_equals_direct_run(config):
             assert_close(f"log α {layer}", torch.tensor(stats["log_alpha_mean"][i]), la[:, span].mean((0, 1)), 1e-4)
             if delta is not None:
                 assert_close(f"Δ {layer}", torch.tensor(stats["delta_mean"][i]), delta[:, span].mean((0, 1)), 1e-4)
+            if kind == "gla":  # mean α: each key channel's exp(log α), then the mean (not exp of the mean log α)
+                mixer = model.model.layers[layer].mixer
+                g = F.logsigmoid(mixer.gk_proj(inputs[layer][0]).float()) / mixer.gate_logit_normalizer
+                alpha = g.exp().unflatten(-1, (mixer.n_heads, -1)).mean(-1)
+                assert_close(f"α {layer}", torch.tensor(stats["alpha_mean"][i]), alpha[:, span].mean((0, 1)), 1e-5)
         assert_close(f"log ∏α {layer}", torch.tensor(stats["log_alpha_cumsum"][-1]), la.sum(1).mean(0), 1e-4)
+
+
+@pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny", "gla-tiny"])
+def test_recorder_sees_the_decay_and_B_the_mitigation_leaves(config):
+    """The recorder's decay and B are the ones the mixer used: forget's c_α = 0.5 and c_B = 0.5 shift the first
+    layer's mean log α by log 0.5 and halve its mean α, B mean and B RMS (its inputs are those of the plain model)."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state.recorder import StateRecorder
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{config}.yaml")).eval()
+    ids = torch.randint(0, 512, (2, 24))
+    first = mit.recurrent_mixers(model)[0].layer_idx
+    taken = []
+    for spec in (None, "forget:c_alpha=0.5,c_b=0.5"):
+        apply_mitigation(model, spec)
+        recorder = StateRecorder(model)
+        with recorder, torch.no_grad():
+            model(input_ids=ids)
+            taken.append(recorder.take()[first])
+    plain, forget = taken
+    assert_close("log α", forget["log_alpha_mean"], plain["log_alpha_mean"] + math.log(0.5), 1e-6)
+    for name in ("alpha_mean", "B_mean", "B_rms"):
+        assert_close(name, forget[name], 0.5 * plain[name], 1e-6)
+    if "delta_mean" in plain:
+        assert_close("Δ", forget["delta_mean"], plain["delta_mean"], 1e-6)
+
+
+def test_recorder_over_pieces_equals_one_forward():
+    """Statistics taken over two forwards through the cache equal those of one forward over the same 300 tokens
+    (log ∏α per row, not per row and call; mean α at every token, past the 256-token slices it is computed in)."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state.recorder import StateRecorder
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba-tiny.yaml")).eval()
+    ids = torch.randint(0, 512, (2, 300))
+    recorder = StateRecorder(model)
+    with recorder, torch.no_grad():
+        model(input_ids=ids)
+        whole = recorder.take()
+        cache = model(input_ids=ids[:, :130], use_cache=True).past_key_values
+        model(input_ids=ids[:, 130:], past_key_values=cache, use_cache=True)
+        pieces = recorder.take()
+    assert all(m.state_probe is None for m in mit.recurrent_mixers(model))  # the probes go with the context
+    for layer, stats in whole.items():
+        for name, value in stats.items():
+            assert_close(f"layer {layer} {name}", pieces[layer][name], value, 1e-5)
+
+
+def test_state_statistics_of_a_known_state():
+    """Per head: mean, population variance, RMS and Frobenius norm of its elements, averaged over the batch."""
+    state = torch.tensor([[[[1.0, 3.0]], [[0.0, 0.0]]], [[[1.0, 3.0]], [[4.0, 0.0]]]])  # (b 2, H 2, P 1, N 2)
+    stats = state_statistics("mamba2", state)
+    expect = {"state_mean": [2.0, 1.0], "state_var": [1.0, 2.0], "state_rms": [5 ** 0.5, 8 ** 0.5 / 2],
+              "state_norm": [10 ** 0.5, 2.0]}
+    for name, value in expect.items():
+        assert torch.allclose(stats[name], torch.tensor(value, dtype=torch.float64)), (name, stats[name])
+
+
+def test_record_state_statistics_settings():
+    """A 1-D row is one row; the mitigation in effect is named as its text; a row of one token has a NaN loss (no
+    token to score); calibrate_norm_threshold scales the largest norm by factor, keeps a forget setting already on
+    the mixers and caps heads of the group_size it measured; the model's train mode comes back."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/gla-tiny.yaml")).train()
+    ids = torch.randint(0, 512, (1, 32))
+    flat = record_state_statistics(model, ids[0], chunk_size=16, points_per_octave=0)
+    assert model.training
+    model.eval()
+    assert flat["loss"] == record_state_statistics(model, ids, chunk_size=16, points_per_octave=0)["loss"]
+    assert flat["mitigation"] == "none" and flat["batch"] == 1
+    apply_mitigation(model, "forget:c_alpha=0.5")
+    assert record_state_statistics(model, ids, chunk_size=16)["mitigation"] == "forget:c_alpha=0.5"
+    once = calibrate_norm_threshold(model, ids, factor=1.0, chunk=16)
+    twice = calibrate_norm_threshold(model, ids, factor=2.0, chunk=16)
+    for layer, threshold in once.items():
+        assert torch.allclose(twice[layer], 2 * threshold)
+    assert all(m.mitigation["c_alpha"] == 0.5 for m in mit.recurrent_mixers(model))
+    assert math.isnan(record_state_statistics(model, ids[:, :1], chunk_size=16)["loss"][0])  # no token to score
+    mamba = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba-tiny.yaml")).eval()
+    calibrate_norm_threshold(mamba, ids, chunk=16, group_size=32)  # heads of 32 channels, the cap's too
+    assert all(m.mitigation["group_size"] == 32 for m in mit.recurrent_mixers(mamba))
+    with torch.no_grad():
+        mamba(ids)
 
 
 # ---- recipes -----------------------------------------------------------------------------------------------------
