@@ -66,6 +66,14 @@ def run_dict(tmp_path: Path, **sections) -> dict:
     return _merge(base, sections)
 
 
+def rewrite_trainer_state(output_dir, edit) -> None:
+    """Apply `edit` to the newest checkpoint's trainer_state.json (a checkpoint of another version or machine)."""
+    path = latest_checkpoint(output_dir) / "trainer_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
 def test_tiny_run_loss_drops_through_the_cli(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -711,10 +719,7 @@ def test_resume_of_a_checkpoint_from_before_the_text_keyed_holdout_says_it_is_no
     cfg.train.max_steps = 3
     train(cfg, resume="auto")
     assert "predates the held-out split" not in capsys.readouterr().out
-    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
-    state = json.loads(state_path.read_text())
-    state.pop("holdout_key")
-    state_path.write_text(json.dumps(state))
+    rewrite_trainer_state(cfg.output_dir, lambda state: state.pop("holdout_key"))
     cfg.train.max_steps = 4
     train(cfg, resume="auto")
     assert "predates the held-out split keyed by each document's text" in capsys.readouterr().out
@@ -1572,10 +1577,7 @@ def test_resume_of_a_shuffled_stream_under_another_datasets_version_says_it_is_n
         cfg.train.max_steps = 3
         train(cfg, resume="auto")
         assert "read its shuffled stream with datasets" not in capsys.readouterr().out, "the same version"
-        state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
-        state = json.loads(state_path.read_text())
-        state["datasets"] = "2.21.0"
-        state_path.write_text(json.dumps(state))
+        rewrite_trainer_state(cfg.output_dir, lambda state: state.update(datasets="2.21.0"))
         cfg.train.max_steps = 4
         train(cfg, resume="auto")
         return capsys.readouterr().out
@@ -1629,10 +1631,7 @@ def test_resume_says_when_the_local_sources_files_changed_under_the_run(tmp_path
                      rf"so the run goes on from the start of epoch {saved['epoch'] + 1}\. This resume is not exact",
                      out), out
 
-    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"  # as written before the record
-    state = json.loads(state_path.read_text())
-    del state["source_files"]
-    state_path.write_text(json.dumps(state))
+    rewrite_trainer_state(cfg.output_dir, lambda state: state.pop("source_files"))  # as written before the record
     (folder / "part1.jsonl").write_text(part1)
     assert "not exact" not in resumed(), "a checkpoint without the source's files"
 
@@ -1699,10 +1698,7 @@ def test_resume_says_when_the_built_in_corpus_is_another_pythons(tmp_path, capsy
     cfg.train.max_steps = 3
     train(cfg, resume="auto")
     assert "not exact" not in capsys.readouterr().out, "the same Python"
-    state_path = latest_checkpoint(cfg.output_dir) / "trainer_state.json"
-    state = json.loads(state_path.read_text())
-    state["stdlib"] = {"python": "3.9.0", "files": 1234}
-    state_path.write_text(json.dumps(state))
+    rewrite_trainer_state(cfg.output_dir, lambda state: state.update(stdlib={"python": "3.9.0", "files": 1234}))
     cfg.train.max_steps = 4
     train(cfg, resume="auto")
     now = stdlib_version()
