@@ -602,6 +602,16 @@ def _shuffle_version(data) -> str | None:
     return _import_datasets(data.source).__version__
 
 
+def source_record(data, source_files: dict[str, list[int]] | None, stream: TextStream) -> dict[str, Any]:
+    """What the run's documents were read from, as its checkpoints record it for --resume (resume_source_changes and
+    the shuffled stream's check): a local source's files as the run opened them (`local_source_files`), the hub
+    commit of a hub dataset where `datasets` tells it, the `datasets` version whose shuffle ordered a shuffled
+    stream, the Python whose files the built-in corpus is; what does not apply is left out."""
+    record = {"source_files": source_files, "source_commit": stream._docs.commit,
+              "datasets": _shuffle_version(data), "stdlib": stdlib_version() if data.source == "stdlib" else None}
+    return {key: value for key, value in record.items() if value is not None}
+
+
 def peak_memory_gib(accelerator, device: torch.device) -> float:
     """The largest `torch.cuda.max_memory_allocated` of any process, in GiB (a collective: every process calls it).
     Under FSDP or uneven batches the processes differ, and the run needs the most any of them held."""
@@ -1206,12 +1216,11 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
 
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
                     data_state: StreamState, optimizer: torch.optim.Optimizer | None = None,
-                    source_files: dict[str, list[int]] | None = None, source_commit: str | None = None) -> Path:
+                    data_record: dict[str, Any] | None = None) -> Path:
     """Write checkpoints/step_<step>/ atomically: everything goes to a temporary folder that is renamed
     into place once complete, then `latest` is repointed and old checkpoints beyond checkpoint.keep go.
-    trainer_state.json records the sizes of the optimizer's parameter groups and the local source's files as the run
-    opened them (`local_source_files`), or the hub commit it read a hub dataset at where `datasets` tells it
-    (`source_commit`), which --resume compares."""
+    trainer_state.json records the sizes of the optimizer's parameter groups and `data_record` (source_record(): what
+    the run's documents were read from), which --resume compares."""
     from accelerate.utils import gather_object
 
     root = Path(cfg.output_dir) / "checkpoints"
@@ -1241,16 +1250,9 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         state = {"step": step, "tokens": tokens, "world_size": accelerator.num_processes,
                  "data_states": data_states, "holdout_key": "text",
                  "precision": accelerator.mixed_precision}  # the run's (the launch's under auto): see --resume
-        if (version := _shuffle_version(cfg.data)) is not None:  # whose shuffle ordered the stream (see --resume)
-            state["datasets"] = version
         if optimizer is not None:
             state["param_groups"] = [len(g["params"]) for g in optimizer.param_groups]
-        if source_files is not None:
-            state["source_files"] = source_files
-        if source_commit is not None:
-            state["source_commit"] = source_commit
-        if cfg.data.source == "stdlib":  # its files are the running Python's
-            state["stdlib"] = stdlib_version()
+        state.update(data_record or {})
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
@@ -1639,6 +1641,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                         chunk_len=chunk if cfg.data.packing else None)
     if start_ckpt is not None and (notice := resume_source_changes(start_ckpt, state, source_files, stream)):
         accelerator.print(notice)
+    record = source_record(cfg.data, source_files, stream)
     batches = _Prefetch(stream.batches(B, data_state), cfg.train.prefetch * accum, pin=device.type == "cuda")
 
     def evaluate() -> dict[str, float]:
@@ -1703,7 +1706,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         nonlocal last_ckpt, saved_step
         if saved_step != step:
             last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer,
-                                        source_files, stream._docs.commit)
+                                        record)
             saved_step = step
 
     def flush() -> list[float]:
