@@ -293,6 +293,10 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
     typo = str(tmp_path / "doc.jsonl")  # one of a list that matches nothing is not silently dropped
     with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(typo)}'"):
         TextStream(DataConfig(source=[source, typo]), tok)
+    for named in ("someone/corpus", "stdlib", str(tmp_path)):  # a list of one that is no file (a TypeError in datasets)
+        with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(named)}'; .*a hub dataset, "
+                                             r"a local folder or 'stdlib' is given as one string, not in a list"):
+            TextStream(DataConfig(source=[named]), tok)
 
 
 def test_a_file_named_twice_in_the_source_is_read_once(tok, tmp_path, monkeypatch, letter_docs):

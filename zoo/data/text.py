@@ -477,15 +477,19 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     """The sorted local files named by `source` (paths or globs), each once, or None if it names none (a hub name).
 
     A path or glob that matches no file is refused by name rather than tried as a hub dataset (or, in a list,
-    silently dropped). A file matched under two spellings (absolute and relative, through a symlink) is read once."""
+    silently dropped); so is any item of a list that matches no file (a list names files: a hub dataset, a local folder
+    or 'stdlib' in a list reached load_dataset as the list, which failed in a TypeError). A file matched under two
+    spellings (absolute and relative, through a symlink) is read once."""
     patterns = [source] if isinstance(source, str) else list(source)
     files: list[str] = []
     for pattern in patterns:
         path = os.path.expanduser(pattern)
         matches = [m for m in sorted(glob.glob(path, recursive=True)) if os.path.isfile(m)]
-        if not matches and (len(patterns) > 1 or (_looks_local(pattern) and not os.path.isdir(path))):
+        if not matches and (not isinstance(source, str) or (_looks_local(pattern) and not os.path.isdir(path))):
+            listed = "" if isinstance(source, str) else \
+                "; a hub dataset, a local folder or 'stdlib' is given as one string, not in a list"
             raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json or "
-                             f".parquet files (paths or globs)")
+                             f".parquet files (paths or globs){listed}")
         files.extend(matches)
     unique: dict[str, str] = {}  # the real path -> the first spelling in sorted order
     for f in sorted(set(files)):
