@@ -293,6 +293,10 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
     typo = str(tmp_path / "doc.jsonl")  # one of a list that matches nothing is not silently dropped
     with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(typo)}'"):
         TextStream(DataConfig(source=[source, typo]), tok)
+    for named in ("someone/corpus", "stdlib", str(tmp_path)):  # a list of one that is no file (a TypeError in datasets)
+        with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(named)}'; .*a hub dataset, "
+                                             r"a local folder or 'stdlib' is given as one string, not in a list"):
+            TextStream(DataConfig(source=[named]), tok)
 
 
 def test_a_file_named_twice_in_the_source_is_read_once(tok, tmp_path, monkeypatch, letter_docs):
@@ -506,6 +510,50 @@ def test_a_revision_of_a_source_not_on_the_hub_is_refused_by_name(tok, letter_do
     with pytest.raises(ValueError, match=r"^data\.revision: 'v1' names a hub dataset's branch, tag or commit; .*so "
                                          r"it would be ignored: unset revision"):
         TextStream(DataConfig(source=source, revision="v1"), tok)
+
+
+@pytest.mark.parametrize("offline", [None, "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_a_streamed_hub_datasets_commit_that_is_not_known_is_said_once_and_not_recorded(tok, monkeypatch, offline):
+    # a streamed hub dataset's commit is asked of the hub; offline it is not asked, and a look-up that fails (no
+    # network) neither stops the run nor records a commit: the run says once that its resume cannot check the commit.
+    # A commit sha needs no look-up
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+
+    calls, asked = [], []
+
+    def load_dataset(path, name=None, split=None, streaming=False, revision=None, **kwargs):  # the hub, offline
+        calls.append(revision)
+        return datasets.Dataset.from_list([{"text": f"document {i} " * 10} for i in range(20)]).to_iterable_dataset()
+
+    def dataset_info(self, repo_id, *, revision=None, timeout=None, **kwargs):
+        asked.append(timeout)
+        raise OSError("Network is unreachable")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as read at import: a machine set offline
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    if offline:
+        monkeypatch.setenv(offline, "1")
+    cfg = DataConfig(source="someone/corpus", revision="main", eval_split="validation", seq_len=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        streams = [TextStream(cfg, tok, split) for split in ("train", "eval")]
+    said = [str(w.message) for w in caught if "hub commit" in str(w.message)]
+    why = "offline: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set" if offline else \
+        "asking the hub failed: OSError: Network is unreachable"
+    assert len(said) == 1 and re.search(rf"^data: the hub commit of 'someone/corpus' at 'main' is not known \({why}\), "
+                                        r"so checkpoints do not record it", said[0]), said
+    assert asked == ([] if offline else [10, 10]) and calls == ["main", "main"]
+    assert [s._docs.commit for s in streams] == [None, None] and next(streams[0].rows())[0]["input_ids"].shape == (16,)
+
+    asked.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream = TextStream(DataConfig(source="someone/corpus", revision="c" * 40, seq_len=16), tok)
+    assert (stream._docs.commit, asked, calls[-1]) == ("c" * 40, [], "c" * 40)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5])

@@ -1683,6 +1683,53 @@ def test_a_hub_datasets_revision_is_read_and_a_moved_default_branch_said_on_resu
         train(cfg, resume="auto")
 
 
+def test_a_streamed_hub_datasets_commit_is_asked_of_the_hub_read_and_a_moved_branch_said_on_resume(
+        tmp_path, monkeypatch, capsys):
+    # a streamed hub dataset's commit was not recorded (datasets does not tell it), so a default branch that moved
+    # between the stop and the resume trained the resumed run on other data without a word. The run asks the hub
+    # (HfApi.dataset_info, with a timeout) which commit the revision is at, streams that commit, and records it
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub
+
+    head, calls, asked = ["a" * 40], [], []
+
+    def load_dataset(path, name=None, split=None, streaming=False, revision=None, **kwargs):  # the hub, offline
+        calls.append((split, streaming, revision))
+        commit = revision if revision in ("a" * 40, "b" * 40) else head[0]
+        return datasets.Dataset.from_list([{"text": f"{commit[:4]} {split} document {i} " * 20} for i in range(40)]
+                                          ).to_iterable_dataset()
+
+    def dataset_info(self, repo_id, *, revision=None, timeout=None, **kwargs):
+        asked.append((repo_id, revision, timeout))
+        return huggingface_hub.hf_api.DatasetInfo(id=repo_id, sha=head[0] if revision is None else revision)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # the hub is this test's: on a machine set offline
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 0},
+                                    eval={"every": 2, "batches": 1},
+                                    data={"source": "someone/corpus", "streaming": True, "shuffle": False,
+                                          "eval_split": "validation"}))
+    train(cfg)
+    assert asked and all(a[:2] == ("someone/corpus", None) and 0 < a[2] <= 30 for a in asked), asked
+    assert sorted(set(calls)) == [("train", True, "a" * 40), ("validation", True, "a" * 40)], "the commit is read"
+    assert json.loads((latest_checkpoint(cfg.output_dir) / "trainer_state.json").read_text())["source_commit"] \
+        == "a" * 40
+    capsys.readouterr()
+
+    head[0] = "b" * 40  # the default branch moved
+    cfg.train.max_steps = 3
+    train(cfg, resume="auto")
+    assert re.search(rf"--resume: 'someone/corpus' was read at hub commit {'a' * 40} by step_00000002's run, this "
+                     rf"run reads commit {'b' * 40}, which orders every epoch's documents otherwise.*This resume is "
+                     r"not exact", capsys.readouterr().out)
+    cfg.train.max_steps = 4  # unmoved since step_3's run
+    train(cfg, resume="auto")
+    assert "not exact" not in capsys.readouterr().out
+
+
 
 def test_resume_says_when_the_built_in_corpus_is_another_pythons(tmp_path, capsys):
     # the built-in corpus is the running Python's standard library: a run resumed under another Python trained on

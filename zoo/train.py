@@ -605,8 +605,8 @@ def _shuffle_version(data) -> str | None:
 def source_record(data, source_files: dict[str, list[int]] | None, stream: TextStream) -> dict[str, Any]:
     """What the run's documents were read from, as its checkpoints record it for --resume (resume_source_changes and
     the shuffled stream's check): a local source's files as the run opened them (`local_source_files`), the hub
-    commit of a hub dataset where `datasets` tells it, the `datasets` version whose shuffle ordered a shuffled
-    stream, the Python whose files the built-in corpus is; what does not apply is left out."""
+    commit of a hub dataset where it is known (`open_documents`), the `datasets` version whose shuffle ordered a
+    shuffled stream, the Python whose files the built-in corpus is; what does not apply is left out."""
     record = {"source_files": source_files, "source_commit": stream._docs.commit,
               "datasets": _shuffle_version(data), "stdlib": stdlib_version() if data.source == "stdlib" else None}
     return {key: value for key, value in record.items() if value is not None}
@@ -1142,8 +1142,9 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
     checkpoint's run opened (trainer_state's source_files: sizes and modification times; a checkpoint without them is
     not compared), which orders the documents of every epoch otherwise; or a process's saved document lies past the
     documents its share now holds, from where the stream would go on at the next epoch without a word; or a hub
-    dataset read at another commit than the checkpoint's run read it at (trainer_state's source_commit, where
-    `datasets` told it: a non-streamed dataset), its default branch having moved under an unset data.revision; or
+    dataset read at another commit than the checkpoint's run read it at (trainer_state's source_commit: where `datasets`
+    cached a non-streamed one, what the hub answered for a streamed one), its default branch having moved under an
+    unset data.revision; or
     the built-in corpus of another Python (trainer_state's stdlib: its version and number of files)."""
     from zoo.data.text import _IndexedDocs
 

@@ -305,7 +305,7 @@ class _StreamedDocs:
     exactly only under the version that read it (``zoo train --resume`` says when it is another).
     """
 
-    commit: str | None = None  # the hub commit read (a stream does not tell it without asking the hub again)
+    commit: str | None = None  # the hub commit read, which open_documents asked the hub for and pinned the stream to
 
     def __init__(self, dataset, text_field: str, seed: int, shuffle: bool, buffer: int, source: Any = None):
         self.dataset, self.text_field = dataset, text_field
@@ -477,15 +477,19 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     """The sorted local files named by `source` (paths or globs), each once, or None if it names none (a hub name).
 
     A path or glob that matches no file is refused by name rather than tried as a hub dataset (or, in a list,
-    silently dropped). A file matched under two spellings (absolute and relative, through a symlink) is read once."""
+    silently dropped); so is any item of a list that matches no file (a list names files: a hub dataset, a local folder
+    or 'stdlib' in a list reached load_dataset as the list, which failed in a TypeError). A file matched under two
+    spellings (absolute and relative, through a symlink) is read once."""
     patterns = [source] if isinstance(source, str) else list(source)
     files: list[str] = []
     for pattern in patterns:
         path = os.path.expanduser(pattern)
         matches = [m for m in sorted(glob.glob(path, recursive=True)) if os.path.isfile(m)]
-        if not matches and (len(patterns) > 1 or (_looks_local(pattern) and not os.path.isdir(path))):
+        if not matches and (not isinstance(source, str) or (_looks_local(pattern) and not os.path.isdir(path))):
+            listed = "" if isinstance(source, str) else \
+                "; a hub dataset, a local folder or 'stdlib' is given as one string, not in a list"
             raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json or "
-                             f".parquet files (paths or globs)")
+                             f".parquet files (paths or globs){listed}")
         files.extend(matches)
     unique: dict[str, str] = {}  # the real path -> the first spelling in sorted order
     for f in sorted(set(files)):
@@ -557,6 +561,26 @@ def _hub_commit(dataset) -> str | None:
         return None
     folder = folders.pop()
     return folder if re.fullmatch(r"[0-9a-f]{40}", folder) else None
+
+
+def _hub_head(source: str, revision: str | None) -> tuple[str | None, str | None]:
+    """(the commit sha that `revision` of the hub dataset `source` is at, None), or (None, why it is not known):
+    offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE), or the hub did not answer within 10 s or refused (no network, a
+    private or unknown dataset; `datasets.load_dataset` then says what it says). A commit sha is its own answer."""
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision, None
+    import datasets
+
+    if datasets.config.HF_HUB_OFFLINE or any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")
+                                             for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return None, "offline: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set"
+    from huggingface_hub import HfApi
+
+    try:
+        sha = HfApi().dataset_info(source, revision=revision, timeout=10).sha
+    except Exception as e:  # noqa: BLE001 - any failure of the look-up leaves the run as it was, unpinned
+        return None, f"asking the hub failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    return (sha, None) if sha else (None, "the hub's answer names no commit")
 
 
 def _check_text_field(columns, cfg: DataConfig) -> None:
@@ -640,14 +664,22 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             raise ValueError(f"data.revision: {cfg.revision!r} names a hub dataset's branch, tag or commit; a local "
                              f"folder is read as it is on disk, so it would be ignored: unset revision")
         which = cfg.split if (split == "train" or cfg.eval_split is None) else cfg.eval_split
+        # a stream tells no commit: ask the hub which one the revision is at, and read that one
+        hub_stream = cfg.streaming and not os.path.isdir(os.path.expanduser(cfg.source))
+        commit, unknown = _hub_head(cfg.source, cfg.revision) if hub_stream else (None, None)
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming,
-                                            revision=cfg.revision)
+                                            revision=commit or cfg.revision)
         except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last: malformed files
             cause = f" ({type(e).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
                              f"{which!r}): {e}{cause}") from e
         streamed = cfg.streaming
+        if unknown is not None:
+            warnings.warn(f"data: the hub commit of {cfg.source!r} at "
+                          f"{'its default branch' if cfg.revision is None else repr(cfg.revision)} is not known "
+                          f"({unknown}), so checkpoints do not record it and --resume cannot say whether the dataset "
+                          f"moved; data.revision set to a commit sha pins it", stacklevel=2)
     _check_text_field(dataset.column_names, cfg)
 
     use_holdout = local is not None or cfg.eval_split is None
@@ -662,7 +694,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             from datasets.distributed import split_dataset_by_node
 
             dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        return _StreamedDocs(dataset, cfg.text_field, cfg.seed, shuffle, cfg.shuffle_buffer, cfg.source)
+        docs = _StreamedDocs(dataset, cfg.text_field, cfg.seed, shuffle, cfg.shuffle_buffer, cfg.source)
+        docs.commit = commit
+        return docs
 
     indices = np.arange(len(dataset))
     if use_holdout and cfg.holdout > 0:
