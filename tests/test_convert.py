@@ -499,6 +499,21 @@ def test_zoo_export_loads_in_transformers(fmt, tmp_path):
     assert_same_tensors(fmt, loaded.state_dict(), exported.state_dict())
 
 
+def test_a_jamba_style_model_with_experts_on_every_layer_and_no_mlp_exports():
+    # ffn: none with a MoE on every layer (Jamba's expert_layer_period 1, intermediate_size the experts'): the export
+    # read the dense ffn's hidden size first and failed with a bare KeyError: 'hidden'
+    torch.manual_seed(0)
+    config = ZooConfig(**{**JAMBA_STYLE, "ffn": "none", "moe": {**JAMBA_STYLE["moe"], "every": 1, "offset": 0,
+                                                                 "hidden": 48}})
+    model = perturb(ZooForCausalLM(config))
+    exported = to_hf_jamba(model)
+    assert exported.config.intermediate_size == 48 and exported.config.layers_num_experts == [4] * 4
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        assert_logits("hf-jamba", exported(ids, use_cache=False).logits, model(ids).logits)
+    assert_same_tensors("hf-jamba", from_hf_jamba(exported).state_dict(), model.state_dict())
+
+
 UNMAPPABLE_EXPORTS = [
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml"), "inner_norms"),
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"],

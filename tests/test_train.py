@@ -507,6 +507,33 @@ def test_mfu_of_a_moe_model_counts_the_routed_experts_only(tmp_path):
     assert (info["params"], info["active_params"]) == (count_parameters(built), active)
 
 
+@pytest.mark.parametrize("model_type,experts", [
+    ("mixtral", {"num_local_experts": 8}),
+    ("jamba", {"num_experts": 8, "expert_layer_period": 2, "expert_layer_offset": 1}),  # MLP layers between
+    ("qwen2_moe", {"num_experts": 8, "moe_intermediate_size": 24, "shared_expert_intermediate_size": 40}),
+])
+def test_active_parameters_of_a_transformers_moe_leave_out_the_skipped_experts(model_type, experts):
+    """A transformers MoE trained by zoo train (whose accounting cannot count it) falls back to MFU = 6 · active
+    parameters per token, and run_info's active_params: every expert counted as active (Mixtral's 8 experts
+    and top-2: MFU 3x too high here). Its routed experts (transformers keeps them as [num_experts, ...] tensors)
+    now count top_k of num_experts; a shared expert stays active."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.train import active_parameters, count_parameters, mfu_flops_per_token
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  num_experts_per_tok=2, **experts)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert routed > 0
+    active = count_parameters(model) - routed * 6 // 8  # six of the eight experts skipped
+    assert active_parameters(model) == active
+    flops, formula, why = mfu_flops_per_token(model, 32)
+    assert formula == "6n_active" and why is not None and flops == 6 * active
+
+
 def test_peak_memory_under_several_processes_is_the_largest_not_process_0s(monkeypatch):
     """The logged peak_mem_gib was process 0's torch.cuda.max_memory_allocated; under FSDP or uneven batches another
     process can hold more, and the run needs what the largest one holds."""

@@ -544,7 +544,7 @@ def to_hf_jamba(model: ZooForCausalLM):
     expert_period = _period(moe_flags)
     if expert_period is None:
         raise _unmappable(fmt, "moe", zc.moe, "Jamba places MoE layers every expert_layer_period layers")
-    hidden = zc.ffn_spec()["hidden"]
+    hidden = zc.ffn_spec().get("hidden")  # None with ffn: none, where every layer is a MoE (refused above otherwise)
     n_experts, top_k = 1, 2
     if any(moe_flags):
         moe = zc.moe_spec()

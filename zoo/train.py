@@ -625,12 +625,20 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def active_parameters(model: nn.Module) -> int:
-    """count_parameters less the experts a token skips: in each zoo MoE layer, n_experts - top_k of its
-    n_experts (equal-sized) experts."""
+    """count_parameters less the experts a token skips: n_experts - top_k of the n_experts (equal-sized) experts of
+    each MoE layer, zoo's and transformers' (a module `experts` whose tensors hold its num_experts experts along
+    their first dimension, top_k the config's num_experts_per_tok: Mixtral, Jamba, Qwen-MoE, OLMoE, DeepSeek's
+    routed experts; shared experts are active)."""
     from zoo.layers import MoE
 
-    inactive = sum(sum(p.numel() for p in m.experts.parameters()) * (m.n_experts - m.top_k) // m.n_experts
-                   for m in model.modules() if isinstance(m, MoE))
+    top_k = getattr(getattr(model, "config", None), "num_experts_per_tok", None)
+    inactive = 0
+    for name, m in model.named_modules():
+        if isinstance(m, MoE):
+            inactive += sum(p.numel() for p in m.experts.parameters()) * (m.n_experts - m.top_k) // m.n_experts
+        elif name.rpartition(".")[2] == "experts" and isinstance(n := getattr(m, "num_experts", None), int) \
+                and isinstance(top_k, int) and 0 < top_k < n:
+            inactive += sum(p.numel() for p in m.parameters() if p.dim() and p.shape[0] == n) * (n - top_k) // n
     return count_parameters(model) - inactive
 
 
