@@ -721,12 +721,17 @@ def test_generate_from_a_cache_of_the_whole_prompt_is_refused_naming_the_fix(nam
 @pytest.mark.parametrize("name", ["mamba", "transformerpp"])
 def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
     """A 4-D mask (packing recipes build block-diagonal ones for transformers' attention models) failed with a bare
-    broadcast error; after a cache, a mask longer than past + tokens moved RoPE's positions without an error."""
+    broadcast error; a mask longer than past + tokens (after a cache or without one) moved RoPE's positions without an
+    error; one shorter than the input failed with a bare broadcast error."""
     model = tiny(name)
     ids = torch.randint(0, 512, (2, 8))
     mask4 = torch.tril(torch.ones(8, 8, dtype=torch.bool))[None, None].expand(2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"attention_mask: expected \[batch, tokens\] = \[2, 8\].*seq_idx"):
         model(ids, attention_mask=mask4)
+    for length in (5, 11):  # without a cache: a bare broadcast error (5); positions shifted without a word (11)
+        with pytest.raises(ValueError, match=rf"attention_mask: covers {length} positions but the input has 8 "
+                                             r"tokens.*\[2, 8\]"):
+            model(ids, attention_mask=torch.ones(2, length, dtype=torch.long))
     with torch.no_grad():
         cache = model(ids[:, :7], use_cache=True).past_key_values
         with pytest.raises(ValueError, match=r"attention_mask: covers 10 positions.*\[2, 8\]"):

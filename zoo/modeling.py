@@ -148,17 +148,20 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
 def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int) -> None:
     """Raise, naming the shape zoo takes, for a mask that is not [batch (or 1), up to past + tokens]: a 4-D mask (a
     packing recipe's block-diagonal one, which transformers' attention models take) failed with a bare broadcast
-    error, and after a cache one longer than past + tokens shifted the positions its cumsum gives, so RoPE read the
-    new tokens at the wrong positions without an error (transformers' models read positions from the cache)."""
+    error, and one longer than past + tokens (with a cache or without) shifted the positions its cumsum gives, so RoPE
+    read the new tokens at the wrong positions without an error (transformers' models read positions from the cache);
+    one shorter than the chunk failed with a bare broadcast error."""
     if mask.dim() != 2 or mask.shape[0] not in (1, batch):
         raise ValueError(f"attention_mask: expected [batch, tokens] = [{batch}, {past + tokens}] with 1 for a token "
                          f"and 0 for padding, got shape {tuple(mask.shape)}; zoo's recurrent layers take no "
                          f"per-query (4-D) mask: mark packed documents with seq_idx [batch, tokens] or with "
                          f"position_ids that restart at each document")
-    if past and mask.shape[1] > past + tokens:
-        raise ValueError(f"attention_mask: covers {mask.shape[1]} positions but the cache holds {past} tokens and "
-                         f"this chunk has {tokens}; pass the mask of every token so far, [batch, past + tokens] = "
-                         f"[{batch}, {past + tokens}], as transformers' generate does")
+    if not tokens <= mask.shape[1] <= past + tokens:
+        held = (f"the cache holds {past} tokens and this chunk has {tokens}" if past
+                else f"the input has {tokens} tokens")
+        raise ValueError(f"attention_mask: covers {mask.shape[1]} positions but {held}; pass the mask of every "
+                         f"token so far, [batch, past + tokens] = [{batch}, {past + tokens}], as transformers' "
+                         f"generate does")
 
 
 def _refuse_output_attentions(config, kwargs: dict) -> None:
