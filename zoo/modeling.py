@@ -632,6 +632,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                              "rejects, which their states cannot. Use an assistant of attention layers only, or "
                              "generate without one")
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
+        from zoo.decode import warn_if_right_padded
+
+        warn_if_right_padded(kwargs.get("attention_mask"))
         given = kwargs.get("generation_config") or self.generation_config
         _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, given)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
