@@ -694,6 +694,31 @@ def test_generate_continues_the_cache_that_beam_search_returned(name, returned):
     assert torch.equal(continued.sequences, model.generate(beams.sequences, **kw))
 
 
+@pytest.mark.parametrize("name", ["mamba", "transformerpp", "jamba"])
+def test_a_cache_passed_to_beam_search_continues_without_return_dict_in_generate(name):
+    """A cache the caller passes (past_key_values) outlives the call; beam search without return_dict_in_generate
+    left it in the order of the beams still running after the last step, not that of the returned sequences: a
+    greedy continuation failed on the row count (naming batch_repeat_interleave, which would not help), and a
+    second beam search, whose rows do match, read other beams' states and keys (other tokens, no error). It now
+    holds the returned sequences' rows, each that sequence less its last token, as with return_dict_in_generate."""
+    from zoo.cache import ZooCache
+
+    model = tiny(name).eval()
+    prompt = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    cache = ZooCache.for_model(model)
+    first = model.generate(prompt, past_key_values=cache, num_beams=3, **kw)
+    assert torch.is_tensor(first) and first.shape == (2, 11)
+    fresh = ZooCache.for_model(model)
+    with torch.no_grad():
+        model(first[:, :-1], past_key_values=fresh, use_cache=True)
+    assert cache.batch_size() == 2 and cache.get_seq_length() == 10
+    for got, want in zip(cache.state_tensors(), fresh.state_tensors(), strict=True):
+        assert_close("cached state", got, want, 1e-4)
+    turn = torch.cat([first, torch.randint(1, 512, (2, 3), generator=torch.Generator().manual_seed(2))], 1)
+    assert torch.equal(model.generate(turn, past_key_values=cache, **kw), model.generate(turn, **kw))
+
+
 def test_a_beam_cache_without_a_row_for_a_returned_sequence_refuses_to_continue():
     """A returned beam that ended (eos) before beam search's last step has no row in the cache, whose rows moved on
     with the beams that ran to the end: continuing from it is refused, naming why, instead of reading another beam."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,28 @@ def test_left_padded_batch_generates_like_each_row(name):
         single = model.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=5, do_sample=False,
                                 pad_token_id=0)
         assert torch.equal(out[row, -5:], single[0, -5:]), f"row {row} differs from its generation alone"
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_a_right_padded_prompt_warns(cuda_graph):
+    """A row whose attention_mask ends in padding (a tokenizer padding on the right) gets its first new token from
+    the logits at a pad and its new tokens after the pads: other tokens than the row alone. transformers warns only
+    when it knows a pad_token_id and finds it in the last column (a zoo config sets none): with the mask alone it
+    decoded those tokens silently, through the static decode too. The mask's last column is read: it now warns."""
+    from zoo.decode import static_generate
+
+    model = tiny("mamba")
+    a, b = torch.randint(1, 512, (1, 7)), torch.randint(1, 512, (1, 4))
+    batch = torch.cat([a, torch.cat([b, torch.full((1, 3), 5)], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 4:] = 0
+    generate = partial(static_generate, model, graph=False) if cuda_graph else model.generate
+    with pytest.warns(UserWarning, match=r"right padding.*row\(s\) \[1\].*padding_side = 'left'"):
+        out = generate(batch, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    assert not torch.equal(out[1, -3:], model.generate(b, max_new_tokens=3, do_sample=False)[0, -3:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(batch.flip(1), attention_mask=mask.flip(1), max_new_tokens=3, do_sample=False)  # left padding
 
 
 @pytest.mark.parametrize("name", ["jamba", "mamba2", "gla"])

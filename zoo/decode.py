@@ -37,6 +37,7 @@ import copy
 import inspect
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,20 @@ def continues_chunks_exactly(model: nn.Module) -> bool:
         return False
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) not in ("mamba", "falcon_mamba", "jamba")
+
+
+def warn_if_right_padded(mask: torch.Tensor | None) -> None:
+    """Warn when a row's attention_mask [B, T] ends in padding (a tokenizer padding on the right): its first new
+    token comes from the logits at a pad, and its new tokens follow the pads, unlike the row alone's. (transformers
+    warns only where it knows a pad_token_id and finds it in the last column; a zoo config sets none.)"""
+    if not torch.is_tensor(mask) or mask.dim() != 2 or not mask.shape[1]:
+        return
+    rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+    if rows:
+        warnings.warn(f"generate: the attention_mask ends in padding (right padding) in row(s) {rows[:8]}"
+                      f"{' ...' if len(rows) > 8 else ''}: a decoder-only model picks each row's next token at its "
+                      f"last position, so those rows continue from a pad, with other tokens than unpadded; pad on the "
+                      f"left (tokenizer.padding_side = 'left')", stacklevel=3)
 
 
 @dataclass
@@ -582,7 +597,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     generate's), eos_token_id and pad_token_id, stop_strings with a tokenizer (transformers' StopStringCriteria after
     each token, between replays; a row that met one has ended, and with an eos_token_id is padded from then on, as
     generate does), a streamer (transformers' TextStreamer protocol: the prompt, then
-    each step's tokens, then end()), an attention_mask (left padding; any padding where every layer is recurrent).
+    each step's tokens, then end()), an attention_mask (left padding; any padding where every layer is recurrent,
+    with a warning where a row ends in padding: its tokens then follow the pads).
     Greedy tokens are those of `generate` up to the kernels' rounding (the decode step attends with the static-cache
     kernels); sampling draws from the same distribution with another random stream (`TokenPicker`). Anything else
     generate takes (beams, logits processors, penalties, a stopping_criteria list, returned scores, padding other
@@ -666,6 +682,7 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
                              "tokens) on a model with attention layers: the static KV cache hides each row's "
                              "first slots. The attention_mask has zeros after a token: pad on the left "
                              "(tokenizer.padding_side = 'left'), or generate without cuda_graph")
+        warn_if_right_padded(mask)
     if config.max_new_tokens is not None:
         n = config.max_new_tokens
     else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 import math
 import re
@@ -634,6 +635,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                              "rejects, which their states cannot. Use an assistant of attention layers only, or "
                              "generate without one")
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
+        from zoo.decode import warn_if_right_padded
+
+        warn_if_right_padded(kwargs.get("attention_mask"))
         given = kwargs.get("generation_config") or self.generation_config
         _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, given)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
@@ -740,11 +744,19 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         running, in their order (LlamaForCausalLM's too): a continuation read other beams' states and keys, or failed
         on the row count. Here the reorders are applied at the next step's forward (ZooCache.defer_reorders), and
         after the last step each returned sequence takes the row of the beam it extended (its beam_indices). A
-        sequence that ended before the last step (eos) has no such row left: the cache then refuses to continue."""
+        sequence that ended before the last step (eos) has no such row left: the cache then refuses to continue.
+        A cache the caller passed (past_key_values) outlives the call, so it is treated so without
+        return_dict_in_generate too (the dict is made for its beam_indices; the sequences are returned)."""
         config = kwargs.get("generation_config")
         cache = kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values"))
-        if not isinstance(cache, ZooCache) or config is None or not config.return_dict_in_generate:
+        if not isinstance(cache, ZooCache) or config is None:
             return super()._beam_search(input_ids, *args, **kwargs)
+        sequences_only = not config.return_dict_in_generate
+        if sequences_only:
+            if not getattr(cache, "_is_user_defined", False):  # generate's own cache, dropped with the call
+                return super()._beam_search(input_ids, *args, **kwargs)
+            kwargs["generation_config"] = config = copy.copy(config)
+            config.return_dict_in_generate = True
         cache.defer_reorders(True)
         try:
             out = super()._beam_search(input_ids, *args, **kwargs)
@@ -759,17 +771,17 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         indices = getattr(out, "beam_indices", None)
         if pending is None or indices is None:
             cache.apply_pending_reorder()
-            return out
+            return out.sequences if sequences_only else out
         generated = (indices >= 0).sum(1)
         if bool((generated == steps).all()):
             cache.batch_select_indices(indices[:, steps - 1].to(torch.long))
         else:
             cache.reorder_cache(pending)  # as transformers leaves it; its rows are no returned sequence's
-            cache.rows_lost = (f"past_key_values: this cache is the one beam search returned, and a returned sequence "
+            cache.rows_lost = (f"past_key_values: this cache comes from a beam search, and a returned sequence "
                                f"ended (eos) {int(steps - generated.min())} step(s) before beam search's last: the "
                                f"cache holds no row for it (its rows went on with the beams that ran to the end), so "
                                f"it cannot be continued. Generate from the sequences without past_key_values")
-        return out
+        return out.sequences if sequences_only else out
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embeddings
