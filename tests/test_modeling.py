@@ -425,6 +425,9 @@ def test_crop_and_assisted_decoding_are_refused_with_recurrent_layers(name):
         cache.crop(-2)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens .assisted decoding."):
         model.generate(torch.cat([ids, ids], 1), prompt_lookup_num_tokens=3, max_new_tokens=4)
+    # transformers 5 fetches contrastive search from the Hub (offline: an error about trust_remote_code)
+    with pytest.raises(ValueError, match=r"penalty_alpha \(contrastive search\) rolls the cache back"):
+        model.generate(ids, penalty_alpha=0.6, top_k=4, max_new_tokens=4)
 
 
 @pytest.mark.parametrize("drop", [1, 2])

@@ -628,6 +628,11 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if asked:
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
+            alpha = kwargs.get("penalty_alpha", getattr(config, "penalty_alpha", None))
+            if alpha:  # transformers 5 fetches contrastive search from the Hub, whose code refuses stateful models
+                raise ValueError("generate: penalty_alpha (contrastive search) rolls the cache back after scoring "
+                                 "each step's top_k candidates, which this model's Mamba / Mamba-2 / GLA states "
+                                 "cannot; generate without it (greedy, sampling or beams)")
         draft = kwargs.get("assistant_model")
         if getattr(draft, "_is_stateful", False) is True:  # a zoo model (or a PEFT model of one) with recurrent layers
             raise ValueError("generate: the assistant_model has recurrent (Mamba / Mamba-2 / GLA) layers; assisted "
