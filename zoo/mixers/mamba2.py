@@ -210,9 +210,12 @@ class Mamba2(nn.Module):
                                                 True, backend=conv_backend)
                 xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
             else:  # each token's window skips the pads (lay_out_past_pads), and a pad is no step of the scan (PAD_DT)
-                laid, laid_ids, back = lay_out_past_pads(xBC.transpose(1, 2), mask, conv_init, self.d_conv, seq_idx)
+                laid, laid_ids, back, carry = lay_out_past_pads(xBC.transpose(1, 2), mask, conv_init, self.d_conv,
+                                                                seq_idx)
                 out, conv_final = causal_conv1d(laid, w, self.conv1d.bias, laid_ids, None, "silu", True,
                                                 backend=conv_backend)
+                if carry is not None:
+                    conv_final = conv_final * carry[:, None, None]
                 xBC = out.gather(2, back[:, None].expand(Bsz, self.conv_dim, T)).transpose(1, 2) * mask[..., None]
                 dt = dt.masked_fill(mask[..., None] == 0, PAD_DT)
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
