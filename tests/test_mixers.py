@@ -410,6 +410,19 @@ def test_mamba2_chunk_scan_takes_the_reference_below_the_triton_chunk(fast_kerne
     assert Mamba2(D_MODEL, 0, **{**spec, "chunk_size": 16})._chunk_backend("triton") == "triton"
 
 
+def test_mamba2_used_alone_reads_a_log_written_through_data():
+    """A Mamba-2 layer used outside a ZooModel (nothing calls new_sequence), without a cache and without autograd,
+    after A_log was written through .data (an EMA copy), which keeps its storage and version: the forward kept the A
+    of the first call."""
+    mixer = build("mamba2")
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        mixer(x)
+        mixer.A_log.data.add_(2.0)
+        out = mixer(x)
+    assert_close("after A_log.data changed", out, mixer(x), TOL)  # (autograd on: A made afresh)
+
+
 def test_a_window_of_one_keeps_no_past_keys():
     """Each query sees itself only, so the cache keeps nothing; transformers' sliding layer slices its last
     `window - 1` keys as [-0:], which kept every key: a cache that grew with the sequence (outputs were right)."""

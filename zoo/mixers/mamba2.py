@@ -170,7 +170,10 @@ class Mamba2(nn.Module):
         if mask is not None:
             xBC = xBC * mask[..., None]
         w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
-        A = decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
+        # kept for decoding only: a layer used outside ZooModel (no new_sequence) otherwise kept an A_log written
+        # through .data (an EMA copy) stale in every forward without autograd
+        A = -torch.exp(self.A_log.float()) if cache is None else \
+            decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
         backend = backends.resolve("ssd", self.scan_backend, x.device)
         conv_backend = backends.follow(self.scan_backend)  # scan_backend ref keeps the conv on the reference too
 
