@@ -224,6 +224,26 @@ def test_chunk_boundary_on_a_document_boundary(name, cuts):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
+def test_a_document_boundary_at_a_pad_beside_a_chunk_boundary(name):
+    """Packed rows with pads where a document changes, cut into chunks next to the pad: the pad closes a chunk with
+    the next document's seq_idx (row 0), or opens one with the last document's (row 1). Each document's tokens give
+    the outputs of that document alone. The conv window carried its old document's inputs into the new one in both
+    rows (the scans had restarted: the conv counted document changes between tokens only)."""
+    mixer = build(name)
+    x = torch.randn(2, 11, D_MODEL, dtype=torch.float64)
+    mask = torch.tensor([[1] * 4 + [0] + [1] * 6, [1] * 5 + [0] + [1] * 5])
+    seq_idx = torch.tensor([[0] * 4 + [1] * 7, [0] * 6 + [1] * 5], dtype=torch.int32)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4]])
+    cache = mixer.init_state(2, x.dtype, x.device)
+    out = torch.cat([run(mixer, x[:, a:b], cache, attention_mask=mask[:, :b], seq_idx=seq_idx[:, a:b],
+                         position_ids=position_ids[:, a:b]) for a, b in ((0, 5), (5, 11))], 1)
+    for r, docs in enumerate((((0, 4), (5, 11)), ((0, 5), (6, 11)))):
+        for a, b in docs:
+            alone = run(mixer, x[r:r + 1, a:b], position_ids=torch.arange(b - a)[None])
+            assert_close(f"row {r} tokens {a}..{b - 1}", out[r:r + 1, a:b], alone, TOL)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
 def test_calls_without_seq_idx_continue_the_last_packed_document(name):
     """After a packed chunk, a chunk or decode step without seq_idx continues the row's last document (the only
     one a recurrent state carries): attention must not attend to the earlier documents' cached keys, and a later
@@ -388,6 +408,19 @@ def test_mamba2_chunk_scan_takes_the_reference_below_the_triton_chunk(fast_kerne
     with pytest.raises(ValueError, match="chunk_size = 8"):
         Mamba2(D_MODEL, 0, **spec, scan_backend="triton")._chunk_backend("triton")
     assert Mamba2(D_MODEL, 0, **{**spec, "chunk_size": 16})._chunk_backend("triton") == "triton"
+
+
+def test_mamba2_used_alone_reads_a_log_written_through_data():
+    """A Mamba-2 layer used outside a ZooModel (nothing calls new_sequence), without a cache and without autograd,
+    after A_log was written through .data (an EMA copy), which keeps its storage and version: the forward kept the A
+    of the first call."""
+    mixer = build("mamba2")
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+    with torch.no_grad():
+        mixer(x)
+        mixer.A_log.data.add_(2.0)
+        out = mixer(x)
+    assert_close("after A_log.data changed", out, mixer(x), TOL)  # (autograd on: A made afresh)
 
 
 def test_a_window_of_one_keeps_no_past_keys():

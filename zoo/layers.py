@@ -245,14 +245,18 @@ PAD_DT = -1e4
 
 
 def lay_out_past_pads(x: torch.Tensor, mask: torch.Tensor, initial_state: torch.Tensor | None, width: int,
-                      seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                      seq_idx: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """A causal conv's input with each row's pads moved out of the way: x [B, C, T] (zero at the pads, mask [B, T]
     0) and the carried inputs initial_state [B, C, width - 1] (None: zeros) laid out as [pads, carried inputs,
     tokens] [B, C, width - 1 + T], so that a conv over it from a zero state gives each token the window of the
     tokens before it, as if the pads were not there, and its final state the last width - 1 of those. A pad after a
-    token happens: PEFT's prompt tuning puts [virtual tokens, left pads, prompt] in one row. Returns (the laid-out
-    input, its seq_idx (pads and carried inputs in the first token's document) or None, back [B, T]: where each
-    position's output is in the conv's)."""
+    token happens: PEFT's prompt tuning puts [virtual tokens, left pads, prompt] in one row. Documents are counted as
+    the scans count them, over every position: a change of seq_idx at a pad starts one too. Returns (the laid-out
+    input, its document ids (pads and carried inputs in the first position's document) or None, back [B, T]: where
+    each position's output is in the conv's, carry [B] bool or None: False where the row's last position is in
+    another document than its last input (pads that start a document end the row), whose conv state is then
+    zeros)."""
     batch, channels, length = x.shape
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, T): the pads, then the tokens in order
     n_pad = (mask == 0).sum(1, keepdim=True)  # (B, 1)
@@ -262,11 +266,13 @@ def lay_out_past_pads(x: torch.Tensor, mask: torch.Tensor, initial_state: torch.
     index = torch.where(carried, j - n_pad, width - 1 + order.gather(1, rank))  # into cat([carried, x])
     history = x.new_zeros(batch, channels, width - 1) if initial_state is None else initial_state.to(x.dtype)
     laid = torch.cat([history, x], dim=2).gather(2, index[:, None].expand(batch, channels, -1))
-    laid_ids = None
+    laid_ids = carry = None
     if seq_idx is not None:
-        first = torch.where(j < n_pad + width - 1, n_pad, j - (width - 1)).clamp(max=length - 1)
-        laid_ids = seq_idx.gather(1, order.gather(1, first))
-    return laid, laid_ids, width - 1 + torch.argsort(order, dim=1)
+        doc = torch.zeros_like(seq_idx, dtype=torch.long)
+        doc[:, 1:] = (seq_idx[:, 1:] != seq_idx[:, :-1]).long().cumsum(1)  # (B, T): 0 for position 0's document
+        laid_ids = torch.where(j < n_pad + width - 1, 0, doc.gather(1, order.gather(1, rank)))
+        carry = laid_ids[:, -1] == doc[:, -1]
+    return laid, laid_ids, width - 1 + torch.argsort(order, dim=1), carry
 
 
 _STEP_VERDICT: tuple | None = None  # (weakref to the last attention_mask step_pad_rows read, its version, all ones?)

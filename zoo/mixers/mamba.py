@@ -339,9 +339,11 @@ class Mamba(nn.Module):
             u, conv_final = causal_conv1d(xs, self.conv1d.weight[:, 0, :], self.conv1d.bias, seq_idx, conv_init,
                                           "silu", True, backend=backends.follow(self.scan_backend))
             return u, conv_final, ssm_init
-        laid, laid_ids, back = lay_out_past_pads(xs, mask, conv_init, self.d_conv, seq_idx)
+        laid, laid_ids, back, carry = lay_out_past_pads(xs, mask, conv_init, self.d_conv, seq_idx)
         u, conv_final = causal_conv1d(laid, self.conv1d.weight[:, 0, :], self.conv1d.bias, laid_ids, None, "silu",
                                       True, backend=backends.follow(self.scan_backend))
+        if carry is not None:
+            conv_final = conv_final * carry[:, None, None]
         return u.gather(2, back[:, None].expand_as(xs)) * mask[:, None, :], conv_final, ssm_init
 
     @staticmethod

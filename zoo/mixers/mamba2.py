@@ -170,7 +170,10 @@ class Mamba2(nn.Module):
         if mask is not None:
             xBC = xBC * mask[..., None]
         w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
-        A = decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
+        # kept for decoding only: a layer used outside ZooModel (no new_sequence) otherwise kept an A_log written
+        # through .data (an EMA copy) stale in every forward without autograd
+        A = -torch.exp(self.A_log.float()) if cache is None else \
+            decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
         backend = backends.resolve("ssd", self.scan_backend, x.device)
         conv_backend = backends.follow(self.scan_backend)  # scan_backend ref keeps the conv on the reference too
 
@@ -210,9 +213,12 @@ class Mamba2(nn.Module):
                                                 True, backend=conv_backend)
                 xBC = xBC.transpose(1, 2)  # (B, T, conv_dim)
             else:  # each token's window skips the pads (lay_out_past_pads), and a pad is no step of the scan (PAD_DT)
-                laid, laid_ids, back = lay_out_past_pads(xBC.transpose(1, 2), mask, conv_init, self.d_conv, seq_idx)
+                laid, laid_ids, back, carry = lay_out_past_pads(xBC.transpose(1, 2), mask, conv_init, self.d_conv,
+                                                                seq_idx)
                 out, conv_final = causal_conv1d(laid, w, self.conv1d.bias, laid_ids, None, "silu", True,
                                                 backend=conv_backend)
+                if carry is not None:
+                    conv_final = conv_final * carry[:, None, None]
                 xBC = out.gather(2, back[:, None].expand(Bsz, self.conv_dim, T)).transpose(1, 2) * mask[..., None]
                 dt = dt.masked_fill(mask[..., None] == 0, PAD_DT)
             xs, B, C = torch.split(xBC, [self.d_inner, G * N, G * N], dim=-1)
