@@ -350,8 +350,35 @@ def test_shipped_mqar_recipe_runs_shortened(tmp_path):
     again = main([*argv, "--train.max_steps=2", "--lora.r=2"])  # same pretrain section: the base is reused
     assert weights.stat().st_mtime_ns == written and again["pretrain"] == result["pretrain"]
     assert again["before"] == result["before"]
-    main([*argv, "--train.precision=fp32"])  # the top-level precision runs the pretrain phase too: pretrained again
-    assert weights.stat().st_mtime_ns != written
+    precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"  # auto's here
+    main([*argv, f"--train.precision={precision}"])  # the precision auto ran in: the same base
+    assert weights.stat().st_mtime_ns == written
+
+
+def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp_path, monkeypatch):
+    # the stamp recorded train.precision's name: under auto, a base pretrained by a bf16 launch was reused by an fp32
+    # one (and the reverse)
+    overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=2", "train.max_steps=1",
+                 "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=0", "data.n_eval=4",
+                 "pretrain.data.n_eval=4", "train.progress_bar=false", "pretrain.train.progress_bar=false",
+                 "pretrain.train.micro_batch_size=4", "train.micro_batch_size=4"]
+    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    main(argv)
+    weights = tmp_path / "run" / "base" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    main(argv)
+    assert weights.stat().st_mtime_ns == written, "the same launch: the same base"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # a plain launch: auto is fp32 on CPU
+    if torch.cuda.is_available():
+        argv.append("--train.precision=fp32")
+    main(argv)
+    assert weights.stat().st_mtime_ns != written, "a bf16 base reused by an fp32 run"
+    written = weights.stat().st_mtime_ns
+    main([*argv, "--train.precision=fp32"])
+    assert weights.stat().st_mtime_ns == written, "fp32 by name: the same base"
+    main([*argv, "--train.precision=bf16"])
+    assert weights.stat().st_mtime_ns != written, "an fp32 base reused by a bf16 run"
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -718,6 +745,29 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     other = run("other", "--lora.r=2")  # another config: starts over
     assert "holds a checkpoint of another config; starting over" in capsys.readouterr().out
     assert len(other["log"]) == 3
+
+
+def test_a_finetune_checkpoint_is_not_continued_in_another_precision(tmp_path, monkeypatch, capsys):
+    # its stamp held train.precision's name: under auto, a checkpoint of a bf16 launch was continued in fp32
+    import zoo.finetune as ft
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "checkpoint_every": 2})
+    real = ft.lr_at
+
+    def stop_at_step_3(step, section):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    fp32 = ["--train.precision=fp32"] if torch.cuda.is_available() else []  # auto is fp32 on CPU
+    run("cut", *fp32)
+    out = capsys.readouterr().out
+    assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
 
 
 def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch):

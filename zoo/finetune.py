@@ -1052,12 +1052,12 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
 
     base_dir = out_dir / "base"
     # the top-level train.precision runs the pretrain phase too (one accelerator): a base pretrained in another
-    # precision was reused
+    # precision was reused; the one it resolved to, as auto takes the launch's (a bf16 launch's base was reused by fp32)
     stamp = {"model": cfg.model, "model_yaml": find_config(cfg.model, "models").read_text(),
-             "pretrain": cfg.to_dict()["pretrain"], "precision": cfg.train.precision}
+             "pretrain": cfg.to_dict()["pretrain"], "precision": _effective_precision(accelerator)}
     stamp_file = base_dir / "pretrain_config.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        accelerator.print(f"pretrain: reusing {base_dir} (same model and pretrain section)")
+        accelerator.print(f"pretrain: reusing {base_dir} (same model, pretrain section and precision)")
         return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
     p = cfg.pretrain
     set_seed(p.train.seed)
@@ -1103,6 +1103,12 @@ def _base_identity(base_path: str | Path) -> Any:
         return str(base_path)
     return [str(folder), *([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
                            if f.suffix in (".safetensors", ".bin"))]
+
+
+def _effective_precision(accelerator) -> str:
+    """The precision a run trains in, in train.precision's words (auto resolved to the launch's or the device's): what
+    the stamps of its base and checkpoints record (a stamp of auto matched runs in any precision)."""
+    return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
 
 
 def _phase_stamp(settings: dict[str, Any]) -> dict[str, Any]:
@@ -1199,6 +1205,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
     t0 = time.perf_counter()
     stamp = cfg.to_dict() | {"base": _base_identity(base_path)}  # another base's checkpoint is not continued
+    stamp["train"]["precision"] = _effective_precision(accelerator)  # nor one trained in another precision
     checkpoint = out_dir / "finetune-checkpoint"
     model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune", checkpoint,
                                         _phase_stamp(stamp))
