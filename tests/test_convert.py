@@ -499,6 +499,30 @@ def test_zoo_export_loads_in_transformers(fmt, tmp_path):
     assert_same_tensors(fmt, loaded.state_dict(), exported.state_dict())
 
 
+@pytest.mark.parametrize("fmt", ["hf-llama", "hf-jamba"])
+def test_export_of_a_half_model_with_residual_in_fp32_warns_that_llama_and_jamba_drop_it(fmt):
+    # neither class has residual_in_fp32: a bf16 zoo model's residual stream, added in fp32, was added in bf16 by the
+    # export, whose bf16 logits differed from the zoo model's without a word
+    import warnings
+
+    export, make_config = EXPORTS[fmt]
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(make_config()))
+    assert model.config.residual_in_fp32  # the zoo's default
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*residual_in_fp32")  # in fp32 it changes nothing: no warning
+        export(model)
+    with pytest.warns(UserWarning, match=rf"{fmt}: residual_in_fp32=True is dropped: .* adds the residual stream in "
+                                         r"bfloat16, so its bfloat16 logits differ from this model's"):
+        export(model.bfloat16())
+    model.config.residual_in_fp32 = False
+    for block in model.model.layers:
+        block.residual_in_fp32 = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*residual_in_fp32")  # added in the weights' dtype: nothing dropped
+        export(model)
+
+
 UNMAPPABLE_EXPORTS = [
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml"), "inner_norms"),
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"],
