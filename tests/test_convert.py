@@ -189,6 +189,30 @@ def test_hf_source_gradients_are_transformers_own(case):
 
 
 @pytest.mark.parametrize("case", list(HF_SOURCES))
+def test_hidden_states_follow_transformers_llama(case):
+    # output_hidden_states as LlamaForCausalLM gives them: n_layers + 1 entries, the embeddings first, the last after
+    # the final norm; transformers' Mamba-2 and Jamba give the same, its Mamba leaves the embeddings out and adds the
+    # last layer's output before the norm (as from_hf_mamba's docstring says)
+    fmt, cls, make_config = HF_SOURCES[case]
+    torch.manual_seed(0)
+    source = perturb(cls(make_config()))
+    model = IMPORTERS[fmt](source)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        theirs = source(ids, use_cache=False, output_hidden_states=True).hidden_states
+        out = model(ids, use_cache=False, output_hidden_states=True)
+        ours = out.hidden_states
+        assert len(ours) == len(theirs) == source.config.num_hidden_layers + 1
+        torch.testing.assert_close(ours[0], model.get_input_embeddings()(ids))
+        torch.testing.assert_close(model.lm_head(ours[-1]), out.logits)  # after the final norm
+        if fmt == "hf-mamba":
+            torch.testing.assert_close(source.backbone.norm_f(theirs[-2]), theirs[-1])
+            theirs = (ours[0], *theirs[:-2], theirs[-1])  # what Llama's convention makes of them
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert_close(f"{case}: hidden_states[{i}]", a.float(), b.float(), 1e-5)
+
+
+@pytest.mark.parametrize("case", list(HF_SOURCES))
 def test_hf_source_greedy_tokens_with_left_padding(case):
     # rows left-padded by different amounts (and one not), with the cache and without: each row's greedy tokens are
     # the source's on that row alone. (Not the source's on the padded batch: transformers' Mamba and Mamba-2 zero
