@@ -389,6 +389,12 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar", "source": "a.jsonl"}}))
     with pytest.raises(ValueError, match="exactly one"):
         load_finetune_config(path)
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                    "data": {"task": "mqar"},
+                                    "pretrain": {"data": {"task": "mqar"}, "train": {"precision": "bf16"}}}))
+    with pytest.raises(ValueError, match=r"pretrain\.train\.precision: bf16, but one accelerator runs both phases in "
+                                         r"the top-level train\.precision \(auto\)"):
+        load_finetune_config(path)  # the pretrain phase ran in fp32 (the top-level auto's, on CPU) without a word
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)

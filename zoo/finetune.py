@@ -619,6 +619,10 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
             raise ValueError("pretrain: only applies when model is a zoo YAML (a fresh model to pretrain); "
                              "drop it to finetune the checkpoint")
         _validate_run(cfg.pretrain, "pretrain.")
+        if cfg.pretrain.train.precision not in ("auto", cfg.train.precision):  # it was ignored without a word
+            raise ValueError(f"pretrain.train.precision: {cfg.pretrain.train.precision}, but one accelerator runs both "
+                             f"phases in the top-level train.precision ({cfg.train.precision}); set train.precision "
+                             f"instead and leave pretrain.train.precision out")
         if cfg.pretrain.data.task is None:
             raise ValueError("pretrain.data.task: pretraining here is on a synthetic task; pretrain on text with "
                              "`zoo train` and finetune its checkpoint")
