@@ -1240,7 +1240,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # bf16 base's merged checkpoint was fp32, twice its size, and loaded as fp32
     base_dtype = _checkpoint_dtype(base_path)
     if base_dtype is not None and base_dtype != torch.float32:
+        # but for what a zoo model keeps in fp32 in a half model (Mamba's A_log and D), as from_pretrained keeps it:
+        # the cast rounded a bf16 base's fp32 A_log, which no adapter trains, to bf16
+        keep = merged.keep_in_fp32_names() if hasattr(merged, "keep_in_fp32_names") else []
+        kept = {name: merged.get_parameter(name).data for name in keep}
         merged = merged.to(base_dtype)
+        for name, data in kept.items():
+            merged.get_parameter(name).data = data
         result["merged_dtype"] = str(base_dtype).removeprefix("torch.")
     if cfg.data.source is not None:  # how its rows began, for zoo generate's prompt (zoo.eval.common.trained_with_bos)
         merged.config.add_bos = cfg.data.add_bos
