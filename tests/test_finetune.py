@@ -347,7 +347,9 @@ def test_shipped_mqar_recipe_runs_shortened(tmp_path):
     assert result["before"]["n_targets"] == 16 * cfg.data.task_kwargs["n_kv"]
     assert 0.0 <= result["after"]["accuracy"] <= 1.0
     written = weights.stat().st_mtime_ns
-    again = main([*argv, "--train.max_steps=2", "--lora.r=2"])  # same pretrain section: the base is reused
+    # same pretrain section but for its logging: the base is reused
+    again = main([*argv, "--train.max_steps=2", "--lora.r=2", "--pretrain.train.log_every=1",
+                  "--pretrain.train.progress_bar=true", "--pretrain.train.eval_batch_size=4"])
     assert weights.stat().st_mtime_ns == written and again["pretrain"] == result["pretrain"]
     assert again["before"] == result["before"]
     precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"  # auto's here

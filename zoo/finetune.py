@@ -1060,7 +1060,8 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     stamp = {"model": cfg.model, "model_yaml": find_config(cfg.model, "models").read_text(),
              "pretrain": cfg.to_dict()["pretrain"], "precision": _effective_precision(accelerator)}
     stamp_file = base_dir / "pretrain_config.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+    # less the settings of logging (a rerun with another log_every or progress bar pretrained the same base again)
+    if stamp_file.is_file() and _phase_stamp(json.loads(stamp_file.read_text())) == _phase_stamp(stamp):
         accelerator.print(f"pretrain: reusing {base_dir} (same model, pretrain section and precision)")
         return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
     p = cfg.pretrain
