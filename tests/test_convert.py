@@ -189,6 +189,30 @@ def test_hf_source_gradients_are_transformers_own(case):
 
 
 @pytest.mark.parametrize("case", list(HF_SOURCES))
+def test_hidden_states_follow_transformers_llama(case):
+    # output_hidden_states as LlamaForCausalLM gives them: n_layers + 1 entries, the embeddings first, the last after
+    # the final norm; transformers' Mamba-2 and Jamba give the same, its Mamba leaves the embeddings out and adds the
+    # last layer's output before the norm (as from_hf_mamba's docstring says)
+    fmt, cls, make_config = HF_SOURCES[case]
+    torch.manual_seed(0)
+    source = perturb(cls(make_config()))
+    model = IMPORTERS[fmt](source)
+    ids = torch.randint(0, VOCAB, (2, 13))
+    with torch.no_grad():
+        theirs = source(ids, use_cache=False, output_hidden_states=True).hidden_states
+        out = model(ids, use_cache=False, output_hidden_states=True)
+        ours = out.hidden_states
+        assert len(ours) == len(theirs) == source.config.num_hidden_layers + 1
+        torch.testing.assert_close(ours[0], model.get_input_embeddings()(ids))
+        torch.testing.assert_close(model.lm_head(ours[-1]), out.logits)  # after the final norm
+        if fmt == "hf-mamba":
+            torch.testing.assert_close(source.backbone.norm_f(theirs[-2]), theirs[-1])
+            theirs = (ours[0], *theirs[:-2], theirs[-1])  # what Llama's convention makes of them
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            assert_close(f"{case}: hidden_states[{i}]", a.float(), b.float(), 1e-5)
+
+
+@pytest.mark.parametrize("case", list(HF_SOURCES))
 def test_hf_source_greedy_tokens_with_left_padding(case):
     # rows left-padded by different amounts (and one not), with the cache and without: each row's greedy tokens are
     # the source's on that row alone. (Not the source's on the padded batch: transformers' Mamba and Mamba-2 zero
@@ -512,6 +536,30 @@ def test_a_jamba_style_model_with_experts_on_every_layer_and_no_mlp_exports():
     with torch.no_grad():
         assert_logits("hf-jamba", exported(ids, use_cache=False).logits, model(ids).logits)
     assert_same_tensors("hf-jamba", from_hf_jamba(exported).state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("fmt", ["hf-llama", "hf-jamba"])
+def test_export_of_a_half_model_with_residual_in_fp32_warns_that_llama_and_jamba_drop_it(fmt):
+    # neither class has residual_in_fp32: a bf16 zoo model's residual stream, added in fp32, was added in bf16 by the
+    # export, whose bf16 logits differed from the zoo model's without a word
+    import warnings
+
+    export, make_config = EXPORTS[fmt]
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(make_config()))
+    assert model.config.residual_in_fp32  # the zoo's default
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*residual_in_fp32")  # in fp32 it changes nothing: no warning
+        export(model)
+    with pytest.warns(UserWarning, match=rf"{fmt}: residual_in_fp32=True is dropped: .* adds the residual stream in "
+                                         r"bfloat16, so its bfloat16 logits differ from this model's"):
+        export(model.bfloat16())
+    model.config.residual_in_fp32 = False
+    for block in model.model.layers:
+        block.residual_in_fp32 = False
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*residual_in_fp32")  # added in the weights' dtype: nothing dropped
+        export(model)
 
 
 UNMAPPABLE_EXPORTS = [

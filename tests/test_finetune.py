@@ -347,11 +347,40 @@ def test_shipped_mqar_recipe_runs_shortened(tmp_path):
     assert result["before"]["n_targets"] == 16 * cfg.data.task_kwargs["n_kv"]
     assert 0.0 <= result["after"]["accuracy"] <= 1.0
     written = weights.stat().st_mtime_ns
-    again = main([*argv, "--train.max_steps=2", "--lora.r=2"])  # same pretrain section: the base is reused
+    # same pretrain section but for its logging: the base is reused
+    again = main([*argv, "--train.max_steps=2", "--lora.r=2", "--pretrain.train.log_every=1",
+                  "--pretrain.train.progress_bar=true", "--pretrain.train.eval_batch_size=4"])
     assert weights.stat().st_mtime_ns == written and again["pretrain"] == result["pretrain"]
     assert again["before"] == result["before"]
-    main([*argv, "--train.precision=fp32"])  # the top-level precision runs the pretrain phase too: pretrained again
-    assert weights.stat().st_mtime_ns != written
+    precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"  # auto's here
+    main([*argv, f"--train.precision={precision}"])  # the precision auto ran in: the same base
+    assert weights.stat().st_mtime_ns == written
+
+
+def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp_path, monkeypatch):
+    # the stamp recorded train.precision's name: under auto, a base pretrained by a bf16 launch was reused by an fp32
+    # one (and the reverse)
+    overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=2", "train.max_steps=1",
+                 "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=0", "data.n_eval=4",
+                 "pretrain.data.n_eval=4", "train.progress_bar=false", "pretrain.train.progress_bar=false",
+                 "pretrain.train.micro_batch_size=4", "train.micro_batch_size=4"]
+    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    main(argv)
+    weights = tmp_path / "run" / "base" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    main(argv)
+    assert weights.stat().st_mtime_ns == written, "the same launch: the same base"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # a plain launch: auto is fp32 on CPU
+    if torch.cuda.is_available():
+        argv.append("--train.precision=fp32")
+    main(argv)
+    assert weights.stat().st_mtime_ns != written, "a bf16 base reused by an fp32 run"
+    written = weights.stat().st_mtime_ns
+    main([*argv, "--train.precision=fp32"])
+    assert weights.stat().st_mtime_ns == written, "fp32 by name: the same base"
+    main([*argv, "--train.precision=bf16"])
+    assert weights.stat().st_mtime_ns != written, "an fp32 base reused by a bf16 run"
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -362,6 +391,12 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar", "source": "a.jsonl"}}))
     with pytest.raises(ValueError, match="exactly one"):
         load_finetune_config(path)
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                    "data": {"task": "mqar"},
+                                    "pretrain": {"data": {"task": "mqar"}, "train": {"precision": "bf16"}}}))
+    with pytest.raises(ValueError, match=r"pretrain\.train\.precision: bf16, but one accelerator runs both phases in "
+                                         r"the top-level train\.precision \(auto\)"):
+        load_finetune_config(path)  # the pretrain phase ran in fp32 (the top-level auto's, on CPU) without a word
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)
@@ -720,6 +755,29 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     assert len(other["log"]) == 3
 
 
+def test_a_finetune_checkpoint_is_not_continued_in_another_precision(tmp_path, monkeypatch, capsys):
+    # its stamp held train.precision's name: under auto, a checkpoint of a bf16 launch was continued in fp32
+    import zoo.finetune as ft
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "checkpoint_every": 2})
+    real = ft.lr_at
+
+    def stop_at_step_3(step, section):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    fp32 = ["--train.precision=fp32"] if torch.cuda.is_available() else []  # auto is fp32 on CPU
+    run("cut", *fp32)
+    out = capsys.readouterr().out
+    assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
+
+
 def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch):
     """Under fp16 (a GPU's GradScaler) the checkpoint kept no loss scale: a resumed run restarted it at its initial
     value, so the steps its overflows skip were not an uninterrupted run's and the adapters differed. A CPU GradScaler
@@ -788,10 +846,13 @@ def test_a_checkpoint_of_another_number_of_processes_is_not_continued(tmp_path, 
 
 def test_the_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):
     """The base is trained in fp32; merged/ was saved in fp32 whatever the base's dtype (a bf16 checkpoint's merge
-    twice its size, loading as fp32). It now takes the base's dtype, and 'after' evaluates what was saved."""
+    twice its size, loading as fp32). It now takes the base's dtype, and 'after' evaluates what was saved; but for
+    Mamba's A_log and D, which a bf16 zoo model keeps in fp32: they were rounded to bf16, which no adapter trains."""
     from safetensors.torch import load_file
 
-    tiny("mamba").to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    tiny("mamba").save_pretrained(tmp_path / "fp32")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)  # A_log and D kept fp32
+    base.save_pretrained(tmp_path / "base")
     config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
               "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
               "train": {"max_steps": 2, "micro_batch_size": 4, "progress_bar": False},
@@ -799,7 +860,12 @@ def test_the_merged_checkpoint_of_a_bf16_base_is_bf16(tmp_path):
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
     result = main([str(tmp_path / "ft.yaml")])
     weights = load_file(tmp_path / "run" / "merged" / "model.safetensors")
-    assert {t.dtype for t in weights.values()} == {torch.bfloat16} and result["merged_dtype"] == "bfloat16"
+    kept = set(base.keep_in_fp32_names())
+    assert kept and result["merged_dtype"] == "bfloat16"
+    assert {t.dtype for k, t in weights.items() if k not in kept} == {torch.bfloat16}
+    before = load_file(tmp_path / "base" / "model.safetensors")
+    for name in kept:
+        assert weights[name].dtype == torch.float32 and torch.equal(weights[name], before[name]), name
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
     assert next(merged.parameters()).dtype == torch.bfloat16
 

@@ -5,7 +5,9 @@ and state dict, -> a ZooForCausalLM with the same logits) and an exporter (`to_h
 Both directions read one key table per format, so they cannot drift apart. An option of either side that has
 no exact counterpart raises `UnmappableError` naming the option; nothing is approximated. Options that only
 shape the random initialization (dt_min, A_init_range, ...) are carried where both sides have them and
-otherwise dropped, since they do not change the function a checkpoint computes.
+otherwise dropped, since they do not change the function a checkpoint computes. One option is dropped with a
+warning instead: residual_in_fp32, which Llama and Jamba lack (they add the residual in the weights' dtype); it
+changes nothing in fp32 or under autocast, only the rounding of bf16 / fp16 weights' logits.
 
 Converted models share tensors with their source (no copy, each tensor keeps its dtype), so converting a large
 checkpoint costs little memory; clone the result before training it if the source must stay untouched. The
@@ -24,6 +26,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +252,17 @@ def _no_moe(model: ZooForCausalLM, fmt: str) -> None:
         raise _unmappable(fmt, "moe", model.config.moe, f"{fmt} has no mixture of experts")
 
 
+def _warn_fp32_residual_dropped(fmt: str, model: ZooForCausalLM, target: str) -> None:
+    """Warn when `model` keeps its residual stream in fp32 over half-precision weights: `target` has no
+    residual_in_fp32 and adds it in the weights' dtype (with fp32 weights, or under autocast, the two are the same)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    if model.config.residual_in_fp32 and dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(f"{fmt}: residual_in_fp32=True is dropped: {target} has no such option and adds the residual "
+                      f"stream in {name}, so its {name} logits differ from this model's (which adds it in fp32); run "
+                      f"the exported model in fp32 or under autocast for the same logits", stacklevel=3)
+
+
 def _as_int(fmt: str, name: str, value: Any) -> int:
     if float(value).is_integer():
         return int(value)
@@ -264,7 +278,12 @@ def _check_act(fmt: str, config) -> None:
 # ---- transformers Mamba --------------------------------------------------------------------------------------
 
 def from_hf_mamba(model) -> ZooForCausalLM:
-    """transformers' MambaForCausalLM -> ZooForCausalLM (layers of the `mamba` mixer, ffn none)."""
+    """transformers' MambaForCausalLM -> ZooForCausalLM (layers of the `mamba` mixer, ffn none).
+
+    Same logits, but not the same output_hidden_states: the zoo's follow transformers' Llama (and its Mamba-2 and
+    Jamba), n_layers + 1 entries, the embeddings first and the last after the final norm; transformers' Mamba leaves
+    the embeddings out and gives each layer's output, then the final norm's (n_layers + 1 too). So its [i] is the
+    zoo's [i + 1] up to i = n_layers - 2, its [-2] the last layer's output before the norm, and both [-1] agree."""
     c, fmt = model.config, "hf-mamba"
     _check_act(fmt, c)
     mixer = {"type": "mamba", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
@@ -280,7 +299,8 @@ def from_hf_mamba(model) -> ZooForCausalLM:
 
 
 def to_hf_mamba(model: ZooForCausalLM):
-    """ZooForCausalLM (pure `mamba` stack, ffn none) -> transformers' MambaForCausalLM."""
+    """ZooForCausalLM (pure `mamba` stack, ffn none) -> transformers' MambaForCausalLM (whose output_hidden_states
+    leave the embeddings out: see `from_hf_mamba`)."""
     from transformers import MambaConfig, MambaForCausalLM
 
     fmt, zc = "hf-mamba", model.config
@@ -409,7 +429,10 @@ def from_hf_llama(model) -> ZooForCausalLM:
 
 
 def to_hf_llama(model: ZooForCausalLM):
-    """ZooForCausalLM (pure `attention` stack with SwiGLU) -> transformers' LlamaForCausalLM."""
+    """ZooForCausalLM (pure `attention` stack with SwiGLU) -> transformers' LlamaForCausalLM.
+
+    Llama adds the residual in the weights' dtype: residual_in_fp32 is dropped, with a warning for bf16 / fp16
+    weights (whose logits then differ from the zoo model's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fmt, zc = "hf-llama", model.config
@@ -425,6 +448,7 @@ def to_hf_llama(model: ZooForCausalLM):
                          tie_word_embeddings=zc.tie_embeddings,
                          rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
                          attention_bias=False, mlp_bias=False, **_token_ids(zc))
+    _warn_fp32_residual_dropped(fmt, model, "LlamaForCausalLM")
     return _build_hf(LlamaForCausalLM, config, _rename(_state(model), _LLAMA_KEYS, True, fmt), model)
 
 
@@ -511,7 +535,10 @@ def from_hf_jamba(model) -> ZooForCausalLM:
 
 def to_hf_jamba(model: ZooForCausalLM):
     """ZooForCausalLM (Jamba-style: mamba with inner_norms, attention with rope off, MoE without
-    renormalization, periodic layer pattern) -> transformers' JambaForCausalLM."""
+    renormalization, periodic layer pattern) -> transformers' JambaForCausalLM.
+
+    Jamba adds the residual in the weights' dtype: residual_in_fp32 is dropped, with a warning for bf16 / fp16
+    weights (whose logits then differ from the zoo model's)."""
     from transformers import JambaConfig, JambaForCausalLM
 
     fmt, zc = "hf-jamba", model.config
@@ -575,6 +602,7 @@ def to_hf_jamba(model: ZooForCausalLM):
                          attn_layer_period=attn_period[0], attn_layer_offset=attn_period[1],
                          output_router_logits=bool(zc.output_router_logits), use_mamba_kernels=False, **extra,
                          **_token_ids(zc))
+    _warn_fp32_residual_dropped(fmt, model, "JambaForCausalLM")
     state = _rename(_state(model), _jamba_keys(kinds), True, fmt)
     return _build_hf(JambaForCausalLM, config, _jamba_fuse_experts(state), model)
 

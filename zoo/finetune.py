@@ -619,6 +619,10 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
             raise ValueError("pretrain: only applies when model is a zoo YAML (a fresh model to pretrain); "
                              "drop it to finetune the checkpoint")
         _validate_run(cfg.pretrain, "pretrain.")
+        if cfg.pretrain.train.precision not in ("auto", cfg.train.precision):  # it was ignored without a word
+            raise ValueError(f"pretrain.train.precision: {cfg.pretrain.train.precision}, but one accelerator runs both "
+                             f"phases in the top-level train.precision ({cfg.train.precision}); set train.precision "
+                             f"instead and leave pretrain.train.precision out")
         if cfg.pretrain.data.task is None:
             raise ValueError("pretrain.data.task: pretraining here is on a synthetic task; pretrain on text with "
                              "`zoo train` and finetune its checkpoint")
@@ -1052,12 +1056,13 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
 
     base_dir = out_dir / "base"
     # the top-level train.precision runs the pretrain phase too (one accelerator): a base pretrained in another
-    # precision was reused
+    # precision was reused; the one it resolved to, as auto takes the launch's (a bf16 launch's base was reused by fp32)
     stamp = {"model": cfg.model, "model_yaml": find_config(cfg.model, "models").read_text(),
-             "pretrain": cfg.to_dict()["pretrain"], "precision": cfg.train.precision}
+             "pretrain": cfg.to_dict()["pretrain"], "precision": _effective_precision(accelerator)}
     stamp_file = base_dir / "pretrain_config.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
-        accelerator.print(f"pretrain: reusing {base_dir} (same model and pretrain section)")
+    # less the settings of logging (a rerun with another log_every or progress bar pretrained the same base again)
+    if stamp_file.is_file() and _phase_stamp(json.loads(stamp_file.read_text())) == _phase_stamp(stamp):
+        accelerator.print(f"pretrain: reusing {base_dir} (same model, pretrain section and precision)")
         return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
     p = cfg.pretrain
     set_seed(p.train.seed)
@@ -1103,6 +1108,12 @@ def _base_identity(base_path: str | Path) -> Any:
         return str(base_path)
     return [str(folder), *([f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.iterdir())
                            if f.suffix in (".safetensors", ".bin"))]
+
+
+def _effective_precision(accelerator) -> str:
+    """The precision a run trains in, in train.precision's words (auto resolved to the launch's or the device's): what
+    the stamps of its base and checkpoints record (a stamp of auto matched runs in any precision)."""
+    return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
 
 
 def _phase_stamp(settings: dict[str, Any]) -> dict[str, Any]:
@@ -1199,6 +1210,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
     t0 = time.perf_counter()
     stamp = cfg.to_dict() | {"base": _base_identity(base_path)}  # another base's checkpoint is not continued
+    stamp["train"]["precision"] = _effective_precision(accelerator)  # nor one trained in another precision
     checkpoint = out_dir / "finetune-checkpoint"
     model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune", checkpoint,
                                         _phase_stamp(stamp))
@@ -1229,7 +1241,13 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # bf16 base's merged checkpoint was fp32, twice its size, and loaded as fp32
     base_dtype = _checkpoint_dtype(base_path)
     if base_dtype is not None and base_dtype != torch.float32:
+        # but for what a zoo model keeps in fp32 in a half model (Mamba's A_log and D), as from_pretrained keeps it:
+        # the cast rounded a bf16 base's fp32 A_log, which no adapter trains, to bf16
+        keep = merged.keep_in_fp32_names() if hasattr(merged, "keep_in_fp32_names") else []
+        kept = {name: merged.get_parameter(name).data for name in keep}
         merged = merged.to(base_dtype)
+        for name, data in kept.items():
+            merged.get_parameter(name).data = data
         result["merged_dtype"] = str(base_dtype).removeprefix("torch.")
     if cfg.data.source is not None:  # how its rows began, for zoo generate's prompt (zoo.eval.common.trained_with_bos)
         merged.config.add_bos = cfg.data.add_bos
