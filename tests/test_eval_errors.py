@@ -390,3 +390,14 @@ def test_state_tools_on_a_transformers_mamba_say_to_convert_it(tmp_path, capsys)
     code, err = run_cli(["eval", "length", "--model", str(path), "--tokens", str(tmp_path / "docs.pt"), "--mitigation",
                          "forget:c_alpha=0.99", "--device", "cpu", "--out", str(tmp_path / "len")], capsys)
     assert code == 2 and "--mitigation" in err and "zoo convert SRC DST --from hf-mamba" in err, err
+
+
+@pytest.mark.parametrize("command, option", [("state", "--max-len"), ("state", "--train-length"),
+                                             ("length", "--chunk-size"), ("passkey", "--n-samples")])
+def test_an_empty_number_is_refused_by_option(command, option, tmp_path, capsys):
+    """An empty value (``--max-len "$LEN"`` with LEN unset) ended in a traceback, IndexError: string index out of
+    range, from parse_int: now argparse's error naming the option, before loading."""
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), option, "", "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument {option}: invalid" in err
+    assert not (tmp_path / "out").exists()
