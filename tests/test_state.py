@@ -781,6 +781,28 @@ def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
         assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)
 
 
+def test_calibrated_threshold_caps_no_row_of_the_reference_prefix():
+    """The threshold was factor x the largest batch-mean head norm, but the cap acts on each row's norm: with factor 1,
+    the rows of the reference prefix whose norm was above the mean were capped on the prefix itself (here GLA's logits
+    up to 4.5e-3 off the unmitigated ones, 1.5e-3 relative). It is now the largest norm of any row."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/gla-tiny.yaml")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 128))
+    thresholds = calibrate_norm_threshold(model, ids, factor=1.0, chunk=64)
+    with torch.no_grad():
+        capped = model(ids).logits
+        apply_mitigation(model, None)
+        assert_close("logits on the reference prefix, 4 rows", capped, model(ids).logits, 1e-6)
+        per_row = [calibrate_norm_threshold(model, row[None], factor=1.0, chunk=64) for row in ids]
+    for layer, threshold in thresholds.items():
+        largest = torch.stack([t[layer] for t in per_row]).max(dim=0).values
+        assert torch.equal(threshold, largest), (layer, threshold, largest)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("spec", ["forget:c_alpha=0.9", "window:r=4", "norm:threshold=0.5,chunk=1"])
 def test_a_pad_fed_as_a_one_token_step_is_no_step_under_a_mitigation(kind, spec):

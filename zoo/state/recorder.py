@@ -236,27 +236,28 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
 def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0, chunk: int = 64,
                              chunk_size: int = 1024, group_size: int = 64) -> dict[int, torch.Tensor]:
     """Set a per-head state-norm cap on every recurrent mixer from a reference prefix (Stuffed Mamba's state
-    normalization): threshold = factor · the largest batch-mean head norm seen over `input_ids` [B, T]
-    by the unmitigated model, at every point where the cap acts (each `chunk` tokens and the end: the prefix runs
-    in forwards of gcd(chunk_size, chunk) tokens). Forget / window settings already on a mixer are kept; returns
-    the thresholds per layer."""
+    normalization): threshold = factor · the largest head norm seen in any row of `input_ids` [B, T] by the
+    unmitigated model, at every point where the cap acts (each `chunk` tokens and the end: the prefix runs in
+    forwards of gcd(chunk_size, chunk) tokens). Forget / window settings already on a mixer are kept; returns the
+    thresholds per layer."""
     check_recurrent(model, "calibrate_norm_threshold")
     mixers = recurrent_mixers(model)
     saved = {id(m): m.mitigation for m in mixers}
     for m in mixers:
         m.mitigation = None
+    rows = input_ids[None] if input_ids.dim() == 1 else input_ids
     try:
         # sampled where the cap checks (a norm that peaks between two chunk_size ends was missed, so factor 1 capped
-        # the reference prefix itself)
-        stats = record_state_statistics(model, input_ids, chunk_size=math.gcd(chunk_size, chunk), points_per_octave=0,
-                                        group_size=group_size)
+        # the reference prefix itself), row by row (the cap acts per row: a batch-mean norm capped the rows above it)
+        stats = [record_state_statistics(model, row[None], chunk_size=math.gcd(chunk_size, chunk), points_per_octave=0,
+                                         group_size=group_size) for row in rows]
     finally:
         for m in mixers:
             m.mitigation = saved[id(m)]
     thresholds = {}
     for m in mixers:
-        norms = torch.tensor(stats["layers"][m.layer_idx]["state_norm"])  # (positions, heads)
-        thresholds[m.layer_idx] = factor * norms.max(dim=0).values.float()
+        norms = torch.tensor([s["layers"][m.layer_idx]["state_norm"] for s in stats])  # (rows, positions, heads)
+        thresholds[m.layer_idx] = factor * norms.flatten(0, 1).max(dim=0).values.float()
         base = {k: v for k, v in (m.mitigation or {}).items() if k not in ("threshold", "chunk", "group_size")}
         m.mitigation = {**base, "threshold": thresholds[m.layer_idx], "chunk": chunk, "group_size": group_size}
     return thresholds
