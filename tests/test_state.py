@@ -781,6 +781,31 @@ def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
         assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)
 
 
+@pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny", "gla-tiny"])
+def test_calibrated_threshold_leaves_zoo_eval_states_reference_prefix_alone(config):
+    """zoo eval state runs its rows in forwards ending at log-spaced positions (16, 23, 32, 45, ...), and the cap acts
+    at each forward's end, but the calibration sampled the norm every gcd(chunk_size, chunk) tokens only: a head whose
+    norm was largest at such an early end got a lower threshold, and factor 1 capped the reference prefix itself
+    (here the capped run's state norms 1.5e-2 off the plain run's, relative). With the run's forwards, the capped run's
+    statistics and losses over the prefix are the plain run's."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{config}.yaml")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 128))
+    settings = dict(chunk_size=64, points_per_octave=2)
+    plain = record_state_statistics(model, ids, **settings)
+    calibrate_norm_threshold(model, ids, factor=1.0, chunk=32, **settings)
+    capped = record_state_statistics(model, ids, **settings)
+    assert capped["positions"] == plain["positions"] == [16, 23, 32, 45, 64, 128]
+    assert_close("losses", torch.tensor(capped["loss"]), torch.tensor(plain["loss"]), 1e-6)
+    for layer, stats in plain["layers"].items():
+        assert_close(f"layer {layer} state norms", torch.tensor(capped["layers"][layer]["state_norm"]),
+                     torch.tensor(stats["state_norm"]), 1e-6)
+
+
 def test_calibrated_threshold_caps_no_row_of_the_reference_prefix():
     """The threshold was factor x the largest batch-mean head norm, but the cap acts on each row's norm: with factor 1,
     the rows of the reference prefix whose norm was above the mean were capped on the prefix itself (here GLA's logits

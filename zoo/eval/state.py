@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     apply_mitigation(model, args.mitigation)
     if args.norm_calibrate:
         calibrate_norm_threshold(model, rows[:, :args.norm_calibrate], args.norm_factor, args.norm_chunk,
-                                 args.chunk_size, args.group_size)
+                                 args.chunk_size, args.group_size, args.points_per_octave)
     label = format_spec(next((m.mitigation for m in model.modules() if getattr(m, "mitigation", None)), None))
     if args.norm_calibrate:
         label = label.replace("per-head", f"{args.norm_factor:g}x prefix {args.norm_calibrate}")
