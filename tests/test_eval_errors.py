@@ -333,8 +333,12 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     (["--norm-calibrate", "16", "--mitigation", "window:r=8"], "--norm-calibrate: sets the state-norm cap itself"),
     (["--norm-calibrate", "16", "--mitigation", "norm:threshold=5"], "--norm-calibrate: sets the state-norm cap"),
     (["--norm-calibrate", "4K"], "--norm-calibrate 4096: longer than the rows (32 tokens)"),
+    # the rows of --task mqar were evaluated with the --tokens file ignored, and --n-kv 4 without --task was dropped
+    (["--task", "mqar", "--vocab-size", "32"], "--tokens and --task mqar: give one source of rows"),
+    (["--n-kv", "4", "--random-non-queries"], "--n-kv, --random-non-queries: options of a synthetic task, but the "
+                                              "rows are the --tokens documents"),
 ], ids=["bad-spec-with-compare", "compare-alone", "compare-neutral", "calibrate-0", "factor-0", "calibrate-window",
-        "calibrate-norm", "calibrate-past-rows"])
+        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task"])
 def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
     """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
     --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),

@@ -67,6 +67,20 @@ def task_arguments(args) -> dict:
     return kwargs
 
 
+def check_row_options(args) -> None:
+    """Refuse options of a row source that is not the one in use: --task's rows ignored --tokens, and the corpus's
+    ignored --n-kv, --vocab-size, --power-a and --random-non-queries, without a word."""
+    if args.task and args.tokens:
+        raise ValueError(f"--tokens and --task {args.task}: give one source of rows, a token file or a synthetic task")
+    given = [name for name, value in (("--n-kv", args.n_kv), ("--vocab-size", args.vocab_size),
+                                      ("--power-a", args.power_a),
+                                      ("--random-non-queries", args.random_non_queries or None)) if value is not None]
+    if given and not args.task:
+        rows = "the --tokens documents" if args.tokens else "the built-in corpus"
+        raise ValueError(f"{', '.join(given)}: options of a synthetic task, but the rows are {rows}; add --task NAME "
+                         f"or leave them out")
+
+
 def load_rows(args, add_bos: bool = True) -> torch.Tensor:
     """LongTensor [n_docs, max_len]: from --tokens, a synthetic --task, or the built-in corpus (its documents
     with BOS first or not: ``add_bos``, as the model trained, ``zoo.eval.common.trained_with_bos``)."""
@@ -179,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/state", help="output directory (default results/state)")
     args = parser.parse_args(argv)
+    check_row_options(args)
     check_mitigation_options(args)
 
     model = load_model(args.model, args.device, args.dtype)
