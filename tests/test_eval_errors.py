@@ -405,3 +405,13 @@ def test_an_empty_number_is_refused_by_option(command, option, tmp_path, capsys)
                          "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and f"argument {option}: invalid" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["length", "state"])
+def test_a_corpus_document_of_one_token_is_refused_by_option(command, tmp_path, capsys):
+    """--max-len 1 on the built-in corpus gave no document: zoo eval length said 'evaluate_length needs at least one
+    document' and zoo eval state 'min() arg is an empty sequence', neither naming the option."""
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), "--max-len", "1", "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "--max-len 1: a document of fewer than 2 tokens has no next token to score" in err, err
+    assert not (tmp_path / "out").exists()

@@ -239,6 +239,9 @@ def load_documents(
     if source is None:
         if tokenizer is None:
             raise ValueError("load_documents: the built-in corpus needs a tokenizer")
+        if max_len is not None and max_len < 2:  # (the corpus gave no document: 'needs at least one document')
+            raise ValueError(f"--max-len {max_len}: a document of fewer than 2 tokens has no next token to score; give "
+                             f"--max-len 2 or more")
         return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start,
                                 add_bos)
     loaded = torch.load(source, weights_only=True)
