@@ -415,3 +415,26 @@ def test_a_corpus_document_of_one_token_is_refused_by_option(command, tmp_path, 
                          "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "--max-len 1: a document of fewer than 2 tokens has no next token to score" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_state_compare_interrupted_in_its_mitigated_run_keeps_the_unmitigated_one(tmp_path, monkeypatch):
+    """zoo eval state --compare wrote state.json once both runs were done: interrupted in the mitigated run, the
+    unmitigated run it had finished (as long again) was lost."""
+    from zoo.eval import state
+
+    real, calls = state.record_state_statistics, []
+
+    def record(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state, "record_state_statistics", record)
+    torch.save(torch.randint(0, 256, (2, 32)), tmp_path / "rows.pt")
+    with pytest.raises(KeyboardInterrupt):
+        state.main(["--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32",
+                    "--chunk-size", "16", "--device", "cpu", "--out", str(tmp_path / "state"), "--compare",
+                    "--mitigation", "forget:c_alpha=0.9"])
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())["runs"]
+    assert list(saved) == ["none"] and saved["none"]["positions"][-1] == 32

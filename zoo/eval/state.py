@@ -205,10 +205,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          f"the reference prefix must be a part of them, give at most {rows.shape[1]}")
     record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
                   group_size=args.group_size, train_length=args.train_length, progress=True)
+    out = Path(args.out)
     runs = []
     if args.compare:
         apply_mitigation(model, None)
         runs.append(("none", record_state_statistics(model, rows, **record)))
+        # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
+        write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
     apply_mitigation(model, args.mitigation)
     if args.norm_calibrate:
         calibrate_norm_threshold(model, rows[:, :args.norm_calibrate], args.norm_factor, args.norm_chunk,
@@ -220,12 +223,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["mitigation"] = label
     runs.append((label, result))
 
-    out = Path(args.out)
     for name, res in runs:
         print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")
         print(markdown_table(summary_rows(res)))
         print()
-    write_json({"model": args.model, "runs": {name: res for name, res in runs}}, out / "state.json")
+    write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
     pngs = plot_state_statistics(runs if len(runs) > 1 else result, out, args.train_length)
     print(f"wrote {out / 'state.json'} and {len(pngs)} PNGs in {out}")
     return result
