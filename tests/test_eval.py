@@ -648,6 +648,35 @@ def test_evaluate_length_averages_over_documents(tmp_path):
     assert model.training  # evaluated in eval mode, then given back as it came
 
 
+def test_evaluate_length_progress_advances_with_every_chunk(monkeypatch):
+    """zoo eval length's bar counted batches of documents: one 1M-token document stood at 0/1 until it was done. It
+    counts the documents' tokens now, advanced after every chunk."""
+    import tqdm
+
+    updates = []
+
+    class Bar:
+        def __init__(self, iterable=None, total=None, **kwargs):
+            self.iterable = iterable
+            updates.append(("total", total if iterable is None else len(iterable)))
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(0, 64, (40,), generator=g), torch.randint(0, 64, (25,), generator=g),
+            torch.randint(0, 64, (40,), generator=g)]
+    evaluate_length(tiny_llama(), docs, chunk_size=16, batch_size=2, progress=True)
+    assert updates == [("total", 105), 32, 32, 16, 16, 9]
+
+
 def test_log_bins_cover_positions():
     for max_position in (1, 2, 39, 1000, 2**20):
         bins = log_bins(max_position, 4)
