@@ -103,8 +103,10 @@ def test_spec_helpers_name_every_setting():
     for spec in (None, "none", "forget:c_alpha=0.9,c_b=0.5", "window:r=8", {"c_dt": 0.5}):
         assert not mit.splits_matter(spec), spec
     assert mit.splits_matter("norm:threshold=10") and mit.splits_matter({"threshold": torch.ones(2)})
-    text = "forget:c_dt=0.2+norm:threshold=10,chunk=32"
-    assert mit.format_spec(parse_mitigation(text)) == text
+    # every digit given: ':g' named c_alpha=0.9999999 'c_alpha=1' and threshold 1234567.5 '1.23457e+06'
+    for text in ("forget:c_dt=0.2+norm:threshold=10,chunk=32", "forget:c_alpha=0.9999999,c_b=0.7",
+                 "norm:threshold=1234567.5,chunk=64"):
+        assert mit.format_spec(parse_mitigation(text)) == text
 
 
 # ---- neutral settings reproduce the unmodified mixer exactly ----------------------------------------------------

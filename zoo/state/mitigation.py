@@ -166,11 +166,12 @@ def format_spec(spec: Mapping | None) -> str:
         return "none"
     s = normalize_spec(spec)
     parts = []
-    forget = [f"{k}={s[k]:g}" for k in ("c_alpha", "c_b", "c_dt") if s[k] != 1]
+    # 15 digits: ':g' kept 6, so c_alpha=0.9999999 (a 1M-token forget) was named c_alpha=1
+    forget = [f"{k}={s[k]:.15g}" for k in ("c_alpha", "c_b", "c_dt") if s[k] != 1]
     if forget:
         parts.append("forget:" + ",".join(forget))
     if _has_cap(s):
-        t = "per-head" if isinstance(s["threshold"], torch.Tensor) else f"{s['threshold']:g}"
+        t = "per-head" if isinstance(s["threshold"], torch.Tensor) else f"{s['threshold']:.15g}"
         parts.append(f"norm:threshold={t},chunk={s['chunk']}")
     if s["window"] is not None:
         parts.append(f"window:r={s['window']}")
