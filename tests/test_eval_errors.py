@@ -337,8 +337,11 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     (["--task", "mqar", "--vocab-size", "32"], "--tokens and --task mqar: give one source of rows"),
     (["--n-kv", "4", "--random-non-queries"], "--n-kv, --random-non-queries: options of a synthetic task, but the "
                                               "rows are the --tokens documents"),
+    # --norm-factor 2 without --norm-calibrate was dropped: the run was unmitigated
+    (["--norm-factor", "2", "--norm-chunk", "8"], "--norm-factor, --norm-chunk: settings of --norm-calibrate, which "
+                                                  "is not given"),
 ], ids=["bad-spec-with-compare", "compare-alone", "compare-neutral", "calibrate-0", "factor-0", "calibrate-window",
-        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task"])
+        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task", "norm-settings-alone"])
 def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
     """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
     --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),

@@ -115,13 +115,23 @@ def check_rows(model, rows: torch.Tensor, args) -> None:
 
 
 def check_mitigation_options(args) -> None:
-    """--mitigation, --norm-calibrate, --norm-factor and --compare checked before the model runs: a bad spec used to
-    surface only after the --compare run had gone through every row, and --norm-calibrate 0 was taken as off."""
+    """--mitigation, --norm-calibrate, --norm-factor, --norm-chunk and --compare checked (the norm settings' defaults
+    filled in) before the model runs: a bad spec used to surface only after the --compare run had gone through every
+    row, and --norm-calibrate 0 was taken as off."""
     try:
         spec = parse_mitigation(args.mitigation)
     except ValueError as error:
         raise ValueError(f"--mitigation: {error}") from None
-    if args.norm_calibrate is not None:
+    if args.norm_calibrate is None:  # (they were dropped without a word)
+        given = [name for name, value in (("--norm-factor", args.norm_factor), ("--norm-chunk", args.norm_chunk))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: settings of --norm-calibrate, which is not given; add "
+                             f"--norm-calibrate LEN or leave them out (--mitigation norm:threshold=T,chunk=C caps at a "
+                             f"fixed threshold)")
+    else:
+        args.norm_factor = 1.0 if args.norm_factor is None else args.norm_factor
+        args.norm_chunk = 64 if args.norm_chunk is None else args.norm_chunk
         if args.norm_calibrate < 1:
             raise ValueError(f"--norm-calibrate: the reference prefix must be >= 1 token, got {args.norm_calibrate}; "
                              f"leave it out for no state normalization")
@@ -183,10 +193,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
                         help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
                              "tokens of the rows (state normalization calibrated on a reference prefix)")
-    parser.add_argument("--norm-factor", type=float, default=1.0,
-                        help="the cap: this times the calibrated norm (default 1.0)")
-    parser.add_argument("--norm-chunk", type=positive_int, default=64,
-                        help="tokens between caps in a prefill (default 64)")
+    parser.add_argument("--norm-factor", type=float, default=None,
+                        help="of the calibrated cap: this times the prefix's largest norm (default 1.0)")
+    parser.add_argument("--norm-chunk", type=positive_int, default=None,
+                        help="of the calibrated cap: tokens between caps in a prefill (default 64)")
     parser.add_argument("--compare", action="store_true", help="also run without the mitigation and overlay")
     parser.add_argument("--seed", type=int, default=0, help="of the rows (default 0)")
     parser.add_argument("--device", default=None)
