@@ -340,8 +340,12 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     # --norm-factor 2 without --norm-calibrate was dropped: the run was unmitigated
     (["--norm-factor", "2", "--norm-chunk", "8"], "--norm-factor, --norm-chunk: settings of --norm-calibrate, which "
                                                   "is not given"),
+    # the calibrated cap took --norm-chunk's 64 in place of the spec's chunk=8, without a word
+    (["--norm-calibrate", "16", "--mitigation", "forget:c_alpha=0.9+norm:chunk=8"], "--norm-calibrate: give the cap's "
+                                                                                    "chunk and heads as --norm-chunk"),
 ], ids=["bad-spec-with-compare", "compare-alone", "compare-neutral", "calibrate-0", "factor-0", "calibrate-window",
-        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task", "norm-settings-alone"])
+        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task", "norm-settings-alone",
+        "calibrate-chunk-in-spec"])
 def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
     """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
     --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),

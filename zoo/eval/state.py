@@ -43,6 +43,7 @@ from zoo.state import (
     plot_state_statistics,
     record_state_statistics,
 )
+from zoo.state.mitigation import DEFAULTS
 
 
 def task_arguments(args) -> dict:
@@ -142,6 +143,10 @@ def check_mitigation_options(args) -> None:
             raise ValueError("--norm-calibrate: sets the state-norm cap itself, so --mitigation may add forget:... "
                              f"only, not {args.mitigation!r} (norm does not combine with window, nor with a second "
                              "threshold)")
+        if spec is not None and (spec["chunk"], spec["group_size"]) != (DEFAULTS["chunk"], DEFAULTS["group_size"]):
+            # (the calibrated cap took --norm-chunk and --group-size in their place, without a word)
+            raise ValueError(f"--norm-calibrate: give the cap's chunk and heads as --norm-chunk and --group-size, not "
+                             f"in --mitigation {args.mitigation!r}")
     if args.compare and (spec is None or is_neutral(spec)) and args.norm_calibrate is None:
         # a neutral spec (forget:c_alpha=1) is no mitigation: both runs were named 'none' and state.json kept one
         given = f"--mitigation {args.mitigation!r} changes nothing, so there is " if spec is not None else ""
