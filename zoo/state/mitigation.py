@@ -122,12 +122,13 @@ def normalize_spec(spec: Mapping | None) -> dict | None:
         out["threshold"] = float(threshold)
         if not out["threshold"] > 0:
             raise ValueError(f"mitigation threshold: must be > 0, got {threshold}")
-    out["chunk"] = int(out["chunk"])
-    out["group_size"] = int(out["group_size"])
-    if out["chunk"] < 1 or out["group_size"] < 1:
-        raise ValueError("mitigation chunk / group_size: must be >= 1")
+    # whole numbers >= 1: int() cut chunk=1.5 to 1 without a word, and failed on inf with an OverflowError
+    for key in ("chunk", "group_size"):
+        if not (float(out[key]).is_integer() and out[key] >= 1):
+            raise ValueError(f"mitigation chunk / group_size: must be >= 1 and whole, got {key}={out[key]}")
+        out[key] = int(out[key])
     if out["window"] is not None:
-        if float(out["window"]) != int(out["window"]) or int(out["window"]) < 1:
+        if not (float(out["window"]).is_integer() and out["window"] >= 1):
             raise ValueError(f"mitigation window: r must be a positive integer, got {out['window']}")
         out["window"] = int(out["window"])
         if _has_cap(out):
