@@ -344,6 +344,39 @@ def test_evaluate_passkey_with_fake_models(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def record_progress(monkeypatch) -> list:
+    """Replaces tqdm's bar with one that records its total (or its iterable's length) and every update, in a list."""
+    import tqdm
+
+    updates = []
+
+    class Bar:
+        def __init__(self, iterable=None, total=None, **kwargs):
+            self.iterable = iterable
+            updates.append(("total", total if iterable is None else len(iterable)))
+
+        def __iter__(self):
+            return iter(self.iterable)
+
+        def update(self, n):
+            updates.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    return updates
+
+
+def test_evaluate_passkey_progress_advances_with_every_prompt(monkeypatch):
+    """zoo eval passkey's bar counted cells: one cell of five 1M-token prompts stood still for minutes. It counts
+    the prompts now."""
+    updates = record_progress(monkeypatch)
+    tokenizer = ByteTokenizer()
+    evaluate_passkey(EchoModel(tokenizer), tokenizer, [300], [0.0, 1.0], n_samples=3, progress=True)
+    assert updates == [("total", 6)] + [1] * 6
+
+
 def test_passkey_prompts_a_model_trained_without_bos_without_it():
     """A model trained with data.add_bos false (recorded in its config as add_bos) got every passkey prompt with the
     tokenizer's BOS in front, a start its documents never had, as zoo generate did."""
@@ -646,6 +679,17 @@ def test_evaluate_length_averages_over_documents(tmp_path):
     model.train()
     evaluate_length(model, docs[:1], chunk_size=8)
     assert model.training  # evaluated in eval mode, then given back as it came
+
+
+def test_evaluate_length_progress_advances_with_every_chunk(monkeypatch):
+    """zoo eval length's bar counted batches of documents: one 1M-token document stood at 0/1 until it was done. It
+    counts the documents' tokens now, advanced after every chunk."""
+    updates = record_progress(monkeypatch)
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(0, 64, (40,), generator=g), torch.randint(0, 64, (25,), generator=g),
+            torch.randint(0, 64, (40,), generator=g)]
+    evaluate_length(tiny_llama(), docs, chunk_size=16, batch_size=2, progress=True)
+    assert updates == [("total", 105), 32, 32, 16, 16, 9]
 
 
 def test_log_bins_cover_positions():

@@ -333,8 +333,19 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     (["--norm-calibrate", "16", "--mitigation", "window:r=8"], "--norm-calibrate: sets the state-norm cap itself"),
     (["--norm-calibrate", "16", "--mitigation", "norm:threshold=5"], "--norm-calibrate: sets the state-norm cap"),
     (["--norm-calibrate", "4K"], "--norm-calibrate 4096: longer than the rows (32 tokens)"),
+    # the rows of --task mqar were evaluated with the --tokens file ignored, and --n-kv 4 without --task was dropped
+    (["--task", "mqar", "--vocab-size", "32"], "--tokens and --task mqar: give one source of rows"),
+    (["--n-kv", "4", "--random-non-queries"], "--n-kv, --random-non-queries: options of a synthetic task, but the "
+                                              "rows are the --tokens documents"),
+    # --norm-factor 2 without --norm-calibrate was dropped: the run was unmitigated
+    (["--norm-factor", "2", "--norm-chunk", "8"], "--norm-factor, --norm-chunk: settings of --norm-calibrate, which "
+                                                  "is not given"),
+    # the calibrated cap took --norm-chunk's 64 in place of the spec's chunk=8, without a word
+    (["--norm-calibrate", "16", "--mitigation", "forget:c_alpha=0.9+norm:chunk=8"], "--norm-calibrate: give the cap's "
+                                                                                    "chunk and heads as --norm-chunk"),
 ], ids=["bad-spec-with-compare", "compare-alone", "compare-neutral", "calibrate-0", "factor-0", "calibrate-window",
-        "calibrate-norm", "calibrate-past-rows"])
+        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task", "norm-settings-alone",
+        "calibrate-chunk-in-spec"])
 def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
     """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
     --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),
@@ -390,3 +401,47 @@ def test_state_tools_on_a_transformers_mamba_say_to_convert_it(tmp_path, capsys)
     code, err = run_cli(["eval", "length", "--model", str(path), "--tokens", str(tmp_path / "docs.pt"), "--mitigation",
                          "forget:c_alpha=0.99", "--device", "cpu", "--out", str(tmp_path / "len")], capsys)
     assert code == 2 and "--mitigation" in err and "zoo convert SRC DST --from hf-mamba" in err, err
+
+
+@pytest.mark.parametrize("command, option", [("state", "--max-len"), ("state", "--train-length"),
+                                             ("length", "--chunk-size"), ("passkey", "--n-samples")])
+def test_an_empty_number_is_refused_by_option(command, option, tmp_path, capsys):
+    """An empty value (``--max-len "$LEN"`` with LEN unset) ended in a traceback, IndexError: string index out of
+    range, from parse_int: now argparse's error naming the option, before loading."""
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), option, "", "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument {option}: invalid" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["length", "state"])
+def test_a_corpus_document_of_one_token_is_refused_by_option(command, tmp_path, capsys):
+    """--max-len 1 on the built-in corpus gave no document: zoo eval length said 'evaluate_length needs at least one
+    document' and zoo eval state 'min() arg is an empty sequence', neither naming the option."""
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), "--max-len", "1", "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "--max-len 1: a document of fewer than 2 tokens has no next token to score" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_state_compare_interrupted_in_its_mitigated_run_keeps_the_unmitigated_one(tmp_path, monkeypatch):
+    """zoo eval state --compare wrote state.json once both runs were done: interrupted in the mitigated run, the
+    unmitigated run it had finished (as long again) was lost."""
+    from zoo.eval import state
+
+    real, calls = state.record_state_statistics, []
+
+    def record(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(state, "record_state_statistics", record)
+    torch.save(torch.randint(0, 256, (2, 32)), tmp_path / "rows.pt")
+    with pytest.raises(KeyboardInterrupt):
+        state.main(["--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32",
+                    "--chunk-size", "16", "--device", "cpu", "--out", str(tmp_path / "state"), "--compare",
+                    "--mitigation", "forget:c_alpha=0.9"])
+    saved = json.loads((tmp_path / "state" / "state.json").read_text())["runs"]
+    assert list(saved) == ["none"] and saved["none"]["positions"][-1] == 32

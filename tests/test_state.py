@@ -84,6 +84,9 @@ def test_parse_mitigation():
     ("forget:c_alpha", "expected key=value with key in"),
     ("forget:c_alpha=0", "mitigation c_alpha: must be in (0, 1]"),
     ("norm:threshold=1,group_size=0", "chunk / group_size: must be >= 1"),
+    ("norm:threshold=1,chunk=1.5", "chunk / group_size: must be >= 1 and whole, got chunk=1.5"),  # (was chunk 1)
+    ("norm:threshold=1,group_size=inf", "got group_size=inf"),  # (an OverflowError)
+    ("window:r=inf", "mitigation window: r must be a positive integer, got inf"),  # (an OverflowError)
 ])
 def test_parse_mitigation_names_the_bad_value(text, message):
     """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and
@@ -103,8 +106,10 @@ def test_spec_helpers_name_every_setting():
     for spec in (None, "none", "forget:c_alpha=0.9,c_b=0.5", "window:r=8", {"c_dt": 0.5}):
         assert not mit.splits_matter(spec), spec
     assert mit.splits_matter("norm:threshold=10") and mit.splits_matter({"threshold": torch.ones(2)})
-    text = "forget:c_dt=0.2+norm:threshold=10,chunk=32"
-    assert mit.format_spec(parse_mitigation(text)) == text
+    # every digit given: ':g' named c_alpha=0.9999999 'c_alpha=1' and threshold 1234567.5 '1.23457e+06'
+    for text in ("forget:c_dt=0.2+norm:threshold=10,chunk=32", "forget:c_alpha=0.9999999,c_b=0.7",
+                 "norm:threshold=1234567.5,chunk=64"):
+        assert mit.format_spec(parse_mitigation(text)) == text
 
 
 # ---- neutral settings reproduce the unmodified mixer exactly ----------------------------------------------------
@@ -779,6 +784,53 @@ def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
         capped = model(ids).logits
         apply_mitigation(model, None)
         assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)
+
+
+@pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny", "gla-tiny"])
+def test_calibrated_threshold_leaves_zoo_eval_states_reference_prefix_alone(config):
+    """zoo eval state runs its rows in forwards ending at log-spaced positions (16, 23, 32, 45, ...), and the cap acts
+    at each forward's end, but the calibration sampled the norm every gcd(chunk_size, chunk) tokens only: a head whose
+    norm was largest at such an early end got a lower threshold, and factor 1 capped the reference prefix itself
+    (here the capped run's state norms 1.5e-2 off the plain run's, relative). With the run's forwards, the capped run's
+    statistics and losses over the prefix are the plain run's."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{config}.yaml")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 128))
+    settings = dict(chunk_size=64, points_per_octave=2)
+    plain = record_state_statistics(model, ids, **settings)
+    calibrate_norm_threshold(model, ids, factor=1.0, chunk=32, **settings)
+    capped = record_state_statistics(model, ids, **settings)
+    assert capped["positions"] == plain["positions"] == [16, 23, 32, 45, 64, 128]
+    assert_close("losses", torch.tensor(capped["loss"]), torch.tensor(plain["loss"]), 1e-6)
+    for layer, stats in plain["layers"].items():
+        assert_close(f"layer {layer} state norms", torch.tensor(capped["layers"][layer]["state_norm"]),
+                     torch.tensor(stats["state_norm"]), 1e-6)
+
+
+def test_calibrated_threshold_caps_no_row_of_the_reference_prefix():
+    """The threshold was factor x the largest batch-mean head norm, but the cap acts on each row's norm: with factor 1,
+    the rows of the reference prefix whose norm was above the mean were capped on the prefix itself (here GLA's logits
+    up to 4.5e-3 off the unmitigated ones, 1.5e-3 relative). It is now the largest norm of any row."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/gla-tiny.yaml")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 128))
+    thresholds = calibrate_norm_threshold(model, ids, factor=1.0, chunk=64)
+    with torch.no_grad():
+        capped = model(ids).logits
+        apply_mitigation(model, None)
+        assert_close("logits on the reference prefix, 4 rows", capped, model(ids).logits, 1e-6)
+        per_row = [calibrate_norm_threshold(model, row[None], factor=1.0, chunk=64) for row in ids]
+    for layer, threshold in thresholds.items():
+        largest = torch.stack([t[layer] for t in per_row]).max(dim=0).values
+        assert torch.allclose(threshold, largest, rtol=1e-6), (layer, threshold, largest)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -396,6 +396,8 @@ def positive_int(text: str) -> int:
 def parse_int(item: str) -> int:
     """'4096', '2^12', '4K', '1M' -> int (K = 1024, M = 1024**2)."""
     item = item.strip()
+    if not item:  # (an empty value, e.g. an unset "$LEN", failed as a bare IndexError)
+        raise ValueError("invalid integer '': an empty value")
     if "^" in item:
         base, exponent = item.split("^")
         if int(exponent) < 0:  # int ** negative is a float: '2^-1' gave 0.5 tokens

@@ -17,7 +17,7 @@ import argparse
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -43,13 +43,16 @@ from zoo.eval.common import (
 
 
 @torch.no_grad()
-def per_position_loss(model, input_ids: torch.Tensor, chunk_size: int | None = 2048) -> torch.Tensor:
+def per_position_loss(model, input_ids: torch.Tensor, chunk_size: int | None = 2048,
+                      on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
     """Next-token loss at every position of ``input_ids``, computed chunk by chunk with the cache carried.
 
     Args:
         model: a causal LM (Hugging Face interface).
         input_ids: LongTensor [B, T] or [T], on the model's device.
         chunk_size: tokens per forward; None runs one forward over the whole document.
+        on_chunk: called after every forward with the tokens it ran (rows x chunk length), e.g. a progress bar's
+            update.
 
     Returns:
         float32 tensor [B, T - 1] (or [T - 1]) on the CPU: entry ``t - 1`` is the loss on token ``t``.
@@ -60,6 +63,8 @@ def per_position_loss(model, input_ids: torch.Tensor, chunk_size: int | None = 2
     batch_size, seq_len = input_ids.shape
     losses = torch.empty(batch_size, max(seq_len - 1, 0), dtype=torch.float32)
     for start, logits in iter_chunk_logits(model, input_ids, chunk_size):
+        if on_chunk is not None:
+            on_chunk(batch_size * logits.shape[1])
         # logit p predicts token p + 1, so a chunk's last logit scores the next chunk's first token
         targets = input_ids[:, start + 1 : start + logits.shape[1] + 1]
         n = targets.shape[1]
@@ -98,7 +103,8 @@ def evaluate_length(
         batch_size: documents per forward.
         bins_per_octave: resolution of the log-spaced bins.
         device: where the tokens go; default the model's device.
-        progress: show a tqdm bar over documents.
+        progress: show a tqdm bar over the documents' tokens, advanced after every chunk (a 1M-token document is many
+            forwards).
 
     Returns:
         dict with ``mean`` (float64 [T_max] mean loss at position t, NaN at t = 0 or where no document
@@ -118,19 +124,22 @@ def evaluate_length(
         by_length.setdefault(int(d.shape[-1]), []).append(d.reshape(-1))
     batches = [group[i : i + batch_size]
                for group in by_length.values() for i in range(0, len(group), batch_size)]
-    iterator = batches
+    bar = None
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(batches, desc="length eval", unit="batch")
+        bar = tqdm(total=sum(int(d.shape[-1]) for d in docs), desc="length eval", unit="tok", unit_scale=True)
     was_training = getattr(model, "training", False)
     model.eval()
-    for group in iterator:
+    for group in batches:
         input_ids = torch.stack(group).to(device)
-        losses = per_position_loss(model, input_ids, chunk_size).double()  # [b, T-1]
+        on_chunk = None if bar is None else bar.update
+        losses = per_position_loss(model, input_ids, chunk_size, on_chunk).double()  # [b, T-1]
         length = losses.shape[1]
         sums[1 : length + 1] += losses.sum(dim=0)
         counts[1 : length + 1] += losses.shape[0]
+    if bar is not None:
+        bar.close()
     if was_training:
         model.train()
     mean = sums / counts  # NaN where no document reaches (and at t = 0)
@@ -239,6 +248,9 @@ def load_documents(
     if source is None:
         if tokenizer is None:
             raise ValueError("load_documents: the built-in corpus needs a tokenizer")
+        if max_len is not None and max_len < 2:  # (the corpus gave no document: 'needs at least one document')
+            raise ValueError(f"--max-len {max_len}: a document of fewer than 2 tokens has no next token to score; give "
+                             f"--max-len 2 or more")
         return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start,
                                 add_bos)
     loaded = torch.load(source, weights_only=True)

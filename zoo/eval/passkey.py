@@ -221,7 +221,7 @@ def evaluate_passkey(
         max_new_tokens: greedy tokens to decode.
         prefill_chunk_size: prefill in chunks carrying the cache instead of calling ``generate``.
         device: where the prompt goes; default the model's device.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar over the prompts.
         on_cell: called after every cell with the result so far (``rows``, ``samples``), e.g. to save it, so
             a sweep stopped at its longest lengths (out of memory, a lost job) keeps the cells it finished.
         done: a saved result of the same model and settings (``rows``, ``samples``): those of its cells that are in
@@ -262,15 +262,15 @@ def evaluate_passkey(
     samples = [s for s in done["samples"] if in_grid(s)] if done else []
     finished = {(int(r["length"]), float(r["depth"])) for r in rows}
     cells = [(length, depth) for length in lengths for depth in depths if (int(length), float(depth)) not in finished]
-    iterator = cells
-    if progress:
+    bar = None
+    if progress:  # by prompt: a cell of 1M-token prompts takes minutes
         from tqdm import tqdm
 
-        iterator = tqdm(cells, desc="passkey", unit="cell")
+        bar = tqdm(total=len(cells) * n_samples, desc="passkey", unit="prompt")
     if hasattr(model, "eval"):
         model.eval()
     n_filler: dict[int, int] = {}
-    for length, depth in iterator:
+    for length, depth in cells:
         right, tokens = 0, 0
         generator = cell_generator(seed, length, depth)
         for _ in range(n_samples):
@@ -289,10 +289,14 @@ def evaluate_passkey(
             tokens += len(prompt.input_ids)
             samples.append({"length": length, "depth": depth, "key": key, "generated": text,
                             "correct": correct, "tokens": len(prompt.input_ids)})
+            if bar is not None:
+                bar.update(1)
         rows.append({"length": length, "depth": depth, "accuracy": right / n_samples,
                      "n_samples": n_samples, "tokens": tokens / n_samples})
         if on_cell is not None:
             on_cell({"rows": rows, "samples": samples})
+    if bar is not None:
+        bar.close()
     return {"rows": rows, "samples": samples}
 
 

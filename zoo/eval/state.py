@@ -43,6 +43,7 @@ from zoo.state import (
     plot_state_statistics,
     record_state_statistics,
 )
+from zoo.state.mitigation import DEFAULTS
 
 
 def task_arguments(args) -> dict:
@@ -65,6 +66,20 @@ def task_arguments(args) -> dict:
     elif args.power_a is not None or args.random_non_queries:
         raise ValueError(f"--power-a and --random-non-queries are mqar arguments, not {args.task}'s; leave them out")
     return kwargs
+
+
+def check_row_options(args) -> None:
+    """Refuse options of a row source that is not the one in use: --task's rows ignored --tokens, and the corpus's
+    ignored --n-kv, --vocab-size, --power-a and --random-non-queries, without a word."""
+    if args.task and args.tokens:
+        raise ValueError(f"--tokens and --task {args.task}: give one source of rows, a token file or a synthetic task")
+    given = [name for name, value in (("--n-kv", args.n_kv), ("--vocab-size", args.vocab_size),
+                                      ("--power-a", args.power_a),
+                                      ("--random-non-queries", args.random_non_queries or None)) if value is not None]
+    if given and not args.task:
+        rows = "the --tokens documents" if args.tokens else "the built-in corpus"
+        raise ValueError(f"{', '.join(given)}: options of a synthetic task, but the rows are {rows}; add --task NAME "
+                         f"or leave them out")
 
 
 def load_rows(args, add_bos: bool = True) -> torch.Tensor:
@@ -101,13 +116,23 @@ def check_rows(model, rows: torch.Tensor, args) -> None:
 
 
 def check_mitigation_options(args) -> None:
-    """--mitigation, --norm-calibrate, --norm-factor and --compare checked before the model runs: a bad spec used to
-    surface only after the --compare run had gone through every row, and --norm-calibrate 0 was taken as off."""
+    """--mitigation, --norm-calibrate, --norm-factor, --norm-chunk and --compare checked (the norm settings' defaults
+    filled in) before the model runs: a bad spec used to surface only after the --compare run had gone through every
+    row, and --norm-calibrate 0 was taken as off."""
     try:
         spec = parse_mitigation(args.mitigation)
     except ValueError as error:
         raise ValueError(f"--mitigation: {error}") from None
-    if args.norm_calibrate is not None:
+    if args.norm_calibrate is None:  # (they were dropped without a word)
+        given = [name for name, value in (("--norm-factor", args.norm_factor), ("--norm-chunk", args.norm_chunk))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: settings of --norm-calibrate, which is not given; add "
+                             f"--norm-calibrate LEN or leave them out (--mitigation norm:threshold=T,chunk=C caps at a "
+                             f"fixed threshold)")
+    else:
+        args.norm_factor = 1.0 if args.norm_factor is None else args.norm_factor
+        args.norm_chunk = 64 if args.norm_chunk is None else args.norm_chunk
         if args.norm_calibrate < 1:
             raise ValueError(f"--norm-calibrate: the reference prefix must be >= 1 token, got {args.norm_calibrate}; "
                              f"leave it out for no state normalization")
@@ -118,6 +143,10 @@ def check_mitigation_options(args) -> None:
             raise ValueError("--norm-calibrate: sets the state-norm cap itself, so --mitigation may add forget:... "
                              f"only, not {args.mitigation!r} (norm does not combine with window, nor with a second "
                              "threshold)")
+        if spec is not None and (spec["chunk"], spec["group_size"]) != (DEFAULTS["chunk"], DEFAULTS["group_size"]):
+            # (the calibrated cap took --norm-chunk and --group-size in their place, without a word)
+            raise ValueError(f"--norm-calibrate: give the cap's chunk and heads as --norm-chunk and --group-size, not "
+                             f"in --mitigation {args.mitigation!r}")
     if args.compare and (spec is None or is_neutral(spec)) and args.norm_calibrate is None:
         # a neutral spec (forget:c_alpha=1) is no mitigation: both runs were named 'none' and state.json kept one
         given = f"--mitigation {args.mitigation!r} changes nothing, so there is " if spec is not None else ""
@@ -169,16 +198,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
                         help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
                              "tokens of the rows (state normalization calibrated on a reference prefix)")
-    parser.add_argument("--norm-factor", type=float, default=1.0,
-                        help="the cap: this times the calibrated norm (default 1.0)")
-    parser.add_argument("--norm-chunk", type=positive_int, default=64,
-                        help="tokens between caps in a prefill (default 64)")
+    parser.add_argument("--norm-factor", type=float, default=None,
+                        help="of the calibrated cap: this times the prefix's largest norm (default 1.0)")
+    parser.add_argument("--norm-chunk", type=positive_int, default=None,
+                        help="of the calibrated cap: tokens between caps in a prefill (default 64)")
     parser.add_argument("--compare", action="store_true", help="also run without the mitigation and overlay")
     parser.add_argument("--seed", type=int, default=0, help="of the rows (default 0)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/state", help="output directory (default results/state)")
     args = parser.parse_args(argv)
+    check_row_options(args)
     check_mitigation_options(args)
 
     model = load_model(args.model, args.device, args.dtype)
@@ -190,14 +220,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                          f"the reference prefix must be a part of them, give at most {rows.shape[1]}")
     record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
                   group_size=args.group_size, train_length=args.train_length, progress=True)
+    out = Path(args.out)
     runs = []
     if args.compare:
         apply_mitigation(model, None)
         runs.append(("none", record_state_statistics(model, rows, **record)))
+        # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
+        write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
     apply_mitigation(model, args.mitigation)
     if args.norm_calibrate:
         calibrate_norm_threshold(model, rows[:, :args.norm_calibrate], args.norm_factor, args.norm_chunk,
-                                 args.chunk_size, args.group_size)
+                                 args.chunk_size, args.group_size, args.points_per_octave)
     label = format_spec(next((m.mitigation for m in model.modules() if getattr(m, "mitigation", None)), None))
     if args.norm_calibrate:
         label = label.replace("per-head", f"{args.norm_factor:g}x prefix {args.norm_calibrate}")
@@ -205,12 +238,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result["mitigation"] = label
     runs.append((label, result))
 
-    out = Path(args.out)
     for name, res in runs:
         print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")
         print(markdown_table(summary_rows(res)))
         print()
-    write_json({"model": args.model, "runs": {name: res for name, res in runs}}, out / "state.json")
+    write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
     pngs = plot_state_statistics(runs if len(runs) > 1 else result, out, args.train_length)
     print(f"wrote {out / 'state.json'} and {len(pngs)} PNGs in {out}")
     return result

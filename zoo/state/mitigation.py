@@ -122,12 +122,13 @@ def normalize_spec(spec: Mapping | None) -> dict | None:
         out["threshold"] = float(threshold)
         if not out["threshold"] > 0:
             raise ValueError(f"mitigation threshold: must be > 0, got {threshold}")
-    out["chunk"] = int(out["chunk"])
-    out["group_size"] = int(out["group_size"])
-    if out["chunk"] < 1 or out["group_size"] < 1:
-        raise ValueError("mitigation chunk / group_size: must be >= 1")
+    # whole numbers >= 1: int() cut chunk=1.5 to 1 without a word, and failed on inf with an OverflowError
+    for key in ("chunk", "group_size"):
+        if not (float(out[key]).is_integer() and out[key] >= 1):
+            raise ValueError(f"mitigation chunk / group_size: must be >= 1 and whole, got {key}={out[key]}")
+        out[key] = int(out[key])
     if out["window"] is not None:
-        if float(out["window"]) != int(out["window"]) or int(out["window"]) < 1:
+        if not (float(out["window"]).is_integer() and out["window"] >= 1):
             raise ValueError(f"mitigation window: r must be a positive integer, got {out['window']}")
         out["window"] = int(out["window"])
         if _has_cap(out):
@@ -166,11 +167,12 @@ def format_spec(spec: Mapping | None) -> str:
         return "none"
     s = normalize_spec(spec)
     parts = []
-    forget = [f"{k}={s[k]:g}" for k in ("c_alpha", "c_b", "c_dt") if s[k] != 1]
+    # 15 digits: ':g' kept 6, so c_alpha=0.9999999 (a 1M-token forget) was named c_alpha=1
+    forget = [f"{k}={s[k]:.15g}" for k in ("c_alpha", "c_b", "c_dt") if s[k] != 1]
     if forget:
         parts.append("forget:" + ",".join(forget))
     if _has_cap(s):
-        t = "per-head" if isinstance(s["threshold"], torch.Tensor) else f"{s['threshold']:g}"
+        t = "per-head" if isinstance(s["threshold"], torch.Tensor) else f"{s['threshold']:.15g}"
         parts.append(f"norm:threshold={t},chunk={s['chunk']}")
     if s["window"] is not None:
         parts.append(f"window:r={s['window']}")

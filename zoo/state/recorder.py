@@ -234,29 +234,44 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
 
 @torch.no_grad()
 def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0, chunk: int = 64,
-                             chunk_size: int = 1024, group_size: int = 64) -> dict[int, torch.Tensor]:
+                             chunk_size: int = 1024, group_size: int = 64, points_per_octave: int = 0,
+                             min_chunk: int = 16) -> dict[int, torch.Tensor]:
     """Set a per-head state-norm cap on every recurrent mixer from a reference prefix (Stuffed Mamba's state
-    normalization): threshold = factor · the largest batch-mean head norm seen over `input_ids` [B, T]
-    by the unmitigated model, at every point where the cap acts (each `chunk` tokens and the end: the prefix runs
-    in forwards of gcd(chunk_size, chunk) tokens). Forget / window settings already on a mixer are kept; returns
-    the thresholds per layer."""
+    normalization): threshold = factor · the largest head norm seen in any row of `input_ids` [B, T] by the
+    unmitigated model, at every point where the cap acts in the run it is set for: each `chunk` tokens into each of
+    that run's forwards and at their ends, the forwards being record_state_statistics' with `chunk_size`,
+    `points_per_octave` and `min_chunk` (0: every chunk_size tokens, as evaluate_length's). Forget / window settings
+    already on a mixer are kept; returns the thresholds per layer."""
     check_recurrent(model, "calibrate_norm_threshold")
     mixers = recurrent_mixers(model)
     saved = {id(m): m.mitigation for m in mixers}
     for m in mixers:
         m.mitigation = None
+    rows = (input_ids[None] if input_ids.dim() == 1 else input_ids).to(next(model.parameters()).device)
+    ends = chunk_ends(rows.shape[1], chunk_size, points_per_octave, min_chunk)
+    # where the cap checks: a norm that peaked between two of these (a chunk_size end, a log-spaced forward's end)
+    # was missed, so factor 1 capped the reference prefix itself
+    points = sorted({p for s, e in zip([0, *ends], ends) for p in (*range(s + chunk, e, chunk), e)})
+    kinds = {m.layer_idx: mixer_kind(m) for m in mixers}
+    largest: dict[int, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
     try:
-        # sampled where the cap checks (a norm that peaks between two chunk_size ends was missed, so factor 1 capped
-        # the reference prefix itself)
-        stats = record_state_statistics(model, input_ids, chunk_size=math.gcd(chunk_size, chunk), points_per_octave=0,
-                                        group_size=group_size)
+        cache, start = None, 0
+        for end in points:
+            cache = output_cache(model(input_ids=rows[:, start:end], past_key_values=cache, use_cache=True))
+            start = end
+            for i, kind in kinds.items():
+                norms = head_view(kind, cache.layers[i].recurrent_state.double(), group_size).norm(dim=-1)  # (b, heads)
+                top = norms.max(dim=0).values  # of any row: the cap acts per row
+                largest[i] = top if i not in largest else torch.maximum(largest[i], top)
     finally:
+        model.train(was_training)
         for m in mixers:
             m.mitigation = saved[id(m)]
     thresholds = {}
     for m in mixers:
-        norms = torch.tensor(stats["layers"][m.layer_idx]["state_norm"])  # (positions, heads)
-        thresholds[m.layer_idx] = factor * norms.max(dim=0).values.float()
+        thresholds[m.layer_idx] = factor * largest[m.layer_idx].float()
         base = {k: v for k, v in (m.mitigation or {}).items() if k not in ("threshold", "chunk", "group_size")}
         m.mitigation = {**base, "threshold": thresholds[m.layer_idx], "chunk": chunk, "group_size": group_size}
     return thresholds
