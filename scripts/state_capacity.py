@@ -271,7 +271,8 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
         if factor is not None:  # state normalization with thresholds measured on the first L tokens
             apply_mitigation(model, None)
             prefix = torch.stack([d[:L] for d in documents]).to(next(model.parameters()).device)
-            calibrate_norm_threshold(model, prefix, factor, chunk=min(64, L))
+            # the cap acts where evaluate_length's forwards of ev chunk_size end (the calibration's own default is 1024)
+            calibrate_norm_threshold(model, prefix, factor, chunk=min(64, L), chunk_size=ev["chunk_size"] or L)
         else:
             apply_mitigation(model, text)
         res = evaluate_length(model, documents, ev["chunk_size"], ev["batch_size"], ev["bins_per_octave"])

@@ -217,3 +217,24 @@ def test_sweep_rerun_keeps_evaluations_and_leaves_out_curves_of_other_settings(t
     (tmp_path / "slow_decay-L64" / "done.json").write_text(json.dumps({"model": "x", "seconds": 2.0}))  # retrained
     collapse.main([*base, "--only", "slow_decay", "--eval.max_len=512"])
     assert evaluated == [("slow_decay-L64", 512)]
+
+
+def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatch):
+    """A norm-calibrated mitigation's thresholds are measured at the points where the evaluation's cap acts: its
+    forwards are eval.chunk_size tokens, and calibrate_norm_threshold was called with its own default (1024), so with
+    a chunk_size that is not a multiple of 64 the cap acted at points the calibration had not looked at."""
+    import zoo.eval.common
+    import zoo.eval.length
+    import zoo.state
+
+    capacity = load_script("scripts/state_capacity.py")
+    seen = []
+    monkeypatch.setattr(zoo.eval.common, "load_model", lambda path: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(zoo.state, "apply_mitigation", lambda model, spec: None)
+    monkeypatch.setattr(zoo.state, "calibrate_norm_threshold", lambda *a, **k: seen.append(k))
+    monkeypatch.setattr(zoo.eval.length, "evaluate_length", lambda *a, **k: {"bins": []})
+    monkeypatch.setattr(capacity, "judge_collapse", lambda *a, **k: {})
+    ev = {"mitigations": ["norm-calibrated:factor=1"], "chunk_size": 96, "batch_size": 1, "bins_per_octave": 2,
+          "factor": 8, "margin": 0.1}
+    capacity.evaluate_run({"train_length": 64}, Path("unused"), [torch.arange(200)], ev)
+    assert [k["chunk_size"] for k in seen] == [96]
