@@ -908,3 +908,25 @@ def test_mqar_of_the_text_trained_model_is_redone_when_the_first_length_changes(
             keys[lengths[0], steps] = _phase_keys(load_compare_config(path)[0])["mqar"]
     assert keys[128, 0] != keys[256, 0]
     assert keys[128, 2] == keys[256, 2]  # a fresh copy trained on MQAR: the text model's length does not matter
+
+
+def test_backends_are_reported_in_the_dtype_the_phases_run_in(tmp_path, monkeypatch):
+    """Evaluation and throughput run under the device's autocast (bf16 on a GPU), but their backend reports were
+    resolved outside it, in fp32: on an H100 the table said attention ran sdpa_efficient where it ran cuDNN."""
+    import zoo.compare as compare
+    from zoo.mixers.attention import Attention
+
+    monkeypatch.setattr(compare, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    # the kernel attention picks depends on the dtype it runs in: report that dtype
+    monkeypatch.setattr(Attention, "backend_name", lambda self: str(torch.get_autocast_dtype("cpu"))
+                        if torch.is_autocast_enabled("cpu") else "fp32")
+    out = tmp_path / "bf16"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--eval.passkey=null", "--throughput.seq_lens=[16]",
+            "--throughput.steps=1", "--throughput.warmup=0", "--only=transformerpp"]
+    assert main(argv) == 0
+    phases = json.loads((out / "transformerpp" / "result.json").read_text())["phases"]
+    for phase in ("eval/L128", "throughput"):
+        assert set(phases[phase]["backend"].values()) == {"torch.bfloat16"}, phase
+    assert "attention: torch.bfloat16 |" in (out / "results.md").read_text()

@@ -1094,6 +1094,15 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _backend_report(model, device: torch.device) -> dict[str, str]:
+    """Which kernel each mixer runs, resolved under the phase's autocast: attention picks its kernel by dtype, and
+    resolved in fp32 a bf16 run on a GPU was reported as sdpa_efficient where it ran cuDNN or FlashAttention."""
+    if not hasattr(model, "backend_report"):
+        return {}
+    with _autocast(device):
+        return model.backend_report()
+
+
 def _free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
@@ -1239,7 +1248,7 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     tokenizer = load_tokenizer(tcfg.tokenizer)
     model = _load_trained(checkpoint, device)
     out: dict[str, Any] = heldout_loss(model, tcfg, tokenizer, cfg.eval.batches, cfg.eval.micro_batch_size, device)
-    out["backend"] = model.backend_report() if hasattr(model, "backend_report") else {}
+    out["backend"] = _backend_report(model, device)
     # zoo.eval carries caches chunk to chunk; transformers' Mamba cannot continue a chunk exactly and runs
     # each document in one forward instead
     carries = continues_chunks_exactly(model)
@@ -1413,7 +1422,7 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
             row.update(step_ms=None, tokens_per_s=None, peak_mib=None, note="out of memory")
             _free_memory()
         rows.append(row)
-    backend = model.backend_report() if hasattr(model, "backend_report") else {}
+    backend = _backend_report(model, device)
     del model
     _free_memory()
     return {"rows": rows, "backend": backend, "device": str(device),
