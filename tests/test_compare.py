@@ -930,3 +930,24 @@ def test_backends_are_reported_in_the_dtype_the_phases_run_in(tmp_path, monkeypa
     for phase in ("eval/L128", "throughput"):
         assert set(phases[phase]["backend"].values()) == {"torch.bfloat16"}, phase
     assert "attention: torch.bfloat16 |" in (out / "results.md").read_text()
+
+
+def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monkeypatch):
+    """accounting.kv_bytes / state_bytes set the cache MiB, but the table and memory.png said "KV bf16, states fp32"
+    whatever they were."""
+    import matplotlib.axes
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml",
+                                      [f"output_dir={tmp_path}", "accounting.kv_bytes=1", "accounting.state_bytes=2"])
+    result = compare.run_comparison(cfg, folder, accounting_only=True)
+    assert "cache per sequence: KV 1 and states 2 bytes per float)" in result["markdown"]
+    row = next(r for r in result["records"][0]["accounting"]["per_length"] if r["seq_len"] == 128)
+    assert row["cache_mib"] == pytest.approx((row["kv_floats"] + 2 * row["state_floats"]) / 2 ** 20)
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
+    compare.write_plots(result["records"], cfg, tmp_path)
+    assert "inference cache per sequence (KV 1 and states 2 bytes per float)" in titles

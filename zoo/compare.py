@@ -1535,6 +1535,12 @@ def _backend_summary(report: dict[str, str]) -> str:
     return ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in seen.items()) or "—"
 
 
+def _cache_bytes(cfg: CompareConfig) -> str:
+    """The bytes per float the cache memory is counted at (accounting.kv_bytes / state_bytes)."""
+    a = cfg.accounting
+    return f"KV {a.kv_bytes} and states {a.state_bytes} bytes per float"
+
+
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
     from zoo.train import config_from_dict
@@ -1567,7 +1573,7 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                 f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(mqar['accuracy'] if mqar else None, '.3f')} | "
                 f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
                 f"{backend} |")
-    lines += ["", "## Accounting per length (forward FLOPs per token; cache per sequence: KV bf16, states fp32)", "",
+    lines += ["", f"## Accounting per length (forward FLOPs per token; cache per sequence: {_cache_bytes(cfg)})", "",
               "| model | L | FLOPs/token | decode FLOPs/token | KV floats | state floats | cache MiB |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for rec in records:
@@ -1683,7 +1689,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
                  label=rec["name"])
     ax1.set_title(f"training step memory ({method})", fontsize=9)
     ax1.set_ylabel("MiB")
-    ax2.set_title("inference cache per sequence (KV bf16, states fp32)", fontsize=9)
+    ax2.set_title(f"inference cache per sequence ({_cache_bytes(cfg)})", fontsize=9)
     ax2.set_ylabel("MiB")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
