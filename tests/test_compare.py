@@ -876,7 +876,7 @@ def test_a_rerun_with_another_progress_bar_continues_the_comparison(tmp_path, ca
     capsys.readouterr()
     assert main(argv + ["--recipe.log.trackers=[csv, tensorboard]"]) == 0
     err = capsys.readouterr().err
-    assert "different model config or recipe" not in err and "mamba: training" not in err
+    assert "another model config or recipe" not in err and "mamba: training" not in err
     assert "| mamba |" in (out / "results.md").read_text()
     # a result.json written under the recipe's own fingerprint is taken
     from zoo.compare import ModelRecord, _fingerprint, _model_fingerprints
@@ -887,7 +887,7 @@ def test_a_rerun_with_another_progress_bar_continues_the_comparison(tmp_path, ca
     data["fingerprint"] = _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})
     (out / "mamba" / "result.json").write_text(json.dumps(data))
     assert ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {}).data["phases"] == data["phases"]
-    with pytest.raises(ValueError, match="different model config or recipe"):  # a change that matters is refused
+    with pytest.raises(ValueError, match="another model config or recipe"):  # a change that matters is refused
         cfg.recipe["train"]["max_steps"] = 2
         ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {})
 
@@ -951,3 +951,20 @@ def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monk
                         lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
     compare.write_plots(result["records"], cfg, tmp_path)
     assert "inference cache per sequence (KV 1 and states 2 bytes per float)" in titles
+
+
+def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path, capsys):
+    """A model whose config changed since its results were made was refused only at its turn, after the models
+    before it had trained, and the advice (--force) would have redone every finished model."""
+    out = tmp_path / "changed"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null"]
+    assert main(argv + ["--only=gla"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--only=transformerpp,gla", "--budget.params=210000"]) == 2
+    err = capsys.readouterr().err
+    assert "the results of gla were made with another model config or recipe" in err
+    assert "--force --only gla " in err and "training at" not in err
+    assert not (out / "transformerpp").exists()
+    assert "210000" not in (out / "compare_config.yaml").read_text()  # the record of the finished run stays

@@ -1039,6 +1039,11 @@ def _phase_done(data: dict[str, Any], phase: str, key: str) -> bool:
     return data.get("phase_keys", {}).get(phase) == key and phase in data.get("phases", {})
 
 
+def _changed_message(names: list[str], out: Path) -> str:
+    return (f"{out}: the results of {', '.join(names)} were made with another model config or recipe; redo them "
+            f"with --force --only {','.join(names)} (--force alone redoes every model), or choose another output_dir")
+
+
 class ModelRecord:
     """OUT/<model>/result.json: the model's phases, each saved as soon as it finishes with the fingerprint of
     the settings it depends on (a phase whose settings changed is redone; a model whose config or recipe
@@ -1049,8 +1054,7 @@ class ModelRecord:
         self.folder, self.path = folder, folder / RESULT_FILE
         data = json.loads(self.path.read_text()) if self.path.is_file() else None
         if data is not None and data.get("fingerprint") not in fingerprints:
-            raise ValueError(f"{self.path} holds results of a different model config or recipe; pass --force to "
-                             f"redo this model, or choose another output_dir")
+            raise ValueError(_changed_message([folder.name], folder.parent))
         self.data = data or {"phases": {}, "phase_keys": {}}
         self.data["fingerprint"] = fingerprints[0]
         self.data.update(header)
@@ -1840,8 +1844,15 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
         unknown = set(only) - set(names)
         if unknown:
             raise ValueError(f"--only: unknown models {sorted(unknown)}; the config has {names}")
+    todo = [e for e in entries if not only or e.name in only]
     if not accounting_only:
         _check_inputs(cfg, entries)
+        # refused before any model trains: found at its turn, it stopped the run after the models before it
+        recorded = {e.name: json.loads((out / e.name / RESULT_FILE).read_text()).get("fingerprint")
+                    for e in todo if not force and (out / e.name / RESULT_FILE).is_file()}
+        changed = [e.name for e in todo if e.name in recorded and recorded[e.name] not in _model_fingerprints(cfg, e)]
+        if changed:
+            raise ValueError(_changed_message(changed, out))
     device = _device()
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.cpu_threads:
@@ -1854,7 +1865,6 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
             records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
                         "accounting": _accounting(cfg, e)} for e in entries]
         else:
-            todo = [e for e in entries if not only or e.name in only]
             by_name = {}
             for i, entry in enumerate(todo):
                 if force and (out / entry.name).exists():
