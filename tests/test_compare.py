@@ -968,3 +968,21 @@ def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path
     assert "--force --only gla " in err and "training at" not in err
     assert not (out / "transformerpp").exists()
     assert "210000" not in (out / "compare_config.yaml").read_text()  # the record of the finished run stays
+
+
+def test_budget_out_of_tolerance_names_the_settings_that_give_finer_sizes():
+    """The advice was 'allow budget.adjust, change budget.multiple_of or knob' whatever the settings: jamba-tiny's
+    ffn hidden size, already adjusted, moved 7.7% of the budget per step of budget.adjust_multiple_of (the one setting
+    that lands it), and under knob n_layers budget.multiple_of (a d_model step) changes nothing."""
+    fields = fields_of("jamba-tiny")
+    with pytest.raises(ValueError, match=r"-2.4% from 150,000\) with d_model=24; try a smaller "
+                                         r"budget.adjust_multiple_of \(the ffn hidden size moves in steps of 8\)") as e:
+        match_budget(fields, 150_000)
+    assert "budget.adjust:" not in str(e.value)
+    assert abs(match_budget(fields, 150_000, adjust_multiple_of=4)[1]["error"]) <= 0.02  # the advice lands it
+    # Mamba-2's d_inner moves in whole heads (head_dim 16 here), not in steps of adjust_multiple_of
+    with pytest.raises(ValueError, match=r"with n_layers=3; try knob d_model, a wider budget.tolerance$"):
+        match_budget(fields_of("mamba2-tiny"), 150_000, knob="n_layers")
+    assert abs(match_budget(fields_of("mamba2-tiny"), 150_000)[1]["error"]) <= 0.02
+    with pytest.raises(ValueError, match=r"; try budget.adjust: auto, a smaller budget.multiple_of"):
+        match_budget(fields, 150_000, adjust="none")

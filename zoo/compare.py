@@ -577,6 +577,7 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     base = ZooConfig(**copy.deepcopy(fields))
     what = _adjustable(base, adjust)
     best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
+    step = adjust_multiple_of  # the adjusted width's step (Mamba-2's d_inner: whole heads of every group too)
     smallest = largest = None  # (knob value, params) of the valid sizes tried, for the error message
     for value, primary in _primary_candidates(fields, knob, multiple_of):
         config = _try_config(primary)
@@ -635,10 +636,15 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     info = {"budget": budget, "count": count, "params": n, "error": error, "knob": knob, knob: value}
     if adjusted is not None:
         info["adjusted"] = {"ffn_hidden" if what == "ffn" else "d_inner": adjusted}
-    if abs(error) > tolerance:
+    if abs(error) > tolerance:  # the settings that give finer sizes (budget.multiple_of steps d_model only)
+        fixes = ["a smaller budget.multiple_of" if knob == "d_model" else "knob d_model", "a wider budget.tolerance"]
+        if what is None and adjust == "none":
+            fixes.insert(0, "budget.adjust: auto")
+        elif what == "ffn" or (what == "expand" and step == adjust_multiple_of):
+            width = "ffn hidden size" if what == "ffn" else "d_inner"
+            fixes.insert(0, f"a smaller budget.adjust_multiple_of (the {width} moves in steps of {step})")
         raise ValueError(f"budget.tolerance: the closest size has {n:,} parameters ({error:+.1%} from "
-                         f"{budget:,.0f}) with {knob}={value}; allow budget.adjust, change budget.multiple_of or "
-                         f"knob, or widen budget.tolerance")
+                         f"{budget:,.0f}) with {knob}={value}; try {', '.join(fixes)}")
     return matched, info
 
 
