@@ -355,6 +355,9 @@ def test_config_errors_name_the_field(tmp_path):
                                    "throughput": {"batch_size": 2, "batch_tokens": 64}}))
     with pytest.raises(ValueError, match="throughput: set one of batch_size and batch_tokens, not both"):
         load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "accounting": {"kv_bytes": 0}}))
+    with pytest.raises(ValueError, match="accounting.kv_bytes: bytes per float must be >= 1"):
+        load_compare_config(bad)
 
 
 def test_throughput_batch_size_alone_is_taken(tmp_path):

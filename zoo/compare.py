@@ -874,6 +874,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
                 raise ValueError(f"throughput.{name}: must be >= 1, got {value}")
     if any(L < 1 for L in cfg.accounting.seq_lens):
         raise ValueError(f"accounting.seq_lens: lengths must be >= 1, got {cfg.accounting.seq_lens}")
+    for name in ("kv_bytes", "state_bytes"):  # 0 gave a cache of 0 MiB, a negative one a negative cache
+        if getattr(cfg.accounting, name) < 1:
+            raise ValueError(f"accounting.{name}: bytes per float must be >= 1 (2 for bf16, 4 for fp32), got "
+                             f"{getattr(cfg.accounting, name)}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise ValueError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
     from zoo.train import config_from_dict
