@@ -989,3 +989,23 @@ def test_budget_out_of_tolerance_names_the_settings_that_give_finer_sizes():
     assert abs(match_budget(fields_of("mamba2-tiny"), 150_000)[1]["error"]) <= 0.02
     with pytest.raises(ValueError, match=r"; try budget.adjust: auto, a smaller budget.multiple_of"):
         match_budget(fields, 150_000, adjust="none")
+
+
+def test_a_model_the_accounting_cannot_count_is_refused_before_any_model_trains(tmp_path, capsys):
+    """A transformers MoE (or a custom mixer with a cache but no state_size) failed its accounting only at its turn,
+    after the models before it had trained."""
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
+                      "mixtral": {"model_type": "mixtral", "vocab_size": 260, "hidden_size": 32,
+                                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "moe"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 32},
+                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "models.mixtral: accounting: transformers model_type 'mixtral' is a mixture of experts" in err
+    assert "training at" not in err and not (tmp_path / "moe" / "mamba").exists()

@@ -1764,7 +1764,8 @@ def _device_name() -> str:
 def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     """Refuse before any training what the trainer or a phase would refuse for one model midway: fewer
     embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
-    neither seq_idx nor position_ids."""
+    neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
+    mixer with a cache but no state_size)."""
     from zoo.data.text import load_tokenizer
     from zoo.train import ModelInputs, config_from_dict
 
@@ -1783,6 +1784,10 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
                              f"({bare} tokens with tokenizer {recipe.tokenizer!r}); give lengths of at least {bare}")
     mqar = cfg.eval.mqar
     for entry in entries:
+        try:  # each model's record starts with its accounting
+            _accounting(cfg, entry)
+        except ValueError as e:
+            raise ValueError(f"models.{entry.name}: {e}") from None
         model = _meta_model(entry.config())
         vocab = model.get_input_embeddings().num_embeddings
         if vocab < n_tokens:
