@@ -1009,3 +1009,35 @@ def test_a_model_the_accounting_cannot_count_is_refused_before_any_model_trains(
     err = capsys.readouterr().err
     assert "models.mixtral: accounting: transformers model_type 'mixtral' is a mixture of experts" in err
     assert "training at" not in err and not (tmp_path / "moe" / "mamba").exists()
+
+
+def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_path, monkeypatch):
+    """After an out-of-memory error in backward, the failed step's loss (and its graph, the length's activations)
+    stayed referenced while the next length's steps ran, under their memory peak."""
+    import contextlib
+    import weakref
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", "throughput.seq_lens=[16, 32]", "throughput.steps=1", "throughput.warmup=0"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "transformerpp"]
+    failed, alive = [], []
+    real_backward = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        if not failed:
+            failed.append(weakref.ref(self))
+            raise torch.OutOfMemoryError("out of memory")
+        return real_backward(self, *args, **kwargs)
+
+    def autocast(device):  # entered before each step's forward
+        if failed:
+            alive.append(failed[0]() is not None)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    monkeypatch.setattr(compare, "_autocast", autocast)
+    rows = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
+    assert rows[0]["note"] == "out of memory" and rows[1]["tokens_per_s"] > 0
+    assert alive and not any(alive)

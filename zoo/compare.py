@@ -1432,6 +1432,8 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
                 row["peak_mib"] = _step_memory_cpu(model, batch) / 2 ** 20
                 row["memory_method"] = "weights + grads + saved activations"
         except torch.OutOfMemoryError:
+            # an OOM in backward leaves `loss` holding the step's graph: it sat under the next length's step and peak
+            loss = None
             model.zero_grad(set_to_none=True)
             row.update(step_ms=None, tokens_per_s=None, peak_mib=None, note="out of memory")
             _free_memory()
