@@ -882,7 +882,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         raise ValueError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
     from zoo.train import config_from_dict
 
-    config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+    try:  # zoo.train names its own fields (train.max_steps), which sit under recipe here
+        config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+    except ValueError as e:
+        raise ValueError(f"recipe.{e}") from None
     for L in cfg.train_lengths or []:  # each length's recipe, before any model trains (zoo.train checks it at start)
         try:
             run = config_from_dict({**_recipe_at(cfg, L), "model": "recipe-check", "output_dir": "recipe-check"})
