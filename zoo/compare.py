@@ -787,7 +787,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     for where, names in (("models", cfg.models), ("swaps", cfg.swaps)):
         for name in names:  # a model's name is its results folder: one path component
             if not str(name).strip() or any(c in str(name) for c in "/\\") or str(name) in (".", ".."):
-                raise ValueError(f"{where}.{name}: a model name names its results folder; use no '/' or '\\'")
+                raise ValueError(f"{where}.{name}: a model name names its results folder; use a name that is not "
+                                 f"blank, '.' or '..', without '/' or '\\'")
     if cfg.model_overrides:  # a typo here would be reported at the first model, as that model's field
         ZooConfig.check_fields(cfg.model_overrides, "model_overrides: ")
     for key in ("model", "output_dir"):
