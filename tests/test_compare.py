@@ -355,6 +355,10 @@ def test_config_errors_name_the_field(tmp_path):
                                    "throughput": {"batch_size": 2, "batch_tokens": 64}}))
     with pytest.raises(ValueError, match="throughput: set one of batch_size and batch_tokens, not both"):
         load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "base": "configs/models/transformerpp-tiny.yaml"}))
+    with pytest.raises(ValueError, match=r"^base: is the config that swaps start from, but there are no swaps"):
+        load_compare_config(bad)
     bad.write_text(yaml.safe_dump({"models": {" ": "configs/models/mamba-tiny.yaml"}}))
     with pytest.raises(ValueError, match=r"^models. : a model name names its results folder; use a name that is "
                                          r"not blank"):

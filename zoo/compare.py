@@ -781,6 +781,9 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         raise ValueError("models: empty; name at least one model (or a base and swaps)")
     if cfg.swaps and cfg.base is None:
         raise ValueError("swaps: need `base:` (the config the mixers are swapped in)")
+    if cfg.base is not None and not cfg.swaps:  # it was never read: the comparison left it out without a word
+        raise ValueError("base: is the config that swaps start from, but there are no swaps; add swaps (NAME: null "
+                         "compares the base itself) or name it under models")
     clash = set(cfg.models) & set(cfg.swaps)
     if clash:
         raise ValueError(f"swaps: names {sorted(clash)} are also in models; rename one")
