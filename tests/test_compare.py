@@ -1053,3 +1053,14 @@ def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_p
     rows = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
     assert rows[0]["note"] == "out of memory" and rows[1]["tokens_per_s"] > 0
     assert alive and not any(alive)
+
+
+@pytest.mark.parametrize("layers", [[{"type": "mamba"}, {"type": "mamba"}], "MM"], ids=["list", "default-mixers"])
+def test_budget_matching_of_a_mamba_stack_without_its_own_mixers(layers):
+    """Under budget.adjust auto a Mamba stack given as a list of layers (or a pattern over the default mixers) was
+    refused with "budget.adjust: expand needs mamba/mamba2 mixers in `mixers`", an adjustment nobody had asked for;
+    d_model alone matches it."""
+    fields = {"vocab_size": 260, "d_model": 64, "ffn": "none", "layers": layers}
+    _, info = match_budget(fields, 100_000)
+    assert abs(info["error"]) <= 0.02 and "adjusted" not in info
+    assert parameter_counts(ZooConfig(**match_budget(fields, 100_000)[0]))["total"] == info["params"]

@@ -35,7 +35,8 @@ recurrent state size) and ``length.png`` (per-position loss), with the backend e
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
 number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
 size scales with d_model); then one width is adjusted so the count lands within ``tolerance`` of the budget:
-the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of its Mamba / Mamba-2 mixers.
+the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of the Mamba / Mamba-2 mixers of its
+``mixers`` (a list of layers keeps its widths).
 Among the candidates inside the tolerance the one whose adjusted width departs least from the base
 proportions wins. ``count: total`` counts every parameter (tied embeddings once); ``non_embedding`` leaves
 out the token embedding (and an untied LM head).
@@ -466,13 +467,15 @@ def _pattern_unit(layers: Any) -> tuple[str, int]:
     return letters, 1
 
 
-def _adjustable(config: ZooConfig, adjust: str) -> str | None:
+def _adjustable(config: ZooConfig, adjust: str, fields: dict) -> str | None:
     """Which width `match_budget` adjusts: 'ffn', 'expand' or None."""
     specs = config.layer_specs()
     has_ffn = any(s["ffn"] in ("swiglu", "moe") for s in specs)
     has_expand = any(s["type"] in ("mamba", "mamba2") for s in specs)
-    if adjust == "auto":
-        return "ffn" if has_ffn else ("expand" if has_expand else None)
+    if adjust == "auto":  # expand is adjusted in the fields' `mixers` (_with_d_inner): a list of layers keeps its own
+        in_mixers = isinstance(fields.get("layers"), str) and any(
+            isinstance(m, dict) and m.get("type") in ("mamba", "mamba2") for m in (fields.get("mixers") or {}).values())
+        return "ffn" if has_ffn else ("expand" if has_expand and in_mixers else None)
     if adjust == "none":
         return None
     if adjust == "ffn" and not has_ffn:
@@ -575,7 +578,7 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     if count not in ("total", "non_embedding"):
         raise ValueError(f"budget.count: unknown {count!r}; use total or non_embedding")
     base = ZooConfig(**copy.deepcopy(fields))
-    what = _adjustable(base, adjust)
+    what = _adjustable(base, adjust, fields)
     best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
     step = adjust_multiple_of  # the adjusted width's step (Mamba-2's d_inner: whole heads of every group too)
     smallest = largest = None  # (knob value, params) of the valid sizes tried, for the error message
