@@ -355,6 +355,21 @@ def test_config_errors_name_the_field(tmp_path):
                                    "throughput": {"batch_size": 2, "batch_tokens": 64}}))
     with pytest.raises(ValueError, match="throughput: set one of batch_size and batch_tokens, not both"):
         load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "base": "configs/models/transformerpp-tiny.yaml"}))
+    with pytest.raises(ValueError, match=r"^base: is the config that swaps start from, but there are no swaps"):
+        load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {" ": "configs/models/mamba-tiny.yaml"}}))
+    with pytest.raises(ValueError, match=r"^models. : a model name names its results folder; use a name that is "
+                                         r"not blank"):
+        load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
+                                   "recipe": {"train": {"max_step": 3}}}))
+    with pytest.raises(ValueError, match=r"^recipe.train.max_step: unknown field; did you mean train.max_steps"):
+        load_compare_config(bad)
+    bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "accounting": {"kv_bytes": 0}}))
+    with pytest.raises(ValueError, match="accounting.kv_bytes: bytes per float must be >= 1"):
+        load_compare_config(bad)
 
 
 def test_throughput_batch_size_alone_is_taken(tmp_path):
@@ -876,7 +891,7 @@ def test_a_rerun_with_another_progress_bar_continues_the_comparison(tmp_path, ca
     capsys.readouterr()
     assert main(argv + ["--recipe.log.trackers=[csv, tensorboard]"]) == 0
     err = capsys.readouterr().err
-    assert "different model config or recipe" not in err and "mamba: training" not in err
+    assert "another model config or recipe" not in err and "mamba: training" not in err
     assert "| mamba |" in (out / "results.md").read_text()
     # a result.json written under the recipe's own fingerprint is taken
     from zoo.compare import ModelRecord, _fingerprint, _model_fingerprints
@@ -887,7 +902,7 @@ def test_a_rerun_with_another_progress_bar_continues_the_comparison(tmp_path, ca
     data["fingerprint"] = _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})
     (out / "mamba" / "result.json").write_text(json.dumps(data))
     assert ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {}).data["phases"] == data["phases"]
-    with pytest.raises(ValueError, match="different model config or recipe"):  # a change that matters is refused
+    with pytest.raises(ValueError, match="another model config or recipe"):  # a change that matters is refused
         cfg.recipe["train"]["max_steps"] = 2
         ModelRecord(out / "mamba", _model_fingerprints(cfg, entry), {})
 
@@ -908,3 +923,144 @@ def test_mqar_of_the_text_trained_model_is_redone_when_the_first_length_changes(
             keys[lengths[0], steps] = _phase_keys(load_compare_config(path)[0])["mqar"]
     assert keys[128, 0] != keys[256, 0]
     assert keys[128, 2] == keys[256, 2]  # a fresh copy trained on MQAR: the text model's length does not matter
+
+
+def test_backends_are_reported_in_the_dtype_the_phases_run_in(tmp_path, monkeypatch):
+    """Evaluation and throughput run under the device's autocast (bf16 on a GPU), but their backend reports were
+    resolved outside it, in fp32: on an H100 the table said attention ran sdpa_efficient where it ran cuDNN."""
+    import zoo.compare as compare
+    from zoo.mixers.attention import Attention
+
+    monkeypatch.setattr(compare, "_autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    # the kernel attention picks depends on the dtype it runs in: report that dtype
+    monkeypatch.setattr(Attention, "backend_name", lambda self: str(torch.get_autocast_dtype("cpu"))
+                        if torch.is_autocast_enabled("cpu") else "fp32")
+    out = tmp_path / "bf16"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--eval.passkey=null", "--throughput.seq_lens=[16]",
+            "--throughput.steps=1", "--throughput.warmup=0", "--only=transformerpp"]
+    assert main(argv) == 0
+    phases = json.loads((out / "transformerpp" / "result.json").read_text())["phases"]
+    for phase in ("eval/L128", "throughput"):
+        assert set(phases[phase]["backend"].values()) == {"torch.bfloat16"}, phase
+    assert "attention: torch.bfloat16 |" in (out / "results.md").read_text()
+
+
+def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monkeypatch):
+    """accounting.kv_bytes / state_bytes set the cache MiB, but the table and memory.png said "KV bf16, states fp32"
+    whatever they were."""
+    import matplotlib.axes
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml",
+                                      [f"output_dir={tmp_path}", "accounting.kv_bytes=1", "accounting.state_bytes=2"])
+    result = compare.run_comparison(cfg, folder, accounting_only=True)
+    assert "cache per sequence: KV 1 and states 2 bytes per float)" in result["markdown"]
+    row = next(r for r in result["records"][0]["accounting"]["per_length"] if r["seq_len"] == 128)
+    assert row["cache_mib"] == pytest.approx((row["kv_floats"] + 2 * row["state_floats"]) / 2 ** 20)
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
+    compare.write_plots(result["records"], cfg, tmp_path)
+    assert "inference cache per sequence (KV 1 and states 2 bytes per float)" in titles
+
+
+def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path, capsys):
+    """A model whose config changed since its results were made was refused only at its turn, after the models
+    before it had trained, and the advice (--force) would have redone every finished model."""
+    out = tmp_path / "changed"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null"]
+    assert main(argv + ["--only=gla"]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--only=transformerpp,gla", "--budget.params=210000"]) == 2
+    err = capsys.readouterr().err
+    assert "the results of gla were made with another model config or recipe" in err
+    assert "--force --only gla " in err and "training at" not in err
+    assert not (out / "transformerpp").exists()
+    assert "210000" not in (out / "compare_config.yaml").read_text()  # the record of the finished run stays
+
+
+def test_budget_out_of_tolerance_names_the_settings_that_give_finer_sizes():
+    """The advice was 'allow budget.adjust, change budget.multiple_of or knob' whatever the settings: jamba-tiny's
+    ffn hidden size, already adjusted, moved 7.7% of the budget per step of budget.adjust_multiple_of (the one setting
+    that lands it), and under knob n_layers budget.multiple_of (a d_model step) changes nothing."""
+    fields = fields_of("jamba-tiny")
+    with pytest.raises(ValueError, match=r"-2.4% from 150,000\) with d_model=24; try a smaller "
+                                         r"budget.adjust_multiple_of \(the ffn hidden size moves in steps of 8\)") as e:
+        match_budget(fields, 150_000)
+    assert "budget.adjust:" not in str(e.value)
+    assert abs(match_budget(fields, 150_000, adjust_multiple_of=4)[1]["error"]) <= 0.02  # the advice lands it
+    # Mamba-2's d_inner moves in whole heads (head_dim 16 here), not in steps of adjust_multiple_of
+    with pytest.raises(ValueError, match=r"with n_layers=3; try knob d_model, a wider budget.tolerance$"):
+        match_budget(fields_of("mamba2-tiny"), 150_000, knob="n_layers")
+    assert abs(match_budget(fields_of("mamba2-tiny"), 150_000)[1]["error"]) <= 0.02
+    with pytest.raises(ValueError, match=r"; try budget.adjust: auto, a smaller budget.multiple_of"):
+        match_budget(fields, 150_000, adjust="none")
+
+
+def test_a_model_the_accounting_cannot_count_is_refused_before_any_model_trains(tmp_path, capsys):
+    """A transformers MoE (or a custom mixer with a cache but no state_size) failed its accounting only at its turn,
+    after the models before it had trained."""
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
+                      "mixtral": {"model_type": "mixtral", "vocab_size": 260, "hidden_size": 32,
+                                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                  "num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "moe"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 32},
+                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "models.mixtral: accounting: transformers model_type 'mixtral' is a mixture of experts" in err
+    assert "training at" not in err and not (tmp_path / "moe" / "mamba").exists()
+
+
+def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_path, monkeypatch):
+    """After an out-of-memory error in backward, the failed step's loss (and its graph, the length's activations)
+    stayed referenced while the next length's steps ran, under their memory peak."""
+    import contextlib
+    import weakref
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", "throughput.seq_lens=[16, 32]", "throughput.steps=1", "throughput.warmup=0"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "transformerpp"]
+    failed, alive = [], []
+    real_backward = torch.Tensor.backward
+
+    def backward(self, *args, **kwargs):
+        if not failed:
+            failed.append(weakref.ref(self))
+            raise torch.OutOfMemoryError("out of memory")
+        return real_backward(self, *args, **kwargs)
+
+    def autocast(device):  # entered before each step's forward
+        if failed:
+            alive.append(failed[0]() is not None)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    monkeypatch.setattr(compare, "_autocast", autocast)
+    rows = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
+    assert rows[0]["note"] == "out of memory" and rows[1]["tokens_per_s"] > 0
+    assert alive and not any(alive)
+
+
+@pytest.mark.parametrize("layers", [[{"type": "mamba"}, {"type": "mamba"}], "MM"], ids=["list", "default-mixers"])
+def test_budget_matching_of_a_mamba_stack_without_its_own_mixers(layers):
+    """Under budget.adjust auto a Mamba stack given as a list of layers (or a pattern over the default mixers) was
+    refused with "budget.adjust: expand needs mamba/mamba2 mixers in `mixers`", an adjustment nobody had asked for;
+    d_model alone matches it."""
+    fields = {"vocab_size": 260, "d_model": 64, "ffn": "none", "layers": layers}
+    _, info = match_budget(fields, 100_000)
+    assert abs(info["error"]) <= 0.02 and "adjusted" not in info
+    assert parameter_counts(ZooConfig(**match_budget(fields, 100_000)[0]))["total"] == info["params"]

@@ -35,7 +35,8 @@ recurrent state size) and ``length.png`` (per-position loss), with the backend e
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
 number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
 size scales with d_model); then one width is adjusted so the count lands within ``tolerance`` of the budget:
-the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of its Mamba / Mamba-2 mixers.
+the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of the Mamba / Mamba-2 mixers of its
+``mixers`` (a list of layers keeps its widths).
 Among the candidates inside the tolerance the one whose adjusted width departs least from the base
 proportions wins. ``count: total`` counts every parameter (tied embeddings once); ``non_embedding`` leaves
 out the token embedding (and an untied LM head).
@@ -466,13 +467,15 @@ def _pattern_unit(layers: Any) -> tuple[str, int]:
     return letters, 1
 
 
-def _adjustable(config: ZooConfig, adjust: str) -> str | None:
+def _adjustable(config: ZooConfig, adjust: str, fields: dict) -> str | None:
     """Which width `match_budget` adjusts: 'ffn', 'expand' or None."""
     specs = config.layer_specs()
     has_ffn = any(s["ffn"] in ("swiglu", "moe") for s in specs)
     has_expand = any(s["type"] in ("mamba", "mamba2") for s in specs)
-    if adjust == "auto":
-        return "ffn" if has_ffn else ("expand" if has_expand else None)
+    if adjust == "auto":  # expand is adjusted in the fields' `mixers` (_with_d_inner): a list of layers keeps its own
+        in_mixers = isinstance(fields.get("layers"), str) and any(
+            isinstance(m, dict) and m.get("type") in ("mamba", "mamba2") for m in (fields.get("mixers") or {}).values())
+        return "ffn" if has_ffn else ("expand" if has_expand and in_mixers else None)
     if adjust == "none":
         return None
     if adjust == "ffn" and not has_ffn:
@@ -575,8 +578,9 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     if count not in ("total", "non_embedding"):
         raise ValueError(f"budget.count: unknown {count!r}; use total or non_embedding")
     base = ZooConfig(**copy.deepcopy(fields))
-    what = _adjustable(base, adjust)
+    what = _adjustable(base, adjust, fields)
     best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
+    step = adjust_multiple_of  # the adjusted width's step (Mamba-2's d_inner: whole heads of every group too)
     smallest = largest = None  # (knob value, params) of the valid sizes tried, for the error message
     for value, primary in _primary_candidates(fields, knob, multiple_of):
         config = _try_config(primary)
@@ -635,10 +639,15 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     info = {"budget": budget, "count": count, "params": n, "error": error, "knob": knob, knob: value}
     if adjusted is not None:
         info["adjusted"] = {"ffn_hidden" if what == "ffn" else "d_inner": adjusted}
-    if abs(error) > tolerance:
+    if abs(error) > tolerance:  # the settings that give finer sizes (budget.multiple_of steps d_model only)
+        fixes = ["a smaller budget.multiple_of" if knob == "d_model" else "knob d_model", "a wider budget.tolerance"]
+        if what is None and adjust == "none":
+            fixes.insert(0, "budget.adjust: auto")
+        elif what == "ffn" or (what == "expand" and step == adjust_multiple_of):
+            width = "ffn hidden size" if what == "ffn" else "d_inner"
+            fixes.insert(0, f"a smaller budget.adjust_multiple_of (the {width} moves in steps of {step})")
         raise ValueError(f"budget.tolerance: the closest size has {n:,} parameters ({error:+.1%} from "
-                         f"{budget:,.0f}) with {knob}={value}; allow budget.adjust, change budget.multiple_of or "
-                         f"knob, or widen budget.tolerance")
+                         f"{budget:,.0f}) with {knob}={value}; try {', '.join(fixes)}")
     return matched, info
 
 
@@ -775,13 +784,17 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         raise ValueError("models: empty; name at least one model (or a base and swaps)")
     if cfg.swaps and cfg.base is None:
         raise ValueError("swaps: need `base:` (the config the mixers are swapped in)")
+    if cfg.base is not None and not cfg.swaps:  # it was never read: the comparison left it out without a word
+        raise ValueError("base: is the config that swaps start from, but there are no swaps; add swaps (NAME: null "
+                         "compares the base itself) or name it under models")
     clash = set(cfg.models) & set(cfg.swaps)
     if clash:
         raise ValueError(f"swaps: names {sorted(clash)} are also in models; rename one")
     for where, names in (("models", cfg.models), ("swaps", cfg.swaps)):
         for name in names:  # a model's name is its results folder: one path component
             if not str(name).strip() or any(c in str(name) for c in "/\\") or str(name) in (".", ".."):
-                raise ValueError(f"{where}.{name}: a model name names its results folder; use no '/' or '\\'")
+                raise ValueError(f"{where}.{name}: a model name names its results folder; use a name that is not "
+                                 f"blank, '.' or '..', without '/' or '\\'")
     if cfg.model_overrides:  # a typo here would be reported at the first model, as that model's field
         ZooConfig.check_fields(cfg.model_overrides, "model_overrides: ")
     for key in ("model", "output_dir"):
@@ -868,11 +881,18 @@ def validate_compare_config(cfg: CompareConfig) -> None:
                 raise ValueError(f"throughput.{name}: must be >= 1, got {value}")
     if any(L < 1 for L in cfg.accounting.seq_lens):
         raise ValueError(f"accounting.seq_lens: lengths must be >= 1, got {cfg.accounting.seq_lens}")
+    for name in ("kv_bytes", "state_bytes"):  # 0 gave a cache of 0 MiB, a negative one a negative cache
+        if getattr(cfg.accounting, name) < 1:
+            raise ValueError(f"accounting.{name}: bytes per float must be >= 1 (2 for bf16, 4 for fp32), got "
+                             f"{getattr(cfg.accounting, name)}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise ValueError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
     from zoo.train import config_from_dict
 
-    config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+    try:  # zoo.train names its own fields (train.max_steps), which sit under recipe here
+        config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+    except ValueError as e:
+        raise ValueError(f"recipe.{e}") from None
     for L in cfg.train_lengths or []:  # each length's recipe, before any model trains (zoo.train checks it at start)
         try:
             run = config_from_dict({**_recipe_at(cfg, L), "model": "recipe-check", "output_dir": "recipe-check"})
@@ -1039,6 +1059,11 @@ def _phase_done(data: dict[str, Any], phase: str, key: str) -> bool:
     return data.get("phase_keys", {}).get(phase) == key and phase in data.get("phases", {})
 
 
+def _changed_message(names: list[str], out: Path) -> str:
+    return (f"{out}: the results of {', '.join(names)} were made with another model config or recipe; redo them "
+            f"with --force --only {','.join(names)} (--force alone redoes every model), or choose another output_dir")
+
+
 class ModelRecord:
     """OUT/<model>/result.json: the model's phases, each saved as soon as it finishes with the fingerprint of
     the settings it depends on (a phase whose settings changed is redone; a model whose config or recipe
@@ -1049,8 +1074,7 @@ class ModelRecord:
         self.folder, self.path = folder, folder / RESULT_FILE
         data = json.loads(self.path.read_text()) if self.path.is_file() else None
         if data is not None and data.get("fingerprint") not in fingerprints:
-            raise ValueError(f"{self.path} holds results of a different model config or recipe; pass --force to "
-                             f"redo this model, or choose another output_dir")
+            raise ValueError(_changed_message([folder.name], folder.parent))
         self.data = data or {"phases": {}, "phase_keys": {}}
         self.data["fingerprint"] = fingerprints[0]
         self.data.update(header)
@@ -1092,6 +1116,15 @@ def _autocast(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def _backend_report(model, device: torch.device) -> dict[str, str]:
+    """Which kernel each mixer runs, resolved under the phase's autocast: attention picks its kernel by dtype, and
+    resolved in fp32 a bf16 run on a GPU was reported as sdpa_efficient where it ran cuDNN or FlashAttention."""
+    if not hasattr(model, "backend_report"):
+        return {}
+    with _autocast(device):
+        return model.backend_report()
 
 
 def _free_memory() -> None:
@@ -1239,7 +1272,7 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     tokenizer = load_tokenizer(tcfg.tokenizer)
     model = _load_trained(checkpoint, device)
     out: dict[str, Any] = heldout_loss(model, tcfg, tokenizer, cfg.eval.batches, cfg.eval.micro_batch_size, device)
-    out["backend"] = model.backend_report() if hasattr(model, "backend_report") else {}
+    out["backend"] = _backend_report(model, device)
     # zoo.eval carries caches chunk to chunk; transformers' Mamba cannot continue a chunk exactly and runs
     # each document in one forward instead
     carries = continues_chunks_exactly(model)
@@ -1409,11 +1442,13 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
                 row["peak_mib"] = _step_memory_cpu(model, batch) / 2 ** 20
                 row["memory_method"] = "weights + grads + saved activations"
         except torch.OutOfMemoryError:
+            # an OOM in backward leaves `loss` holding the step's graph: it sat under the next length's step and peak
+            loss = None
             model.zero_grad(set_to_none=True)
             row.update(step_ms=None, tokens_per_s=None, peak_mib=None, note="out of memory")
             _free_memory()
         rows.append(row)
-    backend = model.backend_report() if hasattr(model, "backend_report") else {}
+    backend = _backend_report(model, device)
     del model
     _free_memory()
     return {"rows": rows, "backend": backend, "device": str(device),
@@ -1526,6 +1561,12 @@ def _backend_summary(report: dict[str, str]) -> str:
     return ", ".join(f"{k}: {'/'.join(sorted(v))}" for k, v in seen.items()) or "—"
 
 
+def _cache_bytes(cfg: CompareConfig) -> str:
+    """The bytes per float the cache memory is counted at (accounting.kv_bytes / state_bytes)."""
+    a = cfg.accounting
+    return f"KV {a.kv_bytes} and states {a.state_bytes} bytes per float"
+
+
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
     from zoo.train import config_from_dict
@@ -1558,7 +1599,7 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                 f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(mqar['accuracy'] if mqar else None, '.3f')} | "
                 f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
                 f"{backend} |")
-    lines += ["", "## Accounting per length (forward FLOPs per token; cache per sequence: KV bf16, states fp32)", "",
+    lines += ["", f"## Accounting per length (forward FLOPs per token; cache per sequence: {_cache_bytes(cfg)})", "",
               "| model | L | FLOPs/token | decode FLOPs/token | KV floats | state floats | cache MiB |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for rec in records:
@@ -1674,7 +1715,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
                  label=rec["name"])
     ax1.set_title(f"training step memory ({method})", fontsize=9)
     ax1.set_ylabel("MiB")
-    ax2.set_title("inference cache per sequence (KV bf16, states fp32)", fontsize=9)
+    ax2.set_title(f"inference cache per sequence ({_cache_bytes(cfg)})", fontsize=9)
     ax2.set_ylabel("MiB")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
@@ -1735,7 +1776,8 @@ def _device_name() -> str:
 def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     """Refuse before any training what the trainer or a phase would refuse for one model midway: fewer
     embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
-    neither seq_idx nor position_ids."""
+    neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
+    mixer with a cache but no state_size)."""
     from zoo.data.text import load_tokenizer
     from zoo.train import ModelInputs, config_from_dict
 
@@ -1754,6 +1796,10 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
                              f"({bare} tokens with tokenizer {recipe.tokenizer!r}); give lengths of at least {bare}")
     mqar = cfg.eval.mqar
     for entry in entries:
+        try:  # each model's record starts with its accounting
+            _accounting(cfg, entry)
+        except ValueError as e:
+            raise ValueError(f"models.{entry.name}: {e}") from None
         model = _meta_model(entry.config())
         vocab = model.get_input_embeddings().num_embeddings
         if vocab < n_tokens:
@@ -1825,8 +1871,15 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
         unknown = set(only) - set(names)
         if unknown:
             raise ValueError(f"--only: unknown models {sorted(unknown)}; the config has {names}")
+    todo = [e for e in entries if not only or e.name in only]
     if not accounting_only:
         _check_inputs(cfg, entries)
+        # refused before any model trains: found at its turn, it stopped the run after the models before it
+        recorded = {e.name: json.loads((out / e.name / RESULT_FILE).read_text()).get("fingerprint")
+                    for e in todo if not force and (out / e.name / RESULT_FILE).is_file()}
+        changed = [e.name for e in todo if e.name in recorded and recorded[e.name] not in _model_fingerprints(cfg, e)]
+        if changed:
+            raise ValueError(_changed_message(changed, out))
     device = _device()
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.cpu_threads:
@@ -1839,7 +1892,6 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
             records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
                         "accounting": _accounting(cfg, e)} for e in entries]
         else:
-            todo = [e for e in entries if not only or e.name in only]
             by_name = {}
             for i, entry in enumerate(todo):
                 if force and (out / entry.name).exists():
