@@ -780,6 +780,50 @@ def test_eval_length_resumes_an_interrupted_run(checkpoint, tmp_path, monkeypatc
     assert (tmp_path / "out" / "b.csv").read_text() == (tmp_path / "whole" / "b.csv").read_text()
 
 
+def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    """zoo eval state saved its run only at the end: an interrupt after hours of a 1M-token run left nothing. The
+    statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
+    goes, and a rerun of the same settings resumes at the next chunk, to the state.json of an uninterrupted run."""
+    from zoo.eval import state
+    from zoo.state import recorder
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])  # (seconds of matplotlib)
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "window:r=8"]
+    state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of 16 tokens
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    real = recorder.output_cache
+    calls, stop = [], [3]
+
+    def step(out):  # after each forward of the run
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(out)
+
+    monkeypatch.setattr(recorder, "output_cache", step)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    assert (out / "state.partial.pt").is_file()  # saved after the first forward, then once 10 times as long has passed
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    state.main([*argv, "--out", str(out)])
+    done = len(calls)
+    assert f"resuming the run from token {96 - 16 * done} of 96" in capsys.readouterr().out and 3 <= done <= 5
+    assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+    assert not (out / "state.partial.pt").exists()
+
+    stop[0], calls[:] = 3, []
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    stop[0], calls[:] = None, []
+    state.main([*argv[:-1], "window:r=4", "--out", str(out)])
+    assert "holds a partial run of other settings (mitigation differ); starting over" in capsys.readouterr().out
+    assert len(calls) == 6 and not (out / "state.partial.pt").exists()
+
+
 def test_log_bins_cover_positions():
     for max_position in (1, 2, 39, 1000, 2**20):
         bins = log_bins(max_position, 4)
