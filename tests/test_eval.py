@@ -692,6 +692,138 @@ def test_evaluate_length_progress_advances_with_every_chunk(monkeypatch):
     assert updates == [("total", 105), 32, 32, 16, 16, 9]
 
 
+def interrupt_after(monkeypatch, module, batches: int) -> list:
+    """Makes ``module.per_position_loss`` raise KeyboardInterrupt on its call after ``batches`` calls (None: never);
+    returns the list of the rows of each call, for counting."""
+    real = module.per_position_loss
+    calls = []
+
+    def step(model, input_ids, *args, **kwargs):
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(input_ids.shape[0])
+        return real(model, input_ids, *args, **kwargs)
+
+    stop = [batches]
+    monkeypatch.setattr(module, "per_position_loss", step)
+    return calls, stop
+
+
+def test_evaluate_length_resumes_an_interrupted_run_at_its_next_document(tmp_path, monkeypatch, capsys):
+    """An interrupted evaluate_length (Ctrl-C, a preempted job) lost every document it had finished: eight 1M-token
+    documents are hours. The sums of the finished batches are saved as it goes (partial=), and a rerun of the same
+    documents and sizes resumes at the next batch, to exactly the uninterrupted result; other settings start over."""
+    from zoo.eval import length
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(0, 64, (n,), generator=g) for n in (40, 25, 40, 40, 25)]  # batches of 2: 0+2, 3, 1+4
+    whole = evaluate_length(model, docs, chunk_size=16, batch_size=2)
+    partial = tmp_path / "run.partial.pt"
+    calls, stop = interrupt_after(monkeypatch, length, 2)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_length(model, docs, chunk_size=16, batch_size=2, partial=partial, partial_key={"model": "m"},
+                        save_every=0)
+    assert partial.is_file() and not partial.with_name(partial.name + ".tmp").exists()
+    capsys.readouterr()
+    calls[:], stop[0] = [], None
+    resumed = evaluate_length(model, docs, chunk_size=16, batch_size=2, partial=partial, partial_key={"model": "m"},
+                              save_every=0, label="m")
+    assert "resuming m from document 4 of 5" in capsys.readouterr().out
+    assert calls == [2]  # the last batch only
+    torch.testing.assert_close(resumed["mean"], whole["mean"], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(resumed["count"], whole["count"]) and resumed["bins"] == whole["bins"]
+    assert not partial.exists()  # removed once the run is complete
+
+    for other in ({"batch_size": 1}, {"chunk_size": 8}, {"partial_key": {"model": "n"}}, {"docs": docs[::-1]}):
+        stop[0], calls[:] = 1, []
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_length(model, docs, chunk_size=16, batch_size=2, partial=partial, partial_key={"model": "m"},
+                            save_every=0)
+        stop[0] = None
+        settings = {"chunk_size": 16, "batch_size": 2, "partial_key": {"model": "m"}} | other
+        again = evaluate_length(model, settings.pop("docs", docs), partial=partial, save_every=0, label="m",
+                                **settings)
+        differ = {"partial_key": "model", "docs": "documents"}.get(next(iter(other)), next(iter(other)))
+        assert f"m: {partial} holds a partial run of other settings ({differ} differ); starting over" in \
+            capsys.readouterr().out
+        assert sum(calls) == 2 + 5  # the first batch (saved, then interrupted), then every document
+        assert again["bins"] and not partial.exists()
+    stop[0] = 1  # a small run (the first save due after save_every seconds) writes nothing
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_length(model, docs, chunk_size=16, batch_size=2, partial=partial)
+    assert not partial.exists()
+
+
+def test_eval_length_resumes_an_interrupted_run(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval length saved a model's curve only once all its documents were done; an interrupted run is resumed now
+    at its next document, and the outputs are those of an uninterrupted run."""
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens", str(tmp_path / "docs.pt"),
+            "--chunk-size", "16", "--device", "cpu"]
+    whole = length.main([*argv, "--out", str(tmp_path / "whole")])
+    monkeypatch.setattr(length, "SAVE_EVERY", 0, raising=False)
+    calls, stop = interrupt_after(monkeypatch, length, 3 + 2)  # a's three documents, two of b's
+    with pytest.raises(KeyboardInterrupt):
+        length.main([*argv, "--out", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "b.partial.pt").is_file()
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    resumed = length.main([*argv, "--out", str(tmp_path / "out")])
+    assert "resuming b from document 3 of 3" in capsys.readouterr().out and calls == [1]
+    assert resumed == whole and not (tmp_path / "out" / "b.partial.pt").exists()
+    for name in ("a-per-position.pt", "b-per-position.pt"):
+        saved, expected = torch.load(tmp_path / "out" / name), torch.load(tmp_path / "whole" / name)
+        torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
+    assert (tmp_path / "out" / "b.csv").read_text() == (tmp_path / "whole" / "b.csv").read_text()
+
+
+def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    """zoo eval state saved its run only at the end: an interrupt after hours of a 1M-token run left nothing. The
+    statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
+    goes, and a rerun of the same settings resumes at the next chunk, to the state.json of an uninterrupted run."""
+    from zoo.eval import state
+    from zoo.state import recorder
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])  # (seconds of matplotlib)
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "window:r=8"]
+    state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of 16 tokens
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    real = recorder.output_cache
+    calls, stop = [], [3]
+
+    def step(out):  # after each forward of the run
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(out)
+
+    monkeypatch.setattr(recorder, "output_cache", step)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    assert (out / "state.partial.pt").is_file()  # saved after the first forward, then once 10 times as long has passed
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    state.main([*argv, "--out", str(out)])
+    done = len(calls)
+    assert f"resuming the run from token {96 - 16 * done} of 96" in capsys.readouterr().out and 3 <= done <= 5
+    assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+    assert not (out / "state.partial.pt").exists()
+
+    stop[0], calls[:] = 3, []
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    stop[0], calls[:] = None, []
+    state.main([*argv[:-1], "window:r=4", "--out", str(out)])
+    assert "holds a partial run of other settings (mitigation differ); starting over" in capsys.readouterr().out
+    assert len(calls) == 6 and not (out / "state.partial.pt").exists()
+
+
 def test_log_bins_cover_positions():
     for max_position in (1, 2, 39, 1000, 2**20):
         bins = log_bins(max_position, 4)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import inspect
 import json
 import math
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -313,6 +315,60 @@ def resume(path: str | Path, config: dict, what: str) -> dict | None:
     print(f"{what}: {path} holds results of other settings ({', '.join(differ)} differ); they are replaced, not "
           f"resumed")
     return None
+
+
+def tokens_digest(rows: torch.Tensor | Sequence[torch.Tensor]) -> str:
+    """SHA-256 of token rows (a tensor [N, T] or a list of [T_i]), in order: what a partial run was run on."""
+    digest = hashlib.sha256()
+    for row in (rows.unbind(0) if isinstance(rows, torch.Tensor) else rows):
+        ids = row.reshape(-1).long().cpu().contiguous()
+        digest.update(len(ids).to_bytes(8, "little"))
+        digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def read_partial(path: str | Path, settings: dict, label: str, safe_globals: Sequence[type] = ()) -> dict | None:
+    """The partial run saved at ``path`` (``save_atomically``) when it was saved under ``settings``; None (saying why)
+    when there is none, or it is unreadable or of other settings (the run then starts over and replaces it).
+    ``safe_globals``: the classes it may hold besides tensors and plain values (a model's cache)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            saved = torch.load(path, weights_only=True)
+        previous = saved["settings"]
+        if not isinstance(previous, dict) or not isinstance(previous.get("key"), dict):
+            raise TypeError
+    except Exception as error:  # a truncated or foreign file: nothing to resume
+        print(f"{label}: {path} is not a readable partial run ({type(error).__name__}); starting over")
+        return None
+    if previous == settings:
+        return saved
+    differ = {k for k in set(settings) | set(previous) if previous.get(k) != settings.get(k)}
+    if "key" in differ:  # the caller's settings that differ, by name
+        differ = (differ - {"key"}) | {k for k in set(settings["key"]) | set(previous["key"])
+                                       if previous["key"].get(k) != settings["key"].get(k)}
+    differ = sorted(differ)
+    print(f"{label}: {path} holds a partial run of other settings ({', '.join(differ)} differ); starting over")
+    return None
+
+
+def save_atomically(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then renamed over it: an interruption leaves the old file
+    or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def remove_partial(path: str | Path) -> None:
+    """Delete a finished run's partial file, and the temporary file of a save that was interrupted."""
+    path = Path(path)
+    for file in (path, path.with_name(path.name + ".tmp")):
+        file.unlink(missing_ok=True)
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:

@@ -5,7 +5,8 @@ attention, conv + SSM state for recurrent mixers) from chunk to chunk through th
 so a recurrent model reaches 1M tokens in constant memory; only one chunk's logits exist at a time.
 ``evaluate_length`` averages the loss over documents at every position and in log-spaced bins;
 ``plot_length_curves`` draws the curve (log x) with the training length marked; ``main(argv)`` is
-``zoo eval length``.
+``zoo eval length``, which saves each run's finished documents as it goes (``<stem>.partial.pt``, every
+``SAVE_EVERY`` seconds at most), so a rerun after an interruption resumes the run at its next document.
 
 Position convention: ``loss[t]`` (t >= 1) is ``-log p(x_t | x_0 .. x_{t-1})``, the loss on the token at
 position t with t tokens of context.
@@ -17,6 +18,7 @@ import argparse
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -35,7 +37,11 @@ from zoo.eval.common import (
     parse_int,
     positive_int,
     pyplot,
+    read_partial,
+    remove_partial,
+    save_atomically,
     save_figure,
+    tokens_digest,
     trained_with_bos,
     write_json,
     write_rows,
@@ -83,6 +89,14 @@ def log_bins(max_position: int, bins_per_octave: int = 4) -> list[tuple[int, int
     return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
 
 
+def partial_settings(docs: Sequence[torch.Tensor], batch_size: int, chunk_size: int | None,
+                     key: Mapping | None) -> dict:
+    """What a partial run of ``evaluate_length`` is resumed under: ``key`` (the caller's settings), the documents in
+    order (a SHA-256 of their tokens), the batch and chunk sizes."""
+    return json.loads(json.dumps({"key": dict(key or {}), "documents": tokens_digest(docs), "n_documents": len(docs),
+                                  "batch_size": batch_size, "chunk_size": chunk_size}))
+
+
 @torch.no_grad()
 def evaluate_length(
     model,
@@ -92,6 +106,10 @@ def evaluate_length(
     bins_per_octave: int = 4,
     device: str | torch.device | None = None,
     progress: bool = False,
+    partial: str | Path | None = None,
+    partial_key: Mapping | None = None,
+    save_every: float = 30.0,
+    label: str = "length eval",
 ) -> dict:
     """Per-position loss averaged over documents, and binned, for the length-extrapolation curve.
 
@@ -105,6 +123,12 @@ def evaluate_length(
         device: where the tokens go; default the model's device.
         progress: show a tqdm bar over the documents' tokens, advanced after every chunk (a 1M-token document is many
             forwards).
+        partial: a file where the sums of the documents finished so far are saved (atomically) after a batch, at most
+            every ``save_every`` seconds, so an interrupted run resumes there: a call with the same ``partial_key``
+            (what else the losses depend on: the model, its mitigation, dtype), documents (in order), ``batch_size``
+            and ``chunk_size`` starts at the next unfinished batch and gives the result an uninterrupted run gives; a
+            file of other settings is replaced. Removed when the run completes.
+        label: names the run in the messages about ``partial``.
 
     Returns:
         dict with ``mean`` (float64 [T_max] mean loss at position t, NaN at t = 0 or where no document
@@ -124,24 +148,39 @@ def evaluate_length(
         by_length.setdefault(int(d.shape[-1]), []).append(d.reshape(-1))
     batches = [group[i : i + batch_size]
                for group in by_length.values() for i in range(0, len(group), batch_size)]
+    done = 0  # batches finished
+    if partial is not None:
+        partial = Path(partial)
+        key = partial_settings(docs, batch_size, chunk_size, partial_key)
+        saved = read_partial(partial, key, label)
+        if saved is not None:
+            done, sums, counts = saved["batches"], saved["sums"], saved["counts"]
+            print(f"resuming {label} from document {sum(map(len, batches[:done])) + 1} of {len(docs)} ({partial})")
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(int(d.shape[-1]) for d in docs), desc="length eval", unit="tok", unit_scale=True)
+        bar = tqdm(total=sum(int(d.shape[-1]) for d in docs), desc="length eval", unit="tok", unit_scale=True,
+                   initial=sum(int(d.shape[-1]) for group in batches[:done] for d in group))
     was_training = getattr(model, "training", False)
     model.eval()
-    for group in batches:
+    last_save = time.monotonic()
+    for n, group in enumerate(batches[done:], done + 1):
         input_ids = torch.stack(group).to(device)
         on_chunk = None if bar is None else bar.update
         losses = per_position_loss(model, input_ids, chunk_size, on_chunk).double()  # [b, T-1]
         length = losses.shape[1]
         sums[1 : length + 1] += losses.sum(dim=0)
         counts[1 : length + 1] += losses.shape[0]
+        if partial is not None and n < len(batches) and time.monotonic() - last_save >= save_every:
+            save_atomically({"settings": key, "batches": n, "sums": sums, "counts": counts}, partial)
+            last_save = time.monotonic()
     if bar is not None:
         bar.close()
     if was_training:
         model.train()
+    if partial is not None:
+        remove_partial(partial)
     mean = sums / counts  # NaN where no document reaches (and at t = 0)
     bins = []
     for lo, hi in log_bins(max_len - 1, bins_per_octave):
@@ -228,6 +267,9 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
         documents.append(torch.from_numpy(np.concatenate(pieces)[:max_len]).long())
     return documents
 
+
+# seconds between saves of a zoo eval length run's finished documents (a small run is not slowed by the writes)
+SAVE_EVERY = 30.0
 
 # the built-in corpus's defaults; a --tokens file is evaluated whole unless --n-docs / --max-len say otherwise
 CORPUS_DOCUMENTS, CORPUS_LENGTH = 4, 16384
@@ -399,12 +441,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
         if spec is not None:
             apply_mitigation(model, spec)
-        result = evaluate_length(model, documents_for(model), args.chunk_size, args.batch_size, args.bins_per_octave,
-                                 progress=True)
-        del model
-        results[label] = result
         if args.mitigation:
             stem = re.sub(r"[^0-9A-Za-z=._-]+", "_", f"{stem}-{spec}")
+        # the documents finished so far, saved as the run goes: a rerun of the same settings resumes there
+        result = evaluate_length(model, documents_for(model), args.chunk_size, args.batch_size, args.bins_per_octave,
+                                 progress=True, partial=out / f"{stem}.partial.pt", partial_key=config,
+                                 save_every=SAVE_EVERY, label=label)
+        del model
+        results[label] = result
         print(f"## {label}: {result['n_documents']} documents of up to {result['max_len']} tokens\n")
         print(markdown_table(result["bins"]))
         print()

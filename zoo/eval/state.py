@@ -10,7 +10,8 @@ Rows come from a ``.pt`` file (``--tokens``), the built-in corpus (default; ``zo
 documents), or a synthetic task (``--task``). Writes ``state.json`` (every statistic), one PNG per
 statistic with the training length marked (see ``zoo.state.recorder``), and prints per layer the largest
 head RMS at log-spaced positions next to the loss. ``--compare`` also runs the unmitigated model and
-overlays both in the plots.
+overlays both in the plots. A run saves its progress as it goes (``state.partial.pt``, every ``SAVE_EVERY`` seconds
+at most), so a rerun of the same model files and settings after an interruption resumes it at its next chunk.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from zoo.eval.common import (
     load_model,
     load_tokenizer,
     markdown_table,
+    model_fingerprint,
     parse_int,
     positive_int,
     trained_with_bos,
@@ -44,6 +46,9 @@ from zoo.state import (
     record_state_statistics,
 )
 from zoo.state.mitigation import DEFAULTS
+
+# seconds between saves of a run's progress (a small run is not slowed by the writes)
+SAVE_EVERY = 30.0
 
 
 def task_arguments(args) -> dict:
@@ -219,12 +224,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise ValueError(f"--norm-calibrate {args.norm_calibrate}: longer than the rows ({rows.shape[1]} tokens); "
                          f"the reference prefix must be a part of them, give at most {rows.shape[1]}")
     record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
-                  group_size=args.group_size, train_length=args.train_length, progress=True)
+                  group_size=args.group_size, train_length=args.train_length, progress=True, save_every=SAVE_EVERY)
     out = Path(args.out)
+    # each run saved as it goes (state.partial.pt; the unmitigated run of --compare: state-none.partial.pt), so a rerun
+    # of the same model files and settings resumes an interrupted one
+    stat = Path(args.tokens).stat() if args.tokens else None
+    key = {k: v for k, v in vars(args).items() if k not in ("out", "train_length", "compare", "device")} | {
+        "weights": model_fingerprint(args.model), "tokens_file": [stat.st_size, stat.st_mtime_ns] if stat else None}
     runs = []
     if args.compare:
         apply_mitigation(model, None)
-        runs.append(("none", record_state_statistics(model, rows, **record)))
+        runs.append(("none", record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
+                                                     partial_key=key, label="the unmitigated run")))
         # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
         write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
     apply_mitigation(model, args.mitigation)
@@ -234,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     label = format_spec(next((m.mitigation for m in model.modules() if getattr(m, "mitigation", None)), None))
     if args.norm_calibrate:
         label = label.replace("per-head", f"{args.norm_factor:g}x prefix {args.norm_calibrate}")
-    result = record_state_statistics(model, rows, **record)
+    result = record_state_statistics(model, rows, **record, partial=out / "state.partial.pt", partial_key=key,
+                                     label=f"the {label} run" if args.compare else "the run")
     result["mitigation"] = label
     runs.append((label, result))
 

@@ -21,7 +21,9 @@ training length marked.
 
 from __future__ import annotations
 
+import json
 import math
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -159,8 +161,16 @@ def state_statistics(kind: str, state: torch.Tensor, group_size: int = 64) -> di
 @torch.no_grad()
 def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 1024, points_per_octave: int = 2,
                             min_chunk: int = 16, group_size: int = 64, train_length: int | None = None,
-                            progress: bool = False) -> dict:
+                            progress: bool = False, partial: str | Path | None = None, partial_key: dict | None = None,
+                            save_every: float = 30.0, label: str = "state statistics") -> dict:
     """State, decay and loss statistics of `model` over the positions of `input_ids` [B, T] (see module doc).
+
+    `partial`: a file where the run so far (its statistics and the model's cache) is saved, atomically, after a
+    forward, at most every `save_every` seconds (and at least 10 times as long as a save took: a hybrid's attention
+    cache grows with the rows), so an interrupted run resumes there: a call with the same `partial_key` (the caller's
+    settings: which model), rows, sizes, device and mitigation starts at the next chunk and gives the result an
+    uninterrupted run gives; a file of other settings is replaced. Removed when the run completes. `label` names the
+    run in the messages about it.
 
     Returns a dict: positions (tokens seen at each sample), loss [n] (mean NLL of each chunk's tokens),
     layers {layer: {kind, heads, <stat>: [n][heads or B groups]}} with the stats STATE_STATS + DECAY_STATS
@@ -178,14 +188,32 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
     model.eval()
     series: dict[int, dict[str, list]] = {}
     cumsum: dict[int, torch.Tensor] = {}
-    losses, cache, previous_logit, start = [], None, None, 0
+    losses, cache, previous_logit, start, done = [], None, None, 0, 0
+    if partial is not None:
+        from zoo.cache import ZooCache
+        from zoo.eval.common import read_partial, save_atomically, tokens_digest
+
+        settings = json.loads(json.dumps({
+            "key": dict(partial_key or {}), "rows": tokens_digest(input_ids), "shape": [batch, length],
+            "chunk_size": chunk_size, "points_per_octave": points_per_octave, "min_chunk": min_chunk,
+            "group_size": group_size, "device": str(device), "dtype": str(next(model.parameters()).dtype),
+            "mitigation": [{k: v.tolist() if isinstance(v, torch.Tensor) else v
+                            for k, v in (m.mitigation or {}).items()} for m in recorder.mixers]}))
+        fresh = ZooCache.for_model(model, batch)  # its classes are the ones the saved cache may hold
+        saved = read_partial(partial, settings, label, [type(fresh), *{type(layer) for layer in fresh.layers}])
+        if saved is not None:
+            done, cache, previous_logit = saved["chunks"], saved["cache"], saved["previous_logit"]
+            losses, series, cumsum = saved["losses"], saved["series"], saved["cumsum"]
+            start = ends[done - 1]
+            print(f"resuming {label} from token {start} of {length} ({partial})")
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=length, desc="state statistics", unit="tok", dynamic_ncols=True)
+        bar = tqdm(total=length, desc="state statistics", unit="tok", dynamic_ncols=True, initial=start)
+    last_save, wait = time.monotonic(), save_every
     with recorder:
-        for end in ends:
+        for n, end in enumerate(ends[done:], done + 1):
             chunk = input_ids[:, start:end]
             out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
             cache = output_cache(out)
@@ -219,9 +247,19 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
             if bar is not None:
                 bar.update(end - start)
             start = end
+            if partial is not None and n < len(ends) and time.monotonic() - last_save >= wait:
+                began = time.monotonic()
+                save_atomically({"settings": settings, "chunks": n, "cache": cache, "previous_logit": previous_logit,
+                                 "losses": losses, "series": series, "cumsum": cumsum}, partial)
+                last_save = time.monotonic()
+                wait = max(save_every, 10 * (last_save - began))
     if bar is not None:
         bar.close()
     model.train(was_training)
+    if partial is not None:
+        from zoo.eval.common import remove_partial
+
+        remove_partial(partial)
     layers = {}
     for i, s in series.items():
         s["heads"] = len(s["state_rms"][0])
