@@ -767,6 +767,34 @@ def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
         assert torch.equal(model(ids, attention_mask=torch.ones(1, 8)).logits, model(ids).logits)  # [1, T] broadcasts
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
+    """An input of no tokens [B, 0] (a chunked prefill's empty remainder) gives logits [B, 0, V] in every family, with
+    or without a mask, cache, seq_idx or position_ids, and leaves a cache as it was. With a mask, `[:, -T:]` read the
+    whole mask at T = 0 (a size mismatch after a cache; lay_out_past_pads' 'index -1 is out of bounds' before one),
+    and seq_idx / position_ids [B, 0] read their last entry."""
+    model = tiny(name)
+    ids, nxt = torch.randint(1, 512, (2, 6)), torch.randint(1, 512, (2, 1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    full = torch.cat([mask, torch.ones_like(nxt)], 1)
+    none = torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for use_cache in (False, True):
+            for kw in ({}, {"attention_mask": none}, {"seq_idx": none}, {"position_ids": none}):
+                assert model(ids[:, :0], use_cache=use_cache, **kw).logits.shape == (2, 0, 512), kw
+        prefill = model(ids, attention_mask=mask, use_cache=True)
+        ref = model(nxt, attention_mask=full, past_key_values=prefill.past_key_values).logits
+        for chunk_mask in (None, mask):  # after a cache: the mask of the tokens so far, or none
+            cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+            assert model(ids[:, :0], attention_mask=chunk_mask, past_key_values=cache).logits.shape == (2, 0, 512)
+            assert cache.get_seq_length() == 6
+            assert torch.equal(model(nxt, attention_mask=full, past_key_values=cache).logits, ref)
+        cache = ZooCache.for_model(model)  # before one: the prefill after it is the plain prefill
+        model(ids[:, :0], attention_mask=none, past_key_values=cache, use_cache=True)
+        assert torch.equal(model(ids, attention_mask=mask, past_key_values=cache).logits, prefill.logits)
+
+
 def test_a_one_row_attention_mask_serves_every_row_of_a_moe_model():
     """A [1, T] attention_mask (accepted: it broadcasts over the batch) crashed the MoE load-balancing loss, which read
     one mask entry per token ('The expanded size of the tensor (20) must match the existing size (10)'), in

@@ -258,13 +258,17 @@ def lay_out_past_pads(x: torch.Tensor, mask: torch.Tensor, initial_state: torch.
     another document than its last input (pads that start a document end the row), whose conv state is then
     zeros)."""
     batch, channels, length = x.shape
+    history = x.new_zeros(batch, channels, width - 1) if initial_state is None else initial_state.to(x.dtype)
+    if length == 0:  # no tokens: the carried inputs alone, which the conv's final state then keeps as they are
+        ids = None if seq_idx is None else seq_idx.new_zeros(batch, width - 1, dtype=torch.long)
+        carry = None if seq_idx is None else torch.ones(batch, dtype=torch.bool, device=x.device)
+        return history, ids, torch.zeros(batch, 0, dtype=torch.long, device=x.device), carry
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, T): the pads, then the tokens in order
     n_pad = (mask == 0).sum(1, keepdim=True)  # (B, 1)
     j = torch.arange(length + width - 1, device=x.device)[None]  # (1, width - 1 + T): laid-out positions
     carried = (j >= n_pad) & (j < n_pad + width - 1)
     rank = torch.where(j < n_pad, j, j - (width - 1)).clamp(0, length - 1)  # a pad's or token's place in `order`
     index = torch.where(carried, j - n_pad, width - 1 + order.gather(1, rank))  # into cat([carried, x])
-    history = x.new_zeros(batch, channels, width - 1) if initial_state is None else initial_state.to(x.dtype)
     laid = torch.cat([history, x], dim=2).gather(2, index[:, None].expand(batch, channels, -1))
     laid_ids = carry = None
     if seq_idx is not None:

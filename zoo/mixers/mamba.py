@@ -299,7 +299,8 @@ class Mamba(nn.Module):
         """x: [B, T, d_model] -> [B, T, d_model]. attention_mask [B, ≥T] (1 = token) zeroes pad inputs."""
         refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         T = x.shape[1]
-        mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
+        # the last T positions ([:, -T:] is the whole mask at T = 0)
+        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:].to(x.dtype)
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             return self._step(x, cache, mask, backend, step_pad_rows(attention_mask))

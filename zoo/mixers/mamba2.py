@@ -165,7 +165,8 @@ class Mamba2(nn.Module):
         refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         Bsz, T, _ = x.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
+        # the last T positions ([:, -T:] is the whole mask at T = 0)
+        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:].to(x.dtype)
         z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, H], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None]
