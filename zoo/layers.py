@@ -75,19 +75,22 @@ def new_sequence() -> None:
     _SEQUENCES[0] += 1
 
 
-def decoded_constants(module: nn.Module, key: str, params: tuple, make):
+def decoded_constants(module: nn.Module, key: str, params: tuple, make, refresh: bool = False):
     """``make()`` (tensors derived from ``params``, e.g. fp32 copies), kept on ``module`` while none of the
     parameters changes (same storage, same version) and autograd is off, within a sequence (`new_sequence`): a
-    decode step then launches no kernel to recompute them. When they are made again (a later sequence, a parameter
-    updated in place or replaced), the new values are written into the kept tensors where shapes and dtypes allow:
-    a kept CUDA graph (generate(cuda_graph="reuse")) reads them there, and an optimizer step between two calls keeps
-    its graph. With autograd on it is computed afresh (the result must stay in the graph), and so it is when traced
-    by torch.compile (a few fused ops in the compiled graph; the storage checks below would break it in pieces)."""
+    decode step then launches no kernel to recompute them. `refresh` (a prefill or chunk, which runs before the steps
+    that read them) makes them again whatever those checks say: a write through .data (an EMA copy, PEFT's merge) and
+    a fused optimizer step (fused=True Adam / AdamW) keep a parameter's storage and version, and a mixer used outside
+    ZooModel has no `new_sequence`. When they are made again, the new values are written into the kept tensors where
+    shapes and dtypes allow: a kept CUDA graph (generate(cuda_graph="reuse")) reads them there, and an optimizer step
+    between two calls keeps its graph. With autograd on it is computed afresh (the result must stay in the graph), and
+    so it is when traced by torch.compile (a few fused ops in the compiled graph; the storage checks below would break
+    it in pieces)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return make()
     stamp = tuple((p.data_ptr(), p._version, p.device) for p in params if p is not None)
     cached = module.__dict__.get(key)
-    if cached is not None and cached[0] == stamp and cached[2] == _SEQUENCES[0]:
+    if not refresh and cached is not None and cached[0] == stamp and cached[2] == _SEQUENCES[0]:
         return cached[1]
     fresh = make()
     if cached is not None and _write_into(cached[1], fresh, cached[3]):
