@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from functools import partial
 from pathlib import Path
@@ -793,6 +794,31 @@ def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
         cache = ZooCache.for_model(model)  # before one: the prefill after it is the plain prefill
         model(ids[:, :0], attention_mask=none, past_key_values=cache, use_cache=True)
         assert torch.equal(model(ids, attention_mask=mask, past_key_values=cache).logits, prefill.logits)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_generate_continuing_a_kept_cache_reads_weights_written_through_data(name):
+    """generate continuing a kept cache (past > 0: no new sequence starts) after the SSM weights were written through
+    .data (an EMA copy, PEFT's merge), which keeps their storage and version: its steps read the decoded constants
+    (A = -exp(A_log), ...) an earlier generate kept, while every other weight was the new one. As transformers' models
+    do, the continuation now runs on the weights as they are."""
+    model = tiny(name).double()  # (fp64 weights: the fp32 constants are copies, not the parameters themselves)
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    continued = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)  # keeps the decoded constants
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        kept = copy.deepcopy(cache)
+        for block in model.model.layers:
+            block.mixer.A_log.data.add_(1.0)
+            block.mixer.D.data.fill_(2.0)
+            block.mixer.conv1d.weight.data.mul_(2.0)
+    fresh = AutoModelForCausalLM.from_config(model.config).double().eval()
+    fresh.load_state_dict(model.state_dict())
+    want = fresh.generate(ids, past_key_values=kept, **continued).logits
+    got = model.generate(ids, past_key_values=cache, **continued).logits
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert_close(f"step {step}", a, b, 1e-5)
 
 
 def test_a_one_row_attention_mask_serves_every_row_of_a_moe_model():

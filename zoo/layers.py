@@ -69,9 +69,10 @@ _SEQUENCES = [0]
 
 
 def new_sequence() -> None:
-    """Mark the start of a sequence (a forward with nothing cached): `decoded_constants` kept from before are made
-    afresh at their next use. A change through `.data` (PEFT's merge_and_unload, an EMA copy of the weights) keeps a
-    parameter's storage and version, so between sequences only this tells the kept constants they are old."""
+    """Mark the start of a sequence (a forward with nothing cached, a call of generate): `decoded_constants` kept from
+    before are made afresh at their next use. A change through `.data` (PEFT's merge_and_unload, an EMA copy of the
+    weights) keeps a parameter's storage and version, so between sequences only this tells the kept constants they
+    are old."""
     _SEQUENCES[0] += 1
 
 

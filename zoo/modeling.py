@@ -595,6 +595,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if cuda_graph not in (False, True, "reuse"):
             raise ValueError(f"cuda_graph must be False, True or 'reuse', got {cuda_graph!r}")
         self.__dict__.pop(_MASK_VERDICT, None)  # a mask changed in place between two calls is read again
+        # the decoded constants follow weights written through .data since the last call, also where it continues
+        # a kept cache (past > 0: the forward starts no new sequence), as transformers' models run on the weights
+        new_sequence()
         if cuda_graph:
             from zoo.decode import static_generate
 
