@@ -796,6 +796,24 @@ def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
         assert torch.equal(model(ids, attention_mask=mask, past_key_values=cache).logits, prefill.logits)
 
 
+def test_a_chunk_of_no_tokens_after_a_cache_of_no_keys_gives_empty_logits():
+    """An attention layer of window 1 keeps no past keys, so a chunk of no tokens attends to none (S = 0): its key
+    mask, attention_mask[:, -S:], was the whole mask ('key_padding_mask must be [B, Tk] = [2, 0]')."""
+    torch.manual_seed(0)
+    config = ZooConfig(vocab_size=64, d_model=32, layers="AA", ffn="none",
+                       mixers={"A": {"type": "attention", "n_heads": 2, "window": 1}})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, nxt = torch.randint(1, 64, (2, 6)), torch.randint(1, 64, (2, 1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    full = torch.cat([mask, torch.ones_like(nxt)], 1)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        assert model(ids[:, :0], attention_mask=mask, past_key_values=cache).logits.shape == (2, 0, 64)
+        assert_close("next", model(nxt, attention_mask=full, past_key_values=cache).logits[:, -1],
+                     model(torch.cat([ids, nxt], 1), attention_mask=full).logits[:, -1], 1e-5)
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
 def test_generate_continuing_a_kept_cache_reads_weights_written_through_data(name):
     """generate continuing a kept cache (past > 0: no new sequence starts) after the SSM weights were written through
