@@ -815,6 +815,18 @@ def test_a_chunk_of_no_tokens_after_a_cache_of_no_keys_gives_empty_logits():
 
 
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_a_model_built_under_inference_mode_generates(name):
+    """Parameters made under torch.inference_mode are inference tensors, which track no version: the decode step's
+    kept constants read theirs ('Inference tensors do not track version counter') and generate failed."""
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    want = tiny(name).generate(ids, max_new_tokens=4, do_sample=False)
+    with torch.inference_mode():
+        model = tiny(name)
+        assert model.model.layers[0].mixer.A_log.is_inference()
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
 def test_generate_continuing_a_kept_cache_reads_weights_written_through_data(name):
     """generate continuing a kept cache (past > 0: no new sequence starts) after the SSM weights were written through
     .data (an EMA copy, PEFT's merge), which keeps their storage and version: its steps read the decoded constants

@@ -89,7 +89,9 @@ def decoded_constants(module: nn.Module, key: str, params: tuple, make, refresh:
     it in pieces)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return make()
-    stamp = tuple((p.data_ptr(), p._version, p.device) for p in params if p is not None)
+    # (a parameter made under inference_mode, a model built there, tracks no version: its in-place changes are seen
+    # at the next sequence or prefill, as those through .data are)
+    stamp = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.device) for p in params if p is not None)
     cached = module.__dict__.get(key)
     if not refresh and cached is not None and cached[0] == stamp and cached[2] == _SEQUENCES[0]:
         return cached[1]
