@@ -452,6 +452,25 @@ def test_a_layer_used_alone_with_a_cache_reads_weights_changed_without_a_new_ver
     assert_close("after the change", out, sequence(), TOL)  # (autograd on: every constant made afresh)
 
 
+def test_a_mamba_layer_used_alone_under_cpu_autocast_reads_dt_proj_written_through_data():
+    """The unfused step keeps dt_proj's weight and bias under the activations' dtype (bf16 under CPU autocast), but
+    the prefill made afresh only those of CUDA autocast's dtype (or x's): a layer used alone under CPU autocast kept
+    a dt_proj written through .data from its first sequence."""
+    mixer = build("mamba").float()
+    x = torch.randn(2, 9, D_MODEL)
+
+    def sequence(grad=False):  # a prefill of 6 tokens, then 3 steps, from a fresh cache
+        cache = mixer.init_state(2, x.dtype, x.device)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            out = [run(mixer, x[:, :6], cache)] + [run(mixer, x[:, t:t + 1], cache) for t in range(6, 9)]
+        return torch.cat(out, 1).float().detach()
+
+    sequence()  # keeps the decoded constants
+    mixer.dt_proj.weight.data.mul_(10.0)
+    mixer.dt_proj.bias.data.add_(5.0)
+    assert_close("after the change", sequence(), sequence(grad=True), TOL)  # (autograd on: made afresh)
+
+
 def test_a_window_of_one_keeps_no_past_keys():
     """Each query sees itself only, so the cache keeps nothing; transformers' sliding layer slices its last
     `window - 1` keys as [-0:], which kept every key: a cache that grew with the sequence (outputs were right)."""

@@ -202,7 +202,8 @@ class Mamba(nn.Module):
         no step has kept yet are left to the first step."""
         if torch.is_grad_enabled():
             return
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        kind = x.device.type  # the step's activations' dtype (the unfused step keys dt_proj's by it on any device)
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         if "_step_constants" in self.__dict__:
             self._decode_constants(refresh=True)
         if f"_dt_constants_{dtype}" in self.__dict__:
