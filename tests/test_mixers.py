@@ -423,6 +423,54 @@ def test_mamba2_used_alone_reads_a_log_written_through_data():
     assert_close("after A_log.data changed", out, mixer(x), TOL)  # (autograd on: A made afresh)
 
 
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+@pytest.mark.parametrize("change", ["data", "fused_adamw"])
+def test_a_layer_used_alone_with_a_cache_reads_weights_changed_without_a_new_version(name, change):
+    """A Mamba / Mamba-2 layer used outside a ZooModel (nothing calls new_sequence) with a cache, after its weights
+    were written through .data (an EMA copy) or by a fused AdamW step, both of which keep a parameter's storage and
+    version: the next sequence's prefill (Mamba-2's A) and steps (the step constants) read the constants the first
+    sequence kept."""
+    mixer = build(name)
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+
+    def sequence():  # a prefill of 6 tokens, then 3 steps, from a fresh cache
+        cache = mixer.init_state(2, x.dtype, x.device)
+        return torch.cat([run(mixer, x[:, :6], cache)] + [run(mixer, x[:, t:t + 1], cache) for t in range(6, 9)], 1)
+
+    with torch.no_grad():
+        sequence()  # keeps the decoded constants
+    if change == "data":
+        ssm = [mixer.A_log, mixer.D, mixer.conv1d.weight, mixer.dt_bias if name == "mamba2" else mixer.dt_proj.bias]
+        for p in ssm:
+            p.data.mul_(0.5).add_(0.3)
+    else:
+        opt = torch.optim.AdamW(mixer.parameters(), lr=0.05, fused=True)
+        mixer(x).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        out = sequence()
+    assert_close("after the change", out, sequence(), TOL)  # (autograd on: every constant made afresh)
+
+
+def test_a_mamba_layer_used_alone_under_cpu_autocast_reads_dt_proj_written_through_data():
+    """The unfused step keeps dt_proj's weight and bias under the activations' dtype (bf16 under CPU autocast), but
+    the prefill made afresh only those of CUDA autocast's dtype (or x's): a layer used alone under CPU autocast kept
+    a dt_proj written through .data from its first sequence."""
+    mixer = build("mamba").float()
+    x = torch.randn(2, 9, D_MODEL)
+
+    def sequence(grad=False):  # a prefill of 6 tokens, then 3 steps, from a fresh cache
+        cache = mixer.init_state(2, x.dtype, x.device)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            out = [run(mixer, x[:, :6], cache)] + [run(mixer, x[:, t:t + 1], cache) for t in range(6, 9)]
+        return torch.cat(out, 1).float().detach()
+
+    sequence()  # keeps the decoded constants
+    mixer.dt_proj.weight.data.mul_(10.0)
+    mixer.dt_proj.bias.data.add_(5.0)
+    assert_close("after the change", sequence(), sequence(grad=True), TOL)  # (autograd on: made afresh)
+
+
 def test_a_window_of_one_keeps_no_past_keys():
     """Each query sees itself only, so the cache keeps nothing; transformers' sliding layer slices its last
     `window - 1` keys as [-0:], which kept every key: a cache that grew with the sequence (outputs were right)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 from functools import partial
 from pathlib import Path
@@ -765,6 +766,89 @@ def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
         step = model(ids[:, 7:], attention_mask=torch.ones(2, 8, dtype=torch.long), past_key_values=cache).logits
         assert_close("step", step[:, -1], model(ids).logits[:, -1], 1e-5)
         assert torch.equal(model(ids, attention_mask=torch.ones(1, 8)).logits, model(ids).logits)  # [1, T] broadcasts
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
+    """An input of no tokens [B, 0] (a chunked prefill's empty remainder) gives logits [B, 0, V] in every family, with
+    or without a mask, cache, seq_idx or position_ids, and leaves a cache as it was. With a mask, `[:, -T:]` read the
+    whole mask at T = 0 (a size mismatch after a cache; lay_out_past_pads' 'index -1 is out of bounds' before one),
+    and seq_idx / position_ids [B, 0] read their last entry."""
+    model = tiny(name)
+    ids, nxt = torch.randint(1, 512, (2, 6)), torch.randint(1, 512, (2, 1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    full = torch.cat([mask, torch.ones_like(nxt)], 1)
+    none = torch.zeros(2, 0, dtype=torch.long)
+    with torch.no_grad():
+        for use_cache in (False, True):
+            for kw in ({}, {"attention_mask": none}, {"seq_idx": none}, {"position_ids": none}):
+                assert model(ids[:, :0], use_cache=use_cache, **kw).logits.shape == (2, 0, 512), kw
+        prefill = model(ids, attention_mask=mask, use_cache=True)
+        ref = model(nxt, attention_mask=full, past_key_values=prefill.past_key_values).logits
+        for chunk_mask in (None, mask):  # after a cache: the mask of the tokens so far, or none
+            cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+            assert model(ids[:, :0], attention_mask=chunk_mask, past_key_values=cache).logits.shape == (2, 0, 512)
+            assert cache.get_seq_length() == 6
+            assert torch.equal(model(nxt, attention_mask=full, past_key_values=cache).logits, ref)
+        cache = ZooCache.for_model(model)  # before one: the prefill after it is the plain prefill
+        model(ids[:, :0], attention_mask=none, past_key_values=cache, use_cache=True)
+        assert torch.equal(model(ids, attention_mask=mask, past_key_values=cache).logits, prefill.logits)
+
+
+def test_a_chunk_of_no_tokens_after_a_cache_of_no_keys_gives_empty_logits():
+    """An attention layer of window 1 keeps no past keys, so a chunk of no tokens attends to none (S = 0): its key
+    mask, attention_mask[:, -S:], was the whole mask ('key_padding_mask must be [B, Tk] = [2, 0]')."""
+    torch.manual_seed(0)
+    config = ZooConfig(vocab_size=64, d_model=32, layers="AA", ffn="none",
+                       mixers={"A": {"type": "attention", "n_heads": 2, "window": 1}})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids, nxt = torch.randint(1, 64, (2, 6)), torch.randint(1, 64, (2, 1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    full = torch.cat([mask, torch.ones_like(nxt)], 1)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        assert model(ids[:, :0], attention_mask=mask, past_key_values=cache).logits.shape == (2, 0, 64)
+        assert_close("next", model(nxt, attention_mask=full, past_key_values=cache).logits[:, -1],
+                     model(torch.cat([ids, nxt], 1), attention_mask=full).logits[:, -1], 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_a_model_built_under_inference_mode_generates(name):
+    """Parameters made under torch.inference_mode are inference tensors, which track no version: the decode step's
+    kept constants read theirs ('Inference tensors do not track version counter') and generate failed."""
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    want = tiny(name).generate(ids, max_new_tokens=4, do_sample=False)
+    with torch.inference_mode():
+        model = tiny(name)
+        assert model.model.layers[0].mixer.A_log.is_inference()
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), want)
+
+
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_generate_continuing_a_kept_cache_reads_weights_written_through_data(name):
+    """generate continuing a kept cache (past > 0: no new sequence starts) after the SSM weights were written through
+    .data (an EMA copy, PEFT's merge), which keeps their storage and version: its steps read the decoded constants
+    (A = -exp(A_log), ...) an earlier generate kept, while every other weight was the new one. As transformers' models
+    do, the continuation now runs on the weights as they are."""
+    model = tiny(name).double()  # (fp64 weights: the fp32 constants are copies, not the parameters themselves)
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    continued = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, do_sample=False)  # keeps the decoded constants
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        kept = copy.deepcopy(cache)
+        for block in model.model.layers:
+            block.mixer.A_log.data.add_(1.0)
+            block.mixer.D.data.fill_(2.0)
+            block.mixer.conv1d.weight.data.mul_(2.0)
+    fresh = AutoModelForCausalLM.from_config(model.config).double().eval()
+    fresh.load_state_dict(model.state_dict())
+    want = fresh.generate(ids, past_key_values=kept, **continued).logits
+    got = model.generate(ids, past_key_values=cache, **continued).logits
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert_close(f"step {step}", a, b, 1e-5)
 
 
 def test_a_one_row_attention_mask_serves_every_row_of_a_moe_model():

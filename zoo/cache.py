@@ -72,7 +72,7 @@ class RecurrentLayer(LinearAttentionLayer):
         inherits its predecessor's state where a chunk boundary falls on a document boundary. Records this chunk's
         last seq_idx."""
         conv, rec = (self.conv_states[0], self.recurrent_states[0]) if self.has_state else (None, None)
-        if seq_idx is None:
+        if seq_idx is None or seq_idx.shape[1] == 0:  # (an empty chunk records nothing)
             return conv, rec
         last, self.last_seq_idx = self.last_seq_idx, seq_idx[:, -1].clone()
         if rec is not None and last is not None:

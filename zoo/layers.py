@@ -69,25 +69,31 @@ _SEQUENCES = [0]
 
 
 def new_sequence() -> None:
-    """Mark the start of a sequence (a forward with nothing cached): `decoded_constants` kept from before are made
-    afresh at their next use. A change through `.data` (PEFT's merge_and_unload, an EMA copy of the weights) keeps a
-    parameter's storage and version, so between sequences only this tells the kept constants they are old."""
+    """Mark the start of a sequence (a forward with nothing cached, a call of generate): `decoded_constants` kept from
+    before are made afresh at their next use. A change through `.data` (PEFT's merge_and_unload, an EMA copy of the
+    weights) keeps a parameter's storage and version, so between sequences only this tells the kept constants they
+    are old."""
     _SEQUENCES[0] += 1
 
 
-def decoded_constants(module: nn.Module, key: str, params: tuple, make):
+def decoded_constants(module: nn.Module, key: str, params: tuple, make, refresh: bool = False):
     """``make()`` (tensors derived from ``params``, e.g. fp32 copies), kept on ``module`` while none of the
     parameters changes (same storage, same version) and autograd is off, within a sequence (`new_sequence`): a
-    decode step then launches no kernel to recompute them. When they are made again (a later sequence, a parameter
-    updated in place or replaced), the new values are written into the kept tensors where shapes and dtypes allow:
-    a kept CUDA graph (generate(cuda_graph="reuse")) reads them there, and an optimizer step between two calls keeps
-    its graph. With autograd on it is computed afresh (the result must stay in the graph), and so it is when traced
-    by torch.compile (a few fused ops in the compiled graph; the storage checks below would break it in pieces)."""
+    decode step then launches no kernel to recompute them. `refresh` (a prefill or chunk, which runs before the steps
+    that read them) makes them again whatever those checks say: a write through .data (an EMA copy, PEFT's merge) and
+    a fused optimizer step (fused=True Adam / AdamW) keep a parameter's storage and version, and a mixer used outside
+    ZooModel has no `new_sequence`. When they are made again, the new values are written into the kept tensors where
+    shapes and dtypes allow: a kept CUDA graph (generate(cuda_graph="reuse")) reads them there, and an optimizer step
+    between two calls keeps its graph. With autograd on it is computed afresh (the result must stay in the graph), and
+    so it is when traced by torch.compile (a few fused ops in the compiled graph; the storage checks below would break
+    it in pieces)."""
     if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return make()
-    stamp = tuple((p.data_ptr(), p._version, p.device) for p in params if p is not None)
+    # (a parameter made under inference_mode, a model built there, tracks no version: its in-place changes are seen
+    # at the next sequence or prefill, as those through .data are)
+    stamp = tuple((p.data_ptr(), None if p.is_inference() else p._version, p.device) for p in params if p is not None)
     cached = module.__dict__.get(key)
-    if cached is not None and cached[0] == stamp and cached[2] == _SEQUENCES[0]:
+    if not refresh and cached is not None and cached[0] == stamp and cached[2] == _SEQUENCES[0]:
         return cached[1]
     fresh = make()
     if cached is not None and _write_into(cached[1], fresh, cached[3]):
@@ -258,13 +264,17 @@ def lay_out_past_pads(x: torch.Tensor, mask: torch.Tensor, initial_state: torch.
     another document than its last input (pads that start a document end the row), whose conv state is then
     zeros)."""
     batch, channels, length = x.shape
+    history = x.new_zeros(batch, channels, width - 1) if initial_state is None else initial_state.to(x.dtype)
+    if length == 0:  # no tokens: the carried inputs alone, which the conv's final state then keeps as they are
+        ids = None if seq_idx is None else seq_idx.new_zeros(batch, width - 1, dtype=torch.long)
+        carry = None if seq_idx is None else torch.ones(batch, dtype=torch.bool, device=x.device)
+        return history, ids, torch.zeros(batch, 0, dtype=torch.long, device=x.device), carry
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # (B, T): the pads, then the tokens in order
     n_pad = (mask == 0).sum(1, keepdim=True)  # (B, 1)
     j = torch.arange(length + width - 1, device=x.device)[None]  # (1, width - 1 + T): laid-out positions
     carried = (j >= n_pad) & (j < n_pad + width - 1)
     rank = torch.where(j < n_pad, j, j - (width - 1)).clamp(0, length - 1)  # a pad's or token's place in `order`
     index = torch.where(carried, j - n_pad, width - 1 + order.gather(1, rank))  # into cat([carried, x])
-    history = x.new_zeros(batch, channels, width - 1) if initial_state is None else initial_state.to(x.dtype)
     laid = torch.cat([history, x], dim=2).gather(2, index[:, None].expand(batch, channels, -1))
     laid_ids = carry = None
     if seq_idx is not None:

@@ -72,7 +72,7 @@ def packed_seq_idx(position_ids: torch.Tensor) -> torch.Tensor | None:
     transformers' masking_utils.find_packed_sequence_indices. None when no row restarts (outside torch.compile)."""
     step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
     seq_idx = (step != 1).cumsum(-1)
-    if not torch.compiler.is_compiling() and not seq_idx[:, -1].any():
+    if not torch.compiler.is_compiling() and not (seq_idx.shape[1] and seq_idx[:, -1].any()):  # (T = 0: none)
         return None
     return seq_idx
 
@@ -451,7 +451,7 @@ class ZooModel(ZooPreTrainedModel):
         if position_ids is None:
             if attention_mask is not None:
                 # left padding: each row's positions start at its first real token
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, attention_mask.shape[1] - T:]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
                 pads = getattr(past_key_values, "pads", None)
@@ -507,7 +507,7 @@ class ZooModel(ZooPreTrainedModel):
         aux_loss = None
         if router_logits and not skip_aux_loss:  # padding counts for no expert
             moe = self.config.moe_spec()
-            mask = attention_mask[:, -T:] if attention_mask is not None else None
+            mask = attention_mask[:, attention_mask.shape[1] - T:] if attention_mask is not None else None
             aux_loss = load_balancing_loss(router_logits, moe["n_experts"], moe["top_k"], mask)
         out = ZooModelOutput(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
                              hidden_states=tuple(hidden_states) if hidden_states else None,
@@ -595,6 +595,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if cuda_graph not in (False, True, "reuse"):
             raise ValueError(f"cuda_graph must be False, True or 'reuse', got {cuda_graph!r}")
         self.__dict__.pop(_MASK_VERDICT, None)  # a mask changed in place between two calls is read again
+        # the decoded constants follow weights written through .data since the last call, also where it continues
+        # a kept cache (past > 0: the forward starts no new sequence), as transformers' models run on the weights
+        new_sequence()
         if cuda_graph:
             from zoo.decode import static_generate
 

@@ -224,7 +224,8 @@ class Attention(nn.Module):
             k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2))
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, Dh)
         S = k.shape[1]
-        key_mask = attention_mask[:, -S:].bool() if attention_mask is not None else None
+        # the last S positions ([:, -S:] is the whole mask at S = 0: a window of 1, a chunk of no tokens)
+        key_mask = attention_mask[:, attention_mask.shape[1] - S:].bool() if attention_mask is not None else None
         past_ids = getattr(cache, "kv_seq_idx", None)
         if seq_idx is None and past_ids is not None and past_ids.shape[1]:
             # a chunk without ids after a packed one continues its last document, as a recurrent layer's state does

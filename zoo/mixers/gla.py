@@ -95,9 +95,11 @@ class GLA(nn.Module):
         k = self.k_proj(x).unflatten(-1, (H, self.head_k))
         v = self.v_proj(x).unflatten(-1, (H, self.head_v))  # (B, T, H, V)
         gk = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).unflatten(-1, (H, self.head_k))
-        if attention_mask is not None:  # a pad adds nothing to the state (k = 0) and keeps it (log decay 0)
-            k = k * attention_mask[:, -T:, None, None].to(k.dtype)
-            gk = gk * attention_mask[:, -T:, None, None].to(gk.dtype)
+        # the last T positions ([:, -T:] is the whole mask at T = 0)
+        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:]
+        if mask is not None:  # a pad adds nothing to the state (k = 0) and keeps it (log decay 0)
+            k = k * mask[..., None, None].to(k.dtype)
+            gk = gk * mask[..., None, None].to(gk.dtype)
         initial = cache.initial_states(seq_idx)[1] if cache is not None else None
         if cache is not None and initial is not None and T == 1 and seq_idx is None:
             if self.mitigation or self.state_probe is not None:
@@ -119,8 +121,7 @@ class GLA(nn.Module):
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import gla_scan
 
-                out = gla_scan(self, q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache, backend,
-                               None if attention_mask is None else attention_mask[:, -T:])
+                out = gla_scan(self, q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache, backend, mask)
             else:
                 out = chunk_gla(q, k, v, gk, self.head_k ** -0.5, initial, seq_idx, cache is not None,
                                 self.chunk_size, backend=backend)

@@ -166,46 +166,50 @@ class Mamba(nn.Module):
             dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return self.dt_proj(dt), B, C
 
-    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _decode_constants(self, refresh: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """A = -exp(A_log), D, the conv weight [d_inner, d_conv] and bias in fp32: kept across decode steps while
-        the parameters do not change (without autograd), so a step launches no kernel to recompute them."""
+        the parameters do not change (without autograd), so a step launches no kernel to recompute them (`refresh`:
+        made again, at a prefill)."""
         return decoded_constants(self, "_step_constants", (self.A_log, self.D, self.conv1d.weight, self.conv1d.bias),
                                  lambda: (-torch.exp(self.A_log.float()), self.D.float(),
                                           self.conv1d.weight[:, 0, :].float().contiguous(),
-                                          None if self.conv1d.bias is None else self.conv1d.bias.float()))
+                                          None if self.conv1d.bias is None else self.conv1d.bias.float()), refresh)
 
     def _folds_dt_proj(self) -> bool:
         """Whether the step may hand dt_proj's weight to the state-update kernel instead of calling dt_proj: only
         for plain projections (_plain) and without Jamba's norm between x_proj and dt_proj."""
         return not self.inner_norms and _plain(self.x_proj, self.dt_proj)
 
-    def _dt_proj_constants(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dt_proj_constants(self, dtype: torch.dtype, refresh: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """dt_proj's weight in the activations' dtype (the parameter itself unless autocast changed it), which the
         kernel reads like the matmul it replaces did, and its bias in fp32, kept across decode steps as in
         _decode_constants."""
         weight, bias = self.dt_proj.weight, self.dt_proj.bias
         return decoded_constants(self, f"_dt_constants_{dtype}", (weight, bias),
-                                 lambda: (weight.to(dtype).contiguous(), bias.float()))
+                                 lambda: (weight.to(dtype).contiguous(), bias.float()), refresh)
 
-    def _x_proj_constants(self, dtype: torch.dtype) -> torch.Tensor:
+    def _x_proj_constants(self, dtype: torch.dtype, refresh: bool = False) -> torch.Tensor:
         """x_proj's weight in the activations' dtype, which the fused step reads, kept as in _decode_constants."""
         return decoded_constants(self, f"_x_proj_{dtype}", (self.x_proj.weight,),
-                                 lambda: self.x_proj.weight.to(dtype).contiguous())
+                                 lambda: self.x_proj.weight.to(dtype).contiguous(), refresh)
 
     def _refresh_step_constants(self, x: torch.Tensor) -> None:
         """At a prefill, the step constants kept from an earlier sequence are made afresh into their tensors: a kept
         CUDA graph (generate(cuda_graph="reuse")) replays the steps without their Python, so only here do the
-        tensors it reads follow weights changed since (an optimizer step, writes through .data). Constants no step
-        has kept yet are left to the first step."""
+        tensors it reads follow weights changed since (an optimizer step, writes through .data), and a layer used
+        outside ZooModel (no new_sequence) reads the weights written through .data since its last sequence. Constants
+        no step has kept yet are left to the first step."""
         if torch.is_grad_enabled():
             return
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+        kind = x.device.type  # the step's activations' dtype (the unfused step keys dt_proj's by it on any device)
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
         if "_step_constants" in self.__dict__:
-            self._decode_constants()
+            self._decode_constants(refresh=True)
         if f"_dt_constants_{dtype}" in self.__dict__:
-            self._dt_proj_constants(dtype)
+            self._dt_proj_constants(dtype, refresh=True)
         if f"_x_proj_{dtype}" in self.__dict__:
-            self._x_proj_constants(dtype)
+            self._x_proj_constants(dtype, refresh=True)
 
     def _may_fuse(self, t: torch.Tensor, backend: str) -> bool:
         """The fused step's conditions that do not depend on the shapes (the step checks them before in_proj, on its
@@ -299,7 +303,8 @@ class Mamba(nn.Module):
         """x: [B, T, d_model] -> [B, T, d_model]. attention_mask [B, ≥T] (1 = token) zeroes pad inputs."""
         refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         T = x.shape[1]
-        mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
+        # the last T positions ([:, -T:] is the whole mask at T = 0)
+        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:].to(x.dtype)
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             return self._step(x, cache, mask, backend, step_pad_rows(attention_mask))

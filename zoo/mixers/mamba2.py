@@ -150,14 +150,15 @@ class Mamba2(nn.Module):
                        f"{MIN_CHUNK_SIZE} or scan_backend: ref)")
         return backends.fit("ssd", self.scan_backend, backend, problem)
 
-    def _decode_constants(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def _decode_constants(self, refresh: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """The conv weight [conv_dim, d_conv] and bias, D and dt_bias in fp32, kept across decode steps while the
-        parameters do not change (decoded_constants)."""
+        parameters do not change (decoded_constants; `refresh`: made again, at a prefill)."""
         return decoded_constants(
             self, "_step_constants", (self.conv1d.weight, self.conv1d.bias, self.D, self.dt_bias),
             lambda: (self.conv1d.weight[:, 0, :].float().contiguous(),
                      None if self.conv1d.bias is None else self.conv1d.bias.float(), self.D.float(),
-                     self.dt_bias.float()))
+                     self.dt_bias.float()), refresh)
 
     def forward(self, x: torch.Tensor, *, cache: RecurrentLayer | None = None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -165,19 +166,21 @@ class Mamba2(nn.Module):
         refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         Bsz, T, _ = x.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        mask = attention_mask[:, -T:].to(x.dtype) if attention_mask is not None else None
+        # the last T positions ([:, -T:] is the whole mask at T = 0)
+        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:].to(x.dtype)
         z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, H], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None]
         w = self.conv1d.weight[:, 0, :]  # (conv_dim, d_conv)
-        # kept for decoding only: a layer used outside ZooModel (no new_sequence) otherwise kept an A_log written
-        # through .data (an EMA copy) stale in every forward without autograd
+        step = cache is not None and cache.has_state and T == 1 and seq_idx is None
+        # kept for decoding only, and made again at each prefill or chunk (refresh): a layer used outside ZooModel
+        # (no new_sequence) otherwise kept an A_log written through .data (an EMA copy) stale
         A = -torch.exp(self.A_log.float()) if cache is None else \
-            decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()))  # (H,)
+            decoded_constants(self, "_A", (self.A_log,), lambda: -torch.exp(self.A_log.float()), not step)  # (H,)
         backend = backends.resolve("ssd", self.scan_backend, x.device)
         conv_backend = backends.follow(self.scan_backend)  # scan_backend ref keeps the conv on the reference too
 
-        if cache is not None and cache.has_state and T == 1 and seq_idx is None:
+        if step:
             conv_state, state = cache.step_states()  # updated in place below, then set back
             # a pad's row (step_pad_rows) keeps its conv window and state (dt = PAD_DT), as in the sequence forward;
             # its output is the prefill's at a pad (xBC = 0: D·x and C·h are 0)
@@ -206,7 +209,7 @@ class Mamba2(nn.Module):
             if cache is not None and "_step_constants" in self.__dict__ and not torch.is_grad_enabled():
                 # a prefill: the step constants an earlier sequence kept are made afresh into their tensors, which a
                 # kept CUDA graph (generate(cuda_graph="reuse")) reads in steps that run no Python (A is made above)
-                self._decode_constants()
+                self._decode_constants(refresh=True)
             conv_init, ssm_init = cache.initial_states(seq_idx) if cache is not None else (None, None)
             if mask is None:
                 xBC, conv_final = causal_conv1d(xBC.transpose(1, 2), w, self.conv1d.bias, seq_idx, conv_init, "silu",
