@@ -233,13 +233,14 @@ class ZooPreTrainedModel(PreTrainedModel):
         # The flag holds while this load builds the model, whatever form the path, config and overrides take.
         token = _TRUSTED_LOAD.set(True) if trust_remote_code else None
         try:
-            model = super().from_pretrained(*args, **kwargs)
+            loaded = super().from_pretrained(*args, **kwargs)
         finally:
             if token is not None:
                 _TRUSTED_LOAD.reset(token)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
         _refuse_offloaded_mixers(model)
-        return model
+        return loaded
 
     def mark_no_weight_decay(self) -> None:
         """Set `_no_weight_decay` on every parameter a module lists in `_no_weight_decay_params`."""
