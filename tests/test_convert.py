@@ -52,6 +52,7 @@ from zoo.convert import (
     from_hf_mamba2,
     from_mamba_ssm,
     hf_mamba2_norm_groups,
+    load_as_zoo,
     load_mamba_ssm,
     main,
     save_mamba_ssm,
@@ -306,6 +307,25 @@ def test_from_format_refuses_other_architectures_and_weights_that_do_not_fit(tmp
             convert(tmp_path / "llama", tmp_path / "out", from_format="hf-llama")
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("case", ["hf-mamba", "hf-llama", "mamba_ssm"])
+def test_zoo_from_pretrained_of_another_models_folder_names_the_converter(case, tmp_path):
+    # ZooForCausalLM.from_pretrained of a transformers Mamba / Llama folder (or a mamba_ssm one) built zoo's default
+    # model from its config.json, with every weight at random, after only transformers' log line and load report
+    torch.manual_seed(0)
+    if case == "mamba_ssm":
+        source = ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", vocab_size=VOCAB)).eval()
+        save_mamba_ssm(*to_mamba_ssm(source), tmp_path)
+    else:
+        fmt, cls, make_config = HF_SOURCES[case]
+        source = cls(make_config()).eval()
+        source.save_pretrained(tmp_path)
+    for load in (ZooForCausalLM.from_pretrained, zoo.ZooModel.from_pretrained, ZooConfig.from_pretrained):
+        with pytest.raises(ValueError, match=r"not a zoo model's.*zoo convert SRC DST"):
+            load(tmp_path)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    assert_logits(case, load_as_zoo(tmp_path)(ids).logits, source(ids).logits)  # the route the message names
 
 def test_convert_names_a_destination_that_is_a_file(tmp_path):
     # every way out (zoo folder, transformers, mamba_ssm) ended in a traceback: AssertionError or FileExistsError

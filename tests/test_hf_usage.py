@@ -235,6 +235,33 @@ def test_offloading_a_mamba_layer_is_refused_at_load(name, tmp_path):
                                              offload_folder=str(tmp_path / "offload"))
 
 
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_offloading_a_mamba_layer_through_dispatch_model_is_refused_at_the_first_forward(name, tmp_path):
+    # accelerate's own big-model loading (init_empty_weights, then load_checkpoint_and_dispatch) never passes through
+    # from_pretrained's refusal: the forward failed with "Tensor on device cpu is not on the expected device meta!"
+    from accelerate import init_empty_weights, load_checkpoint_and_dispatch
+
+    model = tiny(name).eval()
+    model.save_pretrained(tmp_path / "model")
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(model.config)
+    device_map = {"model.embeddings": "cpu", "model.norm_f": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i == 1 else "cpu" for i in range(len(model.model.layers))})
+    empty.tie_weights()
+    dispatched = load_checkpoint_and_dispatch(empty, str(tmp_path / "model"), device_map=device_map,
+                                              offload_folder=str(tmp_path / "offload")).eval()
+    ids = torch.randint(0, 512, (2, 9))
+    with pytest.raises(ValueError, match=r"dispatch_model: the device_map offloads model\.layers\.1\.mixer \(Mamba\)"):
+        dispatched(ids)
+    device_map["model.layers.1"] = "cpu"  # the same model kept whole runs as before
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(model.config)
+    empty.tie_weights()
+    kept = load_checkpoint_and_dispatch(empty, str(tmp_path / "model"), device_map=device_map).eval()
+    with torch.no_grad():
+        assert_close("kept whole", kept(ids).logits, model(ids).logits, 1e-6)
+
 def test_offloading_attention_layers_of_a_hybrid_still_loads_and_runs(tmp_path):
     model = tiny("jamba").eval()
     model.save_pretrained(tmp_path / "model")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import PositionwiseMixer, assert_close
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import zoo
 from zoo import ZooCache, ZooConfig
@@ -45,6 +45,20 @@ def test_save_and_load_identical_logits(name, tmp_path):
     assert torch.equal(loaded(ids).logits, logits)
     assert getattr(loaded.model.layers[0].norm.weight, "_no_weight_decay", False)
 
+
+
+@pytest.mark.parametrize("auto", [AutoModelForCausalLM, AutoModel], ids=["causal-lm", "base"])
+def test_output_loading_info_returns_the_model_and_what_loading_found(auto, tmp_path):
+    # from_pretrained(..., output_loading_info=True) returns (model, info) in transformers; zoo's override marked
+    # no-weight-decay parameters on what it got back and failed with "'tuple' object has no attribute ..."
+    model = tiny("mamba")
+    model.save_pretrained(tmp_path)
+    loaded, info = auto.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(loaded) is (zoo.ZooModel if auto is AutoModel else zoo.ZooForCausalLM)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    base = loaded if auto is AutoModel else loaded.model
+    assert getattr(base.layers[0].norm.weight, "_no_weight_decay", False)
+    assert torch.equal(base.layers[0].mixer.A_log, model.model.layers[0].mixer.A_log)
 
 @pytest.mark.parametrize("name", TINY)
 def test_greedy_generate_equals_argmax_of_full_forwards(name):

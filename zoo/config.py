@@ -447,6 +447,25 @@ class ZooConfig(PreTrainedConfig):
         return cls(**data)
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict[str, Any], dict[str, Any]]:
+        """transformers' reading of config.json (what ZooForCausalLM.from_pretrained reads), refusing another model's:
+        a transformers Mamba / Llama folder or a mamba_ssm one became zoo's default model ("MM", its fields ignored)
+        with every weight left at random, after only transformers' log line and load report."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        found = config_dict.get("model_type")
+        nested = any(isinstance(v, dict) and v.get("model_type") == cls.model_type for v in config_dict.values())
+        if found is None and {"d_model", "n_layer"} <= set(config_dict):
+            found = "mamba_ssm"
+        if found not in (None, cls.model_type) and not nested:
+            raise ValueError(f"{pretrained_model_name_or_path}: its config.json is a {found!r} model's, not a zoo "
+                             f"model's, so none of its weights would load into a zoo model. Convert it first: zoo "
+                             f"convert SRC DST (or zoo.convert.load_as_zoo(SRC)) reads transformers' mamba, mamba2, "
+                             f"llama and jamba checkpoints and mamba_ssm's"
+                             + ("" if found == "mamba_ssm" else f"; AutoModelForCausalLM loads it as a {found!r} "
+                                                                 f"model"))
+        return config_dict, kwargs
+
+    @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         config = super().from_dict(config_dict, **kwargs)
         result = config[0] if isinstance(config, tuple) else config

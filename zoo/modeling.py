@@ -233,13 +233,15 @@ class ZooPreTrainedModel(PreTrainedModel):
         # The flag holds while this load builds the model, whatever form the path, config and overrides take.
         token = _TRUSTED_LOAD.set(True) if trust_remote_code else None
         try:
-            model = super().from_pretrained(*args, **kwargs)
+            loaded = super().from_pretrained(*args, **kwargs)
         finally:
             if token is not None:
                 _TRUSTED_LOAD.reset(token)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         model.mark_no_weight_decay()  # loading replaced the Parameter objects that carried the flags
         _refuse_offloaded_mixers(model)
-        return model
+        model._checked_device_map = model.__dict__.get("hf_device_map")
+        return loaded
 
     def mark_no_weight_decay(self) -> None:
         """Set `_no_weight_decay` on every parameter a module lists in `_no_weight_decay_params`."""
@@ -413,6 +415,7 @@ class ZooModel(ZooPreTrainedModel):
         The output's aux_loss is the MoE load-balancing loss (None without MoE layers); router_logits, asked for,
         the MoE layers' router logits ([B * T, n_experts] each), as transformers' Jamba gives them."""
         past_key_values = _the_cache(past_key_values, kwargs)
+        _refuse_offloaded_mixers_once(self)
         # generate's steps (prepare_inputs_for_generation) and zoo.decode's (`decoding()`) never read it
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) or in_decoding()
         _refuse_output_attentions(self.config, kwargs)
@@ -823,6 +826,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
         whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
         past_key_values = _the_cache(past_key_values, kwargs)
+        _refuse_offloaded_mixers_once(self)
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         _refuse_output_attentions(self.config, kwargs)
@@ -894,7 +898,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         model_kwargs[GENERATE_CACHE_KWARG] = cache
 
 
-def _refuse_offloaded_mixers(model: nn.Module) -> None:
+def _refuse_offloaded_mixers(model: nn.Module, where: str = "from_pretrained") -> None:
     """Raise when a device_map leaves a mixer that is not `offloadable` (Mamba, Mamba-2) to accelerate's offload
     hooks: on "disk", or on "cpu" while the model runs on an accelerator. Its forward would meet meta or host
     tensors ("Tensor on device cpu is not on the expected device meta!")."""
@@ -906,11 +910,22 @@ def _refuse_offloaded_mixers(model: nn.Module) -> None:
             continue
         key = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len, default=None)
         if key is not None and str(device_map[key]) in offloaded:
-            raise ValueError(f"from_pretrained: the device_map offloads {name} ({type(module).__name__}) to "
+            raise ValueError(f"{where}: the device_map offloads {name} ({type(module).__name__}) to "
                              f"{device_map[key]!r}; accelerate's offload hooks load a module's weights only when its "
                              f"forward runs, and this mixer's kernels read its conv weights directly. Keep these "
                              f"layers on the device the model runs on (more max_memory there, or a device_map without "
                              f"'disk'/'cpu' for them)")
+
+
+def _refuse_offloaded_mixers_once(model: nn.Module) -> None:
+    """_refuse_offloaded_mixers at the first forward under a device_map that from_pretrained did not check:
+    accelerate's dispatch_model (load_checkpoint_and_dispatch) sets hf_device_map too, and such a model failed in
+    its first Mamba layer with accelerate's "Tensor on device cpu is not on the expected device meta!"."""
+    device_map = model.__dict__.get("hf_device_map")
+    if device_map is not None and model.__dict__.get("_checked_device_map") is not device_map \
+            and not torch.compiler.is_compiling():
+        _refuse_offloaded_mixers(model, "dispatch_model")
+        model._checked_device_map = device_map
 
 
 __all__ = ["ZooModel", "ZooForCausalLM", "ZooPreTrainedModel", "ZooModelOutput", "ZooCausalLMOutput"]
