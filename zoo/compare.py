@@ -473,7 +473,7 @@ def _adjustable(config: ZooConfig, adjust: str, fields: dict) -> str | None:
     has_ffn = any(s["ffn"] in ("swiglu", "moe") for s in specs)
     has_expand = any(s["type"] in ("mamba", "mamba2") for s in specs)
     if adjust == "auto":  # expand is adjusted in the fields' `mixers` (_with_d_inner): a list of layers keeps its own
-        in_mixers = isinstance(fields.get("layers"), str) and any(
+        in_mixers = not isinstance(fields.get("layers"), (list, tuple)) and any(  # (layers unset: "MM" over them)
             isinstance(m, dict) and m.get("type") in ("mamba", "mamba2") for m in (fields.get("mixers") or {}).values())
         return "ffn" if has_ffn else ("expand" if has_expand and in_mixers else None)
     if adjust == "none":
