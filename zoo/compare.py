@@ -641,7 +641,7 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
         info["adjusted"] = {"ffn_hidden" if what == "ffn" else "d_inner": adjusted}
     if abs(error) > tolerance:  # the settings that give finer sizes (budget.multiple_of steps d_model only)
         fixes = ["a smaller budget.multiple_of" if knob == "d_model" else "knob d_model", "a wider budget.tolerance"]
-        if what is None and adjust == "none":
+        if what is None and adjust == "none" and _adjustable(base, "auto", fields) is not None:  # (auto adjusts one)
             fixes.insert(0, "budget.adjust: auto")
         elif what == "ffn" or (what == "expand" and step == adjust_multiple_of):
             width = "ffn hidden size" if what == "ffn" else "d_inner"
