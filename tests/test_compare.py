@@ -1064,3 +1064,29 @@ def test_budget_matching_of_a_mamba_stack_without_its_own_mixers(layers):
     _, info = match_budget(fields, 100_000)
     assert abs(info["error"]) <= 0.02 and "adjusted" not in info
     assert parameter_counts(ZooConfig(**match_budget(fields, 100_000)[0]))["total"] == info["params"]
+
+
+def test_budget_matching_adjusts_the_expand_of_mamba_mixers_under_the_default_layers():
+    """A config that gives its Mamba mixer in `mixers` and leaves `layers` at its default pattern ("MM", over those
+    mixers) has its expand adjusted under budget.adjust auto, as one that spells the pattern out; it was matched by
+    d_model alone and refused where no d_model lands within the tolerance."""
+    fields = {"vocab_size": 512, "d_model": 128, "ffn": "none", "mixers": {"M": {"type": "mamba", "expand": 2}}}
+    for budget in (1.0e6, 1.3e6):
+        _, spelled = match_budget({**fields, "layers": "MM"}, budget, multiple_of=64)
+        _, info = match_budget(fields, budget, multiple_of=64)
+        assert info == spelled and abs(info["error"]) <= 0.02
+    assert "adjusted" in info
+
+
+def test_budget_advice_names_budget_adjust_auto_only_where_auto_adjusts_a_width():
+    """A missed budget under budget.adjust none advised 'budget.adjust: auto' also for a model auto adjusts nothing
+    in (a list of Mamba layers keeps its widths), where auto misses it the same way."""
+    mamba = {"vocab_size": 512, "d_model": 128, "ffn": "none"}
+    listed = {**mamba, "layers": [{"type": "mamba"}, {"type": "mamba"}]}
+    with pytest.raises(ValueError, match="budget.tolerance") as error:
+        match_budget(listed, 1.3e6, multiple_of=64, adjust="none")
+    assert "budget.adjust: auto" not in str(error.value)
+    patterned = {**mamba, "layers": "MM", "mixers": {"M": {"type": "mamba", "expand": 2}}}
+    with pytest.raises(ValueError, match="try budget.adjust: auto"):
+        match_budget(patterned, 1.3e6, multiple_of=64, adjust="none")
+    assert abs(match_budget(patterned, 1.3e6, multiple_of=64)[1]["error"]) <= 0.02  # as auto does

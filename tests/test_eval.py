@@ -824,6 +824,40 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and not (out / "state.partial.pt").exists()
 
 
+def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_path, monkeypatch):
+    """zoo eval state --compare interrupted in its mitigated run: the rerun ran the finished unmitigated run again
+    from its first token (its partial file was removed as it completed), then resumed the mitigated one. It is kept
+    complete until the mitigated run is done, so the rerun runs only the mitigated run's remaining chunks."""
+    from zoo.eval import state
+    from zoo.state import recorder
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
+            "--compare"]
+    state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of each run
+    real = recorder.output_cache
+    calls, stop = [], [9]  # the unmitigated run, then 3 of the mitigated run's 6 forwards
+
+    def step(out):
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(out)
+
+    monkeypatch.setattr(recorder, "output_cache", step)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    stop[0], calls[:] = None, []
+    state.main([*argv, "--out", str(out)])
+    assert len(calls) <= 4  # the mitigated run's remaining chunks (from its last save) only
+    assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+    assert not list(out.glob("*.partial.pt*"))
+
+
 def test_log_bins_cover_positions():
     for max_position in (1, 2, 39, 1000, 2**20):
         bins = log_bins(max_position, 4)

@@ -445,6 +445,17 @@ def test_crop_and_assisted_decoding_are_refused_with_recurrent_layers(name):
         model.generate(ids, penalty_alpha=0.6, top_k=4, max_new_tokens=4)
 
 
+@pytest.mark.parametrize("kwargs", [dict(do_sample=True, top_k=4), dict(num_beams=2, top_k=4), dict(top_k=1)])
+def test_a_penalty_alpha_beside_another_search_is_not_refused(kwargs):
+    """transformers runs contrastive search only for penalty_alpha > 0 with greedy decoding and top_k > 1; beside
+    sampling, beams or top_k 1 it samples / searches as asked, so a recurrent model generates as before."""
+    model, ids = tiny("mamba"), torch.randint(0, 512, (1, 6))
+    torch.manual_seed(0)
+    out = model.generate(ids, max_new_tokens=3, penalty_alpha=0.6, **kwargs)
+    torch.manual_seed(0)
+    assert torch.equal(out, model.generate(ids, max_new_tokens=3, **kwargs))
+
+
 @pytest.mark.parametrize("drop", [1, 2])
 def test_load_state_tensors_of_the_wrong_number_raises_and_changes_nothing(drop):
     model = tiny("jamba")  # recurrent layers (two tensors each) and attention layers (keys, values)

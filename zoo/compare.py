@@ -473,7 +473,7 @@ def _adjustable(config: ZooConfig, adjust: str, fields: dict) -> str | None:
     has_ffn = any(s["ffn"] in ("swiglu", "moe") for s in specs)
     has_expand = any(s["type"] in ("mamba", "mamba2") for s in specs)
     if adjust == "auto":  # expand is adjusted in the fields' `mixers` (_with_d_inner): a list of layers keeps its own
-        in_mixers = isinstance(fields.get("layers"), str) and any(
+        in_mixers = not isinstance(fields.get("layers"), (list, tuple)) and any(  # (layers unset: "MM" over them)
             isinstance(m, dict) and m.get("type") in ("mamba", "mamba2") for m in (fields.get("mixers") or {}).values())
         return "ffn" if has_ffn else ("expand" if has_expand and in_mixers else None)
     if adjust == "none":
@@ -641,7 +641,7 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
         info["adjusted"] = {"ffn_hidden" if what == "ffn" else "d_inner": adjusted}
     if abs(error) > tolerance:  # the settings that give finer sizes (budget.multiple_of steps d_model only)
         fixes = ["a smaller budget.multiple_of" if knob == "d_model" else "knob d_model", "a wider budget.tolerance"]
-        if what is None and adjust == "none":
+        if what is None and adjust == "none" and _adjustable(base, "auto", fields) is not None:  # (auto adjusts one)
             fixes.insert(0, "budget.adjust: auto")
         elif what == "ffn" or (what == "expand" and step == adjust_multiple_of):
             width = "ffn hidden size" if what == "ffn" else "d_inner"

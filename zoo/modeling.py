@@ -634,8 +634,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             if asked:
                 raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
                                  f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
-            alpha = kwargs.get("penalty_alpha", getattr(config, "penalty_alpha", None))
-            if alpha:  # transformers 5 fetches contrastive search from the Hub, whose code refuses stateful models
+            search = {n: kwargs.get(n, getattr(config, n, None)) for n in ("penalty_alpha", "top_k", "do_sample",
+                                                                              "num_beams")}
+            # transformers 5 fetches contrastive search from the Hub, whose code refuses stateful models; a
+            # penalty_alpha beside sampling, beams or top_k 1 is no contrastive search (transformers ignores it)
+            if (search["penalty_alpha"] or 0) > 0 and search["do_sample"] is not True \
+                    and (search["num_beams"] or 1) == 1 and (search["top_k"] is None or search["top_k"] > 1):
                 raise ValueError("generate: penalty_alpha (contrastive search) rolls the cache back after scoring "
                                  "each step's top_k candidates, which this model's Mamba / Mamba-2 / GLA states "
                                  "cannot; generate without it (greedy, sampling or beams)")

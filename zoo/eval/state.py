@@ -31,6 +31,7 @@ from zoo.eval.common import (
     model_fingerprint,
     parse_int,
     positive_int,
+    remove_partial,
     trained_with_bos,
     write_json,
 )
@@ -234,8 +235,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     runs = []
     if args.compare:
         apply_mitigation(model, None)
+        # kept complete until the mitigated run is done: a rerun after an interruption there does not run it again
         runs.append(("none", record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
-                                                     partial_key=key, label="the unmitigated run")))
+                                                     partial_key=key, label="the unmitigated run", keep_partial=True)))
         # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
         write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
     apply_mitigation(model, args.mitigation)
@@ -249,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                      label=f"the {label} run" if args.compare else "the run")
     result["mitigation"] = label
     runs.append((label, result))
+    remove_partial(out / "state-none.partial.pt")
 
     for name, res in runs:
         print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")

@@ -162,14 +162,17 @@ def state_statistics(kind: str, state: torch.Tensor, group_size: int = 64) -> di
 def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 1024, points_per_octave: int = 2,
                             min_chunk: int = 16, group_size: int = 64, train_length: int | None = None,
                             progress: bool = False, partial: str | Path | None = None, partial_key: dict | None = None,
-                            save_every: float = 30.0, label: str = "state statistics") -> dict:
+                            save_every: float = 30.0, label: str = "state statistics",
+                            keep_partial: bool = False) -> dict:
     """State, decay and loss statistics of `model` over the positions of `input_ids` [B, T] (see module doc).
 
     `partial`: a file where the run so far (its statistics and the model's cache) is saved, atomically, after a
     forward, at most every `save_every` seconds (and at least 10 times as long as a save took: a hybrid's attention
     cache grows with the rows), so an interrupted run resumes there: a call with the same `partial_key` (the caller's
     settings: which model), rows, sizes, device and mitigation starts at the next chunk and gives the result an
-    uninterrupted run gives; a file of other settings is replaced. Removed when the run completes. `label` names the
+    uninterrupted run gives; a file of other settings is replaced. Removed when the run completes, unless
+    `keep_partial`: then saved complete, so that a rerun returns its result without a forward (`zoo eval state
+    --compare` keeps its unmitigated run so while the mitigated one runs, and removes it after). `label` names the
     run in the messages about it.
 
     Returns a dict: positions (tokens seen at each sample), loss [n] (mean NLL of each chunk's tokens),
@@ -256,7 +259,10 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
     if bar is not None:
         bar.close()
     model.train(was_training)
-    if partial is not None:
+    if partial is not None and keep_partial and done < len(ends):  # (no forward follows: without the cache)
+        save_atomically({"settings": settings, "chunks": len(ends), "cache": None, "previous_logit": previous_logit,
+                         "losses": losses, "series": series, "cumsum": cumsum}, partial)
+    elif partial is not None and not keep_partial:
         from zoo.eval.common import remove_partial
 
         remove_partial(partial)
