@@ -853,7 +853,9 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
         state.main([*argv, "--out", str(out)])
     stop[0], calls[:] = None, []
     state.main([*argv, "--out", str(out)])
-    assert len(calls) <= 4  # the mitigated run's remaining chunks (from its last save) only
+    # the mitigated run's remaining chunks only (from its last save: a save is skipped until 10 times the last one's
+    # duration has passed, so on a loaded machine up to all 6); the unmitigated run again would add its 6
+    assert len(calls) <= 6
     assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
     assert not list(out.glob("*.partial.pt*"))
 
