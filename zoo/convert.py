@@ -280,10 +280,11 @@ def _check_act(fmt: str, config) -> None:
 def from_hf_mamba(model) -> ZooForCausalLM:
     """transformers' MambaForCausalLM -> ZooForCausalLM (layers of the `mamba` mixer, ffn none).
 
-    Same logits, but not the same output_hidden_states: the zoo's follow transformers' Llama (and its Mamba-2 and
-    Jamba), n_layers + 1 entries, the embeddings first and the last after the final norm; transformers' Mamba leaves
-    the embeddings out and gives each layer's output, then the final norm's (n_layers + 1 too). So its [i] is the
-    zoo's [i + 1] up to i = n_layers - 2, its [-2] the last layer's output before the norm, and both [-1] agree."""
+    Same logits, but not the same output_hidden_states: the zoo's follow transformers' Llama (and its Jamba, and
+    its Mamba-2 in transformers 5.25; 5.17's Mamba-2 is as its Mamba), n_layers + 1 entries, the embeddings first and
+    the last after the final norm; transformers' Mamba leaves the embeddings out and gives each layer's output, then
+    the final norm's (n_layers + 1 too). So its [i] is the zoo's [i + 1] up to i = n_layers - 2, its [-2] the last
+    layer's output before the norm, and both [-1] agree."""
     c, fmt = model.config, "hf-mamba"
     _check_act(fmt, c)
     mixer = {"type": "mamba", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
