@@ -692,6 +692,24 @@ def test_evaluate_length_progress_advances_with_every_chunk(monkeypatch):
     assert updates == [("total", 105), 32, 32, 16, 16, 9]
 
 
+def interrupt_forwards_after(monkeypatch, forwards: int) -> tuple[list, list]:
+    """Makes zoo.state.recorder's ``output_cache`` (called after each forward of a state run) raise KeyboardInterrupt
+    on its call after ``forwards`` calls (stop[0]; None: never); returns (calls, stop) to count and rearm."""
+    from zoo.state import recorder
+
+    real = recorder.output_cache
+    calls, stop = [], [forwards]
+
+    def step(out):
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(out)
+
+    monkeypatch.setattr(recorder, "output_cache", step)
+    return calls, stop
+
+
 def interrupt_after(monkeypatch, module, batches: int) -> list:
     """Makes ``module.per_position_loss`` raise KeyboardInterrupt on its call after ``batches`` calls (None: never);
     returns the list of the rows of each call, for counting."""
@@ -785,7 +803,6 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
     goes, and a rerun of the same settings resumes at the next chunk, to the state.json of an uninterrupted run."""
     from zoo.eval import state
-    from zoo.state import recorder
 
     monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])  # (seconds of matplotlib)
     torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
@@ -793,16 +810,7 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "window:r=8"]
     state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of 16 tokens
     monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
-    real = recorder.output_cache
-    calls, stop = [], [3]
-
-    def step(out):  # after each forward of the run
-        if stop[0] is not None and len(calls) >= stop[0]:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(out)
-
-    monkeypatch.setattr(recorder, "output_cache", step)
+    calls, stop = interrupt_forwards_after(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         state.main([*argv, "--out", str(out)])
@@ -829,7 +837,6 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     from its first token (its partial file was removed as it completed), then resumed the mitigated one. It is kept
     complete until the mitigated run is done, so the rerun runs only the mitigated run's remaining chunks."""
     from zoo.eval import state
-    from zoo.state import recorder
 
     monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
     monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
@@ -838,16 +845,7 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
             "--compare"]
     state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of each run
-    real = recorder.output_cache
-    calls, stop = [], [9]  # the unmitigated run, then 3 of the mitigated run's 6 forwards
-
-    def step(out):
-        if stop[0] is not None and len(calls) >= stop[0]:
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(out)
-
-    monkeypatch.setattr(recorder, "output_cache", step)
+    calls, stop = interrupt_forwards_after(monkeypatch, 9)  # the unmitigated run, then 3 of the mitigated run's 6
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         state.main([*argv, "--out", str(out)])
