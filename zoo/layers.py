@@ -250,6 +250,13 @@ def channels_linear(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 PAD_DT = -1e4
 
 
+def last_columns(mask: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """The last n columns of an attention_mask [B, past + T] (None stays None): the mask of a chunk's n tokens, or of
+    the n keys an attention layer sees. Not ``mask[:, -n:]``, which is the whole mask at n = 0 (a chunk of no tokens,
+    a sliding window that keeps no past key)."""
+    return None if mask is None else mask[:, mask.shape[1] - n:]
+
+
 def lay_out_past_pads(x: torch.Tensor, mask: torch.Tensor, initial_state: torch.Tensor | None, width: int,
                       seq_idx: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:

@@ -30,6 +30,7 @@ from zoo.layers import (
     SwiGLU,
     fused_add_norm,
     in_decoding,
+    last_columns,
     load_balancing_loss,
     mark_no_weight_decay,
     new_sequence,
@@ -454,7 +455,7 @@ class ZooModel(ZooPreTrainedModel):
         if position_ids is None:
             if attention_mask is not None:
                 # left padding: each row's positions start at its first real token
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, attention_mask.shape[1] - T:]
+                position_ids = last_columns((attention_mask.long().cumsum(-1) - 1).clamp(min=0), T)
             else:
                 position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
                 pads = getattr(past_key_values, "pads", None)
@@ -510,7 +511,7 @@ class ZooModel(ZooPreTrainedModel):
         aux_loss = None
         if router_logits and not skip_aux_loss:  # padding counts for no expert
             moe = self.config.moe_spec()
-            mask = attention_mask[:, attention_mask.shape[1] - T:] if attention_mask is not None else None
+            mask = last_columns(attention_mask, T)
             aux_loss = load_balancing_loss(router_logits, moe["n_experts"], moe["top_k"], mask)
         out = ZooModelOutput(last_hidden_state=x, **{_OUTPUT_CACHE: past_key_values},
                              hidden_states=tuple(hidden_states) if hidden_states else None,

@@ -8,7 +8,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from zoo_kernels.attention import BACKENDS, attention
 
 from zoo.cache import StaticKVLayer
-from zoo.layers import Linear, optional_kernel
+from zoo.layers import Linear, last_columns, optional_kernel
 from zoo.registry import register_mixer
 
 # backends whose padded path is a dense mask (no host sync, capturable in a CUDA graph)
@@ -224,8 +224,7 @@ class Attention(nn.Module):
             k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2))
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, Dh)
         S = k.shape[1]
-        # the last S positions ([:, -S:] is the whole mask at S = 0: a window of 1, a chunk of no tokens)
-        key_mask = attention_mask[:, attention_mask.shape[1] - S:].bool() if attention_mask is not None else None
+        key_mask = last_columns(attention_mask, S).bool() if attention_mask is not None else None
         past_ids = getattr(cache, "kv_seq_idx", None)
         if seq_idx is None and past_ids is not None and past_ids.shape[1]:
             # a chunk without ids after a packed one continues its last document, as a recurrent layer's state does

@@ -9,7 +9,7 @@ from zoo_kernels import chunk_gla, gla_state_update
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, Linear, mark_no_weight_decay, scaled_width, step_pad_rows
+from zoo.layers import GatedRMSNorm, Linear, last_columns, mark_no_weight_decay, scaled_width, step_pad_rows
 from zoo.registry import register_mixer
 
 
@@ -95,8 +95,7 @@ class GLA(nn.Module):
         k = self.k_proj(x).unflatten(-1, (H, self.head_k))
         v = self.v_proj(x).unflatten(-1, (H, self.head_v))  # (B, T, H, V)
         gk = (F.logsigmoid(self.gk_proj(x).float()) / self.gate_logit_normalizer).unflatten(-1, (H, self.head_k))
-        # the last T positions ([:, -T:] is the whole mask at T = 0)
-        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:]
+        mask = last_columns(attention_mask, T)
         if mask is not None:  # a pad adds nothing to the state (k = 0) and keeps it (log decay 0)
             k = k * mask[..., None, None].to(k.dtype)
             gk = gk * mask[..., None, None].to(gk.dtype)

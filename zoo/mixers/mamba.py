@@ -22,6 +22,7 @@ from zoo.layers import (
     decoded_constants,
     init_copy_,
     keep_rows_,
+    last_columns,
     lay_out_past_pads,
     mark_no_weight_decay,
     refuse_skipped_adapter,
@@ -303,8 +304,7 @@ class Mamba(nn.Module):
         """x: [B, T, d_model] -> [B, T, d_model]. attention_mask [B, ≥T] (1 = token) zeroes pad inputs."""
         refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         T = x.shape[1]
-        # the last T positions ([:, -T:] is the whole mask at T = 0)
-        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:].to(x.dtype)
+        mask = None if attention_mask is None else last_columns(attention_mask, T).to(x.dtype)
         backend = backends.resolve("selective_scan", self.scan_backend, x.device)
         if cache is not None and cache.has_state and T == 1 and seq_idx is None:
             return self._step(x, cache, mask, backend, step_pad_rows(attention_mask))

@@ -18,6 +18,7 @@ from zoo.layers import (
     decoded_constants,
     init_copy_,
     keep_rows_,
+    last_columns,
     lay_out_past_pads,
     mark_no_weight_decay,
     refuse_skipped_adapter,
@@ -166,8 +167,7 @@ class Mamba2(nn.Module):
         refuse_skipped_adapter(self, "conv1d")  # the conv kernels take conv1d.weight
         Bsz, T, _ = x.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        # the last T positions ([:, -T:] is the whole mask at T = 0)
-        mask = None if attention_mask is None else attention_mask[:, attention_mask.shape[1] - T:].to(x.dtype)
+        mask = None if attention_mask is None else last_columns(attention_mask, T).to(x.dtype)
         z, xBC, dt = torch.split(self.in_proj(x), [self.d_inner, self.conv_dim, H], dim=-1)
         if mask is not None:
             xBC = xBC * mask[..., None]

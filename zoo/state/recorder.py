@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.cache import RecurrentLayer, output_cache
+from zoo.layers import last_columns
 from zoo.state.mitigation import format_spec, head_view, no_zoo_mixer, recurrent_mixers
 
 STATE_STATS = ("state_mean", "state_var", "state_rms", "state_norm")
@@ -100,7 +101,7 @@ class StateRecorder:
         step of a pad is no step), as zoo.layers.step_pad_rows treats it."""
         layer, kind = mixer.layer_idx, self.kinds[mixer.layer_idx]
         length = (delta if delta is not None else log_decay).shape[1]
-        w = None if mask is None else (mask[:, -length:] != 0).to(torch.float32)  # (b, T)
+        w = None if mask is None else (last_columns(mask, length) != 0).to(torch.float32)  # (b, T)
         if w is not None and bool(w.all()):
             w = None
 
