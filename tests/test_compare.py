@@ -17,6 +17,7 @@ from zoo.compare import (
     _recall_labels,
     account,
     causal_keys_mean,
+    chunk_padding,
     load_compare_config,
     main,
     match_budget,
@@ -126,8 +127,9 @@ def test_flops_hand_computed():
                    mixers={"M": {"type": "mamba2", "d_state": 8, "head_dim": 16, "chunk_size": 8}})
     weights = 32 * (128 + 16 + 4) + (64 + 16) * 4 + 64 * 32 + 50 * 32
     rows = account(m2, [16, 4])["per_length"]
-    assert rows[0]["flops_per_token"] == 2 * weights + 2 * 8 * (8 + 64) + 4 * 4 * 16 * 8  # chunk 8
-    assert rows[1]["flops_per_token"] == 2 * weights + 2 * 4 * (8 + 64) + 4 * 4 * 16 * 8  # chunk = L = 4
+    # the chunk's C·Bᵀ and scores · x are causal as attention's: (Q+1)/2 of its tokens per token
+    assert rows[0]["flops_per_token"] == 2 * weights + 2 * (9 / 2) * (8 + 64) + 4 * 4 * 16 * 8  # chunk 8
+    assert rows[1]["flops_per_token"] == 2 * weights + 2 * (5 / 2) * (8 + 64) + 4 * 4 * 16 * 8  # chunk = L = 4
     assert rows[0]["decode_flops_per_token"] == 2 * weights + 4 * 4 * 16 * 8
 
     # GLA: d=32, 2 heads, keys 16 (8 per head), values 32 (16 per head), gate rank 4, chunk 8; V=50.
@@ -135,7 +137,7 @@ def test_flops_hand_computed():
                     mixers={"G": {"type": "gla", "n_heads": 2, "gate_low_rank_dim": 4, "chunk_size": 8}})
     weights = 2 * 32 * 16 + 2 * 32 * 32 + 32 * 4 + 4 * 16 + 32 * 32 + 50 * 32
     row = account(gla, [16])["per_length"][0]
-    assert row["flops_per_token"] == 2 * weights + 2 * 8 * 2 * (8 + 16) + 4 * 2 * 8 * 16
+    assert row["flops_per_token"] == 2 * weights + 2 * (9 / 2) * 2 * (8 + 16) + 4 * 2 * 8 * 16
     assert row["state_floats"] == 2 * 8 * 16
 
     # MoE: the router and top_k of n_experts experts per token.
@@ -169,9 +171,10 @@ FLOP_COUNTER_MODELS = {
 def test_flops_match_torch_flop_counter_on_the_references(name, monkeypatch):
     """torch's FlopCounterMode counts the matmuls the reference forward runs. It agrees with the accounting exactly,
     less what the references compute otherwise: the causal conv is elementwise (2 per conv weight unseen), attention_ref
-    scores every query against every key before masking (4·L·H·Dh, not 4·L_avg·H·Dh), and Mamba-1's reference scan is
-    elementwise but for y = C·h (2·d_inner·N of its 9·d_inner·N). The chunked scans pad the last chunk: at L = 13 with
-    chunks of 8 they compute 16 tokens, which the accounting counted as 13."""
+    scores every query against every key before masking (4·L·H·Dh, not 4·L_avg·H·Dh), the chunked scans' references
+    likewise every chunk token against every other (2·Q, not Q+1, per token of each quadratic term), and Mamba-1's
+    reference scan is elementwise but for y = C·h (2·d_inner·N of its 9·d_inner·N). The chunked scans pad the last
+    chunk: at L = 13 with chunks of 8 they compute 16 tokens, which the accounting counted as 13."""
     from torch.utils.flop_counter import FlopCounterMode
     from zoo_kernels.attention.ref import attention_ref
 
@@ -190,6 +193,11 @@ def test_flops_match_torch_flop_counter_on_the_references(name, monkeypatch):
                 unseen -= 4 * (L - causal_keys_mean(L, m.window)) * m.n_heads * m.head_dim
             elif config.layer_specs()[m.layer_idx]["type"] == "mamba":
                 unseen += 7 * m.d_inner * m.d_state
+            elif config.layer_specs()[m.layer_idx]["type"] == "mamba2":
+                masked = m.n_groups * m.d_state + m.n_heads * m.head_dim  # per masked pair: C·Bᵀ, scores · x
+                unseen -= chunk_padding(L, m.chunk_size) * (m.chunk_size - 1) * masked
+            elif config.layer_specs()[m.layer_idx]["type"] == "gla":
+                unseen -= chunk_padding(L, m.chunk_size) * (m.chunk_size - 1) * m.n_heads * (m.head_k + m.head_v)
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             model(input_ids=torch.randint(0, config.vocab_size, (1, L)))

@@ -272,6 +272,18 @@ def test_a_split_of_a_one_split_source_is_refused_by_name(tok, letter_docs, sour
         TextStream(DataConfig(source=source, split="test"), tok)
 
 
+def test_an_eval_split_equal_to_the_training_split_is_refused(tok):
+    # a hub dataset read with eval_split == split evaluated on the training documents (no holdout is taken when an
+    # eval_split is given), silently reporting training loss as held-out loss
+    for source in ("someone/corpus", "stdlib"):
+        cfg = DataConfig(source=source, split="train", eval_split="train")
+        with pytest.raises(ValueError, match=r"^data\.eval_split: 'train' is data\.split too.*data\.holdout"):
+            TextStream(cfg, tok, "eval")
+    with pytest.raises(ValueError, match=r"^pretrain\.data\.eval_split: 'valid' is pretrain\.data\.split too"):
+        DataConfig(source="someone/corpus", split="valid", eval_split="valid").validate("pretrain.data")
+    DataConfig(source="someone/corpus", split="train", eval_split="validation").validate()
+
+
 def test_a_jsonl_document_that_is_not_utf8_reads_with_replacement_characters(tok, tmp_path):
     # pyarrow's json reader keeps invalid UTF-8 in the text column, and reading that one document raised a bare
     # UnicodeDecodeError when the stream reached it (mid-run), naming neither the file nor the document

@@ -49,11 +49,14 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
 - attention: 2·2·L_avg·H·Dh per layer (QKᵀ and PV), L_avg = (1/L)·Σ_{t=1..L} min(t, window) the mean
   number of keys a query sees: (L+1)/2 for full causal attention.
 - Mamba-1 selective scan: 9·d_inner·N per layer (REFERENCE.md: ~9·B·L·D·N).
-- Mamba-2 SSD, chunk Q = min(chunk_size, L), H heads of P channels, G groups of B/C of N states, counted as
-  the chunked kernels compute them (dense Q x Q blocks): 2·Q·G·N (C·Bᵀ in the chunk) + 2·Q·H·P (scores · x)
-  + 2·H·P·N (chunk states) + 2·H·P·N (inter-chunk output C·h) per token.
-- GLA chunk form, chunk C = min(chunk_size, L), H heads of key width K and value width V: 2·C·H·K (intra-chunk
-  scores) + 2·C·H·V (scores · v) + 2·H·K·V (q·S) + 2·H·K·V (state update kᵀv) per token.
+- Mamba-2 SSD, chunk Q = min(chunk_size, L), H heads of P channels, G groups of B/C of N states:
+  2·Q_avg·G·N (C·Bᵀ in the chunk) + 2·Q_avg·H·P (scores · x) + 2·H·P·N (chunk states) + 2·H·P·N (inter-chunk
+  output C·h) per token, Q_avg = (Q+1)/2 the mean number of the chunk's tokens a token sees.
+- GLA chunk form, chunk C = min(chunk_size, L), H heads of key width K and value width V: 2·C_avg·H·K
+  (intra-chunk scores) + 2·C_avg·H·V (scores · v) + 2·H·K·V (q·S) + 2·H·K·V (state update kᵀv) per token,
+  C_avg = (C+1)/2.
+- the chunks' quadratic terms are causal as attention's: the pairs above the diagonal are masked, not counted
+  (the GPU kernels skip those blocks, as flash attention does; the references compute the dense blocks and mask).
 - both chunk forms per token of the padded length ⌈L/Q⌉·Q: the last chunk is computed in full (padded), so these
   terms are scaled by ⌈L/Q⌉·Q / L where Q does not divide L. Below one chunk (L < chunk_size) the GPU kernels
   compute more than Q = L (the Triton SSD a whole chunk, fla a chunk of its own choice), and GLA's reference
@@ -173,7 +176,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
         params += (in_width + d) if kw["bias"] else 0
         params += conv_dim if kw["conv_bias"] else 0
         Q = kw["chunk_size"]
-        return (params, weights, lambda L: chunk_padding(L, Q) * (2.0 * min(Q, L) * (G * N + H * P) + 4.0 * H * P * N),
+        return (params, weights, lambda L: chunk_padding(L, Q) * ((min(Q, L) + 1) * (G * N + H * P) + 4.0 * H * P * N),
                 lambda L: 4.0 * H * P * N)
     if kind == "attention":
         H = kw["n_heads"] or max(1, d // 64)
@@ -190,7 +193,7 @@ def _mixer_cost(kind: str, d: int, spec: dict) -> tuple[int, float, Callable[[in
         weights = 2 * d * Kd + 2 * d * Vd + d * r + r * Kd + Vd * d  # q, k, v, g, gk (low rank), o
         params = weights + Kd + hv  # gk bias, output norm
         C = kw["chunk_size"]
-        return (params, weights, lambda L: chunk_padding(L, C) * (2.0 * min(C, L) * H * (hk + hv) + 4.0 * H * hk * hv),
+        return (params, weights, lambda L: chunk_padding(L, C) * ((min(C, L) + 1) * H * (hk + hv) + 4.0 * H * hk * hv),
                 lambda L: 4.0 * H * hk * hv)
     raise KeyError(kind)
 
@@ -350,6 +353,9 @@ def training_flops_per_token(config, seq_len: int, chunk_len: int | None = None)
 
 def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4) -> dict[str, Any]:
     """Parameters, FLOPs per token and cache memory per sequence of a model config at each length.
+
+    FLOPs by the module doc's formulas, causal throughout: attention's and the chunked scans' (Mamba-2, GLA)
+    quadratic terms count the pairs on and below the diagonal only, (n+1)/2 per token for n keys or chunk tokens.
 
     Args:
         config: a ZooConfig, or a transformers config (Llama-like attention or Mamba).

@@ -203,9 +203,9 @@ class DataConfig:
     config_name: the hub dataset's configuration. revision: the hub dataset's branch, tag or commit sha to read (None:
     its default branch, as it stands when the run opens it; a commit sha pins the data across a stop and a resume).
     split / eval_split: dataset splits for training and
-    evaluation (of a hub dataset or local folder; the built-in corpus and local files are one split, refused
-    otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a stable
-    hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
+    evaluation, two different ones (of a hub dataset or local folder; the built-in corpus and local files are one
+    split, refused otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a
+    stable hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
     (local files are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
     padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
     streamed sources; a shuffled stream resumes by re-reading the documents before its saved position, an
@@ -243,6 +243,10 @@ class DataConfig:
         if not (isinstance(self.shuffle_buffer, int) and self.shuffle_buffer >= 1):
             raise ValueError(f"{prefix}.shuffle_buffer: must be a positive integer, "
                              f"got {self.shuffle_buffer!r}")
+        if self.eval_split is not None and self.eval_split == self.split:
+            raise ValueError(f"{prefix}.eval_split: {self.eval_split!r} is {prefix}.split too, so the evaluation would "
+                             f"read the training documents; name another split, or unset eval_split to hold out "
+                             f"{prefix}.holdout of the training documents")
         if not self.text_field:
             raise ValueError(f"{prefix}.text_field: empty; name the dataset column that holds the text")
         if not (isinstance(self.seed, int) and self.seed >= 0):  # numpy and datasets refuse it mid-run, naming nothing
