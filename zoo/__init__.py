@@ -1,22 +1,23 @@
 """hybrid-zoo: a Hugging Face model zoo of interchangeable sequence mixers.
 
-`import zoo` registers ZooConfig ("zoo") with AutoConfig and the models with AutoModel and
-AutoModelForCausalLM, so `from_pretrained` needs no trust_remote_code.
+`import zoo` registers ZooConfig ("zoo") with AutoConfig and the models with AutoModel, AutoModelForCausalLM and
+AutoModelForSequenceClassification, so `from_pretrained` needs no trust_remote_code.
 """
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from zoo.cache import ZooCache
 from zoo.config import ZooConfig
-from zoo.modeling import ZooForCausalLM, ZooModel
+from zoo.modeling import ZooForCausalLM, ZooForSequenceClassification, ZooModel
 from zoo.registry import get_mixer, list_mixers, register_mixer
 
 AutoConfig.register("zoo", ZooConfig, exist_ok=True)
 AutoModel.register(ZooConfig, ZooModel, exist_ok=True)
 AutoModelForCausalLM.register(ZooConfig, ZooForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(ZooConfig, ZooForSequenceClassification, exist_ok=True)
 # transformers' Trainer shifts the labels of its label smoother (label_smoothing_factor) only for the causal LMs named
 # in this table, which `register` leaves alone; unshifted, the smoothed loss trained each position to copy its own token
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
@@ -45,4 +46,5 @@ _register_peft_default_targets()
 
 __version__ = "0.1.0"
 
-__all__ = ["ZooCache", "ZooConfig", "ZooForCausalLM", "ZooModel", "get_mixer", "list_mixers", "register_mixer"]
+__all__ = ["ZooCache", "ZooConfig", "ZooForCausalLM", "ZooForSequenceClassification", "ZooModel", "get_mixer",
+           "list_mixers", "register_mixer"]

@@ -1,4 +1,4 @@
-"""ZooModel and ZooForCausalLM: a Hugging Face causal LM whose layers are interchangeable mixers."""
+"""ZooModel, ZooForCausalLM, ZooForSequenceClassification: Hugging Face models of interchangeable mixers."""
 
 from __future__ import annotations
 
@@ -17,7 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_outputs import (
+    CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
+    MoeModelOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 from zoo_kernels.cross_entropy import cross_entropy
 
 from zoo.cache import KVCacheFull, RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
@@ -903,6 +908,69 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         model_kwargs[GENERATE_CACHE_KWARG] = cache
 
 
+class ZooForSequenceClassification(ZooPreTrainedModel):
+    """ZooModel with a `score` head (Linear d_model -> config.num_labels, no bias) read at each row's last token, as
+    transformers' LlamaForSequenceClassification: the rightmost token that is not config.pad_token_id (left or right
+    padding); without a pad_token_id only batches of one row. From inputs_embeds, the rightmost position the
+    attention_mask marks. A causal LM's checkpoint loads into it: the backbone's weights, a new `score`, no lm_head.
+
+    `loss` (labels given) follows config.problem_type as transformers' does: regression (MSE),
+    single_label_classification (cross-entropy over labels [B]) or multi_label_classification (BCE over float labels
+    [B, num_labels]); unset, it is inferred from num_labels and the labels' dtype. The MoE load-balancing loss is not
+    added (transformers' Mixtral and Jamba classifiers add none); the output has no cache unless use_cache=True."""
+
+    # an unused lm_head of a causal LM's checkpoint is expected here: no "weights not used" notice for it
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+    # the loss is a mean over this batch's rows: transformers' Trainer divides it for gradient accumulation only when
+    # the model does not take its num_items_in_batch (a forward with **kwargs is taken to)
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: ZooConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = ZooModel(config)
+        self.score = nn.Linear(config.d_model, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                **kwargs) -> SequenceClassifierOutputWithPast | tuple:
+        """logits [B, num_labels] of each row's last token; labels [B] (class ids, or floats for regression) or
+        [B, num_labels] (multi-label, floats). Other keywords (seq_idx, cache) go to ZooModel."""
+        _refuse_offloaded_mixers_once(self)
+        rows = input_ids if input_ids is not None else inputs_embeds
+        if rows is None:
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        batch, tokens = rows.shape[:2]
+        pad = self.config.pad_token_id
+        if pad is None and batch != 1:
+            raise ValueError(f"config.pad_token_id is None, so the last token of each of the {batch} rows cannot be "
+                             f"told from padding; set it (from_pretrained(..., pad_token_id=tokenizer.pad_token_id), "
+                             f"or model.config.pad_token_id = ...) or pass one row at a time")
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                         use_cache=bool(use_cache), output_hidden_states=output_hidden_states, return_dict=True,
+                         **kwargs, **{_SKIP_AUX_LOSS: True})
+        h = out.last_hidden_state
+        positions = torch.arange(tokens, device=h.device)
+        if pad is not None and input_ids is not None:  # the rightmost non-pad token: left and right padding alike
+            last = (positions * (input_ids.to(h.device) != pad)).argmax(-1)
+        elif pad is not None and attention_mask is not None:
+            last = (positions * last_columns(attention_mask, tokens).to(h.device).bool()).argmax(-1)
+        else:
+            if pad is not None:
+                warnings.warn("ZooForSequenceClassification: inputs_embeds without an attention_mask, so padding "
+                              "cannot be found: each row is read at its last position", stacklevel=2)
+            last = torch.full((batch,), tokens - 1, device=h.device)
+        logits = self.score(h[torch.arange(batch, device=h.device), last])  # pooled first: one row each to score
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        result = SequenceClassifierOutputWithPast(loss=loss, logits=logits, **{_OUTPUT_CACHE: output_cache(out)},
+                                                  hidden_states=out.hidden_states)
+        return result if _return_dict(self.config, return_dict) else result.to_tuple()
+
+
 def _refuse_offloaded_mixers(model: nn.Module, where: str = "from_pretrained") -> None:
     """Raise when a device_map leaves a mixer that is not `offloadable` (Mamba, Mamba-2) to accelerate's offload
     hooks: on "disk", or on "cpu" while the model runs on an accelerator. Its forward would meet meta or host
@@ -933,4 +1001,5 @@ def _refuse_offloaded_mixers_once(model: nn.Module) -> None:
         model._checked_device_map = device_map
 
 
-__all__ = ["ZooModel", "ZooForCausalLM", "ZooPreTrainedModel", "ZooModelOutput", "ZooCausalLMOutput"]
+__all__ = ["ZooModel", "ZooForCausalLM", "ZooForSequenceClassification", "ZooPreTrainedModel", "ZooModelOutput",
+           "ZooCausalLMOutput"]
