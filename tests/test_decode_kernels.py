@@ -229,6 +229,8 @@ def _interpreter_main() -> None:
         o = decode_attention(q, keys, values, torch.tensor([150]), None, splits=3, grouped=grouped, start=start_view)
         assert rel_err(o, reference(q, keys, values, 150, None, start=start)) < 1e-5, ("strided start", grouped)
     print("interpreter: decode attention of left-padded rows matches the reference")
+    _check_ring_decode_attention()
+    print("interpreter: decode attention over a sliding-window ring matches the reference")
     for group, D, window in ((1, 64, None), (3, 64, None), (4, 64, 37), (3, 24, 37)):  # 24: below its block
         _check_decode_attention("cpu", torch.float32, group, D, window, True, S=208, lengths=(150, 1),
                                 splits_list=(None, 3, 16), launches=((None, None, None), (32, 2, 1)))
@@ -508,6 +510,32 @@ def test_decode_attention_kernels_match_reference_across_launches(dtype, group, 
     stages = 1 if dtype == torch.float32 else 3
     _check_decode_attention("cuda", dtype, group, D, window, grouped,
                             launches=((None, None, None), (32, 2, 1), (128, 8, stages)))
+
+
+def _check_ring_decode_attention() -> None:
+    """A static layer of window 5 and capacity 200 is a ring of 10 slots (zoo.cache.StaticKVLayer): read by the
+    kernel through its kernel_view, each step sees the last 5 tokens (from each row's first token on), as the
+    reference over every token in position order does, before and after the ring wraps."""
+    from zoo_kernels.attention.decode import decode_attention, reference
+
+    from zoo.cache import StaticKVLayer
+
+    gen = torch.Generator().manual_seed(9)
+    B, Hkv, D, W, seen, total = 2, 2, 32, 5, 3, 24
+    for start in (None, torch.tensor([0, 2])):
+        layer = StaticKVLayer(B, 200, Hkv, D, dtype=torch.float32, device="cpu", window=W)
+        assert layer.ring == W and layer.keys.shape[1] == 16
+        keys, values = (torch.randn(B, total, Hkv, D, generator=gen) for _ in range(2))
+        layer.load(keys[:, :seen].transpose(1, 2), values[:, :seen].transpose(1, 2), seen)
+        layer.start = start
+        for t in range(seen, total):
+            q = torch.randn(B, 1, 2 * Hkv, D, generator=gen)
+            layer.write(keys[:, t:t + 1], values[:, t:t + 1])
+            length, first = layer.kernel_view()
+            want = reference(q, keys, values, t + 1, W, start=start)
+            for grouped in (True, False):
+                o = decode_attention(q, layer.keys, layer.values, length, W, splits=2, grouped=grouped, start=first)
+                assert rel_err(o, want) < 1e-5, ("ring", start, t, grouped, rel_err(o, want))
 
 
 def _check_rope(device, dtype):

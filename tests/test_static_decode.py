@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import zoo.layers
 from zoo import ZooCache, ZooConfig
 from zoo.cache import KVCacheFull, StaticKVLayer
-from zoo.decode import EagerDecoder, GraphDecoder, StaticDecoder, graphable, prefill
+from zoo.decode import DecodeState, EagerDecoder, GraphDecoder, StaticDecoder, graphable, prefill
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "models"
 # transformerpp-tiny and jamba-tiny have GQA (4 query heads, 2 kv heads); "window" is transformerpp-tiny with a
@@ -82,16 +82,52 @@ def test_static_steps_equal_eager(case):
     assert cache.room() == 2
 
 
-def test_static_layer_keeps_prompt_keys():
+@pytest.mark.parametrize("max_len", [11, 40], ids=["slots", "ring"])
+def test_static_layer_keeps_prompt_keys(max_len):
+    """A windowed layer's prompt keys at their positions' slots, or (window 6 < max_len / 2) in a ring of 12 slots:
+    position t at slots t % 6 and t % 6 + 6."""
     model = tiny("window")
     state = prefill(model, torch.randint(0, 512, (2, 10)))
     dynamic = state.cache.layers[0]
     keys = dynamic.keys.transpose(1, 2).clone()  # (B, 5 = window - 1, Hkv, D)
-    state.cache.to_static(16)
+    state.cache.to_static(max_len)
     layer = state.cache.layers[0]
-    assert layer.window == 6 and layer.keys.shape[1] % 16 == 0 and layer.keys.shape[1] >= 17
-    assert torch.equal(layer.keys[:, 5:10], keys)
+    assert layer.window == 6 and layer.keys.shape[1] == 16  # max_len 40 without the ring: 48 slots
+    if max_len == 11:
+        assert torch.equal(layer.keys[:, 5:10], keys)
+    else:
+        assert torch.equal(layer.keys[:, [5, 0, 1, 2, 3]], keys) and torch.equal(layer.keys[:, [11, 6, 7, 8, 9]], keys)
     assert int(layer.length) == 10 and layer.seen == 10
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_a_windowed_static_layer_is_a_ring_of_twice_the_window(padded):
+    """A 6-token sliding-window layer made static for 19 + 40 tokens holds 16 slots (a ring of 2 x 6, rounded up),
+    as transformers' static sliding layers cap theirs at the window; it held 64 (the capacity). Each row's greedy
+    tokens equal those of the row alone decoded with the dynamic cache, and the step logits those of one forward
+    over the whole row (the window mask), with left padding too (pads reaching into the window)."""
+    model = tiny("window")
+    n, width = 40, 19
+    gen = torch.Generator().manual_seed(5)
+    rows = [torch.randint(1, 512, (k,), generator=gen) for k in ((19, 3, 11) if padded else (19, 19, 19))]
+    pads = torch.tensor([width - r.shape[0] for r in rows])
+    ids = torch.stack([torch.cat([torch.zeros(int(p), dtype=torch.long), r]) for p, r in zip(pads, rows)])
+    mask = (torch.arange(width)[None] >= pads[:, None]).long()
+    logits, handle = record_logits(model)
+    with torch.no_grad():
+        cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+        first = logits[-1][:, -1:].argmax(-1)
+        cache.to_static(width + n, pads=pads if padded else None)
+        assert [layer.keys.shape[1] for layer in cache.static_layers()] == [16, 16]
+        logits.clear()
+        got = StaticDecoder(model, DecodeState(cache, first, "past_key_values")).decode(n)
+        got_logits = torch.cat(logits, dim=1)  # (B, n, V)
+        handle.remove()
+        for b, row in enumerate(rows):
+            ref = EagerDecoder(model, prefill(model, row[None])).decode(n)
+            assert torch.equal(got[b], ref[0]), b
+            full = model(torch.cat([row, first[b], got[b, :-1]])[None]).logits[:, -n:]
+            assert_close(f"row {b} step logits", got_logits[b:b + 1], full, 1e-5)
 
 
 def left_padded_static(model, rows: list[torch.Tensor]) -> tuple[ZooCache, torch.Tensor]:

@@ -7,7 +7,8 @@ between training chunks stays connected to the autograd graph (truncated BPTT).
 
 For CUDA-graph decoding (zoo.decode.GraphDecoder) a prefilled cache is made static with `ZooCache.to_static`:
 each attention layer becomes a `StaticKVLayer` (preallocated key/value buffers at fixed addresses and a
-device-side length that the decode step advances), recurrent layers stay as they are.
+device-side length that the decode step advances; a ring of twice the window for a sliding-window layer),
+recurrent layers stay as they are.
 """
 
 from __future__ import annotations
@@ -161,6 +162,10 @@ class StaticKVLayer(CacheLayerMixin):
     token's key/value goes to its slot `length` (for the later steps) and to the last slot, and the step
     attends to slots `< length` plus the last one (`append`). slots is capacity + 1 rounded up to a multiple of
     16 (the memory-efficient SDPA kernel's mask alignment); the extra slots are never visible.
+    With a window w below half the capacity the layer is a ring (`ring` = w) of 2w slots, as transformers'
+    static sliding layers cap theirs at the window: position t goes to slots t % w and t % w + w, so a step's
+    last w tokens lie in consecutive slots (those before the current token's second copy, `slot_of`), which the
+    mask and the decode kernel's [length - w, length) read; the cache then no longer grows with max_len.
 
     length: int64 [1] on the device, the tokens stored; written only by device ops, so a captured step reads
     the current value on every replay. seen: the same count on the host, for capacity checks outside a graph
@@ -178,7 +183,8 @@ class StaticKVLayer(CacheLayerMixin):
         if capacity < 1:
             raise ValueError(f"StaticKVLayer: capacity must be >= 1 token, got {capacity}")
         self.capacity, self.window = capacity, window
-        slots = -(-(capacity + 1) // 16) * 16
+        self.ring = window if window is not None and 2 * window < capacity else None
+        slots = -(-((capacity if self.ring is None else 2 * self.ring) + 1) // 16) * 16
         self.keys = torch.zeros(batch_size, slots, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         self.length = torch.zeros(1, dtype=torch.long, device=device)
@@ -186,6 +192,7 @@ class StaticKVLayer(CacheLayerMixin):
         self.start: torch.Tensor | None = None
         self._slot = torch.arange(slots, device=device)
         self._current = self._slot == slots - 1
+        self._copies = torch.tensor([0] if self.ring is None else [0, self.ring], device=device)
         self.dtype, self.device, self.is_initialized = dtype, self.keys.device, True
 
     @classmethod
@@ -202,14 +209,40 @@ class StaticKVLayer(CacheLayerMixin):
         if kept > seen or (window is None and kept != seen):
             raise ValueError(f"to_static: the layer holds {kept} keys but the cache has seen {seen} tokens")
         out = cls(batch, capacity, heads, dim, dtype=layer.keys.dtype, device=layer.keys.device, window=window)
-        if kept:
-            out.keys[:, seen - kept:seen].copy_(layer.keys.transpose(1, 2))
-            out.values[:, seen - kept:seen].copy_(layer.values.transpose(1, 2))
-        out.length.fill_(seen)
-        out.seen = seen
+        out.load(layer.keys, layer.values, seen)
         if pads is not None:
             out.start = pads.to(device=out.device, dtype=torch.long).clone()
         return out
+
+    def slot_of(self, position: torch.Tensor) -> torch.Tensor:
+        """The slot holding the token at `position` (a device tensor) for the step at that position: the position
+        itself, or in a ring its second copy, below which lie the copies of the window's earlier tokens."""
+        return position if self.ring is None else position % self.ring + self.ring
+
+    def load(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Hold the keys/values [B, Hkv, kept, D] of the last kept of `seen` tokens (a prefilled dynamic layer's);
+        a ring takes only the last `window` of them (no step sees older ones)."""
+        kept = keys.shape[2]
+        if self.ring is not None:
+            kept = min(kept, self.ring)
+            keys, values = keys[:, :, keys.shape[2] - kept:], values[:, :, values.shape[2] - kept:]
+        positions = torch.arange(seen - kept, seen, device=self.device)
+        slots = (self.slot_of(positions)[None] - self._copies[:, None]).flatten()  # (copies * kept,)
+        for buf, new in ((self.keys, keys), (self.values, values)):
+            new = new.transpose(1, 2).to(buf.dtype)
+            buf.index_copy_(1, slots, new.repeat(1, len(self._copies), 1, 1))
+        self.length.fill_(seen)
+        self.seen = seen
+
+    def kernel_view(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(length, start) for zoo_kernels.attention.decode after `write`: the slots to read are [length - window,
+        length) without those below start[b]. A ring's length is the current token's slot + 1 and its start hides
+        the slots of positions before row b's first token (or before 0). Device ops only."""
+        if self.ring is None:
+            return self.length, self.start
+        length = self.slot_of(self.length - 1) + 1
+        first = self.start if self.start is not None else torch.zeros_like(self.length)
+        return length, (first - (self.length - length)).expand(self.keys.shape[0]).contiguous()
 
     def check_room(self, n_tokens: int = 1) -> None:
         """Raise KVCacheFull unless n_tokens more tokens fit (host-side: reads `seen`, no device sync)."""
@@ -229,13 +262,18 @@ class StaticKVLayer(CacheLayerMixin):
         if key.shape[1] != 1:
             raise ValueError(f"StaticKVLayer takes one token per step (decode), got {key.shape[1]}; prefill with "
                              f"the default dynamic cache, then convert it (ZooCache.to_static)")
+        if self.ring is not None and window != self.ring:
+            raise ValueError(f"StaticKVLayer: this ring holds a window of {self.ring} tokens, asked for {window}")
         self.check_room(1)
-        index = self.length
-        visible = self._slot < index  # computed before `write` advances the length (stream order)
+        current = self.slot_of(self.length)  # computed before `write` advances the length (stream order)
+        offset = self.length - current  # the position of slot s is s + offset
+        visible = self._slot < current
         if window is not None:
-            visible = visible & (self._slot > index - window)
+            visible = visible & (self._slot > current - window)
         if self.start is not None:
-            visible = visible & (self._slot >= self.start[:, None])  # [B, slots]
+            visible = visible & (self._slot >= (self.start - offset)[:, None])  # [B, slots]
+        elif self.ring is not None:
+            visible = visible & (self._slot >= -offset)  # no slot of a position below 0 (not yet written)
         visible = (visible | self._current).expand(key.shape[0], -1)
         for buf, new in ((self.keys, key), (self.values, value)):
             buf[:, -1:].copy_(new.to(buf.dtype))
@@ -243,14 +281,15 @@ class StaticKVLayer(CacheLayerMixin):
         return self.keys, self.values, visible
 
     def write(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Store one step's key/value [B, 1, Hkv, D] at slot `length` and advance `length` (device ops only): the
-        decode-attention kernel (zoo_kernels.attention.decode) then reads slots [0, length) itself, so neither
-        the last-slot copy nor the mask of `append` is needed."""
+        """Store one step's key/value [B, 1, Hkv, D] at slot `length` (a ring: its two slots) and advance `length`
+        (device ops only): the decode-attention kernel (zoo_kernels.attention.decode) then reads the slots of
+        `kernel_view` itself, so neither the last-slot copy nor the mask of `append` is needed."""
         if key.shape[1] != 1:
             raise ValueError(f"StaticKVLayer takes one token per step (decode), got {key.shape[1]}")
         self.check_room(1)
+        slots = self.slot_of(self.length) - self._copies  # (copies,)
         for buf, new in ((self.keys, key), (self.values, value)):
-            buf.index_copy_(1, self.length, new.to(buf.dtype))
+            buf.index_copy_(1, slots, new.to(buf.dtype).expand(-1, len(slots), -1, -1))
         self.length.add_(1)
         self.seen += 1
 

@@ -339,16 +339,13 @@ class StaticDecoder(EagerDecoder):
                 if new.keys.shape[1:2] + new.keys.shape[3:] != mine.keys.shape[2:]:
                     raise ValueError(f"reload: layer {i}'s keys {tuple(new.keys.shape)} do not fit this decoder's "
                                      f"static layer (another model's cache)")
-                kv.append((mine, new, kept))
+                kv.append((mine, new))
             elif not (mine is None and new is None):
                 raise ValueError(f"reload: layer {i} of the prefilled cache does not match this decoder's")
         for dst, src in copies:
             dst.copy_(src)
-        for mine, new, kept in kv:
-            mine.keys[:, seen - kept:seen].copy_(new.keys.transpose(1, 2))
-            mine.values[:, seen - kept:seen].copy_(new.values.transpose(1, 2))
-            mine.length.fill_(seen)
-            mine.seen = seen
+        for mine, new in kv:
+            mine.load(new.keys, new.values, seen)
             if pads is not None:
                 mine.start.copy_(pads)
         own.seen_tokens = seen
