@@ -798,6 +798,41 @@ def test_eval_length_resumes_an_interrupted_run(checkpoint, tmp_path, monkeypatc
     assert (tmp_path / "out" / "b.csv").read_text() == (tmp_path / "whole" / "b.csv").read_text()
 
 
+def test_eval_length_interrupted_before_length_json_keeps_the_finished_curve(checkpoint, tmp_path, monkeypatch,
+                                                                             capsys):
+    """zoo eval length removed a model's partial file as its last document finished, before its CSV and length.json
+    were written: an interruption in between lost the whole run. The partial file is kept, complete, until length.json
+    holds the curve, so the rerun writes the curve without a forward."""
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens", str(tmp_path / "docs.pt"),
+            "--chunk-size", "16", "--device", "cpu"]
+    whole = length.main([*argv, "--out", str(tmp_path / "whole")])
+    real = length.write_rows
+
+    def interrupted(rows, path):  # b's documents are done; Ctrl-C before its outputs are written
+        if Path(path).name == "b.csv":
+            raise KeyboardInterrupt
+        return real(rows, path)
+
+    monkeypatch.setattr(length, "write_rows", interrupted)
+    calls, _ = interrupt_after(monkeypatch, length, None)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        length.main([*argv, "--out", str(out)])
+    assert calls == [1] * 6 and sorted(p.name for p in out.glob("*.partial.pt*")) == ["b.partial.pt"]
+    monkeypatch.setattr(length, "write_rows", real)
+    capsys.readouterr()
+    calls[:] = []
+    resumed = length.main([*argv, "--out", str(out)])
+    assert calls == [] and f"b: every document is done in {out / 'b.partial.pt'}" in capsys.readouterr().out
+    assert resumed == whole and not list(out.glob("*.partial.pt*"))
+    assert (out / "b.csv").read_text() == (tmp_path / "whole" / "b.csv").read_text()
+    saved, expected = torch.load(out / "b-per-position.pt"), torch.load(tmp_path / "whole" / "b-per-position.pt")
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     """zoo eval state saved its run only at the end: an interrupt after hours of a 1M-token run left nothing. The
     statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
