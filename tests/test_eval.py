@@ -893,6 +893,36 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     assert not list(out.glob("*.partial.pt*"))
 
 
+def test_eval_state_interrupted_before_state_json_keeps_the_finished_run(tmp_path, monkeypatch, capsys):
+    """zoo eval state removed its run's partial file as the last chunk finished, before state.json was written: an
+    interruption in between lost the whole run. It is kept, complete, until state.json holds the run, so the rerun
+    writes state.json without a forward."""
+    from zoo.eval import state
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9"]
+    state.main([*argv, "--out", str(tmp_path / "whole")])
+    real = state.summary_rows
+
+    def interrupted(result, *args):  # every chunk is done; Ctrl-C before state.json is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state, "summary_rows", interrupted)
+    calls, _ = interrupt_forwards_after(monkeypatch, None)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    assert len(calls) == 6 and not (out / "state.json").exists()
+    monkeypatch.setattr(state, "summary_rows", real)
+    calls[:] = []
+    state.main([*argv, "--out", str(out)])
+    assert calls == [] and f"the run: every chunk is done in {out / 'state.partial.pt'}" in capsys.readouterr().out
+    assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+    assert not list(out.glob("*.partial.pt*"))
+
+
 def test_log_bins_cover_positions():
     for max_position in (1, 2, 39, 1000, 2**20):
         bins = log_bins(max_position, 4)
