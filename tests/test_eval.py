@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import interrupt_after
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zoo.data.synthetic import make_batch
@@ -707,23 +708,6 @@ def interrupt_forwards_after(monkeypatch, forwards: int) -> tuple[list, list]:
         return real(out)
 
     monkeypatch.setattr(recorder, "output_cache", step)
-    return calls, stop
-
-
-def interrupt_after(monkeypatch, module, batches: int) -> list:
-    """Makes ``module.per_position_loss`` raise KeyboardInterrupt on its call after ``batches`` calls (None: never);
-    returns the list of the rows of each call, for counting."""
-    real = module.per_position_loss
-    calls = []
-
-    def step(model, input_ids, *args, **kwargs):
-        if stop[0] is not None and len(calls) >= stop[0]:
-            raise KeyboardInterrupt
-        calls.append(input_ids.shape[0])
-        return real(model, input_ids, *args, **kwargs)
-
-    stop = [batches]
-    monkeypatch.setattr(module, "per_position_loss", step)
     return calls, stop
 
 
