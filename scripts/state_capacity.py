@@ -244,6 +244,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 
 def train_run(run: dict) -> Path:
     """Train one run (or reuse it when done.json records the same config); returns its model folder."""
+    from zoo.eval.common import write_text_atomically
     from zoo.train import latest_checkpoint, train
 
     cfg = run["config"]
@@ -255,8 +256,8 @@ def train_run(run: dict) -> Path:
     start = time.perf_counter()
     result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
     model_dir = result.checkpoint / "model"
-    done.write_text(json.dumps({"config": settings, "model": str(model_dir), "seconds": time.perf_counter() - start,
-                                "tokens": result.tokens}, indent=1))
+    write_text_atomically(json.dumps({"config": settings, "model": str(model_dir),
+                                      "seconds": time.perf_counter() - start, "tokens": result.tokens}, indent=1), done)
     return model_dir
 
 
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
-        from zoo.eval.common import remove_partial
+        from zoo.eval.common import remove_partial, write_text_atomically
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
@@ -424,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             evaluations[run["name"]] = evaluate_run(run, model_dir, documents_for(run), ev)
             settings[run["name"]] = wanted
-            out.mkdir(parents=True, exist_ok=True)
-            evaluations_file.write_text(json.dumps(evaluations, indent=1))
-            settings_file.write_text(json.dumps(settings, indent=1))
+            # (a truncated file, written in place, lost every run's curves, and the rerun stopped at reading it)
+            write_text_atomically(json.dumps(evaluations, indent=1), evaluations_file)
+            write_text_atomically(json.dumps(settings, indent=1), settings_file)
             for partial in evaluation_partials(run, ev).values():  # (kept until the curves are saved)
                 remove_partial(partial)
             curves = {spec: {"bins": e["bins"]} for spec, e in evaluations[run["name"]].items()}

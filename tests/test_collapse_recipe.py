@@ -297,3 +297,37 @@ def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
     capacity.main([*argv, f"--output_dir={out}"])
     assert "holds a partial run of other settings (model differ); starting over" in capsys.readouterr().out
     assert len(calls) == 6 and (out / "evaluations.json").read_text() == whole
+
+
+def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkeypatch):
+    """evaluations.json was written in place: an interruption mid-write left it truncated, every run's curves were
+    lost and the rerun stopped at reading it (JSONDecodeError). It is written beside and renamed over now."""
+    capacity = load_script("scripts/state_capacity.py")
+    bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").write_text(json.dumps({"model": str(out)}))
+        return out
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "evaluate_run", lambda run, *args: {"none": {"bins": bins}})
+    argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--eval.mitigations=[]"]
+    capacity.main([*argv, "--only", "default"])
+    before = json.loads((tmp_path / "evaluations.json").read_text())
+    real = Path.write_text
+
+    def interrupted(self, text, *args, **kwargs):  # half of evaluations.json reaches the disk, then Ctrl-C
+        if self.name.startswith("evaluations.json"):
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        capacity.main([*argv, "--only", "slow_decay"])
+    monkeypatch.setattr(Path, "write_text", real)
+    assert json.loads((tmp_path / "evaluations.json").read_text()) == before
+    capacity.main([*argv, "--only", "slow_decay"])
+    assert sorted(json.loads((tmp_path / "evaluations.json").read_text())) == ["default-L64", "slow_decay-L64"]

@@ -260,7 +260,12 @@ def write_json(obj, path: str | Path) -> Path:
             return [finite(v) for v in value]
         return value
 
-    text = json.dumps(finite(obj), indent=2, allow_nan=False) + "\n"
+    return write_text_atomically(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n", path)
+
+
+def write_text_atomically(text: str, path: str | Path) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` (its folder made), then rename it over ``path``: an
+    interruption leaves the old file or the new one, never a truncated one; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
