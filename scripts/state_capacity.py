@@ -21,7 +21,9 @@ the recurrent state in millions of floats (SSM states only, no conv buffers: n_h
 mamba2 layer, as the paper counts), compared with the paper's 5.172 · S − 4.469. Writes summary.md,
 summary.json, capacity.png (collapse map, fit and the paper's line) and one length-curve PNG per run.
 A rerun reuses a run's evaluation when evaluations-settings.json records the same model (done.json) and curve
-settings; curves saved under other settings are left out of the table, the fit and the collapse report.
+settings; curves saved under other settings are left out of the table, the fit and the collapse report. An evaluation
+saves its finished documents as it goes (``<run>/length-<spec>.partial.pt``, as ``zoo eval length`` does), so a rerun
+after an interruption resumes it at its next document.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import copy
 import difflib
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,6 +43,7 @@ import yaml
 
 K = 1024  # tokens per "K" (the paper's 8K, 16K, 64K training lengths are powers of two)
 PAPER_LINE = (5.172, -4.469)  # Stuffed Mamba v1 Fig. 12: L* (K tokens) = 5.172 · S (M floats) − 4.469
+SAVE_EVERY = 30.0  # seconds between saves of an evaluation's finished documents
 EVAL_DEFAULTS = {"max_len": 16384, "n_docs": 8, "chunk_size": 2048, "batch_size": 4, "bins_per_octave": 2,
                  "factor": 8, "margin": 0.1, "mitigations": [], "seed": 0, "start": "document"}
 
@@ -240,6 +244,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 
 def train_run(run: dict) -> Path:
     """Train one run (or reuse it when done.json records the same config); returns its model folder."""
+    from zoo.eval.common import write_text_atomically
     from zoo.train import latest_checkpoint, train
 
     cfg = run["config"]
@@ -251,13 +256,23 @@ def train_run(run: dict) -> Path:
     start = time.perf_counter()
     result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
     model_dir = result.checkpoint / "model"
-    done.write_text(json.dumps({"config": settings, "model": str(model_dir), "seconds": time.perf_counter() - start,
-                                "tokens": result.tokens}, indent=1))
+    write_text_atomically(json.dumps({"config": settings, "model": str(model_dir),
+                                      "seconds": time.perf_counter() - start, "tokens": result.tokens}, indent=1), done)
     return model_dir
 
 
+def evaluation_partials(run: dict, ev: dict) -> dict[str, Path]:
+    """Each curve of the run's evaluation (its mitigation spec, {L} filled in) and the file where its finished
+    documents are saved as it goes, in the run's folder."""
+    specs = [spec.replace("{L}", str(run["train_length"])) for spec in ["none", *ev["mitigations"]]]
+    folder = Path(run["config"].output_dir)
+    return {text: folder / f"length-{re.sub(r'[^0-9A-Za-z=._-]+', '_', text)}.partial.pt" for text in specs}
+
+
 def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: dict) -> dict:
-    """Length curves of the trained model without and with each mitigation, and their collapse verdicts."""
+    """Length curves of the trained model without and with each mitigation, and their collapse verdicts. Each curve's
+    finished documents are saved as it goes (``evaluation_partials``) and kept complete, so a rerun of the same model
+    and curve settings resumes an interrupted evaluation; the caller removes them once the curves are saved."""
     from zoo.eval.common import load_model
     from zoo.eval.length import evaluate_length
     from zoo.state import apply_mitigation, calibrate_norm_threshold
@@ -265,8 +280,8 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
     L = run["train_length"]
     model = load_model(str(model_dir))
     out = {}
-    for spec in ["none", *ev["mitigations"]]:
-        text = spec.replace("{L}", str(L))
+    stamp = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+    for text, partial in evaluation_partials(run, ev).items():
         factor = norm_calibration_factor(text)
         if factor is not None:  # state normalization with thresholds measured on the first L tokens
             apply_mitigation(model, None)
@@ -275,7 +290,9 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
             calibrate_norm_threshold(model, prefix, factor, chunk=min(64, L), chunk_size=ev["chunk_size"] or L)
         else:
             apply_mitigation(model, text)
-        res = evaluate_length(model, documents, ev["chunk_size"], ev["batch_size"], ev["bins_per_octave"])
+        res = evaluate_length(model, documents, ev["chunk_size"], ev["batch_size"], ev["bins_per_octave"],
+                              partial=partial, partial_key=stamp | {"mitigation": text}, save_every=SAVE_EVERY,
+                              label=f"{run['name']} [{text}]", keep_partial=True)
         out[text] = {"bins": res["bins"], **judge_collapse(res["bins"], L, ev["factor"], ev["margin"])}
     return out
 
@@ -384,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
+        from zoo.eval.common import remove_partial, write_text_atomically
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
@@ -402,12 +420,16 @@ def main(argv: list[str] | None = None) -> int:
             wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
             if run["name"] in evaluations and settings.get(run["name"]) == wanted:
                 print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
+                for partial in evaluation_partials(run, ev).values():  # (of a run interrupted before removing them)
+                    remove_partial(partial)
                 continue
             evaluations[run["name"]] = evaluate_run(run, model_dir, documents_for(run), ev)
             settings[run["name"]] = wanted
-            out.mkdir(parents=True, exist_ok=True)
-            evaluations_file.write_text(json.dumps(evaluations, indent=1))
-            settings_file.write_text(json.dumps(settings, indent=1))
+            # (a truncated file, written in place, lost every run's curves, and the rerun stopped at reading it)
+            write_text_atomically(json.dumps(evaluations, indent=1), evaluations_file)
+            write_text_atomically(json.dumps(settings, indent=1), settings_file)
+            for partial in evaluation_partials(run, ev).values():  # (kept until the curves are saved)
+                remove_partial(partial)
             curves = {spec: {"bins": e["bins"]} for spec, e in evaluations[run["name"]].items()}
             plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
     # re-judge from the saved curves (margin and factor may have been overridden)

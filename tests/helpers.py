@@ -50,6 +50,24 @@ def patch_triton_interpreter() -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def interrupt_after(monkeypatch, module, batches: int | None) -> tuple[list, list]:
+    """Makes ``module.per_position_loss`` (zoo.eval.length's, called once per batch of documents) raise
+    KeyboardInterrupt on its call after ``batches`` calls (stop[0]; None: never); returns (calls, stop): the rows of
+    each call, for counting, and the count to rearm."""
+    real = module.per_position_loss
+    calls = []
+
+    def step(model, input_ids, *args, **kwargs):
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(input_ids.shape[0])
+        return real(model, input_ids, *args, **kwargs)
+
+    stop = [batches]
+    monkeypatch.setattr(module, "per_position_loss", step)
+    return calls, stop
+
+
 def load_script(path: str):
     """The repository's script at `path` (e.g. "scripts/collapse.py") as a module, registered in sys.modules under
     its name (dataclasses resolve their annotations through it)."""

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_script
+from helpers import interrupt_after, load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,7 +219,7 @@ def test_sweep_rerun_keeps_evaluations_and_leaves_out_curves_of_other_settings(t
     assert evaluated == [("slow_decay-L64", 512)]
 
 
-def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatch):
+def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatch, tmp_path):
     """A norm-calibrated mitigation's thresholds are measured at the points where the evaluation's cap acts: its
     forwards are eval.chunk_size tokens, and calibrate_norm_threshold was called with its own default (1024), so with
     a chunk_size that is not a multiple of 64 the cap acted at points the calibration had not looked at."""
@@ -236,5 +236,98 @@ def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatc
     monkeypatch.setattr(capacity, "judge_collapse", lambda *a, **k: {})
     ev = {"mitigations": ["norm-calibrated:factor=1"], "chunk_size": 96, "batch_size": 1, "bins_per_octave": 2,
           "factor": 8, "margin": 0.1}
-    capacity.evaluate_run({"train_length": 64}, Path("unused"), [torch.arange(200)], ev)
+    run = {"train_length": 64, "name": "r", "config": capacity.expand_runs(capacity.load_sweep(
+        ROOT / "configs/train/collapse.yaml", [f"output_dir={tmp_path}"]))[0]["config"]}
+    capacity.evaluate_run(run, Path("unused"), [torch.arange(200)], ev)
     assert [k["chunk_size"] for k in seen] == [96]
+
+
+def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
+    """The sweep saved a run's curves only once every mitigation's evaluation was done: an interruption (after hours
+    of long documents) lost them all. Each curve's finished documents are saved as it goes, as zoo eval length's are,
+    and a rerun of the same model and settings resumes at the next document, to the curves of an uninterrupted run; a
+    retrained model starts over."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo.eval.length as length
+    from zoo.config import ZooConfig
+
+    capacity = load_script("scripts/state_capacity.py")
+    config = ROOT / "configs/train/collapse.yaml"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig(**capacity.load_sweep(config)["models"]["default"]))
+    model.save_pretrained(tmp_path / "model")
+
+    def train_run(run):  # a trained model, as train_run gives it
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "done.json").is_file():
+            (out / "done.json").write_text(json.dumps({"model": str(tmp_path / "model"), "seconds": 1.0}))
+        return tmp_path / "model"
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    monkeypatch.setattr(length, "plot_length_curves", lambda *args: None)
+    monkeypatch.setattr(capacity, "SAVE_EVERY", 0, raising=False)
+    argv = [str(config), "--only", "default", "--eval.n_docs=3", "--eval.max_len=96", "--eval.chunk_size=32",
+            "--eval.batch_size=1", "--eval.mitigations=['forget:c_alpha=0.9']", "--eval.start=document"]
+    capacity.main([*argv, f"--output_dir={tmp_path / 'whole'}"])
+    whole = (tmp_path / "whole" / "evaluations.json").read_text()
+    out = tmp_path / "out"
+    calls, stop = interrupt_after(monkeypatch, length, 3 + 1)  # the unmitigated curve's documents, one of the other's
+    with pytest.raises(KeyboardInterrupt):
+        capacity.main([*argv, f"--output_dir={out}"])
+    assert sorted(p.name for p in (out / "default-L64").glob("*.partial.pt*")) == [
+        "length-forget_c_alpha=0.9.partial.pt", "length-none.partial.pt"]
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    capacity.main([*argv, f"--output_dir={out}"])
+    printed = capsys.readouterr().out
+    assert "default-L64 [none]: every document is done" in printed
+    assert "resuming default-L64 [forget:c_alpha=0.9] from document 2 of 3" in printed and calls == [1, 1]
+    assert (out / "evaluations.json").read_text() == whole
+    assert not list((out / "default-L64").glob("*.partial.pt*"))
+
+    stop[0], calls[:] = 1, []
+    (out / "evaluations.json").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        capacity.main([*argv, f"--output_dir={out}"])
+    (out / "default-L64" / "done.json").write_text(json.dumps({"model": str(tmp_path / "model"), "seconds": 2.0}))
+    stop[0], calls[:] = None, []
+    capacity.main([*argv, f"--output_dir={out}"])
+    assert "holds a partial run of other settings (model differ); starting over" in capsys.readouterr().out
+    assert len(calls) == 6 and (out / "evaluations.json").read_text() == whole
+
+
+def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkeypatch):
+    """evaluations.json was written in place: an interruption mid-write left it truncated, every run's curves were
+    lost and the rerun stopped at reading it (JSONDecodeError). It is written beside and renamed over now."""
+    capacity = load_script("scripts/state_capacity.py")
+    bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").write_text(json.dumps({"model": str(out)}))
+        return out
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "evaluate_run", lambda run, *args: {"none": {"bins": bins}})
+    argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--eval.mitigations=[]"]
+    capacity.main([*argv, "--only", "default"])
+    before = json.loads((tmp_path / "evaluations.json").read_text())
+    real = Path.write_text
+
+    def interrupted(self, text, *args, **kwargs):  # half of evaluations.json reaches the disk, then Ctrl-C
+        if self.name.startswith("evaluations.json"):
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        capacity.main([*argv, "--only", "slow_decay"])
+    monkeypatch.setattr(Path, "write_text", real)
+    assert json.loads((tmp_path / "evaluations.json").read_text()) == before
+    capacity.main([*argv, "--only", "slow_decay"])
+    assert sorted(json.loads((tmp_path / "evaluations.json").read_text())) == ["default-L64", "slow_decay-L64"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import interrupt_after
 from transformers import AutoModelForCausalLM
 
 from zoo.compare import (
@@ -1098,3 +1099,47 @@ def test_budget_advice_names_budget_adjust_auto_only_where_auto_adjusts_a_width(
     with pytest.raises(ValueError, match="try budget.adjust: auto"):
         match_budget(patterned, 1.3e6, multiple_of=64, adjust="none")
     assert abs(match_budget(patterned, 1.3e6, multiple_of=64)[1]["error"]) <= 0.02  # as auto does
+
+
+def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_path, monkeypatch, capsys):
+    """The per-position loss on long documents was saved only with its eval phase: an interruption in it (hours of
+    1M-token documents) lost every finished document. Its finished documents are saved as it goes and kept until
+    result.json holds the phase, so a rerun resumes at the next document, to the curve of an uninterrupted run, and one
+    interrupted after the last document (before the phase was saved) runs no document again."""
+    import zoo.compare as compare
+    import zoo.eval.length as length
+
+    monkeypatch.setattr(compare, "SAVE_EVERY", 0, raising=False)
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position={n_docs: 3, max_len: 96, chunk_size: 32, batch_size: 1}", "--eval.mqar=null",
+            "--throughput=null", "--eval.passkey=null", "--only=mamba"]
+    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
+    whole = json.loads((tmp_path / "whole" / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    out = tmp_path / "out"
+    partial = out / "mamba" / "train-L128" / "per-position.partial.pt"
+    calls, stop = interrupt_after(monkeypatch, length, 2)
+    assert main([*argv, f"--output_dir={out}"]) == 130
+    assert partial.is_file()
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    assert main([*argv, f"--output_dir={out}"]) == 0
+    assert calls == [1] and "resuming mamba's per-position loss from document 3 of 3" in capsys.readouterr().out
+    result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    assert result["per_position"] == whole["per_position"] and not partial.exists()
+
+    real = compare.ModelRecord.put
+
+    def interrupted(self, phase, *args, **kwargs):  # every document is done; Ctrl-C before the phase is saved
+        if phase.startswith("eval/"):
+            raise KeyboardInterrupt
+        return real(self, phase, *args, **kwargs)
+
+    monkeypatch.setattr(compare.ModelRecord, "put", interrupted)
+    calls[:] = []
+    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 130  # (the eval phase is redone)
+    assert calls == [1, 1, 1] and partial.is_file()
+    monkeypatch.setattr(compare.ModelRecord, "put", real)
+    calls[:] = []
+    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
+    assert calls == [] and not partial.exists()

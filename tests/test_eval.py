@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import interrupt_after
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zoo.data.synthetic import make_batch
@@ -710,23 +711,6 @@ def interrupt_forwards_after(monkeypatch, forwards: int) -> tuple[list, list]:
     return calls, stop
 
 
-def interrupt_after(monkeypatch, module, batches: int) -> list:
-    """Makes ``module.per_position_loss`` raise KeyboardInterrupt on its call after ``batches`` calls (None: never);
-    returns the list of the rows of each call, for counting."""
-    real = module.per_position_loss
-    calls = []
-
-    def step(model, input_ids, *args, **kwargs):
-        if stop[0] is not None and len(calls) >= stop[0]:
-            raise KeyboardInterrupt
-        calls.append(input_ids.shape[0])
-        return real(model, input_ids, *args, **kwargs)
-
-    stop = [batches]
-    monkeypatch.setattr(module, "per_position_loss", step)
-    return calls, stop
-
-
 def test_evaluate_length_resumes_an_interrupted_run_at_its_next_document(tmp_path, monkeypatch, capsys):
     """An interrupted evaluate_length (Ctrl-C, a preempted job) lost every document it had finished: eight 1M-token
     documents are hours. The sums of the finished batches are saved as it goes (partial=), and a rerun of the same
@@ -798,6 +782,41 @@ def test_eval_length_resumes_an_interrupted_run(checkpoint, tmp_path, monkeypatc
     assert (tmp_path / "out" / "b.csv").read_text() == (tmp_path / "whole" / "b.csv").read_text()
 
 
+def test_eval_length_interrupted_before_length_json_keeps_the_finished_curve(checkpoint, tmp_path, monkeypatch,
+                                                                             capsys):
+    """zoo eval length removed a model's partial file as its last document finished, before its CSV and length.json
+    were written: an interruption in between lost the whole run. The partial file is kept, complete, until length.json
+    holds the curve, so the rerun writes the curve without a forward."""
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens", str(tmp_path / "docs.pt"),
+            "--chunk-size", "16", "--device", "cpu"]
+    whole = length.main([*argv, "--out", str(tmp_path / "whole")])
+    real = length.write_rows
+
+    def interrupted(rows, path):  # b's documents are done; Ctrl-C before its outputs are written
+        if Path(path).name == "b.csv":
+            raise KeyboardInterrupt
+        return real(rows, path)
+
+    monkeypatch.setattr(length, "write_rows", interrupted)
+    calls, _ = interrupt_after(monkeypatch, length, None)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        length.main([*argv, "--out", str(out)])
+    assert calls == [1] * 6 and sorted(p.name for p in out.glob("*.partial.pt*")) == ["b.partial.pt"]
+    monkeypatch.setattr(length, "write_rows", real)
+    capsys.readouterr()
+    calls[:] = []
+    resumed = length.main([*argv, "--out", str(out)])
+    assert calls == [] and f"b: every document is done in {out / 'b.partial.pt'}" in capsys.readouterr().out
+    assert resumed == whole and not list(out.glob("*.partial.pt*"))
+    assert (out / "b.csv").read_text() == (tmp_path / "whole" / "b.csv").read_text()
+    saved, expected = torch.load(out / "b-per-position.pt"), torch.load(tmp_path / "whole" / "b-per-position.pt")
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     """zoo eval state saved its run only at the end: an interrupt after hours of a 1M-token run left nothing. The
     statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
@@ -854,6 +873,36 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     # the mitigated run's remaining chunks only (from its last save: a save is skipped until 10 times the last one's
     # duration has passed, so on a loaded machine up to all 6); the unmitigated run again would add its 6
     assert len(calls) <= 6
+    assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+    assert not list(out.glob("*.partial.pt*"))
+
+
+def test_eval_state_interrupted_before_state_json_keeps_the_finished_run(tmp_path, monkeypatch, capsys):
+    """zoo eval state removed its run's partial file as the last chunk finished, before state.json was written: an
+    interruption in between lost the whole run. It is kept, complete, until state.json holds the run, so the rerun
+    writes state.json without a forward."""
+    from zoo.eval import state
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9"]
+    state.main([*argv, "--out", str(tmp_path / "whole")])
+    real = state.summary_rows
+
+    def interrupted(result, *args):  # every chunk is done; Ctrl-C before state.json is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(state, "summary_rows", interrupted)
+    calls, _ = interrupt_forwards_after(monkeypatch, None)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    assert len(calls) == 6 and not (out / "state.json").exists()
+    monkeypatch.setattr(state, "summary_rows", real)
+    calls[:] = []
+    state.main([*argv, "--out", str(out)])
+    assert calls == [] and f"the run: every chunk is done in {out / 'state.partial.pt'}" in capsys.readouterr().out
     assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
     assert not list(out.glob("*.partial.pt*"))
 

@@ -147,6 +147,30 @@ def test_json_outputs_are_strict_json(tmp_path):
     assert strict(path.read_text()) == {"loss": [None, 1.5], "best": None, "rows": [{"acc": None}]}
 
 
+def test_write_json_interrupted_mid_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """write_json wrote over its file in place: an interruption mid-write left a truncated length.json (or
+    passkey.json), which the rerun's resume then read as no results, losing every finished curve or cell. It writes a
+    temporary file beside it and renames that over it now."""
+    from pathlib import Path
+
+    from zoo.eval.common import write_json
+
+    path = write_json({"rows": [1, 2, 3]}, tmp_path / "r.json")
+    old = path.read_text()
+    real = Path.write_text
+
+    def interrupted(self, text, *args, **kwargs):  # half the text reaches the disk, then Ctrl-C
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_json({"rows": [1, 2, 3, 4]}, path)
+    monkeypatch.undo()
+    assert path.read_text() == old and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    assert json.loads(write_json({"rows": [4]}, path).read_text()) == {"rows": [4]}
+
+
 def test_length_refuses_two_curves_of_one_label(capsys):
     """Two curves of one label would write the same files and length.json entry: refused before any model loads."""
     from zoo.eval import length

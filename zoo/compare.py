@@ -24,7 +24,8 @@ batches for every model) and measures recall, (6) measures training throughput a
 lengths on the present device (training tokens/s counts real tokens: an unpacked recipe's pads are left
 out). Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
 finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
-from its last checkpoint); a rerun skips what is done unless ``--force``. Models finished by an earlier run
+from its last checkpoint, the per-position loss from its last saved document); a rerun skips what is done unless
+``--force``. Models finished by an earlier run
 (``--only``) join the table only if their results were made with the current model config, recipe and phase
 settings; the others are named at its top. The end of a run writes
 ``results.md`` (printed), ``results.json`` and the plots ``loss.png`` (training loss against tokens),
@@ -111,6 +112,9 @@ from zoo.layers import scaled_width
 from zoo.registry import get_mixer, is_dotted_path
 
 RESULT_FILE = "result.json"
+# the per-position evaluation's finished documents, in the run folder (zoo.eval.length's partial file), and the seconds
+# between its saves
+PER_POSITION_PARTIAL, SAVE_EVERY = "per-position.partial.pt", 30.0
 
 
 # ---- accounting: parameters and FLOPs ------------------------------------------------------------------------
@@ -1268,9 +1272,12 @@ def heldout_loss(model, tcfg, tokenizer, batches: int, micro_batch_size: int | N
 
 def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, checkpoint: Path,
                device: torch.device) -> dict[str, Any]:
-    """Held-out loss, per-position loss and passkey of the trained model at one length."""
+    """Held-out loss, per-position loss and passkey of the trained model at one length. The per-position loss's
+    finished documents are saved as it goes (``PER_POSITION_PARTIAL`` in ``run_dir``) and kept complete until the
+    caller has saved the phase, so a rerun resumes an interrupted evaluation."""
     from zoo.data.text import load_tokenizer
     from zoo.decode import continues_chunks_exactly
+    from zoo.eval.common import model_fingerprint
     from zoo.eval.length import corpus_documents, evaluate_length
     from zoo.eval.passkey import evaluate_passkey
 
@@ -1286,8 +1293,11 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     if pp is not None:
         docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos)
         chunk = pp.chunk_size if carries else None
+        key = {"model": model_fingerprint(str(Path(checkpoint) / "model")), "device": str(device)}
         with _autocast(device):
-            res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True)
+            res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True,
+                                  partial=run_dir / PER_POSITION_PARTIAL, partial_key=key, save_every=SAVE_EVERY,
+                                  label=f"{entry.name}'s per-position loss", keep_partial=True)
         out["per_position"] = {"bins": res["bins"], "n_documents": res["n_documents"], "max_len": res["max_len"],
                                "chunk_size": chunk}
     pk = cfg.eval.passkey
@@ -1508,6 +1518,8 @@ def _accounting(cfg: CompareConfig, entry: ModelEntry) -> dict[str, Any]:
 def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.device, position: str
               ) -> dict[str, Any]:
     """All phases of one model, skipping those recorded with the same settings; returns its record."""
+    from zoo.eval.common import remove_partial
+
     lengths = _lengths(cfg)
     keys = _phase_keys(cfg)
     folder = out / entry.name
@@ -1525,6 +1537,7 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
             checkpoint = folder / record.get(f"train/L{L}")["checkpoint"]
             record.run(f"eval/L{L}", keys[f"eval/L{L}"], f"[{position}] {entry.name}: evaluating (L={L})",
                        functools.partial(phase_eval, cfg, entry, L, run_dir, checkpoint, device))
+        remove_partial(run_dir / PER_POSITION_PARTIAL)  # (kept by phase_eval until result.json holds the phase)
     first = lengths[0]
     run_dir = folder / f"train-L{first}"
     if cfg.eval.mqar is not None:

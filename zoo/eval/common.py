@@ -249,7 +249,8 @@ def write_rows(rows: Sequence[dict], path: str | Path) -> Path:
 def write_json(obj, path: str | Path) -> Path:
     """Write ``obj`` as indented JSON to ``path``; returns the path. A NaN or infinite float (the loss of a one-token
     row, an accuracy of an empty cell) is written as null: Python's json wrote a bare ``NaN``, which strict readers
-    (jq, JavaScript, pandas' default) refuse."""
+    (jq, JavaScript, pandas' default) refuse. Written to a temporary file beside ``path``, then renamed over it: an
+    interruption leaves the old file or the new one, never a truncated one that a rerun's resume cannot read."""
     def finite(value):
         if isinstance(value, float):
             return value if math.isfinite(value) else None
@@ -259,9 +260,20 @@ def write_json(obj, path: str | Path) -> Path:
             return [finite(v) for v in value]
         return value
 
+    return write_text_atomically(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n", path)
+
+
+def write_text_atomically(text: str, path: str | Path) -> Path:
+    """Write ``text`` to a temporary file beside ``path`` (its folder made), then rename it over ``path``: an
+    interruption leaves the old file or the new one, never a truncated one; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(finite(obj), indent=2, allow_nan=False) + "\n")
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # (an interrupted write's; gone after the rename)
     return path
 
 

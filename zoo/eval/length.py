@@ -110,6 +110,7 @@ def evaluate_length(
     partial_key: Mapping | None = None,
     save_every: float = 30.0,
     label: str = "length eval",
+    keep_partial: bool = False,
 ) -> dict:
     """Per-position loss averaged over documents, and binned, for the length-extrapolation curve.
 
@@ -127,8 +128,10 @@ def evaluate_length(
             every ``save_every`` seconds, so an interrupted run resumes there: a call with the same ``partial_key``
             (what else the losses depend on: the model, its mitigation, dtype), documents (in order), ``batch_size``
             and ``chunk_size`` starts at the next unfinished batch and gives the result an uninterrupted run gives; a
-            file of other settings is replaced. Removed when the run completes.
+            file of other settings is replaced. Removed when the run completes, unless ``keep_partial``.
         label: names the run in the messages about ``partial``.
+        keep_partial: save ``partial`` complete instead, so that a rerun returns the result without a forward until the
+            caller, having written the result, removes it (``remove_partial``).
 
     Returns:
         dict with ``mean`` (float64 [T_max] mean loss at position t, NaN at t = 0 or where no document
@@ -155,7 +158,8 @@ def evaluate_length(
         saved = read_partial(partial, key, label)
         if saved is not None:
             done, sums, counts = saved["batches"], saved["sums"], saved["counts"]
-            print(f"resuming {label} from document {sum(map(len, batches[:done])) + 1} of {len(docs)} ({partial})")
+            print(f"resuming {label} from document {sum(map(len, batches[:done])) + 1} of {len(docs)} ({partial})"
+                  if done < len(batches) else f"{label}: every document is done in {partial}")
     bar = None
     if progress:
         from tqdm import tqdm
@@ -179,7 +183,9 @@ def evaluate_length(
         bar.close()
     if was_training:
         model.train()
-    if partial is not None:
+    if partial is not None and keep_partial and done < len(batches):
+        save_atomically({"settings": key, "batches": len(batches), "sums": sums, "counts": counts}, partial)
+    elif partial is not None and not keep_partial:
         remove_partial(partial)
     mean = sums / counts  # NaN where no document reaches (and at t = 0)
     bins = []
@@ -424,6 +430,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             previous = {}
     for base, path, stem, spec in runs:
         label = f"{base} [{spec}]" if args.mitigation else base
+        if args.mitigation:
+            stem = re.sub(r"[^0-9A-Za-z=._-]+", "_", f"{stem}-{spec}")
+        partial = out / f"{stem}.partial.pt"
         # a norm cap acts at every chunk's end, so its curve also depends on --chunk-size
         chunking = {"chunk_size": args.chunk_size} if splits_matter(spec) else {}
         config = json.loads(json.dumps(documents_from | {"model": path, "weights": model_fingerprint(path),
@@ -434,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   f"--out, to evaluate it again)\n")
             results[label], summary[label] = kept, kept
             write_json(summary, out / "length.json")
+            remove_partial(partial)  # (of a run interrupted between writing its curve and removing it)
             continue
         if isinstance(kept, dict):
             print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
@@ -441,12 +451,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
         if spec is not None:
             apply_mitigation(model, spec)
-        if args.mitigation:
-            stem = re.sub(r"[^0-9A-Za-z=._-]+", "_", f"{stem}-{spec}")
-        # the documents finished so far, saved as the run goes: a rerun of the same settings resumes there
+        # the documents finished so far, saved as the run goes: a rerun of the same settings resumes there; kept
+        # complete until length.json holds the curve, so that an interruption before then loses nothing
         result = evaluate_length(model, documents_for(model), args.chunk_size, args.batch_size, args.bins_per_octave,
-                                 progress=True, partial=out / f"{stem}.partial.pt", partial_key=config,
-                                 save_every=SAVE_EVERY, label=label)
+                                 progress=True, partial=partial, partial_key=config, save_every=SAVE_EVERY,
+                                 label=label, keep_partial=True)
         del model
         results[label] = result
         print(f"## {label}: {result['n_documents']} documents of up to {result['max_len']} tokens\n")
@@ -458,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                                                              "mitigation": spec,
                                                                                              "config": config}
         write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
+        remove_partial(partial)
     png = plot_length_curves(results, out / "length.png", args.train_length)
     print(f"wrote {out}/*.csv, length.json and {png}")
     return summary

@@ -247,17 +247,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     label = format_spec(next((m.mitigation for m in model.modules() if getattr(m, "mitigation", None)), None))
     if args.norm_calibrate:
         label = label.replace("per-head", f"{args.norm_factor:g}x prefix {args.norm_calibrate}")
+    # kept complete, as the unmitigated one, until state.json holds the run
     result = record_state_statistics(model, rows, **record, partial=out / "state.partial.pt", partial_key=key,
-                                     label=f"the {label} run" if args.compare else "the run")
+                                     label=f"the {label} run" if args.compare else "the run", keep_partial=True)
     result["mitigation"] = label
     runs.append((label, result))
-    remove_partial(out / "state-none.partial.pt")
 
     for name, res in runs:
         print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")
         print(markdown_table(summary_rows(res)))
         print()
     write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
+    remove_partial(out / "state.partial.pt")
+    remove_partial(out / "state-none.partial.pt")
     pngs = plot_state_statistics(runs if len(runs) > 1 else result, out, args.train_length)
     print(f"wrote {out / 'state.json'} and {len(pngs)} PNGs in {out}")
     return result

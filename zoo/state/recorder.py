@@ -209,7 +209,8 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
             done, cache, previous_logit = saved["chunks"], saved["cache"], saved["previous_logit"]
             losses, series, cumsum = saved["losses"], saved["series"], saved["cumsum"]
             start = ends[done - 1]
-            print(f"resuming {label} from token {start} of {length} ({partial})")
+            print(f"resuming {label} from token {start} of {length} ({partial})" if done < len(ends) else
+                  f"{label}: every chunk is done in {partial}")
     bar = None
     if progress:
         from tqdm.auto import tqdm
