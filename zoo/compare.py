@@ -93,7 +93,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -1046,10 +1045,9 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
 # ---- results on disk -----------------------------------------------------------------------------------------
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    from zoo.eval.common import write_text_atomically
+
+    write_text_atomically(json.dumps(obj, indent=1, default=_json_default) + "\n", path)
 
 
 def _json_default(value: Any) -> Any:
