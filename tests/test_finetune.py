@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import assert_close, ctrl_c_on_call, launch_fsdp_on_cpu
 from torch import nn
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 import zoo  # noqa: F401  (registers the Auto classes)
 from zoo.cache import RecurrentLayer, output_cache
@@ -232,7 +232,8 @@ class WeightReadingMixer(nn.Module):
     def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
         h = F.silu(self.in_proj(x))
         stepping = cache is not None and x.shape[1] == 1
-        if self.fused_on == "all" or (self.fused_on == "decode" and stepping):
+        if self.fused_on == "all" or (self.fused_on == "decode" and stepping) or (self.fused_on == "eval"
+                                                                                 and not self.training):
             return F.linear(h, self.out_proj.weight)  # the adapter on out_proj is silently skipped
         return self.out_proj(h)
 
@@ -975,6 +976,70 @@ def test_wrap_lora_takes_peft_names_of_its_arguments_with_a_message_and_task_typ
     for task_type in ("CAUSAL_LM", TaskType.CAUSAL_LM):
         model = wrap_lora(tiny("mamba"), verbose=False, check_forward=False, task_type=task_type)
         assert model.peft_config["default"].task_type == "CAUSAL_LM"
+
+
+def tiny_classifier(name: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    config = ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{name}-tiny.yaml")
+    for key, value in {"num_labels": 2, "pad_token_id": 0, **overrides}.items():
+        setattr(config, key, value)
+    return AutoModelForSequenceClassification.from_config(config)
+
+
+@pytest.mark.parametrize("name", ["transformerpp", "mamba"])
+def test_wrap_lora_on_a_classifier_trains_the_adapters_and_the_score(name):
+    # wrap_lora made every model a CAUSAL_LM PeftModel: a ZooForSequenceClassification failed inside PEFT with
+    # "AttributeError: 'ZooForSequenceClassification' object has no attribute 'prepare_inputs_for_generation'"
+    from peft import PeftModelForSequenceClassification
+
+    model = wrap_lora(tiny_classifier(name), r=4, alpha=8, verbose=False)
+    assert isinstance(model, PeftModelForSequenceClassification)
+    assert model.peft_config["default"].task_type == "SEQ_CLS"
+    report = model.zoo_lora_report
+    assert report["adapted"] == default_lora_targets(tiny_classifier(name))
+    assert report["probe"]["phases"] == ["train forward", "eval forward"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if ".lora_A." in n or ".lora_B." in n}
+    assert len(lora) == 2 * len(report["adapted"])
+    assert trainable - lora == {"base_model.model.score.modules_to_save.default.weight"}
+    score = model.base_model.model.score.original_module.weight.detach().clone()
+    ids = torch.randint(1, 512, (4, 10), generator=torch.Generator().manual_seed(1))
+    ids[1, 6:] = 0  # padded
+    labels = torch.tensor([0, 1, 1, 0])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert torch.equal(model.base_model.model.score.original_module.weight, score)
+
+
+def test_wrap_lora_probes_a_classifier_without_a_pad_token_id_one_row_at_a_time():
+    model = wrap_lora(tiny_classifier("gla", pad_token_id=None), r=2, verbose=False)
+    assert model.zoo_lora_report["probe"]["phases"] == ["train forward", "eval forward"]
+
+
+def test_an_adapter_a_classifier_bypasses_in_eval_mode_raises():
+    model = tiny_classifier("transformerpp")
+    model.model.layers[1].mixer = WeightReadingMixer(model.config.d_model, "eval")
+    with pytest.raises(ValueError, match=r"bypassed.*\(eval forward: model\.layers\.1\.mixer\.out_proj\)"):
+        wrap_lora(model, target_modules=["mixer.in_proj", "mixer.out_proj"], verbose=False)
+
+
+def test_wrap_lora_refuses_a_model_that_is_neither_a_causal_lm_nor_a_classifier_and_a_task_type_of_another():
+    # a model without prepare_inputs_for_generation failed inside PEFT with an AttributeError naming that method
+    with pytest.raises(ValueError, match=r"a ZooModel is neither a causal LM .* nor a zoo\.ZooForSequenceClass"):
+        wrap_lora(tiny("mamba").model, verbose=False)
+    with pytest.raises(ValueError, match=r"task_type: wrap_lora makes a sequence-classification PeftModel "
+                                         r"\(task_type 'SEQ_CLS'\) of a ZooForSequenceClassification, got 'CAUSAL_LM'"):
+        wrap_lora(tiny_classifier("mamba"), verbose=False, check_forward=False, task_type="CAUSAL_LM")
+    model = wrap_lora(tiny_classifier("mamba"), verbose=False, check_forward=False, task_type="SEQ_CLS")
+    assert model.peft_config["default"].task_type == "SEQ_CLS"
 
 
 def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refused(tmp_path, monkeypatch):

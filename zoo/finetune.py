@@ -4,12 +4,13 @@ LoRA on Mamba projections is often silently lost in the field: a fused kernel re
 instead of calling ``in_proj``, so the adapter trains while most of the model never changes (PEFT issues 2274,
 2556). Zoo mixers call every projection through its ``forward``, and `wrap_lora` checks it at wrap time: it
 hooks every adapted module, runs a tiny forward through the model on its own device (training forward,
-prefill and one cached decode step, every MoE expert routed), and raises naming each adapted module whose
-forward never ran.
+prefill and one cached decode step, every MoE expert routed; a classifier's training and eval forwards), and
+raises naming each adapted module whose forward never ran.
 
     from zoo.finetune import wrap_lora
     model = wrap_lora(AutoModelForCausalLM.from_pretrained(path), r=8, alpha=16)  # mixers' lora_targets
     model = wrap_lora(base, target_modules="all-linear")                           # every nn.Linear
+    model = wrap_lora(AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, pad_token_id=0))
 
 ``zoo finetune CONFIG [--section.field=value ...]`` (also ``accelerate launch scripts/finetune.py CONFIG``)
 loads a checkpoint with ``AutoModelForCausalLM.from_pretrained``, wraps it, trains on a synthetic task
@@ -51,6 +52,7 @@ from zoo.config_files import find_config
 from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.decode import cache_argument
 from zoo.layers import MoE, SwiGLU, mark_saved_copies
+from zoo.modeling import ZooForSequenceClassification
 from zoo.train import (
     ModelInputs,
     OptimConfig,
@@ -258,9 +260,11 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
 
     Every adapted module gets a forward hook; the model then runs three paths on random tokens: a training
     forward (train mode, gradients enabled, no cache), a prefill with ``use_cache=True`` and one cached
-    decode step (skipped when the model returns no cache). A module whose forward did not run in some path
-    is bypassed there: a fused kernel read its ``.weight`` (the adapter is ignored), or it is not on that
-    path at all. Zoo MoE layers route every token to every expert during the check.
+    decode step (skipped when the model returns no cache). A model that does not generate (a classifier, no
+    ``prepare_inputs_for_generation``) runs the training forward and an eval forward without a cache. A module
+    whose forward did not run in some path is bypassed there: a fused kernel read its ``.weight`` (the adapter
+    is ignored), or it is not on that path at all. Zoo MoE layers route every token to every expert during the
+    check.
 
     Args:
         model: a PeftModel (or any model holding PEFT tuner layers).
@@ -277,6 +281,9 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
         raise ValueError("check_lora_reached: the model holds no adapter layers")
     base = _unwrap(model)
     param = next(model.parameters())
+    generates = callable(getattr(base, "prepare_inputs_for_generation", None))
+    if not generates and getattr(getattr(base, "config", None), "pad_token_id", 0) is None:
+        batch_size = 1  # a classifier without a pad_token_id cannot find each row's last token: one row at a time
     # the embedding's rows: PEFT may have wrapped it (LoRA on it, trainable_token_indices, modules_to_save), and its
     # wrappers forward .weight but not num_embeddings
     vocab = base.get_input_embeddings().weight.shape[0]
@@ -306,12 +313,16 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
             # a zoo model with a custom mixer that defines no init_state keeps no cache: its prefill runs without
             cacheable = getattr(getattr(base, "model", base), "_cacheable", None)
             with torch.no_grad():
-                out = model(input_ids=input_ids, use_cache=cacheable() if callable(cacheable) else True)
-                record("prefill")
-                cache = output_cache(out)
-                if cache is not None:
-                    model(input_ids=input_ids[:, -1:], **{cache_argument(base): cache}, use_cache=True)
-                    record("decode step")
+                if not generates:
+                    model(input_ids=input_ids, use_cache=False)
+                    record("eval forward")
+                else:
+                    out = model(input_ids=input_ids, use_cache=cacheable() if callable(cacheable) else True)
+                    record("prefill")
+                    cache = output_cache(out)
+                    if cache is not None:
+                        model(input_ids=input_ids[:, -1:], **{cache_argument(base): cache}, use_cache=True)
+                        record("decode step")
     finally:
         for h in handles:
             h.remove()
@@ -327,10 +338,12 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
 def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
               target_modules: str | list[str] | None = None, include_mlp: bool = False, *,
               check_forward: bool = True, verbose: bool = True, **lora_kwargs: Any):
-    """Wrap a causal LM with LoRA adapters (``peft.get_peft_model``) and check their coverage.
+    """Wrap a causal LM or a zoo classifier with LoRA adapters (``peft.get_peft_model``) and check their coverage.
 
     Args:
-        model: the causal LM (zoo or any Hugging Face model), on the device it will train on.
+        model: the causal LM (zoo or any Hugging Face model that generates), or a
+            `zoo.ZooForSequenceClassification` (task_type ``SEQ_CLS``: PEFT also trains a copy of its ``score``
+            head, through modules_to_save), on the device it will train on.
         r, alpha, dropout: LoRA rank, scaling numerator (scale alpha / r) and dropout.
         target_modules: None: `default_lora_targets` (the mixers' ``lora_targets``); ``"all-linear"``; a
             regular expression over module names; or a list of module names / name suffixes.
@@ -340,11 +353,12 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
         lora_kwargs: other ``peft.LoraConfig`` fields (``use_rslora``, ``init_lora_weights``, ...).
 
     Returns:
-        a ``PeftModelForCausalLM``; its coverage report (`lora_report`, plus ``probe``) is in
-        ``.zoo_lora_report``.
+        a ``PeftModelForCausalLM`` (``PeftModelForSequenceClassification`` for a classifier); its coverage report
+        (`lora_report`, plus ``probe``) is in ``.zoo_lora_report``.
 
     Raises:
-        ValueError: a target entry matches no module; an adapted module is bypassed on the active backend.
+        ValueError: a target entry matches no module; an adapted module is bypassed on the active backend; the
+            model is neither a causal LM nor a zoo classifier, or task_type is not the one its class takes.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -354,9 +368,20 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
     for peft_name, ours in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
         if peft_name in lora_kwargs:
             raise ValueError(f"wrap_lora: {peft_name} is wrap_lora's {ours}; pass {ours}={lora_kwargs[peft_name]!r}")
-    task_type = lora_kwargs.pop("task_type", "CAUSAL_LM")
-    if task_type != "CAUSAL_LM":
-        raise ValueError(f"task_type: wrap_lora makes a causal-LM PeftModel (task_type 'CAUSAL_LM'), got {task_type!r}")
+    if isinstance(model, ZooForSequenceClassification):
+        expected, kind = "SEQ_CLS", "sequence-classification"
+    elif callable(getattr(model, "prepare_inputs_for_generation", None)):  # PEFT's CAUSAL_LM wrapper calls it
+        expected, kind = "CAUSAL_LM", "causal-LM"
+    else:
+        raise ValueError(f"wrap_lora: a {type(model).__name__} is neither a causal LM (it has no "
+                         f"prepare_inputs_for_generation, which PEFT's CAUSAL_LM model calls) nor a "
+                         f"zoo.ZooForSequenceClassification; load a zoo folder with AutoModelForCausalLM or "
+                         f"AutoModelForSequenceClassification, or call peft.get_peft_model with a LoraConfig of the "
+                         f"model's task_type")
+    task_type = lora_kwargs.pop("task_type", expected)
+    if task_type != expected:
+        raise ValueError(f"task_type: wrap_lora makes a {kind} PeftModel (task_type {expected!r}) of a "
+                         f"{type(model).__name__}, got {task_type!r}")
     if target_modules is None:
         target_modules = default_lora_targets(model, include_mlp)
     elif include_mlp:
@@ -372,7 +397,7 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
                          f"look like {[n for n, _ in model.named_modules() if n][:4]} (see "
                          f"zoo.finetune.default_lora_targets)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-                        task_type="CAUSAL_LM", **lora_kwargs)
+                        task_type=expected, **lora_kwargs)
     peft_model = get_peft_model(model, config)
     # modules_to_save's trained copies are deep copies, whose Parameters lost the _no_weight_decay flags
     mark_saved_copies(peft_model)
