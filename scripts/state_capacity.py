@@ -269,6 +269,14 @@ def evaluation_partials(run: dict, ev: dict) -> dict[str, Path]:
     return {text: folder / f"length-{re.sub(r'[^0-9A-Za-z=._-]+', '_', text)}.partial.pt" for text in specs}
 
 
+def remove_evaluation_partials(run: dict) -> None:
+    """Delete every partial file of the run's evaluations once its curves are saved: those of the listed curves and
+    those an interrupted earlier evaluation left for specs no longer in eval.mitigations (no rerun resumes them), with
+    the temporary files of interrupted saves."""
+    for file in Path(run["config"].output_dir).glob("length-*.partial.pt*"):
+        file.unlink(missing_ok=True)
+
+
 def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: dict) -> dict:
     """Length curves of the trained model without and with each mitigation, and their collapse verdicts. Each curve's
     finished documents are saved as it goes (``evaluation_partials``) and kept complete, so a rerun of the same model
@@ -401,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
-        from zoo.eval.common import remove_partial, write_text_atomically
+        from zoo.eval.common import write_text_atomically
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
@@ -420,16 +428,14 @@ def main(argv: list[str] | None = None) -> int:
             wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
             if run["name"] in evaluations and settings.get(run["name"]) == wanted:
                 print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
-                for partial in evaluation_partials(run, ev).values():  # (of a run interrupted before removing them)
-                    remove_partial(partial)
+                remove_evaluation_partials(run)  # (of a run interrupted before removing them)
                 continue
             evaluations[run["name"]] = evaluate_run(run, model_dir, documents_for(run), ev)
             settings[run["name"]] = wanted
             # (a truncated file, written in place, lost every run's curves, and the rerun stopped at reading it)
             write_text_atomically(json.dumps(evaluations, indent=1), evaluations_file)
             write_text_atomically(json.dumps(settings, indent=1), settings_file)
-            for partial in evaluation_partials(run, ev).values():  # (kept until the curves are saved)
-                remove_partial(partial)
+            remove_evaluation_partials(run)  # (kept until the curves are saved)
             curves = {spec: {"bins": e["bins"]} for spec, e in evaluations[run["name"]].items()}
             plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
     # re-judge from the saved curves (margin and factor may have been overridden)

@@ -299,6 +299,51 @@ def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and (out / "evaluations.json").read_text() == whole
 
 
+
+def test_sweep_removes_the_partials_of_mitigations_no_longer_listed(tmp_path, monkeypatch):
+    """A rerun removed only the partial files of the curves it listed: one of a mitigation dropped from
+    eval.mitigations since the interrupted run stayed in the run folder for good, whether the rerun evaluated the run
+    or kept its saved curves."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo.eval.length as length
+    from zoo.config import ZooConfig
+
+    capacity = load_script("scripts/state_capacity.py")
+    config = ROOT / "configs/train/collapse.yaml"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig(**capacity.load_sweep(config)["models"]["default"]))
+    model.save_pretrained(tmp_path / "model")
+
+    def train_run(run):  # a trained model, as train_run gives it
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").write_text(json.dumps({"model": str(tmp_path / "model"), "seconds": 1.0}))
+        return tmp_path / "model"
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    monkeypatch.setattr(length, "plot_length_curves", lambda *args: None)
+    monkeypatch.setattr(capacity, "SAVE_EVERY", 0, raising=False)
+    argv = [str(config), "--only", "default", "--eval.n_docs=2", "--eval.max_len=96", "--eval.chunk_size=32",
+            "--eval.batch_size=1", "--eval.start=document", f"--output_dir={tmp_path / 'out'}"]
+    folder = tmp_path / "out" / "default-L64"
+    dropped = "--eval.mitigations=['forget:c_alpha=0.9']"
+    calls, stop = interrupt_after(monkeypatch, length, 2 + 1)  # the unmitigated curve, one document of the other
+    with pytest.raises(KeyboardInterrupt):
+        capacity.main([*argv, dropped])
+    assert (folder / "length-forget_c_alpha=0.9.partial.pt").is_file()
+    stop[0] = None
+    capacity.main([*argv, "--eval.mitigations=[]"])  # evaluates the run
+    assert not list(folder.glob("*.partial.pt*"))
+
+    stop[0], calls[:] = 2 + 1, []
+    with pytest.raises(KeyboardInterrupt):
+        capacity.main([*argv, dropped])
+    stop[0], calls[:] = None, []
+    capacity.main([*argv, "--eval.mitigations=[]"])  # keeps the curves evaluations.json holds
+    assert calls == [] and not list(folder.glob("*.partial.pt*"))
+
 def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkeypatch):
     """evaluations.json was written in place: an interruption mid-write left it truncated, every run's curves were
     lost and the rerun stopped at reading it (JSONDecodeError). It is written beside and renamed over now."""

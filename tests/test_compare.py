@@ -1143,3 +1143,57 @@ def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_pa
     calls[:] = []
     assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
     assert calls == [] and not partial.exists()
+
+
+def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monkeypatch, capsys):
+    """The passkey grid was saved only with its eval phase: an interruption in it lost every finished cell. Its
+    finished cells are saved as they end and kept until result.json holds the phase, so a rerun runs only the remaining
+    cells, to the result of an uninterrupted run, and one interrupted after the last cell (before the phase was saved)
+    runs none."""
+    import zoo.compare as compare
+    import zoo.eval.passkey as passkey
+
+    real_generate = passkey.greedy_generate
+    calls, stop = [], [None]
+
+    def generate(*args, **kwargs):  # one call per prompt; Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.passkey={lengths: [256, 320], depths: [0, 1], n_samples: 2, max_new_tokens: 2}",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba"]
+    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
+    assert len(calls) == 8
+    whole = json.loads((tmp_path / "whole" / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    out = tmp_path / "out"
+    partial = out / "mamba" / "train-L128" / "passkey.partial.pt"
+    stop[0], calls[:] = 5, []  # two cells of two prompts finished, the third cell's first prompt done
+    assert main([*argv, f"--output_dir={out}"]) == 130
+    assert partial.is_file()
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    assert main([*argv, f"--output_dir={out}"]) == 0
+    assert len(calls) == 4 and "resuming mamba's passkey: 2 of 4 cells are done" in capsys.readouterr().out
+    result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    assert result["passkey"] == whole["passkey"] and not partial.exists()
+
+    real = compare.ModelRecord.put
+
+    def interrupted(self, phase, *args, **kwargs):  # every cell is done; Ctrl-C before the phase is saved
+        if phase.startswith("eval/"):
+            raise KeyboardInterrupt
+        return real(self, phase, *args, **kwargs)
+
+    monkeypatch.setattr(compare.ModelRecord, "put", interrupted)
+    calls[:] = []
+    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 130  # (the eval phase is redone)
+    assert len(calls) == 8 and partial.is_file()
+    monkeypatch.setattr(compare.ModelRecord, "put", real)
+    calls[:] = []
+    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
+    assert calls == [] and not partial.exists()

@@ -24,7 +24,8 @@ batches for every model) and measures recall, (6) measures training throughput a
 lengths on the present device (training tokens/s counts real tokens: an unpacked recipe's pads are left
 out). Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
 finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
-from its last checkpoint, the per-position loss from its last saved document); a rerun skips what is done unless
+from its last checkpoint, the per-position loss from its last saved document, passkey from its last finished
+cell); a rerun skips what is done unless
 ``--force``. Models finished by an earlier run
 (``--only``) join the table only if their results were made with the current model config, recipe and phase
 settings; the others are named at its top. The end of a run writes
@@ -112,8 +113,9 @@ from zoo.registry import get_mixer, is_dotted_path
 
 RESULT_FILE = "result.json"
 # the per-position evaluation's finished documents, in the run folder (zoo.eval.length's partial file), and the seconds
-# between its saves
+# between its saves; the passkey evaluation's finished cells, beside it
 PER_POSITION_PARTIAL, SAVE_EVERY = "per-position.partial.pt", 30.0
+PASSKEY_PARTIAL = "passkey.partial.pt"
 
 
 # ---- accounting: parameters and FLOPs ------------------------------------------------------------------------
@@ -1271,11 +1273,12 @@ def heldout_loss(model, tcfg, tokenizer, batches: int, micro_batch_size: int | N
 def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, checkpoint: Path,
                device: torch.device) -> dict[str, Any]:
     """Held-out loss, per-position loss and passkey of the trained model at one length. The per-position loss's
-    finished documents are saved as it goes (``PER_POSITION_PARTIAL`` in ``run_dir``) and kept complete until the
-    caller has saved the phase, so a rerun resumes an interrupted evaluation."""
+    finished documents and the passkey's finished cells are saved as they end (``PER_POSITION_PARTIAL`` and
+    ``PASSKEY_PARTIAL`` in ``run_dir``) and kept complete until the caller has saved the phase, so a rerun resumes an
+    interrupted evaluation."""
     from zoo.data.text import load_tokenizer
     from zoo.decode import continues_chunks_exactly
-    from zoo.eval.common import model_fingerprint
+    from zoo.eval.common import model_fingerprint, read_partial, save_atomically
     from zoo.eval.length import corpus_documents, evaluate_length
     from zoo.eval.passkey import evaluate_passkey
 
@@ -1287,11 +1290,11 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     # zoo.eval carries caches chunk to chunk; transformers' Mamba cannot continue a chunk exactly and runs
     # each document in one forward instead
     carries = continues_chunks_exactly(model)
+    key = {"model": model_fingerprint(str(Path(checkpoint) / "model")), "device": str(device)}
     pp = cfg.eval.per_position
     if pp is not None:
         docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos)
         chunk = pp.chunk_size if carries else None
-        key = {"model": model_fingerprint(str(Path(checkpoint) / "model")), "device": str(device)}
         with _autocast(device):
             res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True,
                                   partial=run_dir / PER_POSITION_PARTIAL, partial_key=key, save_every=SAVE_EVERY,
@@ -1300,10 +1303,25 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
                                "chunk_size": chunk}
     pk = cfg.eval.passkey
     if pk is not None:
+        prefill = pk.prefill_chunk_size if carries else None
+        # what a cell's result depends on besides its length and depth (evaluate_passkey keeps the saved cells of
+        # this grid)
+        settings = {"key": key, "seed": tcfg.train.seed, "n_samples": pk.n_samples,
+                    "max_new_tokens": pk.max_new_tokens, "prefill_chunk_size": prefill}
+        partial, label = run_dir / PASSKEY_PARTIAL, f"{entry.name}'s passkey"
+        done = read_partial(partial, settings, label)
+        if done is not None:
+            grid = {(int(n), float(d)) for n in pk.lengths for d in pk.depths}
+            kept = sum((int(r["length"]), float(r["depth"])) in grid for r in done["rows"])
+            print(f"resuming {label}: {kept} of {len(grid)} cells are done ({partial})")
+
+        def save(result: dict) -> None:  # after every cell: a rerun runs only the cells not finished
+            save_atomically({"settings": settings, "rows": result["rows"], "samples": result["samples"]}, partial)
+
         with _autocast(device):
             res = evaluate_passkey(model, tokenizer, pk.lengths, pk.depths, pk.n_samples, seed=tcfg.train.seed,
-                                   max_new_tokens=pk.max_new_tokens,
-                                   prefill_chunk_size=pk.prefill_chunk_size if carries else None, progress=True)
+                                   max_new_tokens=pk.max_new_tokens, prefill_chunk_size=prefill, progress=True,
+                                   on_cell=save, done=done)
         out["passkey"] = {"rows": res["rows"],
                           "accuracy": sum(r["accuracy"] for r in res["rows"]) / len(res["rows"])}
     del model
@@ -1535,7 +1553,8 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
             checkpoint = folder / record.get(f"train/L{L}")["checkpoint"]
             record.run(f"eval/L{L}", keys[f"eval/L{L}"], f"[{position}] {entry.name}: evaluating (L={L})",
                        functools.partial(phase_eval, cfg, entry, L, run_dir, checkpoint, device))
-        remove_partial(run_dir / PER_POSITION_PARTIAL)  # (kept by phase_eval until result.json holds the phase)
+        for name in (PER_POSITION_PARTIAL, PASSKEY_PARTIAL):  # (kept by phase_eval until result.json holds the phase)
+            remove_partial(run_dir / name)
     first = lengths[0]
     run_dir = folder / f"train-L{first}"
     if cfg.eval.mqar is not None:
