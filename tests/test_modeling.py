@@ -821,6 +821,21 @@ def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
         assert torch.equal(model(ids, attention_mask=mask, past_key_values=cache).logits, prefill.logits)
 
 
+@pytest.mark.parametrize("name", TINY)
+def test_labels_of_no_tokens_give_the_loss_of_transformers(name):
+    """input_ids and labels [B, 0] give the loss transformers' ForCausalLMLoss gives: NaN (no target, a mean), 0 under
+    num_items_in_batch. The labels were shifted before padding, so [B, 0] made B targets for 0 logits (a shape
+    error in the cross-entropy)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = tiny(name)
+    none = torch.zeros(2, 0, dtype=torch.long)
+    for kw in ({}, {"num_items_in_batch": torch.tensor(3)}):
+        out = model(none, labels=none, **kw)
+        ref = ForCausalLMLoss(out.logits, none, 512, **kw)
+        torch.testing.assert_close(out.loss, ref, equal_nan=True)
+
+
 def test_a_chunk_of_no_tokens_after_a_cache_of_no_keys_gives_empty_logits():
     """An attention layer of window 1 keeps no past keys, so a chunk of no tokens attends to none (S = 0): its key
     mask, attention_mask[:, -S:], was the whole mask ('key_padding_mask must be [B, Tk] = [2, 0]')."""

@@ -852,8 +852,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         aux = out.aux_loss
         if labels is not None:
             # next-token targets aligned with every position (the last has none), so the logits are read in place
-            # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA)
-            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100).reshape(-1)
+            # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA); padded before the
+            # shift, as transformers' ForCausalLMLoss: labels [B, 0] give no target (shifted first, they gave B)
+            targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:].reshape(-1)
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             if aux is not None and self.training:  # a training regularizer, not part of an eval loss
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
