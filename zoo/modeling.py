@@ -829,7 +829,13 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         router logits (`router_logits`), as transformers' Jamba does.
 
         `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
-        whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
+        whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses.
+
+        A one-token step with a filled cache reads copies of Mamba / Mamba-2 weights (A, D, conv, dt) kept since
+        the cache's prefill or chunk. A write through `.data` (an EMA copy, PEFT's merge_and_unload) or a fused
+        optimizer step keeps a parameter's storage and version, so steps of your own loop that continue a cache
+        after one read the old values until the next prefill, chunk or generate call: call
+        `zoo.layers.new_sequence()` after such a write (generate and a forward from an empty cache do it)."""
         past_key_values = _the_cache(past_key_values, kwargs)
         _refuse_offloaded_mixers_once(self)
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None
