@@ -824,6 +824,19 @@ def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
         assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)
 
 
+def test_calibrating_on_no_tokens_names_the_prefix():
+    """A reference prefix of no tokens measured no state: calibrate_norm_threshold failed with a bare KeyError."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    apply_mitigation(model, "forget:c_alpha=0.9")
+    with pytest.raises(ValueError, match="input_ids has no tokens; the reference prefix must be >= 1 token"):
+        calibrate_norm_threshold(model, torch.zeros(2, 0, dtype=torch.long))
+    assert all(m.mitigation["c_alpha"] == 0.9 for m in mit.recurrent_mixers(model))
+
+
 @pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny", "gla-tiny"])
 def test_calibrated_threshold_leaves_zoo_eval_states_reference_prefix_alone(config):
     """zoo eval state runs its rows in forwards ending at log-spaced positions (16, 23, 32, 45, ...), and the cap acts
