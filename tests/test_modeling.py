@@ -836,6 +836,19 @@ def test_labels_of_no_tokens_give_the_loss_of_transformers(name):
         torch.testing.assert_close(out.loss, ref, equal_nan=True)
 
 
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_a_chunk_of_no_tokens_on_a_static_cache_gives_empty_logits_and_leaves_it(name):
+    """A static KV cache (ZooCache.to_static) refused a chunk of no tokens ('decodes one token per step, got 0'),
+    which a dynamic cache and the recurrent layers take as a no-op."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 7))
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True).past_key_values.to_static(16)
+        assert model(ids[:, :0], past_key_values=cache).logits.shape == (2, 0, 512)
+        assert cache.get_seq_length() == 6
+        assert_close("next", model(ids[:, 6:], past_key_values=cache).logits[:, -1], model(ids).logits[:, -1], 1e-5)
+
+
 def test_a_chunk_of_no_tokens_after_a_cache_of_no_keys_gives_empty_logits():
     """An attention layer of window 1 keeps no past keys, so a chunk of no tokens attends to none (S = 0): its key
     mask, attention_mask[:, -S:], was the whole mask ('key_padding_mask must be [B, Tk] = [2, 0]')."""
