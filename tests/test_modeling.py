@@ -793,6 +793,27 @@ def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
         assert torch.equal(model(ids, attention_mask=torch.ones(1, 8)).logits, model(ids).logits)  # [1, T] broadcasts
 
 
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_position_ids_of_another_shape_are_refused_naming_the_shape(name):
+    """position_ids of every token so far for a one-token step (as an attention_mask covers them) made RoPE rotate the
+    token at each position ('attention shapes disagree: q (2, 8, ...)'), and a recurrent model ignored them without
+    a word; a 1-D tensor failed with a bare IndexError, a shorter one with a bare expand error. [1, T] serves every
+    row."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 8))
+    with torch.no_grad():
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        for bad in (torch.arange(8)[None].expand(2, 8), torch.tensor([7])):
+            with pytest.raises(ValueError, match=r"position_ids: expected \[batch, tokens\] = \[2, 1\].*7 \+ "
+                                                 r"arange\(1\) after the 7 cached tokens"):
+                model(ids[:, 7:], position_ids=bad, past_key_values=cache)
+        for bad in (torch.arange(4)[None], torch.arange(8)[None].expand(3, 8)):
+            with pytest.raises(ValueError, match=r"position_ids: expected \[batch, tokens\] = \[2, 8\]"):
+                model(ids, position_ids=bad)
+        step = model(ids[:, 7:], position_ids=torch.tensor([[7]]), past_key_values=cache).logits
+        assert_close("step", step[:, -1], model(ids).logits[:, -1], 1e-5)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
     """An input of no tokens [B, 0] (a chunked prefill's empty remainder) gives logits [B, 0, V] in every family, with

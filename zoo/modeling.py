@@ -166,6 +166,17 @@ def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int
                          f"generate does")
 
 
+def _check_position_ids(position_ids: torch.Tensor, batch: int, tokens: int, past: int) -> None:
+    """Raise, naming the shape zoo takes, for position_ids that are not [batch (or 1), tokens]: the positions of every
+    token so far (as an attention_mask covers them) given for a one-token step made RoPE rotate it at each of them
+    (then 'attention shapes disagree'), a recurrent model ignored them without a word, and a 1-D tensor failed with a
+    bare IndexError."""
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != tokens:
+        after = f"{past} + arange({tokens}) after the {past} cached tokens" if past else f"arange({tokens})"
+        raise ValueError(f"position_ids: expected [batch, tokens] = [{batch}, {tokens}], the positions of this "
+                         f"chunk's tokens alone (e.g. {after}), got shape {tuple(position_ids.shape)}")
+
+
 def _refuse_output_attentions(config, kwargs: dict) -> None:
     """transformers' output_attentions (argument or config default): zoo models have no attention weights to return,
     so asking for them raises rather than giving None."""
@@ -447,6 +458,8 @@ class ZooModel(ZooPreTrainedModel):
             _check_attention_mask(attention_mask, Bsz, T, past)
             # a [1, T] mask serves every row: made [B, T] here (a view), as the MoE aux loss reads one entry per token
             attention_mask = attention_mask.expand(Bsz, -1)
+        if position_ids is not None:
+            _check_position_ids(position_ids, Bsz, T, past)
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \
