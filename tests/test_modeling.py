@@ -793,6 +793,27 @@ def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
         assert torch.equal(model(ids, attention_mask=torch.ones(1, 8)).logits, model(ids).logits)  # [1, T] broadcasts
 
 
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_position_ids_of_another_shape_are_refused_naming_the_shape(name):
+    """position_ids of every token so far for a one-token step (as an attention_mask covers them) made RoPE rotate the
+    token at each position ('attention shapes disagree: q (2, 8, ...)'), and a recurrent model ignored them without
+    a word; a 1-D tensor failed with a bare IndexError, a shorter one with a bare expand error. [1, T] serves every
+    row."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 8))
+    with torch.no_grad():
+        cache = model(ids[:, :7], use_cache=True).past_key_values
+        for bad in (torch.arange(8)[None].expand(2, 8), torch.tensor([7])):
+            with pytest.raises(ValueError, match=r"position_ids: expected \[batch, tokens\] = \[2, 1\].*7 \+ "
+                                                 r"arange\(1\) after the 7 cached tokens"):
+                model(ids[:, 7:], position_ids=bad, past_key_values=cache)
+        for bad in (torch.arange(4)[None], torch.arange(8)[None].expand(3, 8)):
+            with pytest.raises(ValueError, match=r"position_ids: expected \[batch, tokens\] = \[2, 8\]"):
+                model(ids, position_ids=bad)
+        step = model(ids[:, 7:], position_ids=torch.tensor([[7]]), past_key_values=cache).logits
+        assert_close("step", step[:, -1], model(ids).logits[:, -1], 1e-5)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
     """An input of no tokens [B, 0] (a chunked prefill's empty remainder) gives logits [B, 0, V] in every family, with
@@ -819,6 +840,34 @@ def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
         cache = ZooCache.for_model(model)  # before one: the prefill after it is the plain prefill
         model(ids[:, :0], attention_mask=none, past_key_values=cache, use_cache=True)
         assert torch.equal(model(ids, attention_mask=mask, past_key_values=cache).logits, prefill.logits)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_labels_of_no_tokens_give_the_loss_of_transformers(name):
+    """input_ids and labels [B, 0] give the loss transformers' ForCausalLMLoss gives: NaN (no target, a mean), 0 under
+    num_items_in_batch. The labels were shifted before padding, so [B, 0] made B targets for 0 logits (a shape
+    error in the cross-entropy)."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = tiny(name)
+    none = torch.zeros(2, 0, dtype=torch.long)
+    for kw in ({}, {"num_items_in_batch": torch.tensor(3)}):
+        out = model(none, labels=none, **kw)
+        ref = ForCausalLMLoss(out.logits, none, 512, **kw)
+        torch.testing.assert_close(out.loss, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_a_chunk_of_no_tokens_on_a_static_cache_gives_empty_logits_and_leaves_it(name):
+    """A static KV cache (ZooCache.to_static) refused a chunk of no tokens ('decodes one token per step, got 0'),
+    which a dynamic cache and the recurrent layers take as a no-op."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 7))
+    with torch.no_grad():
+        cache = model(ids[:, :6], use_cache=True).past_key_values.to_static(16)
+        assert model(ids[:, :0], past_key_values=cache).logits.shape == (2, 0, 512)
+        assert cache.get_seq_length() == 6
+        assert_close("next", model(ids[:, 6:], past_key_values=cache).logits[:, -1], model(ids).logits[:, -1], 1e-5)
 
 
 def test_a_chunk_of_no_tokens_after_a_cache_of_no_keys_gives_empty_logits():

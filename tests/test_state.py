@@ -264,6 +264,44 @@ def test_forget_and_cap_stream_through_the_cache(kind):
             assert_close(f"{kind} {spec}", run(mixer, x, PIECES), run(mixer, x), 2e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_chunk_of_no_tokens_is_no_step_under_a_mitigation(kind):
+    """A chunk of no tokens (before the first piece, between pieces) leaves the mitigated cache as it was: forget and
+    the cap ran no piece ('torch.cat(): expected a non-empty list'), and the window read its r−1 carried tokens
+    alone (no readout to return). In a model too, after a left-padded prefill."""
+    from transformers import AutoModelForCausalLM
+
+    mixer = make_mixer(kind)
+    x = torch.randn(2, sum(PIECES), 32)
+    pieces = [0, 9, 0, 1, 1, 14, 0, 1, 3, 0]
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x, cache=cache)
+        threshold = 0.3 * mit.head_view(kind, cache.recurrent_state).norm(dim=-1).min().item()  # the cap acts
+        specs = ({"c_alpha": 0.8, "c_b": 0.7}, {"threshold": threshold, "chunk": 1, "c_alpha": 0.9}, {"window": 6})
+        for spec in specs:
+            mixer.mitigation = spec
+            assert_close(f"{kind} {spec}", run(mixer, x, pieces), run(mixer, x), 2e-5)
+            cache = RecurrentLayer()
+            mixer(x[:, :9], cache=cache)
+            state = cache.recurrent_state.clone()
+            assert mixer(x[:, :0], cache=cache).shape == (2, 0, 32)
+            assert torch.equal(cache.recurrent_state, state), spec
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{kind}-tiny.yaml")).eval()
+    ids, nxt = torch.randint(1, 512, (2, 6)), torch.randint(1, 512, (2, 1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    full = torch.cat([mask, torch.ones_like(nxt)], 1)
+    for spec in ("forget:c_alpha=0.9", "norm:threshold=0.5,chunk=2", "window:r=3"):
+        apply_mitigation(model, spec)
+        with torch.no_grad():
+            cache = model(ids, attention_mask=mask, use_cache=True).past_key_values
+            assert model(ids[:, :0], attention_mask=mask, past_key_values=cache).logits.shape == (2, 0, 512)
+            assert_close(spec, model(nxt, attention_mask=full, past_key_values=cache).logits,
+                         model(torch.cat([ids, nxt], 1), attention_mask=full).logits[:, -1:], 1e-4)
+
+
 @pytest.mark.parametrize("kind", ["mamba", "mamba2"])
 def test_forget_in_fp16_stays_finite(kind):
     """In fp16 the forget rescaling c^{-k} on B is cut into segments of |k log c| <= 6 (fp16 tops out at 65504):
@@ -784,6 +822,19 @@ def test_calibrated_threshold_is_the_largest_norm_where_the_cap_acts():
         capped = model(ids).logits
         apply_mitigation(model, None)
         assert_close("logits on the reference prefix", capped, model(ids).logits, 1e-5)
+
+
+def test_calibrating_on_no_tokens_names_the_prefix():
+    """A reference prefix of no tokens measured no state: calibrate_norm_threshold failed with a bare KeyError."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    apply_mitigation(model, "forget:c_alpha=0.9")
+    with pytest.raises(ValueError, match="input_ids has no tokens; the reference prefix must be >= 1 token"):
+        calibrate_norm_threshold(model, torch.zeros(2, 0, dtype=torch.long))
+    assert all(m.mitigation["c_alpha"] == 0.9 for m in mit.recurrent_mixers(model))
 
 
 @pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny", "gla-tiny"])

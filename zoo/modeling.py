@@ -171,6 +171,17 @@ def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int
                          f"generate does")
 
 
+def _check_position_ids(position_ids: torch.Tensor, batch: int, tokens: int, past: int) -> None:
+    """Raise, naming the shape zoo takes, for position_ids that are not [batch (or 1), tokens]: the positions of every
+    token so far (as an attention_mask covers them) given for a one-token step made RoPE rotate it at each of them
+    (then 'attention shapes disagree'), a recurrent model ignored them without a word, and a 1-D tensor failed with a
+    bare IndexError."""
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != tokens:
+        after = f"{past} + arange({tokens}) after the {past} cached tokens" if past else f"arange({tokens})"
+        raise ValueError(f"position_ids: expected [batch, tokens] = [{batch}, {tokens}], the positions of this "
+                         f"chunk's tokens alone (e.g. {after}), got shape {tuple(position_ids.shape)}")
+
+
 def _refuse_output_attentions(config, kwargs: dict) -> None:
     """transformers' output_attentions (argument or config default): zoo models have no attention weights to return,
     so asking for them raises rather than giving None."""
@@ -452,6 +463,8 @@ class ZooModel(ZooPreTrainedModel):
             _check_attention_mask(attention_mask, Bsz, T, past)
             # a [1, T] mask serves every row: made [B, T] here (a view), as the MoE aux loss reads one entry per token
             attention_mask = attention_mask.expand(Bsz, -1)
+        if position_ids is not None:
+            _check_position_ids(position_ids, Bsz, T, past)
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \
@@ -834,7 +847,13 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         router logits (`router_logits`), as transformers' Jamba does.
 
         `num_items_in_batch` (what transformers' Trainer passes under gradient accumulation): the targets of the
-        whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses."""
+        whole accumulated batch; the loss is then this micro-batch's sum over that count, as transformers' losses.
+
+        A one-token step with a filled cache reads copies of Mamba / Mamba-2 weights (A, D, conv, dt) kept since
+        the cache's prefill or chunk. A write through `.data` (an EMA copy, PEFT's merge_and_unload) or a fused
+        optimizer step keeps a parameter's storage and version, so steps of your own loop that continue a cache
+        after one read the old values until the next prefill, chunk or generate call: call
+        `zoo.layers.new_sequence()` after such a write (generate and a forward from an empty cache do it)."""
         past_key_values = _the_cache(past_key_values, kwargs)
         _refuse_offloaded_mixers_once(self)
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None
@@ -857,8 +876,9 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         aux = out.aux_loss
         if labels is not None:
             # next-token targets aligned with every position (the last has none), so the logits are read in place
-            # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA)
-            targets = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=-100).reshape(-1)
+            # by zoo_kernels.cross_entropy (fp32 math without an fp32 copy of the logits on CUDA); padded before the
+            # shift, as transformers' ForCausalLMLoss: labels [B, 0] give no target (shifted first, they gave B)
+            targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:].reshape(-1)
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             if aux is not None and self.training:  # a training regularizer, not part of an eval loss
                 loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux

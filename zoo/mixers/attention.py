@@ -244,6 +244,8 @@ class Attention(nn.Module):
         the layer's key padding mask. Nothing here reads a device value on the host, except an attention_mask
         if one is given (eager decoding through generate; a captured step gets none)."""
         Bsz, T, _ = x.shape
+        if T == 0:  # no tokens: nothing to write or read, as with a dynamic cache
+            return x
         if T != 1:
             raise ValueError(f"a static KV cache decodes one token per step, got {T}; prefill with the default "
                              f"dynamic cache and convert it (ZooCache.to_static)")

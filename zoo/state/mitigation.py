@@ -246,6 +246,9 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
     the row's tokens in [start, t] (t - start + 1 without pads: a pad is no step, so c_α does not decay it either).
     Returns the pieces' outputs (the caller concatenates them on its time dim) and the final state.
     """
+    if length == 0:  # no tokens: no step, so neither c_α nor the cap acts (the kernel's empty output, the state)
+        y, state = run(0, 0, initial_state, None)
+        return [y], state
     c = spec["c_alpha"]
     padded = mask is not None and c != 1 and not bool(mask.all())
     ys, state = [], initial_state
@@ -275,14 +278,19 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
 
 
 def windowed_scan(log_decay: Callable, inputs: Callable, readout: Callable, length: int, window: int,
-                  first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  first: int = 0, initial: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Windowed linear recurrence h_p^(r) = Σ_{j=p−r+1..p} (∏_{i=j+1..p} a_i) ⊙ b_j, exactly, in blocks of r.
 
     log_decay(start, stop) -> log a [b, n, ...] broadcastable to the state; inputs(start, stop) -> b
     [b, n, *state]; readout(h, start, stop) -> outputs of positions [start, stop) from their states
     h [b, n, *state]. Returns (the readouts of positions first .. length−1 concatenated on dim 1,
-    h^(r) at length − 1).
+    h^(r) at length − 1). Without a position past `first` (no new token), the readouts are empty and the state is
+    `initial` [b, *state] (the cache's, zeros without one): the r−1 carried tokens alone do not make h^(r).
     """
+    if first == length:
+        empty = inputs(length, length).float()  # (b, 0, *state)
+        state = initial if initial is not None else empty.new_zeros(empty.shape[0], *empty.shape[2:])
+        return readout(empty, length, length), state
     ys, prev, last = [], None, None
     for start in range(0, length, window):
         stop = min(length, start + window)
@@ -399,7 +407,7 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
     if spec["window"] is not None:
         dt = F.softplus(delta.float()) if softplus else delta.float()
         y, final = _mamba_window(mixer, spec, u, dt, A, grouped_B, C if C.dim() == 4 else C[:, None], z, D,
-                                 seq_idx, cache, mask)
+                                 seq_idx, cache, mask, initial_state)
         return (y, final) if want_final else y
     if spec["c_alpha"] == 1 and not _has_cap(spec):
         return selective_scan(u, delta, A, B, C, D, z, None, softplus, initial_state, seq_idx, want_final,
@@ -419,9 +427,9 @@ def mamba_scan(mixer, u, delta, A, B, C, z, initial_state, seq_idx, cache, backe
     return (y, final) if want_final else y
 
 
-def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache, mask=None):
-    """Windowed Mamba scan: u, dt (Δ), z [b, D, T]; B, C [b, G, N, T]; mask [b, T] or None. Returns y [b, D, T],
-    h^(r) [b, D, N]."""
+def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache, mask=None, initial=None):
+    """Windowed Mamba scan: u, dt (Δ), z [b, D, T]; B, C [b, G, N, T]; mask [b, T] or None; initial [b, D, N] (the
+    cached state, kept at T = 0) or None. Returns y [b, D, T], h^(r) [b, D, N]."""
     batch, dim, length = u.shape
     groups = B.shape[1]
     log_c = math.log(spec["c_alpha"])
@@ -437,7 +445,7 @@ def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache, mask=None):
         lambda s, e: dt_e[:, s:e, :, None] * A32 + log_c,
         lambda s, e: (dt_e[:, s:e] * u_e[:, s:e])[..., None] * per_channel(B_e[:, s:e]),
         lambda h, s, e: (h * per_channel(C_t[:, s - first:e - first])).sum(-1),
-        dt_e.shape[1], spec["window"], first)
+        dt_e.shape[1], spec["window"], first, initial)
     y = restore(y).transpose(1, 2) + D[:, None] * u.float()  # (b, D, T)
     if z is not None:
         y = y * F.silu(z.float())
@@ -509,7 +517,7 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
                mask=mask)
     if spec["window"] is not None:
         y, final = _mamba2_window(mixer, spec, x, _mamba2_delta(dt, dt_bias, softplus), A, B, C, D, seq_idx, cache,
-                                  mask)
+                                  mask, initial_state)
         return (y, final) if want_final else y
     if spec["c_alpha"] == 1 and not _has_cap(spec):
         return ssd_chunk_scan(x, dt, A, B, C, mixer.chunk_size, D, None, dt_bias, softplus, initial_state, seq_idx,
@@ -529,8 +537,9 @@ def mamba2_scan(mixer, x, dt, A, B, C, initial_state, seq_idx, cache, backend: s
     return (y, final) if want_final else y
 
 
-def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache, mask=None):
-    """Windowed Mamba-2 scan: x [b, T, H, P]; delta (Δ) [b, T, H]; B, C [b, T, G, N]; mask [b, T] or None."""
+def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache, mask=None, initial=None):
+    """Windowed Mamba-2 scan: x [b, T, H, P]; delta (Δ) [b, T, H]; B, C [b, T, G, N]; mask [b, T] or None; initial
+    [b, H, P, N] (the cached state, kept at T = 0) or None."""
     n_heads = x.shape[2]
     per_group = n_heads // B.shape[2]
     log_c = math.log(spec["c_alpha"])
@@ -545,7 +554,7 @@ def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache, mask=None)
         lambda s, e: (dt_e[:, s:e] * A32 + log_c)[..., None, None],
         lambda s, e: (dt_e[:, s:e, :, None] * x_e[:, s:e])[..., None] * per_head(B_e[:, s:e])[:, :, :, None],
         lambda h, s, e: torch.einsum("bthpn,bthn->bthp", h, per_head(C32[:, s - first:e - first])),
-        dt_e.shape[1], spec["window"], first)
+        dt_e.shape[1], spec["window"], first, initial)
     y = restore(y) + x.float() * (D[:, None] if D.dim() == 1 else D)
     return y.to(x.dtype), final
 
@@ -606,7 +615,7 @@ def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: s
     k, g = _gla_effective(k, g, spec, mask)
     _probe(mixer, log_decay=g.float(), B=k, mask=mask)
     if spec["window"] is not None:
-        o, final = _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask)
+        o, final = _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask, initial_state)
         return (o, final) if want_final else o
     if not _has_cap(spec):
         return chunk_gla(q, k, v, g, scale, initial_state, seq_idx, want_final, mixer.chunk_size, backend=backend)
@@ -620,9 +629,9 @@ def gla_scan(mixer, q, k, v, g, scale, initial_state, seq_idx, cache, backend: s
     return (o, final) if want_final else o
 
 
-def _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask=None):
-    """Windowed GLA: q, k, g [b, T, H, K]; v [b, T, H, V]; mask [b, T] or None. Returns o [b, T, H, V], h^(r)
-    [b, H, K, V]."""
+def _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask=None, initial=None):
+    """Windowed GLA: q, k, g [b, T, H, K]; v [b, T, H, V]; mask [b, T] or None; initial [b, H, K, V] (the cached
+    state, kept at T = 0) or None. Returns o [b, T, H, V], h^(r) [b, H, K, V]."""
     q32 = q.float() * (scale if scale is not None else q.shape[-1] ** -0.5)
     (g_e, k_e, v_e), first, (q32,), restore = _window_inputs(
         cache, spec["window"], (g.float(), k.float(), v.float()), seq_idx, (q32,), mask)
@@ -630,7 +639,7 @@ def _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask=None):
         lambda s, e: g_e[:, s:e, :, :, None],
         lambda s, e: k_e[:, s:e, :, :, None] * v_e[:, s:e, :, None, :],
         lambda h, s, e: torch.einsum("bthk,bthkv->bthv", q32[:, s - first:e - first], h),
-        g_e.shape[1], spec["window"], first)
+        g_e.shape[1], spec["window"], first, initial)
     return restore(o).to(q.dtype), final
 
 

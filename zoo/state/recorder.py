@@ -289,11 +289,13 @@ def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0
     `points_per_octave` and `min_chunk` (0: every chunk_size tokens, as evaluate_length's). Forget / window settings
     already on a mixer are kept; returns the thresholds per layer."""
     check_recurrent(model, "calibrate_norm_threshold")
+    rows = (input_ids[None] if input_ids.dim() == 1 else input_ids).to(next(model.parameters()).device)
+    if rows.shape[1] == 0:  # (no state to measure: it failed with a KeyError after the run)
+        raise ValueError("calibrate_norm_threshold: input_ids has no tokens; the reference prefix must be >= 1 token")
     mixers = recurrent_mixers(model)
     saved = {id(m): m.mitigation for m in mixers}
     for m in mixers:
         m.mitigation = None
-    rows = (input_ids[None] if input_ids.dim() == 1 else input_ids).to(next(model.parameters()).device)
     ends = chunk_ends(rows.shape[1], chunk_size, points_per_octave, min_chunk)
     # where the cap checks: a norm that peaked between two of these (a chunk_size end, a log-spaced forward's end)
     # was missed, so factor 1 capped the reference prefix itself
