@@ -406,6 +406,23 @@ def test_config_errors_name_the_field(tmp_path):
         load_finetune_config(path)  # and a run that reported success
 
 
+
+@pytest.mark.parametrize("override,message", [
+    ("schedule.decay_fraction=20", r"schedule\.decay_fraction: must be in \(0, 1\], got 20"),
+    ("pretrain.schedule.decay_fraction=0", r"pretrain\.schedule\.decay_fraction: must be in \(0, 1\], got 0"),
+    ("optim.eps=0", r"optim\.eps: must be > 0, got 0"),
+    ("optim.betas=[0.9, 1.0]", r"optim\.betas: each must be in \[0, 1\), got \[0\.9, 1\.0\]"),
+    ("optim.fused=yes please", r"optim\.fused: must be true, false or 'auto', got 'yes please'"),
+], ids=["decay_fraction", "pretrain-decay_fraction", "eps", "betas", "fused"])
+def test_optimizer_and_schedule_settings_are_checked_as_zoo_train_checks_them(tmp_path, override, message):
+    # a decay_fraction out of (0, 1] was taken (20, meant as percent, decayed wsd from the end of the warmup), and
+    # bad betas or eps failed in torch's AdamW naming no field, the top-level ones after the whole pretrain phase
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}}}))
+    with pytest.raises(ValueError, match=message):
+        load_finetune_config(path, [override])
+
 def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
     path = tmp_path / "ft.yaml"
 

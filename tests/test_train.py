@@ -1407,6 +1407,31 @@ def test_bits_per_byte_divides_by_the_texts_bytes_not_the_eos_targets(tmp_path):
                                                           rel=1e-9)
 
 
+
+@pytest.mark.parametrize("data,loop", [({}, {}), ({"packing": False}, {"tbptt_chunk": 16})], ids=["rows", "tbptt"])
+def test_eval_loss_of_a_transformers_moe_is_the_cross_entropy_without_its_aux_loss(tmp_path, data, loop):
+    """transformers' MoE models (Mixtral, Jamba, Qwen-MoE, ...) with output_router_logits on, as training with their
+    load-balancing loss needs, add router_aux_loss_coef times it to `loss` in eval mode too: eval/loss (and eval/ppl,
+    bits per byte) counted it as nats, 2.0 too high here. It is the held-out targets' cross-entropy, as a zoo MoE's."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from zoo.data.text import TextStream, load_tokenizer
+
+    mixtral = {**LLAMA, "model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2,
+               "output_router_logits": True, "router_aux_loss_coef": 1.0}
+    cfg = config_from_dict(run_dict(tmp_path, model=mixtral, data=data, train={"max_steps": 2, **loop},
+                                    schedule={"warmup_steps": 1}, eval={"every": 2, "batches": 2}))
+    result = train(cfg)
+    model = AutoModelForCausalLM.from_pretrained(latest_checkpoint(cfg.output_dir) / "model").eval()
+    inputs, nats, targets = ModelInputs.of(model), 0.0, 0
+    with torch.no_grad():
+        for b, _ in itertools.islice(TextStream(cfg.data, load_tokenizer("byte"), "eval").batches(2), 2):
+            logits = model(**inputs.kwargs(b, labels=False), use_cache=False).logits[:, :-1]
+            nats += F.cross_entropy(logits.flatten(0, 1), b["labels"][:, 1:].flatten(), reduction="sum").item()
+            targets += count_targets(b["labels"])
+    assert result.evals[-1]["eval/loss"] == pytest.approx(nats / targets, rel=1e-5)
+
 def test_two_processes_save_and_stop_soon_after_the_launcher_is_sent_sigterm(tmp_path):
     # `accelerate launch` (torchrun) passes a SIGTERM on to its processes and kills them 30 s later. The processes
     # agreed to stop only at log steps, so with log.every far off (100 steps of 1 s) they met the kill unsaved: no

@@ -581,13 +581,19 @@ def _validate_run(section: Any, prefix: str) -> None:
     section.data.validate(f"{prefix}data")
     section.train.validate(f"{prefix}train")
     o, s, steps = section.optim, section.schedule, section.train.max_steps
+    # zoo train's checks of these sections (validate_config): betas, eps and fused failed in torch's AdamW only when
+    # the phase began (the finetune's after the whole pretrain phase), and a decay_fraction out of (0, 1] was taken
     checks = [(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}"),
+              (all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}"),
+              (o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}"),
               (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
               (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
+              (o.fused in (True, False, "auto"), "optim.fused", f"must be true, false or 'auto', got {o.fused!r}"),
               (s.kind in ("cosine", "wsd", "constant"), "schedule.kind", f"unknown {s.kind!r}"),
               (0 <= s.warmup_steps < steps, "schedule.warmup_steps",
                f"must be in [0, train.max_steps={steps}), got {s.warmup_steps}"),
-              (0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}], got {s.min_lr}")]
+              (0 <= s.min_lr <= o.lr, "schedule.min_lr", f"must be in [0, optim.lr={o.lr}], got {s.min_lr}"),
+              (0 < s.decay_fraction <= 1, "schedule.decay_fraction", f"must be in (0, 1], got {s.decay_fraction}")]
     for ok, name, message in checks:
         if not ok:
             raise ValueError(f"{prefix}{name}: {message}")

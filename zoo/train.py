@@ -652,6 +652,7 @@ class ModelInputs:
     position_ids: bool
     use_cache: bool
     cache: str = "past_key_values"  # the keyword the forward takes its cache under (zoo.decode.cache_argument)
+    output_router_logits: bool = False  # a MoE's: transformers' add the aux loss to `loss` in eval mode too
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelInputs:
@@ -659,7 +660,8 @@ class ModelInputs:
 
         params = inspect.signature(model.forward).parameters
         return cls(seq_idx="seq_idx" in params, position_ids="position_ids" in params,
-                   use_cache="use_cache" in params, cache=cache_argument(model))
+                   use_cache="use_cache" in params, cache=cache_argument(model),
+                   output_router_logits="output_router_logits" in params)
 
     def kwargs(self, batch: dict[str, torch.Tensor], sl: slice | None = None, labels: bool = True
                ) -> dict[str, Any]:
@@ -1658,19 +1660,22 @@ def train(cfg: TrainConfig, resume: str | None = None,
         sums = torch.zeros(3, device=device, dtype=torch.float64)  # nats, targets, byte targets
         if isinstance(tokenizer, ByteTokenizer):
             sums[2] = float(sum(count_byte_targets(b["labels"]) for b in eval_batches))
+        # the cross-entropy alone: a transformers MoE (Mixtral, Jamba, ...) configured with output_router_logits adds
+        # its aux loss to `loss` in eval mode too, which eval/loss, eval/ppl and bits per byte counted as nats
+        no_aux = {"output_router_logits": False} if inputs.output_router_logits else {}
         with torch.no_grad():
             for batch in eval_batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if chunk is None:
                     n = count_targets(batch["labels"])
-                    out = model(**inputs.kwargs(batch), **({"use_cache": False} if inputs.use_cache else {}))
+                    out = model(**inputs.kwargs(batch), **({"use_cache": False} if inputs.use_cache else {}), **no_aux)
                     sums[:2] += torch.stack([_weighted_loss(out, n).double(),
                                              torch.tensor(float(n), device=device)])
                     continue
                 cache = None
                 for start in range(0, L, chunk):
                     out = model(**inputs.kwargs(batch, slice(start, start + chunk)), **{inputs.cache: cache},
-                                use_cache=True)
+                                use_cache=True, **no_aux)
                     loss, n = _chunk_loss(out, batch, start, start + chunk)
                     sums[:2] += torch.stack([loss.double(), torch.tensor(float(n), device=device)])
                     cache = output_cache(out)
