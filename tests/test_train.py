@@ -326,9 +326,10 @@ def test_weight_decay_groups_read_the_parameter_flags():
 
 
 def test_biases_norms_and_ssm_parameters_are_not_decayed_matrices_are():
-    """As mamba_ssm's (HazyResearch) and transformers' Trainer groups: no weight decay on any bias (the convs',
-    Mamba's optional linear biases, GLA's gate bias), norm weight, A_log, D or dt bias; decay on every
-    projection, conv and embedding weight."""
+    """No weight decay on any bias (the convs', Mamba's optional linear biases, GLA's gate bias), norm weight, A_log,
+    D or dt bias (mamba_ssm's _no_weight_decay flags); decay on every projection, conv and embedding weight, as
+    transformers' Trainer (flash-attention's training code, which the Mamba paper's runs used, leaves embeddings out:
+    optim.no_decay_embeddings)."""
     from transformers import AutoModelForCausalLM
 
     import zoo
