@@ -612,6 +612,9 @@ UNMAPPABLE_EXPORTS = [
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"],
                                                                           "normalize_topk": True}}), "normalize_topk"),
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "layers": "MAAM"}), "attn_layer_period"),
+    # a one-expert MoE: transformers' Jamba makes that layer a plain MLP, and the export failed on its weight names
+    ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"], "n_experts": 1,
+                                                                          "top_k": 1}}), "moe.n_experts"),
     # the gated norm's grouping transformers cannot express: per group before 5.2x, over all d_inner after
     ("hf-mamba2", to_hf_mamba2, lambda: ZooConfig.from_yaml(
         CONFIGS / "mamba2-tiny.yaml", mixers={"M": {"type": "mamba2", "d_state": 16, "head_dim": 16, "n_groups": 2,

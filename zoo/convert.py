@@ -578,6 +578,9 @@ def to_hf_jamba(model: ZooForCausalLM):
         moe = zc.moe_spec()
         if moe["normalize_topk"]:
             raise _unmappable(fmt, "moe.normalize_topk", True, "Jamba uses the top-k router probabilities as they are")
+        if moe["n_experts"] < 2:
+            raise _unmappable(fmt, "moe.n_experts", moe["n_experts"], "Jamba builds a plain MLP, with no router, "
+                                                                     "where num_experts is 1")
         if any(not f for f in moe_flags) and moe["hidden"] != hidden:
             raise _unmappable(fmt, "moe.hidden", moe["hidden"], f"Jamba's experts and MLPs share intermediate_size "
                                                                 f"(ffn.hidden = {hidden})")
