@@ -578,6 +578,9 @@ def to_hf_jamba(model: ZooForCausalLM):
         moe = zc.moe_spec()
         if moe["normalize_topk"]:
             raise _unmappable(fmt, "moe.normalize_topk", True, "Jamba uses the top-k router probabilities as they are")
+        if moe["n_experts"] < 2:
+            raise _unmappable(fmt, "moe.n_experts", moe["n_experts"], "Jamba builds a plain MLP, with no router, "
+                                                                     "where num_experts is 1")
         if any(not f for f in moe_flags) and moe["hidden"] != hidden:
             raise _unmappable(fmt, "moe.hidden", moe["hidden"], f"Jamba's experts and MLPs share intermediate_size "
                                                                 f"(ffn.hidden = {hidden})")
@@ -825,6 +828,31 @@ def save_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folde
     return folder
 
 
+def _restore_stored_dtypes(model: nn.Module, folder: Path) -> None:
+    """Give each parameter the dtype it has in the folder's safetensors files: transformers' from_pretrained
+    (dtype="auto") casts them all to the config's dtype, rounding the fp32 tensors of a half-precision checkpoint
+    (Mamba's A_log and D, as the zoo's bf16 models keep and export them). A parameter whose stored values are not
+    the loaded ones once cast (renamed or transformed by the loader) stays as loaded."""
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    index = folder / "model.safetensors.index.json"  # the files from_pretrained read, not any other beside them
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    for name in files:
+        with safe_open(folder / name, framework="pt") as f:
+            for key in f.keys():
+                param = params.get(key)
+                if param is None or f.get_slice(key).get_dtype() == _SAFETENSORS_DTYPES.get(param.dtype):
+                    continue
+                stored = f.get_tensor(key)
+                if stored.shape == param.shape and torch.equal(stored.to(param.dtype), param.data):
+                    param.data = stored
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+
+
 def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
@@ -858,6 +886,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         if keys:  # transformers would initialize missing weights at random and drop unexpected ones
             raise UnmappableError(f"{fmt}: {folder} does not fit {_HF_CLASSES[fmt]}: {kind.replace('_', ' ')} "
                                   f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
+    _restore_stored_dtypes(source, Path(folder))
     model = _IMPORTERS[fmt](source)
     if off:  # the folder's own value, for the zoo's init (which never touches loaded weights)
         saved = json.loads((Path(folder) / "config.json").read_text()).get("rescale_prenorm_residual", False)
