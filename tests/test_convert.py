@@ -296,6 +296,20 @@ def test_fp32_tensors_of_a_half_checkpoint_survive_a_round_trip_through_folders(
     assert back.get_input_embeddings().weight.dtype == torch.bfloat16
 
 
+def test_a_checkpoint_stored_in_another_dtype_than_its_config_loads_in_one_dtype(tmp_path):
+    # only fp32 tensors of a half checkpoint keep their stored dtype: a folder whose files are bf16 while its config
+    # says float32 (common in the field) loads in fp32 throughout, not as bf16 weights among fp32 buffers
+    torch.manual_seed(0)
+    fmt, cls, make_config = HF_SOURCES["hf-mamba"]
+    cls(make_config()).to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update({k: "float32" for k in ("dtype", "torch_dtype") if k in config})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = load_as_zoo(tmp_path)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model(torch.tensor([[1, 2, 3]]))
+
+
 def test_tokenizer_travels_with_the_checkpoint(tmp_path):
     torch.manual_seed(0)
     HF_SOURCES["hf-llama"][1](HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "src")

@@ -829,10 +829,11 @@ def save_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folde
 
 
 def _restore_stored_dtypes(model: nn.Module, folder: Path) -> None:
-    """Give each parameter the dtype it has in the folder's safetensors files: transformers' from_pretrained
-    (dtype="auto") casts them all to the config's dtype, rounding the fp32 tensors of a half-precision checkpoint
-    (Mamba's A_log and D, as the zoo's bf16 models keep and export them). A parameter whose stored values are not
-    the loaded ones once cast (renamed or transformed by the loader) stays as loaded."""
+    """Give a half-precision parameter back the fp32 it has in the folder's safetensors files: transformers'
+    from_pretrained (dtype="auto") casts every tensor to the config's dtype, rounding the fp32 tensors of a half
+    checkpoint (Mamba's A_log and D, as the zoo's bf16 models keep and export them). Only such upcasts: a file
+    stored in another half dtype than its config's stays as loaded (one dtype throughout), as does a parameter whose
+    stored values are not the loaded ones once cast (renamed or transformed by the loader)."""
     from safetensors import safe_open
 
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -843,14 +844,12 @@ def _restore_stored_dtypes(model: nn.Module, folder: Path) -> None:
         with safe_open(folder / name, framework="pt") as f:
             for key in f.keys():
                 param = params.get(key)
-                if param is None or f.get_slice(key).get_dtype() == _SAFETENSORS_DTYPES.get(param.dtype):
+                if param is None or param.dtype not in (torch.bfloat16, torch.float16) \
+                        or f.get_slice(key).get_dtype() != "F32":
                     continue
                 stored = f.get_tensor(key)
                 if stored.shape == param.shape and torch.equal(stored.to(param.dtype), param.data):
                     param.data = stored
-
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
 def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
