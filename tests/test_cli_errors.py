@@ -82,6 +82,16 @@ def test_convert_refuses_a_from_format_the_folder_is_not_and_writes_nothing(tiny
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_from_mismatch_suggests_only_a_format_that_from_takes(tiny_folder, tmp_path):
+    # a zoo folder read with --from hf-mamba: `--from zoo` is no choice of the flag (argparse refuses it)
+    with pytest.raises(ValueError) as e:
+        convert(tiny_folder, tmp_path / "out", from_format="hf-mamba")
+    assert "--from zoo" not in str(e.value) and "leave --from out" in str(e.value)
+    convert(tiny_folder, tmp_path / "hf", to_format="hf-mamba")
+    with pytest.raises(ValueError, match="not hf-mamba2; pass --from hf-mamba or leave --from out"):
+        convert(tmp_path / "hf", tmp_path / "out", from_format="hf-mamba2")
+
+
 def test_convert_refuses_to_overwrite_its_source(tiny_folder):
     before = (tiny_folder / "config.json").read_text()
     with pytest.raises(ValueError, match="is the source folder"):
