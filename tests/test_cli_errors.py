@@ -115,6 +115,28 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypa
         cli.main(["info", str(tmp_path / "nope.yaml")])
 
 
+class PathMixer(torch.nn.Module):
+    def __init__(self, d_model, layer_idx, **options):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+def test_info_refuses_a_saved_dotted_mixer_path_before_printing_the_table(tmp_path, capsys, monkeypatch):
+    # a saved folder's dotted mixer path is refused (untrusted) at the model's construction, after the configs load:
+    # the table's header went out first, and the error after it
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    monkeypatch.delenv("ZOO_TRUST_MIXER_PATHS", raising=False)
+    zoo.ZooConfig(vocab_size=32, d_model=16, layers="MX", ffn="none",
+                  mixers={"M": {"type": "mamba"}, "X": {"type": f"{__name__}.PathMixer"}}).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["info", str(TINY), str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "ZOO_TRUST_MIXER_PATHS" in err and out == ""
+
+
 @pytest.mark.parametrize("args, message", [
     (["hi", "--num-beams", "0"], "--num-beams must be at least 1"),
     (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
