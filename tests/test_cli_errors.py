@@ -82,6 +82,16 @@ def test_convert_refuses_a_from_format_the_folder_is_not_and_writes_nothing(tiny
     assert not (tmp_path / "out").exists()
 
 
+def test_convert_from_mismatch_suggests_only_a_format_that_from_takes(tiny_folder, tmp_path):
+    # a zoo folder read with --from hf-mamba: `--from zoo` is no choice of the flag (argparse refuses it)
+    with pytest.raises(ValueError) as e:
+        convert(tiny_folder, tmp_path / "out", from_format="hf-mamba")
+    assert "--from zoo" not in str(e.value) and "leave --from out" in str(e.value)
+    convert(tiny_folder, tmp_path / "hf", to_format="hf-mamba")
+    with pytest.raises(ValueError, match="not hf-mamba2; pass --from hf-mamba or leave --from out"):
+        convert(tmp_path / "hf", tmp_path / "out", from_format="hf-mamba2")
+
+
 def test_convert_refuses_to_overwrite_its_source(tiny_folder):
     before = (tiny_folder / "config.json").read_text()
     with pytest.raises(ValueError, match="is the source folder"):
@@ -103,6 +113,28 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypa
     monkeypatch.setenv("ZOO_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         cli.main(["info", str(tmp_path / "nope.yaml")])
+
+
+class PathMixer(torch.nn.Module):
+    def __init__(self, d_model, layer_idx, **options):
+        super().__init__()
+        self.proj = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x)
+
+
+def test_info_refuses_a_saved_dotted_mixer_path_before_printing_the_table(tmp_path, capsys, monkeypatch):
+    # a saved folder's dotted mixer path is refused (untrusted) at the model's construction, after the configs load:
+    # the table's header went out first, and the error after it
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    monkeypatch.delenv("ZOO_TRUST_MIXER_PATHS", raising=False)
+    zoo.ZooConfig(vocab_size=32, d_model=16, layers="MX", ffn="none",
+                  mixers={"M": {"type": "mamba"}, "X": {"type": f"{__name__}.PathMixer"}}).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["info", str(TINY), str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "ZOO_TRUST_MIXER_PATHS" in err and out == ""
 
 
 @pytest.mark.parametrize("args, message", [

@@ -208,6 +208,8 @@ def test_targets_that_match_nothing_raise(targets, bad):
     with pytest.raises(ValueError, match="match no module") as info:
         wrap_lora(tiny("jamba"), target_modules=targets, verbose=False)
     assert str(bad) in str(info.value)
+    # the names it shows are of modules LoRA wraps (the projections), not the model's outer containers
+    assert "'model.layers.0.mixer.in_proj'" in str(info.value) and "'model.embeddings'" not in str(info.value)
 
 
 def test_include_mlp_with_explicit_targets_raises():

@@ -41,11 +41,11 @@ def info(argv: list[str] | None = None) -> None:
     if args.seq_len < 1:
         p.error(f"--seq-len must be at least 1, got {args.seq_len}")
     configs = [(path, _info_config(path)) for path in args.configs]  # every config's errors before the table
+    with torch.device("meta"):  # and every model's: a dotted mixer path is imported (or refused) only here
+        models = [AutoModelForCausalLM.from_config(cfg) for _, cfg in configs]
     print("| config | layers | d_model | parameters | without embeddings | state floats/seq @ L |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for path, cfg in configs:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
+    for (path, cfg), model in zip(configs, models):
         n = sum(p.numel() for p in model.parameters())
         emb = model.get_input_embeddings().weight.numel()
         head = model.get_output_embeddings()

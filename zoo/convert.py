@@ -869,8 +869,9 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
                                  f"{_READABLE}") from None
             found = fmt
         if found != fmt:  # transformers would build the class's default model and load nothing into it
-            raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; pass --from "
-                             f"{found} or leave --from out")
+            hint = (f"pass --from {found} or leave --from out" if found in FORMATS else
+                    "leave --from out (--to FORMAT converts a zoo folder out of the zoo)")
+            raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; {hint}")
     if fmt == "zoo":
         return ZooForCausalLM.from_pretrained(folder).eval()
     if fmt == "mamba_ssm":

@@ -394,7 +394,7 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
     missing = unmatched_targets(model, target_modules)
     if missing:
         raise ValueError(f"target_modules: {missing} match no module of {type(model).__name__}; module names "
-                         f"look like {[n for n, _ in model.named_modules() if n][:4]} (see "
+                         f"look like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]} (see "
                          f"zoo.finetune.default_lora_targets)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type=expected, **lora_kwargs)
