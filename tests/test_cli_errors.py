@@ -503,6 +503,35 @@ def test_generate_stops_at_a_stop_string(tiny_folder, capsys):
     assert stopped.rstrip("\n") == cut.rstrip("\n") and len(stopped) < len(full)
 
 
+def test_several_prompts_each_end_at_their_stop_string_without_an_eos_token(tmp_path, capsys):
+    """transformers pads a row that met a stop string only where there is an eos_token_id: with a tokenizer and model
+    that have none, a row that met --stop ran on while another row decoded, and its text was printed past the stop.
+    Each prompt of the batch prints what its own call prints."""
+    from zoo.hub import load_folder_tokenizer
+
+    tok = load_folder_tokenizer("byte")
+    tok.eos_token = None
+    torch.manual_seed(0)
+    folder = save_model_folder(AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)), tmp_path / "m", tok)
+    assert load_folder_tokenizer(str(folder)).eos_token_id is None
+    def argv(text: str) -> list[str]:
+        return ["generate", str(folder), text, "--max-new-tokens", "12", "--device", "cpu"]
+
+    cli.main(argv("hi"))
+    first = capsys.readouterr().out[len("hi"):].rstrip("\n")
+    cli.main(argv("hello there"))
+    other = capsys.readouterr().out
+    stop = first[:2]
+    assert len(stop) == 2 and stop not in other[len("hello there"):]  # one row meets it, the other runs to the end
+    singles = []
+    for text in ("hi", "hello there"):
+        cli.main([*argv(text), "--stop", stop])
+        singles.append(capsys.readouterr().out)
+    assert len(singles[0]) < len(first) + len("hi")
+    cli.main([*argv("hi"), "--prompt", "hello there", "--stop", stop])
+    assert capsys.readouterr().out == "".join(f"==> prompt {i + 1} <==\n{text}" for i, text in enumerate(singles))
+
+
 def _capture_generate(monkeypatch) -> dict:
     from zoo.modeling import ZooForCausalLM
 

@@ -1056,6 +1056,22 @@ def test_generate_with_prefill_chunks_from_a_prompt_packed_by_position_ids_conti
         assert_close(f"logits, prefill chunks of {chunk}", torch.stack(packed.logits), torch.stack(alone.logits), 1e-5)
 
 
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_generate_with_prefill_chunks_of_inputs_embeds_is_refused_naming_input_ids(name):
+    """transformers' chunked prefill splits input_ids and passes the whole inputs_embeds with each chunk: from
+    embeddings alone (or beside ids longer than a chunk) the forward failed inside with "The expanded size of the
+    tensor (7) must match the existing size (0)". Refused, naming the fix; ids and embeddings in one chunk still run."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 7))
+    embeds = model.get_input_embeddings()(ids) * 1.5  # not the ids' own embeddings
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    for given in ({"inputs_embeds": embeds}, {"input_ids": ids, "inputs_embeds": embeds}):
+        with pytest.raises(ValueError, match="prefill_chunk_size=3 with inputs_embeds.*generate from input_ids"):
+            model.generate(**given, prefill_chunk_size=3, **kw)
+    one_chunk = model.generate(input_ids=ids, inputs_embeds=embeds, prefill_chunk_size=7, **kw)
+    assert torch.equal(one_chunk, model.generate(input_ids=ids, inputs_embeds=embeds, **kw))
+
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
 def test_weights_written_through_data_reach_the_next_generate(name):
     """PEFT's merge_and_unload and EMA copies write weights through .data, which keeps a parameter's storage and

@@ -199,6 +199,15 @@ def generate(argv: list[str] | None = None) -> None:
                              **({"cuda_graph": True} if args.cuda_graph else {}))
     if streamer is not None:
         return
+    if stops and len(prompts) > 1:
+        # transformers pads a row that met a stop string only where there is an eos_token_id: without one it ran on
+        # while the other rows decoded, and its text was printed past the stop. Each row ends at its first stop, as
+        # its own call ends
+        from transformers.generation.stopping_criteria import StopStringCriteria
+
+        met = StopStringCriteria(tokenizer=tok, stop_strings=stops)
+        out = [next((row[:k] for k in range(width + 1, len(row) + 1) if met(row[None, :k], None)[0]), row)
+               for row in out.cpu()]
     for i, row in enumerate(out):
         start = width if args.chat else width - len(rows[i])  # the reply alone, or the prompt without its pads
         if len(prompts) > 1:

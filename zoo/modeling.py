@@ -584,6 +584,23 @@ def _seq_idx_of_a_prompt_packed_by_position_ids(args: tuple, kwargs: dict, confi
         kwargs["seq_idx"] = seq_idx
 
 
+def _refuse_a_chunked_prefill_of_inputs_embeds(args: tuple, kwargs: dict, config) -> None:
+    """transformers' chunked prefill (prefill_chunk_size) splits input_ids into chunks and hands each the whole
+    inputs_embeds: given embeddings alone (input_ids then [B, 0]) or beside ids longer than one chunk, the forward met
+    a chunk's mask and positions beside the whole prompt's embeddings and failed inside ("The expanded size of the
+    tensor (7) must match the existing size (0)"); transformers' Llama fails likewise, and its Mamba-2 and Jamba
+    prefill the whole prompt or decode from the wrong embeddings. Raise, naming the fix."""
+    chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+    if chunk is None or kwargs.get("inputs_embeds") is None:
+        return
+    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    if torch.is_tensor(ids) and ids.dim() == 2 and 0 < ids.shape[1] <= chunk:
+        return  # one chunk: the prompt's ids and embeddings run together
+    raise ValueError(f"generate: prefill_chunk_size={chunk} with inputs_embeds: transformers' chunked prefill splits "
+                     f"input_ids into chunks and passes the whole inputs_embeds with each, so the chunks cannot run; "
+                     f"generate from input_ids to prefill in chunks, or drop prefill_chunk_size")
+
+
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     """ZooModel with a language-modelling head (tied to the embedding when config.tie_embeddings)."""
 
@@ -674,6 +691,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         warn_if_right_padded(kwargs.get("attention_mask"))
         given = kwargs.get("generation_config") or self.generation_config
         _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, given)
+        _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, given)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
                 and kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
