@@ -32,7 +32,7 @@ Maths per mixer (h the state, a the decay, b the input of h_t = a_t ⊙ h_{t-1} 
   last r−1 tokens' scan inputs (not r states), so a prefill in pieces and decoding give the same outputs
   as one forward; its recurrent state is h^(r) at the last token. Cost: O(r · state) memory per block
   and per decoding step (the window is re-scanned), plain PyTorch (the kernels cannot express it).
-  Packed sequences (seq_idx) and beam reordering are not supported with a window.
+  Packed sequences (seq_idx) are refused with a window; beam search reorders its carried inputs with the cache.
 """
 
 from __future__ import annotations
