@@ -576,6 +576,20 @@ def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch
     assert merged["eos_token_id"] == 2 and generation["eos_token_id"] == 2
 
 
+def test_rows_dropped_past_seq_len_are_said_once_per_launch(tmp_path, monkeypatch, capsys):
+    # every process of `accelerate launch scripts/finetune.py` builds the datasets, and each printed the line
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "x" * 20, "completion": "y"}) + "\n"
+                                         + json.dumps({"text": "ab"}) + "\n")
+    data = DataSection(source=str(tmp_path / "rows.jsonl"), eval_source=str(tmp_path / "rows.jsonl"), seq_len=8)
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        build_datasets(data, ByteTokenizer())
+        assert ("data: dropped 1 rows whose completion lies past seq_len=8" in capsys.readouterr().out) == said, rank
+
+
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
     # a line that is not JSON raised json's "Expecting ',' delimiter: line 1 column 11", naming neither the file nor
     # its line (line 1 is the row's own text)

@@ -787,7 +787,7 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
         rows = [rows[i] for i in order[n_eval:]]
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     evaluation, _ = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
-    if dropped:
+    if dropped and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
         print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}")
     if not train:
         raise ValueError("data.source: no training rows with a target left")
