@@ -58,6 +58,7 @@ from zoo.train import (
     OptimConfig,
     ScheduleConfig,
     _build,
+    _progress_bars_on_main_only,
     _refuse_fp16_without_autocast,
     _refuse_lone_processes,
     _run_precision,
@@ -1189,6 +1190,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = accelerator.device
     out_dir = Path(cfg.output_dir)
     _refuse_lone_processes(accelerator, out_dir, "finetune and save")  # (raced writes of adapter/, merged/)
+    _progress_bars_on_main_only(accelerator)
     _refuse_fsdp(accelerator, "zoo finetune")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
