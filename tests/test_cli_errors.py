@@ -211,6 +211,21 @@ def test_an_interrupted_train_exits_130(monkeypatch):
     assert e.value.code == 130
 
 
+def test_a_stopped_finetune_under_accelerate_launch_says_so_once(monkeypatch, capsys):
+    # every process of `accelerate launch scripts/finetune.py` raises TrainingStopped at the step they agreed on, and
+    # each printed the same 'zoo finetune: interrupted: stopped after step N, saved in ...' line
+    from zoo.finetune import TrainingStopped
+
+    def stopped(argv):
+        raise TrainingStopped(None, 3)
+
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert cli._run("zoo finetune", stopped, []) == 130
+        assert ("zoo finetune: interrupted: stopped after step 3" in capsys.readouterr().err) == said, rank
+
+
 def test_train_resume_without_a_config_names_the_runs_own(tmp_path, capsys):
     # `zoo train --resume runs/demo` (as --resume's help reads: a run directory) said only that config is required
     # (the usage shows it optional); the run directory keeps the config it was started with

@@ -578,6 +578,20 @@ def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch
     assert merged["eos_token_id"] == 2 and generation["eos_token_id"] == 2
 
 
+def test_rows_dropped_past_seq_len_are_said_once_per_launch(tmp_path, monkeypatch, capsys):
+    # every process of `accelerate launch scripts/finetune.py` builds the datasets, and each printed the line
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "x" * 20, "completion": "y"}) + "\n"
+                                         + json.dumps({"text": "ab"}) + "\n")
+    data = DataSection(source=str(tmp_path / "rows.jsonl"), eval_source=str(tmp_path / "rows.jsonl"), seq_len=8)
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        build_datasets(data, ByteTokenizer())
+        assert ("data: dropped 1 rows whose completion lies past seq_len=8" in capsys.readouterr().out) == said, rank
+
+
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
     # a line that is not JSON raised json's "Expecting ',' delimiter: line 1 column 11", naming neither the file nor
     # its line (line 1 is the row's own text)
@@ -971,6 +985,44 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses("one")) == 3
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
+
+
+def test_two_processes_draw_the_weight_loading_bars_of_one(tmp_path, capsys):
+    # each process of `accelerate launch scripts/finetune.py` loads the base (and reloads it under the saved adapter),
+    # and each drew transformers' "Loading weights" bar: the launch showed every bar once per process
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from zoo.data.text import ByteTokenizer
+
+    base = tmp_path / "base"
+    tiny("mamba").save_pretrained(base)
+    ByteTokenizer().save_pretrained(base)
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": "ab" * (i + 2)}) + "\n" for i in range(8)))
+
+    def config(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": str(base), "output_dir": str(tmp_path / name),
+            "data": {"source": str(tmp_path / "rows.jsonl"), "eval_source": str(tmp_path / "rows.jsonl")},
+            "train": {"max_steps": 1, "micro_batch_size": 1, "progress_bar": False, "checkpoint_every": 0},
+            "schedule": {"warmup_steps": 0}, "lora": {"r": 2, "check_forward": False}}))
+        return path
+
+    def bars(err: str) -> int:
+        return len(re.findall(r"Loading weights:\s+0%", err))
+
+    main([str(config("one"))])
+    one = bars(capsys.readouterr().err)
+    assert one >= 2, "the case: the base is loaded, then reloaded under the saved adapter"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "finetune.py"), str(config("two"))]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert bars(proc.stderr) == one, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kwargs", [{"trainable_token_indices": [1, 2]}, {"target_modules": ["embeddings", "in_proj"]},

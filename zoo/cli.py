@@ -276,7 +276,8 @@ def _run(prog: str, fn, argv: list[str]):
     except KeyboardInterrupt as e:
         if os.environ.get("ZOO_TRACEBACK"):
             raise
-        print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # (where it saved, if it did)
+        if os.environ.get("RANK", "0") == "0":  # the launch's processes stop together: its first one says so
+            print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # (where it saved, if it did)
         return 130
     except BrokenPipeError:
         if not _stdout_closed():

@@ -58,6 +58,7 @@ from zoo.train import (
     OptimConfig,
     ScheduleConfig,
     _build,
+    _progress_bars_on_main_only,
     _refuse_fp16_without_autocast,
     _refuse_lone_processes,
     _run_precision,
@@ -787,7 +788,7 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
         rows = [rows[i] for i in order[n_eval:]]
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     evaluation, _ = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
-    if dropped:
+    if dropped and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
         print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}")
     if not train:
         raise ValueError("data.source: no training rows with a target left")
@@ -1189,6 +1190,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     device = accelerator.device
     out_dir = Path(cfg.output_dir)
     _refuse_lone_processes(accelerator, out_dir, "finetune and save")  # (raced writes of adapter/, merged/)
+    _progress_bars_on_main_only(accelerator)
     _refuse_fsdp(accelerator, "zoo finetune")
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)

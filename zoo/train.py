@@ -1418,6 +1418,15 @@ def _refuse_lone_processes(accelerator, out_dir: str | Path, runs: str = "train 
                          f"configs/accelerate/ddp.yaml --num_processes N (gloo), or run one process")
 
 
+def _progress_bars_on_main_only(accelerator) -> None:
+    """Turn off transformers' progress bars (from_pretrained's "Loading weights") in every process of a launch but the
+    main one: each process loads the same weights, and each drew its own bar."""
+    if not accelerator.is_main_process:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def train(cfg: TrainConfig, resume: str | None = None,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Run (or resume) a training run.
@@ -1457,6 +1466,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         step_scheduler_with_optimizer=False)
     world, device = accelerator.num_processes, accelerator.device
     _refuse_lone_processes(accelerator, out_dir)
+    _progress_bars_on_main_only(accelerator)
     _refuse_fp16_without_autocast(accelerator, cfg.train.precision)
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
     if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
