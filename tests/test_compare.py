@@ -1197,3 +1197,20 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     calls[:] = []
     assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
     assert calls == [] and not partial.exists()
+
+
+def test_throughput_reports_the_median_of_an_even_number_of_timed_steps(tmp_path, monkeypatch):
+    """ms/step and tokens/s are documented as the median of the timed steps; with an even count (the demo times 2)
+    the upper middle one was taken, so two steps of 1 s and 3 s read 3 s."""
+    import types
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", "throughput.seq_lens=[16]", "throughput.steps=2", "throughput.warmup=0",
+        "throughput.batch_tokens=16"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "transformerpp"]
+    clock = iter([0.0, 1.0, 10.0, 13.0])  # each step's start and end: steps of 1 s and 3 s
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    (row,) = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
+    assert row["step_ms"] == pytest.approx(2000.0) and row["tokens_per_s"] == pytest.approx(16 / 2.0)

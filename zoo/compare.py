@@ -94,6 +94,7 @@ import hashlib
 import inspect
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -1465,7 +1466,7 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
                     torch.cuda.synchronize(device)
                 if i >= t.warmup:
                     times.append(time.perf_counter() - start)
-            step_s = sorted(times)[len(times) // 2]
+            step_s = statistics.median(times)
             row.update(step_ms=step_s * 1e3, tokens_per_s=B * L / step_s)
             if device.type == "cuda":
                 row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
