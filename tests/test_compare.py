@@ -1214,3 +1214,15 @@ def test_throughput_reports_the_median_of_an_even_number_of_timed_steps(tmp_path
     monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     (row,) = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
     assert row["step_ms"] == pytest.approx(2000.0) and row["tokens_per_s"] == pytest.approx(16 / 2.0)
+
+
+def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsys):
+    """The main table gave eval loss without its unit, FLOPs/tok without saying forward (training costs 3x), params
+    without saying an MoE's every expert counts, train tok/s without saying which tokens."""
+    out = tmp_path / "acc"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0
+    table = (out / "accounting.md").read_text()
+    legend = next(line for line in table.splitlines() if line.startswith("Columns:"))
+    for said in ("every expert of an MoE", "forward FLOPs per token", "nats per token", "real (not pad)",
+                 "fraction of queries", "KV 2 and states 4 bytes per float", "first 2 batches of held-out rows"):
+        assert said in legend, said

@@ -1636,6 +1636,15 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                 f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(mqar['accuracy'] if mqar else None, '.3f')} | "
                 f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
                 f"{backend} |")
+    lines += ["", "Columns: params, every parameter (tied embeddings once, every expert of an MoE: its active ones are "
+              "under Sizes); non-emb, less the token embedding and an untied head; vs budget, the budget's count "
+              "against budget.params; FLOPs/tok @L, forward FLOPs per token at the training length L (a training "
+              f"step costs 3x); cache/seq @L, the inference cache per sequence after L tokens ({_cache_bytes(cfg)}); "
+              "tokens, the training tokens (an unpacked row's pads included); train tok/s, real (not pad) training "
+              "tokens per second over the steps after the first; eval loss, cross-entropy in nats per token over "
+              f"every target of the first {cfg.eval.batches} batches of held-out rows (the same rows for every "
+              "model); bits/byte, those nats in bits per text byte; MQAR acc, the fraction of queries answered "
+              "right over the MQAR cells; passkey, the fraction of samples retrieved, averaged over lengths x depths."]
     lines += ["", f"## Accounting per length (forward FLOPs per token; cache per sequence: {_cache_bytes(cfg)})", "",
               "| model | L | FLOPs/token | decode FLOPs/token | KV floats | state floats | cache MiB |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
