@@ -1226,3 +1226,32 @@ def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsy
     for said in ("every expert of an MoE", "forward FLOPs per token", "nats per token", "real (not pad)",
                  "fraction of queries", "KV 2 and states 4 bytes per float", "first 2 batches of held-out rows"):
         assert said in legend, said
+
+
+def test_cpu_step_memory_frees_the_steps_graph():
+    """The CPU memory measurement's pack hook returned each saved tensor itself: a saved output (GLA's decay, exp)
+    then held its own node, a cycle autograd never frees, so every measured step of GLA kept its graph, activations
+    and the parameters upstream alive for the rest of the comparison."""
+    import gc
+    import weakref
+
+    from zoo.compare import _step_memory_cpu
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig(**fields_of("gla-tiny", vocab_size=260)))
+    ids = torch.randint(0, 260, (2, 32))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    grads = {}
+    hooks = [p.register_hook(lambda g, i=i: grads.__setitem__(i, g.clone())) for i, p in enumerate(model.parameters())]
+    assert _step_memory_cpu(model, {"input_ids": ids, "labels": ids}) > 0
+    for i, g in enumerate(expected):  # the measured step's gradients are those of a plain step
+        torch.testing.assert_close(grads[i], g)
+    for hook in hooks:
+        hook.remove()
+    refs = [weakref.ref(p) for p in model.parameters()]
+    del model, loss
+    gc.collect()
+    assert not [r for r in refs if r() is not None]

@@ -1420,7 +1420,7 @@ def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params and storage.data_ptr() != 0:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        return t.detach()  # t itself: a saved output (GLA's exp) held its own node, a cycle autograd never freed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**batch).loss
