@@ -427,7 +427,15 @@ def test_model_and_length_errors_name_the_field(tmp_path):
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
                           "train": {"batch_tokens": 256, "micro_batch_size": 2, "max_steps": 2},
                           "schedule": {"warmup_steps": 0}}},
-              r"train_lengths: at L=96: ")]
+              r"train_lengths: at L=96: "),
+             # without batch_tokens a micro-batch of 4 x 64 tokens became 1 x 1024: the L=1024 models trained on 4x
+             # the tokens of the L=64 ones
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 1024],
+               "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
+                          "train": {"micro_batch_size": 4, "max_steps": 2}, "schedule": {"warmup_steps": 0}}},
+              r"train_lengths: at L=1024: a micro-batch holds 1 · 1024 = 1024 tokens, not the recipe's 4 · 64 = 256, "
+              r"so the lengths would train on different tokens per step; set recipe.train.batch_tokens to a multiple "
+              r"of 1024")]
     for data, message in cases:
         bad.write_text(yaml.safe_dump(data))
         with pytest.raises(ValueError, match=message):

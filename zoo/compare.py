@@ -902,9 +902,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     from zoo.train import config_from_dict
 
     try:  # zoo.train names its own fields (train.max_steps), which sit under recipe here
-        config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+        base = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
     except ValueError as e:
         raise ValueError(f"recipe.{e}") from None
+    micro = base.train.micro_batch_size * base.data.seq_len
     for L in cfg.train_lengths or []:  # each length's recipe, before any model trains (zoo.train checks it at start)
         try:
             run = config_from_dict({**_recipe_at(cfg, L), "model": "recipe-check", "output_dir": "recipe-check"})
@@ -914,6 +915,12 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         if run.train.batch_tokens is not None and run.train.batch_tokens % rows:
             raise ValueError(f"train_lengths: at L={L}: recipe.train.batch_tokens {run.train.batch_tokens} is not a "
                              f"multiple of micro_batch_size · seq_len = {run.train.micro_batch_size} · {L}")
+        if run.train.batch_tokens is None and rows != micro:  # the lengths would train on different tokens per step
+            common = math.lcm(*(max(1, micro // n) * n for n in cfg.train_lengths))
+            raise ValueError(f"train_lengths: at L={L}: a micro-batch holds {run.train.micro_batch_size} · {L} = "
+                             f"{rows} tokens, not the recipe's {base.train.micro_batch_size} · {base.data.seq_len} = "
+                             f"{micro}, so the lengths would train on different tokens per step; set "
+                             f"recipe.train.batch_tokens to a multiple of {common}")
 
 
 def _mqar_cell_error(seq_len: int, n_kv: int, m: MQARConfig) -> str | None:
