@@ -427,7 +427,15 @@ def test_model_and_length_errors_name_the_field(tmp_path):
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
                           "train": {"batch_tokens": 256, "micro_batch_size": 2, "max_steps": 2},
                           "schedule": {"warmup_steps": 0}}},
-              r"train_lengths: at L=96: ")]
+              r"train_lengths: at L=96: "),
+             # without batch_tokens a micro-batch of 4 x 64 tokens became 1 x 1024: the L=1024 models trained on 4x
+             # the tokens of the L=64 ones
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 1024],
+               "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
+                          "train": {"micro_batch_size": 4, "max_steps": 2}, "schedule": {"warmup_steps": 0}}},
+              r"train_lengths: at L=1024: a micro-batch holds 1 · 1024 = 1024 tokens, not the recipe's 4 · 64 = 256, "
+              r"so the lengths would train on different tokens per step; set recipe.train.batch_tokens to a multiple "
+              r"of 1024")]
     for data, message in cases:
         bad.write_text(yaml.safe_dump(data))
         with pytest.raises(ValueError, match=message):
@@ -1197,3 +1205,61 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     calls[:] = []
     assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
     assert calls == [] and not partial.exists()
+
+
+def test_throughput_reports_the_median_of_an_even_number_of_timed_steps(tmp_path, monkeypatch):
+    """ms/step and tokens/s are documented as the median of the timed steps; with an even count (the demo times 2)
+    the upper middle one was taken, so two steps of 1 s and 3 s read 3 s."""
+    import types
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", "throughput.seq_lens=[16]", "throughput.steps=2", "throughput.warmup=0",
+        "throughput.batch_tokens=16"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "transformerpp"]
+    clock = iter([0.0, 1.0, 10.0, 13.0])  # each step's start and end: steps of 1 s and 3 s
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    (row,) = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
+    assert row["step_ms"] == pytest.approx(2000.0) and row["tokens_per_s"] == pytest.approx(16 / 2.0)
+
+
+def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsys):
+    """The main table gave eval loss without its unit, FLOPs/tok without saying forward (training costs 3x), params
+    without saying an MoE's every expert counts, train tok/s without saying which tokens."""
+    out = tmp_path / "acc"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0
+    table = (out / "accounting.md").read_text()
+    legend = next(line for line in table.splitlines() if line.startswith("Columns:"))
+    for said in ("every expert of an MoE", "forward FLOPs per token", "nats per token", "real (not pad)",
+                 "fraction of queries", "KV 2 and states 4 bytes per float", "first 2 batches of held-out rows"):
+        assert said in legend, said
+
+
+def test_cpu_step_memory_frees_the_steps_graph():
+    """The CPU memory measurement's pack hook returned each saved tensor itself: a saved output (GLA's decay, exp)
+    then held its own node, a cycle autograd never frees, so every measured step of GLA kept its graph, activations
+    and the parameters upstream alive for the rest of the comparison."""
+    import gc
+    import weakref
+
+    from zoo.compare import _step_memory_cpu
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig(**fields_of("gla-tiny", vocab_size=260)))
+    ids = torch.randint(0, 260, (2, 32))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    grads = {}
+    hooks = [p.register_hook(lambda g, i=i: grads.__setitem__(i, g.clone())) for i, p in enumerate(model.parameters())]
+    assert _step_memory_cpu(model, {"input_ids": ids, "labels": ids}) > 0
+    for i, g in enumerate(expected):  # the measured step's gradients are those of a plain step
+        torch.testing.assert_close(grads[i], g)
+    for hook in hooks:
+        hook.remove()
+    refs = [weakref.ref(p) for p in model.parameters()]
+    del model, loss
+    gc.collect()
+    assert not [r for r in refs if r() is not None]

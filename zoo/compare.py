@@ -94,6 +94,7 @@ import hashlib
 import inspect
 import json
 import math
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -901,9 +902,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     from zoo.train import config_from_dict
 
     try:  # zoo.train names its own fields (train.max_steps), which sit under recipe here
-        config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+        base = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
     except ValueError as e:
         raise ValueError(f"recipe.{e}") from None
+    micro = base.train.micro_batch_size * base.data.seq_len
     for L in cfg.train_lengths or []:  # each length's recipe, before any model trains (zoo.train checks it at start)
         try:
             run = config_from_dict({**_recipe_at(cfg, L), "model": "recipe-check", "output_dir": "recipe-check"})
@@ -913,6 +915,12 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         if run.train.batch_tokens is not None and run.train.batch_tokens % rows:
             raise ValueError(f"train_lengths: at L={L}: recipe.train.batch_tokens {run.train.batch_tokens} is not a "
                              f"multiple of micro_batch_size · seq_len = {run.train.micro_batch_size} · {L}")
+        if run.train.batch_tokens is None and rows != micro:  # the lengths would train on different tokens per step
+            common = math.lcm(*(max(1, micro // n) * n for n in cfg.train_lengths))
+            raise ValueError(f"train_lengths: at L={L}: a micro-batch holds {run.train.micro_batch_size} · {L} = "
+                             f"{rows} tokens, not the recipe's {base.train.micro_batch_size} · {base.data.seq_len} = "
+                             f"{micro}, so the lengths would train on different tokens per step; set "
+                             f"recipe.train.batch_tokens to a multiple of {common}")
 
 
 def _mqar_cell_error(seq_len: int, n_kv: int, m: MQARConfig) -> str | None:
@@ -1419,7 +1427,7 @@ def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
         storage = t.untyped_storage()
         if storage.data_ptr() not in params and storage.data_ptr() != 0:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        return t.detach()  # t itself: a saved output (GLA's exp) held its own node, a cycle autograd never freed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = model(**batch).loss
@@ -1465,7 +1473,7 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
                     torch.cuda.synchronize(device)
                 if i >= t.warmup:
                     times.append(time.perf_counter() - start)
-            step_s = sorted(times)[len(times) // 2]
+            step_s = statistics.median(times)
             row.update(step_ms=step_s * 1e3, tokens_per_s=B * L / step_s)
             if device.type == "cuda":
                 row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -1635,6 +1643,15 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                 f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(mqar['accuracy'] if mqar else None, '.3f')} | "
                 f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
                 f"{backend} |")
+    lines += ["", "Columns: params, every parameter (tied embeddings once, every expert of an MoE: its active ones are "
+              "under Sizes); non-emb, less the token embedding and an untied head; vs budget, the budget's count "
+              "against budget.params; FLOPs/tok @L, forward FLOPs per token at the training length L (a training "
+              f"step costs 3x); cache/seq @L, the inference cache per sequence after L tokens ({_cache_bytes(cfg)}); "
+              "tokens, the training tokens (an unpacked row's pads included); train tok/s, real (not pad) training "
+              "tokens per second over the steps after the first; eval loss, cross-entropy in nats per token over "
+              f"every target of the first {cfg.eval.batches} batches of held-out rows (the same rows for every "
+              "model); bits/byte, those nats in bits per text byte; MQAR acc, the fraction of queries answered "
+              "right over the MQAR cells; passkey, the fraction of samples retrieved, averaged over lengths x depths."]
     lines += ["", f"## Accounting per length (forward FLOPs per token; cache per sequence: {_cache_bytes(cfg)})", "",
               "| model | L | FLOPs/token | decode FLOPs/token | KV floats | state floats | cache MiB |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
