@@ -1040,6 +1040,29 @@ def test_a_model_the_accounting_cannot_count_is_refused_before_any_model_trains(
     assert "training at" not in err and not (tmp_path / "moe" / "mamba").exists()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_throughput_peak_memory_leaves_out_the_warmup_steps(tmp_path, monkeypatch):
+    """The peak was reset before the warmup steps, so one-off allocations of a first call (Triton's autotuning
+    benchmarks, here a 1 GiB buffer) counted in the model's memory column."""
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", "throughput.seq_lens=[32]", "throughput.steps=1", "throughput.warmup=1"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "transformerpp"]
+    real, calls = compare._autocast, []
+
+    def autocast(device):  # entered before each step's forward
+        calls.append(device)
+        if len(calls) == 1:
+            torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+        return real(device)
+
+    monkeypatch.setattr(compare, "_autocast", autocast)
+    (row,) = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cuda"))["rows"]
+    assert len(calls) == 2 and 0 < row["peak_mib"] < 512
+
+
 def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_path, monkeypatch):
     """After an out-of-memory error in backward, the failed step's loss (and its graph, the length's activations)
     stayed referenced while the next length's steps ran, under their memory peak."""

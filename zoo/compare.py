@@ -74,8 +74,8 @@ a sliding layer keeps the last window − 1 keys, the next token's own joins the
 conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_bytes`` per KV float (bf16)
 and ``accounting.state_bytes`` per recurrent float (fp32, as the cache keeps it).
 
-Measured memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over a training step (weights,
-gradients, activations, workspace); on CPU, which has no allocator statistics, weights + gradients + the
+Measured memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over the timed training steps (weights,
+gradients, activations, workspace; the warmup steps' one-off buffers left out); on CPU, which has no allocator statistics, weights + gradients + the
 tensors autograd saves for backward (counted once per storage): the part of a step's memory that grows
 with L.
 """
@@ -1460,10 +1460,10 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
         row: dict[str, Any] = {"seq_len": L, "batch_size": B}
         try:
             times = []
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
             for i in range(t.warmup + t.steps):
+                if i == t.warmup and device.type == "cuda":  # the peak of the timed steps: not the warmup's one-off
+                    torch.cuda.synchronize(device)           # buffers (autotuners' benchmarks, first-call workspaces)
+                    torch.cuda.reset_peak_memory_stats(device)
                 start = time.perf_counter()
                 with _autocast(device):
                     loss = model(**batch).loss
