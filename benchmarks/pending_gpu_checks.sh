@@ -23,10 +23,10 @@ add() { seconds[$1]=$2; commands[$1]=$3; }
 add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py -k fsdp_on_gpus -rs"
 # (tests-ssd-gla, the SSD Triton and GLA kernel tests that did not finish in the thirty-fifth session's calls: 39
 # passed in 475 s on an H100 in the thirty-sixth session's first call)
-# the sliding-window static KV layer as a ring of 2 x window slots (thirty-sixth session, CPU-tested with the decode
-# kernel in Triton's interpreter): the static decode and static generate cuda tests, the windowed graph decoder among them
-add tests-static-ring 400 "python -m pytest -q -m cuda -p no:cacheprovider -rfEs tests/test_static_decode.py tests/test_static_generate.py"
-order=(tests-static-ring tests-fsdp-gpus)
+# (tests-static-ring, the windowed static KV ring's cuda tests: 26 passed, thirty-sixth session's call 2)
+# compare's throughput peak reset after the warmup steps (thirty-sixth session, after call 2)
+add tests-compare-cuda 200 "python -m pytest -q -m cuda -p no:cacheprovider -rfEs tests/test_compare.py"
+order=(tests-compare-cuda tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
