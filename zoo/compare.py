@@ -75,9 +75,9 @@ conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_b
 and ``accounting.state_bytes`` per recurrent float (fp32, as the cache keeps it).
 
 Measured memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over the timed training steps (weights,
-gradients, activations, workspace; the warmup steps' one-off buffers left out); on CPU, which has no allocator statistics, weights + gradients + the
-tensors autograd saves for backward (counted once per storage): the part of a step's memory that grows
-with L.
+gradients, activations, workspace; the warmup steps' one-off buffers left out); on CPU, which has no allocator
+statistics, weights + gradients + the tensors autograd saves for backward (counted once per storage): the part of a
+step's memory that grows with L.
 """
 
 from __future__ import annotations
