@@ -443,6 +443,29 @@ def test_model_and_length_errors_name_the_field(tmp_path):
             resolve_models(cfg, folder)
 
 
+def test_train_lengths_advice_is_taken_by_a_recipe_that_sets_grad_accum(tmp_path):
+    """The advice for train_lengths whose micro-batches would differ in tokens was to set recipe.train.batch_tokens;
+    beside the recipe's train.grad_accum (the demo's sets it) that was refused next ('set either train.batch_tokens
+    or train.grad_accum, not both'). It says to set it in place of grad_accum, which is then taken."""
+    path = tmp_path / "lengths.yaml"
+    train = {"micro_batch_size": 4, "grad_accum": 1, "max_steps": 2}
+    data = {"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 1024],
+            "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64}, "train": train,
+                       "schedule": {"warmup_steps": 0}}}
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"set recipe\.train\.batch_tokens to a multiple of 1024 in place of "
+                                         r"recipe\.train\.grad_accum \(unset it\)$"):
+        load_compare_config(path)
+    del train["grad_accum"]
+    path.write_text(yaml.safe_dump({**data, "recipe": {**data["recipe"], "train": {**train, "batch_tokens": 1024}}}))
+    cfg, _ = load_compare_config(path)
+    assert cfg.train_lengths == [64, 1024]
+    train["grad_accum"] = None  # unset in YAML: the advice is the plain one
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=r"set recipe\.train\.batch_tokens to a multiple of 1024$"):
+        load_compare_config(path)
+
+
 def test_recipe_fields_the_comparison_would_not_honour_are_refused(tmp_path):
     """recipe.model_overrides reached training (build_model applies it) but not budget matching or accounting: with
     vocab_size 4000 the table said 197K parameters, -1.6% from the budget, for a model of 500K; recipe.eval was

@@ -75,9 +75,9 @@ conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_b
 and ``accounting.state_bytes`` per recurrent float (fp32, as the cache keeps it).
 
 Measured memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over the timed training steps (weights,
-gradients, activations, workspace; the warmup steps' one-off buffers left out); on CPU, which has no allocator statistics, weights + gradients + the
-tensors autograd saves for backward (counted once per storage): the part of a step's memory that grows
-with L.
+gradients, activations, workspace; the warmup steps' one-off buffers left out); on CPU, which has no allocator
+statistics, weights + gradients + the tensors autograd saves for backward (counted once per storage): the part of a
+step's memory that grows with L.
 """
 
 from __future__ import annotations
@@ -917,10 +917,12 @@ def validate_compare_config(cfg: CompareConfig) -> None:
                              f"multiple of micro_batch_size · seq_len = {run.train.micro_batch_size} · {L}")
         if run.train.batch_tokens is None and rows != micro:  # the lengths would train on different tokens per step
             common = math.lcm(*(max(1, micro // n) * n for n in cfg.train_lengths))
+            # (zoo train refuses batch_tokens beside grad_accum: the advice alone was refused next)
+            instead = " in place of recipe.train.grad_accum (unset it)" if base.train.grad_accum is not None else ""
             raise ValueError(f"train_lengths: at L={L}: a micro-batch holds {run.train.micro_batch_size} · {L} = "
                              f"{rows} tokens, not the recipe's {base.train.micro_batch_size} · {base.data.seq_len} = "
                              f"{micro}, so the lengths would train on different tokens per step; set "
-                             f"recipe.train.batch_tokens to a multiple of {common}")
+                             f"recipe.train.batch_tokens to a multiple of {common}{instead}")
 
 
 def _mqar_cell_error(seq_len: int, n_kv: int, m: MQARConfig) -> str | None:
