@@ -464,6 +464,9 @@ def test_train_lengths_advice_is_taken_by_a_recipe_that_sets_grad_accum(tmp_path
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ValueError, match=r"set recipe\.train\.batch_tokens to a multiple of 1024$"):
         load_compare_config(path)
+    path.write_text(yaml.safe_dump({**data, "train_lengths": [1024]}))  # one length: no lengths to differ
+    cfg, _ = load_compare_config(path)
+    assert cfg.train_lengths == [1024]
 
 
 def test_recipe_fields_the_comparison_would_not_honour_are_refused(tmp_path):

@@ -915,7 +915,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         if run.train.batch_tokens is not None and run.train.batch_tokens % rows:
             raise ValueError(f"train_lengths: at L={L}: recipe.train.batch_tokens {run.train.batch_tokens} is not a "
                              f"multiple of micro_batch_size · seq_len = {run.train.micro_batch_size} · {L}")
-        if run.train.batch_tokens is None and rows != micro:  # the lengths would train on different tokens per step
+        if run.train.batch_tokens is None and rows != micro and len(set(cfg.train_lengths)) > 1:
+            # the lengths would train on different tokens per step (one length alone: every model on the same)
             common = math.lcm(*(max(1, micro // n) * n for n in cfg.train_lengths))
             # (zoo train refuses batch_tokens beside grad_accum: the advice alone was refused next)
             instead = " in place of recipe.train.grad_accum (unset it)" if base.train.grad_accum is not None else ""

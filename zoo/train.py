@@ -1522,8 +1522,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                              f"drop their cache when checkpointed in training (transformers' "
                              f"GradientCheckpointingLayer), so train.tbptt_chunk={chunk} could carry no state between "
                              f"chunks; set gradient_checkpointing: false, or tbptt_chunk: null")
-    if chunk is not None and _moe_spec(model) is None and getattr(getattr(model, "config", None),
-                                                                  "output_router_logits", False):
+    config = getattr(model, "config", None)
+    if chunk is not None and not hasattr(config, "moe_spec") and getattr(config, "output_router_logits", False):
         accelerator.print(f"train.tbptt_chunk: {type(model).__name__} adds its load-balancing aux loss chunk by chunk "
                           f"(each chunk's own balance, weighted by its targets), not the whole row's as a zoo MoE "
                           f"does, so rows trained in chunks of {chunk} are not trained as whole rows even in "
