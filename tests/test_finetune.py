@@ -212,6 +212,16 @@ def test_targets_that_match_nothing_raise(targets, bad):
     assert "'model.layers.0.mixer.in_proj'" in str(info.value) and "'model.embeddings'" not in str(info.value)
 
 
+def test_targets_that_match_nothing_name_gpt2s_conv1d_projections():
+    # GPT-2's projections are transformers' Conv1D, not nn.Linear: the examples were an empty list
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16))
+    with pytest.raises(ValueError, match="match no module") as info:
+        wrap_lora(model, target_modules=["nope"], verbose=False)
+    assert "'transformer.h.0.attn.c_attn'" in str(info.value)
+
+
 def test_include_mlp_with_explicit_targets_raises():
     with pytest.raises(ValueError, match="include_mlp"):
         wrap_lora(tiny("mamba"), target_modules=["in_proj"], include_mlp=True, verbose=False)

@@ -336,6 +336,15 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
     return {"device": str(param.device), "phases": phases, "modules": len(layers)}
 
 
+def _example_targets(model: nn.Module) -> list[str]:
+    """Four module names a target can name, for error messages: projections (nn.Linear, transformers' Conv1D of
+    GPT-2), else any."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Conv1D))]
+    return (names or [n for n, _ in model.named_modules() if n])[:4]
+
+
 def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
               target_modules: str | list[str] | None = None, include_mlp: bool = False, *,
               check_forward: bool = True, verbose: bool = True, **lora_kwargs: Any):
@@ -395,7 +404,7 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
     missing = unmatched_targets(model, target_modules)
     if missing:
         raise ValueError(f"target_modules: {missing} match no module of {type(model).__name__}; module names "
-                         f"look like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]} (see "
+                         f"look like {_example_targets(model)} (see "
                          f"zoo.finetune.default_lora_targets)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type=expected, **lora_kwargs)
@@ -612,7 +621,7 @@ def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
     if missing:
         raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__} (a string is a "
                          f"regular expression over whole module names, a list holds names or name suffixes); module "
-                         f"names look like {[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:4]}")
+                         f"names look like {_example_targets(model)}")
     if targets == "all-linear" or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
         return  # (PEFT's dispatch also wraps quantized layers another model may hold)
     layer_types = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
