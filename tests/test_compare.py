@@ -1086,7 +1086,7 @@ def test_throughput_peak_memory_leaves_out_the_warmup_steps(tmp_path, monkeypatc
 
     monkeypatch.setattr(compare, "_autocast", autocast)
     (row,) = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cuda"))["rows"]
-    assert len(calls) == 2 and 0 < row["peak_mib"] < 512
+    assert len(calls) >= 2 and 0 < row["peak_mib"] < 512  # (the backend report enters it after the steps)
 
 
 def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_path, monkeypatch):
