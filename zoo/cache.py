@@ -253,7 +253,7 @@ class StaticKVLayer(CacheLayerMixin):
 
     def append(self, key: torch.Tensor, value: torch.Tensor, window: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store one step's key/value [B, 1, Hkv, D] at slot `length` (and the last slot), advance `length`.
+        """Store one step's key/value [B, 1, Hkv, D] at its slot (`write`) and the last slot, advance `length`.
 
         Returns the whole buffers [B, slots, Hkv, D] and the key padding mask [B, slots] (True = visible): the
         stored tokens (with a window w only the last w - 1 of them) and the last slot, the current token. Only
