@@ -242,11 +242,9 @@ def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatc
     assert [k["chunk_size"] for k in seen] == [96]
 
 
-def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
-    """The sweep saved a run's curves only once every mitigation's evaluation was done: an interruption (after hours
-    of long documents) lost them all. Each curve's finished documents are saved as it goes, as zoo eval length's are,
-    and a rerun of the same model and settings resumes at the next document, to the curves of an uninterrupted run; a
-    retrained model starts over."""
+def sweep_of_a_saved_model(tmp_path, monkeypatch):
+    """scripts/state_capacity.py (loaded) and configs/train/collapse.yaml, its training replaced by a model saved once
+    (a run's done.json written as train_run writes it, kept if there is one) and its plots off; saves every document."""
     from transformers import AutoModelForCausalLM
 
     import zoo.eval.length as length
@@ -269,6 +267,17 @@ def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
     monkeypatch.setattr(length, "plot_length_curves", lambda *args: None)
     monkeypatch.setattr(capacity, "SAVE_EVERY", 0, raising=False)
+    return capacity, config
+
+
+def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
+    """The sweep saved a run's curves only once every mitigation's evaluation was done: an interruption (after hours
+    of long documents) lost them all. Each curve's finished documents are saved as it goes, as zoo eval length's are,
+    and a rerun of the same model and settings resumes at the next document, to the curves of an uninterrupted run; a
+    retrained model starts over."""
+    import zoo.eval.length as length
+
+    capacity, config = sweep_of_a_saved_model(tmp_path, monkeypatch)
     argv = [str(config), "--only", "default", "--eval.n_docs=3", "--eval.max_len=96", "--eval.chunk_size=32",
             "--eval.batch_size=1", "--eval.mitigations=['forget:c_alpha=0.9']", "--eval.start=document"]
     capacity.main([*argv, f"--output_dir={tmp_path / 'whole'}"])
@@ -299,32 +308,13 @@ def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and (out / "evaluations.json").read_text() == whole
 
 
-
 def test_sweep_removes_the_partials_of_mitigations_no_longer_listed(tmp_path, monkeypatch):
     """A rerun removed only the partial files of the curves it listed: one of a mitigation dropped from
     eval.mitigations since the interrupted run stayed in the run folder for good, whether the rerun evaluated the run
     or kept its saved curves."""
-    from transformers import AutoModelForCausalLM
-
     import zoo.eval.length as length
-    from zoo.config import ZooConfig
 
-    capacity = load_script("scripts/state_capacity.py")
-    config = ROOT / "configs/train/collapse.yaml"
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(ZooConfig(**capacity.load_sweep(config)["models"]["default"]))
-    model.save_pretrained(tmp_path / "model")
-
-    def train_run(run):  # a trained model, as train_run gives it
-        out = Path(run["config"].output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "done.json").write_text(json.dumps({"model": str(tmp_path / "model"), "seconds": 1.0}))
-        return tmp_path / "model"
-
-    monkeypatch.setattr(capacity, "train_run", train_run)
-    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
-    monkeypatch.setattr(length, "plot_length_curves", lambda *args: None)
-    monkeypatch.setattr(capacity, "SAVE_EVERY", 0, raising=False)
+    capacity, config = sweep_of_a_saved_model(tmp_path, monkeypatch)
     argv = [str(config), "--only", "default", "--eval.n_docs=2", "--eval.max_len=96", "--eval.chunk_size=32",
             "--eval.batch_size=1", "--eval.start=document", f"--output_dir={tmp_path / 'out'}"]
     folder = tmp_path / "out" / "default-L64"

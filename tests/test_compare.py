@@ -1158,6 +1158,29 @@ def test_budget_advice_names_budget_adjust_auto_only_where_auto_adjusts_a_width(
     assert abs(match_budget(patterned, 1.3e6, multiple_of=64)[1]["error"]) <= 0.02  # as auto does
 
 
+def interrupt_before_the_eval_phase_is_saved(monkeypatch, argv, out, calls, partial, evaluations):
+    """Rerun `zoo compare argv` into `out` with another eval setting (its eval phase redone): Ctrl-C after every
+    evaluation (`evaluations` calls recorded in `calls`) but before result.json holds the phase keeps `partial`; the
+    next rerun evaluates nothing and removes it."""
+    import zoo.compare as compare
+
+    real = compare.ModelRecord.put
+
+    def interrupted(self, phase, *args, **kwargs):
+        if phase.startswith("eval/"):
+            raise KeyboardInterrupt
+        return real(self, phase, *args, **kwargs)
+
+    monkeypatch.setattr(compare.ModelRecord, "put", interrupted)
+    calls[:] = []
+    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 130
+    assert len(calls) == evaluations and partial.is_file()
+    monkeypatch.setattr(compare.ModelRecord, "put", real)
+    calls[:] = []
+    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
+    assert calls == [] and not partial.exists()
+
+
 def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_path, monkeypatch, capsys):
     """The per-position loss on long documents was saved only with its eval phase: an interruption in it (hours of
     1M-token documents) lost every finished document. Its finished documents are saved as it goes and kept until
@@ -1185,21 +1208,7 @@ def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_pa
     result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
     assert result["per_position"] == whole["per_position"] and not partial.exists()
 
-    real = compare.ModelRecord.put
-
-    def interrupted(self, phase, *args, **kwargs):  # every document is done; Ctrl-C before the phase is saved
-        if phase.startswith("eval/"):
-            raise KeyboardInterrupt
-        return real(self, phase, *args, **kwargs)
-
-    monkeypatch.setattr(compare.ModelRecord, "put", interrupted)
-    calls[:] = []
-    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 130  # (the eval phase is redone)
-    assert calls == [1, 1, 1] and partial.is_file()
-    monkeypatch.setattr(compare.ModelRecord, "put", real)
-    calls[:] = []
-    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
-    assert calls == [] and not partial.exists()
+    interrupt_before_the_eval_phase_is_saved(monkeypatch, argv, out, calls, partial, 3)
 
 
 def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monkeypatch, capsys):
@@ -1207,7 +1216,6 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     finished cells are saved as they end and kept until result.json holds the phase, so a rerun runs only the remaining
     cells, to the result of an uninterrupted run, and one interrupted after the last cell (before the phase was saved)
     runs none."""
-    import zoo.compare as compare
     import zoo.eval.passkey as passkey
 
     real_generate = passkey.greedy_generate
@@ -1239,21 +1247,7 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
     assert result["passkey"] == whole["passkey"] and not partial.exists()
 
-    real = compare.ModelRecord.put
-
-    def interrupted(self, phase, *args, **kwargs):  # every cell is done; Ctrl-C before the phase is saved
-        if phase.startswith("eval/"):
-            raise KeyboardInterrupt
-        return real(self, phase, *args, **kwargs)
-
-    monkeypatch.setattr(compare.ModelRecord, "put", interrupted)
-    calls[:] = []
-    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 130  # (the eval phase is redone)
-    assert len(calls) == 8 and partial.is_file()
-    monkeypatch.setattr(compare.ModelRecord, "put", real)
-    calls[:] = []
-    assert main([*argv, f"--output_dir={out}", "--eval.batches=2"]) == 0
-    assert calls == [] and not partial.exists()
+    interrupt_before_the_eval_phase_is_saved(monkeypatch, argv, out, calls, partial, 8)
 
 
 def test_throughput_reports_the_median_of_an_even_number_of_timed_steps(tmp_path, monkeypatch):

@@ -370,14 +370,19 @@ def test_shipped_mqar_recipe_runs_shortened(tmp_path):
     assert weights.stat().st_mtime_ns == written
 
 
-def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp_path, monkeypatch):
-    # the stamp recorded train.precision's name: under auto, a base pretrained by a bf16 launch was reused by an fp32
-    # one (and the reverse)
+def short_mqar_finetune(tmp_path) -> list[str]:
+    """`zoo finetune` arguments of configs/train/finetune-mqar.yaml cut to a 2-step pretrain and a 1-step finetune."""
     overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=2", "train.max_steps=1",
                  "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=0", "data.n_eval=4",
                  "pretrain.data.n_eval=4", "train.progress_bar=false", "pretrain.train.progress_bar=false",
                  "pretrain.train.micro_batch_size=4", "train.micro_batch_size=4"]
-    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+    return [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+
+
+def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp_path, monkeypatch):
+    # the stamp recorded train.precision's name: under auto, a base pretrained by a bf16 launch was reused by an fp32
+    # one (and the reverse)
+    argv = short_mqar_finetune(tmp_path)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
     main(argv)
     weights = tmp_path / "run" / "base" / "model.safetensors"
@@ -666,11 +671,7 @@ def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_pat
     # the earlier base's pretrain_config.json: a rerun of the earlier pretrain section took these weights for its own
     from transformers import PreTrainedModel
 
-    overrides = [f"output_dir={tmp_path / 'run'}", "pretrain.train.max_steps=2", "train.max_steps=1",
-                 "pretrain.schedule.warmup_steps=1", "schedule.warmup_steps=0", "data.n_eval=4",
-                 "pretrain.data.n_eval=4", "train.progress_bar=false", "pretrain.train.progress_bar=false",
-                 "pretrain.train.micro_batch_size=4", "train.micro_batch_size=4"]
-    argv = [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
+    argv = short_mqar_finetune(tmp_path)
     main(argv)
     stamp = tmp_path / "run" / "base" / "pretrain_config.json"
     assert stamp.is_file()
