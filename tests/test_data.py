@@ -73,6 +73,20 @@ def test_a_tokenizer_that_cannot_load_is_named_as_the_tokenizer(tmp_path, monkey
         load_tokenizer("empty")
 
 
+def test_a_tokenizer_folder_under_home_spelled_with_a_tilde_loads(tmp_path, monkeypatch):
+    # '~/tok' (a config file's tokenizer:, or a quoted argument) passed the folder check, which expands it, and then
+    # reached transformers unexpanded, which refused it as an invalid hub id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ByteTokenizer().save_pretrained(tmp_path / "byte")
+    ByteTokenizer().save_pretrained(tmp_path / "generic")  # the same ids, loaded by AutoTokenizer
+    config = tmp_path / "generic" / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert isinstance(load_tokenizer("~/byte"), ByteTokenizer)
+    generic = load_tokenizer("~/generic")
+    assert not isinstance(generic, ByteTokenizer) and generic.eos_token_id == 258
+    assert generic("hé", add_special_tokens=False)["input_ids"] == list("hé".encode())
+
+
 def test_stdlib_corpus_split_is_disjoint_sorted_and_stable():
     train, held = stdlib_files("train", 0.05), stdlib_files("eval", 0.05)
     assert len(train) > 500 and 0 < len(held) < len(train) / 5

@@ -98,14 +98,16 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     from zoo.hub import check_tokenizer_ref
 
     check_tokenizer_ref(name_or_path)
-    config_file = Path(name_or_path) / "tokenizer_config.json"
+    folder = Path(name_or_path).expanduser()  # '~/tok' from a config file or a quoted argument: transformers took it
+    where = str(folder) if folder.is_dir() else name_or_path  # for an invalid hub id (zoo.hub.load_folder_tokenizer)
+    config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
         if json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
-            return ByteTokenizer.from_pretrained(name_or_path)
+            return ByteTokenizer.from_pretrained(where)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:  # a hub id not found or not reachable offline, a folder without tokenizer
         raise ValueError(f"tokenizer: {name_or_path!r}: {' '.join(str(e).split())}") from e
     if tokenizer.eos_token_id is None:
