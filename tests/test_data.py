@@ -620,6 +620,30 @@ def test_sample_by_on_a_source_that_is_not_txt_files_is_refused_by_name(letter_d
         open_documents(cfg, "train")
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_folder_of_txt_files_is_read_as_sample_by_says_or_said_to_be_read_by_line(tmp_path, streaming):
+    # datasets' folder loader reads a folder of .txt files one line per document (its text builder's default), while
+    # data.sample_by was refused for a folder as if it held no .txt files, telling the user to leave it at 'document',
+    # a whole file per document, which the folder was not read as, without a word
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one\ntwo\n\nthree\n")
+    (folder / "b.txt").write_text("four\n")
+
+    def documents(sample_by: str) -> list[str]:
+        cfg = DataConfig(source=str(folder), sample_by=sample_by, holdout=0.0, shuffle=False, streaming=streaming)
+        return [d.strip() for d in open_documents(cfg, "train").iter_docs(0, 0) if d.strip()]
+
+    assert documents("paragraph") == ["one\ntwo", "three", "four"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said, so no notice
+        assert documents("line") == ["one", "two", "three", "four"]
+    with pytest.warns(UserWarning, match=r"is a folder of \.txt files, which datasets' folder loader reads one line "
+                                         r"per document .*texts/\*\.txt"):
+        assert documents("document") == ["one", "two", "three", "four"]
+
+
 def _needs_resumable_streams() -> None:
     """Skip where datasets cannot continue a stream from its saved position (before 3.4: zoo re-reads, with a
     notice, which test_a_resumed_stream_without_a_saved_position_skips_with_a_notice checks)."""
