@@ -73,6 +73,20 @@ def test_a_tokenizer_that_cannot_load_is_named_as_the_tokenizer(tmp_path, monkey
         load_tokenizer("empty")
 
 
+def test_a_tokenizer_folder_under_home_spelled_with_a_tilde_loads(tmp_path, monkeypatch):
+    # '~/tok' (a config file's tokenizer:, or a quoted argument) passed the folder check, which expands it, and then
+    # reached transformers unexpanded, which refused it as an invalid hub id
+    monkeypatch.setenv("HOME", str(tmp_path))
+    ByteTokenizer().save_pretrained(tmp_path / "byte")
+    ByteTokenizer().save_pretrained(tmp_path / "generic")  # the same ids, loaded by AutoTokenizer
+    config = tmp_path / "generic" / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+    assert isinstance(load_tokenizer("~/byte"), ByteTokenizer)
+    generic = load_tokenizer("~/generic")
+    assert not isinstance(generic, ByteTokenizer) and generic.eos_token_id == 258
+    assert generic("hé", add_special_tokens=False)["input_ids"] == list("hé".encode())
+
+
 def test_stdlib_corpus_split_is_disjoint_sorted_and_stable():
     train, held = stdlib_files("train", 0.05), stdlib_files("eval", 0.05)
     assert len(train) > 500 and 0 < len(held) < len(train) / 5
@@ -604,6 +618,30 @@ def test_sample_by_on_a_source_that_is_not_txt_files_is_refused_by_name(letter_d
     cfg = DataConfig(source=letter_docs[0] if source == "jsonl" else "stdlib", sample_by="line")
     with pytest.raises(ValueError, match=r"data\.sample_by: 'line' splits"):
         open_documents(cfg, "train")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_folder_of_txt_files_is_read_as_sample_by_says_or_said_to_be_read_by_line(tmp_path, streaming):
+    # datasets' folder loader reads a folder of .txt files one line per document (its text builder's default), while
+    # data.sample_by was refused for a folder as if it held no .txt files, telling the user to leave it at 'document',
+    # a whole file per document, which the folder was not read as, without a word
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one\ntwo\n\nthree\n")
+    (folder / "b.txt").write_text("four\n")
+
+    def documents(sample_by: str) -> list[str]:
+        cfg = DataConfig(source=str(folder), sample_by=sample_by, holdout=0.0, shuffle=False, streaming=streaming)
+        return [d.strip() for d in open_documents(cfg, "train").iter_docs(0, 0) if d.strip()]
+
+    assert documents("paragraph") == ["one\ntwo", "three", "four"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said, so no notice
+        assert documents("line") == ["one", "two", "three", "four"]
+    with pytest.warns(UserWarning, match=r"is a folder of \.txt files, which datasets' folder loader reads one line "
+                                         r"per document .*texts/\*\.txt"):
+        assert documents("document") == ["one", "two", "three", "four"]
 
 
 def _needs_resumable_streams() -> None:

@@ -618,6 +618,17 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
         read_jsonl(str(data))
 
 
+def test_a_jsonl_string_holding_a_unicode_line_separator_is_one_row(tmp_path):
+    # str.splitlines broke a line at the U+2028, U+2029 or U+0085 that a JSON string may hold unescaped (json.dumps with
+    # ensure_ascii=False writes them so), and the valid row was refused as "not a JSON object"
+    from zoo.finetune import read_jsonl
+
+    rows = [{"text": "a\u2028b"}, {"prompt": "c\x85", "completion": "d\u2029e"}, {"text": "f"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    assert read_jsonl(str(data)) == rows
+
+
 @pytest.mark.parametrize("row,message", [
     ({"prompt": "a", "completion": None}, "'completion' must be a string, got None"),
     ({"text": 5}, "'text' must be a string, got 5"),

@@ -574,6 +574,52 @@ def test_schedules():
     assert math.isclose(lr_at(98, cfg), 1e-3) and math.isclose(lr_at(99, cfg), 1e-5)
 
 
+def test_a_transformers_model_under_flash_attention_keeps_the_documents_of_packed_rows_apart(tmp_path, monkeypatch):
+    # transformers' flash attention tells packed documents apart by position_ids only in a batch of one row: in a
+    # micro-batch of several, each row ran in one causal pass and every document attended to those before it in its
+    # row. flash-attn is stood in for by the same attention in PyTorch (a causal pass per row; per document for varlen)
+    import torch.nn.functional as F
+    import transformers.modeling_flash_attention_utils as flash
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from zoo.data.text import ByteTokenizer, DataConfig, TextStream
+
+    def causal(q, k, v, scale):  # [T, H, D] each
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+        return F.scaled_dot_product_attention(*(x.transpose(0, 1) for x in (q, k, v)), is_causal=True,
+                                              scale=scale).transpose(0, 1)
+
+    def flash_fn(q, k, v, softmax_scale=None, **_):  # [B, T, H, D]
+        return torch.stack([causal(q[b], k[b], v[b], softmax_scale) for b in range(q.shape[0])])
+
+    def varlen_fn(q, k, v, cu_seqlens_q=None, softmax_scale=None, **_):  # [tokens, H, D]
+        bounds = cu_seqlens_q.tolist()
+        return torch.cat([causal(q[a:b], k[a:b], v[a:b], softmax_scale) for a, b in zip(bounds[:-1], bounds[1:])])
+
+    def kwargs_fn(**kw):
+        return {"softmax_scale": kw.get("softmax_scale")}
+
+    monkeypatch.setattr(flash, "lazy_import_flash_attention",
+                        lambda *a, **k: ((flash_fn, varlen_fn, None, None, None), (kwargs_fn, kwargs_fn)))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})).eval()
+    model.config._attn_implementation = "flash_attention_2"
+    inputs = ModelInputs.of(model)
+    pytest.importorskip("datasets")
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"document {i}: " + "ab" * (i % 7 * 4)}) + "\n" for i in range(30)))
+    stream = TextStream(DataConfig(source=str(docs), seq_len=96, holdout=0.0, shuffle=False), ByteTokenizer())
+    batch, _ = next(stream.batches(3))
+    assert (batch["seq_idx"][:, -1] > 0).all(), "the case: every row packs several documents"
+    with torch.no_grad():
+        logits = model(**inputs.kwargs(batch, labels=False), use_cache=False).logits
+        for row in range(3):  # each document of the row alone
+            for doc in batch["seq_idx"][row].unique().tolist():
+                at = batch["seq_idx"][row] == doc
+                alone = model(input_ids=batch["input_ids"][row, at][None], use_cache=False).logits[0]
+                assert_close(f"row {row} document {doc}", logits[row, at], alone, 1e-5)
+
+
 def _tbptt_model(name: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
 

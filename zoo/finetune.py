@@ -712,7 +712,9 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
         raise ValueError(f"{field}: no file matches {source!r}")
     rows = []
     for file in files:
-        for lineno, line in enumerate(Path(file).read_text().splitlines(), 1):
+        # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
+        # JSON string holds unescaped (json.dumps(..., ensure_ascii=False) writes them so)
+        for lineno, line in enumerate(Path(file).read_text(encoding="utf-8").split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -653,15 +653,21 @@ class ModelInputs:
     use_cache: bool
     cache: str = "past_key_values"  # the keyword the forward takes its cache under (zoo.decode.cache_argument)
     output_router_logits: bool = False  # a MoE's: transformers' add the aux loss to `loss` in eval mode too
+    # a transformers model under flash attention, which tells packed documents apart by position_ids only in a batch of
+    # one row: packed rows also get the documents' cu_seq_lens, as transformers' DataCollatorWithFlattening gives them
+    varlen: bool = False
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelInputs:
         from zoo.decode import cache_argument
 
         params = inspect.signature(model.forward).parameters
+        attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        varlen = "seq_idx" not in params and "position_ids" in params and isinstance(attention, str) \
+            and "flash" in attention and any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
         return cls(seq_idx="seq_idx" in params, position_ids="position_ids" in params,
                    use_cache="use_cache" in params, cache=cache_argument(model),
-                   output_router_logits="output_router_logits" in params)
+                   output_router_logits="output_router_logits" in params, varlen=varlen)
 
     def kwargs(self, batch: dict[str, torch.Tensor], sl: slice | None = None, labels: bool = True
                ) -> dict[str, Any]:
@@ -677,6 +683,13 @@ class ModelInputs:
             out["position_ids"] = batch["position_ids"][:, sl]
         if "attention_mask" in batch:
             out["attention_mask"] = batch["attention_mask"][:, :sl.stop]
+        elif self.varlen and "position_ids" in out and sl == slice(None) and out["input_ids"].shape[0] > 1:
+            # transformers' flash attention ran each row of several in one causal pass, every document of a packed row
+            # attending to the ones before it; the documents' bounds (each begins at position 0) keep them apart
+            from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+            (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(out["position_ids"])
+            out |= {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": max_q, "max_length_k": max_k}
         return out
 
 

@@ -98,14 +98,16 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     from zoo.hub import check_tokenizer_ref
 
     check_tokenizer_ref(name_or_path)
-    config_file = Path(name_or_path) / "tokenizer_config.json"
+    folder = Path(name_or_path).expanduser()  # '~/tok' from a config file or a quoted argument: transformers took it
+    where = str(folder) if folder.is_dir() else name_or_path  # for an invalid hub id (zoo.hub.load_folder_tokenizer)
+    config_file = folder / "tokenizer_config.json"
     if config_file.is_file():
         if json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
-            return ByteTokenizer.from_pretrained(name_or_path)
+            return ByteTokenizer.from_pretrained(where)
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:  # a hub id not found or not reachable offline, a folder without tokenizer
         raise ValueError(f"tokenizer: {name_or_path!r}: {' '.join(str(e).split())}") from e
     if tokenizer.eos_token_id is None:
@@ -212,7 +214,9 @@ class DataConfig:
     unshuffled one reads on from it). add_bos / add_eos: wrap each document. seed: of the document order.
     sample_by: what a document is in local .txt files: "document" (a whole file), "paragraph" (text between blank
     lines) or "line" (datasets' text builder's sample_by). One large file (a nanoGPT-style input.txt) is one
-    document by default, which the held-out split cannot divide: give it "paragraph" or "line".
+    document by default, which the held-out split cannot divide: give it "paragraph" or "line". A local folder of
+    .txt files is read as datasets' folder loader reads it, one line per document (with a notice), or as "paragraph"
+    says; name its files by glob (``folder/*.txt``) to read each as one document.
     """
 
     source: str | list[str] = "stdlib"
@@ -501,6 +505,19 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     return list(unique.values()) or None
 
 
+def _text_folder(source: str | list[str]) -> bool:
+    """Whether `source` is a local folder whose data files are all .txt files, which `datasets.load_dataset` reads with
+    its text builder (one line per document unless given another sample_by)."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    if folder is None or not os.path.isdir(folder):
+        return False
+    kinds = set()
+    for _, dirs, names in os.walk(folder):  # hidden files skipped as datasets skips them
+        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+        kinds |= {_LOCAL_BUILDERS.get(Path(n).suffix.lower()) for n in names if not n.startswith(".")}
+    return kinds - {None} == {"text"}
+
+
 def local_source_files(source: str | list[str]) -> dict[str, list[int]] | None:
     """What a local source is made of, cheaply: {file: [size in bytes, modification time in ns]} of its local files
     (as `_local_files` lists them), or of a local folder's files (relative to it, hidden ones skipped as datasets skips
@@ -624,7 +641,8 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         raise ValueError("data.holdout: is 0 and data.eval_split is unset, so there is no evaluation data; "
                          "set one, or eval.every=0")
     local = None if cfg.source == "stdlib" else _local_files(cfg.source)
-    if local is None and cfg.sample_by != "document":
+    text_folder = local is None and cfg.source != "stdlib" and _text_folder(cfg.source)
+    if local is None and not text_folder and cfg.sample_by != "document":
         raise ValueError(f"data.sample_by: {cfg.sample_by!r} splits local .txt files; {cfg.source!r} is "
                          f"{'the built-in corpus' if cfg.source == 'stdlib' else 'not one'} (leave it at 'document')")
     if cfg.source == "stdlib" or local is not None:
@@ -671,9 +689,17 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         # a stream tells no commit: ask the hub which one the revision is at, and read that one
         hub_stream = cfg.streaming and not os.path.isdir(os.path.expanduser(cfg.source))
         commit, unknown = _hub_head(cfg.source, cfg.revision) if hub_stream else (None, None)
+        extra = {}
+        if text_folder and cfg.sample_by != "document":
+            extra = {"sample_by": cfg.sample_by}
+        elif text_folder:  # (taking it as "document" now would change the documents of a run resumed on the folder)
+            warnings.warn(f"data.source: {cfg.source!r} is a folder of .txt files, which datasets' folder loader reads "
+                          f"one line per document (its text builder's default), not one file per document as "
+                          f".txt files named by path or glob ({os.path.join(cfg.source, '*.txt')!r}) are read; a "
+                          f"new run sets data.sample_by: line to say so, or 'paragraph'", stacklevel=2)
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming,
-                                            revision=commit or cfg.revision)
+                                            revision=commit or cfg.revision, **extra)
         except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last: malformed files
             cause = f" ({type(e).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
