@@ -763,6 +763,17 @@ def to_mamba_ssm(model: ZooForCausalLM) -> tuple[dict[str, Any], dict[str, torch
         ssm_cfg[theirs] = list(value) if isinstance(value, tuple) else value
     if mixer_type == "mamba":
         ssm_cfg["dt_rank"] = m.dt_rank
+    # mamba_ssm's Mamba2 takes d_inner = expand * d_model as it comes (a float expand, 2.0 included, makes it a float
+    # width its layers cannot be built with); its Mamba truncates int(expand * d_model), which a budget-matched expand
+    # (zoo compare's d_inner / d_model) can land one below the zoo's width
+    expand = o["expand"]
+    if float(expand).is_integer():
+        ssm_cfg["expand"] = int(expand)
+    elif mixer_type == "mamba2":
+        raise _unmappable(fmt, "expand", expand, "mamba_ssm's Mamba2 needs an integer (its d_inner is expand·d_model)")
+    elif int(expand * zc.d_model) != m.d_inner:
+        raise _unmappable(fmt, "expand", expand, f"mamba_ssm's Mamba makes d_inner int(expand·d_model) = "
+                                                 f"{int(expand * zc.d_model)}, not {m.d_inner}")
     d_intermediate = 0
     if ffn == "swiglu":
         d_intermediate = zc.ffn_spec()["hidden"]
