@@ -348,6 +348,27 @@ def test_from_format_refuses_other_architectures_and_weights_that_do_not_fit(tmp
 
 
 
+def test_a_zoo_folder_whose_weights_do_not_fit_is_refused(tmp_path):
+    # a zoo folder was read with ZooForCausalLM.from_pretrained and nothing else: a classifier's folder (no lm_head,
+    # a score head) or one whose config names more layers than its weights hold was exported, and re-saved, with
+    # the missing weights at random after only transformers' load report (the same folder in a transformers format
+    # was refused)
+    from zoo import ZooForSequenceClassification
+
+    torch.manual_seed(0)
+    config = ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", vocab_size=VOCAB, tie_embeddings=False)
+    config.num_labels = 3
+    ZooForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", vocab_size=VOCAB)).save_pretrained(tmp_path / "lm")
+    saved = json.loads((tmp_path / "lm" / "config.json").read_text())
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(saved | {"layers": "M" * 5}))
+    for src, match in (("classifier", r"missing keys \['lm_head.weight'\]"), ("lm", r"missing keys.*'model.layers.4")):
+        for to_format in (None, "hf-mamba", "mamba_ssm"):
+            with pytest.raises(UnmappableError, match=rf"zoo: .*{src} does not fit ZooForCausalLM: {match}"):
+                convert(tmp_path / src, tmp_path / "out", to_format=to_format)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", ["hf-mamba", "hf-llama", "mamba_ssm"])
 def test_zoo_from_pretrained_of_another_models_folder_names_the_converter(case, tmp_path):
     # ZooForCausalLM.from_pretrained of a transformers Mamba / Llama folder (or a mamba_ssm one) built zoo's default
