@@ -348,6 +348,27 @@ def test_from_format_refuses_other_architectures_and_weights_that_do_not_fit(tmp
 
 
 
+def test_a_zoo_folder_whose_weights_do_not_fit_is_refused(tmp_path):
+    # a zoo folder was read with ZooForCausalLM.from_pretrained and nothing else: a classifier's folder (no lm_head,
+    # a score head) or one whose config names more layers than its weights hold was exported, and re-saved, with
+    # the missing weights at random after only transformers' load report (the same folder in a transformers format
+    # was refused)
+    from zoo import ZooForSequenceClassification
+
+    torch.manual_seed(0)
+    config = ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", vocab_size=VOCAB, tie_embeddings=False)
+    config.num_labels = 3
+    ZooForSequenceClassification(config).save_pretrained(tmp_path / "classifier")
+    ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", vocab_size=VOCAB)).save_pretrained(tmp_path / "lm")
+    saved = json.loads((tmp_path / "lm" / "config.json").read_text())
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(saved | {"layers": "M" * 5}))
+    for src, match in (("classifier", r"missing keys \['lm_head.weight'\]"), ("lm", r"missing keys.*'model.layers.4")):
+        for to_format in (None, "hf-mamba", "mamba_ssm"):
+            with pytest.raises(UnmappableError, match=rf"zoo: .*{src} does not fit ZooForCausalLM: {match}"):
+                convert(tmp_path / src, tmp_path / "out", to_format=to_format)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", ["hf-mamba", "hf-llama", "mamba_ssm"])
 def test_zoo_from_pretrained_of_another_models_folder_names_the_converter(case, tmp_path):
     # ZooForCausalLM.from_pretrained of a transformers Mamba / Llama folder (or a mamba_ssm one) built zoo's default
@@ -857,6 +878,37 @@ def test_mamba_ssm_writes_what_mamba_ssm_reads(tmp_path):
     ids = torch.randint(0, 512, (1, 11))
     with torch.no_grad():
         assert_logits("mamba2-tiny", mamba_ssm_logits(on_disk, sd, ids), model(ids).logits)
+
+
+def test_mamba_ssm_export_writes_an_expand_mamba_ssm_can_build(tmp_path):
+    # mamba_ssm's Mamba2 takes d_inner = (expand * d_model) // world_size as it comes: the export wrote a float expand
+    # as it was (2.0 from a config.json, zoo compare's budget-matched d_inner / d_model), a float width its
+    # nn.Linear cannot be built with; and its Mamba truncates int(expand * d_model), one below the zoo's width for
+    # 15 / 11 at d_model 11 (the zoo rounds it to 15)
+    torch.manual_seed(0)
+    mamba2 = {"type": "mamba2", "d_state": 8, "head_dim": 16, "chunk_size": 8}
+    model = perturb(ZooForCausalLM(ZooConfig(vocab_size=64, d_model=32, layers="MM", ffn="none",
+                                             mixers={"M": {**mamba2, "expand": 2.0}})))
+    config, sd = to_mamba_ssm(model)
+    save_mamba_ssm(config, sd, tmp_path)
+    on_disk = json.loads((tmp_path / "config.json").read_text())
+    d_inner = (on_disk["ssm_cfg"]["expand"] * on_disk["d_model"]) // 1  # mamba2.Mamba2.__init__, world_size 1
+    torch.nn.Linear(on_disk["d_model"], d_inner)  # (TypeError for a float width)
+    ids = torch.randint(0, 64, (1, 9))
+    with torch.no_grad():
+        assert_logits("expand 2.0", mamba_ssm_logits(on_disk, sd, ids), model(ids).logits)
+    with torch.device("meta"):
+        halves = ZooForCausalLM(ZooConfig(vocab_size=64, d_model=32, layers="MM", ffn="none",
+                                          mixers={"M": {**mamba2, "expand": 1.5}}))
+        truncated = ZooForCausalLM(ZooConfig(vocab_size=64, d_model=11, layers="M", ffn="none",
+                                             mixers={"M": {"type": "mamba", "d_state": 4, "expand": 15 / 11}}))
+        fine = ZooForCausalLM(ZooConfig(vocab_size=64, d_model=32, layers="M", ffn="none",
+                                        mixers={"M": {"type": "mamba", "d_state": 4, "expand": 1.5}}))
+    with pytest.raises(UnmappableError, match=r"expand=1\.5.*Mamba2 needs an integer"):
+        to_mamba_ssm(halves)
+    with pytest.raises(UnmappableError, match=r"expand=.*int\(expand·d_model\) = 14, not 15"):
+        to_mamba_ssm(truncated)
+    assert to_mamba_ssm(fine)[0]["ssm_cfg"]["expand"] == 1.5  # int(1.5 · 32) = 48: mamba_ssm's Mamba builds it
 
 
 def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):

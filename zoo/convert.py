@@ -763,6 +763,17 @@ def to_mamba_ssm(model: ZooForCausalLM) -> tuple[dict[str, Any], dict[str, torch
         ssm_cfg[theirs] = list(value) if isinstance(value, tuple) else value
     if mixer_type == "mamba":
         ssm_cfg["dt_rank"] = m.dt_rank
+    # mamba_ssm's Mamba2 takes d_inner = expand * d_model as it comes (a float expand, 2.0 included, makes it a float
+    # width its layers cannot be built with); its Mamba truncates int(expand * d_model), which a budget-matched expand
+    # (zoo compare's d_inner / d_model) can land one below the zoo's width
+    expand = o["expand"]
+    if float(expand).is_integer():
+        ssm_cfg["expand"] = int(expand)
+    elif mixer_type == "mamba2":
+        raise _unmappable(fmt, "expand", expand, "mamba_ssm's Mamba2 needs an integer (its d_inner is expand·d_model)")
+    elif int(expand * zc.d_model) != m.d_inner:
+        raise _unmappable(fmt, "expand", expand, f"mamba_ssm's Mamba makes d_inner int(expand·d_model) = "
+                                                 f"{int(expand * zc.d_model)}, not {m.d_inner}")
     d_intermediate = 0
     if ffn == "swiglu":
         d_intermediate = zc.ffn_spec()["hidden"]
@@ -852,6 +863,16 @@ def _restore_stored_dtypes(model: nn.Module, folder: Path) -> None:
                     param.data = stored
 
 
+def _refuse_partial_load(fmt: str, folder: str | Path, cls_name: str, info: dict) -> None:
+    """Raise naming the first keys from_pretrained's loading `info` reports missing, unexpected or mismatched:
+    transformers would initialize missing weights at random and drop unexpected ones, with only its load report."""
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            raise UnmappableError(f"{fmt}: {folder} does not fit {cls_name}: {kind.replace('_', ' ')} "
+                                  f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
+
+
 def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
@@ -872,8 +893,10 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
             hint = (f"pass --from {found} or leave --from out" if found in FORMATS else
                     "leave --from out (--to FORMAT converts a zoo folder out of the zoo)")
             raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; {hint}")
-    if fmt == "zoo":
-        return ZooForCausalLM.from_pretrained(folder).eval()
+    if fmt == "zoo":  # (a classifier's folder, or one whose config lost the weights' layers: refused, not filled in)
+        model, info = ZooForCausalLM.from_pretrained(folder, output_loading_info=True)
+        _refuse_partial_load(fmt, folder, "ZooForCausalLM", info)
+        return model.eval()
     if fmt == "mamba_ssm":
         return from_mamba_ssm(*load_mamba_ssm(folder))
     if fmt not in _IMPORTERS:
@@ -881,11 +904,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     off = {"rescale_prenorm_residual": False} if fmt in _RESCALED_ON_LOAD else {}
     source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
                                                                            output_loading_info=True, **off)
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind) or ())
-        if keys:  # transformers would initialize missing weights at random and drop unexpected ones
-            raise UnmappableError(f"{fmt}: {folder} does not fit {_HF_CLASSES[fmt]}: {kind.replace('_', ' ')} "
-                                  f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
+    _refuse_partial_load(fmt, folder, _HF_CLASSES[fmt], info)
     _restore_stored_dtypes(source, Path(folder))
     model = _IMPORTERS[fmt](source)
     if off:  # the folder's own value, for the zoo's init (which never touches loaded weights)
