@@ -230,3 +230,16 @@ def test_a_good_override_at_load_time_is_applied_and_coerced(saved):
     assert config.norm_eps == 1e-6 and config.decode_state_dtype == "model" and config.num_hidden_layers == 1
     model = AutoModelForCausalLM.from_pretrained(saved, tie_word_embeddings=False)
     assert model.config.tie_embeddings is False
+
+
+def test_num_hidden_layers_set_on_a_made_config_is_refused_not_ignored():
+    """config.num_hidden_layers = 2 before from_config (transformers' way to shrink a model) was kept and ignored:
+    the model got every layer of `layers` and the count was reset to it. It is refused at the assignment, naming
+    the field; the count follows a `layers` set later at once, not only when a model is built."""
+    config = _tiny(layers="MMMM")
+    with pytest.raises(ValueError, match=r"num_hidden_layers: 2 disagrees with layers 'MMMM' \(4 layers\)"):
+        config.num_hidden_layers = 2
+    config.num_hidden_layers = 4  # the same count is taken
+    config.layers = "MM"
+    assert config.num_hidden_layers == 2
+    assert len(AutoModelForCausalLM.from_config(config).model.layers) == 2

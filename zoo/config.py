@@ -262,13 +262,28 @@ class ZooConfig(PreTrainedConfig):
         counts = {spec.get("n_heads") for spec in self.layer_specs() if spec["type"] == "attention"}
         return counts.pop() if len(counts) == 1 else None
 
+    @property
+    def num_hidden_layers(self) -> int:
+        """transformers' number of blocks: the count of `layers`, read from it each time, so that it follows a
+        `layers` set after the config was made (a count kept at construction went stale)."""
+        if isinstance(self.layers, str):
+            return sum(not c.isspace() for c in self.layers)
+        return len(self.layers) if isinstance(self.layers, (list, tuple)) else len(self.layer_specs())
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: Any) -> None:
+        # config.num_hidden_layers = 2 (transformers' way to shrink a model before from_config) was kept on the config
+        # and ignored: the model was built with every layer of `layers`, and the count reset to it
+        self.set_num_hidden_layers(value)
+
     def set_num_hidden_layers(self, given: Any = None) -> None:
-        """Set num_hidden_layers from `layers`; a `given` count (transformers' keyword) must agree with it."""
-        n = len(self.layer_specs())
+        """Check a `given` count (transformers' keyword or attribute) against `layers`, which sets the number of
+        layers: num_hidden_layers follows `layers` and cannot be set to another count."""
+        n = self.num_hidden_layers
         if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given != n):
             raise ValueError(f"num_hidden_layers: {given!r} disagrees with layers {self.layers!r} ({n} layers); "
-                             f"the number of layers follows `layers`: drop num_hidden_layers or make them agree")
-        self.num_hidden_layers = n
+                             f"the number of layers follows `layers`: drop num_hidden_layers or make them agree "
+                             f"(to build fewer layers, set `layers` to a shorter pattern or list)")
 
     # ---- resolution -------------------------------------------------------------------------------------
     def layer_specs(self) -> list[dict]:

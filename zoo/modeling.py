@@ -389,8 +389,6 @@ class ZooModel(ZooPreTrainedModel):
                 ffn = None
             layers.append(Block(mixer, config.d_model, ffn, config.norm_eps, config.residual_in_fp32))
         self.layers = nn.ModuleList(layers)
-        # `layers` set on a config after it was made (config.layers = "MMA") left num_hidden_layers at the old count
-        config.set_num_hidden_layers()
         # one residual branch per mixer and per ffn (mamba_ssm's n_residuals_per_layer: 1 without an MLP, 2 with):
         # their output projections start at initializer_range / sqrt(branches) (_init_weights)
         branches = sum(1 + (block.ffn is not None) for block in layers)
