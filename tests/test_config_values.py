@@ -243,3 +243,19 @@ def test_num_hidden_layers_set_on_a_made_config_is_refused_not_ignored():
     config.layers = "MM"
     assert config.num_hidden_layers == 2
     assert len(AutoModelForCausalLM.from_config(config).model.layers) == 2
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("vocab_size", 0, "vocab_size: must be a positive integer"),
+    ("ffn", {"type": "swiglu", "hidden": -5}, "ffn.hidden: must be a positive integer"),
+    ("moe", {"n_experts": 2, "every": 2, "offset": 5}, "moe.offset: must be in"),
+    ("decode_state_dtype", "bf16", "decode_state_dtype: must be one of"),
+], ids=["vocab-size", "ffn-hidden", "moe-offset", "decode-state-dtype"])
+def test_a_field_set_on_a_made_config_is_checked_when_a_model_is_built(field, value, message):
+    """transformers' users edit a config before from_config; zoo checked the fields only in the constructor, so
+    vocab_size 0 built an empty embedding, a moe offset past every built no expert, a bad decode_state_dtype was
+    kept, and a negative ffn hidden failed in torch naming no field."""
+    config = _tiny()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_config(config)

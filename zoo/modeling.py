@@ -368,6 +368,9 @@ class ZooModel(ZooPreTrainedModel):
     """Embedding -> Blocks (mixer + ffn) -> final RMSNorm."""
 
     def __init__(self, config: ZooConfig):
+        # fields set on the config after it was made (config.vocab_size = 0, config.moe = {...}) are checked as the
+        # constructor checks them: they were built as they were, or failed deep in a layer naming no field
+        config.validate_zoo()
         super().__init__(config)
         trust = not getattr(config, "_from_disk", False) or _TRUSTED_LOAD.get()
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model, padding_idx=None)
