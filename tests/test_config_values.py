@@ -11,6 +11,7 @@ from zoo import ZooConfig
 from zoo.mixers.attention import Attention
 from zoo.mixers.gla import GLA
 from zoo.mixers.mamba import Mamba
+from zoo.mixers.mamba2 import Mamba2
 
 # PyYAML reads a float without a dot (1e-5) as the string '1e-5'
 EXPONENTS = """\
@@ -259,3 +260,20 @@ def test_a_field_set_on_a_made_config_is_checked_when_a_model_is_built(field, va
     setattr(config, field, value)
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"type": "gla", "n_heads": 2, "norm_eps": -1.0}, "norm_eps"),
+    ({"type": "gla", "n_heads": 2, "norm_eps": 0}, "norm_eps"),
+    ({"type": "mamba2", "head_dim": 16, "d_state": 16, "norm_eps": -1e-5}, "norm_eps"),
+    ({"type": "mamba", "inner_norms": True, "inner_norm_eps": -1.0}, "inner_norm_eps"),
+    ({"type": "mamba", "inner_norms": True, "inner_norm_eps": float("nan")}, "inner_norm_eps"),
+], ids=["gla-negative", "gla-zero", "mamba2-negative", "mamba-inner-negative", "mamba-inner-nan"])
+def test_a_mixers_norm_eps_must_be_positive(spec, field):
+    """The mixers' own RMSNorm epsilons were not checked (the top-level norm_eps was): a negative one built a model
+    whose logits were NaN, without a word."""
+    with pytest.raises(ValueError, match=f"{field}: must be a finite number > 0"):
+        ZooConfig(vocab_size=64, d_model=32, layers="X", mixers={"X": spec})
+    cls = {"gla": GLA, "mamba": Mamba, "mamba2": Mamba2}[spec["type"]]
+    with pytest.raises(ValueError, match=field):
+        cls(32, **{k: v for k, v in spec.items() if k != "type"})
