@@ -277,3 +277,15 @@ def test_a_mixers_norm_eps_must_be_positive(spec, field):
     cls = {"gla": GLA, "mamba": Mamba, "mamba2": Mamba2}[spec["type"]]
     with pytest.raises(ValueError, match=field):
         cls(32, **{k: v for k, v in spec.items() if k != "type"})
+
+
+def test_a_yaml_override_under_transformers_name_replaces_the_field(tmp_path):
+    """from_yaml(path, hidden_size=128) (a run's model_overrides) was refused as disagreeing with the file's d_model
+    ('give one of them'), though overrides replace fields, and AutoConfig.from_pretrained(folder, hidden_size=128)
+    takes it."""
+    path = _yaml(tmp_path, "vocab_size: 64\nd_model: 32\nlayers: M\nffn: none\nmixers: {M: {type: mamba}}\n"
+                           "tie_embeddings: true\n")
+    assert ZooConfig.from_yaml(path, hidden_size=48).d_model == 48
+    assert ZooConfig.from_yaml(path, tie_word_embeddings=False).tie_embeddings is False
+    with pytest.raises(ValueError, match="hidden_size: 48 disagrees with d_model: 40"):
+        ZooConfig.from_yaml(path, hidden_size=48, d_model=40)  # both given as overrides: still one field

@@ -457,6 +457,10 @@ class ZooConfig(PreTrainedConfig):
         if not isinstance(data, dict):  # an empty file too: it built the default 768-wide model without a word
             raise ValueError(f"{path}: expected a YAML mapping of config fields, got "
                              f"{'an empty file' if data is None else type(data).__name__}")
+        for key in overrides:  # an override under either name replaces the field (not a disagreement with the file)
+            for alias, name in ALIASES.items():
+                if key in (alias, name):
+                    data.pop(name if key == alias else alias, None)
         data.update(overrides)
         cls.check_fields(data, f"{path}: ")
         return cls(**data)
