@@ -289,3 +289,25 @@ def test_a_yaml_override_under_transformers_name_replaces_the_field(tmp_path):
     assert ZooConfig.from_yaml(path, tie_word_embeddings=False).tie_embeddings is False
     with pytest.raises(ValueError, match="hidden_size: 48 disagrees with d_model: 40"):
         ZooConfig.from_yaml(path, hidden_size=48, d_model=40)  # both given as overrides: still one field
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(layers="M", mixers={"M": {"type": "mamba", "expand": INF}}), "expand: must be > 0 with expand·d_model"),
+    (dict(layers="M", mixers={"M": {"type": "mamba2", "head_dim": 16, "d_state": 16, "expand": INF}}),
+     "expand: must be > 0 with expand·d_model"),
+    (dict(layers="G", mixers={"G": {"type": "gla", "n_heads": 2, "expand_v": INF}}), "expand_v: d_model·expand_v"),
+    (dict(layers="M", mixers={"M": {"type": "mamba", "dt_max": INF}}), "dt_min/dt_max: need"),
+    (dict(layers="M", mixers={"M": {"type": "mamba2", "head_dim": 16, "d_state": 16, "dt_max": INF}}),
+     "dt_min/dt_max: need"),
+    (dict(initializer_range=INF), "initializer_range: must be a finite number > 0"),
+    (dict(norm_eps=INF), "norm_eps: must be a finite number > 0"),
+], ids=["mamba-expand", "mamba2-expand", "gla-expand-v", "mamba-dt-max", "mamba2-dt-max", "initializer-range",
+        "norm-eps"])
+def test_an_infinite_value_is_refused_naming_the_field(fields, message):
+    """YAML's .inf: an infinite expand raised OverflowError naming no field; an infinite dt_max or initializer_range
+    built a model whose logits were NaN, an infinite norm_eps one whose normalized inputs were all zero."""
+    with pytest.raises(ValueError, match=message):
+        ZooConfig(**{"vocab_size": 64, "d_model": 32} | fields)

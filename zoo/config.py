@@ -348,10 +348,11 @@ class ZooConfig(PreTrainedConfig):
         if self.decode_state_dtype not in DECODE_STATE_DTYPES:
             raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, "
                              f"got {self.decode_state_dtype!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps!r}")
-        if not self.initializer_range > 0:
-            raise ValueError(f"initializer_range: must be > 0, got {self.initializer_range!r}")
+        # (an infinite initializer_range made every logit NaN; an infinite norm_eps zeroed every normalized input)
+        if not 0 < self.norm_eps < math.inf:
+            raise ValueError(f"norm_eps: must be a finite number > 0, got {self.norm_eps!r}")
+        if not 0 < self.initializer_range < math.inf:
+            raise ValueError(f"initializer_range: must be a finite number > 0, got {self.initializer_range!r}")
         if self.mixers is not None and not isinstance(self.mixers, dict):
             raise ValueError(f"mixers: expected a mapping letter -> spec, got {type(self.mixers).__name__}")
         for letter, spec in (self.mixers or {}).items():

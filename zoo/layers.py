@@ -498,6 +498,8 @@ def scaled_width(d_model: int, factor: float) -> int | None:
     budget-matched expand = d_inner / d_model times d_model can land a hair off (232 / 56 · 56 = 232.00000000000003),
     and such a width used to be refused, or truncated by int() to one less where it landed a hair below."""
     width = factor * d_model
+    if not abs(width) < float("inf"):  # YAML's .inf (or .nan): round() raised OverflowError, naming no field
+        return None
     nearest = round(width)
     return int(nearest) if abs(width - nearest) <= 1e-9 * max(1.0, abs(width)) else None
 

@@ -118,8 +118,8 @@ class Mamba(nn.Module):
             raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
         if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank >= 1):
             raise ValueError(f"dt_rank: must be 'auto' or a positive integer, got {dt_rank!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        if not 0 < dt_min <= dt_max < math.inf:  # an infinite dt_max: the initial dt, and the logits, were NaN
+            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max < inf, got {dt_min}, {dt_max}")
 
     def reset_parameters(self) -> None:
         # S4D-real: A[d, n] = -(n + 1), stored as log.

@@ -114,8 +114,8 @@ class Mamba2(nn.Module):
         for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name}: must be a number, got {value!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        if not 0 < dt_min <= dt_max < math.inf:  # an infinite dt_max: the initial dt, and the logits, were NaN
+            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max < inf, got {dt_min}, {dt_max}")
         if d_state > 256:
             raise ValueError(f"d_state: at most 256 is supported, got {d_state}")
 
