@@ -259,7 +259,11 @@ class ZooConfig(PreTrainedConfig):
         """The query heads of the attention layers where they all have the same number, else None (None too for a
         model without attention layers: recurrent mixers have no attention heads). transformers' configs call it
         num_attention_heads (Jamba's counts its attention layers only), and `to_dict` gives it under that name."""
-        counts = {spec.get("n_heads") for spec in self.layer_specs() if spec["type"] == "attention"}
+        from zoo.mixers.attention import default_n_heads
+
+        # a spec without n_heads has the attention mixer's default (it read None, as for a model without attention)
+        counts = {default_n_heads(self.d_model) if spec.get("n_heads") is None else spec["n_heads"]
+                  for spec in self.layer_specs() if spec["type"] == "attention"}
         return counts.pop() if len(counts) == 1 else None
 
     @property
