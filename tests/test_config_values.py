@@ -311,3 +311,16 @@ def test_an_infinite_value_is_refused_naming_the_field(fields, message):
     built a model whose logits were NaN, an infinite norm_eps one whose normalized inputs were all zero."""
     with pytest.raises(ValueError, match=message):
         ZooConfig(**{"vocab_size": 64, "d_model": 32} | fields)
+
+
+def test_save_pretrained_refuses_a_field_set_to_a_bad_value(tmp_path):
+    """transformers validates a config before save_pretrained writes it; zoo's checks were not among its
+    validators, so config.json was written with vocab_size 0 and the folder then failed to load."""
+    config = _tiny()
+    config.vocab_size = 0
+    with pytest.raises(ValueError, match="vocab_size: must be a positive integer"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+    config.vocab_size = 64
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).vocab_size == 64

@@ -432,6 +432,13 @@ class ZooConfig(PreTrainedConfig):
                              f"its own, or when it sets ffn: moe); choose a moe.every / moe.offset that picks a "
                              f"layer, or drop the moe section")
 
+    def validate(self) -> None:
+        """transformers' check of a config before save_pretrained writes it: its own validators, then validate_zoo,
+        so that a field set to a bad value after the config was made is refused before config.json is written (it
+        was written, and the folder then failed to load)."""
+        super().validate()
+        self.validate_zoo()
+
     # ---- io ---------------------------------------------------------------------------------------------
     @classmethod
     def check_fields(cls, data: dict, where: str = "") -> None:
