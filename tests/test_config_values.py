@@ -11,6 +11,7 @@ from zoo import ZooConfig
 from zoo.mixers.attention import Attention
 from zoo.mixers.gla import GLA
 from zoo.mixers.mamba import Mamba
+from zoo.mixers.mamba2 import Mamba2
 
 # PyYAML reads a float without a dot (1e-5) as the string '1e-5'
 EXPONENTS = """\
@@ -230,3 +231,96 @@ def test_a_good_override_at_load_time_is_applied_and_coerced(saved):
     assert config.norm_eps == 1e-6 and config.decode_state_dtype == "model" and config.num_hidden_layers == 1
     model = AutoModelForCausalLM.from_pretrained(saved, tie_word_embeddings=False)
     assert model.config.tie_embeddings is False
+
+
+def test_num_hidden_layers_set_on_a_made_config_is_refused_not_ignored():
+    """config.num_hidden_layers = 2 before from_config (transformers' way to shrink a model) was kept and ignored:
+    the model got every layer of `layers` and the count was reset to it. It is refused at the assignment, naming
+    the field; the count follows a `layers` set later at once, not only when a model is built."""
+    config = _tiny(layers="MMMM")
+    with pytest.raises(ValueError, match=r"num_hidden_layers: 2 disagrees with layers 'MMMM' \(4 layers\)"):
+        config.num_hidden_layers = 2
+    config.num_hidden_layers = 4  # the same count is taken
+    config.layers = "MM"
+    assert config.num_hidden_layers == 2
+    assert len(AutoModelForCausalLM.from_config(config).model.layers) == 2
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("vocab_size", 0, "vocab_size: must be a positive integer"),
+    ("ffn", {"type": "swiglu", "hidden": -5}, "ffn.hidden: must be a positive integer"),
+    ("moe", {"n_experts": 2, "every": 2, "offset": 5}, "moe.offset: must be in"),
+    ("decode_state_dtype", "bf16", "decode_state_dtype: must be one of"),
+], ids=["vocab-size", "ffn-hidden", "moe-offset", "decode-state-dtype"])
+def test_a_field_set_on_a_made_config_is_checked_when_a_model_is_built(field, value, message):
+    """transformers' users edit a config before from_config; zoo checked the fields only in the constructor, so
+    vocab_size 0 built an empty embedding, a moe offset past every built no expert, a bad decode_state_dtype was
+    kept, and a negative ffn hidden failed in torch naming no field."""
+    config = _tiny()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("spec,field", [
+    ({"type": "gla", "n_heads": 2, "norm_eps": -1.0}, "norm_eps"),
+    ({"type": "gla", "n_heads": 2, "norm_eps": 0}, "norm_eps"),
+    ({"type": "mamba2", "head_dim": 16, "d_state": 16, "norm_eps": -1e-5}, "norm_eps"),
+    ({"type": "mamba", "inner_norms": True, "inner_norm_eps": -1.0}, "inner_norm_eps"),
+    ({"type": "mamba", "inner_norms": True, "inner_norm_eps": float("nan")}, "inner_norm_eps"),
+], ids=["gla-negative", "gla-zero", "mamba2-negative", "mamba-inner-negative", "mamba-inner-nan"])
+def test_a_mixers_norm_eps_must_be_positive(spec, field):
+    """The mixers' own RMSNorm epsilons were not checked (the top-level norm_eps was): a negative one built a model
+    whose logits were NaN, without a word."""
+    with pytest.raises(ValueError, match=f"{field}: must be a finite number > 0"):
+        ZooConfig(vocab_size=64, d_model=32, layers="X", mixers={"X": spec})
+    cls = {"gla": GLA, "mamba": Mamba, "mamba2": Mamba2}[spec["type"]]
+    with pytest.raises(ValueError, match=field):
+        cls(32, **{k: v for k, v in spec.items() if k != "type"})
+
+
+def test_a_yaml_override_under_transformers_name_replaces_the_field(tmp_path):
+    """from_yaml(path, hidden_size=128) (a run's model_overrides) was refused as disagreeing with the file's d_model
+    ('give one of them'), though overrides replace fields, and AutoConfig.from_pretrained(folder, hidden_size=128)
+    takes it."""
+    path = _yaml(tmp_path, "vocab_size: 64\nd_model: 32\nlayers: M\nffn: none\nmixers: {M: {type: mamba}}\n"
+                           "tie_embeddings: true\n")
+    assert ZooConfig.from_yaml(path, hidden_size=48).d_model == 48
+    assert ZooConfig.from_yaml(path, tie_word_embeddings=False).tie_embeddings is False
+    with pytest.raises(ValueError, match="hidden_size: 48 disagrees with d_model: 40"):
+        ZooConfig.from_yaml(path, hidden_size=48, d_model=40)  # both given as overrides: still one field
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(layers="M", mixers={"M": {"type": "mamba", "expand": INF}}), "expand: must be > 0 with expand·d_model"),
+    (dict(layers="M", mixers={"M": {"type": "mamba2", "head_dim": 16, "d_state": 16, "expand": INF}}),
+     "expand: must be > 0 with expand·d_model"),
+    (dict(layers="G", mixers={"G": {"type": "gla", "n_heads": 2, "expand_v": INF}}), "expand_v: d_model·expand_v"),
+    (dict(layers="M", mixers={"M": {"type": "mamba", "dt_max": INF}}), "dt_min/dt_max: need"),
+    (dict(layers="M", mixers={"M": {"type": "mamba2", "head_dim": 16, "d_state": 16, "dt_max": INF}}),
+     "dt_min/dt_max: need"),
+    (dict(initializer_range=INF), "initializer_range: must be a finite number > 0"),
+    (dict(norm_eps=INF), "norm_eps: must be a finite number > 0"),
+], ids=["mamba-expand", "mamba2-expand", "gla-expand-v", "mamba-dt-max", "mamba2-dt-max", "initializer-range",
+        "norm-eps"])
+def test_an_infinite_value_is_refused_naming_the_field(fields, message):
+    """YAML's .inf: an infinite expand raised OverflowError naming no field; an infinite dt_max or initializer_range
+    built a model whose logits were NaN, an infinite norm_eps one whose normalized inputs were all zero."""
+    with pytest.raises(ValueError, match=message):
+        ZooConfig(**{"vocab_size": 64, "d_model": 32} | fields)
+
+
+def test_save_pretrained_refuses_a_field_set_to_a_bad_value(tmp_path):
+    """transformers validates a config before save_pretrained writes it; zoo's checks were not among its
+    validators, so config.json was written with vocab_size 0 and the folder then failed to load."""
+    config = _tiny()
+    config.vocab_size = 0
+    with pytest.raises(ValueError, match="vocab_size: must be a positive integer"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+    config.vocab_size = 64
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).vocab_size == 64

@@ -517,6 +517,17 @@ def test_num_attention_heads_follows_the_attention_mixers():
     assert ZooConfig(**{**config.to_dict(), "layers": "MM"}).to_dict()["num_attention_heads"] is None
 
 
+def test_num_attention_heads_counts_the_default_heads_of_a_spec_without_n_heads():
+    # an attention spec without n_heads builds d_model // 64 heads; the config's dict said None, as for a model
+    # without attention layers
+    config = ZooConfig(vocab_size=64, d_model=128, layers="AA", mixers={"A": {"type": "attention"}})
+    heads = AutoModelForCausalLM.from_config(config).model.layers[0].mixer.n_heads
+    assert config.to_dict()["num_attention_heads"] == heads == 2
+    mixed = ZooConfig(vocab_size=64, d_model=128, layers="AB", mixers={"A": {"type": "attention"},
+                                                                       "B": {"type": "attention", "n_heads": 2}})
+    assert mixed.to_dict()["num_attention_heads"] == 2
+
+
 def test_modules_to_save_on_a_moe_layer_trains_it_with_its_aux_loss():
     # the block told a MoE from an MLP by its class, so a MoE under PEFT's ModulesToSaveWrapper had its (output,
     # router logits) added to the residual stream: "unsupported operand type(s) for +: 'Tensor' and 'tuple'"

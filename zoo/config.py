@@ -259,16 +259,35 @@ class ZooConfig(PreTrainedConfig):
         """The query heads of the attention layers where they all have the same number, else None (None too for a
         model without attention layers: recurrent mixers have no attention heads). transformers' configs call it
         num_attention_heads (Jamba's counts its attention layers only), and `to_dict` gives it under that name."""
-        counts = {spec.get("n_heads") for spec in self.layer_specs() if spec["type"] == "attention"}
+        from zoo.mixers.attention import default_n_heads
+
+        # a spec without n_heads has the attention mixer's default (it read None, as for a model without attention)
+        counts = {default_n_heads(self.d_model) if spec.get("n_heads") is None else spec["n_heads"]
+                  for spec in self.layer_specs() if spec["type"] == "attention"}
         return counts.pop() if len(counts) == 1 else None
 
+    @property
+    def num_hidden_layers(self) -> int:
+        """transformers' number of blocks: the count of `layers`, read from it each time, so that it follows a
+        `layers` set after the config was made (a count kept at construction went stale)."""
+        if isinstance(self.layers, str):
+            return sum(not c.isspace() for c in self.layers)
+        return len(self.layers) if isinstance(self.layers, (list, tuple)) else len(self.layer_specs())
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: Any) -> None:
+        # config.num_hidden_layers = 2 (transformers' way to shrink a model before from_config) was kept on the config
+        # and ignored: the model was built with every layer of `layers`, and the count reset to it
+        self.set_num_hidden_layers(value)
+
     def set_num_hidden_layers(self, given: Any = None) -> None:
-        """Set num_hidden_layers from `layers`; a `given` count (transformers' keyword) must agree with it."""
-        n = len(self.layer_specs())
+        """Check a `given` count (transformers' keyword or attribute) against `layers`, which sets the number of
+        layers: num_hidden_layers follows `layers` and cannot be set to another count."""
+        n = self.num_hidden_layers
         if given is not None and (isinstance(given, bool) or not isinstance(given, int) or given != n):
             raise ValueError(f"num_hidden_layers: {given!r} disagrees with layers {self.layers!r} ({n} layers); "
-                             f"the number of layers follows `layers`: drop num_hidden_layers or make them agree")
-        self.num_hidden_layers = n
+                             f"the number of layers follows `layers`: drop num_hidden_layers or make them agree "
+                             f"(to build fewer layers, set `layers` to a shorter pattern or list)")
 
     # ---- resolution -------------------------------------------------------------------------------------
     def layer_specs(self) -> list[dict]:
@@ -333,10 +352,11 @@ class ZooConfig(PreTrainedConfig):
         if self.decode_state_dtype not in DECODE_STATE_DTYPES:
             raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, "
                              f"got {self.decode_state_dtype!r}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps: must be > 0, got {self.norm_eps!r}")
-        if not self.initializer_range > 0:
-            raise ValueError(f"initializer_range: must be > 0, got {self.initializer_range!r}")
+        # (an infinite initializer_range made every logit NaN; an infinite norm_eps zeroed every normalized input)
+        if not 0 < self.norm_eps < math.inf:
+            raise ValueError(f"norm_eps: must be a finite number > 0, got {self.norm_eps!r}")
+        if not 0 < self.initializer_range < math.inf:
+            raise ValueError(f"initializer_range: must be a finite number > 0, got {self.initializer_range!r}")
         if self.mixers is not None and not isinstance(self.mixers, dict):
             raise ValueError(f"mixers: expected a mapping letter -> spec, got {type(self.mixers).__name__}")
         for letter, spec in (self.mixers or {}).items():
@@ -412,6 +432,13 @@ class ZooConfig(PreTrainedConfig):
                              f"its own, or when it sets ffn: moe); choose a moe.every / moe.offset that picks a "
                              f"layer, or drop the moe section")
 
+    def validate(self) -> None:
+        """transformers' check of a config before save_pretrained writes it: its own validators, then validate_zoo,
+        so that a field set to a bad value after the config was made is refused before config.json is written (it
+        was written, and the folder then failed to load)."""
+        super().validate()
+        self.validate_zoo()
+
     # ---- io ---------------------------------------------------------------------------------------------
     @classmethod
     def check_fields(cls, data: dict, where: str = "") -> None:
@@ -442,6 +469,10 @@ class ZooConfig(PreTrainedConfig):
         if not isinstance(data, dict):  # an empty file too: it built the default 768-wide model without a word
             raise ValueError(f"{path}: expected a YAML mapping of config fields, got "
                              f"{'an empty file' if data is None else type(data).__name__}")
+        for key in overrides:  # an override under either name replaces the field (not a disagreement with the file)
+            for alias, name in ALIASES.items():
+                if key in (alias, name):
+                    data.pop(name if key == alias else alias, None)
         data.update(overrides)
         cls.check_fields(data, f"{path}: ")
         return cls(**data)

@@ -485,11 +485,21 @@ def _graph_capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def check_norm_eps(value: object, field: str = "norm_eps") -> None:
+    """Raise ValueError naming `field` unless `value` is a finite number > 0: an RMSNorm's epsilon (a negative one
+    takes the root of a negative mean square where the activations are small: NaN outputs; 0 divides a zero row
+    by zero)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{field}: must be a finite number > 0 (an RMSNorm's epsilon), got {value!r}")
+
+
 def scaled_width(d_model: int, factor: float) -> int | None:
     """factor·d_model (a mixer's expand) as an int where it is a whole number up to float rounding, else None. A
     budget-matched expand = d_inner / d_model times d_model can land a hair off (232 / 56 · 56 = 232.00000000000003),
     and such a width used to be refused, or truncated by int() to one less where it landed a hair below."""
     width = factor * d_model
+    if not abs(width) < float("inf"):  # YAML's .inf (or .nan): round() raised OverflowError, naming no field
+        return None
     nearest = round(width)
     return int(nearest) if abs(width - nearest) <= 1e-9 * max(1.0, abs(width)) else None
 

@@ -368,6 +368,9 @@ class ZooModel(ZooPreTrainedModel):
     """Embedding -> Blocks (mixer + ffn) -> final RMSNorm."""
 
     def __init__(self, config: ZooConfig):
+        # fields set on the config after it was made (config.vocab_size = 0, config.moe = {...}) are checked as the
+        # constructor checks them: they were built as they were, or failed deep in a layer naming no field
+        config.validate_zoo()
         super().__init__(config)
         trust = not getattr(config, "_from_disk", False) or _TRUSTED_LOAD.get()
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model, padding_idx=None)
@@ -389,8 +392,6 @@ class ZooModel(ZooPreTrainedModel):
                 ffn = None
             layers.append(Block(mixer, config.d_model, ffn, config.norm_eps, config.residual_in_fp32))
         self.layers = nn.ModuleList(layers)
-        # `layers` set on a config after it was made (config.layers = "MMA") left num_hidden_layers at the old count
-        config.set_num_hidden_layers()
         # one residual branch per mixer and per ffn (mamba_ssm's n_residuals_per_layer: 1 without an MLP, 2 with):
         # their output projections start at initializer_range / sqrt(branches) (_init_weights)
         branches = sum(1 + (block.ffn is not None) for block in layers)

@@ -38,6 +38,11 @@ class _SelfOnlyLayer(DynamicSlidingWindowLayer):
         return keys, values
 
 
+def default_n_heads(d_model: int) -> int:
+    """The query heads of an attention layer whose spec gives no n_heads: one per 64 channels."""
+    return max(1, d_model // 64)
+
+
 @register_mixer("attention")
 class Attention(nn.Module):
     """Causal multi-head attention with RoPE (Su et al.) and GQA.
@@ -56,7 +61,7 @@ class Attention(nn.Module):
                  head_dim: int | None = None, rope_theta: float = 10000.0, rope: bool = True,
                  window: int | None = None, attn_backend: str = "auto"):
         super().__init__()
-        n_heads = max(1, d_model // 64) if n_heads is None else n_heads
+        n_heads = default_n_heads(d_model) if n_heads is None else n_heads
         self.check_spec(d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, rope_theta=rope_theta,
                         rope=rope, window=window, attn_backend=attn_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
@@ -75,7 +80,7 @@ class Attention(nn.Module):
         if attn_backend not in ("auto", *BACKENDS):
             raise ValueError(f"attn_backend: unknown backend {attn_backend!r}; choose auto or one of "
                              f"{', '.join(BACKENDS)} (math is the reference)")
-        n_heads = max(1, d_model // 64) if n_heads is None else n_heads  # 0 is refused, not replaced
+        n_heads = default_n_heads(d_model) if n_heads is None else n_heads  # 0 is refused, not replaced
         if not (isinstance(n_heads, int) and not isinstance(n_heads, bool) and n_heads >= 1):
             raise ValueError(f"n_heads: must be a positive integer, got {n_heads!r}")
         if head_dim is None and d_model % n_heads:

@@ -9,7 +9,15 @@ from zoo_kernels import chunk_gla, gla_state_update
 
 from zoo import backends
 from zoo.cache import RecurrentLayer
-from zoo.layers import GatedRMSNorm, Linear, last_columns, mark_no_weight_decay, scaled_width, step_pad_rows
+from zoo.layers import (
+    GatedRMSNorm,
+    Linear,
+    check_norm_eps,
+    last_columns,
+    mark_no_weight_decay,
+    scaled_width,
+    step_pad_rows,
+)
 from zoo.registry import register_mixer
 
 
@@ -34,7 +42,7 @@ class GLA(nn.Module):
         super().__init__()
         self.check_spec(d_model, n_heads=n_heads, expand_k=expand_k, expand_v=expand_v,
                         gate_low_rank_dim=gate_low_rank_dim, gate_logit_normalizer=gate_logit_normalizer,
-                        chunk_size=chunk_size, scan_backend=scan_backend)
+                        chunk_size=chunk_size, norm_eps=norm_eps, scan_backend=scan_backend)
         self.d_model, self.layer_idx, self.n_heads = d_model, layer_idx, n_heads
         self.key_dim, self.value_dim = scaled_width(d_model, expand_k), scaled_width(d_model, expand_v)
         self.head_k, self.head_v = self.key_dim // n_heads, self.value_dim // n_heads
@@ -53,8 +61,9 @@ class GLA(nn.Module):
     @staticmethod
     def check_spec(d_model: int, *, n_heads: int = 4, expand_k: float = 0.5, expand_v: float = 1.0,
                    gate_low_rank_dim: int = 16, gate_logit_normalizer: float = 16.0, chunk_size: int = 64,
-                   scan_backend: str = "auto", **_) -> None:
+                   norm_eps: float = 1e-5, scan_backend: str = "auto", **_) -> None:
         backends.check_name("gla", scan_backend)
+        check_norm_eps(norm_eps)
         for name, value in (("n_heads", n_heads), ("chunk_size", chunk_size)):
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")

@@ -19,6 +19,7 @@ from zoo.layers import (
     RMSNorm,
     channels_linear,
     channels_to_rows,
+    check_norm_eps,
     decoded_constants,
     init_copy_,
     keep_rows_,
@@ -71,7 +72,8 @@ class Mamba(nn.Module):
                  inner_norms: bool = False, inner_norm_eps: float = 1e-6, scan_backend: str = "auto"):
         super().__init__()
         self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, dt_min=dt_min,
-                        dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale, scan_backend=scan_backend)
+                        dt_max=dt_max, dt_init_floor=dt_init_floor, dt_scale=dt_scale, inner_norm_eps=inner_norm_eps,
+                        scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv = d_state, d_conv
         self.d_inner = scaled_width(d_model, expand)
@@ -97,8 +99,9 @@ class Mamba(nn.Module):
     @staticmethod
     def check_spec(d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: float = 2, dt_rank="auto",
                    dt_min: float = 0.001, dt_max: float = 0.1, dt_init_floor: float = 1e-4, dt_scale: float = 1.0,
-                   scan_backend: str = "auto", **_) -> None:
+                   inner_norm_eps: float = 1e-6, scan_backend: str = "auto", **_) -> None:
         backends.check_name("selective_scan", scan_backend)
+        check_norm_eps(inner_norm_eps, "inner_norm_eps")
         if not (isinstance(d_state, int) and d_state >= 1):
             raise ValueError(f"d_state: must be a positive integer, got {d_state!r}")
         if not (isinstance(d_conv, int) and d_conv >= 1):
@@ -115,8 +118,8 @@ class Mamba(nn.Module):
             raise ValueError(f"expand: must be > 0 with expand·d_model an integer, got {expand!r}")
         if dt_rank != "auto" and not (isinstance(dt_rank, int) and dt_rank >= 1):
             raise ValueError(f"dt_rank: must be 'auto' or a positive integer, got {dt_rank!r}")
-        if not 0 < dt_min <= dt_max:
-            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
+        if not 0 < dt_min <= dt_max < math.inf:  # an infinite dt_max: the initial dt, and the logits, were NaN
+            raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max < inf, got {dt_min}, {dt_max}")
 
     def reset_parameters(self) -> None:
         # S4D-real: A[d, n] = -(n + 1), stored as log.
