@@ -1172,6 +1172,44 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
 
 
+@pytest.mark.parametrize("refused", ["two_tokens", "padding", "full"])
+def test_a_chunk_a_static_cache_refuses_leaves_a_hybrids_states_as_they_were(refused):
+    """A static cache (ZooCache.to_static) takes one unpadded token per step with room for it; each attention layer
+    refused anything else on its own, after the Mamba layers before it had advanced their states by the refused
+    tokens: the cache, kept for a retry (generate continuing it from a prompt with two uncached tokens, a caught
+    KVCacheFull), then gave wrong logits without an error. Refused before any layer runs, the retry is exact."""
+    model = tiny("jamba")  # MMAM MMAM: two Mamba layers before the first attention layer
+    ids = torch.randint(1, 512, (2, 8))
+    held = 6 if refused == "full" else 5
+    with torch.no_grad():
+        ref = model(ids[:, :held + 1], use_cache=False).logits[:, -1:]
+        room = held if refused == "full" else 16
+        cache = zoo.cache.output_cache(model(ids[:, :held], use_cache=True)).to_static(room)
+        if refused == "two_tokens":
+            with pytest.raises(ValueError, match="decodes one token per step, got 2"):
+                model(ids[:, held:held + 2], past_key_values=cache, use_cache=True)
+        elif refused == "padding":
+            padded = torch.ones(2, held + 1, dtype=torch.long)
+            padded[0, 0] = 0
+            with pytest.raises(ValueError, match="a static KV cache decodes unpadded, unpacked rows"):
+                model(ids[:, held:held + 1], past_key_values=cache, attention_mask=padded, use_cache=True)
+        else:
+            with pytest.raises(zoo.cache.KVCacheFull, match="holds 6 of 6 tokens"):
+                model(ids[:, held:held + 1], past_key_values=cache, use_cache=True)
+            # a full static layer cannot grow: the recurrent states are compared with those of a fresh prefill
+            fresh = zoo.cache.output_cache(model(ids[:, :held], use_cache=True))
+            for layer, want in zip(cache.layers, fresh.layers):
+                if isinstance(layer, zoo.cache.RecurrentLayer):
+                    assert_close("recurrent state", layer.recurrent_state, want.recurrent_state, 1e-6)
+            return
+        assert cache.get_seq_length() == held
+        out = model(ids[:, held:held + 1], past_key_values=cache, use_cache=True).logits
+    assert_close("the retried step", out, ref, 1e-5)
+    with pytest.raises(ValueError, match="decodes one token per step, got 2"):  # generate: before its first step
+        model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert cache.get_seq_length() == held + 1
+
+
 @pytest.mark.parametrize("name", ["transformerpp", "jamba"])
 def test_generate_from_a_static_cache_too_small_is_refused_before_the_first_step(name):
     """A static cache (ZooCache.to_static) without room for max_new_tokens raised KVCacheFull at the step that found

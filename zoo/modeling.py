@@ -152,6 +152,29 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
                          f"cache.batch_select_indices(rows) keeps some)")
 
 
+def _check_static_step(cache: ZooCache, tokens: int, attention_mask: torch.Tensor | None,
+                       seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """Refuse, before any layer runs, a chunk that a static cache's attention layers (ZooCache.to_static) cannot
+    take: several tokens, padding or packed documents, or more tokens than they have room for. Each attention layer
+    refused it on its own, after the layers before it had run: in a hybrid the Mamba / Mamba-2 / GLA states were
+    already advanced by the refused tokens while the token count was not, so the cache, kept for a retry, gave
+    wrong logits without an error. Returns the attention_mask, None where it is all ones (what the static step
+    reads of it; the layers then need not read it again)."""
+    layers = cache.static_layers()
+    if not layers or tokens == 0:
+        return attention_mask
+    if tokens != 1:
+        raise ValueError(f"a static KV cache (ZooCache.to_static) decodes one token per step, got {tokens}; run "
+                         f"longer chunks (a prompt's uncached tokens) on the default dynamic cache and convert it "
+                         f"after")
+    if seq_idx is not None or (attention_mask is not None and not bool(attention_mask.all())):
+        raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask with padding, "
+                         "and no seq_idx")
+    for layer in layers:
+        layer.check_room(tokens)
+    return None
+
+
 def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int) -> None:
     """Raise, naming the shape zoo takes, for a mask that is not [batch (or 1), up to past + tokens]: a 4-D mask (a
     packing recipe's block-diagonal one, which transformers' attention models take) failed with a bare broadcast
@@ -479,6 +502,8 @@ class ZooModel(ZooPreTrainedModel):
                 pads = getattr(past_key_values, "pads", None)
                 if pads is not None:  # a static cache of left-padded rows (to_static(pads=)): from each first token
                     position_ids = position_ids - pads.to(x.device)[:, None]
+        if past_key_values is not None:
+            attention_mask = _check_static_step(past_key_values, T, attention_mask, seq_idx)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
             if x.is_cuda and past == 0 and attention_mask is None and self._has_attention() \
