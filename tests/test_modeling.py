@@ -1172,6 +1172,26 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
 
 
+@pytest.mark.parametrize("covered", [1, 4], ids=["new_tokens_only", "some_cached_tokens"])
+def test_a_mask_short_of_the_cached_keys_leaves_a_hybrids_states_as_they_were(covered):
+    """A mask of fewer positions than the cached and new tokens, with a cache, was refused by the first attention
+    layer, after the Mamba layers before it had advanced their states by the chunk: the cache, kept for a retry
+    with the whole mask, then gave wrong logits without an error. Refused before any layer runs, the retry is
+    exact."""
+    model = tiny("jamba")  # MMAM MMAM: two Mamba layers before the first attention layer
+    ids = torch.randint(1, 512, (2, 8))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits[:, -2:]
+        cache = zoo.cache.output_cache(model(ids[:, :6], use_cache=True))
+        with pytest.raises(ValueError, match=r"attention_mask: covers \d+ positions but this attention layer attends"):
+            model(ids[:, 6:], past_key_values=cache, attention_mask=torch.ones(2, covered + 1, dtype=torch.long),
+                  use_cache=True)
+        assert cache.get_seq_length() == 6
+        out = model(ids[:, 6:], past_key_values=cache, attention_mask=torch.ones(2, 8, dtype=torch.long),
+                    use_cache=True).logits
+    assert_close("the retried chunk", out, ref, 1e-5)
+
+
 @pytest.mark.parametrize("refused", ["two_tokens", "padding", "full"])
 def test_a_chunk_a_static_cache_refuses_leaves_a_hybrids_states_as_they_were(refused):
     """A static cache (ZooCache.to_static) takes one unpadded token per step with room for it; each attention layer

@@ -175,6 +175,20 @@ def _check_static_step(cache: ZooCache, tokens: int, attention_mask: torch.Tenso
     return None
 
 
+def _check_mask_covers_cached_keys(model: ZooModel, cache: ZooCache, mask: torch.Tensor | None, tokens: int) -> None:
+    """Each attention layer's check that the mask covers its cached keys and the chunk's, made for every one before
+    any layer runs: made by the layer alone, a mask of the new tokens only (or fewer than all so far) was refused
+    after the Mamba / Mamba-2 / GLA layers before it had advanced their states by the chunk, while the token count
+    was not, so the cache, kept for a retry with the right mask, gave wrong logits without an error."""
+    if mask is None:
+        return
+    from zoo.mixers.attention import Attention
+
+    for block, layer in zip(model.layers, cache.layers):
+        if isinstance(block.mixer, Attention):
+            block.mixer.check_mask_covers_keys(layer, mask, tokens)
+
+
 def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int) -> None:
     """Raise, naming the shape zoo takes, for a mask that is not [batch (or 1), up to past + tokens]: a 4-D mask (a
     packing recipe's block-diagonal one, which transformers' attention models take) failed with a bare broadcast
@@ -504,6 +518,7 @@ class ZooModel(ZooPreTrainedModel):
                     position_ids = position_ids - pads.to(x.device)[:, None]
         if past_key_values is not None:
             attention_mask = _check_static_step(past_key_values, T, attention_mask, seq_idx)
+            _check_mask_covers_cached_keys(self, past_key_values, attention_mask, T)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
             if x.is_cuda and past == 0 and attention_mask is None and self._has_attention() \
