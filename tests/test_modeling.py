@@ -1172,6 +1172,34 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
 
 
+@pytest.mark.parametrize("given", ["mask", "inferred_mask", "beams"])
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_generate_continues_a_static_cache_of_left_padded_rows(name, given):
+    """A static cache of a left-padded batch (to_static(pads=)) hides the pads itself, but its step refused any mask
+    with padding: generate, which extends the batch's mask (given, or inferred from pad_token_id), could not continue
+    it. A mask whose padding is the cache's pads is taken now; other padding is still refused."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (3, 9))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = mask[2, :1] = 0
+    prompt[mask == 0] = 0
+    kw = dict(do_sample=False, pad_token_id=0)
+    first = model.generate(prompt, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, **kw)
+    cache = zoo.cache.output_cache(first).to_static(32, pads=(mask == 0).sum(1))
+    whole = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1)
+    extra = {"num_beams": 2} if given == "beams" else {}
+    passed = {} if given == "inferred_mask" else {"attention_mask": whole}
+    out = model.generate(first.sequences, past_key_values=cache, max_new_tokens=5, **passed, **extra, **kw)
+    assert torch.equal(out, model.generate(first.sequences, attention_mask=whole, max_new_tokens=5, **extra, **kw))
+    with torch.no_grad():
+        cache = zoo.cache.output_cache(model(prompt, attention_mask=mask, use_cache=True))
+    cache.to_static(32, pads=(mask == 0).sum(1))
+    other = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    other[0, 0] = 0
+    with pytest.raises(ValueError, match="a static KV cache decodes unpadded, unpacked rows"):
+        model(torch.randint(1, 512, (3, 1)), past_key_values=cache, attention_mask=other, use_cache=True)
+
+
 @pytest.mark.parametrize("covered", [1, 4], ids=["new_tokens_only", "some_cached_tokens"])
 def test_a_mask_short_of_the_cached_keys_leaves_a_hybrids_states_as_they_were(covered):
     """A mask of fewer positions than the cached and new tokens, with a cache, was refused by the first attention

@@ -152,6 +152,18 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
                          f"cache.batch_select_indices(rows) keeps some)")
 
 
+def _pads_of(mask: torch.Tensor, cache: ZooCache, tokens: int) -> bool:
+    """Whether `mask` (over the last mask.shape[1] of the cached and new tokens) pads exactly the left padding that
+    the static cache hides (to_static(pads=)): the mask generate extends, given or inferred from pad_token_id, for
+    the continuation of a left-padded batch. Its positions are then the pads' (each row's from its first token)."""
+    pads = getattr(cache, "pads", None)
+    if pads is None:
+        return False
+    first = cache.get_seq_length() + tokens - mask.shape[1]  # the position of the mask's first column
+    positions = torch.arange(first, first + mask.shape[1], device=mask.device)
+    return bool(torch.equal(mask.bool(), positions[None] >= pads.to(mask.device)[:, None]))
+
+
 def _check_static_step(cache: ZooCache, tokens: int, attention_mask: torch.Tensor | None,
                        seq_idx: torch.Tensor | None) -> torch.Tensor | None:
     """Refuse, before any layer runs, a chunk that a static cache's attention layers (ZooCache.to_static) cannot
@@ -167,9 +179,11 @@ def _check_static_step(cache: ZooCache, tokens: int, attention_mask: torch.Tenso
         raise ValueError(f"a static KV cache (ZooCache.to_static) decodes one token per step, got {tokens}; run "
                          f"longer chunks (a prompt's uncached tokens) on the default dynamic cache and convert it "
                          f"after")
-    if seq_idx is not None or (attention_mask is not None and not bool(attention_mask.all())):
-        raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask with padding, "
-                         "and no seq_idx")
+    if seq_idx is not None or (attention_mask is not None and not bool(attention_mask.all())
+                               and not _pads_of(attention_mask, cache, tokens)):
+        raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask with padding "
+                         "other than the left padding the cache was made static with (to_static(pads=)), and no "
+                         "seq_idx")
     for layer in layers:
         layer.check_room(tokens)
     return None
