@@ -1172,6 +1172,25 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
 
 
+@pytest.mark.parametrize("covered", [1, 5])
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_a_static_step_refuses_a_mask_short_of_the_tokens_so_far(name, covered):
+    """A static cache's step reads its position from the attention_mask's count of tokens: a mask of the new token
+    alone (or of the last few) put it at another position than the cache's, and RoPE gave wrong logits without an
+    error (a dynamic cache's attention layers refuse such a mask). It is refused, naming the shape."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits[:, -1:]
+        cache = zoo.cache.output_cache(model(ids[:, :8], use_cache=True)).to_static(16)
+        with pytest.raises(ValueError, match=rf"covers {covered} positions .* \[batch, past \+ 1\] = \[2, 9\]"):
+            model(ids[:, 8:], past_key_values=cache, attention_mask=torch.ones(2, covered, dtype=torch.long),
+                  use_cache=True)
+        out = model(ids[:, 8:], past_key_values=cache, attention_mask=torch.ones(2, 9, dtype=torch.long),
+                    use_cache=True).logits
+    assert_close("the step with the whole mask", out, ref, 1e-5)
+
+
 @pytest.mark.parametrize("given", ["mask", "inferred_mask", "beams"])
 @pytest.mark.parametrize("name", ["transformerpp", "jamba"])
 def test_generate_continues_a_static_cache_of_left_padded_rows(name, given):

@@ -152,15 +152,14 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
                          f"cache.batch_select_indices(rows) keeps some)")
 
 
-def _pads_of(mask: torch.Tensor, cache: ZooCache, tokens: int) -> bool:
-    """Whether `mask` (over the last mask.shape[1] of the cached and new tokens) pads exactly the left padding that
-    the static cache hides (to_static(pads=)): the mask generate extends, given or inferred from pad_token_id, for
-    the continuation of a left-padded batch. Its positions are then the pads' (each row's from its first token)."""
+def _pads_of(mask: torch.Tensor, cache: ZooCache) -> bool:
+    """Whether `mask` (over the cached and new tokens) pads exactly the left padding that the static cache hides
+    (to_static(pads=)): the mask generate extends, given or inferred from pad_token_id, for the continuation of a
+    left-padded batch. Its positions are then the pads' (each row's from its first token)."""
     pads = getattr(cache, "pads", None)
     if pads is None:
         return False
-    first = cache.get_seq_length() + tokens - mask.shape[1]  # the position of the mask's first column
-    positions = torch.arange(first, first + mask.shape[1], device=mask.device)
+    positions = torch.arange(mask.shape[1], device=mask.device)
     return bool(torch.equal(mask.bool(), positions[None] >= pads.to(mask.device)[:, None]))
 
 
@@ -170,7 +169,8 @@ def _check_static_step(cache: ZooCache, tokens: int, attention_mask: torch.Tenso
     take: several tokens, padding or packed documents, or more tokens than they have room for. Each attention layer
     refused it on its own, after the layers before it had run: in a hybrid the Mamba / Mamba-2 / GLA states were
     already advanced by the refused tokens while the token count was not, so the cache, kept for a retry, gave
-    wrong logits without an error. Returns the attention_mask, None where it is all ones (what the static step
+    wrong logits without an error. A mask short of the tokens so far is refused too (it gave the step a wrong
+    position). Returns the attention_mask, None where it is all ones or pads the cache's pads (what the static step
     reads of it; the layers then need not read it again)."""
     layers = cache.static_layers()
     if not layers or tokens == 0:
@@ -179,8 +179,16 @@ def _check_static_step(cache: ZooCache, tokens: int, attention_mask: torch.Tenso
         raise ValueError(f"a static KV cache (ZooCache.to_static) decodes one token per step, got {tokens}; run "
                          f"longer chunks (a prompt's uncached tokens) on the default dynamic cache and convert it "
                          f"after")
+    past = cache.get_seq_length()
+    if attention_mask is not None and attention_mask.shape[-1] != past + tokens:
+        # the step's positions are read from the mask (its count of tokens): a mask of the new token alone, or of
+        # the last few, put it at another position than the cache's (RoPE), with wrong logits and no error
+        raise ValueError(f"attention_mask: covers {attention_mask.shape[-1]} positions but the static KV cache holds "
+                         f"{past} tokens and this step has {tokens}; pass the mask of every token so far, [batch, "
+                         f"past + {tokens}] = [{attention_mask.shape[0]}, {past + tokens}], as transformers' generate "
+                         f"does, or none")
     if seq_idx is not None or (attention_mask is not None and not bool(attention_mask.all())
-                               and not _pads_of(attention_mask, cache, tokens)):
+                               and not _pads_of(attention_mask, cache)):
         raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask with padding "
                          "other than the left padding the cache was made static with (to_static(pads=)), and no "
                          "seq_idx")
