@@ -1172,6 +1172,111 @@ def test_a_static_step_takes_an_all_ones_mask_and_refuses_padding(name):
             model(step, past_key_values=cache, attention_mask=padded, use_cache=True)
 
 
+@pytest.mark.parametrize("covered", [1, 5])
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_a_static_step_refuses_a_mask_short_of_the_tokens_so_far(name, covered):
+    """A static cache's step reads its position from the attention_mask's count of tokens: a mask of the new token
+    alone (or of the last few) put it at another position than the cache's, and RoPE gave wrong logits without an
+    error (a dynamic cache's attention layers refuse such a mask). It is refused, naming the shape."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits[:, -1:]
+        cache = zoo.cache.output_cache(model(ids[:, :8], use_cache=True)).to_static(16)
+        with pytest.raises(ValueError, match=rf"covers {covered} positions .* \[batch, past \+ 1\] = \[2, 9\]"):
+            model(ids[:, 8:], past_key_values=cache, attention_mask=torch.ones(2, covered, dtype=torch.long),
+                  use_cache=True)
+        out = model(ids[:, 8:], past_key_values=cache, attention_mask=torch.ones(2, 9, dtype=torch.long),
+                    use_cache=True).logits
+    assert_close("the step with the whole mask", out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("given", ["mask", "inferred_mask", "beams"])
+@pytest.mark.parametrize("name", ["transformerpp", "jamba"])
+def test_generate_continues_a_static_cache_of_left_padded_rows(name, given):
+    """A static cache of a left-padded batch (to_static(pads=)) hides the pads itself, but its step refused any mask
+    with padding: generate, which extends the batch's mask (given, or inferred from pad_token_id), could not continue
+    it. A mask whose padding is the cache's pads is taken now; other padding is still refused."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (3, 9))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = mask[2, :1] = 0
+    prompt[mask == 0] = 0
+    kw = dict(do_sample=False, pad_token_id=0)
+    first = model.generate(prompt, attention_mask=mask, max_new_tokens=3, return_dict_in_generate=True, **kw)
+    cache = zoo.cache.output_cache(first).to_static(32, pads=(mask == 0).sum(1))
+    whole = torch.cat([mask, torch.ones(3, 3, dtype=torch.long)], 1)
+    extra = {"num_beams": 2} if given == "beams" else {}
+    passed = {} if given == "inferred_mask" else {"attention_mask": whole}
+    out = model.generate(first.sequences, past_key_values=cache, max_new_tokens=5, **passed, **extra, **kw)
+    assert torch.equal(out, model.generate(first.sequences, attention_mask=whole, max_new_tokens=5, **extra, **kw))
+    with torch.no_grad():
+        cache = zoo.cache.output_cache(model(prompt, attention_mask=mask, use_cache=True))
+    cache.to_static(32, pads=(mask == 0).sum(1))
+    other = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    other[0, 0] = 0
+    with pytest.raises(ValueError, match="a static KV cache decodes unpadded, unpacked rows"):
+        model(torch.randint(1, 512, (3, 1)), past_key_values=cache, attention_mask=other, use_cache=True)
+
+
+@pytest.mark.parametrize("covered", [1, 4], ids=["new_tokens_only", "some_cached_tokens"])
+def test_a_mask_short_of_the_cached_keys_leaves_a_hybrids_states_as_they_were(covered):
+    """A mask of fewer positions than the cached and new tokens, with a cache, was refused by the first attention
+    layer, after the Mamba layers before it had advanced their states by the chunk: the cache, kept for a retry
+    with the whole mask, then gave wrong logits without an error. Refused before any layer runs, the retry is
+    exact."""
+    model = tiny("jamba")  # MMAM MMAM: two Mamba layers before the first attention layer
+    ids = torch.randint(1, 512, (2, 8))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits[:, -2:]
+        cache = zoo.cache.output_cache(model(ids[:, :6], use_cache=True))
+        with pytest.raises(ValueError, match=r"attention_mask: covers \d+ positions but this attention layer attends"):
+            model(ids[:, 6:], past_key_values=cache, attention_mask=torch.ones(2, covered + 1, dtype=torch.long),
+                  use_cache=True)
+        assert cache.get_seq_length() == 6
+        out = model(ids[:, 6:], past_key_values=cache, attention_mask=torch.ones(2, 8, dtype=torch.long),
+                    use_cache=True).logits
+    assert_close("the retried chunk", out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("refused", ["two_tokens", "padding", "full"])
+def test_a_chunk_a_static_cache_refuses_leaves_a_hybrids_states_as_they_were(refused):
+    """A static cache (ZooCache.to_static) takes one unpadded token per step with room for it; each attention layer
+    refused anything else on its own, after the Mamba layers before it had advanced their states by the refused
+    tokens: the cache, kept for a retry (generate continuing it from a prompt with two uncached tokens, a caught
+    KVCacheFull), then gave wrong logits without an error. Refused before any layer runs, the retry is exact."""
+    model = tiny("jamba")  # MMAM MMAM: two Mamba layers before the first attention layer
+    ids = torch.randint(1, 512, (2, 8))
+    held = 6 if refused == "full" else 5
+    with torch.no_grad():
+        ref = model(ids[:, :held + 1], use_cache=False).logits[:, -1:]
+        room = held if refused == "full" else 16
+        cache = zoo.cache.output_cache(model(ids[:, :held], use_cache=True)).to_static(room)
+        if refused == "two_tokens":
+            with pytest.raises(ValueError, match="decodes one token per step, got 2"):
+                model(ids[:, held:held + 2], past_key_values=cache, use_cache=True)
+        elif refused == "padding":
+            padded = torch.ones(2, held + 1, dtype=torch.long)
+            padded[0, 0] = 0
+            with pytest.raises(ValueError, match="a static KV cache decodes unpadded, unpacked rows"):
+                model(ids[:, held:held + 1], past_key_values=cache, attention_mask=padded, use_cache=True)
+        else:
+            with pytest.raises(zoo.cache.KVCacheFull, match="holds 6 of 6 tokens"):
+                model(ids[:, held:held + 1], past_key_values=cache, use_cache=True)
+            # a full static layer cannot grow: the recurrent states are compared with those of a fresh prefill
+            fresh = zoo.cache.output_cache(model(ids[:, :held], use_cache=True))
+            for layer, want in zip(cache.layers, fresh.layers):
+                if isinstance(layer, zoo.cache.RecurrentLayer):
+                    assert_close("recurrent state", layer.recurrent_state, want.recurrent_state, 1e-6)
+            return
+        assert cache.get_seq_length() == held
+        out = model(ids[:, held:held + 1], past_key_values=cache, use_cache=True).logits
+    assert_close("the retried step", out, ref, 1e-5)
+    with pytest.raises(ValueError, match="decodes one token per step, got 2"):  # generate: before its first step
+        model.generate(ids, past_key_values=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert cache.get_seq_length() == held + 1
+
+
 @pytest.mark.parametrize("name", ["transformerpp", "jamba"])
 def test_generate_from_a_static_cache_too_small_is_refused_before_the_first_step(name):
     """A static cache (ZooCache.to_static) without room for max_new_tokens raised KVCacheFull at the step that found

@@ -152,6 +152,65 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
                          f"cache.batch_select_indices(rows) keeps some)")
 
 
+def _pads_of(mask: torch.Tensor, cache: ZooCache) -> bool:
+    """Whether `mask` (over the cached and new tokens) pads exactly the left padding that the static cache hides
+    (to_static(pads=)): the mask generate extends, given or inferred from pad_token_id, for the continuation of a
+    left-padded batch. Its positions are then the pads' (each row's from its first token)."""
+    pads = getattr(cache, "pads", None)
+    if pads is None:
+        return False
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return bool(torch.equal(mask.bool(), positions[None] >= pads.to(mask.device)[:, None]))
+
+
+def _check_static_step(cache: ZooCache, tokens: int, attention_mask: torch.Tensor | None,
+                       seq_idx: torch.Tensor | None) -> torch.Tensor | None:
+    """Refuse, before any layer runs, a chunk that a static cache's attention layers (ZooCache.to_static) cannot
+    take: several tokens, padding or packed documents, or more tokens than they have room for. Each attention layer
+    refused it on its own, after the layers before it had run: in a hybrid the Mamba / Mamba-2 / GLA states were
+    already advanced by the refused tokens while the token count was not, so the cache, kept for a retry, gave
+    wrong logits without an error. A mask short of the tokens so far is refused too (it gave the step a wrong
+    position). Returns the attention_mask, None where it is all ones or pads the cache's pads (what the static step
+    reads of it; the layers then need not read it again)."""
+    layers = cache.static_layers()
+    if not layers or tokens == 0:
+        return attention_mask
+    if tokens != 1:
+        raise ValueError(f"a static KV cache (ZooCache.to_static) decodes one token per step, got {tokens}; run "
+                         f"longer chunks (a prompt's uncached tokens) on the default dynamic cache and convert it "
+                         f"after")
+    past = cache.get_seq_length()
+    if attention_mask is not None and attention_mask.shape[-1] != past + tokens:
+        # the step's positions are read from the mask (its count of tokens): a mask of the new token alone, or of
+        # the last few, put it at another position than the cache's (RoPE), with wrong logits and no error
+        raise ValueError(f"attention_mask: covers {attention_mask.shape[-1]} positions but the static KV cache holds "
+                         f"{past} tokens and this step has {tokens}; pass the mask of every token so far, [batch, "
+                         f"past + {tokens}] = [{attention_mask.shape[0]}, {past + tokens}], as transformers' generate "
+                         f"does, or none")
+    if seq_idx is not None or (attention_mask is not None and not bool(attention_mask.all())
+                               and not _pads_of(attention_mask, cache)):
+        raise ValueError("a static KV cache decodes unpadded, unpacked rows: pass no attention_mask with padding "
+                         "other than the left padding the cache was made static with (to_static(pads=)), and no "
+                         "seq_idx")
+    for layer in layers:
+        layer.check_room(tokens)
+    return None
+
+
+def _check_mask_covers_cached_keys(model: ZooModel, cache: ZooCache, mask: torch.Tensor | None, tokens: int) -> None:
+    """Each attention layer's check that the mask covers its cached keys and the chunk's, made for every one before
+    any layer runs: made by the layer alone, a mask of the new tokens only (or fewer than all so far) was refused
+    after the Mamba / Mamba-2 / GLA layers before it had advanced their states by the chunk, while the token count
+    was not, so the cache, kept for a retry with the right mask, gave wrong logits without an error."""
+    if mask is None:
+        return
+    from zoo.mixers.attention import Attention
+
+    for block, layer in zip(model.layers, cache.layers):
+        if isinstance(block.mixer, Attention):
+            block.mixer.check_mask_covers_keys(layer, mask, tokens)
+
+
 def _check_attention_mask(mask: torch.Tensor, batch: int, tokens: int, past: int) -> None:
     """Raise, naming the shape zoo takes, for a mask that is not [batch (or 1), up to past + tokens]: a 4-D mask (a
     packing recipe's block-diagonal one, which transformers' attention models take) failed with a bare broadcast
@@ -480,6 +539,9 @@ class ZooModel(ZooPreTrainedModel):
                 pads = getattr(past_key_values, "pads", None)
                 if pads is not None:  # a static cache of left-padded rows (to_static(pads=)): from each first token
                     position_ids = position_ids - pads.to(x.device)[:, None]
+        if past_key_values is not None:
+            attention_mask = _check_static_step(past_key_values, T, attention_mask, seq_idx)
+            _check_mask_covers_cached_keys(self, past_key_values, attention_mask, T)
         if seq_idx is not None:
             seq_idx = seq_idx.to(torch.int32)
             if x.is_cuda and past == 0 and attention_mask is None and self._has_attention() \

@@ -206,6 +206,19 @@ class Attention(nn.Module):
             if seq_idx is not None and getattr(cache, "kv_seq_idx", None) is not None:
                 cache.kv_seq_idx = seq_idx[:, -kept:]
 
+    @staticmethod
+    def check_mask_covers_keys(cache, attention_mask: torch.Tensor | None, tokens: int) -> None:
+        """Raise unless attention_mask covers every key a chunk of `tokens` tokens attends to in this layer: its
+        cached keys (a dynamic layer's; a sliding window's keeps fewer than the tokens seen) and its own.
+        ZooModel.forward checks every attention layer before any layer runs."""
+        if attention_mask is None or cache is None or isinstance(cache, StaticKVLayer):
+            return
+        held = cache.keys.shape[-2] if getattr(cache, "is_initialized", False) and cache.keys is not None else 0
+        if attention_mask.shape[-1] < held + tokens:
+            raise ValueError(f"attention_mask: covers {attention_mask.shape[-1]} positions but this attention layer "
+                             f"attends to {held + tokens} keys (cached + this chunk); with a cache pass the mask of "
+                             f"every token so far, [batch, past + {tokens}], as transformers' generate does")
+
     def forward(self, x: torch.Tensor, *, cache=None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, T, d_model] -> [B, T, d_model]. position_ids [B, T] (default: past length + arange)."""
@@ -213,11 +226,7 @@ class Attention(nn.Module):
             return self._static_step(x, cache, seq_idx, position_ids, attention_mask)
         Bsz, T, _ = x.shape
         past = cache.get_seq_length() if cache is not None else 0
-        held = cache.keys.shape[-2] if cache is not None and getattr(cache, "is_initialized", False) else 0
-        if attention_mask is not None and attention_mask.shape[-1] < held + T:  # checked before the cache grows
-            raise ValueError(f"attention_mask: covers {attention_mask.shape[-1]} positions but this attention layer "
-                             f"attends to {held + T} keys (cached + this chunk); with a cache pass the mask of every "
-                             f"token so far, [batch, past + {T}], as transformers' generate does")
+        self.check_mask_covers_keys(cache, attention_mask, T)  # before the cache grows
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
         tables = self.rope_tables(position_ids)
