@@ -620,6 +620,64 @@ def test_a_transformers_model_under_flash_attention_keeps_the_documents_of_packe
                 assert_close(f"row {row} document {doc}", logits[row, at], alone, 1e-5)
 
 
+JAMBA = {"model_type": "jamba", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 260, "attn_layer_period": 2,
+         "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1, "num_experts": 2,
+         "mamba_d_state": 8, "mamba_dt_rank": 4}
+BAMBA = {"model_type": "bamba", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 260, "mamba_n_heads": 4,
+         "mamba_d_head": 16, "mamba_d_state": 8, "mamba_chunk_size": 8, "attn_layer_indices": [1]}
+ZOO_MAMBA = {"model_type": "zoo", "vocab_size": 260, "d_model": 32, "layers": "M*", "ffn": {"hidden": 64},
+             "mixers": {"M": {"type": "mamba", "d_state": 4}, "*": {"type": "attention", "n_heads": 4}}}
+
+
+@pytest.mark.parametrize("model", [LLAMA, JAMBA, BAMBA, ZOO_MAMBA], ids=["llama", "jamba", "bamba", "zoo"])
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_the_packing_probe_tells_the_models_whose_packed_documents_meet(model, attention):
+    # transformers' hybrids take position_ids (the loop's packed documents restart them) but their Mamba layers ignore
+    # them: a packed document's logits differ from the document's alone. The probe says so, and only for them
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.train import PACKING_LEAK_TOLERANCE, packed_documents_leak
+
+    torch.manual_seed(0)
+    fields = {k: v for k, v in model.items() if k != "model_type"}
+    built = AutoModelForCausalLM.from_config(AutoConfig.for_model(model["model_type"], **fields)).float().train()
+    built.config._attn_implementation = attention
+    leak = packed_documents_leak(built, ModelInputs.of(built))
+    assert built.training and built.config._attn_implementation == attention  # left as it was
+    batch = _packed_batch([[10, 14], [6, 18]])
+    built.config._attn_implementation = "sdpa"  # flash attention's stand-in on the CPU (it ran with the bounds)
+    built.eval()
+    inputs, moved = ModelInputs.of(built), 0.0
+    with torch.no_grad():
+        logits = built(**inputs.kwargs(batch, labels=False), use_cache=False).logits
+        for row, at in itertools.product(range(2), range(2)):
+            doc = batch["seq_idx"][row] == at
+            alone = built(input_ids=batch["input_ids"][row, doc][None], use_cache=False).logits[0]
+            moved = max(moved, ((logits[row, doc] - alone).abs().max() / alone.abs().max()).item())
+    meet = moved > PACKING_LEAK_TOLERANCE
+    assert meet == (model in (JAMBA, BAMBA)), f"the case: packed documents meet in {model['model_type']}: {moved:.1e}"
+    assert (leak > PACKING_LEAK_TOLERANCE) == meet, (leak, moved)
+
+
+@pytest.mark.parametrize("model,packing,warned", [(JAMBA, True, True), (JAMBA, False, False), (LLAMA, True, False),
+                                                  (ZOO_MAMBA, True, False)], ids=["jamba", "jamba-unpacked", "llama",
+                                                                                  "zoo"])
+def test_a_packed_run_of_a_model_whose_documents_meet_is_warned(tmp_path, capsys, model, packing, warned):
+    # a transformers Jamba's packed documents met in its Mamba layers (state and convolution carried across), with no
+    # word: the run now says so and names data.packing: false
+    run = run_dict(tmp_path, data={"packing": packing}, train={"max_steps": 1, "grad_accum": 1},
+                   schedule={"warmup_steps": 0})
+    run["model"] = model
+    train(config_from_dict(run))
+    out = capsys.readouterr().out
+    told = re.search(r"data\.packing: \w+ does not keep the documents of packed rows apart.*set data\.packing: false",
+                     out)
+    assert bool(told) == warned, out
+    assert "could not check" not in out
+
+
 def _tbptt_model(name: str):
     from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -4,6 +4,8 @@ The loop knows nothing about architectures: it calls ``model(**batch).loss`` (pa
 models whose forward takes it, else ``position_ids`` that restart at every packed document), reads
 ``_no_weight_decay`` flags off parameters, and for truncated BPTT uses only the cache that
 ``model(..., past_key_values=cache, use_cache=True)`` returns (``cache=`` for transformers models that name it so).
+A model fed position_ids alone is probed once before training (`packed_documents_leak`): transformers' hybrids keep
+packed documents apart in their attention layers only, and a packed run of one is warned of it.
 
     zoo train configs/train/demo.yaml --train.max_steps=100          # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
@@ -691,6 +693,53 @@ class ModelInputs:
             (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(out["position_ids"])
             out |= {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": cu_k, "max_length_q": max_q, "max_length_k": max_k}
         return out
+
+
+# fp32 rounding moves logits by ~1e-7 of their scale; a tiny random Jamba's documents meet at ~1e-3 of it
+PACKING_LEAK_TOLERANCE = 1e-5
+
+
+def packed_documents_leak(model: nn.Module, inputs: ModelInputs, doc_len: int = 8) -> float:
+    """How far the logits of a packed row's second document move with the first document (relative to their largest
+    magnitude; 0.0 for a model that keeps packed documents apart as the loop feeds them).
+
+    A behavioural probe, for a model fed position_ids without seq_idx: transformers' hybrids (Jamba, Bamba, Zamba2,
+    FalconH1, NemotronH, Lfm2, ...) take position_ids, which keep their attention layers' documents apart, while their
+    Mamba, convolution and linear-attention layers ignore them and carry their state across. One forward, in eval mode
+    and without grad, of two rows (two documents each) that differ only in their first document: the second
+    document's logits are the same (to rounding) where nothing crosses the boundary. Under flash attention the probe
+    runs SDPA (the loop hands flash attention the documents' bounds, which keep its documents apart); the torch RNG
+    and the model's mode are left as they were."""
+    config = getattr(model, "config", None)
+    configs = [c for c in (config, *(getattr(config, k, None) for k in getattr(config, "sub_configs", {}))) if
+               c is not None and hasattr(c, "_attn_implementation_internal")]
+    saved = [c._attn_implementation_internal for c in configs]
+    flash = [c for c in configs if isinstance(c._attn_implementation_internal, str)
+             and "flash" in c._attn_implementation_internal]
+    param = next(model.parameters())
+    vocab = model.get_input_embeddings().num_embeddings
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, vocab, (2, doc_len), generator=g)
+    second = torch.randint(0, vocab, (1, doc_len), generator=g).expand(2, -1)
+    batch = {"input_ids": torch.cat([first, second], dim=1), "position_ids": torch.arange(doc_len).repeat(2, 2),
+             "seq_idx": torch.arange(2, dtype=torch.int32).repeat_interleave(doc_len).expand(2, -1)}
+    batch = {k: v.to(param.device) for k, v in batch.items()}
+    extra = ({"use_cache": False} if inputs.use_cache else {}) \
+        | ({"output_router_logits": False} if inputs.output_router_logits else {})
+    training = model.training
+    try:
+        for c in flash:
+            c._attn_implementation_internal = "sdpa"
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            logits = model(**dataclasses.replace(inputs, varlen=False).kwargs(batch, labels=False),
+                           **extra).logits[:, doc_len:].float()
+    finally:
+        model.train(training)
+        for c, value in zip(configs, saved):
+            c._attn_implementation_internal = value
+    scale = logits.abs().max().item()
+    return (logits[0] - logits[1]).abs().max().item() / scale if scale > 0 else 0.0
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -1522,6 +1571,24 @@ def train(cfg: TrainConfig, resume: str | None = None,
         raise ValueError("train.tbptt_chunk: with packed rows the model must take seq_idx (documents meet "
                          "inside a chunk, where a carried cache cannot tell them apart); "
                          "set data.packing=false")
+    if cfg.data.packing and inputs.position_ids and not inputs.seq_idx and accelerator.is_main_process:
+        # a warning, not a refusal: packed rows whose state runs on across documents is GPT-style concatenated
+        # training, a choice some runs make, and the probe runs the eval path on the CPU, not the training kernels
+        try:
+            leak = packed_documents_leak(model, inputs)
+        except Exception as e:  # a model that cannot run a forward on the device it was loaded on: say so, train on
+            accelerator.print(f"data.packing: could not check that {type(model).__name__} keeps the documents of "
+                              f"packed rows apart ({type(e).__name__}: {e}); data.packing: false trains on one "
+                              f"padded document per row")
+        else:
+            if leak > PACKING_LEAK_TOLERANCE:
+                accelerator.print(
+                    f"WARNING data.packing: {type(model).__name__} does not keep the documents of packed rows apart: "
+                    f"a document's logits change with the document before it in its row (by {leak:.1e} of their "
+                    f"scale), as transformers' Mamba, convolution and linear-attention layers ignore the position_ids "
+                    f"that restart at each document and carry their state across. Its training and eval/loss see "
+                    f"across document boundaries (not comparable with a model that keeps them apart); set "
+                    f"data.packing: false to train on one right-padded document piece per row")
     if cfg.train.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise ValueError(f"train.gradient_checkpointing: {type(model).__name__} does not support it")
@@ -1924,5 +1991,5 @@ __all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelIn
            "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
            "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
            "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "mfu_flops_per_token",
-           "param_groups", "peak_tflops", "resume_changes", "resume_source_changes", "resume_weight_changes",
-           "save_checkpoint", "train", "validate_config"]
+           "packed_documents_leak", "param_groups", "peak_tflops", "resume_changes", "resume_source_changes",
+           "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
