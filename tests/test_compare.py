@@ -571,7 +571,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
             "--eval.per_position.max_len=96", "--eval.per_position.chunk_size=32", "--eval.mqar.steps=2",
             "--eval.mqar.eval_samples=8", "--throughput.seq_lens=[32, 64]", "--throughput.steps=1",
             "--throughput.warmup=0", "--throughput.batch_tokens=64",
-            "--eval.passkey={lengths: [256], depths: [0.5], n_samples: 1, max_new_tokens: 2}"]
+            "--eval.passkey={lengths: [256], depths: [0.5], n_samples: 1, max_new_tokens: 6}"]
     assert main(argv) == 0
     printed = capsys.readouterr()
     table = (out / "results.md").read_text()
@@ -883,6 +883,18 @@ def test_passkey_lengths_below_the_template_are_refused_before_training(tmp_path
                  "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--eval.per_position=null",
                  "--eval.mqar=null", "--throughput=null", "--eval.passkey={lengths: [64, 512]}"]) == 2
     assert "eval.passkey.lengths: 64 tokens is shorter than the bare passkey template" in capsys.readouterr().err
+    assert not any(out.glob("*/train-*"))
+
+
+def test_passkey_max_new_tokens_too_few_for_the_key_is_refused_before_training(tmp_path, capsys):
+    """eval.passkey.max_new_tokens 2 cut every byte-tokenizer answer " 12345" (6 tokens) to " 1": every model's passkey
+    column read 0.00 whatever it wrote."""
+    out = tmp_path / "few"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--only=mamba",
+                 "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--eval.per_position=null",
+                 "--eval.mqar=null", "--throughput=null",
+                 "--eval.passkey={lengths: [256], depths: [0.5], n_samples: 1, max_new_tokens: 2}"]) == 2
+    assert "eval.passkey.max_new_tokens: 2 new tokens cannot write an answer" in capsys.readouterr().err
     assert not any(out.glob("*/train-*"))
 
 
@@ -1230,7 +1242,7 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     monkeypatch.setattr(passkey, "greedy_generate", generate)
     argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
             "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
-            "--eval.passkey={lengths: [256, 320], depths: [0, 1], n_samples: 2, max_new_tokens: 2}",
+            "--eval.passkey={lengths: [256, 320], depths: [0, 1], n_samples: 2, max_new_tokens: 6}",
             "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba"]
     assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
     assert len(calls) == 8
