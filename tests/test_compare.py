@@ -1193,6 +1193,24 @@ def interrupt_before_the_eval_phase_is_saved(monkeypatch, argv, out, calls, part
     assert calls == [] and not partial.exists()
 
 
+def test_per_position_documents_are_the_files_the_recipe_held_out(tmp_path, monkeypatch):
+    """The per-position loss ("on long held-out documents") took the built-in corpus's files held out at 0.01, whatever
+    the recipe's data.holdout: with holdout 0.001 the model had trained on 15 of those 16 files. The documents start
+    with the files the recipe held out."""
+    import zoo.eval.length as length
+    from zoo.data.text import stdlib_files
+
+    real, seen = length.corpus_documents, []
+    monkeypatch.setattr(length, "corpus_documents", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path / 'out'}", "--only=mamba",
+            "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false",
+            "--recipe.data.holdout=0.001", "--eval.batches=1", "--eval.mqar=null", "--throughput=null",
+            "--eval.passkey=null", "--eval.per_position={n_docs: 1, max_len: 64, chunk_size: 32}"]
+    assert main(argv) == 0
+    (held_out,) = stdlib_files("eval", 0.001)
+    assert len(seen) == 1 and bytes(seen[0][1:].tolist()) == held_out.read_bytes()[:63]
+
+
 def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_path, monkeypatch, capsys):
     """The per-position loss on long documents was saved only with its eval phase: an interruption in it (hours of
     1M-token documents) lost every finished document. Its finished documents are saved as it goes and kept until

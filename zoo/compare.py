@@ -1304,7 +1304,11 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     key = {"model": model_fingerprint(str(Path(checkpoint) / "model")), "device": str(device)}
     pp = cfg.eval.per_position
     if pp is not None:
-        docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos)
+        # the files the recipe held out of training first (a data.holdout below the corpus's default 0.01 trained on
+        # most of those 1%); another source's held-out text is not the built-in corpus, any file of it is unseen
+        holdout = tcfg.data.holdout if tcfg.data.source == "stdlib" else 0.01
+        docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos,
+                                holdout=holdout)
         chunk = pp.chunk_size if carries else None
         with _autocast(device):
             res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True,
