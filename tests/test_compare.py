@@ -571,7 +571,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
             "--eval.per_position.max_len=96", "--eval.per_position.chunk_size=32", "--eval.mqar.steps=2",
             "--eval.mqar.eval_samples=8", "--throughput.seq_lens=[32, 64]", "--throughput.steps=1",
             "--throughput.warmup=0", "--throughput.batch_tokens=64",
-            "--eval.passkey={lengths: [256], depths: [0.5], n_samples: 1, max_new_tokens: 2}"]
+            "--eval.passkey={lengths: [256], depths: [0.5], n_samples: 1, max_new_tokens: 6}"]
     assert main(argv) == 0
     printed = capsys.readouterr()
     table = (out / "results.md").read_text()
@@ -886,6 +886,18 @@ def test_passkey_lengths_below_the_template_are_refused_before_training(tmp_path
     assert not any(out.glob("*/train-*"))
 
 
+def test_passkey_max_new_tokens_too_few_for_the_key_is_refused_before_training(tmp_path, capsys):
+    """eval.passkey.max_new_tokens 2 cut every byte-tokenizer answer " 12345" (6 tokens) to " 1": every model's passkey
+    column read 0.00 whatever it wrote."""
+    out = tmp_path / "few"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--only=mamba",
+                 "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--eval.per_position=null",
+                 "--eval.mqar=null", "--throughput=null",
+                 "--eval.passkey={lengths: [256], depths: [0.5], n_samples: 1, max_new_tokens: 2}"]) == 2
+    assert "eval.passkey.max_new_tokens: 2 new tokens cannot write an answer" in capsys.readouterr().err
+    assert not any(out.glob("*/train-*"))
+
+
 def test_models_finished_earlier_are_accounted_with_this_runs_settings(tmp_path):
     """A model finished by an earlier run (--only) joined the table with the accounting stored in its result.json:
     after a rerun with accounting.kv_bytes 1 (fp8 KV) and other accounting lengths, the table and results.json gave
@@ -1181,6 +1193,24 @@ def interrupt_before_the_eval_phase_is_saved(monkeypatch, argv, out, calls, part
     assert calls == [] and not partial.exists()
 
 
+def test_per_position_documents_are_the_files_the_recipe_held_out(tmp_path, monkeypatch):
+    """The per-position loss ("on long held-out documents") took the built-in corpus's files held out at 0.01, whatever
+    the recipe's data.holdout: with holdout 0.001 the model had trained on 15 of those 16 files. The documents start
+    with the files the recipe held out."""
+    import zoo.eval.length as length
+    from zoo.data.text import stdlib_files
+
+    real, seen = length.corpus_documents, []
+    monkeypatch.setattr(length, "corpus_documents", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path / 'out'}", "--only=mamba",
+            "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false",
+            "--recipe.data.holdout=0.001", "--eval.batches=1", "--eval.mqar=null", "--throughput=null",
+            "--eval.passkey=null", "--eval.per_position={n_docs: 1, max_len: 64, chunk_size: 32}"]
+    assert main(argv) == 0
+    (held_out,) = stdlib_files("eval", 0.001)
+    assert len(seen) == 1 and bytes(seen[0][1:].tolist()) == held_out.read_bytes()[:63]
+
+
 def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_path, monkeypatch, capsys):
     """The per-position loss on long documents was saved only with its eval phase: an interruption in it (hours of
     1M-token documents) lost every finished document. Its finished documents are saved as it goes and kept until
@@ -1230,7 +1260,7 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     monkeypatch.setattr(passkey, "greedy_generate", generate)
     argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
             "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
-            "--eval.passkey={lengths: [256, 320], depths: [0, 1], n_samples: 2, max_new_tokens: 2}",
+            "--eval.passkey={lengths: [256, 320], depths: [0, 1], n_samples: 2, max_new_tokens: 6}",
             "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba"]
     assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
     assert len(calls) == 8

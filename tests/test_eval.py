@@ -414,6 +414,20 @@ def test_passkey_cells_do_not_depend_on_the_rest_of_the_grid():
     assert keys(fewer, 600) == keys(alone, 600)[:2]
 
 
+def test_passkey_refuses_max_new_tokens_too_few_to_write_the_key():
+    """--max-new-tokens 5 with the byte tokenizer cut every answer " 12345" (6 tokens) to " 1234": a model that wrote
+    every key right scored 0 in every cell, without a word."""
+    from zoo.eval.passkey import longest_answer
+
+    tokenizer = ByteTokenizer()
+    grid = {"lengths": [300], "depths": [0.0, 1.0], "n_samples": 2}
+    assert longest_answer(tokenizer, 0, {(300, 0.0), (300, 1.0)}, 2) == 6  # a space and five digits
+    with pytest.raises(ValueError, match=r"max_new_tokens=5: an answer .* takes up to 6 tokens.*--max-new-tokens 6"):
+        evaluate_passkey(EchoModel(tokenizer), tokenizer, max_new_tokens=5, **grid)
+    right = evaluate_passkey(EchoModel(tokenizer), tokenizer, max_new_tokens=6, **grid)
+    assert all(r["accuracy"] == 1.0 for r in right["rows"])
+
+
 def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
     """--depths 0,25,50 (percent, as other needle tools take it) ran the depth-0 cells and then failed as
     'depth=25.0 must be in [0, 1]', naming no option; a length below the template failed the same way late."""
@@ -1467,7 +1481,7 @@ def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp
     real_generate = passkey.greedy_generate
     monkeypatch.setattr(passkey, "greedy_generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
     argv = ["--model", str(gla_checkpoint), "--lengths", "160", "--depths", "0", "--n-samples", "1", "--max-new-tokens",
-            "1", "--device", "cpu", "--out", str(tmp_path / "pk"), "--mitigation", "norm:threshold=0.05,chunk=8"]
+            "6", "--device", "cpu", "--out", str(tmp_path / "pk"), "--mitigation", "norm:threshold=0.05,chunk=8"]
     passkey.main([*argv, "--prefill-chunk-size", "16"])
     calls[:] = []
     passkey.main([*argv, "--prefill-chunk-size", "12"])

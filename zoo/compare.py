@@ -1304,7 +1304,11 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     key = {"model": model_fingerprint(str(Path(checkpoint) / "model")), "device": str(device)}
     pp = cfg.eval.per_position
     if pp is not None:
-        docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos)
+        # the files the recipe held out of training first (a data.holdout below the corpus's default 0.01 trained on
+        # most of those 1%); another source's held-out text is not the built-in corpus, any file of it is unseen
+        holdout = tcfg.data.holdout if tcfg.data.source == "stdlib" else 0.01
+        docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos,
+                                holdout=holdout)
         chunk = pp.chunk_size if carries else None
         with _autocast(device):
             res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True,
@@ -1843,13 +1847,19 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     pk = cfg.eval.passkey
     if pk is not None:  # evaluate_passkey refuses a length below its template only after the first model trained
         from zoo.eval.common import encode_with_bos
-        from zoo.eval.passkey import passkey_text
+        from zoo.eval.passkey import longest_answer, passkey_text
 
         bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0)))
         short = [n for n in pk.lengths if n < bare]
         if short:
             raise ValueError(f"eval.passkey.lengths: {short[0]} tokens is shorter than the bare passkey template "
                              f"({bare} tokens with tokenizer {recipe.tokenizer!r}); give lengths of at least {bare}")
+        need = longest_answer(tokenizer, recipe.train.seed, {(int(n), float(d)) for n in pk.lengths for d in pk.depths},
+                              pk.n_samples)
+        if pk.max_new_tokens < need:  # every answer would be cut before its last digit: passkey 0 for any model
+            raise ValueError(f"eval.passkey.max_new_tokens: {pk.max_new_tokens} new tokens cannot write an answer "
+                             f"\" <5-digit key>\" of up to {need} tokens with tokenizer {recipe.tokenizer!r}; give "
+                             f"max_new_tokens >= {need}")
     mqar = cfg.eval.mqar
     for entry in entries:
         try:  # each model's record starts with its accounting

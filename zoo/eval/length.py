@@ -226,13 +226,14 @@ def plot_length_curves(
 
 
 def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
-                     start: str = "document", add_bos: bool = True) -> list[torch.Tensor]:
+                     start: str = "document", add_bos: bool = True, holdout: float = 0.01) -> list[torch.Tensor]:
     """Long documents from the built-in corpus (``zoo.data.text``: the Python standard library sources).
 
     Files are taken in a seeded random order, the held-out (eval) files first and then the training
-    files, and concatenated with a blank line between them into ``n_documents`` disjoint documents of
-    ``max_len`` tokens, each starting with the tokenizer's BOS token as zoo models are trained (``add_bos`` False:
-    without it, for a model trained with data.add_bos false: ``zoo.eval.common.trained_with_bos``). Few
+    files (as a run with data.holdout ``holdout`` splits them: 0.01, zoo train's default), and concatenated with a
+    blank line between them into ``n_documents`` disjoint documents of ``max_len`` tokens, each starting with the
+    tokenizer's BOS token as zoo models are trained (``add_bos`` False: without it, for a model trained with
+    data.add_bos false: ``zoo.eval.common.trained_with_bos``). Few
     single files are long, so past a few thousand tokens a document is a run of source files, the way
     long-context evaluations concatenate books.
 
@@ -252,7 +253,8 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
     if start not in ("document", "random"):
         raise ValueError(f"corpus_documents: start must be 'document' or 'random', got {start!r}")
     rng = np.random.default_rng(seed)
-    files = [f for split in ("eval", "train") for f in rng.permutation(np.array(stdlib_files(split), object))]
+    files = [f for split in ("eval", "train")
+             for f in rng.permutation(np.array(stdlib_files(split, holdout), object))]
     bos = getattr(tokenizer, "bos_token_id", None)
     documents, position = [], 0
     for _ in range(n_documents):

@@ -194,6 +194,26 @@ def cell_generator(seed: int, length: int, depth: float) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
 
 
+def cell_keys(seed: int, length: int, depth: float, n_samples: int) -> list[int]:
+    """The ``n_samples`` 5-digit keys of cell (length, depth), from ``cell_generator``."""
+    generator = cell_generator(seed, length, depth)
+    return [int(torch.randint(10000, 100000, (1,), generator=generator)) for _ in range(n_samples)]
+
+
+def answer_tokens(tokenizer, key: int) -> int:
+    """Tokens the answer ``" {key}"`` takes after the prompt's closing "The passkey is" (as the needle writes it)."""
+    return (len(encode_with_bos(tokenizer, SUFFIX + f" {key}", add_bos=False))
+            - len(encode_with_bos(tokenizer, SUFFIX, add_bos=False)))
+
+
+def longest_answer(tokenizer, seed: int, cells, n_samples: int) -> int:
+    """The most tokens an answer of the grid's ``cells`` ((length, depth) pairs, ``n_samples`` keys each) takes: a
+    ``max_new_tokens`` below it cuts those keys short (the byte tokenizer's " 12345" is 6 tokens: 2 or 5 new tokens
+    write " 1" or " 1234"), and their prompts are scored wrong whatever the model writes."""
+    return max(answer_tokens(tokenizer, key) for length, depth in sorted(cells)
+               for key in cell_keys(seed, length, depth, n_samples))
+
+
 def evaluate_passkey(
     model,
     tokenizer,
@@ -232,7 +252,8 @@ def evaluate_passkey(
         ``samples`` (every prompt's key, generated text and verdict).
 
     Raises:
-        ValueError: a prompt holds a token id outside the model's vocabulary (a tokenizer not the model's).
+        ValueError: a prompt holds a token id outside the model's vocabulary (a tokenizer not the model's), or
+            ``max_new_tokens`` is too few to write a key (``longest_answer``), before the first cell runs.
     """
     if n_samples < 1:
         raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be >= 1 (prompts per cell)")
@@ -254,6 +275,11 @@ def evaluate_passkey(
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
     grid = {(int(length), float(depth)) for length in lengths for depth in depths}
+    need = longest_answer(tokenizer, seed, grid, n_samples)
+    if max_new_tokens < need:  # a perfect model scored 0: every answer was cut before its last digit
+        raise ValueError(f"max_new_tokens={max_new_tokens}: an answer \" <5-digit key>\" takes up to {need} tokens "
+                         f"with this tokenizer, so its prompts would be scored wrong whatever the model writes; give "
+                         f"--max-new-tokens {need} or more")
 
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
         return (int(entry["length"]), float(entry["depth"])) in grid
@@ -272,9 +298,7 @@ def evaluate_passkey(
     n_filler: dict[int, int] = {}
     for length, depth in cells:
         right, tokens = 0, 0
-        generator = cell_generator(seed, length, depth)
-        for _ in range(n_samples):
-            key = int(torch.randint(10000, 100000, (1,), generator=generator))
+        for key in cell_keys(seed, length, depth, n_samples):
             prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length),
                                           add_bos=add_bos)
             n_filler[length] = prompt.n_filler
