@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,14 +105,23 @@ runpy.run_path(script, run_name="__main__")
 '''
 
 
+def accelerate_launch(config: str, *args: str) -> list[str]:
+    """The command `accelerate launch --config_file configs/accelerate/CONFIG.yaml ARGS` with a free rendezvous
+    port: two launches at once (pytest -n 2) would both take accelerate's default 29500."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--main_process_port", str(port), *args]
+
+
 def launch_fsdp_on_cpu(tmp_path: Path, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml SCRIPT ARGS` (2 processes) on CPU (gloo), run
     as FSDP2 (see _FSDP_ON_CPU)."""
     launcher = tmp_path / "fsdp_on_cpu.py"
     launcher.write_text(_FSDP_ON_CPU)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), str(launcher), str(ROOT / script), *args]
+    cmd = accelerate_launch("fsdp", str(launcher), str(ROOT / script), *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 

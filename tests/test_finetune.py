@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import assert_close, ctrl_c_on_call, launch_fsdp_on_cpu
+from helpers import accelerate_launch, assert_close, ctrl_c_on_call, launch_fsdp_on_cpu
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -973,7 +973,6 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     # one length (48 tokens): no padding, so state_passing carries the same final states either way.
     import os
     import subprocess
-    import sys
 
     from zoo.data.text import ByteTokenizer
 
@@ -1000,9 +999,7 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
 
     main([str(config("one", 2))])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "finetune.py"),
-           str(config("two", 1))]
+    cmd = accelerate_launch("ddp", str(ROOT / "scripts" / "finetune.py"), str(config("two", 1)))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses("one")) == 3
@@ -1015,7 +1012,6 @@ def test_two_processes_draw_the_weight_loading_bars_of_one(tmp_path, capsys):
     import os
     import re
     import subprocess
-    import sys
 
     from zoo.data.text import ByteTokenizer
 
@@ -1040,8 +1036,7 @@ def test_two_processes_draw_the_weight_loading_bars_of_one(tmp_path, capsys):
     one = bars(capsys.readouterr().err)
     assert one >= 2, "the case: the base is loaded, then reloaded under the saved adapter"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "finetune.py"), str(config("two"))]
+    cmd = accelerate_launch("ddp", str(ROOT / "scripts" / "finetune.py"), str(config("two")))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert bars(proc.stderr) == one, proc.stderr[-3000:]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_close, ctrl_c_on_call, launch_fsdp_on_cpu, stream_reads
+from helpers import accelerate_launch, assert_close, ctrl_c_on_call, launch_fsdp_on_cpu, stream_reads
 
 from zoo.data.text import IGNORE_INDEX
 from zoo.train import (
@@ -1154,9 +1154,8 @@ def _launch_two(config: Path, *extra: str, launcher: Path | None = None) -> subp
     """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo); with
     `launcher`, a script that runs scripts/train.py (its first argument) after patching the processes."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), *([str(launcher)] if launcher else []),
-           str(ROOT / "scripts" / "train.py"), str(config), *extra]
+    cmd = accelerate_launch("ddp", *([str(launcher)] if launcher else []), str(ROOT / "scripts" / "train.py"),
+                            str(config), *extra)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -1407,9 +1406,7 @@ def test_fsdp_on_gpus_trains_fused_and_resumes_exactly(tmp_path, gpus):
         return path
 
     def launch(*args: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", str(gpus),
-               str(ROOT / "scripts" / "train.py"), *args]
+        cmd = accelerate_launch("fsdp", "--num_processes", str(gpus), str(ROOT / "scripts" / "train.py"), *args)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
     def losses(name):
@@ -1455,8 +1452,7 @@ def test_fsdp_config_run_by_accelerate_as_ddp_on_cpu_says_so(tmp_path):
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
                                             schedule={"warmup_steps": 0}, checkpoint={"final": False})))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), str(ROOT / "scripts" / "train.py"), str(path)]
+    cmd = accelerate_launch("fsdp", str(ROOT / "scripts" / "train.py"), str(path))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the launch config asks for FSDP, but accelerate runs this launch as MULTI_CPU" in proc.stdout, proc.stdout
@@ -1562,8 +1558,7 @@ def test_two_processes_save_and_stop_soon_after_the_launcher_is_sent_sigterm(tmp
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 100000, "grad_accum": 1},
                                             log={"every": 100000})))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), str(ROOT / "scripts" / "train.py"), str(path)]
+    cmd = accelerate_launch("ddp", str(ROOT / "scripts" / "train.py"), str(path))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
