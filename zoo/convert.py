@@ -544,6 +544,14 @@ def to_hf_jamba(model: ZooForCausalLM):
 
     fmt, zc = "hf-jamba", model.config
     specs = zc.layer_specs()
+    if all(spec["type"] == "mamba" for spec in specs):
+        # transformers' Jamba sizes its attention mask from the cache's attention layers: with none, forward and
+        # generate (with the default cache) raise "`get_mask_sizes` can only be called on Attention layers"
+        fits = "no other format has a MoE" if zc.moe is not None else (
+            "a Mamba stack without inner_norms exports with --to mamba_ssm (ffn none or swiglu)"
+            + (" or --to hf-mamba" if all(spec["ffn"] == "none" for spec in specs) else ""))
+        raise _unmappable(fmt, "layers", zc.layers, f"transformers' JambaForCausalLM cannot run a model without an "
+                                                    f"attention layer (its cache sizes the mask from one); {fits}")
     kinds, mamba_opts, attn_opts = [], None, None
     for i, spec in enumerate(specs):
         if spec["type"] == "mamba":
