@@ -99,6 +99,24 @@ def test_convert_refuses_to_overwrite_its_source(tiny_folder):
     assert (tiny_folder / "config.json").read_text() == before
 
 
+def test_convert_to_mamba_ssm_refuses_a_max_shard_size_it_cannot_honour(tiny_folder, tmp_path, capsys):
+    # mamba_ssm's from_pretrained reads one pytorch_model.bin: --max-shard-size was ignored without a word, and the
+    # folder held one file of any size
+    from zoo.convert import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_folder), str(tmp_path / "out"), "--to", "mamba_ssm", "--max-shard-size", "20KB"])
+    assert e.value.code == 2
+    assert "--max-shard-size: --to mamba_ssm writes one pytorch_model.bin" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--to mamba_ssm writes one pytorch_model.bin"):
+        convert(tiny_folder, tmp_path / "out", to_format="mamba_ssm", max_shard_size="5GB")
+    assert not (tmp_path / "out").exists()
+    main([str(tiny_folder), str(tmp_path / "out"), "--to", "mamba_ssm"])  # without the flag, as before
+    assert (tmp_path / "out" / "pytorch_model.bin").is_file()
+    main([str(tiny_folder), str(tmp_path / "hf"), "--to", "hf-mamba", "--max-shard-size", "20KB"])  # sharded
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+
+
 def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as e:
