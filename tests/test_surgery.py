@@ -138,10 +138,14 @@ def test_bad_surgery_is_a_named_error(base, donor, args, message):
     ({"mixers": {"M": FRESH["N"]}}, "'M' means the donor's mixer"),
     ({"pattern": "AAAA", "donor": None, "donor_layers": [0]}, "donor_layers: given without a donor"),
     ({"donor": "other-eps", "mixer_norm": "donor"}, r"mixer_norm: 'donor' needs equal norm_eps \(donor 0.001"),
-], ids=["negative-layer", "layer-past-end", "fresh-M-with-donor", "layers-without-donor", "donor-norm-eps"])
+    ({"pattern": "AAAA", "donor": None, "mixer_norm": "donor"}, r"mixer_norm: 'donor' .* 'AAAA' grafts none"),
+    ({"pattern": "ANAN", "mixers": FRESH, "mixer_norm": "donor"}, r"mixer_norm: 'donor' .* 'ANAN' grafts none"),
+], ids=["negative-layer", "layer-past-end", "fresh-M-with-donor", "layers-without-donor", "donor-norm-eps",
+        "donor-norm-without-donor", "donor-norm-nothing-grafted"])
 def test_bad_donor_choices_are_named_errors(base, donor, kwargs, message):
     # without each check the graft went on: a KeyError or IndexError of the donor's layers, a fresh 'M' instead of
-    # the donor's, donor_layers ignored, the donor's norm used with the base's epsilon
+    # the donor's, donor_layers ignored, the donor's norm used with the base's epsilon, mixer_norm='donor' ignored
+    # where no layer comes from the donor
     kwargs = {"donor": donor} | kwargs
     if kwargs["donor"] == "other-eps":
         kwargs["donor"] = perturbed(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", norm_eps=1e-3), 2)

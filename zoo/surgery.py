@@ -78,6 +78,9 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
     grafted = [i for i, c in enumerate(letters) if c == DONOR and c not in fresh]
     if mixer_norm not in ("base", "donor"):
         raise ValueError(f"mixer_norm: use 'base' or 'donor', got {mixer_norm!r}")
+    if mixer_norm == "donor" and not grafted:  # (every layer kept the base's norm, without a word)
+        raise ValueError(f"mixer_norm: 'donor' takes the pre-mixer norm of the layers grafted from the donor, and the "
+                         f"pattern {pattern!r} grafts none (letter {DONOR!r}); leave it at 'base'")
     sources: dict[int, int] = {}
     if donor is not None:
         if donor.config.d_model != base.config.d_model:
