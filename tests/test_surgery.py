@@ -214,6 +214,25 @@ def test_cli_max_shard_size_in_bytes(tmp_path):
     assert (tmp_path / "hybrid" / "model.safetensors.index.json").is_file()
 
 
+def test_cli_refuses_a_donor_the_pattern_takes_nothing_from(tmp_path, capsys):
+    # --donor with a pattern of no 'M' (keep-only, or fresh mixers only) loaded the donor and wrote the hybrid without
+    # any of its layers, without a word
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    MambaForCausalLM(MambaConfig(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=2)
+                     ).save_pretrained(tmp_path / "mamba")
+    folders = ["--base", str(tmp_path / "llama"), "--donor", str(tmp_path / "mamba")]
+    for pattern, extra in (("AA", []), ("AN", ["--mixers", "{N: {type: mamba, d_state: 8}}"])):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / "hybrid"), *folders, "--pattern", pattern, *extra])
+        assert e.value.code == 2
+        assert f"--donor: the pattern '{pattern}' has no 'M'" in capsys.readouterr().err
+        assert not (tmp_path / "hybrid").exists()
+    main([str(tmp_path / "hybrid"), *folders, "--pattern", "AM"])  # a pattern that takes a donor layer
+    assert (tmp_path / "hybrid" / "config.json").is_file()
+
+
 def test_cli_names_bad_donor_layers(tmp_path, capsys):
     # `--donor-layers x` ended in "invalid literal for int() with base 10: 'x'", naming no option
     with pytest.raises(SystemExit):

@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-shard-size", default="5GB", type=shard_size,
                    help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB)")
     args = p.parse_args(argv)
+    if args.donor is not None and DONOR not in args.pattern:  # (the donor was loaded, and nothing taken from it)
+        p.error(f"--donor: the pattern {args.pattern!r} has no {DONOR!r}, so no layer would come from the donor; put "
+                f"{DONOR} where a donor layer goes, or leave --donor out")
     for name, src in (("--base", args.base), ("--donor", args.donor)):
         if src is not None and Path(src).resolve() == Path(args.dst).resolve():
             p.error(f"dst {args.dst!r} is the {name} folder; write the hybrid to another folder")
