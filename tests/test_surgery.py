@@ -233,6 +233,25 @@ def test_cli_refuses_a_donor_the_pattern_takes_nothing_from(tmp_path, capsys):
     assert (tmp_path / "hybrid" / "config.json").is_file()
 
 
+def test_cli_refuses_a_seed_without_fresh_mixers(tmp_path, capsys):
+    # --seed seeds the fresh mixers alone: without --mixers it was taken and changed nothing
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    base = ["--base", str(tmp_path / "llama")]
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "hybrid"), *base, "--pattern", "AA", "--seed", "3"])
+    assert e.value.code == 2 and "--seed seeds the fresh mixers of --mixers" in capsys.readouterr().err
+    assert not (tmp_path / "hybrid").exists()
+    fresh = ["--pattern", "AN", "--mixers", "{N: {type: mamba, d_state: 8}}"]
+    for name, seed in (("a", ["--seed", "3"]), ("b", ["--seed", "3"]), ("c", ["--seed", "4"]), ("d", [])):
+        main([str(tmp_path / name), *base, *fresh, *seed])
+    a, b, c, d = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in "abcd")
+    assert same(a, b) and not same(a, c)  # the seed still chooses the fresh mixers' weights
+    assert same(d, graft(from_hf_llama(LlamaForCausalLM.from_pretrained(tmp_path / "llama")), "AN",
+                         mixers={"N": {"type": "mamba", "d_state": 8}}, seed=0))  # by default, seed 0 as before
+
+
 def test_cli_names_bad_donor_layers(tmp_path, capsys):
     # `--donor-layers x` ended in "invalid literal for int() with base 10: 'x'", naming no option
     with pytest.raises(SystemExit):
