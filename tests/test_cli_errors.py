@@ -99,6 +99,45 @@ def test_convert_refuses_to_overwrite_its_source(tiny_folder):
     assert (tiny_folder / "config.json").read_text() == before
 
 
+def test_convert_to_mamba_ssm_refuses_a_max_shard_size_it_cannot_honour(tiny_folder, tmp_path, capsys):
+    # mamba_ssm's from_pretrained reads one pytorch_model.bin: --max-shard-size was ignored without a word, and the
+    # folder held one file of any size
+    from zoo.convert import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(tiny_folder), str(tmp_path / "out"), "--to", "mamba_ssm", "--max-shard-size", "20KB"])
+    assert e.value.code == 2
+    assert "--max-shard-size: --to mamba_ssm writes one pytorch_model.bin" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--to mamba_ssm writes one pytorch_model.bin"):
+        convert(tiny_folder, tmp_path / "out", to_format="mamba_ssm", max_shard_size="5GB")
+    assert not (tmp_path / "out").exists()
+    main([str(tiny_folder), str(tmp_path / "out"), "--to", "mamba_ssm"])  # without the flag, as before
+    assert (tmp_path / "out" / "pytorch_model.bin").is_file()
+    main([str(tiny_folder), str(tmp_path / "hf"), "--to", "hf-mamba", "--max-shard-size", "20KB"])  # sharded
+    assert len(list((tmp_path / "hf").glob("model-*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("size, message", [
+    ("lots", "'lots' is not a size: give a number of bytes or one with a unit"),
+    ("5GiB", "'5GiB' is not a size"),  # (huggingface_hub, which save_pretrained shards with, reads KB to TB only)
+    ("0", "'0': a shard holds at least one byte"),  # (it wrote one file per tensor)
+    ("-5GB", "'-5GB': a shard holds at least one byte"),
+])
+def test_a_bad_max_shard_size_is_refused_before_any_work(tiny_folder, tmp_path, capsys, size, message):
+    # `zoo convert` and `zoo graft` took any --max-shard-size: one save_pretrained cannot read failed only once the
+    # model was loaded and converted (minutes, for a large one), and one under a byte wrote a file per tensor
+    from zoo.convert import main as convert_main
+    from zoo.surgery import main as graft_main
+
+    for main, args in ((convert_main, [str(tiny_folder), str(tmp_path / "out"), "--to", "hf-mamba"]),
+                       (graft_main, [str(tmp_path / "out"), "--base", str(tiny_folder), "--pattern", "AAAA"])):
+        with pytest.raises(SystemExit) as e:
+            main([*args, f"--max-shard-size={size}"])
+        assert e.value.code == 2
+        assert f"argument --max-shard-size: {message}" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
 def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as e:

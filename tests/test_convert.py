@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -616,6 +617,32 @@ def test_a_jamba_style_model_with_experts_on_every_layer_and_no_mlp_exports():
     with torch.no_grad():
         assert_logits("hf-jamba", exported(ids, use_cache=False).logits, model(ids).logits)
     assert_same_tensors("hf-jamba", from_hf_jamba(exported).state_dict(), model.state_dict())
+
+
+@pytest.mark.parametrize("case,hint", [
+    ("moe", "no other format has a MoE"),
+    ("swiglu", "--to mamba_ssm (ffn none or swiglu)"),
+    ("plain", "--to mamba_ssm (ffn none or swiglu) or --to hf-mamba"),
+])
+def test_a_model_without_attention_layers_is_refused_by_the_jamba_export(case, hint):
+    # an all-Mamba model exported to a JambaForCausalLM that transformers cannot run: its forward and generate with the
+    # default cache raise "`get_mask_sizes` can only be called on Attention layers" (the cache sizes the mask from an
+    # attention layer); the export now refuses it up front, naming the format that fits
+    norms = {"inner_norms": True, "inner_norm_eps": 1e-6} if case != "plain" else {}
+    mamba = {"type": "mamba", "d_state": 8, **norms}
+    config = ZooConfig(**{**JAMBA_STYLE, "layers": "MMMM", "mixers": {"M": mamba}, "moe": JAMBA_STYLE["moe"]
+                          if case == "moe" else None, "ffn": "none" if case == "plain" else JAMBA_STYLE["ffn"]})
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(config))
+    with pytest.raises(UnmappableError, match=r"hf-jamba: layers='MMMM' .*JambaForCausalLM cannot run a model without "
+                                              r"an attention layer.*" + re.escape(hint) + "$"):
+        to_hf_jamba(model)
+    if case == "plain":  # the format it names runs the model, with its cache
+        exported = to_hf_mamba(model)
+        ids = torch.randint(0, VOCAB, (1, 5))
+        with torch.no_grad():
+            assert_logits("hf-mamba", exported(ids).logits, model(ids).logits)
+            assert exported.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 8)
 
 
 @pytest.mark.parametrize("fmt", ["hf-llama", "hf-jamba"])

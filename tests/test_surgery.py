@@ -138,10 +138,14 @@ def test_bad_surgery_is_a_named_error(base, donor, args, message):
     ({"mixers": {"M": FRESH["N"]}}, "'M' means the donor's mixer"),
     ({"pattern": "AAAA", "donor": None, "donor_layers": [0]}, "donor_layers: given without a donor"),
     ({"donor": "other-eps", "mixer_norm": "donor"}, r"mixer_norm: 'donor' needs equal norm_eps \(donor 0.001"),
-], ids=["negative-layer", "layer-past-end", "fresh-M-with-donor", "layers-without-donor", "donor-norm-eps"])
+    ({"pattern": "AAAA", "donor": None, "mixer_norm": "donor"}, r"mixer_norm: 'donor' .* 'AAAA' grafts none"),
+    ({"pattern": "ANAN", "mixers": FRESH, "mixer_norm": "donor"}, r"mixer_norm: 'donor' .* 'ANAN' grafts none"),
+], ids=["negative-layer", "layer-past-end", "fresh-M-with-donor", "layers-without-donor", "donor-norm-eps",
+        "donor-norm-without-donor", "donor-norm-nothing-grafted"])
 def test_bad_donor_choices_are_named_errors(base, donor, kwargs, message):
     # without each check the graft went on: a KeyError or IndexError of the donor's layers, a fresh 'M' instead of
-    # the donor's, donor_layers ignored, the donor's norm used with the base's epsilon
+    # the donor's, donor_layers ignored, the donor's norm used with the base's epsilon, mixer_norm='donor' ignored
+    # where no layer comes from the donor
     kwargs = {"donor": donor} | kwargs
     if kwargs["donor"] == "other-eps":
         kwargs["donor"] = perturbed(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", norm_eps=1e-3), 2)
@@ -208,6 +212,44 @@ def test_cli_max_shard_size_in_bytes(tmp_path):
     main([str(tmp_path / "hybrid"), "--base", str(tmp_path / "llama"), "--donor", str(tmp_path / "mamba"),
           "--pattern", "AM", "--max-shard-size", "20000"])
     assert (tmp_path / "hybrid" / "model.safetensors.index.json").is_file()
+
+
+def test_cli_refuses_a_donor_the_pattern_takes_nothing_from(tmp_path, capsys):
+    # --donor with a pattern of no 'M' (keep-only, or fresh mixers only) loaded the donor and wrote the hybrid without
+    # any of its layers, without a word
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    MambaForCausalLM(MambaConfig(vocab_size=300, hidden_size=32, state_size=8, num_hidden_layers=2)
+                     ).save_pretrained(tmp_path / "mamba")
+    folders = ["--base", str(tmp_path / "llama"), "--donor", str(tmp_path / "mamba")]
+    for pattern, extra in (("AA", []), ("AN", ["--mixers", "{N: {type: mamba, d_state: 8}}"])):
+        with pytest.raises(SystemExit) as e:
+            main([str(tmp_path / "hybrid"), *folders, "--pattern", pattern, *extra])
+        assert e.value.code == 2
+        assert f"--donor: the pattern '{pattern}' has no 'M'" in capsys.readouterr().err
+        assert not (tmp_path / "hybrid").exists()
+    main([str(tmp_path / "hybrid"), *folders, "--pattern", "AM"])  # a pattern that takes a donor layer
+    assert (tmp_path / "hybrid" / "config.json").is_file()
+
+
+def test_cli_refuses_a_seed_without_fresh_mixers(tmp_path, capsys):
+    # --seed seeds the fresh mixers alone: without --mixers it was taken and changed nothing
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "llama")
+    base = ["--base", str(tmp_path / "llama")]
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "hybrid"), *base, "--pattern", "AA", "--seed", "3"])
+    assert e.value.code == 2 and "--seed seeds the fresh mixers of --mixers" in capsys.readouterr().err
+    assert not (tmp_path / "hybrid").exists()
+    fresh = ["--pattern", "AN", "--mixers", "{N: {type: mamba, d_state: 8}}"]
+    for name, seed in (("a", ["--seed", "3"]), ("b", ["--seed", "3"]), ("c", ["--seed", "4"]), ("d", [])):
+        main([str(tmp_path / name), *base, *fresh, *seed])
+    a, b, c, d = (AutoModelForCausalLM.from_pretrained(tmp_path / name) for name in "abcd")
+    assert same(a, b) and not same(a, c)  # the seed still chooses the fresh mixers' weights
+    assert same(d, graft(from_hf_llama(LlamaForCausalLM.from_pretrained(tmp_path / "llama")), "AN",
+                         mixers={"N": {"type": "mamba", "d_state": 8}}, seed=0))  # by default, seed 0 as before
 
 
 def test_cli_names_bad_donor_layers(tmp_path, capsys):

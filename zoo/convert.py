@@ -544,6 +544,14 @@ def to_hf_jamba(model: ZooForCausalLM):
 
     fmt, zc = "hf-jamba", model.config
     specs = zc.layer_specs()
+    if all(spec["type"] == "mamba" for spec in specs):
+        # transformers' Jamba sizes its attention mask from the cache's attention layers: with none, forward and
+        # generate (with the default cache) raise "`get_mask_sizes` can only be called on Attention layers"
+        fits = "no other format has a MoE" if zc.moe is not None else (
+            "a Mamba stack without inner_norms exports with --to mamba_ssm (ffn none or swiglu)"
+            + (" or --to hf-mamba" if all(spec["ffn"] == "none" for spec in specs) else ""))
+        raise _unmappable(fmt, "layers", zc.layers, f"transformers' JambaForCausalLM cannot run a model without an "
+                                                    f"attention layer (its cache sizes the mask from one); {fits}")
     kinds, mamba_opts, attn_opts = [], None, None
     for i, spec in enumerate(specs):
         if spec["type"] == "mamba":
@@ -913,16 +921,24 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     return model
 
 
+_MAMBA_SSM_UNSHARDED = ("--max-shard-size: --to mamba_ssm writes one pytorch_model.bin, the only weights file "
+                        "mamba_ssm's from_pretrained reads (it loads no shards); leave --max-shard-size out")
+
+
 def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None, to_format: str | None = None,
-            tokenizer: str | None = None, max_shard_size: str | int = "5GB") -> Path:
+            tokenizer: str | None = None, max_shard_size: str | int | None = None) -> Path:
     """Convert the folder `src` into the folder `dst`: into a complete zoo folder (`from_format`, detected if
     neither format is given), or into `to_format` from a zoo folder (or any folder `load_as_zoo` reads). The
-    tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside."""
+    tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside. Safetensors shards hold
+    `max_shard_size` at most (default 5GB); mamba_ssm's one pytorch_model.bin takes none."""
     from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder, write_folder
 
     check_model_ref(src, what="source")
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
+    if to_format == "mamba_ssm" and max_shard_size is not None:
+        raise ValueError(_MAMBA_SSM_UNSHARDED)
+    max_shard_size = "5GB" if max_shard_size is None else max_shard_size
     if Path(dst).resolve() == Path(src).resolve():
         raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
     if Path(dst).exists() and not Path(dst).is_dir():
@@ -954,9 +970,12 @@ def main(argv: list[str] | None = None) -> None:
     way.add_argument("--to", dest="to_format", choices=FORMATS,
                      help="DST gets this format; SRC is a zoo folder (or any folder --from reads)")
     p.add_argument("--tokenizer", help="tokenizer to save with DST: 'byte' or a folder (default: SRC's, if any)")
-    p.add_argument("--max-shard-size", default="5GB", type=shard_size,
-                   help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB)")
+    p.add_argument("--max-shard-size", type=shard_size,
+                   help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB; not with --to "
+                        "mamba_ssm, which writes one pytorch_model.bin)")
     args = p.parse_args(argv)
+    if args.to_format == "mamba_ssm" and args.max_shard_size is not None:
+        p.error(_MAMBA_SSM_UNSHARDED)
     out = convert(args.src, args.dst, from_format=args.from_format, to_format=args.to_format,
                   tokenizer=args.tokenizer, max_shard_size=args.max_shard_size)
     print(f"wrote {out}")

@@ -53,9 +53,29 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     return AutoTokenizer.from_pretrained(path)
 
 
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's, which save_pretrained reads
+
+
 def shard_size(value: str) -> int | str:
-    """A --max-shard-size argument as save_pretrained takes it: '5GB' / '500MB' as given, a plain number as bytes."""
-    return int(value) if value.isdigit() else value
+    """A --max-shard-size argument as save_pretrained takes it: '5GB' / '500MB' as given, a plain number as bytes.
+
+    A size save_pretrained cannot read is argparse's error at once (save_pretrained refused it only once the model was
+    loaded and converted), and so is one under a byte (it wrote one file per tensor)."""
+    import argparse
+    import math
+
+    text = value.strip()
+    try:
+        size = float(text) if text.isdigit() else float(text[:-2]) * _SIZE_UNITS[text[-2:].upper()]
+        if not math.isfinite(size):
+            raise ValueError(size)
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size: give a number of bytes or one with a unit, KB, "
+                                         f"MB, GB or TB, such as 5GB or 500MB") from None
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{value!r}: a shard holds at least one byte (a size under one wrote a file "
+                                         f"per tensor)")
+    return int(text) if text.isdigit() else value
 
 
 def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any = None, *,

@@ -78,6 +78,9 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
     grafted = [i for i, c in enumerate(letters) if c == DONOR and c not in fresh]
     if mixer_norm not in ("base", "donor"):
         raise ValueError(f"mixer_norm: use 'base' or 'donor', got {mixer_norm!r}")
+    if mixer_norm == "donor" and not grafted:  # (every layer kept the base's norm, without a word)
+        raise ValueError(f"mixer_norm: 'donor' takes the pre-mixer norm of the layers grafted from the donor, and the "
+                         f"pattern {pattern!r} grafts none (letter {DONOR!r}); leave it at 'base'")
     sources: dict[int, int] = {}
     if donor is not None:
         if donor.config.d_model != base.config.d_model:
@@ -194,13 +197,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mixers", help="fresh mixer specs, YAML/JSON or a YAML file: '{N: {type: mamba2}}'")
     p.add_argument("--mixer-norm", choices=("base", "donor"), default="base",
                    help="pre-mixer RMSNorm of grafted layers (default: the base's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of fresh mixers")
+    p.add_argument("--seed", type=int, help="seed of fresh mixers (with --mixers; default 0)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="dtype of the saved hybrid (auto: the widest of base and donor, so that no copied weight is "
                    "rounded)")
     p.add_argument("--max-shard-size", default="5GB", type=shard_size,
                    help="safetensors shard size: 5GB, 500MB or a number of bytes (default 5GB)")
     args = p.parse_args(argv)
+    if args.donor is not None and DONOR not in args.pattern:  # (the donor was loaded, and nothing taken from it)
+        p.error(f"--donor: the pattern {args.pattern!r} has no {DONOR!r}, so no layer would come from the donor; put "
+                f"{DONOR} where a donor layer goes, or leave --donor out")
+    if args.seed is not None and not args.mixers:  # (the hybrid holds copied weights only: nothing is initialised)
+        p.error("--seed seeds the fresh mixers of --mixers; without them it changes nothing, leave it out")
     for name, src in (("--base", args.base), ("--donor", args.donor)):
         if src is not None and Path(src).resolve() == Path(args.dst).resolve():
             p.error(f"dst {args.dst!r} is the {name} folder; write the hybrid to another folder")
@@ -214,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.dtype != "auto":  # (the widening warning's advice is what --dtype does)
             warnings.filterwarnings("ignore", message="graft: the hybrid is")
         hybrid = graft(base, args.pattern, donor, mixers=_read_mixers(args.mixers), donor_layers=donor_layers,
-                       mixer_norm=args.mixer_norm, seed=args.seed)
+                       mixer_norm=args.mixer_norm, seed=args.seed or 0)
     if args.dtype != "auto":
         hybrid = hybrid.to(getattr(torch, args.dtype))
         hybrid.keep_fp32_parameters()  # Mamba's A_log and D stay fp32 in a half hybrid, as from_pretrained keeps them
