@@ -1209,3 +1209,20 @@ def test_the_config_asks_for_rslora_dora_and_modules_to_save(tmp_path):
 
     names = list(load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     assert any("norm_f" in n for n in names) and any("lora_magnitude_vector" in n for n in names), names[:8]
+
+
+def test_modules_to_save_that_match_no_module_are_refused(tmp_path):
+    """PEFT skips a modules_to_save entry that matches no module without a word: a mistyped 'lm_haed' finetuned the
+    adapters alone, and the run said nothing. wrap_lora and the config now refuse it, the config before the pretrain
+    phase."""
+    with pytest.raises(ValueError, match=r"modules_to_save: \['lm_haed'\] match no module of ZooForCausalLM"):
+        wrap_lora(tiny("mamba"), verbose=False, modules_to_save=["norm_f", "lm_haed"])
+    model = wrap_lora(tiny("mamba"), verbose=False, modules_to_save=["norm_f"])  # a name's end, as PEFT matches it
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained == {"base_model.model.model.norm_f.modules_to_save.default.weight"}, trained
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "jamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                    "lora": {"modules_to_save": ["norm_ff"]}}))
+    with pytest.raises(ValueError, match=r"lora\.modules_to_save: \['norm_ff'\] match no module"):
+        load_finetune_config(path)

@@ -336,6 +336,19 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
     return {"device": str(param.device), "phases": phases, "modules": len(layers)}
 
 
+def _check_modules_to_save(model: nn.Module, entries: Any, where: str) -> None:
+    """Refuse modules_to_save entries that match no module of `model` under PEFT's rule (a module whose name, as the
+    PeftModel names it, ends with the entry): PEFT skips them without a word, and the module named trains not at all."""
+    if entries is None:
+        return
+    names = [f"base_model.model.{n}" if n else "base_model.model" for n, _ in _unwrap(model).named_modules()]
+    missing = [e for e in entries if not any(n.endswith(e) for n in names)]
+    if missing:
+        raise ValueError(f"{where}: {missing} match no module of {type(model).__name__} (an entry names a module, or "
+                         f"the end of its name); module names look like "
+                         f"{[n for n, _ in _unwrap(model).named_modules() if n][:4]}")
+
+
 def _example_targets(model: nn.Module) -> list[str]:
     """Four module names a target can name, for error messages: projections (nn.Linear, transformers' Conv1D of
     GPT-2), else any."""
@@ -406,6 +419,7 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
         raise ValueError(f"target_modules: {missing} match no module of {type(model).__name__}; module names "
                          f"look like {_example_targets(model)} (see "
                          f"zoo.finetune.default_lora_targets)")
+    _check_modules_to_save(model, lora_kwargs.get("modules_to_save"), "modules_to_save")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type=expected, **lora_kwargs)
     peft_model = get_peft_model(model, config)
@@ -611,9 +625,10 @@ def _validate_run(section: Any, prefix: str) -> None:
 
 def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
     """Refuse lora.target_modules entries that match no module of `model`, or (in a zoo model) a module LoRA cannot
-    wrap; its skeleton on the meta device will do."""
+    wrap, and lora.modules_to_save entries that match none; its skeleton on the meta device will do."""
     from transformers.pytorch_utils import Conv1D
 
+    _check_modules_to_save(model, lora.modules_to_save, "lora.modules_to_save")
     targets = lora.target_modules
     if targets is None:
         return
