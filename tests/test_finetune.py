@@ -1226,3 +1226,11 @@ def test_modules_to_save_that_match_no_module_are_refused(tmp_path):
                                     "lora": {"modules_to_save": ["norm_ff"]}}))
     with pytest.raises(ValueError, match=r"lora\.modules_to_save: \['norm_ff'\] match no module"):
         load_finetune_config(path)
+
+
+def test_modules_to_save_as_a_string_is_refused():
+    """modules_to_save='norm_f' (a string, not a list): PEFT took each of its characters for an entry and trained a
+    copy of every module whose name ends in one (each mixer, 'r'), and the check then said LoRA was bypassed."""
+    with pytest.raises(ValueError, match=r"modules_to_save: a list of module names, got the string 'norm_f'; pass "
+                                         r"\['norm_f'\]"):
+        wrap_lora(tiny("mamba"), verbose=False, modules_to_save="norm_f")

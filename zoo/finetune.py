@@ -341,6 +341,8 @@ def _check_modules_to_save(model: nn.Module, entries: Any, where: str) -> None:
     PeftModel names it, ends with the entry): PEFT skips them without a word, and the module named trains not at all."""
     if entries is None:
         return
+    if isinstance(entries, str):  # PEFT matched each of its characters: every module whose name ends in one
+        raise ValueError(f"{where}: a list of module names, got the string {entries!r}; pass [{entries!r}]")
     names = [f"base_model.model.{n}" if n else "base_model.model" for n, _ in _unwrap(model).named_modules()]
     missing = [e for e in entries if not any(n.endswith(e) for n in names)]
     if missing:
