@@ -1234,3 +1234,35 @@ def test_modules_to_save_as_a_string_is_refused():
     with pytest.raises(ValueError, match=r"modules_to_save: a list of module names, got the string 'norm_f'; pass "
                                          r"\['norm_f'\]"):
         wrap_lora(tiny("mamba"), verbose=False, modules_to_save="norm_f")
+
+
+def test_a_finetune_stopped_after_its_last_step_does_not_train_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a scheduler's SIGTERM) after the last step, in the evaluation before the adapter is saved, left no
+    checkpoint (none is saved at the last step, and with checkpoint_every above max_steps none before it): the same
+    command trained the whole phase again. The last step is now kept until the adapter is saved."""
+    import zoo.finetune as ft
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1,
+                                        "checkpoint_every": 100}, lora={"dropout": 0.1})
+    whole = run("whole")
+    real = ft.evaluate
+    calls = []
+
+    def ctrl_c_in_the_evaluation_after_training(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first: the base model's, before training
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "evaluate", ctrl_c_in_the_evaluation_after_training)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "evaluate", real)
+    capsys.readouterr()
+    resumed = run("cut")
+    assert "continuing from step 4 of 4" in capsys.readouterr().out
+    assert resumed["log"] == whole["log"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "finetune-checkpoint").exists()

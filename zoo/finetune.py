@@ -521,9 +521,10 @@ class LoopSection:
     passing", Buitrago Ruiz & Gu 2025, a fix for length generalization). A model with a KV cache raises.
 
     checkpoint_every: save the phase's trainable weights, optimizer and step every this many steps (0: only when
-    stopped) to OUTPUT_DIR/<phase>-checkpoint; SIGTERM or Ctrl-C saves the last completed step and stops (a
-    second Ctrl-C stops at once), and the same command again, with as many processes, continues from there (exactly:
-    the data order is replayed; under state_passing the first resumed micro-batch starts from zeros)."""
+    stopped) to OUTPUT_DIR/<phase>-checkpoint, and the last step until the phase's result is saved; SIGTERM or Ctrl-C
+    saves the last completed step and stops (a second Ctrl-C stops at once), and the same command again, with as many
+    processes, continues from there (exactly: the data order is replayed; under state_passing the first resumed
+    micro-batch starts from zeros)."""
 
     seed: int = 0
     max_steps: int = 300
@@ -912,9 +913,9 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     """Train the parameters of `model` that require grad: AdamW (`zoo.train.build_optimizer`), the warmup +
     cosine/wsd schedule of `zoo.train.lr_at`, gradient clipping, gradient accumulation, a tqdm bar.
 
-    checkpoint: a folder for the phase's checkpoint (`LoopSection.checkpoint_every`; None: none). A checkpoint
-    found there with the same `stamp` (the settings that define the phase) is continued from; one of another
-    stamp is left for this run to overwrite.
+    checkpoint: a folder for the phase's checkpoint (`LoopSection.checkpoint_every`, and the last step, which the
+    caller removes once the phase's result is saved; None: none). A checkpoint found there with the same `stamp` (the
+    settings that define the phase) is continued from; one of another stamp is left for this run to overwrite.
 
     Returns:
         (the unwrapped model, logged rows {"step", "loss", "lr"}).
@@ -1043,6 +1044,11 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                     if checkpoint is not None:
                         save(completed)
                     raise TrainingStopped(checkpoint, completed)
+            if checkpoint is not None and completed > start:
+                # the last step too, which the caller removes once it saved the phase's result: a stop in the
+                # evaluation before that (SIGTERM there is no longer caught) left at best the last checkpoint_every
+                # step, or nothing, and the same command trained the phase again
+                save(completed)
     except TrainingStopped:
         raise
     except KeyboardInterrupt:  # a second Ctrl-C, mid-step
