@@ -1266,3 +1266,29 @@ def test_a_finetune_stopped_after_its_last_step_does_not_train_again(tmp_path, m
     a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "cut" / "finetune-checkpoint").exists()
+
+
+def test_lora_on_a_tied_lm_head_is_refused_before_anything_trains(tmp_path):
+    """lora.target_modules with lm_head on a model whose head is tied to the input embeddings (zoo's default): the
+    adapted model adds the adapter to the head alone, merge_and_unload adds it to the shared weight (the embeddings
+    too), so the whole run trained and then failed its round-trip check ('adapter round trip changed the logits').
+    Now refused when the config is read; an untied head takes it."""
+    from zoo.finetune import LoraSection, _check_lora_targets
+
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                    "lora": {"target_modules": ["in_proj", "lm_head"]}}))
+    with pytest.raises(ValueError, match=r"lora\.target_modules: matches lm_head, which is tied to the input "
+                                         r"embeddings.*modules_to_save"):
+        load_finetune_config(path)
+    untied = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / "mamba-tiny.yaml",
+                                                                  tie_embeddings=False))
+    _check_lora_targets(LoraSection(target_modules=["in_proj", "lm_head"]), untied)
+    model = wrap_lora(untied, verbose=False, target_modules=["in_proj", "lm_head"])
+    randomize_lora_b(model)
+    model.eval()
+    x = batch()
+    with torch.no_grad():
+        adapted = model(x).logits
+        assert_close("merged", model.merge_and_unload()(x).logits, adapted, 1e-5)

@@ -627,8 +627,9 @@ def _validate_run(section: Any, prefix: str) -> None:
 
 
 def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
-    """Refuse lora.target_modules entries that match no module of `model`, or (in a zoo model) a module LoRA cannot
-    wrap, and lora.modules_to_save entries that match none; its skeleton on the meta device will do."""
+    """Refuse lora.target_modules entries that match no module of `model`, an output layer tied to the input
+    embeddings (finetune merges the adapter), or (in a zoo model) a module LoRA cannot wrap, and lora.modules_to_save
+    entries that match none; its skeleton on the meta device will do."""
     from transformers.pytorch_utils import Conv1D
 
     _check_modules_to_save(model, lora.modules_to_save, "lora.modules_to_save")
@@ -640,11 +641,20 @@ def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
         raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__} (a string is a "
                          f"regular expression over whole module names, a list holds names or name suffixes); module "
                          f"names look like {_example_targets(model)}")
+    matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and targets != "all-linear" and (
+        re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embeddings.weight and any(m is head for _, m in matched):
+        # the adapted model adds the adapter to the head alone, merge_and_unload to the shared weight: the run
+        # trained in full, then failed its round-trip check ('all-linear' leaves the output layer out)
+        name = next(n for n, m in matched if m is head)
+        raise ValueError(f"lora.target_modules: matches {name}, which is tied to the input embeddings "
+                         f"(tie_word_embeddings): merging its adapter would change the shared weight, the embeddings "
+                         f"too, and the merged model would not be the adapted one; leave {name} out, or train it whole "
+                         f"with lora.modules_to_save: [{name}] (its trained copy is saved untied)")
     if targets == "all-linear" or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
         return  # (PEFT's dispatch also wraps quantized layers another model may hold)
     layer_types = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
-    matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and (
-        re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
     other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, layer_types)]
     if other:
         raise ValueError(f"lora.target_modules: matches {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, "
