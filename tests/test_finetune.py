@@ -1292,3 +1292,25 @@ def test_lora_on_a_tied_lm_head_is_refused_before_anything_trains(tmp_path):
     with torch.no_grad():
         adapted = model(x).logits
         assert_close("merged", model.merge_and_unload()(x).logits, adapted, 1e-5)
+
+
+def test_a_finetune_stopped_while_saving_the_merged_model_does_not_train_again(tmp_path, monkeypatch, capsys):
+    """The checkpoint was removed as soon as the adapter was saved: Ctrl-C (or SIGTERM) in the reload, merge or save of
+    merged/ after it left none, and the same command trained the whole phase again. It now goes with the result."""
+    import zoo.hub
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 3, "micro_batch_size": 4, "checkpoint_every": 100})
+    real = zoo.hub.save_model_folder
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo.hub, "save_model_folder", ctrl_c)
+    assert run("cut") == 130
+    assert (tmp_path / "cut" / "adapter").is_dir() and not (tmp_path / "cut" / "merged").exists()
+    monkeypatch.setattr(zoo.hub, "save_model_folder", real)
+    capsys.readouterr()
+    run("cut")
+    assert "continuing from step 3 of 3" in capsys.readouterr().out
+    assert (tmp_path / "cut" / "merged" / "config.json").is_file()
+    assert not (tmp_path / "cut" / "finetune-checkpoint").exists()

@@ -1298,7 +1298,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.save_pretrained(adapter_dir)
         if saved_tokenizer is not None:
             saved_tokenizer.save_pretrained(adapter_dir)
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is saved: done with it
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
@@ -1337,6 +1336,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["adapter_dir"], result["merged_dir"] = str(adapter_dir), str(merged_dir)
     if accelerator.is_main_process:
         (out_dir / "finetune_result.json").write_text(json.dumps(result, indent=1))
+        # done with it only now: a stop in the reload, merge or save above left no checkpoint, and the same command
+        # trained the phase again
+        shutil.rmtree(checkpoint, ignore_errors=True)
     b, a = result["before"], result["after"]
     task = cfg.data.task or "completion tokens"
     accelerator.print(f"\n| {task} accuracy | loss | targets |\n| --- | --- | --- |\n"
