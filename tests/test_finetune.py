@@ -1215,3 +1215,108 @@ def test_the_config_asks_for_rslora_dora_and_modules_to_save(tmp_path):
 
     names = list(load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
     assert any("norm_f" in n for n in names) and any("lora_magnitude_vector" in n for n in names), names[:8]
+
+
+def test_modules_to_save_that_match_no_module_are_refused(tmp_path):
+    """PEFT skips a modules_to_save entry that matches no module without a word: a mistyped 'lm_haed' finetuned the
+    adapters alone, and the run said nothing. wrap_lora and the config now refuse it, the config before the pretrain
+    phase."""
+    with pytest.raises(ValueError, match=r"modules_to_save: \['lm_haed'\] match no module of ZooForCausalLM"):
+        wrap_lora(tiny("mamba"), verbose=False, modules_to_save=["norm_f", "lm_haed"])
+    model = wrap_lora(tiny("mamba"), verbose=False, modules_to_save=["norm_f"])  # a name's end, as PEFT matches it
+    trained = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained == {"base_model.model.model.norm_f.modules_to_save.default.weight"}, trained
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "jamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                    "lora": {"modules_to_save": ["norm_ff"]}}))
+    with pytest.raises(ValueError, match=r"lora\.modules_to_save: \['norm_ff'\] match no module"):
+        load_finetune_config(path)
+
+
+def test_modules_to_save_as_a_string_is_refused():
+    """modules_to_save='norm_f' (a string, not a list): PEFT took each of its characters for an entry and trained a
+    copy of every module whose name ends in one (each mixer, 'r'), and the check then said LoRA was bypassed."""
+    with pytest.raises(ValueError, match=r"modules_to_save: a list of module names, got the string 'norm_f'; pass "
+                                         r"\['norm_f'\]"):
+        wrap_lora(tiny("mamba"), verbose=False, modules_to_save="norm_f")
+
+
+def test_a_finetune_stopped_after_its_last_step_does_not_train_again(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or a scheduler's SIGTERM) after the last step, in the evaluation before the adapter is saved, left no
+    checkpoint (none is saved at the last step, and with checkpoint_every above max_steps none before it): the same
+    command trained the whole phase again. The last step is now kept until the adapter is saved."""
+    import zoo.finetune as ft
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1,
+                                        "checkpoint_every": 100}, lora={"dropout": 0.1})
+    whole = run("whole")
+    real = ft.evaluate
+    calls = []
+
+    def ctrl_c_in_the_evaluation_after_training(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first: the base model's, before training
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ft, "evaluate", ctrl_c_in_the_evaluation_after_training)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "evaluate", real)
+    capsys.readouterr()
+    resumed = run("cut")
+    assert "continuing from step 4 of 4" in capsys.readouterr().out
+    assert resumed["log"] == whole["log"]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cut" / "finetune-checkpoint").exists()
+
+
+def test_lora_on_a_tied_lm_head_is_refused_before_anything_trains(tmp_path):
+    """lora.target_modules with lm_head on a model whose head is tied to the input embeddings (zoo's default): the
+    adapted model adds the adapter to the head alone, merge_and_unload adds it to the shared weight (the embeddings
+    too), so the whole run trained and then failed its round-trip check ('adapter round trip changed the logits').
+    Now refused when the config is read; an untied head takes it."""
+    from zoo.finetune import LoraSection, _check_lora_targets
+
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                    "lora": {"target_modules": ["in_proj", "lm_head"]}}))
+    with pytest.raises(ValueError, match=r"lora\.target_modules: matches lm_head, which is tied to the input "
+                                         r"embeddings.*modules_to_save"):
+        load_finetune_config(path)
+    untied = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / "mamba-tiny.yaml",
+                                                                  tie_embeddings=False))
+    _check_lora_targets(LoraSection(target_modules=["in_proj", "lm_head"]), untied)
+    model = wrap_lora(untied, verbose=False, target_modules=["in_proj", "lm_head"])
+    randomize_lora_b(model)
+    model.eval()
+    x = batch()
+    with torch.no_grad():
+        adapted = model(x).logits
+        assert_close("merged", model.merge_and_unload()(x).logits, adapted, 1e-5)
+
+
+def test_a_finetune_stopped_while_saving_the_merged_model_does_not_train_again(tmp_path, monkeypatch, capsys):
+    """The checkpoint was removed as soon as the adapter was saved: Ctrl-C (or SIGTERM) in the reload, merge or save of
+    merged/ after it left none, and the same command trained the whole phase again. It now goes with the result."""
+    import zoo.hub
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 3, "micro_batch_size": 4, "checkpoint_every": 100})
+    real = zoo.hub.save_model_folder
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo.hub, "save_model_folder", ctrl_c)
+    assert run("cut") == 130
+    assert (tmp_path / "cut" / "adapter").is_dir() and not (tmp_path / "cut" / "merged").exists()
+    monkeypatch.setattr(zoo.hub, "save_model_folder", real)
+    capsys.readouterr()
+    run("cut")
+    assert "continuing from step 3 of 3" in capsys.readouterr().out
+    assert (tmp_path / "cut" / "merged" / "config.json").is_file()
+    assert not (tmp_path / "cut" / "finetune-checkpoint").exists()

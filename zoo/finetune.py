@@ -336,6 +336,21 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
     return {"device": str(param.device), "phases": phases, "modules": len(layers)}
 
 
+def _check_modules_to_save(model: nn.Module, entries: Any, where: str) -> None:
+    """Refuse modules_to_save entries that match no module of `model` under PEFT's rule (a module whose name, as the
+    PeftModel names it, ends with the entry): PEFT skips them without a word, and the module named trains not at all."""
+    if entries is None:
+        return
+    if isinstance(entries, str):  # PEFT matched each of its characters: every module whose name ends in one
+        raise ValueError(f"{where}: a list of module names, got the string {entries!r}; pass [{entries!r}]")
+    names = [f"base_model.model.{n}" if n else "base_model.model" for n, _ in _unwrap(model).named_modules()]
+    missing = [e for e in entries if not any(n.endswith(e) for n in names)]
+    if missing:
+        raise ValueError(f"{where}: {missing} match no module of {type(model).__name__} (an entry names a module, or "
+                         f"the end of its name); module names look like "
+                         f"{[n for n, _ in _unwrap(model).named_modules() if n][:4]}")
+
+
 def _example_targets(model: nn.Module) -> list[str]:
     """Four module names a target can name, for error messages: projections (nn.Linear, transformers' Conv1D of
     GPT-2), else any."""
@@ -406,6 +421,7 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
         raise ValueError(f"target_modules: {missing} match no module of {type(model).__name__}; module names "
                          f"look like {_example_targets(model)} (see "
                          f"zoo.finetune.default_lora_targets)")
+    _check_modules_to_save(model, lora_kwargs.get("modules_to_save"), "modules_to_save")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type=expected, **lora_kwargs)
     peft_model = get_peft_model(model, config)
@@ -505,9 +521,10 @@ class LoopSection:
     passing", Buitrago Ruiz & Gu 2025, a fix for length generalization). A model with a KV cache raises.
 
     checkpoint_every: save the phase's trainable weights, optimizer and step every this many steps (0: only when
-    stopped) to OUTPUT_DIR/<phase>-checkpoint; SIGTERM or Ctrl-C saves the last completed step and stops (a
-    second Ctrl-C stops at once), and the same command again, with as many processes, continues from there (exactly:
-    the data order is replayed; under state_passing the first resumed micro-batch starts from zeros)."""
+    stopped) to OUTPUT_DIR/<phase>-checkpoint, and the last step until the phase's result is saved; SIGTERM or Ctrl-C
+    saves the last completed step and stops (a second Ctrl-C stops at once), and the same command again, with as many
+    processes, continues from there (exactly: the data order is replayed; under state_passing the first resumed
+    micro-batch starts from zeros)."""
 
     seed: int = 0
     max_steps: int = 300
@@ -610,10 +627,12 @@ def _validate_run(section: Any, prefix: str) -> None:
 
 
 def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
-    """Refuse lora.target_modules entries that match no module of `model`, or (in a zoo model) a module LoRA cannot
-    wrap; its skeleton on the meta device will do."""
+    """Refuse lora.target_modules entries that match no module of `model`, an output layer tied to the input
+    embeddings (finetune merges the adapter), or (in a zoo model) a module LoRA cannot wrap, and lora.modules_to_save
+    entries that match none; its skeleton on the meta device will do."""
     from transformers.pytorch_utils import Conv1D
 
+    _check_modules_to_save(model, lora.modules_to_save, "lora.modules_to_save")
     targets = lora.target_modules
     if targets is None:
         return
@@ -622,11 +641,20 @@ def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
         raise ValueError(f"lora.target_modules: {missing} match no module of {type(model).__name__} (a string is a "
                          f"regular expression over whole module names, a list holds names or name suffixes); module "
                          f"names look like {_example_targets(model)}")
+    matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and targets != "all-linear" and (
+        re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embeddings.weight and any(m is head for _, m in matched):
+        # the adapted model adds the adapter to the head alone, merge_and_unload to the shared weight: the run
+        # trained in full, then failed its round-trip check ('all-linear' leaves the output layer out)
+        name = next(n for n, m in matched if m is head)
+        raise ValueError(f"lora.target_modules: matches {name}, which is tied to the input embeddings "
+                         f"(tie_word_embeddings): merging its adapter would change the shared weight, the embeddings "
+                         f"too, and the merged model would not be the adapted one; leave {name} out, or train it whole "
+                         f"with lora.modules_to_save: [{name}] (its trained copy is saved untied)")
     if targets == "all-linear" or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
         return  # (PEFT's dispatch also wraps quantized layers another model may hold)
     layer_types = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
-    matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and (
-        re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
     other = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, layer_types)]
     if other:
         raise ValueError(f"lora.target_modules: matches {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, "
@@ -897,9 +925,9 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     """Train the parameters of `model` that require grad: AdamW (`zoo.train.build_optimizer`), the warmup +
     cosine/wsd schedule of `zoo.train.lr_at`, gradient clipping, gradient accumulation, a tqdm bar.
 
-    checkpoint: a folder for the phase's checkpoint (`LoopSection.checkpoint_every`; None: none). A checkpoint
-    found there with the same `stamp` (the settings that define the phase) is continued from; one of another
-    stamp is left for this run to overwrite.
+    checkpoint: a folder for the phase's checkpoint (`LoopSection.checkpoint_every`, and the last step, which the
+    caller removes once the phase's result is saved; None: none). A checkpoint found there with the same `stamp` (the
+    settings that define the phase) is continued from; one of another stamp is left for this run to overwrite.
 
     Returns:
         (the unwrapped model, logged rows {"step", "loss", "lr"}).
@@ -1028,6 +1056,11 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                     if checkpoint is not None:
                         save(completed)
                     raise TrainingStopped(checkpoint, completed)
+            if checkpoint is not None and completed > start:
+                # the last step too, which the caller removes once it saved the phase's result: a stop in the
+                # evaluation before that (SIGTERM there is no longer caught) left at best the last checkpoint_every
+                # step, or nothing, and the same command trained the phase again
+                save(completed)
     except TrainingStopped:
         raise
     except KeyboardInterrupt:  # a second Ctrl-C, mid-step
@@ -1267,7 +1300,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.save_pretrained(adapter_dir)
         if saved_tokenizer is not None:
             saved_tokenizer.save_pretrained(adapter_dir)
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the adapter is saved: done with it
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
@@ -1306,6 +1338,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["adapter_dir"], result["merged_dir"] = str(adapter_dir), str(merged_dir)
     if accelerator.is_main_process:
         (out_dir / "finetune_result.json").write_text(json.dumps(result, indent=1))
+        # done with it only now: a stop in the reload, merge or save above left no checkpoint, and the same command
+        # trained the phase again
+        shutil.rmtree(checkpoint, ignore_errors=True)
     b, a = result["before"], result["after"]
     task = cfg.data.task or "completion tokens"
     accelerator.print(f"\n| {task} accuracy | loss | targets |\n| --- | --- | --- |\n"
