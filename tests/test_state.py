@@ -704,6 +704,24 @@ def test_state_capacity_recipe_parses():
     assert len(set(sizes.values())) == len(sizes) >= 2
 
 
+def test_state_capacity_runs_take_batch_tokens_per_step_whatever_grad_accum():
+    """run.train.grad_accum splits a step of batch_tokens into micro batches: the micro batch was batch_tokens / L rows
+    whatever grad_accum, so grad_accum 4 trained 4x tokens_per_run in steps of 4x batch_tokens."""
+    script = load_script("scripts/state_capacity.py")
+    for accum in (1, 4):
+        sweep = script.load_sweep(ROOT / "configs/train/state-capacity.yaml", [f"run.train.grad_accum={accum}"])
+        for run_ in script.expand_runs(sweep):
+            train = run_["config"].train
+            per_step = train.micro_batch_size * run_["train_length"] * (train.grad_accum or 1)
+            assert per_step == sweep["batch_tokens"], (accum, run_["name"])
+            assert train.max_steps * per_step == sweep["tokens_per_run"]
+    with pytest.raises(ValueError, match="not a multiple of train length 2048 x run.train.grad_accum 32"):
+        script.load_sweep(ROOT / "configs/train/state-capacity.yaml", ["run.train.grad_accum=32"])
+    with pytest.raises(ValueError, match="run.train.batch_tokens: the sweep's batch_tokens"):
+        script.load_sweep(ROOT / "configs/train/state-capacity.yaml",
+                          ["run.train.grad_accum=null", "run.train.batch_tokens=65536"])
+
+
 def test_state_capacity_fit_recovers_a_line():
     """Verdicts made from the line L* = 4·S + 2 (K tokens) give back its capacity lengths and the line."""
     script = load_script("scripts/state_capacity.py")
