@@ -554,11 +554,23 @@ class _GraphEntry:
 
 def _graph_key(model: nn.Module, call: tuple) -> tuple:
     """What a captured step depends on beyond its buffers: the call's (graph, batch, device, picker settings,
-    padding), every parameter's and buffer's storage (a replaced tensor is not read by the graph), the mode, and
-    the ZOO_ settings the step reads when it is traced."""
+    padding), every parameter's and buffer's storage (a replaced tensor is not read by the graph), the mode, the
+    ZOO_ settings the step reads when it is traced, and the recurrent mixers' state-collapse mitigations and state
+    probes (zoo.state), which the step's Python reads when it is traced: a mitigation set, changed or cleared after
+    the capture was not seen by the kept graph's steps, while the call's prefill took it."""
     tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("ZOO_")))
-    return (*call, tensors, model.training, env)
+    state_tools = tuple((_mitigation_key(m.mitigation), m.state_probe) for m in model.modules()
+                        if hasattr(type(m), "mitigation") and hasattr(type(m), "state_probe"))
+    return (*call, tensors, model.training, env, state_tools)
+
+
+def _mitigation_key(spec) -> tuple | None:
+    """A mixer's mitigation spec (dict, a per-head threshold tensor maybe) as a comparable tuple; None stays None."""
+    if not spec:
+        return None
+    return tuple(sorted((k, tuple(v.flatten().tolist()) if isinstance(v, torch.Tensor) else v)
+                        for k, v in spec.items()))
 
 
 def _reusable_entry(model: nn.Module, call: tuple, tokens: int) -> _GraphEntry | None:
