@@ -790,6 +790,24 @@ def test_a_kept_decoder_starts_each_call_with_no_row_finished():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gla", "jamba"])
+def test_a_kept_decoder_decodes_a_new_prompt_with_its_own_window_carry(family):
+    """Under the window mitigation a step reads the cache's carried inputs of the last r - 1 tokens
+    (zoo.state.mitigation): a kept decoder (reuse=True) reloaded the new prompt's states but kept the previous call's
+    carry, so its steps continued the new prompt with the old sequence's last tokens."""
+    from zoo.state import apply_mitigation
+
+    model = context_sensitive(tiny(family))
+    apply_mitigation(model, "window:r=3")
+    first = prompt()
+    second = torch.randint(1, 512, first.shape, generator=torch.Generator().manual_seed(7))
+    want = static_generate(model, second, graph=False, max_new_tokens=8)
+    static_generate(model, first, graph=False, max_new_tokens=8, reuse=True)
+    assert torch.equal(static_generate(model, second, graph=False, max_new_tokens=8, reuse=True), want), family
+    with torch.no_grad():
+        assert torch.equal(model.generate(second, max_new_tokens=8, do_sample=False), want), family
+
+
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
 def test_a_kept_decoder_is_dropped_when_a_mitigation_changes(family):
     """A kept CUDA graph replays its steps without their Python, so it decodes with the mitigation in effect at its

@@ -322,7 +322,7 @@ class StaticDecoder(EagerDecoder):
             raise ValueError("reload: left padding given for one prompt and not the other; capture again")
         seen = cache.seen_tokens
         # every layer is checked before any buffer is written: a cache that does not fit leaves the decoder as it was
-        states, copies, kv = iter(self.states), [], []
+        states, copies, kv, carries = iter(self.states), [], [], []
         for i, (mine, new) in enumerate(zip(own.layers, cache.layers)):
             if isinstance(mine, RecurrentLayer) and isinstance(new, RecurrentLayer) and new.has_state:
                 dsts = [next(states) for _ in mine.tensors()]
@@ -331,6 +331,9 @@ class StaticDecoder(EagerDecoder):
                     raise ValueError(f"reload: layer {i}'s states {[tuple(t.shape) for t in srcs]} do not fit this "
                                      f"decoder's {[tuple(d.shape) for d in dsts]} (another model's cache)")
                 copies.extend(zip(dsts, srcs))
+                # the window mitigation's carried inputs (zoo.state.mitigation), this prompt's: the steps read the
+                # last call's, so a kept decoder continued the new prompt with the old one's last r - 1 tokens
+                carries.append((mine, getattr(new, "window_carry", None)))
             elif isinstance(mine, StaticKVLayer) and isinstance(new, DynamicLayer) and new.keys is not None:
                 kept = new.keys.shape[-2]
                 if seen > mine.capacity or kept > seen or new.keys.shape[0] != mine.keys.shape[0]:
@@ -344,6 +347,8 @@ class StaticDecoder(EagerDecoder):
                 raise ValueError(f"reload: layer {i} of the prefilled cache does not match this decoder's")
         for dst, src in copies:
             dst.copy_(src)
+        for mine, carry in carries:
+            mine.window_carry = carry
         for mine, new in kv:
             mine.load(new.keys, new.values, seen)
             if pads is not None:
