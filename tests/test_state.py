@@ -660,6 +660,30 @@ def test_record_state_statistics_settings():
         mamba(ids)
 
 
+def test_state_plots_name_a_gla_layers_decay_and_keys(tmp_path, monkeypatch):
+    """A GLA layer has no Δ, A or B: its plots' titles said 'mean α = exp(ΔA)' and 'B mean' of its exp(g) and keys."""
+    import matplotlib.figure
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import plot_state_statistics
+
+    titles = []  # one per statistic's figure, in the order of the PNGs (loss.png, last, has none)
+    real = matplotlib.figure.Figure.suptitle
+
+    def suptitle(fig, text, **kwargs):
+        titles.append(text)
+        return real(fig, text, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", suptitle)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/gla-tiny.yaml")).eval()
+    result = record_state_statistics(model, torch.randint(0, 512, (1, 32)), chunk_size=16, points_per_octave=0)
+    paths = plot_state_statistics(result, tmp_path, train_length=16)
+    by_stat = dict(zip([p.stem for p in paths], titles))
+    assert by_stat["alpha_mean"].startswith("mean α = exp(g)") and "ΔA" not in by_stat["alpha_mean"]
+    assert by_stat["B_rms"].startswith("key k RMS") and by_stat["state_rms"].startswith("state RMS")
+
+
 # ---- recipes -----------------------------------------------------------------------------------------------------
 
 

@@ -331,6 +331,9 @@ LABELS = {"state_mean": "state mean", "state_var": "state variance", "state_rms"
           "state_norm": "state norm ‖h‖_F", "delta_mean": "mean Δ", "log_alpha_mean": "mean log α",
           "alpha_mean": "mean α = exp(ΔA)", "log_alpha_cumsum": "log ∏α (cumulative)",
           "B_mean": "B mean", "B_rms": "B RMS"}
+# what the decay and B statistics are in a GLA layer (no Δ, A or B: α = exp(g) per key channel, the keys k in B's place)
+GLA_LABELS = {"log_alpha_mean": "mean log α = g", "alpha_mean": "mean α = exp(g)",
+              "log_alpha_cumsum": "log ∏α = Σ g (cumulative)", "B_mean": "key k mean", "B_rms": "key k RMS"}
 LOG_Y = {"state_var", "state_rms", "state_norm", "delta_mean", "B_rms"}
 
 
@@ -375,7 +378,11 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
             ax.set_visible(False)
         if len(runs) > 1:
             axes.flat[0].legend(fontsize=7)
-        fig.suptitle(LABELS[stat] + (f"  (training length {train_length}, dashed)" if train_length else ""))
+        kinds = {runs[0][1]["layers"][layer]["kind"] for layer in present}
+        label = LABELS[stat]
+        if "gla" in kinds and stat in GLA_LABELS:  # (it said exp(ΔA) and B of a GLA layer's exp(g) and keys)
+            label = GLA_LABELS[stat] if kinds == {"gla"} else f"{label}; gla: {GLA_LABELS[stat]}"
+        fig.suptitle(label + (f"  (training length {train_length}, dashed)" if train_length else ""))
         fig.tight_layout()
         path = out_dir / f"{stat}.png"
         fig.savefig(path, dpi=110)
