@@ -879,6 +879,21 @@ def test_calibrating_on_no_tokens_names_the_prefix():
     assert all(m.mitigation["c_alpha"] == 0.9 for m in mit.recurrent_mixers(model))
 
 
+def test_calibrating_beside_a_window_is_refused_before_it_runs():
+    """calibrate_norm_threshold kept a window already on the mixers beside the cap it set: it ran its forwards, then
+    the model's next forward failed (window and norm do not combine). It is refused up front, the window left."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    apply_mitigation(model, "window:r=8")
+    with pytest.raises(ValueError, match="window mitigation, which does not combine with the norm cap"):
+        calibrate_norm_threshold(model, torch.randint(0, 512, (1, 40)), chunk=16)
+    for mixer in mit.recurrent_mixers(model):
+        assert mixer.mitigation["window"] == 8 and math.isinf(mixer.mitigation["threshold"])
+
+
 @pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny", "gla-tiny"])
 def test_calibrated_threshold_leaves_zoo_eval_states_reference_prefix_alone(config):
     """zoo eval state runs its rows in forwards ending at log-spaced positions (16, 23, 32, 45, ...), and the cap acts

@@ -286,9 +286,14 @@ def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0
     normalization): threshold = factor · the largest head norm seen in any row of `input_ids` [B, T] by the
     unmitigated model, at every point where the cap acts in the run it is set for: each `chunk` tokens into each of
     that run's forwards and at their ends, the forwards being record_state_statistics' with `chunk_size`,
-    `points_per_octave` and `min_chunk` (0: every chunk_size tokens, as evaluate_length's). Forget / window settings
-    already on a mixer are kept; returns the thresholds per layer."""
+    `points_per_octave` and `min_chunk` (0: every chunk_size tokens, as evaluate_length's). Forget settings already
+    on a mixer are kept (a window is refused: the windowed state is not capped); returns the thresholds per layer."""
     check_recurrent(model, "calibrate_norm_threshold")
+    if any((m.mitigation or {}).get("window") is not None for m in recurrent_mixers(model)):
+        # (it calibrated, then the model's next forward failed: window and norm do not combine)
+        raise ValueError("calibrate_norm_threshold: a mixer holds the window mitigation, which does not combine with "
+                         "the norm cap (the windowed state is not capped); clear it first (apply_mitigation(model, "
+                         "None)) or use a forget setting beside the cap")
     rows = (input_ids[None] if input_ids.dim() == 1 else input_ids).to(next(model.parameters()).device)
     if rows.shape[1] == 0:  # (no state to measure: it failed with a KeyError after the run)
         raise ValueError("calibrate_norm_threshold: input_ids has no tokens; the reference prefix must be >= 1 token")
