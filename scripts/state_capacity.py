@@ -7,11 +7,12 @@ shortest training length past which no state collapse appears, and fit a line of
     python scripts/state_capacity.py configs/train/state-capacity.yaml --only d_state16 --train_lengths=[128,1024]
 
 Every (model, training length L) is a ``zoo.train`` run on text (``run`` holds the run config; each length
-gets batch_tokens / L rows per step and tokens_per_run / batch_tokens steps, so every run sees the same
-tokens) in ``output_dir/<model>-L<L>/``. Each trained model is evaluated with ``zoo.eval.length`` (per-position
-loss on long documents, state carried chunk to chunk) without and with every ``eval.mitigations`` spec
-(``{L}`` in a spec is replaced by the training length, e.g. ``window:r={L}``; ``norm-calibrated:factor=F``
-caps each head's state norm at F times its largest norm over the documents' first L tokens).
+gets batch_tokens / L rows per step, in ``run.train.grad_accum`` micro batches, and tokens_per_run / batch_tokens
+steps, so every run sees the same tokens) in ``output_dir/<model>-L<L>/``. Each trained model is evaluated with
+``zoo.eval.length`` (per-position loss on long documents, state carried chunk to chunk) without and with every
+``eval.mitigations`` spec (``{L}`` in a spec is replaced by the training length, e.g. ``window:r={L}``;
+``norm-calibrated:factor=F`` caps each head's state norm at F times its largest norm over the documents' first L
+tokens).
 
 Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the tokens
 in the bins that start in [L, 2L) (the first positions past the training length) by more than ``margin`` nats.
@@ -162,7 +163,17 @@ def expand_runs(sweep: dict) -> list[dict]:
             run["output_dir"] = str(Path(sweep["output_dir"]) / f"{model_name}-L{L}")
             run.setdefault("data", {})["seq_len"] = L
             train = run.setdefault("train", {})
-            train["micro_batch_size"] = sweep["batch_tokens"] // L
+            if train.get("batch_tokens") is not None:
+                raise ValueError("run.train.batch_tokens: the sweep's batch_tokens sets each step's tokens; leave it "
+                                 "out (run.train.grad_accum splits a step into that many micro batches)")
+            # a step of batch_tokens in grad_accum micro batches: rows of batch_tokens / L per micro batch took
+            # grad_accum times the tokens per step and per run, for every length alike
+            accum = train.get("grad_accum") or 1
+            accum = accum if _is_int(accum) and accum >= 1 else 1  # (a bad value is refused by config_from_dict)
+            if sweep["batch_tokens"] % (L * accum):
+                raise ValueError(f"batch_tokens: {sweep['batch_tokens']} is not a multiple of train length {L} x "
+                                 f"run.train.grad_accum {accum}")
+            train["micro_batch_size"] = sweep["batch_tokens"] // (L * accum)
             train["max_steps"] = max(1, sweep["tokens_per_run"] // sweep["batch_tokens"])
             schedule = run.setdefault("schedule", {})
             schedule["warmup_steps"] = min(schedule.get("warmup_steps", 100), train["max_steps"] // 10)
@@ -400,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: S = {s:.4f}M floats; paper's capacity length {PAPER_LINE[0] * s + PAPER_LINE[1]:.2f}K")
         for run in runs:
             c = run["config"]
-            print(f"{run['name']}: {c.train.max_steps} steps of {c.train.micro_batch_size} x {c.data.seq_len} "
+            accum = f" x {c.train.grad_accum} micro batches" if (c.train.grad_accum or 1) > 1 else ""
+            print(f"{run['name']}: {c.train.max_steps} steps of {c.train.micro_batch_size} x {c.data.seq_len}{accum} "
                   f"tokens -> {c.output_dir}")
         return 0
     ev = sweep["eval"]

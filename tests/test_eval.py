@@ -865,6 +865,33 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and not (out / "state.partial.pt").exists()
 
 
+def test_eval_state_caps_the_heads_it_records(tmp_path, monkeypatch):
+    """--mitigation norm:threshold=T caps each Mamba head of --group-size channels, the heads the statistics are
+    recorded on: the cap took the spec's default of 64 channels, so with --group-size 16 the plotted heads were
+    capped four at a time. A group_size in the spec other than --group-size is refused."""
+    from zoo.eval import state
+    from zoo.state import recurrent_mixers
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    seen = []
+    real = state.record_state_statistics
+
+    def record(model, *args, **kwargs):
+        seen.append({m.mitigation["group_size"] for m in recurrent_mixers(model)})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(state, "record_state_statistics", record)
+    torch.save(torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "32", "--chunk-size", "16", "--device", "cpu", "--group-size", "16", "--out", str(tmp_path)]
+    result = state.main([*argv, "--mitigation", "norm:threshold=1e-4,chunk=4"])
+    assert seen == [{16}] and result["group_size"] == 16
+    for stats in result["layers"].values():  # each recorded head is capped, at every sample (a forward's end)
+        assert max(max(row) for row in stats["state_norm"]) <= 1e-4 * (1 + 1e-5)
+    with pytest.raises(ValueError, match="group_size=32 differs from --group-size 16"):
+        state.main([*argv, "--mitigation", "norm:threshold=1e-4,group_size=32"])
+
+
 def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_path, monkeypatch):
     """zoo eval state --compare interrupted in its mitigated run: the rerun ran the finished unmitigated run again
     from its first token (its partial file was removed as it completed), then resumed the mitigated one. It is kept

@@ -660,6 +660,30 @@ def test_record_state_statistics_settings():
         mamba(ids)
 
 
+def test_state_plots_name_a_gla_layers_decay_and_keys(tmp_path, monkeypatch):
+    """A GLA layer has no Δ, A or B: its plots' titles said 'mean α = exp(ΔA)' and 'B mean' of its exp(g) and keys."""
+    import matplotlib.figure
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import plot_state_statistics
+
+    titles = []  # one per statistic's figure, in the order of the PNGs (loss.png, last, has none)
+    real = matplotlib.figure.Figure.suptitle
+
+    def suptitle(fig, text, **kwargs):
+        titles.append(text)
+        return real(fig, text, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", suptitle)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/gla-tiny.yaml")).eval()
+    result = record_state_statistics(model, torch.randint(0, 512, (1, 32)), chunk_size=16, points_per_octave=0)
+    paths = plot_state_statistics(result, tmp_path, train_length=16)
+    by_stat = dict(zip([p.stem for p in paths], titles))
+    assert by_stat["alpha_mean"].startswith("mean α = exp(g)") and "ΔA" not in by_stat["alpha_mean"]
+    assert by_stat["B_rms"].startswith("key k RMS") and by_stat["state_rms"].startswith("state RMS")
+
+
 # ---- recipes -----------------------------------------------------------------------------------------------------
 
 
@@ -702,6 +726,24 @@ def test_state_capacity_recipe_parses():
         assert run_["config"].data.seq_len == run_["train_length"]
     sizes = {name: script.ssm_state_floats(cfg) for name, cfg in sweep["models"].items()}
     assert len(set(sizes.values())) == len(sizes) >= 2
+
+
+def test_state_capacity_runs_take_batch_tokens_per_step_whatever_grad_accum():
+    """run.train.grad_accum splits a step of batch_tokens into micro batches: the micro batch was batch_tokens / L rows
+    whatever grad_accum, so grad_accum 4 trained 4x tokens_per_run in steps of 4x batch_tokens."""
+    script = load_script("scripts/state_capacity.py")
+    for accum in (1, 4):
+        sweep = script.load_sweep(ROOT / "configs/train/state-capacity.yaml", [f"run.train.grad_accum={accum}"])
+        for run_ in script.expand_runs(sweep):
+            train = run_["config"].train
+            per_step = train.micro_batch_size * run_["train_length"] * (train.grad_accum or 1)
+            assert per_step == sweep["batch_tokens"], (accum, run_["name"])
+            assert train.max_steps * per_step == sweep["tokens_per_run"]
+    with pytest.raises(ValueError, match="not a multiple of train length 2048 x run.train.grad_accum 32"):
+        script.load_sweep(ROOT / "configs/train/state-capacity.yaml", ["run.train.grad_accum=32"])
+    with pytest.raises(ValueError, match="run.train.batch_tokens: the sweep's batch_tokens"):
+        script.load_sweep(ROOT / "configs/train/state-capacity.yaml",
+                          ["run.train.grad_accum=null", "run.train.batch_tokens=65536"])
 
 
 def test_state_capacity_fit_recovers_a_line():
@@ -835,6 +877,21 @@ def test_calibrating_on_no_tokens_names_the_prefix():
     with pytest.raises(ValueError, match="input_ids has no tokens; the reference prefix must be >= 1 token"):
         calibrate_norm_threshold(model, torch.zeros(2, 0, dtype=torch.long))
     assert all(m.mitigation["c_alpha"] == 0.9 for m in mit.recurrent_mixers(model))
+
+
+def test_calibrating_beside_a_window_is_refused_before_it_runs():
+    """calibrate_norm_threshold kept a window already on the mixers beside the cap it set: it ran its forwards, then
+    the model's next forward failed (window and norm do not combine). It is refused up front, the window left."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    apply_mitigation(model, "window:r=8")
+    with pytest.raises(ValueError, match="window mitigation, which does not combine with the norm cap"):
+        calibrate_norm_threshold(model, torch.randint(0, 512, (1, 40)), chunk=16)
+    for mixer in mit.recurrent_mixers(model):
+        assert mixer.mitigation["window"] == 8 and math.isinf(mixer.mitigation["threshold"])
 
 
 @pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny", "gla-tiny"])

@@ -790,6 +790,50 @@ def test_a_kept_decoder_starts_each_call_with_no_row_finished():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "gla", "jamba"])
+def test_a_kept_decoder_decodes_a_new_prompt_with_its_own_window_carry(family):
+    """Under the window mitigation a step reads the cache's carried inputs of the last r - 1 tokens
+    (zoo.state.mitigation): a kept decoder (reuse=True) reloaded the new prompt's states but kept the previous call's
+    carry, so its steps continued the new prompt with the old sequence's last tokens."""
+    from zoo.state import apply_mitigation
+
+    model = context_sensitive(tiny(family))
+    apply_mitigation(model, "window:r=3")
+    first = prompt()
+    second = torch.randint(1, 512, first.shape, generator=torch.Generator().manual_seed(7))
+    want = static_generate(model, second, graph=False, max_new_tokens=8)
+    static_generate(model, first, graph=False, max_new_tokens=8, reuse=True)
+    assert torch.equal(static_generate(model, second, graph=False, max_new_tokens=8, reuse=True), want), family
+    with torch.no_grad():
+        assert torch.equal(model.generate(second, max_new_tokens=8, do_sample=False), want), family
+
+
+@pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba"])
+def test_a_kept_decoder_is_dropped_when_a_mitigation_changes(family):
+    """A kept CUDA graph replays its steps without their Python, so it decodes with the mitigation in effect at its
+    capture: one set, changed or cleared afterwards (zoo.state.apply_mitigation) reached the call's prefill but not
+    its steps. The kept decoder's key now holds every recurrent mixer's mitigation: such a call captures afresh."""
+    from types import SimpleNamespace
+
+    from zoo.decode import _GRAPH_ENTRY, _graph_key, _reusable_entry
+    from zoo.state import apply_mitigation, calibrate_norm_threshold, recurrent_mixers
+
+    model, ids = tiny(family), prompt()
+    call = (False, ids.shape[0], ids.device, "settings", False)
+    for spec in (None, "forget:c_alpha=0.99", "forget:c_alpha=0.9", "norm:threshold=3", "none", "calibrated"):
+        if spec == "calibrated":  # a per-head threshold tensor
+            calibrate_norm_threshold(model, ids)
+        else:
+            apply_mitigation(model, spec)
+        assert _reusable_entry(model, call, 16) is None, spec  # the one kept under the previous mitigation is dropped
+        model.__dict__[_GRAPH_ENTRY] = SimpleNamespace(key=_graph_key(model, call), room=256)
+        assert _reusable_entry(model, call, 16) is not None, spec  # the same settings keep it
+    with torch.no_grad():
+        for mixer in recurrent_mixers(model):
+            mixer.mitigation["threshold"] *= 2  # the calibrated thresholds changed in place
+    assert _reusable_entry(model, call, 16) is None
+
+
 def test_reuse_refuses_peft_adapters_and_bad_values():
     model, ids = tiny("mamba"), prompt()
     with pytest.raises(ValueError, match="PEFT adapters"):

@@ -322,7 +322,7 @@ class StaticDecoder(EagerDecoder):
             raise ValueError("reload: left padding given for one prompt and not the other; capture again")
         seen = cache.seen_tokens
         # every layer is checked before any buffer is written: a cache that does not fit leaves the decoder as it was
-        states, copies, kv = iter(self.states), [], []
+        states, copies, kv, carries = iter(self.states), [], [], []
         for i, (mine, new) in enumerate(zip(own.layers, cache.layers)):
             if isinstance(mine, RecurrentLayer) and isinstance(new, RecurrentLayer) and new.has_state:
                 dsts = [next(states) for _ in mine.tensors()]
@@ -331,6 +331,9 @@ class StaticDecoder(EagerDecoder):
                     raise ValueError(f"reload: layer {i}'s states {[tuple(t.shape) for t in srcs]} do not fit this "
                                      f"decoder's {[tuple(d.shape) for d in dsts]} (another model's cache)")
                 copies.extend(zip(dsts, srcs))
+                # the window mitigation's carried inputs (zoo.state.mitigation), this prompt's: the steps read the
+                # last call's, so a kept decoder continued the new prompt with the old one's last r - 1 tokens
+                carries.append((mine, getattr(new, "window_carry", None)))
             elif isinstance(mine, StaticKVLayer) and isinstance(new, DynamicLayer) and new.keys is not None:
                 kept = new.keys.shape[-2]
                 if seen > mine.capacity or kept > seen or new.keys.shape[0] != mine.keys.shape[0]:
@@ -344,6 +347,8 @@ class StaticDecoder(EagerDecoder):
                 raise ValueError(f"reload: layer {i} of the prefilled cache does not match this decoder's")
         for dst, src in copies:
             dst.copy_(src)
+        for mine, carry in carries:
+            mine.window_carry = carry
         for mine, new in kv:
             mine.load(new.keys, new.values, seen)
             if pads is not None:
@@ -554,11 +559,23 @@ class _GraphEntry:
 
 def _graph_key(model: nn.Module, call: tuple) -> tuple:
     """What a captured step depends on beyond its buffers: the call's (graph, batch, device, picker settings,
-    padding), every parameter's and buffer's storage (a replaced tensor is not read by the graph), the mode, and
-    the ZOO_ settings the step reads when it is traced."""
+    padding), every parameter's and buffer's storage (a replaced tensor is not read by the graph), the mode, the
+    ZOO_ settings the step reads when it is traced, and the recurrent mixers' state-collapse mitigations and state
+    probes (zoo.state), which the step's Python reads when it is traced: a mitigation set, changed or cleared after
+    the capture was not seen by the kept graph's steps, while the call's prefill took it."""
     tensors = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("ZOO_")))
-    return (*call, tensors, model.training, env)
+    state_tools = tuple((_mitigation_key(m.mitigation), m.state_probe) for m in model.modules()
+                        if hasattr(type(m), "mitigation") and hasattr(type(m), "state_probe"))
+    return (*call, tensors, model.training, env, state_tools)
+
+
+def _mitigation_key(spec) -> tuple | None:
+    """A mixer's mitigation spec (dict, a per-head threshold tensor maybe) as a comparable tuple; None stays None."""
+    if not spec:
+        return None
+    return tuple(sorted((k, tuple(v.flatten().tolist()) if isinstance(v, torch.Tensor) else v)
+                        for k, v in spec.items()))
 
 
 def _reusable_entry(model: nn.Module, call: tuple, tokens: int) -> _GraphEntry | None:

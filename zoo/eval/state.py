@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -153,6 +154,10 @@ def check_mitigation_options(args) -> None:
             # (the calibrated cap took --norm-chunk and --group-size in their place, without a word)
             raise ValueError(f"--norm-calibrate: give the cap's chunk and heads as --norm-chunk and --group-size, not "
                              f"in --mitigation {args.mitigation!r}")
+    if spec is not None and math.isfinite(spec["threshold"]) and spec["group_size"] != args.group_size \
+            and re.search(r"\bgroup_size\s*=", args.mitigation):  # (a fixed cap acts on --group-size's heads)
+        raise ValueError(f"--mitigation {args.mitigation!r}: its group_size={spec['group_size']} differs from "
+                         f"--group-size {args.group_size}, the heads the statistics are recorded on; give one of them")
     if args.compare and (spec is None or is_neutral(spec)) and args.norm_calibrate is None:
         # a neutral spec (forget:c_alpha=1) is no mitigation: both runs were named 'none' and state.json kept one
         given = f"--mitigation {args.mitigation!r} changes nothing, so there is " if spec is not None else ""
@@ -240,7 +245,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                                      partial_key=key, label="the unmitigated run", keep_partial=True)))
         # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
         write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
-    apply_mitigation(model, args.mitigation)
+    spec = parse_mitigation(args.mitigation)
+    if spec is not None and math.isfinite(spec["threshold"]):
+        # a fixed cap acts on the heads the statistics are recorded on (--group-size): it took the spec's default of
+        # 64 channels, so a Mamba layer recorded in heads of 32 was capped in groups of 64
+        spec["group_size"] = args.group_size
+    apply_mitigation(model, spec)
     if args.norm_calibrate:
         calibrate_norm_threshold(model, rows[:, :args.norm_calibrate], args.norm_factor, args.norm_chunk,
                                  args.chunk_size, args.group_size, args.points_per_octave)

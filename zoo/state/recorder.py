@@ -286,9 +286,14 @@ def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0
     normalization): threshold = factor · the largest head norm seen in any row of `input_ids` [B, T] by the
     unmitigated model, at every point where the cap acts in the run it is set for: each `chunk` tokens into each of
     that run's forwards and at their ends, the forwards being record_state_statistics' with `chunk_size`,
-    `points_per_octave` and `min_chunk` (0: every chunk_size tokens, as evaluate_length's). Forget / window settings
-    already on a mixer are kept; returns the thresholds per layer."""
+    `points_per_octave` and `min_chunk` (0: every chunk_size tokens, as evaluate_length's). Forget settings already
+    on a mixer are kept (a window is refused: the windowed state is not capped); returns the thresholds per layer."""
     check_recurrent(model, "calibrate_norm_threshold")
+    if any((m.mitigation or {}).get("window") is not None for m in recurrent_mixers(model)):
+        # (it calibrated, then the model's next forward failed: window and norm do not combine)
+        raise ValueError("calibrate_norm_threshold: a mixer holds the window mitigation, which does not combine with "
+                         "the norm cap (the windowed state is not capped); clear it first (apply_mitigation(model, "
+                         "None)) or use a forget setting beside the cap")
     rows = (input_ids[None] if input_ids.dim() == 1 else input_ids).to(next(model.parameters()).device)
     if rows.shape[1] == 0:  # (no state to measure: it failed with a KeyError after the run)
         raise ValueError("calibrate_norm_threshold: input_ids has no tokens; the reference prefix must be >= 1 token")
@@ -331,6 +336,9 @@ LABELS = {"state_mean": "state mean", "state_var": "state variance", "state_rms"
           "state_norm": "state norm ‖h‖_F", "delta_mean": "mean Δ", "log_alpha_mean": "mean log α",
           "alpha_mean": "mean α = exp(ΔA)", "log_alpha_cumsum": "log ∏α (cumulative)",
           "B_mean": "B mean", "B_rms": "B RMS"}
+# what the decay and B statistics are in a GLA layer (no Δ, A or B: α = exp(g) per key channel, the keys k in B's place)
+GLA_LABELS = {"log_alpha_mean": "mean log α = g", "alpha_mean": "mean α = exp(g)",
+              "log_alpha_cumsum": "log ∏α = Σ g (cumulative)", "B_mean": "key k mean", "B_rms": "key k RMS"}
 LOG_Y = {"state_var", "state_rms", "state_norm", "delta_mean", "B_rms"}
 
 
@@ -375,7 +383,11 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
             ax.set_visible(False)
         if len(runs) > 1:
             axes.flat[0].legend(fontsize=7)
-        fig.suptitle(LABELS[stat] + (f"  (training length {train_length}, dashed)" if train_length else ""))
+        kinds = {runs[0][1]["layers"][layer]["kind"] for layer in present}
+        label = LABELS[stat]
+        if "gla" in kinds and stat in GLA_LABELS:  # (it said exp(ΔA) and B of a GLA layer's exp(g) and keys)
+            label = GLA_LABELS[stat] if kinds == {"gla"} else f"{label}; gla: {GLA_LABELS[stat]}"
+        fig.suptitle(label + (f"  (training length {train_length}, dashed)" if train_length else ""))
         fig.tight_layout()
         path = out_dir / f"{stat}.png"
         fig.savefig(path, dpi=110)
