@@ -994,3 +994,50 @@ def test_state_recorder_counts_no_pad_positions():
         for name in ("B_mean", "alpha_mean", "log_alpha_mean"):
             want = (first[layer][name] * 12 + second[layer][name] * 8) / 20
             assert torch.allclose(stats[name], want, rtol=1e-4, atol=1e-6), (layer, name)
+
+
+def test_a_mixers_mitigation_is_checked_once_not_at_every_call(monkeypatch):
+    """normalize_spec read a per-head threshold tensor on the host at every mixer call (a device sync per layer and
+    step on a GPU; a CUDA graph's capture failed on it). A mixer's spec is checked once, and again when a value of it
+    is replaced."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 32))
+    calibrate_norm_threshold(model, ids, factor=0.5, chunk=8)
+    mixers = [m for m in model.modules() if isinstance(m, Mamba2)]
+    checks = []
+    real = mit.normalize_spec
+    monkeypatch.setattr(mit, "normalize_spec", lambda spec: checks.append(1) or real(spec))
+    with torch.no_grad():
+        first = model(ids).logits
+        model(ids)
+    assert len(checks) <= len(mixers), f"{len(checks)} checks of {len(mixers)} mixers' specs over two forwards"
+    mixer = mixers[0]
+    mixer.mitigation = {**mixer.mitigation, "threshold": -mixer.mitigation["threshold"]}  # a replaced value: checked
+    with pytest.raises(ValueError, match="per-head threshold"), torch.no_grad():
+        model(ids)
+    apply_mitigation(model, None)
+    with torch.no_grad():
+        assert not torch.equal(first, model(ids).logits), "the case: the calibrated cap acts on this prefix"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("config", ["mamba-tiny", "mamba2-tiny"])
+def test_a_calibrated_norm_cap_decodes_under_a_cuda_graph(config):
+    """calibrate_norm_threshold leaves per-head thresholds on the model's device, which every mixer call read on the
+    host: generate(cuda_graph=True) failed in its capture. The graph's tokens are the eager decode's."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import calibrate_norm_threshold
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{config}.yaml")).cuda().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), device="cuda")
+    calibrate_norm_threshold(model, ids, factor=0.5, chunk=16)
+    eager = model.generate(ids, max_new_tokens=8, do_sample=False)
+    graph = model.generate(ids, max_new_tokens=8, do_sample=False, cuda_graph=True)
+    assert torch.equal(eager, graph)
