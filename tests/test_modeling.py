@@ -456,6 +456,87 @@ def test_a_penalty_alpha_beside_another_search_is_not_refused(kwargs):
     assert torch.equal(out, model.generate(ids, max_new_tokens=3, **kwargs))
 
 
+# the places transformers' generate merges its settings from (`_prepare_generation_config`): the model's
+# generation_config (beside a passed one that leaves them unset), a generation_config passed by keyword or
+# positionally, and keyword arguments over both
+PLACES = ["model", "given", "positional", "kwarg"]
+
+
+def _generate_with(model, where: str, settings: dict, prompt=None, generation=None, **inputs):
+    """model.generate with generation `settings` held in place `where`; `generation` (other settings) goes with them
+    into the generation_config passed, or into the keyword arguments; `inputs` (model inputs) go by keyword."""
+    from transformers import GenerationConfig
+
+    generation = generation or {}
+    if where == "model":
+        for name, value in settings.items():
+            setattr(model.generation_config, name, value)
+        return model.generate(prompt, generation_config=GenerationConfig(**generation), **inputs)
+    if where == "given":
+        return model.generate(prompt, generation_config=GenerationConfig(**settings, **generation), **inputs)
+    if where == "positional":
+        return model.generate(prompt, GenerationConfig(**settings, **generation), **inputs)
+    return model.generate(prompt, **settings, **generation, **inputs)
+
+
+@pytest.mark.parametrize("where", PLACES)
+@pytest.mark.parametrize("settings", [dict(prompt_lookup_num_tokens=3), dict(assistant_early_exit=1),
+                                      dict(penalty_alpha=0.6, top_k=4)], ids=lambda s: next(iter(s)))
+def test_assisted_decoding_and_contrastive_search_are_refused_wherever_generate_reads_them(where, settings):
+    """The refusal read the generation_config passed, or else the model's: a setting held by the model's
+    generation_config beside a passed one (or a generation_config passed positionally) got past it, and generate
+    failed later with transformers' "Assisted decoding requires a cache that can be cropped", the layer count of an
+    early exit, or a Hub fetch of contrastive search."""
+    model = tiny("mamba")
+    x = torch.randint(0, 512, (1, 9))
+    name = next(iter(settings))
+    with pytest.raises(ValueError, match=rf"generate: {name} \((assisted decoding|contrastive search)\)"):
+        _generate_with(model, where, settings, torch.cat([x, x], 1), dict(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("where", ["model", "given", "positional"])
+def test_a_penalty_alpha_beside_sampling_from_the_models_generation_config_is_not_refused(where):
+    """generate samples where the model's generation_config says do_sample and a passed one leaves it unset
+    (penalty_alpha then means no contrastive search): the check read the passed one alone and refused it."""
+    model, ids = tiny("mamba"), torch.randint(0, 512, (1, 6))
+    model.generation_config.do_sample = True
+    torch.manual_seed(0)
+    out = _generate_with(model, where, dict(penalty_alpha=0.6), ids, dict(top_k=4, max_new_tokens=3))
+    torch.manual_seed(0)
+    assert torch.equal(out, _generate_with(model, where, {}, ids, dict(top_k=4, max_new_tokens=3)))
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_prefill_chunks_of_inputs_embeds_are_refused_wherever_generate_reads_prefill_chunk_size(where):
+    """prefill_chunk_size held by the model's generation_config beside a passed one, or in one passed positionally,
+    got past the refusal, and the chunked prefill failed inside on a position_ids shape."""
+    model = tiny("transformerpp")
+    ids = torch.randint(1, 512, (2, 7))
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="prefill_chunk_size=3 with inputs_embeds.*generate from input_ids"):
+        _generate_with(model, where, dict(prefill_chunk_size=3), None, dict(max_new_tokens=3, do_sample=False),
+                       inputs_embeds=embeds, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("where", PLACES)
+@pytest.mark.parametrize("name", ["mamba2", "jamba"])
+def test_prefill_chunks_of_a_prompt_packed_by_position_ids_wherever_generate_reads_prefill_chunk_size(name, where):
+    """The packed prompt's documents were given to the chunks as seq_idx only where prefill_chunk_size was in the
+    generation_config passed by keyword, or the model's with none passed: held by the model's beside a passed one,
+    or in one passed positionally, a chunk of one token continued the document before it (wrong logits, no error)
+    and one of several was refused naming seq_idx."""
+    model = tiny(name)
+    a, b = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4))
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    generation = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    alone = model.generate(b, **generation)
+    for chunk in (1, 3):
+        packed = _generate_with(model, where, dict(prefill_chunk_size=chunk), torch.cat([a, b], 1), generation,
+                                position_ids=position_ids)
+        assert_close(f"logits, prefill chunks of {chunk} ({where})", torch.stack(packed.logits),
+                     torch.stack(alone.logits), 1e-5)
+
+
 @pytest.mark.parametrize("drop", [1, 2])
 def test_load_state_tensors_of_the_wrong_number_raises_and_changes_nothing(drop):
     model = tiny("jamba")  # recurrent layers (two tensors each) and attention layers (keys, values)
