@@ -851,6 +851,25 @@ def test_generate_from_a_cache_of_the_whole_prompt_is_refused_naming_the_fix(nam
     assert torch.equal(model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask), fresh)
 
 
+@pytest.mark.skipif(zoo.modeling.GENERATE_CACHE_KWARG != "cache",
+                    reason="transformers before 5.2x takes no cache_params in generate for a zoo model")
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_a_cache_given_to_generate_as_cache_params_is_checked_as_one_given_as_past_key_values(name):
+    """transformers 5.2x's generate takes the cache as cache_params too (its Mamba's name, renamed to cache): zoo's
+    checks read cache and past_key_values alone, so a cache of the whole prompt given so was not refused and failed
+    with a message about documents packed by position_ids and seq_idx."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (1, 8))
+    fresh = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"already holds 8 tokens.*input_ids\[:, :-1\]"):
+        model.generate(prompt, cache_params=cache, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        cache = model(prompt[:, :-1], use_cache=True).past_key_values
+    assert torch.equal(model.generate(prompt, cache_params=cache, max_new_tokens=4, do_sample=False), fresh)
+
+
 @pytest.mark.parametrize("name", ["mamba", "transformerpp"])
 def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
     """A 4-D mask (packing recipes build block-diagonal ones for transformers' attention models) failed with a bare

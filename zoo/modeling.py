@@ -599,6 +599,18 @@ class ZooModel(ZooPreTrainedModel):
                              router_logits=tuple(router_logits) if output_router_logits else None, aux_loss=aux_loss)
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
+# the names generate takes the cache a generation continues under, in its order: transformers 5.2x renames its
+# deprecated past_key_values and cache_params to cache where cache is not given (and drops them where it is)
+_GENERATE_CACHE_NAMES = ("cache", "past_key_values", "cache_params") if GENERATE_CACHE_KWARG == "cache" \
+    else ("past_key_values",)
+
+
+def _generate_cache(kwargs: dict):
+    """The cache generate's keyword arguments give it to continue (None: none), under whichever name it reads.
+    zoo's checks read cache and past_key_values alone: a cache passed as cache_params (transformers' Mamba's name)
+    got past them, and a cache holding the whole prompt then failed on packed documents and seq_idx."""
+    return next((kwargs[name] for name in _GENERATE_CACHE_NAMES if name in kwargs), None)
+
 
 def _refuse_a_cache_that_holds_the_whole_prompt(args: tuple, kwargs: dict) -> None:
     """generate continues a cache by running the prompt's tokens past the cached ones (transformers slices
@@ -606,7 +618,7 @@ def _refuse_a_cache_that_holds_the_whole_prompt(args: tuple, kwargs: dict) -> No
     every prompt token left nothing to run: transformers then feeds the whole prompt again (LlamaForCausalLM appends
     its keys a second time, silently), and the forward refused it with a message about packed documents and seq_idx.
     Raise, naming the fix."""
-    cache = kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values"))
+    cache = _generate_cache(kwargs)
     if not isinstance(cache, ZooCache) or not cache.get_seq_length():
         return
     prompt = kwargs.get("inputs_embeds")
@@ -634,7 +646,7 @@ def _seq_idx_of_a_prompt_packed_by_position_ids(args: tuple, kwargs: dict, confi
     chunked = getattr(config, "prefill_chunk_size", None)  # generate's merged settings
     if not torch.is_tensor(position_ids) or not chunked or kwargs.get("seq_idx") is not None:
         return
-    if kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is not None:
+    if _generate_cache(kwargs) is not None:
         return  # a cache made without seq_idx has no document ids to continue
     prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
     mask = kwargs.get("attention_mask")
@@ -778,7 +790,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, config)
         _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, config)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
-                and kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is None:
+                and _generate_cache(kwargs) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
             missing = next(type(b.mixer).__name__ for b in self.model.layers if not hasattr(b.mixer, "init_state"))
             warnings.warn(f"generate: mixer {missing} defines no init_state, so the model keeps no cache and each "
