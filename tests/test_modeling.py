@@ -445,15 +445,35 @@ def test_crop_and_assisted_decoding_are_refused_with_recurrent_layers(name):
         model.generate(ids, penalty_alpha=0.6, top_k=4, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("kwargs", [dict(do_sample=True, top_k=4), dict(num_beams=2, top_k=4), dict(top_k=1)])
+@pytest.mark.parametrize("kwargs", [dict(do_sample=True, top_k=4), dict(num_beams=2, top_k=4), dict(top_k=1),
+                                    dict(top_k=None)])
 def test_a_penalty_alpha_beside_another_search_is_not_refused(kwargs):
     """transformers runs contrastive search only for penalty_alpha > 0 with greedy decoding and top_k > 1; beside
-    sampling, beams or top_k 1 it samples / searches as asked, so a recurrent model generates as before."""
+    sampling, beams or top_k 1 or None it samples / searches as asked, so a recurrent model generates as before."""
     model, ids = tiny("mamba"), torch.randint(0, 512, (1, 6))
     torch.manual_seed(0)
     out = model.generate(ids, max_new_tokens=3, penalty_alpha=0.6, **kwargs)
     torch.manual_seed(0)
     assert torch.equal(out, model.generate(ids, max_new_tokens=3, **kwargs))
+
+
+@pytest.mark.parametrize("where", ["model", "kwarg"])
+def test_prompt_lookup_or_a_recurrent_assistant_beside_beams_is_not_refused(where):
+    """transformers runs assisted decoding only from greedy decoding or sampling: beside beams it warns and runs
+    beam search, ignoring prompt_lookup_num_tokens or the assistant_model (a checkpoint's generation_config may hold
+    the first). zoo refused them on a recurrent model, or a recurrent assistant, as if they were used."""
+    x = torch.randint(0, 512, (1, 6))
+    ids = torch.cat([x, x], 1)
+    beams = dict(num_beams=2, max_new_tokens=4, do_sample=False)
+    model = tiny("mamba")
+    reference = model.generate(ids, **beams)
+    if where == "model":
+        model.generation_config.prompt_lookup_num_tokens = 3
+        assert torch.equal(model.generate(ids, **beams), reference)
+    else:
+        assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=3, **beams), reference)
+    main = tiny("transformerpp")
+    assert torch.equal(main.generate(ids, assistant_model=tiny("mamba"), **beams), main.generate(ids, **beams))
 
 
 # the places transformers' generate merges its settings from (`_prepare_generation_config`): the model's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import inspect
+import logging
 import math
 import re
 import warnings
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     MoeCausalLMOutputWithPast,
@@ -698,6 +700,19 @@ def _generate_arguments(model, args: tuple, kwargs: dict) -> tuple[dict, object]
     return named, config
 
 
+def _generation_mode(config, assistant_model) -> GenerationMode:
+    """The decoding method generate will run with these settings: transformers' own choice. (It refused assisted
+    decoding and contrastive search by its own reading of the settings, also where transformers runs another method:
+    prompt lookup or an assistant beside beams, which beam search ignores, or penalty_alpha with top_k=None, greedy.)
+    Its warning about flags it ignores is left to generate's own call."""
+    log = logging.getLogger(type(config).__module__)
+    was, log.disabled = log.disabled, True
+    try:
+        return config.get_generation_mode(assistant_model)
+    finally:
+        log.disabled = was
+
+
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     """ZooModel with a language-modelling head (tied to the embedding when config.tie_embeddings)."""
 
@@ -761,24 +776,22 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True,
                                    reuse=cuda_graph == "reuse", **kwargs)
         named, config = _generate_arguments(self, args, kwargs)
-        if self._is_stateful:
-            names = ("prompt_lookup_num_tokens", "assistant_early_exit")
-            asked = ["assistant_model"] if named.get("assistant_model") is not None else []
-            asked += [n for n in names if getattr(config, n, None) is not None]
-            if asked:
-                raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
-                                 f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
-            search = {n: getattr(config, n, kwargs.get(n)) for n in ("penalty_alpha", "top_k", "do_sample",
-                                                                       "num_beams")}
-            # transformers 5 fetches contrastive search from the Hub, whose code refuses stateful models; a
-            # penalty_alpha beside sampling, beams or top_k 1 is no contrastive search (transformers ignores it)
-            if (search["penalty_alpha"] or 0) > 0 and search["do_sample"] is not True \
-                    and (search["num_beams"] or 1) == 1 and (search["top_k"] is None or search["top_k"] > 1):
-                raise ValueError("generate: penalty_alpha (contrastive search) rolls the cache back after scoring "
-                                 "each step's top_k candidates, which this model's Mamba / Mamba-2 / GLA states "
-                                 "cannot; generate without it (greedy, sampling or beams)")
         draft = named.get("assistant_model")
-        if getattr(draft, "_is_stateful", False) is True:  # a zoo model (or a PEFT model of one) with recurrent layers
+        mode = _generation_mode(config, draft)
+        if self._is_stateful and mode == GenerationMode.ASSISTED_GENERATION:
+            names = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+            asked = ["assistant_model"] if draft is not None else []
+            asked += [n for n in names if getattr(config, n, None) not in (None, False)]
+            raise ValueError(f"generate: {asked[0] if asked else mode.value} (assisted decoding) needs a cache that "
+                             f"can roll back rejected tokens; this model's Mamba / Mamba-2 / GLA states cannot. "
+                             f"Generate without it")
+        if self._is_stateful and mode == GenerationMode.CONTRASTIVE_SEARCH:
+            # transformers 5 fetches contrastive search from the Hub, whose code refuses stateful models
+            raise ValueError("generate: penalty_alpha (contrastive search) rolls the cache back after scoring "
+                             "each step's top_k candidates, which this model's Mamba / Mamba-2 / GLA states "
+                             "cannot; generate without it (greedy, sampling or beams)")
+        if mode == GenerationMode.ASSISTED_GENERATION and getattr(draft, "_is_stateful", False) is True:
+            # a zoo model (or a PEFT model of one) with recurrent layers
             raise ValueError("generate: the assistant_model has recurrent (Mamba / Mamba-2 / GLA) layers; assisted "
                              "decoding rolls the assistant's cache back past the drafted tokens the main model "
                              "rejects, which their states cannot. Use an assistant of attention layers only, or "
