@@ -479,18 +479,35 @@ def test_chunked_greedy_decoding_counts_positions_on():
     assert seen[0] is None and len(positions) >= 37 and positions == list(range(16, 16 + len(positions)))
 
 
-@pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3}],
-                         ids=["repetition_penalty", "no_repeat_ngram_size", "num_beams"])
-def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting):
+@pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3},
+                                     {"do_sample": True, "num_return_sequences": 2}, {"max_time": 1e-9},
+                                     {"force_words_ids": [[5]]}, {"use_mtp": True}],
+                         ids=lambda setting: "+".join(setting))
+@pytest.mark.parametrize("family", ["llama", "mamba"])
+def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting, family):
     """generate() took the checkpoint's generation_config.json: a repetition penalty (the key is twice in the prompt)
-    or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed."""
-    model = tiny_llama()
+    or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed;
+    num_return_sequences of a sampling config, constraints or MTP failed, and max_time cut the decoding short."""
+    model = tiny_llama() if family == "llama" else tiny_zoo_model("mamba")
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
     plain = greedy_generate(model, input_ids, max_new_tokens=8)
     for key, value in setting.items():
         setattr(model.generation_config, key, value)
     assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=8), plain)
     assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=8, prefill_chunk_size=16), plain)
+
+
+@pytest.mark.parametrize("setting", [{"prompt_lookup_num_tokens": 3}, {"assistant_early_exit": 1}],
+                         ids=lambda setting: next(iter(setting)))
+def test_greedy_generate_of_a_recurrent_model_ignores_the_checkpoints_assisted_decoding(setting):
+    """A generation_config asking for assisted decoding (whose greedy tokens are greedy decoding's) made passkey's
+    decoding of a recurrent model fail: its states cannot roll back drafted tokens."""
+    model = tiny_zoo_model("mamba")
+    input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
+    plain = greedy_generate(model, input_ids, max_new_tokens=8)
+    for key, value in setting.items():
+        setattr(model.generation_config, key, value)
+    assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=8), plain)
 
 
 # ---------------------------------------------------------------- per-position loss

@@ -445,15 +445,116 @@ def test_crop_and_assisted_decoding_are_refused_with_recurrent_layers(name):
         model.generate(ids, penalty_alpha=0.6, top_k=4, max_new_tokens=4)
 
 
-@pytest.mark.parametrize("kwargs", [dict(do_sample=True, top_k=4), dict(num_beams=2, top_k=4), dict(top_k=1)])
+@pytest.mark.parametrize("kwargs", [dict(do_sample=True, top_k=4), dict(num_beams=2, top_k=4), dict(top_k=1),
+                                    dict(top_k=None)])
 def test_a_penalty_alpha_beside_another_search_is_not_refused(kwargs):
     """transformers runs contrastive search only for penalty_alpha > 0 with greedy decoding and top_k > 1; beside
-    sampling, beams or top_k 1 it samples / searches as asked, so a recurrent model generates as before."""
+    sampling, beams or top_k 1 or None it samples / searches as asked, so a recurrent model generates as before."""
     model, ids = tiny("mamba"), torch.randint(0, 512, (1, 6))
     torch.manual_seed(0)
     out = model.generate(ids, max_new_tokens=3, penalty_alpha=0.6, **kwargs)
     torch.manual_seed(0)
     assert torch.equal(out, model.generate(ids, max_new_tokens=3, **kwargs))
+
+
+@pytest.mark.parametrize("where", ["model", "kwarg"])
+def test_prompt_lookup_or_a_recurrent_assistant_beside_beams_is_not_refused(where):
+    """transformers runs assisted decoding only from greedy decoding or sampling: beside beams it warns and runs
+    beam search, ignoring prompt_lookup_num_tokens or the assistant_model (a checkpoint's generation_config may hold
+    the first). zoo refused them on a recurrent model, or a recurrent assistant, as if they were used."""
+    x = torch.randint(0, 512, (1, 6))
+    ids = torch.cat([x, x], 1)
+    beams = dict(num_beams=2, max_new_tokens=4, do_sample=False)
+    model = tiny("mamba")
+    reference = model.generate(ids, **beams)
+    if where == "model":
+        model.generation_config.prompt_lookup_num_tokens = 3
+        assert torch.equal(model.generate(ids, **beams), reference)
+    else:
+        assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=3, **beams), reference)
+    main = tiny("transformerpp")
+    assert torch.equal(main.generate(ids, assistant_model=tiny("mamba"), **beams), main.generate(ids, **beams))
+
+
+# the places transformers' generate merges its settings from (`_prepare_generation_config`): the model's
+# generation_config (beside a passed one that leaves them unset), a generation_config passed by keyword or
+# positionally, and keyword arguments over both
+PLACES = ["model", "given", "positional", "kwarg"]
+
+
+def _generate_with(model, where: str, settings: dict, prompt=None, generation=None, **inputs):
+    """model.generate with generation `settings` held in place `where`; `generation` (other settings) goes with them
+    into the generation_config passed, or into the keyword arguments; `inputs` (model inputs) go by keyword."""
+    from transformers import GenerationConfig
+
+    generation = generation or {}
+    if where == "model":
+        for name, value in settings.items():
+            setattr(model.generation_config, name, value)
+        return model.generate(prompt, generation_config=GenerationConfig(**generation), **inputs)
+    if where == "given":
+        return model.generate(prompt, generation_config=GenerationConfig(**settings, **generation), **inputs)
+    if where == "positional":
+        return model.generate(prompt, GenerationConfig(**settings, **generation), **inputs)
+    return model.generate(prompt, **settings, **generation, **inputs)
+
+
+@pytest.mark.parametrize("where", PLACES)
+@pytest.mark.parametrize("settings", [dict(prompt_lookup_num_tokens=3), dict(assistant_early_exit=1),
+                                      dict(penalty_alpha=0.6, top_k=4)], ids=lambda s: next(iter(s)))
+def test_assisted_decoding_and_contrastive_search_are_refused_wherever_generate_reads_them(where, settings):
+    """The refusal read the generation_config passed, or else the model's: a setting held by the model's
+    generation_config beside a passed one (or a generation_config passed positionally) got past it, and generate
+    failed later with transformers' "Assisted decoding requires a cache that can be cropped", the layer count of an
+    early exit, or a Hub fetch of contrastive search."""
+    model = tiny("mamba")
+    x = torch.randint(0, 512, (1, 9))
+    name = next(iter(settings))
+    with pytest.raises(ValueError, match=rf"generate: {name} \((assisted decoding|contrastive search)\)"):
+        _generate_with(model, where, settings, torch.cat([x, x], 1), dict(max_new_tokens=4))
+
+
+@pytest.mark.parametrize("where", ["model", "given", "positional"])
+def test_a_penalty_alpha_beside_sampling_from_the_models_generation_config_is_not_refused(where):
+    """generate samples where the model's generation_config says do_sample and a passed one leaves it unset
+    (penalty_alpha then means no contrastive search): the check read the passed one alone and refused it."""
+    model, ids = tiny("mamba"), torch.randint(0, 512, (1, 6))
+    model.generation_config.do_sample = True
+    torch.manual_seed(0)
+    out = _generate_with(model, where, dict(penalty_alpha=0.6), ids, dict(top_k=4, max_new_tokens=3))
+    torch.manual_seed(0)
+    assert torch.equal(out, _generate_with(model, where, {}, ids, dict(top_k=4, max_new_tokens=3)))
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_prefill_chunks_of_inputs_embeds_are_refused_wherever_generate_reads_prefill_chunk_size(where):
+    """prefill_chunk_size held by the model's generation_config beside a passed one, or in one passed positionally,
+    got past the refusal, and the chunked prefill failed inside on a position_ids shape."""
+    model = tiny("transformerpp")
+    ids = torch.randint(1, 512, (2, 7))
+    embeds = model.get_input_embeddings()(ids)
+    with pytest.raises(ValueError, match="prefill_chunk_size=3 with inputs_embeds.*generate from input_ids"):
+        _generate_with(model, where, dict(prefill_chunk_size=3), None, dict(max_new_tokens=3, do_sample=False),
+                       inputs_embeds=embeds, attention_mask=torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("where", PLACES)
+@pytest.mark.parametrize("name", ["mamba2", "jamba"])
+def test_prefill_chunks_of_a_prompt_packed_by_position_ids_wherever_generate_reads_prefill_chunk_size(name, where):
+    """The packed prompt's documents were given to the chunks as seq_idx only where prefill_chunk_size was in the
+    generation_config passed by keyword, or the model's with none passed: held by the model's beside a passed one,
+    or in one passed positionally, a chunk of one token continued the document before it (wrong logits, no error)
+    and one of several was refused naming seq_idx."""
+    model = tiny(name)
+    a, b = torch.randint(1, 512, (1, 5)), torch.randint(1, 512, (1, 4))
+    position_ids = torch.cat([torch.arange(5), torch.arange(4)])[None]
+    generation = dict(max_new_tokens=3, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    alone = model.generate(b, **generation)
+    for chunk in (1, 3):
+        packed = _generate_with(model, where, dict(prefill_chunk_size=chunk), torch.cat([a, b], 1), generation,
+                                position_ids=position_ids)
+        assert_close(f"logits, prefill chunks of {chunk} ({where})", torch.stack(packed.logits),
+                     torch.stack(alone.logits), 1e-5)
 
 
 @pytest.mark.parametrize("drop", [1, 2])
@@ -768,6 +869,25 @@ def test_generate_from_a_cache_of_the_whole_prompt_is_refused_naming_the_fix(nam
     with torch.no_grad():  # what the error says to do
         cache = model(prompt[:, :-1], use_cache=True).past_key_values
     assert torch.equal(model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask), fresh)
+
+
+@pytest.mark.skipif(zoo.modeling.GENERATE_CACHE_KWARG != "cache",
+                    reason="transformers before 5.2x takes no cache_params in generate for a zoo model")
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_a_cache_given_to_generate_as_cache_params_is_checked_as_one_given_as_past_key_values(name):
+    """transformers 5.2x's generate takes the cache as cache_params too (its Mamba's name, renamed to cache): zoo's
+    checks read cache and past_key_values alone, so a cache of the whole prompt given so was not refused and failed
+    with a message about documents packed by position_ids and seq_idx."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (1, 8))
+    fresh = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).past_key_values
+    with pytest.raises(ValueError, match=r"already holds 8 tokens.*input_ids\[:, :-1\]"):
+        model.generate(prompt, cache_params=cache, max_new_tokens=4, do_sample=False)
+    with torch.no_grad():
+        cache = model(prompt[:, :-1], use_cache=True).past_key_values
+    assert torch.equal(model.generate(prompt, cache_params=cache, max_new_tokens=4, do_sample=False), fresh)
 
 
 @pytest.mark.parametrize("name", ["mamba", "transformerpp"])

@@ -439,6 +439,21 @@ def test_output_flags_without_a_dict_output_are_taken(kwargs):
         static_generate(model, ids, graph=False, max_new_tokens=4, return_dict_in_generate=True, **kwargs)
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_a_legacy_hybrid_cache_implementation_of_the_checkpoint_is_dropped_as_generate_drops_it(given):
+    """A Gemma-2 checkpoint's generation_config.json carries cache_implementation="hybrid" (zoo.surgery copies the
+    base's generation_config onto the hybrid): generate's merge of the settings drops it and decodes, the static
+    decode merged them by hand and refused it ("does not support cache_implementation='hybrid'")."""
+    from transformers import GenerationConfig
+
+    model, ids = tiny("jamba"), prompt()
+    model.generation_config.cache_implementation = "hybrid"
+    config = GenerationConfig(max_new_tokens=5, do_sample=False) if given else None
+    kwargs = {} if given else dict(max_new_tokens=5, do_sample=False)
+    ref = model.generate(ids, generation_config=config, **kwargs)
+    assert torch.equal(static_generate(model, ids, config, graph=False, **kwargs), ref)
+
+
 def test_arguments_given_as_none_are_not_given():
     """generate treats an argument passed as None as one not passed (its own: logits_processor, stopping_criteria,
     ...; the model's: past_key_values, inputs_embeds, ...), as wrappers that forward every argument pass them."""

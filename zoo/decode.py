@@ -631,16 +631,29 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
         raise ValueError("generate(cuda_graph=True) takes input_ids [batch, tokens] (no inputs_embeds)")
     own = getattr(model, "generation_config", None)
-    config = copy.deepcopy(generation_config if generation_config is not None else own or GenerationConfig())
-    if generation_config is not None and own is not None:  # as generate: what the given one leaves unset, the model's
-        for name, value in own.to_dict().items():
-            if value is not None and getattr(config, name, None) is None:
-                setattr(config, name, value)
-    # generate fills an unset top_k with its default (50) before it applies the keyword arguments: top_k=None
-    # passed to it turns top-k filtering off
-    if config.top_k is None:
-        config.top_k = 50
-    leftover = config.update(**kwargs)
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if own is not None and prepare is not None:
+        # transformers' own merge, as generate's: the given config, what it leaves unset from the model's, then
+        # transformers' defaults, then the keyword arguments; with its fix-ups (a checkpoint's legacy
+        # cache_implementation="hybrid", Gemma-2's, is dropped: it was refused here while generate decodes it)
+        default_length = kwargs.get("max_length") is None and own.max_length is None \
+            and (generation_config is None or generation_config.max_length is None)
+        config, leftover = prepare(generation_config, **kwargs)
+        for name in ("output_attentions", "output_hidden_states"):  # the config's flags, copied for the forward
+            leftover.pop(name, None)  # (_changes_decoding reads them from the config)
+        if default_length:
+            config.max_length = None  # generate's default then counts 20 new tokens from the prompt (below)
+    else:  # a model without transformers' GenerationMixin: the same merge by hand
+        config = copy.deepcopy(generation_config if generation_config is not None else own or GenerationConfig())
+        if generation_config is not None and own is not None:  # what the given one leaves unset, the model's
+            for name, value in own.to_dict().items():
+                if value is not None and getattr(config, name, None) is None:
+                    setattr(config, name, value)
+        # generate fills an unset top_k with its default (50) before it applies the keyword arguments: top_k=None
+        # passed to it turns top-k filtering off
+        if config.top_k is None:
+            config.top_k = 50
+        leftover = config.update(**kwargs)
     mask = leftover.pop("attention_mask", None)
     streamer = leftover.pop("streamer", None)
     leftover.pop("use_cache", None)

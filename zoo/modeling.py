@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import inspect
+import logging
 import math
 import re
 import warnings
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     MoeCausalLMOutputWithPast,
@@ -599,6 +601,18 @@ class ZooModel(ZooPreTrainedModel):
                              router_logits=tuple(router_logits) if output_router_logits else None, aux_loss=aux_loss)
         return out if _return_dict(self.config, return_dict) else out.to_tuple()
 
+# the names generate takes the cache a generation continues under, in its order: transformers 5.2x renames its
+# deprecated past_key_values and cache_params to cache where cache is not given (and drops them where it is)
+_GENERATE_CACHE_NAMES = ("cache", "past_key_values", "cache_params") if GENERATE_CACHE_KWARG == "cache" \
+    else ("past_key_values",)
+
+
+def _generate_cache(kwargs: dict):
+    """The cache generate's keyword arguments give it to continue (None: none), under whichever name it reads.
+    zoo's checks read cache and past_key_values alone: a cache passed as cache_params (transformers' Mamba's name)
+    got past them, and a cache holding the whole prompt then failed on packed documents and seq_idx."""
+    return next((kwargs[name] for name in _GENERATE_CACHE_NAMES if name in kwargs), None)
+
 
 def _refuse_a_cache_that_holds_the_whole_prompt(args: tuple, kwargs: dict) -> None:
     """generate continues a cache by running the prompt's tokens past the cached ones (transformers slices
@@ -606,7 +620,7 @@ def _refuse_a_cache_that_holds_the_whole_prompt(args: tuple, kwargs: dict) -> No
     every prompt token left nothing to run: transformers then feeds the whole prompt again (LlamaForCausalLM appends
     its keys a second time, silently), and the forward refused it with a message about packed documents and seq_idx.
     Raise, naming the fix."""
-    cache = kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values"))
+    cache = _generate_cache(kwargs)
     if not isinstance(cache, ZooCache) or not cache.get_seq_length():
         return
     prompt = kwargs.get("inputs_embeds")
@@ -631,10 +645,10 @@ def _seq_idx_of_a_prompt_packed_by_position_ids(args: tuple, kwargs: dict, confi
     continuation of the document before it: wrong tokens, no error). The prompt's documents are given as seq_idx
     instead (what the forward derives from them for the whole prompt), which every chunk and decode step follows."""
     position_ids = kwargs.get("position_ids")
-    chunked = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+    chunked = getattr(config, "prefill_chunk_size", None)  # generate's merged settings
     if not torch.is_tensor(position_ids) or not chunked or kwargs.get("seq_idx") is not None:
         return
-    if kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is not None:
+    if _generate_cache(kwargs) is not None:
         return  # a cache made without seq_idx has no document ids to continue
     prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
     mask = kwargs.get("attention_mask")
@@ -653,7 +667,7 @@ def _refuse_a_chunked_prefill_of_inputs_embeds(args: tuple, kwargs: dict, config
     a chunk's mask and positions beside the whole prompt's embeddings and failed inside ("The expanded size of the
     tensor (7) must match the existing size (0)"); transformers' Llama fails likewise, and its Mamba-2 and Jamba
     prefill the whole prompt or decode from the wrong embeddings. Raise, naming the fix."""
-    chunk = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None))
+    chunk = getattr(config, "prefill_chunk_size", None)  # generate's merged settings
     if chunk is None or kwargs.get("inputs_embeds") is None:
         return
     ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
@@ -662,6 +676,41 @@ def _refuse_a_chunked_prefill_of_inputs_embeds(args: tuple, kwargs: dict, config
     raise ValueError(f"generate: prefill_chunk_size={chunk} with inputs_embeds: transformers' chunked prefill splits "
                      f"input_ids into chunks and passes the whole inputs_embeds with each, so the chunks cannot run; "
                      f"generate from input_ids to prefill in chunks, or drop prefill_chunk_size")
+
+
+# generate's own parameters, in order (after self): its other keyword arguments are generation settings or model inputs
+_GENERATE_PARAMETERS = tuple(name for name, p in inspect.signature(GenerationMixin.generate).parameters.items()
+                             if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self")
+
+
+def _generate_arguments(model, args: tuple, kwargs: dict) -> tuple[dict, object]:
+    """generate's named arguments (those given positionally too) and the generation settings it will run with,
+    merged by transformers' own `_prepare_generation_config`: the generation_config passed (positionally or not; a
+    blank one if none), what it leaves unset taken from model.generation_config, then generate's keyword arguments
+    over both. zoo's checks read these: one that read the generation_config passed or else the model's missed a
+    setting that only the model's held beside a passed one (and one passed positionally), which then failed further
+    on with transformers' generic error ("Assisted decoding requires a cache that can be cropped", a Hub fetch of
+    contrastive search, a shape error of a chunked prefill) or ran wrongly."""
+    named = dict(zip(_GENERATE_PARAMETERS, args))
+    named.update((name, kwargs[name]) for name in _GENERATE_PARAMETERS if name in kwargs)
+    # what generate takes out of its keyword arguments before it reads the settings
+    settings = {name: value for name, value in kwargs.items() if name not in _GENERATE_PARAMETERS
+                and name not in ("trust_remote_code", "tokenizer", "assistant_tokenizer")}
+    config, _ = model._prepare_generation_config(named.get("generation_config"), **settings)
+    return named, config
+
+
+def _generation_mode(config, assistant_model) -> GenerationMode:
+    """The decoding method generate will run with these settings: transformers' own choice. (It refused assisted
+    decoding and contrastive search by its own reading of the settings, also where transformers runs another method:
+    prompt lookup or an assistant beside beams, which beam search ignores, or penalty_alpha with top_k=None, greedy.)
+    Its warning about flags it ignores is left to generate's own call."""
+    log = logging.getLogger(type(config).__module__)
+    was, log.disabled = log.disabled, True
+    try:
+        return config.get_generation_mode(assistant_model)
+    finally:
+        log.disabled = was
 
 
 class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
@@ -726,24 +775,23 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             input_ids = prompts[0] if prompts else None
             return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True,
                                    reuse=cuda_graph == "reuse", **kwargs)
-        if self._is_stateful:
-            config = kwargs.get("generation_config") or self.generation_config
-            names = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-            asked = [n for n in names if kwargs.get(n) is not None or getattr(config, n, None) is not None]
-            if asked:
-                raise ValueError(f"generate: {asked[0]} (assisted decoding) needs a cache that can roll back rejected "
-                                 f"tokens; this model's Mamba / Mamba-2 / GLA states cannot. Generate without it")
-            search = {n: kwargs.get(n, getattr(config, n, None)) for n in ("penalty_alpha", "top_k", "do_sample",
-                                                                              "num_beams")}
-            # transformers 5 fetches contrastive search from the Hub, whose code refuses stateful models; a
-            # penalty_alpha beside sampling, beams or top_k 1 is no contrastive search (transformers ignores it)
-            if (search["penalty_alpha"] or 0) > 0 and search["do_sample"] is not True \
-                    and (search["num_beams"] or 1) == 1 and (search["top_k"] is None or search["top_k"] > 1):
-                raise ValueError("generate: penalty_alpha (contrastive search) rolls the cache back after scoring "
-                                 "each step's top_k candidates, which this model's Mamba / Mamba-2 / GLA states "
-                                 "cannot; generate without it (greedy, sampling or beams)")
-        draft = kwargs.get("assistant_model")
-        if getattr(draft, "_is_stateful", False) is True:  # a zoo model (or a PEFT model of one) with recurrent layers
+        named, config = _generate_arguments(self, args, kwargs)
+        draft = named.get("assistant_model")
+        mode = _generation_mode(config, draft)
+        if self._is_stateful and mode == GenerationMode.ASSISTED_GENERATION:
+            names = ("prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
+            asked = ["assistant_model"] if draft is not None else []
+            asked += [n for n in names if getattr(config, n, None) not in (None, False)]
+            raise ValueError(f"generate: {asked[0] if asked else mode.value} (assisted decoding) needs a cache that "
+                             f"can roll back rejected tokens; this model's Mamba / Mamba-2 / GLA states cannot. "
+                             f"Generate without it")
+        if self._is_stateful and mode == GenerationMode.CONTRASTIVE_SEARCH:
+            # transformers 5 fetches contrastive search from the Hub, whose code refuses stateful models
+            raise ValueError("generate: penalty_alpha (contrastive search) rolls the cache back after scoring "
+                             "each step's top_k candidates, which this model's Mamba / Mamba-2 / GLA states "
+                             "cannot; generate without it (greedy, sampling or beams)")
+        if mode == GenerationMode.ASSISTED_GENERATION and getattr(draft, "_is_stateful", False) is True:
+            # a zoo model (or a PEFT model of one) with recurrent layers
             raise ValueError("generate: the assistant_model has recurrent (Mamba / Mamba-2 / GLA) layers; assisted "
                              "decoding rolls the assistant's cache back past the drafted tokens the main model "
                              "rejects, which their states cannot. Use an assistant of attention layers only, or "
@@ -752,11 +800,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         from zoo.decode import warn_if_right_padded
 
         warn_if_right_padded(kwargs.get("attention_mask"))
-        given = kwargs.get("generation_config") or self.generation_config
-        _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, given)
-        _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, given)
-        if not self.model._cacheable() and kwargs.get("use_cache") is None and given.use_cache is not False \
-                and kwargs.get(GENERATE_CACHE_KWARG, kwargs.get("past_key_values")) is None:
+        _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, config)
+        _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, config)
+        if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
+                and _generate_cache(kwargs) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
             missing = next(type(b.mixer).__name__ for b in self.model.layers if not hasattr(b.mixer, "init_state"))
             warnings.warn(f"generate: mixer {missing} defines no init_state, so the model keeps no cache and each "

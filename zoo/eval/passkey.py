@@ -129,7 +129,11 @@ GREEDY = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "enco
           "bad_words_ids": None, "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
           "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
           "guidance_scale": None, "penalty_alpha": None, "dola_layers": None, "diversity_penalty": None,
-          "watermarking_config": None, "stop_strings": None, "token_healing": None}
+          "watermarking_config": None, "stop_strings": None, "token_healing": None,
+          # more tokens per prompt, a clock that cuts the decoding short, and methods generate switches to (constrained
+          # beams from the Hub, drafted tokens: refused by recurrent models, or a missing MTP head)
+          "num_return_sequences": 1, "max_time": None, "constraints": None, "force_words_ids": None,
+          "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False}
 
 
 def greedy_overrides(model) -> dict:
