@@ -513,6 +513,18 @@ def test_gla_decay_of_zero(seq):
     check_against_loop(run_gla, gla_loop, inputs, options, seq_idx)
 
 
+@pytest.mark.parametrize("seq", [False, True], ids=["dense", "seq_idx"])
+def test_gla_positive_log_decay(seq):
+    """A log decay g > 0 (a growing state): the chunk form clamped every pairwise exponent G_t - G_s to <= 0, which cut
+    the in-sub-chunk and cross-sub-chunk decays of such a g to 1 (wrong outputs, states and gradients by ~30%, with
+    no error), while the decoding step (gla_state_update_ref) and the loop take it. The exponents of the masked pairs
+    are now zeroed by position, so it equals the loop."""
+    inputs, options = gla_inputs(2, 40, 2, 4, 3, chunk_size=32, init=True)
+    inputs["g"] = inputs["g"] + 0.3  # g in (-0.7, 0.3]: about a third of the entries grow
+    seq_idx = make_seq_idx(2, 40, torch.Generator().manual_seed(1)) if seq else None
+    check_against_loop(run_gla, gla_loop, inputs, options, seq_idx)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Causal conv1d
 

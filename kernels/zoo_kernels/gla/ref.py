@@ -36,17 +36,21 @@ def _chunk_attention(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, sub: int
     b, h, T, K = q.shape
     n = T // sub
     qs, ks, Gs = (t.view(b, h, n, sub, K) for t in (q, k, G))
-    # Diagonal sub-blocks, pair by pair: [b, h, n, t, s, K], exponents clamped to ≤ 0 (only s > t is cut).
-    pair = torch.exp((Gs[:, :, :, :, None] - Gs[:, :, :, None]).clamp(max=0))
+    # Diagonal sub-blocks, pair by pair: [b, h, n, t, s, K]; the exponents of s > t (masked by the caller) are set to
+    # 0 by position, not by sign: clamping every exponent to <= 0 also cut the s <= t ones of a positive g (growth)
+    lower = torch.ones(sub, sub, dtype=torch.bool, device=q.device).tril()[:, :, None]  # (t, s, 1)
+    pair = torch.exp(torch.where(lower, Gs[:, :, :, :, None] - Gs[:, :, :, None], 0.0))
     diag = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", qs, ks, pair)
     A = torch.zeros(b, h, n, sub, n, sub, dtype=q.dtype, device=q.device)
     A = A + torch.einsum("bhnts,nm->bhntms", diag, torch.eye(n, dtype=q.dtype, device=q.device))
     if n > 1:
         # Off-diagonal: reference point r_i = the first token of query sub-chunk i (exponents ≤ 0 on both
-        # sides: G_t - G_r for t ≥ r, G_r - G_s for s < r; later s are cut by the clamp and masked).
+        # sides for g ≤ 0: G_t - G_r for t ≥ r, G_r - G_s for s < r; later s get exponent 0 and are masked).
         G_ref = Gs[:, :, :, 0]  # (b, h, n, K)
         q_ref = qs * torch.exp(Gs - G_ref[:, :, :, None])  # (b, h, n, sub, K)
-        k_ref = k[:, :, None] * torch.exp((G_ref[:, :, :, None] - G[:, :, None]).clamp(max=0))  # (b,h,n,T,K)
+        before = (torch.arange(T, device=q.device)[None, :]
+                  < torch.arange(0, T, sub, device=q.device)[:, None])[:, :, None]  # (n, T, 1): s < r_i
+        k_ref = k[:, :, None] * torch.exp(torch.where(before, G_ref[:, :, :, None] - G[:, :, None], 0.0))  # b,h,n,T,K
         off = torch.einsum("bhntk,bhnsk->bhnts", q_ref, k_ref).view(b, h, n, sub, n, sub)
         earlier = torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-1)[:, None, :, None]
         A = A + off * earlier
@@ -94,7 +98,8 @@ def chunk_gla_ref(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Gated linear attention S_t = diag(exp(g_t)) S_{t-1} + k_tᵀ v_t, o_t = scale · q_t S_t.
 
-    q, k, g: [batch, T, H, K] (g: log decay, ≤ 0); v: [batch, T, H, V]; scale: default K**-0.5;
+    q, k, g: [batch, T, H, K] (g: log decay, ≤ 0 in GLA; a positive one, growth, is computed exactly too, as
+    gla_state_update_ref does); v: [batch, T, H, V]; scale: default K**-0.5;
     initial_state: [batch, H, K, V]; seq_idx: [batch, T] int, the state restarts from zero wherever it
     changes. Any T (the last chunk is padded with g = 0, k = v = 0). Returns o [batch, T, H, V] in q's
     dtype, and with return_final_state also the state after the last position [batch, H, K, V] in fp32.
