@@ -73,6 +73,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
         if not (_is_int(data[key]) and data[key] >= 1):
             raise ValueError(f"{key}: expected a positive integer (tokens), got {data[key]!r}")
     check_eval(data["eval"])
+    check_judgeable(data["train_lengths"], data["eval"])
     check_mitigations(data["eval"]["mitigations"])
     expand_runs(data)  # every run config must validate
     return data
@@ -101,6 +102,31 @@ def check_eval(ev: dict) -> None:
         raise ValueError(f"eval.seed: expected an integer, got {ev['seed']!r}")
     if ev["start"] not in ("document", "random"):
         raise ValueError(f"eval.start: expected 'document' or 'random', got {ev['start']!r}")
+
+
+def check_judgeable(lengths: list[int], ev: dict) -> None:
+    """Refuse training lengths whose evaluation has no position bin in [L, 2L) (the reference of judge_collapse):
+    eval.max_len <= L (or just above it) leaves such a length never judged, so no model gets a capacity length at
+    or below it (a length not judged ends every model's run of lengths free of collapse), and with the longest
+    length none at all and no fit: that used to show only after every run had trained."""
+    from zoo.eval.length import log_bins
+
+    starts = [lo for lo, _ in log_bins(ev["max_len"] - 1, ev["bins_per_octave"])]
+    blind = [L for L in lengths if not any(L <= s < 2 * L for s in starts)]
+    if not blind:
+        return
+    # the bins' edges do not depend on max_len (it only cuts them off): the first edge in [L, 2L) of each length
+    edges = [lo for lo, _ in log_bins(2 * max(blind), ev["bins_per_octave"])]
+    firsts = [min((s for s in edges if L <= s < 2 * L), default=None) for L in blind]
+    if None in firsts:
+        key, fix = "eval.bins_per_octave", "eval.bins_per_octave >= 1"
+        why = f"at {ev['bins_per_octave']} the bins skip [L, 2L)"
+    else:
+        key, fix = "eval.max_len", f"eval.max_len >= {max(firsts) + 1} (the recipes evaluate to eval.factor · L)"
+        why = f"{ev['max_len']} ends the evaluation before a bin in [L, 2L) starts"
+    lost = "no model gets a capacity length" + ("" if max(lengths) in blind else " at or below them")
+    raise ValueError(f"{key}: {why} for train_lengths {blind} (the reference of the collapse verdict), so collapse "
+                     f"there cannot be judged and {lost}; give {fix}, or leave out those lengths")
 
 
 def check_mitigations(specs: list) -> None:

@@ -148,6 +148,31 @@ def test_state_capacity_norm_calibration_factor_is_the_one_given():
     assert [script.norm_calibration_factor(s) for s in sweep["eval"]["mitigations"]].count(1.0) == 1
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["--eval.max_len=2048"], "eval.max_len: 2048 ends the evaluation before a bin in [L, 2L) starts for "
+                              "train_lengths [2048]"),
+    (["--eval.max_len=128", "--train_lengths=[64,96]", "--batch_tokens=32256"],
+     "train_lengths [96] (the reference of the collapse verdict), so collapse there cannot be judged and no model gets "
+     "a capacity length; give eval.max_len >= 129"),
+    (["--eval.bins_per_octave=0.5"], "eval.bins_per_octave: at 0.5 the bins skip [L, 2L) for train_lengths [128, 512,"),
+], ids=["max_len-is-L", "max_len-past-L-before-its-bin", "coarse-bins"])
+def test_state_capacity_sweep_that_cannot_judge_a_length_is_refused_before_training(tmp_path, capsys, monkeypatch,
+                                                                                    overrides, message):
+    """An evaluation that ends before a bin in [L, 2L) starts (eval.max_len <= the longest training length) judges no
+    collapse there, so no model got a capacity length and there was no fit, which showed only after every run had
+    trained: refused at load, in --dry-run too. A max_len one past the needed bin judges it."""
+    script = load_script("scripts/state_capacity.py")
+    trained = []
+    monkeypatch.setattr(script, "train_run", lambda run: trained.append(run["name"]))
+    config = str(ROOT / "configs/train/state-capacity.yaml")
+    for dry_run in (["--dry-run"], []):
+        err = _refused(script.main, [config, f"--output_dir={tmp_path}", *overrides, *dry_run], capsys)
+        assert message in err
+    assert trained == [] and not any(tmp_path.iterdir())
+    script.load_sweep(config, ["eval.max_len=2049"])
+    script.load_sweep(config, ["eval.max_len=129", "train_lengths=[64,96]", "batch_tokens=32256"])
+
+
 def test_train_synthetic_sweep_override_replaces_one_dotted_key(capsys):
     # mqar-sweep.yaml's own example: `--sweep.optim.lr=[1.0e-3]` arrives nested ({optim: {lr: [...]}})
     script = load_script("scripts/train_synthetic.py")
