@@ -269,6 +269,18 @@ def shortest_without_collapse(collapsed: dict[tuple[str, int], bool | None], siz
     return out
 
 
+def paper_capacity(s: float) -> float | None:
+    """The paper's capacity length (K tokens) at a state of S M floats; None where its line is <= 0 (S <= 4.469 /
+    5.172 = 0.86M floats, far below the paper's models): the fit does not reach so small a state, and extrapolated
+    there it gave a negative number of tokens (-4.30K for the recipe's d_state16)."""
+    length = PAPER_LINE[0] * s + PAPER_LINE[1]
+    return length if length > 0 else None
+
+
+PAPER_BELOW = (f"none (the paper's fit does not reach so small a state: its line is <= 0 below "
+               f"S = {-PAPER_LINE[1] / PAPER_LINE[0]:.3f}M floats)")
+
+
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
     """Least-squares (slope, intercept) of ys against xs; None with fewer than two distinct xs."""
     if len(set(xs)) < 2:
@@ -434,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(sweep["output_dir"])
     if args.dry_run:
         for name, s in sizes.items():
-            print(f"{name}: S = {s:.4f}M floats; paper's capacity length {PAPER_LINE[0] * s + PAPER_LINE[1]:.2f}K")
+            paper = paper_capacity(s)
+            print(f"{name}: S = {s:.4f}M floats; paper's capacity length "
+                  f"{PAPER_BELOW if paper is None else f'{paper:.2f}K'}")
         for run in runs:
             c = run["config"]
             accum = f" x {c.train.grad_accum} micro batches" if (c.train.grad_accum or 1) > 1 else ""
@@ -496,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
     text = f"# state capacity: {args.config}\n\n{markdown_table(table)}\n\n## shortest length without collapse\n\n"
     text += markdown_table([{"model": m, "S (M floats)": round(sizes[m], 4), "L*": shortest[m],
-                             "paper L* (tokens)": round((PAPER_LINE[0] * sizes[m] + PAPER_LINE[1]) * K)}
-                            for m in sizes]) + "\n\n"
+                             "paper L* (tokens)": PAPER_BELOW if paper_capacity(sizes[m]) is None
+                             else round(paper_capacity(sizes[m]) * K)} for m in sizes]) + "\n\n"
     text += (f"fit: L* (K tokens) = {fit[0]:.3f} · S {fit[1]:+.3f}   (paper: 5.172 · S − 4.469)\n" if fit else
              "fit: needs the capacity length of at least two state sizes\n")
     out.mkdir(parents=True, exist_ok=True)

@@ -420,3 +420,29 @@ def test_train_synthetic_phase_stamps_ignore_the_curriculums_logging_and_saving(
     changed = settings(1, 0)
     changed["curriculum"][0]["train"]["max_steps"] = 4  # what a phase trains still counts
     assert _phase_stamp(changed) != _phase_stamp(settings(1, 0))
+
+
+def test_state_capacity_prints_no_negative_paper_capacity(tmp_path, capsys, monkeypatch):
+    """The paper's line L* = 5.172·S − 4.469 (K tokens) extrapolated below its range gave negative capacities in
+    --dry-run and summary.md (-4.30K tokens for d_state16); a state that small is said to be out of its reach, and a
+    state the line reaches keeps its value."""
+    script = load_script("scripts/state_capacity.py")
+    monkeypatch.setattr(script, "plot_capacity", lambda *args: None)
+    big = ["--models.d_state256.d_model=2048"]  # 4.2M floats: the line is positive there
+    argv = [str(ROOT / "configs/train/state-capacity.yaml"), f"--output_dir={tmp_path}", *big]
+    sweep = script.load_sweep(argv[0], [a[2:] for a in argv[1:]])
+    sizes = {m: script.ssm_state_floats(c) / 1e6 for m, c in sweep["models"].items()}
+    slope, intercept = script.PAPER_LINE
+    assert slope * sizes["d_state16"] + intercept < 0 < slope * sizes["d_state256"] + intercept
+    assert script.main([*argv, "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for line in printed[:3]:
+        if line.startswith("d_state256:"):
+            assert line.endswith(f"paper's capacity length {slope * sizes['d_state256'] + intercept:.2f}K")
+        else:
+            assert "paper's fit does not reach so small a state" in line and "K" not in line.split(";")[1], line
+    assert script.main([*argv, "--fit-only"]) == 0
+    rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| d_state")]
+    paper = {row.split("|")[1].strip(): row.split("|")[-2].strip() for row in rows}
+    assert paper["d_state256"] == str(round((slope * sizes["d_state256"] + intercept) * script.K))
+    assert all("does not reach" in paper[m] for m in ("d_state16", "d_state64")), paper
