@@ -73,6 +73,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
         if not (_is_int(data[key]) and data[key] >= 1):
             raise ValueError(f"{key}: expected a positive integer (tokens), got {data[key]!r}")
     check_eval(data["eval"])
+    check_judgeable(data["train_lengths"], data["eval"])
     check_mitigations(data["eval"]["mitigations"])
     expand_runs(data)  # every run config must validate
     return data
@@ -101,6 +102,31 @@ def check_eval(ev: dict) -> None:
         raise ValueError(f"eval.seed: expected an integer, got {ev['seed']!r}")
     if ev["start"] not in ("document", "random"):
         raise ValueError(f"eval.start: expected 'document' or 'random', got {ev['start']!r}")
+
+
+def check_judgeable(lengths: list[int], ev: dict) -> None:
+    """Refuse training lengths whose evaluation has no position bin in [L, 2L) (the reference of judge_collapse):
+    eval.max_len <= L (or just above it) leaves such a length never judged, so no model gets a capacity length at
+    or below it (a length not judged ends every model's run of lengths free of collapse), and with the longest
+    length none at all and no fit: that used to show only after every run had trained."""
+    from zoo.eval.length import log_bins
+
+    starts = [lo for lo, _ in log_bins(ev["max_len"] - 1, ev["bins_per_octave"])]
+    blind = [L for L in lengths if not any(L <= s < 2 * L for s in starts)]
+    if not blind:
+        return
+    # the bins' edges do not depend on max_len (it only cuts them off): the first edge in [L, 2L) of each length
+    edges = [lo for lo, _ in log_bins(2 * max(blind), ev["bins_per_octave"])]
+    firsts = [min((s for s in edges if L <= s < 2 * L), default=None) for L in blind]
+    if None in firsts:
+        key, fix = "eval.bins_per_octave", "eval.bins_per_octave >= 1"
+        why = f"at {ev['bins_per_octave']} the bins skip [L, 2L)"
+    else:
+        key, fix = "eval.max_len", f"eval.max_len >= {max(firsts) + 1} (the recipes evaluate to eval.factor · L)"
+        why = f"{ev['max_len']} ends the evaluation before a bin in [L, 2L) starts"
+    lost = "no model gets a capacity length" + ("" if max(lengths) in blind else " at or below them")
+    raise ValueError(f"{key}: {why} for train_lengths {blind} (the reference of the collapse verdict), so collapse "
+                     f"there cannot be judged and {lost}; give {fix}, or leave out those lengths")
 
 
 def check_mitigations(specs: list) -> None:
@@ -241,6 +267,18 @@ def shortest_without_collapse(collapsed: dict[tuple[str, int], bool | None], siz
             best = L
         out[model] = best
     return out
+
+
+def paper_capacity(s: float) -> float | None:
+    """The paper's capacity length (K tokens) at a state of S M floats; None where its line is <= 0 (S <= 4.469 /
+    5.172 = 0.86M floats, far below the paper's models): the fit does not reach so small a state, and extrapolated
+    there it gave a negative number of tokens (-4.30K for the recipe's d_state16)."""
+    length = PAPER_LINE[0] * s + PAPER_LINE[1]
+    return length if length > 0 else None
+
+
+PAPER_BELOW = (f"none (the paper's fit does not reach so small a state: its line is <= 0 below "
+               f"S = {-PAPER_LINE[1] / PAPER_LINE[0]:.3f}M floats)")
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
@@ -408,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(sweep["output_dir"])
     if args.dry_run:
         for name, s in sizes.items():
-            print(f"{name}: S = {s:.4f}M floats; paper's capacity length {PAPER_LINE[0] * s + PAPER_LINE[1]:.2f}K")
+            paper = paper_capacity(s)
+            print(f"{name}: S = {s:.4f}M floats; paper's capacity length "
+                  f"{PAPER_BELOW if paper is None else f'{paper:.2f}K'}")
         for run in runs:
             c = run["config"]
             accum = f" x {c.train.grad_accum} micro batches" if (c.train.grad_accum or 1) > 1 else ""
@@ -470,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
 
     text = f"# state capacity: {args.config}\n\n{markdown_table(table)}\n\n## shortest length without collapse\n\n"
     text += markdown_table([{"model": m, "S (M floats)": round(sizes[m], 4), "L*": shortest[m],
-                             "paper L* (tokens)": round((PAPER_LINE[0] * sizes[m] + PAPER_LINE[1]) * K)}
-                            for m in sizes]) + "\n\n"
+                             "paper L* (tokens)": PAPER_BELOW if paper_capacity(sizes[m]) is None
+                             else round(paper_capacity(sizes[m]) * K)} for m in sizes]) + "\n\n"
     text += (f"fit: L* (K tokens) = {fit[0]:.3f} · S {fit[1]:+.3f}   (paper: 5.172 · S − 4.469)\n" if fit else
              "fit: needs the capacity length of at least two state sizes\n")
     out.mkdir(parents=True, exist_ok=True)

@@ -626,6 +626,28 @@ def test_chunked_passkey_prefill_refuses_transformers_mamba():
     assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=3, prefill_chunk_size=40), reference)
 
 
+def test_greedy_generate_resets_the_checkpoints_prefill_chunks_for_transformers_mamba():
+    """Without prefill_chunk_size greedy_generate calls generate, which took a prefill_chunk_size from the checkpoint's
+    generation_config: transformers' Mamba was prefilled in chunks that drop the earlier chunks' state (its logits off
+    the one-forward ones), while the guard on the argument saw nothing. Its prefill is now one forward, as without
+    the setting."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=64)).eval()
+    input_ids = torch.randint(0, 64, (1, 40), generator=torch.Generator().manual_seed(4))
+    reference = greedy_generate(model, input_ids, max_new_tokens=3)
+    model.generation_config.prefill_chunk_size = 8
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[1]),
+                                           with_kwargs=True)
+    try:
+        assert torch.equal(greedy_generate(model, input_ids, max_new_tokens=3), reference)
+    finally:
+        hook.remove()
+    assert seen == [40, 1, 1]  # the whole prompt in one forward, then one token a step
+
+
 def tiny_zoo_model(name: str):
     config_path = ROOT / "configs" / "models" / f"{name}-tiny.yaml"
     if not config_path.exists():

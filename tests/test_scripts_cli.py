@@ -148,6 +148,31 @@ def test_state_capacity_norm_calibration_factor_is_the_one_given():
     assert [script.norm_calibration_factor(s) for s in sweep["eval"]["mitigations"]].count(1.0) == 1
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["--eval.max_len=2048"], "eval.max_len: 2048 ends the evaluation before a bin in [L, 2L) starts for "
+                              "train_lengths [2048]"),
+    (["--eval.max_len=128", "--train_lengths=[64,96]", "--batch_tokens=32256"],
+     "train_lengths [96] (the reference of the collapse verdict), so collapse there cannot be judged and no model gets "
+     "a capacity length; give eval.max_len >= 129"),
+    (["--eval.bins_per_octave=0.5"], "eval.bins_per_octave: at 0.5 the bins skip [L, 2L) for train_lengths [128, 512,"),
+], ids=["max_len-is-L", "max_len-past-L-before-its-bin", "coarse-bins"])
+def test_state_capacity_sweep_that_cannot_judge_a_length_is_refused_before_training(tmp_path, capsys, monkeypatch,
+                                                                                    overrides, message):
+    """An evaluation that ends before a bin in [L, 2L) starts (eval.max_len <= the longest training length) judges no
+    collapse there, so no model got a capacity length and there was no fit, which showed only after every run had
+    trained: refused at load, in --dry-run too. A max_len one past the needed bin judges it."""
+    script = load_script("scripts/state_capacity.py")
+    trained = []
+    monkeypatch.setattr(script, "train_run", lambda run: trained.append(run["name"]))
+    config = str(ROOT / "configs/train/state-capacity.yaml")
+    for dry_run in (["--dry-run"], []):
+        err = _refused(script.main, [config, f"--output_dir={tmp_path}", *overrides, *dry_run], capsys)
+        assert message in err
+    assert trained == [] and not any(tmp_path.iterdir())
+    script.load_sweep(config, ["eval.max_len=2049"])
+    script.load_sweep(config, ["eval.max_len=129", "train_lengths=[64,96]", "batch_tokens=32256"])
+
+
 def test_train_synthetic_sweep_override_replaces_one_dotted_key(capsys):
     # mqar-sweep.yaml's own example: `--sweep.optim.lr=[1.0e-3]` arrives nested ({optim: {lr: [...]}})
     script = load_script("scripts/train_synthetic.py")
@@ -395,3 +420,29 @@ def test_train_synthetic_phase_stamps_ignore_the_curriculums_logging_and_saving(
     changed = settings(1, 0)
     changed["curriculum"][0]["train"]["max_steps"] = 4  # what a phase trains still counts
     assert _phase_stamp(changed) != _phase_stamp(settings(1, 0))
+
+
+def test_state_capacity_prints_no_negative_paper_capacity(tmp_path, capsys, monkeypatch):
+    """The paper's line L* = 5.172·S − 4.469 (K tokens) extrapolated below its range gave negative capacities in
+    --dry-run and summary.md (-4.30K tokens for d_state16); a state that small is said to be out of its reach, and a
+    state the line reaches keeps its value."""
+    script = load_script("scripts/state_capacity.py")
+    monkeypatch.setattr(script, "plot_capacity", lambda *args: None)
+    big = ["--models.d_state256.d_model=2048"]  # 4.2M floats: the line is positive there
+    argv = [str(ROOT / "configs/train/state-capacity.yaml"), f"--output_dir={tmp_path}", *big]
+    sweep = script.load_sweep(argv[0], [a[2:] for a in argv[1:]])
+    sizes = {m: script.ssm_state_floats(c) / 1e6 for m, c in sweep["models"].items()}
+    slope, intercept = script.PAPER_LINE
+    assert slope * sizes["d_state16"] + intercept < 0 < slope * sizes["d_state256"] + intercept
+    assert script.main([*argv, "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for line in printed[:3]:
+        if line.startswith("d_state256:"):
+            assert line.endswith(f"paper's capacity length {slope * sizes['d_state256'] + intercept:.2f}K")
+        else:
+            assert "paper's fit does not reach so small a state" in line and "K" not in line.split(";")[1], line
+    assert script.main([*argv, "--fit-only"]) == 0
+    rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| d_state")]
+    paper = {row.split("|")[1].strip(): row.split("|")[-2].strip() for row in rows}
+    assert paper["d_state256"] == str(round((slope * sizes["d_state256"] + intercept) * script.K))
+    assert all("does not reach" in paper[m] for m in ("d_state16", "d_state64")), paper

@@ -1041,3 +1041,31 @@ def test_a_calibrated_norm_cap_decodes_under_a_cuda_graph(config):
     eager = model.generate(ids, max_new_tokens=8, do_sample=False)
     graph = model.generate(ids, max_new_tokens=8, do_sample=False, cuda_graph=True)
     assert torch.equal(eager, graph)
+
+
+def test_forget_decays_a_bf16_decode_state_as_an_fp32_one_does():
+    """With decode_state_dtype "model" a bf16 model keeps its Mamba-2 decode states in bf16: the step multiplied the
+    state by c_α on its own in bf16, where c_α = 0.999 rounds every value back to itself, so forget did nothing while
+    decoding (the steps equalled the unmitigated ones bit for bit). The decay is one fp32 product, rounded once."""
+    from transformers import AutoModelForCausalLM
+
+    def decode(state_dtype, spec):
+        torch.manual_seed(0)
+        config = ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml", decode_state_dtype=state_dtype)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+        ids = torch.randint(1, 512, (2, 48))
+        with torch.no_grad():
+            cache = model(ids[:, :16], use_cache=True).past_key_values  # the same prefill, no mitigation
+            apply_mitigation(model, spec)
+            for t in range(16, ids.shape[1]):
+                cache = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).past_key_values
+        return torch.cat([s.float().flatten() for s in cache.state_tensors()])
+
+    for state_dtype in ("float32", "model"):
+        plain, forget = decode(state_dtype, None), decode(state_dtype, "forget:c_alpha=0.999")
+        effect = (forget - plain).norm() / plain.norm()
+        if state_dtype == "float32":
+            expected = effect
+        else:
+            assert effect > 0.5 * expected, (state_dtype, effect.item(), expected.item())
+            assert effect < 2 * expected, (state_dtype, effect.item(), expected.item())

@@ -156,15 +156,21 @@ def greedy_generate(
     settings that would change the argmax (beams, repetition penalties, ...) reset (``GREEDY``). With it, the prompt is
     prefilled in chunks that carry the cache (constant memory for recurrent models at 1M tokens) and
     decoding continues token by token from that cache. A model that cannot continue a chunk exactly from its
-    cache (transformers' Mamba, ``zoo.decode.continues_chunks_exactly``) raises ValueError.
+    cache (transformers' Mamba, ``zoo.decode.continues_chunks_exactly``) raises ValueError; a ``prefill_chunk_size`` in
+    its checkpoint's generation_config is reset for it (generate would prefill in those chunks, inexactly).
     """
+    from zoo.decode import cache_argument, continues_chunks_exactly
+
     if prefill_chunk_size is None:
         kwargs = {"pad_token_id": eos_token_id, "eos_token_id": eos_token_id} if eos_token_id is not None else {}
+        # the checkpoint's chunked prefill: generate takes it, and transformers' Mamba / Jamba dropped the state of
+        # the earlier chunks (slightly wrong tokens, silently), which the argument's check below refuses
+        chunk = getattr(getattr(model, "generation_config", None), "prefill_chunk_size", None)
+        if chunk is not None and chunk < input_ids.shape[1] and not continues_chunks_exactly(model):
+            kwargs["prefill_chunk_size"] = None
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, do_sample=False, **greedy_overrides(model), **kwargs)
         return out[:, input_ids.shape[1] :]
-    from zoo.decode import cache_argument, continues_chunks_exactly
-
     if prefill_chunk_size < input_ids.shape[1] and not continues_chunks_exactly(model):
         raise ValueError(f"{type(model).__name__} cannot continue a multi-token chunk from its cache exactly (a "
                          f"chunked prefill would lose the state of the earlier chunks, the needle with it); leave "

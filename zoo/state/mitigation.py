@@ -591,11 +591,16 @@ def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str, tokens=None):
         state.copy_(final)
         return y[:, 0]
     saved = state.clone() if tokens is not None and (spec["c_alpha"] != 1 or _has_cap(spec)) else None
+    # a low-precision state (decode_state_dtype "model") takes c_α (and the cap) in fp32 with the step's own decay and
+    # is rounded once, as the unmitigated step rounds it: c_α > ~0.996 multiplied in bf16 on its own rounds it back
+    work = state if state.dtype == torch.float32 else state.float()
     if spec["c_alpha"] != 1:
-        state.mul_(spec["c_alpha"])
-    y = ssd_state_update(state, x, dt, A, B, C, mixer.D.float(), None, dt_bias, softplus, backend=backend)
+        work.mul_(spec["c_alpha"])
+    y = ssd_state_update(work, x, dt, A, B, C, mixer.D.float(), None, dt_bias, softplus, backend=backend)
     if _has_cap(spec):
-        state.copy_(cap_state("mamba2", state, spec["threshold"], spec["group_size"]))
+        work.copy_(cap_state("mamba2", work, spec["threshold"], spec["group_size"]))
+    if work is not state:
+        state.copy_(work)
     if saved is not None:
         keep_rows_(state, saved, tokens)
     return y
