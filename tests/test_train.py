@@ -599,8 +599,10 @@ def test_a_transformers_model_under_flash_attention_keeps_the_documents_of_packe
     def kwargs_fn(**kw):
         return {"softmax_scale": kw.get("softmax_scale")}
 
+    # transformers 5.2x returns the kwargs builders of the varlen and the kvcache functions; 5.17 the varlen one alone
+    builders = (kwargs_fn, kwargs_fn) if hasattr(flash, "_process_with_kvcache_kwargs_fn") else kwargs_fn
     monkeypatch.setattr(flash, "lazy_import_flash_attention",
-                        lambda *a, **k: ((flash_fn, varlen_fn, None, None, None), (kwargs_fn, kwargs_fn)))
+                        lambda *a, **k: ((flash_fn, varlen_fn, None, None, None), builders))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})).eval()
     model.config._attn_implementation = "flash_attention_2"
