@@ -1336,3 +1336,71 @@ def test_cpu_step_memory_frees_the_steps_graph():
     del model, loss
     gc.collect()
     assert not [r for r in refs if r() is not None]
+
+
+def test_interrupted_mqar_training_continues_from_its_last_step(tmp_path, monkeypatch, capsys):
+    """The MQAR phase trains a fresh copy of each model with no checkpoint: Ctrl-C or SIGTERM in it lost its steps,
+    and the rerun trained it from step 0 while the other phases resumed. It saves on a stop (and every
+    checkpoint_every steps) until result.json holds the phase, and the rerun continues to an uninterrupted run's
+    accuracy and losses."""
+    import os
+    import signal
+
+    import zoo.compare as compare
+    import zoo.data.synthetic as synthetic
+
+    real_batch, calls, plan = synthetic.mqar_batch, [], {}
+
+    def batch(*args, **kwargs):  # the training loop's batches (the config check draws one without a generator)
+        if "generator" in kwargs:
+            calls.append(partial.is_file())
+            if plan.get(len(calls)) == "sigint":  # a first Ctrl-C: the loop finishes its step, saves and stops
+                os.kill(os.getpid(), signal.SIGINT)
+            out = real_batch(*args, **kwargs)
+            if plan.get(len(calls)) == "mid-step":  # a second Ctrl-C after the step drew its batch
+                raise KeyboardInterrupt
+            return out
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "mqar_batch", batch)
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--throughput=null", "--eval.passkey=null", "--only=gla",
+            "--eval.mqar={steps: 6, batch_size: 4, seq_len: 32, n_kv: 4, vocab_size: 32, lr: 1.0e-2, "
+            "warmup_steps: 2, eval_seq_lens: [32], eval_samples: 8}"]
+    partial = tmp_path / "whole" / "gla" / "train-L128" / "mqar.partial.pt"
+    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
+    whole = json.loads((tmp_path / "whole" / "gla" / "result.json").read_text())["phases"]["mqar"]
+    assert len(calls) == 6 and len(whole["train_losses"]) == 6
+
+    out = tmp_path / "out"
+    partial = out / "gla" / "train-L128" / "mqar.partial.pt"
+    calls[:], plan = [], {3: "sigint"}
+    assert main([*argv, f"--output_dir={out}"]) == 130
+    assert len(calls) == 3 and partial.is_file()  # the third step finished before the stop
+    calls[:], plan = [], {2: "mid-step"}
+    assert main([*argv, f"--output_dir={out}"]) == 130
+    assert len(calls) == 2 and "continuing gla's MQAR training from step 3 of 6" in capsys.readouterr().err
+    calls[:], plan = [], {}
+    real_put = compare.ModelRecord.put
+
+    def put(self, phase, *args, **kwargs):  # Ctrl-C after the phase's training, before result.json holds it
+        if phase == "mqar":
+            raise KeyboardInterrupt
+        return real_put(self, phase, *args, **kwargs)
+
+    monkeypatch.setattr(compare.ModelRecord, "put", put)
+    assert main([*argv, f"--output_dir={out}"]) == 130
+    assert len(calls) == 2 and partial.is_file()  # steps 5 and 6 (the mid-step stop redid its unfinished step)
+    monkeypatch.setattr(compare.ModelRecord, "put", real_put)
+    calls[:] = []
+    assert main([*argv, f"--output_dir={out}"]) == 0
+    assert calls == [] and not partial.exists()
+    result = json.loads((out / "gla" / "result.json").read_text())["phases"]["mqar"]
+    for name in ("accuracy", "rows", "train_losses", "final_train_loss"):
+        assert result[name] == whole[name], name
+
+    # a checkpoint every 2 steps: a run killed outright loses at most the steps since the last one
+    calls[:], partial = [], tmp_path / "every" / "gla" / "train-L128" / "mqar.partial.pt"
+    assert main([*argv, f"--output_dir={tmp_path / 'every'}", "--eval.mqar.checkpoint_every=2"]) == 0
+    assert calls == [False, False, True, True, True, True]

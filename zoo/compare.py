@@ -25,7 +25,7 @@ lengths on the present device (training tokens/s counts real tokens: an unpacked
 out). Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
 finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
 from its last checkpoint, the per-position loss from its last saved document, passkey from its last finished
-cell); a rerun skips what is done unless
+cell, MQAR's training from its last saved step); a rerun skips what is done unless
 ``--force``. Models finished by an earlier run
 (``--only``) join the table only if their results were made with the current model config, recipe and phase
 settings; the others are named at its top. The end of a run writes
@@ -117,6 +117,9 @@ RESULT_FILE = "result.json"
 # between its saves; the passkey evaluation's finished cells, beside it
 PER_POSITION_PARTIAL, SAVE_EVERY = "per-position.partial.pt", 30.0
 PASSKEY_PARTIAL = "passkey.partial.pt"
+# the MQAR phase's training (the fresh copy, its optimizer and batch generator, its losses), beside them; kept until
+# result.json holds the phase
+MQAR_PARTIAL = "mqar.partial.pt"
 
 
 # ---- accounting: parameters and FLOPs ------------------------------------------------------------------------
@@ -683,7 +686,8 @@ class MQARConfig:
     """A fresh copy of each model is trained for `steps` on MQAR batches (the same for every model: one
     generator seeded with `seed`) at (seq_len, n_kv), then evaluated on eval_seq_lens x eval_n_kv (default:
     the training cell) with eval_samples fresh rows. vocab_size must not exceed the models'. steps 0 evaluates
-    the text-trained model instead."""
+    the text-trained model instead. The training is saved every `checkpoint_every` steps (0: only when stopped)
+    and when SIGTERM or Ctrl-C stops it; a rerun continues from there (checkpoint_every changes no result)."""
 
     steps: int = 200
     batch_size: int = 32
@@ -697,6 +701,7 @@ class MQARConfig:
     eval_n_kv: list[int] | None = None
     eval_samples: int = 256
     seed: int = 0
+    checkpoint_every: int = 50
 
 
 @dataclass
@@ -864,8 +869,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError(f"{name}: must be >= 1, got {value}")
     if e.mqar is not None:
         m = e.mqar
-        if m.steps < 0 or m.batch_size < 1 or m.eval_samples < 1:
-            raise ValueError("eval.mqar: steps >= 0, batch_size >= 1 and eval_samples >= 1")
+        if m.steps < 0 or m.batch_size < 1 or m.eval_samples < 1 or m.checkpoint_every < 0:
+            raise ValueError("eval.mqar: steps >= 0, batch_size >= 1, eval_samples >= 1 and checkpoint_every >= 0")
         if not m.lr > 0:
             raise ValueError(f"eval.mqar.lr: must be > 0, got {m.lr}")
         if 4 * m.n_kv > m.seq_len:
@@ -1358,44 +1363,15 @@ def _fresh_model(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: P
 
 def phase_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, checkpoint: Path | None,
                device: torch.device) -> dict[str, Any]:
-    """Train a fresh copy on MQAR (the same batches for every model), then measure recall accuracy."""
-    from tqdm.auto import tqdm
-
-    from zoo.data.synthetic import mqar_batch
+    """Train a fresh copy on MQAR (the same batches for every model), then measure recall accuracy. The training is
+    saved in ``MQAR_PARTIAL`` in ``run_dir`` every ``eval.mqar.checkpoint_every`` steps, when SIGTERM or Ctrl-C stops
+    it (KeyboardInterrupt after saving) and after its last step, and kept until the caller has saved the phase: a
+    rerun continues it to the result of an uninterrupted run."""
     from zoo.eval.synthetic import EVAL_SEED, evaluate_synthetic
-    from zoo.train import ScheduleConfig, build_optimizer, lr_at
 
     m = cfg.eval.mqar
     if m.steps:
-        tcfg, model = _fresh_model(cfg, entry, seq_len, run_dir, device)
-        vocab = model.get_input_embeddings().num_embeddings
-        if m.vocab_size > vocab:
-            raise ValueError(f"eval.mqar.vocab_size: {m.vocab_size} exceeds {entry.name}'s vocabulary {vocab}")
-        opt_cfg = dataclasses.replace(tcfg.optim, lr=m.lr)
-        sched = dataclasses.replace(
-            tcfg, optim=opt_cfg, train=dataclasses.replace(tcfg.train, max_steps=m.steps),
-            schedule=ScheduleConfig(kind="cosine", warmup_steps=min(m.warmup_steps, m.steps - 1), min_lr=m.lr / 10))
-        optimizer = build_optimizer(model, opt_cfg)
-        generator = torch.Generator().manual_seed(m.seed)
-        model.train()
-        losses = []
-        bar = tqdm(range(m.steps), desc=f"{entry.name}: mqar", dynamic_ncols=True)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, sched)
-            batch = mqar_batch(m.batch_size, m.seq_len, m.n_kv, m.vocab_size, m.power_a, generator=generator)
-            with _autocast(device):
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            loss.backward()
-            if tcfg.optim.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), tcfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-        bar.close()
-        model.eval()
+        model, losses = _train_mqar(cfg, entry, seq_len, run_dir, device)
     else:
         if checkpoint is None:
             raise ValueError("eval.mqar.steps: 0 evaluates the text-trained model, which is missing")
@@ -1414,6 +1390,94 @@ def phase_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     return {"accuracy": correct / max(answers, 1), "rows": rows, "train_losses": losses[::max(1, len(losses) // 50)],
             "final_train_loss": sum(losses[-5:]) / len(losses[-5:]) if losses else None,
             "state_floats": state[seq_lens[0]], "seq_len": seq_lens[0]}
+
+
+def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, device: torch.device
+                ) -> tuple[nn.Module, list[float]]:
+    """phase_mqar's training of a fresh copy (continued from ``run_dir / MQAR_PARTIAL`` when one of the same settings
+    is there); returns (the model in eval mode, each step's loss)."""
+    from tqdm.auto import tqdm
+
+    from zoo.data.synthetic import mqar_batch
+    from zoo.eval.common import read_partial, save_atomically
+    from zoo.train import ScheduleConfig, _set_torch_rng_state, _StopRequest, _torch_rng_state, build_optimizer, lr_at
+
+    m = cfg.eval.mqar
+    tcfg, model = _fresh_model(cfg, entry, seq_len, run_dir, device)
+    vocab = model.get_input_embeddings().num_embeddings
+    if m.vocab_size > vocab:
+        raise ValueError(f"eval.mqar.vocab_size: {m.vocab_size} exceeds {entry.name}'s vocabulary {vocab}")
+    opt_cfg = dataclasses.replace(tcfg.optim, lr=m.lr)
+    sched = dataclasses.replace(
+        tcfg, optim=opt_cfg, train=dataclasses.replace(tcfg.train, max_steps=m.steps),
+        schedule=ScheduleConfig(kind="cosine", warmup_steps=min(m.warmup_steps, m.steps - 1), min_lr=m.lr / 10))
+    optimizer = build_optimizer(model, opt_cfg)
+    generator = torch.Generator().manual_seed(m.seed)
+    losses: list[float] = []
+    start = 0
+    # what the saved training depends on: the phase's settings, the model and recipe, the length it is built at
+    settings = {"key": {"mqar": _phase_keys(cfg)["mqar"], "model": _model_fingerprints(cfg, entry)[0],
+                        "seq_len": seq_len, "device": str(device)}}
+    partial, label = run_dir / MQAR_PARTIAL, f"{entry.name}'s MQAR training"
+    saved = read_partial(partial, settings, label)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"])
+        _set_torch_rng_state(saved["rng"])
+        start, losses = saved["step"], list(saved["losses"])
+        print(f"continuing {entry.name}'s MQAR training from step {start} of {m.steps} ({partial})", file=sys.stderr)
+
+    def save(steps: int, batch_rng: torch.Tensor, rng: dict[str, Any]) -> None:  # after `steps` steps
+        save_atomically({"settings": settings, "step": steps, "losses": losses[:steps],
+                         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                         "optimizer": optimizer.state_dict(), "generator": batch_rng, "rng": rng}, partial)
+
+    model.train()
+    completed, updating = start, False
+    at_step: tuple[int, torch.Tensor, dict[str, Any]] | None = None  # the step in progress and the states it began at
+    bar = tqdm(range(start, m.steps), desc=f"{entry.name}: mqar", dynamic_ncols=True, initial=start, total=m.steps)
+    try:
+        with _StopRequest() as stop:
+            for step in bar:
+                at_step = (step, generator.get_state(), _torch_rng_state())
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, sched)
+                batch = mqar_batch(m.batch_size, m.seq_len, m.n_kv, m.vocab_size, m.power_a, generator=generator)
+                with _autocast(device):
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss.backward()
+                updating = True
+                if tcfg.optim.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), tcfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                updating, completed = False, step + 1
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+                # the last step too: a stop in the evaluation would otherwise train the phase again
+                if completed == m.steps or stop.requested or (m.checkpoint_every and
+                                                             completed % m.checkpoint_every == 0):
+                    save(completed, generator.get_state(), _torch_rng_state())
+                if stop.requested:
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C, mid-step
+        if updating:  # parameters may be half-updated: keep the last save
+            raise
+        optimizer.zero_grad(set_to_none=True)
+        if at_step is not None and at_step[0] == completed:  # the unfinished step is redone, from the batch it drew
+            save(*at_step)
+        else:  # between steps (a save of the finished one was interrupted)
+            save(completed, generator.get_state(), _torch_rng_state())
+        raise
+    finally:
+        bar.close()
+    if completed < m.steps:
+        raise KeyboardInterrupt(f"{label} stopped after step {completed}, saved in {partial}; the same command "
+                                f"continues from there")
+    model.eval()
+    return model, losses
 
 
 def _state_floats(model, seq_len: int) -> int:
@@ -1532,6 +1596,7 @@ def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
         keys[f"train/L{L}"], keys[f"eval/L{L}"] = "train", eval_key
     if cfg.eval.mqar is not None:
         mqar = dataclasses.asdict(cfg.eval.mqar)
+        del mqar["checkpoint_every"]  # (how often the training is saved: no result depends on it)
         if not cfg.eval.mqar.steps:  # it evaluates the model trained at the first length
             mqar["text_model_length"] = _lengths(cfg)[0]
         keys["mqar"] = _fingerprint(mqar)
@@ -1578,6 +1643,7 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
             checkpoint = folder / record.get(f"train/L{first}")["checkpoint"]
             record.run("mqar", key, f"[{position}] {entry.name}: MQAR",
                        functools.partial(phase_mqar, cfg, entry, first, run_dir, checkpoint, device))
+        remove_partial(run_dir / MQAR_PARTIAL)  # (kept by phase_mqar until result.json holds the phase)
     if cfg.throughput is not None:
         key = keys["throughput"]
         if record.needs("throughput", key):
