@@ -956,6 +956,22 @@ def test_seq_idx_of_another_shape_is_refused_naming_the_shape(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_float_seq_idx_is_refused(name):
+    """Float ids were cast to int32: 0.25 and 0.75 became one document, whose tokens then attended to and carried
+    states into each other (wrong logits, no error). Integer ids (any integer dtype) run as before."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [1] * 3])
+    with torch.no_grad():
+        for bad in (seq_idx * 0.5 + 0.25, seq_idx.double(), seq_idx.half()):
+            with pytest.raises(ValueError, match=rf"seq_idx: expected integer document ids.*got {bad.dtype}"):
+                model(ids, seq_idx=bad)
+        ref = model(ids, seq_idx=seq_idx).logits
+        for good in (seq_idx.int(), seq_idx.to(torch.int16), seq_idx - 7):  # any integers, negative ones too
+            assert torch.equal(model(ids, seq_idx=good).logits, ref)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_one_row_of_seq_idx_serves_every_row(name):
     """seq_idx [1, T] for a batch of rows packed alike, as position_ids [1, T] serves every row: an attention model
     ran it, a recurrent one failed in its kernel ('seq_idx has shape (1, 9), expected (2, 9)')."""

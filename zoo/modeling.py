@@ -248,11 +248,15 @@ def _check_seq_idx(seq_idx: torch.Tensor, batch: int, tokens: int, past: int) ->
     (a single row serves every row, as position_ids' and attention_mask's do). Unchecked, a 1-D seq_idx failed with a
     bare IndexError in the cache (or a kernel's shape error naming its own arguments), one of the tokens so far in a
     chunk that continues a cache ran an attention model with wrong logits and no error (its layers read the chunk's
-    ids from the end of it), and a single row ran an attention model but failed in a recurrent layer's kernel."""
+    ids from the end of it), and a single row ran an attention model but failed in a recurrent layer's kernel. Float
+    ids are refused too: they were cast to int32, so ids 0.25 and 0.75 were one document (wrong logits, no error)."""
     if seq_idx.dim() != 2 or seq_idx.shape[0] not in (1, batch) or seq_idx.shape[1] != tokens:
         alone = f", not the {past} cached ones" if past else ""
         raise ValueError(f"seq_idx: expected [batch, tokens] = [{batch}, {tokens}] (or [1, {tokens}] for every row), "
                          f"the document of each of this chunk's tokens{alone}, got shape {tuple(seq_idx.shape)}")
+    if seq_idx.is_floating_point() or seq_idx.is_complex():
+        raise ValueError(f"seq_idx: expected integer document ids (torch.int32 or torch.long), got {seq_idx.dtype}; "
+                         f"zoo casts them to int32, which would merge ids that differ only after the point")
     return seq_idx.expand(batch, tokens)
 
 
