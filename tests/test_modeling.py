@@ -972,6 +972,21 @@ def test_float_seq_idx_is_refused(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("embeds", [False, True], ids=["input_ids", "inputs_embeds"])
+def test_seq_idx_on_another_device_is_refused(name, embeds):
+    """seq_idx on another device than the input (here the meta device, the other device a CPU machine has; on a GPU
+    machine, ids left on the CPU) failed in a layer's kernel or the cache with a bare device error."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    given = {"inputs_embeds": model.get_input_embeddings()(ids)} if embeds else {"input_ids": ids}
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [1] * 3])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"seq_idx: on meta but the input is on cpu"):
+            model(**given, seq_idx=seq_idx.to("meta"))
+        assert torch.equal(model(**given, seq_idx=seq_idx).logits, model(ids, seq_idx=seq_idx).logits)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_one_row_of_seq_idx_serves_every_row(name):
     """seq_idx [1, T] for a batch of rows packed alike, as position_ids [1, T] serves every row: an attention model
     ran it, a recurrent one failed in its kernel ('seq_idx has shape (1, 9), expected (2, 9)')."""

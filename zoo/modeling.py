@@ -243,13 +243,15 @@ def _check_position_ids(position_ids: torch.Tensor, batch: int, tokens: int, pas
                          f"chunk's tokens alone (e.g. {after}), got shape {tuple(position_ids.shape)}")
 
 
-def _check_seq_idx(seq_idx: torch.Tensor, batch: int, tokens: int, past: int) -> torch.Tensor:
+def _check_seq_idx(seq_idx: torch.Tensor, batch: int, tokens: int, past: int, device: torch.device) -> torch.Tensor:
     """Raise, naming the shape zoo takes, for a seq_idx that is not [batch (or 1), tokens]; returns it [batch, tokens]
     (a single row serves every row, as position_ids' and attention_mask's do). Unchecked, a 1-D seq_idx failed with a
     bare IndexError in the cache (or a kernel's shape error naming its own arguments), one of the tokens so far in a
     chunk that continues a cache ran an attention model with wrong logits and no error (its layers read the chunk's
     ids from the end of it), and a single row ran an attention model but failed in a recurrent layer's kernel. Float
-    ids are refused too: they were cast to int32, so ids 0.25 and 0.75 were one document (wrong logits, no error)."""
+    ids are refused too: they were cast to int32, so ids 0.25 and 0.75 were one document (wrong logits, no error);
+    and ids on another device than the input (`device`: input_ids' or inputs_embeds', which accelerate's hooks move
+    with them), which failed in a layer's kernel or the cache with a bare device error."""
     if seq_idx.dim() != 2 or seq_idx.shape[0] not in (1, batch) or seq_idx.shape[1] != tokens:
         alone = f", not the {past} cached ones" if past else ""
         raise ValueError(f"seq_idx: expected [batch, tokens] = [{batch}, {tokens}] (or [1, {tokens}] for every row), "
@@ -257,6 +259,9 @@ def _check_seq_idx(seq_idx: torch.Tensor, batch: int, tokens: int, past: int) ->
     if seq_idx.is_floating_point() or seq_idx.is_complex():
         raise ValueError(f"seq_idx: expected integer document ids (torch.int32 or torch.long), got {seq_idx.dtype}; "
                          f"zoo casts them to int32, which would merge ids that differ only after the point")
+    if seq_idx.device != device:
+        raise ValueError(f"seq_idx: on {seq_idx.device} but the input is on {device}; put the document ids on the "
+                         f"input's device")
     return seq_idx.expand(batch, tokens)
 
 
@@ -545,7 +550,8 @@ class ZooModel(ZooPreTrainedModel):
         if position_ids is not None:
             _check_position_ids(position_ids, Bsz, T, past)
         if seq_idx is not None:
-            seq_idx = _check_seq_idx(seq_idx, Bsz, T, past)
+            given = input_ids if input_ids is not None else inputs_embeds
+            seq_idx = _check_seq_idx(seq_idx, Bsz, T, past, given.device)
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \
