@@ -956,6 +956,29 @@ def test_seq_idx_of_another_shape_is_refused_naming_the_shape(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_seq_idx_follows_the_conventions_the_forward_documents(name):
+    """ZooModel.forward's docstring: each run of equal consecutive ids is one document, whatever the values (an id met
+    again is a new document, negative ids are no padding), and a continuing chunk's first run continues the cache
+    unless the chunk before ran with seq_idx and ended on another id."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (1, 12))
+    runs = torch.tensor([[0] * 4 + [1] * 4 + [2] * 4])
+    with torch.no_grad():
+        whole = model(ids, seq_idx=runs, use_cache=False).logits
+        for other in ([0] * 4 + [1] * 4 + [0] * 4, [5] * 4 + [-1] * 4 + [-3] * 4):
+            assert_close(f"runs {other}", model(ids, seq_idx=torch.tensor([other]), use_cache=False).logits, whole,
+                         1e-5)
+        alone = model(ids[:, 6:], use_cache=False).logits
+        for before, after, expected in (([0] * 4 + [1] * 2, [1] * 2 + [2] * 4, whole[:, 6:]), ([0] * 6, [7] * 6, alone),
+                                        (None, [3] * 2 + [4] * 4, model(ids, seq_idx=torch.tensor([[0] * 8 + [1] * 4]),
+                                                                        use_cache=False).logits[:, 6:])):
+            cache = ZooCache.for_model(model)
+            model(ids[:, :6], seq_idx=None if before is None else torch.tensor([before]), past_key_values=cache)
+            got = model(ids[:, 6:], seq_idx=torch.tensor([after]), past_key_values=cache).logits
+            assert_close(f"after {before}: {after}", got, expected, 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_float_seq_idx_is_refused(name):
     """Float ids were cast to int32: 0.25 and 0.75 became one document, whose tokens then attended to and carried
     states into each other (wrong logits, no error). Integer ids (any integer dtype) run as before."""

@@ -511,6 +511,15 @@ class ZooModel(ZooPreTrainedModel):
         it, position_ids that restart mark them, or cu_seq_lens_q, as transformers' padding-free collator gives
         them).
 
+        seq_idx: integer ids [B, T] (or [1, T] for every row) on the input's device, of this chunk's tokens alone.
+        Each run of equal consecutive ids is one document: only a change from one token to the next starts one, so
+        the values themselves mean nothing (negative ones included) and an id met again after another starts a new
+        document. mamba_ssm's kernels differ (they compare ids by value and read negative ids as padding); zoo has
+        no padding id: mark padding with attention_mask. With a cache, each row's first run continues the cache
+        (its states and cached keys) unless the chunk before it ran with seq_idx and ended on another id; then it
+        starts a new document. Its shape, dtype and device are checked here, never its values (on a GPU that would
+        cost a device sync per call), on CPU and GPU alike.
+
         The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
         output_hidden_states, output_router_logits and return_dict default to the config's, as in transformers.
         The output's aux_loss is the MoE load-balancing loss (None without MoE layers); router_logits, asked for,
@@ -1019,7 +1028,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         the cache's prefill or chunk. A write through `.data` (an EMA copy, PEFT's merge_and_unload) or a fused
         optimizer step keeps a parameter's storage and version, so steps of your own loop that continue a cache
         after one read the old values until the next prefill, chunk or generate call: call
-        `zoo.layers.new_sequence()` after such a write (generate and a forward from an empty cache do it)."""
+        `zoo.layers.new_sequence()` after such a write (generate and a forward from an empty cache do it).
+
+        seq_idx (packed documents) is as ZooModel.forward describes it: integer ids [B, T], a document per run of
+        equal consecutive ids."""
         past_key_values = _the_cache(past_key_values, kwargs)
         _refuse_offloaded_mixers_once(self)
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None
