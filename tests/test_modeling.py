@@ -935,6 +935,101 @@ def test_position_ids_of_another_shape_are_refused_naming_the_shape(name):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_seq_idx_of_another_shape_is_refused_naming_the_shape(name):
+    """seq_idx was passed to the layers unchecked: a 1-D one failed with a bare IndexError in the cache, others with a
+    kernel's shape error naming its own arguments, and a chunk continuing a cache given the ids of every token so far
+    ran an attention model with wrong logits and no error. Refused before any layer runs, naming [batch, tokens]."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [1] * 3])
+    with torch.no_grad():
+        for bad in (seq_idx[0], seq_idx[:, :-1], seq_idx[:, :, None], seq_idx.repeat(2, 1)):
+            for use_cache in (False, True):
+                with pytest.raises(ValueError, match=r"seq_idx: expected \[batch, tokens\] = \[2, 9\]"):
+                    model(ids, seq_idx=bad, use_cache=use_cache)
+        cache = model(ids[:, :5], seq_idx=seq_idx[:, :5], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"seq_idx: expected \[batch, tokens\] = \[2, 4\].*not the 5 cached"):
+            model(ids[:, 5:], seq_idx=seq_idx, past_key_values=cache)
+        rest = model(ids[:, 5:], seq_idx=seq_idx[:, 5:], past_key_values=cache).logits
+        whole = model(ids, seq_idx=seq_idx, use_cache=False).logits
+    assert_close("a chunk continuing a packed cache", rest, whole[:, 5:], 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_seq_idx_follows_the_conventions_the_forward_documents(name):
+    """ZooModel.forward's docstring: each run of equal consecutive ids is one document, whatever the values (an id met
+    again is a new document, negative ids are no padding), and a continuing chunk's first run continues the cache
+    unless the chunk before ran with seq_idx and ended on another id."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (1, 12))
+    runs = torch.tensor([[0] * 4 + [1] * 4 + [2] * 4])
+    with torch.no_grad():
+        whole = model(ids, seq_idx=runs, use_cache=False).logits
+        for other in ([0] * 4 + [1] * 4 + [0] * 4, [5] * 4 + [-1] * 4 + [-3] * 4):
+            assert_close(f"runs {other}", model(ids, seq_idx=torch.tensor([other]), use_cache=False).logits, whole,
+                         1e-5)
+        alone = model(ids[:, 6:], use_cache=False).logits
+        for before, after, expected in (([0] * 4 + [1] * 2, [1] * 2 + [2] * 4, whole[:, 6:]), ([0] * 6, [7] * 6, alone),
+                                        (None, [3] * 2 + [4] * 4, model(ids, seq_idx=torch.tensor([[0] * 8 + [1] * 4]),
+                                                                        use_cache=False).logits[:, 6:])):
+            cache = ZooCache.for_model(model)
+            model(ids[:, :6], seq_idx=None if before is None else torch.tensor([before]), past_key_values=cache)
+            got = model(ids[:, 6:], seq_idx=torch.tensor([after]), past_key_values=cache).logits
+            assert_close(f"after {before}: {after}", got, expected, 1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_float_seq_idx_is_refused(name):
+    """Float ids were cast to int32: 0.25 and 0.75 became one document, whose tokens then attended to and carried
+    states into each other (wrong logits, no error). Integer ids (any integer dtype) run as before."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [1] * 3])
+    with torch.no_grad():
+        for bad in (seq_idx * 0.5 + 0.25, seq_idx.double(), seq_idx.half()):
+            with pytest.raises(ValueError, match=rf"seq_idx: expected integer document ids.*got {bad.dtype}"):
+                model(ids, seq_idx=bad)
+        ref = model(ids, seq_idx=seq_idx).logits
+        for good in (seq_idx.int(), seq_idx.to(torch.int16), seq_idx - 7):  # any integers, negative ones too
+            assert torch.equal(model(ids, seq_idx=good).logits, ref)
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("embeds", [False, True], ids=["input_ids", "inputs_embeds"])
+def test_seq_idx_on_another_device_is_refused(name, embeds):
+    """seq_idx on another device than the input (here the meta device, the other device a CPU machine has; on a GPU
+    machine, ids left on the CPU) failed in a layer's kernel or the cache with a bare device error."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    given = {"inputs_embeds": model.get_input_embeddings()(ids)} if embeds else {"input_ids": ids}
+    seq_idx = torch.tensor([[0] * 4 + [1] * 5, [0] * 6 + [1] * 3])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"seq_idx: on meta but the input is on cpu"):
+            model(**given, seq_idx=seq_idx.to("meta"))
+        assert torch.equal(model(**given, seq_idx=seq_idx).logits, model(ids, seq_idx=seq_idx).logits)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_one_row_of_seq_idx_serves_every_row(name):
+    """seq_idx [1, T] for a batch of rows packed alike, as position_ids [1, T] serves every row: an attention model
+    ran it, a recurrent one failed in its kernel ('seq_idx has shape (1, 9), expected (2, 9)')."""
+    model = tiny(name)
+    ids = torch.randint(1, 512, (2, 9))
+    one = torch.tensor([[0] * 4 + [1] * 5])
+    with torch.no_grad():
+        for use_cache in (False, True):
+            out = model(ids, seq_idx=one, use_cache=use_cache).logits
+            assert torch.equal(out, model(ids, seq_idx=one.repeat(2, 1), use_cache=use_cache).logits)
+        second = model(ids[:, 4:], use_cache=False).logits
+    assert_close("the second document of each row", out[:, 4:], second, 1e-5)
+    for kw in ({}, {"num_beams": 2}, {"num_return_sequences": 2, "do_sample": True}):  # generate repeats rows
+        torch.manual_seed(0)
+        got = model.generate(ids, seq_idx=one, max_new_tokens=3, **kw)
+        torch.manual_seed(0)
+        assert torch.equal(got, model.generate(ids, seq_idx=one.repeat(2, 1), max_new_tokens=3, **kw)), kw
+
+
+@pytest.mark.parametrize("name", TINY)
 def test_a_chunk_of_no_tokens_gives_empty_logits_and_leaves_the_cache(name):
     """An input of no tokens [B, 0] (a chunked prefill's empty remainder) gives logits [B, 0, V] in every family, with
     or without a mask, cache, seq_idx or position_ids, and leaves a cache as it was. With a mask, `[:, -T:]` read the

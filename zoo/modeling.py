@@ -243,6 +243,28 @@ def _check_position_ids(position_ids: torch.Tensor, batch: int, tokens: int, pas
                          f"chunk's tokens alone (e.g. {after}), got shape {tuple(position_ids.shape)}")
 
 
+def _check_seq_idx(seq_idx: torch.Tensor, batch: int, tokens: int, past: int, device: torch.device) -> torch.Tensor:
+    """Raise, naming the shape zoo takes, for a seq_idx that is not [batch (or 1), tokens]; returns it [batch, tokens]
+    (a single row serves every row, as position_ids' and attention_mask's do). Unchecked, a 1-D seq_idx failed with a
+    bare IndexError in the cache (or a kernel's shape error naming its own arguments), one of the tokens so far in a
+    chunk that continues a cache ran an attention model with wrong logits and no error (its layers read the chunk's
+    ids from the end of it), and a single row ran an attention model but failed in a recurrent layer's kernel. Float
+    ids are refused too: they were cast to int32, so ids 0.25 and 0.75 were one document (wrong logits, no error);
+    and ids on another device than the input (`device`: input_ids' or inputs_embeds', which accelerate's hooks move
+    with them), which failed in a layer's kernel or the cache with a bare device error."""
+    if seq_idx.dim() != 2 or seq_idx.shape[0] not in (1, batch) or seq_idx.shape[1] != tokens:
+        alone = f", not the {past} cached ones" if past else ""
+        raise ValueError(f"seq_idx: expected [batch, tokens] = [{batch}, {tokens}] (or [1, {tokens}] for every row), "
+                         f"the document of each of this chunk's tokens{alone}, got shape {tuple(seq_idx.shape)}")
+    if seq_idx.is_floating_point() or seq_idx.is_complex():
+        raise ValueError(f"seq_idx: expected integer document ids (torch.int32 or torch.long), got {seq_idx.dtype}; "
+                         f"zoo casts them to int32, which would merge ids that differ only after the point")
+    if seq_idx.device != device:
+        raise ValueError(f"seq_idx: on {seq_idx.device} but the input is on {device}; put the document ids on the "
+                         f"input's device")
+    return seq_idx.expand(batch, tokens)
+
+
 def _refuse_output_attentions(config, kwargs: dict) -> None:
     """transformers' output_attentions (argument or config default): zoo models have no attention weights to return,
     so asking for them raises rather than giving None."""
@@ -489,6 +511,15 @@ class ZooModel(ZooPreTrainedModel):
         it, position_ids that restart mark them, or cu_seq_lens_q, as transformers' padding-free collator gives
         them).
 
+        seq_idx: integer ids [B, T] (or [1, T] for every row) on the input's device, of this chunk's tokens alone.
+        Each run of equal consecutive ids is one document: only a change from one token to the next starts one, so
+        the values themselves mean nothing (negative ones included) and an id met again after another starts a new
+        document. mamba_ssm's kernels differ (they compare ids by value and read negative ids as padding); zoo has
+        no padding id: mark padding with attention_mask. With a cache, each row's first run continues the cache
+        (its states and cached keys) unless the chunk before it ran with seq_idx and ended on another id; then it
+        starts a new document. Its shape, dtype and device are checked here, never its values (on a GPU that would
+        cost a device sync per call), on CPU and GPU alike.
+
         The cache (a ZooCache) comes as `past_key_values` or, as transformers now names it, `cache`.
         output_hidden_states, output_router_logits and return_dict default to the config's, as in transformers.
         The output's aux_loss is the MoE load-balancing loss (None without MoE layers); router_logits, asked for,
@@ -527,6 +558,9 @@ class ZooModel(ZooPreTrainedModel):
             attention_mask = attention_mask.expand(Bsz, -1)
         if position_ids is not None:
             _check_position_ids(position_ids, Bsz, T, past)
+        if seq_idx is not None:
+            given = input_ids if input_ids is not None else inputs_embeds
+            seq_idx = _check_seq_idx(seq_idx, Bsz, T, past, given.device)
         if seq_idx is None and attention_mask is None and position_ids is not None and past == 0:
             seq_idx = packed_seq_idx(position_ids.expand(Bsz, T))  # documents packed by position_ids alone
         elif seq_idx is None and attention_mask is None and position_ids is not None and T > 1 \
@@ -545,7 +579,7 @@ class ZooModel(ZooPreTrainedModel):
             attention_mask = _check_static_step(past_key_values, T, attention_mask, seq_idx)
             _check_mask_covers_cached_keys(self, past_key_values, attention_mask, T)
         if seq_idx is not None:
-            seq_idx = seq_idx.to(torch.int32)
+            seq_idx = seq_idx.to(torch.int32).contiguous()  # (a row expanded to every row: made whole once here)
             if x.is_cuda and past == 0 and attention_mask is None and self._has_attention() \
                     and not torch.compiler.is_compiling():
                 # packed attention's one device sync (cu_seqlens), taken now while the device's queue is short: in
@@ -659,6 +693,18 @@ def _seq_idx_of_a_prompt_packed_by_position_ids(args: tuple, kwargs: dict, confi
     seq_idx = packed_seq_idx(position_ids.expand(prompt.shape[0], -1))
     if seq_idx is not None:
         kwargs["seq_idx"] = seq_idx
+
+
+def _seq_idx_of_every_row(args: tuple, kwargs: dict) -> None:
+    """generate(input_ids [B, T], seq_idx [1, T]): the forward takes one row of ids for every row, but generate
+    repeats each row's keyword tensors for beams and num_return_sequences (repeat_interleave), which made [n, T] of
+    the one row for the B * n rows, refused naming a shape the caller never passed. The row is given to every prompt
+    row first."""
+    seq_idx = kwargs.get("seq_idx")
+    prompt = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))
+    if torch.is_tensor(seq_idx) and torch.is_tensor(prompt) and seq_idx.dim() == 2 and seq_idx.shape[0] == 1 \
+            and prompt.dim() >= 2:
+        kwargs["seq_idx"] = seq_idx.expand(prompt.shape[0], -1)
 
 
 def _refuse_a_chunked_prefill_of_inputs_embeds(args: tuple, kwargs: dict, config) -> None:
@@ -801,6 +847,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
         warn_if_right_padded(kwargs.get("attention_mask"))
         _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, config)
+        _seq_idx_of_every_row(args, kwargs)
         _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, config)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
                 and _generate_cache(kwargs) is None:
@@ -981,7 +1028,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         the cache's prefill or chunk. A write through `.data` (an EMA copy, PEFT's merge_and_unload) or a fused
         optimizer step keeps a parameter's storage and version, so steps of your own loop that continue a cache
         after one read the old values until the next prefill, chunk or generate call: call
-        `zoo.layers.new_sequence()` after such a write (generate and a forward from an empty cache do it)."""
+        `zoo.layers.new_sequence()` after such a write (generate and a forward from an empty cache do it).
+
+        seq_idx (packed documents) is as ZooModel.forward describes it: integer ids [B, T], a document per run of
+        equal consecutive ids."""
         past_key_values = _the_cache(past_key_values, kwargs)
         _refuse_offloaded_mixers_once(self)
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None
