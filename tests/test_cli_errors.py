@@ -670,3 +670,29 @@ def test_generate_chat_applies_the_tokenizers_chat_template(tiny_folder, tmp_pat
         assert printed == "".join(f"==> prompt {i + 1} <==\n{reply}\n" for i, reply in enumerate(replies))
     else:  # streamed, the prompt skipped
         assert seen["streamer"] is not None and printed == replies[0] + "\n"
+
+
+def _with_generation_config(folder: Path, tmp_path: Path, **settings) -> Path:
+    """A copy of the model folder whose generation_config.json also holds ``settings``."""
+    import json
+    import shutil
+
+    copy = tmp_path / f"{folder.name}-generation-config"
+    shutil.copytree(folder, copy)
+    path = copy / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    return copy
+
+
+@pytest.mark.parametrize("extra", [[], ["--sample", "--seed", "2"], ["--prompt", "ho"]])
+def test_generate_prints_one_text_a_prompt_whatever_the_checkpoints_num_return_sequences(tiny_folder, tmp_path,
+                                                                                          capsys, extra):
+    # a generation_config.json with num_return_sequences 2: greedy decoding failed ('Greedy methods ... do not
+    # support num_return_sequences'), --sample failed in the one-row streamer, and several prompts had their rows
+    # printed against the wrong prompts
+    argv = ["hi", "--max-new-tokens", "6", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    folder = _with_generation_config(tiny_folder, tmp_path, num_return_sequences=2, do_sample=True)
+    cli.main(["generate", str(folder), *argv])
+    assert capsys.readouterr().out == expected

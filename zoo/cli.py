@@ -191,10 +191,15 @@ def generate(argv: list[str] | None = None) -> None:
     # ends); --chat shows the reply alone
     streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True) \
         if args.num_beams == 1 and len(prompts) == 1 else None
+    # the checkpoint's generation_config.json applies to every generate() call (transformers merges it under the
+    # arguments): the settings this command's flags own are passed explicitly, so that it cannot change them. Its
+    # num_return_sequences > 1 failed greedy decoding ('Greedy methods ... do not support num_return_sequences') and
+    # the one-row streamer with --sample, and printed the rows against the wrong prompts
+    owned = {"num_return_sequences": 1}
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              num_beams=args.num_beams, pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
-                             streamer=streamer, **sampling,
+                             streamer=streamer, **owned, **sampling,
                              **({"stop_strings": stops, "tokenizer": tok} if stops else {}),
                              **({"cuda_graph": True} if args.cuda_graph else {}))
     if streamer is not None:
