@@ -696,3 +696,13 @@ def test_generate_prints_one_text_a_prompt_whatever_the_checkpoints_num_return_s
     folder = _with_generation_config(tiny_folder, tmp_path, num_return_sequences=2, do_sample=True)
     cli.main(["generate", str(folder), *argv])
     assert capsys.readouterr().out == expected
+
+
+def test_generate_is_not_cut_short_by_the_checkpoints_max_time(tiny_folder, tmp_path, capsys):
+    # a generation_config.json with a max_time: generate stopped at that clock, and the text came out shorter than
+    # --max-new-tokens without a word
+    argv = ["hi", "--max-new-tokens", "16"]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, max_time=1e-9)), *argv])
+    assert capsys.readouterr().out == expected

@@ -194,8 +194,9 @@ def generate(argv: list[str] | None = None) -> None:
     # the checkpoint's generation_config.json applies to every generate() call (transformers merges it under the
     # arguments): the settings this command's flags own are passed explicitly, so that it cannot change them. Its
     # num_return_sequences > 1 failed greedy decoding ('Greedy methods ... do not support num_return_sequences') and
-    # the one-row streamer with --sample, and printed the rows against the wrong prompts
-    owned = {"num_return_sequences": 1}
+    # the one-row streamer with --sample, and printed the rows against the wrong prompts; its max_time cut the text
+    # short without a word (--max-new-tokens is this command's length)
+    owned = {"num_return_sequences": 1, "max_time": None}
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              num_beams=args.num_beams, pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
