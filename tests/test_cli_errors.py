@@ -706,3 +706,14 @@ def test_generate_is_not_cut_short_by_the_checkpoints_max_time(tiny_folder, tmp_
     expected = capsys.readouterr().out
     cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, max_time=1e-9)), *argv])
     assert capsys.readouterr().out == expected
+
+
+@pytest.mark.parametrize("extra", [[], ["--stop", "zz"]])
+def test_generate_stops_at_its_own_stop_strings_not_the_checkpoints(tiny_folder, tmp_path, capsys, extra):
+    # a generation_config.json with stop_strings: without --stop, generate failed ('... could not locate a
+    # tokenizer'); with it, the checkpoint's were replaced, as --stop's are the only ones the command knows
+    argv = ["hi", "--max-new-tokens", "16", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, stop_strings=["h", "o"])), *argv])
+    assert capsys.readouterr().out == expected

@@ -195,13 +195,14 @@ def generate(argv: list[str] | None = None) -> None:
     # arguments): the settings this command's flags own are passed explicitly, so that it cannot change them. Its
     # num_return_sequences > 1 failed greedy decoding ('Greedy methods ... do not support num_return_sequences') and
     # the one-row streamer with --sample, and printed the rows against the wrong prompts; its max_time cut the text
-    # short without a word (--max-new-tokens is this command's length)
-    owned = {"num_return_sequences": 1, "max_time": None}
+    # short without a word (--max-new-tokens is this command's length); its stop_strings failed without --stop
+    # ('could not locate a tokenizer'), and --stop's are the ones the printed texts are cut at
+    owned = {"num_return_sequences": 1, "max_time": None, "stop_strings": stops or None}
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              num_beams=args.num_beams, pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
                              streamer=streamer, **owned, **sampling,
-                             **({"stop_strings": stops, "tokenizer": tok} if stops else {}),
+                             **({"tokenizer": tok} if stops else {}),
                              **({"cuda_graph": True} if args.cuda_graph else {}))
     if streamer is not None:
         return
