@@ -717,3 +717,17 @@ def test_generate_stops_at_its_own_stop_strings_not_the_checkpoints(tiny_folder,
     expected = capsys.readouterr().out
     cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, stop_strings=["h", "o"])), *argv])
     assert capsys.readouterr().out == expected
+
+
+@pytest.mark.parametrize("settings", [{"repetition_penalty": 5.0}, {"no_repeat_ngram_size": 1},
+                                      {"suppress_tokens": list(range(256))}])
+@pytest.mark.parametrize("extra", [[], ["--sample", "--seed", "1"], ["--num-beams", "2"]])
+def test_generate_decodes_as_its_options_say_whatever_the_checkpoints_penalties(tiny_folder, tmp_path, capsys,
+                                                                                  settings, extra):
+    # a generation_config.json with a repetition penalty, an n-gram ban or suppressed tokens: generate applied it
+    # under the command's options, and its greedy decoding (or sampling, or beam search) was not
+    argv = ["hi", "--max-new-tokens", "16", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, **settings)), *argv])
+    assert capsys.readouterr().out == expected

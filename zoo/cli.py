@@ -83,9 +83,17 @@ def generate(argv: list[str] | None = None) -> None:
 
     import zoo  # noqa: F401  (registers the Auto classes)
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
+    from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_folder_tokenizer
 
-    p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
+    p = argparse.ArgumentParser(
+        prog="zoo generate", description="Generate from a saved model folder.",
+        epilog="Of the checkpoint's generation_config.json this command keeps the eos, pad and bos token ids; with "
+               "--sample its temperature, top-k, top-p (where not given) and other sampling cut-offs (min_p, "
+               "typical_p, ...); with --num-beams its length_penalty and early_stopping. The settings its options "
+               "own are its own: decoding method (greedy, --sample, --num-beams), one text per prompt "
+               "(num_return_sequences), --max-new-tokens (no max_time), --stop (its stop_strings replaced), and no "
+               "repetition penalty, n-gram ban, minimum length, forced or suppressed tokens.")
     p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
     p.add_argument("prompt", nargs="?", help="the text to continue (or give --prompt / --prompts-file)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=[],
@@ -196,11 +204,12 @@ def generate(argv: list[str] | None = None) -> None:
     # num_return_sequences > 1 failed greedy decoding ('Greedy methods ... do not support num_return_sequences') and
     # the one-row streamer with --sample, and printed the rows against the wrong prompts; its max_time cut the text
     # short without a word (--max-new-tokens is this command's length); its stop_strings failed without --stop
-    # ('could not locate a tokenizer'), and --stop's are the ones the printed texts are cut at
-    owned = {"num_return_sequences": 1, "max_time": None, "stop_strings": stops or None}
+    # ('could not locate a tokenizer'), and --stop's are the ones the printed texts are cut at. Its repetition
+    # penalties, n-gram bans, minimum lengths, ... (passkey's GREEDY) changed the tokens: greedy decoding was not
+    owned = {**greedy_overrides(model), "num_beams": args.num_beams, "stop_strings": stops or None}
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             num_beams=args.num_beams, pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
+                             pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
                              streamer=streamer, **owned, **sampling,
                              **({"tokenizer": tok} if stops else {}),
                              **({"cuda_graph": True} if args.cuda_graph else {}))
