@@ -731,3 +731,30 @@ def test_generate_decodes_as_its_options_say_whatever_the_checkpoints_penalties(
     expected = capsys.readouterr().out
     cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, **settings)), *argv])
     assert capsys.readouterr().out == expected
+
+
+def test_generate_prefills_transformers_mamba_in_one_forward_whatever_the_checkpoints_chunks(tmp_path, capsys,
+                                                                                              monkeypatch):
+    # a transformers Mamba whose generation_config.json holds a prefill_chunk_size: generate prefilled the prompt in
+    # those chunks, and transformers' Mamba drops the state of the earlier chunks (zoo.decode.continues_chunks_exactly)
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=300)).save_pretrained(
+        tmp_path / "mamba")
+    folder = _with_generation_config(tmp_path / "mamba", tmp_path, prefill_chunk_size=4)
+    seen = []
+    original = MambaForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        hook = self.register_forward_pre_hook(lambda module, a, kw: seen.append(kw["input_ids"].shape[1]),
+                                              with_kwargs=True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(MambaForCausalLM, "generate", generate)
+    cli.main(["generate", str(folder), "a prompt of many bytes", "--tokenizer", "byte", "--max-new-tokens", "3",
+              "--device", "cpu"])
+    assert seen[1:] == [1, 1] and seen[0] > 4  # the whole prompt in one forward, then one token a step

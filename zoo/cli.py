@@ -82,6 +82,7 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
+    from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_folder_tokenizer
@@ -93,7 +94,9 @@ def generate(argv: list[str] | None = None) -> None:
                "typical_p, ...); with --num-beams its length_penalty and early_stopping. The settings its options "
                "own are its own: decoding method (greedy, --sample, --num-beams), one text per prompt "
                "(num_return_sequences), --max-new-tokens (no max_time), --stop (its stop_strings replaced), and no "
-               "repetition penalty, n-gram ban, minimum length, forced or suppressed tokens.")
+               "repetition penalty, n-gram ban, minimum length, forced or suppressed tokens. Its prefill_chunk_size "
+               "is kept where the model continues a chunk from its cache exactly (not transformers' Mamba, "
+               "FalconMamba or Jamba).")
     p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
     p.add_argument("prompt", nargs="?", help="the text to continue (or give --prompt / --prompts-file)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=[],
@@ -207,6 +210,10 @@ def generate(argv: list[str] | None = None) -> None:
     # ('could not locate a tokenizer'), and --stop's are the ones the printed texts are cut at. Its repetition
     # penalties, n-gram bans, minimum lengths, ... (passkey's GREEDY) changed the tokens: greedy decoding was not
     owned = {**greedy_overrides(model), "num_beams": args.num_beams, "stop_strings": stops or None}
+    if getattr(model.generation_config, "prefill_chunk_size", None) is not None and not continues_chunks_exactly(model):
+        # transformers' Mamba / Jamba prefilled the prompt in the checkpoint's chunks, each dropping the state of the
+        # ones before (other logits, silently); the prompt is one forward for them, as without the setting
+        owned["prefill_chunk_size"] = None
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                              pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
