@@ -758,3 +758,16 @@ def test_generate_prefills_transformers_mamba_in_one_forward_whatever_the_checkp
     cli.main(["generate", str(folder), "a prompt of many bytes", "--tokenizer", "byte", "--max-new-tokens", "3",
               "--device", "cpu"])
     assert seen[1:] == [1, 1] and seen[0] > 4  # the whole prompt in one forward, then one token a step
+
+
+@pytest.mark.parametrize("extra", [["--num-beams", "2"], ["--prompt", "ho"]])
+def test_generate_prints_the_texts_whatever_the_checkpoints_return_dict_in_generate(tiny_folder, tmp_path, capsys,
+                                                                                     extra):
+    # a generation_config.json with return_dict_in_generate: generate returned an output object, and decoding its
+    # rows failed ('TypeError: Can't extract `str` to `Vec`') where the text is printed after generate
+    argv = ["hi", "--max-new-tokens", "6", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    folder = _with_generation_config(tiny_folder, tmp_path, return_dict_in_generate=True, output_scores=True)
+    cli.main(["generate", str(folder), *argv])
+    assert capsys.readouterr().out == expected

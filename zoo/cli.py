@@ -89,14 +89,14 @@ def generate(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(
         prog="zoo generate", description="Generate from a saved model folder.",
-        epilog="Of the checkpoint's generation_config.json this command keeps the eos, pad and bos token ids; with "
-               "--sample its temperature, top-k, top-p (where not given) and other sampling cut-offs (min_p, "
-               "typical_p, ...); with --num-beams its length_penalty and early_stopping. The settings its options "
-               "own are its own: decoding method (greedy, --sample, --num-beams), one text per prompt "
-               "(num_return_sequences), --max-new-tokens (no max_time), --stop (its stop_strings replaced), and no "
-               "repetition penalty, n-gram ban, minimum length, forced or suppressed tokens. Its prefill_chunk_size "
-               "is kept where the model continues a chunk from its cache exactly (not transformers' Mamba, "
-               "FalconMamba or Jamba).")
+        epilog="Of the checkpoint's generation_config.json this command keeps its eos token id(s) and cache "
+               "settings; with --sample its temperature, top-k, top-p (where not given) and other sampling cut-offs "
+               "(min_p, typical_p, ...); with --num-beams its length_penalty and early_stopping; its "
+               "prefill_chunk_size where the model continues a chunk from its cache exactly (not transformers' Mamba, "
+               "FalconMamba or Jamba). The rest its options own: the decoding method (greedy, --sample, --num-beams), "
+               "one text per prompt (no num_return_sequences, return_dict_in_generate), --max-new-tokens (no "
+               "max_time), --stop (its stop_strings replaced), and no repetition penalty, n-gram ban, minimum length, "
+               "forced or suppressed tokens.")
     p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
     p.add_argument("prompt", nargs="?", help="the text to continue (or give --prompt / --prompts-file)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=[],
@@ -209,7 +209,9 @@ def generate(argv: list[str] | None = None) -> None:
     # short without a word (--max-new-tokens is this command's length); its stop_strings failed without --stop
     # ('could not locate a tokenizer'), and --stop's are the ones the printed texts are cut at. Its repetition
     # penalties, n-gram bans, minimum lengths, ... (passkey's GREEDY) changed the tokens: greedy decoding was not
-    owned = {**greedy_overrides(model), "num_beams": args.num_beams, "stop_strings": stops or None}
+    owned = {**greedy_overrides(model), "num_beams": args.num_beams, "stop_strings": stops or None,
+             # its return_dict_in_generate made generate return an output object, not the token ids printed below
+             "return_dict_in_generate": False}
     if getattr(model.generation_config, "prefill_chunk_size", None) is not None and not continues_chunks_exactly(model):
         # transformers' Mamba / Jamba prefilled the prompt in the checkpoint's chunks, each dropping the state of the
         # ones before (other logits, silently); the prompt is one forward for them, as without the setting
