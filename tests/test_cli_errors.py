@@ -670,3 +670,104 @@ def test_generate_chat_applies_the_tokenizers_chat_template(tiny_folder, tmp_pat
         assert printed == "".join(f"==> prompt {i + 1} <==\n{reply}\n" for i, reply in enumerate(replies))
     else:  # streamed, the prompt skipped
         assert seen["streamer"] is not None and printed == replies[0] + "\n"
+
+
+def _with_generation_config(folder: Path, tmp_path: Path, **settings) -> Path:
+    """A copy of the model folder whose generation_config.json also holds ``settings``."""
+    import json
+    import shutil
+
+    copy = tmp_path / f"{folder.name}-generation-config"
+    shutil.copytree(folder, copy)
+    path = copy / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **settings}))
+    return copy
+
+
+@pytest.mark.parametrize("extra", [[], ["--sample", "--seed", "2"], ["--prompt", "ho"]])
+def test_generate_prints_one_text_a_prompt_whatever_the_checkpoints_num_return_sequences(tiny_folder, tmp_path,
+                                                                                          capsys, extra):
+    # a generation_config.json with num_return_sequences 2: greedy decoding failed ('Greedy methods ... do not
+    # support num_return_sequences'), --sample failed in the one-row streamer, and several prompts had their rows
+    # printed against the wrong prompts
+    argv = ["hi", "--max-new-tokens", "6", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    folder = _with_generation_config(tiny_folder, tmp_path, num_return_sequences=2, do_sample=True)
+    cli.main(["generate", str(folder), *argv])
+    assert capsys.readouterr().out == expected
+
+
+def test_generate_is_not_cut_short_by_the_checkpoints_max_time(tiny_folder, tmp_path, capsys):
+    # a generation_config.json with a max_time: generate stopped at that clock, and the text came out shorter than
+    # --max-new-tokens without a word
+    argv = ["hi", "--max-new-tokens", "16"]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, max_time=1e-9)), *argv])
+    assert capsys.readouterr().out == expected
+
+
+@pytest.mark.parametrize("extra", [[], ["--stop", "zz"]])
+def test_generate_stops_at_its_own_stop_strings_not_the_checkpoints(tiny_folder, tmp_path, capsys, extra):
+    # a generation_config.json with stop_strings: without --stop, generate failed ('... could not locate a
+    # tokenizer'); with it, the checkpoint's were replaced, as --stop's are the only ones the command knows
+    argv = ["hi", "--max-new-tokens", "16", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, stop_strings=["h", "o"])), *argv])
+    assert capsys.readouterr().out == expected
+
+
+@pytest.mark.parametrize("settings", [{"repetition_penalty": 5.0}, {"no_repeat_ngram_size": 1},
+                                      {"suppress_tokens": list(range(256))}])
+@pytest.mark.parametrize("extra", [[], ["--sample", "--seed", "1"], ["--num-beams", "2"]])
+def test_generate_decodes_as_its_options_say_whatever_the_checkpoints_penalties(tiny_folder, tmp_path, capsys,
+                                                                                  settings, extra):
+    # a generation_config.json with a repetition penalty, an n-gram ban or suppressed tokens: generate applied it
+    # under the command's options, and its greedy decoding (or sampling, or beam search) was not
+    argv = ["hi", "--max-new-tokens", "16", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    cli.main(["generate", str(_with_generation_config(tiny_folder, tmp_path, **settings)), *argv])
+    assert capsys.readouterr().out == expected
+
+
+def test_generate_prefills_transformers_mamba_in_one_forward_whatever_the_checkpoints_chunks(tmp_path, capsys,
+                                                                                              monkeypatch):
+    # a transformers Mamba whose generation_config.json holds a prefill_chunk_size: generate prefilled the prompt in
+    # those chunks, and transformers' Mamba drops the state of the earlier chunks (zoo.decode.continues_chunks_exactly)
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=300)).save_pretrained(
+        tmp_path / "mamba")
+    folder = _with_generation_config(tmp_path / "mamba", tmp_path, prefill_chunk_size=4)
+    seen = []
+    original = MambaForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        hook = self.register_forward_pre_hook(lambda module, a, kw: seen.append(kw["input_ids"].shape[1]),
+                                              with_kwargs=True)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(MambaForCausalLM, "generate", generate)
+    cli.main(["generate", str(folder), "a prompt of many bytes", "--tokenizer", "byte", "--max-new-tokens", "3",
+              "--device", "cpu"])
+    assert seen[1:] == [1, 1] and seen[0] > 4  # the whole prompt in one forward, then one token a step
+
+
+@pytest.mark.parametrize("extra", [["--num-beams", "2"], ["--prompt", "ho"]])
+def test_generate_prints_the_texts_whatever_the_checkpoints_return_dict_in_generate(tiny_folder, tmp_path, capsys,
+                                                                                     extra):
+    # a generation_config.json with return_dict_in_generate: generate returned an output object, and decoding its
+    # rows failed ('TypeError: Can't extract `str` to `Vec`') where the text is printed after generate
+    argv = ["hi", "--max-new-tokens", "6", *extra]
+    cli.main(["generate", str(tiny_folder), *argv])
+    expected = capsys.readouterr().out
+    folder = _with_generation_config(tiny_folder, tmp_path, return_dict_in_generate=True, output_scores=True)
+    cli.main(["generate", str(folder), *argv])
+    assert capsys.readouterr().out == expected

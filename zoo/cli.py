@@ -82,10 +82,21 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
+    from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
+    from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_folder_tokenizer
 
-    p = argparse.ArgumentParser(prog="zoo generate", description="Generate from a saved model folder.")
+    p = argparse.ArgumentParser(
+        prog="zoo generate", description="Generate from a saved model folder.",
+        epilog="Of the checkpoint's generation_config.json this command keeps its eos token id(s) and cache "
+               "settings; with --sample its temperature, top-k, top-p (where not given) and other sampling cut-offs "
+               "(min_p, typical_p, ...); with --num-beams its length_penalty and early_stopping; its "
+               "prefill_chunk_size where the model continues a chunk from its cache exactly (not transformers' Mamba, "
+               "FalconMamba or Jamba). The rest its options own: the decoding method (greedy, --sample, --num-beams), "
+               "one text per prompt (no num_return_sequences, return_dict_in_generate), --max-new-tokens (no "
+               "max_time), --stop (its stop_strings replaced), and no repetition penalty, n-gram ban, minimum length, "
+               "forced or suppressed tokens.")
     p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
     p.add_argument("prompt", nargs="?", help="the text to continue (or give --prompt / --prompts-file)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=[],
@@ -191,11 +202,25 @@ def generate(argv: list[str] | None = None) -> None:
     # ends); --chat shows the reply alone
     streamer = TextStreamer(tok, skip_prompt=args.chat, skip_special_tokens=True) \
         if args.num_beams == 1 and len(prompts) == 1 else None
+    # the checkpoint's generation_config.json applies to every generate() call (transformers merges it under the
+    # arguments): the settings this command's flags own are passed explicitly, so that it cannot change them. Its
+    # num_return_sequences > 1 failed greedy decoding ('Greedy methods ... do not support num_return_sequences') and
+    # the one-row streamer with --sample, and printed the rows against the wrong prompts; its max_time cut the text
+    # short without a word (--max-new-tokens is this command's length); its stop_strings failed without --stop
+    # ('could not locate a tokenizer'), and --stop's are the ones the printed texts are cut at. Its repetition
+    # penalties, n-gram bans, minimum lengths, ... (passkey's GREEDY) changed the tokens: greedy decoding was not
+    owned = {**greedy_overrides(model), "num_beams": args.num_beams, "stop_strings": stops or None,
+             # its return_dict_in_generate made generate return an output object, not the token ids printed below
+             "return_dict_in_generate": False}
+    if getattr(model.generation_config, "prefill_chunk_size", None) is not None and not continues_chunks_exactly(model):
+        # transformers' Mamba / Jamba prefilled the prompt in the checkpoint's chunks, each dropping the state of the
+        # ones before (other logits, silently); the prompt is one forward for them, as without the setting
+        owned["prefill_chunk_size"] = None
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             num_beams=args.num_beams, pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
-                             streamer=streamer, **sampling,
-                             **({"stop_strings": stops, "tokenizer": tok} if stops else {}),
+                             pad_token_id=pad_id if len(prompts) > 1 else tok.pad_token_id,
+                             streamer=streamer, **owned, **sampling,
+                             **({"tokenizer": tok} if stops else {}),
                              **({"cuda_graph": True} if args.cuda_graph else {}))
     if streamer is not None:
         return
