@@ -1404,3 +1404,32 @@ def test_interrupted_mqar_training_continues_from_its_last_step(tmp_path, monkey
     calls[:], partial = [], tmp_path / "every" / "gla" / "train-L128" / "mqar.partial.pt"
     assert main([*argv, f"--output_dir={tmp_path / 'every'}", "--eval.mqar.checkpoint_every=2"]) == 0
     assert calls == [False, False, True, True, True, True]
+
+
+def test_length_plot_marks_every_training_length(tmp_path, monkeypatch):
+    """With train_lengths [32, 64], length.png has curves of models trained at 32 and at 64, but only the first
+    length (32) was marked as the training length."""
+    import matplotlib.axes
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml",
+                                      [f"output_dir={tmp_path}", "train_lengths=[32, 64]"])
+    records = compare.run_comparison(cfg, folder, only=["mamba", "gla"], accounting_only=True)["records"]
+    bins = [{"start": 1, "end": 16, "mean_loss": 3.0, "n_tokens": 15}, {"start": 16, "end": 128, "mean_loss": 2.5,
+                                                                         "n_tokens": 112}]
+    for rec in records:
+        for L in (32, 64):
+            rec["phases"][f"eval/L{L}"] = {"per_position": {"bins": bins}}
+    lines = []
+    real = matplotlib.axes.Axes.axvline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axvline",
+                        lambda self, x=0, *a, **k: lines.append((x, k.get("label"))) or real(self, x, *a, **k))
+    paths = compare.write_plots(records, cfg, tmp_path)
+    assert tmp_path / "length.png" in paths
+    assert lines == [(32, "train length 32"), (64, "train length 64")]
+    lines.clear()
+    for rec in records:  # only the curves at 64: only 64 is marked
+        del rec["phases"]["eval/L32"]
+    compare.write_plots(records, cfg, tmp_path)
+    assert lines == [(64, "train length 64")]

@@ -1878,16 +1878,17 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.legend()
     save(fig, "recall.png")
 
-    curves = {}
+    curves, trained_at = {}, []
     for rec in records:
         for L in lengths:
             pp = (rec["phases"].get(f"eval/L{L}") or {}).get("per_position")
             if pp:
                 curves[_label(rec["name"], L, lengths)] = {"bins": pp["bins"]}
-    if curves:
+                trained_at.append(L)
+    if curves:  # every length a plotted curve was trained at is marked, not only the first
         from zoo.eval.length import plot_length_curves
 
-        written.append(plot_length_curves(curves, out / "length.png", train_length=lengths[0],
+        written.append(plot_length_curves(curves, out / "length.png", train_length=sorted(set(trained_at)),
                                           title="per-position loss on long held-out documents"))
     return written
 

@@ -199,23 +199,26 @@ def evaluate_length(
 
 
 def plot_length_curves(
-    results: Mapping[str, dict], path: str | Path, train_length: int | None = None, title: str | None = None
+    results: Mapping[str, dict], path: str | Path, train_length: int | Sequence[int] | None = None,
+    title: str | None = None
 ) -> Path:
-    """Loss against position (log x), one binned curve per result, with the training length marked.
+    """Loss against position (log x), one binned curve per result, with the training length(s) marked.
 
     Args:
         results: label -> ``evaluate_length`` result.
         path: PNG to write.
-        train_length: draws a dashed vertical line there.
+        train_length: draws a vertical line there; a list (models trained at several lengths) draws one line per
+            length, each in its own line style.
         title: figure title.
     """
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for label, result in results.items():
         centers = [math.sqrt(b["start"] * max(b["end"] - 1, b["start"])) for b in result["bins"]]
         ax.plot(centers, [b["mean_loss"] for b in result["bins"]], marker="o", markersize=3, label=label)
-    if train_length:
-        ax.axvline(train_length, color="black", linestyle="--", linewidth=1,
-                   label=f"train length {train_length}")
+    marks = [train_length] if isinstance(train_length, int) else list(train_length or [])
+    for i, length in enumerate(dict.fromkeys(L for L in marks if L)):
+        ax.axvline(length, color="black", linestyle=("--", ":", "-.")[i % 3], linewidth=1,
+                   label=f"train length {length}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("token position")
     ax.set_ylabel("loss (nats / token)")
