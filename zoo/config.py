@@ -353,8 +353,9 @@ class ZooConfig(PreTrainedConfig):
             raise ValueError(f"decode_state_dtype: must be one of {DECODE_STATE_DTYPES}, "
                              f"got {self.decode_state_dtype!r}")
         # (an infinite initializer_range made every logit NaN; an infinite norm_eps zeroed every normalized input)
-        if not 0 < self.norm_eps < math.inf:
-            raise ValueError(f"norm_eps: must be a finite number > 0, got {self.norm_eps!r}")
+        from zoo.layers import check_norm_eps  # (the mixers' epsilons take the same check)
+
+        check_norm_eps(self.norm_eps)
         if not 0 < self.initializer_range < math.inf:
             raise ValueError(f"initializer_range: must be a finite number > 0, got {self.initializer_range!r}")
         if self.mixers is not None and not isinstance(self.mixers, dict):
