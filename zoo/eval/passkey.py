@@ -243,8 +243,8 @@ def evaluate_passkey(
     Args:
         model: a causal LM with ``generate`` (or any HF-interface model when ``prefill_chunk_size`` is set).
         tokenizer: ``encode``/``decode`` (any transformers tokenizer, zoo's byte tokenizer included).
-        lengths: target prompt lengths in tokens.
-        depths: needle depths in [0, 1].
+        lengths: target prompt lengths in tokens (one given twice is run once).
+        depths: needle depths in [0, 1] (one given twice is run once).
         n_samples: prompts (distinct random keys) per cell.
         seed: the keys of a cell come from a generator seeded by (seed, length, depth) (``cell_generator``), so a
             cell's prompts do not depend on which other cells the grid holds.
@@ -271,6 +271,10 @@ def evaluate_passkey(
     if not lengths or not depths:
         raise ValueError(f"evaluate_passkey: no cells (lengths={list(lengths)}, depths={list(depths)}); give at "
                          f"least one of each (--lengths, --depths)")
+    # a cell given twice (--lengths 1K,1024) is run once: its copy was a second row of the same cell, which the
+    # table showed once but a mean over the rows (zoo compare's passkey accuracy) counted twice
+    lengths = list(dict.fromkeys(int(length) for length in lengths))
+    depths = list(dict.fromkeys(float(depth) for depth in depths))
     bad_depths = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad_depths:
         raise ValueError(f"depths: {bad_depths[0]:g} is not a fraction of the filler in [0, 1]; give --depths such as "
