@@ -489,6 +489,32 @@ def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
     assert calls == []
 
 
+def test_evaluate_passkey_checks_the_template_with_every_key_of_a_length(hf_tokenizer):
+    """The template check measured it with key 10000 only; a BPE tokenizer writes other keys in more tokens, so a
+    length between the two passed the check, ran the cells before it and failed at its first longer key as
+    'context_length=... is shorter than the bare template', naming no option."""
+    from zoo.eval.common import encode_with_bos
+    from zoo.eval.passkey import cell_keys
+
+    def bare(key: int) -> int:
+        return len(encode_with_bos(hf_tokenizer, passkey_text(key, 0, 0)))
+
+    low = bare(10000)
+    length = next(n for n in range(low, low + 8) if any(bare(k) > n for k in cell_keys(0, n, 0.5, 4)))
+    calls = []
+
+    class Counting(EchoModel):
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            calls.append(input_ids.shape[1])
+            return super().generate(input_ids, max_new_tokens, **kwargs)
+
+    need = max(bare(k) for k in cell_keys(0, length, 0.5, 4))
+    with pytest.raises(ValueError, match=rf"lengths: {length} tokens is shorter than the bare passkey template "
+                                         rf"\({need} tokens.*at least {need}"):
+        evaluate_passkey(Counting(hf_tokenizer), hf_tokenizer, lengths=[300, length], depths=[0.5], n_samples=4)
+    assert calls == []
+
+
 def test_chunked_greedy_decoding_matches_generate():
     model = tiny_llama()
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
