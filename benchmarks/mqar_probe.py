@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                           warmup_steps=max(1, steps // 10), eval_samples=256)
         run_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, mqar=mqar))
         t0 = time.time()
-        res = phase_mqar(run_cfg, entries[name], seq_len, Path("/tmp/mqar-probe"), None, _device())
+        # a folder of its own: phase_mqar keeps its finished training there (for zoo compare to resume), and in one
+        # shared folder a run of the same spec, in this probe or a later one, reused it instead of training
+        with tempfile.TemporaryDirectory(prefix="mqar-probe-") as run_dir:
+            res = phase_mqar(run_cfg, entries[name], seq_len, Path(run_dir), None, _device())
         rec = dict(name=name, vocab=vocab, seq=seq, nkv=nkv, lr=lr, steps=steps, train_losses=res["train_losses"],
                    final_train_loss=res["final_train_loss"], acc=res["accuracy"], secs=round(time.time() - t0, 1))
         print(json.dumps(rec), flush=True)

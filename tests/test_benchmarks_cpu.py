@@ -39,6 +39,23 @@ def test_mqar_probe_runs_the_demos_models_on_the_cpu(tmp_path, monkeypatch):
     assert row["name"] == "gla" and row["steps"] == 3 and 0 <= row["acc"] <= 1 and len(row["train_losses"]) == 3
 
 
+def test_mqar_probe_trains_every_run_afresh(tmp_path, monkeypatch, capsys):
+    """Every run trained in /tmp/mqar-probe, where phase_mqar keeps its finished training for zoo compare to resume: a
+    run of the same spec (in the same probe, a later one, or another user's) loaded that model instead of training,
+    and its row reported another run's model, trained in no time."""
+    import json
+
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    script = load_script("benchmarks/mqar_probe.py")
+    spec = "gla:32:32:4:3e-3:2"
+    assert script.main(["--config", "configs/compare/demo.yaml", "--batch-size", "4", spec, spec]) == 0
+    assert script.main(["--config", "configs/compare/demo.yaml", "--batch-size", "4", spec]) == 0
+    assert "continuing" not in capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "mqar-probe.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(len(r["train_losses"]) == 2 for r in rows)
+
+
 def test_report_keeps_every_baseline_of_the_newest_run_only():
     """A run may write one figure once per baseline (the selective scan: mamba_ssm, then the floor); the rendered
     table keeps each of them, of the newest run of that name only, and a run's repeated row once (its last)."""

@@ -190,6 +190,24 @@ def test_evaluate_synthetic_rows_do_not_depend_on_the_batch_size(task):
     assert len({tuple(row.tolist()) for row in seen[0]}) == 16  # no two rows alike
 
 
+class ShortRowOracle(InductionOracle):
+    """The oracle on rows of at most 64 tokens, wrong on longer ones (an accuracy that depends on the length)."""
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **kwargs):
+        self.shift = 0 if input_ids.shape[1] <= 64 else 1
+        return super().forward(input_ids, past_key_values, use_cache)
+
+
+def test_evaluate_synthetic_runs_a_cell_given_twice_once():
+    """--seq-lens 64,128,2^7 ran the 128 cell twice on the same rows: a second row of it, its answers counted twice in
+    n_answers, and the count's marginal weighed T=128 double (accuracy 1/3 instead of 1/2 here)."""
+    result = evaluate_synthetic(ShortRowOracle(64), "mqar", seq_lens=[64, 128, 128], n_kv=[4, 4], n_samples=8,
+                                vocab_size=64)
+    assert [(r["seq_len"], r["n_kv"], r["accuracy"]) for r in result["rows"]] == [(64, 4, 1.0), (128, 4, 0.0)]
+    assert result["by_count"] == [{"n_kv": 4, "accuracy": 0.5, "n_answers": 64}]
+    assert [(r["seq_len"], r["n_answers"]) for r in result["by_seq_len"]] == [(64, 32), (128, 32)]
+
+
 def test_evaluate_synthetic_reports_the_count_the_rows_had():
     """A count passed as a task argument (selective copying's n_tokens) is the one in the row, not the default 16."""
     result = evaluate_synthetic(SlicingOracle(16), "selective_copying", seq_lens=[64], n_samples=4, n_tokens=8)
@@ -369,6 +387,23 @@ def record_progress(monkeypatch) -> list:
     return updates
 
 
+def test_evaluate_passkey_runs_a_cell_given_twice_once():
+    """--lengths 300,300 --depths 0,0.0,1 ran cells twice: a second row of the same cell, which a mean over the rows
+    (zoo compare's passkey accuracy) counted twice."""
+    tokenizer = ByteTokenizer()
+    calls = []
+
+    class Counting(EchoModel):
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            calls.append(input_ids.shape[1])
+            return super().generate(input_ids, max_new_tokens, **kwargs)
+
+    result = evaluate_passkey(Counting(tokenizer), tokenizer, lengths=[300, 600, 300], depths=[0, 0.0, 1.0],
+                              n_samples=2)
+    assert [(r["length"], r["depth"]) for r in result["rows"]] == [(300, 0.0), (300, 1.0), (600, 0.0), (600, 1.0)]
+    assert len(calls) == len(result["samples"]) == 8
+
+
 def test_evaluate_passkey_progress_advances_with_every_prompt(monkeypatch):
     """zoo eval passkey's bar counted cells: one cell of five 1M-token prompts stood still for minutes. It counts
     the prompts now."""
@@ -451,6 +486,32 @@ def test_evaluate_passkey_checks_the_grid_before_the_first_cell():
         evaluate_passkey(model, tokenizer, lengths=[300], depths=[0, 1.2], n_samples=1)
     with pytest.raises(ValueError, match=r"no cells.*--depths"):
         evaluate_passkey(model, tokenizer, lengths=[300], depths=[], n_samples=1)
+    assert calls == []
+
+
+def test_evaluate_passkey_checks_the_template_with_every_key_of_a_length(hf_tokenizer):
+    """The template check measured it with key 10000 only; a BPE tokenizer writes other keys in more tokens, so a
+    length between the two passed the check, ran the cells before it and failed at its first longer key as
+    'context_length=... is shorter than the bare template', naming no option."""
+    from zoo.eval.common import encode_with_bos
+    from zoo.eval.passkey import cell_keys
+
+    def bare(key: int) -> int:
+        return len(encode_with_bos(hf_tokenizer, passkey_text(key, 0, 0)))
+
+    low = bare(10000)
+    length = next(n for n in range(low, low + 8) if any(bare(k) > n for k in cell_keys(0, n, 0.5, 4)))
+    calls = []
+
+    class Counting(EchoModel):
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            calls.append(input_ids.shape[1])
+            return super().generate(input_ids, max_new_tokens, **kwargs)
+
+    need = max(bare(k) for k in cell_keys(0, length, 0.5, 4))
+    with pytest.raises(ValueError, match=rf"lengths: {length} tokens is shorter than the bare passkey template "
+                                         rf"\({need} tokens.*at least {need}"):
+        evaluate_passkey(Counting(hf_tokenizer), hf_tokenizer, lengths=[300, length], depths=[0.5], n_samples=4)
     assert calls == []
 
 

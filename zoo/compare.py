@@ -1913,16 +1913,17 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     n_tokens = len(tokenizer)
     pk = cfg.eval.passkey
     if pk is not None:  # evaluate_passkey refuses a length below its template only after the first model trained
-        from zoo.eval.common import encode_with_bos
-        from zoo.eval.passkey import longest_answer, passkey_text
+        from zoo.eval.passkey import bare_template_tokens, longest_answer
 
-        bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0)))
-        short = [n for n in pk.lengths if n < bare]
+        cells = {(int(n), float(d)) for n in pk.lengths for d in pk.depths}
+        # with every key of a length (evaluate_passkey's keys: seed train.seed), not key 10000's alone
+        bare = bare_template_tokens(tokenizer, recipe.train.seed, cells, pk.n_samples)
+        short = [n for n in pk.lengths if n < bare[int(n)]]
         if short:
             raise ValueError(f"eval.passkey.lengths: {short[0]} tokens is shorter than the bare passkey template "
-                             f"({bare} tokens with tokenizer {recipe.tokenizer!r}); give lengths of at least {bare}")
-        need = longest_answer(tokenizer, recipe.train.seed, {(int(n), float(d)) for n in pk.lengths for d in pk.depths},
-                              pk.n_samples)
+                             f"({bare[int(short[0])]} tokens with tokenizer {recipe.tokenizer!r} and the keys of that "
+                             f"length); give lengths of at least {bare[int(short[0])]}")
+        need = longest_answer(tokenizer, recipe.train.seed, cells, pk.n_samples)
         if pk.max_new_tokens < need:  # every answer would be cut before its last digit: passkey 0 for any model
             raise ValueError(f"eval.passkey.max_new_tokens: {pk.max_new_tokens} new tokens cannot write an answer "
                              f"\" <5-digit key>\" of up to {need} tokens with tokenizer {recipe.tokenizer!r}; give "

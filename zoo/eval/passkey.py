@@ -224,6 +224,18 @@ def longest_answer(tokenizer, seed: int, cells, n_samples: int) -> int:
                for key in cell_keys(seed, length, depth, n_samples))
 
 
+def bare_template_tokens(tokenizer, seed: int, cells, n_samples: int, add_bos: bool = True) -> dict[int, int]:
+    """Per length of the grid's ``cells`` ((length, depth) pairs, ``n_samples`` keys each), the most tokens the prompt
+    without filler takes with one of its keys: the shortest prompt of that length. A BPE tokenizer writes some 5-digit
+    keys in more tokens than others (10000 in fewer than most), so every key is measured."""
+    bare: dict[int, int] = {}
+    for length, depth in sorted(cells):
+        for key in cell_keys(seed, length, depth, n_samples):
+            size = len(encode_with_bos(tokenizer, passkey_text(key, 0, 0), add_bos))
+            bare[length] = max(bare.get(length, 0), size)
+    return bare
+
+
 def evaluate_passkey(
     model,
     tokenizer,
@@ -243,8 +255,8 @@ def evaluate_passkey(
     Args:
         model: a causal LM with ``generate`` (or any HF-interface model when ``prefill_chunk_size`` is set).
         tokenizer: ``encode``/``decode`` (any transformers tokenizer, zoo's byte tokenizer included).
-        lengths: target prompt lengths in tokens.
-        depths: needle depths in [0, 1].
+        lengths: target prompt lengths in tokens (one given twice is run once).
+        depths: needle depths in [0, 1] (one given twice is run once).
         n_samples: prompts (distinct random keys) per cell.
         seed: the keys of a cell come from a generator seeded by (seed, length, depth) (``cell_generator``), so a
             cell's prompts do not depend on which other cells the grid holds.
@@ -271,20 +283,27 @@ def evaluate_passkey(
     if not lengths or not depths:
         raise ValueError(f"evaluate_passkey: no cells (lengths={list(lengths)}, depths={list(depths)}); give at "
                          f"least one of each (--lengths, --depths)")
+    # a cell given twice (--lengths 1K,1024) is run once: its copy was a second row of the same cell, which the
+    # table showed once but a mean over the rows (zoo compare's passkey accuracy) counted twice
+    lengths = list(dict.fromkeys(int(length) for length in lengths))
+    depths = list(dict.fromkeys(float(depth) for depth in depths))
     bad_depths = [d for d in depths if not 0.0 <= d <= 1.0]
     if bad_depths:
         raise ValueError(f"depths: {bad_depths[0]:g} is not a fraction of the filler in [0, 1]; give --depths such as "
                          f"0,0.25,0.5,0.75,1 (a depth of 25% is 0.25)")
     # the prompt starts as the model's training documents did: with BOS unless it recorded add_bos false
     add_bos = trained_with_bos(getattr(model, "config", None))
-    bare = len(encode_with_bos(tokenizer, passkey_text(10000, 0, 0), add_bos))
-    short = [n for n in lengths if n < bare]
+    grid = {(int(length), float(depth)) for length in lengths for depth in depths}
+    # with each of a length's keys (a length that fit the template of key 10000 ran the cells before it, then failed
+    # at its first longer key)
+    bare = bare_template_tokens(tokenizer, seed, grid, n_samples, add_bos)
+    short = [n for n in lengths if n < bare[n]]
     if short:
-        raise ValueError(f"lengths: {short[0]} tokens is shorter than the bare passkey template ({bare} tokens with "
-                         f"this tokenizer); give --lengths of at least {bare}")
+        raise ValueError(f"lengths: {short[0]} tokens is shorter than the bare passkey template ({bare[short[0]]} "
+                         f"tokens with this tokenizer and the keys of that length); give --lengths of at least "
+                         f"{bare[short[0]]}")
     device = torch.device(device) if device is not None else model_device(model)
     eos = getattr(tokenizer, "eos_token_id", None)
-    grid = {(int(length), float(depth)) for length in lengths for depth in depths}
     need = longest_answer(tokenizer, seed, grid, n_samples)
     if max_new_tokens < need:  # a perfect model scored 0: every answer was cut before its last digit
         raise ValueError(f"max_new_tokens={max_new_tokens}: an answer \" <5-digit key>\" takes up to {need} tokens "

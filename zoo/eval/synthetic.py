@@ -103,10 +103,10 @@ def evaluate_synthetic(
     Args:
         model: a causal LM whose vocabulary covers the task's.
         task: 'mqar', 'selective_copying' or 'induction_heads'.
-        seq_lens: row lengths T to test.
+        seq_lens: row lengths T to test (one given twice is tested once).
         n_kv: numbers of items to recall (MQAR key-value pairs, selective-copying tokens); None: the task
-            default. Cells the task cannot build (e.g. 4 * n_kv > T for MQAR) are skipped with a warning;
-            a ValueError when no cell can be built.
+            default; one given twice is tested once. Cells the task cannot build (e.g. 4 * n_kv > T for MQAR)
+            are skipped with a warning; a ValueError when no cell can be built.
         n_samples: rows per cell.
         batch_size: rows per forward.
         device: where the inputs go; default the model's device (the model is not moved).
@@ -134,6 +134,10 @@ def evaluate_synthetic(
     count_name = COUNT_ARGUMENT[task]
     if n_kv is not None and count_name is None:
         raise ValueError(f"task {task!r} has no count to vary; leave n_kv unset")
+    # a cell given twice (--seq-lens 128,2^7) is run once: its copy drew the same rows and counted them twice in
+    # n_answers and in the marginals, which weighed that length (or count) double
+    seq_lens = list(dict.fromkeys(seq_lens))
+    n_kv = list(dict.fromkeys(n_kv)) if n_kv is not None else None
     device = torch.device(device) if device is not None else model_device(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     task_vocab = task_kwargs.get("vocab_size", task_default(task, "vocab_size"))
