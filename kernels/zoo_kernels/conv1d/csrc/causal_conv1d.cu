@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kThreads) conv_fwd_kernel(const ConvParams p) 
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
       const int s = t0 - kH + j;
-      xw[j] = s >= 0 ? to_f(xr[s]) : (p.init ? p.init[size_t(row) * kH + kH + s] : 0.f);
+      // s past the row's end: a lane 0 past it computes nothing, but its read must stay inside the row
+      xw[j] = s >= 0 ? (s < L ? to_f(xr[s]) : 0.f) : (p.init ? p.init[size_t(row) * kH + kH + s] : 0.f);
     }
   }
   if (t0 >= L) return;  // after the shuffles, which want the whole warp
@@ -176,7 +177,8 @@ __global__ void __launch_bounds__(kThreads, kSeq ? ZOO_CONV_BWD_SEQ_MIN_BLOCKS :
 #pragma unroll
     for (int j = 0; j < kH; ++j) {
       const int s = t0 - kH + j;
-      xw[j] = s >= 0 ? to_f(xr[s]) : (p.init ? p.init[size_t(row) * kH + kH + s] : 0.f);
+      // s past the row's end: a lane 0 past it computes nothing, but its read must stay inside the row
+      xw[j] = s >= 0 ? (s < L ? to_f(xr[s]) : 0.f) : (p.init ? p.init[size_t(row) * kH + kH + s] : 0.f);
     }
   }
   if (lane_id == 31) {
