@@ -49,7 +49,8 @@ class EvalSection:
     """After training: accuracy over seq_lens × n_kv (None: the task's own count), n_samples rows per cell in
     batches of batch_size; rows longer than chunk_size run in chunks with the cache carried (constant memory
     for recurrent models). max_len: per model name, the longest seq_len to test (attention's KV cache and cost
-    grow with the row). plot_seq_len / plot_count: the cell of the accuracy-vs-state plot (default: training)."""
+    grow with the row). plot_seq_len / plot_count: the cell of the accuracy-vs-state plot (default: training); the
+    summary's acc@T columns and accuracy_vs_length.png read each length at plot_count."""
 
     seq_lens: list[int | str] = field(default_factory=list)
     n_kv: list[int] | None = None
@@ -423,8 +424,10 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
         # a plot cell outside the grid read as None for every run, and the sweep's first run was taken as its best
         row["selected_by"] = "plot cell" if row["plot_accuracy"] is not None else "grid"
         row["_score"] = row["plot_accuracy"] if row["plot_accuracy"] is not None else grid_accuracy(res)
+        # at the plot count: pooled over every count a length can hold, a longer length took in more (and harder)
+        # counts than a shorter one, so acc@T fell with T for a model that ignores the length
         for seq_len in run.eval.seq_lens:
-            acc = cell_accuracy(res, seq_len)
+            acc = cell_accuracy(res, seq_len, count)
             row[f"acc@{seq_len}"] = "-" if acc is None else acc
         row["_group"] = (run.model_name, tuple((k, v) for k, v in run.point.items() if k not in select))
         table.append(row)
@@ -536,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(data.get("output_dir", "runs/synthetic"))
     seq_lens = runs[0].eval.seq_lens
     columns = ["run", "params", "state_floats", *[f"acc@{s}" for s in seq_lens]]
-    text = f"# {args.config}\n\n## best per model and grid point\n\n{markdown_table(best, columns)}\n"
+    text = (f"# {args.config}\n\nacc@T: accuracy at T tokens with the plot count of items (plot_count: default the "
+            f"trained count; every cell is in summary.json's result rows and each run's result.json)\n\n"
+            f"## best per model and grid point\n\n{markdown_table(best, columns)}\n")
     if len(best) < len(table):
         text += f"\n## every run\n\n{markdown_table(table, columns)}\n"
     seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in results)

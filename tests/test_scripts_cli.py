@@ -344,6 +344,25 @@ def test_train_synthetic_plot_cell_is_the_trained_count_when_task_kwargs_leave_i
         assert [r["run"] for r in best] == ["a"] and best[0]["selected_by"] == "plot cell"
 
 
+def test_train_synthetic_acc_at_a_length_reads_the_plot_count_not_every_count_the_length_holds():
+    """acc@T pooled every count T could hold: mqar-sweep's T=64 took n_kv 4..16, its T=512 4..64. A model perfect up
+    to 16 pairs and at 20% beyond, whatever the length, read 1.0 at 64 and 0.38 at 512, a fall with length that the
+    model does not have. acc@T is now the plot count's cell (the trained count by default)."""
+    from types import SimpleNamespace
+
+    script = load_script("scripts/train_synthetic.py")
+    data = SimpleNamespace(seq_len=256, task="mqar", task_kwargs={"n_kv": 16})
+    run = SimpleNamespace(name="a", model_name="gla", point={}, section=SimpleNamespace(data=data),
+                          eval=SimpleNamespace(plot_seq_len=None, plot_count=None, seq_lens=[64, 512]))
+    rows = [{"seq_len": 64, "n_kv": n, "n_correct": n, "n_answers": n} for n in (4, 8, 16)]
+    rows += [{"seq_len": 512, "n_kv": n, "n_correct": n if n <= 16 else n // 5, "n_answers": n} for n in (4, 16, 64)]
+    table, _ = script.summarize({}, [run], [{"parameters": 1, "state_floats": 1, "rows": rows}])
+    assert table[0]["acc@64"] == 1.0 and table[0]["acc@512"] == 1.0
+    run.eval.plot_count = 64  # a length that cannot hold the count has no cell there
+    table, _ = script.summarize({}, [run], [{"parameters": 1, "state_floats": 1, "rows": rows}])
+    assert table[0]["acc@64"] == "-" and table[0]["acc@512"] == 12 / 64
+
+
 def _tiny_synthetic_recipe(tmp_path, precision: str = "fp32") -> Path:
     import yaml
 
