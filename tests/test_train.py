@@ -1921,3 +1921,52 @@ def test_resume_says_when_the_built_in_corpus_is_another_pythons(tmp_path, capsy
     assert re.search(rf"--resume: the built-in corpus 'stdlib' is Python {re.escape(now['python'])}'s \({now['files']} "
                      r"files\), step_00000003's run read Python 3\.9\.0's \(1234 files\), which orders every epoch's "
                      r"documents otherwise than the run did\. This resume is not exact", capsys.readouterr().out)
+
+
+def test_logged_loss_of_a_moe_model_is_the_cross_entropy_and_its_aux_loss_a_column_apart(tmp_path):
+    """An MoE model's metrics.csv `loss` (and compare's loss.png, final_train_loss) was its objective, the cross
+    entropy plus moe.aux_loss_coef · the load-balancing loss, while eval_loss and the other models' losses are the
+    cross entropy alone. Now `loss` is the cross entropy (the same at any aux_loss_coef before the first update) and
+    `aux_loss` the objective's aux part."""
+    rows, seen = {}, {}
+    for coef in (0.0, 1.0):
+        model = {"model_type": "zoo", "vocab_size": 260, "d_model": 32, "layers": "MM", "ffn": {"hidden": 64},
+                 "mixers": {"M": {"type": "mamba", "d_state": 4}},
+                 "moe": {"every": 2, "n_experts": 4, "top_k": 2, "aux_loss_coef": coef}}
+        run = run_dict(tmp_path / str(coef), train={"max_steps": 1, "grad_accum": 1, "precision": "fp32"},
+                       log={"every": 1}, schedule={"warmup_steps": 0})
+        run["model"] = model
+        train(config_from_dict(run), on_step=lambda s, m, c=coef: seen.__setitem__(c, m["loss"]))
+        with open(tmp_path / str(coef) / "run" / "metrics.csv") as f:
+            rows[coef] = next(csv.DictReader(f))
+    # the first step's loss is computed before any update: the same weights and rows at both coefficients
+    assert math.isclose(float(rows[1.0]["loss"]), float(rows[0.0]["loss"]), rel_tol=1e-5)
+    assert math.isclose(seen[1.0], seen[0.0], rel_tol=1e-5)
+    assert "aux_loss" not in rows[0.0]  # no aux loss in the objective at aux_loss_coef 0
+    assert float(rows[1.0]["aux_loss"]) > 0.5  # the aux loss of a layer of top-2 routing is about 2
+
+
+@pytest.mark.parametrize("chunk_len,mode", [(None, "exact"), (16, "exact"), (16, "detach")])
+def test_forward_backward_gives_the_aux_part_of_a_moe_loss(chunk_len, mode):
+    """forward_backward's loss minus the aux part it reports is the cross entropy (an eval-mode loss), whole rows
+    or in chunks."""
+    import zoo
+
+    torch.manual_seed(0)
+    config = zoo.ZooConfig.from_yaml(ROOT / "configs/models/jamba-tiny.yaml", vocab_size=260,
+                                     moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 1.0})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config).train()
+    L = 48
+    ids = torch.randint(0, 256, (2, L))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(L).repeat(2, 1),
+             "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    n = count_targets(batch["labels"])
+    aux: list[torch.Tensor] = []
+    loss = forward_backward(model, batch, 1.0 / n, ModelInputs.of(model), chunk_len=chunk_len, mode=mode, aux=aux)
+    with torch.no_grad():
+        model.eval()
+        out = model(input_ids=ids, labels=ids, output_router_logits=True)
+    assert_close("cross entropy", loss - sum(aux), out.loss, 1e-5)
+    assert_close("aux part", sum(aux), out.aux_loss, 1e-5)
