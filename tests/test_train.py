@@ -1946,18 +1946,31 @@ def test_logged_loss_of_a_moe_model_is_the_cross_entropy_and_its_aux_loss_a_colu
     assert float(rows[1.0]["aux_loss"]) > 0.5  # the aux loss of a layer of top-2 routing is about 2
 
 
-@pytest.mark.parametrize("chunk_len,mode", [(None, "exact"), (16, "exact"), (16, "detach")])
-def test_forward_backward_gives_the_aux_part_of_a_moe_loss(chunk_len, mode):
-    """forward_backward's loss minus the aux part it reports is the cross entropy (an eval-mode loss), whole rows
-    or in chunks."""
+def _moe_model(kind: str):
+    """A tiny MoE causal LM in training mode: zoo's Jamba-style ('zoo') or transformers' Mixtral ('mixtral', its
+    aux loss returned and added to its loss through output_router_logits)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     import zoo
 
     torch.manual_seed(0)
-    config = zoo.ZooConfig.from_yaml(ROOT / "configs/models/jamba-tiny.yaml", vocab_size=260,
-                                     moe={"every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 1.0})
-    from transformers import AutoModelForCausalLM
+    if kind == "zoo":
+        config = zoo.ZooConfig.from_yaml(ROOT / "configs/models/jamba-tiny.yaml", vocab_size=260, moe={
+            "every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 1.0})
+    else:
+        config = AutoConfig.for_model("mixtral", **{k: v for k, v in LLAMA.items() if k != "model_type"},
+                                      num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                                      router_aux_loss_coef=0.5)
+    return AutoModelForCausalLM.from_config(config).train()
 
-    model = AutoModelForCausalLM.from_config(config).train()
+
+@pytest.mark.parametrize("kind,chunk_len,mode", [("zoo", None, "exact"), ("zoo", 16, "exact"), ("zoo", 16, "detach"),
+                                                 ("zoo", 48, "exact"), ("mixtral", None, "exact"),
+                                                 ("mixtral", 16, "exact")])
+def test_forward_backward_gives_the_aux_part_of_a_moe_loss(kind, chunk_len, mode):
+    """forward_backward's loss minus the aux part it reports is the cross entropy (an eval-mode loss), whole rows
+    or in chunks (zoo's 16: the row's aux loss shared over the chunks; 48, and Mixtral's: each chunk's own)."""
+    model = _moe_model(kind)
     L = 48
     ids = torch.randint(0, 256, (2, L))
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(L).repeat(2, 1),
@@ -1967,6 +1980,45 @@ def test_forward_backward_gives_the_aux_part_of_a_moe_loss(chunk_len, mode):
     loss = forward_backward(model, batch, 1.0 / n, ModelInputs.of(model), chunk_len=chunk_len, mode=mode, aux=aux)
     with torch.no_grad():
         model.eval()
-        out = model(input_ids=ids, labels=ids, output_router_logits=True)
-    assert_close("cross entropy", loss - sum(aux), out.loss, 1e-5)
-    assert_close("aux part", sum(aux), out.aux_loss, 1e-5)
+        ce = model(input_ids=ids, labels=ids, output_router_logits=False).loss
+        whole = model(input_ids=ids, labels=ids, output_router_logits=True).aux_loss
+    assert_close("cross entropy", loss - sum(aux), ce, 1e-5)
+    if kind == "zoo" or chunk_len is None:  # (Mixtral's chunks: each its own aux loss, not the row's)
+        coef = model.config.moe_spec()["aux_loss_coef"] if kind == "zoo" else model.config.router_aux_loss_coef
+        assert_close("aux part", sum(aux), coef * whole, 1e-5)
+
+
+@pytest.mark.parametrize("kind,chunk_len,mode", [("zoo", None, "exact"), ("zoo", 16, "exact"), ("zoo", 16, "detach"),
+                                                 ("zoo", 48, "exact"), ("mixtral", 16, "exact")])
+def test_forward_backward_reports_the_aux_part_without_reading_the_device(monkeypatch, kind, chunk_len, mode):
+    """The aux list counted each chunk's targets with int() of device labels: a host sync per chunk that the
+    trainer's forward_backward has no other reason for. forward_backward with `aux` reads no more tensor values
+    back to the host (item, int, float, bool, tolist) than without it, whole rows or in chunks (zoo's 16: the row's
+    aux loss shared over the chunks; 48, and Mixtral's: each chunk's own)."""
+    model = _moe_model(kind)
+    L = 48
+    ids = torch.randint(0, 256, (2, L))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(L).repeat(2, 1),
+             "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    n = count_targets(batch["labels"])
+    reads = [0]
+
+    def counting(read):
+        def counted(self, *args, **kwargs):
+            reads[0] += 1
+            return read(self, *args, **kwargs)
+        return counted
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    counts = {}
+    for with_aux in (False, True):
+        aux: list[torch.Tensor] | None = [] if with_aux else None
+        reads[0] = 0
+        forward_backward(model, batch, 1.0 / n, ModelInputs.of(model), chunk_len=chunk_len, mode=mode, n_targets=n,
+                         aux=aux)
+        counts[with_aux] = reads[0]
+        model.zero_grad(set_to_none=True)
+    monkeypatch.undo()
+    assert aux, "the MoE model's aux part was not reported"
+    assert counts[True] == counts[False], counts

@@ -857,12 +857,14 @@ def _aux_coef(model: nn.Module) -> float:
     return 0.0
 
 
-def _aux_part(model: nn.Module, out, n: int) -> torch.Tensor | None:
-    """The aux-loss part of `_weighted_loss(out, n)` (coef · aux_loss · n), detached; None without one."""
+def _aux_part(model: nn.Module, out, n: int | torch.Tensor) -> torch.Tensor | None:
+    """The aux-loss part of `_weighted_loss(out, n)` (coef · aux_loss · n), detached; None without one. n, the
+    targets, may be a count on the device (no host sync): the part is then 0 where it is 0, as `_weighted_loss`'s."""
     aux = getattr(out, "aux_loss", None)
-    if aux is None or not n:
+    if aux is None or (isinstance(n, int) and not n):
         return None
-    return (_aux_coef(model) * aux.detach().float() * n).reshape(())
+    part = (_aux_coef(model) * aux.detach().float() * n).reshape(())
+    return part if isinstance(n, int) else torch.where(n > 0, part, torch.zeros_like(part))
 
 
 def _moe_spec(model: nn.Module) -> dict | None:
@@ -979,11 +981,14 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     router = {"output_router_logits": True} if row_aux is not None else {}
 
     def _chunk_aux(out, start: int, stop: int) -> None:
-        """Chunk [start, stop)'s aux part of its loss into `aux`: its share of the row's (`_RowAux`), else its own."""
+        """Chunk [start, stop)'s aux part of its loss into `aux`: its share of the row's (`_RowAux`), else its own
+        (weighted by the chunk's inner targets, counted on the device: no host sync per chunk)."""
         if aux is None:
             return
-        n_inner = count_targets(batch["labels"][:, start:stop])
-        part = row_aux.share if row_aux is not None else _aux_part(model, out, n_inner)
+        if row_aux is not None:
+            part = row_aux.share
+        else:
+            part = _aux_part(model, out, (batch["labels"][:, start + 1:stop] != IGNORE_INDEX).sum())
         if part is not None:
             aux.append(part * scale)
 
