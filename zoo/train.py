@@ -842,14 +842,20 @@ def _chunk_loss(out, batch: dict[str, torch.Tensor], start: int, stop: int) -> t
 
 
 def _aux_coef(model: nn.Module) -> float:
-    """The factor of `out.aux_loss` in a training forward's `out.loss`: zoo's moe.aux_loss_coef, transformers' MoE
-    models' router_aux_loss_coef (which they add when they return an aux_loss), else 0."""
+    """The factor of `out.aux_loss` in a training forward's `out.loss`: zoo's moe.aux_loss_coef; for transformers'
+    MoE models (which add it when they return an aux_loss) the model's own attribute its forward multiplies by,
+    router_aux_loss_coef (config.router_aux_loss_coef, DBRX's ffn_config.moe_loss_weight) or JetMoE's aux_loss_coef,
+    else config.router_aux_loss_coef; else 0."""
     spec = _moe_spec(model)
     if spec is not None:
         return spec["aux_loss_coef"]
     for _ in range(4):
         config = getattr(model, "config", None)
         if config is not None:
+            for name in ("router_aux_loss_coef", "aux_loss_coef"):
+                value = getattr(model, name, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return float(value)
             return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
         model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if model is None:
