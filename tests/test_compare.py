@@ -1433,3 +1433,25 @@ def test_length_plot_marks_every_training_length(tmp_path, monkeypatch):
         del rec["phases"]["eval/L32"]
     compare.write_plots(records, cfg, tmp_path)
     assert lines == [(64, "train length 64")]
+
+
+def test_mqar_phase_train_losses_of_a_moe_model_are_the_cross_entropy(tmp_path):
+    """The MQAR phase's train_losses and final_train_loss of a Jamba-style model were its objective, the cross
+    entropy plus moe.aux_loss_coef · its load-balancing loss, while the text phase's curve (metrics.csv's loss) is
+    the cross entropy alone. The first step's loss, before any update, is now the same at any aux_loss_coef."""
+    from zoo.compare import ModelEntry, _train_mqar
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {"m": "configs/models/jamba-tiny.yaml"}, "recipe": {"tokenizer": "byte"},
+        "eval": {"mqar": {"steps": 1, "batch_size": 4, "seq_len": 32, "n_kv": 4, "vocab_size": 32, "warmup_steps": 0,
+                          "eval_seq_lens": [32], "eval_samples": 8}}}))
+    cfg, _ = load_compare_config(path)
+    fields = yaml.safe_load((ROOT / "configs/models/jamba-tiny.yaml").read_text())
+    first = {}
+    for coef in (0.0, 5.0):
+        entry = ModelEntry("m", {**fields, "vocab_size": 260, "moe": {**fields["moe"], "aux_loss_coef": coef}}, True)
+        _, losses = _train_mqar(cfg, entry, 128, tmp_path / str(coef), torch.device("cpu"))
+        first[coef] = losses[0]
+    # the aux loss of each MoE layer is about top_k = 2: 5 · it moved the loss by about 10
+    assert math.isclose(first[5.0], first[0.0], rel_tol=1e-5), first

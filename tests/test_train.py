@@ -1921,3 +1921,125 @@ def test_resume_says_when_the_built_in_corpus_is_another_pythons(tmp_path, capsy
     assert re.search(rf"--resume: the built-in corpus 'stdlib' is Python {re.escape(now['python'])}'s \({now['files']} "
                      r"files\), step_00000003's run read Python 3\.9\.0's \(1234 files\), which orders every epoch's "
                      r"documents otherwise than the run did\. This resume is not exact", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("kind", ["zoo", "jetmoe"])
+def test_logged_loss_of_a_moe_model_is_the_cross_entropy_and_its_aux_loss_a_column_apart(tmp_path, kind):
+    """An MoE model's metrics.csv `loss` (and compare's loss.png, final_train_loss) was its objective, the cross
+    entropy plus moe.aux_loss_coef · the load-balancing loss, while eval/loss and the other models' losses are the
+    cross entropy alone. Now `loss` is the cross entropy (the same at any aux_loss_coef before the first update) and
+    `aux_loss` the objective's aux part; a transformers MoE's too (JetMoE: its factor is config.aux_loss_coef)."""
+    rows, seen = {}, {}
+    for coef in (0.0, 1.0):
+        if kind == "zoo":
+            model = {"model_type": "zoo", "vocab_size": 260, "d_model": 32, "layers": "MM", "ffn": {"hidden": 64},
+                     "mixers": {"M": {"type": "mamba", "d_state": 4}},
+                     "moe": {"every": 2, "n_experts": 4, "top_k": 2, "aux_loss_coef": coef}}
+        else:
+            model = {"model_type": "jetmoe", "vocab_size": 260, "hidden_size": 32, "num_hidden_layers": 2,
+                     "num_key_value_heads": 2, "kv_channels": 8, "intermediate_size": 64, "num_local_experts": 4,
+                     "num_experts_per_tok": 2, "max_position_embeddings": 256, "output_router_logits": True,
+                     "aux_loss_coef": coef}
+        run = run_dict(tmp_path / str(coef), train={"max_steps": 1, "grad_accum": 1, "precision": "fp32"},
+                       log={"every": 1}, schedule={"warmup_steps": 0})
+        run["model"] = model
+        train(config_from_dict(run), on_step=lambda s, m, c=coef: seen.__setitem__(c, m["loss"]))
+        with open(tmp_path / str(coef) / "run" / "metrics.csv") as f:
+            rows[coef] = next(csv.DictReader(f))
+    # the first step's loss is computed before any update: the same weights and rows at both coefficients
+    assert math.isclose(float(rows[1.0]["loss"]), float(rows[0.0]["loss"]), rel_tol=1e-5)
+    assert math.isclose(seen[1.0], seen[0.0], rel_tol=1e-5)
+    assert "aux_loss" not in rows[0.0]  # no aux loss in the objective at aux_loss_coef 0
+    assert float(rows[1.0]["aux_loss"]) > 0.5  # the aux loss of a layer of top-2 routing is about 2
+
+
+def _moe_model(kind: str):
+    """A tiny MoE causal LM in training mode whose loss adds 0.5 (zoo's: 1) · its aux loss: zoo's Jamba-style
+    ('zoo'), or transformers' Mixtral, JetMoE or DBRX, their aux loss returned and added through output_router_logits
+    (the factor: router_aux_loss_coef, JetMoE's aux_loss_coef, DBRX's ffn_config.moe_loss_weight)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import zoo
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 260, "max_position_embeddings": 256, "output_router_logits": True}
+    if kind == "zoo":
+        config = zoo.ZooConfig.from_yaml(ROOT / "configs/models/jamba-tiny.yaml", vocab_size=260, moe={
+            "every": 2, "offset": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": 1.0})
+    elif kind == "mixtral":
+        config = AutoConfig.for_model("mixtral", **{k: v for k, v in LLAMA.items() if k != "model_type"},
+                                      num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                                      router_aux_loss_coef=0.5)
+    elif kind == "jetmoe":
+        config = AutoConfig.for_model("jetmoe", hidden_size=32, num_hidden_layers=2, num_key_value_heads=2,
+                                      kv_channels=8, intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+                                      aux_loss_coef=0.5, **sizes)
+    else:
+        sizes.pop("max_position_embeddings")
+        config = AutoConfig.for_model("dbrx", d_model=32, n_heads=4, n_layers=2, max_seq_len=256, **sizes,
+                                      attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+                                      ffn_config={"ffn_hidden_size": 64, "moe_num_experts": 4, "moe_top_k": 2,
+                                                  "moe_loss_weight": 0.5})
+    return AutoModelForCausalLM.from_config(config).train()
+
+
+@pytest.mark.parametrize("kind,chunk_len,mode", [("zoo", None, "exact"), ("zoo", 16, "exact"), ("zoo", 16, "detach"),
+                                                 ("zoo", 48, "exact"), ("mixtral", None, "exact"),
+                                                 ("mixtral", 16, "exact"), ("jetmoe", None, "exact"),
+                                                 ("dbrx", None, "exact")])
+def test_forward_backward_gives_the_aux_part_of_a_moe_loss(kind, chunk_len, mode):
+    """forward_backward's loss minus the aux part it reports is the cross entropy (an eval-mode loss), whole rows
+    or in chunks (zoo's 16: the row's aux loss shared over the chunks; 48, and Mixtral's: each chunk's own).
+    JetMoE's and DBRX's factor is no config.router_aux_loss_coef: their aux part was 0, their logged loss the
+    objective."""
+    model = _moe_model(kind)
+    L = 48
+    ids = torch.randint(0, 256, (2, L))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(L).repeat(2, 1),
+             "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    n = count_targets(batch["labels"])
+    aux: list[torch.Tensor] = []
+    loss = forward_backward(model, batch, 1.0 / n, ModelInputs.of(model), chunk_len=chunk_len, mode=mode, aux=aux)
+    with torch.no_grad():
+        model.eval()
+        ce = model(input_ids=ids, labels=ids, output_router_logits=False).loss
+        whole = model(input_ids=ids, labels=ids, output_router_logits=True).aux_loss
+    assert_close("cross entropy", loss - sum(aux), ce, 1e-5)
+    if kind == "zoo" or chunk_len is None:  # (Mixtral's chunks: each its own aux loss, not the row's)
+        assert_close("aux part", sum(aux), (1.0 if kind == "zoo" else 0.5) * whole, 1e-5)
+
+
+@pytest.mark.parametrize("kind,chunk_len,mode", [("zoo", None, "exact"), ("zoo", 16, "exact"), ("zoo", 16, "detach"),
+                                                 ("zoo", 48, "exact"), ("mixtral", 16, "exact")])
+def test_forward_backward_reports_the_aux_part_without_reading_the_device(monkeypatch, kind, chunk_len, mode):
+    """The aux list counted each chunk's targets with int() of device labels: a host sync per chunk that the
+    trainer's forward_backward has no other reason for. forward_backward with `aux` reads no more tensor values
+    back to the host (item, int, float, bool, tolist) than without it, whole rows or in chunks (zoo's 16: the row's
+    aux loss shared over the chunks; 48, and Mixtral's: each chunk's own)."""
+    model = _moe_model(kind)
+    L = 48
+    ids = torch.randint(0, 256, (2, L))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(L).repeat(2, 1),
+             "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    n = count_targets(batch["labels"])
+    reads = [0]
+
+    def counting(read):
+        def counted(self, *args, **kwargs):
+            reads[0] += 1
+            return read(self, *args, **kwargs)
+        return counted
+
+    for name in ("item", "tolist", "__int__", "__float__", "__bool__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    counts = {}
+    for with_aux in (False, True):
+        aux: list[torch.Tensor] | None = [] if with_aux else None
+        reads[0] = 0
+        forward_backward(model, batch, 1.0 / n, ModelInputs.of(model), chunk_len=chunk_len, mode=mode, n_targets=n,
+                         aux=aux)
+        counts[with_aux] = reads[0]
+        model.zero_grad(set_to_none=True)
+    monkeypatch.undo()
+    assert aux, "the MoE model's aux part was not reported"
+    assert counts[True] == counts[False], counts

@@ -1400,7 +1400,15 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
 
     from zoo.data.synthetic import mqar_batch
     from zoo.eval.common import read_partial, save_atomically
-    from zoo.train import ScheduleConfig, _set_torch_rng_state, _StopRequest, _torch_rng_state, build_optimizer, lr_at
+    from zoo.train import (
+        ScheduleConfig,
+        _aux_part,
+        _set_torch_rng_state,
+        _StopRequest,
+        _torch_rng_state,
+        build_optimizer,
+        lr_at,
+    )
 
     m = cfg.eval.mqar
     tcfg, model = _fresh_model(cfg, entry, seq_len, run_dir, device)
@@ -1445,14 +1453,17 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
                     group["lr"] = lr_at(step, sched)
                 batch = mqar_batch(m.batch_size, m.seq_len, m.n_kv, m.vocab_size, m.power_a, generator=generator)
                 with _autocast(device):
-                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                    out = model(**{k: v.to(device) for k, v in batch.items()})
+                loss = out.loss
                 loss.backward()
                 updating = True
                 if tcfg.optim.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), tcfg.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
+                # the cross entropy alone, as the text phase's curve: an MoE's loss adds coef · its aux loss
+                aux = _aux_part(model, out, 1)
+                losses.append((loss.detach() - aux if aux is not None else loss).item())
                 updating, completed = False, step + 1
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)

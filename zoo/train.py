@@ -841,6 +841,38 @@ def _chunk_loss(out, batch: dict[str, torch.Tensor], start: int, stop: int) -> t
     return total, n
 
 
+def _aux_coef(model: nn.Module) -> float:
+    """The factor of `out.aux_loss` in a training forward's `out.loss`: zoo's moe.aux_loss_coef; for transformers'
+    MoE models (which add it when they return an aux_loss) the model's own attribute its forward multiplies by,
+    router_aux_loss_coef (config.router_aux_loss_coef, DBRX's ffn_config.moe_loss_weight) or JetMoE's aux_loss_coef,
+    else config.router_aux_loss_coef; else 0."""
+    spec = _moe_spec(model)
+    if spec is not None:
+        return spec["aux_loss_coef"]
+    for _ in range(4):
+        config = getattr(model, "config", None)
+        if config is not None:
+            for name in ("router_aux_loss_coef", "aux_loss_coef"):
+                value = getattr(model, name, None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    return float(value)
+            return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            break
+    return 0.0
+
+
+def _aux_part(model: nn.Module, out, n: int | torch.Tensor) -> torch.Tensor | None:
+    """The aux-loss part of `_weighted_loss(out, n)` (coef · aux_loss · n), detached; None without one. n, the
+    targets, may be a count on the device (no host sync): the part is then 0 where it is 0, as `_weighted_loss`'s."""
+    aux = getattr(out, "aux_loss", None)
+    if aux is None or (isinstance(n, int) and not n):
+        return None
+    part = (_aux_coef(model) * aux.detach().float() * n).reshape(())
+    return part if isinstance(n, int) else torch.where(n > 0, part, torch.zeros_like(part))
+
+
 def _moe_spec(model: nn.Module) -> dict | None:
     """The MoE spec of a zoo model with MoE layers, whose training loss adds moe.aux_loss_coef times the aux loss
     (through accelerate's / torch's wrappers), else None."""
@@ -887,12 +919,15 @@ class _RowAux:
         n_inner = count_targets(self.batch["labels"][:, start:stop])
         if n_inner:  # out.loss = the inner targets' mean CE + coef · the chunk's aux loss (training mode)
             loss = loss - coef * out.aux_loss * n_inner
+        self.share = None
         if not self.n_row:  # the whole row's loss adds no aux loss without a target (_weighted_loss)
             return loss
         _, probs, _ = self._sums(out, k)
         counts = sum(c for c, _ in self.counts.values())
         rows = sum(r for _, r in self.counts.values()).clamp(min=1)
-        return loss + coef * self.n_row * self.spec["n_experts"] * (counts * probs).sum() / rows ** 2
+        share = coef * self.n_row * self.spec["n_experts"] * (counts * probs).sum() / rows ** 2
+        self.share = share.detach().float()  # the aux part of the returned loss
+        return loss + share
 
 
 def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: float | torch.Tensor,
@@ -900,7 +935,8 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
                      chunk_len: int | None = None, mode: str = "exact",
                      backward: Callable[[list[torch.Tensor], list[torch.Tensor | None]], None] | None = None,
                      no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-                     sync_last: bool = True, n_targets: int | None = None) -> torch.Tensor:
+                     sync_last: bool = True, n_targets: int | None = None,
+                     aux: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch; gradients accumulate into the parameters' .grad.
 
     Args:
@@ -919,9 +955,11 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
         n_targets: count_targets of the batch's labels when the caller has it (from the rows on the host):
             counting the device labels waits for the device between the forward and the backward, which
             leaves the GPU idle while the backward's first kernels are launched.
+        aux: a list that gets the MoE load-balancing part of the returned loss (coef · aux loss, weighted and scaled
+            as the loss), detached, so that the cross entropy alone can be logged.
 
     Returns:
-        the detached weighted loss (sum of CE · scale), a 0-d tensor.
+        the detached weighted loss (sum of CE · scale, plus an MoE model's weighted aux loss), a 0-d tensor.
     """
     backward = backward or (lambda tensors, grads: torch.autograd.backward(tensors, grads))
     no_sync = no_sync or contextlib.nullcontext
@@ -935,6 +973,8 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
             n = count_targets(batch["labels"]) if n_targets is None else n_targets
             loss = _weighted_loss(out, n) * scale
             backward([loss], [None])
+        if aux is not None and (part := _aux_part(model, out, n)) is not None:
+            aux.append(part * scale)
         return loss.detach()
 
     L = batch["input_ids"].shape[1]
@@ -945,6 +985,18 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     if moe is not None:
         row_aux = _RowAux(moe, batch, bounds, count_targets(batch["labels"]) if n_targets is None else n_targets)
     router = {"output_router_logits": True} if row_aux is not None else {}
+
+    def _chunk_aux(out, start: int, stop: int) -> None:
+        """Chunk [start, stop)'s aux part of its loss into `aux`: its share of the row's (`_RowAux`), else its own
+        (weighted by the chunk's inner targets, counted on the device: no host sync per chunk)."""
+        if aux is None:
+            return
+        if row_aux is not None:
+            part = row_aux.share
+        else:
+            part = _aux_part(model, out, (batch["labels"][:, start + 1:stop] != IGNORE_INDEX).sum())
+        if part is not None:
+            aux.append(part * scale)
 
     def run(k: int, cache, labels: bool = True):
         start, stop = bounds[k]
@@ -971,6 +1023,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
                 loss, _ = _chunk_loss(out, batch, start, stop)
                 if row_aux is not None:
                     loss = row_aux.replace(out, k, loss)
+                _chunk_aux(out, start, stop)
                 loss = loss * scale
                 backward([loss], [None])
             total = total + loss.detach()
@@ -1010,6 +1063,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
                 if k == len(bounds) - 1:  # the last chunk's counts: from this forward, before any backward
                     row_aux.record(out, k)
                 loss = row_aux.replace(out, k, loss)
+            _chunk_aux(out, *bounds[k])
             loss = loss * scale
             tensors: list[torch.Tensor] = [loss]
             grads: list[torch.Tensor | None] = [None]
@@ -1610,6 +1664,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
                           f"tbptt_mode exact; set the model's output_router_logits: false to train without it")
     n_params, model_class = count_parameters(model), type(model).__name__
     n_active = active_parameters(model)  # mfu_6n's FLOPs per token follow them
+    # an MoE objective adds a load-balancing loss: metrics.csv gets it as aux_loss, and `loss` the cross entropy alone
+    has_aux = _aux_coef(model) > 0 and (_moe_spec(model) is not None
+                                        or bool(getattr(getattr(model, "config", None), "output_router_logits", 0)))
     flops_per_token, mfu_formula, why = mfu_flops_per_token(model, L, chunk)  # once: the rows' length is fixed
     if why is not None:
         accelerator.print(f"mfu: {why}; mfu falls back to 6 · active parameters per token (mfu_6n's)")
@@ -1796,7 +1853,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
         bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", dynamic_ncols=True)
     losses: dict[int, float] = {}
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet read back from the device
+    # (step, [cross entropy, MoE aux part]) not yet read back from the device: `loss` logs the cross entropy alone (an
+    # MoE model's objective adds coef · its load-balancing loss, which eval_loss and the other models' losses lack)
+    pending: list[tuple[int, torch.Tensor]] = []
     evals: list[dict[str, float]] = []
     last_ckpt: Path | None = start_ckpt
     saved_step = step if start_ckpt is not None else -1
@@ -1825,7 +1884,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if not pending:
             return []
         values = accelerator.reduce(torch.stack([v for _, v in pending]), reduction="mean").tolist()
-        losses.update({s: v for (s, _), v in zip(pending, values)})
+        losses.update({s: v[0] for (s, _), v in zip(pending, values)})
         pending = []
         return values
 
@@ -1841,9 +1900,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
         if world > 1:
             real = accelerator.reduce(torch.tensor(float(real), device=device), reduction="sum").item()
         tps = real / max(window_time, 1e-9)
-        metrics = {"loss": sum(values) / len(values), "lr": lr_at(step - 1, cfg),
+        metrics = {"loss": sum(v[0] for v in values) / len(values), "lr": lr_at(step - 1, cfg),
                    "grad_norm": float(grad_norm), "tokens": tokens, "tokens_per_s": tps,
                    "padded_tokens_per_s": window_tokens / max(window_time, 1e-9)}
+        if has_aux:  # the load-balancing part of the objective (coef · aux loss), beside the cross entropy `loss`
+            metrics["aux_loss"] = sum(v[1] for v in values) / len(values)
         if peak is not None:
             metrics["mfu"] = flops_per_token * tps / world / (peak * 1e12)
             metrics["mfu_6n"] = 6 * n_active * tps / world / (peak * 1e12)  # earlier runs' mfu
@@ -1870,12 +1931,15 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     n_all = accelerator.reduce(torch.tensor(float(sum(counts)), device=device), reduction="sum")
                     scale = world / n_all.clamp(min=1.0)
                 step_loss = torch.zeros((), device=device)
+                aux_parts: list[torch.Tensor] = []
                 for i, (batch, _) in enumerate(micro):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     step_loss += forward_backward(
                         model, batch, scale, inputs, chunk_len=chunk, mode=cfg.train.tbptt_mode,
                         backward=backward, no_sync=lambda: accelerator.no_sync(model),
-                        sync_last=i == accum - 1, n_targets=counts[i])
+                        sync_last=i == accum - 1, n_targets=counts[i], aux=aux_parts)
+                step_aux = sum(aux_parts, torch.zeros((), device=device))
+                step_loss = step_loss - step_aux  # the cross entropy alone
                 updating = True
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
                 optimizer.step()
@@ -1884,7 +1948,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 tokens += tokens_per_step
                 data_state = micro[-1][1]
                 updating = False
-                pending.append((step, step_loss))
+                pending.append((step, torch.stack([step_loss, step_aux.to(step_loss)])))
                 window_tokens += tokens_per_step
                 window_real += step_real
                 if on_step is not None:
@@ -1929,7 +1993,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 save()
         except KeyboardInterrupt:
             stopped = True
-            losses.update({s: float(v) for s, v in pending})
+            losses.update({s: float(v[0]) for s, v in pending})
             if updating:  # parameters may be half-updated: keep the previous checkpoint
                 accelerator.print(f"interrupted during the optimizer step: not saving; last checkpoint "
                                   f"{last_ckpt}")
