@@ -254,8 +254,10 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     ({"log": {"every": "often"}}, r"log\.every: expected an integer"),
     ({"checkpoint": {"keep": 0}}, r"checkpoint\.keep"),
     ({"train": {"max_steps": 0}}, r"^train\.max_steps: must be >= 1"),
+    ({"train": {"seed": -1}}, r"^train\.seed: must be in \[0, 2\*\*32\), got -1"),
+    ({"train": {"seed": 2 ** 32}}, r"^train\.seed: must be in \[0, 2\*\*32\)"),
 ], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_chunk_1", "tbptt_mode", "warmup", "kind", "precision",
-        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps"])
+        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps", "seed", "seed_too_large"])
 def test_bad_run_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ValueError, match=field):
         config_from_dict(run_dict(tmp_path, **extra))

@@ -270,6 +270,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
         (o.fused in (True, False, "auto"), "optim.fused", f"must be true, false or 'auto', got {o.fused!r}"),
         (t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}"),  # before warmup, checked against it
+        # accelerate's set_seed seeds numpy too, which refused it mid-setup without naming the field
+        (0 <= t.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32), got {t.seed}"),
         (s.kind in ("cosine", "wsd", "constant"), "schedule.kind",
          f"unknown {s.kind!r}; use cosine, wsd or constant"),
         (0 <= s.warmup_steps < t.max_steps, "schedule.warmup_steps",
