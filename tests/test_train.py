@@ -238,6 +238,43 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     assert not list((run / "checkpoints").glob(".tmp-*")), "the stale temporary folder is cleaned up"
 
 
+class _Killed(BaseException):
+    """A kill (SIGKILL) that the test survives: no handler of the loop catches it."""
+
+
+def test_a_kill_while_a_resumed_run_replaces_a_checkpoint_leaves_latest_complete(tmp_path, monkeypatch):
+    # a run resumed from an older checkpoint (a rollback) re-saves the steps the abandoned run saved: the abandoned
+    # step_4, which `latest` named, was deleted in place before the new one was renamed in, and a kill mid-delete left
+    # step_4 with its trainer_state.json but without its weights, which --resume took as the newest complete checkpoint
+    import shutil
+
+    from safetensors.torch import load_file
+
+    sections = {"train": {"max_steps": 4}, "checkpoint": {"every": 2, "keep": 3}}
+    cfg = config_from_dict(run_dict(tmp_path, **sections))
+    train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000004"
+    real = shutil.rmtree
+
+    def die_mid_delete(path, *args, **kwargs):
+        path = Path(path)
+        if "step_00000004" in path.name and (path / "model").is_dir():
+            real(path / "model")  # part of the folder is gone, its trainer_state.json not yet
+            raise _Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", die_mid_delete)
+    with pytest.raises(_Killed):
+        train(cfg, resume=str(root / "step_00000002"))
+    monkeypatch.setattr(shutil, "rmtree", real)
+    newest = latest_checkpoint(tmp_path / "run")
+    assert (newest / "model" / "model.safetensors").is_file(), f"{newest.name} is published without its weights"
+    load_file(newest / "model" / "model.safetensors")
+    assert train(cfg, resume="auto").step == 4
+    assert not list(root.glob(".tmp-*")), "the folder set aside is cleaned up"
+
+
 @pytest.mark.parametrize("extra,field", [
     ({"train": {"max_step": 5}}, r"train\.max_step: unknown field; did you mean train\.max_steps"),
     ({"optim": {"lr": -1.0}}, r"optim\.lr"),

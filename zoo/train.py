@@ -1132,6 +1132,19 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
+def _delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder: renamed to a temporary name first (one atomic step), then removed, so that a kill
+    mid-delete leaves no folder under a checkpoint's name with its trainer_state.json but part of its files (which
+    latest_checkpoint took as complete); the next run cleans the temporary one up."""
+    gone = path.with_name(f".tmp-deleted-{path.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        os.replace(path, gone)
+    except OSError:  # a leftover that could not be removed is in the way: delete it where it is, as before
+        gone = path
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def latest_checkpoint(path: str | Path) -> Path | None:
     """The checkpoint folder named by `path`: a checkpoint itself, a run directory or its checkpoints/
     folder (-> the newest complete checkpoint), or None when there is none."""
@@ -1330,10 +1343,17 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         state.update(data_record or {})
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
-        if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # saved at this step before: by a run resumed from an older checkpoint, which `latest` may
+            # name; moved aside in one step, and deleted once the new one is published (deleted in place, a kill
+            # mid-delete left `latest` naming a folder with its trainer_state.json but not all of its weights)
+            replaced = root / f".tmp-replaced-{name}"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _write_atomic(root / "latest", name)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         # a run resumed from an older checkpoint owns the steps after it: newer checkpoints are the abandoned run's, and
         # were kept as the newest (latest_checkpoint's fallback) while pruning deleted the resumed run's own
         newer = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name > name)
@@ -1341,10 +1361,10 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
             accelerator.print(f"checkpoints: deleting {', '.join(p.name for p in newer)}, newer than {name}: this run "
                               f"resumed from an older checkpoint, and they are the abandoned run's")
             for old in newer:
-                shutil.rmtree(old, ignore_errors=True)
+                _delete_checkpoint(old)
         done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p != final)
         for old in done[:max(0, len(done) - (cfg.checkpoint.keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            _delete_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 
