@@ -1077,6 +1077,33 @@ def test_resume_after_a_kill_past_the_last_checkpoint_logs_each_step_once(tmp_pa
     assert steps == [1, 2, 3, 4, 5, 6], "steps 5 and 6 logged by the killed run must not appear twice"
 
 
+@pytest.mark.parametrize("when", ["new_column", "resume"])
+def test_a_kill_while_metrics_csv_is_rewritten_keeps_its_rows(tmp_path, monkeypatch, when):
+    # metrics.csv is rewritten whole when a metric first appears (the first eval's columns) and when a resumed run
+    # drops the rows past its checkpoint: rewritten in place, a kill mid-write left it empty but for the header
+    from zoo.train import _csv_tracker_class, _drop_metrics_after
+
+    path = tmp_path / "metrics.csv"
+    tracker = _csv_tracker_class()(path)
+    for step in (1, 2, 3):
+        tracker.log({"loss": 1.0 / step}, step=step)
+    before = path.read_text()
+
+    def killed(self, rows):
+        raise _Killed
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(_Killed):
+        if when == "new_column":
+            tracker.log({"eval/loss": 0.5}, step=3)
+        else:
+            _drop_metrics_after(path, 2)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    with open(path, newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
 def test_resume_hides_the_killed_runs_tensorboard_steps_past_its_checkpoint(tmp_path):
     # as above, for TensorBoard: its event files are only appended to, so the resumed run must mark steps >= 5 of
     # the first run's file as purged (SummaryWriter's purge_step), or every curve has steps 5 and 6 twice

@@ -1069,10 +1069,7 @@ def _csv_tracker_class():
                         old_rows = list(csv.DictReader(f))
                 self.columns = self.columns + new
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "w", newline="") as f:
-                    writer = csv.DictWriter(f, self.columns)
-                    writer.writeheader()
-                    writer.writerows(old_rows)
+                _rewrite_csv(self.path, self.columns, old_rows)
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.columns).writerow(row)
 
@@ -1092,10 +1089,22 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         columns = reader.fieldnames or []
     kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
     if len(kept) < len(rows):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(kept)
+        _rewrite_csv(path, columns, kept)
+
+
+def _rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Replace a CSV file by `rows` under the header `columns`, atomically: written beside it, then renamed over it
+    (rewritten in place, a kill mid-write left the file empty or cut, and the run's logged history with it)."""
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
