@@ -1121,6 +1121,32 @@ def test_resume_hides_the_killed_runs_tensorboard_steps_past_its_checkpoint(tmp_
     assert [e.value for e in events] == [first[s] for s in range(1, 7)], "resume is bit-exact on CPU"
 
 
+def test_a_run_started_again_without_a_checkpoint_hides_the_killed_runs_tensorboard_steps(tmp_path, capsys):
+    # killed before its first checkpoint, a run started again from step 0 (--resume finds none, and says so):
+    # metrics.csv dropped the killed run's rows, but TensorBoard showed every step twice, the killed run's beside the
+    # new one's
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config_from_dict(run_dict(tmp_path, log={"every": 1, "trackers": ["csv", "tensorboard"]},
+                                    checkpoint={"every": 0, "final": False}))
+    assert not train(cfg).checkpoint
+    first = {e.step: e.value for e in _tb_scalars(tmp_path, EventAccumulator)}
+    assert sorted(first) == [1, 2, 3, 4, 5, 6]
+    assert main([str(_write_yaml(tmp_path, cfg)), "--resume"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    events = _tb_scalars(tmp_path, EventAccumulator)
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6], "each step once, the new run's"
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+
+def _write_yaml(tmp_path: Path, cfg) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
 def _tb_scalars(tmp_path, accumulator_class):
     acc = accumulator_class(str(tmp_path / "run" / "tensorboard"))  # the scalars' event files (hparams: subfolders)
     acc.Reload()

@@ -1743,8 +1743,10 @@ def train(cfg: TrainConfig, resume: str | None = None,
     hparams = _flat(cfg.to_dict()) | {"params": n_params}
     hparams |= {f"backend/{k}": str(v) for k, v in backend.items()}
     # a resumed run hides what a killed run logged past its last checkpoint (metrics.csv drops those rows above);
-    # TensorBoard's purge_step (the first step this run logs) does it for its event files, which are only appended to
-    tensorboard_kwargs = {"purge_step": step + 1} if step else {}
+    # TensorBoard's purge_step (the first step this run logs) does it for its event files, which are only appended to.
+    # From step 0 too: a run killed before its first checkpoint and started again (--resume finds none) left its steps
+    # in TensorBoard beside the new run's, each step twice, while metrics.csv dropped them
+    tensorboard_kwargs = {"purge_step": step + 1}
     # TensorBoard writes into OUTPUT_DIR/tensorboard whatever the project: accelerate names that folder after the
     # project it hands every tracker, so it is built here and the others get log.project (every wandb run used to
     # land in a project called 'tensorboard')
