@@ -275,6 +275,23 @@ def test_a_kill_while_a_resumed_run_replaces_a_checkpoint_leaves_latest_complete
     assert not list(root.glob(".tmp-*")), "the folder set aside is cleaned up"
 
 
+def test_resume_from_a_half_written_checkpoint_folder_is_refused(tmp_path):
+    # a save killed mid-write leaves .tmp-step_X with its trainer_state.json (written before the files are flushed and
+    # the folder renamed): --resume of the run skips it, but --resume naming it loaded it as a complete checkpoint
+    import shutil
+
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 1})))
+    root = tmp_path / "run" / "checkpoints"
+    half = root / ".tmp-step_00000004"
+    shutil.copytree(root / "step_00000002", half)
+    weights = half / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    more = config_from_dict(run_dict(tmp_path, train={"max_steps": 4}))
+    with pytest.raises(ValueError, match=r"--resume: .*\.tmp-step_00000004' is a checkpoint folder left by a save"):
+        train(more, resume=str(half))
+    assert half.is_dir() and latest_checkpoint(tmp_path / "run").name == "step_00000002"
+
+
 @pytest.mark.parametrize("extra,field", [
     ({"train": {"max_step": 5}}, r"train\.max_step: unknown field; did you mean train\.max_steps"),
     ({"optim": {"lr": -1.0}}, r"optim\.lr"),

@@ -1573,6 +1573,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
         start_ckpt = latest_checkpoint(out_dir if resume == "auto" else resume)
         if start_ckpt is None and resume != "auto":
             raise ValueError(f"--resume: no checkpoint in {resume!r}")
+        if start_ckpt is not None and start_ckpt.name.startswith(".tmp-"):  # its trainer_state.json is written before
+            # the files are flushed and the folder renamed into place: one named so may be cut anywhere
+            raise ValueError(f"--resume: {str(start_ckpt)!r} is a checkpoint folder left by a save or a deletion that "
+                             f"did not finish (a run killed mid-write), not a complete checkpoint; resume from the run "
+                             f"directory (its newest complete checkpoint) or a {CHECKPOINT_PREFIX}* folder")
     elif latest_checkpoint(out_dir) is not None:
         raise ValueError(f"output_dir: {str(out_dir)!r} already holds checkpoints; pass --resume to continue "
                          f"that run, or choose another output_dir")
