@@ -364,6 +364,23 @@ def test_bad_run_setups_name_the_field(tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, packing):
+    # a GPT-2 with 32 learned positions trained on rows of 64: IndexError "index out of range in self" in the first
+    # step's forward, naming neither data.seq_len nor the model's position table
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "vocab_size": 260, "n_positions": 32}
+    run = run_dict(tmp_path, data={"packing": packing})
+    run["model"] = gpt2
+    steps: list[int] = []
+    with pytest.raises(ValueError, match=r"data\.seq_len: 64 tokens per row, but GPT2LMHeadModel learns 32 absolute "
+                                         r"positions \(transformer\.wpe"):
+        train(config_from_dict(run), on_step=lambda s, m: steps.append(s))
+    assert not steps
+    run["model"] = {**gpt2, "n_positions": 64}  # rows that fit train
+    run["train"]["max_steps"] = 3
+    assert train(config_from_dict(run)).step == 3
+
+
 def test_weight_decay_groups_read_the_parameter_flags():
     from transformers import AutoModelForCausalLM
 

@@ -744,6 +744,20 @@ def packed_documents_leak(model: nn.Module, inputs: ModelInputs, doc_len: int = 
     return (logits[0] - logits[1]).abs().max().item() / scale if scale > 0 else 0.0
 
 
+def _position_table(model: nn.Module) -> tuple[str, int] | None:
+    """(name, positions) of a model's learned absolute position embeddings, or None: an nn.Embedding besides the input
+    embeddings sized as the config's max_position_embeddings (GPT-2's and GPT-Neo's wpe; OPT's embed_positions, 2 more
+    for its offset). Rotary and ALiBi models have none, and zoo models neither: their rows may be any length."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    inputs = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module is not inputs and n <= module.num_embeddings <= n + 2:
+            return name, n
+    return None
+
+
 def count_targets(labels: torch.Tensor) -> int:
     """Tokens predicted from labels [B, L] under the Hugging Face shift (labels[:, 1:] that are not -100)."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
@@ -1600,6 +1614,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
         resume_weight_changes(start_ckpt, model)
     inputs = ModelInputs.of(model)
     chunk = cfg.train.tbptt_chunk
+    if (table := _position_table(model)) is not None and L > table[1]:
+        # the rows' positions run to seq_len - 1 (within a packed row's long document too): an IndexError ("index out
+        # of range in self") at the first step's forward, naming nothing
+        raise ValueError(f"data.seq_len: {L} tokens per row, but {type(model).__name__} learns {table[1]} absolute "
+                         f"positions ({table[0]}, config max_position_embeddings); lower data.seq_len to <= "
+                         f"{table[1]}, or, for a model built from a config, raise max_position_embeddings in it")
     if cfg.data.packing and not (inputs.seq_idx or inputs.position_ids):
         raise ValueError("data.packing: the model's forward takes neither seq_idx nor position_ids, so "
                          "packed documents would see each other; set data.packing=false")
