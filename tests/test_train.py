@@ -139,6 +139,36 @@ def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)], (resumed, full)
 
 
+def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, monkeypatch):
+    # a first Ctrl-C waits for the evaluation to end; a second one cut it short: the last completed step was saved,
+    # and the resumed run went on from the step after it, so that step's eval/loss was never logged
+    import zoo.train as zt
+
+    def metrics(run):
+        with open(run / "metrics.csv") as f:
+            return [{k: v for k, v in r.items() if not k.endswith("tokens_per_s")} for r in csv.DictReader(f)]
+
+    sections = {"train": {"max_steps": 4}, "eval": {"every": 2, "batches": 2}, "log": {"every": 1}}
+    full = train(config_from_dict(run_dict(tmp_path / "a", **sections)))
+    real, armed = zt._weighted_loss, []
+
+    def ctrl_c_in_eval(*args, **kwargs):
+        if armed and not torch.is_grad_enabled():  # the evaluation's forward (training's keeps a graph)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zt, "_weighted_loss", ctrl_c_in_eval)
+    cfg = config_from_dict(run_dict(tmp_path / "b", **sections))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=lambda s, m: armed.append(s) if s == 2 else None)
+    assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
+    monkeypatch.setattr(zt, "_weighted_loss", real)
+    resumed = train(cfg, resume="auto")
+    assert [e["step"] for e in resumed.evals] == [2, 4]
+    assert resumed.evals == full.evals
+    assert metrics(tmp_path / "b" / "run") == metrics(tmp_path / "a" / "run")
+
+
 @pytest.mark.parametrize("how", ["sigterm", "ctrl_c_mid_step"])
 def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path, monkeypatch, how):
     # log.every 2, stopped after step 3: step 3 was never logged (the loop saved and exited; the resumed run logs from

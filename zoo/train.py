@@ -1870,12 +1870,18 @@ def train(cfg: TrainConfig, resume: str | None = None,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def save() -> None:
+    def save(extra: dict[str, Any] | None = None) -> None:
         nonlocal last_ckpt, saved_step
         if saved_step != step:
             last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer,
-                                        record)
+                                        record | (extra or {}))
             saved_step = step
+
+    def log_eval() -> None:
+        metrics = evaluate()
+        evals.append({"step": step, **metrics})
+        accelerator.log(metrics, step=step)
+        accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def flush() -> list[float]:
         """Read the pending step losses back (averaged over processes) into `losses`."""
@@ -1912,8 +1918,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         window_time, window_tokens, window_real = 0.0, 0, 0
 
+    evaluating = False  # a second Ctrl-C during an evaluation: the checkpoint asks the resumed run to do it
     with _StopRequest() as stop:
         try:
+            if start_ckpt is not None and state.get("eval_due") == step and cfg.eval.every:
+                log_eval()  # the evaluation of the checkpoint's step, interrupted: an uninterrupted run logged it
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 step_rng = (step, _torch_rng_state())  # for a save interrupted mid-step: the RNG of the step before
@@ -1959,11 +1968,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 if bar is not None:
                     bar.update(1)
                 if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
-                    metrics = evaluate()
-                    evals.append({"step": step, **metrics})
-                    accelerator.log(metrics, step=step)
-                    accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}"
-                                                                   for k, v in metrics.items()))
+                    evaluating = True
+                    log_eval()
+                    evaluating = False
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     save()
                 if world == 1:
@@ -1998,8 +2005,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     _set_torch_rng_state(step_rng[1])
                 if pending:  # the steps since the last log, as a stop request logs them: the resumed run starts after
                     log_window(grad_norm, None)
-                accelerator.print(f"interrupted: saving the last completed step {step}")
-                save()
+                accelerator.print(f"interrupted: saving the last completed step {step}"
+                                  + (" (its evaluation, cut short, is run by the resumed run)" if evaluating else ""))
+                save({"eval_due": step} if evaluating else None)
             raise
         finally:
             batches.close()
