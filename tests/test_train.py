@@ -365,6 +365,24 @@ def test_a_misspelled_model_field_is_refused_by_name(tmp_path, model, overrides,
     assert build_model(ok).config.rope_parameters["rope_theta"] == 5e5
 
 
+def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_path):
+    # a folder holding only a config.json (a fresh model from it): AutoConfig.from_pretrained drops the keyword it has
+    # no field for, so num_hiden_layers: 1 built the config's 2 layers without a word (the field check saw no attribute)
+    from transformers import AutoConfig
+
+    from zoo.train import build_model
+
+    AutoConfig.for_model(**LLAMA).save_pretrained(tmp_path / "config-only")
+    run = run_dict(tmp_path, model_overrides={"num_hiden_layers": 1})
+    run["model"] = str(tmp_path / "config-only")
+    with pytest.raises(ValueError, match=r"model_overrides\.num_hiden_layers: .* of LlamaConfig \(llama\); did you "
+                                         r"mean 'num_hidden_layers'"):
+        build_model(config_from_dict(run))
+    run["model_overrides"] = {"num_hidden_layers": 1, "attention_dropout": 0.1}
+    model = build_model(config_from_dict(run))
+    assert (model.config.num_hidden_layers, model.config.attention_dropout) == (1, 0.1)
+
+
 def test_whole_numbers_written_as_yaml_strings_or_floats_fill_integer_fields(tmp_path):
     # YAML reads 1e5 (no dot) as the string '1e5', and a quoted "2048" stays a string
     cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": "1e5"}, data={"seq_len": "64"},

@@ -419,19 +419,23 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise ValueError(f"model.vocab_size: the model has {n_embed} embeddings but the tokenizer has "
                              f"{len(tokenizer)} tokens; set model_overrides.vocab_size >= {len(tokenizer)}")
 
-    def check_fields(config, given: dict[str, Any], where: str) -> None:
+    def check_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
         # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
-        # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide)
+        # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide); `dropped`: the keys
+        # that AutoConfig.from_pretrained left unused (it drops a misspelled one instead)
         try:
             default = type(config)()
         except Exception:  # a config class that cannot be built without arguments: left to transformers
-            return
+            default = None
         for key in given:
-            if key != "model_type" and hasattr(config, key) and not hasattr(default, key):
-                known = sorted(k for k in default.to_dict() if not k.startswith("_"))
+            if key in dropped or (default is not None and key != "model_type" and hasattr(config, key)
+                                  and not hasattr(default, key)):
+                known = sorted(k for k in (default or config).to_dict() if not k.startswith("_"))
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ValueError(f"{where}{key}: unknown field of {type(config).__name__} "
+                what = "unknown field" if key not in dropped else "a field that transformers' from_pretrained left " \
+                    "unapplied (the model would be built without it), not a field"
+                raise ValueError(f"{where}{key}: {what} of {type(config).__name__} "
                                  f"({config.model_type}); {hint}fields: {', '.join(known)}")
 
     config = None
@@ -461,8 +465,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         check_model_ref(spec)
         folder = Path(spec)
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
-            config = AutoConfig.from_pretrained(spec, **overrides)
-            check_fields(config, overrides, "model_overrides.")
+            config, unused = AutoConfig.from_pretrained(spec, return_unused_kwargs=True, **overrides)
+            check_fields(config, overrides, "model_overrides.", dropped=unused)
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
         model = AutoModelForCausalLM.from_config(config)
