@@ -381,6 +381,12 @@ def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_
     run["model_overrides"] = {"num_hidden_layers": 1, "attention_dropout": 0.1}
     model = build_model(config_from_dict(run))
     assert (model.config.num_hidden_layers, model.config.attention_dropout) == (1, 0.1)
+    # a folder with weights: the dropped keyword reached the model's __init__, a TypeError naming neither section
+    model.save_pretrained(tmp_path / "weights")
+    run["model"], run["model_overrides"] = str(tmp_path / "weights"), {"attention_dropuot": 0.1}
+    with pytest.raises(ValueError, match=r"model_overrides\.attention_dropuot: .* of LlamaConfig \(llama\); did you "
+                                         r"mean 'attention_dropout'"):
+        build_model(config_from_dict(run))
 
 
 def test_whole_numbers_written_as_yaml_strings_or_floats_fill_integer_fields(tmp_path):

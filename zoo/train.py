@@ -475,6 +475,13 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, **overrides)
         except OSError as e:
             raise ValueError(f"model: {spec!r} is not a zoo YAML, a model folder or a hub id: {e}") from e
+        except TypeError as e:  # an override the loaded config has no field for goes on to the model's __init__
+            bad = [k for k in overrides if re.search(rf"unexpected keyword argument '{re.escape(str(k))}'", str(e))]
+            if not bad:
+                raise
+            config = AutoConfig.from_pretrained(spec)
+            check_fields(config, overrides, "model_overrides.", dropped=bad)
+            raise
     if tokenizer is not None:
         check_vocab(model.get_input_embeddings().num_embeddings)
         for name, value in special.items():  # a loaded model keeps its ids; fill in the missing ones
