@@ -139,6 +139,36 @@ def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)], (resumed, full)
 
 
+def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, monkeypatch):
+    # a first Ctrl-C waits for the evaluation to end; a second one cut it short: the last completed step was saved,
+    # and the resumed run went on from the step after it, so that step's eval/loss was never logged
+    import zoo.train as zt
+
+    def metrics(run):
+        with open(run / "metrics.csv") as f:
+            return [{k: v for k, v in r.items() if not k.endswith("tokens_per_s")} for r in csv.DictReader(f)]
+
+    sections = {"train": {"max_steps": 4}, "eval": {"every": 2, "batches": 2}, "log": {"every": 1}}
+    full = train(config_from_dict(run_dict(tmp_path / "a", **sections)))
+    real, armed = zt._weighted_loss, []
+
+    def ctrl_c_in_eval(*args, **kwargs):
+        if armed and not torch.is_grad_enabled():  # the evaluation's forward (training's keeps a graph)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(zt, "_weighted_loss", ctrl_c_in_eval)
+    cfg = config_from_dict(run_dict(tmp_path / "b", **sections))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=lambda s, m: armed.append(s) if s == 2 else None)
+    assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
+    monkeypatch.setattr(zt, "_weighted_loss", real)
+    resumed = train(cfg, resume="auto")
+    assert [e["step"] for e in resumed.evals] == [2, 4]
+    assert resumed.evals == full.evals
+    assert metrics(tmp_path / "b" / "run") == metrics(tmp_path / "a" / "run")
+
+
 @pytest.mark.parametrize("how", ["sigterm", "ctrl_c_mid_step"])
 def test_a_run_stopped_between_two_logs_logs_the_steps_since_the_last_one(tmp_path, monkeypatch, how):
     # log.every 2, stopped after step 3: step 3 was never logged (the loop saved and exited; the resumed run logs from
@@ -238,6 +268,60 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     assert not list((run / "checkpoints").glob(".tmp-*")), "the stale temporary folder is cleaned up"
 
 
+class _Killed(BaseException):
+    """A kill (SIGKILL) that the test survives: no handler of the loop catches it."""
+
+
+def test_a_kill_while_a_resumed_run_replaces_a_checkpoint_leaves_latest_complete(tmp_path, monkeypatch):
+    # a run resumed from an older checkpoint (a rollback) re-saves the steps the abandoned run saved: the abandoned
+    # step_4, which `latest` named, was deleted in place before the new one was renamed in, and a kill mid-delete left
+    # step_4 with its trainer_state.json but without its weights, which --resume took as the newest complete checkpoint
+    import shutil
+
+    from safetensors.torch import load_file
+
+    sections = {"train": {"max_steps": 4}, "checkpoint": {"every": 2, "keep": 3}}
+    cfg = config_from_dict(run_dict(tmp_path, **sections))
+    train(cfg)
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000004"
+    real = shutil.rmtree
+
+    def die_mid_delete(path, *args, **kwargs):
+        path = Path(path)
+        if "step_00000004" in path.name and (path / "model").is_dir():
+            real(path / "model")  # part of the folder is gone, its trainer_state.json not yet
+            raise _Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", die_mid_delete)
+    with pytest.raises(_Killed):
+        train(cfg, resume=str(root / "step_00000002"))
+    monkeypatch.setattr(shutil, "rmtree", real)
+    newest = latest_checkpoint(tmp_path / "run")
+    assert (newest / "model" / "model.safetensors").is_file(), f"{newest.name} is published without its weights"
+    load_file(newest / "model" / "model.safetensors")
+    assert train(cfg, resume="auto").step == 4
+    assert not list(root.glob(".tmp-*")), "the folder set aside is cleaned up"
+
+
+def test_resume_from_a_half_written_checkpoint_folder_is_refused(tmp_path):
+    # a save killed mid-write leaves .tmp-step_X with its trainer_state.json (written before the files are flushed and
+    # the folder renamed): --resume of the run skips it, but --resume naming it loaded it as a complete checkpoint
+    import shutil
+
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 1})))
+    root = tmp_path / "run" / "checkpoints"
+    half = root / ".tmp-step_00000004"
+    shutil.copytree(root / "step_00000002", half)
+    weights = half / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    more = config_from_dict(run_dict(tmp_path, train={"max_steps": 4}))
+    with pytest.raises(ValueError, match=r"--resume: .*\.tmp-step_00000004' is a checkpoint folder left by a save"):
+        train(more, resume=str(half))
+    assert half.is_dir() and latest_checkpoint(tmp_path / "run").name == "step_00000002"
+
+
 @pytest.mark.parametrize("extra,field", [
     ({"train": {"max_step": 5}}, r"train\.max_step: unknown field; did you mean train\.max_steps"),
     ({"optim": {"lr": -1.0}}, r"optim\.lr"),
@@ -254,8 +338,10 @@ def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     ({"log": {"every": "often"}}, r"log\.every: expected an integer"),
     ({"checkpoint": {"keep": 0}}, r"checkpoint\.keep"),
     ({"train": {"max_steps": 0}}, r"^train\.max_steps: must be >= 1"),
+    ({"train": {"seed": -1}}, r"^train\.seed: must be in \[0, 2\*\*32\), got -1"),
+    ({"train": {"seed": 2 ** 32}}, r"^train\.seed: must be in \[0, 2\*\*32\)"),
 ], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_chunk_1", "tbptt_mode", "warmup", "kind", "precision",
-        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps"])
+        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps", "seed", "seed_too_large"])
 def test_bad_run_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ValueError, match=field):
         config_from_dict(run_dict(tmp_path, **extra))
@@ -277,6 +363,30 @@ def test_a_misspelled_model_field_is_refused_by_name(tmp_path, model, overrides,
         build_model(config_from_dict(run))
     ok = config_from_dict(run_dict(tmp_path, model={**LLAMA, "rope_theta": 5e5}))  # taken, though not an attribute
     assert build_model(ok).config.rope_parameters["rope_theta"] == 5e5
+
+
+def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_path):
+    # a folder holding only a config.json (a fresh model from it): AutoConfig.from_pretrained drops the keyword it has
+    # no field for, so num_hiden_layers: 1 built the config's 2 layers without a word (the field check saw no attribute)
+    from transformers import AutoConfig
+
+    from zoo.train import build_model
+
+    AutoConfig.for_model(**LLAMA).save_pretrained(tmp_path / "config-only")
+    run = run_dict(tmp_path, model_overrides={"num_hiden_layers": 1})
+    run["model"] = str(tmp_path / "config-only")
+    with pytest.raises(ValueError, match=r"model_overrides\.num_hiden_layers: .* of LlamaConfig \(llama\); did you "
+                                         r"mean 'num_hidden_layers'"):
+        build_model(config_from_dict(run))
+    run["model_overrides"] = {"num_hidden_layers": 1, "attention_dropout": 0.1}
+    model = build_model(config_from_dict(run))
+    assert (model.config.num_hidden_layers, model.config.attention_dropout) == (1, 0.1)
+    # a folder with weights: the dropped keyword reached the model's __init__, a TypeError naming neither section
+    model.save_pretrained(tmp_path / "weights")
+    run["model"], run["model_overrides"] = str(tmp_path / "weights"), {"attention_dropuot": 0.1}
+    with pytest.raises(ValueError, match=r"model_overrides\.attention_dropuot: .* of LlamaConfig \(llama\); did you "
+                                         r"mean 'attention_dropout'"):
+        build_model(config_from_dict(run))
 
 
 def test_whole_numbers_written_as_yaml_strings_or_floats_fill_integer_fields(tmp_path):
@@ -306,6 +416,23 @@ def test_bad_run_setups_name_the_field(tmp_path):
     train(cfg)
     with pytest.raises(ValueError, match=r"output_dir: .* already holds checkpoints"):
         train(cfg)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, packing):
+    # a GPT-2 with 32 learned positions trained on rows of 64: IndexError "index out of range in self" in the first
+    # step's forward, naming neither data.seq_len nor the model's position table
+    gpt2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "vocab_size": 260, "n_positions": 32}
+    run = run_dict(tmp_path, data={"packing": packing})
+    run["model"] = gpt2
+    steps: list[int] = []
+    with pytest.raises(ValueError, match=r"data\.seq_len: 64 tokens per row, but GPT2LMHeadModel learns 32 absolute "
+                                         r"positions \(transformer\.wpe"):
+        train(config_from_dict(run), on_step=lambda s, m: steps.append(s))
+    assert not steps
+    run["model"] = {**gpt2, "n_positions": 64}  # rows that fit train
+    run["train"]["max_steps"] = 3
+    assert train(config_from_dict(run)).step == 3
 
 
 def test_weight_decay_groups_read_the_parameter_flags():
@@ -1038,6 +1165,33 @@ def test_resume_after_a_kill_past_the_last_checkpoint_logs_each_step_once(tmp_pa
     assert steps == [1, 2, 3, 4, 5, 6], "steps 5 and 6 logged by the killed run must not appear twice"
 
 
+@pytest.mark.parametrize("when", ["new_column", "resume"])
+def test_a_kill_while_metrics_csv_is_rewritten_keeps_its_rows(tmp_path, monkeypatch, when):
+    # metrics.csv is rewritten whole when a metric first appears (the first eval's columns) and when a resumed run
+    # drops the rows past its checkpoint: rewritten in place, a kill mid-write left it empty but for the header
+    from zoo.train import _csv_tracker_class, _drop_metrics_after
+
+    path = tmp_path / "metrics.csv"
+    tracker = _csv_tracker_class()(path)
+    for step in (1, 2, 3):
+        tracker.log({"loss": 1.0 / step}, step=step)
+    before = path.read_text()
+
+    def killed(self, rows):
+        raise _Killed
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(_Killed):
+        if when == "new_column":
+            tracker.log({"eval/loss": 0.5}, step=3)
+        else:
+            _drop_metrics_after(path, 2)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    with open(path, newline="") as f:
+        assert [r["step"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
 def test_resume_hides_the_killed_runs_tensorboard_steps_past_its_checkpoint(tmp_path):
     # as above, for TensorBoard: its event files are only appended to, so the resumed run must mark steps >= 5 of
     # the first run's file as purged (SummaryWriter's purge_step), or every curve has steps 5 and 6 twice
@@ -1053,6 +1207,32 @@ def test_resume_hides_the_killed_runs_tensorboard_steps_past_its_checkpoint(tmp_
     events = _tb_scalars(tmp_path, EventAccumulator)
     assert [e.step for e in events] == [1, 2, 3, 4, 5, 6], "each step once, the resumed run's 5 and 6"
     assert [e.value for e in events] == [first[s] for s in range(1, 7)], "resume is bit-exact on CPU"
+
+
+def test_a_run_started_again_without_a_checkpoint_hides_the_killed_runs_tensorboard_steps(tmp_path, capsys):
+    # killed before its first checkpoint, a run started again from step 0 (--resume finds none, and says so):
+    # metrics.csv dropped the killed run's rows, but TensorBoard showed every step twice, the killed run's beside the
+    # new one's
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config_from_dict(run_dict(tmp_path, log={"every": 1, "trackers": ["csv", "tensorboard"]},
+                                    checkpoint={"every": 0, "final": False}))
+    assert not train(cfg).checkpoint
+    first = {e.step: e.value for e in _tb_scalars(tmp_path, EventAccumulator)}
+    assert sorted(first) == [1, 2, 3, 4, 5, 6]
+    assert main([str(_write_yaml(tmp_path, cfg)), "--resume"]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    events = _tb_scalars(tmp_path, EventAccumulator)
+    assert [e.step for e in events] == [1, 2, 3, 4, 5, 6], "each step once, the new run's"
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+
+def _write_yaml(tmp_path: Path, cfg) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
 
 
 def _tb_scalars(tmp_path, accumulator_class):

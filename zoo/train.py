@@ -270,6 +270,8 @@ def validate_config(cfg: TrainConfig) -> None:
         (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
         (o.fused in (True, False, "auto"), "optim.fused", f"must be true, false or 'auto', got {o.fused!r}"),
         (t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}"),  # before warmup, checked against it
+        # accelerate's set_seed seeds numpy too, which refused it mid-setup without naming the field
+        (0 <= t.seed < 2 ** 32, "train.seed", f"must be in [0, 2**32), got {t.seed}"),
         (s.kind in ("cosine", "wsd", "constant"), "schedule.kind",
          f"unknown {s.kind!r}; use cosine, wsd or constant"),
         (0 <= s.warmup_steps < t.max_steps, "schedule.warmup_steps",
@@ -417,19 +419,23 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise ValueError(f"model.vocab_size: the model has {n_embed} embeddings but the tokenizer has "
                              f"{len(tokenizer)} tokens; set model_overrides.vocab_size >= {len(tokenizer)}")
 
-    def check_fields(config, given: dict[str, Any], where: str) -> None:
+    def check_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
         # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
-        # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide)
+        # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide); `dropped`: the keys
+        # that AutoConfig.from_pretrained left unused (it drops a misspelled one instead)
         try:
             default = type(config)()
         except Exception:  # a config class that cannot be built without arguments: left to transformers
-            return
+            default = None
         for key in given:
-            if key != "model_type" and hasattr(config, key) and not hasattr(default, key):
-                known = sorted(k for k in default.to_dict() if not k.startswith("_"))
+            if key in dropped or (default is not None and key != "model_type" and hasattr(config, key)
+                                  and not hasattr(default, key)):
+                known = sorted(k for k in (default or config).to_dict() if not k.startswith("_"))
                 close = difflib.get_close_matches(str(key), known, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ValueError(f"{where}{key}: unknown field of {type(config).__name__} "
+                what = "unknown field" if key not in dropped else "a field that transformers' from_pretrained left " \
+                    "unapplied (the model would be built without it), not a field"
+                raise ValueError(f"{where}{key}: {what} of {type(config).__name__} "
                                  f"({config.model_type}); {hint}fields: {', '.join(known)}")
 
     config = None
@@ -459,8 +465,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         check_model_ref(spec)
         folder = Path(spec)
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
-            config = AutoConfig.from_pretrained(spec, **overrides)
-            check_fields(config, overrides, "model_overrides.")
+            config, unused = AutoConfig.from_pretrained(spec, return_unused_kwargs=True, **overrides)
+            check_fields(config, overrides, "model_overrides.", dropped=unused)
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
         model = AutoModelForCausalLM.from_config(config)
@@ -469,6 +475,13 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, **overrides)
         except OSError as e:
             raise ValueError(f"model: {spec!r} is not a zoo YAML, a model folder or a hub id: {e}") from e
+        except TypeError as e:  # an override the loaded config has no field for goes on to the model's __init__
+            bad = [k for k in overrides if re.search(rf"unexpected keyword argument '{re.escape(str(k))}'", str(e))]
+            if not bad:
+                raise
+            config = AutoConfig.from_pretrained(spec)
+            check_fields(config, overrides, "model_overrides.", dropped=bad)
+            raise
     if tokenizer is not None:
         check_vocab(model.get_input_embeddings().num_embeddings)
         for name, value in special.items():  # a loaded model keeps its ids; fill in the missing ones
@@ -740,6 +753,20 @@ def packed_documents_leak(model: nn.Module, inputs: ModelInputs, doc_len: int = 
             c._attn_implementation_internal = value
     scale = logits.abs().max().item()
     return (logits[0] - logits[1]).abs().max().item() / scale if scale > 0 else 0.0
+
+
+def _position_table(model: nn.Module) -> tuple[str, int] | None:
+    """(name, positions) of a model's learned absolute position embeddings, or None: an nn.Embedding besides the input
+    embeddings sized as the config's max_position_embeddings (GPT-2's and GPT-Neo's wpe; OPT's embed_positions, 2 more
+    for its offset). Rotary and ALiBi models have none, and zoo models neither: their rows may be any length."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(n, int):
+        return None
+    inputs = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module is not inputs and n <= module.num_embeddings <= n + 2:
+            return name, n
+    return None
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -1121,10 +1148,7 @@ def _csv_tracker_class():
                         old_rows = list(csv.DictReader(f))
                 self.columns = self.columns + new
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "w", newline="") as f:
-                    writer = csv.DictWriter(f, self.columns)
-                    writer.writeheader()
-                    writer.writerows(old_rows)
+                _rewrite_csv(self.path, self.columns, old_rows)
             with open(self.path, "a", newline="") as f:
                 csv.DictWriter(f, self.columns).writerow(row)
 
@@ -1144,10 +1168,22 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         columns = reader.fieldnames or []
     kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
     if len(kept) < len(rows):
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(kept)
+        _rewrite_csv(path, columns, kept)
+
+
+def _rewrite_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    """Replace a CSV file by `rows` under the header `columns`, atomically: written beside it, then renamed over it
+    (rewritten in place, a kill mid-write left the file empty or cut, and the run's logged history with it)."""
+    import csv
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -1182,6 +1218,19 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def _delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder: renamed to a temporary name first (one atomic step), then removed, so that a kill
+    mid-delete leaves no folder under a checkpoint's name with its trainer_state.json but part of its files (which
+    latest_checkpoint took as complete); the next run cleans the temporary one up."""
+    gone = path.with_name(f".tmp-deleted-{path.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    try:
+        os.replace(path, gone)
+    except OSError:  # a leftover that could not be removed is in the way: delete it where it is, as before
+        gone = path
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def latest_checkpoint(path: str | Path) -> Path | None:
@@ -1382,10 +1431,17 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         state.update(data_record or {})
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
-        if final.exists():  # saved at this step before (e.g. interrupted right after a periodic save)
-            shutil.rmtree(final)
+        replaced = None
+        if final.exists():  # saved at this step before: by a run resumed from an older checkpoint, which `latest` may
+            # name; moved aside in one step, and deleted once the new one is published (deleted in place, a kill
+            # mid-delete left `latest` naming a folder with its trainer_state.json but not all of its weights)
+            replaced = root / f".tmp-replaced-{name}"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _write_atomic(root / "latest", name)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         # a run resumed from an older checkpoint owns the steps after it: newer checkpoints are the abandoned run's, and
         # were kept as the newest (latest_checkpoint's fallback) while pruning deleted the resumed run's own
         newer = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name > name)
@@ -1393,10 +1449,10 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
             accelerator.print(f"checkpoints: deleting {', '.join(p.name for p in newer)}, newer than {name}: this run "
                               f"resumed from an older checkpoint, and they are the abandoned run's")
             for old in newer:
-                shutil.rmtree(old, ignore_errors=True)
+                _delete_checkpoint(old)
         done = sorted(p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p != final)
         for old in done[:max(0, len(done) - (cfg.checkpoint.keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            _delete_checkpoint(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -1596,6 +1652,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
         start_ckpt = latest_checkpoint(out_dir if resume == "auto" else resume)
         if start_ckpt is None and resume != "auto":
             raise ValueError(f"--resume: no checkpoint in {resume!r}")
+        if start_ckpt is not None and start_ckpt.name.startswith(".tmp-"):  # its trainer_state.json is written before
+            # the files are flushed and the folder renamed into place: one named so may be cut anywhere
+            raise ValueError(f"--resume: {str(start_ckpt)!r} is a checkpoint folder left by a save or a deletion that "
+                             f"did not finish (a run killed mid-write), not a complete checkpoint; resume from the run "
+                             f"directory (its newest complete checkpoint) or a {CHECKPOINT_PREFIX}* folder")
     elif latest_checkpoint(out_dir) is not None:
         raise ValueError(f"output_dir: {str(out_dir)!r} already holds checkpoints; pass --resume to continue "
                          f"that run, or choose another output_dir")
@@ -1618,6 +1679,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
         resume_weight_changes(start_ckpt, model)
     inputs = ModelInputs.of(model)
     chunk = cfg.train.tbptt_chunk
+    if (table := _position_table(model)) is not None and L > table[1]:
+        # the rows' positions run to seq_len - 1 (within a packed row's long document too): an IndexError ("index out
+        # of range in self") at the first step's forward, naming nothing
+        raise ValueError(f"data.seq_len: {L} tokens per row, but {type(model).__name__} learns {table[1]} absolute "
+                         f"positions ({table[0]}, config max_position_embeddings); lower data.seq_len to <= "
+                         f"{table[1]}, or, for a model built from a config, raise max_position_embeddings in it")
     if cfg.data.packing and not (inputs.seq_idx or inputs.position_ids):
         raise ValueError("data.packing: the model's forward takes neither seq_idx nor position_ids, so "
                          "packed documents would see each other; set data.packing=false")
@@ -1769,8 +1836,10 @@ def train(cfg: TrainConfig, resume: str | None = None,
     hparams = _flat(cfg.to_dict()) | {"params": n_params}
     hparams |= {f"backend/{k}": str(v) for k, v in backend.items()}
     # a resumed run hides what a killed run logged past its last checkpoint (metrics.csv drops those rows above);
-    # TensorBoard's purge_step (the first step this run logs) does it for its event files, which are only appended to
-    tensorboard_kwargs = {"purge_step": step + 1} if step else {}
+    # TensorBoard's purge_step (the first step this run logs) does it for its event files, which are only appended to.
+    # From step 0 too: a run killed before its first checkpoint and started again (--resume finds none) left its steps
+    # in TensorBoard beside the new run's, each step twice, while metrics.csv dropped them
+    tensorboard_kwargs = {"purge_step": step + 1}
     # TensorBoard writes into OUTPUT_DIR/tensorboard whatever the project: accelerate names that folder after the
     # project it hands every tracker, so it is built here and the others get log.project (every wandb run used to
     # land in a project called 'tensorboard')
@@ -1871,12 +1940,18 @@ def train(cfg: TrainConfig, resume: str | None = None,
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    def save() -> None:
+    def save(extra: dict[str, Any] | None = None) -> None:
         nonlocal last_ckpt, saved_step
         if saved_step != step:
             last_ckpt = save_checkpoint(accelerator, model, tokenizer, cfg, step, tokens, data_state, optimizer,
-                                        record)
+                                        record | (extra or {}))
             saved_step = step
+
+    def log_eval() -> None:
+        metrics = evaluate()
+        evals.append({"step": step, **metrics})
+        accelerator.log(metrics, step=step)
+        accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def flush() -> list[float]:
         """Read the pending step losses back (averaged over processes) into `losses`."""
@@ -1915,8 +1990,11 @@ def train(cfg: TrainConfig, resume: str | None = None,
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         window_time, window_tokens, window_real = 0.0, 0, 0
 
+    evaluating = False  # a second Ctrl-C during an evaluation: the checkpoint asks the resumed run to do it
     with _StopRequest() as stop:
         try:
+            if start_ckpt is not None and state.get("eval_due") == step and cfg.eval.every:
+                log_eval()  # the evaluation of the checkpoint's step, interrupted: an uninterrupted run logged it
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()
                 step_rng = (step, _torch_rng_state())  # for a save interrupted mid-step: the RNG of the step before
@@ -1965,11 +2043,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 if bar is not None:
                     bar.update(1)
                 if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.max_steps):
-                    metrics = evaluate()
-                    evals.append({"step": step, **metrics})
-                    accelerator.log(metrics, step=step)
-                    accelerator.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}"
-                                                                   for k, v in metrics.items()))
+                    evaluating = True
+                    log_eval()
+                    evaluating = False
                 if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                     save()
                 if world == 1:
@@ -2004,8 +2080,9 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     _set_torch_rng_state(step_rng[1])
                 if pending:  # the steps since the last log, as a stop request logs them: the resumed run starts after
                     log_window(grad_norm, None)
-                accelerator.print(f"interrupted: saving the last completed step {step}")
-                save()
+                accelerator.print(f"interrupted: saving the last completed step {step}"
+                                  + (" (its evaluation, cut short, is run by the resumed run)" if evaluating else ""))
+                save({"eval_due": step} if evaluating else None)
             raise
         finally:
             batches.close()
