@@ -1300,6 +1300,45 @@ def test_lora_on_a_tied_lm_head_is_refused_before_anything_trains(tmp_path):
         assert_close("merged", model.merge_and_unload()(x).logits, adapted, 1e-5)
 
 
+def test_lora_on_tied_input_embeddings_is_refused_before_anything_trains(tmp_path):
+    """lora.target_modules with the input embeddings of a model whose lm_head is tied to them: the adapted model adds
+    the adapter to the embedding lookup alone, merge_and_unload to the shared weight (the lm_head too), so the whole
+    run trained and then failed its round-trip check, as with a tied lm_head. Now refused when the config is read;
+    modules_to_save trains a copy that merges as adapted, and an untied model takes the adapter."""
+    from zoo.finetune import LoraSection, _check_lora_targets
+
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                    "lora": {"target_modules": ["embeddings", "in_proj"]}}))
+    with pytest.raises(ValueError, match=r"lora\.target_modules: matches model\.embeddings, which is tied to the "
+                                         r"output layer \(lm_head\).*modules_to_save: \[model\.embeddings\]"):
+        load_finetune_config(path)
+    with pytest.raises(ValueError, match=r"matches model\.embeddings, which is tied"):
+        _check_lora_targets(LoraSection(target_modules=r".*\.embeddings"), tiny("mamba"))
+    x = batch()
+    # what the refusal saves the user from: on the tied model the merged logits are not the adapted ones
+    model = wrap_lora(tiny("mamba"), verbose=False, target_modules=["embeddings"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding" in name:  # PEFT starts an embedding's A at zero
+                p.normal_(0.0, 0.2)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x).logits
+        assert (model.merge_and_unload()(x).logits - adapted).abs().max() > 1.0
+    saved = wrap_lora(tiny("mamba"), verbose=False, modules_to_save=["embeddings"])
+    with torch.no_grad():
+        next(p for n, p in saved.named_parameters() if "modules_to_save" in n).add_(0.1)
+    saved.eval()
+    with torch.no_grad():
+        adapted = saved(x).logits
+        assert_close("merged copy", saved.merge_and_unload()(x).logits, adapted, 1e-5)
+    untied = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / "mamba-tiny.yaml",
+                                                                  tie_embeddings=False))
+    _check_lora_targets(LoraSection(target_modules=["embeddings", "in_proj"]), untied)
+
+
 def test_a_finetune_stopped_while_saving_the_merged_model_does_not_train_again(tmp_path, monkeypatch, capsys):
     """The checkpoint was removed as soon as the adapter was saved: Ctrl-C (or SIGTERM) in the reload, merge or save of
     merged/ after it left none, and the same command trained the whole phase again. It now goes with the result."""

@@ -627,9 +627,9 @@ def _validate_run(section: Any, prefix: str) -> None:
 
 
 def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
-    """Refuse lora.target_modules entries that match no module of `model`, an output layer tied to the input
-    embeddings (finetune merges the adapter), or (in a zoo model) a module LoRA cannot wrap, and lora.modules_to_save
-    entries that match none; its skeleton on the meta device will do."""
+    """Refuse lora.target_modules entries that match no module of `model`, either side of an output layer tied to the
+    input embeddings (finetune merges the adapter), or (in a zoo model) a module LoRA cannot wrap, and
+    lora.modules_to_save entries that match none; its skeleton on the meta device will do."""
     from transformers.pytorch_utils import Conv1D
 
     _check_modules_to_save(model, lora.modules_to_save, "lora.modules_to_save")
@@ -644,12 +644,15 @@ def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
     matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and targets != "all-linear" and (
         re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight is embeddings.weight and any(m is head for _, m in matched):
-        # the adapted model adds the adapter to the head alone, merge_and_unload to the shared weight: the run
-        # trained in full, then failed its round-trip check ('all-linear' leaves the output layer out)
-        name = next(n for n, m in matched if m is head)
-        raise ValueError(f"lora.target_modules: matches {name}, which is tied to the input embeddings "
-                         f"(tie_word_embeddings): merging its adapter would change the shared weight, the embeddings "
+    tied = [head, embeddings] if head is not None and head.weight is embeddings.weight else []
+    adapted_tied = [(n, m) for n, m in matched if any(m is t for t in tied)]
+    if adapted_tied:
+        # the adapted model adds the adapter to one side of the tie alone, merge_and_unload to the shared weight (the
+        # other side too): the run trained in full, then failed its round-trip check ('all-linear' leaves both out)
+        name, module = adapted_tied[0]
+        other = "input embeddings" if module is head else "output layer (lm_head)"
+        raise ValueError(f"lora.target_modules: matches {name}, which is tied to the {other} "
+                         f"(tie_word_embeddings): merging its adapter would change the shared weight, the {other} "
                          f"too, and the merged model would not be the adapted one; leave {name} out, or train it whole "
                          f"with lora.modules_to_save: [{name}] (its trained copy is saved untied)")
     if targets == "all-linear" or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
