@@ -811,6 +811,36 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     assert len(other["log"]) == 3
 
 
+def test_a_stopped_finetune_continues_when_its_folders_are_spelled_otherwise(tmp_path, monkeypatch, capsys):
+    """The checkpoint's stamp held output_dir and model as typed: '--output_dir=runs/x/' (a shell's completion) after a
+    stop of '--output_dir=runs/x', or the base as './base', was 'a checkpoint of another config', and the phase
+    started over, overwriting it. The same folders, spelled otherwise, now continue it."""
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1})
+    whole = run("whole")
+    real = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    monkeypatch.chdir(tmp_path)
+    resumed = _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), "--output_dir=cut/", "--model=./base/"])
+    out = capsys.readouterr().out
+    assert "continuing from step 2 of 4" in out and "another config" not in out
+    assert resumed["log"] == whole["log"]
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_finetune_checkpoint_is_not_continued_in_another_precision(tmp_path, monkeypatch, capsys):
     # its stamp held train.precision's name: under auto, a checkpoint of a bf16 launch was continued in fp32
     import zoo.finetune as ft

@@ -1290,6 +1290,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
     t0 = time.perf_counter()
     stamp = cfg.to_dict() | {"base": _base_identity(base_path)}  # another base's checkpoint is not continued
+    # but the folders as spelled: the checkpoint lies in output_dir, and the base is named by its resolved path above
+    # ('--output_dir=runs/x/' after a stop of '--output_dir=runs/x' started the phase over, overwriting the checkpoint)
+    del stamp["output_dir"], stamp["model"]
     stamp["train"]["precision"] = _effective_precision(accelerator)  # nor one trained in another precision
     checkpoint = out_dir / "finetune-checkpoint"
     model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune", checkpoint,
