@@ -401,6 +401,39 @@ def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp
     assert weights.stat().st_mtime_ns != written, "an fp32 base reused by a bf16 run"
 
 
+def test_a_pretrained_base_is_reused_when_its_model_yaml_is_named_otherwise(tmp_path, monkeypatch, capsys):
+    """The base's stamp held the model YAML's path as typed: the packaged name 'jamba-tiny.yaml' after the path
+    'configs/models/jamba-tiny.yaml' (or the path from another working directory) pretrained the same base again, and
+    an interrupted pretrain phase started over. The YAML's text (in the stamp too) is what names the model."""
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    argv = [*short_mqar_finetune(tmp_path), "--pretrain.train.max_steps=3", "--pretrain.train.checkpoint_every=1"]
+    real = ft.lr_at
+
+    def stop_pretrain_at_step_2(step, section):
+        if step == 2 and getattr(section, "lora", None) is None:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_pretrain_at_step_2)
+    assert _run("zoo finetune", main, argv) == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    capsys.readouterr()
+    main([*argv, "--model=jamba-tiny.yaml"])
+    assert "pretrain: continuing from step 2 of 3" in capsys.readouterr().out
+    weights = tmp_path / "run" / "base" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    copy = tmp_path / "mine.yaml"
+    copy.write_text((ROOT / "configs" / "models" / "jamba-tiny.yaml").read_text())
+    main([*argv, f"--model={copy}"])
+    assert "pretrain: reusing" in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == written
+    copy.write_text(copy.read_text().replace("n_experts: 4", "n_experts: 2"))
+    main([*argv, f"--model={copy}"])
+    assert weights.stat().st_mtime_ns != written, "another model: another base"
+
+
 def test_config_errors_name_the_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"model": "configs/models/mamba-tiny.yaml", "data": {"task": "mqar"}}))

@@ -1139,8 +1139,14 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     stamp = {"model": cfg.model, "model_yaml": find_config(cfg.model, "models").read_text(),
              "pretrain": cfg.to_dict()["pretrain"], "precision": _effective_precision(accelerator)}
     stamp_file = base_dir / "pretrain_config.json"
-    # less the settings of logging (a rerun with another log_every or progress bar pretrained the same base again)
-    if stamp_file.is_file() and _phase_stamp(json.loads(stamp_file.read_text())) == _phase_stamp(stamp):
+
+    def phase(settings: dict[str, Any]) -> dict[str, Any]:
+        # less the settings of logging (a rerun with another log_every or progress bar pretrained the same base again)
+        # and the model YAML's path as typed, which its text stands for ('jamba-tiny.yaml', the packaged name, after
+        # 'configs/models/jamba-tiny.yaml', or the path from another working directory, pretrained the base again)
+        return {k: v for k, v in _phase_stamp(settings).items() if k != "model"}
+
+    if stamp_file.is_file() and phase(json.loads(stamp_file.read_text())) == phase(stamp):
         accelerator.print(f"pretrain: reusing {base_dir} (same model, pretrain section and precision)")
         return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
     p = cfg.pretrain
@@ -1152,7 +1158,7 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     eval_loader = _eval_loader(eval_set, p.train.eval_batch_size, 0)
     t0 = time.perf_counter()
     model, log = run_training(accelerator, model, train_set, p, 0, "pretrain", out_dir / "pretrain-checkpoint",
-                              _phase_stamp(stamp))
+                              phase(stamp))
     result = {"seconds": time.perf_counter() - t0, "log": log,
               "eval": evaluate(model, eval_loader, accelerator.device)}
     accelerator.print(f"pretrain: {p.train.max_steps} steps in {result['seconds']:.0f}s, accuracy on its own task "
