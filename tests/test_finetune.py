@@ -844,6 +844,46 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     assert len(other["log"]) == 3
 
 
+def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, monkeypatch, capsys):
+    """The checkpoint's stamp named the jsonl files by their paths alone: rows added or fixed after a stop were
+    trained on from the old rows' checkpoint, the replayed order falling on other rows, and the run said it continued
+    exactly. Now the files' sizes and modification times are in the stamp: unchanged, it continues; edited, it
+    starts over."""
+    import zoo.finetune as ft
+    from zoo.cli import _run
+    from zoo.data.text import ByteTokenizer
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    data = tmp_path / "rows.jsonl"
+    words = ["abc", "hello", "zoo", "mamba", "lora", "state", "token", "merge"]
+    data.write_text("\n".join(json.dumps({"prompt": f"{w}:", "completion": w[::-1]}) for w in words))
+    config = {"model": str(tmp_path / "base"), "data": {"source": str(data), "holdout": 0.25},
+              "train": {"max_steps": 4, "micro_batch_size": 2, "progress_bar": False}, "lora": {"r": 4},
+              "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    real = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    def run(name: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert run("same") == 130 and run("edited") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    capsys.readouterr()
+    run("same")
+    assert "continuing from step 2 of 4" in capsys.readouterr().out
+    data.write_text(data.read_text() + "\n" + json.dumps({"prompt": "added:", "completion": "dedda"}))
+    run("edited")
+    out = capsys.readouterr().out
+    assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
+
+
 def test_a_stopped_finetune_continues_when_its_folders_are_spelled_otherwise(tmp_path, monkeypatch, capsys):
     """The checkpoint's stamp held output_dir and model as typed: '--output_dir=runs/x/' (a shell's completion) after a
     stop of '--output_dir=runs/x', or the base as './base', was 'a checkpoint of another config', and the phase

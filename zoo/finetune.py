@@ -732,13 +732,18 @@ class ListDataset(Dataset):
         return self.rows[index]
 
 
-def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
-    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
-    (the config field that named them) is what errors name."""
+def _jsonl_files(source: str | list[str]) -> list[str]:
+    """The files that jsonl path(s) or glob(s) name, sorted."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
-    files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
+    return sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
+
+
+def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
+    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
+    (the config field that named them) is what errors name."""
+    files = _jsonl_files(source)
     if not files:
         raise ValueError(f"{field}: no file matches {source!r}")
     rows = []
@@ -1296,6 +1301,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
     t0 = time.perf_counter()
     stamp = cfg.to_dict() | {"base": _base_identity(base_path)}  # another base's checkpoint is not continued
+    if cfg.data.source is not None:  # nor one trained on rows edited since: the replayed order fell on other rows
+        stamp["data_files"] = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+                               for f in _jsonl_files(cfg.data.source)]
     # but the folders as spelled: the checkpoint lies in output_dir, and the base is named by its resolved path above
     # ('--output_dir=runs/x/' after a stop of '--output_dir=runs/x' started the phase over, overwriting the checkpoint)
     del stamp["output_dir"], stamp["model"]
