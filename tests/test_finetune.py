@@ -844,6 +844,36 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     assert len(other["log"]) == 3
 
 
+def test_a_stopped_finetune_continues_with_another_evaluation_size_or_bypass_check(tmp_path, monkeypatch, capsys):
+    """data.n_eval (a task's evaluation rows) and lora.check_forward were in the checkpoint's stamp, though a resumed
+    run evaluates and checks afresh and trains the same: a rerun with a smaller evaluation, or without the check,
+    started the phase over, overwriting the checkpoint. It now continues, to the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1},
+                             lora={"dropout": 0.1})
+    whole = run("whole")
+    real = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    capsys.readouterr()
+    resumed = run("cut", "--data.n_eval=4", "--lora.check_forward=false")
+    out = capsys.readouterr().out
+    assert "continuing from step 2 of 4" in out and "another config" not in out
+    assert resumed["log"] == whole["log"] and resumed["before"]["n_targets"] == 4 * 2
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, monkeypatch, capsys):
     """The checkpoint's stamp named the jsonl files by their paths alone: rows added or fixed after a stop were
     trained on from the old rows' checkpoint, the replayed order falling on other rows, and the run said it continued

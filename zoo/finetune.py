@@ -1307,6 +1307,9 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     # but the folders as spelled: the checkpoint lies in output_dir, and the base is named by its resolved path above
     # ('--output_dir=runs/x/' after a stop of '--output_dir=runs/x' started the phase over, overwriting the checkpoint)
     del stamp["output_dir"], stamp["model"]
+    # nor what only evaluates or checks, which a resumed run redoes in full: a rerun with another data.n_eval (the
+    # evaluation rows of a task) or lora.check_forward started the phase over, overwriting the checkpoint
+    del stamp["data"]["n_eval"], stamp["lora"]["check_forward"]
     stamp["train"]["precision"] = _effective_precision(accelerator)  # nor one trained in another precision
     checkpoint = out_dir / "finetune-checkpoint"
     model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune", checkpoint,
