@@ -457,6 +457,16 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 
+def test_a_malformed_regular_expression_in_target_modules_is_named_when_the_config_is_read(tmp_path):
+    # a string target is a regular expression: a malformed one failed with re.error's traceback once the model loaded
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"},
+                                    "lora": {"target_modules": "model.layers.[0.mixer.in_proj"}}))
+    with pytest.raises(ValueError, match=r"lora\.target_modules: 'model\.layers\.\[0\.mixer\.in_proj' is not a regular "
+                                         r"expression \(unterminated character set"):
+        load_finetune_config(path)
+
+
 @pytest.mark.parametrize("override,message", [
     ("schedule.decay_fraction=20", r"schedule\.decay_fraction: must be in \(0, 1\], got 20"),
     ("pretrain.schedule.decay_fraction=0", r"pretrain\.schedule\.decay_fraction: must be in \(0, 1\], got 0"),

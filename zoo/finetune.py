@@ -682,6 +682,12 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
         raise ValueError("lora.target_modules: empty; leave it out for the mixers' lora_targets")
+    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
+        try:  # a string is a regular expression: a malformed one failed with re.error's traceback, the model loaded
+            re.compile(cfg.lora.target_modules)
+        except re.error as e:
+            raise ValueError(f"lora.target_modules: {cfg.lora.target_modules!r} is not a regular expression ({e}); "
+                             f"a string is one over whole module names, a list holds names or name suffixes") from None
     if cfg.lora.target_modules is not None and cfg.lora.include_mlp:
         raise ValueError("lora.include_mlp: only applies to the default targets (lora.target_modules left out); add "
                          "the MLP projections (gate_proj, up_proj, down_proj) to lora.target_modules instead")
