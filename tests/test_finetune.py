@@ -887,8 +887,8 @@ def test_a_stopped_finetune_continues_with_another_evaluation_size_or_bypass_che
 def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, monkeypatch, capsys):
     """The checkpoint's stamp named the jsonl files by their paths alone: rows added or fixed after a stop were
     trained on from the old rows' checkpoint, the replayed order falling on other rows, and the run said it continued
-    exactly. Now the files' sizes and modification times are in the stamp: unchanged, it continues; edited, it
-    starts over."""
+    exactly. Now the files' sizes and modification times are in the stamp: unchanged (spelled otherwise too), it
+    continues; edited, it starts over."""
     import zoo.finetune as ft
     from zoo.cli import _run
     from zoo.data.text import ByteTokenizer
@@ -899,6 +899,7 @@ def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, mon
     words = ["abc", "hello", "zoo", "mamba", "lora", "state", "token", "merge"]
     data.write_text("\n".join(json.dumps({"prompt": f"{w}:", "completion": w[::-1]}) for w in words))
     config = {"model": str(tmp_path / "base"), "data": {"source": str(data), "holdout": 0.25},
+              "tokenizer": str(tmp_path / "base"),
               "train": {"max_steps": 4, "micro_batch_size": 2, "progress_bar": False}, "lora": {"r": 4},
               "schedule": {"warmup_steps": 1}}
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
@@ -909,14 +910,15 @@ def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, mon
             raise KeyboardInterrupt
         return real(step, section)
 
-    def run(name: str):
-        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}"])
+    def run(name: str, *extra: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}", *extra])
 
     monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
     assert run("same") == 130 and run("edited") == 130
     monkeypatch.setattr(ft, "lr_at", real)
     capsys.readouterr()
-    run("same")
+    monkeypatch.chdir(tmp_path)
+    run("same", "--data.source=./rows.jsonl", "--tokenizer=base/")  # the same files, spelled otherwise: continued
     assert "continuing from step 2 of 4" in capsys.readouterr().out
     data.write_text(data.read_text() + "\n" + json.dumps({"prompt": "added:", "completion": "dedda"}))
     run("edited")

@@ -1310,9 +1310,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.data.source is not None:  # nor one trained on rows edited since: the replayed order fell on other rows
         stamp["data_files"] = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns]
                                for f in _jsonl_files(cfg.data.source)]
-    # but the folders as spelled: the checkpoint lies in output_dir, and the base is named by its resolved path above
-    # ('--output_dir=runs/x/' after a stop of '--output_dir=runs/x' started the phase over, overwriting the checkpoint)
-    del stamp["output_dir"], stamp["model"]
+    # but the folders and files as spelled: the checkpoint lies in output_dir, the base and the rows are named by their
+    # resolved paths above, the evaluation rows train nothing (only whether they are held out of data.source does), and
+    # a tokenizer folder by its resolved path ('--output_dir=runs/x/' after a stop of '--output_dir=runs/x', or
+    # './rows.jsonl' after 'rows.jsonl', started the phase over, overwriting the checkpoint)
+    del stamp["output_dir"], stamp["model"], stamp["data"]["source"]
+    stamp["data"]["eval_source"] = cfg.data.eval_source is not None
+    if cfg.tokenizer is not None and Path(cfg.tokenizer).is_dir():
+        stamp["tokenizer"] = str(Path(cfg.tokenizer).resolve())
     # nor what only evaluates or checks, which a resumed run redoes in full: a rerun with another data.n_eval (the
     # evaluation rows of a task) or lora.check_forward started the phase over, overwriting the checkpoint
     del stamp["data"]["n_eval"], stamp["lora"]["check_forward"]
