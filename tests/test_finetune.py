@@ -401,6 +401,39 @@ def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp
     assert weights.stat().st_mtime_ns != written, "an fp32 base reused by a bf16 run"
 
 
+def test_a_pretrained_base_is_reused_when_its_model_yaml_is_named_otherwise(tmp_path, monkeypatch, capsys):
+    """The base's stamp held the model YAML's path as typed: the packaged name 'jamba-tiny.yaml' after the path
+    'configs/models/jamba-tiny.yaml' (or the path from another working directory) pretrained the same base again, and
+    an interrupted pretrain phase started over. The YAML's text (in the stamp too) is what names the model."""
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    argv = [*short_mqar_finetune(tmp_path), "--pretrain.train.max_steps=3", "--pretrain.train.checkpoint_every=1"]
+    real = ft.lr_at
+
+    def stop_pretrain_at_step_2(step, section):
+        if step == 2 and getattr(section, "lora", None) is None:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_pretrain_at_step_2)
+    assert _run("zoo finetune", main, argv) == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    capsys.readouterr()
+    main([*argv, "--model=jamba-tiny.yaml"])
+    assert "pretrain: continuing from step 2 of 3" in capsys.readouterr().out
+    weights = tmp_path / "run" / "base" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+    copy = tmp_path / "mine.yaml"
+    copy.write_text((ROOT / "configs" / "models" / "jamba-tiny.yaml").read_text())
+    main([*argv, f"--model={copy}"])
+    assert "pretrain: reusing" in capsys.readouterr().out
+    assert weights.stat().st_mtime_ns == written
+    copy.write_text(copy.read_text().replace("n_experts: 4", "n_experts: 2"))
+    main([*argv, f"--model={copy}"])
+    assert weights.stat().st_mtime_ns != written, "another model: another base"
+
+
 def test_config_errors_name_the_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"model": "configs/models/mamba-tiny.yaml", "data": {"task": "mqar"}}))
@@ -422,6 +455,16 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"lora\.alpha: must be > 0"):  # a scale of 0: a no-op adapter, zero gradients,
         load_finetune_config(path)  # and a run that reported success
 
+
+
+def test_a_malformed_regular_expression_in_target_modules_is_named_when_the_config_is_read(tmp_path):
+    # a string target is a regular expression: a malformed one failed with re.error's traceback once the model loaded
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"},
+                                    "lora": {"target_modules": "model.layers.[0.mixer.in_proj"}}))
+    with pytest.raises(ValueError, match=r"lora\.target_modules: 'model\.layers\.\[0\.mixer\.in_proj' is not a regular "
+                                         r"expression \(unterminated character set"):
+        load_finetune_config(path)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -809,6 +852,108 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     other = run("other", "--lora.r=2")  # another config: starts over
     assert "holds a checkpoint of another config; starting over" in capsys.readouterr().out
     assert len(other["log"]) == 3
+
+
+def test_a_stopped_finetune_continues_with_another_evaluation_size_or_bypass_check(tmp_path, monkeypatch, capsys):
+    """data.n_eval (a task's evaluation rows) and lora.check_forward were in the checkpoint's stamp, though a resumed
+    run evaluates and checks afresh and trains the same: a rerun with a smaller evaluation, or without the check,
+    started the phase over, overwriting the checkpoint. It now continues, to the uninterrupted run's adapter."""
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1},
+                             lora={"dropout": 0.1})
+    whole = run("whole")
+    real = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    capsys.readouterr()
+    resumed = run("cut", "--data.n_eval=4", "--lora.check_forward=false")
+    out = capsys.readouterr().out
+    assert "continuing from step 2 of 4" in out and "another config" not in out
+    assert resumed["log"] == whole["log"] and resumed["before"]["n_targets"] == 4 * 2
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, monkeypatch, capsys):
+    """The checkpoint's stamp named the jsonl files by their paths alone: rows added or fixed after a stop were
+    trained on from the old rows' checkpoint, the replayed order falling on other rows, and the run said it continued
+    exactly. Now the files' sizes and modification times are in the stamp: unchanged (spelled otherwise too), it
+    continues; edited, it starts over."""
+    import zoo.finetune as ft
+    from zoo.cli import _run
+    from zoo.data.text import ByteTokenizer
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    data = tmp_path / "rows.jsonl"
+    words = ["abc", "hello", "zoo", "mamba", "lora", "state", "token", "merge"]
+    data.write_text("\n".join(json.dumps({"prompt": f"{w}:", "completion": w[::-1]}) for w in words))
+    config = {"model": str(tmp_path / "base"), "data": {"source": str(data), "holdout": 0.25},
+              "tokenizer": str(tmp_path / "base"),
+              "train": {"max_steps": 4, "micro_batch_size": 2, "progress_bar": False}, "lora": {"r": 4},
+              "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    real = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    def run(name: str, *extra: str):
+        return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}", *extra])
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert run("same") == 130 and run("edited") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    run("same", "--data.source=./rows.jsonl", "--tokenizer=base/")  # the same files, spelled otherwise: continued
+    assert "continuing from step 2 of 4" in capsys.readouterr().out
+    data.write_text(data.read_text() + "\n" + json.dumps({"prompt": "added:", "completion": "dedda"}))
+    run("edited")
+    out = capsys.readouterr().out
+    assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
+
+
+def test_a_stopped_finetune_continues_when_its_folders_are_spelled_otherwise(tmp_path, monkeypatch, capsys):
+    """The checkpoint's stamp held output_dir and model as typed: '--output_dir=runs/x/' (a shell's completion) after a
+    stop of '--output_dir=runs/x', or the base as './base', was 'a checkpoint of another config', and the phase
+    started over, overwriting it. The same folders, spelled otherwise, now continue it."""
+    from safetensors.torch import load_file
+
+    import zoo.finetune as ft
+    from zoo.cli import _run
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1})
+    whole = run("whole")
+    real = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert run("cut") == 130
+    monkeypatch.setattr(ft, "lr_at", real)
+    monkeypatch.chdir(tmp_path)
+    resumed = _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), "--output_dir=cut/", "--model=./base/"])
+    out = capsys.readouterr().out
+    assert "continuing from step 2 of 4" in out and "another config" not in out
+    assert resumed["log"] == whole["log"]
+    a, b = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_finetune_checkpoint_is_not_continued_in_another_precision(tmp_path, monkeypatch, capsys):
@@ -1298,6 +1443,45 @@ def test_lora_on_a_tied_lm_head_is_refused_before_anything_trains(tmp_path):
     with torch.no_grad():
         adapted = model(x).logits
         assert_close("merged", model.merge_and_unload()(x).logits, adapted, 1e-5)
+
+
+def test_lora_on_tied_input_embeddings_is_refused_before_anything_trains(tmp_path):
+    """lora.target_modules with the input embeddings of a model whose lm_head is tied to them: the adapted model adds
+    the adapter to the embedding lookup alone, merge_and_unload to the shared weight (the lm_head too), so the whole
+    run trained and then failed its round-trip check, as with a tied lm_head. Now refused when the config is read;
+    modules_to_save trains a copy that merges as adapted, and an untied model takes the adapter."""
+    from zoo.finetune import LoraSection, _check_lora_targets
+
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}},
+                                    "lora": {"target_modules": ["embeddings", "in_proj"]}}))
+    with pytest.raises(ValueError, match=r"lora\.target_modules: matches model\.embeddings, which is tied to the "
+                                         r"output layer \(lm_head\).*modules_to_save: \[model\.embeddings\]"):
+        load_finetune_config(path)
+    with pytest.raises(ValueError, match=r"matches model\.embeddings, which is tied"):
+        _check_lora_targets(LoraSection(target_modules=r".*\.embeddings"), tiny("mamba"))
+    x = batch()
+    # what the refusal saves the user from: on the tied model the merged logits are not the adapted ones
+    model = wrap_lora(tiny("mamba"), verbose=False, target_modules=["embeddings"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding" in name:  # PEFT starts an embedding's A at zero
+                p.normal_(0.0, 0.2)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x).logits
+        assert (model.merge_and_unload()(x).logits - adapted).abs().max() > 1.0
+    saved = wrap_lora(tiny("mamba"), verbose=False, modules_to_save=["embeddings"])
+    with torch.no_grad():
+        next(p for n, p in saved.named_parameters() if "modules_to_save" in n).add_(0.1)
+    saved.eval()
+    with torch.no_grad():
+        adapted = saved(x).logits
+        assert_close("merged copy", saved.merge_and_unload()(x).logits, adapted, 1e-5)
+    untied = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / "mamba-tiny.yaml",
+                                                                  tie_embeddings=False))
+    _check_lora_targets(LoraSection(target_modules=["embeddings", "in_proj"]), untied)
 
 
 def test_a_finetune_stopped_while_saving_the_merged_model_does_not_train_again(tmp_path, monkeypatch, capsys):

@@ -627,9 +627,9 @@ def _validate_run(section: Any, prefix: str) -> None:
 
 
 def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
-    """Refuse lora.target_modules entries that match no module of `model`, an output layer tied to the input
-    embeddings (finetune merges the adapter), or (in a zoo model) a module LoRA cannot wrap, and lora.modules_to_save
-    entries that match none; its skeleton on the meta device will do."""
+    """Refuse lora.target_modules entries that match no module of `model`, either side of an output layer tied to the
+    input embeddings (finetune merges the adapter), or (in a zoo model) a module LoRA cannot wrap, and
+    lora.modules_to_save entries that match none; its skeleton on the meta device will do."""
     from transformers.pytorch_utils import Conv1D
 
     _check_modules_to_save(model, lora.modules_to_save, "lora.modules_to_save")
@@ -644,12 +644,15 @@ def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
     matched = [(n, m) for n, m in _unwrap(model).named_modules() if n and targets != "all-linear" and (
         re.fullmatch(targets, n) if isinstance(targets, str) else any(n == t or n.endswith("." + t) for t in targets))]
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight is embeddings.weight and any(m is head for _, m in matched):
-        # the adapted model adds the adapter to the head alone, merge_and_unload to the shared weight: the run
-        # trained in full, then failed its round-trip check ('all-linear' leaves the output layer out)
-        name = next(n for n, m in matched if m is head)
-        raise ValueError(f"lora.target_modules: matches {name}, which is tied to the input embeddings "
-                         f"(tie_word_embeddings): merging its adapter would change the shared weight, the embeddings "
+    tied = [head, embeddings] if head is not None and head.weight is embeddings.weight else []
+    adapted_tied = [(n, m) for n, m in matched if any(m is t for t in tied)]
+    if adapted_tied:
+        # the adapted model adds the adapter to one side of the tie alone, merge_and_unload to the shared weight (the
+        # other side too): the run trained in full, then failed its round-trip check ('all-linear' leaves both out)
+        name, module = adapted_tied[0]
+        other = "input embeddings" if module is head else "output layer (lm_head)"
+        raise ValueError(f"lora.target_modules: matches {name}, which is tied to the {other} "
+                         f"(tie_word_embeddings): merging its adapter would change the shared weight, the {other} "
                          f"too, and the merged model would not be the adapted one; leave {name} out, or train it whole "
                          f"with lora.modules_to_save: [{name}] (its trained copy is saved untied)")
     if targets == "all-linear" or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
@@ -679,6 +682,12 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
         raise ValueError("lora.target_modules: empty; leave it out for the mixers' lora_targets")
+    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
+        try:  # a string is a regular expression: a malformed one failed with re.error's traceback, the model loaded
+            re.compile(cfg.lora.target_modules)
+        except re.error as e:
+            raise ValueError(f"lora.target_modules: {cfg.lora.target_modules!r} is not a regular expression ({e}); "
+                             f"a string is one over whole module names, a list holds names or name suffixes") from None
     if cfg.lora.target_modules is not None and cfg.lora.include_mlp:
         raise ValueError("lora.include_mlp: only applies to the default targets (lora.target_modules left out); add "
                          "the MLP projections (gate_proj, up_proj, down_proj) to lora.target_modules instead")
@@ -729,13 +738,18 @@ class ListDataset(Dataset):
         return self.rows[index]
 
 
-def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
-    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
-    (the config field that named them) is what errors name."""
+def _jsonl_files(source: str | list[str]) -> list[str]:
+    """The files that jsonl path(s) or glob(s) name, sorted."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
-    files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
+    return sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
+
+
+def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
+    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
+    (the config field that named them) is what errors name."""
+    files = _jsonl_files(source)
     if not files:
         raise ValueError(f"{field}: no file matches {source!r}")
     rows = []
@@ -1136,8 +1150,14 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     stamp = {"model": cfg.model, "model_yaml": find_config(cfg.model, "models").read_text(),
              "pretrain": cfg.to_dict()["pretrain"], "precision": _effective_precision(accelerator)}
     stamp_file = base_dir / "pretrain_config.json"
-    # less the settings of logging (a rerun with another log_every or progress bar pretrained the same base again)
-    if stamp_file.is_file() and _phase_stamp(json.loads(stamp_file.read_text())) == _phase_stamp(stamp):
+
+    def phase(settings: dict[str, Any]) -> dict[str, Any]:
+        # less the settings of logging (a rerun with another log_every or progress bar pretrained the same base again)
+        # and the model YAML's path as typed, which its text stands for ('jamba-tiny.yaml', the packaged name, after
+        # 'configs/models/jamba-tiny.yaml', or the path from another working directory, pretrained the base again)
+        return {k: v for k, v in _phase_stamp(settings).items() if k != "model"}
+
+    if stamp_file.is_file() and phase(json.loads(stamp_file.read_text())) == phase(stamp):
         accelerator.print(f"pretrain: reusing {base_dir} (same model, pretrain section and precision)")
         return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
     p = cfg.pretrain
@@ -1149,7 +1169,7 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     eval_loader = _eval_loader(eval_set, p.train.eval_batch_size, 0)
     t0 = time.perf_counter()
     model, log = run_training(accelerator, model, train_set, p, 0, "pretrain", out_dir / "pretrain-checkpoint",
-                              _phase_stamp(stamp))
+                              phase(stamp))
     result = {"seconds": time.perf_counter() - t0, "log": log,
               "eval": evaluate(model, eval_loader, accelerator.device)}
     accelerator.print(f"pretrain: {p.train.max_steps} steps in {result['seconds']:.0f}s, accuracy on its own task "
@@ -1287,6 +1307,20 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["coverage"] = {k: v for k, v in model.zoo_lora_report.items() if k != "adapted"}
     t0 = time.perf_counter()
     stamp = cfg.to_dict() | {"base": _base_identity(base_path)}  # another base's checkpoint is not continued
+    if cfg.data.source is not None:  # nor one trained on rows edited since: the replayed order fell on other rows
+        stamp["data_files"] = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+                               for f in _jsonl_files(cfg.data.source)]
+    # but the folders and files as spelled: the checkpoint lies in output_dir, the base and the rows are named by their
+    # resolved paths above, the evaluation rows train nothing (only whether they are held out of data.source does), and
+    # a tokenizer folder by its resolved path ('--output_dir=runs/x/' after a stop of '--output_dir=runs/x', or
+    # './rows.jsonl' after 'rows.jsonl', started the phase over, overwriting the checkpoint)
+    del stamp["output_dir"], stamp["model"], stamp["data"]["source"]
+    stamp["data"]["eval_source"] = cfg.data.eval_source is not None
+    if cfg.tokenizer is not None and Path(cfg.tokenizer).is_dir():
+        stamp["tokenizer"] = str(Path(cfg.tokenizer).resolve())
+    # nor what only evaluates or checks, which a resumed run redoes in full: a rerun with another data.n_eval (the
+    # evaluation rows of a task) or lora.check_forward started the phase over, overwriting the checkpoint
+    del stamp["data"]["n_eval"], stamp["lora"]["check_forward"]
     stamp["train"]["precision"] = _effective_precision(accelerator)  # nor one trained in another precision
     checkpoint = out_dir / "finetune-checkpoint"
     model, result["log"] = run_training(accelerator, model, train_set, cfg, pad_id, "finetune", checkpoint,
