@@ -228,17 +228,48 @@ def plot_length_curves(
     return save_figure(fig, path)
 
 
+class CorpusDocuments(list):
+    """``corpus_documents``'s documents (a list of LongTensors) with where their tokens came from: ``holdout`` (the
+    data.holdout whose held-out files came first), ``tokens`` (every token of the documents, BOS included),
+    ``train_tokens`` (those from the files a run with that data.holdout trains on) and ``train_documents`` (the
+    documents holding any of them); ``train_share`` is ``train_tokens / tokens``."""
+
+    holdout: float = 0.01
+    tokens: int = 0
+    train_tokens: int = 0
+    train_documents: int = 0
+
+    @property
+    def train_share(self) -> float:
+        return self.train_tokens / self.tokens if self.tokens else 0.0
+
+    def provenance(self) -> dict:
+        """What a results file records of the documents: holdout, tokens, train_tokens, train_documents, train_share
+        and n_documents."""
+        return {"holdout": self.holdout, "n_documents": len(self), "tokens": self.tokens,
+                "train_tokens": self.train_tokens, "train_documents": self.train_documents,
+                "train_share": self.train_share}
+
+
 def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
-                     start: str = "document", add_bos: bool = True, holdout: float = 0.01) -> list[torch.Tensor]:
+                     start: str = "document", add_bos: bool = True, holdout: float = 0.01) -> CorpusDocuments:
     """Long documents from the built-in corpus (``zoo.data.text``: the Python standard library sources).
 
     Files are taken in a seeded random order, the held-out (eval) files first and then the training
-    files (as a run with data.holdout ``holdout`` splits them: 0.01, zoo train's default), and concatenated with a
-    blank line between them into ``n_documents`` disjoint documents of ``max_len`` tokens, each starting with the
-    tokenizer's BOS token as zoo models are trained (``add_bos`` False: without it, for a model trained with
-    data.add_bos false: ``zoo.eval.common.trained_with_bos``). Few
+    files (as a run with data.holdout ``holdout`` splits them: 0.01, zoo train's default; give the data.holdout the
+    model trained with), and concatenated with a blank line between them into ``n_documents`` disjoint documents of
+    ``max_len`` tokens, each starting with the tokenizer's BOS token as zoo models are trained (``add_bos`` False:
+    without it, for a model trained with data.add_bos false: ``zoo.eval.common.trained_with_bos``). Few
     single files are long, so past a few thousand tokens a document is a run of source files, the way
     long-context evaluations concatenate books.
+
+    No token is thrown away: each document is BOS, its first file, then the pieces earlier documents left (the rest
+    of a file that did not fit in a document, the opening a random start skipped), then the next files. Every
+    held-out token is used before any training file's: a document begins with a left piece (inside a file) only
+    when every held-out file has begun a document, and with a training file only when no held-out text is left.
+    The result says how many tokens came from training files (``CorpusDocuments.train_tokens``): past about 150K
+    characters of held-out text (data.holdout 0.01 of CPython 3.11's library) the documents are partly training
+    text, which a model trained on this corpus has seen.
 
     ``start="random"`` begins each document at a seeded random offset into its first file (BOS, then the
     text from there), as packed training rows begin. Every file opens the same way (licence, docstring,
@@ -247,8 +278,11 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
     docstrings); random starts leave only the effect of the context length.
 
     Returns:
-        ``n_documents`` LongTensors [max_len] (fewer or shorter only if the corpus runs out).
+        ``n_documents`` LongTensors [max_len] (fewer or shorter only if the corpus runs out), as a
+        ``CorpusDocuments`` list.
     """
+    from collections import deque
+
     import numpy as np
 
     from zoo.data.text import encode_texts, stdlib_files
@@ -256,26 +290,59 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
     if start not in ("document", "random"):
         raise ValueError(f"corpus_documents: start must be 'document' or 'random', got {start!r}")
     rng = np.random.default_rng(seed)
-    files = [f for split in ("eval", "train")
-             for f in rng.permutation(np.array(stdlib_files(split, holdout), object))]
+    splits = ("eval", "train")
+    files = {split: deque(rng.permutation(np.array(stdlib_files(split, holdout), object))) for split in splits}
+    ready = {split: deque() for split in splits}  # pieces left by earlier documents
+    later = {split: deque() for split in splits}  # pieces left by this document (the next one's ready)
+
+    def read(split: str) -> np.ndarray:
+        text = files[split].popleft().read_bytes().decode("utf-8", "replace") + "\n\n"
+        return encode_texts(tokenizer, [text])[0]
+
+    def next_piece(first: bool) -> tuple[str, np.ndarray] | None:
+        for split in splits:  # held-out text before any training file's
+            if first and files[split]:  # a document begins at a file's start while files are left to begin one
+                return split, read(split)
+            if ready[split]:
+                return split, ready[split].popleft()
+            if files[split]:
+                return split, read(split)
+            if later[split]:
+                return split, later[split].popleft()
+        return None
+
     bos = getattr(tokenizer, "bos_token_id", None)
-    documents, position = [], 0
+    documents = CorpusDocuments()
+    documents.holdout = holdout
     for _ in range(n_documents):
+        for split in splits:
+            ready[split].extend(later[split])
+            later[split].clear()
         pieces = [np.array([bos], dtype=np.int64)] if bos is not None and add_bos else []
-        total = len(pieces)
-        first = True
-        while total < max_len and position < len(files):
-            text = files[position].read_bytes().decode("utf-8", "replace") + "\n\n"
-            position += 1
-            ids = encode_texts(tokenizer, [text])[0]
+        total, train_tokens, first = len(pieces), 0, True
+        while total < max_len:
+            taken = next_piece(first)
+            if taken is None:
+                break
+            split, ids = taken
             if first and start == "random" and len(ids) > 1:
-                ids = ids[int(rng.integers(0, len(ids) - 1)):]
+                offset = int(rng.integers(0, len(ids) - 1))
+                if offset:
+                    later[split].append(ids[:offset])  # the opening it skipped goes into a later document
+                ids = ids[offset:]
             first = False
+            if total + len(ids) > max_len:  # the rest of the piece goes into a later document
+                later[split].append(ids[max_len - total:])
+                ids = ids[: max_len - total]
             pieces.append(ids)
-            total += len(pieces[-1])
+            total += len(ids)
+            train_tokens += len(ids) if split == "train" else 0
         if total < 2:
             break
-        documents.append(torch.from_numpy(np.concatenate(pieces)[:max_len]).long())
+        documents.append(torch.from_numpy(np.concatenate(pieces)).long())
+        documents.tokens += total
+        documents.train_tokens += train_tokens
+        documents.train_documents += train_tokens > 0
     return documents
 
 
