@@ -465,14 +465,16 @@ def main(argv: list[str] | None = None) -> int:
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
-        built = {}  # with BOS first or not, as each run's data section trained (data.add_bos)
+        built = {}  # with BOS first or not, as each run's data section trained (data.add_bos), and its held-out files
 
         def documents_for(run: dict) -> list[torch.Tensor]:
-            add_bos = run["config"].data.add_bos
-            if add_bos not in built:
-                built[add_bos] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"],
-                                                add_bos)
-            return built[add_bos]
+            data = run["config"].data
+            # the files the run held out of training (data.holdout) first, as zoo compare does; another source's text
+            # is not the built-in corpus, any file of it is unseen
+            key = (data.add_bos, data.holdout if data.source == "stdlib" else 0.01)
+            if key not in built:
+                built[key] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"], *key)
+            return built[key]
         for run in runs:
             if args.only and run["model"] not in args.only:
                 continue

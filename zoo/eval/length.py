@@ -355,12 +355,13 @@ CORPUS_DOCUMENTS, CORPUS_LENGTH = 4, 16384
 
 def load_documents(
     source: str | None, n_documents: int | None, max_len: int | None, tokenizer=None, seed: int = 0,
-    start: str = "document", add_bos: bool = True
+    start: str = "document", add_bos: bool = True, holdout: float = 0.01
 ) -> list[torch.Tensor]:
     """Documents for ``zoo eval length``: a ``.pt`` file holding an integer tensor [N, T] or a list of integer
     tensors [T_i] (the first ``n_documents``, each cut to ``max_len``; None: all of them, whole), or, with
-    ``source=None``, ``corpus_documents`` (``n_documents`` None: 4, ``max_len`` None: 16384; ``add_bos``: theirs,
-    a file's documents are taken as they are).
+    ``source=None``, ``corpus_documents`` (``n_documents`` None: 4, ``max_len`` None: 16384; ``add_bos`` and
+    ``holdout``, the data.holdout of a run that trained on the corpus: theirs; a file's documents are taken as they
+    are).
 
     Anything else in the file (a flat [T] stream, [N, T, ...], floats, documents under 2 tokens) is refused
     with a ValueError that says how to save it: guessing where a flat stream's documents end would be wrong.
@@ -372,7 +373,7 @@ def load_documents(
             raise ValueError(f"--max-len {max_len}: a document of fewer than 2 tokens has no next token to score; give "
                              f"--max-len 2 or more")
         return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start,
-                                add_bos)
+                                add_bos, holdout)
     loaded = torch.load(source, weights_only=True)
     expected = "an integer tensor [N, T] (N documents of T tokens) or a list of 1-D integer tensors [T_i]"
     if isinstance(loaded, torch.Tensor):
