@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1631,6 +1632,47 @@ def gla_checkpoint(tmp_path, hf_tokenizer):
     model.save_pretrained(path)
     hf_tokenizer.save_pretrained(path)
     return path
+
+
+def test_eval_length_of_a_checkpoint_trained_on_the_corpus_says_how_much_is_training_text(gla_checkpoint, tmp_path,
+                                                                                        monkeypatch):
+    """zoo eval length on a zoo checkpoint trained on the built-in corpus took the files held out at 0.01 whatever the
+    run's data.holdout, and said nothing when the documents ran past the held-out files into the training files (the
+    model's own training text). It takes the run's held-out files first (train_config.yaml beside model/), warns when
+    any token is training text, and records the share in length.json; a model not trained on the corpus is not
+    warned about."""
+    import shutil
+
+    from zoo.eval import length
+
+    held, _ = _tiny_corpus(tmp_path, monkeypatch, [150, 90], [4000] * 3)
+    seen, real = [], length.corpus_documents
+    monkeypatch.setattr(length, "corpus_documents", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    shutil.copytree(gla_checkpoint, step / "model")
+    (step / "train_config.yaml").write_text("model: x\noutput_dir: run\ndata: {source: stdlib, holdout: 0.002}\n")
+    argv = ["--n-docs", "3", "--max-len", "128", "--chunk-size", "64", "--device", "cpu"]
+    with pytest.warns(UserWarning, match=r"zoo eval length .*step_00000002/model: [12] of 3 documents .*training"):
+        summary = length.main(["--model", str(step / "model"), *argv, "--out", str(tmp_path / "a")])
+    documents = summary[str(step / "model")]["documents"]
+    assert seen == [0.002] and documents["holdout"] == 0.002 and documents["trained_on_corpus"]
+    assert documents["n_documents"] == 3 and 0 < documents["train_tokens"] == documents["tokens"] - 3 - \
+        documents["held_tokens"]
+    saved = json.loads((tmp_path / "a" / "length.json").read_text())
+    assert saved[str(step / "model")]["documents"] == documents
+    # the same weights without the run's config: not known to have trained on the corpus, recorded but not warned
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = length.main(["--model", str(gla_checkpoint), *argv, "--out", str(tmp_path / "b")])
+    assert seen == [0.01] and not summary[str(gla_checkpoint)]["documents"]["trained_on_corpus"]
+    # with documents of held-out text only, nothing is said
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = length.main(["--model", str(step / "model"), "--n-docs", "1", "--max-len", "16", "--device", "cpu",
+                               "--out", str(tmp_path / "c")])
+    assert summary[str(step / "model")]["documents"]["train_tokens"] == 0 and len(held) > 16
 
 
 def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp_path, monkeypatch, capsys):

@@ -19,6 +19,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -231,11 +232,13 @@ def plot_length_curves(
 class CorpusDocuments(list):
     """``corpus_documents``'s documents (a list of LongTensors) with where their tokens came from: ``holdout`` (the
     data.holdout whose held-out files came first), ``tokens`` (every token of the documents, BOS included),
-    ``train_tokens`` (those from the files a run with that data.holdout trains on) and ``train_documents`` (the
-    documents holding any of them); ``train_share`` is ``train_tokens / tokens``."""
+    ``held_tokens`` (those from the held-out files), ``train_tokens`` (those from the files a run with that
+    data.holdout trains on) and ``train_documents`` (the documents holding any of them); ``train_share`` is
+    ``train_tokens / tokens``."""
 
     holdout: float = 0.01
     tokens: int = 0
+    held_tokens: int = 0
     train_tokens: int = 0
     train_documents: int = 0
 
@@ -244,11 +247,34 @@ class CorpusDocuments(list):
         return self.train_tokens / self.tokens if self.tokens else 0.0
 
     def provenance(self) -> dict:
-        """What a results file records of the documents: holdout, tokens, train_tokens, train_documents, train_share
-        and n_documents."""
+        """What a results file records of the documents: holdout, n_documents, tokens, held_tokens, train_tokens,
+        train_documents and train_share."""
         return {"holdout": self.holdout, "n_documents": len(self), "tokens": self.tokens,
-                "train_tokens": self.train_tokens, "train_documents": self.train_documents,
-                "train_share": self.train_share}
+                "held_tokens": self.held_tokens, "train_tokens": self.train_tokens,
+                "train_documents": self.train_documents, "train_share": self.train_share}
+
+
+# how corpus_documents builds documents from its settings: 2 carries the rest of a file into a later document (1 threw
+# it away, so the held-out files ran out early); results saved with their settings record it, so that results of
+# other documents are not kept
+CORPUS_LAYOUT = 2
+
+
+def document_provenance(documents: Sequence[torch.Tensor], what: str, trained_on_corpus: bool) -> dict | None:
+    """Where the built-in corpus's documents came from, for a results file (``CorpusDocuments.provenance`` and
+    ``trained_on_corpus``); None for other documents (a ``--tokens`` file). Warns when ``trained_on_corpus`` (the
+    model trained on the built-in corpus with the documents' data.holdout) and any token comes from the training
+    files: the model's loss there is not a held-out loss. ``what`` names the evaluation in the warning."""
+    if not isinstance(documents, CorpusDocuments):
+        return None
+    if trained_on_corpus and documents.train_tokens:
+        warnings.warn(f"{what}: {documents.train_documents} of {len(documents)} documents "
+                      f"({documents.train_share:.1%} of their {documents.tokens} tokens) are text of the built-in "
+                      f"corpus's training files, which the model was trained on: the held-out files of data.holdout "
+                      f"{documents.holdout:g} gave only {documents.held_tokens} tokens, so its loss on the rest is not "
+                      f"a held-out loss; evaluate fewer or shorter documents, or train with a larger data.holdout "
+                      f"(train_share in the results records it)", stacklevel=2)
+    return documents.provenance() | {"trained_on_corpus": trained_on_corpus}
 
 
 def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
@@ -319,7 +345,7 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
             ready[split].extend(later[split])
             later[split].clear()
         pieces = [np.array([bos], dtype=np.int64)] if bos is not None and add_bos else []
-        total, train_tokens, first = len(pieces), 0, True
+        total, held_tokens, train_tokens, first = len(pieces), 0, 0, True
         while total < max_len:
             taken = next_piece(first)
             if taken is None:
@@ -337,10 +363,12 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
             pieces.append(ids)
             total += len(ids)
             train_tokens += len(ids) if split == "train" else 0
+            held_tokens += len(ids) if split == "eval" else 0
         if total < 2:
             break
         documents.append(torch.from_numpy(np.concatenate(pieces)).long())
         documents.tokens += total
+        documents.held_tokens += held_tokens
         documents.train_tokens += train_tokens
         documents.train_documents += train_tokens > 0
     return documents
@@ -430,12 +458,28 @@ def output_stems(labels: Sequence[str]) -> list[str]:
     return stems
 
 
+def recipe_holdout(path: str) -> float | None:
+    """The data.holdout of the zoo train run that saved the checkpoint ``path`` (its ``train_config.yaml``, beside
+    ``model/``) when the run trained on the built-in corpus; None otherwise (another source, a hub id, a YAML)."""
+    import yaml
+
+    file = Path(path).parent / "train_config.yaml"
+    if not Path(path).is_dir() or not file.is_file():
+        return None
+    try:
+        data = (yaml.safe_load(file.read_text()) or {}).get("data") or {}
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return float(data.get("holdout", 0.01)) if data.get("source", "stdlib") == "stdlib" else None
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """``zoo eval length --model DIR [DIR ...] --max-len 1M --train-length 2048``."""
     parser = argparse.ArgumentParser(prog="zoo eval length", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", required=True, help="checkpoint dirs, hub ids or zoo YAMLs")
     parser.add_argument("--label", nargs="*", default=None, help="curve labels (default: model paths)")
-    parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus")
+    parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus (a zoo "
+                        "checkpoint's held-out files first; length.json records the share of training text)")
     parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte' "
                         "(default: the first model's)")
     parser.add_argument("--n-docs", type=positive_int, default=None,
@@ -468,12 +512,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
     built: dict[bool, list[torch.Tensor]] = {}  # the built-in corpus's documents, with BOS or not, as each model
     # was trained (zoo.eval.common.trained_with_bos); a --tokens file's are every model's as they are
+    # zoo checkpoints trained on the built-in corpus: the files every one of them held out come first (a smaller
+    # data.holdout holds out a subset of a larger one's files), the same documents for every curve
+    holdouts = {} if args.tokens else {path: recipe_holdout(path) for path in args.model}
+    holdout = min((h for h in holdouts.values() if h is not None), default=0.01)
 
     def documents_for(model) -> list[torch.Tensor]:
         add_bos = True if args.tokens else trained_with_bos(getattr(model, "config", None))
         if add_bos not in built:
             built[add_bos] = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, args.start,
-                                            add_bos)
+                                            add_bos, holdout)
         return built[add_bos]
 
     if args.tokens:
@@ -495,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       "tokenizer_of": None if args.tokens or args.tokenizer else args.model[0],
                       "n_docs": args.n_docs, "max_len": args.max_len, "seed": args.seed, "start": args.start,
                       "dtype": args.dtype, "bins_per_octave": args.bins_per_octave}
+    if not args.tokens:
+        documents_from |= {"holdout": holdout, "layout": CORPUS_LAYOUT}
     previous = {}
     if (out / "length.json").is_file():
         try:
@@ -526,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             apply_mitigation(model, spec)
         # the documents finished so far, saved as the run goes: a rerun of the same settings resumes there; kept
         # complete until length.json holds the curve, so that an interruption before then loses nothing
-        result = evaluate_length(model, documents_for(model), args.chunk_size, args.batch_size, args.bins_per_octave,
+        documents = documents_for(model)
+        provenance = document_provenance(documents, f"zoo eval length {path}", holdouts.get(path) is not None)
+        result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
                                  progress=True, partial=partial, partial_key=config, save_every=SAVE_EVERY,
                                  label=label, keep_partial=True)
         del model
@@ -539,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path,
                                                                                              "mitigation": spec,
                                                                                              "config": config}
+        if provenance is not None:  # the built-in corpus: how much of it is text the model trained on
+            summary[label]["documents"] = provenance
         write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
         remove_partial(partial)
     png = plot_length_curves(results, out / "length.png", args.train_length)
