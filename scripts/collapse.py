@@ -131,7 +131,9 @@ def report(sweep: dict) -> tuple[str, dict]:
             row.update({o["octave"]: round(o["mean_loss"], 4) for o in octave_bins(bins, L)})
             rows.append(row)
         v = verdicts(curves, L, ev["factor"], ev["margin"])
-        summary[run["name"]] = {"train_length": L, "octaves": {s: octave_bins(b, L) for s, b in curves.items()}, **v}
+        documents = next((e["documents"] for e in saved.values() if "documents" in e), None)
+        summary[run["name"]] = {"train_length": L, "octaves": {s: octave_bins(b, L) for s, b in curves.items()}, **v,
+                                "documents": documents}
         flat = [s for s, ok in v["flat"].items() if ok]
         text += (f"## {run['name']} (L = {L}; mean loss, nats/token, by position)\n\n{markdown_table(rows)}\n\n"
                  f"rises past L: {v['rises']} (reference [L, 2L) {_loss(v['reference'])}; [L/2, L) "
@@ -139,6 +141,10 @@ def report(sweep: dict) -> tuple[str, dict]:
                  f"{v['worst_at']}; margin {ev['margin']})  \n"
                  f"flat to {ev['factor']:g}L: {', '.join(flat) or 'none'}  \n"
                  f"**{verdict_word(v)}**\n\n")
+        if documents and documents["trained_on_corpus"] and documents["train_tokens"]:
+            text += (f"**warning**: {documents['train_documents']} of {documents['n_documents']} documents "
+                     f"({documents['train_share']:.1%} of the tokens) are text of the training files (data.holdout "
+                     f"{documents['holdout']:g}), which the model trained on\n\n")
     return text, summary
 
 

@@ -331,10 +331,12 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
     finished documents are saved as it goes (``evaluation_partials``) and kept complete, so a rerun of the same model
     and curve settings resumes an interrupted evaluation; the caller removes them once the curves are saved."""
     from zoo.eval.common import load_model
-    from zoo.eval.length import evaluate_length
+    from zoo.eval.length import document_provenance, evaluate_length
     from zoo.state import apply_mitigation, calibrate_norm_threshold
 
     L = run["train_length"]
+    # how much of the built-in corpus's documents is text the run trained on (each curve records it)
+    provenance = document_provenance(documents, run["name"], run["config"].data.source == "stdlib")
     model = load_model(str(model_dir))
     out = {}
     stamp = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
@@ -351,14 +353,19 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
                               partial=partial, partial_key=stamp | {"mitigation": text}, save_every=SAVE_EVERY,
                               label=f"{run['name']} [{text}]", keep_partial=True)
         out[text] = {"bins": res["bins"], **judge_collapse(res["bins"], L, ev["factor"], ev["margin"])}
+        if provenance is not None:
+            out[text]["documents"] = provenance
     return out
 
 
 def evaluation_settings(run: dict, ev: dict) -> dict:
-    """What a run's saved curves depend on: its training config and the eval settings that shape a curve (margin
-    and factor only judge it, so they may change without a new evaluation)."""
+    """What a run's saved curves depend on: its training config, the eval settings that shape a curve (margin
+    and factor only judge it, so they may change without a new evaluation) and how the built-in corpus's documents
+    are built (``zoo.eval.length.CORPUS_LAYOUT``)."""
+    from zoo.eval.length import CORPUS_LAYOUT
+
     curve = {k: v for k, v in ev.items() if k not in ("factor", "margin")}
-    return json.loads(json.dumps({"train": run["config"].to_dict(), "eval": curve}))
+    return json.loads(json.dumps({"train": run["config"].to_dict(), "eval": curve, "layout": CORPUS_LAYOUT}))
 
 
 def done_stamp(run: dict) -> dict | None:
@@ -383,7 +390,8 @@ def current_evaluations(out: Path, runs: list[dict], ev: dict) -> dict:
         recorded = settings.get(name)
         if recorded is not None and recorded["curves"] != evaluation_settings(run, ev):
             print(f"{name}: left out: its saved curves were evaluated under other settings (the sweep's training "
-                  f"config or eval section changed since); run it again to evaluate it")
+                  f"config or eval section, or how the documents are built, changed since); run it again to evaluate "
+                  f"it")
             continue
         kept[name] = evaluations[name]
     return kept
@@ -465,14 +473,16 @@ def main(argv: list[str] | None = None) -> int:
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
-        built = {}  # with BOS first or not, as each run's data section trained (data.add_bos)
+        built = {}  # with BOS first or not, as each run's data section trained (data.add_bos), and its held-out files
 
         def documents_for(run: dict) -> list[torch.Tensor]:
-            add_bos = run["config"].data.add_bos
-            if add_bos not in built:
-                built[add_bos] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"],
-                                                add_bos)
-            return built[add_bos]
+            data = run["config"].data
+            # the files the run held out of training (data.holdout) first, as zoo compare does; another source's text
+            # is not the built-in corpus, any file of it is unseen
+            key = (data.add_bos, data.holdout if data.source == "stdlib" else 0.01)
+            if key not in built:
+                built[key] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"], *key)
+            return built[key]
         for run in runs:
             if args.only and run["model"] not in args.only:
                 continue

@@ -1,6 +1,7 @@
 """configs/train/collapse.yaml and scripts/collapse.py (issue 8: state collapse and mitigations), on the CPU."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,29 @@ def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkey
     assert json.loads((tmp_path / "evaluations.json").read_text()) == before
     capacity.main([*argv, "--only", "slow_decay"])
     assert sorted(json.loads((tmp_path / "evaluations.json").read_text())) == ["default-L64", "slow_decay-L64"]
+
+
+def test_sweep_says_and_records_how_much_of_its_documents_is_training_text(tmp_path, monkeypatch):
+    """The sweep's documents ran past the held-out files into the training files silently (collapse.yaml's eval:
+    83% of the tokens, before corpus_documents kept the rest of a file). Each curve in evaluations.json records the
+    documents' share of training text now, a run trained on the built-in corpus whose documents hold any is warned
+    about, and collapse.md / collapse.json carry it; documents of held-out text only are not."""
+    collapse = load_script("scripts/collapse.py")
+    capacity, config = sweep_of_a_saved_model(tmp_path, monkeypatch)
+    monkeypatch.setattr(collapse, "_state_capacity", lambda: capacity)
+    argv = [str(config), "--only", "default", "--eval.n_docs=2", "--eval.max_len=96", "--eval.chunk_size=32",
+            "--eval.batch_size=1", "--eval.mitigations=['forget:c_alpha=0.9']"]
+    with pytest.warns(UserWarning, match=r"default-L64: 2 of 2 documents \(99\.0% of their 192 tokens\) are text"):
+        collapse.main([*argv, "--run.data.holdout=0", f"--output_dir={tmp_path / 'all'}"])
+    saved = json.loads((tmp_path / "all" / "evaluations.json").read_text())["default-L64"]
+    assert [e["documents"]["train_tokens"] for e in saved.values()] == [190, 190]
+    assert json.loads((tmp_path / "all" / "collapse.json").read_text())["default-L64"]["documents"]["train_share"] == \
+        190 / 192
+    assert "**warning**: 2 of 2 documents (99.0% of the tokens) are text of the training files" in \
+        (tmp_path / "all" / "collapse.md").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        collapse.main([*argv, f"--output_dir={tmp_path / 'held'}"])
+    saved = json.loads((tmp_path / "held" / "evaluations.json").read_text())["default-L64"]
+    assert [e["documents"]["train_tokens"] for e in saved.values()] == [0, 0]
+    assert "**warning**" not in (tmp_path / "held" / "collapse.md").read_text()

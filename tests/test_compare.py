@@ -1201,14 +1201,29 @@ def test_per_position_documents_are_the_files_the_recipe_held_out(tmp_path, monk
     from zoo.data.text import stdlib_files
 
     real, seen = length.corpus_documents, []
-    monkeypatch.setattr(length, "corpus_documents", lambda *a, **k: seen.extend(real(*a, **k)) or seen)
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(length, "corpus_documents", spy)
     argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path / 'out'}", "--only=mamba",
             "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false",
             "--recipe.data.holdout=0.001", "--eval.batches=1", "--eval.mqar=null", "--throughput=null",
-            "--eval.passkey=null", "--eval.per_position={n_docs: 1, max_len: 64, chunk_size: 32}"]
-    assert main(argv) == 0
+            "--eval.passkey=null"]
+    assert main([*argv, "--eval.per_position={n_docs: 1, max_len: 64, chunk_size: 32}"]) == 0
     (held_out,) = stdlib_files("eval", 0.001)
-    assert len(seen) == 1 and bytes(seen[0][1:].tolist()) == held_out.read_bytes()[:63]
+    assert len(seen) == 1 and bytes(seen[0][0][1:].tolist()) == held_out.read_bytes()[:63]
+    result = tmp_path / "out" / "mamba" / "result.json"
+    documents = json.loads(result.read_text())["phases"]["eval/L128"]["per_position"]["documents"]
+    assert documents["holdout"] == 0.001 and documents["train_tokens"] == 0 and documents["trained_on_corpus"]
+    # documents longer than the held-out text: the share of training text is recorded, and said
+    n = held_out.stat().st_size // 2 + 100
+    with pytest.warns(UserWarning, match=r"mamba's per-position loss: 1 of 2 documents .* training files"):
+        assert main([*argv, f"--eval.per_position={{n_docs: 2, max_len: {n}, chunk_size: 4096}}"]) == 0
+    documents = json.loads(result.read_text())["phases"]["eval/L128"]["per_position"]["documents"]
+    assert documents["train_tokens"] == seen[-1].train_tokens > 0 and documents["train_documents"] == 1
+    assert documents["train_tokens"] == 2 * n - 2 - documents["held_tokens"]
 
 
 def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_path, monkeypatch, capsys):

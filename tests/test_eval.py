@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1147,6 +1148,54 @@ def test_corpus_documents_are_disjoint_and_start_with_bos():
     assert torch.equal(corpus_documents(tokenizer, 1, 500, seed=0)[0], docs[0][:500])
 
 
+def _tiny_corpus(tmp_path, monkeypatch, held: list[int], trained: list[int]) -> tuple[str, str]:
+    """The built-in corpus replaced by small files: held-out ones of lowercase text (``held``: their lengths) and
+    training ones of uppercase text, each opening with '#'; returns the held-out and the training text, each file
+    followed by a blank line."""
+    import zoo.data.text as text
+
+    paths = {"eval": [], "train": []}
+    for split, lengths, letter in (("eval", held, ord("a")), ("train", trained, ord("A"))):
+        for i, n in enumerate(lengths):
+            path = tmp_path / f"{split}{i}.py"
+            path.write_text("#" + "".join(chr(letter + (i + k) % 26) for k in range(n - 1)))
+            paths[split].append(path)
+    monkeypatch.setattr(text, "stdlib_files", lambda split="train", holdout=0.01: list(paths[split]))
+    return ("".join(p.read_text() + "\n\n" for p in paths["eval"]),
+            "".join(p.read_text() + "\n\n" for p in paths["train"]))
+
+
+@pytest.mark.parametrize("start", ["document", "random"])
+def test_corpus_documents_keep_the_rest_of_a_held_out_file(tmp_path, monkeypatch, start):
+    """The rest of a file that did not fit in a document was thrown away, so the held-out files ran out after a few
+    documents and the rest were training text (configs/train/collapse.yaml's eval: 53 of 64 documents, 83% of the
+    tokens). Now every held-out token goes into some document before any training file's, documents stay disjoint,
+    and the result counts the training files' tokens."""
+    from zoo.data.text import ByteTokenizer as ZooByteTokenizer
+    from zoo.eval.length import corpus_documents
+
+    held, trained = _tiny_corpus(tmp_path, monkeypatch, [130, 75, 210, 40, 95], [500] * 8)
+    tokenizer = ZooByteTokenizer()
+    docs = corpus_documents(tokenizer, 12, 64, seed=3, start=start)
+    assert [len(d) for d in docs] == [64] * 12 and all(int(d[0]) == tokenizer.bos_token_id for d in docs)
+    texts = [bytes(d[1:].tolist()).decode() for d in docs]
+    letters = "".join(texts)
+    # every held-out character exactly once (each file's letters are its own run of the alphabet), and no more
+    # training text than the documents need once the held-out text is used up
+    text_chars = lambda s, lower: sorted(c for c in s if c.isalpha() and c.islower() == lower)  # noqa: E731
+    assert text_chars(letters, True) == text_chars(held, True)
+    used = len(held) // 63  # documents of held-out text only
+    assert all(not any(c.isupper() for c in t) for t in texts[:used]) and any(c.isupper() for c in texts[used + 1])
+    assert docs.tokens == 12 * 64 and docs.train_tokens == 12 * 63 - len(held)
+    assert docs.train_documents == sum(any(c.isupper() for c in t) for t in texts)
+    assert docs.provenance()["train_share"] == docs.train_tokens / docs.tokens
+    assert all(torch.equal(a, b) for a, b in zip(docs, corpus_documents(tokenizer, 12, 64, seed=3, start=start)))
+    if start == "document":  # the first 5 documents begin at a held-out file's start
+        assert sorted(t[:2] for t in texts[:5]) == ["#a", "#b", "#c", "#d", "#e"]
+    else:  # each document begins inside its first file (seeded offsets)
+        assert sum(t.startswith("#") for t in texts[:5]) <= 1
+
+
 def test_length_and_state_give_a_model_trained_without_bos_documents_without_it(gla_checkpoint, tmp_path, monkeypatch):
     """The built-in corpus's documents always started with BOS, also for a model trained with data.add_bos false
     (recorded in its config as add_bos), whose passkey prompts and zoo generate already went without it. Now each
@@ -1583,6 +1632,47 @@ def gla_checkpoint(tmp_path, hf_tokenizer):
     model.save_pretrained(path)
     hf_tokenizer.save_pretrained(path)
     return path
+
+
+def test_eval_length_of_a_checkpoint_trained_on_the_corpus_says_how_much_is_training_text(gla_checkpoint, tmp_path,
+                                                                                        monkeypatch):
+    """zoo eval length on a zoo checkpoint trained on the built-in corpus took the files held out at 0.01 whatever the
+    run's data.holdout, and said nothing when the documents ran past the held-out files into the training files (the
+    model's own training text). It takes the run's held-out files first (train_config.yaml beside model/), warns when
+    any token is training text, and records the share in length.json; a model not trained on the corpus is not
+    warned about."""
+    import shutil
+
+    from zoo.eval import length
+
+    held, _ = _tiny_corpus(tmp_path, monkeypatch, [150, 90], [4000] * 3)
+    seen, real = [], length.corpus_documents
+    monkeypatch.setattr(length, "corpus_documents", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    shutil.copytree(gla_checkpoint, step / "model")
+    (step / "train_config.yaml").write_text("model: x\noutput_dir: run\ndata: {source: stdlib, holdout: 0.002}\n")
+    argv = ["--n-docs", "3", "--max-len", "128", "--chunk-size", "64", "--device", "cpu"]
+    with pytest.warns(UserWarning, match=r"zoo eval length .*step_00000002/model: [12] of 3 documents .*training"):
+        summary = length.main(["--model", str(step / "model"), *argv, "--out", str(tmp_path / "a")])
+    documents = summary[str(step / "model")]["documents"]
+    assert seen == [0.002] and documents["holdout"] == 0.002 and documents["trained_on_corpus"]
+    assert documents["n_documents"] == 3 and 0 < documents["train_tokens"] == documents["tokens"] - 3 - \
+        documents["held_tokens"]
+    saved = json.loads((tmp_path / "a" / "length.json").read_text())
+    assert saved[str(step / "model")]["documents"] == documents
+    # the same weights without the run's config: not known to have trained on the corpus, recorded but not warned
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = length.main(["--model", str(gla_checkpoint), *argv, "--out", str(tmp_path / "b")])
+    assert seen == [0.01] and not summary[str(gla_checkpoint)]["documents"]["trained_on_corpus"]
+    # with documents of held-out text only, nothing is said
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = length.main(["--model", str(step / "model"), "--n-docs", "1", "--max-len", "16", "--device", "cpu",
+                               "--out", str(tmp_path / "c")])
+    assert summary[str(step / "model")]["documents"]["train_tokens"] == 0 and len(held) > 16
 
 
 def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp_path, monkeypatch, capsys):

@@ -465,3 +465,35 @@ def test_state_capacity_prints_no_negative_paper_capacity(tmp_path, capsys, monk
     paper = {row.split("|")[1].strip(): row.split("|")[-2].strip() for row in rows}
     assert paper["d_state256"] == str(round((slope * sizes["d_state256"] + intercept) * script.K))
     assert all("does not reach" in paper[m] for m in ("d_state16", "d_state64")), paper
+
+
+def test_state_capacity_evaluates_on_the_files_its_runs_held_out(tmp_path, monkeypatch):
+    """The sweep's documents were built with zoo.eval.length's default data.holdout (0.01) whatever the recipe's
+    run.data.holdout: with a smaller one the runs trained on most of those files, and the held-out files a larger one
+    kept were not taken first. They are the recipe's held-out files now, as zoo compare's are."""
+    import zoo.eval.length as length
+
+    script = load_script("scripts/state_capacity.py")
+    seen, real = [], length.corpus_documents
+
+    def corpus_documents(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs.get("holdout", 0.01))
+        return real(*args, **kwargs)
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").write_text(json.dumps({"model": str(out), "seconds": 1.0}))
+        return out
+
+    monkeypatch.setattr(length, "corpus_documents", corpus_documents)
+    monkeypatch.setattr(length, "plot_length_curves", lambda *args: None)
+    monkeypatch.setattr(script, "plot_capacity", lambda *args: None)
+    monkeypatch.setattr(script, "train_run", train_run)
+    monkeypatch.setattr(script, "evaluate_run", lambda run, model_dir, documents, ev: {"none": {"bins": []}})
+    for holdout in (0.05, 0.002):
+        seen.clear()
+        assert script.main([str(ROOT / "configs/train/collapse.yaml"), "--only", "slow_decay", "--eval.n_docs=2",
+                            "--eval.mitigations=[]", f"--run.data.holdout={holdout}",
+                            f"--output_dir={tmp_path / str(holdout)}"]) == 0
+        assert seen == [holdout]

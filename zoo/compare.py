@@ -1295,7 +1295,7 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
     from zoo.data.text import load_tokenizer
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import model_fingerprint, read_partial, save_atomically
-    from zoo.eval.length import corpus_documents, evaluate_length
+    from zoo.eval.length import corpus_documents, document_provenance, evaluate_length
     from zoo.eval.passkey import evaluate_passkey
 
     tcfg = train_config(cfg, entry, seq_len, run_dir)
@@ -1314,13 +1314,14 @@ def phase_eval(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pat
         holdout = tcfg.data.holdout if tcfg.data.source == "stdlib" else 0.01
         docs = corpus_documents(tokenizer, pp.n_docs, pp.max_len, seed=tcfg.data.seed, add_bos=tcfg.data.add_bos,
                                 holdout=holdout)
+        provenance = document_provenance(docs, f"{entry.name}'s per-position loss", tcfg.data.source == "stdlib")
         chunk = pp.chunk_size if carries else None
         with _autocast(device):
             res = evaluate_length(model, docs, chunk, pp.batch_size, progress=True,
                                   partial=run_dir / PER_POSITION_PARTIAL, partial_key=key, save_every=SAVE_EVERY,
                                   label=f"{entry.name}'s per-position loss", keep_partial=True)
         out["per_position"] = {"bins": res["bins"], "n_documents": res["n_documents"], "max_len": res["max_len"],
-                               "chunk_size": chunk}
+                               "chunk_size": chunk, "documents": provenance}
     pk = cfg.eval.passkey
     if pk is not None:
         prefill = pk.prefill_chunk_size if carries else None
@@ -1601,7 +1602,12 @@ def _model_fingerprints(cfg: CompareConfig, entry: ModelEntry) -> list[str]:
 def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
     """Each phase of a model and the fingerprint of the settings it depends on (a recorded phase with another
     key is redone)."""
-    eval_key = _fingerprint({k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "mqar"})
+    settings = {k: v for k, v in dataclasses.asdict(cfg.eval).items() if k != "mqar"}
+    if cfg.eval.per_position is not None:  # its documents (results of corpus_documents' earlier ones are redone)
+        from zoo.eval.length import CORPUS_LAYOUT
+
+        settings["per_position"] |= {"layout": CORPUS_LAYOUT}
+    eval_key = _fingerprint(settings)
     keys = {}
     for L in _lengths(cfg):
         keys[f"train/L{L}"], keys[f"eval/L{L}"] = "train", eval_key
@@ -1889,18 +1895,22 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.legend()
     save(fig, "recall.png")
 
-    curves, trained_at = {}, []
+    curves, trained_at, seen = {}, [], False
     for rec in records:
         for L in lengths:
             pp = (rec["phases"].get(f"eval/L{L}") or {}).get("per_position")
             if pp:
                 curves[_label(rec["name"], L, lengths)] = {"bins": pp["bins"]}
                 trained_at.append(L)
+                documents = pp.get("documents") or {}
+                seen |= bool(documents.get("trained_on_corpus") and documents.get("train_tokens"))
     if curves:  # every length a plotted curve was trained at is marked, not only the first
         from zoo.eval.length import plot_length_curves
 
+        title = ("per-position loss on long documents, partly training text (see result.json's train_share)" if seen
+                 else "per-position loss on long held-out documents")
         written.append(plot_length_curves(curves, out / "length.png", train_length=sorted(set(trained_at)),
-                                          title="per-position loss on long held-out documents"))
+                                          title=title))
     return written
 
 

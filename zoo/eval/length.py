@@ -19,6 +19,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -228,17 +229,73 @@ def plot_length_curves(
     return save_figure(fig, path)
 
 
+class CorpusDocuments(list):
+    """``corpus_documents``'s documents (a list of LongTensors) with where their tokens came from: ``holdout`` (the
+    data.holdout whose held-out files came first), ``tokens`` (every token of the documents, BOS included),
+    ``held_tokens`` (those from the held-out files), ``train_tokens`` (those from the files a run with that
+    data.holdout trains on) and ``train_documents`` (the documents holding any of them); ``train_share`` is
+    ``train_tokens / tokens``."""
+
+    holdout: float = 0.01
+    tokens: int = 0
+    held_tokens: int = 0
+    train_tokens: int = 0
+    train_documents: int = 0
+
+    @property
+    def train_share(self) -> float:
+        return self.train_tokens / self.tokens if self.tokens else 0.0
+
+    def provenance(self) -> dict:
+        """What a results file records of the documents: holdout, n_documents, tokens, held_tokens, train_tokens,
+        train_documents and train_share."""
+        return {"holdout": self.holdout, "n_documents": len(self), "tokens": self.tokens,
+                "held_tokens": self.held_tokens, "train_tokens": self.train_tokens,
+                "train_documents": self.train_documents, "train_share": self.train_share}
+
+
+# how corpus_documents builds documents from its settings: 2 carries the rest of a file into a later document (1 threw
+# it away, so the held-out files ran out early); results saved with their settings record it, so that results of
+# other documents are not kept
+CORPUS_LAYOUT = 2
+
+
+def document_provenance(documents: Sequence[torch.Tensor], what: str, trained_on_corpus: bool) -> dict | None:
+    """Where the built-in corpus's documents came from, for a results file (``CorpusDocuments.provenance`` and
+    ``trained_on_corpus``); None for other documents (a ``--tokens`` file). Warns when ``trained_on_corpus`` (the
+    model trained on the built-in corpus with the documents' data.holdout) and any token comes from the training
+    files: the model's loss there is not a held-out loss. ``what`` names the evaluation in the warning."""
+    if not isinstance(documents, CorpusDocuments):
+        return None
+    if trained_on_corpus and documents.train_tokens:
+        warnings.warn(f"{what}: {documents.train_documents} of {len(documents)} documents "
+                      f"({documents.train_share:.1%} of their {documents.tokens} tokens) are text of the built-in "
+                      f"corpus's training files, which the model was trained on: the held-out files of data.holdout "
+                      f"{documents.holdout:g} gave only {documents.held_tokens} tokens, so its loss on the rest is not "
+                      f"a held-out loss; evaluate fewer or shorter documents, or train with a larger data.holdout "
+                      f"(train_share in the results records it)", stacklevel=2)
+    return documents.provenance() | {"trained_on_corpus": trained_on_corpus}
+
+
 def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
-                     start: str = "document", add_bos: bool = True, holdout: float = 0.01) -> list[torch.Tensor]:
+                     start: str = "document", add_bos: bool = True, holdout: float = 0.01) -> CorpusDocuments:
     """Long documents from the built-in corpus (``zoo.data.text``: the Python standard library sources).
 
     Files are taken in a seeded random order, the held-out (eval) files first and then the training
-    files (as a run with data.holdout ``holdout`` splits them: 0.01, zoo train's default), and concatenated with a
-    blank line between them into ``n_documents`` disjoint documents of ``max_len`` tokens, each starting with the
-    tokenizer's BOS token as zoo models are trained (``add_bos`` False: without it, for a model trained with
-    data.add_bos false: ``zoo.eval.common.trained_with_bos``). Few
+    files (as a run with data.holdout ``holdout`` splits them: 0.01, zoo train's default; give the data.holdout the
+    model trained with), and concatenated with a blank line between them into ``n_documents`` disjoint documents of
+    ``max_len`` tokens, each starting with the tokenizer's BOS token as zoo models are trained (``add_bos`` False:
+    without it, for a model trained with data.add_bos false: ``zoo.eval.common.trained_with_bos``). Few
     single files are long, so past a few thousand tokens a document is a run of source files, the way
     long-context evaluations concatenate books.
+
+    No token is thrown away: each document is BOS, its first file, then the pieces earlier documents left (the rest
+    of a file that did not fit in a document, the opening a random start skipped), then the next files. Every
+    held-out token is used before any training file's: a document begins with a left piece (inside a file) only
+    when every held-out file has begun a document, and with a training file only when no held-out text is left.
+    The result says how many tokens came from training files (``CorpusDocuments.train_tokens``): past about 150K
+    characters of held-out text (data.holdout 0.01 of CPython 3.11's library) the documents are partly training
+    text, which a model trained on this corpus has seen.
 
     ``start="random"`` begins each document at a seeded random offset into its first file (BOS, then the
     text from there), as packed training rows begin. Every file opens the same way (licence, docstring,
@@ -247,8 +304,11 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
     docstrings); random starts leave only the effect of the context length.
 
     Returns:
-        ``n_documents`` LongTensors [max_len] (fewer or shorter only if the corpus runs out).
+        ``n_documents`` LongTensors [max_len] (fewer or shorter only if the corpus runs out), as a
+        ``CorpusDocuments`` list.
     """
+    from collections import deque
+
     import numpy as np
 
     from zoo.data.text import encode_texts, stdlib_files
@@ -256,26 +316,61 @@ def corpus_documents(tokenizer, n_documents: int, max_len: int, seed: int = 0,
     if start not in ("document", "random"):
         raise ValueError(f"corpus_documents: start must be 'document' or 'random', got {start!r}")
     rng = np.random.default_rng(seed)
-    files = [f for split in ("eval", "train")
-             for f in rng.permutation(np.array(stdlib_files(split, holdout), object))]
+    splits = ("eval", "train")
+    files = {split: deque(rng.permutation(np.array(stdlib_files(split, holdout), object))) for split in splits}
+    ready = {split: deque() for split in splits}  # pieces left by earlier documents
+    later = {split: deque() for split in splits}  # pieces left by this document (the next one's ready)
+
+    def read(split: str) -> np.ndarray:
+        text = files[split].popleft().read_bytes().decode("utf-8", "replace") + "\n\n"
+        return encode_texts(tokenizer, [text])[0]
+
+    def next_piece(first: bool) -> tuple[str, np.ndarray] | None:
+        for split in splits:  # held-out text before any training file's
+            if first and files[split]:  # a document begins at a file's start while files are left to begin one
+                return split, read(split)
+            if ready[split]:
+                return split, ready[split].popleft()
+            if files[split]:
+                return split, read(split)
+            if later[split]:
+                return split, later[split].popleft()
+        return None
+
     bos = getattr(tokenizer, "bos_token_id", None)
-    documents, position = [], 0
+    documents = CorpusDocuments()
+    documents.holdout = holdout
     for _ in range(n_documents):
+        for split in splits:
+            ready[split].extend(later[split])
+            later[split].clear()
         pieces = [np.array([bos], dtype=np.int64)] if bos is not None and add_bos else []
-        total = len(pieces)
-        first = True
-        while total < max_len and position < len(files):
-            text = files[position].read_bytes().decode("utf-8", "replace") + "\n\n"
-            position += 1
-            ids = encode_texts(tokenizer, [text])[0]
+        total, held_tokens, train_tokens, first = len(pieces), 0, 0, True
+        while total < max_len:
+            taken = next_piece(first)
+            if taken is None:
+                break
+            split, ids = taken
             if first and start == "random" and len(ids) > 1:
-                ids = ids[int(rng.integers(0, len(ids) - 1)):]
+                offset = int(rng.integers(0, len(ids) - 1))
+                if offset:
+                    later[split].append(ids[:offset])  # the opening it skipped goes into a later document
+                ids = ids[offset:]
             first = False
+            if total + len(ids) > max_len:  # the rest of the piece goes into a later document
+                later[split].append(ids[max_len - total:])
+                ids = ids[: max_len - total]
             pieces.append(ids)
-            total += len(pieces[-1])
+            total += len(ids)
+            train_tokens += len(ids) if split == "train" else 0
+            held_tokens += len(ids) if split == "eval" else 0
         if total < 2:
             break
-        documents.append(torch.from_numpy(np.concatenate(pieces)[:max_len]).long())
+        documents.append(torch.from_numpy(np.concatenate(pieces)).long())
+        documents.tokens += total
+        documents.held_tokens += held_tokens
+        documents.train_tokens += train_tokens
+        documents.train_documents += train_tokens > 0
     return documents
 
 
@@ -288,12 +383,13 @@ CORPUS_DOCUMENTS, CORPUS_LENGTH = 4, 16384
 
 def load_documents(
     source: str | None, n_documents: int | None, max_len: int | None, tokenizer=None, seed: int = 0,
-    start: str = "document", add_bos: bool = True
+    start: str = "document", add_bos: bool = True, holdout: float = 0.01
 ) -> list[torch.Tensor]:
     """Documents for ``zoo eval length``: a ``.pt`` file holding an integer tensor [N, T] or a list of integer
     tensors [T_i] (the first ``n_documents``, each cut to ``max_len``; None: all of them, whole), or, with
-    ``source=None``, ``corpus_documents`` (``n_documents`` None: 4, ``max_len`` None: 16384; ``add_bos``: theirs,
-    a file's documents are taken as they are).
+    ``source=None``, ``corpus_documents`` (``n_documents`` None: 4, ``max_len`` None: 16384; ``add_bos`` and
+    ``holdout``, the data.holdout of a run that trained on the corpus: theirs; a file's documents are taken as they
+    are).
 
     Anything else in the file (a flat [T] stream, [N, T, ...], floats, documents under 2 tokens) is refused
     with a ValueError that says how to save it: guessing where a flat stream's documents end would be wrong.
@@ -305,7 +401,7 @@ def load_documents(
             raise ValueError(f"--max-len {max_len}: a document of fewer than 2 tokens has no next token to score; give "
                              f"--max-len 2 or more")
         return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start,
-                                add_bos)
+                                add_bos, holdout)
     loaded = torch.load(source, weights_only=True)
     expected = "an integer tensor [N, T] (N documents of T tokens) or a list of 1-D integer tensors [T_i]"
     if isinstance(loaded, torch.Tensor):
@@ -362,12 +458,28 @@ def output_stems(labels: Sequence[str]) -> list[str]:
     return stems
 
 
+def recipe_holdout(path: str) -> float | None:
+    """The data.holdout of the zoo train run that saved the checkpoint ``path`` (its ``train_config.yaml``, beside
+    ``model/``) when the run trained on the built-in corpus; None otherwise (another source, a hub id, a YAML)."""
+    import yaml
+
+    file = Path(path).parent / "train_config.yaml"
+    if not Path(path).is_dir() or not file.is_file():
+        return None
+    try:
+        data = (yaml.safe_load(file.read_text()) or {}).get("data") or {}
+    except (yaml.YAMLError, AttributeError):
+        return None
+    return float(data.get("holdout", 0.01)) if data.get("source", "stdlib") == "stdlib" else None
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """``zoo eval length --model DIR [DIR ...] --max-len 1M --train-length 2048``."""
     parser = argparse.ArgumentParser(prog="zoo eval length", description=__doc__.splitlines()[0])
     parser.add_argument("--model", nargs="+", required=True, help="checkpoint dirs, hub ids or zoo YAMLs")
     parser.add_argument("--label", nargs="*", default=None, help="curve labels (default: model paths)")
-    parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus")
+    parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus (a zoo "
+                        "checkpoint's held-out files first; length.json records the share of training text)")
     parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte' "
                         "(default: the first model's)")
     parser.add_argument("--n-docs", type=positive_int, default=None,
@@ -400,12 +512,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
     built: dict[bool, list[torch.Tensor]] = {}  # the built-in corpus's documents, with BOS or not, as each model
     # was trained (zoo.eval.common.trained_with_bos); a --tokens file's are every model's as they are
+    # zoo checkpoints trained on the built-in corpus: the files every one of them held out come first (a smaller
+    # data.holdout holds out a subset of a larger one's files), the same documents for every curve
+    holdouts = {} if args.tokens else {path: recipe_holdout(path) for path in args.model}
+    holdout = min((h for h in holdouts.values() if h is not None), default=0.01)
 
     def documents_for(model) -> list[torch.Tensor]:
         add_bos = True if args.tokens else trained_with_bos(getattr(model, "config", None))
         if add_bos not in built:
             built[add_bos] = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, args.start,
-                                            add_bos)
+                                            add_bos, holdout)
         return built[add_bos]
 
     if args.tokens:
@@ -427,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       "tokenizer_of": None if args.tokens or args.tokenizer else args.model[0],
                       "n_docs": args.n_docs, "max_len": args.max_len, "seed": args.seed, "start": args.start,
                       "dtype": args.dtype, "bins_per_octave": args.bins_per_octave}
+    if not args.tokens:
+        documents_from |= {"holdout": holdout, "layout": CORPUS_LAYOUT}
     previous = {}
     if (out / "length.json").is_file():
         try:
@@ -458,7 +576,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             apply_mitigation(model, spec)
         # the documents finished so far, saved as the run goes: a rerun of the same settings resumes there; kept
         # complete until length.json holds the curve, so that an interruption before then loses nothing
-        result = evaluate_length(model, documents_for(model), args.chunk_size, args.batch_size, args.bins_per_octave,
+        documents = documents_for(model)
+        provenance = document_provenance(documents, f"zoo eval length {path}", holdouts.get(path) is not None)
+        result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
                                  progress=True, partial=partial, partial_key=config, save_every=SAVE_EVERY,
                                  label=label, keep_partial=True)
         del model
@@ -471,6 +591,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path,
                                                                                              "mitigation": spec,
                                                                                              "config": config}
+        if provenance is not None:  # the built-in corpus: how much of it is text the model trained on
+            summary[label]["documents"] = provenance
         write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
         remove_partial(partial)
     png = plot_length_curves(results, out / "length.png", args.train_length)
