@@ -871,6 +871,28 @@ def test_generate_from_a_cache_of_the_whole_prompt_is_refused_naming_the_fix(nam
     assert torch.equal(model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, **mask), fresh)
 
 
+@pytest.mark.parametrize("where", ["argument", "config"])
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_generate_with_a_cache_and_use_cache_false_is_refused_before_the_cache_is_touched(name, where):
+    """use_cache=False (passed, or a training checkpoint's config.use_cache=False, which generation_config follows)
+    beside a given cache: transformers fed every step the whole sequence, which the forward ran past the cache, so the
+    prompt went into the cache and the next step was refused with a message about position_ids and packed documents.
+    Refused up front naming use_cache, the cache untouched."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    fresh = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cache = model(prompt[:, :5], use_cache=True).past_key_values
+    off = {"use_cache": False} if where == "argument" else {}
+    if where == "config":
+        model.generation_config.use_cache = False
+    with pytest.raises(ValueError, match=r"use_cache is False.*use_cache=True"):
+        model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=0, **off)
+    assert cache.get_seq_length() == 5
+    assert torch.equal(model.generate(prompt, past_key_values=cache, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                      use_cache=True), fresh)
+
+
 @pytest.mark.skipif(zoo.modeling.GENERATE_CACHE_KWARG != "cache",
                     reason="transformers before 5.2x takes no cache_params in generate for a zoo model")
 @pytest.mark.parametrize("name", ["mamba", "jamba"])

@@ -46,6 +46,28 @@ def test_greedy_equals_generate(family):
     assert torch.equal(got, ref), family
 
 
+@pytest.mark.parametrize("family", ["mamba", "jamba"])
+def test_a_config_with_return_dict_false_decodes_as_generate(family):
+    # transformers' return_dict=False (from_pretrained(..., return_dict=False), for exports) makes the forward return
+    # a tuple; generate asks each step for an output object, and so must the static decode, its prefill and the
+    # eager decoder: they read out.logits and failed with "'tuple' object has no attribute 'logits'"
+    from zoo.decode import EagerDecoder, prefill
+
+    model, ids = tiny(family), prompt()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    first = prefill(model, ids)
+    eager = torch.cat([first.next_ids, EagerDecoder(model, first).decode(4)], dim=1)
+    model.config.return_dict = False
+    assert isinstance(model(ids), tuple)
+    got = static_generate(model, ids, graph=False, attention_mask=mask, max_new_tokens=5, prefill_chunk_size=4)
+    assert torch.equal(got, ref), family
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), ref)
+    state = prefill(model, ids)
+    assert torch.equal(torch.cat([state.next_ids, EagerDecoder(model, state).decode(4)], dim=1), eager)
+
+
 @pytest.mark.parametrize("check_every", [1, 8])
 @pytest.mark.parametrize("family", ["mamba", "transformerpp"])
 def test_eos_pads_and_stops_as_generate(family, check_every):

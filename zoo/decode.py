@@ -136,6 +136,20 @@ def _accepts(model: nn.Module, name: str) -> bool:
         return False
 
 
+def _dict_output(model: nn.Module) -> dict:
+    """``{"return_dict": True}`` where ``model.forward`` takes it (by name, or through ``**kwargs`` as transformers'
+    models do), as transformers' generate passes it to every step: a config with return_dict=False (transformers'
+    option, e.g. ``from_pretrained(..., return_dict=False)`` for an export) made the forward return a tuple, and these
+    loops, which read ``out.logits`` and the output's cache, failed with "'tuple' object has no attribute 'logits'"
+    where generate decodes."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    takes = "return_dict" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"return_dict": True} if takes else {}
+
+
 def cache_argument(model: nn.Module) -> str:
     """The keyword under which `model.forward` takes its cache, and the output attribute that returns it:
     'cache_params' (transformers' Mamba before 5.2x), 'cache' (transformers' models from 5.2x on, which
@@ -196,7 +210,8 @@ def prefill(model: nn.Module, input_ids: torch.Tensor, chunk_size: int | None = 
     for start in range(0, input_ids.shape[1], step):
         chunk = input_ids[:, start:start + step]
         # (chunk_positions: transformers' Bamba counts a chunk's positions from 0 unless given them)
-        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **keep, **chunk_positions(model, chunk, start))
+        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **keep, **chunk_positions(model, chunk, start),
+                    **_dict_output(model))
         cache, logits = output_cache(out, arg), out.logits[:, -1:]
     return DecodeState(cache, greedy(logits), arg)
 
@@ -250,7 +265,8 @@ class EagerDecoder:
         """Feed the current token, return the next ones [B, 1] (no host synchronization)."""
         s = self.state
         with decoding():
-            out = self.model(input_ids=s.next_ids, use_cache=True, **{s.cache_argument: s.cache})
+            out = self.model(input_ids=s.next_ids, use_cache=True, **{s.cache_argument: s.cache},
+                             **_dict_output(self.model))
         s.cache = output_cache(out, s.cache_argument)
         s.next_ids = greedy(out.logits)
         return s.next_ids
@@ -377,7 +393,7 @@ class StaticDecoder(EagerDecoder):
         self._load_states()
         with decoding():
             out = self.model(input_ids=self.ids, position_ids=self.pos, past_key_values=self.state.cache,
-                             use_cache=True)
+                             use_cache=True, return_dict=True)
         for dst, src in zip(self.states, (t for layer in self.recurrent for t in layer.tensors())):
             dst.copy_(src)
         if self.pick is None:
@@ -757,7 +773,8 @@ def static_generate(model: nn.Module, input_ids: torch.Tensor, generation_config
         # a padded row's pads enter no recurrent state (the prefill zeroes their inputs, as generate's does) and
         # no attention (the key mask); after the prompt the steps need no mask (to_static's pads, below)
         padded = {"attention_mask": mask[:, :start + chunk]} if mask is not None else {}
-        out = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, **{arg: cache}, **keep, **padded)
+        out = model(input_ids=input_ids[:, start:start + chunk], use_cache=True, **{arg: cache}, **keep, **padded,
+                    **_dict_output(model))
         cache = output_cache(out, arg)
     ids = torch.empty(batch, 1, dtype=torch.long, device=input_ids.device)
     picker(out.logits[:, -1:], ids)

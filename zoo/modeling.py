@@ -842,6 +842,14 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                              "decoding rolls the assistant's cache back past the drafted tokens the main model "
                              "rejects, which their states cannot. Use an assistant of attention layers only, or "
                              "generate without one")
+        if config.use_cache is False and _generate_cache(kwargs) is not None and kwargs.get("inputs_embeds") is None:
+            # transformers then feeds every step the whole sequence, which the forward ran past the given cache: the
+            # prompt went into it and the next step was refused naming packed documents (position_ids restart); a
+            # model whose config.use_cache is False (a training checkpoint's) meets it when continuing a chat
+            raise ValueError("generate: a cache is given (past_key_values / cache) but use_cache is False (passed, "
+                             "or the model's generation_config.use_cache, which follows config.use_cache): each step "
+                             "would rerun the whole sequence past the cache. Pass use_cache=True to continue the "
+                             "cache, or generate without it")
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         from zoo.decode import warn_if_right_padded
 
