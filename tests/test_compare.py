@@ -351,6 +351,23 @@ def test_budget_out_of_reach_says_which_end(knob):
         match_budget(fields, 1e10, knob=knob)
 
 
+def test_budget_past_the_adjusted_widths_reach_says_which_end():
+    """A budget past what the adjusted width reaches (half to twice the base's) at the smallest or largest size was
+    reported as a tolerance miss at the base width, advising a smaller budget.adjust_multiple_of or a wider tolerance,
+    which reach nothing: one Transformer++ layer (untied head) of 82,496 parameters was 'the closest size' to 58,000
+    though its halved ffn gives 64,064, and 32 GLA layers (the most n_layers tries) were 15% under 700,000."""
+    fields = fields_of("transformerpp-tiny", vocab_size=259, tie_embeddings=False)
+    with pytest.raises(ValueError, match=r"budget.params: 62,000 is below the smallest size, 64,064 total parameters "
+                                         r"with n_layers=1 and ffn_hidden=96 \(budget.adjust keeps it within half"):
+        match_budget(fields, 62_000, knob="n_layers")
+    matched, info = match_budget(fields, 58_000, knob="n_layers", tolerance=0.15)  # the halved ffn is in reach
+    assert info["adjusted"] == {"ffn_hidden": 96} and instantiated_params(ZooConfig(**matched)) == 64_064
+    gla = fields_of("gla-tiny", vocab_size=260, ffn="none")
+    with pytest.raises(ValueError, match=r"budget.params: 700,000 is above the largest size tried, [\d,]+ total "
+                                         r"parameters with n_layers=32; lower budget.params"):
+        match_budget(gla, 700_000, knob="n_layers")
+
+
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "budjet": {}}))
