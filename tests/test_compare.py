@@ -1314,6 +1314,25 @@ def test_throughput_reports_the_median_of_an_even_number_of_timed_steps(tmp_path
     assert row["step_ms"] == pytest.approx(2000.0) and row["tokens_per_s"] == pytest.approx(16 / 2.0)
 
 
+@pytest.mark.parametrize("steps", [0, 5])
+def test_mqar_of_the_text_trained_model_is_shown_on_its_own_lengths_row_only(tmp_path, steps):
+    """eval.mqar.steps 0 evaluates the model trained at the first length, but the main table gave its accuracy on
+    every length's row too, as if the model trained at L=256 had it; a fresh copy trained on MQAR is every row's."""
+    from zoo.compare import _accounting, markdown_report
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", "train_lengths=[128, 256]", "recipe.train.batch_tokens=512",
+        "recipe.train.grad_accum=null", f"eval.mqar.steps={steps}"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "gla"]
+    record = {"name": "gla", "fields": entry.fields, "match": entry.match, "accounting": _accounting(cfg, entry),
+              "phases": {"mqar": {"accuracy": 0.625, "rows": []}}}
+    table = markdown_report([record], cfg, "CPU")
+    cells = {line.split(" | ")[0]: line.split(" | ")[11] for line in table.splitlines() if line.startswith("| gla@")}
+    assert cells == {"| gla@128": "0.625", "| gla@256": "0.625" if steps else "—"}
+    legend = next(line for line in table.splitlines() if line.startswith("Columns:"))
+    assert ("a fresh copy trained on MQAR" if steps else "the model trained at L=128, on its rows only") in legend
+
+
 def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsys):
     """The main table gave eval loss without its unit, FLOPs/tok without saying forward (training costs 3x), params
     without saying an MoE's every expert counts, train tok/s without saying which tokens."""

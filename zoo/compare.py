@@ -1732,6 +1732,8 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
         for L in lengths:
             tr = rec["phases"].get(f"train/L{L}") or {}
             ev = rec["phases"].get(f"eval/L{L}") or {}
+            # eval.mqar.steps 0 evaluates the model trained at the first length: not the other lengths' models
+            recall = mqar if L == lengths[0] or cfg.eval.mqar is None or cfg.eval.mqar.steps else None
             per_L = next(r for r in acc["per_length"] if r["seq_len"] == L)
             backend = _backend_summary(ev.get("backend") or tr.get("backend") or {}) if rec.get("is_zoo", True) \
                 else "transformers"
@@ -1739,9 +1741,11 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                 f"| {_label(rec['name'], L, lengths)} | {_si(acc['params'])} | {_si(acc['non_embedding_params'])} | "
                 f"{matched} | {_si(per_L['flops_per_token'])} | {per_L['cache_mib']:.3g} MiB | {L} | "
                 f"{_si(tr.get('tokens'))} | {_si(tr.get('train_tokens_per_s'))} | {_fmt(ev.get('eval_loss'))} | "
-                f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(mqar['accuracy'] if mqar else None, '.3f')} | "
+                f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(recall['accuracy'] if recall else None, '.3f')} | "
                 f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
                 f"{backend} |")
+    mqar_whose = ("" if cfg.eval.mqar is None else " by a fresh copy trained on MQAR" if cfg.eval.mqar.steps
+                  else f" by the model trained at L={lengths[0]}, on its rows only")
     lines += ["", "Columns: params, every parameter (tied embeddings once, every expert of an MoE: its active ones are "
               "under Sizes); non-emb, less the token embedding and an untied head; vs budget, the budget's count "
               "against budget.params; FLOPs/tok @L, forward FLOPs per token at the training length L (a training "
@@ -1750,7 +1754,8 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
               "tokens per second over the steps after the first; eval loss, cross-entropy in nats per token over "
               f"every target of the first {cfg.eval.batches} batches of held-out rows (the same rows for every "
               "model); bits/byte, those nats in bits per text byte; MQAR acc, the fraction of queries answered "
-              "right over the MQAR cells; passkey, the fraction of samples retrieved, averaged over lengths x depths."]
+              f"right over the MQAR cells{mqar_whose}; passkey, the fraction of samples retrieved, averaged over "
+              "lengths x depths."]
     lines += ["", f"## Accounting per length (forward FLOPs per token; cache per sequence: {_cache_bytes(cfg)})", "",
               "| model | L | FLOPs/token | decode FLOPs/token | KV floats | state floats | cache MiB |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
