@@ -351,6 +351,23 @@ def test_budget_out_of_reach_says_which_end(knob):
         match_budget(fields, 1e10, knob=knob)
 
 
+def test_budget_past_the_adjusted_widths_reach_says_which_end():
+    """A budget past what the adjusted width reaches (half to twice the base's) at the smallest or largest size was
+    reported as a tolerance miss at the base width, advising a smaller budget.adjust_multiple_of or a wider tolerance,
+    which reach nothing: one Transformer++ layer (untied head) of 82,496 parameters was 'the closest size' to 58,000
+    though its halved ffn gives 64,064, and 32 GLA layers (the most n_layers tries) were 15% under 700,000."""
+    fields = fields_of("transformerpp-tiny", vocab_size=259, tie_embeddings=False)
+    with pytest.raises(ValueError, match=r"budget.params: 62,000 is below the smallest size, 64,064 total parameters "
+                                         r"with n_layers=1 and ffn_hidden=96 \(budget.adjust keeps it within half"):
+        match_budget(fields, 62_000, knob="n_layers")
+    matched, info = match_budget(fields, 58_000, knob="n_layers", tolerance=0.15)  # the halved ffn is in reach
+    assert info["adjusted"] == {"ffn_hidden": 96} and instantiated_params(ZooConfig(**matched)) == 64_064
+    gla = fields_of("gla-tiny", vocab_size=260, ffn="none")
+    with pytest.raises(ValueError, match=r"budget.params: 700,000 is above the largest size tried, [\d,]+ total "
+                                         r"parameters with n_layers=32; lower budget.params"):
+        match_budget(gla, 700_000, knob="n_layers")
+
+
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "budjet": {}}))
@@ -1310,6 +1327,25 @@ def test_throughput_reports_the_median_of_an_even_number_of_timed_steps(tmp_path
     monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     (row,) = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
     assert row["step_ms"] == pytest.approx(2000.0) and row["tokens_per_s"] == pytest.approx(16 / 2.0)
+
+
+@pytest.mark.parametrize("steps", [0, 5])
+def test_mqar_of_the_text_trained_model_is_shown_on_its_own_lengths_row_only(tmp_path, steps):
+    """eval.mqar.steps 0 evaluates the model trained at the first length, but the main table gave its accuracy on
+    every length's row too, as if the model trained at L=256 had it; a fresh copy trained on MQAR is every row's."""
+    from zoo.compare import _accounting, markdown_report
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", "train_lengths=[128, 256]", "recipe.train.batch_tokens=512",
+        "recipe.train.grad_accum=null", f"eval.mqar.steps={steps}"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "gla"]
+    record = {"name": "gla", "fields": entry.fields, "match": entry.match, "accounting": _accounting(cfg, entry),
+              "phases": {"mqar": {"accuracy": 0.625, "rows": []}}}
+    table = markdown_report([record], cfg, "CPU")
+    cells = {line.split(" | ")[0]: line.split(" | ")[11] for line in table.splitlines() if line.startswith("| gla@")}
+    assert cells == {"| gla@128": "0.625", "| gla@256": "0.625" if steps else "—"}
+    legend = next(line for line in table.splitlines() if line.startswith("Columns:"))
+    assert ("a fresh copy trained on MQAR" if steps else "the model trained at L=128, on its rows only") in legend
 
 
 def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsys):

@@ -36,9 +36,9 @@ recurrent state size) and ``length.png`` (per-position loss), with the backend e
 
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
 number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
-size scales with d_model); then one width is adjusted so the count lands within ``tolerance`` of the budget:
-the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of the Mamba / Mamba-2 mixers of its
-``mixers`` (a list of layers keeps its widths).
+size scales with d_model); then one width is adjusted, within half to twice its base, so the count lands within
+``tolerance`` of the budget: the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of the
+Mamba / Mamba-2 mixers of its ``mixers`` (a list of layers keeps its widths).
 Among the candidates inside the tolerance the one whose adjusted width departs least from the base
 proportions wins. ``count: total`` counts every parameter (tied embeddings once); ``non_embedding`` leaves
 out the token embedding (and an untied LM head).
@@ -570,6 +570,16 @@ def _primary_candidates(fields: dict, knob: str, multiple_of: int) -> Iterator[t
         raise ValueError(f"budget.knob: unknown {knob!r}; use d_model or n_layers")
 
 
+def _adjusted_widths(target: float, base: int, step: int) -> set[int]:
+    """The widths `match_budget` tries for an adjusted width of `base` whose count lands on the budget at `target`:
+    the multiples of `step` around it, each brought within half to twice the base (the limit a target past it stops at:
+    the closest size that limit reaches, which a target out of it lost, leaving the base width alone)."""
+    low, high = step * math.ceil(base / 2 / step), step * math.floor(2 * base / step)
+    if low > high:
+        return set()
+    return {min(max(_round_to(target, step) + k * step, low), high) for k in (-1, 0, 1)}
+
+
 def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str = "d_model",
                  adjust: str = "auto", tolerance: float = 0.02, multiple_of: int = 8,
                  adjust_multiple_of: int = 8) -> tuple[dict, dict[str, Any]]:
@@ -596,13 +606,22 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     what = _adjustable(base, adjust, fields)
     best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
     step = adjust_multiple_of  # the adjusted width's step (Mamba-2's d_inner: whole heads of every group too)
-    smallest = largest = None  # (knob value, params) of the valid sizes tried, for the error message
+    # the fewest and the most parameters of the sizes tried (params, knob value, adjusted width), for the message of
+    # a budget out of their reach
+    lowest: tuple[int, int, int | None] | None = None
+    highest: tuple[int, int, int | None] | None = None
+
+    def reached(n: int, value: int, adjusted: int | None) -> None:
+        nonlocal lowest, highest
+        lowest = min(lowest or (n, value, adjusted), (n, value, adjusted), key=lambda t: t[0])
+        highest = max(highest or (n, value, adjusted), (n, value, adjusted), key=lambda t: t[0])
+
     for value, primary in _primary_candidates(fields, knob, multiple_of):
         config = _try_config(primary)
         if config is None:
             continue
         n_nominal = _count(config, count)
-        smallest, largest = smallest or (value, n_nominal), (value, n_nominal)
+        reached(n_nominal, value, None)
         if n_nominal > 3 * budget:
             break
         if n_nominal < budget / 3:
@@ -615,9 +634,8 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
             slope = (_count(probe, count) - n_nominal) / (16 * step) if probe is not None else 0
             if slope > 0:
                 target = h0 + (budget - n_nominal) / slope
-                for h in {_round_to(target, step) + k * step for k in (-1, 0, 1)}:
-                    if h0 / 2 <= h <= 2 * h0:
-                        options.append((_with_ffn_hidden(primary, h, h0), abs(math.log(h / h0)), h))
+                for h in _adjusted_widths(target, h0, step):
+                    options.append((_with_ffn_hidden(primary, h, h0), abs(math.log(h / h0)), h))
         elif what == "expand":
             letters = _expand_letters(primary)
             d = primary["d_model"]
@@ -630,25 +648,33 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
             slope = (_count(probe, count) - n_nominal) / (4 * step) if probe is not None else 0
             if slope > 0:
                 target = di0 + (budget - n_nominal) / slope
-                for di in {_round_to(target, step) + k * step for k in (-1, 0, 1)}:
-                    if di0 / 2 <= di <= 2 * di0:
-                        options.append((_with_d_inner(primary, di), abs(math.log(di / di0)), di))
+                for di in _adjusted_widths(target, di0, step):
+                    options.append((_with_d_inner(primary, di), abs(math.log(di / di0)), di))
         for candidate, deviation, adjusted in options:
             config = _try_config(candidate)
             if config is None:
                 continue
             n = _count(config, count)
+            reached(n, value, adjusted)
             error = n / budget - 1
             key = (abs(error) > tolerance, deviation if abs(error) <= tolerance else abs(error), abs(error))
             if best is None or key < best[0]:
                 best = (key, value, candidate, n, adjusted, error)
+    if best is None or abs(best[-1]) > tolerance:  # a budget past every size tried, adjusted widths included: said
+        # so (a finer step or tolerance, the advice below, would not reach it)
+        width = "ffn_hidden" if what == "ffn" else "d_inner"
+
+        def size(n: int, value: int, adjusted: int | None) -> str:
+            limit = f" and {width}={adjusted} (budget.adjust keeps it within half to twice the base's)"
+            return f"{n:,} {count} parameters with {knob}={value}{limit if adjusted is not None else ''}"
+
+        if lowest is not None and lowest[0] > budget:
+            raise ValueError(f"budget.params: {budget:,.0f} is below the smallest size, {size(*lowest)}; raise "
+                             f"budget.params or change the model")
+        if highest is not None and highest[0] < budget:
+            raise ValueError(f"budget.params: {budget:,.0f} is above the largest size tried, {size(*highest)}; lower "
+                             f"budget.params or change the knob")
     if best is None:
-        if smallest is not None and smallest[1] > budget:
-            raise ValueError(f"budget.params: {budget:,.0f} is below the smallest size, {smallest[1]:,} {count} "
-                             f"parameters with {knob}={smallest[0]}; raise budget.params or change the model")
-        if largest is not None and largest[1] < budget:
-            raise ValueError(f"budget.params: {budget:,.0f} is above the largest size tried, {largest[1]:,} "
-                             f"{count} parameters with {knob}={largest[0]}; lower budget.params or change the knob")
         raise ValueError(f"budget.params: no {knob} gives a valid model near {budget:,.0f} parameters")
     key, value, matched, n, adjusted, error = best
     info = {"budget": budget, "count": count, "params": n, "error": error, "knob": knob, knob: value}
@@ -1723,6 +1749,8 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
         for L in lengths:
             tr = rec["phases"].get(f"train/L{L}") or {}
             ev = rec["phases"].get(f"eval/L{L}") or {}
+            # eval.mqar.steps 0 evaluates the model trained at the first length: not the other lengths' models
+            recall = mqar if L == lengths[0] or cfg.eval.mqar is None or cfg.eval.mqar.steps else None
             per_L = next(r for r in acc["per_length"] if r["seq_len"] == L)
             backend = _backend_summary(ev.get("backend") or tr.get("backend") or {}) if rec.get("is_zoo", True) \
                 else "transformers"
@@ -1730,9 +1758,11 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                 f"| {_label(rec['name'], L, lengths)} | {_si(acc['params'])} | {_si(acc['non_embedding_params'])} | "
                 f"{matched} | {_si(per_L['flops_per_token'])} | {per_L['cache_mib']:.3g} MiB | {L} | "
                 f"{_si(tr.get('tokens'))} | {_si(tr.get('train_tokens_per_s'))} | {_fmt(ev.get('eval_loss'))} | "
-                f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(mqar['accuracy'] if mqar else None, '.3f')} | "
+                f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(recall['accuracy'] if recall else None, '.3f')} | "
                 f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
                 f"{backend} |")
+    mqar_whose = ("" if cfg.eval.mqar is None else " by a fresh copy trained on MQAR" if cfg.eval.mqar.steps
+                  else f" by the model trained at L={lengths[0]}, on its rows only")
     lines += ["", "Columns: params, every parameter (tied embeddings once, every expert of an MoE: its active ones are "
               "under Sizes); non-emb, less the token embedding and an untied head; vs budget, the budget's count "
               "against budget.params; FLOPs/tok @L, forward FLOPs per token at the training length L (a training "
@@ -1741,7 +1771,8 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
               "tokens per second over the steps after the first; eval loss, cross-entropy in nats per token over "
               f"every target of the first {cfg.eval.batches} batches of held-out rows (the same rows for every "
               "model); bits/byte, those nats in bits per text byte; MQAR acc, the fraction of queries answered "
-              "right over the MQAR cells; passkey, the fraction of samples retrieved, averaged over lengths x depths."]
+              f"right over the MQAR cells{mqar_whose}; passkey, the fraction of samples retrieved, averaged over "
+              "lengths x depths."]
     lines += ["", f"## Accounting per length (forward FLOPs per token; cache per sequence: {_cache_bytes(cfg)})", "",
               "| model | L | FLOPs/token | decode FLOPs/token | KV floats | state floats | cache MiB |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
