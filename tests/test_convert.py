@@ -743,6 +743,10 @@ def test_unmappable_import_is_a_named_error(importer, make_source, option):
 # modules/mamba_simple.py, modules/mamba2.py): MixerModel.embedding (note: singular), layers.{i}.norm / mixer /
 # norm2 / mlp.fc1 / mlp.fc2, norm_f; RMSNorm eps 1e-5; GatedMLP fc1 = [y, gate], hidden rounded up to 128.
 
+def mamba_ssm_d_state(ssm: dict) -> int:
+    return ssm.get("d_state", 16 if ssm.get("layer", "Mamba1") == "Mamba1" else 128)  # Mamba's, Mamba2's default
+
+
 def mamba_ssm_checkpoint(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random state dict with the keys and shapes MambaLMHeadModel(config) has."""
     g = torch.Generator().manual_seed(seed)
@@ -756,7 +760,7 @@ def mamba_ssm_checkpoint(config: dict, seed: int = 0) -> dict[str, torch.Tensor]
     for i in range(config["n_layer"]):
         p = f"backbone.layers.{i}."
         sd[p + "norm.weight"] = rnd(d, shift=1.0)
-        d_state, d_conv, expand = ssm.get("d_state"), ssm.get("d_conv", 4), ssm.get("expand", 2)
+        d_state, d_conv, expand = mamba_ssm_d_state(ssm), ssm.get("d_conv", 4), ssm.get("expand", 2)
         d_inner = expand * d
         if ssm.get("layer", "Mamba1") == "Mamba1":  # mamba_simple.Mamba
             dt_rank = -(-d // 16)
@@ -789,13 +793,15 @@ def hf_equivalent(config: dict):
     multiple = config["pad_vocab_size_multiple"]
     vocab = -(-config["vocab_size"] // multiple) * multiple
     if ssm.get("layer", "Mamba1") == "Mamba1":
-        return MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=config["d_model"], state_size=ssm["d_state"],
-                                             num_hidden_layers=config["n_layer"], expand=ssm.get("expand", 2),
+        return MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=config["d_model"],
+                                             state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
+                                             expand=ssm.get("expand", 2),
                                              conv_kernel=ssm.get("d_conv", 4),
                                              tie_word_embeddings=config["tie_embeddings"])
     d_inner = ssm.get("expand", 2) * config["d_model"]
-    return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"], state_size=ssm["d_state"],
-                                           num_hidden_layers=config["n_layer"], expand=ssm.get("expand", 2),
+    return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"],
+                                           state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
+                                           expand=ssm.get("expand", 2),
                                            head_dim=ssm["headdim"], num_heads=d_inner // ssm["headdim"],
                                            n_groups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
                                            conv_kernel=ssm.get("d_conv", 4),
@@ -976,3 +982,14 @@ def test_mamba_ssm_state_dict_of_another_layout_is_a_named_error():
     sd = {k.removeprefix("backbone."): v for k, v in mamba_ssm_checkpoint(config).items()}
     with pytest.raises(UnmappableError, match="no 'backbone.embedding.weight'.*MambaLMHeadModel"):
         from_mamba_ssm(config, sd)
+
+
+def test_mamba_ssm_config_with_a_null_ssm_cfg_converts():
+    # mamba_ssm's create_block takes ssm_cfg None as {} (Mamba1 with its defaults): a config.json with "ssm_cfg": null
+    # builds in mamba_ssm, and from_mamba_ssm ended in TypeError: 'NoneType' object is not iterable
+    config = {**MAMBA_SSM_CASES["mamba1-tied-padded"], "ssm_cfg": {}}
+    sd = mamba_ssm_checkpoint(config)
+    model = from_mamba_ssm({**config, "ssm_cfg": None, "attn_layer_idx": None, "attn_cfg": None}, sd)
+    ids = torch.randint(0, config["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert_logits("ssm_cfg null", model(ids).logits, mamba_ssm_logits(config, sd, ids))

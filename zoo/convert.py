@@ -712,7 +712,7 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     if not c["rms_norm"]:
         raise _unmappable(fmt, "rms_norm", False, "the zoo's blocks use RMSNorm, not LayerNorm")
     d_model = c["d_model"]
-    mixer = _mamba_ssm_mixer(c["ssm_cfg"], d_model)
+    mixer = _mamba_ssm_mixer(c["ssm_cfg"] or {}, d_model)  # (null: mamba_ssm's create_block takes it as {})
     vocab = c["vocab_size"]
     multiple = c["pad_vocab_size_multiple"]
     if vocab % multiple:
