@@ -993,3 +993,17 @@ def test_mamba_ssm_config_with_a_null_ssm_cfg_converts():
     ids = torch.randint(0, config["vocab_size"], (2, 9))
     with torch.no_grad():
         assert_logits("ssm_cfg null", model(ids).logits, mamba_ssm_logits(config, sd, ids))
+
+
+def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
+    # MambaLMHeadModel.from_pretrained reads pytorch_model.bin only; load_mamba_ssm preferred a model.safetensors beside
+    # it, so save_mamba_ssm into a folder an earlier save had left one in was read back (and converted) as the old model
+    from safetensors.torch import save_file
+
+    config = MAMBA_SSM_CASES["mamba1-mlp"]
+    old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors")
+    save_mamba_ssm(config, new, tmp_path)
+    assert_same_tensors("bin beside safetensors", load_mamba_ssm(tmp_path)[1], new)
+    (tmp_path / "pytorch_model.bin").unlink()  # a folder with safetensors alone still loads
+    assert_same_tensors("safetensors alone", load_mamba_ssm(tmp_path)[1], old)

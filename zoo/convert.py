@@ -828,10 +828,13 @@ def detect_format(folder: str | Path) -> str:
 
 
 def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """mamba_ssm's folder: config.json and pytorch_model.bin (read with weights_only) or model.safetensors."""
+    """mamba_ssm's folder: config.json and pytorch_model.bin (read with weights_only), the one weights file
+    MambaLMHeadModel.from_pretrained reads, or where there is none, model.safetensors."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    if (folder / "model.safetensors").is_file():
+    # the bin first, as mamba_ssm reads the folder: beside a model.safetensors of another save (save_mamba_ssm into
+    # a folder an hf export had written) the safetensors were read, another model's weights under this config
+    if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
         return config, load_file(folder / "model.safetensors")
