@@ -1007,3 +1007,24 @@ def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
     assert_same_tensors("bin beside safetensors", load_mamba_ssm(tmp_path)[1], new)
     (tmp_path / "pytorch_model.bin").unlink()  # a folder with safetensors alone still loads
     assert_same_tensors("safetensors alone", load_mamba_ssm(tmp_path)[1], old)
+
+
+def test_a_folder_holding_a_peft_adapter_beside_its_model_is_refused(tmp_path):
+    # from_pretrained applies an adapter_config.json it finds in the folder: load_as_zoo (zoo convert, zoo graft) gave a
+    # model with LoRA layers, which zoo convert then failed to save ("The version of PEFT ...") or, for a transformers
+    # folder, refused as weights that do not fit, naming lora_A keys
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    HF_SOURCES["hf-llama"][1](HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "llama"),
+                                LoraConfig(target_modules=["q_proj"], r=2))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    convert(tmp_path / "llama", tmp_path / "zoo")
+    for folder in ("llama", "zoo"):
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(tmp_path / "adapter" / name, tmp_path / folder / name)
+        with pytest.raises(ValueError, match=r"holds a PEFT adapter \(adapter_config.json\) beside its model"):
+            load_as_zoo(tmp_path / folder)

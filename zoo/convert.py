@@ -888,6 +888,11 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
 
+    if (Path(folder) / "adapter_config.json").is_file():  # from_pretrained would load the adapter into the model
+        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json) beside its model, which transformers' "
+                         f"from_pretrained loads on top of the model: the converted model would hold LoRA layers "
+                         f"(another model, or no save at all); give the merged model's folder (merge_and_unload, zoo "
+                         f"finetune's merged/) or move the adapter's files out")
     if fmt is None:
         fmt = detect_format(folder)
     else:
