@@ -743,6 +743,10 @@ def test_unmappable_import_is_a_named_error(importer, make_source, option):
 # modules/mamba_simple.py, modules/mamba2.py): MixerModel.embedding (note: singular), layers.{i}.norm / mixer /
 # norm2 / mlp.fc1 / mlp.fc2, norm_f; RMSNorm eps 1e-5; GatedMLP fc1 = [y, gate], hidden rounded up to 128.
 
+def mamba_ssm_d_state(ssm: dict) -> int:
+    return ssm.get("d_state", 16 if ssm.get("layer", "Mamba1") == "Mamba1" else 128)  # Mamba's, Mamba2's default
+
+
 def mamba_ssm_checkpoint(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random state dict with the keys and shapes MambaLMHeadModel(config) has."""
     g = torch.Generator().manual_seed(seed)
@@ -756,7 +760,7 @@ def mamba_ssm_checkpoint(config: dict, seed: int = 0) -> dict[str, torch.Tensor]
     for i in range(config["n_layer"]):
         p = f"backbone.layers.{i}."
         sd[p + "norm.weight"] = rnd(d, shift=1.0)
-        d_state, d_conv, expand = ssm.get("d_state"), ssm.get("d_conv", 4), ssm.get("expand", 2)
+        d_state, d_conv, expand = mamba_ssm_d_state(ssm), ssm.get("d_conv", 4), ssm.get("expand", 2)
         d_inner = expand * d
         if ssm.get("layer", "Mamba1") == "Mamba1":  # mamba_simple.Mamba
             dt_rank = -(-d // 16)
@@ -789,13 +793,15 @@ def hf_equivalent(config: dict):
     multiple = config["pad_vocab_size_multiple"]
     vocab = -(-config["vocab_size"] // multiple) * multiple
     if ssm.get("layer", "Mamba1") == "Mamba1":
-        return MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=config["d_model"], state_size=ssm["d_state"],
-                                             num_hidden_layers=config["n_layer"], expand=ssm.get("expand", 2),
+        return MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=config["d_model"],
+                                             state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
+                                             expand=ssm.get("expand", 2),
                                              conv_kernel=ssm.get("d_conv", 4),
                                              tie_word_embeddings=config["tie_embeddings"])
     d_inner = ssm.get("expand", 2) * config["d_model"]
-    return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"], state_size=ssm["d_state"],
-                                           num_hidden_layers=config["n_layer"], expand=ssm.get("expand", 2),
+    return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"],
+                                           state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
+                                           expand=ssm.get("expand", 2),
                                            head_dim=ssm["headdim"], num_heads=d_inner // ssm["headdim"],
                                            n_groups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
                                            conv_kernel=ssm.get("d_conv", 4),
@@ -976,3 +982,49 @@ def test_mamba_ssm_state_dict_of_another_layout_is_a_named_error():
     sd = {k.removeprefix("backbone."): v for k, v in mamba_ssm_checkpoint(config).items()}
     with pytest.raises(UnmappableError, match="no 'backbone.embedding.weight'.*MambaLMHeadModel"):
         from_mamba_ssm(config, sd)
+
+
+def test_mamba_ssm_config_with_a_null_ssm_cfg_converts():
+    # mamba_ssm's create_block takes ssm_cfg None as {} (Mamba1 with its defaults): a config.json with "ssm_cfg": null
+    # builds in mamba_ssm, and from_mamba_ssm ended in TypeError: 'NoneType' object is not iterable
+    config = {**MAMBA_SSM_CASES["mamba1-tied-padded"], "ssm_cfg": {}}
+    sd = mamba_ssm_checkpoint(config)
+    model = from_mamba_ssm({**config, "ssm_cfg": None, "attn_layer_idx": None, "attn_cfg": None}, sd)
+    ids = torch.randint(0, config["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert_logits("ssm_cfg null", model(ids).logits, mamba_ssm_logits(config, sd, ids))
+
+
+def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
+    # MambaLMHeadModel.from_pretrained reads pytorch_model.bin only; load_mamba_ssm preferred a model.safetensors beside
+    # it, so save_mamba_ssm into a folder an earlier save had left one in was read back (and converted) as the old model
+    from safetensors.torch import save_file
+
+    config = MAMBA_SSM_CASES["mamba1-mlp"]
+    old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors")
+    save_mamba_ssm(config, new, tmp_path)
+    assert_same_tensors("bin beside safetensors", load_mamba_ssm(tmp_path)[1], new)
+    (tmp_path / "pytorch_model.bin").unlink()  # a folder with safetensors alone still loads
+    assert_same_tensors("safetensors alone", load_mamba_ssm(tmp_path)[1], old)
+
+
+def test_a_folder_holding_a_peft_adapter_beside_its_model_is_refused(tmp_path):
+    # from_pretrained applies an adapter_config.json it finds in the folder: load_as_zoo (zoo convert, zoo graft) gave a
+    # model with LoRA layers, which zoo convert then failed to save ("The version of PEFT ...") or, for a transformers
+    # folder, refused as weights that do not fit, naming lora_A keys
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    HF_SOURCES["hf-llama"][1](HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "llama"),
+                                LoraConfig(target_modules=["q_proj"], r=2))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    convert(tmp_path / "llama", tmp_path / "zoo")
+    for folder in ("llama", "zoo"):
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy(tmp_path / "adapter" / name, tmp_path / folder / name)
+        with pytest.raises(ValueError, match=r"holds a PEFT adapter \(adapter_config.json\) beside its model"):
+            load_as_zoo(tmp_path / folder)

@@ -197,3 +197,23 @@ def test_tokenizer_fills_only_unset_special_ids_and_fits_exactly(tmp_path):
     # a folder whose tokenizer is in tokenizer_config.json without tokenizer.json still has one
     (tmp_path / "m" / "tokenizer.json").unlink()
     assert isinstance(load_folder_tokenizer(tmp_path / "m"), ByteTokenizer)
+
+
+def test_saving_into_a_peft_adapter_folder_is_refused(tmp_path):
+    # transformers' from_pretrained finds an adapter_config.json in a model folder and loads that adapter on top of the
+    # model: a model saved (zoo convert, zoo graft) into a folder holding a LoRA adapter was loaded with the stale
+    # adapter applied, another model's logits, without a word
+    from peft import LoraConfig, get_peft_model
+
+    base, model = tiny("mamba"), tiny("mamba")
+    with torch.no_grad():
+        model.model.norm_f.weight.mul_(2.0)
+    save_model_folder(base, tmp_path / "base")
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                LoraConfig(target_modules=["in_proj"], r=2))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    before = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    with pytest.raises(ValueError, match=r"holds a PEFT adapter \(adapter_config.json\)"):
+        save_model_folder(model, tmp_path / "adapter", "byte")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == before  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # nor beside it

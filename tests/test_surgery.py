@@ -115,7 +115,9 @@ def test_hybrid_trains(base, donor):
     (("AMAM", "narrow"), "d_model"),
     (("ANAN", "fresh-A"), "'A' means keep"),  # it built the layer's spec but copied the base's weights into it
     (("AAAA", "fresh"), "'N' is no letter of the pattern 'AAAA'"),  # it wrote the base back, the mixer dropped
-], ids=["length", "no-donor", "letter", "donor-layers", "width", "fresh-keep-letter", "fresh-unused"])
+    # a fresh mixer's own ffn was replaced by the base layer's without a word (the hybrid kept the MLP asked away)
+    (("ANAN", "fresh-ffn"), r"mixers.N: ffn 'none' differs from the base's feed-forward at layer 1 \('swiglu'\)"),
+], ids=["length", "no-donor", "letter", "donor-layers", "width", "fresh-keep-letter", "fresh-unused", "fresh-ffn"])
 def test_bad_surgery_is_a_named_error(base, donor, args, message):
     narrow = perturbed(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", d_model=32), 2)
     pattern, *rest = args
@@ -124,6 +126,8 @@ def test_bad_surgery_is_a_named_error(base, donor, args, message):
         rest, kwargs["mixers"] = [], FRESH | {"A": {"type": "attention", "n_heads": 2}}
     if rest == ["fresh"]:
         rest, kwargs["mixers"] = [], FRESH
+    if rest == ["fresh-ffn"]:
+        rest, kwargs["mixers"] = [], {"N": FRESH["N"] | {"ffn": "none"}}
     if rest:
         kwargs["donor"] = donor if rest[0] == "donor" else narrow
     if len(rest) > 1:
@@ -325,3 +329,8 @@ def test_a_digit_names_fresh_mixers(base):
     mixers = _read_mixers("{1: {type: mamba2, d_state: 16, head_dim: 16, chunk_size: 8}}")
     assert [s["type"] for s in graft(base, "A1A1", mixers=mixers).config.layer_specs()] == \
            ["attention", "mamba2", "attention", "mamba2"]
+
+
+def test_a_fresh_mixer_may_name_the_base_layers_own_ffn(base):
+    hybrid = graft(base, "ANAN", mixers={"N": FRESH["N"] | {"ffn": "swiglu"}})
+    assert [spec["ffn"] for spec in hybrid.config.layer_specs()] == ["swiglu"] * 4

@@ -712,7 +712,7 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     if not c["rms_norm"]:
         raise _unmappable(fmt, "rms_norm", False, "the zoo's blocks use RMSNorm, not LayerNorm")
     d_model = c["d_model"]
-    mixer = _mamba_ssm_mixer(c["ssm_cfg"], d_model)
+    mixer = _mamba_ssm_mixer(c["ssm_cfg"] or {}, d_model)  # (null: mamba_ssm's create_block takes it as {})
     vocab = c["vocab_size"]
     multiple = c["pad_vocab_size_multiple"]
     if vocab % multiple:
@@ -828,10 +828,13 @@ def detect_format(folder: str | Path) -> str:
 
 
 def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """mamba_ssm's folder: config.json and pytorch_model.bin (read with weights_only) or model.safetensors."""
+    """mamba_ssm's folder: config.json and pytorch_model.bin (read with weights_only), the one weights file
+    MambaLMHeadModel.from_pretrained reads, or where there is none, model.safetensors."""
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    if (folder / "model.safetensors").is_file():
+    # the bin first, as mamba_ssm reads the folder: beside a model.safetensors of another save (save_mamba_ssm into
+    # a folder an hf export had written) the safetensors were read, another model's weights under this config
+    if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
         return config, load_file(folder / "model.safetensors")
@@ -885,6 +888,11 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
 
+    if (Path(folder) / "adapter_config.json").is_file():  # from_pretrained would load the adapter into the model
+        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json) beside its model, which transformers' "
+                         f"from_pretrained loads on top of the model: the converted model would hold LoRA layers "
+                         f"(another model, or no save at all); give the merged model's folder (merge_and_unload, zoo "
+                         f"finetune's merged/) or move the adapter's files out")
     if fmt is None:
         fmt = detect_format(folder)
     else:

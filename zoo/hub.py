@@ -119,8 +119,13 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
 def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: Any = None) -> Path:
     """Write a folder through `write(target)` (and `tokenizer.save_pretrained`) beside `folder`, then move it in:
     a new folder appears only when complete; into an existing one, the weight files `write` did not write go (and
-    its tokenizer files when `tokenizer` is given; without one they stay, with a warning), other files stay."""
+    its tokenizer files when `tokenizer` is given; without one they stay, with a warning), other files stay. A folder
+    holding a PEFT adapter is refused: transformers would apply it to the model written there."""
     folder = Path(folder)
+    if (folder / "adapter_config.json").is_file():  # (checked before anything is written)
+        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json): transformers' from_pretrained loads an "
+                         f"adapter it finds in a model's folder on top of that model, so the model saved here would "
+                         f"load with the adapter's changes; save it to another folder, or delete the adapter's files")
     # the folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
     # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
     target = folder.parent / f".{folder.name}.tmp-{os.getpid()}"

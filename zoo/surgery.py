@@ -64,7 +64,7 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
         pattern: one letter per base layer (spaces ignored): 'A' keeps base's mixer, 'M' takes donor's mixer,
             a key of `mixers` gets a freshly initialised mixer of that spec.
         donor: a zoo model of the same d_model (e.g. a Mamba); its embeddings, head and feed-forwards are unused.
-        mixers: letter -> mixer spec ({type: mamba2, ...}) for fresh mixers.
+        mixers: letter -> mixer spec ({type: mamba2, ...}) for fresh mixers (each layer keeps the base's ffn).
         donor_layers: the donor layer grafted at each 'M', in order (default: the same layer index).
         mixer_norm: 'base' keeps base's pre-mixer RMSNorm at grafted layers; 'donor' takes the donor layer's
             (the norm its mixer was trained behind; needs equal norm_eps).
@@ -105,6 +105,10 @@ def graft(base: ZooForCausalLM, pattern: str, donor: ZooForCausalLM | None = Non
     for i, letter in enumerate(letters):
         if letter in fresh:
             spec = copy.deepcopy(dict(fresh[letter]))
+            if spec.get("ffn", base_specs[i]["ffn"]) != base_specs[i]["ffn"]:  # (it was replaced without a word)
+                raise ValueError(f"mixers.{letter}: ffn {spec['ffn']!r} differs from the base's feed-forward at layer "
+                                 f"{i} ({base_specs[i]['ffn']!r}); a graft keeps every feed-forward of the base, so "
+                                 f"leave ffn out of the fresh mixer")
         elif letter == DONOR:
             spec = copy.deepcopy(donor_specs[sources[i]])
         else:
