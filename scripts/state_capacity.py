@@ -80,6 +80,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
         if isinstance(spec, str):
             data["models"][name] = yaml.safe_load(Path(spec).read_text())
     data.setdefault("output_dir", "runs/state-capacity")
+    if not isinstance(data["output_dir"], str) or not data["output_dir"]:  # "" trained into the working directory
+        raise ValueError(f"output_dir: expected the name of the folder of the runs, got {data['output_dir']!r}")
     lengths = data["train_lengths"]
     if not isinstance(lengths, list) or not lengths or not all(_is_int(x) and x >= 1 for x in lengths):
         raise ValueError(f"train_lengths: expected a list of positive integers (tokens per row), got {lengths!r}")

@@ -167,6 +167,21 @@ def test_sweep_field_it_would_ignore_is_refused_before_training(tmp_path, capsys
     assert trained == [] and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script_name, config, message", [
+    ("train_synthetic", "induction", "output_dir: empty; name the folder of the runs"),
+    ("state_capacity", "state-capacity", "output_dir: expected the name of the folder of the runs, got ''"),
+    ("collapse", "collapse", "output_dir: expected the name of the folder of the runs, got ''"),
+])
+def test_an_empty_output_dir_is_refused_not_taken_as_the_working_directory(tmp_path, capsys, monkeypatch,
+                                                                           script_name, config, message):
+    # `--output_dir=$OUT` with OUT unset put every run's folder into the working directory, as zoo train refuses to
+    monkeypatch.chdir(tmp_path)
+    script = load_script(f"scripts/{script_name}.py")
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), "--output_dir=", "--dry-run"], capsys)
+    assert message in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_state_capacity_norm_calibration_factor_is_the_one_given():
     script = load_script("scripts/state_capacity.py")
     assert script.norm_calibration_factor("norm-calibrated:factor=2") == 2.0
