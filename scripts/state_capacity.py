@@ -45,6 +45,10 @@ import yaml
 K = 1024  # tokens per "K" (the paper's 8K, 16K, 64K training lengths are powers of two)
 PAPER_LINE = (5.172, -4.469)  # Stuffed Mamba v1 Fig. 12: L* (K tokens) = 5.172 · S (M floats) − 4.469
 SAVE_EVERY = 30.0  # seconds between saves of an evaluation's finished documents
+SWEEP_FIELDS = ("output_dir", "tokens_per_run", "batch_tokens", "train_lengths", "run", "models", "eval")
+# set by the sweep for each run: the run section giving them was silently overruled
+RUN_SET_BY_SWEEP = {"model": "models", "output_dir": "output_dir", "data.seq_len": "train_lengths",
+                    "train.max_steps": "tokens_per_run / batch_tokens", "train.micro_batch_size": "batch_tokens / L"}
 EVAL_DEFAULTS = {"max_len": 16384, "n_docs": 8, "chunk_size": 2048, "batch_size": 4, "bins_per_octave": 2,
                  "factor": 8, "margin": 0.1, "mitigations": [], "seed": 0, "start": "document"}
 
@@ -54,9 +58,20 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
     from zoo.train import read_yaml
 
     data = read_yaml(path, overrides)
+    for key in data:  # a misspelt output_dir left the runs in the default folder, without a word
+        if key not in SWEEP_FIELDS:
+            close = difflib.get_close_matches(str(key), SWEEP_FIELDS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"{key}: unknown field{hint} (fields: {', '.join(SWEEP_FIELDS)})")
     missing = [k for k in ("run", "models", "train_lengths", "tokens_per_run", "batch_tokens") if k not in data]
     if missing:
         raise ValueError(f"state-capacity sweep: missing {missing}")
+    run = data["run"]
+    for key, by in RUN_SET_BY_SWEEP.items():
+        section, _, field = key.rpartition(".")
+        holder = run.get(section) if section and isinstance(run, dict) else run
+        if isinstance(holder, dict) and field in holder:
+            raise ValueError(f"run.{key}: the sweep sets it for each run (from {by}); leave it out of run")
     unknown = set(data.get("eval", {})) - set(EVAL_DEFAULTS)
     if unknown:
         raise ValueError(f"eval: unknown keys {sorted(unknown)}; known: {sorted(EVAL_DEFAULTS)}")
@@ -65,6 +80,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
         if isinstance(spec, str):
             data["models"][name] = yaml.safe_load(Path(spec).read_text())
     data.setdefault("output_dir", "runs/state-capacity")
+    if not isinstance(data["output_dir"], str) or not data["output_dir"]:  # "" trained into the working directory
+        raise ValueError(f"output_dir: expected the name of the folder of the runs, got {data['output_dir']!r}")
     lengths = data["train_lengths"]
     if not isinstance(lengths, list) or not lengths or not all(_is_int(x) and x >= 1 for x in lengths):
         raise ValueError(f"train_lengths: expected a list of positive integers (tokens per row), got {lengths!r}")

@@ -125,7 +125,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     for name, spec in list(data.get("models", {}).items()):
         if isinstance(spec, str):  # a zoo YAML: read it so that sweeps can change its fields
             data["models"][name] = yaml.safe_load(Path(spec).read_text())
-    _build(Recipe, data, "")
+    if not _build(Recipe, data, "").output_dir:  # (--output_dir=$OUT with OUT unset) trained into the working dir
+        raise ValueError("output_dir: empty; name the folder of the runs")
     return data
 
 

@@ -397,6 +397,30 @@ def test_graft_refuses_to_overwrite_its_base(tiny_folder, capsys):
     assert e.value.code == 2 and "is the --base folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "demo"], "output_dir: empty; name the run directory"),
+    (["finetune", "finetune-mqar"], "output_dir: empty; name the run directory"),
+    (["compare", "demo"], "output_dir: empty; name the results directory"),
+], ids=["train", "finetune", "compare"])
+def test_an_empty_output_dir_is_refused_not_taken_as_the_working_directory(tmp_path, capsys, monkeypatch, argv,
+                                                                           message):
+    # `--output_dir=$OUT` with OUT unset: zoo train refused it, while zoo finetune trained into the working directory
+    # (base/, adapter/, merged/ beside the user's files) and zoo compare wrote its results there
+    import zoo.compare
+    import zoo.finetune
+
+    monkeypatch.chdir(tmp_path)
+    ran = []  # (nothing trains here, on any code: a command that takes the config records its call instead)
+    monkeypatch.setattr(zoo.finetune, "finetune", lambda cfg: ran.append(cfg.output_dir))
+    monkeypatch.setattr(zoo.compare, "run_comparison", lambda cfg, *a, **k: ran.append(cfg.output_dir))
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--output_dir="])
+    assert ran == []
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_info_without_embeddings_leaves_out_an_untied_lm_head(tmp_path, capsys):
     # 'without embeddings' subtracted the input embedding only: an untied model's LM head (V x d) was counted as a
     # non-embedding parameter, so zoo info disagreed with zoo compare's non_embedding count for the same config

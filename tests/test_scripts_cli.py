@@ -5,6 +5,7 @@ than two steps, but the resume test (five)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,49 @@ def test_state_capacity_mitigation_specs_are_checked_at_load(capsys, spec, messa
     err = _refused(script.main, [str(ROOT / "configs/train/state-capacity.yaml"), f"--eval.mitigations=[{spec!r}]",
                                  "--dry-run"], capsys)
     assert spec in err
+
+
+@pytest.mark.parametrize("script_name, config", [("state_capacity", "state-capacity"), ("collapse", "collapse")])
+@pytest.mark.parametrize("override, message", [
+    ("--output_dirr=runs/x", "output_dirr: unknown field; did you mean output_dir?"),
+    ("--tokens_per_runn=4096", "tokens_per_runn: unknown field; did you mean tokens_per_run?"),
+    ("--run.train.max_steps=5", "run.train.max_steps: the sweep sets it for each run (from tokens_per_run / "
+                                "batch_tokens)"),
+    ("--run.train.micro_batch_size=2", "run.train.micro_batch_size: the sweep sets it for each run"),
+    ("--run.data.seq_len=32", "run.data.seq_len: the sweep sets it for each run (from train_lengths)"),
+    ("--run.output_dir=runs/x", "run.output_dir: the sweep sets it for each run (from output_dir)"),
+], ids=["output_dir-typo", "tokens_per_run-typo", "max_steps", "micro_batch_size", "seq_len", "run-output_dir"])
+def test_sweep_field_it_would_ignore_is_refused_before_training(tmp_path, capsys, monkeypatch, script_name, config,
+                                                                override, message):
+    """A misspelt top-level field of a state-capacity or collapse sweep was read as nothing (--output_dirr left the
+    runs in the recipe's folder), and a run.train.max_steps, micro_batch_size, data.seq_len or output_dir was
+    replaced by the sweep's own without a word: each is refused by name, in --dry-run too."""
+    script = load_script(f"scripts/{script_name}.py")
+    capacity = script._state_capacity() if script_name == "collapse" else script
+    trained = []
+    monkeypatch.setattr(capacity, "train_run", lambda run: trained.append(run["name"]))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        capacity.load_sweep(ROOT / f"configs/train/{config}.yaml", [override[2:]])
+    for dry_run in ([], ["--dry-run"]) if script_name == "state_capacity" else ([],):
+        err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), f"--output_dir={tmp_path}",
+                                     override, *dry_run], capsys)
+        assert message in err
+    assert trained == [] and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script_name, config, message", [
+    ("train_synthetic", "induction", "output_dir: empty; name the folder of the runs"),
+    ("state_capacity", "state-capacity", "output_dir: expected the name of the folder of the runs, got ''"),
+    ("collapse", "collapse", "output_dir: expected the name of the folder of the runs, got ''"),
+])
+def test_an_empty_output_dir_is_refused_not_taken_as_the_working_directory(tmp_path, capsys, monkeypatch,
+                                                                           script_name, config, message):
+    # `--output_dir=$OUT` with OUT unset put every run's folder into the working directory, as zoo train refuses to
+    monkeypatch.chdir(tmp_path)
+    script = load_script(f"scripts/{script_name}.py")
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), "--output_dir=", "--dry-run"], capsys)
+    assert message in err
+    assert not any(tmp_path.iterdir())
 
 
 def test_state_capacity_norm_calibration_factor_is_the_one_given():

@@ -825,6 +825,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
     """Raise ValueError naming the field for impossible settings."""
     if not cfg.models and not cfg.swaps:
         raise ValueError("models: empty; name at least one model (or a base and swaps)")
+    if not cfg.output_dir:  # (--output_dir=$OUT with OUT unset) wrote the results into the working directory
+        raise ValueError("output_dir: empty; name the results directory")
     if cfg.swaps and cfg.base is None:
         raise ValueError("swaps: need `base:` (the config the mixers are swapped in)")
     if cfg.base is not None and not cfg.swaps:  # it was never read: the comparison left it out without a word

@@ -673,6 +673,8 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
     cfg.model, cfg.output_dir = os.path.expanduser(cfg.model), os.path.expanduser(cfg.output_dir)
     if cfg.tokenizer is not None:
         cfg.tokenizer = os.path.expanduser(cfg.tokenizer)
+    if not cfg.output_dir:  # (--output_dir=$OUT with OUT unset) wrote base/, adapter/ and merged/ into the working dir
+        raise ValueError("output_dir: empty; name the run directory")
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
