@@ -311,6 +311,24 @@ def test_a_jsonl_document_that_is_not_utf8_reads_with_replacement_characters(tok
     assert bytes(rows[1][:8]) == "caf\ufffd a".encode()
 
 
+@pytest.mark.parametrize("how", ["file", "folder", "streamed folder"])
+def test_a_txt_file_that_is_not_utf8_reads_with_replacement_characters(tok, tmp_path, how):
+    # datasets' text builder decodes strictly: a .txt file with one Latin-1 byte failed to load as a whole, and a
+    # streamed folder holding it ended mid-run in a bare UnicodeDecodeError when the stream reached the file
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"fine\n")
+    (folder / "b.txt").write_bytes(b"caf\xe9 au lait\nok\n")
+    source = str(folder / "*.txt") if how == "file" else str(folder)
+    cfg = DataConfig(source=source, holdout=0, shuffle=False, sample_by="line", streaming=how == "streamed folder",
+                     seq_len=8, packing=False, add_bos=False)
+    docs = [d for d in open_documents(cfg, "train").iter_docs(0, 0) if d]
+    assert docs == ["fine", "caf\ufffd au lait", "ok"]
+    rows = [row["input_ids"].tolist() for row, _ in itertools.islice(TextStream(cfg, tok).rows(), 3)]
+    assert bytes(rows[1]) == "caf\ufffd a".encode()
+
+
 def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path, letter_docs):
     source, _ = letter_docs
     for missing in (str(tmp_path / "missing.txt"), str(tmp_path / "*.parquet"), "./missing.jsonl"):

@@ -12,7 +12,8 @@ packed into rows of ``seq_len`` tokens. Each row carries
 so no mixer, convolution or attention crosses a document boundary, and ``labels`` is -100 at the first
 token of every document after the first, the one target that would be predicted across a boundary.
 With ``packing: false`` a row holds one piece of one document, right-padded, with an ``attention_mask``.
-Bytes that are not UTF-8 in a built-in corpus file or a memory-mapped document read as U+FFFD.
+Bytes that are not UTF-8 in a built-in corpus file, a local .txt file or a memory-mapped document read as
+U+FFFD.
 
 Everything is deterministic: a rank's document order is a function of (seed, epoch, rank, world size),
 and an iterator's position is a small dict (epoch, document, token offset; for an unshuffled streamed dataset
@@ -664,7 +665,8 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         if builder != "text" and cfg.sample_by != "document":
             raise ValueError(f"data.sample_by: {cfg.sample_by!r} splits .txt files; {builder} files hold one "
                              f"document per record (leave sample_by at 'document')")
-        extra = {"sample_by": cfg.sample_by} if builder == "text" else {}
+        # a .txt file with a byte that is not UTF-8 (a Latin-1 file) failed to load as a whole
+        extra = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
         named = local if len(local) > 1 else local[0]
         if all(os.path.getsize(f) == 0 for f in local):  # datasets 3.0 and 4 report empty files differently
             raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")
@@ -689,9 +691,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         # a stream tells no commit: ask the hub which one the revision is at, and read that one
         hub_stream = cfg.streaming and not os.path.isdir(os.path.expanduser(cfg.source))
         commit, unknown = _hub_head(cfg.source, cfg.revision) if hub_stream else (None, None)
-        extra = {}
+        # (not UTF-8: a streamed one ended mid-run in a bare UnicodeDecodeError as it reached the file)
+        extra: dict[str, Any] = {"encoding_errors": "replace"} if text_folder else {}
         if text_folder and cfg.sample_by != "document":
-            extra = {"sample_by": cfg.sample_by}
+            extra["sample_by"] = cfg.sample_by
         elif text_folder:  # (taking it as "document" now would change the documents of a run resumed on the folder)
             warnings.warn(f"data.source: {cfg.source!r} is a folder of .txt files, which datasets' folder loader reads "
                           f"one line per document (its text builder's default), not one file per document as "
