@@ -329,6 +329,23 @@ def test_a_txt_file_that_is_not_utf8_reads_with_replacement_characters(tok, tmp_
     assert bytes(rows[1]) == "caf\ufffd a".encode()
 
 
+@pytest.mark.parametrize("holdout", [0.0, 0.5])
+def test_a_streamed_jsonl_document_that_is_not_utf8_names_the_source_and_the_way_out(tok, tmp_path, holdout):
+    # pyarrow's json reader keeps the bytes, and the stream ended mid-run in a bare UnicodeDecodeError (naming neither
+    # the source nor what to do); memory-mapped, the same files read with U+FFFD
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n')
+    cfg = DataConfig(source=str(folder), holdout=holdout, shuffle=False, seq_len=8)
+    with pytest.raises(ValueError, match=rf"^data\.source: the streamed dataset '{re.escape(str(folder))}' holds text "
+                                         r"that is not UTF-8 .*data\.streaming: false"):
+        list(itertools.islice(TextStream(cfg, tok).rows(), 4))
+    cfg.streaming = False
+    read = [d for split in ("train", "eval")[:1 + (holdout > 0)] for d in open_documents(cfg, split).iter_docs(0, 0)]
+    assert sorted(read) == ["caf\ufffd au lait", "fine"]
+
+
 def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path, letter_docs):
     source, _ = letter_docs
     for missing in (str(tmp_path / "missing.txt"), str(tmp_path / "*.parquet"), "./missing.jsonl"):

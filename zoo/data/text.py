@@ -353,6 +353,7 @@ class _StreamedDocs:
             else:
                 warnings.warn(f"data: resuming the stream of {self.source!r} at document {start} of epoch {epoch} "
                               f"re-reads and skips {start} documents: {why}", stacklevel=2)
+        read = start - skip  # documents of this epoch read so far (those before a loaded position too)
         examples = iter(ds)
         try:
             try:
@@ -365,6 +366,7 @@ class _StreamedDocs:
             before = resume if skip == 0 and start > 0 else None
             for example in itertools.chain([first], examples):
                 after = ds.state_dict() if track else None  # the position after this example
+                read += 1
                 if skip:
                     skip -= 1
                 else:
@@ -372,6 +374,11 @@ class _StreamedDocs:
                 before = after
         except CastError as e:  # datasets' own said neither the source nor what to do
             raise _mixed_columns_error(e, self.source, self.text_field) from e
+        except UnicodeDecodeError as e:  # pyarrow's json reader keeps such bytes; datasets decodes them strictly
+            raise ValueError(
+                f"data.source: the streamed dataset {self.source!r} holds text that is not UTF-8 ({e}), past the "
+                f"first {read} documents of epoch {epoch} of this process's stream: re-encode its files as UTF-8, or "
+                f"set data.streaming: false to read them memory-mapped, where such bytes read as U+FFFD") from e
 
     def _why_not_resumable(self, ds, epoch: int, resume: dict | None) -> str | None:
         """None when `resume` continues `ds` in `epoch` exactly, else why not (for the notice)."""
