@@ -399,6 +399,33 @@ def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
         assert sorted(got) == sorted(docs), streaming
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streaming-set"])
+def test_a_dataset_saved_with_save_to_disk_is_read_as_one_split(tok, tmp_path, streaming):
+    # datasets.load_dataset refuses a folder written by Dataset.save_to_disk ("Please use `load_from_disk` instead"),
+    # which no data config can do: such a folder is read with load_from_disk, memory-mapped, one split as local files
+    datasets = pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    from zoo.train import _shuffle_version
+
+    docs = [f"document {i} " + "é" * (i % 4) for i in range(60)]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"body": docs, "n": list(range(60))}).save_to_disk(str(folder))
+    cfg = DataConfig(source=str(folder), text_field="body", holdout=0.25, streaming=streaming, seq_len=16)
+    train = list(open_documents(cfg, "train").iter_docs(0, 0))
+    held = list(open_documents(cfg, "eval").iter_docs(0, 0))
+    assert held and not set(train) & set(held) and sorted(train + held) == sorted(docs)
+    shares = [list(open_documents(cfg, "train", rank, 2).iter_docs(0, 0)) for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(train) and not set(shares[0]) & set(shares[1])
+    row, _ = next(TextStream(cfg, tok).rows())
+    assert row["input_ids"].shape == (16,) and bytes(row["input_ids"][1:9].tolist()) == b"document"
+    assert _shuffle_version(cfg) is None, "read memory-mapped: no shuffle buffer's order to pin"
+    with pytest.raises(ValueError, match=r"^data\.eval_split: 'validation' .*a dataset saved with "
+                                         r"Dataset\.save_to_disk is one split"):
+        open_documents(DataConfig(source=str(folder), text_field="body", eval_split="validation"), "eval")
+    with pytest.raises(ValueError, match=r"^data\.text_field: the dataset has no column 'text'; its columns are "
+                                         r"\['body', 'n'\]"):
+        open_documents(DataConfig(source=str(folder)), "train")
+
+
 def test_a_streamed_source_with_mixed_columns_names_the_source_and_the_columns(tok, tmp_path):
     """A streamed dataset whose files have different columns ended the stream mid-run in datasets' bare CastError
     ("Couldn't cast ... because column names don't match"), naming neither the source nor the fix."""

@@ -202,7 +202,8 @@ class DataConfig:
     file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json``,
     ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
-    files inside; split, config_name and streaming apply).
+    files inside; split, config_name and streaming apply), or a folder written by ``Dataset.save_to_disk`` (read
+    with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
     config_name: the hub dataset's configuration. revision: the hub dataset's branch, tag or commit sha to read (None:
     its default branch, as it stands when the run opens it; a commit sha pins the data across a stop and a resume).
     split / eval_split: dataset splits for training and
@@ -513,6 +514,14 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     return list(unique.values()) or None
 
 
+def _saved_to_disk(source: str | list[str]) -> bool:
+    """Whether `source` is a local folder written by ``Dataset.save_to_disk`` (its state.json; one split, read
+    memory-mapped with ``datasets.load_from_disk``). A DatasetDict's folder is one of split folders, which
+    `datasets.load_dataset` reads as a local folder of data files."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    return folder is not None and os.path.isfile(os.path.join(folder, "state.json"))
+
+
 def _text_folder(source: str | list[str]) -> bool:
     """Whether `source` is a local folder whose data files are all .txt files, which `datasets.load_dataset` reads with
     its text builder (one line per document unless given another sample_by)."""
@@ -689,6 +698,13 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
+        streamed = False
+    elif _saved_to_disk(cfg.source):  # datasets.load_dataset refuses it ("use load_from_disk"), which no config can
+        _check_one_split(cfg, "a dataset saved with Dataset.save_to_disk is")
+        try:
+            dataset = datasets.load_from_disk(os.path.expanduser(cfg.source))
+        except (OSError, ValueError) as e:  # a folder whose arrow files are missing or unreadable
+            raise ValueError(f"data.source: cannot open {cfg.source!r}, a dataset saved with save_to_disk: {e}") from e
         streamed = False
     else:
         if cfg.revision is not None and isinstance(cfg.source, str) and os.path.isdir(os.path.expanduser(cfg.source)):
