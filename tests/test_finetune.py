@@ -618,6 +618,17 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
         read_jsonl(str(data))
 
 
+def test_a_jsonl_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    # a Latin-1 byte raised "'utf-8' codec can't decode byte 0xe9 in position 31", naming neither the file (one of a
+    # glob's) nor its line
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: not UTF-8 text \(invalid continuation byte: byte 0xe9\)"):
+        read_jsonl(str(tmp_path / "*.jsonl"))
+
+
 def test_a_jsonl_string_holding_a_unicode_line_separator_is_one_row(tmp_path):
     # str.splitlines broke a line at the U+2028, U+2029 or U+0085 that a JSON string may hold unescaped (json.dumps with
     # ensure_ascii=False writes them so), and the valid row was refused as "not a JSON object"

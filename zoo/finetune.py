@@ -742,7 +742,13 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
     for file in files:
         # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
         # JSON string holds unescaped (json.dumps(..., ensure_ascii=False) writes them so)
-        for lineno, line in enumerate(Path(file).read_text(encoding="utf-8").split("\n"), 1):
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # it said "'utf-8' codec can't decode byte 0xe9 in position 13", no file
+            lineno = Path(file).read_bytes()[:e.start].count(b"\n") + 1
+            raise ValueError(f"{file}:{lineno}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); a jsonl "
+                             f"file is UTF-8: re-encode it (e.g. from Latin-1)") from None
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
