@@ -360,6 +360,20 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
             TextStream(DataConfig(source=[named]), tok)
 
 
+def test_a_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
+    # a path is a glob too: 'shard[0].jsonl' matched 'shard0.jsonl' only (read in its place without a word, or, with no
+    # such file, refused as matching nothing), and datasets, which reads data_files as globs, read no records from it
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    named, other = tmp_path / "shard[0].jsonl", tmp_path / "shard0.jsonl"
+    named.write_text("".join(json.dumps({"text": f"named {i}"}) + "\n" for i in range(4)))
+    other.write_text(json.dumps({"text": "the other file"}) + "\n")
+    for source in (str(named), [str(named)]):
+        docs = list(open_documents(DataConfig(source=source, holdout=0, shuffle=False), "train").iter_docs(0, 0))
+        assert docs == [f"named {i}" for i in range(4)], source
+    both = open_documents(DataConfig(source=str(tmp_path / "*.jsonl"), holdout=0, shuffle=False), "train")
+    assert sorted(both.iter_docs(0, 0)) == sorted([f"named {i}" for i in range(4)] + ["the other file"])
+
+
 def test_a_file_named_twice_in_the_source_is_read_once(tok, tmp_path, monkeypatch, letter_docs):
     # the file list was deduplicated by spelling: the same file as an absolute and a relative path (or through a
     # symlink, or by two globs spelled differently) was read twice, so every document of it was trained on twice

@@ -735,7 +735,9 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
-    files = sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
+    # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
+    files = sorted({f for p in map(os.path.expanduser, patterns)
+                    for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
     if not files:
         raise ValueError(f"{field}: no file matches {source!r}")
     rows = []

@@ -501,7 +501,9 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     files: list[str] = []
     for pattern in patterns:
         path = os.path.expanduser(pattern)
-        matches = [m for m in sorted(glob.glob(path, recursive=True)) if os.path.isfile(m)]
+        # a file named as it is, though its name holds glob characters ('shard[0].jsonl' matched 'shard0.jsonl' only)
+        matches = [path] if os.path.isfile(path) else [m for m in sorted(glob.glob(path, recursive=True))
+                                                       if os.path.isfile(m)]
         if not matches and (not isinstance(source, str) or (_looks_local(pattern) and not os.path.isdir(path))):
             listed = "" if isinstance(source, str) else \
                 "; a hub dataset, a local folder or 'stdlib' is given as one string, not in a list"
@@ -687,7 +689,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         if all(os.path.getsize(f) == 0 for f in local):  # datasets 3.0 and 4 report empty files differently
             raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")
         try:
-            dataset = datasets.load_dataset(builder, data_files=local, split="train", **extra)
+            # datasets reads data_files as globs too: a name's own glob characters are escaped for it
+            dataset = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in local], split="train",
+                                            **extra)
         except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:  # empty or malformed files
             from datasets.table import CastError
 
