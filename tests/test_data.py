@@ -129,6 +129,55 @@ def test_packed_rows_never_mix_documents(tok, letter_docs):
     assert np.array_equal(got, expected[:len(got)])
 
 
+@pytest.mark.parametrize("packing,chunk_len", [(True, None), (True, 3), (False, None)],
+                         ids=["packed", "packed-chunks", "unpacked"])
+@pytest.mark.parametrize("bos,eos", [(True, True), (False, False)], ids=["wrapped", "bare"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_every_token_of_an_epoch_comes_out_once_and_only_text_is_scored(tok, tmp_path, packing, chunk_len, bos, eos,
+                                                                        world_size):
+    """An independent count: the tokens of each process's documents (empty ones, one longer than three rows, UTF-8
+    of several widths among them), epoch after epoch in its own order, are the real tokens of its rows in order, none
+    lost or doubled at a row or epoch boundary; unpacked rows end each epoch exactly. Every label is its token but at
+    a document's first token, a pad or a chunk filler; seq_idx and position_ids restart at every document."""
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    rng = np.random.default_rng(5)
+    docs = ["".join(rng.choice(list("ab é€🙂\n"), size=int(rng.integers(0, 30)))) for _ in range(37)]
+    docs[4], docs[9], docs[20] = "", "long " * 12, "🙂"
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    L = 16
+    cfg = DataConfig(source=str(path), seq_len=L, holdout=0.0, packing=packing, add_bos=bos, add_eos=eos, seed=9)
+    wrap = ([tok.bos_token_id] if bos else [], [tok.eos_token_id] if eos else [])
+    every = []
+    for rank in range(world_size):
+        share = open_documents(cfg, "train", rank, world_size)
+        expected = [[t for d in share.iter_docs(epoch, 0) if d for t in wrap[0] + list(d.encode()) + wrap[1]]
+                    for epoch in range(3)]
+        assert expected[0] != expected[1], "reshuffled per epoch"
+        out: list[int] = []
+        per_epoch = [0, 0, 0]
+        for row, state in TextStream(cfg, tok, rank=rank, world_size=world_size, chunk_len=chunk_len).rows():
+            if state.epoch == 2:
+                break
+            ids, labels = row["input_ids"], row["labels"]
+            real = row.get("attention_mask", np.ones(L, dtype=np.int64)).astype(bool)
+            filler = real & (ids == tok.pad_token_id)  # chunk fillers: the byte tokenizer's text holds no pad
+            assert bool(filler.any()) <= (chunk_len is not None)
+            starts = {a for a, _ in _segments(row)}
+            for i in range(L):
+                scored = real[i] and not filler[i] and i not in starts
+                assert labels[i] == (ids[i] if scored else IGNORE_INDEX), (i, ids.tolist(), labels.tolist())
+            kept = ids[real & ~filler].tolist()
+            out += kept
+            per_epoch[state.epoch] += len(kept)
+        assert out == (expected[0] + expected[1] + expected[2])[:len(out)]
+        assert len(out) >= len(expected[0]) + len(expected[1]) - L, "every token of two epochs came out"
+        if not packing:  # a document never shares a row, so an epoch ends with a row
+            assert per_epoch[:2] == [len(expected[0]), len(expected[1])]
+        every += list(share.iter_docs(0, 0))
+    assert sorted(every) == sorted(docs), "the processes' shares are the documents, each once"
+
+
 def test_chunk_boundaries_never_start_a_document(tok):
     cfg = DataConfig(seq_len=256, holdout=0.01)
     stream = TextStream(cfg, tok, chunk_len=32)
