@@ -129,6 +129,55 @@ def test_packed_rows_never_mix_documents(tok, letter_docs):
     assert np.array_equal(got, expected[:len(got)])
 
 
+@pytest.mark.parametrize("packing,chunk_len", [(True, None), (True, 3), (False, None)],
+                         ids=["packed", "packed-chunks", "unpacked"])
+@pytest.mark.parametrize("bos,eos", [(True, True), (False, False)], ids=["wrapped", "bare"])
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_every_token_of_an_epoch_comes_out_once_and_only_text_is_scored(tok, tmp_path, packing, chunk_len, bos, eos,
+                                                                        world_size):
+    """An independent count: the tokens of each process's documents (empty ones, one longer than three rows, UTF-8
+    of several widths among them), epoch after epoch in its own order, are the real tokens of its rows in order, none
+    lost or doubled at a row or epoch boundary; unpacked rows end each epoch exactly. Every label is its token but at
+    a document's first token, a pad or a chunk filler; seq_idx and position_ids restart at every document."""
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    rng = np.random.default_rng(5)
+    docs = ["".join(rng.choice(list("ab é€🙂\n"), size=int(rng.integers(0, 30)))) for _ in range(37)]
+    docs[4], docs[9], docs[20] = "", "long " * 12, "🙂"
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    L = 16
+    cfg = DataConfig(source=str(path), seq_len=L, holdout=0.0, packing=packing, add_bos=bos, add_eos=eos, seed=9)
+    wrap = ([tok.bos_token_id] if bos else [], [tok.eos_token_id] if eos else [])
+    every = []
+    for rank in range(world_size):
+        share = open_documents(cfg, "train", rank, world_size)
+        expected = [[t for d in share.iter_docs(epoch, 0) if d for t in wrap[0] + list(d.encode()) + wrap[1]]
+                    for epoch in range(3)]
+        assert expected[0] != expected[1], "reshuffled per epoch"
+        out: list[int] = []
+        per_epoch = [0, 0, 0]
+        for row, state in TextStream(cfg, tok, rank=rank, world_size=world_size, chunk_len=chunk_len).rows():
+            if state.epoch == 2:
+                break
+            ids, labels = row["input_ids"], row["labels"]
+            real = row.get("attention_mask", np.ones(L, dtype=np.int64)).astype(bool)
+            filler = real & (ids == tok.pad_token_id)  # chunk fillers: the byte tokenizer's text holds no pad
+            assert bool(filler.any()) <= (chunk_len is not None)
+            starts = {a for a, _ in _segments(row)}
+            for i in range(L):
+                scored = real[i] and not filler[i] and i not in starts
+                assert labels[i] == (ids[i] if scored else IGNORE_INDEX), (i, ids.tolist(), labels.tolist())
+            kept = ids[real & ~filler].tolist()
+            out += kept
+            per_epoch[state.epoch] += len(kept)
+        assert out == (expected[0] + expected[1] + expected[2])[:len(out)]
+        assert len(out) >= len(expected[0]) + len(expected[1]) - L, "every token of two epochs came out"
+        if not packing:  # a document never shares a row, so an epoch ends with a row
+            assert per_epoch[:2] == [len(expected[0]), len(expected[1])]
+        every += list(share.iter_docs(0, 0))
+    assert sorted(every) == sorted(docs), "the processes' shares are the documents, each once"
+
+
 def test_chunk_boundaries_never_start_a_document(tok):
     cfg = DataConfig(seq_len=256, holdout=0.01)
     stream = TextStream(cfg, tok, chunk_len=32)
@@ -311,6 +360,41 @@ def test_a_jsonl_document_that_is_not_utf8_reads_with_replacement_characters(tok
     assert bytes(rows[1][:8]) == "caf\ufffd a".encode()
 
 
+@pytest.mark.parametrize("how", ["file", "folder", "streamed folder"])
+def test_a_txt_file_that_is_not_utf8_reads_with_replacement_characters(tok, tmp_path, how):
+    # datasets' text builder decodes strictly: a .txt file with one Latin-1 byte failed to load as a whole, and a
+    # streamed folder holding it ended mid-run in a bare UnicodeDecodeError when the stream reached the file
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes(b"fine\n")
+    (folder / "b.txt").write_bytes(b"caf\xe9 au lait\nok\n")
+    source = str(folder / "*.txt") if how == "file" else str(folder)
+    cfg = DataConfig(source=source, holdout=0, shuffle=False, sample_by="line", streaming=how == "streamed folder",
+                     seq_len=8, packing=False, add_bos=False)
+    docs = [d for d in open_documents(cfg, "train").iter_docs(0, 0) if d]
+    assert docs == ["fine", "caf\ufffd au lait", "ok"]
+    rows = [row["input_ids"].tolist() for row, _ in itertools.islice(TextStream(cfg, tok).rows(), 3)]
+    assert bytes(rows[1]) == "caf\ufffd a".encode()
+
+
+@pytest.mark.parametrize("holdout", [0.0, 0.5])
+def test_a_streamed_jsonl_document_that_is_not_utf8_names_the_source_and_the_way_out(tok, tmp_path, holdout):
+    # pyarrow's json reader keeps the bytes, and the stream ended mid-run in a bare UnicodeDecodeError (naming neither
+    # the source nor what to do); memory-mapped, the same files read with U+FFFD
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "part.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9 au lait"}\n')
+    cfg = DataConfig(source=str(folder), holdout=holdout, shuffle=False, seq_len=8)
+    with pytest.raises(ValueError, match=rf"^data\.source: the streamed dataset '{re.escape(str(folder))}' holds text "
+                                         r"that is not UTF-8 .*data\.streaming: false"):
+        list(itertools.islice(TextStream(cfg, tok).rows(), 4))
+    cfg.streaming = False
+    read = [d for split in ("train", "eval")[:1 + (holdout > 0)] for d in open_documents(cfg, split).iter_docs(0, 0)]
+    assert sorted(read) == ["caf\ufffd au lait", "fine"]
+
+
 def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path, letter_docs):
     source, _ = letter_docs
     for missing in (str(tmp_path / "missing.txt"), str(tmp_path / "*.parquet"), "./missing.jsonl"):
@@ -323,6 +407,20 @@ def test_local_path_matching_no_file_is_named_not_tried_on_the_hub(tok, tmp_path
         with pytest.raises(ValueError, match=rf"data\.source: no file matches '{re.escape(named)}'; .*a hub dataset, "
                                              r"a local folder or 'stdlib' is given as one string, not in a list"):
             TextStream(DataConfig(source=[named]), tok)
+
+
+def test_a_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
+    # a path is a glob too: 'shard[0].jsonl' matched 'shard0.jsonl' only (read in its place without a word, or, with no
+    # such file, refused as matching nothing), and datasets, which reads data_files as globs, read no records from it
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    named, other = tmp_path / "shard[0].jsonl", tmp_path / "shard0.jsonl"
+    named.write_text("".join(json.dumps({"text": f"named {i}"}) + "\n" for i in range(4)))
+    other.write_text(json.dumps({"text": "the other file"}) + "\n")
+    for source in (str(named), [str(named)]):
+        docs = list(open_documents(DataConfig(source=source, holdout=0, shuffle=False), "train").iter_docs(0, 0))
+        assert docs == [f"named {i}" for i in range(4)], source
+    both = open_documents(DataConfig(source=str(tmp_path / "*.jsonl"), holdout=0, shuffle=False), "train")
+    assert sorted(both.iter_docs(0, 0)) == sorted([f"named {i}" for i in range(4)] + ["the other file"])
 
 
 def test_a_file_named_twice_in_the_source_is_read_once(tok, tmp_path, monkeypatch, letter_docs):
@@ -362,6 +460,33 @@ def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
         got = list(open_documents(DataConfig(source=str(folder), holdout=0, shuffle=False, streaming=streaming),
                                   "train").iter_docs(0, 0))
         assert sorted(got) == sorted(docs), streaming
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streaming-set"])
+def test_a_dataset_saved_with_save_to_disk_is_read_as_one_split(tok, tmp_path, streaming):
+    # datasets.load_dataset refuses a folder written by Dataset.save_to_disk ("Please use `load_from_disk` instead"),
+    # which no data config can do: such a folder is read with load_from_disk, memory-mapped, one split as local files
+    datasets = pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    from zoo.train import _shuffle_version
+
+    docs = [f"document {i} " + "é" * (i % 4) for i in range(60)]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"body": docs, "n": list(range(60))}).save_to_disk(str(folder))
+    cfg = DataConfig(source=str(folder), text_field="body", holdout=0.25, streaming=streaming, seq_len=16)
+    train = list(open_documents(cfg, "train").iter_docs(0, 0))
+    held = list(open_documents(cfg, "eval").iter_docs(0, 0))
+    assert held and not set(train) & set(held) and sorted(train + held) == sorted(docs)
+    shares = [list(open_documents(cfg, "train", rank, 2).iter_docs(0, 0)) for rank in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(train) and not set(shares[0]) & set(shares[1])
+    row, _ = next(TextStream(cfg, tok).rows())
+    assert row["input_ids"].shape == (16,) and bytes(row["input_ids"][1:9].tolist()) == b"document"
+    assert _shuffle_version(cfg) is None, "read memory-mapped: no shuffle buffer's order to pin"
+    with pytest.raises(ValueError, match=r"^data\.eval_split: 'validation' .*a dataset saved with "
+                                         r"Dataset\.save_to_disk is one split"):
+        open_documents(DataConfig(source=str(folder), text_field="body", eval_split="validation"), "eval")
+    with pytest.raises(ValueError, match=r"^data\.text_field: the dataset has no column 'text'; its columns are "
+                                         r"\['body', 'n'\]"):
+        open_documents(DataConfig(source=str(folder)), "train")
 
 
 def test_a_streamed_source_with_mixed_columns_names_the_source_and_the_columns(tok, tmp_path):

@@ -661,6 +661,27 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
         read_jsonl(str(data))
 
 
+def test_a_jsonl_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    # a Latin-1 byte raised "'utf-8' codec can't decode byte 0xe9 in position 31", naming neither the file (one of a
+    # glob's) nor its line
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl:3: not UTF-8 text \(invalid continuation byte: byte 0xe9\)"):
+        read_jsonl(str(tmp_path / "*.jsonl"))
+
+
+def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
+    # a path is a glob too: 'rows[0].jsonl' matched 'rows0.jsonl' only, whose rows were trained on in its place
+    from zoo.finetune import read_jsonl
+
+    (tmp_path / "rows[0].jsonl").write_text(json.dumps({"text": "named"}) + "\n")
+    (tmp_path / "rows0.jsonl").write_text(json.dumps({"text": "the other file"}) + "\n")
+    assert read_jsonl(str(tmp_path / "rows[0].jsonl")) == [{"text": "named"}]
+    assert len(read_jsonl(str(tmp_path / "*.jsonl"))) == 2
+
+
 def test_a_jsonl_string_holding_a_unicode_line_separator_is_one_row(tmp_path):
     # str.splitlines broke a line at the U+2028, U+2029 or U+0085 that a JSON string may hold unescaped (json.dumps with
     # ensure_ascii=False writes them so), and the valid row was refused as "not a JSON object"

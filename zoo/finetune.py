@@ -745,7 +745,9 @@ def _jsonl_files(source: str | list[str]) -> list[str]:
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
-    return sorted({f for p in patterns for f in glob.glob(str(Path(p).expanduser()), recursive=True)})
+    # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
+    return sorted({f for p in map(os.path.expanduser, patterns)
+                   for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
 
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
@@ -758,7 +760,13 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
     for file in files:
         # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
         # JSON string holds unescaped (json.dumps(..., ensure_ascii=False) writes them so)
-        for lineno, line in enumerate(Path(file).read_text(encoding="utf-8").split("\n"), 1):
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:  # it said "'utf-8' codec can't decode byte 0xe9 in position 13", no file
+            lineno = Path(file).read_bytes()[:e.start].count(b"\n") + 1
+            raise ValueError(f"{file}:{lineno}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); a jsonl "
+                             f"file is UTF-8: re-encode it (e.g. from Latin-1)") from None
+        for lineno, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -606,13 +606,13 @@ def _shuffle_version(data) -> str | None:
     """The installed `datasets` version when training reads a shuffled stream (a hub dataset or local folder with
     data.streaming; local files are indexed), else None: such a stream's order is datasets' shuffle buffer's, which
     draws differently across its versions (3.0 and 5.2 do)."""
-    from zoo.data.text import _import_datasets, _local_files
+    from zoo.data.text import _import_datasets, _local_files, _saved_to_disk
 
     try:
         local = _local_files(data.source) if data.source != "stdlib" else []
     except ValueError:  # the stream refuses it when it is built
         return None
-    if not (data.shuffle and data.streaming and local is None):
+    if not (data.shuffle and data.streaming and local is None) or _saved_to_disk(data.source):  # (that one: indexed)
         return None
     return _import_datasets(data.source).__version__
 

@@ -12,7 +12,8 @@ packed into rows of ``seq_len`` tokens. Each row carries
 so no mixer, convolution or attention crosses a document boundary, and ``labels`` is -100 at the first
 token of every document after the first, the one target that would be predicted across a boundary.
 With ``packing: false`` a row holds one piece of one document, right-padded, with an ``attention_mask``.
-Bytes that are not UTF-8 in a built-in corpus file or a memory-mapped document read as U+FFFD.
+Bytes that are not UTF-8 in a built-in corpus file, a local .txt file or a memory-mapped document read as
+U+FFFD.
 
 Everything is deterministic: a rank's document order is a function of (seed, epoch, rank, world size),
 and an iterator's position is a small dict (epoch, document, token offset; for an unshuffled streamed dataset
@@ -201,7 +202,8 @@ class DataConfig:
     file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json``,
     ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
-    files inside; split, config_name and streaming apply).
+    files inside; split, config_name and streaming apply), or a folder written by ``Dataset.save_to_disk`` (read
+    with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
     config_name: the hub dataset's configuration. revision: the hub dataset's branch, tag or commit sha to read (None:
     its default branch, as it stands when the run opens it; a commit sha pins the data across a stop and a resume).
     split / eval_split: dataset splits for training and
@@ -352,6 +354,7 @@ class _StreamedDocs:
             else:
                 warnings.warn(f"data: resuming the stream of {self.source!r} at document {start} of epoch {epoch} "
                               f"re-reads and skips {start} documents: {why}", stacklevel=2)
+        read = start - skip  # documents of this epoch read so far (those before a loaded position too)
         examples = iter(ds)
         try:
             try:
@@ -364,6 +367,7 @@ class _StreamedDocs:
             before = resume if skip == 0 and start > 0 else None
             for example in itertools.chain([first], examples):
                 after = ds.state_dict() if track else None  # the position after this example
+                read += 1
                 if skip:
                     skip -= 1
                 else:
@@ -371,6 +375,11 @@ class _StreamedDocs:
                 before = after
         except CastError as e:  # datasets' own said neither the source nor what to do
             raise _mixed_columns_error(e, self.source, self.text_field) from e
+        except UnicodeDecodeError as e:  # pyarrow's json reader keeps such bytes; datasets decodes them strictly
+            raise ValueError(
+                f"data.source: the streamed dataset {self.source!r} holds text that is not UTF-8 ({e}), past the "
+                f"first {read} documents of epoch {epoch} of this process's stream: re-encode its files as UTF-8, or "
+                f"set data.streaming: false to read them memory-mapped, where such bytes read as U+FFFD") from e
 
     def _why_not_resumable(self, ds, epoch: int, resume: dict | None) -> str | None:
         """None when `resume` continues `ds` in `epoch` exactly, else why not (for the notice)."""
@@ -492,7 +501,9 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     files: list[str] = []
     for pattern in patterns:
         path = os.path.expanduser(pattern)
-        matches = [m for m in sorted(glob.glob(path, recursive=True)) if os.path.isfile(m)]
+        # a file named as it is, though its name holds glob characters ('shard[0].jsonl' matched 'shard0.jsonl' only)
+        matches = [path] if os.path.isfile(path) else [m for m in sorted(glob.glob(path, recursive=True))
+                                                       if os.path.isfile(m)]
         if not matches and (not isinstance(source, str) or (_looks_local(pattern) and not os.path.isdir(path))):
             listed = "" if isinstance(source, str) else \
                 "; a hub dataset, a local folder or 'stdlib' is given as one string, not in a list"
@@ -503,6 +514,14 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     for f in sorted(set(files)):
         unique.setdefault(os.path.realpath(f), f)
     return list(unique.values()) or None
+
+
+def _saved_to_disk(source: str | list[str]) -> bool:
+    """Whether `source` is a local folder written by ``Dataset.save_to_disk`` (its state.json; one split, read
+    memory-mapped with ``datasets.load_from_disk``). A DatasetDict's folder is one of split folders, which
+    `datasets.load_dataset` reads as a local folder of data files."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    return folder is not None and os.path.isfile(os.path.join(folder, "state.json"))
 
 
 def _text_folder(source: str | list[str]) -> bool:
@@ -664,12 +683,15 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         if builder != "text" and cfg.sample_by != "document":
             raise ValueError(f"data.sample_by: {cfg.sample_by!r} splits .txt files; {builder} files hold one "
                              f"document per record (leave sample_by at 'document')")
-        extra = {"sample_by": cfg.sample_by} if builder == "text" else {}
+        # a .txt file with a byte that is not UTF-8 (a Latin-1 file) failed to load as a whole
+        extra = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
         named = local if len(local) > 1 else local[0]
         if all(os.path.getsize(f) == 0 for f in local):  # datasets 3.0 and 4 report empty files differently
             raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")
         try:
-            dataset = datasets.load_dataset(builder, data_files=local, split="train", **extra)
+            # datasets reads data_files as globs too: a name's own glob characters are escaped for it
+            dataset = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in local], split="train",
+                                            **extra)
         except (StopIteration, datasets.exceptions.DatasetGenerationError) as e:  # empty or malformed files
             from datasets.table import CastError
 
@@ -681,6 +703,13 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
         streamed = False
+    elif _saved_to_disk(cfg.source):  # datasets.load_dataset refuses it ("use load_from_disk"), which no config can
+        _check_one_split(cfg, "a dataset saved with Dataset.save_to_disk is")
+        try:
+            dataset = datasets.load_from_disk(os.path.expanduser(cfg.source))
+        except (OSError, ValueError) as e:  # a folder whose arrow files are missing or unreadable
+            raise ValueError(f"data.source: cannot open {cfg.source!r}, a dataset saved with save_to_disk: {e}") from e
+        streamed = False
     else:
         if cfg.revision is not None and isinstance(cfg.source, str) and os.path.isdir(os.path.expanduser(cfg.source)):
             raise ValueError(f"data.revision: {cfg.revision!r} names a hub dataset's branch, tag or commit; a local "
@@ -689,9 +718,10 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         # a stream tells no commit: ask the hub which one the revision is at, and read that one
         hub_stream = cfg.streaming and not os.path.isdir(os.path.expanduser(cfg.source))
         commit, unknown = _hub_head(cfg.source, cfg.revision) if hub_stream else (None, None)
-        extra = {}
+        # (not UTF-8: a streamed one ended mid-run in a bare UnicodeDecodeError as it reached the file)
+        extra: dict[str, Any] = {"encoding_errors": "replace"} if text_folder else {}
         if text_folder and cfg.sample_by != "document":
-            extra = {"sample_by": cfg.sample_by}
+            extra["sample_by"] = cfg.sample_by
         elif text_folder:  # (taking it as "document" now would change the documents of a run resumed on the folder)
             warnings.warn(f"data.source: {cfg.source!r} is a folder of .txt files, which datasets' folder loader reads "
                           f"one line per document (its text builder's default), not one file per document as "
