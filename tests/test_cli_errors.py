@@ -795,3 +795,29 @@ def test_generate_prints_the_texts_whatever_the_checkpoints_return_dict_in_gener
     folder = _with_generation_config(tiny_folder, tmp_path, return_dict_in_generate=True, output_scores=True)
     cli.main(["generate", str(folder), *argv])
     assert capsys.readouterr().out == expected
+
+
+def test_demo_logs_the_cross_entropy_of_its_moe_model_not_the_objective(tmp_path):
+    """The demo's Jamba-style model is an MoE: its out.loss adds moe.aux_loss_coef times the load-balancing loss. The
+    printed and returned losses are the cross entropy alone, as zoo train's metrics.csv logs it (with a large coef the
+    objective sat far above it)."""
+    import yaml
+
+    from zoo import demo
+    from zoo.config import ZooConfig
+    from zoo.data.synthetic import mqar_batch
+
+    spec = yaml.safe_load((ROOT / "configs" / "models" / "jamba-tiny.yaml").read_text())
+    spec["moe"]["aux_loss_coef"] = 50.0
+    path = tmp_path / "moe.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    result = demo.main(["--config", str(path), "--steps", "1", "--batch-size", "4", "--seq-len", "32"])
+    # the first step's cross entropy, on the demo's own model and first batch (same seed)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path)).train()
+    batch = mqar_batch(4, generator=torch.Generator().manual_seed(0), seq_len=32, n_kv=4,
+                       vocab_size=model.config.vocab_size)
+    out = model(**batch)
+    ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
+    assert out.loss.item() > ce.item() + 1e-3  # the objective's aux part is there to be left out
+    assert abs(result["first_loss"] - ce.item()) < 1e-5

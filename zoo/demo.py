@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run(args) -> dict:
+    from zoo.train import _aux_part
+
     torch.manual_seed(args.seed)
     config = ZooConfig.from_yaml(args.config)
     model = AutoModelForCausalLM.from_config(config)
@@ -68,16 +70,18 @@ def _run(args) -> dict:
     bar = tqdm(range(args.steps), desc=f"demo: {Path(args.config).stem} on MQAR", dynamic_ncols=True)
     for step in bar:
         batch = mqar_batch(args.batch_size, generator=gen, **task)
-        loss = model(**batch).loss
-        loss.backward()
+        out = model(**batch)
+        out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        # the cross entropy alone: an MoE model's (the default Jamba-style's) loss adds coef · its load-balancing loss
+        aux = _aux_part(model, out, 1)
+        losses.append((out.loss.detach() - aux if aux is not None else out.loss).item())
         if step % 25 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            tqdm.write(f"step {step:4d}  loss {loss.item():.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            tqdm.write(f"step {step:4d}  loss {losses[-1]:.4f}")
     model.eval()
     end_acc = recall_accuracy(model, held_out)
     window = max(1, min(20, len(losses) // 2))  # the first and last steps' mean loss, windows apart when they can be
