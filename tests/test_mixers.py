@@ -93,6 +93,26 @@ def test_pads_after_tokens_are_skipped(name):
     _check_pads_after_tokens(build(name), torch.float64, "cpu", TOL)
 
 
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_pads_after_tokens_need_no_position_ids(name):
+    """A mixer used alone (no ZooModel to count positions) with an attention_mask and no position_ids: a pad after
+    tokens is no position, in one call and through a cache, so each row's tokens get the outputs of the row alone.
+    Attention counted the pads (past length + arange): the tokens after them met the earlier keys at RoPE distances
+    longer by the pads (10% off)."""
+    mixer = build(name)
+    x = torch.randn(2, 15, D_MODEL, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 5 + [0] * 3 + [1] * 7, [0] * 2 + [1] * 3 + [0] + [1] * 9])
+    whole = run(mixer, x, attention_mask=mask)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    chunks = torch.cat([run(mixer, x[:, a:b], cache, attention_mask=mask[:, :b])
+                        for a, b in ((0, 6), (6, 13), (13, 14), (14, 15))], 1)
+    for r in range(2):
+        keep = mask[r].bool()
+        alone = run(mixer, x[r:r + 1, keep])
+        assert_close(f"row {r}", whole[r:r + 1, keep], alone, TOL)
+        assert_close(f"row {r} in chunks", chunks[r:r + 1, keep], alone, TOL)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("name", ["mamba", "mamba2", "mamba2-grouped", "gla"])

@@ -175,6 +175,21 @@ class Attention(nn.Module):
         """x: [B, T, H, Dh]; position_ids: [B, T]. Identity when the mixer was built with rope=False."""
         return self.apply_rope(x, self.rope_tables(position_ids))
 
+    @staticmethod
+    def default_positions(attention_mask: torch.Tensor | None, past: int, T: int, batch: int, device) -> torch.Tensor:
+        """position_ids [B, T] of a call without them: past + arange, less the pads after each row's first token that
+        attention_mask [B, <= past + T] (its last columns) shows. Counting a pad between tokens (PEFT prompt tuning's
+        [virtual tokens, pads, prompt]) as a position put the tokens after it at RoPE distances longer by the pads,
+        so the row's outputs were not those of the row alone; left pads shift every token alike, which RoPE ignores.
+        Pass the mask of every position so far (as check_mask_covers_keys asks): pads before a shorter mask's first
+        column are not seen, so keys placed after them in an earlier call end up further from the new tokens."""
+        positions = torch.arange(past, past + T, device=device).expand(batch, T)
+        if attention_mask is None or T == 0:
+            return positions
+        mask = attention_mask[:, -(past + T):].bool()  # (B, L <= past + T): the last L positions
+        inner_pads = (~mask & (mask.long().cumsum(-1) > 0)).long().cumsum(-1)  # pads after a first token, so far
+        return positions - last_columns(inner_pads, T)
+
     def _cached_seq_idx(self, cache, seq_idx: torch.Tensor, n_keys: int) -> torch.Tensor:
         """Document ids of all n_keys visible keys; the cache keeps those of its cached keys alongside them."""
         past = getattr(cache, "kv_seq_idx", None)
@@ -221,14 +236,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, cache=None, seq_idx: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, T, d_model] -> [B, T, d_model]. position_ids [B, T] (default: past length + arange)."""
+        """x: [B, T, d_model] -> [B, T, d_model]. position_ids [B, T] (default: past length + arange, less the pads
+        after a row's first token in attention_mask: a pad between tokens is no position)."""
         if isinstance(cache, StaticKVLayer):
             return self._static_step(x, cache, seq_idx, position_ids, attention_mask)
         Bsz, T, _ = x.shape
         past = cache.get_seq_length() if cache is not None else 0
         self.check_mask_covers_keys(cache, attention_mask, T)  # before the cache grows
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device).expand(Bsz, T)
+            position_ids = self.default_positions(attention_mask, past, T, Bsz, x.device)
         tables = self.rope_tables(position_ids)
         q = self.apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), tables)  # (B, T, H, Dh)
         k = self.apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), tables)
