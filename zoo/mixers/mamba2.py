@@ -35,8 +35,9 @@ class Mamba2(nn.Module):
 
     Args: d_model; d_state N (128); d_conv (4); expand (2); head_dim P (64): n_heads = expand·d_model / P;
     n_groups G of B/C (1); A_init_range ((1, 16)); dt_min/dt_max/dt_init_floor; chunk_size (256);
-    conv_bias (True); bias (False); norm_groups: groups of the gated RMSNorm (None: n_groups, as mamba_ssm;
-    1: one group over d_inner, as transformers' Mamba2); scan_backend ("auto" | "triton" | "ref").
+    conv_bias (True); bias (False); norm_groups: groups of the gated RMSNorm (None: n_groups, as mamba_ssm and
+    transformers' Mamba2 since 5.2x; 1: one group over d_inner, as transformers' Mamba2 before:
+    zoo.convert.hf_mamba2_norm_groups tells the installed one's); scan_backend ("auto" | "triton" | "ref").
     """
 
     lora_targets = ("in_proj", "out_proj")
