@@ -92,6 +92,10 @@ class GLA(nn.Module):
     def state_size(self, seq_len: int) -> int:
         return self.n_heads * self.head_k * self.head_v
 
+    def recurrent_state_size(self, seq_len: int) -> int:
+        """The floats of state_size that decode_state_dtype "model" keeps in the model's dtype: all (no conv)."""
+        return self.state_size(seq_len)
+
     def backend_name(self) -> str:
         return backends.resolve("gla", self.scan_backend, self.o_proj.weight.device)
 
