@@ -945,6 +945,18 @@ def test_budget_matching_keeps_a_moe_model_without_a_dense_ffn_so(ffn):
     assert abs(info["error"]) <= 0.02 and info["params"] == instantiated_params(ZooConfig(**matched))
 
 
+@pytest.mark.parametrize("hidden, budget, step", [(40, 150_000, 8), (40, 400_000, 8), (100, 1_000_000, 8),
+                                                  (48, 300_000, 16), (100, 400_000, 16)])
+def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, budget, step):
+    """An explicit MoE hidden size scaled by the ffn's ratio was rounded to 1, not to budget.adjust_multiple_of as the
+    ffn's hidden size is: jamba-tiny's experts of 40 came out 14 wide at 150K parameters (35 at 400K). It is a multiple
+    of the step, the one below or above the ffn's ratio, and the ffn's width lands the count within the tolerance."""
+    fields = fields_of("jamba-tiny", vocab_size=260, moe={"every": 2, "n_experts": 3, "top_k": 1, "hidden": hidden})
+    matched, info = match_budget(fields, budget, adjust_multiple_of=step)
+    assert matched["moe"]["hidden"] % step == 0 and matched["ffn"]["hidden"] % step == 0, matched
+    assert abs(info["error"]) <= 0.02 and info["params"] == instantiated_params(ZooConfig(**matched))
+
+
 @pytest.mark.parametrize("section, message", [
     ({"eval": {"passkey": {"n_samples": 0}}}, r"eval.passkey.n_samples: must be >= 1, got 0"),
     ({"eval": {"passkey": {"lengths": []}}}, r"eval.passkey: lengths and depths need at least one value"),

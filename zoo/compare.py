@@ -37,7 +37,8 @@ recurrent state size) and ``length.png`` (per-position loss), with the backend e
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
 number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
 size scales with d_model); then one width is adjusted, within half to twice its base, so the count lands within
-``tolerance`` of the budget: the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of the
+``tolerance`` of the budget: the SwiGLU/MoE hidden size when the model has an ffn (an explicit MoE hidden size beside a
+SwiGLU follows its ratio to a multiple of ``adjust_multiple_of``, the one below or above), else the ``expand`` of the
 Mamba / Mamba-2 mixers of its ``mixers`` (a list of layers keeps its widths).
 Among the candidates inside the tolerance the one whose adjusted width departs least from the base
 proportions wins. ``count: total`` counts every parameter (tied embeddings once); ``non_embedding`` leaves
@@ -538,9 +539,10 @@ def _ffn_hidden(fields: dict, config: ZooConfig) -> int:
     return int(config.ffn_spec().get("hidden") or config.moe_spec()["hidden"])
 
 
-def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int) -> dict:
-    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio; without a dense
-    ffn, `ffn: null` or none, the experts' hidden size is the one set)."""
+def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int, step: int, moe_hidden: int | None = None) -> dict:
+    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio, to the nearest
+    multiple of `step` as the ffn's, or is `moe_hidden` where given; without a dense ffn, `ffn: null` or none, the
+    experts' hidden size is the one set)."""
     out = copy.deepcopy(fields)
     ffn = out.get("ffn", "swiglu")  # left out: the default SwiGLU; null: none
     dense = ffn == "swiglu" or (isinstance(ffn, dict) and ffn.get("type", "swiglu") == "swiglu")
@@ -548,7 +550,7 @@ def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int) -> dict:
         out["ffn"] = dict(ffn if isinstance(ffn, dict) else {"type": "swiglu"}, hidden=hidden)
     if isinstance(out.get("moe"), dict):
         if out["moe"].get("hidden"):
-            out["moe"]["hidden"] = max(1, round(out["moe"]["hidden"] * hidden / base_hidden))
+            out["moe"]["hidden"] = moe_hidden or _round_to(out["moe"]["hidden"] * hidden / base_hidden, step)
         elif not dense:  # the experts' default hidden size is the ffn's, and there is none
             out["moe"]["hidden"] = hidden
     return out
@@ -664,12 +666,28 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
         if what == "ffn":
             h0 = _ffn_hidden(primary, config)
             step = adjust_multiple_of
-            probe = _try_config(_with_ffn_hidden(primary, h0 + 16 * step, h0))
+            probe = _try_config(_with_ffn_hidden(primary, h0 + 16 * step, h0, step))
             slope = (_count(probe, count) - n_nominal) / (16 * step) if probe is not None else 0
             if slope > 0:
                 target = h0 + (budget - n_nominal) / slope
-                for h in _adjusted_widths(target, h0, step):
-                    options.append((_with_ffn_hidden(primary, h, h0), abs(math.log(h / h0)), h))
+                moe = primary.get("moe")
+                m0 = moe.get("hidden") if isinstance(moe, dict) else None
+                dense = _try_config(_with_ffn_hidden(primary, h0 + 16 * step, h0, step, m0)) if m0 else None
+                dense_slope = (_count(dense, count) - n_nominal) / (16 * step) if dense is not None else 0
+                if dense_slope > 0:  # an explicit MoE hidden size beside a dense ffn: it follows the ffn's ratio to a
+                    # multiple of the step, the one below or above, and the ffn lands the count (a step of the experts
+                    # is n_experts ffn steps: the nearest multiple alone often left the budget out of reach)
+                    probe = _try_config(_with_ffn_hidden(primary, h0, h0, step, m0 + 16 * step))
+                    moe_slope = (_count(probe, count) - n_nominal) / (16 * step) if probe is not None else 0
+                    exact = m0 * target / h0
+                    for m in {max(step, step * math.floor(exact / step)), max(step, step * math.ceil(exact / step))}:
+                        h_target = h0 + (budget - n_nominal - moe_slope * (m - m0)) / dense_slope
+                        for h in _adjusted_widths(h_target, h0, step):
+                            options.append((_with_ffn_hidden(primary, h, h0, step, m),
+                                            abs(math.log(h / h0)) + abs(math.log(m * h0 / (m0 * h))), h))
+                else:
+                    for h in _adjusted_widths(target, h0, step):
+                        options.append((_with_ffn_hidden(primary, h, h0, step), abs(math.log(h / h0)), h))
         elif what == "expand":
             letters = _expand_letters(primary)
             d = primary["d_model"]
