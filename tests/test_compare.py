@@ -267,6 +267,55 @@ def test_transformers_cache_floats_are_those_the_cache_holds(fields):
     assert (row["kv_floats"], row["state_floats"]) == _cache_floats(cache)
 
 
+def _cache_bytes_held(cache) -> int:
+    """Bytes of the tensors a cache's layers hold: keys/values, conv and recurrent states, each at its own dtype."""
+    out = 0
+    for layer in cache.layers:
+        keys = getattr(layer, "keys", None)
+        tensors = (keys, layer.values) if isinstance(keys, torch.Tensor) else \
+            (*layer.conv_states.values(), *layer.recurrent_states.values())
+        out += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return out
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "model"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("layers", ["MM", "NN", "GG", "MANG"], ids=["mamba", "mamba2", "gla", "hybrid"])
+def test_cache_bytes_are_those_the_cache_holds_in_each_dtype(layers, dtype, state_dtype):
+    """cache_mib charged every recurrent-state float 4 bytes, but decode_state_dtype "model" keeps the Mamba, Mamba-2
+    and GLA recurrent states in the model's dtype (the conv windows stay fp32): a bf16 GLA model's cache was counted at
+    twice its size. Each float is charged its dtype's bytes: kv_bytes the model's, state_bytes fp32's. The cache is
+    taken as decoding keeps it: a prefill, then one step (the step puts the prefill's fp32 states in state_dtype)."""
+    config = ZooConfig(vocab_size=50, d_model=32, layers=layers, ffn="none", decode_state_dtype=state_dtype,
+                       mixers={"M": {"type": "mamba", "d_state": 4},
+                               "N": {"type": "mamba2", "d_state": 8, "head_dim": 8, "n_groups": 2, "chunk_size": 8},
+                               "G": {"type": "gla", "n_heads": 2},
+                               "A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2}})
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    ids = torch.randint(0, 50, (1, 7))
+    with torch.no_grad():
+        cache = model(input_ids=ids, use_cache=True).past_key_values
+        model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+    row = account(config, [8], kv_bytes=dtype.itemsize, state_bytes=4)["per_length"][0]
+    assert row["cache_mib"] * 2 ** 20 == _cache_bytes_held(cache)
+    assert (row["kv_floats"], row["state_floats"]) == _cache_floats(cache)  # the float counts whatever the dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_transformers_mamba_cache_bytes_are_those_the_cache_holds(dtype):
+    """transformers' Mamba keeps its conv state in the model's dtype and its SSM state in fp32: its cache was charged
+    4 bytes per float throughout."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type="mamba", hidden_size=32, num_hidden_layers=2, state_size=8,
+                                  vocab_size=100, conv_kernel=4)
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_config(config).to(dtype).eval()(input_ids=torch.randint(0, 100, (1, 16)),
+                                                                         use_cache=True)
+    row = account(config, [16], kv_bytes=dtype.itemsize, state_bytes=4)["per_length"][0]
+    assert row["cache_mib"] * 2 ** 20 == _cache_bytes_held(out.past_key_values)
+
+
 def test_transformers_baselines_are_accounted():
     llama = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100, "tie_word_embeddings": True}
@@ -832,6 +881,33 @@ def test_a_custom_mixer_without_state_size_is_accounted_or_named():
         account(ZooConfig(mixers={"C": {"type": f"{__name__}._UnsizedCache"}, "A": attention}, **common), [8])
 
 
+class _LowPrecisionUnsplit(_NoCache):
+    """A custom recurrent mixer whose step takes a low-precision state, but that does not say how much of it."""
+
+    low_precision_state = True
+
+    def init_state(self, batch_size, dtype, device, max_len=None):
+        from zoo.cache import RecurrentLayer
+
+        return RecurrentLayer()
+
+    def state_size(self, seq_len: int) -> int:
+        return 16
+
+
+def test_a_custom_low_precision_mixer_without_its_split_is_named():
+    """Under decode_state_dtype "model" a mixer with low_precision_state keeps part of its state_size in the model's
+    dtype: without recurrent_state_size, the part so kept, its cache bytes are not known, and the accounting says so
+    (its fp32 default is counted as before)."""
+    common = dict(vocab_size=50, d_model=16, ffn="none", layers="C",
+                  mixers={"C": {"type": f"{__name__}._LowPrecisionUnsplit"}})
+    row = account(ZooConfig(**common), [8], state_bytes=4)["per_length"][0]
+    assert row["state_floats"] == 16 and row["cache_mib"] * 2 ** 20 == 64
+    with pytest.raises(ValueError, match=r"mixer _LowPrecisionUnsplit sets low_precision_state .* no "
+                                         r"recurrent_state_size\(seq_len\)"):
+        account(ZooConfig(decode_state_dtype="model", **common), [8])
+
+
 class _ThreeHeads(_CustomEMA):
     """A custom mixer whose check_spec wants d_model divisible by its 3 heads."""
 
@@ -866,6 +942,18 @@ def test_budget_matching_keeps_a_moe_model_without_a_dense_ffn_so(ffn):
     assert base == ["none", "moe", "none", "moe"]
     matched, info = match_budget(fields, 400_000)
     assert [s["ffn"] for s in ZooConfig(**copy.deepcopy(matched)).layer_specs()] == base
+    assert abs(info["error"]) <= 0.02 and info["params"] == instantiated_params(ZooConfig(**matched))
+
+
+@pytest.mark.parametrize("hidden, budget, step", [(40, 150_000, 8), (40, 400_000, 8), (100, 1_000_000, 8),
+                                                  (48, 300_000, 16), (100, 400_000, 16)])
+def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, budget, step):
+    """An explicit MoE hidden size scaled by the ffn's ratio was rounded to 1, not to budget.adjust_multiple_of as the
+    ffn's hidden size is: jamba-tiny's experts of 40 came out 14 wide at 150K parameters (35 at 400K). It is a multiple
+    of the step, the one below or above the ffn's ratio, and the ffn's width lands the count within the tolerance."""
+    fields = fields_of("jamba-tiny", vocab_size=260, moe={"every": 2, "n_experts": 3, "top_k": 1, "hidden": hidden})
+    matched, info = match_budget(fields, budget, adjust_multiple_of=step)
+    assert matched["moe"]["hidden"] % step == 0 and matched["ffn"]["hidden"] % step == 0, matched
     assert abs(info["error"]) <= 0.02 and info["params"] == instantiated_params(ZooConfig(**matched))
 
 
@@ -1029,7 +1117,8 @@ def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monk
     cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml",
                                       [f"output_dir={tmp_path}", "accounting.kv_bytes=1", "accounting.state_bytes=2"])
     result = compare.run_comparison(cfg, folder, accounting_only=True)
-    assert "cache per sequence: KV 1 and states 2 bytes per float)" in result["markdown"]
+    assert ("cache per sequence: KV 1 and states 2 bytes per float, states kept in the model's dtype 1)"
+            in result["markdown"])
     row = next(r for r in result["records"][0]["accounting"]["per_length"] if r["seq_len"] == 128)
     assert row["cache_mib"] == pytest.approx((row["kv_floats"] + 2 * row["state_floats"]) / 2 ** 20)
     titles = []
@@ -1037,7 +1126,8 @@ def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monk
     monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
                         lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
     compare.write_plots(result["records"], cfg, tmp_path)
-    assert "inference cache per sequence (KV 1 and states 2 bytes per float)" in titles
+    assert "inference cache per sequence (KV 1 and states 2 bytes per float, states kept in the model's dtype 1)" \
+        in titles
 
 
 def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path, capsys):

@@ -1069,3 +1069,35 @@ def test_forget_decays_a_bf16_decode_state_as_an_fp32_one_does():
         else:
             assert effect > 0.5 * expected, (state_dtype, effect.item(), expected.item())
             assert effect < 2 * expected, (state_dtype, effect.item(), expected.item())
+
+
+@pytest.mark.parametrize("spec", ["forget:c_alpha=0.999", "norm:threshold=10", "window:r=4"])
+@pytest.mark.parametrize("name", ["mamba", "mamba2", "gla"])
+def test_a_mitigated_step_keeps_the_decode_state_dtype(name, spec):
+    """decode_state_dtype "model" keeps the recurrent states in the model's dtype while decoding; GLA's mitigated step
+    took the prefill's fp32 state as it was (not through step_states), so with any mitigation its state stayed fp32
+    (twice the memory the setting promises, and steps unlike the unmitigated ones'). Every family's is bf16 now, and the
+    steps' outputs stay close to those with fp32 states."""
+    from transformers import AutoModelForCausalLM
+
+    def decode(state_dtype):
+        torch.manual_seed(0)
+        config = ZooConfig.from_yaml(ROOT / f"configs/models/{name}-tiny.yaml", decode_state_dtype=state_dtype)
+        model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+        apply_mitigation(model, spec)
+        ids = torch.randint(1, 512, (2, 20))
+        with torch.no_grad():
+            out = model(ids[:, :12], use_cache=True)
+            cache, logits = out.past_key_values, []
+            for t in range(12, ids.shape[1]):
+                out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, logits + [out.logits.float()]
+        return cache, torch.cat(logits, dim=1)
+
+    cache, low = decode("model")
+    for layer in cache.layers:
+        if isinstance(layer, RecurrentLayer):
+            assert layer.recurrent_state.dtype == torch.bfloat16, (name, spec)
+            assert layer.conv_state is None or layer.conv_state.dtype == torch.float32
+    _, ref = decode("float32")
+    assert (low - ref).abs().max() < 0.05 * ref.abs().max()

@@ -37,7 +37,8 @@ recurrent state size) and ``length.png`` (per-position loss), with the backend e
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
 number of repeats of the layer pattern) sets the size with the base's proportions (an explicit ffn hidden
 size scales with d_model); then one width is adjusted, within half to twice its base, so the count lands within
-``tolerance`` of the budget: the SwiGLU/MoE hidden size when the model has an ffn, else the ``expand`` of the
+``tolerance`` of the budget: the SwiGLU/MoE hidden size when the model has an ffn (an explicit MoE hidden size beside a
+SwiGLU follows its ratio to a multiple of ``adjust_multiple_of``, the one below or above), else the ``expand`` of the
 Mamba / Mamba-2 mixers of its ``mixers`` (a list of layers keeps its widths).
 Among the candidates inside the tolerance the one whose adjusted width departs least from the base
 proportions wins. ``count: total`` counts every parameter (tied embeddings once); ``non_embedding`` leaves
@@ -71,8 +72,11 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
 
 Memory per sequence: each mixer's ``state_size(L)`` (floats): KV for attention (2·H_kv·Dh·min(L, window − 1):
 a sliding layer keeps the last window − 1 keys, the next token's own joins them),
-conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_bytes`` per KV float (bf16)
-and ``accounting.state_bytes`` per recurrent float (fp32, as the cache keeps it).
+conv + SSM state for Mamba, the matrix state for GLA; bytes at ``accounting.kv_bytes`` per float kept in the model's
+dtype (bf16: KV, and the recurrent states of a model with ``decode_state_dtype: model``, its SSM / GLA states, or
+transformers' Mamba's conv state) and ``accounting.state_bytes`` per float kept in fp32 (the other recurrent states:
+Mamba's and Mamba-2's conv windows always, the SSM / GLA states by default). The cache as decoding keeps it: a prefill
+leaves the recurrent states in fp32, which the first step puts in the model's dtype under ``decode_state_dtype: model``.
 
 Measured memory: on CUDA the peak of ``torch.cuda.max_memory_allocated`` over the timed training steps (weights,
 gradients, activations, workspace; the warmup steps' one-off buffers left out); on CPU, which has no allocator
@@ -369,12 +373,14 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
     Args:
         config: a ZooConfig, or a transformers config (Llama-like attention or Mamba).
         seq_lens: lengths L at which FLOPs and memory are given.
-        kv_bytes / state_bytes: bytes per KV float / per recurrent-state float.
+        kv_bytes / state_bytes: bytes per cache float kept in the model's dtype (KV, and the recurrent states of
+            decode_state_dtype "model": `model_dtype_state_size`) / kept in fp32 (the other recurrent states).
 
     Returns:
         dict with params (instantiated on the meta device), embedding_params, non_embedding_params,
         active_params, layers (mixer types), and per_length rows: seq_len, flops_per_token (forward),
-        decode_flops_per_token, kv_floats, state_floats, cache_mib (per sequence).
+        decode_flops_per_token, kv_floats, state_floats (whatever their dtype), cache_mib (per sequence, each float
+        at its dtype's bytes).
     """
     model = _meta_model(config)
     params = sum(p.numel() for p in model.parameters())
@@ -385,20 +391,23 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
     costs, weights = _forward_terms(config, model)
     if isinstance(config, ZooConfig):
         active = parameter_counts(config)["active"]
-        states = [(mixer_state_size(b.mixer), _is_attention(b.mixer)) for b in model.model.layers]
+        states = [(mixer_state_size(b.mixer), _is_attention(b.mixer), model_dtype_state_size(b.mixer, config))
+                  for b in model.model.layers]
     else:
         active = params
-        states = [(fn, getattr(config, "model_type", "") != "mamba") for fn in _hf_state_fns(config)]
+        mamba = getattr(config, "model_type", "") == "mamba"
+        states = [(fn, not mamba, low) for fn, low in zip(_hf_state_fns(config), _hf_model_dtype_state_fns(config))]
     rows = []
     for L in seq_lens:
-        kv = sum(fn(L) for fn, is_kv in states if is_kv)
-        state = sum(fn(L) for fn, is_kv in states if not is_kv)
+        kv = sum(fn(L) for fn, is_kv, _ in states if is_kv)
+        state = sum(fn(L) for fn, is_kv, _ in states if not is_kv)
+        low = sum(low(L) for _, is_kv, low in states if not is_kv)  # the state floats kept in the model's dtype
         rows.append({
             "seq_len": L,
             "flops_per_token": 2.0 * weights + sum(c.seq_flops(L) for c in costs),
             "decode_flops_per_token": 2.0 * weights + sum(c.decode_flops(L) for c in costs),
             "kv_floats": int(kv), "state_floats": int(state),
-            "cache_mib": (kv * kv_bytes + state * state_bytes) / 2 ** 20,
+            "cache_mib": ((kv + low) * kv_bytes + (state - low) * state_bytes) / 2 ** 20,
         })
     return {"params": params, "embedding_params": embed, "non_embedding_params": params - embed,
             "active_params": active, "matmul_weights": weights, "layers": [c.mixer for c in costs],
@@ -427,6 +436,23 @@ def mixer_state_size(mixer: nn.Module) -> Callable[[int], int]:
                      f"state_size(self, seq_len: int) -> int (0 when it keeps no state)")
 
 
+def model_dtype_state_size(mixer: nn.Module, config) -> Callable[[int], int]:
+    """The floats of the mixer's (non-KV) `state_size` that a decoding cache keeps in the model's dtype rather than
+    fp32: with decode_state_dtype "model", the recurrent state of a mixer whose step takes it low-precision
+    (`low_precision_state`: ZooCache.for_model), its `recurrent_state_size` (Mamba's and Mamba-2's conv windows stay
+    fp32); none otherwise. A low_precision_state mixer without recurrent_state_size raises, naming it."""
+    if getattr(config, "decode_state_dtype", "float32") != "model" or not getattr(mixer, "low_precision_state", False):
+        return lambda seq_len: 0
+    size = getattr(mixer, "recurrent_state_size", None)
+    if callable(size):
+        return size
+    name = type(mixer).__name__
+    raise ValueError(f"mixer {name} sets low_precision_state (decode_state_dtype 'model' keeps its recurrent state in "
+                     f"the model's dtype) but defines no recurrent_state_size(seq_len), the floats of its state_size "
+                     f"so kept, which the accounting of cache memory reads; give {name} recurrent_state_size(self, "
+                     f"seq_len: int) -> int")
+
+
 def _hf_state_fns(config) -> list[Callable[[int], int]]:
     """Each layer's cache floats per sequence after L tokens, of a transformers config (see _hf_windows)."""
     if getattr(config, "model_type", "") == "mamba":
@@ -437,6 +463,15 @@ def _hf_state_fns(config) -> list[Callable[[int], int]]:
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
     # a sliding layer (transformers' DynamicSlidingWindowLayer) keeps the last window - 1 keys
     return [lambda L, w=window: 2 * Hkv * Dh * min(L, w - 1 if w else L) for window in _hf_windows(config)]
+
+
+def _hf_model_dtype_state_fns(config) -> list[Callable[[int], int]]:
+    """Each layer's (non-KV) state floats that a transformers cache keeps in the model's dtype: its Mamba's conv state
+    (conv_kernel inputs per channel; the SSM state is fp32); none for attention (its keys and values are KV)."""
+    if getattr(config, "model_type", "") == "mamba":
+        di, K = config.intermediate_size, config.conv_kernel
+        return [lambda L: di * K] * config.num_hidden_layers
+    return [lambda L: 0] * config.num_hidden_layers
 
 
 # ---- budget matching ---------------------------------------------------------------------------------------
@@ -504,9 +539,10 @@ def _ffn_hidden(fields: dict, config: ZooConfig) -> int:
     return int(config.ffn_spec().get("hidden") or config.moe_spec()["hidden"])
 
 
-def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int) -> dict:
-    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio; without a dense
-    ffn, `ffn: null` or none, the experts' hidden size is the one set)."""
+def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int, step: int, moe_hidden: int | None = None) -> dict:
+    """fields with the ffn hidden size set (an explicit MoE hidden size scales by the same ratio, to the nearest
+    multiple of `step` as the ffn's, or is `moe_hidden` where given; without a dense ffn, `ffn: null` or none, the
+    experts' hidden size is the one set)."""
     out = copy.deepcopy(fields)
     ffn = out.get("ffn", "swiglu")  # left out: the default SwiGLU; null: none
     dense = ffn == "swiglu" or (isinstance(ffn, dict) and ffn.get("type", "swiglu") == "swiglu")
@@ -514,7 +550,7 @@ def _with_ffn_hidden(fields: dict, hidden: int, base_hidden: int) -> dict:
         out["ffn"] = dict(ffn if isinstance(ffn, dict) else {"type": "swiglu"}, hidden=hidden)
     if isinstance(out.get("moe"), dict):
         if out["moe"].get("hidden"):
-            out["moe"]["hidden"] = max(1, round(out["moe"]["hidden"] * hidden / base_hidden))
+            out["moe"]["hidden"] = moe_hidden or _round_to(out["moe"]["hidden"] * hidden / base_hidden, step)
         elif not dense:  # the experts' default hidden size is the ffn's, and there is none
             out["moe"]["hidden"] = hidden
     return out
@@ -630,12 +666,28 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
         if what == "ffn":
             h0 = _ffn_hidden(primary, config)
             step = adjust_multiple_of
-            probe = _try_config(_with_ffn_hidden(primary, h0 + 16 * step, h0))
+            probe = _try_config(_with_ffn_hidden(primary, h0 + 16 * step, h0, step))
             slope = (_count(probe, count) - n_nominal) / (16 * step) if probe is not None else 0
             if slope > 0:
                 target = h0 + (budget - n_nominal) / slope
-                for h in _adjusted_widths(target, h0, step):
-                    options.append((_with_ffn_hidden(primary, h, h0), abs(math.log(h / h0)), h))
+                moe = primary.get("moe")
+                m0 = moe.get("hidden") if isinstance(moe, dict) else None
+                dense = _try_config(_with_ffn_hidden(primary, h0 + 16 * step, h0, step, m0)) if m0 else None
+                dense_slope = (_count(dense, count) - n_nominal) / (16 * step) if dense is not None else 0
+                if dense_slope > 0:  # an explicit MoE hidden size beside a dense ffn: it follows the ffn's ratio to a
+                    # multiple of the step, the one below or above, and the ffn lands the count (a step of the experts
+                    # is n_experts ffn steps: the nearest multiple alone often left the budget out of reach)
+                    probe = _try_config(_with_ffn_hidden(primary, h0, h0, step, m0 + 16 * step))
+                    moe_slope = (_count(probe, count) - n_nominal) / (16 * step) if probe is not None else 0
+                    exact = m0 * target / h0
+                    for m in {max(step, step * math.floor(exact / step)), max(step, step * math.ceil(exact / step))}:
+                        h_target = h0 + (budget - n_nominal - moe_slope * (m - m0)) / dense_slope
+                        for h in _adjusted_widths(h_target, h0, step):
+                            options.append((_with_ffn_hidden(primary, h, h0, step, m),
+                                            abs(math.log(h / h0)) + abs(math.log(m * h0 / (m0 * h))), h))
+                else:
+                    for h in _adjusted_widths(target, h0, step):
+                        options.append((_with_ffn_hidden(primary, h, h0, step), abs(math.log(h / h0)), h))
         elif what == "expand":
             letters = _expand_letters(primary)
             d = primary["d_model"]
@@ -783,7 +835,8 @@ class ThroughputConfig:
 
 @dataclass
 class AccountingConfig:
-    """Lengths at which FLOPs and cache memory are tabulated; bytes per KV / recurrent-state float."""
+    """Lengths at which FLOPs and cache memory are tabulated; bytes per cache float kept in the model's dtype (KV, and
+    the recurrent states of decode_state_dtype "model") / in fp32 (the other recurrent states)."""
 
     seq_lens: list[int] = field(default_factory=lambda: [2048, 8192])
     kv_bytes: int = 2
@@ -1726,7 +1779,8 @@ def _backend_summary(report: dict[str, str]) -> str:
 def _cache_bytes(cfg: CompareConfig) -> str:
     """The bytes per float the cache memory is counted at (accounting.kv_bytes / state_bytes)."""
     a = cfg.accounting
-    return f"KV {a.kv_bytes} and states {a.state_bytes} bytes per float"
+    return (f"KV {a.kv_bytes} and states {a.state_bytes} bytes per float, states kept in the model's dtype "
+            f"{a.kv_bytes}")
 
 
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:

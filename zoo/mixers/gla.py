@@ -92,6 +92,10 @@ class GLA(nn.Module):
     def state_size(self, seq_len: int) -> int:
         return self.n_heads * self.head_k * self.head_v
 
+    def recurrent_state_size(self, seq_len: int) -> int:
+        """The floats of state_size that decode_state_dtype "model" keeps in the model's dtype: all (no conv)."""
+        return self.state_size(seq_len)
+
     def backend_name(self) -> str:
         return backends.resolve("gla", self.scan_backend, self.o_proj.weight.device)
 
@@ -113,7 +117,9 @@ class GLA(nn.Module):
             if self.mitigation or self.state_probe is not None:
                 from zoo.state.mitigation import gla_step
 
-                state = initial.clone()
+                # the step's state in the cache's state_dtype (step_states), as the unmitigated step's: the prefill's
+                # fp32 state kept as it was stayed fp32 under decode_state_dtype "model"
+                state = cache.step_states()[1].clone()
                 # a pad's row (step_pad_rows: k and log decay 0 above) is no step of the window, c_α or the cap
                 o = gla_step(self, state, q[:, 0], k[:, 0], v[:, 0], gk[:, 0], self.head_k ** -0.5, cache,
                              step_pad_rows(attention_mask))[:, None]

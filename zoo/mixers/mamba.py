@@ -142,6 +142,11 @@ class Mamba(nn.Module):
     def state_size(self, seq_len: int) -> int:
         return self.d_inner * self.d_state + self.d_inner * (self.d_conv - 1)
 
+    def recurrent_state_size(self, seq_len: int) -> int:
+        """The floats of state_size in the recurrent (SSM) state, which decode_state_dtype "model" keeps in the
+        model's dtype; the conv window's stay fp32."""
+        return self.d_inner * self.d_state
+
     def backend_name(self) -> str:
         return self._scan_backend(backends.resolve("selective_scan", self.scan_backend, self.A_log.device),
                                   self.in_proj.weight.dtype)

@@ -142,6 +142,11 @@ class Mamba2(nn.Module):
     def state_size(self, seq_len: int) -> int:
         return self.n_heads * self.head_dim * self.d_state + self.conv_dim * (self.d_conv - 1)
 
+    def recurrent_state_size(self, seq_len: int) -> int:
+        """The floats of state_size in the recurrent (SSM) state, which decode_state_dtype "model" keeps in the
+        model's dtype; the conv window's stay fp32."""
+        return self.n_heads * self.head_dim * self.d_state
+
     def backend_name(self) -> str:
         return self._chunk_backend(backends.resolve("ssd", self.scan_backend, self.A_log.device))
 
