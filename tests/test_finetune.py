@@ -451,10 +451,21 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)
-    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpha": 0}}))
-    with pytest.raises(ValueError, match=r"lora\.alpha: must be > 0"):  # a scale of 0: a no-op adapter, zero gradients,
-        load_finetune_config(path)  # and a run that reported success
+    for alpha in (0, -1.0, float("inf"), float("nan")):  # 0: a no-op adapter, zero gradients, and a run that reported
+        # success; inf: every adapted output inf, a run on NaN losses
+        path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpha": alpha}}))
+        with pytest.raises(ValueError, match=r"lora\.alpha: must be a finite number > 0"):
+            load_finetune_config(path)
 
+
+
+def test_a_diverged_run_fails_its_round_trip_check_instead_of_saving_a_nan_merged_model(tmp_path):
+    # lr 1e30 makes the adapted model's logits NaN: the check `diff > tol` let the NaN differences pass, and the run
+    # saved a NaN merged model and reported success
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 2, "micro_batch_size": 2}, optim={"lr": 1e30})
+    with pytest.raises(RuntimeError, match=r"adapter round trip changed the logits: reload nan.*non-finite logits"):
+        run("run")
+    assert not (tmp_path / "run" / "merged").exists()
 
 
 def test_a_malformed_regular_expression_in_target_modules_is_named_when_the_config_is_read(tmp_path):

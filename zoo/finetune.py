@@ -31,6 +31,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -676,8 +677,11 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
-    if not cfg.lora.alpha > 0:  # scale alpha / r: at 0 the adapter is a no-op whose gradients are zero, trained in vain
-        raise ValueError(f"lora.alpha: must be > 0 (the adapter's scale is alpha / r), got {cfg.lora.alpha}")
+    # scale alpha / r: at 0 the adapter is a no-op whose gradients are zero, trained in vain; at .inf its scale made
+    # every adapted output inf, and the run trained on NaN losses
+    if not (math.isfinite(cfg.lora.alpha) and cfg.lora.alpha > 0):
+        raise ValueError(f"lora.alpha: must be a finite number > 0 (the adapter's scale is alpha / r), "
+                         f"got {cfg.lora.alpha}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
@@ -1344,9 +1348,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["reload_max_abs_diff"] = (reload_logits - trained_logits).abs().max().item()
     result["merge_max_abs_diff"] = (merged_logits - reload_logits).abs().max().item()
     scale = trained_logits.abs().max().item()
-    if result["reload_max_abs_diff"] > 1e-4 * max(1.0, scale) or result["merge_max_abs_diff"] > 1e-3 * max(1.0, scale):
+    # not (diff <= tol): a NaN difference (a diverged run's NaN or inf logits) passed `diff > tol`, and the run saved a
+    # NaN merged model and reported success
+    if not (result["reload_max_abs_diff"] <= 1e-4 * max(1.0, scale)
+            and result["merge_max_abs_diff"] <= 1e-3 * max(1.0, scale)):
+        why = "" if math.isfinite(scale) and math.isfinite(result["reload_max_abs_diff"]) else \
+            " (non-finite logits: the training diverged; lower optim.lr)"
         raise RuntimeError(f"adapter round trip changed the logits: reload {result['reload_max_abs_diff']:.3e}, "
-                           f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f})")
+                           f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f}){why}")
     # trained and checked in fp32; saved (and evaluated) in the base checkpoint's own dtype, as a user reloads it: a
     # bf16 base's merged checkpoint was fp32, twice its size, and loaded as fp32
     base_dtype = _checkpoint_dtype(base_path)
