@@ -1120,6 +1120,32 @@ def test_wrap_lora_names_a_custom_mixer_without_lora_targets_and_probes_a_model_
 
 
 @pytest.mark.parametrize("state_passing", [False, True])
+def test_an_moe_base_logs_the_cross_entropy_as_its_loss_and_the_aux_part_apart(tmp_path, state_passing):
+    # zoo finetune logged an MoE base's whole objective, CE + moe.aux_loss_coef · load-balancing loss, as its `loss`,
+    # where zoo train logs the cross entropy alone and the aux part as aux_loss. The first step's loss is the base's
+    # before any update: the same cross entropy whatever aux_loss_coef, its aux part in proportion to the coefficient.
+    logs = {}
+    for coef in (0.01, 10.0):
+        torch.manual_seed(0)
+        config = ZooConfig(vocab_size=32, d_model=32, layers="MM", mixers={"M": {"type": "mamba", "d_state": 8}},
+                           ffn={"type": "swiglu", "hidden": 64},
+                           moe={"every": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": coef})
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / f"base{coef}")
+        path = tmp_path / f"ft{coef}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": str(tmp_path / f"base{coef}"), "output_dir": str(tmp_path / f"run{coef}"),
+            "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress_bar": False, "log_every": 1,
+                      "state_passing": state_passing}, "lora": {"r": 4}, "optim": {"lr": 1e-2},
+            "schedule": {"warmup_steps": 1}}))
+        logs[coef] = main([str(path)])["log"]
+    low, high = logs[0.01][0], logs[10.0][0]
+    assert high["loss"] == pytest.approx(low["loss"], rel=1e-5), (low, high)
+    assert [row["step"] for row in logs[10.0]] == [1, 2, 3] and all("aux_loss" in row for row in logs[10.0])
+    assert high["aux_loss"] > 0.1 and high["aux_loss"] == pytest.approx(low["aux_loss"] * 1000, rel=1e-4)
+
+
+@pytest.mark.parametrize("state_passing", [False, True])
 def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_path, state_passing):
     # The loss and its gradient are means over the step's target tokens of all processes (transformers' Trainer with
     # average_tokens_across_devices): each process divided by its own targets and DDP averaged the processes, so the
