@@ -710,6 +710,40 @@ def test_greedy_generate_resets_the_checkpoints_prefill_chunks_for_transformers_
     assert seen == [40, 1, 1]  # the whole prompt in one forward, then one token a step
 
 
+@pytest.mark.parametrize("name", ["gla", "jamba"])
+def test_evaluations_of_a_config_with_return_dict_false(name):
+    """transformers' return_dict=False (from_pretrained(..., return_dict=False), for exports) makes the forward return
+    a tuple: the chunked and one-forward logits, passkey's chunked prefill and decode, the synthetic tasks' answers
+    and the state statistics read .logits of it and failed ("'tuple' object has no attribute 'logits'"); they ask for
+    an output object, as generate does, and give what they give with the default."""
+    from zoo.eval.common import iter_chunk_logits
+    from zoo.state import apply_mitigation, calibrate_norm_threshold, record_state_statistics
+
+    model = tiny_zoo_model(name)
+    batch = make_batch("mqar", 2, 64, torch.Generator().manual_seed(0), n_kv=4, vocab_size=64)
+    ids = batch["input_ids"]
+
+    def run() -> list:
+        chunked = torch.cat([logits for _, logits in iter_chunk_logits(model, ids, 16)], dim=1)
+        whole = next(iter_chunk_logits(model, ids))[1]
+        answers = [predict_answers(model, ids, batch["labels"], chunk) for chunk in (None, 16)]
+        passkey = greedy_generate(model, ids[:1], max_new_tokens=4, prefill_chunk_size=16)
+        state = record_state_statistics(model, ids, chunk_size=32) if name == "gla" else {}
+        caps = calibrate_norm_threshold(model, ids[:, :40], chunk_size=32) if name == "gla" else {}
+        apply_mitigation(model, None)  # (the calibration sets the cap)
+        return [chunked, whole, answers, passkey, state.get("loss"), caps]
+
+    reference = run()
+    model.config.return_dict = False
+    assert isinstance(model(ids), tuple)
+    got = run()
+    for a, b in zip(got[:2], reference[:2]):
+        assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for a, b in zip(got[2], reference[2]) for x, y in zip(a, b))
+    assert torch.equal(got[3], reference[3]) and got[4] == reference[4]
+    assert got[5].keys() == reference[5].keys() and all(torch.equal(got[5][k], v) for k, v in reference[5].items())
+
+
 def tiny_zoo_model(name: str):
     config_path = ROOT / "configs" / "models" / f"{name}-tiny.yaml"
     if not config_path.exists():

@@ -459,6 +459,26 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 
+def test_a_base_saved_with_return_dict_false_finetunes(tmp_path):
+    # transformers' return_dict=False (from_pretrained(..., return_dict=False), kept in an exported config.json) makes
+    # the forward return a tuple: the evaluation, the training loss and the round-trip check read .logits / .loss of it
+    # and failed ("'tuple' object has no attribute 'logits'"); they ask for an output object, as generate does
+    model = tiny("mamba")
+    model.config.return_dict = False
+    model.save_pretrained(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["return_dict"] is False
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 2, "progress_bar": False}, "lora": {"r": 4},
+              "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    result = main([str(tmp_path / "ft.yaml")])
+    assert result["after"]["n_targets"] == result["before"]["n_targets"] > 0 and result["log"][-1]["step"] == 2
+    assert result["merge_max_abs_diff"] < 1e-3
+    assert result["coverage"]["probe"]["phases"] == ["train forward", "prefill", "decode step"]  # (its tuple held no
+    # cache: the decode step went unprobed)
+
+
 def test_a_diverged_run_fails_its_round_trip_check_instead_of_saving_a_nan_merged_model(tmp_path):
     # lr 1e30 makes the adapted model's logits NaN: the check `diff > tol` let the NaN differences pass, and the run
     # saved a NaN merged model and reported success

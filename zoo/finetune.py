@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.cache import output_cache
 from zoo.config_files import find_config
 from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
-from zoo.decode import cache_argument
+from zoo.decode import _dict_output, cache_argument
 from zoo.layers import MoE, SwiGLU, mark_saved_copies
 from zoo.modeling import ZooForSequenceClassification
 from zoo.train import (
@@ -322,7 +322,10 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
                     model(input_ids=input_ids, use_cache=False)
                     record("eval forward")
                 else:
-                    out = model(input_ids=input_ids, use_cache=cacheable() if callable(cacheable) else True)
+                    # an output object also where the config's return_dict is False: its tuple held no cache
+                    # field, and the decode step went unprobed
+                    out = model(input_ids=input_ids, use_cache=cacheable() if callable(cacheable) else True,
+                                **_dict_output(model))
                     record("prefill")
                     cache = output_cache(out)
                     if cache is not None:
@@ -880,7 +883,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str) -> dict[str, 
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits[:, :-1]
+        # an output object also where the config's return_dict is False (a base saved with it): its tuple has no .logits
+        logits = model(**batch, use_cache=False, **_dict_output(model)).logits[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         if not keep.any():
@@ -1156,7 +1160,8 @@ def _eval_loader(dataset: Dataset, batch_size: int, pad_id: int) -> DataLoader:
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, use_cache=False,
+                **_dict_output(model)).logits.float()
     model.train(was_training)
     return out
 
