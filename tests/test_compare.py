@@ -1450,6 +1450,21 @@ def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsy
         assert said in legend, said
 
 
+def test_cpu_step_memory_of_a_config_with_return_dict_false():
+    # transformers' return_dict=False (a config exported with it) makes the forward return a tuple, which has no .loss:
+    # the memory step failed on it ("'tuple' object has no attribute 'loss'"); it asks for an output object
+    from zoo.compare import _step_memory_cpu
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig(**fields_of("gla-tiny", vocab_size=260)))
+    ids = torch.randint(0, 260, (2, 32))
+    expected = _step_memory_cpu(model, {"input_ids": ids, "labels": ids})
+    model.config.return_dict = False
+    assert isinstance(model(input_ids=ids), tuple)
+    for batch in ({"input_ids": ids, "labels": ids}, {"input_ids": ids, "labels": ids, "return_dict": True}):
+        assert _step_memory_cpu(model, batch) == pytest.approx(expected, rel=0.01)  # (a few KiB apart, call to call)
+
+
 def test_cpu_step_memory_frees_the_steps_graph():
     """The CPU memory measurement's pack hook returned each saved tensor itself: a saved output (GLA's decay, exp)
     then held its own node, a cycle autograd never frees, so every measured step of GLA kept its graph, activations

@@ -710,6 +710,40 @@ def test_greedy_generate_resets_the_checkpoints_prefill_chunks_for_transformers_
     assert seen == [40, 1, 1]  # the whole prompt in one forward, then one token a step
 
 
+@pytest.mark.parametrize("name", ["gla", "jamba"])
+def test_evaluations_of_a_config_with_return_dict_false(name):
+    """transformers' return_dict=False (from_pretrained(..., return_dict=False), for exports) makes the forward return
+    a tuple: the chunked and one-forward logits, passkey's chunked prefill and decode, the synthetic tasks' answers
+    and the state statistics read .logits of it and failed ("'tuple' object has no attribute 'logits'"); they ask for
+    an output object, as generate does, and give what they give with the default."""
+    from zoo.eval.common import iter_chunk_logits
+    from zoo.state import apply_mitigation, calibrate_norm_threshold, record_state_statistics
+
+    model = tiny_zoo_model(name)
+    batch = make_batch("mqar", 2, 64, torch.Generator().manual_seed(0), n_kv=4, vocab_size=64)
+    ids = batch["input_ids"]
+
+    def run() -> list:
+        chunked = torch.cat([logits for _, logits in iter_chunk_logits(model, ids, 16)], dim=1)
+        whole = next(iter_chunk_logits(model, ids))[1]
+        answers = [predict_answers(model, ids, batch["labels"], chunk) for chunk in (None, 16)]
+        passkey = greedy_generate(model, ids[:1], max_new_tokens=4, prefill_chunk_size=16)
+        state = record_state_statistics(model, ids, chunk_size=32) if name == "gla" else {}
+        caps = calibrate_norm_threshold(model, ids[:, :40], chunk_size=32) if name == "gla" else {}
+        apply_mitigation(model, None)  # (the calibration sets the cap)
+        return [chunked, whole, answers, passkey, state.get("loss"), caps]
+
+    reference = run()
+    model.config.return_dict = False
+    assert isinstance(model(ids), tuple)
+    got = run()
+    for a, b in zip(got[:2], reference[:2]):
+        assert torch.equal(a, b)
+    assert all(torch.equal(x, y) for a, b in zip(got[2], reference[2]) for x, y in zip(a, b))
+    assert torch.equal(got[3], reference[3]) and got[4] == reference[4]
+    assert got[5].keys() == reference[5].keys() and all(torch.equal(got[5][k], v) for k, v in reference[5].items())
+
+
 def tiny_zoo_model(name: str):
     config_path = ROOT / "configs" / "models" / f"{name}-tiny.yaml"
     if not config_path.exists():
@@ -1231,8 +1265,9 @@ def test_length_and_state_give_a_model_trained_without_bos_documents_without_it(
     real_load_rows = state.load_rows
 
     def rows_spy(args, *more):
-        rows.append(real_load_rows(args, *more))
-        return rows[-1]
+        got = real_load_rows(args, *more)
+        rows.append(got[0])
+        return got
 
     monkeypatch.setattr(state, "load_rows", rows_spy)
     state.main(["--model", str(bare), "--n-docs", "1", "--max-len", "64", "--chunk-size", "32", "--device", "cpu",
@@ -1673,6 +1708,37 @@ def test_eval_length_of_a_checkpoint_trained_on_the_corpus_says_how_much_is_trai
         summary = length.main(["--model", str(step / "model"), "--n-docs", "1", "--max-len", "16", "--device", "cpu",
                                "--out", str(tmp_path / "c")])
     assert summary[str(step / "model")]["documents"]["train_tokens"] == 0 and len(held) > 16
+
+
+def test_eval_state_of_a_checkpoint_trained_on_the_corpus_says_how_much_is_training_text(gla_checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """zoo eval state built the built-in corpus's rows from the files held out at 0.01 whatever the checkpoint's run
+    trained with, and said nothing of the training text in them. As zoo eval length, it takes the run's held-out files
+    first, warns when any token is training text, and records the documents' provenance in state.json."""
+    import shutil
+
+    from zoo.eval import length, state
+
+    _tiny_corpus(tmp_path, monkeypatch, [150, 90], [4000] * 3)
+    seen, real = [], length.corpus_documents
+    monkeypatch.setattr(length, "corpus_documents", lambda *a, **k: seen.append(a[6]) or real(*a, **k))
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    shutil.copytree(gla_checkpoint, step / "model")
+    (step / "train_config.yaml").write_text("model: x\noutput_dir: run\ndata: {source: stdlib, holdout: 0.002}\n")
+    argv = ["--n-docs", "3", "--max-len", "128", "--chunk-size", "64", "--device", "cpu"]
+    with pytest.warns(UserWarning, match=r"zoo eval state .*step_00000002/model: [12] of 3 documents .*training"):
+        state.main(["--model", str(step / "model"), *argv, "--out", str(tmp_path / "a")])
+    documents = json.loads((tmp_path / "a" / "state.json").read_text())["documents"]
+    assert seen == [0.002] and documents["holdout"] == 0.002 and documents["trained_on_corpus"]
+    assert documents["n_documents"] == 3 and 0 < documents["train_tokens"] == documents["tokens"] - 3 - \
+        documents["held_tokens"]
+    # the same weights without the run's config: not known to have trained on the corpus, recorded but not warned
+    seen.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state.main(["--model", str(gla_checkpoint), *argv, "--out", str(tmp_path / "b")])
+    documents = json.loads((tmp_path / "b" / "state.json").read_text())["documents"]
+    assert seen == [0.01] and not documents["trained_on_corpus"]
 
 
 def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp_path, monkeypatch, capsys):

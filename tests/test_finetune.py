@@ -451,10 +451,41 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpah": 4}}))
     with pytest.raises(ValueError, match="lora.alpah: unknown field; did you mean lora.alpha"):
         load_finetune_config(path)
-    path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpha": 0}}))
-    with pytest.raises(ValueError, match=r"lora\.alpha: must be > 0"):  # a scale of 0: a no-op adapter, zero gradients,
-        load_finetune_config(path)  # and a run that reported success
+    for alpha in (0, -1.0, float("inf"), float("nan")):  # 0: a no-op adapter, zero gradients, and a run that reported
+        # success; inf: every adapted output inf, a run on NaN losses
+        path.write_text(yaml.safe_dump({"model": "x", "data": {"task": "mqar"}, "lora": {"alpha": alpha}}))
+        with pytest.raises(ValueError, match=r"lora\.alpha: must be a finite number > 0"):
+            load_finetune_config(path)
 
+
+
+def test_a_base_saved_with_return_dict_false_finetunes(tmp_path):
+    # transformers' return_dict=False (from_pretrained(..., return_dict=False), kept in an exported config.json) makes
+    # the forward return a tuple: the evaluation, the training loss and the round-trip check read .logits / .loss of it
+    # and failed ("'tuple' object has no attribute 'logits'"); they ask for an output object, as generate does
+    model = tiny("mamba")
+    model.config.return_dict = False
+    model.save_pretrained(tmp_path / "base")
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["return_dict"] is False
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 2, "progress_bar": False}, "lora": {"r": 4},
+              "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    result = main([str(tmp_path / "ft.yaml")])
+    assert result["after"]["n_targets"] == result["before"]["n_targets"] > 0 and result["log"][-1]["step"] == 2
+    assert result["merge_max_abs_diff"] < 1e-3
+    assert result["coverage"]["probe"]["phases"] == ["train forward", "prefill", "decode step"]  # (its tuple held no
+    # cache: the decode step went unprobed)
+
+
+def test_a_diverged_run_fails_its_round_trip_check_instead_of_saving_a_nan_merged_model(tmp_path):
+    # lr 1e30 makes the adapted model's logits NaN: the check `diff > tol` let the NaN differences pass, and the run
+    # saved a NaN merged model and reported success
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 2, "micro_batch_size": 2}, optim={"lr": 1e30})
+    with pytest.raises(RuntimeError, match=r"adapter round trip changed the logits: reload nan.*non-finite logits"):
+        run("run")
+    assert not (tmp_path / "run" / "merged").exists()
 
 
 def test_a_malformed_regular_expression_in_target_modules_is_named_when_the_config_is_read(tmp_path):
@@ -1127,6 +1158,32 @@ def test_wrap_lora_names_a_custom_mixer_without_lora_targets_and_probes_a_model_
     with pytest.warns(UserWarning, match=r"model\.layers\.0\.mixer \(.*\) declares no lora_targets.*\('mix',\)"):
         peft_model = wrap_lora(model, r=2, verbose=False)
     assert peft_model.zoo_lora_report["probe"]["phases"][:2] == ["train forward", "prefill"]
+
+
+@pytest.mark.parametrize("state_passing", [False, True])
+def test_an_moe_base_logs_the_cross_entropy_as_its_loss_and_the_aux_part_apart(tmp_path, state_passing):
+    # zoo finetune logged an MoE base's whole objective, CE + moe.aux_loss_coef · load-balancing loss, as its `loss`,
+    # where zoo train logs the cross entropy alone and the aux part as aux_loss. The first step's loss is the base's
+    # before any update: the same cross entropy whatever aux_loss_coef, its aux part in proportion to the coefficient.
+    logs = {}
+    for coef in (0.01, 10.0):
+        torch.manual_seed(0)
+        config = ZooConfig(vocab_size=32, d_model=32, layers="MM", mixers={"M": {"type": "mamba", "d_state": 8}},
+                           ffn={"type": "swiglu", "hidden": 64},
+                           moe={"every": 1, "n_experts": 4, "top_k": 2, "aux_loss_coef": coef})
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / f"base{coef}")
+        path = tmp_path / f"ft{coef}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": str(tmp_path / f"base{coef}"), "output_dir": str(tmp_path / f"run{coef}"),
+            "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+            "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 2, "progress_bar": False, "log_every": 1,
+                      "state_passing": state_passing}, "lora": {"r": 4}, "optim": {"lr": 1e-2},
+            "schedule": {"warmup_steps": 1}}))
+        logs[coef] = main([str(path)])["log"]
+    low, high = logs[0.01][0], logs[10.0][0]
+    assert high["loss"] == pytest.approx(low["loss"], rel=1e-5), (low, high)
+    assert [row["step"] for row in logs[10.0]] == [1, 2, 3] and all("aux_loss" in row for row in logs[10.0])
+    assert high["aux_loss"] > 0.1 and high["aux_loss"] == pytest.approx(low["aux_loss"] * 1000, rel=1e-4)
 
 
 @pytest.mark.parametrize("state_passing", [False, True])

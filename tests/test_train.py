@@ -2189,6 +2189,38 @@ def test_forward_backward_gives_the_aux_part_of_a_moe_loss(kind, chunk_len, mode
         assert_close("aux part", sum(aux), (1.0 if kind == "zoo" else 0.5) * whole, 1e-5)
 
 
+@pytest.mark.parametrize("chunk_len,mode", [(None, "exact"), (16, "exact"), (16, "detach")])
+def test_a_config_with_return_dict_false_trains_as_the_default(chunk_len, mode):
+    """transformers' return_dict=False (from_pretrained(..., return_dict=False), kept in an exported config.json)
+    makes the forward return a tuple: the training step read .loss / .logits of it and failed ("'tuple' object has no
+    attribute 'loss'"), and so did the packing check and the evaluation, which take the same ModelInputs. They ask for
+    an output object where the forward takes return_dict, as generate does: the same loss, aux part and gradients."""
+    from zoo.train import packed_documents_leak
+
+    model = _moe_model("zoo")  # (transformers' Mixtral fails on it itself: its model's tuple has no last_hidden_state)
+    L = 48
+    ids = torch.randint(0, 256, (2, L), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(L).repeat(2, 1),
+             "seq_idx": torch.zeros(2, L, dtype=torch.int32)}
+    n = count_targets(batch["labels"])
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        aux: list[torch.Tensor] = []
+        with torch.random.fork_rng(devices=[]):
+            loss = forward_backward(model, batch, 1.0 / n, ModelInputs.of(model), chunk_len=chunk_len, mode=mode,
+                                    aux=aux)
+        return loss, sum(aux), [p.grad.clone() for p in model.parameters() if p.grad is not None], \
+            packed_documents_leak(model, ModelInputs.of(model))
+
+    reference = step()
+    model.config.return_dict = False
+    assert isinstance(model(input_ids=ids), tuple)
+    got = step()
+    assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1]) and got[3] == reference[3]
+    assert len(got[2]) == len(reference[2]) and all(torch.equal(a, b) for a, b in zip(got[2], reference[2]))
+
+
 @pytest.mark.parametrize("kind,chunk_len,mode", [("zoo", None, "exact"), ("zoo", 16, "exact"), ("zoo", 16, "detach"),
                                                  ("zoo", 48, "exact"), ("mixtral", 16, "exact")])
 def test_forward_backward_reports_the_aux_part_without_reading_the_device(monkeypatch, kind, chunk_len, mode):

@@ -113,6 +113,7 @@ from torch import nn
 
 from zoo.config import ZooConfig
 from zoo.config_files import find_config
+from zoo.decode import _dict_output
 from zoo.layers import scaled_width
 from zoo.registry import get_mixer, is_dotted_path
 
@@ -1535,7 +1536,7 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
                     group["lr"] = lr_at(step, sched)
                 batch = mqar_batch(m.batch_size, m.seq_len, m.n_kv, m.vocab_size, m.power_a, generator=generator)
                 with _autocast(device):
-                    out = model(**{k: v.to(device) for k, v in batch.items()})
+                    out = model(**{k: v.to(device) for k, v in batch.items()}, **_dict_output(model))
                 loss = out.loss
                 loss.backward()
                 updating = True
@@ -1594,7 +1595,7 @@ def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
         return t.detach()  # t itself: a saved output (GLA's exp) held its own node, a cycle autograd never freed
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
+        loss = model(**(_dict_output(model) | batch)).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -1618,7 +1619,7 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
     for L in tqdm(t.seq_lens, desc=f"{entry.name}: throughput", dynamic_ncols=True):
         B = t.batch_size or max(1, t.batch_tokens // L)
         ids = torch.randint(0, vocab, (B, L), generator=generator).to(device)
-        batch: dict[str, Any] = {"input_ids": ids, "labels": ids}
+        batch: dict[str, Any] = {"input_ids": ids, "labels": ids, **_dict_output(model)}
         if inputs.use_cache:
             batch["use_cache"] = False
         row: dict[str, Any] = {"seq_len": L, "batch_size": B}

@@ -31,6 +31,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import shutil
@@ -50,14 +51,17 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.cache import output_cache
 from zoo.config_files import find_config
 from zoo.data.synthetic import IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
-from zoo.decode import cache_argument
+from zoo.decode import _dict_output, cache_argument
 from zoo.layers import MoE, SwiGLU, mark_saved_copies
 from zoo.modeling import ZooForSequenceClassification
 from zoo.train import (
     ModelInputs,
     OptimConfig,
     ScheduleConfig,
+    _aux_coef,
+    _aux_part,
     _build,
+    _moe_spec,
     _progress_bars_on_main_only,
     _refuse_fp16_without_autocast,
     _refuse_lone_processes,
@@ -318,7 +322,10 @@ def check_lora_reached(model: nn.Module, seq_len: int = 8, batch_size: int = 2) 
                     model(input_ids=input_ids, use_cache=False)
                     record("eval forward")
                 else:
-                    out = model(input_ids=input_ids, use_cache=cacheable() if callable(cacheable) else True)
+                    # an output object also where the config's return_dict is False: its tuple held no cache
+                    # field, and the decode step went unprobed
+                    out = model(input_ids=input_ids, use_cache=cacheable() if callable(cacheable) else True,
+                                **_dict_output(model))
                     record("prefill")
                     cache = output_cache(out)
                     if cache is not None:
@@ -678,8 +685,11 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
     _validate_run(cfg, "")
     if cfg.lora.r < 1:
         raise ValueError(f"lora.r: must be >= 1, got {cfg.lora.r}")
-    if not cfg.lora.alpha > 0:  # scale alpha / r: at 0 the adapter is a no-op whose gradients are zero, trained in vain
-        raise ValueError(f"lora.alpha: must be > 0 (the adapter's scale is alpha / r), got {cfg.lora.alpha}")
+    # scale alpha / r: at 0 the adapter is a no-op whose gradients are zero, trained in vain; at .inf its scale made
+    # every adapted output inf, and the run trained on NaN losses
+    if not (math.isfinite(cfg.lora.alpha) and cfg.lora.alpha > 0):
+        raise ValueError(f"lora.alpha: must be a finite number > 0 (the adapter's scale is alpha / r), "
+                         f"got {cfg.lora.alpha}")
     if not 0 <= cfg.lora.dropout < 1:
         raise ValueError(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout}")
     if cfg.lora.target_modules is not None and not cfg.lora.target_modules:
@@ -883,7 +893,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | str) -> dict[str, 
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        logits = model(**batch, use_cache=False).logits[:, :-1]
+        # an output object also where the config's return_dict is False (a base saved with it): its tuple has no .logits
+        logits = model(**batch, use_cache=False, **_dict_output(model)).logits[:, :-1]
         targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         if not keep.any():
@@ -954,7 +965,8 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     settings that define the phase) is continued from; one of another stamp is left for this run to overwrite.
 
     Returns:
-        (the unwrapped model, logged rows {"step", "loss", "lr"}).
+        (the unwrapped model, logged rows {"step", "loss", "lr"}, and "aux_loss" for an MoE model: `loss` is the cross
+        entropy alone, `aux_loss` the load-balancing part of the objective, coef · aux loss, as zoo train logs them).
 
     Raises:
         TrainingStopped (a KeyboardInterrupt) after saving, when SIGTERM or Ctrl-C stopped the phase.
@@ -972,7 +984,13 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     params = list(named.values())
     batches = _cycle(loader)
     log: list[dict[str, float]] = []
-    window: list[float] = []
+    # the steps' (cross entropy, MoE aux part) since the last log, on the device (read back when the window is logged or
+    # saved: no host sync per step for them); a resumed run's as floats
+    window: list[torch.Tensor | list[float]] = []
+    # an MoE objective adds coef · its load-balancing loss: `loss` logs the cross entropy alone, `aux_loss` that part
+    base = _unwrap(accelerator.unwrap_model(model))
+    has_aux = _aux_coef(base) > 0 and (_moe_spec(base) is not None
+                                       or bool(getattr(getattr(base, "config", None), "output_router_logits", 0)))
     start = 0
     resumed = _load_checkpoint(checkpoint, stamp, accelerator, desc)
     if resumed is not None:
@@ -983,7 +1001,9 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
         if accelerator.scaler is not None and resumed.get("scaler") is not None:  # fp16's loss scale: it restarted at
             # its initial value, and the steps its overflows skip differed from an uninterrupted run's
             accelerator.scaler.load_state_dict(resumed["scaler"])
-        start, log, window = resumed["step"], resumed["log"], resumed["window"]
+        start, log = resumed["step"], resumed["log"]
+        # (a checkpoint before the aux part was logged apart kept the objective alone)
+        window = [v if isinstance(v, list) else [v, 0.0] for v in resumed["window"]]
         for _ in range(start * t.grad_accum):  # the same rows in the same order as an uninterrupted run
             next(batches)
         if resumed["rng"] is not None:
@@ -1000,10 +1020,11 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
         torch.save(rng, rng_file.with_name(f".{rng_file.name}.tmp"))
         os.replace(rng_file.with_name(f".{rng_file.name}.tmp"), rng_file)
         state = optimizer.state_dict()  # (a collective under some distributed optimizers: every process)
-        kept = window
+        kept = _window_values(window, accelerator.device) if window else None
         if accelerator.num_processes > 1 and window:  # each process holds its share of the steps' losses: the
             # resumed processes all load this one list, so it keeps their mean, as the log step takes it
-            kept = accelerator.reduce(torch.tensor(window, device=accelerator.device), reduction="mean").tolist()
+            kept = accelerator.reduce(kept, reduction="mean")
+        kept = kept.tolist() if kept is not None else []
         if accelerator.is_main_process:  # written beside and renamed: an interrupted save keeps the last one
             tmp = checkpoint / f".{_CHECKPOINT}.tmp"
             torch.save({"stamp": json.loads(json.dumps(stamp)), "step": completed, "world": accelerator.num_processes,
@@ -1042,28 +1063,33 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                                                reduction="sum")
                     scale = world / n_all.clamp(min=1.0)
                 loss = torch.zeros((), device=accelerator.device)
+                aux_parts: list[torch.Tensor] = []
                 for i, batch in enumerate(micro):
                     if t.state_passing:
                         with contextlib.nullcontext() if i == t.grad_accum - 1 else accelerator.no_sync(model):
-                            step_loss, carried = _state_passing_step(model, batch, scale, inputs, carried)
+                            step_loss, carried = _state_passing_step(model, batch, scale, inputs, carried,
+                                                                     aux=aux_parts)
                             accelerator.backward(step_loss)
                         loss += step_loss.detach()
                         continue
                     loss += forward_backward(model, batch, scale, inputs,
                                              backward=lambda tensors, grads: accelerator.backward(tensors[0]),
                                              no_sync=lambda: accelerator.no_sync(model),
-                                             sync_last=i == t.grad_accum - 1, n_targets=counts[i])
+                                             sync_last=i == t.grad_accum - 1, n_targets=counts[i], aux=aux_parts)
+                step_aux = sum(aux_parts, torch.zeros((), device=accelerator.device))
                 updating = True
                 if section.optim.grad_clip:
                     accelerator.clip_grad_norm_(params, section.optim.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 updating, completed = False, step + 1
-                window.append(float(loss))  # this process's share: the processes' mean is the all-token mean
+                # this process's share (the processes' mean is the all-token mean): the cross entropy, the aux part
+                window.append(torch.stack([loss - step_aux, step_aux.to(loss)]))
                 if completed % t.log_every == 0 or completed == t.max_steps:
-                    mean = accelerator.reduce(torch.tensor(sum(window) / len(window), device=accelerator.device),
-                                              reduction="mean").item()
-                    log.append({"step": completed, "loss": mean, "lr": lr})
+                    mean, aux_mean = accelerator.reduce(_window_values(window, accelerator.device).mean(0),
+                                                        reduction="mean").tolist()
+                    log.append({"step": completed, "loss": mean, "lr": lr}
+                               | ({"aux_loss": aux_mean} if has_aux else {}))
                     window = []
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
@@ -1107,10 +1133,12 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
 
 
 def _state_passing_step(model: nn.Module, batch: dict[str, torch.Tensor], scale: float | torch.Tensor,
-                        inputs: ModelInputs, carried: Any) -> tuple[torch.Tensor, Any]:
+                        inputs: ModelInputs, carried: Any, aux: list[torch.Tensor] | None = None
+                        ) -> tuple[torch.Tensor, Any]:
     """One micro-batch from the previous one's final states (zeros for the first, or when the row count
     changes); returns (the weighted loss to back-propagate, the detached cache for the next). scale: the weight
-    of one target, as in `zoo.train.forward_backward` (a 0-d device tensor under several processes)."""
+    of one target, as in `zoo.train.forward_backward` (a 0-d device tensor under several processes); aux, as
+    forward_backward's, gets an MoE model's load-balancing part of the loss (weighted and scaled), detached."""
     from zoo.cache import ZooCache
 
     rows = batch["input_ids"].shape[0]
@@ -1122,7 +1150,16 @@ def _state_passing_step(model: nn.Module, batch: dict[str, torch.Tensor], scale:
         raise ValueError("train.state_passing: needs a model whose layers are all recurrent (mamba, mamba2, gla); "
                          f"this one returned {type(cache).__name__} with attention (KV) layers or none")
     cache.detach_()
-    return _weighted_loss(out, count_targets(batch["labels"])) * scale, (cache, rows)
+    n = count_targets(batch["labels"])
+    if aux is not None and (part := _aux_part(model, out, n)) is not None:
+        aux.append(part * scale)
+    return _weighted_loss(out, n) * scale, (cache, rows)
+
+
+def _window_values(window: list, device) -> torch.Tensor:
+    """The logged steps' (cross entropy, aux part) as one [steps, 2] tensor on `device` (a host sync where they are
+    on the device: once per log or save)."""
+    return torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in window])
 
 
 def _eval_loader(dataset: Dataset, batch_size: int, pad_id: int) -> DataLoader:
@@ -1133,7 +1170,8 @@ def _eval_loader(dataset: Dataset, batch_size: int, pad_id: int) -> DataLoader:
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor], device) -> torch.Tensor:
     was_training = model.training
     model.eval()
-    out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+    out = model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, use_cache=False,
+                **_dict_output(model)).logits.float()
     model.train(was_training)
     return out
 
@@ -1354,9 +1392,14 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     result["reload_max_abs_diff"] = (reload_logits - trained_logits).abs().max().item()
     result["merge_max_abs_diff"] = (merged_logits - reload_logits).abs().max().item()
     scale = trained_logits.abs().max().item()
-    if result["reload_max_abs_diff"] > 1e-4 * max(1.0, scale) or result["merge_max_abs_diff"] > 1e-3 * max(1.0, scale):
+    # not (diff <= tol): a NaN difference (a diverged run's NaN or inf logits) passed `diff > tol`, and the run saved a
+    # NaN merged model and reported success
+    if not (result["reload_max_abs_diff"] <= 1e-4 * max(1.0, scale)
+            and result["merge_max_abs_diff"] <= 1e-3 * max(1.0, scale)):
+        why = "" if math.isfinite(scale) and math.isfinite(result["reload_max_abs_diff"]) else \
+            " (non-finite logits: the training diverged; lower optim.lr)"
         raise RuntimeError(f"adapter round trip changed the logits: reload {result['reload_max_abs_diff']:.3e}, "
-                           f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f})")
+                           f"merge {result['merge_max_abs_diff']:.3e} (max |logit| {scale:.2f}){why}")
     # trained and checked in fp32; saved (and evaluated) in the base checkpoint's own dtype, as a user reloads it: a
     # bf16 base's merged checkpoint was fp32, twice its size, and loaded as fp32
     base_dtype = _checkpoint_dtype(base_path)

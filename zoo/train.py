@@ -671,10 +671,13 @@ class ModelInputs:
     # a transformers model under flash attention, which tells packed documents apart by position_ids only in a batch of
     # one row: packed rows also get the documents' cu_seq_lens, as transformers' DataCollatorWithFlattening gives them
     varlen: bool = False
+    # return_dict=True where the forward takes it (zoo.decode._dict_output): a config with return_dict False
+    # (transformers' option, e.g. a checkpoint exported with it) returned tuples, which have no .loss or .logits
+    return_dict: bool = False
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelInputs:
-        from zoo.decode import cache_argument
+        from zoo.decode import _dict_output, cache_argument
 
         params = inspect.signature(model.forward).parameters
         attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -682,7 +685,8 @@ class ModelInputs:
             and "flash" in attention and any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
         return cls(seq_idx="seq_idx" in params, position_ids="position_ids" in params,
                    use_cache="use_cache" in params, cache=cache_argument(model),
-                   output_router_logits="output_router_logits" in params, varlen=varlen)
+                   output_router_logits="output_router_logits" in params, varlen=varlen,
+                   return_dict=bool(_dict_output(model)))
 
     def kwargs(self, batch: dict[str, torch.Tensor], sl: slice | None = None, labels: bool = True
                ) -> dict[str, Any]:
@@ -690,6 +694,8 @@ class ModelInputs:
         the slice's end, as a cache-carrying forward expects)."""
         sl = sl or slice(None)
         out: dict[str, Any] = {"input_ids": batch["input_ids"][:, sl]}
+        if self.return_dict:
+            out["return_dict"] = True
         if labels:
             out["labels"] = batch["labels"][:, sl]
         if self.seq_idx and "seq_idx" in batch:

@@ -200,13 +200,17 @@ def iter_chunk_logits(
     Yields:
         ``(start, logits)`` with logits [B, c, V] for positions ``start .. start + c - 1``.
     """
+    from zoo.decode import _dict_output, cache_argument, continues_chunks_exactly
+
     seq_len = input_ids.shape[1]
+    # an output object also where the config's return_dict is False (transformers' option, for exports): its tuple has
+    # no .logits
+    output = _dict_output(model)
     if chunk_size is None or chunk_size >= seq_len:
-        yield 0, model(input_ids=input_ids, use_cache=False).logits
+        yield 0, model(input_ids=input_ids, use_cache=False, **output).logits
         return
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    from zoo.decode import cache_argument, continues_chunks_exactly
 
     if not continues_chunks_exactly(model):
         raise ValueError(f"{type(model).__name__} cannot continue a multi-token chunk from its cache exactly; "
@@ -216,7 +220,7 @@ def iter_chunk_logits(
     cache = None
     for start in range(0, seq_len, chunk_size):
         chunk = input_ids[:, start : start + chunk_size]
-        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **chunk_positions(model, chunk, start))
+        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **chunk_positions(model, chunk, start), **output)
         cache = output_cache(out, arg)
         yield start, out.logits
 

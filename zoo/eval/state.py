@@ -36,6 +36,7 @@ from zoo.eval.common import (
     trained_with_bos,
     write_json,
 )
+from zoo.eval.length import document_provenance, recipe_holdout
 from zoo.state import (
     add_mitigation_argument,
     apply_mitigation,
@@ -89,26 +90,31 @@ def check_row_options(args) -> None:
                          f"or leave them out")
 
 
-def load_rows(args, add_bos: bool = True) -> torch.Tensor:
-    """LongTensor [n_docs, max_len]: from --tokens, a synthetic --task, or the built-in corpus (its documents
-    with BOS first or not: ``add_bos``, as the model trained, ``zoo.eval.common.trained_with_bos``)."""
+def load_rows(args, add_bos: bool = True, holdout: float = 0.01) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """``(rows, documents)``: rows, a LongTensor [n_docs, max_len], from --tokens, a synthetic --task, or the
+    built-in corpus (its documents with BOS first or not: ``add_bos``, as the model trained,
+    ``zoo.eval.common.trained_with_bos``; the held-out files of data.holdout ``holdout`` first, as
+    ``zoo.eval.length.recipe_holdout`` reads it for a zoo checkpoint); documents, those the rows were cut from (a
+    ``CorpusDocuments`` for the built-in corpus, which ``zoo.eval.length.document_provenance`` reads; its counts are
+    of the whole documents, before a cut to the shortest), None for a task's rows."""
     if args.task:
         from zoo.data.synthetic import make_batch
 
         kwargs = task_arguments(args)
         generator = torch.Generator().manual_seed(args.seed)
         try:
-            return make_batch(args.task, args.n_docs, args.max_len, generator, **kwargs)["input_ids"]
+            return make_batch(args.task, args.n_docs, args.max_len, generator, **kwargs)["input_ids"], None
         except ValueError as error:
             raise ValueError(f"--task {args.task}: {error}; change --n-kv, --vocab-size or --max-len") from None
     from zoo.eval.length import load_documents
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
-    docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, add_bos=add_bos)
+    docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, add_bos=add_bos,
+                          holdout=holdout)
     length = min(len(d) for d in docs)
     if length < args.max_len:
         print(f"note: documents cut to the shortest, {length} tokens")
-    return torch.stack([d[:length] for d in docs])
+    return torch.stack([d[:length] for d in docs]), docs
 
 
 def check_rows(model, rows: torch.Tensor, args) -> None:
@@ -224,7 +230,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model = load_model(args.model, args.device, args.dtype)
     check_recurrent(model, f"--model {args.model}")
-    rows = load_rows(args, trained_with_bos(getattr(model, "config", None)))
+    # a zoo checkpoint trained on the built-in corpus: its run's held-out files first (its train_config.yaml), and the
+    # share of its training text in the rows said and recorded, as zoo eval length does; the held-out files of 0.01
+    # were taken whatever the run's data.holdout, and the share went unrecorded
+    holdout = None if args.tokens or args.task else recipe_holdout(args.model)
+    rows, documents = load_rows(args, trained_with_bos(getattr(model, "config", None)),
+                                0.01 if holdout is None else holdout)
+    provenance = document_provenance(documents, f"zoo eval state {args.model}", holdout is not None)
+    saved = {"model": args.model} | ({"documents": provenance} if provenance is not None else {})
     check_rows(model, rows, args)
     if args.norm_calibrate and args.norm_calibrate > rows.shape[1]:
         raise ValueError(f"--norm-calibrate {args.norm_calibrate}: longer than the rows ({rows.shape[1]} tokens); "
@@ -244,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         runs.append(("none", record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
                                                      partial_key=key, label="the unmitigated run", keep_partial=True)))
         # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
-        write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
+        write_json(saved | {"runs": dict(runs)}, out / "state.json")
     spec = parse_mitigation(args.mitigation)
     if spec is not None and math.isfinite(spec["threshold"]):
         # a fixed cap acts on the heads the statistics are recorded on (--group-size): it took the spec's default of
@@ -267,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")
         print(markdown_table(summary_rows(res)))
         print()
-    write_json({"model": args.model, "runs": dict(runs)}, out / "state.json")
+    write_json(saved | {"runs": dict(runs)}, out / "state.json")
     remove_partial(out / "state.partial.pt")
     remove_partial(out / "state-none.partial.pt")
     pngs = plot_state_statistics(runs if len(runs) > 1 else result, out, args.train_length)

@@ -71,7 +71,10 @@ def predict_answers(
         if accepts_argument(model, "logits_to_keep") and len(positions):
             # an int (keep the last k positions) is what every implementation of logits_to_keep accepts
             kwargs["logits_to_keep"] = seq_len - int(positions[0])
-        logits = model(input_ids=input_ids, use_cache=False, **kwargs).logits
+        from zoo.decode import _dict_output
+
+        # an output object also where the config's return_dict is False (transformers' option): its tuple has no .logits
+        logits = model(input_ids=input_ids, use_cache=False, **kwargs, **_dict_output(model)).logits
         logits = logits[:, positions - (seq_len - logits.shape[1])]
     else:
         pieces = []

@@ -217,10 +217,13 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
 
         bar = tqdm(total=length, desc="state statistics", unit="tok", dynamic_ncols=True, initial=start)
     last_save, wait = time.monotonic(), save_every
+    from zoo.decode import _dict_output
+
+    output = _dict_output(model)  # an output object also where the config's return_dict is False (a tuple: no .logits)
     with recorder:
         for n, end in enumerate(ends[done:], done + 1):
             chunk = input_ids[:, start:end]
-            out = model(input_ids=chunk, past_key_values=cache, use_cache=True)
+            out = model(input_ids=chunk, past_key_values=cache, use_cache=True, **output)
             cache = output_cache(out)
             logits = out.logits.float()
             pieces = [logits[:, :-1]] if previous_logit is None else [previous_logit, logits[:, :-1]]
@@ -309,10 +312,13 @@ def calibrate_norm_threshold(model, input_ids: torch.Tensor, factor: float = 1.0
     largest: dict[int, torch.Tensor] = {}
     was_training = model.training
     model.eval()
+    from zoo.decode import _dict_output
+
+    output = _dict_output(model)  # an output object also where the config's return_dict is False (a tuple: no cache)
     try:
         cache, start = None, 0
         for end in points:
-            cache = output_cache(model(input_ids=rows[:, start:end], past_key_values=cache, use_cache=True))
+            cache = output_cache(model(input_ids=rows[:, start:end], past_key_values=cache, use_cache=True, **output))
             start = end
             for i, kind in kinds.items():
                 norms = head_view(kind, cache.layers[i].recurrent_state.double(), group_size).norm(dim=-1)  # (b, heads)
