@@ -1204,8 +1204,11 @@ def test_throughput_peak_memory_leaves_out_the_warmup_steps(tmp_path, monkeypatc
         return real(device)
 
     monkeypatch.setattr(compare, "_autocast", autocast)
+    # what earlier tests in this process left allocated counts in the peak too (1.1 GB after the modeling and train
+    # cuda tests): the bound is on the phase's own share
+    before = torch.cuda.memory_allocated() / 2 ** 20
     (row,) = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cuda"))["rows"]
-    assert len(calls) >= 2 and 0 < row["peak_mib"] < 512  # (the backend report enters it after the steps)
+    assert len(calls) >= 2 and 0 < row["peak_mib"] - before < 512  # (the backend report enters it after the steps)
 
 
 def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_path, monkeypatch):
