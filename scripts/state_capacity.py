@@ -8,7 +8,8 @@ shortest training length past which no state collapse appears, and fit a line of
 
 Every (model, training length L) is a ``zoo.train`` run on text (``run`` holds the run config; each length
 gets batch_tokens / L rows per step, in ``run.train.grad_accum`` micro batches, and tokens_per_run / batch_tokens
-steps, so every run sees the same tokens) in ``output_dir/<model>-L<L>/``. Each trained model is evaluated with
+steps, so every run sees the same tokens; ``run.schedule.warmup_steps``, 100 by default, is capped at a tenth of
+those steps) in ``output_dir/<model>-L<L>/``. Each trained model is evaluated with
 ``zoo.eval.length`` (per-position loss on long documents, state carried chunk to chunk) without and with every
 ``eval.mitigations`` spec (``{L}`` in a spec is replaced by the training length, e.g. ``window:r={L}``;
 ``norm-calibrated:factor=F`` caps each head's state norm at F times its largest norm over the documents' first L
