@@ -180,6 +180,23 @@ def test_labels_give_loss_with_moe_aux():
     assert model.model.layers[1].ffn.router.weight.grad is not None
 
 
+def test_moe_aux_loss_takes_router_logits_of_layers_on_different_devices():
+    """Under a device_map that splits the layers, each MoE layer's router logits are on its own device: the aux loss
+    mixed them (and the mask, moved to the first layer's device) and raised "Tensor on device ... is not on the
+    expected device", so every forward but generate's failed; transformers' load_balancing_loss_func moves each
+    layer's logits to the first's. (CPU only here: the first layer's logits on meta stand for another device.)"""
+    from transformers.models.jamba.modeling_jamba import load_balancing_loss_func
+
+    from zoo.layers import load_balancing_loss
+
+    logits = [torch.randn(6, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    split = load_balancing_loss([logits[0].to("meta"), *logits[1:]], 4, 2, mask)
+    assert split.device.type == "meta" and split.shape == ()
+    ref = load_balancing_loss_func(tuple(logits), 4, 2, mask)
+    torch.testing.assert_close(load_balancing_loss(logits, 4, 2, mask), ref)
+
+
 def test_eval_loss_of_a_moe_model_is_the_cross_entropy_alone():
     """The load-balancing loss was added in eval mode too, so zoo train's eval/loss, eval/ppl and bits_per_byte and
     the Trainer's eval_loss of a MoE model were CE + aux_loss_coef * aux, not the held-out cross-entropy."""

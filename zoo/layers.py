@@ -604,7 +604,8 @@ def load_balancing_sums(router_logits: Sequence[torch.Tensor], n_experts: int, t
     keep = token_mask.reshape(-1).to(counts) if token_mask is not None else None
     rows = 0
     for logits in router_logits:
-        p = logits.float().softmax(-1)
+        # each layer's on its own device under a device_map that splits the layers (as transformers' Jamba moves them)
+        p = logits.to(counts.device).float().softmax(-1)
         chosen = p.topk(top_k, dim=-1).indices  # (tokens, k)
         slots = keep[:, None].expand_as(chosen) if keep is not None else torch.ones_like(chosen, dtype=counts.dtype)
         counts = counts.scatter_add(0, chosen.reshape(-1), slots.reshape(-1))

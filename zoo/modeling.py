@@ -1067,7 +1067,8 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             targets = F.pad(labels.to(logits.device), (0, 1), value=-100)[:, 1:].reshape(-1)
             loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=-100)
             if aux is not None and self.training:  # a training regularizer, not part of an eval loss
-                loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux
+                # (the aux loss is on the first MoE layer's device, the loss on lm_head's: a device_map may differ)
+                loss = loss + self.config.moe_spec()["aux_loss_coef"] * aux.to(loss.device)
             if num_items_in_batch is not None:
                 # the Trainer leaves the loss unscaled for accumulation when the model takes this count: the
                 # micro-batches' losses must add up to the accumulated batch's mean, each weighted by its targets
