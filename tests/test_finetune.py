@@ -682,6 +682,18 @@ def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path
     assert len(read_jsonl(str(tmp_path / "*.jsonl"))) == 2
 
 
+def test_a_jsonl_file_named_under_two_spellings_is_read_once(tmp_path, monkeypatch):
+    # a file named as it is was taken as spelled ('./rows.jsonl'), beside the glob's spelling of it ('rows.jsonl'): its
+    # rows were read, and trained on, twice
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "once"}) + "\n")
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": "other"}) + "\n")
+    assert sorted(r["text"] for r in read_jsonl(["./rows.jsonl", "*.jsonl"])) == ["once", "other"]
+    assert read_jsonl(["./rows.jsonl", str(tmp_path / "rows.jsonl")]) == [{"text": "once"}]
+
+
 def test_a_jsonl_string_holding_a_unicode_line_separator_is_one_row(tmp_path):
     # str.splitlines broke a line at the U+2028, U+2029 or U+0085 that a JSON string may hold unescaped (json.dumps with
     # ensure_ascii=False writes them so), and the valid row was refused as "not a JSON object"

@@ -741,13 +741,18 @@ class ListDataset(Dataset):
 
 
 def _jsonl_files(source: str | list[str]) -> list[str]:
-    """The files that jsonl path(s) or glob(s) name, sorted."""
+    """The files that jsonl path(s) or glob(s) name, sorted, each once (a file matched under two spellings, such as
+    './rows.jsonl' and the glob '*.jsonl', or through a symlink, is read once, as data.source's local files are)."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
     # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
-    return sorted({f for p in map(os.path.expanduser, patterns)
-                   for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
+    files = sorted({f for p in map(os.path.expanduser, patterns)
+                    for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
+    unique: dict[str, str] = {}  # the real path -> its first spelling in sorted order
+    for f in files:
+        unique.setdefault(os.path.realpath(f), f)
+    return sorted(unique.values())
 
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
