@@ -882,8 +882,8 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
     assert run("other") == 130
     monkeypatch.setattr(ft, "lr_at", real)
-    other = run("other", "--lora.r=2")  # another config: starts over
-    assert "holds a checkpoint of another config; starting over" in capsys.readouterr().out
+    other = run("other", "--lora.r=2")  # another config: starts over, naming what differs
+    assert "holds a checkpoint of another config; starting over (it differs in lora.r)" in capsys.readouterr().out
     assert len(other["log"]) == 3
 
 
@@ -957,6 +957,7 @@ def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, mon
     run("edited")
     out = capsys.readouterr().out
     assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
+    assert "(it differs in data_files (the jsonl files' paths, sizes or modification times))" in out
 
 
 def test_a_stopped_finetune_continues_when_its_folders_are_spelled_otherwise(tmp_path, monkeypatch, capsys):
@@ -1010,6 +1011,7 @@ def test_a_finetune_checkpoint_is_not_continued_in_another_precision(tmp_path, m
     run("cut", *fp32)
     out = capsys.readouterr().out
     assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
+    assert "(it differs in train.precision)" in out
 
 
 def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch):
