@@ -200,9 +200,12 @@ def iter_chunk_logits(
     Yields:
         ``(start, logits)`` with logits [B, c, V] for positions ``start .. start + c - 1``.
     """
+    from zoo.decode import _dict_output
+
     seq_len = input_ids.shape[1]
+    as_dict = _dict_output(model)  # an output object also where the config says return_dict=False (a tuple)
     if chunk_size is None or chunk_size >= seq_len:
-        yield 0, model(input_ids=input_ids, use_cache=False).logits
+        yield 0, model(input_ids=input_ids, use_cache=False, **as_dict).logits
         return
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
@@ -216,7 +219,7 @@ def iter_chunk_logits(
     cache = None
     for start in range(0, seq_len, chunk_size):
         chunk = input_ids[:, start : start + chunk_size]
-        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **chunk_positions(model, chunk, start))
+        out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **chunk_positions(model, chunk, start), **as_dict)
         cache = output_cache(out, arg)
         yield start, out.logits
 

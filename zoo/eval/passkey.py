@@ -159,7 +159,7 @@ def greedy_generate(
     cache (transformers' Mamba, ``zoo.decode.continues_chunks_exactly``) raises ValueError; a ``prefill_chunk_size`` in
     its checkpoint's generation_config is reset for it (generate would prefill in those chunks, inexactly).
     """
-    from zoo.decode import cache_argument, continues_chunks_exactly
+    from zoo.decode import _dict_output, cache_argument, continues_chunks_exactly
 
     if prefill_chunk_size is None:
         kwargs = {"pad_token_id": eos_token_id, "eos_token_id": eos_token_id} if eos_token_id is not None else {}
@@ -178,10 +178,11 @@ def greedy_generate(
     arg = cache_argument(model)  # past_key_values, or cache (transformers 5.2x) / cache_params (its old Mamba)
     cache, last = None, None
     keep_last = accepts_argument(model, "logits_to_keep")  # prefill needs only the last position's logits
+    as_dict = _dict_output(model)  # an output object also where the config says return_dict=False (a tuple)
     for start in range(0, input_ids.shape[1], prefill_chunk_size):
         chunk = input_ids[:, start : start + prefill_chunk_size]
         out = model(input_ids=chunk, use_cache=True, **{arg: cache}, **chunk_positions(model, chunk, start),
-                    **({"logits_to_keep": 1} if keep_last else {}))
+                    **({"logits_to_keep": 1} if keep_last else {}), **as_dict)
         cache, last = output_cache(out, arg), out.logits[:, -1]
     new_tokens = []
     for step in range(max_new_tokens):
@@ -190,7 +191,7 @@ def greedy_generate(
         if eos_token_id is not None and int(token) == eos_token_id:
             break
         out = model(input_ids=token, use_cache=True, **{arg: cache},
-                    **chunk_positions(model, token, input_ids.shape[1] + step))
+                    **chunk_positions(model, token, input_ids.shape[1] + step), **as_dict)
         cache, last = output_cache(out, arg), out.logits[:, -1]
     return torch.cat(new_tokens, dim=1)
 
