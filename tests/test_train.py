@@ -139,9 +139,12 @@ def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)], (resumed, full)
 
 
-def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed", [False, True], ids=["resumed", "resumed-killed-resumed"])
+def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, monkeypatch, killed):
     # a first Ctrl-C waits for the evaluation to end; a second one cut it short: the last completed step was saved,
-    # and the resumed run went on from the step after it, so that step's eval/loss was never logged
+    # and the resumed run went on from the step after it, so that step's eval/loss was never logged. killed: the
+    # resumed run, which logs that evaluation first, is killed before its next checkpoint; the run resumed again from
+    # the same checkpoint evaluated the step again, and metrics.csv held its eval row twice
     import zoo.train as zt
 
     def metrics(run):
@@ -163,45 +166,18 @@ def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, mo
         train(cfg, on_step=lambda s, m: armed.append(s) if s == 2 else None)
     assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
     monkeypatch.setattr(zt, "_weighted_loss", real)
+    if killed:
+        def kill(step, _):
+            if step == 3:
+                raise _Killed
+
+        with pytest.raises(_Killed):  # after the resumed evaluation of step 2, before a checkpoint
+            train(cfg, resume="auto", on_step=kill)
+        assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
+        assert [r["step"] for r in metrics(tmp_path / "b" / "run") if r.get("eval/loss")] == ["2"]
     resumed = train(cfg, resume="auto")
     assert [e["step"] for e in resumed.evals] == [2, 4]
     assert resumed.evals == full.evals
-    assert metrics(tmp_path / "b" / "run") == metrics(tmp_path / "a" / "run")
-
-
-def test_an_evaluation_left_to_a_resumed_run_that_is_killed_is_logged_once(tmp_path, monkeypatch):
-    # the resumed run logs the checkpoint's cut-short evaluation first; killed before its next checkpoint, the run
-    # resumed again from that checkpoint evaluates the step again, and metrics.csv held its eval row twice
-    import zoo.train as zt
-
-    def metrics(run):
-        with open(run / "metrics.csv") as f:
-            return [{k: v for k, v in r.items() if not k.endswith("tokens_per_s")} for r in csv.DictReader(f)]
-
-    sections = {"train": {"max_steps": 4}, "eval": {"every": 2, "batches": 2}, "log": {"every": 1}}
-    train(config_from_dict(run_dict(tmp_path / "a", **sections)))
-    real, armed = zt._weighted_loss, []
-
-    def ctrl_c_in_eval(*args, **kwargs):
-        if armed and not torch.is_grad_enabled():
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(zt, "_weighted_loss", ctrl_c_in_eval)
-    cfg = config_from_dict(run_dict(tmp_path / "b", **sections))
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, on_step=lambda s, m: armed.append(s) if s == 2 else None)
-    monkeypatch.setattr(zt, "_weighted_loss", real)
-
-    def kill(step, _):
-        if step == 3:
-            raise _Killed
-
-    with pytest.raises(_Killed):  # after the resumed evaluation of step 2, before a checkpoint
-        train(cfg, resume="auto", on_step=kill)
-    assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
-    assert [r["step"] for r in metrics(tmp_path / "b" / "run") if r.get("eval/loss")] == ["2"]
-    train(cfg, resume="auto")
     assert metrics(tmp_path / "b" / "run") == metrics(tmp_path / "a" / "run")
 
 
