@@ -1016,7 +1016,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     def _chunk_aux(out, start: int, stop: int) -> None:
         """Chunk [start, stop)'s aux part of its loss into `aux`: its share of the row's (`_RowAux`), else its own
         (weighted by the chunk's inner targets, counted on the device: no host sync per chunk)."""
-        if aux is None:
+        if aux is None or getattr(out, "aux_loss", None) is None:  # (no count of the targets for a model without one)
             return
         if row_aux is not None:
             part = row_aux.share
