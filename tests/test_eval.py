@@ -1779,3 +1779,26 @@ def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp
     capsys.readouterr()
     synthetic.main([*argv, "--chunk-size", "16"])
     assert "chunk_size differ" in capsys.readouterr().out
+
+
+def test_evaluations_of_a_model_whose_config_says_return_dict_false_read_its_logits():
+    """A folder saved from a model loaded with return_dict=False (for an export) keeps it in config.json, and the
+    forward returns a tuple: the chunked per-position loss, the passkey's chunked prefill and decode, and the synthetic
+    predictions read out.logits and failed with "'tuple' object has no attribute 'logits'" (generate and zoo.decode's
+    loops ask every step for an output object, as these now do)."""
+    from zoo.data.text import ByteTokenizer
+
+    model = tiny_zoo_model("mamba")
+    docs = [torch.randint(1, 200, (64,), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def run():
+        return (evaluate_length(model, docs, 16, 2)["bins"], evaluate_length(model, docs, None, 2)["bins"],
+                evaluate_passkey(model, ByteTokenizer(), [300], [0.5], 1, prefill_chunk_size=64,
+                                 max_new_tokens=8)["rows"],
+                [evaluate_synthetic(model, "mqar", seq_lens=[64], n_kv=[4], n_samples=2, vocab_size=128,
+                                    chunk_size=chunk)["rows"] for chunk in (None, 16)])
+
+    expected = run()
+    model.config.return_dict = False
+    assert isinstance(model(docs[0][None]), tuple)
+    assert run() == expected

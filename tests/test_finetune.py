@@ -713,6 +713,18 @@ def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path
     assert len(read_jsonl(str(tmp_path / "*.jsonl"))) == 2
 
 
+def test_a_jsonl_file_named_under_two_spellings_is_read_once(tmp_path, monkeypatch):
+    # a file named as it is was taken as spelled ('./rows.jsonl'), beside the glob's spelling of it ('rows.jsonl'): its
+    # rows were read, and trained on, twice
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "once"}) + "\n")
+    (tmp_path / "more.jsonl").write_text(json.dumps({"text": "other"}) + "\n")
+    assert sorted(r["text"] for r in read_jsonl(["./rows.jsonl", "*.jsonl"])) == ["once", "other"]
+    assert read_jsonl(["./rows.jsonl", str(tmp_path / "rows.jsonl")]) == [{"text": "once"}]
+
+
 def test_a_jsonl_string_holding_a_unicode_line_separator_is_one_row(tmp_path):
     # str.splitlines broke a line at the U+2028, U+2029 or U+0085 that a JSON string may hold unescaped (json.dumps with
     # ensure_ascii=False writes them so), and the valid row was refused as "not a JSON object"
@@ -901,8 +913,8 @@ def test_an_interrupted_finetune_continues_exactly_where_it_stopped(tmp_path, mo
     monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
     assert run("other") == 130
     monkeypatch.setattr(ft, "lr_at", real)
-    other = run("other", "--lora.r=2")  # another config: starts over
-    assert "holds a checkpoint of another config; starting over" in capsys.readouterr().out
+    other = run("other", "--lora.r=2")  # another config: starts over, naming what differs
+    assert "holds a checkpoint of another config; starting over (it differs in lora.r)" in capsys.readouterr().out
     assert len(other["log"]) == 3
 
 
@@ -976,6 +988,7 @@ def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, mon
     run("edited")
     out = capsys.readouterr().out
     assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
+    assert "(it differs in data_files (the jsonl files' paths, sizes or modification times))" in out
 
 
 def test_a_stopped_finetune_continues_when_its_folders_are_spelled_otherwise(tmp_path, monkeypatch, capsys):
@@ -1029,6 +1042,7 @@ def test_a_finetune_checkpoint_is_not_continued_in_another_precision(tmp_path, m
     run("cut", *fp32)
     out = capsys.readouterr().out
     assert "holds a checkpoint of another config; starting over" in out and "continuing from step" not in out
+    assert "(it differs in train.precision)" in out
 
 
 def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch):

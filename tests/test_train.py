@@ -139,9 +139,12 @@ def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp
     assert [resumed[s] for s in (3, 4)] == [full[s] for s in (3, 4)], (resumed, full)
 
 
-def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("killed", [False, True], ids=["resumed", "resumed-killed-resumed"])
+def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, monkeypatch, killed):
     # a first Ctrl-C waits for the evaluation to end; a second one cut it short: the last completed step was saved,
-    # and the resumed run went on from the step after it, so that step's eval/loss was never logged
+    # and the resumed run went on from the step after it, so that step's eval/loss was never logged. killed: the
+    # resumed run, which logs that evaluation first, is killed before its next checkpoint; the run resumed again from
+    # the same checkpoint evaluated the step again, and metrics.csv held its eval row twice
     import zoo.train as zt
 
     def metrics(run):
@@ -163,6 +166,15 @@ def test_a_ctrl_c_during_an_evaluation_leaves_it_to_the_resumed_run(tmp_path, mo
         train(cfg, on_step=lambda s, m: armed.append(s) if s == 2 else None)
     assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
     monkeypatch.setattr(zt, "_weighted_loss", real)
+    if killed:
+        def kill(step, _):
+            if step == 3:
+                raise _Killed
+
+        with pytest.raises(_Killed):  # after the resumed evaluation of step 2, before a checkpoint
+            train(cfg, resume="auto", on_step=kill)
+        assert latest_checkpoint(cfg.output_dir).name == "step_00000002"
+        assert [r["step"] for r in metrics(tmp_path / "b" / "run") if r.get("eval/loss")] == ["2"]
     resumed = train(cfg, resume="auto")
     assert [e["step"] for e in resumed.evals] == [2, 4]
     assert resumed.evals == full.evals

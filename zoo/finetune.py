@@ -61,6 +61,7 @@ from zoo.train import (
     _aux_coef,
     _aux_part,
     _build,
+    _flat,
     _moe_spec,
     _progress_bars_on_main_only,
     _refuse_fp16_without_autocast,
@@ -751,13 +752,18 @@ class ListDataset(Dataset):
 
 
 def _jsonl_files(source: str | list[str]) -> list[str]:
-    """The files that jsonl path(s) or glob(s) name, sorted."""
+    """The files that jsonl path(s) or glob(s) name, sorted, each once (a file matched under two spellings, such as
+    './rows.jsonl' and the glob '*.jsonl', or through a symlink, is read once, as data.source's local files are)."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
     # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
-    return sorted({f for p in map(os.path.expanduser, patterns)
-                   for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
+    files = sorted({f for p in map(os.path.expanduser, patterns)
+                    for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
+    unique: dict[str, str] = {}  # the real path -> its first spelling in sorted order
+    for f in files:
+        unique.setdefault(os.path.realpath(f), f)
+    return sorted(unique.values())
 
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
@@ -934,8 +940,19 @@ def _load_checkpoint(folder: Path | None, stamp: Any, accelerator, desc: str) ->
     if file is None or not file.is_file():
         return None
     saved = torch.load(file, map_location="cpu", weights_only=True)
-    if saved.get("stamp") != json.loads(json.dumps(stamp)):
-        accelerator.print(f"{desc}: {folder} holds a checkpoint of another config; starting over")
+    now = json.loads(json.dumps(stamp))
+    if saved.get("stamp") != now:
+        # which settings differ: a jsonl file only touched (copied, checked out) or an older version's checkpoint was
+        # "another config" too, and the user could not tell why the stopped run's steps were being thrown away
+        was = saved.get("stamp")
+        old, new = (_flat(was), _flat(now)) if isinstance(was, dict) and isinstance(now, dict) else ({}, {})
+        missing = object()
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k, missing) != new.get(k, missing))
+        what = {"data_files": "data_files (the jsonl files' paths, sizes or modification times)",
+                "base": "base (the base model's path or weight files' sizes or modification times)"}
+        named = [what.get(k, k) for k in changed[:6]] + ([f"{len(changed) - 6} more"] if len(changed) > 6 else [])
+        accelerator.print(f"{desc}: {folder} holds a checkpoint of another config; starting over"
+                          + (f" (it differs in {', '.join(named)})" if named else ""))
         return None
     if "world" in saved and saved["world"] != accelerator.num_processes:  # (checkpoints before it are not checked)
         # each process reads its own share of the rows: another count replayed the wrong rows, without a word

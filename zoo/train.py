@@ -1022,7 +1022,7 @@ def forward_backward(model: nn.Module, batch: dict[str, torch.Tensor], scale: fl
     def _chunk_aux(out, start: int, stop: int) -> None:
         """Chunk [start, stop)'s aux part of its loss into `aux`: its share of the row's (`_RowAux`), else its own
         (weighted by the chunk's inner targets, counted on the device: no host sync per chunk)."""
-        if aux is None:
+        if aux is None or getattr(out, "aux_loss", None) is None:  # (no count of the targets for a model without one)
             return
         if row_aux is not None:
             part = row_aux.share
@@ -1161,9 +1161,11 @@ def _csv_tracker_class():
     return CSVTracker
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
+def _drop_metrics_after(path: Path, step: int, eval_due: bool = False) -> None:
     """Drop metrics.csv rows past `step`: those of a run killed after its last checkpoint, which the resumed run
-    logs again (or all rows, for a new run in an old run's directory)."""
+    logs again (or all rows, for a new run in an old run's directory). `eval_due`: the resumed run evaluates `step`
+    itself (its checkpoint's evaluation was cut short), so an evaluation row at `step` goes too: one that an earlier
+    resume logged before it was killed."""
     import csv
 
     if not path.is_file():
@@ -1172,7 +1174,12 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         reader = csv.DictReader(f)
         rows = list(reader)
         columns = reader.fieldnames or []
-    kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step]
+
+    def evaluation(row: dict) -> bool:
+        return any(k.startswith("eval/") and v not in (None, "") for k, v in row.items())
+
+    kept = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= step
+            and not (eval_due and int(r["step"]) == step and evaluation(r))]
     if len(kept) < len(rows):
         _rewrite_csv(path, columns, kept)
 
@@ -1824,12 +1831,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
             raise ValueError(f"train.max_steps: {cfg.train.max_steps} is below the step of {start_ckpt} ({step}); "
                              f"resume with train.max_steps >= {step}, or use {start_ckpt / 'model'} as it is")
         data_state = StreamState(**state["data_states"][accelerator.process_index])
+    # the checkpoint's evaluation was cut short (a second Ctrl-C during it): this run does it first
+    eval_due = start_ckpt is not None and state.get("eval_due") == step and bool(cfg.eval.every)
 
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt_root.glob(".tmp-*"):  # left by a run killed while saving
             shutil.rmtree(stale, ignore_errors=True)
-        _drop_metrics_after(out_dir / "metrics.csv", step)
+        _drop_metrics_after(out_dir / "metrics.csv", step, eval_due)
         (out_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         info = {"model_class": model_class, "params": n_params, "active_params": n_active,
                 "flops_per_token": flops_per_token, "mfu_formula": mfu_formula,
@@ -1999,7 +2008,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     evaluating = False  # a second Ctrl-C during an evaluation: the checkpoint asks the resumed run to do it
     with _StopRequest() as stop:
         try:
-            if start_ckpt is not None and state.get("eval_due") == step and cfg.eval.every:
+            if eval_due:
                 log_eval()  # the evaluation of the checkpoint's step, interrupted: an uninterrupted run logged it
             while step < cfg.train.max_steps:
                 t0 = time.perf_counter()

@@ -62,6 +62,8 @@ def predict_answers(
         ``(predictions, targets, asked)``, each [B, P] over the P positions where any row has an answer;
         ``asked`` marks the entries that are real answers.
     """
+    from zoo.decode import _dict_output
+
     asked_all = labels[:, 1:] != IGNORE_INDEX  # [B, T-1]: position p answers labels[:, p + 1]
     positions = asked_all.any(dim=0).nonzero().squeeze(1)  # [P]
     targets = labels[:, 1:][:, positions]
@@ -71,8 +73,6 @@ def predict_answers(
         if accepts_argument(model, "logits_to_keep") and len(positions):
             # an int (keep the last k positions) is what every implementation of logits_to_keep accepts
             kwargs["logits_to_keep"] = seq_len - int(positions[0])
-        from zoo.decode import _dict_output
-
         # an output object also where the config's return_dict is False (transformers' option): its tuple has no .logits
         logits = model(input_ids=input_ids, use_cache=False, **kwargs, **_dict_output(model)).logits
         logits = logits[:, positions - (seq_len - logits.shape[1])]
