@@ -87,6 +87,8 @@ def test_parse_mitigation():
     ("norm:threshold=1,chunk=1.5", "chunk / group_size: must be >= 1 and whole, got chunk=1.5"),  # (was chunk 1)
     ("norm:threshold=1,group_size=inf", "got group_size=inf"),  # (an OverflowError)
     ("window:r=inf", "mitigation window: r must be a positive integer, got inf"),  # (an OverflowError)
+    ("norm:threshold=none", "mitigation 'norm:threshold=none': threshold must be a number, got 'none'"),  # (TypeError)
+    ("forget:c_b=None", "c_b must be a number, got 'None'"),
 ])
 def test_parse_mitigation_names_the_bad_value(text, message):
     """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and

@@ -90,6 +90,8 @@ def parse_mitigation(text: str | None) -> dict | None:
                 raise ValueError(f"mitigation {part!r}: expected key=value with key in {sorted(KINDS[kind])}, "
                                  f"got {item!r}")
             value = value.strip()
+            if value.lower() == "none" and key not in ("r", "window"):  # (float(None): a TypeError)
+                raise ValueError(f"mitigation {part!r}: {key} must be a number, got {value!r}")
             try:
                 spec[KINDS[kind][key]] = None if value.lower() == "none" else float(value)
             except ValueError:
