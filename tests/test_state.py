@@ -89,6 +89,10 @@ def test_parse_mitigation():
     ("window:r=inf", "mitigation window: r must be a positive integer, got inf"),  # (an OverflowError)
     ("norm:threshold=none", "mitigation 'norm:threshold=none': threshold must be a number, got 'none'"),  # (TypeError)
     ("forget:c_b=None", "c_b must be a number, got 'None'"),
+    # a key given twice took the last value without a word (delta is c_dt's other name)
+    ("forget:c_alpha=0.9,c_alpha=0.5", "mitigation 'forget:c_alpha=0.9,c_alpha=0.5': c_alpha is given twice"),
+    ("forget:c_dt=0.5+forget:delta=0.2", "c_dt is given twice"),
+    ("window:r=4,window=8", "window is given twice"),
 ])
 def test_parse_mitigation_names_the_bad_value(text, message):
     """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and

@@ -89,6 +89,8 @@ def parse_mitigation(text: str | None) -> dict | None:
             if not sep or key not in KINDS[kind]:
                 raise ValueError(f"mitigation {part!r}: expected key=value with key in {sorted(KINDS[kind])}, "
                                  f"got {item!r}")
+            if KINDS[kind][key] in spec:  # (the last one was taken, silently)
+                raise ValueError(f"mitigation {text!r}: {KINDS[kind][key]} is given twice; give it once")
             value = value.strip()
             if value.lower() == "none" and key not in ("r", "window"):  # (float(None): a TypeError)
                 raise ValueError(f"mitigation {part!r}: {key} must be a number, got {value!r}")
