@@ -93,6 +93,12 @@ def test_parse_mitigation():
     ("forget:c_alpha=0.9,c_alpha=0.5", "mitigation 'forget:c_alpha=0.9,c_alpha=0.5': c_alpha is given twice"),
     ("forget:c_dt=0.5+forget:delta=0.2", "c_dt is given twice"),
     ("window:r=4,window=8", "window is given twice"),
+    # a kind with no settings, and norm without a threshold, were no mitigation, without a word
+    ("forget", "mitigation 'forget': give its settings, e.g. forget:c_alpha=0.999,c_b=0.7"),
+    ("forget:+window:r=4", "mitigation 'forget:': give its settings"),
+    ("norm", "mitigation 'norm': give its settings, e.g. norm:threshold=10"),
+    ("norm:chunk=8", "mitigation 'norm:chunk=8': give the cap, e.g. norm:threshold=10"),
+    ("forget:c_alpha=0.9+norm:group_size=32", "give the cap, e.g. norm:threshold=10"),
 ])
 def test_parse_mitigation_names_the_bad_value(text, message):
     """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and

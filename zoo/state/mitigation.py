@@ -61,6 +61,7 @@ DEFAULTS = {"c_alpha": 1.0, "c_b": 1.0, "c_dt": 1.0, "threshold": math.inf, "chu
 KINDS = {"forget": {"c_alpha": "c_alpha", "c_b": "c_b", "c_dt": "c_dt", "delta": "c_dt"},
          "norm": {"threshold": "threshold", "chunk": "chunk", "group_size": "group_size"},
          "window": {"r": "window", "window": "window"}}
+_EXAMPLES = {"forget": "forget:c_alpha=0.999,c_b=0.7", "norm": "norm:threshold=10,chunk=64", "window": "window:r=512"}
 # Largest |exponent| of the forget rescaling inside one segment, by dtype (fp16 tops out at 65504).
 _FORGET_EXPONENT = {torch.float16: 6.0}
 _FORGET_EXPONENT_DEFAULT = 40.0
@@ -83,7 +84,10 @@ def parse_mitigation(text: str | None) -> dict | None:
         if kind not in KINDS:
             raise ValueError(f"mitigation {part!r}: unknown kind {kind!r}; use forget, norm or window "
                              f"(e.g. forget:c_alpha=0.999,c_b=0.7 | norm:threshold=10 | window:r=512)")
-        for item in filter(None, (a.strip() for a in args.split(","))):
+        items = [a.strip() for a in args.split(",") if a.strip()]
+        if not items:  # a bare 'forget' or 'norm' was taken as c = 1 or no cap: no mitigation, without a word
+            raise ValueError(f"mitigation {part!r}: give its settings, e.g. {_EXAMPLES[kind]}")
+        for item in items:
             key, sep, value = item.partition("=")
             key = key.strip()
             if not sep or key not in KINDS[kind]:
@@ -100,6 +104,9 @@ def parse_mitigation(text: str | None) -> dict | None:
                 raise ValueError(f"mitigation {part!r}: {key} must be a number, could not convert {value!r}") from None
         if kind == "window" and "window" not in spec:
             raise ValueError(f"mitigation {part!r}: give the window length, e.g. window:r=512")
+        if kind == "norm" and "threshold" not in spec:  # (norm:chunk=8 alone capped nothing, without a word)
+            raise ValueError(f"mitigation {part!r}: give the cap, e.g. norm:threshold=10 (zoo eval state "
+                             f"--norm-calibrate LEN measures per-head thresholds; give its chunk as --norm-chunk)")
     return normalize_spec(spec)
 
 
