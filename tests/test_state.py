@@ -328,6 +328,20 @@ def test_forget_in_fp16_stays_finite(kind):
     assert_close(f"{kind} forget in fp16", y16.float(), y32, 2e-3)
 
 
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_a_strong_forget_stays_finite(kind):
+    """c_α below the dtype's rescaling budget (fp16: e^-6, fp32: 1e-38 is past 1/3.4e38) gives the stepwise
+    recurrence's outputs: a one-token segment's rescaling c^{-1} overflowed to inf, and every output was NaN."""
+    mixer = make_mixer(kind)
+    t = scan_inputs(kind, mixer, length=12)
+    with torch.no_grad():
+        for c_alpha, dtype, tol in ((1e-4, torch.float16, 2e-3), (1e-39, torch.float32, 2e-5)):
+            mixer.mitigation = {"c_alpha": c_alpha}
+            y = mitigated(kind, mixer, {k: v if k in ("A", "scale") else v.to(dtype) for k, v in t.items()})
+            ref = forget_oracle(kind, mixer, t, c_alpha, 1.0, 1.0)
+            assert_close(f"{kind} c_alpha={c_alpha} in {dtype}", y.float(), ref, tol)
+
+
 def forget_oracle(kind, mixer, t, c_alpha, c_b, c_dt, threshold=math.inf):
     """Token by token: state ← c_α·state, then one step with Δ·c_dt (gla: g·c_dt) and B·c_B (gla: k), then cap."""
     outs = []

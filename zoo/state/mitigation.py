@@ -15,8 +15,8 @@ Maths per mixer (h the state, a the decay, b the input of h_t = a_t ⊙ h_{t-1} 
   (``c_b`` scales k, ``c_dt`` scales the log decay g, which is what scaling Δ does to log α = ΔA);
   mamba2: a = exp(Δ A_h) per head, b = Δ x Bᵀ.
 - forget: c_α·a_t is applied exactly without touching the kernels: in a segment starting at s the scan
-  runs on g_t = h_t / c^{t-s+1}, i.e. with B_t / c^{t-s+1} and C_t · c^{t-s+1} (the ratios of all terms are
-  unchanged, so rounding is too), and the final state is multiplied back by c^{length}; segments are cut
+  runs from c·h_{s-1} on g_t = h_t / c^{t-s}, i.e. with B_t / c^{t-s} and C_t · c^{t-s} (the ratios of all terms are
+  unchanged, so rounding is too), and the final state is multiplied back by c^{length-1}; segments are cut
   so that |length · log c| stays within the dtype's range (``_FORGET_EXPONENT``). gla takes g + log c_α.
 - norm: a parallel forward is run in pieces of ``chunk`` tokens; after each piece (and at the end) heads
   whose norm exceeds the threshold are rescaled to it. The cap therefore acts at chunk granularity in a
@@ -266,8 +266,9 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
     pad: see ``_segments``).
 
     run(start, stop, initial_state, rescale) -> (y, final) runs the kernel on [start, stop); rescale is None
-    or the per-token factors c^{-k_t} [1 or b, stop - start] to put on B (and their inverse on C), k_t the number of
-    the row's tokens in [start, t] (t - start + 1 without pads: a pad is no step, so c_α does not decay it either).
+    or the per-token factors c^{-(k_t - 1)} [1 or b, stop - start] to put on B (and their inverse on C), k_t the number
+    of the row's tokens in [start, t] (t - start + 1 without pads: a pad is no step, so c_α does not decay it either);
+    the first token's c_α is put on initial_state (of the rows with a token in the piece).
     Returns the pieces' outputs (the caller concatenates them on its time dim) and the final state.
     """
     if length == 0:  # no tokens: no step, so neither c_α nor the cap acts (the kernel's empty output, the state)
@@ -287,7 +288,14 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
                 offsets = (mask[:, start:stop] != 0).to(torch.float64).cumsum(1).cpu()
             else:
                 offsets = torch.arange(1, stop - start + 1, dtype=torch.float64)[None]
-            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-k_t}
+            # the first token's c_α goes on the carried state (h_s = a_s·(c·h_{s−1}) + b_s) and the others' on the
+            # inputs, g_t = h_t / c^{k_t − 1}: a one-token piece needs no factor at all (c^{-k_t} overflowed fp16 for
+            # c_α below e^-6 ≈ 0.0025, and fp32 below about 3e-39, and every output was NaN)
+            if state is not None:  # (the rows with a token in the piece)
+                first = c ** (offsets[:, -1] > 0).to(device=state.device, dtype=torch.float64)
+                state = state * first.to(state.dtype).view(-1, *([1] * (state.dim() - 1)))
+            offsets = (offsets - 1).clamp(min=0)
+            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-(k_t - 1)}
         y, state = run(start, stop, state, rescale)
         if rescale is not None:
             steps = offsets[:, -1].to(device=state.device, dtype=torch.float64)  # (1 or b)
