@@ -74,6 +74,10 @@ def test_parse_mitigation():
         with pytest.raises(ValueError):
             parse_mitigation(bad)
     assert mit.format_spec(parse_mitigation("forget:c_alpha=0.9+window:r=4")) == "forget:c_alpha=0.9+window:r=4"
+    # an exponent's "+" is not a join ('forget:c_alpha=1e' could not be converted)
+    s = parse_mitigation("forget:c_alpha=9.99e-1+norm:threshold=1e+2,chunk=8")
+    assert (s["c_alpha"], s["threshold"], s["chunk"]) == (0.999, 100.0, 8)
+    assert parse_mitigation("window:r=1E+3+forget:c_b=5e+0")["window"] == 1000
 
 
 @pytest.mark.parametrize("text, message", [

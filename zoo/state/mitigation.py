@@ -38,6 +38,7 @@ Maths per mixer (h the state, a the decay, b the input of h_t = a_t ⊙ h_{t-1} 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -78,7 +79,8 @@ def parse_mitigation(text: str | None) -> dict | None:
     if text is None or text.strip().lower() in ("", "none"):
         return None
     spec: dict = {}
-    for part in text.split("+"):
+    # "+" joins parts, but not the one of an exponent (c_alpha=1e+0 was cut into 'forget:c_alpha=1e' and '0')
+    for part in re.split(r"(?<![0-9.][eE])\+", text):
         kind, _, args = part.strip().partition(":")
         kind = kind.strip().lower()
         if kind not in KINDS:
