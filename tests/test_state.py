@@ -999,6 +999,29 @@ def test_a_pad_fed_as_a_one_token_step_is_no_step_under_a_mitigation(kind, spec)
     assert_close("stepped vs without pads", stepped, alone, 1e-4)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_call_of_pads_only_keeps_a_windowed_state(kind):
+    """A row with no token in a call (a pad step, or a piece of pads only) keeps its windowed state h^(r): the
+    window re-scanned its r−1 carried tokens alone and stored h^(r−1) as the row's state (the outputs, read from the
+    carry, stayed right), until its next token."""
+    mixer = make_mixer(kind)
+    mixer.mitigation = {"window": 4, "c_alpha": 0.9}
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x[:, :7], cache=cache)
+        before = cache.recurrent_state.clone()
+        for piece in (x[:, 7:8], x[:, 8:11]):  # a one-token step, then a piece of 3
+            mask = torch.ones(2, 7 + piece.shape[1])
+            mask[0, 7:] = 0  # row 0 pads only
+            mixer(piece * mask[:, 7:, None], cache=cache, attention_mask=mask)
+            assert_close(f"{kind} pads only, {piece.shape[1]}", cache.recurrent_state[:1], before[:1], 1e-6)
+            assert not torch.allclose(cache.recurrent_state[1:], before[1:])
+        alone = RecurrentLayer()
+        mixer(x[1:, :11], cache=alone)
+        assert_close(f"{kind} beside it", cache.recurrent_state[1:], alone.recurrent_state, 2e-5)
+
+
 def test_state_recorder_counts_no_pad_positions():
     """The recorder took no mask: a padded batch's pads counted as positions in every mean."""
     import zoo

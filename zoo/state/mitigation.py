@@ -394,6 +394,18 @@ def _identity(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _keep_idle_rows(final: torch.Tensor, initial: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """The windowed state `final` [b, ...] with each row that had no token in the call (all pads: no step) back at
+    `initial`, its state before the call: the scan over its r−1 carried tokens alone gave h^(r−1), which was stored
+    as the row's state (the outputs read the carry, not the state, so only the state went wrong)."""
+    if mask is None or initial is None:
+        return final
+    active = (mask != 0).any(1)  # (b)
+    if bool(active.all()):
+        return final
+    return torch.where(active.view(-1, *([1] * (final.dim() - 1))), final, initial.to(final))
+
+
 def _gather_time(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t [b, L, ...] reordered on its time dim by index [b, L]."""
     return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
@@ -483,7 +495,7 @@ def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache, mask=None, 
     y = restore(y).transpose(1, 2) + D[:, None] * u.float()  # (b, D, T)
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(u.dtype), final
+    return y.to(u.dtype), _keep_idle_rows(final, initial, mask)
 
 
 def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str, tokens=None):
@@ -505,7 +517,7 @@ def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str, tokens=N
         Cg = (C if C.dim() == 3 else C[:, None])[..., None]
         y, final = _mamba_window(mixer, spec, u[..., None], dt[..., None], A, Bg, Cg,
                                  None if z is None else z[..., None], mixer.D.float(), None, cache,
-                                 _step_mask(tokens))
+                                 _step_mask(tokens), state)
         state.copy_(final)
         return y[..., 0]
     saved = state.clone() if tokens is not None and (spec["c_alpha"] != 1 or _has_cap(spec)) else None
@@ -590,7 +602,7 @@ def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache, mask=None,
         lambda h, s, e: torch.einsum("bthpn,bthn->bthp", h, per_head(C32[:, s - first:e - first])),
         dt_e.shape[1], spec["window"], first, initial)
     y = restore(y) + x.float() * (D[:, None] if D.dim() == 1 else D)
-    return y.to(x.dtype), final
+    return y.to(x.dtype), _keep_idle_rows(final, initial, mask)
 
 
 def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str, tokens=None):
@@ -608,7 +620,7 @@ def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str, tokens=None):
                B=B[:, None], mask=_step_mask(tokens))
     if spec["window"] is not None:
         y, final = _mamba2_window(mixer, spec, x[:, None], _mamba2_delta(dt, dt_bias, softplus)[:, None], A,
-                                  B[:, None], C[:, None], mixer.D.float(), None, cache, _step_mask(tokens))
+                                  B[:, None], C[:, None], mixer.D.float(), None, cache, _step_mask(tokens), state)
         state.copy_(final)
         return y[:, 0]
     saved = state.clone() if tokens is not None and (spec["c_alpha"] != 1 or _has_cap(spec)) else None
@@ -679,7 +691,7 @@ def _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask=None, initial=None
         lambda s, e: k_e[:, s:e, :, :, None] * v_e[:, s:e, :, None, :],
         lambda h, s, e: torch.einsum("bthk,bthkv->bthv", q32[:, s - first:e - first], h),
         g_e.shape[1], spec["window"], first, initial)
-    return restore(o).to(q.dtype), final
+    return restore(o).to(q.dtype), _keep_idle_rows(final, initial, mask)
 
 
 def gla_step(mixer, state, q, k, v, g, scale, cache, tokens=None):
@@ -690,7 +702,7 @@ def gla_step(mixer, state, q, k, v, g, scale, cache, tokens=None):
     k, g = (t[:, 0] for t in _gla_effective(k[:, None], g[:, None], spec, mask))
     _probe(mixer, log_decay=g.float()[:, None], B=k[:, None], mask=mask)
     if spec["window"] is not None:
-        o, final = _gla_window(spec, q[:, None], k[:, None], v[:, None], g[:, None], scale, None, cache, mask)
+        o, final = _gla_window(spec, q[:, None], k[:, None], v[:, None], g[:, None], scale, None, cache, mask, state)
         state.copy_(final)
         return o[:, 0]
     saved = state.clone() if tokens is not None and _has_cap(spec) else None
