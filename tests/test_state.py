@@ -526,6 +526,24 @@ def test_cap_state_per_head():
     assert torch.equal(per_head[0, 0], state[0, 0]) and torch.allclose(per_head[0, 1].norm(), torch.tensor(0.25))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_per_head_threshold_of_other_heads_is_named(kind):
+    """A per-head threshold calibrated for other heads (another model, another group_size) failed deep in the cap with
+    "The size of tensor a (3) must match the size of tensor b (4)", in a prefill and in a decoding step alike."""
+    mixer = make_mixer(kind)
+    mixer.mitigation = {"threshold": torch.tensor([1.0, 2.0, 3.0]), "chunk": 4}
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"per-head threshold of shape \(3,\) for a .* layer of \d+ heads"):
+            mixer(x)
+        cache = RecurrentLayer()
+        mixer.mitigation = None
+        mixer(x, cache=cache)
+        mixer.mitigation = {"threshold": torch.tensor([1.0, 2.0, 3.0]), "chunk": 4}
+        with pytest.raises(ValueError, match="calibrate it on this model with the same group_size"):
+            mixer(x[:, :1], cache=cache)
+
+
 # ---- the recorder ------------------------------------------------------------------------------------------------
 
 def mixer_input_hook(model, store):

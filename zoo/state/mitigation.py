@@ -222,6 +222,11 @@ def head_view(kind: str, state: torch.Tensor, group_size: int = 64) -> torch.Ten
 def cap_state(kind: str, state: torch.Tensor, threshold: float | torch.Tensor, group_size: int = 64) -> torch.Tensor:
     """`state` with every head whose Frobenius norm exceeds `threshold` (float or [heads]) scaled down to it."""
     heads = head_view(kind, state.float(), group_size)  # (b, heads, elements)
+    if isinstance(threshold, torch.Tensor) and threshold.shape not in ((), (1,), (heads.shape[1],)):
+        # (a shape check, no device sync; it failed with "The size of tensor a (3) must match the size of tensor b")
+        raise ValueError(f"mitigation threshold: a per-head threshold of shape {tuple(threshold.shape)} for a {kind} "
+                         f"layer of {heads.shape[1]} heads (group_size={group_size}); calibrate it on this model with "
+                         f"the same group_size (zoo.state.calibrate_norm_threshold)")
     norm = heads.norm(dim=-1, keepdim=True)
     limit = threshold.to(norm)[:, None] if isinstance(threshold, torch.Tensor) else threshold
     factor = (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
