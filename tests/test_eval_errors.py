@@ -365,8 +365,8 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     (["--norm-factor", "2", "--norm-chunk", "8"], "--norm-factor, --norm-chunk: settings of --norm-calibrate, which "
                                                   "is not given"),
     # the calibrated cap took --norm-chunk's 64 in place of the spec's chunk=8, without a word
-    (["--norm-calibrate", "16", "--mitigation", "forget:c_alpha=0.9+norm:chunk=8"], "--norm-calibrate: give the cap's "
-                                                                                    "chunk and heads as --norm-chunk"),
+    (["--norm-calibrate", "16", "--mitigation", "forget:c_alpha=0.9+norm:chunk=8"], "--mitigation: mitigation "
+                                                                                    "'norm:chunk=8': give the cap"),
 ], ids=["bad-spec-with-compare", "compare-alone", "compare-neutral", "calibrate-0", "factor-0", "calibrate-window",
         "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task", "norm-settings-alone",
         "calibrate-chunk-in-spec"])

@@ -74,6 +74,10 @@ def test_parse_mitigation():
         with pytest.raises(ValueError):
             parse_mitigation(bad)
     assert mit.format_spec(parse_mitigation("forget:c_alpha=0.9+window:r=4")) == "forget:c_alpha=0.9+window:r=4"
+    # an exponent's "+" is not a join ('forget:c_alpha=1e' could not be converted)
+    s = parse_mitigation("forget:c_alpha=9.99e-1+norm:threshold=1e+2,chunk=8")
+    assert (s["c_alpha"], s["threshold"], s["chunk"]) == (0.999, 100.0, 8)
+    assert parse_mitigation("window:r=1E+3+forget:c_b=5e+0")["window"] == 1000
 
 
 @pytest.mark.parametrize("text, message", [
@@ -87,6 +91,18 @@ def test_parse_mitigation():
     ("norm:threshold=1,chunk=1.5", "chunk / group_size: must be >= 1 and whole, got chunk=1.5"),  # (was chunk 1)
     ("norm:threshold=1,group_size=inf", "got group_size=inf"),  # (an OverflowError)
     ("window:r=inf", "mitigation window: r must be a positive integer, got inf"),  # (an OverflowError)
+    ("norm:threshold=none", "mitigation 'norm:threshold=none': threshold must be a number, got 'none'"),  # (TypeError)
+    ("forget:c_b=None", "c_b must be a number, got 'None'"),
+    # a key given twice took the last value without a word (delta is c_dt's other name)
+    ("forget:c_alpha=0.9,c_alpha=0.5", "mitigation 'forget:c_alpha=0.9,c_alpha=0.5': c_alpha is given twice"),
+    ("forget:c_dt=0.5+forget:delta=0.2", "c_dt is given twice"),
+    ("window:r=4,window=8", "window is given twice"),
+    # a kind with no settings, and norm without a threshold, were no mitigation, without a word
+    ("forget", "mitigation 'forget': give its settings, e.g. forget:c_alpha=0.999,c_b=0.7"),
+    ("forget:+window:r=4", "mitigation 'forget:': give its settings"),
+    ("norm", "mitigation 'norm': give its settings, e.g. norm:threshold=10"),
+    ("norm:chunk=8", "mitigation 'norm:chunk=8': give the cap, e.g. norm:threshold=10"),
+    ("forget:c_alpha=0.9+norm:group_size=32", "give the cap, e.g. norm:threshold=10"),
 ])
 def test_parse_mitigation_names_the_bad_value(text, message):
     """A value that is not a number said only "could not convert string to float: 'abc'" (no key, no spec), and
@@ -316,6 +332,20 @@ def test_forget_in_fp16_stays_finite(kind):
     assert_close(f"{kind} forget in fp16", y16.float(), y32, 2e-3)
 
 
+@pytest.mark.parametrize("kind", ["mamba", "mamba2"])
+def test_a_strong_forget_stays_finite(kind):
+    """c_α below the dtype's rescaling budget (fp16: e^-6, fp32: 1e-38 is past 1/3.4e38) gives the stepwise
+    recurrence's outputs: a one-token segment's rescaling c^{-1} overflowed to inf, and every output was NaN."""
+    mixer = make_mixer(kind)
+    t = scan_inputs(kind, mixer, length=12)
+    with torch.no_grad():
+        for c_alpha, dtype, tol in ((1e-4, torch.float16, 2e-3), (1e-39, torch.float32, 2e-5)):
+            mixer.mitigation = {"c_alpha": c_alpha}
+            y = mitigated(kind, mixer, {k: v if k in ("A", "scale") else v.to(dtype) for k, v in t.items()})
+            ref = forget_oracle(kind, mixer, t, c_alpha, 1.0, 1.0)
+            assert_close(f"{kind} c_alpha={c_alpha} in {dtype}", y.float(), ref, tol)
+
+
 def forget_oracle(kind, mixer, t, c_alpha, c_b, c_dt, threshold=math.inf):
     """Token by token: state ← c_α·state, then one step with Δ·c_dt (gla: g·c_dt) and B·c_B (gla: k), then cap."""
     outs = []
@@ -494,6 +524,24 @@ def test_cap_state_per_head():
     assert torch.allclose(capped[0, 0].norm(), torch.tensor(2.0)) and torch.equal(capped[0, 1:], state[0, 1:])
     per_head = cap_state("mamba2", state, torch.tensor([10.0, 0.25, 1.0]))
     assert torch.equal(per_head[0, 0], state[0, 0]) and torch.allclose(per_head[0, 1].norm(), torch.tensor(0.25))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_per_head_threshold_of_other_heads_is_named(kind):
+    """A per-head threshold calibrated for other heads (another model, another group_size) failed deep in the cap with
+    "The size of tensor a (3) must match the size of tensor b (4)", in a prefill and in a decoding step alike."""
+    mixer = make_mixer(kind)
+    mixer.mitigation = {"threshold": torch.tensor([1.0, 2.0, 3.0]), "chunk": 4}
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"per-head threshold of shape \(3,\) for a .* layer of \d+ heads"):
+            mixer(x)
+        cache = RecurrentLayer()
+        mixer.mitigation = None
+        mixer(x, cache=cache)
+        mixer.mitigation = {"threshold": torch.tensor([1.0, 2.0, 3.0]), "chunk": 4}
+        with pytest.raises(ValueError, match="calibrate it on this model with the same group_size"):
+            mixer(x[:, :1], cache=cache)
 
 
 # ---- the recorder ------------------------------------------------------------------------------------------------
@@ -967,6 +1015,29 @@ def test_a_pad_fed_as_a_one_token_step_is_no_step_under_a_mitigation(kind, spec)
         alone = model(ids[:, mask[0].bool()], use_cache=False).logits
     assert_close("stepped vs one call", stepped, whole, 1e-4)
     assert_close("stepped vs without pads", stepped, alone, 1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_call_of_pads_only_keeps_a_windowed_state(kind):
+    """A row with no token in a call (a pad step, or a piece of pads only) keeps its windowed state h^(r): the
+    window re-scanned its r−1 carried tokens alone and stored h^(r−1) as the row's state (the outputs, read from the
+    carry, stayed right), until its next token."""
+    mixer = make_mixer(kind)
+    mixer.mitigation = {"window": 4, "c_alpha": 0.9}
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x[:, :7], cache=cache)
+        before = cache.recurrent_state.clone()
+        for piece in (x[:, 7:8], x[:, 8:11]):  # a one-token step, then a piece of 3
+            mask = torch.ones(2, 7 + piece.shape[1])
+            mask[0, 7:] = 0  # row 0 pads only
+            mixer(piece * mask[:, 7:, None], cache=cache, attention_mask=mask)
+            assert_close(f"{kind} pads only, {piece.shape[1]}", cache.recurrent_state[:1], before[:1], 1e-6)
+            assert not torch.allclose(cache.recurrent_state[1:], before[1:])
+        alone = RecurrentLayer()
+        mixer(x[1:, :11], cache=alone)
+        assert_close(f"{kind} beside it", cache.recurrent_state[1:], alone.recurrent_state, 2e-5)
 
 
 def test_state_recorder_counts_no_pad_positions():

@@ -15,8 +15,8 @@ Maths per mixer (h the state, a the decay, b the input of h_t = a_t ⊙ h_{t-1} 
   (``c_b`` scales k, ``c_dt`` scales the log decay g, which is what scaling Δ does to log α = ΔA);
   mamba2: a = exp(Δ A_h) per head, b = Δ x Bᵀ.
 - forget: c_α·a_t is applied exactly without touching the kernels: in a segment starting at s the scan
-  runs on g_t = h_t / c^{t-s+1}, i.e. with B_t / c^{t-s+1} and C_t · c^{t-s+1} (the ratios of all terms are
-  unchanged, so rounding is too), and the final state is multiplied back by c^{length}; segments are cut
+  runs from c·h_{s-1} on g_t = h_t / c^{t-s}, i.e. with B_t / c^{t-s} and C_t · c^{t-s} (the ratios of all terms are
+  unchanged, so rounding is too), and the final state is multiplied back by c^{length-1}; segments are cut
   so that |length · log c| stays within the dtype's range (``_FORGET_EXPONENT``). gla takes g + log c_α.
 - norm: a parallel forward is run in pieces of ``chunk`` tokens; after each piece (and at the end) heads
   whose norm exceeds the threshold are rescaled to it. The cap therefore acts at chunk granularity in a
@@ -38,6 +38,7 @@ Maths per mixer (h the state, a the decay, b the input of h_t = a_t ⊙ h_{t-1} 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 
 import torch
@@ -61,6 +62,7 @@ DEFAULTS = {"c_alpha": 1.0, "c_b": 1.0, "c_dt": 1.0, "threshold": math.inf, "chu
 KINDS = {"forget": {"c_alpha": "c_alpha", "c_b": "c_b", "c_dt": "c_dt", "delta": "c_dt"},
          "norm": {"threshold": "threshold", "chunk": "chunk", "group_size": "group_size"},
          "window": {"r": "window", "window": "window"}}
+_EXAMPLES = {"forget": "forget:c_alpha=0.999,c_b=0.7", "norm": "norm:threshold=10,chunk=64", "window": "window:r=512"}
 # Largest |exponent| of the forget rescaling inside one segment, by dtype (fp16 tops out at 65504).
 _FORGET_EXPONENT = {torch.float16: 6.0}
 _FORGET_EXPONENT_DEFAULT = 40.0
@@ -77,25 +79,36 @@ def parse_mitigation(text: str | None) -> dict | None:
     if text is None or text.strip().lower() in ("", "none"):
         return None
     spec: dict = {}
-    for part in text.split("+"):
+    # "+" joins parts, but not the one of an exponent (c_alpha=1e+0 was cut into 'forget:c_alpha=1e' and '0')
+    for part in re.split(r"(?<![0-9.][eE])\+", text):
         kind, _, args = part.strip().partition(":")
         kind = kind.strip().lower()
         if kind not in KINDS:
             raise ValueError(f"mitigation {part!r}: unknown kind {kind!r}; use forget, norm or window "
                              f"(e.g. forget:c_alpha=0.999,c_b=0.7 | norm:threshold=10 | window:r=512)")
-        for item in filter(None, (a.strip() for a in args.split(","))):
+        items = [a.strip() for a in args.split(",") if a.strip()]
+        if not items:  # a bare 'forget' or 'norm' was taken as c = 1 or no cap: no mitigation, without a word
+            raise ValueError(f"mitigation {part!r}: give its settings, e.g. {_EXAMPLES[kind]}")
+        for item in items:
             key, sep, value = item.partition("=")
             key = key.strip()
             if not sep or key not in KINDS[kind]:
                 raise ValueError(f"mitigation {part!r}: expected key=value with key in {sorted(KINDS[kind])}, "
                                  f"got {item!r}")
+            if KINDS[kind][key] in spec:  # (the last one was taken, silently)
+                raise ValueError(f"mitigation {text!r}: {KINDS[kind][key]} is given twice; give it once")
             value = value.strip()
+            if value.lower() == "none" and key not in ("r", "window"):  # (float(None): a TypeError)
+                raise ValueError(f"mitigation {part!r}: {key} must be a number, got {value!r}")
             try:
                 spec[KINDS[kind][key]] = None if value.lower() == "none" else float(value)
             except ValueError:
                 raise ValueError(f"mitigation {part!r}: {key} must be a number, could not convert {value!r}") from None
         if kind == "window" and "window" not in spec:
             raise ValueError(f"mitigation {part!r}: give the window length, e.g. window:r=512")
+        if kind == "norm" and "threshold" not in spec:  # (norm:chunk=8 alone capped nothing, without a word)
+            raise ValueError(f"mitigation {part!r}: give the cap, e.g. norm:threshold=10 (zoo eval state "
+                             f"--norm-calibrate LEN measures per-head thresholds; give its chunk as --norm-chunk)")
     return normalize_spec(spec)
 
 
@@ -209,6 +222,11 @@ def head_view(kind: str, state: torch.Tensor, group_size: int = 64) -> torch.Ten
 def cap_state(kind: str, state: torch.Tensor, threshold: float | torch.Tensor, group_size: int = 64) -> torch.Tensor:
     """`state` with every head whose Frobenius norm exceeds `threshold` (float or [heads]) scaled down to it."""
     heads = head_view(kind, state.float(), group_size)  # (b, heads, elements)
+    if isinstance(threshold, torch.Tensor) and threshold.shape not in ((), (1,), (heads.shape[1],)):
+        # (a shape check, no device sync; it failed with "The size of tensor a (3) must match the size of tensor b")
+        raise ValueError(f"mitigation threshold: a per-head threshold of shape {tuple(threshold.shape)} for a {kind} "
+                         f"layer of {heads.shape[1]} heads (group_size={group_size}); calibrate it on this model with "
+                         f"the same group_size (zoo.state.calibrate_norm_threshold)")
     norm = heads.norm(dim=-1, keepdim=True)
     limit = threshold.to(norm)[:, None] if isinstance(threshold, torch.Tensor) else threshold
     factor = (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
@@ -255,8 +273,9 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
     pad: see ``_segments``).
 
     run(start, stop, initial_state, rescale) -> (y, final) runs the kernel on [start, stop); rescale is None
-    or the per-token factors c^{-k_t} [1 or b, stop - start] to put on B (and their inverse on C), k_t the number of
-    the row's tokens in [start, t] (t - start + 1 without pads: a pad is no step, so c_α does not decay it either).
+    or the per-token factors c^{-(k_t - 1)} [1 or b, stop - start] to put on B (and their inverse on C), k_t the number
+    of the row's tokens in [start, t] (t - start + 1 without pads: a pad is no step, so c_α does not decay it either);
+    the first token's c_α is put on initial_state (of the rows with a token in the piece).
     Returns the pieces' outputs (the caller concatenates them on its time dim) and the final state.
     """
     if length == 0:  # no tokens: no step, so neither c_α nor the cap acts (the kernel's empty output, the state)
@@ -276,7 +295,14 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
                 offsets = (mask[:, start:stop] != 0).to(torch.float64).cumsum(1).cpu()
             else:
                 offsets = torch.arange(1, stop - start + 1, dtype=torch.float64)[None]
-            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-k_t}
+            # the first token's c_α goes on the carried state (h_s = a_s·(c·h_{s−1}) + b_s) and the others' on the
+            # inputs, g_t = h_t / c^{k_t − 1}: a one-token piece needs no factor at all (c^{-k_t} overflowed fp16 for
+            # c_α below e^-6 ≈ 0.0025, and fp32 below about 3e-39, and every output was NaN)
+            if state is not None:  # (the rows with a token in the piece)
+                first = c ** (offsets[:, -1] > 0).to(device=state.device, dtype=torch.float64)
+                state = state * first.to(state.dtype).view(-1, *([1] * (state.dim() - 1)))
+            offsets = (offsets - 1).clamp(min=0)
+            rescale = torch.exp(-offsets * math.log(c)).float()  # c^{-(k_t - 1)}
         y, state = run(start, stop, state, rescale)
         if rescale is not None:
             steps = offsets[:, -1].to(device=state.device, dtype=torch.float64)  # (1 or b)
@@ -373,6 +399,18 @@ def _identity(y: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _keep_idle_rows(final: torch.Tensor, initial: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """The windowed state `final` [b, ...] with each row that had no token in the call (all pads: no step) back at
+    `initial`, its state before the call: the scan over its r−1 carried tokens alone gave h^(r−1), which was stored
+    as the row's state (the outputs read the carry, not the state, so only the state went wrong)."""
+    if mask is None or initial is None:
+        return final
+    active = (mask != 0).any(1)  # (b)
+    if bool(active.all()):
+        return final
+    return torch.where(active.view(-1, *([1] * (final.dim() - 1))), final, initial.to(final))
+
+
 def _gather_time(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t [b, L, ...] reordered on its time dim by index [b, L]."""
     return t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(*index.shape, *t.shape[2:]))
@@ -462,7 +500,7 @@ def _mamba_window(mixer, spec, u, dt, A, B, C, z, D, seq_idx, cache, mask=None, 
     y = restore(y).transpose(1, 2) + D[:, None] * u.float()  # (b, D, T)
     if z is not None:
         y = y * F.silu(z.float())
-    return y.to(u.dtype), final
+    return y.to(u.dtype), _keep_idle_rows(final, initial, mask)
 
 
 def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str, tokens=None):
@@ -484,7 +522,7 @@ def mamba_step(mixer, state, u, delta, A, B, C, z, cache, backend: str, tokens=N
         Cg = (C if C.dim() == 3 else C[:, None])[..., None]
         y, final = _mamba_window(mixer, spec, u[..., None], dt[..., None], A, Bg, Cg,
                                  None if z is None else z[..., None], mixer.D.float(), None, cache,
-                                 _step_mask(tokens))
+                                 _step_mask(tokens), state)
         state.copy_(final)
         return y[..., 0]
     saved = state.clone() if tokens is not None and (spec["c_alpha"] != 1 or _has_cap(spec)) else None
@@ -569,7 +607,7 @@ def _mamba2_window(mixer, spec, x, delta, A, B, C, D, seq_idx, cache, mask=None,
         lambda h, s, e: torch.einsum("bthpn,bthn->bthp", h, per_head(C32[:, s - first:e - first])),
         dt_e.shape[1], spec["window"], first, initial)
     y = restore(y) + x.float() * (D[:, None] if D.dim() == 1 else D)
-    return y.to(x.dtype), final
+    return y.to(x.dtype), _keep_idle_rows(final, initial, mask)
 
 
 def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str, tokens=None):
@@ -587,7 +625,7 @@ def mamba2_step(mixer, state, x, dt, A, B, C, cache, backend: str, tokens=None):
                B=B[:, None], mask=_step_mask(tokens))
     if spec["window"] is not None:
         y, final = _mamba2_window(mixer, spec, x[:, None], _mamba2_delta(dt, dt_bias, softplus)[:, None], A,
-                                  B[:, None], C[:, None], mixer.D.float(), None, cache, _step_mask(tokens))
+                                  B[:, None], C[:, None], mixer.D.float(), None, cache, _step_mask(tokens), state)
         state.copy_(final)
         return y[:, 0]
     saved = state.clone() if tokens is not None and (spec["c_alpha"] != 1 or _has_cap(spec)) else None
@@ -658,7 +696,7 @@ def _gla_window(spec, q, k, v, g, scale, seq_idx, cache, mask=None, initial=None
         lambda s, e: k_e[:, s:e, :, :, None] * v_e[:, s:e, :, None, :],
         lambda h, s, e: torch.einsum("bthk,bthkv->bthv", q32[:, s - first:e - first], h),
         g_e.shape[1], spec["window"], first, initial)
-    return restore(o).to(q.dtype), final
+    return restore(o).to(q.dtype), _keep_idle_rows(final, initial, mask)
 
 
 def gla_step(mixer, state, q, k, v, g, scale, cache, tokens=None):
@@ -669,7 +707,7 @@ def gla_step(mixer, state, q, k, v, g, scale, cache, tokens=None):
     k, g = (t[:, 0] for t in _gla_effective(k[:, None], g[:, None], spec, mask))
     _probe(mixer, log_decay=g.float()[:, None], B=k[:, None], mask=mask)
     if spec["window"] is not None:
-        o, final = _gla_window(spec, q[:, None], k[:, None], v[:, None], g[:, None], scale, None, cache, mask)
+        o, final = _gla_window(spec, q[:, None], k[:, None], v[:, None], g[:, None], scale, None, cache, mask, state)
         state.copy_(final)
         return o[:, 0]
     saved = state.clone() if tokens is not None and _has_cap(spec) else None
