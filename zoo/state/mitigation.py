@@ -405,9 +405,7 @@ def _keep_idle_rows(final: torch.Tensor, initial: torch.Tensor | None, mask: tor
     as the row's state (the outputs read the carry, not the state, so only the state went wrong)."""
     if mask is None or initial is None:
         return final
-    active = (mask != 0).any(1)  # (b)
-    if bool(active.all()):
-        return final
+    active = (mask != 0).any(1)  # (b); no host read of it: a decode step may be captured in a CUDA graph
     return torch.where(active.view(-1, *([1] * (final.dim() - 1))), final, initial.to(final))
 
 
