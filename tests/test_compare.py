@@ -309,11 +309,15 @@ def test_transformers_mamba_cache_bytes_are_those_the_cache_holds(dtype):
 
     config = AutoConfig.for_model(model_type="mamba", hidden_size=32, num_hidden_layers=2, state_size=8,
                                   vocab_size=100, conv_kernel=4)
+    from zoo.cache import output_cache
+    from zoo.decode import cache_argument
+
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
     with torch.no_grad():
-        out = AutoModelForCausalLM.from_config(config).to(dtype).eval()(input_ids=torch.randint(0, 100, (1, 16)),
-                                                                         use_cache=True)
+        out = model(input_ids=torch.randint(0, 100, (1, 16)), use_cache=True)
     row = account(config, [16], kv_bytes=dtype.itemsize, state_bytes=4)["per_length"][0]
-    assert row["cache_mib"] * 2 ** 20 == _cache_bytes_held(out.past_key_values)
+    # (the output's cache field: cache_params before transformers 5.2x, past_key_values since)
+    assert row["cache_mib"] * 2 ** 20 == _cache_bytes_held(output_cache(out, cache_argument(model)))
 
 
 def test_transformers_baselines_are_accounted():
