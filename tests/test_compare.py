@@ -1618,3 +1618,24 @@ def test_mqar_phase_train_losses_of_a_moe_model_are_the_cross_entropy(tmp_path):
         first[coef] = losses[0]
     # the aux loss of each MoE layer is about top_k = 2: 5 · it moved the loss by about 10
     assert math.isclose(first[5.0], first[0.0], rel_tol=1e-5), first
+
+
+def test_passkey_template_check_counts_bos_as_the_recipe_trains():
+    """The check before training measured the passkey template with BOS whatever data.add_bos said: a recipe trained
+    without BOS (whose prompts have none) was refused a length equal to its template, one token too early."""
+    from zoo.compare import _check_inputs
+    from zoo.data.text import load_tokenizer
+    from zoo.eval.passkey import bare_template_tokens
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", ["eval.passkey={lengths: [512]}"])
+    pk, seed = cfg.eval.passkey, cfg.recipe.get("train", {}).get("seed", 0)
+    cells = {(512, float(d)) for d in pk.depths}
+    length = bare_template_tokens(load_tokenizer("byte"), seed, cells, pk.n_samples, add_bos=False)[512]
+    for add_bos, refused in ((False, False), (True, True)):
+        cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+            f"eval.passkey={{lengths: [{length}]}}", f"recipe.data.add_bos={str(add_bos).lower()}"])
+        if refused:
+            with pytest.raises(ValueError, match="shorter than the bare passkey template"):
+                _check_inputs(cfg, resolve_models(cfg, folder))
+        else:
+            _check_inputs(cfg, resolve_models(cfg, folder))

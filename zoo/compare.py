@@ -2026,7 +2026,8 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
 
         cells = {(int(n), float(d)) for n in pk.lengths for d in pk.depths}
         # with every key of a length (evaluate_passkey's keys: seed train.seed), not key 10000's alone
-        bare = bare_template_tokens(tokenizer, recipe.train.seed, cells, pk.n_samples)
+        # with BOS as the models train (data.add_bos), as evaluate_passkey builds the prompts
+        bare = bare_template_tokens(tokenizer, recipe.train.seed, cells, pk.n_samples, recipe.data.add_bos)
         short = [n for n in pk.lengths if n < bare[int(n)]]
         if short:
             raise ValueError(f"eval.passkey.lengths: {short[0]} tokens is shorter than the bare passkey template "
