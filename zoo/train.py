@@ -1233,17 +1233,23 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def _delete_checkpoint(path: Path) -> None:
-    """Delete a checkpoint folder: renamed to a temporary name first (one atomic step), then removed, so that a kill
-    mid-delete leaves no folder under a checkpoint's name with its trainer_state.json but part of its files (which
-    latest_checkpoint took as complete); the next run cleans the temporary one up."""
-    gone = path.with_name(f".tmp-deleted-{path.name}")
-    shutil.rmtree(gone, ignore_errors=True)
+def _move_aside(path: Path) -> Path:
+    """Rename a checkpoint folder to a temporary name (one atomic step) and return where it went, so that a kill while
+    it is then removed leaves no folder under a checkpoint's name with its trainer_state.json but part of its files
+    (which latest_checkpoint took as complete); the next run cleans the temporary one up. Where a leftover that could
+    not be removed is in the way, `path` itself."""
+    aside = path.with_name(f".tmp-deleted-{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)
     try:
-        os.replace(path, gone)
-    except OSError:  # a leftover that could not be removed is in the way: delete it where it is, as before
-        gone = path
-    shutil.rmtree(gone, ignore_errors=True)
+        os.replace(path, aside)
+    except OSError:
+        return path
+    return aside
+
+
+def _delete_checkpoint(path: Path) -> None:
+    """Delete a checkpoint folder: moved aside first (`_move_aside`), then removed."""
+    shutil.rmtree(_move_aside(path), ignore_errors=True)
 
 
 def latest_checkpoint(path: str | Path) -> Path | None:
@@ -1444,13 +1450,13 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         state.update(data_record or {})
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
-        replaced = None
-        if final.exists():  # saved at this step before: by a run resumed from an older checkpoint, which `latest` may
-            # name; moved aside in one step, and deleted once the new one is published (deleted in place, a kill
-            # mid-delete left `latest` naming a folder with its trainer_state.json but not all of its weights)
-            replaced = root / f".tmp-replaced-{name}"
-            shutil.rmtree(replaced, ignore_errors=True)
-            os.replace(final, replaced)
+        # saved at this step before (by a run resumed from an older checkpoint, which `latest` may name): moved aside,
+        # and deleted once the new one is published (deleted in place, a kill mid-delete left `latest` naming a folder
+        # with its trainer_state.json but not all of its weights)
+        replaced = _move_aside(final) if final.exists() else None
+        if replaced == final:  # (it could not be renamed: deleted in place, as before)
+            shutil.rmtree(final)
+            replaced = None
         os.replace(tmp, final)
         _write_atomic(root / "latest", name)
         if replaced is not None:
