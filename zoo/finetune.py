@@ -58,11 +58,10 @@ from zoo.train import (
     ModelInputs,
     OptimConfig,
     ScheduleConfig,
-    _aux_coef,
     _aux_part,
     _build,
     _flat,
-    _moe_spec,
+    _has_aux_loss,
     _progress_bars_on_main_only,
     _refuse_fp16_without_autocast,
     _refuse_lone_processes,
@@ -1006,8 +1005,7 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     window: list[torch.Tensor | list[float]] = []
     # an MoE objective adds coef · its load-balancing loss: `loss` logs the cross entropy alone, `aux_loss` that part
     base = _unwrap(accelerator.unwrap_model(model))
-    has_aux = _aux_coef(base) > 0 and (_moe_spec(base) is not None
-                                       or bool(getattr(getattr(base, "config", None), "output_router_logits", 0)))
+    has_aux = _has_aux_loss(base)
     start = 0
     resumed = _load_checkpoint(checkpoint, stamp, accelerator, desc)
     if resumed is not None:

@@ -896,6 +896,13 @@ def _aux_coef(model: nn.Module) -> float:
     return 0.0
 
 
+def _has_aux_loss(model: nn.Module) -> bool:
+    """Whether a training forward's objective adds an MoE load-balancing loss (logged apart as `aux_loss`): a zoo MoE,
+    or a transformers MoE with output_router_logits on, whose factor is not 0."""
+    return _aux_coef(model) > 0 and (_moe_spec(model) is not None
+                                     or bool(getattr(getattr(model, "config", None), "output_router_logits", 0)))
+
+
 def _aux_part(model: nn.Module, out, n: int | torch.Tensor) -> torch.Tensor | None:
     """The aux-loss part of `_weighted_loss(out, n)` (coef · aux_loss · n), detached; None without one. n, the
     targets, may be a count on the device (no host sync): the part is then 0 where it is 0, as `_weighted_loss`'s."""
@@ -1751,8 +1758,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     n_params, model_class = count_parameters(model), type(model).__name__
     n_active = active_parameters(model)  # mfu_6n's FLOPs per token follow them
     # an MoE objective adds a load-balancing loss: metrics.csv gets it as aux_loss, and `loss` the cross entropy alone
-    has_aux = _aux_coef(model) > 0 and (_moe_spec(model) is not None
-                                        or bool(getattr(getattr(model, "config", None), "output_router_logits", 0)))
+    has_aux = _has_aux_loss(model)
     flops_per_token, mfu_formula, why = mfu_flops_per_token(model, L, chunk)  # once: the rows' length is fixed
     if why is not None:
         accelerator.print(f"mfu: {why}; mfu falls back to 6 · active parameters per token (mfu_6n's)")
