@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo_kernels._env import env_flag
 
 
 def init_copy_(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -373,8 +374,8 @@ def _pdl_linear():
 
 # ZOO_DECODE_LINEAR=0 keeps cuBLAS for every projection (benchmarks compare the two); ZOO_DECODE_PDL=0 keeps the
 # decode step's kernels off programmatic dependent launch (zoo_kernels.pdl_linear, add_norm)
-DECODE_LINEAR = os.environ.get("ZOO_DECODE_LINEAR", "1") != "0"
-DECODE_PDL = os.environ.get("ZOO_DECODE_PDL", "1") != "0"
+DECODE_LINEAR = env_flag("ZOO_DECODE_LINEAR", True)
+DECODE_PDL = env_flag("ZOO_DECODE_PDL", True)
 PDL_MAX_ROWS = int(os.environ.get("ZOO_PDL_MAX_ROWS", "32"))  # the env override is for benchmarks
 _DECODING = 0  # > 0 inside `decoding()`
 

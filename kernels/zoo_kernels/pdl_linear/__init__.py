@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo_kernels._device import sm_count
+from zoo_kernels._env import env_flag
 from zoo_kernels.selective_scan.cuda import JitExtension
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -155,6 +156,8 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     Raises ValueError for shapes the kernel does not take, RuntimeError off CUDA or where the kernel is unavailable.
     """
     config = config or _forced_config()
+    pdl = env_flag("ZOO_PDL_LINEAR_PDL", True)  # (the switches first: a bad value is refused on any device)
+    late = os.environ.get("ZOO_PDL_LINEAR_TRIGGER", "late") != "early"
     problem = _problem(x, weight, bias) or (config and _config_problem(weight.shape[0], config))
     if problem is not None:
         raise ValueError(f"pdl_linear: {problem}")
@@ -165,8 +168,6 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if not _rows_aligned(x2):
         x2 = x2.clone(memory_format=torch.contiguous_format)
     tiles, cluster = config or _config(x2.shape[0], N, K, x.device)
-    pdl = os.environ.get("ZOO_PDL_LINEAR_PDL", "1") != "0"
-    late = os.environ.get("ZOO_PDL_LINEAR_TRIGGER", "late") != "early"
     out = _module().linear(x2, weight, bias, tiles, cluster, pdl, late)
     return out.view(*x.shape[:-1], N)
 

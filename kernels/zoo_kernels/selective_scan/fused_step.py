@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._env import env_flag
 from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
 from zoo_kernels.selective_scan.cuda import JitExtension
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
@@ -81,7 +82,7 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
     are read after the wait and may be that kernel's outputs.
     $ZOO_MAMBA_STEP_KERNEL (slots / rows) and $ZOO_MAMBA_STEP_ROWS force the kernel and its rows per CTA
     (benchmarks and tests)."""
-    pdl = os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0"
+    pdl = env_flag("ZOO_MAMBA_STEP_PDL", True)
     conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D = (
         _aligned(t) for t in (conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D))
     return _module().step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,

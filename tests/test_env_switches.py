@@ -1,0 +1,117 @@
+"""The ZOO_* environment switches (zoo_kernels._env), on CPU: every switch is checked where it is read, and a value it
+does not take raises a ValueError naming the variable, the value and what it takes (it was a bare int() traceback
+inside a decode step, or a spelling taken silently: ZOO_DECODE_PDL=false kept PDL on). Unset and empty variables
+keep their defaults; booleans take 1/true/yes/on and 0/false/no/off. Switches read when a module is imported are
+checked in a fresh interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import ROOT
+from zoo_kernels._env import env_flag
+
+
+def _import_with(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a fresh interpreter with `env` added (for the switches read at import)."""
+    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]),
+            "OMP_NUM_THREADS": "1"}
+    full.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("Yes", True), ("ON", True), (" 1 ", True),
+                                            ("0", False), ("false", False), ("No", False), ("off", False)])
+def test_flag_spellings(value, expected, monkeypatch):
+    monkeypatch.setenv("ZOO_TEST_FLAG", value)
+    assert env_flag("ZOO_TEST_FLAG", not expected) is expected
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_flag_unset_or_empty_is_the_default(default, monkeypatch):
+    monkeypatch.delenv("ZOO_TEST_FLAG", raising=False)
+    assert env_flag("ZOO_TEST_FLAG", default) is default
+    monkeypatch.setenv("ZOO_TEST_FLAG", "")
+    assert env_flag("ZOO_TEST_FLAG", default) is default
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "-1", "tru"])
+def test_flag_refuses_other_values(value, monkeypatch):
+    monkeypatch.setenv("ZOO_TEST_FLAG", value)
+    with pytest.raises(ValueError, match=rf"\$ZOO_TEST_FLAG='{value}': expected 1/true/yes/on or 0/false/no/off"):
+        env_flag("ZOO_TEST_FLAG", True)
+
+
+def test_flags_read_at_each_call_are_checked(monkeypatch):
+    """The switches that the kernels and the Mamba mixer read at each call refuse a bad value on any device (they
+    used to read it as on, or never read it off CUDA), and take the new spellings."""
+    from zoo_kernels import add_norm
+    from zoo_kernels import pdl_linear as pl
+    from zoo_kernels.selective_scan import fused_step
+
+    from zoo.mixers.mamba import Mamba
+
+    monkeypatch.setenv("ZOO_DECODE_PDL", "nope")
+    with pytest.raises(ValueError, match=r"\$ZOO_DECODE_PDL='nope'"):
+        add_norm._pdl(torch.device("cpu"))
+    monkeypatch.setenv("ZOO_DECODE_PDL", "false")
+    assert add_norm._pdl(torch.device("cpu")) is False
+
+    w, x = torch.zeros(32, 64, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16)
+    monkeypatch.setenv("ZOO_PDL_LINEAR_PDL", "2")
+    with pytest.raises(ValueError, match=r"\$ZOO_PDL_LINEAR_PDL='2'"):
+        pl.pdl_linear(x, w)
+    monkeypatch.setenv("ZOO_PDL_LINEAR_PDL", "off")
+    with pytest.raises(RuntimeError, match="needs CUDA"):  # a good value: on to the device check
+        pl.pdl_linear(x, w)
+
+    monkeypatch.setenv("ZOO_MAMBA_STEP_PDL", "y")
+    xs = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match=r"\$ZOO_MAMBA_STEP_PDL='y'"):
+        fused_step.mamba_step(xs, xs, torch.zeros(1, 64, 3), torch.zeros(64, 4), None, torch.zeros(40, 64),
+                              torch.zeros(64, 8), None, torch.zeros(64, 16), None, torch.zeros(1, 64, 16))
+
+    mixer = Mamba(64, d_state=16, dt_rank=8)
+    monkeypatch.setenv("ZOO_MAMBA_FUSED_STEP", "disable")
+    with pytest.raises(ValueError, match=r"\$ZOO_MAMBA_FUSED_STEP='disable'"):
+        mixer._may_fuse(xs, "ref")
+    monkeypatch.setenv("ZOO_MAMBA_FUSED_STEP", "no")
+    assert mixer._may_fuse(xs, "ref") is False
+
+
+def test_a_bad_kernels_verbose_is_refused_not_taken_for_an_unavailable_kernel(monkeypatch):
+    """$ZOO_KERNELS_VERBOSE (print the JIT build's commands) was read inside the build, whose every error makes the
+    extension unavailable for the process: a bad value is refused when the extension is first asked for."""
+    from zoo_kernels.selective_scan.cuda import _CSRC, _HEADERS, _SOURCES, JitExtension
+
+    monkeypatch.setenv("ZOO_KERNELS_VERBOSE", "loud")
+    ext = JitExtension("test extension", _SOURCES, _HEADERS, _CSRC, "zoo_test", (99, 0), "never built:")
+    with pytest.raises(ValueError, match=r"\$ZOO_KERNELS_VERBOSE='loud'"):
+        ext.available()
+    monkeypatch.setenv("ZOO_KERNELS_VERBOSE", "1")
+    assert ext.available() is False  # a good value: on to the device checks
+    assert "no CUDA device" in ext.why_unavailable() or "never built" in ext.why_unavailable()
+
+
+def test_flags_read_at_import_take_the_usual_spellings():
+    code = ("import zoo.layers as l, zoo.decode as d, zoo_kernels.ssd.triton_ssd as s; "
+            "print(l.DECODE_LINEAR, l.DECODE_PDL, d.ARGMAX_KERNEL, s._AUTOTUNE)")
+    done = _import_with({"ZOO_DECODE_LINEAR": "false", "ZOO_DECODE_PDL": "off", "ZOO_DECODE_ARGMAX": "no",
+                         "ZOO_SSD_AUTOTUNE": "False"}, code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False"] * 4
+    done = _import_with({"ZOO_DECODE_LINEAR": "", "ZOO_DECODE_PDL": "1", "ZOO_DECODE_ARGMAX": "yes"}, code)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True"] * 4
+
+
+@pytest.mark.parametrize("name,module", [("ZOO_DECODE_ARGMAX", "zoo.decode"),
+                                         ("ZOO_SSD_AUTOTUNE", "zoo_kernels.ssd.triton_ssd")])
+def test_flags_read_at_import_refuse_a_bad_value(name, module):
+    done = _import_with({name: "sometimes"}, f"import {module}")
+    assert done.returncode != 0
+    assert f"ValueError: ${name}='sometimes': expected 1/true/yes/on or 0/false/no/off" in done.stderr
