@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from helpers import ROOT
-from zoo_kernels._env import env_flag
+from zoo_kernels._env import env_flag, env_int
 
 
 def _import_with(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
@@ -97,16 +97,18 @@ def test_a_bad_kernels_verbose_is_refused_not_taken_for_an_unavailable_kernel(mo
     assert "no CUDA device" in ext.why_unavailable() or "never built" in ext.why_unavailable()
 
 
-def test_flags_read_at_import_take_the_usual_spellings():
+def test_switches_read_at_import_take_the_usual_spellings():
     code = ("import zoo.layers as l, zoo.decode as d, zoo_kernels.ssd.triton_ssd as s; "
-            "print(l.DECODE_LINEAR, l.DECODE_PDL, d.ARGMAX_KERNEL, s._AUTOTUNE)")
+            "print(l.DECODE_LINEAR, l.DECODE_PDL, d.ARGMAX_KERNEL, s._AUTOTUNE, l.PDL_MAX_ROWS, s._TARGET_PROGRAMS)")
     done = _import_with({"ZOO_DECODE_LINEAR": "false", "ZOO_DECODE_PDL": "off", "ZOO_DECODE_ARGMAX": "no",
-                         "ZOO_SSD_AUTOTUNE": "False"}, code)
+                         "ZOO_SSD_AUTOTUNE": "False", "ZOO_PDL_MAX_ROWS": "16", "ZOO_SSD_TARGET_PROGRAMS": " 512"},
+                        code)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["False"] * 4
-    done = _import_with({"ZOO_DECODE_LINEAR": "", "ZOO_DECODE_PDL": "1", "ZOO_DECODE_ARGMAX": "yes"}, code)
+    assert done.stdout.split() == ["False"] * 4 + ["16", "512"]
+    done = _import_with({"ZOO_DECODE_LINEAR": "", "ZOO_DECODE_PDL": "1", "ZOO_DECODE_ARGMAX": "yes",
+                         "ZOO_PDL_MAX_ROWS": "", "ZOO_SSD_TARGET_PROGRAMS": ""}, code)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["True"] * 4
+    assert done.stdout.split() == ["True"] * 4 + ["32", "1024"]
 
 
 @pytest.mark.parametrize("name,module", [("ZOO_DECODE_ARGMAX", "zoo.decode"),
@@ -115,3 +117,48 @@ def test_flags_read_at_import_refuse_a_bad_value(name, module):
     done = _import_with({name: "sometimes"}, f"import {module}")
     assert done.returncode != 0
     assert f"ValueError: ${name}='sometimes': expected 1/true/yes/on or 0/false/no/off" in done.stderr
+
+
+@pytest.mark.parametrize("name,value,module,expected", [
+    ("ZOO_PDL_MAX_ROWS", "abc", "zoo.layers", "an int from 0 to 64"),
+    ("ZOO_PDL_MAX_ROWS", "65", "zoo.layers", "an int from 0 to 64"),  # the kernel takes 64: 65 was 64 silently
+    ("ZOO_SSD_TARGET_PROGRAMS", "0", "zoo_kernels.ssd.triton_ssd", "a positive int"),
+], ids=["rows-abc", "rows-65", "programs-0"])
+def test_numbers_read_at_import_refuse_a_bad_value(name, value, module, expected):
+    done = _import_with({name: value}, f"import {module}")
+    assert done.returncode != 0
+    assert f"ValueError: ${name}='{value}': expected {expected}" in done.stderr
+
+
+def test_int_bounds_choices_and_default(monkeypatch):
+    monkeypatch.delenv("ZOO_TEST_INT", raising=False)
+    assert env_int("ZOO_TEST_INT", 7, low=1) == 7 and env_int("ZOO_TEST_INT", None, low=1) is None
+    for value, number in (("", 7), ("3", 3), (" 12 ", 12)):
+        monkeypatch.setenv("ZOO_TEST_INT", value)
+        assert env_int("ZOO_TEST_INT", 7, low=1, high=12) == number
+    for value in ("0", "13", "2.5", "twelve", "0x10"):
+        monkeypatch.setenv("ZOO_TEST_INT", value)
+        with pytest.raises(ValueError, match=rf"\$ZOO_TEST_INT='{value}': expected an int from 1 to 12 \(things\)"):
+            env_int("ZOO_TEST_INT", 7, low=1, high=12, what="things")
+    monkeypatch.setenv("ZOO_TEST_INT", "3")
+    with pytest.raises(ValueError, match=r"\$ZOO_TEST_INT='3': expected one of 0, 1, 2, 4, 8$"):
+        env_int("ZOO_TEST_INT", 0, choices=(0, 1, 2, 4, 8))
+
+
+@pytest.mark.parametrize("value", ["3", "-1", "16", "four"])
+def test_mamba_step_rows_refuses_what_the_kernel_does_not_take(value, monkeypatch):
+    """$ZOO_MAMBA_STEP_ROWS went through int() into the extension: 3 or 16 reached its TORCH_CHECK (or passed
+    `supported`, which takes any forced rows), a word a bare int() traceback. Refused before the extension."""
+    from zoo_kernels.selective_scan import fused_step
+
+    monkeypatch.delenv("ZOO_MAMBA_STEP_KERNEL", raising=False)
+    monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", value)
+    xs = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match=rf"\$ZOO_MAMBA_STEP_ROWS='{value}': expected one of 0, 1, 2, 4, 8"):
+        fused_step.mamba_step(xs, xs, torch.zeros(1, 64, 3), torch.zeros(64, 4), None, torch.zeros(40, 64),
+                              torch.zeros(64, 8), None, torch.zeros(64, 16), None, torch.zeros(1, 64, 16))
+    for good in ("1", "2", "4", "8"):
+        monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", good)
+        assert fused_step._forced_rows() == int(good)
+    monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", "")
+    assert fused_step._forced_rows() == 0

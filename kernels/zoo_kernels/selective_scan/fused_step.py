@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zoo_kernels._env import env_flag
+from zoo_kernels._env import env_flag, env_int
 from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
 from zoo_kernels.selective_scan.cuda import JitExtension
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
@@ -82,11 +82,11 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
     are read after the wait and may be that kernel's outputs.
     $ZOO_MAMBA_STEP_KERNEL (slots / rows) and $ZOO_MAMBA_STEP_ROWS force the kernel and its rows per CTA
     (benchmarks and tests)."""
-    pdl = env_flag("ZOO_MAMBA_STEP_PDL", True)
+    pdl, rows, kernel = env_flag("ZOO_MAMBA_STEP_PDL", True), _forced_rows(), _forced_kernel()
     conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D = (
         _aligned(t) for t in (conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D))
     return _module().step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
-                          mask, pdl, _forced_rows(), _forced_kernel())
+                          mask, pdl, rows, kernel)
 
 
 def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -97,7 +97,7 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _forced_rows() -> int:
     """$ZOO_MAMBA_STEP_ROWS: batch rows per CTA forced (1, 2, 4 or 8; benchmarks), else 0: the kernel's choice."""
-    return int(os.environ.get("ZOO_MAMBA_STEP_ROWS", "0"))
+    return env_int("ZOO_MAMBA_STEP_ROWS", 0, choices=(0, 1, 2, 4, 8), what="batch rows per CTA; 0: the kernel's choice")
 
 
 KERNELS = {"slots": 1, "rows": 2}  # csrc/mamba_step.h: kSlots, kRegisterRows
