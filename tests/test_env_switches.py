@@ -162,3 +162,67 @@ def test_mamba_step_rows_refuses_what_the_kernel_does_not_take(value, monkeypatc
         assert fused_step._forced_rows() == int(good)
     monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", "")
     assert fused_step._forced_rows() == 0
+
+
+def test_pdl_linear_trigger_and_config_name_the_variable(monkeypatch):
+    """$ZOO_PDL_LINEAR_TRIGGER took any word but "early" for the late trigger (a typo of early measured late); a
+    tiling forced by $ZOO_PDL_LINEAR_CONFIG that the kernel does not take was refused as a `config` argument that
+    the caller never passed."""
+    from zoo_kernels import pdl_linear as pl
+
+    x, w = torch.zeros(2, 64, dtype=torch.bfloat16), torch.zeros(48, 64, dtype=torch.bfloat16)
+    monkeypatch.delenv("ZOO_PDL_LINEAR_PDL", raising=False)
+    monkeypatch.delenv("ZOO_PDL_LINEAR_CONFIG", raising=False)
+    monkeypatch.setenv("ZOO_PDL_LINEAR_TRIGGER", "erly")
+    with pytest.raises(ValueError, match=r"\$ZOO_PDL_LINEAR_TRIGGER='erly': expected one of late, early"):
+        pl.pdl_linear(x, w)
+    for good in ("early", "Late", ""):
+        monkeypatch.setenv("ZOO_PDL_LINEAR_TRIGGER", good)
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            pl.pdl_linear(x, w)
+    monkeypatch.delenv("ZOO_PDL_LINEAR_TRIGGER")
+    for bad in ("3,1", "1,16", "2", "a,b", "1,2,4"):
+        monkeypatch.setenv("ZOO_PDL_LINEAR_CONFIG", bad)
+        with pytest.raises(ValueError, match=rf"\$ZOO_PDL_LINEAR_CONFIG='{bad}': expected 'feature_tiles,cluster' "
+                                             r"with feature tiles in \(1, 2, 4, 8\) and cluster in \(1, 2, 4, 8\)"):
+            pl.pdl_linear(x, w)
+    monkeypatch.setenv("ZOO_PDL_LINEAR_CONFIG", "2,1")  # legal, but N = 48 is no multiple of 32
+    with pytest.raises(ValueError, match=r"N = 48 must be a multiple of 32 .*\(set by \$ZOO_PDL_LINEAR_CONFIG\)"):
+        pl.pdl_linear(x, w)
+    with pytest.raises(ValueError, match=r"N = 48 must be a multiple of 32 with at most 65535 tiles$"):
+        pl.pdl_linear(x, w, config=(2, 1))  # an argument wins, and is named as one
+    monkeypatch.setenv("ZOO_PDL_LINEAR_CONFIG", "1,2")
+    with pytest.raises(RuntimeError, match="needs CUDA"):
+        pl.pdl_linear(x, w)
+
+
+def test_mamba_step_kernel_is_checked_with_its_rows(monkeypatch):
+    """$ZOO_MAMBA_STEP_KERNEL names the kernel (any case); the register-rows kernel takes 2 or 4 rows per CTA, and
+    $ZOO_MAMBA_STEP_ROWS=1 or 8 with it reached the extension's refusal (a message that formats numbers: the one
+    that crashed the process on the GPU machine's image) instead of a ValueError."""
+    from zoo_kernels.selective_scan import fused_step
+
+    xs = torch.zeros(1, 64)
+    args = (xs, xs, torch.zeros(1, 64, 3), torch.zeros(64, 4), None, torch.zeros(40, 64), torch.zeros(64, 8), None,
+            torch.zeros(64, 16), None, torch.zeros(1, 64, 16))
+    monkeypatch.delenv("ZOO_MAMBA_STEP_ROWS", raising=False)
+    monkeypatch.setenv("ZOO_MAMBA_STEP_KERNEL", "rows")
+    for rows in ("1", "8"):
+        monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", rows)
+        with pytest.raises(ValueError, match=rf"\$ZOO_MAMBA_STEP_ROWS={rows} with \$ZOO_MAMBA_STEP_KERNEL=rows: "
+                                             "the register-rows kernel takes 2 or 4"):
+            fused_step.mamba_step(*args)
+    monkeypatch.setenv("ZOO_MAMBA_STEP_KERNEL", "Rows")
+    assert fused_step._forced_kernel() == fused_step.KERNELS["rows"]
+    monkeypatch.setenv("ZOO_MAMBA_STEP_KERNEL", "registers")
+    monkeypatch.delenv("ZOO_MAMBA_STEP_ROWS")
+    with pytest.raises(ValueError, match=r"\$ZOO_MAMBA_STEP_KERNEL='registers': expected one of slots, rows"):
+        fused_step.mamba_step(*args)
+    monkeypatch.setenv("ZOO_MAMBA_STEP_KERNEL", "rows")
+    monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", "4")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="unavailable"):  # good values: on to the extension
+            fused_step.mamba_step(*args)
+    monkeypatch.setenv("ZOO_MAMBA_STEP_KERNEL", "slots")
+    monkeypatch.setenv("ZOO_MAMBA_STEP_ROWS", "8")
+    assert (fused_step._forced_kernel(), fused_step._forced_rows()) == (fused_step.KERNELS["slots"], 8)

@@ -36,7 +36,8 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
     return _choice(name, os.environ.get(name, ""), default, tuple(choices))
 
 
-def _refuse(name: str, value: str, expected: str) -> ValueError:
+def bad_value(name: str, value: str, expected: str) -> ValueError:
+    """The error for a value of $name that it does not take (for a switch of its own syntax)."""
     return ValueError(f"${name}={value!r}: expected {expected}")
 
 
@@ -47,7 +48,7 @@ def _flag(name: str, value: str, default: bool) -> bool:
         return default
     if word in _TRUE or word in _FALSE:
         return word in _TRUE
-    raise _refuse(name, value, f"1/true/yes/on or 0/false/no/off (unset: {int(default)})")
+    raise bad_value(name, value, f"1/true/yes/on or 0/false/no/off (unset: {int(default)})")
 
 
 @functools.lru_cache(maxsize=256)
@@ -69,10 +70,10 @@ def _int(name: str, value: str, default: int | None, low: int | None, high: int 
     try:
         number = int(value.strip())
     except ValueError:
-        raise _refuse(name, value, expected) from None
+        raise bad_value(name, value, expected) from None
     if ((choices is not None and number not in choices) or (low is not None and number < low)
             or (high is not None and number > high)):
-        raise _refuse(name, value, expected)
+        raise bad_value(name, value, expected)
     return number
 
 
@@ -84,7 +85,7 @@ def _choice(name: str, value: str, default: str, choices: tuple[str, ...]) -> st
     for choice in choices:
         if word == choice.lower():
             return choice
-    raise _refuse(name, value, f"one of {', '.join(choices)}")
+    raise bad_value(name, value, f"one of {', '.join(choices)}")
 
 
-__all__ = ["env_choice", "env_flag", "env_int"]
+__all__ = ["bad_value", "env_choice", "env_flag", "env_int"]
