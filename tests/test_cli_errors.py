@@ -154,6 +154,29 @@ def test_cli_bad_input_is_one_line_with_exit_status_2(tmp_path, capsys, monkeypa
         cli.main(["info", str(tmp_path / "nope.yaml")])
 
 
+def test_zoo_traceback_takes_the_usual_spellings(tmp_path, capsys, monkeypatch):
+    """ZOO_TRACEBACK=0 (or false, off) showed the traceback, as any value did; a value that is no boolean is refused
+    in one line before the command runs."""
+    for value in ("0", "false", "OFF", ""):
+        monkeypatch.setenv("ZOO_TRACEBACK", value)
+        with pytest.raises(SystemExit) as e:
+            cli.main(["info", str(tmp_path / "nope.yaml")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("zoo info: ") and "Traceback" not in err
+    for value in ("true", "yes"):
+        monkeypatch.setenv("ZOO_TRACEBACK", value)
+        with pytest.raises(FileNotFoundError):
+            cli.main(["info", str(tmp_path / "nope.yaml")])
+    monkeypatch.setenv("ZOO_TRACEBACK", "please")
+    with mock.patch.object(cli, "info") as info:
+        with pytest.raises(SystemExit) as e:
+            cli.main(["info", str(TINY)])
+    assert e.value.code == 2 and not info.called
+    assert capsys.readouterr().err == ("zoo info: $ZOO_TRACEBACK='please': expected 1/true/yes/on or 0/false/no/off "
+                                       "(unset: 0)\n")
+
+
 class PathMixer(torch.nn.Module):
     def __init__(self, d_model, layer_idx, **options):
         super().__init__()

@@ -296,10 +296,17 @@ def _user_error(e: BaseException) -> bool:
 def _run(prog: str, fn, argv: list[str]):
     """Run a command: bad input ends in one line `prog: message` and exit status 2, an interruption in 130
     ($ZOO_TRACEBACK=1 keeps the traceback)."""
+    from zoo_kernels._env import env_flag
+
+    try:
+        traceback = env_flag("ZOO_TRACEBACK", False)  # (read first: a bad value is refused before any work)
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
     try:
         return fn(argv)
     except KeyboardInterrupt as e:
-        if os.environ.get("ZOO_TRACEBACK"):
+        if traceback:
             raise
         if os.environ.get("RANK", "0") == "0":  # the launch's processes stop together: its first one says so
             print(f"{prog}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr)  # (where it saved, if it did)
@@ -309,7 +316,7 @@ def _run(prog: str, fn, argv: list[str]):
             raise
         return 141  # the reader of the output left (`zoo info ... | head -1`): as a shell reports SIGPIPE, no message
     except Exception as e:
-        if os.environ.get("ZOO_TRACEBACK") or not _user_error(e):
+        if traceback or not _user_error(e):
             raise
         # (a missing model folder is named by zoo.hub.check_model_ref where each command loads its model)
         print(f"{prog}: {e}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import os
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -13,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zoo_kernels._env import env_flag, env_int
+from zoo_kernels.pdl_linear import MAX_ROWS as PDL_KERNEL_ROWS
 
 
 def init_copy_(param: torch.Tensor, value: torch.Tensor) -> None:
@@ -373,9 +374,10 @@ def _pdl_linear():
 
 # ZOO_DECODE_LINEAR=0 keeps cuBLAS for every projection (benchmarks compare the two); ZOO_DECODE_PDL=0 keeps the
 # decode step's kernels off programmatic dependent launch (zoo_kernels.pdl_linear, add_norm)
-DECODE_LINEAR = os.environ.get("ZOO_DECODE_LINEAR", "1") != "0"
-DECODE_PDL = os.environ.get("ZOO_DECODE_PDL", "1") != "0"
-PDL_MAX_ROWS = int(os.environ.get("ZOO_PDL_MAX_ROWS", "32"))  # the env override is for benchmarks
+DECODE_LINEAR = env_flag("ZOO_DECODE_LINEAR", True)
+DECODE_PDL = env_flag("ZOO_DECODE_PDL", True)
+PDL_MAX_ROWS = env_int("ZOO_PDL_MAX_ROWS", 32, low=0, high=PDL_KERNEL_ROWS,  # the env override is for benchmarks
+                       what="rows up to which decode projections take the PDL kernel")
 _DECODING = 0  # > 0 inside `decoding()`
 
 

@@ -15,11 +15,11 @@ zoo_kernels.pdl_linear) start and load its weights while this one runs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from zoo_kernels._env import env_flag
 
 
 @triton.jit
@@ -81,7 +81,7 @@ _PDL_DEVICES: dict[int, bool] = {}
 
 def _pdl(device: torch.device) -> bool:
     """Whether to launch as a programmatic dependent: compute capability 9.0+ and not ZOO_DECODE_PDL=0."""
-    if os.environ.get("ZOO_DECODE_PDL", "1") == "0" or device.type != "cuda":
+    if not env_flag("ZOO_DECODE_PDL", True) or device.type != "cuda":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _PDL_DEVICES:

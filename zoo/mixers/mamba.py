@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
 from zoo_kernels import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
+from zoo_kernels._env import env_flag
 from zoo_kernels._grad import needs_grad
 from zoo_kernels.selective_scan.cuda import MAX_STATE, backward_problem, smem_optin
 
@@ -226,7 +226,7 @@ class Mamba(nn.Module):
         side-by-side timing), with dt_proj foldable (_folds_dt_proj), without the state tools' hooks (they take the
         unfused step's tensors), and without autograd (the kernel has no backward; a step that needs gradients
         takes the unfused path's references)."""
-        if backend != "cuda" or not t.is_cuda or os.environ.get("ZOO_MAMBA_FUSED_STEP", "1") == "0":
+        if not env_flag("ZOO_MAMBA_FUSED_STEP", True) or backend != "cuda" or not t.is_cuda:  # (a bad value raises)
             return False
         if self.mitigation or self.state_probe is not None:
             return False

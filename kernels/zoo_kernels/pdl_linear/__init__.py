@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo_kernels._device import sm_count
+from zoo_kernels._env import bad_value, env_choice, env_flag
 from zoo_kernels.selective_scan.cuda import JitExtension
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -154,10 +155,13 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     (benchmarks/decode_linear.py sweeps it).
     Raises ValueError for shapes the kernel does not take, RuntimeError off CUDA or where the kernel is unavailable.
     """
-    config = config or _forced_config()
+    forced = None if config else _forced_config()
+    config = config or forced
+    pdl = env_flag("ZOO_PDL_LINEAR_PDL", True)  # (the switches first: a bad value is refused on any device)
+    late = env_choice("ZOO_PDL_LINEAR_TRIGGER", "late", ("late", "early")) == "late"
     problem = _problem(x, weight, bias) or (config and _config_problem(weight.shape[0], config))
     if problem is not None:
-        raise ValueError(f"pdl_linear: {problem}")
+        raise ValueError(f"pdl_linear: {problem}" + (" (set by $ZOO_PDL_LINEAR_CONFIG)" if forced else ""))
     if not x.is_cuda:
         raise RuntimeError("pdl_linear: needs CUDA tensors (pdl_linear_ref is the CPU path)")
     K, N = x.shape[-1], weight.shape[0]
@@ -165,8 +169,6 @@ def pdl_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if not _rows_aligned(x2):
         x2 = x2.clone(memory_format=torch.contiguous_format)
     tiles, cluster = config or _config(x2.shape[0], N, K, x.device)
-    pdl = os.environ.get("ZOO_PDL_LINEAR_PDL", "1") != "0"
-    late = os.environ.get("ZOO_PDL_LINEAR_TRIGGER", "late") != "early"
     out = _module().linear(x2, weight, bias, tiles, cluster, pdl, late)
     return out.view(*x.shape[:-1], N)
 
@@ -186,14 +188,21 @@ def _config_problem(N: int, config: tuple[int, int]) -> str | None:
 
 def _forced_config() -> tuple[int, int] | None:
     """$ZOO_PDL_LINEAR_CONFIG = "feature_tiles,cluster" forces the tiling of every call (benchmarks), else None;
-    pdl_linear checks it as it checks a `config` argument (_config_problem)."""
-    value = os.environ.get("ZOO_PDL_LINEAR_CONFIG")
-    if not value:
+    tiles and cluster are checked here, whether they fit N by pdl_linear (_config_problem)."""
+    return _parse_config(os.environ.get("ZOO_PDL_LINEAR_CONFIG", ""))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_config(value: str) -> tuple[int, int] | None:
+    if not value.strip():
         return None
+    expected = f"'feature_tiles,cluster' with feature tiles in {FEATURE_TILES} and cluster in {CLUSTERS}"
     try:
         tiles, cluster = (int(v) for v in value.split(","))
     except ValueError:
-        raise ValueError(f"ZOO_PDL_LINEAR_CONFIG={value!r}: expected 'feature_tiles,cluster'") from None
+        raise bad_value("ZOO_PDL_LINEAR_CONFIG", value, expected) from None
+    if tiles not in FEATURE_TILES or cluster not in CLUSTERS:
+        raise bad_value("ZOO_PDL_LINEAR_CONFIG", value, expected)
     return tiles, cluster
 
 

@@ -20,11 +20,10 @@ removed (benchmarks/NOTES_selective_scan.md keeps its numbers).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from zoo_kernels._device import sm_count
+from zoo_kernels._env import env_int
 from zoo_kernels._grad import needs_grad
 from zoo_kernels.selective_scan.ref import selective_scan_ref, selective_state_update_ref
 
@@ -95,15 +94,9 @@ def auto_seq_split(u: torch.Tensor, backend: str) -> int:
 
 def _resolve_seq_split(seq_split, length: int, u: torch.Tensor | None = None, backend: str = "ref") -> int:
     if seq_split is None:
-        env = os.environ.get(SEQ_SPLIT_ENV)
-        if not env:
+        forced = env_int(SEQ_SPLIT_ENV, None, low=1, what="segments per row; 1 = no split")
+        if forced is None:
             return auto_seq_split(u, backend) if u is not None else 1
-        try:
-            forced = int(env)
-        except ValueError:
-            forced = 0
-        if forced < 1:
-            raise ValueError(f"${SEQ_SPLIT_ENV}={env!r}: expected a positive int (segments per row; 1 = no split)")
         # the split is exact, so a length it does not divide (a prompt, a decoding step) runs unsplit, not refused
         return forced if length % forced == 0 else 1
     if not isinstance(seq_split, int) or seq_split < 1:

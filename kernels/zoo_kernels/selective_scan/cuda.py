@@ -25,6 +25,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from zoo_kernels._checks import device_problem, first_problem, raise_if, require_cuda, shape_problem
+from zoo_kernels._env import env_flag
 from zoo_kernels._grad import needs_grad
 
 _CSRC = Path(__file__).parent / "csrc"
@@ -56,9 +57,12 @@ def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Pa
 
     defines: preprocessor names set for every source (-DNAME), part of the build's cache key.
 
-    Raises RuntimeError with the reason (no nvcc, no ninja, compiler error) when it cannot.
+    Raises RuntimeError with the reason (no nvcc, no ninja, compiler error) when it cannot; $ZOO_KERNELS_VERBOSE=1
+    prints the build's commands.
     """
     from torch.utils import cpp_extension
+
+    verbose = env_flag("ZOO_KERNELS_VERBOSE", False)
 
     cuda_home = cpp_extension.CUDA_HOME
     if cuda_home is None or not (Path(cuda_home) / "bin" / "nvcc").exists():
@@ -90,15 +94,16 @@ def build_extension(sources: tuple[str, ...], headers: tuple[str, ...], csrc: Pa
         build_directory=str(build_dir),
         extra_cflags=["-O3", *flags],
         extra_cuda_cflags=["-O3", "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-lineinfo", *flags],
-        verbose=os.environ.get("ZOO_KERNELS_VERBOSE", "") == "1",
+        verbose=verbose,
     )
 
 
 class JitExtension:
     """A CUDA extension built with build_extension at its first use, once per process, for every caller.
 
-    `available()` never raises: without a CUDA device, below `min_capability`, or when the build fails it returns
-    False and `why_unavailable()` says why; `module()` returns the extension or raises with that reason."""
+    `available()` never raises (but for a bad $ZOO_KERNELS_VERBOSE): without a CUDA device, below `min_capability`,
+    or when the build fails it returns False and `why_unavailable()` says why; `module()` returns the extension or
+    raises with that reason."""
 
     def __init__(self, what: str, sources: tuple[str, ...], headers: tuple[str, ...], csrc: Path, prefix: str,
                  min_capability: tuple[int, int] | None = None, needs: str = "", defines: tuple[str, ...] = ()):
@@ -116,6 +121,7 @@ class JitExtension:
             return False
         with self._lock:
             if self._ext is None and self._why is None:
+                env_flag("ZOO_KERNELS_VERBOSE", False)  # a bad value raises here, not as a kernel unavailable for good
                 try:
                     if not torch.cuda.is_available():
                         raise RuntimeError("no CUDA device")

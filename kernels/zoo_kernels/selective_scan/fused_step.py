@@ -16,12 +16,12 @@ equal, and what runs where it cannot (CPU, older GPUs, shapes it does not take).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from zoo_kernels._env import env_choice, env_flag, env_int
 from zoo_kernels.conv1d.ref import causal_conv1d_update_ref
 from zoo_kernels.selective_scan.cuda import JitExtension
 from zoo_kernels.selective_scan.ref import selective_state_update_ref
@@ -81,11 +81,14 @@ def mamba_step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weigh
     are read after the wait and may be that kernel's outputs.
     $ZOO_MAMBA_STEP_KERNEL (slots / rows) and $ZOO_MAMBA_STEP_ROWS force the kernel and its rows per CTA
     (benchmarks and tests)."""
-    pdl = os.environ.get("ZOO_MAMBA_STEP_PDL", "1") != "0"
+    pdl, rows, kernel = env_flag("ZOO_MAMBA_STEP_PDL", True), _forced_rows(), _forced_kernel()
+    if kernel == KERNELS["rows"] and rows not in (0, 2, 4):  # (the extension's own refusal formats numbers)
+        raise ValueError(f"$ZOO_MAMBA_STEP_ROWS={rows} with $ZOO_MAMBA_STEP_KERNEL=rows: the register-rows kernel "
+                         "takes 2 or 4 rows per CTA")
     conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D = (
         _aligned(t) for t in (conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D))
     return _module().step(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
-                          mask, pdl, _forced_rows(), _forced_kernel())
+                          mask, pdl, rows, kernel)
 
 
 def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -96,7 +99,7 @@ def _aligned(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def _forced_rows() -> int:
     """$ZOO_MAMBA_STEP_ROWS: batch rows per CTA forced (1, 2, 4 or 8; benchmarks), else 0: the kernel's choice."""
-    return int(os.environ.get("ZOO_MAMBA_STEP_ROWS", "0"))
+    return env_int("ZOO_MAMBA_STEP_ROWS", 0, choices=(0, 1, 2, 4, 8), what="batch rows per CTA; 0: the kernel's choice")
 
 
 KERNELS = {"slots": 1, "rows": 2}  # csrc/mamba_step.h: kSlots, kRegisterRows
@@ -105,10 +108,7 @@ KERNELS = {"slots": 1, "rows": 2}  # csrc/mamba_step.h: kSlots, kRegisterRows
 def _forced_kernel() -> int:
     """$ZOO_MAMBA_STEP_KERNEL: "slots" (states in shared memory, any rows per CTA) or "rows" (states in registers,
     2 or 4 rows per CTA) forced, else 0: the launcher's plan."""
-    name = os.environ.get("ZOO_MAMBA_STEP_KERNEL", "")
-    if name and name not in KERNELS:
-        raise ValueError(f"ZOO_MAMBA_STEP_KERNEL={name!r}: expected one of {sorted(KERNELS)}")
-    return KERNELS.get(name, 0)
+    return KERNELS.get(env_choice("ZOO_MAMBA_STEP_KERNEL", "", tuple(KERNELS)), 0)
 
 
 def mamba_step_ref(x, z, conv_state, conv_weight, conv_bias, x_proj_weight, dt_weight, dt_bias, A, D, state,
