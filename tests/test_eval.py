@@ -1410,6 +1410,48 @@ def test_commands_keep_finished_cells_when_a_later_one_fails(checkpoint, tmp_pat
     assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == ["a"]
 
 
+def test_passkey_interrupted_while_rewriting_its_tables_keeps_the_finished_cells(checkpoint, tmp_path, monkeypatch):
+    """passkey.csv and passkey.md (as synthetic's and length's CSVs) were rewritten in place after every cell: a Ctrl-C
+    mid-write left passkey.csv a bare header and passkey.md half a table, the finished cells' rows gone. They are
+    written beside and renamed over now: the tables of the cells before stay whole, and a rerun completes them."""
+    import csv
+
+    from zoo.eval import passkey
+
+    argv = ["--model", str(checkpoint), "--lengths", "128", "--depths", "0,1", "--n-samples", "1", "--device", "cpu"]
+    whole = tmp_path / "whole"
+    passkey.main([*argv, "--out", str(whole)])
+    real_rows, real_text = csv.DictWriter.writerows, Path.write_text
+
+    def rows_interrupted(self, rows):  # the second cell's rows: Ctrl-C after the header reached the file
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        return real_rows(self, rows)
+
+    def text_interrupted(self, text, *args, **kwargs):  # the second cell's passkey.md: half of it, then Ctrl-C
+        if self.name.startswith("passkey.md") and text.count("\n") > 4:
+            real_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_text(self, text, *args, **kwargs)
+
+    for name, patched in (("writerows", rows_interrupted), ("write_text", text_interrupted)):
+        out = tmp_path / name
+        monkeypatch.setattr(csv.DictWriter if name == "writerows" else Path, name, patched)
+        with pytest.raises(KeyboardInterrupt):
+            passkey.main([*argv, "--out", str(out)])
+        monkeypatch.undo()
+        first = json.loads((out / "passkey.json").read_text())["rows"]  # (written after the tables)
+        assert [(r["length"], r["depth"]) for r in first] == [(128, 0.0)] and not list(out.glob("*.tmp"))
+        if name == "writerows":
+            table = list(csv.DictReader((out / "passkey.csv").open(newline="")))
+            assert [(int(r["length"]), float(r["depth"])) for r in table] == [(128, 0.0)]
+        else:
+            assert (out / "passkey.md").read_text() == markdown_grid(first) + "\n"
+        passkey.main([*argv, "--out", str(out)])
+        for file in ("passkey.csv", "passkey.md"):
+            assert (out / file).read_text() == (whole / file).read_text()
+
+
 def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
     """A rerun of zoo eval passkey after an interruption ran every cell again (hours at 1M tokens), and nothing told
     apart a passkey.json of other settings. Now the finished cells of the same model files and settings are kept and
