@@ -307,6 +307,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM
 
+    from zoo.eval.common import write_text_atomically
     from zoo.eval.synthetic import evaluate_synthetic
     from zoo.finetune import _eval_loader, _phase_stamp, build_datasets, evaluate, run_training
 
@@ -351,7 +352,10 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
         if accelerator.is_main_process:  # saved before the (possibly long) evaluation
             run.output_dir.mkdir(parents=True, exist_ok=True)
             model.save_pretrained(run.output_dir / "model", safe_serialization=True)
-            stamp.write_text(json.dumps({"settings": trained, "log": log, "train_seconds": train_seconds}, indent=1))
+            # written beside and renamed over (as result.json): a trained.json cut short by an interruption stopped
+            # every rerun at reading it (JSONDecodeError)
+            write_text_atomically(json.dumps({"settings": trained, "log": log, "train_seconds": train_seconds},
+                                             indent=1), stamp)
             shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: done with them
         accelerator.wait_for_everyone()
     model.eval()
@@ -377,7 +381,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
               "train_seconds": train_seconds, "eval_seconds": eval_seconds, "log": log,
               "held_out": held_out, "rows": grid["rows"], "backends": _backends(model)}
     if accelerator.is_main_process:
-        result_file.write_text(json.dumps(result, indent=1))
+        write_text_atomically(json.dumps(result, indent=1), result_file)
     accelerator.print(f"{run.name}: evaluated {len(seq_lens)} lengths in {eval_seconds:.0f}s")
     return result
 

@@ -233,14 +233,7 @@ def test_train_synthetic_mqar_sweep_evaluates_its_count_grid(tmp_path):
     from accelerate import Accelerator
 
     script = load_script("scripts/train_synthetic.py")
-    recipe = script.load_recipe(ROOT / "configs/train/mqar-sweep.yaml", [
-        f"output_dir={tmp_path}", "sweep={}", "train.max_steps=2", "train.micro_batch_size=4",
-        "schedule.warmup_steps=0", "data.n_eval=4", "data.seq_len=64", "data.task_kwargs.vocab_size=64",
-        "eval.seq_lens=[64, 128]", "eval.n_kv=[4, 8]", "eval.n_samples=4", "eval.batch_size=4",
-        "eval.plot_seq_len=64"])
-    for model in recipe["models"].values():
-        model["vocab_size"] = 64
-    run = script.expand_runs(recipe, only=["mamba2"])[0]
+    run = tiny_mqar_run(script, tmp_path)
     assert run.section.data.task_kwargs["n_kv"] == 16
     result = script.train_and_evaluate(run, Accelerator(cpu=True))
     assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(64, 4), (64, 8), (128, 4), (128, 8)]
@@ -250,6 +243,46 @@ def test_train_synthetic_mqar_sweep_evaluates_its_count_grid(tmp_path):
     run.eval.seq_lens = [128]
     result = script.train_and_evaluate(run, Accelerator(cpu=True))
     assert [(r["seq_len"], r["n_kv"], r["n_answers"]) for r in result["rows"]] == [(128, 16, 64)]
+
+
+def tiny_mqar_run(script, tmp_path, overrides=()):
+    """mqar-sweep.yaml's mamba2 run, shrunk to two steps of a small model and a grid of four cells."""
+    recipe = script.load_recipe(ROOT / "configs/train/mqar-sweep.yaml", [
+        f"output_dir={tmp_path}", "sweep={}", "train.max_steps=2", "train.micro_batch_size=4",
+        "schedule.warmup_steps=0", "data.n_eval=4", "data.seq_len=64", "data.task_kwargs.vocab_size=64",
+        "eval.seq_lens=[64, 128]", "eval.n_kv=[4, 8]", "eval.n_samples=4", "eval.batch_size=4",
+        "eval.plot_seq_len=64", "train.progress_bar=false", *overrides])
+    for model in recipe["models"].values():
+        model["vocab_size"] = 64
+    return script.expand_runs(recipe, only=["mamba2"])[0]
+
+
+@pytest.mark.parametrize("file", ["trained.json", "result.json"])
+def test_train_synthetic_interrupted_while_writing_its_stamp_reruns(tmp_path, monkeypatch, capsys, file):
+    """trained.json (the saved model's stamp) and result.json were written in place: a Ctrl-C mid-write left them cut
+    short, and every rerun stopped at reading them (JSONDecodeError) until the file was found and deleted. They are
+    written beside and renamed over now: the rerun trains (from its checkpoints) or evaluates again and completes."""
+    from accelerate import Accelerator
+
+    script = load_script("scripts/train_synthetic.py")
+    run = tiny_mqar_run(script, tmp_path)
+    real = Path.write_text
+
+    def interrupted(self, text, *args, **kwargs):  # half of the file reaches the disk, then Ctrl-C
+        if self.name.startswith(file):
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    monkeypatch.setattr(Path, "write_text", real)
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(64, 4), (64, 8), (128, 4), (128, 8)]
+    assert json.loads((run.output_dir / "result.json").read_text())["rows"] == result["rows"]
+    assert json.loads((run.output_dir / "trained.json").read_text())["log"] == result["log"]
+    assert not list(run.output_dir.glob("*.tmp"))
 
 
 @pytest.mark.parametrize("script_name", ["state_capacity", "collapse"])
