@@ -285,6 +285,47 @@ def test_train_synthetic_interrupted_while_writing_its_stamp_reruns(tmp_path, mo
     assert not list(run.output_dir.glob("*.tmp"))
 
 
+def test_train_synthetic_interrupted_evaluation_keeps_its_finished_cells(tmp_path, monkeypatch, capsys):
+    """A run's evaluation grid (induction.yaml's runs to 2^20 tokens, hours) wrote result.json only once every cell was
+    done: a Ctrl-C at its longest rows lost every cell, and the rerun evaluated them all again. Each finished cell is
+    saved now (result.partial.json) and the rerun evaluates only the others, to the result of an uninterrupted run; the
+    cells of a model trained before (trained.json gone, the model retrained) are not kept."""
+    from accelerate import Accelerator
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    whole = script.train_and_evaluate(tiny_mqar_run(script, tmp_path / "whole"), Accelerator(cpu=True))
+    run = tiny_mqar_run(script, tmp_path / "out")
+    real, lengths, stop = synthetic.predict_answers, [], [128]
+
+    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the first row of length `stop`
+        if stop[0] is not None and input_ids.shape[1] >= stop[0]:
+            raise KeyboardInterrupt
+        lengths.append(input_ids.shape[1])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    with pytest.raises(KeyboardInterrupt):
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    saved = json.loads((run.output_dir / "result.partial.json").read_text())["rows"]
+    assert [(r["seq_len"], r["n_kv"]) for r in saved] == [(64, 4), (64, 8)] and lengths == [64, 64]
+    stop[0], lengths[:] = None, []
+    capsys.readouterr()
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert "resuming the evaluation; the 2 cells" in capsys.readouterr().out and lengths == [128, 128]
+    assert result["rows"] == whole["rows"] and not (run.output_dir / "result.partial.json").exists()
+
+    (run.output_dir / "result.json").unlink()
+    stop[0], lengths[:] = 128, []
+    with pytest.raises(KeyboardInterrupt):
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    (run.output_dir / "trained.json").unlink()  # the model is trained again: its cells are evaluated again
+    stop[0], lengths[:] = None, []
+    script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert lengths == [64, 64, 128, 128]
+
+
 @pytest.mark.parametrize("script_name", ["state_capacity", "collapse"])
 def test_sweep_model_without_recurrent_layers_is_refused_before_training(tmp_path, capsys, script_name):
     """An attention-only model in a sweep with eval.mitigations passed --dry-run (S = 0) and, once trained, the first
