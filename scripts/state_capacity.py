@@ -367,9 +367,11 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
             calibrate_norm_threshold(model, prefix, factor, chunk=min(64, L), chunk_size=ev["chunk_size"] or L)
         else:
             apply_mitigation(model, text)
+        # (a bar over the documents' tokens: the evaluations of a run, long documents under every mitigation, ran
+        # for minutes to hours without a line)
         res = evaluate_length(model, documents, ev["chunk_size"], ev["batch_size"], ev["bins_per_octave"],
-                              partial=partial, partial_key=stamp | {"mitigation": text}, save_every=SAVE_EVERY,
-                              label=f"{run['name']} [{text}]", keep_partial=True)
+                              progress=True, partial=partial, partial_key=stamp | {"mitigation": text},
+                              save_every=SAVE_EVERY, label=f"{run['name']} [{text}]", keep_partial=True)
         out[text] = {"bins": res["bins"], **judge_collapse(res["bins"], L, ev["factor"], ev["margin"])}
         if provenance is not None:
             out[text]["documents"] = provenance

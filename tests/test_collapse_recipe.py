@@ -309,6 +309,16 @@ def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and (out / "evaluations.json").read_text() == whole
 
 
+def test_sweep_evaluation_shows_a_progress_bar(tmp_path, monkeypatch, capsys):
+    """A run's evaluation (long documents, once per mitigation: minutes to hours) ran without a line after its
+    training's bar; it shows a bar over the documents' tokens, one per curve, as zoo eval length does."""
+    capacity, config = sweep_of_a_saved_model(tmp_path, monkeypatch)
+    capacity.main([str(config), "--only", "default", "--eval.n_docs=2", "--eval.max_len=96", "--eval.chunk_size=32",
+                   "--eval.batch_size=1", "--eval.mitigations=['forget:c_alpha=0.9']", f"--output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert err.count("length eval:   0%") == 2 and err.count("length eval: 100%") >= 2 and "192/192" in err, err
+
+
 def test_sweep_removes_the_partials_of_mitigations_no_longer_listed(tmp_path, monkeypatch):
     """A rerun removed only the partial files of the curves it listed: one of a mitigation dropped from
     eval.mitigations since the interrupted run stayed in the run folder for good, whether the rerun evaluated the run
