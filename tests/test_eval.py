@@ -167,6 +167,34 @@ def test_plot_synthetic_accuracy_of_a_task_without_a_count(tmp_path):
     assert_png(plot_synthetic_accuracy(result, tmp_path / "ih.png", "induction_heads: m"))
 
 
+def test_plot_synthetic_accuracy_of_an_interrupted_grids_json(checkpoint, tmp_path, monkeypatch):
+    """The mqar.json an interrupted zoo eval synthetic leaves (saved after every cell) names no count_name, and its
+    figure drew the cells of every n_kv as one line, joined up at each length; it draws a line per count, as the
+    complete grid's figure does."""
+    from zoo.eval import synthetic
+
+    real = synthetic.predict_answers
+
+    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the 64-token cells
+        if input_ids.shape[1] >= 64:
+            raise KeyboardInterrupt
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.main(["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "16,32,64", "--n-kv", "2,4",
+                        "--vocab-size", "256", "--n-samples", "2", "--device", "cpu", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "mqar.json").read_text())
+    assert saved["complete"] is False and len(saved["rows"]) == 4
+    figures = []
+    monkeypatch.setattr(synthetic, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    synthetic.plot_synthetic_accuracy(saved, tmp_path / "partial.png")
+    by_length, by_count = figures[0].axes[:2]
+    assert sorted(line.get_label() for line in by_length.get_lines()[:2]) == ["n_kv=2", "n_kv=4"]
+    assert [list(line.get_xdata()) for line in by_length.get_lines()[:2]] == [[16, 32], [16, 32]]
+    assert by_count.get_xlabel() == "n_kv (items to recall)"
+
+
 class RecordingOracle(InductionOracle):
     """The oracle, keeping every row it was given."""
 
