@@ -322,6 +322,11 @@ def train_run(run: dict) -> Path:
         return Path(json.loads(done.read_text())["model"])
     start = time.perf_counter()
     result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
+    if result.stopped:  # SIGTERM or a first Ctrl-C: zoo.train saved the step and returned; the run is not trained
+        # (done.json recorded the half-trained model as the run's, the sweep evaluated it and trained on, and every
+        # rerun kept it)
+        raise KeyboardInterrupt(f"{run['name']}: training stopped at step {result.step} of {cfg.train.max_steps}, "
+                                f"saved in {out}; the same command continues it")
     model_dir = result.checkpoint / "model"
     write_text_atomically(json.dumps({"config": settings, "model": str(model_dir),
                                       "seconds": time.perf_counter() - start, "tokens": result.tokens}, indent=1), done)

@@ -243,6 +243,39 @@ def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatc
     assert [k["chunk_size"] for k in seen] == [96]
 
 
+def test_sweep_training_stopped_by_a_signal_is_not_taken_for_a_trained_run(tmp_path, monkeypatch, capsys):
+    """zoo.train answers SIGTERM or a first Ctrl-C by saving the step and returning (stopped): train_run wrote done.json
+    for that half-trained model, the sweep evaluated it as the run's and went on to the next run, and every rerun kept
+    it. The stop now ends the sweep, and the rerun continues the training to its last step."""
+    import os
+    import signal
+
+    import zoo.train
+
+    capacity = load_script("scripts/state_capacity.py")
+    real = zoo.train.train
+
+    def train(cfg, **kwargs):  # SIGTERM at the second step, as `timeout` or a cluster's preemption sends it
+        def on_step(step, metrics):
+            if stop and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(cfg, on_step=on_step, **kwargs)
+
+    monkeypatch.setattr(zoo.train, "train", train)
+    sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [
+        f"output_dir={tmp_path}", "tokens_per_run=1024", "batch_tokens=256", "run.schedule.warmup_steps=0",
+        "run.log.every=1", "run.log.progress_bar=false"])
+    run = capacity.expand_runs(sweep)[0]
+    stop = True
+    with pytest.raises(KeyboardInterrupt, match="training stopped at step 2 of 4"):
+        capacity.train_run(run)
+    assert not (tmp_path / run["name"] / "done.json").exists()
+    stop = False
+    model_dir = capacity.train_run(run)
+    done = json.loads((tmp_path / run["name"] / "done.json").read_text())
+    assert done["tokens"] == 1024 and model_dir.parent.name == "step_00000004"
+
+
 def sweep_of_a_saved_model(tmp_path, monkeypatch):
     """scripts/state_capacity.py (loaded) and configs/train/collapse.yaml, its training replaced by a model saved once
     (a run's done.json written as train_run writes it, kept if there is one) and its plots off; saves every document."""
