@@ -399,14 +399,18 @@ def done_stamp(run: dict) -> dict | None:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`; {} when there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def current_evaluations(out: Path, runs: list[dict], ev: dict) -> dict:
     """evaluations.json's curves of the runs whose recorded settings (evaluations-settings.json) are the sweep's
     current ones; a run evaluated under other settings is left out with a note, so a table, a fit or a collapse
     report never mixes curves of different eval settings or training configs (files written before the settings
     were recorded are taken as they are)."""
     evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
-    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    evaluations, settings = read_json(evaluations_file), read_json(settings_file)
     kept = {}
     for run in runs:
         name = run["name"]
@@ -490,8 +494,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ev = sweep["eval"]
     evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
-    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
         from zoo.eval.common import write_text_atomically
@@ -513,17 +515,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             model_dir = train_run(run)  # reused when done.json records the same config
             wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+            evaluations, settings = read_json(evaluations_file), read_json(settings_file)
             if run["name"] in evaluations and settings.get(run["name"]) == wanted:
                 print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
                 remove_evaluation_partials(run)  # (of a run interrupted before removing them)
                 continue
-            evaluations[run["name"]] = evaluate_run(run, model_dir, documents_for(run), ev)
-            settings[run["name"]] = wanted
+            curves = evaluate_run(run, model_dir, documents_for(run), ev)
+            # the files as they are now, with this run's curves: another call on this output_dir (--only other models,
+            # on another GPU) saves its runs there too, and writing back the copy read before the evaluation (hours)
+            # dropped the runs it had saved meanwhile
+            evaluations = read_json(evaluations_file) | {run["name"]: curves}
+            settings = read_json(settings_file) | {run["name"]: wanted}
             # (a truncated file, written in place, lost every run's curves, and the rerun stopped at reading it)
             write_text_atomically(json.dumps(evaluations, indent=1), evaluations_file)
             write_text_atomically(json.dumps(settings, indent=1), settings_file)
             remove_evaluation_partials(run)  # (kept until the curves are saved)
-            curves = {spec: {"bins": e["bins"]} for spec, e in evaluations[run["name"]].items()}
+            curves = {spec: {"bins": e["bins"]} for spec, e in curves.items()}
             plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
     # re-judge from the saved curves (margin and factor may have been overridden)
     evaluations = current_evaluations(out, runs, ev)

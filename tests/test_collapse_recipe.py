@@ -412,6 +412,33 @@ def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkey
     assert sorted(json.loads((tmp_path / "evaluations.json").read_text())) == ["default-L64", "slow_decay-L64"]
 
 
+def test_sweeps_of_other_models_on_one_output_dir_keep_each_others_evaluations(tmp_path, monkeypatch):
+    """Two calls on one output_dir (--only one model each, say on two GPUs): each wrote back the evaluations.json it
+    had read at its start, so the one that finished last dropped the curves the other saved meanwhile (hours of
+    evaluation, their partial files already removed). A run's curves are added to the file as it is now."""
+    capacity = load_script("scripts/state_capacity.py")
+    bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").write_text(json.dumps({"model": str(out)}))
+        return out
+
+    def evaluate_run(run, *args):  # while default's evaluation runs, the other call evaluates slow_decay
+        if run["model"] == "default":
+            capacity.main([*argv, "--only", "slow_decay"])
+        return {"none": {"bins": bins}}
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--eval.mitigations=[]"]
+    capacity.main([*argv, "--only", "default"])
+    for name in ("evaluations.json", "evaluations-settings.json"):
+        assert sorted(json.loads((tmp_path / name).read_text())) == ["default-L64", "slow_decay-L64"]
+
+
 def test_sweep_says_and_records_how_much_of_its_documents_is_training_text(tmp_path, monkeypatch):
     """The sweep's documents ran past the held-out files into the training files silently (collapse.yaml's eval:
     83% of the tokens, before corpus_documents kept the rest of a file). Each curve in evaluations.json records the
