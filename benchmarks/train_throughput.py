@@ -27,7 +27,8 @@ no mfu_formula; it ignores attention's L-dependent FLOPs, so it understates atte
 forward is 1.15 x 6N for the 130M Transformer++ at 2048, 1.61 x at 8192). floor_ms = training FLOPs · tokens /
 peak (the same FLOPs as mfu; floor_ms_6n = 6 · N_active · tokens / peak, the floor_ms of rows without
 mfu_formula).
-peak_mem_gib = torch.cuda.max_memory_allocated over the run.
+peak_mem_gib = torch.cuda.max_memory_allocated over the run. Ctrl-C or SIGTERM (a `timeout`) ends the run: the rows
+measured so far are written, each with a note saying it was cut short, and the exit status is 130.
 
     python benchmarks/train_throughput.py                       # everything above
     python benchmarks/train_throughput.py --models mamba hf-mamba --seq-lens 2048 --steps 10
@@ -41,6 +42,7 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -100,7 +102,9 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    train(cfg, on_step=on_step)
+    if train(cfg, on_step=on_step).stopped:  # SIGTERM or Ctrl-C: the trainer saved and returned; the run stops too
+        # (it timed the steps done as a full measurement, or failed on too few, and the next model trained on)
+        raise KeyboardInterrupt(f"{name} L={seq_len} stopped after {len(stamps)} of {warmup + steps} steps")
     info = json.loads((Path(cfg.output_dir) / "run_info.json").read_text())
     tokens_per_step = info["tokens_per_step"]
     timed = stamps[warmup - 1:] if warmup else [start] + stamps
@@ -122,9 +126,10 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
             "loss_last": losses[-1]}
 
 
-def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, peak: float, compile_: bool
-              ) -> list[dict]:
-    """One results.jsonl row per measured (model, L), with its baseline of the same L."""
+def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, peak: float, compile_: bool,
+              cut: str | None = None) -> list[dict]:
+    """One results.jsonl row per measured (model, L), with its baseline of the same L; `cut`: why the run ended before
+    every measurement (each row's note says it)."""
     date = datetime.date.today().isoformat()
     rows = []
     split = os.environ.get("ZOO_SCAN_SEQ_SPLIT")  # the Mamba scan's sequence split, when forced
@@ -167,8 +172,10 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
         tpp = results.get(("transformerpp", L))
         if name not in ("transformerpp", "hf-llama", "hf-mamba") and tpp:  # issue 9: vs our Transformer++
             row["vs_transformerpp"] = round(r["tokens_per_s"] / tpp["tokens_per_s"], 3)
-        if base_name == "hf-mamba" and base is None:
+        if base_name == "hf-mamba" and base is None and not cut:
             row["note"] = "transformers' Mamba not timed at this length (per-token scan loop; see --hf-mamba-seq-lens)"
+        if cut:
+            row["note"] = cut
         rows.append(row)
     return rows
 
@@ -214,40 +221,58 @@ def main() -> None:
     command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)
                                          if Path(sys.argv[0]).is_absolute() else sys.argv[0])] + sys.argv[1:])
     results: dict[tuple[str, int], dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        workdir = Path(tmp)
-        for L in args.seq_lens:
-            micro = max(1, args.tokens_per_micro // L)
-            for name in args.models:
-                if name == "hf-mamba":
-                    if L not in args.hf_mamba_seq_lens:
-                        continue
-                    # its scan is a Python loop over tokens: probe a short row, then time one step at L
-                    probe_L = 256
-                    probe = run(name, probe_L, args.hf_mamba_micro_batch, 1, 1, 1, False, workdir)
-                    projected = probe["step_ms"] / 1e3 * L / probe_L
-                    print(f"hf-mamba probe: {probe['step_ms']:.0f} ms per step at L={probe_L}; one step at L={L} "
-                          f"projected {projected:.0f} s", flush=True)
-                    if projected > args.max_baseline_step_s:
-                        print(f"hf-mamba L={L}: skipped (projected {projected:.0f} s > --max-baseline-step-s)")
-                        continue
-                    results[name, L] = run(name, L, args.hf_mamba_micro_batch, 1, 1, 1, False, workdir)
-                else:
-                    results[name, L] = run(name, L, micro, args.grad_accum, args.warmup, args.steps, args.compile,
-                                           workdir)
-                r = results[name, L]
-                print(f"{name} L={L}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step, "
-                      f"{r['peak_mem_gib']:.1f} GiB, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
+    cut = None
 
-    rows = make_rows(results, card, command, peak, args.compile)
+    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep the rows measured so far (zoo.train's own handler
+        raise KeyboardInterrupt(f"signal {signum}")  # asks its loop to stop while a model trains)
+
+    signal.signal(signal.SIGTERM, on_term)
+    # the measurements finished are written when SIGTERM or Ctrl-C ends the run: they were all lost, written only
+    # after the last one
+    total = sum(name != "hf-mamba" or L in args.hf_mamba_seq_lens for L in args.seq_lens for name in args.models)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            measure_all(args, Path(tmp), results)
+    except KeyboardInterrupt as e:
+        cut = f"run interrupted ({e}) after {len(results)} of {total} measurements"
+        print(f"\n{cut}; writing the rows measured", flush=True)
+    rows = make_rows(results, card, command, peak, args.compile, cut)
     with open(args.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"\n{card}, {datetime.date.today().isoformat()}, peak {peak:g} TFLOP/s (dense bf16), "
           f"{len(rows)} rows -> {args.out}\n")
     print(markdown_table(rows))
+    if cut:
+        sys.exit(130)
     if any(math.isnan(r["loss_last"]) for r in results.values()):
         sys.exit("train_throughput: a run produced a NaN loss")
+
+
+def measure_all(args, workdir: Path, results: dict[tuple[str, int], dict]) -> None:
+    """Every (model, L) of the command line, measured into `results` as each finishes."""
+    for L in args.seq_lens:
+        micro = max(1, args.tokens_per_micro // L)
+        for name in args.models:
+            if name == "hf-mamba":
+                if L not in args.hf_mamba_seq_lens:
+                    continue
+                # its scan is a Python loop over tokens: probe a short row, then time one step at L
+                probe_L = 256
+                probe = run(name, probe_L, args.hf_mamba_micro_batch, 1, 1, 1, False, workdir)
+                projected = probe["step_ms"] / 1e3 * L / probe_L
+                print(f"hf-mamba probe: {probe['step_ms']:.0f} ms per step at L={probe_L}; one step at L={L} "
+                      f"projected {projected:.0f} s", flush=True)
+                if projected > args.max_baseline_step_s:
+                    print(f"hf-mamba L={L}: skipped (projected {projected:.0f} s > --max-baseline-step-s)")
+                    continue
+                results[name, L] = run(name, L, args.hf_mamba_micro_batch, 1, 1, 1, False, workdir)
+            else:
+                results[name, L] = run(name, L, micro, args.grad_accum, args.warmup, args.steps, args.compile,
+                                       workdir)
+            r = results[name, L]
+            print(f"{name} L={L}: {r['tokens_per_s']:,.0f} tokens/s, {r['step_ms']:.1f} ms/step, "
+                  f"{r['peak_mem_gib']:.1f} GiB, loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

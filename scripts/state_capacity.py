@@ -322,6 +322,11 @@ def train_run(run: dict) -> Path:
         return Path(json.loads(done.read_text())["model"])
     start = time.perf_counter()
     result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
+    if result.stopped:  # SIGTERM or a first Ctrl-C: zoo.train saved the step and returned; the run is not trained
+        # (done.json recorded the half-trained model as the run's, the sweep evaluated it and trained on, and every
+        # rerun kept it)
+        raise KeyboardInterrupt(f"{run['name']}: training stopped at step {result.step} of {cfg.train.max_steps}, "
+                                f"saved in {out}; the same command continues it")
     model_dir = result.checkpoint / "model"
     write_text_atomically(json.dumps({"config": settings, "model": str(model_dir),
                                       "seconds": time.perf_counter() - start, "tokens": result.tokens}, indent=1), done)
@@ -367,9 +372,11 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
             calibrate_norm_threshold(model, prefix, factor, chunk=min(64, L), chunk_size=ev["chunk_size"] or L)
         else:
             apply_mitigation(model, text)
+        # (a bar over the documents' tokens: the evaluations of a run, long documents under every mitigation, ran
+        # for minutes to hours without a line)
         res = evaluate_length(model, documents, ev["chunk_size"], ev["batch_size"], ev["bins_per_octave"],
-                              partial=partial, partial_key=stamp | {"mitigation": text}, save_every=SAVE_EVERY,
-                              label=f"{run['name']} [{text}]", keep_partial=True)
+                              progress=True, partial=partial, partial_key=stamp | {"mitigation": text},
+                              save_every=SAVE_EVERY, label=f"{run['name']} [{text}]", keep_partial=True)
         out[text] = {"bins": res["bins"], **judge_collapse(res["bins"], L, ev["factor"], ev["margin"])}
         if provenance is not None:
             out[text]["documents"] = provenance
@@ -392,14 +399,18 @@ def done_stamp(run: dict) -> dict | None:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in `path`; {} when there is no such file."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def current_evaluations(out: Path, runs: list[dict], ev: dict) -> dict:
     """evaluations.json's curves of the runs whose recorded settings (evaluations-settings.json) are the sweep's
     current ones; a run evaluated under other settings is left out with a note, so a table, a fit or a collapse
     report never mixes curves of different eval settings or training configs (files written before the settings
     were recorded are taken as they are)."""
     evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
-    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    evaluations, settings = read_json(evaluations_file), read_json(settings_file)
     kept = {}
     for run in runs:
         name = run["name"]
@@ -483,8 +494,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ev = sweep["eval"]
     evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
-    evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
-    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
         from zoo.eval.common import write_text_atomically
@@ -506,17 +515,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             model_dir = train_run(run)  # reused when done.json records the same config
             wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+            evaluations, settings = read_json(evaluations_file), read_json(settings_file)
             if run["name"] in evaluations and settings.get(run["name"]) == wanted:
                 print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
                 remove_evaluation_partials(run)  # (of a run interrupted before removing them)
                 continue
-            evaluations[run["name"]] = evaluate_run(run, model_dir, documents_for(run), ev)
-            settings[run["name"]] = wanted
+            curves = evaluate_run(run, model_dir, documents_for(run), ev)
+            # the files as they are now, with this run's curves: another call on this output_dir (--only other models,
+            # on another GPU) saves its runs there too, and writing back the copy read before the evaluation (hours)
+            # dropped the runs it had saved meanwhile
+            evaluations = read_json(evaluations_file) | {run["name"]: curves}
+            settings = read_json(settings_file) | {run["name"]: wanted}
             # (a truncated file, written in place, lost every run's curves, and the rerun stopped at reading it)
             write_text_atomically(json.dumps(evaluations, indent=1), evaluations_file)
             write_text_atomically(json.dumps(settings, indent=1), settings_file)
             remove_evaluation_partials(run)  # (kept until the curves are saved)
-            curves = {spec: {"bins": e["bins"]} for spec, e in evaluations[run["name"]].items()}
+            curves = {spec: {"bins": e["bins"]} for spec, e in curves.items()}
             plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
     # re-judge from the saved curves (margin and factor may have been overridden)
     evaluations = current_evaluations(out, runs, ev)

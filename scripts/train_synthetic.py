@@ -12,7 +12,8 @@ or a zoo YAML) and optionally a ``sweep`` grid of dotted keys (``model.d_model``
 (model, grid point) is one run in ``output_dir/<run>/`` (``model/``, ``trained.json``, ``result.json``). A
 trained model is saved before its evaluation and reused when the model and training settings match; a
 result.json with the same settings throughout is reused as it is. Ctrl-C or SIGTERM saves the phase in training
-(``<run>/checkpoints/``, also every ``train.checkpoint_every`` steps) and the same command continues it. The
+(``<run>/checkpoints/``, also every ``train.checkpoint_every`` steps) and the same command continues it; the
+evaluation saves each finished cell (``<run>/result.partial.json``) and the same command runs only the others. The
 runs of one call share one precision (``train.precision``). The summary keeps, per model and grid
 point, the best run over ``select_over`` (the learning rate, as Zoology reports), and writes ``summary.md``,
 ``summary.json``, ``accuracy_vs_length.png`` and ``accuracy_vs_state.png`` (accuracy against the recurrent
@@ -307,6 +308,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     from accelerate.utils import set_seed
     from transformers import AutoModelForCausalLM
 
+    from zoo.eval.common import remove_partial, write_json, write_text_atomically
     from zoo.eval.synthetic import evaluate_synthetic
     from zoo.finetune import _eval_loader, _phase_stamp, build_datasets, evaluate, run_training
 
@@ -314,6 +316,9 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
                "curriculum": [_plain(p) for p in run.phases]}
     settings = {**trained, "eval": _plain(run.eval)}
     result_file, stamp = run.output_dir / "result.json", run.output_dir / "trained.json"
+    # the evaluation's finished cells, saved after each: a rerun evaluates only the others (a grid to 2^20 tokens runs
+    # for hours, and an interruption at its longest rows lost every cell)
+    partial = run.output_dir / "result.partial.json"
     if result_file.is_file() and json.loads(result_file.read_text()).get("settings") == settings:
         accelerator.print(f"{run.name}: reusing {result_file}")
         return json.loads(result_file.read_text())
@@ -350,8 +355,12 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
         train_seconds = time.perf_counter() - start
         if accelerator.is_main_process:  # saved before the (possibly long) evaluation
             run.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial(partial)  # cells of a model trained before, gone before the new one's stamp is written
             model.save_pretrained(run.output_dir / "model", safe_serialization=True)
-            stamp.write_text(json.dumps({"settings": trained, "log": log, "train_seconds": train_seconds}, indent=1))
+            # written beside and renamed over (as result.json): a trained.json cut short by an interruption stopped
+            # every rerun at reading it (JSONDecodeError)
+            write_text_atomically(json.dumps({"settings": trained, "log": log, "train_seconds": train_seconds},
+                                             indent=1), stamp)
             shutil.rmtree(checkpoints, ignore_errors=True)  # the model is saved: done with them
         accelerator.wait_for_everyone()
     model.eval()
@@ -365,10 +374,22 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     task_kwargs = dict(data.task_kwargs)
     trained_count = task_kwargs.pop(COUNT_ARGUMENT[data.task], None) if COUNT_ARGUMENT[data.task] else None
     counts = run.eval.n_kv if run.eval.n_kv is not None else None if trained_count is None else [trained_count]
+    # the cells saved by an interrupted evaluation of this model (its training's seconds tell it from one retrained
+    # since) under the same settings
+    key = {"settings": settings, "train_seconds": train_seconds}
+    saved = json.loads(partial.read_text()) if partial.is_file() else None
+    done = saved["rows"] if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)) else None
+    if done:
+        accelerator.print(f"{run.name}: resuming the evaluation; the {len(done)} cells in {partial} are kept")
+
+    def save(rows: list[dict]) -> None:
+        if accelerator.is_main_process:
+            write_json({"key": key, "rows": rows}, partial)
+
     start = time.perf_counter()
     grid = evaluate_synthetic(model, data.task, seq_lens, counts, run.eval.n_samples, run.eval.batch_size,
                               seed=data.seed + 2, chunk_size=run.eval.chunk_size, progress=accelerator.is_main_process,
-                              **task_kwargs)
+                              on_cell=save, done=done, **task_kwargs)
     eval_seconds = time.perf_counter() - start
     plot_len = run.eval.plot_seq_len or train_length(data)
     result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,
@@ -377,7 +398,8 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
               "train_seconds": train_seconds, "eval_seconds": eval_seconds, "log": log,
               "held_out": held_out, "rows": grid["rows"], "backends": _backends(model)}
     if accelerator.is_main_process:
-        result_file.write_text(json.dumps(result, indent=1))
+        write_text_atomically(json.dumps(result, indent=1), result_file)
+        remove_partial(partial)
     accelerator.print(f"{run.name}: evaluated {len(seq_lens)} lengths in {eval_seconds:.0f}s")
     return result
 

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,6 +318,52 @@ def test_train_throughput_mfu_counts_zoo_trains_training_flops_with_the_6n_figur
     table = script.markdown_table(rows).splitlines()
     assert "MFU (3x forward FLOPs)" in table[0] and "MFU (6N)" in table[0]
     assert len({line.count("|") for line in table}) == 1, "every line has the header's columns"
+
+
+def test_train_throughput_interrupted_writes_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    """train_throughput appended its rows only after the last measurement: a Ctrl-C or `timeout`'s SIGTERM (which
+    zoo.train takes as a request to stop, returning normally) lost every finished one. Worse, the stopped model was
+    timed on the steps it had done as if complete (or failed on too few) and the next model trained on, so one
+    interruption stopped nothing. A stopped training now ends the run, and the finished measurements are written,
+    each row's note saying the run was cut short."""
+    from types import SimpleNamespace
+
+    script = load_script("benchmarks/train_throughput.py")
+    trained = []
+
+    def train(cfg, on_step):  # zoo.train on a signal after 3 of the 25 steps: saved, stopped, returned
+        trained.append(cfg.model)
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True)
+        (out / "run_info.json").write_text(json.dumps({
+            "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
+            "backend": {}}))
+        steps = 3 if len(trained) == 3 else cfg.train.max_steps
+        for step in range(1, steps + 1):
+            on_step(step, {"loss": 5.0 - step / 100, "real_tokens": 4096})
+        return SimpleNamespace(stopped=steps < cfg.train.max_steps, step=steps)
+
+    monkeypatch.setattr(script, "train", train)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 2 ** 30)
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/train_throughput.py", "--models", "mamba", "transformerpp", "jamba",
+                                      "hf-llama", "--seq-lens", "2048", "--peak-tflops", "1", "--out", str(out)])
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            script.main()
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # (main's own, for the run)
+    assert e.value.code == 130 and len(trained) == 3  # jamba's stopped training ended the run
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["name"] for row in rows] == ["train_throughput/mamba/L2048", "train_throughput/transformerpp/L2048"]
+    note = "run interrupted (jamba L=2048 stopped after 3 of 25 steps) after 2 of 4 measurements"
+    assert all(row["note"] == note for row in rows), rows
+    assert note in capsys.readouterr().out
 
 
 def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):

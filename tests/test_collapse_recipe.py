@@ -243,6 +243,39 @@ def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatc
     assert [k["chunk_size"] for k in seen] == [96]
 
 
+def test_sweep_training_stopped_by_a_signal_is_not_taken_for_a_trained_run(tmp_path, monkeypatch, capsys):
+    """zoo.train answers SIGTERM or a first Ctrl-C by saving the step and returning (stopped): train_run wrote done.json
+    for that half-trained model, the sweep evaluated it as the run's and went on to the next run, and every rerun kept
+    it. The stop now ends the sweep, and the rerun continues the training to its last step."""
+    import os
+    import signal
+
+    import zoo.train
+
+    capacity = load_script("scripts/state_capacity.py")
+    real = zoo.train.train
+
+    def train(cfg, **kwargs):  # SIGTERM at the second step, as `timeout` or a cluster's preemption sends it
+        def on_step(step, metrics):
+            if stop and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(cfg, on_step=on_step, **kwargs)
+
+    monkeypatch.setattr(zoo.train, "train", train)
+    sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [
+        f"output_dir={tmp_path}", "tokens_per_run=1024", "batch_tokens=256", "run.schedule.warmup_steps=0",
+        "run.log.every=1", "run.log.progress_bar=false"])
+    run = capacity.expand_runs(sweep)[0]
+    stop = True
+    with pytest.raises(KeyboardInterrupt, match="training stopped at step 2 of 4"):
+        capacity.train_run(run)
+    assert not (tmp_path / run["name"] / "done.json").exists()
+    stop = False
+    model_dir = capacity.train_run(run)
+    done = json.loads((tmp_path / run["name"] / "done.json").read_text())
+    assert done["tokens"] == 1024 and model_dir.parent.name == "step_00000004"
+
+
 def sweep_of_a_saved_model(tmp_path, monkeypatch):
     """scripts/state_capacity.py (loaded) and configs/train/collapse.yaml, its training replaced by a model saved once
     (a run's done.json written as train_run writes it, kept if there is one) and its plots off; saves every document."""
@@ -309,6 +342,16 @@ def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and (out / "evaluations.json").read_text() == whole
 
 
+def test_sweep_evaluation_shows_a_progress_bar(tmp_path, monkeypatch, capsys):
+    """A run's evaluation (long documents, once per mitigation: minutes to hours) ran without a line after its
+    training's bar; it shows a bar over the documents' tokens, one per curve, as zoo eval length does."""
+    capacity, config = sweep_of_a_saved_model(tmp_path, monkeypatch)
+    capacity.main([str(config), "--only", "default", "--eval.n_docs=2", "--eval.max_len=96", "--eval.chunk_size=32",
+                   "--eval.batch_size=1", "--eval.mitigations=['forget:c_alpha=0.9']", f"--output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert err.count("length eval:   0%") == 2 and err.count("length eval: 100%") >= 2 and "192/192" in err, err
+
+
 def test_sweep_removes_the_partials_of_mitigations_no_longer_listed(tmp_path, monkeypatch):
     """A rerun removed only the partial files of the curves it listed: one of a mitigation dropped from
     eval.mitigations since the interrupted run stayed in the run folder for good, whether the rerun evaluated the run
@@ -367,6 +410,33 @@ def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkey
     assert json.loads((tmp_path / "evaluations.json").read_text()) == before
     capacity.main([*argv, "--only", "slow_decay"])
     assert sorted(json.loads((tmp_path / "evaluations.json").read_text())) == ["default-L64", "slow_decay-L64"]
+
+
+def test_sweeps_of_other_models_on_one_output_dir_keep_each_others_evaluations(tmp_path, monkeypatch):
+    """Two calls on one output_dir (--only one model each, say on two GPUs): each wrote back the evaluations.json it
+    had read at its start, so the one that finished last dropped the curves the other saved meanwhile (hours of
+    evaluation, their partial files already removed). A run's curves are added to the file as it is now."""
+    capacity = load_script("scripts/state_capacity.py")
+    bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "done.json").write_text(json.dumps({"model": str(out)}))
+        return out
+
+    def evaluate_run(run, *args):  # while default's evaluation runs, the other call evaluates slow_decay
+        if run["model"] == "default":
+            capacity.main([*argv, "--only", "slow_decay"])
+        return {"none": {"bins": bins}}
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--eval.mitigations=[]"]
+    capacity.main([*argv, "--only", "default"])
+    for name in ("evaluations.json", "evaluations-settings.json"):
+        assert sorted(json.loads((tmp_path / name).read_text())) == ["default-L64", "slow_decay-L64"]
 
 
 def test_sweep_says_and_records_how_much_of_its_documents_is_training_text(tmp_path, monkeypatch):

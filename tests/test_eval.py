@@ -167,6 +167,34 @@ def test_plot_synthetic_accuracy_of_a_task_without_a_count(tmp_path):
     assert_png(plot_synthetic_accuracy(result, tmp_path / "ih.png", "induction_heads: m"))
 
 
+def test_plot_synthetic_accuracy_of_an_interrupted_grids_json(checkpoint, tmp_path, monkeypatch):
+    """The mqar.json an interrupted zoo eval synthetic leaves (saved after every cell) names no count_name, and its
+    figure drew the cells of every n_kv as one line, joined up at each length; it draws a line per count, as the
+    complete grid's figure does."""
+    from zoo.eval import synthetic
+
+    real = synthetic.predict_answers
+
+    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the 64-token cells
+        if input_ids.shape[1] >= 64:
+            raise KeyboardInterrupt
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.main(["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "16,32,64", "--n-kv", "2,4",
+                        "--vocab-size", "256", "--n-samples", "2", "--device", "cpu", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "mqar.json").read_text())
+    assert saved["complete"] is False and len(saved["rows"]) == 4
+    figures = []
+    monkeypatch.setattr(synthetic, "save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    synthetic.plot_synthetic_accuracy(saved, tmp_path / "partial.png")
+    by_length, by_count = figures[0].axes[:2]
+    assert sorted(line.get_label() for line in by_length.get_lines()[:2]) == ["n_kv=2", "n_kv=4"]
+    assert [list(line.get_xdata()) for line in by_length.get_lines()[:2]] == [[16, 32], [16, 32]]
+    assert by_count.get_xlabel() == "n_kv (items to recall)"
+
+
 class RecordingOracle(InductionOracle):
     """The oracle, keeping every row it was given."""
 
@@ -1408,6 +1436,48 @@ def test_commands_keep_finished_cells_when_a_later_one_fails(checkpoint, tmp_pat
         length.main(["--model", str(checkpoint), str(checkpoint), "--label", "a", "b", "--tokens",
                      str(tmp_path / "docs.pt"), "--max-len", "40", "--device", "cpu", "--out", str(tmp_path / "len")])
     assert list(json.loads((tmp_path / "len" / "length.json").read_text())) == ["a"]
+
+
+def test_passkey_interrupted_while_rewriting_its_tables_keeps_the_finished_cells(checkpoint, tmp_path, monkeypatch):
+    """passkey.csv and passkey.md (as synthetic's and length's CSVs) were rewritten in place after every cell: a Ctrl-C
+    mid-write left passkey.csv a bare header and passkey.md half a table, the finished cells' rows gone. They are
+    written beside and renamed over now: the tables of the cells before stay whole, and a rerun completes them."""
+    import csv
+
+    from zoo.eval import passkey
+
+    argv = ["--model", str(checkpoint), "--lengths", "128", "--depths", "0,1", "--n-samples", "1", "--device", "cpu"]
+    whole = tmp_path / "whole"
+    passkey.main([*argv, "--out", str(whole)])
+    real_rows, real_text = csv.DictWriter.writerows, Path.write_text
+
+    def rows_interrupted(self, rows):  # the second cell's rows: Ctrl-C after the header reached the file
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        return real_rows(self, rows)
+
+    def text_interrupted(self, text, *args, **kwargs):  # the second cell's passkey.md: half of it, then Ctrl-C
+        if self.name.startswith("passkey.md") and text.count("\n") > 4:
+            real_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_text(self, text, *args, **kwargs)
+
+    for name, patched in (("writerows", rows_interrupted), ("write_text", text_interrupted)):
+        out = tmp_path / name
+        monkeypatch.setattr(csv.DictWriter if name == "writerows" else Path, name, patched)
+        with pytest.raises(KeyboardInterrupt):
+            passkey.main([*argv, "--out", str(out)])
+        monkeypatch.undo()
+        first = json.loads((out / "passkey.json").read_text())["rows"]  # (written after the tables)
+        assert [(r["length"], r["depth"]) for r in first] == [(128, 0.0)] and not list(out.glob("*.tmp"))
+        if name == "writerows":
+            table = list(csv.DictReader((out / "passkey.csv").open(newline="")))
+            assert [(int(r["length"]), float(r["depth"])) for r in table] == [(128, 0.0)]
+        else:
+            assert (out / "passkey.md").read_text() == markdown_grid(first) + "\n"
+        passkey.main([*argv, "--out", str(out)])
+        for file in ("passkey.csv", "passkey.md"):
+            assert (out / file).read_text() == (whole / file).read_text()
 
 
 def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):

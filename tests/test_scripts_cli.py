@@ -233,14 +233,7 @@ def test_train_synthetic_mqar_sweep_evaluates_its_count_grid(tmp_path):
     from accelerate import Accelerator
 
     script = load_script("scripts/train_synthetic.py")
-    recipe = script.load_recipe(ROOT / "configs/train/mqar-sweep.yaml", [
-        f"output_dir={tmp_path}", "sweep={}", "train.max_steps=2", "train.micro_batch_size=4",
-        "schedule.warmup_steps=0", "data.n_eval=4", "data.seq_len=64", "data.task_kwargs.vocab_size=64",
-        "eval.seq_lens=[64, 128]", "eval.n_kv=[4, 8]", "eval.n_samples=4", "eval.batch_size=4",
-        "eval.plot_seq_len=64"])
-    for model in recipe["models"].values():
-        model["vocab_size"] = 64
-    run = script.expand_runs(recipe, only=["mamba2"])[0]
+    run = tiny_mqar_run(script, tmp_path)
     assert run.section.data.task_kwargs["n_kv"] == 16
     result = script.train_and_evaluate(run, Accelerator(cpu=True))
     assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(64, 4), (64, 8), (128, 4), (128, 8)]
@@ -250,6 +243,87 @@ def test_train_synthetic_mqar_sweep_evaluates_its_count_grid(tmp_path):
     run.eval.seq_lens = [128]
     result = script.train_and_evaluate(run, Accelerator(cpu=True))
     assert [(r["seq_len"], r["n_kv"], r["n_answers"]) for r in result["rows"]] == [(128, 16, 64)]
+
+
+def tiny_mqar_run(script, tmp_path, overrides=()):
+    """mqar-sweep.yaml's mamba2 run, shrunk to two steps of a small model and a grid of four cells."""
+    recipe = script.load_recipe(ROOT / "configs/train/mqar-sweep.yaml", [
+        f"output_dir={tmp_path}", "sweep={}", "train.max_steps=2", "train.micro_batch_size=4",
+        "schedule.warmup_steps=0", "data.n_eval=4", "data.seq_len=64", "data.task_kwargs.vocab_size=64",
+        "eval.seq_lens=[64, 128]", "eval.n_kv=[4, 8]", "eval.n_samples=4", "eval.batch_size=4",
+        "eval.plot_seq_len=64", "train.progress_bar=false", *overrides])
+    for model in recipe["models"].values():
+        model["vocab_size"] = 64
+    return script.expand_runs(recipe, only=["mamba2"])[0]
+
+
+@pytest.mark.parametrize("file", ["trained.json", "result.json"])
+def test_train_synthetic_interrupted_while_writing_its_stamp_reruns(tmp_path, monkeypatch, capsys, file):
+    """trained.json (the saved model's stamp) and result.json were written in place: a Ctrl-C mid-write left them cut
+    short, and every rerun stopped at reading them (JSONDecodeError) until the file was found and deleted. They are
+    written beside and renamed over now: the rerun trains (from its checkpoints) or evaluates again and completes."""
+    from accelerate import Accelerator
+
+    script = load_script("scripts/train_synthetic.py")
+    run = tiny_mqar_run(script, tmp_path)
+    real = Path.write_text
+
+    def interrupted(self, text, *args, **kwargs):  # half of the file reaches the disk, then Ctrl-C
+        if self.name.startswith(file):
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    monkeypatch.setattr(Path, "write_text", real)
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert [(r["seq_len"], r["n_kv"]) for r in result["rows"]] == [(64, 4), (64, 8), (128, 4), (128, 8)]
+    assert json.loads((run.output_dir / "result.json").read_text())["rows"] == result["rows"]
+    assert json.loads((run.output_dir / "trained.json").read_text())["log"] == result["log"]
+    assert not list(run.output_dir.glob("*.tmp"))
+
+
+def test_train_synthetic_interrupted_evaluation_keeps_its_finished_cells(tmp_path, monkeypatch, capsys):
+    """A run's evaluation grid (induction.yaml's runs to 2^20 tokens, hours) wrote result.json only once every cell was
+    done: a Ctrl-C at its longest rows lost every cell, and the rerun evaluated them all again. Each finished cell is
+    saved now (result.partial.json) and the rerun evaluates only the others, to the result of an uninterrupted run; the
+    cells of a model trained before (trained.json gone, the model retrained) are not kept."""
+    from accelerate import Accelerator
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    whole = script.train_and_evaluate(tiny_mqar_run(script, tmp_path / "whole"), Accelerator(cpu=True))
+    run = tiny_mqar_run(script, tmp_path / "out")
+    real, lengths, stop = synthetic.predict_answers, [], [128]
+
+    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the first row of length `stop`
+        if stop[0] is not None and input_ids.shape[1] >= stop[0]:
+            raise KeyboardInterrupt
+        lengths.append(input_ids.shape[1])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    with pytest.raises(KeyboardInterrupt):
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    saved = json.loads((run.output_dir / "result.partial.json").read_text())["rows"]
+    assert [(r["seq_len"], r["n_kv"]) for r in saved] == [(64, 4), (64, 8)] and lengths == [64, 64]
+    stop[0], lengths[:] = None, []
+    capsys.readouterr()
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert "resuming the evaluation; the 2 cells" in capsys.readouterr().out and lengths == [128, 128]
+    assert result["rows"] == whole["rows"] and not (run.output_dir / "result.partial.json").exists()
+
+    (run.output_dir / "result.json").unlink()
+    stop[0], lengths[:] = 128, []
+    with pytest.raises(KeyboardInterrupt):
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    (run.output_dir / "trained.json").unlink()  # the model is trained again: its cells are evaluated again
+    stop[0], lengths[:] = None, []
+    script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert lengths == [64, 64, 128, 128]
 
 
 @pytest.mark.parametrize("script_name", ["state_capacity", "collapse"])

@@ -11,6 +11,7 @@ import argparse
 import csv
 import hashlib
 import inspect
+import io
 import json
 import math
 import os
@@ -240,14 +241,14 @@ def chunk_positions(model, chunk: torch.Tensor, start: int) -> dict:
 
 
 def write_rows(rows: Sequence[dict], path: str | Path) -> Path:
-    """Write ``rows`` (same keys) as CSV to ``path`` (suffix .csv); returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
+    """Write ``rows`` (same keys) as CSV to ``path`` (suffix .csv); returns the path. Written beside it and renamed
+    over it (``write_text_atomically``): the evaluations rewrite their CSV after every cell, and one written in place
+    lost the finished cells' rows to an interruption mid-write (a header, or half a row, left)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else [])
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomically(text.getvalue(), path)
 
 
 def write_json(obj, path: str | Path) -> Path:
@@ -274,7 +275,7 @@ def write_text_atomically(text: str, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     try:
-        temporary.write_text(text)
+        temporary.write_text(text, newline="")  # as given: a CSV's \r\n line ends are not translated again
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)  # (an interrupted write's; gone after the rename)

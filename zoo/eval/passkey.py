@@ -36,6 +36,7 @@ from zoo.eval.common import (
     trained_with_bos,
     write_json,
     write_rows,
+    write_text_atomically,
 )
 
 # template from REFERENCE.md (Stuffed Mamba, after InfiniteBench); the filler is the landmark-attention
@@ -426,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     def save(result: dict) -> None:  # after every cell: an interrupted sweep keeps what it finished
         write_rows(result["rows"], out / "passkey.csv")
-        (out / "passkey.md").write_text(markdown_grid(result["rows"]) + "\n")
+        write_text_atomically(markdown_grid(result["rows"]) + "\n", out / "passkey.md")
         write_json({"rows": result["rows"], "samples": result["samples"], "model": args.model, "config": config},
                    out / "passkey.json")
 

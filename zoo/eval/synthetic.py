@@ -279,7 +279,9 @@ def plot_synthetic_accuracy(result: dict, path: str | Path, title: str | None = 
         title: figure title (default: the task).
     """
     plt = pyplot()
-    rows, count_name = result["rows"], result.get("count_name")
+    # (the JSON a grid saves after every cell, before it completes, names no count_name: its task's counts were drawn
+    # as one line, the cells of every count joined up at each length)
+    rows, count_name = result["rows"], result.get("count_name", COUNT_ARGUMENT.get(result["task"]))
     counts = {row[count_name] for row in rows} if count_name else set()
     panels = []  # (x column, line column, marginal rows)
     if len({row["seq_len"] for row in rows}) > 1 or len(counts) < 2:
