@@ -30,13 +30,14 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # (tests-after-s37, the thirty-seventh session's changes merged after its last call: 38 passed in 165 s on an H100,
 # thirty-eighth session's call 1)
 # (tests-s38, the cuda tests of the thirty-eighth session's merges: 83 passed, 1 skipped on an H100, its call 5)
-# merged after the thirty-eighth session's last call (1a7f806; no device time left): the mitigations' forget factor
-# and windowed idle rows (a captured decode step with pads), the MoE aux loss across devices, the eval loops'
-# return_dict, finetune's and train's review fixes
-add tests-after-s38 400 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_modeling.py \
-tests/test_static_generate.py tests/test_train.py tests/test_finetune_cuda.py tests/test_state.py \
-tests/test_state_oracle.py tests/test_eval.py -rs"
-order=(tests-after-s38 tests-fsdp-gpus)
+# (tests-after-s38, the thirty-eighth session's changes merged after its last call: 71 passed, 1 skipped on an H200,
+# thirty-ninth session's call 1)
+# the thirty-ninth session's ZOO_* switch checks in the kernel wrappers (pdl_linear, the fused Mamba step, the SSD
+# autotune switch, add_norm, the decode argmax) and the decoders that read them
+add tests-env-switches 420 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_env_switches.py \
+tests/test_pdl_linear.py tests/test_mamba_fused_step.py tests/test_static_decode.py tests/test_argmax.py \
+tests/test_decode_kernels.py -rs"
+order=(tests-env-switches tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
