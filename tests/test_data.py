@@ -449,6 +449,61 @@ def test_without_datasets_a_file_source_says_how_to_install_it(tok, tmp_path, mo
     assert next(TextStream(DataConfig(source="stdlib", seq_len=64), tok).rows())[0]["input_ids"].shape[-1] == 64
 
 
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".txt.gz"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streaming-set"])
+def test_a_compressed_file_named_by_path_is_read_as_in_a_folder(tmp_path, suffix, streaming):
+    # datasets' folder loader reads 'corpus.jsonl.gz' in a folder (it decompresses it), while the same file named by
+    # path (or glob) was refused: "local files must all be one of .txt, .jsonl/.json or .parquet; got suffixes ['.gz']"
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    import bz2
+    import gzip
+    import lzma
+
+    docs = [f"document {i} " + string.ascii_lowercase[i % 26] * (i + 1) for i in range(40)]
+    if suffix.startswith(".txt"):
+        raw = "".join(d + "\n" for d in docs).encode()
+    else:
+        raw = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[os.path.splitext(suffix)[1]]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / f"part{suffix}").write_bytes(compress(raw))
+    sample_by = "line" if suffix.startswith(".txt") else "document"  # a folder of .txt files is read by line
+
+    def documents(source) -> list[str]:
+        cfg = DataConfig(source=source, holdout=0.0, shuffle=False, streaming=streaming, sample_by=sample_by)
+        return [d for d in open_documents(cfg, "train").iter_docs(0, 0) if d]
+
+    assert documents(str(folder)) == docs
+    assert documents(str(folder / f"part{suffix}")) == docs
+    assert documents(str(folder / "*")) == docs
+    if suffix.startswith(".txt"):  # a whole file is one document, as an uncompressed .txt file named by path is
+        from zoo.train import _txt_files
+
+        cfg = DataConfig(source=str(folder / f"part{suffix}"), holdout=0.0)
+        assert list(open_documents(cfg, "train").iter_docs(0, 0)) == ["".join(d + "\n" for d in docs)]
+        assert _txt_files(cfg)  # the hint when the evaluation documents fill no row names data.sample_by
+
+
+def test_compressed_local_files_with_mixed_columns_name_each_files_columns(tmp_path):
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    import gzip
+
+    a, b = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    a.write_bytes(gzip.compress(json.dumps({"text": "doc " * 8, "id": 1}).encode() + b"\n"))
+    b.write_bytes(gzip.compress(json.dumps({"text": "other " * 8, "url": "u"}).encode() + b"\n"))
+    with pytest.raises(ValueError, match=r"columns \['id', 'text'\]; .*columns \['text', 'url'\]"):
+        open_documents(DataConfig(source=str(tmp_path / "*.jsonl.gz"), holdout=0.0), "train")
+
+
+def test_a_file_that_is_no_data_file_names_its_suffix_and_the_compressions(tmp_path):
+    for name in ("notes.md", "notes.md.gz", "table.parquet.gz"):  # (datasets reads no compressed parquet file)
+        (tmp_path / name).write_text("x")
+        suffix = name[name.index("."):]
+        with pytest.raises(ValueError, match=rf"possibly compressed: \.gz, .*got suffixes \['{re.escape(suffix)}'\]"):
+            open_documents(DataConfig(source=str(tmp_path / name), holdout=0.0), "train")
+
+
 def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     # a directory is neither a file nor a glob: datasets.load_dataset reads the data files in it, as documented

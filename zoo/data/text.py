@@ -47,6 +47,19 @@ IGNORE_INDEX = -100
 # a resumed run re-reads little
 _TOKENIZE_GROUP = 32
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# one-file compressions that `datasets` decompresses as it reads a file (its SINGLE_FILE_COMPRESSION_EXTENSION_TO_
+# PROTOCOL; .zst and .lz4 need the zstandard / lz4 package): 'corpus.jsonl.gz' is a .jsonl file, by path or in a folder
+_COMPRESSION_SUFFIXES = (".gz", ".gzip", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
+
+
+def local_builder(path: str | Path) -> str | None:
+    """The `datasets` builder ('text', 'json' or 'parquet') that reads a local data file, by its name's suffix, under
+    a compression suffix for a text or JSON file (``corpus.jsonl.gz`` -> 'json', as datasets' folder loader takes it;
+    its parquet reader takes no compressed file); None for another file."""
+    name = Path(path).name.lower()
+    compressed = name.endswith(_COMPRESSION_SUFFIXES)
+    builder = _LOCAL_BUILDERS.get(Path(Path(name).stem).suffix if compressed else Path(name).suffix)
+    return None if compressed and builder == "parquet" else builder
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------
@@ -199,8 +212,8 @@ class DataConfig:
     """Where the text comes from and how rows are made (the ``data:`` section of a run config).
 
     source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), local
-    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json``,
-    ``.parquet``, or a
+    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json`` (either
+    possibly compressed, ``corpus.jsonl.gz``: .gz, .bz2, .xz, or .zst / .lz4 with their package), ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
     files inside; split, config_name and streaming apply), or a folder written by ``Dataset.save_to_disk`` (read
     with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
@@ -449,9 +462,10 @@ def _file_columns(path: str, builder: str, records: int = 1000) -> list[str] | N
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
+    import fsspec  # decompresses a compressed file (corpus.jsonl.gz) as datasets does
     keys: dict[str, None] = {}
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
             for line in itertools.islice((line for line in f if line.strip()), records):
                 record = json.loads(line)
                 if not isinstance(record, dict):
@@ -487,7 +501,7 @@ def _mixed_local_columns_error(error, files: list[str], builder: str, text_field
 def _looks_local(pattern: str) -> bool:
     """A path or glob rather than a hub name: absolute, ./ or ~ relative, a wildcard, or a data-file suffix."""
     return (os.path.isabs(pattern) or pattern.startswith((".", "~")) or any(c in pattern for c in "*?[")
-            or Path(pattern).suffix.lower() in _LOCAL_BUILDERS)
+            or local_builder(pattern) is not None)
 
 
 def _local_files(source: str | list[str]) -> list[str] | None:
@@ -507,8 +521,8 @@ def _local_files(source: str | list[str]) -> list[str] | None:
         if not matches and (not isinstance(source, str) or (_looks_local(pattern) and not os.path.isdir(path))):
             listed = "" if isinstance(source, str) else \
                 "; a hub dataset, a local folder or 'stdlib' is given as one string, not in a list"
-            raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json or "
-                             f".parquet files (paths or globs){listed}")
+            raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json (or "
+                             f"compressed: .txt.gz, ...) or .parquet files (paths or globs){listed}")
         files.extend(matches)
     unique: dict[str, str] = {}  # the real path -> the first spelling in sorted order
     for f in sorted(set(files)):
@@ -533,7 +547,7 @@ def _text_folder(source: str | list[str]) -> bool:
     kinds = set()
     for _, dirs, names in os.walk(folder):  # hidden files skipped as datasets skips them
         dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
-        kinds |= {_LOCAL_BUILDERS.get(Path(n).suffix.lower()) for n in names if not n.startswith(".")}
+        kinds |= {local_builder(n) for n in names if not n.startswith(".")}
     return kinds - {None} == {"text"}
 
 
@@ -672,11 +686,12 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                             shuffle, rank, world_size)
 
     if local is not None:
-        kinds = {_LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in local}
+        kinds = {local_builder(f) for f in local}
         if None in kinds or len(kinds) != 1:
-            suffixes = sorted({Path(f).suffix for f in local})
-            raise ValueError(f"data.source: local files must all be one of .txt, .jsonl/.json or .parquet; "
-                             f"got suffixes {suffixes}")
+            suffixes = sorted({"".join(Path(f).suffixes[-2:] if Path(f).suffix.lower() in _COMPRESSION_SUFFIXES
+                                       else Path(f).suffixes[-1:]) for f in local})
+            raise ValueError(f"data.source: local files must all be one of .txt, .jsonl/.json (each possibly "
+                             f"compressed: {', '.join(_COMPRESSION_SUFFIXES)}) or .parquet; got suffixes {suffixes}")
     datasets = _import_datasets(cfg.source)
     if local is not None:
         builder = kinds.pop()
