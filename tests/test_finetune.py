@@ -752,6 +752,30 @@ def test_a_jsonl_field_that_is_not_text_is_named(tmp_path, row, message):
         read_jsonl(str(data))
 
 
+def test_jsonl_rows_with_nothing_to_learn_are_skipped_with_a_count(tmp_path, monkeypatch):
+    # a row {"text": ""} (or whitespace, or a prompt with an empty completion) trained <bos> -> <eos> (the prompt ->
+    # <eos>), and a file of nothing else trained on those alone, without a word
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets, read_jsonl
+
+    rows = [{"text": "fine"}, {"text": ""}, {"text": " \n\t"}, {"prompt": "q", "completion": ""},
+            {"prompt": "q", "completion": "  "}, {"prompt": "", "completion": "answer"}, {"text": "also fine"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.warns(UserWarning, match=r"data\.source: skipped 4 of 7 rows whose .* is empty or only whitespace.*"
+                                         r"first .*rows\.jsonl:2\)"):
+        assert read_jsonl(str(data)) == [rows[0], rows[5], rows[6]]
+    with pytest.warns(UserWarning, match=r"skipped 4 of 7 rows"):
+        train, evaluation = build_datasets(DataSection(source=str(data), eval_source=str(data)), ByteTokenizer())
+    assert len(train) == len(evaluation) == 3
+    for row in list(train) + list(evaluation):  # every row has a target besides <eos>
+        assert (row["labels"][:-1] != -100).any()
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows[1:5]))
+    with pytest.raises(ValueError, match=r"data\.eval_source: .* hold no rows with text: all 4 have an empty or "
+                                         r"whitespace-only"):
+        read_jsonl(str(data), "data.eval_source")
+
+
 def test_a_missing_eval_source_is_named_as_such(tmp_path):
     # a data.eval_source that matched no file was reported as "data.source: no file matches ...", the other field
     from zoo.data.text import ByteTokenizer

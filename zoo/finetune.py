@@ -452,7 +452,8 @@ class DataSection:
     task: 'mqar' | 'selective_copying' | 'induction_heads' with ``task_kwargs`` (``n_kv``, ``vocab_size``, ...);
     fresh rows every step, ``n_eval`` held-out rows (another seed). source / eval_source: jsonl path(s) or
     glob(s) whose rows are ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "completion": ...}``
-    (loss on the completion and eos only); without eval_source a ``holdout`` fraction is held out.
+    (loss on the completion and eos only); a row whose text or completion is empty (or whitespace) is skipped, with
+    a warning that counts them; without eval_source a ``holdout`` fraction is held out.
     seq_len: row length of a task (None: the task's default), or the truncation length of jsonl rows
     (None: none). add_bos / add_eos: wrap jsonl rows (zoo models pretrain on ``<bos>`` text ``<eos>``).
     """
@@ -767,11 +768,15 @@ def _jsonl_files(source: str | list[str]) -> list[str]:
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
     """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
-    (the config field that named them) is what errors name."""
+    (the config field that named them) is what errors name.
+
+    A row whose text (or completion) is empty or only whitespace holds nothing to learn, so it is skipped, with a
+    warning that counts them (it trained the model to end a text right after ``<bos>``, or a prompt at once); files
+    that hold no other row are refused."""
     files = _jsonl_files(source)
     if not files:
         raise ValueError(f"{field}: no file matches {source!r}")
-    rows = []
+    rows, empty = [], []
     for file in files:
         # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
         # JSON string holds unescaped (json.dumps(..., ensure_ascii=False) writes them so)
@@ -795,9 +800,18 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
             for key in ("text",) if "text" in row else ("prompt", "completion"):  # a null one failed in the tokenizer
                 if not isinstance(row[key], str):
                     raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
+            if not row["text" if "text" in row else "completion"].strip():
+                empty.append(f"{file}:{lineno}")
+                continue
             rows.append(row)
+    what = "'text' / 'completion'"
     if not rows:
-        raise ValueError(f"{field}: {files} hold no rows")
+        none = f" with text: all {len(empty)} have an empty or whitespace-only {what} (first {empty[0]})" \
+            if empty else ""
+        raise ValueError(f"{field}: {files} hold no rows{none}")
+    if empty and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
+        warnings.warn(f"{field}: skipped {len(empty)} of {len(rows) + len(empty)} rows whose {what} is empty or only "
+                      f"whitespace, nothing to learn (first {empty[0]})", stacklevel=2)
     return rows
 
 
