@@ -504,6 +504,29 @@ def test_a_file_that_is_no_data_file_names_its_suffix_and_the_compressions(tmp_p
             open_documents(DataConfig(source=str(tmp_path / name), holdout=0.0), "train")
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_folder_of_several_kinds_of_data_file_says_that_some_are_left_out(tok, tmp_path, streaming):
+    # datasets' folder loader reads the files of its most common kind only: a folder of part0.jsonl and part1.txt was
+    # read as part0.jsonl alone, and one of part0.jsonl, part1.txt and part2.txt as the .txt files alone, without a word
+    pytest.importorskip("datasets", reason="local folders are read with `datasets` (the data extra)")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "part0.jsonl").write_text("".join(json.dumps({"text": f"json doc {i}"}) + "\n" for i in range(4)))
+    (folder / "part1.txt").write_text("text doc\n")
+    (folder / "README.md").write_text("# about\n")  # (no data file: not counted)
+    cfg = DataConfig(source=str(folder), holdout=0.0, shuffle=False, streaming=streaming)
+    with pytest.warns(UserWarning, match=r"holds data files of several kinds \(1 json file\(s\): part0\.jsonl; 1 text "
+                                         r"file\(s\): part1\.txt\); datasets' folder loader reads the files of one "
+                                         r"kind only"):
+        documents = list(open_documents(cfg, "train").iter_docs(0, 0))
+    assert documents == [f"json doc {i}" for i in range(4)]  # (what datasets reads: part1.txt is left out)
+    (folder / "part1.txt").unlink()
+    (folder / "dataset_info.json").write_text("{}")  # (a file datasets takes for no data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one kind: no notice
+        assert list(open_documents(cfg, "train").iter_docs(0, 0)) == documents
+
+
 def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     # a directory is neither a file nor a glob: datasets.load_dataset reads the data files in it, as documented

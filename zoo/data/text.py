@@ -538,17 +538,30 @@ def _saved_to_disk(source: str | list[str]) -> bool:
     return folder is not None and os.path.isfile(os.path.join(folder, "state.json"))
 
 
+def _folder_kinds(source: str | list[str]) -> dict[str, list[str]]:
+    """The data files of a local folder `source` by the builder that reads them ('text', 'json', 'parquet'; paths
+    relative to it, hidden ones and those datasets takes for no data, README.md or dataset_info.json, skipped as
+    datasets skips them); {} for another source."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    if folder is None or not os.path.isdir(folder):
+        return {}
+    try:
+        from datasets.data_files import FILES_TO_IGNORE as ignored
+    except ImportError:  # (reading the folder then says how to install datasets)
+        ignored = []
+    kinds: dict[str, list[str]] = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        for n in sorted(names):
+            if not n.startswith(".") and n not in ignored and (builder := local_builder(n)) is not None:
+                kinds.setdefault(builder, []).append(Path(root, n).relative_to(folder).as_posix())
+    return kinds
+
+
 def _text_folder(source: str | list[str]) -> bool:
     """Whether `source` is a local folder whose data files are all .txt files, which `datasets.load_dataset` reads with
     its text builder (one line per document unless given another sample_by)."""
-    folder = os.path.expanduser(source) if isinstance(source, str) else None
-    if folder is None or not os.path.isdir(folder):
-        return False
-    kinds = set()
-    for _, dirs, names in os.walk(folder):  # hidden files skipped as datasets skips them
-        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
-        kinds |= {local_builder(n) for n in names if not n.startswith(".")}
-    return kinds - {None} == {"text"}
+    return set(_folder_kinds(source)) == {"text"}
 
 
 def local_source_files(source: str | list[str]) -> dict[str, list[int]] | None:
@@ -742,6 +755,13 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                           f"one line per document (its text builder's default), not one file per document as "
                           f".txt files named by path or glob ({os.path.join(cfg.source, '*.txt')!r}) are read; a "
                           f"new run sets data.sample_by: line to say so, or 'paragraph'", stacklevel=2)
+        if len(kinds := _folder_kinds(cfg.source)) > 1:  # datasets reads one kind and leaves the others out unsaid
+            held = "; ".join(f"{len(names)} {kind} file(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                             for kind, names in sorted(kinds.items()))
+            warnings.warn(f"data.source: the folder {cfg.source!r} holds data files of several kinds ({held}); "
+                          f"datasets' folder loader reads the files of one kind only (its most common) and leaves "
+                          f"the others out: keep one kind of file in it, or name the files to read by glob "
+                          f"({os.path.join(cfg.source, '*.jsonl')!r})", stacklevel=2)
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming,
                                             revision=commit or cfg.revision, **extra)
