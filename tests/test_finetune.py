@@ -703,6 +703,20 @@ def test_a_jsonl_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
         read_jsonl(str(tmp_path / "*.jsonl"))
 
 
+def test_a_jsonl_file_that_begins_with_a_byte_order_mark_is_read(tmp_path):
+    # a UTF-8 file that a Windows tool wrote with a byte order mark was refused at line 1 ("Unexpected UTF-8 BOM"),
+    # though datasets, which reads zoo train's data.source and a transformers user's json files, reads it
+    from zoo.finetune import read_jsonl
+
+    rows = [{"text": "first"}, {"prompt": "p", "completion": "c"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(row) + "\r\n" for row in rows).encode())
+    assert read_jsonl(str(data)) == rows
+    data.write_bytes(b"\xef\xbb\xbf" + b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # (its lines are counted as before)
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: not UTF-8 text \(invalid continuation byte: byte 0xe9\)"):
+        read_jsonl(str(data))
+
+
 def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
     # a path is a glob too: 'rows[0].jsonl' matched 'rows0.jsonl' only, whose rows were trained on in its place
     from zoo.finetune import read_jsonl

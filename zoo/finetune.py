@@ -781,9 +781,11 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
         # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
         # JSON string holds unescaped (json.dumps(..., ensure_ascii=False) writes them so)
         try:
-            text = Path(file).read_text(encoding="utf-8")
+            # utf-8-sig: a UTF-8 file that begins with a byte order mark (as Windows tools write one) was refused at
+            # its first line, "Unexpected UTF-8 BOM", though datasets (data.source of zoo train) reads it
+            text = Path(file).read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:  # it said "'utf-8' codec can't decode byte 0xe9 in position 13", no file
-            lineno = Path(file).read_bytes()[:e.start].count(b"\n") + 1
+            lineno = e.object[:e.start].count(b"\n") + 1  # (the bytes decoded: the file's, less a byte order mark)
             raise ValueError(f"{file}:{lineno}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); a jsonl "
                              f"file is UTF-8: re-encode it (e.g. from Latin-1)") from None
         for lineno, line in enumerate(text.split("\n"), 1):
