@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -788,6 +789,22 @@ def test_jsonl_rows_with_nothing_to_learn_are_skipped_with_a_count(tmp_path, mon
     with pytest.raises(ValueError, match=r"data\.eval_source: .* hold no rows with text: all 4 have an empty or "
                                          r"whitespace-only"):
         read_jsonl(str(data), "data.eval_source")
+
+
+def test_a_jsonl_path_of_a_list_that_matches_no_file_is_refused_by_name(tmp_path, monkeypatch):
+    # data.source: [rows.jsonl, typo.jsonl] trained on rows.jsonl alone, without a word (zoo train's data.source
+    # refuses such a list by name)
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "abc"}) + "\n")
+    assert read_jsonl(["rows.jsonl", "*.jsonl"]) == [{"text": "abc"}]
+    for field in ("data.source", "data.eval_source"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(field)}: no file matches 'typo\.jsonl' "
+                                             r"\(of \['rows\.jsonl', 'typo\.jsonl'\]\)"):
+            read_jsonl(["rows.jsonl", "typo.jsonl"], field)
+        with pytest.raises(ValueError, match=rf"^{re.escape(field)}: no file matches 'more/\*\.jsonl' \(of"):
+            read_jsonl(["*.jsonl", "more/*.jsonl"], field)
 
 
 def test_a_missing_eval_source_is_named_as_such(tmp_path):

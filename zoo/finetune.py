@@ -751,17 +751,26 @@ class ListDataset(Dataset):
         return self.rows[index]
 
 
-def _jsonl_files(source: str | list[str]) -> list[str]:
+def _jsonl_files(source: str | list[str], field: str = "data.source") -> list[str]:
     """The files that jsonl path(s) or glob(s) name, sorted, each once (a file matched under two spellings, such as
-    './rows.jsonl' and the glob '*.jsonl', or through a symlink, is read once, as data.source's local files are)."""
+    './rows.jsonl' and the glob '*.jsonl', or through a symlink, is read once, as data.source's local files are).
+
+    A path or glob that matches no file is refused by name (`field`, the config field), as zoo train's data.source
+    refuses it: one of a list was dropped without a word, and the run trained on the other files' rows alone."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
-    # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
-    files = sorted({f for p in map(os.path.expanduser, patterns)
-                    for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
+    files = set()
+    for pattern in patterns:
+        path = os.path.expanduser(pattern)
+        # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
+        matches = [path] if os.path.isfile(path) else glob.glob(path, recursive=True)
+        if not matches:
+            raise ValueError(f"{field}: no file matches {pattern!r}" + ("" if isinstance(source, str) else
+                                                                        f" (of {list(source)!r})"))
+        files.update(matches)
     unique: dict[str, str] = {}  # the real path -> its first spelling in sorted order
-    for f in files:
+    for f in sorted(files):
         unique.setdefault(os.path.realpath(f), f)
     return sorted(unique.values())
 
@@ -773,9 +782,7 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
     A row whose text (or completion) is empty or only whitespace holds nothing to learn, so it is skipped, with a
     warning that counts them (it trained the model to end a text right after ``<bos>``, or a prompt at once); files
     that hold no other row are refused."""
-    files = _jsonl_files(source)
-    if not files:
-        raise ValueError(f"{field}: no file matches {source!r}")
+    files = _jsonl_files(source, field)
     rows, empty = [], []
     for file in files:
         # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
