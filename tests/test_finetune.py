@@ -807,6 +807,19 @@ def test_a_jsonl_path_of_a_list_that_matches_no_file_is_refused_by_name(tmp_path
             read_jsonl(["*.jsonl", "more/*.jsonl"], field)
 
 
+def test_a_folder_named_as_jsonl_rows_is_refused_by_name(tmp_path, monkeypatch):
+    # a folder (or a glob such as 'data/**' that matched it) ended in "IsADirectoryError: [Errno 21] Is a directory"
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "part").mkdir(parents=True)
+    (tmp_path / "data" / "part" / "rows.jsonl").write_text(json.dumps({"text": "abc"}) + "\n")
+    with pytest.raises(ValueError, match=r"^data\.source: no file matches 'data'; it is a folder: name its files "
+                                         r"\('data/\*\.jsonl'\)"):
+        read_jsonl("data")
+    assert read_jsonl("data/**") == read_jsonl("data/*/*.jsonl") == [{"text": "abc"}]  # the files it matches
+
+
 def test_a_missing_eval_source_is_named_as_such(tmp_path):
     # a data.eval_source that matched no file was reported as "data.source: no file matches ...", the other field
     from zoo.data.text import ByteTokenizer

@@ -756,7 +756,8 @@ def _jsonl_files(source: str | list[str], field: str = "data.source") -> list[st
     './rows.jsonl' and the glob '*.jsonl', or through a symlink, is read once, as data.source's local files are).
 
     A path or glob that matches no file is refused by name (`field`, the config field), as zoo train's data.source
-    refuses it: one of a list was dropped without a word, and the run trained on the other files' rows alone."""
+    refuses it: one of a list was dropped without a word, and the run trained on the other files' rows alone. Folders
+    are no files (their jsonl files are named by glob)."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
@@ -764,10 +765,12 @@ def _jsonl_files(source: str | list[str], field: str = "data.source") -> list[st
     for pattern in patterns:
         path = os.path.expanduser(pattern)
         # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
-        matches = [path] if os.path.isfile(path) else glob.glob(path, recursive=True)
-        if not matches:
-            raise ValueError(f"{field}: no file matches {pattern!r}" + ("" if isinstance(source, str) else
-                                                                        f" (of {list(source)!r})"))
+        matches = [path] if os.path.isfile(path) else [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+        if not matches:  # (a folder, or a glob that matches folders only such as 'data/**', ended in IsADirectoryError)
+            folder = f"; it is a folder: name its files ({os.path.join(pattern, '*.jsonl')!r})" \
+                if os.path.isdir(path) else ""
+            raise ValueError(f"{field}: no file matches {pattern!r}{folder}" + (
+                "" if isinstance(source, str) else f" (of {list(source)!r})"))
         files.update(matches)
     unique: dict[str, str] = {}  # the real path -> its first spelling in sorted order
     for f in sorted(files):
