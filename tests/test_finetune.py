@@ -718,6 +718,35 @@ def test_a_jsonl_file_that_begins_with_a_byte_order_mark_is_read(tmp_path):
         read_jsonl(str(data))
 
 
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_a_compressed_jsonl_file_is_read_as_zoo_train_reads_it(tmp_path, suffix):
+    # rows.jsonl.gz was refused as "not UTF-8 text (invalid start byte: byte 0x8b); re-encode it (e.g. from Latin-1)",
+    # though zoo train's data.source reads it (and a folder of such files)
+    import bz2
+    import gzip
+    import lzma
+
+    import fsspec
+
+    from zoo.finetune import read_jsonl
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    rows = [{"text": "first"}, {"prompt": "p", "completion": "c\u00e9"}]
+    (tmp_path / f"rows.jsonl{suffix}").write_bytes(compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert read_jsonl(str(tmp_path / f"rows.jsonl{suffix}")) == rows
+    assert read_jsonl(str(tmp_path / "*.jsonl*")) == rows
+    (tmp_path / f"bad.jsonl{suffix}").write_text('{"text": "not compressed"}\n')  # its name says otherwise
+    with pytest.raises(ValueError, match=rf"bad\.jsonl{re.escape(suffix)}: cannot read it"):
+        read_jsonl(str(tmp_path / f"bad.jsonl{suffix}"))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "cut short"}\n')[:-12])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: cannot read it \(EOFError"):
+        read_jsonl(str(tmp_path / "cut.jsonl.gz"))
+    if "zstd" not in fsspec.available_compressions():  # (a compression without its package is named, not misread)
+        (tmp_path / "rows.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(ValueError, match=r"rows\.jsonl\.zst: compressed as \.zst, which needs the 'zstandard'"):
+            read_jsonl(str(tmp_path / "rows.jsonl.zst"))
+
+
 def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
     # a path is a glob too: 'rows[0].jsonl' matched 'rows0.jsonl' only, whose rows were trained on in its place
     from zoo.finetune import read_jsonl

@@ -451,9 +451,10 @@ class DataSection:
 
     task: 'mqar' | 'selective_copying' | 'induction_heads' with ``task_kwargs`` (``n_kv``, ``vocab_size``, ...);
     fresh rows every step, ``n_eval`` held-out rows (another seed). source / eval_source: jsonl path(s) or
-    glob(s) whose rows are ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "completion": ...}``
-    (loss on the completion and eos only); a row whose text or completion is empty (or whitespace) is skipped, with
-    a warning that counts them; without eval_source a ``holdout`` fraction is held out.
+    glob(s) (possibly compressed: rows.jsonl.gz, .bz2, .xz) whose rows are ``{"text": ...}`` (loss on every token)
+    or ``{"prompt": ..., "completion": ...}`` (loss on the completion and eos only); a row whose text or completion
+    is empty (or whitespace) is skipped, with a warning that counts them; without eval_source a ``holdout`` fraction
+    is held out.
     seq_len: row length of a task (None: the task's default), or the truncation length of jsonl rows
     (None: none). add_bos / add_eos: wrap jsonl rows (zoo models pretrain on ``<bos>`` text ``<eos>``).
     """
@@ -785,15 +786,24 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
     A row whose text (or completion) is empty or only whitespace holds nothing to learn, so it is skipped, with a
     warning that counts them (it trained the model to end a text right after ``<bos>``, or a prompt at once); files
     that hold no other row are refused."""
+    import lzma
+
+    from zoo.data.text import open_data_file
+
     files = _jsonl_files(source, field)
     rows, empty = [], []
     for file in files:
         # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
         # JSON string holds unescaped (json.dumps(..., ensure_ascii=False) writes them so)
         try:
+            with open_data_file(file) as f:  # decompressed: a rows.jsonl.gz was "not UTF-8 text (... byte 0x8b)"
+                raw = f.read()
+        except (OSError, EOFError, lzma.LZMAError) as e:  # named as compressed but not so, or cut short
+            raise ValueError(f"{file}: cannot read it ({type(e).__name__}: {e})") from e
+        try:
             # utf-8-sig: a UTF-8 file that begins with a byte order mark (as Windows tools write one) was refused at
             # its first line, "Unexpected UTF-8 BOM", though datasets (data.source of zoo train) reads it
-            text = Path(file).read_text(encoding="utf-8-sig")
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:  # it said "'utf-8' codec can't decode byte 0xe9 in position 13", no file
             lineno = e.object[:e.start].count(b"\n") + 1  # (the bytes decoded: the file's, less a byte order mark)
             raise ValueError(f"{file}:{lineno}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); a jsonl "

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import glob
+import io
 import itertools
 import json
+import lzma
 import os
 import platform
 import re
@@ -60,6 +62,23 @@ def local_builder(path: str | Path) -> str | None:
     compressed = name.endswith(_COMPRESSION_SUFFIXES)
     builder = _LOCAL_BUILDERS.get(Path(Path(name).stem).suffix if compressed else Path(name).suffix)
     return None if compressed and builder == "parquet" else builder
+
+
+def open_data_file(path: str | Path):
+    """A local data file opened for reading bytes (a context manager), decompressed where its name says it is
+    compressed (``rows.jsonl.gz``: by fsspec's decompressors, the ones a streamed `datasets` source is read through).
+    A ValueError names a compression that cannot be read here (.zst / .lz4 without the zstandard / lz4 package); a
+    file that does not hold what its suffix says raises the decompressor's error as it is read (OSError, EOFError)."""
+    import fsspec
+
+    name = Path(path).name.lower()
+    suffix = next((c for c in _COMPRESSION_SUFFIXES if name.endswith(c)), None)
+    compression = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}.get(suffix, (suffix or "")[1:])
+    if suffix is not None and compression not in fsspec.available_compressions():
+        package = {"zstd": "zstandard", "lz4": "lz4"}.get(compression, compression)
+        raise ValueError(f"{path}: compressed as {suffix}, which needs the {package!r} package: pip install {package}, "
+                         f"or decompress the file")
+    return fsspec.open(str(path), "rb", compression=compression if suffix is not None else None)
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------
@@ -462,16 +481,16 @@ def _file_columns(path: str, builder: str, records: int = 1000) -> list[str] | N
         import pyarrow.parquet as pq
 
         return list(pq.read_schema(path).names)
-    import fsspec  # decompresses a compressed file (corpus.jsonl.gz) as datasets does
     keys: dict[str, None] = {}
     try:
-        with fsspec.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
+        with open_data_file(path) as raw:  # (a compressed one decompressed: corpus.jsonl.gz)
+            f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
             for line in itertools.islice((line for line in f if line.strip()), records):
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     return None
                 keys.update(dict.fromkeys(record))
-    except (OSError, ValueError):
+    except (OSError, EOFError, ValueError, lzma.LZMAError):
         return None
     return list(keys)
 
