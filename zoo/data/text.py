@@ -897,7 +897,7 @@ class TextStream:
         """(state at the start of the document, its tokens) from `state` on, crossing epochs for training."""
         epoch, doc, resume = state.epoch, state.doc, state.source
         while True:
-            first, produced = doc, False
+            first, produced, empty = doc, False, 0
             texts = self._docs.iter_positioned(epoch, doc, resume)
             resume = None
             while group := list(itertools.islice(texts, _TOKENIZE_GROUP)):
@@ -911,12 +911,15 @@ class TextStream:
                     if len(ids):  # empty documents would only add bos/eos
                         produced = True
                         yield StreamState(epoch, doc, 0, position), np.concatenate([self._prefix, ids, self._suffix])
+                    else:
+                        empty += 1
                     doc += 1
             if self.split != "train":
                 return
-            if not produced and first == 0:
+            if not produced and first == 0:  # (it said "no documents" of a source whose documents are all empty)
+                read = f": the {empty} it holds are empty ({self.cfg.text_field!r} is '')" if empty else ""
                 raise ValueError(f"data.source: no documents for rank {self.rank} of {self.world_size} in "
-                                 f"{self.cfg.source!r} (split {self.split})")
+                                 f"{self.cfg.source!r} (split {self.split}){read}")
             epoch, doc = epoch + 1, 0
 
     def rows(self, state: StreamState | dict | None = None
