@@ -302,9 +302,10 @@ def test_streamed_documents_are_deterministic_and_resumable(letter_docs):
     ('{"text": "a"}\nnot json\n', r"data\.source: cannot read .*empty\.jsonl' as json \(DatasetGenerationError"),
     ('{"text": 5}\n', r"data\.text_field: document 0 of .* holds int 5 in 'text', not text"),
     ('{"text": null}\n', r"data\.text_field: document 0 of .* holds NoneType None in 'text', not text"),
+    ("\n \n\n", r"data\.source: cannot read .*empty\.jsonl' as json \(no records\)"),
     ('{"text": ""}\n{"text": ""}\n', r"data\.source: no documents for rank 0 of 1 in .* \(split train\): the 2 it "
                                    r"holds are empty \('text' is ''\)"),
-], ids=["empty", "malformed", "number", "null", "empty-texts"])
+], ids=["empty", "malformed", "number", "null", "blank-lines", "empty-texts"])
 def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     path = tmp_path / "empty.jsonl"

@@ -749,6 +749,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
+        except ValueError as e:  # blank lines only: datasets' bare 'Instruction "train" corresponds to no data!'
+            what = "no records" if "corresponds to no data" in str(e) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"data.source: cannot read {named!r} as {builder} ({what})") from e
         streamed = False
     elif _saved_to_disk(cfg.source):  # datasets.load_dataset refuses it ("use load_from_disk"), which no config can
         _check_one_split(cfg, "a dataset saved with Dataset.save_to_disk is")
