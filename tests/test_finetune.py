@@ -680,6 +680,11 @@ def test_rows_dropped_past_seq_len_are_said_once_per_launch(tmp_path, monkeypatc
         monkeypatch.setenv("RANK", rank)
         build_datasets(data, ByteTokenizer())
         assert ("data: dropped 1 rows whose completion lies past seq_len=8" in capsys.readouterr().out) == said, rank
+    monkeypatch.setenv("RANK", "0")  # without a seq_len, a row is left without a target by being one token long
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "ab"}) + "\n")
+    build_datasets(DataSection(source=str(tmp_path / "rows.jsonl"), eval_source=str(tmp_path / "rows.jsonl"),
+                               add_bos=False, add_eos=False), ByteTokenizer())
+    assert "data: dropped 1 rows of one token, which leave nothing to predict" in capsys.readouterr().out
 
 
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):

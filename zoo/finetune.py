@@ -903,7 +903,10 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     evaluation, _ = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     if dropped and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
-        print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}")
+        # (without a seq_len, only a row of one token is left without a target: it said "past seq_len=None")
+        print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}" if data.seq_len else
+              f"data: dropped {dropped} rows of one token, which leave nothing to predict (data.add_bos and add_eos "
+              f"are off)")
     if not train:
         raise ValueError("data.source: no training rows with a target left")
     if not evaluation:
