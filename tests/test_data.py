@@ -297,6 +297,25 @@ def test_streamed_documents_are_deterministic_and_resumable(letter_docs):
         assert list(streamed.iter_docs(0, 37)) == epoch0[37:], "resuming a shuffled stream skips the consumed documents"
 
 
+def test_a_stream_of_unknown_columns_without_the_text_field_names_the_field():
+    # open_documents checks data.text_field against the dataset's columns, but a stream whose features are not known
+    # before it is read (column_names None: datasets 3's streamed json, a generator) ended in a bare KeyError: 'text'
+    datasets = pytest.importorskip("datasets", reason="streams are read with `datasets` (the data extra)")
+    from zoo.data.text import _StreamedDocs
+
+    def records():
+        yield from ({"content": f"doc {i}"} for i in range(3))
+
+    stream = datasets.IterableDataset.from_generator(records)
+    assert stream.column_names is None  # (so the check before reading cannot see it)
+    docs = _StreamedDocs(stream, "text", seed=0, shuffle=False, buffer=4, source="generated")
+    with pytest.raises(ValueError, match=r"data\.text_field: the streamed dataset 'generated' has no column 'text': "
+                                         r"the document at position 0 of epoch 0 .* has columns \['content'\]"):
+        next(docs.iter_docs(0, 0))
+    assert list(_StreamedDocs(stream, "content", 0, False, 4, "generated").iter_docs(0, 0)) == ["doc 0", "doc 1",
+                                                                                                "doc 2"]
+
+
 @pytest.mark.parametrize("contents, message", [
     ("", r"data\.source: cannot read .*empty\.jsonl' as json \(no records\)"),
     ('{"text": "a"}\nnot json\n', r"data\.source: cannot read .*empty\.jsonl' as json \(DatasetGenerationError"),

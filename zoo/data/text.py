@@ -400,6 +400,11 @@ class _StreamedDocs:
             for example in itertools.chain([first], examples):
                 after = ds.state_dict() if track else None  # the position after this example
                 read += 1
+                if self.text_field not in example:  # a stream whose columns were not known before it was read (a
+                    # dataset without features: open_documents could not check the field) ended in a bare KeyError
+                    raise ValueError(f"data.text_field: the streamed dataset {self.source!r} has no column "
+                                     f"{self.text_field!r}: {self.describe(epoch, read - 1, self.source)} has "
+                                     f"columns {sorted(example)}")
                 if skip:
                     skip -= 1
                 else:
