@@ -314,6 +314,9 @@ def test_a_stream_of_unknown_columns_without_the_text_field_names_the_field():
         next(docs.iter_docs(0, 0))
     assert list(_StreamedDocs(stream, "content", 0, False, 4, "generated").iter_docs(0, 0)) == ["doc 0", "doc 1",
                                                                                                 "doc 2"]
+    held = stream.filter(lambda text: True, input_columns="text")  # (as open_documents holds documents out)
+    with pytest.raises(ValueError, match=r"data\.text_field: the streamed dataset 'generated' has no column 'text'"):
+        next(_StreamedDocs(held, "text", seed=0, shuffle=False, buffer=4, source="generated").iter_docs(0, 0))
 
 
 @pytest.mark.parametrize("contents, message", [

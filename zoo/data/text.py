@@ -412,6 +412,12 @@ class _StreamedDocs:
                 before = after
         except CastError as e:  # datasets' own said neither the source nor what to do
             raise _mixed_columns_error(e, self.source, self.text_field) from e
+        except KeyError as e:  # the held-out split's filter reading the field of such a stream (see above)
+            if e.args != (self.text_field,):
+                raise
+            raise ValueError(f"data.text_field: the streamed dataset {self.source!r} has no column "
+                             f"{self.text_field!r} (past the first {read} documents of epoch {epoch} of this "
+                             f"process's stream)") from e
         except UnicodeDecodeError as e:  # pyarrow's json reader keeps such bytes; datasets decodes them strictly
             raise ValueError(
                 f"data.source: the streamed dataset {self.source!r} holds text that is not UTF-8 ({e}), past the "
