@@ -336,6 +336,31 @@ def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
         next(TextStream(DataConfig(source=str(path), holdout=0), tok).rows())
 
 
+@pytest.mark.parametrize("how", ["file", "folder"])
+def test_a_document_that_is_not_text_is_refused_as_the_source_opens_not_when_reached(tok, tmp_path, how):
+    # a null (or a record without the field) far into a memory-mapped source was refused only when the stream reached
+    # it: hours into a run over a large shuffled corpus, and again on every resume
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rows = [{"text": f"document {i} " * 4} for i in range(100)]
+    rows[70] = {"text": None}
+    rows[80] = {"other": "no text field"}
+    (folder / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = str(folder) if how == "folder" else str(folder / "docs.jsonl")
+    cfg = DataConfig(source=source, holdout=0.0, streaming=False)  # (memory-mapped: a stream is not read ahead)
+    with pytest.raises(ValueError, match=r"data\.text_field: document 70 of .* holds NoneType None in 'text', not text "
+                                         r"\(a record without the field reads as None\) \(1 more are null too\)"):
+        TextStream(cfg, tok)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": list(range(5))}), tmp_path / "numbers.parquet")
+    with pytest.raises(ValueError, match=r"document 0 of .* holds int 0 in 'text', not text \(the column's type is "
+                                         r"int64\)"):
+        TextStream(DataConfig(source=str(tmp_path / "numbers.parquet"), holdout=0.2), tok, "eval")
+
+
 def test_a_malformed_file_of_a_local_folder_names_the_source(tok, tmp_path):
     # local files were refused by name, but the same file in a folder (datasets' folder loader) raised datasets' own
     # DatasetGenerationError 'An error occurred while generating the dataset', naming neither the field nor the file

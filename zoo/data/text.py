@@ -648,6 +648,30 @@ def _held_out_rows(dataset, text_field: str, holdout: float) -> np.ndarray:
     return np.concatenate(held) if held else np.zeros(0, dtype=bool)
 
 
+def _check_indexed_texts(dataset, cfg: DataConfig) -> None:
+    """Refuse, as it opens, an indexed dataset whose text column holds a document that is not text: a column of
+    another type (numbers, lists), or a null (a record without the field). Such a document was refused only when the
+    stream reached it, which in a large shuffled corpus was hours into the run, and again on every resume."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if getattr(dataset, "_indices", None) is not None:  # rows selected from a larger table: reading them would copy
+        return  # (the stream refuses such a document when it reaches it)
+    column = dataset.data.column(cfg.text_field)  # the memory-mapped table's column, not read (its null count is kept)
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    textual = pa.types.is_string(kind) or pa.types.is_large_string(kind) or \
+        getattr(pa.types, "is_string_view", lambda _: False)(kind)
+    if textual and not column.null_count or not len(column):
+        return
+    first = int(pc.index(pc.is_null(column), True).as_py()) if textual else 0
+    value = column[first].as_py()
+    others = f" ({column.null_count - 1} more are null too)" if textual and column.null_count > 1 else \
+        f" (the column's type is {column.type})" if not textual else ""
+    missing = " (a record without the field reads as None)" if value is None else ""
+    raise ValueError(f"data.text_field: document {first} of {cfg.source!r} (counted from 0, files in sorted order) "
+                     f"holds {type(value).__name__} {value!r:.40} in {cfg.text_field!r}, not text{missing}{others}")
+
+
 def _hub_commit(dataset) -> str | None:
     """The hub commit (sha) that `datasets.load_dataset` read a non-streamed hub dataset at, from where it cached the
     dataset (<cache>/<name>/<config>/<version>/<commit>/<name>-<split>.arrow, in datasets 3.0 to 5.2); None where it
@@ -826,6 +850,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         docs.commit = commit
         return docs
 
+    _check_indexed_texts(dataset, cfg)
     indices = np.arange(len(dataset))
     if use_holdout and cfg.holdout > 0:
         held = _held_out_rows(dataset, cfg.text_field, cfg.holdout)
