@@ -789,10 +789,12 @@ def test_a_jsonl_string_holding_a_unicode_line_separator_is_one_row(tmp_path):
     ({"prompt": "a", "completion": None}, "'completion' must be a string, got None"),
     ({"text": 5}, "'text' must be a string, got 5"),
     ({"prompt": ["a"], "completion": "b"}, r"'prompt' must be a string, got \['a'\]"),
-], ids=["null-completion", "number-text", "list-prompt"])
+    ({"prompt": "a", "completion": "b\ud83d!"}, r"'completion' holds a lone surrogate '\\ud83d' at character 1"),
+], ids=["null-completion", "number-text", "list-prompt", "lone-surrogate"])
 def test_a_jsonl_field_that_is_not_text_is_named(tmp_path, row, message):
     # a null completion (or a number, a list) ended in "AttributeError: 'NoneType' object has no attribute 'encode'"
-    # from the tokenizer, a traceback naming no file or line
+    # from the tokenizer, a traceback naming no file or line (a lone surrogate escape, in a fast tokenizer's
+    # "TypeError: TextEncodeInput must be Union[...]")
     from zoo.finetune import read_jsonl
 
     data = tmp_path / "rows.jsonl"

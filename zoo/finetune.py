@@ -822,6 +822,12 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
             for key in ("text",) if "text" in row else ("prompt", "completion"):  # a null one failed in the tokenizer
                 if not isinstance(row[key], str):
                     raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
+                try:  # a lone surrogate escape (an emoji cut in half, '\ud83d') is no text: a tokenizer other than
+                    row[key].encode("utf-8")  # 'byte' failed in "TypeError: TextEncodeInput must be Union[...]"
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{file}:{lineno}: {key!r} holds a lone surrogate {row[key][e.start]!r} at "
+                                     f"character {e.start}, which is no text (half of a character cut in two; datasets "
+                                     f"refuses it too): remove or repair it") from None
             if not row["text" if "text" in row else "completion"].strip():
                 empty.append(f"{file}:{lineno}")
                 continue
