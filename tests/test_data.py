@@ -297,18 +297,68 @@ def test_streamed_documents_are_deterministic_and_resumable(letter_docs):
         assert list(streamed.iter_docs(0, 37)) == epoch0[37:], "resuming a shuffled stream skips the consumed documents"
 
 
+def test_a_stream_of_unknown_columns_without_the_text_field_names_the_field():
+    # open_documents checks data.text_field against the dataset's columns, but a stream whose features are not known
+    # before it is read (column_names None: datasets 3's streamed json, a generator) ended in a bare KeyError: 'text'
+    datasets = pytest.importorskip("datasets", reason="streams are read with `datasets` (the data extra)")
+    from zoo.data.text import _StreamedDocs
+
+    def records():
+        yield from ({"content": f"doc {i}"} for i in range(3))
+
+    stream = datasets.IterableDataset.from_generator(records)
+    assert stream.column_names is None  # (so the check before reading cannot see it)
+    docs = _StreamedDocs(stream, "text", seed=0, shuffle=False, buffer=4, source="generated")
+    with pytest.raises(ValueError, match=r"data\.text_field: the streamed dataset 'generated' has no column 'text': "
+                                         r"the document at position 0 of epoch 0 .* has columns \['content'\]"):
+        next(docs.iter_docs(0, 0))
+    assert list(_StreamedDocs(stream, "content", 0, False, 4, "generated").iter_docs(0, 0)) == ["doc 0", "doc 1",
+                                                                                                "doc 2"]
+    held = stream.filter(lambda text: True, input_columns="text")  # (as open_documents holds documents out)
+    with pytest.raises(ValueError, match=r"data\.text_field: the streamed dataset 'generated' has no column 'text'"):
+        next(_StreamedDocs(held, "text", seed=0, shuffle=False, buffer=4, source="generated").iter_docs(0, 0))
+
+
 @pytest.mark.parametrize("contents, message", [
     ("", r"data\.source: cannot read .*empty\.jsonl' as json \(no records\)"),
     ('{"text": "a"}\nnot json\n', r"data\.source: cannot read .*empty\.jsonl' as json \(DatasetGenerationError"),
     ('{"text": 5}\n', r"data\.text_field: document 0 of .* holds int 5 in 'text', not text"),
     ('{"text": null}\n', r"data\.text_field: document 0 of .* holds NoneType None in 'text', not text"),
-], ids=["empty", "malformed", "number", "null"])
+    ("\n \n\n", r"data\.source: cannot read .*empty\.jsonl' as json \(no records\)"),
+    ('{"text": ""}\n{"text": ""}\n', r"data\.source: no documents for rank 0 of 1 in .* \(split train\): the 2 it "
+                                   r"holds are empty \('text' is ''\)"),
+], ids=["empty", "malformed", "number", "null", "blank-lines", "empty-texts"])
 def test_unreadable_jsonl_names_the_field(tok, tmp_path, contents, message):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     path = tmp_path / "empty.jsonl"
     path.write_text(contents)
     with pytest.raises(ValueError, match=message):
         next(TextStream(DataConfig(source=str(path), holdout=0), tok).rows())
+
+
+@pytest.mark.parametrize("how", ["file", "folder"])
+def test_a_document_that_is_not_text_is_refused_as_the_source_opens_not_when_reached(tok, tmp_path, how):
+    # a null (or a record without the field) far into a memory-mapped source was refused only when the stream reached
+    # it: hours into a run over a large shuffled corpus, and again on every resume
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rows = [{"text": f"document {i} " * 4} for i in range(100)]
+    rows[70] = {"text": None}
+    rows[80] = {"other": "no text field"}
+    (folder / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = str(folder) if how == "folder" else str(folder / "docs.jsonl")
+    cfg = DataConfig(source=source, holdout=0.0, streaming=False)  # (memory-mapped: a stream is not read ahead)
+    with pytest.raises(ValueError, match=r"data\.text_field: document 70 of .* holds NoneType None in 'text', not text "
+                                         r"\(a record without the field reads as None\) \(1 more are null too\)"):
+        TextStream(cfg, tok)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": list(range(5))}), tmp_path / "numbers.parquet")
+    with pytest.raises(ValueError, match=r"document 0 of .* holds int 0 in 'text', not text \(the column's type is "
+                                         r"int64\)"):
+        TextStream(DataConfig(source=str(tmp_path / "numbers.parquet"), holdout=0.2), tok, "eval")
 
 
 def test_a_malformed_file_of_a_local_folder_names_the_source(tok, tmp_path):
@@ -447,6 +497,84 @@ def test_without_datasets_a_file_source_says_how_to_install_it(tok, tmp_path, mo
     with pytest.raises(ValueError, match=r"data\.source: no file matches"):
         TextStream(DataConfig(source=str(tmp_path / "missing.jsonl")), tok)
     assert next(TextStream(DataConfig(source="stdlib", seq_len=64), tok).rows())[0]["input_ids"].shape[-1] == 64
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".txt.gz"])
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streaming-set"])
+def test_a_compressed_file_named_by_path_is_read_as_in_a_folder(tmp_path, suffix, streaming):
+    # datasets' folder loader reads 'corpus.jsonl.gz' in a folder (it decompresses it), while the same file named by
+    # path (or glob) was refused: "local files must all be one of .txt, .jsonl/.json or .parquet; got suffixes ['.gz']"
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    import bz2
+    import gzip
+    import lzma
+
+    docs = [f"document {i} " + string.ascii_lowercase[i % 26] * (i + 1) for i in range(40)]
+    if suffix.startswith(".txt"):
+        raw = "".join(d + "\n" for d in docs).encode()
+    else:
+        raw = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[os.path.splitext(suffix)[1]]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / f"part{suffix}").write_bytes(compress(raw))
+    sample_by = "line" if suffix.startswith(".txt") else "document"  # a folder of .txt files is read by line
+
+    def documents(source) -> list[str]:
+        cfg = DataConfig(source=source, holdout=0.0, shuffle=False, streaming=streaming, sample_by=sample_by)
+        return [d for d in open_documents(cfg, "train").iter_docs(0, 0) if d]
+
+    assert documents(str(folder)) == docs
+    assert documents(str(folder / f"part{suffix}")) == docs
+    assert documents(str(folder / "*")) == docs
+    if suffix.startswith(".txt"):  # a whole file is one document, as an uncompressed .txt file named by path is
+        from zoo.train import _txt_files
+
+        cfg = DataConfig(source=str(folder / f"part{suffix}"), holdout=0.0)
+        assert list(open_documents(cfg, "train").iter_docs(0, 0)) == ["".join(d + "\n" for d in docs)]
+        assert _txt_files(cfg)  # the hint when the evaluation documents fill no row names data.sample_by
+
+
+def test_compressed_local_files_with_mixed_columns_name_each_files_columns(tmp_path):
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    import gzip
+
+    a, b = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl.gz"
+    a.write_bytes(gzip.compress(json.dumps({"text": "doc " * 8, "id": 1}).encode() + b"\n"))
+    b.write_bytes(gzip.compress(json.dumps({"text": "other " * 8, "url": "u"}).encode() + b"\n"))
+    with pytest.raises(ValueError, match=r"columns \['id', 'text'\]; .*columns \['text', 'url'\]"):
+        open_documents(DataConfig(source=str(tmp_path / "*.jsonl.gz"), holdout=0.0), "train")
+
+
+def test_a_file_that_is_no_data_file_names_its_suffix_and_the_compressions(tmp_path):
+    for name in ("notes.md", "notes.md.gz", "table.parquet.gz"):  # (datasets reads no compressed parquet file)
+        (tmp_path / name).write_text("x")
+        suffix = name[name.index("."):]
+        with pytest.raises(ValueError, match=rf"possibly compressed: \.gz, .*got suffixes \['{re.escape(suffix)}'\]"):
+            open_documents(DataConfig(source=str(tmp_path / name), holdout=0.0), "train")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_folder_of_several_kinds_of_data_file_says_that_some_are_left_out(tok, tmp_path, streaming):
+    # datasets' folder loader reads the files of its most common kind only: a folder of part0.jsonl and part1.txt was
+    # read as part0.jsonl alone, and one of part0.jsonl, part1.txt and part2.txt as the .txt files alone, without a word
+    pytest.importorskip("datasets", reason="local folders are read with `datasets` (the data extra)")
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "part0.jsonl").write_text("".join(json.dumps({"text": f"json doc {i}"}) + "\n" for i in range(4)))
+    (folder / "part1.txt").write_text("text doc\n")
+    (folder / "README.md").write_text("# about\n")  # (no data file: not counted)
+    cfg = DataConfig(source=str(folder), holdout=0.0, shuffle=False, streaming=streaming)
+    with pytest.warns(UserWarning, match=r"holds data files of several kinds \(1 json file\(s\): part0\.jsonl; 1 text "
+                                         r"file\(s\): part1\.txt\); datasets' folder loader reads the files of one "
+                                         r"kind only"):
+        documents = list(open_documents(cfg, "train").iter_docs(0, 0))
+    assert documents == [f"json doc {i}" for i in range(4)]  # (what datasets reads: part1.txt is left out)
+    (folder / "part1.txt").unlink()
+    (folder / "dataset_info.json").write_text("{}")  # (a file datasets takes for no data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one kind: no notice
+        assert list(open_documents(cfg, "train").iter_docs(0, 0)) == documents
 
 
 def test_local_folder_goes_to_the_datasets_folder_loader(tmp_path):

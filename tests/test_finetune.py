@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -679,6 +680,11 @@ def test_rows_dropped_past_seq_len_are_said_once_per_launch(tmp_path, monkeypatc
         monkeypatch.setenv("RANK", rank)
         build_datasets(data, ByteTokenizer())
         assert ("data: dropped 1 rows whose completion lies past seq_len=8" in capsys.readouterr().out) == said, rank
+    monkeypatch.setenv("RANK", "0")  # without a seq_len, a row is left without a target by being one token long
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "ab"}) + "\n")
+    build_datasets(DataSection(source=str(tmp_path / "rows.jsonl"), eval_source=str(tmp_path / "rows.jsonl"),
+                               add_bos=False, add_eos=False), ByteTokenizer())
+    assert "data: dropped 1 rows of one token, which leave nothing to predict" in capsys.readouterr().out
 
 
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
@@ -701,6 +707,49 @@ def test_a_jsonl_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
     data.write_bytes(b'{"text": "fine"}\n\n{"text": "caf\xe9"}\n')
     with pytest.raises(ValueError, match=r"rows\.jsonl:3: not UTF-8 text \(invalid continuation byte: byte 0xe9\)"):
         read_jsonl(str(tmp_path / "*.jsonl"))
+
+
+def test_a_jsonl_file_that_begins_with_a_byte_order_mark_is_read(tmp_path):
+    # a UTF-8 file that a Windows tool wrote with a byte order mark was refused at line 1 ("Unexpected UTF-8 BOM"),
+    # though datasets, which reads zoo train's data.source and a transformers user's json files, reads it
+    from zoo.finetune import read_jsonl
+
+    rows = [{"text": "first"}, {"prompt": "p", "completion": "c"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(row) + "\r\n" for row in rows).encode())
+    assert read_jsonl(str(data)) == rows
+    data.write_bytes(b"\xef\xbb\xbf" + b'{"text": "fine"}\n{"text": "caf\xe9"}\n')  # (its lines are counted as before)
+    with pytest.raises(ValueError, match=r"rows\.jsonl:2: not UTF-8 text \(invalid continuation byte: byte 0xe9\)"):
+        read_jsonl(str(data))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_a_compressed_jsonl_file_is_read_as_zoo_train_reads_it(tmp_path, suffix):
+    # rows.jsonl.gz was refused as "not UTF-8 text (invalid start byte: byte 0x8b); re-encode it (e.g. from Latin-1)",
+    # though zoo train's data.source reads it (and a folder of such files)
+    import bz2
+    import gzip
+    import lzma
+
+    import fsspec
+
+    from zoo.finetune import read_jsonl
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    rows = [{"text": "first"}, {"prompt": "p", "completion": "c\u00e9"}]
+    (tmp_path / f"rows.jsonl{suffix}").write_bytes(compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert read_jsonl(str(tmp_path / f"rows.jsonl{suffix}")) == rows
+    assert read_jsonl(str(tmp_path / "*.jsonl*")) == rows
+    (tmp_path / f"bad.jsonl{suffix}").write_text('{"text": "not compressed"}\n')  # its name says otherwise
+    with pytest.raises(ValueError, match=rf"bad\.jsonl{re.escape(suffix)}: cannot read it"):
+        read_jsonl(str(tmp_path / f"bad.jsonl{suffix}"))
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "cut short"}\n')[:-12])
+    with pytest.raises(ValueError, match=r"cut\.jsonl\.gz: cannot read it \(EOFError"):
+        read_jsonl(str(tmp_path / "cut.jsonl.gz"))
+    if "zstd" not in fsspec.available_compressions():  # (a compression without its package is named, not misread)
+        (tmp_path / "rows.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(ValueError, match=r"rows\.jsonl\.zst: compressed as \.zst, which needs the 'zstandard'"):
+            read_jsonl(str(tmp_path / "rows.jsonl.zst"))
 
 
 def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
@@ -740,16 +789,71 @@ def test_a_jsonl_string_holding_a_unicode_line_separator_is_one_row(tmp_path):
     ({"prompt": "a", "completion": None}, "'completion' must be a string, got None"),
     ({"text": 5}, "'text' must be a string, got 5"),
     ({"prompt": ["a"], "completion": "b"}, r"'prompt' must be a string, got \['a'\]"),
-], ids=["null-completion", "number-text", "list-prompt"])
+    ({"prompt": "a", "completion": "b\ud83d!"}, r"'completion' holds a lone surrogate '\\ud83d' at character 1"),
+], ids=["null-completion", "number-text", "list-prompt", "lone-surrogate"])
 def test_a_jsonl_field_that_is_not_text_is_named(tmp_path, row, message):
     # a null completion (or a number, a list) ended in "AttributeError: 'NoneType' object has no attribute 'encode'"
-    # from the tokenizer, a traceback naming no file or line
+    # from the tokenizer, a traceback naming no file or line (a lone surrogate escape, in a fast tokenizer's
+    # "TypeError: TextEncodeInput must be Union[...]")
     from zoo.finetune import read_jsonl
 
     data = tmp_path / "rows.jsonl"
     data.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(row) + "\n")
     with pytest.raises(ValueError, match=r"rows\.jsonl:2: " + message):
         read_jsonl(str(data))
+
+
+def test_jsonl_rows_with_nothing_to_learn_are_skipped_with_a_count(tmp_path, monkeypatch):
+    # a row {"text": ""} (or whitespace, or a prompt with an empty completion) trained <bos> -> <eos> (the prompt ->
+    # <eos>), and a file of nothing else trained on those alone, without a word
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets, read_jsonl
+
+    rows = [{"text": "fine"}, {"text": ""}, {"text": " \n\t"}, {"prompt": "q", "completion": ""},
+            {"prompt": "q", "completion": "  "}, {"prompt": "", "completion": "answer"}, {"text": "also fine"}]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.warns(UserWarning, match=r"data\.source: skipped 4 of 7 rows whose .* is empty or only whitespace.*"
+                                         r"first .*rows\.jsonl:2\)"):
+        assert read_jsonl(str(data)) == [rows[0], rows[5], rows[6]]
+    with pytest.warns(UserWarning, match=r"skipped 4 of 7 rows"):
+        train, evaluation = build_datasets(DataSection(source=str(data), eval_source=str(data)), ByteTokenizer())
+    assert len(train) == len(evaluation) == 3
+    for row in list(train) + list(evaluation):  # every row has a target besides <eos>
+        assert (row["labels"][:-1] != -100).any()
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows[1:5]))
+    with pytest.raises(ValueError, match=r"data\.eval_source: .* hold no rows with text: all 4 have an empty or "
+                                         r"whitespace-only"):
+        read_jsonl(str(data), "data.eval_source")
+
+
+def test_a_jsonl_path_of_a_list_that_matches_no_file_is_refused_by_name(tmp_path, monkeypatch):
+    # data.source: [rows.jsonl, typo.jsonl] trained on rows.jsonl alone, without a word (zoo train's data.source
+    # refuses such a list by name)
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "abc"}) + "\n")
+    assert read_jsonl(["rows.jsonl", "*.jsonl"]) == [{"text": "abc"}]
+    for field in ("data.source", "data.eval_source"):
+        with pytest.raises(ValueError, match=rf"^{re.escape(field)}: no file matches 'typo\.jsonl' "
+                                             r"\(of \['rows\.jsonl', 'typo\.jsonl'\]\)"):
+            read_jsonl(["rows.jsonl", "typo.jsonl"], field)
+        with pytest.raises(ValueError, match=rf"^{re.escape(field)}: no file matches 'more/\*\.jsonl' \(of"):
+            read_jsonl(["*.jsonl", "more/*.jsonl"], field)
+
+
+def test_a_folder_named_as_jsonl_rows_is_refused_by_name(tmp_path, monkeypatch):
+    # a folder (or a glob such as 'data/**' that matched it) ended in "IsADirectoryError: [Errno 21] Is a directory"
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "part").mkdir(parents=True)
+    (tmp_path / "data" / "part" / "rows.jsonl").write_text(json.dumps({"text": "abc"}) + "\n")
+    with pytest.raises(ValueError, match=r"^data\.source: no file matches 'data'; it is a folder: name its files "
+                                         r"\('data/\*\.jsonl'\)"):
+        read_jsonl("data")
+    assert read_jsonl("data/**") == read_jsonl("data/*/*.jsonl") == [{"text": "abc"}]  # the files it matches
 
 
 def test_a_missing_eval_source_is_named_as_such(tmp_path):

@@ -451,8 +451,10 @@ class DataSection:
 
     task: 'mqar' | 'selective_copying' | 'induction_heads' with ``task_kwargs`` (``n_kv``, ``vocab_size``, ...);
     fresh rows every step, ``n_eval`` held-out rows (another seed). source / eval_source: jsonl path(s) or
-    glob(s) whose rows are ``{"text": ...}`` (loss on every token) or ``{"prompt": ..., "completion": ...}``
-    (loss on the completion and eos only); without eval_source a ``holdout`` fraction is held out.
+    glob(s) (possibly compressed: rows.jsonl.gz, .bz2, .xz) whose rows are ``{"text": ...}`` (loss on every token)
+    or ``{"prompt": ..., "completion": ...}`` (loss on the completion and eos only); a row whose text or completion
+    is empty (or whitespace) is skipped, with a warning that counts them; without eval_source a ``holdout`` fraction
+    is held out.
     seq_len: row length of a task (None: the task's default), or the truncation length of jsonl rows
     (None: none). add_bos / add_eos: wrap jsonl rows (zoo models pretrain on ``<bos>`` text ``<eos>``).
     """
@@ -750,35 +752,60 @@ class ListDataset(Dataset):
         return self.rows[index]
 
 
-def _jsonl_files(source: str | list[str]) -> list[str]:
+def _jsonl_files(source: str | list[str], field: str = "data.source") -> list[str]:
     """The files that jsonl path(s) or glob(s) name, sorted, each once (a file matched under two spellings, such as
-    './rows.jsonl' and the glob '*.jsonl', or through a symlink, is read once, as data.source's local files are)."""
+    './rows.jsonl' and the glob '*.jsonl', or through a symlink, is read once, as data.source's local files are).
+
+    A path or glob that matches no file is refused by name (`field`, the config field), as zoo train's data.source
+    refuses it: one of a list was dropped without a word, and the run trained on the other files' rows alone. Folders
+    are no files (their jsonl files are named by glob)."""
     import glob
 
     patterns = [source] if isinstance(source, str) else list(source)
-    # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
-    files = sorted({f for p in map(os.path.expanduser, patterns)
-                    for f in ([p] if os.path.isfile(p) else glob.glob(p, recursive=True))})
+    files = set()
+    for pattern in patterns:
+        path = os.path.expanduser(pattern)
+        # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
+        matches = [path] if os.path.isfile(path) else [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+        if not matches:  # (a folder, or a glob that matches folders only such as 'data/**', ended in IsADirectoryError)
+            folder = f"; it is a folder: name its files ({os.path.join(pattern, '*.jsonl')!r})" \
+                if os.path.isdir(path) else ""
+            raise ValueError(f"{field}: no file matches {pattern!r}{folder}" + (
+                "" if isinstance(source, str) else f" (of {list(source)!r})"))
+        files.update(matches)
     unique: dict[str, str] = {}  # the real path -> its first spelling in sorted order
-    for f in files:
+    for f in sorted(files):
         unique.setdefault(os.path.realpath(f), f)
     return sorted(unique.values())
 
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
     """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
-    (the config field that named them) is what errors name."""
-    files = _jsonl_files(source)
-    if not files:
-        raise ValueError(f"{field}: no file matches {source!r}")
-    rows = []
+    (the config field that named them) is what errors name.
+
+    A row whose text (or completion) is empty or only whitespace holds nothing to learn, so it is skipped, with a
+    warning that counts them (it trained the model to end a text right after ``<bos>``, or a prompt at once); files
+    that hold no other row are refused."""
+    import lzma
+
+    from zoo.data.text import open_data_file
+
+    files = _jsonl_files(source, field)
+    rows, empty = [], []
     for file in files:
         # lines end at "\n" alone (JSON Lines): str.splitlines also broke a row at the U+2028, U+2029 or U+0085 that a
         # JSON string holds unescaped (json.dumps(..., ensure_ascii=False) writes them so)
         try:
-            text = Path(file).read_text(encoding="utf-8")
+            with open_data_file(file) as f:  # decompressed: a rows.jsonl.gz was "not UTF-8 text (... byte 0x8b)"
+                raw = f.read()
+        except (OSError, EOFError, lzma.LZMAError) as e:  # named as compressed but not so, or cut short
+            raise ValueError(f"{file}: cannot read it ({type(e).__name__}: {e})") from e
+        try:
+            # utf-8-sig: a UTF-8 file that begins with a byte order mark (as Windows tools write one) was refused at
+            # its first line, "Unexpected UTF-8 BOM", though datasets (data.source of zoo train) reads it
+            text = raw.decode("utf-8-sig")
         except UnicodeDecodeError as e:  # it said "'utf-8' codec can't decode byte 0xe9 in position 13", no file
-            lineno = Path(file).read_bytes()[:e.start].count(b"\n") + 1
+            lineno = e.object[:e.start].count(b"\n") + 1  # (the bytes decoded: the file's, less a byte order mark)
             raise ValueError(f"{file}:{lineno}: not UTF-8 text ({e.reason}: byte {e.object[e.start]:#04x}); a jsonl "
                              f"file is UTF-8: re-encode it (e.g. from Latin-1)") from None
         for lineno, line in enumerate(text.split("\n"), 1):
@@ -795,9 +822,24 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
             for key in ("text",) if "text" in row else ("prompt", "completion"):  # a null one failed in the tokenizer
                 if not isinstance(row[key], str):
                     raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
+                try:  # a lone surrogate escape (an emoji cut in half, '\ud83d') is no text: a tokenizer other than
+                    row[key].encode("utf-8")  # 'byte' failed in "TypeError: TextEncodeInput must be Union[...]"
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{file}:{lineno}: {key!r} holds a lone surrogate {row[key][e.start]!r} at "
+                                     f"character {e.start}, which is no text (half of a character cut in two; datasets "
+                                     f"refuses it too): remove or repair it") from None
+            if not row["text" if "text" in row else "completion"].strip():
+                empty.append(f"{file}:{lineno}")
+                continue
             rows.append(row)
+    what = "'text' / 'completion'"
     if not rows:
-        raise ValueError(f"{field}: {files} hold no rows")
+        none = f" with text: all {len(empty)} have an empty or whitespace-only {what} (first {empty[0]})" \
+            if empty else ""
+        raise ValueError(f"{field}: {files} hold no rows{none}")
+    if empty and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
+        warnings.warn(f"{field}: skipped {len(empty)} of {len(rows) + len(empty)} rows whose {what} is empty or only "
+                      f"whitespace, nothing to learn (first {empty[0]})", stacklevel=2)
     return rows
 
 
@@ -867,7 +909,10 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     evaluation, _ = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     if dropped and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
-        print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}")
+        # (without a seq_len, only a row of one token is left without a target: it said "past seq_len=None")
+        print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}" if data.seq_len else
+              f"data: dropped {dropped} rows of one token, which leave nothing to predict (data.add_bos and add_eos "
+              f"are off)")
     if not train:
         raise ValueError("data.source: no training rows with a target left")
     if not evaluation:

@@ -1286,13 +1286,13 @@ _RESUME_FREE_DATA = ("data.seq_len", "data.packing")
 
 def _txt_files(data: DataConfig) -> bool:
     """Whether the data source is local .txt files (each one document unless data.sample_by splits them)."""
-    from zoo.data.text import _LOCAL_BUILDERS, _local_files
+    from zoo.data.text import _local_files, local_builder
 
     try:
         files = _local_files(data.source) if data.source != "stdlib" else None
     except ValueError:
         return False
-    return bool(files) and all(_LOCAL_BUILDERS.get(Path(f).suffix.lower()) == "text" for f in files)
+    return bool(files) and all(local_builder(f) == "text" for f in files)
 
 
 def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | None = None) -> list[str]:

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import functools
 import glob
+import io
 import itertools
 import json
+import lzma
 import os
 import platform
 import re
@@ -47,6 +49,36 @@ IGNORE_INDEX = -100
 # a resumed run re-reads little
 _TOKENIZE_GROUP = 32
 _LOCAL_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# one-file compressions that `datasets` decompresses as it reads a file (its SINGLE_FILE_COMPRESSION_EXTENSION_TO_
+# PROTOCOL; .zst and .lz4 need the zstandard / lz4 package): 'corpus.jsonl.gz' is a .jsonl file, by path or in a folder
+_COMPRESSION_SUFFIXES = (".gz", ".gzip", ".bz2", ".xz", ".zst", ".zstd", ".lz4")
+
+
+def local_builder(path: str | Path) -> str | None:
+    """The `datasets` builder ('text', 'json' or 'parquet') that reads a local data file, by its name's suffix, under
+    a compression suffix for a text or JSON file (``corpus.jsonl.gz`` -> 'json', as datasets' folder loader takes it;
+    its parquet reader takes no compressed file); None for another file."""
+    name = Path(path).name.lower()
+    compressed = name.endswith(_COMPRESSION_SUFFIXES)
+    builder = _LOCAL_BUILDERS.get(Path(Path(name).stem).suffix if compressed else Path(name).suffix)
+    return None if compressed and builder == "parquet" else builder
+
+
+def open_data_file(path: str | Path):
+    """A local data file opened for reading bytes (a context manager), decompressed where its name says it is
+    compressed (``rows.jsonl.gz``: by fsspec's decompressors, the ones a streamed `datasets` source is read through).
+    A ValueError names a compression that cannot be read here (.zst / .lz4 without the zstandard / lz4 package); a
+    file that does not hold what its suffix says raises the decompressor's error as it is read (OSError, EOFError)."""
+    import fsspec
+
+    name = Path(path).name.lower()
+    suffix = next((c for c in _COMPRESSION_SUFFIXES if name.endswith(c)), None)
+    compression = {".gz": "gzip", ".gzip": "gzip", ".zst": "zstd", ".zstd": "zstd"}.get(suffix, (suffix or "")[1:])
+    if suffix is not None and compression not in fsspec.available_compressions():
+        package = {"zstd": "zstandard", "lz4": "lz4"}.get(compression, compression)
+        raise ValueError(f"{path}: compressed as {suffix}, which needs the {package!r} package: pip install {package}, "
+                         f"or decompress the file")
+    return fsspec.open(str(path), "rb", compression=compression if suffix is not None else None)
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------
@@ -199,8 +231,8 @@ class DataConfig:
     """Where the text comes from and how rows are made (the ``data:`` section of a run config).
 
     source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), local
-    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json``,
-    ``.parquet``, or a
+    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json`` (either
+    possibly compressed, ``corpus.jsonl.gz``: .gz, .bz2, .xz, or .zst / .lz4 with their package), ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
     files inside; split, config_name and streaming apply), or a folder written by ``Dataset.save_to_disk`` (read
     with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
@@ -368,6 +400,11 @@ class _StreamedDocs:
             for example in itertools.chain([first], examples):
                 after = ds.state_dict() if track else None  # the position after this example
                 read += 1
+                if self.text_field not in example:  # a stream whose columns were not known before it was read (a
+                    # dataset without features: open_documents could not check the field) ended in a bare KeyError
+                    raise ValueError(f"data.text_field: the streamed dataset {self.source!r} has no column "
+                                     f"{self.text_field!r}: {self.describe(epoch, read - 1, self.source)} has "
+                                     f"columns {sorted(example)}")
                 if skip:
                     skip -= 1
                 else:
@@ -375,6 +412,12 @@ class _StreamedDocs:
                 before = after
         except CastError as e:  # datasets' own said neither the source nor what to do
             raise _mixed_columns_error(e, self.source, self.text_field) from e
+        except KeyError as e:  # the held-out split's filter reading the field of such a stream (see above)
+            if e.args != (self.text_field,):
+                raise
+            raise ValueError(f"data.text_field: the streamed dataset {self.source!r} has no column "
+                             f"{self.text_field!r} (past the first {read} documents of epoch {epoch} of this "
+                             f"process's stream)") from e
         except UnicodeDecodeError as e:  # pyarrow's json reader keeps such bytes; datasets decodes them strictly
             raise ValueError(
                 f"data.source: the streamed dataset {self.source!r} holds text that is not UTF-8 ({e}), past the "
@@ -451,13 +494,14 @@ def _file_columns(path: str, builder: str, records: int = 1000) -> list[str] | N
         return list(pq.read_schema(path).names)
     keys: dict[str, None] = {}
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open_data_file(path) as raw:  # (a compressed one decompressed: corpus.jsonl.gz)
+            f = io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
             for line in itertools.islice((line for line in f if line.strip()), records):
                 record = json.loads(line)
                 if not isinstance(record, dict):
                     return None
                 keys.update(dict.fromkeys(record))
-    except (OSError, ValueError):
+    except (OSError, EOFError, ValueError, lzma.LZMAError):
         return None
     return list(keys)
 
@@ -487,7 +531,7 @@ def _mixed_local_columns_error(error, files: list[str], builder: str, text_field
 def _looks_local(pattern: str) -> bool:
     """A path or glob rather than a hub name: absolute, ./ or ~ relative, a wildcard, or a data-file suffix."""
     return (os.path.isabs(pattern) or pattern.startswith((".", "~")) or any(c in pattern for c in "*?[")
-            or Path(pattern).suffix.lower() in _LOCAL_BUILDERS)
+            or local_builder(pattern) is not None)
 
 
 def _local_files(source: str | list[str]) -> list[str] | None:
@@ -507,8 +551,8 @@ def _local_files(source: str | list[str]) -> list[str] | None:
         if not matches and (not isinstance(source, str) or (_looks_local(pattern) and not os.path.isdir(path))):
             listed = "" if isinstance(source, str) else \
                 "; a hub dataset, a local folder or 'stdlib' is given as one string, not in a list"
-            raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json or "
-                             f".parquet files (paths or globs){listed}")
+            raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json (or "
+                             f"compressed: .txt.gz, ...) or .parquet files (paths or globs){listed}")
         files.extend(matches)
     unique: dict[str, str] = {}  # the real path -> the first spelling in sorted order
     for f in sorted(set(files)):
@@ -524,17 +568,30 @@ def _saved_to_disk(source: str | list[str]) -> bool:
     return folder is not None and os.path.isfile(os.path.join(folder, "state.json"))
 
 
+def _folder_kinds(source: str | list[str]) -> dict[str, list[str]]:
+    """The data files of a local folder `source` by the builder that reads them ('text', 'json', 'parquet'; paths
+    relative to it, hidden ones and those datasets takes for no data, README.md or dataset_info.json, skipped as
+    datasets skips them); {} for another source."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    if folder is None or not os.path.isdir(folder):
+        return {}
+    try:
+        from datasets.data_files import FILES_TO_IGNORE as ignored
+    except ImportError:  # (reading the folder then says how to install datasets)
+        ignored = []
+    kinds: dict[str, list[str]] = {}
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+        for n in sorted(names):
+            if not n.startswith(".") and n not in ignored and (builder := local_builder(n)) is not None:
+                kinds.setdefault(builder, []).append(Path(root, n).relative_to(folder).as_posix())
+    return kinds
+
+
 def _text_folder(source: str | list[str]) -> bool:
     """Whether `source` is a local folder whose data files are all .txt files, which `datasets.load_dataset` reads with
     its text builder (one line per document unless given another sample_by)."""
-    folder = os.path.expanduser(source) if isinstance(source, str) else None
-    if folder is None or not os.path.isdir(folder):
-        return False
-    kinds = set()
-    for _, dirs, names in os.walk(folder):  # hidden files skipped as datasets skips them
-        dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
-        kinds |= {_LOCAL_BUILDERS.get(Path(n).suffix.lower()) for n in names if not n.startswith(".")}
-    return kinds - {None} == {"text"}
+    return set(_folder_kinds(source)) == {"text"}
 
 
 def local_source_files(source: str | list[str]) -> dict[str, list[int]] | None:
@@ -589,6 +646,30 @@ def _held_out_rows(dataset, text_field: str, holdout: float) -> np.ndarray:
             keys = (zlib.crc32(str(t).encode("utf-8", "surrogatepass")) for t in chunk.to_pylist())
         held.append(np.fromiter(keys, dtype=np.int64, count=len(chunk)) % 1_000_000 < holdout * 1_000_000)
     return np.concatenate(held) if held else np.zeros(0, dtype=bool)
+
+
+def _check_indexed_texts(dataset, cfg: DataConfig) -> None:
+    """Refuse, as it opens, an indexed dataset whose text column holds a document that is not text: a column of
+    another type (numbers, lists), or a null (a record without the field). Such a document was refused only when the
+    stream reached it, which in a large shuffled corpus was hours into the run, and again on every resume."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if getattr(dataset, "_indices", None) is not None:  # rows selected from a larger table: reading them would copy
+        return  # (the stream refuses such a document when it reaches it)
+    column = dataset.data.column(cfg.text_field)  # the memory-mapped table's column, not read (its null count is kept)
+    kind = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    textual = pa.types.is_string(kind) or pa.types.is_large_string(kind) or \
+        getattr(pa.types, "is_string_view", lambda _: False)(kind)
+    if textual and not column.null_count or not len(column):
+        return
+    first = int(pc.index(pc.is_null(column), True).as_py()) if textual else 0
+    value = column[first].as_py()
+    others = f" ({column.null_count - 1} more are null too)" if textual and column.null_count > 1 else \
+        f" (the column's type is {column.type})" if not textual else ""
+    missing = " (a record without the field reads as None)" if value is None else ""
+    raise ValueError(f"data.text_field: document {first} of {cfg.source!r} (counted from 0, files in sorted order) "
+                     f"holds {type(value).__name__} {value!r:.40} in {cfg.text_field!r}, not text{missing}{others}")
 
 
 def _hub_commit(dataset) -> str | None:
@@ -672,11 +753,12 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                             shuffle, rank, world_size)
 
     if local is not None:
-        kinds = {_LOCAL_BUILDERS.get(Path(f).suffix.lower()) for f in local}
+        kinds = {local_builder(f) for f in local}
         if None in kinds or len(kinds) != 1:
-            suffixes = sorted({Path(f).suffix for f in local})
-            raise ValueError(f"data.source: local files must all be one of .txt, .jsonl/.json or .parquet; "
-                             f"got suffixes {suffixes}")
+            suffixes = sorted({"".join(Path(f).suffixes[-2:] if Path(f).suffix.lower() in _COMPRESSION_SUFFIXES
+                                       else Path(f).suffixes[-1:]) for f in local})
+            raise ValueError(f"data.source: local files must all be one of .txt, .jsonl/.json (each possibly "
+                             f"compressed: {', '.join(_COMPRESSION_SUFFIXES)}) or .parquet; got suffixes {suffixes}")
     datasets = _import_datasets(cfg.source)
     if local is not None:
         builder = kinds.pop()
@@ -702,6 +784,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
+        except ValueError as e:  # blank lines only: datasets' bare 'Instruction "train" corresponds to no data!'
+            what = "no records" if "corresponds to no data" in str(e) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"data.source: cannot read {named!r} as {builder} ({what})") from e
         streamed = False
     elif _saved_to_disk(cfg.source):  # datasets.load_dataset refuses it ("use load_from_disk"), which no config can
         _check_one_split(cfg, "a dataset saved with Dataset.save_to_disk is")
@@ -727,6 +812,13 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                           f"one line per document (its text builder's default), not one file per document as "
                           f".txt files named by path or glob ({os.path.join(cfg.source, '*.txt')!r}) are read; a "
                           f"new run sets data.sample_by: line to say so, or 'paragraph'", stacklevel=2)
+        if len(kinds := _folder_kinds(cfg.source)) > 1:  # datasets reads one kind and leaves the others out unsaid
+            held = "; ".join(f"{len(names)} {kind} file(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+                             for kind, names in sorted(kinds.items()))
+            warnings.warn(f"data.source: the folder {cfg.source!r} holds data files of several kinds ({held}); "
+                          f"datasets' folder loader reads the files of one kind only (its most common) and leaves "
+                          f"the others out: keep one kind of file in it, or name the files to read by glob "
+                          f"({os.path.join(cfg.source, '*.jsonl')!r})", stacklevel=2)
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming,
                                             revision=commit or cfg.revision, **extra)
@@ -758,6 +850,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         docs.commit = commit
         return docs
 
+    _check_indexed_texts(dataset, cfg)
     indices = np.arange(len(dataset))
     if use_holdout and cfg.holdout > 0:
         held = _held_out_rows(dataset, cfg.text_field, cfg.holdout)
@@ -843,7 +936,7 @@ class TextStream:
         """(state at the start of the document, its tokens) from `state` on, crossing epochs for training."""
         epoch, doc, resume = state.epoch, state.doc, state.source
         while True:
-            first, produced = doc, False
+            first, produced, empty = doc, False, 0
             texts = self._docs.iter_positioned(epoch, doc, resume)
             resume = None
             while group := list(itertools.islice(texts, _TOKENIZE_GROUP)):
@@ -857,12 +950,15 @@ class TextStream:
                     if len(ids):  # empty documents would only add bos/eos
                         produced = True
                         yield StreamState(epoch, doc, 0, position), np.concatenate([self._prefix, ids, self._suffix])
+                    else:
+                        empty += 1
                     doc += 1
             if self.split != "train":
                 return
-            if not produced and first == 0:
+            if not produced and first == 0:  # (it said "no documents" of a source whose documents are all empty)
+                read = f": the {empty} it holds are empty ({self.cfg.text_field!r} is '')" if empty else ""
                 raise ValueError(f"data.source: no documents for rank {self.rank} of {self.world_size} in "
-                                 f"{self.cfg.source!r} (split {self.split})")
+                                 f"{self.cfg.source!r} (split {self.split}){read}")
             epoch, doc = epoch + 1, 0
 
     def rows(self, state: StreamState | dict | None = None
