@@ -169,8 +169,11 @@ def main(argv: list[str] | None = None) -> int:
         script.check_only(args.only, sweep["models"])
     except ValueError as e:
         parser.error(str(e))
-    text, summary = report(sweep)
     out = Path(sweep["output_dir"])
+    if args.report_only and not (out / "evaluations.json").is_file():  # (it wrote an empty report there)
+        parser.error(f"--report-only: no saved evaluations in {out} (evaluations.json); run without --report-only "
+                     f"first, or point --output_dir at the folder a run wrote")
+    text, summary = report(sweep)
     out.mkdir(parents=True, exist_ok=True)
     (out / "collapse.md").write_text(text)
     (out / "collapse.json").write_text(json.dumps(summary, indent=1))

@@ -485,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
     evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
     evaluations = json.loads(evaluations_file.read_text()) if evaluations_file.is_file() else {}
     settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    if args.fit_only and not evaluations_file.is_file():  # (it wrote an empty summary there and exited 0)
+        parser.error(f"--fit-only: no saved evaluations in {out} ({evaluations_file.name}); run the sweep without "
+                     f"--fit-only first, or point --output_dir at the folder a run wrote")
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
         from zoo.eval.common import write_text_atomically

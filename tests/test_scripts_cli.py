@@ -504,6 +504,7 @@ def test_state_capacity_prints_no_negative_paper_capacity(tmp_path, capsys, monk
             assert line.endswith(f"paper's capacity length {slope * sizes['d_state256'] + intercept:.2f}K")
         else:
             assert "paper's fit does not reach so small a state" in line and "K" not in line.split(";")[1], line
+    (tmp_path / "evaluations.json").write_text("{}")  # --fit-only re-reads a sweep's output; none evaluated yet
     assert script.main([*argv, "--fit-only"]) == 0
     rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| d_state")]
     paper = {row.split("|")[1].strip(): row.split("|")[-2].strip() for row in rows}
@@ -541,3 +542,15 @@ def test_state_capacity_evaluates_on_the_files_its_runs_held_out(tmp_path, monke
                             "--eval.mitigations=[]", f"--run.data.holdout={holdout}",
                             f"--output_dir={tmp_path / str(holdout)}"]) == 0
         assert seen == [holdout]
+
+
+@pytest.mark.parametrize("script_name, flag", [("state_capacity", "--fit-only"), ("collapse", "--report-only")])
+def test_report_only_without_saved_evaluations_is_refused(tmp_path, capsys, script_name, flag):
+    """--fit-only (state_capacity.py) and --report-only (collapse.py) re-read output_dir/evaluations.json; with none
+    there (no run yet, or an output_dir mistyped) each wrote an empty summary into it and exited as if done."""
+    script = load_script(f"scripts/{script_name}.py")
+    config = "state-capacity" if script_name == "state_capacity" else "collapse"
+    out = tmp_path / "nothing-here"
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), flag, f"--output_dir={out}"], capsys)
+    assert f"{flag}: no saved evaluations in {out}" in err
+    assert not out.exists()
