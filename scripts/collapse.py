@@ -149,7 +149,9 @@ def report(sweep: dict) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. --tokens_per_run=3145728 "
+        "--output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="sweep YAML (configs/train/collapse.yaml)")
     parser.add_argument("--report-only", action="store_true", help="only re-read evaluations.json and report")
     parser.add_argument("--only", nargs="*", default=None, help="model names to train and evaluate")

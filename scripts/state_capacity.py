@@ -448,7 +448,9 @@ def plot_capacity(sizes: dict[str, float], lengths: list[int], collapsed: dict, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "), allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " ") + " Overrides: --section.field=value (e.g. "
+        "--eval.margin=0.05 --output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="sweep YAML (configs/train/state-capacity.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, steps and state sizes")
     parser.add_argument("--fit-only", action="store_true", help="re-judge and re-fit from saved evaluations")

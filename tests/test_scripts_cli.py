@@ -554,3 +554,22 @@ def test_report_only_without_saved_evaluations_is_refused(tmp_path, capsys, scri
     err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), flag, f"--output_dir={out}"], capsys)
     assert f"{flag}: no saved evaluations in {out}" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script_name, config, override", [
+    ("train_synthetic", "induction-cpu", "train.max_steps=200"),
+    ("collapse", "collapse", "tokens_per_run=3145728"),
+    ("state_capacity", "state-capacity", "eval.margin=0.05"),
+])
+def test_script_help_names_the_overrides_it_takes(capsys, script_name, config, override):
+    """The configs' headers and the README run these scripts with --section.field=value overrides, which each takes
+    (parse_known_args), but --help listed only config, --only and its flags: the overrides were nowhere in it."""
+    script = load_script(f"scripts/{script_name}.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Overrides: --section.field=value" in text and f"--{override}" in text
+    loader = script.load_recipe if script_name == "train_synthetic" else \
+        load_script("scripts/state_capacity.py").load_sweep
+    assert loader(ROOT / f"configs/train/{config}.yaml", [override])  # the example given is one the script takes
