@@ -149,7 +149,9 @@ def report(sweep: dict) -> tuple[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. --tokens_per_run=3145728 "
+        "--output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="sweep YAML (configs/train/collapse.yaml)")
     parser.add_argument("--report-only", action="store_true", help="only re-read evaluations.json and report")
     parser.add_argument("--only", nargs="*", default=None, help="model names to train and evaluate")
@@ -169,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         script.check_only(args.only, sweep["models"])
     except ValueError as e:
         parser.error(str(e))
-    text, summary = report(sweep)
     out = Path(sweep["output_dir"])
+    if args.report_only and not (out / "evaluations.json").is_file():  # (it wrote an empty report there)
+        parser.error(f"--report-only: no saved evaluations in {out} (evaluations.json); run without --report-only "
+                     f"first, or point --output_dir at the folder a run wrote")
+    text, summary = report(sweep)
     out.mkdir(parents=True, exist_ok=True)
     (out / "collapse.md").write_text(text)
     (out / "collapse.json").write_text(json.dumps(summary, indent=1))

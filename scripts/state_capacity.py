@@ -459,7 +459,9 @@ def plot_capacity(sizes: dict[str, float], lengths: list[int], collapsed: dict, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "), allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " ") + " Overrides: --section.field=value (e.g. "
+        "--eval.margin=0.05 --output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="sweep YAML (configs/train/state-capacity.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, steps and state sizes")
     parser.add_argument("--fit-only", action="store_true", help="re-judge and re-fit from saved evaluations")
@@ -494,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     ev = sweep["eval"]
     evaluations_file, settings_file = out / "evaluations.json", out / "evaluations-settings.json"
+    if args.fit_only and not evaluations_file.is_file():  # (it wrote an empty summary there and exited 0)
+        parser.error(f"--fit-only: no saved evaluations in {out} ({evaluations_file.name}); run the sweep without "
+                     f"--fit-only first, or point --output_dir at the folder a run wrote")
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
         from zoo.eval.common import write_text_atomically

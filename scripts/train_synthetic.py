@@ -508,7 +508,9 @@ def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. --train.max_steps=200 "
+        "--output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="recipe YAML (configs/train/induction.yaml, mqar-sweep.yaml, ...)")
     parser.add_argument("--only", nargs="*", default=None, help="model names to run")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and build their models only")

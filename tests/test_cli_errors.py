@@ -844,3 +844,28 @@ def test_demo_logs_the_cross_entropy_of_its_moe_model_not_the_objective(tmp_path
     ce = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten())
     assert out.loss.item() > ce.item() + 1e-3  # the objective's aux part is there to be left out
     assert abs(result["first_loss"] - ce.item()) < 1e-5
+
+
+def test_a_bare_packaged_model_name_read_as_a_hub_id_says_so(tmp_path, monkeypatch, capsys):
+    """`--model jamba-tiny` (the packaged config's name without .yaml) is a hub id, as the README says; offline its
+    failure read only "We couldn't connect to 'https://huggingface.co'", nothing pointing at jamba-tiny.yaml. A
+    command whose model may be a zoo YAML adds the hint; one that takes saved folders only (zoo generate) does not."""
+    monkeypatch.chdir(tmp_path)  # no folder named after a packaged config here
+    offline = OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+    hint = "('jamba-tiny' was read as a hub id: a model argument takes a packaged model config with its .yaml, " \
+           "jamba-tiny.yaml)"
+    with mock.patch("transformers.AutoModelForCausalLM.from_pretrained", side_effect=offline):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["train", "demo", "--model=jamba-tiny", f"--output_dir={tmp_path / 'run'}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'jamba-tiny' is not a zoo YAML, a model folder or a hub id" in err and hint in err
+
+    def load(argv):
+        raise offline
+
+    assert cli._run("zoo eval synthetic", load, ["--model", "gla-tiny"]) == 2
+    assert "('gla-tiny' was read as a hub id" in capsys.readouterr().err
+    assert cli._run("zoo generate", load, ["gla-tiny", "hello"]) == 2  # a saved folder or hub id only: no YAML
+    assert cli._run("zoo eval synthetic", load, ["--model", "org/gla-tiny"]) == 2
+    assert "read as a hub id" not in capsys.readouterr().err

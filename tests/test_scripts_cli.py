@@ -578,6 +578,7 @@ def test_state_capacity_prints_no_negative_paper_capacity(tmp_path, capsys, monk
             assert line.endswith(f"paper's capacity length {slope * sizes['d_state256'] + intercept:.2f}K")
         else:
             assert "paper's fit does not reach so small a state" in line and "K" not in line.split(";")[1], line
+    (tmp_path / "evaluations.json").write_text("{}")  # --fit-only re-reads a sweep's output; none evaluated yet
     assert script.main([*argv, "--fit-only"]) == 0
     rows = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| d_state")]
     paper = {row.split("|")[1].strip(): row.split("|")[-2].strip() for row in rows}
@@ -615,3 +616,34 @@ def test_state_capacity_evaluates_on_the_files_its_runs_held_out(tmp_path, monke
                             "--eval.mitigations=[]", f"--run.data.holdout={holdout}",
                             f"--output_dir={tmp_path / str(holdout)}"]) == 0
         assert seen == [holdout]
+
+
+@pytest.mark.parametrize("script_name, flag", [("state_capacity", "--fit-only"), ("collapse", "--report-only")])
+def test_report_only_without_saved_evaluations_is_refused(tmp_path, capsys, script_name, flag):
+    """--fit-only (state_capacity.py) and --report-only (collapse.py) re-read output_dir/evaluations.json; with none
+    there (no run yet, or an output_dir mistyped) each wrote an empty summary into it and exited as if done."""
+    script = load_script(f"scripts/{script_name}.py")
+    config = "state-capacity" if script_name == "state_capacity" else "collapse"
+    out = tmp_path / "nothing-here"
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), flag, f"--output_dir={out}"], capsys)
+    assert f"{flag}: no saved evaluations in {out}" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script_name, config, override", [
+    ("train_synthetic", "induction-cpu", "train.max_steps=200"),
+    ("collapse", "collapse", "tokens_per_run=3145728"),
+    ("state_capacity", "state-capacity", "eval.margin=0.05"),
+])
+def test_script_help_names_the_overrides_it_takes(capsys, script_name, config, override):
+    """The configs' headers and the README run these scripts with --section.field=value overrides, which each takes
+    (parse_known_args), but --help listed only config, --only and its flags: the overrides were nowhere in it."""
+    script = load_script(f"scripts/{script_name}.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Overrides: --section.field=value" in text and f"--{override}" in text
+    loader = script.load_recipe if script_name == "train_synthetic" else \
+        load_script("scripts/state_capacity.py").load_sweep
+    assert loader(ROOT / f"configs/train/{config}.yaml", [override])  # the example given is one the script takes

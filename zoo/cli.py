@@ -319,8 +319,24 @@ def _run(prog: str, fn, argv: list[str]):
         if traceback or not _user_error(e):
             raise
         # (a missing model folder is named by zoo.hub.check_model_ref where each command loads its model)
-        print(f"{prog}: {e}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)
+        print(f"{prog}: {e}{_packaged_name_hint(prog, e, argv)}\n(ZOO_TRACEBACK=1 shows where)", file=sys.stderr)
         return 2
+
+
+def _packaged_name_hint(prog: str, e: BaseException, argv: list[str]) -> str:
+    """For a failed hub load (an OSError, or the ValueError zoo train wraps one in) of a bare name that is a packaged
+    model config's (`--model jamba-tiny`, `model: jamba-tiny`) by a command whose model may be a zoo YAML: it takes
+    the config with `.yaml`; the bare name went to the hub, which offline reported only a failed connection."""
+    takes_yaml = prog in ("zoo train", "zoo finetune") or prog.startswith("zoo eval")
+    if not takes_yaml or not (isinstance(e, OSError) or isinstance(e.__cause__, OSError)):
+        return ""
+    from zoo.config_files import packaged_names
+
+    given = [item.split("=", 1)[-1] for item in argv]
+    bare = next((name for name in packaged_names("models") if (name in given or f"{name!r}" in str(e))
+                 and not os.path.exists(os.path.expanduser(name))), None)
+    return "" if bare is None else (f"\n({bare!r} was read as a hub id: a model argument takes a packaged model config "
+                                    f"with its .yaml, {bare}.yaml)")
 
 
 def _stdout_closed() -> bool:
