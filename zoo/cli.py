@@ -110,7 +110,8 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="with --sample (default: the model's generation config, 1.0)")
-    p.add_argument("--top-k", type=int, help="with --sample (default: the generation config's, 50)")
+    p.add_argument("--top-k", type=int, help="with --sample (default: the generation config's, 50; 0: no top-k "
+                                              "filtering, as generate's top_k=0)")
     p.add_argument("--top-p", type=float, help="with --sample (default: the generation config's, 1.0)")
     p.add_argument("--seed", type=int, help="with --sample: the same seed gives the same text")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
@@ -152,8 +153,8 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"{', '.join(given)}: sampling options; add --sample (greedy decoding would ignore them)")
     if args.temperature is not None and not args.temperature > 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_k is not None and args.top_k < 0:  # (0 turns top-k filtering off, as generate's top_k=0)
+        p.error(f"--top-k must be at least 0 (0: no top-k filtering), got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.cuda_graph and device.type != "cuda":
