@@ -206,6 +206,7 @@ def test_info_refuses_a_saved_dotted_mixer_path_before_printing_the_table(tmp_pa
     (["hi", "--temperature", "0.7", "--seed", "1"], "--temperature, --seed: sampling options; add --sample"),
     (["hi", "--sample", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["hi", "--sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["hi", "--sample", "--seed", str(2**64)], "--seed must be an integer in [-2**63, 2**64)"),
     (["hi", "--sample", "--top-k", "-1"], "--top-k must be at least 0 (0: no top-k filtering)"),
     (["hi", "--cuda-graph", "--device", "cpu"], "--cuda-graph: CUDA graphs need a CUDA device"),
     (["hi", "--cuda-graph", "--device", "cuda", "--num-beams", "2"], "beam search (--num-beams) runs without it"),

@@ -157,6 +157,9 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"--top-k must be at least 0 (0: no top-k filtering), got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:
+        # torch.manual_seed's range: past it the run failed after loading the model, 'Overflow when unpacking long long'
+        p.error(f"--seed must be an integer in [-2**63, 2**64), got {args.seed}")
     if args.cuda_graph and device.type != "cuda":
         p.error(f"--cuda-graph: CUDA graphs need a CUDA device, and this run is on {device}")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]
