@@ -395,6 +395,20 @@ def test_a_device_the_machine_lacks_is_a_user_error():
     assert not cli._user_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
+def test_a_device_backend_torch_lacks_is_one_line(tiny_folder, capsys, monkeypatch):
+    # `zoo generate --device mps` where torch has no MPS (Linux) ended in a traceback, 'RuntimeError: PyTorch is not
+    # linked with support for mps devices'
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi", "--device", "mps", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "zoo generate: " in err and "mps" in err and "Traceback" not in err
+
+
 def test_model_references_that_name_a_missing_or_wrong_local_folder_are_refused(tmp_path, monkeypatch, tiny_folder):
     from zoo.hub import check_model_ref
 

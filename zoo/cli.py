@@ -294,7 +294,9 @@ def _user_error(e: BaseException) -> bool:
     return (isinstance(e, (ValueError, OSError, yaml.YAMLError))
             or type(e).__name__ in ("KVCacheFull", "BackendUnavailable")
             or (isinstance(e, AssertionError) and "not compiled with CUDA" in message)  # torch, --device cuda
-            or (isinstance(e, RuntimeError) and ("device string" in message or "no NVIDIA driver" in message)))
+            or (isinstance(e, RuntimeError) and ("device string" in message or "no NVIDIA driver" in message
+                                                 # torch built without the backend: --device mps on Linux
+                                                 or "is not linked with support for" in message)))
 
 
 def _run(prog: str, fn, argv: list[str]):
