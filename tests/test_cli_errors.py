@@ -206,6 +206,8 @@ def test_info_refuses_a_saved_dotted_mixer_path_before_printing_the_table(tmp_pa
     (["hi", "--temperature", "0.7", "--seed", "1"], "--temperature, --seed: sampling options; add --sample"),
     (["hi", "--sample", "--top-p", "0"], "--top-p must be in (0, 1]"),
     (["hi", "--sample", "--temperature", "0"], "--temperature must be > 0"),
+    (["hi", "--sample", "--seed", str(2**64)], "--seed must be an integer in [-2**63, 2**64)"),
+    (["hi", "--sample", "--top-k", "-1"], "--top-k must be at least 0 (0: no top-k filtering)"),
     (["hi", "--cuda-graph", "--device", "cpu"], "--cuda-graph: CUDA graphs need a CUDA device"),
     (["hi", "--cuda-graph", "--device", "cuda", "--num-beams", "2"], "beam search (--num-beams) runs without it"),
     (["hi", "--stop", ""], "--stop: an empty string would stop at once"),
@@ -393,6 +395,20 @@ def test_a_device_the_machine_lacks_is_a_user_error():
     assert not cli._user_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
 
 
+def test_a_device_backend_torch_lacks_is_one_line(tiny_folder, capsys, monkeypatch):
+    # `zoo generate --device mps` where torch has no MPS (Linux) ended in a traceback, 'RuntimeError: PyTorch is not
+    # linked with support for mps devices'
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi", "--device", "mps", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "zoo generate: " in err and "mps" in err and "Traceback" not in err
+
+
 def test_model_references_that_name_a_missing_or_wrong_local_folder_are_refused(tmp_path, monkeypatch, tiny_folder):
     from zoo.hub import check_model_ref
 
@@ -552,6 +568,23 @@ def test_generate_samples_with_a_seed_and_the_given_settings(tiny_folder, capsys
         cli.main(argv)
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and seen == {"do_sample": True, "temperature": 1.5, "top_k": 20, "top_p": 0.9}
+
+
+def test_generate_takes_top_k_zero_as_generate_does(tiny_folder, capsys, monkeypatch):
+    # generate's top_k=0 turns top-k filtering off, the one way to sample from the whole vocabulary where the
+    # generation config holds top_k=50; --top-k 0 was refused ("--top-k must be at least 1")
+    from zoo.modeling import ZooForCausalLM
+
+    seen = {}
+    original = ZooForCausalLM.generate
+
+    def generate(self, input_ids=None, **kwargs):
+        seen["top_k"] = kwargs.get("top_k")
+        return original(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    cli.main(["generate", str(tiny_folder), "hi", "--max-new-tokens", "4", "--sample", "--seed", "1", "--top-k", "0"])
+    assert seen == {"top_k": 0} and capsys.readouterr().out.startswith("hi")
 
 
 

@@ -588,6 +588,19 @@ def test_stop_strings_stop_rows_as_generate(family, check_every):
         static_generate(model, ids, graph=False, max_new_tokens=4, stop_strings=one)
 
 
+@pytest.mark.parametrize("stops", [[""], ""])
+def test_an_empty_stop_string_stops_at_once_as_generate(stops):
+    # generate's StopStringCriteria finds an empty stop string at every step, so each row ends at its first token; the
+    # static decode read a window of maximum_token_len = 0 tokens and failed in the criterion ('amax(): Expected
+    # reduction dim 1 to have non-zero size')
+    from zoo.data import ByteTokenizer
+
+    model, ids, tok = tiny("mamba"), ascii_prompt(), ByteTokenizer()
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, tokenizer=tok, stop_strings=stops)
+    got = static_generate(model, ids, graph=False, max_new_tokens=8, tokenizer=tok, stop_strings=stops)
+    assert ref.shape[1] == ids.shape[1] + 1 and torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("kwargs,match", [(dict(synced_gpus=True), "synced_gpus"),
                                           (dict(prefill_chunk_size=0), "prefill_chunk_size")])
 def test_settings_that_would_change_the_decode_are_refused(kwargs, match):

@@ -110,7 +110,8 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, help="with --sample (default: the model's generation config, 1.0)")
-    p.add_argument("--top-k", type=int, help="with --sample (default: the generation config's, 50)")
+    p.add_argument("--top-k", type=int, help="with --sample (default: the generation config's, 50; 0: no top-k "
+                                              "filtering, as generate's top_k=0)")
     p.add_argument("--top-p", type=float, help="with --sample (default: the generation config's, 1.0)")
     p.add_argument("--seed", type=int, help="with --sample: the same seed gives the same text")
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
@@ -152,10 +153,13 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"{', '.join(given)}: sampling options; add --sample (greedy decoding would ignore them)")
     if args.temperature is not None and not args.temperature > 0:
         p.error(f"--temperature must be > 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top-k must be at least 1, got {args.top_k}")
+    if args.top_k is not None and args.top_k < 0:  # (0 turns top-k filtering off, as generate's top_k=0)
+        p.error(f"--top-k must be at least 0 (0: no top-k filtering), got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:
+        # torch.manual_seed's range: past it the run failed after loading the model, 'Overflow when unpacking long long'
+        p.error(f"--seed must be an integer in [-2**63, 2**64), got {args.seed}")
     if args.cuda_graph and device.type != "cuda":
         p.error(f"--cuda-graph: CUDA graphs need a CUDA device, and this run is on {device}")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]
@@ -290,7 +294,9 @@ def _user_error(e: BaseException) -> bool:
     return (isinstance(e, (ValueError, OSError, yaml.YAMLError))
             or type(e).__name__ in ("KVCacheFull", "BackendUnavailable")
             or (isinstance(e, AssertionError) and "not compiled with CUDA" in message)  # torch, --device cuda
-            or (isinstance(e, RuntimeError) and ("device string" in message or "no NVIDIA driver" in message)))
+            or (isinstance(e, RuntimeError) and ("device string" in message or "no NVIDIA driver" in message
+                                                 # torch built without the backend: --device mps on Linux
+                                                 or "is not linked with support for" in message)))
 
 
 def _run(prog: str, fn, argv: list[str]):

@@ -836,7 +836,9 @@ def _check_stop_strings(stops, input_ids: torch.Tensor, tokens: torch.Tensor, do
     """After token `done - 1`: rows whose text now ends with a stop string (transformers' StopStringCriteria, on
     the last tokens it reads) are stopped there (`stopped_at`, first time only); with an eos_token_id they are
     finished too, so that their later tokens are pad_token_id, as generate pads them. No host read."""
-    width = stops.maximum_token_len
+    # (an empty stop string alone has a maximum_token_len of 0: generate's criterion then reads every token and finds
+    # it at once; an empty window failed in the criterion, 'amax(): Expected reduction dim 1 to have non-zero size')
+    width = max(stops.maximum_token_len, 1)
     recent = tokens[:, max(0, done - width):done]
     if recent.shape[1] < width:  # the prompt's last tokens before the first generated ones
         recent = torch.cat([input_ids[:, -(width - recent.shape[1]):], recent], dim=1)
