@@ -33,11 +33,13 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # (tests-after-s38, the thirty-eighth session's changes merged after its last call: 71 passed, 1 skipped on an H200,
 # thirty-ninth session's call 1)
 # the thirty-ninth session's ZOO_* switch checks in the kernel wrappers (pdl_linear, the fused Mamba step, the SSD
-# autotune switch, add_norm, the decode argmax) and the decoders that read them
-add tests-env-switches 420 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_env_switches.py \
+# autotune switch, add_norm, the decode argmax) and the decoders that read them; the captured step's stop-string
+# window (an empty stop string)
+add tests-s39 480 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_env_switches.py \
 tests/test_pdl_linear.py tests/test_mamba_fused_step.py tests/test_static_decode.py tests/test_argmax.py \
-tests/test_decode_kernels.py -rs"
-order=(tests-env-switches tests-fsdp-gpus)
+tests/test_decode_kernels.py -rs; python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
+-k stop -rs"
+order=(tests-s39 tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
