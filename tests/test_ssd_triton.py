@@ -290,6 +290,18 @@ def test_wrong_shapes_are_refused_naming_the_argument(name):
                                 step["B"], step["C"], step["D"], inputs["z"][:, 0], step["dt_bias"], True)
 
 
+@pytest.mark.parametrize("L", [1, 2, 5])
+def test_segment_ids_have_one_per_token(L):
+    """seq_idx [batch, L] -> monotone segment ids [batch, L]; at L = 1 they came out [batch, 0] (the first token's
+    zero was sliced from the [batch, 0] changes), and the kernels read token 0's id past their end."""
+    pytest.importorskip("triton")
+    from zoo_kernels.ssd.triton_ssd import _segments
+
+    seq_idx = torch.tensor([[3, 3, 7, 7, 9], [0, 1, 1, 1, 1]])[:, :L]
+    want = torch.tensor([[0, 0, 1, 1, 2], [0, 1, 1, 1, 1]], dtype=torch.int32)[:, :L]
+    assert torch.equal(_segments(seq_idx), want)
+
+
 def _strided(t: torch.Tensor) -> torch.Tensor:
     """t as a view of stride 2 (as a slice of a packed parameter would be), differentiable."""
     return torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
@@ -324,6 +336,11 @@ def _interpreter_main() -> None:
         tol = {"default": 1e-4, "dA": 5e-4 if options.get("decay", 1.0) > 1 else 1e-4}
         assert_all_close(got, ref, tol, f"interpreter L={L} chunk={chunk} {options}")
         print("ok", L, chunk, options, flush=True)
+    # one token with seq_idx (a one-token packed prefill): its segment ids were [batch, 0], read past their end
+    inputs, _ = make_inputs(2, 1, 2, 8, 1, 16, torch.float32, "cpu", seed=5)
+    got, ref = run_both(ssd_chunk_scan_triton, ssd_chunk_scan_ref, inputs, torch.tensor([[0], [4]]), 16)
+    assert_all_close(got, ref, {"default": 1e-4}, "interpreter L=1 with seq_idx")
+    print("ok L=1 seq_idx", flush=True)
     # two calls chained through the state, on views sliced along L (strided inputs, fresh gradients)
     inputs, _ = make_inputs(1, 40, 2, 16, 1, 16, torch.float32, "cpu", seed=4)
     whole, split = (

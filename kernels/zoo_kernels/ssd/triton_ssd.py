@@ -713,7 +713,10 @@ def _segments(seq_idx: torch.Tensor | None) -> torch.Tensor | None:
     if seq_idx is None:
         return None
     change = (seq_idx[:, 1:] != seq_idx[:, :-1]).to(torch.int32)
-    return torch.cat([torch.zeros_like(change[:, :1]), change.cumsum(1, dtype=torch.int32)], 1).contiguous()
+    # the first token's id 0 as a [batch, 1] column of its own: change[:, :1] is [batch, 0] at L = 1, which made the
+    # ids [batch, 0] and the kernels read token 0's id past their end (a segfault in the interpreter)
+    first = torch.zeros(seq_idx.shape[0], 1, device=seq_idx.device, dtype=torch.int32)
+    return torch.cat([first, change.cumsum(1, dtype=torch.int32)], 1).contiguous()
 
 
 def _heads_per_split(batch: int, nc: int, groups: int, nblk: int, hpg: int) -> int:
