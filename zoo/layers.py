@@ -705,16 +705,30 @@ class Block(nn.Module):
         res_dtype = torch.float32 if self.residual_in_fp32 else x.dtype
         if pending is not None:
             res_dtype = torch.promote_types(res_dtype, pending.dtype)
-        x, h = add_norm(x, pending, self.norm.weight, self.norm.eps, dtype, res_dtype)
+        x, h = add_then_norm(add_norm, self.norm, x, pending, dtype, res_dtype)
         out = self.mixer(h, cache=cache, seq_idx=seq_idx, position_ids=position_ids, attention_mask=attention_mask)
         router_logits = None
         if self.ffn is not None:
-            x, h = add_norm(x, out, self.ffn_norm.weight, self.ffn_norm.eps, dtype,
-                            torch.promote_types(x.dtype, out.dtype))
+            x, h = add_then_norm(add_norm, self.ffn_norm, x, out, dtype, torch.promote_types(x.dtype, out.dtype))
             out = self.ffn(h)
             if isinstance(out, tuple):  # a MoE's, as in `forward`
                 out, router_logits = out
         return x, out, router_logits
+
+
+def add_then_norm(add_norm, norm: nn.Module, residual: torch.Tensor, delta: torch.Tensor | None, dtype: torch.dtype,
+                  res_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + delta, norm of it in `dtype`): `add_norm` (`fused_add_norm`'s kernel) with the weight of `norm` where
+    it is zoo's RMSNorm itself; a norm PEFT wrapped (LN tuning's LNTuningLayer, a modules_to_save copy) is called
+    instead, after the add: the kernel took the wrapper's `.weight` and `.eps`, which LN tuning's layer lacks (an
+    AttributeError) or hands out from its base layer (the tuned norm skipped), and a modules_to_save wrapper gives for
+    its active adapter alone (a mixed-adapter batch's other rows)."""
+    if type(norm) is RMSNorm:
+        return add_norm(residual, delta, norm.weight, norm.eps, dtype, res_dtype)
+    if res_dtype is None:
+        res_dtype = residual.dtype if delta is None else torch.promote_types(residual.dtype, delta.dtype)
+    total = residual.to(res_dtype) if delta is None else residual.to(res_dtype) + delta.to(res_dtype)
+    return total, norm(total.to(dtype)).to(dtype)
 
 
 def fused_add_norm():
@@ -722,7 +736,7 @@ def fused_add_norm():
     return optional_kernel("add_norm", "add_rms_norm")
 
 
-__all__ = ["decoded_constants", "drop_adapter_names_hooks", "fused_add_norm", "lay_out_past_pads", "optional_kernel",
-           "PAD_DT", "RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "keep_rows_",
+__all__ = ["add_then_norm", "decoded_constants", "drop_adapter_names_hooks", "fused_add_norm", "lay_out_past_pads",
+           "optional_kernel", "PAD_DT", "RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "keep_rows_",
            "mark_no_weight_decay", "mark_saved_copies", "MixedAdapterBatchError", "new_sequence", "no_weight_decay_ids",
            "step_pad_rows"]

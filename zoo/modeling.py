@@ -36,6 +36,7 @@ from zoo.layers import (
     MoE,
     RMSNorm,
     SwiGLU,
+    add_then_norm,
     drop_adapter_names_hooks,
     fused_add_norm,
     in_decoding,
@@ -610,7 +611,7 @@ class ZooModel(ZooPreTrainedModel):
                                                                attention_mask)
                     if logits is not None:
                         router_logits.append(logits)
-                x = add_norm(x, pending, self.norm_f.weight, self.norm_f.eps, self.norm_f.weight.dtype)[1]
+                x = add_then_norm(add_norm, self.norm_f, x, pending, self.norm_f.weight.dtype)[1]
             else:
                 for i, block in enumerate(self.layers):
                     layer_cache = past_key_values.layers[i] if past_key_values is not None else None
