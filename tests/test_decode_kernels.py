@@ -336,6 +336,40 @@ def test_blocks_with_pending_adds_equal_the_plain_blocks():
         assert torch.equal(got, want), residual_in_fp32
 
 
+def test_pending_adds_take_the_norms_peft_tuned():
+    """The fused add + norm (CUDA inference) read each norm's `.weight` and `.eps`; a norm tuned with PEFT's LN tuning
+    has no eps (an LN-tuned model failed every CUDA forward without gradients, generate included, with "'LNTuningLayer'
+    object has no attribute 'eps'"), and its `.weight` is its base layer's. The wrapped norms are called now; on CPU
+    with the torch formula in the kernel's place, as the test above."""
+    from peft import LNTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+
+    config = zoo.ZooConfig(vocab_size=64, d_model=32, layers="MAM", ffn={"type": "swiglu", "hidden": 64},
+                           mixers={"M": {"type": "mamba", "d_state": 8}, "A": {"type": "attention", "n_heads": 2}})
+    torch.manual_seed(0)
+    tuned = get_peft_model(AutoModelForCausalLM.from_config(config),
+                           LNTuningConfig(target_modules=["norm", "ffn_norm", "norm_f"])).eval()
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:  # the tuned copies of the norms' weights
+                p.mul_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())) + 0.5)
+    model = tuned.get_base_model().model
+    assert type(model.layers[0].norm).__name__ == "LNTuningLayer"
+    x = model.embeddings(torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        plain, pending, fused = x, None, x
+        for block in model.layers:
+            plain = block(plain)[0]
+            fused, pending, _ = block.forward_pending(fused, pending, add_norm_reference)
+        torch.testing.assert_close(fused + pending, plain, rtol=1e-5, atol=1e-5)
+        from zoo.layers import add_then_norm  # the final norm's, as ZooModel.forward takes it
+
+        got = add_then_norm(add_norm_reference, model.norm_f, fused, pending, plain.dtype)[1]
+        torch.testing.assert_close(got, model.norm_f(plain), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("name", ["mamba", "transformerpp", "jamba", "gla", "mamba2"])

@@ -835,6 +835,41 @@ def test_a_zoo_yaml_loads_as_the_same_model_every_time(tmp_path):
     assert curves[0] == curves[1]
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_an_adapter_folder_loads_as_peft_applies_it(tmp_path, use_dora):
+    """zoo eval takes a PEFT adapter folder as --model; transformers' from_pretrained of it left out a DoRA adapter's
+    magnitudes (zoo finetune's lora.use_dora), so the model evaluated was not the finetuned one (logits 0.6 apart on
+    the tiny Jamba), with a load report only."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / "jamba-tiny.yaml")) \
+        .save_pretrained(tmp_path / "base")
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                             LoraConfig(r=4, target_modules=["in_proj", "q_proj"], use_dora=use_dora,
+                                        init_lora_weights=False))
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:  # trained values: the magnitudes away from the weights' norms they start at
+                p.mul_(1.5)
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                             tmp_path / "adapter").eval()(input_ids=ids).logits
+        loaded = load_model(str(tmp_path / "adapter"), "cpu")
+        torch.testing.assert_close(reloaded, expected)
+        torch.testing.assert_close(loaded(ids).logits, expected)
+    assert type(loaded).__name__ == "ZooForCausalLM" and not loaded.training
+    half = load_model(str(tmp_path / "adapter"), "cpu", "bf16")
+    assert half.lm_head.weight.dtype == torch.bfloat16
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)

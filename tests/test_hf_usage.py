@@ -470,6 +470,38 @@ def test_a_mixed_adapter_batch_on_moe_experts_gives_each_row_its_adapter(targets
         assert torch.equal(generated[i], own[0]), name
 
 
+@pytest.mark.parametrize("name", ["mamba", "mamba2"])
+def test_a_mixed_adapter_batch_that_would_need_several_conv_copies_is_refused(name):
+    # the conv kernels read conv1d.weight, which a modules_to_save wrapper hands out for its active adapter: in a mixed
+    # batch (adapter_names) every row got that copy, so an adapter's rows and "__base__" rows came out wrong (0.6 apart
+    # on the tiny Mamba) without a word; PEFT's own wrapper, were it called, gives each row its copy
+    ids = torch.randint(1, 512, (3, 7), generator=torch.Generator().manual_seed(0))
+    peft_model = get_peft_model(tiny(name), LoraConfig(r=4, target_modules=["out_proj"], modules_to_save=["conv1d"],
+                                                       init_lora_weights=False), adapter_name="one")
+    peft_model.add_adapter("two", LoraConfig(r=4, target_modules=["out_proj"], modules_to_save=["conv1d"],
+                                             init_lora_weights=False))
+    peft_model.eval()
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if ".conv1d.modules_to_save." in n:  # each adapter's trained conv
+                p.add_(0.3 if ".two." in n else -0.3)
+        for names in (["one", "two", "one"], ["one", "__base__", "one"]):
+            with pytest.raises(ValueError, match=r"conv1d: a mixed-adapter batch .* read one conv1d\.weight"):
+                peft_model(input_ids=ids, adapter_names=names)
+            with pytest.raises(ValueError, match="mixed-adapter batch"):
+                peft_model.generate(input_ids=ids, adapter_names=names, max_new_tokens=2, do_sample=False)
+        # and the refusal left no PEFT hook behind (PEFT drops them only when the call returns): the model runs on
+        alone = peft_model(input_ids=ids).logits
+        assert_close("after the refusals", peft_model(input_ids=ids[:2]).logits, alone[:2], 1e-6)
+        # rows that all take the weight read are served: the active adapter's, or the base's with it disabled
+        assert_close("active adapter's rows", peft_model(input_ids=ids, adapter_names=["one"] * 3).logits, alone, 1e-6)
+        with peft_model.disable_adapter():  # (where PEFT runs every row on the base, whatever the names)
+            base = peft_model(input_ids=ids).logits
+            assert_close("base rows", peft_model(input_ids=ids, adapter_names=["__base__"] * 3).logits, base, 1e-6)
+            assert_close("rows disabled", peft_model(input_ids=ids, adapter_names=["one", "two", "one"]).logits, base,
+                         1e-6)
+
+
 @pytest.mark.parametrize("name", ["mamba", "jamba"])
 def test_prompt_tuning_trains_and_generates_without_num_attention_heads(name):
     # PEFT's prompt learning reads num_attention_heads from the model config's dict and raised "Please specify

@@ -138,8 +138,11 @@ def refuse_skipped_adapter(owner: nn.Module, name: str) -> None:
     """Raise when PEFT put an active, unmerged adapter on ``owner.<name>`` (LoRA's target_modules, or
     target_parameters), a module whose weight `owner`'s kernels read without calling it: the adapter would be skipped
     without a word (no effect on the output, no gradient, and merge_and_unload would then change the logits).
-    modules_to_save is fine: its wrapper hands out the trained copy's weight."""
+    modules_to_save is fine: its wrapper hands out the trained copy's weight, the active adapter's, which is why a
+    mixed-adapter batch (PEFT's adapter_names) whose rows ask for other copies (another adapter's, or ``__base__``'s
+    original) raises too: every row got the active adapter's weight, without a word."""
     layer = getattr(owner, name)
+    _refuse_mixed_rows(owner, name, layer)
     if not hasattr(layer, "get_base_layer") or getattr(layer, "disable_adapters", False) or \
             getattr(layer, "merged", False):
         return
@@ -147,6 +150,52 @@ def refuse_skipped_adapter(owner: nn.Module, name: str) -> None:
                      f"{type(owner).__name__} kernels read {name}.weight without calling {name}, so the adapter would "
                      f"be skipped. Leave {name} out of target_modules / target_parameters; to train it, list it in "
                      f"modules_to_save instead (its trained copy's weight is read)")
+
+
+class MixedAdapterBatchError(ValueError):
+    """A PEFT mixed-adapter batch (adapter_names) that a zoo kernel cannot serve row by row."""
+
+
+def _is_adapter_names_hook(hook) -> bool:
+    """Whether a forward pre-hook is the one PEFT puts on each of its layers for a mixed-adapter batch."""
+    return getattr(getattr(hook, "func", None), "__name__", "") == "_adapter_names_pre_forward_hook"
+
+
+def _mixed_batch_adapters(layer: nn.Module) -> list[str] | None:
+    """The adapter_names of the PEFT mixed-adapter batch running now (PEFT hooks them onto each of its layers' forward
+    for the call), or None."""
+    for hook in getattr(layer, "_forward_pre_hooks", {}).values():
+        if _is_adapter_names_hook(hook):
+            return list(hook.keywords.get("adapter_names") or [])
+    return None
+
+
+def drop_adapter_names_hooks(model: nn.Module) -> None:
+    """Remove the hooks PEFT put on `model`'s layers for a mixed-adapter batch. PEFT removes them once the call returns,
+    but not when it raises: they stayed, and every later call of the model ran as a mixed batch of those rows."""
+    for module in model.modules():
+        for key in [k for k, hook in module._forward_pre_hooks.items() if _is_adapter_names_hook(hook)]:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def _refuse_mixed_rows(owner: nn.Module, name: str, layer: nn.Module) -> None:
+    """Raise when a mixed-adapter batch asks `layer` (a modules_to_save wrapper whose weight the kernels read) for
+    another weight on some rows than the one read for all of them."""
+    names = _mixed_batch_adapters(layer)
+    if not names:  # (no mixed batch: the common case, checked first on every forward)
+        return
+    copies = getattr(layer, "modules_to_save", None)
+    original = getattr(layer, "original_module", None)
+    if not isinstance(copies, nn.ModuleDict) or original is None or getattr(layer, "disable_adapters", False):
+        return  # (with the adapters disabled PEFT's wrapper runs the original for every row, as the kernels read it)
+    read = layer.weight  # the active adapter's copy
+    others = sorted({n for n in names if (copies[n] if n in copies else original).weight is not read})
+    if others:
+        raise MixedAdapterBatchError(
+            f"{name}: a mixed-adapter batch (adapter_names) gives rows of {others} their own {name} (modules_to_save), "
+            f"but the {type(owner).__name__} kernels read one {name}.weight for every row (the active adapter's); run "
+            f"each adapter's rows apart (set_adapter), or merge them into separate models")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -656,16 +705,30 @@ class Block(nn.Module):
         res_dtype = torch.float32 if self.residual_in_fp32 else x.dtype
         if pending is not None:
             res_dtype = torch.promote_types(res_dtype, pending.dtype)
-        x, h = add_norm(x, pending, self.norm.weight, self.norm.eps, dtype, res_dtype)
+        x, h = add_then_norm(add_norm, self.norm, x, pending, dtype, res_dtype)
         out = self.mixer(h, cache=cache, seq_idx=seq_idx, position_ids=position_ids, attention_mask=attention_mask)
         router_logits = None
         if self.ffn is not None:
-            x, h = add_norm(x, out, self.ffn_norm.weight, self.ffn_norm.eps, dtype,
-                            torch.promote_types(x.dtype, out.dtype))
+            x, h = add_then_norm(add_norm, self.ffn_norm, x, out, dtype, torch.promote_types(x.dtype, out.dtype))
             out = self.ffn(h)
             if isinstance(out, tuple):  # a MoE's, as in `forward`
                 out, router_logits = out
         return x, out, router_logits
+
+
+def add_then_norm(add_norm, norm: nn.Module, residual: torch.Tensor, delta: torch.Tensor | None, dtype: torch.dtype,
+                  res_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + delta, norm of it in `dtype`): `add_norm` (`fused_add_norm`'s kernel) with the weight of `norm` where
+    it is zoo's RMSNorm itself; a norm PEFT wrapped (LN tuning's LNTuningLayer, a modules_to_save copy) is called
+    instead, after the add: the kernel took the wrapper's `.weight` and `.eps`, which LN tuning's layer lacks (an
+    AttributeError) or hands out from its base layer (the tuned norm skipped), and a modules_to_save wrapper gives for
+    its active adapter alone (a mixed-adapter batch's other rows)."""
+    if type(norm) is RMSNorm:
+        return add_norm(residual, delta, norm.weight, norm.eps, dtype, res_dtype)
+    if res_dtype is None:
+        res_dtype = residual.dtype if delta is None else torch.promote_types(residual.dtype, delta.dtype)
+    total = residual.to(res_dtype) if delta is None else residual.to(res_dtype) + delta.to(res_dtype)
+    return total, norm(total.to(dtype)).to(dtype)
 
 
 def fused_add_norm():
@@ -673,6 +736,7 @@ def fused_add_norm():
     return optional_kernel("add_norm", "add_rms_norm")
 
 
-__all__ = ["decoded_constants", "fused_add_norm", "lay_out_past_pads", "optional_kernel", "PAD_DT", "RMSNorm",
-           "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "keep_rows_",
-           "mark_no_weight_decay", "mark_saved_copies", "new_sequence", "no_weight_decay_ids", "step_pad_rows"]
+__all__ = ["add_then_norm", "decoded_constants", "drop_adapter_names_hooks", "fused_add_norm", "lay_out_past_pads",
+           "optional_kernel", "PAD_DT", "RMSNorm", "GatedRMSNorm", "SwiGLU", "MoE", "Block", "init_copy_", "keep_rows_",
+           "mark_no_weight_decay", "mark_saved_copies", "MixedAdapterBatchError", "new_sequence", "no_weight_decay_ids",
+           "step_pad_rows"]

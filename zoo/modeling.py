@@ -32,9 +32,12 @@ from zoo.config import ZooConfig, check_mixer_options
 from zoo.layers import (
     Block,
     Linear,
+    MixedAdapterBatchError,
     MoE,
     RMSNorm,
     SwiGLU,
+    add_then_norm,
+    drop_adapter_names_hooks,
     fused_add_norm,
     in_decoding,
     last_columns,
@@ -599,28 +602,34 @@ class ZooModel(ZooPreTrainedModel):
                           "use_cache=False to checkpoint them", stacklevel=3)
         fusable = x.is_cuda and x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # the kernel adds in fp32
         add_norm = fused_add_norm() if fusable and not torch.is_grad_enabled() and not output_hidden_states else None
-        if add_norm is not None:  # inference on CUDA: each residual add runs inside the next norm's kernel
-            pending = None
-            for i, block in enumerate(self.layers):
-                layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-                x, pending, logits = block.forward_pending(x, pending, add_norm, layer_cache, seq_idx, position_ids,
-                                                           attention_mask)
-                if logits is not None:
-                    router_logits.append(logits)
-            x = add_norm(x, pending, self.norm_f.weight, self.norm_f.eps, self.norm_f.weight.dtype)[1]
-        else:
-            for i, block in enumerate(self.layers):
-                layer_cache = past_key_values.layers[i] if past_key_values is not None else None
-                if checkpointing and layer_cache is None and i in self._checkpointed:
-                    x, logits = self._gradient_checkpointing_func(block, x, None, seq_idx, position_ids,
-                                                                  attention_mask)
-                else:
-                    x, logits = block(x, layer_cache, seq_idx, position_ids, attention_mask)
-                if logits is not None:
-                    router_logits.append(logits)
-                if output_hidden_states:
-                    hidden_states.append(x)
-            x = self.norm_f(x.to(self.norm_f.weight.dtype))  # a residual kept in fp32 returns to the weights' dtype
+        try:
+            if add_norm is not None:  # inference on CUDA: each residual add runs inside the next norm's kernel
+                pending = None
+                for i, block in enumerate(self.layers):
+                    layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+                    x, pending, logits = block.forward_pending(x, pending, add_norm, layer_cache, seq_idx, position_ids,
+                                                               attention_mask)
+                    if logits is not None:
+                        router_logits.append(logits)
+                x = add_then_norm(add_norm, self.norm_f, x, pending, self.norm_f.weight.dtype)[1]
+            else:
+                for i, block in enumerate(self.layers):
+                    layer_cache = past_key_values.layers[i] if past_key_values is not None else None
+                    if checkpointing and layer_cache is None and i in self._checkpointed:
+                        x, logits = self._gradient_checkpointing_func(block, x, None, seq_idx, position_ids,
+                                                                      attention_mask)
+                    else:
+                        x, logits = block(x, layer_cache, seq_idx, position_ids, attention_mask)
+                    if logits is not None:
+                        router_logits.append(logits)
+                    if output_hidden_states:
+                        hidden_states.append(x)
+                x = self.norm_f(x.to(self.norm_f.weight.dtype))  # a residual kept in fp32 returns to the weights' dtype
+        except MixedAdapterBatchError:
+            # PEFT removes the adapter_names hooks of a mixed batch only when the call returns: left on, they made
+            # every later call of the model a mixed batch of those rows
+            drop_adapter_names_hooks(self)
+            raise
         if output_hidden_states:
             hidden_states[-1] = x
         if past_key_values is not None:
@@ -1048,10 +1057,14 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         rows = input_ids if input_ids is not None else inputs_embeds
         if rows is not None:  # DataCollatorWithFlattening(return_flash_attn_kwargs=True)'s boundaries
             seq_idx = seq_idx_from_cu_seqlens(kwargs, seq_idx, rows.shape[:2])
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True,
-                         output_router_logits=output_router_logits, **{_SKIP_AUX_LOSS: skip_aux_loss})
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states, seq_idx=seq_idx, return_dict=True,
+                             output_router_logits=output_router_logits, **{_SKIP_AUX_LOSS: skip_aux_loss})
+        except MixedAdapterBatchError:
+            drop_adapter_names_hooks(self)  # the head's too (ZooModel's forward dropped its own)
+            raise
         h = out.last_hidden_state
         if isinstance(logits_to_keep, int):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
@@ -1154,10 +1167,14 @@ class ZooForSequenceClassification(ZooPreTrainedModel):
             raise ValueError(f"config.pad_token_id is None, so the last token of each of the {batch} rows cannot be "
                              f"told from padding; set it (from_pretrained(..., pad_token_id=tokenizer.pad_token_id), "
                              f"or model.config.pad_token_id = ...) or pass one row at a time")
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=bool(use_cache), output_hidden_states=output_hidden_states, return_dict=True,
-                         **kwargs, **{_SKIP_AUX_LOSS: True})
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+                             use_cache=bool(use_cache), output_hidden_states=output_hidden_states, return_dict=True,
+                             **kwargs, **{_SKIP_AUX_LOSS: True})
+        except MixedAdapterBatchError:
+            drop_adapter_names_hooks(self)  # the score head's too (ZooModel's forward dropped its own)
+            raise
         h = out.last_hidden_state
         positions = torch.arange(tokens, device=h.device)
         if pad is not None and input_ids is not None:  # the rightmost non-pad token: left and right padding alike
