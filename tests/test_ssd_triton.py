@@ -117,6 +117,18 @@ def test_matches_reference(shape, dtype, seq):
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("L", [1, 2], ids=["L1", "L2"])
+def test_packed_rows_of_one_or_two_tokens(L):
+    """seq_idx with L = 1 (a one-token prefill of packed rows) and 2 (a document start at the second token): the
+    segment ids were [batch, 0] at L = 1 and the kernels read past them."""
+    inputs, _ = make_inputs(2, L, 4, 32, 1, 16, torch.float32, "cuda")
+    seq_idx = torch.tensor([[0, 1], [5, 5]], dtype=torch.int32, device="cuda")[:, :L]
+    got, ref = run_both(triton_fn(), ssd_chunk_scan_ref, inputs, seq_idx, 16)
+    assert_all_close(got, ref, TOL[torch.float32], f"L={L}")
+
+
+@pytest.mark.cuda
+@cuda
 @pytest.mark.parametrize(
     "options",
     [
