@@ -752,6 +752,19 @@ def test_a_compressed_jsonl_file_is_read_as_zoo_train_reads_it(tmp_path, suffix)
             read_jsonl(str(tmp_path / "rows.jsonl.zst"))
 
 
+def test_a_corrupt_gzip_jsonl_file_is_named(tmp_path):
+    # a .jsonl.gz whose deflate data is damaged (a bad download or copy) failed in a bare zlib.error, 'Error -3 while
+    # decompressing data: invalid ...', naming no file (a traceback from zoo finetune, not its one-line error)
+    import gzip
+
+    from zoo.finetune import read_jsonl
+
+    data = bytearray(gzip.compress("".join(json.dumps({"text": f"row {i} " * 50}) + "\n" for i in range(200)).encode()))
+    data[40:80] = bytes(b ^ 0xFF for b in data[40:80])
+    (tmp_path / "rows.jsonl.gz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"rows\.jsonl\.gz: cannot read it \(error: Error -3 while decompressing"):
+        read_jsonl(str(tmp_path / "rows.jsonl.gz"))
+
 def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
     # a path is a glob too: 'rows[0].jsonl' matched 'rows0.jsonl' only, whose rows were trained on in its place
     from zoo.finetune import read_jsonl

@@ -64,11 +64,17 @@ def local_builder(path: str | Path) -> str | None:
     return None if compressed and builder == "parquet" else builder
 
 
+# what reading a file through open_data_file raises for a file that is not what its name says, cut short or corrupt:
+# gzip's BadGzipFile and bz2's OSError, EOFError, lzma's LZMAError, zlib.error (a gzip stream's corrupt deflate data)
+DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+
+
 def open_data_file(path: str | Path):
     """A local data file opened for reading bytes (a context manager), decompressed where its name says it is
     compressed (``rows.jsonl.gz``: by fsspec's decompressors, the ones a streamed `datasets` source is read through).
     A ValueError names a compression that cannot be read here (.zst / .lz4 without the zstandard / lz4 package); a
-    file that does not hold what its suffix says raises the decompressor's error as it is read (OSError, EOFError)."""
+    file that does not hold what its suffix says, or is cut short or corrupt, raises the decompressor's error as it is
+    read, one of DECOMPRESSION_ERRORS."""
     import fsspec
 
     name = Path(path).name.lower()
@@ -501,7 +507,7 @@ def _file_columns(path: str, builder: str, records: int = 1000) -> list[str] | N
                 if not isinstance(record, dict):
                     return None
                 keys.update(dict.fromkeys(record))
-    except (OSError, EOFError, ValueError, lzma.LZMAError):
+    except (*DECOMPRESSION_ERRORS, ValueError):
         return None
     return list(keys)
 
