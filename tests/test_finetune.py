@@ -775,6 +775,21 @@ def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path
     assert len(read_jsonl(str(tmp_path / "*.jsonl"))) == 2
 
 
+@pytest.mark.parametrize("name", ["rows::v2.jsonl", "file:rows.jsonl", "rows::v2.jsonl.gz"])
+def test_a_jsonl_file_whose_name_reads_as_a_url_is_read_as_named(tmp_path, monkeypatch, name):
+    # the file was opened through fsspec.open, which took 'rows::v2.jsonl' for a chain of URLs and 'file:rows.jsonl'
+    # for rows.jsonl: a file that exists was refused, 'cannot read it (FileNotFoundError ...)'
+    import gzip
+
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    text = (json.dumps({"text": "named"}) + "\n").encode()
+    (tmp_path / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "the other file"}) + "\n")
+    assert read_jsonl(name) == [{"text": "named"}]
+    assert read_jsonl(str(tmp_path / name)) == [{"text": "named"}]
+
 def test_a_jsonl_file_named_under_two_spellings_is_read_once(tmp_path, monkeypatch):
     # a file named as it is was taken as spelled ('./rows.jsonl'), beside the glob's spelling of it ('rows.jsonl'): its
     # rows were read, and trained on, twice

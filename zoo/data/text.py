@@ -74,8 +74,11 @@ def open_data_file(path: str | Path):
     compressed (``rows.jsonl.gz``: by fsspec's decompressors, the ones a streamed `datasets` source is read through).
     A ValueError names a compression that cannot be read here (.zst / .lz4 without the zstandard / lz4 package); a
     file that does not hold what its suffix says, or is cut short or corrupt, raises the decompressor's error as it is
-    read, one of DECOMPRESSION_ERRORS."""
+    read, one of DECOMPRESSION_ERRORS. The path is a local file's, never a URL: fsspec.open read 'a::b.jsonl' as a chain
+    of URLs and 'file:rows.jsonl' as 'rows.jsonl'."""
     import fsspec
+    from fsspec.core import OpenFile
+    from fsspec.implementations.local import LocalFileSystem
 
     name = Path(path).name.lower()
     suffix = next((c for c in _COMPRESSION_SUFFIXES if name.endswith(c)), None)
@@ -84,7 +87,8 @@ def open_data_file(path: str | Path):
         package = {"zstd": "zstandard", "lz4": "lz4"}.get(compression, compression)
         raise ValueError(f"{path}: compressed as {suffix}, which needs the {package!r} package: pip install {package}, "
                          f"or decompress the file")
-    return fsspec.open(str(path), "rb", compression=compression if suffix is not None else None)
+    return OpenFile(LocalFileSystem(), os.path.abspath(os.fspath(path)), "rb",
+                    compression=compression if suffix is not None else None)
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------
