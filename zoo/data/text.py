@@ -241,8 +241,9 @@ class DataConfig:
     """Where the text comes from and how rows are made (the ``data:`` section of a run config).
 
     source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), local
-    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json`` (either
-    possibly compressed, ``corpus.jsonl.gz``: .gz, .bz2, .xz, or .zst / .lz4 with their package), ``.parquet``, or a
+    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json`` (each of
+    them possibly compressed, ``corpus.jsonl.gz``, ``book.txt.gz``: .gz, .bz2, .xz, or .zst / .lz4 with their
+    package), ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
     files inside; split, config_name and streaming apply), or a folder written by ``Dataset.save_to_disk`` (read
     with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
