@@ -17,9 +17,10 @@ from zoo_kernels._env import env_flag, env_int
 
 
 def _import_with(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter with `env` added (for the switches read at import)."""
-    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]),
-            "OMP_NUM_THREADS": "1"}
+    """Runs `code` in a fresh interpreter with `env` added (for the switches read at import), and no other ZOO_*
+    switch of this process's environment (ZOO_SSD_AUTOTUNE=0 for quick tests made the defaults expected below fail)."""
+    own = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}
+    full = {**own, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), "OMP_NUM_THREADS": "1"}
     full.pop("TRITON_INTERPRET", None)
     return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
 

@@ -752,6 +752,19 @@ def test_a_compressed_jsonl_file_is_read_as_zoo_train_reads_it(tmp_path, suffix)
             read_jsonl(str(tmp_path / "rows.jsonl.zst"))
 
 
+def test_a_corrupt_gzip_jsonl_file_is_named(tmp_path):
+    # a .jsonl.gz whose deflate data is damaged (a bad download or copy) failed in a bare zlib.error, 'Error -3 while
+    # decompressing data: invalid ...', naming no file (a traceback from zoo finetune, not its one-line error)
+    import gzip
+
+    from zoo.finetune import read_jsonl
+
+    data = bytearray(gzip.compress("".join(json.dumps({"text": f"row {i} " * 50}) + "\n" for i in range(200)).encode()))
+    data[40:80] = bytes(b ^ 0xFF for b in data[40:80])
+    (tmp_path / "rows.jsonl.gz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"rows\.jsonl\.gz: cannot read it \(error: Error -3 while decompressing"):
+        read_jsonl(str(tmp_path / "rows.jsonl.gz"))
+
 def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path):
     # a path is a glob too: 'rows[0].jsonl' matched 'rows0.jsonl' only, whose rows were trained on in its place
     from zoo.finetune import read_jsonl
@@ -761,6 +774,21 @@ def test_a_jsonl_file_whose_name_holds_glob_characters_is_read_as_named(tmp_path
     assert read_jsonl(str(tmp_path / "rows[0].jsonl")) == [{"text": "named"}]
     assert len(read_jsonl(str(tmp_path / "*.jsonl"))) == 2
 
+
+@pytest.mark.parametrize("name", ["rows::v2.jsonl", "file:rows.jsonl", "rows::v2.jsonl.gz"])
+def test_a_jsonl_file_whose_name_reads_as_a_url_is_read_as_named(tmp_path, monkeypatch, name):
+    # the file was opened through fsspec.open, which took 'rows::v2.jsonl' for a chain of URLs and 'file:rows.jsonl'
+    # for rows.jsonl: a file that exists was refused, 'cannot read it (FileNotFoundError ...)'
+    import gzip
+
+    from zoo.finetune import read_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    text = (json.dumps({"text": "named"}) + "\n").encode()
+    (tmp_path / name).write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "the other file"}) + "\n")
+    assert read_jsonl(name) == [{"text": "named"}]
+    assert read_jsonl(str(tmp_path / name)) == [{"text": "named"}]
 
 def test_a_jsonl_file_named_under_two_spellings_is_read_once(tmp_path, monkeypatch):
     # a file named as it is was taken as spelled ('./rows.jsonl'), beside the glob's spelling of it ('rows.jsonl'): its

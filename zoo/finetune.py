@@ -786,9 +786,7 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
     A row whose text (or completion) is empty or only whitespace holds nothing to learn, so it is skipped, with a
     warning that counts them (it trained the model to end a text right after ``<bos>``, or a prompt at once); files
     that hold no other row are refused."""
-    import lzma
-
-    from zoo.data.text import open_data_file
+    from zoo.data.text import DECOMPRESSION_ERRORS, open_data_file
 
     files = _jsonl_files(source, field)
     rows, empty = [], []
@@ -798,7 +796,7 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
         try:
             with open_data_file(file) as f:  # decompressed: a rows.jsonl.gz was "not UTF-8 text (... byte 0x8b)"
                 raw = f.read()
-        except (OSError, EOFError, lzma.LZMAError) as e:  # named as compressed but not so, or cut short
+        except DECOMPRESSION_ERRORS as e:  # named as compressed but not so, cut short, or corrupt (zlib.error)
             raise ValueError(f"{file}: cannot read it ({type(e).__name__}: {e})") from e
         try:
             # utf-8-sig: a UTF-8 file that begins with a byte order mark (as Windows tools write one) was refused at

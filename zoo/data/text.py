@@ -64,12 +64,21 @@ def local_builder(path: str | Path) -> str | None:
     return None if compressed and builder == "parquet" else builder
 
 
+# what reading a file through open_data_file raises for a file that is not what its name says, cut short or corrupt:
+# gzip's BadGzipFile and bz2's OSError, EOFError, lzma's LZMAError, zlib.error (a gzip stream's corrupt deflate data)
+DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+
+
 def open_data_file(path: str | Path):
     """A local data file opened for reading bytes (a context manager), decompressed where its name says it is
     compressed (``rows.jsonl.gz``: by fsspec's decompressors, the ones a streamed `datasets` source is read through).
     A ValueError names a compression that cannot be read here (.zst / .lz4 without the zstandard / lz4 package); a
-    file that does not hold what its suffix says raises the decompressor's error as it is read (OSError, EOFError)."""
+    file that does not hold what its suffix says, or is cut short or corrupt, raises the decompressor's error as it is
+    read, one of DECOMPRESSION_ERRORS. The path is a local file's, never a URL: fsspec.open read 'a::b.jsonl' as a chain
+    of URLs and 'file:rows.jsonl' as 'rows.jsonl'."""
     import fsspec
+    from fsspec.core import OpenFile
+    from fsspec.implementations.local import LocalFileSystem
 
     name = Path(path).name.lower()
     suffix = next((c for c in _COMPRESSION_SUFFIXES if name.endswith(c)), None)
@@ -78,7 +87,8 @@ def open_data_file(path: str | Path):
         package = {"zstd": "zstandard", "lz4": "lz4"}.get(compression, compression)
         raise ValueError(f"{path}: compressed as {suffix}, which needs the {package!r} package: pip install {package}, "
                          f"or decompress the file")
-    return fsspec.open(str(path), "rb", compression=compression if suffix is not None else None)
+    return OpenFile(LocalFileSystem(), os.path.abspath(os.fspath(path)), "rb",
+                    compression=compression if suffix is not None else None)
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------
@@ -231,8 +241,9 @@ class DataConfig:
     """Where the text comes from and how rows are made (the ``data:`` section of a run config).
 
     source: ``"stdlib"`` (built-in corpus), a hub dataset name (``"HuggingFaceFW/fineweb-edu"``), local
-    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json`` (either
-    possibly compressed, ``corpus.jsonl.gz``: .gz, .bz2, .xz, or .zst / .lz4 with their package), ``.parquet``, or a
+    file path(s)/glob(s) of one kind: ``.txt`` (one document per file; see sample_by), ``.jsonl``/``.json`` (each of
+    them possibly compressed, ``corpus.jsonl.gz``, ``book.txt.gz``: .gz, .bz2, .xz, or .zst / .lz4 with their
+    package), ``.parquet``, or a
     local folder, which goes to ``datasets.load_dataset`` as a hub name would (its folder loader reads the data
     files inside; split, config_name and streaming apply), or a folder written by ``Dataset.save_to_disk`` (read
     with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
@@ -501,7 +512,7 @@ def _file_columns(path: str, builder: str, records: int = 1000) -> list[str] | N
                 if not isinstance(record, dict):
                     return None
                 keys.update(dict.fromkeys(record))
-    except (OSError, EOFError, ValueError, lzma.LZMAError):
+    except (*DECOMPRESSION_ERRORS, ValueError):
         return None
     return list(keys)
 
