@@ -318,8 +318,14 @@ def train_run(run: dict) -> Path:
     out = Path(cfg.output_dir)
     done = out / "done.json"
     settings = json.loads(json.dumps(cfg.to_dict()))
-    if done.is_file() and json.loads(done.read_text())["config"] == settings:
-        return Path(json.loads(done.read_text())["model"])
+    if done.is_file() and (record := json.loads(done.read_text()))["config"] == settings:
+        # a checkpoint's model short of the last step is no trained run: the sweep before the stop check below wrote
+        # done.json for a training that SIGTERM or a first Ctrl-C had stopped, and every rerun kept that model
+        step = re.fullmatch(r"step_(\d+)", Path(record["model"]).parent.name)
+        if step is None or int(step.group(1)) >= cfg.train.max_steps:
+            return Path(record["model"])
+        print(f"{run['name']}: {done} names a model of step {int(step.group(1))} of {cfg.train.max_steps} (a training "
+              f"stopped early): training continues")
     start = time.perf_counter()
     result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
     if result.stopped:  # SIGTERM or a first Ctrl-C: zoo.train saved the step and returned; the run is not trained

@@ -276,6 +276,44 @@ def test_sweep_training_stopped_by_a_signal_is_not_taken_for_a_trained_run(tmp_p
     assert done["tokens"] == 1024 and model_dir.parent.name == "step_00000004"
 
 
+def test_a_done_json_of_a_stopped_training_is_not_taken_for_a_trained_run(tmp_path, monkeypatch, capsys):
+    """Before the stop check, a training stopped by SIGTERM got a done.json naming its last checkpoint's model (step 2
+    of 4), and every rerun reused that half-trained model. Such a record is now passed over: the training continues."""
+    import os
+    import signal
+
+    import zoo.train
+
+    capacity = load_script("scripts/state_capacity.py")
+    real = zoo.train.train
+
+    def train(cfg, **kwargs):
+        def on_step(step, metrics):
+            if stop and step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(cfg, on_step=on_step, **kwargs)
+
+    monkeypatch.setattr(zoo.train, "train", train)
+    sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [
+        f"output_dir={tmp_path}", "tokens_per_run=1024", "batch_tokens=256", "run.schedule.warmup_steps=0",
+        "run.log.every=1", "run.log.progress_bar=false"])
+    run = capacity.expand_runs(sweep)[0]
+    stop = True
+    with pytest.raises(KeyboardInterrupt):
+        capacity.train_run(run)
+    out = tmp_path / run["name"]
+    half = out / "checkpoints" / "step_00000002" / "model"
+    assert half.is_dir()
+    settings = json.loads(json.dumps(run["config"].to_dict()))
+    (out / "done.json").write_text(json.dumps({"config": settings, "model": str(half), "seconds": 1.0,
+                                               "tokens": 512}))  # as the sweep wrote it before the stop check
+    stop = False
+    model_dir = capacity.train_run(run)
+    assert model_dir.parent.name == "step_00000004"
+    assert "step 2 of 4" in capsys.readouterr().out
+    assert json.loads((out / "done.json").read_text())["tokens"] == 1024
+
+
 def sweep_of_a_saved_model(tmp_path, monkeypatch):
     """scripts/state_capacity.py (loaded) and configs/train/collapse.yaml, its training replaced by a model saved once
     (a run's done.json written as train_run writes it, kept if there is one) and its plots off; saves every document."""
