@@ -243,21 +243,20 @@ def test_norm_calibrated_runs_calibrate_where_the_sweeps_forwards_cap(monkeypatc
     assert [k["chunk_size"] for k in seen] == [96]
 
 
-def test_sweep_training_stopped_by_a_signal_is_not_taken_for_a_trained_run(tmp_path, monkeypatch, capsys):
-    """zoo.train answers SIGTERM or a first Ctrl-C by saving the step and returning (stopped): train_run wrote done.json
-    for that half-trained model, the sweep evaluated it as the run's and went on to the next run, and every rerun kept
-    it. The stop now ends the sweep, and the rerun continues the training to its last step."""
+def sweep_stopped_at_step_2(tmp_path, monkeypatch):
+    """scripts/state_capacity.py (loaded), collapse.yaml's first run at 4 steps, and a switch (`stop["on"]`) that makes
+    its training receive SIGTERM at the second step, as `timeout` or a cluster's preemption sends it."""
     import os
     import signal
 
     import zoo.train
 
     capacity = load_script("scripts/state_capacity.py")
-    real = zoo.train.train
+    real, stop = zoo.train.train, {"on": True}
 
-    def train(cfg, **kwargs):  # SIGTERM at the second step, as `timeout` or a cluster's preemption sends it
+    def train(cfg, **kwargs):
         def on_step(step, metrics):
-            if stop and step == 2:
+            if stop["on"] and step == 2:
                 os.kill(os.getpid(), signal.SIGTERM)
         return real(cfg, on_step=on_step, **kwargs)
 
@@ -265,12 +264,18 @@ def test_sweep_training_stopped_by_a_signal_is_not_taken_for_a_trained_run(tmp_p
     sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [
         f"output_dir={tmp_path}", "tokens_per_run=1024", "batch_tokens=256", "run.schedule.warmup_steps=0",
         "run.log.every=1", "run.log.progress_bar=false"])
-    run = capacity.expand_runs(sweep)[0]
-    stop = True
+    return capacity, capacity.expand_runs(sweep)[0], stop
+
+
+def test_sweep_training_stopped_by_a_signal_is_not_taken_for_a_trained_run(tmp_path, monkeypatch):
+    """zoo.train answers SIGTERM or a first Ctrl-C by saving the step and returning (stopped): train_run wrote done.json
+    for that half-trained model, the sweep evaluated it as the run's and went on to the next run, and every rerun kept
+    it. The stop now ends the sweep, and the rerun continues the training to its last step."""
+    capacity, run, stop = sweep_stopped_at_step_2(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt, match="training stopped at step 2 of 4"):
         capacity.train_run(run)
     assert not (tmp_path / run["name"] / "done.json").exists()
-    stop = False
+    stop["on"] = False
     model_dir = capacity.train_run(run)
     done = json.loads((tmp_path / run["name"] / "done.json").read_text())
     assert done["tokens"] == 1024 and model_dir.parent.name == "step_00000004"
@@ -279,26 +284,7 @@ def test_sweep_training_stopped_by_a_signal_is_not_taken_for_a_trained_run(tmp_p
 def test_a_done_json_of_a_stopped_training_is_not_taken_for_a_trained_run(tmp_path, monkeypatch, capsys):
     """Before the stop check, a training stopped by SIGTERM got a done.json naming its last checkpoint's model (step 2
     of 4), and every rerun reused that half-trained model. Such a record is now passed over: the training continues."""
-    import os
-    import signal
-
-    import zoo.train
-
-    capacity = load_script("scripts/state_capacity.py")
-    real = zoo.train.train
-
-    def train(cfg, **kwargs):
-        def on_step(step, metrics):
-            if stop and step == 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(cfg, on_step=on_step, **kwargs)
-
-    monkeypatch.setattr(zoo.train, "train", train)
-    sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [
-        f"output_dir={tmp_path}", "tokens_per_run=1024", "batch_tokens=256", "run.schedule.warmup_steps=0",
-        "run.log.every=1", "run.log.progress_bar=false"])
-    run = capacity.expand_runs(sweep)[0]
-    stop = True
+    capacity, run, stop = sweep_stopped_at_step_2(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         capacity.train_run(run)
     out = tmp_path / run["name"]
@@ -307,7 +293,7 @@ def test_a_done_json_of_a_stopped_training_is_not_taken_for_a_trained_run(tmp_pa
     settings = json.loads(json.dumps(run["config"].to_dict()))
     (out / "done.json").write_text(json.dumps({"config": settings, "model": str(half), "seconds": 1.0,
                                                "tokens": 512}))  # as the sweep wrote it before the stop check
-    stop = False
+    stop["on"] = False
     model_dir = capacity.train_run(run)
     assert model_dir.parent.name == "step_00000004"
     assert "step 2 of 4" in capsys.readouterr().out
@@ -416,9 +402,10 @@ def test_sweep_removes_the_partials_of_mitigations_no_longer_listed(tmp_path, mo
     capacity.main([*argv, "--eval.mitigations=[]"])  # keeps the curves evaluations.json holds
     assert calls == [] and not list(folder.glob("*.partial.pt*"))
 
-def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkeypatch):
-    """evaluations.json was written in place: an interruption mid-write left it truncated, every run's curves were
-    lost and the rerun stopped at reading it (JSONDecodeError). It is written beside and renamed over now."""
+
+def sweep_with_trained_runs(monkeypatch):
+    """scripts/state_capacity.py (loaded) whose runs count as trained (a done.json, no training), and a flat curve's
+    bins for its evaluations."""
     capacity = load_script("scripts/state_capacity.py")
     bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
 
@@ -429,6 +416,13 @@ def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkey
         return out
 
     monkeypatch.setattr(capacity, "train_run", train_run)
+    return capacity, bins
+
+
+def test_sweep_interrupted_while_writing_evaluations_keeps_them(tmp_path, monkeypatch):
+    """evaluations.json was written in place: an interruption mid-write left it truncated, every run's curves were
+    lost and the rerun stopped at reading it (JSONDecodeError). It is written beside and renamed over now."""
+    capacity, bins = sweep_with_trained_runs(monkeypatch)
     monkeypatch.setattr(capacity, "evaluate_run", lambda run, *args: {"none": {"bins": bins}})
     argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--eval.mitigations=[]"]
     capacity.main([*argv, "--only", "default"])
@@ -454,21 +448,13 @@ def test_sweeps_of_other_models_on_one_output_dir_keep_each_others_evaluations(t
     """Two calls on one output_dir (--only one model each, say on two GPUs): each wrote back the evaluations.json it
     had read at its start, so the one that finished last dropped the curves the other saved meanwhile (hours of
     evaluation, their partial files already removed). A run's curves are added to the file as it is now."""
-    capacity = load_script("scripts/state_capacity.py")
-    bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
-
-    def train_run(run):
-        out = Path(run["config"].output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "done.json").write_text(json.dumps({"model": str(out)}))
-        return out
+    capacity, bins = sweep_with_trained_runs(monkeypatch)
 
     def evaluate_run(run, *args):  # while default's evaluation runs, the other call evaluates slow_decay
         if run["model"] == "default":
             capacity.main([*argv, "--only", "slow_decay"])
         return {"none": {"bins": bins}}
 
-    monkeypatch.setattr(capacity, "train_run", train_run)
     monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
     monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
     argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--eval.mitigations=[]"]
