@@ -759,24 +759,19 @@ def _jsonl_files(source: str | list[str], field: str = "data.source") -> list[st
     A path or glob that matches no file is refused by name (`field`, the config field), as zoo train's data.source
     refuses it: one of a list was dropped without a word, and the run trained on the other files' rows alone. Folders
     are no files (their jsonl files are named by glob)."""
-    import glob
+    from zoo.data.text import distinct_files, matching_files
 
     patterns = [source] if isinstance(source, str) else list(source)
-    files = set()
+    files: list[str] = []
     for pattern in patterns:
-        path = os.path.expanduser(pattern)
-        # a file named as it is, though its name holds glob characters ('rows[0].jsonl' matched 'rows0.jsonl' only)
-        matches = [path] if os.path.isfile(path) else [f for f in glob.glob(path, recursive=True) if os.path.isfile(f)]
+        matches = matching_files(pattern)
         if not matches:  # (a folder, or a glob that matches folders only such as 'data/**', ended in IsADirectoryError)
             folder = f"; it is a folder: name its files ({os.path.join(pattern, '*.jsonl')!r})" \
-                if os.path.isdir(path) else ""
+                if os.path.isdir(os.path.expanduser(pattern)) else ""
             raise ValueError(f"{field}: no file matches {pattern!r}{folder}" + (
                 "" if isinstance(source, str) else f" (of {list(source)!r})"))
-        files.update(matches)
-    unique: dict[str, str] = {}  # the real path -> its first spelling in sorted order
-    for f in sorted(files):
-        unique.setdefault(os.path.realpath(f), f)
-    return sorted(unique.values())
+        files.extend(matches)
+    return distinct_files(files)
 
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:

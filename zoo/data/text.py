@@ -556,19 +556,30 @@ def _local_files(source: str | list[str]) -> list[str] | None:
     files: list[str] = []
     for pattern in patterns:
         path = os.path.expanduser(pattern)
-        # a file named as it is, though its name holds glob characters ('shard[0].jsonl' matched 'shard0.jsonl' only)
-        matches = [path] if os.path.isfile(path) else [m for m in sorted(glob.glob(path, recursive=True))
-                                                       if os.path.isfile(m)]
+        matches = matching_files(pattern)
         if not matches and (not isinstance(source, str) or (_looks_local(pattern) and not os.path.isdir(path))):
             listed = "" if isinstance(source, str) else \
                 "; a hub dataset, a local folder or 'stdlib' is given as one string, not in a list"
             raise ValueError(f"data.source: no file matches {pattern!r}; local sources are .txt, .jsonl/.json (or "
                              f"compressed: .txt.gz, ...) or .parquet files (paths or globs){listed}")
         files.extend(matches)
+    return distinct_files(files) or None
+
+
+def matching_files(pattern: str) -> list[str]:
+    """The files a path or glob names, sorted: the path itself where it is a file, though its name holds glob
+    characters ('shard[0].jsonl' matched 'shard0.jsonl' only), else the glob's matches (recursive), folders left out."""
+    path = os.path.expanduser(pattern)
+    return [path] if os.path.isfile(path) else [m for m in sorted(glob.glob(path, recursive=True)) if os.path.isfile(m)]
+
+
+def distinct_files(files: list[str]) -> list[str]:
+    """`files` sorted, each once: a file matched under two spellings (absolute and relative, './rows.jsonl' and the
+    glob '*.jsonl', through a symlink) keeps its first spelling in sorted order."""
     unique: dict[str, str] = {}  # the real path -> the first spelling in sorted order
     for f in sorted(set(files)):
         unique.setdefault(os.path.realpath(f), f)
-    return list(unique.values()) or None
+    return list(unique.values())
 
 
 def _saved_to_disk(source: str | list[str]) -> bool:
