@@ -735,6 +735,27 @@ def test_skinny_linear_matches_cublas(dtype, rows, k, n, bias):
     assert y.shape == (rows, 1, n) and y.dtype == dtype and rel_err(y, y_ref) < 1e-2
 
 
+def test_skinny_linear_refuses_mixed_inputs_and_sums_nothing_at_k0():
+    """Checked before any launch (so on CPU, no interpreter): K = 0 gives F.linear's zeros plus the bias (reshape
+    failed on it); a weight or bias of another dtype than x (bf16 x, fp32 weight: a tl.dot assertion), a dtype the
+    kernel does not take (fp64 was computed wrong), or another device is a ValueError that says which."""
+    pytest.importorskip("triton")
+    from zoo_kernels.skinny_linear import skinny_linear
+
+    F = torch.nn.functional
+    for x, w, b in ((torch.randn(3, 0), torch.randn(5, 0), torch.randn(5)),
+                    (torch.randn(2, 1, 0), torch.randn(4, 0), None), (torch.randn(0, 0), torch.randn(4, 0), None)):
+        y = skinny_linear(x, w, b)
+        assert y.dtype == x.dtype and torch.equal(y, F.linear(x, w, b)), (x.shape, b is None)
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    for args, word in (((x.bfloat16(), w), "dtype"), ((x, w.bfloat16()), "dtype"), ((x.half(), w), "dtype"),
+                       ((x, w, torch.randn(8).bfloat16()), "dtype"), ((x.double(), w.double()), "float64"),
+                       ((x, w.to("meta")), "device"), ((x, w, torch.randn(8, device="meta")), "device"),
+                       ((x, torch.randn(16)), "weight")):
+        with pytest.raises(ValueError, match=word):
+            skinny_linear(*args)
+
+
 @pytest.mark.cuda
 @cuda
 def test_zoo_linear_takes_the_kernel_only_for_one_row_and_k_at_least_n(monkeypatch):

@@ -151,6 +151,23 @@ def test_unsound_fla_falls_back_to_the_reference(fresh_verdicts, monkeypatch):
     assert rel_err(o, o_ref) < 1e-6 and rel_err(final, final_ref) < 1e-6
 
 
+@pytest.mark.parametrize("bad", ["seq_idx", "initial_state", "v", "chunk_size"])
+def test_fla_path_refuses_what_the_reference_refuses(fresh_verdicts, monkeypatch, bad):
+    """fla was handed the tensors unchecked: a seq_idx of one row for two (cu_seqlens covering the first row alone)
+    or an initial_state of one row was read as it lay, where the reference raises. Now the same ValueError, naming
+    the argument, before fla runs."""
+    calls = []
+    monkeypatch.setattr(fast, "_fla_chunk_gla", lambda: lambda *a, **kw: calls.append(1) or fla_standin(*a, **kw))
+    monkeypatch.setattr(fast, "_verdict", lambda *a: (True, ""))
+    q, k, v, g, h0 = make_inputs(2, 40, 2, 16, 8, torch.float32, "cpu").values()
+    args = {"q": q, "k": k, "v": v, "g": g, "initial_state": h0, "seq_idx": None, "chunk_size": 64}
+    args[bad] = {"seq_idx": packed_seq_idx(1, 40), "initial_state": h0[:1], "v": v[:1], "chunk_size": 0}[bad]
+    for fn in (chunk_gla_ref, fast.chunk_gla_fast):
+        with pytest.raises(ValueError, match=bad):
+            fn(**args)
+    assert not calls, "fla ran on inputs the reference refuses"
+
+
 def test_missing_fla(fresh_verdicts, monkeypatch):
     monkeypatch.setattr(fast, "_fla_chunk_gla", lambda: None)
     ok, reason = fast.fla_verdict(torch.device("cpu"), torch.float32, 16, 16)

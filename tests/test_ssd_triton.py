@@ -379,6 +379,11 @@ def _interpreter_main() -> None:
                                 _strided(bias), True)
     y_ref = ssd_state_update_ref(state_ref, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, True)
     assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5, "strided A, dt_bias"
+    # a state laid out [batch, H, N, P] (not unit stride over N): updated in a copy, written back (was refused)
+    state = state_ref.transpose(-1, -2).contiguous().transpose(-1, -2)
+    y = ssd_state_update_triton(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, True)
+    y_ref = ssd_state_update_ref(state_ref, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, z[:, 0], bias, True)
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(state, state_ref) < 1e-5, "state not unit-stride over N"
     print("ok state update", flush=True)
 
 

@@ -15,6 +15,7 @@ So `zoo.layers.Linear` uses it for that case alone.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -72,19 +73,34 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     x's last dimension must be unit-stride (rows may be strided); the output is contiguous [..., N] in x's dtype.
     fp32 inputs use IEEE products (F.linear's default), bf16/fp16 the tensor cores with fp32 accumulation.
+    x, weight and bias must share one of those dtypes and one device (F.linear refuses mixed dtypes too; the
+    kernel's tl.dot failed on them with an interpreter or compiler assertion, and read an fp64 x wrong).
     `config` overrides the launch configuration (benchmarks/decode_linear.py sweeps it).
     """
+    if x.dim() < 1 or weight.dim() != 2:
+        raise ValueError(f"skinny_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)}: expected x [..., K], "
+                         "weight [N, K]")
     K = x.shape[-1]
     N = weight.shape[0]
     if weight.shape != (N, K) or weight.stride(-1) != 1:
         raise ValueError(f"skinny_linear: weight {tuple(weight.shape)} (stride {weight.stride()}) vs x [..., {K}]")
     if bias is not None and bias.shape != (N,):
         raise ValueError(f"skinny_linear: bias {tuple(bias.shape)} vs {N} outputs")
-    bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"skinny_linear: x is {x.dtype}; takes float32, bfloat16 or float16 (use F.linear)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"skinny_linear: {name} is {t.dtype}, x {x.dtype}; they must share a dtype")
+        if t is not None and t.device != x.device:
+            raise ValueError(f"skinny_linear: {name} is on {t.device}, x on {x.device}; they must share a device")
+    M = x.numel() // K if K else math.prod(x.shape[:-1])  # (reshape(-1, 0) cannot infer the rows)
     if M > MAX_ROWS:
         raise ValueError(f"skinny_linear: {M} rows; at most {MAX_ROWS} (use F.linear)")
+    if K == 0:  # an empty sum: F.linear's zeros, plus the bias
+        out = torch.zeros(M, N, device=x.device, dtype=x.dtype)
+        return (out if bias is None else out + bias).view(*x.shape[:-1], N)
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it at unit stride
+    x2 = x.reshape(M, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)

@@ -14,7 +14,8 @@ import warnings
 
 import torch
 
-from zoo_kernels.gla.ref import chunk_gla_ref
+from zoo_kernels._checks import raise_if
+from zoo_kernels.gla.ref import chunk_gla_ref, chunk_shape_problem
 
 FLA_INSTALL = "pip install 'fla-core>=0.6' (the [fla] extra of hybrid-zoo)"
 
@@ -304,6 +305,10 @@ def chunk_gla_fast(
     """
     if backend != "fla":
         raise ValueError(f"chunk_gla_fast: unknown backend {backend!r}; this build has 'fla' only")
+    # the reference's checks, before fla sees the tensors: fla reads them by q's sizes and cu_seqlens, so a seq_idx of
+    # one row for several (its documents covered the first row only) or an initial_state of another batch was read
+    # as it lay, where the reference raises
+    raise_if("chunk_gla", chunk_shape_problem(q, k, v, g, initial_state, seq_idx, chunk_size))
     fn = _fla_chunk_gla()
     if fn is None:
         raise ImportError(f"chunk_gla backend 'fla' needs fla-core: {FLA_INSTALL}")

@@ -947,8 +947,6 @@ def ssd_state_update_triton(
     """
     batch, H, P = x.shape
     G, N = B.shape[1], B.shape[2]
-    if state.stride(-1) != 1:
-        raise ValueError("state must be contiguous in its last dimension (it is updated in place)")
     _shape_problem("ssd_state_update_triton", state=(state, (batch, H, P, N)), dt=(dt, (batch, H)), A=(A, (H,)),
                    B=(B, (batch, G, N)), C=(C, (batch, G, N)), D=(D, (H,), (H, P)), z=(z, (batch, H, P)),
                    dt_bias=(dt_bias, (H,)))
@@ -958,20 +956,25 @@ def ssd_state_update_triton(
     A = A.contiguous()
     dt_bias = dt_bias.contiguous() if dt_bias is not None else None
     x, B, C, z = (_last_contig(t) for t in (x, B, C, z))
+    # the kernel updates the state at unit stride over N: another layout (which the reference takes) is updated in
+    # a copy, written back (it was refused, so a state the CPU path took raised on CUDA)
+    work = _last_contig(state)
     y = torch.empty(batch, H, P, device=x.device, dtype=x.dtype)
     zz = z if z is not None else x
     sDh, sDp = _d_strides(D)
     BP = min(_pow2(P), 64)
     _state_update_kernel[(batch, H, triton.cdiv(P, BP))](
-        state, x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A, y,
+        work, x, dt, A, B, C, D if D is not None else A, zz, dt_bias if dt_bias is not None else A, y,
         H, G, P, N,
-        state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1),
+        work.stride(0), work.stride(1), work.stride(2), x.stride(0), x.stride(1),
         dt.stride(0), dt.stride(1), B.stride(0), B.stride(1), C.stride(0), C.stride(1),
         zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
         sDh, sDp,
         BP=BP, BNF=_pow2(N), HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), num_warps=4,
     )
+    if work is not state:
+        state.copy_(work)
     return y
 
 
