@@ -35,12 +35,13 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # the thirty-ninth session's ZOO_* switch checks in the kernel wrappers (pdl_linear, the fused Mamba step, the SSD
 # autotune switch, add_norm, the decode argmax) and the decoders that read them; the captured step's stop-string
 # window (an empty stop string); the fused add + norm calling norms that PEFT wrapped (test_modeling, test_hf_usage,
-# test_eval); the SSD scan's segment ids at L = 1 and 2 (one new cuda test; the file's others take ~8 minutes)
+# test_eval); the SSD scan's segment ids at L = 1 and 2 (one new cuda test; the file's others take ~8 minutes); the
+# fortieth session's skinny_linear input checks (test_decode_kernels) and SSD state update of a strided state
 add tests-s39 540 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_env_switches.py \
 tests/test_pdl_linear.py tests/test_mamba_fused_step.py tests/test_static_decode.py tests/test_argmax.py \
 tests/test_decode_kernels.py tests/test_modeling.py tests/test_hf_usage.py tests/test_eval.py -rs; \
 python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py -k stop -rs; \
-python -m pytest -q -m cuda -p no:cacheprovider tests/test_ssd_triton.py -k one_or_two -rs"
+python -m pytest -q -m cuda -p no:cacheprovider tests/test_ssd_triton.py -k "one_or_two or state_update" -rs"
 order=(tests-s39 tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
