@@ -41,7 +41,7 @@ add tests-s39 540 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_en
 tests/test_pdl_linear.py tests/test_mamba_fused_step.py tests/test_static_decode.py tests/test_argmax.py \
 tests/test_decode_kernels.py tests/test_modeling.py tests/test_hf_usage.py tests/test_eval.py -rs; \
 python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py -k stop -rs; \
-python -m pytest -q -m cuda -p no:cacheprovider tests/test_ssd_triton.py -k "one_or_two or state_update" -rs"
+python -m pytest -q -m cuda -p no:cacheprovider tests/test_ssd_triton.py -k 'one_or_two or state_update' -rs"
 order=(tests-s39 tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
