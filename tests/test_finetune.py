@@ -1728,3 +1728,21 @@ def test_a_finetune_stopped_while_saving_the_merged_model_does_not_train_again(t
     assert "continuing from step 3 of 3" in capsys.readouterr().out
     assert (tmp_path / "cut" / "merged" / "config.json").is_file()
     assert not (tmp_path / "cut" / "finetune-checkpoint").exists()
+
+
+@pytest.mark.parametrize("row,named", [
+    ({"text": "t", "prompt": "p", "completion": "c"}, "'completion' and 'prompt'"),
+    ({"text": "t", "prompt": "p"}, "'prompt'"),
+    ({"completion": "c", "text": "t"}, "'completion'"),
+], ids=["all-three", "text-and-prompt", "text-and-completion"])
+def test_a_jsonl_row_with_both_text_and_prompt_completion_fields_is_refused(tmp_path, row, named):
+    # {"text", "prompt", "completion"} trained on the text alone (loss on every token, the prompt's too), without a
+    # word, where TRL's SFTTrainer takes it as a prompt/completion row
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c", "id": 1}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"rows\.jsonl:2: holds both 'text' and {named}, .*keep the fields of one"):
+        read_jsonl(str(data))
+    data.write_text(json.dumps({"text": "t", "id": 1}) + "\n")  # other fields alongside one kind's are fine
+    assert read_jsonl(str(data)) == [{"text": "t", "id": 1}]

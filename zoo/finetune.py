@@ -452,9 +452,9 @@ class DataSection:
     task: 'mqar' | 'selective_copying' | 'induction_heads' with ``task_kwargs`` (``n_kv``, ``vocab_size``, ...);
     fresh rows every step, ``n_eval`` held-out rows (another seed). source / eval_source: jsonl path(s) or
     glob(s) (possibly compressed: rows.jsonl.gz, .bz2, .xz) whose rows are ``{"text": ...}`` (loss on every token)
-    or ``{"prompt": ..., "completion": ...}`` (loss on the completion and eos only); a row whose text or completion
-    is empty (or whitespace) is skipped, with a warning that counts them; without eval_source a ``holdout`` fraction
-    is held out.
+    or ``{"prompt": ..., "completion": ...}`` (loss on the completion and eos only; a row with the fields of both is
+    refused, naming its file and line); a row whose text or completion is empty (or whitespace) is skipped, with a
+    warning that counts them; without eval_source a ``holdout`` fraction is held out.
     seq_len: row length of a task (None: the task's default), or the truncation length of jsonl rows
     (None: none). add_bos / add_eos: wrap jsonl rows (zoo models pretrain on ``<bos>`` text ``<eos>``).
     """
@@ -775,8 +775,8 @@ def _jsonl_files(source: str | list[str], field: str = "data.source") -> list[st
 
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
-    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
-    (the config field that named them) is what errors name.
+    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}`` (a row with
+    the fields of both is refused); `field` (the config field that named them) is what errors name.
 
     A row whose text (or completion) is empty or only whitespace holds nothing to learn, so it is skipped, with a
     warning that counts them (it trained the model to end a text right after ``<bos>``, or a prompt at once); files
@@ -812,6 +812,12 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
             if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
                 raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
                                  f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
+            if "text" in row and row.keys() & {"prompt", "completion"}:  # it trained on the text alone, without a word,
+                # where TRL's SFTTrainer takes such a row as prompt/completion (and appends eos to its text)
+                both = sorted(row.keys() & {"prompt", "completion"})
+                raise ValueError(f"{file}:{lineno}: holds both 'text' and {' and '.join(map(repr, both))}, so it is "
+                                 f"neither a text row (loss on every token) nor a prompt/completion row (loss on the "
+                                 f"completion only) for sure; keep the fields of one kind")
             for key in ("text",) if "text" in row else ("prompt", "completion"):  # a null one failed in the tokenizer
                 if not isinstance(row[key], str):
                     raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
