@@ -288,6 +288,46 @@ def test_prompt_completion_loss_is_on_the_completion_only():
     assert padded["labels"][1, 4:].tolist() == [-100] * 3
 
 
+def _sentencepiece_like_tokenizer():
+    """One token per character, after a Metaspace prefix space ('▁') at the start of a text as Llama's and Mistral's
+    SentencePiece tokenizers put one, and one merge, 'a' + 'b' -> 'ab'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["▁", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:+=?"]
+    vocab = {c: i for i, c in enumerate([*chars, "ab", "<s>", "</s>"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    tok.decoder = decoders.Metaspace(prepend_scheme="always", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.mark.parametrize("prompt,completion", [("2+2=", "4"), ("Capital? A: ", "Paris"), ("Capital? A:", " Paris")],
+                         ids=["no-space", "prompt-ends-in-space", "completion-begins-with-space"])
+def test_a_completion_is_tokenized_as_the_rest_of_prompt_and_completion(prompt, completion):
+    # tokenized alone, the completion began as a text begins: a SentencePiece tokenizer put its prefix space before
+    # it, and the row trained "2+2= 4" (a space the text does not hold), "A:  Paris" (two)
+    tok = _sentencepiece_like_tokenizer()
+    whole = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    (row,), _ = encode_rows([{"prompt": prompt, "completion": completion}], tok)
+    assert row["input_ids"].tolist() == [tok.bos_token_id, *whole, tok.eos_token_id]
+    assert row["labels"].tolist() == [-100] * (1 + n) + whole[n:] + [tok.eos_token_id]
+    assert tok.decode(row["input_ids"], skip_special_tokens=True) == prompt + completion
+
+
+def test_a_token_across_the_prompt_completion_boundary_is_counted():
+    tok = _sentencepiece_like_tokenizer()
+    rows = [{"prompt": "xa", "completion": "b"}, {"prompt": "xa", "completion": "c"}, {"text": "ab"}]
+    with pytest.warns(UserWarning, match=r"data: in 1 of 2 prompt/completion rows a token of prompt \+ completion "
+                                         r"spans the boundary"):
+        spanned, plain, text = encode_rows(rows, tok)[0]
+    # the prompt as a prompt is tokenized at generation, the completion alone (its prefix space and all)
+    alone = tok("b", add_special_tokens=False)["input_ids"]
+    assert spanned["labels"].tolist()[-len(alone) - 1:-1] == alone
+    assert plain["labels"].tolist()[-2:] == [tok.convert_tokens_to_ids("c"), tok.eos_token_id]
+
+
 def test_finetune_command_on_prompt_completion_rows(tmp_path, monkeypatch):
     from zoo.data.text import ByteTokenizer
 

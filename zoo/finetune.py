@@ -848,6 +848,10 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = Non
     rows (the loss is on the completion and eos only). Rows are cut to seq_len tokens; a row left with no
     target is dropped.
 
+    The prompt is tokenized alone (as a prompt is at generation), the completion as the rest of prompt + completion
+    (as TRL's SFTTrainer does) where the prompt's tokens begin those of the whole text; where they do not (a token
+    that spans the boundary), the completion is tokenized alone, with a warning that counts such rows.
+
     Returns:
         (rows of ``input_ids`` and ``labels`` LongTensor [T_i], number of rows dropped).
     """
@@ -856,6 +860,22 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = Non
     bos, eos = document_wrap(tokenizer, add_bos, add_eos)
     prompts = encode_texts(tokenizer, [r.get("prompt", "") if "text" not in r else "" for r in rows])
     bodies = encode_texts(tokenizer, [r["text"] if "text" in r else r["completion"] for r in rows])
+    # a completion tokenized alone began as a text begins: a SentencePiece tokenizer (Llama's, Mistral's) put its
+    # prefix space before it, and "2+2=" + "4" trained "2+2= 4", "A: " + "Paris" a second space before "Paris"
+    paired = [i for i, r in enumerate(rows) if "text" not in r]
+    wholes = encode_texts(tokenizer, [rows[i]["prompt"] + rows[i]["completion"] for i in paired])
+    split = 0
+    for i, whole in zip(paired, wholes):
+        n = len(prompts[i])
+        if len(whole) > n and whole[:n].tolist() == prompts[i].tolist():
+            bodies[i] = whole[n:]
+        else:
+            split += 1
+    if split and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
+        warnings.warn(f"data: in {split} of {len(paired)} prompt/completion rows a token of prompt + completion spans "
+                      f"the boundary (the prompt's tokens do not begin the whole text's), so the completion is "
+                      f"tokenized alone: end the prompt before a space rather than with it ('A:' + ' Paris')",
+                      stacklevel=2)
     out, dropped = [], 0
     for prompt, body in zip(prompts, bodies):
         ids = bos + prompt.tolist() + body.tolist() + eos
