@@ -719,12 +719,29 @@ def test_rows_dropped_past_seq_len_are_said_once_per_launch(tmp_path, monkeypatc
     for rank, said in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         build_datasets(data, ByteTokenizer())
-        assert ("data: dropped 1 rows whose completion lies past seq_len=8" in capsys.readouterr().out) == said, rank
+        assert ("data: dropped 1 of 2 training rows and 1 of 2 evaluation rows whose completion lies past seq_len=8"
+                in capsys.readouterr().out) == said, rank
     monkeypatch.setenv("RANK", "0")  # without a seq_len, a row is left without a target by being one token long
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "ab"}) + "\n")
     build_datasets(DataSection(source=str(tmp_path / "rows.jsonl"), eval_source=str(tmp_path / "rows.jsonl"),
                                add_bos=False, add_eos=False), ByteTokenizer())
-    assert "data: dropped 1 rows of one token, which leave nothing to predict" in capsys.readouterr().out
+    assert "data: dropped 1 of 2 training rows and 1 of 2 evaluation rows of one token, which leave nothing to " \
+           "predict" in capsys.readouterr().out
+
+
+def test_evaluation_rows_dropped_past_seq_len_are_said(tmp_path, capsys):
+    # an evaluation row whose completion lies past seq_len was dropped without a word (the training rows' were counted),
+    # and the accuracy before and after was measured on fewer rows than data.eval_source holds
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "x" * 20, "completion": "y"}) + "\n"
+                                         + json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    _, evaluation = build_datasets(DataSection(source=str(tmp_path / "train.jsonl"),
+                                               eval_source=str(tmp_path / "eval.jsonl"), seq_len=8), ByteTokenizer())
+    assert len(evaluation) == 1
+    assert "data: dropped 1 of 2 evaluation rows whose completion lies past seq_len=8" in capsys.readouterr().out
 
 
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):

@@ -926,11 +926,14 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]]
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
-    evaluation, _ = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
-    if dropped and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
+    # (evaluation rows were dropped without a word: the accuracy before and after was measured on fewer rows than held)
+    evaluation, dropped_eval = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
+    if (dropped or dropped_eval) and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds them
+        rows_dropped = " and ".join(f"{n} of {len(held)} {kind} rows" for n, held, kind in (
+            (dropped, rows, "training"), (dropped_eval, eval_rows, "evaluation")) if n)
         # (without a seq_len, only a row of one token is left without a target: it said "past seq_len=None")
-        print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}" if data.seq_len else
-              f"data: dropped {dropped} rows of one token, which leave nothing to predict (data.add_bos and add_eos "
+        print(f"data: dropped {rows_dropped} whose completion lies past seq_len={data.seq_len}" if data.seq_len else
+              f"data: dropped {rows_dropped} of one token, which leave nothing to predict (data.add_bos and add_eos "
               f"are off)")
     if not train:
         raise ValueError("data.source: no training rows with a target left")
