@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,24 @@ def test_a_token_across_the_prompt_completion_boundary_is_counted():
     alone = tok("b", add_special_tokens=False)["input_ids"]
     assert spanned["labels"].tolist()[-len(alone) - 1:-1] == alone
     assert plain["labels"].tolist()[-2:] == [tok.convert_tokens_to_ids("c"), tok.eos_token_id]
+
+
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_rows_that_end_in_the_eos_tokens_text_are_counted(add_eos):
+    # rows written for TRL's SFTTrainer, which takes a completion's trailing '</s>' for the eos token, trained the
+    # model to write the token's text out (special-token spellings in data stay text), without a word
+    from zoo.data.text import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rows = [{"prompt": "q", "completion": "a<eos>"}, {"text": "b<eos>\n"}, {"prompt": "q", "completion": "c"}]
+    then = r" \(data.add_eos appends that after it\)" if add_eos else r".*set data.add_eos: true"
+    with pytest.warns(UserWarning, match=r"data: 2 of 3 rows end in '<eos>', the eos token's text, which is tokenized "
+                                         r"as plain text, not as the eos token" + then):
+        encoded, _ = encode_rows(rows, tok, add_eos=add_eos)
+    assert encoded[0]["input_ids"].tolist() == [tok.bos_token_id, *b"qa<eos>"] + [tok.eos_token_id] * add_eos
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_rows(rows[2:], tok, add_eos=add_eos)
 
 
 def test_finetune_command_on_prompt_completion_rows(tmp_path, monkeypatch):

@@ -850,7 +850,9 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = Non
 
     The prompt is tokenized alone (as a prompt is at generation), the completion as the rest of prompt + completion
     (as TRL's SFTTrainer does) where the prompt's tokens begin those of the whole text; where they do not (a token
-    that spans the boundary), the completion is tokenized alone, with a warning that counts such rows.
+    that spans the boundary), the completion is tokenized alone, with a warning that counts such rows. Text that spells
+    a special token stays text (`zoo.data.text.encode_texts`): rows whose text or completion ends in the eos token's
+    text are counted in a warning.
 
     Returns:
         (rows of ``input_ids`` and ``labels`` LongTensor [T_i], number of rows dropped).
@@ -876,6 +878,16 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = Non
                       f"the boundary (the prompt's tokens do not begin the whole text's), so the completion is "
                       f"tokenized alone: end the prompt before a space rather than with it ('A:' + ' Paris')",
                       stacklevel=2)
+    # rows written for TRL's SFTTrainer may end in the eos token's text, which it takes for the eos token (and appends
+    # none): here special-token spellings stay text, and the model learned to write '</s>' out before its eos
+    eos_text = getattr(tokenizer, "eos_token", None)
+    spelled = [r for r in rows if eos_text and (r["text"] if "text" in r else r["completion"]).rstrip().endswith(
+        eos_text)]
+    if spelled and os.environ.get("RANK", "0") == "0":
+        warnings.warn(f"data: {len(spelled)} of {len(rows)} rows end in {eos_text!r}, the eos token's text, which is "
+                      f"tokenized as plain text, not as the eos token"
+                      + (" (data.add_eos appends that after it)" if eos else "") + ": the model learns to write it "
+                      "out; remove it from the rows" + ("" if eos else " and set data.add_eos: true"), stacklevel=2)
     out, dropped = [], 0
     for prompt, body in zip(prompts, bodies):
         ids = bos + prompt.tolist() + body.tolist() + eos
