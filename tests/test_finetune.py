@@ -1021,7 +1021,11 @@ def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_pat
     ({"source": "rows.jsonl", "task_kwargs": {"n_kv": 4}}, r"data\.task_kwargs: applies to a synthetic task"),
     ({"task": "mqar", "eval_source": "ev.jsonl"}, r"data\.eval_source: applies to jsonl data"),
     ({"task": "mqar", "holdout": 0.2}, r"data\.holdout: applies to jsonl data"),
-], ids=["n_eval-jsonl", "holdout-eval_source", "task_kwargs-jsonl", "eval_source-task", "holdout-task"])
+    ({"task": "mqar", "add_bos": False}, r"data\.add_bos: applies to jsonl data only; drop it \(a task's rows hold no "
+                                         r"bos\)"),
+    ({"task": "mqar", "add_eos": False}, r"data\.add_eos: applies to jsonl data only"),
+], ids=["n_eval-jsonl", "holdout-eval_source", "task_kwargs-jsonl", "eval_source-task", "holdout-task", "add_bos-task",
+        "add_eos-task"])
 def test_data_options_of_the_other_kind_of_data_are_refused(tmp_path, data, message):
     # they were ignored without a word: n_eval: 100 on jsonl rows still held out 10% of them
     model = tmp_path / "model"

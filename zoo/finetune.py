@@ -487,8 +487,11 @@ class DataSection:
             raise ValueError(f"{prefix}.n_eval: must be >= 1, got {self.n_eval}")
         # options of the other kind of data were ignored without a word (n_eval: 100 on jsonl rows held out 10%)
         default = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        # (add_bos: false on a task's rows, which hold no bos or eos, too)
         unused = [("eval_source", self.eval_source is not None, "jsonl data", ""),
-                  ("holdout", self.holdout != default["holdout"], "jsonl data without eval_source", "")] \
+                  ("holdout", self.holdout != default["holdout"], "jsonl data without eval_source", ""),
+                  ("add_bos", self.add_bos != default["add_bos"], "jsonl data", " (a task's rows hold no bos)"),
+                  ("add_eos", self.add_eos != default["add_eos"], "jsonl data", " (a task's rows hold no eos)")] \
             if self.task is not None else \
             [("task_kwargs", bool(self.task_kwargs), "a synthetic task", ""),
              ("n_eval", self.n_eval != default["n_eval"], "a synthetic task",
