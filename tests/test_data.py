@@ -902,6 +902,31 @@ def test_a_folder_of_txt_files_is_read_as_sample_by_says_or_said_to_be_read_by_l
         assert documents("document") == ["one", "two", "three", "four"]
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_folder_of_txt_files_beside_a_metadata_file_is_a_folder_of_txt_files(tmp_path, streaming):
+    # datasets' folder loader takes metadata.jsonl for metadata: it picks the kind of the other files and reads the .txt
+    # files alone; the folder was said to hold files of several kinds, and data.sample_by was refused as if it held
+    # no .txt files
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one\ntwo\n\nthree\n")
+    (folder / "b.txt").write_text("four\n")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.txt", "label": 1}) + "\n")
+    cfg = DataConfig(source=str(folder), sample_by="paragraph", holdout=0.0, shuffle=False, streaming=streaming)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one kind of data file, sample_by said: no notice
+        documents = [d.strip() for d in open_documents(cfg, "train").iter_docs(0, 0) if d.strip()]
+    assert documents == ["one\ntwo", "three", "four"]
+    # beside .jsonl files it is read as one of them (its other columns fail), and so is no other kind
+    (folder / "a.txt").unlink()
+    (folder / "b.txt").unlink()
+    (folder / "rows.jsonl").write_text(json.dumps({"text": "doc"}) + "\n")
+    from zoo.data.text import _folder_kinds
+
+    assert _folder_kinds(str(folder)) == {"json": ["metadata.jsonl", "rows.jsonl"]}
+
+
 def _needs_resumable_streams() -> None:
     """Skip where datasets cannot continue a stream from its saved position (before 3.4: zoo re-reads, with a
     notice, which test_a_resumed_stream_without_a_saved_position_skips_with_a_notice checks)."""

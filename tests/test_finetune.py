@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,64 @@ def test_prompt_completion_loss_is_on_the_completion_only():
     padded = pad_collate(rows, pad_id=tok.pad_token_id)
     assert padded["attention_mask"].tolist() == [[1] * 7, [1] * 4 + [0] * 3]
     assert padded["labels"][1, 4:].tolist() == [-100] * 3
+
+
+def _sentencepiece_like_tokenizer():
+    """One token per character, after a Metaspace prefix space ('▁') at the start of a text as Llama's and Mistral's
+    SentencePiece tokenizers put one, and one merge, 'a' + 'b' -> 'ab'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = ["▁", *"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789:+=?"]
+    vocab = {c: i for i, c in enumerate([*chars, "ab", "<s>", "</s>"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")]))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    tok.decoder = decoders.Metaspace(prepend_scheme="always", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+@pytest.mark.parametrize("prompt,completion", [("2+2=", "4"), ("Capital? A: ", "Paris"), ("Capital? A:", " Paris")],
+                         ids=["no-space", "prompt-ends-in-space", "completion-begins-with-space"])
+def test_a_completion_is_tokenized_as_the_rest_of_prompt_and_completion(prompt, completion):
+    # tokenized alone, the completion began as a text begins: a SentencePiece tokenizer put its prefix space before
+    # it, and the row trained "2+2= 4" (a space the text does not hold), "A:  Paris" (two)
+    tok = _sentencepiece_like_tokenizer()
+    whole = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    (row,), _ = encode_rows([{"prompt": prompt, "completion": completion}], tok)
+    assert row["input_ids"].tolist() == [tok.bos_token_id, *whole, tok.eos_token_id]
+    assert row["labels"].tolist() == [-100] * (1 + n) + whole[n:] + [tok.eos_token_id]
+    assert tok.decode(row["input_ids"], skip_special_tokens=True) == prompt + completion
+
+
+def test_a_token_across_the_prompt_completion_boundary_is_counted():
+    tok = _sentencepiece_like_tokenizer()
+    rows = [{"prompt": "xa", "completion": "b"}, {"prompt": "xa", "completion": "c"}, {"text": "ab"}]
+    with pytest.warns(UserWarning, match=r"data: in 1 of 2 prompt/completion rows a token of prompt \+ completion "
+                                         r"spans the boundary"):
+        spanned, plain, text = encode_rows(rows, tok)[0]
+    # the prompt as a prompt is tokenized at generation, the completion alone (its prefix space and all)
+    alone = tok("b", add_special_tokens=False)["input_ids"]
+    assert spanned["labels"].tolist()[-len(alone) - 1:-1] == alone
+    assert plain["labels"].tolist()[-2:] == [tok.convert_tokens_to_ids("c"), tok.eos_token_id]
+
+
+@pytest.mark.parametrize("add_eos", [True, False])
+def test_rows_that_end_in_the_eos_tokens_text_are_counted(add_eos):
+    # rows written for TRL's SFTTrainer, which takes a completion's trailing '</s>' for the eos token, trained the
+    # model to write the token's text out (special-token spellings in data stay text), without a word
+    from zoo.data.text import ByteTokenizer
+
+    tok = ByteTokenizer()
+    rows = [{"prompt": "q", "completion": "a<eos>"}, {"text": "b<eos>\n"}, {"prompt": "q", "completion": "c"}]
+    then = r" \(data.add_eos appends that after it\)" if add_eos else r".*set data.add_eos: true"
+    with pytest.warns(UserWarning, match=r"data: 2 of 3 rows end in '<eos>', the eos token's text, which is tokenized "
+                                         r"as plain text, not as the eos token" + then):
+        encoded, _ = encode_rows(rows, tok, add_eos=add_eos)
+    assert encoded[0]["input_ids"].tolist() == [tok.bos_token_id, *b"qa<eos>"] + [tok.eos_token_id] * add_eos
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        encode_rows(rows[2:], tok, add_eos=add_eos)
 
 
 def test_finetune_command_on_prompt_completion_rows(tmp_path, monkeypatch):
@@ -679,12 +738,29 @@ def test_rows_dropped_past_seq_len_are_said_once_per_launch(tmp_path, monkeypatc
     for rank, said in (("0", True), ("1", False)):
         monkeypatch.setenv("RANK", rank)
         build_datasets(data, ByteTokenizer())
-        assert ("data: dropped 1 rows whose completion lies past seq_len=8" in capsys.readouterr().out) == said, rank
+        assert ("data: dropped 1 of 2 training rows and 1 of 2 evaluation rows whose completion lies past seq_len=8"
+                in capsys.readouterr().out) == said, rank
     monkeypatch.setenv("RANK", "0")  # without a seq_len, a row is left without a target by being one token long
     (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "a"}) + "\n" + json.dumps({"text": "ab"}) + "\n")
     build_datasets(DataSection(source=str(tmp_path / "rows.jsonl"), eval_source=str(tmp_path / "rows.jsonl"),
                                add_bos=False, add_eos=False), ByteTokenizer())
-    assert "data: dropped 1 rows of one token, which leave nothing to predict" in capsys.readouterr().out
+    assert "data: dropped 1 of 2 training rows and 1 of 2 evaluation rows of one token, which leave nothing to " \
+           "predict" in capsys.readouterr().out
+
+
+def test_evaluation_rows_dropped_past_seq_len_are_said(tmp_path, capsys):
+    # an evaluation row whose completion lies past seq_len was dropped without a word (the training rows' were counted),
+    # and the accuracy before and after was measured on fewer rows than data.eval_source holds
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "train.jsonl").write_text(json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"prompt": "x" * 20, "completion": "y"}) + "\n"
+                                         + json.dumps({"prompt": "x", "completion": "y"}) + "\n")
+    _, evaluation = build_datasets(DataSection(source=str(tmp_path / "train.jsonl"),
+                                               eval_source=str(tmp_path / "eval.jsonl"), seq_len=8), ByteTokenizer())
+    assert len(evaluation) == 1
+    assert "data: dropped 1 of 2 evaluation rows whose completion lies past seq_len=8" in capsys.readouterr().out
 
 
 def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
@@ -945,7 +1021,11 @@ def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_pat
     ({"source": "rows.jsonl", "task_kwargs": {"n_kv": 4}}, r"data\.task_kwargs: applies to a synthetic task"),
     ({"task": "mqar", "eval_source": "ev.jsonl"}, r"data\.eval_source: applies to jsonl data"),
     ({"task": "mqar", "holdout": 0.2}, r"data\.holdout: applies to jsonl data"),
-], ids=["n_eval-jsonl", "holdout-eval_source", "task_kwargs-jsonl", "eval_source-task", "holdout-task"])
+    ({"task": "mqar", "add_bos": False}, r"data\.add_bos: applies to jsonl data only; drop it \(a task's rows hold no "
+                                         r"bos\)"),
+    ({"task": "mqar", "add_eos": False}, r"data\.add_eos: applies to jsonl data only"),
+], ids=["n_eval-jsonl", "holdout-eval_source", "task_kwargs-jsonl", "eval_source-task", "holdout-task", "add_bos-task",
+        "add_eos-task"])
 def test_data_options_of_the_other_kind_of_data_are_refused(tmp_path, data, message):
     # they were ignored without a word: n_eval: 100 on jsonl rows still held out 10% of them
     model = tmp_path / "model"
@@ -1728,3 +1808,21 @@ def test_a_finetune_stopped_while_saving_the_merged_model_does_not_train_again(t
     assert "continuing from step 3 of 3" in capsys.readouterr().out
     assert (tmp_path / "cut" / "merged" / "config.json").is_file()
     assert not (tmp_path / "cut" / "finetune-checkpoint").exists()
+
+
+@pytest.mark.parametrize("row,named", [
+    ({"text": "t", "prompt": "p", "completion": "c"}, "'completion' and 'prompt'"),
+    ({"text": "t", "prompt": "p"}, "'prompt'"),
+    ({"completion": "c", "text": "t"}, "'completion'"),
+], ids=["all-three", "text-and-prompt", "text-and-completion"])
+def test_a_jsonl_row_with_both_text_and_prompt_completion_fields_is_refused(tmp_path, row, named):
+    # {"text", "prompt", "completion"} trained on the text alone (loss on every token, the prompt's too), without a
+    # word, where TRL's SFTTrainer takes it as a prompt/completion row
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c", "id": 1}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=rf"rows\.jsonl:2: holds both 'text' and {named}, .*keep the fields of one"):
+        read_jsonl(str(data))
+    data.write_text(json.dumps({"text": "t", "id": 1}) + "\n")  # other fields alongside one kind's are fine
+    assert read_jsonl(str(data)) == [{"text": "t", "id": 1}]

@@ -452,9 +452,9 @@ class DataSection:
     task: 'mqar' | 'selective_copying' | 'induction_heads' with ``task_kwargs`` (``n_kv``, ``vocab_size``, ...);
     fresh rows every step, ``n_eval`` held-out rows (another seed). source / eval_source: jsonl path(s) or
     glob(s) (possibly compressed: rows.jsonl.gz, .bz2, .xz) whose rows are ``{"text": ...}`` (loss on every token)
-    or ``{"prompt": ..., "completion": ...}`` (loss on the completion and eos only); a row whose text or completion
-    is empty (or whitespace) is skipped, with a warning that counts them; without eval_source a ``holdout`` fraction
-    is held out.
+    or ``{"prompt": ..., "completion": ...}`` (loss on the completion and eos only; a row with the fields of both is
+    refused, naming its file and line); a row whose text or completion is empty (or whitespace) is skipped, with a
+    warning that counts them; without eval_source a ``holdout`` fraction is held out.
     seq_len: row length of a task (None: the task's default), or the truncation length of jsonl rows
     (None: none). add_bos / add_eos: wrap jsonl rows (zoo models pretrain on ``<bos>`` text ``<eos>``).
     """
@@ -487,8 +487,11 @@ class DataSection:
             raise ValueError(f"{prefix}.n_eval: must be >= 1, got {self.n_eval}")
         # options of the other kind of data were ignored without a word (n_eval: 100 on jsonl rows held out 10%)
         default = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        # (add_bos: false on a task's rows, which hold no bos or eos, too)
         unused = [("eval_source", self.eval_source is not None, "jsonl data", ""),
-                  ("holdout", self.holdout != default["holdout"], "jsonl data without eval_source", "")] \
+                  ("holdout", self.holdout != default["holdout"], "jsonl data without eval_source", ""),
+                  ("add_bos", self.add_bos != default["add_bos"], "jsonl data", " (a task's rows hold no bos)"),
+                  ("add_eos", self.add_eos != default["add_eos"], "jsonl data", " (a task's rows hold no eos)")] \
             if self.task is not None else \
             [("task_kwargs", bool(self.task_kwargs), "a synthetic task", ""),
              ("n_eval", self.n_eval != default["n_eval"], "a synthetic task",
@@ -775,8 +778,8 @@ def _jsonl_files(source: str | list[str], field: str = "data.source") -> list[st
 
 
 def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict[str, Any]]:
-    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}``; `field`
-    (the config field that named them) is what errors name.
+    """Rows of jsonl file(s) (paths or globs, sorted), each ``{"text"}`` or ``{"prompt", "completion"}`` (a row with
+    the fields of both is refused); `field` (the config field that named them) is what errors name.
 
     A row whose text (or completion) is empty or only whitespace holds nothing to learn, so it is skipped, with a
     warning that counts them (it trained the model to end a text right after ``<bos>``, or a prompt at once); files
@@ -812,6 +815,12 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
             if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
                 raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
                                  f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
+            if "text" in row and row.keys() & {"prompt", "completion"}:  # it trained on the text alone, without a word,
+                # where TRL's SFTTrainer takes such a row as prompt/completion (and appends eos to its text)
+                both = sorted(row.keys() & {"prompt", "completion"})
+                raise ValueError(f"{file}:{lineno}: holds both 'text' and {' and '.join(map(repr, both))}, so it is "
+                                 f"neither a text row (loss on every token) nor a prompt/completion row (loss on the "
+                                 f"completion only) for sure; keep the fields of one kind")
             for key in ("text",) if "text" in row else ("prompt", "completion"):  # a null one failed in the tokenizer
                 if not isinstance(row[key], str):
                     raise ValueError(f"{file}:{lineno}: {key!r} must be a string, got {row[key]!r}")
@@ -842,6 +851,12 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = Non
     rows (the loss is on the completion and eos only). Rows are cut to seq_len tokens; a row left with no
     target is dropped.
 
+    The prompt is tokenized alone (as a prompt is at generation), the completion as the rest of prompt + completion
+    (as TRL's SFTTrainer does) where the prompt's tokens begin those of the whole text; where they do not (a token
+    that spans the boundary), the completion is tokenized alone, with a warning that counts such rows. Text that spells
+    a special token stays text (`zoo.data.text.encode_texts`): rows whose text or completion ends in the eos token's
+    text are counted in a warning.
+
     Returns:
         (rows of ``input_ids`` and ``labels`` LongTensor [T_i], number of rows dropped).
     """
@@ -850,6 +865,32 @@ def encode_rows(rows: list[dict[str, Any]], tokenizer, seq_len: int | None = Non
     bos, eos = document_wrap(tokenizer, add_bos, add_eos)
     prompts = encode_texts(tokenizer, [r.get("prompt", "") if "text" not in r else "" for r in rows])
     bodies = encode_texts(tokenizer, [r["text"] if "text" in r else r["completion"] for r in rows])
+    # a completion tokenized alone began as a text begins: a SentencePiece tokenizer (Llama's, Mistral's) put its
+    # prefix space before it, and "2+2=" + "4" trained "2+2= 4", "A: " + "Paris" a second space before "Paris"
+    paired = [i for i, r in enumerate(rows) if "text" not in r]
+    wholes = encode_texts(tokenizer, [rows[i]["prompt"] + rows[i]["completion"] for i in paired])
+    split = 0
+    for i, whole in zip(paired, wholes):
+        n = len(prompts[i])
+        if len(whole) > n and whole[:n].tolist() == prompts[i].tolist():
+            bodies[i] = whole[n:]
+        else:
+            split += 1
+    if split and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
+        warnings.warn(f"data: in {split} of {len(paired)} prompt/completion rows a token of prompt + completion spans "
+                      f"the boundary (the prompt's tokens do not begin the whole text's), so the completion is "
+                      f"tokenized alone: end the prompt before a space rather than with it ('A:' + ' Paris')",
+                      stacklevel=2)
+    # rows written for TRL's SFTTrainer may end in the eos token's text, which it takes for the eos token (and appends
+    # none): here special-token spellings stay text, and the model learned to write '</s>' out before its eos
+    eos_text = getattr(tokenizer, "eos_token", None)
+    spelled = [r for r in rows if eos_text and (r["text"] if "text" in r else r["completion"]).rstrip().endswith(
+        eos_text)]
+    if spelled and os.environ.get("RANK", "0") == "0":
+        warnings.warn(f"data: {len(spelled)} of {len(rows)} rows end in {eos_text!r}, the eos token's text, which is "
+                      f"tokenized as plain text, not as the eos token"
+                      + (" (data.add_eos appends that after it)" if eos else "") + ": the model learns to write it "
+                      "out; remove it from the rows" + ("" if eos else " and set data.add_eos: true"), stacklevel=2)
     out, dropped = [], 0
     for prompt, body in zip(prompts, bodies):
         ids = bos + prompt.tolist() + body.tolist() + eos
@@ -900,11 +941,14 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
         eval_rows = [rows[i] for i in order[:n_eval]]
         rows = [rows[i] for i in order[n_eval:]]
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
-    evaluation, _ = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
-    if dropped and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds the datasets
+    # (evaluation rows were dropped without a word: the accuracy before and after was measured on fewer rows than held)
+    evaluation, dropped_eval = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
+    if (dropped or dropped_eval) and os.environ.get("RANK", "0") == "0":  # once per launch: every process builds them
+        rows_dropped = " and ".join(f"{n} of {len(held)} {kind} rows" for n, held, kind in (
+            (dropped, rows, "training"), (dropped_eval, eval_rows, "evaluation")) if n)
         # (without a seq_len, only a row of one token is left without a target: it said "past seq_len=None")
-        print(f"data: dropped {dropped} rows whose completion lies past seq_len={data.seq_len}" if data.seq_len else
-              f"data: dropped {dropped} rows of one token, which leave nothing to predict (data.add_bos and add_eos "
+        print(f"data: dropped {rows_dropped} whose completion lies past seq_len={data.seq_len}" if data.seq_len else
+              f"data: dropped {rows_dropped} of one token, which leave nothing to predict (data.add_bos and add_eos "
               f"are off)")
     if not train:
         raise ValueError("data.source: no training rows with a target left")

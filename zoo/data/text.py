@@ -590,6 +590,11 @@ def _saved_to_disk(source: str | list[str]) -> bool:
     return folder is not None and os.path.isfile(os.path.join(folder, "state.json"))
 
 
+# the file names datasets' folder loader takes for metadata (FolderBasedBuilder.METADATA_FILENAMES): left out when it
+# picks the kind of a folder's data files, and read as data only where they are of that kind
+_METADATA_FILES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
 def _folder_kinds(source: str | list[str]) -> dict[str, list[str]]:
     """The data files of a local folder `source` by the builder that reads them ('text', 'json', 'parquet'; paths
     relative to it, hidden ones and those datasets takes for no data, README.md or dataset_info.json, skipped as
@@ -602,11 +607,19 @@ def _folder_kinds(source: str | list[str]) -> dict[str, list[str]]:
     except ImportError:  # (reading the folder then says how to install datasets)
         ignored = []
     kinds: dict[str, list[str]] = {}
+    metadata: dict[str, list[str]] = {}
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
         for n in sorted(names):
             if not n.startswith(".") and n not in ignored and (builder := local_builder(n)) is not None:
-                kinds.setdefault(builder, []).append(Path(root, n).relative_to(folder).as_posix())
+                # (an image folder's metadata.jsonl beside .txt files: datasets picks the kind of the other files and
+                # reads no metadata file of another kind; the folder was said to hold several kinds, and was no .txt
+                # folder: data.sample_by was refused, and a .txt file that is not UTF-8 failed to load)
+                which = metadata if n in _METADATA_FILES else kinds
+                which.setdefault(builder, []).append(Path(root, n).relative_to(folder).as_posix())
+    for builder, names in metadata.items():  # read as data where they are of the files' kind (or are all there is)
+        if builder in kinds or not kinds:
+            kinds[builder] = sorted(kinds.get(builder, []) + names)
     return kinds
 
 
