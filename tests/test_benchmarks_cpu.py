@@ -463,3 +463,70 @@ def test_generate_rows_say_when_the_transformerpp_ratio_mixes_decode_modes(monke
                                                      "test", prompt_len=2048, n_tokens=128)}
     row = rows[script.LABEL["mamba"]]
     assert row["vs_transformerpp"] == row["vs_transformerpp_graph"] == 2.0 and "note" not in row
+
+
+# micro-benchmarks whose rows go through ceilings.rows_kept_on_interrupt: argv, and whether `measure` returns a list
+KEPT_ROWS = {"argmax": (["--batches", "1,2,3,4"], False), "cross_entropy": (["--rows", "1,2,3,4"], True),
+             "decode_linear": (["--rows", "1,2,3,4", "--shapes", "in_proj"], False),
+             "mamba_layers": (["--batches", "1,2,3,4"], False), "mamba_step": (["--batches", "1,2,3,4"], False)}
+
+
+def _fake_card_run(name: str, stop_at: int | None, how: str, tmp_path, monkeypatch):
+    """benchmarks/<name>.py's main on a pretended CUDA card, its measure() replaced by one that gives a row per call
+    and is interrupted (Ctrl-C, or SIGTERM as `timeout` sends it) at call `stop_at`; returns (exit code, rows)."""
+    import os
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script(f"benchmarks/{name}.py")
+    argv, listed = KEPT_ROWS[name]
+    calls = []
+
+    def measure(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == stop_at:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        row = {"name": f"{name}/{len(calls)}", "note": "as measured" if len(calls) == 1 else None}
+        return [row] if listed else row
+
+    monkeypatch.setattr(script, "measure", measure)
+    for helper in ("describe", "copy_bandwidth"):
+        if hasattr(script, helper):
+            monkeypatch.setattr(script, helper, lambda: 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *argv, "--out", str(out)])
+    code = 0
+    try:
+        script.main()
+    except SystemExit as e:
+        code = e.code
+    return code, [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("name", list(KEPT_ROWS))
+def test_micro_benchmark_interrupted_writes_the_rows_it_measured(name, how, tmp_path, monkeypatch, capsys):
+    """The micro-benchmarks appended their rows to --out only after the last measurement: Ctrl-C or `timeout`'s SIGTERM
+    lost every finished one (in a traceback, or silently). The rows measured before are written now, each noted as
+    cut short, the run says so in one line and exits 130; SIGTERM's own handler is back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    code, rows = _fake_card_run(name, 3, how, tmp_path, monkeypatch)
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert code == 130 and [row["name"] for row in rows] == [f"{name}/1", f"{name}/2"]
+    cut = f"run interrupted ({'signal 15' if how == 'sigterm' else 'Ctrl-C'}) after 2 rows"
+    assert [row["note"] for row in rows] == [f"as measured; {cut}", cut]
+    assert capsys.readouterr().err == f"\n{name}.py: {cut}; 2 rows appended to {tmp_path / 'results.jsonl'}\n"
+
+
+@pytest.mark.parametrize("name", ["argmax", "mamba_step"])
+def test_micro_benchmark_uninterrupted_writes_every_row_once(name, tmp_path, monkeypatch, capsys):
+    handler = signal.getsignal(signal.SIGTERM)
+    code, rows = _fake_card_run(name, None, "", tmp_path, monkeypatch)
+    assert code == 0 and signal.getsignal(signal.SIGTERM) is handler
+    assert [row["name"] for row in rows] == [f"{name}/{i}" for i in range(1, 5)]
+    assert [row["note"] for row in rows] == ["as measured", None, None, None]
+    assert capsys.readouterr().err == ""
