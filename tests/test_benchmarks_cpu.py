@@ -530,3 +530,40 @@ def test_micro_benchmark_uninterrupted_writes_every_row_once(name, tmp_path, mon
     assert [row["name"] for row in rows] == [f"{name}/{i}" for i in range(1, 5)]
     assert [row["note"] for row in rows] == ["as measured", None, None, None]
     assert capsys.readouterr().err == ""
+
+
+def test_generate_interrupted_writes_its_rows_and_exits_130(tmp_path, monkeypatch, capsys):
+    """generate.py writes the rows measured before Ctrl-C or SIGTERM and then leaves through os._exit (the teardown of
+    half-built CUDA graphs hung): with status 0, so a run cut short by `timeout` passed for a finished one. 130 now,
+    as train_throughput's and the micro-benchmarks'; a bare Ctrl-C is named in the rows' note (it read '()')."""
+    script = _generate_on_cpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    monkeypatch.setattr(script, "build", lambda name, *args: object())
+    measured = []
+
+    def measure(model, name, batch, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append((name, batch))
+        return {"name": name, "batch": batch}
+
+    monkeypatch.setattr(script, "measure", measure)
+    monkeypatch.setattr(script, "make_rows", lambda results, *args: [{"name": f"{k[0]}/B{k[1]}"} for k in results])
+    monkeypatch.setattr(script, "markdown_table", lambda rows: "")
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(script.os, "_exit", exit_now)
+    out = tmp_path / "results.jsonl"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            script.main(["--models", "mamba", "--batches", "1,2,4", "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # (main's own, for the run)
+    assert e.value.code == 130
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["name"] for row in rows] == ["mamba/B1", "mamba/B2"]
+    assert all(row["note"] == "run interrupted (Ctrl-C) after 2 of 3 measurements" for row in rows)
