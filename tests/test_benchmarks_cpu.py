@@ -320,12 +320,14 @@ def test_train_throughput_mfu_counts_zoo_trains_training_flops_with_the_6n_figur
     assert len({line.count("|") for line in table}) == 1, "every line has the header's columns"
 
 
-def test_train_throughput_interrupted_writes_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bare", [False, True], ids=["stopped-training", "bare-ctrl-c"])
+def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path, monkeypatch, capsys):
     """train_throughput appended its rows only after the last measurement: a Ctrl-C or `timeout`'s SIGTERM (which
     zoo.train takes as a request to stop, returning normally) lost every finished one. Worse, the stopped model was
     timed on the steps it had done as if complete (or failed on too few) and the next model trained on, so one
     interruption stopped nothing. A stopped training now ends the run, and the finished measurements are written,
-    each row's note saying the run was cut short."""
+    each row's note saying the run was cut short (a bare Ctrl-C, as a second one mid-step raises, is named: the note
+    read 'run interrupted ()')."""
     from types import SimpleNamespace
 
     script = load_script("benchmarks/train_throughput.py")
@@ -339,6 +341,8 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(tmp_path, monk
             "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
             "backend": {}}))
         steps = 3 if len(trained) == 3 else cfg.train.max_steps
+        if bare and len(trained) == 3:
+            raise KeyboardInterrupt
         for step in range(1, steps + 1):
             on_step(step, {"loss": 5.0 - step / 100, "real_tokens": 4096})
         return SimpleNamespace(stopped=steps < cfg.train.max_steps, step=steps)
@@ -361,7 +365,8 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(tmp_path, monk
     assert e.value.code == 130 and len(trained) == 3  # jamba's stopped training ended the run
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["name"] for row in rows] == ["train_throughput/mamba/L2048", "train_throughput/transformerpp/L2048"]
-    note = "run interrupted (jamba L=2048 stopped after 3 of 25 steps) after 2 of 4 measurements"
+    note = (f"run interrupted ({'Ctrl-C' if bare else 'jamba L=2048 stopped after 3 of 25 steps'}) after 2 of 4 "
+            f"measurements")
     assert all(row["note"] == note for row in rows), rows
     assert note in capsys.readouterr().out
 
