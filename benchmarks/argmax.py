@@ -15,7 +15,7 @@ import sys
 from datetime import date
 
 import torch
-from ceilings import append_rows, describe, floor_ms, graph_ms  # benchmarks/ceilings.py
+from ceilings import describe, floor_ms, graph_ms, rows_kept_on_interrupt  # benchmarks/ceilings.py
 
 
 def measure(batch: int, vocab: int, card: str) -> dict:
@@ -51,7 +51,10 @@ def main() -> None:
         sys.exit("argmax.py needs a CUDA device")
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}; {describe()}", flush=True)
-    append_rows(args.out, [measure(int(b), args.vocab, card) for b in args.batches.split(",")])
+    # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
+    with rows_kept_on_interrupt(args.out, "argmax.py") as rows:
+        for b in args.batches.split(","):
+            rows.append(measure(int(b), args.vocab, card))
 
 
 if __name__ == "__main__":

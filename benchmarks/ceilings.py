@@ -7,8 +7,12 @@ data), so that a figure taken on an H200 is not bounded by an H100's numbers. Ab
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import signal
+import sys
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -48,6 +52,33 @@ def append_rows(path: str | None, rows: list[dict]) -> None:
         with open(path, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+
+
+@contextlib.contextmanager
+def rows_kept_on_interrupt(path: str | None, prog: str) -> Iterator[list[dict]]:
+    """A list for a benchmark's rows, appended to `path` (as `append_rows`) when the block ends, and also when Ctrl-C
+    or `timeout`'s SIGTERM cuts it short: the rows measured before are written, each with a note saying the run was
+    cut short, the benchmark says so in one line and exits with status 130 (the rows used to be written only after
+    the last measurement, and an interruption lost them all, in a traceback)."""
+    rows: list[dict] = []
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield rows
+    except KeyboardInterrupt as e:
+        cut = f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(rows)} rows"
+        for row in rows:
+            row["note"] = "; ".join(x for x in (row.get("note"), cut) if x)
+        append_rows(path, rows)
+        kept = f"{len(rows)} rows appended to {path}" if path else "no --out: the rows are not written"
+        print(f"\n{prog}: {cut}; {kept if rows else 'no rows to write'}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    append_rows(path, rows)
 
 
 def graph_ms(fn, rep: int = 30) -> float:

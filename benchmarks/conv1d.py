@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import tarfile
@@ -31,6 +30,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from ceilings import rows_kept_on_interrupt  # benchmarks/ceilings.py (the script's folder is on sys.path)
 
 SHAPES = [("130M", 8, 1536, 2048), ("370M", 8, 2048, 2048), ("130M L=8192", 2, 1536, 8192)]
 WIDTH = 4
@@ -163,49 +163,47 @@ def main() -> None:
     def ours(x, w, b):  # fp32 weight and bias, as the mixer's parameters are (cuDNN needs them in x's dtype)
         return conv_cuda.causal_conv1d_cuda(x, w, b, None, None, "silu")
 
-    rows = []
     lines = ["| shape | pass | ours ms | of floor | causal_conv1d ms | of floor | speedup | cuDNN ms (best) | of floor "
              "| speedup | floor ms |", "| --- " * 11 + "|"]
-    for label, batch, dim, length in SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(batch, dim, length, device="cuda", generator=g).to(torch.bfloat16)
-        w = (torch.randn(dim, WIDTH, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
-        b = torch.randn(dim, device="cuda", generator=g).to(torch.bfloat16)
-        with torch.no_grad():
-            y_ref = cudnn_pad(x, w, b).float()
-            err = (ours(x, w, b).float() - y_ref).norm() / y_ref.norm()
-            err_dao = None if dao_fn is None else ((dao(x, w.float(), b.float()).float() - y_ref).norm()
-                                                   / y_ref.norm()).item()
-        t_ours = timings(ours, x, w.float(), b.float())
-        t_dao = (float("nan"), float("nan")) if dao_fn is None else timings(dao, x, w.float(), b.float())
-        t_pad = timings(cudnn_pad, x, w, b)
-        t_slice = timings(cudnn_slice, x, w, b)
-        elems = batch * dim * length
-        floor = (2 * 2 * elems / bw * 1e3, 2 * 5 * elems / bw * 1e3)
-        for i, what in enumerate(("fwd", "fwd+bwd")):
-            cudnn = min(t_pad[i], t_slice[i])
-            how = "pad+conv" if t_pad[i] <= t_slice[i] else "conv(padding)+slice"
-            name = f"causal_conv1d {what} {label} (B={batch}, D={dim}, L={length}, W={WIDTH}, silu, bf16)"
-            common = {"name": name, "card": card, "date": date, "command": command, "ours_ms": t_ours[i],
-                      "floor_ms": floor[i], "ours_of_floor": floor[i] / t_ours[i], "copy_TBps": bw / 1e12,
-                      "err_vs_cudnn": err.item(), "timing": "CUDA graph of 10 calls, per call"}
-            rows.append({**common, "baseline": f"cuDNN F.conv1d groups=D ({how}) + silu",
-                         "baseline_ms": cudnn, "ratio": cudnn / t_ours[i],
-                         "cudnn_of_floor": floor[i] / cudnn})
-            rows.append({**common, "baseline": "floor", "baseline_ms": floor[i],
-                         "ratio": floor[i] / t_ours[i]})
-            if dao_fn is not None:
-                rows.append({**common, "baseline": f"{CAUSAL_CONV1D} causal_conv1d_fn (fp32 weight, silu)",
-                             "baseline_ms": t_dao[i], "ratio": t_dao[i] / t_ours[i],
-                             "baseline_of_floor": floor[i] / t_dao[i], "baseline_err_vs_cudnn": err_dao})
-            lines.append(f"| {label} | {what} | {t_ours[i]:.3f} | {floor[i] / t_ours[i]:.0%} | {t_dao[i]:.3f} | "
-                         f"{floor[i] / t_dao[i]:.0%} | {t_dao[i] / t_ours[i]:.2f}x | {cudnn:.3f} ({how}) | "
-                         f"{floor[i] / cudnn:.0%} | {cudnn / t_ours[i]:.2f}x | {floor[i]:.3f} |")
-        del x, w, b
-        torch.cuda.empty_cache()
-    with open(args.out, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
+    with rows_kept_on_interrupt(args.out, "conv1d.py") as rows:
+        for label, batch, dim, length in SHAPES:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            x = torch.randn(batch, dim, length, device="cuda", generator=g).to(torch.bfloat16)
+            w = (torch.randn(dim, WIDTH, device="cuda", generator=g) * 0.5).to(torch.bfloat16)
+            b = torch.randn(dim, device="cuda", generator=g).to(torch.bfloat16)
+            with torch.no_grad():
+                y_ref = cudnn_pad(x, w, b).float()
+                err = (ours(x, w, b).float() - y_ref).norm() / y_ref.norm()
+                err_dao = None if dao_fn is None else ((dao(x, w.float(), b.float()).float() - y_ref).norm()
+                                                       / y_ref.norm()).item()
+            t_ours = timings(ours, x, w.float(), b.float())
+            t_dao = (float("nan"), float("nan")) if dao_fn is None else timings(dao, x, w.float(), b.float())
+            t_pad = timings(cudnn_pad, x, w, b)
+            t_slice = timings(cudnn_slice, x, w, b)
+            elems = batch * dim * length
+            floor = (2 * 2 * elems / bw * 1e3, 2 * 5 * elems / bw * 1e3)
+            for i, what in enumerate(("fwd", "fwd+bwd")):
+                cudnn = min(t_pad[i], t_slice[i])
+                how = "pad+conv" if t_pad[i] <= t_slice[i] else "conv(padding)+slice"
+                name = f"causal_conv1d {what} {label} (B={batch}, D={dim}, L={length}, W={WIDTH}, silu, bf16)"
+                common = {"name": name, "card": card, "date": date, "command": command, "ours_ms": t_ours[i],
+                          "floor_ms": floor[i], "ours_of_floor": floor[i] / t_ours[i], "copy_TBps": bw / 1e12,
+                          "err_vs_cudnn": err.item(), "timing": "CUDA graph of 10 calls, per call"}
+                rows.append({**common, "baseline": f"cuDNN F.conv1d groups=D ({how}) + silu",
+                             "baseline_ms": cudnn, "ratio": cudnn / t_ours[i],
+                             "cudnn_of_floor": floor[i] / cudnn})
+                rows.append({**common, "baseline": "floor", "baseline_ms": floor[i],
+                             "ratio": floor[i] / t_ours[i]})
+                if dao_fn is not None:
+                    rows.append({**common, "baseline": f"{CAUSAL_CONV1D} causal_conv1d_fn (fp32 weight, silu)",
+                                 "baseline_ms": t_dao[i], "ratio": t_dao[i] / t_ours[i],
+                                 "baseline_of_floor": floor[i] / t_dao[i], "baseline_err_vs_cudnn": err_dao})
+                lines.append(f"| {label} | {what} | {t_ours[i]:.3f} | {floor[i] / t_ours[i]:.0%} | {t_dao[i]:.3f} | "
+                             f"{floor[i] / t_dao[i]:.0%} | {t_dao[i] / t_ours[i]:.2f}x | {cudnn:.3f} ({how}) | "
+                             f"{floor[i] / cudnn:.0%} | {cudnn / t_ours[i]:.2f}x | {floor[i]:.3f} |")
+            del x, w, b
+            torch.cuda.empty_cache()
     print(f"\n{card}, {date}, `{command}`; floor from a measured copy at {bw / 1e12:.2f} TB/s\n")
     print("\n".join(lines))
 

@@ -21,7 +21,7 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 import triton
-from ceilings import append_rows, describe, floor_ms  # benchmarks/ceilings.py
+from ceilings import describe, floor_ms, rows_kept_on_interrupt  # benchmarks/ceilings.py
 
 
 def fwd_bwd_ms(ce, x: torch.Tensor, t: torch.Tensor) -> float:
@@ -85,7 +85,10 @@ def main() -> None:
         sys.exit("cross_entropy.py needs a CUDA device")
     card = torch.cuda.get_device_name()
     print(f"{card}, torch {torch.__version__}; {describe()}", flush=True)
-    append_rows(args.out, [r for n in args.rows.split(",") for r in measure(int(n), args.vocab, card, args.against)])
+    # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
+    with rows_kept_on_interrupt(args.out, "cross_entropy.py") as rows:
+        for n in args.rows.split(","):
+            rows.extend(measure(int(n), args.vocab, card, args.against))
 
 
 if __name__ == "__main__":

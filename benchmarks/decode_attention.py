@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import os
 import shlex
@@ -43,7 +42,11 @@ from pathlib import Path
 
 import torch
 import triton
-from ceilings import copy_bandwidth, floor_ms  # benchmarks/ceilings.py (the script's folder is on sys.path)
+from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
+    copy_bandwidth,
+    floor_ms,
+    rows_kept_on_interrupt,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "kernels"))
@@ -261,13 +264,11 @@ def main() -> None:
           f"window {args.window}; grid {grid}", flush=True)
     if args.jobs > 0:
         print(f"compiled in {precompile(shapes, args, grid, sms):.1f} s ({args.jobs} processes)", flush=True)
-    rows = []
-    for shape in shapes:
-        rows += sweep_shape(shape, args, grid, sms, card)
+    # Ctrl-C or SIGTERM: the shapes swept are written, noted as cut short, and the run exits 130
+    with rows_kept_on_interrupt(args.out, "decode_attention.py") as rows:
+        for shape in shapes:
+            rows += sweep_shape(shape, args, grid, sms, card)
     if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         print(f"\nwrote {len(rows)} rows to {args.out}")
     print(f"\nsweep took {time.perf_counter() - t0:.0f} s")
 

@@ -34,10 +34,10 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
-    append_rows,
     copy_bandwidth,
     floor_ms,
     graph_ms,
+    rows_kept_on_interrupt,
 )
 
 SHAPES = {  # name: (K, N, bias)
@@ -250,15 +250,15 @@ def main() -> None:
     bw = copy_bandwidth()  # bytes/s, read + write counted
     card = torch.cuda.get_device_name(dev)
     print(f"{card}: copy {bw / 1e12:.2f} TB/s", flush=True)
-    rows = []
-    if args.chain:
-        for M in (int(m) for m in args.rows.split(",")):
-            rows.extend(chain(M, dev, card))
-    else:
-        for name in args.shapes:
+    # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
+    with rows_kept_on_interrupt(args.out, "decode_linear.py") as rows:
+        if args.chain:
             for M in (int(m) for m in args.rows.split(",")):
-                rows.append(measure(name, M, args.sweep, dev, card))
-    append_rows(args.out, rows)
+                rows.extend(chain(M, dev, card))
+        else:
+            for name in args.shapes:
+                for M in (int(m) for m in args.rows.split(",")):
+                    rows.append(measure(name, M, args.sweep, dev, card))
 
 
 if __name__ == "__main__":

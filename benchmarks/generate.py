@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     except KeyboardInterrupt as e:
         done = sorted({k[0] for k in results})
-        cut = f"run interrupted ({e}) after {len(results)} of {len(order) * len(batches)} measurements"
+        cut = (f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(results)} of {len(order) * len(batches)} "
+               f"measurements")
         print(f"\n{cut}; writing the rows of {done}", flush=True)
     command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = make_rows({k: results[k] for k in sorted(results, key=lambda k: (args.models.index(k[0]), k[1]))},
@@ -341,8 +342,11 @@ def main(argv: list[str] | None = None) -> None:
             f.write(json.dumps(row) + "\n")
     print(markdown_table(rows))
     print(f"\n{len(rows)} rows appended to {args.out}", flush=True)
-    if cut:  # interrupted mid-measurement: skip the interpreter's teardown of half-built CUDA graphs (it hung
-        os._exit(0)  # for minutes after a SIGTERM on 2026-12-03)
+    if cut:  # interrupted mid-measurement: skip the interpreter's teardown of half-built CUDA graphs (it hung for
+        # minutes after a SIGTERM on 2026-12-03), with exit status 130 as train_throughput's (it was 0: a run cut
+        # short by `timeout` or Ctrl-C passed for a finished one)
+        sys.stdout.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

@@ -22,10 +22,10 @@ from datetime import date
 
 import torch
 from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
-    append_rows,
     copy_bandwidth,
     floor_ms,
     graph_ms,
+    rows_kept_on_interrupt,
 )
 
 
@@ -189,8 +189,10 @@ def main() -> None:
         sys.exit("mamba_layers.py needs a CUDA GPU with compute capability 9.0+ (thread-block clusters)")
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {copy_bandwidth() / 1e12:.2f} TB/s", flush=True)
-    rows = [measure(int(b), args.layers, card, stamp_phases=args.phases) for b in args.batches.split(",")]
-    append_rows(args.out, rows)
+    # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
+    with rows_kept_on_interrupt(args.out, "mamba_layers.py") as rows:
+        for b in args.batches.split(","):
+            rows.append(measure(int(b), args.layers, card, stamp_phases=args.phases))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ from datetime import date
 
 import torch
 from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.path)
-    append_rows,
     copy_bandwidth,
     floor_ms,
     graph_ms,
+    rows_kept_on_interrupt,
 )
 
 
@@ -144,12 +144,12 @@ def main() -> None:
         sys.exit("mamba_step.py needs a CUDA GPU with compute capability 9.0+ (thread-block clusters)")
     card = torch.cuda.get_device_name()
     print(f"{card}: copy {copy_bandwidth() / 1e12:.2f} TB/s", flush=True)
-    rows = []
-    for shape in args.shapes.split(","):
-        dim, nstate, rank = (int(v) for v in shape.split(":"))
-        for batch in (int(b) for b in args.batches.split(",")):
-            rows.append(measure(batch, dim, nstate, rank, 4, card))
-    append_rows(args.out, rows)
+    # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
+    with rows_kept_on_interrupt(args.out, "mamba_step.py") as rows:
+        for shape in args.shapes.split(","):
+            dim, nstate, rank = (int(v) for v in shape.split(":"))
+            for batch in (int(b) for b in args.batches.split(",")):
+                rows.append(measure(batch, dim, nstate, rank, 4, card))
 
 
 if __name__ == "__main__":

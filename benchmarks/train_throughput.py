@@ -234,7 +234,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             measure_all(args, Path(tmp), results)
     except KeyboardInterrupt as e:
-        cut = f"run interrupted ({e}) after {len(results)} of {total} measurements"
+        cut = f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(results)} of {total} measurements"
         print(f"\n{cut}; writing the rows measured", flush=True)
     rows = make_rows(results, card, command, peak, args.compile, cut)
     with open(args.out, "a") as f:

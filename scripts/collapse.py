@@ -184,5 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if any(s["passed"] for s in summary.values()) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # an interruption of the sweep ends in one line saying what is kept, and exit status 130
+    from zoo.cli import _exit, _run
+
+    _exit(_run("collapse", main, sys.argv[1:]))

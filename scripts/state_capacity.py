@@ -339,6 +339,15 @@ def train_run(run: dict) -> Path:
     return model_dir
 
 
+def interrupted_message(e: KeyboardInterrupt, out: Path) -> str:
+    """What a sweep interrupted by Ctrl-C or SIGTERM kept, and how to go on: the message of a stopped training (its
+    step, where it saved) or, for a bare interruption, what each stage saves as it goes."""
+    if str(e):
+        return str(e)
+    return (f"trained runs (done.json), evaluated runs (evaluations.json) and an evaluation's finished documents "
+            f"(length-*.partial.pt) are kept in {out}; the same command continues")
+
+
 def evaluation_partials(run: dict, ev: dict) -> dict[str, Path]:
     """Each curve of the run's evaluation (its mitigation spec, {L} filled in) and the file where its finished
     documents are saved as it goes, in the run's folder."""
@@ -521,28 +530,31 @@ def main(argv: list[str] | None = None) -> int:
             if key not in built:
                 built[key] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"], *key)
             return built[key]
-        for run in runs:
-            if args.only and run["model"] not in args.only:
-                continue
-            model_dir = train_run(run)  # reused when done.json records the same config
-            wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
-            evaluations, settings = read_json(evaluations_file), read_json(settings_file)
-            if run["name"] in evaluations and settings.get(run["name"]) == wanted:
-                print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
-                remove_evaluation_partials(run)  # (of a run interrupted before removing them)
-                continue
-            curves = evaluate_run(run, model_dir, documents_for(run), ev)
-            # the files as they are now, with this run's curves: another call on this output_dir (--only other models,
-            # on another GPU) saves its runs there too, and writing back the copy read before the evaluation (hours)
-            # dropped the runs it had saved meanwhile
-            evaluations = read_json(evaluations_file) | {run["name"]: curves}
-            settings = read_json(settings_file) | {run["name"]: wanted}
-            # (a truncated file, written in place, lost every run's curves, and the rerun stopped at reading it)
-            write_text_atomically(json.dumps(evaluations, indent=1), evaluations_file)
-            write_text_atomically(json.dumps(settings, indent=1), settings_file)
-            remove_evaluation_partials(run)  # (kept until the curves are saved)
-            curves = {spec: {"bins": e["bins"]} for spec, e in curves.items()}
-            plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
+        try:
+            for run in runs:
+                if args.only and run["model"] not in args.only:
+                    continue
+                model_dir = train_run(run)  # reused when done.json records the same config
+                wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+                evaluations, settings = read_json(evaluations_file), read_json(settings_file)
+                if run["name"] in evaluations and settings.get(run["name"]) == wanted:
+                    print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
+                    remove_evaluation_partials(run)  # (of a run interrupted before removing them)
+                    continue
+                curves = evaluate_run(run, model_dir, documents_for(run), ev)
+                # the files as they are now, with this run's curves: another call on this output_dir (--only other
+                # models, on another GPU) saves its runs there too, and writing back the copy read before the
+                # evaluation (hours) dropped the runs it had saved meanwhile
+                evaluations = read_json(evaluations_file) | {run["name"]: curves}
+                settings = read_json(settings_file) | {run["name"]: wanted}
+                # (a truncated file, written in place, lost every run's curves, and the rerun stopped at reading it)
+                write_text_atomically(json.dumps(evaluations, indent=1), evaluations_file)
+                write_text_atomically(json.dumps(settings, indent=1), settings_file)
+                remove_evaluation_partials(run)  # (kept until the curves are saved)
+                curves = {spec: {"bins": e["bins"]} for spec, e in curves.items()}
+                plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
+        except KeyboardInterrupt as e:  # (a traceback, saying nothing of what was kept)
+            raise KeyboardInterrupt(interrupted_message(e, out)) from None
     # re-judge from the saved curves (margin and factor may have been overridden)
     evaluations = current_evaluations(out, runs, ev)
     table, collapsed = [], {}
@@ -577,5 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # an interruption ends in one line saying what is kept, and exit status 130, as zoo train
+    from zoo.cli import _exit, _run
+
+    _exit(_run("state_capacity", main, sys.argv[1:]))

@@ -320,12 +320,14 @@ def test_train_throughput_mfu_counts_zoo_trains_training_flops_with_the_6n_figur
     assert len({line.count("|") for line in table}) == 1, "every line has the header's columns"
 
 
-def test_train_throughput_interrupted_writes_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bare", [False, True], ids=["stopped-training", "bare-ctrl-c"])
+def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path, monkeypatch, capsys):
     """train_throughput appended its rows only after the last measurement: a Ctrl-C or `timeout`'s SIGTERM (which
     zoo.train takes as a request to stop, returning normally) lost every finished one. Worse, the stopped model was
     timed on the steps it had done as if complete (or failed on too few) and the next model trained on, so one
     interruption stopped nothing. A stopped training now ends the run, and the finished measurements are written,
-    each row's note saying the run was cut short."""
+    each row's note saying the run was cut short (a bare Ctrl-C, as a second one mid-step raises, is named: the note
+    read 'run interrupted ()')."""
     from types import SimpleNamespace
 
     script = load_script("benchmarks/train_throughput.py")
@@ -339,6 +341,8 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(tmp_path, monk
             "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
             "backend": {}}))
         steps = 3 if len(trained) == 3 else cfg.train.max_steps
+        if bare and len(trained) == 3:
+            raise KeyboardInterrupt
         for step in range(1, steps + 1):
             on_step(step, {"loss": 5.0 - step / 100, "real_tokens": 4096})
         return SimpleNamespace(stopped=steps < cfg.train.max_steps, step=steps)
@@ -361,7 +365,8 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(tmp_path, monk
     assert e.value.code == 130 and len(trained) == 3  # jamba's stopped training ended the run
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["name"] for row in rows] == ["train_throughput/mamba/L2048", "train_throughput/transformerpp/L2048"]
-    note = "run interrupted (jamba L=2048 stopped after 3 of 25 steps) after 2 of 4 measurements"
+    note = (f"run interrupted ({'Ctrl-C' if bare else 'jamba L=2048 stopped after 3 of 25 steps'}) after 2 of 4 "
+            f"measurements")
     assert all(row["note"] == note for row in rows), rows
     assert note in capsys.readouterr().out
 
@@ -463,3 +468,107 @@ def test_generate_rows_say_when_the_transformerpp_ratio_mixes_decode_modes(monke
                                                      "test", prompt_len=2048, n_tokens=128)}
     row = rows[script.LABEL["mamba"]]
     assert row["vs_transformerpp"] == row["vs_transformerpp_graph"] == 2.0 and "note" not in row
+
+
+# micro-benchmarks whose rows go through ceilings.rows_kept_on_interrupt: argv, and whether `measure` returns a list
+KEPT_ROWS = {"argmax": (["--batches", "1,2,3,4"], False), "cross_entropy": (["--rows", "1,2,3,4"], True),
+             "decode_linear": (["--rows", "1,2,3,4", "--shapes", "in_proj"], False),
+             "mamba_layers": (["--batches", "1,2,3,4"], False), "mamba_step": (["--batches", "1,2,3,4"], False)}
+
+
+def _fake_card_run(name: str, stop_at: int | None, how: str, tmp_path, monkeypatch):
+    """benchmarks/<name>.py's main on a pretended CUDA card, its measure() replaced by one that gives a row per call
+    and is interrupted (Ctrl-C, or SIGTERM as `timeout` sends it) at call `stop_at`; returns (exit code, rows)."""
+    import os
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script(f"benchmarks/{name}.py")
+    argv, listed = KEPT_ROWS[name]
+    calls = []
+
+    def measure(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == stop_at:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        row = {"name": f"{name}/{len(calls)}", "note": "as measured" if len(calls) == 1 else None}
+        return [row] if listed else row
+
+    monkeypatch.setattr(script, "measure", measure)
+    for helper in ("describe", "copy_bandwidth"):
+        if hasattr(script, helper):
+            monkeypatch.setattr(script, helper, lambda: 1.0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", *argv, "--out", str(out)])
+    code = 0
+    try:
+        script.main()
+    except SystemExit as e:
+        code = e.code
+    return code, [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("name", list(KEPT_ROWS))
+def test_micro_benchmark_interrupted_writes_the_rows_it_measured(name, how, tmp_path, monkeypatch, capsys):
+    """The micro-benchmarks appended their rows to --out only after the last measurement: Ctrl-C or `timeout`'s SIGTERM
+    lost every finished one (in a traceback, or silently). The rows measured before are written now, each noted as
+    cut short, the run says so in one line and exits 130; SIGTERM's own handler is back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    code, rows = _fake_card_run(name, 3, how, tmp_path, monkeypatch)
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert code == 130 and [row["name"] for row in rows] == [f"{name}/1", f"{name}/2"]
+    cut = f"run interrupted ({'signal 15' if how == 'sigterm' else 'Ctrl-C'}) after 2 rows"
+    assert [row["note"] for row in rows] == [f"as measured; {cut}", cut]
+    assert capsys.readouterr().err == f"\n{name}.py: {cut}; 2 rows appended to {tmp_path / 'results.jsonl'}\n"
+
+
+@pytest.mark.parametrize("name", ["argmax", "mamba_step"])
+def test_micro_benchmark_uninterrupted_writes_every_row_once(name, tmp_path, monkeypatch, capsys):
+    handler = signal.getsignal(signal.SIGTERM)
+    code, rows = _fake_card_run(name, None, "", tmp_path, monkeypatch)
+    assert code == 0 and signal.getsignal(signal.SIGTERM) is handler
+    assert [row["name"] for row in rows] == [f"{name}/{i}" for i in range(1, 5)]
+    assert [row["note"] for row in rows] == ["as measured", None, None, None]
+    assert capsys.readouterr().err == ""
+
+
+def test_generate_interrupted_writes_its_rows_and_exits_130(tmp_path, monkeypatch, capsys):
+    """generate.py writes the rows measured before Ctrl-C or SIGTERM and then leaves through os._exit (the teardown of
+    half-built CUDA graphs hung): with status 0, so a run cut short by `timeout` passed for a finished one. 130 now,
+    as train_throughput's and the micro-benchmarks'; a bare Ctrl-C is named in the rows' note (it read '()')."""
+    script = _generate_on_cpu(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    monkeypatch.setattr(script, "build", lambda name, *args: object())
+    measured = []
+
+    def measure(model, name, batch, *args):
+        if len(measured) == 2:
+            raise KeyboardInterrupt
+        measured.append((name, batch))
+        return {"name": name, "batch": batch}
+
+    monkeypatch.setattr(script, "measure", measure)
+    monkeypatch.setattr(script, "make_rows", lambda results, *args: [{"name": f"{k[0]}/B{k[1]}"} for k in results])
+    monkeypatch.setattr(script, "markdown_table", lambda rows: "")
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(script.os, "_exit", exit_now)
+    out = tmp_path / "results.jsonl"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as e:
+            script.main(["--models", "mamba", "--batches", "1,2,4", "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, handler)  # (main's own, for the run)
+    assert e.value.code == 130
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["name"] for row in rows] == ["mamba/B1", "mamba/B2"]
+    assert all(row["note"] == "run interrupted (Ctrl-C) after 2 of 3 measurements" for row in rows)

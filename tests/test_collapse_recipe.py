@@ -487,3 +487,53 @@ def test_sweep_says_and_records_how_much_of_its_documents_is_training_text(tmp_p
     saved = json.loads((tmp_path / "held" / "evaluations.json").read_text())["default-L64"]
     assert [e["documents"]["train_tokens"] for e in saved.values()] == [0, 0]
     assert "**warning**" not in (tmp_path / "held" / "collapse.md").read_text()
+
+
+def _run_as_command(script: str, argv: list[str], monkeypatch) -> int:
+    """scripts/<script> run as `python scripts/<script> ARGV` runs it (its __main__ block); returns the exit status."""
+    import runpy
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / script), *argv])
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    try:
+        runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_sweep_stopped_by_a_signal_ends_in_one_line_saying_where_it_saved(tmp_path, monkeypatch, capsys):
+    """A training of the sweep stopped by SIGTERM or Ctrl-C ended scripts/state_capacity.py in a traceback of the
+    KeyboardInterrupt that says where the step is saved: it is that one line now, and exit status 130, as zoo train."""
+    sweep_stopped_at_step_2(tmp_path, monkeypatch)
+    name = "default-L64"
+    argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--only", "default",
+            "--tokens_per_run=1024", "--batch_tokens=256", "--run.schedule.warmup_steps=0", "--run.log.every=1",
+            "--run.log.progress_bar=false"]
+    capsys.readouterr()
+    assert _run_as_command("state_capacity.py", argv, monkeypatch) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(f"state_capacity: interrupted: {name}: training stopped at step 2 of 4, saved in "
+                        f"{tmp_path / name}; the same command continues it\n")
+    assert "Traceback" not in err and (tmp_path / name / "checkpoints" / "step_00000002").is_dir()
+
+
+@pytest.mark.parametrize("script", ["state_capacity.py", "collapse.py"])
+def test_sweep_interrupted_ends_in_one_line_saying_what_is_kept(script, tmp_path, monkeypatch, capsys):
+    """Ctrl-C anywhere in the sweep (a model loading, a second Ctrl-C mid-step, an evaluation) ended both scripts in a
+    bare KeyboardInterrupt traceback: it is one line saying what each stage kept and that the same command goes on,
+    and exit status 130; collapse.py writes no report of the unfinished sweep."""
+    import zoo.train
+
+    def interrupted(cfg, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo.train, "train", interrupted)
+    argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--only", "default"]
+    assert _run_as_command(script, argv, monkeypatch) == 130
+    err = capsys.readouterr().err
+    assert err == (f"{script.removesuffix('.py')}: interrupted: trained runs (done.json), evaluated runs "
+                   f"(evaluations.json) and an evaluation's finished documents (length-*.partial.pt) are kept in "
+                   f"{tmp_path}; the same command continues\n")
+    assert not (tmp_path / "collapse.md").exists()

@@ -16,13 +16,15 @@ from helpers import ROOT
 from zoo_kernels._env import env_flag, env_int
 
 
-def _import_with(env: dict[str, str], code: str) -> subprocess.CompletedProcess:
-    """Runs `code` in a fresh interpreter with `env` added (for the switches read at import), and no other ZOO_*
-    switch of this process's environment (ZOO_SSD_AUTOTUNE=0 for quick tests made the defaults expected below fail)."""
+def _import_with(env: dict[str, str], code: str, args: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Runs `code` (or the command line `args`) in a fresh interpreter with `env` added (for the switches read at
+    import), and no other ZOO_* switch of this process's environment (ZOO_SSD_AUTOTUNE=0 for quick tests made the
+    defaults expected below fail)."""
     own = {k: v for k, v in os.environ.items() if not k.startswith("ZOO_")}
     full = {**own, **env, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")]), "OMP_NUM_THREADS": "1"}
     full.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, *(args or ["-c", code])], env=full, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("Yes", True), ("ON", True), (" 1 ", True),
@@ -117,7 +119,7 @@ def test_switches_read_at_import_take_the_usual_spellings():
 def test_flags_read_at_import_refuse_a_bad_value(name, module):
     done = _import_with({name: "sometimes"}, f"import {module}")
     assert done.returncode != 0
-    assert f"ValueError: ${name}='sometimes': expected 1/true/yes/on or 0/false/no/off" in done.stderr
+    assert done.stderr.startswith(f"python: ${name}='sometimes': expected 1/true/yes/on or 0/false/no/off")
 
 
 @pytest.mark.parametrize("name,value,module,expected", [
@@ -128,7 +130,54 @@ def test_flags_read_at_import_refuse_a_bad_value(name, module):
 def test_numbers_read_at_import_refuse_a_bad_value(name, value, module, expected):
     done = _import_with({name: value}, f"import {module}")
     assert done.returncode != 0
-    assert f"ValueError: ${name}='{value}': expected {expected}" in done.stderr
+    assert done.stderr.startswith(f"python: ${name}='{value}': expected {expected}")
+
+
+# the console script pip writes for `zoo = "zoo.cli:main"`: it imports zoo before main can catch anything
+CONSOLE_SCRIPT = """import re
+import sys
+from zoo.cli import main
+if __name__ == "__main__":
+    sys.argv[0] = re.sub(r"(-script\\.pyw|\\.exe)?$", "", sys.argv[0])
+    sys.exit(main())
+"""
+BAD_ROWS = ("$ZOO_PDL_MAX_ROWS='abc': expected an int from 0 to 64 (rows up to which decode projections take the PDL "
+            "kernel)")
+
+
+@pytest.mark.parametrize("command", ["zoo", "python -m zoo.cli", "scripts/train.py", "scripts/train_synthetic.py"])
+def test_a_bad_switch_read_at_import_ends_a_command_in_one_line(command, tmp_path):
+    """A bad switch that zoo reads when it is imported ($ZOO_PDL_MAX_ROWS, zoo.layers) stopped `zoo info`, `python -m
+    zoo.cli` and the scripts in a traceback through zoo/__init__, modeling and layers: the import fails before the
+    command's own error handling runs. It is one line naming the command, and a non-zero exit status."""
+    if command == "zoo":
+        (tmp_path / "zoo").write_text(CONSOLE_SCRIPT)
+        args, prog = [str(tmp_path / "zoo"), "info", "jamba-tiny"], "zoo"
+    elif command.startswith("python -m"):
+        args, prog = ["-m", "zoo.cli", "info", "jamba-tiny"], "zoo.cli"
+    else:
+        args, prog = [str(ROOT / command), "some.yaml"], command.split("/")[1]
+    done = _import_with({"ZOO_PDL_MAX_ROWS": "abc"}, "", args)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"{prog}: {BAD_ROWS}\n"
+
+
+def test_a_bad_switch_read_at_import_keeps_its_traceback_under_zoo_traceback(tmp_path):
+    (tmp_path / "zoo").write_text(CONSOLE_SCRIPT)
+    done = _import_with({"ZOO_PDL_MAX_ROWS": "abc", "ZOO_TRACEBACK": "1"}, "", [str(tmp_path / "zoo"), "info", "x"])
+    assert done.returncode == 1
+    assert done.stderr.startswith("Traceback (most recent call last):") and 'zoo/layers.py", line' in done.stderr
+    assert done.stderr.endswith(f"SwitchError: {BAD_ROWS}\n")
+
+
+def test_a_caught_bad_switch_read_at_import_leaves_other_errors_alone():
+    """The one-line report is for that error only, when nothing catches it: a caller that catches it (a ValueError)
+    goes on, and its other uncaught errors keep their traceback."""
+    code = ("try:\n    import zoo\nexcept ValueError as e:\n    print('caught', e)\n"
+            "raise RuntimeError('another error')")
+    done = _import_with({"ZOO_PDL_MAX_ROWS": "abc"}, code)
+    assert done.returncode == 1 and done.stdout == f"caught {BAD_ROWS}\n"
+    assert "Traceback (most recent call last)" in done.stderr and done.stderr.endswith("RuntimeError: another error\n")
 
 
 def test_int_bounds_choices_and_default(monkeypatch):

@@ -44,13 +44,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
-from zoo_kernels._env import env_flag
+from zoo_kernels._env import env_flag, read_at_import
 
 from zoo.cache import KVCacheFull, RecurrentLayer, StaticKVLayer, ZooCache, output_cache
 from zoo.layers import decoding, optional_kernel
 
 # ZOO_DECODE_ARGMAX=0 keeps torch.argmax for the greedy token on CUDA (benchmarks compare the two)
-ARGMAX_KERNEL = env_flag("ZOO_DECODE_ARGMAX", True)
+with read_at_import():
+    ARGMAX_KERNEL = env_flag("ZOO_DECODE_ARGMAX", True)
 
 
 def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from zoo_kernels._env import env_flag, env_int
+from zoo_kernels._env import env_flag, env_int, read_at_import
 from zoo_kernels.pdl_linear import MAX_ROWS as PDL_KERNEL_ROWS
 
 
@@ -423,10 +423,11 @@ def _pdl_linear():
 
 # ZOO_DECODE_LINEAR=0 keeps cuBLAS for every projection (benchmarks compare the two); ZOO_DECODE_PDL=0 keeps the
 # decode step's kernels off programmatic dependent launch (zoo_kernels.pdl_linear, add_norm)
-DECODE_LINEAR = env_flag("ZOO_DECODE_LINEAR", True)
-DECODE_PDL = env_flag("ZOO_DECODE_PDL", True)
-PDL_MAX_ROWS = env_int("ZOO_PDL_MAX_ROWS", 32, low=0, high=PDL_KERNEL_ROWS,  # the env override is for benchmarks
-                       what="rows up to which decode projections take the PDL kernel")
+with read_at_import():  # (a bad value: one line from a command that imports zoo, not a traceback)
+    DECODE_LINEAR = env_flag("ZOO_DECODE_LINEAR", True)
+    DECODE_PDL = env_flag("ZOO_DECODE_PDL", True)
+    PDL_MAX_ROWS = env_int("ZOO_PDL_MAX_ROWS", 32, low=0, high=PDL_KERNEL_ROWS,  # the env override is for benchmarks
+                           what="rows up to which decode projections take the PDL kernel")
 _DECODING = 0  # > 0 inside `decoding()`
 
 

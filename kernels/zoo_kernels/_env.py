@@ -7,13 +7,20 @@ kept PDL on). An unset or empty variable is the default, as before; surrounding 
 
 Several switches are read at every call on purpose (benchmarks and tests set them between captures): the parse is
 cached per (variable, value), so such a read costs an environment lookup and a dict hit.
+
+The switches a module reads when it is imported are read inside `read_at_import()`: a bad value there stops the
+import before any command's own error handling runs (the `zoo` console script imports zoo before its main), so when
+nothing catches it, it ends as one line (`zoo: $ZOO_PDL_MAX_ROWS='abc': expected ...`) instead of a traceback
+through the import chain; $ZOO_TRACEBACK=1 keeps the traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -36,9 +43,52 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
     return _choice(name, os.environ.get(name, ""), default, tuple(choices))
 
 
-def bad_value(name: str, value: str, expected: str) -> ValueError:
+class SwitchError(ValueError):
+    """A value of a ZOO_* switch that it does not take."""
+
+
+def bad_value(name: str, value: str, expected: str) -> SwitchError:
     """The error for a value of $name that it does not take (for a switch of its own syntax)."""
-    return ValueError(f"${name}={value!r}: expected {expected}")
+    return SwitchError(f"${name}={value!r}: expected {expected}")
+
+
+@contextlib.contextmanager
+def read_at_import() -> Iterator[None]:
+    """Around the switches a module reads at import: their error still stops the import (a caller may catch it), and
+    if nothing does, the interpreter reports it as one line `prog: message` (exit status 1) instead of a traceback
+    through every module of the import chain, unless $ZOO_TRACEBACK is on."""
+    try:
+        yield
+    except SwitchError as e:
+        _report_in_one_line_if_uncaught(e)
+        raise
+
+
+def _report_in_one_line_if_uncaught(error: SwitchError) -> None:
+    """Install an excepthook that prints `error`, if it reaches the top uncaught, as one line; every other exception
+    goes to the hook in place before (only this error object is shortened)."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        try:
+            traceback = env_flag("ZOO_TRACEBACK", False)
+        except ValueError:  # a bad $ZOO_TRACEBACK too: the full report
+            traceback = True
+        if value is not error or traceback:
+            return previous(kind, value, tb)
+        print(f"{_prog()}: {value}", file=sys.stderr)
+
+    sys.excepthook = hook
+
+
+def _prog() -> str:
+    """The command's name as its usage line gives it: `zoo`, `train.py`; the module of `python -m zoo.cli`, and
+    `python` for `python -c` (sys.argv[0] is '-m' or '-c' while their module or code is being found)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if name == "-m":
+        given = getattr(sys, "orig_argv", [])
+        name = given[given.index("-m") + 1] if "-m" in given[:-1] else ""
+    return name if name and name != "-c" else "python"
 
 
 @functools.lru_cache(maxsize=256)
@@ -88,4 +138,4 @@ def _choice(name: str, value: str, default: str, choices: tuple[str, ...]) -> st
     raise bad_value(name, value, f"one of {', '.join(choices)}")
 
 
-__all__ = ["bad_value", "env_choice", "env_flag", "env_int"]
+__all__ = ["SwitchError", "bad_value", "env_choice", "env_flag", "env_int", "read_at_import"]

@@ -27,14 +27,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from zoo_kernels._env import env_flag, env_int
+from zoo_kernels._env import env_flag, env_int, read_at_import
 from zoo_kernels.ssd import MIN_CHUNK_SIZE
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Autotuning is on by default on GPU; ZOO_SSD_AUTOTUNE=0 takes the first config (quick tests).
-_AUTOTUNE = env_flag("ZOO_SSD_AUTOTUNE", True) and not _INTERPRET
-# Programs the dB / dC kernels aim to launch: fewer heads per program means more partial sums to add.
-_TARGET_PROGRAMS = env_int("ZOO_SSD_TARGET_PROGRAMS", 1024, low=1, what="programs of the dB / dC kernels")
+with read_at_import():
+    _AUTOTUNE = env_flag("ZOO_SSD_AUTOTUNE", True) and not _INTERPRET
+    # Programs the dB / dC kernels aim to launch: fewer heads per program means more partial sums to add.
+    _TARGET_PROGRAMS = env_int("ZOO_SSD_TARGET_PROGRAMS", 1024, low=1, what="programs of the dB / dC kernels")
 
 
 def _configs(options: list[dict]) -> list[triton.Config]:
