@@ -182,6 +182,14 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
     unknown = set((data.get("eval") or {}).get("max_len") or {}) - set(data["models"])
     if unknown:  # a misspelt name lifted that model's limit without a word
         raise ValueError(f"eval.max_len: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
+    # a select_over key that is no sweep key maximised over nothing: a misspelt optim.lr kept every learning rate as a
+    # "best" run, and accuracy_vs_state.png drew them as points of a state-size sweep
+    unknown = [key for key in data.get("select_over") or [] if keys and key not in keys]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"select_over: {unknown[0]!r} is not a sweep key{hint}; the summary keeps the best run over "
+                         f"sweep keys only (sweep: {', '.join(keys)}): give some of them, or select_over=[]")
     unknown = [name for name in only or [] if name not in data["models"]]
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(data["models"]), n=1)

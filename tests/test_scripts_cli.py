@@ -114,6 +114,20 @@ def test_train_synthetic_plot_count_the_grid_does_not_evaluate_is_refused_before
         assert script.main([*recipe, *grid]) == 0
 
 
+def test_train_synthetic_select_over_a_key_the_sweep_does_not_vary_is_refused(tmp_path, capsys):
+    """A misspelt select_over key (optim.lrr) maximised over nothing: every learning rate of mqar-sweep.yaml was kept
+    as a "best" run, and accuracy_vs_state.png drew the learning rates as points of a state-size sweep."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = [str(ROOT / "configs/train/mqar-sweep.yaml"), f"--output_dir={tmp_path}", "--only", "mamba", "--dry-run"]
+    err = _refused(script.main, [*recipe, "--select_over=[optim.lrr]"], capsys)
+    assert ("select_over: 'optim.lrr' is not a sweep key (did you mean 'optim.lr'?); the summary keeps the best run "
+            "over sweep keys only (sweep: model.d_model, optim.lr)") in err
+    assert not any(tmp_path.iterdir())
+    for fine in (["--select_over=[optim.lr]"], ["--select_over=[model.d_model, optim.lr]"], ["--select_over=[]"],
+                 ["--sweep={}"]):  # (no sweep: the default select_over has nothing to maximise over, and is fine)
+        assert script.main([*recipe, *fine]) == 0
+
+
 def test_train_synthetic_eval_max_len_takes_the_forms_of_seq_lens_and_names_only_models(tmp_path, capsys):
     """eval.max_len {attention: 2^14} (the form eval.seq_lens takes beside it) failed with a TypeError traceback
     ('<=' between int and str); a misspelt model name there was ignored, so that model ran the whole length grid."""
