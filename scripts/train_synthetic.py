@@ -51,7 +51,8 @@ class EvalSection:
     batches of batch_size; rows longer than chunk_size run in chunks with the cache carried (constant memory
     for recurrent models). max_len: per model name, the longest seq_len to test (attention's KV cache and cost
     grow with the row). plot_seq_len / plot_count: the cell of the accuracy-vs-state plot (default: training); the
-    summary's acc@T columns and accuracy_vs_length.png read each length at plot_count."""
+    summary's acc@T columns and accuracy_vs_length.png read each length at plot_count, which must be one of the
+    grid's counts (n_kv, or the trained count without it)."""
 
     seq_lens: list[int | str] = field(default_factory=list)
     n_kv: list[int] | None = None
@@ -181,6 +182,14 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
     unknown = set((data.get("eval") or {}).get("max_len") or {}) - set(data["models"])
     if unknown:  # a misspelt name lifted that model's limit without a word
         raise ValueError(f"eval.max_len: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
+    # a select_over key that is no sweep key maximised over nothing: a misspelt optim.lr kept every learning rate as a
+    # "best" run, and accuracy_vs_state.png drew them as points of a state-size sweep
+    unknown = [key for key in data.get("select_over") or [] if keys and key not in keys]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), keys, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"select_over: {unknown[0]!r} is not a sweep key{hint}; the summary keeps the best run over "
+                         f"sweep keys only (sweep: {', '.join(keys)}): give some of them, or select_over=[]")
     unknown = [name for name in only or [] if name not in data["models"]]
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(data["models"]), n=1)
@@ -245,6 +254,22 @@ def _check_eval_grid(model_name: str, section: PretrainSection, ev: EvalSection)
     kwargs = dict(section.data.task_kwargs)
     trained = kwargs.pop(count_name, None) if count_name else None
     counts = ev.n_kv if ev.n_kv is not None else [trained]
+    # the summary's acc@T columns, accuracy_vs_length.png and the plot cell read the cells of the plot count only: one
+    # the grid does not evaluate left them all empty ('-'), after training, and the best run was picked over the grid
+    if ev.plot_count is not None and count_name is None:
+        raise ValueError(f"eval.plot_count: task {task!r} has no count of items; leave eval.plot_count unset")
+    if count_name is not None:
+        from zoo.eval.synthetic import task_default
+
+        plot_count = ev.plot_count if ev.plot_count is not None else (
+            trained if trained is not None else task_default(task, count_name))
+        evaluated = [c if c is not None else task_default(task, count_name) for c in counts]
+        if plot_count not in evaluated:
+            given = "eval.plot_count" if ev.plot_count is not None else \
+                f"the trained {count_name} (eval.plot_count's default)"
+            raise ValueError(f"eval.plot_count: {given} is {plot_count}, which the grid does not evaluate ("
+                             f"{count_name} {sorted(set(evaluated))}): the summary's acc@T columns and its plots would "
+                             f"be empty; set eval.plot_count to one of them or add {plot_count} to eval.n_kv")
     errors = []
     for seq_len, count in itertools.product(seq_lens, counts):
         try:

@@ -361,6 +361,9 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     (["--task", "mqar", "--vocab-size", "32"], "--tokens and --task mqar: give one source of rows"),
     (["--n-kv", "4", "--random-non-queries"], "--n-kv, --random-non-queries: options of a synthetic task, but the "
                                               "rows are the --tokens documents"),
+    # a --tokens file's rows are taken as they are: --seed and --tokenizer were ignored without a word
+    (["--seed", "3"], "--seed: not used, the rows are the --tokens documents, taken as they are; leave it out"),
+    (["--tokenizer", "byte", "--seed", "0"], "--tokenizer, --seed: not used, the rows are the --tokens documents"),
     # --norm-factor 2 without --norm-calibrate was dropped: the run was unmitigated
     (["--norm-factor", "2", "--norm-chunk", "8"], "--norm-factor, --norm-chunk: settings of --norm-calibrate, which "
                                                   "is not given"),
@@ -368,8 +371,8 @@ def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     (["--norm-calibrate", "16", "--mitigation", "forget:c_alpha=0.9+norm:chunk=8"], "--mitigation: mitigation "
                                                                                     "'norm:chunk=8': give the cap"),
 ], ids=["bad-spec-with-compare", "compare-alone", "compare-neutral", "calibrate-0", "factor-0", "calibrate-window",
-        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task", "norm-settings-alone",
-        "calibrate-chunk-in-spec"])
+        "calibrate-norm", "calibrate-past-rows", "tokens-and-task", "task-options-without-task", "seed-with-tokens",
+        "tokenizer-with-tokens", "norm-settings-alone", "calibrate-chunk-in-spec"])
 def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypatch, options, message):
     """A bad --mitigation spec used to fail only after the --compare run had gone through every row;
     --norm-calibrate 0 was taken as off, --compare alone wrote two runs named 'none' (state.json kept one),
@@ -386,6 +389,27 @@ def test_state_mitigation_options_are_checked_before_the_runs(tmp_path, monkeypa
     with pytest.raises(ValueError) as e:
         state.main(argv)
     assert message in str(e.value) and not runs and not (tmp_path / "state").exists()
+
+
+def test_corpus_options_beside_rows_they_do_not_shape_are_refused(tmp_path, capsys):
+    """zoo eval length took --seed, --start and --tokenizer beside --tokens and ignored them (a file's documents are
+    taken whole: --start random began none of them at a random offset), and zoo eval state a --tokenizer beside
+    --task; they are refused before a model loads."""
+    from zoo.eval import length, state
+
+    torch.save(torch.randint(0, 64, (1, 24)), tmp_path / "docs.pt")
+    common = ["--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "docs.pt"), "--device", "cpu", "--out",
+              str(tmp_path / "len")]
+    for options, names in ((["--start", "random"], "--start"), (["--seed", "1"], "--seed"),
+                           (["--tokenizer", "byte", "--start", "document"], "--tokenizer, --start")):
+        code, err = run_cli(["eval", "length", *common, *options], capsys)
+        assert code == 2 and f"{names}: options of the built-in corpus, but the documents are the --tokens" in err
+    with pytest.raises(ValueError, match="--tokenizer: not used, the rows are --task mqar's token ids; leave it out"):
+        state.main(["--model", str(MAMBA_TINY), "--task", "mqar", "--vocab-size", "32", "--tokenizer", "byte",
+                    "--max-len", "32", "--device", "cpu", "--out", str(tmp_path / "state")])
+    assert not (tmp_path / "len").exists() and not (tmp_path / "state").exists()
+    length.main([*common, "--max-len", "24"])  # the file alone is fine
+    assert (tmp_path / "len" / "length.json").is_file()
 
 
 def test_state_compare_with_forget_and_calibrated_norm(tmp_path):

@@ -94,6 +94,40 @@ def test_train_synthetic_evaluation_grid_it_cannot_run_is_refused_before_trainin
     assert not any(tmp_path.iterdir())
 
 
+def test_train_synthetic_plot_count_the_grid_does_not_evaluate_is_refused_before_training(tmp_path, capsys):
+    """The summary's acc@T columns, accuracy_vs_length.png and the plot cell read the plot count's cells only (the
+    trained count by default): a model trained at n_kv 4 and tested at eval.n_kv [2, 8] got a summary of '-' only,
+    after its training; eval.plot_count on a task without counts did the same."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}", "--only", "mamba",
+              "--dry-run", "--data.task=mqar", "--data.task_kwargs={n_kv: 4, vocab_size: 16}", "--data.seq_len=64",
+              "--curriculum=[]"]
+    err = _refused(script.main, [*recipe, "--eval.n_kv=[2, 8]"], capsys)
+    assert ("eval.plot_count: the trained n_kv (eval.plot_count's default) is 4, which the grid does not evaluate "
+            "(n_kv [2, 8])") in err
+    err = _refused(script.main, [*recipe, "--eval.n_kv=[2, 4]", "--eval.plot_count=8"], capsys)
+    assert "eval.plot_count: eval.plot_count is 8, which the grid does not evaluate (n_kv [2, 4])" in err
+    err = _refused(script.main, [*recipe[:5], "--eval.plot_count=4"], capsys)
+    assert "eval.plot_count: task 'induction_heads' has no count of items; leave eval.plot_count unset" in err
+    assert not any(tmp_path.iterdir())
+    for grid in (["--eval.n_kv=[2, 4]"], ["--eval.n_kv=[2, 4]", "--eval.plot_count=2"], []):  # the count is tested
+        assert script.main([*recipe, *grid]) == 0
+
+
+def test_train_synthetic_select_over_a_key_the_sweep_does_not_vary_is_refused(tmp_path, capsys):
+    """A misspelt select_over key (optim.lrr) maximised over nothing: every learning rate of mqar-sweep.yaml was kept
+    as a "best" run, and accuracy_vs_state.png drew the learning rates as points of a state-size sweep."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = [str(ROOT / "configs/train/mqar-sweep.yaml"), f"--output_dir={tmp_path}", "--only", "mamba", "--dry-run"]
+    err = _refused(script.main, [*recipe, "--select_over=[optim.lrr]"], capsys)
+    assert ("select_over: 'optim.lrr' is not a sweep key (did you mean 'optim.lr'?); the summary keeps the best run "
+            "over sweep keys only (sweep: model.d_model, optim.lr)") in err
+    assert not any(tmp_path.iterdir())
+    for fine in (["--select_over=[optim.lr]"], ["--select_over=[model.d_model, optim.lr]"], ["--select_over=[]"],
+                 ["--sweep={}"]):  # (no sweep: the default select_over has nothing to maximise over, and is fine)
+        assert script.main([*recipe, *fine]) == 0
+
+
 def test_train_synthetic_eval_max_len_takes_the_forms_of_seq_lens_and_names_only_models(tmp_path, capsys):
     """eval.max_len {attention: 2^14} (the form eval.seq_lens takes beside it) failed with a TypeError traceback
     ('<=' between int and str); a misspelt model name there was ignored, so that model ran the whole length grid."""
@@ -251,7 +285,7 @@ def tiny_mqar_run(script, tmp_path, overrides=()):
         f"output_dir={tmp_path}", "sweep={}", "train.max_steps=2", "train.micro_batch_size=4",
         "schedule.warmup_steps=0", "data.n_eval=4", "data.seq_len=64", "data.task_kwargs.vocab_size=64",
         "eval.seq_lens=[64, 128]", "eval.n_kv=[4, 8]", "eval.n_samples=4", "eval.batch_size=4",
-        "eval.plot_seq_len=64", "train.progress_bar=false", *overrides])
+        "eval.plot_seq_len=64", "eval.plot_count=4", "train.progress_bar=false", *overrides])
     for model in recipe["models"].values():
         model["vocab_size"] = 64
     return script.expand_runs(recipe, only=["mamba2"])[0]

@@ -491,9 +491,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plot")
     parser.add_argument("--bins-per-octave", type=positive_int, default=4,
                         help="position bins per octave of the curve (default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="of the documents (default 0)")
-    parser.add_argument("--start", choices=["document", "random"], default="document",
-                        help="built-in corpus: documents begin at a file's start, or at a random offset into it")
+    parser.add_argument("--seed", type=int, default=None, help="built-in corpus: of the documents (default 0)")
+    parser.add_argument("--start", choices=["document", "random"], default=None,
+                        help="built-in corpus: documents begin at a file's start (default), or at a random offset "
+                             "into it")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/length", help="output directory (default results/length)")
@@ -506,6 +507,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--label needs one label per --model ({len(args.model)})")
     if len(set(labels)) != len(labels):
         parser.error("every curve needs its own label: give each --model once, or distinct --label values")
+    corpus_only = [name for name, value in (("--tokenizer", args.tokenizer), ("--seed", args.seed),
+                                            ("--start", args.start)) if value is not None]
+    if args.tokens and corpus_only:  # (they were ignored without a word: a --tokens file's documents are taken whole)
+        parser.error(f"{', '.join(corpus_only)}: options of the built-in corpus, but the documents are the --tokens "
+                     f"file's, taken as they are; leave them out, or leave out --tokens")
+    args.seed = 0 if args.seed is None else args.seed
+    args.start = args.start or "document"
 
     for path in args.model:  # a mistyped --model fails here, not as the first model's missing tokenizer
         check_model_path(path)

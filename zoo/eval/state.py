@@ -77,8 +77,9 @@ def task_arguments(args) -> dict:
 
 
 def check_row_options(args) -> None:
-    """Refuse options of a row source that is not the one in use: --task's rows ignored --tokens, and the corpus's
-    ignored --n-kv, --vocab-size, --power-a and --random-non-queries, without a word."""
+    """Refuse options of a row source that is not the one in use: --task's rows ignored --tokens, the corpus's
+    ignored --n-kv, --vocab-size, --power-a and --random-non-queries, a --tokens file's --seed and --tokenizer, and a
+    task's --tokenizer, without a word."""
     if args.task and args.tokens:
         raise ValueError(f"--tokens and --task {args.task}: give one source of rows, a token file or a synthetic task")
     given = [name for name, value in (("--n-kv", args.n_kv), ("--vocab-size", args.vocab_size),
@@ -88,6 +89,14 @@ def check_row_options(args) -> None:
         rows = "the --tokens documents" if args.tokens else "the built-in corpus"
         raise ValueError(f"{', '.join(given)}: options of a synthetic task, but the rows are {rows}; add --task NAME "
                          f"or leave them out")
+    # (ignored without a word: a --tokens file's rows are taken as they are, and a task's are token ids already)
+    unused = [name for name, value, used in (("--tokenizer", args.tokenizer, not (args.tokens or args.task)),
+                                             ("--seed", args.seed, not args.tokens))
+              if value is not None and not used]
+    if unused:
+        rows = "the --tokens documents, taken as they are" if args.tokens else f"--task {args.task}'s token ids"
+        raise ValueError(f"{', '.join(unused)}: not used, the rows are {rows}; leave "
+                         f"{'them' if len(unused) > 1 else 'it'} out")
 
 
 def load_rows(args, add_bos: bool = True, holdout: float = 0.01) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
@@ -220,12 +229,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--norm-chunk", type=positive_int, default=None,
                         help="of the calibrated cap: tokens between caps in a prefill (default 64)")
     parser.add_argument("--compare", action="store_true", help="also run without the mitigation and overlay")
-    parser.add_argument("--seed", type=int, default=0, help="of the rows (default 0)")
+    parser.add_argument("--seed", type=int, default=None, help="of the rows of the built-in corpus or a task "
+                        "(default 0)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--out", default="results/state", help="output directory (default results/state)")
     args = parser.parse_args(argv)
     check_row_options(args)
+    args.seed = 0 if args.seed is None else args.seed
     check_mitigation_options(args)
 
     model = load_model(args.model, args.device, args.dtype)
