@@ -510,6 +510,65 @@ def test_a_transformers_models_biases_and_norms_are_not_decayed_by_default(tmp_p
     assert {names[id(p)] for p in param_groups(model, cfg.optim)[0]["params"]} == set(names.values())
 
 
+HF_MAMBA = {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 260, "state_size": 4}
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("mamba", {"state_size": 4}),
+    ("jamba", {"intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "mamba_d_state": 4,
+               "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
+               "num_experts": 2, "mamba_dt_rank": 4}),
+    ("mamba2", {"state_size": 4, "num_heads": 4, "head_dim": 16, "n_groups": 1}),
+])
+def test_a_transformers_ssms_a_log_d_and_dt_bias_are_not_decayed(model_type, fields):
+    """mamba_ssm never decays A_log, D and the dt bias (its _no_weight_decay flags), nor do zoo's mixers; transformers'
+    Mamba and Jamba keep A_log 2-D ([d_inner, d_state]) and flag nothing, so `zoo train` decayed it toward 0 (A toward
+    -1). They are exempt by name, with no_decay_1d false too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2,
+                                                                  vocab_size=64, **fields))
+    names = {id(p): n for n, p in model.named_parameters()}
+    ssm = {n for n in names.values() if n.rpartition(".")[2] in ("A_log", "D", "dt_bias")}
+    assert any(n.endswith("A_log") for n in ssm) and any(n.endswith(".D") for n in ssm)
+    for cfg in (OptimConfig(), OptimConfig(no_decay_1d=False)):
+        decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, cfg))
+        assert ssm <= no_decay and not ssm & decay, sorted(ssm & decay)
+    assert decay == set(names.values()) - ssm  # (no_decay_1d false: the names alone are exempt)
+
+
+def test_a_run_that_decayed_a_transformers_mambas_a_log_resumes_as_it_trained(tmp_path, monkeypatch, capsys):
+    """A checkpoint of a transformers Mamba written while A_log was decayed (its optimizer state holds those groups)
+    resumes, saying so, with A_log still decayed, as its run trained: refused, it could not be continued at all."""
+    import zoo.train as zt
+
+    def run(steps):
+        data = run_dict(tmp_path, data={"packing": False}, train={"max_steps": steps})
+        return config_from_dict(data | {"model": HF_MAMBA})
+
+    monkeypatch.setattr(zt, "NO_DECAY_NAMES", ())  # the rule before the names were exempt
+    train(run(3))
+    monkeypatch.undo()
+    sizes = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        sizes.append([len(g["params"]) for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    capsys.readouterr()
+    assert train(run(4), resume="auto").step == 4
+    assert "decayed the parameters named A_log, D, dt_bias" in capsys.readouterr().out
+    saved = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["param_groups"]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in HF_MAMBA.items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", **fields))
+    decayed = [len(g["params"]) for g in param_groups(model, OptimConfig(), by_name=False)]
+    assert sizes == [saved] == [decayed] and decayed != [len(g["params"]) for g in param_groups(model, OptimConfig())]
+
+
 def _mfu_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv") as f:
         return [r for r in csv.DictReader(f) if r.get("mfu")]

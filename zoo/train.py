@@ -10,9 +10,9 @@ packed documents apart in their attention layers only, and a packed run of one i
     zoo train configs/train/demo.yaml --train.max_steps=100          # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
 
-Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D parameters, grad clip
-1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient accumulation, optional
-torch.compile and gradient checkpointing, fused AdamW on CUDA.
+Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D parameters and those
+named A_log, D or dt_bias, grad clip 1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient
+accumulation, optional torch.compile and gradient checkpointing, fused AdamW on CUDA.
 
 Long rows (``train.tbptt_chunk``) are trained in chunks with each layer's state carried to the next chunk:
 ``detach`` cuts the graph between chunks (classic truncated BPTT); ``exact`` runs the chunks forward without
@@ -88,10 +88,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100"
 
 @dataclass
 class OptimConfig:
-    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay``, all 1-D
-    parameters (biases, norm weights: unflagged in transformers models; exempt as in transformers' Trainer and
-    mamba_ssm) unless no_decay_1d is false, and all embeddings when asked. grad_clip 0 disables clipping.
-    fused: 'auto' = on CUDA."""
+    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay``, those named as
+    mamba_ssm's undecayed SSM parameters (`NO_DECAY_NAMES`), all 1-D parameters (biases, norm weights: unflagged in
+    transformers models; exempt as in transformers' Trainer and mamba_ssm) unless no_decay_1d is false, and all
+    embeddings when asked. grad_clip 0 disables clipping. fused: 'auto' = on CUDA."""
 
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -491,10 +491,17 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
     return model.float()
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+# mamba_ssm's parameters that are never decayed (its _no_weight_decay flags), by the names transformers' Mamba, Mamba-2,
+# FalconMamba, Jamba, Bamba, Zamba2, ... give them too, which flag nothing: their Mamba and Jamba A_log ([d_inner,
+# d_state]) is 2-D, and was decayed toward 0 (A toward -1)
+NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, by_name: bool = True) -> list[dict[str, Any]]:
     """Two AdamW groups: decayed, and not decayed (``param._no_weight_decay`` and PEFT's modules_to_save copies of
-    such parameters: `no_weight_decay_ids`; plus all 1-D parameters with no_decay_1d, the default, and all
-    embeddings with no_decay_embeddings). Shared (tied) parameters appear once."""
+    such parameters: `no_weight_decay_ids`; with by_name, those whose name ends in `.NAME` for a NAME of
+    `NO_DECAY_NAMES`; plus all 1-D parameters with no_decay_1d, the default, and all embeddings with
+    no_decay_embeddings). Shared (tied) parameters appear once."""
     embeddings: set[int] = set()
     if cfg.no_decay_embeddings:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -503,19 +510,21 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
             embeddings.add(id(out.weight))
     flagged = no_weight_decay_ids(model)  # PEFT's modules_to_save copies of flagged parameters too
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = id(p) in flagged or (cfg.no_decay_1d and p.ndim < 2) or id(p) in embeddings
+        skip = id(p) in flagged or (by_name and name.rpartition(".")[2] in NO_DECAY_NAMES) \
+            or (cfg.no_decay_1d and p.ndim < 2) or id(p) in embeddings
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; fused when cfg.fused is true, or 'auto' and the parameters train on CUDA: on
-    `device` when given (under FSDP the optimizer is built before accelerate moves the weights to their GPU), else
-    where every parameter lies now."""
-    groups = param_groups(model, cfg)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None,
+                    by_name: bool = True) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (by_name: its argument); fused when cfg.fused is true, or 'auto' and the parameters
+    train on CUDA: on `device` when given (under FSDP the optimizer is built before accelerate moves the weights to
+    their GPU), else where every parameter lies now."""
+    groups = param_groups(model, cfg, by_name)
     params = [p for g in groups for p in g["params"]]
     on_cuda = device.type == "cuda" if device is not None else all(p.is_cuda for p in params)
     fused = cfg.fused if isinstance(cfg.fused, bool) else bool(params) and on_cuda
@@ -1765,7 +1774,19 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
     if accelerator.distributed_type != DistributedType.FSDP:
         model = model.to(device)  # fused AdamW needs the parameters on the GPU when it is built
-    optimizer = build_optimizer(model, cfg.optim, device=torch.device(device))
+    by_name = True
+    if start_ckpt is not None:
+        # a checkpoint written before NO_DECAY_NAMES were exempt by name (a transformers Mamba's or Jamba's 2-D A_log
+        # decayed): its run resumes as it trained, its optimizer state being for those groups
+        saved_groups = json.loads((start_ckpt / "trainer_state.json").read_text()).get("param_groups")
+        sizes = [[len(g["params"]) for g in param_groups(model, cfg.optim, named)] for named in (True, False)]
+        if saved_groups is not None and saved_groups != sizes[0] and saved_groups == sizes[1]:
+            by_name = False
+            accelerator.print(f"--resume: {start_ckpt}'s run decayed the parameters named {', '.join(NO_DECAY_NAMES)} "
+                              f"(it was saved before zoo train exempted them by name, as mamba_ssm does), and this run "
+                              f"goes on decaying them, as its optimizer state holds them; a new run from its weights "
+                              f"(model: {start_ckpt / 'model'}) does not")
+    optimizer = build_optimizer(model, cfg.optim, device=torch.device(device), by_name=by_name)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -2155,9 +2176,9 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if result.stopped else 0  # stopped by a signal (saved, resumable): not a finished run
 
 
-__all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "NoWeightDecayMixin",
-           "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
-           "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
+__all__ = ["NO_DECAY_NAMES", "CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs",
+           "NoWeightDecayMixin", "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters",
+           "build_model", "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
            "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "mfu_flops_per_token",
            "packed_documents_leak", "param_groups", "peak_tflops", "resume_changes", "resume_source_changes",
            "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
