@@ -759,6 +759,12 @@ def test_schedules():
     assert all(a >= b for a, b in itertools.pairwise(lrs)), "cosine decays monotonically"
     cfg.schedule.kind, cfg.schedule.decay_fraction = "wsd", 0.2
     assert lr_at(79, cfg) == 1e-3 and lr_at(80, cfg) < 1e-3 and math.isclose(lr_at(99, cfg), 1e-5)
+    # the last 7% of 100 steps is 7 steps, though 0.07 · 100 is 7.000000000000001 in floating point (it took 8)
+    for fraction, n in ((0.07, 100), (0.14, 200), (0.55, 100)):
+        cfg.schedule.decay_fraction, cfg.train.max_steps = fraction, n
+        k = round(fraction * n)
+        assert lr_at(n - k - 1, cfg) == 1e-3 and lr_at(n - k, cfg) < 1e-3, (fraction, n)
+    cfg.schedule.decay_fraction, cfg.train.max_steps = 0.2, 100
     # a warmup that reaches into the last 20%: the peak at its end, then an even linear decay to min_lr (the decay began
     # under the warmup, so step 90 dropped from 1e-3 to 4.6e-4 and the steps after it by 5e-5 each)
     cfg.schedule.warmup_steps = 90

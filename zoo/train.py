@@ -557,7 +557,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if s.kind == "wsd":
         # a warmup that reaches into the last decay_fraction ends at the peak, and the decay takes the steps after it
         # (it used to start under the warmup, so the first step after it dropped to where that decay had got to)
-        start = max(n - max(1, math.ceil(s.decay_fraction * n)), s.warmup_steps)
+        # (rounded first: 0.07 · 100 is 7.000000000000001 in floating point, whose ceil made the decay 8 steps long)
+        start = max(n - max(1, math.ceil(round(s.decay_fraction * n, 9))), s.warmup_steps)
         if step < start:
             return lr
         progress = min(1.0, (step - start + 1) / (n - start))
