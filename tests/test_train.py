@@ -94,6 +94,30 @@ def test_tiny_run_loss_drops_through_the_cli(tmp_path):
     assert model.config.eos_token_id == tokenizer.eos_token_id == 258
 
 
+@pytest.mark.parametrize("model", ["configs/models/jamba-tiny.yaml", "llama"])
+def test_the_saved_model_loads_with_auto_classes_and_gives_the_trained_models_logits(tmp_path, monkeypatch, model):
+    """The final checkpoint's model/ is the trained model: AutoModelForCausalLM.from_pretrained gives the weights and
+    logits of the model in memory at the end of the run (a zoo hybrid with tied embeddings, MoE and attention; a
+    transformers model), in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo.train as zt
+
+    built = []
+    build = zt.build_model
+    monkeypatch.setattr(zt, "build_model", lambda *args: built.append(build(*args)) or built[-1])
+    data = run_dict(tmp_path, train={"max_steps": 3})
+    if model != "llama":
+        data |= {"model": model, "model_overrides": {"vocab_size": 260}}
+    result = train(config_from_dict(data))
+    loaded = AutoModelForCausalLM.from_pretrained(result.checkpoint / "model").eval()
+    trained = built[0].eval()
+    assert next(loaded.parameters()).dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, trained(ids).logits)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 6
     full: dict[int, float] = {}
