@@ -534,13 +534,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | N
 class NoWeightDecayMixin:
     """For transformers' Trainer (or a subclass: ``class MyTrainer(NoWeightDecayMixin, Trainer)``): also exempts
     from weight decay every parameter flagged ``_no_weight_decay`` (Mamba's and Mamba-2's A_log and D, every norm
-    weight, the final norm_f included, and PEFT's modules_to_save copies of them), as `param_groups` does. The
+    weight, the final norm_f included, and PEFT's modules_to_save copies of them) and every parameter named as
+    `NO_DECAY_NAMES` (a transformers Mamba's or Jamba's 2-D A_log, which flags nothing), as `param_groups` does. The
     Trainer's own rule goes by names and layer types only (biases, nn.LayerNorm, names with "norm" as a word), so
     it decayed those."""
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         ids = no_weight_decay_ids(model)  # PEFT's modules_to_save copies of flagged parameters too
-        flagged = {name for name, p in model.named_parameters() if id(p) in ids}
+        flagged = {name for name, p in model.named_parameters()
+                   if id(p) in ids or name.rpartition(".")[2] in NO_DECAY_NAMES}
         return [name for name in super().get_decay_parameter_names(model) if name not in flagged]
 
 
