@@ -1189,6 +1189,30 @@ def test_resume_applies_changed_weight_decay_betas_and_eps(tmp_path, monkeypatch
     assert seen == [[(0.05, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]], seen
 
 
+@pytest.mark.parametrize("before, after", [(False, True), (True, False)])
+def test_resume_applies_a_changed_fused_adamw(tmp_path, monkeypatch, capsys, before, after):
+    # --resume listed "optim.fused: False -> True" and run_info.json said fused_adamw true, but loading the optimizer
+    # state restored the checkpoint's groups' fused flag, and the run stepped as the checkpoint's had (as it did when a
+    # run saved on one device resumed on another under 'auto')
+    steps = {"warmup_steps": 0}
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule=steps, optim={"fused": before})))
+    seen = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([bool(g["fused"]) for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    capsys.readouterr()
+    result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, schedule=steps,
+                                             optim={"fused": after})), resume="auto")
+    assert f"optim.fused: {before} -> {after}" in capsys.readouterr().out
+    assert result.step == 4 and seen == [[after, after]] * 2, seen
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["fused_adamw"] is after
+    assert all(math.isfinite(v) for v in result.losses.values())
+
+
 def test_resume_past_max_steps_is_refused_naming_it(tmp_path):
     # a checkpoint at step 4 resumed with max_steps 3 returned at once: nothing trained or saved, and no word
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4})))

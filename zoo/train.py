@@ -1857,6 +1857,20 @@ def train(cfg: TrainConfig, resume: str | None = None,
         # loading restored the saved groups' weight decay, betas and eps: this run's (a change is listed above) apply
         for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
             group.update(weight_decay=decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        # and its fused flag: a resume with another optim.fused (or under 'auto' on another device) stepped as the
+        # checkpoint's run did, while it listed the change and run_info.json's fused_adamw said this run's. The step
+        # counts go where that kernel keeps them (torch's load policy: on the parameter's device when fused, else as
+        # they were saved, for a non-fused one on the CPU)
+        built = getattr(optimizer, "optimizer", optimizer).defaults
+        for group in optimizer.param_groups:
+            if bool(group.get("fused")) == bool(built.get("fused")):
+                continue
+            group.update(fused=built.get("fused"), foreach=built.get("foreach"))
+            on_device = bool(built.get("fused")) or bool(group.get("capturable"))
+            for p in group["params"]:
+                kept = optimizer.state.get(p, {})
+                if torch.is_tensor(kept.get("step")):
+                    kept["step"] = kept["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")
         step, tokens = state["step"], state["tokens"]
         newer = sorted(p.name for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*")
                        if p.name > f"{CHECKPOINT_PREFIX}{step:08d}")
