@@ -705,6 +705,32 @@ def test_a_trainer_with_the_no_weight_decay_mixin_decays_what_zoo_train_decays(l
     assert any(n.endswith("A_log") for n in decayed) and any(n.endswith("norm_f.weight") for n in decayed)
 
 
+def test_a_trainer_with_the_no_weight_decay_mixin_does_not_decay_a_transformers_mambas_a_log(tmp_path):
+    # transformers' Mamba keeps A_log 2-D ([d_inner, d_state]) and flags nothing: the mixin, reading the flags alone,
+    # left it decayed (mamba_ssm never decays it), where zoo train's param_groups exempts it by name
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from zoo.train import NoWeightDecayMixin, OptimConfig, param_groups
+
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, vocab_size=64, state_size=4))
+
+    class ZooTrainer(NoWeightDecayMixin, Trainer):
+        pass
+
+    args = TrainingArguments(output_dir=str(tmp_path), weight_decay=0.1, report_to=[], use_cpu=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = []
+    for trainer in (Trainer(model=model, args=args), ZooTrainer(model=model, args=args)):
+        trainer.create_optimizer()
+        decayed.append({names[id(p)] for g in trainer.optimizer.param_groups if g["weight_decay"] > 0
+                        for p in g["params"]})
+    ssm = {n for n in names.values() if n.rpartition(".")[2] in ("A_log", "D", "dt_bias")}
+    assert any(n.endswith(".A_log") for n in ssm) and ssm <= decayed[0], "the Trainer's own rule decays A_log and D"
+    # the Trainer's rule for the rest (biases, norms by name), less the names param_groups exempts
+    assert decayed[1] == decayed[0] - ssm
+    assert not ssm & {names[id(p)] for p in param_groups(model, OptimConfig(no_decay_1d=False))[0]["params"]}
+
+
 def test_modules_to_save_copies_keep_the_no_weight_decay_flags(tmp_path):
     """PEFT's modules_to_save trains a deep copy of the module (ModulesToSaveWrapper), whose new Parameters lost
     zoo's _no_weight_decay flags: param_groups, build_optimizer and NoWeightDecayMixin decayed the trained norm_f

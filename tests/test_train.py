@@ -94,6 +94,30 @@ def test_tiny_run_loss_drops_through_the_cli(tmp_path):
     assert model.config.eos_token_id == tokenizer.eos_token_id == 258
 
 
+@pytest.mark.parametrize("model", ["configs/models/jamba-tiny.yaml", "llama"])
+def test_the_saved_model_loads_with_auto_classes_and_gives_the_trained_models_logits(tmp_path, monkeypatch, model):
+    """The final checkpoint's model/ is the trained model: AutoModelForCausalLM.from_pretrained gives the weights and
+    logits of the model in memory at the end of the run (a zoo hybrid with tied embeddings, MoE and attention; a
+    transformers model), in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo.train as zt
+
+    built = []
+    build = zt.build_model
+    monkeypatch.setattr(zt, "build_model", lambda *args: built.append(build(*args)) or built[-1])
+    data = run_dict(tmp_path, train={"max_steps": 3})
+    if model != "llama":
+        data |= {"model": model, "model_overrides": {"vocab_size": 260}}
+    result = train(config_from_dict(data))
+    loaded = AutoModelForCausalLM.from_pretrained(result.checkpoint / "model").eval()
+    trained = built[0].eval()
+    assert next(loaded.parameters()).dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, trained(ids).logits)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 6
     full: dict[int, float] = {}
@@ -510,6 +534,65 @@ def test_a_transformers_models_biases_and_norms_are_not_decayed_by_default(tmp_p
     assert {names[id(p)] for p in param_groups(model, cfg.optim)[0]["params"]} == set(names.values())
 
 
+HF_MAMBA = {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 260, "state_size": 4}
+
+
+@pytest.mark.parametrize("model_type, fields", [
+    ("mamba", {"state_size": 4}),
+    ("jamba", {"intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "mamba_d_state": 4,
+               "attn_layer_period": 2, "attn_layer_offset": 1, "expert_layer_period": 2, "expert_layer_offset": 1,
+               "num_experts": 2, "mamba_dt_rank": 4}),
+    ("mamba2", {"state_size": 4, "num_heads": 4, "head_dim": 16, "n_groups": 1}),
+])
+def test_a_transformers_ssms_a_log_d_and_dt_bias_are_not_decayed(model_type, fields):
+    """mamba_ssm never decays A_log, D and the dt bias (its _no_weight_decay flags), nor do zoo's mixers; transformers'
+    Mamba and Jamba keep A_log 2-D ([d_inner, d_state]) and flag nothing, so `zoo train` decayed it toward 0 (A toward
+    -1). They are exempt by name, with no_decay_1d false too."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, hidden_size=32, num_hidden_layers=2,
+                                                                  vocab_size=64, **fields))
+    names = {id(p): n for n, p in model.named_parameters()}
+    ssm = {n for n in names.values() if n.rpartition(".")[2] in ("A_log", "D", "dt_bias")}
+    assert any(n.endswith("A_log") for n in ssm) and any(n.endswith(".D") for n in ssm)
+    for cfg in (OptimConfig(), OptimConfig(no_decay_1d=False)):
+        decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(model, cfg))
+        assert ssm <= no_decay and not ssm & decay, sorted(ssm & decay)
+    assert decay == set(names.values()) - ssm  # (no_decay_1d false: the names alone are exempt)
+
+
+def test_a_run_that_decayed_a_transformers_mambas_a_log_resumes_as_it_trained(tmp_path, monkeypatch, capsys):
+    """A checkpoint of a transformers Mamba written while A_log was decayed (its optimizer state holds those groups)
+    resumes, saying so, with A_log still decayed, as its run trained: refused, it could not be continued at all."""
+    import zoo.train as zt
+
+    def run(steps):
+        data = run_dict(tmp_path, data={"packing": False}, train={"max_steps": steps})
+        return config_from_dict(data | {"model": HF_MAMBA})
+
+    monkeypatch.setattr(zt, "NO_DECAY_NAMES", ())  # the rule before the names were exempt
+    train(run(3))
+    monkeypatch.undo()
+    sizes = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        sizes.append([len(g["params"]) for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    capsys.readouterr()
+    assert train(run(4), resume="auto").step == 4
+    assert "decayed the parameters named A_log, D, dt_bias" in capsys.readouterr().out
+    saved = json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["param_groups"]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in HF_MAMBA.items() if k != "model_type"}
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", **fields))
+    decayed = [len(g["params"]) for g in param_groups(model, OptimConfig(), by_name=False)]
+    assert sizes == [saved] == [decayed] and decayed != [len(g["params"]) for g in param_groups(model, OptimConfig())]
+
+
 def _mfu_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv") as f:
         return [r for r in csv.DictReader(f) if r.get("mfu")]
@@ -700,6 +783,12 @@ def test_schedules():
     assert all(a >= b for a, b in itertools.pairwise(lrs)), "cosine decays monotonically"
     cfg.schedule.kind, cfg.schedule.decay_fraction = "wsd", 0.2
     assert lr_at(79, cfg) == 1e-3 and lr_at(80, cfg) < 1e-3 and math.isclose(lr_at(99, cfg), 1e-5)
+    # the last 7% of 100 steps is 7 steps, though 0.07 · 100 is 7.000000000000001 in floating point (it took 8)
+    for fraction, n in ((0.07, 100), (0.14, 200), (0.55, 100)):
+        cfg.schedule.decay_fraction, cfg.train.max_steps = fraction, n
+        k = round(fraction * n)
+        assert lr_at(n - k - 1, cfg) == 1e-3 and lr_at(n - k, cfg) < 1e-3, (fraction, n)
+    cfg.schedule.decay_fraction, cfg.train.max_steps = 0.2, 100
     # a warmup that reaches into the last 20%: the peak at its end, then an even linear decay to min_lr (the decay began
     # under the warmup, so step 90 dropped from 1e-3 to 4.6e-4 and the steps after it by 5e-5 each)
     cfg.schedule.warmup_steps = 90
@@ -1098,6 +1187,30 @@ def test_resume_applies_changed_weight_decay_betas_and_eps(tmp_path, monkeypatch
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, schedule=steps,
                                     optim={"weight_decay": 0.05, "betas": [0.8, 0.9], "eps": 1e-6})), resume="auto")
     assert seen == [[(0.05, (0.8, 0.9), 1e-6), (0.0, (0.8, 0.9), 1e-6)]], seen
+
+
+@pytest.mark.parametrize("before, after", [(False, True), (True, False)])
+def test_resume_applies_a_changed_fused_adamw(tmp_path, monkeypatch, capsys, before, after):
+    # --resume listed "optim.fused: False -> True" and run_info.json said fused_adamw true, but loading the optimizer
+    # state restored the checkpoint's groups' fused flag, and the run stepped as the checkpoint's had (as it did when a
+    # run saved on one device resumed on another under 'auto')
+    steps = {"warmup_steps": 0}
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule=steps, optim={"fused": before})))
+    seen = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([bool(g["fused"]) for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    capsys.readouterr()
+    result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, schedule=steps,
+                                             optim={"fused": after})), resume="auto")
+    assert f"optim.fused: {before} -> {after}" in capsys.readouterr().out
+    assert result.step == 4 and seen == [[after, after]] * 2, seen
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["fused_adamw"] is after
+    assert all(math.isfinite(v) for v in result.losses.values())
 
 
 def test_resume_past_max_steps_is_refused_naming_it(tmp_path):

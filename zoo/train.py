@@ -10,9 +10,9 @@ packed documents apart in their attention layers only, and a packed run of one i
     zoo train configs/train/demo.yaml --train.max_steps=100          # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
 
-Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D parameters, grad clip
-1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient accumulation, optional
-torch.compile and gradient checkpointing, fused AdamW on CUDA.
+Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D parameters and those
+named A_log, D or dt_bias, grad clip 1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient
+accumulation, optional torch.compile and gradient checkpointing, fused AdamW on CUDA.
 
 Long rows (``train.tbptt_chunk``) are trained in chunks with each layer's state carried to the next chunk:
 ``detach`` cuts the graph between chunks (classic truncated BPTT); ``exact`` runs the chunks forward without
@@ -88,10 +88,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100"
 
 @dataclass
 class OptimConfig:
-    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay``, all 1-D
-    parameters (biases, norm weights: unflagged in transformers models; exempt as in transformers' Trainer and
-    mamba_ssm) unless no_decay_1d is false, and all embeddings when asked. grad_clip 0 disables clipping.
-    fused: 'auto' = on CUDA."""
+    """AdamW. weight_decay applies to every parameter except those flagged ``_no_weight_decay``, those named as
+    mamba_ssm's undecayed SSM parameters (`NO_DECAY_NAMES`), all 1-D parameters (biases, norm weights: unflagged in
+    transformers models; exempt as in transformers' Trainer and mamba_ssm) unless no_decay_1d is false, and all
+    embeddings when asked. grad_clip 0 disables clipping. fused: 'auto' = on CUDA."""
 
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -491,10 +491,17 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
     return model.float()
 
 
-def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+# mamba_ssm's parameters that are never decayed (its _no_weight_decay flags), by the names transformers' Mamba, Mamba-2,
+# FalconMamba, Jamba, Bamba, Zamba2, ... give them too, which flag nothing: their Mamba and Jamba A_log ([d_inner,
+# d_state]) is 2-D, and was decayed toward 0 (A toward -1)
+NO_DECAY_NAMES = ("A_log", "D", "dt_bias")
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig, by_name: bool = True) -> list[dict[str, Any]]:
     """Two AdamW groups: decayed, and not decayed (``param._no_weight_decay`` and PEFT's modules_to_save copies of
-    such parameters: `no_weight_decay_ids`; plus all 1-D parameters with no_decay_1d, the default, and all
-    embeddings with no_decay_embeddings). Shared (tied) parameters appear once."""
+    such parameters: `no_weight_decay_ids`; with by_name, those whose name ends in `.NAME` for a NAME of
+    `NO_DECAY_NAMES`; plus all 1-D parameters with no_decay_1d, the default, and all embeddings with
+    no_decay_embeddings). Shared (tied) parameters appear once."""
     embeddings: set[int] = set()
     if cfg.no_decay_embeddings:
         embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -503,19 +510,21 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
             embeddings.add(id(out.weight))
     flagged = no_weight_decay_ids(model)  # PEFT's modules_to_save copies of flagged parameters too
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = id(p) in flagged or (cfg.no_decay_1d and p.ndim < 2) or id(p) in embeddings
+        skip = id(p) in flagged or (by_name and name.rpartition(".")[2] in NO_DECAY_NAMES) \
+            or (cfg.no_decay_1d and p.ndim < 2) or id(p) in embeddings
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; fused when cfg.fused is true, or 'auto' and the parameters train on CUDA: on
-    `device` when given (under FSDP the optimizer is built before accelerate moves the weights to their GPU), else
-    where every parameter lies now."""
-    groups = param_groups(model, cfg)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None,
+                    by_name: bool = True) -> torch.optim.AdamW:
+    """AdamW over `param_groups` (by_name: its argument); fused when cfg.fused is true, or 'auto' and the parameters
+    train on CUDA: on `device` when given (under FSDP the optimizer is built before accelerate moves the weights to
+    their GPU), else where every parameter lies now."""
+    groups = param_groups(model, cfg, by_name)
     params = [p for g in groups for p in g["params"]]
     on_cuda = device.type == "cuda" if device is not None else all(p.is_cuda for p in params)
     fused = cfg.fused if isinstance(cfg.fused, bool) else bool(params) and on_cuda
@@ -525,13 +534,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | N
 class NoWeightDecayMixin:
     """For transformers' Trainer (or a subclass: ``class MyTrainer(NoWeightDecayMixin, Trainer)``): also exempts
     from weight decay every parameter flagged ``_no_weight_decay`` (Mamba's and Mamba-2's A_log and D, every norm
-    weight, the final norm_f included, and PEFT's modules_to_save copies of them), as `param_groups` does. The
+    weight, the final norm_f included, and PEFT's modules_to_save copies of them) and every parameter named as
+    `NO_DECAY_NAMES` (a transformers Mamba's or Jamba's 2-D A_log, which flags nothing), as `param_groups` does. The
     Trainer's own rule goes by names and layer types only (biases, nn.LayerNorm, names with "norm" as a word), so
     it decayed those."""
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         ids = no_weight_decay_ids(model)  # PEFT's modules_to_save copies of flagged parameters too
-        flagged = {name for name, p in model.named_parameters() if id(p) in ids}
+        flagged = {name for name, p in model.named_parameters()
+                   if id(p) in ids or name.rpartition(".")[2] in NO_DECAY_NAMES}
         return [name for name in super().get_decay_parameter_names(model) if name not in flagged]
 
 
@@ -548,7 +559,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if s.kind == "wsd":
         # a warmup that reaches into the last decay_fraction ends at the peak, and the decay takes the steps after it
         # (it used to start under the warmup, so the first step after it dropped to where that decay had got to)
-        start = max(n - max(1, math.ceil(s.decay_fraction * n)), s.warmup_steps)
+        # (rounded first: 0.07 · 100 is 7.000000000000001 in floating point, whose ceil made the decay 8 steps long)
+        start = max(n - max(1, math.ceil(round(s.decay_fraction * n, 9))), s.warmup_steps)
         if step < start:
             return lr
         progress = min(1.0, (step - start + 1) / (n - start))
@@ -1765,7 +1777,19 @@ def train(cfg: TrainConfig, resume: str | None = None,
 
     if accelerator.distributed_type != DistributedType.FSDP:
         model = model.to(device)  # fused AdamW needs the parameters on the GPU when it is built
-    optimizer = build_optimizer(model, cfg.optim, device=torch.device(device))
+    by_name = True
+    if start_ckpt is not None:
+        # a checkpoint written before NO_DECAY_NAMES were exempt by name (a transformers Mamba's or Jamba's 2-D A_log
+        # decayed): its run resumes as it trained, its optimizer state being for those groups
+        saved_groups = json.loads((start_ckpt / "trainer_state.json").read_text()).get("param_groups")
+        sizes = [[len(g["params"]) for g in param_groups(model, cfg.optim, named)] for named in (True, False)]
+        if saved_groups is not None and saved_groups != sizes[0] and saved_groups == sizes[1]:
+            by_name = False
+            accelerator.print(f"--resume: {start_ckpt}'s run decayed the parameters named {', '.join(NO_DECAY_NAMES)} "
+                              f"(it was saved before zoo train exempted them by name, as mamba_ssm does), and this run "
+                              f"goes on decaying them, as its optimizer state holds them; a new run from its weights "
+                              f"(model: {start_ckpt / 'model'}) does not")
+    optimizer = build_optimizer(model, cfg.optim, device=torch.device(device), by_name=by_name)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -1833,6 +1857,20 @@ def train(cfg: TrainConfig, resume: str | None = None,
         # loading restored the saved groups' weight decay, betas and eps: this run's (a change is listed above) apply
         for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
             group.update(weight_decay=decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        # and its fused flag: a resume with another optim.fused (or under 'auto' on another device) stepped as the
+        # checkpoint's run did, while it listed the change and run_info.json's fused_adamw said this run's. The step
+        # counts go where that kernel keeps them (torch's load policy: on the parameter's device when fused, else as
+        # they were saved, for a non-fused one on the CPU)
+        built = getattr(optimizer, "optimizer", optimizer).defaults
+        for group in optimizer.param_groups:
+            if bool(group.get("fused")) == bool(built.get("fused")):
+                continue
+            group.update(fused=built.get("fused"), foreach=built.get("foreach"))
+            on_device = bool(built.get("fused")) or bool(group.get("capturable"))
+            for p in group["params"]:
+                kept = optimizer.state.get(p, {})
+                if torch.is_tensor(kept.get("step")):
+                    kept["step"] = kept["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu")
         step, tokens = state["step"], state["tokens"]
         newer = sorted(p.name for p in ckpt_root.glob(f"{CHECKPOINT_PREFIX}*")
                        if p.name > f"{CHECKPOINT_PREFIX}{step:08d}")
@@ -2155,9 +2193,9 @@ def main(argv: list[str] | None = None) -> int:
     return 130 if result.stopped else 0  # stopped by a signal (saved, resumable): not a finished run
 
 
-__all__ = ["CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs", "NoWeightDecayMixin",
-           "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters", "build_model",
-           "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
+__all__ = ["NO_DECAY_NAMES", "CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs",
+           "NoWeightDecayMixin", "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters",
+           "build_model", "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
            "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "mfu_flops_per_token",
            "packed_documents_leak", "param_groups", "peak_tflops", "resume_changes", "resume_source_changes",
            "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
