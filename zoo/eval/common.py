@@ -22,6 +22,7 @@ import torch
 
 from zoo.cache import output_cache
 from zoo.config_files import find_config
+from zoo.hub import load_causal_lm
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -77,25 +78,8 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
             model.keep_fp32_parameters()
     else:
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        folder = Path(str(path)).expanduser()
-        if (folder / "adapter_config.json").is_file():
-            model = _adapted_model(folder, kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = load_causal_lm(path, **kwargs)  # a PEFT adapter (folder or hub repo) through PEFT: DoRA kept
     return model.to(device or default_device()).eval()
-
-
-def _adapted_model(folder: Path, kwargs: dict):
-    """A PEFT adapter folder's base model (``from_pretrained``, kwargs passed on) with the adapter in its layers, loaded
-    by PEFT: transformers' own loading of an adapter folder (``from_pretrained(folder)``) left out LoRA's DoRA
-    magnitudes (``use_dora``, whose saved keys it does not recognize), so a DoRA finetune was evaluated with its
-    magnitudes at their initial values, behind a load report only."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    return PeftModel.from_pretrained(model, str(folder)).get_base_model()  # the model class, adapters active in it
 
 
 def check_model_path(path: str) -> None:
