@@ -27,7 +27,15 @@ from transformers.modeling_outputs import (
 )
 from zoo_kernels.cross_entropy import cross_entropy
 
-from zoo.cache import KVCacheFull, RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
+from zoo.cache import (
+    KVCacheFull,
+    RecurrentLayer,
+    ZooCache,
+    output_cache,
+    require_init_state,
+    require_positionwise,
+    wrapped_mixer,
+)
 from zoo.config import ZooConfig, check_mixer_options
 from zoo.layers import (
     Block,
@@ -869,10 +877,16 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
                 and _generate_cache(kwargs) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
-            missing = next(type(b.mixer).__name__ for b in self.model.layers if not hasattr(b.mixer, "init_state"))
-            warnings.warn(f"generate: mixer {missing} defines no init_state, so the model keeps no cache and each "
-                          f"new token reruns the whole sequence; give {missing} init_state(batch_size, dtype, "
-                          f"device, max_len=None) to decode step by step", stacklevel=2)
+            mixer = next(b.mixer for b in self.model.layers if not hasattr(b.mixer, "init_state"))
+            missing = type(mixer).__name__
+            if (wrapped := wrapped_mixer(mixer)) is not None:
+                warnings.warn(f"generate: mixer {wrapped}, so the model keeps no cache and each new token reruns the "
+                              f"whole sequence; merge the adapter (merge_and_unload) to decode step by step",
+                              stacklevel=2)
+            else:
+                warnings.warn(f"generate: mixer {missing} defines no init_state, so the model keeps no cache and "
+                              f"each new token reruns the whole sequence; give {missing} init_state(batch_size, "
+                              f"dtype, device, max_len=None) to decode step by step", stacklevel=2)
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
 
