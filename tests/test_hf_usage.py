@@ -443,6 +443,48 @@ def test_lora_on_a_mixers_own_parameter_says_why_the_model_keeps_no_cache(name):
     assert torch.equal(cached, seq)
 
 
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_lora_layer_replication_builds_the_stack_it_names(name, tmp_path):
+    # LoraConfig(layer_replication=...) replaces the model's blocks with weight-sharing copies and sets
+    # config.num_hidden_layers to their count: zoo's config refused the count ("drop num_hidden_layers"), after PEFT had
+    # already replaced the blocks of the model passed in
+    from peft import PeftModel
+
+    model = tiny(name).eval()
+    n = len(model.model.layers)
+    plan = [[0, n // 2], [n // 4, n]]
+    order = list(range(0, n // 2)) + list(range(n // 4, n))
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    # the stack it names, built as a plain model: its config lists the copied blocks' specs, its weights the sources'
+    specs = model.config.layer_specs()
+    reference = AutoModelForCausalLM.from_config(ZooConfig(**{**model.config.to_dict(),
+                                                              "layers": [specs[i] for i in order]})).eval()
+    source = model.state_dict()
+    reference.load_state_dict({k: source[k if not k.startswith("model.layers.") else
+                                         "model.layers.{}.{}".format(order[int(k.split(".")[2])],
+                                                                     ".".join(k.split(".")[3:]))]
+                               for k in reference.state_dict()})
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["out_proj"], layer_replication=plan)).eval()
+    assert len(peft_model.get_base_model().model.layers) == len(order) == peft_model.config.num_hidden_layers
+    assert peft_model.get_base_model().model._checkpointed == set(range(len(order)))  # the copies checkpoint too
+    with torch.no_grad():  # LoRA starts as the identity: the replicated model is the reference
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, reference(ids).logits)
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+        adapted = peft_model(input_ids=ids).logits
+        assert (adapted - reference(ids).logits).abs().max() > 1e-3
+        seq = ids  # cached generate continues as full forwards do
+        for _ in range(3):
+            seq = torch.cat([seq, peft_model(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
+        assert torch.equal(peft_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0), seq)
+    peft_model.save_pretrained(tmp_path / "adapter")  # and the adapter reloads onto a fresh base model
+    reloaded = PeftModel.from_pretrained(tiny(name), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted)
+
+
 def test_the_tied_embedding_is_known_to_peft_by_name_as_llama_embed_tokens_is():
     # PEFT recognizes a tied input embedding by its module name (peft.utils.constants.EMBEDDING_LAYER_NAMES:
     # embed_tokens, lm_head); zoo's "embeddings" was not in it: ensure_weight_tying=True was ignored (the embedding's
