@@ -1751,6 +1751,36 @@ def test_a_hub_model_is_fingerprinted_by_the_commit_of_its_local_copy(tmp_path, 
     assert "weights differ" in capsys.readouterr().out
 
 
+def test_an_adapter_is_fingerprinted_with_its_base_model(tmp_path, monkeypatch, capsys):
+    """A resumed evaluation of a PEFT adapter kept the old results when its base model was retrained in place (an
+    adapter folder's fingerprint was its own files), or when a hub adapter was updated and downloaded again (the id
+    alone: the commit was read off config.json, which an adapter repo does not hold)."""
+    import os
+
+    from zoo.eval.common import model_fingerprint, resume, write_json
+
+    folder = tmp_path / "adapter"
+    save_trained_adapter(tmp_path / "base", folder, use_dora=False)
+    write_json({"rows": [], "config": {"weights": model_fingerprint(str(folder))}}, tmp_path / "out.json")
+    assert resume(tmp_path / "out.json", {"weights": model_fingerprint(str(folder))}, "t") is not None
+    weights = tmp_path / "base" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the base retrained
+    assert resume(tmp_path / "out.json", {"weights": model_fingerprint(str(folder))}, "t") is None
+    assert "weights differ" in capsys.readouterr().out
+
+    repo = "someone/tiny-jamba-adapter"
+    snapshot = offline_hub_repo(monkeypatch, tmp_path / "hub", repo)
+    save_trained_adapter(tmp_path / "base", snapshot, use_dora=False)
+    first = model_fingerprint(repo)
+    assert first != repo and first["commit"] == snapshot.name
+    write_json({"rows": [], "config": {"weights": first}}, tmp_path / "hub.json")
+    assert resume(tmp_path / "hub.json", {"weights": model_fingerprint(repo)}, "t") is not None
+    updated = snapshot.parent / ("1" * 40)  # the repository moved on and was downloaded again
+    snapshot.rename(updated)
+    (snapshot.parent.parent / "refs" / "main").write_text(updated.name)
+    assert resume(tmp_path / "hub.json", {"weights": model_fingerprint(repo)}, "t") is None
+
+
 @pytest.fixture
 def gla_checkpoint(tmp_path, hf_tokenizer):
     """A zoo GLA model (a recurrent mixer, for the mitigations) saved with the tiny tokenizer."""
