@@ -1,5 +1,6 @@
 """Shared test helpers: tolerant comparison that prints the relative error; a test file run under Triton's
-interpreter; a script of the repository (scripts/, benchmarks/) imported as a module."""
+interpreter; a script of the repository (scripts/, benchmarks/) imported as a module; a hub repo served offline;
+a trained LoRA/DoRA adapter."""
 
 from __future__ import annotations
 
@@ -168,3 +169,40 @@ def ctrl_c_on_call(fn, n: int):
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def offline_hub_repo(monkeypatch, cache: Path, repo_id: str) -> Path:
+    """The snapshot folder of hub repo `repo_id` in a hub cache at `cache`, with huggingface_hub offline and reading
+    that cache: whatever is saved into the folder is what transformers and PEFT download for `repo_id` (their
+    hf_hub_download, as with HF_HUB_OFFLINE=1 and a filled cache), with no network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+def save_trained_adapter(base: Path, folder: Path, use_dora: bool):
+    """A LoRA (DoRA with use_dora) adapter of the tiny Jamba saved at `base`, its weights moved off their initial values
+    as training moves them, saved by PEFT into `folder`; returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(base)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                             LoraConfig(r=4, target_modules=["in_proj", "q_proj"], use_dora=use_dora,
+                                        init_lora_weights=False))
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:  # trained values: the magnitudes away from the weights' norms they start at
+                p.mul_(1.5)
+    adapted.save_pretrained(folder)
+    return adapted.eval()

@@ -7,6 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import offline_hub_repo, save_trained_adapter
 from transformers import AutoModelForCausalLM
 
 import zoo
@@ -226,6 +227,31 @@ def test_generate_says_when_a_folder_has_no_tokenizer_and_takes_one(tiny_folder,
     assert e.value.code == 2 and "holds no tokenizer files" in capsys.readouterr().err
     cli.main(["generate", str(bare), "hi", "--tokenizer", "byte", "--max-new-tokens", "3"])
     assert capsys.readouterr().out.startswith("hi")
+
+
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_generate_runs_a_dora_adapter_as_peft_loads_it(tmp_path, capsys, monkeypatch, where):
+    # zoo generate loaded a hub adapter with transformers' from_pretrained, which leaves out DoRA's magnitudes (the
+    # model generated from was not the finetuned one, behind a load report), and refused an adapter folder
+    from zoo.modeling import ZooForCausalLM
+
+    ref = "someone/tiny-jamba-dora" if where == "hub" else str(tmp_path / "adapter")
+    folder = offline_hub_repo(monkeypatch, tmp_path / "hub", ref) if where == "hub" else Path(ref)
+    adapted = save_trained_adapter(tmp_path / "base", folder, use_dora=True)
+    ids = torch.tensor([[257, ord("h"), ord("i")]])
+    seen = {}
+    original = ZooForCausalLM.generate
+
+    def generate(self, *args, **kwargs):
+        with torch.no_grad():
+            seen["logits"] = self(ids).logits
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ZooForCausalLM, "generate", generate)
+    cli.main(["generate", ref, "hi", "--tokenizer", "byte", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("hi")
+    with torch.no_grad():
+        torch.testing.assert_close(seen["logits"], adapted(input_ids=ids).logits)
 
 
 def test_generate_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny_folder, tmp_path, capsys):

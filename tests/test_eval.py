@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import interrupt_after
+from helpers import interrupt_after, offline_hub_repo, save_trained_adapter
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from zoo.data.synthetic import make_batch
@@ -835,38 +835,31 @@ def test_a_zoo_yaml_loads_as_the_same_model_every_time(tmp_path):
     assert curves[0] == curves[1]
 
 
+@pytest.mark.parametrize("where", ["folder", "hub"])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_an_adapter_folder_loads_as_peft_applies_it(tmp_path, use_dora):
-    """zoo eval takes a PEFT adapter folder as --model; transformers' from_pretrained of it left out a DoRA adapter's
-    magnitudes (zoo finetune's lora.use_dora), so the model evaluated was not the finetuned one (logits 0.6 apart on
-    the tiny Jamba), with a load report only."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def test_an_adapter_loads_as_peft_applies_it(tmp_path, monkeypatch, use_dora, where):
+    """zoo eval takes a PEFT adapter, a folder or a hub id, as --model; transformers' from_pretrained of it left out a
+    DoRA adapter's magnitudes (zoo finetune's lora.use_dora), so the model evaluated was not the finetuned one
+    (logits 0.6 apart on the tiny Jamba), with a load report only. A hub id went that way after folders no longer
+    did. The hub is a cache read offline (offline_hub_repo)."""
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from zoo.config import ZooConfig
     from zoo.eval.common import load_model
 
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / "jamba-tiny.yaml")) \
-        .save_pretrained(tmp_path / "base")
-    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                             LoraConfig(r=4, target_modules=["in_proj", "q_proj"], use_dora=use_dora,
-                                        init_lora_weights=False))
-    with torch.no_grad():
-        for p in adapted.parameters():
-            if p.requires_grad:  # trained values: the magnitudes away from the weights' norms they start at
-                p.mul_(1.5)
-    adapted.save_pretrained(tmp_path / "adapter")
+    ref = "someone/tiny-jamba-adapter" if where == "hub" else str(tmp_path / "adapter")
+    folder = offline_hub_repo(monkeypatch, tmp_path / "hub", ref) if where == "hub" else Path(ref)
+    adapted = save_trained_adapter(tmp_path / "base", folder, use_dora)
     ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = adapted.eval()(input_ids=ids).logits
+        expected = adapted(input_ids=ids).logits
         reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
-                                             tmp_path / "adapter").eval()(input_ids=ids).logits
-        loaded = load_model(str(tmp_path / "adapter"), "cpu")
+                                             ref).eval()(input_ids=ids).logits
+        loaded = load_model(ref, "cpu")
         torch.testing.assert_close(reloaded, expected)
         torch.testing.assert_close(loaded(ids).logits, expected)
     assert type(loaded).__name__ == "ZooForCausalLM" and not loaded.training
-    half = load_model(str(tmp_path / "adapter"), "cpu", "bf16")
+    half = load_model(ref, "cpu", "bf16")
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
@@ -1756,6 +1749,36 @@ def test_a_hub_model_is_fingerprinted_by_the_commit_of_its_local_copy(tmp_path, 
     download("b" * 40)  # the repository moved on and was downloaded again
     assert resume(tmp_path / "out.json", {"weights": model_fingerprint("someone/tiny-zoo")}, "t") is None
     assert "weights differ" in capsys.readouterr().out
+
+
+def test_an_adapter_is_fingerprinted_with_its_base_model(tmp_path, monkeypatch, capsys):
+    """A resumed evaluation of a PEFT adapter kept the old results when its base model was retrained in place (an
+    adapter folder's fingerprint was its own files), or when a hub adapter was updated and downloaded again (the id
+    alone: the commit was read off config.json, which an adapter repo does not hold)."""
+    import os
+
+    from zoo.eval.common import model_fingerprint, resume, write_json
+
+    folder = tmp_path / "adapter"
+    save_trained_adapter(tmp_path / "base", folder, use_dora=False)
+    write_json({"rows": [], "config": {"weights": model_fingerprint(str(folder))}}, tmp_path / "out.json")
+    assert resume(tmp_path / "out.json", {"weights": model_fingerprint(str(folder))}, "t") is not None
+    weights = tmp_path / "base" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # the base retrained
+    assert resume(tmp_path / "out.json", {"weights": model_fingerprint(str(folder))}, "t") is None
+    assert "weights differ" in capsys.readouterr().out
+
+    repo = "someone/tiny-jamba-adapter"
+    snapshot = offline_hub_repo(monkeypatch, tmp_path / "hub", repo)
+    save_trained_adapter(tmp_path / "base", snapshot, use_dora=False)
+    first = model_fingerprint(repo)
+    assert first != repo and first["commit"] == snapshot.name
+    write_json({"rows": [], "config": {"weights": first}}, tmp_path / "hub.json")
+    assert resume(tmp_path / "hub.json", {"weights": model_fingerprint(repo)}, "t") is not None
+    updated = snapshot.parent / ("1" * 40)  # the repository moved on and was downloaded again
+    snapshot.rename(updated)
+    (snapshot.parent.parent / "refs" / "main").write_text(updated.name)
+    assert resume(tmp_path / "hub.json", {"weights": model_fingerprint(repo)}, "t") is None
 
 
 @pytest.fixture

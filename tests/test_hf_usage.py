@@ -412,6 +412,79 @@ def test_an_adapter_on_the_conv_that_the_kernels_would_skip_is_refused(name, con
     torch.testing.assert_close(peft_model.merge_and_unload()(ids).logits, merged)
 
 
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_lora_on_a_mixers_own_parameter_says_why_the_model_keeps_no_cache(name):
+    # target_parameters=["A_log"] puts the whole Mamba mixer inside PEFT's ParamWrapper, which has no init_state: a
+    # cached forward said "mixer ParamWrapper defines no init_state ... give ParamWrapper init_state", and generate
+    # warned the same, as if ParamWrapper were a custom mixer of the user's. The uncached numbers are right.
+    model = tiny(name).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "A_log" not in n:  # weights large enough for A_log to move the logits
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(n)))
+    ids = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = model(ids).logits
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=[], target_parameters=["A_log"],
+                                                  init_lora_weights=False)).eval()
+    why = r"Mamba is wrapped whole by PEFT's ParamWrapper \(LoRA's target_parameters on its A_log\)"
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=why + r".*use_cache=False.*merge_and_unload"):
+            peft_model(input_ids=ids, use_cache=True)
+        with pytest.warns(UserWarning, match=why + r".*merge_and_unload"):
+            out = peft_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        seq = ids
+        for _ in range(3):  # greedy by full forwards, the adapter applied
+            seq = torch.cat([seq, peft_model(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
+        assert (peft_model(input_ids=ids).logits - base).abs().max() > 1e-3  # the adapter counts
+        assert torch.equal(out, seq)
+        merged = peft_model.merge_and_unload()
+        cached = merged.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, seq)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_lora_layer_replication_builds_the_stack_it_names(name, tmp_path):
+    # LoraConfig(layer_replication=...) replaces the model's blocks with weight-sharing copies and sets
+    # config.num_hidden_layers to their count: zoo's config refused the count ("drop num_hidden_layers"), after PEFT had
+    # already replaced the blocks of the model passed in
+    from peft import PeftModel
+
+    model = tiny(name).eval()
+    n = len(model.model.layers)
+    plan = [[0, n // 2], [n // 4, n]]
+    order = list(range(0, n // 2)) + list(range(n // 4, n))
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    # the stack it names, built as a plain model: its config lists the copied blocks' specs, its weights the sources'
+    specs = model.config.layer_specs()
+    reference = AutoModelForCausalLM.from_config(ZooConfig(**{**model.config.to_dict(),
+                                                              "layers": [specs[i] for i in order]})).eval()
+    source = model.state_dict()
+    reference.load_state_dict({k: source[k if not k.startswith("model.layers.") else
+                                         "model.layers.{}.{}".format(order[int(k.split(".")[2])],
+                                                                     ".".join(k.split(".")[3:]))]
+                               for k in reference.state_dict()})
+    model.gradient_checkpointing_enable({"use_reentrant": False})
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["out_proj"], layer_replication=plan)).eval()
+    assert len(peft_model.get_base_model().model.layers) == len(order) == peft_model.config.num_hidden_layers
+    assert peft_model.get_base_model().model._checkpointed == set(range(len(order)))  # the copies checkpoint too
+    with torch.no_grad():  # LoRA starts as the identity: the replicated model is the reference
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, reference(ids).logits)
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+        adapted = peft_model(input_ids=ids).logits
+        assert (adapted - reference(ids).logits).abs().max() > 1e-3
+        seq = ids  # cached generate continues as full forwards do
+        for _ in range(3):
+            seq = torch.cat([seq, peft_model(input_ids=seq).logits[:, -1:].argmax(-1)], 1)
+        assert torch.equal(peft_model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0), seq)
+    peft_model.save_pretrained(tmp_path / "adapter")  # and the adapter reloads onto a fresh base model
+    reloaded = PeftModel.from_pretrained(tiny(name), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapted)
+
+
 def test_the_tied_embedding_is_known_to_peft_by_name_as_llama_embed_tokens_is():
     # PEFT recognizes a tied input embedding by its module name (peft.utils.constants.EMBEDDING_LAYER_NAMES:
     # embed_tokens, lm_head); zoo's "embeddings" was not in it: ensure_weight_tying=True was ignored (the embedding's

@@ -340,10 +340,31 @@ class StaticKVLayer(CacheLayerMixin):
             self.start = self.start[indices.to(self.device)]
 
 
+def wrapped_mixer(mixer) -> str | None:
+    """How PEFT wrapped a mixer whole, or None: LoRA's target_parameters on a parameter the mixer itself holds
+    (Mamba's A_log) puts the mixer inside a ParamWrapper, which has none of the mixer's decoding methods
+    (init_state), so the model keeps no cache."""
+    if not hasattr(mixer, "get_base_layer") or not hasattr(mixer.get_base_layer(), "init_state"):
+        return None
+    names, layer = [], mixer
+    while hasattr(layer, "get_base_layer") and hasattr(layer, "base_layer"):
+        if getattr(layer, "parameter_name", None):
+            names.append(layer.parameter_name)
+        layer = layer.base_layer
+    targets = f"LoRA's target_parameters on its {', '.join(names)}" if names else "a PEFT adapter on the mixer itself"
+    return (f"{type(mixer.get_base_layer()).__name__} is wrapped whole by PEFT's {type(mixer).__name__} ({targets}), "
+            f"which zoo's cache does not see through")
+
+
 def require_init_state(base) -> None:
     """Raise, naming the mixer, when a layer of `base` (a ZooModel) has a mixer without `init_state`: a custom mixer
-    may leave it out, and the model then keeps no cache."""
+    may leave it out, and the model then keeps no cache; or PEFT wrapped the mixer whole (`wrapped_mixer`)."""
     for i, block in enumerate(base.layers):
+        if (wrapped := wrapped_mixer(block.mixer)) is not None:
+            raise ValueError(f"layer {i}'s mixer {wrapped}, so this model keeps no cache: run it with "
+                             f"use_cache=False (generate does so by itself when use_cache is not given, rerunning the "
+                             f"whole sequence for each new token), or merge the adapter (merge_and_unload) to decode "
+                             f"with a cache")
         if not hasattr(block.mixer, "init_state"):
             name = type(block.mixer).__name__
             raise ValueError(f"layer {i}'s mixer {name} defines no init_state, so this model keeps no cache: run "

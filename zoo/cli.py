@@ -79,13 +79,13 @@ def _info_config(path: str):
 
 def generate(argv: list[str] | None = None) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, TextStreamer
+    from transformers import TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
-    from zoo.hub import check_model_ref, load_folder_tokenizer
+    from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer
 
     p = argparse.ArgumentParser(
         prog="zoo generate", description="Generate from a saved model folder.",
@@ -97,7 +97,8 @@ def generate(argv: list[str] | None = None) -> None:
                "one text per prompt (no num_return_sequences, return_dict_in_generate), --max-new-tokens (no "
                "max_time), --stop (its stop_strings replaced), and no repetition penalty, n-gram ban, minimum length, "
                "forced or suppressed tokens.")
-    p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id")
+    p.add_argument("model", help="a saved model folder (zoo, or any transformers causal LM) or hub id, or a PEFT "
+                                 "adapter (folder or hub id; loaded by PEFT onto its base model)")
     p.add_argument("prompt", nargs="?", help="the text to continue (or give --prompt / --prompts-file)")
     p.add_argument("--prompt", dest="prompts", action="append", metavar="TEXT", default=[],
                    help="another prompt (repeatable): several prompts run as one batch, left-padded")
@@ -167,7 +168,7 @@ def generate(argv: list[str] | None = None) -> None:
         p.error("--stop: an empty string would stop at once; give at least one character")
     if args.cuda_graph and args.num_beams > 1:
         p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
-    check_model_ref(args.model)
+    check_model_ref(args.model, adapter_ok=True)
     tok = load_folder_tokenizer(args.tokenizer or args.model)
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
@@ -180,7 +181,7 @@ def generate(argv: list[str] | None = None) -> None:
         p.error(f"{len(prompts)} prompts run as one left-padded batch, and the tokenizer has neither a pad nor an "
                 f"eos token to pad with; give one prompt per call")
     kwargs = {"dtype": DTYPES[args.dtype]} if args.dtype else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model, **kwargs).to(device).eval()
+    model = load_causal_lm(args.model, **kwargs).to(device).eval()  # an adapter through PEFT: DoRA kept
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tok) > n_embed:  # a prompt token past them failed in the embedding as 'IndexError: index out of range'
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"

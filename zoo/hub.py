@@ -201,6 +201,45 @@ def is_local_ref(text: str) -> bool:
         len(parts) > 1 and Path(parts[0]).is_dir())
 
 
+def adapter_config_file(ref: str | Path) -> Path | None:
+    """The adapter_config.json of the PEFT adapter `ref` names, or None: a local folder's, or a hub repo's (fetched,
+    or read from the hub cache offline, as transformers' from_pretrained looks for one); a local path that is not a
+    folder and a hub id without one give None."""
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path / "adapter_config.json" if (path / "adapter_config.json").is_file() else None
+    if path.exists() or is_local_ref(text):
+        return None
+    from transformers.utils import find_adapter_config_file
+
+    found = find_adapter_config_file(text)
+    return Path(found) if found else None
+
+
+def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, but a PEFT adapter (a local adapter folder or a hub
+    repo holding one) loads as PEFT loads it: its base model (its adapter_config.json's base_model_name_or_path, with
+    kwargs) with the adapter in its layers (``PeftModel.from_pretrained``), the model class returned. transformers'
+    own loading of an adapter left out LoRA's DoRA magnitudes (``use_dora``, whose saved keys it does not
+    recognize), so a DoRA finetune ran with its magnitudes at their initial values, behind a load report only."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo's Auto classes)
+
+    if adapter_config_file(ref) is None:
+        return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    from peft import PeftConfig, PeftModel
+
+    source = str(Path(str(ref)).expanduser()) if Path(str(ref)).expanduser().is_dir() else str(ref)
+    base = PeftConfig.from_pretrained(source).base_model_name_or_path
+    if not base:
+        raise ValueError(f"{ref} holds a PEFT adapter whose adapter_config.json names no base model "
+                         f"(base_model_name_or_path); load its base model and apply it with PeftModel.from_pretrained")
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    return PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
+
+
 def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     """The model (`AutoModelForCausalLM.from_pretrained`, kwargs passed on) and tokenizer (None if the folder
     has none) of a model folder."""
@@ -214,5 +253,5 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
-__all__ = ["check_model_ref", "load_folder_tokenizer", "load_model_folder", "save_model_folder", "shard_size",
-           "write_folder"]
+__all__ = ["adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer", "load_model_folder",
+           "save_model_folder", "shard_size", "write_folder"]

@@ -27,7 +27,15 @@ from transformers.modeling_outputs import (
 )
 from zoo_kernels.cross_entropy import cross_entropy
 
-from zoo.cache import KVCacheFull, RecurrentLayer, ZooCache, output_cache, require_init_state, require_positionwise
+from zoo.cache import (
+    KVCacheFull,
+    RecurrentLayer,
+    ZooCache,
+    output_cache,
+    require_init_state,
+    require_positionwise,
+    wrapped_mixer,
+)
 from zoo.config import ZooConfig, check_mixer_options
 from zoo.layers import (
     Block,
@@ -403,6 +411,7 @@ class ZooPreTrainedModel(PreTrainedModel):
         base = self if isinstance(self, ZooModel) else self.model
         base.gradient_checkpointing = enable
         base._gradient_checkpointing_func = gradient_checkpointing_func or partial(checkpoint, use_reentrant=False)
+        base._checkpoint_every = every_n_layers if enable else None
         base._checkpointed = {i for i in range(len(base.layers)) if enable and i % every_n_layers == 0}
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
@@ -488,7 +497,35 @@ class ZooModel(ZooPreTrainedModel):
         self.gradient_checkpointing = False
         self._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
         self._checkpointed = set(range(len(self.layers)))  # which blocks checkpoint when it is on (every_n_layers)
+        self._checkpoint_every = 1
         self.post_init()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "layers" and "layers" in self._modules and isinstance(value, nn.ModuleList):
+            self._follow_replicated_layers(value)
+        super().__setattr__(name, value)
+
+    def _follow_replicated_layers(self, blocks: nn.ModuleList) -> None:
+        """PEFT's layer_replication (LoraConfig) puts a new list of blocks here, copies of the model's own sharing
+        their weights (blocks [0, 4) then [2, 8), say), then sets config.num_hidden_layers to its length: the config's
+        `layers` is made the list of the copied blocks' specs (their ffn included), so that the count agrees, a saved
+        config builds that stack, and gradient checkpointing covers the new blocks. Without it the count was refused
+        as disagreeing with `layers` ("drop num_hidden_layers"), with the model's blocks already replaced. Any other
+        list (not copies of these blocks) is left as it is."""
+        old = list(self._modules["layers"])
+        if len(blocks) == len(old) and all(a is b for a, b in zip(blocks, old)):
+            return
+        owner = {id(p): i for i, block in enumerate(old) for p in block.parameters()}
+        sources = []
+        for block in blocks:
+            found = {owner.get(id(p)) for p in block.parameters()}
+            if len(found) != 1 or None in found:
+                return
+            sources.append(found.pop())
+        specs = self.config.layer_specs()
+        self.config.layers = [dict(specs[i]) for i in sources]
+        every = getattr(self, "_checkpoint_every", 1)
+        self._checkpointed = {i for i in range(len(blocks)) if every is not None and i % every == 0}
 
     def _has_attention(self) -> bool:
         """Whether a layer's mixer is zoo's attention (packed rows then take the varlen kernels' cu_seqlens)."""
@@ -869,10 +906,16 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
                 and _generate_cache(kwargs) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
-            missing = next(type(b.mixer).__name__ for b in self.model.layers if not hasattr(b.mixer, "init_state"))
-            warnings.warn(f"generate: mixer {missing} defines no init_state, so the model keeps no cache and each "
-                          f"new token reruns the whole sequence; give {missing} init_state(batch_size, dtype, "
-                          f"device, max_len=None) to decode step by step", stacklevel=2)
+            mixer = next(b.mixer for b in self.model.layers if not hasattr(b.mixer, "init_state"))
+            missing = type(mixer).__name__
+            if (wrapped := wrapped_mixer(mixer)) is not None:
+                warnings.warn(f"generate: mixer {wrapped}, so the model keeps no cache and each new token reruns the "
+                              f"whole sequence; merge the adapter (merge_and_unload) to decode step by step",
+                              stacklevel=2)
+            else:
+                warnings.warn(f"generate: mixer {missing} defines no init_state, so the model keeps no cache and "
+                              f"each new token reruns the whole sequence; give {missing} init_state(batch_size, "
+                              f"dtype, device, max_len=None) to decode step by step", stacklevel=2)
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
 

@@ -22,6 +22,7 @@ import torch
 
 from zoo.cache import output_cache
 from zoo.config_files import find_config
+from zoo.hub import load_causal_lm
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -77,25 +78,8 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
             model.keep_fp32_parameters()
     else:
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-        folder = Path(str(path)).expanduser()
-        if (folder / "adapter_config.json").is_file():
-            model = _adapted_model(folder, kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = load_causal_lm(path, **kwargs)  # a PEFT adapter (folder or hub repo) through PEFT: DoRA kept
     return model.to(device or default_device()).eval()
-
-
-def _adapted_model(folder: Path, kwargs: dict):
-    """A PEFT adapter folder's base model (``from_pretrained``, kwargs passed on) with the adapter in its layers, loaded
-    by PEFT: transformers' own loading of an adapter folder (``from_pretrained(folder)``) left out LoRA's DoRA
-    magnitudes (``use_dora``, whose saved keys it does not recognize), so a DoRA finetune was evaluated with its
-    magnitudes at their initial values, behind a load report only."""
-    from peft import PeftConfig, PeftModel
-    from transformers import AutoModelForCausalLM
-
-    base = PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    return PeftModel.from_pretrained(model, str(folder)).get_base_model()  # the model class, adapters active in it
 
 
 def check_model_path(path: str) -> None:
@@ -303,26 +287,54 @@ def model_fingerprint(path: str) -> dict | str:
     """What identifies ``--model``'s weights for a resumed run: size and modification time of each file of a local
     folder (so weights retrained into the same folder are not taken for the old ones), a YAML's text; for a hub id,
     the commit its local copy was downloaded at (so a repository updated since is not taken for the old weights),
-    else the id alone (not downloaded yet)."""
+    else the id alone (not downloaded yet). A PEFT adapter (folder or hub id) adds its base model's fingerprint
+    (``base``): the model evaluated is the base with the adapter, and a base retrained or updated under the same name
+    is another model."""
     local = Path(path).expanduser()
     if local.is_dir():
-        return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.iterdir()) if f.is_file()}
+        files = {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(local.iterdir()) if f.is_file()}
+        adapter = local / "adapter_config.json"
+        return {"adapter": files, "base": _base_fingerprint(adapter, local)} if adapter.is_file() else files
     if str(path).endswith((".yaml", ".yml")):  # a file, or a packaged config by name (as load_model reads it)
         return find_config(local, "models").read_text()
     commit = hub_commit(str(path))
-    return str(path) if commit is None else {"hub": str(path), "commit": commit}
+    if commit is not None:
+        return {"hub": str(path), "commit": commit}
+    adapter = _cached_hub_file(str(path), "adapter_config.json")
+    if adapter is None:
+        return str(path)
+    return {"hub": str(path), "commit": adapter.parent.name, "base": _base_fingerprint(adapter, None)}
+
+
+def _base_fingerprint(adapter_config: Path, folder: Path | None) -> dict | str | None:
+    """model_fingerprint of the base model an adapter_config.json names (None when it names none, or names the
+    adapter's own folder)."""
+    try:
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not base or (folder is not None and Path(base).expanduser().resolve() == folder.resolve()):
+        return None
+    return model_fingerprint(base)
 
 
 def hub_commit(repo_id: str) -> str | None:
     """The commit of the hub model ``repo_id`` whose files the local Hugging Face cache holds for its main revision
     (what from_pretrained loads offline), or None when none is cached; no network."""
+    found = _cached_hub_file(repo_id, "config.json")
+    return found.parent.name if found is not None else None  # <cache>/snapshots/<commit>/config.json
+
+
+def _cached_hub_file(repo_id: str, name: str) -> Path | None:
+    """The local Hugging Face cache's copy of file `name` of hub repo ``repo_id`` at its main revision, or None; no
+    network."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        found = try_to_load_from_cache(repo_id, "config.json")
+        found = try_to_load_from_cache(repo_id, name)
     except Exception:  # not a valid repo id, no huggingface_hub: nothing to read
         return None
-    return Path(found).parent.name if isinstance(found, str) else None  # <cache>/snapshots/<commit>/config.json
+    return Path(found) if isinstance(found, str) else None
 
 
 def resume(path: str | Path, config: dict, what: str) -> dict | None:
