@@ -9,6 +9,7 @@ import re
 import string
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -878,16 +879,22 @@ def test_sample_by_on_a_source_that_is_not_txt_files_is_refused_by_name(letter_d
         open_documents(cfg, "train")
 
 
-@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
-def test_a_folder_of_txt_files_is_read_as_sample_by_says_or_said_to_be_read_by_line(tmp_path, streaming):
-    # datasets' folder loader reads a folder of .txt files one line per document (its text builder's default), while
-    # data.sample_by was refused for a folder as if it held no .txt files, telling the user to leave it at 'document',
-    # a whole file per document, which the folder was not read as, without a word
+def txt_folder(tmp_path: Path) -> Path:
+    """A folder of two .txt files (four lines, three paragraphs), read with `datasets` (skipped without it)."""
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text("one\ntwo\n\nthree\n")
     (folder / "b.txt").write_text("four\n")
+    return folder
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_folder_of_txt_files_is_read_as_sample_by_says_or_said_to_be_read_by_line(tmp_path, streaming):
+    # datasets' folder loader reads a folder of .txt files one line per document (its text builder's default), while
+    # data.sample_by was refused for a folder as if it held no .txt files, telling the user to leave it at 'document',
+    # a whole file per document, which the folder was not read as, without a word
+    folder = txt_folder(tmp_path)
 
     def documents(sample_by: str) -> list[str]:
         cfg = DataConfig(source=str(folder), sample_by=sample_by, holdout=0.0, shuffle=False, streaming=streaming)
@@ -907,11 +914,7 @@ def test_a_folder_of_txt_files_beside_a_metadata_file_is_a_folder_of_txt_files(t
     # datasets' folder loader takes metadata.jsonl for metadata: it picks the kind of the other files and reads the .txt
     # files alone; the folder was said to hold files of several kinds, and data.sample_by was refused as if it held
     # no .txt files
-    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
-    folder = tmp_path / "texts"
-    folder.mkdir()
-    (folder / "a.txt").write_text("one\ntwo\n\nthree\n")
-    (folder / "b.txt").write_text("four\n")
+    folder = txt_folder(tmp_path)
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.txt", "label": 1}) + "\n")
     cfg = DataConfig(source=str(folder), sample_by="paragraph", holdout=0.0, shuffle=False, streaming=streaming)
     with warnings.catch_warnings():
