@@ -561,6 +561,19 @@ def test_a_transformers_ssms_a_log_d_and_dt_bias_are_not_decayed(model_type, fie
     assert decay == set(names.values()) - ssm  # (no_decay_1d false: the names alone are exempt)
 
 
+def adamw_steps(monkeypatch, what) -> list[list]:
+    """A list that gets, at each AdamW step, `what(group)` of each of its param groups."""
+    seen = []
+    adamw_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append([what(g) for g in self.param_groups])
+        return adamw_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return seen
+
+
 def test_a_run_that_decayed_a_transformers_mambas_a_log_resumes_as_it_trained(tmp_path, monkeypatch, capsys):
     """A checkpoint of a transformers Mamba written while A_log was decayed (its optimizer state holds those groups)
     resumes, saying so, with A_log still decayed, as its run trained: refused, it could not be continued at all."""
@@ -573,14 +586,7 @@ def test_a_run_that_decayed_a_transformers_mambas_a_log_resumes_as_it_trained(tm
     monkeypatch.setattr(zt, "NO_DECAY_NAMES", ())  # the rule before the names were exempt
     train(run(3))
     monkeypatch.undo()
-    sizes = []
-    adamw_step = torch.optim.AdamW.step
-
-    def step(self, *args, **kwargs):
-        sizes.append([len(g["params"]) for g in self.param_groups])
-        return adamw_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    sizes = adamw_steps(monkeypatch, lambda group: len(group["params"]))
     capsys.readouterr()
     assert train(run(4), resume="auto").step == 4
     assert "decayed the parameters named A_log, D, dt_bias" in capsys.readouterr().out
@@ -1196,14 +1202,7 @@ def test_resume_applies_a_changed_fused_adamw(tmp_path, monkeypatch, capsys, bef
     # run saved on one device resumed on another under 'auto')
     steps = {"warmup_steps": 0}
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule=steps, optim={"fused": before})))
-    seen = []
-    adamw_step = torch.optim.AdamW.step
-
-    def step(self, *args, **kwargs):
-        seen.append([bool(g["fused"]) for g in self.param_groups])
-        return adamw_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    seen = adamw_steps(monkeypatch, lambda group: bool(group["fused"]))
     capsys.readouterr()
     result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, schedule=steps,
                                              optim={"fused": after})), resume="auto")
