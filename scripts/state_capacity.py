@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"--fit-only first, or point --output_dir at the folder a run wrote")
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
-        from zoo.eval.common import write_text_atomically
+        from zoo.eval.common import interruption_says, sigterm_interrupts, write_text_atomically
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
@@ -530,7 +530,10 @@ def main(argv: list[str] | None = None) -> int:
             if key not in built:
                 built[key] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"], *key)
             return built[key]
-        try:
+
+        # SIGTERM stops an evaluation as Ctrl-C does (it killed the process without a word; a training's own handler
+        # saves and stops it), and either ends in one line saying what is kept (zoo.cli._run prints it)
+        with sigterm_interrupts(), interruption_says(interrupted_message(KeyboardInterrupt(), out)):
             for run in runs:
                 if args.only and run["model"] not in args.only:
                     continue
@@ -553,8 +556,6 @@ def main(argv: list[str] | None = None) -> int:
                 remove_evaluation_partials(run)  # (kept until the curves are saved)
                 curves = {spec: {"bins": e["bins"]} for spec, e in curves.items()}
                 plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
-        except KeyboardInterrupt as e:  # (a traceback, saying nothing of what was kept)
-            raise KeyboardInterrupt(interrupted_message(e, out)) from None
     # re-judge from the saved curves (margin and factor may have been overridden)
     evaluations = current_evaluations(out, runs, ev)
     table, collapsed = [], {}
