@@ -83,7 +83,8 @@ def load_mamba_extension(root: str, verbose: bool = False):
 def build_mamba_main(root: str) -> None:
     _, build_dir = mamba_paths(root)
     os.makedirs(build_dir, exist_ok=True)
-    open(os.path.join(build_dir, "BUILDING"), "w").close()
+    with open(os.path.join(build_dir, "BUILDING"), "w") as f:  # this process's id: a waiter sees whether it lives
+        f.write(str(os.getpid()))
     marker = os.path.join(build_dir, "STATUS")
     t0 = time.time()
     try:
@@ -94,6 +95,24 @@ def build_mamba_main(root: str) -> None:
     with open(marker, "w") as f:
         f.write(status)
     print(status)
+
+
+def build_running(build_dir: str) -> bool:
+    """Whether the process named in BUILD_DIR/BUILDING, a build of mamba_ssm's extension, is still running. A build
+    killed before writing STATUS (Ctrl-C, `timeout`'s SIGTERM to the process group) left BUILDING behind, and every
+    later run waited for its STATUS forever; a marker without a process id (written before it held one) is stale."""
+    try:
+        with open(os.path.join(build_dir, "BUILDING")) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that id
+        return True
+    return True
 
 
 def import_mamba(root: str):
@@ -274,7 +293,7 @@ def main() -> None:
     if os.path.exists(os.path.join(root, f"{MAMBA}.tar.gz")):
         _, build_dir = mamba_paths(root)
         status_file = os.path.join(build_dir, "STATUS")
-        if not os.path.exists(status_file) and not os.path.exists(os.path.join(build_dir, "BUILDING")):
+        if not os.path.exists(status_file) and not build_running(build_dir):
             log = open(os.path.join(root, "ss_mamba", "build.log"), "w")
             env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "10"))
             builder = subprocess.Popen([sys.executable, __file__, "--build-mamba", root], stdout=log,
@@ -317,9 +336,12 @@ def main() -> None:
         if status_file is not None:
             if builder is not None:
                 builder.wait()
-            while not os.path.exists(status_file):  # a build started by someone else (the run command)
+            while not os.path.exists(status_file) and build_running(build_dir):  # a build started by someone else
                 time.sleep(2)
-            status = open(status_file).read()
+            if os.path.exists(status_file):
+                status = open(status_file).read()
+            else:  # (its process ended without writing STATUS: killed; the next run builds again)
+                status = "failed: the build's process ended without a status (killed?)"
             mamba_note = status
             if status.startswith("ok"):
                 mamba_fn = import_mamba(root)

@@ -574,10 +574,12 @@ def test_generate_interrupted_writes_its_rows_and_exits_130(tmp_path, monkeypatc
     assert all(row["note"] == "run interrupted (Ctrl-C) after 2 of 3 measurements" for row in rows)
 
 
-def _selective_scan_run(tmp_path, monkeypatch, stop_at: int | None, how: str = "ctrl-c", mamba: bool = True):
+def _selective_scan_run(tmp_path, monkeypatch, stop_at: int | None, how: str = "ctrl-c", mamba: bool = True,
+                        building: int | None = None):
     """benchmarks/selective_scan.py's main on a pretended card: its timings return (ours 1, 2), (reference 3, 6) and
-    (mamba_ssm 2, 4) ms, the mamba_ssm build found done (or no sdist), and the timing call `stop_at` is interrupted
-    (Ctrl-C, or SIGTERM as `timeout` sends it); returns (exit code, rows written)."""
+    (mamba_ssm 2, 4) ms, the mamba_ssm build found done (or no sdist; or, with `building`, a build's BUILDING marker
+    naming that process id, without STATUS), and the timing call `stop_at` is interrupted (Ctrl-C, or SIGTERM as
+    `timeout` sends it); returns (exit code, rows written)."""
     import os
 
     from zoo_kernels.selective_scan import cuda as ss_cuda
@@ -590,7 +592,10 @@ def _selective_scan_run(tmp_path, monkeypatch, stop_at: int | None, how: str = "
         (root / "ss_mamba" / script.MAMBA / "csrc" / "selective_scan").mkdir(parents=True)
         (root / f"{script.MAMBA}.tar.gz").touch()
         (root / "ss_mamba" / "build").mkdir()
-        (root / "ss_mamba" / "build" / "STATUS").write_text("ok 1s")
+        if building is None:
+            (root / "ss_mamba" / "build" / "STATUS").write_text("ok 1s")
+        else:
+            (root / "ss_mamba" / "build" / "BUILDING").write_text(str(building))
 
     def mamba_fn(*args):
         return torch.full((4,), 1.01)
@@ -664,3 +669,39 @@ def test_selective_scan_uninterrupted_writes_every_row_once(tmp_path, monkeypatc
     assert all(row["err_vs_mamba"] == pytest.approx(0.01 / 1.01) for row in rows)
     out = capsys.readouterr()
     assert out.err == "" and out.out.count("| 1.000 | 2.000 | 2.00x | 3.00 |") == len(scan.SHAPES)
+
+
+def test_selective_scan_builds_again_where_a_killed_build_left_its_marker(tmp_path, monkeypatch, capsys):
+    """A mamba_ssm build killed before it wrote STATUS (Ctrl-C, `timeout`'s SIGTERM to the process group) left its
+    BUILDING marker: every later run started no build and waited for that STATUS forever. The marker names the build's
+    process now; one whose process is gone is stale, and the run builds again (here: a build that fails)."""
+    import subprocess
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id no longer running
+    started = []
+
+    class Build:  # the --build-mamba process: its marker, then a failed build's STATUS
+        def __init__(self, argv, **kwargs):
+            started.append(argv)
+            self.build = Path(argv[-1]) / "ss_mamba" / "build"
+            (self.build / "BUILDING").write_text(str(gone.pid))
+
+        def wait(self):
+            (self.build / "STATUS").write_text("failed 0s: test")
+
+    def sleep(seconds):
+        raise AssertionError("waited for a build no process runs")
+
+    monkeypatch.setattr(subprocess, "Popen", Build)
+    monkeypatch.setattr(time, "sleep", sleep)
+    code, rows = _selective_scan_run(tmp_path, monkeypatch, None, building=gone.pid)
+    assert code == 0 and len(started) == 1 and "--build-mamba" in started[0]
+    assert [row["baseline"].split()[0] for row in rows] == ["torch", "floor"] * 2 * 3
+    assert "mamba_ssm build: failed 0s: test" in capsys.readouterr().out
+    # the build's process ends without STATUS: the run says so, and does not wait on
+    monkeypatch.setattr(Build, "wait", lambda self: None)
+    code, rows = _selective_scan_run(tmp_path / "2", monkeypatch, None, building=gone.pid)
+    assert code == 0 and len(started) == 2 and len(rows) == 2 * 2 * 3
+    assert "mamba_ssm build: failed: the build's process ended without a status" in capsys.readouterr().out
