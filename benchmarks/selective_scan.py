@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import subprocess
@@ -37,6 +36,7 @@ import time
 import types
 
 import torch
+from ceilings import rows_kept_on_interrupt  # benchmarks/ceilings.py (the script's folder is on sys.path)
 
 MAMBA = "mamba_ssm-2.3.2.post1"
 SHAPES = [  # label, batch, length, dim
@@ -83,7 +83,8 @@ def load_mamba_extension(root: str, verbose: bool = False):
 def build_mamba_main(root: str) -> None:
     _, build_dir = mamba_paths(root)
     os.makedirs(build_dir, exist_ok=True)
-    open(os.path.join(build_dir, "BUILDING"), "w").close()
+    with open(os.path.join(build_dir, "BUILDING"), "w") as f:  # this process's id: a waiter sees whether it lives
+        f.write(str(os.getpid()))
     marker = os.path.join(build_dir, "STATUS")
     t0 = time.time()
     try:
@@ -94,6 +95,24 @@ def build_mamba_main(root: str) -> None:
     with open(marker, "w") as f:
         f.write(status)
     print(status)
+
+
+def build_running(build_dir: str) -> bool:
+    """Whether the process named in BUILD_DIR/BUILDING, a build of mamba_ssm's extension, is still running. A build
+    killed before writing STATUS (Ctrl-C, `timeout`'s SIGTERM to the process group) left BUILDING behind, and every
+    later run waited for its STATUS forever; a marker without a process id (written before it held one) is stale."""
+    try:
+        with open(os.path.join(build_dir, "BUILDING")) as f:
+            pid = int(f.read())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process of that id
+        return True
+    return True
 
 
 def import_mamba(root: str):
@@ -214,6 +233,49 @@ def floors(batch, length, dim, bw, ex2) -> tuple[float, float]:
     return fwd, both
 
 
+def make_rows(results: dict, card: str, date: str, command: str, bw: float, ex2: float) -> list[dict]:
+    """results.jsonl's rows of the shapes in `results` (label -> ours, ref, floor: (fwd, fwd+bwd) ms; mamba and
+    err_vs_mamba once measured), in SHAPES' order: per shape and pass, ours beside mamba_ssm, the torch reference
+    (each where timed) and the floor, one row after the other (benchmarks/report.py reads a figure's rows as one
+    run's only when they are)."""
+    rows = []
+    for label, batch, length, dim in SHAPES:
+        r = results.get(label)
+        if r is None:
+            continue
+        for i, what in enumerate(("fwd", "fwd+bwd")):
+            ours, floor = r["ours"][i], r["floor"][i]
+            mamba = r.get("mamba", (math.nan, math.nan))[i]
+            ref = r["ref"][i]
+            name = f"selective_scan {what} {label} (B={batch}, L={length}, D={dim}, N={N_STATE}, bf16)"
+            extra = {"floor_ms": floor, "ours_over_floor": ours / floor, "copy_TBps": bw / 1e12,
+                     "ex2_Tps": ex2 / 1e12, "err_vs_mamba": r.get("err_vs_mamba")}
+            common = {"name": name, "card": card, "date": date, "command": command, "ours_ms": ours}
+            for baseline, base_ms in ((f"mamba_ssm {MAMBA[10:]} selective_scan_cuda", mamba),
+                                      ("torch reference selective_scan_ref", ref)):
+                if not math.isnan(base_ms):
+                    rows.append({**common, "baseline": baseline, "baseline_ms": base_ms,
+                                 "ratio": base_ms / ours, **extra})
+            rows.append({**common, "baseline": "floor", "baseline_ms": floor, "ratio": floor / ours, **extra})
+    return rows
+
+
+def table(results: dict) -> list[str]:
+    """The markdown table of the shapes in `results`, as make_rows takes them."""
+    lines = ["| shape | pass | ours ms | mamba_ssm ms | speedup | torch ref ms | floor ms | ours / floor |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, _, _, _ in SHAPES:
+        r = results.get(label)
+        if r is None:
+            continue
+        for i, what in enumerate(("fwd", "fwd+bwd")):
+            ours, floor, ref = r["ours"][i], r["floor"][i], r["ref"][i]
+            mamba = r.get("mamba", (math.nan, math.nan))[i]
+            lines.append(f"| {label} | {what} | {ours:.3f} | {mamba:.3f} | {mamba / ours:.2f}x | {ref:.2f} | "
+                         f"{floor:.3f} | {ours / floor:.2f} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baselines", default=".baselines")
@@ -231,7 +293,7 @@ def main() -> None:
     if os.path.exists(os.path.join(root, f"{MAMBA}.tar.gz")):
         _, build_dir = mamba_paths(root)
         status_file = os.path.join(build_dir, "STATUS")
-        if not os.path.exists(status_file) and not os.path.exists(os.path.join(build_dir, "BUILDING")):
+        if not os.path.exists(status_file) and not build_running(build_dir):
             log = open(os.path.join(root, "ss_mamba", "build.log"), "w")
             env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "10"))
             builder = subprocess.Popen([sys.executable, __file__, "--build-mamba", root], stdout=log,
@@ -255,62 +317,50 @@ def main() -> None:
     print(f"{card}: copy {bw / 1e12:.2f} TB/s; ex2 {ex2 / 1e12:.2f} T/s ({ex2_how})")
 
     results = {}
-    for label, batch, length, dim in SHAPES:
-        inp = make_inputs(batch, length, dim)
-        ours = timings(ss_cuda.selective_scan_cuda, inp)
-        ref = (float("nan"), float("nan")) if args.skip_ref else timings(selective_scan_ref, inp)
-        results[label] = {"ours": ours, "ref": ref, "floor": floors(batch, length, dim, bw, ex2)}
-        print(f"{label}: ours fwd {ours[0]:.3f} ms, fwd+bwd {ours[1]:.3f} ms; "
-              f"ref {ref[0]:.2f} / {ref[1]:.2f} ms")
-        del inp
-        torch.cuda.empty_cache()
+    # Ctrl-C or SIGTERM: the rows of every figure measured so far (ours beside the torch reference and the floor, then
+    # beside mamba_ssm) are written, noted as cut short, and the run exits 130; they were written only after the last
+    # phase (mamba_ssm's build awaited, its timings), and an interruption lost them all
+    with rows_kept_on_interrupt(args.out, "selective_scan.py") as rows:
+        for label, batch, length, dim in SHAPES:
+            inp = make_inputs(batch, length, dim)
+            ours = timings(ss_cuda.selective_scan_cuda, inp)
+            ref = (float("nan"), float("nan")) if args.skip_ref else timings(selective_scan_ref, inp)
+            results[label] = {"ours": ours, "ref": ref, "floor": floors(batch, length, dim, bw, ex2)}
+            rows[:] = make_rows(results, card, date, command, bw, ex2)
+            print(f"{label}: ours fwd {ours[0]:.3f} ms, fwd+bwd {ours[1]:.3f} ms; "
+                  f"ref {ref[0]:.2f} / {ref[1]:.2f} ms")
+            del inp
+            torch.cuda.empty_cache()
 
-    mamba_fn, mamba_note = None, "not built"
-    if status_file is not None:
-        if builder is not None:
-            builder.wait()
-        while not os.path.exists(status_file):  # a build started by someone else (the run command)
-            time.sleep(2)
-        status = open(status_file).read()
-        mamba_note = status
-        if status.startswith("ok"):
-            mamba_fn = import_mamba(root)
-        print(f"mamba_ssm build: {status}")
-    for label, batch, length, dim in SHAPES:
-        inp = make_inputs(batch, length, dim)
-        if mamba_fn is not None:
-            results[label]["mamba"] = timings(mamba_fn, inp)
+        mamba_fn, mamba_note = None, "not built"
+        if status_file is not None:
+            if builder is not None:
+                builder.wait()
+            while not os.path.exists(status_file) and build_running(build_dir):  # a build started by someone else
+                time.sleep(2)
+            if os.path.exists(status_file):
+                status = open(status_file).read()
+            else:  # (its process ended without writing STATUS: killed; the next run builds again)
+                status = "failed: the build's process ended without a status (killed?)"
+            mamba_note = status
+            if status.startswith("ok"):
+                mamba_fn = import_mamba(root)
+            print(f"mamba_ssm build: {status}")
+        for label, batch, length, dim in SHAPES:
+            if mamba_fn is None:
+                break
+            inp = make_inputs(batch, length, dim)
+            mamba = timings(mamba_fn, inp)
             with torch.no_grad():
                 a = call(ss_cuda.selective_scan_cuda, inp).float()
                 b = call(mamba_fn, inp).float()
+            results[label]["mamba"] = mamba
             results[label]["err_vs_mamba"] = ((a - b).norm() / b.norm()).item()
-        del inp
-        torch.cuda.empty_cache()
+            rows[:] = make_rows(results, card, date, command, bw, ex2)
+            del inp
+            torch.cuda.empty_cache()
 
-    rows = []
-    lines = ["| shape | pass | ours ms | mamba_ssm ms | speedup | torch ref ms | floor ms | ours / floor |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for label, batch, length, dim in SHAPES:
-        r = results[label]
-        for i, what in enumerate(("fwd", "fwd+bwd")):
-            ours, floor = r["ours"][i], r["floor"][i]
-            mamba = r.get("mamba", (math.nan, math.nan))[i]
-            ref = r["ref"][i]
-            name = f"selective_scan {what} {label} (B={batch}, L={length}, D={dim}, N={N_STATE}, bf16)"
-            extra = {"floor_ms": floor, "ours_over_floor": ours / floor, "copy_TBps": bw / 1e12,
-                     "ex2_Tps": ex2 / 1e12, "err_vs_mamba": r.get("err_vs_mamba")}
-            common = {"name": name, "card": card, "date": date, "command": command, "ours_ms": ours}
-            for baseline, base_ms in ((f"mamba_ssm {MAMBA[10:]} selective_scan_cuda", mamba),
-                                      ("torch reference selective_scan_ref", ref)):
-                if not math.isnan(base_ms):
-                    rows.append({**common, "baseline": baseline, "baseline_ms": base_ms,
-                                 "ratio": base_ms / ours, **extra})
-            rows.append({**common, "baseline": "floor", "baseline_ms": floor, "ratio": floor / ours, **extra})
-            lines.append(f"| {label} | {what} | {ours:.3f} | {mamba:.3f} | {mamba / ours:.2f}x | {ref:.2f} | "
-                         f"{floor:.3f} | {ours / floor:.2f} |")
-    with open(args.out, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    lines = table(results)
     print(f"\n{card}, {date}, `{command}`; mamba_ssm: {mamba_note}; floor from copy {bw / 1e12:.2f} TB/s "
           f"and ex2 {ex2 / 1e12:.2f} T/s ({ex2_how})\n")
     print("\n".join(lines))

@@ -3,6 +3,7 @@
     python scripts/collapse.py configs/train/collapse.yaml                      # train, evaluate, report
     python scripts/collapse.py configs/train/collapse.yaml --only slow_decay    # one model of the recipe
     python scripts/collapse.py configs/train/collapse.yaml --report-only        # re-read evaluations.json
+    python scripts/collapse.py configs/train/collapse.yaml --dry-run            # list the runs, train nothing
 
 The recipe is a ``scripts/state_capacity.py`` sweep (same keys; usually one short training length): each
 model is trained at L tokens per row on the built-in corpus, then its per-position loss on long documents is
@@ -155,22 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="sweep YAML (configs/train/collapse.yaml)")
     parser.add_argument("--report-only", action="store_true", help="only re-read evaluations.json and report")
     parser.add_argument("--only", nargs="*", default=None, help="model names to train and evaluate")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs, steps and state sizes (state_capacity.py's --dry-run); nothing trains")
     args, rest = parser.parse_known_args(argv)
     script = _state_capacity()
-    only = [] if args.only is None else ["--only", *args.only]
-    if "--dry-run" in rest:
-        return script.main([args.config, *only, *rest])
-    if not args.report_only:  # state_capacity.main checks the sweep and --only before it trains
-        script.main([args.config, *only, *rest])
-    overrides = [item[2:] for item in rest if item.startswith("--") and "=" in item]
-    stray = [item for item in rest if not item.startswith("--") or "=" not in item]
-    if args.report_only and stray:
-        parser.error(f"unrecognized argument {stray[0]!r}; overrides look like --key.sub=value")
+    # every argument is checked here, under this script's name and usage: state_capacity.main's parser printed its
+    # own usage (--fit-only, no --report-only) under collapse.py's name, and took its --fit-only undocumented
+    for item in rest:
+        if not item.startswith("--") or "=" not in item:
+            hint = " (--report-only re-reads the saved evaluations)" if item == "--fit-only" else ""
+            parser.error(f"unrecognized argument {item!r}; overrides look like --key.sub=value{hint}")
+    overrides = [item[2:] for item in rest]
     try:
-        sweep = script.load_sweep(args.config, overrides)
-        script.check_only(args.only, sweep["models"])
+        sweep = script.check_sweep(args.config, overrides, args.only)[0]
     except ValueError as e:
         parser.error(str(e))
+    only = [] if args.only is None else ["--only", *args.only]
+    if args.dry_run:
+        return script.main([args.config, *only, "--dry-run", *rest])
+    if not args.report_only:
+        script.main([args.config, *only, *rest])
     out = Path(sweep["output_dir"])
     if args.report_only and not (out / "evaluations.json").is_file():  # (it wrote an empty report there)
         parser.error(f"--report-only: no saved evaluations in {out} (evaluations.json); run without --report-only "

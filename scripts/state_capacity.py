@@ -473,6 +473,21 @@ def plot_capacity(sizes: dict[str, float], lengths: list[int], collapsed: dict, 
     return path
 
 
+def check_sweep(config: str | Path, overrides: list[str], only: list[str] | None) -> tuple[dict, list[dict], dict]:
+    """The sweep, its runs and each model's state size (M floats), or ValueError for anything that would fail after a
+    training: a bad field or --only name, mitigations of a model without a state (collapse.py checks with it too)."""
+    sweep = load_sweep(config, overrides)
+    runs = expand_runs(sweep)
+    check_only(only, sweep["models"])
+    sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
+    stateless = [name for name, s in sizes.items() if s == 0]
+    if stateless and sweep["eval"]["mitigations"]:  # apply_mitigation would refuse it, after its training
+        raise ValueError(f"models.{stateless[0]}: has no recurrent layer (mamba, mamba2, gla), so no state for "
+                         f"eval.mitigations to act on (S = 0); give models with one (hybrids are fine), or "
+                         f"eval.mitigations=[] for an unmitigated baseline")
+    return sweep, runs, sizes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0].replace("\n", " ") + " Overrides: --section.field=value (e.g. "
@@ -486,15 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --key.sub=value")
     try:
-        sweep = load_sweep(args.config, [item[2:] for item in rest])
-        runs = expand_runs(sweep)
-        check_only(args.only, sweep["models"])
-        sizes = {name: ssm_state_floats(cfg) / 1e6 for name, cfg in sweep["models"].items()}
-        stateless = [name for name, s in sizes.items() if s == 0]
-        if stateless and sweep["eval"]["mitigations"]:  # apply_mitigation would refuse it, after its training
-            raise ValueError(f"models.{stateless[0]}: has no recurrent layer (mamba, mamba2, gla), so no state for "
-                             f"eval.mitigations to act on (S = 0); give models with one (hybrids are fine), or "
-                             f"eval.mitigations=[] for an unmitigated baseline")
+        sweep, runs, sizes = check_sweep(args.config, [item[2:] for item in rest], args.only)
     except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
         parser.error(str(e))
     out = Path(sweep["output_dir"])
@@ -516,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"--fit-only first, or point --output_dir at the folder a run wrote")
     if not args.fit_only:
         from zoo.data.text import load_tokenizer
-        from zoo.eval.common import write_text_atomically
+        from zoo.eval.common import interruption_says, sigterm_interrupts, write_text_atomically
         from zoo.eval.length import load_documents, plot_length_curves
 
         tokenizer = load_tokenizer(sweep["run"].get("tokenizer", "byte"))
@@ -530,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
             if key not in built:
                 built[key] = load_documents(None, ev["n_docs"], ev["max_len"], tokenizer, ev["seed"], ev["start"], *key)
             return built[key]
-        try:
+
+        # SIGTERM stops an evaluation as Ctrl-C does (it killed the process without a word; a training's own handler
+        # saves and stops it), and either ends in one line saying what is kept (zoo.cli._run prints it)
+        with sigterm_interrupts(), interruption_says(interrupted_message(KeyboardInterrupt(), out)):
             for run in runs:
                 if args.only and run["model"] not in args.only:
                     continue
@@ -553,8 +563,6 @@ def main(argv: list[str] | None = None) -> int:
                 remove_evaluation_partials(run)  # (kept until the curves are saved)
                 curves = {spec: {"bins": e["bins"]} for spec, e in curves.items()}
                 plot_length_curves(curves, out / f"{run['name']}-length.png", run["train_length"], run["name"])
-        except KeyboardInterrupt as e:  # (a traceback, saying nothing of what was kept)
-            raise KeyboardInterrupt(interrupted_message(e, out)) from None
     # re-judge from the saved curves (margin and factor may have been overridden)
     evaluations = current_evaluations(out, runs, ev)
     table, collapsed = [], {}

@@ -4,8 +4,10 @@ a trained LoRA/DoRA adapter."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -206,3 +208,38 @@ def save_trained_adapter(base: Path, folder: Path, use_dora: bool):
                 p.mul_(1.5)
     adapted.save_pretrained(folder)
     return adapted.eval()
+
+
+
+class Terminated(Exception):
+    """What SIGTERM raises under `sigterm_raises_terminated` where the code under test sets no handler of its own."""
+
+
+@contextlib.contextmanager
+def sigterm_raises_terminated():
+    """SIGTERM raises Terminated in the block (the default handler would end pytest); yields that handler, for checking
+    that the code under test put it back."""
+    def terminated(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_after(monkeypatch, module, batches: int) -> list:
+    """Makes ``module.per_position_loss`` (zoo.eval.length's, called once per batch of documents) send this process
+    SIGTERM, as `timeout` does, on its call after ``batches`` calls; returns the rows of each call."""
+    real = module.per_position_loss
+    calls = []
+
+    def step(model, input_ids, *args, **kwargs):
+        if len(calls) >= batches:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(input_ids.shape[0])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(module, "per_position_loss", step)
+    return calls

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, load_script
+from helpers import ROOT, Terminated, load_script, sigterm_raises_terminated
 
 GPU_ONLY = ["argmax", "attention", "conv1d", "cross_entropy", "decode_attention", "decode_linear", "generate", "gla",
             "mamba_layers", "mamba_step", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
@@ -572,3 +572,136 @@ def test_generate_interrupted_writes_its_rows_and_exits_130(tmp_path, monkeypatc
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["name"] for row in rows] == ["mamba/B1", "mamba/B2"]
     assert all(row["note"] == "run interrupted (Ctrl-C) after 2 of 3 measurements" for row in rows)
+
+
+def _selective_scan_run(tmp_path, monkeypatch, stop_at: int | None, how: str = "ctrl-c", mamba: bool = True,
+                        building: int | None = None):
+    """benchmarks/selective_scan.py's main on a pretended card: its timings return (ours 1, 2), (reference 3, 6) and
+    (mamba_ssm 2, 4) ms, the mamba_ssm build found done (or no sdist; or, with `building`, a build's BUILDING marker
+    naming that process id, without STATUS), and the timing call `stop_at` is interrupted (Ctrl-C, or SIGTERM as
+    `timeout` sends it); returns (exit code, rows written)."""
+    import os
+
+    from zoo_kernels.selective_scan import cuda as ss_cuda
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/selective_scan.py")
+    tmp_path.mkdir(exist_ok=True)
+    root = tmp_path / "baselines"
+    if mamba:  # the sdist unpacked and its build finished: nothing is built or started here
+        (root / "ss_mamba" / script.MAMBA / "csrc" / "selective_scan").mkdir(parents=True)
+        (root / f"{script.MAMBA}.tar.gz").touch()
+        (root / "ss_mamba" / "build").mkdir()
+        if building is None:
+            (root / "ss_mamba" / "build" / "STATUS").write_text("ok 1s")
+        else:
+            (root / "ss_mamba" / "build" / "BUILDING").write_text(str(building))
+
+    def mamba_fn(*args):
+        return torch.full((4,), 1.01)
+
+    monkeypatch.setattr(script, "import_mamba", lambda root: mamba_fn)
+    monkeypatch.setattr(ss_cuda, "available", lambda: True)
+    ours_fn = ss_cuda.selective_scan_cuda
+    calls = []
+
+    def timings(fn, inp):
+        calls.append(fn)
+        if len(calls) == stop_at:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            raise KeyboardInterrupt
+        return (1.0, 2.0) if fn is ours_fn else (2.0, 4.0) if fn is mamba_fn else (3.0, 6.0)
+
+    monkeypatch.setattr(script, "timings", timings)
+    monkeypatch.setattr(script, "call", lambda fn, inp: torch.ones(4) if fn is ours_fn else fn())
+    monkeypatch.setattr(script, "make_inputs", lambda *shape: {})
+    monkeypatch.setattr(script, "copy_bandwidth", lambda: 1e12)
+    monkeypatch.setattr(script, "ex2_rate", lambda: (1e12, "test"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/selective_scan.py", "--baselines", str(root), "--out", str(out)])
+    code = 0
+    with sigterm_raises_terminated() as handler:  # (where the script sets none, SIGTERM would end pytest)
+        try:
+            script.main()
+        except SystemExit as e:
+            code = e.code
+        except (KeyboardInterrupt, Terminated) as e:  # the script let it through
+            code = repr(e)
+        assert signal.getsignal(signal.SIGTERM) is handler
+    report = load_script("benchmarks/report.py")
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    assert report.newest(rows) == rows  # a figure's rows one after the other: report.py keeps every one of them
+    return code, rows
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_selective_scan_interrupted_writes_the_rows_it_measured(how, tmp_path, monkeypatch, capsys):
+    """selective_scan.py built its rows and appended them to --out only after every phase (ours and the torch reference
+    on each shape, then the wait for mamba_ssm's build, then mamba_ssm on each shape): Ctrl-C or `timeout`'s SIGTERM
+    lost every finished figure. The rows of the figures measured are written now, noted as cut short, exit 130."""
+    scan = load_script("benchmarks/selective_scan.py")
+    # stopped at mamba_ssm's timing of the second shape: every shape's reference and floor rows, the first's mamba_ssm
+    code, rows = _selective_scan_run(tmp_path, monkeypatch, 2 * len(scan.SHAPES) + 2, how)
+    cut = f"run interrupted ({'signal 15' if how == 'sigterm' else 'Ctrl-C'}) after {len(rows)} rows"
+    assert code == 130 and len(rows) == 3 * 2 * len(scan.SHAPES) - 2 * (len(scan.SHAPES) - 1)
+    assert all(row["note"] == cut for row in rows) and cut in capsys.readouterr().err
+    first = [row for row in rows if f"{scan.SHAPES[0][0]} (" in row["name"]]
+    assert [row["baseline"].split()[0] for row in first] == ["mamba_ssm", "torch", "floor"] * 2
+    assert all(row["err_vs_mamba"] == pytest.approx(0.01 / 1.01) for row in first)
+    assert [row["ratio"] for row in first if row["baseline"].startswith("mamba_ssm")] == [2.0, 2.0]
+    later = [row for row in rows if row not in first]
+    assert [row["baseline"].split()[0] for row in later] == ["torch", "floor"] * 2 * (len(scan.SHAPES) - 1)
+    assert all(row["err_vs_mamba"] is None for row in later)
+    # stopped at the reference's timing of the second shape (no mamba_ssm sdist): the first shape's rows
+    code, rows = _selective_scan_run(tmp_path / "2", monkeypatch, 4, how, mamba=False)
+    assert code == 130 and [row["baseline"].split()[0] for row in rows] == ["torch", "floor"] * 2
+    assert all(f"{scan.SHAPES[0][0]} (" in row["name"] for row in rows)
+
+
+def test_selective_scan_uninterrupted_writes_every_row_once(tmp_path, monkeypatch, capsys):
+    scan = load_script("benchmarks/selective_scan.py")
+    code, rows = _selective_scan_run(tmp_path, monkeypatch, None)
+    assert code == 0 and len(rows) == 3 * 2 * len(scan.SHAPES) and not any("note" in row for row in rows)
+    assert [row["baseline"].split()[0] for row in rows] == ["mamba_ssm", "torch", "floor"] * 2 * len(scan.SHAPES)
+    assert all(row["err_vs_mamba"] == pytest.approx(0.01 / 1.01) for row in rows)
+    out = capsys.readouterr()
+    assert out.err == "" and out.out.count("| 1.000 | 2.000 | 2.00x | 3.00 |") == len(scan.SHAPES)
+
+
+def test_selective_scan_builds_again_where_a_killed_build_left_its_marker(tmp_path, monkeypatch, capsys):
+    """A mamba_ssm build killed before it wrote STATUS (Ctrl-C, `timeout`'s SIGTERM to the process group) left its
+    BUILDING marker: every later run started no build and waited for that STATUS forever. The marker names the build's
+    process now; one whose process is gone is stale, and the run builds again (here: a build that fails)."""
+    import subprocess
+    import time
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a process id no longer running
+    started = []
+
+    class Build:  # the --build-mamba process: its marker, then a failed build's STATUS
+        def __init__(self, argv, **kwargs):
+            started.append(argv)
+            self.build = Path(argv[-1]) / "ss_mamba" / "build"
+            (self.build / "BUILDING").write_text(str(gone.pid))
+
+        def wait(self):
+            (self.build / "STATUS").write_text("failed 0s: test")
+
+    def sleep(seconds):
+        raise AssertionError("waited for a build no process runs")
+
+    monkeypatch.setattr(subprocess, "Popen", Build)
+    monkeypatch.setattr(time, "sleep", sleep)
+    code, rows = _selective_scan_run(tmp_path, monkeypatch, None, building=gone.pid)
+    assert code == 0 and len(started) == 1 and "--build-mamba" in started[0]
+    assert [row["baseline"].split()[0] for row in rows] == ["torch", "floor"] * 2 * 3
+    assert "mamba_ssm build: failed 0s: test" in capsys.readouterr().out
+    # the build's process ends without STATUS: the run says so, and does not wait on
+    monkeypatch.setattr(Build, "wait", lambda self: None)
+    code, rows = _selective_scan_run(tmp_path / "2", monkeypatch, None, building=gone.pid)
+    assert code == 0 and len(started) == 2 and len(rows) == 2 * 2 * 3
+    assert "mamba_ssm build: failed: the build's process ended without a status" in capsys.readouterr().out

@@ -537,3 +537,33 @@ def test_sweep_interrupted_ends_in_one_line_saying_what_is_kept(script, tmp_path
                    f"(evaluations.json) and an evaluation's finished documents (length-*.partial.pt) are kept in "
                    f"{tmp_path}; the same command continues\n")
     assert not (tmp_path / "collapse.md").exists()
+
+
+@pytest.mark.parametrize("script", ["state_capacity", "collapse"])
+def test_sweep_evaluation_stopped_by_sigterm_keeps_its_documents_and_says_so(script, tmp_path, monkeypatch, capsys):
+    """SIGTERM (`timeout`'s, a scheduler's) during a sweep's evaluation killed both scripts without a word (only the
+    training handled it): it stops as Ctrl-C does now, the finished documents' partial file kept, one line saying what
+    is kept and that the same command continues, exit status 130; the handler before the command is back afterwards."""
+    import signal
+
+    from helpers import sigterm_after, sigterm_raises_terminated
+
+    import zoo.eval.length as length
+    from zoo.cli import _run
+
+    capacity, config = sweep_of_a_saved_model(tmp_path, monkeypatch)
+    main = capacity.main if script == "state_capacity" else load_script("scripts/collapse.py").main
+    out = tmp_path / "out"
+    argv = [str(config), "--only", "default", "--eval.n_docs=3", "--eval.max_len=96", "--eval.chunk_size=32",
+            "--eval.batch_size=1", "--eval.mitigations=[]", "--eval.start=document", f"--output_dir={out}"]
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    calls = sigterm_after(monkeypatch, length, 2)
+    capsys.readouterr()
+    with sigterm_raises_terminated() as handler:
+        assert _run(script, main, argv) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert calls == [1, 1] and torch.load(out / "default-L64" / "length-none.partial.pt")["batches"] == 2
+    assert (f"{script}: interrupted: trained runs (done.json), evaluated runs (evaluations.json) and an evaluation's "
+            f"finished documents (length-*.partial.pt) are kept in {out}; the same command continues\n"
+            in capsys.readouterr().err)
+    assert not (out / "collapse.md").exists() and not (out / "summary.md").exists()

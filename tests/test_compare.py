@@ -1639,3 +1639,22 @@ def test_passkey_template_check_counts_bos_as_the_recipe_trains():
                 _check_inputs(cfg, resolve_models(cfg, folder))
         else:
             _check_inputs(cfg, resolve_models(cfg, folder))
+
+
+def test_an_interrupted_comparison_says_so_under_its_own_name(tmp_path, monkeypatch, capsys):
+    """zoo compare's interruption line read 'interrupted: finished phases are kept ...' with no `zoo compare:` (every
+    other command's message has its name) and dropped what the KeyboardInterrupt said: which training stopped, and at
+    which step."""
+    import zoo.compare as compare
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt("training of mamba stopped at step 3")
+
+    monkeypatch.setattr(compare, "run_comparison", stopped)
+    out = tmp_path / "cmp"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}"]) == 130
+    assert capsys.readouterr().err == (f"\nzoo compare: interrupted: training of mamba stopped at step 3; finished "
+                                       f"phases are kept in {out}; rerun the same command to continue\n")
+    monkeypatch.setattr(compare, "run_comparison", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--force"]) == 130
+    assert capsys.readouterr().err.startswith("\nzoo compare: interrupted; finished phases are kept in ")

@@ -1930,3 +1930,29 @@ def test_evaluations_of_a_model_whose_config_says_return_dict_false_read_its_log
     model.config.return_dict = False
     assert isinstance(model(docs[0][None]), tuple)
     assert run() == expected
+
+
+def test_eval_length_stopped_by_sigterm_keeps_its_documents_and_says_so(checkpoint, tmp_path, monkeypatch, capsys):
+    """SIGTERM (`timeout`'s, a scheduler's) during zoo eval length killed the process without a word (only training
+    handled it): it stops as Ctrl-C does now, the finished documents' partial file kept, one line saying what is kept
+    and that the same command continues, exit status 130; the handler before the command is back afterwards."""
+    import signal
+
+    from helpers import sigterm_after, sigterm_raises_terminated
+
+    from zoo.cli import _run
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0)), tmp_path / "docs.pt")
+    out = tmp_path / "out"
+    argv = ["--model", str(checkpoint), "--label", "a", "--tokens", str(tmp_path / "docs.pt"), "--chunk-size", "16",
+            "--device", "cpu", "--out", str(out)]
+    monkeypatch.setattr(length, "SAVE_EVERY", 0, raising=False)
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    calls = sigterm_after(monkeypatch, length, 2)
+    with sigterm_raises_terminated() as handler:
+        assert _run("zoo eval length", length.main, argv) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert calls == [1, 1] and torch.load(out / "a.partial.pt")["batches"] == 2  # the third document's forward stopped
+    assert (f"zoo eval length: interrupted: finished curves (length.json, *.csv) and the finished documents of an "
+            f"evaluation (*.partial.pt) are kept in {out}; the same command continues\n") in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -681,3 +682,31 @@ def test_script_help_names_the_overrides_it_takes(capsys, script_name, config, o
     loader = script.load_recipe if script_name == "train_synthetic" else \
         load_script("scripts/state_capacity.py").load_sweep
     assert loader(ROOT / f"configs/train/{config}.yaml", [override])  # the example given is one the script takes
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fit-only"], "unrecognized argument '--fit-only'; overrides look like --key.sub=value (--report-only re-reads "
+                     "the saved evaluations)"),
+    (["stray"], "unrecognized argument 'stray'"),
+    (["--models.default.layers=AA", "--models.default.mixers={A: {type: attention, n_heads: 2}}"],
+     "models.default: has no recurrent layer"),
+], ids=["fit-only", "stray", "stateless"])
+def test_collapse_refuses_bad_arguments_with_its_own_usage(tmp_path, capsys, monkeypatch, argv, message):
+    """collapse.py handed what it did not know to state_capacity.main, whose parser printed state_capacity's usage line
+    (--fit-only, no --report-only) under collapse.py's name; and --fit-only, which collapse.py's --help does not list,
+    was taken (a state-capacity fit written beside the report). Its own parser refuses them now, before anything
+    trains; its --help lists --dry-run, which it passes on."""
+    collapse = load_script("scripts/collapse.py")
+    capacity = collapse._state_capacity()
+    trained = []
+    monkeypatch.setattr(capacity, "train_run", lambda run: trained.append(run["name"]))
+    monkeypatch.setattr(sys, "argv", ["collapse.py"])
+    err = _refused(collapse.main, [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", *argv],
+                   capsys)
+    usage = " ".join(err.split("collapse.py: error:")[0].split())
+    assert usage.startswith("usage: collapse.py ") and "--report-only" in usage and "--fit-only" not in usage, err
+    assert f"collapse.py: error: {message}" in " ".join(err.split()), err
+    assert trained == [] and not any(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        collapse.main(["--help"])
+    assert "--dry-run" in capsys.readouterr().out

@@ -2186,11 +2186,12 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         # --force deletes a model's results before redoing it: the same command again would redo the finished ones
         how = "the same command without --force" if args.force else "the same command"
-        print(f"\ninterrupted: finished phases are kept in {cfg.output_dir}; rerun {how} to continue",
-              file=sys.stderr)
+        why = f": {e}" if str(e) else ""  # (which training or phase stopped, and where it saved, when it says)
+        print(f"\nzoo compare: interrupted{why}; finished phases are kept in {cfg.output_dir}; rerun {how} to "
+              f"continue", file=sys.stderr)
         return 130
     except ValueError as e:
         print(f"zoo compare: {e}", file=sys.stderr)

@@ -8,6 +8,7 @@ transformers model alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
 import inspect
@@ -15,6 +16,8 @@ import io
 import json
 import math
 import os
+import signal
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -415,6 +418,38 @@ def remove_partial(path: str | Path) -> None:
     path = Path(path)
     for file in (path, path.with_name(path.name + ".tmp")):
         file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (`timeout`'s, a scheduler's) raises KeyboardInterrupt inside the block, as Ctrl-C does, so that an
+    evaluation stopped either way ends alike: its finished documents' partial file kept, one line saying so, exit
+    status 130 (zoo.cli._run). Outside the main thread (no signal handler can be set there) it changes nothing; a
+    handler set inside the block (zoo.train's, which saves and stops) takes precedence while it is set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def interruption_says(message: str) -> Iterator[None]:
+    """A bare KeyboardInterrupt (Ctrl-C, or SIGTERM under `sigterm_interrupts`) inside the block is raised again with
+    `message` (what is kept, how to go on), the line zoo.cli._run prints; one that says something already is kept."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if str(e):
+            raise
+        raise KeyboardInterrupt(message) from None
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:

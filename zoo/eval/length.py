@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from zoo.eval.common import (
     check_model_path,
     check_token_ids,
+    interruption_says,
     iter_chunk_logits,
     load_model,
     load_tokenizer,
@@ -42,6 +43,7 @@ from zoo.eval.common import (
     remove_partial,
     save_atomically,
     save_figure,
+    sigterm_interrupts,
     tokens_digest,
     trained_with_bos,
     write_json,
@@ -559,50 +561,54 @@ def main(argv: Sequence[str] | None = None) -> dict:
             previous = json.loads((out / "length.json").read_text())
         except ValueError:
             previous = {}
-    for base, path, stem, spec in runs:
-        label = f"{base} [{spec}]" if args.mitigation else base
-        if args.mitigation:
-            stem = re.sub(r"[^0-9A-Za-z=._-]+", "_", f"{stem}-{spec}")
-        partial = out / f"{stem}.partial.pt"
-        # a norm cap acts at every chunk's end, so its curve also depends on --chunk-size
-        chunking = {"chunk_size": args.chunk_size} if splits_matter(spec) else {}
-        config = json.loads(json.dumps(documents_from | {"model": path, "weights": model_fingerprint(path),
-                                                         "mitigation": spec} | chunking))
-        kept = previous.get(label) if isinstance(previous, dict) else None
-        if isinstance(kept, dict) and kept.get("config") == config and "bins" in kept:
-            print(f"## {label}: kept from {out / 'length.json'} (same model and settings; delete it, or give another "
-                  f"--out, to evaluate it again)\n")
-            results[label], summary[label] = kept, kept
-            write_json(summary, out / "length.json")
-            remove_partial(partial)  # (of a run interrupted between writing its curve and removing it)
-            continue
-        if isinstance(kept, dict):
-            print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
-        model = load_model(path, args.device, args.dtype)
-        config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
-        if spec is not None:
-            apply_mitigation(model, spec)
-        # the documents finished so far, saved as the run goes: a rerun of the same settings resumes there; kept
-        # complete until length.json holds the curve, so that an interruption before then loses nothing
-        documents = documents_for(model)
-        provenance = document_provenance(documents, f"zoo eval length {path}", holdouts.get(path) is not None)
-        result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
-                                 progress=True, partial=partial, partial_key=config, save_every=SAVE_EVERY,
-                                 label=label, keep_partial=True)
-        del model
-        results[label] = result
-        print(f"## {label}: {result['n_documents']} documents of up to {result['max_len']} tokens\n")
-        print(markdown_table(result["bins"]))
-        print()
-        write_rows(result["bins"], out / f"{stem}.csv")
-        torch.save({"mean": result["mean"], "count": result["count"]}, out / f"{stem}-per-position.pt")
-        summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {"model": path,
-                                                                                             "mitigation": spec,
-                                                                                             "config": config}
-        if provenance is not None:  # the built-in corpus: how much of it is text the model trained on
-            summary[label]["documents"] = provenance
-        write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
-        remove_partial(partial)
+    # SIGTERM stops the evaluation as Ctrl-C does (it killed the process without a word), and either ends in one line
+    # saying what is kept (zoo.cli._run prints it)
+    kept_message = (f"finished curves (length.json, *.csv) and the finished documents of an evaluation (*.partial.pt) "
+                    f"are kept in {out}; the same command continues")
+    with sigterm_interrupts(), interruption_says(kept_message):
+        for base, path, stem, spec in runs:
+            label = f"{base} [{spec}]" if args.mitigation else base
+            if args.mitigation:
+                stem = re.sub(r"[^0-9A-Za-z=._-]+", "_", f"{stem}-{spec}")
+            partial = out / f"{stem}.partial.pt"
+            # a norm cap acts at every chunk's end, so its curve also depends on --chunk-size
+            chunking = {"chunk_size": args.chunk_size} if splits_matter(spec) else {}
+            config = json.loads(json.dumps(documents_from | {"model": path, "weights": model_fingerprint(path),
+                                                             "mitigation": spec} | chunking))
+            kept = previous.get(label) if isinstance(previous, dict) else None
+            if isinstance(kept, dict) and kept.get("config") == config and "bins" in kept:
+                print(f"## {label}: kept from {out / 'length.json'} (same model and settings; delete it, or give "
+                      f"another --out, to evaluate it again)\n")
+                results[label], summary[label] = kept, kept
+                write_json(summary, out / "length.json")
+                remove_partial(partial)  # (of a run interrupted between writing its curve and removing it)
+                continue
+            if isinstance(kept, dict):
+                print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
+            model = load_model(path, args.device, args.dtype)
+            config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
+            if spec is not None:
+                apply_mitigation(model, spec)
+            # the documents finished so far, saved as the run goes: a rerun of the same settings resumes there; kept
+            # complete until length.json holds the curve, so that an interruption before then loses nothing
+            documents = documents_for(model)
+            provenance = document_provenance(documents, f"zoo eval length {path}", holdouts.get(path) is not None)
+            result = evaluate_length(model, documents, args.chunk_size, args.batch_size, args.bins_per_octave,
+                                     progress=True, partial=partial, partial_key=config, save_every=SAVE_EVERY,
+                                     label=label, keep_partial=True)
+            del model
+            results[label] = result
+            print(f"## {label}: {result['n_documents']} documents of up to {result['max_len']} tokens\n")
+            print(markdown_table(result["bins"]))
+            print()
+            write_rows(result["bins"], out / f"{stem}.csv")
+            torch.save({"mean": result["mean"], "count": result["count"]}, out / f"{stem}-per-position.pt")
+            summary[label] = {k: v for k, v in result.items() if k not in ("mean", "count")} | {
+                "model": path, "mitigation": spec, "config": config}
+            if provenance is not None:  # the built-in corpus: how much of it is text the model trained on
+                summary[label]["documents"] = provenance
+            write_json(summary, out / "length.json")  # after every run: an interrupted sweep keeps what it finished
+            remove_partial(partial)
     png = plot_length_curves(results, out / "length.png", args.train_length)
     print(f"wrote {out}/*.csv, length.json and {png}")
     return summary
