@@ -642,6 +642,7 @@ def test_selective_scan_interrupted_writes_the_rows_it_measured(how, tmp_path, m
     """selective_scan.py built its rows and appended them to --out only after every phase (ours and the torch reference
     on each shape, then the wait for mamba_ssm's build, then mamba_ssm on each shape): Ctrl-C or `timeout`'s SIGTERM
     lost every finished figure. The rows of the figures measured are written now, noted as cut short, exit 130."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports ceilings, as when run
     scan = load_script("benchmarks/selective_scan.py")
     # stopped at mamba_ssm's timing of the second shape: every shape's reference and floor rows, the first's mamba_ssm
     code, rows = _selective_scan_run(tmp_path, monkeypatch, 2 * len(scan.SHAPES) + 2, how)
@@ -662,6 +663,7 @@ def test_selective_scan_interrupted_writes_the_rows_it_measured(how, tmp_path, m
 
 
 def test_selective_scan_uninterrupted_writes_every_row_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports ceilings, as when run
     scan = load_script("benchmarks/selective_scan.py")
     code, rows = _selective_scan_run(tmp_path, monkeypatch, None)
     assert code == 0 and len(rows) == 3 * 2 * len(scan.SHAPES) and not any("note" in row for row in rows)
