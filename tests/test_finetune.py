@@ -774,6 +774,23 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
         read_jsonl(str(data))
 
 
+def test_a_json_array_file_is_refused_briefly_as_not_jsonl(tmp_path):
+    # a file holding its rows as one JSON array was refused with the whole array in its message ("got keys [{...}]")
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.json"
+    rows = [{"text": f"row {i} " + "x" * 50} for i in range(200)]
+    data.write_text(json.dumps(rows) + "\n")
+    with pytest.raises(ValueError) as refused:
+        read_jsonl(str(data))
+    assert str(refused.value).startswith(f"{data}:1: a JSON array of 200 items, not a JSON object; a jsonl file holds "
+                                         f"one object per line")
+    assert len(str(refused.value)) < len(str(data)) + 200 and "row 0" not in str(refused.value)
+    data.write_text('{"text": "fine"}\n' + json.dumps("x" * 500) + "\n")  # any other value: its type, cut short
+    with pytest.raises(ValueError, match=r"rows\.json:2: str '\"x{39}', not a JSON object"):
+        read_jsonl(str(data))
+
+
 def test_a_jsonl_file_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
     # a Latin-1 byte raised "'utf-8' codec can't decode byte 0xe9 in position 31", naming neither the file (one of a
     # glob's) nor its line

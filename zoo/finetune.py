@@ -812,9 +812,14 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
             except json.JSONDecodeError as e:  # it said "line 1 column 9", the line of the row's own text
                 raise ValueError(f"{file}:{lineno}: not a JSON object ({e.msg} at column {e.colno}); each line of "
                                  f"a jsonl file is one row such as {{\"text\": ...}}") from None
-            if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
+            if not isinstance(row, dict):  # it printed the whole value: a file's rows, for a one-line JSON array
+                value = f"a JSON array of {len(row)} items" if isinstance(row, list) else f"{type(row).__name__} " \
+                    f"{line.strip()[:40]!r}"
+                raise ValueError(f"{file}:{lineno}: {value}, not a JSON object; a jsonl file holds one object per "
+                                 f"line, such as {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}}")
+            if not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()):
                 raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
-                                 f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
+                                 f"\"completion\": ...}}, got keys {sorted(row)}")
             if "text" in row and row.keys() & {"prompt", "completion"}:  # it trained on the text alone, without a word,
                 # where TRL's SFTTrainer takes such a row as prompt/completion (and appends eos to its text)
                 both = sorted(row.keys() & {"prompt", "completion"})
