@@ -1097,6 +1097,10 @@ def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path)
     assert resume_changes(ckpt, config_from_dict(run_dict(tmp_path / "elsewhere"))) == []  # output_dir ignored
     longer = config_from_dict(run_dict(tmp_path, train={"max_steps": 12}, data={"seq_len": 128}))
     assert resume_changes(ckpt, longer) == ["data.seq_len: 64 -> 128", "train.max_steps: 6 -> 12"]
+    # train.seed was listed as though it applied, but load_state restores the run's random state over it
+    reseeded = config_from_dict(run_dict(tmp_path, train={"seed": 7}))
+    assert resume_changes(ckpt, reseeded) == ["train.seed: 0 -> 7 (no effect: the checkpoint's weights and random "
+                                              "state are restored)"]
     # streaming changes a dataset's document order (a buffer shuffle, not a permutation), which the saved doc indexes
     for sections, field in [({"data": {"seed": 1}}, "data.seed"), ({"tokenizer": "gpt2"}, "tokenizer"),
                             ({"data": {"streaming": False}}, "data.streaming"),

@@ -1334,6 +1334,8 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | No
         if key == "data.revision" and old == "None" and new == state.get("source_commit"):  # _flat's None
             continue  # pinned to the very commit that the run read its hub dataset's default branch at
         line = f"{key}: {old!r} -> {new!r}"
+        if key == "train.seed":  # it seeds the fresh model and the random state, which the checkpoint's replace
+            line += " (no effect: the checkpoint's weights and random state are restored)"
         if key.startswith(_RESUME_FIXED) and key not in _RESUME_FREE_DATA:
             fixed.append(line)
         else:
