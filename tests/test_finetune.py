@@ -439,6 +439,29 @@ def short_mqar_finetune(tmp_path) -> list[str]:
     return [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
 
 
+def test_a_pretrain_seed_that_draws_the_finetunes_held_out_rows_is_refused(tmp_path):
+    """The finetune holds out the rows of data.seed + 1: a pretrain section with that seed (and the finetune's task
+    settings) pretrained the base on them, and the accuracy before and after was measured on its training rows."""
+    from zoo.data.synthetic import shared_item
+    from zoo.finetune import build_datasets
+
+    same = ["--pretrain.data.seq_len=32", "--pretrain.data.task_kwargs.n_kv=4"]  # the finetune's settings
+    with pytest.raises(ValueError, match=r"^pretrain\.data\.seed: 2 pretrains on the mqar rows that the finetune holds "
+                                         r"out to evaluate \(seed data\.seed \+ 1 = 2: its row 0 is pretraining row 0 "
+                                         r"of 8\)"):
+        main([*short_mqar_finetune(tmp_path), *same, "--pretrain.data.seed=2"])
+    assert not (tmp_path / "run" / "base").exists()  # refused before the pretrain phase
+    # what it refuses: the held-out rows were the pretraining rows themselves
+    args = short_mqar_finetune(tmp_path)
+    cfg = load_finetune_config(args[0], [a[2:] for a in [*args[1:], *same, "--pretrain.data.seed=2"]])
+    pretrained, _ = build_datasets(cfg.pretrain.data, n_train=8)
+    _, held_out = build_datasets(cfg.data)
+    assert torch.equal(pretrained[0]["input_ids"], held_out[0]["input_ids"])
+    # seeds a few apart share no row, nor do the shipped recipe's (pretrain seed 0; finetune rows of seed 1, held out 2)
+    assert shared_item(0, 10**6, 2, 10**6) is None and shared_item(3, 5, 5, 5) is None
+    assert shared_item(7, 1, 7, 1) == (0, 0) and shared_item(0, 2**32, 2, 1) is not None  # (every item seed, drawn)
+
+
 def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp_path, monkeypatch):
     # the stamp recorded train.precision's name: under auto, a base pretrained by a bf16 launch was reused by an fp32
     # one (and the reverse)

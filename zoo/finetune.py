@@ -582,7 +582,8 @@ class LoraSection:
 class PretrainSection:
     """Train every parameter of a fresh model first (only when ``model`` is a zoo YAML): the result is saved
     as ``output_dir/base`` and finetuned from there with ``from_pretrained``. A base saved by the same
-    pretrain section is reused."""
+    pretrain section is reused. A pretrain on the finetune's task whose rows include those the finetune holds out
+    (seed data.seed + 1) is refused: its accuracy before and after would be measured on training rows."""
 
     data: DataSection
     train: LoopSection = field(default_factory=LoopSection)
@@ -1293,7 +1294,20 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     from transformers import AutoModelForCausalLM
 
     from zoo.config import ZooConfig
+    from zoo.data.synthetic import shared_item
 
+    p = cfg.pretrain
+    n_rows = p.train.max_steps * p.train.micro_batch_size * p.train.grad_accum * accelerator.num_processes
+    # the finetune holds out the rows of seed data.seed + 1: under pretrain.data.seed = data.seed + 1 they were the
+    # first rows the base pretrained on, and the accuracy before and after was measured on its training rows
+    shared = shared_item(p.data.seed, n_rows, cfg.data.seed + 1, cfg.data.n_eval) \
+        if cfg.data.task is not None and cfg.data.task == p.data.task else None
+    if shared is not None:
+        raise ValueError(f"pretrain.data.seed: {p.data.seed} pretrains on the {cfg.data.task} rows that the finetune "
+                         f"holds out to evaluate (seed data.seed + 1 = {cfg.data.seed + 1}: its row {shared[1]} is "
+                         f"pretraining row {shared[0]} of {n_rows}), so the accuracy before and after would be "
+                         f"measured on rows the base trained on; set pretrain.data.seed and data.seed a few apart, "
+                         f"the pretrain's other than data.seed + 1")
     base_dir = out_dir / "base"
     # the top-level train.precision runs the pretrain phase too (one accelerator): a base pretrained in another
     # precision was reused; the one it resolved to, as auto takes the launch's (a bf16 launch's base was reused by fp32)
@@ -1310,11 +1324,9 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     if stamp_file.is_file() and phase(json.loads(stamp_file.read_text())) == phase(stamp):
         accelerator.print(f"pretrain: reusing {base_dir} (same model, pretrain section and precision)")
         return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
-    p = cfg.pretrain
     set_seed(p.train.seed)
     model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model)).float().to(accelerator.device)
     _check_vocab(model, p.data, "pretrain.")
-    n_rows = p.train.max_steps * p.train.micro_batch_size * p.train.grad_accum * accelerator.num_processes
     train_set, eval_set = build_datasets(p.data, n_train=n_rows)
     eval_loader = _eval_loader(eval_set, p.train.eval_batch_size, 0)
     t0 = time.perf_counter()
