@@ -625,6 +625,23 @@ def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
         load({"task": "mqar"}, model=str(adapter))
 
 
+def test_a_hub_adapter_repo_as_the_base_model_is_refused_before_training(tmp_path, monkeypatch):
+    """A hub repo holding a PEFT adapter, given as the model to finetune: transformers loaded its base model with the
+    adapter in its layers, a LoRA was trained over it, and the run failed after training for want of the repo's
+    config.json; an adapter folder was refused as one already. The hub is a cache read offline."""
+    from helpers import offline_hub_repo, save_trained_adapter
+
+    save_trained_adapter(tmp_path / "base", offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/lora"), False)
+    config = {"model": "someone/lora", "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 4},
+              "train": {"max_steps": 1, "micro_batch_size": 2, "progress_bar": False}, "schedule": {"warmup_steps": 0}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"^model: 'someone/lora' holds a PEFT adapter, not a model; give its base "
+                                         r"model or the merged model$"):
+        main([str(tmp_path / "ft.yaml")])
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "finetune-checkpoint").exists()
+
+
 def test_lora_target_mistakes_are_refused_before_the_pretrain_phase(tmp_path):
     """A mistyped lora.target_modules failed in wrap_lora, after the whole pretrain phase had run (400 steps of the
     shipped recipe), naming `target_modules`; it is now refused when the config is read, naming the field."""

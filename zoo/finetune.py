@@ -1409,6 +1409,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
+    from zoo.hub import load_model_not_adapter
 
     AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
     accelerator = Accelerator(mixed_precision=_run_precision(cfg.train.precision))  # the launch's under auto
@@ -1446,7 +1447,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         saved_tokenizer = load_folder_tokenizer(base_path)
 
     set_seed(cfg.train.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
+    # a hub adapter repo loaded as its base model with the adapter in it, and failed after training (no config.json)
+    model = load_model_not_adapter(str(base_path), dtype=torch.float32).to(device)
     _check_vocab(model, cfg.data, "")
     _check_lora_targets(cfg.lora, model)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):

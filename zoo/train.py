@@ -471,8 +471,10 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         check_vocab(getattr(config, "vocab_size", None))
         model = AutoModelForCausalLM.from_config(config)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, **overrides)
+        from zoo.hub import load_model_not_adapter
+
+        try:  # (a hub adapter repo loaded as its base model with the adapter in it: refused)
+            model = load_model_not_adapter(spec, dtype=torch.float32, **overrides)
         except OSError as e:
             raise ValueError(f"model: {spec!r} is not a zoo YAML, a model folder or a hub id: {e}") from e
         except TypeError as e:  # an override the loaded config has no field for goes on to the model's __init__
