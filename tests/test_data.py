@@ -737,6 +737,28 @@ def test_a_tokenizer_without_bos_warns_where_documents_would_be_wrapped(letter_d
         TextStream(DataConfig(source=letter_docs[0], holdout=0, add_bos=False), NoBos())
 
 
+def test_a_tokenizer_without_bos_warns_on_the_first_process_only(letter_docs, monkeypatch):
+    """Under accelerate every process builds its data: the no-bos warning came once per process, where the data's
+    other warnings come from RANK 0 alone."""
+    import warnings
+
+    from zoo.data.text import document_wrap
+    from zoo.finetune import encode_rows
+
+    class NoBos(ByteTokenizer):
+        bos_token_id = None
+
+    monkeypatch.setenv("RANK", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream = TextStream(DataConfig(source=letter_docs[0], holdout=0), NoBos())
+        rows, _ = encode_rows([{"text": "hi"}], NoBos())
+    assert stream._prefix.tolist() == [] and rows[0]["input_ids"].tolist() == [*b"hi", NoBos().eos_token_id]
+    monkeypatch.setenv("RANK", "0")
+    with pytest.warns(UserWarning, match="no bos token"):
+        assert document_wrap(NoBos(), True, True) == ([], [NoBos().eos_token_id])
+
+
 def test_indexed_holdout_is_keyed_by_text_so_it_stays_when_the_source_grows(tmp_path):
     # keyed by the row index, a file sorted in before the others moved held-out documents into training, the same
     # files held out other documents as a streamed folder than as local files, and a repeated document was on both sides

@@ -439,6 +439,29 @@ def short_mqar_finetune(tmp_path) -> list[str]:
     return [str(ROOT / "configs" / "train" / "finetune-mqar.yaml"), *[f"--{o}" for o in overrides]]
 
 
+def test_a_pretrain_seed_that_draws_the_finetunes_held_out_rows_is_refused(tmp_path):
+    """The finetune holds out the rows of data.seed + 1: a pretrain section with that seed (and the finetune's task
+    settings) pretrained the base on them, and the accuracy before and after was measured on its training rows."""
+    from zoo.data.synthetic import shared_item
+    from zoo.finetune import build_datasets
+
+    same = ["--pretrain.data.seq_len=32", "--pretrain.data.task_kwargs.n_kv=4"]  # the finetune's settings
+    with pytest.raises(ValueError, match=r"^pretrain\.data\.seed: 2 pretrains on the mqar rows that the finetune holds "
+                                         r"out to evaluate \(seed data\.seed \+ 1 = 2: its row 0 is pretraining row 0 "
+                                         r"of 8\)"):
+        main([*short_mqar_finetune(tmp_path), *same, "--pretrain.data.seed=2"])
+    assert not (tmp_path / "run" / "base").exists()  # refused before the pretrain phase
+    # what it refuses: the held-out rows were the pretraining rows themselves
+    args = short_mqar_finetune(tmp_path)
+    cfg = load_finetune_config(args[0], [a[2:] for a in [*args[1:], *same, "--pretrain.data.seed=2"]])
+    pretrained, _ = build_datasets(cfg.pretrain.data, n_train=8)
+    _, held_out = build_datasets(cfg.data)
+    assert torch.equal(pretrained[0]["input_ids"], held_out[0]["input_ids"])
+    # seeds a few apart share no row, nor do the shipped recipe's (pretrain seed 0; finetune rows of seed 1, held out 2)
+    assert shared_item(0, 10**6, 2, 10**6) is None and shared_item(3, 5, 5, 5) is None
+    assert shared_item(7, 1, 7, 1) == (0, 0) and shared_item(0, 2**32, 2, 1) is not None  # (every item seed, drawn)
+
+
 def test_a_pretrained_base_is_reused_only_in_the_precision_it_was_trained_in(tmp_path, monkeypatch):
     # the stamp recorded train.precision's name: under auto, a base pretrained by a bf16 launch was reused by an fp32
     # one (and the reverse)
@@ -600,6 +623,23 @@ def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"holds a PEFT adapter, not a model"):
         load({"task": "mqar"}, model=str(adapter))
+
+
+def test_a_hub_adapter_repo_as_the_base_model_is_refused_before_training(tmp_path, monkeypatch):
+    """A hub repo holding a PEFT adapter, given as the model to finetune: transformers loaded its base model with the
+    adapter in its layers, a LoRA was trained over it, and the run failed after training for want of the repo's
+    config.json; an adapter folder was refused as one already. The hub is a cache read offline."""
+    from helpers import offline_hub_repo, save_trained_adapter
+
+    save_trained_adapter(tmp_path / "base", offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/lora"), False)
+    config = {"model": "someone/lora", "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 4},
+              "train": {"max_steps": 1, "micro_batch_size": 2, "progress_bar": False}, "schedule": {"warmup_steps": 0}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"^model: 'someone/lora' holds a PEFT adapter, not a model; give its base "
+                                         r"model or the merged model$"):
+        main([str(tmp_path / "ft.yaml")])
+    assert not (tmp_path / "run" / "adapter").exists() and not (tmp_path / "run" / "finetune-checkpoint").exists()
 
 
 def test_lora_target_mistakes_are_refused_before_the_pretrain_phase(tmp_path):
@@ -771,6 +811,23 @@ def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"text": "a"}\n\n{"text": "b" "c"}\n')
     with pytest.raises(ValueError, match=r"rows\.jsonl:3: not a JSON object \(Expecting ',' delimiter at column 14\)"):
+        read_jsonl(str(data))
+
+
+def test_a_json_array_file_is_refused_briefly_as_not_jsonl(tmp_path):
+    # a file holding its rows as one JSON array was refused with the whole array in its message ("got keys [{...}]")
+    from zoo.finetune import read_jsonl
+
+    data = tmp_path / "rows.json"
+    rows = [{"text": f"row {i} " + "x" * 50} for i in range(200)]
+    data.write_text(json.dumps(rows) + "\n")
+    with pytest.raises(ValueError) as refused:
+        read_jsonl(str(data))
+    assert str(refused.value).startswith(f"{data}:1: a JSON array of 200 items, not a JSON object; a jsonl file holds "
+                                         f"one object per line")
+    assert len(str(refused.value)) < len(str(data)) + 200 and "row 0" not in str(refused.value)
+    data.write_text('{"text": "fine"}\n' + json.dumps("x" * 500) + "\n")  # any other value: its type, cut short
+    with pytest.raises(ValueError, match=r"rows\.json:2: str '\"x{39}', not a JSON object"):
         read_jsonl(str(data))
 
 

@@ -425,6 +425,34 @@ def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_
         build_model(config_from_dict(run))
 
 
+@pytest.mark.parametrize("peft", [True, False], ids=["peft", "no-peft"])
+def test_a_hub_adapter_repo_as_the_model_is_refused_as_an_adapter(tmp_path, monkeypatch, peft):
+    """A hub repo holding a PEFT adapter, given as the model: transformers (with peft) loaded its base model with the
+    adapter in its layers, to be trained on and saved as the adapter alone, or (without) failed for want of a
+    config.json; an adapter folder was refused as one already. The hub is a cache read offline."""
+    import shutil
+
+    import transformers.models.auto.auto_factory as auto_factory
+    from helpers import offline_hub_repo, save_trained_adapter
+
+    import zoo.hub
+    from zoo.train import build_model
+
+    save_trained_adapter(tmp_path / "base", offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/lora"), False)
+    if not peft:
+        monkeypatch.setattr(auto_factory, "is_peft_available", lambda: False)
+    run = run_dict(tmp_path)
+    run["model"] = "someone/lora"
+    with pytest.raises(ValueError, match=r"^model: 'someone/lora' holds a PEFT adapter, not a model; give its base "
+                                         r"model or the merged model$"):
+        build_model(config_from_dict(run))
+    # a model's id loads, and is not looked up for an adapter beyond from_pretrained's own look
+    shutil.copytree(tmp_path / "base", offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/model"))
+    monkeypatch.setattr(zoo.hub, "adapter_config_file", lambda ref: pytest.fail(f"looked up {ref} for an adapter"))
+    run["model"] = "someone/model"
+    assert build_model(config_from_dict(run)).config.model_type == "zoo"
+
+
 def test_whole_numbers_written_as_yaml_strings_or_floats_fill_integer_fields(tmp_path):
     # YAML reads 1e5 (no dot) as the string '1e5', and a quoted "2048" stays a string
     cfg = config_from_dict(run_dict(tmp_path, train={"max_steps": "1e5"}, data={"seq_len": "64"},
@@ -1103,6 +1131,10 @@ def test_resume_refuses_another_data_order_and_names_the_other_changes(tmp_path)
     assert resume_changes(ckpt, config_from_dict(run_dict(tmp_path / "elsewhere"))) == []  # output_dir ignored
     longer = config_from_dict(run_dict(tmp_path, train={"max_steps": 12}, data={"seq_len": 128}))
     assert resume_changes(ckpt, longer) == ["data.seq_len: 64 -> 128", "train.max_steps: 6 -> 12"]
+    # train.seed was listed as though it applied, but load_state restores the run's random state over it
+    reseeded = config_from_dict(run_dict(tmp_path, train={"seed": 7}))
+    assert resume_changes(ckpt, reseeded) == ["train.seed: 0 -> 7 (no effect: the checkpoint's weights and random "
+                                              "state are restored)"]
     # streaming changes a dataset's document order (a buffer shuffle, not a permutation), which the saved doc indexes
     for sections, field in [({"data": {"seed": 1}}, "data.seed"), ({"tokenizer": "gpt2"}, "tokenizer"),
                             ({"data": {"streaming": False}}, "data.streaming"),

@@ -582,7 +582,8 @@ class LoraSection:
 class PretrainSection:
     """Train every parameter of a fresh model first (only when ``model`` is a zoo YAML): the result is saved
     as ``output_dir/base`` and finetuned from there with ``from_pretrained``. A base saved by the same
-    pretrain section is reused."""
+    pretrain section is reused. A pretrain on the finetune's task whose rows include those the finetune holds out
+    (seed data.seed + 1) is refused: its accuracy before and after would be measured on training rows."""
 
     data: DataSection
     train: LoopSection = field(default_factory=LoopSection)
@@ -812,9 +813,14 @@ def read_jsonl(source: str | list[str], field: str = "data.source") -> list[dict
             except json.JSONDecodeError as e:  # it said "line 1 column 9", the line of the row's own text
                 raise ValueError(f"{file}:{lineno}: not a JSON object ({e.msg} at column {e.colno}); each line of "
                                  f"a jsonl file is one row such as {{\"text\": ...}}") from None
-            if not (isinstance(row, dict) and ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys())):
+            if not isinstance(row, dict):  # it printed the whole value: a file's rows, for a one-line JSON array
+                value = f"a JSON array of {len(row)} items" if isinstance(row, list) else f"{type(row).__name__} " \
+                    f"{line.strip()[:40]!r}"
+                raise ValueError(f"{file}:{lineno}: {value}, not a JSON object; a jsonl file holds one object per "
+                                 f"line, such as {{\"text\": ...}} or {{\"prompt\": ..., \"completion\": ...}}")
+            if not ({"text"} <= row.keys() or {"prompt", "completion"} <= row.keys()):
                 raise ValueError(f"{file}:{lineno}: expected {{\"text\": ...}} or {{\"prompt\": ..., "
-                                 f"\"completion\": ...}}, got keys {sorted(row) if isinstance(row, dict) else row}")
+                                 f"\"completion\": ...}}, got keys {sorted(row)}")
             if "text" in row and row.keys() & {"prompt", "completion"}:  # it trained on the text alone, without a word,
                 # where TRL's SFTTrainer takes such a row as prompt/completion (and appends eos to its text)
                 both = sorted(row.keys() & {"prompt", "completion"})
@@ -1288,7 +1294,20 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     from transformers import AutoModelForCausalLM
 
     from zoo.config import ZooConfig
+    from zoo.data.synthetic import shared_item
 
+    p = cfg.pretrain
+    n_rows = p.train.max_steps * p.train.micro_batch_size * p.train.grad_accum * accelerator.num_processes
+    # the finetune holds out the rows of seed data.seed + 1: under pretrain.data.seed = data.seed + 1 they were the
+    # first rows the base pretrained on, and the accuracy before and after was measured on its training rows
+    shared = shared_item(p.data.seed, n_rows, cfg.data.seed + 1, cfg.data.n_eval) \
+        if cfg.data.task is not None and cfg.data.task == p.data.task else None
+    if shared is not None:
+        raise ValueError(f"pretrain.data.seed: {p.data.seed} pretrains on the {cfg.data.task} rows that the finetune "
+                         f"holds out to evaluate (seed data.seed + 1 = {cfg.data.seed + 1}: its row {shared[1]} is "
+                         f"pretraining row {shared[0]} of {n_rows}), so the accuracy before and after would be "
+                         f"measured on rows the base trained on; set pretrain.data.seed and data.seed a few apart, "
+                         f"the pretrain's other than data.seed + 1")
     base_dir = out_dir / "base"
     # the top-level train.precision runs the pretrain phase too (one accelerator): a base pretrained in another
     # precision was reused; the one it resolved to, as auto takes the launch's (a bf16 launch's base was reused by fp32)
@@ -1305,11 +1324,9 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
     if stamp_file.is_file() and phase(json.loads(stamp_file.read_text())) == phase(stamp):
         accelerator.print(f"pretrain: reusing {base_dir} (same model, pretrain section and precision)")
         return base_dir, json.loads((base_dir / "pretrain_result.json").read_text())
-    p = cfg.pretrain
     set_seed(p.train.seed)
     model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model)).float().to(accelerator.device)
     _check_vocab(model, p.data, "pretrain.")
-    n_rows = p.train.max_steps * p.train.micro_batch_size * p.train.grad_accum * accelerator.num_processes
     train_set, eval_set = build_datasets(p.data, n_train=n_rows)
     eval_loader = _eval_loader(eval_set, p.train.eval_batch_size, 0)
     t0 = time.perf_counter()
@@ -1392,6 +1409,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
+    from zoo.hub import load_model_not_adapter
 
     AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
     accelerator = Accelerator(mixed_precision=_run_precision(cfg.train.precision))  # the launch's under auto
@@ -1429,7 +1447,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         saved_tokenizer = load_folder_tokenizer(base_path)
 
     set_seed(cfg.train.seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
+    # a hub adapter repo loaded as its base model with the adapter in it, and failed after training (no config.json)
+    model = load_model_not_adapter(str(base_path), dtype=torch.float32).to(device)
     _check_vocab(model, cfg.data, "")
     _check_lora_targets(cfg.lora, model)
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):

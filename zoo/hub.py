@@ -175,13 +175,37 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
         adapter = (path / "adapter_config.json").is_file()
         if (path / "config.json").is_file() or (adapter and adapter_ok):
             return
-        raise ValueError(f"{what}: {text!r} holds a PEFT adapter, not a model; give its base model or the merged "
-                         f"model" if adapter else f"{what}: {text!r} is a folder but not a model folder (no "
-                         f"config.json)")
+        raise ValueError(_adapter_not_model(what, text) if adapter else f"{what}: {text!r} is a folder but not a "
+                         f"model folder (no config.json)")
     if path.exists():
         raise ValueError(f"{what}: {text!r} is a file; give a model folder (config.json and weights) or a hub id")
     if is_local_ref(text):
         raise ValueError(f"{what}: {text!r}: no such model folder")
+
+
+def _adapter_not_model(what: str, text: str) -> str:
+    return f"{what}: {text!r} holds a PEFT adapter, not a model; give its base model or the merged model"
+
+
+def load_model_not_adapter(ref: str | Path, what: str = "model", **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)` for a model to train, with a ValueError where `ref` is a
+    hub repo holding a PEFT adapter (a local adapter folder is refused by `check_model_ref`, before). transformers
+    loads such a repo as its base model with the adapter in its layers (with peft installed: trained on, and saved as
+    the adapter alone) or fails for want of its config.json (without); it is told by what from_pretrained did, or
+    where it failed, so that a model's id costs no hub request more than from_pretrained's own."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo  # noqa: F401  (registers the zoo's Auto classes)
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+    except OSError:
+        if adapter_config_file(ref) is not None:
+            raise ValueError(_adapter_not_model(what, str(ref))) from None
+        raise
+    if getattr(model, "_hf_peft_config_loaded", False):  # transformers' flag: it loaded an adapter into the model
+        raise ValueError(_adapter_not_model(what, str(ref)))
+    return model
 
 
 def check_tokenizer_ref(name_or_path: str | Path) -> None:
@@ -254,4 +278,4 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer", "load_model_folder",
-           "save_model_folder", "shard_size", "write_folder"]
+           "load_model_not_adapter", "save_model_folder", "shard_size", "write_folder"]

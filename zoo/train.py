@@ -471,8 +471,10 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         check_vocab(getattr(config, "vocab_size", None))
         model = AutoModelForCausalLM.from_config(config)
     else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, **overrides)
+        from zoo.hub import load_model_not_adapter
+
+        try:  # (a hub adapter repo loaded as its base model with the adapter in it: refused)
+            model = load_model_not_adapter(spec, dtype=torch.float32, **overrides)
         except OSError as e:
             raise ValueError(f"model: {spec!r} is not a zoo YAML, a model folder or a hub id: {e}") from e
         except TypeError as e:  # an override the loaded config has no field for goes on to the model's __init__
@@ -1334,6 +1336,8 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | No
         if key == "data.revision" and old == "None" and new == state.get("source_commit"):  # _flat's None
             continue  # pinned to the very commit that the run read its hub dataset's default branch at
         line = f"{key}: {old!r} -> {new!r}"
+        if key == "train.seed":  # it seeds the fresh model and the random state, which the checkpoint's replace
+            line += " (no effect: the checkpoint's weights and random state are restored)"
         if key.startswith(_RESUME_FIXED) and key not in _RESUME_FREE_DATA:
             fixed.append(line)
         else:

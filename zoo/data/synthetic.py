@@ -284,6 +284,20 @@ def item_seed(seed: int, index: int) -> int:
     return (index + seed * 0x9E3779B9) % 2**32
 
 
+def shared_item(seed_a: int, n_a: int, seed_b: int, n_b: int) -> tuple[int, int] | None:
+    """(index in a, index in b) of an item that the first n_a items of a dataset with seed_a and the first n_b of one
+    with seed_b share, drawn from the same generator seed (`item_seed`): the same row under the same task settings;
+    None where they share none. Exact: each one's item seeds are a run of consecutive integers mod 2**32."""
+    modulus = 2**32
+    a, b = item_seed(seed_a, 0), item_seed(seed_b, 0)
+    if n_a > 0 and n_b > 0:
+        if (b - a) % modulus < n_a:  # b's first item lies among a's
+            return (b - a) % modulus, 0
+        if (a - b) % modulus < n_b:
+            return 0, (a - b) % modulus
+    return None
+
+
 class SyntheticDataset(Dataset):
     """Map-style dataset of ``n_samples`` rows of a synthetic task; row ``i`` depends only on ``(seed, i)``.
 

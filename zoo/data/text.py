@@ -175,11 +175,12 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[n
 
 def document_wrap(tokenizer: PreTrainedTokenizerBase, add_bos: bool, add_eos: bool) -> tuple[list[int], list[int]]:
     """([bos] or [], [eos] or []): the tokens that wrap each document. Asked for on a tokenizer that has no such
-    token (Qwen's has no bos, for one), it is left out with a warning; it used to be left out silently."""
+    token (Qwen's has no bos, for one), it is left out with a warning; it used to be left out silently. The warning is
+    the first process's alone (RANK 0), as the data's other warnings are: every process of a launch wraps its data."""
     out = []
     for what, asked in (("bos", add_bos), ("eos", add_eos)):
         token = getattr(tokenizer, f"{what}_token_id", None) if asked else None
-        if asked and token is None:
+        if asked and token is None and os.environ.get("RANK", "0") == "0":  # once per launch, not once per process
             warnings.warn(f"data.add_{what}: the tokenizer ({type(tokenizer).__name__}) has no {what} token, so "
                           f"documents are not wrapped in one; set add_{what}: false to say so, or set the "
                           f"tokenizer's {what}_token", stacklevel=2)
