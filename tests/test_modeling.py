@@ -929,6 +929,20 @@ def test_a_cache_given_to_generate_as_cache_params_is_checked_as_one_given_as_pa
     assert torch.equal(model.generate(prompt, cache_params=cache, max_new_tokens=4, do_sample=False), fresh)
 
 
+@pytest.mark.parametrize("legacy", [tuple, list])
+def test_a_legacy_tuple_cache_given_to_generate_is_refused_naming_zoo_cache(legacy):
+    """transformers 4's cache format, a tuple of (keys, values) per layer: generate marked it as the user's cache and
+    failed with "'tuple' object has no attribute '_is_user_defined'" (transformers' Llama refuses a tuple by name)."""
+    model = tiny("transformerpp")
+    prompt = torch.randint(1, 512, (1, 6))
+    with torch.no_grad():
+        cache = model(prompt[:, :-1], use_cache=True).past_key_values
+    legacy_cache = legacy((layer.keys, layer.values) for layer in cache.layers)
+    for name in dict.fromkeys((zoo.modeling.GENERATE_CACHE_KWARG, "past_key_values")):
+        with pytest.raises(TypeError, match=r"must be a ZooCache \(got " + legacy.__name__):
+            model.generate(prompt, max_new_tokens=2, do_sample=False, **{name: legacy_cache})
+
+
 @pytest.mark.parametrize("name", ["mamba", "transformerpp"])
 def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
     """A 4-D mask (packing recipes build block-diagonal ones for transformers' attention models) failed with a bare

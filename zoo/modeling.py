@@ -1099,8 +1099,12 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                                       max_cache_length):
         user_cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
         if user_cache is not None:
+            if not isinstance(user_cache, ZooCache):
+                # a legacy tuple (or list) of keys and values per layer took generate's mark and failed with
+                # "'tuple' object has no attribute '_is_user_defined'", naming nothing the caller passed
+                raise _not_a_zoo_cache(user_cache)
             user_cache._is_user_defined = True
-            room = [layer.capacity for layer in user_cache.static_layers()] if isinstance(user_cache, ZooCache) else []
+            room = [layer.capacity for layer in user_cache.static_layers()]
             if room and min(room) < max_cache_length:
                 # checked before the first step: a full static layer raised KVCacheFull midway, losing the tokens
                 # generated so far and leaving the user's cache full, so the call could not be retried with it
