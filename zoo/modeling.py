@@ -1098,6 +1098,14 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
         user_cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
+        implementation = getattr(generation_config, "cache_implementation", None)
+        caching = user_cache is not None or generation_config.use_cache is not False
+        if implementation not in (None, "dynamic") and caching:
+            # also beside a cache of the caller's (transformers refuses a cache_implementation beside one): it was
+            # ignored there without a word
+            warnings.warn(f"cache_implementation={implementation!r} is ignored: zoo models decode with their own "
+                          f"ZooCache (attention keys and values with recurrent states); for a static cache with each "
+                          f"step in a CUDA graph, pass cuda_graph=True to generate (the model on CUDA)", stacklevel=3)
         if user_cache is not None:
             if not isinstance(user_cache, ZooCache):
                 # a legacy tuple (or list) of keys and values per layer took generate's mark and failed with
@@ -1116,11 +1124,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
-        implementation = getattr(generation_config, "cache_implementation", None)
-        if implementation not in (None, "dynamic"):
-            warnings.warn(f"cache_implementation={implementation!r} is ignored: zoo models decode with their own "
-                          f"ZooCache (attention keys and values with recurrent states); for a static cache with each "
-                          f"step in a CUDA graph, pass cuda_graph=True to generate (the model on CUDA)", stacklevel=3)
         cache = ZooCache.for_model(self)
         if getattr(generation_config, "is_assistant", False) and hasattr(cache, "activate_past_recording"):
             # as transformers marks an assistant's new cache: a sliding-window layer then keeps the keys that cropping
