@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import PositionwiseMixer, assert_close
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -86,6 +87,30 @@ def test_left_padded_batch_generates_like_each_row(name):
         single = model.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=5, do_sample=False,
                                 pad_token_id=0)
         assert torch.equal(out[row, -5:], single[0, -5:]), f"row {row} differs from its generation alone"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_left_padding_longer_than_a_chunk_decodes_each_row_as_alone_whatever_the_decoding(name):
+    """Padding longer than the Mamba-2 / GLA chunk (16 in the tiny configs) and Mamba's conv window, through the ways
+    generate runs a prompt: the default cache (each step's logits too), no cache, a chunked prefill, beams returning
+    several sequences."""
+    model = tiny(name)
+    rows = [torch.randint(1, 512, (1, n), generator=torch.Generator().manual_seed(n)) for n in (20, 3)]
+    batch = torch.cat([F.pad(row, (20 - row.shape[1], 0), value=7) for row in rows])
+    mask = (batch != 7).long()
+    mask[0] = 1
+    kw = dict(max_new_tokens=4, pad_token_id=7, return_dict_in_generate=True, output_logits=True)
+    out = model.generate(batch, attention_mask=mask, do_sample=False, **kw)
+    for i, row in enumerate(rows):
+        alone = model.generate(row, do_sample=False, **kw)
+        assert torch.equal(out.sequences[i, -4:], alone.sequences[0, -4:]), f"row {i}"
+        for step, (logits, logits_alone) in enumerate(zip(out.logits, alone.logits)):
+            assert_close(f"row {i} step {step}", logits[i], logits_alone[0], 1e-5)
+    for settings in ({"use_cache": False}, {"prefill_chunk_size": 6}, {"num_beams": 2, "num_return_sequences": 2}):
+        kw = dict(max_new_tokens=4, pad_token_id=7, do_sample=False, **settings)
+        got = model.generate(batch, attention_mask=mask, **kw)[:, -4:]
+        alone = torch.cat([model.generate(row, **kw)[:, -4:] for row in rows])
+        assert torch.equal(got, alone), settings
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
