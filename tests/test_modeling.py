@@ -1365,6 +1365,28 @@ def test_generate_with_prefill_chunks_of_inputs_embeds_is_refused_naming_input_i
     assert torch.equal(one_chunk, model.generate(input_ids=ids, inputs_embeds=embeds, **kw))
 
 
+
+@pytest.mark.parametrize("name", ["mamba2", "jamba"])
+def test_a_chunked_prefill_past_a_cache_continues_it_or_is_refused_where_transformers_reruns_the_cached_tokens(name):
+    """transformers before 5.21 splits the whole prompt into prefill_chunk_size chunks from its first token, also past
+    a cache that holds the first tokens, which then ran into it twice: Mamba-2 decoded from states that had read them
+    twice (wrong logits) without an error, Jamba was refused naming a mask shorter than its keys. Refused there naming
+    the fix; later transformers continue the cache with the uncached tokens alone."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        cache = model(prompt[:, :9], attention_mask=mask[:, :9], use_cache=True).past_key_values
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if zoo.modeling._CHUNKS_PAST_THE_CACHE:
+        chunked = model.generate(prompt, past_key_values=cache, prefill_chunk_size=4, **kw)
+        assert torch.equal(chunked, model.generate(prompt, **kw))
+    else:
+        with pytest.raises(ValueError, match=r"prefill_chunk_size=4 with a cache that holds 9 tokens.*>= 5\.21"):
+            model.generate(prompt, past_key_values=cache, prefill_chunk_size=4, **kw)
+        assert cache.get_seq_length() == 9  # refused before any step
+
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
 def test_weights_written_through_data_reach_the_next_generate(name):
     """PEFT's merge_and_unload and EMA copies write weights through .data, which keeps a parameter's storage and
