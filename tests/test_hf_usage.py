@@ -384,6 +384,20 @@ def test_a_cache_implementation_generate_cannot_honour_warns():
     assert torch.equal(plain, static)
 
 
+def test_a_cache_implementation_beside_a_cache_of_the_callers_warns_too():
+    """transformers refuses cache_implementation beside a cache passed to generate; zoo decodes with the cache passed
+    and ignored the setting without a word there, while it warns without a cache."""
+    from zoo import ZooCache
+
+    model = tiny("jamba").eval()
+    ids = torch.randint(1, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    plain = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    with pytest.warns(UserWarning, match="cache_implementation='static' is ignored"):
+        static = model.generate(ids, past_key_values=ZooCache.for_model(model), max_new_tokens=3, do_sample=False,
+                                pad_token_id=0, cache_implementation="static")
+    assert torch.equal(plain, static)
+
+
 @pytest.mark.parametrize("name, config", [
     ("mamba", {"target_parameters": ["conv1d.weight"]}),
     ("mamba2", {"target_parameters": ["conv1d.weight"]}),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import PositionwiseMixer, assert_close
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -86,6 +87,30 @@ def test_left_padded_batch_generates_like_each_row(name):
         single = model.generate(alone, attention_mask=torch.ones_like(alone), max_new_tokens=5, do_sample=False,
                                 pad_token_id=0)
         assert torch.equal(out[row, -5:], single[0, -5:]), f"row {row} differs from its generation alone"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_left_padding_longer_than_a_chunk_decodes_each_row_as_alone_whatever_the_decoding(name):
+    """Padding longer than the Mamba-2 / GLA chunk (16 in the tiny configs) and Mamba's conv window, through the ways
+    generate runs a prompt: the default cache (each step's logits too), no cache, a chunked prefill, beams returning
+    several sequences."""
+    model = tiny(name)
+    rows = [torch.randint(1, 512, (1, n), generator=torch.Generator().manual_seed(n)) for n in (20, 3)]
+    batch = torch.cat([F.pad(row, (20 - row.shape[1], 0), value=7) for row in rows])
+    mask = (batch != 7).long()
+    mask[0] = 1
+    kw = dict(max_new_tokens=4, pad_token_id=7, return_dict_in_generate=True, output_logits=True)
+    out = model.generate(batch, attention_mask=mask, do_sample=False, **kw)
+    for i, row in enumerate(rows):
+        alone = model.generate(row, do_sample=False, **kw)
+        assert torch.equal(out.sequences[i, -4:], alone.sequences[0, -4:]), f"row {i}"
+        for step, (logits, logits_alone) in enumerate(zip(out.logits, alone.logits)):
+            assert_close(f"row {i} step {step}", logits[i], logits_alone[0], 1e-5)
+    for settings in ({"use_cache": False}, {"prefill_chunk_size": 6}, {"num_beams": 2, "num_return_sequences": 2}):
+        kw = dict(max_new_tokens=4, pad_token_id=7, do_sample=False, **settings)
+        got = model.generate(batch, attention_mask=mask, **kw)[:, -4:]
+        alone = torch.cat([model.generate(row, **kw)[:, -4:] for row in rows])
+        assert torch.equal(got, alone), settings
 
 
 @pytest.mark.parametrize("cuda_graph", [False, True])
@@ -929,6 +954,20 @@ def test_a_cache_given_to_generate_as_cache_params_is_checked_as_one_given_as_pa
     assert torch.equal(model.generate(prompt, cache_params=cache, max_new_tokens=4, do_sample=False), fresh)
 
 
+@pytest.mark.parametrize("legacy", [tuple, list])
+def test_a_legacy_tuple_cache_given_to_generate_is_refused_naming_zoo_cache(legacy):
+    """transformers 4's cache format, a tuple of (keys, values) per layer: generate marked it as the user's cache and
+    failed with "'tuple' object has no attribute '_is_user_defined'" (transformers' Llama refuses a tuple by name)."""
+    model = tiny("transformerpp")
+    prompt = torch.randint(1, 512, (1, 6))
+    with torch.no_grad():
+        cache = model(prompt[:, :-1], use_cache=True).past_key_values
+    legacy_cache = legacy((layer.keys, layer.values) for layer in cache.layers)
+    for name in dict.fromkeys((zoo.modeling.GENERATE_CACHE_KWARG, "past_key_values")):
+        with pytest.raises(TypeError, match=r"must be a ZooCache \(got " + legacy.__name__):
+            model.generate(prompt, max_new_tokens=2, do_sample=False, **{name: legacy_cache})
+
+
 @pytest.mark.parametrize("name", ["mamba", "transformerpp"])
 def test_an_attention_mask_zoo_cannot_read_is_refused_naming_the_shape(name):
     """A 4-D mask (packing recipes build block-diagonal ones for transformers' attention models) failed with a bare
@@ -1325,6 +1364,28 @@ def test_generate_with_prefill_chunks_of_inputs_embeds_is_refused_naming_input_i
     one_chunk = model.generate(input_ids=ids, inputs_embeds=embeds, prefill_chunk_size=7, **kw)
     assert torch.equal(one_chunk, model.generate(input_ids=ids, inputs_embeds=embeds, **kw))
 
+
+
+@pytest.mark.parametrize("name", ["mamba2", "jamba"])
+def test_a_chunked_prefill_past_a_cache_continues_it_or_is_refused_where_transformers_reruns_the_cached_tokens(name):
+    """transformers before 5.21 splits the whole prompt into prefill_chunk_size chunks from its first token, also past
+    a cache that holds the first tokens, which then ran into it twice: Mamba-2 decoded from states that had read them
+    twice (wrong logits) without an error, Jamba was refused naming a mask shorter than its keys. Refused there naming
+    the fix; later transformers continue the cache with the uncached tokens alone."""
+    model = tiny(name)
+    prompt = torch.randint(1, 512, (2, 20), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        cache = model(prompt[:, :9], attention_mask=mask[:, :9], use_cache=True).past_key_values
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if zoo.modeling._CHUNKS_PAST_THE_CACHE:
+        chunked = model.generate(prompt, past_key_values=cache, prefill_chunk_size=4, **kw)
+        assert torch.equal(chunked, model.generate(prompt, **kw))
+    else:
+        with pytest.raises(ValueError, match=r"prefill_chunk_size=4 with a cache that holds 9 tokens.*>= 5\.21"):
+            model.generate(prompt, past_key_values=cache, prefill_chunk_size=4, **kw)
+        assert cache.get_seq_length() == 9  # refused before any step
 
 @pytest.mark.parametrize("name", ["mamba", "mamba2"])
 def test_weights_written_through_data_reach_the_next_generate(name):

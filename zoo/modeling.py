@@ -15,6 +15,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
@@ -770,6 +771,28 @@ def _refuse_a_chunked_prefill_of_inputs_embeds(args: tuple, kwargs: dict, config
                      f"generate from input_ids to prefill in chunks, or drop prefill_chunk_size")
 
 
+# transformers' chunked prefill starts at the cache's length from 5.21 on; before, at the prompt's first token
+_CHUNKS_PAST_THE_CACHE = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 21)
+
+
+def _refuse_a_chunked_prefill_over_a_cache(kwargs: dict, config) -> None:
+    """transformers before 5.21 splits the whole prompt into prefill_chunk_size chunks from its first token, also
+    where the given cache (past_key_values) already holds the first ones, and runs every chunk past the cache: the
+    cached tokens went into it a second time, so a Mamba / Mamba-2 / GLA model decoded from states that had read them
+    twice (wrong logits, no error: 0.07 on the tiny GLA's first step) and a model with attention layers was refused
+    naming a mask shorter than its keys. Raise there, naming the fix; later transformers run the uncached tokens
+    alone."""
+    if _CHUNKS_PAST_THE_CACHE or getattr(config, "prefill_chunk_size", None) is None:
+        return
+    cache = _generate_cache(kwargs)
+    if isinstance(cache, ZooCache) and cache.get_seq_length():
+        raise ValueError(f"generate: prefill_chunk_size={config.prefill_chunk_size} with a cache that holds "
+                         f"{cache.get_seq_length()} tokens: transformers {transformers.__version__} prefills the "
+                         f"prompt in chunks from its first token, running the cached tokens into the cache again. "
+                         f"Drop prefill_chunk_size (the uncached tokens then run in one forward), or use "
+                         f"transformers >= 5.21")
+
+
 # generate's own parameters, in order (after self): its other keyword arguments are generation settings or model inputs
 _GENERATE_PARAMETERS = tuple(name for name, p in inspect.signature(GenerationMixin.generate).parameters.items()
                              if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self")
@@ -903,6 +926,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         _seq_idx_of_a_prompt_packed_by_position_ids(args, kwargs, config)
         _seq_idx_of_every_row(args, kwargs)
         _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, config)
+        _refuse_a_chunked_prefill_over_a_cache(kwargs, config)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
                 and _generate_cache(kwargs) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
@@ -1141,9 +1165,21 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
                                       max_cache_length):
         user_cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
+        implementation = getattr(generation_config, "cache_implementation", None)
+        caching = user_cache is not None or generation_config.use_cache is not False
+        if implementation not in (None, "dynamic") and caching:
+            # also beside a cache of the caller's (transformers refuses a cache_implementation beside one): it was
+            # ignored there without a word
+            warnings.warn(f"cache_implementation={implementation!r} is ignored: zoo models decode with their own "
+                          f"ZooCache (attention keys and values with recurrent states); for a static cache with each "
+                          f"step in a CUDA graph, pass cuda_graph=True to generate (the model on CUDA)", stacklevel=3)
         if user_cache is not None:
+            if not isinstance(user_cache, ZooCache):
+                # a legacy tuple (or list) of keys and values per layer took generate's mark and failed with
+                # "'tuple' object has no attribute '_is_user_defined'", naming nothing the caller passed
+                raise _not_a_zoo_cache(user_cache)
             user_cache._is_user_defined = True
-            room = [layer.capacity for layer in user_cache.static_layers()] if isinstance(user_cache, ZooCache) else []
+            room = [layer.capacity for layer in user_cache.static_layers()]
             if room and min(room) < max_cache_length:
                 # checked before the first step: a full static layer raised KVCacheFull midway, losing the tokens
                 # generated so far and leaving the user's cache full, so the call could not be retried with it
@@ -1155,11 +1191,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
-        implementation = getattr(generation_config, "cache_implementation", None)
-        if implementation not in (None, "dynamic"):
-            warnings.warn(f"cache_implementation={implementation!r} is ignored: zoo models decode with their own "
-                          f"ZooCache (attention keys and values with recurrent states); for a static cache with each "
-                          f"step in a CUDA graph, pass cuda_graph=True to generate (the model on CUDA)", stacklevel=3)
         cache = ZooCache.for_model(self)
         if getattr(generation_config, "is_assistant", False) and hasattr(cache, "activate_past_recording"):
             # as transformers marks an assistant's new cache: a sliding-window layer then keeps the keys that cropping
