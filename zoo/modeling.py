@@ -16,6 +16,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import transformers
+from packaging.version import Version
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
@@ -772,7 +773,7 @@ def _refuse_a_chunked_prefill_of_inputs_embeds(args: tuple, kwargs: dict, config
 
 
 # transformers' chunked prefill starts at the cache's length from 5.21 on; before, at the prompt's first token
-_CHUNKS_PAST_THE_CACHE = tuple(int(part) for part in transformers.__version__.split(".")[:2]) >= (5, 21)
+_CHUNKS_PAST_THE_CACHE = Version(transformers.__version__).release[:2] >= (5, 21)  # (5.21.0rc1, 5.22.0.dev0 too)
 
 
 def _refuse_a_chunked_prefill_over_a_cache(kwargs: dict, config) -> None:
