@@ -868,7 +868,7 @@ def test_generate_continues_the_cache_that_beam_search_returned(name, returned):
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     beams = model.generate(prompt, num_beams=3, num_return_sequences=returned, return_dict_in_generate=True, **kw)
     cache = output_cache(beams)
-    assert cache.batch_size() == 2 * returned and cache.get_seq_length() == beams.sequences.shape[1] - 1
+    assert cache.batch_size == 2 * returned and cache.get_seq_length() == beams.sequences.shape[1] - 1
     continued = model.generate(beams.sequences, past_key_values=cache, output_logits=True,
                                return_dict_in_generate=True, **kw)
     with torch.no_grad():
@@ -895,7 +895,7 @@ def test_a_cache_passed_to_beam_search_continues_without_return_dict_in_generate
     fresh = ZooCache.for_model(model)
     with torch.no_grad():
         model(first[:, :-1], past_key_values=fresh, use_cache=True)
-    assert cache.batch_size() == 2 and cache.get_seq_length() == 10
+    assert cache.batch_size == 2 and cache.get_seq_length() == 10
     for got, want in zip(cache.state_tensors(), fresh.state_tensors(), strict=True):
         assert_close("cached state", got, want, 1e-4)
     turn = torch.cat([first, torch.randint(1, 512, (2, 3), generator=torch.Generator().manual_seed(2))], 1)

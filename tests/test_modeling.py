@@ -187,7 +187,7 @@ def test_a_reset_cache_takes_a_new_sequence_of_any_batch_size(name):
         model(old, position_ids=torch.cat([torch.arange(4), torch.arange(5)])[None].expand(2, -1),
               past_key_values=cache, use_cache=True)
         cache.reset()
-        assert cache.get_seq_length() == 0 and cache.batch_size() is None
+        assert cache.get_seq_length() == 0 and cache.batch_size is None
         out = torch.cat([model(new, past_key_values=cache, use_cache=True).logits,
                          model(step, past_key_values=cache, use_cache=True).logits], 1)
         ref = model(torch.cat([new, step], 1), use_cache=False).logits

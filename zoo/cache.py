@@ -461,8 +461,10 @@ class ZooCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
 
+    @property
     def batch_size(self) -> int | None:
-        """The rows the cache holds states for (None while it holds none)."""
+        """The rows the cache holds states for (None while it holds none). A property, as transformers' Cache has
+        it (5.25; its generate is to read it in cache-reuse checks): a method here gave them a bound method."""
         for layer in self.layers:
             if isinstance(layer, RecurrentLayer):
                 tensors = layer.tensors()

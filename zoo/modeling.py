@@ -160,7 +160,7 @@ def _check_cache(model: ZooModel, cache: ZooCache, batch: int) -> None:
                                  f"layer {i} is {mixers[i]}; the cache was made for another model: build one with "
                                  f"ZooCache.for_model(model)")
         cache._checked_for = weakref.ref(model)  # a kept cache does not keep the model alive
-    rows = cache.batch_size()
+    rows = cache.batch_size
     if rows is not None and rows != batch:
         raise ValueError(f"past_key_values: the cache holds states of {rows} rows but the input has {batch}; pass "
                          f"one row per cached row (cache.batch_repeat_interleave(n) repeats each row n times, "
@@ -1026,7 +1026,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         and the first step failed. Each cached row is repeated as its input row is."""
         cache = model_kwargs.get(GENERATE_CACHE_KWARG, model_kwargs.get("past_key_values"))
         if expand_size > 1 and isinstance(cache, ZooCache) and input_ids is not None \
-                and cache.batch_size() == input_ids.shape[0]:
+                and cache.batch_size == input_ids.shape[0]:
             cache.batch_repeat_interleave(expand_size)
         return super()._expand_inputs_for_generation(expand_size=expand_size, is_encoder_decoder=is_encoder_decoder,
                                                      input_ids=input_ids, **model_kwargs)
