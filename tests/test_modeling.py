@@ -463,12 +463,18 @@ def test_crop_rolls_back_the_keys_and_the_positions():
     nxt = torch.randint(0, 512, (1, 1))
     with torch.no_grad():
         reference = model(torch.cat([ids[:, :6], nxt], 1), use_cache=False).logits[:, -1]
-        for crop in (-3, 6):  # transformers' form (tokens to remove) and the legacy one (the length to keep)
+        for crop in (-3, 6):  # transformers' forms: tokens to remove, and the length to keep
             cache = zoo.cache.output_cache(model(ids, use_cache=True))
             cache.crop(crop)
             assert cache.get_seq_length() == 6
             assert_close("logits after crop", model(nxt, past_key_values=cache, use_cache=True).logits[:, -1],
                          reference, 1e-5)
+        # crop(0) keeps nothing, as transformers' DynamicCache.crop(0) does (it removed nothing)
+        cache = zoo.cache.output_cache(model(ids, use_cache=True))
+        cache.crop(0)
+        assert cache.get_seq_length() == 0
+        assert_close("logits after crop(0)", model(nxt, past_key_values=cache, use_cache=True).logits[:, -1],
+                     model(nxt, use_cache=False).logits[:, -1], 1e-5)
 
 
 @pytest.mark.parametrize("name", ["mamba", "jamba"])
@@ -477,7 +483,7 @@ def test_crop_and_assisted_decoding_are_refused_with_recurrent_layers(name):
     ids = torch.randint(0, 512, (1, 9))
     with torch.no_grad():
         cache = zoo.cache.output_cache(model(ids, use_cache=True))
-    cache.crop(0)  # nothing to remove
+    cache.crop(9)  # the length it holds: nothing to remove
     with pytest.raises(ValueError, match="cannot be rolled back"):
         cache.crop(-2)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens .assisted decoding."):

@@ -548,10 +548,11 @@ class ZooCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last tokens from every attention layer's keys/values and from the count of tokens seen (so the
-        next step's positions follow): `crop(-n)` removes n tokens; a positive value is the legacy form, the length
-        to keep. Raises ValueError on a cache with recurrent (Mamba, Mamba-2, GLA) or static layers: their states
-        hold no per-token history to roll back to, so assisted or speculative decoding cannot use them."""
-        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(self.seen_tokens - tokens_to_remove, 0)
+        next step's positions follow): `crop(-n)` removes n tokens; a value >= 0 is the length to keep, as in
+        transformers' caches (`crop(0)` keeps none: it used to remove none). Raises ValueError on a cache with
+        recurrent (Mamba, Mamba-2, GLA) or static layers: their states hold no per-token history to roll back to, so
+        assisted or speculative decoding cannot use them."""
+        remove = -tokens_to_remove if tokens_to_remove < 0 else max(self.seen_tokens - tokens_to_remove, 0)
         if remove == 0:
             return
         if remove > self.seen_tokens:
