@@ -276,6 +276,18 @@ def test_mixers_file_that_does_not_exist_is_named(tmp_path):
     assert _read_mixers(str(tmp_path / "model.yaml")) == {"M": {"type": "mamba", "d_state": 8}}
 
 
+
+def test_long_inline_mixers_are_read_as_yaml():
+    # inline --mixers YAML longer than a file name may be (255 bytes) ended in OSError: [Errno 36] File name too long
+    from zoo.surgery import _read_mixers
+
+    specs = {letter: {"type": "mamba2", "d_state": 16, "head_dim": 16, "chunk_size": 8, "dt_min": 0.001,
+                      "dt_max": 0.1, "conv_bias": True, "bias": False} for letter in "NPQ"}
+    text = "{" + ", ".join(f"{k}: {{" + ", ".join(f"{n}: {str(v).lower()}" for n, v in spec.items()) + "}"
+                           for k, spec in specs.items()) + "}"
+    assert len(text) > 255
+    assert _read_mixers(text) == specs
+
 def test_an_fp32_donor_is_not_rounded_to_a_bf16_base(base, donor):
     # the hybrid took the base's dtype: a bf16 base rounded the donor's A_log, D, dt bias and projections to bf16
     # without a word, so a grafted mixer no longer computed what it computed in the donor

@@ -176,10 +176,14 @@ def _read_mixers(text: str | None) -> dict[str, dict]:
     if not text:
         return {}
     path = Path(text)
-    if not path.is_file() and path.suffix in (".yaml", ".yml", ".json") and "{" not in text:
+    try:
+        is_file = path.is_file()
+    except OSError:  # inline YAML longer than a file name may be (ENAMETOOLONG): stat raised, naming no option
+        is_file = False
+    if not is_file and path.suffix in (".yaml", ".yml", ".json") and "{" not in text:
         raise ValueError(f"--mixers: no such file {text!r}; give a YAML file or inline YAML such as "
                          f"'{{M: {{type: mamba}}}}'")
-    data: Any = yaml.safe_load(path.read_text() if path.is_file() else text)
+    data: Any = yaml.safe_load(path.read_text() if is_file else text)
     if isinstance(data, dict) and "mixers" in data and isinstance(data["mixers"], dict):
         data = data["mixers"]
     if not isinstance(data, dict) or not all(isinstance(v, dict) and "type" in v for v in data.values()):
