@@ -281,6 +281,40 @@ def test_a_mixer_that_breaks_the_contract_is_refused_naming_what_it_lacks(regist
         AutoModelForCausalLM.from_config(config)
 
 
+class PlainOptionsMixer(_Proj):
+    """Options written without `*` (positional-or-keyword): the model passes them by keyword all the same."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0, alpha: float = 0.5, width: int = 4):
+        super().__init__(d_model, layer_idx)
+
+    def forward(self, x, **kwargs):
+        return self.proj(x)
+
+
+class NoOptionsMixer(_Proj):
+    def forward(self, x, **kwargs):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("cls,spec,message", [
+    (PlainOptionsMixer, {"alph": 1}, r"mixers\.X\.alph: unknown option for mixer 'custom_options'; did you mean "
+                                     r"'alpha'\? valid options: alpha, width$"),
+    (PlainOptionsMixer, {"layer_idx": 1}, r"mixers\.X\.layer_idx: unknown option .*valid options: alpha, width$"),
+    (NoOptionsMixer, {"alpha": 1}, r"mixers\.X\.alpha: unknown option .*valid options: none \(it takes no options\)$"),
+], ids=["positional-or-keyword-options", "layer-idx-is-no-option", "no-options"])
+def test_an_unknown_option_of_a_custom_mixer_names_its_valid_options(registry_restored, cls, spec, message):
+    """Options of a custom mixer's __init__ written without `*` (def __init__(self, d_model, layer_idx=0, alpha=0.5))
+    are options (the model passes them by keyword), yet a misspelt one read 'valid options: ' with nothing after it and
+    no did-you-mean: only keyword-only parameters were listed."""
+    registry_restored.register_mixer("custom_options")(cls)
+    fields = dict(vocab_size=32, d_model=16, layers="X", ffn="none")
+    with pytest.raises(ValueError, match=message):
+        ZooConfig(**fields, mixers={"X": {"type": "custom_options", **spec}})
+    if cls is PlainOptionsMixer:
+        config = ZooConfig(**fields, mixers={"X": {"type": "custom_options", "alpha": "0.25"}})
+        assert config.mixers["X"]["alpha"] == 0.25
+
+
 def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(registry_restored):
     import torch
 

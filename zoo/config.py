@@ -123,13 +123,17 @@ def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> N
     kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        # the model passes self's, d_model's and layer_idx's slots by position; every other parameter that takes a
+        # keyword is an option (one written without `*` too: the valid ones read empty, with no did-you-mean)
+        positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        allowed = [n for n, p in params.items() if n not in positional[:3] and n not in ("d_model", "layer_idx")
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for key in kwargs:
-            if key not in params or key in ("self", "d_model", "layer_idx"):
+            if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
-                                 f"valid options: {', '.join(allowed)}")
+                                 f"valid options: {', '.join(allowed) or 'none (it takes no options)'}")
     from zoo.registry import contract_problem
 
     if problem := contract_problem(cls, kwargs):
