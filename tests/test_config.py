@@ -337,6 +337,15 @@ def test_register_mixer_without_a_name_is_refused(registry_restored):
         registry_restored.register_mixer("")
 
 
+def test_a_mixer_name_with_a_dot_is_refused_at_registration(registry_restored, tmp_path):
+    """register_mixer("team.ema") was taken, and a model saved with it named type 'team.ema': loaded in a process that
+    had not registered it (the case the refusal of an unregistered name explains), it read as a dotted import path:
+    'loading it runs code. Pass trust_remote_code=True', and with that, 'No module named team'."""
+    with pytest.raises(ValueError, match=r"register_mixer: 'team\.ema' has a '\.', .*dotted import path.*'team_ema'"):
+        registry_restored.register_mixer("team.ema")(KeywordsMixer)
+    assert "team.ema" not in registry_restored.list_mixers()
+
+
 def test_lora_targets_given_as_a_string_are_refused_at_registration(registry_restored):
     """A mixer with lora_targets = "proj" (a string, not a tuple) was registered and its letters joined PEFT's default
     LoRA targets for every zoo model one by one ('p', 'r', 'o', 'j'): LoraConfig() without target_modules matched

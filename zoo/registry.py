@@ -61,6 +61,10 @@ def register_mixer(name: str):
                         f"@register_mixer({name.__name__.lower()!r}) above class {name.__name__}, not @register_mixer")
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"register_mixer: the mixer's name must be a non-empty string, got {name!r}")
+    if "." in name:  # a saved model's config naming it read as an import path where the name was not registered
+        raise ValueError(f"register_mixer: {name!r} has a '.', which configs read as a dotted import path (a model "
+                         f"saved with it would load as one, refused or failing to import, in a process that has not "
+                         f"registered it); give a name without dots, e.g. {name.replace('.', '_')!r}")
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MIXERS and _MIXERS[name] is not cls:
