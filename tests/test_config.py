@@ -315,6 +315,36 @@ def test_an_unknown_option_of_a_custom_mixer_names_its_valid_options(registry_re
         assert config.mixers["X"]["alpha"] == 0.25
 
 
+class ScaledMixer(_Proj):
+    def __init__(self, d_model: int, layer_idx: int = 0, *, scale: float = 1.0, width: int = 2):
+        super().__init__(d_model, layer_idx)
+        self.scale, self.width = scale, width
+
+    def forward(self, x, **kwargs):
+        return self.proj(x) * self.scale
+
+
+def test_a_dotted_path_mixers_yaml_numbers_reach_it_as_numbers(tmp_path):
+    """YAML reads 1e-3 (no dot) as the string '1e-3'; a registered mixer's options are coerced by their type hints,
+    but a dotted-path mixer, imported only when the model is built, got the string: its forward failed ('only integer
+    tensors ... can be converted to an index') or, for a str * int, repeated text. Its options are coerced at the
+    model's construction now, naming the field when they cannot be."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "dotted.yaml"
+    text = (f"vocab_size: 32\nd_model: 16\nlayers: XX\nffn: none\n"
+            f"mixers: {{X: {{type: {__name__}.ScaledMixer, scale: 1e-3, width: '3'}}}}\n")
+    path.write_text(text)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+    mixer = model.model.layers[0].mixer
+    assert (mixer.scale, mixer.width) == (1e-3, 3) and type(mixer.width) is int
+    assert model(torch.randint(0, 32, (1, 4))).logits.shape == (1, 4, 32)
+    path.write_text(text.replace("1e-3", "abc"))
+    with pytest.raises(ValueError, match=r"mixers\.X\.scale: expected a number, got 'abc'"):
+        AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+
+
 def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(registry_restored):
     import torch
 

@@ -108,11 +108,23 @@ def _mixer_hints(mixer_type: Any) -> dict:
         cls = get_mixer(mixer_type)
     except ValueError:
         return {}  # an unknown type is named by validate_zoo
+    return _class_hints(cls)
+
+
+def _class_hints(cls) -> dict:
+    """Type hints of the keyword options of mixer class `cls`."""
     try:
         hints = typing.get_type_hints(cls.__init__)
     except (NameError, TypeError):
         return {}
     return {k: v for k, v in hints.items() if k not in ("self", "d_model", "layer_idx", "return")}
+
+
+def coerce_mixer_options(cls, options: dict, at: str) -> dict:
+    """`options` (a spec less type and ffn) checked against the type hints of mixer class `cls` as coerce_fields
+    checks a registered mixer's: for a dotted-path mixer, imported only when the model is built (YAML's `1e-3`,
+    a string, reached it as one). Raises ValueError naming `at`.key."""
+    return _coerce_fields(options, _class_hints(cls), f"{at}.")
 
 
 def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> None:
