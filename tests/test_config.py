@@ -206,6 +206,22 @@ def test_a_checkpoint_of_a_registered_mixer_says_to_register_it_before_loading(t
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+def test_a_yaml_config_may_give_num_labels_for_a_classification_head(tmp_path):
+    """num_labels is transformers' config keyword for the classification head (ZooConfig(num_labels=3) takes it), but
+    a YAML config giving it was refused as 'num_labels: unknown field', so a YAML could not describe a classifier."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    path = tmp_path / "classifier.yaml"
+    path.write_text((CONFIGS / "mamba-tiny.yaml").read_text() + "num_labels: 3\npad_token_id: 0\n")
+    config = ZooConfig.from_yaml(path)
+    assert config.num_labels == 3
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert model(torch.randint(1, 512, (2, 5))).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="num_label: unknown field"):
+        ZooConfig.from_yaml(path, num_label=3)
+
+
 class _Proj(nn.Module):
     def __init__(self, d_model: int, layer_idx: int = 0):
         super().__init__()

@@ -464,7 +464,8 @@ class ZooConfig(PreTrainedConfig):
         are left to transformers' rule: unknown keys become attributes.)"""
         own = [name for name in cls.__annotations__ if not name.startswith("_")]
         inherited = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
-        inherited |= {"model_type", "num_hidden_layers"}
+        # transformers' settable properties a zoo model reads: num_labels sizes ZooForSequenceClassification's head
+        inherited |= {"model_type", "num_hidden_layers", "num_labels"}
         problem = _unknown_key([k for k in data if k not in inherited], own, where)
         if problem:
             raise ValueError(problem)
