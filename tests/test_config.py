@@ -150,6 +150,21 @@ def test_bad_config_raises_naming_the_field(kwargs, field):
     assert field in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize("d_model,spec,message", [
+    (200, {}, r"n_heads: 3 does not divide d_model = 200 \(no n_heads given: the default, one head per 64 channels, "
+              r"is 3\); choose n_heads"),
+    (130, {}, r"head_dim = d_model / n_heads = 65 must be even for RoPE \(no n_heads given: .* is 2\)"),
+    (64, {"n_kv_heads": 2}, r"n_kv_heads: 2 does not divide n_heads = 1 \(no n_heads given: .* is 1\)"),
+], ids=["not-dividing", "odd-head-dim", "kv-heads"])
+def test_an_attention_spec_without_n_heads_says_the_refused_count_is_the_default(d_model, spec, message):
+    """An attention spec without n_heads takes one head per 64 channels; where that count did not fit, the refusal
+    read 'n_heads: 3 does not divide d_model = 200', a setting the config never gave."""
+    with pytest.raises(ValueError, match=message):
+        ZooConfig(vocab_size=8, d_model=d_model, layers="A", mixers={"A": {"type": "attention", **spec}})
+    with pytest.raises(ValueError, match=r"n_heads: 3 does not divide d_model = 200; choose"):
+        ZooConfig(vocab_size=8, d_model=200, layers="A", mixers={"A": {"type": "attention", "n_heads": 3}})
+
+
 def test_dotted_mixer_from_disk_needs_trust(tmp_path):
     from transformers import AutoModelForCausalLM
 
