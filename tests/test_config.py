@@ -116,7 +116,12 @@ BAD = [
     ("unknown-per-layer-option", dict(layers=[{"type": "mamba"}, {"type": "attention", "n_kv_head": 1}]),
      "layers[1].n_kv_head: unknown option for mixer 'attention'; did you mean 'n_kv_heads'?"),
     ("unknown-mixer-names-its-field", dict(layers="MX", mixers={"M": {"type": "mamba"}, "X": {"type": "lstm"}}),
-     "mixers.X.type: unknown mixer 'lstm'"),
+     "mixers.X.type: unknown mixer 'lstm'; registered mixers: attention, gla, mamba, mamba2"),
+    # a misspelt mixer name gets the closest registered one, as a misspelt field or option does
+    ("misspelt-mixer-name", dict(layers="X", mixers={"X": {"type": "Mamba2"}}),
+     "mixers.X.type: unknown mixer 'Mamba2'; did you mean 'mamba2'? registered mixers:"),
+    ("misspelt-per-layer-mixer-name", dict(layers=[{"type": "atention"}], d_model=64),
+     "layers[0].type: unknown mixer 'atention'; did you mean 'attention'?"),
     ("unknown-per-layer-mixer", dict(layers=[{"type": "mamba"}, {"type": "lstm"}]), "layers[1].type: unknown mixer"),
     # a spare letter no layer uses: its type was never checked (a misspelling passed until a pattern took it)
     ("unknown-mixer-of-an-unused-letter", dict(layers="MM", mixers={"M": {"type": "mamba"}, "X": {"type": "mambo"}}),

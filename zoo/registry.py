@@ -6,6 +6,7 @@ init_state, state_size, lora_targets and output_projections are optional (see th
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
@@ -111,7 +112,11 @@ def get_mixer(name: str, trust_remote_code: bool = True) -> type[nn.Module]:
     if name in _MIXERS:
         return _MIXERS[name]
     if "." not in name:
-        raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(sorted(_MIXERS))} "
+        # as every other unknown name in a config (a field, an option): the closest one first ('Mamba2', 'atention')
+        lowered = {n.lower(): n for n in _MIXERS}
+        close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+        hint = f"did you mean {lowered[close[0]]!r}? " if close else ""
+        raise ValueError(f"unknown mixer {name!r}; {hint}registered mixers: {', '.join(sorted(_MIXERS))} "
                          f"(or give a dotted import path such as 'mypkg.mixers.MyMixer'). A mixer registered with "
                          f"zoo.register_mixer({name!r}) is known only in a process that ran the registration: "
                          f"import the module that registers it before building or loading a model that names it")
