@@ -218,6 +218,19 @@ def test_active_parameters_of_a_moe_model_with_a_custom_mixer_leave_out_the_skip
         == parameter_counts(builtin)["total"] - (4 - 1) * 3 * 16 * 32
 
 
+def test_budget_matching_coerces_a_dotted_mixers_yaml_numbers():
+    """A mixer given by import path has its options checked (check_spec) for each candidate width; YAML's 1e-3 (no
+    dot) reached that check as the string '1e-3' and match_budget failed with "'>' not supported between 'str' and
+    'int'", while the same model with the built-in name matched."""
+    from zoo.compare import match_budget
+
+    common = dict(vocab_size=64, d_model=32, layers="MM", ffn={"type": "swiglu", "hidden": 64})
+    builtin = match_budget({**common, "mixers": {"M": {"type": "mamba", "d_state": 4, "dt_min": 1e-3}}}, 40000)
+    dotted = match_budget({**common, "mixers": {"M": {"type": "zoo.mixers.mamba.Mamba", "d_state": "4",
+                                                      "dt_min": "1e-3"}}}, 40000)
+    assert dotted[1] == builtin[1]
+
+
 def _cache_floats(cache) -> tuple[int, int]:
     """(KV floats, other floats) held by a prefilled cache's layers: attention keys/values, recurrent states."""
     kv = other = 0

@@ -116,7 +116,12 @@ BAD = [
     ("unknown-per-layer-option", dict(layers=[{"type": "mamba"}, {"type": "attention", "n_kv_head": 1}]),
      "layers[1].n_kv_head: unknown option for mixer 'attention'; did you mean 'n_kv_heads'?"),
     ("unknown-mixer-names-its-field", dict(layers="MX", mixers={"M": {"type": "mamba"}, "X": {"type": "lstm"}}),
-     "mixers.X.type: unknown mixer 'lstm'"),
+     "mixers.X.type: unknown mixer 'lstm'; registered mixers: attention, gla, mamba, mamba2"),
+    # a misspelt mixer name gets the closest registered one, as a misspelt field or option does
+    ("misspelt-mixer-name", dict(layers="X", mixers={"X": {"type": "Mamba2"}}),
+     "mixers.X.type: unknown mixer 'Mamba2'; did you mean 'mamba2'? registered mixers:"),
+    ("misspelt-per-layer-mixer-name", dict(layers=[{"type": "atention"}], d_model=64),
+     "layers[0].type: unknown mixer 'atention'; did you mean 'attention'?"),
     ("unknown-per-layer-mixer", dict(layers=[{"type": "mamba"}, {"type": "lstm"}]), "layers[1].type: unknown mixer"),
     # a spare letter no layer uses: its type was never checked (a misspelling passed until a pattern took it)
     ("unknown-mixer-of-an-unused-letter", dict(layers="MM", mixers={"M": {"type": "mamba"}, "X": {"type": "mambo"}}),
@@ -148,6 +153,21 @@ def test_bad_config_raises_naming_the_field(kwargs, field):
     with pytest.raises(ValueError) as info:
         ZooConfig(**kwargs)
     assert field in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("d_model,spec,message", [
+    (200, {}, r"n_heads: 3 does not divide d_model = 200 \(no n_heads given: the default, one head per 64 channels, "
+              r"is 3\); choose n_heads"),
+    (130, {}, r"head_dim = d_model / n_heads = 65 must be even for RoPE \(no n_heads given: .* is 2\)"),
+    (64, {"n_kv_heads": 2}, r"n_kv_heads: 2 does not divide n_heads = 1 \(no n_heads given: .* is 1\)"),
+], ids=["not-dividing", "odd-head-dim", "kv-heads"])
+def test_an_attention_spec_without_n_heads_says_the_refused_count_is_the_default(d_model, spec, message):
+    """An attention spec without n_heads takes one head per 64 channels; where that count did not fit, the refusal
+    read 'n_heads: 3 does not divide d_model = 200', a setting the config never gave."""
+    with pytest.raises(ValueError, match=message):
+        ZooConfig(vocab_size=8, d_model=d_model, layers="A", mixers={"A": {"type": "attention", **spec}})
+    with pytest.raises(ValueError, match=r"n_heads: 3 does not divide d_model = 200; choose"):
+        ZooConfig(vocab_size=8, d_model=200, layers="A", mixers={"A": {"type": "attention", "n_heads": 3}})
 
 
 def test_dotted_mixer_from_disk_needs_trust(tmp_path):
@@ -204,6 +224,22 @@ def test_a_checkpoint_of_a_registered_mixer_says_to_register_it_before_loading(t
     with pytest.raises(ValueError, match=r"mixers\.A\.type: .*register_mixer\('my_unregistered_ema'\).*import the "
                                          r"module that registers it"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_yaml_config_may_give_num_labels_for_a_classification_head(tmp_path):
+    """num_labels is transformers' config keyword for the classification head (ZooConfig(num_labels=3) takes it), but
+    a YAML config giving it was refused as 'num_labels: unknown field', so a YAML could not describe a classifier."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    path = tmp_path / "classifier.yaml"
+    path.write_text((CONFIGS / "mamba-tiny.yaml").read_text() + "num_labels: 3\npad_token_id: 0\n")
+    config = ZooConfig.from_yaml(path)
+    assert config.num_labels == 3
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert model(torch.randint(1, 512, (2, 5))).logits.shape == (2, 3)
+    with pytest.raises(ValueError, match="num_label: unknown field"):
+        ZooConfig.from_yaml(path, num_label=3)
 
 
 class _Proj(nn.Module):
@@ -281,6 +317,70 @@ def test_a_mixer_that_breaks_the_contract_is_refused_naming_what_it_lacks(regist
         AutoModelForCausalLM.from_config(config)
 
 
+class PlainOptionsMixer(_Proj):
+    """Options written without `*` (positional-or-keyword): the model passes them by keyword all the same."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0, alpha: float = 0.5, width: int = 4):
+        super().__init__(d_model, layer_idx)
+
+    def forward(self, x, **kwargs):
+        return self.proj(x)
+
+
+class NoOptionsMixer(_Proj):
+    def forward(self, x, **kwargs):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("cls,spec,message", [
+    (PlainOptionsMixer, {"alph": 1}, r"mixers\.X\.alph: unknown option for mixer 'custom_options'; did you mean "
+                                     r"'alpha'\? valid options: alpha, width$"),
+    (PlainOptionsMixer, {"layer_idx": 1}, r"mixers\.X\.layer_idx: unknown option .*valid options: alpha, width$"),
+    (NoOptionsMixer, {"alpha": 1}, r"mixers\.X\.alpha: unknown option .*valid options: none \(it takes no options\)$"),
+], ids=["positional-or-keyword-options", "layer-idx-is-no-option", "no-options"])
+def test_an_unknown_option_of_a_custom_mixer_names_its_valid_options(registry_restored, cls, spec, message):
+    """Options of a custom mixer's __init__ written without `*` (def __init__(self, d_model, layer_idx=0, alpha=0.5))
+    are options (the model passes them by keyword), yet a misspelt one read 'valid options: ' with nothing after it and
+    no did-you-mean: only keyword-only parameters were listed."""
+    registry_restored.register_mixer("custom_options")(cls)
+    fields = dict(vocab_size=32, d_model=16, layers="X", ffn="none")
+    with pytest.raises(ValueError, match=message):
+        ZooConfig(**fields, mixers={"X": {"type": "custom_options", **spec}})
+    if cls is PlainOptionsMixer:
+        config = ZooConfig(**fields, mixers={"X": {"type": "custom_options", "alpha": "0.25"}})
+        assert config.mixers["X"]["alpha"] == 0.25
+
+
+class ScaledMixer(_Proj):
+    def __init__(self, d_model: int, layer_idx: int = 0, *, scale: float = 1.0, width: int = 2):
+        super().__init__(d_model, layer_idx)
+        self.scale, self.width = scale, width
+
+    def forward(self, x, **kwargs):
+        return self.proj(x) * self.scale
+
+
+def test_a_dotted_path_mixers_yaml_numbers_reach_it_as_numbers(tmp_path):
+    """YAML reads 1e-3 (no dot) as the string '1e-3'; a registered mixer's options are coerced by their type hints,
+    but a dotted-path mixer, imported only when the model is built, got the string: its forward failed ('only integer
+    tensors ... can be converted to an index') or, for a str * int, repeated text. Its options are coerced at the
+    model's construction now, naming the field when they cannot be."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / "dotted.yaml"
+    text = (f"vocab_size: 32\nd_model: 16\nlayers: XX\nffn: none\n"
+            f"mixers: {{X: {{type: {__name__}.ScaledMixer, scale: 1e-3, width: '3'}}}}\n")
+    path.write_text(text)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+    mixer = model.model.layers[0].mixer
+    assert (mixer.scale, mixer.width) == (1e-3, 3) and type(mixer.width) is int
+    assert model(torch.randint(0, 32, (1, 4))).logits.shape == (1, 4, 32)
+    path.write_text(text.replace("1e-3", "abc"))
+    with pytest.raises(ValueError, match=r"mixers\.X\.scale: expected a number, got 'abc'"):
+        AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+
+
 def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(registry_restored):
     import torch
 
@@ -301,6 +401,15 @@ def test_register_mixer_without_a_name_is_refused(registry_restored):
         registry_restored.register_mixer(KeywordsMixer)
     with pytest.raises(TypeError, match="non-empty string"):
         registry_restored.register_mixer("")
+
+
+def test_a_mixer_name_with_a_dot_is_refused_at_registration(registry_restored, tmp_path):
+    """register_mixer("team.ema") was taken, and a model saved with it named type 'team.ema': loaded in a process that
+    had not registered it (the case the refusal of an unregistered name explains), it read as a dotted import path:
+    'loading it runs code. Pass trust_remote_code=True', and with that, 'No module named team'."""
+    with pytest.raises(ValueError, match=r"register_mixer: 'team\.ema' has a '\.', .*dotted import path.*'team_ema'"):
+        registry_restored.register_mixer("team.ema")(KeywordsMixer)
+    assert "team.ema" not in registry_restored.list_mixers()
 
 
 def test_lora_targets_given_as_a_string_are_refused_at_registration(registry_restored):

@@ -485,13 +485,16 @@ def _try_config(fields: dict) -> ZooConfig | None:
     """The config of `fields`, or None when it is invalid: the config's own checks, and the options / check_spec
     of a mixer given by import path, which the config leaves to the model build (a candidate width that such a
     mixer refuses is skipped, as one a built-in mixer refuses)."""
-    from zoo.config import check_mixer_options
+    from zoo.config import check_mixer_options, coerce_mixer_options
 
     try:
         config = ZooConfig(**copy.deepcopy(fields))
         for i, spec in enumerate(config.layer_specs()):
-            if is_dotted_path(spec["type"]):
-                check_mixer_options(get_mixer(spec["type"]), spec, config.d_model, f"layers[{i}]", f"layers[{i}]")
+            if is_dotted_path(spec["type"]):  # its options coerced as the model's build does (YAML's 1e-3: a string)
+                cls = get_mixer(spec["type"])
+                options = coerce_mixer_options(cls, {k: v for k, v in spec.items() if k not in ("type", "ffn")},
+                                               f"layers[{i}]")
+                check_mixer_options(cls, {**spec, **options}, config.d_model, f"layers[{i}]", f"layers[{i}]")
         return config
     except ValueError:
         return None

@@ -108,11 +108,23 @@ def _mixer_hints(mixer_type: Any) -> dict:
         cls = get_mixer(mixer_type)
     except ValueError:
         return {}  # an unknown type is named by validate_zoo
+    return _class_hints(cls)
+
+
+def _class_hints(cls) -> dict:
+    """Type hints of the keyword options of mixer class `cls`."""
     try:
         hints = typing.get_type_hints(cls.__init__)
     except (NameError, TypeError):
         return {}
     return {k: v for k, v in hints.items() if k not in ("self", "d_model", "layer_idx", "return")}
+
+
+def coerce_mixer_options(cls, options: dict, at: str) -> dict:
+    """`options` (a spec less type and ffn) checked against the type hints of mixer class `cls` as coerce_fields
+    checks a registered mixer's: for a dotted-path mixer, imported only when the model is built (YAML's `1e-3`,
+    a string, reached it as one). Raises ValueError naming `at`.key."""
+    return _coerce_fields(options, _class_hints(cls), f"{at}.")
 
 
 def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> None:
@@ -123,13 +135,17 @@ def check_mixer_options(cls, spec: dict, d_model: int, at: str, where: str) -> N
     kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
     params = inspect.signature(cls.__init__).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        allowed = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+        # the model passes self's, d_model's and layer_idx's slots by position; every other parameter that takes a
+        # keyword is an option (one written without `*` too: the valid ones read empty, with no did-you-mean)
+        positional = [n for n, p in params.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        allowed = [n for n, p in params.items() if n not in positional[:3] and n not in ("d_model", "layer_idx")
+                   and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
         for key in kwargs:
-            if key not in params or key in ("self", "d_model", "layer_idx"):
+            if key not in allowed:
                 close = difflib.get_close_matches(str(key), allowed, n=1)
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ValueError(f"{at}.{key}: unknown option for mixer {mixer_type!r}; {hint}"
-                                 f"valid options: {', '.join(allowed)}")
+                                 f"valid options: {', '.join(allowed) or 'none (it takes no options)'}")
     from zoo.registry import contract_problem
 
     if problem := contract_problem(cls, kwargs):
@@ -448,7 +464,8 @@ class ZooConfig(PreTrainedConfig):
         are left to transformers' rule: unknown keys become attributes.)"""
         own = [name for name in cls.__annotations__ if not name.startswith("_")]
         inherited = {f.name for f in dataclasses.fields(cls)} | set(cls.attribute_map)
-        inherited |= {"model_type", "num_hidden_layers"}
+        # transformers' settable properties a zoo model reads: num_labels sizes ZooForSequenceClassification's head
+        inherited |= {"model_type", "num_hidden_layers", "num_labels"}
         problem = _unknown_key([k for k in data if k not in inherited], own, where)
         if problem:
             raise ValueError(problem)

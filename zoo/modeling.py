@@ -38,7 +38,7 @@ from zoo.cache import (
     require_positionwise,
     wrapped_mixer,
 )
-from zoo.config import ZooConfig, check_mixer_options
+from zoo.config import ZooConfig, check_mixer_options, coerce_mixer_options
 from zoo.layers import (
     Block,
     Linear,
@@ -477,8 +477,9 @@ class ZooModel(ZooPreTrainedModel):
             kwargs = {k: v for k, v in spec.items() if k not in ("type", "ffn")}
             cls = get_mixer(spec["type"], trust_remote_code=trust)
             if is_dotted_path(spec["type"]):  # imported only now: its options are checked here, not by the config
-                check_mixer_options(cls, spec, config.d_model, f"mixers.{pattern[i]}" if pattern else f"layers[{i}]",
-                                    f"layers[{i}]")
+                at = f"mixers.{pattern[i]}" if pattern else f"layers[{i}]"
+                kwargs = coerce_mixer_options(cls, kwargs, at)
+                check_mixer_options(cls, {**spec, **kwargs}, config.d_model, at, f"layers[{i}]")
             mixer = cls(config.d_model, i, **kwargs)
             if spec["ffn"] == "swiglu":
                 ffn = SwiGLU(config.d_model, config.ffn_spec()["hidden"])

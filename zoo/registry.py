@@ -6,6 +6,7 @@ init_state, state_size, lora_targets and output_projections are optional (see th
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import os
@@ -61,6 +62,10 @@ def register_mixer(name: str):
                         f"@register_mixer({name.__name__.lower()!r}) above class {name.__name__}, not @register_mixer")
     if not isinstance(name, str) or not name.strip():
         raise TypeError(f"register_mixer: the mixer's name must be a non-empty string, got {name!r}")
+    if "." in name:  # a saved model's config naming it read as an import path where the name was not registered
+        raise ValueError(f"register_mixer: {name!r} has a '.', which configs read as a dotted import path (a model "
+                         f"saved with it would load as one, refused or failing to import, in a process that has not "
+                         f"registered it); give a name without dots, e.g. {name.replace('.', '_')!r}")
 
     def wrap(cls: type[nn.Module]) -> type[nn.Module]:
         if name in _MIXERS and _MIXERS[name] is not cls:
@@ -107,7 +112,11 @@ def get_mixer(name: str, trust_remote_code: bool = True) -> type[nn.Module]:
     if name in _MIXERS:
         return _MIXERS[name]
     if "." not in name:
-        raise ValueError(f"unknown mixer {name!r}; registered mixers: {', '.join(sorted(_MIXERS))} "
+        # as every other unknown name in a config (a field, an option): the closest one first ('Mamba2', 'atention')
+        lowered = {n.lower(): n for n in _MIXERS}
+        close = difflib.get_close_matches(name.lower(), list(lowered), n=1)
+        hint = f"did you mean {lowered[close[0]]!r}? " if close else ""
+        raise ValueError(f"unknown mixer {name!r}; {hint}registered mixers: {', '.join(sorted(_MIXERS))} "
                          f"(or give a dotted import path such as 'mypkg.mixers.MyMixer'). A mixer registered with "
                          f"zoo.register_mixer({name!r}) is known only in a process that ran the registration: "
                          f"import the module that registers it before building or loading a model that names it")

@@ -80,24 +80,28 @@ class Attention(nn.Module):
         if attn_backend not in ("auto", *BACKENDS):
             raise ValueError(f"attn_backend: unknown backend {attn_backend!r}; choose auto or one of "
                              f"{', '.join(BACKENDS)} (math is the reference)")
+        # a default the user never wrote is named as one: 'n_heads: 3 does not divide' read as their own setting
+        default = "" if n_heads is not None else (f" (no n_heads given: the default, one head per 64 channels, is "
+                                                  f"{default_n_heads(d_model)})")
         n_heads = default_n_heads(d_model) if n_heads is None else n_heads  # 0 is refused, not replaced
         if not (isinstance(n_heads, int) and not isinstance(n_heads, bool) and n_heads >= 1):
             raise ValueError(f"n_heads: must be a positive integer, got {n_heads!r}")
         if head_dim is None and d_model % n_heads:
-            raise ValueError(f"n_heads: {n_heads} does not divide d_model = {d_model}; choose n_heads dividing "
-                             f"d_model or set head_dim")
+            raise ValueError(f"n_heads: {n_heads} does not divide d_model = {d_model}{default}; choose n_heads "
+                             f"dividing d_model or set head_dim")
         even = 2 if rope else 1  # RoPE rotates pairs; without it any width works
         if head_dim is not None and not (isinstance(head_dim, int) and not isinstance(head_dim, bool)
                                          and head_dim >= even and head_dim % even == 0):
             raise ValueError(f"head_dim: must be a positive even integer (RoPE rotates pairs), got {head_dim!r}" if rope
                              else f"head_dim: must be a positive integer, got {head_dim!r}")
         if rope and head_dim is None and (d_model // n_heads) % 2:
-            raise ValueError(f"n_heads: head_dim = d_model / n_heads = {d_model // n_heads} must be even for RoPE")
+            raise ValueError(f"n_heads: head_dim = d_model / n_heads = {d_model // n_heads} must be even for RoPE"
+                             f"{default}")
         if n_kv_heads is not None:
             if not (isinstance(n_kv_heads, int) and n_kv_heads >= 1):
                 raise ValueError(f"n_kv_heads: must be a positive integer, got {n_kv_heads!r}")
             if n_heads % n_kv_heads:
-                raise ValueError(f"n_kv_heads: {n_kv_heads} does not divide n_heads = {n_heads}")
+                raise ValueError(f"n_kv_heads: {n_kv_heads} does not divide n_heads = {n_heads}{default}")
         if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or not rope_theta > 0:
             raise ValueError(f"rope_theta: must be > 0, got {rope_theta!r}")
         if window is not None and not (isinstance(window, int) and window >= 1):
