@@ -402,7 +402,9 @@ def test_zoo_generate_prompts_a_finetune_without_bos_as_its_rows_began(tmp_path,
         (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
         main([str(tmp_path / "ft.yaml")])
         cli.main(["generate", str(tmp_path / f"run-{add_bos}" / "merged"), "hi", "--max-new-tokens", "1"])
-    assert seen == [[ord("h"), ord("i")], [257, ord("h"), ord("i")]]
+        # the adapter folder alike (zoo generate takes it, onto its base model's config, which says nothing of it)
+        cli.main(["generate", str(tmp_path / f"run-{add_bos}" / "adapter"), "hi", "--max-new-tokens", "1"])
+    assert seen == [[ord("h"), ord("i")]] * 2 + [[257, ord("h"), ord("i")]] * 2
     assert capsys.readouterr().out.splitlines()[-1].startswith("hi")
 
 

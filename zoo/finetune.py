@@ -1498,6 +1498,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         model.save_pretrained(adapter_dir)
         if saved_tokenizer is not None:
             saved_tokenizer.save_pretrained(adapter_dir)
+        if cfg.data.source is not None:  # how its rows began, as merged/'s config records it (zoo.hub.load_causal_lm
+            # reads it: zoo generate and zoo eval take the adapter folder too, with its base model's config)
+            from zoo.hub import ADAPTER_DATA_FILE
+
+            (adapter_dir / ADAPTER_DATA_FILE).write_text(json.dumps({"add_bos": cfg.data.add_bos}) + "\n")
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)

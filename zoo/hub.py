@@ -241,12 +241,39 @@ def adapter_config_file(ref: str | Path) -> Path | None:
     return Path(found) if found else None
 
 
+# beside a PEFT adapter that zoo finetune saved: how its rows began ({"add_bos": false}), which the merged model records
+# in its config (add_bos) and the adapter, loaded onto its base model's config, had nowhere to keep
+ADAPTER_DATA_FILE = "zoo_finetune.json"
+
+
+def _adapter_data(source: str) -> dict:
+    """The `ADAPTER_DATA_FILE` record of the adapter folder or hub repo `source` ({} where it has none)."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        found = folder / ADAPTER_DATA_FILE
+        found = found if found.is_file() else None
+    else:
+        from transformers.utils import cached_file
+
+        found = cached_file(source, ADAPTER_DATA_FILE, _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    if found is None:
+        return {}
+    try:
+        record = json.loads(Path(found).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, but a PEFT adapter (a local adapter folder or a hub
     repo holding one) loads as PEFT loads it: its base model (its adapter_config.json's base_model_name_or_path, with
     kwargs) with the adapter in its layers (``PeftModel.from_pretrained``), the model class returned. transformers'
     own loading of an adapter left out LoRA's DoRA magnitudes (``use_dora``, whose saved keys it does not
-    recognize), so a DoRA finetune ran with its magnitudes at their initial values, behind a load report only."""
+    recognize), so a DoRA finetune ran with its magnitudes at their initial values, behind a load report only. An
+    adapter of zoo finetune's records how its rows began (data.add_bos, `ADAPTER_DATA_FILE`): it is put in the model's
+    config as the merged model's config holds it (zoo.eval.common.trained_with_bos reads it)."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
@@ -261,7 +288,11 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
         raise ValueError(f"{ref} holds a PEFT adapter whose adapter_config.json names no base model "
                          f"(base_model_name_or_path); load its base model and apply it with PeftModel.from_pretrained")
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    return PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
+    model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
+    if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
+        # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
+        model.config.add_bos = add_bos
+    return model
 
 
 def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -277,5 +308,5 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
-__all__ = ["adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer", "load_model_folder",
-           "load_model_not_adapter", "save_model_folder", "shard_size", "write_folder"]
+__all__ = ["ADAPTER_DATA_FILE", "adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer",
+           "load_model_folder", "load_model_not_adapter", "save_model_folder", "shard_size", "write_folder"]
