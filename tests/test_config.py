@@ -104,6 +104,9 @@ BAD = [
      "dt_min/dt_max"),
     ("mamba-dt-scale", dict(layers="M", mixers={"M": {"type": "mamba", "dt_scale": -1.0}}), "dt_scale"),
     ("mamba-dt-floor", dict(layers="M", mixers={"M": {"type": "mamba", "dt_init_floor": -1e-4}}), "dt_init_floor"),
+    # Mamba-2 took the negative floor that Mamba refused
+    ("mamba2-dt-floor", dict(d_model=64, layers="M", mixers={"M": {"type": "mamba2", "head_dim": 16,
+                                                                  "dt_init_floor": -1e-4}}), "dt_init_floor"),
     ("gla-heads", dict(d_model=64, layers="G", mixers={"G": {"type": "gla", "n_heads": 3}}), "n_heads"),
     ("window-zero", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "n_heads": 4, "window": 0}}),
      "window"),
