@@ -384,6 +384,28 @@ def test_a_dotted_path_mixers_yaml_numbers_reach_it_as_numbers(tmp_path):
         AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
 
 
+class PartlyHintedMixer(ScaledMixer):
+    # a hint that does not resolve at run time (a name imported under TYPE_CHECKING only)
+    def __init__(self, d_model: int, layer_idx: int = 0, *, scale: float = 1.0, width: int = 2,
+                 helper: UndefinedHelper | None = None):  # noqa: F821
+        super().__init__(d_model, layer_idx, scale=scale, width=width)
+
+
+def test_a_mixer_with_one_unresolvable_hint_gets_its_other_options_coerced(registry_restored):
+    """One type hint of a mixer's __init__ that did not resolve dropped the hints of all its options: YAML's 1e-3 (no
+    dot) reached `scale: float` as the string '1e-3'. Each hint is resolved on its own now."""
+    registry_restored.register_mixer("partly_hinted")(PartlyHintedMixer)
+    for mixer in ("partly_hinted", f"{__name__}.PartlyHintedMixer"):
+        config = ZooConfig(vocab_size=32, d_model=16, layers="X", ffn="none",
+                           mixers={"X": {"type": mixer, "scale": "1e-3", "width": "3"}})
+        if mixer == "partly_hinted":
+            assert config.mixers["X"]["scale"] == 1e-3 and config.mixers["X"]["width"] == 3
+        from zoo import ZooForCausalLM
+
+        built = ZooForCausalLM(config).model.layers[0].mixer
+        assert (built.scale, built.width) == (1e-3, 3) and type(built.width) is int
+
+
 def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(registry_restored):
     import torch
 

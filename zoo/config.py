@@ -123,11 +123,26 @@ def _agreeing_alias(alias: str, given: Any, value: Any) -> Any:
 
 
 def _class_hints(cls) -> dict:
-    """Type hints of the keyword options of mixer class `cls`."""
+    """Type hints of the keyword options of mixer class `cls`: those that resolve (one that does not, a name imported
+    only under TYPE_CHECKING, dropped all of them, and YAML's 1e-3 reached every option as a string)."""
+    init = cls.__init__
     try:
-        hints = typing.get_type_hints(cls.__init__)
-    except (NameError, TypeError):
-        return {}
+        hints = typing.get_type_hints(init)
+    except (NameError, TypeError, AttributeError):
+        hints = {}
+        try:
+            annotations = dict(getattr(init, "__annotations__", None) or {})
+        except (NameError, TypeError, AttributeError):
+            annotations = {}
+
+        def one() -> None: ...
+
+        for key, hint in annotations.items():  # each on its own
+            one.__annotations__ = {key: hint}
+            try:
+                hints.update(typing.get_type_hints(one, globalns=getattr(init, "__globals__", None)))
+            except (NameError, TypeError, AttributeError):
+                continue
     return {k: v for k, v in hints.items() if k not in ("self", "d_model", "layer_idx", "return")}
 
 
