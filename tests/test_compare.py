@@ -1671,3 +1671,40 @@ def test_an_interrupted_comparison_says_so_under_its_own_name(tmp_path, monkeypa
     monkeypatch.setattr(compare, "run_comparison", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
     assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--force"]) == 130
     assert capsys.readouterr().err.startswith("\nzoo compare: interrupted; finished phases are kept in ")
+
+
+def test_mqar_training_saved_while_a_transformers_mambas_a_log_was_decayed_continues_as_it_trained(tmp_path,
+                                                                                                   monkeypatch, capsys):
+    """A partial MQAR training of a transformers Mamba saved while its 2-D A_log was decayed (before NO_DECAY_NAMES
+    were exempt by name) failed to continue: torch refused its optimizer state ("a parameter group that doesn't
+    match the size"). It continues now, saying so, in the groups it trained in, to the uninterrupted run's losses."""
+    import zoo.train as zt
+    from zoo.compare import MQAR_PARTIAL, ModelEntry, _train_mqar
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {"m": "configs/models/mamba-tiny.yaml"}, "recipe": {"tokenizer": "byte"},
+        "eval": {"mqar": {"steps": 3, "batch_size": 4, "seq_len": 32, "n_kv": 4, "vocab_size": 32, "warmup_steps": 0,
+                          "eval_seq_lens": [32], "eval_samples": 8}}}))
+    cfg, _ = load_compare_config(path)
+    entry = ModelEntry("m", {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 260,
+                             "state_size": 4}, False)
+    monkeypatch.setattr(zt, "NO_DECAY_NAMES", ())  # the rule before the names were exempt
+    _, whole = _train_mqar(cfg, entry, 128, tmp_path / "whole", torch.device("cpu"))
+    real = zt.lr_at
+
+    def stop_at_step_2(step, sched):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, sched)
+
+    monkeypatch.setattr(zt, "lr_at", stop_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        _train_mqar(cfg, entry, 128, tmp_path / "cut", torch.device("cpu"))
+    saved = torch.load(tmp_path / "cut" / MQAR_PARTIAL, weights_only=True)
+    assert saved["step"] == 2
+    monkeypatch.undo()
+    capsys.readouterr()
+    _, losses = _train_mqar(cfg, entry, 128, tmp_path / "cut", torch.device("cpu"))
+    assert "decayed the parameters named A_log, D, dt_bias" in capsys.readouterr().err
+    assert losses == whole

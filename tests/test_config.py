@@ -104,6 +104,9 @@ BAD = [
      "dt_min/dt_max"),
     ("mamba-dt-scale", dict(layers="M", mixers={"M": {"type": "mamba", "dt_scale": -1.0}}), "dt_scale"),
     ("mamba-dt-floor", dict(layers="M", mixers={"M": {"type": "mamba", "dt_init_floor": -1e-4}}), "dt_init_floor"),
+    # Mamba-2 took the negative floor that Mamba refused
+    ("mamba2-dt-floor", dict(d_model=64, layers="M", mixers={"M": {"type": "mamba2", "head_dim": 16,
+                                                                  "dt_init_floor": -1e-4}}), "dt_init_floor"),
     ("gla-heads", dict(d_model=64, layers="G", mixers={"G": {"type": "gla", "n_heads": 3}}), "n_heads"),
     ("window-zero", dict(d_model=64, layers="A", mixers={"A": {"type": "attention", "n_heads": 4, "window": 0}}),
      "window"),
@@ -379,6 +382,28 @@ def test_a_dotted_path_mixers_yaml_numbers_reach_it_as_numbers(tmp_path):
     path.write_text(text.replace("1e-3", "abc"))
     with pytest.raises(ValueError, match=r"mixers\.X\.scale: expected a number, got 'abc'"):
         AutoModelForCausalLM.from_config(ZooConfig.from_yaml(path))
+
+
+class PartlyHintedMixer(ScaledMixer):
+    # a hint that does not resolve at run time (a name imported under TYPE_CHECKING only)
+    def __init__(self, d_model: int, layer_idx: int = 0, *, scale: float = 1.0, width: int = 2,
+                 helper: UndefinedHelper | None = None):  # noqa: F821
+        super().__init__(d_model, layer_idx, scale=scale, width=width)
+
+
+def test_a_mixer_with_one_unresolvable_hint_gets_its_other_options_coerced(registry_restored):
+    """One type hint of a mixer's __init__ that did not resolve dropped the hints of all its options: YAML's 1e-3 (no
+    dot) reached `scale: float` as the string '1e-3'. Each hint is resolved on its own now."""
+    registry_restored.register_mixer("partly_hinted")(PartlyHintedMixer)
+    for mixer in ("partly_hinted", f"{__name__}.PartlyHintedMixer"):
+        config = ZooConfig(vocab_size=32, d_model=16, layers="X", ffn="none",
+                           mixers={"X": {"type": mixer, "scale": "1e-3", "width": "3"}})
+        if mixer == "partly_hinted":
+            assert config.mixers["X"]["scale"] == 1e-3 and config.mixers["X"]["width"] == 3
+        from zoo import ZooForCausalLM
+
+        built = ZooForCausalLM(config).model.layers[0].mixer
+        assert (built.scale, built.width) == (1e-3, 3) and type(built.width) is int
 
 
 def test_a_mixer_that_takes_the_models_keywords_through_kwargs_is_accepted(registry_restored):

@@ -291,6 +291,20 @@ def test_a_yaml_override_under_transformers_name_replaces_the_field(tmp_path):
         ZooConfig.from_yaml(path, hidden_size=48, d_model=40)  # both given as overrides: still one field
 
 
+@pytest.mark.parametrize("kwargs", [dict(hidden_size=48, d_model=40), dict(d_model=40, hidden_size=48),
+                                    dict(tie_word_embeddings=True, tie_embeddings=False)], ids=str)
+def test_from_pretrained_refuses_a_field_and_its_alias_that_disagree(tmp_path, kwargs):
+    """from_pretrained(folder, hidden_size=48, d_model=40) kept whichever keyword came last without a word (transformers
+    sets them one after the other), where the constructor refuses the two; the same values under both names load."""
+    config = ZooConfig(vocab_size=64, d_model=32, layers="M", ffn="none", mixers={"M": {"type": "mamba"}})
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="disagrees with"):
+        ZooConfig.from_pretrained(tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="disagrees with"):
+        ZooConfig.from_dict(ZooConfig.from_pretrained(tmp_path).to_dict(), **kwargs)
+    assert ZooConfig.from_pretrained(tmp_path, hidden_size=48, d_model=48).d_model == 48
+
+
 INF = float("inf")
 
 

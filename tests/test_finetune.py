@@ -1885,3 +1885,49 @@ def test_a_jsonl_row_with_both_text_and_prompt_completion_fields_is_refused(tmp_
         read_jsonl(str(data))
     data.write_text(json.dumps({"text": "t", "id": 1}) + "\n")  # other fields alongside one kind's are fine
     assert read_jsonl(str(data)) == [{"text": "t", "id": 1}]
+
+
+def test_a_finetune_checkpoint_that_decayed_a_transformers_mambas_a_log_continues_as_it_trained(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """A stopped finetune of a transformers Mamba with its mixers in modules_to_save, saved while their 2-D A_log was
+    decayed (before NO_DECAY_NAMES were exempt by name), failed to continue: torch refused its optimizer state
+    ("a parameter group that doesn't match the size"). It continues now, saying so, with A_log still decayed."""
+    from transformers import AutoConfig
+
+    import zoo.finetune as ft
+    import zoo.train as zt
+    from zoo.cli import _run
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model("mamba", hidden_size=32, num_hidden_layers=2,
+                                                                 vocab_size=64, state_size=4))
+    base.save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"progress_bar": False, "max_steps": 4, "micro_batch_size": 4, "checkpoint_every": 1},
+              "lora": {"r": 4, "target_modules": ["layers.0.mixer.x_proj"], "modules_to_save": ["layers.1.mixer"]},
+              "optim": {"lr": 1e-2}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    run = lambda: _run("zoo finetune", ft.main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / 'run'}"])
+    real = ft.lr_at
+
+    def stop_at_step_2(step, section):
+        if step == 2:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(zt, "NO_DECAY_NAMES", ())  # the rule before the names were exempt
+    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    assert run() == 130
+    monkeypatch.undo()
+    saved = torch.load(tmp_path / "run" / "finetune-checkpoint" / "state.pt", weights_only=True)
+    decayed = [len(g["params"]) for g in saved["optimizer"]["param_groups"]]
+    sizes = []
+    adamw_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: sizes.append(
+        [len(g["params"]) for g in self.param_groups]) or adamw_step(self, *a, **k))
+    capsys.readouterr()
+    run()
+    out = capsys.readouterr().out
+    assert "continuing from step 2 of 4" in out and "decayed the parameters named A_log, D, dt_bias" in out
+    assert sizes == [decayed] * 2 and (tmp_path / "run" / "adapter").is_dir()

@@ -1487,6 +1487,7 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
     from zoo.data.synthetic import mqar_batch
     from zoo.eval.common import read_partial, save_atomically
     from zoo.train import (
+        NO_DECAY_NAMES,
         ScheduleConfig,
         _aux_part,
         _set_torch_rng_state,
@@ -1494,6 +1495,7 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
         _torch_rng_state,
         build_optimizer,
         lr_at,
+        resume_by_name,
     )
 
     m = cfg.eval.mqar
@@ -1505,7 +1507,6 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
     sched = dataclasses.replace(
         tcfg, optim=opt_cfg, train=dataclasses.replace(tcfg.train, max_steps=m.steps),
         schedule=ScheduleConfig(kind="cosine", warmup_steps=min(m.warmup_steps, m.steps - 1), min_lr=m.lr / 10))
-    optimizer = build_optimizer(model, opt_cfg)
     generator = torch.Generator().manual_seed(m.seed)
     losses: list[float] = []
     start = 0
@@ -1514,6 +1515,15 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
                         "seq_len": seq_len, "device": str(device)}}
     partial, label = run_dir / MQAR_PARTIAL, f"{entry.name}'s MQAR training"
     saved = read_partial(partial, settings, label)
+    # a partial training saved before NO_DECAY_NAMES were exempt by name (a transformers Mamba's 2-D A_log decayed)
+    # continues as it trained: its optimizer state is for those groups
+    by_name = resume_by_name(model, opt_cfg, None if saved is None
+                             else [len(g["params"]) for g in saved["optimizer"]["param_groups"]])
+    if not by_name:
+        print(f"{label}: {partial}'s run decayed the parameters named {', '.join(NO_DECAY_NAMES)} (it was saved before "
+              f"they were exempt by name), and goes on decaying them, as its optimizer state holds them",
+              file=sys.stderr)
+    optimizer = build_optimizer(model, opt_cfg, by_name=by_name)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])

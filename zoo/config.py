@@ -111,12 +111,38 @@ def _mixer_hints(mixer_type: Any) -> dict:
     return _class_hints(cls)
 
 
+def _agreeing_alias(alias: str, given: Any, value: Any) -> Any:
+    """`given` for transformers' name `alias` of a field, coerced to the field's type; ValueError when the field's own
+    name gave another `value` (None: not given)."""
+    name = ALIASES[alias]
+    alias_value = _coerce(given, FIELD_TYPES[name], alias)
+    if value is not None and (type(value) is not type(alias_value) or value != alias_value):
+        raise ValueError(f"{alias}: {alias_value!r} disagrees with {name}: {value!r} ({alias} is transformers' name "
+                         f"for {name}); give one of them")
+    return alias_value
+
+
 def _class_hints(cls) -> dict:
-    """Type hints of the keyword options of mixer class `cls`."""
+    """Type hints of the keyword options of mixer class `cls`: those that resolve (one that does not, a name imported
+    only under TYPE_CHECKING, dropped all of them, and YAML's 1e-3 reached every option as a string)."""
+    init = cls.__init__
     try:
-        hints = typing.get_type_hints(cls.__init__)
-    except (NameError, TypeError):
-        return {}
+        hints = typing.get_type_hints(init)
+    except (NameError, TypeError, AttributeError):
+        hints = {}
+        try:
+            annotations = dict(getattr(init, "__annotations__", None) or {})
+        except (NameError, TypeError, AttributeError):
+            annotations = {}
+
+        def one() -> None: ...
+
+        for key, hint in annotations.items():  # each on its own
+            one.__annotations__ = {key: hint}
+            try:
+                hints.update(typing.get_type_hints(one, globalns=getattr(init, "__globals__", None)))
+            except (NameError, TypeError, AttributeError):
+                continue
     return {k: v for k, v in hints.items() if k not in ("self", "d_model", "layer_idx", "return")}
 
 
@@ -262,11 +288,7 @@ class ZooConfig(PreTrainedConfig):
         for alias, name in ALIASES.items():
             value = getattr(self, name)
             if given.get(alias) is not None:
-                alias_value = _coerce(given[alias], FIELD_TYPES[name], alias)
-                if value is not None and (type(value) is not type(alias_value) or value != alias_value):
-                    raise ValueError(f"{alias}: {alias_value!r} disagrees with {name}: {value!r} ({alias} is "
-                                     f"transformers' name for {name}); give one of them")
-                value = alias_value
+                value = _agreeing_alias(alias, given[alias], value)
             setattr(self, name, DEFAULTS[name] if value is None else value)
         self.validate_zoo()
         self.set_num_hidden_layers(num_hidden_layers)
@@ -516,6 +538,11 @@ class ZooConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
+        # transformers sets the keywords one after the other: of from_pretrained(path, hidden_size=32, d_model=64), the
+        # last one won without a word, where the constructor refuses the two
+        for alias, name in ALIASES.items():
+            if kwargs.get(alias) is not None and kwargs.get(name) is not None:
+                _agreeing_alias(alias, kwargs[alias], _coerce(kwargs[name], FIELD_TYPES[name], name))
         config = super().from_dict(config_dict, **kwargs)
         result = config[0] if isinstance(config, tuple) else config
         # A config read from disk or the hub must not import code by itself (see registry.get_mixer).

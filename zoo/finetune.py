@@ -55,6 +55,7 @@ from zoo.decode import _dict_output, cache_argument
 from zoo.layers import MoE, SwiGLU, mark_saved_copies
 from zoo.modeling import ZooForSequenceClassification
 from zoo.train import (
+    NO_DECAY_NAMES,
     ModelInputs,
     OptimConfig,
     ScheduleConfig,
@@ -72,6 +73,7 @@ from zoo.train import (
     forward_backward,
     lr_at,
     read_yaml,
+    resume_by_name,
 )
 
 MLP_TYPES = (SwiGLU, MoE)
@@ -1079,7 +1081,16 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
 
     t = section.train
     inputs = ModelInputs.of(_unwrap(model))  # a PeftModel's forward hides which fields the model takes
-    optimizer = build_optimizer(model, section.optim)
+    resumed = _load_checkpoint(checkpoint, stamp, accelerator, desc)
+    # a checkpoint saved before NO_DECAY_NAMES were exempt by name (modules_to_save over a transformers Mamba mixer,
+    # whose A_log was decayed) continues as it trained: its optimizer state is for those groups
+    by_name = resume_by_name(model, section.optim, None if resumed is None
+                             else [len(g["params"]) for g in resumed["optimizer"]["param_groups"]])
+    if not by_name:
+        accelerator.print(f"{desc}: {checkpoint}'s run decayed the parameters named {', '.join(NO_DECAY_NAMES)} (it "
+                          f"was saved before they were exempt by name), and goes on decaying them, as its optimizer "
+                          f"state holds them")
+    optimizer = build_optimizer(model, section.optim, by_name=by_name)
     generator = torch.Generator().manual_seed(section.data.seed)
     loader = DataLoader(dataset, batch_size=t.micro_batch_size, shuffle=isinstance(dataset, ListDataset),
                         generator=generator, collate_fn=lambda rows: pad_collate(rows, pad_id))
@@ -1095,7 +1106,6 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
     base = _unwrap(accelerator.unwrap_model(model))
     has_aux = _has_aux_loss(base)
     start = 0
-    resumed = _load_checkpoint(checkpoint, stamp, accelerator, desc)
     if resumed is not None:
         with torch.no_grad():
             for n, p in named.items():

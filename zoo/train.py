@@ -521,6 +521,17 @@ def param_groups(model: nn.Module, cfg: OptimConfig, by_name: bool = True) -> li
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def resume_by_name(model: nn.Module, cfg: OptimConfig, saved: list[int] | None) -> bool:
+    """`param_groups`' by_name for a run resumed from an optimizer state whose groups held `saved` parameters each
+    (None: not known): False when those are the sizes of the grouping before `NO_DECAY_NAMES` were exempt by name (a
+    transformers Mamba's or Jamba's 2-D A_log decayed) and not this one's, so that its state loads (torch refused it:
+    "a parameter group that doesn't match the size") and the run goes on as it trained; else True."""
+    if saved is None:
+        return True
+    now, before = ([len(g["params"]) for g in param_groups(model, cfg, named)] for named in (True, False))
+    return not (saved != now and saved == before)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device | None = None,
                     by_name: bool = True) -> torch.optim.AdamW:
     """AdamW over `param_groups` (by_name: its argument); fused when cfg.fused is true, or 'auto' and the parameters
@@ -1786,9 +1797,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
         # a checkpoint written before NO_DECAY_NAMES were exempt by name (a transformers Mamba's or Jamba's 2-D A_log
         # decayed): its run resumes as it trained, its optimizer state being for those groups
         saved_groups = json.loads((start_ckpt / "trainer_state.json").read_text()).get("param_groups")
-        sizes = [[len(g["params"]) for g in param_groups(model, cfg.optim, named)] for named in (True, False)]
-        if saved_groups is not None and saved_groups != sizes[0] and saved_groups == sizes[1]:
-            by_name = False
+        by_name = resume_by_name(model, cfg.optim, saved_groups)
+        if not by_name:
             accelerator.print(f"--resume: {start_ckpt}'s run decayed the parameters named {', '.join(NO_DECAY_NAMES)} "
                               f"(it was saved before zoo train exempted them by name, as mamba_ssm does), and this run "
                               f"goes on decaying them, as its optimizer state holds them; a new run from its weights "
@@ -2201,5 +2211,5 @@ __all__ = ["NO_DECAY_NAMES", "CheckpointConfig", "EvalConfig", "LogConfig", "Loo
            "NoWeightDecayMixin", "OptimConfig", "ScheduleConfig", "TrainConfig", "TrainResult", "active_parameters",
            "build_model", "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
            "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "mfu_flops_per_token",
-           "packed_documents_leak", "param_groups", "peak_tflops", "resume_changes", "resume_source_changes",
-           "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
+           "packed_documents_leak", "param_groups", "peak_tflops", "resume_by_name", "resume_changes",
+           "resume_source_changes", "resume_weight_changes", "save_checkpoint", "train", "validate_config"]

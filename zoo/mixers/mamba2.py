@@ -61,7 +61,8 @@ class Mamba2(nn.Module):
         super().__init__()
         self.check_spec(d_model, d_state=d_state, d_conv=d_conv, expand=expand, head_dim=head_dim,
                         n_groups=n_groups, A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max,
-                        chunk_size=chunk_size, norm_eps=norm_eps, norm_groups=norm_groups, scan_backend=scan_backend)
+                        dt_init_floor=dt_init_floor, chunk_size=chunk_size, norm_eps=norm_eps, norm_groups=norm_groups,
+                        scan_backend=scan_backend)
         self.d_model, self.layer_idx = d_model, layer_idx
         self.d_state, self.d_conv, self.head_dim, self.n_groups = d_state, d_conv, head_dim, n_groups
         self.d_inner = scaled_width(d_model, expand)
@@ -83,8 +84,8 @@ class Mamba2(nn.Module):
     @staticmethod
     def check_spec(d_model: int, *, d_state: int = 128, d_conv: int = 4, expand: float = 2, head_dim: int = 64,
                    n_groups: int = 1, A_init_range=(1.0, 16.0), dt_min: float = 0.001, dt_max: float = 0.1,
-                   chunk_size: int = 256, norm_eps: float = 1e-5, norm_groups: int | None = None,
-                   scan_backend: str = "auto", **_) -> None:
+                   dt_init_floor: float = 1e-4, chunk_size: int = 256, norm_eps: float = 1e-5,
+                   norm_groups: int | None = None, scan_backend: str = "auto", **_) -> None:
         backends.check_name("ssd", scan_backend)
         check_norm_eps(norm_eps)
         if isinstance(expand, bool) or not isinstance(expand, (int, float)):
@@ -112,9 +113,11 @@ class Mamba2(nn.Module):
                 and 0 < A_init_range[0] <= A_init_range[1]):
             raise ValueError(f"A_init_range: must be two numbers [low, high] with 0 < low <= high (A is drawn "
                              f"uniformly in it, its log stored), got {A_init_range!r}")
-        for name, value in (("dt_min", dt_min), ("dt_max", dt_max)):
+        for name, value in (("dt_min", dt_min), ("dt_max", dt_max), ("dt_init_floor", dt_init_floor)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name}: must be a number, got {value!r}")
+        if not dt_init_floor >= 0:  # the clamp of the initial dt (as Mamba's check_spec refuses it)
+            raise ValueError(f"dt_init_floor: must be >= 0 (the initial dt is clamped at it), got {dt_init_floor}")
         if not 0 < dt_min <= dt_max < math.inf:  # an infinite dt_max: the initial dt, and the logits, were NaN
             raise ValueError(f"dt_min/dt_max: need 0 < dt_min <= dt_max < inf, got {dt_min}, {dt_max}")
         if d_state > 256:
