@@ -23,6 +23,7 @@ from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, SyntheticDat
 from zoo.eval.common import (
     accepts_argument,
     format_size,
+    interruption_says,
     iter_chunk_logits,
     load_model,
     markdown_table,
@@ -34,6 +35,7 @@ from zoo.eval.common import (
     pyplot,
     resume,
     save_figure,
+    sigterm_interrupts,
     write_json,
     write_rows,
 )
@@ -350,39 +352,43 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif args.power_a is not None or args.random_non_queries:  # they were dropped without a word
         raise ValueError(f"--power-a and --random-non-queries are mqar arguments, not {args.task}'s; leave them out")
 
-    model = load_model(args.model, args.device, args.dtype)
-    if args.mitigation is not None:
-        apply_mitigation(model, args.mitigation)
     out = Path(args.out or f"results/synthetic-{args.task}")
-    # what a cell's result depends on: a rerun with the same keeps the cells the JSON holds
-    config = {"model": args.model, "weights": model_fingerprint(args.model), "dtype": args.dtype, "task": args.task,
-              "task_kwargs": task_kwargs, "n_samples": args.n_samples, "seed": args.seed,
-              "mitigation": args.mitigation}
-    if splits_matter(args.mitigation):  # a norm cap acts at every chunk's end
-        config["chunk_size"] = args.chunk_size
-    done = resume(out / f"{args.task}.json", config, "zoo eval synthetic")
+    # SIGTERM stops the grid as Ctrl-C does (it killed the process without a word), and either ends in one line saying
+    # what is kept (zoo.cli._run prints it)
+    kept = f"the finished cells ({args.task}.csv, {args.task}.json) are kept in {out}; the same command continues"
+    with sigterm_interrupts(), interruption_says(kept):
+        model = load_model(args.model, args.device, args.dtype)
+        if args.mitigation is not None:
+            apply_mitigation(model, args.mitigation)
+        # what a cell's result depends on: a rerun with the same keeps the cells the JSON holds
+        config = {"model": args.model, "weights": model_fingerprint(args.model), "dtype": args.dtype, "task": args.task,
+                  "task_kwargs": task_kwargs, "n_samples": args.n_samples, "seed": args.seed,
+                  "mitigation": args.mitigation}
+        if splits_matter(args.mitigation):  # a norm cap acts at every chunk's end
+            config["chunk_size"] = args.chunk_size
+        done = resume(out / f"{args.task}.json", config, "zoo eval synthetic")
 
-    def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
-        write_rows(rows, out / f"{args.task}.csv")
-        write_json({"task": args.task, "task_kwargs": task_kwargs, "rows": rows, "model": args.model,
-                    "complete": False, "config": config}, out / f"{args.task}.json")
+        def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
+            write_rows(rows, out / f"{args.task}.csv")
+            write_json({"task": args.task, "task_kwargs": task_kwargs, "rows": rows, "model": args.model,
+                        "complete": False, "config": config}, out / f"{args.task}.json")
 
-    result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
-                                seed=args.seed, chunk_size=args.chunk_size, progress=True, on_cell=save,
-                                done=done["rows"] if done else None, **task_kwargs)
-    result["model"], result["complete"] = args.model, True  # (the copies saved after each cell say false)
-    result["config"] = config
-    print(f"## {args.task}: {args.model}\n")
-    print(markdown_table(result["rows"]))
-    print()
-    print(markdown_table(result["by_seq_len"]))
-    if result["by_count"]:
+        result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
+                                    seed=args.seed, chunk_size=args.chunk_size, progress=True, on_cell=save,
+                                    done=done["rows"] if done else None, **task_kwargs)
+        result["model"], result["complete"] = args.model, True  # (the copies saved after each cell say false)
+        result["config"] = config
+        print(f"## {args.task}: {args.model}\n")
+        print(markdown_table(result["rows"]))
         print()
-        print(markdown_table(result["by_count"]))
-    csv_path = write_rows(result["rows"], out / f"{args.task}.csv")
-    json_path = write_json(result, out / f"{args.task}.json")
-    # from every row of the grid, those a rerun kept included: the figure is the whole table's
-    title = f"{args.task}: {args.model}" + (f" [{args.mitigation}]" if args.mitigation else "")
-    png = plot_synthetic_accuracy(result, out / f"{args.task}.png", title)
-    print(f"\nwrote {csv_path}, {json_path} and {png}")
-    return result
+        print(markdown_table(result["by_seq_len"]))
+        if result["by_count"]:
+            print()
+            print(markdown_table(result["by_count"]))
+        csv_path = write_rows(result["rows"], out / f"{args.task}.csv")
+        json_path = write_json(result, out / f"{args.task}.json")
+        # from every row of the grid, those a rerun kept included: the figure is the whole table's
+        title = f"{args.task}: {args.model}" + (f" [{args.mitigation}]" if args.mitigation else "")
+        png = plot_synthetic_accuracy(result, out / f"{args.task}.png", title)
+        print(f"\nwrote {csv_path}, {json_path} and {png}")
+        return result
