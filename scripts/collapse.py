@@ -35,6 +35,9 @@ import math
 import sys
 from pathlib import Path
 
+# the name its usage, its errors and its 'interrupted' line give (the latter said 'collapse', the others 'collapse.py')
+PROG = "collapse.py"
+
 
 def _state_capacity():
     """scripts/state_capacity.py as a module (scripts/ is not a package)."""
@@ -151,8 +154,8 @@ def report(sweep: dict) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. --tokens_per_run=3145728 "
-        "--output_dir=runs/x).", allow_abbrev=False)
+        prog=PROG, description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. "
+        "--tokens_per_run=3145728 --output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="sweep YAML (configs/train/collapse.yaml)")
     parser.add_argument("--report-only", action="store_true", help="only re-read evaluations.json and report")
     parser.add_argument("--only", nargs="*", default=None, help="model names to train and evaluate")
@@ -192,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # an interruption of the sweep ends in one line saying what is kept, and exit status 130
     from zoo.cli import _exit, _run
 
-    _exit(_run("collapse", main, sys.argv[1:]))
+    _exit(_run(PROG, main, sys.argv[1:]))

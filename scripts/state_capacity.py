@@ -45,6 +45,9 @@ import yaml
 
 K = 1024  # tokens per "K" (the paper's 8K, 16K, 64K training lengths are powers of two)
 PAPER_LINE = (5.172, -4.469)  # Stuffed Mamba v1 Fig. 12: L* (K tokens) = 5.172 · S (M floats) − 4.469
+# the name its usage, its errors and its 'interrupted' line give (the latter said 'state_capacity', the others the
+# file's name)
+PROG = "state_capacity.py"
 SAVE_EVERY = 30.0  # seconds between saves of an evaluation's finished documents
 SWEEP_FIELDS = ("output_dir", "tokens_per_run", "batch_tokens", "train_lengths", "run", "models", "eval")
 # set by the sweep for each run: the run section giving them was silently overruled
@@ -490,7 +493,7 @@ def check_sweep(config: str | Path, overrides: list[str], only: list[str] | None
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].replace("\n", " ") + " Overrides: --section.field=value (e.g. "
+        prog=PROG, description=__doc__.split("\n\n")[0].replace("\n", " ") + " Overrides: --section.field=value (e.g. "
         "--eval.margin=0.05 --output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="sweep YAML (configs/train/state-capacity.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs, steps and state sizes")
@@ -600,4 +603,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":  # an interruption ends in one line saying what is kept, and exit status 130, as zoo train
     from zoo.cli import _exit, _run
 
-    _exit(_run("state_capacity", main, sys.argv[1:]))
+    _exit(_run(PROG, main, sys.argv[1:]))

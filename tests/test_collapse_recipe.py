@@ -514,7 +514,7 @@ def test_sweep_stopped_by_a_signal_ends_in_one_line_saying_where_it_saved(tmp_pa
     capsys.readouterr()
     assert _run_as_command("state_capacity.py", argv, monkeypatch) == 130
     err = capsys.readouterr().err
-    assert err.endswith(f"state_capacity: interrupted: {name}: training stopped at step 2 of 4, saved in "
+    assert err.endswith(f"state_capacity.py: interrupted: {name}: training stopped at step 2 of 4, saved in "
                         f"{tmp_path / name}; the same command continues it\n")
     assert "Traceback" not in err and (tmp_path / name / "checkpoints" / "step_00000002").is_dir()
 
@@ -523,7 +523,8 @@ def test_sweep_stopped_by_a_signal_ends_in_one_line_saying_where_it_saved(tmp_pa
 def test_sweep_interrupted_ends_in_one_line_saying_what_is_kept(script, tmp_path, monkeypatch, capsys):
     """Ctrl-C anywhere in the sweep (a model loading, a second Ctrl-C mid-step, an evaluation) ended both scripts in a
     bare KeyboardInterrupt traceback: it is one line saying what each stage kept and that the same command goes on,
-    and exit status 130; collapse.py writes no report of the unfinished sweep."""
+    and exit status 130; collapse.py writes no report of the unfinished sweep. The line names the script as its
+    usage and errors do (it said 'collapse: interrupted' beside 'collapse.py: error')."""
     import zoo.train
 
     def interrupted(cfg, **kwargs):
@@ -533,10 +534,12 @@ def test_sweep_interrupted_ends_in_one_line_saying_what_is_kept(script, tmp_path
     argv = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--only", "default"]
     assert _run_as_command(script, argv, monkeypatch) == 130
     err = capsys.readouterr().err
-    assert err == (f"{script.removesuffix('.py')}: interrupted: trained runs (done.json), evaluated runs "
+    assert err == (f"{script}: interrupted: trained runs (done.json), evaluated runs "
                    f"(evaluations.json) and an evaluation's finished documents (length-*.partial.pt) are kept in "
                    f"{tmp_path}; the same command continues\n")
     assert not (tmp_path / "collapse.md").exists()
+    assert _run_as_command(script, ["--unknown"], monkeypatch) == 2
+    assert f"{script}: error: " in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["state_capacity", "collapse"])

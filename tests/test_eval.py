@@ -1954,5 +1954,68 @@ def test_eval_length_stopped_by_sigterm_keeps_its_documents_and_says_so(checkpoi
         assert _run("zoo eval length", length.main, argv) == 130
         assert signal.getsignal(signal.SIGTERM) is handler
     assert calls == [1, 1] and torch.load(out / "a.partial.pt")["batches"] == 2  # the third document's forward stopped
-    assert (f"zoo eval length: interrupted: finished curves (length.json, *.csv) and the finished documents of an "
-            f"evaluation (*.partial.pt) are kept in {out}; the same command continues\n") in capsys.readouterr().err
+    # the last line, on its own: the progress bar is closed before it (left open, it was drawn again below it)
+    assert capsys.readouterr().err.endswith(
+        f"\nzoo eval length: interrupted: finished curves (length.json, *.csv) and the finished documents of an "
+        f"evaluation (*.partial.pt) are kept in {out}; the same command continues\n")
+
+
+@pytest.mark.parametrize("command", ["state", "synthetic", "passkey"])
+def test_eval_stopped_by_sigterm_keeps_what_it_saved_and_says_so(command, checkpoint, tmp_path, monkeypatch, capsys):
+    """SIGTERM (`timeout`'s, a scheduler's) during zoo eval state, synthetic or passkey killed the process without a
+    word, and Ctrl-C ended them in a bare 'interrupted': they stop as zoo eval length does now, what they saved kept,
+    one line naming it and saying that the same command continues, exit status 130, the handler before the command
+    back afterwards; and the same command does continue from there."""
+    import importlib
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
+    from zoo.cli import _run
+    from zoo.state import recorder
+
+    module = importlib.import_module(f"zoo.eval.{command}")
+    out = tmp_path / "out"
+    if command == "state":  # 6 forwards of 16 tokens; SIGTERM at the fourth, its progress saved after each forward
+        torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+        argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+                "--max-len", "96", "--chunk-size", "16", "--device", "cpu"]
+        monkeypatch.setattr(module, "SAVE_EVERY", 0)
+        monkeypatch.setattr(module, "plot_state_statistics", lambda *args: [])
+        owner, name, stop = recorder, "output_cache", 3
+        kept = f"the run's progress as last saved (state.partial.pt) is kept in {out}"
+    elif command == "synthetic":  # two cells of one forward each; SIGTERM in the second
+        argv = ["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "4", "--vocab-size",
+                "256", "--n-samples", "4", "--batch-size", "4", "--device", "cpu"]
+        owner, name, stop = module, "predict_answers", 1
+        kept = f"the finished cells (mqar.csv, mqar.json) are kept in {out}"
+    else:  # two cells of one prompt each; SIGTERM in the second
+        argv = ["--model", str(checkpoint), "--lengths", "128,256", "--depths", "0", "--n-samples", "1",
+                "--device", "cpu"]
+        owner, name, stop = module, "greedy_generate", 1
+        kept = f"the finished cells (passkey.csv, passkey.md, passkey.json) are kept in {out}"
+    argv += ["--out", str(out)]
+    real, calls = getattr(owner, name), []
+
+    def step(*args, **kwargs):
+        if stop is not None and len(calls) >= stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, step)
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    capsys.readouterr()
+    with sigterm_raises_terminated() as handler:
+        assert _run(f"zoo eval {command}", module.main, argv) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    # the last line, on its own: the progress bar is closed before it (left open, it was drawn again below it)
+    assert capsys.readouterr().err.endswith(f"\nzoo eval {command}: interrupted: {kept}; the same command continues\n")
+    if command == "state":
+        assert torch.load(out / "state.partial.pt", weights_only=False)["chunks"] == 3
+    else:
+        table = out / ("mqar.csv" if command == "synthetic" else "passkey.csv")
+        assert len(table.read_text().splitlines()) == 2  # the header and the first cell
+    stop, done = None, len(calls)
+    module.main(argv)
+    assert len(calls) - done == (3 if command == "state" else 1)  # the rest only

@@ -15,6 +15,7 @@ position t with t tokens of context.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -172,18 +173,18 @@ def evaluate_length(
     was_training = getattr(model, "training", False)
     model.eval()
     last_save = time.monotonic()
-    for n, group in enumerate(batches[done:], done + 1):
-        input_ids = torch.stack(group).to(device)
-        on_chunk = None if bar is None else bar.update
-        losses = per_position_loss(model, input_ids, chunk_size, on_chunk).double()  # [b, T-1]
-        length = losses.shape[1]
-        sums[1 : length + 1] += losses.sum(dim=0)
-        counts[1 : length + 1] += losses.shape[0]
-        if partial is not None and n < len(batches) and time.monotonic() - last_save >= save_every:
-            save_atomically({"settings": key, "batches": n, "sums": sums, "counts": counts}, partial)
-            last_save = time.monotonic()
-    if bar is not None:
-        bar.close()
+    # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted' line
+    with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+        for n, group in enumerate(batches[done:], done + 1):
+            input_ids = torch.stack(group).to(device)
+            on_chunk = None if bar is None else bar.update
+            losses = per_position_loss(model, input_ids, chunk_size, on_chunk).double()  # [b, T-1]
+            length = losses.shape[1]
+            sums[1 : length + 1] += losses.sum(dim=0)
+            counts[1 : length + 1] += losses.shape[0]
+            if partial is not None and n < len(batches) and time.monotonic() - last_save >= save_every:
+                save_atomically({"settings": key, "batches": n, "sums": sums, "counts": counts}, partial)
+                last_save = time.monotonic()
     if was_training:
         model.train()
     if partial is not None and keep_partial and done < len(batches):

@@ -9,6 +9,7 @@ tokens and is right only if the first number it writes is exactly the 5-digit ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from zoo.eval.common import (
     chunk_positions,
     encode_with_bos,
     format_size,
+    interruption_says,
     load_model,
     load_tokenizer,
     markdown_table,
@@ -33,6 +35,7 @@ from zoo.eval.common import (
     pyplot,
     resume,
     save_figure,
+    sigterm_interrupts,
     trained_with_bos,
     write_json,
     write_rows,
@@ -327,31 +330,31 @@ def evaluate_passkey(
     if hasattr(model, "eval"):
         model.eval()
     n_filler: dict[int, int] = {}
-    for length, depth in cells:
-        right, tokens = 0, 0
-        for key in cell_keys(seed, length, depth, n_samples):
-            prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length),
-                                          add_bos=add_bos)
-            n_filler[length] = prompt.n_filler
-            input_ids = torch.tensor([prompt.input_ids], dtype=torch.long)
-            check_token_ids(model, input_ids, "passkey prompts",
-                            "use the tokenizer the model was trained with (--tokenizer)")
-            input_ids = input_ids.to(device)
-            new = greedy_generate(model, input_ids, max_new_tokens, prefill_chunk_size, eos)
-            text = tokenizer.decode(new[0].tolist())
-            correct = check_passkey(text, key)
-            right += correct
-            tokens += len(prompt.input_ids)
-            samples.append({"length": length, "depth": depth, "key": key, "generated": text,
-                            "correct": correct, "tokens": len(prompt.input_ids)})
-            if bar is not None:
-                bar.update(1)
-        rows.append({"length": length, "depth": depth, "accuracy": right / n_samples,
-                     "n_samples": n_samples, "tokens": tokens / n_samples})
-        if on_cell is not None:
-            on_cell({"rows": rows, "samples": samples})
-    if bar is not None:
-        bar.close()
+    # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted' line
+    with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+        for length, depth in cells:
+            right, tokens = 0, 0
+            for key in cell_keys(seed, length, depth, n_samples):
+                prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length),
+                                              add_bos=add_bos)
+                n_filler[length] = prompt.n_filler
+                input_ids = torch.tensor([prompt.input_ids], dtype=torch.long)
+                check_token_ids(model, input_ids, "passkey prompts",
+                                "use the tokenizer the model was trained with (--tokenizer)")
+                input_ids = input_ids.to(device)
+                new = greedy_generate(model, input_ids, max_new_tokens, prefill_chunk_size, eos)
+                text = tokenizer.decode(new[0].tolist())
+                correct = check_passkey(text, key)
+                right += correct
+                tokens += len(prompt.input_ids)
+                samples.append({"length": length, "depth": depth, "key": key, "generated": text,
+                                "correct": correct, "tokens": len(prompt.input_ids)})
+                if bar is not None:
+                    bar.update(1)
+            rows.append({"length": length, "depth": depth, "accuracy": right / n_samples,
+                         "n_samples": n_samples, "tokens": tokens / n_samples})
+            if on_cell is not None:
+                on_cell({"rows": rows, "samples": samples})
     return {"rows": rows, "samples": samples}
 
 
@@ -412,32 +415,36 @@ def main(argv: Sequence[str] | None = None) -> dict:
     add_mitigation_argument(parser)
     args = parser.parse_args(argv)
 
-    model = load_model(args.model, args.device, args.dtype)  # first: a wrong --model is not a tokenizer problem
-    tokenizer = load_tokenizer(args.tokenizer, args.model)
-    if args.mitigation is not None:
-        apply_mitigation(model, args.mitigation)
     out = Path(args.out)
-    # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds
-    config = {"model": args.model, "weights": model_fingerprint(args.model), "tokenizer": args.tokenizer,
-              "dtype": args.dtype, "seed": args.seed, "n_samples": args.n_samples,
-              "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
-    if splits_matter(args.mitigation):  # a norm cap acts at every prefill chunk's end
-        config["prefill_chunk_size"] = args.prefill_chunk_size
-    done = resume(out / "passkey.json", config, "zoo eval passkey")
+    # SIGTERM stops the sweep as Ctrl-C does (it killed the process without a word), and either ends in one line
+    # saying what is kept (zoo.cli._run prints it)
+    kept = f"the finished cells (passkey.csv, passkey.md, passkey.json) are kept in {out}; the same command continues"
+    with sigterm_interrupts(), interruption_says(kept):
+        model = load_model(args.model, args.device, args.dtype)  # first: a wrong --model is not a tokenizer problem
+        tokenizer = load_tokenizer(args.tokenizer, args.model)
+        if args.mitigation is not None:
+            apply_mitigation(model, args.mitigation)
+        # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds
+        config = {"model": args.model, "weights": model_fingerprint(args.model), "tokenizer": args.tokenizer,
+                  "dtype": args.dtype, "seed": args.seed, "n_samples": args.n_samples,
+                  "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
+        if splits_matter(args.mitigation):  # a norm cap acts at every prefill chunk's end
+            config["prefill_chunk_size"] = args.prefill_chunk_size
+        done = resume(out / "passkey.json", config, "zoo eval passkey")
 
-    def save(result: dict) -> None:  # after every cell: an interrupted sweep keeps what it finished
-        write_rows(result["rows"], out / "passkey.csv")
-        write_text_atomically(markdown_grid(result["rows"]) + "\n", out / "passkey.md")
-        write_json({"rows": result["rows"], "samples": result["samples"], "model": args.model, "config": config},
-                   out / "passkey.json")
+        def save(result: dict) -> None:  # after every cell: an interrupted sweep keeps what it finished
+            write_rows(result["rows"], out / "passkey.csv")
+            write_text_atomically(markdown_grid(result["rows"]) + "\n", out / "passkey.md")
+            write_json({"rows": result["rows"], "samples": result["samples"], "model": args.model, "config": config},
+                       out / "passkey.json")
 
-    result = evaluate_passkey(model, tokenizer, args.lengths, args.depths,
-                              args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
-                              progress=True, on_cell=save, done=done)
-    result["model"] = args.model
-    print(f"## passkey: {args.model}\n")
-    print(markdown_grid(result["rows"]))
-    save(result)
-    png = plot_passkey_heatmap(result["rows"], out / "passkey.png", title=f"passkey: {Path(args.model).name}")
-    print(f"\nwrote {out}/passkey.csv, passkey.md, passkey.json and {png}")
-    return result
+        result = evaluate_passkey(model, tokenizer, args.lengths, args.depths,
+                                  args.n_samples, args.seed, args.max_new_tokens, args.prefill_chunk_size,
+                                  progress=True, on_cell=save, done=done)
+        result["model"] = args.model
+        print(f"## passkey: {args.model}\n")
+        print(markdown_grid(result["rows"]))
+        save(result)
+        png = plot_passkey_heatmap(result["rows"], out / "passkey.png", title=f"passkey: {Path(args.model).name}")
+        print(f"\nwrote {out}/passkey.csv, passkey.md, passkey.json and {png}")
+        return result

@@ -26,6 +26,7 @@ import torch
 
 from zoo.eval.common import (
     check_token_ids,
+    interruption_says,
     load_model,
     load_tokenizer,
     markdown_table,
@@ -33,6 +34,7 @@ from zoo.eval.common import (
     parse_int,
     positive_int,
     remove_partial,
+    sigterm_interrupts,
     trained_with_bos,
     write_json,
 )
@@ -239,64 +241,70 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.seed = 0 if args.seed is None else args.seed
     check_mitigation_options(args)
 
-    model = load_model(args.model, args.device, args.dtype)
-    check_recurrent(model, f"--model {args.model}")
-    # a zoo checkpoint trained on the built-in corpus: its run's held-out files first (its train_config.yaml), and the
-    # share of its training text in the rows said and recorded, as zoo eval length does; the held-out files of 0.01
-    # were taken whatever the run's data.holdout, and the share went unrecorded
-    holdout = None if args.tokens or args.task else recipe_holdout(args.model)
-    rows, documents = load_rows(args, trained_with_bos(getattr(model, "config", None)),
-                                0.01 if holdout is None else holdout)
-    provenance = document_provenance(documents, f"zoo eval state {args.model}", holdout is not None)
-    saved = {"model": args.model} | ({"documents": provenance} if provenance is not None else {})
-    check_rows(model, rows, args)
-    if args.norm_calibrate and args.norm_calibrate > rows.shape[1]:
-        raise ValueError(f"--norm-calibrate {args.norm_calibrate}: longer than the rows ({rows.shape[1]} tokens); "
-                         f"the reference prefix must be a part of them, give at most {rows.shape[1]}")
-    record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
-                  group_size=args.group_size, train_length=args.train_length, progress=True, save_every=SAVE_EVERY)
     out = Path(args.out)
-    # each run saved as it goes (state.partial.pt; the unmitigated run of --compare: state-none.partial.pt), so a rerun
-    # of the same model files and settings resumes an interrupted one
-    stat = Path(args.tokens).stat() if args.tokens else None
-    key = {k: v for k, v in vars(args).items() if k not in ("out", "train_length", "compare", "device")} | {
-        "weights": model_fingerprint(args.model), "tokens_file": [stat.st_size, stat.st_mtime_ns] if stat else None}
-    runs = []
-    if args.compare:
-        apply_mitigation(model, None)
-        # kept complete until the mitigated run is done: a rerun after an interruption there does not run it again
-        runs.append(("none", record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
-                                                     partial_key=key, label="the unmitigated run", keep_partial=True)))
-        # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
-        write_json(saved | {"runs": dict(runs)}, out / "state.json")
-    spec = parse_mitigation(args.mitigation)
-    if spec is not None and math.isfinite(spec["threshold"]):
-        # a fixed cap acts on the heads the statistics are recorded on (--group-size): it took the spec's default of
-        # 64 channels, so a Mamba layer recorded in heads of 32 was capped in groups of 64
-        spec["group_size"] = args.group_size
-    apply_mitigation(model, spec)
-    if args.norm_calibrate:
-        calibrate_norm_threshold(model, rows[:, :args.norm_calibrate], args.norm_factor, args.norm_chunk,
-                                 args.chunk_size, args.group_size, args.points_per_octave)
-    label = format_spec(next((m.mitigation for m in model.modules() if getattr(m, "mitigation", None)), None))
-    if args.norm_calibrate:
-        label = label.replace("per-head", f"{args.norm_factor:g}x prefix {args.norm_calibrate}")
-    # kept complete, as the unmitigated one, until state.json holds the run
-    result = record_state_statistics(model, rows, **record, partial=out / "state.partial.pt", partial_key=key,
-                                     label=f"the {label} run" if args.compare else "the run", keep_partial=True)
-    result["mitigation"] = label
-    runs.append((label, result))
+    # SIGTERM stops the run as Ctrl-C does (it killed the process without a word), and either ends in one line saying
+    # what is kept (zoo.cli._run prints it)
+    kept = ("the runs' progress as last saved (state-none.partial.pt, then state.partial.pt; state.json once the "
+            "unmitigated run is done)" if args.compare else "the run's progress as last saved (state.partial.pt)")
+    with sigterm_interrupts(), interruption_says(f"{kept} is kept in {out}; the same command continues"):
+        model = load_model(args.model, args.device, args.dtype)
+        check_recurrent(model, f"--model {args.model}")
+        # a zoo checkpoint trained on the built-in corpus: its run's held-out files first (its train_config.yaml), and
+        # the share of its training text in the rows said and recorded, as zoo eval length does; the held-out files of
+        # 0.01 were taken whatever the run's data.holdout, and the share went unrecorded
+        holdout = None if args.tokens or args.task else recipe_holdout(args.model)
+        rows, documents = load_rows(args, trained_with_bos(getattr(model, "config", None)),
+                                    0.01 if holdout is None else holdout)
+        provenance = document_provenance(documents, f"zoo eval state {args.model}", holdout is not None)
+        saved = {"model": args.model} | ({"documents": provenance} if provenance is not None else {})
+        check_rows(model, rows, args)
+        if args.norm_calibrate and args.norm_calibrate > rows.shape[1]:
+            raise ValueError(f"--norm-calibrate {args.norm_calibrate}: longer than the rows ({rows.shape[1]} tokens); "
+                             f"the reference prefix must be a part of them, give at most {rows.shape[1]}")
+        record = dict(chunk_size=args.chunk_size, points_per_octave=args.points_per_octave,
+                      group_size=args.group_size, train_length=args.train_length, progress=True, save_every=SAVE_EVERY)
+        # each run saved as it goes (state.partial.pt; the unmitigated run of --compare: state-none.partial.pt), so a
+        # rerun of the same model files and settings resumes an interrupted one
+        stat = Path(args.tokens).stat() if args.tokens else None
+        key = {k: v for k, v in vars(args).items() if k not in ("out", "train_length", "compare", "device")} | {
+            "weights": model_fingerprint(args.model), "tokens_file": [stat.st_size, stat.st_mtime_ns] if stat else None}
+        runs = []
+        if args.compare:
+            apply_mitigation(model, None)
+            # kept complete until the mitigated run is done: a rerun after an interruption there does not run it again
+            none = record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
+                                           partial_key=key, label="the unmitigated run", keep_partial=True)
+            runs.append(("none", none))
+            # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
+            write_json(saved | {"runs": dict(runs)}, out / "state.json")
+        spec = parse_mitigation(args.mitigation)
+        if spec is not None and math.isfinite(spec["threshold"]):
+            # a fixed cap acts on the heads the statistics are recorded on (--group-size): it took the spec's default of
+            # 64 channels, so a Mamba layer recorded in heads of 32 was capped in groups of 64
+            spec["group_size"] = args.group_size
+        apply_mitigation(model, spec)
+        if args.norm_calibrate:
+            calibrate_norm_threshold(model, rows[:, :args.norm_calibrate], args.norm_factor, args.norm_chunk,
+                                     args.chunk_size, args.group_size, args.points_per_octave)
+        label = format_spec(next((m.mitigation for m in model.modules() if getattr(m, "mitigation", None)), None))
+        if args.norm_calibrate:
+            label = label.replace("per-head", f"{args.norm_factor:g}x prefix {args.norm_calibrate}")
+        # kept complete, as the unmitigated one, until state.json holds the run
+        result = record_state_statistics(model, rows, **record, partial=out / "state.partial.pt", partial_key=key,
+                                         label=f"the {label} run" if args.compare else "the run", keep_partial=True)
+        result["mitigation"] = label
+        runs.append((label, result))
 
-    for name, res in runs:
-        print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")
-        print(markdown_table(summary_rows(res)))
-        print()
-    write_json(saved | {"runs": dict(runs)}, out / "state.json")
-    remove_partial(out / "state.partial.pt")
-    remove_partial(out / "state-none.partial.pt")
-    pngs = plot_state_statistics(runs if len(runs) > 1 else result, out, args.train_length)
-    print(f"wrote {out / 'state.json'} and {len(pngs)} PNGs in {out}")
-    return result
+        for name, res in runs:
+            print(f"## {args.model}, mitigation {name}: {res['batch']} rows of {res['positions'][-1]} tokens\n")
+            print(markdown_table(summary_rows(res)))
+            print()
+        write_json(saved | {"runs": dict(runs)}, out / "state.json")
+        remove_partial(out / "state.partial.pt")
+        remove_partial(out / "state-none.partial.pt")
+        pngs = plot_state_statistics(runs if len(runs) > 1 else result, out, args.train_length)
+        print(f"wrote {out / 'state.json'} and {len(pngs)} PNGs in {out}")
+        return result
 
 
 if __name__ == "__main__":

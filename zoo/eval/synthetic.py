@@ -11,6 +11,7 @@ tables and writes CSV, JSON and that PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, SyntheticDat
 from zoo.eval.common import (
     accepts_argument,
     format_size,
+    interruption_says,
     iter_chunk_logits,
     load_model,
     markdown_table,
@@ -34,6 +36,7 @@ from zoo.eval.common import (
     pyplot,
     resume,
     save_figure,
+    sigterm_interrupts,
     write_json,
     write_rows,
 )
@@ -161,51 +164,51 @@ def evaluate_synthetic(
 
         cells = len(n_kv) if n_kv is not None else 1
         bar = tqdm(total=sum(seq_lens) * n_samples * cells, desc=f"{task} eval", unit="tok", unit_scale=True)
-    for seq_len in seq_lens:
-        for count in n_kv if n_kv is not None else [None]:
-            kwargs = dict(task_kwargs)
-            if count is not None:
-                kwargs[count_name] = count
-            key = (seq_len, kwargs.get(count_name, task_default(task, count_name)) if count_name else None)
-            if key in finished:
-                rows.append(finished[key])
-                if bar is not None:
-                    bar.update(seq_len * n_samples)
-                continue
-            try:  # only the task's own validation may skip a cell, never an error of the model
-                make_batch(task, 1, seq_len, **kwargs)
-            except ValueError as error:
-                cell = f"seq_len={seq_len}" + (f" {count_name}={count}" if count_name is not None else "")
-                skipped.append(f"{cell}: {error}")
-                warnings.warn(f"skipping {skipped[-1]}", stacklevel=2)
-                if bar is not None:
-                    bar.update(seq_len * n_samples)
-                continue
-            # one generator per row: the rows (and so the accuracy) must not depend on the batch size
-            dataset = SyntheticDataset(task, n_samples, seq_len, seed, **kwargs)
-            correct = total = rows_right = 0
-            for start in range(0, n_samples, batch_size):
-                items = [dataset[i] for i in range(start, min(start + batch_size, n_samples))]
-                input_ids = torch.stack([item["input_ids"] for item in items]).to(device)
-                labels = torch.stack([item["labels"] for item in items]).to(device)
-                predictions, targets, asked = predict_answers(model, input_ids, labels, chunk_size)
-                right = (predictions == targets) & asked
-                correct += int(right.sum())
-                total += int(asked.sum())
-                rows_right += int((right == asked).all(dim=1).sum())
-                if bar is not None:
-                    bar.update(seq_len * input_ids.shape[0])
-                    bar.set_postfix(T=seq_len, acc=f"{correct / max(total, 1):.3f}", refresh=False)
-            row = {"seq_len": seq_len}
-            if count_name is not None:
-                row[count_name] = kwargs.get(count_name, task_default(task, count_name))  # the count the rows had
-            row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
-                       n_correct=correct, n_answers=total, n_samples=n_samples)
-            rows.append(row)
-            if on_cell is not None:
-                on_cell(rows)
-    if bar is not None:
-        bar.close()
+    # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted' line
+    with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+        for seq_len in seq_lens:
+            for count in n_kv if n_kv is not None else [None]:
+                kwargs = dict(task_kwargs)
+                if count is not None:
+                    kwargs[count_name] = count
+                key = (seq_len, kwargs.get(count_name, task_default(task, count_name)) if count_name else None)
+                if key in finished:
+                    rows.append(finished[key])
+                    if bar is not None:
+                        bar.update(seq_len * n_samples)
+                    continue
+                try:  # only the task's own validation may skip a cell, never an error of the model
+                    make_batch(task, 1, seq_len, **kwargs)
+                except ValueError as error:
+                    cell = f"seq_len={seq_len}" + (f" {count_name}={count}" if count_name is not None else "")
+                    skipped.append(f"{cell}: {error}")
+                    warnings.warn(f"skipping {skipped[-1]}", stacklevel=2)
+                    if bar is not None:
+                        bar.update(seq_len * n_samples)
+                    continue
+                # one generator per row: the rows (and so the accuracy) must not depend on the batch size
+                dataset = SyntheticDataset(task, n_samples, seq_len, seed, **kwargs)
+                correct = total = rows_right = 0
+                for start in range(0, n_samples, batch_size):
+                    items = [dataset[i] for i in range(start, min(start + batch_size, n_samples))]
+                    input_ids = torch.stack([item["input_ids"] for item in items]).to(device)
+                    labels = torch.stack([item["labels"] for item in items]).to(device)
+                    predictions, targets, asked = predict_answers(model, input_ids, labels, chunk_size)
+                    right = (predictions == targets) & asked
+                    correct += int(right.sum())
+                    total += int(asked.sum())
+                    rows_right += int((right == asked).all(dim=1).sum())
+                    if bar is not None:
+                        bar.update(seq_len * input_ids.shape[0])
+                        bar.set_postfix(T=seq_len, acc=f"{correct / max(total, 1):.3f}", refresh=False)
+                row = {"seq_len": seq_len}
+                if count_name is not None:
+                    row[count_name] = kwargs.get(count_name, task_default(task, count_name))  # the count the rows had
+                row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
+                           n_correct=correct, n_answers=total, n_samples=n_samples)
+                rows.append(row)
+                if on_cell is not None:
+                    on_cell(rows)
     if was_training:
         model.train()
     if skipped and not rows:
@@ -350,39 +353,43 @@ def main(argv: Sequence[str] | None = None) -> dict:
     elif args.power_a is not None or args.random_non_queries:  # they were dropped without a word
         raise ValueError(f"--power-a and --random-non-queries are mqar arguments, not {args.task}'s; leave them out")
 
-    model = load_model(args.model, args.device, args.dtype)
-    if args.mitigation is not None:
-        apply_mitigation(model, args.mitigation)
     out = Path(args.out or f"results/synthetic-{args.task}")
-    # what a cell's result depends on: a rerun with the same keeps the cells the JSON holds
-    config = {"model": args.model, "weights": model_fingerprint(args.model), "dtype": args.dtype, "task": args.task,
-              "task_kwargs": task_kwargs, "n_samples": args.n_samples, "seed": args.seed,
-              "mitigation": args.mitigation}
-    if splits_matter(args.mitigation):  # a norm cap acts at every chunk's end
-        config["chunk_size"] = args.chunk_size
-    done = resume(out / f"{args.task}.json", config, "zoo eval synthetic")
+    # SIGTERM stops the grid as Ctrl-C does (it killed the process without a word), and either ends in one line saying
+    # what is kept (zoo.cli._run prints it)
+    kept = f"the finished cells ({args.task}.csv, {args.task}.json) are kept in {out}; the same command continues"
+    with sigterm_interrupts(), interruption_says(kept):
+        model = load_model(args.model, args.device, args.dtype)
+        if args.mitigation is not None:
+            apply_mitigation(model, args.mitigation)
+        # what a cell's result depends on: a rerun with the same keeps the cells the JSON holds
+        config = {"model": args.model, "weights": model_fingerprint(args.model), "dtype": args.dtype, "task": args.task,
+                  "task_kwargs": task_kwargs, "n_samples": args.n_samples, "seed": args.seed,
+                  "mitigation": args.mitigation}
+        if splits_matter(args.mitigation):  # a norm cap acts at every chunk's end
+            config["chunk_size"] = args.chunk_size
+        done = resume(out / f"{args.task}.json", config, "zoo eval synthetic")
 
-    def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
-        write_rows(rows, out / f"{args.task}.csv")
-        write_json({"task": args.task, "task_kwargs": task_kwargs, "rows": rows, "model": args.model,
-                    "complete": False, "config": config}, out / f"{args.task}.json")
+        def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
+            write_rows(rows, out / f"{args.task}.csv")
+            write_json({"task": args.task, "task_kwargs": task_kwargs, "rows": rows, "model": args.model,
+                        "complete": False, "config": config}, out / f"{args.task}.json")
 
-    result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
-                                seed=args.seed, chunk_size=args.chunk_size, progress=True, on_cell=save,
-                                done=done["rows"] if done else None, **task_kwargs)
-    result["model"], result["complete"] = args.model, True  # (the copies saved after each cell say false)
-    result["config"] = config
-    print(f"## {args.task}: {args.model}\n")
-    print(markdown_table(result["rows"]))
-    print()
-    print(markdown_table(result["by_seq_len"]))
-    if result["by_count"]:
+        result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
+                                    seed=args.seed, chunk_size=args.chunk_size, progress=True, on_cell=save,
+                                    done=done["rows"] if done else None, **task_kwargs)
+        result["model"], result["complete"] = args.model, True  # (the copies saved after each cell say false)
+        result["config"] = config
+        print(f"## {args.task}: {args.model}\n")
+        print(markdown_table(result["rows"]))
         print()
-        print(markdown_table(result["by_count"]))
-    csv_path = write_rows(result["rows"], out / f"{args.task}.csv")
-    json_path = write_json(result, out / f"{args.task}.json")
-    # from every row of the grid, those a rerun kept included: the figure is the whole table's
-    title = f"{args.task}: {args.model}" + (f" [{args.mitigation}]" if args.mitigation else "")
-    png = plot_synthetic_accuracy(result, out / f"{args.task}.png", title)
-    print(f"\nwrote {csv_path}, {json_path} and {png}")
-    return result
+        print(markdown_table(result["by_seq_len"]))
+        if result["by_count"]:
+            print()
+            print(markdown_table(result["by_count"]))
+        csv_path = write_rows(result["rows"], out / f"{args.task}.csv")
+        json_path = write_json(result, out / f"{args.task}.json")
+        # from every row of the grid, those a rerun kept included: the figure is the whole table's
+        title = f"{args.task}: {args.model}" + (f" [{args.mitigation}]" if args.mitigation else "")
+        png = plot_synthetic_accuracy(result, out / f"{args.task}.png", title)
+        print(f"\nwrote {csv_path}, {json_path} and {png}")
+        return result

@@ -21,6 +21,7 @@ training length marked.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -220,7 +221,8 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
     from zoo.decode import _dict_output
 
     output = _dict_output(model)  # an output object also where the config's return_dict is False (a tuple: no .logits)
-    with recorder:
+    # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted' line
+    with recorder, contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
         for n, end in enumerate(ends[done:], done + 1):
             chunk = input_ids[:, start:end]
             out = model(input_ids=chunk, past_key_values=cache, use_cache=True, **output)
@@ -261,8 +263,6 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
                                  "losses": losses, "series": series, "cumsum": cumsum}, partial)
                 last_save = time.monotonic()
                 wait = max(save_every, 10 * (last_save - began))
-    if bar is not None:
-        bar.close()
     model.train(was_training)
     if partial is not None and keep_partial and done < len(ends):  # (no forward follows: without the cache)
         save_atomically({"settings": settings, "chunks": len(ends), "cache": None, "previous_logit": previous_logit,
