@@ -173,6 +173,18 @@ def ctrl_c_on_call(fn, n: int):
     return wrapped
 
 
+def ctrl_c_on_step(lr_at, step: int):
+    """A training loop's `lr_at(step, section)`, wrapped to raise KeyboardInterrupt (Ctrl-C) when asked for `step`:
+    the run stopped before that step, after saving the ones before it."""
+
+    def wrapped(at, section):
+        if at == step:
+            raise KeyboardInterrupt
+        return lr_at(at, section)
+
+    return wrapped
+
+
 def offline_hub_repo(monkeypatch, cache: Path, repo_id: str) -> Path:
     """The snapshot folder of hub repo `repo_id` in a hub cache at `cache`, with huggingface_hub offline and reading
     that cache: whatever is saved into the folder is what transformers and PEFT download for `repo_id` (their

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import interrupt_after
+from helpers import ctrl_c_on_step, interrupt_after
 from transformers import AutoModelForCausalLM
 
 from zoo.compare import (
@@ -1693,12 +1693,7 @@ def test_mqar_training_saved_while_a_transformers_mambas_a_log_was_decayed_conti
     _, whole = _train_mqar(cfg, entry, 128, tmp_path / "whole", torch.device("cpu"))
     real = zt.lr_at
 
-    def stop_at_step_2(step, sched):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(step, sched)
-
-    monkeypatch.setattr(zt, "lr_at", stop_at_step_2)
+    monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 2))
     with pytest.raises(KeyboardInterrupt):
         _train_mqar(cfg, entry, 128, tmp_path / "cut", torch.device("cpu"))
     saved = torch.load(tmp_path / "cut" / MQAR_PARTIAL, weights_only=True)

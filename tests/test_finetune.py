@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import accelerate_launch, assert_close, ctrl_c_on_call, launch_fsdp_on_cpu
+from helpers import accelerate_launch, assert_close, ctrl_c_on_call, ctrl_c_on_step, launch_fsdp_on_cpu
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -1202,12 +1202,7 @@ def test_a_stopped_finetune_continues_with_another_evaluation_size_or_bypass_che
     whole = run("whole")
     real = ft.lr_at
 
-    def stop_at_step_2(step, section):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(step, section)
-
-    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    monkeypatch.setattr(ft, "lr_at", ctrl_c_on_step(real, 2))
     assert run("cut") == 130
     monkeypatch.setattr(ft, "lr_at", real)
     capsys.readouterr()
@@ -1240,15 +1235,10 @@ def test_a_stopped_finetune_on_jsonl_rows_edited_since_starts_over(tmp_path, mon
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
     real = ft.lr_at
 
-    def stop_at_step_2(step, section):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(step, section)
-
     def run(name: str, *extra: str):
         return _run("zoo finetune", main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / name}", *extra])
 
-    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    monkeypatch.setattr(ft, "lr_at", ctrl_c_on_step(real, 2))
     assert run("same") == 130 and run("edited") == 130
     monkeypatch.setattr(ft, "lr_at", real)
     capsys.readouterr()
@@ -1275,12 +1265,7 @@ def test_a_stopped_finetune_continues_when_its_folders_are_spelled_otherwise(tmp
     whole = run("whole")
     real = ft.lr_at
 
-    def stop_at_step_2(step, section):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(step, section)
-
-    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    monkeypatch.setattr(ft, "lr_at", ctrl_c_on_step(real, 2))
     assert run("cut") == 130
     monkeypatch.setattr(ft, "lr_at", real)
     monkeypatch.chdir(tmp_path)
@@ -1299,12 +1284,7 @@ def test_a_finetune_checkpoint_is_not_continued_in_another_precision(tmp_path, m
     run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "checkpoint_every": 2})
     real = ft.lr_at
 
-    def stop_at_step_3(step, section):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, section)
-
-    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    monkeypatch.setattr(ft, "lr_at", ctrl_c_on_step(real, 3))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
     assert run("cut") == 130
     monkeypatch.setattr(ft, "lr_at", real)
@@ -1334,14 +1314,9 @@ def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120, growth_interval=1)
         scalers.append(self.scaler)
 
-    def stop_at_step_3(step, section):
-        if step == 3:
-            raise KeyboardInterrupt
-        return real_lr(step, section)
-
     monkeypatch.setattr(Accelerator, "__init__", with_scaler)
     run("whole")
-    monkeypatch.setattr(ft, "lr_at", stop_at_step_3)
+    monkeypatch.setattr(ft, "lr_at", ctrl_c_on_step(real_lr, 3))
     assert run("cut") == 130
     monkeypatch.setattr(ft, "lr_at", real_lr)
     run("cut")
@@ -1365,12 +1340,7 @@ def test_a_checkpoint_of_another_number_of_processes_is_not_continued(tmp_path, 
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
     real_lr = ft.lr_at
 
-    def stop_at_step_2(step, section):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real_lr(step, section)
-
-    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    monkeypatch.setattr(ft, "lr_at", ctrl_c_on_step(real_lr, 2))
     assert _run("zoo finetune", main, [str(tmp_path / "ft.yaml")]) == 130
     monkeypatch.setattr(ft, "lr_at", real_lr)
     file = tmp_path / "run" / "finetune-checkpoint" / "state.pt"
@@ -1911,13 +1881,8 @@ def test_a_finetune_checkpoint_that_decayed_a_transformers_mambas_a_log_continue
     run = lambda: _run("zoo finetune", ft.main, [str(tmp_path / "ft.yaml"), f"--output_dir={tmp_path / 'run'}"])
     real = ft.lr_at
 
-    def stop_at_step_2(step, section):
-        if step == 2:
-            raise KeyboardInterrupt
-        return real(step, section)
-
     monkeypatch.setattr(zt, "NO_DECAY_NAMES", ())  # the rule before the names were exempt
-    monkeypatch.setattr(ft, "lr_at", stop_at_step_2)
+    monkeypatch.setattr(ft, "lr_at", ctrl_c_on_step(real, 2))
     assert run() == 130
     monkeypatch.undo()
     saved = torch.load(tmp_path / "run" / "finetune-checkpoint" / "state.pt", weights_only=True)
