@@ -1611,18 +1611,24 @@ def test_length_plot_marks_every_training_length(tmp_path, monkeypatch):
     assert lines == [(64, "train length 64")]
 
 
+def tiny_mqar_config(tmp_path: Path, model: str, steps: int):
+    """A comparison of one packaged model (configs/models/<model>.yaml) whose MQAR phase trains `steps` steps of 4
+    rows of 32 tokens (4 pairs over 32 values) and evaluates 8 rows at length 32."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {"m": f"configs/models/{model}.yaml"}, "recipe": {"tokenizer": "byte"},
+        "eval": {"mqar": {"steps": steps, "batch_size": 4, "seq_len": 32, "n_kv": 4, "vocab_size": 32,
+                          "warmup_steps": 0, "eval_seq_lens": [32], "eval_samples": 8}}}))
+    return load_compare_config(path)[0]
+
+
 def test_mqar_phase_train_losses_of_a_moe_model_are_the_cross_entropy(tmp_path):
     """The MQAR phase's train_losses and final_train_loss of a Jamba-style model were its objective, the cross
     entropy plus moe.aux_loss_coef · its load-balancing loss, while the text phase's curve (metrics.csv's loss) is
     the cross entropy alone. The first step's loss, before any update, is now the same at any aux_loss_coef."""
     from zoo.compare import ModelEntry, _train_mqar
 
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "models": {"m": "configs/models/jamba-tiny.yaml"}, "recipe": {"tokenizer": "byte"},
-        "eval": {"mqar": {"steps": 1, "batch_size": 4, "seq_len": 32, "n_kv": 4, "vocab_size": 32, "warmup_steps": 0,
-                          "eval_seq_lens": [32], "eval_samples": 8}}}))
-    cfg, _ = load_compare_config(path)
+    cfg = tiny_mqar_config(tmp_path, "jamba-tiny", steps=1)
     fields = yaml.safe_load((ROOT / "configs/models/jamba-tiny.yaml").read_text())
     first = {}
     for coef in (0.0, 5.0):
@@ -1681,12 +1687,7 @@ def test_mqar_training_saved_while_a_transformers_mambas_a_log_was_decayed_conti
     import zoo.train as zt
     from zoo.compare import MQAR_PARTIAL, ModelEntry, _train_mqar
 
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({
-        "models": {"m": "configs/models/mamba-tiny.yaml"}, "recipe": {"tokenizer": "byte"},
-        "eval": {"mqar": {"steps": 3, "batch_size": 4, "seq_len": 32, "n_kv": 4, "vocab_size": 32, "warmup_steps": 0,
-                          "eval_seq_lens": [32], "eval_samples": 8}}}))
-    cfg, _ = load_compare_config(path)
+    cfg = tiny_mqar_config(tmp_path, "mamba-tiny", steps=3)
     entry = ModelEntry("m", {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 260,
                              "state_size": 4}, False)
     monkeypatch.setattr(zt, "NO_DECAY_NAMES", ())  # the rule before the names were exempt
