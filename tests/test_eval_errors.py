@@ -412,6 +412,19 @@ def test_corpus_options_beside_rows_they_do_not_shape_are_refused(tmp_path, caps
     assert (tmp_path / "len" / "length.json").is_file()
 
 
+def test_state_task_vocabulary_of_zero_is_refused(tmp_path, monkeypatch):
+    """zoo eval state --task induction_heads --vocab-size 0 took the 0 as not given and ran the task's default
+    vocabulary (16), without a word; the task refuses it, as zoo eval synthetic's does."""
+    from zoo.eval import state
+
+    runs = []
+    monkeypatch.setattr(state, "record_state_statistics", lambda *a, **k: runs.append(1))
+    with pytest.raises(ValueError, match="--task induction_heads: induction heads: vocab_size=0 must be >= 3"):
+        state.main(["--model", str(MAMBA_TINY), "--task", "induction_heads", "--vocab-size", "0", "--max-len", "32",
+                    "--device", "cpu", "--out", str(tmp_path / "state")])
+    assert not runs and not (tmp_path / "state").exists()
+
+
 def test_state_compare_with_forget_and_calibrated_norm(tmp_path):
     from zoo.eval import state
 

@@ -62,7 +62,8 @@ def task_arguments(args) -> dict:
 
     if args.task not in TASKS:
         raise ValueError(f"--task {args.task!r}: unknown synthetic task; choose one of {sorted(TASKS)}")
-    kwargs = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    # (--vocab-size 0 was taken as not given: the task's default vocabulary, without a word)
+    kwargs = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
     count_name = COUNT_ARGUMENT[args.task]
     if args.n_kv is not None:
         if count_name is None:
