@@ -301,6 +301,21 @@ def test_a_count_below_one_is_refused_by_option(command, option, value, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_state_refuses_a_negative_count_of_log_spaced_samples(tmp_path, capsys, monkeypatch):
+    """zoo eval state --points-per-octave -1 was taken as 0 (no log-spaced samples below --chunk-size) without a
+    word; 0 is that setting, a negative count is argparse's error naming the option, before loading."""
+    from zoo.eval import state
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    torch.save(torch.randint(0, 64, (1, 32)), tmp_path / "rows.pt")
+    argv = ["eval", "state", "--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32",
+            "--chunk-size", "16", "--device", "cpu", "--out", str(tmp_path / "out"), "--points-per-octave"]
+    code, err = run_cli([*argv, "-1"], capsys)
+    assert code == 2 and "argument --points-per-octave: must be >= 0, got -1" in err
+    assert not (tmp_path / "out").exists()
+    assert state.main([*argv[2:], "0"])["positions"] == [16, 32]  # 0: a sample every --chunk-size tokens only
+
+
 @pytest.mark.parametrize("command, option, value", [
     ("synthetic", "--seq-lens", "64,abc"), ("synthetic", "--n-kv", "4,x"), ("passkey", "--lengths", "1K,2KB"),
     ("passkey", "--depths", "0,half"), ("synthetic", "--seq-lens", "64,2^-1"),  # (2^-1 was 0.5 tokens)

@@ -183,6 +183,15 @@ def check_mitigation_options(args) -> None:
                          f"--norm-calibrate LEN")
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 on the command line (--points-per-octave: 0 is no log-spaced samples; a negative count was
+    taken as 0 without a word)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def summary_rows(result: dict, per_octave: int = 1) -> list[dict]:
     """Per log-spaced sample: position, loss, and per layer the largest head state RMS (3 significant digits)."""
     positions = result["positions"]
@@ -219,8 +228,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-len", type=positive_int, default=16384, help="tokens per row (default 16384)")
     parser.add_argument("--chunk-size", type=positive_int, default=1024, help="tokens per forward above the "
                         "log-spaced start; the state is sampled at every chunk end (default 1024)")
-    parser.add_argument("--points-per-octave", type=int, default=2,
-                        help="log-spaced samples below chunk-size (default 2)")
+    parser.add_argument("--points-per-octave", type=non_negative_int, default=2,
+                        help="log-spaced samples below chunk-size (default 2; 0: none, every chunk-size tokens)")
     parser.add_argument("--group-size", type=positive_int, default=64, help="mamba: channels per head (default 64)")
     parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plots")
     add_mitigation_argument(parser)
