@@ -316,6 +316,18 @@ def test_state_refuses_a_negative_count_of_log_spaced_samples(tmp_path, capsys, 
     assert state.main([*argv[2:], "0"])["positions"] == [16, 32]  # 0: a sample every --chunk-size tokens only
 
 
+@pytest.mark.parametrize("value", ["0", "-64"])
+def test_state_refuses_a_training_length_below_one(value, tmp_path, capsys):
+    """zoo eval state --train-length 0 marked nothing on the plots and -64 titled them 'training length -64' with no
+    line (a log axis has no place for it), without a word: now argparse's error naming the option, before loading."""
+    torch.save(torch.randint(0, 64, (1, 32)), tmp_path / "rows.pt")
+    code, err = run_cli(["eval", "state", "--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"),
+                         "--max-len", "32", "--chunk-size", "16", "--train-length", value, "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument --train-length: must be >= 1, got {value}" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command, option, value", [
     ("synthetic", "--seq-lens", "64,abc"), ("synthetic", "--n-kv", "4,x"), ("passkey", "--lengths", "1K,2KB"),
     ("passkey", "--depths", "0,half"), ("synthetic", "--seq-lens", "64,2^-1"),  # (2^-1 was 0.5 tokens)

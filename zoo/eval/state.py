@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--points-per-octave", type=non_negative_int, default=2,
                         help="log-spaced samples below chunk-size (default 2; 0: none, every chunk-size tokens)")
     parser.add_argument("--group-size", type=positive_int, default=64, help="mamba: channels per head (default 64)")
-    parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plots")
+    parser.add_argument("--train-length", type=positive_int, default=None, help="marked on the plots")
     add_mitigation_argument(parser)
     parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
                         help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
