@@ -54,6 +54,8 @@ from zoo.state.mitigation import DEFAULTS
 
 # seconds between saves of a run's progress (a small run is not slowed by the writes)
 SAVE_EVERY = 30.0
+# the options (argparse dests) that set the mitigation, which the unmitigated run of --compare does not depend on
+MITIGATION_OPTIONS = ("mitigation", "norm_calibrate", "norm_factor", "norm_chunk")
 
 
 def task_arguments(args) -> dict:
@@ -282,8 +284,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.compare:
             apply_mitigation(model, None)
             # kept complete until the mitigated run is done: a rerun after an interruption there does not run it again
+            # under the settings it depends on: the mitigation's (recorded per mixer, as none) are no part of it, so a
+            # rerun that changes only them (another --norm-calibrate or --mitigation after an interruption) keeps it
+            none_key = {k: v for k, v in key.items() if k not in MITIGATION_OPTIONS}
             none = record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
-                                           partial_key=key, label="the unmitigated run", keep_partial=True)
+                                           partial_key=none_key, label="the unmitigated run", keep_partial=True)
             runs.append(("none", none))
             # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
             write_json(saved | {"runs": dict(runs)}, out / "state.json")
