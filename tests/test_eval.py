@@ -1109,6 +1109,36 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     assert not list(out.glob("*.partial.pt*"))
 
 
+def test_eval_state_compare_keeps_its_unmitigated_run_when_only_the_mitigation_changes(tmp_path, monkeypatch, capsys):
+    """zoo eval state --compare interrupted in its mitigated run, rerun with another --norm-calibrate (or
+    --mitigation): the unmitigated run's saved file was keyed by the mitigation options too, so the rerun ran the
+    unmitigated run, which none of them touch, again from its first token. Only the mitigated run starts over now;
+    the unmitigated one is kept, and both are those of an uninterrupted run of the new settings."""
+    from zoo.eval import state
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
+            "--compare", "--norm-calibrate"]
+    state.main([*argv, "32", "--out", str(tmp_path / "whole")])
+    # the unmitigated run's 6 forwards, the calibration's 1 (16 tokens), then 3 of the mitigated run's 6
+    calls, stop = interrupt_forwards_after(monkeypatch, 10)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "16", "--out", str(out)])
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    state.main([*argv, "32", "--out", str(out)])
+    said = capsys.readouterr().out
+    # the calibration's 2 forwards (16 and 32 tokens) and the mitigated run's 6; the unmitigated run again added 6
+    assert len(calls) == 8 and f"the unmitigated run: every chunk is done in {out / 'state-none.partial.pt'}" in said
+    assert "holds a partial run of other settings (mitigation, norm_calibrate differ); starting over" in said
+    assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+    assert not list(out.glob("*.partial.pt*"))
+
+
 def test_eval_state_interrupted_before_state_json_keeps_the_finished_run(tmp_path, monkeypatch, capsys):
     """zoo eval state removed its run's partial file as the last chunk finished, before state.json was written: an
     interruption in between lost the whole run. It is kept, complete, until state.json holds the run, so the rerun

@@ -352,13 +352,20 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
                           train_length: int | None = None) -> list[Path]:
     """One PNG per statistic under out_dir (state_rms.png, ...; loss.png): a panel per recurrent layer, a line
     per head (B statistics: per B group), log-position x axis, the training length dashed. `result` may be a
-    list of (label, result) pairs to overlay runs (e.g. with and without a mitigation)."""
+    list of (label, result) pairs to overlay runs (e.g. with and without a mitigation), named in a legend; a lone
+    result's mitigation (its ``mitigation``, when not 'none') is named in the titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [("", result)] if isinstance(result, dict) else list(result)
+    # a lone run under a mitigation says so in its titles (overlaid runs have their legend): they said nothing of it, so
+    # its plots read as the model's own
+    mitigation = result.get("mitigation") if isinstance(result, dict) else None
+    if isinstance(mitigation, (list, tuple)):  # (its layers under different mitigations)
+        mitigation = " / ".join(mitigation)
+    named = f"; mitigation {mitigation}" if mitigation not in (None, "none") else ""
     train_length = train_length or runs[0][1].get("train_length")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -393,7 +400,7 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
         label = LABELS[stat]
         if "gla" in kinds and stat in GLA_LABELS:  # (it said exp(ΔA) and B of a GLA layer's exp(g) and keys)
             label = GLA_LABELS[stat] if kinds == {"gla"} else f"{label}; gla: {GLA_LABELS[stat]}"
-        fig.suptitle(label + (f"  (training length {train_length}, dashed)" if train_length else ""))
+        fig.suptitle(label + named + (f"  (training length {train_length}, dashed)" if train_length else ""))
         fig.tight_layout()
         path = out_dir / f"{stat}.png"
         fig.savefig(path, dpi=110)
@@ -407,6 +414,8 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
         ax.axvline(train_length, color="k", ls="--", lw=1)
     ax.set_xlabel("position")
     ax.set_ylabel("mean loss of the chunk (nats)")
+    if named:
+        ax.set_title(named[2:], fontsize=9)
     if len(runs) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
