@@ -39,6 +39,9 @@ from zoo.state.mitigation import format_spec, head_view, no_zoo_mixer, recurrent
 STATE_STATS = ("state_mean", "state_var", "state_rms", "state_norm")
 DECAY_STATS = ("delta_mean", "log_alpha_mean", "alpha_mean", "log_alpha_cumsum")
 B_STATS = ("B_mean", "B_rms")
+# a run's progress is saved at least this many times as long as its last save took apart (a hybrid's attention cache
+# grows with the rows: saves would otherwise take over a long run)
+SAVE_COST_FACTOR = 10
 
 
 def mixer_kind(mixer) -> str:
@@ -262,7 +265,7 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
                 save_atomically({"settings": settings, "chunks": n, "cache": cache, "previous_logit": previous_logit,
                                  "losses": losses, "series": series, "cumsum": cumsum}, partial)
                 last_save = time.monotonic()
-                wait = max(save_every, 10 * (last_save - began))
+                wait = max(save_every, SAVE_COST_FACTOR * (last_save - began))
     model.train(was_training)
     if partial is not None and keep_partial and done < len(ends):  # (no forward follows: without the cache)
         save_atomically({"settings": settings, "chunks": len(ends), "cache": None, "previous_logit": previous_logit,
