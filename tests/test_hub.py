@@ -106,6 +106,20 @@ def test_bad_tokenizer_or_destination_is_named(tmp_path):
         save_model_folder(tiny("mamba"), tmp_path / "file.json")
 
 
+def test_a_tokenizer_folder_without_tokenizer_files_is_refused_not_dropped(tmp_path):
+    # a tokenizer named as a folder that holds none of the tokenizer files (the model folder of a save without one)
+    # was read as "no tokenizer": the model was saved without one, into an existing folder beside the tokenizer of
+    # an earlier save, without an error
+    empty = tmp_path / "not-a-tokenizer"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"'.*not-a-tokenizer' is a folder without tokenizer files"):
+        save_model_folder(tiny("mamba"), tmp_path / "model", empty)
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(ValueError, match="is a folder without tokenizer files"):
+        save_model_folder(tiny("mamba"), tmp_path / "model", str(empty))
+
+
 def test_a_failed_save_leaves_no_partial_folder(tmp_path):
     # `zoo convert ... --max-shard-size abc` (or a full disk, or Ctrl-C) failed after save_pretrained had created the
     # destination and written into it: a partial folder that from_pretrained would take for a model
