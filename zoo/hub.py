@@ -105,7 +105,9 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         raise ValueError(f"{str(folder)!r} is a file; give a folder to write the model to")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = require_tokenizer(tokenizer)
-    config, generation = model.config, model.generation_config
+    # (a model that does not generate, ZooForSequenceClassification or ZooModel, has no generation_config in
+    # transformers 5: reading it raised AttributeError)
+    config, generation = model.config, getattr(model, "generation_config", None)
     if tokenizer is not None:
         if len(tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
