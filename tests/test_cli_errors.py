@@ -229,6 +229,21 @@ def test_generate_says_when_a_folder_has_no_tokenizer_and_takes_one(tiny_folder,
     assert capsys.readouterr().out.startswith("hi")
 
 
+def test_a_tokenizer_folder_without_tokenizer_files_is_named_not_the_model_or_dropped(tiny_folder, tmp_path, capsys):
+    # zoo generate blamed the model folder ("holds no tokenizer files; pass --tokenizer") for a --tokenizer folder
+    # without tokenizer files, and zoo convert saved the model without a tokenizer, without a word
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi", "--tokenizer", str(empty)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"tokenizer: '{empty}' is a folder without tokenizer files" in err and str(tiny_folder) not in err
+    with pytest.raises(ValueError, match=f"tokenizer: '{empty}' is a folder without tokenizer files"):
+        convert(tiny_folder, tmp_path / "out", tokenizer=str(empty))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("where", ["folder", "hub"])
 def test_generate_runs_a_dora_adapter_as_peft_loads_it(tmp_path, capsys, monkeypatch, where):
     # zoo generate loaded a hub adapter with transformers' from_pretrained, which leaves out DoRA's magnitudes (the

@@ -85,7 +85,7 @@ def generate(argv: list[str] | None = None) -> None:
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
-    from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer
+    from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer
 
     p = argparse.ArgumentParser(
         prog="zoo generate", description="Generate from a saved model folder.",
@@ -169,7 +169,7 @@ def generate(argv: list[str] | None = None) -> None:
     if args.cuda_graph and args.num_beams > 1:
         p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
     check_model_ref(args.model, adapter_ok=True)
-    tok = load_folder_tokenizer(args.tokenizer or args.model)
+    tok = require_tokenizer(args.tokenizer) if args.tokenizer else load_folder_tokenizer(args.model)
     if tok is None:
         p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
     if args.chat and not getattr(tok, "chat_template", None):

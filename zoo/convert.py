@@ -1067,7 +1067,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     neither format is given), or into `to_format` from a zoo folder (or any folder `load_as_zoo` reads). The
     tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside. Safetensors shards hold
     `max_shard_size` at most (default 5GB); mamba_ssm's one pytorch_model.bin takes none."""
-    from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder, write_folder
+    from zoo.hub import check_model_ref, load_folder_tokenizer, require_tokenizer, save_model_folder, write_folder
 
     check_model_ref(src, what="source")
     if from_format and to_format:
@@ -1079,7 +1079,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
         raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
     if Path(dst).exists() and not Path(dst).is_dir():
         raise ValueError(f"the destination {dst} is a file; give a folder to write the converted checkpoint to")
-    tok = load_folder_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
+    tok = require_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
     if to_format is None:
         model = load_as_zoo(src, from_format)
         return save_model_folder(model, dst, tok, max_shard_size=max_shard_size)

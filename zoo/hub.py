@@ -53,6 +53,17 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     return AutoTokenizer.from_pretrained(path)
 
 
+def require_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
+    """`load_folder_tokenizer` for a tokenizer the user named (a --tokenizer, save_model_folder's `tokenizer`): a
+    folder without tokenizer files raises ValueError. Its None read as "no tokenizer", and the model was saved without
+    one (into an existing folder, beside the tokenizer files of an earlier save) without an error."""
+    tokenizer = load_folder_tokenizer(name_or_path)
+    if tokenizer is None:
+        raise ValueError(f"tokenizer: {str(name_or_path)!r} is a folder without tokenizer files (none of "
+                         f"{', '.join(_TOKENIZER_FILES)}); give 'byte', a tokenizer folder or a hub id")
+    return tokenizer
+
+
 _SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # huggingface_hub's, which save_pretrained reads
 
 
@@ -93,8 +104,10 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is a file; give a folder to write the model to")
     if isinstance(tokenizer, (str, Path)):
-        tokenizer = load_folder_tokenizer(tokenizer)
-    config, generation = model.config, model.generation_config
+        tokenizer = require_tokenizer(tokenizer)
+    # (a model that does not generate, ZooForSequenceClassification or ZooModel, has no generation_config in
+    # transformers 5: reading it raised AttributeError)
+    config, generation = model.config, getattr(model, "generation_config", None)
     if tokenizer is not None:
         if len(tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
@@ -309,4 +322,5 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["ADAPTER_DATA_FILE", "adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer",
-           "load_model_folder", "load_model_not_adapter", "save_model_folder", "shard_size", "write_folder"]
+           "load_model_folder", "load_model_not_adapter", "require_tokenizer", "save_model_folder", "shard_size",
+           "write_folder"]

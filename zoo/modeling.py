@@ -421,15 +421,30 @@ class ZooPreTrainedModel(PreTrainedModel):
         of its own (its test that all it holds was loaded is vacuously true): a custom mixer whose weights all live
         in nn.Linear children never had its reset_parameters called, so its own init was lost to the children's
         N(0, initializer_range). Such a module with reset_parameters is initialized here unless a parameter below it
-        was loaded (from_pretrained marks those), after its children as before."""
+        was loaded (from_pretrained marks those), after its children as before.
+
+        A module with reset_parameters that a checkpoint filled in part (some weights below it loaded, some missing)
+        runs it too, and gets its loaded weights back after: transformers skipped a module whose own parameters all
+        loaded, so a Mamba mixer's missing dt_proj.bias or conv bias kept the generic init of its nn.Linear / Conv1d
+        (dt = softplus(0), a drawn conv bias), not the mixer's; and where the mixer's init did run, a write that
+        bypasses torch.nn.init (which transformers guards) overwrote the loaded weights."""
         if (not getattr(module, "_is_hf_initialized", False) and hasattr(module, "reset_parameters")
-                and not isinstance(module, (nn.Linear, nn.Embedding))
-                and next(module.parameters(recurse=False), None) is None
-                and next(module.buffers(recurse=False), None) is None
-                and not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters())):
-            self._init_weights(module)
-            module._is_hf_initialized = True
-            return
+                and not isinstance(module, (nn.Linear, nn.Embedding))):
+            params = list(module.parameters())
+            loaded = [p for p in params if getattr(p, "_is_hf_initialized", False)]
+            if loaded and len(loaded) < len(params):
+                kept = [(p, p.detach().clone()) for p in loaded]
+                self._init_weights(module)
+                with torch.no_grad():
+                    for p, value in kept:
+                        p.copy_(value)
+                module._is_hf_initialized = True
+                return
+            if (not loaded and next(module.parameters(recurse=False), None) is None
+                    and next(module.buffers(recurse=False), None) is None):
+                self._init_weights(module)
+                module._is_hf_initialized = True
+                return
         super()._initialize_weights(module, is_custom_code)
 
     def _init_weights(self, module: nn.Module) -> None:
