@@ -244,6 +244,19 @@ def test_evaluate_synthetic_reports_the_count_the_rows_had():
     assert [(r["n_tokens"], r["n_answers"]) for r in result["by_count"]] == [(8, 32)]
 
 
+@pytest.mark.parametrize("task", ["mqar", "selective_copying", "induction_heads"])
+def test_evaluate_synthetic_leaves_the_global_random_state_as_it_was(task):
+    """Each cell was checked by drawing a row from torch's global generator: a training loop that evaluated synthetic
+    accuracy every N steps drew other dropout masks and batches after it than one that did not. The rows come from
+    generators of their own; the global one is left as it was."""
+    kwargs = {"n_kv": [4], "vocab_size": 64} if task == "mqar" else {}
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
+    evaluate_synthetic(InductionOracle(64 if task == "mqar" else 16), task, seq_lens=[64], n_samples=2, **kwargs)
+    assert torch.equal(torch.rand(8), expected)
+
+
 def test_evaluate_synthetic_induction_long_rows_in_chunks():
     result = evaluate_synthetic(InductionOracle(16), "induction_heads", seq_lens=[64, 2048], n_samples=4,
                                 batch_size=2, chunk_size=256)

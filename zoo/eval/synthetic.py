@@ -178,7 +178,9 @@ def evaluate_synthetic(
                         bar.update(seq_len * n_samples)
                     continue
                 try:  # only the task's own validation may skip a cell, never an error of the model
-                    make_batch(task, 1, seq_len, **kwargs)
+                    # (from a generator of its own: the global one's draws were used up, so a training loop that
+                    # evaluated drew other dropout masks and batches afterwards than one that did not)
+                    make_batch(task, 1, seq_len, generator=torch.Generator().manual_seed(0), **kwargs)
                 except ValueError as error:
                     cell = f"seq_len={seq_len}" + (f" {count_name}={count}" if count_name is not None else "")
                     skipped.append(f"{cell}: {error}")
