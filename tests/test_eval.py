@@ -257,6 +257,14 @@ def test_evaluate_synthetic_leaves_the_global_random_state_as_it_was(task):
     assert torch.equal(torch.rand(8), expected)
 
 
+@pytest.mark.parametrize("grid", [{"seq_lens": []}, {"seq_lens": [64], "n_kv": []}], ids=["no-lengths", "no-counts"])
+def test_evaluate_synthetic_refuses_an_empty_grid(grid):
+    """An empty list of lengths or counts returned a result with no rows (and empty marginals) without a word, which a
+    caller averaging the rows' accuracy divided by zero; evaluate_passkey refuses its empty grid likewise."""
+    with pytest.raises(ValueError, match=r"evaluate_synthetic: no cells"):
+        evaluate_synthetic(InductionOracle(64), "mqar", n_samples=2, vocab_size=64, **grid)
+
+
 def test_evaluate_synthetic_induction_long_rows_in_chunks():
     result = evaluate_synthetic(InductionOracle(16), "induction_heads", seq_lens=[64, 2048], n_samples=4,
                                 batch_size=2, chunk_size=256)

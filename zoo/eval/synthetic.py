@@ -144,6 +144,9 @@ def evaluate_synthetic(
     # n_answers and in the marginals, which weighed that length (or count) double
     seq_lens = list(dict.fromkeys(seq_lens))
     n_kv = list(dict.fromkeys(n_kv)) if n_kv is not None else None
+    if not seq_lens or n_kv == []:  # (it returned a result of no rows, whose marginals are empty, without a word)
+        raise ValueError(f"evaluate_synthetic: no cells (seq_lens={seq_lens}, n_kv={n_kv}); give at least one length"
+                         f"{' and one count (or n_kv=None for the default)' if n_kv == [] else ''}")
     device = torch.device(device) if device is not None else model_device(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     task_vocab = task_kwargs.get("vocab_size", task_default(task, "vocab_size"))
