@@ -592,13 +592,15 @@ def test_chunked_greedy_decoding_counts_positions_on():
 
 @pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3},
                                      {"do_sample": True, "num_return_sequences": 2}, {"max_time": 1e-9},
-                                     {"force_words_ids": [[5]]}, {"use_mtp": True}],
+                                     {"force_words_ids": [[5]]}, {"use_mtp": True}, {"return_dict_in_generate": True}],
                          ids=lambda setting: "+".join(setting))
 @pytest.mark.parametrize("family", ["llama", "mamba"])
 def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting, family):
     """generate() took the checkpoint's generation_config.json: a repetition penalty (the key is twice in the prompt)
     or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed;
-    num_return_sequences of a sampling config, constraints or MTP failed, and max_time cut the decoding short."""
+    num_return_sequences of a sampling config, constraints or MTP failed, max_time cut the decoding short, and
+    return_dict_in_generate made generate return an output object, which failed to slice ('tuple indices must be
+    integers or slices, not tuple')."""
     model = tiny_llama() if family == "llama" else tiny_zoo_model("mamba")
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
     plain = greedy_generate(model, input_ids, max_new_tokens=8)

@@ -137,7 +137,9 @@ GREEDY = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "enco
           # more tokens per prompt, a clock that cuts the decoding short, and methods generate switches to (constrained
           # beams from the Hub, drafted tokens: refused by recurrent models, or a missing MTP head)
           "num_return_sequences": 1, "max_time": None, "constraints": None, "force_words_ids": None,
-          "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False}
+          "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False,
+          # an output object instead of the token ids, which the new tokens are sliced from
+          "return_dict_in_generate": False}
 
 
 def greedy_overrides(model) -> dict:
