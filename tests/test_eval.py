@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -435,6 +436,34 @@ def record_progress(monkeypatch) -> list:
 
     monkeypatch.setattr(tqdm, "tqdm", Bar)
     return updates
+
+
+def test_evaluate_passkey_gives_the_model_back_in_the_mode_it_came_in():
+    """evaluate_passkey put the model in eval mode and left it there (evaluate_synthetic and evaluate_length give the
+    mode back): a training loop that evaluated passkey went on training without dropout, and a zoo MoE without its
+    load-balancing loss (added in training mode only). It decodes in eval mode, and a model in training mode is back
+    in it afterwards, also when the evaluation fails."""
+    tokenizer = ByteTokenizer()
+
+    class Module(torch.nn.Module):
+        def __init__(self, fail: bool = False) -> None:
+            super().__init__()
+            self.echo, self.fail, self.modes = EchoModel(tokenizer), fail, []
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            self.modes.append(self.training)
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return self.echo.generate(input_ids, max_new_tokens, **kwargs)
+
+    for fail in (False, True):
+        model = Module(fail).train()
+        with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+            evaluate_passkey(model, tokenizer, [300], [0.5], n_samples=2)
+        assert model.modes and not any(model.modes) and model.training, fail
+    model = Module().eval()
+    evaluate_passkey(model, tokenizer, [300], [0.5], n_samples=2)
+    assert not model.training
 
 
 def test_evaluate_passkey_runs_a_cell_given_twice_once():
