@@ -266,6 +266,28 @@ def test_evaluate_synthetic_refuses_an_empty_grid(grid):
         evaluate_synthetic(InductionOracle(64), "mqar", n_samples=2, vocab_size=64, **grid)
 
 
+def test_evaluate_synthetic_gives_the_model_back_in_training_mode_when_a_cell_fails():
+    """A model in training mode was put back in it only when the grid completed: a cell that failed (out of memory at
+    the longest rows), which a training loop caught to go on, left it training in eval mode (no dropout, no MoE
+    load-balancing loss)."""
+
+    class FailsOnLongRows(InductionOracle):
+        def forward(self, input_ids, *args, **kwargs):
+            if input_ids.shape[1] > 64:
+                raise RuntimeError("out of memory")
+            return super().forward(input_ids, *args, **kwargs)
+
+    model = FailsOnLongRows(64).train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_synthetic(model, "mqar", seq_lens=[64, 128], n_kv=[4], n_samples=2, vocab_size=64)
+    assert model.training
+    evaluate_synthetic(model, "mqar", seq_lens=[64], n_kv=[4], n_samples=2, vocab_size=64)
+    assert model.training
+    model.eval()
+    evaluate_synthetic(model, "mqar", seq_lens=[64], n_kv=[4], n_samples=2, vocab_size=64)
+    assert not model.training
+
+
 def test_evaluate_synthetic_induction_long_rows_in_chunks():
     result = evaluate_synthetic(InductionOracle(16), "induction_heads", seq_lens=[64, 2048], n_samples=4,
                                 batch_size=2, chunk_size=256)
