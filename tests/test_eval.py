@@ -643,7 +643,8 @@ def test_chunked_greedy_decoding_counts_positions_on():
 
 @pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3},
                                      {"do_sample": True, "num_return_sequences": 2}, {"max_time": 1e-9},
-                                     {"force_words_ids": [[5]]}, {"use_mtp": True}, {"return_dict_in_generate": True}],
+                                     {"force_words_ids": [[5]]}, {"use_mtp": True}, {"return_dict_in_generate": True},
+                                     {"output_attentions": True, "output_hidden_states": True}],
                          ids=lambda setting: "+".join(setting))
 @pytest.mark.parametrize("family", ["llama", "mamba"])
 def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting, family):
@@ -651,7 +652,7 @@ def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting, fa
     or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed;
     num_return_sequences of a sampling config, constraints or MTP failed, max_time cut the decoding short, and
     return_dict_in_generate made generate return an output object, which failed to slice ('tuple indices must be
-    integers or slices, not tuple')."""
+    integers or slices, not tuple'); output_attentions failed a zoo model, which returns no attention weights."""
     model = tiny_llama() if family == "llama" else tiny_zoo_model("mamba")
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
     plain = greedy_generate(model, input_ids, max_new_tokens=8)

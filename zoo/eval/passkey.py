@@ -139,7 +139,9 @@ GREEDY = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "enco
           "num_return_sequences": 1, "max_time": None, "constraints": None, "force_words_ids": None,
           "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False,
           # an output object instead of the token ids, which the new tokens are sliced from
-          "return_dict_in_generate": False}
+          "return_dict_in_generate": False,
+          # what only that object returned, kept at every step (zoo models refuse output_attentions)
+          "output_attentions": False, "output_hidden_states": False}
 
 
 def greedy_overrides(model) -> dict:
