@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -244,6 +245,49 @@ def test_evaluate_synthetic_reports_the_count_the_rows_had():
     assert [(r["n_tokens"], r["n_answers"]) for r in result["by_count"]] == [(8, 32)]
 
 
+@pytest.mark.parametrize("task", ["mqar", "selective_copying", "induction_heads"])
+def test_evaluate_synthetic_leaves_the_global_random_state_as_it_was(task):
+    """Each cell was checked by drawing a row from torch's global generator: a training loop that evaluated synthetic
+    accuracy every N steps drew other dropout masks and batches after it than one that did not. The rows come from
+    generators of their own; the global one is left as it was."""
+    kwargs = {"n_kv": [4], "vocab_size": 64} if task == "mqar" else {}
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
+    evaluate_synthetic(InductionOracle(64 if task == "mqar" else 16), task, seq_lens=[64], n_samples=2, **kwargs)
+    assert torch.equal(torch.rand(8), expected)
+
+
+@pytest.mark.parametrize("grid", [{"seq_lens": []}, {"seq_lens": [64], "n_kv": []}], ids=["no-lengths", "no-counts"])
+def test_evaluate_synthetic_refuses_an_empty_grid(grid):
+    """An empty list of lengths or counts returned a result with no rows (and empty marginals) without a word, which a
+    caller averaging the rows' accuracy divided by zero; evaluate_passkey refuses its empty grid likewise."""
+    with pytest.raises(ValueError, match=r"evaluate_synthetic: no cells"):
+        evaluate_synthetic(InductionOracle(64), "mqar", n_samples=2, vocab_size=64, **grid)
+
+
+def test_evaluate_synthetic_gives_the_model_back_in_training_mode_when_a_cell_fails():
+    """A model in training mode was put back in it only when the grid completed: a cell that failed (out of memory at
+    the longest rows), which a training loop caught to go on, left it training in eval mode (no dropout, no MoE
+    load-balancing loss)."""
+
+    class FailsOnLongRows(InductionOracle):
+        def forward(self, input_ids, *args, **kwargs):
+            if input_ids.shape[1] > 64:
+                raise RuntimeError("out of memory")
+            return super().forward(input_ids, *args, **kwargs)
+
+    model = FailsOnLongRows(64).train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_synthetic(model, "mqar", seq_lens=[64, 128], n_kv=[4], n_samples=2, vocab_size=64)
+    assert model.training
+    evaluate_synthetic(model, "mqar", seq_lens=[64], n_kv=[4], n_samples=2, vocab_size=64)
+    assert model.training
+    model.eval()
+    evaluate_synthetic(model, "mqar", seq_lens=[64], n_kv=[4], n_samples=2, vocab_size=64)
+    assert not model.training
+
+
 def test_evaluate_synthetic_induction_long_rows_in_chunks():
     result = evaluate_synthetic(InductionOracle(16), "induction_heads", seq_lens=[64, 2048], n_samples=4,
                                 batch_size=2, chunk_size=256)
@@ -416,6 +460,34 @@ def record_progress(monkeypatch) -> list:
     return updates
 
 
+def test_evaluate_passkey_gives_the_model_back_in_the_mode_it_came_in():
+    """evaluate_passkey put the model in eval mode and left it there (evaluate_synthetic and evaluate_length give the
+    mode back): a training loop that evaluated passkey went on training without dropout, and a zoo MoE without its
+    load-balancing loss (added in training mode only). It decodes in eval mode, and a model in training mode is back
+    in it afterwards, also when the evaluation fails."""
+    tokenizer = ByteTokenizer()
+
+    class Module(torch.nn.Module):
+        def __init__(self, fail: bool = False) -> None:
+            super().__init__()
+            self.echo, self.fail, self.modes = EchoModel(tokenizer), fail, []
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            self.modes.append(self.training)
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return self.echo.generate(input_ids, max_new_tokens, **kwargs)
+
+    for fail in (False, True):
+        model = Module(fail).train()
+        with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+            evaluate_passkey(model, tokenizer, [300], [0.5], n_samples=2)
+        assert model.modes and not any(model.modes) and model.training, fail
+    model = Module().eval()
+    evaluate_passkey(model, tokenizer, [300], [0.5], n_samples=2)
+    assert not model.training
+
+
 def test_evaluate_passkey_runs_a_cell_given_twice_once():
     """--lengths 300,300 --depths 0,0.0,1 ran cells twice: a second row of the same cell, which a mean over the rows
     (zoo compare's passkey accuracy) counted twice."""
@@ -571,13 +643,16 @@ def test_chunked_greedy_decoding_counts_positions_on():
 
 @pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3},
                                      {"do_sample": True, "num_return_sequences": 2}, {"max_time": 1e-9},
-                                     {"force_words_ids": [[5]]}, {"use_mtp": True}],
+                                     {"force_words_ids": [[5]]}, {"use_mtp": True}, {"return_dict_in_generate": True},
+                                     {"output_attentions": True, "output_hidden_states": True}],
                          ids=lambda setting: "+".join(setting))
 @pytest.mark.parametrize("family", ["llama", "mamba"])
 def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting, family):
     """generate() took the checkpoint's generation_config.json: a repetition penalty (the key is twice in the prompt)
     or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed;
-    num_return_sequences of a sampling config, constraints or MTP failed, and max_time cut the decoding short."""
+    num_return_sequences of a sampling config, constraints or MTP failed, max_time cut the decoding short, and
+    return_dict_in_generate made generate return an output object, which failed to slice ('tuple indices must be
+    integers or slices, not tuple'); output_attentions failed a zoo model, which returns no attention weights."""
     model = tiny_llama() if family == "llama" else tiny_zoo_model("mamba")
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
     plain = greedy_generate(model, input_ids, max_new_tokens=8)

@@ -137,7 +137,11 @@ GREEDY = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "enco
           # more tokens per prompt, a clock that cuts the decoding short, and methods generate switches to (constrained
           # beams from the Hub, drafted tokens: refused by recurrent models, or a missing MTP head)
           "num_return_sequences": 1, "max_time": None, "constraints": None, "force_words_ids": None,
-          "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False}
+          "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False,
+          # an output object instead of the token ids, which the new tokens are sliced from
+          "return_dict_in_generate": False,
+          # what only that object returned, kept at every step (zoo models refuse output_attentions)
+          "output_attentions": False, "output_hidden_states": False}
 
 
 def greedy_overrides(model) -> dict:
@@ -327,34 +331,42 @@ def evaluate_passkey(
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells) * n_samples, desc="passkey", unit="prompt")
+    # the mode the model came in is given back (evaluate_synthetic and evaluate_length do): a training loop that
+    # evaluated passkey went on training in eval mode, without dropout and without an MoE's aux loss
+    was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     n_filler: dict[int, int] = {}
-    # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted' line
-    with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
-        for length, depth in cells:
-            right, tokens = 0, 0
-            for key in cell_keys(seed, length, depth, n_samples):
-                prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length),
-                                              add_bos=add_bos)
-                n_filler[length] = prompt.n_filler
-                input_ids = torch.tensor([prompt.input_ids], dtype=torch.long)
-                check_token_ids(model, input_ids, "passkey prompts",
-                                "use the tokenizer the model was trained with (--tokenizer)")
-                input_ids = input_ids.to(device)
-                new = greedy_generate(model, input_ids, max_new_tokens, prefill_chunk_size, eos)
-                text = tokenizer.decode(new[0].tolist())
-                correct = check_passkey(text, key)
-                right += correct
-                tokens += len(prompt.input_ids)
-                samples.append({"length": length, "depth": depth, "key": key, "generated": text,
-                                "correct": correct, "tokens": len(prompt.input_ids)})
-                if bar is not None:
-                    bar.update(1)
-            rows.append({"length": length, "depth": depth, "accuracy": right / n_samples,
-                         "n_samples": n_samples, "tokens": tokens / n_samples})
-            if on_cell is not None:
-                on_cell({"rows": rows, "samples": samples})
+    try:
+        # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted'
+        # line
+        with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+            for length, depth in cells:
+                right, tokens = 0, 0
+                for key in cell_keys(seed, length, depth, n_samples):
+                    prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length),
+                                                  add_bos=add_bos)
+                    n_filler[length] = prompt.n_filler
+                    input_ids = torch.tensor([prompt.input_ids], dtype=torch.long)
+                    check_token_ids(model, input_ids, "passkey prompts",
+                                    "use the tokenizer the model was trained with (--tokenizer)")
+                    input_ids = input_ids.to(device)
+                    new = greedy_generate(model, input_ids, max_new_tokens, prefill_chunk_size, eos)
+                    text = tokenizer.decode(new[0].tolist())
+                    correct = check_passkey(text, key)
+                    right += correct
+                    tokens += len(prompt.input_ids)
+                    samples.append({"length": length, "depth": depth, "key": key, "generated": text,
+                                    "correct": correct, "tokens": len(prompt.input_ids)})
+                    if bar is not None:
+                        bar.update(1)
+                rows.append({"length": length, "depth": depth, "accuracy": right / n_samples,
+                             "n_samples": n_samples, "tokens": tokens / n_samples})
+                if on_cell is not None:
+                    on_cell({"rows": rows, "samples": samples})
+    finally:
+        if was_training:
+            model.train()
     return {"rows": rows, "samples": samples}
 
 

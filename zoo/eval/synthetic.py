@@ -144,6 +144,9 @@ def evaluate_synthetic(
     # n_answers and in the marginals, which weighed that length (or count) double
     seq_lens = list(dict.fromkeys(seq_lens))
     n_kv = list(dict.fromkeys(n_kv)) if n_kv is not None else None
+    if not seq_lens or n_kv == []:  # (it returned a result of no rows, whose marginals are empty, without a word)
+        raise ValueError(f"evaluate_synthetic: no cells (seq_lens={seq_lens}, n_kv={n_kv}); give at least one length"
+                         f"{' and one count (or n_kv=None for the default)' if n_kv == [] else ''}")
     device = torch.device(device) if device is not None else model_device(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     task_vocab = task_kwargs.get("vocab_size", task_default(task, "vocab_size"))
@@ -164,53 +167,59 @@ def evaluate_synthetic(
 
         cells = len(n_kv) if n_kv is not None else 1
         bar = tqdm(total=sum(seq_lens) * n_samples * cells, desc=f"{task} eval", unit="tok", unit_scale=True)
-    # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted' line
-    with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
-        for seq_len in seq_lens:
-            for count in n_kv if n_kv is not None else [None]:
-                kwargs = dict(task_kwargs)
-                if count is not None:
-                    kwargs[count_name] = count
-                key = (seq_len, kwargs.get(count_name, task_default(task, count_name)) if count_name else None)
-                if key in finished:
-                    rows.append(finished[key])
-                    if bar is not None:
-                        bar.update(seq_len * n_samples)
-                    continue
-                try:  # only the task's own validation may skip a cell, never an error of the model
-                    make_batch(task, 1, seq_len, **kwargs)
-                except ValueError as error:
-                    cell = f"seq_len={seq_len}" + (f" {count_name}={count}" if count_name is not None else "")
-                    skipped.append(f"{cell}: {error}")
-                    warnings.warn(f"skipping {skipped[-1]}", stacklevel=2)
-                    if bar is not None:
-                        bar.update(seq_len * n_samples)
-                    continue
-                # one generator per row: the rows (and so the accuracy) must not depend on the batch size
-                dataset = SyntheticDataset(task, n_samples, seq_len, seed, **kwargs)
-                correct = total = rows_right = 0
-                for start in range(0, n_samples, batch_size):
-                    items = [dataset[i] for i in range(start, min(start + batch_size, n_samples))]
-                    input_ids = torch.stack([item["input_ids"] for item in items]).to(device)
-                    labels = torch.stack([item["labels"] for item in items]).to(device)
-                    predictions, targets, asked = predict_answers(model, input_ids, labels, chunk_size)
-                    right = (predictions == targets) & asked
-                    correct += int(right.sum())
-                    total += int(asked.sum())
-                    rows_right += int((right == asked).all(dim=1).sum())
-                    if bar is not None:
-                        bar.update(seq_len * input_ids.shape[0])
-                        bar.set_postfix(T=seq_len, acc=f"{correct / max(total, 1):.3f}", refresh=False)
-                row = {"seq_len": seq_len}
-                if count_name is not None:
-                    row[count_name] = kwargs.get(count_name, task_default(task, count_name))  # the count the rows had
-                row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
-                           n_correct=correct, n_answers=total, n_samples=n_samples)
-                rows.append(row)
-                if on_cell is not None:
-                    on_cell(rows)
-    if was_training:
-        model.train()
+    try:  # the model given back in the mode it came in, also when a cell fails (out of memory at the longest rows)
+        # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted'
+        # line
+        with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+            for seq_len in seq_lens:
+                for count in n_kv if n_kv is not None else [None]:
+                    kwargs = dict(task_kwargs)
+                    if count is not None:
+                        kwargs[count_name] = count
+                    key = (seq_len, kwargs.get(count_name, task_default(task, count_name)) if count_name else None)
+                    if key in finished:
+                        rows.append(finished[key])
+                        if bar is not None:
+                            bar.update(seq_len * n_samples)
+                        continue
+                    try:  # only the task's own validation may skip a cell, never an error of the model
+                        # (from a generator of its own: the global one's draws were used up, so a training loop that
+                        # evaluated drew other dropout masks and batches afterwards than one that did not)
+                        make_batch(task, 1, seq_len, generator=torch.Generator().manual_seed(0), **kwargs)
+                    except ValueError as error:
+                        cell = f"seq_len={seq_len}" + (f" {count_name}={count}" if count_name is not None else "")
+                        skipped.append(f"{cell}: {error}")
+                        warnings.warn(f"skipping {skipped[-1]}", stacklevel=2)
+                        if bar is not None:
+                            bar.update(seq_len * n_samples)
+                        continue
+                    # one generator per row: the rows (and so the accuracy) must not depend on the batch size
+                    dataset = SyntheticDataset(task, n_samples, seq_len, seed, **kwargs)
+                    correct = total = rows_right = 0
+                    for start in range(0, n_samples, batch_size):
+                        items = [dataset[i] for i in range(start, min(start + batch_size, n_samples))]
+                        input_ids = torch.stack([item["input_ids"] for item in items]).to(device)
+                        labels = torch.stack([item["labels"] for item in items]).to(device)
+                        predictions, targets, asked = predict_answers(model, input_ids, labels, chunk_size)
+                        right = (predictions == targets) & asked
+                        correct += int(right.sum())
+                        total += int(asked.sum())
+                        rows_right += int((right == asked).all(dim=1).sum())
+                        if bar is not None:
+                            bar.update(seq_len * input_ids.shape[0])
+                            bar.set_postfix(T=seq_len, acc=f"{correct / max(total, 1):.3f}", refresh=False)
+                    row = {"seq_len": seq_len}
+                    if count_name is not None:
+                        # the count the rows had
+                        row[count_name] = kwargs.get(count_name, task_default(task, count_name))
+                    row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
+                               n_correct=correct, n_answers=total, n_samples=n_samples)
+                    rows.append(row)
+                    if on_cell is not None:
+                        on_cell(rows)
+    finally:
+        if was_training:
+            model.train()
     if skipped and not rows:
         raise ValueError(f"no cell of the {task} grid can be built ({'; '.join(skipped)}); choose sequence "
                          f"lengths, counts and vocab_size that fit (--seq-lens, --n-kv, --vocab-size)")
