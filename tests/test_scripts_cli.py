@@ -710,3 +710,15 @@ def test_collapse_refuses_bad_arguments_with_its_own_usage(tmp_path, capsys, mon
     with pytest.raises(SystemExit):
         collapse.main(["--help"])
     assert "--dry-run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script_name, config, model, other", [("state_capacity", "state-capacity", "d_state64",
+                                                                 "d_state16"),
+                                                                ("collapse", "collapse", "default", "slow_decay")])
+def test_sweep_dry_run_lists_only_the_models_only_names(capsys, script_name, config, model, other):
+    """--dry-run with --only listed every run and state size of the sweep, as if all of them would train."""
+    script = load_script(f"scripts/{script_name}.py")
+    assert script.main([str(ROOT / f"configs/train/{config}.yaml"), "--only", model, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{model}: S = " in out and f"{model}-L64: " in out
+    assert other not in out
