@@ -344,7 +344,13 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     # the evaluation's finished cells, saved after each: a rerun evaluates only the others (a grid to 2^20 tokens runs
     # for hours, and an interruption at its longest rows lost every cell)
     partial = run.output_dir / "result.partial.json"
-    if result_file.is_file() and json.loads(result_file.read_text()).get("settings") == settings:
+
+    def same(saved, wanted: dict) -> bool:
+        """Saved settings that agree with `wanted` but for logging and saving (train.log_every, progress_bar,
+        checkpoint_every, eval_batch_size): a rerun with another log_every retrained and re-evaluated every run."""
+        return isinstance(saved, dict) and _phase_stamp(saved) == _phase_stamp(wanted)
+
+    if result_file.is_file() and same(json.loads(result_file.read_text()).get("settings"), settings):
         accelerator.print(f"{run.name}: reusing {result_file}")
         return json.loads(result_file.read_text())
     t = run.section.train
@@ -354,7 +360,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
             accelerator.num_processes
 
     train_set, eval_set = build_datasets(run.section.data, n_train=rows(run.section))
-    if stamp.is_file() and json.loads(stamp.read_text())["settings"] == trained:
+    if stamp.is_file() and same(json.loads(stamp.read_text())["settings"], trained):
         accelerator.print(f"{run.name}: reusing the model trained in {run.output_dir / 'model'}")
         model = AutoModelForCausalLM.from_pretrained(run.output_dir / "model").float().to(accelerator.device)
         saved = json.loads(stamp.read_text())
@@ -401,7 +407,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     counts = run.eval.n_kv if run.eval.n_kv is not None else None if trained_count is None else [trained_count]
     # the cells saved by an interrupted evaluation of this model (its training's seconds tell it from one retrained
     # since) under the same settings
-    key = {"settings": settings, "train_seconds": train_seconds}
+    key = {"settings": _phase_stamp(settings), "train_seconds": train_seconds}
     saved = json.loads(partial.read_text()) if partial.is_file() else None
     done = saved["rows"] if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)) else None
     if done:

@@ -722,3 +722,27 @@ def test_sweep_dry_run_lists_only_the_models_only_names(capsys, script_name, con
     out = capsys.readouterr().out
     assert f"{model}: S = " in out and f"{model}-L64: " in out
     assert other not in out
+
+
+def test_train_synthetic_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp_path, capsys, monkeypatch):
+    """trained.json and result.json were reused only when every training setting matched, logging included: a rerun
+    with another train.log_every, progress_bar, checkpoint_every or eval_batch_size trained and evaluated every run
+    again (the phases' checkpoints already ignored them)."""
+    import zoo.finetune as ft
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    assert script.main([str(recipe)]) == 0
+    capsys.readouterr()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ft, "run_training", no_training)
+    assert script.main([str(recipe), "--train.log_every=2", "--train.eval_batch_size=2"]) == 0
+    assert "mamba: reusing" in capsys.readouterr().out
+    (tmp_path / "out" / "mamba" / "result.json").unlink()  # the model is kept, its evaluation runs again
+    assert script.main([str(recipe), "--train.log_every=3", "--train.checkpoint_every=5"]) == 0
+    assert "reusing the model trained in" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="trained again"):  # what the model trains on still counts
+        script.main([str(recipe), "--train.max_steps=4"])
