@@ -465,6 +465,10 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
     from zoo.eval.synthetic import task_default
 
     select = set(data.get("select_over", ["optim.lr"]))
+    # every run gets a column for every length a run of the call evaluates ('-' where it does not): a model_overrides
+    # eval.seq_lens dropped the other runs' lengths from the table (those of the first run made the columns) or
+    # failed the plot after every run had trained (KeyError)
+    seq_lens = summary_lengths(runs)
     table = []
     for run, res in zip(runs, results):
         plot_len = run.eval.plot_seq_len or train_length(run.section.data)
@@ -480,8 +484,8 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
         row["_score"] = row["plot_accuracy"] if row["plot_accuracy"] is not None else grid_accuracy(res)
         # at the plot count: pooled over every count a length can hold, a longer length took in more (and harder)
         # counts than a shorter one, so acc@T fell with T for a model that ignores the length
-        for seq_len in run.eval.seq_lens:
-            acc = cell_accuracy(res, seq_len, count)
+        for seq_len in seq_lens:
+            acc = cell_accuracy(res, seq_len, count) if seq_len in run.eval.seq_lens else None
             row[f"acc@{seq_len}"] = "-" if acc is None else acc
         row["_group"] = (run.model_name, tuple((k, v) for k, v in run.point.items() if k not in select))
         table.append(row)
@@ -492,6 +496,12 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
             best[row["_group"]] = row
     strip = lambda rows: [{k: v for k, v in r.items() if k not in ("_group", "_score")} for r in rows]
     return strip(table), strip(best.values())
+
+
+def summary_lengths(runs: list[Run]) -> list[int]:
+    """The evaluated lengths of the summary's acc@T columns: those of every run (model_overrides may give a model its
+    own eval.seq_lens)."""
+    return sorted({s for run in runs for s in run.eval.seq_lens})
 
 
 def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: int | None) -> list[Path]:
@@ -593,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     table, best = summarize(data, runs, results)
     out = Path(data.get("output_dir", "runs/synthetic"))
-    seq_lens = runs[0].eval.seq_lens
+    seq_lens = summary_lengths(runs)
     columns = ["run", "params", "state_floats", *[f"acc@{s}" for s in seq_lens]]
     text = (f"# {args.config}\n\nacc@T: accuracy at T tokens with the plot count of items (plot_count: default the "
             f"trained count; every cell is in summary.json's result rows and each run's result.json)\n\n"

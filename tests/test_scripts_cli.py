@@ -746,3 +746,26 @@ def test_train_synthetic_rerun_with_other_logging_keeps_the_trained_and_evaluate
     assert "reusing the model trained in" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="trained again"):  # what the model trains on still counts
         script.main([str(recipe), "--train.max_steps=4"])
+
+
+@pytest.mark.parametrize("short", ["mamba", "other"])
+def test_train_synthetic_summary_has_every_runs_lengths_when_a_model_has_its_own(tmp_path, capsys, short):
+    """The summary's acc@T columns were those of the first run: a model_overrides eval.seq_lens of the first model
+    dropped the other models' lengths from summary.md, and of a later model failed the plot with a KeyError after
+    every run had trained."""
+    import yaml
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["other"] = data["models"]["mamba"]
+    data["eval"]["seq_lens"] = [32, 64]
+    data["model_overrides"] = {short: {"eval.seq_lens": [32]}}
+    recipe.write_text(yaml.safe_dump(data))
+    argv = [str(recipe), "--curriculum=[]", "--train.max_steps=1", "--schedule.warmup_steps=0"]
+    assert script.main(argv) == 0
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| run | params | state_floats | acc@32 | acc@64 |" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {short} |"))
+    assert row.endswith("| - |")  # a length the model was not evaluated at
+    assert (tmp_path / "out" / "accuracy_vs_length.png").is_file()
