@@ -504,8 +504,9 @@ def summary_lengths(runs: list[Run]) -> list[int]:
     return sorted({s for run in runs for s in run.eval.seq_lens})
 
 
-def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: int | None) -> list[Path]:
-    """accuracy_vs_length.png (one line per run kept) and accuracy_vs_state.png (one line per model)."""
+def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_lens: list[int]) -> list[Path]:
+    """accuracy_vs_length.png (one line per run kept, a dashed line at each training length of the runs) and
+    accuracy_vs_state.png (one line per model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -517,7 +518,7 @@ def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: in
         for row in best:
             points = [(s, row[f"acc@{s}"]) for s in seq_lens if row[f"acc@{s}"] != "-"]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=row["run"])
-        if train_len:
+        for train_len in sorted(set(train_lens)):  # (the first run's alone was drawn, for runs of other lengths too)
             ax.axvline(train_len, color="k", ls="--", lw=1, label=f"train length {train_len}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
@@ -615,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"runs": table, "best": best}, indent=1, default=str))
-    pngs = plot_summary(best, seq_lens, out, train_length(runs[0].section.data))
+    pngs = plot_summary(best, seq_lens, out, [train_length(run.section.data) for run in runs])
     print(text)
     print(f"wrote {out / 'summary.md'}, summary.json" + "".join(f", {p.name}" for p in pngs))
     return 0 if all(math.isfinite(r["held_out"]["loss"]) for r in results) else 1

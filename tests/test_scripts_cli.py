@@ -769,3 +769,19 @@ def test_train_synthetic_summary_has_every_runs_lengths_when_a_model_has_its_own
     row = next(line for line in text.splitlines() if line.startswith(f"| {short} |"))
     assert row.endswith("| - |")  # a length the model was not evaluated at
     assert (tmp_path / "out" / "accuracy_vs_length.png").is_file()
+
+
+def test_train_synthetic_length_plot_marks_every_training_length(tmp_path, monkeypatch):
+    """accuracy_vs_length.png drew the first run's training length alone, labelled 'train length', also over runs
+    that trained at another (a model_overrides or sweep data.seq_len)."""
+    from matplotlib.axes import Axes
+
+    script = load_script("scripts/train_synthetic.py")
+    marked = []
+    real = Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda self, x=0, *a, **k: (marked.append((x, k.get("label"))),
+                                                                      real(self, x, *a, **k))[1])
+    best = [{"run": "a", "model": "a", "acc@64": 1.0, "acc@128": 0.5, "state_floats": 1, "plot_accuracy": 1.0},
+            {"run": "b", "model": "b", "acc@64": 1.0, "acc@128": 1.0, "state_floats": 1, "plot_accuracy": 1.0}]
+    script.plot_summary(best, [64, 128], tmp_path, [64, 128, 64])
+    assert marked == [(64, "train length 64"), (128, "train length 128")]
