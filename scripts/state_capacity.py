@@ -321,7 +321,10 @@ def train_run(run: dict) -> Path:
     out = Path(cfg.output_dir)
     done = out / "done.json"
     settings = json.loads(json.dumps(cfg.to_dict()))
-    if done.is_file() and (record := json.loads(done.read_text()))["config"] == settings:
+    # (another run.log or run.checkpoint section trains the same model: done.json of one was not taken for the other's,
+    # the training resumed at its last step, done.json was rewritten and every curve of the run evaluated again)
+    record = json.loads(done.read_text()) if done.is_file() else None
+    if record is not None and model_settings(record["config"]) == model_settings(settings):
         # a checkpoint's model short of the last step is no trained run: the sweep before the stop check below wrote
         # done.json for a training that SIGTERM or a first Ctrl-C had stopped, and every rerun kept that model
         step = re.fullmatch(r"step_(\d+)", Path(record["model"]).parent.name)
@@ -380,7 +383,7 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
     provenance = document_provenance(documents, run["name"], run["config"].data.source == "stdlib")
     model = load_model(str(model_dir))
     out = {}
-    stamp = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+    stamp = shaping({"curves": evaluation_settings(run, ev), "model": done_stamp(run)})
     for text, partial in evaluation_partials(run, ev).items():
         factor = norm_calibration_factor(text)
         if factor is not None:  # state normalization with thresholds measured on the first L tokens
@@ -417,6 +420,33 @@ def done_stamp(run: dict) -> dict | None:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
+# the sections and fields of a zoo.train config that do not change the model it trains (what it logs and saves)
+NOT_SHAPING = {"log": None, "checkpoint": None, "train": ("prefetch",)}
+
+
+def model_settings(config: dict) -> dict:
+    """A zoo.train config (as a dict) less what does not change the trained model: its log and checkpoint sections and
+    train.prefetch."""
+    out = {k: v for k, v in config.items() if k not in NOT_SHAPING or NOT_SHAPING[k] is not None}
+    for section, fields in NOT_SHAPING.items():
+        if fields and isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in fields}
+    return out
+
+
+def shaping(stamp: dict | None) -> dict | None:
+    """An evaluation's stamp ({"curves": evaluation_settings, "model": done_stamp}) less what does not change the
+    curves: the log and checkpoint settings of the training config in both (evaluations-settings.json records them)."""
+    if not isinstance(stamp, dict):
+        return stamp
+    out = json.loads(json.dumps(stamp))
+    if isinstance(out.get("curves"), dict) and isinstance(out["curves"].get("train"), dict):
+        out["curves"]["train"] = model_settings(out["curves"]["train"])
+    if isinstance(out.get("model"), dict) and isinstance(out["model"].get("config"), dict):
+        out["model"]["config"] = model_settings(out["model"]["config"])
+    return out
+
+
 def read_json(path: Path) -> dict:
     """The JSON object in `path`; {} when there is no such file."""
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -435,7 +465,8 @@ def current_evaluations(out: Path, runs: list[dict], ev: dict) -> dict:
         if name not in evaluations:
             continue
         recorded = settings.get(name)
-        if recorded is not None and recorded["curves"] != evaluation_settings(run, ev):
+        if recorded is not None and shaping(recorded)["curves"] != shaping({"curves": evaluation_settings(run, ev)})[
+                "curves"]:
             print(f"{name}: left out: its saved curves were evaluated under other settings (the sweep's training "
                   f"config or eval section, or how the documents are built, changed since); run it again to evaluate "
                   f"it")
@@ -554,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir = train_run(run)  # reused when done.json records the same config
                 wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
                 evaluations, settings = read_json(evaluations_file), read_json(settings_file)
-                if run["name"] in evaluations and settings.get(run["name"]) == wanted:
+                if run["name"] in evaluations and shaping(settings.get(run["name"])) == shaping(wanted):
                     print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
                     remove_evaluation_partials(run)  # (of a run interrupted before removing them)
                     continue

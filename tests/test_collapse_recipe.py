@@ -570,3 +570,43 @@ def test_sweep_evaluation_stopped_by_sigterm_keeps_its_documents_and_says_so(scr
             f"finished documents (length-*.partial.pt) are kept in {out}; the same command continues\n"
             in capsys.readouterr().err)
     assert not (out / "collapse.md").exists() and not (out / "summary.md").exists()
+
+
+def test_sweep_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp_path, monkeypatch, capsys):
+    """done.json and the saved curves were reused only under the same training config, its log and checkpoint sections
+    included: a rerun with another run.log.every (or progress bar, or checkpoint.keep) resumed the training at its last
+    step, rewrote done.json and evaluated every curve of the run again (hours on long documents)."""
+    import zoo.eval.length as length
+    import zoo.train
+
+    capacity = load_script("scripts/state_capacity.py")
+    evaluated, trained = [], []
+    real = zoo.train.train
+
+    def train(cfg, **kwargs):
+        trained.append(cfg.output_dir)
+        return real(cfg, **kwargs)
+
+    def evaluate_run(run, model_dir, documents, ev):
+        evaluated.append(run["name"])
+        bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
+        return {spec: {"bins": bins} for spec in ["none", *ev["mitigations"]]}
+
+    monkeypatch.setattr(zoo.train, "train", train)
+    monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    monkeypatch.setattr(length, "plot_length_curves", lambda *args: None)
+    base = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--only", "default",
+            "--tokens_per_run=512", "--batch_tokens=256", "--run.schedule.warmup_steps=0", "--eval.max_len=256",
+            "--eval.factor=2", "--eval.n_docs=1"]
+    assert capacity.main([*base, "--run.log.progress_bar=false"]) == 0
+    assert (trained, evaluated) == ([str(tmp_path / "default-L64")], ["default-L64"])
+    done = (tmp_path / "default-L64" / "done.json").read_text()
+    capsys.readouterr()
+    assert capacity.main([*base, "--run.log.every=1", "--run.checkpoint.keep=2"]) == 0
+    assert (len(trained), len(evaluated)) == (1, 1)
+    out = capsys.readouterr().out
+    assert "default-L64: evaluation kept" in out and "left out" not in out
+    assert (tmp_path / "default-L64" / "done.json").read_text() == done
+    capacity.main([*base, "--run.optim.lr=1.0e-3"])  # what the model trains on still counts
+    assert (len(trained), len(evaluated)) == (2, 2)
