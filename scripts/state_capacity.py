@@ -625,10 +625,13 @@ def main(argv: list[str] | None = None) -> int:
                              else round(paper_capacity(sizes[m]) * K)} for m in sizes]) + "\n\n"
     text += (f"fit: L* (K tokens) = {fit[0]:.3f} · S {fit[1]:+.3f}   (paper: 5.172 · S − 4.469)\n" if fit else
              "fit: needs the capacity length of at least two state sizes\n")
+    # the verdicts' settings (--fit-only --eval.margin=... re-judges the same curves: the files did not say under what)
+    text += (f"\ncollapse at L: a bin in [L, {ev['factor']:g}·L) above the mean loss of [L, 2L) by more than "
+             f"{ev['margin']:g} nats (eval: {json.dumps(ev)})\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"table": table, "sizes": sizes, "shortest": shortest,
-                                                  "fit": fit, "paper": PAPER_LINE}, indent=1))
+                                                  "fit": fit, "paper": PAPER_LINE, "eval": ev}, indent=1))
     plot_capacity(sizes, sweep["train_lengths"], collapsed, shortest, fit, out / "capacity.png")
     print(text)
     print(f"wrote {out / 'summary.md'}, summary.json, capacity.png")

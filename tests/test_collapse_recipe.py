@@ -610,3 +610,35 @@ def test_sweep_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp
     assert (tmp_path / "default-L64" / "done.json").read_text() == done
     capacity.main([*base, "--run.optim.lr=1.0e-3"])  # what the model trains on still counts
     assert (len(trained), len(evaluated)) == (2, 2)
+
+
+def test_sweep_reports_say_under_which_margin_and_factor_they_judged(tmp_path, monkeypatch):
+    """--fit-only / --report-only with another eval.margin or eval.factor re-judge the same curves, and summary.md,
+    summary.json and collapse.json did not say under which: two reports of one sweep disagreed without a word why."""
+    collapse = load_script("scripts/collapse.py")
+    capacity = collapse._state_capacity()
+    edges = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def evaluate_run(run, model_dir, documents, ev):
+        bins = [{"start": a, "end": b, "mean_loss": 2.0 + 0.1 * (a >= 256), "n_tokens": b - a}
+                for a, b in zip(edges, edges[1:])]
+        return {spec: {"bins": bins} for spec in ["none", *ev["mitigations"]]}
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
+    base = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--only", "default"]
+    collapse.main(base)
+    for margin, collapsed in (("0.05", True), ("0.2", False)):
+        assert capacity.main([*base, "--fit-only", f"--eval.margin={margin}", "--eval.factor=8"]) == 0
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["table"][0]["collapsed"] is collapsed
+        assert (summary["eval"]["margin"], summary["eval"]["factor"]) == (float(margin), 8)
+        assert f"by more than {float(margin):g} nats" in (tmp_path / "summary.md").read_text()
+        collapse.main([*base, "--report-only", f"--eval.margin={margin}", "--eval.factor=8"])
+        report = json.loads((tmp_path / "collapse.json").read_text())["default-L64"]
+        assert (report["rises"], report["margin"], report["factor"]) == (collapsed, float(margin), 8)
