@@ -569,8 +569,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             with torch.device("meta"):
                 model = build_model(run)
-            print(f"{run.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                  f"{run.section.train.max_steps} steps -> {run.output_dir}")
+            # (the curriculum's steps went unsaid: induction-cpu.yaml's 900 steps read as 300)
+            phases = "".join(f" + {p.train.max_steps} at {p.data.seq_len}" for p in run.phases)
+            steps = run.section.train.max_steps
+            print(f"{run.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {steps} steps"
+                  + (f" at {train_length(run.section.data)} after a curriculum of {phases[3:]}" if phases else "")
+                  + f" -> {run.output_dir}")
         return 0
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState

@@ -785,3 +785,11 @@ def test_train_synthetic_length_plot_marks_every_training_length(tmp_path, monke
             {"run": "b", "model": "b", "acc@64": 1.0, "acc@128": 1.0, "state_floats": 1, "plot_accuracy": 1.0}]
     script.plot_summary(best, [64, 128], tmp_path, [64, 128, 64])
     assert marked == [(64, "train length 64"), (128, "train length 128")]
+
+
+def test_train_synthetic_dry_run_counts_the_curriculums_steps(capsys):
+    """--dry-run gave the main phase's steps alone: induction-cpu.yaml's runs, 300 + 300 + 300 steps, read as 300."""
+    script = load_script("scripts/train_synthetic.py")
+    assert script.main([str(ROOT / "configs/train/induction-cpu.yaml"), "--only", "mamba", "--dry-run",
+                        "--train.max_steps=70", "--curriculum=[{seq_len: 16, max_steps: 5}]"]) == 0
+    assert "70 steps at 256 after a curriculum of 5 at 16 -> " in capsys.readouterr().out
