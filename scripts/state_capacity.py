@@ -18,10 +18,11 @@ tokens).
 Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the tokens
 in the bins that start in [L, 2L) (the first positions past the training length) by more than ``margin`` nats.
 The capacity length of a model is the shortest trained L such that neither L nor any longer trained length
-collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
-the recurrent state in millions of floats (SSM states only, no conv buffers: n_heads·head_dim·d_state per
-mamba2 layer, as the paper counts), compared with the paper's 5.172 · S − 4.469. Writes summary.md,
-summary.json, capacity.png (collapse map, fit and the paper's line) and one length-curve PNG per run.
+collapses (only bounded, "<= L", when that is the shortest trained length: such models are left out of the fit).
+The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S the recurrent state in millions of floats (SSM states
+only, no conv buffers: n_heads·head_dim·d_state per mamba2 layer, as the paper counts), compared with the paper's
+5.172 · S − 4.469. Writes summary.md, summary.json, capacity.png (collapse map, fit and the paper's line) and one
+length-curve PNG per run.
 A rerun reuses a run's evaluation when evaluations-settings.json records the same model (done.json) and curve
 settings; curves saved under other settings are left out of the table, the fit and the collapse report. An evaluation
 saves its finished documents as it goes (``<run>/length-<spec>.partial.pt``, as ``zoo eval length`` does), so a rerun
@@ -615,23 +616,31 @@ def main(argv: list[str] | None = None) -> int:
             if spec == "none":
                 collapsed[(run["model"], run["train_length"])] = verdict["collapsed"]
     shortest = shortest_without_collapse(collapsed, sizes, sweep["train_lengths"])
-    points = [(sizes[m], L / K) for m, L in shortest.items() if L is not None]
+    # free of collapse at the shortest trained length: the capacity length is at most that, which the fit took for the
+    # capacity length itself (a line pulled up at small states, the paper's intercept unreachable)
+    bounded = [m for m, L in shortest.items() if L is not None and L == min(sweep["train_lengths"])]
+    points = [(sizes[m], L / K) for m, L in shortest.items() if L is not None and m not in bounded]
     fit = fit_line([p[0] for p in points], [p[1] for p in points])
     from zoo.eval.common import markdown_table
 
     text = f"# state capacity: {args.config}\n\n{markdown_table(table)}\n\n## shortest length without collapse\n\n"
-    text += markdown_table([{"model": m, "S (M floats)": round(sizes[m], 4), "L*": shortest[m],
+    text += markdown_table([{"model": m, "S (M floats)": round(sizes[m], 4),
+                             "L*": f"<= {shortest[m]}" if m in bounded else shortest[m],
                              "paper L* (tokens)": PAPER_BELOW if paper_capacity(sizes[m]) is None
                              else round(paper_capacity(sizes[m]) * K)} for m in sizes]) + "\n\n"
     text += (f"fit: L* (K tokens) = {fit[0]:.3f} · S {fit[1]:+.3f}   (paper: 5.172 · S − 4.469)\n" if fit else
              "fit: needs the capacity length of at least two state sizes\n")
+    if bounded:
+        text += (f"left out of the fit: {', '.join(bounded)} (no collapse at the shortest trained length, "
+                 f"{min(sweep['train_lengths'])}: the capacity length is at most that; train shorter to measure it)\n")
     # the verdicts' settings (--fit-only --eval.margin=... re-judges the same curves: the files did not say under what)
     text += (f"\ncollapse at L: a bin in [L, {ev['factor']:g}·L) above the mean loss of [L, 2L) by more than "
              f"{ev['margin']:g} nats (eval: {json.dumps(ev)})\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"table": table, "sizes": sizes, "shortest": shortest,
-                                                  "fit": fit, "paper": PAPER_LINE, "eval": ev}, indent=1))
+                                                  "bounded": bounded, "fit": fit, "paper": PAPER_LINE, "eval": ev},
+                                                 indent=1))
     plot_capacity(sizes, sweep["train_lengths"], collapsed, shortest, fit, out / "capacity.png")
     print(text)
     print(f"wrote {out / 'summary.md'}, summary.json, capacity.png")

@@ -606,7 +606,7 @@ def test_sweep_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp
     assert capacity.main([*base, "--run.log.every=1", "--run.checkpoint.keep=2"]) == 0
     assert (len(trained), len(evaluated)) == (1, 1)
     out = capsys.readouterr().out
-    assert "default-L64: evaluation kept" in out and "left out" not in out
+    assert "default-L64: evaluation kept" in out and "default-L64: left out" not in out
     assert (tmp_path / "default-L64" / "done.json").read_text() == done
     capacity.main([*base, "--run.optim.lr=1.0e-3"])  # what the model trains on still counts
     assert (len(trained), len(evaluated)) == (2, 2)
@@ -642,3 +642,29 @@ def test_sweep_reports_say_under_which_margin_and_factor_they_judged(tmp_path, m
         collapse.main([*base, "--report-only", f"--eval.margin={margin}", "--eval.factor=8"])
         report = json.loads((tmp_path / "collapse.json").read_text())["default-L64"]
         assert (report["rises"], report["margin"], report["factor"]) == (collapsed, float(margin), 8)
+
+
+def test_capacity_fit_leaves_out_models_free_of_collapse_at_the_shortest_length(tmp_path, monkeypatch):
+    """A model free of collapse even at the shortest trained length has a capacity length of at most that length;
+    the fit took it for the capacity length itself, so the line was pulled towards that length at small states."""
+    capacity = load_script("scripts/state_capacity.py")
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    lengths = [64, 128, 256, 512, 1024, 2048]
+    first_free = {"d_state16": 64, "d_state64": 256, "d_state256": 1024}
+
+    def curve(L, collapses):  # octave bins to 2^14, the loss rising past 2L where the model collapses
+        return [{"start": a, "end": 2 * a, "mean_loss": 3.0 if collapses and a >= 2 * L else 2.0, "n_tokens": a}
+                for a in (2 ** k for k in range(14))]
+
+    evaluations = {f"{m}-L{L}": {"none": {"bins": curve(L, L < first)}} for m, first in first_free.items()
+                   for L in lengths}
+    (tmp_path / "evaluations.json").write_text(json.dumps(evaluations))
+    config = str(ROOT / "configs/train/state-capacity.yaml")
+    assert capacity.main([config, f"--output_dir={tmp_path}", "--fit-only", "--eval.mitigations=[]"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["shortest"] == first_free and summary["bounded"] == ["d_state16"]
+    slope, intercept = summary["fit"]
+    for model in ("d_state64", "d_state256"):  # the line through the two measured capacity lengths
+        assert slope * summary["sizes"][model] + intercept == pytest.approx(first_free[model] / 1024)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| d_state16 | 0.0328 | <= 64 |" in text and "left out of the fit: d_state16" in text
