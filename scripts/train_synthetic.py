@@ -118,8 +118,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     # a run key given on the command line is the user's last word: it also replaces a model's own value for that
     # key (induction.yaml's mamba: {train.max_steps: 20000} had kept --train.max_steps=50 from shortening it)
     given = {item.partition("=")[0].strip().lstrip("-") for item in overrides or []}
-    for own in (data.get("model_overrides") or {}).values():
+    for name, own in (data.get("model_overrides") or {}).items():
         if isinstance(own, dict):
+            # a section given as a mapping ({train: {max_steps: 5}}, as --model_overrides.mamba.train.max_steps=5
+            # arrives) sets its fields: it replaced the whole section, the recipe's other train fields with their
+            # defaults, without a word
+            own = data["model_overrides"][name] = {
+                **{k: v for k, v in own.items() if "." in k or not isinstance(v, dict)},
+                **{f"{k}.{sub}": v for k, section in own.items() if "." not in k and isinstance(section, dict)
+                   for sub, v in _dotted_keys(section).items()}}
             for key in given & set(own):
                 del own[key]
     if isinstance(data.get("sweep"), dict):

@@ -4,6 +4,7 @@ than two steps, but the resume test (five)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -793,3 +794,17 @@ def test_train_synthetic_dry_run_counts_the_curriculums_steps(capsys):
     assert script.main([str(ROOT / "configs/train/induction-cpu.yaml"), "--only", "mamba", "--dry-run",
                         "--train.max_steps=70", "--curriculum=[{seq_len: 16, max_steps: 5}]"]) == 0
     assert "70 steps at 256 after a curriculum of 5 at 16 -> " in capsys.readouterr().out
+
+
+def test_train_synthetic_model_override_of_one_field_keeps_the_rest_of_its_section():
+    """--model_overrides.mamba.train.max_steps=5000 (or a YAML {mamba: {train: {max_steps: 5000}}}) replaced mamba's
+    whole train section: its micro_batch_size, precision and state passing went back to their defaults unsaid."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = str(ROOT / "configs/train/induction.yaml")
+    plain = script.expand_runs(script.load_recipe(recipe), ["mamba"])[0].section.train
+    for override in ("model_overrides.mamba.train.max_steps=5000",
+                     "model_overrides={mamba: {train.state_passing: true, train: {max_steps: 5000}}}"):
+        train = script.expand_runs(script.load_recipe(recipe, [override]), ["mamba"])[0].section.train
+        assert train == dataclasses.replace(plain, max_steps=5000), override
+    data = script.load_recipe(recipe, ["model_overrides.mamba.data.task_kwargs.vocab_size=12"])
+    assert script.expand_runs(data, ["mamba"])[0].section.data.task_kwargs == {"vocab_size": 12}
