@@ -316,7 +316,7 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 def train_run(run: dict) -> Path:
     """Train one run (or reuse it when done.json records the same config); returns its model folder."""
     from zoo.eval.common import write_text_atomically
-    from zoo.train import latest_checkpoint, train
+    from zoo.train import latest_checkpoint, resume_changes, train
 
     cfg = run["config"]
     out = Path(cfg.output_dir)
@@ -333,8 +333,21 @@ def train_run(run: dict) -> Path:
             return Path(record["model"])
         print(f"{run['name']}: {done} names a model of step {int(step.group(1))} of {cfg.train.max_steps} (a training "
               f"stopped early): training continues")
+    latest = latest_checkpoint(out)
+    if latest is not None:  # continued only under the same settings (but for logging and saving)
+        # (a run finished or stopped under another optim.lr, schedule or tokens_per_run was continued from its last
+        # step: a finished one trained no more, and done.json recorded its model as trained under the new settings)
+        try:
+            changed = [line for line in resume_changes(latest, cfg)
+                       if not line.split(":")[0].startswith(("log.", "checkpoint.", "train.prefetch"))]
+        except ValueError as e:  # another model, tokenizer or data order: its message's list of them
+            changed = [(m := re.search(r"data order \((.*)\); resume", str(e))) and m.group(1) or str(e)]
+        if changed:
+            raise ValueError(f"{run['name']}: {out} holds a training under other settings ({'; '.join(changed)}); "
+                             f"continuing it would mix them: remove that folder to train the run anew under these, or "
+                             f"give another output_dir")
     start = time.perf_counter()
-    result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
+    result = train(cfg, resume="auto" if latest is not None else None)
     if result.stopped:  # SIGTERM or a first Ctrl-C: zoo.train saved the step and returned; the run is not trained
         # (done.json recorded the half-trained model as the run's, the sweep evaluated it and trained on, and every
         # rerun kept it)

@@ -608,8 +608,8 @@ def test_sweep_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp
     out = capsys.readouterr().out
     assert "default-L64: evaluation kept" in out and "default-L64: left out" not in out
     assert (tmp_path / "default-L64" / "done.json").read_text() == done
-    capacity.main([*base, "--run.optim.lr=1.0e-3"])  # what the model trains on still counts
-    assert (len(trained), len(evaluated)) == (2, 2)
+    with pytest.raises(ValueError, match="other settings"):  # what the model trains on still counts
+        capacity.main([*base, "--run.optim.lr=1.0e-3"])
 
 
 def test_sweep_reports_say_under_which_margin_and_factor_they_judged(tmp_path, monkeypatch):
@@ -668,3 +668,27 @@ def test_capacity_fit_leaves_out_models_free_of_collapse_at_the_shortest_length(
         assert slope * summary["sizes"][model] + intercept == pytest.approx(first_free[model] / 1024)
     text = (tmp_path / "summary.md").read_text()
     assert "| d_state16 | 0.0328 | <= 64 |" in text and "left out of the fit: d_state16" in text
+
+
+def test_sweep_does_not_continue_a_training_of_other_settings(tmp_path, monkeypatch):
+    """A run trained (or stopped) under another run.optim.lr, schedule or tokens_per_run was continued from its last
+    checkpoint: a finished one trained no further, and done.json recorded its model as trained under the new settings.
+    Such a folder is now refused by name; another log section still continues it."""
+    capacity, run, stop = sweep_stopped_at_step_2(tmp_path, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        capacity.train_run(run)
+
+    def run_with(*overrides):
+        sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [
+            f"output_dir={tmp_path}", "tokens_per_run=1024", "batch_tokens=256", "run.schedule.warmup_steps=0",
+            "run.log.every=1", "run.log.progress_bar=false", *overrides])
+        return capacity.expand_runs(sweep)[0]
+
+    with pytest.raises(ValueError, match=r"holds a training under other settings \(optim.lr: 0.004 -> 0.001\)"):
+        capacity.train_run(run_with("run.optim.lr=1.0e-3"))  # stopped under another lr
+    stop["on"] = False
+    assert capacity.train_run(run_with("run.log.every=2")).parent.name == "step_00000004"
+    done = (tmp_path / run["name"] / "done.json").read_text()
+    with pytest.raises(ValueError, match="optim.lr: 0.004 -> 0.001"):
+        capacity.train_run(run_with("run.optim.lr=1.0e-3"))  # finished under another lr
+    assert (tmp_path / run["name"] / "done.json").read_text() == done
