@@ -44,6 +44,8 @@ from zoo.eval.common import markdown_table, parse_int
 from zoo.finetune import DataSection, LoopSection, PretrainSection
 from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted, read_yaml
 
+PROG = "train_synthetic.py"  # the name its usage, its errors and its 'interrupted' line give
+
 
 @dataclass
 class EvalSection:
@@ -558,8 +560,8 @@ def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_lens: l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. --train.max_steps=200 "
-        "--output_dir=runs/x).", allow_abbrev=False)
+        prog=PROG, description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. "
+        "--train.max_steps=200 --output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="recipe YAML (configs/train/induction.yaml, mqar-sweep.yaml, ...)")
     parser.add_argument("--only", nargs="*", default=None, help="model names to run")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and build their models only")
@@ -609,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = [train_and_evaluate(run, accelerator) for run in runs]
     except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: run_training saved the phase; finished runs are kept
-        print(f"train_synthetic: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
+        print(f"{PROG}: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
         return 130
     if not accelerator.is_main_process:
         return 0
@@ -633,5 +635,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(math.isfinite(r["held_out"]["loss"]) for r in results) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # bad input ends in one line and exit status 2, an interruption in 130, as the sweeps
+    from zoo.cli import _exit, _run
+
+    # (it ran main bare: a missing model YAML, or a Ctrl-C before the first run, ended in a traceback)
+    _exit(_run(PROG, main, sys.argv[1:]))

@@ -808,3 +808,17 @@ def test_train_synthetic_model_override_of_one_field_keeps_the_rest_of_its_secti
         assert train == dataclasses.replace(plain, max_steps=5000), override
     data = script.load_recipe(recipe, ["model_overrides.mamba.data.task_kwargs.vocab_size=12"])
     assert script.expand_runs(data, ["mamba"])[0].section.data.task_kwargs == {"vocab_size": 12}
+
+
+def test_train_synthetic_command_line_ends_bad_input_in_one_line(tmp_path):
+    """python scripts/train_synthetic.py ran main bare, unlike the sweeps: a model YAML that is not there ended in a
+    traceback (FileNotFoundError) and exit status 1, not one line and status 2."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_TRACEBACK"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train_synthetic.py"),
+                           str(ROOT / "configs/train/induction-cpu.yaml"), f"--models.mamba={tmp_path / 'no.yaml'}",
+                           "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("train_synthetic.py: [Errno 2] No such file") and "Traceback" not in proc.stderr
