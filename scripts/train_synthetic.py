@@ -356,12 +356,19 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
 
     def same(saved, wanted: dict) -> bool:
         """Saved settings that agree with `wanted` but for logging and saving (train.log_every, progress_bar,
-        checkpoint_every, eval_batch_size): a rerun with another log_every retrained and re-evaluated every run."""
-        return isinstance(saved, dict) and _phase_stamp(saved) == _phase_stamp(wanted)
+        checkpoint_every, eval_batch_size) and for the summary's plot cell (eval.plot_seq_len, plot_count): a rerun
+        with another log_every retrained and re-evaluated every run, one with another plot_count re-evaluated them."""
+        return isinstance(saved, dict) and _result_stamp(saved) == _result_stamp(wanted)
 
+    plot_len = run.eval.plot_seq_len or train_length(run.section.data)
     if result_file.is_file() and same(json.loads(result_file.read_text()).get("settings"), settings):
         accelerator.print(f"{run.name}: reusing {result_file}")
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        if result.get("state_at") != plot_len:  # the memory at the plotted length (an attention model's KV cache)
+            with torch.device("meta"):
+                result["state_floats"] = state_floats(build_model(run), plot_len)
+            result["state_at"] = plot_len
+        return result
     t = run.section.train
 
     def rows(section: PretrainSection) -> int:
@@ -416,7 +423,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     counts = run.eval.n_kv if run.eval.n_kv is not None else None if trained_count is None else [trained_count]
     # the cells saved by an interrupted evaluation of this model (its training's seconds tell it from one retrained
     # since) under the same settings
-    key = {"settings": _phase_stamp(settings), "train_seconds": train_seconds}
+    key = {"settings": _result_stamp(settings), "train_seconds": train_seconds}
     saved = json.loads(partial.read_text()) if partial.is_file() else None
     done = saved["rows"] if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)) else None
     if done:
@@ -431,7 +438,6 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
                               seed=data.seed + 2, chunk_size=run.eval.chunk_size, progress=accelerator.is_main_process,
                               on_cell=save, done=done, **task_kwargs)
     eval_seconds = time.perf_counter() - start
-    plot_len = run.eval.plot_seq_len or train_length(data)
     result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,
               "parameters": sum(p.numel() for p in model.parameters()),
               "state_floats": state_floats(model, plot_len), "state_at": plot_len,
@@ -442,6 +448,18 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
         remove_partial(partial)
     accelerator.print(f"{run.name}: evaluated {len(seq_lens)} lengths in {eval_seconds:.0f}s")
     return result
+
+
+def _result_stamp(settings: dict) -> dict:
+    """What a run's result (its evaluated grid) must agree on to be reused: its settings less those of logging and
+    saving (``zoo.finetune._phase_stamp``) and of the summary's plot cell, which the summary reads from the recipe."""
+    from zoo.finetune import _phase_stamp
+
+    out = _phase_stamp(settings)
+    if isinstance(out.get("eval"), dict):
+        for key in ("plot_seq_len", "plot_count"):
+            out["eval"].pop(key, None)
+    return out
 
 
 def _backends(model) -> dict[str, str]:

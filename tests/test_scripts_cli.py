@@ -822,3 +822,32 @@ def test_train_synthetic_command_line_ends_bad_input_in_one_line(tmp_path):
                            "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.startswith("train_synthetic.py: [Errno 2] No such file") and "Traceback" not in proc.stderr
+
+
+def test_train_synthetic_rerun_with_another_plot_cell_keeps_the_evaluated_grid(tmp_path, monkeypatch):
+    """eval.plot_seq_len / plot_count only pick the summary's plot cell, but result.json was reused only under the same
+    eval section: another plot cell evaluated every run's grid again (hours for a grid to 2^20 tokens). The grid is
+    kept, and the memory at the new plot length (an attention model's KV cache) is the one the summary gives."""
+    import yaml
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["attention"] = {"vocab_size": 16, "d_model": 16, "layers": "A", "ffn": "none",
+                                   "mixers": {"A": {"type": "attention", "n_heads": 2}}}
+    data["eval"]["seq_lens"] = [16, 32]
+    recipe.write_text(yaml.safe_dump(data))
+    argv = [str(recipe), "--curriculum=[]", "--train.max_steps=1", "--schedule.warmup_steps=0"]
+    assert script.main(argv) == 0
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(synthetic, "evaluate_synthetic", no_evaluation)
+    assert script.main([*argv, "--eval.plot_seq_len=16"]) == 0
+    rows = {r["run"]: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]}
+    assert rows["attention"]["state_floats"] == 2 * 16 * 16  # K and V of one layer at 16 tokens, not 32
+    with pytest.raises(AssertionError, match="evaluated again"):  # the grid's own settings still count
+        script.main([*argv, "--eval.n_samples=8"])
