@@ -335,6 +335,38 @@ def _plain(obj):
     return obj
 
 
+def _run_settings(run: Run) -> tuple[dict, dict]:
+    """(what the run's model is trained under, that and its evaluation's settings), as trained.json and result.json
+    record them."""
+    trained = {"model": run.model_config, "section": _plain(run.section),
+               "curriculum": [_plain(p) for p in run.phases]}
+    return trained, {**trained, "eval": _plain(run.eval)}
+
+
+def _same_settings(saved, wanted: dict) -> bool:
+    """Saved settings that agree with `wanted` but for logging and saving (train.log_every, progress_bar,
+    checkpoint_every, eval_batch_size) and for the summary's plot cell (eval.plot_seq_len, plot_count): a rerun
+    with another log_every retrained and re-evaluated every run, one with another plot_count re-evaluated them."""
+    return isinstance(saved, dict) and _result_stamp(saved) == _result_stamp(wanted)
+
+
+def saved_result(run: Run) -> dict | None:
+    """The run's result.json when it was evaluated under the run's settings (None otherwise), with the state size at
+    the run's plot length."""
+    result_file = run.output_dir / "result.json"
+    if not result_file.is_file():
+        return None
+    result = json.loads(result_file.read_text())
+    if not _same_settings(result.get("settings"), _run_settings(run)[1]):
+        return None
+    plot_len = run.eval.plot_seq_len or train_length(run.section.data)
+    if result.get("state_at") != plot_len:  # the memory at the plotted length (an attention model's KV cache)
+        with torch.device("meta"):
+            result["state_floats"] = state_floats(build_model(run), plot_len)
+        result["state_at"] = plot_len
+    return result
+
+
 def train_and_evaluate(run: Run, accelerator) -> dict:
     """Train the run's model on its task (or load it when trained.json records the same model and training
     settings), save model/, then evaluate it on the length grid and write result.json (reused when the
@@ -346,28 +378,16 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     from zoo.eval.synthetic import evaluate_synthetic
     from zoo.finetune import _eval_loader, _phase_stamp, build_datasets, evaluate, run_training
 
-    trained = {"model": run.model_config, "section": _plain(run.section),
-               "curriculum": [_plain(p) for p in run.phases]}
-    settings = {**trained, "eval": _plain(run.eval)}
+    trained, settings = _run_settings(run)
     result_file, stamp = run.output_dir / "result.json", run.output_dir / "trained.json"
     # the evaluation's finished cells, saved after each: a rerun evaluates only the others (a grid to 2^20 tokens runs
     # for hours, and an interruption at its longest rows lost every cell)
     partial = run.output_dir / "result.partial.json"
-
-    def same(saved, wanted: dict) -> bool:
-        """Saved settings that agree with `wanted` but for logging and saving (train.log_every, progress_bar,
-        checkpoint_every, eval_batch_size) and for the summary's plot cell (eval.plot_seq_len, plot_count): a rerun
-        with another log_every retrained and re-evaluated every run, one with another plot_count re-evaluated them."""
-        return isinstance(saved, dict) and _result_stamp(saved) == _result_stamp(wanted)
-
+    same = _same_settings
     plot_len = run.eval.plot_seq_len or train_length(run.section.data)
-    if result_file.is_file() and same(json.loads(result_file.read_text()).get("settings"), settings):
+    result = saved_result(run)
+    if result is not None:
         accelerator.print(f"{run.name}: reusing {result_file}")
-        result = json.loads(result_file.read_text())
-        if result.get("state_at") != plot_len:  # the memory at the plotted length (an attention model's KV cache)
-            with torch.device("meta"):
-                result["state_floats"] = state_floats(build_model(run), plot_len)
-            result["state_at"] = plot_len
         return result
     t = run.section.train
 
@@ -581,7 +601,8 @@ def main(argv: list[str] | None = None) -> int:
         prog=PROG, description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. "
         "--train.max_steps=200 --output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="recipe YAML (configs/train/induction.yaml, mqar-sweep.yaml, ...)")
-    parser.add_argument("--only", nargs="*", default=None, help="model names to run")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="model names to run (the summary keeps the saved runs of the others)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and build their models only")
     args, rest = parser.parse_known_args(argv)
     for item in rest:
@@ -633,6 +654,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if not accelerator.is_main_process:
         return 0
+    if args.only:  # the summary covers the recipe's other models too, where this output_dir holds their results under
+        # the same settings (it covered the models of this call alone: one call per model left the last one's)
+        try:
+            others = [run for run in expand_runs(data) if run.model_name not in args.only]
+        except ValueError:  # (a model this call left out cannot run as the recipe stands)
+            others = []
+        kept = [(run, result) for run in others if (result := saved_result(run)) is not None]
+        if kept:
+            print(f"summary: with the saved results of {', '.join(run.name for run, _ in kept)} (not in --only)")
+        runs, results = [*runs, *(run for run, _ in kept)], [*results, *(result for _, result in kept)]
     table, best = summarize(data, runs, results)
     out = Path(data.get("output_dir", "runs/synthetic"))
     seq_lens = summary_lengths(runs)

@@ -851,3 +851,25 @@ def test_train_synthetic_rerun_with_another_plot_cell_keeps_the_evaluated_grid(t
     assert rows["attention"]["state_floats"] == 2 * 16 * 16  # K and V of one layer at 16 tokens, not 32
     with pytest.raises(AssertionError, match="evaluated again"):  # the grid's own settings still count
         script.main([*argv, "--eval.n_samples=8"])
+
+
+def test_train_synthetic_summary_of_one_model_keeps_the_saved_runs_of_the_others(tmp_path, capsys):
+    """--only trained the models it names, and summary.md, summary.json and the plots then covered those alone: a sweep
+    run one model per call ended with the last model's summary. The results the output_dir holds for the recipe's other
+    models under the same settings are in the summary too; one of other settings is not."""
+    import yaml
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["other"] = data["models"]["mamba"]
+    recipe.write_text(yaml.safe_dump(data))
+    argv = [str(recipe), "--curriculum=[]", "--train.max_steps=1", "--schedule.warmup_steps=0"]
+    assert script.main([*argv, "--only", "mamba"]) == 0
+    assert script.main([*argv, "--only", "other"]) == 0
+    assert "summary: with the saved results of mamba (not in --only)" in capsys.readouterr().out
+    runs = [r["run"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]]
+    assert sorted(runs) == ["mamba", "other"]
+    assert script.main([*argv, "--only", "other", "--data.seed=1"]) == 0  # mamba's result is of another seed
+    runs = [r["run"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]]
+    assert runs == ["other"]
