@@ -508,12 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
         parser.error(str(e))
     out = Path(sweep["output_dir"])
-    if args.dry_run:
+    if args.dry_run:  # the runs --only leaves to train (it listed every model's, those it would skip too)
         for name, s in sizes.items():
+            if args.only and name not in args.only:
+                continue
             paper = paper_capacity(s)
             print(f"{name}: S = {s:.4f}M floats; paper's capacity length "
                   f"{PAPER_BELOW if paper is None else f'{paper:.2f}K'}")
         for run in runs:
+            if args.only and run["model"] not in args.only:
+                continue
             c = run["config"]
             accum = f" x {c.train.grad_accum} micro batches" if (c.train.grad_accum or 1) > 1 else ""
             print(f"{run['name']}: {c.train.max_steps} steps of {c.train.micro_batch_size} x {c.data.seq_len}{accum} "

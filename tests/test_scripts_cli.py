@@ -202,6 +202,20 @@ def test_sweep_field_it_would_ignore_is_refused_before_training(tmp_path, capsys
     assert trained == [] and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script_name, config, only", [("state_capacity", "state-capacity", "d_state64"),
+                                                       ("collapse", "collapse", "slow_decay")])
+def test_dry_run_lists_only_the_runs_of_only(capsys, script_name, config, only):
+    """--dry-run ("list the runs") with --only listed every model's runs and state size, those --only skips too, as
+    though they would train."""
+    script = load_script(f"scripts/{script_name}.py")
+    assert script.main([str(ROOT / f"configs/train/{config}.yaml"), "--only", only, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [line for line in lines if " steps of " in line]
+    assert runs and all(line.startswith(f"{only}-L") for line in runs), lines
+    sizes = [line for line in lines if "M floats; " in line]
+    assert sizes and all(line.startswith(f"{only}: S = ") for line in sizes), lines
+
+
 @pytest.mark.parametrize("script_name, config, message", [
     ("train_synthetic", "induction", "output_dir: empty; name the folder of the runs"),
     ("state_capacity", "state-capacity", "output_dir: expected the name of the folder of the runs, got ''"),
