@@ -384,6 +384,24 @@ def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
             script.main(["--device", "cuda"])
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "torch", "--cuda-graph"], "--cuda-graph: options of the timing, which --profile does not run"),
+    (["--dump", "x.pt", "--json", "--repeats", "3"], "--json, --repeats: options of the timing, which --dump"),
+    (["--profile", "cprofile", "--dump", "x.pt"], "--profile and --dump: each runs on its own"),
+])
+def test_eager_decode_overhead_refuses_timing_options_that_profile_and_dump_ignore(tmp_path, monkeypatch, capsys,
+                                                                                  flags, message):
+    """--profile (and --dump) run one plain generate() per family and return: --cuda-graph, --json and --repeats were
+    taken and did nothing, so a `--profile torch --cuda-graph` run profiled the eager call without a word."""
+    monkeypatch.chdir(tmp_path)
+    script = load_script("benchmarks/eager_decode_overhead.py")
+    monkeypatch.setattr(script, "build", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as e:
+        script.main(["--families", "gla", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")
 def test_generate_floor_counts_low_precision_states_at_their_dtype(monkeypatch):
     """With decode_state_dtype "model" a bf16 model's steps read and write bf16 recurrent states, but the prefill
