@@ -29,6 +29,17 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     assert isinstance(e.value.code, str) and "CUDA" in e.value.code and "\n" not in e.value.code, e.value.code
 
 
+@pytest.mark.parametrize("flags", [["--sweep"], ["--shapes", "mamba.in_proj"]], ids=["sweep", "shapes"])
+def test_decode_linear_chain_refuses_the_single_projection_options_it_ignores(monkeypatch, capsys, flags):
+    """--chain times its own Mamba-130M-like layers: --shapes and --sweep were taken and did nothing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["decode_linear.py", "--chain", *flags])
+    script = load_script("benchmarks/decode_linear.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and f"{flags[0]}: options of the single projections" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the probe")
 def test_mqar_probe_runs_the_demos_models_on_the_cpu(tmp_path, monkeypatch):
     # how many MQAR steps the demo's tiny models need is a CPU question (the demo trains them 100); it was GPU-only
