@@ -286,9 +286,12 @@ def test_generate_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny_fol
     assert "has 603 tokens, more than the model's 512 embeddings" in capsys.readouterr().err
 
 
-def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
+@pytest.mark.parametrize("command", [["zoo.cli", "info", str(TINY)], ["zoo", "--help"], ["zoo", "eval", "--help"]],
+                         ids=["info", "help", "eval-help"])
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path, command):
     # `zoo info configs/models/*.yaml | head -1`: the reader left and zoo reported its own output as bad input, exit
-    # status 2 and 'zoo info: [Errno 32] Broken pipe' (then a traceback from the flush at exit)
+    # status 2 and 'zoo info: [Errno 32] Broken pipe' (then a traceback from the flush at exit); `zoo --help | head -1`
+    # ended in a BrokenPipeError traceback (and `python -m zoo` did not run: zoo had no __main__)
     import os
     import subprocess
     import sys
@@ -297,8 +300,8 @@ def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
     os.close(read)  # the reader has gone before the first line
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])}
     env.pop("ZOO_TRACEBACK", None)
-    done = subprocess.run([sys.executable, "-m", "zoo.cli", "info", str(TINY)], stdout=write, stderr=subprocess.PIPE,
-                          text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-m", *command], stdout=write, stderr=subprocess.PIPE, text=True, env=env,
+                          timeout=120)
     os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
 

@@ -249,16 +249,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: zoo {" + ",".join([*COMMANDS, "eval"]) + "} ..."
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        for name, (_, _, text) in COMMANDS.items():
-            print(f"  {name:10s} {text}")
-        print(f"  {'eval':10s} {' | '.join(EVAL_COMMANDS)}: research evaluations")
+        lines = [usage, *(f"  {name:10s} {text}" for name, (_, _, text) in COMMANDS.items()),
+                 f"  {'eval':10s} {' | '.join(EVAL_COMMANDS)}: research evaluations"]
+        # (through _run: `zoo --help | head -1` ended in a BrokenPipeError traceback)
+        _exit(_run("zoo", lambda _: print("\n".join(lines)), []))
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "eval":
         eval_usage = f"usage: zoo eval {{{','.join(EVAL_COMMANDS)}}} ... (zoo eval NAME -h for its options)"
         if rest and rest[0] in ("-h", "--help"):
-            print(eval_usage)
+            _exit(_run("zoo eval", lambda _: print(eval_usage), []))
             return
         if not rest or rest[0] not in EVAL_COMMANDS:
             close = difflib.get_close_matches(rest[0], EVAL_COMMANDS, n=1) if rest else []
