@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import offline_hub_repo, save_trained_adapter
+from helpers import adapter_without_tokenizer, offline_hub_repo, save_trained_adapter
 from transformers import AutoModelForCausalLM
 
 import zoo
@@ -928,3 +928,19 @@ def test_a_bare_packaged_model_name_read_as_a_hub_id_says_so(tmp_path, monkeypat
     assert cli._run("zoo generate", load, ["gla-tiny", "hello"]) == 2  # a saved folder or hub id only: no YAML
     assert cli._run("zoo eval synthetic", load, ["--model", "org/gla-tiny"]) == 2
     assert "read as a hub id" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_generate_takes_an_adapters_tokenizer_from_its_base_model(tmp_path, capsys, monkeypatch, where):
+    # an adapter as PEFT saves it holds no tokenizer files: zoo generate refused a folder ('holds no tokenizer files;
+    # pass --tokenizer') and failed on a hub repo in AutoTokenizer, never reading the base model's, as PEFT's users do
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, where)
+    cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("hi")
+    if where == "folder":  # an adapter whose base model has no tokenizer either is refused naming both
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / "base" / name).unlink()
+        with pytest.raises(SystemExit) as e:
+            cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is a PEFT adapter without tokenizer files, and its base model" in err

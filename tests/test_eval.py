@@ -863,6 +863,31 @@ def test_an_adapter_loads_as_peft_applies_it(tmp_path, monkeypatch, use_dora, wh
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_an_adapter_without_a_tokenizer_takes_its_base_models(tmp_path, monkeypatch, where):
+    """An adapter as PEFT saves it holds no tokenizer files: zoo eval's tokenizer was read from the adapter alone and
+    refused ('has no tokenizer; pass --tokenizer'), where PEFT's users take its base model's. An adapter with a
+    tokenizer of its own (zoo finetune saves one) keeps it."""
+    from helpers import adapter_without_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_tokenizer
+
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, where)
+    base = load_tokenizer(None, ref)  # (from the hub: the byte tokenizer's tokenizer.json, as a generic one)
+    assert len(base) == len(ByteTokenizer()) and base.encode("hi", add_special_tokens=False) == [104, 105]
+    if where == "hub":
+        return
+    words = ["<unk>", "<s>", "</s>", "hello"]
+    own = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    own.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=own, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(ref)
+    assert len(load_tokenizer(None, ref)) == len(words)
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)

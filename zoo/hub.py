@@ -241,6 +241,31 @@ def adapter_config_file(ref: str | Path) -> Path | None:
     return Path(found) if found else None
 
 
+def tokenizer_source(ref: str | Path) -> str:
+    """Where the tokenizer of model `ref` is: `ref` itself, or, for a PEFT adapter (a local folder or a hub repo) that
+    holds no tokenizer files, its base model (adapter_config.json's base_model_name_or_path), whose tokenizer the
+    adapter was trained with, as PEFT's users load it. `ref` as given where no base is named."""
+    text = str(ref)
+    config = adapter_config_file(text)
+    if config is None:
+        return text
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            return text
+    else:
+        from transformers.utils import cached_file
+
+        if any(cached_file(text, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) for name in _TOKENIZER_FILES):
+            return text
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return text
+    return str(base) if isinstance(base, str) and base else text
+
+
 # beside a PEFT adapter that zoo finetune saved: how its rows began ({"add_bos": false}), which the merged model records
 # in its config (add_bos) and the adapter, loaded onto its base model's config, had nowhere to keep
 ADAPTER_DATA_FILE = "zoo_finetune.json"
@@ -309,4 +334,5 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["ADAPTER_DATA_FILE", "adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer",
-           "load_model_folder", "load_model_not_adapter", "save_model_folder", "shard_size", "write_folder"]
+           "load_model_folder", "load_model_not_adapter", "save_model_folder", "shard_size", "tokenizer_source",
+           "write_folder"]
