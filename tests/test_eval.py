@@ -888,6 +888,34 @@ def test_an_adapter_without_a_tokenizer_takes_its_base_models(tmp_path, monkeypa
     assert len(load_tokenizer(None, ref)) == len(words)
 
 
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning"])
+def test_a_prompt_learning_adapter_is_refused_not_dropped(tmp_path, capsys, method):
+    """A prompt-tuning or P-tuning adapter's virtual tokens are added by the PeftModel around the model; zoo eval and
+    zoo generate loaded it through PEFT and kept the model inside (get_base_model), so they evaluated and generated
+    from the base model alone, without a word."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo import cli
+    from zoo.config import ZooConfig
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if method == "prompt-tuning" else \
+        PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).save_pretrained(tmp_path / "pt")
+    name = "PROMPT_TUNING" if method == "prompt-tuning" else "P_TUNING"
+    with pytest.raises(ValueError, match=f"{name} adapter.*base model alone.*PeftModel.from_pretrained"):
+        load_model(str(tmp_path / "pt"), "cpu")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "pt"), "hi", "--max-new-tokens", "2"])
+    assert e.value.code == 2 and f"{name} adapter" in capsys.readouterr().err
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)

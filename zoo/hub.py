@@ -298,7 +298,9 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     own loading of an adapter left out LoRA's DoRA magnitudes (``use_dora``, whose saved keys it does not
     recognize), so a DoRA finetune ran with its magnitudes at their initial values, behind a load report only. An
     adapter of zoo finetune's records how its rows began (data.add_bos, `ADAPTER_DATA_FILE`): it is put in the model's
-    config as the merged model's config holds it (zoo.eval.common.trained_with_bos reads it)."""
+    config as the merged model's config holds it (zoo.eval.common.trained_with_bos reads it). A prompt-learning adapter
+    (prompt tuning, P-tuning, prefix tuning: virtual tokens the PeftModel adds around the model) is refused with a
+    ValueError."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
@@ -308,7 +310,15 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     from peft import PeftConfig, PeftModel
 
     source = str(Path(str(ref)).expanduser()) if Path(str(ref)).expanduser().is_dir() else str(ref)
-    base = PeftConfig.from_pretrained(source).base_model_name_or_path
+    config = PeftConfig.from_pretrained(source)
+    if config.is_prompt_learning:  # (get_base_model below returned the base model alone, as if no adapter were given)
+        method = getattr(config.peft_type, "value", config.peft_type)
+        raise ValueError(f"{ref} holds a PEFT {method} adapter, whose virtual tokens the PeftModel adds to the "
+                         f"model's input (or cache) from outside its layers; zoo generate and zoo eval run the model "
+                         f"itself, which would be the base model alone. Run it with PeftModel.from_pretrained(base "
+                         f"model, {str(ref)!r}) and its generate, or train a LoRA adapter (zoo finetune), which lives "
+                         f"in the layers")
+    base = config.base_model_name_or_path
     if not base:
         raise ValueError(f"{ref} holds a PEFT adapter whose adapter_config.json names no base model "
                          f"(base_model_name_or_path); load its base model and apply it with PeftModel.from_pretrained")
