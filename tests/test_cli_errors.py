@@ -944,3 +944,27 @@ def test_generate_takes_an_adapters_tokenizer_from_its_base_model(tmp_path, caps
             cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "is a PEFT adapter without tokenizer files, and its base model" in err
+
+
+def test_a_folder_of_named_adapters_says_which_subfolder_to_give(tmp_path, capsys):
+    # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of its name: the folder
+    # saved to was refused as 'a folder but not a model folder (no config.json)', with no word of the adapter in it
+    from peft import LoraConfig, get_peft_model
+
+    from zoo.data.text import ByteTokenizer
+    from zoo.hub import check_model_ref
+
+    AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)).save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # (the adapter names it as its base)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["in_proj"]), adapter_name="mine").save_pretrained(
+        tmp_path / "saved")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "saved"), "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds PEFT adapters in subfolders (mine" in err
+    assert repr(str(tmp_path / "saved" / "mine")) in err
+    with pytest.raises(ValueError, match=r"subfolders \(mine.*not a model; give its base model or the merged model"):
+        check_model_ref(tmp_path / "saved")
+    cli.main(["generate", str(tmp_path / "saved" / "mine"), "hi", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("hi")

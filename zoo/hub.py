@@ -175,6 +175,13 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
         adapter = (path / "adapter_config.json").is_file()
         if (path / "config.json").is_file() or (adapter and adapter_ok):
             return
+        # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of that name
+        nested = sorted(found.parent.name for found in path.glob("*/adapter_config.json"))
+        if nested and not adapter:
+            where = f"{text!r} holds PEFT adapters in subfolders ({', '.join(nested)}: PEFT saves an adapter named " \
+                    f"other than 'default' in a subfolder of its name)"
+            raise ValueError(f"{what}: {where}; give one of them, such as {str(Path(text) / nested[0])!r}" if adapter_ok
+                             else f"{what}: {where}, not a model; give its base model or the merged model")
         raise ValueError(_adapter_not_model(what, text) if adapter else f"{what}: {text!r} is a folder but not a "
                          f"model folder (no config.json)")
     if path.exists():
