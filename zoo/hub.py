@@ -85,13 +85,24 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
 
     The tokenizer's pad/bos/eos ids fill the model config's and generation config's unset ones, so
     `generate` and pipelines stop and pad as the tokenizer expects. Raises ValueError when the tokenizer has
-    more tokens than the model's vocabulary. Into an existing folder, the weight files of an earlier save are
+    more tokens than the model's vocabulary, and when the model holds PEFT adapter layers (merge them first). Into an
+    existing folder, the weight files of an earlier save are
     replaced (none is left beside the new ones), and its tokenizer files when a tokenizer is given (without one
     they stay, with a warning); its other files stay.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is a file; give a folder to write the model to")
+    # a PeftModel's base model, or what load_causal_lm made of an adapter: save_pretrained wrote the adapted modules'
+    # weights as base_layer / lora_A / lora_B, which from_pretrained does not load (they came back newly initialized)
+    wrapped = next((name for name, module in model.named_modules() if type(module).__module__.startswith("peft")),
+                   None)
+    if wrapped is not None:
+        raise ValueError(f"the model holds PEFT adapter layers ({wrapped}, ...), whose weights a saved model folder "
+                         f"would keep under names from_pretrained does not load (the adapted modules would come back "
+                         f"newly initialized); merge them first: merge_and_unload() of the PeftModel (of an adapter "
+                         f"folder or hub id: PeftModel.from_pretrained(base model, adapter).merge_and_unload()), or "
+                         f"save the adapter alone with the PeftModel's save_pretrained")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = load_folder_tokenizer(tokenizer)
     config, generation = model.config, model.generation_config
@@ -305,9 +316,11 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     own loading of an adapter left out LoRA's DoRA magnitudes (``use_dora``, whose saved keys it does not
     recognize), so a DoRA finetune ran with its magnitudes at their initial values, behind a load report only. An
     adapter of zoo finetune's records how its rows began (data.add_bos, `ADAPTER_DATA_FILE`): it is put in the model's
-    config as the merged model's config holds it (zoo.eval.common.trained_with_bos reads it). A prompt-learning adapter
-    (prompt tuning, P-tuning, prefix tuning: virtual tokens the PeftModel adds around the model) is refused with a
-    ValueError."""
+    config as the merged model's config holds it (zoo.eval.common.trained_with_bos reads it). The adapter is not
+    merged: to save the model, merge it (``PeftModel.from_pretrained(base, ref).merge_and_unload()``;
+    `save_model_folder` refuses the unmerged model, whose adapted weights from_pretrained would not load). A
+    prompt-learning adapter (prompt tuning, P-tuning, prefix tuning: virtual tokens the PeftModel adds around the
+    model) is refused with a ValueError."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
