@@ -968,3 +968,20 @@ def test_a_folder_of_named_adapters_says_which_subfolder_to_give(tmp_path, capsy
         check_model_ref(tmp_path / "saved")
     cli.main(["generate", str(tmp_path / "saved" / "mine"), "hi", "--max-new-tokens", "2"])
     assert capsys.readouterr().out.startswith("hi")
+
+
+def test_an_adapter_whose_base_model_folder_is_gone_says_so(tmp_path, monkeypatch, capsys):
+    # an adapter names its base by the path it was trained from (zoo finetune: the resolved folder): once that folder
+    # moved, loading the adapter failed in transformers as "Repo id must be in the form 'repo_name' or
+    # 'namespace/repo_name': '/.../base'", and its tokenizer (the base's) as 'no such tokenizer folder'
+    from zoo.hub import load_causal_lm
+
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, "folder")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    message = "the base model of the PEFT adapter .*base_model_name_or_path.*base'?: no such model folder"
+    with pytest.raises(ValueError, match=message):
+        load_causal_lm(ref)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the base model of the PEFT adapter" in err and "no such model folder" in err

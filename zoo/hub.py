@@ -259,6 +259,11 @@ def adapter_config_file(ref: str | Path) -> Path | None:
     return Path(found) if found else None
 
 
+def _base_of(ref: str) -> str:
+    """How an error names the base model of PEFT adapter `ref` (`check_model_ref`'s `what`)."""
+    return f"the base model of the PEFT adapter {ref} (its adapter_config.json's base_model_name_or_path)"
+
+
 def tokenizer_source(ref: str | Path) -> str:
     """Where the tokenizer of model `ref` is: `ref` itself, or, for a PEFT adapter (a local folder or a hub repo) that
     holds no tokenizer files, its base model (adapter_config.json's base_model_name_or_path), whose tokenizer the
@@ -281,7 +286,10 @@ def tokenizer_source(ref: str | Path) -> str:
         base = json.loads(config.read_text()).get("base_model_name_or_path")
     except (OSError, ValueError):
         return text
-    return str(base) if isinstance(base, str) and base else text
+    if not (isinstance(base, str) and base):
+        return text
+    check_model_ref(base, _base_of(text))  # (a moved base folder was 'no such tokenizer folder')
+    return base
 
 
 # beside a PEFT adapter that zoo finetune saved: how its rows began ({"add_bos": false}), which the merged model records
@@ -342,6 +350,7 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     if not base:
         raise ValueError(f"{ref} holds a PEFT adapter whose adapter_config.json names no base model "
                          f"(base_model_name_or_path); load its base model and apply it with PeftModel.from_pretrained")
+    check_model_ref(base, _base_of(str(ref)))  # a moved base folder was an invalid hub id to transformers
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
