@@ -916,6 +916,38 @@ def test_a_prompt_learning_adapter_is_refused_not_dropped(tmp_path, capsys, meth
     assert e.value.code == 2 and f"{name} adapter" in capsys.readouterr().err
 
 
+def test_an_adapter_trained_with_added_tokens_loads_onto_its_resized_base(tmp_path):
+    """An adapter trained after tokens were added to the tokenizer holds the resized embeddings (PEFT saves them);
+    PEFT's users resize the base model to them before loading it. zoo eval and zoo generate loaded the base as it was
+    saved, and failed in PEFT's load_state_dict ('size mismatch for ... embeddings')."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(520)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj"], modules_to_save=["embeddings"],
+                                               init_lora_weights=False))
+    with torch.no_grad():
+        adapted.base_model.model.model.embeddings.modules_to_save["default"].weight[512:].normal_()
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 515, 7, 519, 3]])  # added tokens among them
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits
+        resized = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        resized.resize_token_embeddings(520)
+        reloaded = PeftModel.from_pretrained(resized, tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        loaded = load_model(str(tmp_path / "adapter"), "cpu")
+        assert loaded.get_input_embeddings().num_embeddings == 520 and loaded.config.vocab_size == 520
+        torch.testing.assert_close(loaded(ids).logits, expected)
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)

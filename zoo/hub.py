@@ -352,11 +352,44 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
                          f"(base_model_name_or_path); load its base model and apply it with PeftModel.from_pretrained")
     check_model_ref(base, _base_of(str(ref)))  # a moved base folder was an invalid hub id to transformers
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    rows = _adapter_embedding_rows(source, model)
+    if rows is not None and rows != model.get_input_embeddings().num_embeddings:
+        # an adapter trained with tokens added to its tokenizer holds the resized embeddings (PEFT's
+        # save_embedding_layers): PEFT's users resize the base to them first, and loading failed in load_state_dict
+        model.resize_token_embeddings(rows)
     model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
         model.config.add_bos = add_bos
     return model
+
+
+def _adapter_embedding_rows(source: str, model: PreTrainedModel) -> int | None:
+    """The rows of the input embedding that the PEFT adapter `source` (a folder or hub repo) saved, whole or as a
+    modules_to_save copy; None where its weights (adapter_model.safetensors) hold none."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if folder.is_dir():
+        found = folder / "adapter_model.safetensors"
+        found = found if found.is_file() else None
+    else:
+        from transformers.utils import cached_file
+
+        found = cached_file(source, "adapter_model.safetensors", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    embedding = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if found is None or name is None:
+        return None
+    prefix = f"base_model.model.{name}."
+    with safe_open(str(found), "pt") as weights:
+        for key in weights.keys():
+            shape = weights.get_slice(key).get_shape()
+            if key.startswith(prefix) and key.endswith(".weight") and "lora_" not in key and len(shape) == 2 \
+                    and shape[1] == embedding.embedding_dim:
+                return int(shape[0])
+    return None
 
 
 def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
