@@ -948,6 +948,25 @@ def test_an_adapter_trained_with_added_tokens_loads_onto_its_resized_base(tmp_pa
         torch.testing.assert_close(loaded(ids).logits, expected)
 
 
+def test_a_classifiers_adapter_is_refused_as_a_causal_lm(tmp_path):
+    """A SEQ_CLS adapter (a LoRA of a zoo classifier, its score head in modules_to_save) was loaded onto the causal LM
+    without a word: zoo eval measured a model whose head the adapter never trained, its own head dropped."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, pad_token_id=0)
+    get_peft_model(classifier, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["in_proj"])).save_pretrained(
+        tmp_path / "cls")
+    with pytest.raises(ValueError, match="task_type SEQ_CLS.*not a causal LM's.*AutoModelForSequenceClassification"):
+        load_model(str(tmp_path / "cls"), "cpu")
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)

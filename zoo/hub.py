@@ -346,6 +346,11 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
                          f"itself, which would be the base model alone. Run it with PeftModel.from_pretrained(base "
                          f"model, {str(ref)!r}) and its generate, or train a LoRA adapter (zoo finetune), which lives "
                          f"in the layers")
+    task = getattr(config.task_type, "value", config.task_type)
+    if task not in (None, "CAUSAL_LM"):  # (a classifier's loaded onto the causal LM without a word, its head dropped)
+        raise ValueError(f"{ref} holds a PEFT adapter of task_type {task} (adapter_config.json), not a causal LM's: "
+                         f"zoo generate and zoo eval run causal LMs; load it onto the model class of its task "
+                         f"(AutoModelForSequenceClassification for SEQ_CLS) with PeftModel.from_pretrained")
     base = config.base_model_name_or_path
     if not base:
         raise ValueError(f"{ref} holds a PEFT adapter whose adapter_config.json names no base model "
