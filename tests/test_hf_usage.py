@@ -741,6 +741,24 @@ def test_prompt_tuning_generates_through_a_dropped_all_ones_mask():
             assert_close(f"step {i}", logits, whole.logits[:, -1], 1e-5)
 
 
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_prompt_tuning_refuses_a_chunked_prefill(where):
+    """PEFT's prompt learning prepares each generate step itself: with prefill_chunk_size it put its virtual tokens
+    before the first chunk and cut each later chunk to its last token (its cache already longer than the chunk), so
+    the prompt's middle went unread and the logits differed (0.05 on the tiny Jamba), without an error."""
+    from peft import PromptTuningConfig
+
+    peft_model = get_peft_model(tiny("jamba"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids = torch.randint(1, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    chunked = {"prefill_chunk_size": 4} if where == "argument" else {}
+    if where == "generation_config":
+        peft_model.generation_config.prefill_chunk_size = 4
+    with pytest.raises(ValueError, match="prefill_chunk_size=4 with PEFT prompt learning.*prefill_chunk_size=None"):
+        peft_model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, **chunked)
+    whole = peft_model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=None)
+    assert whole.shape == (2, 9)
+
+
 @pytest.mark.parametrize("name", ["mamba2", "jamba", "attention-window"])
 def test_prompt_tuning_on_a_left_padded_row_equals_the_row_alone(name):
     """PEFT's prompt tuning prepends its virtual tokens to a left-padded row, [virtual tokens, pads, prompt]: the
