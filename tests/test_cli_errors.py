@@ -947,8 +947,9 @@ def test_generate_takes_an_adapters_tokenizer_from_its_base_model(tmp_path, caps
 
 
 def test_a_folder_of_named_adapters_says_which_subfolder_to_give(tmp_path, capsys):
-    # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of its name: the folder
-    # saved to was refused as 'a folder but not a model folder (no config.json)', with no word of the adapter in it
+    # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of its name, and a zoo
+    # finetune run folder holds adapter/ and merged/: the folder was refused as 'a folder but not a model folder (no
+    # config.json)', with no word of what it holds
     from peft import LoraConfig, get_peft_model
 
     from zoo.data.text import ByteTokenizer
@@ -962,12 +963,16 @@ def test_a_folder_of_named_adapters_says_which_subfolder_to_give(tmp_path, capsy
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", str(tmp_path / "saved"), "hi", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "holds PEFT adapters in subfolders (mine" in err
-    assert repr(str(tmp_path / "saved" / "mine")) in err
-    with pytest.raises(ValueError, match=r"subfolders \(mine.*not a model; give its base model or the merged model"):
+    assert e.value.code == 2 and "its subfolders hold PEFT adapters (mine)" in err
+    assert f"give one of them, such as {str(tmp_path / 'saved' / 'mine')!r}" in err
+    with pytest.raises(ValueError, match=r"subfolders hold PEFT adapters \(mine\): give their base model or the"):
         check_model_ref(tmp_path / "saved")
     cli.main(["generate", str(tmp_path / "saved" / "mine"), "hi", "--max-new-tokens", "2"])
     assert capsys.readouterr().out.startswith("hi")
+    (tmp_path / "base").rename(tmp_path / "saved" / "merged")  # a finetune run's folder: merged/ beside the adapter
+    with pytest.raises(ValueError, match=r"subfolders hold models \(merged\) and PEFT adapters \(mine\): give one of "
+                                         r"them, such as '.*merged'"):
+        check_model_ref(tmp_path / "saved")
 
 
 def test_an_adapter_whose_base_model_folder_is_gone_says_so(tmp_path, monkeypatch, capsys):

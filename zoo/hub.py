@@ -186,13 +186,18 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
         adapter = (path / "adapter_config.json").is_file()
         if (path / "config.json").is_file() or (adapter and adapter_ok):
             return
-        # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of that name
-        nested = sorted(found.parent.name for found in path.glob("*/adapter_config.json"))
-        if nested and not adapter:
-            where = f"{text!r} holds PEFT adapters in subfolders ({', '.join(nested)}: PEFT saves an adapter named " \
-                    f"other than 'default' in a subfolder of its name)"
-            raise ValueError(f"{what}: {where}; give one of them, such as {str(Path(text) / nested[0])!r}" if adapter_ok
-                             else f"{what}: {where}, not a model; give its base model or the merged model")
+        # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of that name, and a zoo
+        # finetune run folder holds adapter/ and merged/: it was 'a folder but not a model folder', no word of them
+        models = sorted(found.parent.name for found in path.glob("*/config.json"))
+        adapters = sorted(found.parent.name for found in path.glob("*/adapter_config.json"))
+        if (models or adapters) and not adapter:
+            held = " and ".join(f"{kind} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                                for kind, names in (("models", models), ("PEFT adapters", adapters)) if names)
+            usable = models + (adapters if adapter_ok else [])
+            fix = f"give one of them, such as {str(Path(text) / usable[0])!r}" if usable else \
+                "give their base model or the merged model"
+            raise ValueError(f"{what}: {text!r} is a folder but not a model folder (no config.json); its subfolders "
+                             f"hold {held}: {fix}")
         raise ValueError(_adapter_not_model(what, text) if adapter else f"{what}: {text!r} is a folder but not a "
                          f"model folder (no config.json)")
     if path.exists():
