@@ -967,6 +967,37 @@ def test_a_classifiers_adapter_is_refused_as_a_causal_lm(tmp_path):
         load_model(str(tmp_path / "cls"), "cpu")
 
 
+def test_an_adapter_loads_onto_the_base_revision_it_names(tmp_path, monkeypatch):
+    """An adapter records the hub revision of its base model it was trained on (adapter_config.json's revision, set
+    by get_peft_model(..., revision=)), and PEFT's AutoPeftModel loads that revision; zoo eval and zoo generate
+    loaded the base's newest one, another model, without a word. The hub is a cache read offline."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    newest = offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/tiny-jamba")  # the main branch's snapshot
+    pinned = newest.parent / ("1" * 40)  # an earlier commit, the adapter's base
+    for seed, folder in ((0, newest), (1, pinned)):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(folder)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(pinned),
+                             LoraConfig(r=2, target_modules=["in_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"base_model_name_or_path": "someone/tiny-jamba",
+                                                "revision": pinned.name}))
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "adapter"), "cpu")(ids).logits,
+                                   adapted.eval()(input_ids=ids).logits)
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)

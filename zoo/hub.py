@@ -323,17 +323,17 @@ def _adapter_data(source: str) -> dict:
 
 
 def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, but a PEFT adapter (a local adapter folder or a hub
-    repo holding one) loads as PEFT loads it: its base model (its adapter_config.json's base_model_name_or_path, with
-    kwargs) with the adapter in its layers (``PeftModel.from_pretrained``), the model class returned. transformers'
-    own loading of an adapter left out LoRA's DoRA magnitudes (``use_dora``, whose saved keys it does not
-    recognize), so a DoRA finetune ran with its magnitudes at their initial values, behind a load report only. An
-    adapter of zoo finetune's records how its rows began (data.add_bos, `ADAPTER_DATA_FILE`): it is put in the model's
-    config as the merged model's config holds it (zoo.eval.common.trained_with_bos reads it). The adapter is not
-    merged: to save the model, merge it (``PeftModel.from_pretrained(base, ref).merge_and_unload()``;
-    `save_model_folder` refuses the unmerged model, whose adapted weights from_pretrained would not load). A
-    prompt-learning adapter (prompt tuning, P-tuning, prefix tuning: virtual tokens the PeftModel adds around the
-    model) is refused with a ValueError."""
+    """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, but a PEFT adapter (a local adapter folder or a hub repo
+    holding one) loads as PEFT loads it: its base model (its adapter_config.json's base_model_name_or_path, at its
+    revision, with kwargs; resized to the embedding rows the adapter saved) with the adapter in its layers
+    (``PeftModel.from_pretrained``), the model class returned. transformers' own loading of an adapter left out LoRA's
+    DoRA magnitudes (``use_dora``, whose saved keys it does not recognize), so a DoRA finetune ran with its magnitudes
+    at their initial values, behind a load report only. An adapter of zoo finetune's records how its rows began
+    (data.add_bos, `ADAPTER_DATA_FILE`): it is put in the model's config as the merged model's config holds it
+    (zoo.eval.common.trained_with_bos reads it). The adapter is not merged: to save the model, merge it
+    (``PeftModel.from_pretrained(base, ref).merge_and_unload()``; `save_model_folder` refuses the unmerged model, whose
+    adapted weights from_pretrained would not load). A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning:
+    virtual tokens the PeftModel adds around the model) is refused with a ValueError."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
@@ -361,6 +361,10 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
         raise ValueError(f"{ref} holds a PEFT adapter whose adapter_config.json names no base model "
                          f"(base_model_name_or_path); load its base model and apply it with PeftModel.from_pretrained")
     check_model_ref(base, _base_of(str(ref)))  # a moved base folder was an invalid hub id to transformers
+    if getattr(config, "revision", None) and "revision" not in kwargs:
+        # the base's revision the adapter was trained on (get_peft_model(..., revision=)), as PEFT's AutoPeftModel loads
+        # it: the hub's newest base was loaded instead
+        kwargs = {**kwargs, "revision": config.revision}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     rows = _adapter_embedding_rows(source, model)
     if rows is not None and rows != model.get_input_embeddings().num_embeddings:
