@@ -938,6 +938,141 @@ def test_an_adapter_loads_as_peft_applies_it(tmp_path, monkeypatch, use_dora, wh
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_an_adapter_without_a_tokenizer_takes_its_base_models(tmp_path, monkeypatch, where):
+    """An adapter as PEFT saves it holds no tokenizer files: zoo eval's tokenizer was read from the adapter alone and
+    refused ('has no tokenizer; pass --tokenizer'), where PEFT's users take its base model's. An adapter with a
+    tokenizer of its own (zoo finetune saves one) keeps it."""
+    from helpers import adapter_without_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_tokenizer
+
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, where)
+    base = load_tokenizer(None, ref)  # (from the hub: the byte tokenizer's tokenizer.json, as a generic one)
+    assert len(base) == len(ByteTokenizer()) and base.encode("hi", add_special_tokens=False) == [104, 105]
+    if where == "hub":
+        return
+    words = ["<unk>", "<s>", "</s>", "hello"]
+    own = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    own.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=own, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(ref)
+    assert len(load_tokenizer(None, ref)) == len(words)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning"])
+def test_a_prompt_learning_adapter_is_refused_not_dropped(tmp_path, capsys, method):
+    """A prompt-tuning or P-tuning adapter's virtual tokens are added by the PeftModel around the model; zoo eval and
+    zoo generate loaded it through PEFT and kept the model inside (get_base_model), so they evaluated and generated
+    from the base model alone, without a word."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo import cli
+    from zoo.config import ZooConfig
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if method == "prompt-tuning" else \
+        PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).save_pretrained(tmp_path / "pt")
+    name = "PROMPT_TUNING" if method == "prompt-tuning" else "P_TUNING"
+    with pytest.raises(ValueError, match=f"{name} adapter.*base model alone.*PeftModel.from_pretrained"):
+        load_model(str(tmp_path / "pt"), "cpu")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "pt"), "hi", "--max-new-tokens", "2"])
+    assert e.value.code == 2 and f"{name} adapter" in capsys.readouterr().err
+
+
+def test_an_adapter_trained_with_added_tokens_loads_onto_its_resized_base(tmp_path):
+    """An adapter trained after tokens were added to the tokenizer holds the resized embeddings (PEFT saves them);
+    PEFT's users resize the base model to them before loading it. zoo eval and zoo generate loaded the base as it was
+    saved, and failed in PEFT's load_state_dict ('size mismatch for ... embeddings')."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(520)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj"], modules_to_save=["embeddings"],
+                                               init_lora_weights=False))
+    with torch.no_grad():
+        adapted.base_model.model.model.embeddings.modules_to_save["default"].weight[512:].normal_()
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 515, 7, 519, 3]])  # added tokens among them
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits
+        resized = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        resized.resize_token_embeddings(520)
+        reloaded = PeftModel.from_pretrained(resized, tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        loaded = load_model(str(tmp_path / "adapter"), "cpu")
+        assert loaded.get_input_embeddings().num_embeddings == 520 and loaded.config.vocab_size == 520
+        torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+def test_a_classifiers_adapter_is_refused_as_a_causal_lm(tmp_path):
+    """A SEQ_CLS adapter (a LoRA of a zoo classifier, its score head in modules_to_save) was loaded onto the causal LM
+    without a word: zoo eval measured a model whose head the adapter never trained, its own head dropped."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, pad_token_id=0)
+    get_peft_model(classifier, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["in_proj"])).save_pretrained(
+        tmp_path / "cls")
+    with pytest.raises(ValueError, match="task_type SEQ_CLS.*not a causal LM's.*AutoModelForSequenceClassification"):
+        load_model(str(tmp_path / "cls"), "cpu")
+
+
+def test_an_adapter_loads_onto_the_base_revision_it_names(tmp_path, monkeypatch):
+    """An adapter records the hub revision of its base model it was trained on (adapter_config.json's revision, set
+    by get_peft_model(..., revision=)), and PEFT's AutoPeftModel loads that revision; zoo eval and zoo generate
+    loaded the base's newest one, another model, without a word. The hub is a cache read offline."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    newest = offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/tiny-jamba")  # the main branch's snapshot
+    pinned = newest.parent / ("1" * 40)  # an earlier commit, the adapter's base
+    for seed, folder in ((0, newest), (1, pinned)):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(folder)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(pinned),
+                             LoraConfig(r=2, target_modules=["in_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"base_model_name_or_path": "someone/tiny-jamba",
+                                                "revision": pinned.name}))
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "adapter"), "cpu")(ids).logits,
+                                   adapted.eval()(input_ids=ids).logits)
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)
