@@ -398,6 +398,22 @@ def test_a_cache_implementation_beside_a_cache_of_the_callers_warns_too():
     assert torch.equal(plain, static)
 
 
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_continuous_batching_is_refused_naming_it_and_leaves_the_generation_config(name):
+    """generate(cache_implementation="paged") switches to transformers' continuous batching, whose paged cache holds
+    no recurrent state and which zoo's attention does not read: it failed naming a config field ("num_key_value_heads
+    or num_attention_heads could not be found"), after setting the model's generation_config.eos_token_id to -1."""
+    model = tiny(name).eval()
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="continuous batching .* not supported by zoo models"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="paged")
+    with pytest.raises(ValueError, match="continuous batching .* not supported by zoo models"):
+        model.generate_batch(inputs=ids.tolist(), max_new_tokens=3)
+    assert model.generation_config.eos_token_id is None
+    plain = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert plain.shape == (2, 9)
+
+
 @pytest.mark.parametrize("name, config", [
     ("mamba", {"target_parameters": ["conv1d.weight"]}),
     ("mamba2", {"target_parameters": ["conv1d.weight"]}),

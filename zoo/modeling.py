@@ -945,6 +945,18 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
 
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused: transformers' continuous batching (init_continuous_batching, generate_batch, and generate with
+        cache_implementation="paged", which switches to it) keeps every layer's keys and values in its paged cache,
+        which holds no Mamba / Mamba-2 / GLA states and which zoo's attention does not read. It failed after setting
+        the model's generation_config.eos_token_id to -1, naming a config field ("num_key_value_heads or
+        num_attention_heads could not be found in the config")."""
+        raise ValueError("continuous batching (generate_batch, init_continuous_batching, or generate with "
+                         "cache_implementation='paged') is not supported by zoo models: transformers' paged cache "
+                         "holds attention keys and values only, not the recurrent (Mamba / Mamba-2 / GLA) states, and "
+                         "zoo's attention layers keep their own cache. Use generate on a left-padded batch (with its "
+                         "attention_mask) without cache_implementation='paged'")
+
     def release_cuda_graph(self) -> bool:
         """Free the CUDA graph and static buffers that generate(cuda_graph="reuse") kept; whether there were any."""
         from zoo.decode import release_graph
