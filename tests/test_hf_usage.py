@@ -780,6 +780,25 @@ def test_prompt_tuning_on_a_left_padded_row_equals_the_row_alone(name):
         assert_close(f"decode step {i}", step[1:], step_alone, 1e-5)
 
 
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_with_a_prefill_split_in_chunks_is_refused_and_one_chunk_decodes_as_without(name):
+    """PEFT's prompt tuning prepends its virtual tokens to the first chunk of a chunked prefill (prefill_chunk_size):
+    the cache counts them, so transformers took the later chunks as cached and ran one token of each, skipping most
+    of the prompt (other logits, no error; with an attention_mask a refusal naming a mask length). A prompt split in
+    chunks is refused; one that fits a chunk (its tokens less the last) decodes as without the setting."""
+    from peft import PromptTuningConfig
+
+    peft_model = get_peft_model(tiny(name), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    ids = torch.randint(1, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="prefill_chunk_size=3 with PEFT's prompt learning"):
+        peft_model.generate(input_ids=ids, prefill_chunk_size=3, **kw)
+    whole = peft_model.generate(input_ids=ids, **kw)
+    one_chunk = peft_model.generate(input_ids=ids, prefill_chunk_size=8, **kw)
+    assert torch.equal(one_chunk.sequences, whole.sequences)
+    assert_close("one chunk", torch.stack(one_chunk.logits), torch.stack(whole.logits), 1e-5)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_trainer_with_the_no_weight_decay_mixin_decays_what_zoo_train_decays(lora, tmp_path):
     # transformers' Trainer exempts biases and names like "norm" only: it decayed A_log, D and norm_f

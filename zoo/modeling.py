@@ -795,6 +795,28 @@ def _refuse_a_chunked_prefill_over_a_cache(kwargs: dict, config) -> None:
                          f"transformers >= 5.21")
 
 
+def _refuse_a_chunked_prefill_of_prompt_learning(model, args: tuple, kwargs: dict, config) -> None:
+    """PEFT's prompt learning (prompt tuning, P-tuning) swaps in its prepare_inputs_for_generation for the call, which
+    prepends the virtual tokens while the cache is empty: with prefill_chunk_size, to the first chunk. The cache then
+    counts them, so transformers' chunked prefill took the later chunks for cached tokens and ran one token of each:
+    most of the prompt was skipped (other logits, no error; with an attention_mask zoo refused the step, naming a mask
+    length). transformers' Llama decodes wrongly too. A prompt that fits one chunk (its tokens less the last, which
+    the first decode step takes) is not split and decodes right. Raise where it is split, naming the fix."""
+    chunk = getattr(config, "prefill_chunk_size", None)  # generate's merged settings
+    swapped = model.__dict__.get("prepare_inputs_for_generation")
+    peft = getattr(swapped, "__self__", None)
+    if chunk is None or peft is None or peft is model \
+            or not getattr(getattr(peft, "active_peft_config", None), "is_prompt_learning", False):
+        return
+    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    if torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[1] - 1 <= chunk:
+        return
+    raise ValueError(f"generate: prefill_chunk_size={chunk} with PEFT's prompt learning (prompt tuning / P-tuning): "
+                     f"the virtual tokens it prepends to the first chunk count in the cache, so transformers' chunked "
+                     f"prefill takes the later chunks as cached and skips most of their tokens. Drop "
+                     f"prefill_chunk_size, or make it at least the prompt's length")
+
+
 # generate's own parameters, in order (after self): its other keyword arguments are generation settings or model inputs
 _GENERATE_PARAMETERS = tuple(name for name, p in inspect.signature(GenerationMixin.generate).parameters.items()
                              if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self")
@@ -929,6 +951,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         _seq_idx_of_every_row(args, kwargs)
         _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, config)
         _refuse_a_chunked_prefill_over_a_cache(kwargs, config)
+        _refuse_a_chunked_prefill_of_prompt_learning(self, args, kwargs, config)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
                 and _generate_cache(kwargs) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
