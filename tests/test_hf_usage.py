@@ -799,6 +799,32 @@ def test_prompt_tuning_with_a_prefill_split_in_chunks_is_refused_and_one_chunk_d
     assert_close("one chunk", torch.stack(one_chunk.logits), torch.stack(whole.logits), 1e-5)
 
 
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_takes_an_empty_cache_and_refuses_a_filled_one_naming_why(name):
+    """PEFT's prompt learning replaces prepare_inputs_for_generation for the call, so transformers checked generate's
+    keyword arguments against zoo's forward, which did not name `cache`: any cache given to generate failed with "The
+    following `model_kwargs` are not used by the model: ['cache']". An empty one now decodes as without it; a filled
+    one counts the virtual tokens, which generate would take for prompt tokens (transformers' Llama decodes other
+    tokens without an error): it is refused, naming why."""
+    from peft import PromptTuningConfig
+
+    from zoo import ZooCache
+
+    peft_model = get_peft_model(tiny(name), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder.default.embedding.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    plain = peft_model.generate(input_ids=ids, **kw)
+    cache = ZooCache.for_model(peft_model)
+    given = peft_model.generate(input_ids=ids, past_key_values=cache, **kw)
+    assert torch.equal(given.sequences, plain.sequences)
+    assert_close("with an empty cache", torch.stack(given.logits), torch.stack(plain.logits), 1e-5)
+    turn = torch.cat([given.sequences, torch.randint(1, 512, (2, 5), generator=torch.Generator().manual_seed(1))], 1)
+    with pytest.raises(ValueError, match="holds 11 tokens, given with PEFT's prompt learning"):
+        peft_model.generate(input_ids=turn, past_key_values=cache, **kw)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_a_trainer_with_the_no_weight_decay_mixin_decays_what_zoo_train_decays(lora, tmp_path):
     # transformers' Trainer exempts biases and names like "norm" only: it decayed A_log, D and norm_f

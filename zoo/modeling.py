@@ -795,6 +795,31 @@ def _refuse_a_chunked_prefill_over_a_cache(kwargs: dict, config) -> None:
                          f"transformers >= 5.21")
 
 
+def _in_prompt_learning(model) -> bool:
+    """Whether PEFT's prompt learning (prompt tuning, P-tuning) runs this generate call: its generate swaps its own
+    prepare_inputs_for_generation onto the model for the call, which prepends the virtual tokens while the cache is
+    empty (LoRA's generate swaps it onto its tuner wrapper, not onto the model)."""
+    swapped = model.__dict__.get("prepare_inputs_for_generation")
+    peft = getattr(swapped, "__self__", None)
+    return peft is not None and peft is not model \
+        and bool(getattr(getattr(peft, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def _refuse_a_filled_cache_with_prompt_learning(model, kwargs: dict) -> None:
+    """A cache that holds tokens, given to generate through PEFT's prompt learning: it counts the virtual tokens PEFT
+    prepended when it was filled, which transformers takes for prompt tokens, so it runs the new tokens from the wrong
+    place (transformers' Llama decodes other tokens without an error; zoo failed in transformers' check of the
+    keyword arguments, "not used by the model: ['cache']", or named a cache holding the whole prompt). Raise, naming
+    the fix."""
+    cache = _generate_cache(kwargs)
+    if isinstance(cache, ZooCache) and cache.get_seq_length() and _in_prompt_learning(model):
+        raise ValueError(f"generate: past_key_values holds {cache.get_seq_length()} tokens, given with PEFT's prompt "
+                         f"learning (prompt tuning / P-tuning): the cache counts the virtual tokens PEFT prepended, "
+                         f"which generate takes for prompt tokens, so it would run the new tokens from the wrong "
+                         f"place. Generate from the whole sequence without the cache (an empty one, "
+                         f"ZooCache.for_model(model), is taken)")
+
+
 def _refuse_a_chunked_prefill_of_prompt_learning(model, args: tuple, kwargs: dict, config) -> None:
     """PEFT's prompt learning (prompt tuning, P-tuning) swaps in its prepare_inputs_for_generation for the call, which
     prepends the virtual tokens while the cache is empty: with prefill_chunk_size, to the first chunk. The cache then
@@ -803,10 +828,7 @@ def _refuse_a_chunked_prefill_of_prompt_learning(model, args: tuple, kwargs: dic
     length). transformers' Llama decodes wrongly too. A prompt that fits one chunk (its tokens less the last, which
     the first decode step takes) is not split and decodes right. Raise where it is split, naming the fix."""
     chunk = getattr(config, "prefill_chunk_size", None)  # generate's merged settings
-    swapped = model.__dict__.get("prepare_inputs_for_generation")
-    peft = getattr(swapped, "__self__", None)
-    if chunk is None or peft is None or peft is model \
-            or not getattr(getattr(peft, "active_peft_config", None), "is_prompt_learning", False):
+    if chunk is None or not _in_prompt_learning(model):
         return
     ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
     if torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[1] - 1 <= chunk:
@@ -943,6 +965,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                              "or the model's generation_config.use_cache, which follows config.use_cache): each step "
                              "would rerun the whole sequence past the cache. Pass use_cache=True to continue the "
                              "cache, or generate without it")
+        _refuse_a_filled_cache_with_prompt_learning(self, kwargs)
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         from zoo.decode import warn_if_right_padded
 
@@ -1135,7 +1158,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
-                logits_to_keep: int | torch.Tensor = 0, return_dict=None, output_router_logits=None,
+                logits_to_keep: int | torch.Tensor = 0, return_dict=None, output_router_logits=None, cache=None,
                 **kwargs) -> ZooCausalLMOutput | tuple:
         """Labels [B, T] are the input ids (shifted inside); -100 is ignored. In training mode the MoE aux loss
         (times moe.aux_loss_coef) is added; in eval mode `loss` is the cross-entropy alone (an eval loss, a
@@ -1153,6 +1176,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
         seq_idx (packed documents) is as ZooModel.forward describes it: integer ids [B, T], a document per run of
         equal consecutive ids."""
+        # `cache` named in the signature, as transformers' models name it: generate checks its keyword arguments
+        # against the forward's where a prepare_inputs_for_generation of PEFT's prompt learning replaces zoo's
+        if cache is not None:
+            kwargs["cache"] = cache
         past_key_values = _the_cache(past_key_values, kwargs)
         _refuse_offloaded_mixers_once(self)
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None
