@@ -410,6 +410,22 @@ def test_a_cache_implementation_beside_a_cache_of_the_callers_warns_too():
     assert torch.equal(plain, static)
 
 
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_continuous_batching_is_refused_naming_it_and_leaves_the_generation_config(name):
+    """generate(cache_implementation="paged") switches to transformers' continuous batching, whose paged cache holds
+    no recurrent state and which zoo's attention does not read: it failed naming a config field ("num_key_value_heads
+    or num_attention_heads could not be found"), after setting the model's generation_config.eos_token_id to -1."""
+    model = tiny(name).eval()
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="continuous batching .* not supported by zoo models"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="paged")
+    with pytest.raises(ValueError, match="continuous batching .* not supported by zoo models"):
+        model.generate_batch(inputs=ids.tolist(), max_new_tokens=3)
+    assert model.generation_config.eos_token_id is None
+    plain = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert plain.shape == (2, 9)
+
+
 @pytest.mark.parametrize("name, config", [
     ("mamba", {"target_parameters": ["conv1d.weight"]}),
     ("mamba2", {"target_parameters": ["conv1d.weight"]}),
@@ -792,6 +808,51 @@ def test_prompt_tuning_on_a_left_padded_row_equals_the_row_alone(name):
     assert torch.equal(out.sequences[1, -4:], out_alone.sequences[0, -4:])
     for i, (step, step_alone) in enumerate(zip(out.logits, out_alone.logits)):
         assert_close(f"decode step {i}", step[1:], step_alone, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_with_a_prefill_split_in_chunks_is_refused_and_one_chunk_decodes_as_without(name):
+    """PEFT's prompt tuning prepends its virtual tokens to the first chunk of a chunked prefill (prefill_chunk_size):
+    the cache counts them, so transformers took the later chunks as cached and ran one token of each, skipping most
+    of the prompt (other logits, no error; with an attention_mask a refusal naming a mask length). A prompt split in
+    chunks is refused; one that fits a chunk (its tokens less the last) decodes as without the setting."""
+    from peft import PromptTuningConfig
+
+    peft_model = get_peft_model(tiny(name), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    ids = torch.randint(1, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="prefill_chunk_size=3 with PEFT's prompt learning"):
+        peft_model.generate(input_ids=ids, prefill_chunk_size=3, **kw)
+    whole = peft_model.generate(input_ids=ids, **kw)
+    one_chunk = peft_model.generate(input_ids=ids, prefill_chunk_size=8, **kw)
+    assert torch.equal(one_chunk.sequences, whole.sequences)
+    assert_close("one chunk", torch.stack(one_chunk.logits), torch.stack(whole.logits), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_takes_an_empty_cache_and_refuses_a_filled_one_naming_why(name):
+    """PEFT's prompt learning replaces prepare_inputs_for_generation for the call, so transformers checked generate's
+    keyword arguments against zoo's forward, which did not name `cache`: any cache given to generate failed with "The
+    following `model_kwargs` are not used by the model: ['cache']". An empty one now decodes as without it; a filled
+    one counts the virtual tokens, which generate would take for prompt tokens (transformers' Llama decodes other
+    tokens without an error): it is refused, naming why."""
+    from peft import PromptTuningConfig
+
+    from zoo import ZooCache
+
+    peft_model = get_peft_model(tiny(name), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder.default.embedding.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    plain = peft_model.generate(input_ids=ids, **kw)
+    cache = ZooCache.for_model(peft_model)
+    given = peft_model.generate(input_ids=ids, past_key_values=cache, **kw)
+    assert torch.equal(given.sequences, plain.sequences)
+    assert_close("with an empty cache", torch.stack(given.logits), torch.stack(plain.logits), 1e-5)
+    turn = torch.cat([given.sequences, torch.randint(1, 512, (2, 5), generator=torch.Generator().manual_seed(1))], 1)
+    with pytest.raises(ValueError, match="holds 11 tokens, given with PEFT's prompt learning"):
+        peft_model.generate(input_ids=turn, past_key_values=cache, **kw)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
