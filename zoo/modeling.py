@@ -952,17 +952,6 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
             return static_generate(self, input_ids, kwargs.pop("generation_config", None), graph=True,
                                    reuse=cuda_graph == "reuse", **kwargs)
         named, config = _generate_arguments(self, args, kwargs)
-        swapped = self.__dict__.get("prepare_inputs_for_generation")
-        if getattr(config, "prefill_chunk_size", None) is not None and swapped is not None \
-                and getattr(swapped, "__func__", None) is not type(self).prepare_inputs_for_generation:
-            # PEFT's prompt learning prepares each step itself: it put its virtual tokens before the first chunk and cut
-            # every later chunk to its last token (the cache already longer than the chunk), so the prompt's middle
-            # went unread and the tokens decoded from it differed, without an error
-            raise ValueError(f"generate: prefill_chunk_size={config.prefill_chunk_size} with PEFT prompt learning "
-                             f"(prompt, prefix or P-tuning), whose preparation of each step (prepare_inputs_for_"
-                             f"generation, swapped in for the call) cannot prefill in chunks: it would drop all but "
-                             f"the last token of each chunk after the first. Pass prefill_chunk_size=None (it may come "
-                             f"from the checkpoint's generation_config)")
         draft = named.get("assistant_model")
         mode = _generation_mode(config, draft)
         if self._is_stateful and mode == GenerationMode.ASSISTED_GENERATION:
