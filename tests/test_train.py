@@ -118,6 +118,39 @@ def test_the_saved_model_loads_with_auto_classes_and_gives_the_trained_models_lo
         assert torch.equal(loaded(ids).logits, trained(ids).logits)
 
 
+def test_a_model_folder_trains_with_its_own_tokenizer_unless_another_is_named(tmp_path):
+    """Continued pretraining of a model folder that holds its tokenizer (a 31-token character tokenizer here) reads the
+    data with that tokenizer and saves it beside the weights, as zoo finetune does: the run config's tokenizer
+    defaulted to 'byte' whatever the model, so the model was trained on byte ids, and its checkpoints saved the byte
+    tokenizer with it, without a word. A zoo YAML or a config mapping still train on bytes, and a tokenizer named in
+    the config is the one used."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(97 + i): i + 2 for i in range(26)}, " ": 28, "\n": 29, "<bos>": 30}
+    chars = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    chars.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})) \
+        .save_pretrained(base)
+    PreTrainedTokenizerFast(tokenizer_object=chars, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>") \
+        .save_pretrained(base)
+
+    def tokenizer_of(name: str, **sections) -> tuple[str, int]:
+        run = run_dict(tmp_path / name, train={"max_steps": 1}, schedule={"warmup_steps": 0}, **sections)
+        train(config_from_dict(run))
+        info = json.loads((tmp_path / name / "run" / "run_info.json").read_text())
+        saved = AutoTokenizer.from_pretrained(latest_checkpoint(tmp_path / name / "run") / "model")
+        return info["tokenizer"], len(saved)
+
+    assert tokenizer_of("folder", model=str(base)) == (str(base), 31)
+    assert tokenizer_of("named", model=str(base), tokenizer="byte") == ("byte", 259)
+    assert tokenizer_of("mapping") == ("byte", 259)
+    # a model that does not load is named as the model, not as the tokenizer it would have brought
+    with pytest.raises(ValueError, match=r"^model: '.*missing': no such model folder$"):
+        train(config_from_dict(run_dict(tmp_path / "missing", model=str(tmp_path / "missing"))))
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 6
     full: dict[int, float] = {}
