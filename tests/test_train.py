@@ -151,6 +151,25 @@ def test_a_model_folder_trains_with_its_own_tokenizer_unless_another_is_named(tm
         train(config_from_dict(run_dict(tmp_path / "missing", model=str(tmp_path / "missing"))))
 
 
+def test_a_model_trained_with_another_tokenizer_than_its_own_takes_that_ones_special_ids(tmp_path):
+    """A model folder trained with a tokenizer the run config names learns that tokenizer's <bos>, <eos> and <pad>:
+    the checkpoint's config and generation_config say so, so that generate stops at the <eos> that ends its training
+    documents. They kept the folder's ids (a Llama's eos 2: the byte 0x02 under the byte tokenizer)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zoo.data.text import ByteTokenizer
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})) \
+        .save_pretrained(base)
+    run = run_dict(tmp_path, model=str(base), tokenizer="byte", train={"max_steps": 1}, schedule={"warmup_steps": 0})
+    saved = AutoModelForCausalLM.from_pretrained(train(config_from_dict(run)).checkpoint / "model")
+    byte = ByteTokenizer()
+    for holder in (saved.config, saved.generation_config):
+        ids = [holder.bos_token_id, holder.eos_token_id, holder.pad_token_id]
+        assert ids == [byte.bos_token_id, byte.eos_token_id, byte.pad_token_id], (type(holder).__name__, ids)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 6
     full: dict[int, float] = {}

@@ -511,9 +511,13 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise
     if tokenizer is not None:
         check_vocab(model.get_input_embeddings().num_embeddings)
-        for name, value in special.items():  # a loaded model keeps its ids; fill in the missing ones
+        # a loaded model keeps its ids and gets the missing ones; trained with another tokenizer than its own (one the
+        # run config names), it learns that one's, which replace its own: the checkpoints' config and generation_config
+        # kept the old vocabulary's eos, so generate did not stop at the documents' end the model was trained on
+        other = isinstance(spec, str) and not spec.endswith((".yaml", ".yml")) and run_tokenizer(cfg) != spec
+        for name, value in special.items():
             for holder in (model.config, getattr(model, "generation_config", None)):
-                if holder is not None and getattr(holder, name, None) is None:
+                if holder is not None and (getattr(holder, name, None) is None or (other and value is not None)):
                     setattr(holder, name, value)
     return model.float()
 
