@@ -337,6 +337,25 @@ def test_a_run_resumed_from_an_older_checkpoint_deletes_the_abandoned_newer_ones
     assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
 
 
+def test_a_resume_from_another_runs_checkpoint_into_a_run_directory_with_checkpoints_is_refused(tmp_path):
+    """`--resume` from another run's checkpoint with an output_dir that holds checkpoints of its own run: the first save
+    took output_dir's newer checkpoints for an abandoned run's and deleted them (its newest, step 4, here), and
+    checkpoint.keep pruned the rest. It is refused, naming both, and nothing is deleted; into a new output_dir it
+    continues."""
+    sections = {"checkpoint": {"every": 2, "keep": 2}, "schedule": {"warmup_steps": 1}}
+    other = tmp_path / "other" / "run" / "checkpoints" / "step_00000002"
+    train(config_from_dict(run_dict(tmp_path / "other", train={"max_steps": 2}, **sections)))
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, **sections)))
+    root = tmp_path / "run" / "checkpoints"
+    with pytest.raises(ValueError, match=r"--resume: .*step_00000002' is not a checkpoint of output_dir .*newest "
+                                         r"step_00000004"):
+        train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, **sections)), resume=str(other))
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000004"]
+    result = train(config_from_dict(run_dict(tmp_path / "branch", train={"max_steps": 3}, **sections)),
+                   resume=str(other))
+    assert result.step == 3 and result.checkpoint.parent == tmp_path / "branch" / "run" / "checkpoints"
+
+
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     from transformers import AutoModelForCausalLM
 

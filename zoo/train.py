@@ -1741,6 +1741,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
             raise ValueError(f"--resume: {str(start_ckpt)!r} is a checkpoint folder left by a save or a deletion that "
                              f"did not finish (a run killed mid-write), not a complete checkpoint; resume from the run "
                              f"directory (its newest complete checkpoint) or a {CHECKPOINT_PREFIX}* folder")
+        own = latest_checkpoint(out_dir)
+        if start_ckpt is not None and own is not None and start_ckpt.parent.resolve() != ckpt_root.resolve():
+            # its checkpoints are another run's: the first save took the newer ones for an abandoned run's and deleted
+            # them, and checkpoint.keep pruned the older ones, all of output_dir's own run lost
+            raise ValueError(f"--resume: {str(start_ckpt)!r} is not a checkpoint of output_dir {str(out_dir)!r}, "
+                             f"which holds checkpoints of its own run (newest {own.name}) that this run's saves would "
+                             f"delete; continue {start_ckpt.name} into another output_dir, or resume output_dir's own "
+                             f"run (--resume without a folder)")
     elif latest_checkpoint(out_dir) is not None:
         raise ValueError(f"output_dir: {str(out_dir)!r} already holds checkpoints; pass --resume to continue "
                          f"that run, or choose another output_dir")
