@@ -1718,3 +1718,20 @@ def test_mqar_training_saved_while_a_transformers_mambas_a_log_was_decayed_conti
     _, losses = _train_mqar(cfg, entry, 128, tmp_path / "cut", torch.device("cpu"))
     assert "decayed the parameters named A_log, D, dt_bias" in capsys.readouterr().err
     assert losses == whole
+
+
+def test_a_recipe_without_a_tokenizer_is_checked_with_the_byte_tokenizer_its_models_train_with(tmp_path):
+    """A recipe that names no tokenizer trains each model (a mapping of config fields) with 'byte'; the check before
+    training built the recipe around the model "x", whose own tokenizer (an unset tokenizer is the model's) was then
+    the hub id "x", which does not load."""
+    import yaml
+
+    from zoo.compare import _check_inputs, train_config
+
+    data = yaml.safe_load((ROOT / "configs" / "compare" / "demo.yaml").read_text())
+    data["recipe"].pop("tokenizer")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    cfg, folder = load_compare_config(tmp_path / "c.yaml", [])
+    entries = resolve_models(cfg, folder)
+    _check_inputs(cfg, entries)
+    assert train_config(cfg, entries[0], 64, tmp_path / "run").tokenizer == "byte"

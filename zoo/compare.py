@@ -1244,20 +1244,25 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _lengths(cfg: CompareConfig) -> list[int]:
+def _recipe_config(recipe: dict[str, Any]):
+    """The recipe as zoo.train reads it (defaults filled in), around a model given as a mapping of config fields, as
+    train_config gives each model: an unset tokenizer is then 'byte' (a string model "x" made it the hub id "x", an
+    unset tokenizer being the model's own)."""
     from zoo.train import config_from_dict
 
-    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    return config_from_dict({**copy.deepcopy(recipe), "model": {}, "output_dir": "x"})
+
+
+def _lengths(cfg: CompareConfig) -> list[int]:
+    recipe = _recipe_config(cfg.recipe)
     return list(cfg.train_lengths or [recipe.data.seq_len])
 
 
 def _recipe_at(cfg: CompareConfig, seq_len: int) -> dict[str, Any]:
     """The recipe at one training length: micro-batch rows scaled so a micro-batch keeps its tokens (with
     train.batch_tokens every length trains on the same tokens per step)."""
-    from zoo.train import config_from_dict
-
     recipe = copy.deepcopy(cfg.recipe)
-    base = config_from_dict({**copy.deepcopy(recipe), "model": "x", "output_dir": "x"})
+    base = _recipe_config(recipe)
     data = dict(recipe.get("data") or {})
     data["seq_len"] = seq_len
     train = dict(recipe.get("train") or {})
@@ -1686,9 +1691,9 @@ _RECIPE_NO_RESULT = ("log.progress_bar", "log.trackers", "log.project", "log.pea
 def _model_fingerprints(cfg: CompareConfig, entry: ModelEntry) -> list[str]:
     """The fingerprints a model's results may carry: of its fields and the recipe as zoo.train reads it (defaults
     filled in) less _RECIPE_NO_RESULT; then of the recipe as written (results of earlier versions)."""
-    from zoo.train import _flat, config_from_dict
+    from zoo.train import _flat
 
-    recipe = _flat(config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"}).to_dict())
+    recipe = _flat(_recipe_config(cfg.recipe).to_dict())
     recipe = {k: v for k, v in recipe.items() if k not in ("model", "output_dir", *_RECIPE_NO_RESULT)}
     return [_fingerprint({"fields": entry.fields, "recipe": recipe}),
             _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})]
@@ -1799,10 +1804,8 @@ def _cache_bytes(cfg: CompareConfig) -> str:
 
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
-    from zoo.train import config_from_dict
-
     lengths = _lengths(cfg)
-    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    recipe = _recipe_config(cfg.recipe)
     lines = [f"# {cfg.title}", "",
              f"Device: {device}. Recipe: the same rows in the same order for every model (data seed "
              f"{recipe.data.seed}, initialisation seed {recipe.train.seed})."]
@@ -2028,9 +2031,9 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
     mixer with a cache but no state_size)."""
     from zoo.data.text import load_tokenizer
-    from zoo.train import ModelInputs, config_from_dict
+    from zoo.train import ModelInputs
 
-    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    recipe = _recipe_config(cfg.recipe)
     tokenizer = load_tokenizer(recipe.tokenizer)
     n_tokens = len(tokenizer)
     pk = cfg.eval.passkey
