@@ -1144,7 +1144,39 @@ def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monk
                         lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
     compare.write_plots(result["records"], cfg, tmp_path)
     assert "inference cache per sequence (KV 1 and states 2 bytes per float, states kept in the model's dtype 1)" \
-        in titles
+        in [" ".join(t.split()) for t in titles]  # (wrapped to fit the figure)
+
+
+def test_plot_titles_fit_inside_their_figures(tmp_path, monkeypatch):
+    """memory.png's cache title (the bytes per float) and length.png's title for documents that are partly training
+    text ran past the figure's edge on one line: the saved PNGs cut them off mid-sentence."""
+    import matplotlib.figure
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [f"output_dir={tmp_path}"])
+    records = compare.run_comparison(cfg, folder, only=["mamba", "gla"], accounting_only=True)["records"]
+    bins = [{"start": 1, "end": 16, "mean_loss": 3.0, "n_tokens": 15}, {"start": 16, "end": 128, "mean_loss": 2.5,
+                                                                         "n_tokens": 112}]
+    for rec in records:  # per-position documents that the recipe partly trained on: the longer title
+        rec["phases"]["eval/L128"] = {"per_position": {"bins": bins, "documents": {"trained_on_corpus": True,
+                                                                                   "train_tokens": 10}}}
+    outside = []
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        real(fig, path, *args, **kwargs)
+        fig.canvas.draw()
+        box, renderer = fig.bbox, fig.canvas.get_renderer()
+        for ax in fig.axes:
+            extent = ax.title.get_window_extent(renderer)
+            if extent.x0 < box.x0 or extent.x1 > box.x1 or extent.y1 > box.y1:
+                outside.append((Path(path).name, ax.title.get_text()))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    paths = compare.write_plots(records, cfg, tmp_path)
+    assert {p.name for p in paths} >= {"memory.png", "length.png"}
+    assert outside == []
 
 
 def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path, capsys):

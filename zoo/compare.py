@@ -100,6 +100,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -1959,7 +1960,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
                  label=rec["name"])
     ax1.set_title(f"training step memory ({method})", fontsize=9)
     ax1.set_ylabel("MiB")
-    ax2.set_title(f"inference cache per sequence ({_cache_bytes(cfg)})", fontsize=9)
+    # wrapped: on one line the right-hand title ran past the figure's edge, cut off at "states kept in the model's"
+    ax2.set_title(textwrap.fill(f"inference cache per sequence ({_cache_bytes(cfg)})", 60), fontsize=9)
     ax2.set_ylabel("MiB")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
@@ -2008,7 +2010,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     if curves:  # every length a plotted curve was trained at is marked, not only the first
         from zoo.eval.length import plot_length_curves
 
-        title = ("per-position loss on long documents, partly training text (see result.json's train_share)" if seen
+        # (two lines: the first title on one ran past both edges of the figure)
+        title = ("per-position loss on long documents, partly training text\n(see result.json's train_share)" if seen
                  else "per-position loss on long held-out documents")
         written.append(plot_length_curves(curves, out / "length.png", train_length=sorted(set(trained_at)),
                                           title=title))
