@@ -1179,6 +1179,25 @@ def test_plot_titles_fit_inside_their_figures(tmp_path, monkeypatch):
     assert outside == []
 
 
+def test_models_trained_on_another_device_are_named_in_the_report(tmp_path, capsys):
+    """The training phase's key holds no device: a rerun on another device (here another CPU thread count) keeps the
+    trained models, whose train tok/s (and training precision: recipe precision auto is fp32 on a CPU, bf16 on a GPU)
+    are that device's, but the table's header named only this run's device."""
+    out = tmp_path / "moved"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=2",
+            "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=gla"]
+    assert main(argv + ["--cpu_threads=1"]) == 0
+    assert "another device" not in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(argv + ["--cpu_threads=2"]) == 0
+    assert "gla: training" not in capsys.readouterr().err  # kept, not retrained
+    table = (out / "results.md").read_text()
+    assert "Device: CPU (2 threads)." in table
+    assert "Trained on another device: gla on CPU (1 thread) (train tok/s and the training precision are that " \
+           "device's, not CPU (2 threads)'s)." in table
+
+
 def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path, capsys):
     """A model whose config changed since its results were made was refused only at its turn, after the models
     before it had trained, and the advice (--force) would have redone every finished model."""

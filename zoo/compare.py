@@ -1329,7 +1329,7 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
             "tokens_per_step": info["tokens_per_step"], "train_tokens_per_s": tps,
             "peak_mem_gib": max(peaks) if peaks else None, "final_train_loss": sum(tail) / len(tail) if tail else None,
             "curve": curve, "checkpoint": str(checkpoint), "backend": info.get("backend", {}),
-            "precision": info.get("precision"), "device": info.get("device")}
+            "precision": info.get("precision"), "device": info.get("device"), "device_name": _device_name()}
 
 
 def _load_trained(checkpoint: str | Path, device: torch.device):
@@ -1798,6 +1798,29 @@ def _cache_bytes(cfg: CompareConfig) -> str:
             f"{a.kv_bytes}")
 
 
+def _trained_elsewhere(records: list[dict[str, Any]], lengths: list[int], device: str) -> dict[str, list[str]]:
+    """{the device a training phase ran on: the models (and lengths) trained there} of the training phases that ran on
+    another device than `device` (a CPU's thread count included: the training phase's key holds no device, so a rerun
+    elsewhere keeps them). A phase recorded without its device's name (earlier versions) is told by its device type."""
+    here = _device().type
+    out: dict[str, list[str]] = {}
+    for rec in records:
+        for L in lengths:
+            tr = rec["phases"].get(f"train/L{L}")
+            if not tr:
+                continue
+            name = tr.get("device_name")
+            if name is None:
+                kind = str(tr.get("device") or "").split(":")[0]
+                if not kind or kind == here:
+                    continue
+                name = "CPU" if kind == "cpu" else f"a {kind} device"
+            elif name == device:
+                continue
+            out.setdefault(name, []).append(_label(rec["name"], L, lengths))
+    return out
+
+
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
     from zoo.train import config_from_dict
@@ -1807,6 +1830,11 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
     lines = [f"# {cfg.title}", "",
              f"Device: {device}. Recipe: the same rows in the same order for every model (data seed "
              f"{recipe.data.seed}, initialisation seed {recipe.train.seed})."]
+    elsewhere = _trained_elsewhere(records, lengths, device)
+    if elsewhere:  # a rerun on another device (or CPU thread count) keeps the trained models: not this device's numbers
+        lines.append("Trained on another device: " + "; ".join(f"{', '.join(names)} on {name}"
+                                                                for name, names in elsewhere.items())
+                     + f" (train tok/s and the training precision are that device's, not {device}'s).")
     if cfg.budget is not None:
         lines.append(f"Budget: {cfg.budget.params:,.0f} {cfg.budget.count} parameters "
                      f"(± {cfg.budget.tolerance:.0%}, knob {cfg.budget.knob}).")
