@@ -759,6 +759,30 @@ def test_results_of_another_recipe_are_left_out_of_the_table(tmp_path, capsys):
     assert table.startswith("_Left out: gla:") and table in capsys.readouterr().out
 
 
+def test_a_model_an_earlier_run_did_not_finish_is_named_in_the_table(tmp_path, monkeypatch, capsys):
+    """A model stopped mid-training, then a run of another model (--only): the table left the unfinished model out
+    without a word, and read as the whole comparison."""
+    import zoo.train as zt
+
+    out = tmp_path / "unfinished"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=2",
+            "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null"]
+    real = zt.lr_at
+    monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 1))
+    assert main(argv + ["--only=gla"]) == 130
+    monkeypatch.setattr(zt, "lr_at", real)
+    assert main(argv + ["--only=mamba"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" not in table
+    assert table.startswith("_Not finished: gla: an earlier run stopped before their last phase; rerun them "
+                            "(--only gla) to continue where they stopped._")
+    assert table in capsys.readouterr().out
+    assert main(argv + ["--only=gla"]) == 0  # the advice: gla finishes and joins the table
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" in table and "Not finished" not in table
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0

@@ -2104,19 +2104,21 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
 
 
 def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path
-                      ) -> tuple[list[dict[str, Any]], list[str]]:
+                      ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
-    config's order; and the models whose earlier results were made with another model config, recipe or phase
-    settings (a rerun would redo them), which are left out: the table compares models under one recipe. A record
-    keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would show results
-    made under whatever settings each model last ran it with, side by side."""
+    config's order; the models whose earlier results were made with another model config, recipe or phase
+    settings (a rerun would redo them), which are left out: the table compares models under one recipe; and the
+    models an earlier run started but did not finish (left out too, and named: the table looked complete without
+    them). A record keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would
+    show results made under whatever settings each model last ran it with, side by side."""
     keys = _phase_keys(cfg)
-    found, stale = {name: _asked_phases(data, keys) for name, data in by_name.items()}, []
+    found, stale, unfinished = {name: _asked_phases(data, keys) for name, data in by_name.items()}, [], []
     for entry in entries:
         path = out / entry.name / RESULT_FILE
         if entry.name not in found and path.is_file():
             data = json.loads(path.read_text())
             if not data.get("done"):
+                unfinished.append(entry.name)
                 continue
             current = data.get("fingerprint") in _model_fingerprints(cfg, entry) and all(
                 _phase_done(data, phase, key) for phase, key in keys.items())
@@ -2125,7 +2127,7 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                                                    "accounting": _accounting(cfg, entry)}, keys)
             else:
                 stale.append(entry.name)
-    return [found[e.name] for e in entries if e.name in found], stale
+    return [found[e.name] for e in entries if e.name in found], stale, unfinished
 
 
 def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
@@ -2134,12 +2136,16 @@ def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
             "phase_seconds": {k: v for k, v in (data.get("phase_seconds") or {}).items() if k in keys}}
 
 
-def _left_out_note(stale: list[str], out: Path) -> str:
-    if not stale:
-        return ""
-    return (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
-            f"or evaluation settings; rerun them (--only {','.join(stale)}, with --force if the model or recipe "
-            f"changed)._\n\n")
+def _left_out_note(stale: list[str], out: Path, unfinished: list[str] = ()) -> str:
+    note = ""
+    if stale:
+        note += (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
+                 f"or evaluation settings; rerun them (--only {','.join(stale)}, with --force if the model or recipe "
+                 f"changed)._\n\n")
+    if unfinished:
+        note += (f"_Not finished: {', '.join(unfinished)}: an earlier run stopped before their last phase; rerun "
+                 f"them (--only {','.join(unfinished)}) to continue where they stopped._\n\n")
+    return note
 
 
 def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: list[str] | None = None,
@@ -2186,13 +2192,15 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
                     shutil.rmtree(out / entry.name)
                 by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
                 if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
-                    done, stale = _finished_records(cfg, entries, by_name, out)
+                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+                    later = {e.name for e in todo[i + 1:]}  # (this run goes on with them)
                     (out / "results.md").write_text(
                         f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
-                        f"{todo[i + 1].name}._\n\n" + _left_out_note(stale, out) +
+                        f"{todo[i + 1].name}._\n\n" +
+                        _left_out_note(stale, out, [n for n in unfinished if n not in later]) +
                         markdown_report(done, cfg, _device_name()))
-            records, stale = _finished_records(cfg, entries, by_name, out)
-        note = "" if accounting_only else _left_out_note(stale, out)
+            records, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+        note = "" if accounting_only else _left_out_note(stale, out, unfinished)
         markdown = note + markdown_report(records, cfg, _device_name())
         if accounting_only:  # results.md / results.json of a finished comparison stay as they are
             (out / "accounting.md").write_text(markdown)
