@@ -853,6 +853,15 @@ def test_graph_decoder_equals_eager(name):
     assert torch.equal(graph, eager)
 
 
+def test_table_numbers_that_round_up_to_the_next_unit_take_it():
+    """The table's K / M / G numbers: 999,600 parameters (a 1M budget met 0.04% under) printed as "1e+03K", 999.6
+    tokens/s as "1e+03"."""
+    from zoo.compare import _si
+
+    assert [_si(n) for n in (999.6, 999_600, 999_999_999, -999_600)] == ["1K", "1M", "1G", "-1M"]
+    assert [_si(n) for n in (999.4, 1234, 99_950, 0.5, 0, None)] == ["999", "1.23K", "100K", "0.5", "0", "—"]
+
+
 def test_recall_plot_labels_a_state_size_once_over_its_points():
     # a recurrent model's state is the same at every MQAR length; its two points (accuracies 0.070 and 0.072)
     # had a label each, printed on top of each other; attention's cache grows with the length: a label a point

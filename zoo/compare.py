@@ -1769,13 +1769,21 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
 
 # ---- report: tables and plots ----------------------------------------------------------------------------------
 
+_SI_UNITS = (("", 1.0), ("K", 1e3), ("M", 1e6), ("G", 1e9))
+
+
 def _si(n: float | None, digits: int = 3) -> str:
+    """n to `digits` significant digits with a K / M / G suffix. A value that rounds up to 1000 of its unit takes the
+    next one (999,600 parameters printed as "1e+03K", 999.6 tokens/s as "1e+03")."""
     if n is None:
         return "—"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.{digits}g}{unit}"
-    return f"{n:.{digits}g}"
+    i = max(j for j, (_, size) in enumerate(_SI_UNITS) if j == 0 or abs(n) >= size)
+    while True:
+        unit, size = _SI_UNITS[i]
+        text = f"{n / size:.{digits}g}"
+        if abs(float(text)) < 1000 or i + 1 == len(_SI_UNITS):
+            return text + unit
+        i += 1
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
