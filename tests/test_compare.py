@@ -1231,6 +1231,23 @@ def test_models_trained_on_another_device_are_named_in_the_report(tmp_path, caps
            "device's, not CPU (2 threads)'s)." in table
 
 
+def test_a_model_left_out_for_its_throughput_device_is_told_so(tmp_path, capsys):
+    """A model whose throughput was measured on another device (here another CPU thread count) is left out of a run
+    of the others, as its throughput phase's key holds the device; the note named only another model config, recipe or
+    evaluation settings, none of which had changed."""
+    out = tmp_path / "device"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput.seq_lens=[32]", "--throughput.steps=1",
+            "--throughput.warmup=0", "--throughput.batch_tokens=32"]
+    assert main(argv + ["--only=gla", "--cpu_threads=1"]) == 0
+    assert main(argv + ["--only=mamba", "--cpu_threads=2"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" not in table
+    assert table.startswith(f"_Left out: gla: the results in {out} were made with another model config, recipe or "
+                            f"evaluation settings, or their throughput measured on another device; rerun them")
+
+
 def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path, capsys):
     """A model whose config changed since its results were made was refused only at its turn, after the models
     before it had trained, and the advice (--force) would have redone every finished model."""

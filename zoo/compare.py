@@ -2147,9 +2147,10 @@ def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
 def _left_out_note(stale: list[str], out: Path, unfinished: list[str] = ()) -> str:
     note = ""
     if stale:
+        # (the throughput phase's key holds the device: a run on a GPU, or on another CPU thread count, leaves out too)
         note += (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
-                 f"or evaluation settings; rerun them (--only {','.join(stale)}, with --force if the model or recipe "
-                 f"changed)._\n\n")
+                 f"or evaluation settings, or their throughput measured on another device; rerun them (--only "
+                 f"{','.join(stale)}, with --force if the model or recipe changed)._\n\n")
     if unfinished:
         note += (f"_Not finished: {', '.join(unfinished)}: an earlier run stopped before their last phase; rerun "
                  f"them (--only {','.join(unfinished)}) to continue where they stopped._\n\n")
