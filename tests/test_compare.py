@@ -1180,6 +1180,30 @@ def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monk
         in [" ".join(t.split()) for t in titles]  # (wrapped to fit the figure)
 
 
+def test_throughput_section_and_plot_name_the_precision_they_ran_in(tmp_path, monkeypatch):
+    """On a GPU the throughput phase runs under bf16 autocast whatever the recipe's precision (the one train tok/s ran
+    in): its table and plot named the device only."""
+    import matplotlib.axes
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [f"output_dir={tmp_path}"])
+    records = compare.run_comparison(cfg, folder, only=["mamba", "gla"], accounting_only=True)["records"]
+    for rec in records:  # as a GPU run records it
+        rec["phases"]["throughput"] = {"precision": "bf16 autocast", "device": "cuda", "rows": [
+            {"seq_len": 128, "batch_size": 8, "step_ms": 10.0, "tokens_per_s": 102400.0, "peak_mib": 50.0,
+             "memory_method": "cuda max_memory_allocated"}]}
+    table = compare.markdown_report(records, cfg, "NVIDIA H100")
+    assert "## Training step (forward + backward) on NVIDIA H100 (bf16 autocast); memory: cuda max_memory_allocated" \
+        in table
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
+    compare.write_plots(records, cfg, tmp_path)
+    assert f"throughput on {compare._device_name()} (bf16 autocast)" in titles
+
+
 def test_plot_titles_fit_inside_their_figures(tmp_path, monkeypatch):
     """memory.png's cache title (the bytes per float) and length.png's title for documents that are partly training
     text ran past the figure's edge on one line: the saved PNGs cut them off mid-sentence."""

@@ -1829,6 +1829,14 @@ def _trained_elsewhere(records: list[dict[str, Any]], lengths: list[int], device
     return out
 
 
+def _throughput_precision(records: list[dict[str, Any]]) -> str:
+    """" (bf16 autocast)" / " (fp32)": the precision the throughput phase ran in (bf16 autocast on a GPU whatever the
+    recipe's precision, which the training's tok/s ran in), "" when no record has one."""
+    precision = next((r["phases"]["throughput"].get("precision") for r in records if r["phases"].get("throughput")),
+                     None)
+    return f" ({precision})" if precision else ""
+
+
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
     from zoo.train import config_from_dict
@@ -1891,7 +1899,8 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
     if any(rec["phases"].get("throughput") for rec in records):
         method = next((r["phases"]["throughput"]["rows"][0].get("memory_method") for r in records
                        if r["phases"].get("throughput") and r["phases"]["throughput"]["rows"]), "")
-        lines += ["", f"## Training step (forward + backward) on {device}; memory: {method}", "",
+        lines += ["", f"## Training step (forward + backward) on {device}{_throughput_precision(records)}; memory: "
+                  f"{method}", "",
                   "| model | L | batch | tokens/s | ms/step | memory MiB |", "| --- | --- | --- | --- | --- | --- |"]
         for rec in records:
             for row in (rec["phases"].get("throughput") or {}).get("rows", []):
@@ -1979,7 +1988,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length")
     ax.set_ylabel("training tokens / s (forward + backward)")
-    ax.set_title(f"throughput on {_device_name()}")
+    ax.set_title(f"throughput on {_device_name()}{_throughput_precision(records)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     save(fig, "throughput.png")
