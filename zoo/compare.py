@@ -100,6 +100,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -1333,7 +1334,7 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
             "tokens_per_step": info["tokens_per_step"], "train_tokens_per_s": tps,
             "peak_mem_gib": max(peaks) if peaks else None, "final_train_loss": sum(tail) / len(tail) if tail else None,
             "curve": curve, "checkpoint": str(checkpoint), "backend": info.get("backend", {}),
-            "precision": info.get("precision"), "device": info.get("device")}
+            "precision": info.get("precision"), "device": info.get("device"), "device_name": _device_name()}
 
 
 def _load_trained(checkpoint: str | Path, device: torch.device):
@@ -1773,13 +1774,21 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
 
 # ---- report: tables and plots ----------------------------------------------------------------------------------
 
+_SI_UNITS = (("", 1.0), ("K", 1e3), ("M", 1e6), ("G", 1e9))
+
+
 def _si(n: float | None, digits: int = 3) -> str:
+    """n to `digits` significant digits with a K / M / G suffix. A value that rounds up to 1000 of its unit takes the
+    next one (999,600 parameters printed as "1e+03K", 999.6 tokens/s as "1e+03")."""
     if n is None:
         return "—"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.{digits}g}{unit}"
-    return f"{n:.{digits}g}"
+    i = max(j for j, (_, size) in enumerate(_SI_UNITS) if j == 0 or abs(n) >= size)
+    while True:
+        unit, size = _SI_UNITS[i]
+        text = f"{n / size:.{digits}g}"
+        if abs(float(text)) < 1000 or i + 1 == len(_SI_UNITS):
+            return text + unit
+        i += 1
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -1802,6 +1811,37 @@ def _cache_bytes(cfg: CompareConfig) -> str:
             f"{a.kv_bytes}")
 
 
+def _trained_elsewhere(records: list[dict[str, Any]], lengths: list[int], device: str) -> dict[str, list[str]]:
+    """{the device a training phase ran on: the models (and lengths) trained there} of the training phases that ran on
+    another device than `device` (a CPU's thread count included: the training phase's key holds no device, so a rerun
+    elsewhere keeps them). A phase recorded without its device's name (earlier versions) is told by its device type."""
+    here = _device().type
+    out: dict[str, list[str]] = {}
+    for rec in records:
+        for L in lengths:
+            tr = rec["phases"].get(f"train/L{L}")
+            if not tr:
+                continue
+            name = tr.get("device_name")
+            if name is None:
+                kind = str(tr.get("device") or "").split(":")[0]
+                if not kind or kind == here:
+                    continue
+                name = "CPU" if kind == "cpu" else f"a {kind} device"
+            elif name == device:
+                continue
+            out.setdefault(name, []).append(_label(rec["name"], L, lengths))
+    return out
+
+
+def _throughput_precision(records: list[dict[str, Any]]) -> str:
+    """" (bf16 autocast)" / " (fp32)": the precision the throughput phase ran in (bf16 autocast on a GPU whatever the
+    recipe's precision, which the training's tok/s ran in), "" when no record has one."""
+    precision = next((r["phases"]["throughput"].get("precision") for r in records if r["phases"].get("throughput")),
+                     None)
+    return f" ({precision})" if precision else ""
+
+
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
     lengths = _lengths(cfg)
@@ -1809,6 +1849,11 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
     lines = [f"# {cfg.title}", "",
              f"Device: {device}. Recipe: the same rows in the same order for every model (data seed "
              f"{recipe.data.seed}, initialisation seed {recipe.train.seed})."]
+    elsewhere = _trained_elsewhere(records, lengths, device)
+    if elsewhere:  # a rerun on another device (or CPU thread count) keeps the trained models: not this device's numbers
+        lines.append("Trained on another device: " + "; ".join(f"{', '.join(names)} on {name}"
+                                                                for name, names in elsewhere.items())
+                     + f" (train tok/s and the training precision are that device's, not {device}'s).")
     if cfg.budget is not None:
         lines.append(f"Budget: {cfg.budget.params:,.0f} {cfg.budget.count} parameters "
                      f"(± {cfg.budget.tolerance:.0%}, knob {cfg.budget.knob}).")
@@ -1857,7 +1902,8 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
     if any(rec["phases"].get("throughput") for rec in records):
         method = next((r["phases"]["throughput"]["rows"][0].get("memory_method") for r in records
                        if r["phases"].get("throughput") and r["phases"]["throughput"]["rows"]), "")
-        lines += ["", f"## Training step (forward + backward) on {device}; memory: {method}", "",
+        lines += ["", f"## Training step (forward + backward) on {device}{_throughput_precision(records)}; memory: "
+                  f"{method}", "",
                   "| model | L | batch | tokens/s | ms/step | memory MiB |", "| --- | --- | --- | --- | --- | --- |"]
         for rec in records:
             for row in (rec["phases"].get("throughput") or {}).get("rows", []):
@@ -1945,7 +1991,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length")
     ax.set_ylabel("training tokens / s (forward + backward)")
-    ax.set_title(f"throughput on {_device_name()}")
+    ax.set_title(f"throughput on {_device_name()}{_throughput_precision(records)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     save(fig, "throughput.png")
@@ -1962,7 +2008,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
                  label=rec["name"])
     ax1.set_title(f"training step memory ({method})", fontsize=9)
     ax1.set_ylabel("MiB")
-    ax2.set_title(f"inference cache per sequence ({_cache_bytes(cfg)})", fontsize=9)
+    # wrapped: on one line the right-hand title ran past the figure's edge, cut off at "states kept in the model's"
+    ax2.set_title(textwrap.fill(f"inference cache per sequence ({_cache_bytes(cfg)})", 60), fontsize=9)
     ax2.set_ylabel("MiB")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
@@ -2011,7 +2058,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     if curves:  # every length a plotted curve was trained at is marked, not only the first
         from zoo.eval.length import plot_length_curves
 
-        title = ("per-position loss on long documents, partly training text (see result.json's train_share)" if seen
+        # (two lines: the first title on one ran past both edges of the figure)
+        title = ("per-position loss on long documents, partly training text\n(see result.json's train_share)" if seen
                  else "per-position loss on long held-out documents")
         written.append(plot_length_curves(curves, out / "length.png", train_length=sorted(set(trained_at)),
                                           title=title))
@@ -2076,19 +2124,21 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
 
 
 def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path
-                      ) -> tuple[list[dict[str, Any]], list[str]]:
+                      ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
-    config's order; and the models whose earlier results were made with another model config, recipe or phase
-    settings (a rerun would redo them), which are left out: the table compares models under one recipe. A record
-    keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would show results
-    made under whatever settings each model last ran it with, side by side."""
+    config's order; the models whose earlier results were made with another model config, recipe or phase
+    settings (a rerun would redo them), which are left out: the table compares models under one recipe; and the
+    models an earlier run started but did not finish (left out too, and named: the table looked complete without
+    them). A record keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would
+    show results made under whatever settings each model last ran it with, side by side."""
     keys = _phase_keys(cfg)
-    found, stale = {name: _asked_phases(data, keys) for name, data in by_name.items()}, []
+    found, stale, unfinished = {name: _asked_phases(data, keys) for name, data in by_name.items()}, [], []
     for entry in entries:
         path = out / entry.name / RESULT_FILE
         if entry.name not in found and path.is_file():
             data = json.loads(path.read_text())
             if not data.get("done"):
+                unfinished.append(entry.name)
                 continue
             current = data.get("fingerprint") in _model_fingerprints(cfg, entry) and all(
                 _phase_done(data, phase, key) for phase, key in keys.items())
@@ -2097,7 +2147,7 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                                                    "accounting": _accounting(cfg, entry)}, keys)
             else:
                 stale.append(entry.name)
-    return [found[e.name] for e in entries if e.name in found], stale
+    return [found[e.name] for e in entries if e.name in found], stale, unfinished
 
 
 def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
@@ -2106,12 +2156,17 @@ def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
             "phase_seconds": {k: v for k, v in (data.get("phase_seconds") or {}).items() if k in keys}}
 
 
-def _left_out_note(stale: list[str], out: Path) -> str:
-    if not stale:
-        return ""
-    return (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
-            f"or evaluation settings; rerun them (--only {','.join(stale)}, with --force if the model or recipe "
-            f"changed)._\n\n")
+def _left_out_note(stale: list[str], out: Path, unfinished: list[str] = ()) -> str:
+    note = ""
+    if stale:
+        # (the throughput phase's key holds the device: a run on a GPU, or on another CPU thread count, leaves out too)
+        note += (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
+                 f"or evaluation settings, or their throughput measured on another device; rerun them (--only "
+                 f"{','.join(stale)}, with --force if the model or recipe changed)._\n\n")
+    if unfinished:
+        note += (f"_Not finished: {', '.join(unfinished)}: an earlier run stopped before their last phase; rerun "
+                 f"them (--only {','.join(unfinished)}) to continue where they stopped._\n\n")
+    return note
 
 
 def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: list[str] | None = None,
@@ -2158,13 +2213,15 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
                     shutil.rmtree(out / entry.name)
                 by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
                 if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
-                    done, stale = _finished_records(cfg, entries, by_name, out)
+                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+                    later = {e.name for e in todo[i + 1:]}  # (this run goes on with them)
                     (out / "results.md").write_text(
                         f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
-                        f"{todo[i + 1].name}._\n\n" + _left_out_note(stale, out) +
+                        f"{todo[i + 1].name}._\n\n" +
+                        _left_out_note(stale, out, [n for n in unfinished if n not in later]) +
                         markdown_report(done, cfg, _device_name()))
-            records, stale = _finished_records(cfg, entries, by_name, out)
-        note = "" if accounting_only else _left_out_note(stale, out)
+            records, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+        note = "" if accounting_only else _left_out_note(stale, out, unfinished)
         markdown = note + markdown_report(records, cfg, _device_name())
         if accounting_only:  # results.md / results.json of a finished comparison stay as they are
             (out / "accounting.md").write_text(markdown)
