@@ -956,7 +956,7 @@ def test_evaluate_length_resumes_an_interrupted_run_at_its_next_document(tmp_pat
             capsys.readouterr().out
         assert sum(calls) == 2 + 5  # the first batch (saved, then interrupted), then every document
         assert again["bins"] and not partial.exists()
-    stop[0] = 1  # a small run (the first save due after save_every seconds) writes nothing
+    stop[0] = 0  # interrupted before any batch finished: nothing to save
     with pytest.raises(KeyboardInterrupt):
         evaluate_length(model, docs, chunk_size=16, batch_size=2, partial=partial)
     assert not partial.exists()
@@ -1958,6 +1958,37 @@ def test_eval_length_stopped_by_sigterm_keeps_its_documents_and_says_so(checkpoi
     assert capsys.readouterr().err.endswith(
         f"\nzoo eval length: interrupted: finished curves (length.json, *.csv) and the finished documents of an "
         f"evaluation (*.partial.pt) are kept in {out}; the same command continues\n")
+
+
+def test_eval_length_stopped_between_saves_keeps_every_finished_document(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval length saved its finished documents at most every SAVE_EVERY (30) seconds: SIGTERM or Ctrl-C lost those
+    finished since the last save (every one, in a run stopped within its first 30 s). They are saved as it stops now,
+    and the same command goes on at the next document to the uninterrupted run's outputs."""
+    from helpers import sigterm_after, sigterm_raises_terminated
+
+    from zoo.cli import _run
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), "--label", "a", "--tokens", str(tmp_path / "docs.pt"), "--chunk-size", "16",
+            "--device", "cpu"]
+    whole = length.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    assert length.SAVE_EVERY >= 30  # (no save falls due in this run: only the one at the stop)
+    real = length.per_position_loss
+    calls = sigterm_after(monkeypatch, length, 2)
+    with sigterm_raises_terminated():
+        assert _run("zoo eval length", length.main, [*argv, "--out", str(out)]) == 130
+    assert calls == [1, 1] and torch.load(out / "a.partial.pt")["batches"] == 2
+    monkeypatch.setattr(length, "per_position_loss", real)
+    calls, _ = interrupt_after(monkeypatch, length, None)
+    capsys.readouterr()
+    resumed = length.main([*argv, "--out", str(out)])
+    assert "resuming a from document 3 of 3" in capsys.readouterr().out and calls == [1]
+    assert resumed == whole and not list(out.glob("*.partial.pt*"))
+    saved, expected = torch.load(out / "a-per-position.pt"), torch.load(tmp_path / "whole" / "a-per-position.pt")
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("command", ["state", "synthetic", "passkey"])
