@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from zoo.data.synthetic import COUNT_ARGUMENT
-from zoo.eval.common import markdown_table, parse_int
+from zoo.eval.common import markdown_table, parse_int, sigterm_interrupts
 from zoo.finetune import DataSection, LoopSection, PretrainSection
 from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted, read_yaml
 
@@ -579,7 +579,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        results = [train_and_evaluate(run, accelerator) for run in runs]
+        # SIGTERM (a scheduler's, accelerate launch's) outside a training (an evaluation, a model's save) stops the
+        # runs as Ctrl-C does: it killed the process there without a word (run_training's own handler saves and stops
+        # while a phase trains)
+        with sigterm_interrupts():
+            results = [train_and_evaluate(run, accelerator) for run in runs]
     except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: run_training saved the phase; finished runs are kept
         print(f"train_synthetic: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
         return 130

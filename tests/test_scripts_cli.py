@@ -567,6 +567,39 @@ def test_train_synthetic_stopped_run_continues_to_the_uninterrupted_model(tmp_pa
     assert whole == cut
 
 
+def test_train_synthetic_stopped_by_sigterm_in_an_evaluation_says_so_and_keeps_its_model(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """SIGTERM (a scheduler's, accelerate launch's) in a run's evaluation killed train_synthetic without a word (only
+    the training handled it). It stops as Ctrl-C does now: one line, exit status 130, the handler before it back, the
+    trained model kept; the same command evaluates it without training again."""
+    import os
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    real = synthetic.predict_answers
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", sigterm)
+    with sigterm_raises_terminated() as handler:
+        assert script.main([str(recipe)]) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.endswith("train_synthetic: interrupted; the same command continues\n")
+    run_dir = tmp_path / "out" / "mamba"
+    assert (run_dir / "model").is_dir() and not (run_dir / "result.json").exists()
+    monkeypatch.setattr(synthetic, "predict_answers", real)
+    assert script.main([str(recipe)]) == 0
+    assert (run_dir / "result.json").is_file()
+    assert f"mamba: reusing the model trained in {run_dir / 'model'}" in capsys.readouterr().out
+
+
 def test_train_synthetic_runs_of_different_precisions_are_refused_by_name(tmp_path, capsys):
     """One Accelerator serves every run of a call: a model_overrides precision other than the first run's trained
     at the first run's precision, silently. Now refused, naming each run's."""
