@@ -2199,7 +2199,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.resume == "auto" and latest_checkpoint(cfg.output_dir) is None and os.environ.get("RANK", "0") == "0":
         print(f"--resume: no checkpoint in {cfg.output_dir!r} yet; starting the run from step 0")
-    result = train(cfg, resume=args.resume)
+    from zoo.eval.common import sigterm_interrupts
+
+    # SIGTERM (a scheduler's, accelerate launch's) before the loop (the model built, the data read, a checkpoint
+    # loaded) stops the run as Ctrl-C does, in one line and exit status 130: it killed the process there without a
+    # word (the loop's own handler, which saves and stops, takes precedence while it is set)
+    with sigterm_interrupts():
+        result = train(cfg, resume=args.resume)
     from accelerate import PartialState
 
     if result.checkpoint is not None and PartialState().is_main_process:
