@@ -1550,6 +1550,40 @@ def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpo
     assert "weights differ" in capsys.readouterr().out and len(calls) == 8
 
 
+def test_passkey_stopped_in_a_cell_keeps_its_finished_prompts(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval passkey saved a cell only once all its prompts were done: Ctrl-C or SIGTERM in a cell lost its finished
+    prompts (a cell of 1M-token prompts is minutes of them). They are saved as it stops now, and the same command runs
+    only the cell's other prompts, to the result of an uninterrupted run."""
+    from zoo.eval import passkey
+
+    real_generate = passkey.greedy_generate
+    calls, stop = [], [None]
+
+    def generate(model, input_ids, *args, **kwargs):  # one call per prompt; Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    argv = ["--model", str(checkpoint), "--lengths", "128", "--depths", "0,1", "--n-samples", "3", "--device", "cpu"]
+    whole = passkey.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    stop[0], calls[:] = 4, []  # the first cell's three prompts, then one of the second's
+    with pytest.raises(KeyboardInterrupt):
+        passkey.main([*argv, "--out", str(out)])
+    saved = json.loads((out / "passkey.json").read_text())
+    assert [(r["length"], r["depth"]) for r in saved["rows"]] == [(128, 0.0)]
+    assert saved["samples"] == whole["samples"][:4]
+    stop[0], calls[:] = None, []
+    capsys.readouterr()
+    resumed = passkey.main([*argv, "--out", str(out)])
+    assert "resuming" in capsys.readouterr().out and len(calls) == 2  # the second cell's last two prompts
+    assert resumed["rows"] == whole["rows"] and resumed["samples"] == whole["samples"]
+    for file in ("passkey.csv", "passkey.md"):
+        assert (out / file).read_text() == (tmp_path / "whole" / file).read_text()
+
+
 def test_passkey_rerun_of_another_grid_reports_that_grid_only(checkpoint, tmp_path, monkeypatch, capsys):
     """A rerun with the same settings kept every saved cell whatever its grid: --lengths 128 after --lengths 128,256
     reported (and drew in the heatmap and passkey.md) the 256-token cells as its own."""
