@@ -1022,6 +1022,18 @@ def test_eval_length_interrupted_before_length_json_keeps_the_finished_curve(che
     torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
 
 
+def save_after_every_forward(monkeypatch, state) -> None:
+    """zoo eval state saves its progress after a forward once SAVE_EVERY seconds and 10 times the last save's time
+    have passed: SAVE_EVERY 0 and a clock that stands still make that every forward, whatever the machine's speed
+    (with the real clock a slow save skipped the next saves, and a test's resume point moved)."""
+    from types import SimpleNamespace
+
+    from zoo.state import recorder
+
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    monkeypatch.setattr(recorder, "time", SimpleNamespace(monotonic=lambda: 0.0))
+
+
 def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     """zoo eval state saved its run only at the end: an interrupt after hours of a 1M-token run left nothing. The
     statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
@@ -1033,7 +1045,7 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "window:r=8"]
     state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of 16 tokens
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     calls, stop = interrupt_forwards_after(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
@@ -1090,7 +1102,7 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     from zoo.eval import state
 
     monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
     argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
@@ -2045,7 +2057,7 @@ def test_eval_stopped_by_sigterm_keeps_what_it_saved_and_says_so(command, checkp
         torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
         argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
                 "--max-len", "96", "--chunk-size", "16", "--device", "cpu"]
-        monkeypatch.setattr(module, "SAVE_EVERY", 0)
+        save_after_every_forward(monkeypatch, module)
         monkeypatch.setattr(module, "plot_state_statistics", lambda *args: [])
         owner, name, stop = recorder, "output_cache", 3
         kept = f"the run's progress as last saved (state.partial.pt) is kept in {out}"
