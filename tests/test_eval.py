@@ -1723,6 +1723,38 @@ def test_eval_synthetic_writes_its_figure_and_a_resumed_rerun_redraws_it_whole(c
     assert_png(out / "mqar.png")
 
 
+def test_eval_synthetic_stopped_in_a_cell_keeps_its_finished_batches(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval synthetic saved a cell only once all its batches were done: Ctrl-C or SIGTERM in a cell lost them (a
+    cell of 2^20-token rows is an hour of batches). Its finished batches are saved as it stops now (mqar.json's
+    `started`), and the same command runs only the cell's other rows, to the result of an uninterrupted run."""
+    from zoo.eval import synthetic
+
+    real_predict = synthetic.predict_answers
+    calls, stop = [], [None]
+
+    def predict(model, input_ids, *args, **kwargs):  # one call per batch; Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append((input_ids.shape[1], input_ids.shape[0]))
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    argv = ["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "4", "--vocab-size", "256",
+            "--n-samples", "6", "--batch-size", "2", "--device", "cpu"]
+    whole = synthetic.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    stop[0], calls[:] = 5, []  # the 32-token cell's three batches, then two of the 64-token cell's
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.main([*argv, "--out", str(out)])
+    saved = json.loads((out / "mqar.json").read_text())
+    assert [r["seq_len"] for r in saved["rows"]] == [32] and saved["started"]["next"] == 4
+    stop[0], calls[:] = None, []
+    resumed = synthetic.main([*argv, "--out", str(out)])
+    assert calls == [(64, 2)]  # the 64-token cell's last two rows only
+    assert resumed["rows"] == whole["rows"] and "started" not in json.loads((out / "mqar.json").read_text())
+    assert (out / "mqar.csv").read_text() == (tmp_path / "whole" / "mqar.csv").read_text()
+
+
 def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
     """zoo eval length wrote length.json after every run, but a rerun evaluated every model again (at 1M tokens, the
     long part of a sweep); now the curves of the same model files and settings are kept and only the rest run."""
