@@ -2141,6 +2141,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     if pending:  # the steps since the last log: the resumed run starts after them
                         log_window(grad_norm, None)
                     stopped = True
+                    if bar is not None:  # closed before the line: left open, the line was glued to its end and the
+                        bar.close()      # bar drawn again below it as it closed
                     accelerator.print(f"stop requested: saving step {step} and exiting")
                     break
             flush()
@@ -2148,6 +2150,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 save()
         except KeyboardInterrupt:
             stopped = True
+            if bar is not None:  # (closed before the lines below, as at a stop request)
+                bar.close()
             losses.update({s: float(v[0]) for s, v in pending})
             if updating:  # parameters may be half-updated: keep the previous checkpoint
                 accelerator.print(f"interrupted during the optimizer step: not saving; last checkpoint "
