@@ -503,17 +503,24 @@ def main(argv: list[str] | None = None) -> int:
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --key.sub=value")
+    if args.dry_run and args.fit_only:  # (--fit-only was taken and ignored: the dry run listed the runs and stopped)
+        parser.error("--dry-run lists the runs to train, and --fit-only trains none and re-fits the saved evaluations; "
+                     "give one of them")
     try:
         sweep, runs, sizes = check_sweep(args.config, [item[2:] for item in rest], args.only)
     except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
         parser.error(str(e))
     out = Path(sweep["output_dir"])
-    if args.dry_run:
+    if args.dry_run:  # the runs --only leaves to train (it listed every model's, those it would skip too)
         for name, s in sizes.items():
+            if args.only and name not in args.only:
+                continue
             paper = paper_capacity(s)
             print(f"{name}: S = {s:.4f}M floats; paper's capacity length "
                   f"{PAPER_BELOW if paper is None else f'{paper:.2f}K'}")
         for run in runs:
+            if args.only and run["model"] not in args.only:
+                continue
             c = run["config"]
             accum = f" x {c.train.grad_accum} micro batches" if (c.train.grad_accum or 1) > 1 else ""
             print(f"{run['name']}: {c.train.max_steps} steps of {c.train.micro_batch_size} x {c.data.seq_len}{accum} "

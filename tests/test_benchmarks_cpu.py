@@ -29,6 +29,17 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     assert isinstance(e.value.code, str) and "CUDA" in e.value.code and "\n" not in e.value.code, e.value.code
 
 
+@pytest.mark.parametrize("flags", [["--sweep"], ["--shapes", "mamba.in_proj"]], ids=["sweep", "shapes"])
+def test_decode_linear_chain_refuses_the_single_projection_options_it_ignores(monkeypatch, capsys, flags):
+    """--chain times its own Mamba-130M-like layers: --shapes and --sweep were taken and did nothing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["decode_linear.py", "--chain", *flags])
+    script = load_script("benchmarks/decode_linear.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and f"{flags[0]}: options of the single projections" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the probe")
 def test_mqar_probe_runs_the_demos_models_on_the_cpu(tmp_path, monkeypatch):
     # how many MQAR steps the demo's tiny models need is a CPU question (the demo trains them 100); it was GPU-only
@@ -380,6 +391,24 @@ def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
             script.main(["--device", "cuda"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "torch", "--cuda-graph"], "--cuda-graph: options of the timing, which --profile does not run"),
+    (["--dump", "x.pt", "--json", "--repeats", "3"], "--json, --repeats: options of the timing, which --dump"),
+    (["--profile", "cprofile", "--dump", "x.pt"], "--profile and --dump: each runs on its own"),
+])
+def test_eager_decode_overhead_refuses_timing_options_that_profile_and_dump_ignore(tmp_path, monkeypatch, capsys,
+                                                                                  flags, message):
+    """--profile (and --dump) run one plain generate() per family and return: --cuda-graph, --json and --repeats were
+    taken and did nothing, so a `--profile torch --cuda-graph` run profiled the eager call without a word."""
+    monkeypatch.chdir(tmp_path)
+    script = load_script("benchmarks/eager_decode_overhead.py")
+    monkeypatch.setattr(script, "build", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as e:
+        script.main(["--families", "gla", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")

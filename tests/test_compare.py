@@ -769,6 +769,20 @@ def test_accounting_only_needs_no_training(tmp_path, capsys):
     assert (out / "accounting.md").read_text() in table
 
 
+def test_accounting_only_accounts_the_models_of_only_and_refuses_force(tmp_path, capsys):
+    """--accounting-only took --only and --force and ignored both: `--only mamba` printed every model's accounting,
+    and --force (which redoes trained models) did nothing without a word."""
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path}", "--accounting-only"]
+    assert main(argv + ["--only=mamba,gla"]) == 0
+    table = (tmp_path / "accounting.md").read_text()
+    assert "| mamba | 128 |" in table and "| gla | 128 |" in table
+    assert "| transformerpp |" not in table and "| mamba2 |" not in table and "| jamba |" not in table
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--force"])
+    assert e.value.code == 2 and "--force redoes trained models" in capsys.readouterr().err
+
+
 def test_accounting_only_leaves_a_finished_comparisons_results_alone(tmp_path, capsys):
     """--accounting-only (documented as needing no GPU) on a comparison's output_dir replaced its results.md and
     results.json by tables without a trained number, and its compare_config.yaml by the settings of the look."""

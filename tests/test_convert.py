@@ -10,6 +10,7 @@ dtype, and transformers' Jamba experts refuse fp64.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -669,6 +670,10 @@ def test_export_of_a_half_model_with_residual_in_fp32_warns_that_llama_and_jamba
         export(model)
 
 
+MAMBA_SSM_HYBRID = dict(vocab_size=64, d_model=32, ffn={"type": "swiglu", "hidden": 128}, mixers={
+    "M": {"type": "mamba", "d_state": 4}, "N": {"type": "mamba2", "d_state": 8, "head_dim": 16},
+    "A": {"type": "attention", "n_heads": 4}, "B": {"type": "attention", "n_heads": 2},
+    "W": {"type": "attention", "n_heads": 4, "window": 8}, "G": {"type": "gla"}})
 UNMAPPABLE_EXPORTS = [
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig.from_yaml(CONFIGS / "jamba-tiny.yaml"), "inner_norms"),
     ("hf-jamba", to_hf_jamba, lambda: ZooConfig(**{**JAMBA_STYLE, "moe": {**JAMBA_STYLE["moe"],
@@ -689,6 +694,13 @@ UNMAPPABLE_EXPORTS = [
     ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", norm_eps=1e-6), "norm_eps"),
     ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig.from_yaml(
         CONFIGS / "mamba-tiny.yaml", ffn={"type": "swiglu", "hidden": 100}), "ffn.hidden"),
+    # hybrids: one ssm_cfg, one attn_cfg and one d_intermediate for every layer; MHA has no sliding window
+    ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig(**MAMBA_SSM_HYBRID, layers="MAMN"), r"layers[3].type='mamba2'"),
+    ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig(**MAMBA_SSM_HYBRID, layers="MAMB"), r"layers[3]="),
+    ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig(**MAMBA_SSM_HYBRID, layers="MWMW"), "window"),
+    ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig(**MAMBA_SSM_HYBRID, layers=[
+        "M", "A", "M", {"type": "attention", "n_heads": 4, "ffn": "none"}]), "layers[3].ffn"),
+    ("mamba_ssm", to_mamba_ssm, lambda: ZooConfig(**MAMBA_SSM_HYBRID, layers="MAMG"), "layers[3].type='gla'"),
 ]
 
 
@@ -740,51 +752,128 @@ def test_unmappable_import_is_a_named_error(importer, make_source, option):
 
 # ---- mamba_ssm -----------------------------------------------------------------------------------------------
 # The layout below is read from mamba_ssm 2.3.2 (models/mixer_seq_simple.py, modules/block.py, modules/mlp.py,
-# modules/mamba_simple.py, modules/mamba2.py): MixerModel.embedding (note: singular), layers.{i}.norm / mixer /
-# norm2 / mlp.fc1 / mlp.fc2, norm_f; RMSNorm eps 1e-5; GatedMLP fc1 = [y, gate], hidden rounded up to 128.
+# modules/mamba_simple.py, modules/mamba2.py, modules/mha.py): MixerModel.embedding (note: singular), layers.{i}.norm /
+# mixer / norm2 / mlp.fc1 / mlp.fc2, norm_f; RMSNorm eps 1e-5; GatedMLP fc1 = [y, gate], hidden rounded up to 128;
+# MHA in_proj = [q, k, v].
 
 def mamba_ssm_d_state(ssm: dict) -> int:
     return ssm.get("d_state", 16 if ssm.get("layer", "Mamba1") == "Mamba1" else 128)  # Mamba's, Mamba2's default
 
 
-def mamba_ssm_checkpoint(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random state dict with the keys and shapes MambaLMHeadModel(config) has."""
-    g = torch.Generator().manual_seed(seed)
-    d, ssm = config["d_model"], dict(config["ssm_cfg"])
-    vocab = -(-config["vocab_size"] // config["pad_vocab_size_multiple"]) * config["pad_vocab_size_multiple"]
-
-    def rnd(*shape, scale=0.1, shift=0.0):
-        return torch.randn(*shape, generator=g) * scale + shift
-
-    sd = {"backbone.embedding.weight": rnd(vocab, d, scale=0.5), "backbone.norm_f.weight": rnd(d, shift=1.0)}
+def mamba_ssm_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """Every key of MambaLMHeadModel(MambaConfig(**config)).state_dict() with its shape, hand-listed from mamba_ssm
+    2.3.2's source: models/mixer_seq_simple.py (MambaLMHeadModel: backbone, lm_head, the vocabulary padded up to
+    pad_vocab_size_multiple; MixerModel: embedding, layers, norm_f; create_block: an MHA where the layer index is in
+    attn_layer_idx, else Mamba or Mamba2 by ssm_cfg["layer"]), modules/block.py (Block: norm, mixer, and norm2 + mlp
+    when d_intermediate > 0), ops/triton/layer_norm.py (RMSNorm: weight only, bias registered as None),
+    modules/mlp.py (GatedMLP), modules/mamba_simple.py (Mamba), modules/mamba2.py (Mamba2; RMSNormGated of
+    ops/triton/layernorm_gated.py: weight only) and modules/mha.py (MHA; flash_attn's RotaryEmbedding keeps inv_freq
+    non-persistent, so rotary adds no key)."""
+    d, multiple = config["d_model"], config.get("pad_vocab_size_multiple", 8)
+    vocab = -(-config["vocab_size"] // multiple) * multiple
+    ssm, attn = dict(config.get("ssm_cfg") or {}), dict(config.get("attn_cfg") or {})
+    shapes = {"backbone.embedding.weight": (vocab, d)}
     for i in range(config["n_layer"]):
         p = f"backbone.layers.{i}."
-        sd[p + "norm.weight"] = rnd(d, shift=1.0)
-        d_state, d_conv, expand = mamba_ssm_d_state(ssm), ssm.get("d_conv", 4), ssm.get("expand", 2)
-        d_inner = expand * d
-        if ssm.get("layer", "Mamba1") == "Mamba1":  # mamba_simple.Mamba
-            dt_rank = -(-d // 16)
-            A = torch.arange(1, d_state + 1.0).repeat(d_inner, 1)
-            sd |= {p + "mixer.in_proj.weight": rnd(2 * d_inner, d), p + "mixer.conv1d.weight": rnd(d_inner, 1, d_conv),
-                   p + "mixer.conv1d.bias": rnd(d_inner),
-                   p + "mixer.x_proj.weight": rnd(dt_rank + 2 * d_state, d_inner),
-                   p + "mixer.dt_proj.weight": rnd(d_inner, dt_rank), p + "mixer.dt_proj.bias": rnd(d_inner, shift=-3),
-                   p + "mixer.A_log": torch.log(A) + rnd(d_inner, d_state), p + "mixer.D": rnd(d_inner, shift=1.0),
-                   p + "mixer.out_proj.weight": rnd(d, d_inner)}
-        else:  # mamba2.Mamba2: in_proj order [z, x, B, C, dt]
-            g_, heads = ssm.get("ngroups", 1), d_inner // ssm["headdim"]
-            conv_dim = d_inner + 2 * g_ * d_state
-            sd |= {p + "mixer.in_proj.weight": rnd(2 * d_inner + 2 * g_ * d_state + heads, d),
-                   p + "mixer.conv1d.weight": rnd(conv_dim, 1, d_conv), p + "mixer.conv1d.bias": rnd(conv_dim),
-                   p + "mixer.dt_bias": rnd(heads, shift=-3), p + "mixer.A_log": rnd(heads, shift=1.0),
-                   p + "mixer.D": rnd(heads, shift=1.0), p + "mixer.norm.weight": rnd(d_inner, shift=1.0),
-                   p + "mixer.out_proj.weight": rnd(d, d_inner)}
-        if config.get("d_intermediate", 0):
+        shapes[p + "norm.weight"] = (d,)
+        if i in (config.get("attn_layer_idx") or []):  # MHA(d, **attn_cfg)
+            heads = attn["num_heads"]
+            kv_heads = attn.get("num_heads_kv") or heads
+            head_dim = attn.get("head_dim") or d // heads
+            mlp_dim = -(-attn.get("mlp_dim", 0) // 256) * 256
+            qkv_dim = head_dim * (heads + 2 * kv_heads)
+            shapes[p + "mixer.in_proj.weight"] = (qkv_dim + mlp_dim, d)
+            if attn.get("qkv_proj_bias", True):
+                shapes[p + "mixer.in_proj.bias"] = (qkv_dim + mlp_dim,)
+            if attn.get("d_conv", 0) > 0:
+                shapes[p + "mixer.conv1d.weight"] = (qkv_dim, 1, attn["d_conv"])
+                shapes[p + "mixer.conv1d.bias"] = (qkv_dim,)
+            shapes[p + "mixer.out_proj.weight"] = (d, heads * head_dim + mlp_dim // 2)
+            if attn.get("out_proj_bias", True):
+                shapes[p + "mixer.out_proj.bias"] = (d,)
+        elif ssm.get("layer", "Mamba1") == "Mamba1":  # Mamba(d, **ssm_cfg)
+            d_state, d_conv, d_inner = mamba_ssm_d_state(ssm), ssm.get("d_conv", 4), int(ssm.get("expand", 2) * d)
+            dt_rank = ssm.get("dt_rank", "auto")
+            dt_rank = -(-d // 16) if dt_rank == "auto" else dt_rank
+            shapes |= {p + "mixer.in_proj.weight": (2 * d_inner, d), p + "mixer.conv1d.weight": (d_inner, 1, d_conv),
+                       p + "mixer.x_proj.weight": (dt_rank + 2 * d_state, d_inner),
+                       p + "mixer.dt_proj.weight": (d_inner, dt_rank), p + "mixer.dt_proj.bias": (d_inner,),
+                       p + "mixer.A_log": (d_inner, d_state), p + "mixer.D": (d_inner,),
+                       p + "mixer.out_proj.weight": (d, d_inner)}
+            if ssm.get("conv_bias", True):
+                shapes[p + "mixer.conv1d.bias"] = (d_inner,)
+            if ssm.get("bias", False):
+                shapes |= {p + "mixer.in_proj.bias": (2 * d_inner,), p + "mixer.out_proj.bias": (d,)}
+        else:  # Mamba2(d, **ssm_cfg): in_proj rows [z, x, B, C, dt]
+            d_state, d_conv, d_inner = mamba_ssm_d_state(ssm), ssm.get("d_conv", 4), ssm.get("expand", 2) * d
+            groups, d_ssm = ssm.get("ngroups", 1), ssm.get("d_ssm") or d_inner
+            heads, conv_dim = d_ssm // ssm.get("headdim", 64), d_ssm + 2 * ssm.get("ngroups", 1) * d_state
+            shapes |= {p + "mixer.in_proj.weight": (2 * d_inner + 2 * groups * d_state + heads, d),
+                       p + "mixer.conv1d.weight": (conv_dim, 1, d_conv), p + "mixer.dt_bias": (heads,),
+                       p + "mixer.A_log": (heads,), p + "mixer.D": (d_ssm if ssm.get("D_has_hdim") else heads,),
+                       p + "mixer.out_proj.weight": (d, d_inner)}
+            if ssm.get("rmsnorm", True):
+                shapes[p + "mixer.norm.weight"] = (d_ssm,)
+            if ssm.get("conv_bias", True):
+                shapes[p + "mixer.conv1d.bias"] = (conv_dim,)
+            if ssm.get("bias", False):
+                shapes |= {p + "mixer.in_proj.bias": shapes[p + "mixer.in_proj.weight"][:1],
+                           p + "mixer.out_proj.bias": (d,)}
+        if config.get("d_intermediate", 0):  # GatedMLP(d, hidden_features=d_intermediate, out_features=d)
             hidden = -(-config["d_intermediate"] // 128) * 128
-            sd |= {p + "norm2.weight": rnd(d, shift=1.0), p + "mlp.fc1.weight": rnd(2 * hidden, d),
-                   p + "mlp.fc2.weight": rnd(d, hidden)}
-    sd["lm_head.weight"] = sd["backbone.embedding.weight"] if config["tie_embeddings"] else rnd(vocab, d, scale=0.5)
+            shapes |= {p + "norm2.weight": (d,), p + "mlp.fc1.weight": (2 * hidden, d),
+                       p + "mlp.fc2.weight": (d, hidden)}
+    return shapes | {"backbone.norm_f.weight": (d,), "lm_head.weight": (vocab, d)}
+
+
+def mamba_ssm_checkpoint(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict with the keys and shapes MambaLMHeadModel(config) has (`mamba_ssm_shapes`)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, shape in mamba_ssm_shapes(config).items():
+        x = torch.randn(*shape, generator=g)
+        if key == "lm_head.weight" and config["tie_embeddings"]:
+            x = sd["backbone.embedding.weight"]
+        elif key in ("backbone.embedding.weight", "lm_head.weight"):
+            x = x * 0.5
+        elif key.endswith("A_log") and len(shape) == 2:  # Mamba's A = -exp(A_log) = -[1 .. d_state] per channel
+            x = torch.log(torch.arange(1, shape[1] + 1.0)).repeat(shape[0], 1) + x * 0.1
+        elif key.endswith(("norm.weight", "norm2.weight", "norm_f.weight", ".D", "A_log")):
+            x = x * 0.1 + 1.0
+        elif key.endswith(("dt_proj.bias", "dt_bias")):
+            x = x * 0.1 - 3.0
+        else:
+            x = x * 0.1
+        sd[key] = x
     return sd
+
+
+def mamba_ssm_mha(x: torch.Tensor, sd: dict[str, torch.Tensor], prefix: str, attn: dict, d: int) -> torch.Tensor:
+    """MHA.forward of mamba_ssm 2.3.2 (modules/mha.py) without a cache, transcribed: in_proj -> q | k, v (the kv
+    part "(two hkv d)"), flash_attn's RotaryEmbedding (GPT-NeoX halves over the first rotary_emb_dim channels,
+    positions 0..T-1), k and v repeated per query head group, SDPA (is_causal=causal), out_proj."""
+    heads = attn["num_heads"]
+    kv_heads = attn.get("num_heads_kv") or heads
+    head_dim = attn.get("head_dim") or d // heads
+    qkv = F.linear(x, sd[prefix + "in_proj.weight"], sd.get(prefix + "in_proj.bias"))
+    q, kv = qkv.split([heads * head_dim, 2 * kv_heads * head_dim], dim=-1)
+    q = q.unflatten(-1, (heads, head_dim))
+    k, v = kv.unflatten(-1, (2, kv_heads, head_dim)).unbind(-3)
+    rot = attn.get("rotary_emb_dim", 0)
+    if rot:
+        inv_freq = 1.0 / attn.get("rotary_emb_base", 10000.0) ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
+        freqs = torch.outer(torch.arange(x.shape[1], dtype=torch.float32), inv_freq)[:, None]  # (T, 1, rot / 2)
+
+        def rotary(t):
+            a, b = t[..., :rot // 2], t[..., rot // 2:rot]
+            return torch.cat([a * freqs.cos() - b * freqs.sin(), a * freqs.sin() + b * freqs.cos(), t[..., rot:]], -1)
+
+        q, k = rotary(q), rotary(k)
+    k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))
+    context = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=attn.get("causal", False),
+                                             scale=attn.get("softmax_scale")).transpose(1, 2)
+    return F.linear(context.flatten(-2), sd[prefix + "out_proj.weight"], sd.get(prefix + "out_proj.bias"))
 
 
 def hf_equivalent(config: dict):
@@ -797,6 +886,8 @@ def hf_equivalent(config: dict):
                                              state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
                                              expand=ssm.get("expand", 2),
                                              conv_kernel=ssm.get("d_conv", 4),
+                                             time_step_rank=ssm.get("dt_rank", "auto"), use_bias=ssm.get("bias", False),
+                                             use_conv_bias=ssm.get("conv_bias", True),
                                              tie_word_embeddings=config["tie_embeddings"])
     d_inner = ssm.get("expand", 2) * config["d_model"]
     return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"],
@@ -804,14 +895,16 @@ def hf_equivalent(config: dict):
                                            expand=ssm.get("expand", 2),
                                            head_dim=ssm["headdim"], num_heads=d_inner // ssm["headdim"],
                                            n_groups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
-                                           conv_kernel=ssm.get("d_conv", 4),
+                                           conv_kernel=ssm.get("d_conv", 4), use_bias=ssm.get("bias", False),
+                                           use_conv_bias=ssm.get("conv_bias", True),
                                            tie_word_embeddings=config["tie_embeddings"])
 
 
 def mamba_ssm_logits(config: dict, sd: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """MambaLMHeadModel.forward of mamba_ssm 2.3.2, transcribed (Block: Add -> RMSNorm -> mixer, GatedMLP,
-    rms_norm_ref), with transformers' MambaMixer / Mamba2Mixer for the mixers and mamba_ssm's grouped gated
-    RMSNorm (group_size = d_ssm // ngroups) in place of transformers' ungrouped one."""
+    rms_norm_ref), with transformers' MambaMixer / Mamba2Mixer for the Mamba mixers and mamba_ssm's grouped gated
+    RMSNorm (group_size = d_ssm // ngroups) in place of transformers' ungrouped one, `mamba_ssm_mha` for the MHA
+    layers (attn_layer_idx)."""
     cls, hf_config = hf_equivalent(config)
     ssm = config["ssm_cfg"]
 
@@ -821,16 +914,21 @@ def mamba_ssm_logits(config: dict, sd: dict[str, torch.Tensor], ids: torch.Tenso
     h, residual = F.embedding(ids, sd["backbone.embedding.weight"]), None
     for i in range(config["n_layer"]):
         p = f"backbone.layers.{i}."
-        mixer = (MambaMixer if cls is MambaForCausalLM else Mamba2Mixer)(hf_config, layer_idx=i)
-        mixer.load_state_dict({k.removeprefix(p + "mixer."): v for k, v in sd.items() if k.startswith(p + "mixer.")})
-        if cls is Mamba2ForCausalLM:
-            weight, group = mixer.norm.weight, mixer.intermediate_size // ssm.get("ngroups", 1)
+        if i in (config.get("attn_layer_idx") or []):
+            mixer = functools.partial(mamba_ssm_mha, sd=sd, prefix=p + "mixer.", attn=config["attn_cfg"],
+                                      d=config["d_model"])
+        else:
+            mixer = (MambaMixer if cls is MambaForCausalLM else Mamba2Mixer)(hf_config, layer_idx=i)
+            mixer.load_state_dict({k.removeprefix(p + "mixer."): v for k, v in sd.items()
+                                   if k.startswith(p + "mixer.")})
+            if cls is Mamba2ForCausalLM:
+                weight, group = mixer.norm.weight, mixer.intermediate_size // ssm.get("ngroups", 1)
 
-            def grouped(x, z, weight=weight, group=group):
-                x = (x * F.silu(z)).unflatten(-1, (-1, group))
-                return rms(x, 1.0).flatten(-2) * weight
+                def grouped(x, z, weight=weight, group=group):
+                    x = (x * F.silu(z)).unflatten(-1, (-1, group))
+                    return rms(x, 1.0).flatten(-2) * weight
 
-            mixer.norm.forward = grouped
+                mixer.norm.forward = grouped
         residual = h + residual if residual is not None else h
         h = mixer(rms(residual, sd[p + "norm.weight"]))
         if config.get("d_intermediate", 0):
@@ -853,6 +951,18 @@ MAMBA_SSM_CASES = {
                                       "d_ssm": 64, "rmsnorm": True, "norm_before_gate": False}},
     "mamba1-mlp": {"d_model": 32, "n_layer": 2, "vocab_size": 256, "pad_vocab_size_multiple": 8,
                    "tie_embeddings": False, "d_intermediate": 128, "ssm_cfg": {"d_state": 4, "d_conv": 3}},
+    # hybrids: MHA layers at attn_layer_idx (causal, no biases; RoPE over the whole head, or none)
+    "mamba2-hybrid-rope-gqa-mlp": {"d_model": 32, "n_layer": 4, "vocab_size": 256, "pad_vocab_size_multiple": 8,
+                                   "tie_embeddings": True, "d_intermediate": 128, "attn_layer_idx": [1, 3],
+                                   "attn_cfg": {"num_heads": 4, "num_heads_kv": 2, "causal": True,
+                                                "qkv_proj_bias": False, "out_proj_bias": False, "rotary_emb_dim": 8,
+                                                "rotary_emb_base": 500.0},
+                                   "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 16, "chunk_size": 8}},
+    "mamba1-hybrid-norope-headdim": {"d_model": 32, "n_layer": 3, "vocab_size": 250, "pad_vocab_size_multiple": 8,
+                                     "tie_embeddings": False, "attn_layer_idx": [0],
+                                     "attn_cfg": {"num_heads": 2, "head_dim": 8, "causal": True, "qkv_proj_bias": False,
+                                                  "out_proj_bias": False, "softmax_scale": 8 ** -0.5},
+                                     "ssm_cfg": {"d_state": 4}},
 }
 
 
@@ -882,7 +992,8 @@ def test_mamba_ssm_converts_with_same_logits_and_round_trip(case, tmp_path):
     ids = torch.randint(0, config["vocab_size"], (2, 13))
     with torch.no_grad():
         assert_logits(case, model(ids).logits, mamba_ssm_logits(config, sd, ids))
-    if not config.get("d_intermediate") and config["ssm_cfg"].get("ngroups", 1) == 1:
+    if not config.get("d_intermediate") and config["ssm_cfg"].get("ngroups", 1) == 1 \
+            and not config.get("attn_layer_idx"):
         cls, hf_config = hf_equivalent(config)
         hf = cls(hf_config).eval()
         hf.load_state_dict(sd)
@@ -911,6 +1022,60 @@ def test_mamba_ssm_writes_what_mamba_ssm_reads(tmp_path):
     ids = torch.randint(0, 512, (1, 11))
     with torch.no_grad():
         assert_logits("mamba2-tiny", mamba_ssm_logits(on_disk, sd, ids), model(ids).logits)
+
+
+# the keyword arguments mamba_ssm 2.3.2 takes: MambaConfig's fields (models/config_mamba.py), and ssm_cfg / attn_cfg,
+# which create_block (models/mixer_seq_simple.py) passes to Mamba (modules/mamba_simple.py; "layer" popped first),
+# Mamba2 (modules/mamba2.py) and MHA (modules/mha.py)
+MAMBA_SSM_CONFIG_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
+                           "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple",
+                           "tie_embeddings"}
+MAMBA_SSM_MAMBA1_ARGS = {"layer", "d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init", "dt_scale",
+                         "dt_init_floor", "conv_bias", "bias", "use_fast_path"}
+MAMBA_SSM_MAMBA2_ARGS = {"layer", "d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups",
+                         "A_init_range", "D_has_hdim", "rmsnorm", "norm_before_gate", "dt_min", "dt_max",
+                         "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size", "use_mem_eff_path",
+                         "sequence_parallel"}
+MAMBA_SSM_MHA_ARGS = {"num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias", "out_proj_bias",
+                      "softmax_scale", "causal", "d_conv", "rotary_emb_dim", "rotary_emb_base",
+                      "rotary_emb_interleaved"}
+ZOO_TO_MAMBA_SSM = {
+    "mamba1-bias-dt_rank": lambda: ZooConfig(vocab_size=250, d_model=32, layers="MM", ffn="none", mixers={
+        "M": {"type": "mamba", "d_state": 8, "dt_rank": 3, "bias": True, "conv_bias": False}}),
+    "mamba2-groups-mlp": lambda: ZooConfig(
+        vocab_size=256, d_model=32, layers="MM", ffn={"type": "swiglu", "hidden": 128},
+        mixers={"M": {"type": "mamba2", "d_state": 8, "head_dim": 16, "n_groups": 2, "chunk_size": 8}}),
+    "hybrid-mamba2-attention-rope-gqa-mlp": lambda: ZooConfig(
+        vocab_size=256, d_model=32, layers="MAMA", ffn={"type": "swiglu", "hidden": 128},
+        mixers={"M": {"type": "mamba2", "d_state": 8, "head_dim": 16, "chunk_size": 8},
+                "A": {"type": "attention", "n_heads": 4, "n_kv_heads": 2, "rope_theta": 500.0}}),
+    "hybrid-mamba1-attention-norope": lambda: ZooConfig(
+        vocab_size=256, d_model=32, layers="AMM", ffn="none", tie_embeddings=False,
+        mixers={"M": {"type": "mamba", "d_state": 4}, "A": {"type": "attention", "n_heads": 2, "head_dim": 8,
+                                                             "rope": False}}),
+}
+
+
+@pytest.mark.parametrize("case", list(ZOO_TO_MAMBA_SSM))
+def test_mamba_ssm_export_has_the_keys_and_shapes_mamba_ssm_builds(case, tmp_path):
+    # --to mamba_ssm of each kind it takes (Mamba, Mamba-2, hybrids with attention layers at attn_layer_idx) writes a
+    # config.json MambaConfig(**...) and its mixers accept, and a state dict with exactly the keys and shapes
+    # MambaLMHeadModel builds from it (load_state_dict is strict), computing the zoo model's logits
+    torch.manual_seed(0)
+    model = perturb(ZooForCausalLM(ZOO_TO_MAMBA_SSM[case]()))
+    save_mamba_ssm(*to_mamba_ssm(model), tmp_path)
+    config, sd = load_mamba_ssm(tmp_path)
+    assert set(config) == MAMBA_SSM_CONFIG_FIELDS
+    layer = config["ssm_cfg"].get("layer", "Mamba1")
+    assert set(config["ssm_cfg"]) <= (MAMBA_SSM_MAMBA1_ARGS if layer == "Mamba1" else MAMBA_SSM_MAMBA2_ARGS)
+    assert set(config["attn_cfg"]) <= MAMBA_SSM_MHA_ARGS
+    kinds = [spec["type"] for spec in model.config.layer_specs()]
+    assert config["attn_layer_idx"] == [i for i, kind in enumerate(kinds) if kind == "attention"]
+    assert {k: tuple(v.shape) for k, v in sd.items()} == mamba_ssm_shapes(config)
+    ids = torch.randint(0, 250, (2, 11))
+    with torch.no_grad():
+        assert_logits(case, mamba_ssm_logits(config, sd, ids), model(ids).logits)
+    assert_same_tensors(case, from_mamba_ssm(config, sd).state_dict(), model.state_dict())
 
 
 def test_mamba_ssm_export_writes_an_expand_mamba_ssm_can_build(tmp_path):
@@ -958,20 +1123,34 @@ def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+MHA_MAPPABLE = {"num_heads": 4, "causal": True, "qkv_proj_bias": False, "out_proj_bias": False, "rotary_emb_dim": 8}
 MAMBA_SSM_UNMAPPABLE = [
     ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "d_ssm": 32}}, "d_ssm"),
     ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "dt_limit": [0.0, 0.5]}}, "dt_limit"),
     ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "D_has_hdim": True}}, "D_has_hdim"),
     ({"ssm_cfg": {"d_state": 8}, "rms_norm": False}, "rms_norm"),
-    ({"ssm_cfg": {"d_state": 8}, "attn_layer_idx": [1]}, "attn_layer_idx"),
+    # MHA options the zoo's attention has one value of; MHA's defaults (biases on, causal off) included
+    *[({"ssm_cfg": {"d_state": 8}, "attn_layer_idx": [1], "attn_cfg": {**MHA_MAPPABLE, **cfg}}, option)
+      for cfg, option in [({"qkv_proj_bias": None}, r"attn_cfg.qkv_proj_bias=True .*leaves it at MHA's default"),
+                          ({"out_proj_bias": True}, r"attn_cfg.out_proj_bias=True"),
+                          ({"causal": None}, r"attn_cfg.causal=False .*leaves it at MHA's default"),
+                          ({"d_conv": 4}, r"attn_cfg.d_conv=4"), ({"mlp_dim": 64}, r"attn_cfg.mlp_dim=64"),
+                          ({"softmax_scale": 0.5}, r"attn_cfg.softmax_scale=0.5"),
+                          ({"rotary_emb_dim": 4}, r"attn_cfg.rotary_emb_dim=4 .*whole head \(head_dim 8\)"),
+                          ({"rotary_emb_interleaved": True}, r"attn_cfg.rotary_emb_interleaved=True"),
+                          ({"num_heads": None}, r"attn_cfg.num_heads=None"),
+                          ({"foo": 1}, r"attn_cfg.foo=1 .*unknown MHA option")]],
     ({"ssm_cfg": {"d_state": 8, "foo": 1}}, "ssm_cfg.foo"),
 ]
 
 
-@pytest.mark.parametrize("override,option", MAMBA_SSM_UNMAPPABLE, ids=[c[1] for c in MAMBA_SSM_UNMAPPABLE])
+@pytest.mark.parametrize("override,option", MAMBA_SSM_UNMAPPABLE,
+                         ids=[re.split(r"[= ]", c[1])[0] for c in MAMBA_SSM_UNMAPPABLE])
 def test_mamba_ssm_unmappable_is_a_named_error(override, option):
     config = {"d_model": 32, "n_layer": 2, "vocab_size": 64, "pad_vocab_size_multiple": 8, "tie_embeddings": True,
               **override}
+    if "attn_cfg" in config:  # (None: left out, at MHA's default)
+        config["attn_cfg"] = {k: v for k, v in config["attn_cfg"].items() if v is not None}
     with pytest.raises(UnmappableError, match=option):
         from_mamba_ssm(config, {})
 

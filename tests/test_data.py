@@ -386,6 +386,20 @@ def test_a_split_of_a_one_split_source_is_refused_by_name(tok, letter_docs, sour
         TextStream(DataConfig(source=source, split="test"), tok)
 
 
+@pytest.mark.parametrize("split", ["validation", "test", "Eval"])
+def test_a_stream_split_other_than_train_or_eval_is_refused(tok, letter_docs, split):
+    """TextStream(cfg, tok, 'validation') read the training documents (all but the held-out ones, as 'train' does, in
+    one unshuffled pass) of local files and hub datasets without a word: an evaluation on the training text. Only
+    'train' and 'eval' are streams' splits; a dataset's own are data.split and data.eval_split."""
+    source, _ = letter_docs
+    cfg = DataConfig(source=source, seq_len=16, holdout=0.25)
+    with pytest.raises(ValueError, match=rf"split: expected 'train' or 'eval' .*got '{split}'"):
+        TextStream(cfg, tok, split)
+    with pytest.raises(ValueError, match=r"split: expected 'train' or 'eval'"):
+        open_documents(cfg, split)
+    assert next(TextStream(cfg, tok, "eval").rows())[0]["input_ids"].shape == (16,)
+
+
 def test_an_eval_split_equal_to_the_training_split_is_refused(tok):
     # a hub dataset read with eval_split == split evaluated on the training documents (no holdout is taken when an
     # eval_split is given), silently reporting training loss as held-out loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -244,6 +245,49 @@ def test_evaluate_synthetic_reports_the_count_the_rows_had():
     assert [(r["n_tokens"], r["n_answers"]) for r in result["by_count"]] == [(8, 32)]
 
 
+@pytest.mark.parametrize("task", ["mqar", "selective_copying", "induction_heads"])
+def test_evaluate_synthetic_leaves_the_global_random_state_as_it_was(task):
+    """Each cell was checked by drawing a row from torch's global generator: a training loop that evaluated synthetic
+    accuracy every N steps drew other dropout masks and batches after it than one that did not. The rows come from
+    generators of their own; the global one is left as it was."""
+    kwargs = {"n_kv": [4], "vocab_size": 64} if task == "mqar" else {}
+    torch.manual_seed(0)
+    expected = torch.rand(8)
+    torch.manual_seed(0)
+    evaluate_synthetic(InductionOracle(64 if task == "mqar" else 16), task, seq_lens=[64], n_samples=2, **kwargs)
+    assert torch.equal(torch.rand(8), expected)
+
+
+@pytest.mark.parametrize("grid", [{"seq_lens": []}, {"seq_lens": [64], "n_kv": []}], ids=["no-lengths", "no-counts"])
+def test_evaluate_synthetic_refuses_an_empty_grid(grid):
+    """An empty list of lengths or counts returned a result with no rows (and empty marginals) without a word, which a
+    caller averaging the rows' accuracy divided by zero; evaluate_passkey refuses its empty grid likewise."""
+    with pytest.raises(ValueError, match=r"evaluate_synthetic: no cells"):
+        evaluate_synthetic(InductionOracle(64), "mqar", n_samples=2, vocab_size=64, **grid)
+
+
+def test_evaluate_synthetic_gives_the_model_back_in_training_mode_when_a_cell_fails():
+    """A model in training mode was put back in it only when the grid completed: a cell that failed (out of memory at
+    the longest rows), which a training loop caught to go on, left it training in eval mode (no dropout, no MoE
+    load-balancing loss)."""
+
+    class FailsOnLongRows(InductionOracle):
+        def forward(self, input_ids, *args, **kwargs):
+            if input_ids.shape[1] > 64:
+                raise RuntimeError("out of memory")
+            return super().forward(input_ids, *args, **kwargs)
+
+    model = FailsOnLongRows(64).train()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        evaluate_synthetic(model, "mqar", seq_lens=[64, 128], n_kv=[4], n_samples=2, vocab_size=64)
+    assert model.training
+    evaluate_synthetic(model, "mqar", seq_lens=[64], n_kv=[4], n_samples=2, vocab_size=64)
+    assert model.training
+    model.eval()
+    evaluate_synthetic(model, "mqar", seq_lens=[64], n_kv=[4], n_samples=2, vocab_size=64)
+    assert not model.training
+
+
 def test_evaluate_synthetic_induction_long_rows_in_chunks():
     result = evaluate_synthetic(InductionOracle(16), "induction_heads", seq_lens=[64, 2048], n_samples=4,
                                 batch_size=2, chunk_size=256)
@@ -416,6 +460,34 @@ def record_progress(monkeypatch) -> list:
     return updates
 
 
+def test_evaluate_passkey_gives_the_model_back_in_the_mode_it_came_in():
+    """evaluate_passkey put the model in eval mode and left it there (evaluate_synthetic and evaluate_length give the
+    mode back): a training loop that evaluated passkey went on training without dropout, and a zoo MoE without its
+    load-balancing loss (added in training mode only). It decodes in eval mode, and a model in training mode is back
+    in it afterwards, also when the evaluation fails."""
+    tokenizer = ByteTokenizer()
+
+    class Module(torch.nn.Module):
+        def __init__(self, fail: bool = False) -> None:
+            super().__init__()
+            self.echo, self.fail, self.modes = EchoModel(tokenizer), fail, []
+
+        def generate(self, input_ids, max_new_tokens, **kwargs):
+            self.modes.append(self.training)
+            if self.fail:
+                raise RuntimeError("out of memory")
+            return self.echo.generate(input_ids, max_new_tokens, **kwargs)
+
+    for fail in (False, True):
+        model = Module(fail).train()
+        with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+            evaluate_passkey(model, tokenizer, [300], [0.5], n_samples=2)
+        assert model.modes and not any(model.modes) and model.training, fail
+    model = Module().eval()
+    evaluate_passkey(model, tokenizer, [300], [0.5], n_samples=2)
+    assert not model.training
+
+
 def test_evaluate_passkey_runs_a_cell_given_twice_once():
     """--lengths 300,300 --depths 0,0.0,1 ran cells twice: a second row of the same cell, which a mean over the rows
     (zoo compare's passkey accuracy) counted twice."""
@@ -571,13 +643,16 @@ def test_chunked_greedy_decoding_counts_positions_on():
 
 @pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3},
                                      {"do_sample": True, "num_return_sequences": 2}, {"max_time": 1e-9},
-                                     {"force_words_ids": [[5]]}, {"use_mtp": True}],
+                                     {"force_words_ids": [[5]]}, {"use_mtp": True}, {"return_dict_in_generate": True},
+                                     {"output_attentions": True, "output_hidden_states": True}],
                          ids=lambda setting: "+".join(setting))
 @pytest.mark.parametrize("family", ["llama", "mamba"])
 def test_greedy_generate_ignores_the_checkpoints_generation_settings(setting, family):
     """generate() took the checkpoint's generation_config.json: a repetition penalty (the key is twice in the prompt)
     or beams made passkey's 'greedy' decoding something else, and the chunked path (plain argmax) disagreed;
-    num_return_sequences of a sampling config, constraints or MTP failed, and max_time cut the decoding short."""
+    num_return_sequences of a sampling config, constraints or MTP failed, max_time cut the decoding short, and
+    return_dict_in_generate made generate return an output object, which failed to slice ('tuple indices must be
+    integers or slices, not tuple'); output_attentions failed a zoo model, which returns no attention weights."""
     model = tiny_llama() if family == "llama" else tiny_zoo_model("mamba")
     input_ids = torch.randint(0, 64, (1, 50), generator=torch.Generator().manual_seed(1))
     plain = greedy_generate(model, input_ids, max_new_tokens=8)
@@ -863,6 +938,141 @@ def test_an_adapter_loads_as_peft_applies_it(tmp_path, monkeypatch, use_dora, wh
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_an_adapter_without_a_tokenizer_takes_its_base_models(tmp_path, monkeypatch, where):
+    """An adapter as PEFT saves it holds no tokenizer files: zoo eval's tokenizer was read from the adapter alone and
+    refused ('has no tokenizer; pass --tokenizer'), where PEFT's users take its base model's. An adapter with a
+    tokenizer of its own (zoo finetune saves one) keeps it."""
+    from helpers import adapter_without_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_tokenizer
+
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, where)
+    base = load_tokenizer(None, ref)  # (from the hub: the byte tokenizer's tokenizer.json, as a generic one)
+    assert len(base) == len(ByteTokenizer()) and base.encode("hi", add_special_tokens=False) == [104, 105]
+    if where == "hub":
+        return
+    words = ["<unk>", "<s>", "</s>", "hello"]
+    own = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    own.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=own, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(ref)
+    assert len(load_tokenizer(None, ref)) == len(words)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning"])
+def test_a_prompt_learning_adapter_is_refused_not_dropped(tmp_path, capsys, method):
+    """A prompt-tuning or P-tuning adapter's virtual tokens are added by the PeftModel around the model; zoo eval and
+    zoo generate loaded it through PEFT and kept the model inside (get_base_model), so they evaluated and generated
+    from the base model alone, without a word."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo import cli
+    from zoo.config import ZooConfig
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if method == "prompt-tuning" else \
+        PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).save_pretrained(tmp_path / "pt")
+    name = "PROMPT_TUNING" if method == "prompt-tuning" else "P_TUNING"
+    with pytest.raises(ValueError, match=f"{name} adapter.*base model alone.*PeftModel.from_pretrained"):
+        load_model(str(tmp_path / "pt"), "cpu")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "pt"), "hi", "--max-new-tokens", "2"])
+    assert e.value.code == 2 and f"{name} adapter" in capsys.readouterr().err
+
+
+def test_an_adapter_trained_with_added_tokens_loads_onto_its_resized_base(tmp_path):
+    """An adapter trained after tokens were added to the tokenizer holds the resized embeddings (PEFT saves them);
+    PEFT's users resize the base model to them before loading it. zoo eval and zoo generate loaded the base as it was
+    saved, and failed in PEFT's load_state_dict ('size mismatch for ... embeddings')."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(520)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj"], modules_to_save=["embeddings"],
+                                               init_lora_weights=False))
+    with torch.no_grad():
+        adapted.base_model.model.model.embeddings.modules_to_save["default"].weight[512:].normal_()
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 515, 7, 519, 3]])  # added tokens among them
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits
+        resized = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        resized.resize_token_embeddings(520)
+        reloaded = PeftModel.from_pretrained(resized, tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        loaded = load_model(str(tmp_path / "adapter"), "cpu")
+        assert loaded.get_input_embeddings().num_embeddings == 520 and loaded.config.vocab_size == 520
+        torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+def test_a_classifiers_adapter_is_refused_as_a_causal_lm(tmp_path):
+    """A SEQ_CLS adapter (a LoRA of a zoo classifier, its score head in modules_to_save) was loaded onto the causal LM
+    without a word: zoo eval measured a model whose head the adapter never trained, its own head dropped."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, pad_token_id=0)
+    get_peft_model(classifier, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["in_proj"])).save_pretrained(
+        tmp_path / "cls")
+    with pytest.raises(ValueError, match="task_type SEQ_CLS.*not a causal LM's.*AutoModelForSequenceClassification"):
+        load_model(str(tmp_path / "cls"), "cpu")
+
+
+def test_an_adapter_loads_onto_the_base_revision_it_names(tmp_path, monkeypatch):
+    """An adapter records the hub revision of its base model it was trained on (adapter_config.json's revision, set
+    by get_peft_model(..., revision=)), and PEFT's AutoPeftModel loads that revision; zoo eval and zoo generate
+    loaded the base's newest one, another model, without a word. The hub is a cache read offline."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    newest = offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/tiny-jamba")  # the main branch's snapshot
+    pinned = newest.parent / ("1" * 40)  # an earlier commit, the adapter's base
+    for seed, folder in ((0, newest), (1, pinned)):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(folder)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(pinned),
+                             LoraConfig(r=2, target_modules=["in_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"base_model_name_or_path": "someone/tiny-jamba",
+                                                "revision": pinned.name}))
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "adapter"), "cpu")(ids).logits,
+                                   adapted.eval()(input_ids=ids).logits)
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)
@@ -1023,15 +1233,13 @@ def test_eval_length_interrupted_before_length_json_keeps_the_finished_curve(che
 
 
 def save_after_every_forward(monkeypatch, state) -> None:
-    """zoo eval state saves its progress after a forward once SAVE_EVERY seconds and 10 times the last save's time
-    have passed: SAVE_EVERY 0 and a clock that stands still make that every forward, whatever the machine's speed
-    (with the real clock a slow save skipped the next saves, and a test's resume point moved)."""
-    from types import SimpleNamespace
-
+    """zoo eval state saves its progress after a forward once SAVE_EVERY seconds and SAVE_COST_FACTOR times the last
+    save's time have passed: both 0 make that every forward, whatever the machine's speed (a slow save skipped the
+    next saves, and a test's resume point moved)."""
     from zoo.state import recorder
 
     monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
-    monkeypatch.setattr(recorder, "time", SimpleNamespace(monotonic=lambda: 0.0))
+    monkeypatch.setattr(recorder, "SAVE_COST_FACTOR", 0)
 
 
 def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
@@ -1117,6 +1325,36 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     # the mitigated run's remaining chunks only (from its last save: a save is skipped until 10 times the last one's
     # duration has passed, so on a loaded machine up to all 6); the unmitigated run again would add its 6
     assert len(calls) <= 6
+    assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+    assert not list(out.glob("*.partial.pt*"))
+
+
+def test_eval_state_compare_keeps_its_unmitigated_run_when_only_the_mitigation_changes(tmp_path, monkeypatch, capsys):
+    """zoo eval state --compare interrupted in its mitigated run, rerun with another --norm-calibrate (or
+    --mitigation): the unmitigated run's saved file was keyed by the mitigation options too, so the rerun ran the
+    unmitigated run, which none of them touch, again from its first token. Only the mitigated run starts over now;
+    the unmitigated one is kept, and both are those of an uninterrupted run of the new settings."""
+    from zoo.eval import state
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
+            "--compare", "--norm-calibrate"]
+    state.main([*argv, "32", "--out", str(tmp_path / "whole")])
+    # the unmitigated run's 6 forwards, the calibration's 1 (16 tokens), then 3 of the mitigated run's 6
+    calls, stop = interrupt_forwards_after(monkeypatch, 10)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "16", "--out", str(out)])
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    state.main([*argv, "32", "--out", str(out)])
+    said = capsys.readouterr().out
+    # the calibration's 2 forwards (16 and 32 tokens) and the mitigated run's 6; the unmitigated run again added 6
+    assert len(calls) == 8 and f"the unmitigated run: every chunk is done in {out / 'state-none.partial.pt'}" in said
+    assert "holds a partial run of other settings (mitigation, norm_calibrate differ); starting over" in said
     assert (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
     assert not list(out.glob("*.partial.pt*"))
 
@@ -2089,7 +2327,9 @@ def test_eval_stopped_by_sigterm_keeps_what_it_saved_and_says_so(command, checkp
         torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
         argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
                 "--max-len", "96", "--chunk-size", "16", "--device", "cpu"]
-        save_after_every_forward(monkeypatch, module)
+        monkeypatch.setattr(module, "SAVE_EVERY", 0)
+        # (saved after every forward however long a save takes: a loaded machine skipped one and kept 2 chunks)
+        monkeypatch.setattr(recorder, "SAVE_COST_FACTOR", 0)
         monkeypatch.setattr(module, "plot_state_statistics", lambda *args: [])
         owner, name, stop = recorder, "output_cache", 3
         kept = f"the run's progress as last saved (state.partial.pt) is kept in {out}"

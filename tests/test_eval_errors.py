@@ -301,6 +301,33 @@ def test_a_count_below_one_is_refused_by_option(command, option, value, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+def test_state_refuses_a_negative_count_of_log_spaced_samples(tmp_path, capsys, monkeypatch):
+    """zoo eval state --points-per-octave -1 was taken as 0 (no log-spaced samples below --chunk-size) without a
+    word; 0 is that setting, a negative count is argparse's error naming the option, before loading."""
+    from zoo.eval import state
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    torch.save(torch.randint(0, 64, (1, 32)), tmp_path / "rows.pt")
+    argv = ["eval", "state", "--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"), "--max-len", "32",
+            "--chunk-size", "16", "--device", "cpu", "--out", str(tmp_path / "out"), "--points-per-octave"]
+    code, err = run_cli([*argv, "-1"], capsys)
+    assert code == 2 and "argument --points-per-octave: must be >= 0, got -1" in err
+    assert not (tmp_path / "out").exists()
+    assert state.main([*argv[2:], "0"])["positions"] == [16, 32]  # 0: a sample every --chunk-size tokens only
+
+
+@pytest.mark.parametrize("value", ["0", "-64"])
+def test_state_refuses_a_training_length_below_one(value, tmp_path, capsys):
+    """zoo eval state --train-length 0 marked nothing on the plots and -64 titled them 'training length -64' with no
+    line (a log axis has no place for it), without a word: now argparse's error naming the option, before loading."""
+    torch.save(torch.randint(0, 64, (1, 32)), tmp_path / "rows.pt")
+    code, err = run_cli(["eval", "state", "--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"),
+                         "--max-len", "32", "--chunk-size", "16", "--train-length", value, "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument --train-length: must be >= 1, got {value}" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command, option, value", [
     ("synthetic", "--seq-lens", "64,abc"), ("synthetic", "--n-kv", "4,x"), ("passkey", "--lengths", "1K,2KB"),
     ("passkey", "--depths", "0,half"), ("synthetic", "--seq-lens", "64,2^-1"),  # (2^-1 was 0.5 tokens)
@@ -410,6 +437,19 @@ def test_corpus_options_beside_rows_they_do_not_shape_are_refused(tmp_path, caps
     assert not (tmp_path / "len").exists() and not (tmp_path / "state").exists()
     length.main([*common, "--max-len", "24"])  # the file alone is fine
     assert (tmp_path / "len" / "length.json").is_file()
+
+
+def test_state_task_vocabulary_of_zero_is_refused(tmp_path, monkeypatch):
+    """zoo eval state --task induction_heads --vocab-size 0 took the 0 as not given and ran the task's default
+    vocabulary (16), without a word; the task refuses it, as zoo eval synthetic's does."""
+    from zoo.eval import state
+
+    runs = []
+    monkeypatch.setattr(state, "record_state_statistics", lambda *a, **k: runs.append(1))
+    with pytest.raises(ValueError, match="--task induction_heads: induction heads: vocab_size=0 must be >= 3"):
+        state.main(["--model", str(MAMBA_TINY), "--task", "induction_heads", "--vocab-size", "0", "--max-len", "32",
+                    "--device", "cpu", "--out", str(tmp_path / "state")])
+    assert not runs and not (tmp_path / "state").exists()
 
 
 def test_state_compare_with_forget_and_calibrated_norm(tmp_path):

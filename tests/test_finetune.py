@@ -1712,6 +1712,22 @@ def test_modules_to_save_that_match_no_module_are_refused(tmp_path):
         load_finetune_config(path)
 
 
+def test_a_model_holding_an_adapter_is_refused_rather_than_reset(tmp_path):
+    """wrap_lora of a model that already holds PEFT adapter layers (zoo.hub.load_causal_lm of an adapter, a
+    PeftModel's base model) set up their adapter 'default' afresh: the trained adapter was lost and the model gave its
+    base's outputs, without a word."""
+    from helpers import save_trained_adapter
+
+    from zoo.hub import load_causal_lm
+
+    adapted = save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers \(model\.layers\.0\.mixer\.in_proj.*merge"):
+        wrap_lora(load_causal_lm(tmp_path / "adapter"), verbose=False)
+    with pytest.raises(ValueError, match="holds PEFT adapter layers"):
+        wrap_lora(adapted.get_base_model(), verbose=False)
+    wrap_lora(adapted.merge_and_unload(), verbose=False)  # merged, it takes a new adapter
+
+
 def test_modules_to_save_as_a_string_is_refused():
     """modules_to_save='norm_f' (a string, not a list): PEFT took each of its characters for an entry and trained a
     copy of every module whose name ends in one (each mixer, 'r'), and the check then said LoRA was bypassed."""

@@ -106,6 +106,41 @@ def test_bad_tokenizer_or_destination_is_named(tmp_path):
         save_model_folder(tiny("mamba"), tmp_path / "file.json")
 
 
+def test_a_tokenizer_folder_without_tokenizer_files_is_refused_not_dropped(tmp_path):
+    # a tokenizer named as a folder that holds none of the tokenizer files (the model folder of a save without one)
+    # was read as "no tokenizer": the model was saved without one, into an existing folder beside the tokenizer of
+    # an earlier save, without an error
+    empty = tmp_path / "not-a-tokenizer"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"'.*not-a-tokenizer' is a folder without tokenizer files"):
+        save_model_folder(tiny("mamba"), tmp_path / "model", empty)
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(ValueError, match="is a folder without tokenizer files"):
+        save_model_folder(tiny("mamba"), tmp_path / "model", str(empty))
+
+
+def test_a_classifier_and_a_bare_model_save_as_folders_too(tmp_path):
+    # transformers 5 gives only generating models a generation_config: save_model_folder read it unconditionally and
+    # raised AttributeError for a ZooForSequenceClassification or a ZooModel
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    from zoo import ZooForSequenceClassification, ZooModel
+
+    config = ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", vocab_size=320, num_labels=3)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for cls, auto, name in [(ZooForSequenceClassification, AutoModelForSequenceClassification, "cls"),
+                            (ZooModel, AutoModel, "bare")]:
+        model = cls(ZooConfig.from_dict(config.to_dict())).eval()
+        folder = save_model_folder(model, tmp_path / name, ByteTokenizer())
+        assert not (folder / "generation_config.json").exists()
+        loaded = auto.from_pretrained(folder).eval()
+        assert loaded.config.pad_token_id == ByteTokenizer().pad_token_id  # filled from the tokenizer
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids)[0], model(ids)[0])
+        assert load_folder_tokenizer(folder)("hi", add_special_tokens=False)["input_ids"] == list(b"hi")
+
+
 def test_a_failed_save_leaves_no_partial_folder(tmp_path):
     # `zoo convert ... --max-shard-size abc` (or a full disk, or Ctrl-C) failed after save_pretrained had created the
     # destination and written into it: a partial folder that from_pretrained would take for a model
@@ -217,3 +252,25 @@ def test_saving_into_a_peft_adapter_folder_is_refused(tmp_path):
         save_model_folder(model, tmp_path / "adapter", "byte")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == before  # nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # nor beside it
+
+
+def test_a_model_with_adapter_layers_is_refused_and_its_merge_saves_whole(tmp_path):
+    """What zoo.hub.load_causal_lm makes of an adapter (its base model with the adapter in its layers) was written by
+    save_model_folder as base_layer / lora_A / lora_B weights, which from_pretrained does not load: the folder came back
+    with the adapted projections newly initialized (a load report only). It is refused; the merged model saves whole."""
+    from helpers import save_trained_adapter
+    from peft import PeftModel
+
+    from zoo.hub import load_causal_lm
+
+    save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    adapted = load_causal_lm(tmp_path / "adapter").eval()
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers \(model\.layers\.0\.mixer\.in_proj.*merge_"):
+        save_model_folder(adapted, tmp_path / "out", "byte")
+    assert not (tmp_path / "out").exists()
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    save_model_folder(merged.merge_and_unload(), tmp_path / "out", "byte")
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits,
+                                   adapted(ids).logits, atol=1e-4, rtol=1e-4)

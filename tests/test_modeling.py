@@ -1658,6 +1658,61 @@ def test_a_custom_mixers_reset_parameters_survives_the_models_init_and_its_const
     assert torch.all(loaded.weight == 0.25) and torch.all(loaded.bias == 1)
 
 
+class ScaledOwnInitMixer(OwnInitMixer):
+    """OwnInitMixer with a parameter of its own (`scale`), its init written straight into the tensors (no
+    torch.nn.init, which transformers guards against overwriting loaded weights while it initializes)."""
+
+    def __init__(self, d_model: int, layer_idx: int = 0):
+        super().__init__(d_model)
+        self.scale = torch.nn.Parameter(torch.empty(d_model))
+
+    def reset_parameters(self):
+        with torch.no_grad():
+            self.proj.weight.fill_(0.5)
+            self.proj.bias.fill_(1.0)
+            self.scale.fill_(2.0)
+
+    def forward(self, x, *, cache=None, seq_idx=None, position_ids=None, attention_mask=None):
+        return self.proj(x) * self.scale
+
+
+def test_weights_missing_from_a_checkpoint_get_their_mixers_init_and_the_loaded_ones_stay(tmp_path):
+    """A checkpoint that lacks some of a mixer's weights (a changed option, a partial conversion, a dropped key): the
+    missing ones are initialized as a fresh model's are, by the mixer's reset_parameters, and the loaded ones stay.
+    transformers skips a custom-code module whose own parameters all loaded, so a Mamba mixer with A_log and D loaded
+    left a missing dt_proj.bias at the generic zero (dt = softplus(0) = 0.69, far above dt_max) and a missing conv
+    bias at torch's uniform draw instead of 0; a custom mixer's missing bias kept the generic 0 instead of its own
+    init. And where the mixer's init did run, writes that bypass torch.nn.init overwrote its loaded weights."""
+    from safetensors.torch import load_file, save_file
+
+    config = ZooConfig(d_model=32, vocab_size=64, layers="MDXY", ffn="none",
+                       mixers={"M": {"type": "mamba"}, "D": {"type": "mamba2", "head_dim": 16},
+                               "X": {"type": f"{__name__}.OwnInitMixer"},
+                               "Y": {"type": f"{__name__}.ScaledOwnInitMixer"}})
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(3.0)  # values no init gives
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    missing = ["model.layers.0.mixer.dt_proj.bias", "model.layers.0.mixer.conv1d.bias",
+               "model.layers.1.mixer.conv1d.bias", "model.layers.2.mixer.proj.bias", "model.layers.3.mixer.scale"]
+    save_file({k: v for k, v in state.items() if k not in missing}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    loaded = zoo.ZooForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+    params = dict(loaded.named_parameters())
+    for name, value in state.items():
+        if name not in missing:
+            assert torch.equal(params[name], value), f"{name}: the loaded weight was overwritten"
+    mamba = loaded.model.layers[0].mixer
+    dt = F.softplus(mamba.dt_proj.bias.detach().double())
+    low = max(mamba.dt_min, mamba.dt_init_floor)
+    assert low * (1 - 1e-4) <= dt.min() and dt.max() <= mamba.dt_max * (1 + 1e-4), (dt.min(), dt.max())
+    assert torch.all(mamba.conv1d.bias == 0) and torch.all(loaded.model.layers[1].mixer.conv1d.bias == 0)
+    assert torch.all(loaded.model.layers[2].mixer.proj.bias == 1)
+    assert torch.all(loaded.model.layers[3].mixer.scale == 2)
+
+
 def test_resizing_an_untied_models_vocabulary_keeps_zoos_head_class():
     """resize_token_embeddings builds a plain nn.Linear head for an untied model, which lost zoo.layers.Linear's
     decode kernels (same numbers, slower steps on CUDA). The head is zoo's again, its old rows kept."""

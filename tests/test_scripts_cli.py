@@ -202,6 +202,38 @@ def test_sweep_field_it_would_ignore_is_refused_before_training(tmp_path, capsys
     assert trained == [] and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script_name, config, only", [("state_capacity", "state-capacity", "d_state64"),
+                                                       ("collapse", "collapse", "slow_decay")])
+def test_dry_run_lists_only_the_runs_of_only(capsys, script_name, config, only):
+    """--dry-run ("list the runs") with --only listed every model's runs and state size, those --only skips too, as
+    though they would train."""
+    script = load_script(f"scripts/{script_name}.py")
+    assert script.main([str(ROOT / f"configs/train/{config}.yaml"), "--only", only, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [line for line in lines if " steps of " in line]
+    assert runs and all(line.startswith(f"{only}-L") for line in runs), lines
+    sizes = [line for line in lines if "M floats; " in line]
+    assert sizes and all(line.startswith(f"{only}: S = ") for line in sizes), lines
+
+
+@pytest.mark.parametrize("script_name, config, flags, message", [
+    ("collapse", "collapse", ["--report-only", "--only", "slow_decay"], "--only: --report-only trains nothing"),
+    ("collapse", "collapse", ["--report-only", "--dry-run"], "--dry-run: --report-only trains nothing"),
+    ("state_capacity", "state-capacity", ["--fit-only", "--dry-run"], "--dry-run lists the runs to train, and --fit"),
+], ids=["report-only-only", "report-only-dry-run", "fit-only-dry-run"])
+def test_flags_the_other_flag_would_ignore_are_refused(tmp_path, capsys, monkeypatch, script_name, config, flags,
+                                                       message):
+    """collapse.py --report-only took --only (reporting every saved model) and --dry-run (listing the runs instead of
+    the report), and state_capacity.py --dry-run took --fit-only, each ignoring one of them without a word."""
+    script = load_script(f"scripts/{script_name}.py")
+    capacity = script._state_capacity() if script_name == "collapse" else script
+    trained = []
+    monkeypatch.setattr(capacity, "train_run", lambda run: trained.append(run["name"]))
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), f"--output_dir={tmp_path}", *flags],
+                   capsys)
+    assert message in err and trained == [] and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("script_name, config, message", [
     ("train_synthetic", "induction", "output_dir: empty; name the folder of the runs"),
     ("state_capacity", "state-capacity", "output_dir: expected the name of the folder of the runs, got ''"),

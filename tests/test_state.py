@@ -732,6 +732,38 @@ def test_state_plots_name_a_gla_layers_decay_and_keys(tmp_path, monkeypatch):
     assert by_stat["B_rms"].startswith("key k RMS") and by_stat["state_rms"].startswith("state RMS")
 
 
+def test_state_plots_of_a_lone_mitigated_run_name_its_mitigation(tmp_path, monkeypatch):
+    """zoo eval state --mitigation forget:... (without --compare) drew the plots of the mitigated model with titles
+    that said nothing of the mitigation (only overlaid runs had a legend), so they read as the model's own
+    diagnosis. A lone run's mitigation is named in every statistic's title and on the loss plot; none is named for
+    an unmitigated run."""
+    import matplotlib.axes
+    import matplotlib.figure
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import plot_state_statistics
+
+    titles = []
+    real_suptitle, real_title = matplotlib.figure.Figure.suptitle, matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda fig, text, **kw: titles.append(text) or real_suptitle(fig, text, **kw))
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda ax, text, *a, **kw: titles.append(text) or real_title(ax, text, *a, **kw))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    ids = torch.randint(0, 512, (1, 32))
+    plain = record_state_statistics(model, ids, chunk_size=16, points_per_octave=0)
+    plot_state_statistics(plain, tmp_path / "plain")
+    assert titles and not any("mitigation" in t for t in titles)
+    titles.clear()
+    apply_mitigation(model, "forget:c_alpha=0.9")
+    mitigated = record_state_statistics(model, ids, chunk_size=16, points_per_octave=0)
+    paths = plot_state_statistics(mitigated, tmp_path / "forget")
+    named = [t for t in titles if "mitigation forget:c_alpha=0.9" in t]
+    # every statistic's figure (its title), and the loss plot's axes
+    assert len(named) == len(paths) and named[-1] == "mitigation forget:c_alpha=0.9"
+
+
 # ---- recipes -----------------------------------------------------------------------------------------------------
 
 

@@ -267,3 +267,20 @@ def test_make_batch_and_dataset_are_deterministic():
     batch = next(iter(loader))
     assert batch["input_ids"].shape == batch["labels"].shape == (4, 32)
     assert torch.equal(batch["input_ids"][1], ds[1]["input_ids"])
+
+
+def test_dataset_items_by_numpy_and_tensor_indices():
+    """Subset(dataset, np.arange(n)) and SubsetRandomSampler(np.arange(n)) index the dataset with numpy integers, which
+    torch's manual_seed refused ('an integer is required'; np.int32 overflowed first): any integer index gives the item
+    of that Python int."""
+    import numpy as np
+
+    ds = SyntheticDataset("mqar", n_samples=8, seq_len=64, seed=1_000_003, n_kv=4, vocab_size=64)
+    for index in (np.int64(3), np.int32(3), torch.tensor(3)):
+        assert torch.equal(ds[index]["input_ids"], ds[3]["input_ids"]), type(index).__name__
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, np.arange(2, 6)), batch_size=4)
+    assert torch.equal(next(iter(loader))["input_ids"], torch.stack([ds[i]["input_ids"] for i in range(2, 6)]))
+    with pytest.raises(IndexError):
+        ds[np.int64(8)]
+    with pytest.raises(TypeError):
+        ds[2.0]

@@ -2146,9 +2146,9 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
         (out / "compare_config.yaml").write_text(yaml.safe_dump(
             {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
     try:
-        if accounting_only:
+        if accounting_only:  # the models of --only, as a run trains them (it accounted every model of the config)
             records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
-                        "accounting": _accounting(cfg, e)} for e in entries]
+                        "accounting": _accounting(cfg, e)} for e in todo]
         else:
             by_name = {}
             for i, entry in enumerate(todo):
@@ -2185,7 +2185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="comparison config YAML (configs/compare/*.yaml), or a packaged one's name "
                                        "(demo, 130m)")
     parser.add_argument("--force", action="store_true", help="redo models that already have results")
-    parser.add_argument("--only", default=None, help="comma-separated model names to run")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated model names to run (with --accounting-only: to account)")
     parser.add_argument("--accounting-only", action="store_true",
                         help="print the parameter / FLOP / memory accounting without training")
     args, rest = parser.parse_known_args(argv)
@@ -2196,6 +2197,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, folder = load_compare_config(args.config, [item[2:] for item in rest])
     except ValueError as e:
         parser.error(str(e))
+    if args.force and args.accounting_only:  # (it was accepted and did nothing: no result is redone or removed)
+        parser.error("--force redoes trained models, and --accounting-only trains none and leaves the results alone; "
+                     "give one of them")
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     start = time.perf_counter()
     from zoo.eval.common import sigterm_interrupts

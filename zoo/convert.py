@@ -12,7 +12,8 @@ changes nothing in fp32 or under autocast, only the rounding of bf16 / fp16 weig
 Converted models share tensors with their source (no copy, each tensor keeps its dtype), so converting a large
 checkpoint costs little memory; clone the result before training it if the source must stay untouched. The
 exceptions are the weights one side fuses and the other splits, which are copies: Jamba's experts (one 3D tensor
-per layer in transformers, one module per expert in the zoo) and mamba_ssm's GatedMLP fc1 (the zoo's up and gate).
+per layer in transformers, one module per expert in the zoo), mamba_ssm's GatedMLP fc1 (the zoo's up and gate) and
+its MHA in_proj (the zoo's q, k and v).
 
     zoo convert SRC DST --from hf-mamba      # transformers folder -> complete zoo folder
     zoo convert SRC DST --to mamba_ssm       # zoo folder -> mamba_ssm folder (config.json + pytorch_model.bin)
@@ -653,6 +654,36 @@ def _mamba_ssm_fuse_mlp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def _mamba_ssm_split_attention(state: dict[str, torch.Tensor], layers: list[int], spec: dict[str, Any]
+                               ) -> dict[str, torch.Tensor]:
+    """MHA (modules/mha.py): in_proj = [q (num_heads·head_dim rows), k, v (num_heads_kv·head_dim each)], out_proj
+    -> the zoo's q/k/v/o_proj, for the attention layers `layers`; the rest passes through."""
+    out = dict(state)
+    q_rows, kv_rows = spec["n_heads"] * spec["head_dim"], spec["n_kv_heads"] * spec["head_dim"]
+    for i in layers:
+        p = f"backbone.layers.{i}.mixer."
+        if p + "in_proj.weight" not in out:  # (named by _build_zoo as q/k/v_proj missing)
+            continue
+        w = out.pop(p + "in_proj.weight")
+        if w.shape[0] != q_rows + 2 * kv_rows:
+            raise UnmappableError(f"mamba_ssm: {p}in_proj.weight has {w.shape[0]} rows, not the {q_rows + 2 * kv_rows} "
+                                  f"of q, k and v that attn_cfg gives (num_heads, num_heads_kv, head_dim)")
+        q, k, v = w.split([q_rows, kv_rows, kv_rows])
+        out[p + "q_proj.weight"], out[p + "k_proj.weight"], out[p + "v_proj.weight"] = q.clone(), k.clone(), v.clone()
+        if p + "out_proj.weight" in out:
+            out[p + "o_proj.weight"] = out.pop(p + "out_proj.weight")
+    return out
+
+
+def _mamba_ssm_fuse_attention(state: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
+    out = dict(state)
+    for i in layers:
+        p = f"backbone.layers.{i}.mixer."
+        out[p + "in_proj.weight"] = torch.cat([out.pop(p + f"{x}_proj.weight") for x in "qkv"])
+        out[p + "out_proj.weight"] = out.pop(p + "o_proj.weight")
+    return out
+
+
 _MAMBA_SSM_MAMBA1 = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand", "dt_rank": "dt_rank",
                      "dt_min": "dt_min", "dt_max": "dt_max", "dt_scale": "dt_scale", "dt_init_floor": "dt_init_floor",
                      "conv_bias": "conv_bias", "bias": "bias"}
@@ -663,6 +694,54 @@ _MAMBA_SSM_MAMBA2 = {"d_state": "d_state", "d_conv": "d_conv", "expand": "expand
 # mamba_ssm options that choose kernels or initialization only, with no effect on a checkpoint's function
 _MAMBA_SSM_IGNORED = {"use_fast_path", "use_mem_eff_path", "dt_init", "conv_init", "layer_idx", "sequence_parallel",
                       "process_group", "device", "dtype"}
+
+
+# mamba_ssm's MHA options (modules/mha.py) the zoo's attention has one value of, with MHA's defaults: no biases,
+# causal, no convolution over q/k/v, no parallel MLP (mlp_dim), the default 1/sqrt(head_dim) scale, RoPE in halves
+_MAMBA_SSM_MHA_FIXED = {"qkv_proj_bias": (False, True), "out_proj_bias": (False, True), "causal": (True, False),
+                        "d_conv": (0, 0), "mlp_dim": (0, 0), "softmax_scale": (None, None)}
+
+
+def _mamba_ssm_attention(attn_cfg: dict, d_model: int) -> dict[str, Any]:
+    """mamba_ssm's attn_cfg (MHA's keyword arguments) -> the zoo's attention spec; raises for an option whose value
+    computes another function (biases, a bidirectional or convolved attention, partial or interleaved RoPE)."""
+    fmt, cfg = "mamba_ssm", dict(attn_cfg)
+    n_heads = cfg.pop("num_heads", None)
+    if n_heads is None:
+        raise _unmappable(fmt, "attn_cfg.num_heads", None, "mamba_ssm's MHA needs num_heads (it has no default)")
+    n_kv_heads = cfg.pop("num_heads_kv", None)
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    head_dim = cfg.pop("head_dim", None)
+    head_dim = d_model // n_heads if head_dim is None else head_dim
+    for name, (value, default) in _MAMBA_SSM_MHA_FIXED.items():
+        unset = name not in cfg
+        given = cfg.pop(name, default)
+        same = given == value
+        if name == "mlp_dim":  # MHA rounds it up to a multiple of 256: 0 (none) for anything not above 0
+            same = math.ceil(given / 256) == 0
+        elif name == "softmax_scale" and given is not None:  # the default spelled out
+            same = math.isclose(given, head_dim ** -0.5, rel_tol=1e-12)
+        if not same:
+            why = f"the zoo's attention has {name}={value!r} only" + (" (attn_cfg leaves it at MHA's default)"
+                                                                       if unset else "")
+            raise _unmappable(fmt, f"attn_cfg.{name}", given, why)
+    rotary_dim, base = cfg.pop("rotary_emb_dim", 0), cfg.pop("rotary_emb_base", 10000.0)
+    interleaved = cfg.pop("rotary_emb_interleaved", False)
+    spec: dict[str, Any] = {"type": "attention", "n_heads": n_heads, "n_kv_heads": n_kv_heads, "head_dim": head_dim}
+    if rotary_dim == 0:
+        spec["rope"] = False
+    elif rotary_dim != head_dim:
+        raise _unmappable(fmt, "attn_cfg.rotary_emb_dim", rotary_dim, f"the zoo's RoPE rotates the whole head "
+                                                                      f"(head_dim {head_dim}) or nothing (0)")
+    elif interleaved:
+        raise _unmappable(fmt, "attn_cfg.rotary_emb_interleaved", True, "the zoo's RoPE rotates halves "
+                                                                        "(GPT-NeoX's, not GPT-J's pairs)")
+    else:
+        spec["rope_theta"] = float(base)
+    for name, value in cfg.items():
+        if name not in ("layer_idx", "device", "dtype"):
+            raise _unmappable(fmt, f"attn_cfg.{name}", value, "unknown MHA option")
+    return spec
 
 
 def _mamba_ssm_mixer(ssm_cfg: dict, d_model: int) -> dict[str, Any]:
@@ -697,22 +776,27 @@ def _mamba_ssm_mixer(ssm_cfg: dict, d_model: int) -> dict[str, Any]:
 def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForCausalLM:
     """mamba_ssm's MambaLMHeadModel (its config.json dict and state dict) -> ZooForCausalLM.
 
-    Mamba-1 or Mamba-2 layers (ssm_cfg["layer"]), an optional GatedMLP per layer (d_intermediate > 0), RMSNorm
-    with eps 1e-5. The vocabulary is padded as mamba_ssm pads it (pad_vocab_size_multiple), so the zoo model has
-    the padded size and the same logits over every row.
+    Mamba-1 or Mamba-2 layers (ssm_cfg["layer"]), MHA layers at attn_layer_idx (attn_cfg: causal, no biases, RoPE
+    over the whole head or none), an optional GatedMLP per layer (d_intermediate > 0), RMSNorm with eps 1e-5. The
+    vocabulary is padded as mamba_ssm pads it (pad_vocab_size_multiple), so the zoo model has the padded size and
+    the same logits over every row.
     """
     fmt = "mamba_ssm"
     unknown = sorted(set(config) - set(_MAMBA_SSM_FIELDS))
     if unknown:
         raise _unmappable(fmt, unknown[0], config[unknown[0]], "not a field of mamba_ssm's MambaConfig")
     c = {**_MAMBA_SSM_FIELDS, **config}
-    if c["attn_layer_idx"]:
-        raise _unmappable(fmt, "attn_layer_idx", c["attn_layer_idx"],
-                          "mamba_ssm's MHA layers (fused qkv with biases, partial rotary, causal flag) are not mapped")
     if not c["rms_norm"]:
         raise _unmappable(fmt, "rms_norm", False, "the zoo's blocks use RMSNorm, not LayerNorm")
     d_model = c["d_model"]
-    mixer = _mamba_ssm_mixer(c["ssm_cfg"] or {}, d_model)  # (null: mamba_ssm's create_block takes it as {})
+    # (create_block: layer i is an MHA where i is in attn_layer_idx; null ssm_cfg / attn_cfg / attn_layer_idx are {})
+    attn_layers = [i for i in range(c["n_layer"]) if i in (c["attn_layer_idx"] or [])]
+    letters = "".join("A" if i in attn_layers else "M" for i in range(c["n_layer"]))
+    mixers = {}
+    if "M" in letters:
+        mixers["M"] = _mamba_ssm_mixer(c["ssm_cfg"] or {}, d_model)
+    if attn_layers:
+        mixers["A"] = _mamba_ssm_attention(c["attn_cfg"] or {}, d_model)
     vocab = c["vocab_size"]
     multiple = c["pad_vocab_size_multiple"]
     if vocab % multiple:
@@ -732,28 +816,84 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     if c["d_intermediate"]:
         hidden = -(-c["d_intermediate"] // _MAMBA_SSM_MLP_MULTIPLE) * _MAMBA_SSM_MLP_MULTIPLE
         ffn = {"type": "swiglu", "hidden": hidden}
-    zoo_config = ZooConfig(vocab_size=vocab, d_model=d_model, layers="M" * c["n_layer"],
-                           mixers={"M": mixer}, ffn=ffn,
+    zoo_config = ZooConfig(vocab_size=vocab, d_model=d_model, layers=letters, mixers=mixers, ffn=ffn,
                            tie_embeddings=c["tie_embeddings"], norm_eps=_MAMBA_SSM_EPS,
                            residual_in_fp32=c["residual_in_fp32"])
+    if attn_layers:
+        state = _mamba_ssm_split_attention(state, attn_layers, mixers["A"])
     state = _mamba_ssm_split_mlp(state)
     if c["tie_embeddings"]:
         state.pop("lm_head.weight", None)
     return _build_zoo(zoo_config, _rename(state, _MAMBA_SSM_KEYS, False, fmt))
 
 
+def _same_layers(fmt: str, specs: list[dict], indices: list[int], what: str) -> dict:
+    """The one spec the layers `indices` share (mamba_ssm has one ssm_cfg, one attn_cfg); raises naming the first
+    that differs."""
+    first = specs[indices[0]]
+    for i in indices:
+        if specs[i]["type"] != first["type"]:
+            raise _unmappable(fmt, f"layers[{i}].type", specs[i]["type"],
+                              f"mamba_ssm has one {what} for every such layer (layer {indices[0]}: {first['type']!r})")
+        if _function_options(specs[i]) != _function_options(first):
+            raise _unmappable(fmt, f"layers[{i}]", specs[i], f"mamba_ssm has one {what}: every such layer needs the "
+                                                             f"options of layer {indices[0]}")
+    return first
+
+
 def to_mamba_ssm(model: ZooForCausalLM) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """ZooForCausalLM (pure mamba or mamba2 stack, optional SwiGLU) -> (mamba_ssm config dict, state dict)."""
+    """ZooForCausalLM (mamba or mamba2 layers, attention layers among them (MHA at attn_layer_idx), the same ffn
+    none or SwiGLU in every layer) -> (mamba_ssm config dict, state dict). (mamba_ssm's MHA takes its RoPE from
+    flash_attn: loading an export whose attention has RoPE needs flash_attn installed beside mamba_ssm.)"""
     fmt, zc = "mamba_ssm", model.config
     _no_moe(model, fmt)
-    mixer_type = zc.layer_specs()[0]["type"]
-    ffn = zc.layer_specs()[0]["ffn"]
-    if mixer_type not in ("mamba", "mamba2"):
-        raise _unmappable(fmt, "layers[0].type", mixer_type, "mamba_ssm's MambaLMHeadModel stacks Mamba layers")
-    spec = _uniform_layers(model, fmt, mixer_type, ffn)
+    specs = zc.layer_specs()
+    ffn = specs[0]["ffn"]
+    for i, spec in enumerate(specs):
+        if spec["type"] not in ("mamba", "mamba2", "attention"):
+            raise _unmappable(fmt, f"layers[{i}].type", spec["type"], "mamba_ssm's MambaLMHeadModel stacks Mamba, "
+                                                                      "Mamba-2 and attention (MHA) layers")
+        if spec["ffn"] != ffn:
+            raise _unmappable(fmt, f"layers[{i}].ffn", spec["ffn"], f"mamba_ssm gives every layer the same MLP "
+                                                                    f"(d_intermediate; layer 0: {ffn!r})")
     if zc.norm_eps != _MAMBA_SSM_EPS:
         raise _unmappable(fmt, "norm_eps", zc.norm_eps, f"mamba_ssm's norms use eps {_MAMBA_SSM_EPS}")
-    m = model.model.layers[0].mixer
+    attn_layers = [i for i, spec in enumerate(specs) if spec["type"] == "attention"]
+    ssm_layers = [i for i, spec in enumerate(specs) if spec["type"] != "attention"]
+    attn_cfg: dict[str, Any] = {}
+    if attn_layers:
+        spec = _same_layers(fmt, specs, attn_layers, "attn_cfg")
+        o = _check_options(fmt, spec, {"n_heads", "n_kv_heads", "head_dim", "rope", "rope_theta"},
+                           required={"window": None})
+        a = model.model.layers[attn_layers[0]].mixer
+        # modules/mha.py: MHA(num_heads, num_heads_kv, head_dim, qkv_proj_bias, out_proj_bias, causal, rotary_emb_dim,
+        # rotary_emb_base, rotary_emb_interleaved); flash_attn's RotaryEmbedding rotates halves, as the zoo's RoPE
+        attn_cfg = {"num_heads": a.n_heads, "num_heads_kv": a.n_kv_heads, "head_dim": a.head_dim,
+                    "qkv_proj_bias": False, "out_proj_bias": False, "causal": True,
+                    "rotary_emb_dim": a.head_dim if o["rope"] else 0, "rotary_emb_base": float(o["rope_theta"]),
+                    "rotary_emb_interleaved": False}
+    ssm_cfg: dict[str, Any] = {}
+    if ssm_layers:
+        ssm_cfg = _mamba_ssm_ssm_cfg(model, _same_layers(fmt, specs, ssm_layers, "ssm_cfg"), ssm_layers[0])
+    d_intermediate = 0
+    if ffn == "swiglu":
+        d_intermediate = zc.ffn_spec()["hidden"]
+        if d_intermediate % _MAMBA_SSM_MLP_MULTIPLE:
+            raise _unmappable(fmt, "ffn.hidden", d_intermediate,
+                              f"mamba_ssm's GatedMLP rounds it up to a multiple of {_MAMBA_SSM_MLP_MULTIPLE}")
+    multiple = 8 if zc.vocab_size % 8 == 0 else 1
+    config = {"d_model": zc.d_model, "d_intermediate": d_intermediate, "n_layer": zc.num_hidden_layers,
+              "vocab_size": zc.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": attn_layers, "attn_cfg": attn_cfg,
+              "rms_norm": True, "residual_in_fp32": bool(zc.residual_in_fp32), "fused_add_norm": True,
+              "pad_vocab_size_multiple": multiple, "tie_embeddings": bool(zc.tie_embeddings)}
+    state = _mamba_ssm_fuse_mlp(_rename(_state(model), _MAMBA_SSM_KEYS, True, fmt))
+    return config, _mamba_ssm_fuse_attention(state, attn_layers)
+
+
+def _mamba_ssm_ssm_cfg(model: ZooForCausalLM, spec: dict, layer: int) -> dict[str, Any]:
+    """mamba_ssm's ssm_cfg for the Mamba or Mamba-2 layers whose spec is `spec` (the mixer of `layer` one of them)."""
+    fmt, zc, mixer_type = "mamba_ssm", model.config, spec["type"]
+    m = model.model.layers[layer].mixer
     if mixer_type == "mamba":
         table = _MAMBA_SSM_MAMBA1
         o = _check_options(fmt, spec, set(table.values()) | {"inner_norm_eps"}, required={"inner_norms": False})
@@ -782,19 +922,7 @@ def to_mamba_ssm(model: ZooForCausalLM) -> tuple[dict[str, Any], dict[str, torch
     elif int(expand * zc.d_model) != m.d_inner:
         raise _unmappable(fmt, "expand", expand, f"mamba_ssm's Mamba makes d_inner int(expand·d_model) = "
                                                  f"{int(expand * zc.d_model)}, not {m.d_inner}")
-    d_intermediate = 0
-    if ffn == "swiglu":
-        d_intermediate = zc.ffn_spec()["hidden"]
-        if d_intermediate % _MAMBA_SSM_MLP_MULTIPLE:
-            raise _unmappable(fmt, "ffn.hidden", d_intermediate,
-                              f"mamba_ssm's GatedMLP rounds it up to a multiple of {_MAMBA_SSM_MLP_MULTIPLE}")
-    multiple = 8 if zc.vocab_size % 8 == 0 else 1
-    config = {"d_model": zc.d_model, "d_intermediate": d_intermediate, "n_layer": zc.num_hidden_layers,
-              "vocab_size": zc.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": [], "attn_cfg": {},
-              "rms_norm": True, "residual_in_fp32": bool(zc.residual_in_fp32), "fused_add_norm": True,
-              "pad_vocab_size_multiple": multiple, "tie_embeddings": bool(zc.tie_embeddings)}
-    state = _mamba_ssm_fuse_mlp(_rename(_state(model), _MAMBA_SSM_KEYS, True, fmt))
-    return config, state
+    return ssm_cfg
 
 
 # ---- folders -------------------------------------------------------------------------------------------------
@@ -939,7 +1067,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     neither format is given), or into `to_format` from a zoo folder (or any folder `load_as_zoo` reads). The
     tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside. Safetensors shards hold
     `max_shard_size` at most (default 5GB); mamba_ssm's one pytorch_model.bin takes none."""
-    from zoo.hub import check_model_ref, load_folder_tokenizer, save_model_folder, write_folder
+    from zoo.hub import check_model_ref, load_folder_tokenizer, require_tokenizer, save_model_folder, write_folder
 
     check_model_ref(src, what="source")
     if from_format and to_format:
@@ -951,7 +1079,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
         raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
     if Path(dst).exists() and not Path(dst).is_dir():
         raise ValueError(f"the destination {dst} is a file; give a folder to write the converted checkpoint to")
-    tok = load_folder_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
+    tok = require_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
     if to_format is None:
         model = load_as_zoo(src, from_format)
         return save_model_folder(model, dst, tok, max_shard_size=max_shard_size)

@@ -398,6 +398,16 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
 
     if isinstance(model, PeftModel):
         raise ValueError("wrap_lora: the model is already a PeftModel; pass its base model")
+    # a PeftModel's base model, or zoo.hub.load_causal_lm's of an adapter: get_peft_model set up its adapter 'default'
+    # afresh, so the trained adapter in it was lost (the model back to its base's outputs), without a word
+    from zoo.hub import peft_layer
+
+    wrapped = peft_layer(model)
+    if wrapped is not None:
+        raise ValueError(f"wrap_lora: the model holds PEFT adapter layers ({wrapped}, ...), which a new LoRA would "
+                         f"reset; to train a new adapter on top of them, merge them first "
+                         f"(PeftModel.from_pretrained(base model, adapter).merge_and_unload()), or continue training "
+                         f"the adapter itself with PeftModel.from_pretrained(base model, adapter, is_trainable=True)")
     # LoraConfig's own names for what wrap_lora takes as arguments failed with "LoraConfig() got multiple values"
     for peft_name, ours in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
         if peft_name in lora_kwargs:

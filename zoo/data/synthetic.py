@@ -20,6 +20,7 @@ number of workers.
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch.utils.data import Dataset
@@ -319,6 +320,9 @@ class SyntheticDataset(Dataset):
         return self.n_samples
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        # a numpy or 0-d tensor integer as a Python int: Subset(dataset, np.arange(n)) and SubsetRandomSampler hand out
+        # numpy ones, which torch's manual_seed refused (np.int32 overflowed in item_seed first)
+        index = operator.index(index)
         if not 0 <= index < self.n_samples:
             raise IndexError(f"index {index} out of range for {self.n_samples} samples")
         generator = torch.Generator().manual_seed(item_seed(self.seed, index))

@@ -772,6 +772,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
     Evaluation documents are never shuffled. Raises ValueError naming the field when the source, split or
     text field does not exist, or when there is no evaluation data (no eval_split and holdout 0).
     """
+    if split not in ("train", "eval"):  # any other read the training documents as 'train' does, unshuffled, one pass
+        raise ValueError(f"split: expected 'train' or 'eval' (the training or the evaluation documents), got "
+                         f"{split!r}; a dataset's own splits are named by data.split and data.eval_split")
     shuffle = cfg.shuffle and split == "train"
     if split == "eval" and cfg.eval_split is None and cfg.holdout == 0:
         raise ValueError("data.holdout: is 0 and data.eval_split is unset, so there is no evaluation data; "

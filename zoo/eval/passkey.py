@@ -137,7 +137,11 @@ GREEDY = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "enco
           # more tokens per prompt, a clock that cuts the decoding short, and methods generate switches to (constrained
           # beams from the Hub, drafted tokens: refused by recurrent models, or a missing MTP head)
           "num_return_sequences": 1, "max_time": None, "constraints": None, "force_words_ids": None,
-          "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False}
+          "prompt_lookup_num_tokens": None, "assistant_early_exit": None, "use_mtp": False,
+          # an output object instead of the token ids, which the new tokens are sliced from
+          "return_dict_in_generate": False,
+          # what only that object returned, kept at every step (zoo models refuse output_attentions)
+          "output_attentions": False, "output_hidden_states": False}
 
 
 def greedy_overrides(model) -> dict:
@@ -341,6 +345,9 @@ def evaluate_passkey(
 
         bar = tqdm(total=len(cells) * n_samples, desc="passkey", unit="prompt",
                    initial=sum(len(kept) for kept in started.values()))
+    # the mode the model came in is given back (evaluate_synthetic and evaluate_length do): a training loop that
+    # evaluated passkey went on training in eval mode, without dropout and without an MoE's aux loss
+    was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     n_filler: dict[int, int] = {}
@@ -382,6 +389,9 @@ def evaluate_passkey(
         if on_cell is not None and unsaved:
             on_cell({"rows": rows, "samples": samples})
         raise
+    finally:
+        if was_training:
+            model.train()
     return {"rows": rows, "samples": samples}
 
 

@@ -54,6 +54,8 @@ from zoo.state.mitigation import DEFAULTS
 
 # seconds between saves of a run's progress (a small run is not slowed by the writes)
 SAVE_EVERY = 30.0
+# the options (argparse dests) that set the mitigation, which the unmitigated run of --compare does not depend on
+MITIGATION_OPTIONS = ("mitigation", "norm_calibrate", "norm_factor", "norm_chunk")
 
 
 def task_arguments(args) -> dict:
@@ -62,7 +64,8 @@ def task_arguments(args) -> dict:
 
     if args.task not in TASKS:
         raise ValueError(f"--task {args.task!r}: unknown synthetic task; choose one of {sorted(TASKS)}")
-    kwargs = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+    # (--vocab-size 0 was taken as not given: the task's default vocabulary, without a word)
+    kwargs = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
     count_name = COUNT_ARGUMENT[args.task]
     if args.n_kv is not None:
         if count_name is None:
@@ -182,6 +185,15 @@ def check_mitigation_options(args) -> None:
                          f"--norm-calibrate LEN")
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 on the command line (--points-per-octave: 0 is no log-spaced samples; a negative count was
+    taken as 0 without a word)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def summary_rows(result: dict, per_octave: int = 1) -> list[dict]:
     """Per log-spaced sample: position, loss, and per layer the largest head state RMS (3 significant digits)."""
     positions = result["positions"]
@@ -218,10 +230,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-len", type=positive_int, default=16384, help="tokens per row (default 16384)")
     parser.add_argument("--chunk-size", type=positive_int, default=1024, help="tokens per forward above the "
                         "log-spaced start; the state is sampled at every chunk end (default 1024)")
-    parser.add_argument("--points-per-octave", type=int, default=2,
-                        help="log-spaced samples below chunk-size (default 2)")
+    parser.add_argument("--points-per-octave", type=non_negative_int, default=2,
+                        help="log-spaced samples below chunk-size (default 2; 0: none, every chunk-size tokens)")
     parser.add_argument("--group-size", type=positive_int, default=64, help="mamba: channels per head (default 64)")
-    parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plots")
+    parser.add_argument("--train-length", type=positive_int, default=None, help="marked on the plots")
     add_mitigation_argument(parser)
     parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
                         help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
@@ -272,8 +284,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.compare:
             apply_mitigation(model, None)
             # kept complete until the mitigated run is done: a rerun after an interruption there does not run it again
+            # under the settings it depends on: the mitigation's (recorded per mixer, as none) are no part of it, so a
+            # rerun that changes only them (another --norm-calibrate or --mitigation after an interruption) keeps it
+            none_key = {k: v for k, v in key.items() if k not in MITIGATION_OPTIONS}
             none = record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
-                                           partial_key=key, label="the unmitigated run", keep_partial=True)
+                                           partial_key=none_key, label="the unmitigated run", keep_partial=True)
             runs.append(("none", none))
             # saved now: an interrupted mitigated run (as long again) keeps the unmitigated one
             write_json(saved | {"runs": dict(runs)}, out / "state.json")

@@ -151,6 +151,9 @@ def evaluate_synthetic(
     # n_answers and in the marginals, which weighed that length (or count) double
     seq_lens = list(dict.fromkeys(seq_lens))
     n_kv = list(dict.fromkeys(n_kv)) if n_kv is not None else None
+    if not seq_lens or n_kv == []:  # (it returned a result of no rows, whose marginals are empty, without a word)
+        raise ValueError(f"evaluate_synthetic: no cells (seq_lens={seq_lens}, n_kv={n_kv}); give at least one length"
+                         f"{' and one count (or n_kv=None for the default)' if n_kv == [] else ''}")
     device = torch.device(device) if device is not None else model_device(model)
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     task_vocab = task_kwargs.get("vocab_size", task_default(task, "vocab_size"))
@@ -175,7 +178,7 @@ def evaluate_synthetic(
     if isinstance(started, dict) and started.get("n_samples") == n_samples and 0 < started.get("next", 0) < n_samples:
         resumed = started
     progress_of_cell = None  # the cell in progress, after its last finished batch
-    try:
+    try:  # the model given back in the mode it came in, also when a cell fails (out of memory at the longest rows)
         # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted'
         # line
         with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
@@ -191,7 +194,9 @@ def evaluate_synthetic(
                             bar.update(seq_len * n_samples)
                         continue
                     try:  # only the task's own validation may skip a cell, never an error of the model
-                        make_batch(task, 1, seq_len, **kwargs)
+                        # (from a generator of its own: the global one's draws were used up, so a training loop that
+                        # evaluated drew other dropout masks and batches afterwards than one that did not)
+                        make_batch(task, 1, seq_len, generator=torch.Generator().manual_seed(0), **kwargs)
                     except ValueError as error:
                         cell = f"seq_len={seq_len}" + (f" {count_name}={count}" if count_name is not None else "")
                         skipped.append(f"{cell}: {error}")

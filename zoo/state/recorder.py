@@ -39,6 +39,9 @@ from zoo.state.mitigation import format_spec, head_view, no_zoo_mixer, recurrent
 STATE_STATS = ("state_mean", "state_var", "state_rms", "state_norm")
 DECAY_STATS = ("delta_mean", "log_alpha_mean", "alpha_mean", "log_alpha_cumsum")
 B_STATS = ("B_mean", "B_rms")
+# a run's progress is saved at least this many times as long as its last save took apart (a hybrid's attention cache
+# grows with the rows: saves would otherwise take over a long run)
+SAVE_COST_FACTOR = 10
 
 
 def mixer_kind(mixer) -> str:
@@ -262,7 +265,7 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
                 save_atomically({"settings": settings, "chunks": n, "cache": cache, "previous_logit": previous_logit,
                                  "losses": losses, "series": series, "cumsum": cumsum}, partial)
                 last_save = time.monotonic()
-                wait = max(save_every, 10 * (last_save - began))
+                wait = max(save_every, SAVE_COST_FACTOR * (last_save - began))
     model.train(was_training)
     if partial is not None and keep_partial and done < len(ends):  # (no forward follows: without the cache)
         save_atomically({"settings": settings, "chunks": len(ends), "cache": None, "previous_logit": previous_logit,
@@ -352,13 +355,20 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
                           train_length: int | None = None) -> list[Path]:
     """One PNG per statistic under out_dir (state_rms.png, ...; loss.png): a panel per recurrent layer, a line
     per head (B statistics: per B group), log-position x axis, the training length dashed. `result` may be a
-    list of (label, result) pairs to overlay runs (e.g. with and without a mitigation)."""
+    list of (label, result) pairs to overlay runs (e.g. with and without a mitigation), named in a legend; a lone
+    result's mitigation (its ``mitigation``, when not 'none') is named in the titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     runs = [("", result)] if isinstance(result, dict) else list(result)
+    # a lone run under a mitigation says so in its titles (overlaid runs have their legend): they said nothing of it, so
+    # its plots read as the model's own
+    mitigation = result.get("mitigation") if isinstance(result, dict) else None
+    if isinstance(mitigation, (list, tuple)):  # (its layers under different mitigations)
+        mitigation = " / ".join(mitigation)
+    named = f"; mitigation {mitigation}" if mitigation not in (None, "none") else ""
     train_length = train_length or runs[0][1].get("train_length")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -393,7 +403,7 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
         label = LABELS[stat]
         if "gla" in kinds and stat in GLA_LABELS:  # (it said exp(ΔA) and B of a GLA layer's exp(g) and keys)
             label = GLA_LABELS[stat] if kinds == {"gla"} else f"{label}; gla: {GLA_LABELS[stat]}"
-        fig.suptitle(label + (f"  (training length {train_length}, dashed)" if train_length else ""))
+        fig.suptitle(label + named + (f"  (training length {train_length}, dashed)" if train_length else ""))
         fig.tight_layout()
         path = out_dir / f"{stat}.png"
         fig.savefig(path, dpi=110)
@@ -407,6 +417,8 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
         ax.axvline(train_length, color="k", ls="--", lw=1)
     ax.set_xlabel("position")
     ax.set_ylabel("mean loss of the chunk (nats)")
+    if named:
+        ax.set_title(named[2:], fontsize=9)
     if len(runs) > 1:
         ax.legend(fontsize=8)
     fig.tight_layout()
