@@ -319,6 +319,33 @@ def test_an_interrupted_train_exits_130(monkeypatch):
     assert e.value.code == 130
 
 
+def test_a_train_sent_sigterm_before_its_loop_exits_130_in_one_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's, accelerate launch's) before zoo train's loop (building the model, reading the data)
+    killed the process without a word, while Ctrl-C there ends in one line and 130, as a SIGTERM in the loop does (it
+    saves and stops). It stops as Ctrl-C does now, the handler before the command back afterwards."""
+    import os
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
+    import zoo.train as train_module
+
+    real = train_module.build_model
+
+    def build_model(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    argv = [str(ROOT / "configs" / "train" / "demo.yaml"), f"--output_dir={tmp_path}", "--log.progress_bar=false"]
+    with sigterm_raises_terminated() as handler:
+        assert cli._run("zoo train", train_module.main, argv) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.endswith("zoo train: interrupted\n")
+    assert not list(tmp_path.glob("checkpoints/*"))
+
+
 def test_a_stopped_finetune_under_accelerate_launch_says_so_once(monkeypatch, capsys):
     # every process of `accelerate launch scripts/finetune.py` raises TrainingStopped at the step they agreed on, and
     # each printed the same 'zoo finetune: interrupted: stopped after step N, saved in ...' line

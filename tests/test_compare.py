@@ -1522,11 +1522,46 @@ def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_pa
     interrupt_before_the_eval_phase_is_saved(monkeypatch, argv, out, calls, partial, 3)
 
 
+def test_comparison_stopped_by_sigterm_in_an_evaluation_keeps_its_documents_and_says_so(tmp_path, monkeypatch, capsys):
+    """SIGTERM (`timeout`'s, a scheduler's) outside a training (in the per-position loss, passkey, MQAR's evaluation,
+    throughput) killed zoo compare without a word, exit status 143 and the documents finished since the last periodic
+    save lost. It stops as Ctrl-C does now: every finished document saved, one line saying what is kept, 130, the
+    handler before the command back afterwards; and the same command continues at the next document."""
+    import signal
+
+    from helpers import sigterm_after, sigterm_raises_terminated
+
+    import zoo.eval.length as length
+
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position={n_docs: 3, max_len: 96, chunk_size: 32, batch_size: 1}", "--eval.mqar=null",
+            "--throughput=null", "--eval.passkey=null", "--only=mamba"]
+    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
+    whole = json.loads((tmp_path / "whole" / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    out = tmp_path / "out"
+    partial = out / "mamba" / "train-L128" / "per-position.partial.pt"
+    real = length.per_position_loss
+    calls = sigterm_after(monkeypatch, length, 2)
+    with sigterm_raises_terminated() as handler:
+        assert main([*argv, f"--output_dir={out}"]) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert calls == [1, 1] and torch.load(partial)["batches"] == 2
+    assert capsys.readouterr().err.endswith(f"\nzoo compare: interrupted; finished phases are kept in {out}; rerun "
+                                            f"the same command to continue\n")
+    monkeypatch.setattr(length, "per_position_loss", real)
+    calls, _ = interrupt_after(monkeypatch, length, None)
+    assert main([*argv, f"--output_dir={out}"]) == 0
+    assert calls == [1] and "resuming mamba's per-position loss from document 3 of 3" in capsys.readouterr().out
+    result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    assert result["per_position"] == whole["per_position"] and not partial.exists()
+
+
 def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monkeypatch, capsys):
     """The passkey grid was saved only with its eval phase: an interruption in it lost every finished cell. Its
     finished cells are saved as they end and kept until result.json holds the phase, so a rerun runs only the remaining
     cells, to the result of an uninterrupted run, and one interrupted after the last cell (before the phase was saved)
-    runs none."""
+    runs none. The finished prompts of the cell it stopped in are saved too (they were lost), and not run again."""
     import zoo.eval.passkey as passkey
 
     real_generate = passkey.greedy_generate
@@ -1554,7 +1589,7 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     capsys.readouterr()
     stop[0], calls[:] = None, []
     assert main([*argv, f"--output_dir={out}"]) == 0
-    assert len(calls) == 4 and "resuming mamba's passkey: 2 of 4 cells are done" in capsys.readouterr().out
+    assert len(calls) == 3 and "resuming mamba's passkey: 2 of 4 cells are done" in capsys.readouterr().out
     result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
     assert result["passkey"] == whole["passkey"] and not partial.exists()
 

@@ -1166,7 +1166,7 @@ def test_evaluate_length_resumes_an_interrupted_run_at_its_next_document(tmp_pat
             capsys.readouterr().out
         assert sum(calls) == 2 + 5  # the first batch (saved, then interrupted), then every document
         assert again["bins"] and not partial.exists()
-    stop[0] = 1  # a small run (the first save due after save_every seconds) writes nothing
+    stop[0] = 0  # interrupted before any batch finished: nothing to save
     with pytest.raises(KeyboardInterrupt):
         evaluate_length(model, docs, chunk_size=16, batch_size=2, partial=partial)
     assert not partial.exists()
@@ -1232,6 +1232,16 @@ def test_eval_length_interrupted_before_length_json_keeps_the_finished_curve(che
     torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
 
 
+def save_after_every_forward(monkeypatch, state) -> None:
+    """zoo eval state saves its progress after a forward once SAVE_EVERY seconds and SAVE_COST_FACTOR times the last
+    save's time have passed: both 0 make that every forward, whatever the machine's speed (a slow save skipped the
+    next saves, and a test's resume point moved)."""
+    from zoo.state import recorder
+
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    monkeypatch.setattr(recorder, "SAVE_COST_FACTOR", 0)
+
+
 def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     """zoo eval state saved its run only at the end: an interrupt after hours of a 1M-token run left nothing. The
     statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
@@ -1243,7 +1253,7 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "window:r=8"]
     state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of 16 tokens
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     calls, stop = interrupt_forwards_after(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
@@ -1300,7 +1310,7 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     from zoo.eval import state
 
     monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
     argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
@@ -1790,6 +1800,40 @@ def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpo
     assert "weights differ" in capsys.readouterr().out and len(calls) == 8
 
 
+def test_passkey_stopped_in_a_cell_keeps_its_finished_prompts(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval passkey saved a cell only once all its prompts were done: Ctrl-C or SIGTERM in a cell lost its finished
+    prompts (a cell of 1M-token prompts is minutes of them). They are saved as it stops now, and the same command runs
+    only the cell's other prompts, to the result of an uninterrupted run."""
+    from zoo.eval import passkey
+
+    real_generate = passkey.greedy_generate
+    calls, stop = [], [None]
+
+    def generate(model, input_ids, *args, **kwargs):  # one call per prompt; Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    argv = ["--model", str(checkpoint), "--lengths", "128", "--depths", "0,1", "--n-samples", "3", "--device", "cpu"]
+    whole = passkey.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    stop[0], calls[:] = 4, []  # the first cell's three prompts, then one of the second's
+    with pytest.raises(KeyboardInterrupt):
+        passkey.main([*argv, "--out", str(out)])
+    saved = json.loads((out / "passkey.json").read_text())
+    assert [(r["length"], r["depth"]) for r in saved["rows"]] == [(128, 0.0)]
+    assert saved["samples"] == whole["samples"][:4]
+    stop[0], calls[:] = None, []
+    capsys.readouterr()
+    resumed = passkey.main([*argv, "--out", str(out)])
+    assert "resuming" in capsys.readouterr().out and len(calls) == 2  # the second cell's last two prompts
+    assert resumed["rows"] == whole["rows"] and resumed["samples"] == whole["samples"]
+    for file in ("passkey.csv", "passkey.md"):
+        assert (out / file).read_text() == (tmp_path / "whole" / file).read_text()
+
+
 def test_passkey_rerun_of_another_grid_reports_that_grid_only(checkpoint, tmp_path, monkeypatch, capsys):
     """A rerun with the same settings kept every saved cell whatever its grid: --lengths 128 after --lengths 128,256
     reported (and drew in the heatmap and passkey.md) the 256-token cells as its own."""
@@ -1915,6 +1959,38 @@ def test_eval_synthetic_writes_its_figure_and_a_resumed_rerun_redraws_it_whole(c
     synthetic.main(argv)
     assert lengths == [] and plotted[-1][0] == grid
     assert_png(out / "mqar.png")
+
+
+def test_eval_synthetic_stopped_in_a_cell_keeps_its_finished_batches(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval synthetic saved a cell only once all its batches were done: Ctrl-C or SIGTERM in a cell lost them (a
+    cell of 2^20-token rows is an hour of batches). Its finished batches are saved as it stops now (mqar.json's
+    `started`), and the same command runs only the cell's other rows, to the result of an uninterrupted run."""
+    from zoo.eval import synthetic
+
+    real_predict = synthetic.predict_answers
+    calls, stop = [], [None]
+
+    def predict(model, input_ids, *args, **kwargs):  # one call per batch; Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append((input_ids.shape[1], input_ids.shape[0]))
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    argv = ["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "4", "--vocab-size", "256",
+            "--n-samples", "6", "--batch-size", "2", "--device", "cpu"]
+    whole = synthetic.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    stop[0], calls[:] = 5, []  # the 32-token cell's three batches, then two of the 64-token cell's
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.main([*argv, "--out", str(out)])
+    saved = json.loads((out / "mqar.json").read_text())
+    assert [r["seq_len"] for r in saved["rows"]] == [32] and saved["started"]["next"] == 4
+    stop[0], calls[:] = None, []
+    resumed = synthetic.main([*argv, "--out", str(out)])
+    assert calls == [(64, 2)]  # the 64-token cell's last two rows only
+    assert resumed["rows"] == whole["rows"] and "started" not in json.loads((out / "mqar.json").read_text())
+    assert (out / "mqar.csv").read_text() == (tmp_path / "whole" / "mqar.csv").read_text()
 
 
 def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
@@ -2198,6 +2274,37 @@ def test_eval_length_stopped_by_sigterm_keeps_its_documents_and_says_so(checkpoi
     assert capsys.readouterr().err.endswith(
         f"\nzoo eval length: interrupted: finished curves (length.json, *.csv) and the finished documents of an "
         f"evaluation (*.partial.pt) are kept in {out}; the same command continues\n")
+
+
+def test_eval_length_stopped_between_saves_keeps_every_finished_document(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval length saved its finished documents at most every SAVE_EVERY (30) seconds: SIGTERM or Ctrl-C lost those
+    finished since the last save (every one, in a run stopped within its first 30 s). They are saved as it stops now,
+    and the same command goes on at the next document to the uninterrupted run's outputs."""
+    from helpers import sigterm_after, sigterm_raises_terminated
+
+    from zoo.cli import _run
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), "--label", "a", "--tokens", str(tmp_path / "docs.pt"), "--chunk-size", "16",
+            "--device", "cpu"]
+    whole = length.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    assert length.SAVE_EVERY >= 30  # (no save falls due in this run: only the one at the stop)
+    real = length.per_position_loss
+    calls = sigterm_after(monkeypatch, length, 2)
+    with sigterm_raises_terminated():
+        assert _run("zoo eval length", length.main, [*argv, "--out", str(out)]) == 130
+    assert calls == [1, 1] and torch.load(out / "a.partial.pt")["batches"] == 2
+    monkeypatch.setattr(length, "per_position_loss", real)
+    calls, _ = interrupt_after(monkeypatch, length, None)
+    capsys.readouterr()
+    resumed = length.main([*argv, "--out", str(out)])
+    assert "resuming a from document 3 of 3" in capsys.readouterr().out and calls == [1]
+    assert resumed == whole and not list(out.glob("*.partial.pt*"))
+    saved, expected = torch.load(out / "a-per-position.pt"), torch.load(tmp_path / "whole" / "a-per-position.pt")
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("command", ["state", "synthetic", "passkey"])

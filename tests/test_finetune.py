@@ -1736,10 +1736,18 @@ def test_modules_to_save_as_a_string_is_refused():
         wrap_lora(tiny("mamba"), verbose=False, modules_to_save="norm_f")
 
 
-def test_a_finetune_stopped_after_its_last_step_does_not_train_again(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_finetune_stopped_after_its_last_step_does_not_train_again(how, tmp_path, monkeypatch, capsys):
     """Ctrl-C (or a scheduler's SIGTERM) after the last step, in the evaluation before the adapter is saved, left no
     checkpoint (none is saved at the last step, and with checkpoint_every above max_steps none before it): the same
-    command trained the whole phase again. The last step is now kept until the adapter is saved."""
+    command trained the whole phase again. The last step is now kept until the adapter is saved. SIGTERM there (outside
+    the training loop's own handler) killed the process without a word: it stops as Ctrl-C does now, in one line and
+    exit status 130, the handler before the command back afterwards."""
+    import os
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
     import zoo.finetune as ft
 
     run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1,
@@ -1751,13 +1759,19 @@ def test_a_finetune_stopped_after_its_last_step_does_not_train_again(tmp_path, m
     def ctrl_c_in_the_evaluation_after_training(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the first: the base model's, before training
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ft, "evaluate", ctrl_c_in_the_evaluation_after_training)
-    assert run("cut") == 130
-    monkeypatch.setattr(ft, "evaluate", real)
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
     capsys.readouterr()
+    with sigterm_raises_terminated() as handler:
+        assert run("cut") == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.endswith("zoo finetune: interrupted\n")
+    monkeypatch.setattr(ft, "evaluate", real)
     resumed = run("cut")
     assert "continuing from step 4 of 4" in capsys.readouterr().out
     assert resumed["log"] == whole["log"]

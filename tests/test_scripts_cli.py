@@ -324,6 +324,38 @@ def tiny_mqar_run(script, tmp_path, overrides=()):
     return script.expand_runs(recipe, only=["mamba2"])[0]
 
 
+def test_train_synthetic_evaluation_stopped_in_a_cell_keeps_its_finished_batches(tmp_path, monkeypatch, capsys):
+    """An evaluation stopped in a cell (Ctrl-C, SIGTERM) kept only the cells before it: the cell's finished batches
+    (an hour of them at induction.yaml's 2^20-token rows) were lost. They are saved with the cells now, and the rerun
+    evaluates only the cell's other rows, to the result of an uninterrupted run."""
+    from accelerate import Accelerator
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    batches = ["eval.batch_size=2"]  # two batches of the four rows of each cell
+    whole = script.train_and_evaluate(tiny_mqar_run(script, tmp_path / "whole", batches), Accelerator(cpu=True))
+    run = tiny_mqar_run(script, tmp_path / "out", batches)
+    real, calls, stop = synthetic.predict_answers, [], [5]
+
+    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(input_ids.shape[1])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    with pytest.raises(KeyboardInterrupt):  # the two 64-token cells, then the first batch of the third
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    saved = json.loads((run.output_dir / "result.partial.json").read_text())
+    assert len(saved["rows"]) == 2 and (saved["started"]["seq_len"], saved["started"]["next"]) == (128, 2)
+    stop[0], calls[:] = None, []
+    capsys.readouterr()
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert "the 2 cells in" in capsys.readouterr().out and calls == [128, 128, 128]
+    assert result["rows"] == whole["rows"] and not (run.output_dir / "result.partial.json").exists()
+
+
 @pytest.mark.parametrize("file", ["trained.json", "result.json"])
 def test_train_synthetic_interrupted_while_writing_its_stamp_reruns(tmp_path, monkeypatch, capsys, file):
     """trained.json (the saved model's stamp) and result.json were written in place: a Ctrl-C mid-write left them cut
@@ -597,6 +629,39 @@ def test_train_synthetic_stopped_run_continues_to_the_uninterrupted_model(tmp_pa
     assert not (run_dir / "checkpoints").exists()
     whole, cut = (json.loads((tmp_path / d / "mamba" / "trained.json").read_text())["log"] for d in ("whole", "cut"))
     assert whole == cut
+
+
+def test_train_synthetic_stopped_by_sigterm_in_an_evaluation_says_so_and_keeps_its_model(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """SIGTERM (a scheduler's, accelerate launch's) in a run's evaluation killed train_synthetic without a word (only
+    the training handled it). It stops as Ctrl-C does now: one line, exit status 130, the handler before it back, the
+    trained model kept; the same command evaluates it without training again."""
+    import os
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    real = synthetic.predict_answers
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", sigterm)
+    with sigterm_raises_terminated() as handler:
+        assert script.main([str(recipe)]) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.endswith("train_synthetic: interrupted; the same command continues\n")
+    run_dir = tmp_path / "out" / "mamba"
+    assert (run_dir / "model").is_dir() and not (run_dir / "result.json").exists()
+    monkeypatch.setattr(synthetic, "predict_answers", real)
+    assert script.main([str(recipe)]) == 0
+    assert (run_dir / "result.json").is_file()
+    assert f"mamba: reusing the model trained in {run_dir / 'model'}" in capsys.readouterr().out
 
 
 def test_train_synthetic_runs_of_different_precisions_are_refused_by_name(tmp_path, capsys):

@@ -193,6 +193,38 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
 
 
+@pytest.mark.parametrize("how", ["sigterm", "second-ctrl-c"])
+def test_a_stopped_run_closes_its_progress_bar_before_saying_so(how, tmp_path, monkeypatch):
+    """SIGTERM (or a first Ctrl-C) printed 'stop requested: saving step N and exiting' with the progress bar still
+    open, and a second Ctrl-C its 'interrupted: saving ...': in a terminal the line was glued to the end of the bar's,
+    and the bar drawn again below it as it closed (zoo compare's trainings too, above its 'interrupted' line). The bar
+    is closed first now: its last line, then the message, and no bar after it."""
+    import io
+
+    shared = io.StringIO()  # stdout (the message) and stderr (the bar) as a terminal shows them, in one stream
+    monkeypatch.setattr(sys, "stdout", shared)
+    monkeypatch.setattr(sys, "stderr", shared)
+
+    def interrupt(step, metrics):
+        if step == 3:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
+            else:
+                raise KeyboardInterrupt  # as a second Ctrl-C between steps
+
+    cfg = config_from_dict(run_dict(tmp_path, log={"progress_bar": True}))
+    if how == "sigterm":
+        assert train(cfg, on_step=interrupt).stopped
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, on_step=interrupt)
+    message = "stop requested: saving step 3 and exiting\n" if how == "sigterm" else \
+        "interrupted: saving the last completed step 3\n"
+    before, said, after = shared.getvalue().partition(message)
+    assert said and "/6 [" in before.rsplit("\n", 2)[-2] and before.endswith("\n"), shared.getvalue()
+    assert "train:" not in after, shared.getvalue()
+
+
 def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp_path, monkeypatch):
     """A second Ctrl-C (KeyboardInterrupt) mid-step saves the last completed step, but with the RNG state that the
     unfinished step's dropout had advanced: the resumed run redid that step with other masks than an uninterrupted

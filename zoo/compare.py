@@ -23,7 +23,8 @@ loss, per-position loss on long documents and passkey retrieval, (5) trains a fr
 batches for every model) and measures recall, (6) measures training throughput and peak memory over sequence
 lengths on the present device (training tokens/s counts real tokens: an unpacked recipe's pads are left
 out). Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
-finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
+finishes, so a comparison interrupted (Ctrl-C, or SIGTERM: exit status 130 either way) loses at most the phase that
+was running (training itself resumes
 from its last checkpoint, the per-position loss from its last saved document, passkey from its last finished
 cell, MQAR's training from its last saved step); a rerun skips what is done unless
 ``--force``. Models finished by an earlier run
@@ -2261,8 +2262,14 @@ def main(argv: list[str] | None = None) -> int:
                      "give one of them")
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     start = time.perf_counter()
+    from zoo.eval.common import sigterm_interrupts
+
     try:
-        result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
+        # SIGTERM (`timeout`'s, a scheduler's) stops the evaluation and throughput phases as Ctrl-C does, what they
+        # finished saved: it killed the process there without a word (only the trainings, zoo.train's and MQAR's,
+        # handled it, and they still do: their handler takes precedence while they train)
+        with sigterm_interrupts():
+            result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
     except KeyboardInterrupt as e:
         # --force deletes a model's results before redoing it: the same command again would redo the finished ones
         how = "the same command without --force" if args.force else "the same command"

@@ -1231,8 +1231,8 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                     raise TrainingStopped(checkpoint, completed)
             if checkpoint is not None and completed > start:
                 # the last step too, which the caller removes once it saved the phase's result: a stop in the
-                # evaluation before that (SIGTERM there is no longer caught) left at best the last checkpoint_every
-                # step, or nothing, and the same command trained the phase again
+                # evaluation before that (Ctrl-C, or SIGTERM under main's sigterm_interrupts) left at best the last
+                # checkpoint_every step, or nothing, and the same command trained the phase again
                 save(completed)
     except TrainingStopped:
         raise
@@ -1596,7 +1596,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = load_finetune_config(args.config, [item[2:] for item in rest])
     except ValueError as e:
         parser.error(str(e))
-    return finetune(cfg)
+    from zoo.eval.common import sigterm_interrupts
+
+    # SIGTERM (a scheduler's, accelerate launch's) outside a phase's training (the evaluations, the adapter's reload,
+    # merge and save) stops the run as Ctrl-C does, in one line and exit status 130, the phase's checkpoint kept: it
+    # killed the process there without a word (run_training's own handler saves and stops while a phase trains)
+    with sigterm_interrupts():
+        return finetune(cfg)
 
 
 __all__ = ["DataSection", "FinetuneConfig", "LoopSection", "LoraSection", "PretrainSection", "build_datasets",

@@ -2189,6 +2189,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     if pending:  # the steps since the last log: the resumed run starts after them
                         log_window(grad_norm, None)
                     stopped = True
+                    if bar is not None:  # closed before the line: left open, the line was glued to its end and the
+                        bar.close()      # bar drawn again below it as it closed
                     accelerator.print(f"stop requested: saving step {step} and exiting")
                     break
             flush()
@@ -2196,6 +2198,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 save()
         except KeyboardInterrupt:
             stopped = True
+            if bar is not None:  # (closed before the lines below, as at a stop request)
+                bar.close()
             losses.update({s: float(v[0]) for s, v in pending})
             if updating:  # parameters may be half-updated: keep the previous checkpoint
                 accelerator.print(f"interrupted during the optimizer step: not saving; last checkpoint "
@@ -2247,7 +2251,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.resume == "auto" and latest_checkpoint(cfg.output_dir) is None and os.environ.get("RANK", "0") == "0":
         print(f"--resume: no checkpoint in {cfg.output_dir!r} yet; starting the run from step 0")
-    result = train(cfg, resume=args.resume)
+    from zoo.eval.common import sigterm_interrupts
+
+    # SIGTERM (a scheduler's, accelerate launch's) before the loop (the model built, the data read, a checkpoint
+    # loaded) stops the run as Ctrl-C does, in one line and exit status 130: it killed the process there without a
+    # word (the loop's own handler, which saves and stops, takes precedence while it is set)
+    with sigterm_interrupts():
+        result = train(cfg, resume=args.resume)
     from accelerate import PartialState
 
     if result.checkpoint is not None and PartialState().is_main_process:

@@ -426,17 +426,20 @@ def remove_partial(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts(name_signal: bool = False) -> Iterator[None]:
     """SIGTERM (`timeout`'s, a scheduler's) raises KeyboardInterrupt inside the block, as Ctrl-C does, so that an
     evaluation stopped either way ends alike: its finished documents' partial file kept, one line saying so, exit
     status 130 (zoo.cli._run). Outside the main thread (no signal handler can be set there) it changes nothing; a
-    handler set inside the block (zoo.train's, which saves and stops) takes precedence while it is set."""
+    handler set inside the block (zoo.train's, which saves and stops) takes precedence while it is set. With
+    `name_signal` the KeyboardInterrupt says "signal 15" (the benchmarks note which of the two cut a run short); without
+    it, it is bare, for `interruption_says` to fill. The one implementation: benchmarks/ceilings.py,
+    benchmarks/generate.py and benchmarks/train_throughput.py use it too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_term(signum, frame):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"signal {signum}") if name_signal else KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
