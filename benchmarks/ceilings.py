@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import signal
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import triton
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's zoo and zoo_kernels (rows_kept_on_interrupt's)
 
 
 @functools.cache
@@ -60,24 +63,20 @@ def rows_kept_on_interrupt(path: str | None, prog: str) -> Iterator[list[dict]]:
     or `timeout`'s SIGTERM cuts it short: the rows measured before are written, each with a note saying the run was
     cut short, the benchmark says so in one line and exits with status 130 (the rows used to be written only after
     the last measurement, and an interruption lost them all, in a traceback)."""
+    from zoo.eval.common import sigterm_interrupts  # (here: benchmarks that only read the ceilings skip zoo's import)
+
     rows: list[dict] = []
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield rows
-    except KeyboardInterrupt as e:
-        cut = f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(rows)} rows"
-        for row in rows:
-            row["note"] = "; ".join(x for x in (row.get("note"), cut) if x)
-        append_rows(path, rows)
-        kept = f"{len(rows)} rows appended to {path}" if path else "no --out: the rows are not written"
-        print(f"\n{prog}: {cut}; {kept if rows else 'no rows to write'}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with sigterm_interrupts(name_signal=True):
+        try:
+            yield rows
+        except KeyboardInterrupt as e:
+            cut = f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(rows)} rows"
+            for row in rows:
+                row["note"] = "; ".join(x for x in (row.get("note"), cut) if x)
+            append_rows(path, rows)
+            kept = f"{len(rows)} rows appended to {path}" if path else "no --out: the rows are not written"
+            print(f"\n{prog}: {cut}; {kept if rows else 'no rows to write'}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
     append_rows(path, rows)
 
 

@@ -244,6 +244,11 @@ def main() -> None:
                    help="instead, time chains of dependent projections (24 Mamba-130M-like layers per graph)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    ignored = [flag for flag, given in (("--shapes", args.shapes != p.get_default("shapes")), ("--sweep", args.sweep))
+               if given]
+    if args.chain and ignored:  # (they were taken and did nothing: the chains have their own shapes and launches)
+        p.error(f"{', '.join(ignored)}: options of the single projections, which --chain does not time (its chains are "
+                f"Mamba-130M-like in_proj / out_proj layers); leave {'them' if len(ignored) > 1 else 'it'} out")
     if not torch.cuda.is_available():
         sys.exit("decode_linear.py needs a CUDA GPU")
     dev = torch.device("cuda")

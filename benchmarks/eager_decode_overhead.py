@@ -131,6 +131,14 @@ def main(argv: list[str] | None = None) -> None:
                    "configs (0: all), as benchmarks/generate.py does: a full autotune of the prompt's shapes on a "
                    "fresh H100 outlasted a 170 s call")
     args = p.parse_args(argv)
+    # (each was taken and did nothing: --profile and --dump run one plain generate per family and stop)
+    ignored = [flag for flag, given in (("--cuda-graph", args.cuda_graph), ("--json", args.json),
+                                        ("--repeats", args.repeats != p.get_default("repeats"))) if given]
+    if (args.profile or args.dump) and ignored:
+        p.error(f"{', '.join(ignored)}: options of the timing, which {'--profile' if args.profile else '--dump'} "
+                f"does not run; leave {'them' if len(ignored) > 1 else 'it'} out")
+    if args.profile and args.dump:
+        p.error("--profile and --dump: each runs on its own; give one of them")
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise SystemExit("eager_decode_overhead.py: --cuda-graph needs --device cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

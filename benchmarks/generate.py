@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -51,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from zoo.cache import RecurrentLayer, ZooCache  # noqa: E402
 from zoo.decode import EagerDecoder, GraphDecoder, cache_nbytes, graphable, prefill  # noqa: E402
+from zoo.eval.common import sigterm_interrupts  # noqa: E402
 
 VOCAB = 50280
 ZOO = ("mamba", "mamba2", "transformerpp", "gla", "jamba")
@@ -303,24 +303,21 @@ def main(argv: list[str] | None = None) -> None:
     backends: dict[str, dict] = {}
     cut = None
 
-    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep the rows measured so far
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        for name in order:
-            model = build(name, torch.bfloat16, device, args.state_dtype)
-            if hasattr(model, "backend_report"):
-                backends[name] = model.backend_report()
-            for batch in batches:
-                r = measure(model, name, batch, args.prompt_len, args.new_tokens, args.warmup, args.graph)
-                results[(name, batch)] = r
-                print(f"{name} B={batch}: {r.get('tokens_per_s') or 0:,.0f} tok/s ({r.get('mode')}; eager "
-                      f"{r.get('eager_ms') or 0:.2f} ms, graph {r.get('graph_ms') or 0:.2f} ms) "
-                      f"{r.get('graph_error', '') or r.get('note', '')}", flush=True)
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
+    try:  # `timeout` sends SIGTERM: keep the rows measured so far
+        with sigterm_interrupts(name_signal=True):
+            for name in order:
+                model = build(name, torch.bfloat16, device, args.state_dtype)
+                if hasattr(model, "backend_report"):
+                    backends[name] = model.backend_report()
+                for batch in batches:
+                    r = measure(model, name, batch, args.prompt_len, args.new_tokens, args.warmup, args.graph)
+                    results[(name, batch)] = r
+                    print(f"{name} B={batch}: {r.get('tokens_per_s') or 0:,.0f} tok/s ({r.get('mode')}; eager "
+                          f"{r.get('eager_ms') or 0:.2f} ms, graph {r.get('graph_ms') or 0:.2f} ms) "
+                          f"{r.get('graph_error', '') or r.get('note', '')}", flush=True)
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
     except KeyboardInterrupt as e:
         done = sorted({k[0] for k in results})
         cut = (f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(results)} of {len(order) * len(batches)} "

@@ -42,7 +42,6 @@ import gc
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -53,6 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from zoo.eval.common import sigterm_interrupts  # noqa: E402
 from zoo.train import config_from_dict, peak_tflops, train  # noqa: E402
 
 VOCAB = 50280
@@ -223,15 +223,11 @@ def main() -> None:
     results: dict[tuple[str, int], dict] = {}
     cut = None
 
-    def on_term(signum, frame):  # `timeout` sends SIGTERM: keep the rows measured so far (zoo.train's own handler
-        raise KeyboardInterrupt(f"signal {signum}")  # asks its loop to stop while a model trains)
-
-    signal.signal(signal.SIGTERM, on_term)
-    # the measurements finished are written when SIGTERM or Ctrl-C ends the run: they were all lost, written only
-    # after the last one
+    # the measurements finished are written when SIGTERM (`timeout`'s) or Ctrl-C ends the run: they were all lost,
+    # written only after the last one (zoo.train's own handler asks its loop to stop while a model trains)
     total = sum(name != "hf-mamba" or L in args.hf_mamba_seq_lens for L in args.seq_lens for name in args.models)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
+        with sigterm_interrupts(name_signal=True), tempfile.TemporaryDirectory() as tmp:
             measure_all(args, Path(tmp), results)
     except KeyboardInterrupt as e:
         cut = f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(results)} of {total} measurements"

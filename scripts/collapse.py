@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         sweep = script.check_sweep(args.config, overrides, args.only)[0]
     except ValueError as e:
         parser.error(str(e))
+    if args.report_only:  # (each was taken and ignored: the report covers every saved model, and nothing is listed)
+        given = [name for name, value in (("--only", args.only is not None), ("--dry-run", args.dry_run)) if value]
+        if given:
+            parser.error(f"{', '.join(given)}: --report-only trains nothing and reports every saved model; leave "
+                         f"{'them' if len(given) > 1 else 'it'} out, or leave out --report-only")
     only = [] if args.only is None else ["--only", *args.only]
     if args.dry_run:
         return script.main([args.config, *only, "--dry-run", *rest])

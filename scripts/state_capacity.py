@@ -548,12 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     for item in rest:
         if not item.startswith("--") or "=" not in item:
             parser.error(f"unrecognized argument {item!r}; overrides look like --key.sub=value")
+    if args.dry_run and args.fit_only:  # (--fit-only was taken and ignored: the dry run listed the runs and stopped)
+        parser.error("--dry-run lists the runs to train, and --fit-only trains none and re-fits the saved evaluations; "
+                     "give one of them")
     try:
         sweep, runs, sizes = check_sweep(args.config, [item[2:] for item in rest], args.only)
     except ValueError as e:  # as zoo train: bad input is one line and exit status 2, before anything trains
         parser.error(str(e))
     out = Path(sweep["output_dir"])
-    if args.dry_run:  # the models --only names (it listed every run of the sweep, as if all would train)
+    if args.dry_run:  # the runs --only leaves to train (it listed every model's, those it would skip too)
         for name, s in sizes.items():
             if args.only and name not in args.only:
                 continue

@@ -40,7 +40,7 @@ import torch
 import yaml
 
 from zoo.data.synthetic import COUNT_ARGUMENT
-from zoo.eval.common import markdown_table, parse_int
+from zoo.eval.common import markdown_table, parse_int, sigterm_interrupts
 from zoo.finetune import DataSection, LoopSection, PretrainSection
 from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted, read_yaml
 
@@ -445,18 +445,21 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     # since) under the same settings
     key = {"settings": _result_stamp(settings), "train_seconds": train_seconds}
     saved = json.loads(partial.read_text()) if partial.is_file() else None
-    done = saved["rows"] if isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key)) else None
-    if done:
-        accelerator.print(f"{run.name}: resuming the evaluation; the {len(done)} cells in {partial} are kept")
+    same = isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key))
+    done, started = (saved["rows"], saved.get("started")) if same else (None, None)
+    if done or started:
+        accelerator.print(f"{run.name}: resuming the evaluation; the {len(done)} cells in {partial} are kept"
+                          + (f", and {started['next']} rows of the one it stopped in" if started else ""))
 
-    def save(rows: list[dict]) -> None:
+    def save(rows: list[dict], started: dict | None = None) -> None:  # after every cell, and the batches finished of
+        # the cell a stop came in (`started`, on_stop's)
         if accelerator.is_main_process:
-            write_json({"key": key, "rows": rows}, partial)
+            write_json({"key": key, "rows": rows} | ({"started": started} if started else {}), partial)
 
     start = time.perf_counter()
     grid = evaluate_synthetic(model, data.task, seq_lens, counts, run.eval.n_samples, run.eval.batch_size,
                               seed=data.seed + 2, chunk_size=run.eval.chunk_size, progress=accelerator.is_main_process,
-                              on_cell=save, done=done, **task_kwargs)
+                              on_cell=save, done=done, on_stop=save, started=started, **task_kwargs)
     eval_seconds = time.perf_counter() - start
     result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,
               "parameters": sum(p.numel() for p in model.parameters()),
@@ -648,7 +651,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        results = [train_and_evaluate(run, accelerator) for run in runs]
+        # SIGTERM (a scheduler's, accelerate launch's) outside a training (an evaluation, a model's save) stops the
+        # runs as Ctrl-C does: it killed the process there without a word (run_training's own handler saves and stops
+        # while a phase trains)
+        with sigterm_interrupts():
+            results = [train_and_evaluate(run, accelerator) for run in runs]
     except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: run_training saved the phase; finished runs are kept
         print(f"{PROG}: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
         return 130

@@ -223,6 +223,30 @@ def save_trained_adapter(base: Path, folder: Path, use_dora: bool):
 
 
 
+def adapter_without_tokenizer(tmp_path, monkeypatch, where: str) -> str:
+    """A LoRA adapter of the tiny Jamba saved by PEFT (no tokenizer files), its base model saved with the byte
+    tokenizer: both local folders, or both hub repos (the adapter naming its base by hub id). Returns the adapter's
+    reference."""
+    import json
+    import shutil
+
+    from zoo.data.text import ByteTokenizer
+
+    if where == "folder":
+        save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)
+        ByteTokenizer().save_pretrained(tmp_path / "base")
+        return str(tmp_path / "adapter")
+    adapter = offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/tiny-jamba-lora")
+    save_trained_adapter(tmp_path / "base", adapter, use_dora=False)
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    base = offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/tiny-jamba")
+    base.parent.mkdir()
+    shutil.move(tmp_path / "base", base)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "someone/tiny-jamba"}))
+    return "someone/tiny-jamba-lora"
+
+
 class Terminated(Exception):
     """What SIGTERM raises under `sigterm_raises_terminated` where the code under test sets no handler of its own."""
 

@@ -29,6 +29,17 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     assert isinstance(e.value.code, str) and "CUDA" in e.value.code and "\n" not in e.value.code, e.value.code
 
 
+@pytest.mark.parametrize("flags", [["--sweep"], ["--shapes", "mamba.in_proj"]], ids=["sweep", "shapes"])
+def test_decode_linear_chain_refuses_the_single_projection_options_it_ignores(monkeypatch, capsys, flags):
+    """--chain times its own Mamba-130M-like layers: --shapes and --sweep were taken and did nothing."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["decode_linear.py", "--chain", *flags])
+    script = load_script("benchmarks/decode_linear.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and f"{flags[0]}: options of the single projections" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU run of the probe")
 def test_mqar_probe_runs_the_demos_models_on_the_cpu(tmp_path, monkeypatch):
     # how many MQAR steps the demo's tiny models need is a CPU question (the demo trains them 100); it was GPU-only
@@ -357,11 +368,9 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path
     monkeypatch.setattr(sys, "argv", ["benchmarks/train_throughput.py", "--models", "mamba", "transformerpp", "jamba",
                                       "hf-llama", "--seq-lens", "2048", "--peak-tflops", "1", "--out", str(out)])
     handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as e:
-            script.main()
-    finally:
-        signal.signal(signal.SIGTERM, handler)  # (main's own, for the run)
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert signal.getsignal(signal.SIGTERM) is handler  # (zoo.eval.common.sigterm_interrupts' for the run, then back)
     assert e.value.code == 130 and len(trained) == 3  # jamba's stopped training ended the run
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["name"] for row in rows] == ["train_throughput/mamba/L2048", "train_throughput/transformerpp/L2048"]
@@ -382,6 +391,24 @@ def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs CUDA"):
             script.main(["--device", "cuda"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--profile", "torch", "--cuda-graph"], "--cuda-graph: options of the timing, which --profile does not run"),
+    (["--dump", "x.pt", "--json", "--repeats", "3"], "--json, --repeats: options of the timing, which --dump"),
+    (["--profile", "cprofile", "--dump", "x.pt"], "--profile and --dump: each runs on its own"),
+])
+def test_eager_decode_overhead_refuses_timing_options_that_profile_and_dump_ignore(tmp_path, monkeypatch, capsys,
+                                                                                  flags, message):
+    """--profile (and --dump) run one plain generate() per family and return: --cuda-graph, --json and --repeats were
+    taken and did nothing, so a `--profile torch --cuda-graph` run profiled the eager call without a word."""
+    monkeypatch.chdir(tmp_path)
+    script = load_script("benchmarks/eager_decode_overhead.py")
+    monkeypatch.setattr(script, "build", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(SystemExit) as e:
+        script.main(["--families", "gla", *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="generate.measure with its CUDA calls stubbed, on the CPU")
@@ -537,10 +564,15 @@ def test_micro_benchmark_uninterrupted_writes_every_row_once(name, tmp_path, mon
     assert capsys.readouterr().err == ""
 
 
-def test_generate_interrupted_writes_its_rows_and_exits_130(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_generate_interrupted_writes_its_rows_and_exits_130(how, tmp_path, monkeypatch, capsys):
     """generate.py writes the rows measured before Ctrl-C or SIGTERM and then leaves through os._exit (the teardown of
     half-built CUDA graphs hung): with status 0, so a run cut short by `timeout` passed for a finished one. 130 now,
-    as train_throughput's and the micro-benchmarks'; a bare Ctrl-C is named in the rows' note (it read '()')."""
+    as train_throughput's and the micro-benchmarks'; a bare Ctrl-C is named in the rows' note (it read '()'). SIGTERM
+    goes through zoo.eval.common.sigterm_interrupts as the micro-benchmarks' does (generate.py had its own handler,
+    left set after main), and its handler is back afterwards."""
+    import os
+
     script = _generate_on_cpu(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
@@ -549,6 +581,8 @@ def test_generate_interrupted_writes_its_rows_and_exits_130(tmp_path, monkeypatc
 
     def measure(model, name, batch, *args):
         if len(measured) == 2:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         measured.append((name, batch))
         return {"name": name, "batch": batch}
@@ -563,15 +597,14 @@ def test_generate_interrupted_writes_its_rows_and_exits_130(tmp_path, monkeypatc
     monkeypatch.setattr(script.os, "_exit", exit_now)
     out = tmp_path / "results.jsonl"
     handler = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as e:
-            script.main(["--models", "mamba", "--batches", "1,2,4", "--out", str(out)])
-    finally:
-        signal.signal(signal.SIGTERM, handler)  # (main's own, for the run)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--models", "mamba", "--batches", "1,2,4", "--out", str(out)])
+    assert signal.getsignal(signal.SIGTERM) is handler
     assert e.value.code == 130
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [row["name"] for row in rows] == ["mamba/B1", "mamba/B2"]
-    assert all(row["note"] == "run interrupted (Ctrl-C) after 2 of 3 measurements" for row in rows)
+    said = "signal 15" if how == "sigterm" else "Ctrl-C"
+    assert all(row["note"] == f"run interrupted ({said}) after 2 of 3 measurements" for row in rows)
 
 
 def _selective_scan_run(tmp_path, monkeypatch, stop_at: int | None, how: str = "ctrl-c", mamba: bool = True,

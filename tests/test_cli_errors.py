@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import offline_hub_repo, save_trained_adapter
+from helpers import adapter_without_tokenizer, offline_hub_repo, save_trained_adapter
 from transformers import AutoModelForCausalLM
 
 import zoo
@@ -286,9 +286,12 @@ def test_generate_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny_fol
     assert "has 603 tokens, more than the model's 512 embeddings" in capsys.readouterr().err
 
 
-def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
+@pytest.mark.parametrize("command", [["zoo.cli", "info", str(TINY)], ["zoo", "--help"], ["zoo", "eval", "--help"]],
+                         ids=["info", "help", "eval-help"])
+def test_output_to_a_closed_pipe_ends_quietly(tmp_path, command):
     # `zoo info configs/models/*.yaml | head -1`: the reader left and zoo reported its own output as bad input, exit
-    # status 2 and 'zoo info: [Errno 32] Broken pipe' (then a traceback from the flush at exit)
+    # status 2 and 'zoo info: [Errno 32] Broken pipe' (then a traceback from the flush at exit); `zoo --help | head -1`
+    # ended in a BrokenPipeError traceback (and `python -m zoo` did not run: zoo had no __main__)
     import os
     import subprocess
     import sys
@@ -297,8 +300,8 @@ def test_output_to_a_closed_pipe_ends_quietly(tmp_path):
     os.close(read)  # the reader has gone before the first line
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "kernels")])}
     env.pop("ZOO_TRACEBACK", None)
-    done = subprocess.run([sys.executable, "-m", "zoo.cli", "info", str(TINY)], stdout=write, stderr=subprocess.PIPE,
-                          text=True, env=env, timeout=120)
+    done = subprocess.run([sys.executable, "-m", *command], stdout=write, stderr=subprocess.PIPE, text=True, env=env,
+                          timeout=120)
     os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
 
@@ -314,6 +317,33 @@ def test_an_interrupted_train_exits_130(monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["train", str(ROOT / "configs" / "train" / "demo.yaml")])
     assert e.value.code == 130
+
+
+def test_a_train_sent_sigterm_before_its_loop_exits_130_in_one_line(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's, accelerate launch's) before zoo train's loop (building the model, reading the data)
+    killed the process without a word, while Ctrl-C there ends in one line and 130, as a SIGTERM in the loop does (it
+    saves and stops). It stops as Ctrl-C does now, the handler before the command back afterwards."""
+    import os
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
+    import zoo.train as train_module
+
+    real = train_module.build_model
+
+    def build_model(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_model", build_model)
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    argv = [str(ROOT / "configs" / "train" / "demo.yaml"), f"--output_dir={tmp_path}", "--log.progress_bar=false"]
+    with sigterm_raises_terminated() as handler:
+        assert cli._run("zoo train", train_module.main, argv) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.endswith("zoo train: interrupted\n")
+    assert not list(tmp_path.glob("checkpoints/*"))
 
 
 def test_a_stopped_finetune_under_accelerate_launch_says_so_once(monkeypatch, capsys):
@@ -943,3 +973,65 @@ def test_a_bare_packaged_model_name_read_as_a_hub_id_says_so(tmp_path, monkeypat
     assert cli._run("zoo generate", load, ["gla-tiny", "hello"]) == 2  # a saved folder or hub id only: no YAML
     assert cli._run("zoo eval synthetic", load, ["--model", "org/gla-tiny"]) == 2
     assert "read as a hub id" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_generate_takes_an_adapters_tokenizer_from_its_base_model(tmp_path, capsys, monkeypatch, where):
+    # an adapter as PEFT saves it holds no tokenizer files: zoo generate refused a folder ('holds no tokenizer files;
+    # pass --tokenizer') and failed on a hub repo in AutoTokenizer, never reading the base model's, as PEFT's users do
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, where)
+    cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("hi")
+    if where == "folder":  # an adapter whose base model has no tokenizer either is refused naming both
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (tmp_path / "base" / name).unlink()
+        with pytest.raises(SystemExit) as e:
+            cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is a PEFT adapter without tokenizer files, and its base model" in err
+
+
+def test_a_folder_of_named_adapters_says_which_subfolder_to_give(tmp_path, capsys):
+    # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of its name, and a zoo
+    # finetune run folder holds adapter/ and merged/: the folder was refused as 'a folder but not a model folder (no
+    # config.json)', with no word of what it holds
+    from peft import LoraConfig, get_peft_model
+
+    from zoo.data.text import ByteTokenizer
+    from zoo.hub import check_model_ref
+
+    AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)).save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")  # (the adapter names it as its base)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["in_proj"]), adapter_name="mine").save_pretrained(
+        tmp_path / "saved")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "saved"), "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "its subfolders hold PEFT adapters (mine)" in err
+    assert f"give one of them, such as {str(tmp_path / 'saved' / 'mine')!r}" in err
+    with pytest.raises(ValueError, match=r"subfolders hold PEFT adapters \(mine\): give their base model or the"):
+        check_model_ref(tmp_path / "saved")
+    cli.main(["generate", str(tmp_path / "saved" / "mine"), "hi", "--max-new-tokens", "2"])
+    assert capsys.readouterr().out.startswith("hi")
+    (tmp_path / "base").rename(tmp_path / "saved" / "merged")  # a finetune run's folder: merged/ beside the adapter
+    with pytest.raises(ValueError, match=r"subfolders hold models \(merged\) and PEFT adapters \(mine\): give one of "
+                                         r"them, such as '.*merged'"):
+        check_model_ref(tmp_path / "saved")
+
+
+def test_an_adapter_whose_base_model_folder_is_gone_says_so(tmp_path, monkeypatch, capsys):
+    # an adapter names its base by the path it was trained from (zoo finetune: the resolved folder): once that folder
+    # moved, loading the adapter failed in transformers as "Repo id must be in the form 'repo_name' or
+    # 'namespace/repo_name': '/.../base'", and its tokenizer (the base's) as 'no such tokenizer folder'
+    from zoo.hub import load_causal_lm
+
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, "folder")
+    (tmp_path / "base").rename(tmp_path / "moved")
+    message = "the base model of the PEFT adapter .*base_model_name_or_path.*base'?: no such model folder"
+    with pytest.raises(ValueError, match=message):
+        load_causal_lm(ref)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the base model of the PEFT adapter" in err and "no such model folder" in err

@@ -639,7 +639,7 @@ def test_sweep_reports_say_under_which_margin_and_factor_they_judged(tmp_path, m
         assert summary["table"][0]["collapsed"] is collapsed
         assert (summary["eval"]["margin"], summary["eval"]["factor"]) == (float(margin), 8)
         assert f"by more than {float(margin):g} nats" in (tmp_path / "summary.md").read_text()
-        collapse.main([*base, "--report-only", f"--eval.margin={margin}", "--eval.factor=8"])
+        collapse.main([*base[:2], "--report-only", f"--eval.margin={margin}", "--eval.factor=8"])
         report = json.loads((tmp_path / "collapse.json").read_text())["default-L64"]
         assert (report["rises"], report["margin"], report["factor"]) == (collapsed, float(margin), 8)
 

@@ -759,6 +759,30 @@ def test_results_of_another_recipe_are_left_out_of_the_table(tmp_path, capsys):
     assert table.startswith("_Left out: gla:") and table in capsys.readouterr().out
 
 
+def test_a_model_an_earlier_run_did_not_finish_is_named_in_the_table(tmp_path, monkeypatch, capsys):
+    """A model stopped mid-training, then a run of another model (--only): the table left the unfinished model out
+    without a word, and read as the whole comparison."""
+    import zoo.train as zt
+
+    out = tmp_path / "unfinished"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=2",
+            "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null"]
+    real = zt.lr_at
+    monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 1))
+    assert main(argv + ["--only=gla"]) == 130
+    monkeypatch.setattr(zt, "lr_at", real)
+    assert main(argv + ["--only=mamba"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" not in table
+    assert table.startswith("_Not finished: gla: an earlier run stopped before their last phase; rerun them "
+                            "(--only gla) to continue where they stopped._")
+    assert table in capsys.readouterr().out
+    assert main(argv + ["--only=gla"]) == 0  # the advice: gla finishes and joins the table
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" in table and "Not finished" not in table
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0
@@ -767,6 +791,20 @@ def test_accounting_only_needs_no_training(tmp_path, capsys):
         assert f"| {name} | 8192 |" in table
     assert not any(out.glob("*/train-*"))
     assert (out / "accounting.md").read_text() in table
+
+
+def test_accounting_only_accounts_the_models_of_only_and_refuses_force(tmp_path, capsys):
+    """--accounting-only took --only and --force and ignored both: `--only mamba` printed every model's accounting,
+    and --force (which redoes trained models) did nothing without a word."""
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path}", "--accounting-only"]
+    assert main(argv + ["--only=mamba,gla"]) == 0
+    table = (tmp_path / "accounting.md").read_text()
+    assert "| mamba | 128 |" in table and "| gla | 128 |" in table
+    assert "| transformerpp |" not in table and "| mamba2 |" not in table and "| jamba |" not in table
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--force"])
+    assert e.value.code == 2 and "--force redoes trained models" in capsys.readouterr().err
 
 
 def test_accounting_only_leaves_a_finished_comparisons_results_alone(tmp_path, capsys):
@@ -827,6 +865,15 @@ def test_graph_decoder_equals_eager(name):
     eager = EagerDecoder(model, prefill(model, prompt)).decode(12)
     graph = GraphDecoder(model, prefill(model, prompt)).decode(12)
     assert torch.equal(graph, eager)
+
+
+def test_table_numbers_that_round_up_to_the_next_unit_take_it():
+    """The table's K / M / G numbers: 999,600 parameters (a 1M budget met 0.04% under) printed as "1e+03K", 999.6
+    tokens/s as "1e+03"."""
+    from zoo.compare import _si
+
+    assert [_si(n) for n in (999.6, 999_600, 999_999_999, -999_600)] == ["1K", "1M", "1G", "-1M"]
+    assert [_si(n) for n in (999.4, 1234, 99_950, 0.5, 0, None)] == ["999", "1.23K", "100K", "0.5", "0", "—"]
 
 
 def test_recall_plot_labels_a_state_size_once_over_its_points():
@@ -1144,7 +1191,99 @@ def test_cache_memory_is_labelled_with_the_bytes_it_is_counted_at(tmp_path, monk
                         lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
     compare.write_plots(result["records"], cfg, tmp_path)
     assert "inference cache per sequence (KV 1 and states 2 bytes per float, states kept in the model's dtype 1)" \
-        in titles
+        in [" ".join(t.split()) for t in titles]  # (wrapped to fit the figure)
+
+
+def test_throughput_section_and_plot_name_the_precision_they_ran_in(tmp_path, monkeypatch):
+    """On a GPU the throughput phase runs under bf16 autocast whatever the recipe's precision (the one train tok/s ran
+    in): its table and plot named the device only."""
+    import matplotlib.axes
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [f"output_dir={tmp_path}"])
+    records = compare.run_comparison(cfg, folder, only=["mamba", "gla"], accounting_only=True)["records"]
+    for rec in records:  # as a GPU run records it
+        rec["phases"]["throughput"] = {"precision": "bf16 autocast", "device": "cuda", "rows": [
+            {"seq_len": 128, "batch_size": 8, "step_ms": 10.0, "tokens_per_s": 102400.0, "peak_mib": 50.0,
+             "memory_method": "cuda max_memory_allocated"}]}
+    table = compare.markdown_report(records, cfg, "NVIDIA H100")
+    assert "## Training step (forward + backward) on NVIDIA H100 (bf16 autocast); memory: cuda max_memory_allocated" \
+        in table
+    titles = []
+    real = matplotlib.axes.Axes.set_title
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title",
+                        lambda self, label, *a, **k: titles.append(label) or real(self, label, *a, **k))
+    compare.write_plots(records, cfg, tmp_path)
+    assert f"throughput on {compare._device_name()} (bf16 autocast)" in titles
+
+
+def test_plot_titles_fit_inside_their_figures(tmp_path, monkeypatch):
+    """memory.png's cache title (the bytes per float) and length.png's title for documents that are partly training
+    text ran past the figure's edge on one line: the saved PNGs cut them off mid-sentence."""
+    import matplotlib.figure
+
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [f"output_dir={tmp_path}"])
+    records = compare.run_comparison(cfg, folder, only=["mamba", "gla"], accounting_only=True)["records"]
+    bins = [{"start": 1, "end": 16, "mean_loss": 3.0, "n_tokens": 15}, {"start": 16, "end": 128, "mean_loss": 2.5,
+                                                                         "n_tokens": 112}]
+    for rec in records:  # per-position documents that the recipe partly trained on: the longer title
+        rec["phases"]["eval/L128"] = {"per_position": {"bins": bins, "documents": {"trained_on_corpus": True,
+                                                                                   "train_tokens": 10}}}
+    outside = []
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        real(fig, path, *args, **kwargs)
+        fig.canvas.draw()
+        box, renderer = fig.bbox, fig.canvas.get_renderer()
+        for ax in fig.axes:
+            extent = ax.title.get_window_extent(renderer)
+            if extent.x0 < box.x0 or extent.x1 > box.x1 or extent.y1 > box.y1:
+                outside.append((Path(path).name, ax.title.get_text()))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    paths = compare.write_plots(records, cfg, tmp_path)
+    assert {p.name for p in paths} >= {"memory.png", "length.png"}
+    assert outside == []
+
+
+def test_models_trained_on_another_device_are_named_in_the_report(tmp_path, capsys):
+    """The training phase's key holds no device: a rerun on another device (here another CPU thread count) keeps the
+    trained models, whose train tok/s (and training precision: recipe precision auto is fp32 on a CPU, bf16 on a GPU)
+    are that device's, but the table's header named only this run's device."""
+    out = tmp_path / "moved"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=2",
+            "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=gla"]
+    assert main(argv + ["--cpu_threads=1"]) == 0
+    assert "another device" not in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(argv + ["--cpu_threads=2"]) == 0
+    assert "gla: training" not in capsys.readouterr().err  # kept, not retrained
+    table = (out / "results.md").read_text()
+    assert "Device: CPU (2 threads)." in table
+    assert "Trained on another device: gla on CPU (1 thread) (train tok/s and the training precision are that " \
+           "device's, not CPU (2 threads)'s)." in table
+
+
+def test_a_model_left_out_for_its_throughput_device_is_told_so(tmp_path, capsys):
+    """A model whose throughput was measured on another device (here another CPU thread count) is left out of a run
+    of the others, as its throughput phase's key holds the device; the note named only another model config, recipe or
+    evaluation settings, none of which had changed."""
+    out = tmp_path / "device"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput.seq_lens=[32]", "--throughput.steps=1",
+            "--throughput.warmup=0", "--throughput.batch_tokens=32"]
+    assert main(argv + ["--only=gla", "--cpu_threads=1"]) == 0
+    assert main(argv + ["--only=mamba", "--cpu_threads=2"]) == 0
+    table = (out / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" not in table
+    assert table.startswith(f"_Left out: gla: the results in {out} were made with another model config, recipe or "
+                            f"evaluation settings, or their throughput measured on another device; rerun them")
 
 
 def test_results_of_a_changed_model_are_refused_before_any_model_trains(tmp_path, capsys):
@@ -1383,11 +1522,46 @@ def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_pa
     interrupt_before_the_eval_phase_is_saved(monkeypatch, argv, out, calls, partial, 3)
 
 
+def test_comparison_stopped_by_sigterm_in_an_evaluation_keeps_its_documents_and_says_so(tmp_path, monkeypatch, capsys):
+    """SIGTERM (`timeout`'s, a scheduler's) outside a training (in the per-position loss, passkey, MQAR's evaluation,
+    throughput) killed zoo compare without a word, exit status 143 and the documents finished since the last periodic
+    save lost. It stops as Ctrl-C does now: every finished document saved, one line saying what is kept, 130, the
+    handler before the command back afterwards; and the same command continues at the next document."""
+    import signal
+
+    from helpers import sigterm_after, sigterm_raises_terminated
+
+    import zoo.eval.length as length
+
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position={n_docs: 3, max_len: 96, chunk_size: 32, batch_size: 1}", "--eval.mqar=null",
+            "--throughput=null", "--eval.passkey=null", "--only=mamba"]
+    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
+    whole = json.loads((tmp_path / "whole" / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    out = tmp_path / "out"
+    partial = out / "mamba" / "train-L128" / "per-position.partial.pt"
+    real = length.per_position_loss
+    calls = sigterm_after(monkeypatch, length, 2)
+    with sigterm_raises_terminated() as handler:
+        assert main([*argv, f"--output_dir={out}"]) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert calls == [1, 1] and torch.load(partial)["batches"] == 2
+    assert capsys.readouterr().err.endswith(f"\nzoo compare: interrupted; finished phases are kept in {out}; rerun "
+                                            f"the same command to continue\n")
+    monkeypatch.setattr(length, "per_position_loss", real)
+    calls, _ = interrupt_after(monkeypatch, length, None)
+    assert main([*argv, f"--output_dir={out}"]) == 0
+    assert calls == [1] and "resuming mamba's per-position loss from document 3 of 3" in capsys.readouterr().out
+    result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    assert result["per_position"] == whole["per_position"] and not partial.exists()
+
+
 def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monkeypatch, capsys):
     """The passkey grid was saved only with its eval phase: an interruption in it lost every finished cell. Its
     finished cells are saved as they end and kept until result.json holds the phase, so a rerun runs only the remaining
     cells, to the result of an uninterrupted run, and one interrupted after the last cell (before the phase was saved)
-    runs none."""
+    runs none. The finished prompts of the cell it stopped in are saved too (they were lost), and not run again."""
     import zoo.eval.passkey as passkey
 
     real_generate = passkey.greedy_generate
@@ -1415,7 +1589,7 @@ def test_interrupted_passkey_evaluation_resumes_at_its_next_cell(tmp_path, monke
     capsys.readouterr()
     stop[0], calls[:] = None, []
     assert main([*argv, f"--output_dir={out}"]) == 0
-    assert len(calls) == 4 and "resuming mamba's passkey: 2 of 4 cells are done" in capsys.readouterr().out
+    assert len(calls) == 3 and "resuming mamba's passkey: 2 of 4 cells are done" in capsys.readouterr().out
     result = json.loads((out / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
     assert result["passkey"] == whole["passkey"] and not partial.exists()
 
@@ -1704,3 +1878,20 @@ def test_mqar_training_saved_while_a_transformers_mambas_a_log_was_decayed_conti
     _, losses = _train_mqar(cfg, entry, 128, tmp_path / "cut", torch.device("cpu"))
     assert "decayed the parameters named A_log, D, dt_bias" in capsys.readouterr().err
     assert losses == whole
+
+
+def test_a_recipe_without_a_tokenizer_is_checked_with_the_byte_tokenizer_its_models_train_with(tmp_path):
+    """A recipe that names no tokenizer trains each model (a mapping of config fields) with 'byte'; the check before
+    training built the recipe around the model "x", whose own tokenizer (an unset tokenizer is the model's) was then
+    the hub id "x", which does not load."""
+    import yaml
+
+    from zoo.compare import _check_inputs, train_config
+
+    data = yaml.safe_load((ROOT / "configs" / "compare" / "demo.yaml").read_text())
+    data["recipe"].pop("tokenizer")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    cfg, folder = load_compare_config(tmp_path / "c.yaml", [])
+    entries = resolve_models(cfg, folder)
+    _check_inputs(cfg, entries)
+    assert train_config(cfg, entries[0], 64, tmp_path / "run").tokenizer == "byte"

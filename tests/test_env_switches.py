@@ -145,7 +145,8 @@ BAD_ROWS = ("$ZOO_PDL_MAX_ROWS='abc': expected an int from 0 to 64 (rows up to w
             "kernel)")
 
 
-@pytest.mark.parametrize("command", ["zoo", "python -m zoo.cli", "scripts/train.py", "scripts/train_synthetic.py"])
+@pytest.mark.parametrize("command", ["zoo", "python -m zoo", "python -m zoo.cli", "scripts/train.py",
+                                     "scripts/train_synthetic.py"])
 def test_a_bad_switch_read_at_import_ends_a_command_in_one_line(command, tmp_path):
     """A bad switch that zoo reads when it is imported ($ZOO_PDL_MAX_ROWS, zoo.layers) stopped `zoo info`, `python -m
     zoo.cli` and the scripts in a traceback through zoo/__init__, modeling and layers: the import fails before the
@@ -154,7 +155,8 @@ def test_a_bad_switch_read_at_import_ends_a_command_in_one_line(command, tmp_pat
         (tmp_path / "zoo").write_text(CONSOLE_SCRIPT)
         args, prog = [str(tmp_path / "zoo"), "info", "jamba-tiny"], "zoo"
     elif command.startswith("python -m"):
-        args, prog = ["-m", "zoo.cli", "info", "jamba-tiny"], "zoo.cli"
+        module = command.split()[-1]
+        args, prog = ["-m", module, "info", "jamba-tiny"], "zoo" if module == "zoo" else "zoo.cli"
     else:
         args, prog = [str(ROOT / command), "some.yaml"], command.split("/")[1]
     done = _import_with({"ZOO_PDL_MAX_ROWS": "abc"}, "", args)

@@ -938,6 +938,141 @@ def test_an_adapter_loads_as_peft_applies_it(tmp_path, monkeypatch, use_dora, wh
     assert half.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("where", ["folder", "hub"])
+def test_an_adapter_without_a_tokenizer_takes_its_base_models(tmp_path, monkeypatch, where):
+    """An adapter as PEFT saves it holds no tokenizer files: zoo eval's tokenizer was read from the adapter alone and
+    refused ('has no tokenizer; pass --tokenizer'), where PEFT's users take its base model's. An adapter with a
+    tokenizer of its own (zoo finetune saves one) keeps it."""
+    from helpers import adapter_without_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_tokenizer
+
+    ref = adapter_without_tokenizer(tmp_path, monkeypatch, where)
+    base = load_tokenizer(None, ref)  # (from the hub: the byte tokenizer's tokenizer.json, as a generic one)
+    assert len(base) == len(ByteTokenizer()) and base.encode("hi", add_special_tokens=False) == [104, 105]
+    if where == "hub":
+        return
+    words = ["<unk>", "<s>", "</s>", "hello"]
+    own = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    own.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=own, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>").save_pretrained(ref)
+    assert len(load_tokenizer(None, ref)) == len(words)
+
+
+@pytest.mark.parametrize("method", ["prompt-tuning", "p-tuning"])
+def test_a_prompt_learning_adapter_is_refused_not_dropped(tmp_path, capsys, method):
+    """A prompt-tuning or P-tuning adapter's virtual tokens are added by the PeftModel around the model; zoo eval and
+    zoo generate loaded it through PEFT and kept the model inside (get_base_model), so they evaluated and generated
+    from the base model alone, without a word."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo import cli
+    from zoo.config import ZooConfig
+    from zoo.data.text import ByteTokenizer
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    ByteTokenizer().save_pretrained(tmp_path / "base")
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4) if method == "prompt-tuning" else \
+        PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=32)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), config).save_pretrained(tmp_path / "pt")
+    name = "PROMPT_TUNING" if method == "prompt-tuning" else "P_TUNING"
+    with pytest.raises(ValueError, match=f"{name} adapter.*base model alone.*PeftModel.from_pretrained"):
+        load_model(str(tmp_path / "pt"), "cpu")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "pt"), "hi", "--max-new-tokens", "2"])
+    assert e.value.code == 2 and f"{name} adapter" in capsys.readouterr().err
+
+
+def test_an_adapter_trained_with_added_tokens_loads_onto_its_resized_base(tmp_path):
+    """An adapter trained after tokens were added to the tokenizer holds the resized embeddings (PEFT saves them);
+    PEFT's users resize the base model to them before loading it. zoo eval and zoo generate loaded the base as it was
+    saved, and failed in PEFT's load_state_dict ('size mismatch for ... embeddings')."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(520)
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["in_proj"], modules_to_save=["embeddings"],
+                                               init_lora_weights=False))
+    with torch.no_grad():
+        adapted.base_model.model.model.embeddings.modules_to_save["default"].weight[512:].normal_()
+    adapted.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 515, 7, 519, 3]])  # added tokens among them
+    with torch.no_grad():
+        expected = adapted.eval()(input_ids=ids).logits
+        resized = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        resized.resize_token_embeddings(520)
+        reloaded = PeftModel.from_pretrained(resized, tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+        loaded = load_model(str(tmp_path / "adapter"), "cpu")
+        assert loaded.get_input_embeddings().num_embeddings == 520 and loaded.config.vocab_size == 520
+        torch.testing.assert_close(loaded(ids).logits, expected)
+
+
+def test_a_classifiers_adapter_is_refused_as_a_causal_lm(tmp_path):
+    """A SEQ_CLS adapter (a LoRA of a zoo classifier, its score head in modules_to_save) was loaded onto the causal LM
+    without a word: zoo eval measured a model whose head the adapter never trained, its own head dropped."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    torch.manual_seed(0)
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml"
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(tmp_path / "base")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, pad_token_id=0)
+    get_peft_model(classifier, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["in_proj"])).save_pretrained(
+        tmp_path / "cls")
+    with pytest.raises(ValueError, match="task_type SEQ_CLS.*not a causal LM's.*AutoModelForSequenceClassification"):
+        load_model(str(tmp_path / "cls"), "cpu")
+
+
+def test_an_adapter_loads_onto_the_base_revision_it_names(tmp_path, monkeypatch):
+    """An adapter records the hub revision of its base model it was trained on (adapter_config.json's revision, set
+    by get_peft_model(..., revision=)), and PEFT's AutoPeftModel loads that revision; zoo eval and zoo generate
+    loaded the base's newest one, another model, without a word. The hub is a cache read offline."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.eval.common import load_model
+
+    yaml = Path(__file__).resolve().parents[1] / "configs" / "models" / "jamba-tiny.yaml"
+    newest = offline_hub_repo(monkeypatch, tmp_path / "hub", "someone/tiny-jamba")  # the main branch's snapshot
+    pinned = newest.parent / ("1" * 40)  # an earlier commit, the adapter's base
+    for seed, folder in ((0, newest), (1, pinned)):
+        torch.manual_seed(seed)
+        AutoModelForCausalLM.from_config(ZooConfig.from_yaml(yaml)).save_pretrained(folder)
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(pinned),
+                             LoraConfig(r=2, target_modules=["in_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps(config | {"base_model_name_or_path": "someone/tiny-jamba",
+                                                "revision": pinned.name}))
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(tmp_path / "adapter"), "cpu")(ids).logits,
+                                   adapted.eval()(input_ids=ids).logits)
+
+
 def test_evaluate_length_averages_over_documents(tmp_path):
     model = tiny_llama()
     g = torch.Generator().manual_seed(4)
@@ -1031,7 +1166,7 @@ def test_evaluate_length_resumes_an_interrupted_run_at_its_next_document(tmp_pat
             capsys.readouterr().out
         assert sum(calls) == 2 + 5  # the first batch (saved, then interrupted), then every document
         assert again["bins"] and not partial.exists()
-    stop[0] = 1  # a small run (the first save due after save_every seconds) writes nothing
+    stop[0] = 0  # interrupted before any batch finished: nothing to save
     with pytest.raises(KeyboardInterrupt):
         evaluate_length(model, docs, chunk_size=16, batch_size=2, partial=partial)
     assert not partial.exists()
@@ -1097,6 +1232,16 @@ def test_eval_length_interrupted_before_length_json_keeps_the_finished_curve(che
     torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
 
 
+def save_after_every_forward(monkeypatch, state) -> None:
+    """zoo eval state saves its progress after a forward once SAVE_EVERY seconds and SAVE_COST_FACTOR times the last
+    save's time have passed: both 0 make that every forward, whatever the machine's speed (a slow save skipped the
+    next saves, and a test's resume point moved)."""
+    from zoo.state import recorder
+
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    monkeypatch.setattr(recorder, "SAVE_COST_FACTOR", 0)
+
+
 def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     """zoo eval state saved its run only at the end: an interrupt after hours of a 1M-token run left nothing. The
     statistics so far and the model's cache (a hybrid's attention keys and values, a window's carry) are saved as it
@@ -1108,7 +1253,7 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "window:r=8"]
     state.main([*argv, "--out", str(tmp_path / "whole")])  # 6 forwards of 16 tokens
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     calls, stop = interrupt_forwards_after(monkeypatch, 3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
@@ -1165,7 +1310,7 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     from zoo.eval import state
 
     monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
     argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
@@ -1655,6 +1800,40 @@ def test_passkey_rerun_skips_finished_cells_and_notices_changed_settings(checkpo
     assert "weights differ" in capsys.readouterr().out and len(calls) == 8
 
 
+def test_passkey_stopped_in_a_cell_keeps_its_finished_prompts(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval passkey saved a cell only once all its prompts were done: Ctrl-C or SIGTERM in a cell lost its finished
+    prompts (a cell of 1M-token prompts is minutes of them). They are saved as it stops now, and the same command runs
+    only the cell's other prompts, to the result of an uninterrupted run."""
+    from zoo.eval import passkey
+
+    real_generate = passkey.greedy_generate
+    calls, stop = [], [None]
+
+    def generate(model, input_ids, *args, **kwargs):  # one call per prompt; Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_generate(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(passkey, "greedy_generate", generate)
+    argv = ["--model", str(checkpoint), "--lengths", "128", "--depths", "0,1", "--n-samples", "3", "--device", "cpu"]
+    whole = passkey.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    stop[0], calls[:] = 4, []  # the first cell's three prompts, then one of the second's
+    with pytest.raises(KeyboardInterrupt):
+        passkey.main([*argv, "--out", str(out)])
+    saved = json.loads((out / "passkey.json").read_text())
+    assert [(r["length"], r["depth"]) for r in saved["rows"]] == [(128, 0.0)]
+    assert saved["samples"] == whole["samples"][:4]
+    stop[0], calls[:] = None, []
+    capsys.readouterr()
+    resumed = passkey.main([*argv, "--out", str(out)])
+    assert "resuming" in capsys.readouterr().out and len(calls) == 2  # the second cell's last two prompts
+    assert resumed["rows"] == whole["rows"] and resumed["samples"] == whole["samples"]
+    for file in ("passkey.csv", "passkey.md"):
+        assert (out / file).read_text() == (tmp_path / "whole" / file).read_text()
+
+
 def test_passkey_rerun_of_another_grid_reports_that_grid_only(checkpoint, tmp_path, monkeypatch, capsys):
     """A rerun with the same settings kept every saved cell whatever its grid: --lengths 128 after --lengths 128,256
     reported (and drew in the heatmap and passkey.md) the 256-token cells as its own."""
@@ -1780,6 +1959,38 @@ def test_eval_synthetic_writes_its_figure_and_a_resumed_rerun_redraws_it_whole(c
     synthetic.main(argv)
     assert lengths == [] and plotted[-1][0] == grid
     assert_png(out / "mqar.png")
+
+
+def test_eval_synthetic_stopped_in_a_cell_keeps_its_finished_batches(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval synthetic saved a cell only once all its batches were done: Ctrl-C or SIGTERM in a cell lost them (a
+    cell of 2^20-token rows is an hour of batches). Its finished batches are saved as it stops now (mqar.json's
+    `started`), and the same command runs only the cell's other rows, to the result of an uninterrupted run."""
+    from zoo.eval import synthetic
+
+    real_predict = synthetic.predict_answers
+    calls, stop = [], [None]
+
+    def predict(model, input_ids, *args, **kwargs):  # one call per batch; Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append((input_ids.shape[1], input_ids.shape[0]))
+        return real_predict(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    argv = ["--model", str(checkpoint), "--task", "mqar", "--seq-lens", "32,64", "--n-kv", "4", "--vocab-size", "256",
+            "--n-samples", "6", "--batch-size", "2", "--device", "cpu"]
+    whole = synthetic.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    stop[0], calls[:] = 5, []  # the 32-token cell's three batches, then two of the 64-token cell's
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.main([*argv, "--out", str(out)])
+    saved = json.loads((out / "mqar.json").read_text())
+    assert [r["seq_len"] for r in saved["rows"]] == [32] and saved["started"]["next"] == 4
+    stop[0], calls[:] = None, []
+    resumed = synthetic.main([*argv, "--out", str(out)])
+    assert calls == [(64, 2)]  # the 64-token cell's last two rows only
+    assert resumed["rows"] == whole["rows"] and "started" not in json.loads((out / "mqar.json").read_text())
+    assert (out / "mqar.csv").read_text() == (tmp_path / "whole" / "mqar.csv").read_text()
 
 
 def test_length_rerun_skips_finished_runs_and_notices_changed_settings(checkpoint, tmp_path, monkeypatch, capsys):
@@ -2063,6 +2274,37 @@ def test_eval_length_stopped_by_sigterm_keeps_its_documents_and_says_so(checkpoi
     assert capsys.readouterr().err.endswith(
         f"\nzoo eval length: interrupted: finished curves (length.json, *.csv) and the finished documents of an "
         f"evaluation (*.partial.pt) are kept in {out}; the same command continues\n")
+
+
+def test_eval_length_stopped_between_saves_keeps_every_finished_document(checkpoint, tmp_path, monkeypatch, capsys):
+    """zoo eval length saved its finished documents at most every SAVE_EVERY (30) seconds: SIGTERM or Ctrl-C lost those
+    finished since the last save (every one, in a run stopped within its first 30 s). They are saved as it stops now,
+    and the same command goes on at the next document to the uninterrupted run's outputs."""
+    from helpers import sigterm_after, sigterm_raises_terminated
+
+    from zoo.cli import _run
+    from zoo.eval import length
+
+    torch.save(torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(0)), tmp_path / "docs.pt")
+    argv = ["--model", str(checkpoint), "--label", "a", "--tokens", str(tmp_path / "docs.pt"), "--chunk-size", "16",
+            "--device", "cpu"]
+    whole = length.main([*argv, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "out"
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    assert length.SAVE_EVERY >= 30  # (no save falls due in this run: only the one at the stop)
+    real = length.per_position_loss
+    calls = sigterm_after(monkeypatch, length, 2)
+    with sigterm_raises_terminated():
+        assert _run("zoo eval length", length.main, [*argv, "--out", str(out)]) == 130
+    assert calls == [1, 1] and torch.load(out / "a.partial.pt")["batches"] == 2
+    monkeypatch.setattr(length, "per_position_loss", real)
+    calls, _ = interrupt_after(monkeypatch, length, None)
+    capsys.readouterr()
+    resumed = length.main([*argv, "--out", str(out)])
+    assert "resuming a from document 3 of 3" in capsys.readouterr().out and calls == [1]
+    assert resumed == whole and not list(out.glob("*.partial.pt*"))
+    saved, expected = torch.load(out / "a-per-position.pt"), torch.load(tmp_path / "whole" / "a-per-position.pt")
+    torch.testing.assert_close(saved, expected, rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("command", ["state", "synthetic", "passkey"])

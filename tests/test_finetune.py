@@ -1712,6 +1712,22 @@ def test_modules_to_save_that_match_no_module_are_refused(tmp_path):
         load_finetune_config(path)
 
 
+def test_a_model_holding_an_adapter_is_refused_rather_than_reset(tmp_path):
+    """wrap_lora of a model that already holds PEFT adapter layers (zoo.hub.load_causal_lm of an adapter, a
+    PeftModel's base model) set up their adapter 'default' afresh: the trained adapter was lost and the model gave its
+    base's outputs, without a word."""
+    from helpers import save_trained_adapter
+
+    from zoo.hub import load_causal_lm
+
+    adapted = save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers \(model\.layers\.0\.mixer\.in_proj.*merge"):
+        wrap_lora(load_causal_lm(tmp_path / "adapter"), verbose=False)
+    with pytest.raises(ValueError, match="holds PEFT adapter layers"):
+        wrap_lora(adapted.get_base_model(), verbose=False)
+    wrap_lora(adapted.merge_and_unload(), verbose=False)  # merged, it takes a new adapter
+
+
 def test_modules_to_save_as_a_string_is_refused():
     """modules_to_save='norm_f' (a string, not a list): PEFT took each of its characters for an entry and trained a
     copy of every module whose name ends in one (each mixer, 'r'), and the check then said LoRA was bypassed."""
@@ -1720,10 +1736,18 @@ def test_modules_to_save_as_a_string_is_refused():
         wrap_lora(tiny("mamba"), verbose=False, modules_to_save="norm_f")
 
 
-def test_a_finetune_stopped_after_its_last_step_does_not_train_again(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_finetune_stopped_after_its_last_step_does_not_train_again(how, tmp_path, monkeypatch, capsys):
     """Ctrl-C (or a scheduler's SIGTERM) after the last step, in the evaluation before the adapter is saved, left no
     checkpoint (none is saved at the last step, and with checkpoint_every above max_steps none before it): the same
-    command trained the whole phase again. The last step is now kept until the adapter is saved."""
+    command trained the whole phase again. The last step is now kept until the adapter is saved. SIGTERM there (outside
+    the training loop's own handler) killed the process without a word: it stops as Ctrl-C does now, in one line and
+    exit status 130, the handler before the command back afterwards."""
+    import os
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
     import zoo.finetune as ft
 
     run = mqar_finetune_runs(tmp_path, {"max_steps": 4, "micro_batch_size": 4, "log_every": 1,
@@ -1735,13 +1759,19 @@ def test_a_finetune_stopped_after_its_last_step_does_not_train_again(tmp_path, m
     def ctrl_c_in_the_evaluation_after_training(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the first: the base model's, before training
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ft, "evaluate", ctrl_c_in_the_evaluation_after_training)
-    assert run("cut") == 130
-    monkeypatch.setattr(ft, "evaluate", real)
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
     capsys.readouterr()
+    with sigterm_raises_terminated() as handler:
+        assert run("cut") == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.endswith("zoo finetune: interrupted\n")
+    monkeypatch.setattr(ft, "evaluate", real)
     resumed = run("cut")
     assert "continuing from step 4 of 4" in capsys.readouterr().out
     assert resumed["log"] == whole["log"]

@@ -357,20 +357,32 @@ def test_output_router_logits_is_a_config_field_that_from_pretrained_sets(tmp_pa
     assert AutoModelForCausalLM.from_pretrained(tmp_path)(ids).router_logits is None
 
 
-def test_prefix_tuning_is_refused_saying_why():
-    """PEFT's prefix tuning hands the model a transformers cache of virtual keys and values; a zoo model's cache also
-    holds recurrent states, so the refusal names the method instead of only the cache type."""
-    from peft import PrefixTuningConfig
+@pytest.mark.parametrize("name", TINY)
+def test_prefix_tuning_is_refused_when_the_adapter_is_added_naming_the_mixers(name, tmp_path):
+    """PEFT's prefix tuning hands the model a transformers cache of virtual keys and values for every layer. On a zoo
+    model without attention layers (Mamba, Mamba-2, GLA) it crashed inside PEFT's get_prompt at the first forward
+    ("unsupported operand type(s) for //: 'int' and 'NoneType'"); on one with attention layers the forward refused
+    the cache. It is refused when the adapter is added (get_peft_model, PeftModel.from_pretrained, zoo eval's
+    loading), naming the model's mixers and what works instead."""
+    from peft import PeftModel, PrefixTuningConfig
 
-    model = get_peft_model(tiny("jamba"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, token_dim=64,
-                                                             num_layers=8, num_attention_heads=4))
-    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning"):
-        model(input_ids=ids, labels=ids)
-    # generate met its own cache (`cache`) beside PEFT's (past_key_values) and said "pass the cache as `cache` or as
-    # `past_key_values`, not both", about no argument the user had passed
-    with pytest.raises(TypeError, match="must be a ZooCache.*prefix tuning.*prompt tuning"):
-        model.generate(input_ids=ids, max_new_tokens=2)
+    from zoo.hub import load_causal_lm
+
+    mixers = ", ".join(dict.fromkeys(spec["type"] for spec in tiny(name).config.layer_specs()))
+    why = "no attention layers" if "attention" not in mixers else "ZooCache"
+    match = rf"^(?=.*{why})(?=.*mixers: {mixers}\)).*PREFIX_TUNING.*LoRA.*prompt tuning"
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(tiny(name), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    # an adapter saved elsewhere (a transformers model's, retargeted) meets the same refusal when loaded
+    tiny(name).save_pretrained(tmp_path / "base")
+    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, base_model_name_or_path=str(tmp_path / "base"),
+                       num_layers=2, token_dim=64, num_attention_heads=4).save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=match):
+        PeftModel.from_pretrained(tiny(name), tmp_path / "adapter")
+    with pytest.raises(ValueError, match="PREFIX_TUNING adapter"):  # (zoo eval's, refused as any prompt learning)
+        load_causal_lm(tmp_path / "adapter")
+    # LoRA on the same model is untouched
+    assert get_peft_model(tiny(name), LoraConfig(r=2)).active_peft_config.peft_type == "LORA"
 
 
 def test_a_cache_implementation_generate_cannot_honour_warns():
@@ -396,6 +408,22 @@ def test_a_cache_implementation_beside_a_cache_of_the_callers_warns_too():
         static = model.generate(ids, past_key_values=ZooCache.for_model(model), max_new_tokens=3, do_sample=False,
                                 pad_token_id=0, cache_implementation="static")
     assert torch.equal(plain, static)
+
+
+@pytest.mark.parametrize("name", ["mamba", "transformerpp"])
+def test_continuous_batching_is_refused_naming_it_and_leaves_the_generation_config(name):
+    """generate(cache_implementation="paged") switches to transformers' continuous batching, whose paged cache holds
+    no recurrent state and which zoo's attention does not read: it failed naming a config field ("num_key_value_heads
+    or num_attention_heads could not be found"), after setting the model's generation_config.eos_token_id to -1."""
+    model = tiny(name).eval()
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="continuous batching .* not supported by zoo models"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, cache_implementation="paged")
+    with pytest.raises(ValueError, match="continuous batching .* not supported by zoo models"):
+        model.generate_batch(inputs=ids.tolist(), max_new_tokens=3)
+    assert model.generation_config.eos_token_id is None
+    plain = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert plain.shape == (2, 9)
 
 
 @pytest.mark.parametrize("name, config", [
@@ -589,7 +617,7 @@ def test_a_mixed_adapter_batch_that_would_need_several_conv_copies_is_refused(na
                          1e-6)
 
 
-@pytest.mark.parametrize("name", ["mamba", "jamba"])
+@pytest.mark.parametrize("name", TINY)
 def test_prompt_tuning_trains_and_generates_without_num_attention_heads(name):
     # PEFT's prompt learning reads num_attention_heads from the model config's dict and raised "Please specify
     # `num_attention_heads` in `peft_config`" for every zoo model (prompt tuning and P-tuning never use the value):
@@ -599,7 +627,7 @@ def test_prompt_tuning_trains_and_generates_without_num_attention_heads(name):
     model = tiny(name)
     peft_model = get_peft_model(model, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
     heads = peft_model.peft_config["default"].num_attention_heads
-    assert heads == (4 if name == "jamba" else None)
+    assert heads == model.config.attention_heads() and (heads is None) == (name in ("mamba", "mamba2", "gla"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=0.1)
@@ -729,6 +757,24 @@ def test_prompt_tuning_generates_through_a_dropped_all_ones_mask():
             assert_close(f"step {i}", logits, whole.logits[:, -1], 1e-5)
 
 
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_prompt_tuning_refuses_a_chunked_prefill(where):
+    """PEFT's prompt learning prepares each generate step itself: with prefill_chunk_size it put its virtual tokens
+    before the first chunk and cut each later chunk to its last token (its cache already longer than the chunk), so
+    the prompt's middle went unread and the logits differed (0.05 on the tiny Jamba), without an error."""
+    from peft import PromptTuningConfig
+
+    peft_model = get_peft_model(tiny("jamba"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ids = torch.randint(1, 512, (2, 7), generator=torch.Generator().manual_seed(0))
+    chunked = {"prefill_chunk_size": 4} if where == "argument" else {}
+    if where == "generation_config":
+        peft_model.generation_config.prefill_chunk_size = 4
+    with pytest.raises(ValueError, match="prefill_chunk_size=4 with PEFT's prompt learning.*Drop prefill_chunk_size"):
+        peft_model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, **chunked)
+    whole = peft_model.generate(input_ids=ids, max_new_tokens=2, do_sample=False, prefill_chunk_size=None)
+    assert whole.shape == (2, 9)
+
+
 @pytest.mark.parametrize("name", ["mamba2", "jamba", "attention-window"])
 def test_prompt_tuning_on_a_left_padded_row_equals_the_row_alone(name):
     """PEFT's prompt tuning prepends its virtual tokens to a left-padded row, [virtual tokens, pads, prompt]: the
@@ -762,6 +808,51 @@ def test_prompt_tuning_on_a_left_padded_row_equals_the_row_alone(name):
     assert torch.equal(out.sequences[1, -4:], out_alone.sequences[0, -4:])
     for i, (step, step_alone) in enumerate(zip(out.logits, out_alone.logits)):
         assert_close(f"decode step {i}", step[1:], step_alone, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_with_a_prefill_split_in_chunks_is_refused_and_one_chunk_decodes_as_without(name):
+    """PEFT's prompt tuning prepends its virtual tokens to the first chunk of a chunked prefill (prefill_chunk_size):
+    the cache counts them, so transformers took the later chunks as cached and ran one token of each, skipping most
+    of the prompt (other logits, no error; with an attention_mask a refusal naming a mask length). A prompt split in
+    chunks is refused; one that fits a chunk (its tokens less the last) decodes as without the setting."""
+    from peft import PromptTuningConfig
+
+    peft_model = get_peft_model(tiny(name), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    ids = torch.randint(1, 512, (2, 9), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="prefill_chunk_size=3 with PEFT's prompt learning"):
+        peft_model.generate(input_ids=ids, prefill_chunk_size=3, **kw)
+    whole = peft_model.generate(input_ids=ids, **kw)
+    one_chunk = peft_model.generate(input_ids=ids, prefill_chunk_size=8, **kw)
+    assert torch.equal(one_chunk.sequences, whole.sequences)
+    assert_close("one chunk", torch.stack(one_chunk.logits), torch.stack(whole.logits), 1e-5)
+
+
+@pytest.mark.parametrize("name", ["mamba", "jamba"])
+def test_prompt_tuning_takes_an_empty_cache_and_refuses_a_filled_one_naming_why(name):
+    """PEFT's prompt learning replaces prepare_inputs_for_generation for the call, so transformers checked generate's
+    keyword arguments against zoo's forward, which did not name `cache`: any cache given to generate failed with "The
+    following `model_kwargs` are not used by the model: ['cache']". An empty one now decodes as without it; a filled
+    one counts the virtual tokens, which generate would take for prompt tokens (transformers' Llama decodes other
+    tokens without an error): it is refused, naming why."""
+    from peft import PromptTuningConfig
+
+    from zoo import ZooCache
+
+    peft_model = get_peft_model(tiny(name), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        peft_model.prompt_encoder.default.embedding.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, 512, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    plain = peft_model.generate(input_ids=ids, **kw)
+    cache = ZooCache.for_model(peft_model)
+    given = peft_model.generate(input_ids=ids, past_key_values=cache, **kw)
+    assert torch.equal(given.sequences, plain.sequences)
+    assert_close("with an empty cache", torch.stack(given.logits), torch.stack(plain.logits), 1e-5)
+    turn = torch.cat([given.sequences, torch.randint(1, 512, (2, 5), generator=torch.Generator().manual_seed(1))], 1)
+    with pytest.raises(ValueError, match="holds 11 tokens, given with PEFT's prompt learning"):
+        peft_model.generate(input_ids=turn, past_key_values=cache, **kw)
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])

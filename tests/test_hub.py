@@ -252,3 +252,25 @@ def test_saving_into_a_peft_adapter_folder_is_refused(tmp_path):
         save_model_folder(model, tmp_path / "adapter", "byte")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == before  # nothing written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # nor beside it
+
+
+def test_a_model_with_adapter_layers_is_refused_and_its_merge_saves_whole(tmp_path):
+    """What zoo.hub.load_causal_lm makes of an adapter (its base model with the adapter in its layers) was written by
+    save_model_folder as base_layer / lora_A / lora_B weights, which from_pretrained does not load: the folder came back
+    with the adapted projections newly initialized (a load report only). It is refused; the merged model saves whole."""
+    from helpers import save_trained_adapter
+    from peft import PeftModel
+
+    from zoo.hub import load_causal_lm
+
+    save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)
+    ids = torch.randint(1, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    adapted = load_causal_lm(tmp_path / "adapter").eval()
+    with pytest.raises(ValueError, match=r"holds PEFT adapter layers \(model\.layers\.0\.mixer\.in_proj.*merge_"):
+        save_model_folder(adapted, tmp_path / "out", "byte")
+    assert not (tmp_path / "out").exists()
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    save_model_folder(merged.merge_and_unload(), tmp_path / "out", "byte")
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits,
+                                   adapted(ids).logits, atol=1e-4, rtol=1e-4)

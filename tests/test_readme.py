@@ -42,3 +42,16 @@ def test_every_zoo_name_in_the_readme_resolves_after_the_imports_it_names():
                   if not loaded and f"import {module}`" not in README}
     assert not unimported, f"`import zoo` does not load these modules and the README does not say to import them: " \
                            f"{unimported}"
+
+
+def test_the_lora_section_the_readme_lists_is_the_one_zoo_finetune_takes():
+    """The README listed the `lora:` keys of zoo finetune without `check_forward`, which turns off the wrap-time check
+    the paragraph before it promises; each key it lists must be a field, and each field listed."""
+    import dataclasses
+
+    from zoo.finetune import LoraSection
+
+    sentence = re.search(r"The config's `lora:` section takes (.*?)\.\n", README, re.S)
+    assert sentence, "the README no longer lists the lora: section's keys"
+    listed = set(re.findall(r"`([a-z_]+)`", sentence.group(1)))
+    assert listed == {f.name for f in dataclasses.fields(LoraSection)}

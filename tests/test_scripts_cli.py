@@ -203,6 +203,38 @@ def test_sweep_field_it_would_ignore_is_refused_before_training(tmp_path, capsys
     assert trained == [] and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script_name, config, only", [("state_capacity", "state-capacity", "d_state64"),
+                                                       ("collapse", "collapse", "slow_decay")])
+def test_dry_run_lists_only_the_runs_of_only(capsys, script_name, config, only):
+    """--dry-run ("list the runs") with --only listed every model's runs and state size, those --only skips too, as
+    though they would train."""
+    script = load_script(f"scripts/{script_name}.py")
+    assert script.main([str(ROOT / f"configs/train/{config}.yaml"), "--only", only, "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [line for line in lines if " steps of " in line]
+    assert runs and all(line.startswith(f"{only}-L") for line in runs), lines
+    sizes = [line for line in lines if "M floats; " in line]
+    assert sizes and all(line.startswith(f"{only}: S = ") for line in sizes), lines
+
+
+@pytest.mark.parametrize("script_name, config, flags, message", [
+    ("collapse", "collapse", ["--report-only", "--only", "slow_decay"], "--only: --report-only trains nothing"),
+    ("collapse", "collapse", ["--report-only", "--dry-run"], "--dry-run: --report-only trains nothing"),
+    ("state_capacity", "state-capacity", ["--fit-only", "--dry-run"], "--dry-run lists the runs to train, and --fit"),
+], ids=["report-only-only", "report-only-dry-run", "fit-only-dry-run"])
+def test_flags_the_other_flag_would_ignore_are_refused(tmp_path, capsys, monkeypatch, script_name, config, flags,
+                                                       message):
+    """collapse.py --report-only took --only (reporting every saved model) and --dry-run (listing the runs instead of
+    the report), and state_capacity.py --dry-run took --fit-only, each ignoring one of them without a word."""
+    script = load_script(f"scripts/{script_name}.py")
+    capacity = script._state_capacity() if script_name == "collapse" else script
+    trained = []
+    monkeypatch.setattr(capacity, "train_run", lambda run: trained.append(run["name"]))
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), f"--output_dir={tmp_path}", *flags],
+                   capsys)
+    assert message in err and trained == [] and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("script_name, config, message", [
     ("train_synthetic", "induction", "output_dir: empty; name the folder of the runs"),
     ("state_capacity", "state-capacity", "output_dir: expected the name of the folder of the runs, got ''"),
@@ -291,6 +323,38 @@ def tiny_mqar_run(script, tmp_path, overrides=()):
     for model in recipe["models"].values():
         model["vocab_size"] = 64
     return script.expand_runs(recipe, only=["mamba2"])[0]
+
+
+def test_train_synthetic_evaluation_stopped_in_a_cell_keeps_its_finished_batches(tmp_path, monkeypatch, capsys):
+    """An evaluation stopped in a cell (Ctrl-C, SIGTERM) kept only the cells before it: the cell's finished batches
+    (an hour of them at induction.yaml's 2^20-token rows) were lost. They are saved with the cells now, and the rerun
+    evaluates only the cell's other rows, to the result of an uninterrupted run."""
+    from accelerate import Accelerator
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    batches = ["eval.batch_size=2"]  # two batches of the four rows of each cell
+    whole = script.train_and_evaluate(tiny_mqar_run(script, tmp_path / "whole", batches), Accelerator(cpu=True))
+    run = tiny_mqar_run(script, tmp_path / "out", batches)
+    real, calls, stop = synthetic.predict_answers, [], [5]
+
+    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the call after stop[0]
+        if stop[0] is not None and len(calls) >= stop[0]:
+            raise KeyboardInterrupt
+        calls.append(input_ids.shape[1])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    with pytest.raises(KeyboardInterrupt):  # the two 64-token cells, then the first batch of the third
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    saved = json.loads((run.output_dir / "result.partial.json").read_text())
+    assert len(saved["rows"]) == 2 and (saved["started"]["seq_len"], saved["started"]["next"]) == (128, 2)
+    stop[0], calls[:] = None, []
+    capsys.readouterr()
+    result = script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert "the 2 cells in" in capsys.readouterr().out and calls == [128, 128, 128]
+    assert result["rows"] == whole["rows"] and not (run.output_dir / "result.partial.json").exists()
 
 
 @pytest.mark.parametrize("file", ["trained.json", "result.json"])
@@ -568,6 +632,39 @@ def test_train_synthetic_stopped_run_continues_to_the_uninterrupted_model(tmp_pa
     assert whole == cut
 
 
+def test_train_synthetic_stopped_by_sigterm_in_an_evaluation_says_so_and_keeps_its_model(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """SIGTERM (a scheduler's, accelerate launch's) in a run's evaluation killed train_synthetic without a word (only
+    the training handled it). It stops as Ctrl-C does now: one line, exit status 130, the handler before it back, the
+    trained model kept; the same command evaluates it without training again."""
+    import os
+    import signal
+
+    from helpers import sigterm_raises_terminated
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    real = synthetic.predict_answers
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", sigterm)
+    with sigterm_raises_terminated() as handler:
+        assert script.main([str(recipe)]) == 130
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert capsys.readouterr().err.endswith("train_synthetic.py: interrupted; the same command continues\n")
+    run_dir = tmp_path / "out" / "mamba"
+    assert (run_dir / "model").is_dir() and not (run_dir / "result.json").exists()
+    monkeypatch.setattr(synthetic, "predict_answers", real)
+    assert script.main([str(recipe)]) == 0
+    assert (run_dir / "result.json").is_file()
+    assert f"mamba: reusing the model trained in {run_dir / 'model'}" in capsys.readouterr().out
+
+
 def test_train_synthetic_runs_of_different_precisions_are_refused_by_name(tmp_path, capsys):
     """One Accelerator serves every run of a call: a model_overrides precision other than the first run's trained
     at the first run's precision, silently. Now refused, naming each run's."""
@@ -712,17 +809,6 @@ def test_collapse_refuses_bad_arguments_with_its_own_usage(tmp_path, capsys, mon
         collapse.main(["--help"])
     assert "--dry-run" in capsys.readouterr().out
 
-
-@pytest.mark.parametrize("script_name, config, model, other", [("state_capacity", "state-capacity", "d_state64",
-                                                                 "d_state16"),
-                                                                ("collapse", "collapse", "default", "slow_decay")])
-def test_sweep_dry_run_lists_only_the_models_only_names(capsys, script_name, config, model, other):
-    """--dry-run with --only listed every run and state size of the sweep, as if all of them would train."""
-    script = load_script(f"scripts/{script_name}.py")
-    assert script.main([str(ROOT / f"configs/train/{config}.yaml"), "--only", model, "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert f"{model}: S = " in out and f"{model}-L64: " in out
-    assert other not in out
 
 
 def test_train_synthetic_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp_path, capsys, monkeypatch):

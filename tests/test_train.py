@@ -118,6 +118,58 @@ def test_the_saved_model_loads_with_auto_classes_and_gives_the_trained_models_lo
         assert torch.equal(loaded(ids).logits, trained(ids).logits)
 
 
+def test_a_model_folder_trains_with_its_own_tokenizer_unless_another_is_named(tmp_path):
+    """Continued pretraining of a model folder that holds its tokenizer (a 31-token character tokenizer here) reads the
+    data with that tokenizer and saves it beside the weights, as zoo finetune does: the run config's tokenizer
+    defaulted to 'byte' whatever the model, so the model was trained on byte ids, and its checkpoints saved the byte
+    tokenizer with it, without a word. A zoo YAML or a config mapping still train on bytes, and a tokenizer named in
+    the config is the one used."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(97 + i): i + 2 for i in range(26)}, " ": 28, "\n": 29, "<bos>": 30}
+    chars = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    chars.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})) \
+        .save_pretrained(base)
+    PreTrainedTokenizerFast(tokenizer_object=chars, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>") \
+        .save_pretrained(base)
+
+    def tokenizer_of(name: str, **sections) -> tuple[str, int]:
+        run = run_dict(tmp_path / name, train={"max_steps": 1}, schedule={"warmup_steps": 0}, **sections)
+        train(config_from_dict(run))
+        info = json.loads((tmp_path / name / "run" / "run_info.json").read_text())
+        saved = AutoTokenizer.from_pretrained(latest_checkpoint(tmp_path / name / "run") / "model")
+        return info["tokenizer"], len(saved)
+
+    assert tokenizer_of("folder", model=str(base)) == (str(base), 31)
+    assert tokenizer_of("named", model=str(base), tokenizer="byte") == ("byte", 259)
+    assert tokenizer_of("mapping") == ("byte", 259)
+    # a model that does not load is named as the model, not as the tokenizer it would have brought
+    with pytest.raises(ValueError, match=r"^model: '.*missing': no such model folder$"):
+        train(config_from_dict(run_dict(tmp_path / "missing", model=str(tmp_path / "missing"))))
+
+
+def test_a_model_trained_with_another_tokenizer_than_its_own_takes_that_ones_special_ids(tmp_path):
+    """A model folder trained with a tokenizer the run config names learns that tokenizer's <bos>, <eos> and <pad>:
+    the checkpoint's config and generation_config say so, so that generate stops at the <eos> that ends its training
+    documents. They kept the folder's ids (a Llama's eos 2: the byte 0x02 under the byte tokenizer)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from zoo.data.text import ByteTokenizer
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})) \
+        .save_pretrained(base)
+    run = run_dict(tmp_path, model=str(base), tokenizer="byte", train={"max_steps": 1}, schedule={"warmup_steps": 0})
+    saved = AutoModelForCausalLM.from_pretrained(train(config_from_dict(run)).checkpoint / "model")
+    byte = ByteTokenizer()
+    for holder in (saved.config, saved.generation_config):
+        ids = [holder.bos_token_id, holder.eos_token_id, holder.pad_token_id]
+        assert ids == [byte.bos_token_id, byte.eos_token_id, byte.pad_token_id], (type(holder).__name__, ids)
+
+
 def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps = 6
     full: dict[int, float] = {}
@@ -139,6 +191,38 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     a = load_file(latest_checkpoint(tmp_path / "a" / "run") / "model" / "model.safetensors")
     b = load_file(second.checkpoint / "model" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
+
+
+@pytest.mark.parametrize("how", ["sigterm", "second-ctrl-c"])
+def test_a_stopped_run_closes_its_progress_bar_before_saying_so(how, tmp_path, monkeypatch):
+    """SIGTERM (or a first Ctrl-C) printed 'stop requested: saving step N and exiting' with the progress bar still
+    open, and a second Ctrl-C its 'interrupted: saving ...': in a terminal the line was glued to the end of the bar's,
+    and the bar drawn again below it as it closed (zoo compare's trainings too, above its 'interrupted' line). The bar
+    is closed first now: its last line, then the message, and no bar after it."""
+    import io
+
+    shared = io.StringIO()  # stdout (the message) and stderr (the bar) as a terminal shows them, in one stream
+    monkeypatch.setattr(sys, "stdout", shared)
+    monkeypatch.setattr(sys, "stderr", shared)
+
+    def interrupt(step, metrics):
+        if step == 3:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
+            else:
+                raise KeyboardInterrupt  # as a second Ctrl-C between steps
+
+    cfg = config_from_dict(run_dict(tmp_path, log={"progress_bar": True}))
+    if how == "sigterm":
+        assert train(cfg, on_step=interrupt).stopped
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, on_step=interrupt)
+    message = "stop requested: saving step 3 and exiting\n" if how == "sigterm" else \
+        "interrupted: saving the last completed step 3\n"
+    before, said, after = shared.getvalue().partition(message)
+    assert said and "/6 [" in before.rsplit("\n", 2)[-2] and before.endswith("\n"), shared.getvalue()
+    assert "train:" not in after, shared.getvalue()
 
 
 def test_resume_after_a_ctrl_c_mid_step_draws_the_uninterrupted_runs_dropout(tmp_path, monkeypatch):
@@ -283,6 +367,25 @@ def test_a_run_resumed_from_an_older_checkpoint_deletes_the_abandoned_newer_ones
     assert (root / "latest").read_text() == "step_00000005"
     (root / "latest").unlink()
     assert latest_checkpoint(tmp_path / "run").name == "step_00000005"
+
+
+def test_a_resume_from_another_runs_checkpoint_into_a_run_directory_with_checkpoints_is_refused(tmp_path):
+    """`--resume` from another run's checkpoint with an output_dir that holds checkpoints of its own run: the first save
+    took output_dir's newer checkpoints for an abandoned run's and deleted them (its newest, step 4, here), and
+    checkpoint.keep pruned the rest. It is refused, naming both, and nothing is deleted; into a new output_dir it
+    continues."""
+    sections = {"checkpoint": {"every": 2, "keep": 2}, "schedule": {"warmup_steps": 1}}
+    other = tmp_path / "other" / "run" / "checkpoints" / "step_00000002"
+    train(config_from_dict(run_dict(tmp_path / "other", train={"max_steps": 2}, **sections)))
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, **sections)))
+    root = tmp_path / "run" / "checkpoints"
+    with pytest.raises(ValueError, match=r"--resume: .*step_00000002' is not a checkpoint of output_dir .*newest "
+                                         r"step_00000004"):
+        train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, **sections)), resume=str(other))
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000004"]
+    result = train(config_from_dict(run_dict(tmp_path / "branch", train={"max_steps": 3}, **sections)),
+                   resume=str(other))
+    assert result.step == 3 and result.checkpoint.parent == tmp_path / "branch" / "run" / "checkpoints"
 
 
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):

@@ -11,7 +11,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from zoo.cache import ZooCache
 from zoo.config import ZooConfig
-from zoo.modeling import ZooForCausalLM, ZooForSequenceClassification, ZooModel
+from zoo.modeling import ZooForCausalLM, ZooForSequenceClassification, ZooModel, ZooPreTrainedModel
 from zoo.registry import get_mixer, list_mixers, register_mixer
 
 AutoConfig.register("zoo", ZooConfig, exist_ok=True)
@@ -43,6 +43,54 @@ def _register_peft_default_targets() -> None:
 
 
 _register_peft_default_targets()
+
+# PEFT's methods that hand the model a transformers cache of trained keys and values for every layer
+_KV_PREFIX_METHODS = ("PREFIX_TUNING", "CARTRIDGE")
+
+
+def _refuse_peft_prefix_tuning() -> None:
+    """PEFT's prefix tuning (and cartridges) on a zoo model is refused when the adapter is added (get_peft_model,
+    PeftModel.from_pretrained), naming the model's mixers: on a model without attention layers (Mamba, Mamba-2, GLA)
+    it crashed inside PEFT's get_prompt at the first forward ('unsupported operand type(s) for //: 'int' and
+    'NoneType''), and on one with attention layers its transformers cache of virtual keys and values was refused by
+    the forward only (a ZooCache holds the recurrent states as well, in its own layout). Prompt tuning and P-tuning
+    prepend virtual token embeddings instead and work on every zoo model."""
+    import functools
+
+    from peft import PeftModel
+
+    original = PeftModel.add_adapter
+    if getattr(original, "_refuses_prefix_tuning_on_zoo", False):
+        return
+
+    @functools.wraps(original)
+    def add_adapter(self, adapter_name, peft_config, *args, **kwargs):
+        base = self._modules.get("base_model")
+        base = getattr(base, "model", base)  # a tuner's (LoraModel's) model; prompt learning holds the model itself
+        if isinstance(base, ZooPreTrainedModel) and getattr(peft_config, "peft_type", None) in _KV_PREFIX_METHODS:
+            raise ValueError(_prefix_tuning_refusal(base.config, peft_config.peft_type.value))
+        return original(self, adapter_name, peft_config, *args, **kwargs)
+
+    add_adapter._refuses_prefix_tuning_on_zoo = True
+    PeftModel.add_adapter = add_adapter
+
+
+def _prefix_tuning_refusal(config: ZooConfig, method: str = "PREFIX_TUNING") -> str:
+    """Why PEFT's `method` (prefix tuning: trained keys and values in front of every layer's attention cache) does not
+    apply to the zoo model of `config`, and what does."""
+    types = list(dict.fromkeys(spec["type"] for spec in config.layer_specs()))
+    if "attention" not in types:
+        why = (f"this zoo model has no attention layers (its mixers: {', '.join(types)}), so it has no attention "
+               f"cache to prepend them to")
+    else:
+        why = (f"this zoo model (its mixers: {', '.join(types)}) keeps its attention keys and values, with any "
+               f"recurrent states, in a ZooCache of its own layout, which PEFT's transformers cache does not fill")
+    return (f"PEFT's {method} prepends trained keys and values to every layer's attention cache; {why}. Use LoRA "
+            f"(peft.LoraConfig, zoo.finetune.wrap_lora, zoo finetune), or prompt tuning (PromptTuningConfig) or "
+            f"P-tuning (PromptEncoderConfig), which prepend virtual token embeddings and work on every zoo model")
+
+
+_refuse_peft_prefix_tuning()
 
 __version__ = "0.1.0"
 

@@ -85,7 +85,7 @@ def generate(argv: list[str] | None = None) -> None:
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
-    from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer
+    from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer, tokenizer_source
 
     p = argparse.ArgumentParser(
         prog="zoo generate", description="Generate from a saved model folder.",
@@ -122,7 +122,8 @@ def generate(argv: list[str] | None = None) -> None:
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop once the text ends with TEXT (repeatable; \\n and \\t are a newline and a tab): "
                         "generate's stop_strings")
-    p.add_argument("--tokenizer", help="'byte' or a tokenizer folder / hub id (default: the model folder's)")
+    p.add_argument("--tokenizer", help="'byte' or a tokenizer folder / hub id (default: the model folder's; a PEFT "
+                                       "adapter without one: its base model's)")
     p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the weights' dtype (default: the checkpoint's)")
     args = p.parse_args(argv)
@@ -169,9 +170,15 @@ def generate(argv: list[str] | None = None) -> None:
     if args.cuda_graph and args.num_beams > 1:
         p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
     check_model_ref(args.model, adapter_ok=True)
-    tok = require_tokenizer(args.tokenizer) if args.tokenizer else load_folder_tokenizer(args.model)
+    # a PEFT adapter without tokenizer files: its base model's tokenizer, as PEFT's users load it (the adapter's folder
+    # was refused as holding none)
+    source = args.tokenizer or tokenizer_source(args.model)
+    # (a --tokenizer folder without tokenizer files is refused as such, not blamed on the model)
+    tok = require_tokenizer(source) if args.tokenizer else load_folder_tokenizer(source)
     if tok is None:
-        p.error(f"{args.model} holds no tokenizer files; pass --tokenizer (byte, or a tokenizer folder or hub id)")
+        what = f"{args.model} holds no tokenizer files" if source == args.model else \
+            f"{args.model} is a PEFT adapter without tokenizer files, and its base model {source} holds none either"
+        p.error(f"{what}; pass --tokenizer (byte, or a tokenizer folder or hub id)")
     if args.chat and not getattr(tok, "chat_template", None):
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"--chat: {which} has no chat template (tokenizer_config.json's chat_template or "
@@ -249,16 +256,16 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = "usage: zoo {" + ",".join([*COMMANDS, "eval"]) + "} ..."
     if not argv or argv[0] in ("-h", "--help"):
-        print(usage)
-        for name, (_, _, text) in COMMANDS.items():
-            print(f"  {name:10s} {text}")
-        print(f"  {'eval':10s} {' | '.join(EVAL_COMMANDS)}: research evaluations")
+        lines = [usage, *(f"  {name:10s} {text}" for name, (_, _, text) in COMMANDS.items()),
+                 f"  {'eval':10s} {' | '.join(EVAL_COMMANDS)}: research evaluations"]
+        # (through _run: `zoo --help | head -1` ended in a BrokenPipeError traceback)
+        _exit(_run("zoo", lambda _: print("\n".join(lines)), []))
         return
     cmd, rest = argv[0], argv[1:]
     if cmd == "eval":
         eval_usage = f"usage: zoo eval {{{','.join(EVAL_COMMANDS)}}} ... (zoo eval NAME -h for its options)"
         if rest and rest[0] in ("-h", "--help"):
-            print(eval_usage)
+            _exit(_run("zoo eval", lambda _: print(eval_usage), []))
             return
         if not rest or rest[0] not in EVAL_COMMANDS:
             close = difflib.get_close_matches(rest[0], EVAL_COMMANDS, n=1) if rest else []

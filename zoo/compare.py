@@ -23,7 +23,8 @@ loss, per-position loss on long documents and passkey retrieval, (5) trains a fr
 batches for every model) and measures recall, (6) measures training throughput and peak memory over sequence
 lengths on the present device (training tokens/s counts real tokens: an unpacked recipe's pads are left
 out). Each phase's result is written to ``OUT/<model>/result.json`` as soon as it
-finishes, so an interrupted comparison loses at most the phase that was running (training itself resumes
+finishes, so a comparison interrupted (Ctrl-C, or SIGTERM: exit status 130 either way) loses at most the phase that
+was running (training itself resumes
 from its last checkpoint, the per-position loss from its last saved document, passkey from its last finished
 cell, MQAR's training from its last saved step); a rerun skips what is done unless
 ``--force``. Models finished by an earlier run
@@ -100,6 +101,7 @@ import json
 import math
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -1244,20 +1246,25 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _lengths(cfg: CompareConfig) -> list[int]:
+def _recipe_config(recipe: dict[str, Any]):
+    """The recipe as zoo.train reads it (defaults filled in), around a model given as a mapping of config fields, as
+    train_config gives each model: an unset tokenizer is then 'byte' (a string model "x" made it the hub id "x", an
+    unset tokenizer being the model's own)."""
     from zoo.train import config_from_dict
 
-    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    return config_from_dict({**copy.deepcopy(recipe), "model": {}, "output_dir": "x"})
+
+
+def _lengths(cfg: CompareConfig) -> list[int]:
+    recipe = _recipe_config(cfg.recipe)
     return list(cfg.train_lengths or [recipe.data.seq_len])
 
 
 def _recipe_at(cfg: CompareConfig, seq_len: int) -> dict[str, Any]:
     """The recipe at one training length: micro-batch rows scaled so a micro-batch keeps its tokens (with
     train.batch_tokens every length trains on the same tokens per step)."""
-    from zoo.train import config_from_dict
-
     recipe = copy.deepcopy(cfg.recipe)
-    base = config_from_dict({**copy.deepcopy(recipe), "model": "x", "output_dir": "x"})
+    base = _recipe_config(recipe)
     data = dict(recipe.get("data") or {})
     data["seq_len"] = seq_len
     train = dict(recipe.get("train") or {})
@@ -1328,7 +1335,7 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
             "tokens_per_step": info["tokens_per_step"], "train_tokens_per_s": tps,
             "peak_mem_gib": max(peaks) if peaks else None, "final_train_loss": sum(tail) / len(tail) if tail else None,
             "curve": curve, "checkpoint": str(checkpoint), "backend": info.get("backend", {}),
-            "precision": info.get("precision"), "device": info.get("device")}
+            "precision": info.get("precision"), "device": info.get("device"), "device_name": _device_name()}
 
 
 def _load_trained(checkpoint: str | Path, device: torch.device):
@@ -1686,9 +1693,9 @@ _RECIPE_NO_RESULT = ("log.progress_bar", "log.trackers", "log.project", "log.pea
 def _model_fingerprints(cfg: CompareConfig, entry: ModelEntry) -> list[str]:
     """The fingerprints a model's results may carry: of its fields and the recipe as zoo.train reads it (defaults
     filled in) less _RECIPE_NO_RESULT; then of the recipe as written (results of earlier versions)."""
-    from zoo.train import _flat, config_from_dict
+    from zoo.train import _flat
 
-    recipe = _flat(config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"}).to_dict())
+    recipe = _flat(_recipe_config(cfg.recipe).to_dict())
     recipe = {k: v for k, v in recipe.items() if k not in ("model", "output_dir", *_RECIPE_NO_RESULT)}
     return [_fingerprint({"fields": entry.fields, "recipe": recipe}),
             _fingerprint({"fields": entry.fields, "recipe": cfg.recipe})]
@@ -1768,13 +1775,21 @@ def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.de
 
 # ---- report: tables and plots ----------------------------------------------------------------------------------
 
+_SI_UNITS = (("", 1.0), ("K", 1e3), ("M", 1e6), ("G", 1e9))
+
+
 def _si(n: float | None, digits: int = 3) -> str:
+    """n to `digits` significant digits with a K / M / G suffix. A value that rounds up to 1000 of its unit takes the
+    next one (999,600 parameters printed as "1e+03K", 999.6 tokens/s as "1e+03")."""
     if n is None:
         return "—"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.{digits}g}{unit}"
-    return f"{n:.{digits}g}"
+    i = max(j for j, (_, size) in enumerate(_SI_UNITS) if j == 0 or abs(n) >= size)
+    while True:
+        unit, size = _SI_UNITS[i]
+        text = f"{n / size:.{digits}g}"
+        if abs(float(text)) < 1000 or i + 1 == len(_SI_UNITS):
+            return text + unit
+        i += 1
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -1797,15 +1812,49 @@ def _cache_bytes(cfg: CompareConfig) -> str:
             f"{a.kv_bytes}")
 
 
+def _trained_elsewhere(records: list[dict[str, Any]], lengths: list[int], device: str) -> dict[str, list[str]]:
+    """{the device a training phase ran on: the models (and lengths) trained there} of the training phases that ran on
+    another device than `device` (a CPU's thread count included: the training phase's key holds no device, so a rerun
+    elsewhere keeps them). A phase recorded without its device's name (earlier versions) is told by its device type."""
+    here = _device().type
+    out: dict[str, list[str]] = {}
+    for rec in records:
+        for L in lengths:
+            tr = rec["phases"].get(f"train/L{L}")
+            if not tr:
+                continue
+            name = tr.get("device_name")
+            if name is None:
+                kind = str(tr.get("device") or "").split(":")[0]
+                if not kind or kind == here:
+                    continue
+                name = "CPU" if kind == "cpu" else f"a {kind} device"
+            elif name == device:
+                continue
+            out.setdefault(name, []).append(_label(rec["name"], L, lengths))
+    return out
+
+
+def _throughput_precision(records: list[dict[str, Any]]) -> str:
+    """" (bf16 autocast)" / " (fp32)": the precision the throughput phase ran in (bf16 autocast on a GPU whatever the
+    recipe's precision, which the training's tok/s ran in), "" when no record has one."""
+    precision = next((r["phases"]["throughput"].get("precision") for r in records if r["phases"].get("throughput")),
+                     None)
+    return f" ({precision})" if precision else ""
+
+
 def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: str) -> str:
     """The comparison's markdown: the main table, accounting per length, throughput per length."""
-    from zoo.train import config_from_dict
-
     lengths = _lengths(cfg)
-    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    recipe = _recipe_config(cfg.recipe)
     lines = [f"# {cfg.title}", "",
              f"Device: {device}. Recipe: the same rows in the same order for every model (data seed "
              f"{recipe.data.seed}, initialisation seed {recipe.train.seed})."]
+    elsewhere = _trained_elsewhere(records, lengths, device)
+    if elsewhere:  # a rerun on another device (or CPU thread count) keeps the trained models: not this device's numbers
+        lines.append("Trained on another device: " + "; ".join(f"{', '.join(names)} on {name}"
+                                                                for name, names in elsewhere.items())
+                     + f" (train tok/s and the training precision are that device's, not {device}'s).")
     if cfg.budget is not None:
         lines.append(f"Budget: {cfg.budget.params:,.0f} {cfg.budget.count} parameters "
                      f"(± {cfg.budget.tolerance:.0%}, knob {cfg.budget.knob}).")
@@ -1854,7 +1903,8 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
     if any(rec["phases"].get("throughput") for rec in records):
         method = next((r["phases"]["throughput"]["rows"][0].get("memory_method") for r in records
                        if r["phases"].get("throughput") and r["phases"]["throughput"]["rows"]), "")
-        lines += ["", f"## Training step (forward + backward) on {device}; memory: {method}", "",
+        lines += ["", f"## Training step (forward + backward) on {device}{_throughput_precision(records)}; memory: "
+                  f"{method}", "",
                   "| model | L | batch | tokens/s | ms/step | memory MiB |", "| --- | --- | --- | --- | --- | --- |"]
         for rec in records:
             for row in (rec["phases"].get("throughput") or {}).get("rows", []):
@@ -1942,7 +1992,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length")
     ax.set_ylabel("training tokens / s (forward + backward)")
-    ax.set_title(f"throughput on {_device_name()}")
+    ax.set_title(f"throughput on {_device_name()}{_throughput_precision(records)}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     save(fig, "throughput.png")
@@ -1959,7 +2009,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
                  label=rec["name"])
     ax1.set_title(f"training step memory ({method})", fontsize=9)
     ax1.set_ylabel("MiB")
-    ax2.set_title(f"inference cache per sequence ({_cache_bytes(cfg)})", fontsize=9)
+    # wrapped: on one line the right-hand title ran past the figure's edge, cut off at "states kept in the model's"
+    ax2.set_title(textwrap.fill(f"inference cache per sequence ({_cache_bytes(cfg)})", 60), fontsize=9)
     ax2.set_ylabel("MiB")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
@@ -2008,7 +2059,8 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     if curves:  # every length a plotted curve was trained at is marked, not only the first
         from zoo.eval.length import plot_length_curves
 
-        title = ("per-position loss on long documents, partly training text (see result.json's train_share)" if seen
+        # (two lines: the first title on one ran past both edges of the figure)
+        title = ("per-position loss on long documents, partly training text\n(see result.json's train_share)" if seen
                  else "per-position loss on long held-out documents")
         written.append(plot_length_curves(curves, out / "length.png", train_length=sorted(set(trained_at)),
                                           title=title))
@@ -2028,9 +2080,9 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
     mixer with a cache but no state_size)."""
     from zoo.data.text import load_tokenizer
-    from zoo.train import ModelInputs, config_from_dict
+    from zoo.train import ModelInputs
 
-    recipe = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "x", "output_dir": "x"})
+    recipe = _recipe_config(cfg.recipe)
     tokenizer = load_tokenizer(recipe.tokenizer)
     n_tokens = len(tokenizer)
     pk = cfg.eval.passkey
@@ -2073,19 +2125,21 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
 
 
 def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path
-                      ) -> tuple[list[dict[str, Any]], list[str]]:
+                      ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
-    config's order; and the models whose earlier results were made with another model config, recipe or phase
-    settings (a rerun would redo them), which are left out: the table compares models under one recipe. A record
-    keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would show results
-    made under whatever settings each model last ran it with, side by side."""
+    config's order; the models whose earlier results were made with another model config, recipe or phase
+    settings (a rerun would redo them), which are left out: the table compares models under one recipe; and the
+    models an earlier run started but did not finish (left out too, and named: the table looked complete without
+    them). A record keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would
+    show results made under whatever settings each model last ran it with, side by side."""
     keys = _phase_keys(cfg)
-    found, stale = {name: _asked_phases(data, keys) for name, data in by_name.items()}, []
+    found, stale, unfinished = {name: _asked_phases(data, keys) for name, data in by_name.items()}, [], []
     for entry in entries:
         path = out / entry.name / RESULT_FILE
         if entry.name not in found and path.is_file():
             data = json.loads(path.read_text())
             if not data.get("done"):
+                unfinished.append(entry.name)
                 continue
             current = data.get("fingerprint") in _model_fingerprints(cfg, entry) and all(
                 _phase_done(data, phase, key) for phase, key in keys.items())
@@ -2094,7 +2148,7 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                                                    "accounting": _accounting(cfg, entry)}, keys)
             else:
                 stale.append(entry.name)
-    return [found[e.name] for e in entries if e.name in found], stale
+    return [found[e.name] for e in entries if e.name in found], stale, unfinished
 
 
 def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
@@ -2103,12 +2157,17 @@ def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
             "phase_seconds": {k: v for k, v in (data.get("phase_seconds") or {}).items() if k in keys}}
 
 
-def _left_out_note(stale: list[str], out: Path) -> str:
-    if not stale:
-        return ""
-    return (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
-            f"or evaluation settings; rerun them (--only {','.join(stale)}, with --force if the model or recipe "
-            f"changed)._\n\n")
+def _left_out_note(stale: list[str], out: Path, unfinished: list[str] = ()) -> str:
+    note = ""
+    if stale:
+        # (the throughput phase's key holds the device: a run on a GPU, or on another CPU thread count, leaves out too)
+        note += (f"_Left out: {', '.join(stale)}: the results in {out} were made with another model config, recipe "
+                 f"or evaluation settings, or their throughput measured on another device; rerun them (--only "
+                 f"{','.join(stale)}, with --force if the model or recipe changed)._\n\n")
+    if unfinished:
+        note += (f"_Not finished: {', '.join(unfinished)}: an earlier run stopped before their last phase; rerun "
+                 f"them (--only {','.join(unfinished)}) to continue where they stopped._\n\n")
+    return note
 
 
 def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: list[str] | None = None,
@@ -2145,9 +2204,9 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
         (out / "compare_config.yaml").write_text(yaml.safe_dump(
             {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
     try:
-        if accounting_only:
+        if accounting_only:  # the models of --only, as a run trains them (it accounted every model of the config)
             records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
-                        "accounting": _accounting(cfg, e)} for e in entries]
+                        "accounting": _accounting(cfg, e)} for e in todo]
         else:
             by_name = {}
             for i, entry in enumerate(todo):
@@ -2155,13 +2214,15 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
                     shutil.rmtree(out / entry.name)
                 by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
                 if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
-                    done, stale = _finished_records(cfg, entries, by_name, out)
+                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+                    later = {e.name for e in todo[i + 1:]}  # (this run goes on with them)
                     (out / "results.md").write_text(
                         f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
-                        f"{todo[i + 1].name}._\n\n" + _left_out_note(stale, out) +
+                        f"{todo[i + 1].name}._\n\n" +
+                        _left_out_note(stale, out, [n for n in unfinished if n not in later]) +
                         markdown_report(done, cfg, _device_name()))
-            records, stale = _finished_records(cfg, entries, by_name, out)
-        note = "" if accounting_only else _left_out_note(stale, out)
+            records, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+        note = "" if accounting_only else _left_out_note(stale, out, unfinished)
         markdown = note + markdown_report(records, cfg, _device_name())
         if accounting_only:  # results.md / results.json of a finished comparison stay as they are
             (out / "accounting.md").write_text(markdown)
@@ -2184,7 +2245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="comparison config YAML (configs/compare/*.yaml), or a packaged one's name "
                                        "(demo, 130m)")
     parser.add_argument("--force", action="store_true", help="redo models that already have results")
-    parser.add_argument("--only", default=None, help="comma-separated model names to run")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated model names to run (with --accounting-only: to account)")
     parser.add_argument("--accounting-only", action="store_true",
                         help="print the parameter / FLOP / memory accounting without training")
     args, rest = parser.parse_known_args(argv)
@@ -2195,10 +2257,19 @@ def main(argv: list[str] | None = None) -> int:
         cfg, folder = load_compare_config(args.config, [item[2:] for item in rest])
     except ValueError as e:
         parser.error(str(e))
+    if args.force and args.accounting_only:  # (it was accepted and did nothing: no result is redone or removed)
+        parser.error("--force redoes trained models, and --accounting-only trains none and leaves the results alone; "
+                     "give one of them")
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     start = time.perf_counter()
+    from zoo.eval.common import sigterm_interrupts
+
     try:
-        result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
+        # SIGTERM (`timeout`'s, a scheduler's) stops the evaluation and throughput phases as Ctrl-C does, what they
+        # finished saved: it killed the process there without a word (only the trainings, zoo.train's and MQAR's,
+        # handled it, and they still do: their handler takes precedence while they train)
+        with sigterm_interrupts():
+            result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
     except KeyboardInterrupt as e:
         # --force deletes a model's results before redoing it: the same command again would redo the finished ones
         how = "the same command without --force" if args.force else "the same command"

@@ -155,7 +155,8 @@ def _dict_output(model: nn.Module) -> dict:
 def cache_argument(model: nn.Module) -> str:
     """The keyword under which `model.forward` takes its cache, and the output attribute that returns it:
     'cache_params' (transformers' Mamba before 5.2x), 'cache' (transformers' models from 5.2x on, which
-    renamed both) or 'past_key_values' (zoo models, older transformers models)."""
+    renamed both; ZooForCausalLM, which takes either name) or 'past_key_values' (ZooModel, older transformers
+    models)."""
     if _accepts(model, "cache_params"):
         return "cache_params"
     return "cache" if _accepts(model, "cache") else "past_key_values"

@@ -398,6 +398,16 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
 
     if isinstance(model, PeftModel):
         raise ValueError("wrap_lora: the model is already a PeftModel; pass its base model")
+    # a PeftModel's base model, or zoo.hub.load_causal_lm's of an adapter: get_peft_model set up its adapter 'default'
+    # afresh, so the trained adapter in it was lost (the model back to its base's outputs), without a word
+    from zoo.hub import peft_layer
+
+    wrapped = peft_layer(model)
+    if wrapped is not None:
+        raise ValueError(f"wrap_lora: the model holds PEFT adapter layers ({wrapped}, ...), which a new LoRA would "
+                         f"reset; to train a new adapter on top of them, merge them first "
+                         f"(PeftModel.from_pretrained(base model, adapter).merge_and_unload()), or continue training "
+                         f"the adapter itself with PeftModel.from_pretrained(base model, adapter, is_trainable=True)")
     # LoraConfig's own names for what wrap_lora takes as arguments failed with "LoraConfig() got multiple values"
     for peft_name, ours in (("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
         if peft_name in lora_kwargs:
@@ -1221,8 +1231,8 @@ def run_training(accelerator, model: nn.Module, dataset: Dataset, section: Any, 
                     raise TrainingStopped(checkpoint, completed)
             if checkpoint is not None and completed > start:
                 # the last step too, which the caller removes once it saved the phase's result: a stop in the
-                # evaluation before that (SIGTERM there is no longer caught) left at best the last checkpoint_every
-                # step, or nothing, and the same command trained the phase again
+                # evaluation before that (Ctrl-C, or SIGTERM under main's sigterm_interrupts) left at best the last
+                # checkpoint_every step, or nothing, and the same command trained the phase again
                 save(completed)
     except TrainingStopped:
         raise
@@ -1586,7 +1596,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = load_finetune_config(args.config, [item[2:] for item in rest])
     except ValueError as e:
         parser.error(str(e))
-    return finetune(cfg)
+    from zoo.eval.common import sigterm_interrupts
+
+    # SIGTERM (a scheduler's, accelerate launch's) outside a phase's training (the evaluations, the adapter's reload,
+    # merge and save) stops the run as Ctrl-C does, in one line and exit status 130, the phase's checkpoint kept: it
+    # killed the process there without a word (run_training's own handler saves and stops while a phase trains)
+    with sigterm_interrupts():
+        return finetune(cfg)
 
 
 __all__ = ["DataSection", "FinetuneConfig", "LoopSection", "LoraSection", "PretrainSection", "build_datasets",

@@ -53,6 +53,12 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     return AutoTokenizer.from_pretrained(path)
 
 
+def peft_layer(model: Any) -> str | None:
+    """The name of the first module of the nn.Module `model` that PEFT put there (an adapter's layer: a PeftModel's base
+    model, or what load_causal_lm made of an adapter), None when it holds none."""
+    return next((name for name, module in model.named_modules() if type(module).__module__.startswith("peft")), None)
+
+
 def require_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     """`load_folder_tokenizer` for a tokenizer the user named (a --tokenizer, save_model_folder's `tokenizer`): a
     folder without tokenizer files raises ValueError. Its None read as "no tokenizer", and the model was saved without
@@ -96,13 +102,23 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
 
     The tokenizer's pad/bos/eos ids fill the model config's and generation config's unset ones, so
     `generate` and pipelines stop and pad as the tokenizer expects. Raises ValueError when the tokenizer has
-    more tokens than the model's vocabulary. Into an existing folder, the weight files of an earlier save are
+    more tokens than the model's vocabulary, and when the model holds PEFT adapter layers (merge them first). Into an
+    existing folder, the weight files of an earlier save are
     replaced (none is left beside the new ones), and its tokenizer files when a tokenizer is given (without one
     they stay, with a warning); its other files stay.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is a file; give a folder to write the model to")
+    # a PeftModel's base model, or what load_causal_lm made of an adapter: save_pretrained wrote the adapted modules'
+    # weights as base_layer / lora_A / lora_B, which from_pretrained does not load (they came back newly initialized)
+    wrapped = peft_layer(model)
+    if wrapped is not None:
+        raise ValueError(f"the model holds PEFT adapter layers ({wrapped}, ...), whose weights a saved model folder "
+                         f"would keep under names from_pretrained does not load (the adapted modules would come back "
+                         f"newly initialized); merge them first: merge_and_unload() of the PeftModel (of an adapter "
+                         f"folder or hub id: PeftModel.from_pretrained(base model, adapter).merge_and_unload()), or "
+                         f"save the adapter alone with the PeftModel's save_pretrained")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = require_tokenizer(tokenizer)
     # (a model that does not generate, ZooForSequenceClassification or ZooModel, has no generation_config in
@@ -188,6 +204,18 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
         adapter = (path / "adapter_config.json").is_file()
         if (path / "config.json").is_file() or (adapter and adapter_ok):
             return
+        # PEFT's save_pretrained writes an adapter named other than 'default' into a subfolder of that name, and a zoo
+        # finetune run folder holds adapter/ and merged/: it was 'a folder but not a model folder', no word of them
+        models = sorted(found.parent.name for found in path.glob("*/config.json"))
+        adapters = sorted(found.parent.name for found in path.glob("*/adapter_config.json"))
+        if (models or adapters) and not adapter:
+            held = " and ".join(f"{kind} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                                for kind, names in (("models", models), ("PEFT adapters", adapters)) if names)
+            usable = models + (adapters if adapter_ok else [])
+            fix = f"give one of them, such as {str(Path(text) / usable[0])!r}" if usable else \
+                "give their base model or the merged model"
+            raise ValueError(f"{what}: {text!r} is a folder but not a model folder (no config.json); its subfolders "
+                             f"hold {held}: {fix}")
         raise ValueError(_adapter_not_model(what, text) if adapter else f"{what}: {text!r} is a folder but not a "
                          f"model folder (no config.json)")
     if path.exists():
@@ -254,6 +282,39 @@ def adapter_config_file(ref: str | Path) -> Path | None:
     return Path(found) if found else None
 
 
+def _base_of(ref: str) -> str:
+    """How an error names the base model of PEFT adapter `ref` (`check_model_ref`'s `what`)."""
+    return f"the base model of the PEFT adapter {ref} (its adapter_config.json's base_model_name_or_path)"
+
+
+def tokenizer_source(ref: str | Path) -> str:
+    """Where the tokenizer of model `ref` is: `ref` itself, or, for a PEFT adapter (a local folder or a hub repo) that
+    holds no tokenizer files, its base model (adapter_config.json's base_model_name_or_path), whose tokenizer the
+    adapter was trained with, as PEFT's users load it. `ref` as given where no base is named."""
+    text = str(ref)
+    config = adapter_config_file(text)
+    if config is None:
+        return text
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            return text
+    else:
+        from transformers.utils import cached_file
+
+        if any(cached_file(text, name, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False) for name in _TOKENIZER_FILES):
+            return text
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        return text
+    if not (isinstance(base, str) and base):
+        return text
+    check_model_ref(base, _base_of(text))  # (a moved base folder was 'no such tokenizer folder')
+    return base
+
+
 # beside a PEFT adapter that zoo finetune saved: how its rows began ({"add_bos": false}), which the merged model records
 # in its config (add_bos) and the adapter, loaded onto its base model's config, had nowhere to keep
 ADAPTER_DATA_FILE = "zoo_finetune.json"
@@ -280,13 +341,17 @@ def _adapter_data(source: str) -> dict:
 
 
 def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, but a PEFT adapter (a local adapter folder or a hub
-    repo holding one) loads as PEFT loads it: its base model (its adapter_config.json's base_model_name_or_path, with
-    kwargs) with the adapter in its layers (``PeftModel.from_pretrained``), the model class returned. transformers'
-    own loading of an adapter left out LoRA's DoRA magnitudes (``use_dora``, whose saved keys it does not
-    recognize), so a DoRA finetune ran with its magnitudes at their initial values, behind a load report only. An
-    adapter of zoo finetune's records how its rows began (data.add_bos, `ADAPTER_DATA_FILE`): it is put in the model's
-    config as the merged model's config holds it (zoo.eval.common.trained_with_bos reads it)."""
+    """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, but a PEFT adapter (a local adapter folder or a hub repo
+    holding one) loads as PEFT loads it: its base model (its adapter_config.json's base_model_name_or_path, at its
+    revision, with kwargs; resized to the embedding rows the adapter saved) with the adapter in its layers
+    (``PeftModel.from_pretrained``), the model class returned. transformers' own loading of an adapter left out LoRA's
+    DoRA magnitudes (``use_dora``, whose saved keys it does not recognize), so a DoRA finetune ran with its magnitudes
+    at their initial values, behind a load report only. An adapter of zoo finetune's records how its rows began
+    (data.add_bos, `ADAPTER_DATA_FILE`): it is put in the model's config as the merged model's config holds it
+    (zoo.eval.common.trained_with_bos reads it). The adapter is not merged: to save the model, merge it
+    (``PeftModel.from_pretrained(base, ref).merge_and_unload()``; `save_model_folder` refuses the unmerged model, whose
+    adapted weights from_pretrained would not load). A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning:
+    virtual tokens the PeftModel adds around the model) is refused with a ValueError."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
@@ -296,16 +361,67 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     from peft import PeftConfig, PeftModel
 
     source = str(Path(str(ref)).expanduser()) if Path(str(ref)).expanduser().is_dir() else str(ref)
-    base = PeftConfig.from_pretrained(source).base_model_name_or_path
+    config = PeftConfig.from_pretrained(source)
+    if config.is_prompt_learning:  # (get_base_model below returned the base model alone, as if no adapter were given)
+        method = getattr(config.peft_type, "value", config.peft_type)
+        raise ValueError(f"{ref} holds a PEFT {method} adapter, whose virtual tokens the PeftModel adds to the "
+                         f"model's input (or cache) from outside its layers; zoo generate and zoo eval run the model "
+                         f"itself, which would be the base model alone. Run it with PeftModel.from_pretrained(base "
+                         f"model, {str(ref)!r}) and its generate, or train a LoRA adapter (zoo finetune), which lives "
+                         f"in the layers")
+    task = getattr(config.task_type, "value", config.task_type)
+    if task not in (None, "CAUSAL_LM"):  # (a classifier's loaded onto the causal LM without a word, its head dropped)
+        raise ValueError(f"{ref} holds a PEFT adapter of task_type {task} (adapter_config.json), not a causal LM's: "
+                         f"zoo generate and zoo eval run causal LMs; load it onto the model class of its task "
+                         f"(AutoModelForSequenceClassification for SEQ_CLS) with PeftModel.from_pretrained")
+    base = config.base_model_name_or_path
     if not base:
         raise ValueError(f"{ref} holds a PEFT adapter whose adapter_config.json names no base model "
                          f"(base_model_name_or_path); load its base model and apply it with PeftModel.from_pretrained")
+    check_model_ref(base, _base_of(str(ref)))  # a moved base folder was an invalid hub id to transformers
+    if getattr(config, "revision", None) and "revision" not in kwargs:
+        # the base's revision the adapter was trained on (get_peft_model(..., revision=)), as PEFT's AutoPeftModel loads
+        # it: the hub's newest base was loaded instead
+        kwargs = {**kwargs, "revision": config.revision}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    rows = _adapter_embedding_rows(source, model)
+    if rows is not None and rows != model.get_input_embeddings().num_embeddings:
+        # an adapter trained with tokens added to its tokenizer holds the resized embeddings (PEFT's
+        # save_embedding_layers): PEFT's users resize the base to them first, and loading failed in load_state_dict
+        model.resize_token_embeddings(rows)
     model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
         model.config.add_bos = add_bos
     return model
+
+
+def _adapter_embedding_rows(source: str, model: PreTrainedModel) -> int | None:
+    """The rows of the input embedding that the PEFT adapter `source` (a folder or hub repo) saved, whole or as a
+    modules_to_save copy; None where its weights (adapter_model.safetensors) hold none."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if folder.is_dir():
+        found = folder / "adapter_model.safetensors"
+        found = found if found.is_file() else None
+    else:
+        from transformers.utils import cached_file
+
+        found = cached_file(source, "adapter_model.safetensors", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    embedding = model.get_input_embeddings()
+    name = next((n for n, m in model.named_modules() if m is embedding), None)
+    if found is None or name is None:
+        return None
+    prefix = f"base_model.model.{name}."
+    with safe_open(str(found), "pt") as weights:
+        for key in weights.keys():
+            shape = weights.get_slice(key).get_shape()
+            if key.startswith(prefix) and key.endswith(".weight") and "lora_" not in key and len(shape) == 2 \
+                    and shape[1] == embedding.embedding_dim:
+                return int(shape[0])
+    return None
 
 
 def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
@@ -322,5 +438,5 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["ADAPTER_DATA_FILE", "adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer",
-           "load_model_folder", "load_model_not_adapter", "require_tokenizer", "save_model_folder", "shard_size",
-           "write_folder"]
+           "load_model_folder", "load_model_not_adapter", "peft_layer", "require_tokenizer", "save_model_folder",
+           "shard_size", "tokenizer_source", "write_folder"]

@@ -810,6 +810,50 @@ def _refuse_a_chunked_prefill_over_a_cache(kwargs: dict, config) -> None:
                          f"transformers >= 5.21")
 
 
+def _in_prompt_learning(model) -> bool:
+    """Whether PEFT's prompt learning (prompt tuning, P-tuning) runs this generate call: its generate swaps its own
+    prepare_inputs_for_generation onto the model for the call, which prepends the virtual tokens while the cache is
+    empty (LoRA's generate swaps it onto its tuner wrapper, not onto the model)."""
+    swapped = model.__dict__.get("prepare_inputs_for_generation")
+    peft = getattr(swapped, "__self__", None)
+    return peft is not None and peft is not model \
+        and bool(getattr(getattr(peft, "active_peft_config", None), "is_prompt_learning", False))
+
+
+def _refuse_a_filled_cache_with_prompt_learning(model, kwargs: dict) -> None:
+    """A cache that holds tokens, given to generate through PEFT's prompt learning: it counts the virtual tokens PEFT
+    prepended when it was filled, which transformers takes for prompt tokens, so it runs the new tokens from the wrong
+    place (transformers' Llama decodes other tokens without an error; zoo failed in transformers' check of the
+    keyword arguments, "not used by the model: ['cache']", or named a cache holding the whole prompt). Raise, naming
+    the fix."""
+    cache = _generate_cache(kwargs)
+    if isinstance(cache, ZooCache) and cache.get_seq_length() and _in_prompt_learning(model):
+        raise ValueError(f"generate: past_key_values holds {cache.get_seq_length()} tokens, given with PEFT's prompt "
+                         f"learning (prompt tuning / P-tuning): the cache counts the virtual tokens PEFT prepended, "
+                         f"which generate takes for prompt tokens, so it would run the new tokens from the wrong "
+                         f"place. Generate from the whole sequence without the cache (an empty one, "
+                         f"ZooCache.for_model(model), is taken)")
+
+
+def _refuse_a_chunked_prefill_of_prompt_learning(model, args: tuple, kwargs: dict, config) -> None:
+    """PEFT's prompt learning (prompt tuning, P-tuning) swaps in its prepare_inputs_for_generation for the call, which
+    prepends the virtual tokens while the cache is empty: with prefill_chunk_size, to the first chunk. The cache then
+    counts them, so transformers' chunked prefill took the later chunks for cached tokens and ran one token of each:
+    most of the prompt was skipped (other logits, no error; with an attention_mask zoo refused the step, naming a mask
+    length). transformers' Llama decodes wrongly too. A prompt that fits one chunk (its tokens less the last, which
+    the first decode step takes) is not split and decodes right. Raise where it is split, naming the fix."""
+    chunk = getattr(config, "prefill_chunk_size", None)  # generate's merged settings
+    if chunk is None or not _in_prompt_learning(model):
+        return
+    ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+    if torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[1] - 1 <= chunk:
+        return
+    raise ValueError(f"generate: prefill_chunk_size={chunk} with PEFT's prompt learning (prompt tuning / P-tuning): "
+                     f"the virtual tokens it prepends to the first chunk count in the cache, so transformers' chunked "
+                     f"prefill takes the later chunks as cached and skips most of their tokens. Drop "
+                     f"prefill_chunk_size, or make it at least the prompt's length")
+
+
 # generate's own parameters, in order (after self): its other keyword arguments are generation settings or model inputs
 _GENERATE_PARAMETERS = tuple(name for name, p in inspect.signature(GenerationMixin.generate).parameters.items()
                              if p.kind is p.POSITIONAL_OR_KEYWORD and name != "self")
@@ -936,6 +980,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                              "or the model's generation_config.use_cache, which follows config.use_cache): each step "
                              "would rerun the whole sequence past the cache. Pass use_cache=True to continue the "
                              "cache, or generate without it")
+        _refuse_a_filled_cache_with_prompt_learning(self, kwargs)
         _refuse_a_cache_that_holds_the_whole_prompt(args, kwargs)
         from zoo.decode import warn_if_right_padded
 
@@ -944,6 +989,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
         _seq_idx_of_every_row(args, kwargs)
         _refuse_a_chunked_prefill_of_inputs_embeds(args, kwargs, config)
         _refuse_a_chunked_prefill_over_a_cache(kwargs, config)
+        _refuse_a_chunked_prefill_of_prompt_learning(self, args, kwargs, config)
         if not self.model._cacheable() and kwargs.get("use_cache") is None and config.use_cache is not False \
                 and _generate_cache(kwargs) is None:
             # a custom mixer without init_state keeps no cache: each step reruns the whole sequence (correct, slower)
@@ -959,6 +1005,18 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
                               f"dtype, device, max_len=None) to decode step by step", stacklevel=2)
             kwargs["use_cache"] = False
         return super().generate(*args, **kwargs)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused: transformers' continuous batching (init_continuous_batching, generate_batch, and generate with
+        cache_implementation="paged", which switches to it) keeps every layer's keys and values in its paged cache,
+        which holds no Mamba / Mamba-2 / GLA states and which zoo's attention does not read. It failed after setting
+        the model's generation_config.eos_token_id to -1, naming a config field ("num_key_value_heads or
+        num_attention_heads could not be found in the config")."""
+        raise ValueError("continuous batching (generate_batch, init_continuous_batching, or generate with "
+                         "cache_implementation='paged') is not supported by zoo models: transformers' paged cache "
+                         "holds attention keys and values only, not the recurrent (Mamba / Mamba-2 / GLA) states, and "
+                         "zoo's attention layers keep their own cache. Use generate on a left-padded batch (with its "
+                         "attention_mask) without cache_implementation='paged'")
 
     def release_cuda_graph(self) -> bool:
         """Free the CUDA graph and static buffers that generate(cuda_graph="reuse") kept; whether there were any."""
@@ -1115,7 +1173,7 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, seq_idx=None,
-                logits_to_keep: int | torch.Tensor = 0, return_dict=None, output_router_logits=None,
+                logits_to_keep: int | torch.Tensor = 0, return_dict=None, output_router_logits=None, cache=None,
                 **kwargs) -> ZooCausalLMOutput | tuple:
         """Labels [B, T] are the input ids (shifted inside); -100 is ignored. In training mode the MoE aux loss
         (times moe.aux_loss_coef) is added; in eval mode `loss` is the cross-entropy alone (an eval loss, a
@@ -1133,6 +1191,10 @@ class ZooForCausalLM(ZooPreTrainedModel, GenerationMixin):
 
         seq_idx (packed documents) is as ZooModel.forward describes it: integer ids [B, T], a document per run of
         equal consecutive ids."""
+        # `cache` named in the signature, as transformers' models name it: generate checks its keyword arguments
+        # against the forward's where a prepare_inputs_for_generation of PEFT's prompt learning replaces zoo's
+        if cache is not None:
+            kwargs["cache"] = cache
         past_key_values = _the_cache(past_key_values, kwargs)
         _refuse_offloaded_mixers_once(self)
         skip_aux_loss = kwargs.pop(_SKIP_AUX_LOSS, False) and labels is None

@@ -178,12 +178,13 @@ class TrainConfig:
     """A run. model: a zoo YAML (configs/models/*.yaml), a model folder or hub id (weights are loaded:
     continued pretraining), or a mapping of config fields with a `model_type` ('zoo' by default, or any
     transformers type such as 'llama'). model_overrides: fields replaced in the model config (vocab_size,
-    ...). tokenizer: 'byte' or any AutoTokenizer path. output_dir: the run directory."""
+    ...). tokenizer: 'byte' or any AutoTokenizer path; unset, the model's own (`run_tokenizer`): a model folder's
+    tokenizer files or a hub id's tokenizer, else 'byte'. output_dir: the run directory."""
 
     model: str | dict[str, Any]
     output_dir: str = "runs/run"
     model_overrides: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str = "byte"
+    tokenizer: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     train: LoopConfig = field(default_factory=LoopConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -327,10 +328,34 @@ _TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "m
                     "swanlab": "swanlab"}
 
 
+def run_tokenizer(cfg: TrainConfig) -> str:
+    """The tokenizer a run trains with: cfg.tokenizer when set, else the model's own, as zoo finetune takes it: a
+    model folder's when it holds tokenizer files, a hub id's, and 'byte' for a zoo YAML, a mapping of config fields or
+    a folder without one. It was 'byte' whatever the model: a pretrained model (a folder or hub id with a 50K-token
+    tokenizer) was trained on byte ids without a word, and its checkpoints saved the byte tokenizer beside it."""
+    from zoo.hub import _TOKENIZER_FILES
+
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer
+    spec = cfg.model
+    if isinstance(spec, dict) or spec.endswith((".yaml", ".yml")):
+        return "byte"
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            return "byte"
+        config_file = folder / "tokenizer_config.json"  # a zoo train checkpoint's model/: 'byte', as its run named it
+        if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
+            return "byte"
+        return spec
+    return spec
+
+
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """A validated TrainConfig from a mapping (a parsed YAML run config)."""
+    """A validated TrainConfig from a mapping (a parsed YAML run config); an unset tokenizer is `run_tokenizer`'s."""
     cfg = _build(TrainConfig, data, "")
     validate_config(cfg)
+    cfg.tokenizer = run_tokenizer(cfg)
     return cfg
 
 
@@ -486,9 +511,13 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise
     if tokenizer is not None:
         check_vocab(model.get_input_embeddings().num_embeddings)
-        for name, value in special.items():  # a loaded model keeps its ids; fill in the missing ones
+        # a loaded model keeps its ids and gets the missing ones; trained with another tokenizer than its own (one the
+        # run config names), it learns that one's, which replace its own: the checkpoints' config and generation_config
+        # kept the old vocabulary's eos, so generate did not stop at the documents' end the model was trained on
+        other = isinstance(spec, str) and not spec.endswith((".yaml", ".yml")) and run_tokenizer(cfg) != spec
+        for name, value in special.items():
             for holder in (model.config, getattr(model, "generation_config", None)):
-                if holder is not None and getattr(holder, name, None) is None:
+                if holder is not None and (getattr(holder, name, None) is None or (other and value is not None)):
                     setattr(holder, name, value)
     return model.float()
 
@@ -1678,6 +1707,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
     from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 
     validate_config(cfg)
+    if cfg.tokenizer is None:  # (a TrainConfig built directly; config_from_dict resolves it)
+        cfg = dataclasses.replace(cfg, tokenizer=run_tokenizer(cfg))
     AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
@@ -1710,6 +1741,14 @@ def train(cfg: TrainConfig, resume: str | None = None,
             raise ValueError(f"--resume: {str(start_ckpt)!r} is a checkpoint folder left by a save or a deletion that "
                              f"did not finish (a run killed mid-write), not a complete checkpoint; resume from the run "
                              f"directory (its newest complete checkpoint) or a {CHECKPOINT_PREFIX}* folder")
+        own = latest_checkpoint(out_dir)
+        if start_ckpt is not None and own is not None and start_ckpt.parent.resolve() != ckpt_root.resolve():
+            # its checkpoints are another run's: the first save took the newer ones for an abandoned run's and deleted
+            # them, and checkpoint.keep pruned the older ones, all of output_dir's own run lost
+            raise ValueError(f"--resume: {str(start_ckpt)!r} is not a checkpoint of output_dir {str(out_dir)!r}, "
+                             f"which holds checkpoints of its own run (newest {own.name}) that this run's saves would "
+                             f"delete; continue {start_ckpt.name} into another output_dir, or resume output_dir's own "
+                             f"run (--resume without a folder)")
     elif latest_checkpoint(out_dir) is not None:
         raise ValueError(f"output_dir: {str(out_dir)!r} already holds checkpoints; pass --resume to continue "
                          f"that run, or choose another output_dir")
@@ -1726,7 +1765,16 @@ def train(cfg: TrainConfig, resume: str | None = None,
     tokens_per_step = B * L * accum * world
 
     set_seed(cfg.train.seed)
-    tokenizer = load_tokenizer(cfg.tokenizer)
+    try:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    except ValueError as e:
+        if cfg.tokenizer != cfg.model:
+            raise
+        # the model's own (run_tokenizer): a hub id that does not load is the model's failure, not a tokenizer field's
+        build_model(cfg)  # its own error first where it has one (not found, an adapter repo)
+        raise ValueError(f"model: {cfg.model!r} is not a zoo YAML, a model folder or a hub id with a tokenizer that "
+                         f"loads (an unset tokenizer is the model's own; set tokenizer: byte or another to name "
+                         f"one): {e}") from e.__cause__
     model = build_model(cfg, tokenizer)
     if start_ckpt is not None:
         resume_weight_changes(start_ckpt, model)
@@ -2141,6 +2189,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                     if pending:  # the steps since the last log: the resumed run starts after them
                         log_window(grad_norm, None)
                     stopped = True
+                    if bar is not None:  # closed before the line: left open, the line was glued to its end and the
+                        bar.close()      # bar drawn again below it as it closed
                     accelerator.print(f"stop requested: saving step {step} and exiting")
                     break
             flush()
@@ -2148,6 +2198,8 @@ def train(cfg: TrainConfig, resume: str | None = None,
                 save()
         except KeyboardInterrupt:
             stopped = True
+            if bar is not None:  # (closed before the lines below, as at a stop request)
+                bar.close()
             losses.update({s: float(v[0]) for s, v in pending})
             if updating:  # parameters may be half-updated: keep the previous checkpoint
                 accelerator.print(f"interrupted during the optimizer step: not saving; last checkpoint "
@@ -2199,7 +2251,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.resume == "auto" and latest_checkpoint(cfg.output_dir) is None and os.environ.get("RANK", "0") == "0":
         print(f"--resume: no checkpoint in {cfg.output_dir!r} yet; starting the run from step 0")
-    result = train(cfg, resume=args.resume)
+    from zoo.eval.common import sigterm_interrupts
+
+    # SIGTERM (a scheduler's, accelerate launch's) before the loop (the model built, the data read, a checkpoint
+    # loaded) stops the run as Ctrl-C does, in one line and exit status 130: it killed the process there without a
+    # word (the loop's own handler, which saves and stops, takes precedence while it is set)
+    with sigterm_interrupts():
+        result = train(cfg, resume=args.resume)
     from accelerate import PartialState
 
     if result.checkpoint is not None and PartialState().is_main_process:
@@ -2212,4 +2270,5 @@ __all__ = ["NO_DECAY_NAMES", "CheckpointConfig", "EvalConfig", "LogConfig", "Loo
            "build_model", "build_optimizer", "config_from_dict", "count_parameters", "count_targets", "count_tokens",
            "forward_backward", "latest_checkpoint", "load_config", "lr_at", "main", "mfu_flops_per_token",
            "packed_documents_leak", "param_groups", "peak_tflops", "resume_by_name", "resume_changes",
-           "resume_source_changes", "resume_weight_changes", "save_checkpoint", "train", "validate_config"]
+           "resume_source_changes", "resume_weight_changes", "run_tokenizer", "save_checkpoint", "train",
+           "validate_config"]

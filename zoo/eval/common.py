@@ -25,7 +25,7 @@ import torch
 
 from zoo.cache import output_cache
 from zoo.config_files import find_config
-from zoo.hub import load_causal_lm
+from zoo.hub import load_causal_lm, tokenizer_source
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -106,7 +106,8 @@ def check_model_path(path: str) -> None:
 
 
 def load_tokenizer(spec: str | None, model_path: str | None = None):
-    """A tokenizer: ``spec`` ('byte' for zoo's byte tokenizer, a path or hub id), else the model's own.
+    """A tokenizer: ``spec`` ('byte' for zoo's byte tokenizer, a path or hub id), else the model's own (a PEFT
+    adapter's without tokenizer files: its base model's, `zoo.hub.tokenizer_source`).
 
     Goes through ``zoo.data.text.load_tokenizer``, so zoo checkpoints saved with the byte tokenizer load it.
     Raises ValueError (``--tokenizer`` is the fix) when the model has no tokenizer of its own.
@@ -115,15 +116,19 @@ def load_tokenizer(spec: str | None, model_path: str | None = None):
 
     if spec is None and str(model_path).endswith((".yaml", ".yml")):
         spec = "byte"  # a freshly initialised zoo model has no tokenizer of its own
-    name = spec or model_path
-    if name is None:
+    if spec is None and model_path is None:
         raise ValueError("load_tokenizer: give a tokenizer name/path or 'byte'")
+    # a PEFT adapter without tokenizer files: its base model's tokenizer, as PEFT's users load it (the adapter folder
+    # was read for one, and refused as having none)
+    name = spec or tokenizer_source(model_path)
     try:
         return load(name)
     except (OSError, ValueError) as error:
         if spec is None:
             reason = " ".join(str(error).split())  # transformers' message spans lines; the CLI prints one
-            raise ValueError(f"{model_path} has no tokenizer ({reason}); pass --tokenizer PATH|byte") from None
+            what = f"{model_path} has no tokenizer" if name == str(model_path) else \
+                f"{model_path} is a PEFT adapter without a tokenizer, and its base model {name} has none"
+            raise ValueError(f"{what} ({reason}); pass --tokenizer PATH|byte") from None
         raise
 
 
@@ -421,17 +426,20 @@ def remove_partial(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
+def sigterm_interrupts(name_signal: bool = False) -> Iterator[None]:
     """SIGTERM (`timeout`'s, a scheduler's) raises KeyboardInterrupt inside the block, as Ctrl-C does, so that an
     evaluation stopped either way ends alike: its finished documents' partial file kept, one line saying so, exit
     status 130 (zoo.cli._run). Outside the main thread (no signal handler can be set there) it changes nothing; a
-    handler set inside the block (zoo.train's, which saves and stops) takes precedence while it is set."""
+    handler set inside the block (zoo.train's, which saves and stops) takes precedence while it is set. With
+    `name_signal` the KeyboardInterrupt says "signal 15" (the benchmarks note which of the two cut a run short); without
+    it, it is bare, for `interruption_says` to fill. The one implementation: benchmarks/ceilings.py,
+    benchmarks/generate.py and benchmarks/train_throughput.py use it too."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_term(signum, frame):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(f"signal {signum}") if name_signal else KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:

@@ -6,7 +6,8 @@ so a recurrent model reaches 1M tokens in constant memory; only one chunk's logi
 ``evaluate_length`` averages the loss over documents at every position and in log-spaced bins;
 ``plot_length_curves`` draws the curve (log x) with the training length marked; ``main(argv)`` is
 ``zoo eval length``, which saves each run's finished documents as it goes (``<stem>.partial.pt``, every
-``SAVE_EVERY`` seconds at most), so a rerun after an interruption resumes the run at its next document.
+``SAVE_EVERY`` seconds at most, and when Ctrl-C or SIGTERM stops it), so a rerun after an interruption resumes the
+run at its next document.
 
 Position convention: ``loss[t]`` (t >= 1) is ``-log p(x_t | x_0 .. x_{t-1})``, the loss on the token at
 position t with t tokens of context.
@@ -129,7 +130,8 @@ def evaluate_length(
         progress: show a tqdm bar over the documents' tokens, advanced after every chunk (a 1M-token document is many
             forwards).
         partial: a file where the sums of the documents finished so far are saved (atomically) after a batch, at most
-            every ``save_every`` seconds, so an interrupted run resumes there: a call with the same ``partial_key``
+            every ``save_every`` seconds, and when a KeyboardInterrupt (Ctrl-C, SIGTERM under ``sigterm_interrupts``)
+            stops the run, so an interrupted run resumes there: a call with the same ``partial_key``
             (what else the losses depend on: the model, its mitigation, dtype), documents (in order), ``batch_size``
             and ``chunk_size`` starts at the next unfinished batch and gives the result an uninterrupted run gives; a
             file of other settings is replaced. Removed when the run completes, unless ``keep_partial``.
@@ -173,20 +175,34 @@ def evaluate_length(
     was_training = getattr(model, "training", False)
     model.eval()
     last_save = time.monotonic()
-    # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted' line
-    with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
-        for n, group in enumerate(batches[done:], done + 1):
-            input_ids = torch.stack(group).to(device)
-            on_chunk = None if bar is None else bar.update
-            losses = per_position_loss(model, input_ids, chunk_size, on_chunk).double()  # [b, T-1]
-            length = losses.shape[1]
-            sums[1 : length + 1] += losses.sum(dim=0)
-            counts[1 : length + 1] += losses.shape[0]
-            if partial is not None and n < len(batches) and time.monotonic() - last_save >= save_every:
-                save_atomically({"settings": key, "batches": n, "sums": sums, "counts": counts}, partial)
-                last_save = time.monotonic()
-    if was_training:
-        model.train()
+    # the batches finished and their sums, replaced in one assignment: an interruption sees them whole
+    finished, saved_n = (done, sums, counts), done
+    try:
+        # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted'
+        # line
+        with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
+            for n, group in enumerate(batches[done:], done + 1):
+                input_ids = torch.stack(group).to(device)
+                on_chunk = None if bar is None else bar.update
+                losses = per_position_loss(model, input_ids, chunk_size, on_chunk).double()  # [b, T-1]
+                length = losses.shape[1]
+                sums, counts = sums.clone(), counts.clone()
+                sums[1 : length + 1] += losses.sum(dim=0)
+                counts[1 : length + 1] += losses.shape[0]
+                finished = (n, sums, counts)
+                if partial is not None and n < len(batches) and time.monotonic() - last_save >= save_every:
+                    save_atomically({"settings": key, "batches": n, "sums": sums, "counts": counts}, partial)
+                    last_save, saved_n = time.monotonic(), n
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: the batches finished since the last save are saved too (they were lost, up to save_every
+        # seconds of them)
+        n, finished_sums, finished_counts = finished
+        if partial is not None and n > saved_n:
+            save_atomically({"settings": key, "batches": n, "sums": finished_sums, "counts": finished_counts}, partial)
+        raise
+    finally:
+        if was_training:
+            model.train()
     if partial is not None and keep_partial and done < len(batches):
         save_atomically({"settings": key, "batches": len(batches), "sums": sums, "counts": counts}, partial)
     elif partial is not None and not keep_partial:

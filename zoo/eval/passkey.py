@@ -274,9 +274,12 @@ def evaluate_passkey(
         device: where the prompt goes; default the model's device.
         progress: show a tqdm bar over the prompts.
         on_cell: called after every cell with the result so far (``rows``, ``samples``), e.g. to save it, so
-            a sweep stopped at its longest lengths (out of memory, a lost job) keeps the cells it finished.
+            a sweep stopped at its longest lengths (out of memory, a lost job) keeps the cells it finished; and when a
+            KeyboardInterrupt (Ctrl-C, SIGTERM under ``sigterm_interrupts``) stops a cell, with the samples of its
+            finished prompts.
         done: a saved result of the same model and settings (``rows``, ``samples``): those of its cells that are in
-            this grid are kept and not run again (a rerun after an interruption); others are dropped.
+            this grid are kept and not run again (a rerun after an interruption), and so are the finished prompts of
+            a cell it stopped in; others are dropped.
 
     Returns:
         dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
@@ -323,27 +326,41 @@ def evaluate_passkey(
         return (int(entry["length"]), float(entry["depth"])) in grid
 
     rows = [r for r in done["rows"] if in_grid(r)] if done else []
-    samples = [s for s in done["samples"] if in_grid(s)] if done else []
     finished = {(int(r["length"]), float(r["depth"])) for r in rows}
+    samples = [s for s in done["samples"] if in_grid(s)] if done else []
     cells = [(length, depth) for length in lengths for depth in depths if (int(length), float(depth)) not in finished]
+    # the prompts of a cell an interruption stopped in, saved then (its first keys, in order): not run again
+    started: dict[tuple[int, float], list[dict]] = {}
+    for sample in samples:
+        cell = (int(sample["length"]), float(sample["depth"]))
+        if cell not in finished:
+            started.setdefault(cell, []).append(sample)
+    samples = [s for s in samples if (int(s["length"]), float(s["depth"])) in finished]
+    for (length, depth), kept in list(started.items()):
+        if [s["key"] for s in kept] != cell_keys(seed, length, depth, n_samples)[:len(kept)]:
+            del started[(length, depth)]
     bar = None
     if progress:  # by prompt: a cell of 1M-token prompts takes minutes
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cells) * n_samples, desc="passkey", unit="prompt")
+        bar = tqdm(total=len(cells) * n_samples, desc="passkey", unit="prompt",
+                   initial=sum(len(kept) for kept in started.values()))
     # the mode the model came in is given back (evaluate_synthetic and evaluate_length do): a training loop that
     # evaluated passkey went on training in eval mode, without dropout and without an MoE's aux loss
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     n_filler: dict[int, int] = {}
+    unsaved = False  # prompts finished since on_cell's last call
     try:
         # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted'
         # line
         with contextlib.closing(bar) if bar is not None else contextlib.nullcontext():
             for length, depth in cells:
-                right, tokens = 0, 0
-                for key in cell_keys(seed, length, depth, n_samples):
+                kept = started.get((int(length), float(depth)), [])
+                samples.extend(kept)
+                right, tokens = sum(s["correct"] for s in kept), sum(s["tokens"] for s in kept)
+                for key in cell_keys(seed, length, depth, n_samples)[len(kept):]:
                     prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler.get(length),
                                                   add_bos=add_bos)
                     n_filler[length] = prompt.n_filler
@@ -356,6 +373,7 @@ def evaluate_passkey(
                     correct = check_passkey(text, key)
                     right += correct
                     tokens += len(prompt.input_ids)
+                    unsaved = True
                     samples.append({"length": length, "depth": depth, "key": key, "generated": text,
                                     "correct": correct, "tokens": len(prompt.input_ids)})
                     if bar is not None:
@@ -364,6 +382,13 @@ def evaluate_passkey(
                              "n_samples": n_samples, "tokens": tokens / n_samples})
                 if on_cell is not None:
                     on_cell({"rows": rows, "samples": samples})
+                    unsaved = False
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM in a cell: its finished prompts are saved too (a cell of 1M-token prompts is minutes of
+        # them; they were lost), and the rerun runs only the others
+        if on_cell is not None and unsaved:
+            on_cell({"rows": rows, "samples": samples})
+        raise
     finally:
         if was_training:
             model.train()

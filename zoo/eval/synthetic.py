@@ -102,6 +102,8 @@ def evaluate_synthetic(
     progress: bool = False,
     on_cell: Callable[[list[dict]], None] | None = None,
     done: Sequence[dict] | None = None,
+    on_stop: Callable[[list[dict], dict], None] | None = None,
+    started: dict | None = None,
     **task_kwargs,
 ) -> dict:
     """Accuracy of ``model`` on ``task`` for every (sequence length, count) cell.
@@ -126,6 +128,11 @@ def evaluate_synthetic(
             longest rows (out of memory, a lost job) keeps the cells it finished.
         done: rows of a saved result of the same model and settings: those of this grid's cells are kept and not run
             again (a rerun after an interruption); the rows are those of one uninterrupted run of this grid.
+        on_stop: called when a KeyboardInterrupt (Ctrl-C, SIGTERM under ``sigterm_interrupts``) stops a cell after
+            some of its batches, with the ``rows`` so far and that cell's progress (a dict of plain values), e.g. to
+            save them beside the rows: a cell of 2^20-token rows is an hour of batches.
+        started: the progress ``on_stop`` gave, saved with ``done``: its cell's rows up to there are counted and not
+            run again (ignored unless it is a cell of this grid with the same ``n_samples``).
         task_kwargs: other task arguments (``vocab_size``, ``power_a``, ``random_non_queries``).
 
     Returns:
@@ -167,6 +174,10 @@ def evaluate_synthetic(
 
         cells = len(n_kv) if n_kv is not None else 1
         bar = tqdm(total=sum(seq_lens) * n_samples * cells, desc=f"{task} eval", unit="tok", unit_scale=True)
+    resumed = None  # the cell an interruption stopped in, as far as it went
+    if isinstance(started, dict) and started.get("n_samples") == n_samples and 0 < started.get("next", 0) < n_samples:
+        resumed = started
+    progress_of_cell = None  # the cell in progress, after its last finished batch
     try:  # the model given back in the mode it came in, also when a cell fails (out of memory at the longest rows)
         # the bar closed on the way out, an interruption's too: left open, it was drawn again below the 'interrupted'
         # line
@@ -195,8 +206,13 @@ def evaluate_synthetic(
                         continue
                     # one generator per row: the rows (and so the accuracy) must not depend on the batch size
                     dataset = SyntheticDataset(task, n_samples, seq_len, seed, **kwargs)
-                    correct = total = rows_right = 0
-                    for start in range(0, n_samples, batch_size):
+                    correct = total = rows_right = begin = 0
+                    if resumed is not None and (resumed["seq_len"], resumed["count"]) == key:
+                        begin, correct, total, rows_right = (resumed[k] for k in
+                                                             ("next", "correct", "total", "rows_right"))
+                        if bar is not None:
+                            bar.update(seq_len * begin)
+                    for start in range(begin, n_samples, batch_size):
                         items = [dataset[i] for i in range(start, min(start + batch_size, n_samples))]
                         input_ids = torch.stack([item["input_ids"] for item in items]).to(device)
                         labels = torch.stack([item["labels"] for item in items]).to(device)
@@ -205,18 +221,26 @@ def evaluate_synthetic(
                         correct += int(right.sum())
                         total += int(asked.sum())
                         rows_right += int((right == asked).all(dim=1).sum())
+                        # one assignment: an interruption sees the cell's counts whole
+                        progress_of_cell = {"seq_len": seq_len, "count": key[1], "n_samples": n_samples,
+                                            "next": start + len(items), "correct": correct, "total": total,
+                                            "rows_right": rows_right}
                         if bar is not None:
                             bar.update(seq_len * input_ids.shape[0])
                             bar.set_postfix(T=seq_len, acc=f"{correct / max(total, 1):.3f}", refresh=False)
                     row = {"seq_len": seq_len}
-                    if count_name is not None:
-                        # the count the rows had
+                    if count_name is not None:  # the count the rows had
                         row[count_name] = kwargs.get(count_name, task_default(task, count_name))
                     row.update(accuracy=correct / total, seq_accuracy=rows_right / n_samples,
                                n_correct=correct, n_answers=total, n_samples=n_samples)
                     rows.append(row)
+                    progress_of_cell = None
                     if on_cell is not None:
                         on_cell(rows)
+    except KeyboardInterrupt:
+        if on_stop is not None and progress_of_cell is not None:
+            on_stop(rows, progress_of_cell)
+        raise
     finally:
         if was_training:
             model.train()
@@ -378,14 +402,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
             config["chunk_size"] = args.chunk_size
         done = resume(out / f"{args.task}.json", config, "zoo eval synthetic")
 
-        def save(rows: list[dict]) -> None:  # after every cell: an interrupted grid keeps what it finished
+        def save(rows: list[dict], started: dict | None = None) -> None:  # after every cell: an interrupted grid
+            # keeps what it finished, and the batches finished of the cell it stopped in (`started`, on_stop's)
             write_rows(rows, out / f"{args.task}.csv")
             write_json({"task": args.task, "task_kwargs": task_kwargs, "rows": rows, "model": args.model,
-                        "complete": False, "config": config}, out / f"{args.task}.json")
+                        "complete": False, "config": config} | ({"started": started} if started else {}),
+                       out / f"{args.task}.json")
 
         result = evaluate_synthetic(model, args.task, seq_lens, n_kv, args.n_samples, args.batch_size,
                                     seed=args.seed, chunk_size=args.chunk_size, progress=True, on_cell=save,
-                                    done=done["rows"] if done else None, **task_kwargs)
+                                    done=done["rows"] if done else None, on_stop=save,
+                                    started=done.get("started") if done else None, **task_kwargs)
         result["model"], result["complete"] = args.model, True  # (the copies saved after each cell say false)
         result["config"] = config
         print(f"## {args.task}: {args.model}\n")
