@@ -136,8 +136,9 @@ def report(sweep: dict) -> tuple[str, dict]:
             rows.append(row)
         v = verdicts(curves, L, ev["factor"], ev["margin"])
         documents = next((e["documents"] for e in saved.values() if "documents" in e), None)
+        # (with the verdicts' margin and factor: --report-only --eval.margin=... re-judges the same curves)
         summary[run["name"]] = {"train_length": L, "octaves": {s: octave_bins(b, L) for s, b in curves.items()}, **v,
-                                "documents": documents}
+                                "margin": ev["margin"], "factor": ev["factor"], "documents": documents}
         flat = [s for s, ok in v["flat"].items() if ok]
         text += (f"## {run['name']} (L = {L}; mean loss, nats/token, by position)\n\n{markdown_table(rows)}\n\n"
                  f"rises past L: {v['rises']} (reference [L, 2L) {_loss(v['reference'])}; [L/2, L) "

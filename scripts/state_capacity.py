@@ -18,10 +18,11 @@ tokens).
 Collapse at L: some log-spaced position bin in [L, factor·L) has a mean loss above the mean loss of the tokens
 in the bins that start in [L, 2L) (the first positions past the training length) by more than ``margin`` nats.
 The capacity length of a model is the shortest trained L such that neither L nor any longer trained length
-collapses. The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S
-the recurrent state in millions of floats (SSM states only, no conv buffers: n_heads·head_dim·d_state per
-mamba2 layer, as the paper counts), compared with the paper's 5.172 · S − 4.469. Writes summary.md,
-summary.json, capacity.png (collapse map, fit and the paper's line) and one length-curve PNG per run.
+collapses (only bounded, "<= L", when that is the shortest trained length: such models are left out of the fit).
+The fit is ``L* (K tokens, K = 1024) = a · S + b`` with S the recurrent state in millions of floats (SSM states
+only, no conv buffers: n_heads·head_dim·d_state per mamba2 layer, as the paper counts), compared with the paper's
+5.172 · S − 4.469. Writes summary.md, summary.json, capacity.png (collapse map, fit and the paper's line) and one
+length-curve PNG per run.
 A rerun reuses a run's evaluation when evaluations-settings.json records the same model (done.json) and curve
 settings; curves saved under other settings are left out of the table, the fit and the collapse report. An evaluation
 saves its finished documents as it goes (``<run>/length-<spec>.partial.pt``, as ``zoo eval length`` does), so a rerun
@@ -315,13 +316,16 @@ def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
 def train_run(run: dict) -> Path:
     """Train one run (or reuse it when done.json records the same config); returns its model folder."""
     from zoo.eval.common import write_text_atomically
-    from zoo.train import latest_checkpoint, train
+    from zoo.train import latest_checkpoint, resume_changes, train
 
     cfg = run["config"]
     out = Path(cfg.output_dir)
     done = out / "done.json"
     settings = json.loads(json.dumps(cfg.to_dict()))
-    if done.is_file() and (record := json.loads(done.read_text()))["config"] == settings:
+    # (another run.log or run.checkpoint section trains the same model: done.json of one was not taken for the other's,
+    # the training resumed at its last step, done.json was rewritten and every curve of the run evaluated again)
+    record = json.loads(done.read_text()) if done.is_file() else None
+    if record is not None and model_settings(record["config"]) == model_settings(settings):
         # a checkpoint's model short of the last step is no trained run: the sweep before the stop check below wrote
         # done.json for a training that SIGTERM or a first Ctrl-C had stopped, and every rerun kept that model
         step = re.fullmatch(r"step_(\d+)", Path(record["model"]).parent.name)
@@ -329,8 +333,21 @@ def train_run(run: dict) -> Path:
             return Path(record["model"])
         print(f"{run['name']}: {done} names a model of step {int(step.group(1))} of {cfg.train.max_steps} (a training "
               f"stopped early): training continues")
+    latest = latest_checkpoint(out)
+    if latest is not None:  # continued only under the same settings (but for logging and saving)
+        # (a run finished or stopped under another optim.lr, schedule or tokens_per_run was continued from its last
+        # step: a finished one trained no more, and done.json recorded its model as trained under the new settings)
+        try:
+            changed = [line for line in resume_changes(latest, cfg)
+                       if not line.split(":")[0].startswith(("log.", "checkpoint.", "train.prefetch"))]
+        except ValueError as e:  # another model, tokenizer or data order: its message's list of them
+            changed = [(m := re.search(r"data order \((.*)\); resume", str(e))) and m.group(1) or str(e)]
+        if changed:
+            raise ValueError(f"{run['name']}: {out} holds a training under other settings ({'; '.join(changed)}); "
+                             f"continuing it would mix them: remove that folder to train the run anew under these, or "
+                             f"give another output_dir")
     start = time.perf_counter()
-    result = train(cfg, resume="auto" if latest_checkpoint(out) is not None else None)
+    result = train(cfg, resume="auto" if latest is not None else None)
     if result.stopped:  # SIGTERM or a first Ctrl-C: zoo.train saved the step and returned; the run is not trained
         # (done.json recorded the half-trained model as the run's, the sweep evaluated it and trained on, and every
         # rerun kept it)
@@ -380,7 +397,7 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
     provenance = document_provenance(documents, run["name"], run["config"].data.source == "stdlib")
     model = load_model(str(model_dir))
     out = {}
-    stamp = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+    stamp = shaping({"curves": evaluation_settings(run, ev), "model": done_stamp(run)})
     for text, partial in evaluation_partials(run, ev).items():
         factor = norm_calibration_factor(text)
         if factor is not None:  # state normalization with thresholds measured on the first L tokens
@@ -417,6 +434,33 @@ def done_stamp(run: dict) -> dict | None:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
+# the sections and fields of a zoo.train config that do not change the model it trains (what it logs and saves)
+NOT_SHAPING = {"log": None, "checkpoint": None, "train": ("prefetch",)}
+
+
+def model_settings(config: dict) -> dict:
+    """A zoo.train config (as a dict) less what does not change the trained model: its log and checkpoint sections and
+    train.prefetch."""
+    out = {k: v for k, v in config.items() if k not in NOT_SHAPING or NOT_SHAPING[k] is not None}
+    for section, fields in NOT_SHAPING.items():
+        if fields and isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k not in fields}
+    return out
+
+
+def shaping(stamp: dict | None) -> dict | None:
+    """An evaluation's stamp ({"curves": evaluation_settings, "model": done_stamp}) less what does not change the
+    curves: the log and checkpoint settings of the training config in both (evaluations-settings.json records them)."""
+    if not isinstance(stamp, dict):
+        return stamp
+    out = json.loads(json.dumps(stamp))
+    if isinstance(out.get("curves"), dict) and isinstance(out["curves"].get("train"), dict):
+        out["curves"]["train"] = model_settings(out["curves"]["train"])
+    if isinstance(out.get("model"), dict) and isinstance(out["model"].get("config"), dict):
+        out["model"]["config"] = model_settings(out["model"]["config"])
+    return out
+
+
 def read_json(path: Path) -> dict:
     """The JSON object in `path`; {} when there is no such file."""
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -435,7 +479,8 @@ def current_evaluations(out: Path, runs: list[dict], ev: dict) -> dict:
         if name not in evaluations:
             continue
         recorded = settings.get(name)
-        if recorded is not None and recorded["curves"] != evaluation_settings(run, ev):
+        if recorded is not None and shaping(recorded)["curves"] != shaping({"curves": evaluation_settings(run, ev)})[
+                "curves"]:
             print(f"{name}: left out: its saved curves were evaluated under other settings (the sweep's training "
                   f"config or eval section, or how the documents are built, changed since); run it again to evaluate "
                   f"it")
@@ -557,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir = train_run(run)  # reused when done.json records the same config
                 wanted = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
                 evaluations, settings = read_json(evaluations_file), read_json(settings_file)
-                if run["name"] in evaluations and settings.get(run["name"]) == wanted:
+                if run["name"] in evaluations and shaping(settings.get(run["name"])) == shaping(wanted):
                     print(f"{run['name']}: evaluation kept from {evaluations_file} (same model and eval settings)")
                     remove_evaluation_partials(run)  # (of a run interrupted before removing them)
                     continue
@@ -587,20 +632,31 @@ def main(argv: list[str] | None = None) -> int:
             if spec == "none":
                 collapsed[(run["model"], run["train_length"])] = verdict["collapsed"]
     shortest = shortest_without_collapse(collapsed, sizes, sweep["train_lengths"])
-    points = [(sizes[m], L / K) for m, L in shortest.items() if L is not None]
+    # free of collapse at the shortest trained length: the capacity length is at most that, which the fit took for the
+    # capacity length itself (a line pulled up at small states, the paper's intercept unreachable)
+    bounded = [m for m, L in shortest.items() if L is not None and L == min(sweep["train_lengths"])]
+    points = [(sizes[m], L / K) for m, L in shortest.items() if L is not None and m not in bounded]
     fit = fit_line([p[0] for p in points], [p[1] for p in points])
     from zoo.eval.common import markdown_table
 
     text = f"# state capacity: {args.config}\n\n{markdown_table(table)}\n\n## shortest length without collapse\n\n"
-    text += markdown_table([{"model": m, "S (M floats)": round(sizes[m], 4), "L*": shortest[m],
+    text += markdown_table([{"model": m, "S (M floats)": round(sizes[m], 4),
+                             "L*": f"<= {shortest[m]}" if m in bounded else shortest[m],
                              "paper L* (tokens)": PAPER_BELOW if paper_capacity(sizes[m]) is None
                              else round(paper_capacity(sizes[m]) * K)} for m in sizes]) + "\n\n"
     text += (f"fit: L* (K tokens) = {fit[0]:.3f} · S {fit[1]:+.3f}   (paper: 5.172 · S − 4.469)\n" if fit else
              "fit: needs the capacity length of at least two state sizes\n")
+    if bounded:
+        text += (f"left out of the fit: {', '.join(bounded)} (no collapse at the shortest trained length, "
+                 f"{min(sweep['train_lengths'])}: the capacity length is at most that; train shorter to measure it)\n")
+    # the verdicts' settings (--fit-only --eval.margin=... re-judges the same curves: the files did not say under what)
+    text += (f"\ncollapse at L: a bin in [L, {ev['factor']:g}·L) above the mean loss of [L, 2L) by more than "
+             f"{ev['margin']:g} nats (eval: {json.dumps(ev)})\n")
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"table": table, "sizes": sizes, "shortest": shortest,
-                                                  "fit": fit, "paper": PAPER_LINE}, indent=1))
+                                                  "bounded": bounded, "fit": fit, "paper": PAPER_LINE, "eval": ev},
+                                                 indent=1))
     plot_capacity(sizes, sweep["train_lengths"], collapsed, shortest, fit, out / "capacity.png")
     print(text)
     print(f"wrote {out / 'summary.md'}, summary.json, capacity.png")

@@ -44,6 +44,8 @@ from zoo.eval.common import markdown_table, parse_int, sigterm_interrupts
 from zoo.finetune import DataSection, LoopSection, PretrainSection
 from zoo.train import OptimConfig, ScheduleConfig, _build, _set_dotted, read_yaml
 
+PROG = "train_synthetic.py"  # the name its usage, its errors and its 'interrupted' line give
+
 
 @dataclass
 class EvalSection:
@@ -118,8 +120,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     # a run key given on the command line is the user's last word: it also replaces a model's own value for that
     # key (induction.yaml's mamba: {train.max_steps: 20000} had kept --train.max_steps=50 from shortening it)
     given = {item.partition("=")[0].strip().lstrip("-") for item in overrides or []}
-    for own in (data.get("model_overrides") or {}).values():
+    for name, own in (data.get("model_overrides") or {}).items():
         if isinstance(own, dict):
+            # a section given as a mapping ({train: {max_steps: 5}}, as --model_overrides.mamba.train.max_steps=5
+            # arrives) sets its fields: it replaced the whole section, the recipe's other train fields with their
+            # defaults, without a word
+            own = data["model_overrides"][name] = {
+                **{k: v for k, v in own.items() if "." in k or not isinstance(v, dict)},
+                **{f"{k}.{sub}": v for k, section in own.items() if "." not in k and isinstance(section, dict)
+                   for sub, v in _dotted_keys(section).items()}}
             for key in given & set(own):
                 del own[key]
     if isinstance(data.get("sweep"), dict):
@@ -326,6 +335,38 @@ def _plain(obj):
     return obj
 
 
+def _run_settings(run: Run) -> tuple[dict, dict]:
+    """(what the run's model is trained under, that and its evaluation's settings), as trained.json and result.json
+    record them."""
+    trained = {"model": run.model_config, "section": _plain(run.section),
+               "curriculum": [_plain(p) for p in run.phases]}
+    return trained, {**trained, "eval": _plain(run.eval)}
+
+
+def _same_settings(saved, wanted: dict) -> bool:
+    """Saved settings that agree with `wanted` but for logging and saving (train.log_every, progress_bar,
+    checkpoint_every, eval_batch_size) and for the summary's plot cell (eval.plot_seq_len, plot_count): a rerun
+    with another log_every retrained and re-evaluated every run, one with another plot_count re-evaluated them."""
+    return isinstance(saved, dict) and _result_stamp(saved) == _result_stamp(wanted)
+
+
+def saved_result(run: Run) -> dict | None:
+    """The run's result.json when it was evaluated under the run's settings (None otherwise), with the state size at
+    the run's plot length."""
+    result_file = run.output_dir / "result.json"
+    if not result_file.is_file():
+        return None
+    result = json.loads(result_file.read_text())
+    if not _same_settings(result.get("settings"), _run_settings(run)[1]):
+        return None
+    plot_len = run.eval.plot_seq_len or train_length(run.section.data)
+    if result.get("state_at") != plot_len:  # the memory at the plotted length (an attention model's KV cache)
+        with torch.device("meta"):
+            result["state_floats"] = state_floats(build_model(run), plot_len)
+        result["state_at"] = plot_len
+    return result
+
+
 def train_and_evaluate(run: Run, accelerator) -> dict:
     """Train the run's model on its task (or load it when trained.json records the same model and training
     settings), save model/, then evaluate it on the length grid and write result.json (reused when the
@@ -337,16 +378,17 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     from zoo.eval.synthetic import evaluate_synthetic
     from zoo.finetune import _eval_loader, _phase_stamp, build_datasets, evaluate, run_training
 
-    trained = {"model": run.model_config, "section": _plain(run.section),
-               "curriculum": [_plain(p) for p in run.phases]}
-    settings = {**trained, "eval": _plain(run.eval)}
+    trained, settings = _run_settings(run)
     result_file, stamp = run.output_dir / "result.json", run.output_dir / "trained.json"
     # the evaluation's finished cells, saved after each: a rerun evaluates only the others (a grid to 2^20 tokens runs
     # for hours, and an interruption at its longest rows lost every cell)
     partial = run.output_dir / "result.partial.json"
-    if result_file.is_file() and json.loads(result_file.read_text()).get("settings") == settings:
+    same = _same_settings
+    plot_len = run.eval.plot_seq_len or train_length(run.section.data)
+    result = saved_result(run)
+    if result is not None:
         accelerator.print(f"{run.name}: reusing {result_file}")
-        return json.loads(result_file.read_text())
+        return result
     t = run.section.train
 
     def rows(section: PretrainSection) -> int:
@@ -354,7 +396,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
             accelerator.num_processes
 
     train_set, eval_set = build_datasets(run.section.data, n_train=rows(run.section))
-    if stamp.is_file() and json.loads(stamp.read_text())["settings"] == trained:
+    if stamp.is_file() and same(json.loads(stamp.read_text())["settings"], trained):
         accelerator.print(f"{run.name}: reusing the model trained in {run.output_dir / 'model'}")
         model = AutoModelForCausalLM.from_pretrained(run.output_dir / "model").float().to(accelerator.device)
         saved = json.loads(stamp.read_text())
@@ -401,7 +443,7 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     counts = run.eval.n_kv if run.eval.n_kv is not None else None if trained_count is None else [trained_count]
     # the cells saved by an interrupted evaluation of this model (its training's seconds tell it from one retrained
     # since) under the same settings
-    key = {"settings": settings, "train_seconds": train_seconds}
+    key = {"settings": _result_stamp(settings), "train_seconds": train_seconds}
     saved = json.loads(partial.read_text()) if partial.is_file() else None
     same = isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key))
     done, started = (saved["rows"], saved.get("started")) if same else (None, None)
@@ -419,7 +461,6 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
                               seed=data.seed + 2, chunk_size=run.eval.chunk_size, progress=accelerator.is_main_process,
                               on_cell=save, done=done, on_stop=save, started=started, **task_kwargs)
     eval_seconds = time.perf_counter() - start
-    plot_len = run.eval.plot_seq_len or train_length(data)
     result = {"name": run.name, "model_name": run.model_name, "point": run.point, "settings": settings,
               "parameters": sum(p.numel() for p in model.parameters()),
               "state_floats": state_floats(model, plot_len), "state_at": plot_len,
@@ -430,6 +471,18 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
         remove_partial(partial)
     accelerator.print(f"{run.name}: evaluated {len(seq_lens)} lengths in {eval_seconds:.0f}s")
     return result
+
+
+def _result_stamp(settings: dict) -> dict:
+    """What a run's result (its evaluated grid) must agree on to be reused: its settings less those of logging and
+    saving (``zoo.finetune._phase_stamp``) and of the summary's plot cell, which the summary reads from the recipe."""
+    from zoo.finetune import _phase_stamp
+
+    out = _phase_stamp(settings)
+    if isinstance(out.get("eval"), dict):
+        for key in ("plot_seq_len", "plot_count"):
+            out["eval"].pop(key, None)
+    return out
 
 
 def _backends(model) -> dict[str, str]:
@@ -462,6 +515,10 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
     from zoo.eval.synthetic import task_default
 
     select = set(data.get("select_over", ["optim.lr"]))
+    # every run gets a column for every length a run of the call evaluates ('-' where it does not): a model_overrides
+    # eval.seq_lens dropped the other runs' lengths from the table (those of the first run made the columns) or
+    # failed the plot after every run had trained (KeyError)
+    seq_lens = summary_lengths(runs)
     table = []
     for run, res in zip(runs, results):
         plot_len = run.eval.plot_seq_len or train_length(run.section.data)
@@ -477,8 +534,8 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
         row["_score"] = row["plot_accuracy"] if row["plot_accuracy"] is not None else grid_accuracy(res)
         # at the plot count: pooled over every count a length can hold, a longer length took in more (and harder)
         # counts than a shorter one, so acc@T fell with T for a model that ignores the length
-        for seq_len in run.eval.seq_lens:
-            acc = cell_accuracy(res, seq_len, count)
+        for seq_len in seq_lens:
+            acc = cell_accuracy(res, seq_len, count) if seq_len in run.eval.seq_lens else None
             row[f"acc@{seq_len}"] = "-" if acc is None else acc
         row["_group"] = (run.model_name, tuple((k, v) for k, v in run.point.items() if k not in select))
         table.append(row)
@@ -491,8 +548,15 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
     return strip(table), strip(best.values())
 
 
-def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: int | None) -> list[Path]:
-    """accuracy_vs_length.png (one line per run kept) and accuracy_vs_state.png (one line per model)."""
+def summary_lengths(runs: list[Run]) -> list[int]:
+    """The evaluated lengths of the summary's acc@T columns: those of every run (model_overrides may give a model its
+    own eval.seq_lens)."""
+    return sorted({s for run in runs for s in run.eval.seq_lens})
+
+
+def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_lens: list[int]) -> list[Path]:
+    """accuracy_vs_length.png (one line per run kept, a dashed line at each training length of the runs) and
+    accuracy_vs_state.png (one line per model)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -504,7 +568,7 @@ def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: in
         for row in best:
             points = [(s, row[f"acc@{s}"]) for s in seq_lens if row[f"acc@{s}"] != "-"]
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, label=row["run"])
-        if train_len:
+        for train_len in sorted(set(train_lens)):  # (the first run's alone was drawn, for runs of other lengths too)
             ax.axvline(train_len, color="k", ls="--", lw=1, label=f"train length {train_len}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
@@ -537,10 +601,11 @@ def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_len: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. --train.max_steps=200 "
-        "--output_dir=runs/x).", allow_abbrev=False)
+        prog=PROG, description=__doc__.splitlines()[0] + " Overrides: --section.field=value (e.g. "
+        "--train.max_steps=200 --output_dir=runs/x).", allow_abbrev=False)
     parser.add_argument("config", help="recipe YAML (configs/train/induction.yaml, mqar-sweep.yaml, ...)")
-    parser.add_argument("--only", nargs="*", default=None, help="model names to run")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="model names to run (the summary keeps the saved runs of the others)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and build their models only")
     args, rest = parser.parse_known_args(argv)
     for item in rest:
@@ -555,8 +620,12 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             with torch.device("meta"):
                 model = build_model(run)
-            print(f"{run.name}: {sum(p.numel() for p in model.parameters()):,} parameters, "
-                  f"{run.section.train.max_steps} steps -> {run.output_dir}")
+            # (the curriculum's steps went unsaid: induction-cpu.yaml's 900 steps read as 300)
+            phases = "".join(f" + {p.train.max_steps} at {p.data.seq_len}" for p in run.phases)
+            steps = run.section.train.max_steps
+            print(f"{run.name}: {sum(p.numel() for p in model.parameters()):,} parameters, {steps} steps"
+                  + (f" at {train_length(run.section.data)} after a curriculum of {phases[3:]}" if phases else "")
+                  + f" -> {run.output_dir}")
         return 0
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -588,13 +657,23 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_interrupts():
             results = [train_and_evaluate(run, accelerator) for run in runs]
     except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: run_training saved the phase; finished runs are kept
-        print(f"train_synthetic: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
+        print(f"{PROG}: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
         return 130
     if not accelerator.is_main_process:
         return 0
+    if args.only:  # the summary covers the recipe's other models too, where this output_dir holds their results under
+        # the same settings (it covered the models of this call alone: one call per model left the last one's)
+        try:
+            others = [run for run in expand_runs(data) if run.model_name not in args.only]
+        except ValueError:  # (a model this call left out cannot run as the recipe stands)
+            others = []
+        kept = [(run, result) for run in others if (result := saved_result(run)) is not None]
+        if kept:
+            print(f"summary: with the saved results of {', '.join(run.name for run, _ in kept)} (not in --only)")
+        runs, results = [*runs, *(run for run, _ in kept)], [*results, *(result for _, result in kept)]
     table, best = summarize(data, runs, results)
     out = Path(data.get("output_dir", "runs/synthetic"))
-    seq_lens = runs[0].eval.seq_lens
+    seq_lens = summary_lengths(runs)
     columns = ["run", "params", "state_floats", *[f"acc@{s}" for s in seq_lens]]
     text = (f"# {args.config}\n\nacc@T: accuracy at T tokens with the plot count of items (plot_count: default the "
             f"trained count; every cell is in summary.json's result rows and each run's result.json)\n\n"
@@ -606,11 +685,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"runs": table, "best": best}, indent=1, default=str))
-    pngs = plot_summary(best, seq_lens, out, train_length(runs[0].section.data))
+    pngs = plot_summary(best, seq_lens, out, [train_length(run.section.data) for run in runs])
     print(text)
     print(f"wrote {out / 'summary.md'}, summary.json" + "".join(f", {p.name}" for p in pngs))
     return 0 if all(math.isfinite(r["held_out"]["loss"]) for r in results) else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # bad input ends in one line and exit status 2, an interruption in 130, as the sweeps
+    from zoo.cli import _exit, _run
+
+    # (it ran main bare: a missing model YAML, or a Ctrl-C before the first run, ended in a traceback)
+    _exit(_run(PROG, main, sys.argv[1:]))

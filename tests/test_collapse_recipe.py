@@ -570,3 +570,125 @@ def test_sweep_evaluation_stopped_by_sigterm_keeps_its_documents_and_says_so(scr
             f"finished documents (length-*.partial.pt) are kept in {out}; the same command continues\n"
             in capsys.readouterr().err)
     assert not (out / "collapse.md").exists() and not (out / "summary.md").exists()
+
+
+def test_sweep_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp_path, monkeypatch, capsys):
+    """done.json and the saved curves were reused only under the same training config, its log and checkpoint sections
+    included: a rerun with another run.log.every (or progress bar, or checkpoint.keep) resumed the training at its last
+    step, rewrote done.json and evaluated every curve of the run again (hours on long documents)."""
+    import zoo.eval.length as length
+    import zoo.train
+
+    capacity = load_script("scripts/state_capacity.py")
+    evaluated, trained = [], []
+    real = zoo.train.train
+
+    def train(cfg, **kwargs):
+        trained.append(cfg.output_dir)
+        return real(cfg, **kwargs)
+
+    def evaluate_run(run, model_dir, documents, ev):
+        evaluated.append(run["name"])
+        bins = [{"start": a, "end": 2 * a, "mean_loss": 2.0, "n_tokens": a} for a in (1, 2, 4, 8, 16, 32, 64, 128)]
+        return {spec: {"bins": bins} for spec in ["none", *ev["mitigations"]]}
+
+    monkeypatch.setattr(zoo.train, "train", train)
+    monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    monkeypatch.setattr(length, "plot_length_curves", lambda *args: None)
+    base = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--only", "default",
+            "--tokens_per_run=512", "--batch_tokens=256", "--run.schedule.warmup_steps=0", "--eval.max_len=256",
+            "--eval.factor=2", "--eval.n_docs=1"]
+    assert capacity.main([*base, "--run.log.progress_bar=false"]) == 0
+    assert (trained, evaluated) == ([str(tmp_path / "default-L64")], ["default-L64"])
+    done = (tmp_path / "default-L64" / "done.json").read_text()
+    capsys.readouterr()
+    assert capacity.main([*base, "--run.log.every=1", "--run.checkpoint.keep=2"]) == 0
+    assert (len(trained), len(evaluated)) == (1, 1)
+    out = capsys.readouterr().out
+    assert "default-L64: evaluation kept" in out and "default-L64: left out" not in out
+    assert (tmp_path / "default-L64" / "done.json").read_text() == done
+    with pytest.raises(ValueError, match="other settings"):  # what the model trains on still counts
+        capacity.main([*base, "--run.optim.lr=1.0e-3"])
+
+
+def test_sweep_reports_say_under_which_margin_and_factor_they_judged(tmp_path, monkeypatch):
+    """--fit-only / --report-only with another eval.margin or eval.factor re-judge the same curves, and summary.md,
+    summary.json and collapse.json did not say under which: two reports of one sweep disagreed without a word why."""
+    collapse = load_script("scripts/collapse.py")
+    capacity = collapse._state_capacity()
+    edges = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+
+    def train_run(run):
+        out = Path(run["config"].output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def evaluate_run(run, model_dir, documents, ev):
+        bins = [{"start": a, "end": b, "mean_loss": 2.0 + 0.1 * (a >= 256), "n_tokens": b - a}
+                for a, b in zip(edges, edges[1:])]
+        return {spec: {"bins": bins} for spec in ["none", *ev["mitigations"]]}
+
+    monkeypatch.setattr(capacity, "train_run", train_run)
+    monkeypatch.setattr(capacity, "evaluate_run", evaluate_run)
+    base = [str(ROOT / "configs/train/collapse.yaml"), f"--output_dir={tmp_path}", "--only", "default"]
+    collapse.main(base)
+    for margin, collapsed in (("0.05", True), ("0.2", False)):
+        assert capacity.main([*base, "--fit-only", f"--eval.margin={margin}", "--eval.factor=8"]) == 0
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["table"][0]["collapsed"] is collapsed
+        assert (summary["eval"]["margin"], summary["eval"]["factor"]) == (float(margin), 8)
+        assert f"by more than {float(margin):g} nats" in (tmp_path / "summary.md").read_text()
+        collapse.main([*base[:2], "--report-only", f"--eval.margin={margin}", "--eval.factor=8"])
+        report = json.loads((tmp_path / "collapse.json").read_text())["default-L64"]
+        assert (report["rises"], report["margin"], report["factor"]) == (collapsed, float(margin), 8)
+
+
+def test_capacity_fit_leaves_out_models_free_of_collapse_at_the_shortest_length(tmp_path, monkeypatch):
+    """A model free of collapse even at the shortest trained length has a capacity length of at most that length;
+    the fit took it for the capacity length itself, so the line was pulled towards that length at small states."""
+    capacity = load_script("scripts/state_capacity.py")
+    monkeypatch.setattr(capacity, "plot_capacity", lambda *args: None)
+    lengths = [64, 128, 256, 512, 1024, 2048]
+    first_free = {"d_state16": 64, "d_state64": 256, "d_state256": 1024}
+
+    def curve(L, collapses):  # octave bins to 2^14, the loss rising past 2L where the model collapses
+        return [{"start": a, "end": 2 * a, "mean_loss": 3.0 if collapses and a >= 2 * L else 2.0, "n_tokens": a}
+                for a in (2 ** k for k in range(14))]
+
+    evaluations = {f"{m}-L{L}": {"none": {"bins": curve(L, L < first)}} for m, first in first_free.items()
+                   for L in lengths}
+    (tmp_path / "evaluations.json").write_text(json.dumps(evaluations))
+    config = str(ROOT / "configs/train/state-capacity.yaml")
+    assert capacity.main([config, f"--output_dir={tmp_path}", "--fit-only", "--eval.mitigations=[]"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["shortest"] == first_free and summary["bounded"] == ["d_state16"]
+    slope, intercept = summary["fit"]
+    for model in ("d_state64", "d_state256"):  # the line through the two measured capacity lengths
+        assert slope * summary["sizes"][model] + intercept == pytest.approx(first_free[model] / 1024)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| d_state16 | 0.0328 | <= 64 |" in text and "left out of the fit: d_state16" in text
+
+
+def test_sweep_does_not_continue_a_training_of_other_settings(tmp_path, monkeypatch):
+    """A run trained (or stopped) under another run.optim.lr, schedule or tokens_per_run was continued from its last
+    checkpoint: a finished one trained no further, and done.json recorded its model as trained under the new settings.
+    Such a folder is now refused by name; another log section still continues it."""
+    capacity, run, stop = sweep_stopped_at_step_2(tmp_path, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        capacity.train_run(run)
+
+    def run_with(*overrides):
+        sweep = capacity.load_sweep(ROOT / "configs/train/collapse.yaml", [
+            f"output_dir={tmp_path}", "tokens_per_run=1024", "batch_tokens=256", "run.schedule.warmup_steps=0",
+            "run.log.every=1", "run.log.progress_bar=false", *overrides])
+        return capacity.expand_runs(sweep)[0]
+
+    with pytest.raises(ValueError, match=r"holds a training under other settings \(optim.lr: 0.004 -> 0.001\)"):
+        capacity.train_run(run_with("run.optim.lr=1.0e-3"))  # stopped under another lr
+    stop["on"] = False
+    assert capacity.train_run(run_with("run.log.every=2")).parent.name == "step_00000004"
+    done = (tmp_path / run["name"] / "done.json").read_text()
+    with pytest.raises(ValueError, match="optim.lr: 0.004 -> 0.001"):
+        capacity.train_run(run_with("run.optim.lr=1.0e-3"))  # finished under another lr
+    assert (tmp_path / run["name"] / "done.json").read_text() == done

@@ -4,6 +4,7 @@ than two steps, but the resume test (five)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -655,7 +656,7 @@ def test_train_synthetic_stopped_by_sigterm_in_an_evaluation_says_so_and_keeps_i
     with sigterm_raises_terminated() as handler:
         assert script.main([str(recipe)]) == 130
         assert signal.getsignal(signal.SIGTERM) is handler
-    assert capsys.readouterr().err.endswith("train_synthetic: interrupted; the same command continues\n")
+    assert capsys.readouterr().err.endswith("train_synthetic.py: interrupted; the same command continues\n")
     run_dir = tmp_path / "out" / "mamba"
     assert (run_dir / "model").is_dir() and not (run_dir / "result.json").exists()
     monkeypatch.setattr(synthetic, "predict_answers", real)
@@ -807,3 +808,154 @@ def test_collapse_refuses_bad_arguments_with_its_own_usage(tmp_path, capsys, mon
     with pytest.raises(SystemExit):
         collapse.main(["--help"])
     assert "--dry-run" in capsys.readouterr().out
+
+
+
+def test_train_synthetic_rerun_with_other_logging_keeps_the_trained_and_evaluated_runs(tmp_path, capsys, monkeypatch):
+    """trained.json and result.json were reused only when every training setting matched, logging included: a rerun
+    with another train.log_every, progress_bar, checkpoint_every or eval_batch_size trained and evaluated every run
+    again (the phases' checkpoints already ignored them)."""
+    import zoo.finetune as ft
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    assert script.main([str(recipe)]) == 0
+    capsys.readouterr()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(ft, "run_training", no_training)
+    assert script.main([str(recipe), "--train.log_every=2", "--train.eval_batch_size=2"]) == 0
+    assert "mamba: reusing" in capsys.readouterr().out
+    (tmp_path / "out" / "mamba" / "result.json").unlink()  # the model is kept, its evaluation runs again
+    assert script.main([str(recipe), "--train.log_every=3", "--train.checkpoint_every=5"]) == 0
+    assert "reusing the model trained in" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="trained again"):  # what the model trains on still counts
+        script.main([str(recipe), "--train.max_steps=4"])
+
+
+@pytest.mark.parametrize("short", ["mamba", "other"])
+def test_train_synthetic_summary_has_every_runs_lengths_when_a_model_has_its_own(tmp_path, capsys, short):
+    """The summary's acc@T columns were those of the first run: a model_overrides eval.seq_lens of the first model
+    dropped the other models' lengths from summary.md, and of a later model failed the plot with a KeyError after
+    every run had trained."""
+    import yaml
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["other"] = data["models"]["mamba"]
+    data["eval"]["seq_lens"] = [32, 64]
+    data["model_overrides"] = {short: {"eval.seq_lens": [32]}}
+    recipe.write_text(yaml.safe_dump(data))
+    argv = [str(recipe), "--curriculum=[]", "--train.max_steps=1", "--schedule.warmup_steps=0"]
+    assert script.main(argv) == 0
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "| run | params | state_floats | acc@32 | acc@64 |" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| {short} |"))
+    assert row.endswith("| - |")  # a length the model was not evaluated at
+    assert (tmp_path / "out" / "accuracy_vs_length.png").is_file()
+
+
+def test_train_synthetic_length_plot_marks_every_training_length(tmp_path, monkeypatch):
+    """accuracy_vs_length.png drew the first run's training length alone, labelled 'train length', also over runs
+    that trained at another (a model_overrides or sweep data.seq_len)."""
+    from matplotlib.axes import Axes
+
+    script = load_script("scripts/train_synthetic.py")
+    marked = []
+    real = Axes.axvline
+    monkeypatch.setattr(Axes, "axvline", lambda self, x=0, *a, **k: (marked.append((x, k.get("label"))),
+                                                                      real(self, x, *a, **k))[1])
+    best = [{"run": "a", "model": "a", "acc@64": 1.0, "acc@128": 0.5, "state_floats": 1, "plot_accuracy": 1.0},
+            {"run": "b", "model": "b", "acc@64": 1.0, "acc@128": 1.0, "state_floats": 1, "plot_accuracy": 1.0}]
+    script.plot_summary(best, [64, 128], tmp_path, [64, 128, 64])
+    assert marked == [(64, "train length 64"), (128, "train length 128")]
+
+
+def test_train_synthetic_dry_run_counts_the_curriculums_steps(capsys):
+    """--dry-run gave the main phase's steps alone: induction-cpu.yaml's runs, 300 + 300 + 300 steps, read as 300."""
+    script = load_script("scripts/train_synthetic.py")
+    assert script.main([str(ROOT / "configs/train/induction-cpu.yaml"), "--only", "mamba", "--dry-run",
+                        "--train.max_steps=70", "--curriculum=[{seq_len: 16, max_steps: 5}]"]) == 0
+    assert "70 steps at 256 after a curriculum of 5 at 16 -> " in capsys.readouterr().out
+
+
+def test_train_synthetic_model_override_of_one_field_keeps_the_rest_of_its_section():
+    """--model_overrides.mamba.train.max_steps=5000 (or a YAML {mamba: {train: {max_steps: 5000}}}) replaced mamba's
+    whole train section: its micro_batch_size, precision and state passing went back to their defaults unsaid."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = str(ROOT / "configs/train/induction.yaml")
+    plain = script.expand_runs(script.load_recipe(recipe), ["mamba"])[0].section.train
+    for override in ("model_overrides.mamba.train.max_steps=5000",
+                     "model_overrides={mamba: {train.state_passing: true, train: {max_steps: 5000}}}"):
+        train = script.expand_runs(script.load_recipe(recipe, [override]), ["mamba"])[0].section.train
+        assert train == dataclasses.replace(plain, max_steps=5000), override
+    data = script.load_recipe(recipe, ["model_overrides.mamba.data.task_kwargs.vocab_size=12"])
+    assert script.expand_runs(data, ["mamba"])[0].section.data.task_kwargs == {"vocab_size": 12}
+
+
+def test_train_synthetic_command_line_ends_bad_input_in_one_line(tmp_path):
+    """python scripts/train_synthetic.py ran main bare, unlike the sweeps: a model YAML that is not there ended in a
+    traceback (FileNotFoundError) and exit status 1, not one line and status 2."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "ZOO_TRACEBACK"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts/train_synthetic.py"),
+                           str(ROOT / "configs/train/induction-cpu.yaml"), f"--models.mamba={tmp_path / 'no.yaml'}",
+                           "--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("train_synthetic.py: [Errno 2] No such file") and "Traceback" not in proc.stderr
+
+
+def test_train_synthetic_rerun_with_another_plot_cell_keeps_the_evaluated_grid(tmp_path, monkeypatch):
+    """eval.plot_seq_len / plot_count only pick the summary's plot cell, but result.json was reused only under the same
+    eval section: another plot cell evaluated every run's grid again (hours for a grid to 2^20 tokens). The grid is
+    kept, and the memory at the new plot length (an attention model's KV cache) is the one the summary gives."""
+    import yaml
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["attention"] = {"vocab_size": 16, "d_model": 16, "layers": "A", "ffn": "none",
+                                   "mixers": {"A": {"type": "attention", "n_heads": 2}}}
+    data["eval"]["seq_lens"] = [16, 32]
+    recipe.write_text(yaml.safe_dump(data))
+    argv = [str(recipe), "--curriculum=[]", "--train.max_steps=1", "--schedule.warmup_steps=0"]
+    assert script.main(argv) == 0
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(synthetic, "evaluate_synthetic", no_evaluation)
+    assert script.main([*argv, "--eval.plot_seq_len=16"]) == 0
+    rows = {r["run"]: r for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]}
+    assert rows["attention"]["state_floats"] == 2 * 16 * 16  # K and V of one layer at 16 tokens, not 32
+    with pytest.raises(AssertionError, match="evaluated again"):  # the grid's own settings still count
+        script.main([*argv, "--eval.n_samples=8"])
+
+
+def test_train_synthetic_summary_of_one_model_keeps_the_saved_runs_of_the_others(tmp_path, capsys):
+    """--only trained the models it names, and summary.md, summary.json and the plots then covered those alone: a sweep
+    run one model per call ended with the last model's summary. The results the output_dir holds for the recipe's other
+    models under the same settings are in the summary too; one of other settings is not."""
+    import yaml
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["other"] = data["models"]["mamba"]
+    recipe.write_text(yaml.safe_dump(data))
+    argv = [str(recipe), "--curriculum=[]", "--train.max_steps=1", "--schedule.warmup_steps=0"]
+    assert script.main([*argv, "--only", "mamba"]) == 0
+    assert script.main([*argv, "--only", "other"]) == 0
+    assert "summary: with the saved results of mamba (not in --only)" in capsys.readouterr().out
+    runs = [r["run"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]]
+    assert sorted(runs) == ["mamba", "other"]
+    assert script.main([*argv, "--only", "other", "--data.seed=1"]) == 0  # mamba's result is of another seed
+    runs = [r["run"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]]
+    assert runs == ["other"]
