@@ -52,7 +52,13 @@ add tests-s40 420 "python -m pytest -q -p no:cacheprovider tests/test_train.py t
 timeout -s TERM 25 python benchmarks/decode_attention.py --quick --out \$out/s40-decode-attention.jsonl; \
 echo decode_attention cut short: rc=\$? rows=\$(cat \$out/s40-decode-attention.jsonl 2>/dev/null | wc -l); \
 python benchmarks/argmax.py --out \$out/s40-argmax.jsonl; echo argmax: rc=\$? rows=\$(wc -l < \$out/s40-argmax.jsonl)"
-order=(tests-s39 tests-s40 tests-fsdp-gpus)
+# the forty-first session's merges on a card: ZooForCausalLM.forward names `cache` (zoo.decode.cache_argument now
+# passes the cache under that name to zoo models: the static decode, eval, passkey, finetune and train paths that
+# feed a cache), and the captured decode of a model whose mixers a checkpoint filled in part
+add tests-s41 420 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
+tests/test_static_decode.py tests/test_eval.py -rs; python -m pytest -q -p no:cacheprovider tests/test_hf_usage.py \
+tests/test_modeling.py -k 'prompt or continuous or missing_from_a_checkpoint' -rs"
+order=(tests-s39 tests-s40 tests-s41 tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
