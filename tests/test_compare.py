@@ -1492,6 +1492,23 @@ def test_per_position_documents_are_the_files_the_recipe_held_out(tmp_path, monk
     assert documents["train_tokens"] == 2 * n - 2 - documents["held_tokens"]
 
 
+# a one-step mamba of the demo whose only evaluation is the per-position loss over three documents
+PER_POSITION_ONLY = ["--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0",
+                     "--recipe.log.progress_bar=false", "--eval.batches=1",
+                     "--eval.per_position={n_docs: 3, max_len: 96, chunk_size: 32, batch_size: 1}",
+                     "--eval.mqar=null", "--throughput=null", "--eval.passkey=null", "--only=mamba"]
+
+
+def per_position_run(tmp_path):
+    """(argv without --output_dir, the per-position phase of an uninterrupted run, the output folder for the run under
+    test, its partial file)."""
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), *PER_POSITION_ONLY]
+    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
+    whole = json.loads((tmp_path / "whole" / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
+    out = tmp_path / "out"
+    return argv, whole, out, out / "mamba" / "train-L128" / "per-position.partial.pt"
+
+
 def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_path, monkeypatch, capsys):
     """The per-position loss on long documents was saved only with its eval phase: an interruption in it (hours of
     1M-token documents) lost every finished document. Its finished documents are saved as it goes and kept until
@@ -1501,14 +1518,7 @@ def test_interrupted_per_position_evaluation_resumes_at_its_next_document(tmp_pa
     import zoo.eval.length as length
 
     monkeypatch.setattr(compare, "SAVE_EVERY", 0, raising=False)
-    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
-            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
-            "--eval.per_position={n_docs: 3, max_len: 96, chunk_size: 32, batch_size: 1}", "--eval.mqar=null",
-            "--throughput=null", "--eval.passkey=null", "--only=mamba"]
-    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
-    whole = json.loads((tmp_path / "whole" / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
-    out = tmp_path / "out"
-    partial = out / "mamba" / "train-L128" / "per-position.partial.pt"
+    argv, whole, out, partial = per_position_run(tmp_path)
     calls, stop = interrupt_after(monkeypatch, length, 2)
     assert main([*argv, f"--output_dir={out}"]) == 130
     assert partial.is_file()
@@ -1533,14 +1543,7 @@ def test_comparison_stopped_by_sigterm_in_an_evaluation_keeps_its_documents_and_
 
     import zoo.eval.length as length
 
-    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
-            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
-            "--eval.per_position={n_docs: 3, max_len: 96, chunk_size: 32, batch_size: 1}", "--eval.mqar=null",
-            "--throughput=null", "--eval.passkey=null", "--only=mamba"]
-    assert main([*argv, f"--output_dir={tmp_path / 'whole'}"]) == 0
-    whole = json.loads((tmp_path / "whole" / "mamba" / "result.json").read_text())["phases"]["eval/L128"]
-    out = tmp_path / "out"
-    partial = out / "mamba" / "train-L128" / "per-position.partial.pt"
+    argv, whole, out, partial = per_position_run(tmp_path)
     real = length.per_position_loss
     calls = sigterm_after(monkeypatch, length, 2)
     with sigterm_raises_terminated() as handler:
