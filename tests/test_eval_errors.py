@@ -316,12 +316,14 @@ def test_state_refuses_a_negative_count_of_log_spaced_samples(tmp_path, capsys, 
     assert state.main([*argv[2:], "0"])["positions"] == [16, 32]  # 0: a sample every --chunk-size tokens only
 
 
+@pytest.mark.parametrize("command", ["state", "length"])
 @pytest.mark.parametrize("value", ["0", "-64"])
-def test_state_refuses_a_training_length_below_one(value, tmp_path, capsys):
-    """zoo eval state --train-length 0 marked nothing on the plots and -64 titled them 'training length -64' with no
-    line (a log axis has no place for it), without a word: now argparse's error naming the option, before loading."""
+def test_a_training_length_below_one_is_refused(command, value, tmp_path, capsys):
+    """zoo eval state (and length) --train-length 0 marked nothing on the plots and -64 titled them 'training length
+    -64' with no line (a log axis has no place for it), without a word: now argparse's error naming the option, before
+    loading."""
     torch.save(torch.randint(0, 64, (1, 32)), tmp_path / "rows.pt")
-    code, err = run_cli(["eval", "state", "--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"),
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), "--tokens", str(tmp_path / "rows.pt"),
                          "--max-len", "32", "--chunk-size", "16", "--train-length", value, "--device", "cpu",
                          "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and f"argument --train-length: must be >= 1, got {value}" in err

@@ -38,7 +38,6 @@ from zoo.eval.common import (
     markdown_table,
     model_device,
     model_fingerprint,
-    parse_int,
     positive_int,
     pyplot,
     read_partial,
@@ -507,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         f"--tokens documents whole, else {CORPUS_LENGTH})")
     parser.add_argument("--chunk-size", type=positive_int, default=2048, help="tokens per forward (default 2048)")
     parser.add_argument("--batch-size", type=positive_int, default=1, help="documents per forward (default 1)")
-    parser.add_argument("--train-length", type=parse_int, default=None, help="marked on the plot")
+    parser.add_argument("--train-length", type=positive_int, default=None, help="marked on the plot")
     parser.add_argument("--bins-per-octave", type=positive_int, default=4,
                         help="position bins per octave of the curve (default 4)")
     parser.add_argument("--seed", type=int, default=None, help="built-in corpus: of the documents (default 0)")
