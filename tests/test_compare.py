@@ -1898,3 +1898,13 @@ def test_a_recipe_without_a_tokenizer_is_checked_with_the_byte_tokenizer_its_mod
     entries = resolve_models(cfg, folder)
     _check_inputs(cfg, entries)
     assert train_config(cfg, entries[0], 64, tmp_path / "run").tokenizer == "byte"
+
+
+def test_cache_sizes_of_a_thousand_mib_and_more_print_whole(tmp_path):
+    """The accounting's cache column printed 2.3e+03 (".3g") for Transformer++'s KV cache at 65536 tokens in the 130m
+    comparison: sizes from 1000 MiB on are whole MiB with a thousands separator."""
+    assert main(["130m", f"--output_dir={tmp_path}", "--accounting-only", "--only=transformerpp"]) == 0
+    table = (tmp_path / "accounting.md").read_text()
+    assert "e+0" not in table
+    rows = [line for line in table.splitlines() if line.startswith("| transformerpp | 65536 |")]
+    assert rows and re.search(r"\| \d,\d{3} \|$", rows[0])

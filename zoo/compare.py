@@ -1792,6 +1792,11 @@ def _si(n: float | None, digits: int = 3) -> str:
         i += 1
 
 
+def _mib(value: float) -> str:
+    """A size in MiB to 3 significant digits, whole MiB from 1000 on (2,345, where ".3g" printed 2.35e+03)."""
+    return f"{value:,.0f}" if abs(value) >= 999.5 else f"{value:.3g}"
+
+
 def _fmt(value: Any, spec: str = ".4f") -> str:
     return "—" if value is None else format(value, spec)
 
@@ -1875,7 +1880,7 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
                 else "transformers"
             lines.append(
                 f"| {_label(rec['name'], L, lengths)} | {_si(acc['params'])} | {_si(acc['non_embedding_params'])} | "
-                f"{matched} | {_si(per_L['flops_per_token'])} | {per_L['cache_mib']:.3g} MiB | {L} | "
+                f"{matched} | {_si(per_L['flops_per_token'])} | {_mib(per_L['cache_mib'])} MiB | {L} | "
                 f"{_si(tr.get('tokens'))} | {_si(tr.get('train_tokens_per_s'))} | {_fmt(ev.get('eval_loss'))} | "
                 f"{_fmt(ev.get('bits_per_byte'), '.3f')} | {_fmt(recall['accuracy'] if recall else None, '.3f')} | "
                 f"{_fmt(ev['passkey']['accuracy'] if ev.get('passkey') else None, '.2f')} | "
@@ -1899,7 +1904,7 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
         for row in rec["accounting"]["per_length"]:
             lines.append(f"| {rec['name']} | {row['seq_len']} | {_si(row['flops_per_token'])} | "
                          f"{_si(row['decode_flops_per_token'])} | {_si(row['kv_floats'])} | "
-                         f"{_si(row['state_floats'])} | {row['cache_mib']:.3g} |")
+                         f"{_si(row['state_floats'])} | {_mib(row['cache_mib'])} |")
     if any(rec["phases"].get("throughput") for rec in records):
         method = next((r["phases"]["throughput"]["rows"][0].get("memory_method") for r in records
                        if r["phases"].get("throughput") and r["phases"]["throughput"]["rows"]), "")
