@@ -1407,6 +1407,9 @@ def test_trackers_are_checked_before_the_run(tmp_path):
 
     with pytest.raises(ValueError, match=r"log\.trackers: unknown tracker 'tensorbord'"):
         config_from_dict(run_dict(tmp_path, log={"trackers": ["csv", "tensorbord"]}))
+    # (a tracker twice: two TensorBoard trackers wrote every event twice into one folder)
+    with pytest.raises(ValueError, match=r"log\.trackers: 'tensorboard' given more than once"):
+        config_from_dict(run_dict(tmp_path, log={"trackers": ["tensorboard", "csv", "tensorboard"]}))
     missing = next((t for t in ("wandb", "mlflow", "aim", "clearml") if importlib.util.find_spec(t) is None), None)
     if missing is None:
         pytest.skip("every tracker tried is installed here")

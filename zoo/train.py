@@ -311,6 +311,9 @@ def validate_config(cfg: TrainConfig) -> None:
         if t.tbptt_chunk == 1 and cfg.data.packing:  # every position starts a chunk: so would every document
             raise ValueError("train.tbptt_chunk: 1 cannot keep packed documents apart (a document must not start a "
                              "chunk, and every token does); use 2 or more, or data.packing: false")
+    twice = sorted({t for t in lg.trackers if lg.trackers.count(t) > 1})
+    if twice:  # (two TensorBoard trackers wrote every event twice into one folder; two csv trackers, one file)
+        raise ValueError(f"log.trackers: {', '.join(map(repr, twice))} given more than once; name each tracker once")
     for tracker in lg.trackers:
         if tracker == "csv":
             continue
