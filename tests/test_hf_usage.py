@@ -1064,3 +1064,21 @@ def test_a_beam_search_stopped_by_an_exception_leaves_its_cache_reordered(name):
     assert any(not torch.equal(a, a[:1].expand_as(a)) for a in states[False]), "the beams' rows differ"
     for a, b in zip(states[True], states[False]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["LoHaConfig", "LoKrConfig", "AdaLoraConfig"])
+def test_peft_methods_whose_targets_follow_loras_adapt_loras_defaults(method):
+    """PEFT's LoHa, LoKr, AdaLoRA (and the other methods whose target tables it copied from LoRA's) failed on a zoo
+    model without target_modules ("Please specify target_modules"): only LoRA's table named the zoo's projections.
+    They adapt the modules LoRA does, and train."""
+    import peft
+
+    def adapted(config):
+        model = get_peft_model(tiny("jamba"), config)
+        return model, {name for name, module in model.named_modules() if hasattr(module, "base_layer")}
+
+    kwargs = {"total_step": 10} if method == "AdaLoraConfig" else {}
+    model, names = adapted(getattr(peft, method)(task_type="CAUSAL_LM", **kwargs))
+    assert names and names == adapted(peft.LoraConfig(task_type="CAUSAL_LM"))[1]
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()

@@ -32,12 +32,21 @@ def _register_peft_default_targets() -> None:
     the model's _tied_weights_keys; zoo's is "embeddings" (as in transformers' Mamba). Unnamed there, LoraConfig's
     ensure_weight_tying was ignored for it (its trained copy left the tied lm_head on the base rows) and an adapter
     on it came without PEFT's tied-layer warnings."""
+    import peft.utils.constants as peft_constants
     from peft.utils.constants import EMBEDDING_LAYER_NAMES, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     from zoo.registry import LORA_TARGETS
 
     list_mixers()  # registers the built-in mixers
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("zoo", LORA_TARGETS)
+    lora = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    lora.setdefault("zoo", LORA_TARGETS)
+    # the methods whose tables PEFT copied from LoRA's (LoHa, LoKr, AdaLoRA, OFT, ...: the same targets for llama) get
+    # them too: without, their configs without target_modules failed on a zoo model ("Please specify target_modules")
+    for name in dir(peft_constants):
+        table = getattr(peft_constants, name)
+        if name.endswith("_TARGET_MODULES_MAPPING") and isinstance(table, dict) and table is not lora \
+                and "llama" in table and table.get("llama") == lora.get("llama"):
+            table.setdefault("zoo", LORA_TARGETS)
     if "embeddings" not in EMBEDDING_LAYER_NAMES:  # the list PEFT's modules imported: extended in place
         EMBEDDING_LAYER_NAMES.append("embeddings")
 
