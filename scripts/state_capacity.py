@@ -397,8 +397,10 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
     provenance = document_provenance(documents, run["name"], run["config"].data.source == "stdlib")
     model = load_model(str(model_dir))
     out = {}
-    stamp = shaping({"curves": evaluation_settings(run, ev), "model": done_stamp(run)})
+    earlier = {"curves": evaluation_settings(run, ev), "model": done_stamp(run)}
+    stamp = shaping(earlier)
     for text, partial in evaluation_partials(run, ev).items():
+        adopt_earlier_partial(partial, documents, ev, earlier | {"mitigation": text}, stamp | {"mitigation": text})
         factor = norm_calibration_factor(text)
         if factor is not None:  # state normalization with thresholds measured on the first L tokens
             apply_mitigation(model, None)
@@ -416,6 +418,26 @@ def evaluate_run(run: dict, model_dir: Path, documents: list[torch.Tensor], ev: 
         if provenance is not None:
             out[text]["documents"] = provenance
     return out
+
+
+def adopt_earlier_partial(partial: Path, documents: list[torch.Tensor], ev: dict, earlier: dict, key: dict) -> None:
+    """An evaluation's partial file saved under `earlier` (the key before it left out the training's log and checkpoint
+    settings, `shaping`) is saved under `key`, the one evaluate_length resumes it under now: it was taken for a partial
+    run of other settings and its finished documents evaluated again."""
+    from zoo.eval.common import save_atomically
+    from zoo.eval.length import partial_settings
+
+    if earlier == key or not Path(partial).is_file():
+        return
+    try:
+        saved = torch.load(partial, weights_only=True)
+    except Exception:  # (read_partial says why, and starts over)
+        return
+    docs = list(documents) if not isinstance(documents, torch.Tensor) else list(documents.unbind(0))
+    if isinstance(saved, dict) and saved.get("settings") == partial_settings(docs, ev["batch_size"],
+                                                                            ev["chunk_size"], earlier):
+        save_atomically({**saved, "settings": partial_settings(docs, ev["batch_size"], ev["chunk_size"], key)},
+                        partial)
 
 
 def evaluation_settings(run: dict, ev: dict) -> dict:

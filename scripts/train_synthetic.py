@@ -445,7 +445,11 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
     # since) under the same settings
     key = {"settings": _result_stamp(settings), "train_seconds": train_seconds}
     saved = json.loads(partial.read_text()) if partial.is_file() else None
-    same = isinstance(saved, dict) and saved.get("key") == json.loads(json.dumps(key))
+    saved_key = saved.get("key") if isinstance(saved, dict) else None
+    # (compared as _same_settings does: a partial of an earlier version keyed by the whole settings, logging and the
+    # plot cell's included, was taken for another evaluation's and its cells evaluated again)
+    same = isinstance(saved_key, dict) and saved_key.get("train_seconds") == json.loads(json.dumps(train_seconds)) \
+        and _same_settings(saved_key.get("settings"), json.loads(json.dumps(settings)))
     done, started = (saved["rows"], saved.get("started")) if same else (None, None)
     if done or started:
         accelerator.print(f"{run.name}: resuming the evaluation; the {len(done)} cells in {partial} are kept"

@@ -366,6 +366,28 @@ def test_sweep_resumes_an_interrupted_evaluation(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and (out / "evaluations.json").read_text() == whole
 
 
+def test_sweep_resumes_an_evaluation_partial_keyed_by_the_whole_training_config(tmp_path, monkeypatch, capsys):
+    """An evaluation's partial file was keyed by the run's whole training config until the key left out its log and
+    checkpoint settings (`shaping`): one an interruption left under that key was taken for a partial run of other
+    settings on the rerun ("starting over"), and its finished documents evaluated again. It is resumed."""
+    import zoo.eval.length as length
+
+    capacity, config = sweep_of_a_saved_model(tmp_path, monkeypatch)
+    argv = [str(config), "--only", "default", "--eval.n_docs=3", "--eval.max_len=96", "--eval.chunk_size=32",
+            "--eval.batch_size=1", "--eval.mitigations=[]", f"--output_dir={tmp_path}"]
+    calls, stop = interrupt_after(monkeypatch, length, 2)
+    shaping = capacity.shaping
+    monkeypatch.setattr(capacity, "shaping", lambda stamp: stamp)  # the key as the earlier version wrote it
+    with pytest.raises(KeyboardInterrupt):
+        capacity.main(argv)
+    monkeypatch.setattr(capacity, "shaping", shaping)
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    capacity.main(argv)
+    printed = capsys.readouterr().out
+    assert "starting over" not in printed and "from document 3 of 3" in printed and calls == [1]
+
+
 def test_sweep_evaluation_shows_a_progress_bar(tmp_path, monkeypatch, capsys):
     """A run's evaluation (long documents, once per mitigation: minutes to hours) ran without a line after its
     training's bar; it shows a bar over the documents' tokens, one per curve, as zoo eval length does."""

@@ -1329,6 +1329,34 @@ def test_eval_state_compare_keeps_its_finished_unmitigated_run_for_a_rerun(tmp_p
     assert not list(out.glob("*.partial.pt*"))
 
 
+def test_eval_state_compare_resumes_an_unmitigated_run_saved_under_the_whole_key(tmp_path, monkeypatch, capsys):
+    """zoo eval state --compare's unmitigated run was saved under the whole key, the mitigation options included,
+    until its key left them out: a run an earlier version interrupted in its mitigated run, rerun as it was, took the
+    finished unmitigated run's file for one of other settings and ran it again from its first token. It is kept."""
+    from zoo.eval import state
+
+    monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
+    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
+    argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
+            "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
+            "--compare"]
+    state.main([*argv, "--out", str(tmp_path / "whole")])
+    calls, stop = interrupt_forwards_after(monkeypatch, 9)  # the unmitigated run, then 3 of the mitigated run's 6
+    out = tmp_path / "out"
+    options = state.MITIGATION_OPTIONS
+    monkeypatch.setattr(state, "MITIGATION_OPTIONS", ())  # the key as the earlier version saved it
+    with pytest.raises(KeyboardInterrupt):
+        state.main([*argv, "--out", str(out)])
+    monkeypatch.setattr(state, "MITIGATION_OPTIONS", options)
+    capsys.readouterr()
+    stop[0], calls[:] = None, []
+    state.main([*argv, "--out", str(out)])
+    said = capsys.readouterr().out
+    assert f"the unmitigated run: every chunk is done in {out / 'state-none.partial.pt'}" in said
+    assert len(calls) == 3 and (out / "state.json").read_text() == (tmp_path / "whole" / "state.json").read_text()
+
+
 def test_eval_state_compare_keeps_its_unmitigated_run_when_only_the_mitigation_changes(tmp_path, monkeypatch, capsys):
     """zoo eval state --compare interrupted in its mitigated run, rerun with another --norm-calibrate (or
     --mitigation): the unmitigated run's saved file was keyed by the mitigation options too, so the rerun ran the

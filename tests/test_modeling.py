@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 from functools import partial
 from pathlib import Path
@@ -453,6 +454,30 @@ def test_outputs_keep_the_cache_under_the_installed_transformers_field():
     field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     assert isinstance(out[field], ZooCache) and output_cache(out) is out[field]
     assert output_cache(model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=False)) is None
+
+
+def test_the_cache_comes_back_under_the_name_the_forward_takes_it_by():
+    """ZooForCausalLM.forward names `cache` beside past_key_values, so zoo.decode.cache_argument says 'cache' on every
+    transformers: on one from before the outputs' rename (5.17, whose MoeCausalLMOutputWithPast has past_key_values)
+    output_cache(out, 'cache') read None, and zoo's prefill (generate's static path, zoo eval, passkey) failed with
+    "'NoneType' object has no attribute 'to_static'". An output class of either era gives its cache back."""
+    from transformers.utils import ModelOutput
+
+    from zoo.cache import output_cache
+    from zoo.decode import cache_argument, prefill
+
+    @dataclasses.dataclass
+    class Old(ModelOutput):  # an output class from before transformers renamed the field
+        logits: torch.Tensor | None = None
+        past_key_values: object = None
+
+    cache = ZooCache.for_model(tiny("mamba"))
+    assert output_cache(Old(logits=torch.zeros(1), past_key_values=cache), "cache") is cache
+    model = tiny("mamba")
+    arg = cache_argument(model)
+    out = model(input_ids=torch.randint(0, 64, (1, 5)), use_cache=True, **{arg: None})
+    assert isinstance(output_cache(out, arg), ZooCache)
+    assert isinstance(prefill(model, torch.randint(0, 64, (1, 5))).cache, ZooCache)
 
 
 # ---- transformers' API details: crop, assisted decoding, tuples, config defaults, checkpointing options ----------

@@ -357,6 +357,38 @@ def test_train_synthetic_evaluation_stopped_in_a_cell_keeps_its_finished_batches
     assert result["rows"] == whole["rows"] and not (run.output_dir / "result.partial.json").exists()
 
 
+def test_train_synthetic_resumes_an_evaluation_partial_keyed_by_the_whole_settings(tmp_path, monkeypatch, capsys):
+    """result.partial.json keyed the finished cells by the run's whole settings (logging and the plot cell included)
+    before the key became the reusable ones (_result_stamp): an evaluation interrupted under that key was taken for
+    another's on the rerun, and its finished cells evaluated again. Such a partial is resumed."""
+    from accelerate import Accelerator
+
+    import zoo.eval.synthetic as synthetic
+
+    script = load_script("scripts/train_synthetic.py")
+    run = tiny_mqar_run(script, tmp_path)
+    real, lengths, stop = synthetic.predict_answers, [], [128]
+
+    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the first row of length `stop`
+        if stop[0] is not None and input_ids.shape[1] >= stop[0]:
+            raise KeyboardInterrupt
+        lengths.append(input_ids.shape[1])
+        return real(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    with pytest.raises(KeyboardInterrupt):
+        script.train_and_evaluate(run, Accelerator(cpu=True))
+    path = run.output_dir / "result.partial.json"
+    saved = json.loads(path.read_text())
+    saved["key"]["settings"] = json.loads(json.dumps(script._run_settings(run)[1]))  # the earlier version's key
+    assert "plot_count" in saved["key"]["settings"]["eval"]
+    path.write_text(json.dumps(saved))
+    stop[0], lengths[:] = None, []
+    capsys.readouterr()
+    script.train_and_evaluate(run, Accelerator(cpu=True))
+    assert "resuming the evaluation; the 2 cells" in capsys.readouterr().out and lengths == [128, 128]
+
+
 @pytest.mark.parametrize("file", ["trained.json", "result.json"])
 def test_train_synthetic_interrupted_while_writing_its_stamp_reruns(tmp_path, monkeypatch, capsys, file):
     """trained.json (the saved model's stamp) and result.json were written in place: a Ctrl-C mid-write left them cut

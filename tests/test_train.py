@@ -151,6 +151,29 @@ def test_a_model_folder_trains_with_its_own_tokenizer_unless_another_is_named(tm
         train(config_from_dict(run_dict(tmp_path / "missing", model=str(tmp_path / "missing"))))
 
 
+def test_a_run_config_without_a_tokenizer_resumes_a_checkpoint_trained_before_it_meant_the_models_own(tmp_path):
+    """The unset tokenizer was 'byte' whatever the model, and train_config.yaml recorded it so; it is now the model
+    folder's own. Resumed with the same run config (no tokenizer field), such a run was refused ("tokenizer: 'byte' ->
+    '<folder>'"): it continues with the tokenizer its checkpoint was trained with, and says so. A tokenizer the run
+    config names is still compared."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerFast
+
+    base = tmp_path / "base"
+    AutoModelForCausalLM.from_config(LlamaConfig(**{k: v for k, v in LLAMA.items() if k != "model_type"})) \
+        .save_pretrained(base)
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(97 + i): i + 2 for i in range(26)}}
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), eos_token="<eos>",
+                            unk_token="<unk>").save_pretrained(base)
+    run = run_dict(tmp_path, model=str(base), train={"max_steps": 2}, schedule={"warmup_steps": 0})
+    train(config_from_dict({**run, "tokenizer": "byte"}))  # yesterday's run: its unset tokenizer was 'byte'
+    resumed = train(config_from_dict(_merge(run, {"train": {"max_steps": 4}})), resume="auto")
+    assert resumed.step == 4 and len(AutoTokenizer.from_pretrained(resumed.checkpoint / "model")) == 259
+    assert yaml.safe_load((resumed.checkpoint / "train_config.yaml").read_text())["tokenizer"] == "byte"
+    with pytest.raises(ValueError, match=r"tokenizer: 'byte' -> "):
+        train(config_from_dict(_merge(run, {"tokenizer": str(base), "train": {"max_steps": 6}})), resume="auto")
+
+
 def test_a_model_trained_with_another_tokenizer_than_its_own_takes_that_ones_special_ids(tmp_path):
     """A model folder trained with a tokenizer the run config names learns that tokenizer's <bos>, <eos> and <pad>:
     the checkpoint's config and generation_config say so, so that generate stops at the <eos> that ends its training

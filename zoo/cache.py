@@ -643,9 +643,14 @@ class ZooCache(Cache):
 def output_cache(out, name: str = "past_key_values"):
     """The cache a model's output returns (None if none): its `cache` field where the output class has one
     (transformers renamed the field in 5.2x; reading the old name warns and goes in 5.40), else `name`
-    (past_key_values, or cache_params for older transformers' Mamba)."""
-    if "cache" in getattr(type(out), "__dataclass_fields__", {}):
+    (past_key_values, or cache_params for older transformers' Mamba). `name` 'cache' (zoo.decode.cache_argument's for
+    ZooForCausalLM, whose forward takes either name) on an output class from before the rename reads its
+    past_key_values: it read None there, and zoo's prefill, eval and passkey decodes lost the cache."""
+    fields = getattr(type(out), "__dataclass_fields__", {})
+    if "cache" in fields:
         return out.cache
+    if name == "cache" and "past_key_values" in fields:
+        return out.past_key_values
     return getattr(out, name, None)
 
 

@@ -358,8 +358,21 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """A validated TrainConfig from a mapping (a parsed YAML run config); an unset tokenizer is `run_tokenizer`'s."""
     cfg = _build(TrainConfig, data, "")
     validate_config(cfg)
-    cfg.tokenizer = run_tokenizer(cfg)
+    if cfg.tokenizer is None:
+        cfg.tokenizer = run_tokenizer(cfg)
+        cfg._tokenizer_unset = True  # (train: a resumed run keeps its checkpoint's, `_resumed_tokenizer`)
     return cfg
+
+
+def _resumed_tokenizer(cfg: TrainConfig, checkpoint: Path) -> str | None:
+    """The tokenizer a run config that leaves it unset resumes `checkpoint` with, where it is not `run_tokenizer`'s:
+    'byte' where its train_config.yaml records that. The unset tokenizer was 'byte' before it became the model's own,
+    so the run config of a run that continued a model folder or hub id, resumed as it was written, was refused as
+    changing the tokenizer ('byte' -> the model's); None where the checkpoint records another or the same (another,
+    a model folder's that moved: resume_changes names the change)."""
+    saved_path = checkpoint / "train_config.yaml"
+    saved = (yaml.safe_load(saved_path.read_text()) or {}).get("tokenizer") if saved_path.is_file() else None
+    return saved if saved == "byte" and saved != cfg.tokenizer else None
 
 
 def _set_dotted(data: dict, key: str, value: Any) -> None:
@@ -1710,6 +1723,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
     from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
 
     validate_config(cfg)
+    tokenizer_unset = cfg.tokenizer is None or getattr(cfg, "_tokenizer_unset", False)
     if cfg.tokenizer is None:  # (a TrainConfig built directly; config_from_dict resolves it)
         cfg = dataclasses.replace(cfg, tokenizer=run_tokenizer(cfg))
     AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
@@ -1767,6 +1781,10 @@ def train(cfg: TrainConfig, resume: str | None = None,
         accum = cfg.train.grad_accum or 1
     tokens_per_step = B * L * accum * world
 
+    if tokenizer_unset and start_ckpt is not None and (saved := _resumed_tokenizer(cfg, start_ckpt)) is not None:
+        accelerator.print(f"--resume: tokenizer unset in the run config: continuing with {saved!r}, the one "
+                          f"{start_ckpt.name} was trained with (not the model's own, {cfg.tokenizer!r})")
+        cfg = dataclasses.replace(cfg, tokenizer=saved)
     set_seed(cfg.train.seed)
     try:
         tokenizer = load_tokenizer(cfg.tokenizer)

@@ -408,6 +408,25 @@ def read_partial(path: str | Path, settings: dict, label: str, safe_globals: Seq
     return None
 
 
+def rekey_partial(path: str | Path, earlier: dict, key: dict, safe_globals: Sequence[type] = ()) -> None:
+    """A partial run saved at ``path`` under the caller's settings ``earlier`` (its ``settings["key"]``, as
+    `read_partial` compares it) is saved under ``key`` instead, the rest of its settings as they were: for a caller
+    whose key dropped settings the run does not depend on, so that a run an earlier version interrupted resumes (it was
+    of other settings, and started over). Nothing where there is no such file, or one under another key."""
+    earlier, key = json.loads(json.dumps(earlier)), json.loads(json.dumps(key))
+    path = Path(path)
+    if earlier == key or not path.is_file():
+        return
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            saved = torch.load(path, weights_only=True)
+        settings = saved["settings"]
+    except Exception:  # (read_partial says why, and starts over)
+        return
+    if isinstance(settings, dict) and settings.get("key") == earlier:
+        save_atomically({**saved, "settings": {**settings, "key": key}}, path)
+
+
 def save_atomically(obj, path: str | Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then renamed over it: an interruption leaves the old file
     or the new one, never half of one."""

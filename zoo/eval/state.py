@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from zoo.cache import ZooCache
 from zoo.eval.common import (
     check_token_ids,
     interruption_says,
@@ -33,6 +34,7 @@ from zoo.eval.common import (
     model_fingerprint,
     parse_int,
     positive_int,
+    rekey_partial,
     remove_partial,
     sigterm_interrupts,
     trained_with_bos,
@@ -287,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             # under the settings it depends on: the mitigation's (recorded per mixer, as none) are no part of it, so a
             # rerun that changes only them (another --norm-calibrate or --mitigation after an interruption) keeps it
             none_key = {k: v for k, v in key.items() if k not in MITIGATION_OPTIONS}
+            # (one an earlier version saved under the whole key, the mitigation's included: resumed under this one)
+            fresh = ZooCache.for_model(model, rows.shape[0])
+            rekey_partial(out / "state-none.partial.pt", key, none_key,
+                          [type(fresh), *{type(layer) for layer in fresh.layers}])
             none = record_state_statistics(model, rows, **record, partial=out / "state-none.partial.pt",
                                            partial_key=none_key, label="the unmitigated run", keep_partial=True)
             runs.append(("none", none))
