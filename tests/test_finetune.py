@@ -732,6 +732,30 @@ def test_state_passing_refuses_a_kv_cache():
         _state_passing_step(model, induction_heads_batch(2, 16, 16), 1.0, ModelInputs.of(model), None)
 
 
+def test_a_folder_with_tokenizer_json_alone_finetunes_with_it(tmp_path, monkeypatch):
+    """A model folder whose tokenizer is a tokenizer.json alone (no tokenizer_config.json) was finetuned on byte ids:
+    zoo finetune looked for tokenizer_config.json only, where zoo train and zoo generate take any tokenizer file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]", "<s>", "</s>", "abc", "cba", "hello", "olleh", "zoo", "ooz", "reversed:"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    base = tmp_path / "base"
+    tiny("mamba").save_pretrained(base)
+    tok.save(str(base / "tokenizer.json"))
+    rows = [{"prompt": f"{w} reversed:", "completion": f" {w[::-1]}"} for w in ["abc", "hello", "zoo"] * 3]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.chdir(tmp_path)
+    config = {"model": str(base), "output_dir": str(tmp_path / "run"),
+              "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.3, "add_bos": False},
+              "train": {"max_steps": 1, "micro_batch_size": 4, "progress_bar": False},
+              "schedule": {"warmup_steps": 0}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    # its own tokenizer is taken: here refused for naming no eos (byte ids trained before, without a word)
+    with pytest.raises(ValueError, match=f"tokenizer: '{base}' has no eos token"):
+        main([str(tmp_path / "ft.yaml")])
+
+
 def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch):
     # a model given as a hub id was tokenized with the byte tokenizer (only a local folder's tokenizer was looked
     # for): a checkpoint with its own vocabulary trained on byte ids, without a word

@@ -1453,9 +1453,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     tokenizer = None
     if cfg.data.source is not None or cfg.tokenizer is not None:
         from zoo.data.text import load_tokenizer
+        from zoo.hub import holds_tokenizer
 
-        # a hub id is the checkpoint's tokenizer too (it fell back to 'byte': a 50K-token model trained on byte ids)
-        has_own = not Path(base_path).is_dir() or (Path(base_path) / "tokenizer_config.json").is_file()
+        # a hub id is the checkpoint's tokenizer too (it fell back to 'byte': a 50K-token model trained on byte ids); a
+        # folder's is any tokenizer file, as zoo train takes it (a folder of tokenizer.json alone finetuned on bytes)
+        has_own = not Path(base_path).is_dir() or holds_tokenizer(base_path)
         tokenizer = load_tokenizer(cfg.tokenizer or (str(base_path) if has_own else "byte"))
     pad_id = 0
     if tokenizer is not None:

@@ -32,6 +32,12 @@ _SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
+def holds_tokenizer(folder: str | Path) -> bool:
+    """Whether the folder `folder` holds tokenizer files (any of `_TOKENIZER_FILES`): what zoo train, zoo finetune and
+    an adapter's tokenizer lookup take as a model folder's own tokenizer."""
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase | None:
     """'byte' -> the built-in byte tokenizer; a folder with tokenizer files -> its tokenizer; a folder without
     any -> None; any other name -> `AutoTokenizer.from_pretrained(name)`."""
@@ -45,7 +51,7 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     if not path.is_dir():
         check_tokenizer_ref(name_or_path)
         return AutoTokenizer.from_pretrained(str(name_or_path))
-    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    if not holds_tokenizer(path):
         return None
     config_file = path / "tokenizer_config.json"
     if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
@@ -297,7 +303,7 @@ def tokenizer_source(ref: str | Path) -> str:
         return text
     folder = Path(text).expanduser()
     if folder.is_dir():
-        if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        if holds_tokenizer(folder):
             return text
     else:
         from transformers.utils import cached_file
@@ -437,6 +443,6 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
-__all__ = ["ADAPTER_DATA_FILE", "adapter_config_file", "check_model_ref", "load_causal_lm", "load_folder_tokenizer",
-           "load_model_folder", "load_model_not_adapter", "peft_layer", "require_tokenizer", "save_model_folder",
-           "shard_size", "tokenizer_source", "write_folder"]
+__all__ = ["ADAPTER_DATA_FILE", "adapter_config_file", "check_model_ref", "holds_tokenizer", "load_causal_lm",
+           "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter", "peft_layer", "require_tokenizer",
+           "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]

@@ -336,7 +336,7 @@ def run_tokenizer(cfg: TrainConfig) -> str:
     model folder's when it holds tokenizer files, a hub id's, and 'byte' for a zoo YAML, a mapping of config fields or
     a folder without one. It was 'byte' whatever the model: a pretrained model (a folder or hub id with a 50K-token
     tokenizer) was trained on byte ids without a word, and its checkpoints saved the byte tokenizer beside it."""
-    from zoo.hub import _TOKENIZER_FILES
+    from zoo.hub import holds_tokenizer
 
     if cfg.tokenizer is not None:
         return cfg.tokenizer
@@ -345,7 +345,7 @@ def run_tokenizer(cfg: TrainConfig) -> str:
         return "byte"
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        if not holds_tokenizer(folder):
             return "byte"
         config_file = folder / "tokenizer_config.json"  # a zoo train checkpoint's model/: 'byte', as its run named it
         if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
