@@ -991,16 +991,14 @@ def validate_compare_config(cfg: CompareConfig) -> None:
                              f"{getattr(cfg.accounting, name)}")
     if cfg.cpu_threads is not None and cfg.cpu_threads < 1:
         raise ValueError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
-    from zoo.train import config_from_dict
-
     try:  # zoo.train names its own fields (train.max_steps), which sit under recipe here
-        base = config_from_dict({**copy.deepcopy(cfg.recipe), "model": "recipe-check", "output_dir": "recipe-check"})
+        base = _recipe_config(cfg.recipe)
     except ValueError as e:
         raise ValueError(f"recipe.{e}") from None
     micro = base.train.micro_batch_size * base.data.seq_len
     for L in cfg.train_lengths or []:  # each length's recipe, before any model trains (zoo.train checks it at start)
         try:
-            run = config_from_dict({**_recipe_at(cfg, L), "model": "recipe-check", "output_dir": "recipe-check"})
+            run = _recipe_config(_recipe_at(cfg, L))
         except ValueError as e:
             raise ValueError(f"train_lengths: at L={L}: {e}") from None
         rows = run.train.micro_batch_size * L
