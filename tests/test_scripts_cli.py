@@ -357,25 +357,32 @@ def test_train_synthetic_evaluation_stopped_in_a_cell_keeps_its_finished_batches
     assert result["rows"] == whole["rows"] and not (run.output_dir / "result.partial.json").exists()
 
 
-def test_train_synthetic_resumes_an_evaluation_partial_keyed_by_the_whole_settings(tmp_path, monkeypatch, capsys):
-    """result.partial.json keyed the finished cells by the run's whole settings (logging and the plot cell included)
-    before the key became the reusable ones (_result_stamp): an evaluation interrupted under that key was taken for
-    another's on the rerun, and its finished cells evaluated again. Such a partial is resumed."""
-    from accelerate import Accelerator
-
+def interrupt_at_length(monkeypatch, length: int):
+    """zoo.eval.synthetic.predict_answers raising KeyboardInterrupt (Ctrl-C) at its first rows of `length` tokens or
+    more; returns (the row lengths it answered, [the stop length]: set it to None to let every call through)."""
     import zoo.eval.synthetic as synthetic
 
-    script = load_script("scripts/train_synthetic.py")
-    run = tiny_mqar_run(script, tmp_path)
-    real, lengths, stop = synthetic.predict_answers, [], [128]
+    real, lengths, stop = synthetic.predict_answers, [], [length]
 
-    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the first row of length `stop`
+    def predict(model, input_ids, *args, **kwargs):
         if stop[0] is not None and input_ids.shape[1] >= stop[0]:
             raise KeyboardInterrupt
         lengths.append(input_ids.shape[1])
         return real(model, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(synthetic, "predict_answers", predict)
+    return lengths, stop
+
+
+def test_train_synthetic_resumes_an_evaluation_partial_keyed_by_the_whole_settings(tmp_path, monkeypatch, capsys):
+    """result.partial.json keyed the finished cells by the run's whole settings (logging and the plot cell included)
+    before the key became the reusable ones (_result_stamp): an evaluation interrupted under that key was taken for
+    another's on the rerun, and its finished cells evaluated again. Such a partial is resumed."""
+    from accelerate import Accelerator
+
+    script = load_script("scripts/train_synthetic.py")
+    run = tiny_mqar_run(script, tmp_path)
+    lengths, stop = interrupt_at_length(monkeypatch, 128)
     with pytest.raises(KeyboardInterrupt):
         script.train_and_evaluate(run, Accelerator(cpu=True))
     path = run.output_dir / "result.partial.json"
@@ -424,20 +431,10 @@ def test_train_synthetic_interrupted_evaluation_keeps_its_finished_cells(tmp_pat
     cells of a model trained before (trained.json gone, the model retrained) are not kept."""
     from accelerate import Accelerator
 
-    import zoo.eval.synthetic as synthetic
-
     script = load_script("scripts/train_synthetic.py")
     whole = script.train_and_evaluate(tiny_mqar_run(script, tmp_path / "whole"), Accelerator(cpu=True))
     run = tiny_mqar_run(script, tmp_path / "out")
-    real, lengths, stop = synthetic.predict_answers, [], [128]
-
-    def predict(model, input_ids, *args, **kwargs):  # Ctrl-C at the first row of length `stop`
-        if stop[0] is not None and input_ids.shape[1] >= stop[0]:
-            raise KeyboardInterrupt
-        lengths.append(input_ids.shape[1])
-        return real(model, input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(synthetic, "predict_answers", predict)
+    lengths, stop = interrupt_at_length(monkeypatch, 128)
     with pytest.raises(KeyboardInterrupt):
         script.train_and_evaluate(run, Accelerator(cpu=True))
     saved = json.loads((run.output_dir / "result.partial.json").read_text())["rows"]
