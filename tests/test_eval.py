@@ -1336,7 +1336,7 @@ def test_eval_state_compare_resumes_an_unmitigated_run_saved_under_the_whole_key
     from zoo.eval import state
 
     monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
     argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
@@ -1365,7 +1365,7 @@ def test_eval_state_compare_keeps_its_unmitigated_run_when_only_the_mitigation_c
     from zoo.eval import state
 
     monkeypatch.setattr(state, "plot_state_statistics", lambda *args: [])
-    monkeypatch.setattr(state, "SAVE_EVERY", 0, raising=False)
+    save_after_every_forward(monkeypatch, state)
     torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
     argv = ["--model", str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
             "--max-len", "96", "--chunk-size", "16", "--device", "cpu", "--mitigation", "forget:c_alpha=0.9",
@@ -2355,9 +2355,7 @@ def test_eval_stopped_by_sigterm_keeps_what_it_saved_and_says_so(command, checkp
         torch.save(torch.randint(0, 64, (2, 96), generator=torch.Generator().manual_seed(0)), tmp_path / "rows.pt")
         argv = ["--model", str(ROOT / "configs" / "models" / "jamba-tiny.yaml"), "--tokens", str(tmp_path / "rows.pt"),
                 "--max-len", "96", "--chunk-size", "16", "--device", "cpu"]
-        monkeypatch.setattr(module, "SAVE_EVERY", 0)
-        # (saved after every forward however long a save takes: a loaded machine skipped one and kept 2 chunks)
-        monkeypatch.setattr(recorder, "SAVE_COST_FACTOR", 0)
+        save_after_every_forward(monkeypatch, module)  # (a loaded machine skipped a save and kept 2 chunks)
         monkeypatch.setattr(module, "plot_state_statistics", lambda *args: [])
         owner, name, stop = recorder, "output_cache", 3
         kept = f"the run's progress as last saved (state.partial.pt) is kept in {out}"
