@@ -118,14 +118,37 @@ def accelerate_launch(config: str, *args: str) -> list[str]:
             str(ROOT / "configs" / "accelerate" / f"{config}.yaml"), "--main_process_port", str(port), *args]
 
 
+def run_launch(cmd: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)`` for an `accelerate launch`,
+    with the launcher and its processes in a process group of their own, killed whole on the timeout (or when the
+    test stops): subprocess.run killed the launcher alone, then waited for the end of output pipes that its workers
+    held open, so a worker stuck in its rendezvous held the test, and CI, until their time ran out."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    finally:
+        kill_group(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group that ``proc`` leads (started with ``start_new_session=True``), where it lives."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
 def launch_fsdp_on_cpu(tmp_path: Path, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml SCRIPT ARGS` (2 processes) on CPU (gloo), run
     as FSDP2 (see _FSDP_ON_CPU)."""
     launcher = tmp_path / "fsdp_on_cpu.py"
     launcher.write_text(_FSDP_ON_CPU)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = accelerate_launch("fsdp", str(launcher), str(ROOT / script), *args)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_launch(accelerate_launch("fsdp", str(launcher), str(ROOT / script), *args), env, timeout)
 
 
 class PositionwiseMixer(torch.nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import accelerate_launch, assert_close, ctrl_c_on_call, ctrl_c_on_step, launch_fsdp_on_cpu
+from helpers import accelerate_launch, assert_close, ctrl_c_on_call, ctrl_c_on_step, launch_fsdp_on_cpu, run_launch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -1474,7 +1474,6 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
     # scripts/finetune.py` on CPU, gloo) train and log as one process with both rows in its batch. The rows are of
     # one length (48 tokens): no padding, so state_passing carries the same final states either way.
     import os
-    import subprocess
 
     from zoo.data.text import ByteTokenizer
 
@@ -1501,8 +1500,7 @@ def test_two_processes_weigh_every_target_token_alike_as_one_process_does(tmp_pa
 
     main([str(config("one", 2))])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = accelerate_launch("ddp", str(ROOT / "scripts" / "finetune.py"), str(config("two", 1)))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_launch(accelerate_launch("ddp", str(ROOT / "scripts" / "finetune.py"), str(config("two", 1))), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(losses("one")) == 3
     assert losses("two") == pytest.approx(losses("one"), rel=1e-4), (losses("two"), losses("one"))
@@ -1513,7 +1511,6 @@ def test_two_processes_draw_the_weight_loading_bars_of_one(tmp_path, capsys):
     # and each drew transformers' "Loading weights" bar: the launch showed every bar once per process
     import os
     import re
-    import subprocess
 
     from zoo.data.text import ByteTokenizer
 
@@ -1538,8 +1535,7 @@ def test_two_processes_draw_the_weight_loading_bars_of_one(tmp_path, capsys):
     one = bars(capsys.readouterr().err)
     assert one >= 2, "the case: the base is loaded, then reloaded under the saved adapter"
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = accelerate_launch("ddp", str(ROOT / "scripts" / "finetune.py"), str(config("two")))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_launch(accelerate_launch("ddp", str(ROOT / "scripts" / "finetune.py"), str(config("two"))), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert bars(proc.stderr) == one, proc.stderr[-3000:]
 

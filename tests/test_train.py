@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import accelerate_launch, assert_close, ctrl_c_on_call, launch_fsdp_on_cpu, stream_reads
+from helpers import (
+    accelerate_launch,
+    assert_close,
+    ctrl_c_on_call,
+    kill_group,
+    launch_fsdp_on_cpu,
+    run_launch,
+    stream_reads,
+)
 
 from zoo.data.text import IGNORE_INDEX
 from zoo.train import (
@@ -1623,7 +1631,7 @@ def _launch_two(config: Path, *extra: str, launcher: Path | None = None) -> subp
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = accelerate_launch("ddp", *([str(launcher)] if launcher else []), str(ROOT / "scripts" / "train.py"),
                             str(config), *extra)
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return run_launch(cmd, env)
 
 
 def test_two_processes_train_and_resume_exactly_under_accelerate_launch(tmp_path):
@@ -1874,7 +1882,7 @@ def test_fsdp_on_gpus_trains_fused_and_resumes_exactly(tmp_path, gpus):
 
     def launch(*args: str) -> subprocess.CompletedProcess:
         cmd = accelerate_launch("fsdp", "--num_processes", str(gpus), str(ROOT / "scripts" / "train.py"), *args)
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return run_launch(cmd, timeout=300)
 
     def losses(name):
         with open(tmp_path / name / "run" / "metrics.csv") as f:
@@ -1919,8 +1927,7 @@ def test_fsdp_config_run_by_accelerate_as_ddp_on_cpu_says_so(tmp_path):
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
                                             schedule={"warmup_steps": 0}, checkpoint={"final": False})))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = accelerate_launch("fsdp", str(ROOT / "scripts" / "train.py"), str(path))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_launch(accelerate_launch("fsdp", str(ROOT / "scripts" / "train.py"), str(path)), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the launch config asks for FSDP, but accelerate runs this launch as MULTI_CPU" in proc.stdout, proc.stdout
 
@@ -2015,6 +2022,30 @@ def test_a_transformers_moe_trained_in_chunks_is_told_its_aux_loss_is_per_chunk(
         assert told == router_logits
 
 
+def test_a_launch_past_its_timeout_is_killed_with_the_processes_it_started(tmp_path):
+    # the launches of these tests ran under subprocess.run(timeout=...), which killed the launcher alone: its workers
+    # (stuck in a rendezvous, say) ran on beside the rest of the suite. run_launch kills the launcher's process group.
+    import time
+
+    pid = tmp_path / "worker.pid"
+    worker = (f"import os, subprocess, sys, time; w = subprocess.Popen([sys.executable, '-c', 'import time; "
+              f"time.sleep(120)']); open({str(pid)!r}, 'w').write(str(w.pid)); time.sleep(120)")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_launch([sys.executable, "-c", worker], timeout=5)
+    assert pid.is_file(), "the launcher started its worker"
+
+    def running() -> bool:  # (a killed worker whose parent is gone may stay a zombie until init reaps it)
+        stat = Path(f"/proc/{pid.read_text()}/stat")
+        with contextlib.suppress(OSError):
+            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return False
+
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(), "the worker outlived the launch's timeout"
+
+
 def test_two_processes_save_and_stop_soon_after_the_launcher_is_sent_sigterm(tmp_path):
     # `accelerate launch` (torchrun) passes a SIGTERM on to its processes and kills them 30 s later. The processes
     # agreed to stop only at log steps, so with log.every far off (100 steps of 1 s) they met the kill unsaved: no
@@ -2026,18 +2057,20 @@ def test_two_processes_save_and_stop_soon_after_the_launcher_is_sent_sigterm(tmp
                                             log={"every": 100000})))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = accelerate_launch("ddp", str(ROOT / "scripts" / "train.py"), str(path))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "run" / "run_info.json").is_file():  # written just before the loop starts
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
+            if proc.poll() is not None or time.monotonic() > deadline:
+                kill_group(proc)  # (its output, read to the end below, waited on 100000 steps)
+                pytest.fail(proc.communicate()[0][-3000:])
             time.sleep(0.2)
         time.sleep(3)
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_group(proc)
     assert "stop requested: saving step" in output, output[-3000:]
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt is not None, output[-3000:]
