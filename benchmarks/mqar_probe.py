@@ -45,7 +45,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"run {spec!r}: expected name:vocab:seq_len:n_kv:lr:steps")
         runs.append((parts[0], int(parts[1]), int(parts[2]), int(parts[3]), float(parts[4]), int(parts[5])))
 
-    from zoo.compare import MQARConfig, _device, load_compare_config, phase_mqar, resolve_models
+    from zoo.compare import MQARConfig, _device, _mqar_cell_error, load_compare_config, phase_mqar, resolve_models
+
+    # before any run trains: a spec whose rows cannot be built (4 * n_kv > seq_len, more pairs than half the
+    # vocabulary holds) ended the probe in a traceback at its first step, after the runs before it
+    for spec, (_, vocab, seq, nkv, lr, steps) in zip(args.runs, runs):
+        problem = _mqar_cell_error(seq, nkv, MQARConfig(vocab_size=vocab))
+        if problem is None and not (steps >= 1 and lr > 0):
+            problem = f"steps must be >= 1 and lr > 0, got steps={steps}, lr={lr}"
+        if problem is not None:
+            ap.error(f"run {spec!r}: {problem}")
 
     cfg, folder = load_compare_config(args.config)
     if not torch.cuda.is_available() and cfg.cpu_threads:

@@ -54,7 +54,8 @@ class EvalSection:
     for recurrent models). max_len: per model name, the longest seq_len to test (attention's KV cache and cost
     grow with the row). plot_seq_len / plot_count: the cell of the accuracy-vs-state plot (default: training); the
     summary's acc@T columns and accuracy_vs_length.png read each length at plot_count, which must be one of the
-    grid's counts (n_kv, or the trained count without it)."""
+    grid's counts (n_kv, or the trained count without it); a plot_seq_len given must be one of every model's lengths
+    (eval.seq_lens up to its max_len)."""
 
     seq_lens: list[int | str] = field(default_factory=list)
     n_kv: list[int] | None = None
@@ -260,6 +261,13 @@ def _check_eval_grid(model_name: str, section: PretrainSection, ev: EvalSection)
     seq_lens = [s for s in ev.seq_lens if limit is None or s <= limit]
     if not seq_lens:
         raise ValueError(f"eval.max_len.{model_name}: {limit} leaves none of eval.seq_lens {ev.seq_lens} to test")
+    # the plot cell's length, as plot_count: one the model does not test read as None for every run, so
+    # accuracy_vs_state.png came out empty and the best run was picked over the grid instead, after training
+    if ev.plot_seq_len is not None and ev.plot_seq_len not in seq_lens:
+        fix = f"raise eval.max_len.{model_name}" if ev.plot_seq_len in ev.seq_lens else "add it to eval.seq_lens"
+        raise ValueError(f"eval.plot_seq_len: {ev.plot_seq_len} is not a length model {model_name!r} is tested at "
+                         f"({sorted(seq_lens)}), so its accuracy-vs-state point would be empty; set "
+                         f"eval.plot_seq_len to one of them or {fix}")
     kwargs = dict(section.data.task_kwargs)
     trained = kwargs.pop(count_name, None) if count_name else None
     counts = ev.n_kv if ev.n_kv is not None else [trained]

@@ -70,6 +70,23 @@ def test_mqar_probe_trains_every_run_afresh(tmp_path, monkeypatch, capsys):
     assert len(rows) == 3 and all(len(r["train_losses"]) == 2 for r in rows)
 
 
+@pytest.mark.parametrize("spec, message", [
+    ("gla:32:32:16:3e-3:3", "run 'gla:32:32:16:3e-3:3': mqar: n_kv=16 needs seq_len >= 4 * n_kv = 64, got seq_len=32"),
+    ("gla:8:32:4:3e-3:3", "run 'gla:8:32:4:3e-3:3': mqar: vocab_size=8 has 3 keys, fewer than n_kv=4"),
+    ("gla:32:32:4:3e-3:0", "run 'gla:32:32:4:3e-3:0': steps must be >= 1 and lr > 0"),
+], ids=["seq_len", "vocab", "steps"])
+def test_mqar_probe_refuses_a_run_it_cannot_build_before_any_run_trains(tmp_path, monkeypatch, capsys, spec, message):
+    """A run whose MQAR rows cannot be built ended the probe in a traceback (ValueError from mqar_batch at its first
+    step, or from phase_mqar for 0 steps), after the runs before it had trained."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.chdir(ROOT)
+    script = load_script("benchmarks/mqar_probe.py")
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--config", "configs/compare/demo.yaml", "--batch-size", "4", "gla:32:32:4:3e-3:2", spec])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "mqar-probe.jsonl").exists()  # nothing trained
+
+
 def test_report_keeps_every_baseline_of_the_newest_run_only():
     """A run may write one figure once per baseline (the selective scan: mamba_ssm, then the floor); the rendered
     table keeps each of them, of the newest run of that name only, and a run's repeated row once (its last)."""

@@ -377,11 +377,22 @@ def test_train_resume_without_a_config_names_the_runs_own(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1"),
                                            (["--lr", "-1"], "--lr must be > 0"),  # AdamW's message named no option
-                                           (["--threads", "0"], "--threads must be at least 1")])
+                                           (["--threads", "0"], "--threads must be at least 1"),
+                                           # mqar_batch's message, naming no option, after the model was built
+                                           (["--n-kv", "20"], "--n-kv 20 needs --seq-len >= 4 * 20 = 80")])
 def test_demo_refuses_impossible_options(capsys, args, message):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", *args])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_refuses_more_pairs_than_its_models_vocabulary_holds_keys(capsys):
+    """jamba-tiny's 512 tokens hold 255 keys: --n-kv 300 ended in mqar_batch's 'vocab_size=512 has 255 keys', naming
+    neither the option nor the model config it came from."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--n-kv", "300", "--seq-len", "1200"])
+    assert e.value.code == 2 and ("--n-kv 300: configs/models/jamba-tiny.yaml's vocab_size 512 holds 255 keys; "
+                                  "give --n-kv 255 or less") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command, defaults", [

@@ -550,6 +550,22 @@ def test_passkey_cells_do_not_depend_on_the_rest_of_the_grid():
     assert keys(fewer, 600) == keys(alone, 600)[:2]
 
 
+def test_passkey_keys_of_a_cell_are_distinct():
+    """A cell's keys were drawn independently, so a key could come twice (seed 99's 1K-token cell at depth 0.5: its 26th
+    key was its first): the same prompt was scored twice and weighed double in the accuracy. A repeat is drawn again;
+    the keys before it are as they were (a saved cell's prompts still match)."""
+    from zoo.eval.passkey import cell_generator, cell_keys
+
+    generator = cell_generator(99, 1024, 0.5)
+    independent = [int(torch.randint(10000, 100000, (1,), generator=generator)) for _ in range(27)]
+    assert independent[25] == independent[0]  # the draw that repeats
+    keys = cell_keys(99, 1024, 0.5, 26)
+    assert len(set(keys)) == 26 and keys[:25] == independent[:25] and keys[25] == independent[26]
+    tokenizer = ByteTokenizer()
+    with pytest.raises(ValueError, match=r"n_samples=90001 must be in \[1, 90000\]"):
+        evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[300], depths=[0.5], n_samples=90001)
+
+
 def test_passkey_refuses_max_new_tokens_too_few_to_write_the_key():
     """--max-new-tokens 5 with the byte tokenizer cut every answer " 12345" (6 tokens) to " 1234": a model that wrote
     every key right scored 0 in every cell, without a word."""

@@ -250,6 +250,22 @@ def test_synthetic_refuses_mqar_arguments_for_another_task(option, tmp_path, cap
     assert not (tmp_path / "syn").exists()
 
 
+def test_synthetic_refuses_n_kv_for_a_task_without_a_count(tmp_path, capsys, monkeypatch):
+    """--n-kv with --task induction_heads said 'leave n_kv unset' (evaluate_synthetic's argument, not the option), and
+    only after the model had loaded."""
+    import zoo.eval.synthetic as synthetic
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(synthetic, "load_model", no_model)
+    argv = ["eval", "synthetic", "--model", str(MAMBA_TINY), "--task", "induction_heads", "--n-kv", "4",
+            "--out", str(tmp_path / "syn")]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and "--n-kv: task 'induction_heads' has no count of items to recall; leave it out" in err
+    assert not (tmp_path / "syn").exists()
+
+
 # ---------------------------------------------------------------- 5. a missing model, a missing tokenizer
 
 

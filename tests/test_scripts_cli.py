@@ -116,6 +116,23 @@ def test_train_synthetic_plot_count_the_grid_does_not_evaluate_is_refused_before
         assert script.main([*recipe, *grid]) == 0
 
 
+def test_train_synthetic_plot_length_a_model_is_not_tested_at_is_refused_before_training(tmp_path, capsys):
+    """eval.plot_seq_len outside a model's lengths (eval.seq_lens, up to its eval.max_len) was taken: every run's plot
+    accuracy read None, accuracy_vs_state.png came out empty and the best run was picked over the grid, after
+    training; eval.plot_count's cell was already checked."""
+    script = load_script("scripts/train_synthetic.py")
+    recipe = [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}", "--dry-run"]
+    err = _refused(script.main, [*recipe, "--eval.plot_seq_len=1000"], capsys)
+    assert ("eval.plot_seq_len: 1000 is not a length model 'mamba' is tested at ([64, 128, 256, 512, 1024, 2048, "
+            "4096, 8192, 16384, 32768, 65536]), so its accuracy-vs-state point would be empty; set "
+            "eval.plot_seq_len to one of them or add it to eval.seq_lens") in err
+    err = _refused(script.main, [*recipe, "--eval.plot_seq_len=32768"], capsys)  # past attention's max_len
+    assert "eval.plot_seq_len: 32768 is not a length model 'attention' is tested at" in err
+    assert "or raise eval.max_len.attention" in err
+    assert not any(tmp_path.iterdir())
+    assert script.main([*recipe, "--eval.plot_seq_len=1024"]) == 0
+
+
 def test_train_synthetic_select_over_a_key_the_sweep_does_not_vary_is_refused(tmp_path, capsys):
     """A misspelt select_over key (optim.lrr) maximised over nothing: every learning rate of mqar-sweep.yaml was kept
     as a "best" run, and accuracy_vs_state.png drew the learning rates as points of a state-size sweep."""

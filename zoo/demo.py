@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> dict:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
+    if 4 * args.n_kv > args.seq_len:  # (mqar_batch's own message named neither option, after the model was built)
+        p.error(f"--n-kv {args.n_kv} needs --seq-len >= 4 * {args.n_kv} = {4 * args.n_kv} (the pairs, then a query "
+                f"slot of two tokens per pair), got {args.seq_len}")
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -55,6 +58,9 @@ def _run(args) -> dict:
 
     torch.manual_seed(args.seed)
     config = ZooConfig.from_yaml(args.config)
+    if args.n_kv > config.vocab_size // 2 - 1:  # keys are the lower half of the model's vocabulary, 0 left out
+        raise ValueError(f"--n-kv {args.n_kv}: {args.config}'s vocab_size {config.vocab_size} holds "
+                         f"{config.vocab_size // 2 - 1} keys; give --n-kv {config.vocab_size // 2 - 1} or less")
     model = AutoModelForCausalLM.from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {Path(args.config).stem}: {n_params / 1e6:.2f}M parameters, layers {config.layers!r}")

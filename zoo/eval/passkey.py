@@ -213,10 +213,21 @@ def cell_generator(seed: int, length: int, depth: float) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1))
 
 
+# the 5-digit keys
+KEYS = range(10000, 100000)
+
+
 def cell_keys(seed: int, length: int, depth: float, n_samples: int) -> list[int]:
-    """The ``n_samples`` 5-digit keys of cell (length, depth), from ``cell_generator``."""
+    """The ``n_samples`` distinct 5-digit keys of cell (length, depth), from ``cell_generator``: a draw that repeats
+    one of the cell's keys is drawn again (a repeat was the same prompt scored twice, which weighed it double in the
+    accuracy: about one cell in three of 256 prompts had one), so the keys before the first repeat are as they were."""
+    if not 1 <= n_samples <= len(KEYS):
+        raise ValueError(f"n_samples={n_samples}: a cell has 1 to {len(KEYS)} prompts, one per distinct 5-digit key")
     generator = cell_generator(seed, length, depth)
-    return [int(torch.randint(10000, 100000, (1,), generator=generator)) for _ in range(n_samples)]
+    keys: dict[int, None] = {}
+    while len(keys) < n_samples:
+        keys.setdefault(int(torch.randint(KEYS.start, KEYS.stop, (1,), generator=generator)))
+    return list(keys)
 
 
 def answer_tokens(tokenizer, key: int) -> int:
@@ -289,8 +300,9 @@ def evaluate_passkey(
         ValueError: a prompt holds a token id outside the model's vocabulary (a tokenizer not the model's), or
             ``max_new_tokens`` is too few to write a key (``longest_answer``), before the first cell runs.
     """
-    if n_samples < 1:
-        raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be >= 1 (prompts per cell)")
+    if not 1 <= n_samples <= len(KEYS):  # (more prompts than keys would draw keys forever)
+        raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be in [1, {len(KEYS)}] (prompts per cell, "
+                         f"each with its own 5-digit key)")
     # the whole grid is checked before the first cell runs (a bad depth used to fail after the cells before it)
     if not lengths or not depths:
         raise ValueError(f"evaluate_passkey: no cells (lengths={list(lengths)}, depths={list(depths)}); give at "

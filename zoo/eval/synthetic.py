@@ -385,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             task_kwargs["random_non_queries"] = True
     elif args.power_a is not None or args.random_non_queries:  # they were dropped without a word
         raise ValueError(f"--power-a and --random-non-queries are mqar arguments, not {args.task}'s; leave them out")
+    if n_kv is not None and COUNT_ARGUMENT[args.task] is None:  # (evaluate_synthetic's message named no option,
+        # after the model had loaded)
+        raise ValueError(f"--n-kv: task {args.task!r} has no count of items to recall; leave it out")
 
     out = Path(args.out or f"results/synthetic-{args.task}")
     # SIGTERM stops the grid as Ctrl-C does (it killed the process without a word), and either ends in one line saying
