@@ -605,6 +605,35 @@ def test_zoo_export_loads_in_transformers(fmt, tmp_path):
     assert_same_tensors(fmt, loaded.state_dict(), exported.state_dict())
 
 
+INT_FLOATS = {  # float options written as whole numbers, as a YAML config gives them (dt_scale: 2)
+    "hf-mamba": (dict(norm_eps=1, initializer_range=1), {"dt_scale": 2, "dt_min": 1, "dt_max": 2, "dt_init_floor": 1},
+                 {"layer_norm_epsilon": 1.0, "initializer_range": 1.0, "time_step_scale": 2.0,
+                  "time_step_min": 1.0, "time_step_max": 2.0, "time_step_floor": 1.0}),
+    "hf-mamba2": (dict(norm_eps=1, initializer_range=1), {"dt_min": 1, "dt_max": 2, "dt_init_floor": 1, "norm_eps": 1},
+                  {"layer_norm_epsilon": 1.0, "initializer_range": 1.0, "time_step_min": 1.0, "time_step_max": 2.0,
+                   "time_step_floor": 1.0}),
+    "hf-llama": (dict(norm_eps=1, initializer_range=1), {}, {"rms_norm_eps": 1.0, "initializer_range": 1.0}),
+    "hf-jamba": (dict(norm_eps=1, initializer_range=1, moe={**JAMBA_STYLE["moe"], "aux_loss_coef": 0}),
+                 {"inner_norm_eps": 1}, {"rms_norm_eps": 1.0, "initializer_range": 1.0, "router_aux_loss_coef": 0.0}),
+}
+
+
+@pytest.mark.parametrize("fmt", list(INT_FLOATS))
+def test_float_options_given_as_integers_export(fmt):
+    # transformers' configs are strict dataclasses: an int where a float is typed (time_step_scale=2) raised
+    # StrictDataclassFieldValidationError, so a valid zoo model with dt_scale: 2 or aux_loss_coef: 0 did not export
+    export, make_config = EXPORTS[fmt]
+    top, mixer, expected = INT_FLOATS[fmt]
+    config = make_config()
+    letter = "A" if fmt == "hf-llama" else "M"
+    config = ZooConfig(**{**config.to_dict(), **top, "mixers": {**config.mixers, letter: {**config.mixers[letter],
+                                                                                          **mixer}}})
+    with torch.device("meta"):
+        model = ZooForCausalLM(config)
+    exported = export(model).config
+    assert {name: getattr(exported, name) for name in expected} == expected
+
+
 def test_a_jamba_style_model_with_experts_on_every_layer_and_no_mlp_exports():
     # ffn: none with a MoE on every layer (Jamba's expert_layer_period 1, intermediate_size the experts'): the export
     # read the dense ffn's hidden size first and failed with a bare KeyError: 'hidden'

@@ -311,13 +311,17 @@ def to_hf_mamba(model: ZooForCausalLM):
                        {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor", "dt_scale",
                         "conv_bias", "bias", "inner_norm_eps"}, required={"inner_norms": False})
     m = model.model.layers[0].mixer
+    # float(...) in every export: transformers' configs are strict dataclasses that refuse an int where a float is
+    # typed, and a zoo config takes one (dt_scale: 2, aux_loss_coef: 0)
     config = MambaConfig(vocab_size=zc.vocab_size, hidden_size=zc.d_model, state_size=m.d_state,
-                         num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=zc.norm_eps,
+                         num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=float(zc.norm_eps),
                          expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, use_bias=o["bias"],
-                         use_conv_bias=o["conv_bias"], hidden_act="silu", initializer_range=zc.initializer_range,
+                         use_conv_bias=o["conv_bias"], hidden_act="silu",
+                         initializer_range=float(zc.initializer_range),
                          rescale_prenorm_residual=False,  # (_RESCALED_ON_LOAD)
-                         residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank, time_step_scale=o["dt_scale"],
-                         time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
+                         residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank,
+                         time_step_scale=float(o["dt_scale"]), time_step_min=float(o["dt_min"]),
+                         time_step_max=float(o["dt_max"]), time_step_floor=float(o["dt_init_floor"]),
                          tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
     return _build_hf(MambaForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
 
@@ -387,12 +391,13 @@ def to_hf_mamba2(model: ZooForCausalLM):
         raise _unmappable(fmt, "norm_eps", o["norm_eps"], f"transformers' Mamba2 uses one layer_norm_epsilon for "
                                                           f"the block norms ({zc.norm_eps}) and the gated norm")
     config = Mamba2Config(num_heads=m.n_heads, head_dim=m.head_dim, vocab_size=zc.vocab_size, hidden_size=zc.d_model,
-                          state_size=m.d_state, num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=zc.norm_eps,
-                          expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, n_groups=m.n_groups,
-                          use_bias=o["bias"], use_conv_bias=o["conv_bias"], hidden_act="silu",
-                          initializer_range=zc.initializer_range, residual_in_fp32=zc.residual_in_fp32,
-                          rescale_prenorm_residual=False, time_step_min=o["dt_min"],  # (_RESCALED_ON_LOAD)
-                          time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
+                          state_size=m.d_state, num_hidden_layers=zc.num_hidden_layers,
+                          layer_norm_epsilon=float(zc.norm_eps), expand=_as_int(fmt, "expand", o["expand"]),
+                          conv_kernel=m.d_conv, n_groups=m.n_groups, use_bias=o["bias"], use_conv_bias=o["conv_bias"],
+                          hidden_act="silu", initializer_range=float(zc.initializer_range),
+                          residual_in_fp32=zc.residual_in_fp32,
+                          rescale_prenorm_residual=False, time_step_min=float(o["dt_min"]),  # (_RESCALED_ON_LOAD)
+                          time_step_max=float(o["dt_max"]), time_step_floor=float(o["dt_init_floor"]),
                           time_step_limit=(0.0, float("inf")), chunk_size=m.chunk_size,
                           tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
     return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
@@ -446,7 +451,7 @@ def to_hf_llama(model: ZooForCausalLM):
                          num_hidden_layers=zc.num_hidden_layers, num_attention_heads=m.n_heads,
                          num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, hidden_act="silu",
                          max_position_embeddings=getattr(zc, "max_position_embeddings", 2048),
-                         initializer_range=zc.initializer_range, rms_norm_eps=zc.norm_eps,
+                         initializer_range=float(zc.initializer_range), rms_norm_eps=float(zc.norm_eps),
                          tie_word_embeddings=zc.tie_embeddings,
                          rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
                          attention_bias=False, mlp_bias=False, **_token_ids(zc))
@@ -607,8 +612,8 @@ def to_hf_jamba(model: ZooForCausalLM):
         extra.update(num_attention_heads=attn.n_heads, num_key_value_heads=attn.n_kv_heads)
     config = JambaConfig(vocab_size=zc.vocab_size, tie_word_embeddings=zc.tie_embeddings, hidden_size=zc.d_model,
                          intermediate_size=hidden, num_hidden_layers=len(specs), hidden_act="silu",
-                         initializer_range=zc.initializer_range, rms_norm_eps=zc.norm_eps,
-                         router_aux_loss_coef=zc.moe_spec()["aux_loss_coef"] if zc.moe is not None else 0.001,
+                         initializer_range=float(zc.initializer_range), rms_norm_eps=float(zc.norm_eps),
+                         router_aux_loss_coef=float(zc.moe_spec()["aux_loss_coef"]) if zc.moe is not None else 0.001,
                          max_position_embeddings=getattr(zc, "max_position_embeddings", 262144),
                          num_experts_per_tok=top_k, num_experts=n_experts,
                          expert_layer_period=expert_period[0], expert_layer_offset=expert_period[1],
