@@ -389,6 +389,16 @@ def test_zoo_from_pretrained_of_another_models_folder_names_the_converter(case, 
     ids = torch.randint(0, VOCAB, (1, 7))
     assert_logits(case, load_as_zoo(tmp_path)(ids).logits, source(ids).logits)  # the route the message names
 
+@pytest.mark.parametrize("src", ["nosuch", "org/nosuch"])
+def test_convert_names_a_source_that_is_no_folder(src, tmp_path, monkeypatch):
+    # a mistyped source (or a hub id: zoo convert reads folders only) went to the hub for its tokenizer and ended in
+    # "We couldn't connect to 'https://huggingface.co'" (offline) or a missing-repo error, naming no folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"source: '{src}': no such model folder; zoo convert reads a local folder"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_names_a_destination_that_is_a_file(tmp_path):
     # every way out (zoo folder, transformers, mamba_ssm) ended in a traceback: AssertionError or FileExistsError
     LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")

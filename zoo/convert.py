@@ -1075,6 +1075,10 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     from zoo.hub import check_model_ref, load_folder_tokenizer, require_tokenizer, save_model_folder, write_folder
 
     check_model_ref(src, what="source")
+    if not Path(src).expanduser().is_dir():  # a hub id or a mistyped path: the tokenizer lookup went to the hub
+        raise ValueError(f"source: {str(src)!r}: no such model folder; zoo convert reads a local folder (a hub "
+                         f"model: download it first, e.g. `huggingface-cli download ID --local-dir DIR`)")
+    src = Path(src).expanduser()
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
     if to_format == "mamba_ssm" and max_shard_size is not None:
