@@ -399,6 +399,17 @@ def test_convert_names_a_source_that_is_no_folder(src, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("text,problem", [("{oops", "not valid JSON"), ("[1, 2]", "holds a JSON list")])
+def test_a_config_json_that_is_no_json_object_is_named(text, problem, tmp_path):
+    # json's "Expecting property name ..." named neither the file nor the folder; a list ended in a traceback
+    # (AttributeError: 'list' object has no attribute 'get')
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(text)
+    for from_format in (None, "mamba_ssm"):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'src' / 'config.json'}: {problem}")):
+            convert(tmp_path / "src", tmp_path / "out", from_format=from_format)
+
+
 def test_convert_names_a_destination_that_is_a_file(tmp_path):
     # every way out (zoo folder, transformers, mamba_ssm) ended in a traceback: AssertionError or FileExistsError
     LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")

@@ -940,12 +940,26 @@ _HF_CLASSES = {"hf-mamba": "MambaForCausalLM", "hf-mamba2": "Mamba2ForCausalLM",
                "hf-jamba": "JambaForCausalLM"}
 
 
+def _folder_config(folder: str | Path) -> dict[str, Any]:
+    """A folder's config.json; ValueError naming the file where it is no JSON object (json's own message named
+    neither the file nor the folder, and a list ended in an AttributeError's traceback)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); give a model folder whose config.json its library "
+                         f"wrote") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, not a model config (a JSON object); give a "
+                         f"model folder whose config.json its library wrote")
+    return config
+
+
 def detect_format(folder: str | Path) -> str:
     """'zoo', one of FORMATS, from a folder's config.json; raises naming what it found."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json; pass a model folder")
-    config = json.loads(path.read_text())
+    config = _folder_config(folder)
     model_type = config.get("model_type")
     if model_type == "zoo":
         return "zoo"
@@ -964,7 +978,7 @@ def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     """mamba_ssm's folder: config.json and pytorch_model.bin (read with weights_only), the one weights file
     MambaLMHeadModel.from_pretrained reads, or where there is none, model.safetensors."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = _folder_config(folder)
     # the bin first, as mamba_ssm reads the folder: beside a model.safetensors of another save (save_mamba_ssm into
     # a folder an hf export had written) the safetensors were read, another model's weights under this config
     if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
@@ -1032,7 +1046,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         try:
             found = detect_format(folder)
         except ValueError:  # no model_type to tell by: take --from at its word (the weights are checked below)
-            model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+            model_type = _folder_config(folder).get("model_type")
             if model_type is not None:  # another architecture (qwen2, mistral, ...): its own options would be lost
                 raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which --from {fmt} does not "
                                  f"read (its biases, sliding window or other options would be dropped); "
@@ -1057,7 +1071,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     _restore_stored_dtypes(source, Path(folder))
     model = _IMPORTERS[fmt](source)
     if off:  # the folder's own value, for the zoo's init (which never touches loaded weights)
-        saved = json.loads((Path(folder) / "config.json").read_text()).get("rescale_prenorm_residual", False)
+        saved = _folder_config(folder).get("rescale_prenorm_residual", False)
         model.config.rescale_prenorm_residual = bool(saved)
     return model
 
