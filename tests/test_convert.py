@@ -389,6 +389,27 @@ def test_zoo_from_pretrained_of_another_models_folder_names_the_converter(case, 
     ids = torch.randint(0, VOCAB, (1, 7))
     assert_logits(case, load_as_zoo(tmp_path)(ids).logits, source(ids).logits)  # the route the message names
 
+@pytest.mark.parametrize("src", ["nosuch", "org/nosuch"])
+def test_convert_names_a_source_that_is_no_folder(src, tmp_path, monkeypatch):
+    # a mistyped source (or a hub id: zoo convert reads folders only) went to the hub for its tokenizer and ended in
+    # "We couldn't connect to 'https://huggingface.co'" (offline) or a missing-repo error, naming no folder
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=rf"source: '{src}': no such model folder; zoo convert reads a local folder"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text,problem", [("{oops", "not valid JSON"), ("[1, 2]", "holds a JSON list")])
+def test_a_config_json_that_is_no_json_object_is_named(text, problem, tmp_path):
+    # json's "Expecting property name ..." named neither the file nor the folder; a list ended in a traceback
+    # (AttributeError: 'list' object has no attribute 'get')
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(text)
+    for from_format in (None, "mamba_ssm"):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'src' / 'config.json'}: {problem}")):
+            convert(tmp_path / "src", tmp_path / "out", from_format=from_format)
+
+
 def test_convert_names_a_destination_that_is_a_file(tmp_path):
     # every way out (zoo folder, transformers, mamba_ssm) ended in a traceback: AssertionError or FileExistsError
     LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "llama")
@@ -603,6 +624,35 @@ def test_zoo_export_loads_in_transformers(fmt, tmp_path):
     exported.save_pretrained(tmp_path)
     loaded = type(exported).from_pretrained(tmp_path).eval()
     assert_same_tensors(fmt, loaded.state_dict(), exported.state_dict())
+
+
+INT_FLOATS = {  # float options written as whole numbers, as a YAML config gives them (dt_scale: 2)
+    "hf-mamba": (dict(norm_eps=1, initializer_range=1), {"dt_scale": 2, "dt_min": 1, "dt_max": 2, "dt_init_floor": 1},
+                 {"layer_norm_epsilon": 1.0, "initializer_range": 1.0, "time_step_scale": 2.0,
+                  "time_step_min": 1.0, "time_step_max": 2.0, "time_step_floor": 1.0}),
+    "hf-mamba2": (dict(norm_eps=1, initializer_range=1), {"dt_min": 1, "dt_max": 2, "dt_init_floor": 1, "norm_eps": 1},
+                  {"layer_norm_epsilon": 1.0, "initializer_range": 1.0, "time_step_min": 1.0, "time_step_max": 2.0,
+                   "time_step_floor": 1.0}),
+    "hf-llama": (dict(norm_eps=1, initializer_range=1), {}, {"rms_norm_eps": 1.0, "initializer_range": 1.0}),
+    "hf-jamba": (dict(norm_eps=1, initializer_range=1, moe={**JAMBA_STYLE["moe"], "aux_loss_coef": 0}),
+                 {"inner_norm_eps": 1}, {"rms_norm_eps": 1.0, "initializer_range": 1.0, "router_aux_loss_coef": 0.0}),
+}
+
+
+@pytest.mark.parametrize("fmt", list(INT_FLOATS))
+def test_float_options_given_as_integers_export(fmt):
+    # transformers' configs are strict dataclasses: an int where a float is typed (time_step_scale=2) raised
+    # StrictDataclassFieldValidationError, so a valid zoo model with dt_scale: 2 or aux_loss_coef: 0 did not export
+    export, make_config = EXPORTS[fmt]
+    top, mixer, expected = INT_FLOATS[fmt]
+    config = make_config()
+    letter = "A" if fmt == "hf-llama" else "M"
+    config = ZooConfig(**{**config.to_dict(), **top, "mixers": {**config.mixers, letter: {**config.mixers[letter],
+                                                                                          **mixer}}})
+    with torch.device("meta"):
+        model = ZooForCausalLM(config)
+    exported = export(model).config
+    assert {name: getattr(exported, name) for name in expected} == expected
 
 
 def test_a_jamba_style_model_with_experts_on_every_layer_and_no_mlp_exports():

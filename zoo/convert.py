@@ -311,13 +311,17 @@ def to_hf_mamba(model: ZooForCausalLM):
                        {"d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor", "dt_scale",
                         "conv_bias", "bias", "inner_norm_eps"}, required={"inner_norms": False})
     m = model.model.layers[0].mixer
+    # float(...) in every export: transformers' configs are strict dataclasses that refuse an int where a float is
+    # typed, and a zoo config takes one (dt_scale: 2, aux_loss_coef: 0)
     config = MambaConfig(vocab_size=zc.vocab_size, hidden_size=zc.d_model, state_size=m.d_state,
-                         num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=zc.norm_eps,
+                         num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=float(zc.norm_eps),
                          expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, use_bias=o["bias"],
-                         use_conv_bias=o["conv_bias"], hidden_act="silu", initializer_range=zc.initializer_range,
+                         use_conv_bias=o["conv_bias"], hidden_act="silu",
+                         initializer_range=float(zc.initializer_range),
                          rescale_prenorm_residual=False,  # (_RESCALED_ON_LOAD)
-                         residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank, time_step_scale=o["dt_scale"],
-                         time_step_min=o["dt_min"], time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
+                         residual_in_fp32=zc.residual_in_fp32, time_step_rank=m.dt_rank,
+                         time_step_scale=float(o["dt_scale"]), time_step_min=float(o["dt_min"]),
+                         time_step_max=float(o["dt_max"]), time_step_floor=float(o["dt_init_floor"]),
                          tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
     return _build_hf(MambaForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
 
@@ -387,12 +391,13 @@ def to_hf_mamba2(model: ZooForCausalLM):
         raise _unmappable(fmt, "norm_eps", o["norm_eps"], f"transformers' Mamba2 uses one layer_norm_epsilon for "
                                                           f"the block norms ({zc.norm_eps}) and the gated norm")
     config = Mamba2Config(num_heads=m.n_heads, head_dim=m.head_dim, vocab_size=zc.vocab_size, hidden_size=zc.d_model,
-                          state_size=m.d_state, num_hidden_layers=zc.num_hidden_layers, layer_norm_epsilon=zc.norm_eps,
-                          expand=_as_int(fmt, "expand", o["expand"]), conv_kernel=m.d_conv, n_groups=m.n_groups,
-                          use_bias=o["bias"], use_conv_bias=o["conv_bias"], hidden_act="silu",
-                          initializer_range=zc.initializer_range, residual_in_fp32=zc.residual_in_fp32,
-                          rescale_prenorm_residual=False, time_step_min=o["dt_min"],  # (_RESCALED_ON_LOAD)
-                          time_step_max=o["dt_max"], time_step_floor=o["dt_init_floor"],
+                          state_size=m.d_state, num_hidden_layers=zc.num_hidden_layers,
+                          layer_norm_epsilon=float(zc.norm_eps), expand=_as_int(fmt, "expand", o["expand"]),
+                          conv_kernel=m.d_conv, n_groups=m.n_groups, use_bias=o["bias"], use_conv_bias=o["conv_bias"],
+                          hidden_act="silu", initializer_range=float(zc.initializer_range),
+                          residual_in_fp32=zc.residual_in_fp32,
+                          rescale_prenorm_residual=False, time_step_min=float(o["dt_min"]),  # (_RESCALED_ON_LOAD)
+                          time_step_max=float(o["dt_max"]), time_step_floor=float(o["dt_init_floor"]),
                           time_step_limit=(0.0, float("inf")), chunk_size=m.chunk_size,
                           tie_word_embeddings=zc.tie_embeddings, **_token_ids(zc))
     return _build_hf(Mamba2ForCausalLM, config, _rename(_state(model), _MAMBA_KEYS, True, fmt), model)
@@ -446,7 +451,7 @@ def to_hf_llama(model: ZooForCausalLM):
                          num_hidden_layers=zc.num_hidden_layers, num_attention_heads=m.n_heads,
                          num_key_value_heads=m.n_kv_heads, head_dim=m.head_dim, hidden_act="silu",
                          max_position_embeddings=getattr(zc, "max_position_embeddings", 2048),
-                         initializer_range=zc.initializer_range, rms_norm_eps=zc.norm_eps,
+                         initializer_range=float(zc.initializer_range), rms_norm_eps=float(zc.norm_eps),
                          tie_word_embeddings=zc.tie_embeddings,
                          rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_theta)},
                          attention_bias=False, mlp_bias=False, **_token_ids(zc))
@@ -607,8 +612,8 @@ def to_hf_jamba(model: ZooForCausalLM):
         extra.update(num_attention_heads=attn.n_heads, num_key_value_heads=attn.n_kv_heads)
     config = JambaConfig(vocab_size=zc.vocab_size, tie_word_embeddings=zc.tie_embeddings, hidden_size=zc.d_model,
                          intermediate_size=hidden, num_hidden_layers=len(specs), hidden_act="silu",
-                         initializer_range=zc.initializer_range, rms_norm_eps=zc.norm_eps,
-                         router_aux_loss_coef=zc.moe_spec()["aux_loss_coef"] if zc.moe is not None else 0.001,
+                         initializer_range=float(zc.initializer_range), rms_norm_eps=float(zc.norm_eps),
+                         router_aux_loss_coef=float(zc.moe_spec()["aux_loss_coef"]) if zc.moe is not None else 0.001,
                          max_position_embeddings=getattr(zc, "max_position_embeddings", 262144),
                          num_experts_per_tok=top_k, num_experts=n_experts,
                          expert_layer_period=expert_period[0], expert_layer_offset=expert_period[1],
@@ -935,12 +940,26 @@ _HF_CLASSES = {"hf-mamba": "MambaForCausalLM", "hf-mamba2": "Mamba2ForCausalLM",
                "hf-jamba": "JambaForCausalLM"}
 
 
+def _folder_config(folder: str | Path) -> dict[str, Any]:
+    """A folder's config.json; ValueError naming the file where it is no JSON object (json's own message named
+    neither the file nor the folder, and a list ended in an AttributeError's traceback)."""
+    path = Path(folder) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); give a model folder whose config.json its library "
+                         f"wrote") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, not a model config (a JSON object); give a "
+                         f"model folder whose config.json its library wrote")
+    return config
+
+
 def detect_format(folder: str | Path) -> str:
     """'zoo', one of FORMATS, from a folder's config.json; raises naming what it found."""
-    path = Path(folder) / "config.json"
-    if not path.is_file():
+    if not (Path(folder) / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: no config.json; pass a model folder")
-    config = json.loads(path.read_text())
+    config = _folder_config(folder)
     model_type = config.get("model_type")
     if model_type == "zoo":
         return "zoo"
@@ -959,7 +978,7 @@ def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     """mamba_ssm's folder: config.json and pytorch_model.bin (read with weights_only), the one weights file
     MambaLMHeadModel.from_pretrained reads, or where there is none, model.safetensors."""
     folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
+    config = _folder_config(folder)
     # the bin first, as mamba_ssm reads the folder: beside a model.safetensors of another save (save_mamba_ssm into
     # a folder an hf export had written) the safetensors were read, another model's weights under this config
     if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
@@ -1027,7 +1046,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         try:
             found = detect_format(folder)
         except ValueError:  # no model_type to tell by: take --from at its word (the weights are checked below)
-            model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+            model_type = _folder_config(folder).get("model_type")
             if model_type is not None:  # another architecture (qwen2, mistral, ...): its own options would be lost
                 raise ValueError(f"{folder} holds a model_type={model_type!r} checkpoint, which --from {fmt} does not "
                                  f"read (its biases, sliding window or other options would be dropped); "
@@ -1052,7 +1071,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     _restore_stored_dtypes(source, Path(folder))
     model = _IMPORTERS[fmt](source)
     if off:  # the folder's own value, for the zoo's init (which never touches loaded weights)
-        saved = json.loads((Path(folder) / "config.json").read_text()).get("rescale_prenorm_residual", False)
+        saved = _folder_config(folder).get("rescale_prenorm_residual", False)
         model.config.rescale_prenorm_residual = bool(saved)
     return model
 
@@ -1070,6 +1089,10 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     from zoo.hub import check_model_ref, load_folder_tokenizer, require_tokenizer, save_model_folder, write_folder
 
     check_model_ref(src, what="source")
+    if not Path(src).expanduser().is_dir():  # a hub id or a mistyped path: the tokenizer lookup went to the hub
+        raise ValueError(f"source: {str(src)!r}: no such model folder; zoo convert reads a local folder (a hub "
+                         f"model: download it first, e.g. `huggingface-cli download ID --local-dir DIR`)")
+    src = Path(src).expanduser()
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
     if to_format == "mamba_ssm" and max_shard_size is not None:
