@@ -550,6 +550,32 @@ def test_a_compressed_file_named_by_path_is_read_as_in_a_folder(tmp_path, suffix
         assert _txt_files(cfg)  # the hint when the evaluation documents fill no row names data.sample_by
 
 
+@pytest.mark.parametrize("damage", ["not compressed", "cut short"])
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("how", ["by path", "folder", "folder streamed"])
+def test_a_compressed_file_that_does_not_decompress_is_named(tok, tmp_path, damage, suffix, how):
+    # datasets' own decompressor error escaped, naming neither the source nor the file: 'BadGzipFile: Not a gzipped
+    # file', 'EOFError: Compressed file ended before the end-of-stream marker was reached', 'LZMAError: ...'; a folder
+    # streamed reached the broken file mid-run, after the good one before it
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rows = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(100)).encode()
+    (folder / f"a.jsonl{suffix}").write_bytes(compress(rows))
+    broken = folder / f"b.jsonl{suffix}"
+    broken.write_bytes(rows if damage == "not compressed" else compress(rows)[:-40])
+    source = str(folder) if how.startswith("folder") else [str(folder / f"a.jsonl{suffix}"), str(broken)]
+    cfg = DataConfig(source=source, seq_len=64, holdout=0.0, shuffle=False, streaming=how == "folder streamed")
+    with pytest.raises(ValueError, match=rf"data\.source.*: cannot read '{re.escape(str(broken))}' \(.*\): it is not "
+                                         rf"compressed as its name says, or is cut short or corrupt"):
+        list(itertools.islice(TextStream(cfg, tok).rows(), 1000))  # (about 380 rows a file)
+
+
 def test_compressed_local_files_with_mixed_columns_name_each_files_columns(tmp_path):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     import gzip

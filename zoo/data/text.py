@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import gzip
 import io
 import itertools
 import json
@@ -89,6 +90,35 @@ def open_data_file(path: str | Path):
                          f"or decompress the file")
     return OpenFile(LocalFileSystem(), os.path.abspath(os.fspath(path)), "rb",
                     compression=compression if suffix is not None else None)
+
+
+def broken_compressed_file(files: list[str]) -> tuple[str, BaseException] | None:
+    """(the first of `files` named as compressed that cannot be read through, its decompressor's error), or None: what a
+    source's DECOMPRESSION_ERRORS came from, which datasets raises naming no file. Read only once such an error was
+    raised (a file cut short fails at its end)."""
+    for f in files:
+        if not Path(f).name.lower().endswith(_COMPRESSION_SUFFIXES):
+            continue
+        try:
+            with open_data_file(f) as raw:
+                while raw.read(1 << 24):
+                    pass
+        except (*DECOMPRESSION_ERRORS, ValueError) as e:  # (ValueError: a compression without its package)
+            return f, e
+    return None
+
+
+def _decompression_error(error: BaseException, files: list[str], source: Any) -> ValueError | None:
+    """A ValueError naming the compressed file of `files` that `error` (one of DECOMPRESSION_ERRORS, or datasets' error
+    caused by one, raised while it read `source`) came from, and what to do; None where no file of them fails to
+    decompress."""
+    found = broken_compressed_file(files)
+    if found is None:
+        return None
+    f, e = found
+    what = f"data.source ({source!r})" if f != source else "data.source"
+    return ValueError(f"{what}: cannot read {f!r} ({type(e).__name__}: {e}): it is not compressed as its name says, or "
+                      f"is cut short or corrupt; decompress it again from its origin, or leave it out of the source")
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------
@@ -430,6 +460,16 @@ class _StreamedDocs:
             raise ValueError(f"data.text_field: the streamed dataset {self.source!r} has no column "
                              f"{self.text_field!r} (past the first {read} documents of epoch {epoch} of this "
                              f"process's stream)") from e
+        except DECOMPRESSION_ERRORS as e:  # a compressed file of the source cut short or corrupt, as datasets reads it
+            broken = _decompression_error(e, _folder_files(self.source), self.source)  # (a local folder's)
+            if broken is not None:
+                raise broken from e
+            if not isinstance(e, (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)):
+                raise  # (bz2's is a bare OSError, as a network failure is)
+            raise ValueError(
+                f"data.source: the streamed dataset {self.source!r} holds a compressed file that is cut short or "
+                f"corrupt ({type(e).__name__}: {e}), past the first {read} documents of epoch {epoch} of this "
+                f"process's stream: decompress it again from its origin, or leave it out of the source") from e
         except UnicodeDecodeError as e:  # pyarrow's json reader keeps such bytes; datasets decodes them strictly
             raise ValueError(
                 f"data.source: the streamed dataset {self.source!r} holds text that is not UTF-8 ({e}), past the "
@@ -622,6 +662,12 @@ def _folder_kinds(source: str | list[str]) -> dict[str, list[str]]:
         if builder in kinds or not kinds:
             kinds[builder] = sorted(kinds.get(builder, []) + names)
     return kinds
+
+
+def _folder_files(source: Any) -> list[str]:
+    """The data files of a local folder `source` (`_folder_kinds`'), as paths; [] for another source."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    return [os.path.join(folder, name) for names in _folder_kinds(source).values() for name in names] if folder else []
 
 
 def _text_folder(source: str | list[str]) -> bool:
@@ -820,12 +866,17 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             if isinstance(e.__cause__, CastError) or type(e).__name__ == "DatasetGenerationCastError":
                 cast = e.__cause__ if isinstance(e.__cause__, CastError) else e
                 raise _mixed_local_columns_error(cast, local, builder, cfg.text_field) from e
+            if isinstance(e.__cause__, DECOMPRESSION_ERRORS) and (
+                    broken := _decompression_error(e, local, cfg.source)) is not None:
+                raise broken from e
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
         except ValueError as e:  # blank lines only: datasets' bare 'Instruction "train" corresponds to no data!'
             what = "no records" if "corresponds to no data" in str(e) else f"{type(e).__name__}: {e}"
             raise ValueError(f"data.source: cannot read {named!r} as {builder} ({what})") from e
+        except DECOMPRESSION_ERRORS as e:  # a .gz file that is not gzip, cut short: datasets' own, naming no file
+            raise _decompression_error(e, local, cfg.source) or e from e
         streamed = False
     elif _saved_to_disk(cfg.source):  # datasets.load_dataset refuses it ("use load_from_disk"), which no config can
         _check_one_split(cfg, "a dataset saved with Dataset.save_to_disk is")
@@ -861,7 +912,11 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming,
                                             revision=commit or cfg.revision, **extra)
-        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last: malformed files
+        except (*DECOMPRESSION_ERRORS, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last:
+            # malformed files; a compressed file of a local folder that is not what its name says, or is cut short
+            if isinstance(e.__cause__ or e, DECOMPRESSION_ERRORS) and (
+                    broken := _decompression_error(e, _folder_files(cfg.source), cfg.source)) is not None:
+                raise broken from e
             cause = f" ({type(e).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
                              f"{which!r}): {e}{cause}") from e
