@@ -576,6 +576,28 @@ def test_a_compressed_file_that_does_not_decompress_is_named(tok, tmp_path, dama
         list(itertools.islice(TextStream(cfg, tok).rows(), 1000))  # (about 380 rows a file)
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_parquet_file_without_rows_beside_others_is_no_document(tok, tmp_path, streaming):
+    # an empty shard (a parquet file of no rows, as a preprocessing job writes one) failed datasets' read of every file
+    # with it: "BatchSize must be greater than 0, got 0"; in a folder streamed, a bare ArrowInvalid mid-run
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / "a.parquet")
+    pq.write_table(pa.table({"text": [f"document {i}" for i in range(8)]}), folder / "b.parquet")
+    files = [str(folder / "a.parquet"), str(folder / "b.parquet")]
+    for source in (files, str(folder / "*.parquet")):
+        cfg = DataConfig(source=source, holdout=0.0, shuffle=False, streaming=streaming)
+        assert list(open_documents(cfg, "train").iter_docs(0, 0)) == [f"document {i}" for i in range(8)]
+    with pytest.raises(ValueError, match=r"cannot read '.*a\.parquet' as parquet \(no records\)"):
+        open_documents(DataConfig(source=files[0], holdout=0.0), "train")
+    with pytest.raises(ValueError, match=r"holds parquet files without rows \(a\.parquet\), which datasets cannot "
+                                         r"read: delete them, or name the folder's files by glob"):
+        TextStream(DataConfig(source=str(folder), holdout=0.0, streaming=streaming), tok)
+
+
 def test_compressed_local_files_with_mixed_columns_name_each_files_columns(tmp_path):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     import gzip

@@ -670,6 +670,19 @@ def _folder_files(source: Any) -> list[str]:
     return [os.path.join(folder, name) for names in _folder_kinds(source).values() for name in names] if folder else []
 
 
+def _parquet_rows(path: str) -> int | None:
+    """The rows of a .parquet file as its footer says, or None: not a parquet file by name, or one whose footer does
+    not read (datasets then says so)."""
+    if local_builder(path) != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, ValueError):  # (pyarrow's ArrowInvalid is a ValueError)
+        return None
+
+
 def _text_folder(source: str | list[str]) -> bool:
     """Whether `source` is a local folder whose data files are all .txt files, which `datasets.load_dataset` reads with
     its text builder (one line per document unless given another sample_by)."""
@@ -853,8 +866,11 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         # a .txt file with a byte that is not UTF-8 (a Latin-1 file) failed to load as a whole
         extra = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
         named = local if len(local) > 1 else local[0]
-        if all(os.path.getsize(f) == 0 for f in local):  # datasets 3.0 and 4 report empty files differently
-            raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")
+        if all(os.path.getsize(f) == 0 or _parquet_rows(f) == 0 for f in local):  # (datasets 3.0 and 4 report empty
+            raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")  # files differently)
+        # a parquet file without rows (an empty shard) holds no document, and datasets failed on it, the other files
+        # with it: "BatchSize must be greater than 0, got 0"
+        local = [f for f in local if _parquet_rows(f) != 0]
         try:
             # datasets reads data_files as globs too: a name's own glob characters are escaped for it
             dataset = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in local], split="train",
@@ -902,6 +918,13 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                           f"one line per document (its text builder's default), not one file per document as "
                           f".txt files named by path or glob ({os.path.join(cfg.source, '*.txt')!r}) are read; a "
                           f"new run sets data.sample_by: line to say so, or 'paragraph'", stacklevel=2)
+        empty = [name for name in _folder_kinds(cfg.source).get("parquet", [])
+                 if _parquet_rows(os.path.join(os.path.expanduser(cfg.source), name)) == 0]
+        if empty:  # datasets fails on them, the whole folder with them, in "BatchSize must be greater than 0, got 0"
+            raise ValueError(f"data.source: the folder {cfg.source!r} holds parquet files without rows "
+                             f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}), which datasets cannot "
+                             f"read: delete them, or name the folder's files by glob "
+                             f"({os.path.join(cfg.source, '*.parquet')!r}), which leaves files without rows out")
         if len(kinds := _folder_kinds(cfg.source)) > 1:  # datasets reads one kind and leaves the others out unsaid
             held = "; ".join(f"{len(names)} {kind} file(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
                              for kind, names in sorted(kinds.items()))
