@@ -892,7 +892,9 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             what = "no records" if "corresponds to no data" in str(e) else f"{type(e).__name__}: {e}"
             raise ValueError(f"data.source: cannot read {named!r} as {builder} ({what})") from e
         except DECOMPRESSION_ERRORS as e:  # a .gz file that is not gzip, cut short: datasets' own, naming no file
-            raise _decompression_error(e, local, cfg.source) or e from e
+            if (broken := _decompression_error(e, local, cfg.source)) is None:
+                raise
+            raise broken from e
         streamed = False
     elif _saved_to_disk(cfg.source):  # datasets.load_dataset refuses it ("use load_from_disk"), which no config can
         _check_one_split(cfg, "a dataset saved with Dataset.save_to_disk is")
