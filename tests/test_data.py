@@ -598,6 +598,22 @@ def test_a_parquet_file_without_rows_beside_others_is_no_document(tok, tmp_path,
         TextStream(DataConfig(source=str(folder), holdout=0.0, streaming=streaming), tok)
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("how", ["by path", "folder"])
+def test_a_utf16_txt_file_is_refused_naming_it(tok, tmp_path, encoding, how):
+    # a text file saved as "Unicode" (Windows' Notepad: UTF-16 with a byte order mark) read as UTF-8 with replacement,
+    # and trained as a NUL byte between every two characters, without a word
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a UTF-8 file\n")
+    text = "hello from notepad\n"
+    (folder / "b.txt").write_bytes((b"\xfe\xff" if encoding == "utf-16-be" else b"") + text.encode(encoding))
+    source = str(folder) if how == "folder" else str(folder / "*.txt")
+    with pytest.raises(ValueError, match=r"data\.source: '.*b\.txt' is UTF-16 text .*: re-encode it as UTF-8"):
+        TextStream(DataConfig(source=source, holdout=0.0, sample_by="line"), tok)
+
+
 def test_compressed_local_files_with_mixed_columns_name_each_files_columns(tmp_path):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     import gzip

@@ -683,6 +683,20 @@ def _parquet_rows(path: str) -> int | None:
         return None
 
 
+def _refuse_utf16(files: list[str]) -> None:
+    """Refuse a .txt file that begins with a UTF-16 (or UTF-32) byte order mark, as Windows' Notepad saves "Unicode":
+    read as UTF-8 with replacement, its text trained as a NUL byte between every two characters, without a word."""
+    for f in files:
+        if Path(f).name.lower().endswith(_COMPRESSION_SUFFIXES):
+            continue  # (its bytes are the compressor's)
+        with open(f, "rb") as raw:
+            head = raw.read(2)
+        if head in (b"\xff\xfe", b"\xfe\xff"):
+            raise ValueError(f"data.source: {f!r} is UTF-16 text (it begins with a UTF-16 byte order mark), which "
+                             f"reads as UTF-8 with a NUL byte between its characters: re-encode it as UTF-8 (iconv -f "
+                             f"UTF-16 -t UTF-8 IN > OUT, or Notepad's 'Save as' UTF-8)")
+
+
 def _text_folder(source: str | list[str]) -> bool:
     """Whether `source` is a local folder whose data files are all .txt files, which `datasets.load_dataset` reads with
     its text builder (one line per document unless given another sample_by)."""
@@ -865,6 +879,8 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                              f"document per record (leave sample_by at 'document')")
         # a .txt file with a byte that is not UTF-8 (a Latin-1 file) failed to load as a whole
         extra = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
+        if builder == "text":
+            _refuse_utf16(local)
         named = local if len(local) > 1 else local[0]
         if all(os.path.getsize(f) == 0 or _parquet_rows(f) == 0 for f in local):  # (datasets 3.0 and 4 report empty
             raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")  # files differently)
@@ -913,6 +929,8 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         commit, unknown = _hub_head(cfg.source, cfg.revision) if hub_stream else (None, None)
         # (not UTF-8: a streamed one ended mid-run in a bare UnicodeDecodeError as it reached the file)
         extra: dict[str, Any] = {"encoding_errors": "replace"} if text_folder else {}
+        if text_folder:
+            _refuse_utf16(_folder_files(cfg.source))
         if text_folder and cfg.sample_by != "document":
             extra["sample_by"] = cfg.sample_by
         elif text_folder:  # (taking it as "document" now would change the documents of a run resumed on the folder)
