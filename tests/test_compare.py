@@ -1908,3 +1908,18 @@ def test_cache_sizes_of_a_thousand_mib_and_more_print_whole(tmp_path):
     assert "e+0" not in table
     rows = [line for line in table.splitlines() if line.startswith("| transformerpp | 65536 |")]
     assert rows and re.search(r"\| \d,\d{3} \|$", rows[0])
+
+
+@pytest.mark.parametrize("holdout, message", [(0.01, "fill no row of 128 tokens"), (0.0, "recipe.data.holdout: is 0")])
+def test_a_recipe_whose_held_out_rows_hold_no_target_is_refused_before_training(tmp_path, holdout, message):
+    """Held-out documents too short to fill one packed row gave no evaluation row: the eval phase, after each model
+    trained, recorded eval_loss 0 (perplexity 1) for every model; a holdout of 0 failed there, naming zoo train's
+    eval.every, which a comparison does not take."""
+    from zoo.compare import _check_inputs
+
+    docs = tmp_path / "docs.jsonl"  # 300 short documents: the 1% held out (a few) is fewer than 128 tokens
+    docs.write_text("".join(json.dumps({"text": f"doc {i} " * 5}) + "\n" for i in range(300)))
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml",
+                                      [f"recipe.data={{source: {docs}, seq_len: 128, holdout: {holdout}}}"])
+    with pytest.raises(ValueError, match=message):
+        _check_inputs(cfg, resolve_models(cfg, folder))

@@ -550,6 +550,70 @@ def test_a_compressed_file_named_by_path_is_read_as_in_a_folder(tmp_path, suffix
         assert _txt_files(cfg)  # the hint when the evaluation documents fill no row names data.sample_by
 
 
+@pytest.mark.parametrize("damage", ["not compressed", "cut short"])
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+@pytest.mark.parametrize("how", ["by path", "folder", "folder streamed"])
+def test_a_compressed_file_that_does_not_decompress_is_named(tok, tmp_path, damage, suffix, how):
+    # datasets' own decompressor error escaped, naming neither the source nor the file: 'BadGzipFile: Not a gzipped
+    # file', 'EOFError: Compressed file ended before the end-of-stream marker was reached', 'LZMAError: ...'; a folder
+    # streamed reached the broken file mid-run, after the good one before it
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    rows = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(100)).encode()
+    (folder / f"a.jsonl{suffix}").write_bytes(compress(rows))
+    broken = folder / f"b.jsonl{suffix}"
+    broken.write_bytes(rows if damage == "not compressed" else compress(rows)[:-40])
+    source = str(folder) if how.startswith("folder") else [str(folder / f"a.jsonl{suffix}"), str(broken)]
+    cfg = DataConfig(source=source, seq_len=64, holdout=0.0, shuffle=False, streaming=how == "folder streamed")
+    with pytest.raises(ValueError, match=rf"data\.source.*: cannot read '{re.escape(str(broken))}' \(.*\): it is not "
+                                         rf"compressed as its name says, or is cut short or corrupt"):
+        list(itertools.islice(TextStream(cfg, tok).rows(), 1000))  # (about 380 rows a file)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory-mapped", "streamed"])
+def test_a_parquet_file_without_rows_beside_others_is_no_document(tok, tmp_path, streaming):
+    # an empty shard (a parquet file of no rows, as a preprocessing job writes one) failed datasets' read of every file
+    # with it: "BatchSize must be greater than 0, got 0"; in a folder streamed, a bare ArrowInvalid mid-run
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), folder / "a.parquet")
+    pq.write_table(pa.table({"text": [f"document {i}" for i in range(8)]}), folder / "b.parquet")
+    files = [str(folder / "a.parquet"), str(folder / "b.parquet")]
+    for source in (files, str(folder / "*.parquet")):
+        cfg = DataConfig(source=source, holdout=0.0, shuffle=False, streaming=streaming)
+        assert list(open_documents(cfg, "train").iter_docs(0, 0)) == [f"document {i}" for i in range(8)]
+    with pytest.raises(ValueError, match=r"cannot read '.*a\.parquet' as parquet \(no records\)"):
+        open_documents(DataConfig(source=files[0], holdout=0.0), "train")
+    with pytest.raises(ValueError, match=r"holds parquet files without rows \(a\.parquet\), which datasets cannot "
+                                         r"read: delete them, or name the folder's files by glob"):
+        TextStream(DataConfig(source=str(folder), holdout=0.0, streaming=streaming), tok)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("how", ["by path", "folder"])
+def test_a_utf16_txt_file_is_refused_naming_it(tok, tmp_path, encoding, how):
+    # a text file saved as "Unicode" (Windows' Notepad: UTF-16 with a byte order mark) read as UTF-8 with replacement,
+    # and trained as a NUL byte between every two characters, without a word
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a UTF-8 file\n")
+    text = "hello from notepad\n"
+    (folder / "b.txt").write_bytes((b"\xfe\xff" if encoding == "utf-16-be" else b"") + text.encode(encoding))
+    source = str(folder) if how == "folder" else str(folder / "*.txt")
+    with pytest.raises(ValueError, match=r"data\.source: '.*b\.txt' is UTF-16 text .*: re-encode it as UTF-8"):
+        TextStream(DataConfig(source=source, holdout=0.0, sample_by="line"), tok)
+
+
 def test_compressed_local_files_with_mixed_columns_name_each_files_columns(tmp_path):
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     import gzip

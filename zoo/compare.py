@@ -97,6 +97,7 @@ import functools
 import gc
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import statistics
@@ -2106,6 +2107,7 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
             raise ValueError(f"eval.passkey.max_new_tokens: {pk.max_new_tokens} new tokens cannot write an answer "
                              f"\" <5-digit key>\" of up to {need} tokens with tokenizer {recipe.tokenizer!r}; give "
                              f"max_new_tokens >= {need}")
+    _check_heldout(cfg, tokenizer)
     mqar = cfg.eval.mqar
     for entry in entries:
         try:  # each model's record starts with its accounting
@@ -2125,6 +2127,25 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
             raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
                              f"so packed documents would see each other; set recipe.data.packing=false (for every "
                              f"model: they train on the same rows)")
+
+
+def _check_heldout(cfg: CompareConfig, tokenizer) -> None:
+    """Refuse a recipe whose held-out rows (`heldout_loss`'s, at every training length) hold no target: the eval phase,
+    after a model trained, recorded eval_loss 0 (a perplexity of 1) for held-out documents that fill no packed row."""
+    from zoo.data.text import TextStream
+    from zoo.train import count_targets
+
+    for seq_len in _lengths(cfg):
+        tcfg = _recipe_config(_recipe_at(cfg, seq_len))
+        if tcfg.data.eval_split is None and tcfg.data.holdout == 0:  # (TextStream says: set zoo train's eval.every)
+            raise ValueError("recipe.data.holdout: is 0 and recipe.data.eval_split is unset, so there are no held-out "
+                             "rows to evaluate every model on; set holdout > 0 (or an eval_split of a hub dataset)")
+        stream = TextStream(tcfg.data, tokenizer, "eval")
+        rows = stream.batches(cfg.eval.micro_batch_size or tcfg.train.micro_batch_size)
+        if not sum(count_targets(batch["labels"]) for batch, _ in itertools.islice(rows, cfg.eval.batches)):
+            raise ValueError(f"recipe.data: the held-out documents fill no row of {seq_len} tokens (data.seq_len at "
+                             f"that training length), so the eval phase would have no target; raise "
+                             f"recipe.data.holdout, give a source with more text, or train at shorter lengths")
 
 
 def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path

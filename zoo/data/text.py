@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import gzip
 import io
 import itertools
 import json
@@ -89,6 +90,35 @@ def open_data_file(path: str | Path):
                          f"or decompress the file")
     return OpenFile(LocalFileSystem(), os.path.abspath(os.fspath(path)), "rb",
                     compression=compression if suffix is not None else None)
+
+
+def broken_compressed_file(files: list[str]) -> tuple[str, BaseException] | None:
+    """(the first of `files` named as compressed that cannot be read through, its decompressor's error), or None: what a
+    source's DECOMPRESSION_ERRORS came from, which datasets raises naming no file. Read only once such an error was
+    raised (a file cut short fails at its end)."""
+    for f in files:
+        if not Path(f).name.lower().endswith(_COMPRESSION_SUFFIXES):
+            continue
+        try:
+            with open_data_file(f) as raw:
+                while raw.read(1 << 24):
+                    pass
+        except (*DECOMPRESSION_ERRORS, ValueError) as e:  # (ValueError: a compression without its package)
+            return f, e
+    return None
+
+
+def _decompression_error(error: BaseException, files: list[str], source: Any) -> ValueError | None:
+    """A ValueError naming the compressed file of `files` that `error` (one of DECOMPRESSION_ERRORS, or datasets' error
+    caused by one, raised while it read `source`) came from, and what to do; None where no file of them fails to
+    decompress."""
+    found = broken_compressed_file(files)
+    if found is None:
+        return None
+    f, e = found
+    what = f"data.source ({source!r})" if f != source else "data.source"
+    return ValueError(f"{what}: cannot read {f!r} ({type(e).__name__}: {e}): it is not compressed as its name says, or "
+                      f"is cut short or corrupt; decompress it again from its origin, or leave it out of the source")
 
 
 # ---- tokenizers --------------------------------------------------------------------------------------------
@@ -430,6 +460,16 @@ class _StreamedDocs:
             raise ValueError(f"data.text_field: the streamed dataset {self.source!r} has no column "
                              f"{self.text_field!r} (past the first {read} documents of epoch {epoch} of this "
                              f"process's stream)") from e
+        except DECOMPRESSION_ERRORS as e:  # a compressed file of the source cut short or corrupt, as datasets reads it
+            broken = _decompression_error(e, _folder_files(self.source), self.source)  # (a local folder's)
+            if broken is not None:
+                raise broken from e
+            if not isinstance(e, (EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile)):
+                raise  # (bz2's is a bare OSError, as a network failure is)
+            raise ValueError(
+                f"data.source: the streamed dataset {self.source!r} holds a compressed file that is cut short or "
+                f"corrupt ({type(e).__name__}: {e}), past the first {read} documents of epoch {epoch} of this "
+                f"process's stream: decompress it again from its origin, or leave it out of the source") from e
         except UnicodeDecodeError as e:  # pyarrow's json reader keeps such bytes; datasets decodes them strictly
             raise ValueError(
                 f"data.source: the streamed dataset {self.source!r} holds text that is not UTF-8 ({e}), past the "
@@ -624,6 +664,39 @@ def _folder_kinds(source: str | list[str]) -> dict[str, list[str]]:
     return kinds
 
 
+def _folder_files(source: Any) -> list[str]:
+    """The data files of a local folder `source` (`_folder_kinds`'), as paths; [] for another source."""
+    folder = os.path.expanduser(source) if isinstance(source, str) else None
+    return [os.path.join(folder, name) for names in _folder_kinds(source).values() for name in names] if folder else []
+
+
+def _parquet_rows(path: str) -> int | None:
+    """The rows of a .parquet file as its footer says, or None: not a parquet file by name, or one whose footer does
+    not read (datasets then says so)."""
+    if local_builder(path) != "parquet":
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, ValueError):  # (pyarrow's ArrowInvalid is a ValueError)
+        return None
+
+
+def _refuse_utf16(files: list[str]) -> None:
+    """Refuse a .txt file that begins with a UTF-16 (or UTF-32) byte order mark, as Windows' Notepad saves "Unicode":
+    read as UTF-8 with replacement, its text trained as a NUL byte between every two characters, without a word."""
+    for f in files:
+        if Path(f).name.lower().endswith(_COMPRESSION_SUFFIXES):
+            continue  # (its bytes are the compressor's)
+        with open(f, "rb") as raw:
+            head = raw.read(2)
+        if head in (b"\xff\xfe", b"\xfe\xff"):
+            raise ValueError(f"data.source: {f!r} is UTF-16 text (it begins with a UTF-16 byte order mark), which "
+                             f"reads as UTF-8 with a NUL byte between its characters: re-encode it as UTF-8 (iconv -f "
+                             f"UTF-16 -t UTF-8 IN > OUT, or Notepad's 'Save as' UTF-8)")
+
+
 def _text_folder(source: str | list[str]) -> bool:
     """Whether `source` is a local folder whose data files are all .txt files, which `datasets.load_dataset` reads with
     its text builder (one line per document unless given another sample_by)."""
@@ -806,9 +879,14 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                              f"document per record (leave sample_by at 'document')")
         # a .txt file with a byte that is not UTF-8 (a Latin-1 file) failed to load as a whole
         extra = {"sample_by": cfg.sample_by, "encoding_errors": "replace"} if builder == "text" else {}
+        if builder == "text":
+            _refuse_utf16(local)
         named = local if len(local) > 1 else local[0]
-        if all(os.path.getsize(f) == 0 for f in local):  # datasets 3.0 and 4 report empty files differently
-            raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")
+        if all(os.path.getsize(f) == 0 or _parquet_rows(f) == 0 for f in local):  # (datasets 3.0 and 4 report empty
+            raise ValueError(f"data.source: cannot read {named!r} as {builder} (no records)")  # files differently)
+        # a parquet file without rows (an empty shard) holds no document, and datasets failed on it, the other files
+        # with it: "BatchSize must be greater than 0, got 0"
+        local = [f for f in local if _parquet_rows(f) != 0]
         try:
             # datasets reads data_files as globs too: a name's own glob characters are escaped for it
             dataset = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in local], split="train",
@@ -820,12 +898,19 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
             if isinstance(e.__cause__, CastError) or type(e).__name__ == "DatasetGenerationCastError":
                 cast = e.__cause__ if isinstance(e.__cause__, CastError) else e
                 raise _mixed_local_columns_error(cast, local, builder, cfg.text_field) from e
+            if isinstance(e.__cause__, DECOMPRESSION_ERRORS) and (
+                    broken := _decompression_error(e, local, cfg.source)) is not None:
+                raise broken from e
             cause = f": {e.__cause__}" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot read {named!r} as {builder} "
                              f"({'no records' if isinstance(e, StopIteration) else type(e).__name__}{cause})") from e
         except ValueError as e:  # blank lines only: datasets' bare 'Instruction "train" corresponds to no data!'
             what = "no records" if "corresponds to no data" in str(e) else f"{type(e).__name__}: {e}"
             raise ValueError(f"data.source: cannot read {named!r} as {builder} ({what})") from e
+        except DECOMPRESSION_ERRORS as e:  # a .gz file that is not gzip, cut short: datasets' own, naming no file
+            if (broken := _decompression_error(e, local, cfg.source)) is None:
+                raise
+            raise broken from e
         streamed = False
     elif _saved_to_disk(cfg.source):  # datasets.load_dataset refuses it ("use load_from_disk"), which no config can
         _check_one_split(cfg, "a dataset saved with Dataset.save_to_disk is")
@@ -844,6 +929,8 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         commit, unknown = _hub_head(cfg.source, cfg.revision) if hub_stream else (None, None)
         # (not UTF-8: a streamed one ended mid-run in a bare UnicodeDecodeError as it reached the file)
         extra: dict[str, Any] = {"encoding_errors": "replace"} if text_folder else {}
+        if text_folder:
+            _refuse_utf16(_folder_files(cfg.source))
         if text_folder and cfg.sample_by != "document":
             extra["sample_by"] = cfg.sample_by
         elif text_folder:  # (taking it as "document" now would change the documents of a run resumed on the folder)
@@ -851,6 +938,13 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
                           f"one line per document (its text builder's default), not one file per document as "
                           f".txt files named by path or glob ({os.path.join(cfg.source, '*.txt')!r}) are read; a "
                           f"new run sets data.sample_by: line to say so, or 'paragraph'", stacklevel=2)
+        empty = [name for name in _folder_kinds(cfg.source).get("parquet", [])
+                 if _parquet_rows(os.path.join(os.path.expanduser(cfg.source), name)) == 0]
+        if empty:  # datasets fails on them, the whole folder with them, in "BatchSize must be greater than 0, got 0"
+            raise ValueError(f"data.source: the folder {cfg.source!r} holds parquet files without rows "
+                             f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}), which datasets cannot "
+                             f"read: delete them, or name the folder's files by glob "
+                             f"({os.path.join(cfg.source, '*.parquet')!r}), which leaves files without rows out")
         if len(kinds := _folder_kinds(cfg.source)) > 1:  # datasets reads one kind and leaves the others out unsaid
             held = "; ".join(f"{len(names)} {kind} file(s): {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
                              for kind, names in sorted(kinds.items()))
@@ -861,7 +955,11 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         try:
             dataset = datasets.load_dataset(cfg.source, cfg.config_name, split=which, streaming=cfg.streaming,
                                             revision=commit or cfg.revision, **extra)
-        except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last: malformed files
+        except (*DECOMPRESSION_ERRORS, ValueError, datasets.exceptions.DatasetGenerationError) as e:  # the last:
+            # malformed files; a compressed file of a local folder that is not what its name says, or is cut short
+            if isinstance(e.__cause__ or e, DECOMPRESSION_ERRORS) and (
+                    broken := _decompression_error(e, _folder_files(cfg.source), cfg.source)) is not None:
+                raise broken from e
             cause = f" ({type(e).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
             raise ValueError(f"data.source: cannot open {cfg.source!r} (config {cfg.config_name!r}, split "
                              f"{which!r}): {e}{cause}") from e
