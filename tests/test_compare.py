@@ -1923,3 +1923,24 @@ def test_a_recipe_whose_held_out_rows_hold_no_target_is_refused_before_training(
                                       [f"recipe.data={{source: {docs}, seq_len: 128, holdout: {holdout}}}"])
     with pytest.raises(ValueError, match=message):
         _check_inputs(cfg, resolve_models(cfg, folder))
+
+
+def test_a_comparison_without_mqar_or_throughput_writes_no_empty_plot(tmp_path):
+    """With eval.mqar unset or throughput: null, recall.png and throughput.png were bare axes under a title (and
+    matplotlib warned "No artists with labels found to put in legend"), and a recall.png of an earlier run with MQAR
+    stayed beside a table without it: they are left out, removed, and results.md says why."""
+    import warnings
+
+    out = tmp_path / "bare"
+    out.mkdir()
+    (out / "recall.png").write_bytes(b"an earlier run's plot")
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=2",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null", "--only=gla"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    assert [str(w.message) for w in caught if "No artists with labels" in str(w.message)] == []
+    assert sorted(p.name for p in out.glob("*.png")) == ["loss.png", "memory.png"]
+    assert ("Plots left out (nothing to draw): throughput.png: throughput: null; recall.png: eval.mqar is not set; "
+            "length.png: eval.per_position is not set.") in (out / "results.md").read_text()

@@ -1946,3 +1946,24 @@ def test_a_finetune_checkpoint_that_decayed_a_transformers_mambas_a_log_continue
     out = capsys.readouterr().out
     assert "continuing from step 2 of 4" in out and "decayed the parameters named A_log, D, dt_bias" in out
     assert sizes == [decayed] * 2 and (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_wrapping_and_reloading_an_adapter_print_no_deprecation_of_peft(tmp_path):
+    """PEFT 0.21 reads a model's `is_gradient_checkpointing` as it wraps it, which transformers 5.2x deprecates: every
+    zoo finetune (wrap_lora) and every zoo generate or zoo eval of an adapter folder (zoo.hub.load_causal_lm) printed a
+    FutureWarning naming an attribute neither zoo nor the user had called."""
+    from peft import PeftModel
+
+    from zoo.hub import load_causal_lm
+
+    tiny("mamba").save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrap_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), r=4, verbose=False,
+                  check_forward=False).save_pretrained(tmp_path / "adapter")
+        load_causal_lm(tmp_path / "adapter")
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
+    deprecated = hasattr(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), "is_activation_checkpointing")
+    with pytest.warns(FutureWarning, match="is_gradient_checkpointing") if deprecated else warnings.catch_warnings():
+        # PEFT's own call, outside zoo, warns as it did: only zoo's wrapping hides it
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")

@@ -2595,3 +2595,25 @@ def test_forward_backward_reports_the_aux_part_without_reading_the_device(monkey
     monkeypatch.undo()
     assert aux, "the MoE model's aux part was not reported"
     assert counts[True] == counts[False], counts
+
+
+def test_a_checkpoint_of_tied_embeddings_saves_and_resumes_without_accelerates_shared_tensor_note(tmp_path, caplog):
+    """accelerate's save_state logged "Removed shared tensor {'lm_head.weight'} while saving. This should be OK, but
+    check by verifying that you don't receive any warning while reloading" at every checkpoint of a zoo model (its
+    lm_head tied to the embeddings): a note for accelerate's users to check, which --resume does check."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+
+    def run(steps: int) -> dict:
+        return config_from_dict(run_dict(tmp_path, model=str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
+                                         train={"max_steps": steps, "grad_accum": 1}, schedule={"warmup_steps": 0},
+                                         checkpoint={"every": 1}))
+
+    with caplog.at_level(logging.INFO):
+        train(run(2))
+        resumed = train(run(3), resume="auto")
+    assert resumed.step == 3
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    model = AutoModelForCausalLM.from_pretrained(resumed.checkpoint / "model")
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # the tie the note was about

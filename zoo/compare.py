@@ -32,7 +32,8 @@ cell, MQAR's training from its last saved step); a rerun skips what is done unle
 settings; the others are named at its top. The end of a run writes
 ``results.md`` (printed), ``results.json`` and the plots ``loss.png`` (training loss against tokens),
 ``throughput.png`` and ``memory.png`` (against sequence length), ``recall.png`` (MQAR accuracy against
-recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran;
+recurrent state size) and ``length.png`` (per-position loss), with the backend each mixer ran (a plot with
+nothing to draw is left out, and results.md says why);
 ``--accounting-only`` writes ``accounting.md`` only (a finished comparison's results stay).
 
 Budget matching (`match_budget`). The knob (``d_model`` in steps of ``multiple_of``, or ``n_layers``: the
@@ -1957,8 +1958,42 @@ def _recall_labels(rows: list[dict[str, Any]]) -> list[tuple[int, float, str]]:
             for x, at in points.items()]
 
 
+# every plot write_plots may write; one it leaves out is removed from the output folder, as an earlier run's
+# recall.png (say) would show results that this run's table has left out
+PLOTS = ("loss.png", "throughput.png", "memory.png", "recall.png", "length.png")
+
+
+def _unplotted(records: list[dict[str, Any]], cfg: CompareConfig) -> dict[str, str]:
+    """The plots that would hold no line, each with why: write_plots leaves them out and results.md says so (a
+    comparison without eval.mqar, or with throughput: null, wrote an empty recall.png / throughput.png, bare axes
+    under a title, and matplotlib warned "No artists with labels found to put in legend")."""
+    lengths = _lengths(cfg)
+    if not records:
+        return {name: "no model has finished results" for name in PLOTS}
+    why = {}
+    if not any((rec["phases"].get(f"train/L{L}") or {}).get("curve") for rec in records for L in lengths):
+        why["loss.png"] = "no training curve"
+    if not any(r.get("tokens_per_s") for rec in records for r in (rec["phases"].get("throughput") or {}).get(
+            "rows", [])):
+        why["throughput.png"] = ("throughput: null" if cfg.throughput is None
+                                 else "no throughput measured (out of memory at every length)")
+    if not any(rec["phases"].get("mqar") for rec in records):
+        why["recall.png"] = "eval.mqar is not set" if cfg.eval.mqar is None else "no MQAR results"
+    if not any((rec["phases"].get(f"eval/L{L}") or {}).get("per_position") for rec in records for L in lengths):
+        why["length.png"] = ("eval.per_position is not set" if cfg.eval.per_position is None
+                             else "no per-position results")
+    return why
+
+
+def _unplotted_note(records: list[dict[str, Any]], cfg: CompareConfig) -> str:
+    why = _unplotted(records, cfg)
+    return ("\nPlots left out (nothing to draw): " + "; ".join(f"{name}: {why[name]}" for name in PLOTS if name in why)
+            + ".\n") if why else ""
+
+
 def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) -> list[Path]:
-    """loss.png, throughput.png, memory.png, recall.png and (with per-position results) length.png."""
+    """loss.png, throughput.png, memory.png, recall.png and length.png, each where it has a line to draw
+    (`_unplotted`); a plot left out is removed from `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1966,8 +2001,18 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
 
     lengths = _lengths(cfg)
     written = []
+    skip = _unplotted(records, cfg)
+    for name in skip:
+        (out / name).unlink(missing_ok=True)
+
+    def legend(ax, **kwargs) -> None:
+        if ax.get_legend_handles_labels()[0]:  # (an empty one warns "No artists with labels found")
+            ax.legend(**kwargs)
 
     def save(fig, name: str) -> None:
+        if name in skip:
+            plt.close(fig)
+            return
         fig.tight_layout()
         path = out / name
         fig.savefig(path, dpi=120)
@@ -1985,7 +2030,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.set_ylabel("training loss (nats / token)")
     ax.set_title("loss vs tokens (same rows, same order)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    legend(ax)
     save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -1998,7 +2043,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.set_ylabel("training tokens / s (forward + backward)")
     ax.set_title(f"throughput on {_device_name()}{_throughput_precision(records)}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    legend(ax)
     save(fig, "throughput.png")
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -2011,7 +2056,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
         per_length = rec["accounting"]["per_length"]
         ax2.plot([r["seq_len"] for r in per_length], [r["cache_mib"] for r in per_length], marker="o",
                  label=rec["name"])
-    ax1.set_title(f"training step memory ({method})", fontsize=9)
+    ax1.set_title(f"training step memory ({method})" if method else "training step memory", fontsize=9)
     ax1.set_ylabel("MiB")
     # wrapped: on one line the right-hand title ran past the figure's edge, cut off at "states kept in the model's"
     ax2.set_title(textwrap.fill(f"inference cache per sequence ({_cache_bytes(cfg)})", 60), fontsize=9)
@@ -2020,7 +2065,10 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        legend(ax, fontsize=8)
+    if not method:  # no step measured (throughput: null, or out of memory at every length): the cache alone
+        ax1.text(0.5, 0.5, "not measured" + (" (throughput: null)" if cfg.throughput is None else ""),
+                 ha="center", va="center", transform=ax1.transAxes, color="gray")
     save(fig, "memory.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -2048,7 +2096,7 @@ def write_plots(records: list[dict[str, Any]], cfg: CompareConfig, out: Path) ->
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("recall vs state size")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    legend(ax)
     save(fig, "recall.png")
 
     curves, trained_at, seen = {}, [], False
@@ -2248,6 +2296,8 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
             records, stale, unfinished = _finished_records(cfg, entries, by_name, out)
         note = "" if accounting_only else _left_out_note(stale, out, unfinished)
         markdown = note + markdown_report(records, cfg, _device_name())
+        if not accounting_only:
+            markdown += _unplotted_note(records, cfg)
         if accounting_only:  # results.md / results.json of a finished comparison stay as they are
             (out / "accounting.md").write_text(markdown)
         else:

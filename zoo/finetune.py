@@ -400,7 +400,7 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
         raise ValueError("wrap_lora: the model is already a PeftModel; pass its base model")
     # a PeftModel's base model, or zoo.hub.load_causal_lm's of an adapter: get_peft_model set up its adapter 'default'
     # afresh, so the trained adapter in it was lost (the model back to its base's outputs), without a word
-    from zoo.hub import peft_layer
+    from zoo.hub import peft_layer, peft_wrapping
 
     wrapped = peft_layer(model)
     if wrapped is not None:
@@ -443,7 +443,8 @@ def wrap_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 
     _check_modules_to_save(model, lora_kwargs.get("modules_to_save"), "modules_to_save")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
                         task_type=expected, **lora_kwargs)
-    peft_model = get_peft_model(model, config)
+    with peft_wrapping():
+        peft_model = get_peft_model(model, config)
     # modules_to_save's trained copies are deep copies, whose Parameters lost the _no_weight_decay flags
     mark_saved_copies(peft_model)
     report = lora_report(peft_model)
@@ -1429,7 +1430,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
-    from zoo.hub import load_model_not_adapter
+    from zoo.hub import load_model_not_adapter, peft_wrapping
 
     AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
     accelerator = Accelerator(mixed_precision=_run_precision(cfg.train.precision))  # the launch's under auto
@@ -1528,7 +1529,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
     base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32).to(device)
-    reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
+    with peft_wrapping():
+        reloaded = PeftModel.from_pretrained(base, str(adapter_dir))
     reload_logits = _logits(reloaded, probe_batch, device)
     merged = reloaded.merge_and_unload()
     merged_logits = _logits(merged, probe_batch, device)

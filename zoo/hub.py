@@ -12,6 +12,7 @@ work offline. The built-in byte tokenizer is saved as tokenizer.json (a `tokeniz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -57,6 +58,17 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
         return ByteTokenizer.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around PEFT's wrapping of a model (get_peft_model, PeftModel.from_pretrained): PEFT 0.21 reads the model's
+    `is_gradient_checkpointing`, which transformers 5.2x deprecates with a FutureWarning naming
+    `is_activation_checkpointing`; zoo finetune printed it at every run, as if zoo called the old name. That warning
+    alone is hidden, and only here: a user's own call of the old name still warns."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def peft_layer(model: Any) -> str | None:
@@ -395,7 +407,8 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
         # an adapter trained with tokens added to its tokenizer holds the resized embeddings (PEFT's
         # save_embedding_layers): PEFT's users resize the base to them first, and loading failed in load_state_dict
         model.resize_token_embeddings(rows)
-    model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
+    with peft_wrapping():
+        model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
         model.config.add_bos = add_bos

@@ -42,6 +42,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import logging
 import math
 import os
 import queue
@@ -1488,6 +1489,32 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
                          f"its weights (model: <checkpoint>/model)")
 
 
+@contextlib.contextmanager
+def _no_tied_weights_note(model: nn.Module):
+    """accelerate's save_state stores a tensor shared under two names (the lm_head tied to the embeddings) once, and
+    logged at every checkpoint of such a model "Removed shared tensor {'lm_head.weight'} while saving. This should be
+    OK, but check by verifying that you don't receive any warning while reloading": --resume loads it back into the
+    one Parameter both names hold, so the note is dropped while the names it lists are all such aliases."""
+    seen: dict[int, str] = {}
+    shared: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            shared |= {name, seen[id(param)]}
+        seen.setdefault(id(param), name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        found = re.search(r"Removed shared tensor \{(.*)\} while saving", record.getMessage())
+        names = re.findall(r"'([^']*)'", found.group(1)) if found else []
+        return not names or not all(any(n == s or n.endswith("." + s) for s in shared) for n in names)
+
+    logger = logging.getLogger("accelerate.utils.other")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, step: int, tokens: int,
                     data_state: StreamState, optimizer: torch.optim.Optimizer | None = None,
                     data_record: dict[str, Any] | None = None) -> Path:
@@ -1505,7 +1532,8 @@ def save_checkpoint(accelerator, model: nn.Module, tokenizer, cfg: TrainConfig, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "accelerate"))
+    with _no_tied_weights_note(accelerator.unwrap_model(model, keep_torch_compile=False)):
+        accelerator.save_state(str(tmp / "accelerate"))
     accelerator.wait_for_everyone()  # every process's files (its RNG state) are in tmp before it is published
     state_dict = accelerator.get_state_dict(model)  # every process takes part (FSDP gathers its shards)
     if accelerator.is_main_process:
