@@ -379,6 +379,22 @@ def test_transformers_baselines_with_per_layer_windows_and_unaccountable_layouts
             account(config, [16])
 
 
+@pytest.mark.parametrize("fields", [
+    {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 8, "head_dim": 16,
+     "state_size": 16, "n_groups": 1, "expand": 2, "vocab_size": 100},
+    {"model_type": "falcon_mamba", "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "vocab_size": 100}],
+    ids=["mamba2", "falcon_mamba"])
+def test_transformers_recurrent_models_the_accounting_cannot_count_are_named(fields):
+    """A transformers model with neither attention heads nor model_type mamba (Mamba-2, Falcon-Mamba) ended `zoo
+    compare` in an AttributeError traceback ('Mamba2Config' object has no attribute 'num_attention_heads'), read before
+    the check that names the model type and the way out."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**fields)
+    with pytest.raises(ValueError, match=rf"model_type '{fields['model_type']}' is neither attention"):
+        account(config, [16])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("budget", [150_000, 400_000])
 def test_match_budget_lands_within_two_percent(name, budget):

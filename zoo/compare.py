@@ -301,11 +301,12 @@ def _hf_layer_costs(config) -> list[LayerCost]:
     if getattr(config, "model_type", "") == "mamba":
         di, N = config.intermediate_size, config.state_size
         return [LayerCost("mamba", 0, 0, lambda L: 9.0 * di * N, lambda L: 9.0 * di * N) for _ in range(n)]
+    windows = _hf_windows(config)  # first: it names a layout it cannot count, which has no num_attention_heads
     H = config.num_attention_heads
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
     return [LayerCost("attention", 0, 0, lambda L, w=window: 4.0 * causal_keys_mean(L, w) * H * Dh,
                       lambda L, w=window: 4.0 * min(L + 1, w or L + 1) * H * Dh, kv=True)
-            for window in _hf_windows(config)]
+            for window in windows]
 
 
 def module_weights(model: nn.Module) -> float:
@@ -461,11 +462,12 @@ def _hf_state_fns(config) -> list[Callable[[int], int]]:
     if getattr(config, "model_type", "") == "mamba":
         di, N, K = config.intermediate_size, config.state_size, config.conv_kernel
         return [lambda L: di * N + di * K] * config.num_hidden_layers  # its conv state keeps K inputs (zoo's K - 1)
+    windows = _hf_windows(config)  # (first, as in _hf_layer_costs)
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
     # a sliding layer (transformers' DynamicSlidingWindowLayer) keeps the last window - 1 keys
-    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w - 1 if w else L) for window in _hf_windows(config)]
+    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w - 1 if w else L) for window in windows]
 
 
 def _hf_model_dtype_state_fns(config) -> list[Callable[[int], int]]:
