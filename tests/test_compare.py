@@ -450,6 +450,18 @@ def test_budget_past_the_adjusted_widths_reach_says_which_end():
         match_budget(gla, 700_000, knob="n_layers")
 
 
+def test_budget_far_below_the_smallest_size_names_its_narrowed_width():
+    """A budget under a third of the smallest size stopped the search before that size's narrowed ffn was tried: one
+    "MMAM" unit of jamba-tiny was named the smallest size at 373,696 parameters, though its halved ffn gives 250,816
+    (which a budget of 250,000 then matches)."""
+    fields = fields_of("jamba-tiny", vocab_size=260)
+    smallest = instantiated_params(ZooConfig(**dict(fields, layers="MMAM", ffn={"type": "swiglu", "hidden": 64})))
+    assert smallest == 250_816
+    with pytest.raises(ValueError, match=r"budget.params: 60,000 is below the smallest size, 250,816 total parameters "
+                                         r"with n_layers=1 and ffn_hidden=64 \(budget.adjust keeps it"):
+        match_budget(fields, 60_000, knob="n_layers")
+
+
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "budjet": {}}))

@@ -665,8 +665,9 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
         if config is None:
             continue
         n_nominal = _count(config, count)
+        first = lowest is None  # the smallest size: its narrowed width is tried too, for the message of a budget below
         reached(n_nominal, value, None)
-        if n_nominal > 3 * budget:
+        if n_nominal > 3 * budget and not first:
             break
         if n_nominal < budget / 3:
             continue
