@@ -1450,6 +1450,22 @@ def test_budget_matching_adjusts_the_expand_of_mamba_mixers_under_the_default_la
     assert "adjusted" in info
 
 
+@pytest.mark.parametrize("given, spelled, knob", [
+    ({"hidden_size": 64, "layers": "MMMM"}, {"d_model": 64, "layers": "MMMM"}, "d_model"),
+    ({"layers": "MMMM"}, {"d_model": 768, "layers": "MMMM"}, "d_model"),
+    ({"d_model": 64}, {"d_model": 64, "layers": "MM"}, "n_layers"),
+], ids=["hidden_size", "default-d_model", "default-layers"])
+def test_budget_matching_of_a_config_that_leaves_its_knob_to_the_defaults(given, spelled, knob):
+    """A model config giving d_model under transformers' name hidden_size, or leaving it (768) or layers ("MM") at the
+    default, ended match_budget in a KeyError traceback ('d_model', 'layers'): the knob is now read as the config
+    resolves it, and the match is that of the config spelled out."""
+    common = {"vocab_size": 260, "mixers": {"M": {"type": "mamba"}}, "ffn": "none"}
+    budget = 3e6 if knob == "d_model" and "hidden_size" not in given else 200_000
+    matched, info = match_budget({**common, **given}, budget, knob=knob)
+    assert (matched, info) == match_budget({**common, **spelled}, budget, knob=knob)
+    assert abs(info["error"]) <= 0.02 and parameter_counts(ZooConfig(**matched))["total"] == info["params"]
+
+
 def test_budget_advice_names_budget_adjust_auto_only_where_auto_adjusts_a_width():
     """A missed budget under budget.adjust none advised 'budget.adjust: auto' also for a model auto adjusts nothing
     in (a list of Mamba layers keeps its widths), where auto misses it the same way."""

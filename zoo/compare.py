@@ -647,6 +647,10 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     if count not in ("total", "non_embedding"):
         raise ValueError(f"budget.count: unknown {count!r}; use total or non_embedding")
     base = ZooConfig(**copy.deepcopy(fields))
+    # the knobs as the config resolves them: d_model given under transformers' name hidden_size or left at its
+    # default, layers at its default pattern (each was read from the fields, a KeyError)
+    fields = {**{k: v for k, v in fields.items() if k != "hidden_size"}, "d_model": base.d_model,
+              "layers": copy.deepcopy(fields.get("layers", base.layers))}
     what = _adjustable(base, adjust, fields)
     best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
     step = adjust_multiple_of  # the adjusted width's step (Mamba-2's d_inner: whole heads of every group too)
