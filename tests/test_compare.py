@@ -1691,6 +1691,17 @@ def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsy
         assert said in legend, said
 
 
+def test_sizes_table_gives_the_width_of_a_config_that_leaves_d_model_at_its_default(tmp_path):
+    """The Sizes table read d_model from the model's fields: a config leaving it at its default (768) showed "—"."""
+    mamba = {"vocab_size": 300, "layers": "MM", "mixers": {"M": {"type": "mamba", "d_state": 4}}, "ffn": "none"}
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "throughput": None,
+                                      "models": {"default": mamba, "named": {**mamba, "hidden_size": 64}}}))
+    assert main([str(config), "--accounting-only"]) == 0
+    sizes = (tmp_path / "out" / "accounting.md").read_text().split("## Sizes")[1]
+    assert re.search(r"^\| default \| 768 \| 2 \|", sizes, re.M) and re.search(r"^\| named \| 64 \| 2 \|", sizes, re.M)
+
+
 def test_cpu_step_memory_of_a_config_with_return_dict_false():
     # transformers' return_dict=False (a config exported with it) makes the forward return a tuple, which has no .loss:
     # the memory step failed on it ("'tuple' object has no attribute 'loss'"); it asks for an output object

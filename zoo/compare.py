@@ -382,9 +382,9 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
 
     Returns:
         dict with params (instantiated on the meta device), embedding_params, non_embedding_params,
-        active_params, layers (mixer types), and per_length rows: seq_len, flops_per_token (forward),
-        decode_flops_per_token, kv_floats, state_floats (whatever their dtype), cache_mib (per sequence, each float
-        at its dtype's bytes).
+        active_params, layers (mixer types), d_model (a transformers config's hidden_size), and per_length rows:
+        seq_len, flops_per_token (forward), decode_flops_per_token, kv_floats, state_floats (whatever their dtype),
+        cache_mib (per sequence, each float at its dtype's bytes).
     """
     model = _meta_model(config)
     params = sum(p.numel() for p in model.parameters())
@@ -415,6 +415,7 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
         })
     return {"params": params, "embedding_params": embed, "non_embedding_params": params - embed,
             "active_params": active, "matmul_weights": weights, "layers": [c.mixer for c in costs],
+            "d_model": config.d_model if isinstance(config, ZooConfig) else getattr(config, "hidden_size", None),
             "per_length": rows}
 
 
@@ -1932,10 +1933,10 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
         lines += ["", "## Sizes", "", "| model | d_model | layers | adjusted to the budget | params | active params |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for rec in records:
-            f = rec["fields"]
             adj = ", ".join(f"{k}={v}" for k, v in ((rec.get("match") or {}).get("adjusted") or {}).items())
             n_layers = len(rec["accounting"]["layers"])
-            lines.append(f"| {rec['name']} | {f.get('d_model', f.get('hidden_size', '—'))} | {n_layers} | "
+            # the config's width, not its fields': a model config leaving d_model at its default (768) showed "—"
+            lines.append(f"| {rec['name']} | {rec['accounting'].get('d_model') or '—'} | {n_layers} | "
                          f"{adj or '—'} | {rec['accounting']['params']:,} | {rec['accounting']['active_params']:,} |")
     timed = [rec for rec in records if rec.get("phase_seconds")]
     if timed:
