@@ -379,6 +379,22 @@ def test_transformers_baselines_with_per_layer_windows_and_unaccountable_layouts
             account(config, [16])
 
 
+@pytest.mark.parametrize("fields", [
+    {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "num_heads": 8, "head_dim": 16,
+     "state_size": 16, "n_groups": 1, "expand": 2, "vocab_size": 100},
+    {"model_type": "falcon_mamba", "hidden_size": 32, "num_hidden_layers": 2, "state_size": 8, "vocab_size": 100}],
+    ids=["mamba2", "falcon_mamba"])
+def test_transformers_recurrent_models_the_accounting_cannot_count_are_named(fields):
+    """A transformers model with neither attention heads nor model_type mamba (Mamba-2, Falcon-Mamba) ended `zoo
+    compare` in an AttributeError traceback ('Mamba2Config' object has no attribute 'num_attention_heads'), read before
+    the check that names the model type and the way out."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(**fields)
+    with pytest.raises(ValueError, match=rf"model_type '{fields['model_type']}' is neither attention"):
+        account(config, [16])
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("budget", [150_000, 400_000])
 def test_match_budget_lands_within_two_percent(name, budget):
@@ -432,6 +448,18 @@ def test_budget_past_the_adjusted_widths_reach_says_which_end():
     with pytest.raises(ValueError, match=r"budget.params: 700,000 is above the largest size tried, [\d,]+ total "
                                          r"parameters with n_layers=32; lower budget.params"):
         match_budget(gla, 700_000, knob="n_layers")
+
+
+def test_budget_far_below_the_smallest_size_names_its_narrowed_width():
+    """A budget under a third of the smallest size stopped the search before that size's narrowed ffn was tried: one
+    "MMAM" unit of jamba-tiny was named the smallest size at 373,696 parameters, though its halved ffn gives 250,816
+    (which a budget of 250,000 then matches)."""
+    fields = fields_of("jamba-tiny", vocab_size=260)
+    smallest = instantiated_params(ZooConfig(**dict(fields, layers="MMAM", ffn={"type": "swiglu", "hidden": 64})))
+    assert smallest == 250_816
+    with pytest.raises(ValueError, match=r"budget.params: 60,000 is below the smallest size, 250,816 total parameters "
+                                         r"with n_layers=1 and ffn_hidden=64 \(budget.adjust keeps it"):
+        match_budget(fields, 60_000, knob="n_layers")
 
 
 def test_config_errors_name_the_field(tmp_path):
@@ -1422,6 +1450,22 @@ def test_budget_matching_adjusts_the_expand_of_mamba_mixers_under_the_default_la
     assert "adjusted" in info
 
 
+@pytest.mark.parametrize("given, spelled, knob", [
+    ({"hidden_size": 64, "layers": "MMMM"}, {"d_model": 64, "layers": "MMMM"}, "d_model"),
+    ({"layers": "MMMM"}, {"d_model": 768, "layers": "MMMM"}, "d_model"),
+    ({"d_model": 64}, {"d_model": 64, "layers": "MM"}, "n_layers"),
+], ids=["hidden_size", "default-d_model", "default-layers"])
+def test_budget_matching_of_a_config_that_leaves_its_knob_to_the_defaults(given, spelled, knob):
+    """A model config giving d_model under transformers' name hidden_size, or leaving it (768) or layers ("MM") at the
+    default, ended match_budget in a KeyError traceback ('d_model', 'layers'): the knob is now read as the config
+    resolves it, and the match is that of the config spelled out."""
+    common = {"vocab_size": 260, "mixers": {"M": {"type": "mamba"}}, "ffn": "none"}
+    budget = 3e6 if knob == "d_model" and "hidden_size" not in given else 200_000
+    matched, info = match_budget({**common, **given}, budget, knob=knob)
+    assert (matched, info) == match_budget({**common, **spelled}, budget, knob=knob)
+    assert abs(info["error"]) <= 0.02 and parameter_counts(ZooConfig(**matched))["total"] == info["params"]
+
+
 def test_budget_advice_names_budget_adjust_auto_only_where_auto_adjusts_a_width():
     """A missed budget under budget.adjust none advised 'budget.adjust: auto' also for a model auto adjusts nothing
     in (a list of Mamba layers keeps its widths), where auto misses it the same way."""
@@ -1645,6 +1689,17 @@ def test_the_main_table_states_units_and_what_each_column_counts(tmp_path, capsy
     for said in ("every expert of an MoE", "forward FLOPs per token", "nats per token", "real (not pad)",
                  "fraction of queries", "KV 2 and states 4 bytes per float", "first 2 batches of held-out rows"):
         assert said in legend, said
+
+
+def test_sizes_table_gives_the_width_of_a_config_that_leaves_d_model_at_its_default(tmp_path):
+    """The Sizes table read d_model from the model's fields: a config leaving it at its default (768) showed "—"."""
+    mamba = {"vocab_size": 300, "layers": "MM", "mixers": {"M": {"type": "mamba", "d_state": 4}}, "ffn": "none"}
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "throughput": None,
+                                      "models": {"default": mamba, "named": {**mamba, "hidden_size": 64}}}))
+    assert main([str(config), "--accounting-only"]) == 0
+    sizes = (tmp_path / "out" / "accounting.md").read_text().split("## Sizes")[1]
+    assert re.search(r"^\| default \| 768 \| 2 \|", sizes, re.M) and re.search(r"^\| named \| 64 \| 2 \|", sizes, re.M)
 
 
 def test_cpu_step_memory_of_a_config_with_return_dict_false():

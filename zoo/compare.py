@@ -303,11 +303,12 @@ def _hf_layer_costs(config) -> list[LayerCost]:
     if getattr(config, "model_type", "") == "mamba":
         di, N = config.intermediate_size, config.state_size
         return [LayerCost("mamba", 0, 0, lambda L: 9.0 * di * N, lambda L: 9.0 * di * N) for _ in range(n)]
+    windows = _hf_windows(config)  # first: it names a layout it cannot count, which has no num_attention_heads
     H = config.num_attention_heads
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
     return [LayerCost("attention", 0, 0, lambda L, w=window: 4.0 * causal_keys_mean(L, w) * H * Dh,
                       lambda L, w=window: 4.0 * min(L + 1, w or L + 1) * H * Dh, kv=True)
-            for window in _hf_windows(config)]
+            for window in windows]
 
 
 def module_weights(model: nn.Module) -> float:
@@ -383,9 +384,9 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
 
     Returns:
         dict with params (instantiated on the meta device), embedding_params, non_embedding_params,
-        active_params, layers (mixer types), and per_length rows: seq_len, flops_per_token (forward),
-        decode_flops_per_token, kv_floats, state_floats (whatever their dtype), cache_mib (per sequence, each float
-        at its dtype's bytes).
+        active_params, layers (mixer types), d_model (a transformers config's hidden_size), and per_length rows:
+        seq_len, flops_per_token (forward), decode_flops_per_token, kv_floats, state_floats (whatever their dtype),
+        cache_mib (per sequence, each float at its dtype's bytes).
     """
     model = _meta_model(config)
     params = sum(p.numel() for p in model.parameters())
@@ -416,6 +417,7 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
         })
     return {"params": params, "embedding_params": embed, "non_embedding_params": params - embed,
             "active_params": active, "matmul_weights": weights, "layers": [c.mixer for c in costs],
+            "d_model": config.d_model if isinstance(config, ZooConfig) else getattr(config, "hidden_size", None),
             "per_length": rows}
 
 
@@ -463,11 +465,12 @@ def _hf_state_fns(config) -> list[Callable[[int], int]]:
     if getattr(config, "model_type", "") == "mamba":
         di, N, K = config.intermediate_size, config.state_size, config.conv_kernel
         return [lambda L: di * N + di * K] * config.num_hidden_layers  # its conv state keeps K inputs (zoo's K - 1)
+    windows = _hf_windows(config)  # (first, as in _hf_layer_costs)
     H = config.num_attention_heads
     Hkv = getattr(config, "num_key_value_heads", None) or H
     Dh = getattr(config, "head_dim", None) or config.hidden_size // H
     # a sliding layer (transformers' DynamicSlidingWindowLayer) keeps the last window - 1 keys
-    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w - 1 if w else L) for window in _hf_windows(config)]
+    return [lambda L, w=window: 2 * Hkv * Dh * min(L, w - 1 if w else L) for window in windows]
 
 
 def _hf_model_dtype_state_fns(config) -> list[Callable[[int], int]]:
@@ -647,6 +650,10 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     if count not in ("total", "non_embedding"):
         raise ValueError(f"budget.count: unknown {count!r}; use total or non_embedding")
     base = ZooConfig(**copy.deepcopy(fields))
+    # the knobs as the config resolves them: d_model given under transformers' name hidden_size or left at its
+    # default, layers at its default pattern (each was read from the fields, a KeyError)
+    fields = {**{k: v for k, v in fields.items() if k != "hidden_size"}, "d_model": base.d_model,
+              "layers": copy.deepcopy(fields.get("layers", base.layers))}
     what = _adjustable(base, adjust, fields)
     best: tuple | None = None  # (outside, deviation, error, knob value, fields, params, adjusted)
     step = adjust_multiple_of  # the adjusted width's step (Mamba-2's d_inner: whole heads of every group too)
@@ -665,8 +672,9 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
         if config is None:
             continue
         n_nominal = _count(config, count)
+        first = lowest is None  # the smallest size: its narrowed width is tried too, for the message of a budget below
         reached(n_nominal, value, None)
-        if n_nominal > 3 * budget:
+        if n_nominal > 3 * budget and not first:
             break
         if n_nominal < budget / 3:
             continue
@@ -1927,10 +1935,10 @@ def markdown_report(records: list[dict[str, Any]], cfg: CompareConfig, device: s
         lines += ["", "## Sizes", "", "| model | d_model | layers | adjusted to the budget | params | active params |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for rec in records:
-            f = rec["fields"]
             adj = ", ".join(f"{k}={v}" for k, v in ((rec.get("match") or {}).get("adjusted") or {}).items())
             n_layers = len(rec["accounting"]["layers"])
-            lines.append(f"| {rec['name']} | {f.get('d_model', f.get('hidden_size', '—'))} | {n_layers} | "
+            # the config's width, not its fields': a model config leaving d_model at its default (768) showed "—"
+            lines.append(f"| {rec['name']} | {rec['accounting'].get('d_model') or '—'} | {n_layers} | "
                          f"{adj or '—'} | {rec['accounting']['params']:,} | {rec['accounting']['active_params']:,} |")
     timed = [rec for rec in records if rec.get("phase_seconds")]
     if timed:
