@@ -627,6 +627,19 @@ def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
         load({"task": "mqar"}, model=str(adapter))
 
 
+def test_a_run_that_would_save_its_merged_model_over_its_base_is_refused(tmp_path, monkeypatch):
+    """Finetuning a run's merged/ again into the same output_dir saved the new merged model over the base, which the
+    new adapter names as its base: the adapter, loaded onto it, applied its change twice, without a word."""
+    tiny("mamba").save_pretrained(tmp_path / "run" / "merged")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"model": "run/merged", "data": {"task": "mqar"}}))
+    for out in ("run", str(tmp_path / "run") + "/", "./run/merged/.."):
+        with pytest.raises(ValueError, match=r"output_dir: .* would write its merged/ over the base model "
+                                             r"'run/merged'.*give another output_dir"):
+            load_finetune_config(tmp_path / "ft.yaml", [f"output_dir={out}"])
+    load_finetune_config(tmp_path / "ft.yaml", ["output_dir=run2"])  # another folder is taken
+
+
 def test_a_hub_adapter_repo_as_the_base_model_is_refused_before_training(tmp_path, monkeypatch):
     """A hub repo holding a PEFT adapter, given as the model to finetune: transformers loaded its base model with the
     adapter in its layers, a LoRA was trained over it, and the run failed after training for want of the repo's

@@ -752,6 +752,13 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         from zoo.hub import check_model_ref
 
         check_model_ref(cfg.model)  # a missing folder, or an adapter folder (stacking a second LoRA is not supported)
+        base = Path(cfg.model)
+        for sub in ("merged", "adapter"):
+            if base.is_dir() and base.resolve() == (Path(cfg.output_dir) / sub).resolve():
+                # the run saved its merged model over its own base: the adapter it saved, which names that folder as
+                # its base, then loaded onto the merged model and applied its change twice, without a word
+                raise ValueError(f"output_dir: {cfg.output_dir!r} would write its {sub}/ over the base model "
+                                 f"{cfg.model!r}, which the saved adapter names as its base; give another output_dir")
     return cfg
 
 
