@@ -1088,6 +1088,22 @@ def test_a_synthetic_task_run_keeps_the_base_tokenizer_beside_the_merged_model(t
         assert isinstance(load_folder_tokenizer(tmp_path / "run" / folder), ByteTokenizer), folder
 
 
+def test_an_adapter_saved_over_an_earlier_runs_keeps_none_of_its_tokenizer_or_rows_record(tmp_path):
+    """A run into the output_dir of an earlier one (jsonl rows without bos, a byte tokenizer) saved its adapter beside
+    the earlier tokenizer files and zoo_finetune.json: zoo generate and zoo eval took that tokenizer and add_bos as the
+    new adapter's, though its base holds no tokenizer and its rows were a task's."""
+    from zoo.data.text import ByteTokenizer
+    from zoo.hub import ADAPTER_DATA_FILE, holds_tokenizer, load_causal_lm, tokenizer_source
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 2, "micro_batch_size": 2})
+    earlier = tmp_path / "run" / "adapter"
+    ByteTokenizer().save_pretrained(earlier)
+    (earlier / ADAPTER_DATA_FILE).write_text(json.dumps({"add_bos": False}))
+    run("run")
+    assert not holds_tokenizer(earlier) and not (earlier / ADAPTER_DATA_FILE).exists()
+    assert tokenizer_source(earlier) == str(tmp_path / "base")
+    assert getattr(load_causal_lm(earlier).config, "add_bos", None) is None
+
 def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_path, monkeypatch):
     # a save of a new pretrained base into output_dir/base that was interrupted after the weights were written kept
     # the earlier base's pretrain_config.json: a rerun of the earlier pretrain section took these weights for its own
