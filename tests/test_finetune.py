@@ -627,6 +627,19 @@ def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
         load({"task": "mqar"}, model=str(adapter))
 
 
+def test_a_run_that_would_save_its_merged_model_over_its_base_is_refused(tmp_path, monkeypatch):
+    """Finetuning a run's merged/ again into the same output_dir saved the new merged model over the base, which the
+    new adapter names as its base: the adapter, loaded onto it, applied its change twice, without a word."""
+    tiny("mamba").save_pretrained(tmp_path / "run" / "merged")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump({"model": "run/merged", "data": {"task": "mqar"}}))
+    for out in ("run", str(tmp_path / "run") + "/", "./run/merged/.."):
+        with pytest.raises(ValueError, match=r"output_dir: .* would write its merged/ over the base model "
+                                             r"'run/merged'.*give another output_dir"):
+            load_finetune_config(tmp_path / "ft.yaml", [f"output_dir={out}"])
+    load_finetune_config(tmp_path / "ft.yaml", ["output_dir=run2"])  # another folder is taken
+
+
 def test_a_hub_adapter_repo_as_the_base_model_is_refused_before_training(tmp_path, monkeypatch):
     """A hub repo holding a PEFT adapter, given as the model to finetune: transformers loaded its base model with the
     adapter in its layers, a LoRA was trained over it, and the run failed after training for want of the repo's
@@ -1074,6 +1087,22 @@ def test_a_synthetic_task_run_keeps_the_base_tokenizer_beside_the_merged_model(t
     for folder in ("adapter", "merged"):
         assert isinstance(load_folder_tokenizer(tmp_path / "run" / folder), ByteTokenizer), folder
 
+
+def test_an_adapter_saved_over_an_earlier_runs_keeps_none_of_its_tokenizer_or_rows_record(tmp_path):
+    """A run into the output_dir of an earlier one (jsonl rows without bos, a byte tokenizer) saved its adapter beside
+    the earlier tokenizer files and zoo_finetune.json: zoo generate and zoo eval took that tokenizer and add_bos as the
+    new adapter's, though its base holds no tokenizer and its rows were a task's."""
+    from zoo.data.text import ByteTokenizer
+    from zoo.hub import ADAPTER_DATA_FILE, holds_tokenizer, load_causal_lm, tokenizer_source
+
+    run = mqar_finetune_runs(tmp_path, {"max_steps": 2, "micro_batch_size": 2})
+    earlier = tmp_path / "run" / "adapter"
+    ByteTokenizer().save_pretrained(earlier)
+    (earlier / ADAPTER_DATA_FILE).write_text(json.dumps({"add_bos": False}))
+    run("run")
+    assert not holds_tokenizer(earlier) and not (earlier / ADAPTER_DATA_FILE).exists()
+    assert tokenizer_source(earlier) == str(tmp_path / "base")
+    assert getattr(load_causal_lm(earlier).config, "add_bos", None) is None
 
 def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_path, monkeypatch):
     # a save of a new pretrained base into output_dir/base that was interrupted after the weights were written kept

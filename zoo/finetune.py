@@ -753,6 +753,13 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         from zoo.hub import check_model_ref
 
         check_model_ref(cfg.model)  # a missing folder, or an adapter folder (stacking a second LoRA is not supported)
+        base = Path(cfg.model)
+        for sub in ("merged", "adapter"):
+            if base.is_dir() and base.resolve() == (Path(cfg.output_dir) / sub).resolve():
+                # the run saved its merged model over its own base: the adapter it saved, which names that folder as
+                # its base, then loaded onto the merged model and applied its change twice, without a word
+                raise ValueError(f"output_dir: {cfg.output_dir!r} would write its {sub}/ over the base model "
+                                 f"{cfg.model!r}, which the saved adapter names as its base; give another output_dir")
     return cfg
 
 
@@ -1518,13 +1525,17 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     if accelerator.is_main_process:
+        from zoo.hub import _TOKENIZER_FAMILY, ADAPTER_DATA_FILE
+
+        # an earlier run's into the same output_dir: its tokenizer files (this run saving none, or others) and its rows'
+        # record stayed beside this adapter, and zoo generate and zoo eval read them as this adapter's
+        for name in (*_TOKENIZER_FAMILY, ADAPTER_DATA_FILE):
+            (adapter_dir / name).unlink(missing_ok=True)
         model.save_pretrained(adapter_dir)
         if saved_tokenizer is not None:
             saved_tokenizer.save_pretrained(adapter_dir)
         if cfg.data.source is not None:  # how its rows began, as merged/'s config records it (zoo.hub.load_causal_lm
             # reads it: zoo generate and zoo eval take the adapter folder too, with its base model's config)
-            from zoo.hub import ADAPTER_DATA_FILE
-
             (adapter_dir / ADAPTER_DATA_FILE).write_text(json.dumps({"add_bos": cfg.data.add_bos}) + "\n")
     accelerator.wait_for_everyone()
     # the saved adapter on a freshly loaded base: what a user of the checkpoint gets
