@@ -780,6 +780,15 @@ def test_generate_takes_several_prompts_as_one_left_padded_batch(tiny_folder, tm
     assert capsys.readouterr().out == singles[0]
 
 
+def test_generate_takes_the_prompt_after_options(tiny_folder, capsys):
+    """The prompt may follow options, as `zoo generate DIR --max-new-tokens 8 "text"`: argparse matched the optional
+    prompt empty at the model and refused the text after the options ('unrecognized arguments')."""
+    cli.main(["generate", str(tiny_folder), "hi there", "--max-new-tokens", "8"])
+    first = capsys.readouterr().out
+    cli.main(["generate", str(tiny_folder), "--max-new-tokens", "8", "hi there"])
+    assert capsys.readouterr().out == first
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "no prompt: give one after the model, or --prompt TEXT"),
     (["--prompt", ""], "the prompt is empty"),

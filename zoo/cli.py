@@ -126,7 +126,9 @@ def generate(argv: list[str] | None = None) -> None:
                                        "adapter without one: its base model's)")
     p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the weights' dtype (default: the checkpoint's)")
-    args = p.parse_args(argv)
+    # intermixed: the prompt may follow options (`zoo generate DIR --device cpu "text"`); parse_args matched the
+    # optional positional empty at the model and refused the prompt after the options as an unrecognized argument
+    args = p.parse_intermixed_args(argv)
     try:
         device = torch.device(args.device or default_device())
     except RuntimeError as e:
