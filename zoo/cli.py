@@ -140,7 +140,8 @@ def generate(argv: list[str] | None = None) -> None:
     prompts = ([args.prompt] if args.prompt is not None else []) + args.prompts
     if args.prompts_file is not None:
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
+            # (utf-8-sig: the byte-order mark an editor may write at the top went into the first prompt)
+            with open(args.prompts_file, encoding="utf-8-sig") as f:
                 prompts += [line.rstrip("\r\n") for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             p.error(f"--prompts-file {args.prompts_file!r}: {e}")
