@@ -791,6 +791,26 @@ def test_generate_takes_several_prompts_as_one_left_padded_batch(tiny_folder, tm
     assert capsys.readouterr().out == singles[0]
 
 
+def test_generate_takes_the_prompt_after_options(tiny_folder, capsys):
+    """The prompt may follow options, as `zoo generate DIR --max-new-tokens 8 "text"`: argparse matched the optional
+    prompt empty at the model and refused the text after the options ('unrecognized arguments')."""
+    cli.main(["generate", str(tiny_folder), "hi there", "--max-new-tokens", "8"])
+    first = capsys.readouterr().out
+    cli.main(["generate", str(tiny_folder), "--max-new-tokens", "8", "hi there"])
+    assert capsys.readouterr().out == first
+
+
+def test_generate_reads_a_prompts_file_without_its_byte_order_mark(tiny_folder, tmp_path, capsys, monkeypatch):
+    """A prompts file saved with a UTF-8 byte-order mark (Windows editors): the mark went into the first prompt's
+    tokens."""
+    seen = _capture_generate(monkeypatch)
+    for name, data in (("plain.txt", b"hi\nhello there\n"), ("bom.txt", b"\xef\xbb\xbfhi\nhello there\n")):
+        (tmp_path / name).write_bytes(data)
+        cli.main(["generate", str(tiny_folder), "--prompts-file", str(tmp_path / name), "--max-new-tokens", "1"])
+        seen[name] = (seen["input_ids"].tolist(), capsys.readouterr().out)
+    assert seen["bom.txt"] == seen["plain.txt"]
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "no prompt: give one after the model, or --prompt TEXT"),
     (["--prompt", ""], "the prompt is empty"),

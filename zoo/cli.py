@@ -126,7 +126,9 @@ def generate(argv: list[str] | None = None) -> None:
                                        "adapter without one: its base model's)")
     p.add_argument("--device", help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="the weights' dtype (default: the checkpoint's)")
-    args = p.parse_args(argv)
+    # intermixed: the prompt may follow options (`zoo generate DIR --device cpu "text"`); parse_args matched the
+    # optional positional empty at the model and refused the prompt after the options as an unrecognized argument
+    args = p.parse_intermixed_args(argv)
     try:
         device = torch.device(args.device or default_device())
     except RuntimeError as e:
@@ -138,7 +140,8 @@ def generate(argv: list[str] | None = None) -> None:
     prompts = ([args.prompt] if args.prompt is not None else []) + args.prompts
     if args.prompts_file is not None:
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
+            # (utf-8-sig: the byte-order mark an editor may write at the top went into the first prompt)
+            with open(args.prompts_file, encoding="utf-8-sig") as f:
                 prompts += [line.rstrip("\r\n") for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as e:
             p.error(f"--prompts-file {args.prompts_file!r}: {e}")
