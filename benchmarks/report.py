@@ -70,17 +70,19 @@ def render(rows: list[dict]) -> str:
     out = []
     for group, items in groups.items():
         out.append(f"### {group}\n")
-        runs = sorted({(r["card"], r["date"], r["command"]) for r in items})
-        for card, date, command in runs:
-            out.append(f"- {card}, {date}: `{command}`")
+        # numbered, and every row names its number: a group holds runs of several cards and days, and a row's
+        # figures (its floor: that card's bandwidth) mean something only beside the run that measured them
+        runs = {run: n for n, run in enumerate(sorted({_run(r) for r in items}), 1)}
+        for (card, date, command), n in runs.items():
+            out.append(f"- run {n}: {card}, {date}: `{command}`")
         out.append("")
         extra = [(label, key) for label, key in EXTRA.get(group, [])
                  if any(r.get(key) is not None for r in items)]  # a field no row has yet: no column of dashes
-        out.append("| name | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | "
+        out.append("| name | run | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | "
                    + "".join(f"{label} | " for label, _ in extra) + "note |")
-        out.append("| --- " * (7 + len(extra)) + "|")
+        out.append("| --- " * (8 + len(extra)) + "|")
         for r in items:
-            out.append(f"| {r['name']} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
+            out.append(f"| {r['name']} | {runs[_run(r)]} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
                        f"{fmt(r.get('baseline_ms'))} | {fmt(r.get('ratio'))} | {fmt(r.get('floor_ms'))} | "
                        + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{r.get('note', '')} |")
         out.append("")
@@ -114,8 +116,8 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
         at_floor, both = tpp_ms / floor, tpp["floor_ms"] / floor
         prompt = f"{r.get('prompt_len', '?')}"
         states = "bf16" if "state-model" in variant else "fp32"
-        out.append((variant, f"| {model} | {prompt} | {states} | {r['date']} | {ms:.3f} | {floor:.3f} | {tpp_ms:.3f} | "
-                   f"{tpp['floor_ms']:.3f} | {vs:.2f}x | {at_floor:.2f}x | {both:.2f}x | "
+        out.append((variant, f"| {model} | {prompt} | {states} | {r['card']}, {r['date']} | {ms:.3f} | {floor:.3f} | "
+                   f"{tpp_ms:.3f} | {tpp['floor_ms']:.3f} | {vs:.2f}x | {at_floor:.2f}x | {both:.2f}x | "
                    f"{'yes' if at_floor >= target else 'no'} |"))
     if not out:
         return ""
@@ -125,8 +127,8 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
             "Transformer++ in the same run; \"at its floor\" is what the model would show decoding at its floor "
             "against that Transformer++; \"both at floors\" puts Transformer++ at its floor too. Where \"at its "
             f"floor\" is under {target:g}x, no kernel reaches the target for that model: its state is too large.\n",
-            "| model | prompt | states | date | ms | floor ms | Transformer++ ms (same run) | Transformer++ floor ms "
-            f"| measured | at its floor | both at floors | {target:g}x reachable |",
+            "| model | prompt | states | card, date | ms | floor ms | Transformer++ ms (same run) | "
+            f"Transformer++ floor ms | measured | at its floor | both at floors | {target:g}x reachable |",
             "| --- " * 12 + "|"]
     return "\n".join(head + [line for _, line in sorted(out, key=lambda v: v[0])]) + "\n"
 

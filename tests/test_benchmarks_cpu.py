@@ -104,6 +104,30 @@ def test_report_keeps_only_the_later_of_two_calls_of_one_command_on_one_day():
     assert [(r["name"], r["ours_ms"]) for r in report.newest(rows)] == [("layers/B1", 0.380), ("layers/B64", 1.013)]
 
 
+def test_report_rows_name_the_run_that_measured_them():
+    """A group's table listed its runs (card, date, command) above rows that did not say which was theirs: the
+    generate table mixed H100 and H200 rows, floors from two bandwidths, with nothing to tell them apart; the 5x
+    table gave a date and no card. Each run is numbered and each row names its number; the 5x table names the card."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, card, ms, floor, vs):
+        return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0), row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
+            row("generate/transformerpp/B1", "H100", 3.0, 1.8, 1.0)]
+    lines = report.render(rows).splitlines()
+    runs = dict(line.removeprefix("- run ").split(": ", 1) for line in lines if line.startswith("- run "))
+    head = lines.index(next(line for line in lines if line.startswith("| name")))
+    assert lines[head].split(" | ")[1] == "run"
+    card_of = {cells[0][2:]: runs[cells[1]].split(",")[0] for cells in (line.split(" | ") for line in lines[head + 2:])
+               if len(cells) > 2}
+    assert card_of == {"generate/transformerpp/B64": "H200", "generate/mamba/B64": "H200",
+                       "generate/transformerpp/B1": "H100"}
+    (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
+    assert mamba[3] == "H200, 2026-12-04", mamba
+
+
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
     state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
