@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from zoo.cache import RecurrentLayer, ZooCache  # noqa: E402
 from zoo.decode import EagerDecoder, GraphDecoder, cache_nbytes, graphable, prefill  # noqa: E402
-from zoo.eval.common import sigterm_interrupts  # noqa: E402
+from zoo.eval.common import number_list, positive_int, sigterm_interrupts  # noqa: E402
 
 VOCAB = 50280
 ZOO = ("mamba", "mamba2", "transformerpp", "gla", "jamba")
@@ -273,18 +273,35 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def batch_list(text: str) -> list[int]:
+    """--batches as argparse's type: a comma list of sizes >= 1 (int() failed in a traceback after the model builds
+    on a GPU, and a 0 batch or an empty list measured nothing)."""
+    batches = number_list(text)
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of batch sizes >= 1 such as 1,16,64, got {text!r}")
+    return batches
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=[*ZOO, "hf-mamba", "hf-llama"], choices=[*ZOO, *HF])
-    p.add_argument("--batches", default="1,2,4,8,16,32,64")
-    p.add_argument("--prompt-len", type=int, default=2048)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=4)
+    # checked here, before the CUDA check and the model builds (0 new tokens divided by zero after a whole prefill)
+    p.add_argument("--batches", type=batch_list, default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--prompt-len", type=positive_int, default=2048)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--warmup", type=non_negative_int, default=4)
     p.add_argument("--graph", choices=["auto", "off", "only"], default="auto",
                    help="auto: also time CUDA-graph decoding where the cache allows it; only: skip the eager timing "
                    "of models that decode in a graph (a third of the run's time; a model whose graph capture fails "
                    "is timed eagerly)")
-    p.add_argument("--fla-autotune-configs", type=int, default=2,
+    p.add_argument("--fla-autotune-configs", type=non_negative_int, default=2,
                    help="let each fla autotuner (GLA's prefill, where fla-core is importable) try only its first N "
                    "configs (0: all). A full autotune on a fresh machine outlasted two device calls; the decode step "
                    "does not use fla, only the prefill does")
@@ -296,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/generate.py needs a CUDA GPU")
     device = torch.device("cuda")
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     fla_note = cap_fla_autotuning(args.models, args.fla_autotune_configs)
     order = [m for m in args.models if m == "transformerpp"] + [m for m in args.models if m != "transformerpp"]
     results: dict[tuple[str, int], dict] = {}

@@ -152,6 +152,19 @@ def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     assert report.decode_bounds([row("generate/mamba/B64", 0.5, 0.1, 4.0)]) == ""  # no Transformer++: nothing
 
 
+@pytest.mark.parametrize("flags", [["--batches", "1,x"], ["--batches", "0"], ["--batches", ","],
+                                   ["--new-tokens", "0"], ["--prompt-len", "0"], ["--warmup", "-1"]],
+                         ids=["not-a-number", "zero-batch", "no-batch", "no-tokens", "no-prompt", "negative-warmup"])
+def test_generate_refuses_bad_sizes_in_one_line_naming_the_option(flags, monkeypatch, capsys):
+    """--batches was split and int()ed after the CUDA check (a traceback on a GPU, after nothing had been measured),
+    and 0 new tokens divided by zero after each model's prefill: all are argparse's one-line errors now."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(flags)
+    assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
+
+
 class _HostEvent:
     """torch.cuda.Event's timing interface on the host clock (generate.measure on the CPU)."""
 
