@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo.eval.common import sigterm_interrupts  # noqa: E402
+from zoo.eval.common import positive_int, sigterm_interrupts  # noqa: E402
 from zoo.train import config_from_dict, peak_tflops, train  # noqa: E402
 
 VOCAB = 50280
@@ -193,22 +193,38 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # sizes and counts checked here, before the CUDA check: L = 0 divided by zero, and --steps 0 trained every
+    # model's warmup to fail on 'no timed steps'
     p.add_argument("--models", nargs="+", default=["mamba", "transformerpp", "jamba", "hf-llama", "hf-mamba"],
                    choices=list(MODELS))
-    p.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 8192])
-    p.add_argument("--tokens-per-micro", type=int, default=16384, help="micro-batch rows = this / L")
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seq-lens", nargs="+", type=positive_int, default=[2048, 8192])
+    p.add_argument("--tokens-per-micro", type=positive_int, default=16384, help="micro-batch rows = this / L")
+    p.add_argument("--grad-accum", type=positive_int, default=4)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--compile", action="store_true", help="train.compile for every model")
-    p.add_argument("--hf-mamba-seq-lens", nargs="+", type=int, default=[2048])
-    p.add_argument("--hf-mamba-micro-batch", type=int, default=1,
+    p.add_argument("--hf-mamba-seq-lens", nargs="+", type=positive_int, default=[2048])
+    p.add_argument("--hf-mamba-micro-batch", type=positive_int, default=1,
                    help="rows per step for transformers' Mamba (its scan keeps fp32 [B, D, L, N] tensors per layer)")
-    p.add_argument("--max-baseline-step-s", type=float, default=150.0,
+    p.add_argument("--max-baseline-step-s", type=positive_float, default=150.0,
                    help="skip transformers' Mamba where one projected step would take longer")
-    p.add_argument("--peak-tflops", type=float, default=None, help="default: the card's dense bf16 peak")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="default: the card's dense bf16 peak")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results.jsonl"))
     args = p.parse_args()
     if not torch.cuda.is_available():

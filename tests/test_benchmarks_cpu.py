@@ -368,6 +368,20 @@ def test_train_throughput_mfu_counts_zoo_trains_training_flops_with_the_6n_figur
     assert len({line.count("|") for line in table}) == 1, "every line has the header's columns"
 
 
+@pytest.mark.parametrize("flags", [["--seq-lens", "0"], ["--steps", "0"], ["--warmup", "-1"], ["--grad-accum", "0"],
+                                   ["--peak-tflops", "0"], ["--hf-mamba-seq-lens", "-2048"]],
+                         ids=["zero-length", "no-steps", "negative-warmup", "no-accumulation", "no-peak",
+                              "negative-hf-length"])
+def test_train_throughput_refuses_bad_sizes_in_one_line_naming_the_option(flags, monkeypatch, capsys):
+    """L = 0 divided by zero and --steps 0 failed on 'no timed steps' after training the first model's warmup, both in
+    tracebacks on a GPU; --peak-tflops 0 was taken for the card's own peak. argparse refuses them in one line now."""
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", *flags])
+    script = load_script("benchmarks/train_throughput.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("bare", [False, True], ids=["stopped-training", "bare-ctrl-c"])
 def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path, monkeypatch, capsys):
     """train_throughput appended its rows only after the last measurement: a Ctrl-C or `timeout`'s SIGTERM (which
