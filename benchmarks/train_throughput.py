@@ -127,9 +127,10 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
 
 
 def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, peak: float, compile_: bool,
-              cut: str | None = None) -> list[dict]:
+              cut: str | None = None, missing: dict[tuple[str, int], str] | None = None) -> list[dict]:
     """One results.jsonl row per measured (model, L), with its baseline of the same L; `cut`: why the run ended before
-    every measurement (each row's note says it)."""
+    every measurement (each row's note says it); `missing`: why a (model, L) has no measurement, for the note of a row
+    whose baseline it is."""
     date = datetime.date.today().isoformat()
     rows = []
     split = os.environ.get("ZOO_SCAN_SEQ_SPLIT")  # the Mamba scan's sequence split, when forced
@@ -172,8 +173,10 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
         tpp = results.get(("transformerpp", L))
         if name not in ("transformerpp", "hf-llama", "hf-mamba") and tpp:  # issue 9: vs our Transformer++
             row["vs_transformerpp"] = round(r["tokens_per_s"] / tpp["tokens_per_s"], 3)
-        if base_name == "hf-mamba" and base is None and not cut:
-            row["note"] = "transformers' Mamba not timed at this length (per-token scan loop; see --hf-mamba-seq-lens)"
+        if base_name and base is None and not cut:  # why: a Mamba row said --hf-mamba-seq-lens where --models left
+            # transformers' Mamba out, and a Llama-paired row whose Llama was not asked for said nothing
+            why = (missing or {}).get((base_name, L), "not measured")
+            row["note"] = f"no baseline: {LABEL[base_name]} {why}"
         if cut:
             row["note"] = cut
         rows.append(row)
@@ -242,13 +245,15 @@ def main() -> None:
     # the measurements finished are written when SIGTERM (`timeout`'s) or Ctrl-C ends the run: they were all lost,
     # written only after the last one (zoo.train's own handler asks its loop to stop while a model trains)
     total = sum(name != "hf-mamba" or L in args.hf_mamba_seq_lens for L in args.seq_lens for name in args.models)
+    missing = {(base, L): "not in --models" for base in set(BASELINE_OF.values()) if base not in args.models
+               for L in args.seq_lens}
     try:
         with sigterm_interrupts(name_signal=True), tempfile.TemporaryDirectory() as tmp:
-            measure_all(args, Path(tmp), results)
+            measure_all(args, Path(tmp), results, missing)
     except KeyboardInterrupt as e:
         cut = f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(results)} of {total} measurements"
         print(f"\n{cut}; writing the rows measured", flush=True)
-    rows = make_rows(results, card, command, peak, args.compile, cut)
+    rows = make_rows(results, card, command, peak, args.compile, cut, missing)
     with open(args.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -261,13 +266,17 @@ def main() -> None:
         sys.exit("train_throughput: a run produced a NaN loss")
 
 
-def measure_all(args, workdir: Path, results: dict[tuple[str, int], dict]) -> None:
-    """Every (model, L) of the command line, measured into `results` as each finishes."""
+def measure_all(args, workdir: Path, results: dict[tuple[str, int], dict],
+                missing: dict[tuple[str, int], str] | None = None) -> None:
+    """Every (model, L) of the command line, measured into `results` as each finishes; why one is skipped, into
+    `missing`."""
+    missing = {} if missing is None else missing
     for L in args.seq_lens:
         micro = max(1, args.tokens_per_micro // L)
         for name in args.models:
             if name == "hf-mamba":
                 if L not in args.hf_mamba_seq_lens:
+                    missing[name, L] = f"not timed at L = {L} (per-token scan loop; see --hf-mamba-seq-lens)"
                     continue
                 # its scan is a Python loop over tokens: probe a short row, then time one step at L
                 probe_L = 256
@@ -277,6 +286,8 @@ def measure_all(args, workdir: Path, results: dict[tuple[str, int], dict]) -> No
                       f"projected {projected:.0f} s", flush=True)
                 if projected > args.max_baseline_step_s:
                     print(f"hf-mamba L={L}: skipped (projected {projected:.0f} s > --max-baseline-step-s)")
+                    missing[name, L] = (f"skipped: one step at L = {L} projected at {projected:.0f} s, over "
+                                        f"--max-baseline-step-s")
                     continue
                 results[name, L] = run(name, L, args.hf_mamba_micro_batch, 1, 1, 1, False, workdir)
             else:

@@ -382,6 +382,45 @@ def test_train_throughput_refuses_bad_sizes_in_one_line_naming_the_option(flags,
     assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("models, mamba_note, tpp_note", [
+    (["mamba", "transformerpp"], "transformers MambaForCausalLM 130M not in --models",
+     "transformers LlamaForCausalLM 125M not in --models"),
+    (["mamba", "transformerpp", "hf-mamba", "hf-llama"], "transformers MambaForCausalLM 130M not timed at L = 2048 "
+     "(per-token scan loop; see --hf-mamba-seq-lens)", None)], ids=["baselines-left-out", "hf-mamba-at-another-L"])
+def test_train_throughput_rows_say_why_their_baseline_is_missing(models, mamba_note, tpp_note, tmp_path, monkeypatch):
+    """A Mamba row without transformers' Mamba said it was not timed at this length, see --hf-mamba-seq-lens, also
+    where --models had left it out; a Transformer++ or Jamba row without Llama said nothing of its missing baseline."""
+    from types import SimpleNamespace
+
+    script = load_script("benchmarks/train_throughput.py")
+
+    def train(cfg, on_step):
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True)
+        (out / "run_info.json").write_text(json.dumps({
+            "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
+            "backend": {}}))
+        for step in range(1, cfg.train.max_steps + 1):
+            on_step(step, {"loss": 5.0, "real_tokens": 4096})
+        return SimpleNamespace(stopped=False, step=cfg.train.max_steps)
+
+    monkeypatch.setattr(script, "train", train)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 2 ** 30)
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/train_throughput.py", "--models", *models, "--seq-lens", "2048",
+                                      "--hf-mamba-seq-lens", "8192", "--warmup", "1", "--steps", "2",
+                                      "--peak-tflops", "1", "--out", str(out)])
+    script.main()
+    rows = {row["name"]: row for row in map(json.loads, out.read_text().splitlines())}
+    mamba, tpp = rows["train_throughput/mamba/L2048"], rows["train_throughput/transformerpp/L2048"]
+    assert mamba["baseline"] is None and mamba["note"] == f"no baseline: {mamba_note}", mamba["note"]
+    assert tpp.get("note") == (tpp_note and f"no baseline: {tpp_note}"), tpp.get("note")
+
+
 @pytest.mark.parametrize("bare", [False, True], ids=["stopped-training", "bare-ctrl-c"])
 def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path, monkeypatch, capsys):
     """train_throughput appended its rows only after the last measurement: a Ctrl-C or `timeout`'s SIGTERM (which
