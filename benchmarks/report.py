@@ -133,12 +133,36 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
     return "\n".join(head + [line for _, line in sorted(out, key=lambda v: v[0])]) + "\n"
 
 
+def load(path: Path) -> list[dict]:
+    """results.jsonl's rows; a line that is no JSON object naming its figure and its run (name, card, date, command)
+    is refused with its number: it ended in a traceback (bad JSON, no name) or rendered as 'None, None: `None`'."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"report: --results {path}: {e.strerror or e}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"report: --results {path} line {n}: not JSON ({e.msg}); fix or remove the line") from None
+        absent = [key for key in ("name", "card", "date", "command")
+                  if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip()]
+        if absent:
+            raise SystemExit(f"report: --results {path} line {n}: no {', '.join(absent)}; every row names its figure "
+                             f"and the run that measured it")
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results", default=str(HERE / "results.jsonl"))
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    rows = load(Path(args.results))
     table = render(rows)
     bounds = decode_bounds(rows)
     if bounds:
@@ -148,8 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     if BEGIN not in text:
         text += f"\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
+    if END not in rest:  # (an IndexError before): the text after the marker is not known to be the old tables
+        raise SystemExit(f"report: --out {path} has {BEGIN} but no {END} after it; put it back where the tables end")
     tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    try:
+        path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    except OSError as e:
+        raise SystemExit(f"report: --out {path}: {e.strerror or e}") from None
     print(f"wrote {len(rows)} rows into {path}")
 
 

@@ -128,6 +128,28 @@ def test_report_rows_name_the_run_that_measured_them():
     assert mamba[3] == "H200, 2026-12-04", mamba
 
 
+@pytest.mark.parametrize("results, out, says", [
+    (None, None, "--results {tmp}/absent.jsonl: No such file or directory"),
+    ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}\n{"name": "b"', None, "line 2: not JSON"),
+    ('{"name": "a", "date": "2026-12-04", "command": "c", "ours_ms": 1.0}', None, "line 1: no card;"),
+    ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}', "# R\n<!-- results:begin -->\nold\n",
+     "no <!-- results:end -->")], ids=["no-file", "bad-json", "no-card", "no-end-marker"])
+def test_report_refuses_bad_inputs_in_one_line(results, out, says, tmp_path):
+    """A missing results file, a line that is not JSON or a row without its name ended in tracebacks; a row without
+    card, date or command was rendered as 'None, None: `None`'; an --out whose end marker was lost, an IndexError."""
+    report = load_script("benchmarks/report.py")
+    path = tmp_path / ("absent.jsonl" if results is None else "results.jsonl")
+    if results is not None:
+        path.write_text(results)
+    target = tmp_path / "RESULTS.md"
+    if out is not None:
+        target.write_text(out)
+    with pytest.raises(SystemExit) as e:
+        report.main(["--results", str(path), "--out", str(target)])
+    assert isinstance(e.value.code, str) and says.format(tmp=tmp_path) in e.value.code, e.value.code
+    assert out is None or target.read_text() == out
+
+
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
     state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
