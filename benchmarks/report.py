@@ -97,7 +97,17 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
     run's Transformer++ floor may come from another card's bandwidth or another KV length). A bound below TARGET
     means no kernel can meet the target for that model at that size and prompt: the state is too many bytes."""
     latest = {r["name"]: r for r in newest(rows)}
-    of_run = {(r["name"], _run(r)): r for r in rows}  # a row's Transformer++: the one measured beside it
+    # a row's Transformer++: the one the same call wrote. A call's rows are contiguous and name each figure once, so a
+    # name seen again starts the next call even where card, date and command are the same: keyed by run alone, a
+    # later call of the command (cut short after Transformer++, or re-run) paired its Transformer++ with the earlier
+    # call's models, whose vs_transformerpp was measured against another
+    call, seen, of_call, call_of = 0, set(), {}, {}
+    for i, r in enumerate(rows):
+        if not i or _run(r) != _run(rows[i - 1]) or r["name"] in seen:
+            call, seen = call + 1, set()
+        seen.add(r["name"])
+        of_call[r["name"], call] = r
+        call_of[id(r)] = call
     out = []
     for name, r in latest.items():
         parts = name.split("/")
@@ -106,7 +116,8 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
         model, variant = parts[1], "/".join(parts[3:])
         if not re.fullmatch(r"(P\d+/?)?(state-model)?", variant):  # the prompt and state dtype variants only
             continue
-        tpp = of_run.get(("/".join(["generate", "transformerpp", f"B{batch}", *parts[3:]]).rstrip("/"), _run(r)))
+        tpp = of_call.get(("/".join(["generate", "transformerpp", f"B{batch}", *parts[3:]]).rstrip("/"),
+                           call_of[id(r)]))
         if model == "transformerpp" or model.startswith("hf-") or tpp is None:
             continue
         ms, floor, vs = r.get("ours_ms"), r.get("floor_ms"), r.get("vs_transformerpp")

@@ -294,6 +294,22 @@ def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
     assert mamba[7] == "1.200" and mamba[10] == "12.00x", mamba
 
 
+def test_decode_bounds_take_transformerpp_from_the_models_own_call_of_a_command_run_twice_a_day():
+    """Keyed by card, date and command, a model's Transformer++ was the last one of that command that day: a second
+    call cut short after Transformer++ (generate measures it first) paired its Transformer++ with the first call's
+    model rows, beside their vs_transformerpp measured against the first call's."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, ms, floor, vs):
+        return {"name": name, "card": "H200", "date": "2026-12-04", "command": "python g.py", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", 2.0, 1.2, 1.0), row("generate/mamba/B64", 0.5, 0.1, 4.0),
+            row("generate/transformerpp/B64", 3.0, 1.8, 1.0)]
+    (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
+    assert mamba[6] == "2.000" and mamba[7] == "1.200" and mamba[9] == "20.00x", mamba
+
+
 def test_decode_bounds_take_transformerpps_time_from_its_row_not_from_the_rounded_ratio():
     """"Transformer++ ms (same run)" and "at its floor" used the model's vs_transformerpp x ours_ms, both rounded, in
     place of the Transformer++ row measured beside it: one run's Transformer++ showed as 5.094-5.098 ms on four
