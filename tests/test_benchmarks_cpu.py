@@ -29,6 +29,31 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     assert isinstance(e.value.code, str) and "CUDA" in e.value.code and "\n" not in e.value.code, e.value.code
 
 
+@pytest.mark.parametrize("name, flags", [
+    ("argmax", ["--batches", "1,x"]), ("cross_entropy", ["--rows", "0"]), ("decode_linear", ["--rows", "16;64"]),
+    ("mamba_layers", ["--batches", ","]), ("mamba_step", ["--batches", "1,-4"]),
+    ("mamba_step", ["--shapes", "1536:16"]), ("profile_decode", ["--batches", "64x"])])
+def test_gpu_benchmark_refuses_a_bad_size_list_in_one_line_naming_the_option(name, flags, monkeypatch, capsys):
+    """The comma lists were split and int()ed after the CUDA check and the card's ceilings: a bad item ended in a
+    traceback on a GPU, a 0 or negative one timed nothing or divided by zero. argparse refuses them now, first."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *flags])
+    script = load_script(f"benchmarks/{name}.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", ["64,2176,12,0,64", "64,2176,x,4,64", "64,2176,12,4"])
+def test_decode_attention_refuses_a_bad_shape_before_looking_for_a_gpu(shape, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["decode_attention.py", "--shapes", shape])
+    script = load_script("benchmarks/decode_attention.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert isinstance(e.value.code, str) and e.value.code.startswith("--shapes: B,S,H,Hkv,D"), e.value.code
+
+
 @pytest.mark.parametrize("flags", [["--sweep"], ["--shapes", "mamba.in_proj"]], ids=["sweep", "shapes"])
 def test_decode_linear_chain_refuses_the_single_projection_options_it_ignores(monkeypatch, capsys, flags):
     """--chain times its own Mamba-130M-like layers: --shapes and --sweep were taken and did nothing."""
