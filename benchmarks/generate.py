@@ -208,7 +208,9 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
 
 
 def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, prompt_len: int, n_tokens: int,
-              state_dtype: str = "float32") -> list[dict]:
+              state_dtype: str = "float32", models: list[str] | None = None) -> list[dict]:
+    """One results.jsonl row per measured (model, batch); `models` (--models): a row whose baseline has no time says
+    why (not in --models, out of memory, not measured), where its baseline and ratio were null without a word."""
     date = datetime.date.today().isoformat()
     rows = []
     for (name, batch), r in results.items():
@@ -249,6 +251,10 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
                          f"{tpp.get('mode')} step")
         # both where both exist (--graph only: the capture failed, then the eager fallback ran out of memory)
         notes = [r[key] for key in ("graph_error", "note") if r.get(key)] + ([mixed] if mixed else [])
+        if models is not None and base_name and ok and row["baseline"] is None:
+            why = ("not in --models" if base_name not in models
+                   else (base or {}).get("note") or "not measured")
+            notes.append(f"no baseline: {LABEL[base_name]} {why}")
         if notes:
             row["note"] = "; ".join(notes)
         rows.append(row)
@@ -343,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = make_rows({k: results[k] for k in sorted(results, key=lambda k: (args.models.index(k[0]), k[1]))},
                      torch.cuda.get_device_name(), command.strip(), args.prompt_len, args.new_tokens,
-                     args.state_dtype)
+                     args.state_dtype, args.models)
     for row in rows:
         row["note"] = "; ".join(x for x in (row.get("note"), fla_note if "/gla/" in row["name"] else None, cut)
                                 if x) or None

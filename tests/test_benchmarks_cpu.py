@@ -614,6 +614,26 @@ def test_scan_split_floor_counts_the_exponentials_as_the_selective_scan_benchmar
     assert (fwd, both) == pytest.approx(scan.floors(8, 2048, 1536, bw, 1e30)) and fwd > 0.04
 
 
+def test_generate_rows_say_why_their_baseline_is_missing(monkeypatch):
+    """A zoo Mamba row without transformers' Mamba (left out of --models, or out of memory) had a null baseline and
+    ratio and no word of why, where train_throughput's rows say it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    r = {"batch": 64, "prefill_ms": 5.0, "graphable": True, "cache_mib": 1.0, "ms": 1.0, "tokens_per_s": 64e3,
+         "graph_ms": 1.0, "mode": "graph"}
+    tpp = {**r, "ms": 2.0, "graph_ms": 2.0}
+    results = {("transformerpp", 64): tpp, ("mamba", 64): r}
+    rows = script.make_rows(results, "cpu", "test", 2048, 128, models=["transformerpp", "mamba"])
+    assert {row["name"]: row["note"] for row in rows} == {
+        "generate/mamba/B64": "no baseline: transformers MambaForCausalLM 130M not in --models",
+        "generate/transformerpp/B64": "no baseline: transformers LlamaForCausalLM 125M not in --models"}
+    oom = {"batch": 64, "ms": None, "tokens_per_s": None, "note": "out of memory"}
+    (row,) = [row for row in script.make_rows({**results, ("hf-mamba", 64): oom}, "cpu", "test", 2048, 128,
+                                              models=["transformerpp", "mamba", "hf-mamba", "hf-llama"])
+              if row["name"] == "generate/mamba/B64"]
+    assert row["note"] == "no baseline: transformers MambaForCausalLM 130M out of memory"
+
+
 def test_generate_rows_keep_the_graph_error_beside_an_out_of_memory_note(monkeypatch):
     """--graph only: a model whose capture failed is timed eagerly, and where that runs out of memory the row's
     "out of memory" note replaced the capture's error, so the row no longer said why it had no graph figure."""
