@@ -533,6 +533,17 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path
     assert note in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flags", [["--new-tokens", "0"], ["--prompt-len", "0"], ["--repeats", "0"],
+                                   ["--threads", "0"], ["--device", "cpux"]])
+def test_eager_decode_overhead_refuses_bad_counts_and_devices_in_one_line(flags, capsys):
+    """0 new tokens, an empty prompt, 0 repeats, 0 threads or a misspelt device each ended in a traceback from deep
+    inside transformers, the prompt, statistics.median or torch, after the model was built."""
+    script = load_script("benchmarks/eager_decode_overhead.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--families", "mamba", *flags])
+    assert e.value.code == 2 and f"{flags[0]}" in capsys.readouterr().err
+
+
 def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
     import json
 
