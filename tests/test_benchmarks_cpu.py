@@ -175,6 +175,18 @@ def test_report_refuses_bad_inputs_in_one_line(results, out, says, tmp_path):
     assert out is None or target.read_text() == out
 
 
+@pytest.mark.parametrize("text, says", [(None, "No such file or directory"), ('{"name": "generate/mamba/B1"\n',
+                                                                                "line 1: not JSON")])
+def test_plot_decode_refuses_a_missing_or_broken_results_file_in_one_line(text, says, tmp_path):
+    plot = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--results", str(path), "--out", str(tmp_path / "decode.png")])
+    assert isinstance(e.value.code, str) and f"--results {path}" in e.value.code and says in e.value.code, e.value.code
+
+
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
     state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
