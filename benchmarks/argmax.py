@@ -15,7 +15,7 @@ import sys
 from datetime import date
 
 import torch
-from ceilings import describe, floor_ms, graph_ms, rows_kept_on_interrupt  # benchmarks/ceilings.py
+from ceilings import describe, floor_ms, graph_ms, rows_kept_on_interrupt, sizes  # benchmarks/ceilings.py
 
 
 def measure(batch: int, vocab: int, card: str) -> dict:
@@ -43,7 +43,7 @@ def measure(batch: int, vocab: int, card: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
+    ap.add_argument("--batches", type=sizes, default="1,16,64", help="comma-separated batch sizes")
     ap.add_argument("--vocab", type=int, default=50280)
     ap.add_argument("--out", default=None, help="append JSON lines here (e.g. benchmarks/results.jsonl)")
     args = ap.parse_args()
@@ -53,8 +53,8 @@ def main() -> None:
     print(f"{card}, torch {torch.__version__}; {describe()}", flush=True)
     # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
     with rows_kept_on_interrupt(args.out, "argmax.py") as rows:
-        for b in args.batches.split(","):
-            rows.append(measure(int(b), args.vocab, card))
+        for b in args.batches:
+            rows.append(measure(b, args.vocab, card))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ data), so that a figure taken on an H200 is not bounded by an H100's numbers. Ab
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import json
@@ -43,6 +44,18 @@ def bf16_matmul_rate() -> float:
 def floor_ms(nbytes: float, flops: float = 0.0) -> float:
     """The physical floor of work moving `nbytes` through HBM and doing `flops` bf16 FLOPs, in ms."""
     return max(nbytes / copy_bandwidth(), flops / bf16_matmul_rate() if flops else 0.0) * 1e3
+
+
+def sizes(text: str) -> list[int]:
+    """A comma list of sizes >= 1 as argparse's type (--batches, --rows): checked before the CUDA check, where int()
+    of a bad item failed in a traceback after the card's ceilings were measured, and a 0 divided by zero."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of sizes >= 1 such as 1,16,64, got {text!r}")
+    return values
 
 
 def describe() -> str:

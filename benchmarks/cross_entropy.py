@@ -21,7 +21,7 @@ from datetime import date
 import torch
 import torch.nn.functional as F
 import triton
-from ceilings import describe, floor_ms, rows_kept_on_interrupt  # benchmarks/ceilings.py
+from ceilings import describe, floor_ms, rows_kept_on_interrupt, sizes  # benchmarks/ceilings.py
 
 
 def fwd_bwd_ms(ce, x: torch.Tensor, t: torch.Tensor) -> float:
@@ -76,7 +76,7 @@ def measure(rows: int, vocab: int, card: str, against: str | None) -> list[dict]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", default="4096,16384", help="comma-separated token counts N")
+    ap.add_argument("--rows", type=sizes, default="4096,16384", help="comma-separated token counts N")
     ap.add_argument("--vocab", type=int, default=50280)
     ap.add_argument("--against", default=None, help="another cross_entropy.py to time side by side")
     ap.add_argument("--out", default=None, help="append JSON lines here (e.g. benchmarks/results.jsonl)")
@@ -87,7 +87,7 @@ def main() -> None:
     print(f"{card}, torch {torch.__version__}; {describe()}", flush=True)
     # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
     with rows_kept_on_interrupt(args.out, "cross_entropy.py") as rows:
-        for n in args.rows.split(","):
+        for n in args.rows:
             rows.extend(measure(int(n), args.vocab, card, args.against))
 
 

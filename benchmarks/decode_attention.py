@@ -249,13 +249,17 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=0, help="rows written per kernel and shape, fastest first (0: all)")
     p.add_argument("--out", default=None, help="append the rows here (JSON lines)")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("decode_attention.py needs a CUDA GPU (it times the kernels inside CUDA graphs)")
-    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
-    if any(len(s) != 5 or s[2] % s[3] or args.length > s[1] for s in shapes):
-        sys.exit("--shapes: B,S,H,Hkv,D with H a multiple of Hkv and S >= --length")
+    # checked before the CUDA check: int() of a bad item failed in a traceback on a GPU, and Hkv = 0 divided by zero
+    try:
+        shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    except ValueError:
+        shapes = [()]
+    if any(len(s) != 5 or min(s) < 1 or s[2] % s[3] or args.length > s[1] for s in shapes):
+        sys.exit("--shapes: B,S,H,Hkv,D each >= 1, with H a multiple of Hkv and S >= --length")
     if args.window is not None and args.window < 1:
         sys.exit("--window: at least 1 (leave it out for none)")
+    if not torch.cuda.is_available():
+        sys.exit("decode_attention.py needs a CUDA GPU (it times the kernels inside CUDA graphs)")
     grid = QUICK if args.quick else GRID
     t0 = time.perf_counter()
     card = torch.cuda.get_device_name(0)

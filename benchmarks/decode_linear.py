@@ -38,6 +38,7 @@ from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.
     floor_ms,
     graph_ms,
     rows_kept_on_interrupt,
+    sizes,
 )
 
 SHAPES = {  # name: (K, N, bias)
@@ -237,7 +238,7 @@ def chain(M: int, dev: torch.device, card: str) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rows", default="1,16,64")
+    p.add_argument("--rows", type=sizes, default="1,16,64")
     p.add_argument("--shapes", nargs="*", default=list(SHAPES))
     p.add_argument("--sweep", action="store_true", help="also time a sweep of launch configurations")
     p.add_argument("--chain", action="store_true",
@@ -258,11 +259,11 @@ def main() -> None:
     # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
     with rows_kept_on_interrupt(args.out, "decode_linear.py") as rows:
         if args.chain:
-            for M in (int(m) for m in args.rows.split(",")):
+            for M in args.rows:
                 rows.extend(chain(M, dev, card))
         else:
             for name in args.shapes:
-                for M in (int(m) for m in args.rows.split(",")):
+                for M in args.rows:
                     rows.append(measure(name, M, args.sweep, dev, card))
 
 

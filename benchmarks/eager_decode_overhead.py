@@ -44,6 +44,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's zoo and zoo
 
 import torch  # noqa: E402
 
+from zoo.eval.common import positive_int  # noqa: E402
+
 FAMILIES = {"mamba": "mamba", "mamba2": "mamba2", "transformerpp": "transformerpp", "gla": "gla", "jamba": "jamba"}
 
 
@@ -116,12 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", default="tiny", choices=["tiny", "130m"],
                    help="configs/models/<family>-<size>.yaml (130m: where the device's time starts to count)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompt-len", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
+    # counts >= 1, refused here: 0 ended in tracebacks (transformers' max_new_tokens, an empty prompt's last token,
+    # the median of no repeats, torch.set_num_threads)
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--prompt-len", type=positive_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=5)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (1: steadier timings)")
     p.add_argument("--profile", choices=["cprofile", "torch"], help="profile one call of the first family")
-    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--top", type=positive_int, default=30)
     p.add_argument("--dump", help="write each family's tokens and logits to this file (torch.save) and exit")
     p.add_argument("--json", action="store_true", help="print the medians as one JSON line")
     p.add_argument("--cuda-graph", action="store_true",
@@ -139,6 +143,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"does not run; leave {'them' if len(ignored) > 1 else 'it'} out")
     if args.profile and args.dump:
         p.error("--profile and --dump: each runs on its own; give one of them")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r}: not a device; give cpu, cuda or cuda:N")
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise SystemExit("eager_decode_overhead.py: --cuda-graph needs --device cuda")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from zoo.cache import RecurrentLayer, ZooCache  # noqa: E402
 from zoo.decode import EagerDecoder, GraphDecoder, cache_nbytes, graphable, prefill  # noqa: E402
-from zoo.eval.common import sigterm_interrupts  # noqa: E402
+from zoo.eval.common import number_list, positive_int, sigterm_interrupts  # noqa: E402
 
 VOCAB = 50280
 ZOO = ("mamba", "mamba2", "transformerpp", "gla", "jamba")
@@ -208,7 +208,9 @@ def measure(model, name: str, batch: int, prompt_len: int, n_tokens: int, warmup
 
 
 def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, prompt_len: int, n_tokens: int,
-              state_dtype: str = "float32") -> list[dict]:
+              state_dtype: str = "float32", models: list[str] | None = None) -> list[dict]:
+    """One results.jsonl row per measured (model, batch); `models` (--models): a row whose baseline has no time says
+    why (not in --models, out of memory, not measured), where its baseline and ratio were null without a word."""
     date = datetime.date.today().isoformat()
     rows = []
     for (name, batch), r in results.items():
@@ -249,6 +251,10 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pro
                          f"{tpp.get('mode')} step")
         # both where both exist (--graph only: the capture failed, then the eager fallback ran out of memory)
         notes = [r[key] for key in ("graph_error", "note") if r.get(key)] + ([mixed] if mixed else [])
+        if models is not None and base_name and ok and row["baseline"] is None:
+            why = ("not in --models" if base_name not in models
+                   else (base or {}).get("note") or "not measured")
+            notes.append(f"no baseline: {LABEL[base_name]} {why}")
         if notes:
             row["note"] = "; ".join(notes)
         rows.append(row)
@@ -273,18 +279,35 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def batch_list(text: str) -> list[int]:
+    """--batches as argparse's type: a comma list of sizes >= 1 (int() failed in a traceback after the model builds
+    on a GPU, and a 0 batch or an empty list measured nothing)."""
+    batches = number_list(text)
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"expected a comma list of batch sizes >= 1 such as 1,16,64, got {text!r}")
+    return batches
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=[*ZOO, "hf-mamba", "hf-llama"], choices=[*ZOO, *HF])
-    p.add_argument("--batches", default="1,2,4,8,16,32,64")
-    p.add_argument("--prompt-len", type=int, default=2048)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=4)
+    # checked here, before the CUDA check and the model builds (0 new tokens divided by zero after a whole prefill)
+    p.add_argument("--batches", type=batch_list, default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--prompt-len", type=positive_int, default=2048)
+    p.add_argument("--new-tokens", type=positive_int, default=128)
+    p.add_argument("--warmup", type=non_negative_int, default=4)
     p.add_argument("--graph", choices=["auto", "off", "only"], default="auto",
                    help="auto: also time CUDA-graph decoding where the cache allows it; only: skip the eager timing "
                    "of models that decode in a graph (a third of the run's time; a model whose graph capture fails "
                    "is timed eagerly)")
-    p.add_argument("--fla-autotune-configs", type=int, default=2,
+    p.add_argument("--fla-autotune-configs", type=non_negative_int, default=2,
                    help="let each fla autotuner (GLA's prefill, where fla-core is importable) try only its first N "
                    "configs (0: all). A full autotune on a fresh machine outlasted two device calls; the decode step "
                    "does not use fla, only the prefill does")
@@ -296,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/generate.py needs a CUDA GPU")
     device = torch.device("cuda")
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     fla_note = cap_fla_autotuning(args.models, args.fla_autotune_configs)
     order = [m for m in args.models if m == "transformerpp"] + [m for m in args.models if m != "transformerpp"]
     results: dict[tuple[str, int], dict] = {}
@@ -326,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python benchmarks/generate.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     rows = make_rows({k: results[k] for k in sorted(results, key=lambda k: (args.models.index(k[0]), k[1]))},
                      torch.cuda.get_device_name(), command.strip(), args.prompt_len, args.new_tokens,
-                     args.state_dtype)
+                     args.state_dtype, args.models)
     for row in rows:
         row["note"] = "; ".join(x for x in (row.get("note"), fla_note if "/gla/" in row["name"] else None, cut)
                                 if x) or None

@@ -26,6 +26,7 @@ from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.
     floor_ms,
     graph_ms,
     rows_kept_on_interrupt,
+    sizes,
 )
 
 
@@ -180,7 +181,7 @@ def measure(batch: int, n_layers: int, card: str, eps: float = 1e-5, stamp_phase
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batches", default="16,32,64")
+    p.add_argument("--batches", type=sizes, default="16,32,64")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--phases", action="store_true", help="stamp the kernel's phases once (the global timer)")
     p.add_argument("--out", default=None)
@@ -191,8 +192,8 @@ def main() -> None:
     print(f"{card}: copy {copy_bandwidth() / 1e12:.2f} TB/s", flush=True)
     # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
     with rows_kept_on_interrupt(args.out, "mamba_layers.py") as rows:
-        for b in args.batches.split(","):
-            rows.append(measure(int(b), args.layers, card, stamp_phases=args.phases))
+        for b in args.batches:
+            rows.append(measure(b, args.layers, card, stamp_phases=args.phases))
 
 
 if __name__ == "__main__":

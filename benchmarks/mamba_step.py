@@ -28,6 +28,7 @@ from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.
     floor_ms,
     graph_ms,
     rows_kept_on_interrupt,
+    sizes,
 )
 
 
@@ -134,10 +135,23 @@ def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str)
     }
 
 
+def step_shapes(text: str) -> list[tuple[int, int, int]]:
+    """--shapes as argparse's type: d_inner:N:dt_rank items, each >= 1 (a bad one failed in a traceback after the
+    copy bandwidth was measured)."""
+    try:
+        shapes = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected d_inner:N:dt_rank items such as 1536:16:48, got {text!r}")
+    return shapes
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--batches", default="1,16,64")
-    p.add_argument("--shapes", default="1536:16:48", help="d_inner:N:dt_rank, comma-separated (130M: 1536:16:48)")
+    p.add_argument("--batches", type=sizes, default="1,16,64")
+    p.add_argument("--shapes", type=step_shapes, default="1536:16:48",
+                   help="d_inner:N:dt_rank, comma-separated (130M: 1536:16:48)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
@@ -146,9 +160,8 @@ def main() -> None:
     print(f"{card}: copy {copy_bandwidth() / 1e12:.2f} TB/s", flush=True)
     # Ctrl-C or SIGTERM: the rows measured are written, noted as cut short, and the run exits 130
     with rows_kept_on_interrupt(args.out, "mamba_step.py") as rows:
-        for shape in args.shapes.split(","):
-            dim, nstate, rank = (int(v) for v in shape.split(":"))
-            for batch in (int(b) for b in args.batches.split(",")):
+        for dim, nstate, rank in args.shapes:
+            for batch in args.batches:
                 rows.append(measure(batch, dim, nstate, rank, 4, card))
 
 

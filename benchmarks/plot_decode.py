@@ -29,8 +29,18 @@ def load(path: Path, card: str | None = None) -> dict[tuple[str, int, int], dict
     """(model, batch, prompt) -> the newest row of that name with a time (later lines win), of the cards whose name
     contains `card` (case-insensitive) when it is given."""
     points = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:  # (a traceback before)
+        raise SystemExit(f"plot_decode: --results {path}: {e.strerror or e}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"plot_decode: --results {path} line {n}: not JSON ({e.msg}); fix or remove the line") \
+                from None
         m = NAME.match(row.get("name", ""))
         if card is not None and card.lower() not in row.get("card", "").lower():
             continue

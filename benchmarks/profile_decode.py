@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import build, cap_fla_autotuning, time_decode  # noqa: E402
+from generate import batch_list, build, cap_fla_autotuning, time_decode  # noqa: E402
 
 from zoo.decode import GraphDecoder, StaticDecoder, prefill  # noqa: E402
 
@@ -58,7 +58,7 @@ def profile(model, prompt, steps: int, top: int) -> tuple[str, dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mamba", "transformerpp"])
-    p.add_argument("--batches", default="1,64")
+    p.add_argument("--batches", type=batch_list, default="1,64")
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--top", type=int, default=25)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     report = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, prompt {args.prompt_len}"]
     for name in args.models:
         model = build(name, torch.bfloat16, torch.device("cuda"))
-        for batch in (int(b) for b in args.batches.split(",")):
+        for batch in args.batches:
             g = torch.Generator().manual_seed(batch)
             prompt = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch, args.prompt_len),
                                    generator=g).cuda()

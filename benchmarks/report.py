@@ -70,17 +70,19 @@ def render(rows: list[dict]) -> str:
     out = []
     for group, items in groups.items():
         out.append(f"### {group}\n")
-        runs = sorted({(r["card"], r["date"], r["command"]) for r in items})
-        for card, date, command in runs:
-            out.append(f"- {card}, {date}: `{command}`")
+        # numbered, and every row names its number: a group holds runs of several cards and days, and a row's
+        # figures (its floor: that card's bandwidth) mean something only beside the run that measured them
+        runs = {run: n for n, run in enumerate(sorted({_run(r) for r in items}), 1)}
+        for (card, date, command), n in runs.items():
+            out.append(f"- run {n}: {card}, {date}: `{command}`")
         out.append("")
         extra = [(label, key) for label, key in EXTRA.get(group, [])
                  if any(r.get(key) is not None for r in items)]  # a field no row has yet: no column of dashes
-        out.append("| name | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | "
+        out.append("| name | run | ours ms | baseline | baseline ms | ratio (baseline/ours) | floor ms | "
                    + "".join(f"{label} | " for label, _ in extra) + "note |")
-        out.append("| --- " * (7 + len(extra)) + "|")
+        out.append("| --- " * (8 + len(extra)) + "|")
         for r in items:
-            out.append(f"| {r['name']} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
+            out.append(f"| {r['name']} | {runs[_run(r)]} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
                        f"{fmt(r.get('baseline_ms'))} | {fmt(r.get('ratio'))} | {fmt(r.get('floor_ms'))} | "
                        + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{r.get('note', '')} |")
         out.append("")
@@ -95,7 +97,17 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
     run's Transformer++ floor may come from another card's bandwidth or another KV length). A bound below TARGET
     means no kernel can meet the target for that model at that size and prompt: the state is too many bytes."""
     latest = {r["name"]: r for r in newest(rows)}
-    of_run = {(r["name"], _run(r)): r for r in rows}  # a row's Transformer++: the one measured beside it
+    # a row's Transformer++: the one the same call wrote. A call's rows are contiguous and name each figure once, so a
+    # name seen again starts the next call even where card, date and command are the same: keyed by run alone, a
+    # later call of the command (cut short after Transformer++, or re-run) paired its Transformer++ with the earlier
+    # call's models, whose vs_transformerpp was measured against another
+    call, seen, of_call, call_of = 0, set(), {}, {}
+    for i, r in enumerate(rows):
+        if not i or _run(r) != _run(rows[i - 1]) or r["name"] in seen:
+            call, seen = call + 1, set()
+        seen.add(r["name"])
+        of_call[r["name"], call] = r
+        call_of[id(r)] = call
     out = []
     for name, r in latest.items():
         parts = name.split("/")
@@ -104,7 +116,8 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
         model, variant = parts[1], "/".join(parts[3:])
         if not re.fullmatch(r"(P\d+/?)?(state-model)?", variant):  # the prompt and state dtype variants only
             continue
-        tpp = of_run.get(("/".join(["generate", "transformerpp", f"B{batch}", *parts[3:]]).rstrip("/"), _run(r)))
+        tpp = of_call.get(("/".join(["generate", "transformerpp", f"B{batch}", *parts[3:]]).rstrip("/"),
+                           call_of[id(r)]))
         if model == "transformerpp" or model.startswith("hf-") or tpp is None:
             continue
         ms, floor, vs = r.get("ours_ms"), r.get("floor_ms"), r.get("vs_transformerpp")
@@ -114,8 +127,8 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
         at_floor, both = tpp_ms / floor, tpp["floor_ms"] / floor
         prompt = f"{r.get('prompt_len', '?')}"
         states = "bf16" if "state-model" in variant else "fp32"
-        out.append((variant, f"| {model} | {prompt} | {states} | {r['date']} | {ms:.3f} | {floor:.3f} | {tpp_ms:.3f} | "
-                   f"{tpp['floor_ms']:.3f} | {vs:.2f}x | {at_floor:.2f}x | {both:.2f}x | "
+        out.append((variant, f"| {model} | {prompt} | {states} | {r['card']}, {r['date']} | {ms:.3f} | {floor:.3f} | "
+                   f"{tpp_ms:.3f} | {tpp['floor_ms']:.3f} | {vs:.2f}x | {at_floor:.2f}x | {both:.2f}x | "
                    f"{'yes' if at_floor >= target else 'no'} |"))
     if not out:
         return ""
@@ -125,10 +138,34 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
             "Transformer++ in the same run; \"at its floor\" is what the model would show decoding at its floor "
             "against that Transformer++; \"both at floors\" puts Transformer++ at its floor too. Where \"at its "
             f"floor\" is under {target:g}x, no kernel reaches the target for that model: its state is too large.\n",
-            "| model | prompt | states | date | ms | floor ms | Transformer++ ms (same run) | Transformer++ floor ms "
-            f"| measured | at its floor | both at floors | {target:g}x reachable |",
+            "| model | prompt | states | card, date | ms | floor ms | Transformer++ ms (same run) | "
+            f"Transformer++ floor ms | measured | at its floor | both at floors | {target:g}x reachable |",
             "| --- " * 12 + "|"]
     return "\n".join(head + [line for _, line in sorted(out, key=lambda v: v[0])]) + "\n"
+
+
+def load(path: Path) -> list[dict]:
+    """results.jsonl's rows; a line that is no JSON object naming its figure and its run (name, card, date, command)
+    is refused with its number: it ended in a traceback (bad JSON, no name) or rendered as 'None, None: `None`'."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise SystemExit(f"report: --results {path}: {e.strerror or e}") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"report: --results {path} line {n}: not JSON ({e.msg}); fix or remove the line") from None
+        absent = [key for key in ("name", "card", "date", "command")
+                  if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip()]
+        if absent:
+            raise SystemExit(f"report: --results {path} line {n}: no {', '.join(absent)}; every row names its figure "
+                             f"and the run that measured it")
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=str(HERE / "results.jsonl"))
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     args = p.parse_args(argv)
-    rows = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    rows = load(Path(args.results))
     table = render(rows)
     bounds = decode_bounds(rows)
     if bounds:
@@ -146,8 +183,13 @@ def main(argv: list[str] | None = None) -> None:
     if BEGIN not in text:
         text += f"\n{BEGIN}\n{END}\n"
     head, rest = text.split(BEGIN, 1)
+    if END not in rest:  # (an IndexError before): the text after the marker is not known to be the old tables
+        raise SystemExit(f"report: --out {path} has {BEGIN} but no {END} after it; put it back where the tables end")
     tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    try:
+        path.write_text(f"{head}{BEGIN}\n{table}\n{END}{tail}")
+    except OSError as e:
+        raise SystemExit(f"report: --out {path}: {e.strerror or e}") from None
     print(f"wrote {len(rows)} rows into {path}")
 
 

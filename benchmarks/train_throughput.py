@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo.eval.common import sigterm_interrupts  # noqa: E402
+from zoo.eval.common import positive_int, sigterm_interrupts  # noqa: E402
 from zoo.train import config_from_dict, peak_tflops, train  # noqa: E402
 
 VOCAB = 50280
@@ -127,9 +127,10 @@ def run(name: str, seq_len: int, micro_batch: int, grad_accum: int, warmup: int,
 
 
 def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, peak: float, compile_: bool,
-              cut: str | None = None) -> list[dict]:
+              cut: str | None = None, missing: dict[tuple[str, int], str] | None = None) -> list[dict]:
     """One results.jsonl row per measured (model, L), with its baseline of the same L; `cut`: why the run ended before
-    every measurement (each row's note says it)."""
+    every measurement (each row's note says it); `missing`: why a (model, L) has no measurement, for the note of a row
+    whose baseline it is."""
     date = datetime.date.today().isoformat()
     rows = []
     split = os.environ.get("ZOO_SCAN_SEQ_SPLIT")  # the Mamba scan's sequence split, when forced
@@ -172,8 +173,10 @@ def make_rows(results: dict[tuple[str, int], dict], card: str, command: str, pea
         tpp = results.get(("transformerpp", L))
         if name not in ("transformerpp", "hf-llama", "hf-mamba") and tpp:  # issue 9: vs our Transformer++
             row["vs_transformerpp"] = round(r["tokens_per_s"] / tpp["tokens_per_s"], 3)
-        if base_name == "hf-mamba" and base is None and not cut:
-            row["note"] = "transformers' Mamba not timed at this length (per-token scan loop; see --hf-mamba-seq-lens)"
+        if base_name and base is None and not cut:  # why: a Mamba row said --hf-mamba-seq-lens where --models left
+            # transformers' Mamba out, and a Llama-paired row whose Llama was not asked for said nothing
+            why = (missing or {}).get((base_name, L), "not measured")
+            row["note"] = f"no baseline: {LABEL[base_name]} {why}"
         if cut:
             row["note"] = cut
         rows.append(row)
@@ -193,22 +196,38 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # sizes and counts checked here, before the CUDA check: L = 0 divided by zero, and --steps 0 trained every
+    # model's warmup to fail on 'no timed steps'
     p.add_argument("--models", nargs="+", default=["mamba", "transformerpp", "jamba", "hf-llama", "hf-mamba"],
                    choices=list(MODELS))
-    p.add_argument("--seq-lens", nargs="+", type=int, default=[2048, 8192])
-    p.add_argument("--tokens-per-micro", type=int, default=16384, help="micro-batch rows = this / L")
-    p.add_argument("--grad-accum", type=int, default=4)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seq-lens", nargs="+", type=positive_int, default=[2048, 8192])
+    p.add_argument("--tokens-per-micro", type=positive_int, default=16384, help="micro-batch rows = this / L")
+    p.add_argument("--grad-accum", type=positive_int, default=4)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
+    p.add_argument("--steps", type=positive_int, default=20)
     p.add_argument("--compile", action="store_true", help="train.compile for every model")
-    p.add_argument("--hf-mamba-seq-lens", nargs="+", type=int, default=[2048])
-    p.add_argument("--hf-mamba-micro-batch", type=int, default=1,
+    p.add_argument("--hf-mamba-seq-lens", nargs="+", type=positive_int, default=[2048])
+    p.add_argument("--hf-mamba-micro-batch", type=positive_int, default=1,
                    help="rows per step for transformers' Mamba (its scan keeps fp32 [B, D, L, N] tensors per layer)")
-    p.add_argument("--max-baseline-step-s", type=float, default=150.0,
+    p.add_argument("--max-baseline-step-s", type=positive_float, default=150.0,
                    help="skip transformers' Mamba where one projected step would take longer")
-    p.add_argument("--peak-tflops", type=float, default=None, help="default: the card's dense bf16 peak")
+    p.add_argument("--peak-tflops", type=positive_float, default=None, help="default: the card's dense bf16 peak")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results.jsonl"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -226,13 +245,15 @@ def main() -> None:
     # the measurements finished are written when SIGTERM (`timeout`'s) or Ctrl-C ends the run: they were all lost,
     # written only after the last one (zoo.train's own handler asks its loop to stop while a model trains)
     total = sum(name != "hf-mamba" or L in args.hf_mamba_seq_lens for L in args.seq_lens for name in args.models)
+    missing = {(base, L): "not in --models" for base in set(BASELINE_OF.values()) if base not in args.models
+               for L in args.seq_lens}
     try:
         with sigterm_interrupts(name_signal=True), tempfile.TemporaryDirectory() as tmp:
-            measure_all(args, Path(tmp), results)
+            measure_all(args, Path(tmp), results, missing)
     except KeyboardInterrupt as e:
         cut = f"run interrupted ({str(e) or 'Ctrl-C'}) after {len(results)} of {total} measurements"
         print(f"\n{cut}; writing the rows measured", flush=True)
-    rows = make_rows(results, card, command, peak, args.compile, cut)
+    rows = make_rows(results, card, command, peak, args.compile, cut, missing)
     with open(args.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -245,13 +266,17 @@ def main() -> None:
         sys.exit("train_throughput: a run produced a NaN loss")
 
 
-def measure_all(args, workdir: Path, results: dict[tuple[str, int], dict]) -> None:
-    """Every (model, L) of the command line, measured into `results` as each finishes."""
+def measure_all(args, workdir: Path, results: dict[tuple[str, int], dict],
+                missing: dict[tuple[str, int], str] | None = None) -> None:
+    """Every (model, L) of the command line, measured into `results` as each finishes; why one is skipped, into
+    `missing`."""
+    missing = {} if missing is None else missing
     for L in args.seq_lens:
         micro = max(1, args.tokens_per_micro // L)
         for name in args.models:
             if name == "hf-mamba":
                 if L not in args.hf_mamba_seq_lens:
+                    missing[name, L] = f"not timed at L = {L} (per-token scan loop; see --hf-mamba-seq-lens)"
                     continue
                 # its scan is a Python loop over tokens: probe a short row, then time one step at L
                 probe_L = 256
@@ -261,6 +286,8 @@ def measure_all(args, workdir: Path, results: dict[tuple[str, int], dict]) -> No
                       f"projected {projected:.0f} s", flush=True)
                 if projected > args.max_baseline_step_s:
                     print(f"hf-mamba L={L}: skipped (projected {projected:.0f} s > --max-baseline-step-s)")
+                    missing[name, L] = (f"skipped: one step at L = {L} projected at {projected:.0f} s, over "
+                                        f"--max-baseline-step-s")
                     continue
                 results[name, L] = run(name, L, args.hf_mamba_micro_batch, 1, 1, 1, False, workdir)
             else:

@@ -29,6 +29,31 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     assert isinstance(e.value.code, str) and "CUDA" in e.value.code and "\n" not in e.value.code, e.value.code
 
 
+@pytest.mark.parametrize("name, flags", [
+    ("argmax", ["--batches", "1,x"]), ("cross_entropy", ["--rows", "0"]), ("decode_linear", ["--rows", "16;64"]),
+    ("mamba_layers", ["--batches", ","]), ("mamba_step", ["--batches", "1,-4"]),
+    ("mamba_step", ["--shapes", "1536:16"]), ("profile_decode", ["--batches", "64x"])])
+def test_gpu_benchmark_refuses_a_bad_size_list_in_one_line_naming_the_option(name, flags, monkeypatch, capsys):
+    """The comma lists were split and int()ed after the CUDA check and the card's ceilings: a bad item ended in a
+    traceback on a GPU, a 0 or negative one timed nothing or divided by zero. argparse refuses them now, first."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *flags])
+    script = load_script(f"benchmarks/{name}.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", ["64,2176,12,0,64", "64,2176,x,4,64", "64,2176,12,4"])
+def test_decode_attention_refuses_a_bad_shape_before_looking_for_a_gpu(shape, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["decode_attention.py", "--shapes", shape])
+    script = load_script("benchmarks/decode_attention.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert isinstance(e.value.code, str) and e.value.code.startswith("--shapes: B,S,H,Hkv,D"), e.value.code
+
+
 @pytest.mark.parametrize("flags", [["--sweep"], ["--shapes", "mamba.in_proj"]], ids=["sweep", "shapes"])
 def test_decode_linear_chain_refuses_the_single_projection_options_it_ignores(monkeypatch, capsys, flags):
     """--chain times its own Mamba-130M-like layers: --shapes and --sweep were taken and did nothing."""
@@ -121,6 +146,64 @@ def test_report_keeps_only_the_later_of_two_calls_of_one_command_on_one_day():
     assert [(r["name"], r["ours_ms"]) for r in report.newest(rows)] == [("layers/B1", 0.380), ("layers/B64", 1.013)]
 
 
+def test_report_rows_name_the_run_that_measured_them():
+    """A group's table listed its runs (card, date, command) above rows that did not say which was theirs: the
+    generate table mixed H100 and H200 rows, floors from two bandwidths, with nothing to tell them apart; the 5x
+    table gave a date and no card. Each run is numbered and each row names its number; the 5x table names the card."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, card, ms, floor, vs):
+        return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0), row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
+            row("generate/transformerpp/B1", "H100", 3.0, 1.8, 1.0)]
+    lines = report.render(rows).splitlines()
+    runs = dict(line.removeprefix("- run ").split(": ", 1) for line in lines if line.startswith("- run "))
+    head = lines.index(next(line for line in lines if line.startswith("| name")))
+    assert lines[head].split(" | ")[1] == "run"
+    card_of = {cells[0][2:]: runs[cells[1]].split(",")[0] for cells in (line.split(" | ") for line in lines[head + 2:])
+               if len(cells) > 2}
+    assert card_of == {"generate/transformerpp/B64": "H200", "generate/mamba/B64": "H200",
+                       "generate/transformerpp/B1": "H100"}
+    (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
+    assert mamba[3] == "H200, 2026-12-04", mamba
+
+
+@pytest.mark.parametrize("results, out, says", [
+    (None, None, "--results {tmp}/absent.jsonl: No such file or directory"),
+    ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}\n{"name": "b"', None, "line 2: not JSON"),
+    ('{"name": "a", "date": "2026-12-04", "command": "c", "ours_ms": 1.0}', None, "line 1: no card;"),
+    ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}', "# R\n<!-- results:begin -->\nold\n",
+     "no <!-- results:end -->")], ids=["no-file", "bad-json", "no-card", "no-end-marker"])
+def test_report_refuses_bad_inputs_in_one_line(results, out, says, tmp_path):
+    """A missing results file, a line that is not JSON or a row without its name ended in tracebacks; a row without
+    card, date or command was rendered as 'None, None: `None`'; an --out whose end marker was lost, an IndexError."""
+    report = load_script("benchmarks/report.py")
+    path = tmp_path / ("absent.jsonl" if results is None else "results.jsonl")
+    if results is not None:
+        path.write_text(results)
+    target = tmp_path / "RESULTS.md"
+    if out is not None:
+        target.write_text(out)
+    with pytest.raises(SystemExit) as e:
+        report.main(["--results", str(path), "--out", str(target)])
+    assert isinstance(e.value.code, str) and says.format(tmp=tmp_path) in e.value.code, e.value.code
+    assert out is None or target.read_text() == out
+
+
+@pytest.mark.parametrize("text, says", [(None, "No such file or directory"), ('{"name": "generate/mamba/B1"\n',
+                                                                                "line 1: not JSON")])
+def test_plot_decode_refuses_a_missing_or_broken_results_file_in_one_line(text, says, tmp_path):
+    plot = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--results", str(path), "--out", str(tmp_path / "decode.png")])
+    assert isinstance(e.value.code, str) and f"--results {path}" in e.value.code and says in e.value.code, e.value.code
+
+
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
     state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
@@ -143,6 +226,19 @@ def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     assert mamba[11] == "yes |" and mamba2[9] == "4.00x" and mamba2[11] == "no |"
     assert gla[1] == "8192" and gla[9] == "25.00x" and gla[10] == "20.00x"
     assert report.decode_bounds([row("generate/mamba/B64", 0.5, 0.1, 4.0)]) == ""  # no Transformer++: nothing
+
+
+@pytest.mark.parametrize("flags", [["--batches", "1,x"], ["--batches", "0"], ["--batches", ","],
+                                   ["--new-tokens", "0"], ["--prompt-len", "0"], ["--warmup", "-1"]],
+                         ids=["not-a-number", "zero-batch", "no-batch", "no-tokens", "no-prompt", "negative-warmup"])
+def test_generate_refuses_bad_sizes_in_one_line_naming_the_option(flags, monkeypatch, capsys):
+    """--batches was split and int()ed after the CUDA check (a traceback on a GPU, after nothing had been measured),
+    and 0 new tokens divided by zero after each model's prefill: all are argparse's one-line errors now."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(flags)
+    assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
 
 
 class _HostEvent:
@@ -252,6 +348,22 @@ def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
     assert mamba[7] == "1.200" and mamba[10] == "12.00x", mamba
 
 
+def test_decode_bounds_take_transformerpp_from_the_models_own_call_of_a_command_run_twice_a_day():
+    """Keyed by card, date and command, a model's Transformer++ was the last one of that command that day: a second
+    call cut short after Transformer++ (generate measures it first) paired its Transformer++ with the first call's
+    model rows, beside their vs_transformerpp measured against the first call's."""
+    report = load_script("benchmarks/report.py")
+
+    def row(name, ms, floor, vs):
+        return {"name": name, "card": "H200", "date": "2026-12-04", "command": "python g.py", "ours_ms": ms,
+                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+    rows = [row("generate/transformerpp/B64", 2.0, 1.2, 1.0), row("generate/mamba/B64", 0.5, 0.1, 4.0),
+            row("generate/transformerpp/B64", 3.0, 1.8, 1.0)]
+    (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
+    assert mamba[6] == "2.000" and mamba[7] == "1.200" and mamba[9] == "20.00x", mamba
+
+
 def test_decode_bounds_take_transformerpps_time_from_its_row_not_from_the_rounded_ratio():
     """"Transformer++ ms (same run)" and "at its floor" used the model's vs_transformerpp x ours_ms, both rounded, in
     place of the Transformer++ row measured beside it: one run's Transformer++ showed as 5.094-5.098 ms on four
@@ -348,6 +460,59 @@ def test_train_throughput_mfu_counts_zoo_trains_training_flops_with_the_6n_figur
     assert len({line.count("|") for line in table}) == 1, "every line has the header's columns"
 
 
+@pytest.mark.parametrize("flags", [["--seq-lens", "0"], ["--steps", "0"], ["--warmup", "-1"], ["--grad-accum", "0"],
+                                   ["--peak-tflops", "0"], ["--hf-mamba-seq-lens", "-2048"]],
+                         ids=["zero-length", "no-steps", "negative-warmup", "no-accumulation", "no-peak",
+                              "negative-hf-length"])
+def test_train_throughput_refuses_bad_sizes_in_one_line_naming_the_option(flags, monkeypatch, capsys):
+    """L = 0 divided by zero and --steps 0 failed on 'no timed steps' after training the first model's warmup, both in
+    tracebacks on a GPU; --peak-tflops 0 was taken for the card's own peak. argparse refuses them in one line now."""
+    monkeypatch.setattr(sys, "argv", ["train_throughput.py", *flags])
+    script = load_script("benchmarks/train_throughput.py")
+    with pytest.raises(SystemExit) as e:
+        script.main()
+    assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("models, mamba_note, tpp_note", [
+    (["mamba", "transformerpp"], "transformers MambaForCausalLM 130M not in --models",
+     "transformers LlamaForCausalLM 125M not in --models"),
+    (["mamba", "transformerpp", "hf-mamba", "hf-llama"], "transformers MambaForCausalLM 130M not timed at L = 2048 "
+     "(per-token scan loop; see --hf-mamba-seq-lens)", None)], ids=["baselines-left-out", "hf-mamba-at-another-L"])
+def test_train_throughput_rows_say_why_their_baseline_is_missing(models, mamba_note, tpp_note, tmp_path, monkeypatch):
+    """A Mamba row without transformers' Mamba said it was not timed at this length, see --hf-mamba-seq-lens, also
+    where --models had left it out; a Transformer++ or Jamba row without Llama said nothing of its missing baseline."""
+    from types import SimpleNamespace
+
+    script = load_script("benchmarks/train_throughput.py")
+
+    def train(cfg, on_step):
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True)
+        (out / "run_info.json").write_text(json.dumps({
+            "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
+            "backend": {}}))
+        for step in range(1, cfg.train.max_steps + 1):
+            on_step(step, {"loss": 5.0, "real_tokens": 4096})
+        return SimpleNamespace(stopped=False, step=cfg.train.max_steps)
+
+    monkeypatch.setattr(script, "train", train)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 2 ** 30)
+    out = tmp_path / "results.jsonl"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/train_throughput.py", "--models", *models, "--seq-lens", "2048",
+                                      "--hf-mamba-seq-lens", "8192", "--warmup", "1", "--steps", "2",
+                                      "--peak-tflops", "1", "--out", str(out)])
+    script.main()
+    rows = {row["name"]: row for row in map(json.loads, out.read_text().splitlines())}
+    mamba, tpp = rows["train_throughput/mamba/L2048"], rows["train_throughput/transformerpp/L2048"]
+    assert mamba["baseline"] is None and mamba["note"] == f"no baseline: {mamba_note}", mamba["note"]
+    assert tpp.get("note") == (tpp_note and f"no baseline: {tpp_note}"), tpp.get("note")
+
+
 @pytest.mark.parametrize("bare", [False, True], ids=["stopped-training", "bare-ctrl-c"])
 def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path, monkeypatch, capsys):
     """train_throughput appended its rows only after the last measurement: a Ctrl-C or `timeout`'s SIGTERM (which
@@ -395,6 +560,17 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path
             f"measurements")
     assert all(row["note"] == note for row in rows), rows
     assert note in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [["--new-tokens", "0"], ["--prompt-len", "0"], ["--repeats", "0"],
+                                   ["--threads", "0"], ["--device", "cpux"]])
+def test_eager_decode_overhead_refuses_bad_counts_and_devices_in_one_line(flags, capsys):
+    """0 new tokens, an empty prompt, 0 repeats, 0 threads or a misspelt device each ended in a traceback from deep
+    inside transformers, the prompt, statistics.median or torch, after the model was built."""
+    script = load_script("benchmarks/eager_decode_overhead.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--families", "mamba", *flags])
+    assert e.value.code == 2 and f"{flags[0]}" in capsys.readouterr().err
 
 
 def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
@@ -476,6 +652,26 @@ def test_scan_split_floor_counts_the_exponentials_as_the_selective_scan_benchmar
     assert (fwd, both) == pytest.approx(scan.floors(8, 2048, 1536, bw, ex2))
     fwd, both = script.floors(8, 2048, 1536, 1e30)  # with exponentials for free, the bytes bind
     assert (fwd, both) == pytest.approx(scan.floors(8, 2048, 1536, bw, 1e30)) and fwd > 0.04
+
+
+def test_generate_rows_say_why_their_baseline_is_missing(monkeypatch):
+    """A zoo Mamba row without transformers' Mamba (left out of --models, or out of memory) had a null baseline and
+    ratio and no word of why, where train_throughput's rows say it."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    r = {"batch": 64, "prefill_ms": 5.0, "graphable": True, "cache_mib": 1.0, "ms": 1.0, "tokens_per_s": 64e3,
+         "graph_ms": 1.0, "mode": "graph"}
+    tpp = {**r, "ms": 2.0, "graph_ms": 2.0}
+    results = {("transformerpp", 64): tpp, ("mamba", 64): r}
+    rows = script.make_rows(results, "cpu", "test", 2048, 128, models=["transformerpp", "mamba"])
+    assert {row["name"]: row["note"] for row in rows} == {
+        "generate/mamba/B64": "no baseline: transformers MambaForCausalLM 130M not in --models",
+        "generate/transformerpp/B64": "no baseline: transformers LlamaForCausalLM 125M not in --models"}
+    oom = {"batch": 64, "ms": None, "tokens_per_s": None, "note": "out of memory"}
+    (row,) = [row for row in script.make_rows({**results, ("hf-mamba", 64): oom}, "cpu", "test", 2048, 128,
+                                              models=["transformerpp", "mamba", "hf-mamba", "hf-llama"])
+              if row["name"] == "generate/mamba/B64"]
+    assert row["note"] == "no baseline: transformers MambaForCausalLM 130M out of memory"
 
 
 def test_generate_rows_keep_the_graph_error_beside_an_out_of_memory_note(monkeypatch):
