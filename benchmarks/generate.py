@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from zoo.cache import RecurrentLayer, ZooCache  # noqa: E402
 from zoo.decode import EagerDecoder, GraphDecoder, cache_nbytes, graphable, prefill  # noqa: E402
-from zoo.eval.common import number_list, positive_int, sigterm_interrupts  # noqa: E402
+from zoo.eval.common import non_negative_int, number_list, positive_int, sigterm_interrupts  # noqa: E402
 
 VOCAB = 50280
 ZOO = ("mamba", "mamba2", "transformerpp", "gla", "jamba")
@@ -286,13 +286,6 @@ def batch_list(text: str) -> list[int]:
     if not batches or min(batches) < 1:
         raise argparse.ArgumentTypeError(f"expected a comma list of batch sizes >= 1 such as 1,16,64, got {text!r}")
     return batches
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,7 +52,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from zoo.eval.common import positive_int, sigterm_interrupts  # noqa: E402
+from zoo.eval.common import non_negative_int, positive_int, sigterm_interrupts  # noqa: E402
 from zoo.train import config_from_dict, peak_tflops, train  # noqa: E402
 
 VOCAB = 50280
@@ -194,13 +194,6 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{'' if row['mfu_formula'] == '3x_forward' else ' (6N)'} | {row['mfu_6n']:.1%} | "
                      f"{row['ours_ms']:.1f} | {row['floor_ms']:.1f} | {row['peak_mem_gib']:.1f} | {base} |")
     return "\n".join(lines)
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def positive_float(text: str) -> float:

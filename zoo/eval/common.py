@@ -557,6 +557,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 on the command line (a warmup, --points-per-octave: 0 is none; a negative count was taken as 0
+    without a word)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def parse_int(item: str) -> int:
     """'4096', '2^12', '4K', '1M' -> int (K = 1024, M = 1024**2)."""
     item = item.strip()

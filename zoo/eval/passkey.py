@@ -301,7 +301,7 @@ def evaluate_passkey(
             ``max_new_tokens`` is too few to write a key (``longest_answer``), before the first cell runs.
     """
     if not 1 <= n_samples <= len(KEYS):  # (more prompts than keys would draw keys forever)
-        raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be in [1, {len(KEYS)}] (prompts per cell, "
+        raise ValueError(f"evaluate_passkey: n_samples={n_samples} must be >= 1 and <= {len(KEYS)} (prompts per cell, "
                          f"each with its own 5-digit key)")
     # the whole grid is checked before the first cell runs (a bad depth used to fail after the cells before it)
     if not lengths or not depths:

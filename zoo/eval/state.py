@@ -32,6 +32,7 @@ from zoo.eval.common import (
     load_tokenizer,
     markdown_table,
     model_fingerprint,
+    non_negative_int,
     parse_int,
     positive_int,
     rekey_partial,
@@ -185,15 +186,6 @@ def check_mitigation_options(args) -> None:
         given = f"--mitigation {args.mitigation!r} changes nothing, so there is " if spec is not None else ""
         raise ValueError(f"--compare: {given}nothing to compare the unmitigated run with; give --mitigation SPEC or "
                          f"--norm-calibrate LEN")
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 on the command line (--points-per-octave: 0 is no log-spaced samples; a negative count was
-    taken as 0 without a word)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def summary_rows(result: dict, per_octave: int = 1) -> list[dict]:
