@@ -34,9 +34,22 @@ PHASES = ("copies issued", "grid-dep wait", "conv", "x_proj part", "cluster sync
           "dt + wait", "state update", "cluster exit wait")
 
 
+def batch_rows(text: str) -> list[tuple[int, int]]:
+    """--cases as argparse's type: batch:rows items, each >= 1 (a bad one failed in a traceback after the CUDA check
+    and the phase-timing build)."""
+    try:
+        cases = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        cases = []
+    if not cases or any(len(c) != 2 or min(c) < 1 for c in cases):
+        raise argparse.ArgumentTypeError(f"expected batch:rows items >= 1 such as 1:1,64:4, got {text!r}")
+    return cases
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", default="1:1,1:2,1:4,1:8,16:1,64:1,64:2,64:4,64:8", help="batch:rows, comma-separated")
+    p.add_argument("--cases", type=batch_rows, default="1:1,1:2,1:4,1:8,16:1,64:1,64:2,64:4,64:8",
+                   help="batch:rows, comma-separated")
     p.add_argument("--shape", default="1536:16:48", help="d_inner:N:dt_rank (130M: 1536:16:48)")
     p.add_argument("--pdl", type=int, default=0, help="launch as a programmatic dependent (1) or plainly (0)")
     p.add_argument("--kernel", choices=["slots", "rows"], default="slots")
@@ -61,8 +74,7 @@ def main() -> None:
     width = 4
     print(f"{torch.cuda.get_device_name()}: {args.kernel} kernel, d_inner {dim} N {nstate} R {rank}, bf16, pdl "
           f"{args.pdl}", flush=True)
-    for case in args.cases.split(","):
-        batch, rows = (int(v) for v in case.split(":"))
+    for batch, rows in args.cases:
         x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state = step_args(batch, dim, nstate, rank, width)
         ref = mamba_step_ref(x, z, conv_state.clone(), conv_w, conv_b, wx, wdt, dt_bias, A, D, state.clone())
         try:
@@ -116,8 +128,7 @@ def in_model(args, ext) -> None:
     mixer = next(m for m in model.modules() if isinstance(m, Mamba))
     print(f"{torch.cuda.get_device_name()}: {args.in_model}, prompt {args.prompt_len}, bf16, the fused step inside "
           f"a captured decode step (its last Mamba layer)", flush=True)
-    for case in args.cases.split(","):
-        batch = int(case.split(":")[0])
+    for batch, _ in args.cases:
         prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_len),
                                generator=torch.Generator().manual_seed(batch)).cuda()
         with torch.no_grad():

@@ -13,9 +13,9 @@ import torch
 from helpers import ROOT, Terminated, load_script, sigterm_raises_terminated
 
 GPU_ONLY = ["argmax", "attention", "conv1d", "cross_entropy", "decode_attention", "decode_linear", "generate", "gla",
-            "mamba_layers", "mamba_step", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
-            "probe_split_decode", "probe_split_parts", "profile_decode", "scan_split", "selective_scan", "ssd",
-            "train_throughput"]
+            "mamba_layers", "mamba_step", "probe_linear_ncu", "probe_mamba_step_phases", "probe_packed_flex",
+            "probe_packed_nested", "probe_split_decode", "probe_split_parts", "probe_split_streams", "profile_decode",
+            "scan_split", "selective_scan", "ssd", "train_throughput"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -32,7 +32,10 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
 @pytest.mark.parametrize("name, flags", [
     ("argmax", ["--batches", "1,x"]), ("cross_entropy", ["--rows", "0"]), ("decode_linear", ["--rows", "16;64"]),
     ("mamba_layers", ["--batches", ","]), ("mamba_step", ["--batches", "1,-4"]),
-    ("mamba_step", ["--shapes", "1536:16"]), ("profile_decode", ["--batches", "64x"])])
+    ("mamba_step", ["--shapes", "1536:16"]), ("profile_decode", ["--batches", "64x"]),
+    ("probe_split_decode", ["--splits", "2,x"]), ("probe_split_streams", ["--splits", "0"]),
+    ("probe_linear_ncu", ["--configs", "2,1;3"]), ("probe_linear_ncu", ["--configs", "2,x"]),
+    ("probe_mamba_step_phases", ["--cases", "1:1,64"]), ("probe_mamba_step_phases", ["--cases", "64:0"])])
 def test_gpu_benchmark_refuses_a_bad_size_list_in_one_line_naming_the_option(name, flags, monkeypatch, capsys):
     """The comma lists were split and int()ed after the CUDA check and the card's ceilings: a bad item ended in a
     traceback on a GPU, a 0 or negative one timed nothing or divided by zero. argparse refuses them now, first."""
