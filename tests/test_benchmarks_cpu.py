@@ -244,6 +244,18 @@ def test_generate_refuses_bad_sizes_in_one_line_naming_the_option(flags, monkeyp
     assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--models", "mamba", "gla", "mamba"], ["--batches", "1,16,1"]])
+def test_generate_refuses_a_model_or_batch_named_twice(flags, monkeypatch, capsys):
+    """--models mamba mamba measured the model twice, and an interruption's 'after N of M measurements' counted
+    the repeat: a name given twice is refused before the CUDA check."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flags[0]}: {flags[1].split(',')[0]} given more than once" in err, err
+
+
 class _HostEvent:
     """torch.cuda.Event's timing interface on the host clock (generate.measure on the CPU)."""
 
