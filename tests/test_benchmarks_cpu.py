@@ -433,6 +433,20 @@ def test_every_results_row_names_its_run_and_its_ratio_is_its_baseline_over_ours
         seen[key] = n
 
 
+def test_train_throughput_command_takes_a_script_outside_the_repository(monkeypatch, tmp_path):
+    """The rows' command took the script's path relative_to the repository: started by an absolute path outside it
+    (a copy, or the repository through a symlink) it failed with a ValueError after the CUDA check."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/train_throughput.py")
+    outside = tmp_path / "train_throughput.py"
+    assert script.command_line([str(outside), "--steps", "5"]) == f"python {outside} --steps 5"
+    (tmp_path / "repo").symlink_to(ROOT)
+    linked = tmp_path / "repo" / "benchmarks" / "train_throughput.py"
+    assert script.command_line([str(linked), "--models", "mamba"]) == \
+        "python benchmarks/train_throughput.py --models mamba"
+    assert script.command_line(["benchmarks/train_throughput.py"]) == "python benchmarks/train_throughput.py"
+
+
 def test_train_throughput_mfu_counts_the_active_parameters_as_zoo_train_does():
     """The benchmark's MFU and floor were 6 · all parameters · tokens/s, zoo.train's 6 · active parameters: a MoE
     model's two MFUs disagreed. Both now leave out the experts a token skips (mfu_6n, floor_ms_6n)."""
