@@ -28,7 +28,7 @@ import argparse
 import sys
 
 import torch
-from mamba_step import step_args  # benchmarks/mamba_step.py (the script's folder is on sys.path)
+from mamba_step import step_args, step_shapes  # benchmarks/mamba_step.py (the script's folder is on sys.path)
 
 PHASES = ("copies issued", "grid-dep wait", "conv", "x_proj part", "cluster sync", "cluster sum + wait",
           "dt + wait", "state update", "cluster exit wait")
@@ -46,11 +46,20 @@ def batch_rows(text: str) -> list[tuple[int, int]]:
     return cases
 
 
+def one_shape(text: str) -> tuple[int, int, int]:
+    """--shape as argparse's type: one d_inner:N:dt_rank (int()ed after the CUDA check and the phase-timing build,
+    a bad one failed in a traceback)."""
+    shapes = step_shapes(text)
+    if len(shapes) != 1:
+        raise argparse.ArgumentTypeError(f"expected one d_inner:N:dt_rank such as 1536:16:48, got {text!r}")
+    return shapes[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--cases", type=batch_rows, default="1:1,1:2,1:4,1:8,16:1,64:1,64:2,64:4,64:8",
                    help="batch:rows, comma-separated")
-    p.add_argument("--shape", default="1536:16:48", help="d_inner:N:dt_rank (130M: 1536:16:48)")
+    p.add_argument("--shape", type=one_shape, default="1536:16:48", help="d_inner:N:dt_rank (130M: 1536:16:48)")
     p.add_argument("--pdl", type=int, default=0, help="launch as a programmatic dependent (1) or plainly (0)")
     p.add_argument("--kernel", choices=["slots", "rows"], default="slots")
     p.add_argument("--in-model", metavar="MODEL", help="time it inside a captured decode step of this model config")
@@ -69,7 +78,7 @@ def main() -> None:
     if args.in_model:
         in_model(args, ext)
         return
-    dim, nstate, rank = (int(v) for v in args.shape.split(":"))
+    dim, nstate, rank = args.shape
     kernel = fused_step.KERNELS[args.kernel]
     width = 4
     print(f"{torch.cuda.get_device_name()}: {args.kernel} kernel, d_inner {dim} N {nstate} R {rank}, bf16, pdl "

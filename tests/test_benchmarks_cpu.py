@@ -35,7 +35,8 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
     ("mamba_step", ["--shapes", "1536:16"]), ("profile_decode", ["--batches", "64x"]),
     ("probe_split_decode", ["--splits", "2,x"]), ("probe_split_streams", ["--splits", "0"]),
     ("probe_linear_ncu", ["--configs", "2,1;3"]), ("probe_linear_ncu", ["--configs", "2,x"]),
-    ("probe_mamba_step_phases", ["--cases", "1:1,64"]), ("probe_mamba_step_phases", ["--cases", "64:0"])])
+    ("probe_mamba_step_phases", ["--cases", "1:1,64"]), ("probe_mamba_step_phases", ["--cases", "64:0"]),
+    ("probe_mamba_step_phases", ["--shape", "1536:16"]), ("probe_mamba_step_phases", ["--shape", "8:1:1,8:1:1"])])
 def test_gpu_benchmark_refuses_a_bad_size_list_in_one_line_naming_the_option(name, flags, monkeypatch, capsys):
     """The comma lists were split and int()ed after the CUDA check and the card's ceilings: a bad item ended in a
     traceback on a GPU, a 0 or negative one timed nothing or divided by zero. argparse refuses them now, first."""
