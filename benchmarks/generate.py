@@ -309,6 +309,10 @@ def main(argv: list[str] | None = None) -> None:
                    "bf16 while decoding, as mamba_ssm's and transformers' caches do (rows get a /state-model suffix)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.jsonl"))
     args = p.parse_args(argv)
+    for option, values in (("--models", args.models), ("--batches", args.batches)):
+        twice = sorted({str(v) for v in values if values.count(v) > 1})
+        if twice:  # (each was measured again, and an interruption's count of measurements included the repeats)
+            p.error(f"{option}: {', '.join(twice)} given more than once; name each once")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/generate.py needs a CUDA GPU")
     device = torch.device("cuda")

@@ -1,7 +1,8 @@
 """Plot: decode step time of every family against batch size and prompt length, from benchmarks/results.jsonl.
 
 Reads the newest `generate/<model>/B<batch>[/P<prompt>]` row of each name (benchmarks/generate.py writes them; rows
-of one figure should come from one call: the script prints the date and note of each point it uses) and draws two
+of one figure should come from one call: the script prints the date and note of each point it uses), of one card:
+the card of the newest such row unless --card names another (the title says which), and draws two
 panels: ms per decode step against batch at a 2K prompt, and the speed-up over Transformer++ at the largest batch
 against the prompt length (the issue's 5x line drawn in), each measured in its model's own run (`same_run_speedup`).
 Writes one PNG.
@@ -25,9 +26,9 @@ LABEL = {"transformerpp": "Transformer++", "mamba": "Mamba", "jamba": "Jamba-sty
          "mamba2": "Mamba-2", "hf-llama": "transformers Llama", "hf-mamba": "transformers Mamba"}
 
 
-def load(path: Path, card: str | None = None) -> dict[tuple[str, int, int], dict]:
-    """(model, batch, prompt) -> the newest row of that name with a time (later lines win), of the cards whose name
-    contains `card` (case-insensitive) when it is given."""
+def load(path: Path, card: str | None = None, exact: bool = False) -> dict[tuple[str, int, int], dict]:
+    """(model, batch, prompt) -> the newest row of that name with a time (later lines win; the dict is in line order,
+    newest last), of the cards whose name contains `card` (case-insensitive; is `card` with `exact`) when given."""
     points = {}
     try:
         lines = path.read_text().splitlines()
@@ -42,10 +43,13 @@ def load(path: Path, card: str | None = None) -> dict[tuple[str, int, int], dict
             raise SystemExit(f"plot_decode: --results {path} line {n}: not JSON ({e.msg}); fix or remove the line") \
                 from None
         m = NAME.match(row.get("name", ""))
-        if card is not None and card.lower() not in row.get("card", "").lower():
+        if card is not None and not (row.get("card", "") == card if exact else
+                                     card.lower() in row.get("card", "").lower()):
             continue
         if m and row.get("ours_ms"):
-            points[(m[1], int(m[2]), int(m[3] or 2048))] = row
+            key = (m[1], int(m[2]), int(m[3] or 2048))
+            points.pop(key, None)
+            points[key] = row
     return points
 
 
@@ -67,9 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results.jsonl"))
     p.add_argument("--models", nargs="+", default=["transformerpp", "mamba", "jamba", "gla", "mamba2"])
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--card", help="only rows of a card whose name contains this (e.g. H100): one card's figures")
+    p.add_argument("--card", help="only rows of a card whose name contains this (e.g. H100); default: the card of "
+                   "the newest generate row")
     args = p.parse_args(argv)
     points = load(Path(args.results), args.card)
+    newest = ""
+    if args.card is None and points:
+        # the newest row of each name could come from different cards: one line held an H100's batch 64 beside an
+        # H200's smaller batches, absolute times of two cards; draw the newest row's card alone
+        card = next(reversed(points.values())).get("card", "")
+        points = load(Path(args.results), card, exact=True)
+        newest = ", the newest rows' card"
+        print(f"card {card!r} (the newest row's; --card for another)")
     if not any(k[0] == "transformerpp" for k in points):
         which = f" of a card matching {args.card!r}" if args.card else ""
         raise SystemExit(f"no generate/transformerpp rows in {args.results}{which}: run benchmarks/generate.py first")
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     right.grid(True, alpha=0.3)
     right.legend()
     used = sorted({(r["date"], r.get("card", "?"), r.get("note") or "") for r in points.values()})
-    fig.suptitle(f"decode, 130M models, bf16, CUDA graphs ({'; '.join(sorted({u[1] for u in used}))})")
+    fig.suptitle(f"decode, 130M models, bf16, CUDA graphs ({'; '.join(sorted({u[1] for u in used}))}{newest})")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)

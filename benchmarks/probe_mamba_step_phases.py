@@ -28,16 +28,38 @@ import argparse
 import sys
 
 import torch
-from mamba_step import step_args  # benchmarks/mamba_step.py (the script's folder is on sys.path)
+from mamba_step import step_args, step_shapes  # benchmarks/mamba_step.py (the script's folder is on sys.path)
 
 PHASES = ("copies issued", "grid-dep wait", "conv", "x_proj part", "cluster sync", "cluster sum + wait",
           "dt + wait", "state update", "cluster exit wait")
 
 
+def batch_rows(text: str) -> list[tuple[int, int]]:
+    """--cases as argparse's type: batch:rows items, each >= 1 (a bad one failed in a traceback after the CUDA check
+    and the phase-timing build)."""
+    try:
+        cases = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        cases = []
+    if not cases or any(len(c) != 2 or min(c) < 1 for c in cases):
+        raise argparse.ArgumentTypeError(f"expected batch:rows items >= 1 such as 1:1,64:4, got {text!r}")
+    return cases
+
+
+def one_shape(text: str) -> tuple[int, int, int]:
+    """--shape as argparse's type: one d_inner:N:dt_rank (int()ed after the CUDA check and the phase-timing build,
+    a bad one failed in a traceback)."""
+    shapes = step_shapes(text)
+    if len(shapes) != 1:
+        raise argparse.ArgumentTypeError(f"expected one d_inner:N:dt_rank such as 1536:16:48, got {text!r}")
+    return shapes[0]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--cases", default="1:1,1:2,1:4,1:8,16:1,64:1,64:2,64:4,64:8", help="batch:rows, comma-separated")
-    p.add_argument("--shape", default="1536:16:48", help="d_inner:N:dt_rank (130M: 1536:16:48)")
+    p.add_argument("--cases", type=batch_rows, default="1:1,1:2,1:4,1:8,16:1,64:1,64:2,64:4,64:8",
+                   help="batch:rows, comma-separated")
+    p.add_argument("--shape", type=one_shape, default="1536:16:48", help="d_inner:N:dt_rank (130M: 1536:16:48)")
     p.add_argument("--pdl", type=int, default=0, help="launch as a programmatic dependent (1) or plainly (0)")
     p.add_argument("--kernel", choices=["slots", "rows"], default="slots")
     p.add_argument("--in-model", metavar="MODEL", help="time it inside a captured decode step of this model config")
@@ -56,13 +78,12 @@ def main() -> None:
     if args.in_model:
         in_model(args, ext)
         return
-    dim, nstate, rank = (int(v) for v in args.shape.split(":"))
+    dim, nstate, rank = args.shape
     kernel = fused_step.KERNELS[args.kernel]
     width = 4
     print(f"{torch.cuda.get_device_name()}: {args.kernel} kernel, d_inner {dim} N {nstate} R {rank}, bf16, pdl "
           f"{args.pdl}", flush=True)
-    for case in args.cases.split(","):
-        batch, rows = (int(v) for v in case.split(":"))
+    for batch, rows in args.cases:
         x, z, conv_state, conv_w, conv_b, wx, wdt, dt_bias, A, D, state = step_args(batch, dim, nstate, rank, width)
         ref = mamba_step_ref(x, z, conv_state.clone(), conv_w, conv_b, wx, wdt, dt_bias, A, D, state.clone())
         try:
@@ -116,8 +137,7 @@ def in_model(args, ext) -> None:
     mixer = next(m for m in model.modules() if isinstance(m, Mamba))
     print(f"{torch.cuda.get_device_name()}: {args.in_model}, prompt {args.prompt_len}, bf16, the fused step inside "
           f"a captured decode step (its last Mamba layer)", flush=True)
-    for case in args.cases.split(","):
-        batch = int(case.split(":")[0])
+    for batch, _ in args.cases:
         prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_len),
                                generator=torch.Generator().manual_seed(batch)).cuda()
         with torch.no_grad():

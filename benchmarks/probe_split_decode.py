@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from ceilings import sizes  # noqa: E402
 from generate import build  # noqa: E402
 
 from zoo.decode import GraphDecoder, StaticDecoder, prefill  # noqa: E402
@@ -86,7 +87,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mamba", "transformerpp"])
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--splits", default="2,4")
+    p.add_argument("--splits", type=sizes, default="2,4", help="micro-batches k, comma-separated")
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=4)
@@ -105,7 +106,7 @@ def main() -> None:
         ms = timed(whole.step, args.new_tokens, args.warmup)
         row = {"model": name, "batch": args.batch, "whole_ms": ms}
         del whole
-        for k in [int(x) for x in args.splits.split(",")]:
+        for k in args.splits:
             parts = prompt.chunk(k)
             decs = [GraphDecoder(model, prefill(model, part), max_new_tokens=room) for part in parts]
             tokens = torch.cat([d.decode(8) for d in decs])

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from ceilings import sizes  # noqa: E402
 from generate import build  # noqa: E402
 
 from zoo.decode import StaticDecoder, prefill  # noqa: E402
@@ -69,20 +70,22 @@ def time_graph(graph, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["mamba", "jamba", "transformerpp"])
-    p.add_argument("--splits", default="1,2,4")
+    p.add_argument("--splits", type=sizes, default="1,2,4", help="micro-batches k, comma-separated")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--state-dtype", default="model")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("probe_split_streams.py needs a CUDA GPU")
     device = torch.device("cuda")
     rows = []
     for name in args.models:
         model = build(name, torch.bfloat16, device, args.state_dtype)
         gen = torch.Generator().manual_seed(1234)
         prompt = torch.randint(0, 50280, (args.batch, args.prompt_len), generator=gen).to(device)
-        for k in map(int, args.splits.split(",")):
+        for k in args.splits:
             graph, decoders = split_graph(model, prompt, k, args.steps + 8)
             ms = time_graph(graph, args.steps)
             row = {"model": name, "batch": args.batch, "prompt_len": args.prompt_len, "splits": k, "ms": round(ms, 4)}

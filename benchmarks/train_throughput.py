@@ -42,6 +42,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -203,6 +204,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+def command_line(argv: list[str]) -> str:
+    """The rows' command: the script relative to the repository where it lies inside it, else as it was given (an
+    absolute path outside, or through a symlink, failed in relative_to after the CUDA check)."""
+    script = Path(argv[0])
+    if script.is_absolute():
+        try:
+            script = script.resolve().relative_to(ROOT)
+        except ValueError:
+            pass
+    return "python " + " ".join(shlex.quote(str(a)) for a in [script, *argv[1:]])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # sizes and counts checked here, before the CUDA check: L = 0 divided by zero, and --steps 0 trained every
@@ -230,8 +243,7 @@ def main() -> None:
     peak = args.peak_tflops or peak_tflops(device)
     if peak is None:
         sys.exit(f"train_throughput: no known bf16 peak for {card!r}; pass --peak-tflops")
-    command = "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)
-                                         if Path(sys.argv[0]).is_absolute() else sys.argv[0])] + sys.argv[1:])
+    command = command_line(sys.argv)
     results: dict[tuple[str, int], dict] = {}
     cut = None
 

@@ -13,9 +13,9 @@ import torch
 from helpers import ROOT, Terminated, load_script, sigterm_raises_terminated
 
 GPU_ONLY = ["argmax", "attention", "conv1d", "cross_entropy", "decode_attention", "decode_linear", "generate", "gla",
-            "mamba_layers", "mamba_step", "probe_mamba_step_phases", "probe_packed_flex", "probe_packed_nested",
-            "probe_split_decode", "probe_split_parts", "profile_decode", "scan_split", "selective_scan", "ssd",
-            "train_throughput"]
+            "mamba_layers", "mamba_step", "probe_linear_ncu", "probe_mamba_step_phases", "probe_packed_flex",
+            "probe_packed_nested", "probe_split_decode", "probe_split_parts", "probe_split_streams", "profile_decode",
+            "scan_split", "selective_scan", "ssd", "train_throughput"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -32,7 +32,11 @@ def test_gpu_benchmark_on_cpu_ends_in_one_line(name, monkeypatch):
 @pytest.mark.parametrize("name, flags", [
     ("argmax", ["--batches", "1,x"]), ("cross_entropy", ["--rows", "0"]), ("decode_linear", ["--rows", "16;64"]),
     ("mamba_layers", ["--batches", ","]), ("mamba_step", ["--batches", "1,-4"]),
-    ("mamba_step", ["--shapes", "1536:16"]), ("profile_decode", ["--batches", "64x"])])
+    ("mamba_step", ["--shapes", "1536:16"]), ("profile_decode", ["--batches", "64x"]),
+    ("probe_split_decode", ["--splits", "2,x"]), ("probe_split_streams", ["--splits", "0"]),
+    ("probe_linear_ncu", ["--configs", "2,1;3"]), ("probe_linear_ncu", ["--configs", "2,x"]),
+    ("probe_mamba_step_phases", ["--cases", "1:1,64"]), ("probe_mamba_step_phases", ["--cases", "64:0"]),
+    ("probe_mamba_step_phases", ["--shape", "1536:16"]), ("probe_mamba_step_phases", ["--shape", "8:1:1,8:1:1"])])
 def test_gpu_benchmark_refuses_a_bad_size_list_in_one_line_naming_the_option(name, flags, monkeypatch, capsys):
     """The comma lists were split and int()ed after the CUDA check and the card's ceilings: a bad item ended in a
     traceback on a GPU, a 0 or negative one timed nothing or divided by zero. argparse refuses them now, first."""
@@ -241,6 +245,18 @@ def test_generate_refuses_bad_sizes_in_one_line_naming_the_option(flags, monkeyp
     assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--models", "mamba", "gla", "mamba"], ["--batches", "1,16,1"]])
+def test_generate_refuses_a_model_or_batch_named_twice(flags, monkeypatch, capsys):
+    """--models mamba mamba measured the model twice, and an interruption's 'after N of M measurements' counted
+    the repeat: a name given twice is refused before the CUDA check."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/generate.py")
+    with pytest.raises(SystemExit) as e:
+        script.main(flags)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{flags[0]}: {flags[1].split(',')[0]} given more than once" in err, err
+
+
 class _HostEvent:
     """torch.cuda.Event's timing interface on the host clock (generate.measure on the CPU)."""
 
@@ -416,6 +432,20 @@ def test_every_results_row_names_its_run_and_its_ratio_is_its_baseline_over_ours
         key = json.dumps(row, sort_keys=True)
         assert key not in seen, f"{where}: the same row as line {seen[key]}"
         seen[key] = n
+
+
+def test_train_throughput_command_takes_a_script_outside_the_repository(monkeypatch, tmp_path):
+    """The rows' command took the script's path relative_to the repository: started by an absolute path outside it
+    (a copy, or the repository through a symlink) it failed with a ValueError after the CUDA check."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    script = load_script("benchmarks/train_throughput.py")
+    outside = tmp_path / "train_throughput.py"
+    assert script.command_line([str(outside), "--steps", "5"]) == f"python {outside} --steps 5"
+    (tmp_path / "repo").symlink_to(ROOT)
+    linked = tmp_path / "repo" / "benchmarks" / "train_throughput.py"
+    assert script.command_line([str(linked), "--models", "mamba"]) == \
+        "python benchmarks/train_throughput.py --models mamba"
+    assert script.command_line(["benchmarks/train_throughput.py"]) == "python benchmarks/train_throughput.py"
 
 
 def test_train_throughput_mfu_counts_the_active_parameters_as_zoo_train_does():

@@ -64,3 +64,20 @@ def test_card_keeps_one_cards_rows(tmp_path):
     assert pd.load(path, "A100") == {}
     with pytest.raises(SystemExit, match="matching 'H200'"):
         pd.main(["--results", str(path), "--card", "H200", "--out", str(tmp_path / "x.png")])
+
+
+def test_without_card_draws_the_newest_rows_card_alone(tmp_path, capsys):
+    """Without --card each name's newest row was drawn whatever its card: one line held an H200's batch 64 beside an
+    H100's batch 1, absolute times of two cards. It draws the card of the newest row, including that card's older
+    rows that another card's row had superseded."""
+    pd = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    rows = [{**_row("generate/transformerpp/B64", 1.85), "card": h100},
+            {**_row("generate/transformerpp/B64", 1.55), "card": h200},
+            {**_row("generate/transformerpp/B1", 0.61), "card": h100}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pd.main(["--results", str(path), "--out", str(tmp_path / "x.png")])
+    out = capsys.readouterr().out
+    assert "1.850 ms" in out and "0.610 ms" in out and "1.550" not in out
+    assert h100 in out

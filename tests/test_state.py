@@ -732,6 +732,24 @@ def test_state_plots_name_a_gla_layers_decay_and_keys(tmp_path, monkeypatch):
     assert by_stat["B_rms"].startswith("key k RMS") and by_stat["state_rms"].startswith("state RMS")
 
 
+def test_state_plots_of_unnamed_overlaid_runs_draw_no_empty_legend(tmp_path):
+    """Overlaid runs always got a legend: with no run named (labels ''), matplotlib warned "No artists with labels
+    found to put in legend" for every PNG. The plots draw a legend only where a run is named."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from zoo.state import plot_state_statistics
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs/models/mamba2-tiny.yaml")).eval()
+    result = record_state_statistics(model, torch.randint(0, 512, (1, 32)), chunk_size=16, points_per_octave=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = plot_state_statistics([("", result), ("", result)], tmp_path)
+    assert paths and all(p.exists() for p in paths)
+
+
 def test_state_plots_of_a_lone_mitigated_run_name_its_mitigation(tmp_path, monkeypatch):
     """zoo eval state --mitigation forget:... (without --compare) drew the plots of the mitigated model with titles
     that said nothing of the mitigation (only overlaid runs had a legend), so they read as the model's own

@@ -374,6 +374,9 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = sorted(runs[0][1]["layers"], key=int)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # a legend where a run is named: unnamed overlaid runs (labels '') made matplotlib warn "No artists with labels
+    # found to put in legend" once per PNG
+    legend = len(runs) > 1 and any(label for label, _ in runs)
     paths = []
     for stat in (*STATE_STATS, *DECAY_STATS, *B_STATS):
         present = [layer for layer in layers if stat in runs[0][1]["layers"][layer]]
@@ -397,7 +400,7 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
             ax.set_xlabel("position")
         for ax in list(axes.flat)[len(present):]:
             ax.set_visible(False)
-        if len(runs) > 1:
+        if legend:
             axes.flat[0].legend(fontsize=7)
         kinds = {runs[0][1]["layers"][layer]["kind"] for layer in present}
         label = LABELS[stat]
@@ -419,7 +422,7 @@ def plot_state_statistics(result: dict | Sequence[tuple[str, dict]], out_dir: st
     ax.set_ylabel("mean loss of the chunk (nats)")
     if named:
         ax.set_title(named[2:], fontsize=9)
-    if len(runs) > 1:
+    if legend:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "loss.png"
