@@ -58,7 +58,16 @@ python benchmarks/argmax.py --out \$out/s40-argmax.jsonl; echo argmax: rc=\$? ro
 add tests-s41 420 "python -m pytest -q -m cuda -p no:cacheprovider tests/test_static_generate.py \
 tests/test_static_decode.py tests/test_eval.py -rs; python -m pytest -q -p no:cacheprovider tests/test_hf_usage.py \
 tests/test_modeling.py -k 'prompt or continuous or missing_from_a_checkpoint' -rs"
-order=(tests-s39 tests-s40 tests-s41 tests-fsdp-gpus)
+# the forty-second session's benchmark changes on a card (their options are now checked before the CUDA check, rows
+# say why a baseline is missing): generate.py and train_throughput.py end to end on two models each without their
+# transformers baselines (the rows' notes name them), and a probe
+add bench-s42 420 "python benchmarks/generate.py --models transformerpp mamba --batches 1,4 --prompt-len 128 \
+--new-tokens 16 --out \$out/s42-generate.jsonl; echo generate: rc=\$? rows=\$(wc -l < \$out/s42-generate.jsonl); \
+python benchmarks/train_throughput.py --models transformerpp mamba --seq-lens 512 --warmup 1 --steps 2 \
+--out \$out/s42-train.jsonl; echo train_throughput: rc=\$? rows=\$(wc -l < \$out/s42-train.jsonl); \
+grep -h -o 'no baseline: [^;\"]*' \$out/s42-generate.jsonl \$out/s42-train.jsonl | sort | uniq -c; \
+python benchmarks/probe_split_decode.py --help > /dev/null && echo probe_split_decode: ok"
+order=(tests-s39 tests-s40 tests-s41 bench-s42 tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
