@@ -280,14 +280,14 @@ class DataConfig:
     with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
     config_name: the hub dataset's configuration. revision: the hub dataset's branch, tag or commit sha to read (None:
     its default branch, as it stands when the run opens it; a commit sha pins the data across a stop and a resume).
-    split / eval_split: dataset splits for training and
-    evaluation, two different ones (of a hub dataset or local folder; the built-in corpus and local files are one
-    split, refused otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a
-    stable hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
-    (local files are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
-    padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
-    streamed sources; a shuffled stream resumes by re-reading the documents before its saved position, an
-    unshuffled one reads on from it). add_bos / add_eos: wrap each document. seed: of the document order.
+    split / eval_split: dataset splits for training and evaluation, two different ones (of a hub dataset or local
+    folder; the built-in corpus and local files are one split, refused otherwise); without an eval_split, a `holdout`
+    fraction of the training documents is held out, chosen by a stable hash (CRC32) of their text, or for the
+    built-in corpus by one of each file's path relative to the stdlib. text_field: the column holding the text.
+    streaming: stream hub datasets (local files are always memory-mapped). seq_len: tokens per row. packing: pack
+    documents into full rows (else one padded document piece per row). shuffle / shuffle_buffer: document order
+    per epoch (a buffer for streamed sources; a shuffled stream resumes by re-reading the documents before its saved
+    position, an unshuffled one reads on from it). add_bos / add_eos: wrap each document. seed: of the document order.
     sample_by: what a document is in local .txt files: "document" (a whole file), "paragraph" (text between blank
     lines) or "line" (datasets' text builder's sample_by). One large file (a nanoGPT-style input.txt) is one
     document by default, which the held-out split cannot divide: give it "paragraph" or "line". A local folder of
