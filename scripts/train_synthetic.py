@@ -5,10 +5,10 @@
     python scripts/train_synthetic.py configs/train/induction-cpu.yaml --train.max_steps=200
 
 zoo.train pretrains on text; this runs the same pieces on ``zoo.data.synthetic`` rows instead: the AdamW
-groups, warmup + cosine schedule and gradient clipping of ``zoo.train`` through ``zoo.finetune.run_training``
-(fresh rows every step, under accelerate), then ``zoo.eval.synthetic.evaluate_synthetic`` over a grid of
-lengths (long rows in chunks with the state carried). A recipe names several ``models`` (zoo config fields,
-or a zoo YAML) and optionally a ``sweep`` grid of dotted keys (``model.d_model``, ``optim.lr``, ...); every
+groups, warmup + ``schedule.kind`` learning-rate schedule and gradient clipping of ``zoo.train`` through
+``zoo.finetune.run_training`` (fresh rows every step, under accelerate), then ``zoo.eval.synthetic.evaluate_synthetic``
+over a grid of lengths (long rows in chunks with the state carried). A recipe names several ``models`` (zoo config
+fields, or a zoo YAML) and optionally a ``sweep`` grid of dotted keys (``model.d_model``, ``optim.lr``, ...); every
 (model, grid point) is one run in ``output_dir/<run>/`` (``model/``, ``trained.json``, ``result.json``). A
 trained model is saved before its evaluation and reused when the model and training settings match; a
 result.json with the same settings throughout is reused as it is. Ctrl-C or SIGTERM saves the phase in training
@@ -73,10 +73,13 @@ class Recipe:
     (``model.<field>`` sets a model config field, e.g. model.d_model or model.mixers.M.d_state; other keys set
     run fields, e.g. optim.lr); select_over: sweep keys the summary maximises over. curriculum: phases
     {seq_len, max_steps[, micro_batch_size][, lr]} trained in order before the main phase (data.seq_len,
-    train.max_steps), each with its own warmup and cosine decay; phases may not be longer than data.seq_len,
-    so the model never sees a row longer than the training length. model_overrides: model name -> {dotted run
-    key: value}, applied to that model's runs after the sweep point (e.g. {mamba: {train.state_passing: true}}:
-    settings only one family can take, such as state passing, which attention refuses)."""
+    train.max_steps), each a fresh run of the recipe's schedule (schedule.kind, cosine or wsd or constant, over the
+    phase's max_steps from the phase's lr), its warmup capped at a tenth of its steps and min_lr at most its lr;
+    phases may not be longer than data.seq_len, so the model never sees a row longer than the training length.
+    model_overrides: model name -> {dotted run key: value}, applied to that model's runs after the sweep point
+    (e.g. {mamba: {train.state_passing: true}}: settings only one family can take, such as state passing, which
+    attention refuses); the keys that decide the evaluated rows (EVAL_ROW_KEYS: data.task, data.task_kwargs, data.seed,
+    data.n_eval, eval.n_samples) are refused there, so that every model is evaluated on the same rows."""
 
     models: dict[str, Any]
     data: DataSection
@@ -101,6 +104,10 @@ class Run:
     point: dict[str, Any]
     output_dir: Path
     phases: list[PretrainSection] = field(default_factory=list)  # the curriculum, then section
+
+
+# the run keys that decide which rows a model is evaluated on (held out at the training length and over the grid)
+EVAL_ROW_KEYS = ("data.task", "data.task_kwargs", "data.seed", "data.n_eval", "eval.n_samples")
 
 
 def _dotted_keys(sweep: dict) -> dict:
@@ -189,6 +196,14 @@ def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
     unknown = set(data.get("model_overrides") or {}) - set(data["models"])
     if unknown:
         raise ValueError(f"model_overrides: no model named {sorted(unknown)} (models: {sorted(data['models'])})")
+    # the rows every model is evaluated on: one model's own seed, task arguments or row count evaluated it on other
+    # rows than the others, and the summary compared them as if on the same ones
+    for model_name, own in (data.get("model_overrides") or {}).items():
+        rows = [key for key in own or {} if any(key == k or key.startswith(f"{k}.") for k in EVAL_ROW_KEYS)]
+        if rows:
+            raise ValueError(f"model_overrides.{model_name}: {', '.join(rows)} decides the rows every model is "
+                             f"evaluated on, which must be the same for all of them: set it at the top level "
+                             f"(or sweep it), or run that model from a recipe of its own")
     unknown = set((data.get("eval") or {}).get("max_len") or {}) - set(data["models"])
     if unknown:  # a misspelt name lifted that model's limit without a word
         raise ValueError(f"eval.max_len: no model named {sorted(unknown)} (models: {sorted(data['models'])})")

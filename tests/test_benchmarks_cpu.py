@@ -101,7 +101,8 @@ def test_mqar_probe_trains_every_run_afresh(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("spec, message", [
     ("gla:32:32:16:3e-3:3", "run 'gla:32:32:16:3e-3:3': mqar: n_kv=16 needs seq_len >= 4 * n_kv = 64, got seq_len=32"),
-    ("gla:8:32:4:3e-3:3", "run 'gla:8:32:4:3e-3:3': mqar: vocab_size=8 has 3 keys, fewer than n_kv=4"),
+    ("gla:8:32:4:3e-3:3", "run 'gla:8:32:4:3e-3:3': mqar: vocab_size=8 has 3 keys, fewer than n_kv=4; pass "
+                          "vocab_size >= 2 * n_kv + 2 = 10"),
     ("gla:32:32:4:3e-3:0", "run 'gla:32:32:4:3e-3:0': steps must be >= 1 and lr > 0"),
 ], ids=["seq_len", "vocab", "steps"])
 def test_mqar_probe_refuses_a_run_it_cannot_build_before_any_run_trains(tmp_path, monkeypatch, capsys, spec, message):

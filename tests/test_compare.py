@@ -594,7 +594,8 @@ def test_recipe_fields_the_comparison_would_not_honour_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("mqar, message", [
-    ({"vocab_size": 8}, r"eval.mqar: mqar: vocab_size=8 has 3 keys, fewer than n_kv=4"),
+    ({"vocab_size": 8}, r"eval.mqar: mqar: vocab_size=8 has 3 keys, fewer than n_kv=4; pass vocab_size >= "
+                        r"2 \* n_kv \+ 2 = 10"),
     ({"power_a": 0}, r"eval.mqar: mqar: power_a=0.0 must be > 0"),
     ({"eval_n_kv": [16]}, r"eval.mqar: no cell of eval_seq_lens x eval_n_kv: mqar: n_kv=16 needs seq_len >= 4 .*64")])
 def test_mqar_settings_no_row_can_be_built_with_are_refused_up_front(tmp_path, mqar, message):

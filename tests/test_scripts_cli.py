@@ -938,8 +938,22 @@ def test_train_synthetic_model_override_of_one_field_keeps_the_rest_of_its_secti
                      "model_overrides={mamba: {train.state_passing: true, train: {max_steps: 5000}}}"):
         train = script.expand_runs(script.load_recipe(recipe, [override]), ["mamba"])[0].section.train
         assert train == dataclasses.replace(plain, max_steps=5000), override
-    data = script.load_recipe(recipe, ["model_overrides.mamba.data.task_kwargs.vocab_size=12"])
-    assert script.expand_runs(data, ["mamba"])[0].section.data.task_kwargs == {"vocab_size": 12}
+    data = script.load_recipe(recipe, ["model_overrides.mamba.data.seq_len=128"])
+    section = script.expand_runs(data, ["mamba"])[0].section.data
+    assert section.seq_len == 128 and section.task_kwargs == {"vocab_size": 16}
+
+
+@pytest.mark.parametrize("override", ["model_overrides.mamba.data.seed=1", "model_overrides.mamba.eval.n_samples=8",
+                                      "model_overrides.mamba.data.task_kwargs.vocab_size=12",
+                                      "model_overrides={mamba: {data: {n_eval: 8}}}"])
+def test_train_synthetic_refuses_a_model_override_of_the_evaluated_rows(override):
+    """model_overrides could give one model its own data.seed, task_kwargs or eval.n_samples: it was evaluated on
+    other rows than the others, and the summary compared them as if on the same ones, without a word."""
+    script = load_script("scripts/train_synthetic.py")
+    key = override.split("mamba.")[-1].split("=")[0] if "{" not in override else "data.n_eval"
+    with pytest.raises(ValueError, match=rf"model_overrides\.mamba: {re.escape(key)} decides the rows every model is "
+                                         r"evaluated on.*set it at the top level"):
+        script.expand_runs(script.load_recipe(str(ROOT / "configs/train/induction.yaml"), [override]))
 
 
 def test_train_synthetic_command_line_ends_bad_input_in_one_line(tmp_path):

@@ -93,8 +93,11 @@ def test_mqar_validation():
         mqar_batch(2, 64, 17)
     with pytest.raises(ValueError, match="4 \\* n_kv"):  # one short of 4 * n_kv: fewer query slots than keys
         mqar_batch(2, 63, 16)
-    with pytest.raises(ValueError, match="fewer than n_kv"):
+    with pytest.raises(ValueError, match=r"has 7 keys, fewer than n_kv=8; pass vocab_size >= 2 \* n_kv \+ 2 = 18 "):
         mqar_batch(2, 256, 8, vocab_size=16)
+    with pytest.raises(ValueError, match=r"vocab_size >= 2 \* n_kv \+ 2 = 18 "):  # the bound is exact
+        mqar_batch(2, 256, 8, vocab_size=17)
+    assert mqar_batch(2, 256, 8, vocab_size=18)["labels"].ne(-100).sum() == 16
     # no pair to recall (a RuntimeError from multinomial / topk before) and a gap law that is no distribution
     for n_kv in (0, -1):
         with pytest.raises(ValueError, match=f"n_kv={n_kv} must be >= 1"):

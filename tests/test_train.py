@@ -2276,12 +2276,23 @@ def test_resume_says_when_the_local_sources_files_changed_under_the_run(tmp_path
         return capsys.readouterr().out
 
     assert "not exact" not in resumed(), "an unchanged source"
+    # files the folder loader reads no data from: a README edited, or recorded by a checkpoint that listed every file
+    (folder / "README.md").write_text("# notes\n")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "x.jsonl").write_text("{}\n")
+    assert "not exact" not in resumed(), "a README added"
+    (folder / "README.md").write_text("# notes, longer\n")
+    rewrite_trainer_state(cfg.output_dir, lambda state: state["source_files"].update(
+        {"README.md": [1, 0], "dataset_info.json": [2, 0]}))
+    assert "not exact" not in resumed(), "a README edited, or recorded by an earlier checkpoint"
+    (folder / ".cache" / "x.jsonl").unlink()
+    (folder / ".cache").rmdir()
     part1 = (folder / "part1.jsonl").read_text()
     (folder / "part0.jsonl").unlink()
     (folder / "part1.jsonl").write_text(part1 + part1)
     (folder / "part3.jsonl").write_text(part1)
     out = resumed()
-    assert re.search(r"--resume: the files of data\.source changed since step_00000003 \(1 added: part3\.jsonl; "
+    assert re.search(r"--resume: the files of data\.source changed since step_00000005 \(1 added: part3\.jsonl; "
                      rf"1 removed: part0\.jsonl; 1 with another size: part1\.jsonl \({len(part1)} -> {2 * len(part1)} "
                      r"bytes\)\), which orders every epoch's documents otherwise.*This resume is not exact", out), out
     os.utime(folder / "part2.jsonl", ns=(0, 0))  # rewritten in place: the same size, another modification time

@@ -73,6 +73,7 @@ from zoo.data.text import (
     TextStream,
     load_tokenizer,
     local_source_files,
+    source_data_file,
     stdlib_version,
 )
 from zoo.layers import no_weight_decay_ids
@@ -1434,6 +1435,8 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
                     f"{Path(checkpoint).name}'s run read Python {was['python']}'s ({was['files']} files), which orders "
                     f"every epoch's documents otherwise than the run did")
     saved = state.get("source_files")
+    if saved is not None:  # a checkpoint written before local_source_files left a folder's non-data files out
+        saved = {name: v for name, v in saved.items() if source_data_file(stream.cfg.source, name)}
     if saved is not None and files is not None and saved != files:
         added, removed = sorted(files.keys() - saved.keys()), sorted(saved.keys() - files.keys())
         both = sorted(saved.keys() & files.keys())

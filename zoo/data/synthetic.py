@@ -210,7 +210,9 @@ def mqar_batch(
         raise ValueError(f"mqar: n_kv={n_kv} needs seq_len >= 4 * n_kv = {4 * n_kv}, got seq_len={seq_len}")
     half = vocab_size // 2
     if n_kv > half - 1:
-        raise ValueError(f"mqar: vocab_size={vocab_size} has {half - 1} keys, fewer than n_kv={n_kv}")
+        # keys are 1 .. vocab_size // 2 - 1 (0 is filler), values vocab_size // 2 .. vocab_size - 1
+        raise ValueError(f"mqar: vocab_size={vocab_size} has {half - 1} keys, fewer than n_kv={n_kv}; pass "
+                         f"vocab_size >= 2 * n_kv + 2 = {2 * n_kv + 2} or a smaller n_kv")
     context = 2 * n_kv
     space = (seq_len - context) // 2
     # distinct keys and values per row, in random order: top-n_kv indices of iid uniforms over each half

@@ -280,14 +280,14 @@ class DataConfig:
     with ``datasets.load_from_disk``, memory-mapped, one split as local files are).
     config_name: the hub dataset's configuration. revision: the hub dataset's branch, tag or commit sha to read (None:
     its default branch, as it stands when the run opens it; a commit sha pins the data across a stop and a resume).
-    split / eval_split: dataset splits for training and
-    evaluation, two different ones (of a hub dataset or local folder; the built-in corpus and local files are one
-    split, refused otherwise); without an eval_split, a `holdout` fraction of the training documents (chosen by a
-    stable hash of their text) is held out. text_field: the column holding the text. streaming: stream hub datasets
-    (local files are always memory-mapped). seq_len: tokens per row. packing: pack documents into full rows (else one
-    padded document piece per row). shuffle / shuffle_buffer: document order per epoch (a buffer for
-    streamed sources; a shuffled stream resumes by re-reading the documents before its saved position, an
-    unshuffled one reads on from it). add_bos / add_eos: wrap each document. seed: of the document order.
+    split / eval_split: dataset splits for training and evaluation, two different ones (of a hub dataset or local
+    folder; the built-in corpus and local files are one split, refused otherwise); without an eval_split, a `holdout`
+    fraction of the training documents is held out, chosen by a stable hash (CRC32) of their text, or for the
+    built-in corpus by one of each file's path relative to the stdlib. text_field: the column holding the text.
+    streaming: stream hub datasets (local files are always memory-mapped). seq_len: tokens per row. packing: pack
+    documents into full rows (else one padded document piece per row). shuffle / shuffle_buffer: document order
+    per epoch (a buffer for streamed sources; a shuffled stream resumes by re-reading the documents before its saved
+    position, an unshuffled one reads on from it). add_bos / add_eos: wrap each document. seed: of the document order.
     sample_by: what a document is in local .txt files: "document" (a whole file), "paragraph" (text between blank
     lines) or "line" (datasets' text builder's sample_by). One large file (a nanoGPT-style input.txt) is one
     document by default, which the held-out split cannot divide: give it "paragraph" or "line". A local folder of
@@ -705,7 +705,7 @@ def _text_folder(source: str | list[str]) -> bool:
 
 def local_source_files(source: str | list[str]) -> dict[str, list[int]] | None:
     """What a local source is made of, cheaply: {file: [size in bytes, modification time in ns]} of its local files
-    (as `_local_files` lists them), or of a local folder's files (relative to it, hidden ones skipped as datasets skips
+    (as `_local_files` lists them), or of a local folder's data files (relative to it, as `source_data_file` picks
     them), else None (the built-in corpus, a hub dataset). A checkpoint records it so that ``--resume`` can say when the
     source changed under the run (its document order with it); the files are not read."""
     folder = os.path.expanduser(source) if isinstance(source, str) else None
@@ -713,14 +713,30 @@ def local_source_files(source: str | list[str]) -> dict[str, list[int]] | None:
         files = {}
         for root, dirs, names in os.walk(folder):
             dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
-            files |= {Path(root, n).relative_to(folder).as_posix(): os.path.join(root, n)
-                      for n in names if not n.startswith(".")}
+            files |= {rel: os.path.join(root, n) for n in names
+                      if source_data_file(source, rel := Path(root, n).relative_to(folder).as_posix())}
     else:
         local = None if source == "stdlib" else _local_files(source)
         if local is None:
             return None
         files = {f: f for f in local}
     return {name: [(st := os.stat(path)).st_size, st.st_mtime_ns] for name, path in sorted(files.items())}
+
+
+def source_data_file(source: str | list[str], name: str) -> bool:
+    """Whether `local_source_files` lists file `name` of `source`: for a local folder (not one written by
+    ``Dataset.save_to_disk``, whose files are all its data), a file datasets' folder loader may read as data, not a
+    hidden one nor README.md, dataset_info.json and the others datasets ignores (a README edited under a run said the
+    source changed); every file of another source."""
+    if not (isinstance(source, str) and os.path.isdir(os.path.expanduser(source))) or _saved_to_disk(source):
+        return True
+    try:
+        from datasets.data_files import FILES_TO_IGNORE as ignored
+    except ImportError:
+        ignored = []
+    parts = name.split("/")
+    return (not any(p.startswith(".") for p in parts) and not any(p.startswith("__") for p in parts[:-1])
+            and parts[-1] not in ignored and local_builder(parts[-1]) is not None)
 
 
 def _import_datasets(source):
@@ -1186,5 +1202,5 @@ def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
 
 
 __all__ = ["IGNORE_INDEX", "ByteTokenizer", "DataConfig", "StreamState", "TextStream", "collate",
-           "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "stdlib_files", "stdlib_root",
-           "stdlib_version"]
+           "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "source_data_file", "stdlib_files",
+           "stdlib_root", "stdlib_version"]
