@@ -1467,6 +1467,22 @@ def test_budget_matching_of_a_config_that_leaves_its_knob_to_the_defaults(given,
     assert abs(info["error"]) <= 0.02 and parameter_counts(ZooConfig(**matched))["total"] == info["params"]
 
 
+@pytest.mark.parametrize("given, knob", [({"hidden_size": 64, "layers": "MMMM"}, "n_layers"),
+                                         ({"layers": "MMMM"}, "n_layers"), ({"d_model": 64}, "d_model")],
+                         ids=["hidden_size", "default-d_model", "default-layers"])
+def test_budget_matching_keeps_the_fields_as_given_where_it_leaves_them(given, knob):
+    """Reading the knobs as the config resolves them added d_model: 768 (or hidden_size's value) and the default
+    layers to the matched fields, the key of a comparison's trainings (their fingerprint), so a rerun of a comparison
+    begun before retrained its finished models. The width or pattern the match leaves is spelled as it was given."""
+    common = {"vocab_size": 260, "mixers": {"M": {"type": "mamba"}}, "ffn": "none"}
+    n = parameter_counts(ZooConfig(**common, **given))["total"]
+    matched, info = match_budget({**common, **given}, 2 * n, knob=knob, tolerance=0.3)
+    moved = "layers" if knob == "n_layers" else "d_model"
+    assert set(matched) == set(common) | set(given) | {moved}
+    assert {k: v for k, v in matched.items() if k != moved} == {k: v for k, v in {**common, **given}.items()
+                                                                if k != moved}
+
+
 def test_budget_advice_names_budget_adjust_auto_only_where_auto_adjusts_a_width():
     """A missed budget under budget.adjust none advised 'budget.adjust: auto' also for a model auto adjusts nothing
     in (a list of Mamba layers keeps its widths), where auto misses it the same way."""

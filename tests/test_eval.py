@@ -566,6 +566,28 @@ def test_passkey_keys_of_a_cell_are_distinct():
         evaluate_passkey(EchoModel(tokenizer), tokenizer, lengths=[300], depths=[0.5], n_samples=90001)
 
 
+def test_passkey_resume_of_a_cell_with_a_repeated_key_runs_it_again_from_the_repeat(monkeypatch):
+    """A passkey.json of an older zoo, whose cells' keys could repeat, was resumed with its finished cells as they were:
+    a cell with a prompt scored twice stayed beside cells of distinct keys. Such a cell continues from its repeat, the
+    prompts before it kept."""
+    from zoo.eval import passkey
+
+    def independent(seed, length, depth, n_samples):  # the older zoo's keys
+        generator = passkey.cell_generator(seed, length, depth)
+        return [int(torch.randint(10000, 100000, (1,), generator=generator)) for _ in range(n_samples)]
+
+    tokenizer = ByteTokenizer()
+    grid = {"lengths": [1024], "depths": [0.5], "n_samples": 26, "seed": 99}
+    with monkeypatch.context() as m:
+        m.setattr(passkey, "cell_keys", independent)
+        old = evaluate_passkey(EchoModel(tokenizer, offset=1), tokenizer, **grid)  # every answer wrong
+    assert old["rows"][0]["accuracy"] == 0.0 and len({s["key"] for s in old["samples"]}) == 25
+    result = evaluate_passkey(EchoModel(tokenizer), tokenizer, **grid, done=old)
+    assert [s["key"] for s in result["samples"]] == passkey.cell_keys(99, 1024, 0.5, 26)
+    assert [s["correct"] for s in result["samples"]] == [False] * 25 + [True]  # the 25 before the repeat kept
+    assert result["rows"][0]["accuracy"] == pytest.approx(1 / 26)
+
+
 def test_passkey_refuses_max_new_tokens_too_few_to_write_the_key():
     """--max-new-tokens 5 with the byte tokenizer cut every answer " 12345" (6 tokens) to " 1234": a model that wrote
     every key right scored 0 in every cell, without a word."""

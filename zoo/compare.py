@@ -649,7 +649,7 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     """
     if count not in ("total", "non_embedding"):
         raise ValueError(f"budget.count: unknown {count!r}; use total or non_embedding")
-    base = ZooConfig(**copy.deepcopy(fields))
+    base, given = ZooConfig(**copy.deepcopy(fields)), fields
     # the knobs as the config resolves them: d_model given under transformers' name hidden_size or left at its
     # default, layers at its default pattern (each was read from the fields, a KeyError)
     fields = {**{k: v for k, v in fields.items() if k != "hidden_size"}, "d_model": base.d_model,
@@ -745,6 +745,12 @@ def match_budget(fields: dict, budget: float, *, count: str = "total", knob: str
     if best is None:
         raise ValueError(f"budget.params: no {knob} gives a valid model near {budget:,.0f} parameters")
     key, value, matched, n, adjusted, error = best
+    # as the config spelled them where the match left them: the fields are a comparison's training key (their
+    # fingerprint), and a d_model: 768 or a layers pattern added to them retrained the finished models of a rerun
+    if "hidden_size" in given and matched["d_model"] == base.d_model:
+        matched = {**{k: v for k, v in matched.items() if k != "d_model"}, "hidden_size": given["hidden_size"]}
+    resolved = {"d_model": base.d_model, "layers": base.layers}
+    matched = {k: v for k, v in matched.items() if k in given or k not in resolved or v != resolved[k]}
     info = {"budget": budget, "count": count, "params": n, "error": error, "knob": knob, knob: value}
     if adjusted is not None:
         info["adjusted"] = {"ffn_hidden" if what == "ffn" else "d_inner": adjusted}

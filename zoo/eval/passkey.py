@@ -290,7 +290,8 @@ def evaluate_passkey(
             finished prompts.
         done: a saved result of the same model and settings (``rows``, ``samples``): those of its cells that are in
             this grid are kept and not run again (a rerun after an interruption), and so are the finished prompts of
-            a cell it stopped in; others are dropped.
+            a cell it stopped in (and of a cell an older zoo scored with a repeated key, up to the repeat); others
+            are dropped.
 
     Returns:
         dict with ``rows`` (length, depth, accuracy, n_samples, tokens = mean prompt length) and
@@ -337,9 +338,18 @@ def evaluate_passkey(
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
         return (int(entry["length"]), float(entry["depth"])) in grid
 
-    rows = [r for r in done["rows"] if in_grid(r)] if done else []
-    finished = {(int(r["length"]), float(r["depth"])) for r in rows}
+    def at(entry: dict) -> tuple[int, float]:
+        return int(entry["length"]), float(entry["depth"])
+
     samples = [s for s in done["samples"] if in_grid(s)] if done else []
+    saved_keys: dict[tuple[int, float], list[int]] = {}
+    for sample in samples:
+        saved_keys.setdefault(at(sample), []).append(sample["key"])
+    # a finished cell is kept where its keys are this version's: an older zoo drew a key twice in about one cell in
+    # three, and such a cell (a prompt scored twice) continues below from its first repeat, as a started one
+    rows = [r for r in done["rows"] if in_grid(r) and saved_keys.get(at(r)) == cell_keys(seed, *at(r), n_samples)
+            ] if done else []
+    finished = {at(r) for r in rows}
     cells = [(length, depth) for length in lengths for depth in depths if (int(length), float(depth)) not in finished]
     # the prompts of a cell an interruption stopped in, saved then (its first keys, in order): not run again
     started: dict[tuple[int, float], list[dict]] = {}
@@ -348,9 +358,10 @@ def evaluate_passkey(
         if cell not in finished:
             started.setdefault(cell, []).append(sample)
     samples = [s for s in samples if (int(s["length"]), float(s["depth"])) in finished]
-    for (length, depth), kept in list(started.items()):
-        if [s["key"] for s in kept] != cell_keys(seed, length, depth, n_samples)[:len(kept)]:
-            del started[(length, depth)]
+    for (length, depth), kept in list(started.items()):  # (the saved prompts up to the first that is not this cell's)
+        keys = cell_keys(seed, length, depth, n_samples)
+        same = next((i for i, (s, key) in enumerate(zip(kept, keys)) if s["key"] != key), min(len(kept), len(keys)))
+        started[(length, depth)] = kept[:same]
     bar = None
     if progress:  # by prompt: a cell of 1M-token prompts takes minutes
         from tqdm import tqdm
