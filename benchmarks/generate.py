@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                    "does not use fla, only the prefill does")
     p.add_argument("--state-dtype", choices=["float32", "model"], default="float32",
                    help="the zoo models' decode_state_dtype: 'model' keeps Mamba-2's and GLA's recurrent states in "
-                   "bf16 while decoding, as mamba_ssm's and transformers' caches do (rows get a /state-model suffix)")
+                   "bf16 while decoding, as mamba_ssm's cache does (transformers 5.25's keep fp32 recurrent "
+                   "states); rows get a /state-model suffix")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results.jsonl"))
     args = p.parse_args(argv)
     for option, values in (("--models", args.models), ("--batches", args.batches)):

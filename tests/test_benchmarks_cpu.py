@@ -151,18 +151,21 @@ def test_report_keeps_only_the_later_of_two_calls_of_one_command_on_one_day():
     assert [(r["name"], r["ours_ms"]) for r in report.newest(rows)] == [("layers/B1", 0.380), ("layers/B64", 1.013)]
 
 
+def decode_row(name: str, card: str, ms: float, floor: float, vs: float) -> dict:
+    """A generate.py row at a 2K prompt, of one run per card."""
+    return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
+            "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
+
+
 def test_report_rows_name_the_run_that_measured_them():
     """A group's table listed its runs (card, date, command) above rows that did not say which was theirs: the
     generate table mixed H100 and H200 rows, floors from two bandwidths, with nothing to tell them apart; the 5x
     table gave a date and no card. Each run is numbered and each row names its number; the 5x table names the card."""
     report = load_script("benchmarks/report.py")
 
-    def row(name, card, ms, floor, vs):
-        return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
-                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
-
-    rows = [row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0), row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
-            row("generate/transformerpp/B1", "H100", 3.0, 1.8, 1.0)]
+    rows = [decode_row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0),
+            decode_row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
+            decode_row("generate/transformerpp/B1", "H100", 3.0, 1.8, 1.0)]
     lines = report.render(rows).splitlines()
     runs = dict(line.removeprefix("- run ").split(": ", 1) for line in lines if line.startswith("- run "))
     head = lines.index(next(line for line in lines if line.startswith("| name")))
@@ -355,12 +358,9 @@ def test_decode_bounds_take_transformerpps_floor_from_the_models_own_run():
     longer KV cache) changed every model's bound against a floor its row was never measured beside."""
     report = load_script("benchmarks/report.py")
 
-    def row(name, card, ms, floor, vs):
-        return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
-                "floor_ms": floor, "vs_transformerpp": vs, "prompt_len": 2048}
-
-    rows = [row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0), row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
-            row("generate/transformerpp/B64", "H100", 3.0, 1.8, 1.0)]
+    rows = [decode_row("generate/transformerpp/B64", "H200", 2.0, 1.2, 1.0),
+            decode_row("generate/mamba/B64", "H200", 0.5, 0.1, 4.0),
+            decode_row("generate/transformerpp/B64", "H100", 3.0, 1.8, 1.0)]
     (mamba,) = [line.split(" | ") for line in report.decode_bounds(rows).splitlines() if line.startswith("| mamba")]
     assert mamba[7] == "1.200" and mamba[10] == "12.00x", mamba
 

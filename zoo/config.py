@@ -241,8 +241,9 @@ class ZooConfig(PreTrainedConfig):
     is transformers' Jamba/Mixtral load-balancing loss over all MoE layers at once (top_k when balanced), so
     aux_loss_coef is Jamba's router_aux_loss_coef whatever the number of MoE layers.
     decode_state_dtype: dtype of the recurrent states a decoding cache keeps for the recurrent mixers
-    (Mamba, Mamba-2, GLA): "float32" (default) or "model" (the model's parameter dtype, as mamba_ssm's and
-    transformers' caches keep them: half the state's memory and bytes per step, rounded every step). Mamba's fused
+    (Mamba, Mamba-2, GLA): "float32" (default, as transformers 5.25's Mamba and Mamba-2 caches keep them) or
+    "model" (the model's parameter dtype, as mamba_ssm's cache keeps them: half the state's memory and bytes per
+    step, rounded every step). Mamba's fused
     step kernel reads such a state as it lies; its other step paths (the unfused kernels, the references) update
     an fp32 copy and write it back.
     output_router_logits: whether the forward returns the MoE layers' router logits when its call does not say
