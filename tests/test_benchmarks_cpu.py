@@ -505,6 +505,24 @@ def test_train_throughput_refuses_bad_sizes_in_one_line_naming_the_option(flags,
     assert e.value.code == 2 and f"argument {flags[0]}:" in capsys.readouterr().err
 
 
+def fake_training_card(monkeypatch) -> None:
+    """torch.cuda as train_throughput.py reads it, on a CPU: a card named 'test card' whose peak memory is 1 GiB."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
+    for name in ("empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 2 ** 30)
+
+
+def write_run_info(cfg) -> None:
+    """The run_info.json a zoo.train run of `cfg` writes, as train_throughput.py reads it (stub figures)."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True)
+    (out / "run_info.json").write_text(json.dumps({
+        "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
+        "backend": {}}))
+
+
 @pytest.mark.parametrize("models, mamba_note, tpp_note", [
     (["mamba", "transformerpp"], "transformers MambaForCausalLM 130M not in --models",
      "transformers LlamaForCausalLM 125M not in --models"),
@@ -518,21 +536,13 @@ def test_train_throughput_rows_say_why_their_baseline_is_missing(models, mamba_n
     script = load_script("benchmarks/train_throughput.py")
 
     def train(cfg, on_step):
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True)
-        (out / "run_info.json").write_text(json.dumps({
-            "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
-            "backend": {}}))
+        write_run_info(cfg)
         for step in range(1, cfg.train.max_steps + 1):
             on_step(step, {"loss": 5.0, "real_tokens": 4096})
         return SimpleNamespace(stopped=False, step=cfg.train.max_steps)
 
     monkeypatch.setattr(script, "train", train)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
-    for name in ("empty_cache", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 2 ** 30)
+    fake_training_card(monkeypatch)
     out = tmp_path / "results.jsonl"
     monkeypatch.setattr(sys, "argv", ["benchmarks/train_throughput.py", "--models", *models, "--seq-lens", "2048",
                                       "--hf-mamba-seq-lens", "8192", "--warmup", "1", "--steps", "2",
@@ -559,11 +569,7 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path
 
     def train(cfg, on_step):  # zoo.train on a signal after 3 of the 25 steps: saved, stopped, returned
         trained.append(cfg.model)
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True)
-        (out / "run_info.json").write_text(json.dumps({
-            "params": 1000, "tokens_per_step": 4096, "flops_per_token": 6000.0, "mfu_formula": "3x_forward",
-            "backend": {}}))
+        write_run_info(cfg)
         steps = 3 if len(trained) == 3 else cfg.train.max_steps
         if bare and len(trained) == 3:
             raise KeyboardInterrupt
@@ -572,11 +578,7 @@ def test_train_throughput_interrupted_writes_the_rows_it_measured(bare, tmp_path
         return SimpleNamespace(stopped=steps < cfg.train.max_steps, step=steps)
 
     monkeypatch.setattr(script, "train", train)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "test card")
-    for name in ("empty_cache", "reset_peak_memory_stats"):
-        monkeypatch.setattr(torch.cuda, name, lambda *args: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *args: 2 ** 30)
+    fake_training_card(monkeypatch)
     out = tmp_path / "results.jsonl"
     monkeypatch.setattr(sys, "argv", ["benchmarks/train_throughput.py", "--models", "mamba", "transformerpp", "jamba",
                                       "hf-llama", "--seq-lens", "2048", "--peak-tflops", "1", "--out", str(out)])
