@@ -58,6 +58,18 @@ def sizes(text: str) -> list[int]:
     return values
 
 
+def int_tuples(text: str, width: int, form: str) -> list[tuple[int, ...]]:
+    """Comma-separated items of `width` integers >= 1 joined by ':' (d_inner:N:dt_rank, batch:rows) as argparse's
+    type; `form` names the items in the error, e.g. "d_inner:N:dt_rank items such as 1536:16:48"."""
+    try:
+        items = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        items = []
+    if not items or any(len(t) != width or min(t) < 1 for t in items):
+        raise argparse.ArgumentTypeError(f"expected {form}, got {text!r}")
+    return items
+
+
 def describe() -> str:
     return f"copy {copy_bandwidth() / 1e12:.2f} TB/s, bf16 matmul {bf16_matmul_rate() / 1e12:.0f} TFLOP/s"
 

@@ -27,6 +27,7 @@ from ceilings import (  # benchmarks/ceilings.py (the script's folder is on sys.
     copy_bandwidth,
     floor_ms,
     graph_ms,
+    int_tuples,
     rows_kept_on_interrupt,
     sizes,
 )
@@ -138,13 +139,7 @@ def measure(batch: int, dim: int, nstate: int, rank: int, width: int, card: str)
 def step_shapes(text: str) -> list[tuple[int, int, int]]:
     """--shapes as argparse's type: d_inner:N:dt_rank items, each >= 1 (a bad one failed in a traceback after the
     copy bandwidth was measured)."""
-    try:
-        shapes = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        shapes = []
-    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
-        raise argparse.ArgumentTypeError(f"expected d_inner:N:dt_rank items such as 1536:16:48, got {text!r}")
-    return shapes
+    return int_tuples(text, 3, "d_inner:N:dt_rank items such as 1536:16:48")
 
 
 def main() -> None:

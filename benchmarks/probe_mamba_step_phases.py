@@ -28,7 +28,8 @@ import argparse
 import sys
 
 import torch
-from mamba_step import step_args, step_shapes  # benchmarks/mamba_step.py (the script's folder is on sys.path)
+from ceilings import int_tuples  # benchmarks/ceilings.py (the script's folder is on sys.path)
+from mamba_step import step_args, step_shapes  # benchmarks/mamba_step.py
 
 PHASES = ("copies issued", "grid-dep wait", "conv", "x_proj part", "cluster sync", "cluster sum + wait",
           "dt + wait", "state update", "cluster exit wait")
@@ -37,13 +38,7 @@ PHASES = ("copies issued", "grid-dep wait", "conv", "x_proj part", "cluster sync
 def batch_rows(text: str) -> list[tuple[int, int]]:
     """--cases as argparse's type: batch:rows items, each >= 1 (a bad one failed in a traceback after the CUDA check
     and the phase-timing build)."""
-    try:
-        cases = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
-    except ValueError:
-        cases = []
-    if not cases or any(len(c) != 2 or min(c) < 1 for c in cases):
-        raise argparse.ArgumentTypeError(f"expected batch:rows items >= 1 such as 1:1,64:4, got {text!r}")
-    return cases
+    return int_tuples(text, 2, "batch:rows items >= 1 such as 1:1,64:4")
 
 
 def one_shape(text: str) -> tuple[int, int, int]:
