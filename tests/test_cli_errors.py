@@ -263,7 +263,8 @@ def test_generate_runs_a_dora_adapter_as_peft_loads_it(tmp_path, capsys, monkeyp
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(ZooForCausalLM, "generate", generate)
-    cli.main(["generate", ref, "hi", "--tokenizer", "byte", "--max-new-tokens", "2"])
+    # on the CPU, where `adapted` is (a GPU machine would load the model onto the card)
+    cli.main(["generate", ref, "hi", "--tokenizer", "byte", "--max-new-tokens", "2", "--device", "cpu"])
     assert capsys.readouterr().out.startswith("hi")
     with torch.no_grad():
         torch.testing.assert_close(seen["logits"], adapted(input_ids=ids).logits)
