@@ -36,7 +36,12 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # (tests-s39, tests-s40, tests-s41 and bench-s42, the thirty-ninth to forty-second sessions' changes: all passed on an
 # H100 in the forty-third session's calls 1-4, after two tests of tests-s40 that assumed the CPU were fixed; the
 # whole cuda suite passed there too, 1059 passed and 1 skipped; benchmarks/RESULTS.md)
-order=(tests-fsdp-gpus)
+# the README's test command (the tests not marked cuda) on the GPU machine: 29 of them failed there in the forty-third
+# session's call 6 (two-process CPU launches with a GPU visible, tests comparing a run left on the card with the CPU,
+# datasets absent from the machine, Python 3.12's messages and standard library, a bf16 run resumed under fp16 that
+# died in accelerate's load_state); fixed after that call, and not run on a card since
+add tests-noncuda 560 "python -m pytest -q -m 'not cuda' -n 14 -p no:cacheprovider -rfE --timeout 300"
+order=(tests-noncuda tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done

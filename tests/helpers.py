@@ -142,12 +142,19 @@ def kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def cpu_launch_env() -> dict[str, str]:
+    """The environment of an `accelerate launch` whose processes run on the CPU (gloo): ACCELERATE_USE_CPU=1, one
+    thread each, and no GPU visible. On a GPU machine accelerate (1.15) took each process's local rank for a GPU index
+    in its barrier, and rank 1 failed where there is one GPU (the README's test command there: nine launches failed)."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
 def launch_fsdp_on_cpu(tmp_path: Path, script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/fsdp.yaml SCRIPT ARGS` (2 processes) on CPU (gloo), run
     as FSDP2 (see _FSDP_ON_CPU)."""
     launcher = tmp_path / "fsdp_on_cpu.py"
     launcher.write_text(_FSDP_ON_CPU)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = cpu_launch_env()
     return run_launch(accelerate_launch("fsdp", str(launcher), str(ROOT / script), *args), env, timeout)
 
 

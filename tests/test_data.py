@@ -581,6 +581,7 @@ def test_a_parquet_file_without_rows_beside_others_is_no_document(tok, tmp_path,
     # an empty shard (a parquet file of no rows, as a preprocessing job writes one) failed datasets' read of every file
     # with it: "BatchSize must be greater than 0, got 0"; in a folder streamed, a bare ArrowInvalid mid-run
     pq = pytest.importorskip("pyarrow.parquet")
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     import pyarrow as pa
 
     folder = tmp_path / "shards"
@@ -1033,6 +1034,7 @@ def test_a_folder_of_txt_files_beside_a_metadata_file_is_a_folder_of_txt_files(t
 def _needs_resumable_streams() -> None:
     """Skip where datasets cannot continue a stream from its saved position (before 3.4: zoo re-reads, with a
     notice, which test_a_resumed_stream_without_a_saved_position_skips_with_a_notice checks)."""
+    pytest.importorskip("datasets", reason="streams are read with `datasets` (the data extra)")
     if not _datasets_at_least("3.4"):
         import datasets
 
@@ -1085,7 +1087,7 @@ def test_a_resumed_stream_without_a_saved_position_skips_with_a_notice(tok, tmp_
     # a position saved by an older zoo (no "source"), a shuffled stream (datasets saves no shuffle buffer, so its
     # position would continue with other documents), or a datasets without state_dict: re-read and skip, as before,
     # with the same rows after the resume point, and say so
-    import datasets
+    datasets = pytest.importorskip("datasets", reason="streams are read with `datasets` (the data extra)")
 
     source = _streamed_corpus(tmp_path)
     cases = {"older zoo": ({"shuffle": False}, None, r"written by an older zoo"),

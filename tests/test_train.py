@@ -22,6 +22,7 @@ import yaml
 from helpers import (
     accelerate_launch,
     assert_close,
+    cpu_launch_env,
     ctrl_c_on_call,
     kill_group,
     launch_fsdp_on_cpu,
@@ -1300,6 +1301,7 @@ def test_resume_reads_a_field_added_since_the_checkpoint_as_its_default(tmp_path
 def test_one_txt_file_too_short_to_hold_out_names_sample_by(tmp_path):
     """One .txt file is one document: the held-out split has nothing to divide, and the refusal says which setting
     splits it."""
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     text = tmp_path / "input.txt"
     text.write_text("\n".join(f"line {i} of the only file" for i in range(200)))
     cfg = config_from_dict(run_dict(tmp_path, data={"source": str(text), "holdout": 0.2}, eval={"every": 2}))
@@ -1537,6 +1539,7 @@ def _tb_scalars(tmp_path, accumulator_class):
 
 
 def test_held_out_text_shorter_than_a_row_is_refused_before_training(tmp_path):
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     docs = tmp_path / "docs.jsonl"  # 20 documents of 3 bytes: the 5 held out (bos + eos: 25 tokens) fill no row
     docs.write_text("".join(f'{{"text": "d{i:02d}"}}\n' for i in range(20)))
     cfg = config_from_dict(run_dict(tmp_path, data={"source": str(docs), "holdout": 0.2}, eval={"every": 2}))
@@ -1585,6 +1588,46 @@ def test_accelerate_launch_cpu_with_several_processes_started_alone_is_refused(t
     train(config_from_dict(run_dict(tmp_path / "plain", train={"max_steps": 3})))
 
 
+def test_a_resume_under_fp16_of_a_run_without_a_loss_scale_starts_a_new_one(tmp_path, monkeypatch, capsys):
+    # a run trained in bf16 (or fp32) and resumed under fp16 (`accelerate launch --mixed_precision fp16` under auto, on
+    # a GPU) died in accelerate's load_state: FileNotFoundError for the checkpoint's scaler.pt, which it never saved.
+    # (This CPU machine has no fp16 autocast: the resumed run's Accelerator is given a loss scaler as fp16's is.)
+    import accelerate
+
+    train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 1})))
+
+    class WithScaler(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(accelerate, "Accelerator", WithScaler)
+    capsys.readouterr()
+    result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, schedule={"warmup_steps": 1})),
+                   resume="auto")
+    assert result.step == 3
+    assert "holds no fp16 loss scale (its run trained in fp32): the loss scale starts at its initial value" in \
+        capsys.readouterr().out
+    assert (latest_checkpoint(tmp_path / "run") / "accelerate" / "scaler.pt").is_file()  # the next resume loads it
+
+
+def test_a_cpu_run_after_a_gpu_run_in_the_same_process_trains(tmp_path, monkeypatch):
+    # train() forgot the AcceleratorState of an earlier run but kept its PartialState, whose device the first run fixed:
+    # ACCELERATE_USE_CPU=1 after a run on the GPU (a notebook, the test suite on a GPU machine) was refused with
+    # "AcceleratorState has already been initialized and cannot be changed". (On this CPU machine the earlier run's
+    # GPU device is written into the PartialState that a run on the GPU would have left.)
+    from accelerate.state import AcceleratorState, PartialState
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    try:
+        PartialState()
+        PartialState._shared_state["device"] = torch.device("cuda", 0)
+        result = train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3})))
+        assert result.step == 3 and PartialState().device.type == "cpu"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")
 def test_fp16_on_cpu_is_refused_not_trained_in_fp32_under_its_name(tmp_path):
     # accelerate takes mixed_precision fp16 on CPU without autocast or a grad scaler: the run trained in fp32 (the
@@ -1616,10 +1659,13 @@ def test_a_resume_under_another_launch_precision_names_the_change(tmp_path, monk
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 2}, schedule={"warmup_steps": 1})))
     assert json.loads((latest_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["precision"] == "bf16"
     capsys.readouterr()
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    # (a launch's "no" is fp32 on a CPU; on a GPU, where auto is bf16 and accelerate launch writes "no" when it is not
+    # given a precision, the launch asks for fp16 instead)
+    other = "fp16" if torch.cuda.is_available() else "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", other)
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 3}, schedule={"warmup_steps": 1})), resume="auto")
     out = capsys.readouterr().out
-    assert re.search(r"--resume: changed since step_00000002: .*mixed precision .*'bf16' -> 'no'", out), out
+    assert re.search(rf"--resume: changed since step_00000002: .*mixed precision .*'bf16' -> '{other}'", out), out
     assert "train.max_steps: 2 -> 3" in out
     capsys.readouterr()
     train(config_from_dict(run_dict(tmp_path, train={"max_steps": 4}, schedule={"warmup_steps": 1})),
@@ -1630,7 +1676,7 @@ def test_a_resume_under_another_launch_precision_names_the_change(tmp_path, monk
 def _launch_two(config: Path, *extra: str, launcher: Path | None = None) -> subprocess.CompletedProcess:
     """`accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG` on CPU (gloo); with
     `launcher`, a script that runs scripts/train.py (its first argument) after patching the processes."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = cpu_launch_env()
     cmd = accelerate_launch("ddp", *([str(launcher)] if launcher else []), str(ROOT / "scripts" / "train.py"),
                             str(config), *extra)
     return run_launch(cmd, env)
@@ -1928,7 +1974,7 @@ def test_fsdp_config_run_by_accelerate_as_ddp_on_cpu_says_so(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 1, "grad_accum": 1, "prefetch": 1},
                                             schedule={"warmup_steps": 0}, checkpoint={"final": False})))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = cpu_launch_env()
     proc = run_launch(accelerate_launch("fsdp", str(ROOT / "scripts" / "train.py"), str(path)), env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the launch config asks for FSDP, but accelerate runs this launch as MULTI_CPU" in proc.stdout, proc.stdout
@@ -2057,7 +2103,7 @@ def test_two_processes_save_and_stop_soon_after_the_launcher_is_sent_sigterm(tmp
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(run_dict(tmp_path, train={"max_steps": 100000, "grad_accum": 1},
                                             log={"every": 100000})))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    env = cpu_launch_env()
     cmd = accelerate_launch("ddp", str(ROOT / "scripts" / "train.py"), str(path))
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -2115,6 +2161,7 @@ def test_throughput_and_mfu_count_real_tokens_not_the_pads_of_unpacked_rows(tmp_
     from zoo.data.text import TextStream
     from zoo.train import count_tokens
 
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     text = tmp_path / "lines.txt"
     text.write_text("".join(f"line {i} " + "x" * (i % 23) + "\n" for i in range(400)))
     run = run_dict(tmp_path, data={"source": str(text), "sample_by": "line", "packing": False, "holdout": 0.0},

@@ -73,6 +73,7 @@ from zoo.train import (
     forward_backward,
     lr_at,
     read_yaml,
+    reset_accelerate_state,
     resume_by_name,
 )
 
@@ -1431,7 +1432,6 @@ def _refuse_fsdp(accelerator, command: str) -> None:
 def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     """Run a finetune config end to end (see the module docstring); returns what finetune_result.json holds."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -1439,7 +1439,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     import zoo  # noqa: F401  (registers the zoo model type with the Auto classes)
     from zoo.hub import load_model_not_adapter, peft_wrapping
 
-    AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
+    reset_accelerate_state()  # a run may follow another in the same process with other settings
     accelerator = Accelerator(mixed_precision=_run_precision(cfg.train.precision))  # the launch's under auto
     _refuse_fp16_without_autocast(accelerator, cfg.train.precision)
     device = accelerator.device

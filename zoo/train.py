@@ -1672,6 +1672,18 @@ def _mixed_precision(name: str) -> str:
     return "no" if name == "fp32" else name
 
 
+def reset_accelerate_state() -> None:
+    """Forget the accelerate state an earlier run in this process left, which may have had other settings: the
+    AcceleratorState (mixed precision, plugins) and, outside a launched process group, the PartialState too, whose
+    device the first run fixed (a run asking for the CPU, ACCELERATE_USE_CPU=1, after one on the GPU was refused
+    with "AcceleratorState has already been initialized and cannot be changed"). A process group's state is kept:
+    accelerate would set the group up a second time."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=not (dist.is_available() and dist.is_initialized()))
+
+
 def _run_precision(name: str) -> str:
     """accelerate's mixed_precision for train.precision `name`, with the launch's (`accelerate launch
     --mixed_precision`, or its config file's, in ACCELERATE_MIXED_PRECISION) under 'auto'; a launch that asks for
@@ -1750,14 +1762,13 @@ def train(cfg: TrainConfig, resume: str | None = None,
         a TrainResult.
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType, TorchDynamoPlugin, set_seed
+    from accelerate.utils import SCALER_NAME, DistributedType, TorchDynamoPlugin, set_seed
 
     validate_config(cfg)
     tokenizer_unset = cfg.tokenizer is None or getattr(cfg, "_tokenizer_unset", False)
     if cfg.tokenizer is None:  # (a TrainConfig built directly; config_from_dict resolves it)
         cfg = dataclasses.replace(cfg, tokenizer=run_tokenizer(cfg))
-    AcceleratorState._reset_state()  # a run may follow another in the same process with other settings
+    reset_accelerate_state()  # a run may follow another in the same process with other settings
     out_dir = Path(cfg.output_dir)
     ckpt_root = out_dir / "checkpoints"
     trackers: list[Any] = [t for t in cfg.log.trackers if t != "csv"]
@@ -1962,12 +1973,22 @@ def train(cfg: TrainConfig, resume: str | None = None,
         groups = [len(g["params"]) for g in optimizer.param_groups]
         if state.get("param_groups", groups) != groups:
             raise other_groups()
+        scaler = accelerator.scaler
+        if scaler is not None and not (start_ckpt / "accelerate" / SCALER_NAME).is_file():
+            # fp16's loss scale, where the checkpoint's run trained in bf16 or fp32 and saved none: accelerate's
+            # load_state failed on the missing file
+            was = {"no": "fp32", None: "another precision"}.get(state.get("precision"), state.get("precision"))
+            accelerator.print(f"--resume: {start_ckpt} holds no fp16 loss scale (its run trained in {was}): the loss "
+                              f"scale starts at its initial value")
+            accelerator.scaler = None
         try:
             accelerator.load_state(str(start_ckpt / "accelerate"))
         except ValueError as e:  # torch's optimizer: the weight-decay groups hold other numbers of parameters
             if "parameter group" not in str(e):
                 raise
             raise other_groups() from e
+        finally:
+            accelerator.scaler = scaler
         # loading restored the saved groups' weight decay, betas and eps: this run's (a change is listed above) apply
         for group, decay in zip(optimizer.param_groups, (cfg.optim.weight_decay, 0.0)):
             group.update(weight_decay=decay, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
