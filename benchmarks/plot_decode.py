@@ -27,7 +27,9 @@ LABEL = {"transformerpp": "Transformer++", "mamba": "Mamba", "jamba": "Jamba-sty
 
 
 def _rows(path: Path):
-    """results.jsonl's rows, a line that is not JSON refused with its number."""
+    """results.jsonl's rows; a line the plot cannot read is refused with its number: not JSON, not a JSON object, a
+    name, card or date that is not text, a generate row's ours_ms or vs_transformerpp that is not a number. Such
+    lines ended in a traceback from the middle of the plot (a speed-up that is not a number was drawn as a category)."""
     try:
         lines = path.read_text().splitlines()
     except OSError as e:  # (a traceback before)
@@ -36,10 +38,22 @@ def _rows(path: Path):
         if not line.strip():
             continue
         try:
-            yield json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"plot_decode: --results {path} line {n}: not JSON ({e.msg}); fix or remove the line") \
                 from None
+        if not isinstance(row, dict):
+            wrong = f"a JSON {type(row).__name__}, not an object"
+        else:
+            text = [key for key in ("name", "card", "date") if key in row and not isinstance(row[key], str)]
+            generate = not text and NAME.match(row.get("name", ""))
+            numbers = [key for key in ("ours_ms", "vs_transformerpp") if generate and row.get(key) is not None
+                       and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))]
+            wrong = "; ".join([f"its {key} {json.dumps(row[key])} is not text" for key in text]
+                              + [f"its {key} {json.dumps(row[key])} is not a number" for key in numbers])
+        if wrong:
+            raise SystemExit(f"plot_decode: --results {path} line {n}: {wrong}; fix or remove the line")
+        yield row
 
 
 def cards(path: Path) -> list[str]:
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     right.xaxis.set_minor_formatter(NullFormatter())
     right.grid(True, alpha=0.3)
     right.legend()
-    used = sorted({(r["date"], r.get("card", "?"), r.get("note") or "") for r in points.values()})
+    used = sorted({(r.get("date", "?"), r.get("card", "?"), r.get("note") or "") for r in points.values()})
     fig.suptitle(f"decode, 130M models, bf16, CUDA graphs ({'; '.join(sorted({u[1] for u in used}))}{newest})")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in sorted(points):
         r = points[key]
         note = r.get("note") or ""
-        print(f"{key[0]:14s} B{key[1]:<3d} prompt {key[2]:5d}: {r['ours_ms']:.3f} ms  {r['date']}  {note}")
+        print(f"{key[0]:14s} B{key[1]:<3d} prompt {key[2]:5d}: {r['ours_ms']:.3f} ms  {r.get('date', '?')}  {note}")
     print(f"wrote {args.out}")
 
 

@@ -212,6 +212,35 @@ def test_plot_decode_refuses_a_missing_or_broken_results_file_in_one_line(text, 
     assert isinstance(e.value.code, str) and f"--results {path}" in e.value.code and says in e.value.code, e.value.code
 
 
+@pytest.mark.parametrize("row, says", [
+    ([1, 2], "line 2: a JSON list, not an object"),
+    ({"name": None, "card": "c", "date": "d"}, "line 2: its name null is not text"),
+    ({"name": "generate/mamba/B1", "card": 3, "date": "d", "ours_ms": 1.0}, "line 2: its card 3 is not text"),
+    ({"name": "generate/mamba/B1", "card": "c", "date": "d", "ours_ms": "0.5"}, "line 2: its ours_ms \"0.5\" is not"),
+    ({"name": "generate/mamba/B1", "card": "c", "date": "d", "ours_ms": 0.5, "vs_transformerpp": "2x"},
+     "line 2: its vs_transformerpp \"2x\" is not a number")])
+def test_plot_decode_refuses_a_row_it_cannot_read_in_one_line_naming_it(row, says, tmp_path):
+    """A line that is JSON but not an object, a null name, a card that is not text or a time that is not a number
+    ended in a traceback (AttributeError, TypeError) from the middle of the plot, and a speed-up that is not a number
+    was drawn as matplotlib's category "2x" on the log axis; each is refused naming its line."""
+    plot = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    good = {"name": "generate/transformerpp/B1", "card": "c", "date": "d", "ours_ms": 1.0}
+    path.write_text(f"{json.dumps(good)}\n{json.dumps(row)}\n")
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--results", str(path), "--out", str(tmp_path / "decode.png")])
+    assert isinstance(e.value.code, str) and f"--results {path} {says}" in e.value.code, e.value.code
+
+
+def test_plot_decode_draws_a_generate_row_without_a_date(tmp_path, capsys):
+    """A generate row without a date ended in KeyError: 'date' after the PNG was drawn; its date reads '?'."""
+    plot = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"name": "generate/transformerpp/B1", "card": "c", "ours_ms": 1.0}) + "\n")
+    plot.main(["--results", str(path), "--out", str(tmp_path / "decode.png")])
+    assert "1.000 ms  ?" in capsys.readouterr().out
+
+
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
     """The 5x table: a model's bound is the same run's Transformer++ time over the model's floor; a model whose
     state bytes alone keep it under 5x at its floor is marked unreachable; baselines and other variants are left
