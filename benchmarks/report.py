@@ -23,7 +23,13 @@ def fmt(value) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return cell(str(value))
+
+
+def cell(text: str) -> str:
+    """Text as one markdown table cell: its "|" escaped, its line breaks made spaces. A note that said
+    "|split - unsplit|" ended its cell there, and the rest of the note fell past the table's last column (unshown)."""
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 # per benchmark group, the row fields worth a column of their own (label, field)
@@ -82,9 +88,9 @@ def render(rows: list[dict]) -> str:
                    + "".join(f"{label} | " for label, _ in extra) + "note |")
         out.append("| --- " * (8 + len(extra)) + "|")
         for r in items:
-            out.append(f"| {r['name']} | {runs[_run(r)]} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
+            out.append(f"| {cell(r['name'])} | {runs[_run(r)]} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
                        f"{fmt(r.get('baseline_ms'))} | {fmt(r.get('ratio'))} | {fmt(r.get('floor_ms'))} | "
-                       + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{r.get('note', '')} |")
+                       + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{cell(str(r.get('note', '')))} |")
         out.append("")
     return "\n".join(out)
 

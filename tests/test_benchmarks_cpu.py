@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -149,6 +150,20 @@ def test_report_keeps_only_the_later_of_two_calls_of_one_command_on_one_day():
     rows = [row("layers/B1", "per block", 0.475), row("layers/B64", "per block", 0.959),
             row("layers/B1", "the model's chain", 0.380), row("layers/B64", "the model's chain", 1.013)]
     assert [(r["name"], r["ours_ms"]) for r in report.newest(rows)] == [("layers/B1", 0.380), ("layers/B64", 1.013)]
+
+
+def test_report_keeps_a_note_with_a_bar_or_a_line_break_in_its_cell():
+    """A note is one cell of a markdown table: the scan_split rows' "|split - unsplit|" ended the cell there, and the
+    rest of the note fell past the table's last column, where GitHub shows nothing; "|" is escaped, lines joined."""
+    report = load_script("benchmarks/report.py")
+    note = "so |split - unsplit| printed 0;\nfloor corrected"
+    rows = [{"name": "scan_split fwd", "card": "H200", "date": "2026-12-04", "command": "python s.py", "ours_ms": 1.0,
+             "baseline": "unsplit | S=1", "note": note}]
+    lines = [line for line in report.render(rows).splitlines() if line.startswith("|")]
+    head, row = (re.split(r"(?<!\\)\|", line) for line in (lines[0], lines[2]))
+    assert len(lines) == 3 and len(row) == len(head), lines
+    assert row[-2].strip() == r"so \|split - unsplit\| printed 0; floor corrected"
+    assert row[4].strip() == r"unsplit \| S=1"
 
 
 def decode_row(name: str, card: str, ms: float, floor: float, vs: float) -> dict:
