@@ -90,7 +90,7 @@ def render(rows: list[dict]) -> str:
         for r in items:
             out.append(f"| {cell(r['name'])} | {runs[_run(r)]} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
                        f"{fmt(r.get('baseline_ms'))} | {fmt(r.get('ratio'))} | {fmt(r.get('floor_ms'))} | "
-                       + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{cell(str(r.get('note', '')))} |")
+                       + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{cell(str(r.get('note') or ''))} |")
         out.append("")
     return "\n".join(out)
 

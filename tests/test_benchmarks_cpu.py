@@ -166,6 +166,16 @@ def test_report_keeps_a_note_with_a_bar_or_a_line_break_in_its_cell():
     assert row[4].strip() == r"unsplit \| S=1"
 
 
+def test_report_leaves_the_note_of_a_row_whose_note_is_null_empty():
+    """generate.py wrote "note": null in some rows (lines 738-739 of results.jsonl): as the newest row of its name the
+    note column said "None"."""
+    report = load_script("benchmarks/report.py")
+    rows = [{"name": "generate/jamba/B64", "card": "H200", "date": "2026-12-05", "command": "python g.py",
+             "ours_ms": 0.5, "note": None}]
+    (line,) = [line for line in report.render(rows).splitlines() if line.startswith("| generate/")]
+    assert line.endswith("| 0.5 | — | — | — | — |  |") and "None" not in line, line
+
+
 def decode_row(name: str, card: str, ms: float, floor: float, vs: float) -> dict:
     """A generate.py row at a 2K prompt, of one run per card."""
     return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
