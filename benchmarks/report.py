@@ -150,9 +150,14 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
     return "\n".join(head + [line for _, line in sorted(out, key=lambda v: v[0])]) + "\n"
 
 
+# the fields decode_bounds computes with (the others are shown as they are)
+NUMBERS = ("ours_ms", "floor_ms", "vs_transformerpp")
+
+
 def load(path: Path) -> list[dict]:
     """results.jsonl's rows; a line that is no JSON object naming its figure and its run (name, card, date, command)
-    is refused with its number: it ended in a traceback (bad JSON, no name) or rendered as 'None, None: `None`'."""
+    is refused with its number: it ended in a traceback (bad JSON, no name) or rendered as 'None, None: `None`'; so is
+    one whose ours_ms, floor_ms or vs_transformerpp is there but not a number."""
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
@@ -170,6 +175,13 @@ def load(path: Path) -> list[dict]:
         if absent:
             raise SystemExit(f"report: --results {path} line {n}: no {', '.join(absent)}; every row names its figure "
                              f"and the run that measured it")
+        # (decode_bounds ended in a ValueError or TypeError at a generate row's time given as text: "0.5")
+        wrong = [key for key in NUMBERS if row.get(key) is not None
+                 and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))]
+        if wrong:
+            raise SystemExit(f"report: --results {path} line {n}: "
+                             + "; ".join(f"its {key} {json.dumps(row[key])} is not a number" for key in wrong)
+                             + "; fix or remove the line")
         rows.append(row)
     return rows
 

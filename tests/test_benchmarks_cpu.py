@@ -208,10 +208,15 @@ def test_report_rows_name_the_run_that_measured_them():
     ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}\n{"name": "b"', None, "line 2: not JSON"),
     ('{"name": "a", "date": "2026-12-04", "command": "c", "ours_ms": 1.0}', None, "line 1: no card;"),
     ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}', "# R\n<!-- results:begin -->\nold\n",
-     "no <!-- results:end -->")], ids=["no-file", "bad-json", "no-card", "no-end-marker"])
+     "no <!-- results:end -->"),
+    ('{"name": "generate/transformerpp/B64", "card": "H200", "date": "2026-12-04", "command": "c", "ours_ms": 2.0, '
+     '"floor_ms": 1.2}\n{"name": "generate/mamba/B64", "card": "H200", "date": "2026-12-04", "command": "c", '
+     '"ours_ms": "0.5", "floor_ms": 0.1, "vs_transformerpp": 4.0}', None, 'line 2: its ours_ms "0.5" is not a number')],
+    ids=["no-file", "bad-json", "no-card", "no-end-marker", "text-time"])
 def test_report_refuses_bad_inputs_in_one_line(results, out, says, tmp_path):
     """A missing results file, a line that is not JSON or a row without its name ended in tracebacks; a row without
-    card, date or command was rendered as 'None, None: `None`'; an --out whose end marker was lost, an IndexError."""
+    card, date or command was rendered as 'None, None: `None`'; an --out whose end marker was lost, an IndexError; a
+    generate row's time given as text, a ValueError in the 5x table."""
     report = load_script("benchmarks/report.py")
     path = tmp_path / ("absent.jsonl" if results is None else "results.jsonl")
     if results is not None:
