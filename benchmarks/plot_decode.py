@@ -8,7 +8,7 @@ against the prompt length (the issue's 5x line drawn in), each measured in its m
 Writes one PNG.
 
     python benchmarks/plot_decode.py --out results/gpu-2026-12-03/decode.png
-    python benchmarks/plot_decode.py --card H200 --out decode-h200.png    # one card's rows only
+    python benchmarks/plot_decode.py --card 'NVIDIA H200' --out decode-h200.png    # one card's rows only
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ LABEL = {"transformerpp": "Transformer++", "mamba": "Mamba", "jamba": "Jamba-sty
          "mamba2": "Mamba-2", "hf-llama": "transformers Llama", "hf-mamba": "transformers Mamba"}
 
 
-def load(path: Path, card: str | None = None, exact: bool = False) -> dict[tuple[str, int, int], dict]:
-    """(model, batch, prompt) -> the newest row of that name with a time (later lines win; the dict is in line order,
-    newest last), of the cards whose name contains `card` (case-insensitive; is `card` with `exact`) when given."""
-    points = {}
+def _rows(path: Path):
+    """results.jsonl's rows; a line the plot cannot read is refused with its number: not JSON, not a JSON object, a
+    name, card or date that is not text, a generate row's ours_ms or vs_transformerpp that is not a number. Such
+    lines ended in a traceback from the middle of the plot (a speed-up that is not a number was drawn as a category)."""
     try:
         lines = path.read_text().splitlines()
     except OSError as e:  # (a traceback before)
@@ -42,9 +42,32 @@ def load(path: Path, card: str | None = None, exact: bool = False) -> dict[tuple
         except json.JSONDecodeError as e:
             raise SystemExit(f"plot_decode: --results {path} line {n}: not JSON ({e.msg}); fix or remove the line") \
                 from None
+        if not isinstance(row, dict):
+            wrong = f"a JSON {type(row).__name__}, not an object"
+        else:
+            text = [key for key in ("name", "card", "date") if key in row and not isinstance(row[key], str)]
+            generate = not text and NAME.match(row.get("name", ""))
+            numbers = [key for key in ("ours_ms", "vs_transformerpp") if generate and row.get(key) is not None
+                       and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))]
+            wrong = "; ".join([f"its {key} {json.dumps(row[key])} is not text" for key in text]
+                              + [f"its {key} {json.dumps(row[key])} is not a number" for key in numbers])
+        if wrong:
+            raise SystemExit(f"plot_decode: --results {path} line {n}: {wrong}; fix or remove the line")
+        yield row
+
+
+def cards(path: Path) -> list[str]:
+    """The cards of the file's generate rows, sorted."""
+    return sorted({row.get("card") or "" for row in _rows(path) if NAME.match(row.get("name", ""))})
+
+
+def load(path: Path, card: str | None = None) -> dict[tuple[str, int, int], dict]:
+    """(model, batch, prompt) -> the newest row of that name with a time (later lines win; the dict is in line order,
+    newest last), of the card named `card` (case-insensitive; the whole name) when given."""
+    points = {}
+    for row in _rows(path):
         m = NAME.match(row.get("name", ""))
-        if card is not None and not (row.get("card", "") == card if exact else
-                                     card.lower() in row.get("card", "").lower()):
+        if card is not None and (row.get("card") or "").lower() != card.lower():
             continue
         if m and row.get("ours_ms"):
             key = (m[1], int(m[2]), int(m[3] or 2048))
@@ -71,20 +94,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results.jsonl"))
     p.add_argument("--models", nargs="+", default=["transformerpp", "mamba", "jamba", "gla", "mamba2"])
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--card", help="only rows of a card whose name contains this (e.g. H100); default: the card of "
-                   "the newest generate row")
+    p.add_argument("--card", help="only the rows of this card, its whole name as the rows give it (case aside: e.g. "
+                   "'NVIDIA H200'); default: the card of the newest generate row")
     args = p.parse_args(argv)
+    held = cards(Path(args.results)) if args.card is not None else []
+    if args.card is not None and args.card.lower() not in {c.lower() for c in held}:
+        # (a substring before: --card H100 also took an "H100 NVL"'s rows, --card H20 the H200's)
+        raise SystemExit(f"plot_decode: --card {args.card!r}: no generate rows of that card in {args.results}; "
+                         f"its cards: {', '.join(map(repr, held)) or 'none'}")
     points = load(Path(args.results), args.card)
     newest = ""
     if args.card is None and points:
         # the newest row of each name could come from different cards: one line held an H100's batch 64 beside an
         # H200's smaller batches, absolute times of two cards; draw the newest row's card alone
         card = next(reversed(points.values())).get("card", "")
-        points = load(Path(args.results), card, exact=True)
+        points = load(Path(args.results), card)
         newest = ", the newest rows' card"
         print(f"card {card!r} (the newest row's; --card for another)")
     if not any(k[0] == "transformerpp" for k in points):
-        which = f" of a card matching {args.card!r}" if args.card else ""
+        which = f" of the card {args.card!r}" if args.card else ""
         raise SystemExit(f"no generate/transformerpp rows in {args.results}{which}: run benchmarks/generate.py first")
 
     import matplotlib
@@ -122,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     right.xaxis.set_minor_formatter(NullFormatter())
     right.grid(True, alpha=0.3)
     right.legend()
-    used = sorted({(r["date"], r.get("card", "?"), r.get("note") or "") for r in points.values()})
+    used = sorted({(r.get("date", "?"), r.get("card", "?"), r.get("note") or "") for r in points.values()})
     fig.suptitle(f"decode, 130M models, bf16, CUDA graphs ({'; '.join(sorted({u[1] for u in used}))}{newest})")
     fig.tight_layout()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     for key in sorted(points):
         r = points[key]
         note = r.get("note") or ""
-        print(f"{key[0]:14s} B{key[1]:<3d} prompt {key[2]:5d}: {r['ours_ms']:.3f} ms  {r['date']}  {note}")
+        print(f"{key[0]:14s} B{key[1]:<3d} prompt {key[2]:5d}: {r['ours_ms']:.3f} ms  {r.get('date', '?')}  {note}")
     print(f"wrote {args.out}")
 
 

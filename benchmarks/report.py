@@ -23,7 +23,13 @@ def fmt(value) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return cell(str(value))
+
+
+def cell(text: str) -> str:
+    """Text as one markdown table cell: its "|" escaped, its line breaks made spaces. A note that said
+    "|split - unsplit|" ended its cell there, and the rest of the note fell past the table's last column (unshown)."""
+    return " ".join(text.replace("|", "\\|").splitlines())
 
 
 # per benchmark group, the row fields worth a column of their own (label, field)
@@ -82,9 +88,9 @@ def render(rows: list[dict]) -> str:
                    + "".join(f"{label} | " for label, _ in extra) + "note |")
         out.append("| --- " * (8 + len(extra)) + "|")
         for r in items:
-            out.append(f"| {r['name']} | {runs[_run(r)]} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
+            out.append(f"| {cell(r['name'])} | {runs[_run(r)]} | {fmt(r.get('ours_ms'))} | {fmt(r.get('baseline'))} | "
                        f"{fmt(r.get('baseline_ms'))} | {fmt(r.get('ratio'))} | {fmt(r.get('floor_ms'))} | "
-                       + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{r.get('note', '')} |")
+                       + "".join(f"{fmt(r.get(key))} | " for _, key in extra) + f"{cell(str(r.get('note') or ''))} |")
         out.append("")
     return "\n".join(out)
 
@@ -144,9 +150,14 @@ def decode_bounds(rows: list[dict], batch: int = 64, target: float = 5.0) -> str
     return "\n".join(head + [line for _, line in sorted(out, key=lambda v: v[0])]) + "\n"
 
 
+# the fields decode_bounds computes with (the others are shown as they are)
+NUMBERS = ("ours_ms", "floor_ms", "vs_transformerpp")
+
+
 def load(path: Path) -> list[dict]:
     """results.jsonl's rows; a line that is no JSON object naming its figure and its run (name, card, date, command)
-    is refused with its number: it ended in a traceback (bad JSON, no name) or rendered as 'None, None: `None`'."""
+    is refused with its number: it ended in a traceback (bad JSON, no name) or rendered as 'None, None: `None`'; so is
+    one whose ours_ms, floor_ms or vs_transformerpp is there but not a number."""
     try:
         lines = path.read_text().splitlines()
     except OSError as e:
@@ -164,6 +175,13 @@ def load(path: Path) -> list[dict]:
         if absent:
             raise SystemExit(f"report: --results {path} line {n}: no {', '.join(absent)}; every row names its figure "
                              f"and the run that measured it")
+        # (decode_bounds ended in a ValueError or TypeError at a generate row's time given as text: "0.5")
+        wrong = [key for key in NUMBERS if row.get(key) is not None
+                 and (isinstance(row[key], bool) or not isinstance(row[key], (int, float)))]
+        if wrong:
+            raise SystemExit(f"report: --results {path} line {n}: "
+                             + "; ".join(f"its {key} {json.dumps(row[key])} is not a number" for key in wrong)
+                             + "; fix or remove the line")
         rows.append(row)
     return rows
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -151,6 +152,30 @@ def test_report_keeps_only_the_later_of_two_calls_of_one_command_on_one_day():
     assert [(r["name"], r["ours_ms"]) for r in report.newest(rows)] == [("layers/B1", 0.380), ("layers/B64", 1.013)]
 
 
+def test_report_keeps_a_note_with_a_bar_or_a_line_break_in_its_cell():
+    """A note is one cell of a markdown table: the scan_split rows' "|split - unsplit|" ended the cell there, and the
+    rest of the note fell past the table's last column, where GitHub shows nothing; "|" is escaped, lines joined."""
+    report = load_script("benchmarks/report.py")
+    note = "so |split - unsplit| printed 0;\nfloor corrected"
+    rows = [{"name": "scan_split fwd", "card": "H200", "date": "2026-12-04", "command": "python s.py", "ours_ms": 1.0,
+             "baseline": "unsplit | S=1", "note": note}]
+    lines = [line for line in report.render(rows).splitlines() if line.startswith("|")]
+    head, row = (re.split(r"(?<!\\)\|", line) for line in (lines[0], lines[2]))
+    assert len(lines) == 3 and len(row) == len(head), lines
+    assert row[-2].strip() == r"so \|split - unsplit\| printed 0; floor corrected"
+    assert row[4].strip() == r"unsplit \| S=1"
+
+
+def test_report_leaves_the_note_of_a_row_whose_note_is_null_empty():
+    """generate.py wrote "note": null in some rows (lines 738-739 of results.jsonl): as the newest row of its name the
+    note column said "None"."""
+    report = load_script("benchmarks/report.py")
+    rows = [{"name": "generate/jamba/B64", "card": "H200", "date": "2026-12-05", "command": "python g.py",
+             "ours_ms": 0.5, "note": None}]
+    (line,) = [line for line in report.render(rows).splitlines() if line.startswith("| generate/")]
+    assert line.endswith("| 0.5 | — | — | — | — |  |") and "None" not in line, line
+
+
 def decode_row(name: str, card: str, ms: float, floor: float, vs: float) -> dict:
     """A generate.py row at a 2K prompt, of one run per card."""
     return {"name": name, "card": card, "date": "2026-12-04", "command": f"python g.py # {card}", "ours_ms": ms,
@@ -183,10 +208,15 @@ def test_report_rows_name_the_run_that_measured_them():
     ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}\n{"name": "b"', None, "line 2: not JSON"),
     ('{"name": "a", "date": "2026-12-04", "command": "c", "ours_ms": 1.0}', None, "line 1: no card;"),
     ('{"name": "a", "card": "H200", "date": "2026-12-04", "command": "c"}', "# R\n<!-- results:begin -->\nold\n",
-     "no <!-- results:end -->")], ids=["no-file", "bad-json", "no-card", "no-end-marker"])
+     "no <!-- results:end -->"),
+    ('{"name": "generate/transformerpp/B64", "card": "H200", "date": "2026-12-04", "command": "c", "ours_ms": 2.0, '
+     '"floor_ms": 1.2}\n{"name": "generate/mamba/B64", "card": "H200", "date": "2026-12-04", "command": "c", '
+     '"ours_ms": "0.5", "floor_ms": 0.1, "vs_transformerpp": 4.0}', None, 'line 2: its ours_ms "0.5" is not a number')],
+    ids=["no-file", "bad-json", "no-card", "no-end-marker", "text-time"])
 def test_report_refuses_bad_inputs_in_one_line(results, out, says, tmp_path):
     """A missing results file, a line that is not JSON or a row without its name ended in tracebacks; a row without
-    card, date or command was rendered as 'None, None: `None`'; an --out whose end marker was lost, an IndexError."""
+    card, date or command was rendered as 'None, None: `None`'; an --out whose end marker was lost, an IndexError; a
+    generate row's time given as text, a ValueError in the 5x table."""
     report = load_script("benchmarks/report.py")
     path = tmp_path / ("absent.jsonl" if results is None else "results.jsonl")
     if results is not None:
@@ -210,6 +240,35 @@ def test_plot_decode_refuses_a_missing_or_broken_results_file_in_one_line(text, 
     with pytest.raises(SystemExit) as e:
         plot.main(["--results", str(path), "--out", str(tmp_path / "decode.png")])
     assert isinstance(e.value.code, str) and f"--results {path}" in e.value.code and says in e.value.code, e.value.code
+
+
+@pytest.mark.parametrize("row, says", [
+    ([1, 2], "line 2: a JSON list, not an object"),
+    ({"name": None, "card": "c", "date": "d"}, "line 2: its name null is not text"),
+    ({"name": "generate/mamba/B1", "card": 3, "date": "d", "ours_ms": 1.0}, "line 2: its card 3 is not text"),
+    ({"name": "generate/mamba/B1", "card": "c", "date": "d", "ours_ms": "0.5"}, "line 2: its ours_ms \"0.5\" is not"),
+    ({"name": "generate/mamba/B1", "card": "c", "date": "d", "ours_ms": 0.5, "vs_transformerpp": "2x"},
+     "line 2: its vs_transformerpp \"2x\" is not a number")])
+def test_plot_decode_refuses_a_row_it_cannot_read_in_one_line_naming_it(row, says, tmp_path):
+    """A line that is JSON but not an object, a null name, a card that is not text or a time that is not a number
+    ended in a traceback (AttributeError, TypeError) from the middle of the plot, and a speed-up that is not a number
+    was drawn as matplotlib's category "2x" on the log axis; each is refused naming its line."""
+    plot = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    good = {"name": "generate/transformerpp/B1", "card": "c", "date": "d", "ours_ms": 1.0}
+    path.write_text(f"{json.dumps(good)}\n{json.dumps(row)}\n")
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--results", str(path), "--out", str(tmp_path / "decode.png")])
+    assert isinstance(e.value.code, str) and f"--results {path} {says}" in e.value.code, e.value.code
+
+
+def test_plot_decode_draws_a_generate_row_without_a_date(tmp_path, capsys):
+    """A generate row without a date ended in KeyError: 'date' after the PNG was drawn; its date reads '?'."""
+    plot = load_script("benchmarks/plot_decode.py")
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"name": "generate/transformerpp/B1", "card": "c", "ours_ms": 1.0}) + "\n")
+    plot.main(["--results", str(path), "--out", str(tmp_path / "decode.png")])
+    assert "1.000 ms  ?" in capsys.readouterr().out
 
 
 def test_decode_bounds_pair_each_model_with_transformerpp_and_its_floor():
