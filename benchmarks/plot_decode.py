@@ -8,7 +8,7 @@ against the prompt length (the issue's 5x line drawn in), each measured in its m
 Writes one PNG.
 
     python benchmarks/plot_decode.py --out results/gpu-2026-12-03/decode.png
-    python benchmarks/plot_decode.py --card 'NVIDIA H200' --out decode-h200.png    # one card's rows only
+    python benchmarks/plot_decode.py --card H200 --out decode-h200.png    # one card's rows only
 """
 
 from __future__ import annotations
@@ -94,14 +94,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results.jsonl"))
     p.add_argument("--models", nargs="+", default=["transformerpp", "mamba", "jamba", "gla", "mamba2"])
     p.add_argument("--out", required=True, help="the PNG to write")
-    p.add_argument("--card", help="only the rows of this card, its whole name as the rows give it (case aside: e.g. "
-                   "'NVIDIA H200'); default: the card of the newest generate row")
+    p.add_argument("--card", help="only the rows of this card: its name as the rows give it, or a part of one name "
+                   "only (case aside: e.g. H200); default: the card of the newest generate row")
     args = p.parse_args(argv)
-    held = cards(Path(args.results)) if args.card is not None else []
-    if args.card is not None and args.card.lower() not in {c.lower() for c in held}:
-        # (a substring before: --card H100 also took an "H100 NVL"'s rows, --card H20 the H200's)
-        raise SystemExit(f"plot_decode: --card {args.card!r}: no generate rows of that card in {args.results}; "
-                         f"its cards: {', '.join(map(repr, held)) or 'none'}")
+    if args.card is not None:
+        # the card of that whole name, else the one card whose name holds it; a part of several names is refused (it
+        # took them all: --card H100 drew an "H100 NVL"'s rows beside an "H100"'s)
+        held = cards(Path(args.results))
+        named = [c for c in held if c.lower() == args.card.lower()] or [c for c in held
+                                                                         if args.card.lower() in c.lower()]
+        if len(named) != 1:
+            what = "no generate rows of that card" if not named else f"part of {len(named)} cards' names"
+            raise SystemExit(f"plot_decode: --card {args.card!r}: {what} in {args.results}; its cards: "
+                             f"{', '.join(map(repr, held)) or 'none'}")
+        args.card = named[0]
     points = load(Path(args.results), args.card)
     newest = ""
     if args.card is None and points:

@@ -66,9 +66,10 @@ def test_card_keeps_one_cards_rows(tmp_path):
         pd.main(["--results", str(path), "--card", "NVIDIA H200", "--out", str(tmp_path / "x.png")])
 
 
-def test_card_takes_the_card_of_that_whole_name_and_refuses_one_the_file_lacks(tmp_path):
-    """--card took every card whose name contained it: --card H100 also drew an "H100 NVL"'s rows, --card H20 the
-    H200's. It takes the card of that name (case aside) and refuses a name no generate row has, naming those it has."""
+def test_card_takes_the_card_of_that_whole_name_and_refuses_one_the_file_lacks(tmp_path, capsys):
+    """--card took every card whose name contained it: --card H100 also drew an "H100 NVL"'s rows beside an "H100"'s.
+    It takes the card of that name (case aside), or the one card whose name holds it, and refuses a part of several
+    names or a name no generate row has, naming the cards the file has."""
     pd = load_script("benchmarks/plot_decode.py")
     path = tmp_path / "results.jsonl"
     rows = [{**_row("generate/transformerpp/B64", 1.85), "card": "NVIDIA H100"},
@@ -76,12 +77,15 @@ def test_card_takes_the_card_of_that_whole_name_and_refuses_one_the_file_lacks(t
             {**_row("generate/transformerpp/B64", 1.55), "card": "NVIDIA H200"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert pd.load(path, "nvidia h100")[("transformerpp", 64, 2048)]["ours_ms"] == 1.85  # not the NVL's 1.60
-    for card in ("H100", "H20", "NVIDIA H20"):
+    for card in ("H100", "A100", "NVIDIA H10"):  # a part of two names, of none
         with pytest.raises(SystemExit) as e:
             pd.main(["--results", str(path), "--card", card, "--out", str(tmp_path / "x.png")])
         assert f"--card {card!r}" in e.value.code, e.value.code
         assert "'NVIDIA H100', 'NVIDIA H100 NVL', 'NVIDIA H200'" in e.value.code, e.value.code
     assert not (tmp_path / "x.png").exists()
+    for card, ms in (("nvidia h100", "1.850"), ("NVL", "1.600"), ("h200", "1.550")):  # a whole name, one name's part
+        pd.main(["--results", str(path), "--card", card, "--out", str(tmp_path / "x.png")])
+        assert f"transformerpp  B64  prompt  2048: {ms} ms" in capsys.readouterr().out
 
 
 def test_without_card_draws_the_newest_rows_card_alone(tmp_path, capsys):
