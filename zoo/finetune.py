@@ -1460,7 +1460,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     tokenizer = None
     if cfg.data.source is not None or cfg.tokenizer is not None:
-        from zoo.data.text import load_tokenizer
+        from zoo.data.text import load_tokenizer, special_id_outside
         from zoo.hub import holds_tokenizer
 
         # a hub id is the checkpoint's tokenizer too (it fell back to 'byte': a 50K-token model trained on byte ids); a
@@ -1484,6 +1484,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer: has {len(tokenizer)} tokens but the model only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings")
+    if tokenizer is not None and (outside := special_id_outside(tokenizer,
+                                                                model.get_input_embeddings().num_embeddings)):
+        raise ValueError(f"tokenizer: {outside[0]}: the rows would end or be padded with it; give the tokenizer "
+                         f"the model was trained with")
     n_rows = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     train_set, eval_set = build_datasets(cfg.data, tokenizer, n_train=n_rows)
     eval_loader = _eval_loader(eval_set, cfg.train.eval_batch_size, pad_id)

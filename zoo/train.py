@@ -74,6 +74,7 @@ from zoo.data.text import (
     load_tokenizer,
     local_source_files,
     source_data_file,
+    special_id_outside,
     stdlib_version,
 )
 from zoo.layers import no_weight_decay_ids
@@ -461,6 +462,9 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         if tokenizer is not None and n_embed is not None and n_embed < len(tokenizer):
             raise ValueError(f"model.vocab_size: the model has {n_embed} embeddings but the tokenizer has "
                              f"{len(tokenizer)} tokens; set model_overrides.vocab_size >= {len(tokenizer)}")
+        if tokenizer is not None and n_embed is not None and (outside := special_id_outside(tokenizer, n_embed)):
+            raise ValueError(f"tokenizer: {outside[0]}; set model_overrides.vocab_size >= {outside[1]}, or give the "
+                             f"tokenizer special tokens with ids below {n_embed}")
 
     def check_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
         # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
