@@ -643,6 +643,24 @@ def test_a_tokenizer_whose_pad_or_eos_id_lies_past_the_models_embeddings_is_refu
     assert not steps
 
 
+@pytest.mark.parametrize("model, overrides, message", [
+    ({**LLAMA, "pad_token_id": 300}, {}, r"model\.pad_token_id: 300 is outside the model's vocabulary \(vocab_size "
+                                         r"260: ids 0\.\.259\)"),
+    ("configs/models/mamba-tiny.yaml", {"eos_token_id": 600}, r"model_overrides\.eos_token_id: 600 is outside the "
+                                                              r"model's vocabulary \(vocab_size 512: ids 0\.\.511\)")])
+def test_a_model_config_naming_a_special_id_past_its_vocabulary_is_refused_before_training(tmp_path, model, overrides,
+                                                                                          message):
+    # a Llama config with pad_token_id 300 of 260 embeddings failed to build ('Padding_idx must be within
+    # num_embeddings'), and a zoo model with eos_token_id 600 of 512 trained and saved a config whose eos generate
+    # never meets, without a word of zoo's (transformers warned at the save)
+    run = run_dict(tmp_path, model_overrides=overrides, train={"max_steps": 1}, schedule={"warmup_steps": 0})
+    run["model"] = model
+    steps: list[int] = []
+    with pytest.raises(ValueError, match=message):
+        train(config_from_dict(run), on_step=lambda s, m: steps.append(s))
+    assert not steps
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, packing):
     # a GPT-2 with 32 learned positions trained on rows of 64: IndexError "index out of range in self" in the first

@@ -466,6 +466,20 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise ValueError(f"tokenizer: {outside[0]}; set model_overrides.vocab_size >= {outside[1]}, or give the "
                              f"tokenizer special tokens with ids below {n_embed}")
 
+    def check_config_ids(config) -> None:
+        # a special id the model config names (the tokenizer's are checked by check_vocab) past its vocabulary: a Llama
+        # failed to build ('Padding_idx must be within num_embeddings'), a zoo model trained and saved a config whose
+        # eos generate never meets and whose pad fails in the embedding (transformers' warning said so at the save)
+        vocab = getattr(config, "vocab_size", None)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(config, name, None)
+            for one in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(vocab, int) and isinstance(one, int) and one >= vocab:
+                    where = "model_overrides." if name in overrides else "model."
+                    raise ValueError(f"{where}{name}: {one} is outside the model's vocabulary (vocab_size {vocab}: "
+                                     f"ids 0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
+                                     f"tokenizer's")
+
     def check_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
         # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
         # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide); `dropped`: the keys
@@ -516,6 +530,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             check_fields(config, overrides, "model_overrides.", dropped=unused)
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
+        check_config_ids(config)
         model = AutoModelForCausalLM.from_config(config)
     else:
         from zoo.hub import load_model_not_adapter
