@@ -700,18 +700,28 @@ def _parquet_rows(path: str) -> int | None:
         return None
 
 
+# the byte order marks of UTF-32 and UTF-16 text (UTF-32's first: UTF-32LE's begins with UTF-16LE's), and the
+# encoding each names
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+              (b"\xfe\xff", "UTF-16"))
+
+
 def _refuse_utf16(files: list[str]) -> None:
-    """Refuse a .txt file that begins with a UTF-16 (or UTF-32) byte order mark, as Windows' Notepad saves "Unicode":
-    read as UTF-8 with replacement, its text trained as a NUL byte between every two characters, without a word."""
+    """Refuse a .txt file that begins with a UTF-16 or UTF-32 byte order mark (little- or big-endian), as Windows'
+    Notepad saves "Unicode": read as UTF-8 with replacement, its text trained as NUL bytes between its characters,
+    without a word."""
     for f in files:
         if Path(f).name.lower().endswith(_COMPRESSION_SUFFIXES):
             continue  # (its bytes are the compressor's)
         with open(f, "rb") as raw:
-            head = raw.read(2)
-        if head in (b"\xff\xfe", b"\xfe\xff"):
-            raise ValueError(f"data.source: {f!r} is UTF-16 text (it begins with a UTF-16 byte order mark), which "
-                             f"reads as UTF-8 with a NUL byte between its characters: re-encode it as UTF-8 (iconv -f "
-                             f"UTF-16 -t UTF-8 IN > OUT, or Notepad's 'Save as' UTF-8)")
+            head = raw.read(4)
+        for bom, encoding in _WIDE_BOMS:
+            if head.startswith(bom):
+                nuls = "a NUL byte" if encoding == "UTF-16" else "NUL bytes"
+                notepad = ", or Notepad's 'Save as' UTF-8" if encoding == "UTF-16" else ""
+                raise ValueError(f"data.source: {f!r} is {encoding} text (it begins with a {encoding} byte order "
+                                 f"mark), which reads as UTF-8 with {nuls} between its characters: re-encode it as "
+                                 f"UTF-8 (iconv -f {encoding} -t UTF-8 IN > OUT{notepad})")
 
 
 def _text_folder(source: str | list[str]) -> bool:
