@@ -706,15 +706,37 @@ _WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), 
               (b"\xfe\xff", "UTF-16"))
 
 
+def _bomless_wide(head: bytes) -> str | None:
+    """The encoding ("UTF-32LE", "UTF-32BE", "UTF-16LE", "UTF-16BE") of text without a byte order mark whose first
+    bytes `head` are UTF-32 or UTF-16 code units (Python's utf-32-le and utf-16-le write no mark), else None. UTF-32:
+    every 4-byte unit is a code point (< 0x110000: two NUL bytes at its high end); UTF-16: a quarter or more of the
+    bytes NUL, nine in ten of them on one side of their 2-byte units (the high byte of Latin text). UTF-8 text holds
+    no NUL byte."""
+    if b"\x00" not in head:
+        return None
+    units = [head[i:i + 4] for i in range(0, len(head) // 4 * 4, 4)]
+    if units and all(u[3] == 0 and u[2] <= 0x10 for u in units):
+        return "UTF-32LE"
+    if units and all(u[0] == 0 and u[1] <= 0x10 for u in units):
+        return "UTF-32BE"
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if even + odd >= len(head) / 4:
+        if odd >= 9 * even:
+            return "UTF-16LE"
+        if even >= 9 * odd:
+            return "UTF-16BE"
+    return None
+
+
 def _refuse_utf16(files: list[str]) -> None:
     """Refuse a .txt file that begins with a UTF-16 or UTF-32 byte order mark (little- or big-endian), as Windows'
-    Notepad saves "Unicode": read as UTF-8 with replacement, its text trained as NUL bytes between its characters,
-    without a word."""
+    Notepad saves "Unicode", or whose first bytes are UTF-16 or UTF-32 text without one (`_bomless_wide`): read as
+    UTF-8 with replacement, its text trained as NUL bytes between its characters, without a word."""
     for f in files:
         if Path(f).name.lower().endswith(_COMPRESSION_SUFFIXES):
             continue  # (its bytes are the compressor's)
         with open(f, "rb") as raw:
-            head = raw.read(4)
+            head = raw.read(4096)
         for bom, encoding in _WIDE_BOMS:
             if head.startswith(bom):
                 nuls = "a NUL byte" if encoding == "UTF-16" else "NUL bytes"
@@ -722,6 +744,11 @@ def _refuse_utf16(files: list[str]) -> None:
                 raise ValueError(f"data.source: {f!r} is {encoding} text (it begins with a {encoding} byte order "
                                  f"mark), which reads as UTF-8 with {nuls} between its characters: re-encode it as "
                                  f"UTF-8 (iconv -f {encoding} -t UTF-8 IN > OUT{notepad})")
+        if encoding := _bomless_wide(head):
+            raise ValueError(f"data.source: {f!r} is {encoding} text without a byte order mark (its first "
+                             f"{len(head)} bytes are {encoding} code units, NUL bytes between the characters), which "
+                             f"reads as UTF-8 with those NUL bytes: re-encode it as UTF-8 (iconv -f {encoding} -t "
+                             f"UTF-8 IN > OUT)")
 
 
 def _text_folder(source: str | list[str]) -> bool:
