@@ -1529,11 +1529,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     if accelerator.is_main_process:
-        from zoo.hub import _TOKENIZER_FAMILY, ADAPTER_DATA_FILE
+        from zoo.hub import ADAPTER_DATA_FILE, TOKENIZER_FAMILY
 
         # an earlier run's into the same output_dir: its tokenizer files (this run saving none, or others) and its rows'
         # record stayed beside this adapter, and zoo generate and zoo eval read them as this adapter's
-        for name in (*_TOKENIZER_FAMILY, ADAPTER_DATA_FILE):
+        for name in (*TOKENIZER_FAMILY, ADAPTER_DATA_FILE):
             (adapter_dir / name).unlink(missing_ok=True)
         model.save_pretrained(adapter_dir)
         if saved_tokenizer is not None:
