@@ -629,6 +629,31 @@ def test_vocabulary_too_small_is_refused_before_training(tmp_path, capsys, overr
     assert not any(out.glob("*/train-*"))
 
 
+def test_a_tokenizer_whose_pad_or_eos_id_lies_past_a_models_embeddings_is_refused_before_training(tmp_path, capsys):
+    # a tokenizer of 30 tokens whose <pad> and <eos> have ids 700 and 701 passed the check of its size against each
+    # model's embeddings: a model of 300 was refused when its own training came, after the models before it trained
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27, "<pad>": 700, "<eos>": 701}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="<eos>").save_pretrained(tmp_path / "tok")
+    out = tmp_path / "vocab"
+    assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}",
+                 f"--recipe.tokenizer={tmp_path / 'tok'}", "--recipe.data.add_bos=false",
+                 "--model_overrides.vocab_size=800",
+                 "--models.gla={config: configs/models/gla-tiny.yaml, overrides: {vocab_size: 300}}",
+                 "--recipe.train.max_steps=2", "--recipe.schedule.warmup_steps=1", "--recipe.log.progress_bar=false",
+                 "--eval.batches=1", "--eval.per_position=null", "--eval.passkey=null", "--eval.mqar.steps=2",
+                 "--throughput=null"]) == 2
+    assert "models.gla: tokenizer: its pad_token_id 700 is outside the model's vocabulary (vocab_size 300: ids " \
+           "0..299), though the tokenizer has 30 tokens (its ids have gaps); set vocab_size >= 702" \
+        in capsys.readouterr().err
+    assert not any(out.glob("*/train-*"))
+
+
 def test_recipe_trackers_are_kept_beside_csv(tmp_path):
     """recipe.log.trackers (tensorboard, wandb) was replaced by ['csv'] without a word: no run of the comparison
     reached the user's tracker. CSV is added (the loss curves are read from metrics.csv), the rest is kept."""

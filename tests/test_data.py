@@ -599,20 +599,44 @@ def test_a_parquet_file_without_rows_beside_others_is_no_document(tok, tmp_path,
         TextStream(DataConfig(source=str(folder), holdout=0.0, streaming=streaming), tok)
 
 
-@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be", "utf-32", "utf-32-be"])
 @pytest.mark.parametrize("how", ["by path", "folder"])
-def test_a_utf16_txt_file_is_refused_naming_it(tok, tmp_path, encoding, how):
+def test_a_utf16_or_utf32_txt_file_is_refused_naming_it_and_its_encoding(tok, tmp_path, encoding, how):
     # a text file saved as "Unicode" (Windows' Notepad: UTF-16 with a byte order mark) read as UTF-8 with replacement,
-    # and trained as a NUL byte between every two characters, without a word
+    # and trained as a NUL byte between every two characters, without a word; a UTF-32 one was called UTF-16 text
+    # (iconv -f UTF-16 of it keeps a NUL between its characters), and a big-endian one was not caught at all
     pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
     folder = tmp_path / "texts"
     folder.mkdir()
     (folder / "a.txt").write_text("a UTF-8 file\n")
     text = "hello from notepad\n"
-    (folder / "b.txt").write_bytes((b"\xfe\xff" if encoding == "utf-16-be" else b"") + text.encode(encoding))
+    bom = {"utf-16-be": b"\xfe\xff", "utf-32-be": b"\x00\x00\xfe\xff"}.get(encoding, b"")  # (the others write one)
+    (folder / "b.txt").write_bytes(bom + text.encode(encoding))
     source = str(folder) if how == "folder" else str(folder / "*.txt")
-    with pytest.raises(ValueError, match=r"data\.source: '.*b\.txt' is UTF-16 text .*: re-encode it as UTF-8"):
+    name = encoding[:6].upper()
+    with pytest.raises(ValueError, match=rf"data\.source: '.*b\.txt' is {name} text \(it begins with a {name} byte "
+                                         rf"order mark\).*: re-encode it as UTF-8 \(iconv -f {name} -t UTF-8"):
         TextStream(DataConfig(source=source, holdout=0.0, sample_by="line"), tok)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+@pytest.mark.parametrize("how", ["by path", "folder"])
+def test_a_utf16_or_utf32_txt_file_without_a_byte_order_mark_is_refused_naming_its_encoding(tok, tmp_path, encoding,
+                                                                                           how):
+    # only a byte order mark was looked for: UTF-16 or UTF-32 text without one (Python's utf-16-le and utf-32-le write
+    # none) read as UTF-8 and trained one or three NUL bytes between every two characters, without a word
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a UTF-8 file, ünïcode and 一二三\n" * 300)  # (no NUL byte: read as it was)
+    (folder / "b.txt").write_bytes("hello from a script, ünïcode and 一二三\n".encode(encoding) * 300)
+    source = str(folder) if how == "folder" else str(folder / "*.txt")
+    name = encoding.upper().replace("-LE", "LE").replace("-BE", "BE")
+    with pytest.raises(ValueError, match=rf"data\.source: '.*b\.txt' is {name} text without a byte order mark .*: "
+                                         rf"re-encode it as UTF-8 \(iconv -f {name} -t UTF-8"):
+        TextStream(DataConfig(source=source, holdout=0.0, sample_by="line"), tok)
+    (folder / "b.txt").unlink()
+    TextStream(DataConfig(source=source, holdout=0.0, sample_by="line"), tok)
 
 
 def test_compressed_local_files_with_mixed_columns_name_each_files_columns(tmp_path):

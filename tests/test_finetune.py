@@ -777,6 +777,34 @@ def test_a_folder_with_tokenizer_json_alone_finetunes_with_it(tmp_path, monkeypa
         main([str(tmp_path / "ft.yaml")])
 
 
+def test_a_tokenizer_whose_pad_or_eos_id_lies_past_the_models_embeddings_is_refused_before_training(tmp_path):
+    # a tokenizer of 6 tokens whose </s> (its eos and pad) has id 500 passed the check of its size against the model's
+    # 300 embeddings: the rows ended and were padded with 500, and the first evaluation failed in the embedding
+    # ('IndexError: index out of range in self'; on a GPU a device-side assert)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"[UNK]": 0, "abc": 1, "cba": 2, "hello": 3, "reversed:": 4, "</s>": 500}
+    tok = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    base = tmp_path / "base"
+    config = ZooConfig.from_yaml(ROOT / "configs" / "models" / "mamba-tiny.yaml", vocab_size=300)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(base)
+    rows = [{"prompt": f"{w} reversed:", "completion": f" {w[::-1]}"} for w in ["abc", "cba"] * 3]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    run = {"model": str(base), "output_dir": str(tmp_path / "run"),
+           "data": {"source": str(tmp_path / "data.jsonl"), "holdout": 0.3, "add_bos": False},
+           "train": {"max_steps": 1, "micro_batch_size": 2, "progress_bar": False},
+           "schedule": {"warmup_steps": 0}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(run))
+    with pytest.raises(ValueError, match=r"tokenizer: its pad_token_id 500 is outside the model's vocabulary "
+                                         r"\(vocab_size 300: ids 0\.\.299\)"):
+        main([str(tmp_path / "ft.yaml")])
+    assert not (tmp_path / "run" / "finetune-checkpoint").exists()
+
+
 def test_a_hub_checkpoint_finetunes_with_its_own_tokenizer(tmp_path, monkeypatch):
     # a model given as a hub id was tokenized with the byte tokenizer (only a local folder's tokenizer was looked
     # for): a checkpoint with its own vocabulary trained on byte ids, without a word

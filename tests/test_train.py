@@ -619,6 +619,49 @@ def test_bad_run_setups_name_the_field(tmp_path):
         train(cfg)
 
 
+@pytest.mark.parametrize("model", [LLAMA, "configs/models/mamba-tiny.yaml"])
+def test_a_tokenizer_whose_pad_or_eos_id_lies_past_the_models_embeddings_is_refused_before_training(tmp_path, model):
+    # a tokenizer of 30 tokens whose <pad> and <eos> have ids 700 and 701 passed the check of its size against the
+    # model's embeddings: a Llama failed to build ('Padding_idx must be within num_embeddings'), a zoo model trained
+    # until the first row holding an <eos>, which failed in the embedding ('IndexError: index out of range in self';
+    # on a GPU a device-side assert)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27, "<pad>": 700, "<eos>": 701}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                            eos_token="<eos>").save_pretrained(tmp_path / "tok")
+    run = run_dict(tmp_path, tokenizer=str(tmp_path / "tok"), data={"add_bos": False})
+    run["model"] = model
+    vocab_size = 260 if isinstance(model, dict) else 512
+    steps: list[int] = []
+    with pytest.raises(ValueError, match=rf"tokenizer: its pad_token_id 700 is outside the model's vocabulary "
+                                         rf"\(vocab_size {vocab_size}: ids 0\.\.{vocab_size - 1}\), though the "
+                                         rf"tokenizer has 30 tokens .*; set model_overrides\.vocab_size >= 702"):
+        train(config_from_dict(run), on_step=lambda s, m: steps.append(s))
+    assert not steps
+
+
+@pytest.mark.parametrize("model, overrides, message", [
+    ({**LLAMA, "pad_token_id": 300}, {}, r"model\.pad_token_id: 300 is outside the model's vocabulary \(vocab_size "
+                                         r"260: ids 0\.\.259\)"),
+    ("configs/models/mamba-tiny.yaml", {"eos_token_id": 600}, r"model_overrides\.eos_token_id: 600 is outside the "
+                                                              r"model's vocabulary \(vocab_size 512: ids 0\.\.511\)")])
+def test_a_model_config_naming_a_special_id_past_its_vocabulary_is_refused_before_training(tmp_path, model, overrides,
+                                                                                          message):
+    # a Llama config with pad_token_id 300 of 260 embeddings failed to build ('Padding_idx must be within
+    # num_embeddings'), and a zoo model with eos_token_id 600 of 512 trained and saved a config whose eos generate
+    # never meets, without a word of zoo's (transformers warned at the save)
+    run = run_dict(tmp_path, model_overrides=overrides, train={"max_steps": 1}, schedule={"warmup_steps": 0})
+    run["model"] = model
+    steps: list[int] = []
+    with pytest.raises(ValueError, match=message):
+        train(config_from_dict(run), on_step=lambda s, m: steps.append(s))
+    assert not steps
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, packing):
     # a GPT-2 with 32 learned positions trained on rows of 64: IndexError "index out of range in self" in the first

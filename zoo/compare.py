@@ -2145,7 +2145,7 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
     neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
     mixer with a cache but no state_size)."""
-    from zoo.data.text import load_tokenizer
+    from zoo.data.text import load_tokenizer, special_id_outside
     from zoo.train import ModelInputs
 
     recipe = _recipe_config(cfg.recipe)
@@ -2181,6 +2181,9 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
         if vocab < n_tokens:
             raise ValueError(f"models.{entry.name}: {vocab} embeddings but the tokenizer has {n_tokens} tokens; "
                              f"set vocab_size >= {n_tokens} (model_overrides.vocab_size for every model)")
+        if outside := special_id_outside(tokenizer, vocab):  # (a tokenizer whose ids have gaps)
+            raise ValueError(f"models.{entry.name}: tokenizer: {outside[0]}; set vocab_size >= {outside[1]} "
+                             f"(model_overrides.vocab_size for every model)")
         if mqar is not None and mqar.vocab_size > vocab:
             raise ValueError(f"eval.mqar.vocab_size: {mqar.vocab_size} exceeds models.{entry.name}'s vocabulary "
                              f"{vocab}")

@@ -1460,7 +1460,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     tokenizer = None
     if cfg.data.source is not None or cfg.tokenizer is not None:
-        from zoo.data.text import load_tokenizer
+        from zoo.data.text import load_tokenizer, special_id_outside
         from zoo.hub import holds_tokenizer
 
         # a hub id is the checkpoint's tokenizer too (it fell back to 'byte': a 50K-token model trained on byte ids); a
@@ -1484,6 +1484,10 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer: has {len(tokenizer)} tokens but the model only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings")
+    if tokenizer is not None and (outside := special_id_outside(tokenizer,
+                                                                model.get_input_embeddings().num_embeddings)):
+        raise ValueError(f"tokenizer: {outside[0]}: the rows would end or be padded with it; give the tokenizer "
+                         f"the model was trained with")
     n_rows = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     train_set, eval_set = build_datasets(cfg.data, tokenizer, n_train=n_rows)
     eval_loader = _eval_loader(eval_set, cfg.train.eval_batch_size, pad_id)
@@ -1525,11 +1529,11 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
 
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     if accelerator.is_main_process:
-        from zoo.hub import _TOKENIZER_FAMILY, ADAPTER_DATA_FILE
+        from zoo.hub import ADAPTER_DATA_FILE, TOKENIZER_FAMILY
 
         # an earlier run's into the same output_dir: its tokenizer files (this run saving none, or others) and its rows'
         # record stayed beside this adapter, and zoo generate and zoo eval read them as this adapter's
-        for name in (*_TOKENIZER_FAMILY, ADAPTER_DATA_FILE):
+        for name in (*TOKENIZER_FAMILY, ADAPTER_DATA_FILE):
             (adapter_dir / name).unlink(missing_ok=True)
         model.save_pretrained(adapter_dir)
         if saved_tokenizer is not None:

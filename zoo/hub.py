@@ -26,8 +26,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # every file a tokenizer's save_pretrained may write: a save with a tokenizer replaces the whole set
-_TOKENIZER_FAMILY = frozenset(_TOKENIZER_FILES + ("vocab.txt", "merges.txt", "special_tokens_map.json",
-                                                  "added_tokens.json", "chat_template.jinja", "chat_template.json"))
+TOKENIZER_FAMILY = frozenset(_TOKENIZER_FILES + ("vocab.txt", "merges.txt", "special_tokens_map.json",
+                                                 "added_tokens.json", "chat_template.jinja", "chat_template.json"))
 _SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 # weights and their shard index, as transformers names them (model-00001-of-00002.safetensors, pytorch_model.bin, ...)
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
@@ -195,9 +195,9 @@ def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: A
     for old in folder.iterdir():
         if (target / old.name).exists():
             continue
-        if _WEIGHT_FILE.fullmatch(old.name) or (tokenizer is not None and old.name in _TOKENIZER_FAMILY):
+        if _WEIGHT_FILE.fullmatch(old.name) or (tokenizer is not None and old.name in TOKENIZER_FAMILY):
             old.unlink()
-        elif old.name in _TOKENIZER_FAMILY:
+        elif old.name in TOKENIZER_FAMILY:
             kept_tokenizer.append(old.name)
     if kept_tokenizer:
         warnings.warn(f"{folder}: this save has no tokenizer, so the folder keeps the tokenizer files of an earlier "
@@ -456,6 +456,6 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
 
 
-__all__ = ["ADAPTER_DATA_FILE", "adapter_config_file", "check_model_ref", "holds_tokenizer", "load_causal_lm",
-           "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter", "peft_layer", "require_tokenizer",
-           "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
+__all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "holds_tokenizer",
+           "load_causal_lm", "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter", "peft_layer",
+           "require_tokenizer", "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]

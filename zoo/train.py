@@ -74,6 +74,7 @@ from zoo.data.text import (
     load_tokenizer,
     local_source_files,
     source_data_file,
+    special_id_outside,
     stdlib_version,
 )
 from zoo.layers import no_weight_decay_ids
@@ -461,6 +462,23 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         if tokenizer is not None and n_embed is not None and n_embed < len(tokenizer):
             raise ValueError(f"model.vocab_size: the model has {n_embed} embeddings but the tokenizer has "
                              f"{len(tokenizer)} tokens; set model_overrides.vocab_size >= {len(tokenizer)}")
+        if tokenizer is not None and n_embed is not None and (outside := special_id_outside(tokenizer, n_embed)):
+            raise ValueError(f"tokenizer: {outside[0]}; set model_overrides.vocab_size >= {outside[1]}, or give the "
+                             f"tokenizer special tokens with ids below {n_embed}")
+
+    def check_config_ids(config) -> None:
+        # a special id the model config names (the tokenizer's are checked by check_vocab) past its vocabulary: a Llama
+        # failed to build ('Padding_idx must be within num_embeddings'), a zoo model trained and saved a config whose
+        # eos generate never meets and whose pad fails in the embedding (transformers' warning said so at the save)
+        vocab = getattr(config, "vocab_size", None)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(config, name, None)
+            for one in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(vocab, int) and isinstance(one, int) and one >= vocab:
+                    where = "model_overrides." if name in overrides else "model."
+                    raise ValueError(f"{where}{name}: {one} is outside the model's vocabulary (vocab_size {vocab}: "
+                                     f"ids 0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
+                                     f"tokenizer's")
 
     def check_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
         # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
@@ -512,6 +530,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             check_fields(config, overrides, "model_overrides.", dropped=unused)
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
+        check_config_ids(config)
         model = AutoModelForCausalLM.from_config(config)
     else:
         from zoo.hub import load_model_not_adapter

@@ -203,6 +203,23 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[n
     return [np.asarray(x, dtype=np.int64) for x in ids]
 
 
+def special_id_outside(tokenizer: PreTrainedTokenizerBase, n_embed: int) -> tuple[str, int] | None:
+    """Why the tokenizer's pad, bos or eos id is no row of a model's `n_embed` embeddings ("its eos_token_id 500 is
+    outside the model's vocabulary (vocab_size 64: ids 0..63), though the tokenizer has 29 tokens (its ids have
+    gaps)"), with the vocab_size its special ids need; None where they all are rows. A tokenizer whose ids have gaps
+    (a special token saved with its own id) has such an id past len(tokenizer), which a check of its size alone
+    passed: training then failed in the embedding at the first row holding it ('IndexError: index out of range in
+    self'; on a GPU a device-side assert)."""
+    ids = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    ids = {name: value for name, value in ids.items() if isinstance(value, int)}
+    for name, value in ids.items():
+        if not 0 <= value < n_embed:
+            return (f"its {name} {value} is outside the model's vocabulary (vocab_size {n_embed}: ids "
+                    f"0..{n_embed - 1}), though the tokenizer has {len(tokenizer)} tokens (its ids have gaps)",
+                    max(ids.values()) + 1)
+    return None
+
+
 def document_wrap(tokenizer: PreTrainedTokenizerBase, add_bos: bool, add_eos: bool) -> tuple[list[int], list[int]]:
     """([bos] or [], [eos] or []): the tokens that wrap each document. Asked for on a tokenizer that has no such
     token (Qwen's has no bos, for one), it is left out with a warning; it used to be left out silently. The warning is
@@ -683,18 +700,55 @@ def _parquet_rows(path: str) -> int | None:
         return None
 
 
+# the byte order marks of UTF-32 and UTF-16 text (UTF-32's first: UTF-32LE's begins with UTF-16LE's), and the
+# encoding each names
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+              (b"\xfe\xff", "UTF-16"))
+
+
+def _bomless_wide(head: bytes) -> str | None:
+    """The encoding ("UTF-32LE", "UTF-32BE", "UTF-16LE", "UTF-16BE") of text without a byte order mark whose first
+    bytes `head` are UTF-32 or UTF-16 code units (Python's utf-32-le and utf-16-le write no mark), else None. UTF-32:
+    every 4-byte unit is a code point (< 0x110000: two NUL bytes at its high end); UTF-16: a quarter or more of the
+    bytes NUL, nine in ten of them on one side of their 2-byte units (the high byte of Latin text). UTF-8 text holds
+    no NUL byte."""
+    if b"\x00" not in head:
+        return None
+    units = [head[i:i + 4] for i in range(0, len(head) // 4 * 4, 4)]
+    if units and all(u[3] == 0 and u[2] <= 0x10 for u in units):
+        return "UTF-32LE"
+    if units and all(u[0] == 0 and u[1] <= 0x10 for u in units):
+        return "UTF-32BE"
+    even, odd = head[0::2].count(0), head[1::2].count(0)
+    if even + odd >= len(head) / 4:
+        if odd >= 9 * even:
+            return "UTF-16LE"
+        if even >= 9 * odd:
+            return "UTF-16BE"
+    return None
+
+
 def _refuse_utf16(files: list[str]) -> None:
-    """Refuse a .txt file that begins with a UTF-16 (or UTF-32) byte order mark, as Windows' Notepad saves "Unicode":
-    read as UTF-8 with replacement, its text trained as a NUL byte between every two characters, without a word."""
+    """Refuse a .txt file that begins with a UTF-16 or UTF-32 byte order mark (little- or big-endian), as Windows'
+    Notepad saves "Unicode", or whose first bytes are UTF-16 or UTF-32 text without one (`_bomless_wide`): read as
+    UTF-8 with replacement, its text trained as NUL bytes between its characters, without a word."""
     for f in files:
         if Path(f).name.lower().endswith(_COMPRESSION_SUFFIXES):
             continue  # (its bytes are the compressor's)
         with open(f, "rb") as raw:
-            head = raw.read(2)
-        if head in (b"\xff\xfe", b"\xfe\xff"):
-            raise ValueError(f"data.source: {f!r} is UTF-16 text (it begins with a UTF-16 byte order mark), which "
-                             f"reads as UTF-8 with a NUL byte between its characters: re-encode it as UTF-8 (iconv -f "
-                             f"UTF-16 -t UTF-8 IN > OUT, or Notepad's 'Save as' UTF-8)")
+            head = raw.read(4096)
+        for bom, encoding in _WIDE_BOMS:
+            if head.startswith(bom):
+                nuls = "a NUL byte" if encoding == "UTF-16" else "NUL bytes"
+                notepad = ", or Notepad's 'Save as' UTF-8" if encoding == "UTF-16" else ""
+                raise ValueError(f"data.source: {f!r} is {encoding} text (it begins with a {encoding} byte order "
+                                 f"mark), which reads as UTF-8 with {nuls} between its characters: re-encode it as "
+                                 f"UTF-8 (iconv -f {encoding} -t UTF-8 IN > OUT{notepad})")
+        if encoding := _bomless_wide(head):
+            raise ValueError(f"data.source: {f!r} is {encoding} text without a byte order mark (its first "
+                             f"{len(head)} bytes are {encoding} code units, NUL bytes between the characters), which "
+                             f"reads as UTF-8 with those NUL bytes: re-encode it as UTF-8 (iconv -f {encoding} -t "
+                             f"UTF-8 IN > OUT)")
 
 
 def _text_folder(source: str | list[str]) -> bool:
