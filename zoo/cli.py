@@ -82,6 +82,7 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
+    from zoo.data.text import special_id_outside
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
@@ -197,6 +198,11 @@ def generate(argv: list[str] | None = None) -> None:
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"{which} has {len(tok)} tokens, more than the model's {n_embed} embeddings; give the tokenizer "
                 f"the model was trained with")
+    if outside := special_id_outside(tok, n_embed):
+        # a tokenizer whose ids have gaps (<pad> at 600 in one of 29 tokens) passed the check of its size: several
+        # prompts left-padded with that id failed in the embedding, 'IndexError: index out of range in self'
+        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+        p.error(f"{which}: {outside[0]}; give the tokenizer the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
     if args.chat:  # the template writes the special tokens (bos included) itself
