@@ -307,6 +307,29 @@ def test_generate_refuses_a_tokenizer_whose_pad_id_lies_past_the_models_embeddin
            "tokenizer has 30 tokens (its ids have gaps)" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
+    # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
+    # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=260, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    folder = save_model_folder(gpt2, tmp_path / "gpt2", "byte")
+    argv = ["generate", str(folder), "hello there", "--device", "cpu", "--max-new-tokens"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "10"])
+    assert e.value.code == 2
+    assert "the prompt has 12 tokens and --max-new-tokens is 10, but " in (err := capsys.readouterr().err)
+    assert "learns 16 absolute positions (transformer.wpe, config max_position_embeddings); lower --max-new-tokens " \
+           "to <= 4" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "1", "--prompt", "hello there, my friend"])
+    assert e.value.code == 2
+    assert "the longest prompt has 23 tokens and --max-new-tokens is 1, but " in capsys.readouterr().err
+    cli.main([*argv, "4"])  # 16 tokens in all: the positions it learned
+    assert capsys.readouterr().out.startswith("hello there")
+
+
 @pytest.mark.parametrize("command", [["zoo.cli", "info", str(TINY)], ["zoo", "--help"], ["zoo", "eval", "--help"]],
                          ids=["info", "help", "eval-help"])
 def test_output_to_a_closed_pipe_ends_quietly(tmp_path, command):
