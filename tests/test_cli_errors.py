@@ -287,6 +287,49 @@ def test_generate_refuses_a_tokenizer_larger_than_the_models_vocabulary(tiny_fol
     assert "has 603 tokens, more than the model's 512 embeddings" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_tokenizer_whose_pad_id_lies_past_the_models_embeddings(tiny_folder, tmp_path, capsys):
+    # a tokenizer of 30 tokens whose <pad> has id 600 passed the check of its size against the model's 512
+    # embeddings: two prompts, left-padded with that id, failed in the embedding, 'IndexError: index out of range in
+    # self'
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27, "<s>": 28, "<pad>": 600}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            pad_token="<pad>").save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi", "--prompt", "hello there", "--tokenizer", str(tmp_path / "tok"),
+                  "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "its pad_token_id 600 is outside the model's vocabulary (vocab_size 512: ids 0..511), though the " \
+           "tokenizer has 30 tokens (its ids have gaps)" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
+    # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
+    # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=260, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+    folder = save_model_folder(gpt2, tmp_path / "gpt2", "byte")
+    argv = ["generate", str(folder), "hello there", "--device", "cpu", "--max-new-tokens"]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "10"])
+    assert e.value.code == 2
+    assert "the prompt has 12 tokens and --max-new-tokens is 10, but " in (err := capsys.readouterr().err)
+    assert "learns 16 absolute positions (transformer.wpe, config max_position_embeddings); lower --max-new-tokens " \
+           "to <= 4" in err
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "1", "--prompt", "hello there, my friend"])
+    assert e.value.code == 2
+    assert "the longest prompt has 23 tokens and --max-new-tokens is 1, but " in capsys.readouterr().err
+    cli.main([*argv, "4"])  # 16 tokens in all: the positions it learned
+    assert capsys.readouterr().out.startswith("hello there")
+
+
 @pytest.mark.parametrize("command", [["zoo.cli", "info", str(TINY)], ["zoo", "--help"], ["zoo", "eval", "--help"]],
                          ids=["info", "help", "eval-help"])
 def test_output_to_a_closed_pipe_ends_quietly(tmp_path, command):

@@ -82,10 +82,12 @@ def generate(argv: list[str] | None = None) -> None:
     from transformers import TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
+    from zoo.data.text import special_id_outside
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer, tokenizer_source
+    from zoo.train import _position_table
 
     p = argparse.ArgumentParser(
         prog="zoo generate", description="Generate from a saved model folder.",
@@ -197,6 +199,11 @@ def generate(argv: list[str] | None = None) -> None:
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"{which} has {len(tok)} tokens, more than the model's {n_embed} embeddings; give the tokenizer "
                 f"the model was trained with")
+    if outside := special_id_outside(tok, n_embed):
+        # a tokenizer whose ids have gaps (<pad> at 600 in one of 29 tokens) passed the check of its size: several
+        # prompts left-padded with that id failed in the embedding, 'IndexError: index out of range in self'
+        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+        p.error(f"{which}: {outside[0]}; give the tokenizer the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
     if args.chat:  # the template writes the special tokens (bos included) itself
@@ -208,6 +215,15 @@ def generate(argv: list[str] | None = None) -> None:
         # model was trained without it (data.add_bos false, recorded in its config)
         rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
     width = max(len(row) for row in rows)  # left padding: every row's last prompt token is the batch's last
+    if (table := _position_table(model)) is not None and width + args.max_new_tokens > table[1]:
+        # a model of learned absolute positions (GPT-2's wpe) has no row for a position past them: the prompt and the
+        # text ran into them and failed in that embedding, 'IndexError: index out of range in self' (after the
+        # streamer had printed part of the text)
+        longest = "the prompt has" if len(rows) == 1 else "the longest prompt has"
+        room = table[1] - width
+        fix = f"lower --max-new-tokens to <= {room}" if room >= 1 else "give a shorter prompt"
+        p.error(f"{longest} {width} tokens and --max-new-tokens is {args.max_new_tokens}, but {args.model} learns "
+                f"{table[1]} absolute positions ({table[0]}, config max_position_embeddings); {fix}")
     input_ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in rows], device=device)
     attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows], device=device)
     ids = {"input_ids": input_ids, "attention_mask": attention_mask}
