@@ -61,6 +61,31 @@ def test_flat_token_file_is_refused_not_split_into_one_token_documents(tmp_path,
     assert code == 2 and err.startswith("zoo eval length: --tokens") and "shape [2000]" in err
 
 
+def test_a_token_file_torch_cannot_load_is_refused_in_one_line(tmp_path, capsys):
+    """A --tokens file that torch.save did not write (text, a NumPy .npy, a truncated .pt) ended zoo eval length and
+    zoo eval state in a traceback from torch's unpickler (KeyError: 101, UnpicklingError 'Weights only load failed'),
+    which read as a bug of zoo rather than a wrong file."""
+    import numpy as np
+
+    from zoo.eval import length, state
+
+    text, npy, cut = tmp_path / "docs.txt", tmp_path / "docs.npy", tmp_path / "cut.pt"
+    text.write_text("hello world\n")
+    np.save(npy, np.arange(100).reshape(2, 50))
+    torch.save(torch.zeros(2, 64, dtype=torch.long), cut)
+    cut.write_bytes(cut.read_bytes()[:100])
+    for bad in (text, npy, cut):
+        common = ["--tokens", str(bad), "--max-len", "32", "--device", "cpu", "--out", str(tmp_path / "out")]
+        with pytest.raises(ValueError, match=rf"--tokens {re.escape(str(bad))}: not a file torch.save wrote"):
+            length.main(["--model", str(MAMBA_TINY), *common])
+        with pytest.raises(ValueError, match=r"not a file torch.save wrote .*torch.save\(t.long\(\), path\)"):
+            state.main(["--model", str(MAMBA_TINY), "--chunk-size", "16", *common])
+    code, err = run_cli(["eval", "length", "--model", str(MAMBA_TINY), "--tokens", str(text), "--out",
+                         str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith("zoo eval length: --tokens") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_load_documents_takes_the_documented_shapes_only(tmp_path):
     from zoo.eval.length import load_documents
 
