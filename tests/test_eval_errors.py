@@ -395,6 +395,27 @@ def test_evaluators_refuse_no_rows():
         evaluate_passkey(model, None, [256], n_samples=0)
 
 
+def test_state_refuses_a_group_size_on_a_model_without_mamba_layers(tmp_path, capsys):
+    """--group-size groups a mamba layer's channels into heads; mamba2 and gla layers have heads of their own, so on
+    mamba2-tiny --group-size 16 was taken and ignored: statistics identical to --group-size 64's, under a state.json
+    that recorded group_size 16. It is refused there, before any rows are read; a mamba model still takes it, and a
+    model without mamba layers runs when it is left out."""
+    from zoo.eval import state
+
+    torch.save(torch.randint(0, 512, (2, 32)), tmp_path / "rows.pt")
+    common = ["--tokens", str(tmp_path / "rows.pt"), "--max-len", "32", "--chunk-size", "16", "--device", "cpu"]
+    for name, kind in (("mamba2-tiny", "mamba2"), ("gla-tiny", "gla")):
+        model = str(ROOT / "configs" / "models" / f"{name}.yaml")
+        code, err = run_cli(["eval", "state", "--model", model, *common, "--group-size", "16", "--out",
+                             str(tmp_path / name)], capsys)
+        assert code == 2 and err.startswith("zoo eval state: --group-size 16: groups the channels of mamba layers")
+        assert f"its {kind} layers' heads are their own" in err and not (tmp_path / name).exists()
+    mamba2 = str(ROOT / "configs" / "models" / "mamba2-tiny.yaml")
+    assert state.main(["--model", mamba2, *common, "--out", str(tmp_path / "plain")])["group_size"] == 64
+    result = state.main(["--model", str(MAMBA_TINY), *common, "--group-size", "16", "--out", str(tmp_path / "m")])
+    assert result["group_size"] == 16 and result["layers"][0]["channels_per_head"] == 16
+
+
 def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):
     """zoo eval state on an attention-only model used to write a state.json with no layers and a loss plot alone
     (and --norm-calibrate did nothing): now one line naming --model, before any rows are read."""
