@@ -86,6 +86,23 @@ def test_a_token_file_torch_cannot_load_is_refused_in_one_line(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+def test_a_token_file_saved_from_a_gpu_is_read_on_the_cpu(tmp_path, monkeypatch):
+    """Token ids saved from CUDA tensors (a batch's input_ids on a GPU machine) could not be evaluated on a machine
+    without one: torch.load restored them to cuda:0 and refused ('Attempting to deserialize object on a CUDA device');
+    they are read on the CPU, and go to the model's device with each batch."""
+    import torch.serialization
+
+    from zoo.eval.length import load_documents
+
+    with monkeypatch.context() as patch:  # the file a GPU machine writes: storages tagged cuda:0
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(torch.arange(20).view(2, 10), tmp_path / "gpu.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    docs = load_documents(str(tmp_path / "gpu.pt"), None, None)
+    assert [d.tolist() for d in docs] == [list(range(10)), list(range(10, 20))]
+    assert all(d.device.type == "cpu" for d in docs)
+
+
 def test_load_documents_takes_the_documented_shapes_only(tmp_path):
     from zoo.eval.length import load_documents
 

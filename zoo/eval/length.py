@@ -422,7 +422,9 @@ def load_documents(
                                 add_bos, holdout)
     expected = "an integer tensor [N, T] (N documents of T tokens) or a list of 1-D integer tensors [T_i]"
     try:
-        loaded = torch.load(source, weights_only=True)
+        # on the CPU: token ids saved from a GPU (a batch's input_ids) are read on any machine, and go to the model's
+        # device with each batch (a CPU-only machine refused them: 'Attempting to deserialize object on a CUDA device')
+        loaded = torch.load(source, weights_only=True, map_location="cpu")
     except OSError:  # a missing file, a folder: their own message names the path
         raise
     except Exception as error:  # (a .txt or .npy file, a pickle of other objects: a traceback from torch's unpickler)
