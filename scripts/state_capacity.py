@@ -555,7 +555,28 @@ def check_sweep(config: str | Path, overrides: list[str], only: list[str] | None
         raise ValueError(f"models.{stateless[0]}: has no recurrent layer (mamba, mamba2, gla), so no state for "
                          f"eval.mitigations to act on (S = 0); give models with one (hybrids are fine), or "
                          f"eval.mitigations=[] for an unmitigated baseline")
+    grouped = [spec for spec in sweep["eval"]["mitigations"] if re.search(r"\bgroup_size\s*=", spec)]
+    if grouped:  # apply_mitigation refuses a cap grouping channels on a model without mamba layers, after its training
+        for name, cfg in sweep["models"].items():
+            kinds = recurrent_kinds(cfg)
+            if kinds and "mamba" not in kinds:
+                raise ValueError(f"eval.mitigations: {grouped[0]!r}: group_size groups the channels of mamba layers "
+                                 f"into heads, but models.{name} has none (its {' and '.join(sorted(kinds))} layers' "
+                                 f"heads are their own); leave group_size out")
     return sweep, runs, sizes
+
+
+def recurrent_kinds(model_config: dict) -> set[str]:
+    """The kinds ('mamba', 'mamba2', 'gla') of the recurrent layers of a zoo model config."""
+    from transformers import AutoModelForCausalLM
+
+    from zoo.config import ZooConfig
+    from zoo.state.mitigation import recurrent_mixers
+    from zoo.state.recorder import mixer_kind
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(ZooConfig(**model_config))
+    return {mixer_kind(m) for m in recurrent_mixers(model)}
 
 
 def main(argv: list[str] | None = None) -> int:

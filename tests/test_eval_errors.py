@@ -61,6 +61,48 @@ def test_flat_token_file_is_refused_not_split_into_one_token_documents(tmp_path,
     assert code == 2 and err.startswith("zoo eval length: --tokens") and "shape [2000]" in err
 
 
+def test_a_token_file_torch_cannot_load_is_refused_in_one_line(tmp_path, capsys):
+    """A --tokens file that torch.save did not write (text, a NumPy .npy, a truncated .pt) ended zoo eval length and
+    zoo eval state in a traceback from torch's unpickler (KeyError: 101, UnpicklingError 'Weights only load failed'),
+    which read as a bug of zoo rather than a wrong file."""
+    import numpy as np
+
+    from zoo.eval import length, state
+
+    text, npy, cut = tmp_path / "docs.txt", tmp_path / "docs.npy", tmp_path / "cut.pt"
+    text.write_text("hello world\n")
+    np.save(npy, np.arange(100).reshape(2, 50))
+    torch.save(torch.zeros(2, 64, dtype=torch.long), cut)
+    cut.write_bytes(cut.read_bytes()[:100])
+    for bad in (text, npy, cut):
+        common = ["--tokens", str(bad), "--max-len", "32", "--device", "cpu", "--out", str(tmp_path / "out")]
+        with pytest.raises(ValueError, match=rf"--tokens {re.escape(str(bad))}: not a file torch.save wrote"):
+            length.main(["--model", str(MAMBA_TINY), *common])
+        with pytest.raises(ValueError, match=r"not a file torch.save wrote .*torch.save\(t.long\(\), path\)"):
+            state.main(["--model", str(MAMBA_TINY), "--chunk-size", "16", *common])
+    code, err = run_cli(["eval", "length", "--model", str(MAMBA_TINY), "--tokens", str(text), "--out",
+                         str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith("zoo eval length: --tokens") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_token_file_saved_from_a_gpu_is_read_on_the_cpu(tmp_path, monkeypatch):
+    """Token ids saved from CUDA tensors (a batch's input_ids on a GPU machine) could not be evaluated on a machine
+    without one: torch.load restored them to cuda:0 and refused ('Attempting to deserialize object on a CUDA device');
+    they are read on the CPU, and go to the model's device with each batch."""
+    import torch.serialization
+
+    from zoo.eval.length import load_documents
+
+    with monkeypatch.context() as patch:  # the file a GPU machine writes: storages tagged cuda:0
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(torch.arange(20).view(2, 10), tmp_path / "gpu.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    docs = load_documents(str(tmp_path / "gpu.pt"), None, None)
+    assert [d.tolist() for d in docs] == [list(range(10)), list(range(10, 20))]
+    assert all(d.device.type == "cpu" for d in docs)
+
+
 def test_load_documents_takes_the_documented_shapes_only(tmp_path):
     from zoo.eval.length import load_documents
 
@@ -368,6 +410,27 @@ def test_evaluators_refuse_no_rows():
         evaluate_synthetic(model, "mqar", [64], n_samples=0, batch_size=8, vocab_size=64)
     with pytest.raises(ValueError, match="n_samples=0 must be >= 1"):
         evaluate_passkey(model, None, [256], n_samples=0)
+
+
+def test_state_refuses_a_group_size_on_a_model_without_mamba_layers(tmp_path, capsys):
+    """--group-size groups a mamba layer's channels into heads; mamba2 and gla layers have heads of their own, so on
+    mamba2-tiny --group-size 16 was taken and ignored: statistics identical to --group-size 64's, under a state.json
+    that recorded group_size 16. It is refused there, before any rows are read; a mamba model still takes it, and a
+    model without mamba layers runs when it is left out."""
+    from zoo.eval import state
+
+    torch.save(torch.randint(0, 512, (2, 32)), tmp_path / "rows.pt")
+    common = ["--tokens", str(tmp_path / "rows.pt"), "--max-len", "32", "--chunk-size", "16", "--device", "cpu"]
+    for name, kind in (("mamba2-tiny", "mamba2"), ("gla-tiny", "gla")):
+        model = str(ROOT / "configs" / "models" / f"{name}.yaml")
+        code, err = run_cli(["eval", "state", "--model", model, *common, "--group-size", "16", "--out",
+                             str(tmp_path / name)], capsys)
+        assert code == 2 and err.startswith("zoo eval state: --group-size 16: groups the channels of mamba layers")
+        assert f"its {kind} layers' heads are their own" in err and not (tmp_path / name).exists()
+    mamba2 = str(ROOT / "configs" / "models" / "mamba2-tiny.yaml")
+    assert state.main(["--model", mamba2, *common, "--out", str(tmp_path / "plain")])["group_size"] == 64
+    result = state.main(["--model", str(MAMBA_TINY), *common, "--group-size", "16", "--out", str(tmp_path / "m")])
+    assert result["group_size"] == 16 and result["layers"][0]["channels_per_head"] == 16
 
 
 def test_state_refuses_a_model_without_recurrent_layers(tmp_path, capsys):

@@ -184,6 +184,27 @@ def test_apply_mitigation_on_model():
         apply_mitigation(attention, "forget:c_alpha=0.5")
 
 
+def test_a_cap_grouping_channels_is_refused_on_a_model_without_mamba_layers():
+    """A norm cap's group_size groups a mamba layer's channels into the heads it caps; mamba2 and gla layers have heads
+    of their own, so `--mitigation norm:threshold=T,group_size=16` on a mamba2 or gla model (zoo eval length, passkey,
+    synthetic) was taken and ignored: the curve of group_size 16 was group_size 64's. It is refused there; a mamba or
+    hybrid model takes it, and a cap without group_size applies to any model."""
+    from transformers import AutoModelForCausalLM
+
+    spec = "norm:threshold=1e-5,chunk=8,group_size=16"
+    for name, kind in (("mamba2-tiny", "mamba2"), ("gla-tiny", "gla")):
+        model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{name}.yaml"))
+        with pytest.raises(ValueError, match=rf"group_size groups the channels of mamba layers.*its {kind} layers"):
+            apply_mitigation(model, spec)
+        assert all(m.mitigation is None for m in mit.recurrent_mixers(model))
+        assert apply_mitigation(model, "norm:threshold=1e-5,chunk=8") and all(
+            m.mitigation["threshold"] == 1e-5 for m in mit.recurrent_mixers(model))
+    for name in ("mamba-tiny", "jamba-tiny"):
+        model = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / f"configs/models/{name}.yaml"))
+        assert apply_mitigation(model, spec) and all(m.mitigation["group_size"] == 16
+                                                     for m in mit.recurrent_mixers(model))
+
+
 # ---- scan-level oracles -------------------------------------------------------------------------------------------
 
 def scan_inputs(kind, mixer, batch=2, length=29):

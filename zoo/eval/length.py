@@ -420,8 +420,16 @@ def load_documents(
                              f"--max-len 2 or more")
         return corpus_documents(tokenizer, n_documents or CORPUS_DOCUMENTS, max_len or CORPUS_LENGTH, seed, start,
                                 add_bos, holdout)
-    loaded = torch.load(source, weights_only=True)
     expected = "an integer tensor [N, T] (N documents of T tokens) or a list of 1-D integer tensors [T_i]"
+    try:
+        # on the CPU: token ids saved from a GPU (a batch's input_ids) are read on any machine, and go to the model's
+        # device with each batch (a CPU-only machine refused them: 'Attempting to deserialize object on a CUDA device')
+        loaded = torch.load(source, weights_only=True, map_location="cpu")
+    except OSError:  # a missing file, a folder: their own message names the path
+        raise
+    except Exception as error:  # (a .txt or .npy file, a pickle of other objects: a traceback from torch's unpickler)
+        raise ValueError(f"--tokens {source}: not a file torch.save wrote holding {expected} (torch.load failed: "
+                         f"{type(error).__name__}); save the token ids with torch.save(t.long(), path)") from None
     if isinstance(loaded, torch.Tensor):
         if loaded.dim() != 2:
             fix = (f"save one document as t[None] ([1, {loaded.shape[0]}]) or a stream cut into N as "

@@ -52,8 +52,10 @@ from zoo.state import (
     parse_mitigation,
     plot_state_statistics,
     record_state_statistics,
+    recurrent_mixers,
 )
 from zoo.state.mitigation import DEFAULTS
+from zoo.state.recorder import mixer_kind
 
 # seconds between saves of a run's progress (a small run is not slowed by the writes)
 SAVE_EVERY = 30.0
@@ -226,7 +228,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "log-spaced start; the state is sampled at every chunk end (default 1024)")
     parser.add_argument("--points-per-octave", type=non_negative_int, default=2,
                         help="log-spaced samples below chunk-size (default 2; 0: none, every chunk-size tokens)")
-    parser.add_argument("--group-size", type=positive_int, default=64, help="mamba: channels per head (default 64)")
+    parser.add_argument("--group-size", type=positive_int, default=None,
+                        help="mamba layers: channels per head (default 64; mamba2 and gla layers have heads of their "
+                             "own)")
     parser.add_argument("--train-length", type=positive_int, default=None, help="marked on the plots")
     add_mitigation_argument(parser)
     parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
@@ -244,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", default="results/state", help="output directory (default results/state)")
     args = parser.parse_args(argv)
     check_row_options(args)
+    group_size_given, args.group_size = args.group_size is not None, args.group_size or 64
     args.seed = 0 if args.seed is None else args.seed
     check_mitigation_options(args)
 
@@ -255,6 +260,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with sigterm_interrupts(), interruption_says(f"{kept} is kept in {out}; the same command continues"):
         model = load_model(args.model, args.device, args.dtype)
         check_recurrent(model, f"--model {args.model}")
+        if group_size_given and "mamba" not in {mixer_kind(m) for m in recurrent_mixers(model)}:
+            # (it was taken and ignored: mamba2 and gla heads are the model's own, and state.json recorded the given
+            # group_size beside statistics of the very same heads)
+            kinds = " and ".join(sorted({mixer_kind(m) for m in recurrent_mixers(model)}))
+            raise ValueError(f"--group-size {args.group_size}: groups the channels of mamba layers into heads, but "
+                             f"{args.model} has none (its {kinds} layers' heads are their own); leave it out")
         # a zoo checkpoint trained on the built-in corpus: its run's held-out files first (its train_config.yaml), and
         # the share of its training text in the rows said and recorded, as zoo eval length does; the held-out files of
         # 0.01 were taken whatever the run's data.holdout, and the share went unrecorded

@@ -735,6 +735,14 @@ def apply_mitigation(model, spec: str | Mapping | None) -> list[int]:
     Returns the layer indices it was set on. Attention layers have no state and are left alone.
     """
     parsed = parse_mitigation(spec) if isinstance(spec, str) else normalize_spec(spec)
+    if isinstance(spec, str) and parsed is not None and re.search(r"\bgroup_size\s*=", spec):
+        from zoo.state.recorder import mixer_kind
+
+        kinds = sorted({mixer_kind(m) for m in recurrent_mixers(model)})
+        if kinds and "mamba" not in kinds:  # (it was taken and ignored: the cap acted on the layers' own heads)
+            raise ValueError(f"mitigation {spec!r}: group_size groups the channels of mamba layers into the heads the "
+                             f"cap acts on, but the model has none (its {' and '.join(kinds)} layers' heads are their "
+                             f"own); leave group_size out")
     layers = []
     for mixer in recurrent_mixers(model):
         mixer.mitigation = None if parsed is None else dict(parsed)
