@@ -309,3 +309,17 @@ def sigterm_after(monkeypatch, module, batches: int) -> list:
 
     monkeypatch.setattr(module, "per_position_loss", step)
     return calls
+
+
+def save_letter_tokenizer(folder: Path, **specials: tuple[str, int]) -> None:
+    """Save a character tokenizer of the 26 lowercase letters (ids 0..25), <unk> (26) and a space (27), with the special
+    tokens given as role=(token, id): save_letter_tokenizer(path, pad_token=("<pad>", 700)) makes a tokenizer of 29
+    tokens whose pad id lies far past them (ids with gaps)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27} | dict(specials.values())
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                            **{role: token for role, (token, _) in specials.items()}).save_pretrained(folder)

@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import adapter_without_tokenizer, offline_hub_repo, save_trained_adapter
+from helpers import adapter_without_tokenizer, offline_hub_repo, save_letter_tokenizer, save_trained_adapter
 from transformers import AutoModelForCausalLM
 
 import zoo
@@ -291,14 +291,7 @@ def test_generate_refuses_a_tokenizer_whose_pad_id_lies_past_the_models_embeddin
     # a tokenizer of 30 tokens whose <pad> has id 600 passed the check of its size against the model's 512
     # embeddings: two prompts, left-padded with that id, failed in the embedding, 'IndexError: index out of range in
     # self'
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27, "<s>": 28, "<pad>": 600}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                            pad_token="<pad>").save_pretrained(tmp_path / "tok")
+    save_letter_tokenizer(tmp_path / "tok", bos_token=("<s>", 28), pad_token=("<pad>", 600))
     with pytest.raises(SystemExit) as e:
         cli.main(["generate", str(tiny_folder), "hi", "--prompt", "hello there", "--tokenizer", str(tmp_path / "tok"),
                   "--max-new-tokens", "2", "--device", "cpu"])

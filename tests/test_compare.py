@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ctrl_c_on_step, interrupt_after
+from helpers import ctrl_c_on_step, interrupt_after, save_letter_tokenizer
 from transformers import AutoModelForCausalLM
 
 from zoo.compare import (
@@ -632,14 +632,7 @@ def test_vocabulary_too_small_is_refused_before_training(tmp_path, capsys, overr
 def test_a_tokenizer_whose_pad_or_eos_id_lies_past_a_models_embeddings_is_refused_before_training(tmp_path, capsys):
     # a tokenizer of 30 tokens whose <pad> and <eos> have ids 700 and 701 passed the check of its size against each
     # model's embeddings: a model of 300 was refused when its own training came, after the models before it trained
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27, "<pad>": 700, "<eos>": 701}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                            eos_token="<eos>").save_pretrained(tmp_path / "tok")
+    save_letter_tokenizer(tmp_path / "tok", pad_token=("<pad>", 700), eos_token=("<eos>", 701))
     out = tmp_path / "vocab"
     assert main([str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}",
                  f"--recipe.tokenizer={tmp_path / 'tok'}", "--recipe.data.add_bos=false",

@@ -27,6 +27,7 @@ from helpers import (
     kill_group,
     launch_fsdp_on_cpu,
     run_launch,
+    save_letter_tokenizer,
     stream_reads,
 )
 
@@ -625,14 +626,7 @@ def test_a_tokenizer_whose_pad_or_eos_id_lies_past_the_models_embeddings_is_refu
     # model's embeddings: a Llama failed to build ('Padding_idx must be within num_embeddings'), a zoo model trained
     # until the first row holding an <eos>, which failed in the embedding ('IndexError: index out of range in self';
     # on a GPU a device-side assert)
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {chr(97 + i): i for i in range(26)} | {"<unk>": 26, " ": 27, "<pad>": 700, "<eos>": 701}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                            eos_token="<eos>").save_pretrained(tmp_path / "tok")
+    save_letter_tokenizer(tmp_path / "tok", pad_token=("<pad>", 700), eos_token=("<eos>", 701))
     run = run_dict(tmp_path, tokenizer=str(tmp_path / "tok"), data={"add_bos": False})
     run["model"] = model
     vocab_size = 260 if isinstance(model, dict) else 512
