@@ -10,7 +10,6 @@
 set -u
 out=${OUT:-out/pending-gpu}
 export out  # (groups write their rows there too)
-mkdir -p "$out"
 export PYTHONPATH=$PWD/kernels:$PWD:$PWD/.baselines/fla ZOO_KERNELS_CACHE=${ZOO_KERNELS_CACHE:-/tmp/zk} \
     TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc} ZOO_SSD_AUTOTUNE=0 PYTHONUNBUFFERED=1
 
@@ -55,6 +54,7 @@ for name in "${groups[@]}"; do
         exit 2
     fi
 done
+mkdir -p "$out"  # (not for --list)
 pip install --no-deps --no-build-isolation -e . > /dev/null 2>&1
 for name in "${groups[@]}"; do
     timeout "${seconds[$name]}" bash -c "${commands[$name]}" > "$out/$name.txt" 2>&1
