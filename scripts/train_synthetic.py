@@ -655,10 +655,9 @@ def main(argv: list[str] | None = None) -> int:
                   + f" -> {run.output_dir}")
         return 0
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     from zoo.finetune import _refuse_fsdp
-    from zoo.train import _refuse_fp16_without_autocast, _refuse_lone_processes, _run_precision
+    from zoo.train import _refuse_fp16_without_autocast, _refuse_lone_processes, _run_precision, reset_accelerate_state
 
     try:  # the launch's precision under auto; another explicit one is refused
         precisions = {run.name: {_run_precision(s.train.precision) for s in [*run.phases, run.section]}
@@ -669,7 +668,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("train.precision: the runs of one call share one precision, and these differ: " + ", ".join(
             f"{name} {'/'.join(sorted(value))}" for name, value in precisions.items())
             + "; run them in separate calls (--only)")
-    AcceleratorState._reset_state()  # as zoo train's: a run may follow another in the same process (tests)
+    # as zoo train's: a run may follow another in the same process (tests); the PartialState too (it kept the device
+    # an earlier run fixed: ACCELERATE_USE_CPU=1 after a run on the GPU trained on the GPU)
+    reset_accelerate_state()
     accelerator = Accelerator(mixed_precision=_run_precision(runs[0].section.train.precision))
     try:  # each lone process would train every run and write the same model/, result.json and summary
         _refuse_fp16_without_autocast(accelerator, runs[0].section.train.precision)

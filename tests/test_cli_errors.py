@@ -314,12 +314,14 @@ def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_
     assert e.value.code == 2
     assert "the prompt has 12 tokens and --max-new-tokens is 10, but " in (err := capsys.readouterr().err)
     assert "learns 16 absolute positions (transformer.wpe, config max_position_embeddings); lower --max-new-tokens " \
-           "to <= 4" in err
+           "to <= 5" in err
     with pytest.raises(SystemExit) as e:
         cli.main([*argv, "1", "--prompt", "hello there, my friend"])
     assert e.value.code == 2
     assert "the longest prompt has 23 tokens and --max-new-tokens is 1, but " in capsys.readouterr().err
-    cli.main([*argv, "4"])  # 16 tokens in all: the positions it learned
+    # 17 tokens in all: the last new one is not fed back, so the positions fed are the 16 it learned (5 was refused:
+    # 'lower --max-new-tokens to <= 4')
+    cli.main([*argv, "5"])
     assert capsys.readouterr().out.startswith("hello there")
 
 

@@ -428,6 +428,15 @@ def test_state_refuses_a_group_size_on_a_model_without_mamba_layers(tmp_path, ca
         assert code == 2 and err.startswith("zoo eval state: --group-size 16: groups the channels of mamba layers")
         assert f"its {kind} layers' heads are their own" in err and not (tmp_path / name).exists()
     mamba2 = str(ROOT / "configs" / "models" / "mamba2-tiny.yaml")
+    # --mitigation's group_size with it, as the refusal of the two differing asks: it named --group-size alone, whose
+    # leaving out was refused again ('differs from --group-size 64; give one of them'); a spec's group_size of the
+    # default was taken and ignored
+    for given in (["--group-size", "16", "--mitigation", "norm:threshold=5,group_size=16"],
+                  ["--mitigation", "norm:threshold=5,group_size=64"]):
+        code, err = run_cli(["eval", "state", "--model", mamba2, *common, *given, "--out", str(tmp_path / "g")],
+                            capsys)
+        assert code == 2 and "group_size" in err.split(": group")[0] and not (tmp_path / "g").exists(), err
+        assert "layers' heads are their own); leave " in err
     assert state.main(["--model", mamba2, *common, "--out", str(tmp_path / "plain")])["group_size"] == 64
     result = state.main(["--model", str(MAMBA_TINY), *common, "--group-size", "16", "--out", str(tmp_path / "m")])
     assert result["group_size"] == 16 and result["layers"][0]["channels_per_head"] == 16

@@ -503,6 +503,26 @@ def test_train_synthetic_as_lone_processes_of_a_multi_process_launch_is_refused(
     assert not (tmp_path / "out").exists()
 
 
+def test_train_synthetic_after_a_gpu_run_in_the_same_process_takes_accelerate_use_cpu(tmp_path, capsys, monkeypatch):
+    # it reset accelerate's AcceleratorState but kept the PartialState, whose device an earlier run fixed (zoo train's
+    # reset_accelerate_state forgets both): ACCELERATE_USE_CPU=1 after a run on the GPU ran on the GPU. (On this CPU
+    # machine the earlier run's GPU device is written into the PartialState; fp16, which has no autocast on the CPU,
+    # is refused naming the device, before anything trains.)
+    from accelerate.state import AcceleratorState, PartialState
+
+    script = load_script("scripts/train_synthetic.py")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    try:
+        PartialState()
+        PartialState._shared_state["device"] = torch.device("cuda", 0)
+        err = _refused(script.main, [str(ROOT / "configs/train/induction-cpu.yaml"), f"--output_dir={tmp_path}",
+                                     "--curriculum=[]", "--train.max_steps=2", "--schedule.warmup_steps=0",
+                                     "--train.precision=fp16", "--only", "mamba"], capsys)
+        assert "train.precision: fp16 has no autocast on cpu" in err, err
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 trains under autocast on a GPU")
 def test_train_synthetic_refuses_fp16_on_cpu_and_a_precision_the_launch_contradicts(tmp_path, capsys, monkeypatch):
     # its Accelerator took finetune's own mapping: fp16 on CPU trained in fp32 under the name fp16, and the launch's

@@ -656,6 +656,23 @@ def test_a_model_config_naming_a_special_id_past_its_vocabulary_is_refused_befor
     assert not steps
 
 
+def test_a_config_folders_special_ids_that_the_tokenizers_replace_are_not_refused(tmp_path):
+    # a GPT-2 config.json (bos and eos 50256) under model_overrides.vocab_size 260 and the byte tokenizer was refused
+    # for its ids past the vocabulary ('model.bos_token_id: 50256 is outside the model's vocabulary'), though the
+    # tokenizer's ids replace them after the build: the run trained before the check of config ids
+    from transformers import GPT2Config
+
+    from zoo.data.text import ByteTokenizer
+
+    GPT2Config(vocab_size=260, n_positions=64, n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path / "gpt2")
+    run = run_dict(tmp_path, train={"max_steps": 1}, schedule={"warmup_steps": 0})
+    run["model"] = str(tmp_path / "gpt2")
+    result = train(config_from_dict(run))
+    config = json.loads((result.checkpoint / "model" / "config.json").read_text())
+    tok = ByteTokenizer()
+    assert (config["bos_token_id"], config["eos_token_id"]) == (tok.bos_token_id, tok.eos_token_id)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_rows_longer_than_a_models_learned_positions_are_refused_before_training(tmp_path, packing):
     # a GPT-2 with 32 learned positions trained on rows of 64: IndexError "index out of range in self" in the first

@@ -215,12 +215,13 @@ def generate(argv: list[str] | None = None) -> None:
         # model was trained without it (data.add_bos false, recorded in its config)
         rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
     width = max(len(row) for row in rows)  # left padding: every row's last prompt token is the batch's last
-    if (table := _position_table(model)) is not None and width + args.max_new_tokens > table[1]:
+    if (table := _position_table(model)) is not None and width + args.max_new_tokens - 1 > table[1]:
         # a model of learned absolute positions (GPT-2's wpe) has no row for a position past them: the prompt and the
         # text ran into them and failed in that embedding, 'IndexError: index out of range in self' (after the
-        # streamer had printed part of the text)
+        # streamer had printed part of the text). The last new token is never fed back: it takes no position (one
+        # more than the positions was refused, which generated)
         longest = "the prompt has" if len(rows) == 1 else "the longest prompt has"
-        room = table[1] - width
+        room = table[1] - width + 1
         fix = f"lower --max-new-tokens to <= {room}" if room >= 1 else "give a shorter prompt"
         p.error(f"{longest} {width} tokens and --max-new-tokens is {args.max_new_tokens}, but {args.model} learns "
                 f"{table[1]} absolute positions ({table[0]}, config max_position_embeddings); {fix}")

@@ -466,12 +466,21 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             raise ValueError(f"tokenizer: {outside[0]}; set model_overrides.vocab_size >= {outside[1]}, or give the "
                              f"tokenizer special tokens with ids below {n_embed}")
 
+    # a folder's config trained with another tokenizer than its own: the tokenizer's special ids replace the config's
+    # after the build (below)
+    other = isinstance(spec, str) and not spec.endswith((".yaml", ".yml")) and run_tokenizer(cfg) != spec
+
     def check_config_ids(config) -> None:
         # a special id the model config names (the tokenizer's are checked by check_vocab) past its vocabulary: a Llama
         # failed to build ('Padding_idx must be within num_embeddings'), a zoo model trained and saved a config whose
         # eos generate never meets and whose pad fails in the embedding (transformers' warning said so at the save)
         vocab = getattr(config, "vocab_size", None)
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if other and special.get(name) is not None and name != "pad_token_id":
+                # the tokenizer's id replaces it after the build: a GPT-2 config.json (bos and eos 50256) under
+                # model_overrides.vocab_size 260 and the byte tokenizer was refused for ids the run never kept (a pad
+                # is checked still: a Llama builds its embedding's padding_idx from the config's)
+                continue
             value = getattr(config, name, None)
             for one in value if isinstance(value, (list, tuple)) else [value]:
                 if isinstance(vocab, int) and isinstance(one, int) and one >= vocab:
@@ -551,7 +560,6 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         # a loaded model keeps its ids and gets the missing ones; trained with another tokenizer than its own (one the
         # run config names), it learns that one's, which replace its own: the checkpoints' config and generation_config
         # kept the old vocabulary's eos, so generate did not stop at the documents' end the model was trained on
-        other = isinstance(spec, str) and not spec.endswith((".yaml", ".yml")) and run_tokenizer(cfg) != spec
         for name, value in special.items():
             for holder in (model.config, getattr(model, "generation_config", None)):
                 if holder is not None and (getattr(holder, name, None) is None or (other and value is not None)):

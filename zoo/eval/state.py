@@ -260,12 +260,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with sigterm_interrupts(), interruption_says(f"{kept} is kept in {out}; the same command continues"):
         model = load_model(args.model, args.device, args.dtype)
         check_recurrent(model, f"--model {args.model}")
-        if group_size_given and "mamba" not in {mixer_kind(m) for m in recurrent_mixers(model)}:
+        # --mitigation's group_size too (a dict here, which apply_mitigation does not check): with --group-size refused
+        # alone, its leaving out was refused in turn ('differs from --group-size 64; give one of them'), and a spec's
+        # group_size of the default was taken and ignored
+        named = [f"--group-size {args.group_size}"] if group_size_given else []
+        if args.mitigation and re.search(r"\bgroup_size\s*=", args.mitigation):
+            named.append(f"the group_size of --mitigation {args.mitigation!r}")
+        if named and "mamba" not in {mixer_kind(m) for m in recurrent_mixers(model)}:
             # (it was taken and ignored: mamba2 and gla heads are the model's own, and state.json recorded the given
             # group_size beside statistics of the very same heads)
             kinds = " and ".join(sorted({mixer_kind(m) for m in recurrent_mixers(model)}))
-            raise ValueError(f"--group-size {args.group_size}: groups the channels of mamba layers into heads, but "
-                             f"{args.model} has none (its {kinds} layers' heads are their own); leave it out")
+            raise ValueError(f"{' and '.join(named)}: group{'s' if len(named) == 1 else ''} the channels of mamba "
+                             f"layers into heads, but {args.model} has none (its {kinds} layers' heads are their "
+                             f"own); leave {'it' if len(named) == 1 else 'them'} out")
         # a zoo checkpoint trained on the built-in corpus: its run's held-out files first (its train_config.yaml), and
         # the share of its training text in the rows said and recorded, as zoo eval length does; the held-out files of
         # 0.01 were taken whatever the run's data.holdout, and the share went unrecorded
