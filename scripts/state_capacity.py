@@ -555,7 +555,9 @@ def check_sweep(config: str | Path, overrides: list[str], only: list[str] | None
         raise ValueError(f"models.{stateless[0]}: has no recurrent layer (mamba, mamba2, gla), so no state for "
                          f"eval.mitigations to act on (S = 0); give models with one (hybrids are fine), or "
                          f"eval.mitigations=[] for an unmitigated baseline")
-    grouped = [spec for spec in sweep["eval"]["mitigations"] if re.search(r"\bgroup_size\s*=", spec)]
+    from zoo.state.mitigation import names_group_size
+
+    grouped = [spec for spec in sweep["eval"]["mitigations"] if names_group_size(spec)]
     if grouped:  # apply_mitigation refuses a cap grouping channels on a model without mamba layers, after its training
         for name, cfg in sweep["models"].items():
             kinds = recurrent_kinds(cfg)

@@ -87,7 +87,7 @@ def generate(argv: list[str] | None = None) -> None:
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer, tokenizer_source
-    from zoo.train import _position_table
+    from zoo.train import position_table
 
     p = argparse.ArgumentParser(
         prog="zoo generate", description="Generate from a saved model folder.",
@@ -215,7 +215,7 @@ def generate(argv: list[str] | None = None) -> None:
         # model was trained without it (data.add_bos false, recorded in its config)
         rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
     width = max(len(row) for row in rows)  # left padding: every row's last prompt token is the batch's last
-    if (table := _position_table(model)) is not None and width + args.max_new_tokens - 1 > table[1]:
+    if (table := position_table(model)) is not None and width + args.max_new_tokens - 1 > table[1]:
         # a model of learned absolute positions (GPT-2's wpe) has no row for a position past them: the prompt and the
         # text ran into them and failed in that embedding, 'IndexError: index out of range in self' (after the
         # streamer had printed part of the text). The last new token is never fed back: it takes no position (one

@@ -860,7 +860,7 @@ def packed_documents_leak(model: nn.Module, inputs: ModelInputs, doc_len: int = 
     return (logits[0] - logits[1]).abs().max().item() / scale if scale > 0 else 0.0
 
 
-def _position_table(model: nn.Module) -> tuple[str, int] | None:
+def position_table(model: nn.Module) -> tuple[str, int] | None:
     """(name, positions) of a model's learned absolute position embeddings, or None: an nn.Embedding besides the input
     embeddings sized as the config's max_position_embeddings (GPT-2's and GPT-Neo's wpe; OPT's embed_positions, 2 more
     for its offset). Rotary and ALiBi models have none, and zoo models neither: their rows may be any length."""
@@ -1870,7 +1870,7 @@ def train(cfg: TrainConfig, resume: str | None = None,
         resume_weight_changes(start_ckpt, model)
     inputs = ModelInputs.of(model)
     chunk = cfg.train.tbptt_chunk
-    if (table := _position_table(model)) is not None and L > table[1]:
+    if (table := position_table(model)) is not None and L > table[1]:
         # the rows' positions run to seq_len - 1 (within a packed row's long document too): an IndexError ("index out
         # of range in self") at the first step's forward, naming nothing
         raise ValueError(f"data.seq_len: {L} tokens per row, but {type(model).__name__} learns {table[1]} absolute "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,7 +53,7 @@ from zoo.state import (
     record_state_statistics,
     recurrent_mixers,
 )
-from zoo.state.mitigation import DEFAULTS
+from zoo.state.mitigation import DEFAULTS, names_group_size
 from zoo.state.recorder import mixer_kind
 
 # seconds between saves of a run's progress (a small run is not slowed by the writes)
@@ -180,7 +179,7 @@ def check_mitigation_options(args) -> None:
             raise ValueError(f"--norm-calibrate: give the cap's chunk and heads as --norm-chunk and --group-size, not "
                              f"in --mitigation {args.mitigation!r}")
     if spec is not None and math.isfinite(spec["threshold"]) and spec["group_size"] != args.group_size \
-            and re.search(r"\bgroup_size\s*=", args.mitigation):  # (a fixed cap acts on --group-size's heads)
+            and names_group_size(args.mitigation):  # (a fixed cap acts on --group-size's heads)
         raise ValueError(f"--mitigation {args.mitigation!r}: its group_size={spec['group_size']} differs from "
                          f"--group-size {args.group_size}, the heads the statistics are recorded on; give one of them")
     if args.compare and (spec is None or is_neutral(spec)) and args.norm_calibrate is None:
@@ -264,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # alone, its leaving out was refused in turn ('differs from --group-size 64; give one of them'), and a spec's
         # group_size of the default was taken and ignored
         named = [f"--group-size {args.group_size}"] if group_size_given else []
-        if args.mitigation and re.search(r"\bgroup_size\s*=", args.mitigation):
+        if args.mitigation and names_group_size(args.mitigation):
             named.append(f"the group_size of --mitigation {args.mitigation!r}")
         if named and "mamba" not in {mixer_kind(m) for m in recurrent_mixers(model)}:
             # (it was taken and ignored: mamba2 and gla heads are the model's own, and state.json recorded the given

@@ -729,13 +729,18 @@ def recurrent_mixers(model) -> list:
     return [m for m in model.modules() if hasattr(type(m), "mitigation") and hasattr(type(m), "state_probe")]
 
 
+def names_group_size(text: str) -> bool:
+    """Whether the mitigation spec text sets group_size (the heads a cap groups Mamba channels into)."""
+    return re.search(r"\bgroup_size\s*=", text) is not None
+
+
 def apply_mitigation(model, spec: str | Mapping | None) -> list[int]:
     """Set the mitigation `spec` (text or dict; None / 'none' clears it) on every recurrent mixer of `model`.
 
     Returns the layer indices it was set on. Attention layers have no state and are left alone.
     """
     parsed = parse_mitigation(spec) if isinstance(spec, str) else normalize_spec(spec)
-    if isinstance(spec, str) and parsed is not None and re.search(r"\bgroup_size\s*=", spec):
+    if isinstance(spec, str) and parsed is not None and names_group_size(spec):
         from zoo.state.recorder import mixer_kind
 
         kinds = sorted({mixer_kind(m) for m in recurrent_mixers(model)})
@@ -792,6 +797,7 @@ __all__ = [
     "mamba2_step",
     "mamba_scan",
     "mamba_step",
+    "names_group_size",
     "no_zoo_mixer",
     "normalize_spec",
     "parse_mitigation",
