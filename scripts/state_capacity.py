@@ -573,12 +573,10 @@ def recurrent_kinds(model_config: dict) -> set[str]:
     from transformers import AutoModelForCausalLM
 
     from zoo.config import ZooConfig
-    from zoo.state.mitigation import recurrent_mixers
-    from zoo.state.recorder import mixer_kind
+    from zoo.state.mitigation import recurrent_kinds as of_model
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(ZooConfig(**model_config))
-    return {mixer_kind(m) for m in recurrent_mixers(model)}
+        return of_model(AutoModelForCausalLM.from_config(ZooConfig(**model_config)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 # every file a tokenizer's save_pretrained may write: a save with a tokenizer replaces the whole set
 TOKENIZER_FAMILY = frozenset(_TOKENIZER_FILES + ("vocab.txt", "merges.txt", "special_tokens_map.json",
                                                  "added_tokens.json", "chat_template.jinja", "chat_template.json"))
-_SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 # weights and their shard index, as transformers names them (model-00001-of-00002.safetensors, pytorch_model.bin, ...)
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
@@ -142,16 +141,18 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     # (a model that does not generate, ZooForSequenceClassification or ZooModel, has no generation_config in
     # transformers 5: reading it raised AttributeError)
     config, generation = model.config, getattr(model, "generation_config", None)
+    from zoo.data.text import SPECIAL_IDS
+
     if tokenizer is not None:
         if len(tokenizer) > config.vocab_size:
             raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
                              f"{config.vocab_size}; choose a tokenizer with at most that many tokens")
-        for name in _SPECIAL_IDS:
+        for name in SPECIAL_IDS:
             value = getattr(tokenizer, name, None)
             if value is not None and getattr(config, name, None) is None:
                 setattr(config, name, value)
     if generation is not None:
-        for name in _SPECIAL_IDS:
+        for name in SPECIAL_IDS:
             if getattr(generation, name, None) is None and getattr(config, name, None) is not None:
                 setattr(generation, name, getattr(config, name))
 

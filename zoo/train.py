@@ -67,6 +67,7 @@ from torch import nn
 from zoo.cache import output_cache
 from zoo.data.text import (
     IGNORE_INDEX,
+    SPECIAL_IDS,
     ByteTokenizer,
     DataConfig,
     StreamState,
@@ -456,7 +457,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
 
     spec, overrides = cfg.model, dict(cfg.model_overrides)
     # a fresh model takes the tokenizer's special ids unless its config names them
-    special = {name: getattr(tokenizer, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")} \
+    special = {name: getattr(tokenizer, name) for name in SPECIAL_IDS} \
         if tokenizer is not None else {}
     def check_vocab(n_embed: int | None) -> None:
         if tokenizer is not None and n_embed is not None and n_embed < len(tokenizer):
@@ -475,7 +476,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         # failed to build ('Padding_idx must be within num_embeddings'), a zoo model trained and saved a config whose
         # eos generate never meets and whose pad fails in the embedding (transformers' warning said so at the save)
         vocab = getattr(config, "vocab_size", None)
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        for name in SPECIAL_IDS:
             if other and special.get(name) is not None and name != "pad_token_id":
                 # the tokenizer's id replaces it after the build: a GPT-2 config.json (bos and eos 50256) under
                 # model_overrides.vocab_size 260 and the byte tokenizer was refused for ids the run never kept (a pad

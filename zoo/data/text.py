@@ -203,6 +203,10 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[n
     return [np.asarray(x, dtype=np.int64) for x in ids]
 
 
+# the special token ids a tokenizer and a model config both name
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
+
+
 def special_id_outside(tokenizer: PreTrainedTokenizerBase, n_embed: int) -> tuple[str, int] | None:
     """Why the tokenizer's pad, bos or eos id is no row of a model's `n_embed` embeddings ("its eos_token_id 500 is
     outside the model's vocabulary (vocab_size 64: ids 0..63), though the tokenizer has 29 tokens (its ids have
@@ -210,7 +214,7 @@ def special_id_outside(tokenizer: PreTrainedTokenizerBase, n_embed: int) -> tupl
     (a special token saved with its own id) has such an id past len(tokenizer), which a check of its size alone
     passed: training then failed in the embedding at the first row holding it ('IndexError: index out of range in
     self'; on a GPU a device-side assert)."""
-    ids = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    ids = {name: getattr(tokenizer, name, None) for name in SPECIAL_IDS}
     ids = {name: value for name, value in ids.items() if isinstance(value, int)}
     for name, value in ids.items():
         if not 0 <= value < n_embed:
@@ -1255,6 +1259,6 @@ def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in rows[0]}
 
 
-__all__ = ["IGNORE_INDEX", "ByteTokenizer", "DataConfig", "StreamState", "TextStream", "collate",
+__all__ = ["IGNORE_INDEX", "SPECIAL_IDS", "ByteTokenizer", "DataConfig", "StreamState", "TextStream", "collate",
            "encode_texts", "load_tokenizer", "local_source_files", "open_documents", "source_data_file", "stdlib_files",
            "stdlib_root", "stdlib_version"]

@@ -51,10 +51,8 @@ from zoo.state import (
     parse_mitigation,
     plot_state_statistics,
     record_state_statistics,
-    recurrent_mixers,
 )
-from zoo.state.mitigation import DEFAULTS, names_group_size
-from zoo.state.recorder import mixer_kind
+from zoo.state.mitigation import DEFAULTS, names_group_size, recurrent_kinds
 
 # seconds between saves of a run's progress (a small run is not slowed by the writes)
 SAVE_EVERY = 30.0
@@ -265,13 +263,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         named = [f"--group-size {args.group_size}"] if group_size_given else []
         if args.mitigation and names_group_size(args.mitigation):
             named.append(f"the group_size of --mitigation {args.mitigation!r}")
-        if named and "mamba" not in {mixer_kind(m) for m in recurrent_mixers(model)}:
+        if named and "mamba" not in (kinds := recurrent_kinds(model)):
             # (it was taken and ignored: mamba2 and gla heads are the model's own, and state.json recorded the given
             # group_size beside statistics of the very same heads)
-            kinds = " and ".join(sorted({mixer_kind(m) for m in recurrent_mixers(model)}))
             raise ValueError(f"{' and '.join(named)}: group{'s' if len(named) == 1 else ''} the channels of mamba "
-                             f"layers into heads, but {args.model} has none (its {kinds} layers' heads are their "
-                             f"own); leave {'it' if len(named) == 1 else 'them'} out")
+                             f"layers into heads, but {args.model} has none (its {' and '.join(sorted(kinds))} "
+                             f"layers' heads are their own); leave {'it' if len(named) == 1 else 'them'} out")
         # a zoo checkpoint trained on the built-in corpus: its run's held-out files first (its train_config.yaml), and
         # the share of its training text in the rows said and recorded, as zoo eval length does; the held-out files of
         # 0.01 were taken whatever the run's data.holdout, and the share went unrecorded

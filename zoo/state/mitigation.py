@@ -729,6 +729,13 @@ def recurrent_mixers(model) -> list:
     return [m for m in model.modules() if hasattr(type(m), "mitigation") and hasattr(type(m), "state_probe")]
 
 
+def recurrent_kinds(model) -> set[str]:
+    """The kinds ('mamba', 'mamba2', 'gla') of `model`'s recurrent mixers."""
+    from zoo.state.recorder import mixer_kind
+
+    return {mixer_kind(m) for m in recurrent_mixers(model)}
+
+
 def names_group_size(text: str) -> bool:
     """Whether the mitigation spec text sets group_size (the heads a cap groups Mamba channels into)."""
     return re.search(r"\bgroup_size\s*=", text) is not None
@@ -741,9 +748,7 @@ def apply_mitigation(model, spec: str | Mapping | None) -> list[int]:
     """
     parsed = parse_mitigation(spec) if isinstance(spec, str) else normalize_spec(spec)
     if isinstance(spec, str) and parsed is not None and names_group_size(spec):
-        from zoo.state.recorder import mixer_kind
-
-        kinds = sorted({mixer_kind(m) for m in recurrent_mixers(model)})
+        kinds = sorted(recurrent_kinds(model))
         if kinds and "mamba" not in kinds:  # (it was taken and ignored: the cap acted on the layers' own heads)
             raise ValueError(f"mitigation {spec!r}: group_size groups the channels of mamba layers into the heads the "
                              f"cap acts on, but the model has none (its {' and '.join(kinds)} layers' heads are their "
@@ -801,6 +806,7 @@ __all__ = [
     "no_zoo_mixer",
     "normalize_spec",
     "parse_mitigation",
+    "recurrent_kinds",
     "recurrent_mixers",
     "splits_matter",
     "windowed_scan",
