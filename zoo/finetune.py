@@ -567,6 +567,8 @@ class LoopSection:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:  # (accelerate's set_seed refused it once the phase began, naming no field)
+            raise ValueError(f"{prefix}.seed: must be in [0, 2**32), got {self.seed}")
         if self.checkpoint_every < 0:
             raise ValueError(f"{prefix}.checkpoint_every: must be >= 0 (0: save on interruption only), got "
                              f"{self.checkpoint_every}")
