@@ -611,6 +611,37 @@ def test_optimizer_and_schedule_settings_are_checked_as_zoo_train_checks_them(tm
     with pytest.raises(ValueError, match=message):
         load_finetune_config(path, [override])
 
+@pytest.mark.parametrize("data", [
+    {"task": "mqar", "seq_len": 32, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+    {"source": "rows.jsonl"},
+], ids=["task", "jsonl"])
+def test_rows_longer_than_a_bases_learned_positions_are_refused_before_anything_trains(tmp_path, monkeypatch, data):
+    # a GPT-2 base learns n_positions absolute positions (wpe): rows longer than that failed in its first forward, the
+    # accuracy before finetuning, with "IndexError: index out of range in self" naming nothing (zoo train refuses a
+    # data.seq_len past them up front); now refused naming data.seq_len and the base's positions
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=16,
+                               bos_token_id=257, eos_token_id=258)).save_pretrained("base")
+    Path("rows.jsonl").write_text("".join(json.dumps({"text": "x" * n}) + "\n" for n in (8, 40, 9, 10, 11)))
+    config = {"model": "base", "output_dir": "run", "tokenizer": "byte", "data": data,
+              "train": {"max_steps": 2, "micro_batch_size": 2, "progress_bar": False},
+              "lora": {"r": 4, "target_modules": "all-linear"}, "schedule": {"warmup_steps": 1}}
+    if "task" in data:
+        del config["tokenizer"]
+    Path("ft.yaml").write_text(yaml.safe_dump(config))
+    longest = 32 if "task" in data else 42  # (the jsonl row of 40 bytes between its bos and eos)
+    with pytest.raises(ValueError, match=rf"^data\.seq_len: rows of up to {longest} tokens, but GPT2LMHeadModel learns "
+                                         rf"16 absolute positions \(transformer\.wpe"):
+        main(["ft.yaml"])
+    assert not Path("run/merged").exists()
+    if "source" in data:  # rows cut to the positions it has: it finetunes
+        Path("ft.yaml").write_text(yaml.safe_dump({**config, "data": {**data, "seq_len": 16}}))
+        assert main(["ft.yaml"])["log"][-1]["step"] == 2
+
+
 def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
     path = tmp_path / "ft.yaml"
 

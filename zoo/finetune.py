@@ -72,6 +72,7 @@ from zoo.train import (
     count_targets,
     forward_backward,
     lr_at,
+    position_table,
     read_yaml,
     reset_accelerate_state,
     resume_by_name,
@@ -1318,6 +1319,22 @@ def _check_vocab(model: nn.Module, data: DataSection, prefix: str) -> None:
                          f"has {have} embeddings; set vocab_size <= {have}")
 
 
+def _check_positions(model: nn.Module, datasets: tuple[Dataset, ...], data: DataSection) -> None:
+    """Refuse rows longer than the absolute positions the model learns (`zoo.train.position_table`: GPT-2's wpe,
+    OPT's embed_positions): its first forward failed on them with "IndexError: index out of range in self"."""
+    table = position_table(model)
+    if table is None:
+        return
+    # (a task's rows all have its length; jsonl rows are held in memory)
+    longest = max(max(len(r["input_ids"]) for r in d.rows) if isinstance(d, ListDataset) else len(d[0]["input_ids"])
+                  for d in datasets if len(d))
+    if longest > table[1]:
+        fix = f"lower data.seq_len to <= {table[1]}" if data.seq_len is not None or data.task is not None else \
+            f"set data.seq_len <= {table[1]} to cut the rows to them"
+        raise ValueError(f"data.seq_len: rows of up to {longest} tokens, but {type(model).__name__} learns {table[1]} "
+                         f"absolute positions ({table[0]}, config max_position_embeddings); {fix}")
+
+
 def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Train a fresh model from the zoo YAML cfg.model on cfg.pretrain (every parameter) and save it to
     out_dir/base, or reuse the base a previous run saved with the same pretrain section."""
@@ -1492,6 +1509,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                          f"the model was trained with")
     n_rows = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     train_set, eval_set = build_datasets(cfg.data, tokenizer, n_train=n_rows)
+    _check_positions(model, (train_set, eval_set), cfg.data)
     eval_loader = _eval_loader(eval_set, cfg.train.eval_batch_size, pad_id)
     probe_batch = next(iter(_eval_loader(eval_set, min(8, len(eval_set)), pad_id)))
     result["before"] = evaluate(model, eval_loader, device)
