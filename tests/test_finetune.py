@@ -788,6 +788,33 @@ def test_state_passing_refuses_a_kv_cache():
         _state_passing_step(model, induction_heads_batch(2, 16, 16), 1.0, ModelInputs.of(model), None)
 
 
+@pytest.mark.parametrize("field", ["train", "pretrain.train"])
+def test_state_passing_on_a_model_with_attention_layers_is_refused_before_the_pretrain_phase(tmp_path, field):
+    # refused only at the phase's first step: the finetune's came after the whole pretrain phase (and the accuracy
+    # before finetuning), on a base whose layers the zoo YAML already showed were not all recurrent
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "jamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar", "seed": 5}}}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}\.state_passing: needs a model whose layers are all "
+                                         rf"recurrent \(mamba, mamba2, gla\); ZooForCausalLM has attention \(KV\) "
+                                         rf"layers \(model\.layers\.2\.mixer"):
+        load_finetune_config(path, [f"{field}.state_passing=true"])
+    load_finetune_config(path, [f"{field}.state_passing=true", f"model={ROOT / 'configs/models/mamba-tiny.yaml'}"])
+
+
+def test_state_passing_on_a_base_with_attention_layers_is_refused_before_its_first_evaluation(tmp_path, capsys):
+    # it was refused at the first training step, after the evaluation before finetuning and the bypass check
+    tiny("transformerpp").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 2, "progress_bar": False, "state_passing": True},
+              "lora": {"r": 4}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"^train\.state_passing: needs a model whose layers are all recurrent"):
+        main([str(tmp_path / "ft.yaml")])
+    assert "before:" not in capsys.readouterr().out
+
+
 def test_a_folder_with_tokenizer_json_alone_finetunes_with_it(tmp_path, monkeypatch):
     """A model folder whose tokenizer is a tokenizer.json alone (no tokenizer_config.json) was finetuned on byte ids:
     zoo finetune looked for tokenizer_config.json only, where zoo train and zoo generate take any tokenizer file."""

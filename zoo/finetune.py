@@ -695,6 +695,25 @@ def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
                          f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:2]}")
 
 
+def _check_state_passing(model: nn.Module, field: str) -> None:
+    """Refuse `field` (a section's train.state_passing) for a model whose layers are not all recurrent, as
+    `_state_passing_step` does at the phase's first step (after the phases and the evaluation before it); its skeleton
+    on the meta device will do."""
+    from zoo.cache import RecurrentLayer, ZooCache
+
+    base = _unwrap(model)
+    if getattr(getattr(base, "config", None), "model_type", None) != "zoo":
+        raise ValueError(f"{field}: needs a zoo model whose layers are all recurrent (mamba, mamba2, gla); "
+                         f"{type(base).__name__} is not a zoo model")
+    layers = ZooCache.for_model(base).layers
+    other = [i for i, layer in enumerate(layers) if not isinstance(layer, RecurrentLayer)]
+    if other:
+        names = ", ".join(f"model.layers.{i}.mixer" for i in other[:3]) + (" ..." if len(other) > 3 else "")
+        raise ValueError(f"{field}: needs a model whose layers are all recurrent (mamba, mamba2, gla); "
+                         f"{type(base).__name__} has attention (KV) layers ({names}), whose keys and values are no "
+                         f"state to pass on; set {field}: false")
+
+
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read a finetune config (YAML) and apply ``section.field=value`` overrides (values parsed as YAML)."""
     cfg = _build(FinetuneConfig, read_yaml(path, overrides), "")
@@ -749,7 +768,13 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         from zoo.config import ZooConfig
 
         with torch.device("meta"):
-            _check_lora_targets(cfg.lora, AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model)))
+            skeleton = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model))
+            _check_lora_targets(cfg.lora, skeleton)
+            # (the finetune's first step came after the whole pretrain phase)
+            for section, field in ((cfg.pretrain.train, "pretrain.train.state_passing"),
+                                   (cfg.train, "train.state_passing")):
+                if section.state_passing:
+                    _check_state_passing(skeleton, field)
     elif is_yaml:
         raise ValueError(f"model: {cfg.model!r} is a zoo YAML (random weights); give a checkpoint folder, or add "
                          f"a pretrain section to train the base model first")
@@ -1500,6 +1525,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model = load_model_not_adapter(str(base_path), dtype=torch.float32).to(device)
     _check_vocab(model, cfg.data, "")
     _check_lora_targets(cfg.lora, model)
+    if cfg.train.state_passing:
+        _check_state_passing(model, "train.state_passing")
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer: has {len(tokenizer)} tokens but the model only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings")
