@@ -597,14 +597,19 @@ def test_a_malformed_regular_expression_in_target_modules_is_named_when_the_conf
     ("optim.eps=0", r"optim\.eps: must be > 0, got 0"),
     ("optim.betas=[0.9, 1.0]", r"optim\.betas: each must be in \[0, 1\), got \[0\.9, 1\.0\]"),
     ("optim.fused=yes please", r"optim\.fused: must be true, false or 'auto', got 'yes please'"),
+    ("optim.lr=.inf", r"^optim\.lr: must be finite, got inf"),
+    ("pretrain.optim.weight_decay=.inf", r"^pretrain\.optim\.weight_decay: must be finite, got inf"),
+    ("optim.eps=.inf", r"^optim\.eps: must be finite, got inf"),
     ("train.seed=-1", r"^train\.seed: must be in \[0, 2\*\*32\), got -1"),
     ("pretrain.train.seed=4294967296", r"^pretrain\.train\.seed: must be in \[0, 2\*\*32\), got 4294967296"),
-], ids=["decay_fraction", "pretrain-decay_fraction", "eps", "betas", "fused", "seed", "pretrain-seed"])
+], ids=["decay_fraction", "pretrain-decay_fraction", "eps", "betas", "fused", "lr-inf", "pretrain-weight_decay-inf",
+        "eps-inf", "seed", "pretrain-seed"])
 def test_optimizer_and_schedule_settings_are_checked_as_zoo_train_checks_them(tmp_path, override, message):
     # a decay_fraction out of (0, 1] was taken (20, meant as percent, decayed wsd from the end of the warmup), and
     # bad betas or eps failed in torch's AdamW naming no field, the top-level ones after the whole pretrain phase;
     # a seed outside numpy's range failed in accelerate's set_seed ("Seed must be between 0 and 2**32 - 1", naming
-    # no field), the top-level one after the whole pretrain phase too
+    # no field), the top-level one after the whole pretrain phase too; an infinite lr or weight_decay trained on NaN
+    # (the round-trip check failed the run once it had trained), an infinite eps trained nothing
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
                                     "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}}}))

@@ -514,8 +514,14 @@ def test_resume_from_a_half_written_checkpoint_folder_is_refused(tmp_path):
     ({"train": {"max_steps": 0}}, r"^train\.max_steps: must be >= 1"),
     ({"train": {"seed": -1}}, r"^train\.seed: must be in \[0, 2\*\*32\), got -1"),
     ({"train": {"seed": 2 ** 32}}, r"^train\.seed: must be in \[0, 2\*\*32\)"),
+    # infinite ones were taken: lr or weight_decay .inf made every weight inf at the first step (a run on NaN losses),
+    # eps .inf made every update zero (a run that trained nothing), without a word
+    ({"optim": {"lr": math.inf}}, r"^optim\.lr: must be finite, got inf"),
+    ({"optim": {"eps": math.inf}}, r"^optim\.eps: must be finite, got inf"),
+    ({"optim": {"weight_decay": math.inf}}, r"^optim\.weight_decay: must be finite, got inf"),
 ], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_chunk_1", "tbptt_mode", "warmup", "kind", "precision",
-        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps", "seed", "seed_too_large"])
+        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps", "seed", "seed_too_large", "lr_inf",
+        "eps_inf", "weight_decay_inf"])
 def test_bad_run_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ValueError, match=field):
         config_from_dict(run_dict(tmp_path, **extra))

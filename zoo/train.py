@@ -272,6 +272,11 @@ def validate_config(cfg: TrainConfig) -> None:
         (all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}"),
         (o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}"),
         (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+        # (infinite: lr or weight_decay made every weight inf at the first step, a run on NaN losses; eps every
+        # update zero, a run that trained nothing)
+        (math.isfinite(o.lr), "optim.lr", f"must be finite, got {o.lr}"),
+        (math.isfinite(o.eps), "optim.eps", f"must be finite, got {o.eps}"),
+        (math.isfinite(o.weight_decay), "optim.weight_decay", f"must be finite, got {o.weight_decay}"),
         (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
         (o.fused in (True, False, "auto"), "optim.fused", f"must be true, false or 'auto', got {o.fused!r}"),
         (t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}"),  # before warmup, checked against it
