@@ -23,11 +23,13 @@ from zoo.data.text import (
     StreamState,
     TextStream,
     _datasets_at_least,
+    collate,
     encode_texts,
     load_tokenizer,
     open_documents,
     stdlib_files,
 )
+from zoo.train import _routed_tokens
 
 
 @pytest.fixture(scope="module")
@@ -204,6 +206,9 @@ def test_the_pads_that_keep_documents_off_chunk_boundaries_are_no_targets(tok, l
         pads = row["input_ids"] == tok.pad_token_id
         fillers += int(pads.sum())
         assert (row["labels"][pads] == IGNORE_INDEX).all(), "a filler pad is a target"
+        # an MoE's load-balancing statistics under truncated BPTT leave out these pads and only these (zoo.train)
+        routed = _routed_tokens(collate([row]))[0].numpy()
+        assert np.array_equal(routed, (~pads).astype(np.int64)), "the router counts exactly the row's other tokens"
     assert fillers >= 4  # the rows needed fillers
 
 

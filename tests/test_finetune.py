@@ -597,15 +597,55 @@ def test_a_malformed_regular_expression_in_target_modules_is_named_when_the_conf
     ("optim.eps=0", r"optim\.eps: must be > 0, got 0"),
     ("optim.betas=[0.9, 1.0]", r"optim\.betas: each must be in \[0, 1\), got \[0\.9, 1\.0\]"),
     ("optim.fused=yes please", r"optim\.fused: must be true, false or 'auto', got 'yes please'"),
-], ids=["decay_fraction", "pretrain-decay_fraction", "eps", "betas", "fused"])
+    ("optim.lr=.inf", r"^optim\.lr: must be finite, got inf"),
+    ("pretrain.optim.weight_decay=.inf", r"^pretrain\.optim\.weight_decay: must be finite, got inf"),
+    ("optim.eps=.inf", r"^optim\.eps: must be finite, got inf"),
+    ("train.seed=-1", r"^train\.seed: must be in \[0, 2\*\*32\), got -1"),
+    ("pretrain.train.seed=4294967296", r"^pretrain\.train\.seed: must be in \[0, 2\*\*32\), got 4294967296"),
+], ids=["decay_fraction", "pretrain-decay_fraction", "eps", "betas", "fused", "lr-inf", "pretrain-weight_decay-inf",
+        "eps-inf", "seed", "pretrain-seed"])
 def test_optimizer_and_schedule_settings_are_checked_as_zoo_train_checks_them(tmp_path, override, message):
     # a decay_fraction out of (0, 1] was taken (20, meant as percent, decayed wsd from the end of the warmup), and
-    # bad betas or eps failed in torch's AdamW naming no field, the top-level ones after the whole pretrain phase
+    # bad betas or eps failed in torch's AdamW naming no field, the top-level ones after the whole pretrain phase;
+    # a seed outside numpy's range failed in accelerate's set_seed ("Seed must be between 0 and 2**32 - 1", naming
+    # no field), the top-level one after the whole pretrain phase too; an infinite lr or weight_decay trained on NaN
+    # (the round-trip check failed the run once it had trained), an infinite eps trained nothing
     path = tmp_path / "ft.yaml"
     path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "mamba-tiny.yaml"),
                                     "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar"}}}))
     with pytest.raises(ValueError, match=message):
         load_finetune_config(path, [override])
+
+@pytest.mark.parametrize("data", [
+    {"task": "mqar", "seq_len": 32, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+    {"source": "rows.jsonl"},
+], ids=["task", "jsonl"])
+def test_rows_longer_than_a_bases_learned_positions_are_refused_before_anything_trains(tmp_path, monkeypatch, data):
+    # a GPT-2 base learns n_positions absolute positions (wpe): rows longer than that failed in its first forward, the
+    # accuracy before finetuning, with "IndexError: index out of range in self" naming nothing (zoo train refuses a
+    # data.seq_len past them up front); now refused naming data.seq_len and the base's positions
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300, n_positions=16,
+                               bos_token_id=257, eos_token_id=258)).save_pretrained("base")
+    Path("rows.jsonl").write_text("".join(json.dumps({"text": "x" * n}) + "\n" for n in (8, 40, 9, 10, 11)))
+    config = {"model": "base", "output_dir": "run", "tokenizer": "byte", "data": data,
+              "train": {"max_steps": 2, "micro_batch_size": 2, "progress_bar": False},
+              "lora": {"r": 4, "target_modules": "all-linear"}, "schedule": {"warmup_steps": 1}}
+    if "task" in data:
+        del config["tokenizer"]
+    Path("ft.yaml").write_text(yaml.safe_dump(config))
+    longest = 32 if "task" in data else 42  # (the jsonl row of 40 bytes between its bos and eos)
+    with pytest.raises(ValueError, match=rf"^data\.seq_len: rows of up to {longest} tokens, but GPT2LMHeadModel learns "
+                                         rf"16 absolute positions \(transformer\.wpe"):
+        main(["ft.yaml"])
+    assert not Path("run/merged").exists()
+    if "source" in data:  # rows cut to the positions it has: it finetunes
+        Path("ft.yaml").write_text(yaml.safe_dump({**config, "data": {**data, "seq_len": 16}}))
+        assert main(["ft.yaml"])["log"][-1]["step"] == 2
+
 
 def test_data_and_model_mistakes_are_refused_before_anything_trains(tmp_path):
     path = tmp_path / "ft.yaml"
@@ -751,6 +791,33 @@ def test_state_passing_refuses_a_kv_cache():
     model = _tiny_recurrent("attention")
     with pytest.raises(ValueError, match="state_passing"):
         _state_passing_step(model, induction_heads_batch(2, 16, 16), 1.0, ModelInputs.of(model), None)
+
+
+@pytest.mark.parametrize("field", ["train", "pretrain.train"])
+def test_state_passing_on_a_model_with_attention_layers_is_refused_before_the_pretrain_phase(tmp_path, field):
+    # refused only at the phase's first step: the finetune's came after the whole pretrain phase (and the accuracy
+    # before finetuning), on a base whose layers the zoo YAML already showed were not all recurrent
+    path = tmp_path / "ft.yaml"
+    path.write_text(yaml.safe_dump({"model": str(ROOT / "configs" / "models" / "jamba-tiny.yaml"),
+                                    "data": {"task": "mqar"}, "pretrain": {"data": {"task": "mqar", "seed": 5}}}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(field)}\.state_passing: needs a model whose layers are all "
+                                         rf"recurrent \(mamba, mamba2, gla\); ZooForCausalLM has attention \(KV\) "
+                                         rf"layers \(model\.layers\.2\.mixer"):
+        load_finetune_config(path, [f"{field}.state_passing=true"])
+    load_finetune_config(path, [f"{field}.state_passing=true", f"model={ROOT / 'configs/models/mamba-tiny.yaml'}"])
+
+
+def test_state_passing_on_a_base_with_attention_layers_is_refused_before_its_first_evaluation(tmp_path, capsys):
+    # it was refused at the first training step, after the evaluation before finetuning and the bypass check
+    tiny("transformerpp").save_pretrained(tmp_path / "base")
+    config = {"model": str(tmp_path / "base"), "output_dir": str(tmp_path / "run"),
+              "data": {"task": "mqar", "seq_len": 16, "task_kwargs": {"n_kv": 2, "vocab_size": 32}, "n_eval": 8},
+              "train": {"max_steps": 2, "micro_batch_size": 2, "progress_bar": False, "state_passing": True},
+              "lora": {"r": 4}, "schedule": {"warmup_steps": 1}}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=r"^train\.state_passing: needs a model whose layers are all recurrent"):
+        main([str(tmp_path / "ft.yaml")])
+    assert "before:" not in capsys.readouterr().out
 
 
 def test_a_folder_with_tokenizer_json_alone_finetunes_with_it(tmp_path, monkeypatch):

@@ -514,8 +514,14 @@ def test_resume_from_a_half_written_checkpoint_folder_is_refused(tmp_path):
     ({"train": {"max_steps": 0}}, r"^train\.max_steps: must be >= 1"),
     ({"train": {"seed": -1}}, r"^train\.seed: must be in \[0, 2\*\*32\), got -1"),
     ({"train": {"seed": 2 ** 32}}, r"^train\.seed: must be in \[0, 2\*\*32\)"),
+    # infinite ones were taken: lr or weight_decay .inf made every weight inf at the first step (a run on NaN losses),
+    # eps .inf made every update zero (a run that trained nothing), without a word
+    ({"optim": {"lr": math.inf}}, r"^optim\.lr: must be finite, got inf"),
+    ({"optim": {"eps": math.inf}}, r"^optim\.eps: must be finite, got inf"),
+    ({"optim": {"weight_decay": math.inf}}, r"^optim\.weight_decay: must be finite, got inf"),
 ], ids=["unknown", "lr", "betas", "tbptt_chunk", "tbptt_chunk_1", "tbptt_mode", "warmup", "kind", "precision",
-        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps", "seed", "seed_too_large"])
+        "micro_batch", "batch_tokens", "seq_len", "type", "keep", "max_steps", "seed", "seed_too_large", "lr_inf",
+        "eps_inf", "weight_decay_inf"])
 def test_bad_run_config_names_the_field(tmp_path, extra, field):
     with pytest.raises(ValueError, match=field):
         config_from_dict(run_dict(tmp_path, **extra))
@@ -1252,6 +1258,61 @@ def test_moe_aux_loss_under_tbptt_equals_the_whole_rows(monkeypatch):
         assert_close(n, exact[n], whole[n], 2e-5)
     detach_loss, _ = _grads(model, batch, chunk, "detach")
     assert_close("loss (detach)", detach_loss, loss, 1e-6)
+
+
+@pytest.mark.parametrize("mode", ["exact", "detach"])
+def test_moe_aux_loss_under_tbptt_leaves_out_the_pads_that_keep_documents_off_chunk_boundaries(mode):
+    """A packed row trained in chunks holds a pad wherever a document would start on a chunk boundary (TextStream's
+    chunk_len): no target and predicting none, it is out of the cross entropy, but the rows have no attention_mask, so
+    the router's balancing statistics (_RowAux) counted it as a token. Now its aux loss is the one over the row's
+    other tokens (loss and, in exact mode, gradients)."""
+    from transformers import AutoModelForCausalLM
+
+    import zoo
+    from zoo.layers import load_balancing_loss
+
+    torch.manual_seed(0)
+    config = zoo.ZooConfig.from_yaml(ROOT / "configs/models/jamba-tiny.yaml", vocab_size=260,
+                                     moe={"every": 1, "n_experts": 4, "top_k": 1, "aux_loss_coef": 1.0,
+                                          "normalize_topk": False})
+    model = AutoModelForCausalLM.from_config(config).train()
+    with torch.no_grad():  # decisive routing: a random router spreads the tokens almost evenly at any count of them
+        for name, p in model.named_parameters():
+            if "router" in name:
+                p.mul_(20)
+    L, chunk = 48, 8
+    # as TextStream lays out a packed row with chunk_len 8: documents of 8, 15 and 7 tokens each end on a chunk
+    # boundary, so a pad (labels -100, in the ending document) starts the chunk and the next document follows it; the
+    # last document runs to the row's end
+    docs, pads = [8, 15, 7, 16], [8, 24, 32]
+    ids = torch.randint(0, 256, (1, L))
+    seq_idx = torch.repeat_interleave(torch.arange(len(docs), dtype=torch.int32), torch.tensor(docs) + 1)[:L]
+    position_ids = torch.cat([torch.arange(n + 1) for n in docs])[:L]
+    ids[0, pads] = 256  # the byte tokenizer's pad
+    labels = torch.where(position_ids == 0, IGNORE_INDEX, ids)
+    labels[0, pads] = IGNORE_INDEX
+    batch = {"input_ids": ids, "labels": labels, "seq_idx": seq_idx[None], "position_ids": position_ids[None]}
+    n = count_targets(labels)
+
+    model.zero_grad(set_to_none=True)  # the objective with the pads out of the balancing statistics
+    out = model(input_ids=ids, labels=labels, seq_idx=batch["seq_idx"], position_ids=batch["position_ids"],
+                output_router_logits=True)
+    routed = torch.ones(1, L)
+    routed[0, pads] = 0
+    spec = config.moe_spec()
+    aux_ref = load_balancing_loss(out.router_logits, spec["n_experts"], spec["top_k"], routed)
+    assert abs(aux_ref - out.aux_loss) > 1e-4, "the pads move the aux loss (beyond the tolerance below)"
+    (out.loss - out.aux_loss + aux_ref).backward()
+    ref = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad(set_to_none=True)
+    aux: list[torch.Tensor] = []
+    forward_backward(model, batch, 1.0 / n, ModelInputs.of(model), chunk_len=chunk, mode=mode, aux=aux)
+    assert_close("aux part", sum(aux), aux_ref.detach(), 1e-5)
+    if mode == "exact":
+        for name in ref:
+            if "router" in name:
+                assert_close(name, model.get_parameter(name).grad, ref[name], 2e-5)
 
 
 def test_chunked_run_matches_whole_row_run(tmp_path):

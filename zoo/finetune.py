@@ -72,6 +72,7 @@ from zoo.train import (
     count_targets,
     forward_backward,
     lr_at,
+    position_table,
     read_yaml,
     reset_accelerate_state,
     resume_by_name,
@@ -567,6 +568,8 @@ class LoopSection:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{prefix}.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2 ** 32:  # (accelerate's set_seed refused it once the phase began, naming no field)
+            raise ValueError(f"{prefix}.seed: must be in [0, 2**32), got {self.seed}")
         if self.checkpoint_every < 0:
             raise ValueError(f"{prefix}.checkpoint_every: must be >= 0 (0: save on interruption only), got "
                              f"{self.checkpoint_every}")
@@ -641,6 +644,11 @@ def _validate_run(section: Any, prefix: str) -> None:
               (all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}"),
               (o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}"),
               (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+              # (infinite: lr or weight_decay made every weight inf at the first step, a run on NaN losses; eps every
+              # update zero, a run that trained nothing)
+              (math.isfinite(o.lr), "optim.lr", f"must be finite, got {o.lr}"),
+              (math.isfinite(o.eps), "optim.eps", f"must be finite, got {o.eps}"),
+              (math.isfinite(o.weight_decay), "optim.weight_decay", f"must be finite, got {o.weight_decay}"),
               (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
               (o.fused in (True, False, "auto"), "optim.fused", f"must be true, false or 'auto', got {o.fused!r}"),
               (s.kind in ("cosine", "wsd", "constant"), "schedule.kind", f"unknown {s.kind!r}"),
@@ -690,6 +698,25 @@ def _check_lora_targets(lora: LoraSection, model: nn.Module) -> None:
         raise ValueError(f"lora.target_modules: matches {', '.join(other[:3])}{' ...' if len(other) > 3 else ''}, "
                          f"which LoRA cannot adapt: name their projections (nn.Linear), e.g. "
                          f"{[n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:2]}")
+
+
+def _check_state_passing(model: nn.Module, field: str) -> None:
+    """Refuse `field` (a section's train.state_passing) for a model whose layers are not all recurrent, as
+    `_state_passing_step` does at the phase's first step (after the phases and the evaluation before it); its skeleton
+    on the meta device will do."""
+    from zoo.cache import RecurrentLayer, ZooCache
+
+    base = _unwrap(model)
+    if getattr(getattr(base, "config", None), "model_type", None) != "zoo":
+        raise ValueError(f"{field}: needs a zoo model whose layers are all recurrent (mamba, mamba2, gla); "
+                         f"{type(base).__name__} is not a zoo model")
+    layers = ZooCache.for_model(base).layers
+    other = [i for i, layer in enumerate(layers) if not isinstance(layer, RecurrentLayer)]
+    if other:
+        names = ", ".join(f"model.layers.{i}.mixer" for i in other[:3]) + (" ..." if len(other) > 3 else "")
+        raise ValueError(f"{field}: needs a model whose layers are all recurrent (mamba, mamba2, gla); "
+                         f"{type(base).__name__} has attention (KV) layers ({names}), whose keys and values are no "
+                         f"state to pass on; set {field}: false")
 
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
@@ -746,7 +773,13 @@ def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -
         from zoo.config import ZooConfig
 
         with torch.device("meta"):
-            _check_lora_targets(cfg.lora, AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model)))
+            skeleton = AutoModelForCausalLM.from_config(ZooConfig.from_yaml(cfg.model))
+            _check_lora_targets(cfg.lora, skeleton)
+            # (the finetune's first step came after the whole pretrain phase)
+            for section, field in ((cfg.pretrain.train, "pretrain.train.state_passing"),
+                                   (cfg.train, "train.state_passing")):
+                if section.state_passing:
+                    _check_state_passing(skeleton, field)
     elif is_yaml:
         raise ValueError(f"model: {cfg.model!r} is a zoo YAML (random weights); give a checkpoint folder, or add "
                          f"a pretrain section to train the base model first")
@@ -1316,6 +1349,22 @@ def _check_vocab(model: nn.Module, data: DataSection, prefix: str) -> None:
                          f"has {have} embeddings; set vocab_size <= {have}")
 
 
+def _check_positions(model: nn.Module, datasets: tuple[Dataset, ...], data: DataSection) -> None:
+    """Refuse rows longer than the absolute positions the model learns (`zoo.train.position_table`: GPT-2's wpe,
+    OPT's embed_positions): its first forward failed on them with "IndexError: index out of range in self"."""
+    table = position_table(model)
+    if table is None:
+        return
+    # (a task's rows all have its length; jsonl rows are held in memory)
+    longest = max(max(len(r["input_ids"]) for r in d.rows) if isinstance(d, ListDataset) else len(d[0]["input_ids"])
+                  for d in datasets if len(d))
+    if longest > table[1]:
+        fix = f"lower data.seq_len to <= {table[1]}" if data.seq_len is not None or data.task is not None else \
+            f"set data.seq_len <= {table[1]} to cut the rows to them"
+        raise ValueError(f"data.seq_len: rows of up to {longest} tokens, but {type(model).__name__} learns {table[1]} "
+                         f"absolute positions ({table[0]}, config max_position_embeddings); {fix}")
+
+
 def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path, dict[str, Any]]:
     """Train a fresh model from the zoo YAML cfg.model on cfg.pretrain (every parameter) and save it to
     out_dir/base, or reuse the base a previous run saved with the same pretrain section."""
@@ -1481,6 +1530,8 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     model = load_model_not_adapter(str(base_path), dtype=torch.float32).to(device)
     _check_vocab(model, cfg.data, "")
     _check_lora_targets(cfg.lora, model)
+    if cfg.train.state_passing:
+        _check_state_passing(model, "train.state_passing")
     if tokenizer is not None and model.get_input_embeddings().num_embeddings < len(tokenizer):
         raise ValueError(f"tokenizer: has {len(tokenizer)} tokens but the model only "
                          f"{model.get_input_embeddings().num_embeddings} embeddings")
@@ -1490,6 +1541,7 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                          f"the model was trained with")
     n_rows = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     train_set, eval_set = build_datasets(cfg.data, tokenizer, n_train=n_rows)
+    _check_positions(model, (train_set, eval_set), cfg.data)
     eval_loader = _eval_loader(eval_set, cfg.train.eval_batch_size, pad_id)
     probe_batch = next(iter(_eval_loader(eval_set, min(8, len(eval_set)), pad_id)))
     result["before"] = evaluate(model, eval_loader, device)

@@ -272,6 +272,11 @@ def validate_config(cfg: TrainConfig) -> None:
         (all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}"),
         (o.eps > 0, "optim.eps", f"must be > 0, got {o.eps}"),
         (o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}"),
+        # (infinite: lr or weight_decay made every weight inf at the first step, a run on NaN losses; eps every
+        # update zero, a run that trained nothing)
+        (math.isfinite(o.lr), "optim.lr", f"must be finite, got {o.lr}"),
+        (math.isfinite(o.eps), "optim.eps", f"must be finite, got {o.eps}"),
+        (math.isfinite(o.weight_decay), "optim.weight_decay", f"must be finite, got {o.weight_decay}"),
         (o.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = no clipping), got {o.grad_clip}"),
         (o.fused in (True, False, "auto"), "optim.fused", f"must be true, false or 'auto', got {o.fused!r}"),
         (t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}"),  # before warmup, checked against it
@@ -1026,6 +1031,28 @@ def _moe_spec(model: nn.Module) -> dict | None:
     return None
 
 
+def _routed_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The tokens [B, L] (1 = token) a row's MoE load-balancing statistics count under truncated BPTT: its
+    attention_mask's, less the pads TextStream puts before a document that would start on a chunk boundary (a
+    position that is no target, continues its document and ends it: the next position starts another, or the row
+    ends). Such a pad is out of the cross entropy both ways, and packed rows have no attention_mask to leave it out
+    of the router's counts. The attention_mask (None: every position) where the batch tells no documents apart."""
+    mask = batch.get("attention_mask")
+    doc = batch.get("seq_idx")
+    if doc is None:
+        doc = batch.get("position_ids")
+        starts = doc == 0 if doc is not None else None
+    else:
+        starts = torch.ones_like(doc, dtype=torch.bool)
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    if starts is None or "labels" not in batch:
+        return mask
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    keep = (batch["labels"] != IGNORE_INDEX) | starts | ~ends  # (on the device, no host sync)
+    return (keep if mask is None else keep & mask.bool()).to(torch.long)
+
+
 class _RowAux:
     """The MoE load-balancing aux loss of whole rows trained in chunks. It is not a sum of the chunks' aux losses
     (each chunk's balance, weighted by its targets, penalised a row balanced over its length but not within a
@@ -1037,12 +1064,13 @@ class _RowAux:
     def __init__(self, spec: dict, batch: dict[str, torch.Tensor], bounds: list[tuple[int, int]], n_row: int):
         self.spec, self.batch, self.bounds, self.n_row = spec, batch, bounds, n_row
         self.counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.routed = _routed_tokens(batch)
 
     def _sums(self, out, k: int):
         from zoo.layers import load_balancing_sums
 
         start, stop = self.bounds[k]
-        mask = self.batch.get("attention_mask")
+        mask = self.routed
         return load_balancing_sums(out.router_logits, self.spec["n_experts"], self.spec["top_k"],
                                    mask[:, start:stop] if mask is not None else None)
 
