@@ -300,6 +300,37 @@ def test_generate_refuses_a_tokenizer_whose_pad_id_lies_past_the_models_embeddin
            "tokenizer has 30 tokens (its ids have gaps)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("role", ["pad_token", "eos_token"])
+def test_generate_runs_one_prompt_with_a_tokenizer_whose_pad_or_eos_id_lies_past_the_models_embeddings(
+        tiny_folder, tmp_path, capsys, role):
+    # one prompt is not padded (and stops when it ends: no pad follows), and an eos past the embeddings is never
+    # generated, so neither id reaches the embedding; both were refused all the same, and such a tokenizer could not
+    # generate at all. They are warned about now
+    specials = {"bos_token": ("<s>", 28), "pad_token": ("<pad>", 29), "eos_token": ("</s>", 30), role: ("<x>", 600)}
+    save_letter_tokenizer(tmp_path / "tok", **specials)
+    for beams in ("1", "2"):
+        with pytest.warns(UserWarning, match=f"its {role}_id 600 is outside the model's vocabulary .*; this run does "
+                                             f"not feed it to the model"):
+            cli.main(["generate", str(tiny_folder), "hi", "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "3",
+                      "--num-beams", beams, "--device", "cpu"])
+        assert capsys.readouterr().out.startswith("h i")
+
+
+@pytest.mark.parametrize("specials, prompts, name", [
+    ({"bos_token": ("<s>", 600)}, ["hi"], "bos_token_id"),  # put in front of the prompt
+    ({"bos_token": ("<s>", 28), "eos_token": ("</s>", 600)}, ["hi", "hello"], "eos_token_id"),  # the pad, none given
+    ({"bos_token": ("<s>", 28), "eos_token": ("</s>", 600)}, ["hi</s>"], "eos_token_id"),
+])
+def test_generate_still_refuses_a_special_id_past_the_embeddings_that_it_would_feed_to_them(
+        tiny_folder, tmp_path, capsys, specials, prompts, name):
+    save_letter_tokenizer(tmp_path / "tok", **specials)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *[f"--prompt={text}" for text in prompts], "--tokenizer",
+                  str(tmp_path / "tok"), "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    assert f"its {name} 600 is outside the model's vocabulary" in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
     # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
     # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text

@@ -78,11 +78,13 @@ def _info_config(path: str):
 
 
 def generate(argv: list[str] | None = None) -> None:
+    import warnings
+
     import torch
     from transformers import TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.data.text import special_id_outside
+    from zoo.data.text import SPECIAL_IDS, special_id_outside
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
@@ -199,11 +201,6 @@ def generate(argv: list[str] | None = None) -> None:
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"{which} has {len(tok)} tokens, more than the model's {n_embed} embeddings; give the tokenizer "
                 f"the model was trained with")
-    if outside := special_id_outside(tok, n_embed):
-        # a tokenizer whose ids have gaps (<pad> at 600 in one of 29 tokens) passed the check of its size: several
-        # prompts left-padded with that id failed in the embedding, 'IndexError: index out of range in self'
-        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
-        p.error(f"{which}: {outside[0]}; give the tokenizer the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
     if args.chat:  # the template writes the special tokens (bos included) itself
@@ -214,6 +211,22 @@ def generate(argv: list[str] | None = None) -> None:
         # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the
         # model was trained without it (data.add_bos false, recorded in its config)
         rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
+    # a tokenizer whose ids have gaps (<pad> at 600 in one of 29 tokens) passes the check of its size. The ids the
+    # embedding reads must be rows of it: every prompt token (a <bos> put in front) and, with several prompts, the pad
+    # (each row's left padding, and its tokens once it has ended): several prompts left-padded with such a pad failed
+    # in the embedding, 'IndexError: index out of range in self'. A special id that none of them is (one prompt's
+    # pad, an eos the model never produces) is warned about: it was refused, and one prompt could not run at all
+    which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+    fed = {t for row in rows for t in row} | ({pad_id} if len(prompts) > 1 else set())
+    for name in SPECIAL_IDS:
+        if (outside := special_id_outside(tok, n_embed, names=(name,))) is None:
+            continue
+        if getattr(tok, name) in fed:
+            padded = "several prompts are left-padded with it: give one prompt per call, or" \
+                if len(prompts) > 1 and getattr(tok, name) == pad_id else "give"
+            p.error(f"{which}: {outside[0]}; {padded} the tokenizer the model was trained with")
+        warnings.warn(f"{which}: {outside[0]}; this run does not feed it to the model"
+                      f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=1)
     width = max(len(row) for row in rows)  # left padding: every row's last prompt token is the batch's last
     if (table := position_table(model)) is not None and width + args.max_new_tokens - 1 > table[1]:
         # a model of learned absolute positions (GPT-2's wpe) has no row for a position past them: the prompt and the
