@@ -331,6 +331,19 @@ def test_generate_still_refuses_a_special_id_past_the_embeddings_that_it_would_f
     assert f"its {name} 600 is outside the model's vocabulary" in capsys.readouterr().err
 
 
+def test_generate_refuses_a_prompt_token_past_the_models_embeddings_that_is_no_pad_bos_or_eos(
+        tiny_folder, tmp_path, capsys):
+    # a <t> (the tokenizer's sep_token) at id 600 of a 29-token tokenizer passed the checks of its size and of its
+    # pad, bos and eos ids: a prompt that wrote it failed in the embedding, 'IndexError: index out of range in self'
+    save_letter_tokenizer(tmp_path / "tok", bos_token=("<s>", 28), sep_token=("<t>", 600))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi<t>", "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "2",
+                  "--device", "cpu"])
+    assert e.value.code == 2
+    assert "the prompt holds token id 600 ('<t>'), outside the model's vocabulary (vocab_size 512: ids 0..511)" \
+        in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
     # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
     # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text

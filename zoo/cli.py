@@ -227,6 +227,13 @@ def generate(argv: list[str] | None = None) -> None:
             p.error(f"{which}: {outside[0]}; {padded} the tokenizer the model was trained with")
         warnings.warn(f"{which}: {outside[0]}; this run does not feed it to the model"
                       f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=1)
+    if past := sorted(t for t in fed if not 0 <= t < n_embed):
+        # another token of the tokenizer's with an id in its gaps (a <sep> at 600), written in a prompt, failed in the
+        # embedding, 'IndexError: index out of range in self'
+        text = tok.convert_ids_to_tokens(past[0]) if hasattr(tok, "convert_ids_to_tokens") else None
+        p.error(f"{which}: the prompt holds token id {past[0]}{f' ({text!r})' if isinstance(text, str) else ''}, "
+                f"outside the model's vocabulary (vocab_size {n_embed}: ids 0..{n_embed - 1}), though the tokenizer "
+                f"has {len(tok)} tokens (its ids have gaps); give the tokenizer the model was trained with")
     width = max(len(row) for row in rows)  # left padding: every row's last prompt token is the batch's last
     if (table := position_table(model)) is not None and width + args.max_new_tokens - 1 > table[1]:
         # a model of learned absolute positions (GPT-2's wpe) has no row for a position past them: the prompt and the
