@@ -344,6 +344,26 @@ def test_generate_refuses_a_prompt_token_past_the_models_embeddings_that_is_no_p
         in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("prompts", [["   "], ["w1 w2", "   "]])
+def test_generate_refuses_a_prompt_that_encodes_to_no_tokens(tiny_folder, tmp_path, capsys, prompts):
+    # spaces, to a tokenizer that splits on whitespace and has no bos token, are no tokens: one such prompt failed in
+    # the embedding ("Expected tensor for argument #1 'indices' to have one of the following scalar types: Long, Int;
+    # but got torch.FloatTensor"), and the second of two generated from its pads alone, with a right-padding warning
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "</s>", "w1", "w2"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>").save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *[f"--prompt={text}" for text in prompts], "--tokenizer",
+                  str(tmp_path / "tok"), "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    what = "the prompt" if len(prompts) == 1 else "prompt 2"
+    assert f"{what} ('   ') encodes to no tokens with --tokenizer" in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
     # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
     # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text

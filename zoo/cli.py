@@ -211,12 +211,19 @@ def generate(argv: list[str] | None = None) -> None:
         # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the
         # model was trained without it (data.add_bos false, recorded in its config)
         rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
+    which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+    if empty := [i for i, row in enumerate(rows) if not row]:
+        # a text the tokenizer drops whole (spaces to a whitespace-splitting word tokenizer without a bos token): one
+        # such prompt failed in the embedding ('Expected tensor for argument #1 'indices' to have one of the following
+        # scalar types: Long, Int; but got torch.FloatTensor'), and one of several generated from its pads alone
+        what = "the prompt" if len(prompts) == 1 else f"prompt {empty[0] + 1}"
+        p.error(f"{what} ({prompts[empty[0]]!r}) encodes to no tokens with {which} (and no bos token goes "
+                f"in front of it); give text it encodes")
     # a tokenizer whose ids have gaps (<pad> at 600 in one of 29 tokens) passes the check of its size. The ids the
     # embedding reads must be rows of it: every prompt token (a <bos> put in front) and, with several prompts, the pad
     # (each row's left padding, and its tokens once it has ended): several prompts left-padded with such a pad failed
     # in the embedding, 'IndexError: index out of range in self'. A special id that none of them is (one prompt's
     # pad, an eos the model never produces) is warned about: it was refused, and one prompt could not run at all
-    which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
     fed = {t for row in rows for t in row} | ({pad_id} if len(prompts) > 1 else set())
     for name in SPECIAL_IDS:
         if (outside := special_id_outside(tok, n_embed, names=(name,))) is None:
