@@ -364,6 +364,24 @@ def test_generate_refuses_a_prompt_that_encodes_to_no_tokens(tiny_folder, tmp_pa
     assert f"{what} ('   ') encodes to no tokens with --tokenizer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["classifier", "base model"])
+def test_generate_refuses_a_checkpoint_without_weights_for_its_untied_lm_head(tmp_path, capsys, kind):
+    # a sequence classifier's folder (score, no lm_head) or a ZooModel's (no head at all) of untied embeddings loaded as
+    # a causal LM with a newly initialized lm_head, and zoo generate printed random tokens behind transformers' load
+    # report alone
+    config = zoo.ZooConfig.from_yaml(TINY)
+    config.tie_word_embeddings = False
+    config.num_labels, config.pad_token_id = 3, 0
+    model = zoo.ZooForSequenceClassification(config) if kind == "classifier" else zoo.ZooModel(config)
+    folder = save_model_folder(model, tmp_path / "m", "byte")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(folder), "hi", "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    what = "ZooForSequenceClassification" if kind == "classifier" else "ZooModel"
+    assert f"holds no weights for the causal LM's output layer lm_head.weight (a {what} checkpoint" \
+        in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
     # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
     # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text
