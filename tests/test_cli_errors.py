@@ -382,6 +382,26 @@ def test_generate_refuses_a_checkpoint_without_weights_for_its_untied_lm_head(tm
         in capsys.readouterr().err
 
 
+def test_generate_refuses_a_chat_template_that_refuses_a_lone_user_message_before_loading_the_model(
+        tiny_folder, tmp_path, capsys, monkeypatch):
+    # a template that asks for a system message first (its raise_exception) ended in a traceback after the model had
+    # loaded, 'jinja2.exceptions.TemplateError: a system message must come first'
+    from transformers import AutoTokenizer
+
+    save_letter_tokenizer(tmp_path / "tok", bos_token=("<s>", 28), eos_token=("</s>", 29))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come "
+                         "first') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok.save_pretrained(tmp_path / "tok")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # refused before the model loads
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi", "--chat", "--tokenizer", str(tmp_path / "tok"),
+                  "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "chat template refuses a prompt as a lone user message: a system message must come first" \
+        in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
     # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
     # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text

@@ -190,6 +190,16 @@ def generate(argv: list[str] | None = None) -> None:
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"--chat: {which} has no chat template (tokenizer_config.json's chat_template or "
                 f"chat_template.jinja); run without --chat, or pass --tokenizer with one that has it")
+    if args.chat:  # (before the model loads: a template that refuses a lone user message ended in a traceback after it)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            chats = [tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True) for text in prompts]
+        except TemplateError as e:  # (the template's raise_exception: "a system message must come first")
+            which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+            p.error(f"--chat: {which}'s chat template refuses a prompt as a lone user message: {e}; run without "
+                    f"--chat, or pass --tokenizer with another chat template")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if len(prompts) > 1 and pad_id is None:
         p.error(f"{len(prompts)} prompts run as one left-padded batch, and the tokenizer has neither a pad nor an "
@@ -204,9 +214,7 @@ def generate(argv: list[str] | None = None) -> None:
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
     if args.chat:  # the template writes the special tokens (bos included) itself
-        rows = [tok(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                            add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                for text in prompts]
+        rows = [tok(chat, add_special_tokens=False)["input_ids"] for chat in chats]
     else:
         # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the
         # model was trained without it (data.add_bos false, recorded in its config)
