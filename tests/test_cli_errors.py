@@ -402,6 +402,20 @@ def test_generate_refuses_a_chat_template_that_refuses_a_lone_user_message_befor
         in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [(["caf\udce9"], "the prompt is not UTF-8 text (b'caf\\xe9')"),
+                                           (["hi", "--stop", "\udce9"], "--stop b'\\xe9' is not UTF-8 text")])
+def test_generate_refuses_a_prompt_or_stop_of_command_line_bytes_that_are_not_utf8(tiny_folder, capsys, monkeypatch,
+                                                                                     args, message):
+    # 'caf\xe9' in Latin-1 under a UTF-8 locale reaches sys.argv as 'caf\udce9' (a lone surrogate): the tokenizer
+    # failed on such a prompt after the model had loaded, 'TypeError: TextEncodeInput must be Union[TextInputSequence,
+    # ...]', and on such a --stop mid-run, after the prompt had been printed ("'utf-8' codec can't encode character")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # refused before the model loads
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *args, "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
     # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
     # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text

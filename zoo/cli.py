@@ -155,6 +155,16 @@ def generate(argv: list[str] | None = None) -> None:
         p.error("no prompt: give one after the model, or --prompt TEXT (repeatable) or --prompts-file FILE")
     if any(not text for text in prompts):
         p.error("the prompt is empty; give at least one character")
+    for i, text in enumerate(prompts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # bytes of the command line that are not UTF-8 (a Latin-1 'caf\xe9' under a UTF-8 locale) reach Python as
+            # lone surrogates ('\udce9'), which failed in the tokenizer after the model had loaded ('TypeError:
+            # TextEncodeInput must be Union[TextInputSequence, ...]')
+            raw = text.encode("utf-8", "surrogateescape")
+            what = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            p.error(f"{what} is not UTF-8 text ({raw!r}); give it in UTF-8 (or in a UTF-8 --prompts-file)")
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
                 if v is not None}
     given = [f"--{k.replace('_', '-')}" for k in sampling] + (["--seed"] if args.seed is not None else [])
@@ -174,6 +184,11 @@ def generate(argv: list[str] | None = None) -> None:
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]
     if any(not s for s in stops):
         p.error("--stop: an empty string would stop at once; give at least one character")
+    for stop in stops:
+        try:
+            stop.encode("utf-8")
+        except UnicodeEncodeError:  # (as a prompt's, above: it failed mid-run, after the prompt had been printed)
+            p.error(f"--stop {stop.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text; give it in UTF-8")
     if args.cuda_graph and args.num_beams > 1:
         p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
     check_model_ref(args.model, adapter_ok=True)
