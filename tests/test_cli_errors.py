@@ -300,6 +300,122 @@ def test_generate_refuses_a_tokenizer_whose_pad_id_lies_past_the_models_embeddin
            "tokenizer has 30 tokens (its ids have gaps)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("role", ["pad_token", "eos_token"])
+def test_generate_runs_one_prompt_with_a_tokenizer_whose_pad_or_eos_id_lies_past_the_models_embeddings(
+        tiny_folder, tmp_path, capsys, role):
+    # one prompt is not padded (and stops when it ends: no pad follows), and an eos past the embeddings is never
+    # generated, so neither id reaches the embedding; both were refused all the same, and such a tokenizer could not
+    # generate at all. They are warned about now
+    specials = {"bos_token": ("<s>", 28), "pad_token": ("<pad>", 29), "eos_token": ("</s>", 30), role: ("<x>", 600)}
+    save_letter_tokenizer(tmp_path / "tok", **specials)
+    for beams in ("1", "2"):
+        with pytest.warns(UserWarning, match=f"its {role}_id 600 is outside the model's vocabulary .*; this run does "
+                                             f"not feed it to the model"):
+            cli.main(["generate", str(tiny_folder), "hi", "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "3",
+                      "--num-beams", beams, "--device", "cpu"])
+        assert capsys.readouterr().out.startswith("h i")
+
+
+@pytest.mark.parametrize("specials, prompts, name", [
+    ({"bos_token": ("<s>", 600)}, ["hi"], "bos_token_id"),  # put in front of the prompt
+    ({"bos_token": ("<s>", 28), "eos_token": ("</s>", 600)}, ["hi", "hello"], "eos_token_id"),  # the pad, none given
+    ({"bos_token": ("<s>", 28), "eos_token": ("</s>", 600)}, ["hi</s>"], "eos_token_id"),
+])
+def test_generate_still_refuses_a_special_id_past_the_embeddings_that_it_would_feed_to_them(
+        tiny_folder, tmp_path, capsys, specials, prompts, name):
+    save_letter_tokenizer(tmp_path / "tok", **specials)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *[f"--prompt={text}" for text in prompts], "--tokenizer",
+                  str(tmp_path / "tok"), "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    assert f"its {name} 600 is outside the model's vocabulary" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_prompt_token_past_the_models_embeddings_that_is_no_pad_bos_or_eos(
+        tiny_folder, tmp_path, capsys):
+    # a <t> (the tokenizer's sep_token) at id 600 of a 29-token tokenizer passed the checks of its size and of its
+    # pad, bos and eos ids: a prompt that wrote it failed in the embedding, 'IndexError: index out of range in self'
+    save_letter_tokenizer(tmp_path / "tok", bos_token=("<s>", 28), sep_token=("<t>", 600))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi<t>", "--tokenizer", str(tmp_path / "tok"), "--max-new-tokens", "2",
+                  "--device", "cpu"])
+    assert e.value.code == 2
+    assert "the prompt holds token id 600 ('<t>'), outside the model's vocabulary (vocab_size 512: ids 0..511)" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("prompts", [["   "], ["w1 w2", "   "]])
+def test_generate_refuses_a_prompt_that_encodes_to_no_tokens(tiny_folder, tmp_path, capsys, prompts):
+    # spaces, to a tokenizer that splits on whitespace and has no bos token, are no tokens: one such prompt failed in
+    # the embedding ("Expected tensor for argument #1 'indices' to have one of the following scalar types: Long, Int;
+    # but got torch.FloatTensor"), and the second of two generated from its pads alone, with a right-padding warning
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "</s>", "w1", "w2"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="</s>").save_pretrained(tmp_path / "tok")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *[f"--prompt={text}" for text in prompts], "--tokenizer",
+                  str(tmp_path / "tok"), "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    what = "the prompt" if len(prompts) == 1 else "prompt 2"
+    assert f"{what} ('   ') encodes to no tokens with --tokenizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["classifier", "base model"])
+def test_generate_refuses_a_checkpoint_without_weights_for_its_untied_lm_head(tmp_path, capsys, kind):
+    # a sequence classifier's folder (score, no lm_head) or a ZooModel's (no head at all) of untied embeddings loaded as
+    # a causal LM with a newly initialized lm_head, and zoo generate printed random tokens behind transformers' load
+    # report alone
+    config = zoo.ZooConfig.from_yaml(TINY)
+    config.tie_word_embeddings = False
+    config.num_labels, config.pad_token_id = 3, 0
+    model = zoo.ZooForSequenceClassification(config) if kind == "classifier" else zoo.ZooModel(config)
+    folder = save_model_folder(model, tmp_path / "m", "byte")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(folder), "hi", "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    what = "ZooForSequenceClassification" if kind == "classifier" else "ZooModel"
+    assert f"holds no weights for the causal LM's output layer lm_head.weight (a {what} checkpoint" \
+        in capsys.readouterr().err
+
+
+def test_generate_refuses_a_chat_template_that_refuses_a_lone_user_message_before_loading_the_model(
+        tiny_folder, tmp_path, capsys, monkeypatch):
+    # a template that asks for a system message first (its raise_exception) ended in a traceback after the model had
+    # loaded, 'jinja2.exceptions.TemplateError: a system message must come first'
+    from transformers import AutoTokenizer
+
+    save_letter_tokenizer(tmp_path / "tok", bos_token=("<s>", 28), eos_token=("</s>", 29))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come "
+                         "first') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok.save_pretrained(tmp_path / "tok")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # refused before the model loads
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), "hi", "--chat", "--tokenizer", str(tmp_path / "tok"),
+                  "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    assert "chat template refuses a prompt as a lone user message: a system message must come first" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [(["caf\udce9"], "the prompt is not UTF-8 text (b'caf\\xe9')"),
+                                           (["hi", "--stop", "\udce9"], "--stop b'\\xe9' is not UTF-8 text")])
+def test_generate_refuses_a_prompt_or_stop_of_command_line_bytes_that_are_not_utf8(tiny_folder, capsys, monkeypatch,
+                                                                                     args, message):
+    # 'caf\xe9' in Latin-1 under a UTF-8 locale reaches sys.argv as 'caf\udce9' (a lone surrogate): the tokenizer
+    # failed on such a prompt after the model had loaded, 'TypeError: TextEncodeInput must be Union[TextInputSequence,
+    # ...]', and on such a --stop mid-run, after the prompt had been printed ("'utf-8' codec can't encode character")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", None)  # refused before the model loads
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tiny_folder), *args, "--max-new-tokens", "2", "--device", "cpu"])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_generate_refuses_a_prompt_and_text_past_a_models_learned_positions(tmp_path, capsys):
     # a GPT-2 of 16 learned positions ran <bos> + 'hello there' (12 tokens) and 10 new tokens into its position
     # embedding: 'IndexError: index out of range in self', after the streamer had printed part of the text

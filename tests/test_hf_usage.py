@@ -1082,3 +1082,51 @@ def test_peft_methods_whose_targets_follow_loras_adapt_loras_defaults(method):
     assert names and names == adapted(peft.LoraConfig(task_type="CAUSAL_LM"))[1]
     ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
     model(input_ids=ids, labels=ids).loss.backward()
+
+
+# what PEFT's (IA)^3 and LN tuning defaults adapt in each tiny model: (IA)^3's modules (those scaled on their input
+# marked "ff"), LN tuning's norms, by the last part of their names
+IA3_AND_LN_DEFAULTS = {
+    "mamba": ({"in_proj", "out_proj ff"}, {"norm", "norm_f"}),
+    "mamba2": ({"in_proj", "out_proj ff"}, {"norm", "norm_f"}),  # (norm: each block's and each mixer's gated one)
+    "transformerpp": ({"k_proj", "v_proj", "down_proj ff"}, {"norm", "ffn_norm", "norm_f"}),
+    "gla": ({"k_proj", "v_proj", "down_proj ff"}, {"norm", "ffn_norm", "norm_f", "g_norm"}),
+    "jamba": ({"k_proj", "v_proj", "in_proj", "out_proj ff", "down_proj ff"}, {"norm", "ffn_norm", "norm_f"}),
+}
+
+
+@pytest.mark.parametrize("method", ["IA3Config", "LNTuningConfig"])
+@pytest.mark.parametrize("name", TINY)
+def test_ia3_and_ln_tuning_without_target_modules_adapt_a_zoo_model_train_save_and_reload(tmp_path, name, method):
+    # PEFT's (IA)^3 and LN tuning keep default targets of their own, by model_type, which had none for "zoo":
+    # IA3Config() and LNTuningConfig() failed on every zoo model ("Please specify `target_modules` in `peft_config`"),
+    # where on a llama they adapt its keys, values and FFN, or its norms
+    import peft
+    from peft import PeftModel
+
+    from zoo.finetune import check_lora_reached
+
+    model = get_peft_model(tiny(name), getattr(peft, method)(task_type="CAUSAL_LM"))
+    adapted = {n: m for n, m in model.named_modules() if hasattr(m, "base_layer")}
+    expected = IA3_AND_LN_DEFAULTS[name][method == "LNTuningConfig"]
+    assert {n.split(".")[-1] + (" ff" if getattr(m, "is_feedforward", False) else "") for n, m in adapted.items()} \
+        == expected
+    if name == "mamba2" and method == "LNTuningConfig":
+        assert any(n.endswith("mixer.norm") for n in adapted)
+    check_lora_reached(model)  # every adapted module runs: training forward, prefill and a decode step
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None for p in trained)
+    assert any(p.grad.abs().sum() > 0 for p in trained)
+    with torch.no_grad():  # an adapter that changes the model, so that its reload is seen
+        for p in trained:
+            p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        assert not torch.allclose(logits, tiny(name)(input_ids=ids).logits)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny(name), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, logits)

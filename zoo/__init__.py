@@ -23,6 +23,17 @@ AutoModelForSequenceClassification.register(ZooConfig, ZooForSequenceClassificat
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
 
 
+# PEFT's default (IA)^3 targets of a zoo model, after llama's (the keys and values, and the FFN's hidden activations:
+# the input of its down_proj, experts' included): attention's and GLA's k_proj and v_proj, scaled on their output; the
+# Mamba and Mamba-2 mixers' in_proj (their x, gate and, for Mamba-2, B, C and dt) scaled on its output and their
+# out_proj on its input (the gated scan output, the mixer's hidden activations as down_proj's are the FFN's)
+IA3_TARGETS = ("k_proj", "v_proj", "in_proj", "out_proj", "down_proj")
+IA3_FEEDFORWARD = ("out_proj", "down_proj")
+# LN tuning's, as llama's (every norm): each block's norm and ffn_norm, the final norm_f, and the gated output norms
+# of Mamba-2 (mixer.norm, matched by "norm") and GLA (mixer.g_norm)
+LN_TUNING_TARGETS = ("norm", "ffn_norm", "norm_f", "g_norm")
+
+
 def _register_peft_default_targets() -> None:
     """PEFT picks LoRA's default targets (a LoraConfig without target_modules) by model_type, as it does for llama or
     mamba: "zoo" gets every mixer's projections (their `lora_targets`), in a list the registry keeps current as
@@ -49,6 +60,12 @@ def _register_peft_default_targets() -> None:
             table.setdefault("zoo", LORA_TARGETS)
     if "embeddings" not in EMBEDDING_LAYER_NAMES:  # the list PEFT's modules imported: extended in place
         EMBEDDING_LAYER_NAMES.append("embeddings")
+    # (IA)^3 and LN tuning have tables of their own (llama: k_proj, v_proj and down_proj, down_proj scaled on its input;
+    # every norm), which had no "zoo": IA3Config() and LNTuningConfig() failed on a zoo model ("Please specify
+    # `target_modules` in `peft_config`"), where they work on a llama
+    peft_constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.setdefault("zoo", list(IA3_TARGETS))
+    peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.setdefault("zoo", list(IA3_FEEDFORWARD))
+    peft_constants.TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING.setdefault("zoo", list(LN_TUNING_TARGETS))
 
 
 _register_peft_default_targets()

@@ -78,11 +78,13 @@ def _info_config(path: str):
 
 
 def generate(argv: list[str] | None = None) -> None:
+    import warnings
+
     import torch
     from transformers import TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.data.text import special_id_outside
+    from zoo.data.text import SPECIAL_IDS, special_id_outside
     from zoo.decode import continues_chunks_exactly
     from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
@@ -153,6 +155,16 @@ def generate(argv: list[str] | None = None) -> None:
         p.error("no prompt: give one after the model, or --prompt TEXT (repeatable) or --prompts-file FILE")
     if any(not text for text in prompts):
         p.error("the prompt is empty; give at least one character")
+    for i, text in enumerate(prompts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # bytes of the command line that are not UTF-8 (a Latin-1 'caf\xe9' under a UTF-8 locale) reach Python as
+            # lone surrogates ('\udce9'), which failed in the tokenizer after the model had loaded ('TypeError:
+            # TextEncodeInput must be Union[TextInputSequence, ...]')
+            raw = text.encode("utf-8", "surrogateescape")
+            what = "the prompt" if len(prompts) == 1 else f"prompt {i + 1}"
+            p.error(f"{what} is not UTF-8 text ({raw!r}); give it in UTF-8 (or in a UTF-8 --prompts-file)")
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
                 if v is not None}
     given = [f"--{k.replace('_', '-')}" for k in sampling] + (["--seed"] if args.seed is not None else [])
@@ -172,6 +184,11 @@ def generate(argv: list[str] | None = None) -> None:
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]
     if any(not s for s in stops):
         p.error("--stop: an empty string would stop at once; give at least one character")
+    for stop in stops:
+        try:
+            stop.encode("utf-8")
+        except UnicodeEncodeError:  # (as a prompt's, above: it failed mid-run, after the prompt had been printed)
+            p.error(f"--stop {stop.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text; give it in UTF-8")
     if args.cuda_graph and args.num_beams > 1:
         p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
     check_model_ref(args.model, adapter_ok=True)
@@ -188,6 +205,16 @@ def generate(argv: list[str] | None = None) -> None:
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"--chat: {which} has no chat template (tokenizer_config.json's chat_template or "
                 f"chat_template.jinja); run without --chat, or pass --tokenizer with one that has it")
+    if args.chat:  # (before the model loads: a template that refuses a lone user message ended in a traceback after it)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            chats = [tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True) for text in prompts]
+        except TemplateError as e:  # (the template's raise_exception: "a system message must come first")
+            which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+            p.error(f"--chat: {which}'s chat template refuses a prompt as a lone user message: {e}; run without "
+                    f"--chat, or pass --tokenizer with another chat template")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if len(prompts) > 1 and pad_id is None:
         p.error(f"{len(prompts)} prompts run as one left-padded batch, and the tokenizer has neither a pad nor an "
@@ -199,21 +226,44 @@ def generate(argv: list[str] | None = None) -> None:
         which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"{which} has {len(tok)} tokens, more than the model's {n_embed} embeddings; give the tokenizer "
                 f"the model was trained with")
-    if outside := special_id_outside(tok, n_embed):
-        # a tokenizer whose ids have gaps (<pad> at 600 in one of 29 tokens) passed the check of its size: several
-        # prompts left-padded with that id failed in the embedding, 'IndexError: index out of range in self'
-        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
-        p.error(f"{which}: {outside[0]}; give the tokenizer the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
         p.error(f"--cuda-graph: {args.model} is a {type(model).__name__}, not a zoo model; run without it")
     if args.chat:  # the template writes the special tokens (bos included) itself
-        rows = [tok(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                            add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                for text in prompts]
+        rows = [tok(chat, add_special_tokens=False)["input_ids"] for chat in chats]
     else:
         # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the
         # model was trained without it (data.add_bos false, recorded in its config)
         rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
+    which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
+    if empty := [i for i, row in enumerate(rows) if not row]:
+        # a text the tokenizer drops whole (spaces to a whitespace-splitting word tokenizer without a bos token): one
+        # such prompt failed in the embedding ('Expected tensor for argument #1 'indices' to have one of the following
+        # scalar types: Long, Int; but got torch.FloatTensor'), and one of several generated from its pads alone
+        what = "the prompt" if len(prompts) == 1 else f"prompt {empty[0] + 1}"
+        p.error(f"{what} ({prompts[empty[0]]!r}) encodes to no tokens with {which} (and no bos token goes "
+                f"in front of it); give text it encodes")
+    # a tokenizer whose ids have gaps (<pad> at 600 in one of 29 tokens) passes the check of its size. The ids the
+    # embedding reads must be rows of it: every prompt token (a <bos> put in front) and, with several prompts, the pad
+    # (each row's left padding, and its tokens once it has ended): several prompts left-padded with such a pad failed
+    # in the embedding, 'IndexError: index out of range in self'. A special id that none of them is (one prompt's
+    # pad, an eos the model never produces) is warned about: it was refused, and one prompt could not run at all
+    fed = {t for row in rows for t in row} | ({pad_id} if len(prompts) > 1 else set())
+    for name in SPECIAL_IDS:
+        if (outside := special_id_outside(tok, n_embed, names=(name,))) is None:
+            continue
+        if getattr(tok, name) in fed:
+            padded = "several prompts are left-padded with it: give one prompt per call, or" \
+                if len(prompts) > 1 and getattr(tok, name) == pad_id else "give"
+            p.error(f"{which}: {outside[0]}; {padded} the tokenizer the model was trained with")
+        warnings.warn(f"{which}: {outside[0]}; this run does not feed it to the model"
+                      f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=1)
+    if past := sorted(t for t in fed if not 0 <= t < n_embed):
+        # another token of the tokenizer's with an id in its gaps (a <sep> at 600), written in a prompt, failed in the
+        # embedding, 'IndexError: index out of range in self'
+        text = tok.convert_ids_to_tokens(past[0]) if hasattr(tok, "convert_ids_to_tokens") else None
+        p.error(f"{which}: the prompt holds token id {past[0]}{f' ({text!r})' if isinstance(text, str) else ''}, "
+                f"outside the model's vocabulary (vocab_size {n_embed}: ids 0..{n_embed - 1}), though the tokenizer "
+                f"has {len(tok)} tokens (its ids have gaps); give the tokenizer the model was trained with")
     width = max(len(row) for row in rows)  # left padding: every row's last prompt token is the batch's last
     if (table := position_table(model)) is not None and width + args.max_new_tokens - 1 > table[1]:
         # a model of learned absolute positions (GPT-2's wpe) has no row for a position past them: the prompt and the

@@ -371,12 +371,10 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     (``PeftModel.from_pretrained(base, ref).merge_and_unload()``; `save_model_folder` refuses the unmerged model, whose
     adapted weights from_pretrained would not load). A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning:
     virtual tokens the PeftModel adds around the model) is refused with a ValueError."""
-    from transformers import AutoModelForCausalLM
-
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     if adapter_config_file(ref) is None:
-        return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        return _causal_lm_with_head(ref, **kwargs)
     from peft import PeftConfig, PeftModel
 
     source = str(Path(str(ref)).expanduser()) if Path(str(ref)).expanduser().is_dir() else str(ref)
@@ -402,7 +400,7 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
         # the base's revision the adapter was trained on (get_peft_model(..., revision=)), as PEFT's AutoPeftModel loads
         # it: the hub's newest base was loaded instead
         kwargs = {**kwargs, "revision": config.revision}
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    model = _causal_lm_with_head(base, **kwargs)
     rows = _adapter_embedding_rows(source, model)
     if rows is not None and rows != model.get_input_embeddings().num_embeddings:
         # an adapter trained with tokens added to its tokenizer holds the resized embeddings (PEFT's
@@ -413,6 +411,26 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
         model.config.add_bos = add_bos
+    return model
+
+
+def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, refused (ValueError) where the checkpoint holds no
+    weights for its LM head, untied from the input embedding: a sequence classifier's folder (its `score` in place of
+    the head) or a base model's (ZooModel) loaded with a newly initialized lm_head, and zoo generate printed random
+    tokens, zoo eval scored them, behind transformers' load report alone."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(ref, output_loading_info=True, **kwargs)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embedding is not None and head.weight is not embedding.weight:
+        names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
+        if missing := [n for n in names if n in set(info.get("missing_keys") or ())]:
+            architectures = getattr(model.config, "architectures", None) or []
+            what = f" (a {', '.join(architectures)} checkpoint, config.json's architectures)" if architectures else ""
+            raise ValueError(f"{ref} holds no weights for the causal LM's output layer {missing[0]}{what}: loaded as "
+                             f"a causal LM its {missing[0]} would be newly initialized, and its tokens random; give a "
+                             f"causal LM's checkpoint")
     return model
 
 

@@ -207,16 +207,19 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[n
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
-def special_id_outside(tokenizer: PreTrainedTokenizerBase, n_embed: int) -> tuple[str, int] | None:
+def special_id_outside(tokenizer: PreTrainedTokenizerBase, n_embed: int,
+                       names: tuple[str, ...] = SPECIAL_IDS) -> tuple[str, int] | None:
     """Why the tokenizer's pad, bos or eos id is no row of a model's `n_embed` embeddings ("its eos_token_id 500 is
     outside the model's vocabulary (vocab_size 64: ids 0..63), though the tokenizer has 29 tokens (its ids have
     gaps)"), with the vocab_size its special ids need; None where they all are rows. A tokenizer whose ids have gaps
     (a special token saved with its own id) has such an id past len(tokenizer), which a check of its size alone
     passed: training then failed in the embedding at the first row holding it ('IndexError: index out of range in
-    self'; on a GPU a device-side assert)."""
+    self'; on a GPU a device-side assert). `names`: the special ids to check (the vocab_size is the one all need)."""
     ids = {name: getattr(tokenizer, name, None) for name in SPECIAL_IDS}
     ids = {name: value for name, value in ids.items() if isinstance(value, int)}
     for name, value in ids.items():
+        if name not in names:
+            continue
         if not 0 <= value < n_embed:
             return (f"its {name} {value} is outside the model's vocabulary (vocab_size {n_embed}: ids "
                     f"0..{n_embed - 1}), though the tokenizer has {len(tokenizer)} tokens (its ids have gaps)",
