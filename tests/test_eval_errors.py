@@ -134,11 +134,51 @@ def test_passkey_refuses_a_tokenizer_beyond_the_model_vocabulary(tmp_path, capsy
     model = zoo_yaml(tmp_path, vocab_size=100)  # a YAML model gets the byte tokenizer: ids up to 258
     argv = ["--model", model, "--lengths", "200", "--depths", "0", "--n-samples", "1", "--device", "cpu",
             "--out", str(tmp_path / "pk")]
-    with pytest.raises(ValueError, match=r"passkey prompts hold token id \d+ but the model's vocab_size is 100.*"
-                                         r"--tokenizer"):
+    # refused before the first cell, by the tokenizer's size (the first prompt's ids were refused before)
+    with pytest.raises(ValueError, match=r"the byte tokenizer \(a zoo YAML model's, .*\) has 259 tokens, more than "
+                                         r"the model's 100 embeddings; .*--tokenizer"):
         passkey.main(argv)
     code, err = run_cli(["eval", "passkey", *argv], capsys)
-    assert code == 2 and "vocab_size is 100" in err and "IndexError" not in err
+    assert code == 2 and "more than the model's 100 embeddings" in err and "IndexError" not in err
+
+
+@pytest.mark.parametrize("command", ["passkey", "length", "state"])
+@pytest.mark.parametrize("tokenizer", ["eos-past", "larger"])
+def test_a_tokenizer_not_the_models_is_refused_before_any_evaluation(command, tokenizer, tmp_path, capsys):
+    # a tokenizer whose eos id (700) lay past mamba-tiny's 512 embeddings, or one of 603 tokens whose ids in the
+    # prompts and documents stayed below 512 (mostly <unk>), was evaluated without a word: a passkey grid, a length
+    # curve and state statistics of a model scored on text tokenized as it never was trained; zoo generate, train
+    # and finetune refuse such a tokenizer
+    from helpers import save_letter_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo.eval import length, passkey, state
+
+    folder = tmp_path / "tok"
+    if tokenizer == "eos-past":
+        save_letter_tokenizer(folder, bos_token=("<s>", 28), eos_token=("<eos>", 700))
+        message = (r"--tokenizer '.*tok': its (pad|eos)_token_id 700 is outside the model's vocabulary "
+                   r"\(vocab_size 512: ids 0\.\.511\), though the tokenizer has 30 tokens \(its ids have gaps\); "
+                   r"give the tokenizer the model was trained with \(--tokenizer\)")
+    else:
+        words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(600)]
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                eos_token="</s>").save_pretrained(folder)
+        message = r"--tokenizer '.*tok' has 603 tokens, more than the model's 512 embeddings; .*\(--tokenizer\)"
+    out = tmp_path / "out"
+    argv = ["--model", str(MAMBA_TINY), "--tokenizer", str(folder), "--device", "cpu", "--out", str(out)]
+    argv += {"passkey": ["--lengths", "200", "--depths", "0", "--n-samples", "1"],
+             "length": ["--n-docs", "1", "--max-len", "64", "--chunk-size", "32"],
+             "state": ["--n-docs", "1", "--max-len", "64", "--chunk-size", "32"]}[command]
+    main = {"passkey": passkey.main, "length": length.main, "state": state.main}[command]
+    with pytest.raises(ValueError, match=message):
+        main(argv)
+    assert not out.exists()
+    code, err = run_cli(["eval", command, *argv], capsys)
+    assert code == 2 and err.startswith(f"zoo eval {command}: --tokenizer ") and "Traceback" not in err
 
 
 def test_state_checks_the_vocabulary_and_takes_task_arguments(tmp_path):

@@ -132,6 +132,36 @@ def load_tokenizer(spec: str | None, model_path: str | None = None):
         raise
 
 
+def tokenizer_name(spec: str | None, model_path: str) -> str:
+    """The tokenizer `load_tokenizer(spec, model_path)` loads, as a message names it: ``--tokenizer 'tok'``, the
+    byte tokenizer of a zoo YAML model, ``DIR's tokenizer``, or a PEFT adapter's base model's."""
+    if spec is not None:
+        return f"--tokenizer {spec!r}"
+    if str(model_path).endswith((".yaml", ".yml")):
+        return f"the byte tokenizer (a zoo YAML model's, {model_path})"
+    source = tokenizer_source(model_path)  # a PEFT adapter without tokenizer files: its base model's
+    return f"{model_path}'s tokenizer" if source == str(model_path) else \
+        f"the tokenizer of {model_path}'s base model {source}"
+
+
+def check_tokenizer(model, tokenizer, which: str) -> None:
+    """Refuse, before anything is evaluated, a tokenizer that is not the model's, as zoo generate and zoo train do:
+    one with more tokens than the model has embeddings, or whose pad, bos or eos id is no row of them (a tokenizer
+    whose ids have gaps: ``zoo.data.text.special_id_outside``). ValueError naming it (``which``, `tokenizer_name`) and
+    the fix; nothing is checked for a model without input embeddings."""
+    from zoo.data.text import special_id_outside
+
+    try:
+        n_embed = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    if len(tokenizer) > n_embed:
+        raise ValueError(f"{which} has {len(tokenizer)} tokens, more than the model's {n_embed} embeddings; give the "
+                         f"tokenizer the model was trained with (--tokenizer)")
+    if outside := special_id_outside(tokenizer, n_embed):
+        raise ValueError(f"{which}: {outside[0]}; give the tokenizer the model was trained with (--tokenizer)")
+
+
 def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], what: str, fix: str) -> None:
     """Refuse token ids outside ``[0, model.config.vocab_size)`` with a ValueError naming ``what`` and ``fix``
     (the embedding would raise a bare ``IndexError: index out of range in self`` mid-evaluation).

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from zoo.eval.common import (
     check_model_path,
     check_token_ids,
+    check_tokenizer,
     interruption_says,
     iter_chunk_logits,
     load_model,
@@ -45,6 +46,7 @@ from zoo.eval.common import (
     save_atomically,
     save_figure,
     sigterm_interrupts,
+    tokenizer_name,
     tokens_digest,
     trained_with_bos,
     write_json,
@@ -610,6 +612,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if isinstance(kept, dict):
                 print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
             model = load_model(path, args.device, args.dtype)
+            if tokenizer is not None:  # the built-in corpus's: refused before its documents are built for the model
+                # (one whose eos or pad id lay past the model's embeddings gave a curve without a word)
+                check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model[0]))
             config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
             if spec is not None:
                 apply_mitigation(model, spec)

@@ -26,6 +26,7 @@ import torch
 from zoo.cache import ZooCache
 from zoo.eval.common import (
     check_token_ids,
+    check_tokenizer,
     interruption_says,
     load_model,
     load_tokenizer,
@@ -37,6 +38,7 @@ from zoo.eval.common import (
     rekey_partial,
     remove_partial,
     sigterm_interrupts,
+    tokenizer_name,
     trained_with_bos,
     write_json,
 )
@@ -106,13 +108,15 @@ def check_row_options(args) -> None:
                          f"{'them' if len(unused) > 1 else 'it'} out")
 
 
-def load_rows(args, add_bos: bool = True, holdout: float = 0.01) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def load_rows(args, add_bos: bool = True, holdout: float = 0.01,
+              model=None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """``(rows, documents)``: rows, a LongTensor [n_docs, max_len], from --tokens, a synthetic --task, or the
     built-in corpus (its documents with BOS first or not: ``add_bos``, as the model trained,
     ``zoo.eval.common.trained_with_bos``; the held-out files of data.holdout ``holdout`` first, as
     ``zoo.eval.length.recipe_holdout`` reads it for a zoo checkpoint); documents, those the rows were cut from (a
     ``CorpusDocuments`` for the built-in corpus, which ``zoo.eval.length.document_provenance`` reads; its counts are
-    of the whole documents, before a cut to the shortest), None for a task's rows."""
+    of the whole documents, before a cut to the shortest), None for a task's rows. With ``model``, the corpus's
+    tokenizer is refused before the documents are built where it is not the model's (`check_tokenizer`)."""
     if args.task:
         from zoo.data.synthetic import make_batch
 
@@ -125,6 +129,10 @@ def load_rows(args, add_bos: bool = True, holdout: float = 0.01) -> tuple[torch.
     from zoo.eval.length import load_documents
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
+    if tokenizer is not None and model is not None:
+        # (a tokenizer whose eos or pad id lay past the model's embeddings gave statistics of rows the model was not
+        # trained on, without a word)
+        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model))
     docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, add_bos=add_bos,
                           holdout=holdout)
     length = min(len(d) for d in docs)
@@ -274,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # 0.01 were taken whatever the run's data.holdout, and the share went unrecorded
         holdout = None if args.tokens or args.task else recipe_holdout(args.model)
         rows, documents = load_rows(args, trained_with_bos(getattr(model, "config", None)),
-                                    0.01 if holdout is None else holdout)
+                                    0.01 if holdout is None else holdout, model)
         provenance = document_provenance(documents, f"zoo eval state {args.model}", holdout is not None)
         saved = {"model": args.model} | ({"documents": provenance} if provenance is not None else {})
         check_rows(model, rows, args)
