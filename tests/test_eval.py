@@ -2251,6 +2251,39 @@ def test_eval_state_of_a_checkpoint_trained_on_the_corpus_says_how_much_is_train
     assert seen == [0.01] and not documents["trained_on_corpus"]
 
 
+def test_a_rerun_with_another_tokenizer_saved_in_its_folder_evaluates_again(tmp_path, monkeypatch, capsys):
+    """zoo eval length kept a curve (length.json) and zoo eval passkey its cells (passkey.json) by --tokenizer's name:
+    a rerun after another tokenizer was saved into that folder reported the old tokenizer's results as its own
+    ("kept from ...", "resuming ...")."""
+    from helpers import save_letter_tokenizer
+
+    from zoo.eval import length, passkey
+
+    model, folder = str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), tmp_path / "tok"
+    save_letter_tokenizer(folder, bos_token=("<s>", 28), eos_token=("</s>", 29))
+    argv = ["--model", model, "--label", "m", "--tokenizer", str(folder), "--n-docs", "1", "--max-len", "96",
+            "--chunk-size", "32", "--device", "cpu"]
+    first = length.main([*argv, "--out", str(tmp_path / "len")])
+    pk_argv = ["--model", model, "--tokenizer", str(folder), "--lengths", "200", "--depths", "0", "--n-samples", "1",
+               "--device", "cpu", "--out", str(tmp_path / "pk")]
+    passkey.main(pk_argv)
+    capsys.readouterr()
+    save_letter_tokenizer(folder, bos_token=("<s>", 29), eos_token=("</s>", 28))  # another one, of the same name
+    rerun = length.main([*argv, "--out", str(tmp_path / "len")])
+    assert "kept from" not in capsys.readouterr().out
+    fresh = length.main([*argv, "--out", str(tmp_path / "fresh")])
+    assert rerun["m"]["bins"] == fresh["m"]["bins"] != first["m"]["bins"]
+    calls = []
+    real_generate = passkey.greedy_generate
+    monkeypatch.setattr(passkey, "greedy_generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    passkey.main(pk_argv)
+    assert calls == [1] and "resuming" not in capsys.readouterr().out
+    # the same tokenizer loaded again is the same one: kept
+    length.main([*argv, "--out", str(tmp_path / "len")])
+    passkey.main(pk_argv)
+    assert calls == [1] and capsys.readouterr().out.count("kept from") == 1
+
+
 def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp_path, monkeypatch, capsys):
     """The norm cap acts at the end of every forward, so under norm:... a curve (zoo eval length --chunk-size) and a
     passkey answer (--prefill-chunk-size) depend on the chunking; a rerun with another chunk size kept the old

@@ -344,6 +344,20 @@ def model_fingerprint(path: str) -> dict | str:
     return {"hub": str(path), "commit": adapter.parent.name, "base": _base_fingerprint(adapter, None)}
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What identifies a loaded tokenizer for a resumed run, by what it turns text into (not by its name or folder): a
+    SHA-256 of its class, its special token ids, whether it adds BOS / EOS, and its whole tokenizers pipeline
+    (vocabulary, merges, normalizer, pre-tokenizer: ``backend_tokenizer``; a slow tokenizer: its vocabulary). The same
+    files loaded again give the same one; another tokenizer saved into the same folder gives another."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    what = {"class": type(tokenizer).__name__,
+            "special": {name: getattr(tokenizer, name, None)
+                        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id")},
+            "adds": [getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)],
+            "pipeline": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _base_fingerprint(adapter_config: Path, folder: Path | None) -> dict | str | None:
     """model_fingerprint of the base model an adapter_config.json names (None when it names none, or names the
     adapter's own folder)."""

@@ -46,6 +46,7 @@ from zoo.eval.common import (
     save_atomically,
     save_figure,
     sigterm_interrupts,
+    tokenizer_fingerprint,
     tokenizer_name,
     tokens_digest,
     trained_with_bos,
@@ -580,7 +581,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       "n_docs": args.n_docs, "max_len": args.max_len, "seed": args.seed, "start": args.start,
                       "dtype": args.dtype, "bins_per_octave": args.bins_per_octave}
     if not args.tokens:
-        documents_from |= {"holdout": holdout, "layout": CORPUS_LAYOUT}
+        # the tokenizer by what it does: another one saved into --tokenizer's folder (or the first model's) since kept
+        # the curves of the old one, taken for the same settings by name
+        documents_from |= {"holdout": holdout, "layout": CORPUS_LAYOUT,
+                           "tokenizer_digest": tokenizer_fingerprint(tokenizer)}
     previous = {}
     if (out / "length.json").is_file():
         try:

@@ -37,6 +37,7 @@ from zoo.eval.common import (
     resume,
     save_figure,
     sigterm_interrupts,
+    tokenizer_fingerprint,
     tokenizer_name,
     trained_with_bos,
     write_json,
@@ -490,9 +491,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.mitigation is not None:
             apply_mitigation(model, args.mitigation)
         # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds
+        # (the tokenizer by what it does too: the cells of another one saved into --tokenizer's folder were kept)
         config = {"model": args.model, "weights": model_fingerprint(args.model), "tokenizer": args.tokenizer,
-                  "dtype": args.dtype, "seed": args.seed, "n_samples": args.n_samples,
-                  "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
+                  "tokenizer_digest": tokenizer_fingerprint(tokenizer), "dtype": args.dtype, "seed": args.seed,
+                  "n_samples": args.n_samples, "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
         if splits_matter(args.mitigation):  # a norm cap acts at every prefill chunk's end
             config["prefill_chunk_size"] = args.prefill_chunk_size
         done = resume(out / "passkey.json", config, "zoo eval passkey")
