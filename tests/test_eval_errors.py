@@ -632,6 +632,20 @@ def test_an_empty_number_is_refused_by_option(command, option, tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command, option", [("state", "--norm-calibrate"), ("state", "--points-per-octave"),
+                                             ("length", "--chunk-size"), ("synthetic", "--n-samples")])
+@pytest.mark.parametrize("value", ["abc", "2.5"])
+def test_a_number_option_given_a_non_integer_says_so_without_naming_a_function(command, option, value, tmp_path,
+                                                                               capsys):
+    # argparse words a type function's ValueError after the function: "argument --norm-calibrate: invalid parse_int
+    # value: 'abc'" (invalid positive_int / non_negative_int value for the others), which named no form the option
+    # takes
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), option, value, "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument {option}: invalid integer '{value}'; give a whole number such as " in err
+    assert "_int value" not in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", ["length", "state"])
 def test_a_corpus_document_of_one_token_is_refused_by_option(command, tmp_path, capsys):
     """--max-len 1 on the built-in corpus gave no document: zoo eval length said 'evaluate_length needs at least one

@@ -592,10 +592,22 @@ def number_list(text: str, kind=int) -> list:
         raise argparse.ArgumentTypeError(f"expected a comma list of {forms}, got {text!r}") from None
 
 
+def int_option(text: str) -> int:
+    """``parse_int`` as an argparse type (zoo eval state --norm-calibrate): a value that is not an integer is refused
+    with argparse's one-line error naming the option and the forms it takes. (argparse words a bare ValueError as
+    'invalid <function name> value': "argument --norm-calibrate: invalid parse_int value: 'abc'".)"""
+    try:
+        return parse_int(text)
+    except ValueError as error:
+        reason = str(error) if str(error).startswith("invalid integer") else f"invalid integer {text!r}"
+        raise argparse.ArgumentTypeError(f"{reason}; give a whole number such as 2048, 2^11 or 2K") from None
+
+
 def positive_int(text: str) -> int:
     """``parse_int`` for a count or size on the command line (rows, batch, chunk, tokens): below 1 is refused with
-    argparse's one-line error naming the option (0 rows divided by zero, a 0 batch or chunk stalled a range)."""
-    value = parse_int(text)
+    argparse's one-line error naming the option (0 rows divided by zero, a 0 batch or chunk stalled a range), and so
+    is a value that is not an integer (`int_option`)."""
+    value = int_option(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -603,8 +615,11 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 on the command line (a warmup, --points-per-octave: 0 is none; a negative count was taken as 0
-    without a word)."""
-    value = int(text)
+    without a word); a value that is not an integer is refused as such ('invalid non_negative_int value' before)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}; give a whole number such as 0 or 2") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value

@@ -27,13 +27,13 @@ from zoo.cache import ZooCache
 from zoo.eval.common import (
     check_token_ids,
     check_tokenizer,
+    int_option,
     interruption_says,
     load_model,
     load_tokenizer,
     markdown_table,
     model_fingerprint,
     non_negative_int,
-    parse_int,
     positive_int,
     rekey_partial,
     remove_partial,
@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              "own)")
     parser.add_argument("--train-length", type=positive_int, default=None, help="marked on the plots")
     add_mitigation_argument(parser)
-    parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
+    parser.add_argument("--norm-calibrate", type=int_option, default=None, metavar="LEN",
                         help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
                              "tokens of the rows (state normalization calibrated on a reference prefix)")
     parser.add_argument("--norm-factor", type=float, default=None,
