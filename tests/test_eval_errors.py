@@ -569,6 +569,20 @@ def test_corpus_options_beside_rows_they_do_not_shape_are_refused(tmp_path, caps
     assert (tmp_path / "len" / "length.json").is_file()
 
 
+@pytest.mark.parametrize("task, options, fix", [
+    (["induction_heads", "--vocab-size", "1"], [], "change --vocab-size or --max-len"),
+    (["mqar", "--vocab-size", "32", "--n-kv", "0"], [], "change --n-kv, --vocab-size or --max-len"),
+    (["mqar", "--vocab-size", "32", "--n-kv", "4"], ["--power-a", "-1"], "change --n-kv, --vocab-size, --max-len or "
+                                                                         "--power-a")])
+def test_state_task_rows_that_cannot_be_built_name_the_options_of_that_task(task, options, fix, tmp_path, capsys):
+    # induction_heads rows that could not be built said "change --n-kv, --vocab-size or --max-len", though --n-kv is
+    # refused for that task ("has no count of items to recall"); a bad --power-a was not named as a fix
+    code, err = run_cli(["eval", "state", "--model", str(MAMBA_TINY), "--task", *task, *options, "--n-docs", "1",
+                         "--max-len", "64", "--device", "cpu", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith(f"zoo eval state: --task {task[0]}: ")
+    assert err.splitlines()[0].endswith(f"; {fix}")
+
+
 def test_state_task_vocabulary_of_zero_is_refused(tmp_path, monkeypatch):
     """zoo eval state --task induction_heads --vocab-size 0 took the 0 as not given and ran the task's default
     vocabulary (16), without a word; the task refuses it, as zoo eval synthetic's does."""

@@ -118,14 +118,19 @@ def load_rows(args, add_bos: bool = True, holdout: float = 0.01,
     of the whole documents, before a cut to the shortest), None for a task's rows. With ``model``, the corpus's
     tokenizer is refused before the documents are built where it is not the model's (`check_tokenizer`)."""
     if args.task:
-        from zoo.data.synthetic import make_batch
+        from zoo.data.synthetic import COUNT_ARGUMENT, make_batch
 
         kwargs = task_arguments(args)
         generator = torch.Generator().manual_seed(args.seed)
         try:
             return make_batch(args.task, args.n_docs, args.max_len, generator, **kwargs)["input_ids"], None
         except ValueError as error:
-            raise ValueError(f"--task {args.task}: {error}; change --n-kv, --vocab-size or --max-len") from None
+            # the options this task takes: induction_heads has no count (--n-kv, named for it too, is refused for it);
+            # a given --power-a may be the value at fault (it was not named)
+            options = (["--n-kv"] if COUNT_ARGUMENT[args.task] else []) + ["--vocab-size", "--max-len"] + \
+                (["--power-a"] if args.power_a is not None else [])
+            raise ValueError(f"--task {args.task}: {error}; change {', '.join(options[:-1])} or {options[-1]}") \
+                from None
     from zoo.eval.length import load_documents
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
