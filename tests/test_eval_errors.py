@@ -583,6 +583,23 @@ def test_state_task_rows_that_cannot_be_built_name_the_options_of_that_task(task
     assert err.splitlines()[0].endswith(f"; {fix}")
 
 
+def test_state_notes_a_cut_only_where_a_document_was_cut(tmp_path, capsys):
+    # rows of a --tokens file shorter than the default --max-len (16384) were noted as "documents cut to the
+    # shortest, 64 tokens", though every document was whole
+    from zoo.eval import state
+
+    torch.save(torch.randint(0, 256, (2, 64)), tmp_path / "even.pt")
+    torch.save([torch.randint(0, 256, (80,)), torch.randint(0, 256, (64,))], tmp_path / "uneven.pt")
+    common = ["--model", str(MAMBA_TINY), "--chunk-size", "64", "--points-per-octave", "0", "--device", "cpu",
+              "--out", str(tmp_path / "out")]
+    notes = {}
+    for name, more in [("even", []), ("uneven", []), ("even-cut", ["--max-len", "32"])]:
+        state.main([*common, "--tokens", str(tmp_path / f"{name.removesuffix('-cut')}.pt"), *more])
+        notes[name] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == {"even": ["note: the rows are 64 tokens, fewer than --max-len 16384: the documents are no longer"],
+                     "uneven": ["note: documents cut to the shortest, 64 tokens"], "even-cut": []}
+
+
 def test_state_task_vocabulary_of_zero_is_refused(tmp_path, monkeypatch):
     """zoo eval state --task induction_heads --vocab-size 0 took the 0 as not given and ran the task's default
     vocabulary (16), without a word; the task refuses it, as zoo eval synthetic's does."""

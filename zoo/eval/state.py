@@ -141,8 +141,12 @@ def load_rows(args, add_bos: bool = True, holdout: float = 0.01,
     docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, add_bos=add_bos,
                           holdout=holdout)
     length = min(len(d) for d in docs)
-    if length < args.max_len:
+    if any(len(d) > length for d in docs):
         print(f"note: documents cut to the shortest, {length} tokens")
+    elif length < args.max_len:
+        # (documents of equal length, none cut, were reported "cut to the shortest" too: a --tokens file of rows shorter
+        # than the default --max-len 16384)
+        print(f"note: the rows are {length} tokens, fewer than --max-len {args.max_len}: the documents are no longer")
     return torch.stack([d[:length] for d in docs]), docs
 
 
