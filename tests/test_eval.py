@@ -1314,6 +1314,31 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and not (out / "state.partial.pt").exists()
 
 
+def test_a_state_run_saved_on_a_gpu_is_refused_on_a_cpu_machine_as_of_another_device(tmp_path, monkeypatch, capsys):
+    """A state run's partial file holds the model's cache on its device, and its settings name that device. One saved
+    on a GPU could not be loaded at all on a machine without one ('Attempting to deserialize object on a CUDA
+    device'), and the rerun said it was "not a readable partial run (RuntimeError)"; it is read onto the model's
+    device and refused for what it is, a run of another device."""
+    import torch.serialization
+
+    from zoo.eval.common import load_model
+    from zoo.state.recorder import record_state_statistics
+
+    model = load_model(str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "cpu")
+    rows, partial = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(0)), tmp_path / "p.pt"
+    record_state_statistics(model, rows, chunk_size=16, partial=partial, keep_partial=True)
+    saved = torch.load(partial, weights_only=False)
+    saved["settings"]["device"] = "cuda:0"
+    with monkeypatch.context() as patch:  # the file a GPU machine writes: storages tagged cuda:0
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved, partial)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    record_state_statistics(model, rows, chunk_size=16, partial=partial, label="the run")
+    assert "the run: " + str(partial) + " holds a partial run of other settings (device differ); starting over" in \
+        capsys.readouterr().out
+
+
 def test_eval_state_caps_the_heads_it_records(tmp_path, monkeypatch):
     """--mitigation norm:threshold=T caps each Mamba head of --group-size channels, the heads the statistics are
     recorded on: the cap took the spec's default of 64 channels, so with --group-size 16 the plotted heads were

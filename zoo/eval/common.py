@@ -425,16 +425,20 @@ def tokens_digest(rows: torch.Tensor | Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def read_partial(path: str | Path, settings: dict, label: str, safe_globals: Sequence[type] = ()) -> dict | None:
+def read_partial(path: str | Path, settings: dict, label: str, safe_globals: Sequence[type] = (),
+                 map_location: str | torch.device | None = None) -> dict | None:
     """The partial run saved at ``path`` (``save_atomically``) when it was saved under ``settings``; None (saying why)
     when there is none, or it is unreadable or of other settings (the run then starts over and replaces it).
-    ``safe_globals``: the classes it may hold besides tensors and plain values (a model's cache)."""
+    ``safe_globals``: the classes it may hold besides tensors and plain values (a model's cache). ``map_location``:
+    where its tensors are loaded (torch.load's; None: where they were saved), for a caller whose saved tensors are on
+    the model's device (a cache) and whose settings name that device: a file saved on a GPU is then read on a machine
+    without one, and refused as of another device, not as unreadable."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
-            saved = torch.load(path, weights_only=True)
+            saved = torch.load(path, weights_only=True, map_location=map_location)
         previous = saved["settings"]
         if not isinstance(previous, dict) or not isinstance(previous.get("key"), dict):
             raise TypeError
