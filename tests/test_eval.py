@@ -1314,6 +1314,31 @@ def test_eval_state_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
     assert len(calls) == 6 and not (out / "state.partial.pt").exists()
 
 
+def test_a_state_run_saved_on_a_gpu_is_refused_on_a_cpu_machine_as_of_another_device(tmp_path, monkeypatch, capsys):
+    """A state run's partial file holds the model's cache on its device, and its settings name that device. One saved
+    on a GPU could not be loaded at all on a machine without one ('Attempting to deserialize object on a CUDA
+    device'), and the rerun said it was "not a readable partial run (RuntimeError)"; it is read onto the model's
+    device and refused for what it is, a run of another device."""
+    import torch.serialization
+
+    from zoo.eval.common import load_model
+    from zoo.state.recorder import record_state_statistics
+
+    model = load_model(str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), "cpu")
+    rows, partial = torch.randint(0, 64, (1, 32), generator=torch.Generator().manual_seed(0)), tmp_path / "p.pt"
+    record_state_statistics(model, rows, chunk_size=16, partial=partial, keep_partial=True)
+    saved = torch.load(partial, weights_only=False)
+    saved["settings"]["device"] = "cuda:0"
+    with monkeypatch.context() as patch:  # the file a GPU machine writes: storages tagged cuda:0
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved, partial)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    record_state_statistics(model, rows, chunk_size=16, partial=partial, label="the run")
+    assert "the run: " + str(partial) + " holds a partial run of other settings (device differ); starting over" in \
+        capsys.readouterr().out
+
+
 def test_eval_state_caps_the_heads_it_records(tmp_path, monkeypatch):
     """--mitigation norm:threshold=T caps each Mamba head of --group-size channels, the heads the statistics are
     recorded on: the cap took the spec's default of 64 channels, so with --group-size 16 the plotted heads were
@@ -2249,6 +2274,39 @@ def test_eval_state_of_a_checkpoint_trained_on_the_corpus_says_how_much_is_train
         state.main(["--model", str(gla_checkpoint), *argv, "--out", str(tmp_path / "b")])
     documents = json.loads((tmp_path / "b" / "state.json").read_text())["documents"]
     assert seen == [0.01] and not documents["trained_on_corpus"]
+
+
+def test_a_rerun_with_another_tokenizer_saved_in_its_folder_evaluates_again(tmp_path, monkeypatch, capsys):
+    """zoo eval length kept a curve (length.json) and zoo eval passkey its cells (passkey.json) by --tokenizer's name:
+    a rerun after another tokenizer was saved into that folder reported the old tokenizer's results as its own
+    ("kept from ...", "resuming ...")."""
+    from helpers import save_letter_tokenizer
+
+    from zoo.eval import length, passkey
+
+    model, folder = str(ROOT / "configs" / "models" / "mamba-tiny.yaml"), tmp_path / "tok"
+    save_letter_tokenizer(folder, bos_token=("<s>", 28), eos_token=("</s>", 29))
+    argv = ["--model", model, "--label", "m", "--tokenizer", str(folder), "--n-docs", "1", "--max-len", "96",
+            "--chunk-size", "32", "--device", "cpu"]
+    first = length.main([*argv, "--out", str(tmp_path / "len")])
+    pk_argv = ["--model", model, "--tokenizer", str(folder), "--lengths", "200", "--depths", "0", "--n-samples", "1",
+               "--device", "cpu", "--out", str(tmp_path / "pk")]
+    passkey.main(pk_argv)
+    capsys.readouterr()
+    save_letter_tokenizer(folder, bos_token=("<s>", 29), eos_token=("</s>", 28))  # another one, of the same name
+    rerun = length.main([*argv, "--out", str(tmp_path / "len")])
+    assert "kept from" not in capsys.readouterr().out
+    fresh = length.main([*argv, "--out", str(tmp_path / "fresh")])
+    assert rerun["m"]["bins"] == fresh["m"]["bins"] != first["m"]["bins"]
+    calls = []
+    real_generate = passkey.greedy_generate
+    monkeypatch.setattr(passkey, "greedy_generate", lambda *a, **k: calls.append(1) or real_generate(*a, **k))
+    passkey.main(pk_argv)
+    assert calls == [1] and "resuming" not in capsys.readouterr().out
+    # the same tokenizer loaded again is the same one: kept
+    length.main([*argv, "--out", str(tmp_path / "len")])
+    passkey.main(pk_argv)
+    assert calls == [1] and capsys.readouterr().out.count("kept from") == 1
 
 
 def test_a_rerun_under_a_norm_cap_notices_another_chunk_size(gla_checkpoint, tmp_path, monkeypatch, capsys):

@@ -134,11 +134,51 @@ def test_passkey_refuses_a_tokenizer_beyond_the_model_vocabulary(tmp_path, capsy
     model = zoo_yaml(tmp_path, vocab_size=100)  # a YAML model gets the byte tokenizer: ids up to 258
     argv = ["--model", model, "--lengths", "200", "--depths", "0", "--n-samples", "1", "--device", "cpu",
             "--out", str(tmp_path / "pk")]
-    with pytest.raises(ValueError, match=r"passkey prompts hold token id \d+ but the model's vocab_size is 100.*"
-                                         r"--tokenizer"):
+    # refused before the first cell, by the tokenizer's size (the first prompt's ids were refused before)
+    with pytest.raises(ValueError, match=r"the byte tokenizer \(a zoo YAML model's, .*\) has 259 tokens, more than "
+                                         r"the model's 100 embeddings; .*--tokenizer"):
         passkey.main(argv)
     code, err = run_cli(["eval", "passkey", *argv], capsys)
-    assert code == 2 and "vocab_size is 100" in err and "IndexError" not in err
+    assert code == 2 and "more than the model's 100 embeddings" in err and "IndexError" not in err
+
+
+@pytest.mark.parametrize("command", ["passkey", "length", "state"])
+@pytest.mark.parametrize("tokenizer", ["eos-past", "larger"])
+def test_a_tokenizer_not_the_models_is_refused_before_any_evaluation(command, tokenizer, tmp_path, capsys):
+    # a tokenizer whose eos id (700) lay past mamba-tiny's 512 embeddings, or one of 603 tokens whose ids in the
+    # prompts and documents stayed below 512 (mostly <unk>), was evaluated without a word: a passkey grid, a length
+    # curve and state statistics of a model scored on text tokenized as it never was trained; zoo generate, train
+    # and finetune refuse such a tokenizer
+    from helpers import save_letter_tokenizer
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from zoo.eval import length, passkey, state
+
+    folder = tmp_path / "tok"
+    if tokenizer == "eos-past":
+        save_letter_tokenizer(folder, bos_token=("<s>", 28), eos_token=("<eos>", 700))
+        message = (r"--tokenizer '.*tok': its (pad|eos)_token_id 700 is outside the model's vocabulary "
+                   r"\(vocab_size 512: ids 0\.\.511\), though the tokenizer has 30 tokens \(its ids have gaps\); "
+                   r"give the tokenizer the model was trained with \(--tokenizer\)")
+    else:
+        words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(600)]
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                eos_token="</s>").save_pretrained(folder)
+        message = r"--tokenizer '.*tok' has 603 tokens, more than the model's 512 embeddings; .*\(--tokenizer\)"
+    out = tmp_path / "out"
+    argv = ["--model", str(MAMBA_TINY), "--tokenizer", str(folder), "--device", "cpu", "--out", str(out)]
+    argv += {"passkey": ["--lengths", "200", "--depths", "0", "--n-samples", "1"],
+             "length": ["--n-docs", "1", "--max-len", "64", "--chunk-size", "32"],
+             "state": ["--n-docs", "1", "--max-len", "64", "--chunk-size", "32"]}[command]
+    main = {"passkey": passkey.main, "length": length.main, "state": state.main}[command]
+    with pytest.raises(ValueError, match=message):
+        main(argv)
+    assert not out.exists()
+    code, err = run_cli(["eval", command, *argv], capsys)
+    assert code == 2 and err.startswith(f"zoo eval {command}: --tokenizer ") and "Traceback" not in err
 
 
 def test_state_checks_the_vocabulary_and_takes_task_arguments(tmp_path):
@@ -529,6 +569,37 @@ def test_corpus_options_beside_rows_they_do_not_shape_are_refused(tmp_path, caps
     assert (tmp_path / "len" / "length.json").is_file()
 
 
+@pytest.mark.parametrize("task, options, fix", [
+    (["induction_heads", "--vocab-size", "1"], [], "change --vocab-size or --max-len"),
+    (["mqar", "--vocab-size", "32", "--n-kv", "0"], [], "change --n-kv, --vocab-size or --max-len"),
+    (["mqar", "--vocab-size", "32", "--n-kv", "4"], ["--power-a", "-1"], "change --n-kv, --vocab-size, --max-len or "
+                                                                         "--power-a")])
+def test_state_task_rows_that_cannot_be_built_name_the_options_of_that_task(task, options, fix, tmp_path, capsys):
+    # induction_heads rows that could not be built said "change --n-kv, --vocab-size or --max-len", though --n-kv is
+    # refused for that task ("has no count of items to recall"); a bad --power-a was not named as a fix
+    code, err = run_cli(["eval", "state", "--model", str(MAMBA_TINY), "--task", *task, *options, "--n-docs", "1",
+                         "--max-len", "64", "--device", "cpu", "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and err.startswith(f"zoo eval state: --task {task[0]}: ")
+    assert err.splitlines()[0].endswith(f"; {fix}")
+
+
+def test_state_notes_a_cut_only_where_a_document_was_cut(tmp_path, capsys):
+    # rows of a --tokens file shorter than the default --max-len (16384) were noted as "documents cut to the
+    # shortest, 64 tokens", though every document was whole
+    from zoo.eval import state
+
+    torch.save(torch.randint(0, 256, (2, 64)), tmp_path / "even.pt")
+    torch.save([torch.randint(0, 256, (80,)), torch.randint(0, 256, (64,))], tmp_path / "uneven.pt")
+    common = ["--model", str(MAMBA_TINY), "--chunk-size", "64", "--points-per-octave", "0", "--device", "cpu",
+              "--out", str(tmp_path / "out")]
+    notes = {}
+    for name, more in [("even", []), ("uneven", []), ("even-cut", ["--max-len", "32"])]:
+        state.main([*common, "--tokens", str(tmp_path / f"{name.removesuffix('-cut')}.pt"), *more])
+        notes[name] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == {"even": ["note: the rows are 64 tokens, fewer than --max-len 16384: the documents are no longer"],
+                     "uneven": ["note: documents cut to the shortest, 64 tokens"], "even-cut": []}
+
+
 def test_state_task_vocabulary_of_zero_is_refused(tmp_path, monkeypatch):
     """zoo eval state --task induction_heads --vocab-size 0 took the 0 as not given and ran the task's default
     vocabulary (16), without a word; the task refuses it, as zoo eval synthetic's does."""
@@ -590,6 +661,20 @@ def test_an_empty_number_is_refused_by_option(command, option, tmp_path, capsys)
                          "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and f"argument {option}: invalid" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, option", [("state", "--norm-calibrate"), ("state", "--points-per-octave"),
+                                             ("length", "--chunk-size"), ("synthetic", "--n-samples")])
+@pytest.mark.parametrize("value", ["abc", "2.5"])
+def test_a_number_option_given_a_non_integer_says_so_without_naming_a_function(command, option, value, tmp_path,
+                                                                               capsys):
+    # argparse words a type function's ValueError after the function: "argument --norm-calibrate: invalid parse_int
+    # value: 'abc'" (invalid positive_int / non_negative_int value for the others), which named no form the option
+    # takes
+    code, err = run_cli(["eval", command, "--model", str(MAMBA_TINY), option, value, "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and f"argument {option}: invalid integer '{value}'; give a whole number such as " in err
+    assert "_int value" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["length", "state"])

@@ -132,6 +132,36 @@ def load_tokenizer(spec: str | None, model_path: str | None = None):
         raise
 
 
+def tokenizer_name(spec: str | None, model_path: str) -> str:
+    """The tokenizer `load_tokenizer(spec, model_path)` loads, as a message names it: ``--tokenizer 'tok'``, the
+    byte tokenizer of a zoo YAML model, ``DIR's tokenizer``, or a PEFT adapter's base model's."""
+    if spec is not None:
+        return f"--tokenizer {spec!r}"
+    if str(model_path).endswith((".yaml", ".yml")):
+        return f"the byte tokenizer (a zoo YAML model's, {model_path})"
+    source = tokenizer_source(model_path)  # a PEFT adapter without tokenizer files: its base model's
+    return f"{model_path}'s tokenizer" if source == str(model_path) else \
+        f"the tokenizer of {model_path}'s base model {source}"
+
+
+def check_tokenizer(model, tokenizer, which: str) -> None:
+    """Refuse, before anything is evaluated, a tokenizer that is not the model's, as zoo generate and zoo train do:
+    one with more tokens than the model has embeddings, or whose pad, bos or eos id is no row of them (a tokenizer
+    whose ids have gaps: ``zoo.data.text.special_id_outside``). ValueError naming it (``which``, `tokenizer_name`) and
+    the fix; nothing is checked for a model without input embeddings."""
+    from zoo.data.text import special_id_outside
+
+    try:
+        n_embed = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return
+    if len(tokenizer) > n_embed:
+        raise ValueError(f"{which} has {len(tokenizer)} tokens, more than the model's {n_embed} embeddings; give the "
+                         f"tokenizer the model was trained with (--tokenizer)")
+    if outside := special_id_outside(tokenizer, n_embed):
+        raise ValueError(f"{which}: {outside[0]}; give the tokenizer the model was trained with (--tokenizer)")
+
+
 def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], what: str, fix: str) -> None:
     """Refuse token ids outside ``[0, model.config.vocab_size)`` with a ValueError naming ``what`` and ``fix``
     (the embedding would raise a bare ``IndexError: index out of range in self`` mid-evaluation).
@@ -314,6 +344,20 @@ def model_fingerprint(path: str) -> dict | str:
     return {"hub": str(path), "commit": adapter.parent.name, "base": _base_fingerprint(adapter, None)}
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What identifies a loaded tokenizer for a resumed run, by what it turns text into (not by its name or folder): a
+    SHA-256 of its class, its special token ids, whether it adds BOS / EOS, and its whole tokenizers pipeline
+    (vocabulary, merges, normalizer, pre-tokenizer: ``backend_tokenizer``; a slow tokenizer: its vocabulary). The same
+    files loaded again give the same one; another tokenizer saved into the same folder gives another."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    what = {"class": type(tokenizer).__name__,
+            "special": {name: getattr(tokenizer, name, None)
+                        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id")},
+            "adds": [getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)],
+            "pipeline": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _base_fingerprint(adapter_config: Path, folder: Path | None) -> dict | str | None:
     """model_fingerprint of the base model an adapter_config.json names (None when it names none, or names the
     adapter's own folder)."""
@@ -381,16 +425,20 @@ def tokens_digest(rows: torch.Tensor | Sequence[torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def read_partial(path: str | Path, settings: dict, label: str, safe_globals: Sequence[type] = ()) -> dict | None:
+def read_partial(path: str | Path, settings: dict, label: str, safe_globals: Sequence[type] = (),
+                 map_location: str | torch.device | None = None) -> dict | None:
     """The partial run saved at ``path`` (``save_atomically``) when it was saved under ``settings``; None (saying why)
     when there is none, or it is unreadable or of other settings (the run then starts over and replaces it).
-    ``safe_globals``: the classes it may hold besides tensors and plain values (a model's cache)."""
+    ``safe_globals``: the classes it may hold besides tensors and plain values (a model's cache). ``map_location``:
+    where its tensors are loaded (torch.load's; None: where they were saved), for a caller whose saved tensors are on
+    the model's device (a cache) and whose settings name that device: a file saved on a GPU is then read on a machine
+    without one, and refused as of another device, not as unreadable."""
     path = Path(path)
     if not path.is_file():
         return None
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
-            saved = torch.load(path, weights_only=True)
+            saved = torch.load(path, weights_only=True, map_location=map_location)
         previous = saved["settings"]
         if not isinstance(previous, dict) or not isinstance(previous.get("key"), dict):
             raise TypeError
@@ -548,10 +596,22 @@ def number_list(text: str, kind=int) -> list:
         raise argparse.ArgumentTypeError(f"expected a comma list of {forms}, got {text!r}") from None
 
 
+def int_option(text: str) -> int:
+    """``parse_int`` as an argparse type (zoo eval state --norm-calibrate): a value that is not an integer is refused
+    with argparse's one-line error naming the option and the forms it takes. (argparse words a bare ValueError as
+    'invalid <function name> value': "argument --norm-calibrate: invalid parse_int value: 'abc'".)"""
+    try:
+        return parse_int(text)
+    except ValueError as error:
+        reason = str(error) if str(error).startswith("invalid integer") else f"invalid integer {text!r}"
+        raise argparse.ArgumentTypeError(f"{reason}; give a whole number such as 2048, 2^11 or 2K") from None
+
+
 def positive_int(text: str) -> int:
     """``parse_int`` for a count or size on the command line (rows, batch, chunk, tokens): below 1 is refused with
-    argparse's one-line error naming the option (0 rows divided by zero, a 0 batch or chunk stalled a range)."""
-    value = parse_int(text)
+    argparse's one-line error naming the option (0 rows divided by zero, a 0 batch or chunk stalled a range), and so
+    is a value that is not an integer (`int_option`)."""
+    value = int_option(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
@@ -559,8 +619,11 @@ def positive_int(text: str) -> int:
 
 def non_negative_int(text: str) -> int:
     """An integer >= 0 on the command line (a warmup, --points-per-octave: 0 is none; a negative count was taken as 0
-    without a word)."""
-    value = int(text)
+    without a word); a value that is not an integer is refused as such ('invalid non_negative_int value' before)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}; give a whole number such as 0 or 2") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from zoo.eval.common import (
     check_model_path,
     check_token_ids,
+    check_tokenizer,
     interruption_says,
     iter_chunk_logits,
     load_model,
@@ -45,6 +46,8 @@ from zoo.eval.common import (
     save_atomically,
     save_figure,
     sigterm_interrupts,
+    tokenizer_fingerprint,
+    tokenizer_name,
     tokens_digest,
     trained_with_bos,
     write_json,
@@ -578,7 +581,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                       "n_docs": args.n_docs, "max_len": args.max_len, "seed": args.seed, "start": args.start,
                       "dtype": args.dtype, "bins_per_octave": args.bins_per_octave}
     if not args.tokens:
-        documents_from |= {"holdout": holdout, "layout": CORPUS_LAYOUT}
+        # the tokenizer by what it does: another one saved into --tokenizer's folder (or the first model's) since kept
+        # the curves of the old one, taken for the same settings by name
+        documents_from |= {"holdout": holdout, "layout": CORPUS_LAYOUT,
+                           "tokenizer_digest": tokenizer_fingerprint(tokenizer)}
     previous = {}
     if (out / "length.json").is_file():
         try:
@@ -610,6 +616,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             if isinstance(kept, dict):
                 print(f"{label}: {out / 'length.json'} holds its curve under other settings; evaluating it again")
             model = load_model(path, args.device, args.dtype)
+            if tokenizer is not None:  # the built-in corpus's: refused before its documents are built for the model
+                # (one whose eos or pad id lay past the model's embeddings gave a curve without a word)
+                check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model[0]))
             config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
             if spec is not None:
                 apply_mitigation(model, spec)

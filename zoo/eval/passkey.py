@@ -21,6 +21,7 @@ from zoo.cache import output_cache
 from zoo.eval.common import (
     accepts_argument,
     check_token_ids,
+    check_tokenizer,
     chunk_positions,
     encode_with_bos,
     format_size,
@@ -36,6 +37,8 @@ from zoo.eval.common import (
     resume,
     save_figure,
     sigterm_interrupts,
+    tokenizer_fingerprint,
+    tokenizer_name,
     trained_with_bos,
     write_json,
     write_rows,
@@ -482,12 +485,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     with sigterm_interrupts(), interruption_says(kept):
         model = load_model(args.model, args.device, args.dtype)  # first: a wrong --model is not a tokenizer problem
         tokenizer = load_tokenizer(args.tokenizer, args.model)
+        # (a tokenizer whose eos or pad id lay past the model's embeddings ran every cell, scoring a model on a
+        # tokenizer it was not trained with, without a word)
+        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model))
         if args.mitigation is not None:
             apply_mitigation(model, args.mitigation)
         # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds
+        # (the tokenizer by what it does too: the cells of another one saved into --tokenizer's folder were kept)
         config = {"model": args.model, "weights": model_fingerprint(args.model), "tokenizer": args.tokenizer,
-                  "dtype": args.dtype, "seed": args.seed, "n_samples": args.n_samples,
-                  "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
+                  "tokenizer_digest": tokenizer_fingerprint(tokenizer), "dtype": args.dtype, "seed": args.seed,
+                  "n_samples": args.n_samples, "max_new_tokens": args.max_new_tokens, "mitigation": args.mitigation}
         if splits_matter(args.mitigation):  # a norm cap acts at every prefill chunk's end
             config["prefill_chunk_size"] = args.prefill_chunk_size
         done = resume(out / "passkey.json", config, "zoo eval passkey")

@@ -26,17 +26,19 @@ import torch
 from zoo.cache import ZooCache
 from zoo.eval.common import (
     check_token_ids,
+    check_tokenizer,
+    int_option,
     interruption_says,
     load_model,
     load_tokenizer,
     markdown_table,
     model_fingerprint,
     non_negative_int,
-    parse_int,
     positive_int,
     rekey_partial,
     remove_partial,
     sigterm_interrupts,
+    tokenizer_name,
     trained_with_bos,
     write_json,
 )
@@ -106,30 +108,45 @@ def check_row_options(args) -> None:
                          f"{'them' if len(unused) > 1 else 'it'} out")
 
 
-def load_rows(args, add_bos: bool = True, holdout: float = 0.01) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+def load_rows(args, add_bos: bool = True, holdout: float = 0.01,
+              model=None) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """``(rows, documents)``: rows, a LongTensor [n_docs, max_len], from --tokens, a synthetic --task, or the
     built-in corpus (its documents with BOS first or not: ``add_bos``, as the model trained,
     ``zoo.eval.common.trained_with_bos``; the held-out files of data.holdout ``holdout`` first, as
     ``zoo.eval.length.recipe_holdout`` reads it for a zoo checkpoint); documents, those the rows were cut from (a
     ``CorpusDocuments`` for the built-in corpus, which ``zoo.eval.length.document_provenance`` reads; its counts are
-    of the whole documents, before a cut to the shortest), None for a task's rows."""
+    of the whole documents, before a cut to the shortest), None for a task's rows. With ``model``, the corpus's
+    tokenizer is refused before the documents are built where it is not the model's (`check_tokenizer`)."""
     if args.task:
-        from zoo.data.synthetic import make_batch
+        from zoo.data.synthetic import COUNT_ARGUMENT, make_batch
 
         kwargs = task_arguments(args)
         generator = torch.Generator().manual_seed(args.seed)
         try:
             return make_batch(args.task, args.n_docs, args.max_len, generator, **kwargs)["input_ids"], None
         except ValueError as error:
-            raise ValueError(f"--task {args.task}: {error}; change --n-kv, --vocab-size or --max-len") from None
+            # the options this task takes: induction_heads has no count (--n-kv, named for it too, is refused for it);
+            # a given --power-a may be the value at fault (it was not named)
+            options = (["--n-kv"] if COUNT_ARGUMENT[args.task] else []) + ["--vocab-size", "--max-len"] + \
+                (["--power-a"] if args.power_a is not None else [])
+            raise ValueError(f"--task {args.task}: {error}; change {', '.join(options[:-1])} or {options[-1]}") \
+                from None
     from zoo.eval.length import load_documents
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
+    if tokenizer is not None and model is not None:
+        # (a tokenizer whose eos or pad id lay past the model's embeddings gave statistics of rows the model was not
+        # trained on, without a word)
+        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model))
     docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, add_bos=add_bos,
                           holdout=holdout)
     length = min(len(d) for d in docs)
-    if length < args.max_len:
+    if any(len(d) > length for d in docs):
         print(f"note: documents cut to the shortest, {length} tokens")
+    elif length < args.max_len:
+        # (documents of equal length, none cut, were reported "cut to the shortest" too: a --tokens file of rows shorter
+        # than the default --max-len 16384)
+        print(f"note: the rows are {length} tokens, fewer than --max-len {args.max_len}: the documents are no longer")
     return torch.stack([d[:length] for d in docs]), docs
 
 
@@ -230,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              "own)")
     parser.add_argument("--train-length", type=positive_int, default=None, help="marked on the plots")
     add_mitigation_argument(parser)
-    parser.add_argument("--norm-calibrate", type=parse_int, default=None, metavar="LEN",
+    parser.add_argument("--norm-calibrate", type=int_option, default=None, metavar="LEN",
                         help="cap each head's state norm at --norm-factor x its largest norm over the first LEN "
                              "tokens of the rows (state normalization calibrated on a reference prefix)")
     parser.add_argument("--norm-factor", type=float, default=None,
@@ -274,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # 0.01 were taken whatever the run's data.holdout, and the share went unrecorded
         holdout = None if args.tokens or args.task else recipe_holdout(args.model)
         rows, documents = load_rows(args, trained_with_bos(getattr(model, "config", None)),
-                                    0.01 if holdout is None else holdout)
+                                    0.01 if holdout is None else holdout, model)
         provenance = document_provenance(documents, f"zoo eval state {args.model}", holdout is not None)
         saved = {"model": args.model} | ({"documents": provenance} if provenance is not None else {})
         check_rows(model, rows, args)

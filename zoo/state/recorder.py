@@ -208,7 +208,10 @@ def record_state_statistics(model, input_ids: torch.Tensor, chunk_size: int = 10
             "mitigation": [{k: v.tolist() if isinstance(v, torch.Tensor) else v
                             for k, v in (m.mitigation or {}).items()} for m in recorder.mixers]}))
         fresh = ZooCache.for_model(model, batch)  # its classes are the ones the saved cache may hold
-        saved = read_partial(partial, settings, label, [type(fresh), *{type(layer) for layer in fresh.layers}])
+        # onto the model's device: a run saved on a GPU (its settings name the device) read on a machine without one
+        # failed to load, and was said to be "not a readable partial run (RuntimeError)" rather than of another device
+        saved = read_partial(partial, settings, label, [type(fresh), *{type(layer) for layer in fresh.layers}],
+                             map_location=device)
         if saved is not None:
             done, cache, previous_logit = saved["chunks"], saved["cache"], saved["previous_logit"]
             losses, series, cumsum = saved["losses"], saved["series"], saved["cumsum"]
