@@ -26,7 +26,21 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     warnings.filterwarnings("ignore", message=".*no fast .* kernel.*")
+    _forget_accelerate_state()
     yield
+
+
+def _forget_accelerate_state():
+    """Each test starts without the accelerate state an earlier test of its worker left: on a GPU machine a run there
+    fixed the PartialState's device to the GPU, and a later test's `Accelerator(cpu=True)` (or a run pinned to the CPU,
+    ACCELERATE_USE_CPU=1) was refused, "AcceleratorState has already been initialized and cannot be changed" (seven
+    tests of the README's test command on the H100, forty-fourth session). Only where accelerate is imported."""
+    import sys
+
+    if "accelerate.state" in sys.modules:
+        from zoo.train import reset_accelerate_state
+
+        reset_accelerate_state()
 
 
 @pytest.fixture(scope="session", autouse=True)
