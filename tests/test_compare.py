@@ -2042,3 +2042,41 @@ def test_a_comparison_without_mqar_or_throughput_writes_no_empty_plot(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["loss.png", "memory.png"]
     assert ("Plots left out (nothing to draw): throughput.png: throughput: null; recall.png: eval.mqar is not set; "
             "length.png: eval.per_position is not set.") in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"recipe": {"data": {"seq_len": 64}}}, "recipe.data.seq_len: 64 positions"),
+    ({"train_lengths": [16, 64]}, "train_lengths: 64 positions"),
+    ({"eval": {"batches": 1, "per_position": {"n_docs": 1, "max_len": 64, "chunk_size": 16}}},
+     "eval.per_position.max_len: 64 positions"),
+    ({"eval": {"batches": 1, "passkey": {"lengths": [200], "n_samples": 1}}},
+     "eval.passkey.lengths: 207 positions, but models.gpt2 (GPT2LMHeadModel) learns 200 absolute positions"),
+    ({"eval": {"batches": 1, "mqar": {"steps": 0, "seq_len": 16, "n_kv": 2, "vocab_size": 64,
+                                      "eval_seq_lens": [16, 64]}}}, "eval.mqar.eval_seq_lens: 64 positions"),
+    ({"throughput": {"seq_lens": [16, 64], "steps": 1}}, "throughput.seq_lens: 64 positions"),
+])
+def test_a_phase_longer_than_a_models_learned_positions_is_refused_before_any_model_trains(tmp_path, capsys,
+                                                                                             override, message):
+    """A GPT-2 (learned absolute positions, its wpe) failed on a longer row with 'IndexError: index out of range in
+    self': its training was refused only at its turn, and the per-position loss, passkey, MQAR and throughput phases
+    ended in that traceback after it had trained."""
+    positions = 200 if "passkey" in override.get("eval", {}) else 32
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
+                      "gpt2": {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2,
+                               "n_positions": positions}},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "gpt2"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16, "packing": False},
+                      "train": {"max_steps": 1, "micro_batch_size": 4}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    for key, value in override.items():
+        if key == "recipe":
+            cfg["recipe"]["data"].update(value["data"])
+        else:
+            cfg[key] = value
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absolute positions (transformer.wpe" in err
+    assert "training at" not in err and not (tmp_path / "gpt2" / "mamba").exists()

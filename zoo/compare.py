@@ -2144,9 +2144,9 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     """Refuse before any training what the trainer or a phase would refuse for one model midway: fewer
     embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
     neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
-    mixer with a cache but no state_size)."""
+    mixer with a cache but no state_size), a phase's rows longer than the absolute positions a model learns."""
     from zoo.data.text import load_tokenizer, special_id_outside
-    from zoo.train import ModelInputs
+    from zoo.train import ModelInputs, position_table
 
     recipe = _recipe_config(cfg.recipe)
     tokenizer = load_tokenizer(recipe.tokenizer)
@@ -2192,6 +2192,38 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
             raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
                              f"so packed documents would see each other; set recipe.data.packing=false (for every "
                              f"model: they train on the same rows)")
+        if (table := position_table(model)) is not None:  # GPT-2's wpe: a longer row failed in it, mid-run
+            for name, positions, fix in _phase_positions(cfg):
+                if positions > table[1]:
+                    raise ValueError(f"{name}: {positions} positions, but models.{entry.name} ({type(model).__name__}) "
+                                     f"learns {table[1]} absolute positions ({table[0]}, config "
+                                     f"max_position_embeddings); {fix(table[1])}, or raise its max_position_embeddings")
+
+
+def _phase_positions(cfg: CompareConfig) -> list[tuple[str, int, Callable[[int], str]]]:
+    """(field, the positions a phase feeds a model, the fix for a model of n learned positions) of every phase the
+    comparison runs: a model of learned absolute positions (`zoo.train.position_table`) failed past them with
+    "IndexError: index out of range in self", its training refused only at its turn, the evaluations, MQAR and
+    throughput after it had trained."""
+    where = "train_lengths" if cfg.train_lengths else "recipe.data.seq_len"
+    out = [(where, max(_lengths(cfg)), lambda n: f"train at lengths <= {n}")]
+    pp = cfg.eval.per_position
+    if pp is not None:  # documents of max_len tokens, BOS included, their cache carried chunk to chunk
+        out.append(("eval.per_position.max_len", pp.max_len, lambda n: f"lower it to <= {n}"))
+    pk = cfg.eval.passkey
+    if pk is not None:  # a prompt of its length, then the new tokens (the last one is never fed back)
+        out.append(("eval.passkey.lengths", max(pk.lengths) + pk.max_new_tokens - 1,
+                    lambda n: f"keep lengths <= {n} - max_new_tokens + 1 = {n - pk.max_new_tokens + 1}"))
+    m = cfg.eval.mqar
+    if m is not None:  # its training rows, and the evaluation's cells that can be built (the others are skipped)
+        cells = [L for L in m.eval_seq_lens or [m.seq_len] for n in m.eval_n_kv or [m.n_kv]
+                 if _mqar_cell_error(L, n, m) is None]
+        for name, L in (("eval.mqar.seq_len", m.seq_len if m.steps else 0),
+                        ("eval.mqar.eval_seq_lens", max(cells, default=0))):
+            out.append((name, L, lambda n: f"lower it to <= {n}"))
+    if cfg.throughput is not None:
+        out.append(("throughput.seq_lens", max(cfg.throughput.seq_lens), lambda n: f"keep them <= {n}"))
+    return out
 
 
 def _check_heldout(cfg: CompareConfig, tokenizer) -> None:
