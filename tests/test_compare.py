@@ -2080,3 +2080,25 @@ def test_a_phase_longer_than_a_models_learned_positions_is_refused_before_any_mo
     err = capsys.readouterr().err
     assert message in err and "absolute positions (transformer.wpe" in err
     assert "training at" not in err and not (tmp_path / "gpt2" / "mamba").exists()
+
+
+@pytest.mark.parametrize("accounting_only", [False, True], ids=["run", "accounting-only"])
+def test_a_misspelled_field_of_a_transformers_model_is_refused_before_any_model_trains(tmp_path, capsys,
+                                                                                        accounting_only):
+    """transformers keeps a key its config class does not take, so a Llama given hidden_sise: 32 was the default
+    4096-wide Llama: --accounting-only accounted it without a word, and a run refused it (zoo.train's check) only at
+    its turn, after the models before it had trained."""
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
+                      "llama": {"model_type": "llama", "vocab_size": 260, "hidden_sise": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 2}},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "typo"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16},
+                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)] + (["--accounting-only"] if accounting_only else [])) == 2
+    err = capsys.readouterr().err
+    assert "models.llama: hidden_sise: unknown field of LlamaConfig (llama); did you mean 'hidden_size'?" in err
+    assert "training at" not in err and not (tmp_path / "typo" / "mamba").exists()

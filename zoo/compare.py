@@ -1146,7 +1146,12 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             if is_zoo:
                 ZooConfig.check_fields(fields)
             entry = ModelEntry(name, fields, is_zoo)
-            entry.config()
+            config = entry.config()
+            if not is_zoo:  # a misspelled field was kept as an attribute: the default model was matched and accounted
+                # (--accounting-only), and its training refused it only at its turn, after the models before it trained
+                from zoo.train import check_config_fields
+
+                check_config_fields(config, fields, "")
         except (ValueError, TypeError) as e:
             raise ValueError(f"models.{name}: {e}") from e
         if is_zoo and cfg.budget is not None and match:
