@@ -2102,3 +2102,30 @@ def test_a_misspelled_field_of_a_transformers_model_is_refused_before_any_model_
     err = capsys.readouterr().err
     assert "models.llama: hidden_sise: unknown field of LlamaConfig (llama); did you mean 'hidden_size'?" in err
     assert "training at" not in err and not (tmp_path / "typo" / "mamba").exists()
+
+
+@pytest.mark.parametrize("name, model, overrides, message", [
+    ("llama", {"model_type": "llama", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "pad_token_id": 400}, {}, "pad_token_id: 400"),
+    ("gpt2", {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2, "bos_token_id": 500},
+     {}, "bos_token_id: 500"),
+    ("mamba2", "configs/models/mamba2-tiny.yaml", {"eos_token_id": 300}, "eos_token_id: 300"),
+])
+def test_a_special_id_a_model_config_names_past_its_vocabulary_is_refused_before_any_model_trains(
+        tmp_path, capsys, name, model, overrides, message):
+    """A Llama's pad_token_id past its vocabulary ended in the accounting's build with 'AssertionError: Padding_idx
+    must be within num_embeddings' (a traceback); another special id passed the checks and was refused by zoo.train
+    only at the model's turn, after the models before it had trained."""
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",  # the second model's overrides: its own
+                      name: {"config": model, "overrides": overrides} if overrides else model},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "ids"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16},
+                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"models.{name}: {message} is outside the model's vocabulary (vocab_size 260" in err
+    assert "training at" not in err and not (tmp_path / "ids" / "mamba").exists()

@@ -1094,6 +1094,22 @@ def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     raise ValueError(f"{where}: expected a model YAML path or a mapping of config fields, got {spec!r}")
 
 
+def _check_special_ids(config, fields: dict[str, Any]) -> None:
+    """Refuse a special id the model's fields name (they keep it over the tokenizer's) past its vocabulary: a Llama's
+    pad failed the accounting's build ('AssertionError: Padding_idx must be within num_embeddings', a traceback), and
+    another id passed the checks to be refused by zoo.train at the model's turn, after the models before it trained."""
+    from zoo.data.text import SPECIAL_IDS
+
+    vocab = getattr(config, "vocab_size", None)
+    for name in SPECIAL_IDS:
+        value = fields.get(name)
+        for one in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(vocab, int) and isinstance(one, int) and not isinstance(one, bool) and one >= vocab:
+                raise ValueError(f"{name}: {one} is outside the model's vocabulary (vocab_size {vocab}: ids "
+                                 f"0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
+                                 f"tokenizer's")
+
+
 def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
     """The comparison's models with overrides applied and, for zoo models, matched to the budget."""
     raw: list[tuple[str, dict, dict, bool]] = []  # name, fields, overrides, match
@@ -1152,6 +1168,7 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
                 from zoo.train import check_config_fields
 
                 check_config_fields(config, fields, "")
+            _check_special_ids(config, fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"models.{name}: {e}") from e
         if is_zoo and cfg.budget is not None and match:
