@@ -1078,7 +1078,10 @@ def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, 
     ({"eval": {"per_position": {"max_len": 1}}}, r"eval.per_position.max_len: must be >= 2"),
     ({"eval": {"per_position": {"chunk_size": 0}}}, r"eval.per_position.chunk_size: must be >= 1"),
     ({"eval": {"micro_batch_size": 0}}, r"eval.micro_batch_size: must be >= 1"),
-    ({"eval": {"mqar": {"lr": -1e-3}}}, r"eval.mqar.lr: must be > 0"),
+    ({"eval": {"mqar": {"lr": -1e-3}}}, r"eval.mqar.lr: must be a finite number > 0"),
+    # (an infinite lr trained every model to NaN; a negative warmup began the cosine partway, both without a word)
+    ({"eval": {"mqar": {"lr": math.inf}}}, r"eval.mqar.lr: must be a finite number > 0, got inf"),
+    ({"eval": {"mqar": {"warmup_steps": -5}}}, r"eval.mqar.warmup_steps: must be >= 0, got -5"),
     ({"throughput": {"batch_size": 0}}, r"throughput.batch_size: must be >= 1"),
     ({"throughput": {"batch_tokens": 0}}, r"throughput.batch_tokens: must be >= 1")])
 def test_evaluation_settings_are_checked_before_any_training(tmp_path, section, message):

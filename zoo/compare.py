@@ -974,8 +974,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         m = e.mqar
         if m.steps < 0 or m.batch_size < 1 or m.eval_samples < 1 or m.checkpoint_every < 0:
             raise ValueError("eval.mqar: steps >= 0, batch_size >= 1, eval_samples >= 1 and checkpoint_every >= 0")
-        if not m.lr > 0:
-            raise ValueError(f"eval.mqar.lr: must be > 0, got {m.lr}")
+        if not 0 < m.lr < math.inf:  # (inf trained every model to NaN, recall 0 for each)
+            raise ValueError(f"eval.mqar.lr: must be a finite number > 0, got {m.lr}")
+        if m.warmup_steps < 0:  # (it started the cosine partway, at a lower rate, without a word)
+            raise ValueError(f"eval.mqar.warmup_steps: must be >= 0, got {m.warmup_steps}")
         if 4 * m.n_kv > m.seq_len:
             raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
         # the task's own checks (keys from half the vocabulary, the gap law's exponent) before any model trains;
