@@ -855,6 +855,17 @@ def test_accounting_only_accounts_the_models_of_only_and_refuses_force(tmp_path,
     assert e.value.code == 2 and "--force redoes trained models" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("only", ["", ",", " , "])
+def test_an_only_without_model_names_is_refused(tmp_path, capsys, only):
+    """--only "$MODELS" with the variable empty (or only commas) ran every model of the config, hours of training for
+    a run meant for some of them; --accounting-only accounted them all."""
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path}", "--accounting-only"]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--only", only])
+    assert e.value.code == 2 and f"--only: no model name in {only!r}" in capsys.readouterr().err
+    assert not (tmp_path / "accounting.md").exists()
+
+
 def test_accounting_only_leaves_a_finished_comparisons_results_alone(tmp_path, capsys):
     """--accounting-only (documented as needing no GPU) on a comparison's output_dir replaced its results.md and
     results.json by tables without a trained number, and its compare_config.yaml by the settings of the look."""

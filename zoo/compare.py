@@ -2407,7 +2407,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.force and args.accounting_only:  # (it was accepted and did nothing: no result is redone or removed)
         parser.error("--force redoes trained models, and --accounting-only trains none and leaves the results alone; "
                      "give one of them")
-    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only is not None else None
+    if only == []:  # (an empty shell variable: --only "$MODELS") it ran, or accounted, every model of the config
+        parser.error(f"--only: no model name in {args.only!r}; give comma-separated names of the config's models, or "
+                     f"leave --only out for all of them")
     start = time.perf_counter()
     from zoo.eval.common import sigterm_interrupts
 
