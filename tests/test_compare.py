@@ -1463,6 +1463,21 @@ def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_p
     assert alive and not any(alive)
 
 
+def test_a_throughput_length_past_the_cpus_memory_is_recorded_out_of_memory(tmp_path):
+    """The CPU allocator's failure is a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"), not
+    torch.OutOfMemoryError: a throughput length too long for the machine's memory ended the comparison in that
+    traceback, after the model had trained, been evaluated and trained on MQAR; a GPU's is recorded and the run goes
+    on."""
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", f"throughput={{seq_lens: [16, {2 ** 42}, 32], batch_size: 1, steps: 1, warmup: 0}}"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "mamba"]
+    rows = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
+    assert [r.get("note") for r in rows] == [None, "out of memory", None]
+    assert rows[0]["tokens_per_s"] > 0 and rows[2]["tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize("layers", [[{"type": "mamba"}, {"type": "mamba"}], "MM"], ids=["list", "default-mixers"])
 def test_budget_matching_of_a_mamba_stack_without_its_own_mixers(layers):
     """Under budget.adjust auto a Mamba stack given as a list of layers (or a pattern over the default mixers) was

@@ -1660,6 +1660,12 @@ def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
     return 2 * weights + sum(saved.values())
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether an error is an allocation that failed: torch.OutOfMemoryError (a GPU's), or the CPU allocator's plain
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which ended the comparison in a traceback."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(error)
+
+
 def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, device: torch.device
                      ) -> dict[str, Any]:
     """Training-step tokens/s and memory at each of throughput.seq_lens (module docstring: memory)."""
@@ -1676,12 +1682,12 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
     rows = []
     for L in tqdm(t.seq_lens, desc=f"{entry.name}: throughput", dynamic_ncols=True):
         B = t.batch_size or max(1, t.batch_tokens // L)
-        ids = torch.randint(0, vocab, (B, L), generator=generator).to(device)
-        batch: dict[str, Any] = {"input_ids": ids, "labels": ids, **_dict_output(model)}
-        if inputs.use_cache:
-            batch["use_cache"] = False
         row: dict[str, Any] = {"seq_len": L, "batch_size": B}
         try:
+            ids = torch.randint(0, vocab, (B, L), generator=generator).to(device)
+            batch: dict[str, Any] = {"input_ids": ids, "labels": ids, **_dict_output(model)}
+            if inputs.use_cache:
+                batch["use_cache"] = False
             times = []
             for i in range(t.warmup + t.steps):
                 if i == t.warmup and device.type == "cuda":  # the peak of the timed steps: not the warmup's one-off
@@ -1704,9 +1710,11 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
             else:
                 row["peak_mib"] = _step_memory_cpu(model, batch) / 2 ** 20
                 row["memory_method"] = "weights + grads + saved activations"
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
             # an OOM in backward leaves `loss` holding the step's graph: it sat under the next length's step and peak
-            loss = None
+            loss = batch = ids = None
             model.zero_grad(set_to_none=True)
             row.update(step_ms=None, tokens_per_s=None, peak_mib=None, note="out of memory")
             _free_memory()
