@@ -493,6 +493,21 @@ def test_config_errors_name_the_field(tmp_path):
         load_compare_config(bad)
 
 
+@pytest.mark.parametrize("where, name", [("models", "results.md"), ("models", "loss.png"),
+                                         ("swaps", "compare_config.yaml")])
+def test_a_model_named_as_one_of_the_comparisons_files_is_refused(tmp_path, where, name):
+    """A model's folder took the path of output_dir's file of that name: the comparison failed writing it, mid-run
+    (results.md after the first model trained, loss.png after every model had)."""
+    models = {"m": "configs/models/mamba-tiny.yaml"}
+    section = {"models": {**models, name: models["m"]}} if where == "models" else \
+        {"models": models, "base": models["m"], "swaps": {name: None}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(section))
+    with pytest.raises(ValueError, match=rf"^{where}\.{re.escape(name)}: a model name names its results folder, and "
+                                         rf"output_dir's {re.escape(name)} is the comparison's own file"):
+        load_compare_config(bad)
+
+
 def test_throughput_batch_size_alone_is_taken(tmp_path):
     """throughput.batch_tokens defaulted to 8192, so a config giving batch_size alone (rows per step) was refused with
     'set exactly one of batch_size and batch_tokens', which it had; it had to null batch_tokens too."""

@@ -122,6 +122,11 @@ from zoo.layers import scaled_width
 from zoo.registry import get_mixer, is_dotted_path
 
 RESULT_FILE = "result.json"
+# every plot write_plots may write; one it leaves out is removed from the output folder, as an earlier run's
+# recall.png (say) would show results that this run's table has left out
+PLOTS = ("loss.png", "throughput.png", "memory.png", "recall.png", "length.png")
+# the files of output_dir beside the models' folders
+OUTPUT_FILES = ("results.md", "results.json", "accounting.md", "compare_config.yaml", *PLOTS)
 # the per-position evaluation's finished documents, in the run folder (zoo.eval.length's partial file), and the seconds
 # between its saves; the passkey evaluation's finished cells, beside it
 PER_POSITION_PARTIAL, SAVE_EVERY = "per-position.partial.pt", 30.0
@@ -915,6 +920,9 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             if not str(name).strip() or any(c in str(name) for c in "/\\") or str(name) in (".", ".."):
                 raise ValueError(f"{where}.{name}: a model name names its results folder; use a name that is not "
                                  f"blank, '.' or '..', without '/' or '\\'")
+            if str(name) in OUTPUT_FILES:  # its folder took the file's path: writing the file failed, mid-run
+                raise ValueError(f"{where}.{name}: a model name names its results folder, and output_dir's "
+                                 f"{name} is the comparison's own file; rename the model")
     if cfg.model_overrides:  # a typo here would be reported at the first model, as that model's field
         ZooConfig.check_fields(cfg.model_overrides, "model_overrides: ")
     for key in ("model", "output_dir"):
@@ -2004,9 +2012,6 @@ def _recall_labels(rows: list[dict[str, Any]]) -> list[tuple[int, float, str]]:
             for x, at in points.items()]
 
 
-# every plot write_plots may write; one it leaves out is removed from the output folder, as an earlier run's
-# recall.png (say) would show results that this run's table has left out
-PLOTS = ("loss.png", "throughput.png", "memory.png", "recall.png", "length.png")
 
 
 def _unplotted(records: list[dict[str, Any]], cfg: CompareConfig) -> dict[str, str]:
