@@ -1108,6 +1108,8 @@ def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, 
     # (an infinite lr trained every model to NaN; a negative warmup began the cosine partway, both without a word)
     ({"eval": {"mqar": {"lr": math.inf}}}, r"eval.mqar.lr: must be a finite number > 0, got inf"),
     ({"eval": {"mqar": {"warmup_steps": -5}}}, r"eval.mqar.warmup_steps: must be >= 0, got -5"),
+    # ('Overflow when unpacking long long' from the batch generator, after the first model's text training)
+    ({"eval": {"mqar": {"seed": 2 ** 64}}}, r"eval.mqar.seed: must be in \[0, 2\*\*32\), got 18446744073709551616"),
     ({"throughput": {"batch_size": 0}}, r"throughput.batch_size: must be >= 1"),
     ({"throughput": {"batch_tokens": 0}}, r"throughput.batch_tokens: must be >= 1")])
 def test_evaluation_settings_are_checked_before_any_training(tmp_path, section, message):

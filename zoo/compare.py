@@ -986,6 +986,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError(f"eval.mqar.lr: must be a finite number > 0, got {m.lr}")
         if m.warmup_steps < 0:  # (it started the cosine partway, at a lower rate, without a word)
             raise ValueError(f"eval.mqar.warmup_steps: must be >= 0, got {m.warmup_steps}")
+        if not 0 <= m.seed < 2 ** 32:  # as train.seed: one past torch's range failed after the first model trained
+            raise ValueError(f"eval.mqar.seed: must be in [0, 2**32), got {m.seed}")
         if 4 * m.n_kv > m.seq_len:
             raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
         # the task's own checks (keys from half the vocabulary, the gap law's exponent) before any model trains;
