@@ -631,7 +631,12 @@ def test_mqar_settings_no_row_can_be_built_with_are_refused_up_front(tmp_path, m
 @pytest.mark.parametrize("override, message", [
     ("--models.gla={config: configs/models/gla-tiny.yaml, overrides: {vocab_size: 200}}",
      "models.gla: 200 embeddings but the tokenizer has 259 tokens"),
-    ("--eval.mqar.vocab_size=300", "eval.mqar.vocab_size: 300 exceeds models.mamba's vocabulary 260")])
+    ("--eval.mqar.vocab_size=300", "eval.mqar.vocab_size: 300 exceeds models.mamba's vocabulary 260"),
+    # model_overrides reach the zoo models only: the advice to set model_overrides.vocab_size was refused again
+    ("--models.llama={model_type: llama, vocab_size: 200, hidden_size: 32, intermediate_size: 64, "
+     "num_hidden_layers: 1, num_attention_heads: 2}",
+     "models.llama: 200 embeddings but the tokenizer has 259 tokens; set vocab_size >= 259 (in models.llama's own "
+     "fields: model_overrides reach the zoo models only)")])
 def test_vocabulary_too_small_is_refused_before_training(tmp_path, capsys, override, message):
     """A model with fewer embeddings than the tokenizer's tokens (or MQAR's vocabulary) is refused before any model
     trains, naming it; it was refused when its own phase came, after the models before it had trained."""

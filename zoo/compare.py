@@ -2217,12 +2217,15 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
             raise ValueError(f"models.{entry.name}: {e}") from None
         model = _meta_model(entry.config())
         vocab = model.get_input_embeddings().num_embeddings
+        # model_overrides reach the zoo models only: a transformers model's vocab_size is one of its own fields
+        where = "model_overrides.vocab_size for every zoo model" if entry.is_zoo else \
+            f"in models.{entry.name}'s own fields: model_overrides reach the zoo models only"
         if vocab < n_tokens:
             raise ValueError(f"models.{entry.name}: {vocab} embeddings but the tokenizer has {n_tokens} tokens; "
-                             f"set vocab_size >= {n_tokens} (model_overrides.vocab_size for every model)")
+                             f"set vocab_size >= {n_tokens} ({where})")
         if outside := special_id_outside(tokenizer, vocab):  # (a tokenizer whose ids have gaps)
             raise ValueError(f"models.{entry.name}: tokenizer: {outside[0]}; set vocab_size >= {outside[1]} "
-                             f"(model_overrides.vocab_size for every model)")
+                             f"({where})")
         if mqar is not None and mqar.vocab_size > vocab:
             raise ValueError(f"eval.mqar.vocab_size: {mqar.vocab_size} exceeds models.{entry.name}'s vocabulary "
                              f"{vocab}")
