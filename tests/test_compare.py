@@ -1114,6 +1114,9 @@ def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, 
     ({"eval": {"mqar": {"lr": math.inf}}}, r"eval.mqar.lr: must be a finite number > 0, got inf"),
     ({"eval": {"mqar": {"warmup_steps": -5}}}, r"eval.mqar.warmup_steps: must be >= 0, got -5"),
     # ('Overflow when unpacking long long' from the batch generator, after the first model's text training)
+    # (an empty eval grid was taken as unset: the training cell alone)
+    ({"eval": {"mqar": {"eval_seq_lens": []}}}, r"eval.mqar.eval_seq_lens: an empty list"),
+    ({"eval": {"mqar": {"eval_n_kv": []}}}, r"eval.mqar.eval_n_kv: an empty list"),
     ({"eval": {"mqar": {"seed": 2 ** 64}}}, r"eval.mqar.seed: must be in \[0, 2\*\*32\), got 18446744073709551616"),
     ({"throughput": {"batch_size": 0}}, r"throughput.batch_size: must be >= 1"),
     ({"throughput": {"batch_tokens": 0}}, r"throughput.batch_tokens: must be >= 1")])

@@ -986,6 +986,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             raise ValueError(f"eval.mqar.lr: must be a finite number > 0, got {m.lr}")
         if m.warmup_steps < 0:  # (it started the cosine partway, at a lower rate, without a word)
             raise ValueError(f"eval.mqar.warmup_steps: must be >= 0, got {m.warmup_steps}")
+        for name in ("eval_seq_lens", "eval_n_kv"):  # [] was taken as unset: the training cell alone, without a word
+            if getattr(m, name) == []:
+                raise ValueError(f"eval.mqar.{name}: an empty list; give at least one value, or leave it unset (null) "
+                                 f"for the training cell's")
         if not 0 <= m.seed < 2 ** 32:  # as train.seed: one past torch's range failed after the first model trained
             raise ValueError(f"eval.mqar.seed: must be in [0, 2**32), got {m.seed}")
         if 4 * m.n_kv > m.seq_len:
