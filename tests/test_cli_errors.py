@@ -531,8 +531,14 @@ def test_train_resume_without_a_config_names_the_runs_own(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1"),
-                                           (["--lr", "-1"], "--lr must be > 0"),  # AdamW's message named no option
+                                           # AdamW's message named no option
+                                           (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+                                           # it trained all its steps to a NaN loss
+                                           (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
                                            (["--threads", "0"], "--threads must be at least 1"),
+                                           # torch's 'Overflow when unpacking long long', naming no option
+                                           (["--seed", str(2 ** 64)], "--seed must be in [0, 2**32), got "
+                                                                      "18446744073709551616"),
                                            # mqar_batch's message, naming no option, after the model was built
                                            (["--n-kv", "20"], "--n-kv 20 needs --seq-len >= 4 * 20 = 80")])
 def test_demo_refuses_impossible_options(capsys, args, message):

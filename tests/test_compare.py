@@ -493,6 +493,21 @@ def test_config_errors_name_the_field(tmp_path):
         load_compare_config(bad)
 
 
+@pytest.mark.parametrize("where, name", [("models", "results.md"), ("models", "loss.png"),
+                                         ("swaps", "compare_config.yaml")])
+def test_a_model_named_as_one_of_the_comparisons_files_is_refused(tmp_path, where, name):
+    """A model's folder took the path of output_dir's file of that name: the comparison failed writing it, mid-run
+    (results.md after the first model trained, loss.png after every model had)."""
+    models = {"m": "configs/models/mamba-tiny.yaml"}
+    section = {"models": {**models, name: models["m"]}} if where == "models" else \
+        {"models": models, "base": models["m"], "swaps": {name: None}}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(section))
+    with pytest.raises(ValueError, match=rf"^{where}\.{re.escape(name)}: a model name names its results folder, and "
+                                         rf"output_dir's {re.escape(name)} is the comparison's own file"):
+        load_compare_config(bad)
+
+
 def test_throughput_batch_size_alone_is_taken(tmp_path):
     """throughput.batch_tokens defaulted to 8192, so a config giving batch_size alone (rows per step) was refused with
     'set exactly one of batch_size and batch_tokens', which it had; it had to null batch_tokens too."""
@@ -616,7 +631,12 @@ def test_mqar_settings_no_row_can_be_built_with_are_refused_up_front(tmp_path, m
 @pytest.mark.parametrize("override, message", [
     ("--models.gla={config: configs/models/gla-tiny.yaml, overrides: {vocab_size: 200}}",
      "models.gla: 200 embeddings but the tokenizer has 259 tokens"),
-    ("--eval.mqar.vocab_size=300", "eval.mqar.vocab_size: 300 exceeds models.mamba's vocabulary 260")])
+    ("--eval.mqar.vocab_size=300", "eval.mqar.vocab_size: 300 exceeds models.mamba's vocabulary 260"),
+    # model_overrides reach the zoo models only: the advice to set model_overrides.vocab_size was refused again
+    ("--models.llama={model_type: llama, vocab_size: 200, hidden_size: 32, intermediate_size: 64, "
+     "num_hidden_layers: 1, num_attention_heads: 2}",
+     "models.llama: 200 embeddings but the tokenizer has 259 tokens; set vocab_size >= 259 (in models.llama's own "
+     "fields: model_overrides reach the zoo models only)")])
 def test_vocabulary_too_small_is_refused_before_training(tmp_path, capsys, override, message):
     """A model with fewer embeddings than the tokenizer's tokens (or MQAR's vocabulary) is refused before any model
     trains, naming it; it was refused when its own phase came, after the models before it had trained."""
@@ -855,6 +875,17 @@ def test_accounting_only_accounts_the_models_of_only_and_refuses_force(tmp_path,
     assert e.value.code == 2 and "--force redoes trained models" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("only", ["", ",", " , "])
+def test_an_only_without_model_names_is_refused(tmp_path, capsys, only):
+    """--only "$MODELS" with the variable empty (or only commas) ran every model of the config, hours of training for
+    a run meant for some of them; --accounting-only accounted them all."""
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path}", "--accounting-only"]
+    with pytest.raises(SystemExit) as e:
+        main(argv + ["--only", only])
+    assert e.value.code == 2 and f"--only: no model name in {only!r}" in capsys.readouterr().err
+    assert not (tmp_path / "accounting.md").exists()
+
+
 def test_accounting_only_leaves_a_finished_comparisons_results_alone(tmp_path, capsys):
     """--accounting-only (documented as needing no GPU) on a comparison's output_dir replaced its results.md and
     results.json by tables without a trained number, and its compare_config.yaml by the settings of the look."""
@@ -1078,7 +1109,15 @@ def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, 
     ({"eval": {"per_position": {"max_len": 1}}}, r"eval.per_position.max_len: must be >= 2"),
     ({"eval": {"per_position": {"chunk_size": 0}}}, r"eval.per_position.chunk_size: must be >= 1"),
     ({"eval": {"micro_batch_size": 0}}, r"eval.micro_batch_size: must be >= 1"),
-    ({"eval": {"mqar": {"lr": -1e-3}}}, r"eval.mqar.lr: must be > 0"),
+    ({"eval": {"mqar": {"lr": -1e-3}}}, r"eval.mqar.lr: must be a finite number > 0"),
+    # (an infinite lr trained every model to NaN; a negative warmup began the cosine partway, both without a word)
+    ({"eval": {"mqar": {"lr": math.inf}}}, r"eval.mqar.lr: must be a finite number > 0, got inf"),
+    ({"eval": {"mqar": {"warmup_steps": -5}}}, r"eval.mqar.warmup_steps: must be >= 0, got -5"),
+    # ('Overflow when unpacking long long' from the batch generator, after the first model's text training)
+    # (an empty eval grid was taken as unset: the training cell alone)
+    ({"eval": {"mqar": {"eval_seq_lens": []}}}, r"eval.mqar.eval_seq_lens: an empty list"),
+    ({"eval": {"mqar": {"eval_n_kv": []}}}, r"eval.mqar.eval_n_kv: an empty list"),
+    ({"eval": {"mqar": {"seed": 2 ** 64}}}, r"eval.mqar.seed: must be in \[0, 2\*\*32\), got 18446744073709551616"),
     ({"throughput": {"batch_size": 0}}, r"throughput.batch_size: must be >= 1"),
     ({"throughput": {"batch_tokens": 0}}, r"throughput.batch_tokens: must be >= 1")])
 def test_evaluation_settings_are_checked_before_any_training(tmp_path, section, message):
@@ -1447,6 +1486,21 @@ def test_throughput_releases_the_graph_of_a_step_out_of_memory_in_backward(tmp_p
     rows = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
     assert rows[0]["note"] == "out of memory" and rows[1]["tokens_per_s"] > 0
     assert alive and not any(alive)
+
+
+def test_a_throughput_length_past_the_cpus_memory_is_recorded_out_of_memory(tmp_path):
+    """The CPU allocator's failure is a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"), not
+    torch.OutOfMemoryError: a throughput length too long for the machine's memory ended the comparison in that
+    traceback, after the model had trained, been evaluated and trained on MQAR; a GPU's is recorded and the run goes
+    on."""
+    import zoo.compare as compare
+
+    cfg, folder = load_compare_config(ROOT / "configs" / "compare" / "demo.yaml", [
+        f"output_dir={tmp_path}", f"throughput={{seq_lens: [16, {2 ** 42}, 32], batch_size: 1, steps: 1, warmup: 0}}"])
+    (entry,) = [e for e in resolve_models(cfg, folder) if e.name == "mamba"]
+    rows = compare.phase_throughput(cfg, entry, 128, tmp_path / "run", torch.device("cpu"))["rows"]
+    assert [r.get("note") for r in rows] == [None, "out of memory", None]
+    assert rows[0]["tokens_per_s"] > 0 and rows[2]["tokens_per_s"] > 0
 
 
 @pytest.mark.parametrize("layers", [[{"type": "mamba"}, {"type": "mamba"}], "MM"], ids=["list", "default-mixers"])
@@ -2042,3 +2096,90 @@ def test_a_comparison_without_mqar_or_throughput_writes_no_empty_plot(tmp_path):
     assert sorted(p.name for p in out.glob("*.png")) == ["loss.png", "memory.png"]
     assert ("Plots left out (nothing to draw): throughput.png: throughput: null; recall.png: eval.mqar is not set; "
             "length.png: eval.per_position is not set.") in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"recipe": {"data": {"seq_len": 64}}}, "recipe.data.seq_len: 64 positions"),
+    ({"train_lengths": [16, 64]}, "train_lengths: 64 positions"),
+    ({"eval": {"batches": 1, "per_position": {"n_docs": 1, "max_len": 64, "chunk_size": 16}}},
+     "eval.per_position.max_len: 64 positions"),
+    ({"eval": {"batches": 1, "passkey": {"lengths": [200], "n_samples": 1}}},
+     "eval.passkey.lengths: 207 positions, but models.gpt2 (GPT2LMHeadModel) learns 200 absolute positions"),
+    ({"eval": {"batches": 1, "mqar": {"steps": 0, "seq_len": 16, "n_kv": 2, "vocab_size": 64,
+                                      "eval_seq_lens": [16, 64]}}}, "eval.mqar.eval_seq_lens: 64 positions"),
+    ({"throughput": {"seq_lens": [16, 64], "steps": 1}}, "throughput.seq_lens: 64 positions"),
+])
+def test_a_phase_longer_than_a_models_learned_positions_is_refused_before_any_model_trains(tmp_path, capsys,
+                                                                                             override, message):
+    """A GPT-2 (learned absolute positions, its wpe) failed on a longer row with 'IndexError: index out of range in
+    self': its training was refused only at its turn, and the per-position loss, passkey, MQAR and throughput phases
+    ended in that traceback after it had trained."""
+    positions = 200 if "passkey" in override.get("eval", {}) else 32
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
+                      "gpt2": {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2,
+                               "n_positions": positions}},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "gpt2"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16, "packing": False},
+                      "train": {"max_steps": 1, "micro_batch_size": 4}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    for key, value in override.items():
+        if key == "recipe":
+            cfg["recipe"]["data"].update(value["data"])
+        else:
+            cfg[key] = value
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "absolute positions (transformer.wpe" in err
+    assert "training at" not in err and not (tmp_path / "gpt2" / "mamba").exists()
+
+
+@pytest.mark.parametrize("accounting_only", [False, True], ids=["run", "accounting-only"])
+def test_a_misspelled_field_of_a_transformers_model_is_refused_before_any_model_trains(tmp_path, capsys,
+                                                                                        accounting_only):
+    """transformers keeps a key its config class does not take, so a Llama given hidden_sise: 32 was the default
+    4096-wide Llama: --accounting-only accounted it without a word, and a run refused it (zoo.train's check) only at
+    its turn, after the models before it had trained."""
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
+                      "llama": {"model_type": "llama", "vocab_size": 260, "hidden_sise": 32, "intermediate_size": 64,
+                                "num_hidden_layers": 1, "num_attention_heads": 2}},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "typo"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16},
+                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)] + (["--accounting-only"] if accounting_only else [])) == 2
+    err = capsys.readouterr().err
+    assert "models.llama: hidden_sise: unknown field of LlamaConfig (llama); did you mean 'hidden_size'?" in err
+    assert "training at" not in err and not (tmp_path / "typo" / "mamba").exists()
+
+
+@pytest.mark.parametrize("name, model, overrides, message", [
+    ("llama", {"model_type": "llama", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "pad_token_id": 400}, {}, "pad_token_id: 400"),
+    ("gpt2", {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2, "bos_token_id": 500},
+     {}, "bos_token_id: 500"),
+    ("mamba2", "configs/models/mamba2-tiny.yaml", {"eos_token_id": 300}, "eos_token_id: 300"),
+])
+def test_a_special_id_a_model_config_names_past_its_vocabulary_is_refused_before_any_model_trains(
+        tmp_path, capsys, name, model, overrides, message):
+    """A Llama's pad_token_id past its vocabulary ended in the accounting's build with 'AssertionError: Padding_idx
+    must be within num_embeddings' (a traceback); another special id passed the checks and was refused by zoo.train
+    only at the model's turn, after the models before it had trained."""
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",  # the second model's overrides: its own
+                      name: {"config": model, "overrides": overrides} if overrides else model},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "ids"),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16},
+                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"models.{name}: {message} is outside the model's vocabulary (vocab_size 260" in err
+    assert "training at" not in err and not (tmp_path / "ids" / "mamba").exists()

@@ -122,6 +122,11 @@ from zoo.layers import scaled_width
 from zoo.registry import get_mixer, is_dotted_path
 
 RESULT_FILE = "result.json"
+# every plot write_plots may write; one it leaves out is removed from the output folder, as an earlier run's
+# recall.png (say) would show results that this run's table has left out
+PLOTS = ("loss.png", "throughput.png", "memory.png", "recall.png", "length.png")
+# the files of output_dir beside the models' folders
+OUTPUT_FILES = ("results.md", "results.json", "accounting.md", "compare_config.yaml", *PLOTS)
 # the per-position evaluation's finished documents, in the run folder (zoo.eval.length's partial file), and the seconds
 # between its saves; the passkey evaluation's finished cells, beside it
 PER_POSITION_PARTIAL, SAVE_EVERY = "per-position.partial.pt", 30.0
@@ -915,6 +920,9 @@ def validate_compare_config(cfg: CompareConfig) -> None:
             if not str(name).strip() or any(c in str(name) for c in "/\\") or str(name) in (".", ".."):
                 raise ValueError(f"{where}.{name}: a model name names its results folder; use a name that is not "
                                  f"blank, '.' or '..', without '/' or '\\'")
+            if str(name) in OUTPUT_FILES:  # its folder took the file's path: writing the file failed, mid-run
+                raise ValueError(f"{where}.{name}: a model name names its results folder, and output_dir's "
+                                 f"{name} is the comparison's own file; rename the model")
     if cfg.model_overrides:  # a typo here would be reported at the first model, as that model's field
         ZooConfig.check_fields(cfg.model_overrides, "model_overrides: ")
     for key in ("model", "output_dir"):
@@ -974,8 +982,16 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         m = e.mqar
         if m.steps < 0 or m.batch_size < 1 or m.eval_samples < 1 or m.checkpoint_every < 0:
             raise ValueError("eval.mqar: steps >= 0, batch_size >= 1, eval_samples >= 1 and checkpoint_every >= 0")
-        if not m.lr > 0:
-            raise ValueError(f"eval.mqar.lr: must be > 0, got {m.lr}")
+        if not 0 < m.lr < math.inf:  # (inf trained every model to NaN, recall 0 for each)
+            raise ValueError(f"eval.mqar.lr: must be a finite number > 0, got {m.lr}")
+        if m.warmup_steps < 0:  # (it started the cosine partway, at a lower rate, without a word)
+            raise ValueError(f"eval.mqar.warmup_steps: must be >= 0, got {m.warmup_steps}")
+        for name in ("eval_seq_lens", "eval_n_kv"):  # [] was taken as unset: the training cell alone, without a word
+            if getattr(m, name) == []:
+                raise ValueError(f"eval.mqar.{name}: an empty list; give at least one value, or leave it unset (null) "
+                                 f"for the training cell's")
+        if not 0 <= m.seed < 2 ** 32:  # as train.seed: one past torch's range failed after the first model trained
+            raise ValueError(f"eval.mqar.seed: must be in [0, 2**32), got {m.seed}")
         if 4 * m.n_kv > m.seq_len:
             raise ValueError(f"eval.mqar.seq_len: needs >= 4 * n_kv = {4 * m.n_kv}, got {m.seq_len}")
         # the task's own checks (keys from half the vocabulary, the gap law's exponent) before any model trains;
@@ -1094,6 +1110,22 @@ def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     raise ValueError(f"{where}: expected a model YAML path or a mapping of config fields, got {spec!r}")
 
 
+def _check_special_ids(config, fields: dict[str, Any]) -> None:
+    """Refuse a special id the model's fields name (they keep it over the tokenizer's) past its vocabulary: a Llama's
+    pad failed the accounting's build ('AssertionError: Padding_idx must be within num_embeddings', a traceback), and
+    another id passed the checks to be refused by zoo.train at the model's turn, after the models before it trained."""
+    from zoo.data.text import SPECIAL_IDS
+
+    vocab = getattr(config, "vocab_size", None)
+    for name in SPECIAL_IDS:
+        value = fields.get(name)
+        for one in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(vocab, int) and isinstance(one, int) and not isinstance(one, bool) and one >= vocab:
+                raise ValueError(f"{name}: {one} is outside the model's vocabulary (vocab_size {vocab}: ids "
+                                 f"0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
+                                 f"tokenizer's")
+
+
 def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
     """The comparison's models with overrides applied and, for zoo models, matched to the budget."""
     raw: list[tuple[str, dict, dict, bool]] = []  # name, fields, overrides, match
@@ -1146,7 +1178,13 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             if is_zoo:
                 ZooConfig.check_fields(fields)
             entry = ModelEntry(name, fields, is_zoo)
-            entry.config()
+            config = entry.config()
+            if not is_zoo:  # a misspelled field was kept as an attribute: the default model was matched and accounted
+                # (--accounting-only), and its training refused it only at its turn, after the models before it trained
+                from zoo.train import check_config_fields
+
+                check_config_fields(config, fields, "")
+            _check_special_ids(config, fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"models.{name}: {e}") from e
         if is_zoo and cfg.budget is not None and match:
@@ -1636,6 +1674,12 @@ def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
     return 2 * weights + sum(saved.values())
 
 
+def _out_of_memory(error: RuntimeError) -> bool:
+    """Whether an error is an allocation that failed: torch.OutOfMemoryError (a GPU's), or the CPU allocator's plain
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which ended the comparison in a traceback."""
+    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(error)
+
+
 def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, device: torch.device
                      ) -> dict[str, Any]:
     """Training-step tokens/s and memory at each of throughput.seq_lens (module docstring: memory)."""
@@ -1652,12 +1696,12 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
     rows = []
     for L in tqdm(t.seq_lens, desc=f"{entry.name}: throughput", dynamic_ncols=True):
         B = t.batch_size or max(1, t.batch_tokens // L)
-        ids = torch.randint(0, vocab, (B, L), generator=generator).to(device)
-        batch: dict[str, Any] = {"input_ids": ids, "labels": ids, **_dict_output(model)}
-        if inputs.use_cache:
-            batch["use_cache"] = False
         row: dict[str, Any] = {"seq_len": L, "batch_size": B}
         try:
+            ids = torch.randint(0, vocab, (B, L), generator=generator).to(device)
+            batch: dict[str, Any] = {"input_ids": ids, "labels": ids, **_dict_output(model)}
+            if inputs.use_cache:
+                batch["use_cache"] = False
             times = []
             for i in range(t.warmup + t.steps):
                 if i == t.warmup and device.type == "cuda":  # the peak of the timed steps: not the warmup's one-off
@@ -1680,9 +1724,11 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
             else:
                 row["peak_mib"] = _step_memory_cpu(model, batch) / 2 ** 20
                 row["memory_method"] = "weights + grads + saved activations"
-        except torch.OutOfMemoryError:
+        except RuntimeError as e:
+            if not _out_of_memory(e):
+                raise
             # an OOM in backward leaves `loss` holding the step's graph: it sat under the next length's step and peak
-            loss = None
+            loss = batch = ids = None
             model.zero_grad(set_to_none=True)
             row.update(step_ms=None, tokens_per_s=None, peak_mib=None, note="out of memory")
             _free_memory()
@@ -1972,9 +2018,6 @@ def _recall_labels(rows: list[dict[str, Any]]) -> list[tuple[int, float, str]]:
             for x, at in points.items()]
 
 
-# every plot write_plots may write; one it leaves out is removed from the output folder, as an earlier run's
-# recall.png (say) would show results that this run's table has left out
-PLOTS = ("loss.png", "throughput.png", "memory.png", "recall.png", "length.png")
 
 
 def _unplotted(records: list[dict[str, Any]], cfg: CompareConfig) -> dict[str, str]:
@@ -2144,9 +2187,9 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
     """Refuse before any training what the trainer or a phase would refuse for one model midway: fewer
     embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
     neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
-    mixer with a cache but no state_size)."""
+    mixer with a cache but no state_size), a phase's rows longer than the absolute positions a model learns."""
     from zoo.data.text import load_tokenizer, special_id_outside
-    from zoo.train import ModelInputs
+    from zoo.train import ModelInputs, position_table
 
     recipe = _recipe_config(cfg.recipe)
     tokenizer = load_tokenizer(recipe.tokenizer)
@@ -2178,12 +2221,15 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
             raise ValueError(f"models.{entry.name}: {e}") from None
         model = _meta_model(entry.config())
         vocab = model.get_input_embeddings().num_embeddings
+        # model_overrides reach the zoo models only: a transformers model's vocab_size is one of its own fields
+        where = "model_overrides.vocab_size for every zoo model" if entry.is_zoo else \
+            f"in models.{entry.name}'s own fields: model_overrides reach the zoo models only"
         if vocab < n_tokens:
             raise ValueError(f"models.{entry.name}: {vocab} embeddings but the tokenizer has {n_tokens} tokens; "
-                             f"set vocab_size >= {n_tokens} (model_overrides.vocab_size for every model)")
+                             f"set vocab_size >= {n_tokens} ({where})")
         if outside := special_id_outside(tokenizer, vocab):  # (a tokenizer whose ids have gaps)
             raise ValueError(f"models.{entry.name}: tokenizer: {outside[0]}; set vocab_size >= {outside[1]} "
-                             f"(model_overrides.vocab_size for every model)")
+                             f"({where})")
         if mqar is not None and mqar.vocab_size > vocab:
             raise ValueError(f"eval.mqar.vocab_size: {mqar.vocab_size} exceeds models.{entry.name}'s vocabulary "
                              f"{vocab}")
@@ -2192,6 +2238,38 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
             raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
                              f"so packed documents would see each other; set recipe.data.packing=false (for every "
                              f"model: they train on the same rows)")
+        if (table := position_table(model)) is not None:  # GPT-2's wpe: a longer row failed in it, mid-run
+            for name, positions, fix in _phase_positions(cfg):
+                if positions > table[1]:
+                    raise ValueError(f"{name}: {positions} positions, but models.{entry.name} ({type(model).__name__}) "
+                                     f"learns {table[1]} absolute positions ({table[0]}, config "
+                                     f"max_position_embeddings); {fix(table[1])}, or raise its max_position_embeddings")
+
+
+def _phase_positions(cfg: CompareConfig) -> list[tuple[str, int, Callable[[int], str]]]:
+    """(field, the positions a phase feeds a model, the fix for a model of n learned positions) of every phase the
+    comparison runs: a model of learned absolute positions (`zoo.train.position_table`) failed past them with
+    "IndexError: index out of range in self", its training refused only at its turn, the evaluations, MQAR and
+    throughput after it had trained."""
+    where = "train_lengths" if cfg.train_lengths else "recipe.data.seq_len"
+    out = [(where, max(_lengths(cfg)), lambda n: f"train at lengths <= {n}")]
+    pp = cfg.eval.per_position
+    if pp is not None:  # documents of max_len tokens, BOS included, their cache carried chunk to chunk
+        out.append(("eval.per_position.max_len", pp.max_len, lambda n: f"lower it to <= {n}"))
+    pk = cfg.eval.passkey
+    if pk is not None:  # a prompt of its length, then the new tokens (the last one is never fed back)
+        out.append(("eval.passkey.lengths", max(pk.lengths) + pk.max_new_tokens - 1,
+                    lambda n: f"keep lengths <= {n} - max_new_tokens + 1 = {n - pk.max_new_tokens + 1}"))
+    m = cfg.eval.mqar
+    if m is not None:  # its training rows, and the evaluation's cells that can be built (the others are skipped)
+        cells = [L for L in m.eval_seq_lens or [m.seq_len] for n in m.eval_n_kv or [m.n_kv]
+                 if _mqar_cell_error(L, n, m) is None]
+        for name, L in (("eval.mqar.seq_len", m.seq_len if m.steps else 0),
+                        ("eval.mqar.eval_seq_lens", max(cells, default=0))):
+            out.append((name, L, lambda n: f"lower it to <= {n}"))
+    if cfg.throughput is not None:
+        out.append(("throughput.seq_lens", max(cfg.throughput.seq_lens), lambda n: f"keep them <= {n}"))
+    return out
 
 
 def _check_heldout(cfg: CompareConfig, tokenizer) -> None:
@@ -2351,7 +2429,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.force and args.accounting_only:  # (it was accepted and did nothing: no result is redone or removed)
         parser.error("--force redoes trained models, and --accounting-only trains none and leaves the results alone; "
                      "give one of them")
-    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only is not None else None
+    if only == []:  # (an empty shell variable: --only "$MODELS") it ran, or accounted, every model of the config
+        parser.error(f"--only: no model name in {args.only!r}; give comma-separated names of the config's models, or "
+                     f"leave --only out for all of them")
     start = time.perf_counter()
     from zoo.eval.common import sigterm_interrupts
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -39,8 +40,10 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("steps", "batch_size", "seq_len", "n_kv", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.seed < 2 ** 32:  # (torch's 'Overflow when unpacking long long' named no option)
+        p.error(f"--seed must be in [0, 2**32), got {args.seed}")
+    if not 0 < args.lr < math.inf:  # (inf trained every step to a NaN loss)
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
     if 4 * args.n_kv > args.seq_len:  # (mqar_batch's own message named neither option, after the model was built)
         p.error(f"--n-kv {args.n_kv} needs --seq-len >= 4 * {args.n_kv} = {4 * args.n_kv} (the pairs, then a query "
                 f"slot of two tokens per pair), got {args.seq_len}")

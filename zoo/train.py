@@ -454,6 +454,27 @@ def _recipe_command(path: str | Path) -> str | None:
 
 # ---- model, optimizer, schedule ----------------------------------------------------------------------------
 
+def check_config_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
+    """Raise ValueError naming the first key of `given` (the fields a transformers `config` was built from) that is not
+    a field of its class: transformers keeps a key its config class does not take as an attribute, so a misspelled
+    field built the model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide).
+    `dropped`: the keys that AutoConfig.from_pretrained left unused (it drops a misspelled one instead)."""
+    try:
+        default = type(config)()
+    except Exception:  # a config class that cannot be built without arguments: left to transformers
+        default = None
+    for key in given:
+        if key in dropped or (default is not None and key != "model_type" and hasattr(config, key)
+                              and not hasattr(default, key)):
+            known = sorted(k for k in (default or config).to_dict() if not k.startswith("_"))
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            what = "unknown field" if key not in dropped else "a field that transformers' from_pretrained left " \
+                "unapplied (the model would be built without it), not a field"
+            raise ValueError(f"{where}{key}: {what} of {type(config).__name__} "
+                             f"({config.model_type}); {hint}fields: {', '.join(known)}")
+
+
 def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
     """The causal LM named by cfg.model (fresh weights from a config, or loaded weights from a folder)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -495,25 +516,6 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
                                      f"ids 0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
                                      f"tokenizer's")
 
-    def check_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
-        # transformers keeps a key its config class does not take as an attribute, so a misspelled field built the
-        # model with the default it meant to replace (a Llama with hidden_sise: 32 was 4096 wide); `dropped`: the keys
-        # that AutoConfig.from_pretrained left unused (it drops a misspelled one instead)
-        try:
-            default = type(config)()
-        except Exception:  # a config class that cannot be built without arguments: left to transformers
-            default = None
-        for key in given:
-            if key in dropped or (default is not None and key != "model_type" and hasattr(config, key)
-                                  and not hasattr(default, key)):
-                known = sorted(k for k in (default or config).to_dict() if not k.startswith("_"))
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                what = "unknown field" if key not in dropped else "a field that transformers' from_pretrained left " \
-                    "unapplied (the model would be built without it), not a field"
-                raise ValueError(f"{where}{key}: {what} of {type(config).__name__} "
-                                 f"({config.model_type}); {hint}fields: {', '.join(known)}")
-
     config = None
     if isinstance(spec, dict):
         fields_ = {**special, **spec, **overrides}
@@ -522,8 +524,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             config = AutoConfig.for_model(model_type, **fields_)
         except ValueError as e:
             raise ValueError(f"model: {e}") from e
-        check_fields(config, spec, "model.")
-        check_fields(config, overrides, "model_overrides.")
+        check_config_fields(config, spec, "model.")
+        check_config_fields(config, overrides, "model_overrides.")
     elif spec.endswith((".yaml", ".yml")):
         from zoo.config_files import find_config
 
@@ -542,7 +544,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         folder = Path(spec)
         if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
             config, unused = AutoConfig.from_pretrained(spec, return_unused_kwargs=True, **overrides)
-            check_fields(config, overrides, "model_overrides.", dropped=unused)
+            check_config_fields(config, overrides, "model_overrides.", dropped=unused)
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
         check_config_ids(config)
@@ -559,7 +561,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
             if not bad:
                 raise
             config = AutoConfig.from_pretrained(spec)
-            check_fields(config, overrides, "model_overrides.", dropped=bad)
+            check_config_fields(config, overrides, "model_overrides.", dropped=bad)
             raise
     if tokenizer is not None:
         check_vocab(model.get_input_embeddings().num_embeddings)
