@@ -461,6 +461,35 @@ def test_generation_config_travels_with_the_checkpoint(tmp_path):
         assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.temperature == 0.6, folder
 
 
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_a_finetunes_add_bos_travels_with_the_checkpoint(add_bos, tmp_path):
+    # zoo finetune records how its rows began in the merged model's config (add_bos), which zoo generate and zoo eval
+    # read to prompt it as it trained: both directions rebuilt the config without it, so a model finetuned without
+    # <bos> (add_bos false) was prompted with one once converted
+    from zoo.eval.common import trained_with_bos
+
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(HF_SOURCES["hf-llama"][2]())
+    source.config.add_bos = add_bos
+    source.save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo")])
+    main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", "hf-llama"])
+    for folder in ("zoo", "back"):
+        config = AutoConfig.from_pretrained(tmp_path / folder)
+        assert config.add_bos is add_bos and trained_with_bos(config) is add_bos, folder
+
+
+def test_a_mamba_ssm_export_says_it_drops_add_bos_false():
+    # mamba_ssm's MambaConfig has no field for it: dropped without a word, the model came back prompted with <bos>
+    torch.manual_seed(0)
+    model = ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml"))
+    to_mamba_ssm(model)  # (nothing to say where it is not recorded)
+    model.config.add_bos = False
+    with pytest.warns(UserWarning, match="add_bos=False .* is dropped"):
+        config, _ = to_mamba_ssm(model)
+    assert "add_bos" not in config
+
+
 def test_llama_rope_tables_are_transformers_own_at_far_positions():
     # the zoo took RoPE's inverse frequencies as theta^-(i/Dh), one ulp off transformers' 1/theta^(i/Dh) in some
     # entries: an angle error growing with the position (cos 4e-3 off at 100k, logits 1.3e-5 off, 60x the error

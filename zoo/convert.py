@@ -142,9 +142,14 @@ def _jamba_keys(kinds: list[str]) -> list[tuple[str, str]]:
 
 def _carry_generation_config(source: nn.Module | None, model: nn.Module) -> None:
     """The source's generation defaults (every eos id, sampling settings) travel with its weights: rebuilt from
-    the config alone, generate would not stop at the ids only generation_config.json lists."""
+    the config alone, generate would not stop at the ids only generation_config.json lists. So does how its rows
+    began, where a zoo finetune recorded it in the config (add_bos, which zoo generate and zoo eval read through
+    zoo.eval.common.trained_with_bos): rebuilt without it, a model finetuned without <bos> was prompted with one."""
     if getattr(source, "generation_config", None) is not None:
         model.generation_config = copy.deepcopy(source.generation_config)
+    add_bos = getattr(getattr(source, "config", None), "add_bos", None)
+    if isinstance(add_bos, bool):
+        model.config.add_bos = add_bos
 
 
 def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor], source: nn.Module | None = None
@@ -886,6 +891,12 @@ def to_mamba_ssm(model: ZooForCausalLM) -> tuple[dict[str, Any], dict[str, torch
         if d_intermediate % _MAMBA_SSM_MLP_MULTIPLE:
             raise _unmappable(fmt, "ffn.hidden", d_intermediate,
                               f"mamba_ssm's GatedMLP rounds it up to a multiple of {_MAMBA_SSM_MLP_MULTIPLE}")
+    if getattr(zc, "add_bos", None) is False:  # (a zoo finetune's record: zoo.eval.common.trained_with_bos)
+        warnings.warn("mamba_ssm: add_bos=False (the model was finetuned on rows without <bos>) is dropped: "
+                      "mamba_ssm's MambaConfig has no such field, so the folder converted back into the zoo is "
+                      "prompted with <bos> by zoo generate and zoo eval; convert it to a transformers format to keep "
+                      "it",
+                      stacklevel=2)
     multiple = 8 if zc.vocab_size % 8 == 0 else 1
     config = {"d_model": zc.d_model, "d_intermediate": d_intermediate, "n_layer": zc.num_hidden_layers,
               "vocab_size": zc.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": attn_layers, "attn_cfg": attn_cfg,
