@@ -1267,6 +1267,38 @@ def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
     assert_same_tensors("safetensors alone", load_mamba_ssm(tmp_path)[1], old)
 
 
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+def _lfs_pointer(path: Path) -> None:
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
+
+
+@pytest.mark.parametrize("fmt", ["hf-mamba", "zoo", "mamba_ssm"])
+@pytest.mark.parametrize("damage,message", [(_lfs_pointer, "is a Git LFS pointer, not the weights"),
+                                            (_cut_short, "cannot be read .*cut short or corrupted"),
+                                            (lambda path: path.write_bytes(b""), "cannot be read")],
+                         ids=["lfs-pointer", "cut-short", "empty"])
+def test_a_weights_file_that_cannot_be_read_is_named(fmt, damage, message, tmp_path):
+    # a clone without git-lfs (pointer files in place of the weights) or an interrupted download ended in
+    # safetensors' SafetensorError, torch's RuntimeError (PytorchStreamReader), EOFError or pickle's UnpicklingError
+    # (advising weights_only=False), each a traceback naming no file
+    torch.manual_seed(0)
+    model = ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml"))
+    src = tmp_path / "src"
+    if fmt == "mamba_ssm":
+        save_mamba_ssm(*to_mamba_ssm(model), src)
+        weights = src / "pytorch_model.bin"
+    else:
+        (to_hf_mamba(model) if fmt == "hf-mamba" else model).save_pretrained(src)
+        weights = src / "model.safetensors"
+    damage(weights)
+    with pytest.raises(ValueError, match=message):
+        convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+
+
 def test_a_folder_holding_a_peft_adapter_beside_its_model_is_refused(tmp_path):
     # from_pretrained applies an adapter_config.json it finds in the folder: load_as_zoo (zoo convert, zoo graft) gave a
     # model with LoRA layers, which zoo convert then failed to save ("The version of PEFT ...") or, for a transformers
