@@ -1253,6 +1253,31 @@ def test_mamba_ssm_config_with_a_null_ssm_cfg_converts():
         assert_logits("ssm_cfg null", model(ids).logits, mamba_ssm_logits(config, sd, ids))
 
 
+@pytest.mark.parametrize("field,value,what", [
+    ("pad_vocab_size_multiple", 0, "an integer above 0"), ("n_layer", "2", "an integer above 0"),
+    ("vocab_size", "64", "an integer above 0"), ("d_model", True, "an integer above 0"),
+    ("d_intermediate", None, "an integer of at least 0"), ("d_intermediate", -128, "an integer of at least 0"),
+    ("attn_layer_idx", 1, "a list of layer indices"), ("attn_layer_idx", ["1"], "a list of layer indices"),
+    ("ssm_cfg", "Mamba2", "an object of keyword arguments"), ("rms_norm", "true", "true or false"),
+])
+def test_a_mamba_ssm_config_field_of_another_type_is_named(field, value, what):
+    # a hand-edited config.json ended in a traceback naming no field: ZeroDivisionError (pad_vocab_size_multiple 0),
+    # TypeError ("n_layer": "2", "attn_layer_idx": 1), or a dict() error ("dictionary update sequence element #0");
+    # d_intermediate null converted as no MLP, where mamba_ssm's GatedMLP(hidden_features=None) takes its default
+    config = {"d_model": 32, "n_layer": 2, "vocab_size": 64, "pad_vocab_size_multiple": 8, "tie_embeddings": True,
+              field: value}
+    with pytest.raises(ValueError, match=rf"config.json's {field}=.* is not {what}"):
+        from_mamba_ssm(config, {})
+
+
+def test_a_mamba_ssm_config_with_whole_floats_converts():
+    # "n_layer": 2.0 ended in TypeError: 'float' object cannot be interpreted as an integer (range)
+    config = {**MAMBA_SSM_CASES["mamba1-tied-padded"], "ssm_cfg": {}}
+    sd = mamba_ssm_checkpoint(config)
+    model = from_mamba_ssm({**config, "d_model": float(config["d_model"]), "n_layer": float(config["n_layer"])}, sd)
+    assert model.config.d_model == config["d_model"] and isinstance(model.config.d_model, int)
+
+
 def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
     # MambaLMHeadModel.from_pretrained reads pytorch_model.bin only; load_mamba_ssm preferred a model.safetensors beside
     # it, so save_mamba_ssm into a folder an earlier save had left one in was read back (and converted) as the old model

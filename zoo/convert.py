@@ -785,6 +785,38 @@ def _mamba_ssm_mixer(ssm_cfg: dict, d_model: int) -> dict[str, Any]:
     return spec
 
 
+_MAMBA_SSM_COUNTS = {"d_model": 1, "n_layer": 1, "vocab_size": 1, "pad_vocab_size_multiple": 1, "d_intermediate": 0}
+
+
+def _mamba_ssm_typed(c: dict[str, Any]) -> dict[str, Any]:
+    """mamba_ssm's config fields checked for the types its MambaConfig declares (a hand-edited config.json's
+    "n_layer": "2", "attn_layer_idx": 3 or "pad_vocab_size_multiple": 0 ended in a TypeError or ZeroDivisionError
+    traceback naming no field); a whole number written as a float is taken as the int."""
+    def bad(name: str, what: str) -> ValueError:
+        return ValueError(f"mamba_ssm: config.json's {name}={c[name]!r} is not {what}, as mamba_ssm's MambaConfig "
+                          f"takes it")
+
+    c = dict(c)
+    for name, least in _MAMBA_SSM_COUNTS.items():
+        value = c[name]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise bad(name, "an integer" + (" above 0" if least else " of at least 0"))
+        c[name] = value
+    for name in ("rms_norm", "residual_in_fp32", "fused_add_norm", "tie_embeddings"):
+        if not isinstance(c[name], bool):
+            raise bad(name, "true or false")
+    for name in ("ssm_cfg", "attn_cfg"):  # (null is {}, as create_block takes it)
+        if c[name] is not None and not isinstance(c[name], dict):
+            raise bad(name, "an object of keyword arguments (or null)")
+    idx = c["attn_layer_idx"]
+    if idx is not None and not (isinstance(idx, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in idx)):
+        raise bad("attn_layer_idx", "a list of layer indices (or null)")
+    return c
+
+
 def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForCausalLM:
     """mamba_ssm's MambaLMHeadModel (its config.json dict and state dict) -> ZooForCausalLM.
 
@@ -797,7 +829,7 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     unknown = sorted(set(config) - set(_MAMBA_SSM_FIELDS))
     if unknown:
         raise _unmappable(fmt, unknown[0], config[unknown[0]], "not a field of mamba_ssm's MambaConfig")
-    c = {**_MAMBA_SSM_FIELDS, **config}
+    c = _mamba_ssm_typed({**_MAMBA_SSM_FIELDS, **config})
     if not c["rms_norm"]:
         raise _unmappable(fmt, "rms_norm", False, "the zoo's blocks use RMSNorm, not LayerNorm")
     d_model = c["d_model"]
