@@ -399,6 +399,22 @@ def test_convert_names_a_source_that_is_no_folder(src, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_folders_given_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    # a quoted '~/out' (or one a script passes) was taken as it stands: zoo convert wrote the model into a folder
+    # named '~' in the working directory, and zoo graft --base '~/model' found 'no config.json'
+    from zoo.surgery import main as graft_main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "home" / "src")
+    main(["~/src", "~/zoo"])
+    main(["~/zoo", "~/back", "--to", "hf-llama"])
+    graft_main(["~/hybrid", "--base", "~/zoo", "--pattern", "AN", "--mixers", "{N: {type: mamba, d_state: 4}}"])
+    for folder in ("zoo", "back", "hybrid"):
+        assert (tmp_path / "home" / folder / "config.json").is_file(), folder
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("text,problem", [("{oops", "not valid JSON"), ("[1, 2]", "holds a JSON list")])
 def test_a_config_json_that_is_no_json_object_is_named(text, problem, tmp_path):
     # json's "Expecting property name ..." named neither the file nor the folder; a list ended in a traceback

@@ -1111,7 +1111,8 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
 
-    if (Path(folder) / "adapter_config.json").is_file():  # from_pretrained would load the adapter into the model
+    folder = Path(folder).expanduser()  # (zoo graft --base '~/model': 'no config.json')
+    if (folder / "adapter_config.json").is_file():  # from_pretrained would load the adapter into the model
         raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json) beside its model, which transformers' "
                          f"from_pretrained loads on top of the model: the converted model would hold LoRA layers "
                          f"(another model, or no save at all); give the merged model's folder (merge_and_unload, zoo "
@@ -1172,7 +1173,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     if not Path(src).expanduser().is_dir():  # a hub id or a mistyped path: the tokenizer lookup went to the hub
         raise ValueError(f"source: {str(src)!r}: no such model folder; zoo convert reads a local folder (a hub "
                          f"model: download it first, e.g. `huggingface-cli download ID --local-dir DIR`)")
-    src = Path(src).expanduser()
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()  # ('~/out' quoted: a folder named '~' in the cwd)
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
     if to_format == "mamba_ssm" and max_shard_size is not None:

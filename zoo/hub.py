@@ -124,7 +124,7 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     replaced (none is left beside the new ones), and its tokenizer files when a tokenizer is given (without one
     they stay, with a warning); its other files stay.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()  # ('~/out' from a quoted argument: a folder named '~' in the cwd)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is a file; give a folder to write the model to")
     # a PeftModel's base model, or what load_causal_lm made of an adapter: save_pretrained wrote the adapted modules'
@@ -169,7 +169,7 @@ def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: A
     a new folder appears only when complete; into an existing one, the weight files `write` did not write go (and
     its tokenizer files when `tokenizer` is given; without one they stay, with a warning), other files stay. A folder
     holding a PEFT adapter is refused: transformers would apply it to the model written there."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if (folder / "adapter_config.json").is_file():  # (checked before anything is written)
         raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json): transformers' from_pretrained loads an "
                          f"adapter it finds in a model's folder on top of that model, so the model saved here would "
