@@ -1301,11 +1301,34 @@ def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
 
     config = MAMBA_SSM_CASES["mamba1-mlp"]
     old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
-    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors")
     save_mamba_ssm(config, new, tmp_path)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors")
     assert_same_tensors("bin beside safetensors", load_mamba_ssm(tmp_path)[1], new)
     (tmp_path / "pytorch_model.bin").unlink()  # a folder with safetensors alone still loads
     assert_same_tensors("safetensors alone", load_mamba_ssm(tmp_path)[1], old)
+
+
+def test_save_mamba_ssm_leaves_no_partial_folder_nor_earlier_weights(tmp_path, monkeypatch):
+    # save_mamba_ssm wrote config.json, then pytorch_model.bin, into the folder itself: an interrupted save left a
+    # config.json without weights (or a bin cut short), and into a folder of an earlier hf export its model.safetensors
+    # stayed beside the new bin
+    from safetensors.torch import save_file
+
+    config = MAMBA_SSM_CASES["mamba1-mlp"]
+    old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_mamba_ssm(config, new, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "old" / "model.safetensors")
+    save_mamba_ssm(config, new, tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["config.json", "pytorch_model.bin"]
 
 
 def _cut_short(path: Path) -> None:

@@ -1033,13 +1033,20 @@ def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     return config, torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
-def save_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: str | Path) -> Path:
-    """Write the files MambaLMHeadModel.from_pretrained reads: config.json and pytorch_model.bin."""
-    folder = Path(folder)
+def _write_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     torch.save({k: v.contiguous() for k, v in state.items()}, folder / "pytorch_model.bin")
-    return folder
+
+
+def save_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    """Write the files MambaLMHeadModel.from_pretrained reads: config.json and pytorch_model.bin, as zoo.hub's
+    write_folder writes a model folder: beside `folder` and moved in, so that a save that fails or is interrupted
+    leaves no config.json without its weights (nor a bin cut short), and into an existing folder no earlier save's
+    weight files stay beside the new ones."""
+    from zoo.hub import write_folder
+
+    return write_folder(folder, lambda target: _write_mamba_ssm(config, state, target))
 
 
 def _restore_stored_dtypes(model: nn.Module, folder: Path) -> None:
@@ -1192,7 +1199,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     model = load_as_zoo(src)
     if to_format == "mamba_ssm":  # written as a zoo folder is: no earlier save's weights left for load_mamba_ssm
         config, state = to_mamba_ssm(model)
-        return write_folder(dst, lambda target: save_mamba_ssm(config, state, target), tok)
+        return write_folder(dst, lambda target: _write_mamba_ssm(config, state, target), tok)
     # as a zoo folder: written beside DST and moved in (no partial folder, no earlier save's weights left behind)
     return save_model_folder(_EXPORTERS[to_format](model), dst, tok, max_shard_size=max_shard_size)
 
