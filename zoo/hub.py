@@ -54,9 +54,31 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     if not holds_tokenizer(path):
         return None
     config_file = path / "tokenizer_config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
-        return ByteTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer_class = _json_object(config_file).get("tokenizer_class") if config_file.is_file() else None
+        if tokenizer_class == "ByteTokenizer":
+            return ByteTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
+    except json.JSONDecodeError as e:  # json's message named no file (tokenizer.json, special_tokens_map.json, ...)
+        for name in sorted(TOKENIZER_FAMILY):
+            if name.endswith(".json") and (path / name).is_file():
+                _json_object(path / name)
+        raise ValueError(f"{path}: a tokenizer file is not valid JSON ({e})") from None
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in the file `path`; ValueError naming the file where it is no valid JSON or holds another value
+    (a tokenizer_config.json holding a list ended in an AttributeError traceback, invalid JSON in json's message
+    naming no file)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); give a tokenizer folder whose files its library "
+                         f"wrote") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object of a tokenizer file; give a "
+                         f"tokenizer folder whose files its library wrote")
+    return data
 
 
 @contextlib.contextmanager
