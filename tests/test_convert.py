@@ -977,13 +977,15 @@ def hf_equivalent(config: dict):
     multiple = config["pad_vocab_size_multiple"]
     vocab = -(-config["vocab_size"] // multiple) * multiple
     if ssm.get("layer", "Mamba1") == "Mamba1":
-        return MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=config["d_model"],
-                                             state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
-                                             expand=ssm.get("expand", 2),
-                                             conv_kernel=ssm.get("d_conv", 4),
-                                             time_step_rank=ssm.get("dt_rank", "auto"), use_bias=ssm.get("bias", False),
-                                             use_conv_bias=ssm.get("conv_bias", True),
-                                             tie_word_embeddings=config["tie_embeddings"])
+        expand = ssm.get("expand", 2)
+        hf_config = MambaConfig(vocab_size=vocab, hidden_size=config["d_model"], state_size=mamba_ssm_d_state(ssm),
+                                num_hidden_layers=config["n_layer"], expand=int(expand),
+                                conv_kernel=ssm.get("d_conv", 4), time_step_rank=ssm.get("dt_rank", "auto"),
+                                use_bias=ssm.get("bias", False), use_conv_bias=ssm.get("conv_bias", True),
+                                tie_word_embeddings=config["tie_embeddings"])
+        # mamba_ssm's Mamba: d_inner = int(expand * d_model), a float expand included (MambaConfig takes an int one)
+        hf_config.intermediate_size = int(expand * config["d_model"])
+        return MambaForCausalLM, hf_config
     d_inner = ssm.get("expand", 2) * config["d_model"]
     return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"],
                                            state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
@@ -1202,6 +1204,25 @@ def test_mamba_ssm_export_writes_an_expand_mamba_ssm_can_build(tmp_path):
     with pytest.raises(UnmappableError, match=r"expand=.*int\(expand·d_model\) = 14, not 15"):
         to_mamba_ssm(truncated)
     assert to_mamba_ssm(fine)[0]["ssm_cfg"]["expand"] == 1.5  # int(1.5 · 32) = 48: mamba_ssm's Mamba builds it
+
+
+@pytest.mark.parametrize("d_model,expand,d_inner", [(33, 1.5, 49), (50, 2.3, 114)])
+def test_a_mamba_ssm_mamba_whose_expand_times_d_model_is_not_whole_converts(d_model, expand, d_inner):
+    # mamba_ssm's Mamba builds d_inner = int(expand·d_model): 49 for 1.5 at 33, which the zoo's mixer refused
+    # ("expand·d_model an integer"), and 114 for 2.3 at 50 (114.99999999999999), which it rounded to 115, so that
+    # the in_proj of 228 rows did not fit
+    config = {"d_model": d_model, "n_layer": 2, "vocab_size": 64, "pad_vocab_size_multiple": 8,
+              "tie_embeddings": True, "ssm_cfg": {"d_state": 4, "expand": expand}}
+    sd = mamba_ssm_checkpoint(config)
+    assert sd["backbone.layers.0.mixer.in_proj.weight"].shape[0] == 2 * d_inner
+    model = from_mamba_ssm(config, sd)
+    assert model.model.layers[0].mixer.d_inner == d_inner
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert_logits(f"expand {expand}", model(ids).logits, mamba_ssm_logits(config, sd, ids))
+    back, back_sd = to_mamba_ssm(model)
+    assert int(back["ssm_cfg"]["expand"] * d_model) == d_inner  # what mamba_ssm builds from the export
+    assert_same_tensors("round trip", back_sd, sd)
 
 
 def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):

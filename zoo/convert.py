@@ -782,7 +782,21 @@ def _mamba_ssm_mixer(ssm_cfg: dict, d_model: int) -> dict[str, Any]:
             spec[table[name]] = tuple(value) if name == "A_init_range" else value
         elif name not in _MAMBA_SSM_IGNORED:
             raise _unmappable(fmt, f"ssm_cfg.{name}", value, f"unknown {layer} option")
+    expand = spec.get("expand", 2)
+    if layer == "Mamba1" and isinstance(expand, (int, float)) and not float(expand * d_model).is_integer():
+        spec["expand"] = _truncated_expand(expand, d_model)
     return spec
+
+
+def _truncated_expand(expand: float, d_model: int) -> float:
+    """The expand of the width mamba_ssm's Mamba builds, d_inner = int(expand·d_model), where expand·d_model is no
+    whole number (1.5 at d_model 33: 49; 2.3 at 50: 114.99999999999999, so 114): the zoo's mixer refused the first
+    (its expand·d_model must be whole) and rounded the second to 115, so the checkpoint did not load. The expand given
+    is d_inner / d_model, or the float just above it where int() would truncate that one below d_inner (the export
+    writes it back, and mamba_ssm builds d_inner from it)."""
+    d_inner = int(expand * d_model)
+    fit = d_inner / d_model
+    return fit if int(fit * d_model) == d_inner else math.nextafter(fit, math.inf)
 
 
 _MAMBA_SSM_COUNTS = {"d_model": 1, "n_layer": 1, "vocab_size": 1, "pad_vocab_size_multiple": 1, "d_intermediate": 0}
