@@ -1279,6 +1279,19 @@ def test_mamba_ssm_state_dict_of_another_layout_is_a_named_error():
         from_mamba_ssm(config, sd)
 
 
+@pytest.mark.parametrize("weights,what", [(lambda sd: sd["lm_head.weight"], "a Tensor"),
+                                          (lambda sd: list(sd.values()), "a list"),
+                                          (lambda sd: {"model": sd, "step": 3}, r"a dict of .*under 'model'")],
+                         ids=["tensor", "list", "training-checkpoint"])
+def test_mamba_ssm_weights_that_are_no_state_dict_are_named(weights, what, tmp_path):
+    # a pytorch_model.bin holding a bare tensor ended in "TypeError: cannot convert dictionary update sequence" (a
+    # traceback), a list in "no 'backbone.embedding.weight' (its first keys: [tensor(...)])", and a training
+    # checkpoint ({"model": state dict, "step": ...}) named its keys with no word of where the state dict was
+    config = MAMBA_SSM_CASES["mamba1-tied-padded"]
+    with pytest.raises(UnmappableError, match=rf"the weights are {what}.*not a state dict"):
+        from_mamba_ssm(config, weights(mamba_ssm_checkpoint(config)))
+
+
 def test_mamba_ssm_config_with_a_null_ssm_cfg_converts():
     # mamba_ssm's create_block takes ssm_cfg None as {} (Mamba1 with its defaults): a config.json with "ssm_cfg": null
     # builds in mamba_ssm, and from_mamba_ssm ended in TypeError: 'NoneType' object is not iterable

@@ -859,6 +859,15 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     multiple = c["pad_vocab_size_multiple"]
     if vocab % multiple:
         vocab += multiple - vocab % multiple
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        # (a bare tensor ended in a TypeError traceback, a list named its tensors as the dict's keys)
+        what = f"a {type(state_dict).__name__}"
+        if isinstance(state_dict, dict):  # a training checkpoint's: the state dict under one of its keys
+            inner = [k for k, v in state_dict.items() if isinstance(v, dict)]
+            what = f"a dict of {sorted(map(str, state_dict))[:5]}" + (f" (the state dict under {inner[0]!r}?)"
+                                                                      if inner else "")
+        raise UnmappableError(f"mamba_ssm: the weights are {what}, not a state dict (names to tensors); give "
+                              f"MambaLMHeadModel's state dict, as its save_pretrained writes it")
     state = dict(state_dict)
     if "backbone.embeddings.weight" in state:  # the key transformers' Mamba load hook also accepts
         state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
