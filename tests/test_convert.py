@@ -399,6 +399,22 @@ def test_convert_names_a_source_that_is_no_folder(src, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_folders_given_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    # a quoted '~/out' (or one a script passes) was taken as it stands: zoo convert wrote the model into a folder
+    # named '~' in the working directory, and zoo graft --base '~/model' found 'no config.json'
+    from zoo.surgery import main as graft_main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    LlamaForCausalLM(HF_SOURCES["hf-llama"][2]()).save_pretrained(tmp_path / "home" / "src")
+    main(["~/src", "~/zoo"])
+    main(["~/zoo", "~/back", "--to", "hf-llama"])
+    graft_main(["~/hybrid", "--base", "~/zoo", "--pattern", "AN", "--mixers", "{N: {type: mamba, d_state: 4}}"])
+    for folder in ("zoo", "back", "hybrid"):
+        assert (tmp_path / "home" / folder / "config.json").is_file(), folder
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize("text,problem", [("{oops", "not valid JSON"), ("[1, 2]", "holds a JSON list")])
 def test_a_config_json_that_is_no_json_object_is_named(text, problem, tmp_path):
     # json's "Expecting property name ..." named neither the file nor the folder; a list ended in a traceback
@@ -459,6 +475,35 @@ def test_generation_config_travels_with_the_checkpoint(tmp_path):
     for folder in ("zoo", "back"):
         generation = GenerationConfig.from_pretrained(tmp_path / folder)
         assert generation.eos_token_id == [2, 7] and generation.do_sample and generation.temperature == 0.6, folder
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_a_finetunes_add_bos_travels_with_the_checkpoint(add_bos, tmp_path):
+    # zoo finetune records how its rows began in the merged model's config (add_bos), which zoo generate and zoo eval
+    # read to prompt it as it trained: both directions rebuilt the config without it, so a model finetuned without
+    # <bos> (add_bos false) was prompted with one once converted
+    from zoo.eval.common import trained_with_bos
+
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(HF_SOURCES["hf-llama"][2]())
+    source.config.add_bos = add_bos
+    source.save_pretrained(tmp_path / "src")
+    main([str(tmp_path / "src"), str(tmp_path / "zoo")])
+    main([str(tmp_path / "zoo"), str(tmp_path / "back"), "--to", "hf-llama"])
+    for folder in ("zoo", "back"):
+        config = AutoConfig.from_pretrained(tmp_path / folder)
+        assert config.add_bos is add_bos and trained_with_bos(config) is add_bos, folder
+
+
+def test_a_mamba_ssm_export_says_it_drops_add_bos_false():
+    # mamba_ssm's MambaConfig has no field for it: dropped without a word, the model came back prompted with <bos>
+    torch.manual_seed(0)
+    model = ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml"))
+    to_mamba_ssm(model)  # (nothing to say where it is not recorded)
+    model.config.add_bos = False
+    with pytest.warns(UserWarning, match="add_bos=False .* is dropped"):
+        config, _ = to_mamba_ssm(model)
+    assert "add_bos" not in config
 
 
 def test_llama_rope_tables_are_transformers_own_at_far_positions():
@@ -932,13 +977,15 @@ def hf_equivalent(config: dict):
     multiple = config["pad_vocab_size_multiple"]
     vocab = -(-config["vocab_size"] // multiple) * multiple
     if ssm.get("layer", "Mamba1") == "Mamba1":
-        return MambaForCausalLM, MambaConfig(vocab_size=vocab, hidden_size=config["d_model"],
-                                             state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
-                                             expand=ssm.get("expand", 2),
-                                             conv_kernel=ssm.get("d_conv", 4),
-                                             time_step_rank=ssm.get("dt_rank", "auto"), use_bias=ssm.get("bias", False),
-                                             use_conv_bias=ssm.get("conv_bias", True),
-                                             tie_word_embeddings=config["tie_embeddings"])
+        expand = ssm.get("expand", 2)
+        hf_config = MambaConfig(vocab_size=vocab, hidden_size=config["d_model"], state_size=mamba_ssm_d_state(ssm),
+                                num_hidden_layers=config["n_layer"], expand=int(expand),
+                                conv_kernel=ssm.get("d_conv", 4), time_step_rank=ssm.get("dt_rank", "auto"),
+                                use_bias=ssm.get("bias", False), use_conv_bias=ssm.get("conv_bias", True),
+                                tie_word_embeddings=config["tie_embeddings"])
+        # mamba_ssm's Mamba: d_inner = int(expand * d_model), a float expand included (MambaConfig takes an int one)
+        hf_config.intermediate_size = int(expand * config["d_model"])
+        return MambaForCausalLM, hf_config
     d_inner = ssm.get("expand", 2) * config["d_model"]
     return Mamba2ForCausalLM, Mamba2Config(vocab_size=vocab, hidden_size=config["d_model"],
                                            state_size=mamba_ssm_d_state(ssm), num_hidden_layers=config["n_layer"],
@@ -1159,6 +1206,25 @@ def test_mamba_ssm_export_writes_an_expand_mamba_ssm_can_build(tmp_path):
     assert to_mamba_ssm(fine)[0]["ssm_cfg"]["expand"] == 1.5  # int(1.5 · 32) = 48: mamba_ssm's Mamba builds it
 
 
+@pytest.mark.parametrize("d_model,expand,d_inner", [(33, 1.5, 49), (50, 2.3, 114)])
+def test_a_mamba_ssm_mamba_whose_expand_times_d_model_is_not_whole_converts(d_model, expand, d_inner):
+    # mamba_ssm's Mamba builds d_inner = int(expand·d_model): 49 for 1.5 at 33, which the zoo's mixer refused
+    # ("expand·d_model an integer"), and 114 for 2.3 at 50 (114.99999999999999), which it rounded to 115, so that
+    # the in_proj of 228 rows did not fit
+    config = {"d_model": d_model, "n_layer": 2, "vocab_size": 64, "pad_vocab_size_multiple": 8,
+              "tie_embeddings": True, "ssm_cfg": {"d_state": 4, "expand": expand}}
+    sd = mamba_ssm_checkpoint(config)
+    assert sd["backbone.layers.0.mixer.in_proj.weight"].shape[0] == 2 * d_inner
+    model = from_mamba_ssm(config, sd)
+    assert model.model.layers[0].mixer.d_inner == d_inner
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert_logits(f"expand {expand}", model(ids).logits, mamba_ssm_logits(config, sd, ids))
+    back, back_sd = to_mamba_ssm(model)
+    assert int(back["ssm_cfg"]["expand"] * d_model) == d_inner  # what mamba_ssm builds from the export
+    assert_same_tensors("round trip", back_sd, sd)
+
+
 def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):
     # --to mamba_ssm wrote config.json and pytorch_model.bin into DST and left the rest: over an earlier export's
     # folder the old model.safetensors stayed, and load_mamba_ssm (zoo convert DST ...) read it, the old model's
@@ -1213,6 +1279,19 @@ def test_mamba_ssm_state_dict_of_another_layout_is_a_named_error():
         from_mamba_ssm(config, sd)
 
 
+@pytest.mark.parametrize("weights,what", [(lambda sd: sd["lm_head.weight"], "a Tensor"),
+                                          (lambda sd: list(sd.values()), "a list"),
+                                          (lambda sd: {"model": sd, "step": 3}, r"a dict of .*under 'model'")],
+                         ids=["tensor", "list", "training-checkpoint"])
+def test_mamba_ssm_weights_that_are_no_state_dict_are_named(weights, what, tmp_path):
+    # a pytorch_model.bin holding a bare tensor ended in "TypeError: cannot convert dictionary update sequence" (a
+    # traceback), a list in "no 'backbone.embedding.weight' (its first keys: [tensor(...)])", and a training
+    # checkpoint ({"model": state dict, "step": ...}) named its keys with no word of where the state dict was
+    config = MAMBA_SSM_CASES["mamba1-tied-padded"]
+    with pytest.raises(UnmappableError, match=rf"the weights are {what}.*not a state dict"):
+        from_mamba_ssm(config, weights(mamba_ssm_checkpoint(config)))
+
+
 def test_mamba_ssm_config_with_a_null_ssm_cfg_converts():
     # mamba_ssm's create_block takes ssm_cfg None as {} (Mamba1 with its defaults): a config.json with "ssm_cfg": null
     # builds in mamba_ssm, and from_mamba_ssm ended in TypeError: 'NoneType' object is not iterable
@@ -1224,6 +1303,31 @@ def test_mamba_ssm_config_with_a_null_ssm_cfg_converts():
         assert_logits("ssm_cfg null", model(ids).logits, mamba_ssm_logits(config, sd, ids))
 
 
+@pytest.mark.parametrize("field,value,what", [
+    ("pad_vocab_size_multiple", 0, "an integer above 0"), ("n_layer", "2", "an integer above 0"),
+    ("vocab_size", "64", "an integer above 0"), ("d_model", True, "an integer above 0"),
+    ("d_intermediate", None, "an integer of at least 0"), ("d_intermediate", -128, "an integer of at least 0"),
+    ("attn_layer_idx", 1, "a list of layer indices"), ("attn_layer_idx", ["1"], "a list of layer indices"),
+    ("ssm_cfg", "Mamba2", "an object of keyword arguments"), ("rms_norm", "true", "true or false"),
+])
+def test_a_mamba_ssm_config_field_of_another_type_is_named(field, value, what):
+    # a hand-edited config.json ended in a traceback naming no field: ZeroDivisionError (pad_vocab_size_multiple 0),
+    # TypeError ("n_layer": "2", "attn_layer_idx": 1), or a dict() error ("dictionary update sequence element #0");
+    # d_intermediate null converted as no MLP, where mamba_ssm's GatedMLP(hidden_features=None) takes its default
+    config = {"d_model": 32, "n_layer": 2, "vocab_size": 64, "pad_vocab_size_multiple": 8, "tie_embeddings": True,
+              field: value}
+    with pytest.raises(ValueError, match=rf"config.json's {field}=.* is not {what}"):
+        from_mamba_ssm(config, {})
+
+
+def test_a_mamba_ssm_config_with_whole_floats_converts():
+    # "n_layer": 2.0 ended in TypeError: 'float' object cannot be interpreted as an integer (range)
+    config = {**MAMBA_SSM_CASES["mamba1-tied-padded"], "ssm_cfg": {}}
+    sd = mamba_ssm_checkpoint(config)
+    model = from_mamba_ssm({**config, "d_model": float(config["d_model"]), "n_layer": float(config["n_layer"])}, sd)
+    assert model.config.d_model == config["d_model"] and isinstance(model.config.d_model, int)
+
+
 def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
     # MambaLMHeadModel.from_pretrained reads pytorch_model.bin only; load_mamba_ssm preferred a model.safetensors beside
     # it, so save_mamba_ssm into a folder an earlier save had left one in was read back (and converted) as the old model
@@ -1231,11 +1335,66 @@ def test_load_mamba_ssm_reads_the_weights_file_mamba_ssm_reads(tmp_path):
 
     config = MAMBA_SSM_CASES["mamba1-mlp"]
     old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
-    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors")
     save_mamba_ssm(config, new, tmp_path)
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "model.safetensors")
     assert_same_tensors("bin beside safetensors", load_mamba_ssm(tmp_path)[1], new)
     (tmp_path / "pytorch_model.bin").unlink()  # a folder with safetensors alone still loads
     assert_same_tensors("safetensors alone", load_mamba_ssm(tmp_path)[1], old)
+
+
+def test_save_mamba_ssm_leaves_no_partial_folder_nor_earlier_weights(tmp_path, monkeypatch):
+    # save_mamba_ssm wrote config.json, then pytorch_model.bin, into the folder itself: an interrupted save left a
+    # config.json without weights (or a bin cut short), and into a folder of an earlier hf export its model.safetensors
+    # stayed beside the new bin
+    from safetensors.torch import save_file
+
+    config = MAMBA_SSM_CASES["mamba1-mlp"]
+    old, new = (mamba_ssm_checkpoint(config, seed) for seed in (0, 1))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_mamba_ssm(config, new, tmp_path / "new")
+    assert not (tmp_path / "new").exists() and list(tmp_path.iterdir()) == []
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in old.items()}, tmp_path / "old" / "model.safetensors")
+    save_mamba_ssm(config, new, tmp_path / "old")
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["config.json", "pytorch_model.bin"]
+
+
+def _cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+def _lfs_pointer(path: Path) -> None:
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
+
+
+@pytest.mark.parametrize("fmt", ["hf-mamba", "zoo", "mamba_ssm"])
+@pytest.mark.parametrize("damage,message", [(_lfs_pointer, "is a Git LFS pointer, not the weights"),
+                                            (_cut_short, "cannot be read .*cut short or corrupted"),
+                                            (lambda path: path.write_bytes(b""), "cannot be read")],
+                         ids=["lfs-pointer", "cut-short", "empty"])
+def test_a_weights_file_that_cannot_be_read_is_named(fmt, damage, message, tmp_path):
+    # a clone without git-lfs (pointer files in place of the weights) or an interrupted download ended in
+    # safetensors' SafetensorError, torch's RuntimeError (PytorchStreamReader), EOFError or pickle's UnpicklingError
+    # (advising weights_only=False), each a traceback naming no file
+    torch.manual_seed(0)
+    model = ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml"))
+    src = tmp_path / "src"
+    if fmt == "mamba_ssm":
+        save_mamba_ssm(*to_mamba_ssm(model), src)
+        weights = src / "pytorch_model.bin"
+    else:
+        (to_hf_mamba(model) if fmt == "hf-mamba" else model).save_pretrained(src)
+        weights = src / "model.safetensors"
+    damage(weights)
+    with pytest.raises(ValueError, match=message):
+        convert(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
 
 
 def test_a_folder_holding_a_peft_adapter_beside_its_model_is_refused(tmp_path):

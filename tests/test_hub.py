@@ -120,6 +120,20 @@ def test_a_tokenizer_folder_without_tokenizer_files_is_refused_not_dropped(tmp_p
         save_model_folder(tiny("mamba"), tmp_path / "model", str(empty))
 
 
+@pytest.mark.parametrize("name,text,problem", [
+    ("tokenizer_config.json", "[1, 2]", "holds a JSON list"), ("tokenizer_config.json", "{oops", "not valid JSON"),
+    ("tokenizer.json", "{oops", "not valid JSON"), ("special_tokens_map.json", "{oops", "not valid JSON"),
+])
+def test_a_tokenizer_file_that_is_no_json_object_is_named(name, text, problem, tmp_path):
+    # a tokenizer_config.json holding a list ended in "AttributeError: 'list' object has no attribute 'get'" (a
+    # traceback from zoo convert, zoo generate, ...), and invalid JSON in any tokenizer file in json's message alone
+    # ("Expecting property name enclosed in double quotes"), naming no file
+    ByteTokenizer().save_pretrained(tmp_path)
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=rf"{name}: {problem}"):
+        load_folder_tokenizer(tmp_path)
+
+
 def test_a_classifier_and_a_bare_model_save_as_folders_too(tmp_path):
     # transformers 5 gives only generating models a generation_config: save_model_folder read it unconditionally and
     # raised AttributeError for a ZooForSequenceClassification or a ZooModel

@@ -22,10 +22,12 @@ its MHA in_proj (the zoo's q, k and v).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import inspect
 import json
 import math
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -142,9 +144,14 @@ def _jamba_keys(kinds: list[str]) -> list[tuple[str, str]]:
 
 def _carry_generation_config(source: nn.Module | None, model: nn.Module) -> None:
     """The source's generation defaults (every eos id, sampling settings) travel with its weights: rebuilt from
-    the config alone, generate would not stop at the ids only generation_config.json lists."""
+    the config alone, generate would not stop at the ids only generation_config.json lists. So does how its rows
+    began, where a zoo finetune recorded it in the config (add_bos, which zoo generate and zoo eval read through
+    zoo.eval.common.trained_with_bos): rebuilt without it, a model finetuned without <bos> was prompted with one."""
     if getattr(source, "generation_config", None) is not None:
         model.generation_config = copy.deepcopy(source.generation_config)
+    add_bos = getattr(getattr(source, "config", None), "add_bos", None)
+    if isinstance(add_bos, bool):
+        model.config.add_bos = add_bos
 
 
 def _build_zoo(config: ZooConfig, state: dict[str, torch.Tensor], source: nn.Module | None = None
@@ -775,7 +782,53 @@ def _mamba_ssm_mixer(ssm_cfg: dict, d_model: int) -> dict[str, Any]:
             spec[table[name]] = tuple(value) if name == "A_init_range" else value
         elif name not in _MAMBA_SSM_IGNORED:
             raise _unmappable(fmt, f"ssm_cfg.{name}", value, f"unknown {layer} option")
+    expand = spec.get("expand", 2)
+    if layer == "Mamba1" and isinstance(expand, (int, float)) and not float(expand * d_model).is_integer():
+        spec["expand"] = _truncated_expand(expand, d_model)
     return spec
+
+
+def _truncated_expand(expand: float, d_model: int) -> float:
+    """The expand of the width mamba_ssm's Mamba builds, d_inner = int(expand·d_model), where expand·d_model is no
+    whole number (1.5 at d_model 33: 49; 2.3 at 50: 114.99999999999999, so 114): the zoo's mixer refused the first
+    (its expand·d_model must be whole) and rounded the second to 115, so the checkpoint did not load. The expand given
+    is d_inner / d_model, or the float just above it where int() would truncate that one below d_inner (the export
+    writes it back, and mamba_ssm builds d_inner from it)."""
+    d_inner = int(expand * d_model)
+    fit = d_inner / d_model
+    return fit if int(fit * d_model) == d_inner else math.nextafter(fit, math.inf)
+
+
+_MAMBA_SSM_COUNTS = {"d_model": 1, "n_layer": 1, "vocab_size": 1, "pad_vocab_size_multiple": 1, "d_intermediate": 0}
+
+
+def _mamba_ssm_typed(c: dict[str, Any]) -> dict[str, Any]:
+    """mamba_ssm's config fields checked for the types its MambaConfig declares (a hand-edited config.json's
+    "n_layer": "2", "attn_layer_idx": 3 or "pad_vocab_size_multiple": 0 ended in a TypeError or ZeroDivisionError
+    traceback naming no field); a whole number written as a float is taken as the int."""
+    def bad(name: str, what: str) -> ValueError:
+        return ValueError(f"mamba_ssm: config.json's {name}={c[name]!r} is not {what}, as mamba_ssm's MambaConfig "
+                          f"takes it")
+
+    c = dict(c)
+    for name, least in _MAMBA_SSM_COUNTS.items():
+        value = c[name]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise bad(name, "an integer" + (" above 0" if least else " of at least 0"))
+        c[name] = value
+    for name in ("rms_norm", "residual_in_fp32", "fused_add_norm", "tie_embeddings"):
+        if not isinstance(c[name], bool):
+            raise bad(name, "true or false")
+    for name in ("ssm_cfg", "attn_cfg"):  # (null is {}, as create_block takes it)
+        if c[name] is not None and not isinstance(c[name], dict):
+            raise bad(name, "an object of keyword arguments (or null)")
+    idx = c["attn_layer_idx"]
+    if idx is not None and not (isinstance(idx, list) and all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in idx)):
+        raise bad("attn_layer_idx", "a list of layer indices (or null)")
+    return c
 
 
 def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForCausalLM:
@@ -790,7 +843,7 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     unknown = sorted(set(config) - set(_MAMBA_SSM_FIELDS))
     if unknown:
         raise _unmappable(fmt, unknown[0], config[unknown[0]], "not a field of mamba_ssm's MambaConfig")
-    c = {**_MAMBA_SSM_FIELDS, **config}
+    c = _mamba_ssm_typed({**_MAMBA_SSM_FIELDS, **config})
     if not c["rms_norm"]:
         raise _unmappable(fmt, "rms_norm", False, "the zoo's blocks use RMSNorm, not LayerNorm")
     d_model = c["d_model"]
@@ -806,6 +859,15 @@ def from_mamba_ssm(config: dict, state_dict: dict[str, torch.Tensor]) -> ZooForC
     multiple = c["pad_vocab_size_multiple"]
     if vocab % multiple:
         vocab += multiple - vocab % multiple
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        # (a bare tensor ended in a TypeError traceback, a list named its tensors as the dict's keys)
+        what = f"a {type(state_dict).__name__}"
+        if isinstance(state_dict, dict):  # a training checkpoint's: the state dict under one of its keys
+            inner = [k for k, v in state_dict.items() if isinstance(v, dict)]
+            what = f"a dict of {sorted(map(str, state_dict))[:5]}" + (f" (the state dict under {inner[0]!r}?)"
+                                                                      if inner else "")
+        raise UnmappableError(f"mamba_ssm: the weights are {what}, not a state dict (names to tensors); give "
+                              f"MambaLMHeadModel's state dict, as its save_pretrained writes it")
     state = dict(state_dict)
     if "backbone.embeddings.weight" in state:  # the key transformers' Mamba load hook also accepts
         state["backbone.embedding.weight"] = state.pop("backbone.embeddings.weight")
@@ -886,6 +948,12 @@ def to_mamba_ssm(model: ZooForCausalLM) -> tuple[dict[str, Any], dict[str, torch
         if d_intermediate % _MAMBA_SSM_MLP_MULTIPLE:
             raise _unmappable(fmt, "ffn.hidden", d_intermediate,
                               f"mamba_ssm's GatedMLP rounds it up to a multiple of {_MAMBA_SSM_MLP_MULTIPLE}")
+    if getattr(zc, "add_bos", None) is False:  # (a zoo finetune's record: zoo.eval.common.trained_with_bos)
+        warnings.warn("mamba_ssm: add_bos=False (the model was finetuned on rows without <bos>) is dropped: "
+                      "mamba_ssm's MambaConfig has no such field, so the folder converted back into the zoo is "
+                      "prompted with <bos> by zoo generate and zoo eval; convert it to a transformers format to keep "
+                      "it",
+                      stacklevel=2)
     multiple = 8 if zc.vocab_size % 8 == 0 else 1
     config = {"d_model": zc.d_model, "d_intermediate": d_intermediate, "n_layer": zc.num_hidden_layers,
               "vocab_size": zc.vocab_size, "ssm_cfg": ssm_cfg, "attn_layer_idx": attn_layers, "attn_cfg": attn_cfg,
@@ -988,13 +1056,20 @@ def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     return config, torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
-def save_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: str | Path) -> Path:
-    """Write the files MambaLMHeadModel.from_pretrained reads: config.json and pytorch_model.bin."""
-    folder = Path(folder)
+def _write_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     torch.save({k: v.contiguous() for k, v in state.items()}, folder / "pytorch_model.bin")
-    return folder
+
+
+def save_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: str | Path) -> Path:
+    """Write the files MambaLMHeadModel.from_pretrained reads: config.json and pytorch_model.bin, as zoo.hub's
+    write_folder writes a model folder: beside `folder` and moved in, so that a save that fails or is interrupted
+    leaves no config.json without its weights (nor a bin cut short), and into an existing folder no earlier save's
+    weight files stay beside the new ones."""
+    from zoo.hub import write_folder
+
+    return write_folder(folder, lambda target: _write_mamba_ssm(config, state, target))
 
 
 def _restore_stored_dtypes(model: nn.Module, folder: Path) -> None:
@@ -1031,11 +1106,43 @@ def _refuse_partial_load(fmt: str, folder: str | Path, cls_name: str, info: dict
                                   f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
 
 
+_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)")
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+@contextlib.contextmanager
+def _readable_weights(folder: Path):
+    """Around the loading of a folder's weights: a weights file that cannot be read (a Git LFS pointer, as a clone
+    without git-lfs leaves it; a file cut short by an interrupted download or copy) is a ValueError naming the file,
+    where safetensors, torch.load and pickle ended in their tracebacks (torch's advising weights_only=False)."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+            raise
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHTS_FILE.fullmatch(p.name))
+        for path in files:
+            with path.open("rb") as f:
+                if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                    raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
+                                     f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
+                                     f"download ID --local-dir DIR`)") from None
+        detail = ("it ends early" if isinstance(e, EOFError) else
+                  "not a state dict torch.load(weights_only=True) reads" if isinstance(e, pickle.UnpicklingError) else
+                  str(e).split(". ")[0])
+        raise ValueError(f"{folder}: its weights ({', '.join(p.name for p in files)}) cannot be read ({detail}): "
+                         f"a file cut short or corrupted (an interrupted download or copy?); fetch or save it "
+                         f"again") from None
+
+
 def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
 
-    if (Path(folder) / "adapter_config.json").is_file():  # from_pretrained would load the adapter into the model
+    folder = Path(folder).expanduser()  # (zoo graft --base '~/model': 'no config.json')
+    if (folder / "adapter_config.json").is_file():  # from_pretrained would load the adapter into the model
         raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json) beside its model, which transformers' "
                          f"from_pretrained loads on top of the model: the converted model would hold LoRA layers "
                          f"(another model, or no save at all); give the merged model's folder (merge_and_unload, zoo "
@@ -1057,16 +1164,20 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
                     "leave --from out (--to FORMAT converts a zoo folder out of the zoo)")
             raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; {hint}")
     if fmt == "zoo":  # (a classifier's folder, or one whose config lost the weights' layers: refused, not filled in)
-        model, info = ZooForCausalLM.from_pretrained(folder, output_loading_info=True)
+        with _readable_weights(Path(folder)):
+            model, info = ZooForCausalLM.from_pretrained(folder, output_loading_info=True)
         _refuse_partial_load(fmt, folder, "ZooForCausalLM", info)
         return model.eval()
     if fmt == "mamba_ssm":
-        return from_mamba_ssm(*load_mamba_ssm(folder))
+        with _readable_weights(Path(folder)):
+            loaded = load_mamba_ssm(folder)
+        return from_mamba_ssm(*loaded)
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     off = {"rescale_prenorm_residual": False} if fmt in _RESCALED_ON_LOAD else {}
-    source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
-                                                                           output_loading_info=True, **off)
+    with _readable_weights(Path(folder)):
+        source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
+                                                                               output_loading_info=True, **off)
     _refuse_partial_load(fmt, folder, _HF_CLASSES[fmt], info)
     _restore_stored_dtypes(source, Path(folder))
     model = _IMPORTERS[fmt](source)
@@ -1092,7 +1203,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     if not Path(src).expanduser().is_dir():  # a hub id or a mistyped path: the tokenizer lookup went to the hub
         raise ValueError(f"source: {str(src)!r}: no such model folder; zoo convert reads a local folder (a hub "
                          f"model: download it first, e.g. `huggingface-cli download ID --local-dir DIR`)")
-    src = Path(src).expanduser()
+    src, dst = Path(src).expanduser(), Path(dst).expanduser()  # ('~/out' quoted: a folder named '~' in the cwd)
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
     if to_format == "mamba_ssm" and max_shard_size is not None:
@@ -1111,7 +1222,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     model = load_as_zoo(src)
     if to_format == "mamba_ssm":  # written as a zoo folder is: no earlier save's weights left for load_mamba_ssm
         config, state = to_mamba_ssm(model)
-        return write_folder(dst, lambda target: save_mamba_ssm(config, state, target), tok)
+        return write_folder(dst, lambda target: _write_mamba_ssm(config, state, target), tok)
     # as a zoo folder: written beside DST and moved in (no partial folder, no earlier save's weights left behind)
     return save_model_folder(_EXPORTERS[to_format](model), dst, tok, max_shard_size=max_shard_size)
 

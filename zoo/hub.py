@@ -54,9 +54,31 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
     if not holds_tokenizer(path):
         return None
     config_file = path / "tokenizer_config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("tokenizer_class") == "ByteTokenizer":
-        return ByteTokenizer.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer_class = _json_object(config_file).get("tokenizer_class") if config_file.is_file() else None
+        if tokenizer_class == "ByteTokenizer":
+            return ByteTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
+    except json.JSONDecodeError as e:  # json's message named no file (tokenizer.json, special_tokens_map.json, ...)
+        for name in sorted(TOKENIZER_FAMILY):
+            if name.endswith(".json") and (path / name).is_file():
+                _json_object(path / name)
+        raise ValueError(f"{path}: a tokenizer file is not valid JSON ({e})") from None
+
+
+def _json_object(path: Path) -> dict:
+    """The JSON object in the file `path`; ValueError naming the file where it is no valid JSON or holds another value
+    (a tokenizer_config.json holding a list ended in an AttributeError traceback, invalid JSON in json's message
+    naming no file)."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); give a tokenizer folder whose files its library "
+                         f"wrote") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object of a tokenizer file; give a "
+                         f"tokenizer folder whose files its library wrote")
+    return data
 
 
 @contextlib.contextmanager
@@ -124,7 +146,7 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     replaced (none is left beside the new ones), and its tokenizer files when a tokenizer is given (without one
     they stay, with a warning); its other files stay.
     """
-    folder = Path(folder)
+    folder = Path(folder).expanduser()  # ('~/out' from a quoted argument: a folder named '~' in the cwd)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{str(folder)!r} is a file; give a folder to write the model to")
     # a PeftModel's base model, or what load_causal_lm made of an adapter: save_pretrained wrote the adapted modules'
@@ -169,7 +191,7 @@ def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: A
     a new folder appears only when complete; into an existing one, the weight files `write` did not write go (and
     its tokenizer files when `tokenizer` is given; without one they stay, with a warning), other files stay. A folder
     holding a PEFT adapter is refused: transformers would apply it to the model written there."""
-    folder = Path(folder)
+    folder = Path(folder).expanduser()
     if (folder / "adapter_config.json").is_file():  # (checked before anything is written)
         raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json): transformers' from_pretrained loads an "
                          f"adapter it finds in a model's folder on top of that model, so the model saved here would "

@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed is not None and not args.mixers:  # (the hybrid holds copied weights only: nothing is initialised)
         p.error("--seed seeds the fresh mixers of --mixers; without them it changes nothing, leave it out")
     for name, src in (("--base", args.base), ("--donor", args.donor)):
-        if src is not None and Path(src).resolve() == Path(args.dst).resolve():
+        if src is not None and Path(src).expanduser().resolve() == Path(args.dst).expanduser().resolve():
             p.error(f"dst {args.dst!r} is the {name} folder; write the hybrid to another folder")
     try:
         donor_layers = [int(x) for x in args.donor_layers.split(",")] if args.donor_layers else None
