@@ -2798,3 +2798,21 @@ def test_a_checkpoint_of_tied_embeddings_saves_and_resumes_without_accelerates_s
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     model = AutoModelForCausalLM.from_pretrained(resumed.checkpoint / "model")
     assert model.lm_head.weight is model.get_input_embeddings().weight  # the tie the note was about
+
+
+def test_auto_precision_of_a_run_pinned_to_the_cpu_on_a_gpu_machine_is_fp32(monkeypatch):
+    # train.precision auto asked for bf16 wherever a GPU was present, also for a run pinned to the CPU
+    # (ACCELERATE_USE_CPU=1, `accelerate launch --cpu`): it trained under CPU bf16 autocast (the README's test command
+    # on the H100's machine, forty-fourth session: "precision bf16" in CPU runs' headers, and their losses off)
+    from zoo.train import _mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert _mixed_precision("auto") == "bf16"
+    for flag in ("1", "true", "yes"):
+        monkeypatch.setenv("ACCELERATE_USE_CPU", flag)
+        assert _mixed_precision("auto") == "no"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "0")
+    assert _mixed_precision("auto") == "bf16"
+    assert _mixed_precision("bf16") == "bf16"  # (an explicit precision is the run's)

@@ -1726,7 +1726,12 @@ class TrainResult:
 
 def _mixed_precision(name: str) -> str:
     if name == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        # bf16 where the run is on a GPU: not one pinned to the CPU on a GPU machine (ACCELERATE_USE_CPU=1, which
+        # `accelerate launch --cpu` sets), which trained under CPU bf16 autocast
+        from accelerate.utils import parse_flag_from_env
+
+        on_gpu = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+        return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "no"
     return "no" if name == "fp32" else name
 
 
