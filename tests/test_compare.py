@@ -1410,24 +1410,36 @@ def test_budget_out_of_tolerance_names_the_settings_that_give_finer_sizes():
         match_budget(fields, 150_000, adjust="none")
 
 
+def _refused_before_the_first_model_trains(tmp_path, capsys, name: str, model, folder: str, *, seq_len: int = 16,
+                                           micro_batch_size: int = 1, data: dict | None = None,
+                                           edit=None, args: tuple[str, ...] = ()) -> str:
+    """Run `zoo compare` on a tiny Mamba and then `model` (named `name`) that the run must refuse before the Mamba
+    trains: the exit status 2, no training begun, no folder of the Mamba's; stderr. `edit(cfg)` changes the config
+    before it is written."""
+    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml", name: model},
+           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / folder),
+           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": seq_len, **(data or {})},
+                      "train": {"max_steps": 1, "micro_batch_size": micro_batch_size}, "schedule": {"warmup_steps": 0},
+                      "log": {"progress_bar": False}},
+           "eval": {"batches": 1}, "throughput": None}
+    if edit is not None:
+        edit(cfg)
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path), *args]) == 2
+    err = capsys.readouterr().err
+    assert "training at" not in err and not (tmp_path / folder / "mamba").exists()
+    return err
+
+
 def test_a_model_the_accounting_cannot_count_is_refused_before_any_model_trains(tmp_path, capsys):
     """A transformers MoE (or a custom mixer with a cache but no state_size) failed its accounting only at its turn,
     after the models before it had trained."""
-    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
-                      "mixtral": {"model_type": "mixtral", "vocab_size": 260, "hidden_size": 32,
-                                  "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                  "num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1}},
-           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "moe"),
-           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 32},
-                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
-                      "log": {"progress_bar": False}},
-           "eval": {"batches": 1}, "throughput": None}
-    path = tmp_path / "compare.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main([str(path)]) == 2
-    err = capsys.readouterr().err
+    mixtral = {"model_type": "mixtral", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 2,
+               "num_experts_per_tok": 1}
+    err = _refused_before_the_first_model_trains(tmp_path, capsys, "mixtral", mixtral, "moe", seq_len=32)
     assert "models.mixtral: accounting: transformers model_type 'mixtral' is a mixture of experts" in err
-    assert "training at" not in err and not (tmp_path / "moe" / "mamba").exists()
 
 
 @pytest.mark.cuda
@@ -2126,25 +2138,18 @@ def test_a_phase_longer_than_a_models_learned_positions_is_refused_before_any_mo
     self': its training was refused only at its turn, and the per-position loss, passkey, MQAR and throughput phases
     ended in that traceback after it had trained."""
     positions = 200 if "passkey" in override.get("eval", {}) else 32
-    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
-                      "gpt2": {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2,
-                               "n_positions": positions}},
-           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "gpt2"),
-           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16, "packing": False},
-                      "train": {"max_steps": 1, "micro_batch_size": 4}, "schedule": {"warmup_steps": 0},
-                      "log": {"progress_bar": False}},
-           "eval": {"batches": 1}, "throughput": None}
-    for key, value in override.items():
-        if key == "recipe":
-            cfg["recipe"]["data"].update(value["data"])
-        else:
-            cfg[key] = value
-    path = tmp_path / "compare.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main([str(path)]) == 2
-    err = capsys.readouterr().err
+    gpt2 = {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": positions}
+
+    def edit(cfg):
+        for key, value in override.items():
+            if key == "recipe":
+                cfg["recipe"]["data"].update(value["data"])
+            else:
+                cfg[key] = value
+
+    err = _refused_before_the_first_model_trains(tmp_path, capsys, "gpt2", gpt2, "gpt2", micro_batch_size=4,
+                                                 data={"packing": False}, edit=edit)
     assert message in err and "absolute positions (transformer.wpe" in err
-    assert "training at" not in err and not (tmp_path / "gpt2" / "mamba").exists()
 
 
 @pytest.mark.parametrize("accounting_only", [False, True], ids=["run", "accounting-only"])
@@ -2153,20 +2158,11 @@ def test_a_misspelled_field_of_a_transformers_model_is_refused_before_any_model_
     """transformers keeps a key its config class does not take, so a Llama given hidden_sise: 32 was the default
     4096-wide Llama: --accounting-only accounted it without a word, and a run refused it (zoo.train's check) only at
     its turn, after the models before it had trained."""
-    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",
-                      "llama": {"model_type": "llama", "vocab_size": 260, "hidden_sise": 32, "intermediate_size": 64,
-                                "num_hidden_layers": 1, "num_attention_heads": 2}},
-           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "typo"),
-           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16},
-                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
-                      "log": {"progress_bar": False}},
-           "eval": {"batches": 1}, "throughput": None}
-    path = tmp_path / "compare.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main([str(path)] + (["--accounting-only"] if accounting_only else [])) == 2
-    err = capsys.readouterr().err
+    llama = {"model_type": "llama", "vocab_size": 260, "hidden_sise": 32, "intermediate_size": 64,
+             "num_hidden_layers": 1, "num_attention_heads": 2}
+    err = _refused_before_the_first_model_trains(tmp_path, capsys, "llama", llama, "typo",
+                                                 args=("--accounting-only",) if accounting_only else ())
     assert "models.llama: hidden_sise: unknown field of LlamaConfig (llama); did you mean 'hidden_size'?" in err
-    assert "training at" not in err and not (tmp_path / "typo" / "mamba").exists()
 
 
 @pytest.mark.parametrize("name, model, overrides, message", [
@@ -2181,16 +2177,6 @@ def test_a_special_id_a_model_config_names_past_its_vocabulary_is_refused_before
     """A Llama's pad_token_id past its vocabulary ended in the accounting's build with 'AssertionError: Padding_idx
     must be within num_embeddings' (a traceback); another special id passed the checks and was refused by zoo.train
     only at the model's turn, after the models before it had trained."""
-    cfg = {"models": {"mamba": "configs/models/mamba-tiny.yaml",  # the second model's overrides: its own
-                      name: {"config": model, "overrides": overrides} if overrides else model},
-           "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "ids"),
-           "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16},
-                      "train": {"max_steps": 1, "micro_batch_size": 1}, "schedule": {"warmup_steps": 0},
-                      "log": {"progress_bar": False}},
-           "eval": {"batches": 1}, "throughput": None}
-    path = tmp_path / "compare.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    assert main([str(path)]) == 2
-    err = capsys.readouterr().err
+    second = {"config": model, "overrides": overrides} if overrides else model  # (its overrides: its own)
+    err = _refused_before_the_first_model_trains(tmp_path, capsys, name, second, "ids")
     assert f"models.{name}: {message} is outside the model's vocabulary (vocab_size 260" in err
-    assert "training at" not in err and not (tmp_path / "ids" / "mamba").exists()

@@ -1011,16 +1011,10 @@ _HF_CLASSES = {"hf-mamba": "MambaForCausalLM", "hf-mamba2": "Mamba2ForCausalLM",
 def _folder_config(folder: str | Path) -> dict[str, Any]:
     """A folder's config.json; ValueError naming the file where it is no JSON object (json's own message named
     neither the file nor the folder, and a list ended in an AttributeError's traceback)."""
-    path = Path(folder) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); give a model folder whose config.json its library "
-                         f"wrote") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: holds a JSON {type(config).__name__}, not a model config (a JSON object); give a "
-                         f"model folder whose config.json its library wrote")
-    return config
+    from zoo.hub import json_object
+
+    return json_object(Path(folder) / "config.json", "a model config (a JSON object)",
+                       "give a model folder whose config.json its library wrote")
 
 
 def detect_format(folder: str | Path) -> str:

@@ -55,29 +55,28 @@ def load_folder_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase |
         return None
     config_file = path / "tokenizer_config.json"
     try:
-        tokenizer_class = _json_object(config_file).get("tokenizer_class") if config_file.is_file() else None
+        tokenizer_class = json_object(config_file).get("tokenizer_class") if config_file.is_file() else None
         if tokenizer_class == "ByteTokenizer":
             return ByteTokenizer.from_pretrained(path)
         return AutoTokenizer.from_pretrained(path)
     except json.JSONDecodeError as e:  # json's message named no file (tokenizer.json, special_tokens_map.json, ...)
         for name in sorted(TOKENIZER_FAMILY):
             if name.endswith(".json") and (path / name).is_file():
-                _json_object(path / name)
+                json_object(path / name)
         raise ValueError(f"{path}: a tokenizer file is not valid JSON ({e})") from None
 
 
-def _json_object(path: Path) -> dict:
+def json_object(path: Path, what: str = "the JSON object of a tokenizer file",
+                fix: str = "give a tokenizer folder whose files its library wrote") -> dict:
     """The JSON object in the file `path`; ValueError naming the file where it is no valid JSON or holds another value
-    (a tokenizer_config.json holding a list ended in an AttributeError traceback, invalid JSON in json's message
-    naming no file)."""
+    (`what` it should be, `fix` the advice): a tokenizer_config.json or a config.json holding a list ended in an
+    AttributeError traceback, invalid JSON in json's message naming no file."""
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); give a tokenizer folder whose files its library "
-                         f"wrote") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); {fix}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not the JSON object of a tokenizer file; give a "
-                         f"tokenizer folder whose files its library wrote")
+        raise ValueError(f"{path}: holds a JSON {type(data).__name__}, not {what}; {fix}")
     return data
 
 
@@ -498,5 +497,5 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "holds_tokenizer",
-           "load_causal_lm", "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter", "peft_layer",
-           "require_tokenizer", "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
+           "json_object", "load_causal_lm", "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter",
+           "peft_layer", "require_tokenizer", "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
