@@ -29,9 +29,10 @@ MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
 # out_proj on its input (the gated scan output, the mixer's hidden activations as down_proj's are the FFN's)
 IA3_TARGETS = ("k_proj", "v_proj", "in_proj", "out_proj", "down_proj")
 IA3_FEEDFORWARD = ("out_proj", "down_proj")
-# LN tuning's, as llama's (every norm): each block's norm and ffn_norm, the final norm_f, and the gated output norms
-# of Mamba-2 (mixer.norm, matched by "norm") and GLA (mixer.g_norm)
-LN_TUNING_TARGETS = ("norm", "ffn_norm", "norm_f", "g_norm")
+# LN tuning's, as llama's (every norm): each block's norm and ffn_norm, the final norm_f, the gated output norms
+# of Mamba-2 (mixer.norm, matched by "norm") and GLA (mixer.g_norm), and the RMSNorms on dt, B and C of a Mamba mixer
+# with Jamba's inner_norms (a converted Jamba's; left out, LNTuningConfig() kept those three frozen)
+LN_TUNING_TARGETS = ("norm", "ffn_norm", "norm_f", "g_norm", "dt_layernorm", "b_layernorm", "c_layernorm")
 
 
 def _register_peft_default_targets() -> None:
