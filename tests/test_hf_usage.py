@@ -1153,3 +1153,18 @@ def test_ln_tuning_without_target_modules_tunes_jambas_inner_norms_too():
     model(input_ids=ids, labels=ids).loss.backward()
     inner = [p for n, p in model.named_parameters() if p.requires_grad and "dt_layernorm" in n]
     assert inner and all(p.grad is not None and p.grad.abs().sum() > 0 for p in inner)
+
+
+@pytest.mark.parametrize("table", ["TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+                                   "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
+                                   "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING"])
+def test_registering_the_peft_defaults_survives_a_peft_without_an_ia3_or_ln_tuning_table(monkeypatch, table):
+    # `import zoo` looked the (IA)^3 and LN-tuning tables up by attribute: a PEFT release without one of them (peft is
+    # not capped above) failed every `import zoo` with an AttributeError, for a default only those methods use
+    import peft.utils.constants as peft_constants
+
+    import zoo
+
+    monkeypatch.delattr(peft_constants, table)
+    zoo._register_peft_default_targets()
+    assert peft_constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["zoo"]

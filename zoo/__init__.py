@@ -63,10 +63,13 @@ def _register_peft_default_targets() -> None:
         EMBEDDING_LAYER_NAMES.append("embeddings")
     # (IA)^3 and LN tuning have tables of their own (llama: k_proj, v_proj and down_proj, down_proj scaled on its input;
     # every norm), which had no "zoo": IA3Config() and LNTuningConfig() failed on a zoo model ("Please specify
-    # `target_modules` in `peft_config`"), where they work on a llama
-    peft_constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.setdefault("zoo", list(IA3_TARGETS))
-    peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.setdefault("zoo", list(IA3_FEEDFORWARD))
-    peft_constants.TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING.setdefault("zoo", list(LN_TUNING_TARGETS))
+    # `target_modules` in `peft_config`"), where they work on a llama. Each looked up leniently: a PEFT without one
+    # (peft is not capped above) failed every `import zoo` with an AttributeError
+    for name, targets in (("TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", IA3_TARGETS),
+                          ("TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING", IA3_FEEDFORWARD),
+                          ("TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING", LN_TUNING_TARGETS)):
+        if isinstance(table := getattr(peft_constants, name, None), dict):
+            table.setdefault("zoo", list(targets))
 
 
 _register_peft_default_targets()
