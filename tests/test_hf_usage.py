@@ -1130,3 +1130,41 @@ def test_ia3_and_ln_tuning_without_target_modules_adapt_a_zoo_model_train_save_a
     reloaded = PeftModel.from_pretrained(tiny(name), tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, logits)
+
+
+def test_ln_tuning_without_target_modules_tunes_jambas_inner_norms_too():
+    # LN tuning's default targets named each block's, the final and the gated output norms, not the RMSNorms a Mamba
+    # mixer with Jamba's inner_norms (a zoo convert of a transformers Jamba) puts on dt, B and C: LNTuningConfig()
+    # left those three frozen, where the README says it tunes every norm, as on a llama
+    import peft
+
+    from zoo.layers import GatedRMSNorm, RMSNorm
+
+    mamba = ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml").mixers["M"]
+    config = ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml", mixers={"M": {**mamba, "inner_norms": True}})
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    norms = {n for n, m in base.named_modules() if isinstance(m, (RMSNorm, GatedRMSNorm))}
+    assert {n.split(".")[-1] for n in norms} == {"norm", "norm_f", "dt_layernorm", "b_layernorm", "c_layernorm"}
+    model = get_peft_model(base, peft.LNTuningConfig(task_type="CAUSAL_LM"))
+    assert {n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "base_layer")} \
+        == norms
+    ids = torch.randint(0, 512, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    inner = [p for n, p in model.named_parameters() if p.requires_grad and "dt_layernorm" in n]
+    assert inner and all(p.grad is not None and p.grad.abs().sum() > 0 for p in inner)
+
+
+@pytest.mark.parametrize("table", ["TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING",
+                                   "TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING",
+                                   "TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING"])
+def test_registering_the_peft_defaults_survives_a_peft_without_an_ia3_or_ln_tuning_table(monkeypatch, table):
+    # `import zoo` looked the (IA)^3 and LN-tuning tables up by attribute: a PEFT release without one of them (peft is
+    # not capped above) failed every `import zoo` with an AttributeError, for a default only those methods use
+    import peft.utils.constants as peft_constants
+
+    import zoo
+
+    monkeypatch.delattr(peft_constants, table)
+    zoo._register_peft_default_targets()
+    assert peft_constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["zoo"]

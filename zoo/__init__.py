@@ -29,9 +29,10 @@ MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("zoo", "ZooForCausalLM")
 # out_proj on its input (the gated scan output, the mixer's hidden activations as down_proj's are the FFN's)
 IA3_TARGETS = ("k_proj", "v_proj", "in_proj", "out_proj", "down_proj")
 IA3_FEEDFORWARD = ("out_proj", "down_proj")
-# LN tuning's, as llama's (every norm): each block's norm and ffn_norm, the final norm_f, and the gated output norms
-# of Mamba-2 (mixer.norm, matched by "norm") and GLA (mixer.g_norm)
-LN_TUNING_TARGETS = ("norm", "ffn_norm", "norm_f", "g_norm")
+# LN tuning's, as llama's (every norm): each block's norm and ffn_norm, the final norm_f, the gated output norms
+# of Mamba-2 (mixer.norm, matched by "norm") and GLA (mixer.g_norm), and the RMSNorms on dt, B and C of a Mamba mixer
+# with Jamba's inner_norms (a converted Jamba's; left out, LNTuningConfig() kept those three frozen)
+LN_TUNING_TARGETS = ("norm", "ffn_norm", "norm_f", "g_norm", "dt_layernorm", "b_layernorm", "c_layernorm")
 
 
 def _register_peft_default_targets() -> None:
@@ -62,10 +63,13 @@ def _register_peft_default_targets() -> None:
         EMBEDDING_LAYER_NAMES.append("embeddings")
     # (IA)^3 and LN tuning have tables of their own (llama: k_proj, v_proj and down_proj, down_proj scaled on its input;
     # every norm), which had no "zoo": IA3Config() and LNTuningConfig() failed on a zoo model ("Please specify
-    # `target_modules` in `peft_config`"), where they work on a llama
-    peft_constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.setdefault("zoo", list(IA3_TARGETS))
-    peft_constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.setdefault("zoo", list(IA3_FEEDFORWARD))
-    peft_constants.TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING.setdefault("zoo", list(LN_TUNING_TARGETS))
+    # `target_modules` in `peft_config`"), where they work on a llama. Each looked up leniently: a PEFT without one
+    # (peft is not capped above) failed every `import zoo` with an AttributeError
+    for name, targets in (("TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING", IA3_TARGETS),
+                          ("TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING", IA3_FEEDFORWARD),
+                          ("TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING", LN_TUNING_TARGETS)):
+        if isinstance(table := getattr(peft_constants, name, None), dict):
+            table.setdefault("zoo", list(targets))
 
 
 _register_peft_default_targets()
