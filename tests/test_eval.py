@@ -2490,3 +2490,22 @@ def test_eval_stopped_by_sigterm_keeps_what_it_saved_and_says_so(command, checkp
     stop, done = None, len(calls)
     module.main(argv)
     assert len(calls) - done == (3 if command == "state" else 1)  # the rest only
+
+
+def test_a_tokenizers_fingerprint_does_not_see_its_last_calls_padding_or_truncation(tmp_path):
+    # the fingerprint hashed the backend pipeline whole, with the padding and truncation its last call left set: the
+    # same tokenizer called with padding=True (or truncation) gave another digest, and its kept results were redone
+    from helpers import save_letter_tokenizer
+    from transformers import AutoTokenizer
+
+    from zoo.eval.common import tokenizer_fingerprint
+
+    save_letter_tokenizer(tmp_path / "a", pad_token=("<pad>", 28))
+    save_letter_tokenizer(tmp_path / "b", pad_token=("<pad>", 29))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "a")
+    before = tokenizer_fingerprint(tok)
+    tok(["ab", "abc"], padding=True, truncation=True, max_length=2)
+    assert tok.backend_tokenizer.padding is not None or tok.backend_tokenizer.truncation is not None
+    assert tokenizer_fingerprint(tok) == before
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "a")) == before
+    assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "b")) != before

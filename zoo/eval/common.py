@@ -348,13 +348,20 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """What identifies a loaded tokenizer for a resumed run, by what it turns text into (not by its name or folder): a
     SHA-256 of its class, its special token ids, whether it adds BOS / EOS, and its whole tokenizers pipeline
     (vocabulary, merges, normalizer, pre-tokenizer: ``backend_tokenizer``; a slow tokenizer: its vocabulary). The same
-    files loaded again give the same one; another tokenizer saved into the same folder gives another."""
+    files loaded again give the same one; another tokenizer saved into the same folder gives another. The pipeline's
+    padding and truncation are left out: the settings of the tokenizer's last call with padding or truncation, which
+    changed the digest of the same tokenizer."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    pipeline = sorted(tokenizer.get_vocab().items())
+    if backend is not None:
+        pipeline = json.loads(backend.to_str())
+        pipeline.pop("padding", None)
+        pipeline.pop("truncation", None)
     what = {"class": type(tokenizer).__name__,
             "special": {name: getattr(tokenizer, name, None)
                         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id")},
             "adds": [getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)],
-            "pipeline": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())}
+            "pipeline": pipeline}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
