@@ -32,6 +32,12 @@ TOKENIZER_FAMILY = frozenset(_TOKENIZER_FILES + ("vocab.txt", "merges.txt", "spe
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
+def holds_weights(folder: str | Path) -> bool:
+    """Whether the folder `folder` holds a model's weights as from_pretrained finds them: a safetensors file, or a
+    pytorch_model.bin (or its shards' index)."""
+    return any(p.suffix == ".safetensors" or _WEIGHT_FILE.fullmatch(p.name) for p in Path(folder).iterdir())
+
+
 def holds_tokenizer(folder: str | Path) -> bool:
     """Whether the folder `folder` holds tokenizer files (any of `_TOKENIZER_FILES`): what zoo train, zoo finetune and
     an adapter's tokenizer lookup take as a model folder's own tokenizer."""
@@ -541,6 +547,6 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "holds_tokenizer",
-           "json_object", "load_causal_lm", "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter",
-           "peft_layer", "readable_weights", "require_tokenizer", "save_model_folder", "shard_size",
-           "tokenizer_source", "write_folder"]
+           "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer", "load_model_folder",
+           "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer", "save_model_folder",
+           "shard_size", "tokenizer_source", "write_folder"]
