@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from unittest import mock
 
@@ -1227,3 +1228,61 @@ def test_an_adapter_whose_base_model_folder_is_gone_says_so(tmp_path, monkeypatc
         cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "the base model of the PEFT adapter" in err and "no such model folder" in err
+
+
+def _weights_lfs_pointer(path: Path) -> None:
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
+
+
+def _weights_cut_short(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+@pytest.mark.parametrize("damage, message", [(_weights_lfs_pointer, r"model.safetensors is a Git LFS pointer, not the "
+                                                                    r"weights it stands for .*git lfs pull"),
+                                             (_weights_cut_short, r"its weights \(model.safetensors\) cannot be read "
+                                                                  r".*cut short or corrupted")],
+                         ids=["lfs-pointer", "cut-short"])
+@pytest.mark.parametrize("command", ["generate", "eval", "train", "finetune"])
+def test_a_model_folder_whose_weights_cannot_be_read_is_refused_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch,
+                                                                           command, damage, message):
+    # a folder cloned without git-lfs (a pointer file in place of model.safetensors) or copied in part was refused so
+    # by zoo convert and zoo graft only: zoo generate, zoo eval, zoo train and zoo finetune ended in safetensors'
+    # traceback ("SafetensorError: Error while deserializing header: ..."), naming no file and no fix
+    import shutil
+
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    folder = tmp_path / "cloned"
+    shutil.copytree(tiny_folder, folder)
+    damage(folder / "model.safetensors")
+    argv = {"generate": ["generate", str(folder), "hi", "--max-new-tokens", "2", "--device", "cpu"],
+            "eval": ["eval", "synthetic", "--model", str(folder), "--vocab-size", "64", "--n-samples", "2",
+                     "--seq-lens", "16", "--device", "cpu"],
+            "train": ["train", "demo", f"--model={folder}", "--train.max_steps=1",
+                      "--schedule.warmup_steps=0", f"--output_dir={tmp_path / 'run'}"],
+            "finetune": ["finetune", "finetune-mqar", f"--model={folder}", "--pretrain=null", "--train.max_steps=1",
+                         "--schedule.warmup_steps=0", f"--output_dir={tmp_path / 'run'}"]}[command]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback (most recent call last)" not in err and "Error:" not in err, err
+    named = re.escape(f"{folder}/") + message if damage is _weights_lfs_pointer else re.escape(f"{folder}: ") + message
+    assert re.search(rf"^zoo {command}[a-z ]*: (error: )?{named}", err, re.MULTILINE), err
+
+
+@pytest.mark.parametrize("damaged", ["adapter", "base"])
+def test_a_peft_adapter_or_its_base_whose_weights_are_an_lfs_pointer_is_refused_in_one_line(tmp_path, capsys,
+                                                                                           monkeypatch, damaged):
+    # an adapter folder cloned without git-lfs (adapter_model.safetensors a pointer file), or the base folder it names,
+    # ended zoo generate (zoo.hub.load_causal_lm) in safetensors' traceback, naming no file
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)
+    weights = tmp_path / damaged / ("adapter_model.safetensors" if damaged == "adapter" else "model.safetensors")
+    _weights_lfs_pointer(weights)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "adapter"), "hi", "--tokenizer", "byte", "--max-new-tokens", "2",
+                  "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback (most recent call last)" not in err, err
+    assert f"\nzoo generate: {weights} is a Git LFS pointer, not the weights it stands for" in f"\n{err}", err

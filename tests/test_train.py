@@ -573,6 +573,39 @@ def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_
         build_model(config_from_dict(run))
 
 
+@pytest.mark.parametrize("layout", ["pytorch_model.bin", "sharded"])
+def test_a_model_folder_of_pytorch_model_bin_weights_trains_from_its_weights(tmp_path, layout):
+    # a folder without a *.safetensors file was taken for one of config.json alone: a model of pytorch_model.bin (an
+    # older save, or a download holding .bin files only) was built fresh from its config, its weights never loaded,
+    # and trained from a random init without a word
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.train import build_model
+
+    torch.manual_seed(0)
+    saved = AutoModelForCausalLM.from_config(AutoConfig.for_model(**LLAMA))
+    folder = tmp_path / "bin"
+    saved.config.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in saved.state_dict().items()}
+    if layout == "sharded":
+        names = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                  "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+        for name, keys in shards.items():
+            torch.save({k: state[k] for k in keys}, folder / name)
+        weight_map = {k: name for name, keys in shards.items() for k in keys}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    run = run_dict(tmp_path)
+    run["model"] = str(folder)
+    torch.manual_seed(1)
+    model = build_model(config_from_dict(run))
+    loaded = model.state_dict()
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(loaded[name], value, msg=name)
+
+
 @pytest.mark.parametrize("peft", [True, False], ids=["peft", "no-peft"])
 def test_a_hub_adapter_repo_as_the_model_is_refused_as_an_adapter(tmp_path, monkeypatch, peft):
     """A hub repo holding a PEFT adapter, given as the model: transformers (with peft) loaded its base model with the

@@ -22,12 +22,10 @@ its MHA in_proj (the zoo's q, k and v).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import inspect
 import json
 import math
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from torch import nn
 
 from zoo.config import ZooConfig
+from zoo.hub import readable_weights
 from zoo.modeling import ZooForCausalLM
 from zoo.registry import get_mixer
 
@@ -1100,37 +1099,6 @@ def _refuse_partial_load(fmt: str, folder: str | Path, cls_name: str, info: dict
                                   f"{keys[:5]}{' ...' if len(keys) > 5 else ''}")
 
 
-_WEIGHTS_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)")
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
-
-
-@contextlib.contextmanager
-def _readable_weights(folder: Path):
-    """Around the loading of a folder's weights: a weights file that cannot be read (a Git LFS pointer, as a clone
-    without git-lfs leaves it; a file cut short by an interrupted download or copy) is a ValueError naming the file,
-    where safetensors, torch.load and pickle ended in their tracebacks (torch's advising weights_only=False)."""
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
-            raise
-        files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHTS_FILE.fullmatch(p.name))
-        for path in files:
-            with path.open("rb") as f:
-                if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
-                    raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
-                                     f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
-                                     f"download ID --local-dir DIR`)") from None
-        detail = ("it ends early" if isinstance(e, EOFError) else
-                  "not a state dict torch.load(weights_only=True) reads" if isinstance(e, pickle.UnpicklingError) else
-                  str(e).split(". ")[0])
-        raise ValueError(f"{folder}: its weights ({', '.join(p.name for p in files)}) cannot be read ({detail}): "
-                         f"a file cut short or corrupted (an interrupted download or copy?); fetch or save it "
-                         f"again") from None
-
-
 def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
     """Any supported checkpoint folder (zoo or one of FORMATS; detected when `fmt` is None) as a zoo model."""
     import transformers
@@ -1158,18 +1126,18 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
                     "leave --from out (--to FORMAT converts a zoo folder out of the zoo)")
             raise ValueError(f"{folder} holds a {found} checkpoint (its config.json), not {fmt}; {hint}")
     if fmt == "zoo":  # (a classifier's folder, or one whose config lost the weights' layers: refused, not filled in)
-        with _readable_weights(Path(folder)):
+        with readable_weights(folder):
             model, info = ZooForCausalLM.from_pretrained(folder, output_loading_info=True)
         _refuse_partial_load(fmt, folder, "ZooForCausalLM", info)
         return model.eval()
     if fmt == "mamba_ssm":
-        with _readable_weights(Path(folder)):
+        with readable_weights(folder):
             loaded = load_mamba_ssm(folder)
         return from_mamba_ssm(*loaded)
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     off = {"rescale_prenorm_residual": False} if fmt in _RESCALED_ON_LOAD else {}
-    with _readable_weights(Path(folder)):
+    with readable_weights(folder):
         source, info = getattr(transformers, _HF_CLASSES[fmt]).from_pretrained(folder, dtype="auto",
                                                                                output_loading_info=True, **off)
     _refuse_partial_load(fmt, folder, _HF_CLASSES[fmt], info)

@@ -32,6 +32,12 @@ TOKENIZER_FAMILY = frozenset(_TOKENIZER_FILES + ("vocab.txt", "merges.txt", "spe
 _WEIGHT_FILE = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
 
 
+def holds_weights(folder: str | Path) -> bool:
+    """Whether the folder `folder` holds a model's weights as from_pretrained finds them: a safetensors file, or a
+    pytorch_model.bin (or its shards' index)."""
+    return any(p.suffix == ".safetensors" or _WEIGHT_FILE.fullmatch(p.name) for p in Path(folder).iterdir())
+
+
 def holds_tokenizer(folder: str | Path) -> bool:
     """Whether the folder `folder` holds tokenizer files (any of `_TOKENIZER_FILES`): what zoo train, zoo finetune and
     an adapter's tokenizer lookup take as a model folder's own tokenizer."""
@@ -264,6 +270,45 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
         raise ValueError(f"{what}: {text!r}: no such model folder")
 
 
+# the weights files a model's (or a PEFT adapter's) folder holds, which a reader of its weights may fail on
+_WEIGHTS_READ = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)")
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+@contextlib.contextmanager
+def readable_weights(folder: str | Path):
+    """Around the loading of a local folder's weights (a model's, or a PEFT adapter's): a weights file that cannot be
+    read (a Git LFS pointer, as a clone without git-lfs leaves it; a file cut short by an interrupted download or copy)
+    is a ValueError naming the file, where safetensors, torch.load and pickle ended in their tracebacks (torch's
+    advising weights_only=False). `folder` not a local folder (a hub id): the error is left as it is."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+            raise
+        folder = Path(folder).expanduser()
+        files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHTS_READ.fullmatch(p.name)) \
+            if folder.is_dir() else []
+        if not files:
+            raise
+        for path in files:
+            with path.open("rb") as f:
+                if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                    raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
+                                     f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
+                                     f"download ID --local-dir DIR`)") from None
+        detail = ("it ends early" if isinstance(e, EOFError) else
+                  "not a state dict torch.load(weights_only=True) reads" if isinstance(e, pickle.UnpicklingError) else
+                  str(e).split(". ")[0])
+        raise ValueError(f"{folder}: its weights ({', '.join(p.name for p in files)}) cannot be read ({detail}): "
+                         f"a file cut short or corrupted (an interrupted download or copy?); fetch or save it "
+                         f"again") from None
+
+
 def _adapter_not_model(what: str, text: str) -> str:
     return f"{what}: {text!r} holds a PEFT adapter, not a model; give its base model or the merged model"
 
@@ -279,7 +324,8 @@ def load_model_not_adapter(ref: str | Path, what: str = "model", **kwargs) -> Pr
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
+        with readable_weights(ref):
+            model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except OSError:
         if adapter_config_file(ref) is not None:
             raise ValueError(_adapter_not_model(what, str(ref))) from None
@@ -422,12 +468,13 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
         # it: the hub's newest base was loaded instead
         kwargs = {**kwargs, "revision": config.revision}
     model = _causal_lm_with_head(base, **kwargs)
-    rows = _adapter_embedding_rows(source, model)
+    with readable_weights(source):  # (the base's weights: read in _causal_lm_with_head)
+        rows = _adapter_embedding_rows(source, model)
     if rows is not None and rows != model.get_input_embeddings().num_embeddings:
         # an adapter trained with tokens added to its tokenizer holds the resized embeddings (PEFT's
         # save_embedding_layers): PEFT's users resize the base to them first, and loading failed in load_state_dict
         model.resize_token_embeddings(rows)
-    with peft_wrapping():
+    with peft_wrapping(), readable_weights(source):
         model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
@@ -442,7 +489,8 @@ def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
     tokens, zoo eval scored them, behind transformers' load report alone."""
     from transformers import AutoModelForCausalLM
 
-    model, info = AutoModelForCausalLM.from_pretrained(ref, output_loading_info=True, **kwargs)
+    with readable_weights(ref):
+        model, info = AutoModelForCausalLM.from_pretrained(ref, output_loading_info=True, **kwargs)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and embedding is not None and head.weight is not embedding.weight:
         names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight]
@@ -493,9 +541,12 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     check_model_ref(folder)
     if Path(folder).expanduser().is_dir():  # transformers took '~/model' for an invalid hub id
         folder = Path(folder).expanduser()
-    return AutoModelForCausalLM.from_pretrained(folder, **kwargs), load_folder_tokenizer(folder)
+    with readable_weights(folder):
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    return model, load_folder_tokenizer(folder)
 
 
 __all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "holds_tokenizer",
-           "json_object", "load_causal_lm", "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter",
-           "peft_layer", "require_tokenizer", "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
+           "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer", "load_model_folder",
+           "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer", "save_model_folder",
+           "shard_size", "tokenizer_source", "write_folder"]

@@ -538,11 +538,13 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         extra = {k: v for k, v in special.items() if k not in named}
         config = zoo.ZooConfig.from_yaml(spec, **{**extra, **overrides})
     else:
-        from zoo.hub import check_model_ref
+        from zoo.hub import check_model_ref, holds_weights
 
         check_model_ref(spec)
         folder = Path(spec)
-        if folder.is_dir() and not any(folder.glob("*.safetensors")) and (folder / "config.json").is_file():
+        # (a folder of config.json alone: a fresh model of that architecture; one of pytorch_model.bin was built so too,
+        # its weights not loaded, and trained from a random init without a word)
+        if folder.is_dir() and not holds_weights(folder) and (folder / "config.json").is_file():
             config, unused = AutoConfig.from_pretrained(spec, return_unused_kwargs=True, **overrides)
             check_config_fields(config, overrides, "model_overrides.", dropped=unused)
     if config is not None:
