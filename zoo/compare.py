@@ -1110,24 +1110,11 @@ def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     raise ValueError(f"{where}: expected a model YAML path or a mapping of config fields, got {spec!r}")
 
 
-def _check_special_ids(config, fields: dict[str, Any]) -> None:
-    """Refuse a special id the model's fields name (they keep it over the tokenizer's) past its vocabulary: a Llama's
-    pad failed the accounting's build ('AssertionError: Padding_idx must be within num_embeddings', a traceback), and
-    another id passed the checks to be refused by zoo.train at the model's turn, after the models before it trained."""
-    from zoo.data.text import SPECIAL_IDS
-
-    vocab = getattr(config, "vocab_size", None)
-    for name in SPECIAL_IDS:
-        value = fields.get(name)
-        for one in value if isinstance(value, (list, tuple)) else [value]:
-            if isinstance(vocab, int) and isinstance(one, int) and not isinstance(one, bool) and one >= vocab:
-                raise ValueError(f"{name}: {one} is outside the model's vocabulary (vocab_size {vocab}: ids "
-                                 f"0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
-                                 f"tokenizer's")
-
-
 def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
     """The comparison's models with overrides applied and, for zoo models, matched to the budget."""
+    from zoo.data.text import SPECIAL_IDS
+    from zoo.train import check_config_fields, check_special_ids
+
     raw: list[tuple[str, dict, dict, bool]] = []  # name, fields, overrides, match
     for name, spec in cfg.models.items():
         where = f"models.{name}"
@@ -1181,10 +1168,11 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             config = entry.config()
             if not is_zoo:  # a misspelled field was kept as an attribute: the default model was matched and accounted
                 # (--accounting-only), and its training refused it only at its turn, after the models before it trained
-                from zoo.train import check_config_fields
-
                 check_config_fields(config, fields, "")
-            _check_special_ids(config, fields)
+            # a special id its fields name past its vocabulary: a Llama's pad failed the accounting's build
+            # ('AssertionError: Padding_idx must be within num_embeddings', a traceback), another was refused by
+            # zoo.train only at the model's turn, after the models before it trained
+            check_special_ids(config, [n for n in SPECIAL_IDS if n in fields])
         except (ValueError, TypeError) as e:
             raise ValueError(f"models.{name}: {e}") from e
         if is_zoo and cfg.budget is not None and match:
@@ -2016,8 +2004,6 @@ def _recall_labels(rows: list[dict[str, Any]]) -> list[tuple[int, float, str]]:
         points.setdefault(r["state_floats"], []).append((r["seq_len"], r["accuracy"]))
     return [(x, max(a for _, a in at), "L=" + ",".join(str(L) for L in sorted({L for L, _ in at})))
             for x, at in points.items()]
-
-
 
 
 def _unplotted(records: list[dict[str, Any]], cfg: CompareConfig) -> dict[str, str]:

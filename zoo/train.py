@@ -475,6 +475,21 @@ def check_config_fields(config, given: dict[str, Any], where: str, dropped: Any 
                              f"({config.model_type}); {hint}fields: {', '.join(known)}")
 
 
+def check_special_ids(config, names=SPECIAL_IDS, where: Callable[[str], str] = lambda name: "") -> None:
+    """Raise ValueError for a special id of `names` that the model `config` names (an int, or a list of them) past its
+    vocab_size, prefixed by `where(name)` (the field's section)."""
+    vocab = getattr(config, "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    for name in names:
+        value = getattr(config, name, None)
+        for one in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(one, int) and not isinstance(one, bool) and one >= vocab:
+                raise ValueError(f"{where(name)}{name}: {one} is outside the model's vocabulary (vocab_size {vocab}: "
+                                 f"ids 0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
+                                 f"tokenizer's")
+
+
 def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
     """The causal LM named by cfg.model (fresh weights from a config, or loaded weights from a folder)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -500,21 +515,13 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
     def check_config_ids(config) -> None:
         # a special id the model config names (the tokenizer's are checked by check_vocab) past its vocabulary: a Llama
         # failed to build ('Padding_idx must be within num_embeddings'), a zoo model trained and saved a config whose
-        # eos generate never meets and whose pad fails in the embedding (transformers' warning said so at the save)
-        vocab = getattr(config, "vocab_size", None)
-        for name in SPECIAL_IDS:
-            if other and special.get(name) is not None and name != "pad_token_id":
-                # the tokenizer's id replaces it after the build: a GPT-2 config.json (bos and eos 50256) under
-                # model_overrides.vocab_size 260 and the byte tokenizer was refused for ids the run never kept (a pad
-                # is checked still: a Llama builds its embedding's padding_idx from the config's)
-                continue
-            value = getattr(config, name, None)
-            for one in value if isinstance(value, (list, tuple)) else [value]:
-                if isinstance(vocab, int) and isinstance(one, int) and one >= vocab:
-                    where = "model_overrides." if name in overrides else "model."
-                    raise ValueError(f"{where}{name}: {one} is outside the model's vocabulary (vocab_size {vocab}: "
-                                     f"ids 0..{vocab - 1}); give an id below {vocab}, or leave it unset to take the "
-                                     f"tokenizer's")
+        # eos generate never meets and whose pad fails in the embedding (transformers' warning said so at the save).
+        # Not an id the tokenizer's replaces after the build: a GPT-2 config.json (bos and eos 50256) under
+        # model_overrides.vocab_size 260 and the byte tokenizer was refused for ids the run never kept (a pad is
+        # checked still: a Llama builds its embedding's padding_idx from the config's)
+        names = [name for name in SPECIAL_IDS
+                 if not (other and special.get(name) is not None and name != "pad_token_id")]
+        check_special_ids(config, names, lambda name: "model_overrides." if name in overrides else "model.")
 
     config = None
     if isinstance(spec, dict):
