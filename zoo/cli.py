@@ -86,7 +86,7 @@ def generate(argv: list[str] | None = None) -> None:
     import zoo  # noqa: F401  (registers the Auto classes)
     from zoo.data.text import SPECIAL_IDS, special_id_outside
     from zoo.decode import continues_chunks_exactly
-    from zoo.eval.common import DTYPES, default_device, encode_with_bos, trained_with_bos
+    from zoo.eval.common import DTYPES, default_device, encode_with_bos, tokenizer_name, trained_with_bos
     from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer, tokenizer_source
     from zoo.train import position_table
@@ -201,8 +201,8 @@ def generate(argv: list[str] | None = None) -> None:
         what = f"{args.model} holds no tokenizer files" if source == args.model else \
             f"{args.model} is a PEFT adapter without tokenizer files, and its base model {source} holds none either"
         p.error(f"{what}; pass --tokenizer (byte, or a tokenizer folder or hub id)")
+    which = tokenizer_name(args.tokenizer, args.model)  # (as messages name it)
     if args.chat and not getattr(tok, "chat_template", None):
-        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"--chat: {which} has no chat template (tokenizer_config.json's chat_template or "
                 f"chat_template.jinja); run without --chat, or pass --tokenizer with one that has it")
     if args.chat:  # (before the model loads: a template that refuses a lone user message ended in a traceback after it)
@@ -212,8 +212,7 @@ def generate(argv: list[str] | None = None) -> None:
             chats = [tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                              add_generation_prompt=True) for text in prompts]
         except TemplateError as e:  # (the template's raise_exception: "a system message must come first")
-            which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
-            p.error(f"--chat: {which}'s chat template refuses a prompt as a lone user message: {e}; run without "
+                p.error(f"--chat: {which}'s chat template refuses a prompt as a lone user message: {e}; run without "
                     f"--chat, or pass --tokenizer with another chat template")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if len(prompts) > 1 and pad_id is None:
@@ -223,7 +222,6 @@ def generate(argv: list[str] | None = None) -> None:
     model = load_causal_lm(args.model, **kwargs).to(device).eval()  # an adapter through PEFT: DoRA kept
     n_embed = model.get_input_embeddings().num_embeddings
     if len(tok) > n_embed:  # a prompt token past them failed in the embedding as 'IndexError: index out of range'
-        which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
         p.error(f"{which} has {len(tok)} tokens, more than the model's {n_embed} embeddings; give the tokenizer "
                 f"the model was trained with")
     if args.cuda_graph and not isinstance(model, zoo.ZooForCausalLM):
@@ -234,7 +232,6 @@ def generate(argv: list[str] | None = None) -> None:
         # zoo models train on <bos> + text: the prompt starts with it as the evaluations' prompts do, unless the
         # model was trained without it (data.add_bos false, recorded in its config)
         rows = [encode_with_bos(tok, text, trained_with_bos(model.config)) for text in prompts]
-    which = f"--tokenizer {args.tokenizer!r}" if args.tokenizer else f"{args.model}'s tokenizer"
     if empty := [i for i, row in enumerate(rows) if not row]:
         # a text the tokenizer drops whole (spaces to a whitespace-splitting word tokenizer without a bos token): one
         # such prompt failed in the embedding ('Expected tensor for argument #1 'indices' to have one of the following

@@ -35,7 +35,16 @@ import torch
 from torch import nn
 
 from zoo.config import ZooConfig
-from zoo.hub import readable_weights
+from zoo.hub import (
+    check_model_ref,
+    json_object,
+    load_folder_tokenizer,
+    readable_weights,
+    require_tokenizer,
+    save_model_folder,
+    shard_size,
+    write_folder,
+)
 from zoo.modeling import ZooForCausalLM
 from zoo.registry import get_mixer
 
@@ -1010,8 +1019,6 @@ _HF_CLASSES = {"hf-mamba": "MambaForCausalLM", "hf-mamba2": "Mamba2ForCausalLM",
 def _folder_config(folder: str | Path) -> dict[str, Any]:
     """A folder's config.json; ValueError naming the file where it is no JSON object (json's own message named
     neither the file nor the folder, and a list ended in an AttributeError's traceback)."""
-    from zoo.hub import json_object
-
     return json_object(Path(folder) / "config.json", "a model config (a JSON object)",
                        "give a model folder whose config.json its library wrote")
 
@@ -1060,8 +1067,6 @@ def save_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folde
     write_folder writes a model folder: beside `folder` and moved in, so that a save that fails or is interrupted
     leaves no config.json without its weights (nor a bin cut short), and into an existing folder no earlier save's
     weight files stay beside the new ones."""
-    from zoo.hub import write_folder
-
     return write_folder(folder, lambda target: _write_mamba_ssm(config, state, target))
 
 
@@ -1159,8 +1164,6 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     neither format is given), or into `to_format` from a zoo folder (or any folder `load_as_zoo` reads). The
     tokenizer of `src` (or `tokenizer`: 'byte' or a path) is saved alongside. Safetensors shards hold
     `max_shard_size` at most (default 5GB); mamba_ssm's one pytorch_model.bin takes none."""
-    from zoo.hub import check_model_ref, load_folder_tokenizer, require_tokenizer, save_model_folder, write_folder
-
     check_model_ref(src, what="source")
     if not Path(src).expanduser().is_dir():  # a hub id or a mistyped path: the tokenizer lookup went to the hub
         raise ValueError(f"source: {str(src)!r}: no such model folder; zoo convert reads a local folder (a hub "
@@ -1190,8 +1193,6 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from zoo.hub import shard_size
-
     p = argparse.ArgumentParser(prog="zoo convert", description="Convert checkpoints into and out of the zoo with "
                                 "identical logits; options without an exact counterpart are errors.")
     p.add_argument("src", help="source model folder")
