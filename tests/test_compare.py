@@ -1933,6 +1933,47 @@ def test_interrupted_mqar_training_continues_from_its_last_step(tmp_path, monkey
     assert calls == [False, False, True, True, True, True]
 
 
+def test_an_mqar_training_saved_on_a_gpu_is_refused_on_a_cpu_machine_as_of_another_device(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The MQAR phase's partial training holds its optimizer state on the model's device, and its settings name that
+    device. One saved on a GPU could not be loaded at all on a machine without one ('Attempting to deserialize object
+    on a CUDA device'), and the rerun said it was "not a readable partial run (RuntimeError)"; it is read onto the CPU
+    and refused for what it is, a run of another device."""
+    import torch.serialization
+
+    import zoo.compare as compare
+
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--throughput=null", "--eval.passkey=null", "--only=gla",
+            "--eval.mqar={steps: 2, batch_size: 4, seq_len: 32, n_kv: 4, vocab_size: 32, lr: 1.0e-2, "
+            "warmup_steps: 1, eval_seq_lens: [32], eval_samples: 8}", f"--output_dir={tmp_path}"]
+    real_put = compare.ModelRecord.put
+
+    def put(self, phase, *args, **kwargs):  # Ctrl-C after the phase's training, before result.json holds it
+        if phase == "mqar":
+            raise KeyboardInterrupt
+        return real_put(self, phase, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare.ModelRecord, "put", put)
+        assert main(argv) == 130
+    partial = tmp_path / "gla" / "train-L128" / "mqar.partial.pt"
+    saved = torch.load(partial, weights_only=True)
+    assert saved["optimizer"]["state"]  # tensors on the model's device
+    saved["settings"]["key"]["device"] = "cuda"
+    with monkeypatch.context() as patch:  # the file a GPU machine writes: storages tagged cuda:0
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved, partial)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"gla's MQAR training: {partial} holds a partial run of other settings (device differ); starting over" \
+        in out, out
+    assert not partial.exists()
+
+
 def test_length_plot_marks_every_training_length(tmp_path, monkeypatch):
     """With train_lengths [32, 64], length.png has curves of models trained at 32 and at 64, but only the first
     length (32) was marked as the training length."""

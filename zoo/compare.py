@@ -1561,7 +1561,10 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
     settings = {"key": {"mqar": _phase_keys(cfg)["mqar"], "model": _model_fingerprints(cfg, entry)[0],
                         "seq_len": seq_len, "device": str(device)}}
     partial, label = run_dir / MQAR_PARTIAL, f"{entry.name}'s MQAR training"
-    saved = read_partial(partial, settings, label)
+    # onto the CPU: its optimizer state was saved on the model's device, and one saved on a GPU failed to load on a
+    # machine without one, "not a readable partial run", where it is a run of another device (load_state_dict puts
+    # the state on the parameters' device)
+    saved = read_partial(partial, settings, label, map_location="cpu")
     # a partial training saved before NO_DECAY_NAMES were exempt by name (a transformers Mamba's 2-D A_log decayed)
     # continues as it trained: its optimizer state is for those groups
     by_name = resume_by_name(model, opt_cfg, None if saved is None
