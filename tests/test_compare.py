@@ -875,6 +875,46 @@ def test_accounting_only_accounts_the_models_of_only_and_refuses_force(tmp_path,
     assert e.value.code == 2 and "--force redoes trained models" in capsys.readouterr().err
 
 
+def test_a_run_of_some_models_is_not_refused_for_a_problem_in_the_entry_of_another(tmp_path, capsys):
+    """The checks before training (resolve_models: config files, fields, special ids, the budget; _check_inputs:
+    vocabulary against the tokenizer, ...) covered every model of the config: `--only mamba` was refused for a problem
+    in the entry of a model it does not run. They cover the models run; a model left out whose entry is refused is
+    named where it has results (they are not of this config), and the recipe's packing, which every model trains
+    under, is still checked for all."""
+    demo = yaml.safe_load((ROOT / "configs" / "compare" / "demo.yaml").read_text())
+    models = ROOT / "configs" / "models"
+    path = tmp_path / "compare.yaml"
+
+    def write(**entries) -> str:
+        path.write_text(yaml.safe_dump({**demo, "models": {"mamba": str(models / "mamba-tiny.yaml"), **entries}}))
+        return str(path)
+
+    argv = [f"--output_dir={tmp_path / 'out'}", "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0",
+            "--recipe.log.progress_bar=false", "--eval.batches=1", "--eval.per_position=null", "--eval.mqar=null",
+            "--throughput=null"]
+    broken = {"transformerpp": {"config": str(models / "transformerpp-tiny.yaml"),  # fewer embeddings than tokens
+                                "overrides": {"vocab_size": 100}},
+              "jamba": {"config": str(models / "jamba-tiny.yaml"), "overrides": {"pad_token_id": 1000}}}
+    assert main([write(gla=str(models / "gla-tiny.yaml"), **broken), *argv, "--only=mamba,gla"]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" in table
+    capsys.readouterr()
+    assert main([write(gla="no-such-model.yaml", **broken), *argv, "--only=mamba"]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" not in table and "_Left out: gla:" in table
+    capsys.readouterr()
+    assert main([write(gla="no-such-model.yaml"), *argv, "--only=gla"]) == 2
+    assert "zoo compare: models.gla: no such model config 'no-such-model.yaml'" in capsys.readouterr().err
+    assert main([write(**broken), *argv, "--only=jamba"]) == 2
+    assert "zoo compare: models.jamba: pad_token_id: 1000 is outside" in capsys.readouterr().err
+    assert main([write(**broken), *argv, "--only=transformerpp"]) == 2
+    assert "zoo compare: models.transformerpp: 100 embeddings but the tokenizer has" in capsys.readouterr().err
+    # packed rows: the recipe of every model (a transformers Mamba takes neither seq_idx nor position_ids)
+    hf_mamba = {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 260, "state_size": 4}
+    assert main([write(hf=hf_mamba), *argv, "--only=mamba"]) == 2
+    assert "zoo compare: recipe.data.packing: models.hf takes neither seq_idx" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("only", ["", ",", " , "])
 def test_an_only_without_model_names_is_refused(tmp_path, capsys, only):
     """--only "$MODELS" with the variable empty (or only commas) ran every model of the config, hours of training for

@@ -1110,13 +1110,22 @@ def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     raise ValueError(f"{where}: expected a model YAML path or a mapping of config fields, got {spec!r}")
 
 
-def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
-    """The comparison's models with overrides applied and, for zoo models, matched to the budget."""
+def model_names(cfg: CompareConfig) -> list[str]:
+    """The comparison's model names, in the config's order (models, then swaps)."""
+    return [*cfg.models, *cfg.swaps]
+
+
+def resolve_models(cfg: CompareConfig, folder: Path, only: list[str] | None = None) -> list[ModelEntry]:
+    """The comparison's models (those named in `only`, else all) with overrides applied and, for zoo models, matched
+    to the budget. A model left out of `only` is neither read nor checked: a problem in its entry refused a run of
+    the others (--only)."""
     from zoo.data.text import SPECIAL_IDS
     from zoo.train import check_config_fields, check_special_ids
 
     raw: list[tuple[str, dict, dict, bool]] = []  # name, fields, overrides, match
     for name, spec in cfg.models.items():
+        if only is not None and name not in only:
+            continue
         where = f"models.{name}"
         if isinstance(spec, dict) and "config" in spec:
             unknown = set(spec) - {"config", "overrides", "match"}
@@ -1131,9 +1140,10 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             raw.append((name, _read_fields(spec["config"], folder, where), dict(overrides), match))
         else:
             raw.append((name, _read_fields(spec, folder, where), {}, True))
-    if cfg.swaps:
+    swaps = {name: swap for name, swap in cfg.swaps.items() if only is None or name in only}
+    if swaps:
         base = _read_fields(cfg.base, folder, "base")
-        for name, swap in cfg.swaps.items():
+        for name, swap in swaps.items():
             if swap is not None and not isinstance(swap, dict):
                 raise ValueError(f"swaps.{name}: expected a mapping of mixer letters and fields, got {swap!r}")
             fields = copy.deepcopy(base)
@@ -2172,11 +2182,15 @@ def _device_name() -> str:
     return f"CPU ({n} thread{'s' * (n != 1)})"
 
 
-def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
+def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[ModelEntry] = ()) -> None:
     """Refuse before any training what the trainer or a phase would refuse for one model midway: fewer
     embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
     neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
-    mixer with a cache but no state_size), a phase's rows longer than the absolute positions a model learns."""
+    mixer with a cache but no state_size), a phase's rows longer than the absolute positions a model learns.
+
+    entries: the models this run trains; others: the config's other models (--only left them out), checked for the
+    recipe every model trains under alone (packing: its fix changes the recipe, which would redo the models this run
+    trains), not for what concerns them alone."""
     from zoo.data.text import load_tokenizer, special_id_outside
     from zoo.train import ModelInputs, position_table
 
@@ -2203,6 +2217,8 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
                              f"max_new_tokens >= {need}")
     _check_heldout(cfg, tokenizer)
     mqar = cfg.eval.mqar
+    for entry in others:
+        _check_packing(recipe, entry, ModelInputs.of(_meta_model(entry.config())))
     for entry in entries:
         try:  # each model's record starts with its accounting
             _accounting(cfg, entry)
@@ -2222,17 +2238,22 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
         if mqar is not None and mqar.vocab_size > vocab:
             raise ValueError(f"eval.mqar.vocab_size: {mqar.vocab_size} exceeds models.{entry.name}'s vocabulary "
                              f"{vocab}")
-        inputs = ModelInputs.of(model)
-        if recipe.data.packing and not (inputs.seq_idx or inputs.position_ids):
-            raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
-                             f"so packed documents would see each other; set recipe.data.packing=false (for every "
-                             f"model: they train on the same rows)")
+        _check_packing(recipe, entry, ModelInputs.of(model))
         if (table := position_table(model)) is not None:  # GPT-2's wpe: a longer row failed in it, mid-run
             for name, positions, fix in _phase_positions(cfg):
                 if positions > table[1]:
                     raise ValueError(f"{name}: {positions} positions, but models.{entry.name} ({type(model).__name__}) "
                                      f"learns {table[1]} absolute positions ({table[0]}, config "
                                      f"max_position_embeddings); {fix(table[1])}, or raise its max_position_embeddings")
+
+
+def _check_packing(recipe, entry: ModelEntry, inputs) -> None:
+    """Refuse packed rows (the recipe's data.packing) for a model whose forward (`inputs`: zoo.train.ModelInputs) takes
+    neither seq_idx nor position_ids."""
+    if recipe.data.packing and not (inputs.seq_idx or inputs.position_ids):
+        raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
+                         f"so packed documents would see each other; set recipe.data.packing=false (for every "
+                         f"model: they train on the same rows)")
 
 
 def _phase_positions(cfg: CompareConfig) -> list[tuple[str, int, Callable[[int], str]]]:
@@ -2280,14 +2301,15 @@ def _check_heldout(cfg: CompareConfig, tokenizer) -> None:
                              f"recipe.data.holdout, give a source with more text, or train at shorter lengths")
 
 
-def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path
-                      ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path,
+                      refused: list[str] = ()) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
     config's order; the models whose earlier results were made with another model config, recipe or phase
     settings (a rerun would redo them), which are left out: the table compares models under one recipe; and the
     models an earlier run started but did not finish (left out too, and named: the table looked complete without
     them). A record keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would
-    show results made under whatever settings each model last ran it with, side by side."""
+    show results made under whatever settings each model last ran it with, side by side. `refused`: the models with
+    results whose entry in the config is refused (--only left them out), named with the stale ones."""
     keys = _phase_keys(cfg)
     found, stale, unfinished = {name: _asked_phases(data, keys) for name, data in by_name.items()}, [], []
     for entry in entries:
@@ -2304,7 +2326,7 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                                                    "accounting": _accounting(cfg, entry)}, keys)
             else:
                 stale.append(entry.name)
-    return [found[e.name] for e in entries if e.name in found], stale, unfinished
+    return [found[e.name] for e in entries if e.name in found], [*stale, *refused], unfinished
 
 
 def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
@@ -2337,15 +2359,23 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = resolve_models(cfg, folder)
-    names = [e.name for e in entries]
+    names = model_names(cfg)
     if only:
         unknown = set(only) - set(names)
         if unknown:
             raise ValueError(f"--only: unknown models {sorted(unknown)}; the config has {names}")
-    todo = [e for e in entries if not only or e.name in only]
+    todo = resolve_models(cfg, folder, only or None)
+    # the config's other models, for the table of those an earlier run finished: one whose entry is refused (this run
+    # does not train it, and is not refused for it) has no results of this config, and is named where it has some
+    entries, refused = [], []
+    for name in names:
+        try:
+            entries += [e for e in todo if e.name == name] or resolve_models(cfg, folder, [name])
+        except ValueError:
+            if (out / name / RESULT_FILE).is_file():
+                refused.append(name)
     if not accounting_only:
-        _check_inputs(cfg, entries)
+        _check_inputs(cfg, todo, [e for e in entries if e.name not in {t.name for t in todo}])
         # refused before any model trains: found at its turn, it stopped the run after the models before it
         recorded = {e.name: json.loads((out / e.name / RESULT_FILE).read_text()).get("fingerprint")
                     for e in todo if not force and (out / e.name / RESULT_FILE).is_file()}
@@ -2370,14 +2400,14 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
                     shutil.rmtree(out / entry.name)
                 by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
                 if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
-                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out, refused)
                     later = {e.name for e in todo[i + 1:]}  # (this run goes on with them)
                     (out / "results.md").write_text(
                         f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
                         f"{todo[i + 1].name}._\n\n" +
                         _left_out_note(stale, out, [n for n in unfinished if n not in later]) +
                         markdown_report(done, cfg, _device_name()))
-            records, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+            records, stale, unfinished = _finished_records(cfg, entries, by_name, out, refused)
         note = "" if accounting_only else _left_out_note(stale, out, unfinished)
         markdown = note + markdown_report(records, cfg, _device_name())
         if not accounting_only:
