@@ -549,6 +549,12 @@ def test_model_and_length_errors_name_the_field(tmp_path):
              # transformers' own message for an unknown model type lists every type it knows (12K characters)
              ({"models": {"m": {"config": {"model_type": "lamma", "hidden_size": 64}}}},
               r"models.m: model_type: 'lamma' is not a transformers model type; did you mean 'llama'"),
+             # transformers' checks of its fields raise huggingface_hub's StrictDataclassError, no ValueError: the
+             # comparison ended in a traceback
+             ({"models": {"m": {"config": {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3}}}},
+              r"models.m: The hidden size \(64\) is not a multiple of the number of attention heads \(3\)"),
+             ({"models": {"m": {"config": {"model_type": "llama", "hidden_size": "64"}}}},
+              r"models.m: Field 'hidden_size' expected int, got str"),
              # a training length whose rows do not divide batch_tokens failed only when that length's training began
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 96],
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
