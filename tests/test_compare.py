@@ -1151,6 +1151,8 @@ def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, 
     ({"eval": {"passkey": {"lengths": []}}}, r"eval.passkey: lengths and depths need at least one value"),
     ({"eval": {"passkey": {"depths": [50]}}}, r"eval.passkey.depths: 50 is not a fraction"),
     ({"eval": {"passkey": {"max_new_tokens": 0}}}, r"eval.passkey.max_new_tokens: must be >= 1"),
+    # (numpy's "expected non-negative integer" from the keys' seed, naming no field)
+    ({"eval": {"passkey": {"lengths": [1024, -5]}}}, r"eval.passkey.lengths: lengths must be >= 1, got \[1024, -5\]"),
     ({"eval": {"per_position": {"n_docs": 0}}}, r"eval.per_position.n_docs: must be >= 1"),
     ({"eval": {"per_position": {"max_len": 1}}}, r"eval.per_position.max_len: must be >= 2"),
     ({"eval": {"per_position": {"chunk_size": 0}}}, r"eval.per_position.chunk_size: must be >= 1"),

@@ -970,6 +970,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         if not pk.lengths or not pk.depths:
             raise ValueError(f"eval.passkey: lengths and depths need at least one value each, got lengths "
                              f"{pk.lengths} and depths {pk.depths}")
+        if any(n < 1 for n in pk.lengths):  # (numpy's "expected non-negative integer", seeding the keys, named none)
+            raise ValueError(f"eval.passkey.lengths: lengths must be >= 1, got {pk.lengths}")
         bad = [d for d in pk.depths if not 0 <= d <= 1]
         if bad:
             raise ValueError(f"eval.passkey.depths: {bad[0]:g} is not a fraction of the filler in [0, 1]")
