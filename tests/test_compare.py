@@ -508,6 +508,18 @@ def test_a_model_named_as_one_of_the_comparisons_files_is_refused(tmp_path, wher
         load_compare_config(bad)
 
 
+def test_a_model_yaml_that_is_not_valid_yaml_is_named(tmp_path):
+    """A model config of the comparison that YAML cannot parse was reported as yaml's own error, which names the text
+    as "<unicode string>": not which model, nor which file."""
+    (tmp_path / "broken.yaml").write_text("d_model: [64\n")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml", "b": "broken.yaml"}}))
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError, match=r"models\.b: 'broken.yaml' is not valid YAML \(.*broken.yaml\): while "
+                                         r"parsing a flow sequence"):
+        resolve_models(cfg, folder)
+
+
 def test_throughput_batch_size_alone_is_taken(tmp_path):
     """throughput.batch_tokens defaulted to 8192, so a config giving batch_size alone (rows per step) was refused with
     'set exactly one of batch_size and batch_tokens', which it had; it had to null batch_tokens too."""

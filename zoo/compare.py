@@ -1108,7 +1108,11 @@ def _find(path: str, folder: Path, where: str) -> Path:
 
 def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     if isinstance(spec, str):
-        data = yaml.safe_load(_find(spec, folder, where).read_text())
+        path = _find(spec, folder, where)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:  # (yaml's message named "<unicode string>": not which model's file)
+            raise ValueError(f"{where}: {spec!r} is not valid YAML ({path}): {e}") from None
         if not isinstance(data, dict):  # an empty file too: it compared the default 768-wide model
             raise ValueError(f"{where}: {spec!r} does not hold a mapping of config fields"
                              f"{' (an empty file)' if data is None else ''}")
