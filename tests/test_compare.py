@@ -556,6 +556,11 @@ def test_model_and_length_errors_name_the_field(tmp_path):
               r"models.m.match: expected true or false"),
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 64]},
               r"train_lengths: each length once"),
+             # a name YAML reads as a number or a boolean: `output_dir / 5` failed in a TypeError traceback
+             ({"models": {5: "configs/models/mamba-tiny.yaml"}},
+              r"models.5: YAML reads this model name as the int 5, but"),
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "base": "configs/models/mamba-tiny.yaml",
+               "swaps": {True: None}}, r"swaps.True: YAML reads this model name as the bool True, but"),
              # a name with '/' made nested result folders
              ({"models": {"a/b": "configs/models/mamba-tiny.yaml"}}, r"models.a/b: a model name names its results"),
              # transformers' own message for an unknown model type lists every type it knows (12K characters)

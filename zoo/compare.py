@@ -917,6 +917,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         raise ValueError(f"swaps: names {sorted(clash)} are also in models; rename one")
     for where, names in (("models", cfg.models), ("swaps", cfg.swaps)):
         for name in names:  # a model's name is its results folder: one path component
+            if not isinstance(name, str):  # (YAML's 5, 1.5 or yes: `output_dir / 5` failed in a TypeError traceback,
+                # and --only 5 was refused as an unknown model)
+                raise ValueError(f"{where}.{name}: YAML reads this model name as the {type(name).__name__} "
+                                 f"{name!r}, but a model name names its results folder; quote it")
             if not str(name).strip() or any(c in str(name) for c in "/\\") or str(name) in (".", ".."):
                 raise ValueError(f"{where}.{name}: a model name names its results folder; use a name that is not "
                                  f"blank, '.' or '..', without '/' or '\\'")
