@@ -874,6 +874,36 @@ def test_a_model_an_earlier_run_did_not_finish_is_named_in_the_table(tmp_path, m
     assert "| mamba |" in table and "| gla |" in table and "Not finished" not in table
 
 
+def test_a_training_resumed_for_its_last_step_keeps_the_tokens_per_second_of_its_earlier_steps(tmp_path, monkeypatch):
+    """train tok/s was timed over the steps of the invocation that finished the training, less its first: a training
+    stopped with one step left recorded none (the table's "—"), one with a few left was timed over those few. The steps
+    every invocation timed on this device count (an earlier invocation's on another device do not)."""
+    import zoo.train as zt
+
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=3",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba"]
+    real = zt.lr_at
+    for out, elsewhere in ((tmp_path / "here", False), (tmp_path / "elsewhere", True)):
+        monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 2))  # steps 0 and 1 done, then stopped
+        assert main([*argv, f"--output_dir={out}"]) == 130
+        timing = out / "mamba" / "train-L128" / "train-timing.json"
+        if elsewhere:
+            (segment,) = json.loads(timing.read_text())
+            timing.write_text(json.dumps([{**segment, "device": "NVIDIA H100 80GB HBM3"}]))
+        monkeypatch.setattr(zt, "lr_at", real)
+        assert main([*argv, f"--output_dir={out}"]) == 0
+        train = json.loads((out / "mamba" / "result.json").read_text())["phases"]["train/L128"]
+        assert train["steps"] == 3
+        if elsewhere:
+            assert train["train_tokens_per_s"] is None
+        else:
+            assert train["train_tokens_per_s"] is not None
+            (segment,) = json.loads(timing.read_text())  # steps 0 and 1, less the first
+            assert segment["tokens"] == 4 * 128 and segment["seconds"] > 0
+            assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0

@@ -134,6 +134,9 @@ PASSKEY_PARTIAL = "passkey.partial.pt"
 # the MQAR phase's training (the fresh copy, its optimizer and batch generator, its losses), beside them; kept until
 # result.json holds the phase
 MQAR_PARTIAL = "mqar.partial.pt"
+# the training steps each invocation timed (real tokens and seconds, each less its first step), in the run folder: a
+# resumed training's tokens/s is over the steps of every invocation on the device
+TRAIN_TIMING = "train-timing.json"
 
 
 # ---- accounting: parameters and FLOPs ------------------------------------------------------------------------
@@ -1384,8 +1387,16 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
         stamps.append(time.perf_counter())
         real.append(metrics["real_tokens"])
 
+    timing, device_name = run_dir / TRAIN_TIMING, _device_name()
     start = time.perf_counter()
-    result = train(tcfg, resume="auto", on_step=on_step)
+    try:
+        result = train(tcfg, resume="auto", on_step=on_step)
+    finally:  # an interrupted invocation's steps too: timed over the resumed steps alone, a training resumed for its
+        # last step had none to time (train tok/s "—"), and one resumed for a few steps was timed over those few
+        segments = json.loads(timing.read_text()) if timing.is_file() else []
+        if len(stamps) > 1:
+            segments.append({"device": device_name, "tokens": sum(real[1:]), "seconds": stamps[-1] - stamps[0]})
+            _write_json_atomic(timing, segments)
     wall = time.perf_counter() - start
     if result.stopped:
         raise KeyboardInterrupt(f"training of {entry.name} stopped at step {result.step}")
@@ -1394,9 +1405,12 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
     peaks = [r["peak_mem_gib"] for r in curve if "peak_mem_gib" in r]
     tail = [r["loss"] for r in curve[-3:]]
     checkpoint = Path(result.checkpoint).relative_to(run_dir.parent)  # the model folder may move
-    # the first step pays one-time costs (kernel builds, allocator warm-up): time the steps after it; real tokens
-    # (an unpacked recipe's pads are no work, and models are compared on the same rows)
-    tps = sum(real[1:]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    # the first step of each invocation pays one-time costs (kernel builds, allocator warm-up): time the steps after
+    # it; real tokens (an unpacked recipe's pads are no work, and models are compared on the same rows); the steps
+    # timed on this device (a training resumed elsewhere is that device's)
+    here = [s for s in segments if s["device"] == device_name]
+    seconds = sum(s["seconds"] for s in here)
+    tps = sum(s["tokens"] for s in here) / seconds if seconds > 0 else None
     return {"seq_len": seq_len, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
             "tokens_per_step": info["tokens_per_step"], "train_tokens_per_s": tps,
             "peak_mem_gib": max(peaks) if peaks else None, "final_train_loss": sum(tail) / len(tail) if tail else None,
