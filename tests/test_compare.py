@@ -904,6 +904,25 @@ def test_a_training_resumed_for_its_last_step_keeps_the_tokens_per_second_of_its
             assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
 
 
+def test_a_training_from_its_first_step_drops_the_steps_an_earlier_invocation_timed(tmp_path):
+    """train-timing.json of an invocation whose training is not resumed (no checkpoint in the run folder) times steps
+    trained again: they counted into the fresh training's tokens/s."""
+    out = tmp_path / "run"
+    timing = out / "mamba" / "train-L128" / "train-timing.json"
+    timing.parent.mkdir(parents=True)
+    from zoo.compare import _device_name
+
+    timing.write_text(json.dumps([{"device": _device_name(), "tokens": 10**9, "seconds": 1.0}]))
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=3",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba", f"--output_dir={out}"]
+    assert main(argv) == 0
+    (segment,) = json.loads(timing.read_text())  # this invocation's steps 1 and 2
+    assert segment["tokens"] == 2 * 4 * 128
+    train = json.loads((out / "mamba" / "result.json").read_text())["phases"]["train/L128"]
+    assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0

@@ -1377,7 +1377,7 @@ def read_curve(metrics_csv: Path) -> list[dict[str, float]]:
 
 def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path) -> dict[str, Any]:
     """Train (or resume) one model at one length with zoo.train; raises KeyboardInterrupt if it was stopped."""
-    from zoo.train import train
+    from zoo.train import latest_checkpoint, train
 
     tcfg = train_config(cfg, entry, seq_len, run_dir)
     stamps: list[float] = []
@@ -1388,6 +1388,9 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
         real.append(metrics["real_tokens"])
 
     timing, device_name = run_dir / TRAIN_TIMING, _device_name()
+    if latest_checkpoint(run_dir) is None:  # a training from its first step: the steps an earlier invocation timed
+        # (one stopped before its first checkpoint, or whose checkpoints were removed) are trained again, not resumed
+        timing.unlink(missing_ok=True)
     start = time.perf_counter()
     try:
         result = train(tcfg, resume="auto", on_step=on_step)
