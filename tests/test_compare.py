@@ -508,6 +508,18 @@ def test_a_model_named_as_one_of_the_comparisons_files_is_refused(tmp_path, wher
         load_compare_config(bad)
 
 
+def test_a_model_yaml_that_is_not_valid_yaml_is_named(tmp_path):
+    """A model config of the comparison that YAML cannot parse was reported as yaml's own error, which names the text
+    as "<unicode string>": not which model, nor which file."""
+    (tmp_path / "broken.yaml").write_text("d_model: [64\n")
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml", "b": "broken.yaml"}}))
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError, match=r"models\.b: 'broken.yaml' is not valid YAML \(.*broken.yaml\): while "
+                                         r"parsing a flow sequence"):
+        resolve_models(cfg, folder)
+
+
 def test_throughput_batch_size_alone_is_taken(tmp_path):
     """throughput.batch_tokens defaulted to 8192, so a config giving batch_size alone (rows per step) was refused with
     'set exactly one of batch_size and batch_tokens', which it had; it had to null batch_tokens too."""
@@ -544,11 +556,22 @@ def test_model_and_length_errors_name_the_field(tmp_path):
               r"models.m.match: expected true or false"),
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 64]},
               r"train_lengths: each length once"),
+             # a name YAML reads as a number or a boolean: `output_dir / 5` failed in a TypeError traceback
+             ({"models": {5: "configs/models/mamba-tiny.yaml"}},
+              r"models.5: YAML reads this model name as the int 5, but"),
+             ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "base": "configs/models/mamba-tiny.yaml",
+               "swaps": {True: None}}, r"swaps.True: YAML reads this model name as the bool True, but"),
              # a name with '/' made nested result folders
              ({"models": {"a/b": "configs/models/mamba-tiny.yaml"}}, r"models.a/b: a model name names its results"),
              # transformers' own message for an unknown model type lists every type it knows (12K characters)
              ({"models": {"m": {"config": {"model_type": "lamma", "hidden_size": 64}}}},
               r"models.m: model_type: 'lamma' is not a transformers model type; did you mean 'llama'"),
+             # transformers' checks of its fields raise huggingface_hub's StrictDataclassError, no ValueError: the
+             # comparison ended in a traceback
+             ({"models": {"m": {"config": {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 3}}}},
+              r"models.m: The hidden size \(64\) is not a multiple of the number of attention heads \(3\)"),
+             ({"models": {"m": {"config": {"model_type": "llama", "hidden_size": "64"}}}},
+              r"models.m: Field 'hidden_size' expected int, got str"),
              # a training length whose rows do not divide batch_tokens failed only when that length's training began
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 96],
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
@@ -851,6 +874,55 @@ def test_a_model_an_earlier_run_did_not_finish_is_named_in_the_table(tmp_path, m
     assert "| mamba |" in table and "| gla |" in table and "Not finished" not in table
 
 
+def test_a_training_resumed_for_its_last_step_keeps_the_tokens_per_second_of_its_earlier_steps(tmp_path, monkeypatch):
+    """train tok/s was timed over the steps of the invocation that finished the training, less its first: a training
+    stopped with one step left recorded none (the table's "—"), one with a few left was timed over those few. The steps
+    every invocation timed on this device count (an earlier invocation's on another device do not)."""
+    import zoo.train as zt
+
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=3",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba"]
+    real = zt.lr_at
+    for out, elsewhere in ((tmp_path / "here", False), (tmp_path / "elsewhere", True)):
+        monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 2))  # steps 0 and 1 done, then stopped
+        assert main([*argv, f"--output_dir={out}"]) == 130
+        timing = out / "mamba" / "train-L128" / "train-timing.json"
+        if elsewhere:
+            (segment,) = json.loads(timing.read_text())
+            timing.write_text(json.dumps([{**segment, "device": "NVIDIA H100 80GB HBM3"}]))
+        monkeypatch.setattr(zt, "lr_at", real)
+        assert main([*argv, f"--output_dir={out}"]) == 0
+        train = json.loads((out / "mamba" / "result.json").read_text())["phases"]["train/L128"]
+        assert train["steps"] == 3
+        if elsewhere:
+            assert train["train_tokens_per_s"] is None
+        else:
+            assert train["train_tokens_per_s"] is not None
+            (segment,) = json.loads(timing.read_text())  # steps 0 and 1, less the first
+            assert segment["tokens"] == 4 * 128 and segment["seconds"] > 0
+            assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
+
+
+def test_a_training_from_its_first_step_drops_the_steps_an_earlier_invocation_timed(tmp_path):
+    """train-timing.json of an invocation whose training is not resumed (no checkpoint in the run folder) times steps
+    trained again: they counted into the fresh training's tokens/s."""
+    out = tmp_path / "run"
+    timing = out / "mamba" / "train-L128" / "train-timing.json"
+    timing.parent.mkdir(parents=True)
+    from zoo.compare import _device_name
+
+    timing.write_text(json.dumps([{"device": _device_name(), "tokens": 10**9, "seconds": 1.0}]))
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=3",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba", f"--output_dir={out}"]
+    assert main(argv) == 0
+    (segment,) = json.loads(timing.read_text())  # this invocation's steps 1 and 2
+    assert segment["tokens"] == 2 * 4 * 128
+    train = json.loads((out / "mamba" / "result.json").read_text())["phases"]["train/L128"]
+    assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0
@@ -873,6 +945,46 @@ def test_accounting_only_accounts_the_models_of_only_and_refuses_force(tmp_path,
     with pytest.raises(SystemExit) as e:
         main(argv + ["--force"])
     assert e.value.code == 2 and "--force redoes trained models" in capsys.readouterr().err
+
+
+def test_a_run_of_some_models_is_not_refused_for_a_problem_in_the_entry_of_another(tmp_path, capsys):
+    """The checks before training (resolve_models: config files, fields, special ids, the budget; _check_inputs:
+    vocabulary against the tokenizer, ...) covered every model of the config: `--only mamba` was refused for a problem
+    in the entry of a model it does not run. They cover the models run; a model left out whose entry is refused is
+    named where it has results (they are not of this config), and the recipe's packing, which every model trains
+    under, is still checked for all."""
+    demo = yaml.safe_load((ROOT / "configs" / "compare" / "demo.yaml").read_text())
+    models = ROOT / "configs" / "models"
+    path = tmp_path / "compare.yaml"
+
+    def write(**entries) -> str:
+        path.write_text(yaml.safe_dump({**demo, "models": {"mamba": str(models / "mamba-tiny.yaml"), **entries}}))
+        return str(path)
+
+    argv = [f"--output_dir={tmp_path / 'out'}", "--recipe.train.max_steps=1", "--recipe.schedule.warmup_steps=0",
+            "--recipe.log.progress_bar=false", "--eval.batches=1", "--eval.per_position=null", "--eval.mqar=null",
+            "--throughput=null"]
+    broken = {"transformerpp": {"config": str(models / "transformerpp-tiny.yaml"),  # fewer embeddings than tokens
+                                "overrides": {"vocab_size": 100}},
+              "jamba": {"config": str(models / "jamba-tiny.yaml"), "overrides": {"pad_token_id": 1000}}}
+    assert main([write(gla=str(models / "gla-tiny.yaml"), **broken), *argv, "--only=mamba,gla"]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" in table
+    capsys.readouterr()
+    assert main([write(gla="no-such-model.yaml", **broken), *argv, "--only=mamba"]) == 0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| mamba |" in table and "| gla |" not in table and "_Left out: gla:" in table
+    capsys.readouterr()
+    assert main([write(gla="no-such-model.yaml"), *argv, "--only=gla"]) == 2
+    assert "zoo compare: models.gla: no such model config 'no-such-model.yaml'" in capsys.readouterr().err
+    assert main([write(**broken), *argv, "--only=jamba"]) == 2
+    assert "zoo compare: models.jamba: pad_token_id: 1000 is outside" in capsys.readouterr().err
+    assert main([write(**broken), *argv, "--only=transformerpp"]) == 2
+    assert "zoo compare: models.transformerpp: 100 embeddings but the tokenizer has" in capsys.readouterr().err
+    # packed rows: the recipe of every model (a transformers Mamba takes neither seq_idx nor position_ids)
+    hf_mamba = {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 260, "state_size": 4}
+    assert main([write(hf=hf_mamba), *argv, "--only=mamba"]) == 2
+    assert "zoo compare: recipe.data.packing: models.hf takes neither seq_idx" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("only", ["", ",", " , "])
@@ -1105,6 +1217,8 @@ def test_budget_matching_rounds_an_explicit_moe_hidden_size_to_the_step(hidden, 
     ({"eval": {"passkey": {"lengths": []}}}, r"eval.passkey: lengths and depths need at least one value"),
     ({"eval": {"passkey": {"depths": [50]}}}, r"eval.passkey.depths: 50 is not a fraction"),
     ({"eval": {"passkey": {"max_new_tokens": 0}}}, r"eval.passkey.max_new_tokens: must be >= 1"),
+    # (numpy's "expected non-negative integer" from the keys' seed, naming no field)
+    ({"eval": {"passkey": {"lengths": [1024, -5]}}}, r"eval.passkey.lengths: lengths must be >= 1, got \[1024, -5\]"),
     ({"eval": {"per_position": {"n_docs": 0}}}, r"eval.per_position.n_docs: must be >= 1"),
     ({"eval": {"per_position": {"max_len": 1}}}, r"eval.per_position.max_len: must be >= 2"),
     ({"eval": {"per_position": {"chunk_size": 0}}}, r"eval.per_position.chunk_size: must be >= 1"),
@@ -1931,6 +2045,47 @@ def test_interrupted_mqar_training_continues_from_its_last_step(tmp_path, monkey
     calls[:], partial = [], tmp_path / "every" / "gla" / "train-L128" / "mqar.partial.pt"
     assert main([*argv, f"--output_dir={tmp_path / 'every'}", "--eval.mqar.checkpoint_every=2"]) == 0
     assert calls == [False, False, True, True, True, True]
+
+
+def test_an_mqar_training_saved_on_a_gpu_is_refused_on_a_cpu_machine_as_of_another_device(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """The MQAR phase's partial training holds its optimizer state on the model's device, and its settings name that
+    device. One saved on a GPU could not be loaded at all on a machine without one ('Attempting to deserialize object
+    on a CUDA device'), and the rerun said it was "not a readable partial run (RuntimeError)"; it is read onto the CPU
+    and refused for what it is, a run of another device."""
+    import torch.serialization
+
+    import zoo.compare as compare
+
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--throughput=null", "--eval.passkey=null", "--only=gla",
+            "--eval.mqar={steps: 2, batch_size: 4, seq_len: 32, n_kv: 4, vocab_size: 32, lr: 1.0e-2, "
+            "warmup_steps: 1, eval_seq_lens: [32], eval_samples: 8}", f"--output_dir={tmp_path}"]
+    real_put = compare.ModelRecord.put
+
+    def put(self, phase, *args, **kwargs):  # Ctrl-C after the phase's training, before result.json holds it
+        if phase == "mqar":
+            raise KeyboardInterrupt
+        return real_put(self, phase, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(compare.ModelRecord, "put", put)
+        assert main(argv) == 130
+    partial = tmp_path / "gla" / "train-L128" / "mqar.partial.pt"
+    saved = torch.load(partial, weights_only=True)
+    assert saved["optimizer"]["state"]  # tensors on the model's device
+    saved["settings"]["key"]["device"] = "cuda"
+    with monkeypatch.context() as patch:  # the file a GPU machine writes: storages tagged cuda:0
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved, partial)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"gla's MQAR training: {partial} holds a partial run of other settings (device differ); starting over" \
+        in out, out
+    assert not partial.exists()
 
 
 def test_length_plot_marks_every_training_length(tmp_path, monkeypatch):

@@ -134,6 +134,9 @@ PASSKEY_PARTIAL = "passkey.partial.pt"
 # the MQAR phase's training (the fresh copy, its optimizer and batch generator, its losses), beside them; kept until
 # result.json holds the phase
 MQAR_PARTIAL = "mqar.partial.pt"
+# the training steps each invocation timed (real tokens and seconds, each less its first step), in the run folder: a
+# resumed training's tokens/s is over the steps of every invocation on the device
+TRAIN_TIMING = "train-timing.json"
 
 
 # ---- accounting: parameters and FLOPs ------------------------------------------------------------------------
@@ -917,6 +920,10 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         raise ValueError(f"swaps: names {sorted(clash)} are also in models; rename one")
     for where, names in (("models", cfg.models), ("swaps", cfg.swaps)):
         for name in names:  # a model's name is its results folder: one path component
+            if not isinstance(name, str):  # (YAML's 5, 1.5 or yes: `output_dir / 5` failed in a TypeError traceback,
+                # and --only 5 was refused as an unknown model)
+                raise ValueError(f"{where}.{name}: YAML reads this model name as the {type(name).__name__} "
+                                 f"{name!r}, but a model name names its results folder; quote it")
             if not str(name).strip() or any(c in str(name) for c in "/\\") or str(name) in (".", ".."):
                 raise ValueError(f"{where}.{name}: a model name names its results folder; use a name that is not "
                                  f"blank, '.' or '..', without '/' or '\\'")
@@ -970,6 +977,8 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         if not pk.lengths or not pk.depths:
             raise ValueError(f"eval.passkey: lengths and depths need at least one value each, got lengths "
                              f"{pk.lengths} and depths {pk.depths}")
+        if any(n < 1 for n in pk.lengths):  # (numpy's "expected non-negative integer", seeding the keys, named none)
+            raise ValueError(f"eval.passkey.lengths: lengths must be >= 1, got {pk.lengths}")
         bad = [d for d in pk.depths if not 0 <= d <= 1]
         if bad:
             raise ValueError(f"eval.passkey.depths: {bad[0]:g} is not a fraction of the filler in [0, 1]")
@@ -1083,7 +1092,13 @@ class ModelEntry:
             close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"model_type: {model_type!r} is not a transformers model type{hint}")
-        return AutoConfig.for_model(model_type, **fields)
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            return AutoConfig.for_model(model_type, **fields)
+        except StrictDataclassError as e:  # transformers' checks of its config's fields (a hidden size that is not a
+            # multiple of the heads, a string width) raise this, no ValueError: the comparison ended in a traceback
+            raise ValueError(str(e.__cause__ or e)) from e
 
 
 def _find(path: str, folder: Path, where: str) -> Path:
@@ -1100,7 +1115,11 @@ def _find(path: str, folder: Path, where: str) -> Path:
 
 def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     if isinstance(spec, str):
-        data = yaml.safe_load(_find(spec, folder, where).read_text())
+        path = _find(spec, folder, where)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:  # (yaml's message named "<unicode string>": not which model's file)
+            raise ValueError(f"{where}: {spec!r} is not valid YAML ({path}): {e}") from None
         if not isinstance(data, dict):  # an empty file too: it compared the default 768-wide model
             raise ValueError(f"{where}: {spec!r} does not hold a mapping of config fields"
                              f"{' (an empty file)' if data is None else ''}")
@@ -1110,13 +1129,22 @@ def _read_fields(spec: Any, folder: Path, where: str) -> dict[str, Any]:
     raise ValueError(f"{where}: expected a model YAML path or a mapping of config fields, got {spec!r}")
 
 
-def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
-    """The comparison's models with overrides applied and, for zoo models, matched to the budget."""
+def model_names(cfg: CompareConfig) -> list[str]:
+    """The comparison's model names, in the config's order (models, then swaps)."""
+    return [*cfg.models, *cfg.swaps]
+
+
+def resolve_models(cfg: CompareConfig, folder: Path, only: list[str] | None = None) -> list[ModelEntry]:
+    """The comparison's models (those named in `only`, else all) with overrides applied and, for zoo models, matched
+    to the budget. A model left out of `only` is neither read nor checked: a problem in its entry refused a run of
+    the others (--only)."""
     from zoo.data.text import SPECIAL_IDS
     from zoo.train import check_config_fields, check_special_ids
 
     raw: list[tuple[str, dict, dict, bool]] = []  # name, fields, overrides, match
     for name, spec in cfg.models.items():
+        if only is not None and name not in only:
+            continue
         where = f"models.{name}"
         if isinstance(spec, dict) and "config" in spec:
             unknown = set(spec) - {"config", "overrides", "match"}
@@ -1131,9 +1159,10 @@ def resolve_models(cfg: CompareConfig, folder: Path) -> list[ModelEntry]:
             raw.append((name, _read_fields(spec["config"], folder, where), dict(overrides), match))
         else:
             raw.append((name, _read_fields(spec, folder, where), {}, True))
-    if cfg.swaps:
+    swaps = {name: swap for name, swap in cfg.swaps.items() if only is None or name in only}
+    if swaps:
         base = _read_fields(cfg.base, folder, "base")
-        for name, swap in cfg.swaps.items():
+        for name, swap in swaps.items():
             if swap is not None and not isinstance(swap, dict):
                 raise ValueError(f"swaps.{name}: expected a mapping of mixer letters and fields, got {swap!r}")
             fields = copy.deepcopy(base)
@@ -1348,7 +1377,7 @@ def read_curve(metrics_csv: Path) -> list[dict[str, float]]:
 
 def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path) -> dict[str, Any]:
     """Train (or resume) one model at one length with zoo.train; raises KeyboardInterrupt if it was stopped."""
-    from zoo.train import train
+    from zoo.train import latest_checkpoint, train
 
     tcfg = train_config(cfg, entry, seq_len, run_dir)
     stamps: list[float] = []
@@ -1358,8 +1387,19 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
         stamps.append(time.perf_counter())
         real.append(metrics["real_tokens"])
 
+    timing, device_name = run_dir / TRAIN_TIMING, _device_name()
+    if latest_checkpoint(run_dir) is None:  # a training from its first step: the steps an earlier invocation timed
+        # (one stopped before its first checkpoint, or whose checkpoints were removed) are trained again, not resumed
+        timing.unlink(missing_ok=True)
     start = time.perf_counter()
-    result = train(tcfg, resume="auto", on_step=on_step)
+    try:
+        result = train(tcfg, resume="auto", on_step=on_step)
+    finally:  # an interrupted invocation's steps too: timed over the resumed steps alone, a training resumed for its
+        # last step had none to time (train tok/s "—"), and one resumed for a few steps was timed over those few
+        segments = json.loads(timing.read_text()) if timing.is_file() else []
+        if len(stamps) > 1:
+            segments.append({"device": device_name, "tokens": sum(real[1:]), "seconds": stamps[-1] - stamps[0]})
+            _write_json_atomic(timing, segments)
     wall = time.perf_counter() - start
     if result.stopped:
         raise KeyboardInterrupt(f"training of {entry.name} stopped at step {result.step}")
@@ -1368,9 +1408,12 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
     peaks = [r["peak_mem_gib"] for r in curve if "peak_mem_gib" in r]
     tail = [r["loss"] for r in curve[-3:]]
     checkpoint = Path(result.checkpoint).relative_to(run_dir.parent)  # the model folder may move
-    # the first step pays one-time costs (kernel builds, allocator warm-up): time the steps after it; real tokens
-    # (an unpacked recipe's pads are no work, and models are compared on the same rows)
-    tps = sum(real[1:]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    # the first step of each invocation pays one-time costs (kernel builds, allocator warm-up): time the steps after
+    # it; real tokens (an unpacked recipe's pads are no work, and models are compared on the same rows); the steps
+    # timed on this device (a training resumed elsewhere is that device's)
+    here = [s for s in segments if s["device"] == device_name]
+    seconds = sum(s["seconds"] for s in here)
+    tps = sum(s["tokens"] for s in here) / seconds if seconds > 0 else None
     return {"seq_len": seq_len, "steps": result.step, "tokens": result.tokens, "wall_s": wall,
             "tokens_per_step": info["tokens_per_step"], "train_tokens_per_s": tps,
             "peak_mem_gib": max(peaks) if peaks else None, "final_train_loss": sum(tail) / len(tail) if tail else None,
@@ -1561,7 +1604,10 @@ def _train_mqar(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
     settings = {"key": {"mqar": _phase_keys(cfg)["mqar"], "model": _model_fingerprints(cfg, entry)[0],
                         "seq_len": seq_len, "device": str(device)}}
     partial, label = run_dir / MQAR_PARTIAL, f"{entry.name}'s MQAR training"
-    saved = read_partial(partial, settings, label)
+    # onto the CPU: its optimizer state was saved on the model's device, and one saved on a GPU failed to load on a
+    # machine without one, "not a readable partial run", where it is a run of another device (load_state_dict puts
+    # the state on the parameters' device)
+    saved = read_partial(partial, settings, label, map_location="cpu")
     # a partial training saved before NO_DECAY_NAMES were exempt by name (a transformers Mamba's 2-D A_log decayed)
     # continues as it trained: its optimizer state is for those groups
     by_name = resume_by_name(model, opt_cfg, None if saved is None
@@ -2169,11 +2215,15 @@ def _device_name() -> str:
     return f"CPU ({n} thread{'s' * (n != 1)})"
 
 
-def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
+def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[ModelEntry] = ()) -> None:
     """Refuse before any training what the trainer or a phase would refuse for one model midway: fewer
     embeddings than the tokenizer's tokens or MQAR's vocabulary, packed rows for a model whose forward takes
     neither seq_idx nor position_ids, a model the accounting cannot count (a transformers MoE or hybrid, a custom
-    mixer with a cache but no state_size), a phase's rows longer than the absolute positions a model learns."""
+    mixer with a cache but no state_size), a phase's rows longer than the absolute positions a model learns.
+
+    entries: the models this run trains; others: the config's other models (--only left them out), checked for the
+    recipe every model trains under alone (packing: its fix changes the recipe, which would redo the models this run
+    trains), not for what concerns them alone."""
     from zoo.data.text import load_tokenizer, special_id_outside
     from zoo.train import ModelInputs, position_table
 
@@ -2200,6 +2250,8 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
                              f"max_new_tokens >= {need}")
     _check_heldout(cfg, tokenizer)
     mqar = cfg.eval.mqar
+    for entry in others:
+        _check_packing(recipe, entry, ModelInputs.of(_meta_model(entry.config())))
     for entry in entries:
         try:  # each model's record starts with its accounting
             _accounting(cfg, entry)
@@ -2219,17 +2271,22 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry]) -> None:
         if mqar is not None and mqar.vocab_size > vocab:
             raise ValueError(f"eval.mqar.vocab_size: {mqar.vocab_size} exceeds models.{entry.name}'s vocabulary "
                              f"{vocab}")
-        inputs = ModelInputs.of(model)
-        if recipe.data.packing and not (inputs.seq_idx or inputs.position_ids):
-            raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
-                             f"so packed documents would see each other; set recipe.data.packing=false (for every "
-                             f"model: they train on the same rows)")
+        _check_packing(recipe, entry, ModelInputs.of(model))
         if (table := position_table(model)) is not None:  # GPT-2's wpe: a longer row failed in it, mid-run
             for name, positions, fix in _phase_positions(cfg):
                 if positions > table[1]:
                     raise ValueError(f"{name}: {positions} positions, but models.{entry.name} ({type(model).__name__}) "
                                      f"learns {table[1]} absolute positions ({table[0]}, config "
                                      f"max_position_embeddings); {fix(table[1])}, or raise its max_position_embeddings")
+
+
+def _check_packing(recipe, entry: ModelEntry, inputs) -> None:
+    """Refuse packed rows (the recipe's data.packing) for a model whose forward (`inputs`: zoo.train.ModelInputs) takes
+    neither seq_idx nor position_ids."""
+    if recipe.data.packing and not (inputs.seq_idx or inputs.position_ids):
+        raise ValueError(f"recipe.data.packing: models.{entry.name} takes neither seq_idx nor position_ids, "
+                         f"so packed documents would see each other; set recipe.data.packing=false (for every "
+                         f"model: they train on the same rows)")
 
 
 def _phase_positions(cfg: CompareConfig) -> list[tuple[str, int, Callable[[int], str]]]:
@@ -2277,14 +2334,15 @@ def _check_heldout(cfg: CompareConfig, tokenizer) -> None:
                              f"recipe.data.holdout, give a source with more text, or train at shorter lengths")
 
 
-def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path
-                      ) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: dict[str, Any], out: Path,
+                      refused: list[str] = ()) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """The records of this invocation plus models finished by an earlier one (e.g. run with --only), in the
     config's order; the models whose earlier results were made with another model config, recipe or phase
     settings (a rerun would redo them), which are left out: the table compares models under one recipe; and the
     models an earlier run started but did not finish (left out too, and named: the table looked complete without
     them). A record keeps only the phases this run's settings ask for: a phase it turned off (eval.mqar: null) would
-    show results made under whatever settings each model last ran it with, side by side."""
+    show results made under whatever settings each model last ran it with, side by side. `refused`: the models with
+    results whose entry in the config is refused (--only left them out), named with the stale ones."""
     keys = _phase_keys(cfg)
     found, stale, unfinished = {name: _asked_phases(data, keys) for name, data in by_name.items()}, [], []
     for entry in entries:
@@ -2301,7 +2359,7 @@ def _finished_records(cfg: CompareConfig, entries: list[ModelEntry], by_name: di
                                                    "accounting": _accounting(cfg, entry)}, keys)
             else:
                 stale.append(entry.name)
-    return [found[e.name] for e in entries if e.name in found], stale, unfinished
+    return [found[e.name] for e in entries if e.name in found], [*stale, *refused], unfinished
 
 
 def _asked_phases(data: dict[str, Any], keys: dict[str, str]) -> dict[str, Any]:
@@ -2334,15 +2392,23 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    entries = resolve_models(cfg, folder)
-    names = [e.name for e in entries]
+    names = model_names(cfg)
     if only:
         unknown = set(only) - set(names)
         if unknown:
             raise ValueError(f"--only: unknown models {sorted(unknown)}; the config has {names}")
-    todo = [e for e in entries if not only or e.name in only]
+    todo = resolve_models(cfg, folder, only or None)
+    # the config's other models, for the table of those an earlier run finished: one whose entry is refused (this run
+    # does not train it, and is not refused for it) has no results of this config, and is named where it has some
+    entries, refused = [], []
+    for name in names:
+        try:
+            entries += [e for e in todo if e.name == name] or resolve_models(cfg, folder, [name])
+        except ValueError:
+            if (out / name / RESULT_FILE).is_file():
+                refused.append(name)
     if not accounting_only:
-        _check_inputs(cfg, entries)
+        _check_inputs(cfg, todo, [e for e in entries if e.name not in {t.name for t in todo}])
         # refused before any model trains: found at its turn, it stopped the run after the models before it
         recorded = {e.name: json.loads((out / e.name / RESULT_FILE).read_text()).get("fingerprint")
                     for e in todo if not force and (out / e.name / RESULT_FILE).is_file()}
@@ -2367,14 +2433,14 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
                     shutil.rmtree(out / entry.name)
                 by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
                 if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
-                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out, refused)
                     later = {e.name for e in todo[i + 1:]}  # (this run goes on with them)
                     (out / "results.md").write_text(
                         f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
                         f"{todo[i + 1].name}._\n\n" +
                         _left_out_note(stale, out, [n for n in unfinished if n not in later]) +
                         markdown_report(done, cfg, _device_name()))
-            records, stale, unfinished = _finished_records(cfg, entries, by_name, out)
+            records, stale, unfinished = _finished_records(cfg, entries, by_name, out, refused)
         note = "" if accounting_only else _left_out_note(stale, out, unfinished)
         markdown = note + markdown_report(records, cfg, _device_name())
         if not accounting_only:
