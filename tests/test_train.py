@@ -549,6 +549,28 @@ def test_a_misspelled_model_field_is_refused_by_name(tmp_path, model, overrides,
     assert build_model(ok).config.rope_parameters["rope_theta"] == 5e5
 
 
+@pytest.mark.parametrize("model,overrides,message", [
+    ({**LLAMA, "hidden_size": 30}, {}, r"^model: The hidden size \(30\) is not a multiple of the number of attention "
+                                       r"heads \(4\)"),
+    ({**LLAMA, "hidden_size": "wide"}, {}, r"^model: Field 'hidden_size' expected int, got str"),
+    ("folder", {"hidden_size": "wide"}, r"^model_overrides: Field 'hidden_size' expected int, got str"),
+], ids=["heads", "string-width", "folder-override"])
+def test_a_model_config_transformers_refuses_is_one_error_naming_the_section(tmp_path, model, overrides, message):
+    # transformers' field checks raise huggingface_hub's StrictDataclassError, no ValueError: zoo train ended in a
+    # traceback (zoo compare refused the same config in one line)
+    from transformers import AutoConfig
+
+    from zoo.train import build_model
+
+    if model == "folder":
+        AutoConfig.for_model(**LLAMA).save_pretrained(tmp_path / "config-only")
+        model = str(tmp_path / "config-only")
+    run = run_dict(tmp_path, model_overrides=overrides)
+    run["model"] = model
+    with pytest.raises(ValueError, match=message):
+        build_model(config_from_dict(run))
+
+
 def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_path):
     # a folder holding only a config.json (a fresh model from it): AutoConfig.from_pretrained drops the keyword it has
     # no field for, so num_hiden_layers: 1 built the config's 2 layers without a word (the field check saw no attribute)

@@ -1092,13 +1092,10 @@ class ModelEntry:
             close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
             hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
             raise ValueError(f"model_type: {model_type!r} is not a transformers model type{hint}")
-        from huggingface_hub.errors import StrictDataclassError
+        from zoo.train import config_field_errors
 
-        try:
+        with config_field_errors():  # (a hidden size not a multiple of the heads ended the comparison in a traceback)
             return AutoConfig.for_model(model_type, **fields)
-        except StrictDataclassError as e:  # transformers' checks of its config's fields (a hidden size that is not a
-            # multiple of the heads, a string width) raise this, no ValueError: the comparison ended in a traceback
-            raise ValueError(str(e.__cause__ or e)) from e
 
 
 def _find(path: str, folder: Path, where: str) -> Path:

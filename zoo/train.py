@@ -454,6 +454,19 @@ def _recipe_command(path: str | Path) -> str | None:
 
 # ---- model, optimizer, schedule ----------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def config_field_errors():
+    """transformers' checks of a config's fields (a hidden size that is not a multiple of the heads, a string width)
+    raise huggingface_hub's StrictDataclassError, no ValueError: as a ValueError of its cause's one line (the command
+    ended in a traceback)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except StrictDataclassError as e:
+        raise ValueError(str(e.__cause__ or e)) from e
+
+
 def check_config_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
     """Raise ValueError naming the first key of `given` (the fields a transformers `config` was built from) that is not
     a field of its class: transformers keeps a key its config class does not take as an attribute, so a misspelled
@@ -528,7 +541,8 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         fields_ = {**special, **spec, **overrides}
         model_type = fields_.pop("model_type", "zoo")
         try:
-            config = AutoConfig.for_model(model_type, **fields_)
+            with config_field_errors():
+                config = AutoConfig.for_model(model_type, **fields_)
         except ValueError as e:
             raise ValueError(f"model: {e}") from e
         check_config_fields(config, spec, "model.")
@@ -552,7 +566,11 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
         # (a folder of config.json alone: a fresh model of that architecture; one of pytorch_model.bin was built so too,
         # its weights not loaded, and trained from a random init without a word)
         if folder.is_dir() and not holds_weights(folder) and (folder / "config.json").is_file():
-            config, unused = AutoConfig.from_pretrained(spec, return_unused_kwargs=True, **overrides)
+            try:
+                with config_field_errors():
+                    config, unused = AutoConfig.from_pretrained(spec, return_unused_kwargs=True, **overrides)
+            except ValueError as e:
+                raise ValueError(f"model_overrides: {e}") from e
             check_config_fields(config, overrides, "model_overrides.", dropped=unused)
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
