@@ -40,6 +40,41 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(spec: str | torch.device | None, what: str = "--device") -> torch.device:
+    """The device a user named (``cpu``, ``cuda``, ``cuda:1``, ...; None or '': `default_device`), or a ValueError
+    naming it (as ``what``) when this machine cannot run there: a string torch does not read, ``cuda`` where torch sees
+    no GPU, ``cuda:N`` past the GPUs it sees (saying how many), another backend torch finds unavailable, or ``meta``.
+
+    Checked before any model loads: a GPU index past the count went as far as moving the weights, and failed there in
+    a traceback ('CUDA error: invalid device ordinal'), as did ``cuda`` on a machine whose driver sees no GPU ('No
+    CUDA GPUs are available')."""
+    if spec is None or spec == "":  # (an empty --device "$DEVICE" too, as before)
+        return torch.device(default_device())
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:  # (torch's list of the device types it reads)
+        raise ValueError(f"{what} {str(spec)!r}: {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"{what} {str(spec)!r}: the meta device holds no data and runs nothing; give cpu or cuda")
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is None or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        return device  # (a backend torch has no availability check for: moving the weights says what is wrong)
+    name = device.type.upper()
+    if not backend.is_available():
+        if device.type == "cuda":
+            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else
+                   "no GPU is visible: check the driver and CUDA_VISIBLE_DEVICES")
+        else:
+            why = f"no {name} support in this torch, {torch.__version__}, on this machine"
+        raise ValueError(f"{what} {str(spec)!r}: torch sees no {name} device ({why}); give cpu")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        which = f"{device.type}:0" if count == 1 else f"{device.type}:0 .. {device.type}:{count - 1}"
+        raise ValueError(f"{what} {str(spec)!r}: this machine has {count} {name} device{'s' if count != 1 else ''} "
+                         f"visible to torch ({which}); give one of them")
+    return device
+
+
 def model_device(model) -> torch.device:
     """The device of the model's parameters (cpu for parameterless stand-ins)."""
     device = getattr(model, "device", None)
@@ -68,6 +103,7 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
 
     import zoo  # noqa: F401  (registers the zoo model type with the transformers Auto classes)
 
+    device = resolve_device(device)  # (before the weights load)
     check_model_path(path)
     torch_dtype = DTYPES[dtype] if dtype else None
     if str(path).endswith((".yaml", ".yml")):
@@ -82,7 +118,7 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
     else:
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         model = load_causal_lm(path, **kwargs)  # a PEFT adapter (folder or hub repo) through PEFT: DoRA kept
-    return model.to(device or default_device()).eval()
+    return model.to(device).eval()
 
 
 def check_model_path(path: str) -> None:

@@ -43,6 +43,7 @@ from zoo.eval.common import (
     pyplot,
     read_partial,
     remove_partial,
+    resolve_device,
     save_atomically,
     save_figure,
     sigterm_interrupts,
@@ -544,6 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.seed = 0 if args.seed is None else args.seed
     args.start = args.start or "document"
 
+    resolve_device(args.device)  # (a device this machine lacks: before the documents are built, not at the first model)
     for path in args.model:  # a mistyped --model fails here, not as the first model's missing tokenizer
         check_model_path(path)
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
