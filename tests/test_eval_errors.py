@@ -143,12 +143,12 @@ def test_passkey_refuses_a_tokenizer_beyond_the_model_vocabulary(tmp_path, capsy
 
 
 @pytest.mark.parametrize("command", ["passkey", "length", "state"])
-@pytest.mark.parametrize("tokenizer", ["eos-past", "larger"])
+@pytest.mark.parametrize("tokenizer", ["bos-past", "larger"])
 def test_a_tokenizer_not_the_models_is_refused_before_any_evaluation(command, tokenizer, tmp_path, capsys):
-    # a tokenizer whose eos id (700) lay past mamba-tiny's 512 embeddings, or one of 603 tokens whose ids in the
-    # prompts and documents stayed below 512 (mostly <unk>), was evaluated without a word: a passkey grid, a length
-    # curve and state statistics of a model scored on text tokenized as it never was trained; zoo generate, train
-    # and finetune refuse such a tokenizer
+    # a tokenizer whose bos id (700, which every prompt and document starts with) lay past mamba-tiny's 512
+    # embeddings, or one of 603 tokens whose ids in the prompts and documents stayed below 512 (mostly <unk>), was
+    # evaluated without a word: a passkey grid, a length curve and state statistics of a model scored on text
+    # tokenized as it never was trained; zoo generate, train and finetune refuse such a tokenizer
     from helpers import save_letter_tokenizer
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -156,9 +156,9 @@ def test_a_tokenizer_not_the_models_is_refused_before_any_evaluation(command, to
     from zoo.eval import length, passkey, state
 
     folder = tmp_path / "tok"
-    if tokenizer == "eos-past":
-        save_letter_tokenizer(folder, bos_token=("<s>", 28), eos_token=("<eos>", 700))
-        message = (r"--tokenizer '.*tok': its (pad|eos)_token_id 700 is outside the model's vocabulary "
+    if tokenizer == "bos-past":
+        save_letter_tokenizer(folder, bos_token=("<s>", 700), eos_token=("<eos>", 28))
+        message = (r"--tokenizer '.*tok': its bos_token_id 700 is outside the model's vocabulary "
                    r"\(vocab_size 512: ids 0\.\.511\), though the tokenizer has 30 tokens \(its ids have gaps\); "
                    r"give the tokenizer the model was trained with \(--tokenizer\)")
     else:
@@ -179,6 +179,31 @@ def test_a_tokenizer_not_the_models_is_refused_before_any_evaluation(command, to
     assert not out.exists()
     code, err = run_cli(["eval", command, *argv], capsys)
     assert code == 2 and err.startswith(f"zoo eval {command}: --tokenizer ") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["passkey", "length", "state"])
+@pytest.mark.parametrize("role", ["pad_token", "eos_token"])
+def test_an_evaluation_runs_with_a_tokenizer_whose_unfed_pad_or_eos_id_lies_past_the_embeddings(command, role,
+                                                                                             tmp_path, capsys):
+    # the evaluations refused a pad or eos id past the model's embeddings though none of them feeds it to the model
+    # (no prompt or document is padded or holds an eos, and the model never generates an id it has no logit for):
+    # such a tokenizer could not be evaluated at all, where zoo generate warns and runs. They warn and run too
+    from helpers import save_letter_tokenizer
+
+    from zoo.eval import length, passkey, state
+
+    specials = {"bos_token": ("<s>", 28), "pad_token": ("<pad>", 29), "eos_token": ("</s>", 30), role: ("<x>", 700)}
+    save_letter_tokenizer(tmp_path / "tok", **specials)
+    argv = ["--model", str(MAMBA_TINY), "--tokenizer", str(tmp_path / "tok"), "--device", "cpu",
+            "--out", str(tmp_path / "out")]
+    argv += {"passkey": ["--lengths", "200", "--depths", "0", "--n-samples", "1"],
+             "length": ["--n-docs", "1", "--max-len", "64", "--chunk-size", "32"],
+             "state": ["--n-docs", "1", "--max-len", "64", "--chunk-size", "32"]}[command]
+    main = {"passkey": passkey.main, "length": length.main, "state": state.main}[command]
+    with pytest.warns(UserWarning, match=rf"its {role}_id 700 is outside the model's vocabulary .*; this run does not "
+                                         rf"feed it to the model"):
+        main(argv)
+    assert (tmp_path / "out").is_dir()
 
 
 def test_state_checks_the_vocabulary_and_takes_task_arguments(tmp_path):

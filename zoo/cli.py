@@ -78,15 +78,19 @@ def _info_config(path: str):
 
 
 def generate(argv: list[str] | None = None) -> None:
-    import warnings
-
     import torch
     from transformers import TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.data.text import SPECIAL_IDS, special_id_outside
     from zoo.decode import continues_chunks_exactly
-    from zoo.eval.common import DTYPES, encode_with_bos, resolve_device, tokenizer_name, trained_with_bos
+    from zoo.eval.common import (
+        DTYPES,
+        check_fed_special_ids,
+        encode_with_bos,
+        resolve_device,
+        tokenizer_name,
+        trained_with_bos,
+    )
     from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer, tokenizer_source
     from zoo.train import position_table
@@ -245,15 +249,16 @@ def generate(argv: list[str] | None = None) -> None:
     # in the embedding, 'IndexError: index out of range in self'. A special id that none of them is (one prompt's
     # pad, an eos the model never produces) is warned about: it was refused, and one prompt could not run at all
     fed = {t for row in rows for t in row} | ({pad_id} if len(prompts) > 1 else set())
-    for name in SPECIAL_IDS:
-        if (outside := special_id_outside(tok, n_embed, names=(name,))) is None:
-            continue
-        if getattr(tok, name) in fed:
-            padded = "several prompts are left-padded with it: give one prompt per call, or" \
-                if len(prompts) > 1 and getattr(tok, name) == pad_id else "give"
-            p.error(f"{which}: {outside[0]}; {padded} the tokenizer the model was trained with")
-        warnings.warn(f"{which}: {outside[0]}; this run does not feed it to the model"
-                      f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=1)
+
+    def fix(name: str) -> str:
+        padded = "several prompts are left-padded with it: give one prompt per call, or" \
+            if len(prompts) > 1 and getattr(tok, name) == pad_id else "give"
+        return f"{padded} the tokenizer the model was trained with"
+
+    try:
+        check_fed_special_ids(tok, n_embed, fed, which, fix)
+    except ValueError as e:
+        p.error(str(e))
     if past := sorted(t for t in fed if not 0 <= t < n_embed):
         # another token of the tokenizer's with an id in its gaps (a <sep> at 600), written in a prompt, failed in the
         # embedding, 'IndexError: index out of range in self'

@@ -180,13 +180,13 @@ def tokenizer_name(spec: str | None, model_path: str) -> str:
         f"the tokenizer of {model_path}'s base model {source}"
 
 
-def check_tokenizer(model, tokenizer, which: str) -> None:
+def check_tokenizer(model, tokenizer, which: str, fed) -> None:
     """Refuse, before anything is evaluated, a tokenizer that is not the model's, as zoo generate and zoo train do:
     one with more tokens than the model has embeddings, or whose pad, bos or eos id is no row of them (a tokenizer
-    whose ids have gaps: ``zoo.data.text.special_id_outside``). ValueError naming it (``which``, `tokenizer_name`) and
-    the fix; nothing is checked for a model without input embeddings."""
-    from zoo.data.text import special_id_outside
-
+    whose ids have gaps: ``zoo.data.text.special_id_outside``) where the evaluation feeds it to the model (``fed``: the
+    token ids it puts in, or the special ones among them); one it never feeds is warned about (`check_fed_special_ids`,
+    zoo generate's rule). ValueError naming it (``which``, `tokenizer_name`) and the fix; nothing is checked for a
+    model without input embeddings."""
     try:
         n_embed = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
@@ -194,8 +194,27 @@ def check_tokenizer(model, tokenizer, which: str) -> None:
     if len(tokenizer) > n_embed:
         raise ValueError(f"{which} has {len(tokenizer)} tokens, more than the model's {n_embed} embeddings; give the "
                          f"tokenizer the model was trained with (--tokenizer)")
-    if outside := special_id_outside(tokenizer, n_embed):
-        raise ValueError(f"{which}: {outside[0]}; give the tokenizer the model was trained with (--tokenizer)")
+    check_fed_special_ids(tokenizer, n_embed, fed, which,
+                          lambda name: "give the tokenizer the model was trained with (--tokenizer)")
+
+
+def check_fed_special_ids(tokenizer, n_embed: int, fed, which: str, fix) -> None:
+    """Refuse (ValueError: ``which``, why, then ``fix(name)``) a pad, bos or eos id of the tokenizer that is no row of
+    the model's ``n_embed`` embeddings (`zoo.data.text.special_id_outside`) and is one of the ids ``fed`` to the model:
+    the embedding would fail on it ('IndexError: index out of range in self'). One that is not fed (an unused pad, an
+    eos the model never generates, as no logit stands for it) is warned about: refusing it left such a tokenizer unable
+    to run at all, though nothing would reach the embedding."""
+    import warnings
+
+    from zoo.data.text import SPECIAL_IDS, special_id_outside
+
+    for name in SPECIAL_IDS:
+        if (outside := special_id_outside(tokenizer, n_embed, names=(name,))) is None:
+            continue
+        if getattr(tokenizer, name) in fed:
+            raise ValueError(f"{which}: {outside[0]}; {fix(name)}")
+        warnings.warn(f"{which}: {outside[0]}; this run does not feed it to the model"
+                      f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=2)
 
 
 def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], what: str, fix: str) -> None:

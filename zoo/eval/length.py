@@ -403,6 +403,13 @@ SAVE_EVERY = 30.0
 CORPUS_DOCUMENTS, CORPUS_LENGTH = 4, 16384
 
 
+def corpus_special_ids(tokenizer, add_bos: bool) -> set:
+    """The pad, bos and eos ids the built-in corpus's documents (`corpus_documents`) hold: the BOS each starts with
+    where ``add_bos``, no other (the text is encoded without special tokens, their spellings in it as plain text)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return {bos} if add_bos and bos is not None else set()
+
+
 def load_documents(
     source: str | None, n_documents: int | None, max_len: int | None, tokenizer=None, seed: int = 0,
     start: str = "document", add_bos: bool = True, holdout: float = 0.01
@@ -620,7 +627,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             model = load_model(path, args.device, args.dtype)
             if tokenizer is not None:  # the built-in corpus's: refused before its documents are built for the model
                 # (one whose eos or pad id lay past the model's embeddings gave a curve without a word)
-                check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model[0]))
+                check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model[0]),
+                                corpus_special_ids(tokenizer, trained_with_bos(getattr(model, "config", None))))
             config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
             if spec is not None:
                 apply_mitigation(model, spec)

@@ -487,7 +487,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer = load_tokenizer(args.tokenizer, args.model)
         # (a tokenizer whose eos or pad id lay past the model's embeddings ran every cell, scoring a model on a
         # tokenizer it was not trained with, without a word)
-        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model))
+        # the special ids it feeds the model: those of a prompt (its bos, as the model trained); the eos it stops at
+        # and the pad of the one-row generate never go in
+        add_bos = trained_with_bos(getattr(model, "config", None))
+        fed = encode_with_bos(tokenizer, passkey_text(KEYS.start, 0, 0), add_bos)
+        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model), fed)
         if args.mitigation is not None:
             apply_mitigation(model, args.mitigation)
         # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds
