@@ -217,6 +217,18 @@ def check_fed_special_ids(tokenizer, n_embed: int, fed, which: str, fix) -> None
                       f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=2)
 
 
+def check_positions(model, tokens: int, what: str, fix) -> None:
+    """Refuse (ValueError: ``what``, then ``fix(positions)``) running ``tokens`` positions through a model of learned
+    absolute position embeddings with fewer rows (`zoo.train.position_table`: GPT-2's wpe, OPT's embed_positions):
+    the position past them failed in that embedding, 'IndexError: index out of range in self', naming nothing (on a
+    GPU, a device-side assert). Rotary, ALiBi and zoo models have no such table: nothing is checked for them."""
+    from zoo.train import position_table
+
+    if (table := position_table(model)) is not None and tokens > table[1]:
+        raise ValueError(f"{what}, but {type(model).__name__} learns {table[1]} absolute positions ({table[0]}, config "
+                         f"max_position_embeddings); {fix(table[1])}")
+
+
 def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], what: str, fix: str) -> None:
     """Refuse token ids outside ``[0, model.config.vocab_size)`` with a ValueError naming ``what`` and ``fix``
     (the embedding would raise a bare ``IndexError: index out of range in self`` mid-evaluation).

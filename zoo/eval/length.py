@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from zoo.eval.common import (
     check_model_path,
+    check_positions,
     check_token_ids,
     check_tokenizer,
     interruption_says,
@@ -153,6 +154,8 @@ def evaluate_length(
         raise ValueError("evaluate_length needs at least one document")
     check_token_ids(model, docs, "documents", "tokenize with the model's tokenizer")
     max_len = max(int(d.shape[-1]) for d in docs)
+    check_positions(model, max_len, f"max_len: documents of up to {max_len} tokens",
+                    lambda n: f"give --max-len of at most {n}")
     sums = torch.zeros(max_len, dtype=torch.float64)
     counts = torch.zeros(max_len, dtype=torch.float64)
     by_length: dict[int, list[torch.Tensor]] = {}

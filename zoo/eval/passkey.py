@@ -20,6 +20,7 @@ import torch
 from zoo.cache import output_cache
 from zoo.eval.common import (
     accepts_argument,
+    check_positions,
     check_token_ids,
     check_tokenizer,
     chunk_positions,
@@ -337,6 +338,12 @@ def evaluate_passkey(
         raise ValueError(f"max_new_tokens={max_new_tokens}: an answer \" <5-digit key>\" takes up to {need} tokens "
                          f"with this tokenizer, so its prompts would be scored wrong whatever the model writes; give "
                          f"--max-new-tokens {need} or more")
+
+    longest = max(int(length) for length in lengths)
+    # (the last new token is never fed back: it takes no position)
+    check_positions(model, longest + max_new_tokens - 1,
+                    f"lengths: a prompt of up to {longest} tokens and {max_new_tokens} new tokens",
+                    lambda n: f"give --lengths of at most {n - max_new_tokens + 1}")
 
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
         return (int(entry["length"]), float(entry["depth"])) in grid
