@@ -44,7 +44,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "kernels")]  # this checkout's zoo and zoo
 
 import torch  # noqa: E402
 
-from zoo.eval.common import positive_int  # noqa: E402
+from zoo.eval.common import positive_int, resolve_device  # noqa: E402
 
 FAMILIES = {"mamba": "mamba", "mamba2": "mamba2", "transformerpp": "transformerpp", "gla": "gla", "jamba": "jamba"}
 
@@ -143,14 +143,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"does not run; leave {'them' if len(ignored) > 1 else 'it'} out")
     if args.profile and args.dump:
         p.error("--profile and --dump: each runs on its own; give one of them")
-    try:
-        torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r}: not a device; give cpu, cuda or cuda:N")
+    try:  # (cuda:N past the GPUs went on to build the model there, and ended in a traceback)
+        resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if args.cuda_graph and not args.device.startswith("cuda"):
         raise SystemExit("eager_decode_overhead.py: --cuda-graph needs --device cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("eager_decode_overhead.py: --device cuda needs CUDA, and torch sees no GPU")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.device.startswith("cuda"):

@@ -665,6 +665,23 @@ def test_eager_decode_overhead_refuses_bad_counts_and_devices_in_one_line(flags,
     assert e.value.code == 2 and f"{flags[0]}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("gpus, device, message", [
+    (1, "cuda:1", "--device 'cuda:1': this machine has 1 CUDA device visible to torch (cuda:0)"),
+    (0, "cuda", "--device 'cuda': torch sees no CUDA device"),
+])
+def test_eager_decode_overhead_refuses_a_gpu_the_machine_lacks_in_one_line(gpus, device, message, capsys,
+                                                                           monkeypatch):
+    # cuda:N past the GPUs torch sees passed its check of the device ('cuda' and a GPU visible) and built the model
+    # there, ending in a traceback ('CUDA error: invalid device ordinal')
+    script = load_script("benchmarks/eager_decode_overhead.py")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--families", "mamba", "--device", device])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_eager_decode_overhead_times_a_family_on_the_cpu(capsys):
     import json
 

@@ -653,6 +653,44 @@ def test_a_device_backend_torch_lacks_is_one_line(tiny_folder, capsys, monkeypat
     assert e.value.code == 2 and "zoo generate: " in err and "mps" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("gpus, device, message", [
+    (2, "cuda:2", "--device 'cuda:2': this machine has 2 CUDA devices visible to torch (cuda:0 .. cuda:1)"),
+    (1, "cuda:1", "--device 'cuda:1': this machine has 1 CUDA device visible to torch (cuda:0)"),
+    (0, "cuda", "--device 'cuda': torch sees no CUDA device"),
+    (0, "cuda:0", "--device 'cuda:0': torch sees no CUDA device"),
+    (0, "meta", "--device 'meta': the meta device holds no data"),
+])
+@pytest.mark.parametrize("command", ["generate", "passkey", "synthetic", "length", "state"])
+def test_a_device_past_the_gpus_torch_sees_is_refused_in_one_line_before_the_model_loads(tiny_folder, tmp_path, capsys,
+                                                                                      monkeypatch, command, gpus,
+                                                                                      device, message):
+    # `--device cuda:N` past the GPUs of the machine went as far as moving the weights and ended there in a traceback
+    # ('RuntimeError: CUDA error: invalid device ordinal'), as did `cuda` where the driver sees no GPU ('No CUDA GPUs
+    # are available'); neither said how many GPUs there are
+    import torch
+
+    import zoo.hub
+
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")  # a CUDA build: the GPUs are what is missing
+    loaded = []
+    monkeypatch.setattr(zoo.hub, "load_causal_lm", lambda *a, **k: loaded.append(a))
+    out = ["--out", str(tmp_path / "o")]
+    argv = {"generate": ["generate", str(tiny_folder), "hi", "--max-new-tokens", "2"],
+            "passkey": ["eval", "passkey", "--model", str(tiny_folder), "--lengths", "64", *out],
+            "synthetic": ["eval", "synthetic", "--model", str(tiny_folder), "--vocab-size", "64", "--seq-lens", "16",
+                          *out],
+            "length": ["eval", "length", "--model", str(tiny_folder), "--max-len", "32", *out],
+            "state": ["eval", "state", "--model", str(TINY), *out]}[command]
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--device", device])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and message in err, err
+    assert not loaded and not (tmp_path / "o").exists()
+
+
 def test_model_references_that_name_a_missing_or_wrong_local_folder_are_refused(tmp_path, monkeypatch, tiny_folder):
     from zoo.hub import check_model_ref
 

@@ -101,6 +101,23 @@ def test_a_bare_name_is_looked_up_in_the_folder_of_its_kind(tmp_path, monkeypatc
     assert "jamba-tiny" in packaged_names("models") and "demo" in packaged_names("compare")
 
 
+def test_a_folder_given_as_a_config_is_named_a_folder_with_the_yaml_files_it_holds(tmp_path, monkeypatch, capsys):
+    # a run folder given for its config (`zoo train runs/x`) was refused as "no such file 'runs/x'", though it is there
+    from zoo import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "train_config.yaml").write_text("model: mamba-tiny.yaml\n")
+    with pytest.raises(FileNotFoundError, match=r"^'runs/x' is a folder, not a config file; it holds "
+                                                r"train_config.yaml: give the file, as 'runs/x/train_config.yaml'$"):
+        find_config("runs/x", "train")
+    with pytest.raises(FileNotFoundError, match=r"^'runs' is a folder, not a config file$"):
+        find_config("runs", "models")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "runs/x"])
+    assert e.value.code == 2 and "zoo train: error: config: 'runs/x' is a folder" in capsys.readouterr().err
+
+
 def test_a_name_found_nowhere_lists_the_packaged_names(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no such file 'jamba-tiiny'.*packaged models configs: .*jamba-tiny"):

@@ -78,15 +78,19 @@ def _info_config(path: str):
 
 
 def generate(argv: list[str] | None = None) -> None:
-    import warnings
-
     import torch
     from transformers import TextStreamer
 
     import zoo  # noqa: F401  (registers the Auto classes)
-    from zoo.data.text import SPECIAL_IDS, special_id_outside
     from zoo.decode import continues_chunks_exactly
-    from zoo.eval.common import DTYPES, default_device, encode_with_bos, tokenizer_name, trained_with_bos
+    from zoo.eval.common import (
+        DTYPES,
+        check_fed_special_ids,
+        encode_with_bos,
+        resolve_device,
+        tokenizer_name,
+        trained_with_bos,
+    )
     from zoo.eval.passkey import greedy_overrides
     from zoo.hub import check_model_ref, load_causal_lm, load_folder_tokenizer, require_tokenizer, tokenizer_source
     from zoo.train import position_table
@@ -133,10 +137,6 @@ def generate(argv: list[str] | None = None) -> None:
     # intermixed: the prompt may follow options (`zoo generate DIR --device cpu "text"`); parse_args matched the
     # optional positional empty at the model and refused the prompt after the options as an unrecognized argument
     args = p.parse_intermixed_args(argv)
-    try:
-        device = torch.device(args.device or default_device())
-    except RuntimeError as e:
-        p.error(f"--device {args.device!r}: {e}")
     if args.max_new_tokens < 1:
         p.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.num_beams < 1:
@@ -179,6 +179,12 @@ def generate(argv: list[str] | None = None) -> None:
     if args.seed is not None and not -2**63 <= args.seed < 2**64:
         # torch.manual_seed's range: past it the run failed after loading the model, 'Overflow when unpacking long long'
         p.error(f"--seed must be an integer in [-2**63, 2**64), got {args.seed}")
+    if args.cuda_graph and args.num_beams > 1:
+        p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
+    try:  # (after the options' own checks, which hold on any machine)
+        device = resolve_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
     if args.cuda_graph and device.type != "cuda":
         p.error(f"--cuda-graph: CUDA graphs need a CUDA device, and this run is on {device}")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []]
@@ -189,8 +195,6 @@ def generate(argv: list[str] | None = None) -> None:
             stop.encode("utf-8")
         except UnicodeEncodeError:  # (as a prompt's, above: it failed mid-run, after the prompt had been printed)
             p.error(f"--stop {stop.encode('utf-8', 'surrogateescape')!r} is not UTF-8 text; give it in UTF-8")
-    if args.cuda_graph and args.num_beams > 1:
-        p.error("--cuda-graph decodes greedily or samples; beam search (--num-beams) runs without it")
     check_model_ref(args.model, adapter_ok=True)
     # a PEFT adapter without tokenizer files: its base model's tokenizer, as PEFT's users load it (the adapter's folder
     # was refused as holding none)
@@ -245,15 +249,16 @@ def generate(argv: list[str] | None = None) -> None:
     # in the embedding, 'IndexError: index out of range in self'. A special id that none of them is (one prompt's
     # pad, an eos the model never produces) is warned about: it was refused, and one prompt could not run at all
     fed = {t for row in rows for t in row} | ({pad_id} if len(prompts) > 1 else set())
-    for name in SPECIAL_IDS:
-        if (outside := special_id_outside(tok, n_embed, names=(name,))) is None:
-            continue
-        if getattr(tok, name) in fed:
-            padded = "several prompts are left-padded with it: give one prompt per call, or" \
-                if len(prompts) > 1 and getattr(tok, name) == pad_id else "give"
-            p.error(f"{which}: {outside[0]}; {padded} the tokenizer the model was trained with")
-        warnings.warn(f"{which}: {outside[0]}; this run does not feed it to the model"
-                      f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=1)
+
+    def fix(name: str) -> str:
+        padded = "several prompts are left-padded with it: give one prompt per call, or" \
+            if len(prompts) > 1 and getattr(tok, name) == pad_id else "give"
+        return f"{padded} the tokenizer the model was trained with"
+
+    try:
+        check_fed_special_ids(tok, n_embed, fed, which, fix)
+    except ValueError as e:
+        p.error(str(e))
     if past := sorted(t for t in fed if not 0 <= t < n_embed):
         # another token of the tokenizer's with an id in its gaps (a <sep> at 600), written in a prompt, failed in the
         # embedding, 'IndexError: index out of range in self'

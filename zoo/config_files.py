@@ -33,7 +33,8 @@ def packaged_names(kind: str) -> list[str]:
 def find_config(path: str | Path, kind: str) -> Path:
     """`path` when it is a file, else the packaged config it names (the module's rule); kind: one of KINDS.
 
-    Raises FileNotFoundError naming `path` and listing the packaged configs of `kind`."""
+    Raises FileNotFoundError naming `path` and listing the packaged configs of `kind` (or, for a folder, the YAML
+    files in it)."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
     given = Path(path).expanduser()
@@ -49,6 +50,10 @@ def find_config(path: str | Path, kind: str) -> Path:
             for file in (candidate, candidate.with_name(candidate.name + ".yaml")):
                 if file.suffix in (".yaml", ".yml") and file.is_file():
                     return file
+    if given.is_dir():  # (reported as "no such file", though it is there: a run folder given for the config in it)
+        held = sorted(f.name for f in given.iterdir() if f.suffix in (".yaml", ".yml") and f.is_file())
+        which = f"; it holds {', '.join(held)}: give the file, as {str(Path(path) / held[0])!r}" if held else ""
+        raise FileNotFoundError(f"{str(path)!r} is a folder, not a config file{which}")
     names = packaged_names(kind)
     listed = f"packaged {kind} configs: {', '.join(names)}" if names else f"no packaged configs at {packaged_root()}"
     raise FileNotFoundError(f"no such file {str(path)!r}, nor a packaged config of that name ({listed})")

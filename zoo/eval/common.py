@@ -40,6 +40,41 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_device(spec: str | torch.device | None, what: str = "--device") -> torch.device:
+    """The device a user named (``cpu``, ``cuda``, ``cuda:1``, ...; None or '': `default_device`), or a ValueError
+    naming it (as ``what``) when this machine cannot run there: a string torch does not read, ``cuda`` where torch sees
+    no GPU, ``cuda:N`` past the GPUs it sees (saying how many), another backend torch finds unavailable, or ``meta``.
+
+    Checked before any model loads: a GPU index past the count went as far as moving the weights, and failed there in
+    a traceback ('CUDA error: invalid device ordinal'), as did ``cuda`` on a machine whose driver sees no GPU ('No
+    CUDA GPUs are available')."""
+    if spec is None or spec == "":  # (an empty --device "$DEVICE" too, as before)
+        return torch.device(default_device())
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:  # (torch's list of the device types it reads)
+        raise ValueError(f"{what} {str(spec)!r}: {e}") from None
+    if device.type == "meta":
+        raise ValueError(f"{what} {str(spec)!r}: the meta device holds no data and runs nothing; give cpu or cuda")
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is None or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        return device  # (a backend torch has no availability check for: moving the weights says what is wrong)
+    name = device.type.upper()
+    if not backend.is_available():
+        if device.type == "cuda":
+            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else
+                   "no GPU is visible: check the driver and CUDA_VISIBLE_DEVICES")
+        else:
+            why = f"no {name} support in this torch, {torch.__version__}, on this machine"
+        raise ValueError(f"{what} {str(spec)!r}: torch sees no {name} device ({why}); give cpu")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        which = f"{device.type}:0" if count == 1 else f"{device.type}:0 .. {device.type}:{count - 1}"
+        raise ValueError(f"{what} {str(spec)!r}: this machine has {count} {name} device{'s' if count != 1 else ''} "
+                         f"visible to torch ({which}); give one of them")
+    return device
+
+
 def model_device(model) -> torch.device:
     """The device of the model's parameters (cpu for parameterless stand-ins)."""
     device = getattr(model, "device", None)
@@ -68,6 +103,7 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
 
     import zoo  # noqa: F401  (registers the zoo model type with the transformers Auto classes)
 
+    device = resolve_device(device)  # (before the weights load)
     check_model_path(path)
     torch_dtype = DTYPES[dtype] if dtype else None
     if str(path).endswith((".yaml", ".yml")):
@@ -82,7 +118,7 @@ def load_model(path: str, device: str | None = None, dtype: str | None = None):
     else:
         kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
         model = load_causal_lm(path, **kwargs)  # a PEFT adapter (folder or hub repo) through PEFT: DoRA kept
-    return model.to(device or default_device()).eval()
+    return model.to(device).eval()
 
 
 def check_model_path(path: str) -> None:
@@ -144,13 +180,13 @@ def tokenizer_name(spec: str | None, model_path: str) -> str:
         f"the tokenizer of {model_path}'s base model {source}"
 
 
-def check_tokenizer(model, tokenizer, which: str) -> None:
+def check_tokenizer(model, tokenizer, which: str, fed) -> None:
     """Refuse, before anything is evaluated, a tokenizer that is not the model's, as zoo generate and zoo train do:
     one with more tokens than the model has embeddings, or whose pad, bos or eos id is no row of them (a tokenizer
-    whose ids have gaps: ``zoo.data.text.special_id_outside``). ValueError naming it (``which``, `tokenizer_name`) and
-    the fix; nothing is checked for a model without input embeddings."""
-    from zoo.data.text import special_id_outside
-
+    whose ids have gaps: ``zoo.data.text.special_id_outside``) where the evaluation feeds it to the model (``fed``: the
+    token ids it puts in, or the special ones among them); one it never feeds is warned about (`check_fed_special_ids`,
+    zoo generate's rule). ValueError naming it (``which``, `tokenizer_name`) and the fix; nothing is checked for a
+    model without input embeddings."""
     try:
         n_embed = model.get_input_embeddings().num_embeddings
     except (AttributeError, NotImplementedError):
@@ -158,8 +194,39 @@ def check_tokenizer(model, tokenizer, which: str) -> None:
     if len(tokenizer) > n_embed:
         raise ValueError(f"{which} has {len(tokenizer)} tokens, more than the model's {n_embed} embeddings; give the "
                          f"tokenizer the model was trained with (--tokenizer)")
-    if outside := special_id_outside(tokenizer, n_embed):
-        raise ValueError(f"{which}: {outside[0]}; give the tokenizer the model was trained with (--tokenizer)")
+    check_fed_special_ids(tokenizer, n_embed, fed, which,
+                          lambda name: "give the tokenizer the model was trained with (--tokenizer)")
+
+
+def check_fed_special_ids(tokenizer, n_embed: int, fed, which: str, fix) -> None:
+    """Refuse (ValueError: ``which``, why, then ``fix(name)``) a pad, bos or eos id of the tokenizer that is no row of
+    the model's ``n_embed`` embeddings (`zoo.data.text.special_id_outside`) and is one of the ids ``fed`` to the model:
+    the embedding would fail on it ('IndexError: index out of range in self'). One that is not fed (an unused pad, an
+    eos the model never generates, as no logit stands for it) is warned about: refusing it left such a tokenizer unable
+    to run at all, though nothing would reach the embedding."""
+    import warnings
+
+    from zoo.data.text import SPECIAL_IDS, special_id_outside
+
+    for name in SPECIAL_IDS:
+        if (outside := special_id_outside(tokenizer, n_embed, names=(name,))) is None:
+            continue
+        if getattr(tokenizer, name) in fed:
+            raise ValueError(f"{which}: {outside[0]}; {fix(name)}")
+        warnings.warn(f"{which}: {outside[0]}; this run does not feed it to the model"
+                      f"{', and the model never generates it' if name == 'eos_token_id' else ''}", stacklevel=2)
+
+
+def check_positions(model, tokens: int, what: str, fix) -> None:
+    """Refuse (ValueError: ``what``, then ``fix(positions)``) running ``tokens`` positions through a model of learned
+    absolute position embeddings with fewer rows (`zoo.train.position_table`: GPT-2's wpe, OPT's embed_positions):
+    the position past them failed in that embedding, 'IndexError: index out of range in self', naming nothing (on a
+    GPU, a device-side assert). Rotary, ALiBi and zoo models have no such table: nothing is checked for them."""
+    from zoo.train import position_table
+
+    if (table := position_table(model)) is not None and tokens > table[1]:
+        raise ValueError(f"{what}, but {type(model).__name__} learns {table[1]} absolute positions ({table[0]}, config "
+                         f"max_position_embeddings); {fix(table[1])}")
 
 
 def check_token_ids(model, token_ids: torch.Tensor | Sequence[torch.Tensor], what: str, fix: str) -> None:

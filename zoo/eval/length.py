@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from zoo.eval.common import (
     check_model_path,
+    check_positions,
     check_token_ids,
     check_tokenizer,
     interruption_says,
@@ -43,6 +44,7 @@ from zoo.eval.common import (
     pyplot,
     read_partial,
     remove_partial,
+    resolve_device,
     save_atomically,
     save_figure,
     sigterm_interrupts,
@@ -152,6 +154,8 @@ def evaluate_length(
         raise ValueError("evaluate_length needs at least one document")
     check_token_ids(model, docs, "documents", "tokenize with the model's tokenizer")
     max_len = max(int(d.shape[-1]) for d in docs)
+    check_positions(model, max_len, f"max_len: documents of up to {max_len} tokens",
+                    lambda n: f"give --max-len of at most {n}")
     sums = torch.zeros(max_len, dtype=torch.float64)
     counts = torch.zeros(max_len, dtype=torch.float64)
     by_length: dict[int, list[torch.Tensor]] = {}
@@ -402,6 +406,13 @@ SAVE_EVERY = 30.0
 CORPUS_DOCUMENTS, CORPUS_LENGTH = 4, 16384
 
 
+def corpus_special_ids(tokenizer, add_bos: bool) -> set:
+    """The pad, bos and eos ids the built-in corpus's documents (`corpus_documents`) hold: the BOS each starts with
+    where ``add_bos``, no other (the text is encoded without special tokens, their spellings in it as plain text)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return {bos} if add_bos and bos is not None else set()
+
+
 def load_documents(
     source: str | None, n_documents: int | None, max_len: int | None, tokenizer=None, seed: int = 0,
     start: str = "document", add_bos: bool = True, holdout: float = 0.01
@@ -544,6 +555,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.seed = 0 if args.seed is None else args.seed
     args.start = args.start or "document"
 
+    resolve_device(args.device)  # (a device this machine lacks: before the documents are built, not at the first model)
     for path in args.model:  # a mistyped --model fails here, not as the first model's missing tokenizer
         check_model_path(path)
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model[0])
@@ -618,7 +630,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             model = load_model(path, args.device, args.dtype)
             if tokenizer is not None:  # the built-in corpus's: refused before its documents are built for the model
                 # (one whose eos or pad id lay past the model's embeddings gave a curve without a word)
-                check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model[0]))
+                check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model[0]),
+                                corpus_special_ids(tokenizer, trained_with_bos(getattr(model, "config", None))))
             config["weights"] = model_fingerprint(path)  # a hub model is downloaded now: its commit is known
             if spec is not None:
                 apply_mitigation(model, spec)

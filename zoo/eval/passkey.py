@@ -20,6 +20,7 @@ import torch
 from zoo.cache import output_cache
 from zoo.eval.common import (
     accepts_argument,
+    check_positions,
     check_token_ids,
     check_tokenizer,
     chunk_positions,
@@ -338,6 +339,12 @@ def evaluate_passkey(
                          f"with this tokenizer, so its prompts would be scored wrong whatever the model writes; give "
                          f"--max-new-tokens {need} or more")
 
+    longest = max(int(length) for length in lengths)
+    # (the last new token is never fed back: it takes no position)
+    check_positions(model, longest + max_new_tokens - 1,
+                    f"lengths: a prompt of up to {longest} tokens and {max_new_tokens} new tokens",
+                    lambda n: f"give --lengths of at most {n - max_new_tokens + 1}")
+
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
         return (int(entry["length"]), float(entry["depth"])) in grid
 
@@ -487,7 +494,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         tokenizer = load_tokenizer(args.tokenizer, args.model)
         # (a tokenizer whose eos or pad id lay past the model's embeddings ran every cell, scoring a model on a
         # tokenizer it was not trained with, without a word)
-        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model))
+        # the special ids it feeds the model: those of a prompt (its bos, as the model trained); the eos it stops at
+        # and the pad of the one-row generate never go in
+        add_bos = trained_with_bos(getattr(model, "config", None))
+        fed = encode_with_bos(tokenizer, passkey_text(KEYS.start, 0, 0), add_bos)
+        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model), fed)
         if args.mitigation is not None:
             apply_mitigation(model, args.mitigation)
         # what a cell's result depends on: a rerun with the same keeps the cells passkey.json holds

@@ -131,13 +131,14 @@ def load_rows(args, add_bos: bool = True, holdout: float = 0.01,
                 (["--power-a"] if args.power_a is not None else [])
             raise ValueError(f"--task {args.task}: {error}; change {', '.join(options[:-1])} or {options[-1]}") \
                 from None
-    from zoo.eval.length import load_documents
+    from zoo.eval.length import corpus_special_ids, load_documents
 
     tokenizer = None if args.tokens else load_tokenizer(args.tokenizer, args.model)
     if tokenizer is not None and model is not None:
         # (a tokenizer whose eos or pad id lay past the model's embeddings gave statistics of rows the model was not
         # trained on, without a word)
-        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model))
+        check_tokenizer(model, tokenizer, tokenizer_name(args.tokenizer, args.model),
+                        corpus_special_ids(tokenizer, add_bos))
     docs = load_documents(args.tokens, args.n_docs, args.max_len, tokenizer, args.seed, add_bos=add_bos,
                           holdout=holdout)
     length = min(len(d) for d in docs)

@@ -23,6 +23,7 @@ import torch
 from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.eval.common import (
     accepts_argument,
+    check_positions,
     format_size,
     interruption_says,
     iter_chunk_logits,
@@ -161,6 +162,8 @@ def evaluate_synthetic(
         raise ValueError(f"model vocab_size={vocab_size} is smaller than the task's vocab_size={task_vocab} (its rows "
                          f"would hold ids the model has no embedding for); give the task a vocab_size (--vocab-size) "
                          f"of at most {vocab_size}")
+    check_positions(model, max(seq_lens), f"seq_lens: rows of up to {max(seq_lens)} tokens",
+                    lambda n: f"give --seq-lens of at most {n}")
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
