@@ -1238,17 +1238,26 @@ def _weights_cut_short(path: Path) -> None:
     path.write_bytes(path.read_bytes()[:3000])
 
 
+def _weights_bin_of_other_bytes(path: Path) -> None:
+    path.unlink()
+    (path.parent / "pytorch_model.bin").write_text("these are not the weights\n" * 10)
+
+
 @pytest.mark.parametrize("damage, message", [(_weights_lfs_pointer, r"model.safetensors is a Git LFS pointer, not the "
                                                                     r"weights it stands for .*git lfs pull"),
                                              (_weights_cut_short, r"its weights \(model.safetensors\) cannot be read "
-                                                                  r".*cut short or corrupted")],
-                         ids=["lfs-pointer", "cut-short"])
+                                                                  r".*cut short or corrupted"),
+                                             (_weights_bin_of_other_bytes, r"its weights \(pytorch_model.bin\) cannot "
+                                                                           r"be read \(not a checkpoint torch.load")],
+                         ids=["lfs-pointer", "cut-short", "bin-of-other-bytes"])
 @pytest.mark.parametrize("command", ["generate", "eval", "train", "finetune"])
 def test_a_model_folder_whose_weights_cannot_be_read_is_refused_in_one_line(tiny_folder, tmp_path, capsys, monkeypatch,
                                                                            command, damage, message):
     # a folder cloned without git-lfs (a pointer file in place of model.safetensors) or copied in part was refused so
     # by zoo convert and zoo graft only: zoo generate, zoo eval, zoo train and zoo finetune ended in safetensors'
     # traceback ("SafetensorError: Error while deserializing header: ..."), naming no file and no fix
+    # (a pytorch_model.bin of other bytes than a checkpoint, text here, ended each command in the traceback of a bare
+    # "KeyError: 101" from torch.load's unpickler)
     import shutil
 
     monkeypatch.delenv("ZOO_TRACEBACK", raising=False)

@@ -1376,12 +1376,15 @@ def _lfs_pointer(path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["hf-mamba", "zoo", "mamba_ssm"])
 @pytest.mark.parametrize("damage,message", [(_lfs_pointer, "is a Git LFS pointer, not the weights"),
                                             (_cut_short, "cannot be read .*cut short or corrupted"),
-                                            (lambda path: path.write_bytes(b""), "cannot be read")],
-                         ids=["lfs-pointer", "cut-short", "empty"])
+                                            (lambda path: path.write_bytes(b""), "cannot be read"),
+                                            (lambda path: path.write_text("not the weights\n" * 10), "cannot be read")],
+                         ids=["lfs-pointer", "cut-short", "empty", "other-bytes"])
 def test_a_weights_file_that_cannot_be_read_is_named(fmt, damage, message, tmp_path):
     # a clone without git-lfs (pointer files in place of the weights) or an interrupted download ended in
     # safetensors' SafetensorError, torch's RuntimeError (PytorchStreamReader), EOFError or pickle's UnpicklingError
     # (advising weights_only=False), each a traceback naming no file
+    # (a pytorch_model.bin of other bytes, text here, in a bare "KeyError: 101" of torch.load's unpickler, from
+    # load_mamba_ssm too)
     torch.manual_seed(0)
     model = ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml"))
     src = tmp_path / "src"
@@ -1395,6 +1398,9 @@ def test_a_weights_file_that_cannot_be_read_is_named(fmt, damage, message, tmp_p
     with pytest.raises(ValueError, match=message):
         convert(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+    if fmt == "mamba_ssm":
+        with pytest.raises(ValueError, match=message):
+            load_mamba_ssm(src)
 
 
 def test_a_folder_holding_a_peft_adapter_beside_its_model_is_refused(tmp_path):

@@ -1049,11 +1049,12 @@ def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     config = _folder_config(folder)
     # the bin first, as mamba_ssm reads the folder: beside a model.safetensors of another save (save_mamba_ssm into
     # a folder an hf export had written) the safetensors were read, another model's weights under this config
-    if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    with readable_weights(folder):  # (a file that is no checkpoint: a ValueError naming it, not torch's traceback)
+        if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
+            from safetensors.torch import load_file
 
-        return config, load_file(folder / "model.safetensors")
-    return config, torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            return config, load_file(folder / "model.safetensors")
+        return config, torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
 def _write_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -1136,9 +1137,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         _refuse_partial_load(fmt, folder, "ZooForCausalLM", info)
         return model.eval()
     if fmt == "mamba_ssm":
-        with readable_weights(folder):
-            loaded = load_mamba_ssm(folder)
-        return from_mamba_ssm(*loaded)
+        return from_mamba_ssm(*load_mamba_ssm(folder))
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     off = {"rescale_prenorm_residual": False} if fmt in _RESCALED_ON_LOAD else {}

@@ -273,38 +273,83 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
 # the weights files a model's (or a PEFT adapter's) folder holds, which a reader of its weights may fail on
 _WEIGHTS_READ = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# the modules of torch.load, whose failures on a file that is no checkpoint are of no one type (pickle's
+# UnpicklingError, but a KeyError, IndexError or UnicodeDecodeError of its unpickler on text, a RuntimeError "Invalid
+# magic number" on a pickle of something else, ...)
+_TORCH_LOAD_FILES = ("serialization.py", "_weights_only_unpickler.py")
+
+
+def _raised_reading(error: BaseException) -> bool:
+    """Whether `error` is a failure of reading a weights file: safetensors' or pickle's error, or any error that
+    torch.load raised (its traceback passes through torch's serialization modules)."""
+    import pickle
+
+    import torch
+    from safetensors import SafetensorError
+
+    if isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)):
+        return True
+    torch_dir = Path(torch.__file__).parent
+    tb = error.__traceback__
+    while tb is not None:
+        path = Path(tb.tb_frame.f_code.co_filename)
+        if path.name in _TORCH_LOAD_FILES and path.parent == torch_dir:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the weights file `path` cannot be read ("lfs": it is a Git LFS pointer), None where it can: a safetensors
+    file's header is read, a .bin is loaded as from_pretrained loads it (torch.load(weights_only=True); memory-mapped
+    when of torch's zip format, so that a good file costs little)."""
+    import torch
+
+    with path.open("rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        return "lfs"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt"):
+                pass
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04"))
+    except Exception as e:
+        if isinstance(e, EOFError):
+            return "it ends early"
+        if path.suffix == ".safetensors" or "PytorchStreamReader" in str(e):
+            return str(e).split(". ")[0]
+        return "not a checkpoint torch.load(weights_only=True) reads"
+    return None
 
 
 @contextlib.contextmanager
 def readable_weights(folder: str | Path):
     """Around the loading of a local folder's weights (a model's, or a PEFT adapter's): a weights file that cannot be
-    read (a Git LFS pointer, as a clone without git-lfs leaves it; a file cut short by an interrupted download or copy)
-    is a ValueError naming the file, where safetensors, torch.load and pickle ended in their tracebacks (torch's
-    advising weights_only=False). `folder` not a local folder (a hub id): the error is left as it is."""
-    import pickle
-
-    from safetensors import SafetensorError
-
+    read (a Git LFS pointer, as a clone without git-lfs leaves it; a file cut short by an interrupted download or copy;
+    any file that is no checkpoint) is a ValueError naming the file, where safetensors, torch.load and pickle ended in
+    their tracebacks (torch's advising weights_only=False, or a bare KeyError of its unpickler). Other errors, and
+    those of a `folder` that is not a local folder (a hub id), are left as they are."""
     try:
         yield
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+    except Exception as e:
+        if not _raised_reading(e):
             raise
         folder = Path(folder).expanduser()
         files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHTS_READ.fullmatch(p.name)) \
             if folder.is_dir() else []
-        if not files:
+        bad = [(path, why) for path in files if (why := _unreadable(path)) is not None]
+        if not bad:
             raise
-        for path in files:
-            with path.open("rb") as f:
-                if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
-                    raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
-                                     f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
-                                     f"download ID --local-dir DIR`)") from None
-        detail = ("it ends early" if isinstance(e, EOFError) else
-                  "not a state dict torch.load(weights_only=True) reads" if isinstance(e, pickle.UnpicklingError) else
-                  str(e).split(". ")[0])
-        raise ValueError(f"{folder}: its weights ({', '.join(p.name for p in files)}) cannot be read ({detail}): "
+        for path, why in bad:
+            if why == "lfs":
+                raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
+                                 f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
+                                 f"download ID --local-dir DIR`)") from None
+        raise ValueError(f"{folder}: its weights ({', '.join(p.name for p, _ in bad)}) cannot be read ({bad[0][1]}): "
                          f"a file cut short or corrupted (an interrupted download or copy?); fetch or save it "
                          f"again") from None
 
