@@ -326,32 +326,60 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+def _weights_folder(ref: str | Path, revision: str | None) -> Path | None:
+    """The folder holding the weights of `ref`: a local folder, or a hub repo's snapshot in the local Hugging Face
+    cache at `revision` (its main branch where None), found without a request; None where there is none."""
+    folder = Path(str(ref)).expanduser()
+    if folder.is_dir():
+        return folder
+    if is_local_ref(str(ref)):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in ("config.json", "adapter_config.json"):
+            found = try_to_load_from_cache(str(ref), name, revision=revision)
+            if isinstance(found, str):
+                return Path(found).parent  # <cache>/models--org--name/snapshots/<commit>/config.json
+    except Exception:  # not a valid repo id: nothing cached
+        return None
+    return None
+
+
 @contextlib.contextmanager
-def readable_weights(folder: str | Path):
-    """Around the loading of a local folder's weights (a model's, or a PEFT adapter's): a weights file that cannot be
-    read (a Git LFS pointer, as a clone without git-lfs leaves it; a file cut short by an interrupted download or copy;
-    any file that is no checkpoint) is a ValueError naming the file, where safetensors, torch.load and pickle ended in
-    their tracebacks (torch's advising weights_only=False, or a bare KeyError of its unpickler). Other errors, and
-    those of a `folder` that is not a local folder (a hub id), are left as they are."""
+def readable_weights(ref: str | Path, revision: str | None = None):
+    """Around the loading of the weights of `ref` (a model's or a PEFT adapter's: a local folder, or a hub repo read
+    from the local Hugging Face cache at `revision`): a weights file that cannot be read (a Git LFS pointer, as a
+    clone without git-lfs leaves it; a file cut short by an interrupted download or copy; any file that is no
+    checkpoint) is a ValueError naming the file, where safetensors, torch.load and pickle ended in their tracebacks
+    (torch's advising weights_only=False, or a bare KeyError of its unpickler). Other errors, and those of a ref with
+    no weights here, are left as they are."""
     try:
         yield
     except Exception as e:
         if not _raised_reading(e):
             raise
-        folder = Path(folder).expanduser()
+        folder = _weights_folder(ref, revision)
         files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHTS_READ.fullmatch(p.name)) \
-            if folder.is_dir() else []
+            if folder is not None else []
         bad = [(path, why) for path in files if (why := _unreadable(path)) is not None]
         if not bad:
             raise
+        hub = folder != Path(str(ref)).expanduser()  # (a hub repo's copy in the cache)
+        download = f"`hf download {ref}{f' --revision {revision}' if revision else ''} --force-download`"
         for path, why in bad:
+            if why == "lfs" and hub:
+                raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (the copy of {ref} in "
+                                 f"the Hugging Face cache): download them again ({download}); where the repo itself "
+                                 f"holds the pointer, its owner must upload the weights with git-lfs") from None
             if why == "lfs":
                 raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
                                  f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
                                  f"download ID --local-dir DIR`)") from None
-        raise ValueError(f"{folder}: its weights ({', '.join(p.name for p, _ in bad)}) cannot be read ({bad[0][1]}): "
-                         f"a file cut short or corrupted (an interrupted download or copy?); fetch or save it "
-                         f"again") from None
+        where = f"{ref} (its copy in the Hugging Face cache, {folder})" if hub else str(folder)
+        again = f"download it again ({download})" if hub else "fetch or save it again"
+        raise ValueError(f"{where}: its weights ({', '.join(p.name for p, _ in bad)}) cannot be read ({bad[0][1]}): "
+                         f"a file cut short or corrupted (an interrupted download or copy?); {again}") from None
 
 
 def _adapter_not_model(what: str, text: str) -> str:
@@ -369,7 +397,7 @@ def load_model_not_adapter(ref: str | Path, what: str = "model", **kwargs) -> Pr
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     try:
-        with readable_weights(ref):
+        with readable_weights(ref, kwargs.get("revision")):
             model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except OSError:
         if adapter_config_file(ref) is not None:
@@ -534,7 +562,7 @@ def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
     tokens, zoo eval scored them, behind transformers' load report alone."""
     from transformers import AutoModelForCausalLM
 
-    with readable_weights(ref):
+    with readable_weights(ref, kwargs.get("revision")):
         model, info = AutoModelForCausalLM.from_pretrained(ref, output_loading_info=True, **kwargs)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and embedding is not None and head.weight is not embedding.weight:
