@@ -1239,6 +1239,32 @@ def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("to_format", [None, "mamba_ssm"])
+@pytest.mark.parametrize("foreign", ['{"editor": {"tabSize": 4}, "name": "my project"}', "[1, 2]", "not json"],
+                         ids=["other-object", "list", "invalid"])
+def test_convert_into_a_folder_whose_config_json_is_not_a_models_is_refused_and_writes_nothing(tmp_path, capsys,
+                                                                                                to_format, foreign):
+    # zoo convert SRC DST (and save_model_folder, zoo graft) into an existing folder holding another tool's
+    # config.json replaced it with the model's without a word, as it replaces an earlier save's
+    torch.manual_seed(0)
+    ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).save_pretrained(tmp_path / "src")
+    dst = tmp_path / "project"
+    dst.mkdir()
+    (dst / "config.json").write_text(foreign)
+    (dst / "notes.txt").write_text("mine")
+    argv = [str(tmp_path / "src"), str(dst)] + (["--to", to_format] if to_format else [])
+    with pytest.raises(ValueError, match=r"holds a config.json that is not a model's config .*which the model saved "
+                                         r"here would replace"):
+        main(argv)
+    assert (dst / "config.json").read_text() == foreign and sorted(p.name for p in dst.iterdir()) == \
+        ["config.json", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "src"]  # nor written beside it
+    (dst / "config.json").unlink()  # a folder of other files alone is written into, its files kept
+    main(argv)
+    assert "notes.txt" in {p.name for p in dst.iterdir()} and detect_format(dst) == (to_format or "zoo")
+    main(argv)  # and so is an earlier save's folder
+
+
 MHA_MAPPABLE = {"num_heads": 4, "causal": True, "qkv_proj_bias": False, "out_proj_bias": False, "rotary_emb_dim": 8}
 MAMBA_SSM_UNMAPPABLE = [
     ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "d_ssm": 32}}, "d_ssm"),

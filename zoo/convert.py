@@ -37,6 +37,7 @@ from torch import nn
 from zoo.config import ZooConfig
 from zoo.hub import (
     check_model_ref,
+    check_save_folder,
     json_object,
     load_folder_tokenizer,
     readable_weights,
@@ -1177,6 +1178,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
         raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
     if Path(dst).exists() and not Path(dst).is_dir():
         raise ValueError(f"the destination {dst} is a file; give a folder to write the converted checkpoint to")
+    check_save_folder(dst)  # (a config.json not of a model, or an adapter: refused before the model is loaded)
     tok = require_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
     if to_format is None:
         model = load_as_zoo(src, from_format)

@@ -191,16 +191,36 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     return write_folder(folder, write, tokenizer)
 
 
+def check_save_folder(folder: str | Path) -> None:
+    """Raise ValueError where a model saved into the folder `folder` (by `write_folder`) would be loaded wrong or
+    would replace files of something else: a folder holding a PEFT adapter (transformers would apply it to the model
+    written there), or a config.json that is not a model's (no model_type, nor mamba_ssm's d_model and n_layer: a
+    project's or a tool's, or no JSON object at all), which the save replaced without a word. A folder of no such file
+    (a new one, an earlier save's, one of other files) is written into."""
+    folder = Path(folder).expanduser()
+    if (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json): transformers' from_pretrained loads an "
+                         f"adapter it finds in a model's folder on top of that model, so the model saved here would "
+                         f"load with the adapter's changes; save it to another folder, or delete the adapter's files")
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):  # (invalid JSON, or not text)
+            data = None
+        if not (isinstance(data, dict) and ("model_type" in data or {"d_model", "n_layer"} <= set(data))):
+            raise ValueError(f"{folder} holds a config.json that is not a model's config (no model_type, nor "
+                             f"mamba_ssm's d_model and n_layer), which the model saved here would replace; save it to "
+                             f"another folder (a new one, or an earlier save's), or move that config.json out")
+
+
 def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: Any = None) -> Path:
     """Write a folder through `write(target)` (and `tokenizer.save_pretrained`) beside `folder`, then move it in:
     a new folder appears only when complete; into an existing one, the weight files `write` did not write go (and
     its tokenizer files when `tokenizer` is given; without one they stay, with a warning), other files stay. A folder
-    holding a PEFT adapter is refused: transformers would apply it to the model written there."""
+    holding a PEFT adapter or a config.json not of a model is refused (`check_save_folder`)."""
     folder = Path(folder).expanduser()
-    if (folder / "adapter_config.json").is_file():  # (checked before anything is written)
-        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json): transformers' from_pretrained loads an "
-                         f"adapter it finds in a model's folder on top of that model, so the model saved here would "
-                         f"load with the adapter's changes; save it to another folder, or delete the adapter's files")
+    check_save_folder(folder)  # (before anything is written)
     # the folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
     # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
     target = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -619,7 +639,7 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return model, load_folder_tokenizer(folder)
 
 
-__all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "holds_tokenizer",
-           "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer", "load_model_folder",
-           "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer", "save_model_folder",
-           "shard_size", "tokenizer_source", "write_folder"]
+__all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "check_save_folder",
+           "holds_tokenizer", "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer",
+           "load_model_folder", "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer",
+           "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
