@@ -1280,6 +1280,27 @@ def test_a_model_folder_whose_weights_cannot_be_read_is_refused_in_one_line(tiny
     assert re.search(rf"^zoo {command}[a-z ]*: (error: )?{named}", err, re.MULTILINE), err
 
 
+@pytest.mark.parametrize("command", ["generate", "convert"])
+def test_a_model_folder_whose_shards_index_is_not_json_is_refused_naming_the_index(tmp_path, capsys, monkeypatch,
+                                                                                  command):
+    # a model.safetensors.index.json cut short or edited by hand ended zoo generate, eval, train, finetune and convert
+    # in json's message alone ("zoo generate: Expecting property name enclosed in double quotes: line 1 column 2"),
+    # naming no file
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    folder = tmp_path / "sharded"
+    save_model_folder(AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)), folder, "byte",
+                      max_shard_size="50KB")
+    index = folder / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:40])
+    argv = {"generate": ["generate", str(folder), "hi", "--max-new-tokens", "2", "--device", "cpu"],
+            "convert": ["convert", str(folder), str(tmp_path / "out")]}[command]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback (most recent call last)" not in err, err
+    assert f"\nzoo {command}: {index}: not valid JSON (" in f"\n{err}", err
+
+
 @pytest.mark.parametrize("damage, message", [(_weights_lfs_pointer, r"/model.safetensors is a Git LFS pointer, not the "
                                                                     r"weights it stands for \(the copy of someone/tiny "
                                                                     r"in the Hugging Face cache\).*hf download "

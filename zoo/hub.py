@@ -372,11 +372,16 @@ def readable_weights(ref: str | Path, revision: str | None = None):
     from the local Hugging Face cache at `revision`): a weights file that cannot be read (a Git LFS pointer, as a
     clone without git-lfs leaves it; a file cut short by an interrupted download or copy; any file that is no
     checkpoint) is a ValueError naming the file, where safetensors, torch.load and pickle ended in their tracebacks
-    (torch's advising weights_only=False, or a bare KeyError of its unpickler). Other errors, and those of a ref with
-    no weights here, are left as they are."""
+    (torch's advising weights_only=False, or a bare KeyError of its unpickler), and so is a shards' index
+    (model.safetensors.index.json, ...) that is no JSON object, where json's message named no file. Other errors,
+    and those of a ref with no weights here, are left as they are."""
     try:
         yield
     except Exception as e:
+        if isinstance(e, json.JSONDecodeError) and (folder := _weights_folder(ref, revision)) is not None:
+            for index in sorted(folder.glob("*.index.json")):
+                if _WEIGHT_FILE.fullmatch(index.name):
+                    json_object(index, "a weights index (a JSON object)", "fetch or save the model again")
         if not _raised_reading(e):
             raise
         folder = _weights_folder(ref, revision)
