@@ -1429,6 +1429,24 @@ def test_a_weights_file_that_cannot_be_read_is_named(fmt, damage, message, tmp_p
             load_mamba_ssm(src)
 
 
+def test_the_download_command_an_error_advises_is_one_huggingface_hub_installs(tmp_path, monkeypatch):
+    # the advice for a hub id given as zoo convert's source, and for a Git LFS pointer in place of the weights, was
+    # `huggingface-cli download ...`, a command huggingface_hub no longer installs (its CLI is `hf` since 1.0)
+    import importlib.metadata
+
+    scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")
+               if e.value.startswith("huggingface_hub")}
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).save_pretrained(tmp_path / "src")
+    _lfs_pointer(tmp_path / "src" / "model.safetensors")
+    for src in ("org/nosuch", tmp_path / "src"):
+        with pytest.raises(ValueError) as e:
+            convert(src, tmp_path / "out")
+        commands = re.findall(r"`(\S+) download ", str(e.value))
+        assert commands and set(commands) <= scripts, (str(e.value), scripts)
+
+
 def test_a_folder_holding_a_peft_adapter_beside_its_model_is_refused(tmp_path):
     # from_pretrained applies an adapter_config.json it finds in the folder: load_as_zoo (zoo convert, zoo graft) gave a
     # model with LoRA layers, which zoo convert then failed to save ("The version of PEFT ...") or, for a transformers

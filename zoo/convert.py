@@ -1167,7 +1167,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     check_model_ref(src, what="source")
     if not Path(src).expanduser().is_dir():  # a hub id or a mistyped path: the tokenizer lookup went to the hub
         raise ValueError(f"source: {str(src)!r}: no such model folder; zoo convert reads a local folder (a hub "
-                         f"model: download it first, e.g. `huggingface-cli download ID --local-dir DIR`)")
+                         f"model: download it first, e.g. `hf download ID --local-dir DIR`)")
     src, dst = Path(src).expanduser(), Path(dst).expanduser()  # ('~/out' quoted: a folder named '~' in the cwd)
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")

@@ -399,7 +399,7 @@ def readable_weights(ref: str | Path, revision: str | None = None):
                                  f"holds the pointer, its owner must upload the weights with git-lfs") from None
             if why == "lfs":
                 raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
-                                 f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
+                                 f"without git-lfs): fetch them (`git lfs pull` in the clone, or `hf "
                                  f"download ID --local-dir DIR`)") from None
         where = f"{ref} (its copy in the Hugging Face cache, {folder})" if hub else str(folder)
         again = f"download it again ({download})" if hub else "fetch or save it again"
