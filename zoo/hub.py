@@ -367,14 +367,16 @@ def _weights_folder(ref: str | Path, revision: str | None) -> Path | None:
 
 
 @contextlib.contextmanager
-def readable_weights(ref: str | Path, revision: str | None = None):
+def readable_weights(ref: str | Path, revision: str | None = None, *, names: re.Pattern = _WEIGHTS_READ,
+                     fix: str = "fetch or save it again"):
     """Around the loading of the weights of `ref` (a model's or a PEFT adapter's: a local folder, or a hub repo read
     from the local Hugging Face cache at `revision`): a weights file that cannot be read (a Git LFS pointer, as a
     clone without git-lfs leaves it; a file cut short by an interrupted download or copy; any file that is no
     checkpoint) is a ValueError naming the file, where safetensors, torch.load and pickle ended in their tracebacks
     (torch's advising weights_only=False, or a bare KeyError of its unpickler), and so is a shards' index
     (model.safetensors.index.json, ...) that is no JSON object, where json's message named no file. Other errors,
-    and those of a ref with no weights here, are left as they are."""
+    and those of a ref with no weights here, are left as they are. `names`: the names of the files checked (a model's
+    or an adapter's weights); `fix`: the advice for a local file that cannot be read."""
     try:
         yield
     except Exception as e:
@@ -385,7 +387,7 @@ def readable_weights(ref: str | Path, revision: str | None = None):
         if not _raised_reading(e):
             raise
         folder = _weights_folder(ref, revision)
-        files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHTS_READ.fullmatch(p.name)) \
+        files = sorted(p for p in folder.iterdir() if p.is_file() and names.fullmatch(p.name)) \
             if folder is not None else []
         bad = [(path, why) for path in files if (why := _unreadable(path)) is not None]
         if not bad:
@@ -402,7 +404,7 @@ def readable_weights(ref: str | Path, revision: str | None = None):
                                  f"without git-lfs): fetch them (`git lfs pull` in the clone, or `hf "
                                  f"download ID --local-dir DIR`)") from None
         where = f"{ref} (its copy in the Hugging Face cache, {folder})" if hub else str(folder)
-        again = f"download it again ({download})" if hub else "fetch or save it again"
+        again = f"download it again ({download})" if hub else fix
         raise ValueError(f"{where}: its weights ({', '.join(p.name for p, _ in bad)}) cannot be read ({bad[0][1]}): "
                          f"a file cut short or corrupted (an interrupted download or copy?); {again}") from None
 
