@@ -586,7 +586,8 @@ def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, refused (ValueError) where the checkpoint holds no
     weights for its LM head, untied from the input embedding: a sequence classifier's folder (its `score` in place of
     the head) or a base model's (ZooModel) loaded with a newly initialized lm_head, and zoo generate printed random
-    tokens, zoo eval scored them, behind transformers' load report alone."""
+    tokens, zoo eval scored them, behind transformers' load report alone; and so is a checkpoint that lacks any other
+    of the model's weights."""
     from transformers import AutoModelForCausalLM
 
     with readable_weights(ref, kwargs.get("revision")):
@@ -600,6 +601,12 @@ def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
             raise ValueError(f"{ref} holds no weights for the causal LM's output layer {missing[0]}{what}: loaded as "
                              f"a causal LM its {missing[0]} would be newly initialized, and its tokens random; give a "
                              f"causal LM's checkpoint")
+    # any other weight the checkpoint lacks (a shard or a key lost, another version's layout): newly initialized too,
+    # and zoo generate and zoo eval ran the model with it behind transformers' load report alone
+    if missing := sorted(str(k) for k in info.get("missing_keys") or ()):
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"{ref} holds no weights for {shown}: loaded, they would be newly initialized and the model's "
+                         f"output random; give a complete checkpoint of the model its config.json describes")
     return model
 
 
