@@ -1239,6 +1239,32 @@ def test_mamba_ssm_export_over_a_model_folder_leaves_no_stale_weights(tmp_path):
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("to_format", [None, "mamba_ssm"])
+@pytest.mark.parametrize("foreign", ['{"editor": {"tabSize": 4}, "name": "my project"}', "[1, 2]", "not json"],
+                         ids=["other-object", "list", "invalid"])
+def test_convert_into_a_folder_whose_config_json_is_not_a_models_is_refused_and_writes_nothing(tmp_path, capsys,
+                                                                                                to_format, foreign):
+    # zoo convert SRC DST (and save_model_folder, zoo graft) into an existing folder holding another tool's
+    # config.json replaced it with the model's without a word, as it replaces an earlier save's
+    torch.manual_seed(0)
+    ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).save_pretrained(tmp_path / "src")
+    dst = tmp_path / "project"
+    dst.mkdir()
+    (dst / "config.json").write_text(foreign)
+    (dst / "notes.txt").write_text("mine")
+    argv = [str(tmp_path / "src"), str(dst)] + (["--to", to_format] if to_format else [])
+    with pytest.raises(ValueError, match=r"holds a config.json that is not a model's config .*which the model saved "
+                                         r"here would replace"):
+        main(argv)
+    assert (dst / "config.json").read_text() == foreign and sorted(p.name for p in dst.iterdir()) == \
+        ["config.json", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "src"]  # nor written beside it
+    (dst / "config.json").unlink()  # a folder of other files alone is written into, its files kept
+    main(argv)
+    assert "notes.txt" in {p.name for p in dst.iterdir()} and detect_format(dst) == (to_format or "zoo")
+    main(argv)  # and so is an earlier save's folder
+
+
 MHA_MAPPABLE = {"num_heads": 4, "causal": True, "qkv_proj_bias": False, "out_proj_bias": False, "rotary_emb_dim": 8}
 MAMBA_SSM_UNMAPPABLE = [
     ({"ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "d_ssm": 32}}, "d_ssm"),
@@ -1376,12 +1402,15 @@ def _lfs_pointer(path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["hf-mamba", "zoo", "mamba_ssm"])
 @pytest.mark.parametrize("damage,message", [(_lfs_pointer, "is a Git LFS pointer, not the weights"),
                                             (_cut_short, "cannot be read .*cut short or corrupted"),
-                                            (lambda path: path.write_bytes(b""), "cannot be read")],
-                         ids=["lfs-pointer", "cut-short", "empty"])
+                                            (lambda path: path.write_bytes(b""), "cannot be read"),
+                                            (lambda path: path.write_text("not the weights\n" * 10), "cannot be read")],
+                         ids=["lfs-pointer", "cut-short", "empty", "other-bytes"])
 def test_a_weights_file_that_cannot_be_read_is_named(fmt, damage, message, tmp_path):
     # a clone without git-lfs (pointer files in place of the weights) or an interrupted download ended in
     # safetensors' SafetensorError, torch's RuntimeError (PytorchStreamReader), EOFError or pickle's UnpicklingError
     # (advising weights_only=False), each a traceback naming no file
+    # (a pytorch_model.bin of other bytes, text here, in a bare "KeyError: 101" of torch.load's unpickler, from
+    # load_mamba_ssm too)
     torch.manual_seed(0)
     model = ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml"))
     src = tmp_path / "src"
@@ -1395,6 +1424,27 @@ def test_a_weights_file_that_cannot_be_read_is_named(fmt, damage, message, tmp_p
     with pytest.raises(ValueError, match=message):
         convert(src, tmp_path / "dst")
     assert not (tmp_path / "dst").exists()
+    if fmt == "mamba_ssm":
+        with pytest.raises(ValueError, match=message):
+            load_mamba_ssm(src)
+
+
+def test_the_download_command_an_error_advises_is_one_huggingface_hub_installs(tmp_path, monkeypatch):
+    # the advice for a hub id given as zoo convert's source, and for a Git LFS pointer in place of the weights, was
+    # `huggingface-cli download ...`, a command huggingface_hub no longer installs (its CLI is `hf` since 1.0)
+    import importlib.metadata
+
+    scripts = {e.name for e in importlib.metadata.entry_points(group="console_scripts")
+               if e.value.startswith("huggingface_hub")}
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ZooForCausalLM(ZooConfig.from_yaml(CONFIGS / "mamba-tiny.yaml")).save_pretrained(tmp_path / "src")
+    _lfs_pointer(tmp_path / "src" / "model.safetensors")
+    for src in ("org/nosuch", tmp_path / "src"):
+        with pytest.raises(ValueError) as e:
+            convert(src, tmp_path / "out")
+        commands = re.findall(r"`(\S+) download ", str(e.value))
+        assert commands and set(commands) <= scripts, (str(e.value), scripts)
 
 
 def test_a_folder_holding_a_peft_adapter_beside_its_model_is_refused(tmp_path):

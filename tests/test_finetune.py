@@ -1777,6 +1777,25 @@ def test_a_multi_process_launch_that_accelerate_runs_as_lone_processes_is_refuse
     assert not (tmp_path / "out").exists(), "refused before anything is written"
 
 
+@pytest.mark.parametrize("damaged", ["state.pt", "rng-0.pt"])
+def test_a_checkpoint_whose_file_is_cut_short_is_refused_naming_it(tmp_path, damaged):
+    # a finetune checkpoint copied in part (or corrupted) ended the resumed run in torch's "RuntimeError:
+    # PytorchStreamReader failed reading zip archive: failed finding central directory", naming no file
+    import types
+
+    from zoo.finetune import _CHECKPOINT, _load_checkpoint
+
+    stamp = {"phase": "finetune"}
+    torch.save({"stamp": stamp, "step": 4, "window": [], "params": {}, "optimizer": {}, "log": []},
+               tmp_path / _CHECKPOINT)
+    torch.save({"cpu": torch.get_rng_state(), "cuda": None, "step": 4}, tmp_path / "rng-0.pt")
+    (tmp_path / damaged).write_bytes((tmp_path / damaged).read_bytes()[:500])
+    accelerator = types.SimpleNamespace(process_index=0, print=print)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))}: its weights \({damaged}\) cannot be read "
+                                         rf".*remove {re.escape(str(tmp_path))} to start the phase over"):
+        _load_checkpoint(tmp_path, stamp, accelerator, "finetune")
+
+
 def test_a_checkpoint_whose_rng_file_is_of_another_step_resumes_with_a_warning(tmp_path):
     """Each process writes its RNG file before the main process renames the checkpoint into place; a run killed
     between the two left RNG states of a later step than the weights, and the resume restored them silently (other

@@ -427,6 +427,27 @@ def test_a_resume_from_another_runs_checkpoint_into_a_run_directory_with_checkpo
     assert result.step == 3 and result.checkpoint.parent == tmp_path / "branch" / "run" / "checkpoints"
 
 
+@pytest.mark.parametrize("model, damaged", [(LLAMA, "accelerate/model.safetensors"),
+                                            (LLAMA, "accelerate/optimizer.bin"),
+                                            ("configs/models/mamba-tiny.yaml", "model/model.safetensors")],
+                         ids=["accelerate-weights", "optimizer", "zoo-model-weights"])
+def test_a_resume_from_a_checkpoint_whose_file_is_cut_short_is_refused_naming_it(tmp_path, model, damaged):
+    # a checkpoint copied in part (or corrupted) ended --resume in safetensors' "SafetensorError: Error while
+    # deserializing header: incomplete metadata" or torch's "RuntimeError: PytorchStreamReader failed reading zip
+    # archive", naming no file: in accelerate's load_state, or (a zoo model) in resume_weight_changes before it
+    sections = {"checkpoint": {"every": 2}, "schedule": {"warmup_steps": 1}}
+    run = run_dict(tmp_path, train={"max_steps": 2}, **sections)
+    run["model"] = model
+    train(config_from_dict(run))
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    path = checkpoint / damaged
+    path.write_bytes(path.read_bytes()[:3000])
+    run["train"]["max_steps"] = 3
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path.parent))}: its weights \({path.name}\) cannot be "
+                                         rf"read .*resume from another checkpoint of the run"):
+        train(config_from_dict(run), resume="auto")
+
+
 def test_atomic_checkpoint_survives_a_kill_mid_write(tmp_path):
     from transformers import AutoModelForCausalLM
 

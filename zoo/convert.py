@@ -37,6 +37,7 @@ from torch import nn
 from zoo.config import ZooConfig
 from zoo.hub import (
     check_model_ref,
+    check_save_folder,
     json_object,
     load_folder_tokenizer,
     readable_weights,
@@ -1049,11 +1050,12 @@ def load_mamba_ssm(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     config = _folder_config(folder)
     # the bin first, as mamba_ssm reads the folder: beside a model.safetensors of another save (save_mamba_ssm into
     # a folder an hf export had written) the safetensors were read, another model's weights under this config
-    if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    with readable_weights(folder):  # (a file that is no checkpoint: a ValueError naming it, not torch's traceback)
+        if not (folder / "pytorch_model.bin").is_file() and (folder / "model.safetensors").is_file():
+            from safetensors.torch import load_file
 
-        return config, load_file(folder / "model.safetensors")
-    return config, torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            return config, load_file(folder / "model.safetensors")
+        return config, torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
 def _write_mamba_ssm(config: dict[str, Any], state: dict[str, torch.Tensor], folder: Path) -> None:
@@ -1136,9 +1138,7 @@ def load_as_zoo(folder: str | Path, fmt: str | None = None) -> ZooForCausalLM:
         _refuse_partial_load(fmt, folder, "ZooForCausalLM", info)
         return model.eval()
     if fmt == "mamba_ssm":
-        with readable_weights(folder):
-            loaded = load_mamba_ssm(folder)
-        return from_mamba_ssm(*loaded)
+        return from_mamba_ssm(*load_mamba_ssm(folder))
     if fmt not in _IMPORTERS:
         raise ValueError(f"--from: unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     off = {"rescale_prenorm_residual": False} if fmt in _RESCALED_ON_LOAD else {}
@@ -1167,7 +1167,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
     check_model_ref(src, what="source")
     if not Path(src).expanduser().is_dir():  # a hub id or a mistyped path: the tokenizer lookup went to the hub
         raise ValueError(f"source: {str(src)!r}: no such model folder; zoo convert reads a local folder (a hub "
-                         f"model: download it first, e.g. `huggingface-cli download ID --local-dir DIR`)")
+                         f"model: download it first, e.g. `hf download ID --local-dir DIR`)")
     src, dst = Path(src).expanduser(), Path(dst).expanduser()  # ('~/out' quoted: a folder named '~' in the cwd)
     if from_format and to_format:
         raise ValueError("pass one of --from (into the zoo) and --to (out of the zoo), not both")
@@ -1178,6 +1178,7 @@ def convert(src: str | Path, dst: str | Path, *, from_format: str | None = None,
         raise ValueError(f"the destination {dst} is the source folder; write the converted checkpoint elsewhere")
     if Path(dst).exists() and not Path(dst).is_dir():
         raise ValueError(f"the destination {dst} is a file; give a folder to write the converted checkpoint to")
+    check_save_folder(dst)  # (a config.json not of a model, or an adapter: refused before the model is loaded)
     tok = require_tokenizer(tokenizer) if tokenizer else load_folder_tokenizer(src)
     if to_format is None:
         model = load_as_zoo(src, from_format)

@@ -1080,7 +1080,12 @@ def _load_checkpoint(folder: Path | None, stamp: Any, accelerator, desc: str) ->
     file = folder / _CHECKPOINT if folder is not None else None
     if file is None or not file.is_file():
         return None
-    saved = torch.load(file, map_location="cpu", weights_only=True)
+    from zoo.hub import readable_weights
+
+    # (a file copied in part or corrupted: torch's traceback, naming no file)
+    unreadable = {"names": re.compile(r"state\.pt|rng-\d+\.pt"), "fix": f"remove {folder} to start the phase over"}
+    with readable_weights(folder, **unreadable):
+        saved = torch.load(file, map_location="cpu", weights_only=True)
     now = json.loads(json.dumps(stamp))
     if saved.get("stamp") != now:
         # which settings differ: a jsonl file only touched (copied, checked out) or an older version's checkpoint was
@@ -1101,7 +1106,8 @@ def _load_checkpoint(folder: Path | None, stamp: Any, accelerator, desc: str) ->
                          f"{accelerator.num_processes}; the data order is per process: continue with the same number "
                          f"of processes, or remove {folder} to start the phase over")
     rng = folder / f"rng-{accelerator.process_index}.pt"
-    saved["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
+    with readable_weights(folder, **unreadable):
+        saved["rng"] = torch.load(rng, weights_only=True) if rng.is_file() else None
     if saved["rng"] is not None and saved["rng"].get("step", saved["step"]) != saved["step"]:
         # each process writes its RNG file before the main process renames the checkpoint into place: a run killed
         # between the two left RNG states of a later step than the weights, and the resumed run drew other dropout

@@ -191,16 +191,36 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     return write_folder(folder, write, tokenizer)
 
 
+def check_save_folder(folder: str | Path) -> None:
+    """Raise ValueError where a model saved into the folder `folder` (by `write_folder`) would be loaded wrong or
+    would replace files of something else: a folder holding a PEFT adapter (transformers would apply it to the model
+    written there), or a config.json that is not a model's (no model_type, nor mamba_ssm's d_model and n_layer: a
+    project's or a tool's, or no JSON object at all), which the save replaced without a word. A folder of no such file
+    (a new one, an earlier save's, one of other files) is written into."""
+    folder = Path(folder).expanduser()
+    if (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json): transformers' from_pretrained loads an "
+                         f"adapter it finds in a model's folder on top of that model, so the model saved here would "
+                         f"load with the adapter's changes; save it to another folder, or delete the adapter's files")
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text())
+        except (OSError, ValueError):  # (invalid JSON, or not text)
+            data = None
+        if not (isinstance(data, dict) and ("model_type" in data or {"d_model", "n_layer"} <= set(data))):
+            raise ValueError(f"{folder} holds a config.json that is not a model's config (no model_type, nor "
+                             f"mamba_ssm's d_model and n_layer), which the model saved here would replace; save it to "
+                             f"another folder (a new one, or an earlier save's), or move that config.json out")
+
+
 def write_folder(folder: str | Path, write: Callable[[Path], None], tokenizer: Any = None) -> Path:
     """Write a folder through `write(target)` (and `tokenizer.save_pretrained`) beside `folder`, then move it in:
     a new folder appears only when complete; into an existing one, the weight files `write` did not write go (and
     its tokenizer files when `tokenizer` is given; without one they stay, with a warning), other files stay. A folder
-    holding a PEFT adapter is refused: transformers would apply it to the model written there."""
+    holding a PEFT adapter or a config.json not of a model is refused (`check_save_folder`)."""
     folder = Path(folder).expanduser()
-    if (folder / "adapter_config.json").is_file():  # (checked before anything is written)
-        raise ValueError(f"{folder} holds a PEFT adapter (adapter_config.json): transformers' from_pretrained loads an "
-                         f"adapter it finds in a model's folder on top of that model, so the model saved here would "
-                         f"load with the adapter's changes; save it to another folder, or delete the adapter's files")
+    check_save_folder(folder)  # (before anything is written)
     # the folder is written beside it and renamed into place: a save that fails (a bad max_shard_size, a full
     # disk, an interrupt) used to leave a partly written folder that from_pretrained and --resume took for a model
     target = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
@@ -273,40 +293,120 @@ def check_model_ref(ref: str | Path, what: str = "model", adapter_ok: bool = Fal
 # the weights files a model's (or a PEFT adapter's) folder holds, which a reader of its weights may fail on
 _WEIGHTS_READ = re.compile(r"(model|pytorch_model|adapter_model)(-\d+-of-\d+)?\.(safetensors|bin)")
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+# the modules of torch.load, whose failures on a file that is no checkpoint are of no one type (pickle's
+# UnpicklingError, but a KeyError, IndexError or UnicodeDecodeError of its unpickler on text, a RuntimeError "Invalid
+# magic number" on a pickle of something else, ...)
+_TORCH_LOAD_FILES = ("serialization.py", "_weights_only_unpickler.py")
+
+
+def _raised_reading(error: BaseException) -> bool:
+    """Whether `error` is a failure of reading a weights file: safetensors' or pickle's error, or any error that
+    torch.load raised (its traceback passes through torch's serialization modules)."""
+    import pickle
+
+    import torch
+    from safetensors import SafetensorError
+
+    if isinstance(error, (SafetensorError, pickle.UnpicklingError, EOFError)):
+        return True
+    torch_dir = Path(torch.__file__).parent
+    tb = error.__traceback__
+    while tb is not None:
+        path = Path(tb.tb_frame.f_code.co_filename)
+        if path.name in _TORCH_LOAD_FILES and path.parent == torch_dir:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the weights file `path` cannot be read ("lfs": it is a Git LFS pointer), None where it can: a safetensors
+    file's header is read, a .bin is loaded as from_pretrained loads it (torch.load(weights_only=True); memory-mapped
+    when of torch's zip format, so that a good file costs little)."""
+    import torch
+
+    with path.open("rb") as f:
+        head = f.read(len(_LFS_POINTER))
+    if head == _LFS_POINTER:
+        return "lfs"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt"):
+                pass
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=head.startswith(b"PK\x03\x04"))
+    except Exception as e:
+        if isinstance(e, EOFError):
+            return "it ends early"
+        if path.suffix == ".safetensors" or "PytorchStreamReader" in str(e):
+            return str(e).split(". ")[0]
+        return "not a checkpoint torch.load(weights_only=True) reads"
+    return None
+
+
+def _weights_folder(ref: str | Path, revision: str | None) -> Path | None:
+    """The folder holding the weights of `ref`: a local folder, or a hub repo's snapshot in the local Hugging Face
+    cache at `revision` (its main branch where None), found without a request; None where there is none."""
+    folder = Path(str(ref)).expanduser()
+    if folder.is_dir():
+        return folder
+    if is_local_ref(str(ref)):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        for name in ("config.json", "adapter_config.json"):
+            found = try_to_load_from_cache(str(ref), name, revision=revision)
+            if isinstance(found, str):
+                return Path(found).parent  # <cache>/models--org--name/snapshots/<commit>/config.json
+    except Exception:  # not a valid repo id: nothing cached
+        return None
+    return None
 
 
 @contextlib.contextmanager
-def readable_weights(folder: str | Path):
-    """Around the loading of a local folder's weights (a model's, or a PEFT adapter's): a weights file that cannot be
-    read (a Git LFS pointer, as a clone without git-lfs leaves it; a file cut short by an interrupted download or copy)
-    is a ValueError naming the file, where safetensors, torch.load and pickle ended in their tracebacks (torch's
-    advising weights_only=False). `folder` not a local folder (a hub id): the error is left as it is."""
-    import pickle
-
-    from safetensors import SafetensorError
-
+def readable_weights(ref: str | Path, revision: str | None = None, *, names: re.Pattern = _WEIGHTS_READ,
+                     fix: str = "fetch or save it again"):
+    """Around the loading of the weights of `ref` (a model's or a PEFT adapter's: a local folder, or a hub repo read
+    from the local Hugging Face cache at `revision`): a weights file that cannot be read (a Git LFS pointer, as a
+    clone without git-lfs leaves it; a file cut short by an interrupted download or copy; any file that is no
+    checkpoint) is a ValueError naming the file, where safetensors, torch.load and pickle ended in their tracebacks
+    (torch's advising weights_only=False, or a bare KeyError of its unpickler), and so is a shards' index
+    (model.safetensors.index.json, ...) that is no JSON object, where json's message named no file. Other errors,
+    and those of a ref with no weights here, are left as they are. `names`: the names of the files checked (a model's
+    or an adapter's weights); `fix`: the advice for a local file that cannot be read."""
     try:
         yield
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e):
+    except Exception as e:
+        if isinstance(e, json.JSONDecodeError) and (folder := _weights_folder(ref, revision)) is not None:
+            for index in sorted(folder.glob("*.index.json")):
+                if _WEIGHT_FILE.fullmatch(index.name):
+                    json_object(index, "a weights index (a JSON object)", "fetch or save the model again")
+        if not _raised_reading(e):
             raise
-        folder = Path(folder).expanduser()
-        files = sorted(p for p in folder.iterdir() if p.is_file() and _WEIGHTS_READ.fullmatch(p.name)) \
-            if folder.is_dir() else []
-        if not files:
+        folder = _weights_folder(ref, revision)
+        files = sorted(p for p in folder.iterdir() if p.is_file() and names.fullmatch(p.name)) \
+            if folder is not None else []
+        bad = [(path, why) for path in files if (why := _unreadable(path)) is not None]
+        if not bad:
             raise
-        for path in files:
-            with path.open("rb") as f:
-                if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
-                    raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
-                                     f"without git-lfs): fetch them (`git lfs pull` in the clone, or `huggingface-cli "
-                                     f"download ID --local-dir DIR`)") from None
-        detail = ("it ends early" if isinstance(e, EOFError) else
-                  "not a state dict torch.load(weights_only=True) reads" if isinstance(e, pickle.UnpicklingError) else
-                  str(e).split(". ")[0])
-        raise ValueError(f"{folder}: its weights ({', '.join(p.name for p in files)}) cannot be read ({detail}): "
-                         f"a file cut short or corrupted (an interrupted download or copy?); fetch or save it "
-                         f"again") from None
+        hub = folder != Path(str(ref)).expanduser()  # (a hub repo's copy in the cache)
+        download = f"`hf download {ref}{f' --revision {revision}' if revision else ''} --force-download`"
+        for path, why in bad:
+            if why == "lfs" and hub:
+                raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (the copy of {ref} in "
+                                 f"the Hugging Face cache): download them again ({download}); where the repo itself "
+                                 f"holds the pointer, its owner must upload the weights with git-lfs") from None
+            if why == "lfs":
+                raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
+                                 f"without git-lfs): fetch them (`git lfs pull` in the clone, or `hf "
+                                 f"download ID --local-dir DIR`)") from None
+        where = f"{ref} (its copy in the Hugging Face cache, {folder})" if hub else str(folder)
+        again = f"download it again ({download})" if hub else fix
+        raise ValueError(f"{where}: its weights ({', '.join(p.name for p, _ in bad)}) cannot be read ({bad[0][1]}): "
+                         f"a file cut short or corrupted (an interrupted download or copy?); {again}") from None
 
 
 def _adapter_not_model(what: str, text: str) -> str:
@@ -324,7 +424,7 @@ def load_model_not_adapter(ref: str | Path, what: str = "model", **kwargs) -> Pr
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     try:
-        with readable_weights(ref):
+        with readable_weights(ref, kwargs.get("revision")):
             model = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
     except OSError:
         if adapter_config_file(ref) is not None:
@@ -486,10 +586,11 @@ def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
     """`AutoModelForCausalLM.from_pretrained(ref, **kwargs)`, refused (ValueError) where the checkpoint holds no
     weights for its LM head, untied from the input embedding: a sequence classifier's folder (its `score` in place of
     the head) or a base model's (ZooModel) loaded with a newly initialized lm_head, and zoo generate printed random
-    tokens, zoo eval scored them, behind transformers' load report alone."""
+    tokens, zoo eval scored them, behind transformers' load report alone; and so is a checkpoint that lacks any other
+    of the model's weights."""
     from transformers import AutoModelForCausalLM
 
-    with readable_weights(ref):
+    with readable_weights(ref, kwargs.get("revision")):
         model, info = AutoModelForCausalLM.from_pretrained(ref, output_loading_info=True, **kwargs)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and embedding is not None and head.weight is not embedding.weight:
@@ -500,6 +601,12 @@ def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
             raise ValueError(f"{ref} holds no weights for the causal LM's output layer {missing[0]}{what}: loaded as "
                              f"a causal LM its {missing[0]} would be newly initialized, and its tokens random; give a "
                              f"causal LM's checkpoint")
+    # any other weight the checkpoint lacks (a shard or a key lost, another version's layout): newly initialized too,
+    # and zoo generate and zoo eval ran the model with it behind transformers' load report alone
+    if missing := sorted(str(k) for k in info.get("missing_keys") or ()):
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"{ref} holds no weights for {shown}: loaded, they would be newly initialized and the model's "
+                         f"output random; give a complete checkpoint of the model its config.json describes")
     return model
 
 
@@ -546,7 +653,7 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
     return model, load_folder_tokenizer(folder)
 
 
-__all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "holds_tokenizer",
-           "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer", "load_model_folder",
-           "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer", "save_model_folder",
-           "shard_size", "tokenizer_source", "write_folder"]
+__all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "check_save_folder",
+           "holds_tokenizer", "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer",
+           "load_model_folder", "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer",
+           "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]

@@ -1547,6 +1547,17 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
     return f"--resume: {'; '.join(what)}. This resume is not exact: documents may be read twice or not at all"
 
 
+# the files of a checkpoint's model/ and accelerate/ folders that torch.load or safetensors reads (accelerate's
+# random_states_*.pkl is read with weights_only=False: not checked as weights)
+_CHECKPOINT_FILES = re.compile(r".+\.(safetensors|bin|pt)")
+
+
+def _resume_elsewhere(checkpoint: str | Path) -> str:
+    """The advice where a file of the checkpoint `checkpoint` cannot be read (copied in part, or corrupted)."""
+    return (f"resume from another checkpoint of the run (--resume {Path(checkpoint).parent}/{CHECKPOINT_PREFIX}...), "
+            f"or copy this one again")
+
+
 def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
     """Raises ValueError, naming the weights, when the checkpoint's model (the headers of its model/*.safetensors)
     and `model` differ in a weight's name or shape: the run's model was changed behind a path that resume_changes
@@ -1556,13 +1567,16 @@ def resume_weight_changes(checkpoint: str | Path, model: nn.Module) -> None:
     not checked."""
     from safetensors import safe_open
 
+    from zoo.hub import readable_weights
+
     files = sorted((Path(checkpoint) / "model").glob("*.safetensors"))
     if not files or getattr(getattr(model, "config", None), "model_type", None) != "zoo":
         return
     saved: dict[str, list[int]] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            saved |= {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
+    with readable_weights(Path(checkpoint) / "model", names=_CHECKPOINT_FILES, fix=_resume_elsewhere(checkpoint)):
+        for f in files:
+            with safe_open(str(f), framework="pt") as sf:
+                saved |= {k: list(sf.get_slice(k).get_shape()) for k in sf.keys()}
     now = model.state_dict()
     stored = {now[k].data_ptr() for k in now if k in saved}
     lines = [f"{k}: {saved[k]} -> {list(now[k].shape)}" for k in sorted(saved.keys() & now.keys())
@@ -2071,8 +2085,12 @@ def train(cfg: TrainConfig, resume: str | None = None,
             accelerator.print(f"--resume: {start_ckpt} holds no fp16 loss scale (its run trained in {was}): the loss "
                               f"scale starts at its initial value")
             accelerator.scaler = None
+        from zoo.hub import readable_weights
+
         try:
-            accelerator.load_state(str(start_ckpt / "accelerate"))
+            with readable_weights(start_ckpt / "accelerate", names=_CHECKPOINT_FILES,
+                                  fix=_resume_elsewhere(start_ckpt)):  # (a cut file: safetensors' or torch's traceback)
+                accelerator.load_state(str(start_ckpt / "accelerate"))
         except ValueError as e:  # torch's optimizer: the weight-decay groups hold other numbers of parameters
             if "parameter group" not in str(e):
                 raise
