@@ -923,6 +923,20 @@ def test_a_training_from_its_first_step_drops_the_steps_an_earlier_invocation_ti
     assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
 
 
+def test_a_trained_checkpoint_cut_short_is_refused_naming_its_file(tmp_path):
+    # a model folder whose weights were cut short (a full disk, a copy): the evaluation phases ended in safetensors'
+    # traceback, naming no file
+    from zoo.compare import _load_trained
+
+    model = AutoModelForCausalLM.from_config(ZooConfig(d_model=32, n_layers=1, vocab_size=64,
+                                                       mixers={"M": {"type": "mamba"}}, layers="M"))
+    model.save_pretrained(tmp_path / "ckpt" / "model")
+    weights = tmp_path / "ckpt" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*--force"):
+        _load_trained(tmp_path / "ckpt", torch.device("cpu"))
+
+
 def test_accounting_only_needs_no_training(tmp_path, capsys):
     out = tmp_path / "acc"
     assert main([str(ROOT / "configs" / "compare" / "130m.yaml"), f"--output_dir={out}", "--accounting-only"]) == 0

@@ -1419,11 +1419,18 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
 
 
 def _load_trained(checkpoint: str | Path, device: torch.device):
+    """A model's trained weights (its final checkpoint's model folder) on `device`; a weights file there that cannot
+    be read (cut short by a full disk or a copy) is refused naming it, where safetensors' traceback named none."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401
+    from zoo.hub import readable_weights
 
-    return AutoModelForCausalLM.from_pretrained(str(Path(checkpoint) / "model"), dtype=torch.float32).to(device).eval()
+    folder = Path(checkpoint) / "model"
+    with readable_weights(folder, fix="rerun the comparison with --force (and --only for this model) to train it "
+                                      "again"):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return model.to(device).eval()
 
 
 @torch.no_grad()
