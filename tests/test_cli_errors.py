@@ -531,6 +531,15 @@ def test_train_resume_without_a_config_names_the_runs_own(tmp_path, capsys):
     assert capsys.readouterr().err.rstrip().endswith("the following arguments are required: config")
 
 
+def test_train_usage_shows_the_config_as_required(capsys):
+    # `zoo train --help` and every usage error printed `zoo train [-h] [--resume [DIR]] [config]`, the config in
+    # brackets as if optional, where the README's `zoo train CONFIG` and the command itself require it
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "[config]" not in usage and re.search(r"zoo train \[-h\] config\b", usage), usage
+
+
 @pytest.mark.parametrize("args, message", [(["--steps", "0"], "--steps must be at least 1"),
                                            # AdamW's message named no option
                                            (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),

@@ -2409,6 +2409,8 @@ def main(argv: list[str] | None = None) -> int:
     """``zoo train CONFIG [--section.field=value ...] [--resume [DIR]]`` (also scripts/train.py)."""
     parser = argparse.ArgumentParser(
         prog="zoo train", allow_abbrev=False,
+        # config is nargs="?" only so that `--resume CONFIG` can hand it back; it is required
+        usage="zoo train [-h] config [--section.field=value ...] [--resume [DIR]]",
         description="Pretrain a causal LM under accelerate. Overrides: --section.field=value "
                     "(e.g. --train.max_steps=100 --data.seq_len=512 --output_dir=runs/x).")
     parser.add_argument("config", nargs="?", help="run config YAML (configs/train/*.yaml), or a packaged one's name")
