@@ -653,6 +653,25 @@ def test_a_device_backend_torch_lacks_is_one_line(tiny_folder, capsys, monkeypat
     assert e.value.code == 2 and "zoo generate: " in err and "mps" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("cuda, hip, why", [
+    ("12.8", None, "no GPU is visible"),
+    (None, "6.4.0", "no GPU is visible"),
+    (None, None, "is built without CUDA"),
+], ids=["cuda-build", "rocm-build", "cpu-build"])
+def test_a_cuda_device_on_a_torch_built_for_gpus_that_sees_none_says_no_gpu_is_visible(monkeypatch, cuda, hip, why):
+    # a ROCm build (torch.version.cuda None, torch.version.hip set: its GPUs run as cuda) that saw no GPU was said to
+    # be "built without CUDA", sending its user to reinstall a torch that runs them
+    import torch
+
+    from zoo.eval.common import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    with pytest.raises(ValueError, match=rf"^--device 'cuda': torch sees no CUDA device \(.*{why}"):
+        resolve_device("cuda")
+
+
 @pytest.mark.parametrize("gpus, device, message", [
     (2, "cuda:2", "--device 'cuda:2': this machine has 2 CUDA devices visible to torch (cuda:0 .. cuda:1)"),
     (1, "cuda:1", "--device 'cuda:1': this machine has 1 CUDA device visible to torch (cuda:0)"),
