@@ -1363,25 +1363,29 @@ def test_a_model_folder_that_lacks_a_weight_is_refused_naming_it(tiny_folder, tm
                      rf"loaded, they would be newly initialized", err, re.MULTILINE), err
 
 
+@pytest.mark.parametrize("content, message", [(lambda text: text[:40], "not valid JSON ("),
+                                              (lambda text: "[1, 2]", "holds a JSON list, not a weights index")],
+                         ids=["cut", "list"])
 @pytest.mark.parametrize("command", ["generate", "convert"])
 def test_a_model_folder_whose_shards_index_is_not_json_is_refused_naming_the_index(tmp_path, capsys, monkeypatch,
-                                                                                  command):
+                                                                                  command, content, message):
     # a model.safetensors.index.json cut short or edited by hand ended zoo generate, eval, train, finetune and convert
     # in json's message alone ("zoo generate: Expecting property name enclosed in double quotes: line 1 column 2"),
-    # naming no file
+    # naming no file; one holding another JSON value than an object (a list), though valid JSON, still ended in a
+    # traceback ("TypeError: list indices must be integers or slices, not str"), the index checked on json's error alone
     monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
     folder = tmp_path / "sharded"
     save_model_folder(AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)), folder, "byte",
                       max_shard_size="50KB")
     index = folder / "model.safetensors.index.json"
-    index.write_text(index.read_text()[:40])
+    index.write_text(content(index.read_text()))
     argv = {"generate": ["generate", str(folder), "hi", "--max-new-tokens", "2", "--device", "cpu"],
             "convert": ["convert", str(folder), str(tmp_path / "out")]}[command]
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback (most recent call last)" not in err, err
-    assert f"\nzoo {command}: {index}: not valid JSON (" in f"\n{err}", err
+    assert f"\nzoo {command}: {index}: {message}" in f"\n{err}", err
 
 
 @pytest.mark.parametrize("damage, message", [(_weights_lfs_pointer, r"/model.safetensors is a Git LFS pointer, not the "
