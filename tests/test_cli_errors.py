@@ -662,6 +662,25 @@ def test_a_device_backend_torch_lacks_is_one_line(tiny_folder, capsys, monkeypat
     assert e.value.code == 2 and "zoo generate: " in err and "mps" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("cuda, hip, why", [
+    ("12.8", None, "no GPU is visible"),
+    (None, "6.4.0", "no GPU is visible"),
+    (None, None, "is built without CUDA"),
+], ids=["cuda-build", "rocm-build", "cpu-build"])
+def test_a_cuda_device_on_a_torch_built_for_gpus_that_sees_none_says_no_gpu_is_visible(monkeypatch, cuda, hip, why):
+    # a ROCm build (torch.version.cuda None, torch.version.hip set: its GPUs run as cuda) that saw no GPU was said to
+    # be "built without CUDA", sending its user to reinstall a torch that runs them
+    import torch
+
+    from zoo.eval.common import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    with pytest.raises(ValueError, match=rf"^--device 'cuda': torch sees no CUDA device \(.*{why}"):
+        resolve_device("cuda")
+
+
 @pytest.mark.parametrize("gpus, device, message", [
     (2, "cuda:2", "--device 'cuda:2': this machine has 2 CUDA devices visible to torch (cuda:0 .. cuda:1)"),
     (1, "cuda:1", "--device 'cuda:1': this machine has 1 CUDA device visible to torch (cuda:0)"),
@@ -1353,25 +1372,29 @@ def test_a_model_folder_that_lacks_a_weight_is_refused_naming_it(tiny_folder, tm
                      rf"loaded, they would be newly initialized", err, re.MULTILINE), err
 
 
+@pytest.mark.parametrize("content, message", [(lambda text: text[:40], "not valid JSON ("),
+                                              (lambda text: "[1, 2]", "holds a JSON list, not a weights index")],
+                         ids=["cut", "list"])
 @pytest.mark.parametrize("command", ["generate", "convert"])
 def test_a_model_folder_whose_shards_index_is_not_json_is_refused_naming_the_index(tmp_path, capsys, monkeypatch,
-                                                                                  command):
+                                                                                  command, content, message):
     # a model.safetensors.index.json cut short or edited by hand ended zoo generate, eval, train, finetune and convert
     # in json's message alone ("zoo generate: Expecting property name enclosed in double quotes: line 1 column 2"),
-    # naming no file
+    # naming no file; one holding another JSON value than an object (a list), though valid JSON, still ended in a
+    # traceback ("TypeError: list indices must be integers or slices, not str"), the index checked on json's error alone
     monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
     folder = tmp_path / "sharded"
     save_model_folder(AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)), folder, "byte",
                       max_shard_size="50KB")
     index = folder / "model.safetensors.index.json"
-    index.write_text(index.read_text()[:40])
+    index.write_text(content(index.read_text()))
     argv = {"generate": ["generate", str(folder), "hi", "--max-new-tokens", "2", "--device", "cpu"],
             "convert": ["convert", str(folder), str(tmp_path / "out")]}[command]
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback (most recent call last)" not in err, err
-    assert f"\nzoo {command}: {index}: not valid JSON (" in f"\n{err}", err
+    assert f"\nzoo {command}: {index}: {message}" in f"\n{err}", err
 
 
 @pytest.mark.parametrize("damage, message", [(_weights_lfs_pointer, r"/model.safetensors is a Git LFS pointer, not the "

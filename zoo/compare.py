@@ -2254,8 +2254,13 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[Mo
                              f"max_new_tokens >= {need}")
     _check_heldout(cfg, tokenizer)
     mqar = cfg.eval.mqar
-    for entry in others:
-        _check_packing(recipe, entry, ModelInputs.of(_meta_model(entry.config())))
+    for entry in others if recipe.data.packing else ():
+        try:
+            model = _meta_model(entry.config())
+        except Exception:  # (a model this run does not train is not refused for its own problem, as GPT-2's n_embd
+            # not a multiple of n_head refused `--only` of the others, in transformers' message naming no model)
+            continue
+        _check_packing(recipe, entry, ModelInputs.of(model))
     for entry in entries:
         try:  # each model's record starts with its accounting
             _accounting(cfg, entry)

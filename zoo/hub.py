@@ -380,7 +380,9 @@ def readable_weights(ref: str | Path, revision: str | None = None, *, names: re.
     try:
         yield
     except Exception as e:
-        if isinstance(e, json.JSONDecodeError) and (folder := _weights_folder(ref, revision)) is not None:
+        # (any error: an index of invalid JSON fails in json's message, one of another JSON value, a list, in a
+        # TypeError or AttributeError of transformers' reading of it)
+        if (folder := _weights_folder(ref, revision)) is not None:
             for index in sorted(folder.glob("*.index.json")):
                 if _WEIGHT_FILE.fullmatch(index.name):
                     json_object(index, "a weights index (a JSON object)", "fetch or save the model again")

@@ -62,8 +62,10 @@ def resolve_device(spec: str | torch.device | None, what: str = "--device") -> t
     name = device.type.upper()
     if not backend.is_available():
         if device.type == "cuda":
-            why = (f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None else
-                   "no GPU is visible: check the driver and CUDA_VISIBLE_DEVICES")
+            # (a ROCm build's torch.version.cuda is None too: its GPUs run as cuda, and it is built for them)
+            built = torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
+            why = ("no GPU is visible: check the driver and CUDA_VISIBLE_DEVICES (HIP_VISIBLE_DEVICES on ROCm)" if
+                   built else f"this torch ({torch.__version__}) is built without CUDA")
         else:
             why = f"no {name} support in this torch, {torch.__version__}, on this machine"
         raise ValueError(f"{what} {str(spec)!r}: torch sees no {name} device ({why}); give cpu")
