@@ -346,6 +346,18 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
+def cached_hub_file(repo_id: str, name: str, revision: str | None = None) -> Path | None:
+    """The local Hugging Face cache's copy of file `name` of hub repo ``repo_id`` at `revision` (its main branch where
+    None), or None; no network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, name, revision=revision)
+    except Exception:  # not a valid repo id: nothing cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
 def _weights_folder(ref: str | Path, revision: str | None) -> Path | None:
     """The folder holding the weights of `ref`: a local folder, or a hub repo's snapshot in the local Hugging Face
     cache at `revision` (its main branch where None), found without a request; None where there is none."""
@@ -354,15 +366,9 @@ def _weights_folder(ref: str | Path, revision: str | None) -> Path | None:
         return folder
     if is_local_ref(str(ref)):
         return None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        for name in ("config.json", "adapter_config.json"):
-            found = try_to_load_from_cache(str(ref), name, revision=revision)
-            if isinstance(found, str):
-                return Path(found).parent  # <cache>/models--org--name/snapshots/<commit>/config.json
-    except Exception:  # not a valid repo id: nothing cached
-        return None
+    for name in ("config.json", "adapter_config.json"):
+        if (found := cached_hub_file(str(ref), name, revision)) is not None:
+            return found.parent  # <cache>/models--org--name/snapshots/<commit>/config.json
     return None
 
 

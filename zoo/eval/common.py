@@ -25,7 +25,7 @@ import torch
 
 from zoo.cache import output_cache
 from zoo.config_files import find_config
-from zoo.hub import load_causal_lm, tokenizer_source
+from zoo.hub import cached_hub_file, load_causal_lm, tokenizer_source
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -407,7 +407,7 @@ def model_fingerprint(path: str) -> dict | str:
     commit = hub_commit(str(path))
     if commit is not None:
         return {"hub": str(path), "commit": commit}
-    adapter = _cached_hub_file(str(path), "adapter_config.json")
+    adapter = cached_hub_file(str(path), "adapter_config.json")
     if adapter is None:
         return str(path)
     return {"hub": str(path), "commit": adapter.parent.name, "base": _base_fingerprint(adapter, None)}
@@ -449,20 +449,8 @@ def _base_fingerprint(adapter_config: Path, folder: Path | None) -> dict | str |
 def hub_commit(repo_id: str) -> str | None:
     """The commit of the hub model ``repo_id`` whose files the local Hugging Face cache holds for its main revision
     (what from_pretrained loads offline), or None when none is cached; no network."""
-    found = _cached_hub_file(repo_id, "config.json")
+    found = cached_hub_file(repo_id, "config.json")
     return found.parent.name if found is not None else None  # <cache>/snapshots/<commit>/config.json
-
-
-def _cached_hub_file(repo_id: str, name: str) -> Path | None:
-    """The local Hugging Face cache's copy of file `name` of hub repo ``repo_id`` at its main revision, or None; no
-    network."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        found = try_to_load_from_cache(repo_id, name)
-    except Exception:  # not a valid repo id, no huggingface_hub: nothing to read
-        return None
-    return Path(found) if isinstance(found, str) else None
 
 
 def resume(path: str | Path, config: dict, what: str) -> dict | None:
