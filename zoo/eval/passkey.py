@@ -200,7 +200,10 @@ def greedy_generate(
     for step in range(max_new_tokens):
         token = last.argmax(dim=-1, keepdim=True)  # [1, 1]
         new_tokens.append(token)
-        if eos_token_id is not None and int(token) == eos_token_id:
+        # the last new token is not fed back: nothing reads its logits (generate does not feed it either), and its
+        # forward was a wasted step that took one position more than the prompt and the tokens before it (a GPT-2 of
+        # just those positions failed in its wpe, 'IndexError: index out of range in self')
+        if step == max_new_tokens - 1 or (eos_token_id is not None and int(token) == eos_token_id):
             break
         out = model(input_ids=token, use_cache=True, **{arg: cache},
                     **chunk_positions(model, token, input_ids.shape[1] + step), **output)
