@@ -2314,7 +2314,8 @@ def test_a_comparison_without_mqar_or_throughput_writes_no_empty_plot(tmp_path):
     ({"eval": {"batches": 1, "per_position": {"n_docs": 1, "max_len": 64, "chunk_size": 16}}},
      "eval.per_position.max_len: 64 positions"),
     ({"eval": {"batches": 1, "passkey": {"lengths": [200], "n_samples": 1}}},
-     "eval.passkey.lengths: 207 positions, but models.gpt2 (GPT2LMHeadModel) learns 200 absolute positions"),
+     "eval.passkey.lengths: 195 positions (a prompt of 188 tokens at length 200, then max_new_tokens 8, the last not "
+     "fed back), but models.gpt2 (GPT2LMHeadModel) learns 194 absolute positions"),
     ({"eval": {"batches": 1, "mqar": {"steps": 0, "seq_len": 16, "n_kv": 2, "vocab_size": 64,
                                       "eval_seq_lens": [16, 64]}}}, "eval.mqar.eval_seq_lens: 64 positions"),
     ({"throughput": {"seq_lens": [16, 64], "steps": 1}}, "throughput.seq_lens: 64 positions"),
@@ -2324,7 +2325,7 @@ def test_a_phase_longer_than_a_models_learned_positions_is_refused_before_any_mo
     """A GPT-2 (learned absolute positions, its wpe) failed on a longer row with 'IndexError: index out of range in
     self': its training was refused only at its turn, and the per-position loss, passkey, MQAR and throughput phases
     ended in that traceback after it had trained."""
-    positions = 200 if "passkey" in override.get("eval", {}) else 32
+    positions = 194 if "passkey" in override.get("eval", {}) else 32  # (passkey's byte prompts at 200: 188 tokens)
     gpt2 = {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": positions}
 
     def edit(cfg):
@@ -2337,6 +2338,38 @@ def test_a_phase_longer_than_a_models_learned_positions_is_refused_before_any_mo
     err = _refused_before_the_first_model_trains(tmp_path, capsys, "gpt2", gpt2, "gpt2", micro_batch_size=4,
                                                  data={"packing": False}, edit=edit)
     assert message in err and "absolute positions (transformer.wpe" in err
+
+
+def test_a_model_whose_learned_positions_hold_the_real_passkey_prompts_is_not_refused(tmp_path):
+    """The check before training took a passkey prompt to be as long as its length, and refused a GPT-2 whose positions
+    held every prompt the phase builds (a few tokens shorter: whole filler sentences) and the new tokens it feeds back;
+    one position fewer is still refused."""
+    from zoo.compare import _check_inputs
+    from zoo.data.text import load_tokenizer
+    from zoo.eval.passkey import build_passkey_prompt, cell_keys
+
+    tokenizer = load_tokenizer("byte")
+    longest = max(len(build_passkey_prompt(tokenizer, 200, depth, key).input_ids)
+                  for depth in (0.0, 1.0) for key in cell_keys(0, 200, depth, 2))
+    assert longest < 200
+
+    def check(positions: int) -> None:
+        gpt2 = {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2,
+                "n_positions": positions}
+        path = tmp_path / "compare.yaml"
+        path.write_text(yaml.safe_dump({
+            "models": {"gpt2": gpt2}, "output_dir": str(tmp_path / "out"),
+            "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16, "packing": False},
+                       "train": {"max_steps": 1, "seed": 0}, "schedule": {"warmup_steps": 0}},
+            "eval": {"batches": 1, "passkey": {"lengths": [200], "depths": [0, 1], "n_samples": 2,
+                                               "max_new_tokens": 6}}, "throughput": None}))
+        cfg, folder = load_compare_config(path)
+        _check_inputs(cfg, resolve_models(cfg, folder))
+
+    check(longest + 5)  # the prompt, then 5 of the 6 new tokens (the last is never fed back)
+    with pytest.raises(ValueError, match=rf"eval.passkey.lengths: {longest + 5} positions \(a prompt of {longest} "
+                                         rf"tokens at length 200, .* learns {longest + 4} absolute positions"):
+        check(longest + 4)
 
 
 @pytest.mark.parametrize("accounting_only", [False, True], ids=["run", "accounting-only"])

@@ -679,6 +679,26 @@ def test_chunked_greedy_decoding_counts_positions_on():
     assert seen[0] is None and len(positions) >= 37 and positions == list(range(16, 16 + len(positions)))
 
 
+def test_chunked_greedy_decoding_does_not_feed_its_last_new_token():
+    """The chunked path fed its last new token through the model too, a forward whose logits nothing read: a GPT-2 of
+    as many learned positions as the prompt and the new tokens before the last (what generate takes, and what
+    passkey's position check allows) failed in its wpe, 'IndexError: index out of range in self'."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=40, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=None)).eval()
+    calls = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    input_ids = torch.randint(0, 64, (1, 35), generator=torch.Generator().manual_seed(1))  # 35 + 6 - 1 = 40 positions
+    reference = greedy_generate(model, input_ids, max_new_tokens=6)
+    calls.clear()
+    chunked = greedy_generate(model, input_ids, max_new_tokens=6, prefill_chunk_size=16)
+    assert reference.shape[1] == 6 and torch.equal(chunked, reference)
+    assert calls == [16, 16, 3, 1, 1, 1, 1, 1]  # the prefill, then the first five new tokens
+
+
 @pytest.mark.parametrize("setting", [{"repetition_penalty": 3.0}, {"no_repeat_ngram_size": 1}, {"num_beams": 3},
                                      {"do_sample": True, "num_return_sequences": 2}, {"max_time": 1e-9},
                                      {"force_words_ids": [[5]]}, {"use_mtp": True}, {"return_dict_in_generate": True},

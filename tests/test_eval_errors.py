@@ -211,7 +211,7 @@ def test_an_evaluation_runs_with_a_tokenizer_whose_unfed_pad_or_eos_id_lies_past
      "max_len: documents of up to 65 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, "
      "config max_position_embeddings); give --max-len of at most 64"),
     ("passkey", ["--lengths", "200", "--depths", "0", "--n-samples", "1"],
-     "lengths: a prompt of up to 200 tokens and 8 new tokens, but GPT2LMHeadModel learns 64 absolute positions "
+     "lengths: a prompt of 188 tokens (length 200) and 8 new tokens, but GPT2LMHeadModel learns 64 absolute positions "
      "(transformer.wpe, config max_position_embeddings); give --lengths of at most 57"),
     ("synthetic", ["--vocab-size", "64", "--seq-lens", "64,128", "--n-samples", "2"],
      "seq_lens: rows of up to 128 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config "
@@ -236,6 +236,31 @@ def test_an_evaluation_past_a_models_learned_positions_is_refused_in_one_line(co
     code, err = run_cli(["eval", command, "--model", str(tmp_path / "gpt2"), *argv, "--device", "cpu",
                          "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and f"zoo eval {command}: {message}\n" in err and "Traceback" not in err, err
+
+
+def test_passkey_runs_a_model_whose_learned_positions_hold_its_real_prompts(tmp_path):
+    # the position check took a prompt to be as long as its length, and refused a GPT-2 whose positions held every
+    # prompt it builds (a few tokens shorter: whole filler sentences) and the new tokens it feeds back
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from zoo.eval.common import load_tokenizer
+    from zoo.eval.passkey import build_passkey_prompt, cell_keys, evaluate_passkey
+
+    tokenizer = load_tokenizer("byte", None)
+    longest = max(len(build_passkey_prompt(tokenizer, 300, depth, key).input_ids)
+                  for depth in (0.0, 1.0) for key in cell_keys(0, 300, depth, 2))
+    assert longest < 300
+    for chunk in (None, 64):  # generate, and the chunked prefill
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=longest + 5, n_embd=32, n_layer=1, n_head=2,
+                                           bos_token_id=None, eos_token_id=None))
+        result = evaluate_passkey(model, tokenizer, [300], [0, 1], 2, max_new_tokens=6, prefill_chunk_size=chunk)
+        assert [row["n_samples"] for row in result["rows"]] == [2, 2]
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=longest + 4, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=None))
+    with pytest.raises(ValueError, match=rf"lengths: a prompt of {longest} tokens \(length 300\) and 6 new tokens, "
+                                         rf"but GPT2LMHeadModel learns {longest + 4} absolute positions .*; give "
+                                         rf"--lengths of at most {longest - 1}$"):
+        evaluate_passkey(model, tokenizer, [250, 300], [0, 1], 2, max_new_tokens=6)
 
 
 def test_state_checks_the_vocabulary_and_takes_task_arguments(tmp_path):

@@ -2283,8 +2283,22 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[Mo
         _check_packing(recipe, entry, ModelInputs.of(model))
         if (table := position_table(model)) is not None:  # GPT-2's wpe: a longer row failed in it, mid-run
             for name, positions, fix in _phase_positions(cfg):
+                what = f"{positions} positions"
+                if positions > table[1] and name == "eval.passkey.lengths":
+                    # its prompts take a few tokens fewer than their lengths (whole filler sentences): the bound
+                    # refused a length whose prompts the model held; those past it are built, as the phase will
+                    from zoo.eval.passkey import first_prompt_over
+
+                    fits = table[1] - pk.max_new_tokens + 1
+                    over = first_prompt_over(tokenizer, recipe.train.seed, pk.lengths, pk.depths, pk.n_samples,
+                                             recipe.data.add_bos, fits)
+                    if over is None:
+                        continue
+                    positions = over[1] + pk.max_new_tokens - 1
+                    what = (f"{positions} positions (a prompt of {over[1]} tokens at length {over[0]}, then "
+                            f"max_new_tokens {pk.max_new_tokens}, the last not fed back)")
                 if positions > table[1]:
-                    raise ValueError(f"{name}: {positions} positions, but models.{entry.name} ({type(model).__name__}) "
+                    raise ValueError(f"{name}: {what}, but models.{entry.name} ({type(model).__name__}) "
                                      f"learns {table[1]} absolute positions ({table[0]}, config "
                                      f"max_position_embeddings); {fix(table[1])}, or raise its max_position_embeddings")
 
@@ -2309,7 +2323,8 @@ def _phase_positions(cfg: CompareConfig) -> list[tuple[str, int, Callable[[int],
     if pp is not None:  # documents of max_len tokens, BOS included, their cache carried chunk to chunk
         out.append(("eval.per_position.max_len", pp.max_len, lambda n: f"lower it to <= {n}"))
     pk = cfg.eval.passkey
-    if pk is not None:  # a prompt of its length, then the new tokens (the last one is never fed back)
+    if pk is not None:  # a prompt of up to its length, then the new tokens (the last one is never fed back); the
+        # prompts' real lengths, a few tokens shorter, are measured where this bound is past a model's positions
         out.append(("eval.passkey.lengths", max(pk.lengths) + pk.max_new_tokens - 1,
                     lambda n: f"keep lengths <= {n} - max_new_tokens + 1 = {n - pk.max_new_tokens + 1}"))
     m = cfg.eval.mqar

@@ -200,7 +200,10 @@ def greedy_generate(
     for step in range(max_new_tokens):
         token = last.argmax(dim=-1, keepdim=True)  # [1, 1]
         new_tokens.append(token)
-        if eos_token_id is not None and int(token) == eos_token_id:
+        # the last new token is not fed back: nothing reads its logits (generate does not feed it either), and its
+        # forward was a wasted step that took one position more than the prompt and the tokens before it (a GPT-2 of
+        # just those positions failed in its wpe, 'IndexError: index out of range in self')
+        if step == max_new_tokens - 1 or (eos_token_id is not None and int(token) == eos_token_id):
             break
         out = model(input_ids=token, use_cache=True, **{arg: cache},
                     **chunk_positions(model, token, input_ids.shape[1] + step), **output)
@@ -258,6 +261,26 @@ def bare_template_tokens(tokenizer, seed: int, cells, n_samples: int, add_bos: b
             size = len(encode_with_bos(tokenizer, passkey_text(key, 0, 0), add_bos))
             bare[length] = max(bare.get(length, 0), size)
     return bare
+
+
+def first_prompt_over(tokenizer, seed: int, lengths, depths, n_samples: int, add_bos: bool, fits: int
+                      ) -> tuple[int, int] | None:
+    """(length, tokens) of the grid's first prompt (lengths ascending; ``depths``, ``n_samples`` keys a cell, as
+    ``evaluate_passkey`` builds them) longer than ``fits`` tokens, or None when every prompt fits. A prompt takes as
+    many whole filler sentences as its length holds, a few tokens fewer than the length: those of lengths up to
+    ``fits`` are not built, those above it until the first that does not fit (a model of learned positions was refused
+    a length whose prompts it held)."""
+    for length in sorted({int(n) for n in lengths}):
+        if length <= fits:
+            continue
+        n_filler = None
+        for depth in dict.fromkeys(float(d) for d in depths):
+            for key in cell_keys(seed, length, depth, n_samples):
+                prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler, add_bos=add_bos)
+                n_filler = prompt.n_filler
+                if len(prompt.input_ids) > fits:
+                    return length, len(prompt.input_ids)
+    return None
 
 
 def evaluate_passkey(
@@ -339,11 +362,17 @@ def evaluate_passkey(
                          f"with this tokenizer, so its prompts would be scored wrong whatever the model writes; give "
                          f"--max-new-tokens {need} or more")
 
-    longest = max(int(length) for length in lengths)
-    # (the last new token is never fed back: it takes no position)
-    check_positions(model, longest + max_new_tokens - 1,
-                    f"lengths: a prompt of up to {longest} tokens and {max_new_tokens} new tokens",
-                    lambda n: f"give --lengths of at most {n - max_new_tokens + 1}")
+    from zoo.train import position_table
+
+    # a model of learned positions takes the prompts, a few tokens shorter than their lengths (whole filler sentences),
+    # and the new tokens but the last, which is never fed back: a length above its positions less max_new_tokens - 1
+    # was refused though every prompt of it fit
+    if (table := position_table(model)) is not None:
+        fits = table[1] - max_new_tokens + 1
+        if (over := first_prompt_over(tokenizer, seed, lengths, depths, n_samples, add_bos, fits)) is not None:
+            check_positions(model, over[1] + max_new_tokens - 1,
+                            f"lengths: a prompt of {over[1]} tokens (length {over[0]}) and {max_new_tokens} new "
+                            f"tokens", lambda n: f"give --lengths of at most {n - max_new_tokens + 1}")
 
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
         return (int(entry["length"]), float(entry["depth"])) in grid
