@@ -904,6 +904,38 @@ def test_a_training_resumed_for_its_last_step_keeps_the_tokens_per_second_of_its
             assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
 
 
+def test_a_train_timing_file_that_is_not_a_list_of_segments_is_dropped_with_a_warning(tmp_path, monkeypatch, capsys):
+    # phase_train read train-timing.json in its finally block with json.loads alone: a file cut short or edited by hand
+    # ended an interrupted invocation in json's message, naming no file ("zoo compare: Expecting value: line 1 column
+    # 13 (char 12)", exit status 2), in place of the interruption's "rerun the same command to continue" (130); one of
+    # another JSON value (an object) ended a finished training in a traceback ("TypeError: string indices must be
+    # integers")
+    import zoo.train as zt
+
+    out = tmp_path / "run"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=5",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba", f"--output_dir={out}"]
+    timing = out / "mamba" / "train-L128" / "train-timing.json"
+    real = zt.lr_at
+    monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 2))  # steps 0 and 1 done and saved, then stopped
+    assert main(argv) == 130
+    timing.write_text('[{"device": ')
+    monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 4))  # steps 2 and 3, then stopped
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(timing))}: not valid JSON .*dropped"):
+        assert main(argv) == 130
+    assert "zoo compare: interrupted" in capsys.readouterr().err
+    (segment,) = json.loads(timing.read_text())  # this invocation's steps (2 and 3, less the first)
+    assert segment["tokens"] == 4 * 128
+    timing.write_text('{"device": "cpu"}')
+    monkeypatch.setattr(zt, "lr_at", real)
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(timing))}: holds a JSON dict, not a list of .*dropped"):
+        assert main(argv) == 0
+    train = json.loads((out / "mamba" / "result.json").read_text())["phases"]["train/L128"]
+    assert train["steps"] == 5 and train["train_tokens_per_s"] is None  # (step 4 alone: no step timed)
+
+
 def test_a_training_from_its_first_step_drops_the_steps_an_earlier_invocation_timed(tmp_path):
     """train-timing.json of an invocation whose training is not resumed (no checkpoint in the run folder) times steps
     trained again: they counted into the fresh training's tokens/s."""
