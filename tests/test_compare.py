@@ -572,6 +572,16 @@ def test_model_and_length_errors_name_the_field(tmp_path):
               r"models.m: The hidden size \(64\) is not a multiple of the number of attention heads \(3\)"),
              ({"models": {"m": {"config": {"model_type": "llama", "hidden_size": "64"}}}},
               r"models.m: Field 'hidden_size' expected int, got str"),
+             # a field value transformers' checks let through failed the accounting's build of the model (on the
+             # meta device) in torch's traceback, naming no model ("RuntimeError: Trying to create tensor with
+             # negative dimension -1: [64, -1]"), or in torch's one line "groups must be a positive integer"
+             ({"models": {"m": {"config": {"model_type": "mamba", "hidden_size": 32, "state_size": -1}}}},
+              r"models.m: the mamba model \(MambaConfig\) cannot be built from its config: RuntimeError: Trying to "
+              r"create tensor with negative dimension -1: \[64, -1\]; check the values of its fields \(state_size=-1, "
+              r"hidden_size=32\)"),
+             ({"models": {"m": {"config": {"model_type": "mamba", "hidden_size": 0}}}},
+              r"models.m: the mamba model \(MambaConfig\) cannot be built from its config: ValueError: groups must be "
+              r"a positive integer; check the values of its fields \(hidden_size=0\)"),
              # a training length whose rows do not divide batch_tokens failed only when that length's training began
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 96],
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},

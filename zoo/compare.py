@@ -271,12 +271,16 @@ def parameter_counts(config: ZooConfig) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active": total - inactive}
 
 
-def _meta_model(config) -> nn.Module:
+def _meta_model(config, given: dict[str, Any] = ()) -> nn.Module:
+    """The model of `config` on the meta device; a transformers config whose field values its model cannot be built
+    from is a ValueError naming the model type, the error and the numeric fields of `given` (zoo.train's
+    model_build_errors)."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo model type)
+    from zoo.train import model_build_errors
 
-    with torch.device("meta"):
+    with model_build_errors(config, given), torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -1199,6 +1203,10 @@ def resolve_models(cfg: CompareConfig, folder: Path, only: list[str] | None = No
             # ('AssertionError: Padding_idx must be within num_embeddings', a traceback), another was refused by
             # zoo.train only at the model's turn, after the models before it trained
             check_special_ids(config, [n for n in SPECIAL_IDS if n in fields])
+            if not is_zoo:  # a field value transformers' checks let through (a Mamba's state_size -1) failed the
+                # accounting's build in torch's traceback ("Trying to create tensor with negative dimension -1"),
+                # naming no model
+                _meta_model(config, fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"models.{name}: {e}") from e
         if is_zoo and cfg.budget is not None and match:
