@@ -1346,6 +1346,37 @@ def test_a_model_folder_whose_weights_cannot_be_read_is_refused_in_one_line(tiny
     assert re.search(rf"^zoo {command}[a-z ]*: (error: )?{named}", err, re.MULTILINE), err
 
 
+@pytest.mark.parametrize("kind", ["pointers", "pointer-and-cut-short"])
+def test_a_model_folder_with_several_unreadable_weights_files_is_refused_naming_each(tmp_path, capsys, monkeypatch,
+                                                                                   kind):
+    # zoo.hub.readable_weights named the first Git LFS pointer it found and no other file: a sharded clone made without
+    # git-lfs (every shard a pointer) was refused naming one shard, and a folder holding a pointer beside a shard cut
+    # short named the pointer alone, with no word of the shard to download again
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    folder = tmp_path / "sharded"
+    save_model_folder(AutoModelForCausalLM.from_config(zoo.ZooConfig.from_yaml(TINY)), folder, "byte",
+                      max_shard_size="50KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 4
+    if kind == "pointers":
+        for shard in shards:
+            _weights_lfs_pointer(shard)
+        named = (rf"its weights \({', '.join(re.escape(s.name) for s in shards[:3])} and {len(shards) - 3} more\) are "
+                 rf"Git LFS pointers, not the weights they stand for \(a clone made without git-lfs\): fetch them "
+                 rf"\(`git lfs pull`")
+    else:
+        _weights_lfs_pointer(shards[0])
+        _weights_cut_short(shards[2])
+        named = (rf"its weights \({re.escape(shards[0].name)}\) is a Git LFS pointer, .*`git lfs pull`.*; and its "
+                 rf"weights \({re.escape(shards[2].name)}\) cannot be read .*cut short or corrupted")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(folder), "hi", "--max-new-tokens", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback (most recent call last)" not in err, err
+    assert re.search(rf"^zoo generate: {re.escape(str(folder))}: {named}", err, re.MULTILINE), err
+    assert len([line for line in err.splitlines() if line.startswith("zoo generate")]) == 1, err
+
+
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_a_model_folder_that_lacks_a_weight_is_refused_naming_it(tiny_folder, tmp_path, capsys, monkeypatch, command):
     # a checkpoint without one of its model's weights (a key lost, another version's layout) loaded with that weight

@@ -572,6 +572,16 @@ def test_model_and_length_errors_name_the_field(tmp_path):
               r"models.m: The hidden size \(64\) is not a multiple of the number of attention heads \(3\)"),
              ({"models": {"m": {"config": {"model_type": "llama", "hidden_size": "64"}}}},
               r"models.m: Field 'hidden_size' expected int, got str"),
+             # a field value transformers' checks let through failed the accounting's build of the model (on the
+             # meta device) in torch's traceback, naming no model ("RuntimeError: Trying to create tensor with
+             # negative dimension -1: [64, -1]"), or in torch's one line "groups must be a positive integer"
+             ({"models": {"m": {"config": {"model_type": "mamba", "hidden_size": 32, "state_size": -1}}}},
+              r"models.m: the mamba model \(MambaConfig\) cannot be built from its config: RuntimeError: Trying to "
+              r"create tensor with negative dimension -1: \[64, -1\]; check the values of its fields \(state_size=-1, "
+              r"hidden_size=32\)"),
+             ({"models": {"m": {"config": {"model_type": "mamba", "hidden_size": 0}}}},
+              r"models.m: the mamba model \(MambaConfig\) cannot be built from its config: ValueError: groups must be "
+              r"a positive integer; check the values of its fields \(hidden_size=0\)"),
              # a training length whose rows do not divide batch_tokens failed only when that length's training began
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 96],
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},
@@ -902,6 +912,38 @@ def test_a_training_resumed_for_its_last_step_keeps_the_tokens_per_second_of_its
             (segment,) = json.loads(timing.read_text())  # steps 0 and 1, less the first
             assert segment["tokens"] == 4 * 128 and segment["seconds"] > 0
             assert train["train_tokens_per_s"] == pytest.approx(segment["tokens"] / segment["seconds"])
+
+
+def test_a_train_timing_file_that_is_not_a_list_of_segments_is_dropped_with_a_warning(tmp_path, monkeypatch, capsys):
+    # phase_train read train-timing.json in its finally block with json.loads alone: a file cut short or edited by hand
+    # ended an interrupted invocation in json's message, naming no file ("zoo compare: Expecting value: line 1 column
+    # 13 (char 12)", exit status 2), in place of the interruption's "rerun the same command to continue" (130); one of
+    # another JSON value (an object) ended a finished training in a traceback ("TypeError: string indices must be
+    # integers")
+    import zoo.train as zt
+
+    out = tmp_path / "run"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), "--recipe.train.max_steps=5",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--only=mamba", f"--output_dir={out}"]
+    timing = out / "mamba" / "train-L128" / "train-timing.json"
+    real = zt.lr_at
+    monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 2))  # steps 0 and 1 done and saved, then stopped
+    assert main(argv) == 130
+    timing.write_text('[{"device": ')
+    monkeypatch.setattr(zt, "lr_at", ctrl_c_on_step(real, 4))  # steps 2 and 3, then stopped
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(timing))}: not valid JSON .*dropped"):
+        assert main(argv) == 130
+    assert "zoo compare: interrupted" in capsys.readouterr().err
+    (segment,) = json.loads(timing.read_text())  # this invocation's steps (2 and 3, less the first)
+    assert segment["tokens"] == 4 * 128
+    timing.write_text('{"device": "cpu"}')
+    monkeypatch.setattr(zt, "lr_at", real)
+    with pytest.warns(UserWarning, match=rf"^{re.escape(str(timing))}: holds a JSON dict, not a list of .*dropped"):
+        assert main(argv) == 0
+    train = json.loads((out / "mamba" / "result.json").read_text())["phases"]["train/L128"]
+    assert train["steps"] == 5 and train["train_tokens_per_s"] is None  # (step 4 alone: no step timed)
 
 
 def test_a_training_from_its_first_step_drops_the_steps_an_earlier_invocation_timed(tmp_path):

@@ -592,6 +592,39 @@ def test_a_model_config_transformers_refuses_is_one_error_naming_the_section(tmp
         build_model(config_from_dict(run))
 
 
+_MAMBA_FIELDS = {"model_type": "mamba", "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 260}
+
+
+@pytest.mark.parametrize("model,overrides,message", [
+    ({**_MAMBA_FIELDS, "state_size": -1}, {},
+     r"^model: the mamba model \(MambaConfig\) cannot be built from its config: RuntimeError: Trying to create tensor "
+     r"with negative dimension -1: \[64, -1\]; check the values of its fields \(state_size=-1, hidden_size=32, "),
+    ({**_MAMBA_FIELDS, "hidden_size": 0}, {},
+     r"^model: the mamba model \(MambaConfig\) cannot be built from its config: ValueError: groups must be a positive "
+     r"integer; check the values of its fields \(hidden_size=0, "),
+    ("folder", {"time_step_rank": -3},
+     r"^model: .*/config-only: the mamba model \(MambaConfig\) cannot be built from its config: RuntimeError: .*"
+     r"negative dimension -3.*\(time_step_rank=-3\)$"),
+], ids=["state-size", "hidden-size", "folder-override"])
+def test_a_transformers_config_whose_model_cannot_be_built_is_one_error_naming_the_model_and_fields(tmp_path, model,
+                                                                                                 overrides, message):
+    # a field value transformers' checks of the config let through failed in the model's layers: a Mamba's state_size
+    # -1 ended zoo train in torch's traceback ("RuntimeError: Trying to create tensor with negative dimension -1"), and
+    # its hidden_size 0 in torch's one line "groups must be a positive integer", naming neither the model nor a field
+    from transformers import AutoConfig
+
+    from zoo.train import build_model
+
+    if model == "folder":
+        AutoConfig.for_model(**_MAMBA_FIELDS).save_pretrained(tmp_path / "config-only")
+        model = str(tmp_path / "config-only")
+    run = run_dict(tmp_path, model_overrides=overrides)
+    run["model"] = model
+    with pytest.raises(ValueError, match=message) as e:
+        build_model(config_from_dict(run))
+    assert "\n" not in str(e.value)
+
+
 def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_path):
     # a folder holding only a config.json (a fresh model from it): AutoConfig.from_pretrained drops the keyword it has
     # no field for, so num_hiden_layers: 1 built the config's 2 layers without a word (the field check saw no attribute)

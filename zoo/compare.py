@@ -271,12 +271,16 @@ def parameter_counts(config: ZooConfig) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding, "active": total - inactive}
 
 
-def _meta_model(config) -> nn.Module:
+def _meta_model(config, given: dict[str, Any] = ()) -> nn.Module:
+    """The model of `config` on the meta device; a transformers config whose field values its model cannot be built
+    from is a ValueError naming the model type, the error and the numeric fields of `given` (zoo.train's
+    model_build_errors)."""
     from transformers import AutoModelForCausalLM
 
     import zoo  # noqa: F401  (registers the zoo model type)
+    from zoo.train import model_build_errors
 
-    with torch.device("meta"):
+    with model_build_errors(config, given), torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -1199,6 +1203,10 @@ def resolve_models(cfg: CompareConfig, folder: Path, only: list[str] | None = No
             # ('AssertionError: Padding_idx must be within num_embeddings', a traceback), another was refused by
             # zoo.train only at the model's turn, after the models before it trained
             check_special_ids(config, [n for n in SPECIAL_IDS if n in fields])
+            if not is_zoo:  # a field value transformers' checks let through (a Mamba's state_size -1) failed the
+                # accounting's build in torch's traceback ("Trying to create tensor with negative dimension -1"),
+                # naming no model
+                _meta_model(config, fields)
         except (ValueError, TypeError) as e:
             raise ValueError(f"models.{name}: {e}") from e
         if is_zoo and cfg.budget is not None and match:
@@ -1372,6 +1380,35 @@ def read_curve(metrics_csv: Path) -> list[dict[str, float]]:
     return [rows[s] for s in sorted(rows)]
 
 
+def _timing_segments(timing: Path) -> list[dict[str, Any]]:
+    """The timed segments of train-timing.json (one per invocation that trained steps: device, tokens, seconds), []
+    where there is none. A file that is no such list (cut short, edited by hand) is removed with a warning, its
+    segments dropped: read in phase_train's `finally`, its error replaced the exception in flight (a Ctrl-C's
+    KeyboardInterrupt), and after a finished training a refusal would cost the timing it guards (a rerun resumes with
+    no step left to time)."""
+    if not timing.is_file():
+        return []
+    try:
+        segments = json.loads(timing.read_text())
+    except (OSError, ValueError) as e:  # (json's error, or UnicodeDecodeError: a ValueError)
+        why = f"not valid JSON ({e})" if isinstance(e, json.JSONDecodeError) else f"cannot be read ({e})"
+    else:
+        if isinstance(segments, list) and all(
+                isinstance(s, dict) and isinstance(s.get("device"), str)
+                and all(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)
+                        for k in ("tokens", "seconds")) for s in segments):
+            return segments
+        why = (f"holds a JSON {type(segments).__name__}, not a list of timed segments (device, tokens, seconds)"
+               if not isinstance(segments, list) else "not a list of timed segments (device, tokens, seconds)")
+    import warnings
+
+    warnings.warn(f"{timing}: {why}; the train tok/s of the steps it timed is dropped (timed over this and later "
+                  f"invocations' steps)", stacklevel=2)
+    with contextlib.suppress(OSError):  # (an error here would replace the exception in flight too)
+        timing.unlink(missing_ok=True)
+    return []
+
+
 def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path) -> dict[str, Any]:
     """Train (or resume) one model at one length with zoo.train; raises KeyboardInterrupt if it was stopped."""
     from zoo.train import latest_checkpoint, train
@@ -1393,7 +1430,7 @@ def phase_train(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Pa
         result = train(tcfg, resume="auto", on_step=on_step)
     finally:  # an interrupted invocation's steps too: timed over the resumed steps alone, a training resumed for its
         # last step had none to time (train tok/s "—"), and one resumed for a few steps was timed over those few
-        segments = json.loads(timing.read_text()) if timing.is_file() else []
+        segments = _timing_segments(timing)
         if len(stamps) > 1:
             segments.append({"device": device_name, "tokens": sum(real[1:]), "seconds": stamps[-1] - stamps[0]})
             _write_json_atomic(timing, segments)

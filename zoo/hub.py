@@ -402,19 +402,42 @@ def readable_weights(ref: str | Path, revision: str | None = None, *, names: re.
             raise
         hub = folder != Path(str(ref)).expanduser()  # (a hub repo's copy in the cache)
         download = f"`hf download {ref}{f' --revision {revision}' if revision else ''} --force-download`"
-        for path, why in bad:
-            if why == "lfs" and hub:
-                raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (the copy of {ref} in "
-                                 f"the Hugging Face cache): download them again ({download}); where the repo itself "
-                                 f"holds the pointer, its owner must upload the weights with git-lfs") from None
-            if why == "lfs":
-                raise ValueError(f"{path} is a Git LFS pointer, not the weights it stands for (a clone made "
-                                 f"without git-lfs): fetch them (`git lfs pull` in the clone, or `hf "
-                                 f"download ID --local-dir DIR`)") from None
-        where = f"{ref} (its copy in the Hugging Face cache, {folder})" if hub else str(folder)
-        again = f"download it again ({download})" if hub else fix
-        raise ValueError(f"{where}: its weights ({', '.join(p.name for p, _ in bad)}) cannot be read ({bad[0][1]}): "
-                         f"a file cut short or corrupted (an interrupted download or copy?); {again}") from None
+        raise ValueError(_unreadable_message(ref, folder, hub, download, bad, fix)) from None
+
+
+def _named(paths: list[Path], most: int = 4) -> str:
+    """The names of `paths`, the first few of them and a count of the others where they are more than `most`."""
+    names = [p.name for p in paths]
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most - 1])} and {len(names) - most + 1} more"
+
+
+def _unreadable_message(ref: str | Path, folder: Path, hub: bool, download: str, bad: list[tuple[Path, str]],
+                        fix: str) -> str:
+    """readable_weights' one line for the weights files `bad` of `folder` (each with why it cannot be read, from
+    _unreadable), naming each (or the first few and a count) with the advice for its kind: fetching the weights a Git
+    LFS pointer stands for, downloading or copying again a file cut short or corrupted."""
+    lfs = [path for path, why in bad if why == "lfs"]
+    cut = [(path, why) for path, why in bad if why != "lfs"]
+    where = f"{ref} (its copy in the Hugging Face cache, {folder})" if hub else str(folder)
+    parts = []
+    if lfs:
+        origin, fetch = (f"the copy of {ref} in the Hugging Face cache", f"download them again ({download}); where "
+                         f"the repo itself holds the pointer, its owner must upload the weights with git-lfs") if hub \
+            else ("a clone made without git-lfs",
+                  "fetch them (`git lfs pull` in the clone, or `hf download ID --local-dir DIR`)")
+        if len(lfs) == 1 and not cut:
+            return f"{lfs[0]} is a Git LFS pointer, not the weights it stands for ({origin}): {fetch}"
+        pointers = "is a Git LFS pointer, not the weights it stands" if len(lfs) == 1 else \
+            "are Git LFS pointers, not the weights they stand"
+        parts.append(f"its weights ({_named(lfs)}) {pointers} for ({origin}): {fetch}")
+    if cut:
+        reasons = list(dict.fromkeys(why for _, why in cut))
+        why = reasons[0] if len(reasons) == 1 else f"{cut[0][0].name}: {cut[0][1]}; ..."
+        again = f"download {'it' if len(cut) == 1 else 'them'} again ({download})" if hub else fix
+        cut_short = "a file cut short or corrupted" if len(cut) == 1 else "files cut short or corrupted"
+        parts.append(f"{'and ' if lfs else ''}its weights ({_named([path for path, _ in cut])}) cannot be read "
+                     f"({why}): {cut_short} (an interrupted download or copy?); {again}")
+    return f"{where}: {'; '.join(parts)}"
 
 
 def _adapter_not_model(what: str, text: str) -> str:

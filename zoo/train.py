@@ -467,6 +467,32 @@ def config_field_errors():
         raise ValueError(str(e.__cause__ or e)) from e
 
 
+@contextlib.contextmanager
+def model_build_errors(config, given: dict[str, Any] = (), where: str = ""):
+    """Around the build of a model from the transformers `config` (its layers, on the meta device or not): a field
+    value transformers' checks of the config let through (a Mamba's state_size -1, a hidden_size 0) failed in the
+    model's layers, in torch's traceback ("RuntimeError: Trying to create tensor with negative dimension -1: [64, -1]")
+    or a one-line ValueError naming neither the model nor a field ("groups must be a positive integer"): as a
+    ValueError naming the model type, the error and the numeric fields among `given` (those the user set), those of a
+    value below one first, prefixed by `where`. A zoo config's errors are left as they are (ZooConfig checks its own
+    fields, and its model's errors are zoo's own)."""
+    from zoo.config import ZooConfig
+
+    try:
+        yield
+    except (RuntimeError, ValueError, TypeError, ArithmeticError, IndexError, AssertionError) as e:
+        if isinstance(config, ZooConfig):
+            raise
+        numbers = {k: v for k, v in dict(given).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "model_type"}
+        listed = [f"{k}={v}" for k, v in sorted(numbers.items(), key=lambda kv: kv[1] >= 1)]
+        check = ("; check the values of its fields (" + (", ".join(listed[:6]) + (f" and {len(listed) - 6} more"
+                 if len(listed) > 6 else "")) + ")") if listed else "; check the values of its config's fields"
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{where}the {getattr(config, 'model_type', '?')} model ({type(config).__name__}) cannot be "
+                         f"built from its config: {type(e).__name__}: {first}{check}") from e
+
+
 def check_config_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
     """Raise ValueError naming the first key of `given` (the fields a transformers `config` was built from) that is not
     a field of its class: transformers keeps a key its config class does not take as an attribute, so a misspelled
@@ -575,7 +601,9 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
     if config is not None:
         check_vocab(getattr(config, "vocab_size", None))
         check_config_ids(config)
-        model = AutoModelForCausalLM.from_config(config)
+        given, where = ({**spec, **overrides}, "model: ") if isinstance(spec, dict) else (overrides, f"model: {spec}: ")
+        with model_build_errors(config, given, where):
+            model = AutoModelForCausalLM.from_config(config)
     else:
         from zoo.hub import load_model_not_adapter
 
