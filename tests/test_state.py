@@ -829,6 +829,21 @@ def test_synthetic_recipe_parses(name):
             script.build_model(run_)
 
 
+def test_mqar_sweep_models_are_two_mixer_layers_without_an_mlp_at_every_d_model():
+    """Zoology's Figure 2 models (REFERENCE.md's 2 layers at d_model 64..512; state_mixer Identity in its configs) are
+    two sequence-mixer layers and nothing else. mqar-sweep.yaml gave every model a SwiGLU MLP of hidden 256, which the
+    d_model sweep left at 256: four times the width at d_model 64, half of it at 512."""
+    script = load_script("scripts/train_synthetic.py")
+    runs = script.expand_runs(script.load_recipe(ROOT / "configs/train/mqar-sweep.yaml"))
+    distinct = {repr(r.model_config): r for r in runs}  # a learning-rate sweep shares its models
+    assert {r.model_config["d_model"] for r in distinct.values()} == {64, 128, 256, 512}
+    for run_ in distinct.values():
+        with torch.device("meta"):
+            model = script.build_model(run_)
+        assert len(model.model.layers) == 2
+        assert [block.ffn for block in model.model.layers] == [None, None], (run_.name, model.config.ffn)
+
+
 def test_synthetic_recipe_rejects_a_longer_curriculum():
     script = load_script("scripts/train_synthetic.py")
     with pytest.raises(ValueError, match="exceeds data.seq_len"):
