@@ -280,6 +280,22 @@ def test_calls_without_seq_idx_continue_the_last_packed_document(name):
     assert_close("row 1", out[1:, 5:], run(mixer, x[1:, 5:]), TOL)
 
 
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_a_chunk_of_no_tokens_with_seq_idx_after_a_cache_changes_nothing(name):
+    """A chunk of no tokens (a chunked prefill's empty remainder) with seq_idx [B, 0], after a chunk run without ids,
+    gives [B, 0, D] and leaves the cache as it was: the chunks after it give the outputs of one forward. Attention
+    gave the keys cached without ids the chunk's first id, which an empty chunk has not ('The expanded size of the
+    tensor (6) must match the existing size (0)')."""
+    mixer = build(name)
+    x = torch.randn(2, 9, D_MODEL, dtype=torch.float64)
+    seq_idx = torch.zeros(2, 9, dtype=torch.int32)
+    cache = mixer.init_state(2, x.dtype, x.device)
+    parts = [run(mixer, x[:, :6], cache), run(mixer, x[:, 6:6], cache, seq_idx=seq_idx[:, 6:6])]
+    assert parts[1].shape == (2, 0, D_MODEL)
+    parts += [run(mixer, x[:, 6:7], cache), run(mixer, x[:, 7:], cache, seq_idx=seq_idx[:, 7:])]
+    assert_close("chunks", torch.cat(parts, 1), run(mixer, x), TOL)
+
+
 @pytest.mark.parametrize("variant", ["plain", "bias", "inner_norms", "mask", "documents", "cache", "batch1"])
 def test_mamba_channels_first_equals_row_major(variant, monkeypatch):
     """Mamba's channels-first sequence forward (projections straight into the conv/scan layout, Δ's bias in the

@@ -1312,6 +1312,24 @@ def test_exact_tbptt_gradients_equal_whole_row_gradients(name, layout):
     assert worst > 1e-3, "detached chunks must lose the gradient through the carried state"
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values.*:FutureWarning")
+@pytest.mark.parametrize("name", ["mamba-tiny", "mamba2-tiny", "gla-tiny", "jamba-tiny"])
+def test_exact_tbptt_in_one_token_chunks_equals_whole_rows(name):
+    """Rows without seq_idx (the synthetic tasks' batches) in chunks of one token (tbptt_chunk 1, allowed without
+    packing): every chunk after the first is a decoding step from the leaf copies of its entering states. The
+    recurrent layers' step updates its states in place, which autograd refuses on a leaf that requires grad: exact
+    truncated BPTT ended in 'a leaf Variable that requires grad is being used in an in-place operation'."""
+    model, L = _tbptt_model(name), 5
+    ids = torch.randint(0, 256, (2, L))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    loss, whole = _grads(model, batch, None, "exact")
+    chunk_loss, exact = _grads(model, batch, 1, "exact")
+    assert_close("loss", chunk_loss, loss, 1e-6)
+    assert exact.keys() == whole.keys()
+    for n in whole:
+        assert_close(n, exact[n], whole[n], 2e-5)
+
+
 def test_exact_tbptt_recomputes_each_chunk_with_the_dropout_masks_of_its_first_forward():
     """The exact mode ran each chunk twice (without a graph for the boundary states, then again with one) and drew new
     dropout masks the second time: the gradients were of neither forward, with boundary states from other masks than

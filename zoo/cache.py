@@ -23,6 +23,12 @@ from transformers.cache_utils import (
 )
 
 
+def _grad_leaf(t: torch.Tensor) -> bool:
+    """Whether t is a leaf that requires grad, or a view of one: tensors autograd refuses to update in place."""
+    base = t if t._base is None else t._base
+    return t.requires_grad and base.is_leaf and base.requires_grad
+
+
 class RecurrentLayer(LinearAttentionLayer):
     """Conv state [batch, channels, d_conv - 1] (fp32) and recurrent state of one recurrent mixer. A prefill leaves
     the recurrent state in fp32; decoding steps keep it in `state_dtype` (fp32 unless the cache was made for a
@@ -86,10 +92,12 @@ class RecurrentLayer(LinearAttentionLayer):
     def step_states(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(conv_state, recurrent_state) for a one-token step that updates them in place and `set`s them back: the
         layer's own tensors, made contiguous in fp32 (conv) and `state_dtype` (recurrent) once (a prefill may leave
-        a strided fp32 view) and kept, so a CUDA graph replaying the step finds them at the same address."""
+        a strided fp32 view) and kept, so a CUDA graph replaying the step finds them at the same address. A leaf that
+        requires grad (load_state_tensors' leaves: exact truncated BPTT's chunk states, a learned initial state), or a
+        view of one, is copied first: autograd refuses an in-place update of it."""
         out = [t.to(dtype).contiguous() if t is not None and (t.dtype != dtype or not t.is_contiguous()) else t
                for t, dtype in ((self.conv_states[0], torch.float32), (self.recurrent_states[0], self.state_dtype))]
-        return out[0], out[1]
+        return tuple(t.clone() if t is not None and _grad_leaf(t) else t for t in out)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.conv_states[0], self.recurrent_states[0]) if t is not None]

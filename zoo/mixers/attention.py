@@ -194,9 +194,13 @@ class Attention(nn.Module):
         inner_pads = (~mask & (mask.long().cumsum(-1) > 0)).long().cumsum(-1)  # pads after a first token, so far
         return positions - last_columns(inner_pads, T)
 
-    def _cached_seq_idx(self, cache, seq_idx: torch.Tensor, n_keys: int) -> torch.Tensor:
-        """Document ids of all n_keys visible keys; the cache keeps those of its cached keys alongside them."""
+    def _cached_seq_idx(self, cache, seq_idx: torch.Tensor, n_keys: int) -> torch.Tensor | None:
+        """Document ids of all n_keys visible keys; the cache keeps those of its cached keys alongside them. None for
+        a chunk of no tokens after keys cached without ids: it has no first document for them to continue, and
+        records nothing (as a recurrent layer's RecurrentLayer.initial_states)."""
         past = getattr(cache, "kv_seq_idx", None)
+        if past is None and not seq_idx.shape[1]:
+            return None
         if past is None:  # keys cached without ids continue this chunk's first document
             past = seq_idx[:, :1].expand(seq_idx.shape[0], n_keys - seq_idx.shape[1])
         full = torch.cat([past, seq_idx], dim=1)[:, -n_keys:]

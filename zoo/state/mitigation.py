@@ -220,8 +220,12 @@ def head_view(kind: str, state: torch.Tensor, group_size: int = 64) -> torch.Ten
 
 
 def cap_state(kind: str, state: torch.Tensor, threshold: float | torch.Tensor, group_size: int = 64) -> torch.Tensor:
-    """`state` with every head whose Frobenius norm exceeds `threshold` (float or [heads]) scaled down to it."""
-    heads = head_view(kind, state.float(), group_size)  # (b, heads, elements)
+    """`state` with every head whose Frobenius norm exceeds `threshold` (float or [heads]) scaled down to it. Under
+    autograd the result never reads `state` itself, which the decoding steps then overwrite with it in place."""
+    work = state.float()
+    if work is state and state.requires_grad:  # (the backward of the scaling reads the state it was given)
+        work = state.clone()
+    heads = head_view(kind, work, group_size)  # (b, heads, elements)
     if isinstance(threshold, torch.Tensor) and threshold.shape not in ((), (1,), (heads.shape[1],)):
         # (a shape check, no device sync; it failed with "The size of tensor a (3) must match the size of tensor b")
         raise ValueError(f"mitigation threshold: a per-head threshold of shape {tuple(threshold.shape)} for a {kind} "
