@@ -614,7 +614,8 @@ def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_lens: l
             rows = sorted((r for r in best if r["model"] == model), key=lambda r: r["state_floats"])
             ax.plot([r["state_floats"] for r in rows], [r["plot_accuracy"] for r in rows], marker="o", label=model)
         ax.set_xscale("log")
-        ax.set_xlabel("state size (floats per sequence; attention: KV cache at the plotted length)")
+        ax.set_xlabel("state size: floats per sequence (recurrent state and conv window;\n"
+                      "attention: KV cache at the plotted length)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
