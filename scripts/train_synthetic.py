@@ -686,7 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_interrupts():
             results = [train_and_evaluate(run, accelerator) for run in runs]
     except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: run_training saved the phase; finished runs are kept
-        print(f"{PROG}: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
+        # (a stopped training's message says it already: the line said 'the same command continues' twice)
+        said = "the same command continues" in str(e)
+        print(f"{PROG}: interrupted{f': {e}' if str(e) else ''}{'' if said else '; the same command continues'}",
+              file=sys.stderr)
         return 130
     if not accelerator.is_main_process:
         return 0
