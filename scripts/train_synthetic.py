@@ -614,7 +614,8 @@ def plot_summary(best: list[dict], seq_lens: list[int], out: Path, train_lens: l
             rows = sorted((r for r in best if r["model"] == model), key=lambda r: r["state_floats"])
             ax.plot([r["state_floats"] for r in rows], [r["plot_accuracy"] for r in rows], marker="o", label=model)
         ax.set_xscale("log")
-        ax.set_xlabel("state size (floats per sequence; attention: KV cache at the plotted length)")
+        ax.set_xlabel("state size: floats per sequence (recurrent state and conv window;\n"
+                      "attention: KV cache at the plotted length)")
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(True, alpha=0.3)
@@ -685,7 +686,10 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_interrupts():
             results = [train_and_evaluate(run, accelerator) for run in runs]
     except KeyboardInterrupt as e:  # SIGTERM / Ctrl-C: run_training saved the phase; finished runs are kept
-        print(f"{PROG}: interrupted{f': {e}' if str(e) else ''}; the same command continues", file=sys.stderr)
+        # (a stopped training's message says it already: the line said 'the same command continues' twice)
+        said = "the same command continues" in str(e)
+        print(f"{PROG}: interrupted{f': {e}' if str(e) else ''}{'' if said else '; the same command continues'}",
+              file=sys.stderr)
         return 130
     if not accelerator.is_main_process:
         return 0

@@ -699,6 +699,27 @@ def test_train_synthetic_stopped_run_continues_to_the_uninterrupted_model(tmp_pa
     assert whole == cut
 
 
+def test_train_synthetic_stopped_in_training_says_once_that_the_same_command_continues(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C in a training said it twice: the stopped phase's message ends in 'the same command continues from
+    there', and the 'interrupted' line added '; the same command continues' after it."""
+    import zoo.finetune as ft
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    real = ft.lr_at
+
+    def stop(step, section):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(step, section)
+
+    monkeypatch.setattr(ft, "lr_at", stop)
+    assert script.main([str(recipe)]) == 130
+    err = capsys.readouterr().err
+    line = next(text for text in err.splitlines() if text.startswith("train_synthetic.py: interrupted"))
+    assert "stopped after step 1" in line and line.count("the same command continues") == 1, line
+
+
 def test_train_synthetic_stopped_by_sigterm_in_an_evaluation_says_so_and_keeps_its_model(tmp_path, monkeypatch,
                                                                                          capsys):
     """SIGTERM (a scheduler's, accelerate launch's) in a run's evaluation killed train_synthetic without a word (only
