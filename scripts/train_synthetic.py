@@ -29,6 +29,7 @@ import difflib
 import itertools
 import json
 import math
+import re
 import shutil
 import sys
 import time
@@ -187,11 +188,22 @@ def _section(data: dict) -> tuple[PretrainSection, EvalSection, list[PretrainSec
     return section, ev, phases
 
 
+# a number in exponent form without a dot (1e-3), which YAML 1.1 reads as a string
+_EXPONENT_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_float(value: Any) -> Any:
+    """`value`, a float where it is a string YAML should have read as one (`--sweep.optim.lr=[1e-3]`): the run trained
+    at 0.001 all the same, but its name and the summary kept '1e-3', and 1e-3 and 1.0e-3 were two runs of one point."""
+    return float(value) if isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()) else value
+
+
 def expand_runs(data: dict, only: list[str] | None = None) -> list[Run]:
     """One Run per (model, sweep grid point), in recipe order; raises ValueError for ``only`` names that are not
     models of the recipe and for state passing on a model that cannot carry its state (before anything trains)."""
     keys = list(data.get("sweep", {}))
-    grid = [dict(zip(keys, values)) for values in itertools.product(*(data["sweep"][k] for k in keys))] or [{}]
+    grid = [dict(zip(keys, map(_yaml_float, values)))
+            for values in itertools.product(*(data["sweep"][k] for k in keys))] or [{}]
     runs = []
     unknown = set(data.get("model_overrides") or {}) - set(data["models"])
     if unknown:

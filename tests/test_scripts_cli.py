@@ -1066,3 +1066,13 @@ def test_train_synthetic_summary_of_one_model_keeps_the_saved_runs_of_the_others
     assert script.main([*argv, "--only", "other", "--data.seed=1"]) == 0  # mamba's result is of another seed
     runs = [r["run"] for r in json.loads((tmp_path / "out" / "summary.json").read_text())["runs"]]
     assert runs == ["other"]
+
+
+def test_train_synthetic_sweep_value_in_exponent_form_without_a_dot_is_a_number(capsys):
+    # YAML reads 1e-3 (no dot) as the string '1e-3': the run trained at 0.001, but its name said 'lr=1e-3' and a
+    # rerun with 1.0e-3 made a second run of the same point
+    script = load_script("scripts/train_synthetic.py")
+    script.main([str(ROOT / "configs/train/mqar-sweep.yaml"), "--only", "mamba2", "--sweep.optim.lr=[1e-3]",
+                 "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.count("-lr=0.001:") == 4 and "1e-3" not in out
