@@ -625,6 +625,30 @@ def test_a_transformers_config_whose_model_cannot_be_built_is_one_error_naming_t
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 4503599627370496 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["gpu", "cpu"])
+def test_a_transformers_model_too_large_for_memory_keeps_its_out_of_memory_error(tmp_path, monkeypatch, error):
+    # model_build_errors took a failed allocation for a config error: a model too large for the machine (a GPU's
+    # OutOfMemoryError, the CPU allocator's RuntimeError) was one ValueError saying it "cannot be built from its
+    # config" and to "check the values of its fields", which were right, and ended zoo train as bad input (exit 2)
+    import transformers
+
+    from zoo.train import build_model
+
+    def from_config(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", from_config)
+    run = run_dict(tmp_path)
+    run["model"] = dict(_MAMBA_FIELDS)
+    with pytest.raises(RuntimeError) as e:
+        build_model(config_from_dict(run))
+    assert e.value is error
+
+
 def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_path):
     # a folder holding only a config.json (a fresh model from it): AutoConfig.from_pretrained drops the keyword it has
     # no field for, so num_hiden_layers: 1 built the config's 2 layers without a word (the field check saw no attribute)

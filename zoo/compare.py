@@ -1749,18 +1749,12 @@ def _step_memory_cpu(model, batch: dict[str, torch.Tensor]) -> int:
     return 2 * weights + sum(saved.values())
 
 
-def _out_of_memory(error: RuntimeError) -> bool:
-    """Whether an error is an allocation that failed: torch.OutOfMemoryError (a GPU's), or the CPU allocator's plain
-    RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which ended the comparison in a traceback."""
-    return isinstance(error, torch.OutOfMemoryError) or "DefaultCPUAllocator" in str(error)
-
-
 def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_dir: Path, device: torch.device
                      ) -> dict[str, Any]:
     """Training-step tokens/s and memory at each of throughput.seq_lens (module docstring: memory)."""
     from tqdm.auto import tqdm
 
-    from zoo.train import ModelInputs
+    from zoo.train import ModelInputs, out_of_memory
 
     t = cfg.throughput
     tcfg, model = _fresh_model(cfg, entry, seq_len, run_dir, device)
@@ -1799,8 +1793,8 @@ def phase_throughput(cfg: CompareConfig, entry: ModelEntry, seq_len: int, run_di
             else:
                 row["peak_mib"] = _step_memory_cpu(model, batch) / 2 ** 20
                 row["memory_method"] = "weights + grads + saved activations"
-        except RuntimeError as e:
-            if not _out_of_memory(e):
+        except RuntimeError as e:  # (a CPU's failed allocation ended the comparison in a traceback)
+            if not out_of_memory(e):
                 raise
             # an OOM in backward leaves `loss` holding the step's graph: it sat under the next length's step and peak
             loss = batch = ids = None

@@ -467,6 +467,13 @@ def config_field_errors():
         raise ValueError(str(e.__cause__ or e)) from e
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is an allocation that failed: torch.OutOfMemoryError (a GPU's), or the CPU allocator's plain
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError)
+                                                         and "DefaultCPUAllocator" in str(error))
+
+
 @contextlib.contextmanager
 def model_build_errors(config, given: dict[str, Any] = (), where: str = ""):
     """Around the build of a model from the transformers `config` (its layers, on the meta device or not): a field
@@ -475,13 +482,14 @@ def model_build_errors(config, given: dict[str, Any] = (), where: str = ""):
     or a one-line ValueError naming neither the model nor a field ("groups must be a positive integer"): as a
     ValueError naming the model type, the error and the numeric fields among `given` (those the user set), those of a
     value below one first, prefixed by `where`. A zoo config's errors are left as they are (ZooConfig checks its own
-    fields, and its model's errors are zoo's own)."""
+    fields, and its model's errors are zoo's own), and so is an allocation that failed (out_of_memory): a model too
+    large for the machine's memory is not a config error to fix in its fields."""
     from zoo.config import ZooConfig
 
     try:
         yield
     except (RuntimeError, ValueError, TypeError, ArithmeticError, IndexError, AssertionError) as e:
-        if isinstance(config, ZooConfig):
+        if isinstance(config, ZooConfig) or out_of_memory(e):
             raise
         numbers = {k: v for k, v in dict(given).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "model_type"}
