@@ -23,10 +23,14 @@ from transformers.cache_utils import (
 )
 
 
-def _grad_leaf(t: torch.Tensor) -> bool:
-    """Whether t is a leaf that requires grad, or a view of one: tensors autograd refuses to update in place."""
+def _grad_leaf(t: torch.Tensor | None) -> bool:
+    """Whether t is a leaf that requires grad, or a view of one: tensors autograd refuses to update in place.
+    requires_grad first: every decoding step asks it of every layer's states (reading `_base` first cost ~2 us a
+    layer and step in eager decoding)."""
+    if t is None or not t.requires_grad:
+        return False
     base = t if t._base is None else t._base
-    return t.requires_grad and base.is_leaf and base.requires_grad
+    return base.is_leaf and base.requires_grad
 
 
 class RecurrentLayer(LinearAttentionLayer):
@@ -97,7 +101,8 @@ class RecurrentLayer(LinearAttentionLayer):
         view of one, is copied first: autograd refuses an in-place update of it."""
         out = [t.to(dtype).contiguous() if t is not None and (t.dtype != dtype or not t.is_contiguous()) else t
                for t, dtype in ((self.conv_states[0], torch.float32), (self.recurrent_states[0], self.state_dtype))]
-        return tuple(t.clone() if t is not None and _grad_leaf(t) else t for t in out)
+        conv, state = out
+        return conv.clone() if _grad_leaf(conv) else conv, state.clone() if _grad_leaf(state) else state
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.conv_states[0], self.recurrent_states[0]) if t is not None]
