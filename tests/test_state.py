@@ -849,7 +849,7 @@ def test_synthetic_recipe_parses(name):
 
 
 def test_mqar_sweep_models_are_two_mixer_layers_without_an_mlp_at_every_d_model():
-    """Zoology's Figure 2 models (REFERENCE.md's 2 layers at d_model 64..512; state_mixer Identity in its configs) are
+    """Zoology's Figure 2 models (2 layers at d_model 64..512; state_mixer Identity in its configs) are
     two sequence-mixer layers and nothing else. mqar-sweep.yaml gave every model a SwiGLU MLP of hidden 256, which the
     d_model sweep left at 256: four times the width at d_model 64, half of it at 512."""
     script = load_script("scripts/train_synthetic.py")

@@ -1,9 +1,9 @@
-"""The state-collapse mitigations (zoo.state.mitigation) against a naive per-token recurrence written from
-REFERENCE.md's formulas, in fp64, independent of zoo's scans and windowed blocks: forget α' = c_α·α, B' = c_B·B,
-Δ' = c_dt·Δ; norm caps each head's ‖h‖_F at the threshold every `chunk` tokens of a row (counted from the forward's
-start) and at each forward's end; window h_t^(r) = h_t − (∏_{i=t−r+1..t} α_i)·h_{t−r}. The mixers' scan and step
-inputs are recorded as they run (one forward, a prefill in pieces that do not divide the length, token by token),
-with pads in the rows, and the oracle replays them row by row, pads left out: outputs and states must agree."""
+"""The state-collapse mitigations (zoo.state.mitigation) against a naive per-token recurrence written from Stuffed
+Mamba's formulas (Chen et al. 2024), in fp64, independent of zoo's scans and windowed blocks: forget α' = c_α·α, B' =
+c_B·B, Δ' = c_dt·Δ; norm caps each head's ‖h‖_F at the threshold every `chunk` tokens of a row (counted from the
+forward's start) and at each forward's end; window h_t^(r) = h_t − (∏_{i=t−r+1..t} α_i)·h_{t−r}. The mixers' scan and
+step inputs are recorded as they run (one forward, a prefill in pieces that do not divide the length, token by
+token), with pads in the rows, and the oracle replays them row by row, pads left out: outputs and states must agree."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ Accounting (`account`), forward FLOPs per token of a length-L sequence (B·L tok
   gating and the embedding lookup are left out (elementwise, a few % at these sizes).
 - attention: 2·2·L_avg·H·Dh per layer (QKᵀ and PV), L_avg = (1/L)·Σ_{t=1..L} min(t, window) the mean
   number of keys a query sees: (L+1)/2 for full causal attention.
-- Mamba-1 selective scan: 9·d_inner·N per layer (REFERENCE.md: ~9·B·L·D·N).
+- Mamba-1 selective scan: 9·d_inner·N per layer (the Mamba paper's ~9·B·L·D·N).
 - Mamba-2 SSD, chunk Q = min(chunk_size, L), H heads of P channels, G groups of B/C of N states:
   2·Q_avg·G·N (C·Bᵀ in the chunk) + 2·Q_avg·H·P (scores · x) + 2·H·P·N (chunk states) + 2·H·P·N (inter-chunk
   output C·h) per token, Q_avg = (Q+1)/2 the mean number of the chunk's tokens a token sees.

@@ -10,9 +10,9 @@ packed documents apart in their attention layers only, and a packed run of one i
     zoo train configs/train/demo.yaml --train.max_steps=100          # one process
     accelerate launch --config_file configs/accelerate/ddp.yaml scripts/train.py CONFIG [--resume [DIR]]
 
-Recipe (Mamba paper, REFERENCE.md): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D parameters and those
-named A_log, D or dt_bias, grad clip 1.0, linear warmup then cosine to a floor (or WSD), bf16 autocast on GPU, gradient
-accumulation, optional torch.compile and gradient checkpointing, fused AdamW on CUDA.
+Recipe (the Mamba paper, Gu & Dao 2023, arXiv:2312.00752): AdamW (0.9, 0.95), weight decay 0.1 except flagged and 1-D
+parameters and those named A_log, D or dt_bias, grad clip 1.0, linear warmup then cosine to a floor (or WSD), bf16
+autocast on GPU, gradient accumulation, optional torch.compile and gradient checkpointing, fused AdamW on CUDA.
 
 Long rows (``train.tbptt_chunk``) are trained in chunks with each layer's state carried to the next chunk:
 ``detach`` cuts the graph between chunks (classic truncated BPTT); ``exact`` runs the chunks forward without

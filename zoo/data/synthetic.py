@@ -4,7 +4,7 @@ Each task is a batch generator, ``<task>_batch(batch_size, seq_len, ..., generat
 ``{"input_ids": LongTensor [B, T], "labels": LongTensor [B, T]}`` ready for ``model(**batch).loss`` on any
 Hugging Face causal LM. Labels follow the Hugging Face convention: the model shifts them, so ``labels[:, t]``
 is the answer the model must give at position ``t - 1``; every other label is -100 (ignored by the loss and
-by the accuracy). Defaults are the papers' settings (REFERENCE.md):
+by the accuracy). Defaults are the papers' settings:
 
 - selective copying (Mamba, Gu & Dao): length 4096, vocabulary 16 with a noise token, 16 tokens to copy;
 - induction heads (Mamba; H3's formulation): length 256 for training, vocabulary 16;

@@ -46,8 +46,9 @@ from zoo.eval.common import (
     write_text_atomically,
 )
 
-# template from REFERENCE.md (Stuffed Mamba, after InfiniteBench); the filler is the landmark-attention
-# "garbage" InfiniteBench repeats, cycled one sentence at a time so the needle can sit between any two
+# template of Stuffed Mamba (Chen et al. 2024, arXiv:2410.07145; after InfiniteBench); the filler is the
+# landmark-attention "garbage" InfiniteBench repeats, cycled one sentence at a time so the needle can sit between
+# any two
 PREFIX = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
 NEEDLE = "The passkey is {key}. Remember it. {key} is the passkey.\n"
 SUFFIX = "\nWhat is the pass key? The passkey is"
