@@ -42,7 +42,8 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # (tests-s44, the four tests fixed after the forty-fourth session's last call, and the whole README test command:
 # 3200 passed, 187 skipped, none failed on an H100 in the forty-fifth session's call 1, at da376a3)
 # the README's test command on the GPU machine, whole (3-5 minutes with 14 workers on the H100's machine): the
-# forty-fifth session's CPU audits, merged after its call 1, have not run on a card
+# forty-fifth session's CPU audits, merged after its call 1, and the forty-sixth session's (no machine was lent to
+# it) have not run on a card
 add tests-noncuda 560 "python -m pytest -q -m 'not cuda' -n 14 -p no:cacheprovider -rfE --timeout 300"
 order=(tests-noncuda tests-fsdp-gpus)
 
