@@ -1546,10 +1546,6 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | No
     return changed + ran
 
 
-def _named(paths: list[str]) -> str:
-    return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
-
-
 def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: dict[str, list[int]] | None,
                           stream: TextStream) -> str | None:
     """The --resume notice, or None, for a local source that changed under the run: its files differ from those the
@@ -1561,6 +1557,7 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
     unset data.revision; or
     the built-in corpus of another Python (trainer_state's stdlib: its version and number of files)."""
     from zoo.data.text import _IndexedDocs
+    from zoo.hub import _named
 
     what = []
     was, now = state.get("source_commit"), stream._docs.commit
@@ -1581,7 +1578,7 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
         both = sorted(saved.keys() & files.keys())
         resized = [f"{f} ({saved[f][0]} -> {files[f][0]} bytes)" for f in both if saved[f][0] != files[f][0]]
         touched = [f for f in both if saved[f][0] == files[f][0] and saved[f][1] != files[f][1]]
-        parts = [f"{len(names)} {how}: {_named(names)}" for names, how in (
+        parts = [f"{len(names)} {how}: {_named(names, shown=4)}" for names, how in (
             (added, "added"), (removed, "removed"), (resized, "with another size"),
             (touched, "modified at the same size")) if names]
         what.append(f"the files of data.source changed since {Path(checkpoint).name} ({'; '.join(parts)}), which "
