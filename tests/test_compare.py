@@ -582,6 +582,12 @@ def test_model_and_length_errors_name_the_field(tmp_path):
              ({"models": {"m": {"config": {"model_type": "mamba", "hidden_size": 0}}}},
               r"models.m: the mamba model \(MambaConfig\) cannot be built from its config: ValueError: groups must be "
               r"a positive integer; check the values of its fields \(hidden_size=0\)"),
+             # transformers builds a Mamba of conv_kernel 0, accounted without a word, which failed at the first
+             # step of its training ("negative padding is not supported"), after the models before it trained
+             ({"models": {"m": {"config": {"model_type": "mamba", "hidden_size": 32, "conv_kernel": 0}}}},
+              r"models.m: conv_kernel: 0 is no kernel size for the causal convolution of the mamba model's Mamba "
+              r"layers, which mixes each channel's last conv_kernel inputs \(the current one included\); give an "
+              r"integer >= 1"),
              # a training length whose rows do not divide batch_tokens failed only when that length's training began
              ({"models": {"m": "configs/models/mamba-tiny.yaml"}, "train_lengths": [64, 96],
                "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 64},

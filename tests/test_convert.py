@@ -845,6 +845,25 @@ def test_unmappable_import_is_a_named_error(importer, make_source, option):
         importer(make_source())
 
 
+@pytest.mark.parametrize("case,field", [("hf-mamba", "conv_kernel"), ("hf-mamba2", "conv_kernel"),
+                                        ("hf-jamba", "mamba_d_conv")])
+def test_a_transformers_source_whose_conv_kernel_is_below_one_is_refused_naming_its_field(case, field, tmp_path):
+    # transformers builds a Mamba of conv_kernel 0 (its Conv1d holds no weights), which fails at its first step
+    # ("negative padding is not supported"); the conversion refused it only through the zoo's own d_conv ("layers[0]
+    # (mamba): d_conv: must be a positive integer, got 0"), naming no field of the source's config, from a model and
+    # from a folder alike
+    fmt, cls, make_config = HF_SOURCES[case]
+    config = make_config()
+    setattr(config, field, 0)
+    source = cls(config)
+    message = rf"^{fmt}: {field}: 0 is no kernel size for the causal convolution of the \w+ model's Mamba layers"
+    with pytest.raises(ValueError, match=message):
+        IMPORTERS[fmt](source)
+    source.save_pretrained(tmp_path / "src")
+    with pytest.raises(ValueError, match=message):
+        load_as_zoo(tmp_path / "src")
+
+
 # ---- mamba_ssm -----------------------------------------------------------------------------------------------
 # The layout below is read from mamba_ssm 2.3.2 (models/mixer_seq_simple.py, modules/block.py, modules/mlp.py,
 # modules/mamba_simple.py, modules/mamba2.py, modules/mha.py): MixerModel.embedding (note: singular), layers.{i}.norm /

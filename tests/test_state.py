@@ -449,6 +449,34 @@ def test_capped_decoding_steps_give_the_gradients_of_the_capped_forward(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_capped_forward_under_autograd_copies_no_state_at_its_cuts(kind, monkeypatch):
+    """At a cut of a parallel forward the cap's backward saves the scan's state itself, which nothing overwrites in
+    place: the cap copied it first whenever it required grad (as the decoding steps, which write the capped state
+    back into it, need), so every cut kept one more state alive until backward."""
+    mixer = make_mixer(kind)
+    x = torch.randn(2, 12, 32, requires_grad=True)
+    with torch.no_grad():
+        cache = RecurrentLayer()
+        mixer(x[:, :4], cache=cache)
+        threshold = 0.5 * mit.head_view(kind, cache.recurrent_state).norm(dim=-1).min().item()  # the cap acts
+    mixer.mitigation = {"threshold": threshold, "chunk": 4}
+    cap_state, cuts = mit.cap_state, []
+
+    def spy(kind, state, *args, **kwargs):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = cap_state(kind, state, *args, **kwargs)
+        cuts.append(state.requires_grad and any(t.untyped_storage().data_ptr() == state.untyped_storage().data_ptr()
+                                                for t in saved))
+        return out
+
+    monkeypatch.setattr(mit, "cap_state", spy)
+    mixer(x).square().sum().backward()
+    assert len(cuts) == 3 and all(cuts), cuts
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_mitigations_keep_packed_documents_apart(kind):
     """With seq_idx, forget and cap (a cut at the document boundary) equal running each document alone."""
     mixer = make_mixer(kind)

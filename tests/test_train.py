@@ -625,6 +625,36 @@ def test_a_transformers_config_whose_model_cannot_be_built_is_one_error_naming_t
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("model,overrides,message", [
+    ({**_MAMBA_FIELDS, "conv_kernel": 0}, {}, r"^model: conv_kernel: 0 is no kernel size for the causal convolution of "
+                                              r"the mamba model's Mamba layers"),
+    ({**_MAMBA_FIELDS, "model_type": "mamba2", "num_heads": 4, "head_dim": 16, "n_groups": 1, "conv_kernel": -2}, {},
+     r"^model: conv_kernel: -2 is no kernel size .* of the mamba2 model's"),
+    ("folder", {"conv_kernel": 0}, r"^model: .*/config-only: conv_kernel: 0 is no kernel size"),
+    ("weights", {}, r"^model: .*/weights: conv_kernel: 0 is no kernel size"),
+], ids=["mamba", "mamba2-negative", "folder-override", "saved-model"])
+def test_a_transformers_mamba_whose_conv_kernel_is_below_one_is_refused_before_training(tmp_path, model, overrides,
+                                                                                        message):
+    # transformers builds a Mamba of conv_kernel 0 (its Conv1d holds no weights): zoo train built it and failed at the
+    # first step in "RuntimeError: negative padding is not supported" (Mamba-2: "The size of tensor a (0) must match
+    # the size of tensor b"), naming no field
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from zoo.train import build_model
+
+    if model == "folder":
+        AutoConfig.for_model(**_MAMBA_FIELDS).save_pretrained(tmp_path / "config-only")
+        model = str(tmp_path / "config-only")
+    elif model == "weights":
+        config = AutoConfig.for_model(**{**_MAMBA_FIELDS, "conv_kernel": 0})
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "weights")
+        model = str(tmp_path / "weights")
+    run = run_dict(tmp_path, model_overrides=overrides)
+    run["model"] = model
+    with pytest.raises(ValueError, match=message):
+        build_model(config_from_dict(run))
+
+
 @pytest.mark.parametrize("error", [
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "

@@ -286,6 +286,14 @@ def _as_int(fmt: str, name: str, value: Any) -> int:
     raise _unmappable(fmt, name, value, f"{fmt} needs an integer")
 
 
+def _check_conv_kernel(fmt: str, config) -> None:
+    """The source's conv kernel below 1 refused naming its own field (the zoo's d_conv refused it, naming no field of
+    the source's config)."""
+    from zoo.train import check_conv_kernel
+
+    check_conv_kernel(config, f"{fmt}: ")
+
+
 def _check_act(fmt: str, config) -> None:
     act = getattr(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
@@ -304,6 +312,7 @@ def from_hf_mamba(model) -> ZooForCausalLM:
     layer's output before the norm, and both [-1] agree."""
     c, fmt = model.config, "hf-mamba"
     _check_act(fmt, c)
+    _check_conv_kernel(fmt, c)
     mixer = {"type": "mamba", "d_state": c.state_size, "d_conv": c.conv_kernel, "expand": c.expand,
              "dt_rank": int(c.time_step_rank), "dt_min": c.time_step_min, "dt_max": c.time_step_max,
              "dt_init_floor": c.time_step_floor, "dt_scale": c.time_step_scale, "conv_bias": c.use_conv_bias,
@@ -366,6 +375,7 @@ def from_hf_mamba2(model) -> ZooForCausalLM:
     """
     c, fmt = model.config, "hf-mamba2"
     _check_act(fmt, c)
+    _check_conv_kernel(fmt, c)
     limit = tuple(float(x) for x in c.time_step_limit)
     if limit != (0.0, math.inf):
         raise _unmappable(fmt, "time_step_limit", c.time_step_limit, "the zoo's Mamba-2 does not clamp dt")
@@ -527,6 +537,7 @@ def from_hf_jamba(model) -> ZooForCausalLM:
     MoE whose top-k weights are not renormalized)."""
     c, fmt = model.config, "hf-jamba"
     _check_act(fmt, c)
+    _check_conv_kernel(fmt, c)
     if getattr(c, "attention_dropout", 0.0):
         raise _unmappable(fmt, "attention_dropout", c.attention_dropout, "the zoo's attention has no dropout")
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

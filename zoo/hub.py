@@ -405,10 +405,12 @@ def readable_weights(ref: str | Path, revision: str | None = None, *, names: re.
         raise ValueError(_unreadable_message(ref, folder, hub, download, bad, fix)) from None
 
 
-def _named(paths: list[Path], most: int = 4) -> str:
-    """The names of `paths`, the first few of them and a count of the others where they are more than `most`."""
-    names = [p.name for p in paths]
-    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:most - 1])} and {len(names) - most + 1} more"
+def _named(names: list[str], most: int = 4, shown: int | None = None) -> str:
+    """`names` joined, all of them where they are at most `most`, else the first `shown` (most - 1 by default, so that
+    no list ends in 'and 1 more') and a count of the others. zoo.train names the files of a changed data source so
+    too (shown = most)."""
+    shown = most - 1 if shown is None else shown
+    return ", ".join(names) if len(names) <= most else f"{', '.join(names[:shown])} and {len(names) - shown} more"
 
 
 def _unreadable_message(ref: str | Path, folder: Path, hub: bool, download: str, bad: list[tuple[Path, str]],
@@ -429,13 +431,13 @@ def _unreadable_message(ref: str | Path, folder: Path, hub: bool, download: str,
             return f"{lfs[0]} is a Git LFS pointer, not the weights it stands for ({origin}): {fetch}"
         pointers = "is a Git LFS pointer, not the weights it stands" if len(lfs) == 1 else \
             "are Git LFS pointers, not the weights they stand"
-        parts.append(f"its weights ({_named(lfs)}) {pointers} for ({origin}): {fetch}")
+        parts.append(f"its weights ({_named([path.name for path in lfs])}) {pointers} for ({origin}): {fetch}")
     if cut:
         reasons = list(dict.fromkeys(why for _, why in cut))
         why = reasons[0] if len(reasons) == 1 else f"{cut[0][0].name}: {cut[0][1]}; ..."
         again = f"download {'it' if len(cut) == 1 else 'them'} again ({download})" if hub else fix
         cut_short = "a file cut short or corrupted" if len(cut) == 1 else "files cut short or corrupted"
-        parts.append(f"{'and ' if lfs else ''}its weights ({_named([path for path, _ in cut])}) cannot be read "
+        parts.append(f"{'and ' if lfs else ''}its weights ({_named([path.name for path, _ in cut])}) cannot be read "
                      f"({why}): {cut_short} (an interrupted download or copy?); {again}")
     return f"{where}: {'; '.join(parts)}"
 

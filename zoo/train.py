@@ -483,9 +483,11 @@ def model_build_errors(config, given: dict[str, Any] = (), where: str = ""):
     ValueError naming the model type, the error and the numeric fields among `given` (those the user set), those of a
     value below one first, prefixed by `where`. A zoo config's errors are left as they are (ZooConfig checks its own
     fields, and its model's errors are zoo's own), and so is an allocation that failed (out_of_memory): a model too
-    large for the machine's memory is not a config error to fix in its fields."""
+    large for the machine's memory is not a config error to fix in its fields. A value that builds and fails only at
+    the model's first step (a Mamba's conv_kernel 0: `check_conv_kernel`) is refused before the build."""
     from zoo.config import ZooConfig
 
+    check_conv_kernel(config, where)  # (a value that builds, then fails at the model's first step)
     try:
         yield
     except (RuntimeError, ValueError, TypeError, ArithmeticError, IndexError, AssertionError) as e:
@@ -520,6 +522,21 @@ def check_config_fields(config, given: dict[str, Any], where: str, dropped: Any 
                 "unapplied (the model would be built without it), not a field"
             raise ValueError(f"{where}{key}: {what} of {type(config).__name__} "
                              f"({config.model_type}); {hint}fields: {', '.join(known)}")
+
+
+def check_conv_kernel(config, where: str = "") -> None:
+    """Raise ValueError, prefixed by `where`, where a transformers `config` sets the kernel of its Mamba layers' causal
+    convolution below 1 (conv_kernel: Mamba, Mamba-2, FalconMamba; mamba_d_conv: Jamba): transformers builds the
+    model from it (a Conv1d of kernel 0 holds no weights) and the model failed at its first step, in "RuntimeError:
+    negative padding is not supported" (Mamba) or "The size of tensor a (0) must match the size of tensor b (3)"
+    (Mamba-2, Jamba), naming no field."""
+    for name in ("conv_kernel", "mamba_d_conv"):
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"{where}{name}: {value} is no kernel size for the causal convolution of the "
+                             f"{getattr(config, 'model_type', '?')} model's Mamba layers, which mixes each channel's "
+                             f"last {name} inputs (the current one included); give an integer >= 1 (transformers' "
+                             f"default is 4)")
 
 
 def check_special_ids(config, names=SPECIAL_IDS, where: Callable[[str], str] = lambda name: "") -> None:
@@ -617,6 +634,7 @@ def build_model(cfg: TrainConfig, tokenizer=None) -> nn.Module:
 
         try:  # (a hub adapter repo loaded as its base model with the adapter in it: refused)
             model = load_model_not_adapter(spec, dtype=torch.float32, **overrides)
+            check_conv_kernel(model.config, f"model: {spec}: ")
         except OSError as e:
             raise ValueError(f"model: {spec!r} is not a zoo YAML, a model folder or a hub id: {e}") from e
         except TypeError as e:  # an override the loaded config has no field for goes on to the model's __init__
@@ -1528,10 +1546,6 @@ def resume_changes(checkpoint: str | Path, cfg: TrainConfig, precision: str | No
     return changed + ran
 
 
-def _named(paths: list[str]) -> str:
-    return ", ".join(paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
-
-
 def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: dict[str, list[int]] | None,
                           stream: TextStream) -> str | None:
     """The --resume notice, or None, for a local source that changed under the run: its files differ from those the
@@ -1543,6 +1557,7 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
     unset data.revision; or
     the built-in corpus of another Python (trainer_state's stdlib: its version and number of files)."""
     from zoo.data.text import _IndexedDocs
+    from zoo.hub import _named
 
     what = []
     was, now = state.get("source_commit"), stream._docs.commit
@@ -1563,7 +1578,7 @@ def resume_source_changes(checkpoint: str | Path, state: dict[str, Any], files: 
         both = sorted(saved.keys() & files.keys())
         resized = [f"{f} ({saved[f][0]} -> {files[f][0]} bytes)" for f in both if saved[f][0] != files[f][0]]
         touched = [f for f in both if saved[f][0] == files[f][0] and saved[f][1] != files[f][1]]
-        parts = [f"{len(names)} {how}: {_named(names)}" for names, how in (
+        parts = [f"{len(names)} {how}: {_named(names, shown=4)}" for names, how in (
             (added, "added"), (removed, "removed"), (resized, "with another size"),
             (touched, "modified at the same size")) if names]
         what.append(f"the files of data.source changed since {Path(checkpoint).name} ({'; '.join(parts)}), which "

@@ -219,11 +219,16 @@ def head_view(kind: str, state: torch.Tensor, group_size: int = 64) -> torch.Ten
     return state.flatten(2)
 
 
-def cap_state(kind: str, state: torch.Tensor, threshold: float | torch.Tensor, group_size: int = 64) -> torch.Tensor:
-    """`state` with every head whose Frobenius norm exceeds `threshold` (float or [heads]) scaled down to it. Under
-    autograd the result never reads `state` itself, which the decoding steps then overwrite with it in place."""
+def cap_state(kind: str, state: torch.Tensor, threshold: float | torch.Tensor, group_size: int = 64, *,
+              written_back: bool = True) -> torch.Tensor:
+    """`state` with every head whose Frobenius norm exceeds `threshold` (float or [heads]) scaled down to it.
+
+    written_back: whether the caller then overwrites `state` in place with the result, as the decoding steps do: the
+    backward of the scaling reads the tensor it scaled, so under autograd an fp32 `state` is then copied first (any
+    other dtype is, by its cast). False where `state` is never written in place afterwards (the parallel scans' cuts,
+    which go on with the result as a new tensor): no copy, which kept one more state per cut alive until backward."""
     work = state.float()
-    if work is state and state.requires_grad:  # (the backward of the scaling reads the state it was given)
+    if written_back and work is state and state.requires_grad:
         work = state.clone()
     heads = head_view(kind, work, group_size)  # (b, heads, elements)
     if isinstance(threshold, torch.Tensor) and threshold.shape not in ((), (1,), (heads.shape[1],)):
@@ -311,10 +316,11 @@ def _drive(kind: str, spec: Mapping, length: int, dtype: torch.dtype, initial_st
         if rescale is not None:
             steps = offsets[:, -1].to(device=state.device, dtype=torch.float64)  # (1 or b)
             state = state * (c ** steps).to(state.dtype).view(-1, *([1] * (state.dim() - 1)))
+        # (the state is the kernel's or the rescaling's new tensor, which nothing overwrites in place)
         if cap is True:
-            state = cap_state(kind, state, spec["threshold"], spec["group_size"])
+            state = cap_state(kind, state, spec["threshold"], spec["group_size"], written_back=False)
         elif cap is not False:  # the rows whose chunk ends here
-            capped = cap_state(kind, state, spec["threshold"], spec["group_size"])
+            capped = cap_state(kind, state, spec["threshold"], spec["group_size"], written_back=False)
             state = torch.where(cap.view(-1, *([1] * (state.dim() - 1))), capped, state)
         ys.append(y)
     return ys, state
