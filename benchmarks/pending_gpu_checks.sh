@@ -45,7 +45,13 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # forty-fifth session's CPU audits, merged after its call 1, and the forty-sixth session's (no machine was lent to
 # it) have not run on a card
 add tests-noncuda 560 "python -m pytest -q -m 'not cuda' -n 14 -p no:cacheprovider -rfE --timeout 300"
-order=(tests-noncuda tests-fsdp-gpus)
+# the cuda tests of the files whose modules the forty-fifth to forty-seventh sessions changed on the CPU (the decoding
+# steps from grad leaves in zoo/cache.py, attention's empty chunk with seq_idx, cap_state's copies, zoo train's and
+# compare's builds, the passkey checks)
+add tests-cuda-touched 560 "python -m pytest -q -m cuda -p no:cacheprovider -rfE --timeout 300 tests/test_state.py \
+    tests/test_static_decode.py tests/test_static_generate.py tests/test_attention_cuda.py tests/test_modeling.py \
+    tests/test_mixers.py tests/test_compare.py tests/test_train.py tests/test_finetune_cuda.py"
+order=(tests-noncuda tests-cuda-touched tests-fsdp-gpus)
 
 if [ "${1:-}" = --list ]; then
     for name in "${order[@]}"; do echo "$name (${seconds[$name]} s)"; done
