@@ -211,8 +211,9 @@ def test_an_evaluation_runs_with_a_tokenizer_whose_unfed_pad_or_eos_id_lies_past
      "max_len: documents of up to 65 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, "
      "config max_position_embeddings); give --max-len of at most 64"),
     ("passkey", ["--lengths", "200", "--depths", "0", "--n-samples", "1"],
-     "lengths: a prompt of 188 tokens (length 200) and 8 new tokens, but GPT2LMHeadModel learns 64 absolute positions "
-     "(transformer.wpe, config max_position_embeddings); give --lengths of at most 57"),
+     "lengths: 195 positions (a prompt of 188 tokens at length 200, then 8 new tokens, the last not fed back), but "
+     "GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config max_position_embeddings); give --lengths "
+     "of at most 57"),
     ("synthetic", ["--vocab-size", "64", "--seq-lens", "64,128", "--n-samples", "2"],
      "seq_lens: rows of up to 128 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config "
      "max_position_embeddings); give --seq-lens of at most 64"),
@@ -257,9 +258,10 @@ def test_passkey_runs_a_model_whose_learned_positions_hold_its_real_prompts(tmp_
         assert [row["n_samples"] for row in result["rows"]] == [2, 2]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=longest + 4, n_embd=32, n_layer=1, n_head=2,
                                        bos_token_id=None, eos_token_id=None))
-    with pytest.raises(ValueError, match=rf"lengths: a prompt of {longest} tokens \(length 300\) and 6 new tokens, "
-                                         rf"but GPT2LMHeadModel learns {longest + 4} absolute positions .*; give "
-                                         rf"--lengths of at most {longest - 1}$"):
+    with pytest.raises(ValueError, match=rf"lengths: {longest + 5} positions \(a prompt of {longest} tokens at length "
+                                         rf"300, then 6 new tokens, the last not fed back\), but GPT2LMHeadModel "
+                                         rf"learns {longest + 4} absolute positions .*; give --lengths of at most "
+                                         rf"{longest - 1}$"):
         evaluate_passkey(model, tokenizer, [250, 300], [0, 1], 2, max_new_tokens=6)
 
 

@@ -284,6 +284,22 @@ def first_prompt_over(tokenizer, seed: int, lengths, depths, n_samples: int, add
     return None
 
 
+def positions_refusal(tokenizer, seed: int, lengths, depths, n_samples: int, add_bos: bool, max_new_tokens: int,
+                      positions: int, option: str) -> tuple[int, str, str] | None:
+    """Whether a model of ``positions`` learned absolute positions (GPT-2's wpe) holds the grid's prompts (as
+    ``evaluate_passkey`` builds them, keys of seed ``seed``) and the new tokens it feeds back (all but the last of
+    ``max_new_tokens``): None when it does, else (the positions of the first prompt over them, what takes them, the
+    fix naming ``option``, the lengths' option: '--lengths' for zoo eval passkey, 'lengths' for zoo compare's
+    eval.passkey). The one check of both (they were written twice, in two wordings)."""
+    fits = positions - max_new_tokens + 1
+    over = first_prompt_over(tokenizer, seed, lengths, depths, n_samples, add_bos, fits)
+    if over is None:
+        return None
+    need = over[1] + max_new_tokens - 1
+    return (need, f"{need} positions (a prompt of {over[1]} tokens at length {over[0]}, then {max_new_tokens} new "
+                  f"tokens, the last not fed back)", f"give {option} of at most {fits}")
+
+
 def evaluate_passkey(
     model,
     tokenizer,
@@ -368,12 +384,10 @@ def evaluate_passkey(
     # a model of learned positions takes the prompts, a few tokens shorter than their lengths (whole filler sentences),
     # and the new tokens but the last, which is never fed back: a length above its positions less max_new_tokens - 1
     # was refused though every prompt of it fit
-    if (table := position_table(model)) is not None:
-        fits = table[1] - max_new_tokens + 1
-        if (over := first_prompt_over(tokenizer, seed, lengths, depths, n_samples, add_bos, fits)) is not None:
-            check_positions(model, over[1] + max_new_tokens - 1,
-                            f"lengths: a prompt of {over[1]} tokens (length {over[0]}) and {max_new_tokens} new "
-                            f"tokens", lambda n: f"give --lengths of at most {n - max_new_tokens + 1}")
+    if (table := position_table(model)) is not None and (refusal := positions_refusal(
+            tokenizer, seed, lengths, depths, n_samples, add_bos, max_new_tokens, table[1], "--lengths")) is not None:
+        need, what, fix = refusal
+        check_positions(model, need, f"lengths: {what}", lambda n: fix)
 
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
         return (int(entry["length"]), float(entry["depth"])) in grid
