@@ -211,9 +211,9 @@ def test_an_evaluation_runs_with_a_tokenizer_whose_unfed_pad_or_eos_id_lies_past
      "max_len: documents of up to 65 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, "
      "config max_position_embeddings); give --max-len of at most 64"),
     ("passkey", ["--lengths", "200", "--depths", "0", "--n-samples", "1"],
-     "lengths: 195 positions (a prompt of 188 tokens at length 200, then 8 new tokens, the last not fed back), but "
-     "GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config max_position_embeddings); give --lengths "
-     "of at most 57"),
+     "lengths: at least 195 positions (a prompt of at least 188 tokens at length 200, then 8 new tokens, the last not "
+     "fed back), but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config max_position_embeddings); "
+     "give --lengths of at most 57"),
     ("synthetic", ["--vocab-size", "64", "--seq-lens", "64,128", "--n-samples", "2"],
      "seq_lens: rows of up to 128 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config "
      "max_position_embeddings); give --seq-lens of at most 64"),
@@ -258,11 +258,39 @@ def test_passkey_runs_a_model_whose_learned_positions_hold_its_real_prompts(tmp_
         assert [row["n_samples"] for row in result["rows"]] == [2, 2]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=longest + 4, n_embd=32, n_layer=1, n_head=2,
                                        bos_token_id=None, eos_token_id=None))
-    with pytest.raises(ValueError, match=rf"lengths: {longest + 5} positions \(a prompt of {longest} tokens at length "
-                                         rf"300, then 6 new tokens, the last not fed back\), but GPT2LMHeadModel "
+    with pytest.raises(ValueError, match=rf"lengths: at least {longest + 5} positions \(a prompt of at least "
+                                         rf"{longest} tokens at length 300, then 6 new tokens, the last not fed "
+                                         rf"back\), but GPT2LMHeadModel "
                                          rf"learns {longest + 4} absolute positions .*; give --lengths of at most "
                                          rf"{longest - 1}$"):
         evaluate_passkey(model, tokenizer, [250, 300], [0, 1], 2, max_new_tokens=6)
+
+
+def test_passkey_refuses_a_length_far_past_learned_positions_without_building_its_prompts(monkeypatch):
+    # the check built the prompts of every length past the positions to measure them: --lengths 1M took ~10 s (and
+    # GPT-2's tokenizer ~7 s) to refuse a GPT-2 of 1024 positions, tokenizing a million-token prompt several times.
+    # Only prompts of about the positions are built now, and a length whose prompts fit is still run (above)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from zoo.eval import passkey
+    from zoo.eval.common import encode_with_bos, load_tokenizer
+
+    built = []
+
+    def counted(tokenizer, text, add_bos=True):
+        ids = encode_with_bos(tokenizer, text, add_bos)
+        built.append(len(ids))
+        return ids
+
+    monkeypatch.setattr(passkey, "encode_with_bos", counted)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=256, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=None))
+    with pytest.raises(ValueError, match=r"lengths: at least \d+ positions \(a prompt of at least \d+ tokens at length "
+                                         r"1000000, .* learns 256 absolute positions .*; give --lengths of at most "
+                                         r"249$"):
+        passkey.evaluate_passkey(model, load_tokenizer("byte", None), [1_000_000], [0, 0.5, 1], 2)
+    # (the prompts of 256 positions, and the 64 filler sentences build_passkey_prompt measures a sentence's cost on)
+    assert built and max(built) < 2000, max(built)
 
 
 def test_state_checks_the_vocabulary_and_takes_task_arguments(tmp_path):

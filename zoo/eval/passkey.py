@@ -264,23 +264,41 @@ def bare_template_tokens(tokenizer, seed: int, cells, n_samples: int, add_bos: b
     return bare
 
 
+def least_over(tokenizer, fits: int, depth: float, key: int, add_bos: bool, n_filler: int | None = None
+               ) -> tuple[int, int | None]:
+    """(the tokens of the shortest prompt of ``key`` at ``depth`` longer than ``fits`` tokens, the filler sentences of
+    the longest that fits or None when none does). A prompt's tokens grow with its filler sentences, and
+    ``build_passkey_prompt`` takes as many as its length holds: a length below the first count is given the prompt
+    of ``fits`` (it fits), one of at least it a prompt of at least as many tokens (it does not). Only the prompts
+    ``build_passkey_prompt`` measures for ``fits`` are built (``n_filler``: where its search starts)."""
+
+    def length(n: int) -> int:
+        return len(encode_with_bos(tokenizer, passkey_text(key, n, round(depth * n)), add_bos))
+
+    if (base := length(0)) > fits:
+        return base, None
+    m = build_passkey_prompt(tokenizer, fits, depth, key, n_filler=n_filler, add_bos=add_bos).n_filler
+    return length(m + 1), m
+
+
 def first_prompt_over(tokenizer, seed: int, lengths, depths, n_samples: int, add_bos: bool, fits: int
                       ) -> tuple[int, int] | None:
-    """(length, tokens) of the grid's first prompt (lengths ascending; ``depths``, ``n_samples`` keys a cell, as
-    ``evaluate_passkey`` builds them) longer than ``fits`` tokens, or None when every prompt fits. A prompt takes as
-    many whole filler sentences as its length holds, a few tokens fewer than the length: those of lengths up to
-    ``fits`` are not built, those above it until the first that does not fit (a model of learned positions was refused
-    a length whose prompts it held)."""
+    """(length, tokens) of the grid's first length (ascending; ``depths``, ``n_samples`` keys a cell, as
+    ``evaluate_passkey`` builds its prompts) with a prompt longer than ``fits`` tokens, and at least how many tokens
+    that prompt takes; None when every prompt fits. A prompt takes as many whole filler sentences as its length holds,
+    a few tokens fewer than the length: those of lengths up to ``fits`` fit, and those of a longer length fit unless
+    one filler sentence more than the prompt of ``fits`` holds also fits the length (``least_over``). Only the
+    prompts of ``fits`` are built: those of each length were, and --lengths 1M took seconds to be refused for a GPT-2
+    of 1024 positions (a model of learned positions was refused a length whose prompts it held before)."""
     for length in sorted({int(n) for n in lengths}):
         if length <= fits:
             continue
         n_filler = None
         for depth in dict.fromkeys(float(d) for d in depths):
             for key in cell_keys(seed, length, depth, n_samples):
-                prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler, add_bos=add_bos)
-                n_filler = prompt.n_filler
-                if len(prompt.input_ids) > fits:
-                    return length, len(prompt.input_ids)
+                least, n_filler = least_over(tokenizer, fits, depth, key, add_bos, n_filler)
+                if least <= length:
+                    return length, least
     return None
 
 
@@ -288,16 +306,16 @@ def positions_refusal(tokenizer, seed: int, lengths, depths, n_samples: int, add
                       positions: int, option: str) -> tuple[int, str, str] | None:
     """Whether a model of ``positions`` learned absolute positions (GPT-2's wpe) holds the grid's prompts (as
     ``evaluate_passkey`` builds them, keys of seed ``seed``) and the new tokens it feeds back (all but the last of
-    ``max_new_tokens``): None when it does, else (the positions of the first prompt over them, what takes them, the
-    fix naming ``option``, the lengths' option: '--lengths' for zoo eval passkey, 'lengths' for zoo compare's
+    ``max_new_tokens``): None when it does, else (the least positions of the first prompt over them, what takes them,
+    the fix naming ``option``, the lengths' option: '--lengths' for zoo eval passkey, 'lengths' for zoo compare's
     eval.passkey). The one check of both (they were written twice, in two wordings)."""
     fits = positions - max_new_tokens + 1
     over = first_prompt_over(tokenizer, seed, lengths, depths, n_samples, add_bos, fits)
     if over is None:
         return None
     need = over[1] + max_new_tokens - 1
-    return (need, f"{need} positions (a prompt of {over[1]} tokens at length {over[0]}, then {max_new_tokens} new "
-                  f"tokens, the last not fed back)", f"give {option} of at most {fits}")
+    return (need, f"at least {need} positions (a prompt of at least {over[1]} tokens at length {over[0]}, then "
+                  f"{max_new_tokens} new tokens, the last not fed back)", f"give {option} of at most {fits}")
 
 
 def evaluate_passkey(
