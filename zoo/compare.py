@@ -2314,7 +2314,7 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[Mo
         _check_packing(recipe, entry, ModelInputs.of(model))
         if (table := position_table(model)) is not None:  # GPT-2's wpe: a longer row failed in it, mid-run
             for name, positions, fix in _phase_positions(cfg):
-                what, advice = f"{positions} positions", None
+                what, advice, shortest = f"{positions} positions", None, None
                 if positions > table[1] and name == "eval.passkey.lengths":
                     # its prompts take a few tokens fewer than their lengths (whole filler sentences): the bound
                     # refused a length whose prompts the model held; zoo eval passkey's check says which do not fit
@@ -2324,12 +2324,13 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[Mo
                                                 recipe.data.add_bos, pk.max_new_tokens, table[1], "lengths")
                     if refusal is None:
                         continue
-                    positions, what, advice = refusal
+                    positions, what, advice, shortest = refusal
                 if positions > table[1]:
                     raise ValueError(f"{name}: {what}, but models.{entry.name} ({type(model).__name__}) "
                                      f"learns {table[1]} absolute positions ({table[0]}, config "
-                                     f"max_position_embeddings); {advice or fix(table[1])}, or raise its "
-                                     f"max_position_embeddings")
+                                     f"max_position_embeddings); {advice or fix(table[1])}" + (
+                                         ", or raise its max_position_embeddings" if shortest is None else
+                                         f"; raise its max_position_embeddings to at least {shortest}"))
 
 
 def _check_packing(recipe, entry: ModelEntry, inputs) -> None:

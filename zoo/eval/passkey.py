@@ -302,20 +302,50 @@ def first_prompt_over(tokenizer, seed: int, lengths, depths, n_samples: int, add
     return None
 
 
+def longest_length_within(tokenizer, seed: int, depths, n_samples: int, add_bos: bool, fits: int
+                          ) -> tuple[int | None, int]:
+    """(the longest length of at most ``fits`` tokens whose keys' prompts without filler fit it, as
+    ``evaluate_passkey``'s template check asks, or None when none does; the tokens of the prompt without filler of
+    length ``fits``, the most over its keys). Such a length's prompts take at most ``fits`` tokens. A BPE tokenizer
+    writes some keys in fewer tokens than others, and the keys change with the length, so the ``SEARCH`` lengths
+    below ``fits`` are tried too."""
+
+    def bare(length: int) -> int:
+        return max(len(encode_with_bos(tokenizer, passkey_text(key, 0, 0), add_bos)) for depth in
+                   dict.fromkeys(float(d) for d in depths) for key in cell_keys(seed, length, depth, n_samples))
+
+    shortest = bare(fits)
+    if shortest <= fits:
+        return fits, shortest
+    return next((n for n in range(fits - 1, max(fits - SEARCH, 0), -1) if bare(n) <= n), None), shortest
+
+
+SEARCH = 64  # lengths below the positions tried for one the template check takes (keys differ by a few tokens)
+
+
 def positions_refusal(tokenizer, seed: int, lengths, depths, n_samples: int, add_bos: bool, max_new_tokens: int,
-                      positions: int, option: str) -> tuple[int, str, str] | None:
+                      positions: int, option: str) -> tuple[int, str, str, int | None] | None:
     """Whether a model of ``positions`` learned absolute positions (GPT-2's wpe) holds the grid's prompts (as
     ``evaluate_passkey`` builds them, keys of seed ``seed``) and the new tokens it feeds back (all but the last of
     ``max_new_tokens``): None when it does, else (the least positions of the first prompt over them, what takes them,
     the fix naming ``option``, the lengths' option: '--lengths' for zoo eval passkey, 'lengths' for zoo compare's
-    eval.passkey). The one check of both (they were written twice, in two wordings)."""
+    eval.passkey; None, or the positions passkey's shortest prompt takes where no length fits the model). The one
+    check of both (they were written twice, in two wordings)."""
     fits = positions - max_new_tokens + 1
     over = first_prompt_over(tokenizer, seed, lengths, depths, n_samples, add_bos, fits)
     if over is None:
         return None
     need = over[1] + max_new_tokens - 1
-    return (need, f"at least {need} positions (a prompt of at least {over[1]} tokens at length {over[0]}, then "
-                  f"{max_new_tokens} new tokens, the last not fed back)", f"give {option} of at most {fits}")
+    what = (f"at least {need} positions (a prompt of at least {over[1]} tokens at length {over[0]}, then "
+            f"{max_new_tokens} new tokens, the last not fed back)")
+    # the length advised is one the template check takes: 'give --lengths of at most 57' was advised for a model of
+    # 64 positions, below the 188 tokens of the prompt without filler, which no length goes under
+    length, shortest = longest_length_within(tokenizer, seed, depths, n_samples, add_bos, max(fits, 1))
+    if length is not None:
+        return need, what, f"give {option} of at most {length}", None
+    least = shortest + max_new_tokens - 1
+    return (need, what, f"no {option} fit in them: passkey's shortest prompt (without filler) takes {shortest} "
+                        f"tokens, {least} positions with the new tokens", least)
 
 
 def evaluate_passkey(
@@ -404,7 +434,7 @@ def evaluate_passkey(
     # was refused though every prompt of it fit
     if (table := position_table(model)) is not None and (refusal := positions_refusal(
             tokenizer, seed, lengths, depths, n_samples, add_bos, max_new_tokens, table[1], "--lengths")) is not None:
-        need, what, fix = refusal
+        need, what, fix, _ = refusal
         check_positions(model, need, f"lengths: {what}", lambda n: fix)
 
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
