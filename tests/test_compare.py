@@ -2362,8 +2362,8 @@ def test_a_comparison_without_mqar_or_throughput_writes_no_empty_plot(tmp_path):
     ({"eval": {"batches": 1, "per_position": {"n_docs": 1, "max_len": 64, "chunk_size": 16}}},
      "eval.per_position.max_len: 64 positions"),
     ({"eval": {"batches": 1, "passkey": {"lengths": [200], "n_samples": 1}}},
-     "eval.passkey.lengths: 195 positions (a prompt of 188 tokens at length 200, then max_new_tokens 8, the last not "
-     "fed back), but models.gpt2 (GPT2LMHeadModel) learns 194 absolute positions"),
+     "eval.passkey.lengths: at least 195 positions (a prompt of at least 188 tokens at length 200, then 8 new tokens, "
+     "the last not fed back), but models.gpt2 (GPT2LMHeadModel) learns 194 absolute positions"),
     ({"eval": {"batches": 1, "mqar": {"steps": 0, "seq_len": 16, "n_kv": 2, "vocab_size": 64,
                                       "eval_seq_lens": [16, 64]}}}, "eval.mqar.eval_seq_lens: 64 positions"),
     ({"throughput": {"seq_lens": [16, 64], "steps": 1}}, "throughput.seq_lens: 64 positions"),
@@ -2415,9 +2415,53 @@ def test_a_model_whose_learned_positions_hold_the_real_passkey_prompts_is_not_re
         _check_inputs(cfg, resolve_models(cfg, folder))
 
     check(longest + 5)  # the prompt, then 5 of the 6 new tokens (the last is never fed back)
-    with pytest.raises(ValueError, match=rf"eval.passkey.lengths: {longest + 5} positions \(a prompt of {longest} "
-                                         rf"tokens at length 200, .* learns {longest + 4} absolute positions"):
+    with pytest.raises(ValueError, match=rf"eval.passkey.lengths: at least {longest + 5} positions \(a prompt of at "
+                                         rf"least {longest} tokens at length 200, .* learns {longest + 4} absolute "
+                                         rf"positions"):
         check(longest + 4)
+
+
+@pytest.mark.parametrize("positions", [260, 194], ids=["a-length-fits", "no-length-fits"])
+def test_zoo_compare_and_zoo_eval_passkey_refuse_prompts_past_learned_positions_in_the_same_words(tmp_path, positions):
+    """The check that a model of learned positions holds the passkey prompts was written twice, in zoo eval passkey
+    ('a prompt of 188 tokens (length 200) and 8 new tokens') and in zoo compare ('195 positions (a prompt of 188
+    tokens at length 200, then max_new_tokens 8, ...)'): one function says it for both, each naming its own option.
+    Where even the prompt without filler (188 tokens with the byte tokenizer) does not fit, both say no length does,
+    and compare how many positions to raise the model's to."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from zoo.compare import _check_inputs
+    from zoo.data.text import load_tokenizer
+    from zoo.eval.passkey import evaluate_passkey
+
+    gpt2 = {"model_type": "gpt2", "vocab_size": 260, "n_embd": 32, "n_layer": 1, "n_head": 2,
+            "n_positions": positions}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {"gpt2": gpt2}, "output_dir": str(tmp_path / "out"),
+        "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16, "packing": False},
+                   "train": {"max_steps": 1, "seed": 0}, "schedule": {"warmup_steps": 0}},
+        "eval": {"batches": 1, "passkey": {"lengths": [400], "depths": [0, 1], "n_samples": 2}}, "throughput": None}))
+    cfg, folder = load_compare_config(path)
+    with pytest.raises(ValueError) as compare_refusal:
+        _check_inputs(cfg, resolve_models(cfg, folder))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=260, n_positions=positions, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=None))
+    with pytest.raises(ValueError) as eval_refusal:
+        evaluate_passkey(model, load_tokenizer("byte"), [400], [0, 1], 2, seed=0)
+    compare_says = re.fullmatch(rf"eval\.passkey\.lengths: (.*), but models\.gpt2 \(GPT2LMHeadModel\) learns "
+                                rf"{positions} absolute positions \(.*\); (.*?)(, or raise its max_position_embeddings"
+                                rf"|; raise its max_position_embeddings to at least 195)", str(compare_refusal.value))
+    eval_says = re.fullmatch(rf"lengths: (.*), but GPT2LMHeadModel learns {positions} absolute positions \(.*\); "
+                             rf"(.*)", str(eval_refusal.value))
+    assert compare_says and eval_says, (str(compare_refusal.value), str(eval_refusal.value))
+    assert compare_says[1] == eval_says[1] and compare_says[1].startswith("at least ")
+    assert compare_says[2] == eval_says[2].replace("--lengths", "lengths")
+    if positions == 260:
+        assert compare_says[2] == "give lengths of at most 253" and compare_says[3].startswith(", or raise")
+    else:
+        assert compare_says[2] == ("no lengths fit in them: passkey's shortest prompt (without filler) takes 188 "
+                                   "tokens, 195 positions with the new tokens")
 
 
 @pytest.mark.parametrize("accounting_only", [False, True], ids=["run", "accounting-only"])

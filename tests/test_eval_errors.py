@@ -211,8 +211,10 @@ def test_an_evaluation_runs_with_a_tokenizer_whose_unfed_pad_or_eos_id_lies_past
      "max_len: documents of up to 65 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, "
      "config max_position_embeddings); give --max-len of at most 64"),
     ("passkey", ["--lengths", "200", "--depths", "0", "--n-samples", "1"],
-     "lengths: a prompt of 188 tokens (length 200) and 8 new tokens, but GPT2LMHeadModel learns 64 absolute positions "
-     "(transformer.wpe, config max_position_embeddings); give --lengths of at most 57"),
+     "lengths: at least 195 positions (a prompt of at least 188 tokens at length 200, then 8 new tokens, the last not "
+     "fed back), but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config max_position_embeddings); "
+     "no --lengths fit in them: passkey's shortest prompt (without filler) takes 188 tokens, 195 positions with the "
+     "new tokens"),
     ("synthetic", ["--vocab-size", "64", "--seq-lens", "64,128", "--n-samples", "2"],
      "seq_lens: rows of up to 128 tokens, but GPT2LMHeadModel learns 64 absolute positions (transformer.wpe, config "
      "max_position_embeddings); give --seq-lens of at most 64"),
@@ -257,10 +259,84 @@ def test_passkey_runs_a_model_whose_learned_positions_hold_its_real_prompts(tmp_
         assert [row["n_samples"] for row in result["rows"]] == [2, 2]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=longest + 4, n_embd=32, n_layer=1, n_head=2,
                                        bos_token_id=None, eos_token_id=None))
-    with pytest.raises(ValueError, match=rf"lengths: a prompt of {longest} tokens \(length 300\) and 6 new tokens, "
-                                         rf"but GPT2LMHeadModel learns {longest + 4} absolute positions .*; give "
-                                         rf"--lengths of at most {longest - 1}$"):
+    with pytest.raises(ValueError, match=rf"lengths: at least {longest + 5} positions \(a prompt of at least "
+                                         rf"{longest} tokens at length 300, then 6 new tokens, the last not fed "
+                                         rf"back\), but GPT2LMHeadModel "
+                                         rf"learns {longest + 4} absolute positions .*; give --lengths of at most "
+                                         rf"{longest - 1}$"):
         evaluate_passkey(model, tokenizer, [250, 300], [0, 1], 2, max_new_tokens=6)
+
+
+def test_passkey_refuses_a_length_far_past_learned_positions_without_building_its_prompts(monkeypatch):
+    # the check built the prompts of every length past the positions to measure them: --lengths 1M took ~10 s (and
+    # GPT-2's tokenizer ~7 s) to refuse a GPT-2 of 1024 positions, tokenizing a million-token prompt several times.
+    # Only prompts of about the positions are built now, and a length whose prompts fit is still run (above)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from zoo.eval import passkey
+    from zoo.eval.common import encode_with_bos, load_tokenizer
+
+    built = []
+
+    def counted(tokenizer, text, add_bos=True):
+        ids = encode_with_bos(tokenizer, text, add_bos)
+        built.append(len(ids))
+        return ids
+
+    monkeypatch.setattr(passkey, "encode_with_bos", counted)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=256, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=None))
+    with pytest.raises(ValueError, match=r"lengths: at least \d+ positions \(a prompt of at least \d+ tokens at length "
+                                         r"1000000, .* learns 256 absolute positions .*; give --lengths of at most "
+                                         r"249$"):
+        passkey.evaluate_passkey(model, load_tokenizer("byte", None), [1_000_000], [0, 0.5, 1], 2)
+    # (the prompts of 256 positions, and the 64 filler sentences build_passkey_prompt measures a sentence's cost on)
+    assert built and max(built) < 2000, max(built)
+
+
+class OddKeyTokenizer:
+    """A character a token (its byte), but a number whose first digit is odd one token (300): a passkey prompt of
+    such a key is 8 tokens shorter than one of another key, as a BPE tokenizer writes some keys in fewer tokens."""
+
+    bos_token_id = eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        pieces = re.findall(r"\d+|\D", text)
+        return [i for piece in pieces for i in ([300] if piece[0] in "13579" else [ord(c) % 256 for c in piece])]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(i) for i in ids if i < 256)
+
+
+def test_passkey_past_learned_positions_advises_a_length_the_template_check_takes():
+    # the refusal advised --lengths of at most the positions less the new tokens but one, whatever that length's
+    # keys: where they made a prompt without filler longer than it, the length advised was refused in turn ('shorter
+    # than the bare passkey template'), and below the template of every key (a GPT-2 of 64 positions, above) no
+    # length could ever be taken. It is now the longest one the template check takes, or the refusal says none fits
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from zoo.eval.passkey import cell_keys, evaluate_passkey, passkey_text
+
+    tokenizer = OddKeyTokenizer()
+    short = len(tokenizer.encode(passkey_text(11111, 0, 0)))  # the prompt without filler of a key of odd first digit
+    assert len(tokenizer.encode(passkey_text(22222, 0, 0))) == short + 8
+
+    def odd(seed: int, length: int) -> bool:
+        return str(cell_keys(seed, length, 0.0, 1)[0])[0] in "13579"
+
+    fits = short + 7  # the longest prompt the model holds with 8 new tokens
+    # a seed whose key at length `fits` makes a prompt without filler longer than it, and one length below it does not
+    seed = next(seed for seed in range(100) if not odd(seed, fits) and any(odd(seed, n) for n in range(short, fits)))
+    longest = max(n for n in range(short, fits) if odd(seed, n))
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=fits + 7, n_embd=32, n_layer=1, n_head=2,
+                                       bos_token_id=None, eos_token_id=None))
+    with pytest.raises(ValueError, match=rf"learns {fits + 7} absolute positions .*; give --lengths of at most "
+                                         rf"{longest}$"):
+        evaluate_passkey(model, tokenizer, [short + 200], [0], 1, seed=seed)
+    with pytest.raises(ValueError, match="shorter than the bare passkey template"):  # (what was advised)
+        evaluate_passkey(model, tokenizer, [fits], [0], 1, seed=seed)
+    assert [row["length"] for row in evaluate_passkey(model, tokenizer, [longest], [0], 1, seed=seed)["rows"]] == \
+        [longest]
 
 
 def test_state_checks_the_vocabulary_and_takes_task_arguments(tmp_path):

@@ -2314,24 +2314,23 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[Mo
         _check_packing(recipe, entry, ModelInputs.of(model))
         if (table := position_table(model)) is not None:  # GPT-2's wpe: a longer row failed in it, mid-run
             for name, positions, fix in _phase_positions(cfg):
-                what = f"{positions} positions"
+                what, advice, shortest = f"{positions} positions", None, None
                 if positions > table[1] and name == "eval.passkey.lengths":
                     # its prompts take a few tokens fewer than their lengths (whole filler sentences): the bound
-                    # refused a length whose prompts the model held; those past it are built, as the phase will
-                    from zoo.eval.passkey import first_prompt_over
+                    # refused a length whose prompts the model held; zoo eval passkey's check says which do not fit
+                    from zoo.eval.passkey import positions_refusal
 
-                    fits = table[1] - pk.max_new_tokens + 1
-                    over = first_prompt_over(tokenizer, recipe.train.seed, pk.lengths, pk.depths, pk.n_samples,
-                                             recipe.data.add_bos, fits)
-                    if over is None:
+                    refusal = positions_refusal(tokenizer, recipe.train.seed, pk.lengths, pk.depths, pk.n_samples,
+                                                recipe.data.add_bos, pk.max_new_tokens, table[1], "lengths")
+                    if refusal is None:
                         continue
-                    positions = over[1] + pk.max_new_tokens - 1
-                    what = (f"{positions} positions (a prompt of {over[1]} tokens at length {over[0]}, then "
-                            f"max_new_tokens {pk.max_new_tokens}, the last not fed back)")
+                    positions, what, advice, shortest = refusal
                 if positions > table[1]:
                     raise ValueError(f"{name}: {what}, but models.{entry.name} ({type(model).__name__}) "
                                      f"learns {table[1]} absolute positions ({table[0]}, config "
-                                     f"max_position_embeddings); {fix(table[1])}, or raise its max_position_embeddings")
+                                     f"max_position_embeddings); {advice or fix(table[1])}" + (
+                                         ", or raise its max_position_embeddings" if shortest is None else
+                                         f"; raise its max_position_embeddings to at least {shortest}"))
 
 
 def _check_packing(recipe, entry: ModelEntry, inputs) -> None:
@@ -2355,9 +2354,10 @@ def _phase_positions(cfg: CompareConfig) -> list[tuple[str, int, Callable[[int],
         out.append(("eval.per_position.max_len", pp.max_len, lambda n: f"lower it to <= {n}"))
     pk = cfg.eval.passkey
     if pk is not None:  # a prompt of up to its length, then the new tokens (the last one is never fed back); the
-        # prompts' real lengths, a few tokens shorter, are measured where this bound is past a model's positions
+        # prompts' real lengths, a few tokens shorter, are measured where this bound is past a model's positions, and
+        # the fix is then zoo.eval.passkey.positions_refusal's
         out.append(("eval.passkey.lengths", max(pk.lengths) + pk.max_new_tokens - 1,
-                    lambda n: f"keep lengths <= {n} - max_new_tokens + 1 = {n - pk.max_new_tokens + 1}"))
+                    lambda n: f"give lengths of at most {n - pk.max_new_tokens + 1}"))
     m = cfg.eval.mqar
     if m is not None:  # its training rows, and the evaluation's cells that can be built (the others are skipped)
         cells = [L for L in m.eval_seq_lens or [m.seq_len] for n in m.eval_n_kv or [m.n_kv]

@@ -264,24 +264,88 @@ def bare_template_tokens(tokenizer, seed: int, cells, n_samples: int, add_bos: b
     return bare
 
 
+def least_over(tokenizer, fits: int, depth: float, key: int, add_bos: bool, n_filler: int | None = None
+               ) -> tuple[int, int | None]:
+    """(the tokens of the shortest prompt of ``key`` at ``depth`` longer than ``fits`` tokens, the filler sentences of
+    the longest that fits or None when none does). A prompt's tokens grow with its filler sentences, and
+    ``build_passkey_prompt`` takes as many as its length holds: a length below the first count is given the prompt
+    of ``fits`` (it fits), one of at least it a prompt of at least as many tokens (it does not). Only the prompts
+    ``build_passkey_prompt`` measures for ``fits`` are built (``n_filler``: where its search starts)."""
+
+    def length(n: int) -> int:
+        return len(encode_with_bos(tokenizer, passkey_text(key, n, round(depth * n)), add_bos))
+
+    if (base := length(0)) > fits:
+        return base, None
+    m = build_passkey_prompt(tokenizer, fits, depth, key, n_filler=n_filler, add_bos=add_bos).n_filler
+    return length(m + 1), m
+
+
 def first_prompt_over(tokenizer, seed: int, lengths, depths, n_samples: int, add_bos: bool, fits: int
                       ) -> tuple[int, int] | None:
-    """(length, tokens) of the grid's first prompt (lengths ascending; ``depths``, ``n_samples`` keys a cell, as
-    ``evaluate_passkey`` builds them) longer than ``fits`` tokens, or None when every prompt fits. A prompt takes as
-    many whole filler sentences as its length holds, a few tokens fewer than the length: those of lengths up to
-    ``fits`` are not built, those above it until the first that does not fit (a model of learned positions was refused
-    a length whose prompts it held)."""
+    """(length, tokens) of the grid's first length (ascending; ``depths``, ``n_samples`` keys a cell, as
+    ``evaluate_passkey`` builds its prompts) with a prompt longer than ``fits`` tokens, and at least how many tokens
+    that prompt takes; None when every prompt fits. A prompt takes as many whole filler sentences as its length holds,
+    a few tokens fewer than the length: those of lengths up to ``fits`` fit, and those of a longer length fit unless
+    one filler sentence more than the prompt of ``fits`` holds also fits the length (``least_over``). Only the
+    prompts of ``fits`` are built: those of each length were, and --lengths 1M took seconds to be refused for a GPT-2
+    of 1024 positions (a model of learned positions was refused a length whose prompts it held before)."""
     for length in sorted({int(n) for n in lengths}):
         if length <= fits:
             continue
         n_filler = None
         for depth in dict.fromkeys(float(d) for d in depths):
             for key in cell_keys(seed, length, depth, n_samples):
-                prompt = build_passkey_prompt(tokenizer, length, depth, key, n_filler=n_filler, add_bos=add_bos)
-                n_filler = prompt.n_filler
-                if len(prompt.input_ids) > fits:
-                    return length, len(prompt.input_ids)
+                least, n_filler = least_over(tokenizer, fits, depth, key, add_bos, n_filler)
+                if least <= length:
+                    return length, least
     return None
+
+
+def longest_length_within(tokenizer, seed: int, depths, n_samples: int, add_bos: bool, fits: int
+                          ) -> tuple[int | None, int]:
+    """(the longest length of at most ``fits`` tokens whose keys' prompts without filler fit it, as
+    ``evaluate_passkey``'s template check asks, or None when none does; the tokens of the prompt without filler of
+    length ``fits``, the most over its keys). Such a length's prompts take at most ``fits`` tokens. A BPE tokenizer
+    writes some keys in fewer tokens than others, and the keys change with the length, so the ``SEARCH`` lengths
+    below ``fits`` are tried too."""
+
+    def bare(length: int) -> int:
+        return max(len(encode_with_bos(tokenizer, passkey_text(key, 0, 0), add_bos)) for depth in
+                   dict.fromkeys(float(d) for d in depths) for key in cell_keys(seed, length, depth, n_samples))
+
+    shortest = bare(fits)
+    if shortest <= fits:
+        return fits, shortest
+    return next((n for n in range(fits - 1, max(fits - SEARCH, 0), -1) if bare(n) <= n), None), shortest
+
+
+SEARCH = 64  # lengths below the positions tried for one the template check takes (keys differ by a few tokens)
+
+
+def positions_refusal(tokenizer, seed: int, lengths, depths, n_samples: int, add_bos: bool, max_new_tokens: int,
+                      positions: int, option: str) -> tuple[int, str, str, int | None] | None:
+    """Whether a model of ``positions`` learned absolute positions (GPT-2's wpe) holds the grid's prompts (as
+    ``evaluate_passkey`` builds them, keys of seed ``seed``) and the new tokens it feeds back (all but the last of
+    ``max_new_tokens``): None when it does, else (the least positions of the first prompt over them, what takes them,
+    the fix naming ``option``, the lengths' option: '--lengths' for zoo eval passkey, 'lengths' for zoo compare's
+    eval.passkey; None, or the positions passkey's shortest prompt takes where no length fits the model). The one
+    check of both (they were written twice, in two wordings)."""
+    fits = positions - max_new_tokens + 1
+    over = first_prompt_over(tokenizer, seed, lengths, depths, n_samples, add_bos, fits)
+    if over is None:
+        return None
+    need = over[1] + max_new_tokens - 1
+    what = (f"at least {need} positions (a prompt of at least {over[1]} tokens at length {over[0]}, then "
+            f"{max_new_tokens} new tokens, the last not fed back)")
+    # the length advised is one the template check takes: 'give --lengths of at most 57' was advised for a model of
+    # 64 positions, below the 188 tokens of the prompt without filler, which no length goes under
+    length, shortest = longest_length_within(tokenizer, seed, depths, n_samples, add_bos, max(fits, 1))
+    if length is not None:
+        return need, what, f"give {option} of at most {length}", None
+    least = shortest + max_new_tokens - 1
+    return (need, what, f"no {option} fit in them: passkey's shortest prompt (without filler) takes {shortest} "
+                        f"tokens, {least} positions with the new tokens", least)
 
 
 def evaluate_passkey(
@@ -368,12 +432,10 @@ def evaluate_passkey(
     # a model of learned positions takes the prompts, a few tokens shorter than their lengths (whole filler sentences),
     # and the new tokens but the last, which is never fed back: a length above its positions less max_new_tokens - 1
     # was refused though every prompt of it fit
-    if (table := position_table(model)) is not None:
-        fits = table[1] - max_new_tokens + 1
-        if (over := first_prompt_over(tokenizer, seed, lengths, depths, n_samples, add_bos, fits)) is not None:
-            check_positions(model, over[1] + max_new_tokens - 1,
-                            f"lengths: a prompt of {over[1]} tokens (length {over[0]}) and {max_new_tokens} new "
-                            f"tokens", lambda n: f"give --lengths of at most {n - max_new_tokens + 1}")
+    if (table := position_table(model)) is not None and (refusal := positions_refusal(
+            tokenizer, seed, lengths, depths, n_samples, add_bos, max_new_tokens, table[1], "--lengths")) is not None:
+        need, what, fix, _ = refusal
+        check_positions(model, need, f"lengths: {what}", lambda n: fix)
 
     def in_grid(entry: dict) -> bool:  # a saved cell outside this grid is not this run's result
         return (int(entry["length"]), float(entry["depth"])) in grid
