@@ -15,7 +15,8 @@ result.json with the same settings throughout is reused as it is. Ctrl-C or SIGT
 (``<run>/checkpoints/``, also every ``train.checkpoint_every`` steps) and the same command continues it; the
 evaluation saves each finished cell (``<run>/result.partial.json``) and the same command runs only the others. The
 runs of one call share one precision (``train.precision``). The summary keeps, per model and grid
-point, the best run over ``select_over`` (the learning rate, as Zoology reports), and writes ``summary.md``,
+point, the best run over ``select_over`` (the learning rate, as Zoology reports; where --only kept another model's
+saved runs of some of the sweep's learning rates only, its row names the missing ones), and writes ``summary.md``,
 ``summary.json``, ``accuracy_vs_length.png`` and ``accuracy_vs_state.png`` (accuracy against the recurrent
 state size, or the KV cache for attention, at the plotted sequence length).
 """
@@ -550,10 +551,17 @@ def grid_accuracy(result: dict) -> float | None:
 
 def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[dict], list[dict]]:
     """(all rows, best rows): one row per run with its accuracy per seq_len; best over select_over, by the
-    accuracy at the plot cell, or over the whole evaluated grid where that cell was not evaluated (`selected_by`)."""
+    accuracy at the plot cell, or over the whole evaluated grid where that cell was not evaluated (`selected_by`).
+    A best row picked among some of the sweep's select_over points only (--only keeps the saved runs of the other
+    models, which may lack some) names the others in `missing` ("lr=0.01, lr=0.1")."""
     from zoo.eval.synthetic import task_default
 
     select = set(data.get("select_over", ["optim.lr"]))
+    sweep = data.get("sweep") or {}
+    chosen = [key for key in sweep if key in select]  # (in sweep order, as the runs' names)
+    wanted = []  # (by equality: a swept value may be a list)
+    for point in itertools.product(*([_yaml_float(v) for v in sweep[key]] for key in chosen)):
+        wanted += [point] if point not in wanted else []
     # every run gets a column for every length a run of the call evaluates ('-' where it does not): a model_overrides
     # eval.seq_lens dropped the other runs' lengths from the table (those of the first run made the columns) or
     # failed the plot after every run had trained (KeyError)
@@ -577,13 +585,22 @@ def summarize(data: dict, runs: list[Run], results: list[dict]) -> tuple[list[di
             acc = cell_accuracy(res, seq_len, count) if seq_len in run.eval.seq_lens else None
             row[f"acc@{seq_len}"] = "-" if acc is None else acc
         row["_group"] = (run.model_name, tuple((k, v) for k, v in run.point.items() if k not in select))
+        row["_selected"] = tuple(run.point.get(key) for key in chosen)
         table.append(row)
     best: dict[tuple, dict] = {}
     for row in table:
         kept = best.get(row["_group"])
         if kept is None or (row["_score"] or 0) > (kept["_score"] or 0):
             best[row["_group"]] = row
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("_group", "_score")} for r in rows]
+    # a group of some of the select_over points: --only kept another model's saved runs, of one learning rate where
+    # its earlier call had run no other, and the summary called it the best learning rate of the sweep
+    for group, row in best.items():
+        present = [r["_selected"] for r in table if r["_group"] == group]
+        missing = [point for point in wanted if point not in present]
+        if missing:
+            best[group] = {**row, "missing": ", ".join(
+                " ".join(f"{key.split('.')[-1]}={value}" for key, value in zip(chosen, point)) for point in missing)}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("_group", "_score", "_selected")} for r in rows]
     return strip(table), strip(best.values())
 
 
@@ -719,9 +736,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(data.get("output_dir", "runs/synthetic"))
     seq_lens = summary_lengths(runs)
     columns = ["run", "params", "state_floats", *[f"acc@{s}" for s in seq_lens]]
+    partial = sorted({row["model"] for row in best if row.get("missing")})
     text = (f"# {args.config}\n\nacc@T: accuracy at T tokens with the plot count of items (plot_count: default the "
             f"trained count; every cell is in summary.json's result rows and each run's result.json)\n\n"
-            f"## best per model and grid point\n\n{markdown_table(best, columns)}\n")
+            f"## best per model and grid point\n\n{markdown_table(best, columns + ['missing'] * bool(partial))}\n")
+    if partial:
+        select = ", ".join(key for key in data.get("select_over", ["optim.lr"]) if key in (data.get("sweep") or {}))
+        text += (f"\nPartial: the best run of {', '.join(partial)} is over part of the sweep's {select} only (this "
+                 f"output_dir holds no result of the runs 'missing' names under these settings; --only "
+                 f"{' '.join(partial)} runs them)\n")
     if len(best) < len(table):
         text += f"\n## every run\n\n{markdown_table(table, columns)}\n"
     seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in results)

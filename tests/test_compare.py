@@ -802,6 +802,36 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "gla: throughput and memory" in err and "training at" not in err and "MQAR" not in err
 
 
+@pytest.mark.parametrize("accounting_only", [False, True], ids=["run", "accounting-only"])
+def test_a_comparison_builds_each_model_on_the_meta_device_once(tmp_path, monkeypatch, accounting_only):
+    # the checks and the accounting built every model on the meta device anew: a transformers model four times
+    # (resolve_models' check, _check_inputs' accounting and its own check, run_model's accounting), a zoo model three
+    import collections
+
+    import zoo.compare as compare
+
+    real, built = compare._meta_model, collections.Counter()
+
+    def counted(config, given=()):
+        built[type(config).__name__] += 1
+        return real(config, given)
+
+    monkeypatch.setattr(compare, "_meta_model", counted)
+    for phase in ("phase_train", "phase_eval"):  # (the training and its evaluation build real models, not counted)
+        monkeypatch.setattr(compare, phase, lambda *args, **kwargs: {"checkpoint": "none"})
+    llama = {"model_type": "llama", "vocab_size": 260, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 1, "num_attention_heads": 2}
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {"llama": {"config": llama}, "mamba": "configs/models/mamba-tiny.yaml"},
+        "model_overrides": {"vocab_size": 260}, "output_dir": str(tmp_path / "out"),
+        "recipe": {"tokenizer": "byte", "data": {"source": "stdlib", "seq_len": 16},
+                   "train": {"max_steps": 1, "seed": 0}, "schedule": {"warmup_steps": 0}},
+        "eval": {"batches": 1}, "throughput": None}))
+    compare.run_comparison(*load_compare_config(path), accounting_only=accounting_only)
+    assert built == {"LlamaConfig": 1, "ZooConfig": 1}
+
+
 def _interrupt_model(monkeypatch, n: int) -> list[str]:
     """Ctrl-C as the comparison starts its n-th model; returns the names of the models it started."""
     import zoo.compare as compare

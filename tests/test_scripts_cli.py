@@ -603,6 +603,52 @@ def test_train_synthetic_picks_the_best_run_over_the_grid_when_the_plot_cell_was
     assert [r["plot_accuracy"] for r in table] == [None, None]
 
 
+def test_train_synthetic_best_run_of_a_group_missing_some_learning_rates_names_them():
+    """The best run of a model and grid point is picked over select_over (the learning rate); a group of some of the
+    sweep's learning rates only (--only keeps the saved runs of the other models, which may lack some) was given its
+    best learning rate as if the sweep were complete. Its best row now names the learning rates it lacks."""
+    from types import SimpleNamespace
+
+    script = load_script("scripts/train_synthetic.py")
+
+    def run(name, model, lr):
+        data = SimpleNamespace(seq_len=64, task="mqar", task_kwargs={"n_kv": 4})
+        return SimpleNamespace(name=name, model_name=model, point={"optim.lr": lr}, section=SimpleNamespace(data=data),
+                               eval=SimpleNamespace(plot_seq_len=None, plot_count=None, seq_lens=[64]))
+
+    def result(correct):
+        return {"parameters": 1, "state_floats": 1,
+                "rows": [{"seq_len": 64, "n_kv": 4, "n_correct": correct, "n_answers": 10}]}
+
+    data = {"sweep": {"optim.lr": ["1e-3", 0.01, 0.1]}}  # (a string to YAML is the number, as expand_runs reads it)
+    runs = [run("a-lr=0.001", "a", 1e-3), run("a-lr=0.01", "a", 0.01), run("a-lr=0.1", "a", 0.1),
+            run("b-lr=0.01", "b", 0.01)]
+    _, best = script.summarize(data, runs, [result(1), result(5), result(3), result(9)])
+    assert [(r["run"], r.get("missing")) for r in best] == [("a-lr=0.01", None), ("b-lr=0.01", "lr=0.001, lr=0.1")]
+    _, best = script.summarize({}, runs[3:], [result(9)])  # no sweep: nothing is missing
+    assert "missing" not in best[0]
+
+
+def test_train_synthetic_summary_says_a_model_with_saved_runs_of_some_learning_rates_is_partial(tmp_path, capsys):
+    """--only kept the saved runs of the other models: one whose earlier call ran some of the sweep's learning rates
+    had its best learning rate in summary.md as if it had them all. The summary now names the runs it lacks."""
+    import yaml
+
+    script = load_script("scripts/train_synthetic.py")
+    recipe = _tiny_synthetic_recipe(tmp_path)
+    data = yaml.safe_load(recipe.read_text())
+    data["models"]["other"] = data["models"]["mamba"]
+    recipe.write_text(yaml.safe_dump(data))
+    argv = [str(recipe), "--curriculum=[]", "--train.max_steps=1", "--schedule.warmup_steps=0"]
+    assert script.main([*argv, "--sweep.optim.lr=[0.001]", "--only", "mamba"]) == 0
+    assert script.main([*argv, "--sweep.optim.lr=[0.001, 0.01]", "--only", "other"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {r["model"]: r.get("missing") for r in summary["best"]} == {"mamba": "lr=0.01", "other": None}
+    text = (tmp_path / "out" / "summary.md").read_text()
+    assert "Partial: the best run of mamba is over part of the sweep's optim.lr only" in text
+    assert "--only mamba runs them" in text and "| missing |" in text
+
+
 def test_train_synthetic_plot_cell_is_the_trained_count_when_task_kwargs_leave_it_to_the_task():
     """plot_count defaults to the count the model trained with; a recipe that left mqar's n_kv to the task (16) had no
     count there, so the plot cell (and the best learning rate) pooled every eval.n_kv cell of the plotted length."""

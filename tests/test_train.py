@@ -679,6 +679,28 @@ def test_a_transformers_model_too_large_for_memory_keeps_its_out_of_memory_error
     assert e.value is error
 
 
+def test_an_error_building_a_transformers_model_that_its_default_config_meets_too_keeps_its_type_and_traceback(
+        tmp_path, monkeypatch):
+    # model_build_errors took any error of the model's build for one of its config's values: a bug inside transformers
+    # or torch that any Mamba meets (here an IndexError in its mixer's __init__) was one ValueError telling the user to
+    # "check the values of its fields", which were right, its traceback hidden behind exit status 2
+    from transformers.models.mamba import modeling_mamba
+
+    from zoo.train import build_model
+
+    bug = IndexError("list index out of range")
+
+    def init(self, *args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(modeling_mamba.MambaMixer, "__init__", init)
+    run = run_dict(tmp_path)
+    run["model"] = {**_MAMBA_FIELDS, "state_size": 4}
+    with pytest.raises(IndexError) as e:
+        build_model(config_from_dict(run))
+    assert e.value is bug
+
+
 def test_a_misspelled_override_of_a_config_folders_model_is_refused_by_name(tmp_path):
     # a folder holding only a config.json (a fresh model from it): AutoConfig.from_pretrained drops the keyword it has
     # no field for, so num_hiden_layers: 1 built the config's 2 layers without a word (the field check saw no attribute)

@@ -250,10 +250,10 @@ def layer_costs(config: ZooConfig) -> list[LayerCost] | None:
     return out
 
 
-def parameter_counts(config: ZooConfig) -> dict[str, int]:
+def parameter_counts(config: ZooConfig, model: nn.Module | None = None) -> dict[str, int]:
     """{total, embedding, non_embedding, active} parameters of a zoo config, from the formulas (no model is
-    built; a config with a mixer the formulas do not know is instantiated on the meta device instead).
-    active: what one token uses (an MoE's router and top_k experts only)."""
+    built; a config with a mixer the formulas do not know is instantiated on the meta device instead, or counted on
+    `model`, its model already built there). active: what one token uses (an MoE's router and top_k experts only)."""
     d, V = config.d_model, config.vocab_size
     embedding = V * d * (1 if config.tie_embeddings else 2)
     inactive = 0  # the experts a token skips, whatever the mixers
@@ -263,7 +263,7 @@ def parameter_counts(config: ZooConfig) -> dict[str, int]:
         inactive = n_moe * (moe["n_experts"] - moe["top_k"]) * 3 * d * moe["hidden"]
     costs = layer_costs(config)
     if costs is None:
-        model = _meta_model(config)
+        model = _meta_model(config) if model is None else model
         total = sum(p.numel() for p in model.parameters())
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding,
                 "active": total - inactive}
@@ -382,7 +382,8 @@ def training_flops_per_token(config, seq_len: int, chunk_len: int | None = None)
     return 3.0 * (2.0 * weights + sum(c.seq_flops(seq_len if c.kv else inner) for c in costs))
 
 
-def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4) -> dict[str, Any]:
+def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4, model: nn.Module | None = None
+            ) -> dict[str, Any]:
     """Parameters, FLOPs per token and cache memory per sequence of a model config at each length.
 
     FLOPs by the module doc's formulas, causal throughout: attention's and the chunked scans' (Mamba-2, GLA)
@@ -393,6 +394,7 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
         seq_lens: lengths L at which FLOPs and memory are given.
         kv_bytes / state_bytes: bytes per cache float kept in the model's dtype (KV, and the recurrent states of
             decode_state_dtype "model": `model_dtype_state_size`) / kept in fp32 (the other recurrent states).
+        model: the config's model already built on the meta device (`ModelEntry.meta_model`), else built here.
 
     Returns:
         dict with params (instantiated on the meta device), embedding_params, non_embedding_params,
@@ -400,7 +402,7 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
         seq_len, flops_per_token (forward), decode_flops_per_token, kv_floats, state_floats (whatever their dtype),
         cache_mib (per sequence, each float at its dtype's bytes).
     """
-    model = _meta_model(config)
+    model = _meta_model(config) if model is None else model
     params = sum(p.numel() for p in model.parameters())
     embed = model.get_input_embeddings().weight.numel()
     head = model.get_output_embeddings()
@@ -408,7 +410,7 @@ def account(config, seq_lens: list[int], kv_bytes: int = 2, state_bytes: int = 4
         embed += head.weight.numel()
     costs, weights = _forward_terms(config, model)
     if isinstance(config, ZooConfig):
-        active = parameter_counts(config)["active"]
+        active = parameter_counts(config, model)["active"]
         states = [(mixer_state_size(b.mixer), _is_attention(b.mixer), model_dtype_state_size(b.mixer, config))
                   for b in model.model.layers]
     else:
@@ -1083,6 +1085,17 @@ class ModelEntry:
     fields: dict[str, Any]
     is_zoo: bool
     match: dict[str, Any] | None = None
+    # (the fields it was built from, the model on the meta device): see meta_model
+    _meta: tuple[dict[str, Any], nn.Module] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def meta_model(self) -> nn.Module:
+        """The model of its config on the meta device (`_meta_model`), built once for its fields: the checks of
+        resolve_models and _check_inputs and the accounting of _check_inputs and run_model built it four times (a
+        transformers model; three a zoo model). Built anew where the fields changed (match_budget replaces them)."""
+        if self._meta is None or self._meta[0] != self.fields:
+            model = _meta_model(self.config(), () if self.is_zoo else self.fields)
+            self._meta = (copy.deepcopy(self.fields), model)
+        return self._meta[1]
 
     def config(self):
         if self.is_zoo:
@@ -1206,7 +1219,7 @@ def resolve_models(cfg: CompareConfig, folder: Path, only: list[str] | None = No
             if not is_zoo:  # a field value transformers' checks let through (a Mamba's state_size -1) failed the
                 # accounting's build in torch's traceback ("Trying to create tensor with negative dimension -1"),
                 # naming no model
-                _meta_model(config, fields)
+                entry.meta_model()
         except (ValueError, TypeError) as e:
             raise ValueError(f"models.{name}: {e}") from e
         if is_zoo and cfg.budget is not None and match:
@@ -1856,7 +1869,8 @@ def _phase_keys(cfg: CompareConfig) -> dict[str, str]:
 def _accounting(cfg: CompareConfig, entry: ModelEntry) -> dict[str, Any]:
     """The model's accounting at the accounting lengths and the training lengths, with the accounting settings."""
     a = cfg.accounting
-    return account(entry.config(), sorted(set(a.seq_lens) | set(_lengths(cfg))), a.kv_bytes, a.state_bytes)
+    return account(entry.config(), sorted(set(a.seq_lens) | set(_lengths(cfg))), a.kv_bytes, a.state_bytes,
+                   entry.meta_model())
 
 
 def run_model(cfg: CompareConfig, entry: ModelEntry, out: Path, device: torch.device, position: str
@@ -2287,7 +2301,7 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[Mo
     mqar = cfg.eval.mqar
     for entry in others if recipe.data.packing else ():
         try:
-            model = _meta_model(entry.config())
+            model = entry.meta_model()
         except Exception:  # (a model this run does not train is not refused for its own problem, as GPT-2's n_embd
             # not a multiple of n_head refused `--only` of the others, in transformers' message naming no model)
             continue
@@ -2297,7 +2311,7 @@ def _check_inputs(cfg: CompareConfig, entries: list[ModelEntry], others: list[Mo
             _accounting(cfg, entry)
         except ValueError as e:
             raise ValueError(f"models.{entry.name}: {e}") from None
-        model = _meta_model(entry.config())
+        model = entry.meta_model()
         vocab = model.get_input_embeddings().num_embeddings
         # model_overrides reach the zoo models only: a transformers model's vocab_size is one of its own fields
         where = "model_overrides.vocab_size for every zoo model" if entry.is_zoo else \

@@ -483,15 +483,18 @@ def model_build_errors(config, given: dict[str, Any] = (), where: str = ""):
     ValueError naming the model type, the error and the numeric fields among `given` (those the user set), those of a
     value below one first, prefixed by `where`. A zoo config's errors are left as they are (ZooConfig checks its own
     fields, and its model's errors are zoo's own), and so is an allocation that failed (out_of_memory): a model too
-    large for the machine's memory is not a config error to fix in its fields. A value that builds and fails only at
-    the model's first step (a Mamba's conv_kernel 0: `check_conv_kernel`) is refused before the build."""
+    large for the machine's memory is not a config error to fix in its fields. So is an error the model of the
+    config class's defaults meets as well (`_defaults_build`, on the meta device): it does not come from the config's
+    values (a bug in transformers or torch, a model that cannot be built here), and keeps its type and traceback. A
+    value that builds and fails only at the model's first step (a Mamba's conv_kernel 0: `check_conv_kernel`) is
+    refused before the build."""
     from zoo.config import ZooConfig
 
     check_conv_kernel(config, where)  # (a value that builds, then fails at the model's first step)
     try:
         yield
     except (RuntimeError, ValueError, TypeError, ArithmeticError, IndexError, AssertionError) as e:
-        if isinstance(config, ZooConfig) or out_of_memory(e):
+        if isinstance(config, ZooConfig) or out_of_memory(e) or not _defaults_build(config):
             raise
         numbers = {k: v for k, v in dict(given).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "model_type"}
@@ -501,6 +504,21 @@ def model_build_errors(config, given: dict[str, Any] = (), where: str = ""):
         first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{where}the {getattr(config, 'model_type', '?')} model ({type(config).__name__}) cannot be "
                          f"built from its config: {type(e).__name__}: {first}{check}") from e
+
+
+def _defaults_build(config) -> bool:
+    """Whether the transformers model of `config`'s class with the class's default fields builds, on the meta device
+    (no memory: a default Llama is 7B parameters): where it does, an error building `config`'s comes from the values
+    that differ from them. False where the defaults cannot be told (a class that needs arguments)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        default = type(config)()
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(default)
+    except Exception:
+        return False
+    return True
 
 
 def check_config_fields(config, given: dict[str, Any], where: str, dropped: Any = ()) -> None:
