@@ -1351,6 +1351,8 @@ def test_a_stopped_finetune_continues_with_another_evaluation_size_or_bypass_che
     """data.n_eval (a task's evaluation rows) and lora.check_forward were in the checkpoint's stamp, though a resumed
     run evaluates and checks afresh and trains the same: a rerun with a smaller evaluation, or without the check,
     started the phase over, overwriting the checkpoint. It now continues, to the uninterrupted run's adapter."""
+    # on the CPU, where two runs are bitwise alike (a GPU's Mamba backward sums with atomics: not in the last bits)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     from safetensors.torch import load_file
 
     import zoo.finetune as ft
@@ -1414,6 +1416,8 @@ def test_a_stopped_finetune_continues_when_its_folders_are_spelled_otherwise(tmp
     """The checkpoint's stamp held output_dir and model as typed: '--output_dir=runs/x/' (a shell's completion) after a
     stop of '--output_dir=runs/x', or the base as './base', was 'a checkpoint of another config', and the phase
     started over, overwriting it. The same folders, spelled otherwise, now continue it."""
+    # on the CPU, where two runs are bitwise alike (a GPU's Mamba backward sums with atomics: not in the last bits)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     from safetensors.torch import load_file
 
     import zoo.finetune as ft
@@ -1458,6 +1462,8 @@ def test_a_resumed_finetune_continues_the_fp16_loss_scale(tmp_path, monkeypatch)
     """Under fp16 (a GPU's GradScaler) the checkpoint kept no loss scale: a resumed run restarted it at its initial
     value, so the steps its overflows skip were not an uninterrupted run's and the adapters differed. A CPU GradScaler
     stands in for accelerate's (which it makes for GPUs only), its scale doubled every step to overflow soon."""
+    # on the CPU, where two runs are bitwise alike (a GPU's Mamba backward sums with atomics: not in the last bits)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     from accelerate import Accelerator
     from safetensors.torch import load_file
 
