@@ -459,6 +459,10 @@ def train_and_evaluate(run: Run, accelerator) -> dict:
         if accelerator.is_main_process:  # saved before the (possibly long) evaluation
             run.output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial(partial)  # cells of a model trained before, gone before the new one's stamp is written
+            # and that model's stamp and result, before its weights are overwritten: a stop between the save and the
+            # new stamp left them beside the new weights, and a rerun of the earlier settings reused them as its own
+            stamp.unlink(missing_ok=True)
+            result_file.unlink(missing_ok=True)
             model.save_pretrained(run.output_dir / "model", safe_serialization=True)
             # written beside and renamed over (as result.json): a trained.json cut short by an interruption stopped
             # every rerun at reading it (JSONDecodeError)

@@ -498,7 +498,8 @@ def test_a_train_sent_sigterm_before_its_loop_exits_130_in_one_line(tmp_path, mo
     with sigterm_raises_terminated() as handler:
         assert cli._run("zoo train", train_module.main, argv) == 130
         assert signal.getsignal(signal.SIGTERM) is handler
-    assert capsys.readouterr().err.endswith("zoo train: interrupted\n")
+    # (no checkpoint yet: the same command, without --resume, continues it)
+    assert capsys.readouterr().err.endswith(f"zoo train: interrupted: zoo train {' '.join(argv)} continues it\n")
     assert not list(tmp_path.glob("checkpoints/*"))
 
 

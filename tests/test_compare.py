@@ -863,6 +863,34 @@ def test_interrupted_run_leaves_the_finished_models_table(tmp_path, monkeypatch)
     assert f"| {calls[0]} |" in table and f"| {calls[1]} |" in table and f"| {calls[2]} |" not in table
 
 
+def test_interrupted_forced_run_names_the_models_it_had_not_reached_and_how_to_redo_them(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """--force stopped at its first model said 'rerun the same command without --force to continue': that rerun kept
+    the earlier results of the models --force had not reached yet as finished, and the redo it was asked for was lost
+    without a word. The message names them and the command that redoes them, and the two commands redo both."""
+    import zoo.compare as compare
+
+    out = tmp_path / "forced"
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={out}", "--recipe.train.max_steps=1",
+            "--recipe.schedule.warmup_steps=0", "--recipe.log.progress_bar=false", "--eval.batches=1",
+            "--eval.per_position=null", "--eval.mqar=null", "--throughput=null", "--eval.passkey=null",
+            "--only=mamba,gla"]
+    assert main(argv) == 0  # the earlier results of both
+    real = compare.run_model
+    _interrupt_model(monkeypatch, 1)
+    assert main([*argv, "--force"]) == 130
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("rerun the same command without --force to continue, then with --force --only=gla "
+                                 "to redo the model --force had not reached (the rerun without it keeps its earlier "
+                                 "results)"), err
+    monkeypatch.setattr(compare, "run_model", real)
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "mamba: training" in err and "gla: training" not in err
+    assert main([*argv[:-1], "--only=gla", "--force"]) == 0
+    assert "gla: training" in capsys.readouterr().err
+
+
 def test_interrupted_forced_run_says_to_continue_without_force(tmp_path, monkeypatch, capsys):
     """After Ctrl-C in a run started with --force, 'rerun the same command to continue' led to --force again, which
     deletes each model's results before redoing it: the models finished before the interruption were retrained."""

@@ -1207,6 +1207,30 @@ def test_an_adapter_saved_over_an_earlier_runs_keeps_none_of_its_tokenizer_or_ro
     assert tokenizer_source(earlier) == str(tmp_path / "base")
     assert getattr(load_causal_lm(earlier).config, "add_bos", None) is None
 
+def test_a_pretrain_stopped_while_writing_its_stamp_is_continued_by_the_rerun(tmp_path, monkeypatch, capsys):
+    # base/pretrain_config.json was written in place: a Ctrl-C mid-write left it cut short, and every rerun stopped at
+    # reading it (JSONDecodeError) until the file was found and deleted
+    argv = short_mqar_finetune(tmp_path)
+    real = Path.write_text
+
+    def interrupted(self, text, *args, **kwargs):  # half of the file reaches the disk, then Ctrl-C
+        if "pretrain_config.json" in self.name:
+            real(self, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    monkeypatch.setattr(Path, "write_text", real)
+    capsys.readouterr()
+    main(argv)
+    assert "pretrain: continuing from step 2 of 2" in capsys.readouterr().out
+    stamp = json.loads((tmp_path / "run" / "base" / "pretrain_config.json").read_text())
+    assert stamp["pretrain"]["train"]["max_steps"] == 2
+    assert not list((tmp_path / "run" / "base").glob("*.tmp"))
+
+
 def test_a_pretrain_save_interrupted_leaves_no_stamp_of_the_earlier_base(tmp_path, monkeypatch):
     # a save of a new pretrained base into output_dir/base that was interrupted after the weights were written kept
     # the earlier base's pretrain_config.json: a rerun of the earlier pretrain section took these weights for its own

@@ -745,6 +745,41 @@ def test_train_synthetic_stopped_run_continues_to_the_uninterrupted_model(tmp_pa
     assert whole == cut
 
 
+def test_train_synthetic_stopped_between_saving_a_retrained_model_and_its_stamp_does_not_reuse_it_as_the_earlier(
+        tmp_path, monkeypatch, capsys):
+    """A run retrained under other settings saved its model over the earlier one's and then wrote trained.json: a stop
+    between the two left the earlier settings' stamp and result.json beside the new weights, and a rerun of the earlier
+    settings reused them as its own ('reusing result.json', model/ holding the other run's weights; with another
+    evaluation grid, 'reusing the model trained in ...' evaluated them). Stamp and result go before the weights are
+    written now, so that rerun trains its model again, to the weights it had."""
+    from safetensors.torch import load_file
+
+    import zoo.eval.common as common
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    script = load_script("scripts/train_synthetic.py")
+    argv = [str(_tiny_synthetic_recipe(tmp_path)), f"--output_dir={tmp_path / 'out'}"]
+    weights = tmp_path / "out" / "mamba" / "model" / "model.safetensors"
+    assert script.main(argv) == 0
+    first = load_file(weights)
+    real = common.write_text_atomically
+
+    def stopped_before_the_stamp(text, path):
+        if Path(path).name == "trained.json":
+            raise KeyboardInterrupt  # the new weights are saved, their stamp not yet
+        return real(text, path)
+
+    monkeypatch.setattr(common, "write_text_atomically", stopped_before_the_stamp)
+    assert script.main([*argv, "--optim.lr=0.01"]) == 130
+    assert not all(torch.equal(w, first[k]) for k, w in load_file(weights).items())  # the retrained weights
+    monkeypatch.setattr(common, "write_text_atomically", real)
+    capsys.readouterr()
+    assert script.main(argv) == 0
+    assert "reusing" not in capsys.readouterr().out
+    again = load_file(weights)
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
 def test_train_synthetic_stopped_in_training_says_once_that_the_same_command_continues(tmp_path, monkeypatch, capsys):
     """A Ctrl-C in a training said it twice: the stopped phase's message ends in 'the same command continues from
     there', and the 'interrupted' line added '; the same command continues' after it."""

@@ -229,6 +229,41 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["sigterm", "second-ctrl-c"])
+def test_a_stopped_run_says_the_command_that_continues_it_and_that_command_does(how, tmp_path, monkeypatch, capsys):
+    """zoo train stopped by SIGTERM (or a first Ctrl-C) said only 'checkpoint: <folder>', and after a second Ctrl-C
+    'zoo train: interrupted': neither said how to continue, and the same command again is refused (output_dir
+    already holds checkpoints) where every other command's stop says 'the same command continues'. It names the
+    command now, --resume added, and that command trains the run to its end."""
+    import shlex
+
+    import zoo.train as train_module
+    from zoo import cli
+
+    real = train_module.train
+
+    def interrupt(step, metrics):
+        if step == 3:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
+            else:
+                raise KeyboardInterrupt  # as a second Ctrl-C between steps
+
+    monkeypatch.setattr(train_module, "train", lambda cfg, resume=None: real(cfg, resume=resume, on_step=interrupt))
+    monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run_dict(tmp_path)))
+    assert cli._run("zoo train", train_module.main, [str(path), "--log.every=3"]) == 130
+    err = capsys.readouterr().err
+    said = re.search(r"(zoo train .*) continues it$", err.strip())
+    assert said, err
+    argv = shlex.split(said.group(1))[2:]
+    assert argv == [str(path), "--log.every=3", "--resume"], argv
+    monkeypatch.setattr(train_module, "train", real)
+    assert cli._run("zoo train", train_module.main, argv) == 0
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000006"
+
+
+@pytest.mark.parametrize("how", ["sigterm", "second-ctrl-c"])
 def test_a_stopped_run_closes_its_progress_bar_before_saying_so(how, tmp_path, monkeypatch):
     """SIGTERM (or a first Ctrl-C) printed 'stop requested: saving step N and exiting' with the progress bar still
     open, and a second Ctrl-C its 'interrupted: saving ...': in a terminal the line was glued to the end of the bar's,

@@ -2498,17 +2498,26 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
         else:
             by_name = {}
             for i, entry in enumerate(todo):
-                if force and (out / entry.name).exists():
-                    shutil.rmtree(out / entry.name)
-                by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
-                if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
-                    done, stale, unfinished = _finished_records(cfg, entries, by_name, out, refused)
-                    later = {e.name for e in todo[i + 1:]}  # (this run goes on with them)
-                    (out / "results.md").write_text(
-                        f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
-                        f"{todo[i + 1].name}._\n\n" +
-                        _left_out_note(stale, out, [n for n in unfinished if n not in later]) +
-                        markdown_report(done, cfg, _device_name()))
+                cleared = i  # the models before it: their results are redone (a stop mid-delete: not yet cleared)
+                try:
+                    if force and (out / entry.name).exists():
+                        shutil.rmtree(out / entry.name)
+                    cleared = i + 1
+                    by_name[entry.name] = run_model(cfg, entry, out, device, f"{i + 1}/{len(todo)}")
+                    if i + 1 < len(todo):  # a run stopped later still leaves the table of the models finished so far
+                        done, stale, unfinished = _finished_records(cfg, entries, by_name, out, refused)
+                        later = {e.name for e in todo[i + 1:]}  # (this run goes on with them)
+                        (out / "results.md").write_text(
+                            f"_Partial: {len(done)} of {len(names)} models finished; the run goes on with "
+                            f"{todo[i + 1].name}._\n\n" +
+                            _left_out_note(stale, out, [n for n in unfinished if n not in later]) +
+                            markdown_report(done, cfg, _device_name()))
+                except KeyboardInterrupt as e:
+                    # the models --force had not reached keep their earlier results, which the advised rerun without
+                    # --force took as done: named, for the interruption to say how to redo them
+                    if force:
+                        e.not_forced = [x.name for x in todo[cleared:] if (out / x.name).exists()]
+                    raise
             records, stale, unfinished = _finished_records(cfg, entries, by_name, out, refused)
         note = "" if accounting_only else _left_out_note(stale, out, unfinished)
         markdown = note + markdown_report(records, cfg, _device_name())
@@ -2567,8 +2576,13 @@ def main(argv: list[str] | None = None) -> int:
         # --force deletes a model's results before redoing it: the same command again would redo the finished ones
         how = "the same command without --force" if args.force else "the same command"
         why = f": {e}" if str(e) else ""  # (which training or phase stopped, and where it saved, when it says)
+        # the models --force had not reached: the rerun without --force kept their earlier results as finished
+        later = getattr(e, "not_forced", [])
+        models, their = ("the models", "their") if len(later) > 1 else ("the model", "its")
+        then = (f", then with --force --only={','.join(later)} to redo {models} --force had not reached (the rerun "
+                f"without it keeps {their} earlier results)" if later else "")
         print(f"\nzoo compare: interrupted{why}; finished phases are kept in {cfg.output_dir}; rerun {how} to "
-              f"continue", file=sys.stderr)
+              f"continue{then}", file=sys.stderr)
         return 130
     except ValueError as e:
         print(f"zoo compare: {e}", file=sys.stderr)

@@ -1424,9 +1424,13 @@ def pretrain_base(cfg: FinetuneConfig, accelerator, out_dir: Path) -> tuple[Path
         # the earlier base's stamp goes first: a save interrupted after the weights were overwritten left it, and a
         # rerun of the earlier pretrain section reused this run's weights as its own
         stamp_file.unlink(missing_ok=True)
+        from zoo.eval.common import write_text_atomically
+
         model.save_pretrained(base_dir, safe_serialization=True)
-        (base_dir / "pretrain_result.json").write_text(json.dumps(result, indent=1))
-        stamp_file.write_text(json.dumps(stamp, indent=1))
+        # written beside and renamed over: a stamp cut short by a stop mid-write stopped every rerun at reading it
+        # (JSONDecodeError, naming no file), and a result cut short behind a whole stamp would have too
+        write_text_atomically(json.dumps(result, indent=1), base_dir / "pretrain_result.json")
+        write_text_atomically(json.dumps(stamp, indent=1), stamp_file)
         shutil.rmtree(out_dir / "pretrain-checkpoint", ignore_errors=True)  # the base is saved: done with it
     accelerator.wait_for_everyone()
     return base_dir, result

@@ -2508,13 +2508,34 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (a scheduler's, accelerate launch's) before the loop (the model built, the data read, a checkpoint
     # loaded) stops the run as Ctrl-C does, in one line and exit status 130: it killed the process there without a
     # word (the loop's own handler, which saves and stops, takes precedence while it is set)
-    with sigterm_interrupts():
-        result = train(cfg, resume=args.resume)
+    try:
+        with sigterm_interrupts():
+            result = train(cfg, resume=args.resume)
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or a signal before the loop: zoo.cli says 'interrupted: ...'
+        raise KeyboardInterrupt("; ".join(filter(None, [str(e), _how_to_continue(args.config, rest, args.resume,
+                                                                                cfg.output_dir)]))) from None
     from accelerate import PartialState
 
     if result.checkpoint is not None and PartialState().is_main_process:
         print(f"checkpoint: {result.checkpoint}", file=sys.stderr)
+        if result.stopped:
+            print(f"stopped at step {result.step}; "
+                  f"{_how_to_continue(args.config, rest, args.resume, cfg.output_dir)}", file=sys.stderr)
     return 130 if result.stopped else 0  # stopped by a signal (saved, resumable): not a finished run
+
+
+def _how_to_continue(config: str, overrides: list[str], resume: str | None, output_dir: str | Path) -> str:
+    """The command that continues a stopped run: its own with --resume (its newest checkpoint) when output_dir holds
+    one, else its own as given (a --resume DIR from another run's checkpoint kept). A stopped run said only where it
+    saved, and the same command without --resume is refused (output_dir already holds checkpoints)."""
+    import shlex
+
+    if latest_checkpoint(output_dir) is not None:
+        resume = "auto"
+    argv = [config, *overrides] + ([] if resume is None else ["--resume"] if resume == "auto" else ["--resume", resume])
+    script = Path(sys.argv[0]).name == "train.py"  # scripts/train.py, under accelerate launch: its own launch line
+    return (f"the same launch of {shlex.join([sys.argv[0], *argv])} continues it" if script
+            else f"{shlex.join(['zoo', 'train', *argv])} continues it")
 
 
 __all__ = ["NO_DECAY_NAMES", "CheckpointConfig", "EvalConfig", "LogConfig", "LoopConfig", "ModelInputs",
