@@ -570,7 +570,8 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     (zoo.eval.common.trained_with_bos reads it). The adapter is not merged: to save the model, merge it
     (``PeftModel.from_pretrained(base, ref).merge_and_unload()``; `save_model_folder` refuses the unmerged model, whose
     adapted weights from_pretrained would not load). A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning:
-    virtual tokens the PeftModel adds around the model) is refused with a ValueError."""
+    virtual tokens the PeftModel adds around the model) is refused with a ValueError, and so is an adapter that does not
+    fit its base model (`_check_adapter_fits`: a base folder that came to hold another model)."""
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     if adapter_config_file(ref) is None:
@@ -608,11 +609,41 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
         # save_embedding_layers): PEFT's users resize the base to them first, and loading failed in load_state_dict
         model.resize_token_embeddings(rows)
     with peft_wrapping(), readable_weights(source):
-        model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
+        try:
+            peft_model = PeftModel.from_pretrained(model, source)
+        except RuntimeError as e:  # (the traceback of load_state_dict's 'size mismatch for ...' lines)
+            if "size mismatch" not in str(e):
+                raise
+            found = re.search(r"size mismatch for ([^:]+): (.*?)\.?$", str(e), re.MULTILINE)
+            detail = f" ({found.group(1)}: {found.group(2)})" if found else ""
+            raise ValueError(f"{ref} is a PEFT adapter of another model than its base model {base}: its weights do "
+                             f"not fit the base's shapes{detail}; give the base model it was trained on") from None
+        _check_adapter_fits(peft_model, source, ref, base)
+        model = peft_model.get_base_model()  # the model class, adapters active in it
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
         model.config.add_bos = add_bos
     return model
+
+
+def _check_adapter_fits(peft_model: Any, source: str, ref: str | Path, base: str) -> None:
+    """Raise ValueError where the PEFT adapter `source`, loaded into `peft_model` (its base model `base`), does not fit
+    that base: weights of the adapter that match none of its modules (dropped), or adapted modules of the base that
+    the adapter holds no weights for (left at their initial values, a no-op). PEFT loads such an adapter with a warning
+    about the second kind alone, and the model ran with part of its adapter, or none (a base folder that holds another
+    model than the one the adapter was trained on)."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(source))
+    expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    # and the embeddings that an adapter of a resized vocabulary saves whole (save_embedding_layers), which it may hold
+    may_hold = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True))
+    dropped, missing = sorted(saved - expected - may_hold), sorted(expected - saved)
+    if dropped or missing:
+        parts = ([f"its weights {_named(dropped, 3)} match no module of the base"] if dropped else []) + \
+                ([f"it holds no weights for the base's adapted {_named(missing, 3)}"] if missing else [])
+        raise ValueError(f"{ref} is a PEFT adapter of another model than its base model {base}: "
+                         f"{'; '.join(parts)}; give the base model it was trained on")
 
 
 def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
