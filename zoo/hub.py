@@ -168,12 +168,26 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     # (a model that does not generate, ZooForSequenceClassification or ZooModel, has no generation_config in
     # transformers 5: reading it raised AttributeError)
     config, generation = model.config, getattr(model, "generation_config", None)
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
+                         f"{config.vocab_size}; choose a tokenizer with at most that many tokens")
+    fill_special_ids(model, tokenizer)
+
+    def write(target: Path) -> None:
+        model.save_pretrained(target, max_shard_size=max_shard_size)
+        if generation is not None and not (target / "generation_config.json").is_file():
+            generation.save_pretrained(target)
+
+    return write_folder(folder, write, tokenizer)
+
+
+def fill_special_ids(model: PreTrainedModel, tokenizer: Any = None) -> None:
+    """Fill the model config's unset pad/bos/eos ids from `tokenizer` (None: none), then its generation config's unset
+    ones from the model config, so that `generate` stops and pads as the tokenizer expects."""
     from zoo.data.text import SPECIAL_IDS
 
+    config, generation = model.config, getattr(model, "generation_config", None)
     if tokenizer is not None:
-        if len(tokenizer) > config.vocab_size:
-            raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
-                             f"{config.vocab_size}; choose a tokenizer with at most that many tokens")
         for name in SPECIAL_IDS:
             value = getattr(tokenizer, name, None)
             if value is not None and getattr(config, name, None) is None:
@@ -182,13 +196,6 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         for name in SPECIAL_IDS:
             if getattr(generation, name, None) is None and getattr(config, name, None) is not None:
                 setattr(generation, name, getattr(config, name))
-
-    def write(target: Path) -> None:
-        model.save_pretrained(target, max_shard_size=max_shard_size)
-        if generation is not None and not (target / "generation_config.json").is_file():
-            generation.save_pretrained(target)
-
-    return write_folder(folder, write, tokenizer)
 
 
 def check_save_folder(folder: str | Path) -> None:
@@ -620,6 +627,11 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
                              f"not fit the base's shapes{detail}; give the base model it was trained on") from None
         _check_adapter_fits(peft_model, source, ref, base)
         model = peft_model.get_base_model()  # the model class, adapters active in it
+    if tokenizer_source(source) == source:
+        # the tokenizer the adapter holds (zoo finetune saves the one it trained with) fills the base config's unset
+        # special ids, as it fills the merged model's (save_model_folder): zoo generate of the adapter ran past the eos
+        # the finetune taught its rows to end with, while the merged model's stopped there
+        fill_special_ids(model, load_folder_tokenizer(source))
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
         model.config.add_bos = add_bos
@@ -718,6 +730,6 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "check_save_folder",
-           "holds_tokenizer", "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer",
-           "load_model_folder", "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer",
-           "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
+           "fill_special_ids", "holds_tokenizer", "holds_weights", "json_object", "load_causal_lm",
+           "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter", "peft_layer", "readable_weights",
+           "require_tokenizer", "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
