@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 from unittest import mock
@@ -1295,6 +1296,32 @@ def test_an_adapter_whose_base_model_folder_is_gone_says_so(tmp_path, monkeypatc
         cli.main(["generate", ref, "hi", "--max-new-tokens", "2"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "the base model of the PEFT adapter" in err and "no such model folder" in err
+
+
+@pytest.mark.parametrize("other", ["mamba", "mamba2"])
+def test_an_adapter_whose_base_folder_now_holds_another_model_is_refused(tmp_path, capsys, other):
+    # an adapter names its base by its folder; where that folder came to hold another model, zoo generate and zoo eval
+    # (load_causal_lm) ran it with part of the adapter: a Jamba adapter on a Mamba base lost its attention layers'
+    # weights without a word (PEFT warns only of the base's adapted modules it found no weights for, left a no-op), and
+    # on a Mamba-2 base it ended in load_state_dict's traceback of 'size mismatch' lines
+    from zoo.config import ZooConfig
+    from zoo.hub import load_causal_lm
+
+    save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)  # the tiny Jamba's
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(ZooConfig.from_yaml(ROOT / "configs" / "models" / f"{other}-tiny.yaml")
+                                     ).save_pretrained(tmp_path / "base")
+    why = ("its weights .*layers\\.2\\.mixer\\.q_proj.* match no module of the base; it holds no weights for the "
+           "base's adapted .*layers\\.2\\.mixer\\.in_proj" if other == "mamba" else
+           "its weights do not fit the base's shapes \\(.*in_proj")
+    with pytest.warns(UserWarning) if other == "mamba" else contextlib.nullcontext():  # (PEFT's missing keys)
+        with pytest.raises(ValueError, match=f"adapter is a PEFT adapter of another model than its base model "
+                                             f".*base: {why}.*; give the base model it was trained on"):
+            load_causal_lm(tmp_path / "adapter")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["generate", str(tmp_path / "adapter"), "hi", "--max-new-tokens", "2", "--tokenizer", "byte"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is a PEFT adapter of another model than its base model" in err
 
 
 def _weights_lfs_pointer(path: Path) -> None:

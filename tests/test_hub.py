@@ -288,3 +288,33 @@ def test_a_model_with_adapter_layers_is_refused_and_its_merge_saves_whole(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits,
                                    adapted(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_an_adapter_holding_a_tokenizer_stops_at_its_eos_as_its_merged_model_does(tmp_path):
+    """zoo finetune saves the tokenizer it trained with beside the adapter, and its merged model takes that tokenizer's
+    eos into its (generation) config (save_model_folder). Of a base model saved without special ids, zoo generate of
+    the merged folder stopped at the eos the finetune's rows end with, while of the adapter folder (load_causal_lm: the
+    base's config) it ran on past it, another text for the same finetune."""
+    from peft import LoraConfig, get_peft_model
+
+    from zoo.hub import TOKENIZER_FAMILY, load_causal_lm
+
+    torch.manual_seed(0)
+    ZooForCausalLM(ZooConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "models" / "mamba-tiny.yaml")
+                   ).save_pretrained(tmp_path / "base")  # no tokenizer, no eos in its config
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                             LoraConfig(r=2, target_modules=["in_proj"]))
+    adapted.save_pretrained(tmp_path / "adapter")
+    tok = ByteTokenizer()
+    tok.save_pretrained(tmp_path / "adapter")
+    save_model_folder(adapted.merge_and_unload(), tmp_path / "merged", tok)
+    merged = load_model_folder(tmp_path / "merged")[0]
+    assert merged.generation_config.eos_token_id == tok.eos_token_id
+    loaded = load_causal_lm(tmp_path / "adapter")
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        assert getattr(loaded.generation_config, name) == getattr(merged.generation_config, name) is not None
+        assert getattr(loaded.config, name) == getattr(merged.config, name)
+    # an adapter without tokenizer files keeps its base's config as it is
+    for name in TOKENIZER_FAMILY:
+        (tmp_path / "adapter" / name).unlink(missing_ok=True)
+    assert load_causal_lm(tmp_path / "adapter").generation_config.eos_token_id is None

@@ -168,12 +168,26 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
     # (a model that does not generate, ZooForSequenceClassification or ZooModel, has no generation_config in
     # transformers 5: reading it raised AttributeError)
     config, generation = model.config, getattr(model, "generation_config", None)
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
+                         f"{config.vocab_size}; choose a tokenizer with at most that many tokens")
+    fill_special_ids(model, tokenizer)
+
+    def write(target: Path) -> None:
+        model.save_pretrained(target, max_shard_size=max_shard_size)
+        if generation is not None and not (target / "generation_config.json").is_file():
+            generation.save_pretrained(target)
+
+    return write_folder(folder, write, tokenizer)
+
+
+def fill_special_ids(model: PreTrainedModel, tokenizer: Any = None) -> None:
+    """Fill the model config's unset pad/bos/eos ids from `tokenizer` (None: none), then its generation config's unset
+    ones from the model config, so that `generate` stops and pads as the tokenizer expects."""
     from zoo.data.text import SPECIAL_IDS
 
+    config, generation = model.config, getattr(model, "generation_config", None)
     if tokenizer is not None:
-        if len(tokenizer) > config.vocab_size:
-            raise ValueError(f"tokenizer: {len(tokenizer)} tokens do not fit the model's vocab_size "
-                             f"{config.vocab_size}; choose a tokenizer with at most that many tokens")
         for name in SPECIAL_IDS:
             value = getattr(tokenizer, name, None)
             if value is not None and getattr(config, name, None) is None:
@@ -182,13 +196,6 @@ def save_model_folder(model: PreTrainedModel, folder: str | Path, tokenizer: Any
         for name in SPECIAL_IDS:
             if getattr(generation, name, None) is None and getattr(config, name, None) is not None:
                 setattr(generation, name, getattr(config, name))
-
-    def write(target: Path) -> None:
-        model.save_pretrained(target, max_shard_size=max_shard_size)
-        if generation is not None and not (target / "generation_config.json").is_file():
-            generation.save_pretrained(target)
-
-    return write_folder(folder, write, tokenizer)
 
 
 def check_save_folder(folder: str | Path) -> None:
@@ -570,7 +577,8 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
     (zoo.eval.common.trained_with_bos reads it). The adapter is not merged: to save the model, merge it
     (``PeftModel.from_pretrained(base, ref).merge_and_unload()``; `save_model_folder` refuses the unmerged model, whose
     adapted weights from_pretrained would not load). A prompt-learning adapter (prompt tuning, P-tuning, prefix tuning:
-    virtual tokens the PeftModel adds around the model) is refused with a ValueError."""
+    virtual tokens the PeftModel adds around the model) is refused with a ValueError, and so is an adapter that does not
+    fit its base model (`_check_adapter_fits`: a base folder that came to hold another model)."""
     import zoo  # noqa: F401  (registers the zoo's Auto classes)
 
     if adapter_config_file(ref) is None:
@@ -608,11 +616,46 @@ def load_causal_lm(ref: str | Path, **kwargs) -> PreTrainedModel:
         # save_embedding_layers): PEFT's users resize the base to them first, and loading failed in load_state_dict
         model.resize_token_embeddings(rows)
     with peft_wrapping(), readable_weights(source):
-        model = PeftModel.from_pretrained(model, source).get_base_model()  # the model class, adapters active in it
+        try:
+            peft_model = PeftModel.from_pretrained(model, source)
+        except RuntimeError as e:  # (the traceback of load_state_dict's 'size mismatch for ...' lines)
+            if "size mismatch" not in str(e):
+                raise
+            found = re.search(r"size mismatch for ([^:]+): (.*?)\.?$", str(e), re.MULTILINE)
+            detail = f" ({found.group(1)}: {found.group(2)})" if found else ""
+            raise ValueError(f"{ref} is a PEFT adapter of another model than its base model {base}: its weights do "
+                             f"not fit the base's shapes{detail}; give the base model it was trained on") from None
+        _check_adapter_fits(peft_model, source, ref, base)
+        model = peft_model.get_base_model()  # the model class, adapters active in it
+    if tokenizer_source(source) == source:
+        # the tokenizer the adapter holds (zoo finetune saves the one it trained with) fills the base config's unset
+        # special ids, as it fills the merged model's (save_model_folder): zoo generate of the adapter ran past the eos
+        # the finetune taught its rows to end with, while the merged model's stopped there
+        fill_special_ids(model, load_folder_tokenizer(source))
     if isinstance(add_bos := _adapter_data(source).get("add_bos"), bool):
         # (the base's config said nothing, or what the base trained on: a finetune without bos was prompted with one)
         model.config.add_bos = add_bos
     return model
+
+
+def _check_adapter_fits(peft_model: Any, source: str, ref: str | Path, base: str) -> None:
+    """Raise ValueError where the PEFT adapter `source`, loaded into `peft_model` (its base model `base`), does not fit
+    that base: weights of the adapter that match none of its modules (dropped), or adapted modules of the base that
+    the adapter holds no weights for (left at their initial values, a no-op). PEFT loads such an adapter with a warning
+    about the second kind alone, and the model ran with part of its adapter, or none (a base folder that holds another
+    model than the one the adapter was trained on)."""
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = set(load_peft_weights(source))
+    expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    # and the embeddings that an adapter of a resized vocabulary saves whole (save_embedding_layers), which it may hold
+    may_hold = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True))
+    dropped, missing = sorted(saved - expected - may_hold), sorted(expected - saved)
+    if dropped or missing:
+        parts = ([f"its weights {_named(dropped, 3)} match no module of the base"] if dropped else []) + \
+                ([f"it holds no weights for the base's adapted {_named(missing, 3)}"] if missing else [])
+        raise ValueError(f"{ref} is a PEFT adapter of another model than its base model {base}: "
+                         f"{'; '.join(parts)}; give the base model it was trained on")
 
 
 def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
@@ -687,6 +730,6 @@ def load_model_folder(folder: str | Path, **kwargs) -> tuple[PreTrainedModel, Pr
 
 
 __all__ = ["ADAPTER_DATA_FILE", "TOKENIZER_FAMILY", "adapter_config_file", "check_model_ref", "check_save_folder",
-           "holds_tokenizer", "holds_weights", "json_object", "load_causal_lm", "load_folder_tokenizer",
-           "load_model_folder", "load_model_not_adapter", "peft_layer", "readable_weights", "require_tokenizer",
-           "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
+           "fill_special_ids", "holds_tokenizer", "holds_weights", "json_object", "load_causal_lm",
+           "load_folder_tokenizer", "load_model_folder", "load_model_not_adapter", "peft_layer", "readable_weights",
+           "require_tokenizer", "save_model_folder", "shard_size", "tokenizer_source", "write_folder"]
