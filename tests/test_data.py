@@ -908,6 +908,21 @@ def test_a_record_without_the_text_field_is_named_by_its_place_in_the_file(tok, 
             list(itertools.islice(TextStream(cfg, tok, rank=rank, world_size=world_size).rows(), 100))
 
 
+def test_a_record_without_the_text_field_in_the_second_file_is_named_by_its_file_and_line(tok, tmp_path):
+    # the message numbered the record across all the files ("document 12 of [...] (counted from 0, files in sorted
+    # order)"), with the blank lines datasets skips left out of the count: the user had to count records through
+    # every file before it to find line 5 of b.jsonl
+    pytest.importorskip("datasets", reason="local files are read with `datasets` (the data extra)")
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"doc {i}", "content": ""}) + "\n"
+                                              for i in range(10)))  # (the same columns as b.jsonl: one table)
+    (tmp_path / "b.jsonl").write_text('{"text": "x"}\n\n{"text": "y"}\n\n{"content": "no text field"}\n'
+                                      '{"text": "z"}\n')
+    cfg = DataConfig(source=str(tmp_path / "*.jsonl"), seq_len=8, holdout=0.0)
+    with pytest.raises(ValueError, match=r"data\.text_field: document 12 of .* \(counted from 0, files in sorted "
+                                         r"order: line 5 of '.*b\.jsonl'\) holds NoneType None in 'text'"):
+        TextStream(cfg, tok)
+
+
 @pytest.mark.parametrize("source", ["stdlib", "local"])
 def test_a_config_name_of_a_source_without_configurations_is_refused_by_name(tok, letter_docs, source):
     # config_name applies to hub datasets only: with the built-in corpus or local files it was ignored without a word

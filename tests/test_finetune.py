@@ -744,6 +744,32 @@ def test_jsonl_data_too_small_to_hold_rows_out_is_refused(tmp_path):
         build_datasets(DataSection(source=str(tmp_path / "three.jsonl"), holdout=0.9), ByteTokenizer())
 
 
+def test_copies_of_a_held_out_jsonl_row_are_not_trained_on(tmp_path):
+    # the holdout split the rows by index, so a row repeated in the file was held out and its copies trained on: the
+    # evaluation measured rows the model had learned
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    rows = [{"prompt": f"q{i % 5}", "completion": f"a{i % 5}", "id": i} for i in range(40)]  # 5 rows, 8 copies each
+    rows += [{"text": f"distinct row {i}"} for i in range(10)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train, evaluation = build_datasets(DataSection(source=str(tmp_path / "rows.jsonl"), holdout=0.2), ByteTokenizer())
+    trained = {tuple(r["input_ids"].tolist()) for r in train}
+    evaluated = {tuple(r["input_ids"].tolist()) for r in evaluation}
+    assert evaluated and trained and not trained & evaluated
+    assert len(evaluation) == 10  # the rows held out are as many as before
+
+
+def test_jsonl_rows_that_are_all_copies_of_held_out_rows_are_refused(tmp_path):
+    from zoo.data.text import ByteTokenizer
+    from zoo.finetune import DataSection, build_datasets
+
+    (tmp_path / "same.jsonl").write_text("".join(json.dumps({"text": "the same"}) + "\n" for _ in range(10)))
+    with pytest.raises(ValueError, match=r"data\.holdout: the 9 rows not held out of .*same\.jsonl' are all copies "
+                                         r"of held-out rows"):
+        build_datasets(DataSection(source=str(tmp_path / "same.jsonl"), holdout=0.1), ByteTokenizer())
+
+
 # ---- state passing (train.state_passing) ---------------------------------------------------------------------
 
 def _tiny_recurrent(kind: str) -> nn.Module:

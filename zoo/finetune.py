@@ -469,7 +469,8 @@ class DataSection:
     glob(s) (possibly compressed: rows.jsonl.gz, .bz2, .xz) whose rows are ``{"text": ...}`` (loss on every token)
     or ``{"prompt": ..., "completion": ...}`` (loss on the completion and eos only; a row with the fields of both is
     refused, naming its file and line); a row whose text or completion is empty (or whitespace) is skipped, with a
-    warning that counts them; without eval_source a ``holdout`` fraction is held out.
+    warning that counts them; without eval_source a ``holdout`` fraction is held out (the copies of a held-out row
+    with it: they are not trained on).
     seq_len: row length of a task (None: the task's default), or the truncation length of jsonl rows
     (None: none). add_bos / add_eos: wrap jsonl rows (zoo models pretrain on ``<bos>`` text ``<eos>``).
     """
@@ -979,6 +980,12 @@ def pad_collate(rows: list[dict[str, torch.Tensor]], pad_id: int = 0) -> dict[st
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
+def _row_key(row: dict[str, Any]) -> tuple[str, ...]:
+    """What a jsonl row trains on (its text, or its prompt and completion), other fields left out: rows equal in it
+    are copies."""
+    return (row["text"],) if "text" in row else (row["prompt"], row["completion"])
+
+
 def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets of `data`; a synthetic task gets n_train fresh rows (one per row trained on)."""
     if data.task is not None:
@@ -999,7 +1006,16 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
             raise ValueError(f"data.holdout: {data.holdout} of {len(rows)} rows holds out all of them, leaving none to "
                              f"train on; lower it, add rows, or give data.eval_source")
         eval_rows = [rows[i] for i in order[:n_eval]]
-        rows = [rows[i] for i in order[n_eval:]]
+        # a row repeated in the file was held out and trained on (its copies), so the evaluation measured rows the
+        # model had learned: copies of a held-out row are held out of training too, as pretraining's holdout (keyed
+        # by the text) holds out every copy of a document
+        held = {_row_key(r) for r in eval_rows}
+        kept = [rows[i] for i in order[n_eval:] if _row_key(rows[i]) not in held]
+        if not kept and n_eval:
+            raise ValueError(f"data.holdout: the {len(rows) - n_eval} rows not held out of {data.source!r} are all "
+                             f"copies of held-out rows, leaving none to train on; add distinct rows, or give "
+                             f"data.eval_source")
+        rows = kept
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     # (evaluation rows were dropped without a word: the accuracy before and after was measured on fewer rows than held)
     evaluation, dropped_eval = encode_rows(eval_rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)

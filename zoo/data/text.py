@@ -834,10 +834,33 @@ def _held_out_rows(dataset, text_field: str, holdout: float) -> np.ndarray:
     return np.concatenate(held) if held else np.zeros(0, dtype=bool)
 
 
-def _check_indexed_texts(dataset, cfg: DataConfig) -> None:
+def _json_line(files: list[str], row: int, text_field: str) -> tuple[str, int] | None:
+    """(the file, its line counted from 1) of record `row` (counted from 0 across `files` in their order, blank lines
+    skipped as datasets' json reader skips them) of local JSON-lines files, where that line is a record whose
+    `text_field` is not text; None where it is not (a .json file holding one JSON document, a file that does not
+    read)."""
+    seen = 0
+    try:
+        for f in files:
+            with open_data_file(f) as raw:
+                for number, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="replace"), 1):
+                    if not line.strip():
+                        continue
+                    if seen == row:
+                        record = json.loads(line)
+                        found = isinstance(record, dict) and not isinstance(record.get(text_field), str)
+                        return (f, number) if found else None
+                    seen += 1
+    except (*DECOMPRESSION_ERRORS, ValueError):  # (json's JSONDecodeError is a ValueError)
+        return None
+    return None
+
+
+def _check_indexed_texts(dataset, cfg: DataConfig, files: list[str] | None = None) -> None:
     """Refuse, as it opens, an indexed dataset whose text column holds a document that is not text: a column of
     another type (numbers, lists), or a null (a record without the field). Such a document was refused only when the
-    stream reached it, which in a large shuffled corpus was hours into the run, and again on every resume."""
+    stream reached it, which in a large shuffled corpus was hours into the run, and again on every resume. `files`:
+    the local files read (in their order), whose file and line of a JSON-lines record the message names."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -854,8 +877,12 @@ def _check_indexed_texts(dataset, cfg: DataConfig) -> None:
     others = f" ({column.null_count - 1} more are null too)" if textual and column.null_count > 1 else \
         f" (the column's type is {column.type})" if not textual else ""
     missing = " (a record without the field reads as None)" if value is None else ""
-    raise ValueError(f"data.text_field: document {first} of {cfg.source!r} (counted from 0, files in sorted order) "
-                     f"holds {type(value).__name__} {value!r:.40} in {cfg.text_field!r}, not text{missing}{others}")
+    # several files, or blank lines, number the documents otherwise than any one file's lines do
+    at = _json_line(files, first, cfg.text_field) if files and local_builder(files[0]) == "json" else None
+    where = f": line {at[1]} of {at[0]!r}" if at is not None else ""
+    raise ValueError(f"data.text_field: document {first} of {cfg.source!r} (counted from 0, files in sorted "
+                     f"order{where}) holds {type(value).__name__} {value!r:.40} in {cfg.text_field!r}, not "
+                     f"text{missing}{others}")
 
 
 def _hub_commit(dataset) -> str | None:
@@ -1064,7 +1091,7 @@ def open_documents(cfg: DataConfig, split: str, rank: int = 0, world_size: int =
         docs.commit = commit
         return docs
 
-    _check_indexed_texts(dataset, cfg)
+    _check_indexed_texts(dataset, cfg, local)
     indices = np.arange(len(dataset))
     if use_holdout and cfg.holdout > 0:
         held = _held_out_rows(dataset, cfg.text_field, cfg.holdout)
