@@ -753,7 +753,10 @@ def test_copies_of_a_held_out_jsonl_row_are_not_trained_on(tmp_path):
     rows = [{"prompt": f"q{i % 5}", "completion": f"a{i % 5}", "id": i} for i in range(40)]  # 5 rows, 8 copies each
     rows += [{"text": f"distinct row {i}"} for i in range(10)]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    train, evaluation = build_datasets(DataSection(source=str(tmp_path / "rows.jsonl"), holdout=0.2), ByteTokenizer())
+    with pytest.warns(UserWarning, match=r"data\.holdout: \d+ of the 40 rows not held out of .*rows\.jsonl' are "
+                                         r"copies of held-out rows and are not trained on"):
+        train, evaluation = build_datasets(DataSection(source=str(tmp_path / "rows.jsonl"), holdout=0.2),
+                                           ByteTokenizer())
     trained = {tuple(r["input_ids"].tolist()) for r in train}
     evaluated = {tuple(r["input_ids"].tolist()) for r in evaluation}
     assert evaluated and trained and not trained & evaluated

@@ -1015,6 +1015,10 @@ def build_datasets(data: DataSection, tokenizer=None, n_train: int = 0) -> tuple
             raise ValueError(f"data.holdout: the {len(rows) - n_eval} rows not held out of {data.source!r} are all "
                              f"copies of held-out rows, leaving none to train on; add distinct rows, or give "
                              f"data.eval_source")
+        if len(kept) < len(rows) - n_eval and os.environ.get("RANK", "0") == "0":  # (once per launch)
+            warnings.warn(f"data.holdout: {len(rows) - n_eval - len(kept)} of the {len(rows) - n_eval} rows not held "
+                          f"out of {data.source!r} are copies of held-out rows and are not trained on (the "
+                          f"evaluation would measure rows the model learned)", stacklevel=2)
         rows = kept
     train, dropped = encode_rows(rows, tokenizer, data.seq_len, data.add_bos, data.add_eos)
     # (evaluation rows were dropped without a word: the accuracy before and after was measured on fewer rows than held)
