@@ -463,6 +463,16 @@ def test_budget_far_below_the_smallest_size_names_its_narrowed_width():
         match_budget(fields, 60_000, knob="n_layers")
 
 
+def test_a_misspelt_recipe_field_is_answered_with_the_name_the_comparison_config_spells(tmp_path):
+    # the suggestion came from zoo.train, which named its own field: 'did you mean train.max_steps?', a path the
+    # comparison config does not have (its field, and the override, is recipe.train.max_steps)
+    bad = tmp_path / "bad.yaml"
+    for recipe, wanted in (({"train": {"max_stpes": 3}}, "recipe.train.max_steps"), ({"trian": {}}, "recipe.train")):
+        bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "recipe": recipe}))
+        with pytest.raises(ValueError, match=rf"; did you mean {re.escape(wanted)}\?"):
+            load_compare_config(bad)
+
+
 def test_config_errors_name_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "budjet": {}}))
@@ -486,7 +496,7 @@ def test_config_errors_name_the_field(tmp_path):
         load_compare_config(bad)
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"},
                                    "recipe": {"train": {"max_step": 3}}}))
-    with pytest.raises(ValueError, match=r"^recipe.train.max_step: unknown field; did you mean train.max_steps"):
+    with pytest.raises(ValueError, match=r"^recipe.train.max_step: unknown field; did you mean recipe.train.max_steps"):
         load_compare_config(bad)
     bad.write_text(yaml.safe_dump({"models": {"m": "configs/models/mamba-tiny.yaml"}, "accounting": {"kv_bytes": 0}}))
     with pytest.raises(ValueError, match="accounting.kv_bytes: bytes per float must be >= 1"):

@@ -1040,8 +1040,9 @@ def validate_compare_config(cfg: CompareConfig) -> None:
         raise ValueError(f"cpu_threads: must be >= 1, got {cfg.cpu_threads}")
     try:  # zoo.train names its own fields (train.max_steps), which sit under recipe here
         base = _recipe_config(cfg.recipe)
-    except ValueError as e:
-        raise ValueError(f"recipe.{e}") from None
+    except ValueError as e:  # (its suggestion too: 'did you mean train.max_steps?' named a field the comparison
+        # config does not have, as the override --train.max_steps is not one of zoo compare's)
+        raise ValueError(f"recipe.{e}".replace("; did you mean ", "; did you mean recipe.", 1)) from None
     micro = base.train.micro_batch_size * base.data.seq_len
     for L in cfg.train_lengths or []:  # each length's recipe, before any model trains (zoo.train checks it at start)
         try:

@@ -228,7 +228,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="zoo eval state", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
     parser.add_argument("--tokens", default=None, help=".pt LongTensor [N, T]; default: built-in corpus")
-    parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte'")
+    parser.add_argument("--tokenizer", default=None, help="for the built-in corpus: path, hub id or 'byte' "
+                        "(default: the model's; 'byte' for a zoo model YAML)")
     parser.add_argument("--task", default=None, help="synthetic rows instead: mqar | selective_copying | "
                         "induction_heads")
     parser.add_argument("--vocab-size", type=int, default=None, help="synthetic task vocabulary (default: the "
@@ -258,8 +259,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--compare", action="store_true", help="also run without the mitigation and overlay")
     parser.add_argument("--seed", type=int, default=None, help="of the rows of the built-in corpus or a task "
                         "(default 0)")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default=None,
+                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="the weights' dtype (default: the checkpoint's; a zoo model YAML's fresh weights: fp32)")
     parser.add_argument("--out", default="results/state", help="output directory (default results/state)")
     args = parser.parse_args(argv)
     check_row_options(args)

@@ -356,9 +356,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="zoo eval synthetic", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or a zoo model YAML")
     parser.add_argument("--task", default="mqar", choices=sorted(TASKS), help="the task (default mqar)")
-    parser.add_argument("--seq-lens", type=number_list, default=None, help="comma list; 2^k and 4K forms accepted")
+    parser.add_argument("--seq-lens", type=number_list, default=None,
+                        help="row lengths in tokens, a comma list; 2^k and 4K forms accepted "
+                        "(default: mqar 64,128,256; selective_copying 4096; induction_heads 2^6,2^8,2^10)")
     parser.add_argument("--n-kv", type=number_list, default=None,
-                        help="comma list of key-value pairs (mqar) or tokens to copy")
+                        help="comma list of key-value pairs (mqar) or tokens to copy (selective_copying); "
+                        "default: the task's, 16; induction_heads has no count")
     parser.add_argument("--n-samples", type=positive_int, default=256, help="rows per cell (default 256)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="rows per forward (default 64)")
     parser.add_argument("--seed", type=int, default=EVAL_SEED,
@@ -366,9 +369,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--vocab-size", type=int, default=None, help="task vocabulary (default: the paper's)")
     parser.add_argument("--power-a", type=float, default=None, help="mqar: query-gap power law exponent")
     parser.add_argument("--random-non-queries", action="store_true", help="mqar: random filler tokens")
-    parser.add_argument("--chunk-size", type=positive_int, default=None, help="evaluate long rows in chunks")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--chunk-size", type=positive_int, default=None,
+                        help="evaluate long rows in chunks of this many tokens, "
+                        "carrying the cache (default: whole rows)")
+    parser.add_argument("--device", default=None,
+                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="the weights' dtype (default: the checkpoint's; a zoo model YAML's fresh weights: fp32)")
     parser.add_argument("--out", default=None, help="output directory (default results/synthetic-<task>)")
     from zoo.state.mitigation import add_mitigation_argument, apply_mitigation, splits_matter
 
