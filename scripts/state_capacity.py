@@ -72,6 +72,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
     if missing:
         raise ValueError(f"state-capacity sweep: missing {missing}")
     run = data["run"]
+    # the sweep writes into run and its data, train and schedule sections: another value (run: null, a section
+    # given a number) ended in a TypeError or AttributeError traceback
+    if not isinstance(run, dict):
+        raise ValueError(f"run: expected a mapping of run config sections, got {run!r}")
+    for section in ("data", "train", "schedule"):
+        if section in run and not isinstance(run[section], dict):
+            raise ValueError(f"run.{section}: expected a mapping of fields, got {run[section]!r}")
     for key, by in RUN_SET_BY_SWEEP.items():
         section, _, field = key.rpartition(".")
         holder = run.get(section) if section and isinstance(run, dict) else run

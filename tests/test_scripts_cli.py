@@ -246,6 +246,25 @@ def test_a_refused_run_config_names_the_field_as_the_sweep_spells_it(tmp_path, c
     assert message in err and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script_name, config", [("state_capacity", "state-capacity"), ("collapse", "collapse")])
+@pytest.mark.parametrize("override, message", [
+    ("--run=null", "run: expected a mapping of run config sections, got None"),
+    ("--run.train=3", "run.train: expected a mapping of fields, got 3"),
+    ("--run.data=null", "run.data: expected a mapping of fields, got None"),
+], ids=["run", "train", "data"])
+def test_a_run_section_that_is_not_a_mapping_is_refused_by_name(tmp_path, capsys, script_name, config, override,
+                                                                 message):
+    """The sweep writes into run and its data, train and schedule sections: run: null or a section given another
+    value (--run.train=3) ended in a TypeError or AttributeError traceback, not a refusal naming the section."""
+    script = load_script(f"scripts/{script_name}.py")
+    capacity = script._state_capacity() if script_name == "collapse" else script
+    with pytest.raises(ValueError, match=re.escape(message)):
+        capacity.load_sweep(ROOT / f"configs/train/{config}.yaml", [override[2:]])
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), f"--output_dir={tmp_path}", override,
+                                 "--dry-run"], capsys)
+    assert message in err and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("script_name, config, only", [("state_capacity", "state-capacity", "d_state64"),
                                                        ("collapse", "collapse", "slow_decay")])
 def test_dry_run_lists_only_the_runs_of_only(capsys, script_name, config, only):
