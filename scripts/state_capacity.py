@@ -72,6 +72,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> dict:
     if missing:
         raise ValueError(f"state-capacity sweep: missing {missing}")
     run = data["run"]
+    # the sweep writes into run and its data, train and schedule sections: another value (run: null, a section
+    # given a number) ended in a TypeError or AttributeError traceback
+    if not isinstance(run, dict):
+        raise ValueError(f"run: expected a mapping of run config sections, got {run!r}")
+    for section in ("data", "train", "schedule"):
+        if section in run and not isinstance(run[section], dict):
+            raise ValueError(f"run.{section}: expected a mapping of fields, got {run[section]!r}")
     for key, by in RUN_SET_BY_SWEEP.items():
         section, _, field = key.rpartition(".")
         holder = run.get(section) if section and isinstance(run, dict) else run
@@ -225,9 +232,33 @@ def expand_runs(sweep: dict) -> list[dict]:
             train["max_steps"] = max(1, sweep["tokens_per_run"] // sweep["batch_tokens"])
             schedule = run.setdefault("schedule", {})
             schedule["warmup_steps"] = min(schedule.get("warmup_steps", 100), train["max_steps"] // 10)
-            runs.append({"name": f"{model_name}-L{L}", "model": model_name, "train_length": L,
-                         "config": config_from_dict(run)})
+            try:
+                config = config_from_dict(run)
+            except ValueError as e:
+                raise ValueError(run_error(str(e), model_name, L)) from None
+            runs.append({"name": f"{model_name}-L{L}", "model": model_name, "train_length": L, "config": config})
     return runs
+
+
+def run_error(message: str, model_name: str, L: int) -> str:
+    """zoo.train's refusal of one run's config (``field: why``), its field named as the sweep spells it: a field of
+    the run section as ``run.field`` (and its suggestion, 'did you mean run.train.max_steps?'), one the sweep fills
+    in by the sweep's own key. zoo.train names its fields bare: 'train.max_stpes: unknown field; did you mean
+    train.max_steps?' named neither the override the user typed (--run.train.max_stpes) nor one the sweep takes."""
+    field, sep, why = message.partition(": ")
+    if field == "model" or field.startswith("model."):  # (the model is models.<name>'s, not run's)
+        return f"models.{model_name}{field[len('model'):]}{sep}{why}"
+    if field == "data.seq_len":
+        return f"train_lengths: at L={L} (each run's data.seq_len){sep}{why}"
+    if field in RUN_SET_BY_SWEEP:
+        return f"{field} (set by the sweep from {RUN_SET_BY_SWEEP[field]}){sep}{why}"
+    head, hint, rest = why.partition("; did you mean ")
+    if hint:
+        close, _, tail = rest.partition("?")
+        by = RUN_SET_BY_SWEEP.get(close)  # a near field the sweep sets itself: run.<it> is refused in turn
+        note = f" (the sweep sets it for each run, from {by})" if by else ""
+        why = f"{head}; did you mean run.{close}?{note}{tail}"
+    return f"run.{field}{sep}{why}"
 
 
 def ssm_state_floats(model_config: dict) -> int:

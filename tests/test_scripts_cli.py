@@ -220,6 +220,51 @@ def test_sweep_field_it_would_ignore_is_refused_before_training(tmp_path, capsys
     assert trained == [] and not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("script_name, config, model", [("state_capacity", "state-capacity", "d_state16"),
+                                                        ("collapse", "collapse", "slow_decay")])
+@pytest.mark.parametrize("override, message", [
+    ("--run.train.max_stpes=3", "run.train.max_stpes: unknown field; did you mean run.train.max_steps? (the sweep "
+                                "sets it for each run, from tokens_per_run / batch_tokens)"),
+    ("--run.optim.lr=-1", "run.optim.lr: must be > 0, got -1.0"),
+    ("--train_lengths=[1,64]", "train_lengths: at L=1 (each run's data.seq_len): must be an integer >= 2, got 1"),
+    ("--models.{model}=3", "models.{model}: 3 matches none of"),
+], ids=["run-typo", "run-value", "train_lengths", "models"])
+def test_a_refused_run_config_names_the_field_as_the_sweep_spells_it(tmp_path, capsys, script_name, config, model,
+                                                                     override, message):
+    """A run config zoo.train refused was named by zoo.train's own fields: --run.train.max_stpes=3 was answered
+    'train.max_stpes: unknown field; did you mean train.max_steps?', neither the override typed nor one the sweep
+    takes, and a field the sweep fills in was named as a run field ('data.seq_len: must be an integer >= 2' for
+    train_lengths [1, 64], 'model: ...' for a bad models entry). A run field is named run.<field> (its suggestion
+    too), one the sweep fills in by the sweep key it came from."""
+    script = load_script(f"scripts/{script_name}.py")
+    capacity = script._state_capacity() if script_name == "collapse" else script
+    override, message = override.format(model=model), message.format(model=model)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        capacity.load_sweep(ROOT / f"configs/train/{config}.yaml", [override[2:]])
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), f"--output_dir={tmp_path}", override,
+                                 "--dry-run"], capsys)
+    assert message in err and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script_name, config", [("state_capacity", "state-capacity"), ("collapse", "collapse")])
+@pytest.mark.parametrize("override, message", [
+    ("--run=null", "run: expected a mapping of run config sections, got None"),
+    ("--run.train=3", "run.train: expected a mapping of fields, got 3"),
+    ("--run.data=null", "run.data: expected a mapping of fields, got None"),
+], ids=["run", "train", "data"])
+def test_a_run_section_that_is_not_a_mapping_is_refused_by_name(tmp_path, capsys, script_name, config, override,
+                                                                 message):
+    """The sweep writes into run and its data, train and schedule sections: run: null or a section given another
+    value (--run.train=3) ended in a TypeError or AttributeError traceback, not a refusal naming the section."""
+    script = load_script(f"scripts/{script_name}.py")
+    capacity = script._state_capacity() if script_name == "collapse" else script
+    with pytest.raises(ValueError, match=re.escape(message)):
+        capacity.load_sweep(ROOT / f"configs/train/{config}.yaml", [override[2:]])
+    err = _refused(script.main, [str(ROOT / f"configs/train/{config}.yaml"), f"--output_dir={tmp_path}", override,
+                                 "--dry-run"], capsys)
+    assert message in err and not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("script_name, config, only", [("state_capacity", "state-capacity", "d_state64"),
                                                        ("collapse", "collapse", "slow_decay")])
 def test_dry_run_lists_only_the_runs_of_only(capsys, script_name, config, only):
