@@ -41,13 +41,16 @@ add tests-fsdp-gpus 300 "python -m pytest -q -m cuda -p no:cacheprovider tests/t
 # for bf16 for a run pinned to the CPU on a GPU machine)
 # (tests-s44, the four tests fixed after the forty-fourth session's last call, and the whole README test command:
 # 3200 passed, 187 skipped, none failed on an H100 in the forty-fifth session's call 1, at da376a3)
+# (the forty-fifth and forty-sixth sessions' CPU audits: tests-noncuda at 6031378 in the forty-seventh session's
+# call 1 on an H100, 3325 passed and 2 failed, tests that assumed the CPU, fixed after it; tests-cuda-touched in its
+# call 2, 304 passed)
 # the README's test command on the GPU machine, whole (3-5 minutes with 14 workers on the H100's machine): the
-# forty-fifth session's CPU audits, merged after its call 1, and the forty-sixth session's (no machine was lent to
-# it) have not run on a card
+# forty-seventh session's CPU audits merged after its call 2 (and the two fixed tests) have not run on a card
 add tests-noncuda 560 "python -m pytest -q -m 'not cuda' -n 14 -p no:cacheprovider -rfE --timeout 300"
 # the cuda tests of the files whose modules the forty-fifth to forty-seventh sessions changed on the CPU (the decoding
 # steps from grad leaves in zoo/cache.py, attention's empty chunk with seq_idx, cap_state's copies, zoo train's and
-# compare's builds, the passkey checks)
+# compare's builds, the passkey checks; 304 passed at 6031378, forty-seventh session's call 2: again for the later
+# merges)
 add tests-cuda-touched 560 "python -m pytest -q -m cuda -p no:cacheprovider -rfE --timeout 300 tests/test_state.py \
     tests/test_static_decode.py tests/test_static_generate.py tests/test_attention_cuda.py tests/test_modeling.py \
     tests/test_mixers.py tests/test_compare.py tests/test_train.py tests/test_finetune_cuda.py"
