@@ -1324,6 +1324,31 @@ def test_an_adapter_whose_base_folder_now_holds_another_model_is_refused(tmp_pat
     assert e.value.code == 2 and "is a PEFT adapter of another model than its base model" in err
 
 
+def test_loading_an_adapter_reads_its_weights_once_the_fit_check_taking_their_names_alone(tmp_path):
+    # the check that an adapter fits its base (load_causal_lm) took the names of its weights from PEFT's
+    # load_peft_weights, which read every weight a second time after PeftModel.from_pretrained had, onto the GPU where
+    # there is one (an adapter of a resized vocabulary holds its whole embeddings)
+    import peft.peft_model
+    import peft.utils
+    import peft.utils.save_and_load
+
+    from zoo.hub import load_causal_lm
+
+    save_trained_adapter(tmp_path / "base", tmp_path / "adapter", use_dora=False)
+    real, reads = peft.utils.save_and_load.load_peft_weights, []
+
+    def counted(*args, **kwargs):
+        reads.append(args[0])
+        return real(*args, **kwargs)
+
+    with mock.patch.object(peft.utils.save_and_load, "load_peft_weights", counted), \
+            mock.patch.object(peft.utils, "load_peft_weights", counted), \
+            mock.patch.object(peft.peft_model, "load_peft_weights", counted):
+        model = load_causal_lm(tmp_path / "adapter")
+    assert len(reads) == 1  # PeftModel.from_pretrained's own
+    assert any("lora_" in name for name, _ in model.named_parameters())
+
+
 def _weights_lfs_pointer(path: Path) -> None:
     path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
 

@@ -901,6 +901,23 @@ def test_interrupted_forced_run_names_the_models_it_had_not_reached_and_how_to_r
     assert "gla: training" in capsys.readouterr().err
 
 
+def test_a_forced_run_interrupted_before_its_first_model_says_to_rerun_it_with_force(tmp_path, monkeypatch, capsys):
+    # Ctrl-C during the checks before any model (the meta builds, the passkey prompts) advised 'rerun the same command
+    # without --force to continue': --force had deleted nothing yet, so that rerun kept every earlier result, and the
+    # redo asked for was lost without a word
+    import zoo.compare as compare
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "_check_inputs", stopped)
+    argv = [str(ROOT / "configs" / "compare" / "demo.yaml"), f"--output_dir={tmp_path / 'forced'}",
+            "--only=mamba,gla", "--force"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("rerun the same command to continue"), err
+
+
 def test_interrupted_forced_run_says_to_continue_without_force(tmp_path, monkeypatch, capsys):
     """After Ctrl-C in a run started with --force, 'rerun the same command to continue' led to --force again, which
     deletes each model's results before redoing it: the models finished before the interruption were retrained."""

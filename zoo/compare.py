@@ -2467,31 +2467,38 @@ def run_comparison(cfg: CompareConfig, folder: Path, force: bool = False, only: 
         unknown = set(only) - set(names)
         if unknown:
             raise ValueError(f"--only: unknown models {sorted(unknown)}; the config has {names}")
-    todo = resolve_models(cfg, folder, only or None)
-    # the config's other models, for the table of those an earlier run finished: one whose entry is refused (this run
-    # does not train it, and is not refused for it) has no results of this config, and is named where it has some
-    entries, refused = [], []
-    for name in names:
-        try:
-            entries += [e for e in todo if e.name == name] or resolve_models(cfg, folder, [name])
-        except ValueError:
-            if (out / name / RESULT_FILE).is_file():
-                refused.append(name)
-    if not accounting_only:
-        _check_inputs(cfg, todo, [e for e in entries if e.name not in {t.name for t in todo}])
-        # refused before any model trains: found at its turn, it stopped the run after the models before it
-        recorded = {e.name: json.loads((out / e.name / RESULT_FILE).read_text()).get("fingerprint")
-                    for e in todo if not force and (out / e.name / RESULT_FILE).is_file()}
-        changed = [e.name for e in todo if e.name in recorded and recorded[e.name] not in _model_fingerprints(cfg, e)]
-        if changed:
-            raise ValueError(_changed_message(changed, out))
-    device = _device()
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and cfg.cpu_threads:
-        torch.set_num_threads(cfg.cpu_threads)
-    if not accounting_only:  # an accounting look (no GPU needed) must not overwrite a comparison's record
-        (out / "compare_config.yaml").write_text(yaml.safe_dump(
-            {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
+    try:  # (the checks before the first model: a stop here with --force has deleted nothing)
+        todo = resolve_models(cfg, folder, only or None)
+        # the config's other models, for the table of those an earlier run finished: one whose entry is refused (this
+        # run does not train it, and is not refused for it) has no results of this config, and is named where it has
+        # some
+        entries, refused = [], []
+        for name in names:
+            try:
+                entries += [e for e in todo if e.name == name] or resolve_models(cfg, folder, [name])
+            except ValueError:
+                if (out / name / RESULT_FILE).is_file():
+                    refused.append(name)
+        if not accounting_only:
+            _check_inputs(cfg, todo, [e for e in entries if e.name not in {t.name for t in todo}])
+            # refused before any model trains: found at its turn, it stopped the run after the models before it
+            recorded = {e.name: json.loads((out / e.name / RESULT_FILE).read_text()).get("fingerprint")
+                        for e in todo if not force and (out / e.name / RESULT_FILE).is_file()}
+            changed = [e.name for e in todo
+                       if e.name in recorded and recorded[e.name] not in _model_fingerprints(cfg, e)]
+            if changed:
+                raise ValueError(_changed_message(changed, out))
+        device = _device()
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
+        if not accounting_only:  # an accounting look (no GPU needed) must not overwrite a comparison's record
+            (out / "compare_config.yaml").write_text(yaml.safe_dump(
+                {**dataclasses.asdict(cfg), "resolved_models": {e.name: e.fields for e in entries}}, sort_keys=False))
+    except KeyboardInterrupt as e:
+        # the advice to continue without --force kept every earlier result: the redo --force asked for was lost
+        e.nothing_forced = force
+        raise
     try:
         if accounting_only:  # the models of --only, as a run trains them (it accounted every model of the config)
             records = [{"name": e.name, "fields": e.fields, "match": e.match, "phases": {},
@@ -2575,7 +2582,9 @@ def main(argv: list[str] | None = None) -> int:
             result = run_comparison(cfg, folder, force=args.force, only=only, accounting_only=args.accounting_only)
     except KeyboardInterrupt as e:
         # --force deletes a model's results before redoing it: the same command again would redo the finished ones
-        how = "the same command without --force" if args.force else "the same command"
+        # (stopped before it deleted any: the same command, --force and all)
+        how = "the same command without --force" if args.force and not getattr(e, "nothing_forced", False) \
+            else "the same command"
         why = f": {e}" if str(e) else ""  # (which training or phase stopped, and where it saved, when it says)
         # the models --force had not reached: the rerun without --force kept their earlier results as finished
         later = getattr(e, "not_forced", [])

@@ -645,8 +645,15 @@ def _check_adapter_fits(peft_model: Any, source: str, ref: str | Path, base: str
     about the second kind alone, and the model ran with part of its adapter, or none (a base folder that holds another
     model than the one the adapter was trained on)."""
     from peft.utils import get_peft_model_state_dict, load_peft_weights
+    from safetensors import safe_open
 
-    saved = set(load_peft_weights(source))
+    # the names of its weights only: PEFT's load_peft_weights read them all a second time (onto the GPU where there is
+    # one, an adapter of a resized vocabulary's whole embeddings with them) to take their names
+    if (found := _adapter_weights_file(source)) is not None:
+        with safe_open(found, "pt") as weights:
+            saved = set(weights.keys())
+    else:  # (an adapter_model.bin: read whole, on the CPU)
+        saved = set(load_peft_weights(source, device="cpu"))
     expected = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
     # and the embeddings that an adapter of a resized vocabulary saves whole (save_embedding_layers), which it may hold
     may_hold = set(get_peft_model_state_dict(peft_model, save_embedding_layers=True))
@@ -686,20 +693,25 @@ def _causal_lm_with_head(ref: str | Path, **kwargs) -> PreTrainedModel:
     return model
 
 
+def _adapter_weights_file(source: str) -> str | None:
+    """The adapter_model.safetensors of the PEFT adapter `source` (a folder, or a hub repo's cached file), or None where
+    it has none (an adapter_model.bin)."""
+    folder = Path(source)
+    if folder.is_dir():
+        found = folder / "adapter_model.safetensors"
+        return str(found) if found.is_file() else None
+    from transformers.utils import cached_file
+
+    return cached_file(source, "adapter_model.safetensors", _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False)
+
+
 def _adapter_embedding_rows(source: str, model: PreTrainedModel) -> int | None:
     """The rows of the input embedding that the PEFT adapter `source` (a folder or hub repo) saved, whole or as a
     modules_to_save copy; None where its weights (adapter_model.safetensors) hold none."""
     from safetensors import safe_open
 
-    folder = Path(source)
-    if folder.is_dir():
-        found = folder / "adapter_model.safetensors"
-        found = found if found.is_file() else None
-    else:
-        from transformers.utils import cached_file
-
-        found = cached_file(source, "adapter_model.safetensors", _raise_exceptions_for_missing_entries=False,
-                            _raise_exceptions_for_connection_errors=False)
+    found = _adapter_weights_file(source)
     embedding = model.get_input_embeddings()
     name = next((n for n, m in model.named_modules() if m is embedding), None)
     if found is None or name is None:
