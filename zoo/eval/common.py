@@ -705,3 +705,11 @@ def parse_int(item: str) -> int:
         return int(base) ** int(exponent)
     scale = {"k": 1024, "m": 1024**2}.get(item[-1].lower())
     return int(item[:-1]) * scale if scale else int(item)
+
+
+def add_device_arguments(parser) -> None:
+    """The eval tools' --device and --dtype options (resolve_device reads the first; the model loaders the second)."""
+    parser.add_argument("--device", default=None,
+                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="the weights' dtype (default: the checkpoint's; a zoo model YAML's fresh weights: fp32)")

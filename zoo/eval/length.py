@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.eval.common import (
+    add_device_arguments,
     check_model_path,
     check_positions,
     check_token_ids,
@@ -535,10 +536,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--start", choices=["document", "random"], default=None,
                         help="built-in corpus: documents begin at a file's start (default), or at a random offset "
                              "into it")
-    parser.add_argument("--device", default=None,
-                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="the weights' dtype (default: the checkpoint's; a zoo model YAML's fresh weights: fp32)")
+    add_device_arguments(parser)
     parser.add_argument("--out", default="results/length", help="output directory (default results/length)")
     parser.add_argument("--mitigation", nargs="*", default=None, metavar="SPEC",
                         help="evaluate each model once per training-free mitigation, curves on one plot: "

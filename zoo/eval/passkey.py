@@ -20,6 +20,7 @@ import torch
 from zoo.cache import output_cache
 from zoo.eval.common import (
     accepts_argument,
+    add_device_arguments,
     check_positions,
     check_token_ids,
     check_tokenizer,
@@ -571,10 +572,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--prefill-chunk-size", type=positive_int, default=None,
                         help="prefill long prompts in chunks of this many tokens, carrying the cache (default: the "
                              "checkpoint's generation_config prefill_chunk_size, if any, else the whole prompt)")
-    parser.add_argument("--device", default=None,
-                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="the weights' dtype (default: the checkpoint's; a zoo model YAML's fresh weights: fp32)")
+    add_device_arguments(parser)
     parser.add_argument("--out", default="results/passkey", help="output directory (default results/passkey)")
     from zoo.state.mitigation import add_mitigation_argument, apply_mitigation, splits_matter
 

@@ -25,6 +25,7 @@ import torch
 
 from zoo.cache import ZooCache
 from zoo.eval.common import (
+    add_device_arguments,
     check_token_ids,
     check_tokenizer,
     int_option,
@@ -259,10 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--compare", action="store_true", help="also run without the mitigation and overlay")
     parser.add_argument("--seed", type=int, default=None, help="of the rows of the built-in corpus or a task "
                         "(default 0)")
-    parser.add_argument("--device", default=None,
-                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="the weights' dtype (default: the checkpoint's; a zoo model YAML's fresh weights: fp32)")
+    add_device_arguments(parser)
     parser.add_argument("--out", default="results/state", help="output directory (default results/state)")
     args = parser.parse_args(argv)
     check_row_options(args)

@@ -23,6 +23,7 @@ import torch
 from zoo.data.synthetic import COUNT_ARGUMENT, IGNORE_INDEX, TASKS, SyntheticDataset, make_batch
 from zoo.eval.common import (
     accepts_argument,
+    add_device_arguments,
     check_positions,
     format_size,
     interruption_says,
@@ -372,10 +373,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--chunk-size", type=positive_int, default=None,
                         help="evaluate long rows in chunks of this many tokens, "
                         "carrying the cache (default: whole rows)")
-    parser.add_argument("--device", default=None,
-                        help="where to run, e.g. cpu, cuda, cuda:1 (default: cuda when a GPU is visible)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="the weights' dtype (default: the checkpoint's; a zoo model YAML's fresh weights: fp32)")
+    add_device_arguments(parser)
     parser.add_argument("--out", default=None, help="output directory (default results/synthetic-<task>)")
     from zoo.state.mitigation import add_mitigation_argument, apply_mitigation, splits_matter
 
