@@ -228,6 +228,20 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "final weights differ after resume"
 
 
+def stop_after_step_3(how: str):
+    """An on_step that stops a training after its step 3: SIGTERM (the loop saves after the step and stops) or a
+    second Ctrl-C between steps (KeyboardInterrupt)."""
+
+    def interrupt(step, metrics):
+        if step == 3:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise KeyboardInterrupt
+
+    return interrupt
+
+
 @pytest.mark.parametrize("how", ["sigterm", "second-ctrl-c"])
 def test_a_stopped_run_says_the_command_that_continues_it_and_that_command_does(how, tmp_path, monkeypatch, capsys):
     """zoo train stopped by SIGTERM (or a first Ctrl-C) said only 'checkpoint: <folder>', and after a second Ctrl-C
@@ -241,12 +255,7 @@ def test_a_stopped_run_says_the_command_that_continues_it_and_that_command_does(
 
     real = train_module.train
 
-    def interrupt(step, metrics):
-        if step == 3:
-            if how == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
-            else:
-                raise KeyboardInterrupt  # as a second Ctrl-C between steps
+    interrupt = stop_after_step_3(how)
 
     monkeypatch.setattr(train_module, "train", lambda cfg, resume=None: real(cfg, resume=resume, on_step=interrupt))
     monkeypatch.delenv("ZOO_TRACEBACK", raising=False)
@@ -275,12 +284,7 @@ def test_a_stopped_run_closes_its_progress_bar_before_saying_so(how, tmp_path, m
     monkeypatch.setattr(sys, "stdout", shared)
     monkeypatch.setattr(sys, "stderr", shared)
 
-    def interrupt(step, metrics):
-        if step == 3:
-            if how == "sigterm":
-                os.kill(os.getpid(), signal.SIGTERM)  # the loop saves after this step and stops
-            else:
-                raise KeyboardInterrupt  # as a second Ctrl-C between steps
+    interrupt = stop_after_step_3(how)
 
     cfg = config_from_dict(run_dict(tmp_path, log={"progress_bar": True}))
     if how == "sigterm":
